@@ -1,0 +1,97 @@
+// What every `microvpcd <service>` shares: flags (each also an environment
+// variable), logging, Redis, metrics, the gRPC server, signal handling.
+import { readFileSync } from "node:fs";
+import { Command, Option } from "commander";
+import { pino, type Logger } from "pino";
+import type { Redis } from "ioredis";
+import { serveMetrics, setDefaultLabels } from "./metrics.js";
+import { connectRedis } from "./redis.js";
+import { isLoopback, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
+
+export interface CommonFlags {
+  listen: string;
+  metricsListen: string;
+  redis: string;
+  token?: string;
+  tokenFile?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  logLevel: string;
+  redisTimeoutMs: string;
+}
+
+export interface ServiceContext {
+  flags: CommonFlags & Record<string, unknown>;
+  logger: Logger;
+  redis: Redis;
+}
+
+export interface ServiceDefinition {
+  name: string;
+  summary: string;
+  defaultPort: number;
+  /** Extra flags of this service. */
+  options?: Option[];
+  build(ctx: ServiceContext): Promise<{ services: ServiceBinding[]; ready?: () => Promise<boolean>; close?: () => Promise<void> }>;
+}
+
+export function addServiceCommand(program: Command, def: ServiceDefinition): void {
+  const env = (s: string) => `MICROVPC_${s}`;
+  const cmd = program
+    .command(def.name)
+    .description(def.summary)
+    .addOption(new Option("--listen <host:port>", "gRPC listen address").env(env("LISTEN")).default(`127.0.0.1:${def.defaultPort}`))
+    .addOption(new Option("--metrics-listen <host:port>", "Prometheus /metrics listen address").env(env("METRICS_LISTEN")).default(`127.0.0.1:${def.defaultPort + 2000}`))
+    .addOption(new Option("--redis <url>", "Redis URL holding shared state").env(env("REDIS_URL")).default("redis://127.0.0.1:6379/0"))
+    .addOption(new Option("--redis-timeout-ms <ms>", "per-command Redis timeout; slower answers become UNAVAILABLE").env(env("REDIS_TIMEOUT_MS")).default("2000"))
+    .addOption(new Option("--token <token>", "require 'authorization: Bearer <token>' on every call (health checks excepted)").env(env("TOKEN")))
+    .addOption(new Option("--token-file <path>", "read the bearer token from a file (preferred over --token: not visible in ps)").env(env("TOKEN_FILE")))
+    .addOption(new Option("--tls-cert <path>", "TLS certificate (PEM); with --tls-key serves gRPC over TLS").env(env("TLS_CERT")))
+    .addOption(new Option("--tls-key <path>", "TLS private key (PEM)").env(env("TLS_KEY")))
+    .addOption(new Option("--log-level <level>", "pino log level").env(env("LOG_LEVEL")).choices(["trace", "debug", "info", "warn", "error"]).default("info"));
+  for (const o of def.options ?? []) cmd.addOption(o);
+  cmd.action(async (flags: CommonFlags & Record<string, unknown>) => {
+    const logger = pino({ level: flags.logLevel, base: { service: def.name, pid: process.pid } });
+    try {
+      await runService(def, flags, logger);
+    } catch (err) {
+      logger.fatal({ err: (err as Error).message }, "cannot start");
+      process.exit(1);
+    }
+  });
+}
+
+async function runService(def: ServiceDefinition, flags: CommonFlags & Record<string, unknown>, logger: Logger): Promise<void> {
+  const token = flags.tokenFile ? readFileSync(flags.tokenFile, "utf8").trim() : flags.token;
+  if ((flags.tlsCert && !flags.tlsKey) || (!flags.tlsCert && flags.tlsKey)) throw new Error("--tls-cert and --tls-key go together");
+  const m = parseListen(flags.metricsListen);
+  if (!isLoopback(m.host)) logger.warn({ metrics: flags.metricsListen }, "metrics listener is not on loopback; it has no authentication");
+  setDefaultLabels({ service: def.name });
+  const redis = connectRedis({ url: flags.redis, commandTimeoutMs: Number(flags.redisTimeoutMs), logger });
+  const built = await def.build({ flags, logger, redis });
+  const ready = built.ready ?? (async () => (await redis.ping()) === "PONG");
+  const server: RunningServer = await startGrpcServer({
+    listen: flags.listen,
+    services: built.services,
+    logger,
+    ready,
+    token,
+    tlsCert: flags.tlsCert,
+    tlsKey: flags.tlsKey,
+  });
+  const metrics = await serveMetrics(m.host, m.port);
+  logger.info({ listen: `${server.host}:${server.port}`, metrics: flags.metricsListen, auth: token ? "token" : "none", tls: !!flags.tlsCert }, `${def.name} serving`);
+  let stopping = false;
+  const stop = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    logger.info({ signal }, "shutting down");
+    await server.close();
+    metrics.close();
+    await built.close?.();
+    redis.disconnect();
+    process.exit(0);
+  };
+  process.on("SIGTERM", () => void stop("SIGTERM"));
+  process.on("SIGINT", () => void stop("SIGINT"));
+}

@@ -1,0 +1,77 @@
+// Domain errors. Services throw these; one function at the RPC boundary
+// (toConnectError) maps them to gRPC status codes and keeps the cause, so a
+// handler never picks a status code by hand.
+import { Code, ConnectError } from "@connectrpc/connect";
+
+export abstract class DomainError extends Error {
+  abstract readonly code: Code;
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+/** A request field is malformed. `field` names it, so the message can too. */
+export class InvalidArgumentError extends DomainError {
+  readonly code = Code.InvalidArgument;
+  constructor(readonly field: string, message: string) {
+    super(`${field}: ${message}`);
+  }
+}
+
+export class NotFoundError extends DomainError {
+  readonly code = Code.NotFound;
+  constructor(readonly kind: string, readonly ref: string, hint?: string) {
+    super(`${kind} ${JSON.stringify(ref)} not found${hint ? `; ${hint}` : ""}`);
+  }
+}
+
+export class AlreadyExistsError extends DomainError {
+  readonly code = Code.AlreadyExists;
+}
+
+export class FailedPreconditionError extends DomainError {
+  readonly code = Code.FailedPrecondition;
+}
+
+export class ResourceExhaustedError extends DomainError {
+  readonly code = Code.ResourceExhausted;
+}
+
+/** A dependency (Redis, the kernel) cannot be reached; retrying later may work. */
+export class UnavailableError extends DomainError {
+  readonly code = Code.Unavailable;
+}
+
+export class UnimplementedError extends DomainError {
+  readonly code = Code.Unimplemented;
+}
+
+/** Errors ioredis raises when Redis is down, unreachable or too slow. */
+function isRedisUnavailable(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  const msg = err.message ?? "";
+  const code = (err as { code?: string }).code ?? "";
+  return (
+    err.name === "MaxRetriesPerRequestError" ||
+    ["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "ENOTCONN"].includes(code) ||
+    /Stream isn't writeable|Connection is closed|Command timed out|enableOfflineQueue|LOADING|MASTERDOWN|READONLY|BUSY /.test(msg)
+  );
+}
+
+/** Maps any thrown value to the ConnectError the client sees. */
+export function toConnectError(err: unknown): ConnectError {
+  if (err instanceof ConnectError) return err;
+  if (err instanceof DomainError) return new ConnectError(err.message, err.code, undefined, undefined, err);
+  if (isRedisUnavailable(err)) {
+    return new ConnectError(
+      `state store (Redis) unavailable: ${(err as Error).message}. The change may or may not have been applied; retry when Redis is back — with the same request id or client token a retry is safe`,
+      Code.Unavailable,
+      undefined,
+      undefined,
+      err,
+    );
+  }
+  const message = err instanceof Error ? err.message : String(err);
+  return new ConnectError(`internal error: ${message}`, Code.Internal, undefined, undefined, err);
+}

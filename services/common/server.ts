@@ -1,0 +1,151 @@
+// Starts a gRPC server the same way for every microvpc service: HTTP/2 (h2c
+// on loopback, TLS elsewhere), gRPC + Connect protocols, reflection, health,
+// a request id on every call, RPC metrics, one error mapping, optional
+// bearer-token auth.
+import { randomUUID, timingSafeEqual } from "node:crypto";
+import { readFileSync } from "node:fs";
+import http2 from "node:http2";
+import { isIP } from "node:net";
+import type { DescService } from "@bufbuild/protobuf";
+import { Code, ConnectError, type ConnectRouter, type Interceptor, type ServiceImpl } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import type { Logger } from "pino";
+import { toConnectError } from "./errors.js";
+import { Health } from "../../gen/grpc/health/v1/health_pb.js";
+import { registerHealth, type ReadyCheck } from "./health.js";
+import { rpcDuration, rpcRequests } from "./metrics.js";
+import { registerReflection } from "./reflection.js";
+
+export interface ServiceBinding {
+  desc: DescService;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  impl: Partial<ServiceImpl<any>>;
+}
+
+export interface GrpcServerOptions {
+  listen: string;
+  services: ServiceBinding[];
+  logger: Logger;
+  ready: ReadyCheck;
+  tlsCert?: string;
+  tlsKey?: string;
+  token?: string;
+  /** Largest request accepted, in bytes (default 4 MiB). */
+  readMaxBytes?: number;
+}
+
+export interface RunningServer {
+  host: string;
+  port: number;
+  close(): Promise<void>;
+}
+
+export function parseListen(listen: string): { host: string; port: number } {
+  const m = /^\[?([^\]]*)\]?:(\d{1,5})$/.exec(listen);
+  if (!m || Number(m[2]) > 65535 || (m[1] !== "localhost" && !isIP(m[1]))) {
+    throw new Error(`--listen ${JSON.stringify(listen)}: expected HOST:PORT with an IP address, e.g. 127.0.0.1:7401`);
+  }
+  return { host: m[1], port: Number(m[2]) };
+}
+
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\./.test(host);
+}
+
+function authInterceptor(token: string): Interceptor {
+  const want = Buffer.from(`Bearer ${token}`);
+  return (next) => async (req) => {
+    if (req.service.typeName === "grpc.health.v1.Health") return next(req);
+    const got = Buffer.from(req.header.get("authorization") ?? "");
+    if (got.length !== want.length || !timingSafeEqual(got, want)) {
+      throw new ConnectError("missing or wrong bearer token: send the header 'authorization: Bearer <token>'", Code.Unauthenticated);
+    }
+    return next(req);
+  };
+}
+
+function observeInterceptor(logger: Logger): Interceptor {
+  return (next) => async (req) => {
+    const reqId = req.header.get("x-request-id")?.slice(0, 64).replace(/[^A-Za-z0-9_.:-]/g, "") || randomUUID();
+    const service = req.service.typeName;
+    const method = req.method.name;
+    const log = logger.child({ reqId, rpc: `${service}/${method}` });
+    const start = process.hrtime.bigint();
+    const done = (code: Code | 0, err?: ConnectError) => {
+      const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+      const codeName = code === 0 ? "OK" : Code[code];
+      rpcRequests.inc({ service, method, code: codeName });
+      rpcDuration.observe({ service, method }, seconds);
+      if (err) {
+        const level = code === Code.Internal || code === Code.Unknown ? "error" : code === Code.Unavailable ? "warn" : "info";
+        log[level]({ code: codeName, ms: seconds * 1000, err: err.rawMessage, cause: err.cause instanceof Error && code === Code.Internal ? err.cause.stack : undefined }, "rpc failed");
+      } else if (!req.service.typeName.startsWith("grpc.")) {
+        log.debug({ ms: seconds * 1000 }, "rpc ok");
+      }
+    };
+    try {
+      const res = await next(req);
+      res.header.set("x-request-id", reqId);
+      if (!res.stream) done(0);
+      return res;
+    } catch (e) {
+      const err = toConnectError(e);
+      err.metadata.set("x-request-id", reqId);
+      done(err.code, err);
+      throw err;
+    }
+  };
+}
+
+export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningServer> {
+  const { host, port } = parseListen(opts.listen);
+  const tls = opts.tlsCert && opts.tlsKey;
+  if (!isLoopback(host) && !tls && !opts.token) {
+    throw new Error(
+      `refusing to listen on ${host} without protection: a non-loopback listener needs --tls-cert/--tls-key or --token (or listen on 127.0.0.1)`,
+    );
+  }
+  const interceptors: Interceptor[] = [observeInterceptor(opts.logger)];
+  if (opts.token) interceptors.push(authInterceptor(opts.token));
+  const routes = (router: ConnectRouter) => {
+    for (const s of opts.services) router.service(s.desc, s.impl);
+    registerReflection(router, [...opts.services.map((s) => s.desc), Health]);
+    registerHealth(router, opts.services.map((s) => s.desc.typeName), opts.ready);
+  };
+  const handler = connectNodeAdapter({
+    routes,
+    interceptors,
+    readMaxBytes: opts.readMaxBytes ?? 4 * 1024 * 1024,
+    grpc: true,
+    grpcWeb: false,
+    connect: true,
+  });
+  const server = tls
+    ? http2.createSecureServer({ cert: readFileSync(opts.tlsCert!), key: readFileSync(opts.tlsKey!), allowHTTP1: true }, handler)
+    : http2.createServer(handler);
+  // Bounds on what one client can hold open.
+  server.setTimeout(5 * 60_000);
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, () => resolve());
+  });
+  const addr = server.address();
+  const boundPort = typeof addr === "object" && addr ? addr.port : port;
+  const sessions = new Set<http2.ServerHttp2Session>();
+  server.on("session", (s) => {
+    sessions.add(s);
+    s.on("close", () => sessions.delete(s));
+  });
+  return {
+    host,
+    port: boundPort,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const s of sessions) s.close();
+        setTimeout(() => {
+          for (const s of sessions) s.destroy();
+        }, 2000).unref();
+      }),
+  };
+}

@@ -1,0 +1,21 @@
+// Every Redis key IPAM uses, in one place. All start with "mvpc:".
+export const P = "mvpc:";
+export const K = {
+  events: `${P}events`,
+  tokens: `${P}tokens`,
+  vpc: (id: string) => `${P}vpc:${id}`,
+  vpcByName: `${P}vpc:byname`,
+  vpcNames: `${P}vpcs`,
+  vpcSubnets: (vpc: string) => `${P}vpc:${vpc}:subnets`,
+  vpcSubnetByName: (vpc: string) => `${P}vpc:${vpc}:subnet:byname`,
+  subnet: (id: string) => `${P}subnet:${id}`,
+  allSubnets: `${P}subnets`,
+  bits: (sn: string) => `${P}sn:${sn}:bits`,
+  full: (sn: string) => `${P}sn:${sn}:full`,
+  used: (sn: string) => `${P}sn:${sn}:used`,
+  alloc: (sn: string) => `${P}sn:${sn}:alloc`,
+  req: (sn: string) => `${P}sn:${sn}:req`,
+  idx: (sn: string) => `${P}sn:${sn}:idx`,
+  ownerPrefix: `${P}owner:`,
+  owner: (owner: string) => `${P}owner:${owner}`,
+};

@@ -1,0 +1,27 @@
+import type { ServiceDefinition } from "../common/daemon.js";
+import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
+import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
+import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
+import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
+import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { Ipam } from "./service.js";
+import { IpamStore } from "./store.js";
+
+export const ipamDefinition: ServiceDefinition = {
+  name: "ipam",
+  summary: "VPCs, subnets and address allocation (stateless; run N replicas over one Redis)",
+  defaultPort: 7401,
+  async build({ redis }) {
+    const ipam = new Ipam(new IpamStore(redis));
+    return {
+      services: [
+        { desc: VpcService, impl: ipam.vpcService },
+        { desc: SubnetService, impl: ipam.subnetService },
+        { desc: IpamService, impl: ipam.ipamService },
+        // Catalog APIs of later issues: served (UNIMPLEMENTED) so clients can be built against them.
+        { desc: PeeringService, impl: {} },
+        { desc: DnsService, impl: {} },
+      ],
+    };
+  },
+};

@@ -1,0 +1,230 @@
+// The Lua scripts that make every IPAM change atomic. Each runs as one Redis
+// script: another client sees all of it or none of it, and with
+// appendfsync=always it is on disk before the caller hears back.
+//
+// Allocation bitmaps: bit i of `bits` is address base+i (1 = held or
+// reserved). So that finding a free address costs the same on an empty /28 as
+// on a nearly full /8, a summary bitmap `full` keeps one bit per 4096-address
+// chunk (1 = chunk full). An allocation is: BITPOS over the summary (at most
+// 512 bytes for a /8), BITPOS inside one chunk (512 bytes), SETBIT, and a
+// BITCOUNT of that chunk (512 bytes) to keep the summary right.
+//
+// Error replies are tables {code, detail}: negative codes are domain errors
+// the TypeScript side turns into gRPC statuses.
+
+export const CHUNK_BITS = 4096;
+
+const chunkHelpers = `
+local CHUNK_BITS = ${CHUNK_BITS}
+local CHUNK_BYTES = CHUNK_BITS / 8
+local function chunk_range(idx, size)
+  local c = math.floor(idx / CHUNK_BITS)
+  local sb = c * CHUNK_BYTES
+  local eb = math.min(sb + CHUNK_BYTES - 1, size / 8 - 1)
+  return c, sb, eb
+end
+local function refresh_chunk(bits, full, idx, size)
+  local c, sb, eb = chunk_range(idx, size)
+  local n = redis.call('BITCOUNT', bits, sb, eb)
+  if n == (eb - sb + 1) * 8 then
+    redis.call('SETBIT', full, c, 1)
+  else
+    redis.call('SETBIT', full, c, 0)
+  end
+end
+`;
+
+/**
+ * KEYS: 1 subnet hash, 2 bits, 3 full, 4 alloc, 5 req, 6 idx zset, 7 used,
+ *       8 owner zset, 9 events stream
+ * ARGV: 1 owner, 2 request id, 3 wanted index (-1 = lowest free), 4 now ms,
+ *       5 subnet id
+ * Returns {1, idx} created, {0, idx} existing (retry), or an error table:
+ *   {-1, holder} wanted address held by another, {-2} subnet full,
+ *   {-3, idx} request id already used for another address, {-4} no subnet,
+ *   {-5} wanted address is reserved.
+ */
+export const ALLOCATE = `${chunkHelpers}
+local owner, reqid, wanted, now, sid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
+if not size then return {-4, ''} end
+local reqkey = owner .. '\\n' .. reqid
+local prev = redis.call('HGET', KEYS[5], reqkey)
+if prev then
+  if wanted >= 0 and tonumber(prev) ~= wanted then return {-3, prev} end
+  return {0, prev}
+end
+local idx
+if wanted >= 0 then
+  if redis.call('GETBIT', KEYS[2], wanted) == 1 then
+    local holder = redis.call('HGET', KEYS[4], wanted)
+    if holder then return {-1, holder} end
+    return {-5, ''}
+  end
+  idx = wanted
+else
+  local nchunks = math.ceil(size / CHUNK_BITS)
+  local c = redis.call('BITPOS', KEYS[3], 0)
+  if c < 0 or c >= nchunks then return {-2, ''} end
+  local _, sb, eb = chunk_range(c * CHUNK_BITS, size)
+  idx = redis.call('BITPOS', KEYS[2], 0, sb, eb)
+  if idx < 0 or idx >= size then
+    -- The summary was stale (cannot happen unless edited by hand): repair it.
+    redis.call('SETBIT', KEYS[3], c, 1)
+    return {-2, 'summary repaired'}
+  end
+end
+redis.call('SETBIT', KEYS[2], idx, 1)
+refresh_chunk(KEYS[2], KEYS[3], idx, size)
+redis.call('HSET', KEYS[4], idx, owner .. '\\n' .. reqid .. '\\n' .. now)
+redis.call('HSET', KEYS[5], reqkey, idx)
+redis.call('ZADD', KEYS[6], idx, idx)
+redis.call('INCR', KEYS[7])
+redis.call('ZADD', KEYS[8], 0, sid .. '/' .. idx)
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.allocated', 'subnet', sid, 'index', idx, 'owner', owner)
+return {1, idx}
+`;
+
+/**
+ * KEYS: 1 subnet hash, 2 bits, 3 full, 4 alloc, 5 req, 6 idx zset, 7 used,
+ *       8 events stream
+ * ARGV: 1 index (-1 = look up by owner+request id), 2 owner ('' = any),
+ *       3 request id, 4 subnet id, 5 owner-key prefix, 6 expected alloc
+ *       time ('' = any; Reclaim's compare-and-release)
+ * Returns {1, idx} released, {0, ''} nothing held, {-1, holder} held by
+ * another owner, {-4} no subnet, {-6, record} changed since it was read.
+ */
+export const RELEASE = `${chunkHelpers}
+local idx, owner, reqid, sid, okp, expect = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
+if not size then return {-4, ''} end
+if idx < 0 then
+  local found = redis.call('HGET', KEYS[5], owner .. '\\n' .. reqid)
+  if not found then return {0, ''} end
+  idx = tonumber(found)
+end
+local rec = redis.call('HGET', KEYS[4], idx)
+if not rec then return {0, ''} end
+local nl1 = string.find(rec, '\\n', 1, true)
+local nl2 = string.find(rec, '\\n', nl1 + 1, true)
+local holder = string.sub(rec, 1, nl1 - 1)
+local hreq = string.sub(rec, nl1 + 1, nl2 - 1)
+local htime = string.sub(rec, nl2 + 1)
+if owner ~= '' and holder ~= owner then return {-1, holder} end
+if expect ~= '' and htime ~= expect then return {-6, rec} end
+redis.call('SETBIT', KEYS[2], idx, 0)
+refresh_chunk(KEYS[2], KEYS[3], idx, size)
+redis.call('HDEL', KEYS[4], idx)
+redis.call('HDEL', KEYS[5], holder .. '\\n' .. hreq)
+redis.call('ZREM', KEYS[6], idx)
+redis.call('DECR', KEYS[7])
+-- The owner index key is derived from the record, so it cannot be declared
+-- up front: microvpc supports single-instance Redis and Sentinel, not Cluster.
+redis.call('ZREM', okp .. holder, sid .. '/' .. idx)
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.released', 'subnet', sid, 'index', idx, 'owner', holder)
+return {1, idx}
+`;
+
+/**
+ * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 tokens hash, 5 events
+ * ARGV: 1 id, 2 name, 3 client token, then field/value pairs of the hash.
+ * Returns {1, id} created, {0, id} found by client token, {-1, id} name taken.
+ */
+export const CREATE_VPC = `
+local id, name, tok = ARGV[1], ARGV[2], ARGV[3]
+if tok ~= '' then
+  local prev = redis.call('HGET', KEYS[4], 'vpc\\n' .. tok)
+  if prev and redis.call('EXISTS', 'mvpc:vpc:' .. prev) == 1 then return {0, prev} end
+end
+local taken = redis.call('HGET', KEYS[2], name)
+if taken then return {-1, taken} end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('HSET', KEYS[2], name, id)
+redis.call('ZADD', KEYS[3], 0, name)
+if tok ~= '' then redis.call('HSET', KEYS[4], 'vpc\\n' .. tok, id) end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.created', 'vpc', id)
+return {1, id}
+`;
+
+/**
+ * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 vpc subnets zset, 5 events
+ * ARGV: 1 id
+ * Returns {1} deleted, {0} absent, {-1, n} still has n subnets.
+ */
+export const DELETE_VPC = `
+local name = redis.call('HGET', KEYS[1], 'name')
+if not name then return {0, ''} end
+local n = redis.call('ZCARD', KEYS[4])
+if n > 0 then return {-1, n} end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], name)
+redis.call('ZREM', KEYS[3], name)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.deleted', 'vpc', ARGV[1])
+return {1, ''}
+`;
+
+/**
+ * KEYS: 1 vpc hash, 2 vpc subnets zset (score = base), 3 vpc subnet byname,
+ *       4 subnet hash, 5 bits, 6 full, 7 used, 8 tokens, 9 events,
+ *       10 all-subnets zset
+ * ARGV: 1 id, 2 name, 3 base, 4 size, 5 client token, 6 reserved indexes
+ *       (comma separated), then field/value pairs of the hash.
+ * Returns {1, id} created, {0, id} found by client token, {-1, id} name taken,
+ * {-2, id} overlaps subnet id, {-4} VPC gone.
+ */
+export const CREATE_SUBNET = `${chunkHelpers}
+local id, name, base, size, tok = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
+if tok ~= '' then
+  local prev = redis.call('HGET', KEYS[8], 'subnet\\n' .. tok)
+  if prev and redis.call('EXISTS', 'mvpc:subnet:' .. prev) == 1 then return {0, prev} end
+end
+local taken = redis.call('HGET', KEYS[3], name)
+if taken then return {-1, taken} end
+local before = redis.call('ZREVRANGEBYSCORE', KEYS[2], base, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if #before > 0 then
+  local psize = tonumber(redis.call('HGET', 'mvpc:subnet:' .. before[1], 'size'))
+  if tonumber(before[2]) + psize > base then return {-2, before[1]} end
+end
+local after = redis.call('ZRANGEBYSCORE', KEYS[2], base, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if #after > 0 and tonumber(after[2]) < base + size then return {-2, after[1]} end
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[4], unpack(fields))
+redis.call('ZADD', KEYS[2], base, id)
+redis.call('HSET', KEYS[3], name, id)
+redis.call('ZADD', KEYS[10], 0, id)
+redis.call('SET', KEYS[7], 0)
+redis.call('DEL', KEYS[5], KEYS[6])
+for r in string.gmatch(ARGV[6], '[^,]+') do
+  redis.call('SETBIT', KEYS[5], tonumber(r), 1)
+end
+for r in string.gmatch(ARGV[6], '[^,]+') do
+  refresh_chunk(KEYS[5], KEYS[6], tonumber(r), size)
+end
+if tok ~= '' then redis.call('HSET', KEYS[8], 'subnet\\n' .. tok, id) end
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', redis.call('HGET', KEYS[4], 'vpc'), 'subnet', id)
+return {1, id}
+`;
+
+/**
+ * KEYS: 1 subnet hash, 2 vpc subnets zset, 3 vpc subnet byname, 4 bits,
+ *       5 full, 6 used, 7 alloc, 8 req, 9 idx, 10 events, 11 all-subnets zset
+ * ARGV: 1 id
+ * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated.
+ */
+export const DELETE_SUBNET = `
+local name = redis.call('HGET', KEYS[1], 'name')
+if not name then return {0, ''} end
+local used = tonumber(redis.call('GET', KEYS[6]) or '0')
+if used > 0 then return {-1, used} end
+local vpc = redis.call('HGET', KEYS[1], 'vpc')
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], name)
+redis.call('ZREM', KEYS[11], ARGV[1])
+redis.call('XADD', KEYS[10], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
+return {1, ''}
+`;

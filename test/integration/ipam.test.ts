@@ -1,0 +1,396 @@
+// IPAM end to end: a real redis-server (AOF, fsync always) and a real
+// `microvpcd ipam` process, called over gRPC.
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { promisify } from "node:util";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { Redis } from "ioredis";
+import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
+import { ipToInt } from "../../services/common/validate.js";
+import { K } from "../../services/ipam/keys.js";
+import { ipamClients, rejectsWith } from "../lib/clients.js";
+import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
+import { startRedis, type TestRedis } from "../lib/redis.js";
+
+const pexec = promisify(execFile);
+
+let redis: TestRedis;
+let daemon: Daemon;
+let c: ReturnType<typeof ipamClients>;
+
+before(async () => {
+  redis = await startRedis();
+  daemon = await startDaemon("ipam", ["--redis", redis.url, "--redis-timeout-ms", "500"]);
+  c = ipamClients(daemon.address);
+});
+
+after(async () => {
+  await daemon?.stop();
+  await redis?.stop();
+});
+
+async function newVpc(name: string, cidr: string) {
+  return (await c.vpc.createVpc({ name, cidr })).vpc!;
+}
+
+async function newSubnet(vpc: string, name: string, cidr: string, extra?: number) {
+  return (await c.subnet.createSubnet({ vpc, name, cidr, type: SubnetType.PRIVATE, extraReserved: extra })).subnet!;
+}
+
+describe("catalog", () => {
+  test("VPC and subnet life cycle, with the deletes refused while in use", async () => {
+    const vpc = await newVpc("life", "10.10.0.0/16");
+    assert.match(vpc.id, /^vpc-[0-9a-f]{12}$/);
+    assert.equal((await c.vpc.getVpc({ ref: "life" })).vpc!.id, vpc.id);
+    const sn = await newSubnet("life", "web", "10.10.1.0/24");
+    assert.equal(sn.gateway, "10.10.1.1");
+    assert.deepEqual(sn.reservedAddresses, ["10.10.1.0", "10.10.1.1", "10.10.1.2", "10.10.1.3", "10.10.1.255"]);
+    assert.equal(sn.usage!.free, 251n);
+    await rejectsWith(c.vpc.deleteVpc({ ref: "life" }), Code.FailedPrecondition, /still has 1 subnet/);
+    const a = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-a", requestId: "r1" });
+    await rejectsWith(c.subnet.deleteSubnet({ ref: sn.id }), Code.FailedPrecondition, /still has 1 allocated address/);
+    await c.ipam.release({ subnetId: sn.id, address: a.allocation!.address });
+    assert.equal((await c.subnet.deleteSubnet({ ref: "web", vpc: "life" })).deleted, true);
+    assert.equal((await c.subnet.deleteSubnet({ ref: sn.id })).deleted, false, "second delete is a no-op");
+    assert.equal((await c.vpc.deleteVpc({ ref: vpc.id })).deleted, true);
+    assert.equal((await c.vpc.deleteVpc({ ref: vpc.id })).deleted, false);
+    await rejectsWith(c.vpc.getVpc({ ref: "life" }), Code.NotFound);
+  });
+
+  test("overlapping VPCs are allowed; overlapping subnets in one VPC are not", async () => {
+    await newVpc("ov-a", "10.20.0.0/16");
+    await newVpc("ov-b", "10.20.0.0/16");
+    await newSubnet("ov-a", "s1", "10.20.1.0/24");
+    await newSubnet("ov-b", "s1", "10.20.1.0/24");
+    await rejectsWith(newSubnet("ov-a", "s2", "10.20.0.0/23"), Code.AlreadyExists, /overlaps subnet s1 \(10\.20\.1\.0\/24\)/);
+    await rejectsWith(newSubnet("ov-a", "s3", "10.20.1.128/25"), Code.AlreadyExists, /overlaps/);
+    await newSubnet("ov-a", "s4", "10.20.2.0/24");
+    await newSubnet("ov-a", "s5", "10.20.0.0/24");
+    await rejectsWith(newSubnet("ov-a", "s1", "10.20.9.0/24"), Code.AlreadyExists, /already has a subnet named "s1"/);
+  });
+
+  test("client tokens make creates retryable", async () => {
+    const a = await c.vpc.createVpc({ name: "tok", cidr: "10.30.0.0/16", clientToken: "orch-42" });
+    const b = await c.vpc.createVpc({ name: "tok", cidr: "10.30.0.0/16", clientToken: "orch-42" });
+    assert.equal(a.vpc!.id, b.vpc!.id);
+    await rejectsWith(c.vpc.createVpc({ name: "tok", cidr: "10.30.0.0/16" }), Code.AlreadyExists, /already exists/);
+  });
+
+  test("lists page through everything exactly once", async () => {
+    for (let i = 0; i < 7; i++) await newVpc(`page-${i}`, "10.40.0.0/16");
+    for (let i = 0; i < 5; i++) await newSubnet("page-0", `s${i}`, `10.40.${i}.0/24`);
+    const names: string[] = [];
+    let token = "";
+    do {
+      const r = await c.vpc.listVpcs({ pageSize: 2, pageToken: token });
+      assert.ok(r.vpcs.length <= 2);
+      names.push(...r.vpcs.map((v) => v.name));
+      token = r.nextPageToken;
+    } while (token);
+    assert.deepEqual(names.filter((n) => n.startsWith("page-")), [0, 1, 2, 3, 4, 5, 6].map((i) => `page-${i}`));
+    assert.equal(new Set(names).size, names.length);
+    const cidrs: string[] = [];
+    token = "";
+    do {
+      const r = await c.subnet.listSubnets({ vpc: "page-0", pageSize: 2, pageToken: token });
+      cidrs.push(...r.subnets.map((s) => s.cidr));
+      token = r.nextPageToken;
+    } while (token);
+    assert.deepEqual(cidrs, [0, 1, 2, 3, 4].map((i) => `10.40.${i}.0/24`));
+  });
+});
+
+describe("bad input gets the right code, a message that says what to fix, and changes nothing", () => {
+  test("table", async () => {
+    await newVpc("bad", "10.50.0.0/16");
+    const sn = await newSubnet("bad", "ok", "10.50.1.0/24");
+    const huge = "x".repeat(100_000);
+    const cases: [string, () => Promise<unknown>, Code, RegExp][] = [
+      ["bad cidr", () => c.vpc.createVpc({ name: "b1", cidr: "10.0.0.300/16" }), Code.InvalidArgument, /cidr: .* is not an IPv4 CIDR/],
+      ["host bits", () => c.vpc.createVpc({ name: "b1", cidr: "10.0.0.1/16" }), Code.InvalidArgument, /did you mean "10\.0\.0\.0\/16"/],
+      ["too large", () => c.vpc.createVpc({ name: "b1", cidr: "10.0.0.0/7" }), Code.InvalidArgument, /allowed are \/8 to \/28/],
+      ["too small", () => c.vpc.createVpc({ name: "b1", cidr: "10.0.0.0/29" }), Code.InvalidArgument, /allowed are \/8 to \/28/],
+      ["public", () => c.vpc.createVpc({ name: "b1", cidr: "8.8.0.0/16" }), Code.InvalidArgument, /not in a private range.*allow_public_cidr/],
+      ["empty name", () => c.vpc.createVpc({ name: "", cidr: "10.0.0.0/16" }), Code.InvalidArgument, /name: is required/],
+      ["nft metachar", () => c.vpc.createVpc({ name: "a;flush ruleset", cidr: "10.0.0.0/16" }), Code.InvalidArgument, /name: .* is not a valid name/],
+      ["shell metachar", () => c.vpc.createVpc({ name: "$(reboot)", cidr: "10.0.0.0/16" }), Code.InvalidArgument, /is not a valid name/],
+      ["newline", () => c.vpc.createVpc({ name: "a\nb", cidr: "10.0.0.0/16" }), Code.InvalidArgument, /is not a valid name/],
+      ["huge name", () => c.vpc.createVpc({ name: huge, cidr: "10.0.0.0/16" }), Code.InvalidArgument, /is not a valid name/],
+      ["huge description", () => c.vpc.createVpc({ name: "b2", cidr: "10.0.0.0/16", description: huge }), Code.InvalidArgument, /description: is 100000 characters long; the limit is 255/],
+      ["newline description", () => c.vpc.createVpc({ name: "b2", cidr: "10.0.0.0/16", description: "a\nb" }), Code.InvalidArgument, /control characters/],
+      ["unknown vpc", () => c.subnet.createSubnet({ vpc: "nope", name: "s", cidr: "10.0.0.0/24" }), Code.NotFound, /vpc "nope" not found/],
+      ["unknown vpc id", () => c.vpc.getVpc({ ref: "vpc-000000000000" }), Code.NotFound, /not found/],
+      ["subnet outside", () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.51.0.0/24" }), Code.InvalidArgument, /not inside VPC bad \(10\.50\.0\.0\/16\)/],
+      ["subnet bigger", () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.50.0.0/15" }), Code.InvalidArgument, /host bits|not inside/],
+      ["extra reserved", () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.50.9.0/28", extraReserved: 13 }), Code.InvalidArgument, /leaves no usable address/],
+      ["subnet by name w/o vpc", () => c.subnet.getSubnet({ ref: "ok" }), Code.InvalidArgument, /vpc: is required/],
+      ["unknown subnet", () => c.ipam.allocate({ subnetId: "subnet-000000000000", owner: "o", requestId: "r" }), Code.NotFound, /subnet "subnet-000000000000" not found/],
+      ["malformed subnet id", () => c.ipam.allocate({ subnetId: "subnet-x; rm -rf /", owner: "o", requestId: "r" }), Code.InvalidArgument, /not a subnet id/],
+      ["owner metachar", () => c.ipam.allocate({ subnetId: sn.id, owner: "o wner", requestId: "r" }), Code.InvalidArgument, /owner: .* is not valid/],
+      ["no request id", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "" }), Code.InvalidArgument, /request_id: is required/],
+      ["address outside", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.2.9" }), Code.InvalidArgument, /outside subnet ok/],
+      ["address garbage", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1" }), Code.InvalidArgument, /not an IPv4 address/],
+      ["reserved", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1.2" }), Code.InvalidArgument, /is reserved.*from 10\.50\.1\.4 to 10\.50\.1\.254/],
+      ["gateway", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1.1" }), Code.InvalidArgument, /is reserved/],
+      ["broadcast", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1.255" }), Code.InvalidArgument, /is reserved/],
+      ["page size", () => c.vpc.listVpcs({ pageSize: 5000 }), Code.InvalidArgument, /page_size: is 5000; the limit is 1000/],
+      ["page token", () => c.vpc.listVpcs({ pageToken: "garbage" }), Code.InvalidArgument, /page_token/],
+      ["release nothing", () => c.ipam.release({ subnetId: sn.id }), Code.InvalidArgument, /address: is required, unless owner and request_id/],
+    ];
+    const before = (await c.vpc.listVpcs({ pageSize: 1000 })).vpcs.length;
+    const snBefore = (await c.subnet.listSubnets({ vpc: "bad" })).subnets.length;
+    for (const [what, call, code, re] of cases) {
+      await test(what, () => rejectsWith(call(), code, re).then(() => undefined));
+    }
+    assert.equal((await c.vpc.listVpcs({ pageSize: 1000 })).vpcs.length, before, "no VPC was created");
+    assert.equal((await c.subnet.listSubnets({ vpc: "bad" })).subnets.length, snBefore, "no subnet was created");
+    assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.used, 0n, "no address was allocated");
+  });
+});
+
+describe("allocation", () => {
+  test("idempotent by owner and request id; wanted addresses; release is idempotent", async () => {
+    await newVpc("alloc", "10.60.0.0/16");
+    const sn = await newSubnet("alloc", "s", "10.60.1.0/24");
+    const a1 = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-1", requestId: "create-1" });
+    assert.equal(a1.allocation!.address, "10.60.1.4", "first usable after the AWS-reserved .0-.3");
+    assert.equal(a1.created, true);
+    assert.equal(a1.allocation!.prefixLength, 24);
+    assert.equal(a1.allocation!.gateway, "10.60.1.1");
+    const again = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-1", requestId: "create-1" });
+    assert.equal(again.allocation!.address, "10.60.1.4");
+    assert.equal(again.created, false);
+    const w = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-2", requestId: "x", address: "10.60.1.77" });
+    assert.equal(w.allocation!.address, "10.60.1.77");
+    await rejectsWith(c.ipam.allocate({ subnetId: sn.id, owner: "vm-3", requestId: "y", address: "10.60.1.77" }), Code.AlreadyExists, /already allocated to vm-2/);
+    await rejectsWith(c.ipam.allocate({ subnetId: sn.id, owner: "vm-2", requestId: "x", address: "10.60.1.78" }), Code.FailedPrecondition, /already holds 10\.60\.1\.77/);
+    const got = await c.ipam.getAllocation({ subnetId: sn.id, address: "10.60.1.77" });
+    assert.equal(got.allocation!.owner, "vm-2");
+    assert.ok(got.allocation!.allocateTime);
+    await rejectsWith(c.ipam.release({ subnetId: sn.id, address: "10.60.1.77", owner: "vm-9" }), Code.FailedPrecondition, /held by vm-2/);
+    assert.equal((await c.ipam.release({ subnetId: sn.id, owner: "vm-2", requestId: "x" })).released, true);
+    assert.equal((await c.ipam.release({ subnetId: sn.id, address: "10.60.1.77" })).released, false);
+    await rejectsWith(c.ipam.getAllocation({ subnetId: sn.id, address: "10.60.1.77" }), Code.NotFound, /free/);
+    // Releasing a reserved address frees nothing.
+    assert.equal((await c.ipam.release({ subnetId: sn.id, address: "10.60.1.1" })).released, false);
+    await rejectsWith(c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.60.1.1" }), Code.InvalidArgument, /reserved/);
+    const u = (await c.ipam.getUtilization({ subnetId: sn.id })).usage!;
+    assert.deepEqual([u.total, u.reserved, u.used, u.free], [256n, 5n, 1n, 250n]);
+  });
+
+  test("list by subnet and by owner; reclaim frees only what dead owners hold", async () => {
+    await newVpc("recl", "10.70.0.0/16");
+    const s1 = await newSubnet("recl", "a", "10.70.1.0/24");
+    const s2 = await newSubnet("recl", "b", "10.70.2.0/24");
+    for (const [s, o] of [[s1, "hv1/vm-live"], [s1, "hv1/vm-dead"], [s2, "hv1/vm-dead"], [s2, "hv2/vm-other"], [s1, "hv1/vm-live"]] as const) {
+      await c.ipam.allocate({ subnetId: s.id, owner: o, requestId: `${o}-${Math.random()}` });
+    }
+    const byOwner = await c.ipam.listAllocations({ owner: "hv1/vm-dead" });
+    assert.deepEqual(byOwner.allocations.map((a) => a.address).sort(), ["10.70.1.5", "10.70.2.4"]);
+    const bySubnet = await c.ipam.listAllocations({ subnetId: s1.id });
+    assert.deepEqual(bySubnet.allocations.map((a) => `${a.address} ${a.owner}`), ["10.70.1.4 hv1/vm-live", "10.70.1.5 hv1/vm-dead", "10.70.1.6 hv1/vm-live"]);
+    const filtered = await c.ipam.listAllocations({ subnetId: s1.id, owner: "hv1/vm-live", pageSize: 1 });
+    assert.equal(filtered.allocations.length, 1);
+    assert.ok(filtered.nextPageToken);
+    // Fresh allocations are inside the grace period: nothing is freed.
+    const graced = await c.ipam.reclaim({ ownerPrefix: "hv1/", liveOwners: ["hv1/vm-live"] });
+    assert.equal(graced.reclaimed.length, 0);
+    const dry = await c.ipam.reclaim({ ownerPrefix: "hv1/", liveOwners: ["hv1/vm-live"], graceSeconds: 0, dryRun: true });
+    assert.equal(dry.reclaimed.length, 2);
+    assert.equal((await c.ipam.listAllocations({ owner: "hv1/vm-dead" })).allocations.length, 2, "dry run frees nothing");
+    const r = await c.ipam.reclaim({ ownerPrefix: "hv1/", liveOwners: ["hv1/vm-live"], graceSeconds: 0 });
+    assert.deepEqual(r.reclaimed.map((a) => a.owner), ["hv1/vm-dead", "hv1/vm-dead"]);
+    assert.equal((await c.ipam.listAllocations({ owner: "hv1/vm-dead" })).allocations.length, 0);
+    assert.equal((await c.ipam.listAllocations({ owner: "hv1/vm-live" })).allocations.length, 2, "live owner kept");
+    assert.equal((await c.ipam.listAllocations({ owner: "hv2/vm-other" })).allocations.length, 1, "outside the prefix kept");
+  });
+
+  test("64 concurrent gRPC clients drain a /20: every usable address exactly once", async () => {
+    await newVpc("drain", "10.80.0.0/16");
+    const sn = await newSubnet("drain", "s", "10.80.16.0/20");
+    const usable = 4096 - 5;
+    const clients = Array.from({ length: 64 }, () => ipamClients(daemon.address));
+    const got: string[][] = await Promise.all(
+      clients.map(async (cl, i) => {
+        const mine: string[] = [];
+        for (let n = 0, retries = 0; n < usable; n++) {
+          try {
+            const r = await cl.ipam.allocate({ subnetId: sn.id, owner: `c${i}`, requestId: `r${n}` });
+            mine.push(r.allocation!.address);
+          } catch (e) {
+            if (e instanceof ConnectError && e.code === Code.ResourceExhausted) return mine;
+            // A loaded machine may time a call out; a retry with the same
+            // request id is safe (that is what the id is for).
+            if (e instanceof ConnectError && e.code === Code.Unavailable && retries++ < 20) {
+              n--;
+              continue;
+            }
+            throw e;
+          }
+        }
+        return mine;
+      }),
+    );
+    const all = got.flat();
+    assert.equal(all.length, usable);
+    assert.equal(new Set(all).size, usable, "no address twice");
+    const lo = ipToInt("10.80.16.0");
+    for (const a of all) {
+      const n = ipToInt(a) - lo;
+      assert.ok(n >= 4 && n <= 4094, `${a} is reserved or outside`);
+    }
+    assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.free, 0n);
+  });
+
+  test("Redis killed and restarted during allocation: no address is held twice, acknowledged ones survive", async () => {
+    await newVpc("crash", "10.90.0.0/16");
+    const sn = await newSubnet("crash", "s", "10.90.0.0/22");
+    const acked = new Map<string, string>(); // request id -> address
+    let unavailable = 0;
+    let stop = false;
+    const workers = Array.from({ length: 16 }, async (_, w) => {
+      const cl = ipamClients(daemon.address);
+      for (let n = 0; n < 60 && !stop; n++) {
+        const requestId = `w${w}-${n}`;
+        // Retry with the same request id until it is acknowledged: the
+        // idempotency key makes a retry safe even if the first try was
+        // applied but its answer lost.
+        for (let attempt = 0; attempt < 100; attempt++) {
+          try {
+            const r = await cl.ipam.allocate({ subnetId: sn.id, owner: `w${w}`, requestId });
+            acked.set(requestId, r.allocation!.address);
+            break;
+          } catch (e) {
+            if (!(e instanceof ConnectError) || (e.code !== Code.Unavailable && e.code !== Code.DeadlineExceeded)) throw e;
+            unavailable++;
+            await new Promise((r) => setTimeout(r, 50));
+          }
+        }
+      }
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    await redis.kill();
+    await new Promise((r) => setTimeout(r, 500));
+    await redis.restart();
+    await Promise.all(workers);
+    stop = true;
+    assert.ok(unavailable > 0, "the clients saw Redis down (else the test proved nothing)");
+    assert.equal(acked.size, 16 * 60);
+    const addrs = [...acked.values()];
+    assert.equal(new Set(addrs).size, addrs.length, "no address acknowledged twice");
+    // The store agrees: each acknowledged address is held by its requester.
+    const listed = new Map<string, string>();
+    let token = "";
+    do {
+      const r = await c.ipam.listAllocations({ subnetId: sn.id, pageSize: 1000, pageToken: token });
+      for (const a of r.allocations) listed.set(a.requestId, a.address);
+      token = r.nextPageToken;
+    } while (token);
+    assert.deepEqual(new Map([...listed].sort()), new Map([...acked].sort()));
+    // Bitmap, counter and records agree.
+    const r = new Redis(redis.url);
+    try {
+      const bits = await r.bitcount(K.bits(sn.id));
+      const used = Number(await r.get(K.used(sn.id)));
+      assert.equal(used, acked.size);
+      assert.equal(bits, used + 5);
+    } finally {
+      r.disconnect();
+    }
+  });
+
+  test("Redis down: UNAVAILABLE at once with a clear message, then recovery by itself", async () => {
+    await newVpc("down", "10.100.0.0/16");
+    const sn = await newSubnet("down", "s", "10.100.0.0/24");
+    await redis.kill();
+    try {
+      const t0 = Date.now();
+      await rejectsWith(c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r" }), Code.Unavailable, /Redis\) unavailable/);
+      await rejectsWith(c.vpc.listVpcs({}), Code.Unavailable, /retry when Redis is back/);
+      assert.ok(Date.now() - t0 < 3000, "fails fast rather than hanging");
+    } finally {
+      await redis.restart();
+    }
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      try {
+        await c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r" });
+        break;
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  });
+});
+
+describe("operability", () => {
+  test("reflection lists the services and a method is called from JSON, as grpcurl does (buf curl)", async () => {
+    const buf = join(ROOT, "node_modules", ".bin", "buf");
+    const url = `http://${daemon.address}`;
+    const list = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-services", url]);
+    for (const s of ["microvpc.v1.VpcService", "microvpc.v1.SubnetService", "microvpc.v1.IpamService", "grpc.health.v1.Health"]) {
+      assert.match(list.stdout, new RegExp(s.replace(/\./g, "\\.")));
+    }
+    const made = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", JSON.stringify({ name: "from-json", cidr: "10.110.0.0/16" }), `${url}/microvpc.v1.VpcService/CreateVpc`]);
+    assert.equal(JSON.parse(made.stdout).vpc.name, "from-json");
+    const bad = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", JSON.stringify({ name: "x;y", cidr: "10.110.0.0/16" }), `${url}/microvpc.v1.VpcService/CreateVpc`]).catch((e) => e);
+    assert.match(String(bad.stdout) + String(bad.stderr), /invalid_argument/);
+  });
+
+  test("reflection v1alpha answers too, with descriptors that include dependencies", async () => {
+    const { grpcClient } = await import("../../services/common/client.js");
+    const { ServerReflection } = await import("../../gen/grpc/reflection/v1alpha/reflection_pb.js");
+    const { fromBinary } = await import("@bufbuild/protobuf");
+    const { FileDescriptorProtoSchema } = await import("@bufbuild/protobuf/wkt");
+    const cl = grpcClient(ServerReflection, { address: daemon.address });
+    async function* reqs() {
+      yield { messageRequest: { case: "fileContainingSymbol" as const, value: "microvpc.v1.IpamService" } };
+      yield { messageRequest: { case: "listServices" as const, value: "" } };
+    }
+    const answers = [];
+    for await (const r of cl.serverReflectionInfo(reqs())) answers.push(r);
+    assert.equal(answers[0].messageResponse.case, "fileDescriptorResponse");
+    const names = (answers[0].messageResponse.value as { fileDescriptorProto: Uint8Array[] }).fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b).name);
+    assert.ok(names.includes("microvpc/v1/ipam.proto"));
+    // Comments travel with the descriptors, so `grpcurl describe` documents every field.
+    const ipamFd = (answers[0].messageResponse.value as { fileDescriptorProto: Uint8Array[] }).fileDescriptorProto
+      .map((b) => fromBinary(FileDescriptorProtoSchema, b))
+      .find((f) => f.name === "microvpc/v1/ipam.proto")!;
+    const comments = ipamFd.sourceCodeInfo?.location.map((l) => l.leadingComments).join("\n") ?? "";
+    assert.match(comments, /Idempotency key: a retry with the same owner and request_id/);
+    assert.ok(names.includes("google/protobuf/timestamp.proto"));
+    assert.equal(answers[1].messageResponse.case, "listServicesResponse");
+  });
+
+  test("metrics count RPCs and allocations", async () => {
+    const body = await (await fetch(`http://127.0.0.1:${daemon.metricsPort}/metrics`)).text();
+    assert.match(body, /microvpc_rpc_requests_total\{service="microvpc\.v1\.IpamService",method="Allocate",code="OK"/);
+    assert.match(body, /microvpc_rpc_duration_seconds_bucket/);
+    assert.match(body, /microvpc_ipam_allocations_total\{result="created"/);
+  });
+
+  test("a token-protected server refuses calls without the token; health stays open", async () => {
+    const d = await startDaemon("ipam", ["--redis", redis.url, "--token", "s3cret"]);
+    try {
+      await rejectsWith(ipamClients(d.address).vpc.listVpcs({}), Code.Unauthenticated, /bearer token/);
+      await rejectsWith(ipamClients(d.address, "wrong").vpc.listVpcs({}), Code.Unauthenticated);
+      await ipamClients(d.address, "s3cret").vpc.listVpcs({});
+    } finally {
+      await d.stop();
+    }
+  });
+
+  test("a non-loopback listener without TLS or token refuses to start", async () => {
+    const r = await pexec(process.execPath, [join(ROOT, "bin", "microvpcd.js"), "ipam", "--listen", "0.0.0.0:0", "--redis", redis.url]).catch((e) => e);
+    assert.notEqual(r.code ?? 0, 0);
+    assert.match(String(r.stdout) + String(r.stderr), /non-loopback listener needs --tls-cert\/--tls-key or --token/);
+  });
+
+  test("--help lists every flag with its environment variable", async () => {
+    const r = await pexec(process.execPath, [join(ROOT, "bin", "microvpcd.js"), "ipam", "--help"]);
+    for (const f of ["--listen", "--redis", "--metrics-listen", "--token", "--tls-cert", "MICROVPC_REDIS_URL", "MICROVPC_LISTEN"]) assert.match(r.stdout, new RegExp(f));
+  });
+});

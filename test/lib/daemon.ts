@@ -1,0 +1,63 @@
+// Starts a real `microvpcd <service>` process, as an operator would, and
+// waits until it answers health checks. Ended by PID only.
+import { spawn, type ChildProcess } from "node:child_process";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { grpcClient } from "../../services/common/client.js";
+import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+import { freePort } from "./redis.js";
+
+export const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+export interface Daemon {
+  address: string;
+  port: number;
+  metricsPort: number;
+  proc: ChildProcess;
+  output(): string;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+export async function startDaemon(service: string, extra: string[] = [], env: Record<string, string> = {}, netns?: string): Promise<Daemon> {
+  const port = await freePort();
+  const metricsPort = await freePort();
+  const args = [join(ROOT, "bin", "microvpcd.js"), service, "--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metricsPort}`, "--log-level", "warn", ...extra];
+  const cmd = netns ? "ip" : process.execPath;
+  const argv = netns ? ["netns", "exec", netns, process.execPath, ...args] : args;
+  const proc = spawn(cmd, argv, { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  let out = "";
+  proc.stdout!.on("data", (d) => (out += d));
+  proc.stderr!.on("data", (d) => (out += d));
+  const address = `127.0.0.1:${port}`;
+  const health = grpcClient(Health, { address, timeoutMs: 1000 });
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`microvpcd ${service} exited with ${proc.exitCode}:\n${out}`);
+    try {
+      const r = await health.check({});
+      if (r.status === HealthCheckResponse_ServingStatus.SERVING) break;
+    } catch {
+      // not up yet
+    }
+    if (Date.now() > deadline) {
+      proc.kill("SIGKILL");
+      throw new Error(`microvpcd ${service} not healthy after 20 s:\n${out}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return {
+    address,
+    port,
+    metricsPort,
+    proc,
+    output: () => out,
+    async stop(signal: NodeJS.Signals = "SIGTERM") {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      const exited = new Promise((res) => proc.once("exit", res));
+      proc.kill(signal);
+      const t = setTimeout(() => proc.kill("SIGKILL"), 5000);
+      await exited;
+      clearTimeout(t);
+    },
+  };
+}

@@ -1,0 +1,98 @@
+// A real redis-server for tests and benchmarks, on a spare loopback port,
+// with the durability microvpc promises (AOF, appendfsync always), in its own
+// temporary directory. Ended by PID only.
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Redis } from "ioredis";
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.unref();
+    s.on("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface TestRedis {
+  port: number;
+  url: string;
+  dir: string;
+  proc: ChildProcess;
+  /** SIGKILL the server (a crash), keeping its data directory. */
+  kill(): Promise<void>;
+  /** Start it again on the same port from the same AOF. */
+  restart(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+export interface RedisOptions {
+  appendfsync?: "always" | "everysec" | "no";
+  persistence?: boolean;
+}
+
+async function waitPing(port: number, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const c = new Redis({ port, host: "127.0.0.1", lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+    c.on("error", () => {});
+    try {
+      await c.connect();
+      if ((await c.ping()) === "PONG") {
+        c.disconnect();
+        return;
+      }
+    } catch {
+      // not up yet (or still loading the AOF)
+    }
+    c.disconnect();
+    if (Date.now() > deadline) throw new Error(`redis on ${port} did not answer within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function launch(port: number, dir: string, o: RedisOptions): ChildProcess {
+  const persist = o.persistence ?? true;
+  const args = [
+    "--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "",
+    "--appendonly", persist ? "yes" : "no", "--appendfsync", o.appendfsync ?? "always",
+    "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
+  ];
+  const p = spawn("redis-server", args, { stdio: ["ignore", "ignore", "inherit"] });
+  return p;
+}
+
+export async function startRedis(o: RedisOptions = {}): Promise<TestRedis> {
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), "mvpc-redis-"));
+  const r: TestRedis = {
+    port,
+    url: `redis://127.0.0.1:${port}/0`,
+    dir,
+    proc: launch(port, dir, o),
+    async kill() {
+      const p = r.proc;
+      if (p.exitCode !== null || p.signalCode !== null) return;
+      const exited = new Promise((res) => p.once("exit", res));
+      p.kill("SIGKILL");
+      await exited;
+    },
+    async restart() {
+      await r.kill();
+      r.proc = launch(port, dir, o);
+      await waitPing(port);
+    },
+    async stop() {
+      await r.kill();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  await waitPing(port);
+  return r;
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command (`npm test`): type check, then unit tests (pure, no root,
+# milliseconds) and integration tests (real redis-server on spare loopback
+# ports; later issues add network namespaces, which need root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for bin in redis-server; do
+  command -v "$bin" >/dev/null || { echo "missing $bin: run 'bash .ci/run' or install deploy/packages.txt" >&2; exit 1; }
+done
+echo "== typecheck"
+npx --no-install tsc --noEmit -p .
+echo "== tests"
+# One file at a time: integration tests start daemons and load the machine.
+exec node --import tsx --test --test-concurrency=1 \
+  test/unit/*.test.ts test/integration/*.test.ts
