@@ -1,0 +1,28 @@
+// Options shared by several commands, so they read and parse the same way
+// in every group.
+import { InvalidArgumentError, Option } from "commander";
+
+export function integer(min: number, max: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!/^[0-9]+$/.test(value) || n < min || n > max) throw new InvalidArgumentError(`expected a whole number from ${min} to ${max}`);
+    return n;
+  };
+}
+
+function collectLabel(value: string, prev: { key: string; value: string }[]) {
+  const i = value.indexOf("=");
+  if (i <= 0) throw new InvalidArgumentError('expected key=value, e.g. "team=web"');
+  return [...prev, { key: value.slice(0, i), value: value.slice(i + 1) }];
+}
+
+export const dryRunOption = () => new Option("--dry-run", "validate locally and print the request that would be sent; change nothing");
+
+export const labelOption = () => new Option("--label <key=value>", "operator label (repeatable)").argParser(collectLabel).default([]);
+
+export const descriptionOption = () => new Option("--description <text>", "free text for operators").default("");
+
+export const clientTokenOption = () =>
+  new Option("--client-token <token>", "idempotency token: repeating the create with it returns the first result").default("");
+
+export const limitOption = () => new Option("--limit <n>", "stop after n items (default: all pages)").argParser(integer(1, Number.MAX_SAFE_INTEGER));

@@ -1,0 +1,24 @@
+// List calls return pages; the CLI walks them all unless --limit says stop.
+const MAX_PAGE = 1000;
+
+export interface Page<T> {
+  items: T[];
+  next: string;
+}
+
+/**
+ * Fetches pages until the server says done or `limit` items are in hand.
+ * The last page is asked for at exactly the size still wanted, so the
+ * returned `next` token resumes right after the last item returned.
+ */
+export async function collect<T>(limit: number | undefined, fetch: (pageSize: number, pageToken: string) => Promise<Page<T>>): Promise<Page<T>> {
+  const items: T[] = [];
+  let token = "";
+  for (;;) {
+    const want = limit === undefined ? MAX_PAGE : Math.min(MAX_PAGE, limit - items.length);
+    const page = await fetch(want, token);
+    items.push(...page.items);
+    token = page.next;
+    if (token === "" || (limit !== undefined && items.length >= limit)) return { items, next: token };
+  }
+}

@@ -1,0 +1,13 @@
+// microvpcd <service> [flags]: the one entry point of every microvpc daemon,
+// used alike by systemd units, the Kubernetes manifests and the tests.
+import { Command } from "commander";
+import { addServiceCommand } from "../services/common/daemon.js";
+import { ipamDefinition } from "../services/ipam/main.js";
+import { stubDefinitions } from "../services/stubs.js";
+
+const program = new Command("microvpcd")
+  .description("microvpc daemons: VPC networking for microVM hypervisors.\nEvery flag can also be set by the environment variable shown.")
+  .showHelpAfterError();
+addServiceCommand(program, ipamDefinition);
+for (const def of stubDefinitions) addServiceCommand(program, def);
+await program.parseAsync(process.argv);
