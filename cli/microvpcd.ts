@@ -3,11 +3,14 @@
 import { Command } from "commander";
 import { addServiceCommand } from "../services/common/daemon.js";
 import { ipamDefinition } from "../services/ipam/main.js";
-import { stubDefinitions } from "../services/stubs.js";
+import { firewallDefinition } from "../services/firewall/main.js";
+import { gatewayDefinition } from "../services/gateway/main.js";
+import { netagentDefinition } from "../services/netagent/main.js";
+import { vmmDefinition } from "../services/vmm/main.js";
 
 const program = new Command("microvpcd")
   .description("microvpc daemons: VPC networking for microVM hypervisors.\nEvery flag can also be set by the environment variable shown.")
   .showHelpAfterError();
 addServiceCommand(program, ipamDefinition);
-for (const def of stubDefinitions) addServiceCommand(program, def);
+for (const def of [netagentDefinition, firewallDefinition, gatewayDefinition, vmmDefinition]) addServiceCommand(program, def);
 await program.parseAsync(process.argv);
