@@ -1,0 +1,167 @@
+// The netagent's reconciler: makes the kernel of this hypervisor match the
+// desired state in Redis, one VPC namespace at a time, under a per-VPC lock
+// shared with the API calls. It adopts what already exists, repairs drift,
+// removes what it owns and nothing wants, and never touches the rest.
+import { existsSync } from "node:fs";
+import type { Logger } from "pino";
+import { Counter, Gauge } from "prom-client";
+import { metricsRegistry } from "../common/metrics.js";
+import type { Kernel } from "./kernel.js";
+import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
+import type { HostDesired, HostStore, VpcSpec } from "./store.js";
+
+const reconciles = new Counter({
+  name: "microvpc_netagent_reconciles_total",
+  help: "Reconcile passes by result.",
+  labelNames: ["result"] as const,
+  registers: [metricsRegistry],
+});
+const repairs = new Counter({
+  name: "microvpc_netagent_changes_total",
+  help: "Kernel changes made by reconciles (creates, repairs, orphan removals).",
+  registers: [metricsRegistry],
+});
+const nicsGauge = new Gauge({ name: "microvpc_netagent_nics", help: "NICs this host should have.", registers: [metricsRegistry] });
+
+export interface AgentStatus {
+  lastReconcileMs: number;
+  lastError: string;
+  lastChanges: string[];
+  reconciles: number;
+}
+
+export class Agent {
+  desired: HostDesired = { vpcs: new Map(), subnets: new Map(), nics: new Map() };
+  status: AgentStatus = { lastReconcileMs: 0, lastError: "", lastChanges: [], reconciles: 0 };
+  readonly startedMs = Date.now();
+  private locks = new Map<string, Promise<unknown>>();
+  private timer?: NodeJS.Timeout;
+
+  constructor(readonly kernel: Kernel, readonly store: HostStore, readonly hostId: string, readonly log: Logger) {}
+
+  nsOf(vpcId: string): string {
+    return names.netns(this.hostId, vpcId);
+  }
+
+  /** Runs fn with the VPC's lock held: API calls and reconciles never interleave on one namespace. */
+  async withLock<T>(vpcId: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(vpcId) ?? Promise.resolve();
+    let release!: () => void;
+    const mine = new Promise<void>((r) => (release = r));
+    const chained = prev.then(() => mine);
+    this.locks.set(vpcId, chained);
+    await prev.catch(() => {});
+    try {
+      return await fn();
+    } finally {
+      release();
+      if (this.locks.get(vpcId) === chained) this.locks.delete(vpcId);
+    }
+  }
+
+  subnetsOf(vpcId: string): SubnetSpec[] {
+    return [...this.desired.subnets.values()].filter((s) => s.vpcId === vpcId);
+  }
+
+  nicsOf(vpcId: string): NicSpec[] {
+    return [...this.desired.nics.values()].filter((n) => n.vpcId === vpcId);
+  }
+
+  /** Bridges known to be right since the last ensure or reconcile: attach skips re-checking them. */
+  readonly readyBridges = new Set<string>();
+
+  async ensureNetns(vpcId: string): Promise<boolean> {
+    const ns = this.nsOf(vpcId);
+    // /run/netns/NAME is how iproute2 names a namespace: no exec needed.
+    if (existsSync(`/run/netns/${ns}`)) return false;
+    await this.kernel.addNetns(ns);
+    return true;
+  }
+
+  /** Plans and applies one VPC. Caller holds the lock. Returns the changes made. */
+  async reconcileVpc(vpcId: string): Promise<string[]> {
+    const ns = this.nsOf(vpcId);
+    const created = await this.ensureNetns(vpcId);
+    const [links, qdiscs] = await Promise.all([this.kernel.links(ns), this.kernel.qdiscs(ns)]);
+    // A veth whose guest namespace is gone cannot be recreated; leave it for
+    // DetachNic rather than failing the whole namespace's batch.
+    const nics = this.nicsOf(vpcId).filter((n) => n.kind !== "veth" || existsSync(n.veth!.netnsPath) || links.some((l) => l.ifname === n.hostIf));
+    const subnets = this.subnetsOf(vpcId);
+    const plan = planVpc(this.hostId, subnets, nics, links, qdiscs);
+    for (const s of subnets) this.readyBridges.delete(s.subnetId);
+    await this.apply(ns, plan);
+    for (const s of subnets) this.readyBridges.add(s.subnetId);
+    const changes = created ? [`create namespace ${ns}`, ...plan.changes] : plan.changes;
+    if (plan.ip.length || plan.tc.length || plan.guests.length) repairs.inc(plan.ip.length + plan.tc.length);
+    return changes;
+  }
+
+  async apply(ns: string, plan: VpcPlan): Promise<void> {
+    await this.kernel.ipBatch(ns, plan.ip);
+    for (const g of plan.guests) await this.kernel.ipBatchAt(g.netnsPath, g.lines);
+    await this.kernel.tcBatch(ns, plan.tc);
+  }
+
+  /**
+   * One full pass. If Redis cannot be read, the last known desired state is
+   * used and nothing is removed: a host keeps forwarding while Redis is away.
+   */
+  async reconcileAll(): Promise<void> {
+    let fresh = true;
+    try {
+      this.desired = await this.store.load();
+    } catch (err) {
+      fresh = false;
+      this.log.warn({ err: (err as Error).message }, "cannot read desired state; keeping the last known one");
+    }
+    nicsGauge.set(this.desired.nics.size);
+    const changes: string[] = [];
+    let error = "";
+    for (const vpcId of this.desired.vpcs.keys()) {
+      try {
+        changes.push(...(await this.withLock(vpcId, () => this.reconcileVpc(vpcId))));
+      } catch (err) {
+        error = `${vpcId}: ${(err as Error).message}`;
+        this.log.error({ vpc: vpcId, err: (err as Error).message }, "reconcile failed");
+      }
+    }
+    if (fresh) {
+      const prefix = names.netnsPrefix(this.hostId);
+      const wanted = new Set([...this.desired.vpcs.keys()].map((v) => this.nsOf(v)));
+      for (const ns of await this.kernel.listNetns()) {
+        if (ns.startsWith(prefix) && !wanted.has(ns)) {
+          try {
+            await this.kernel.delNetns(ns);
+            changes.push(`remove orphan namespace ${ns}`);
+          } catch (err) {
+            error = `${ns}: ${(err as Error).message}`;
+          }
+        }
+      }
+    }
+    this.status = { lastReconcileMs: Date.now(), lastError: error, lastChanges: changes.slice(-50), reconciles: this.status.reconciles + 1 };
+    reconciles.inc({ result: error ? "error" : "ok" });
+    if (changes.length) this.log.info({ changes }, "reconciled");
+  }
+
+  start(intervalMs: number): void {
+    const loop = async () => {
+      try {
+        await this.reconcileAll();
+      } catch (err) {
+        this.log.error({ err: (err as Error).message }, "reconcile pass failed");
+      }
+      this.timer = setTimeout(loop, intervalMs);
+      this.timer.unref();
+    };
+    void loop();
+  }
+
+  stop(): void {
+    if (this.timer) clearTimeout(this.timer);
+  }
+
+  rememberVpc(v: VpcSpec): void {
+    this.desired.vpcs.set(v.vpcId, v);
+  }
+}

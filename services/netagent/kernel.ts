@@ -1,0 +1,266 @@
+// The only netagent module that runs commands. Every command is an argument
+// array (never a shell string), with LC_ALL=C so errors are parseable; many
+// operations go through one `ip -batch` / `tc -batch`. Plain execFile rather
+// than execa: measured here 4.3 ms vs 7.1 ms per call (p50 of 30), and an
+// attach is a few calls.
+// `Kernel` is an interface so the planner and the service are tested against
+// RecordingKernel, which records what would run.
+import { execFile } from "node:child_process";
+
+interface RunResult {
+  exitCode: number;
+  stdout: string;
+  all: string;
+}
+
+/** Runs a command with an argument array; never rejects, reports the exit code. */
+function exec(file: string, args: string[], input?: string): Promise<RunResult> {
+  return new Promise((resolve) => {
+    const child = execFile(file, args, { env: { ...process.env, ...ENV }, timeout: 30_000, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
+      const code = err ? (typeof (err as { code?: unknown }).code === "number" ? ((err as { code: number }).code) : 1) : 0;
+      resolve({ exitCode: code, stdout: String(stdout), all: `${stderr}${stdout}` || (err ? err.message : "") });
+    });
+    if (input !== undefined) child.stdin!.end(input);
+  });
+}
+
+export interface LinkInfo {
+  ifname: string;
+  /** "bridge", "veth", "tun", "ifb", … ("" for plain devices like lo). */
+  kind: string;
+  master?: string;
+  alias?: string;
+  mac: string;
+  mtu: number;
+  up: boolean;
+  addrs: string[];
+  /** Parent (peer) interface index and its namespace id, for veths. */
+  linkNetnsId?: number;
+}
+
+export interface QdiscInfo {
+  dev: string;
+  kind: string;
+  root: boolean;
+  /** bytes per second, for tbf. */
+  rate?: number;
+}
+
+export interface Kernel {
+  listNetns(): Promise<string[]>;
+  addNetns(name: string): Promise<void>;
+  delNetns(name: string): Promise<void>;
+  links(ns: string): Promise<LinkInfo[]>;
+  /** One device, or null if it does not exist. */
+  link(ns: string, ifname: string): Promise<LinkInfo | null>;
+  qdiscs(ns: string): Promise<QdiscInfo[]>;
+  /** Runs `ip -n ns -batch -` (ns "" = the agent's own namespace). */
+  ipBatch(ns: string, lines: string[]): Promise<void>;
+  /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
+  ipBatchAt(netnsPath: string, lines: string[]): Promise<void>;
+  /** Runs `tc -n ns -batch -`. */
+  tcBatch(ns: string, lines: string[]): Promise<void>;
+  sysctl(ns: string, key: string, value: string): Promise<void>;
+  /** Deletes conntrack entries from or to an address; returns how many. */
+  conntrackFlush(ns: string, address: string): Promise<number>;
+  /** Link counters from /sys via `ip -s -j link`. */
+  stats(ns: string, ifname: string): Promise<LinkStats | null>;
+  linksAt(netnsPath: string): Promise<LinkInfo[]>;
+}
+
+export interface LinkStats {
+  rxBytes: bigint;
+  rxPackets: bigint;
+  rxDropped: bigint;
+  rxErrors: bigint;
+  txBytes: bigint;
+  txPackets: bigint;
+  txDropped: bigint;
+  txErrors: bigint;
+}
+
+export class KernelError extends Error {
+  constructor(readonly argv: string[], readonly output: string, readonly input?: string) {
+    super(`${argv.join(" ")}: ${output.trim() || "failed"}${input ? ` (batch: ${input.split("\n").slice(0, 8).join("; ")})` : ""}`);
+  }
+}
+
+const ENV = { LC_ALL: "C" };
+
+async function run(file: string, args: string[], input?: string): Promise<string> {
+  const r = await exec(file, args, input);
+  if (r.exitCode !== 0) throw new KernelError([file, ...args], r.all, input);
+  return r.stdout;
+}
+
+function nsArgs(ns: string): string[] {
+  return ns ? ["-n", ns] : [];
+}
+
+interface IpLinkJson {
+  ifname: string;
+  address?: string;
+  mtu?: number;
+  flags?: string[];
+  master?: string;
+  ifalias?: string;
+  link_netnsid?: number;
+  linkinfo?: { info_kind?: string };
+  addr_info?: { family: string; local: string; prefixlen: number }[];
+}
+
+function parseLinks(json: string): LinkInfo[] {
+  const links = JSON.parse(json || "[]") as IpLinkJson[];
+  return links.map((l) => ({
+    ifname: l.ifname,
+    kind: l.linkinfo?.info_kind ?? "",
+    master: l.master,
+    alias: l.ifalias,
+    mac: l.address ?? "",
+    mtu: l.mtu ?? 0,
+    up: (l.flags ?? []).includes("UP"),
+    addrs: (l.addr_info ?? []).filter((x) => x.family === "inet").map((x) => `${x.local}/${x.prefixlen}`),
+    linkNetnsId: l.link_netnsid,
+  }));
+}
+
+export class LinuxKernel implements Kernel {
+  async listNetns(): Promise<string[]> {
+    const out = await run("ip", ["-j", "netns", "list"]);
+    return (JSON.parse(out || "[]") as { name: string }[]).map((n) => n.name);
+  }
+
+  async addNetns(name: string): Promise<void> {
+    await run("ip", ["netns", "add", name]);
+    // A fresh namespace has lo down; the VPC router needs forwarding.
+    await run("ip", ["-n", name, "link", "set", "lo", "up"]);
+    await this.sysctl(name, "net.ipv4.ip_forward", "1");
+  }
+
+  async delNetns(name: string): Promise<void> {
+    await run("ip", ["netns", "del", name]);
+  }
+
+  // `ip -d addr show` carries the link attributes too: one exec, not two.
+  async links(ns: string): Promise<LinkInfo[]> {
+    return parseLinks(await run("ip", [...nsArgs(ns), "-j", "-d", "addr", "show"]));
+  }
+
+  async link(ns: string, ifname: string): Promise<LinkInfo | null> {
+    const r = await exec("ip", [...nsArgs(ns), "-j", "-d", "addr", "show", "dev", ifname]);
+    if (r.exitCode !== 0) {
+      if (/does not exist/.test(String(r.all))) return null;
+      throw new KernelError(["ip", ...nsArgs(ns), "-j", "-d", "addr", "show", "dev", ifname], String(r.all));
+    }
+    return parseLinks(String(r.stdout))[0] ?? null;
+  }
+
+  async linksAt(netnsPath: string): Promise<LinkInfo[]> {
+    return parseLinks(await run("nsenter", [`--net=${netnsPath}`, "ip", "-j", "-d", "addr", "show"]));
+  }
+
+  async qdiscs(ns: string): Promise<QdiscInfo[]> {
+    const out = await run("tc", [...nsArgs(ns), "-j", "qdisc", "show"]);
+    return (JSON.parse(out || "[]") as { dev: string; kind: string; root?: boolean; options?: { rate?: number } }[]).map((q) => ({
+      dev: q.dev,
+      kind: q.kind,
+      root: !!q.root,
+      rate: q.options?.rate,
+    }));
+  }
+
+  async ipBatch(ns: string, lines: string[]): Promise<void> {
+    if (lines.length === 0) return;
+    await run("ip", [...nsArgs(ns), "-batch", "-"], lines.join("\n") + "\n");
+  }
+
+  async ipBatchAt(netnsPath: string, lines: string[]): Promise<void> {
+    if (lines.length === 0) return;
+    await run("nsenter", [`--net=${netnsPath}`, "ip", "-batch", "-"], lines.join("\n") + "\n");
+  }
+
+  async tcBatch(ns: string, lines: string[]): Promise<void> {
+    if (lines.length === 0) return;
+    await run("tc", [...nsArgs(ns), "-batch", "-"], lines.join("\n") + "\n");
+  }
+
+  async sysctl(ns: string, key: string, value: string): Promise<void> {
+    await run("ip", ["netns", "exec", ns, "sysctl", "-q", "-w", `${key}=${value}`]);
+  }
+
+  async conntrackFlush(ns: string, address: string): Promise<number> {
+    let n = 0;
+    for (const dir of ["-s", "-d"]) {
+      const r = await exec("ip", ["netns", "exec", ns, "conntrack", "-D", dir, address]);
+      const m = /(\d+) flow entries have been deleted/.exec(String(r.all ?? ""));
+      if (m) n += Number(m[1]);
+    }
+    return n;
+  }
+
+  async stats(ns: string, ifname: string): Promise<LinkStats | null> {
+    const r = await exec("ip", [...nsArgs(ns), "-s", "-j", "link", "show", "dev", ifname]);
+    if (r.exitCode !== 0) return null;
+    const s = (JSON.parse(String(r.stdout))[0] ?? {}).stats64 ?? {};
+    const b = (v: unknown) => BigInt(Number(v ?? 0));
+    return {
+      rxBytes: b(s.rx?.bytes),
+      rxPackets: b(s.rx?.packets),
+      rxDropped: b(s.rx?.dropped),
+      rxErrors: b(s.rx?.errors),
+      txBytes: b(s.tx?.bytes),
+      txPackets: b(s.tx?.packets),
+      txDropped: b(s.tx?.dropped),
+      txErrors: b(s.tx?.errors),
+    };
+  }
+}
+
+/** Records every call; answers reads from a scripted state. For unit tests. */
+export class RecordingKernel implements Kernel {
+  calls: string[] = [];
+  netns = new Set<string>();
+  linkState = new Map<string, LinkInfo[]>();
+  async listNetns() {
+    return [...this.netns];
+  }
+  async addNetns(name: string) {
+    this.calls.push(`netns add ${name}`);
+    this.netns.add(name);
+  }
+  async delNetns(name: string) {
+    this.calls.push(`netns del ${name}`);
+    this.netns.delete(name);
+  }
+  async links(ns: string) {
+    return this.linkState.get(ns) ?? [];
+  }
+  async link(ns: string, ifname: string) {
+    return (this.linkState.get(ns) ?? []).find((l) => l.ifname === ifname) ?? null;
+  }
+  async linksAt(path: string) {
+    return this.linkState.get(path) ?? [];
+  }
+  async qdiscs() {
+    return [];
+  }
+  async ipBatch(ns: string, lines: string[]) {
+    if (lines.length) this.calls.push(`ip -n ${ns} -batch:\n  ${lines.join("\n  ")}`);
+  }
+  async ipBatchAt(path: string, lines: string[]) {
+    if (lines.length) this.calls.push(`nsenter ${path} ip -batch:\n  ${lines.join("\n  ")}`);
+  }
+  async tcBatch(ns: string, lines: string[]) {
+    if (lines.length) this.calls.push(`tc -n ${ns} -batch:\n  ${lines.join("\n  ")}`);
+  }
+  async sysctl(ns: string, k: string, v: string) {
+    this.calls.push(`sysctl ${ns} ${k}=${v}`);
+  }
+  async conntrackFlush(ns: string, a: string) {
+    this.calls.push(`conntrack ${ns} -D ${a}`);
+    return 0;
+  }
+  async stats() {
+    return null;
+  }
+}

@@ -1,0 +1,510 @@
+// NetAgentService: validates a request, records the desired state in Redis,
+// then changes the kernel under the VPC's lock through the planner. The
+// catalog (VPCs, subnets, allocations) is IPAM's, read from the same Redis.
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { ServiceImpl } from "@connectrpc/connect";
+import {
+  AlreadyExistsError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  NotFoundError,
+} from "../common/errors.js";
+import * as V from "../common/validate.js";
+import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
+import {
+  Datapath,
+  GuestNetworkConfigSchema,
+  HostHealth,
+  HostSubnetSchema,
+  HostVpcSchema,
+  NetAgentService,
+  NicCountersSchema,
+  NicKind,
+  NicSchema,
+  type BandwidthLimit,
+  type Nic,
+} from "../../gen/microvpc/v1/netagent_pb.js";
+import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
+import type { Agent } from "./agent.js";
+import { KernelError, type Kernel } from "./kernel.js";
+import { bandwidthLines, kernelIpArg, names, nicCreateLines, planVpc, prefixToNetmask, type Bandwidth, type NicSpec, type SubnetSpec } from "./plan.js";
+
+const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
+const NETNS_PATH_RE = /^(\/(?:var\/)?run\/netns\/[A-Za-z0-9_.-]{1,64}|\/proc\/[0-9]{1,10}\/ns\/net)$/;
+
+export interface NetAgentOptions {
+  hostId: string;
+  mtu: number;
+}
+
+function ifname(field: string, v: string): string {
+  if (!IFNAME_RE.test(v)) throw new InvalidArgumentError(field, `${V.show(v)} is not an interface name: 1–15 characters of letters, digits and _ . -, starting with a letter`);
+  return v;
+}
+
+function bandwidthFrom(b: BandwidthLimit | undefined): Bandwidth {
+  const rate = (field: string, mbps: number | undefined) => {
+    if (mbps === undefined || mbps === 0) return 0;
+    if (mbps > 400_000) throw new InvalidArgumentError(field, `${mbps} Mbit/s is more than any NIC carries; use 1–400000, or 0 for no limit`);
+    return mbps;
+  };
+  const burst = (field: string, v: number | undefined) => {
+    if (v === undefined) return undefined;
+    if (v < 1500 || v > 1 << 30) throw new InvalidArgumentError(field, `${v} bytes: use 1500 to 1073741824 (or leave it unset for 10 ms of the rate)`);
+    return v;
+  };
+  return {
+    ingressMbps: rate("bandwidth.ingress.rate_mbps", b?.ingress?.rateMbps),
+    ingressBurst: burst("bandwidth.ingress.burst_bytes", b?.ingress?.burstBytes),
+    egressMbps: rate("bandwidth.egress.rate_mbps", b?.egress?.rateMbps),
+    egressBurst: burst("bandwidth.egress.burst_bytes", b?.egress?.burstBytes),
+  };
+}
+
+/** A stable, locally administered MAC from the VPC and the address. */
+export function macFor(vpcId: string, address: string): string {
+  const h = createHash("sha256").update(vpcId).digest();
+  const ip = address.split(".").map((x) => Number(x).toString(16).padStart(2, "0"));
+  return ["02", h[0].toString(16).padStart(2, "0"), ...ip].join(":");
+}
+
+export class NetAgent {
+  constructor(readonly agent: Agent, readonly kernel: Kernel, readonly ipam: IpamStore, readonly opts: NetAgentOptions) {}
+
+  private async vpc(ref: string, field = "vpc"): Promise<VpcRec> {
+    const r = V.ref(field, ref, "vpc");
+    const id = await this.ipam.resolveVpc(r);
+    const v = id ? await this.ipam.getVpc(id) : null;
+    if (!v) throw new NotFoundError("vpc", ref, "create it with IPAM first (microvpc vpc create)");
+    return v;
+  }
+
+  private async subnet(ref: string, vpc: VpcRec, field = "subnet"): Promise<SubnetRec> {
+    const r = V.ref(field, ref, "subnet");
+    const id = await this.ipam.resolveSubnet(r, vpc.id);
+    const s = id ? await this.ipam.getSubnet(id) : null;
+    if (!s || s.vpcId !== vpc.id) throw new NotFoundError("subnet", ref, `VPC ${vpc.name} has no such subnet`);
+    return s;
+  }
+
+  private subnetSpec(s: SubnetRec): SubnetSpec {
+    return { subnetId: s.id, vpcId: s.vpcId, cidr: s.cidr, gatewayCidr: `${V.intToIp(s.base + 1)}/${s.prefix}`, mtu: this.opts.mtu };
+  }
+
+  /** Records and creates the VPC namespace. Caller holds the lock. */
+  private async ensureVpcLocked(v: VpcRec): Promise<boolean> {
+    const ns = this.agent.nsOf(v.id);
+    if (!this.agent.desired.vpcs.has(v.id)) {
+      const spec = { vpcId: v.id, ns, createdMs: Date.now() };
+      await this.agent.store.putVpc(spec);
+      this.agent.rememberVpc(spec);
+    }
+    return this.agent.ensureNetns(v.id);
+  }
+
+  /** Records and creates the subnet bridge. Caller holds the lock. */
+  private async ensureSubnetLocked(v: VpcRec, s: SubnetRec, opts: { trustCache?: boolean } = {}): Promise<boolean> {
+    const changed = await this.ensureVpcLocked(v);
+    const spec = this.subnetSpec(s);
+    const same = JSON.stringify(this.agent.desired.subnets.get(s.id)) === JSON.stringify(spec);
+    if (same && opts.trustCache && this.agent.readyBridges.has(s.id)) return changed;
+    if (!same) {
+      await this.agent.store.putSubnet(spec);
+      this.agent.desired.subnets.set(s.id, spec);
+    }
+    const ns = this.agent.nsOf(v.id);
+    const br = await this.kernel.link(ns, names.bridge(s.id));
+    const plan = planVpc(this.opts.hostId, [spec], [], br ? [br] : [], [], { removeOrphans: false });
+    this.agent.readyBridges.delete(s.id);
+    await this.agent.apply(ns, plan);
+    this.agent.readyBridges.add(s.id);
+    return changed || plan.ip.length > 0;
+  }
+
+  hostVpc(v: VpcRec) {
+    const ns = this.agent.nsOf(v.id);
+    return create(HostVpcSchema, {
+      vpcId: v.id,
+      vpcName: v.name,
+      cidr: v.cidr,
+      namespace: ns,
+      netnsPath: `/run/netns/${ns}`,
+      subnetIds: this.agent.subnetsOf(v.id).map((s) => s.subnetId),
+      nicCount: this.agent.nicsOf(v.id).length,
+      state: ResourceState.AVAILABLE,
+    });
+  }
+
+  nicMsg(n: NicSpec, state = ResourceState.AVAILABLE, message = ""): Nic {
+    const ns = this.agent.nsOf(n.vpcId);
+    const netmask = prefixToNetmask(n.prefix);
+    return create(NicSchema, {
+      id: n.nicId,
+      owner: n.owner,
+      vpcId: n.vpcId,
+      subnetId: n.subnetId,
+      kind: n.kind === "tap" ? NicKind.TAP : NicKind.VETH,
+      state,
+      statusMessage: message,
+      hostId: this.opts.hostId,
+      hostInterface: n.hostIf,
+      vpcNamespace: ns,
+      vpcNetnsPath: `/run/netns/${ns}`,
+      guest: create(GuestNetworkConfigSchema, {
+        address: n.address,
+        prefixLength: n.prefix,
+        netmask,
+        gateway: n.gateway,
+        mac: n.mac,
+        mtu: n.mtu,
+        dnsServers: n.dns,
+        hostname: n.hostname,
+        interface: n.guestIf,
+        kernelIpArg: kernelIpArg(n, netmask, n.guestIf),
+      }),
+      bandwidth:
+        n.bandwidth.ingressMbps || n.bandwidth.egressMbps
+          ? {
+              ingress: n.bandwidth.ingressMbps ? { rateMbps: n.bandwidth.ingressMbps, burstBytes: n.bandwidth.ingressBurst } : undefined,
+              egress: n.bandwidth.egressMbps ? { rateMbps: n.bandwidth.egressMbps, burstBytes: n.bandwidth.egressBurst } : undefined,
+            }
+          : undefined,
+      details:
+        n.kind === "tap"
+          ? { case: "tap", value: { ownerUid: n.tap!.uid, ownerGid: n.tap!.gid, multiQueue: n.tap!.multiQueue, queues: n.tap!.queues } }
+          : { case: "veth", value: { netnsPath: n.veth!.netnsPath, skipDefaultRoute: n.veth!.skipDefaultRoute } },
+      createTime: timestampFromMs(n.createdMs),
+    });
+  }
+
+  private async nicByRef(ref: string): Promise<NicSpec | null> {
+    V.id("nic", ref, "nic");
+    return this.agent.desired.nics.get(ref) ?? (await this.agent.store.getNic(ref));
+  }
+
+  /** Creates a NIC's devices if missing. Caller holds the VPC lock. */
+  private async ensureNicLocked(n: NicSpec, subnet: SubnetSpec): Promise<boolean> {
+    const ns = this.agent.nsOf(n.vpcId);
+    const [br, have] = await Promise.all([this.kernel.link(ns, names.bridge(subnet.subnetId)), this.kernel.link(ns, n.hostIf)]);
+    const links = [br, have].filter((x): x is NonNullable<typeof x> => !!x);
+    const qdiscs = have ? await this.kernel.qdiscs(ns) : [];
+    const plan = planVpc(this.opts.hostId, [subnet], [n], links, qdiscs, { removeOrphans: false });
+    await this.agent.apply(ns, plan);
+    return plan.ip.length > 0;
+  }
+
+  private async detachLocked(n: NicSpec): Promise<number> {
+    const ns = this.agent.nsOf(n.vpcId);
+    const lines: string[] = [];
+    for (const dev of [n.hostIf, names.ifb(n.nicId)]) {
+      const l = await this.kernel.link(ns, dev);
+      if (l && l.alias === names.alias(this.opts.hostId, n.nicId)) lines.push(`link del dev ${dev}`);
+    }
+    await this.kernel.ipBatch(ns, lines);
+    // Stale conntrack entries would let a reused address inherit flows.
+    const cleared = await this.kernel.conntrackFlush(ns, n.address).catch(() => 0);
+    await this.agent.store.delNic(n);
+    this.agent.desired.nics.delete(n.nicId);
+    return cleared;
+  }
+
+  readonly impl: Partial<ServiceImpl<typeof NetAgentService>> = {
+    ensureVpc: async (req) => {
+      const v = await this.vpc(req.vpc);
+      const changed = await this.agent.withLock(v.id, () => this.ensureVpcLocked(v));
+      return { vpc: this.hostVpc(v), changed };
+    },
+
+    deleteVpc: async (req) => {
+      const r = V.ref("vpc", req.vpc, "vpc");
+      const id = r.id ?? (await this.ipam.resolveVpc(r));
+      if (!id) return { deleted: false, detachedNicIds: [] };
+      return this.agent.withLock(id, async () => {
+        const nics = this.agent.nicsOf(id);
+        if (nics.length && !req.force) {
+          throw new FailedPreconditionError(`VPC ${id} still has ${nics.length} NIC(s) on this host (${nics.slice(0, 3).map((n) => n.nicId).join(", ")}…); detach them or pass force`);
+        }
+        for (const n of nics) await this.detachLocked(n);
+        for (const s of this.agent.subnetsOf(id)) {
+          await this.agent.store.delSubnet(s.subnetId);
+          this.agent.desired.subnets.delete(s.subnetId);
+        }
+        const existed = this.agent.desired.vpcs.has(id);
+        await this.agent.store.delVpc(id);
+        this.agent.desired.vpcs.delete(id);
+        const ns = this.agent.nsOf(id);
+        if ((await this.kernel.listNetns()).includes(ns)) await this.kernel.delNetns(ns);
+        return { deleted: existed, detachedNicIds: nics.map((n) => n.nicId) };
+      });
+    },
+
+    ensureSubnet: async (req) => {
+      if (req.vpc === "" && !req.subnet.startsWith("subnet-")) throw new InvalidArgumentError("vpc", "is required when the subnet is given by name");
+      let v: VpcRec;
+      let s: SubnetRec;
+      if (req.vpc === "") {
+        V.id("subnet", req.subnet, "subnet");
+        const found = await this.ipam.getSubnet(req.subnet);
+        if (!found) throw new NotFoundError("subnet", req.subnet);
+        s = found;
+        v = await this.vpc(s.vpcId);
+      } else {
+        v = await this.vpc(req.vpc);
+        s = await this.subnet(req.subnet, v);
+      }
+      const changed = await this.agent.withLock(v.id, () => this.ensureSubnetLocked(v, s));
+      return {
+        subnet: create(HostSubnetSchema, {
+          subnetId: s.id,
+          vpcId: v.id,
+          cidr: s.cidr,
+          gateway: V.intToIp(s.base + 1),
+          datapath: Datapath.BRIDGED,
+          bridge: names.bridge(s.id),
+          namespace: this.agent.nsOf(v.id),
+          mtu: this.opts.mtu,
+          nicCount: this.agent.nicsOf(v.id).filter((n) => n.subnetId === s.id).length,
+          state: ResourceState.AVAILABLE,
+        }),
+        changed,
+      };
+    },
+
+    deleteSubnet: async (req) => {
+      V.ref("subnet", req.subnet, "subnet");
+      let id: string | null = req.subnet.startsWith("subnet-") ? req.subnet : null;
+      if (!id) {
+        if (req.vpc === "") throw new InvalidArgumentError("vpc", "is required when the subnet is given by name");
+        const vid = await this.ipam.resolveVpc(V.ref("vpc", req.vpc, "vpc"));
+        id = vid ? await this.ipam.resolveSubnet({ name: req.subnet }, vid) : null;
+      }
+      const spec = id ? this.agent.desired.subnets.get(id) : undefined;
+      if (!spec) return { deleted: false, detachedNicIds: [] };
+      return this.agent.withLock(spec.vpcId, async () => {
+        const nics = this.agent.nicsOf(spec.vpcId).filter((n) => n.subnetId === spec.subnetId);
+        if (nics.length && !req.force) throw new FailedPreconditionError(`subnet ${spec.subnetId} still has ${nics.length} NIC(s) on this host; detach them or pass force`);
+        for (const n of nics) await this.detachLocked(n);
+        const ns = this.agent.nsOf(spec.vpcId);
+        const br = await this.kernel.link(ns, names.bridge(spec.subnetId));
+        if (br && br.alias === names.alias(this.opts.hostId, spec.subnetId)) await this.kernel.ipBatch(ns, [`link del dev ${br.ifname}`]);
+        await this.agent.store.delSubnet(spec.subnetId);
+        this.agent.desired.subnets.delete(spec.subnetId);
+        return { deleted: true, detachedNicIds: nics.map((n) => n.nicId) };
+      });
+    },
+
+    attachNic: async (req) => {
+      const v = await this.vpc(req.vpc);
+      const s = await this.subnet(req.subnet, v);
+      const owner = V.token("owner", req.owner, { optional: true });
+      const clientToken = V.token("client_token", req.clientToken, { optional: true });
+      const addr = V.ipv4("address", req.address);
+      if (addr < s.base || addr >= s.base + s.size) throw new InvalidArgumentError("address", `${req.address} is outside subnet ${s.name} (${s.cidr})`);
+      const alloc = await this.ipam.getAllocation(s.id, addr - s.base);
+      if (!alloc) throw new FailedPreconditionError(`${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`);
+      if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);
+      const mac = req.mac ? V.mac("mac", req.mac) : macFor(v.id, req.address);
+      const mtu = req.mtu ?? this.opts.mtu;
+      if (mtu < 576 || mtu > 9000) throw new InvalidArgumentError("mtu", `${mtu} is out of range; use 576–9000`);
+      const hostname = req.hostname ? V.name("hostname", req.hostname) : "";
+      const guestIf = ifname("guest_interface", req.guestInterface || "eth0");
+      const bandwidth = bandwidthFrom(req.bandwidth);
+      const nicId = `nic-${randomBytes(6).toString("hex")}`;
+      let kind: "tap" | "veth";
+      let tap: NicSpec["tap"];
+      let veth: NicSpec["veth"];
+      let hostIf: string;
+      if (req.kind === NicKind.TAP) {
+        if (req.options.case === "veth") throw new InvalidArgumentError("options", "kind is TAP but veth options were given");
+        const o = req.options.case === "tap" ? req.options.value : undefined;
+        const queues = o?.queues ?? (o?.multiQueue ? 2 : 1);
+        if (queues < 1 || queues > 64) throw new InvalidArgumentError("tap.queues", `${queues}: use 1–64`);
+        kind = "tap";
+        tap = { uid: o?.ownerUid, gid: o?.ownerGid, multiQueue: !!o?.multiQueue, queues };
+        hostIf = o?.name ? ifname("tap.name", o.name) : names.hostIf(nicId, "tap");
+      } else if (req.kind === NicKind.VETH) {
+        if (req.options.case !== "veth") throw new InvalidArgumentError("veth", "is required for kind VETH (veth.netns_path: the namespace the far end goes into)");
+        const p = req.options.value.netnsPath;
+        if (!NETNS_PATH_RE.test(p)) throw new InvalidArgumentError("veth.netns_path", `${V.show(p)} is not a network namespace path: use /run/netns/NAME or /proc/PID/ns/net`);
+        if (!existsSync(p)) throw new InvalidArgumentError("veth.netns_path", `${p} does not exist; create the namespace first (ip netns add NAME)`);
+        kind = "veth";
+        veth = { netnsPath: p, skipDefaultRoute: req.options.value.skipDefaultRoute };
+        hostIf = names.hostIf(nicId, "veth");
+      } else {
+        throw new InvalidArgumentError("kind", "is required: NIC_KIND_TAP for a VM, NIC_KIND_VETH for a namespace");
+      }
+      const dnsIndex = s.extraReserved >= 1 ? 2 : 1;
+      const spec: NicSpec = {
+        nicId,
+        owner: owner || alloc.owner,
+        vpcId: v.id,
+        subnetId: s.id,
+        kind,
+        hostIf,
+        mac,
+        address: req.address,
+        prefix: s.prefix,
+        gateway: V.intToIp(s.base + 1),
+        mtu,
+        hostname,
+        guestIf,
+        dns: [V.intToIp(s.base + dnsIndex)],
+        tap,
+        veth,
+        bandwidth,
+        createdMs: Date.now(),
+        clientToken,
+      };
+      return this.agent.withLock(v.id, async () => {
+        await this.ensureSubnetLocked(v, s, { trustCache: true });
+        const ns = this.agent.nsOf(v.id);
+        if (kind === "tap" && req.options.case === "tap" && req.options.value.name) {
+          const taken = await this.kernel.link(ns, hostIf);
+          if (taken) throw new AlreadyExistsError(`interface ${hostIf} already exists in ${ns}; choose another tap.name`);
+        }
+        const added = await this.agent.store.addNic(spec);
+        if (added.code !== 1) {
+          const prev = this.agent.desired.nics.get(added.id) ?? (await this.agent.store.getNic(added.id));
+          if (!prev) throw new AlreadyExistsError(`NIC ${added.id} holds ${req.address}`);
+          if (added.code === -1 && (prev.owner !== spec.owner || prev.subnetId !== spec.subnetId || prev.kind !== spec.kind)) {
+            throw new AlreadyExistsError(`${req.address} is already attached in VPC ${v.name} on this host as ${prev.nicId} (owner ${prev.owner}); detach it first`);
+          }
+          this.agent.desired.nics.set(prev.nicId, prev);
+          await this.ensureNicLocked(prev, this.agent.desired.subnets.get(s.id)!);
+          return { nic: this.nicMsg(prev), created: false };
+        }
+        this.agent.desired.nics.set(nicId, spec);
+        try {
+          // A new NIC has a fresh id, so its devices cannot exist yet: build
+          // them without reading the kernel first.
+          const lines = nicCreateLines(this.opts.hostId, spec, names.bridge(s.id));
+          const bw = bandwidthLines(this.opts.hostId, spec, [], []);
+          await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip]);
+          if (lines.guest.length) await this.kernel.ipBatchAt(veth!.netnsPath, lines.guest);
+          await this.kernel.tcBatch(ns, bw.tc);
+        } catch (err) {
+          // Undo: nothing half-applied stays behind.
+          await this.detachLocked(spec).catch(() => {});
+          this.agent.readyBridges.delete(s.id);
+          const out = err instanceof KernelError ? err.output : "";
+          if (kind === "veth" && /File exists/.test(out)) throw new AlreadyExistsError(`${veth!.netnsPath} already has an interface ${guestIf}; pick another guest_interface`);
+          if (/No such device|Cannot find device/.test(out)) throw new FailedPreconditionError(`the subnet bridge vanished while attaching (${out.trim()}); it is being repaired — retry`);
+          throw err;
+        }
+        return { nic: this.nicMsg(spec), created: true };
+      });
+    },
+
+    detachNic: async (req) => {
+      if (req.nic === "") throw new InvalidArgumentError("nic", "is required");
+      const n = await this.nicByRef(req.nic);
+      if (!n) return { detachedNicIds: [], conntrackEntriesCleared: 0 };
+      if (req.owner && req.owner !== n.owner) throw new FailedPreconditionError(`NIC ${n.nicId} belongs to ${n.owner}, not ${req.owner}`);
+      const cleared = await this.agent.withLock(n.vpcId, () => this.detachLocked(n));
+      return { detachedNicIds: [n.nicId], conntrackEntriesCleared: cleared };
+    },
+
+    getNic: async (req) => {
+      const n = await this.nicByRef(req.ref);
+      if (!n) throw new NotFoundError("nic", req.ref, "list NICs with ListNics");
+      const l = await this.kernel.link(this.agent.nsOf(n.vpcId), n.hostIf);
+      return { nic: l ? this.nicMsg(n) : this.nicMsg(n, ResourceState.FAILED, `device ${n.hostIf} is missing; the reconciler recreates it`) };
+    },
+
+    listNics: async (req) => {
+      const size = V.pageSize("page_size", req.pageSize);
+      let nics = [...this.agent.desired.nics.values()].sort((a, b) => a.nicId.localeCompare(b.nicId));
+      if (req.vpc) {
+        const v = await this.vpc(req.vpc);
+        nics = nics.filter((n) => n.vpcId === v.id);
+      }
+      if (req.subnet) nics = nics.filter((n) => n.subnetId === req.subnet);
+      if (req.owner) nics = nics.filter((n) => n.owner === req.owner);
+      if (req.pageToken) nics = nics.filter((n) => n.nicId > Buffer.from(req.pageToken, "base64url").toString());
+      const page = nics.slice(0, size);
+      return {
+        nics: page.map((n) => this.nicMsg(n)),
+        nextPageToken: nics.length > size ? Buffer.from(page[page.length - 1].nicId).toString("base64url") : "",
+      };
+    },
+
+    nicStats: async (req) => {
+      let nics = req.nics.length ? await Promise.all(req.nics.map((id) => this.nicByRef(id))) : [...this.agent.desired.nics.values()];
+      const missing = req.nics.filter((_, i) => !nics[i]);
+      if (missing.length) throw new NotFoundError("nic", missing[0]);
+      if (req.vpc) {
+        const v = await this.vpc(req.vpc);
+        nics = nics.filter((n) => n!.vpcId === v.id);
+      }
+      const out = [];
+      for (const n of nics.slice(0, V.pageSize("page_size", req.pageSize))) {
+        const s = await this.kernel.stats(this.agent.nsOf(n!.vpcId), n!.hostIf);
+        if (!s) continue;
+        // The host side's tx is what the VM received.
+        out.push(
+          create(NicCountersSchema, {
+            nicId: n!.nicId,
+            hostInterface: n!.hostIf,
+            rxBytes: s.txBytes,
+            rxPackets: s.txPackets,
+            rxDropped: s.txDropped,
+            rxErrors: s.txErrors,
+            txBytes: s.rxBytes,
+            txPackets: s.rxPackets,
+            txDropped: s.rxDropped,
+            txErrors: s.rxErrors,
+            readTime: timestampFromMs(Date.now()),
+          }),
+        );
+      }
+      return { nics: out, nextPageToken: "" };
+    },
+
+    setNicBandwidth: async (req) => {
+      const n = await this.nicByRef(req.nic);
+      if (!n) throw new NotFoundError("nic", req.nic);
+      const bandwidth = bandwidthFrom(req.bandwidth);
+      return this.agent.withLock(n.vpcId, async () => {
+        const updated = { ...n, bandwidth };
+        await this.agent.store.putNic(updated);
+        this.agent.desired.nics.set(n.nicId, updated);
+        const ns = this.agent.nsOf(n.vpcId);
+        const [qdiscs, ifb] = await Promise.all([this.kernel.qdiscs(ns), this.kernel.link(ns, names.ifb(n.nicId))]);
+        const bw = bandwidthLines(this.opts.hostId, updated, qdiscs, ifb ? [ifb] : []);
+        // Order: the ifb must exist before a filter redirects to it, and
+        // must outlive the filter that points at it.
+        if (bandwidth.egressMbps > 0) {
+          await this.kernel.ipBatch(ns, bw.ip);
+          await this.kernel.tcBatch(ns, bw.tc);
+        } else {
+          await this.kernel.tcBatch(ns, bw.tc);
+          await this.kernel.ipBatch(ns, bw.ip);
+        }
+        return { nic: this.nicMsg(updated) };
+      });
+    },
+
+    getHostStatus: async () => {
+      const st = this.agent.status;
+      const vpcs = [];
+      for (const id of this.agent.desired.vpcs.keys()) {
+        const v = await this.ipam.getVpc(id).catch(() => null);
+        if (v) vpcs.push(this.hostVpc(v));
+      }
+      return {
+        hostId: this.opts.hostId,
+        health: st.lastError ? HostHealth.DEGRADED : HostHealth.HEALTHY,
+        datapath: Datapath.BRIDGED,
+        startTime: timestampFromMs(this.agent.startedMs),
+        lastReconcileTime: st.lastReconcileMs ? timestampFromMs(st.lastReconcileMs) : undefined,
+        lastReconcileChanges: st.lastChanges.length,
+        redisConnected: this.agent.store.redis.status === "ready",
+        vpcs,
+        errors: st.lastError ? [{ message: st.lastError }] : [],
+      };
+    },
+  };
+}

@@ -1,0 +1,105 @@
+// Desired state of one hypervisor, in Redis: which VPCs, subnets and NICs it
+// should have. Written before the kernel is touched, so an agent that dies
+// half-way finds the intent on restart and finishes (or undoes) it.
+import type { Redis } from "ioredis";
+import type { NicSpec, SubnetSpec } from "./plan.js";
+
+export interface VpcSpec {
+  vpcId: string;
+  ns: string;
+  createdMs: number;
+}
+
+export interface HostDesired {
+  vpcs: Map<string, VpcSpec>;
+  subnets: Map<string, SubnetSpec>;
+  nics: Map<string, NicSpec>;
+}
+
+const key = (host: string, what: string) => `mvpc:host:${host}:${what}`;
+
+// Adds a NIC unless its address is taken in that VPC on this host, or its
+// client token was used: {1, id} added, {0, id} token seen, {-1, id} address
+// held by that NIC.
+const ADD_NIC = `
+local tok = ARGV[3]
+if tok ~= '' then
+  local prev = redis.call('HGET', KEYS[3], tok)
+  if prev and redis.call('HEXISTS', KEYS[1], prev) == 1 then return {0, prev} end
+end
+local holder = redis.call('HGET', KEYS[2], ARGV[2])
+if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holder} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
+return {1, ARGV[1]}
+`;
+
+export class HostStore {
+  constructor(readonly redis: Redis, readonly hostId: string) {
+    if (!(redis as unknown as { mvpcAddNic?: unknown }).mvpcAddNic) redis.defineCommand("mvpcAddNic", { numberOfKeys: 3, lua: ADD_NIC });
+  }
+
+  async load(): Promise<HostDesired> {
+    const [v, s, n] = await Promise.all([
+      this.redis.hgetall(key(this.hostId, "vpcs")),
+      this.redis.hgetall(key(this.hostId, "subnets")),
+      this.redis.hgetall(key(this.hostId, "nics")),
+    ]);
+    const parse = <T>(h: Record<string, string>) => new Map(Object.entries(h).map(([k, j]) => [k, JSON.parse(j) as T]));
+    return { vpcs: parse<VpcSpec>(v), subnets: parse<SubnetSpec>(s), nics: parse<NicSpec>(n) };
+  }
+
+  async putVpc(v: VpcSpec): Promise<void> {
+    await this.redis.hset(key(this.hostId, "vpcs"), v.vpcId, JSON.stringify(v));
+  }
+
+  async delVpc(vpcId: string): Promise<void> {
+    await this.redis.hdel(key(this.hostId, "vpcs"), vpcId);
+  }
+
+  async putSubnet(s: SubnetSpec): Promise<void> {
+    await this.redis.hset(key(this.hostId, "subnets"), s.subnetId, JSON.stringify(s));
+  }
+
+  async delSubnet(subnetId: string): Promise<void> {
+    await this.redis.hdel(key(this.hostId, "subnets"), subnetId);
+  }
+
+  /** Adds a NIC atomically with its address claim. */
+  async addNic(n: NicSpec): Promise<{ code: number; id: string }> {
+    const r = (await (this.redis as unknown as { mvpcAddNic: (...a: string[]) => Promise<[number, string]> }).mvpcAddNic(
+      key(this.hostId, "nics"),
+      key(this.hostId, "nicaddr"),
+      key(this.hostId, "nictoken"),
+      n.nicId,
+      `${n.vpcId}/${n.address}`,
+      n.clientToken,
+      JSON.stringify(n),
+    )) as [number, string];
+    return { code: r[0], id: r[1] };
+  }
+
+  async putNic(n: NicSpec): Promise<void> {
+    await this.redis.hset(key(this.hostId, "nics"), n.nicId, JSON.stringify(n));
+  }
+
+  async getNic(nicId: string): Promise<NicSpec | null> {
+    const j = await this.redis.hget(key(this.hostId, "nics"), nicId);
+    return j ? (JSON.parse(j) as NicSpec) : null;
+  }
+
+  async delNic(n: NicSpec): Promise<void> {
+    await this.redis
+      .multi()
+      .hdel(key(this.hostId, "nics"), n.nicId)
+      .eval(
+        "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
+        1,
+        key(this.hostId, "nicaddr"),
+        `${n.vpcId}/${n.address}`,
+        n.nicId,
+      )
+      .exec();
+  }
+}
