@@ -32,6 +32,7 @@ if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holde
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
+redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1])
 return {1, ARGV[1]}
 `;
 
@@ -76,6 +77,7 @@ export class HostStore {
       `${n.vpcId}/${n.address}`,
       n.clientToken,
       JSON.stringify(n),
+      this.hostId,
     )) as [number, string];
     return { code: r[0], id: r[1] };
   }
@@ -100,6 +102,7 @@ export class HostStore {
         `${n.vpcId}/${n.address}`,
         n.nicId,
       )
+      .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId)
       .exec();
   }
 }

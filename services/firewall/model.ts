@@ -1,0 +1,94 @@
+// The firewall's normalized desired state: what the API stores (validated,
+// canonical) and what the pure nft compiler consumes. Everything here is
+// plain data; strings in it have passed validation (CIDRs canonical, names
+// and ids matching their patterns), so the compiler can print them safely.
+
+export type Proto = "tcp" | "udp" | "icmp" | "all";
+export type Dir = "ingress" | "egress";
+
+export interface SgRule {
+  dir: Dir;
+  proto: Proto;
+  /** Inclusive port range for tcp/udp; 0–0 = all ports. */
+  portFrom: number;
+  portTo: number;
+  /** For icmp: type (and code); undefined = any. */
+  icmpType?: number;
+  icmpCode?: number;
+  /** Exactly one of cidr / group is set. cidr is canonical "a.b.c.d/n". */
+  cidr?: string;
+  /** Id of the peer security group ("sg-<12 hex>"). */
+  group?: string;
+  description: string;
+}
+
+export interface SecurityGroupRec {
+  id: string;
+  vpcId: string;
+  name: string;
+  description: string;
+  labels: { key: string; value: string }[];
+  rules: SgRule[];
+  dropLogging?: { ratePerSecond: number; burst: number };
+  generation: number;
+  createdMs: number;
+  updatedMs: number;
+}
+
+export interface AclEntry {
+  ruleNumber: number;
+  dir: Dir;
+  action: "allow" | "deny";
+  proto: Proto;
+  portFrom: number;
+  portTo: number;
+  icmpType?: number;
+  icmpCode?: number;
+  cidr: string;
+  description: string;
+}
+
+export interface NetworkAclRec {
+  id: string;
+  vpcId: string;
+  name: string;
+  description: string;
+  labels: { key: string; value: string }[];
+  entries: AclEntry[];
+  subnetIds: string[];
+  generation: number;
+  createdMs: number;
+  updatedMs: number;
+}
+
+export interface BindingRec {
+  nicId: string;
+  vpcId: string;
+  subnetId: string;
+  address: string;
+  mac: string;
+  hostId: string;
+  hostIf: string;
+  groupIds: string[];
+  dropLogging?: { ratePerSecond: number; burst: number };
+  boundMs: number;
+  updatedMs: number;
+}
+
+/** Everything one hypervisor needs to compile its firewall, per VPC. */
+export interface VpcFirewallState {
+  vpcId: string;
+  /** Subnets of the VPC present on this host: id, cidr, bridge name. */
+  subnets: { subnetId: string; cidr: string; bridge: string }[];
+  /** NICs on this host and their bindings (unbound NICs have groupIds []). */
+  nics: BindingRec[];
+  /** Every group a local NIC uses, and every group their rules name as peer. */
+  groups: Map<string, SecurityGroupRec>;
+  /** Member addresses of the groups named as peers (NICs on any host). */
+  members: Map<string, string[]>;
+  /** ACL of each local subnet that has one. */
+  acls: Map<string, NetworkAclRec>;
+}
+
+export const MAX_GROUPS_PER_NIC = 16;
+export const MAX_RULES_PER_GROUP = 10_000;
