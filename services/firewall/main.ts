@@ -1,14 +1,93 @@
-// firewall: its API is defined (proto/microvpc/v1/firewall.proto) but not built
-// yet. The daemon starts, serves reflection and health, and answers every
-// method with UNIMPLEMENTED, so orchestrators and probes can be wired today.
+// microvpcd firewall: security groups and network ACLs. The API half stores
+// desired state in Redis (any host may answer); the sync half compiles this
+// host's VPC namespaces into nftables and follows change events.
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { ServiceImpl } from "@connectrpc/connect";
+import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
-import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
+import { FirewallCountersSchema, FirewallHealth, FirewallService, NicFirewallStatusSchema } from "../../gen/microvpc/v1/firewall_pb.js";
+import { IpamStore } from "../ipam/store.js";
+import { defaultHostId } from "../netagent/main.js";
+import { HostStore } from "../netagent/store.js";
+import { LinuxNft } from "./apply.js";
+import { FirewallApi } from "./service.js";
+import { FirewallStore } from "./store.js";
+import { FirewallSync } from "./sync.js";
 
 export const firewallDefinition: ServiceDefinition = {
   name: "firewall",
-  summary: "security groups and network ACLs compiled to nftables (not built yet: UNIMPLEMENTED)",
+  summary: "security groups and network ACLs, compiled into one nftables transaction per VPC namespace",
   defaultPort: 7403,
-  async build() {
-    return { services: [{ desc: FirewallService, impl: {} }] };
+  options: [
+    new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
+    new Option("--drift-interval-ms <ms>", "how often the kernel is checked against the desired firewall").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
+  ],
+  async build({ flags, redis, logger }) {
+    const hostId = String(flags.hostId);
+    const store = new FirewallStore(redis);
+    const api = new FirewallApi(store, new IpamStore(redis), { hostId });
+    const nft = new LinuxNft();
+    const host = new HostStore(redis, hostId);
+    const sync = new FirewallSync(nft, store, host, hostId, logger);
+    sync.start(redis, Number(flags.driftIntervalMs));
+    const impl: Partial<ServiceImpl<typeof FirewallService>> = {
+            ...api.impl,
+            getFirewallStatus: async (req) => {
+              const st = sync.status;
+              const wanted = new Set(req.nicIds);
+              const nics = [];
+              for (const [ns, applied] of sync.applied) {
+                const counters = await nft.counters(ns);
+                const c = (name: string) => counters.get(name) ?? { packets: 0n, bytes: 0n };
+                for (const n of applied.state.nics) {
+                  if (wanted.size && !wanted.has(n.nicId)) continue;
+                  const h = n.nicId.slice(-12);
+                  const inNew = c(`nic_${h}_in_new`);
+                  const inDrop = c(`nic_${h}_in_drop`);
+                  const outNew = c(`nic_${h}_out_new`);
+                  const outDrop = c(`nic_${h}_out_drop`);
+                  nics.push(
+                    create(NicFirewallStatusSchema, {
+                      nicId: n.nicId,
+                      hostInterface: n.hostIf,
+                      address: n.address,
+                      // New flows evaluated minus those dropped; established packets bypass the policy.
+                      ingress: create(FirewallCountersSchema, {
+                        acceptedPackets: inNew.packets - inDrop.packets,
+                        acceptedBytes: inNew.bytes - inDrop.bytes,
+                        droppedPackets: inDrop.packets,
+                        droppedBytes: inDrop.bytes,
+                      }),
+                      egress: create(FirewallCountersSchema, {
+                        acceptedPackets: outNew.packets - outDrop.packets,
+                        acceptedBytes: outNew.bytes - outDrop.bytes,
+                        droppedPackets: outDrop.packets,
+                        droppedBytes: outDrop.bytes,
+                      }),
+                      loggingDrops: !!n.dropLogging || n.groupIds.some((g) => applied.state.groups.get(g)?.dropLogging),
+                    }),
+                  );
+                }
+              }
+              return {
+                hostId,
+                health: st.lastError ? FirewallHealth.DEGRADED : FirewallHealth.HEALTHY,
+                lastError: st.lastError,
+                lastErrorTime: st.lastErrorMs ? timestampFromMs(st.lastErrorMs) : undefined,
+                lastApplyTime: st.lastApplyMs ? timestampFromMs(st.lastApplyMs) : undefined,
+                lastApplyDurationMs: st.lastApplyDurationMs,
+                desiredGeneration: BigInt(await store.generation().catch(() => 0)),
+                appliedGeneration: BigInt(st.generation),
+                table: "inet microvpc",
+                nicCount: nics.length,
+                nics,
+              };
+            },
+    };
+    return {
+      services: [{ desc: FirewallService, impl }],
+      close: async () => sync.stop(),
+    };
   },
 };

@@ -4,9 +4,7 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { Code } from "@connectrpc/connect";
 import { grpcClient } from "../../services/common/client.js";
-import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
-import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon } from "../lib/daemon.js";
@@ -21,8 +19,6 @@ after(async () => {
 });
 
 const cases = [
-  ["netagent", (a: string) => grpcClient(NetAgentService, { address: a }).listNics({})],
-  ["firewall", (a: string) => grpcClient(FirewallService, { address: a }).listSecurityGroups({})],
   ["gateway", (a: string) => grpcClient(GatewayService, { address: a }).listNatGateways({})],
   ["vmm", (a: string) => grpcClient(VmService, { address: a }).listVms({})],
 ] as const;
