@@ -3,6 +3,7 @@
 // batch lines out. Nothing here runs a command, so every case is unit-tested
 // by comparing text. Devices that did not change get no line at all: a
 // reconcile never flushes and rebuilds.
+import { createHash } from "node:crypto";
 import type { LinkInfo, QdiscInfo } from "./kernel.js";
 
 export interface SubnetSpec {
@@ -58,6 +59,16 @@ export const names = {
   alias: (hostId: string, id: string) => `mvpc:${hostId}:${id}`,
   aliasPrefix: (hostId: string) => `mvpc:${hostId}:`,
 };
+
+/**
+ * The subnet bridge's MAC, fixed and derived from the subnet id. Left to
+ * itself a bridge takes the lowest MAC of its ports, so the gateway's MAC
+ * would change as NICs come and go and VMs would keep a stale one.
+ */
+export function bridgeMac(subnetId: string): string {
+  const h = createHash("sha256").update(`bridge:${subnetId}`).digest();
+  return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
+}
 
 export function isOurs(hostId: string, l: LinkInfo): boolean {
   return !!l.alias && l.alias.startsWith(names.aliasPrefix(hostId));
@@ -195,7 +206,7 @@ export function planVpc(
     const have = byName.get(br);
     if (!have) {
       plan.ip.push(
-        `link add ${br} mtu ${s.mtu} type bridge`,
+        `link add ${br} mtu ${s.mtu} address ${bridgeMac(s.subnetId)} type bridge`,
         `link set dev ${br} alias ${names.alias(hostId, s.subnetId)}`,
         `addr add ${s.gatewayCidr} dev ${br}`,
         `link set dev ${br} up`,
@@ -218,6 +229,10 @@ export function planVpc(
       plan.changes.push(`restore gateway ${s.gatewayCidr} on ${br}`);
     }
     if (have.mtu !== s.mtu) plan.ip.push(`link set dev ${br} mtu ${s.mtu}`);
+    if (have.mac !== bridgeMac(s.subnetId)) {
+      plan.ip.push(`link set dev ${br} address ${bridgeMac(s.subnetId)}`);
+      plan.changes.push(`restore gateway MAC of ${br}`);
+    }
     if (!have.up) {
       plan.ip.push(`link set dev ${br} up`);
       plan.changes.push(`bring ${br} up`);

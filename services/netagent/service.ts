@@ -2,7 +2,7 @@
 // then changes the kernel under the VPC's lock through the planner. The
 // catalog (VPCs, subnets, allocations) is IPAM's, read from the same Redis.
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
@@ -48,7 +48,7 @@ function ifname(field: string, v: string): string {
 function bandwidthFrom(b: BandwidthLimit | undefined): Bandwidth {
   const rate = (field: string, mbps: number | undefined) => {
     if (mbps === undefined || mbps === 0) return 0;
-    if (mbps > 400_000) throw new InvalidArgumentError(field, `${mbps} Mbit/s is more than any NIC carries; use 1–400000, or 0 for no limit`);
+    if (mbps > 100_000) throw new InvalidArgumentError(field, `${mbps} Mbit/s is more than a NIC here carries; use 1–100000, or 0 for no limit`);
     return mbps;
   };
   const burst = (field: string, v: number | undefined) => {
@@ -180,9 +180,12 @@ export class NetAgent {
     });
   }
 
-  private async nicByRef(ref: string): Promise<NicSpec | null> {
-    V.id("nic", ref, "nic");
-    return this.agent.desired.nics.get(ref) ?? (await this.agent.store.getNic(ref));
+  /** A NIC by id ("nic-…") or by its host-side interface name. */
+  private async nicByRef(ref: string, field = "nic"): Promise<NicSpec | null> {
+    if (ref === "") throw new InvalidArgumentError(field, "is required (a NIC id or its host-side interface name)");
+    if (/^nic-[0-9a-f]{12}$/.test(ref)) return this.agent.desired.nics.get(ref) ?? (await this.agent.store.getNic(ref));
+    ifname(field, ref);
+    return [...this.agent.desired.nics.values()].find((n) => n.hostIf === ref) ?? null;
   }
 
   /** Creates a NIC's devices if missing. Caller holds the VPC lock. */
@@ -299,10 +302,14 @@ export class NetAgent {
     attachNic: async (req) => {
       const v = await this.vpc(req.vpc);
       const s = await this.subnet(req.subnet, v);
-      const owner = V.token("owner", req.owner, { optional: true });
+      const owner = V.token("owner", req.owner);
       const clientToken = V.token("client_token", req.clientToken, { optional: true });
       const addr = V.ipv4("address", req.address);
       if (addr < s.base || addr >= s.base + s.size) throw new InvalidArgumentError("address", `${req.address} is outside subnet ${s.name} (${s.cidr})`);
+      const idx = addr - s.base;
+      if (idx < 2 + s.extraReserved || idx === s.size - 1) {
+        throw new InvalidArgumentError("address", `${req.address} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); a NIC needs an allocated address`);
+      }
       const alloc = await this.ipam.getAllocation(s.id, addr - s.base);
       if (!alloc) throw new FailedPreconditionError(`${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`);
       if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);
@@ -330,6 +337,15 @@ export class NetAgent {
         const p = req.options.value.netnsPath;
         if (!NETNS_PATH_RE.test(p)) throw new InvalidArgumentError("veth.netns_path", `${V.show(p)} is not a network namespace path: use /run/netns/NAME or /proc/PID/ns/net`);
         if (!existsSync(p)) throw new InvalidArgumentError("veth.netns_path", `${p} does not exist; create the namespace first (ip netns add NAME)`);
+        // The far end must go into a VM's namespace, never the agent's own:
+        // that would change the hypervisor's network.
+        const target = statSync(p);
+        const self = statSync("/proc/self/ns/net");
+        if (target.ino === self.ino && target.dev === self.dev) throw new InvalidArgumentError("veth.netns_path", `${p} is the agent's own network namespace; give the VM's namespace`);
+        for (const [vpcId] of this.agent.desired.vpcs) {
+          const vns = `/run/netns/${this.agent.nsOf(vpcId)}`;
+          if (existsSync(vns) && statSync(vns).ino === target.ino) throw new InvalidArgumentError("veth.netns_path", `${p} is a VPC namespace of this host; give the VM's namespace`);
+        }
         kind = "veth";
         veth = { netnsPath: p, skipDefaultRoute: req.options.value.skipDefaultRoute };
         hostIf = names.hostIf(nicId, "veth");
@@ -399,12 +415,18 @@ export class NetAgent {
     },
 
     detachNic: async (req) => {
-      if (req.nic === "") throw new InvalidArgumentError("nic", "is required");
-      const n = await this.nicByRef(req.nic);
-      if (!n) return { detachedNicIds: [], conntrackEntriesCleared: 0 };
-      if (req.owner && req.owner !== n.owner) throw new FailedPreconditionError(`NIC ${n.nicId} belongs to ${n.owner}, not ${req.owner}`);
-      const cleared = await this.agent.withLock(n.vpcId, () => this.detachLocked(n));
-      return { detachedNicIds: [n.nicId], conntrackEntriesCleared: cleared };
+      if ((req.nic === "") === (req.owner === "")) throw new InvalidArgumentError("nic", "give exactly one of nic (a NIC id or interface name) and owner (every NIC of that owner)");
+      let nics: NicSpec[];
+      if (req.nic) {
+        const n = await this.nicByRef(req.nic);
+        nics = n ? [n] : [];
+      } else {
+        const owner = V.token("owner", req.owner);
+        nics = [...this.agent.desired.nics.values()].filter((n) => n.owner === owner);
+      }
+      let cleared = 0;
+      for (const n of nics) cleared += await this.agent.withLock(n.vpcId, () => this.detachLocked(n));
+      return { detachedNicIds: nics.map((n) => n.nicId), conntrackEntriesCleared: cleared };
     },
 
     getNic: async (req) => {

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import type { LinkInfo, QdiscInfo } from "../../services/netagent/kernel.js";
-import { bandwidthLines, kernelIpArg, names, netnsTarget, planVpc, prefixToNetmask, type NicSpec, type SubnetSpec } from "../../services/netagent/plan.js";
+import { bandwidthLines, bridgeMac, kernelIpArg, names, netnsTarget, planVpc, prefixToNetmask, type NicSpec, type SubnetSpec } from "../../services/netagent/plan.js";
 import { macFor } from "../../services/netagent/service.js";
 
 const H = "hv1";
@@ -29,8 +29,14 @@ const nic = (over: Partial<NicSpec> = {}): NicSpec => ({
   ...over,
 });
 const link = (ifname: string, over: Partial<LinkInfo> = {}): LinkInfo => ({ ifname, kind: "", mac: "", mtu: 1500, up: true, addrs: [], ...over });
-const goodBridge = link("br-aaaaaaaaaaaa", { kind: "bridge", alias: "mvpc:hv1:subnet-aaaaaaaaaaaa", addrs: ["10.0.1.1/24"] });
+const goodBridge = link("br-aaaaaaaaaaaa", { kind: "bridge", alias: "mvpc:hv1:subnet-aaaaaaaaaaaa", addrs: ["10.0.1.1/24"], mac: bridgeMac("subnet-aaaaaaaaaaaa") });
 const goodNic = link("vbbbbbbbbbbbb", { kind: "veth", alias: "mvpc:hv1:nic-bbbbbbbbbbbb", master: "br-aaaaaaaaaaaa" });
+
+test("the gateway MAC is fixed per subnet, whatever NICs come and go", () => {
+  assert.match(bridgeMac("subnet-aaaaaaaaaaaa"), /^02(:[0-9a-f]{2}){5}$/);
+  assert.equal(bridgeMac("subnet-aaaaaaaaaaaa"), bridgeMac("subnet-aaaaaaaaaaaa"));
+  assert.notEqual(bridgeMac("subnet-aaaaaaaaaaaa"), bridgeMac("subnet-bbbbbbbbbbbb"));
+});
 
 test("names fit in 15 bytes and carry the host", () => {
   assert.equal(names.bridge("subnet-0123456789ab"), "br-0123456789ab");
@@ -44,7 +50,7 @@ test("names fit in 15 bytes and carry the host", () => {
 test("an empty namespace gets a bridge with the gateway and a veth NIC configured in the guest", () => {
   const p = planVpc(H, [subnet], [nic()], [link("lo")], []);
   assert.deepEqual(p.ip, [
-    "link add br-aaaaaaaaaaaa mtu 1500 type bridge",
+    `link add br-aaaaaaaaaaaa mtu 1500 address ${bridgeMac("subnet-aaaaaaaaaaaa")} type bridge`,
     "link set dev br-aaaaaaaaaaaa alias mvpc:hv1:subnet-aaaaaaaaaaaa",
     "addr add 10.0.1.1/24 dev br-aaaaaaaaaaaa",
     "link set dev br-aaaaaaaaaaaa up",
@@ -75,10 +81,11 @@ test("a converged namespace plans nothing (adoption after restart changes nothin
 });
 
 test("drift is repaired one device at a time, never by rebuilding", () => {
-  const p = planVpc(H, [subnet], [nic()], [link("lo"), { ...goodBridge, addrs: ["10.9.9.9/24"], up: false }, { ...goodNic, master: undefined }], []);
+  const p = planVpc(H, [subnet], [nic()], [link("lo"), { ...goodBridge, addrs: ["10.9.9.9/24"], up: false, mac: "02:00:00:00:00:01" }, { ...goodNic, master: undefined }], []);
   assert.deepEqual(p.ip, [
     "addr del 10.9.9.9/24 dev br-aaaaaaaaaaaa",
     "addr add 10.0.1.1/24 dev br-aaaaaaaaaaaa",
+    `link set dev br-aaaaaaaaaaaa address ${bridgeMac("subnet-aaaaaaaaaaaa")}`,
     "link set dev br-aaaaaaaaaaaa up",
     "link set dev vbbbbbbbbbbbb mtu 1500 master br-aaaaaaaaaaaa up",
   ]);

@@ -1,0 +1,313 @@
+// Simulated hypervisors and VMs for the data-plane tests (this issue and the
+// later ones reuse it).
+//
+// A Harness is: one real redis-server, one ipam daemon, and N simulated
+// hypervisors. Each hypervisor is a real `microvpcd netagent` with its own
+// --host-id (`<prefix>hv<i>`), started in the root namespace (it only manages
+// named namespaces: `mvpc-<hostId>-<vpcId>`), plus a "host" namespace
+// (`<prefix>-hv<i>`) joined to an "underlay" namespace (`<prefix>-ul`, a
+// bridge) by a veth with a 192.168.100.x address — where later issues put
+// WireGuard endpoints and NAT uplinks. A VM is a namespace
+// (`<prefix>-vm-<name>`) whose eth0 is the far end of a kind=veth NIC.
+//
+// Everything carries the run prefix and is removed by close(), and also on
+// process exit, SIGINT and SIGTERM (see netns.ts). The root namespace is only
+// read (rootSnapshot) so a test can check it was not changed.
+import { rmSync } from "node:fs";
+import type { Client } from "@connectrpc/connect";
+import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
+import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { NetAgentService, NicKind, type BandwidthLimitSchema, type Nic } from "../../gen/microvpc/v1/netagent_pb.js";
+import { grpcClient } from "../../services/common/client.js";
+import { ipamClients } from "./clients.js";
+import { startDaemon, type Daemon } from "./daemon.js";
+import {
+  cleanupSync,
+  createNetns,
+  deleteNetns,
+  diffRoot,
+  installCleanupHandlers,
+  ipn,
+  links,
+  listNetns,
+  netnsPath,
+  onCleanup,
+  ownedNamespace,
+  rootSnapshot,
+  RUN_PREFIX,
+  sweepStale,
+  trackChild,
+  vethBetween,
+  type LinkInfo,
+  type RootSnapshot,
+} from "./netns.js";
+import { startRedis, type TestRedis } from "./redis.js";
+
+export type NetAgentClient = Client<typeof NetAgentService>;
+
+export interface HarnessOptions {
+  /** Number of simulated hypervisors. Default 1. */
+  hosts?: number;
+  /** Extra flags for every netagent (e.g. ["--reconcile-interval-ms", "1000"]). */
+  agentArgs?: string[];
+  /** Build the underlay and the host namespaces. Default true. */
+  underlay?: boolean;
+}
+
+/** The underlay subnet joining the host namespaces. */
+export const UNDERLAY_CIDR = "192.168.100.0/24";
+/** Address of the underlay bridge in the underlay namespace. */
+export const UNDERLAY_GATEWAY = "192.168.100.1";
+
+export class Hypervisor {
+  daemon!: Daemon;
+  agent!: NetAgentClient;
+  /** Address of the host namespace on the underlay (192.168.100.x). */
+  readonly underlayAddress: string;
+
+  constructor(
+    readonly index: number,
+    /** The hypervisor id given to netagent: `<prefix>hv<i>`. */
+    readonly id: string,
+    /** The host namespace: `<prefix>-hv<i>` (underlay side of this hypervisor). */
+    readonly ns: string,
+    private readonly redisUrl: string,
+    private readonly agentArgs: string[],
+  ) {
+    this.underlayAddress = `192.168.100.${10 + index}`;
+  }
+
+  /** Starts (or starts again, e.g. after kill()) this hypervisor's netagent. */
+  async start(): Promise<void> {
+    this.daemon = await startDaemon("netagent", ["--redis", this.redisUrl, "--host-id", this.id, ...this.agentArgs]);
+    trackChild(this.daemon.proc);
+    this.agent = grpcClient(NetAgentService, { address: this.daemon.address, timeoutMs: 30_000 });
+  }
+
+  /** SIGKILLs the agent (a crash) and waits until it is gone. */
+  async kill(): Promise<void> {
+    const p = this.daemon.proc;
+    if (p.exitCode !== null || p.signalCode !== null) return;
+    const exited = new Promise((res) => p.once("exit", res));
+    p.kill("SIGKILL");
+    await exited;
+  }
+
+  /** Stops the agent gracefully (SIGTERM; SIGKILL after 5 s). */
+  async stop(): Promise<void> {
+    await this.daemon?.stop();
+  }
+
+  /** Name of the VPC's namespace on this host. */
+  vpcNamespace(vpcId: string): string {
+    return `mvpc-${this.id}-${vpcId}`;
+  }
+
+  /** Namespaces netagent made for this host. */
+  async vpcNamespaces(): Promise<string[]> {
+    return (await listNetns()).filter((n) => n.startsWith(`mvpc-${this.id}-`)).sort();
+  }
+}
+
+export interface Vm {
+  name: string;
+  /** The VM's namespace. */
+  ns: string;
+  nsPath: string;
+  host: Hypervisor;
+  vpc: Vpc;
+  subnet: Subnet;
+  address: string;
+  gateway: string;
+  mac: string;
+  owner: string;
+  nicId: string;
+  /** Host-side interface of the NIC in the VPC namespace. */
+  hostInterface: string;
+  /** The VPC namespace holding the host side. */
+  vpcNs: string;
+  nic: Nic;
+}
+
+export interface VmOptions {
+  /** Wanted address (allocated in IPAM with it). */
+  address?: string;
+  mac?: string;
+  mtu?: number;
+  bandwidth?: MessageInitShape<typeof BandwidthLimitSchema>;
+  /** Skip EnsureVpc/EnsureSubnet (AttachNic ensures them itself). */
+  attachOnly?: boolean;
+  clientToken?: string;
+}
+
+const VM_NAME_RE = /^[a-z0-9][a-z0-9-]{0,30}$/;
+
+export class Harness {
+  readonly prefix = RUN_PREFIX;
+  redis!: TestRedis;
+  ipamDaemon!: Daemon;
+  ipam!: ReturnType<typeof ipamClients>;
+  hosts: Hypervisor[] = [];
+  /** The underlay namespace (a bridge joining the host namespaces). */
+  readonly underlayNs = `${RUN_PREFIX}-ul`;
+  /** The root namespace as it was before the harness did anything. */
+  rootBefore!: RootSnapshot;
+  readonly vms = new Map<string, Vm>();
+  private closed = false;
+
+  private constructor(private readonly opts: HarnessOptions) {}
+
+  static async start(opts: HarnessOptions = {}): Promise<Harness> {
+    installCleanupHandlers();
+    sweepStale();
+    const h = new Harness(opts);
+    try {
+      await h.init();
+    } catch (e) {
+      await h.close().catch(() => undefined);
+      throw e;
+    }
+    return h;
+  }
+
+  private async init(): Promise<void> {
+    this.rootBefore = await rootSnapshot();
+    this.redis = await startRedis({ appendfsync: "no" });
+    trackChild(this.redis.proc);
+    const redis = this.redis;
+    onCleanup(() => {
+      if (redis.proc.exitCode === null && redis.proc.signalCode === null) redis.proc.kill("SIGKILL");
+      rmSync(redis.dir, { recursive: true, force: true });
+    });
+    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redis.url]);
+    trackChild(this.ipamDaemon.proc);
+    this.ipam = ipamClients(this.ipamDaemon.address);
+    const n = this.opts.hosts ?? 1;
+    if (n < 1 || n > 20) throw new Error(`hosts: ${n}; use 1–20`);
+    if (this.opts.underlay ?? true) {
+      await createNetns(this.underlayNs);
+      const ul = this.underlayNs;
+      await ipn(ul, ["link", "add", "ul0", "type", "bridge"]);
+      await ipn(ul, ["addr", "add", `${UNDERLAY_GATEWAY}/24`, "dev", "ul0"]);
+      await ipn(ul, ["link", "set", "ul0", "up"]);
+      for (let i = 0; i < n; i++) {
+        const hostNs = await createNetns(`${this.prefix}-hv${i}`);
+        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, this.opts.agentArgs ?? []);
+        await vethBetween({ ns: hostNs, name: "ul0", address: `${hv.underlayAddress}/24` }, { ns: ul, name: `hv${i}` });
+        await ipn(ul, ["link", "set", `hv${i}`, "master", "ul0"]);
+        await ipn(hostNs, ["route", "add", "default", "via", UNDERLAY_GATEWAY]);
+        this.hosts.push(hv);
+      }
+    } else {
+      for (let i = 0; i < n; i++) this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.opts.agentArgs ?? []));
+    }
+    await Promise.all(this.hosts.map((hv) => hv.start()));
+  }
+
+  host(h: Hypervisor | number): Hypervisor {
+    if (typeof h !== "number") return h;
+    const hv = this.hosts[h];
+    if (!hv) throw new Error(`no hypervisor ${h}`);
+    return hv;
+  }
+
+  /** Creates a VPC in the catalog (IPAM). */
+  async vpc(name: string, cidr: string): Promise<Vpc> {
+    return (await this.ipam.vpc.createVpc({ name, cidr })).vpc!;
+  }
+
+  /** Creates a subnet in the catalog (IPAM). */
+  async subnet(vpc: Vpc | string, name: string, cidr: string, type: SubnetType = SubnetType.PRIVATE): Promise<Subnet> {
+    return (await this.ipam.subnet.createSubnet({ vpc: typeof vpc === "string" ? vpc : vpc.id, name, cidr, type })).subnet!;
+  }
+
+  /** Allocates an address for owner in IPAM (the wanted one if given). */
+  async allocate(subnet: Subnet, owner: string, address?: string): Promise<string> {
+    return (await this.ipam.ipam.allocate({ subnetId: subnet.id, owner, requestId: owner, address })).allocation!.address;
+  }
+
+  /**
+   * A VM: its namespace, an address from IPAM, EnsureVpc + EnsureSubnet +
+   * AttachNic(kind=veth into the namespace) on the given hypervisor.
+   */
+  async vm(host: Hypervisor | number, vpc: Vpc, subnet: Subnet, name: string, o: VmOptions = {}): Promise<Vm> {
+    if (!VM_NAME_RE.test(name)) throw new Error(`VM name ${JSON.stringify(name)}: use [a-z0-9-], at most 31`);
+    if (this.vms.has(name)) throw new Error(`VM ${name} exists`);
+    const hv = this.host(host);
+    const ns = await createNetns(`${this.prefix}-vm-${name}`);
+    const owner = `vm-${name}`;
+    const address = await this.allocate(subnet, owner, o.address);
+    if (!o.attachOnly) {
+      await hv.agent.ensureVpc({ vpc: vpc.id });
+      await hv.agent.ensureSubnet({ subnet: subnet.id, vpc: vpc.id });
+    }
+    const r = await hv.agent.attachNic({
+      vpc: vpc.id,
+      subnet: subnet.id,
+      kind: NicKind.VETH,
+      options: { case: "veth", value: { netnsPath: netnsPath(ns) } },
+      address,
+      mac: o.mac,
+      mtu: o.mtu,
+      bandwidth: o.bandwidth,
+      owner,
+      guestInterface: "eth0",
+      hostname: name,
+      clientToken: o.clientToken,
+    });
+    const nic = r.nic!;
+    const vm: Vm = {
+      name,
+      ns,
+      nsPath: netnsPath(ns),
+      host: hv,
+      vpc,
+      subnet,
+      address,
+      gateway: subnet.gateway,
+      mac: nic.guest?.mac ?? "",
+      owner,
+      nicId: nic.id,
+      hostInterface: nic.hostInterface,
+      vpcNs: hv.vpcNamespace(vpc.id),
+      nic,
+    };
+    this.vms.set(name, vm);
+    return vm;
+  }
+
+  /** DetachNic, release the address, delete the VM's namespace. */
+  async removeVm(vm: Vm): Promise<void> {
+    await vm.host.agent.detachNic({ nic: vm.nicId });
+    await this.ipam.ipam.release({ subnetId: vm.subnet.id, address: vm.address });
+    await deleteNetns(vm.ns);
+    this.vms.delete(vm.name);
+  }
+
+  /** Links of a VPC's namespace on a hypervisor. */
+  async vpcLinks(host: Hypervisor | number, vpcId: string): Promise<LinkInfo[]> {
+    return links(this.host(host).vpcNamespace(vpcId));
+  }
+
+  /** What changed in the root namespace since the harness started (should be nothing). */
+  async rootChanges(): Promise<string[]> {
+    return diffRoot(this.rootBefore, await rootSnapshot());
+  }
+
+  /**
+   * Stops the agents (gracefully, then by PID), ipam and Redis, and deletes
+   * every namespace of the run (the harness's and the agents'). Returns the
+   * namespaces of the run still present afterwards (none, unless something
+   * went wrong).
+   */
+  async close(): Promise<string[]> {
+    if (this.closed) return [];
+    this.closed = true;
+    await Promise.all(this.hosts.map((hv) => hv.stop().catch(() => undefined)));
+    await this.ipamDaemon?.stop().catch(() => undefined);
+    await this.redis?.stop().catch(() => undefined);
+    cleanupSync();
+    return (await listNetns()).filter((n) => ownedNamespace(n));
+  }
+}
