@@ -191,6 +191,11 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     `  chain forward {`,
     `    type filter hook forward priority filter; policy accept;`,
     `    ct state invalid counter drop`,
+    // Link-local is the gateway's (instance metadata through the transit
+    // link): as in AWS, neither ACLs nor security groups apply to it. The
+    // host side lets nothing but the metadata port through.
+    `    ip daddr 169.254.0.0/16 accept`,
+    `    ip saddr 169.254.0.0/16 accept`,
     `    iifname . oifname != @intra_subnet ip saddr vmap @acl_out`,
     `    iifname . oifname != @intra_subnet ip daddr vmap @acl_in`,
     `    ct state established,related accept`,

@@ -32,9 +32,18 @@ if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holde
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
+redis.call('HSET', 'mvpc:nicaddr', ARGV[2], ARGV[5] .. '/' .. ARGV[1])
 redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1])
 return {1, ARGV[1]}
 `;
+
+/** Where a NIC with this address lives, across every host: "host/nic-…", or null. */
+export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
+  const v = await redis.hget("mvpc:nicaddr", `${vpcId}/${address}`);
+  if (!v) return null;
+  const [hostId, nicId] = v.split("/");
+  return { hostId, nicId };
+}
 
 export class HostStore {
   constructor(readonly redis: Redis, readonly hostId: string) {
@@ -96,11 +105,13 @@ export class HostStore {
       .multi()
       .hdel(key(this.hostId, "nics"), n.nicId)
       .eval(
-        "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
-        1,
+        "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then redis.call('HDEL', KEYS[2], ARGV[1]) end return 0",
+        2,
         key(this.hostId, "nicaddr"),
+        "mvpc:nicaddr",
         `${n.vpcId}/${n.address}`,
         n.nicId,
+        `${this.hostId}/${n.nicId}`,
       )
       .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId)
       .exec();

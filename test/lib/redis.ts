@@ -23,6 +23,8 @@ export async function freePort(): Promise<number> {
 export interface TestRedis {
   port: number;
   url: string;
+  /** Path of the unix socket (reachable from any network namespace). */
+  socket: string;
   dir: string;
   proc: ChildProcess;
   /** SIGKILL the server (a crash), keeping its data directory. */
@@ -63,6 +65,8 @@ function launch(port: number, dir: string, o: RedisOptions): ChildProcess {
     "--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "",
     "--appendonly", persist ? "yes" : "no", "--appendfsync", o.appendfsync ?? "always",
     "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
+    // Also a unix socket: processes inside test namespaces cannot reach 127.0.0.1 of the root namespace.
+    "--unixsocket", join(dir, "redis.sock"), "--unixsocketperm", "700",
   ];
   const p = spawn("redis-server", args, { stdio: ["ignore", "ignore", "inherit"] });
   return p;
@@ -74,6 +78,7 @@ export async function startRedis(o: RedisOptions = {}): Promise<TestRedis> {
   const r: TestRedis = {
     port,
     url: `redis://127.0.0.1:${port}/0`,
+    socket: join(dir, "redis.sock"),
     dir,
     proc: launch(port, dir, o),
     async kill() {

@@ -1,0 +1,206 @@
+// The gateway's pure planner. Each VPC namespace on a hypervisor is joined to
+// the hypervisor's own namespace ("host") by a transit veth with link-local
+// addresses unique per VPC on that host:
+//
+//   VM 10.0.1.4 ─ bridge ─ [VPC ns] gv<vpc> 169.254.k.2 ══ 169.254.k.1 gh<vpc> [host ns] ─ uplink ─ outside
+//
+// * Egress: the VPC namespace masquerades allowed sources to 169.254.k.2
+//   (public subnets always; private subnets only while the VPC has a NAT
+//   gateway); the host masquerades that to its uplink address. The outside
+//   never sees a VM address, and overlapping VPCs never share NAT state:
+//   each has its own namespace and transit address.
+// * Floating IPs: the host answers ARP for the address on the uplink (proxy
+//   neighbour) and routes it to the VPC; the VPC namespace does 1:1 DNAT/SNAT
+//   to the VM, so the VM's security groups (in the same namespace) decide.
+// * Port forwards: host uplink:port → 169.254.k.2:port → VM:port.
+// * IMDS: 169.254.169.254:80 → 169.254.k.1:IMDS_PORT with the VM's source
+//   address untouched; the metadata server knows the VPC by which transit
+//   address it was reached at and the VM by its (anti-spoofed) address. A
+//   policy-routing rule per VPC sends its replies back the right way even
+//   when VM addresses overlap across VPCs.
+// Everything here is plain data in, command lines and nft text out.
+
+export const IMDS_ADDRESS = "169.254.169.254";
+export const TABLE = "microvpc_gw";
+
+export interface GwVpc {
+  vpcId: string;
+  /** Index of the VPC's transit /30 on this host (0-based, unique per host). */
+  transit: number;
+  /** Subnets of the VPC present on this host. */
+  subnets: { subnetId: string; cidr: string; public: boolean }[];
+  /** True while the VPC has a NAT gateway; natSources limits which private subnets use it (empty: all). */
+  nat: boolean;
+  natSources: string[];
+  /** Floating IPs of NICs on this host: public → private. */
+  fips: { address: string; private: string }[];
+  /** Port forwards to NICs on this host. */
+  forwards: { proto: "tcp" | "udp"; outsidePort: number; private: string; privatePort: number }[];
+  /** IMDS hop limits: VM address → IP TTL the token responses leave with. */
+  hopLimits: Map<string, number>;
+}
+
+export interface HostGw {
+  hostId: string;
+  /** The hypervisor's uplink interface (in the host namespace). */
+  uplink: string;
+  imdsPort: number;
+  /** The floating IP pool (CIDR), never masqueraded. */
+  pool: string;
+  vpcs: GwVpc[];
+}
+
+const hex = (id: string) => id.slice(-12);
+
+export function transitAddrs(k: number): { host: string; vpc: string; cidr: string } {
+  if (k < 0 || k >= 16000) throw new Error(`transit index ${k} out of range`);
+  // 169.254.0.0/16 minus 169.254.169.0/24 (IMDS): /30s from 169.254.1.0.
+  const n = 256 + k * 4;
+  const third = Math.floor(n / 256) >= 169 ? Math.floor(n / 256) + 1 : Math.floor(n / 256);
+  const fourth = n % 256;
+  return { host: `169.254.${third}.${fourth + 1}`, vpc: `169.254.${third}.${fourth + 2}`, cidr: `169.254.${third}.${fourth}/30` };
+}
+
+export const names = {
+  hostSide: (vpcId: string) => `gh${hex(vpcId)}`,
+  vpcSide: (vpcId: string) => `gv${hex(vpcId)}`,
+  table: (k: number) => 1000 + k,
+  rulePref: (k: number) => 1000 + k,
+};
+
+/** ip -batch lines to create the transit link (run in the host namespace). */
+export function transitCreateLines(hostId: string, v: GwVpc, vpcNs: string): { host: string[]; vpc: string[] } {
+  const t = transitAddrs(v.transit);
+  const h = names.hostSide(v.vpcId);
+  const g = names.vpcSide(v.vpcId);
+  return {
+    host: [
+      `link add ${h} type veth peer name ${g} netns ${vpcNs}`,
+      `link set dev ${h} alias mvpc:${hostId}:gw:${v.vpcId}`,
+      `addr add ${t.host}/30 dev ${h}`,
+      `link set dev ${h} up`,
+    ],
+    vpc: [`addr add ${t.vpc}/30 dev ${g}`, `link set dev ${g} up`, `route replace default via ${t.host} dev ${g}`],
+  };
+}
+
+/** Host-namespace routes and rules of one VPC: FIPs to it, IMDS replies back to it. */
+export function hostRouteLines(v: GwVpc, uplink: string): string[] {
+  const t = transitAddrs(v.transit);
+  const h = names.hostSide(v.vpcId);
+  const lines = [`route replace default via ${t.vpc} dev ${h} table ${names.table(v.transit)}`];
+  for (const f of v.fips) {
+    lines.push(`route replace ${f.address}/32 via ${t.vpc} dev ${h}`);
+    lines.push(`neigh replace proxy ${f.address} dev ${uplink}`);
+  }
+  return lines;
+}
+
+function inSubnet(cidrs: string[]): string {
+  return cidrs.length ? `{ ${cidrs.join(", ")} }` : "";
+}
+
+/** The VPC namespace's NAT table. */
+export function vpcNft(v: GwVpc, imdsPort: number): string {
+  const t = transitAddrs(v.transit);
+  const g = names.vpcSide(v.vpcId);
+  const egress = v.subnets
+    .filter((s) => s.public || (v.nat && (v.natSources.length === 0 || v.natSources.includes(s.subnetId))))
+    .map((s) => s.cidr)
+    .sort();
+  const fipIn = v.fips.map((f) => `${f.address} : ${f.private}`).sort();
+  const fipOut = v.fips.map((f) => `${f.private} : ${f.address}`).sort();
+  const fipPriv = v.fips.map((f) => f.private).sort();
+  const pf = v.forwards.map((f) => `${f.proto} . ${f.outsidePort} : ${f.private} . ${f.privatePort}`).sort();
+  const L: string[] = [
+    `add table ip ${TABLE}`,
+    `delete table ip ${TABLE}`,
+    `table ip ${TABLE} {`,
+    `  set egress_ok { type ipv4_addr; flags interval; ${egress.length ? `elements = ${inSubnet(egress)}; ` : ""}}`,
+    `  set fip_private { type ipv4_addr; ${fipPriv.length ? `elements = { ${fipPriv.join(", ")} }; ` : ""}}`,
+    `  map fip_in { type ipv4_addr : ipv4_addr; ${fipIn.length ? `elements = { ${fipIn.join(", ")} }; ` : ""}}`,
+    `  map fip_out { type ipv4_addr : ipv4_addr; ${fipOut.length ? `elements = { ${fipOut.join(", ")} }; ` : ""}}`,
+    `  map port_forward { type inet_proto . inet_service : ipv4_addr . inet_service; ${pf.length ? `elements = { ${pf.join(", ")} }; ` : ""}}`,
+    `  chain prerouting {`,
+    `    type nat hook prerouting priority dstnat; policy accept;`,
+    `    ip daddr ${IMDS_ADDRESS} tcp dport 80 dnat to ${t.host}:${imdsPort}`,
+    `    iifname "${g}" ip daddr @fip_in dnat to ip daddr map @fip_in`,
+    `    iifname "${g}" ip daddr ${t.vpc} dnat ip to meta l4proto . th dport map @port_forward`,
+    `  }`,
+    `  chain postrouting {`,
+    `    type nat hook postrouting priority srcnat; policy accept;`,
+    `    oifname "${g}" ip daddr ${t.host} return`,
+    `    oifname "${g}" ip saddr @fip_private snat to ip saddr map @fip_out`,
+    `    oifname "${g}" ip saddr @egress_ok masquerade`,
+    `  }`,
+    `  chain forward {`,
+    // Before the firewall (priority filter): what may leave the VPC at all.
+    `    type filter hook forward priority -10; policy accept;`,
+    `    oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
+    `    oifname "${g}" ct state established,related accept`,
+    `    oifname "${g}" ip saddr @fip_private accept`,
+    `    oifname "${g}" ip saddr @egress_ok accept`,
+    `    oifname "${g}" counter drop comment "private subnet without NAT gateway"`,
+    `  }`,
+    `  chain output {`,
+    `    type filter hook output priority filter; policy accept;`,
+    `  }`,
+    `}`,
+    "",
+  ];
+  return L.join("\n");
+}
+
+/** The host namespace's table: masquerade to the uplink, port forwards, what VPCs may reach. */
+export function hostNft(h: HostGw): string {
+  const transitIfs = h.vpcs.map((v) => `"${names.hostSide(v.vpcId)}"`).sort();
+  const pf: string[] = [];
+  // nft cannot set the TTL from a map, so one set (and rule) per hop limit in use.
+  const ttl = new Map<number, string[]>();
+  for (const v of h.vpcs) {
+    const t = transitAddrs(v.transit);
+    for (const f of v.forwards) pf.push(`${f.proto} . ${f.outsidePort} : ${t.vpc} . ${f.outsidePort}`);
+    for (const [addr, hop] of v.hopLimits) ttl.set(hop, [...(ttl.get(hop) ?? []), `${t.host} . ${addr}`]);
+  }
+  const hops = [...ttl.keys()].sort((a, b) => a - b);
+  const set = (xs: string[]) => (xs.length ? `elements = { ${xs.sort().join(", ")} }; ` : "");
+  return [
+    `add table ip ${TABLE}`,
+    `delete table ip ${TABLE}`,
+    `table ip ${TABLE} {`,
+    `  set transit_ifs { type ifname; ${set(transitIfs)}}`,
+    `  set pool { type ipv4_addr; flags interval; elements = { ${h.pool} }; }`,
+    `  map port_forward { type inet_proto . inet_service : ipv4_addr . inet_service; ${set(pf)}}`,
+    // IMDS answers leave with TTL = hop limit + 1: the VPC namespace is one
+    // routed hop, so the VM receives the hop limit (1: a container behind a
+    // NAT inside the VM cannot use them).
+    ...hops.map((n) => `  set imds_hop_${n} { type ipv4_addr . ipv4_addr; ${set(ttl.get(n)!)}}`),
+    `  chain prerouting {`,
+    `    type nat hook prerouting priority dstnat; policy accept;`,
+    `    iifname "${h.uplink}" dnat ip to meta l4proto . th dport map @port_forward`,
+    `  }`,
+    `  chain postrouting {`,
+    `    type nat hook postrouting priority srcnat; policy accept;`,
+    `    oifname "${h.uplink}" iifname @transit_ifs ip saddr != @pool masquerade`,
+    `  }`,
+    `  chain input {`,
+    // A VM reaches nothing of the hypervisor but the metadata server.
+    `    type filter hook input priority filter; policy accept;`,
+    `    iifname != @transit_ifs accept`,
+    `    ct state established,related accept`,
+    `    tcp dport ${h.imdsPort} accept`,
+    `    counter drop`,
+    `  }`,
+    `  chain forward {`,
+    `    type filter hook forward priority filter; policy accept;`,
+    `    iifname @transit_ifs oifname @transit_ifs counter drop comment "VPCs never reach each other through the host"`,
+    `    iifname @transit_ifs oifname != "${h.uplink}" counter drop`,
+    `  }`,
+    `  chain output {`,
+    `    type route hook output priority mangle; policy accept;`,
+    ...hops.map((n) => `    tcp sport ${h.imdsPort} ip saddr . ip daddr @imds_hop_${n} ip ttl set ${n + 1}`),
+    `  }`,
+    `}`,
+    "",
+  ].join("\n");
+}

@@ -1,0 +1,288 @@
+// NAT gateways, floating IPs and port forwards in Redis. Each change is one
+// Lua script that also appends a change event, so every hypervisor's gateway
+// loop converges by itself.
+import { randomBytes } from "node:crypto";
+import type { Redis } from "ioredis";
+import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
+import { intToIp } from "../common/validate.js";
+
+export interface NatRec {
+  id: string;
+  vpcId: string;
+  subnetId: string;
+  sources: string[];
+  description: string;
+  createdMs: number;
+}
+
+export interface FipRec {
+  id: string;
+  address: string;
+  vpcId: string;
+  private: string;
+  nicId: string;
+  hostId: string;
+  description: string;
+  allocatedMs: number;
+  associatedMs: number;
+}
+
+export interface PfRec {
+  id: string;
+  vpcId: string;
+  proto: "tcp" | "udp";
+  hostId: string;
+  outsidePort: number;
+  private: string;
+  privatePort: number;
+  nicId: string;
+  description: string;
+  createdMs: number;
+}
+
+const K = {
+  nat: (id: string) => `mvpc:gw:nat:${id}`,
+  vpcNat: "mvpc:gw:vpcnat",
+  fip: (id: string) => `mvpc:gw:fip:${id}`,
+  fipByAddr: "mvpc:gw:fip:byaddr",
+  fips: "mvpc:gw:fips",
+  pf: (id: string) => `mvpc:gw:pf:${id}`,
+  pfs: "mvpc:gw:pfs",
+  hostPorts: (h: string) => `mvpc:gw:host:${h}:ports`,
+  transit: (h: string) => `mvpc:gw:host:${h}:transit`,
+  tokens: "mvpc:tokens",
+  events: "mvpc:events",
+};
+
+const EVENT = `redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', ARGV[1], 'id', ARGV[2])`;
+
+// KEYS: 1 record, 2 unique index hash, 3 list zset, 4 tokens; ARGV: 1 event kind,
+// 2 id, 3 unique key, 4 client token, then hash fields. {1,id} created,
+// {0,id} token seen, {-1,id} unique key taken.
+const CREATE = `
+if ARGV[4] ~= '' then
+  local prev = redis.call('HGET', KEYS[4], ARGV[4])
+  if prev and redis.call('EXISTS', (string.gsub(KEYS[1], '[^:]+$', prev))) == 1 then return {0, prev} end
+end
+local held = redis.call('HGET', KEYS[2], ARGV[3])
+if held then return {-1, held} end
+local f = {}
+for i = 5, #ARGV do f[#f + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(f))
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], ARGV[2]) end
+${EVENT}
+return {1, ARGV[2]}
+`;
+
+// KEYS: 1 record, 2 unique index hash, 3 list zset; ARGV: 1 kind, 2 id, 3 unique key.
+const DELETE = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[3]) end
+redis.call('ZREM', KEYS[3], ARGV[2])
+${EVENT}
+return 1
+`;
+
+// Allocates the lowest free address of the pool. KEYS: 1 byaddr, 2 fips zset,
+// 3 record prefix; ARGV: 1 kind, 2 id, 3 first, 4 last (as integers),
+// 5 wanted ('' = lowest), then hash fields (without address).
+const ALLOC_FIP = `
+local addr
+local function ip(n) return string.format('%d.%d.%d.%d', math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256, math.floor(n / 256) % 256, n % 256) end
+if ARGV[5] ~= '' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[5]) == 1 then return {-1, redis.call('HGET', KEYS[1], ARGV[5])} end
+  addr = ARGV[5]
+else
+  for n = tonumber(ARGV[3]), tonumber(ARGV[4]) do
+    local a = ip(n)
+    if redis.call('HEXISTS', KEYS[1], a) == 0 then addr = a break end
+  end
+  if not addr then return {-2, ''} end
+end
+local f = {'address', addr}
+for i = 6, #ARGV do f[#f + 1] = ARGV[i] end
+redis.call('HSET', KEYS[3] .. ARGV[2], unpack(f))
+redis.call('HSET', KEYS[1], addr, ARGV[2])
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+${EVENT}
+return {1, addr}
+`;
+
+// Sets fields of an existing record. KEYS: 1 record; ARGV: 1 kind, 2 id, then fields.
+const UPDATE = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local f = {}
+for i = 3, #ARGV do f[#f + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(f))
+${EVENT}
+return 1
+`;
+
+type R = [number, string];
+const newId = (kind: string) => `${kind}-${randomBytes(6).toString("hex")}`;
+
+export class GatewayStore {
+  constructor(readonly redis: Redis) {
+    const r = redis as unknown as Record<string, unknown>;
+    if (!r.mvpcGwCreate) {
+      redis.defineCommand("mvpcGwCreate", { numberOfKeys: 4, lua: CREATE });
+      redis.defineCommand("mvpcGwDelete", { numberOfKeys: 3, lua: DELETE });
+      redis.defineCommand("mvpcGwAllocFip", { numberOfKeys: 3, lua: ALLOC_FIP });
+      redis.defineCommand("mvpcGwUpdate", { numberOfKeys: 1, lua: UPDATE });
+    }
+  }
+
+  private cmd(name: string, ...args: (string | number)[]): Promise<unknown> {
+    return (this.redis as unknown as Record<string, (...a: (string | number)[]) => Promise<unknown>>)[name](...args);
+  }
+
+  // ---- NAT gateways: at most one per VPC ----
+
+  async createNat(n: Omit<NatRec, "id" | "createdMs">, clientToken: string): Promise<NatRec> {
+    const id = newId("nat");
+    const [code, ref] = (await this.cmd(
+      "mvpcGwCreate", K.nat(id), K.vpcNat, "mvpc:gw:nats", K.tokens,
+      "gw.nat.created", id, n.vpcId, clientToken ? `nat\n${clientToken}` : "",
+      "id", id, "vpc", n.vpcId, "subnet", n.subnetId, "sources", JSON.stringify(n.sources), "description", n.description, "created", Date.now(),
+    )) as R;
+    if (code === -1) throw new AlreadyExistsError(`VPC ${n.vpcId} already has NAT gateway ${ref}; a VPC has one (it serves every private subnet, or those in source_subnets)`);
+    return (await this.getNat(String(ref)))!;
+  }
+
+  async getNat(id: string): Promise<NatRec | null> {
+    const h = await this.redis.hgetall(K.nat(id));
+    if (!h.id) return null;
+    return { id: h.id, vpcId: h.vpc, subnetId: h.subnet, sources: JSON.parse(h.sources || "[]"), description: h.description ?? "", createdMs: Number(h.created) };
+  }
+
+  async natOfVpc(vpcId: string): Promise<NatRec | null> {
+    const id = await this.redis.hget(K.vpcNat, vpcId);
+    return id ? this.getNat(id) : null;
+  }
+
+  async listNats(): Promise<NatRec[]> {
+    const ids = await this.redis.zrange("mvpc:gw:nats", 0, -1);
+    return (await Promise.all(ids.map((id) => this.getNat(id)))).filter((x): x is NatRec => !!x);
+  }
+
+  async deleteNat(n: NatRec): Promise<boolean> {
+    return (await this.cmd("mvpcGwDelete", K.nat(n.id), K.vpcNat, "mvpc:gw:nats", "gw.nat.deleted", n.id, n.vpcId)) === 1;
+  }
+
+  // ---- floating IPs ----
+
+  async allocateFip(pool: { first: number; last: number }, wanted: string, description: string): Promise<FipRec> {
+    const id = newId("fip");
+    const [code, detail] = (await this.cmd(
+      "mvpcGwAllocFip", K.fipByAddr, K.fips, "mvpc:gw:fip:",
+      "gw.fip.allocated", id, pool.first, pool.last, wanted,
+      "id", id, "vpc", "", "private", "", "nic", "", "host", "", "description", description, "allocated", Date.now(), "associated", 0,
+    )) as R;
+    if (code === -1) throw new AlreadyExistsError(`${wanted} is already allocated (${detail}); leave address empty for the next free one`);
+    if (code === -2) throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
+    return (await this.getFip(id))!;
+  }
+
+  async getFip(id: string): Promise<FipRec | null> {
+    const h = await this.redis.hgetall(K.fip(id));
+    if (!h.id) return null;
+    return {
+      id: h.id,
+      address: h.address,
+      vpcId: h.vpc,
+      private: h.private,
+      nicId: h.nic,
+      hostId: h.host,
+      description: h.description ?? "",
+      allocatedMs: Number(h.allocated),
+      associatedMs: Number(h.associated),
+    };
+  }
+
+  async fipByAddress(address: string): Promise<FipRec | null> {
+    const id = await this.redis.hget(K.fipByAddr, address);
+    return id ? this.getFip(id) : null;
+  }
+
+  async listFips(): Promise<FipRec[]> {
+    const ids = await this.redis.zrange(K.fips, 0, -1);
+    return (await Promise.all(ids.map((id) => this.getFip(id)))).filter((x): x is FipRec => !!x);
+  }
+
+  async setFipTarget(f: FipRec, t: { vpcId: string; private: string; nicId: string; hostId: string } | null): Promise<void> {
+    const ok = await this.cmd(
+      "mvpcGwUpdate", K.fip(f.id), t ? "gw.fip.associated" : "gw.fip.disassociated", f.id,
+      "vpc", t?.vpcId ?? "", "private", t?.private ?? "", "nic", t?.nicId ?? "", "host", t?.hostId ?? "", "associated", t ? Date.now() : 0,
+    );
+    if (ok !== 1) throw new NotFoundError("floating ip", f.id);
+  }
+
+  async releaseFip(f: FipRec): Promise<boolean> {
+    if (f.private) throw new FailedPreconditionError(`${f.address} is associated with ${f.private}; disassociate it first (or pass force)`);
+    return (await this.cmd("mvpcGwDelete", K.fip(f.id), K.fipByAddr, K.fips, "gw.fip.released", f.id, f.address)) === 1;
+  }
+
+  // ---- port forwards: an outside port is unique per hypervisor ----
+
+  async createPf(p: Omit<PfRec, "id" | "createdMs">, clientToken: string): Promise<PfRec> {
+    const id = newId("pf");
+    const [code, ref] = (await this.cmd(
+      "mvpcGwCreate", K.pf(id), K.hostPorts(p.hostId), K.pfs, K.tokens,
+      "gw.pf.created", id, `${p.proto}/${p.outsidePort}`, clientToken ? `pf\n${clientToken}` : "",
+      "id", id, "vpc", p.vpcId, "proto", p.proto, "host", p.hostId, "outside", p.outsidePort, "private", p.private, "private_port", p.privatePort, "nic", p.nicId, "description", p.description, "created", Date.now(),
+    )) as R;
+    if (code === -1) throw new AlreadyExistsError(`${p.proto} port ${p.outsidePort} of hypervisor ${p.hostId} is already forwarded (${ref}); pick another outside port`);
+    return (await this.getPf(String(ref)))!;
+  }
+
+  async getPf(id: string): Promise<PfRec | null> {
+    const h = await this.redis.hgetall(K.pf(id));
+    if (!h.id) return null;
+    return {
+      id: h.id,
+      vpcId: h.vpc,
+      proto: h.proto as "tcp" | "udp",
+      hostId: h.host,
+      outsidePort: Number(h.outside),
+      private: h.private,
+      privatePort: Number(h.private_port),
+      nicId: h.nic,
+      description: h.description ?? "",
+      createdMs: Number(h.created),
+    };
+  }
+
+  async listPfs(): Promise<PfRec[]> {
+    const ids = await this.redis.zrange(K.pfs, 0, -1);
+    return (await Promise.all(ids.map((id) => this.getPf(id)))).filter((x): x is PfRec => !!x);
+  }
+
+  async deletePf(p: PfRec): Promise<boolean> {
+    return (await this.cmd("mvpcGwDelete", K.pf(p.id), K.hostPorts(p.hostId), K.pfs, "gw.pf.deleted", p.id, `${p.proto}/${p.outsidePort}`)) === 1;
+  }
+
+  // ---- transit indexes: one /30 per VPC per hypervisor ----
+
+  /** The VPC's transit index on this host, assigned once and kept. */
+  async transitIndex(hostId: string, vpcId: string): Promise<number> {
+    const got = await this.redis.eval(
+      `local v = redis.call('HGET', KEYS[1], ARGV[1]) if v then return tonumber(v) end
+       local n = redis.call('HINCRBY', KEYS[1], '#next', 1) - 1
+       redis.call('HSET', KEYS[1], ARGV[1], n) return n`,
+      1,
+      K.transit(hostId),
+      vpcId,
+    );
+    return Number(got);
+  }
+
+  /** vpcId → transit index of every VPC this host ever served. */
+  async transitMap(hostId: string): Promise<Map<string, number>> {
+    const h = await this.redis.hgetall(K.transit(hostId));
+    delete h["#next"];
+    return new Map(Object.entries(h).map(([k, v]) => [k, Number(v)]));
+  }
+}

@@ -1,0 +1,220 @@
+// The gateway's per-hypervisor loop: builds this host's HostGw from Redis
+// (the netagent's VPCs and subnets here, NAT gateways, floating IPs and port
+// forwards of local NICs, IMDS hop limits) and applies it: transit links and
+// routes with `ip -batch`, one nft transaction per namespace. Re-applies only
+// what changed; follows the change events; a periodic pass repairs drift.
+import { execFile } from "node:child_process";
+import { existsSync } from "node:fs";
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import { Counter } from "prom-client";
+import { metricsRegistry } from "../common/metrics.js";
+import type { IpamStore } from "../ipam/store.js";
+import { names as naNames } from "../netagent/plan.js";
+import type { HostStore } from "../netagent/store.js";
+import { hostNft, hostRouteLines, names, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw } from "./plan.js";
+import type { GatewayStore } from "./store.js";
+
+const applies = new Counter({
+  name: "microvpc_gateway_applies_total",
+  help: "Gateway kernel updates by namespace kind (host, vpc) and result.",
+  labelNames: ["where", "result"] as const,
+  registers: [metricsRegistry],
+});
+
+function run(file: string, args: string[], input?: string): Promise<{ code: number; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const c = execFile(file, args, { env: { ...process.env, LC_ALL: "C" }, timeout: 30_000, maxBuffer: 64 << 20 }, (e, out, err) =>
+      resolve({ code: e ? (typeof (e as { code?: unknown }).code === "number" ? (e as { code: number }).code : 1) : 0, out: String(out), err: String(err) || (e ? e.message : "") }),
+    );
+    if (input !== undefined) c.stdin!.end(input);
+  });
+}
+
+/** argv prefix that runs a command in a namespace ("" = our own). */
+const inNs = (ns: string, cmd: string[]): [string, string[]] => (ns ? ["ip", ["netns", "exec", ns, ...cmd]] : [cmd[0], cmd.slice(1)]);
+
+async function must(p: Promise<{ code: number; out: string; err: string }>, what: string): Promise<string> {
+  const r = await p;
+  if (r.code !== 0) throw new Error(`${what}: ${r.err.trim().split("\n").slice(0, 4).join(" | ")}`);
+  return r.out;
+}
+
+export interface GatewaySyncOptions {
+  hostId: string;
+  /** Namespace of the hypervisor's uplink ("" = the daemon's own). */
+  hostNetns: string;
+  uplink: string;
+  imdsPort: number;
+  pool: string;
+  hopLimits: () => Promise<Map<string, number>>;
+}
+
+export class GatewaySync {
+  status = { lastApplyMs: 0, lastError: "" };
+  private lastHost = "";
+  private lastVpc = new Map<string, string>();
+  private lastRoutes = new Map<string, string[]>();
+  private pending = true;
+  private stopped = false;
+  private wake?: () => void;
+
+  constructor(
+    readonly store: GatewayStore,
+    readonly ipam: IpamStore,
+    readonly host: HostStore,
+    readonly opts: GatewaySyncOptions,
+    readonly log: Logger,
+  ) {}
+
+  async desired(): Promise<HostGw> {
+    const d = await this.host.load();
+    const [nats, fips, pfs, hops] = await Promise.all([this.store.listNats(), this.store.listFips(), this.store.listPfs(), this.opts.hopLimits()]);
+    const vpcs: GwVpc[] = [];
+    for (const vpcId of d.vpcs.keys()) {
+      if (!existsSync(`/run/netns/${naNames.netns(this.opts.hostId, vpcId)}`)) continue;
+      const subnets = [];
+      for (const s of d.subnets.values()) {
+        if (s.vpcId !== vpcId) continue;
+        const rec = await this.ipam.getSubnet(s.subnetId);
+        subnets.push({ subnetId: s.subnetId, cidr: s.cidr, public: rec?.type === "public" });
+      }
+      const nat = nats.find((n) => n.vpcId === vpcId);
+      const localAddrs = new Set([...d.nics.values()].filter((n) => n.vpcId === vpcId).map((n) => n.address));
+      const hopLimits = new Map<string, number>();
+      for (const a of localAddrs) hopLimits.set(a, hops.get(`${vpcId}/${a}`) ?? 1);
+      vpcs.push({
+        vpcId,
+        transit: await this.store.transitIndex(this.opts.hostId, vpcId),
+        subnets,
+        nat: !!nat,
+        natSources: nat?.sources ?? [],
+        fips: fips.filter((f) => f.vpcId === vpcId && f.hostId === this.opts.hostId && localAddrs.has(f.private)).map((f) => ({ address: f.address, private: f.private })),
+        forwards: pfs
+          .filter((p) => p.vpcId === vpcId && p.hostId === this.opts.hostId && localAddrs.has(p.private))
+          .map((p) => ({ proto: p.proto, outsidePort: p.outsidePort, private: p.private, privatePort: p.privatePort })),
+        hopLimits,
+      });
+    }
+    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, pool: this.opts.pool, vpcs };
+  }
+
+  async syncOnce(force = false): Promise<void> {
+    const hns = this.opts.hostNetns;
+    try {
+      const h = await this.desired();
+      if (force) {
+        this.lastHost = "";
+        this.lastVpc.clear();
+      }
+      await must(run(...inNs(hns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])), "enable forwarding on the host");
+      for (const v of h.vpcs) {
+        const vns = naNames.netns(this.opts.hostId, v.vpcId);
+        const hostIf = names.hostSide(v.vpcId);
+        const have = await run(...inNs(hns, ["ip", "-j", "link", "show", "dev", hostIf]));
+        if (have.code !== 0) {
+          const lines = transitCreateLines(this.opts.hostId, v, vns);
+          await must(run(...inNs(hns, ["ip", "-batch", "-"]), lines.host.join("\n") + "\n"), `transit link of ${v.vpcId}`);
+          await must(run("ip", ["-n", vns, "-batch", "-"], lines.vpc.join("\n") + "\n"), `transit address of ${v.vpcId}`);
+          this.lastVpc.delete(v.vpcId);
+          this.lastRoutes.delete(v.vpcId);
+        }
+        // Routes and the policy rule: replace is idempotent; -force skips a missing rule on delete.
+        const t = transitAddrs(v.transit);
+        const routes = [
+          `rule del pref ${names.rulePref(v.transit)}`,
+          `rule add from ${t.host} lookup ${names.table(v.transit)} pref ${names.rulePref(v.transit)}`,
+          ...hostRouteLines(v, this.opts.uplink),
+        ];
+        const prev = this.lastRoutes.get(v.vpcId) ?? [];
+        const gone = prev.filter((l) => l.startsWith("neigh replace proxy") || l.startsWith("route replace") && l.includes("/32"));
+        const stale = gone
+          .filter((l) => !routes.includes(l))
+          .map((l) => (l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, "")));
+        if (JSON.stringify(prev) !== JSON.stringify(routes)) {
+          await run(...inNs(hns, ["ip", "-force", "-batch", "-"]), [...stale, ...routes].join("\n") + "\n");
+          this.lastRoutes.set(v.vpcId, routes);
+        }
+        const text = vpcNft(v, this.opts.imdsPort);
+        if (this.lastVpc.get(v.vpcId) !== text) {
+          try {
+            await must(run("ip", ["netns", "exec", vns, "nft", "-f", "-"], text), `nft in ${vns}`);
+            applies.inc({ where: "vpc", result: "ok" });
+          } catch (e) {
+            applies.inc({ where: "vpc", result: "error" });
+            throw e;
+          }
+          this.lastVpc.set(v.vpcId, text);
+        }
+      }
+      const text = hostNft(h);
+      if (text !== this.lastHost) {
+        try {
+          await must(run(...inNs(hns, ["nft", "-f", "-"]), text), "nft on the host");
+          applies.inc({ where: "host", result: "ok" });
+        } catch (e) {
+          applies.inc({ where: "host", result: "error" });
+          throw e;
+        }
+        this.lastHost = text;
+      }
+      this.status = { lastApplyMs: Date.now(), lastError: "" };
+    } catch (err) {
+      this.status = { lastApplyMs: Date.now(), lastError: (err as Error).message };
+      this.log.error({ err: (err as Error).message }, "gateway sync failed; retrying");
+      this.lastHost = "";
+      this.lastVpc.clear();
+    }
+  }
+
+  kick(): void {
+    this.pending = true;
+    this.wake?.();
+  }
+
+  start(redis: Redis, driftMs: number): void {
+    void (async () => {
+      let last = 0;
+      while (!this.stopped) {
+        const drift = Date.now() - last > driftMs;
+        if (this.pending || drift) {
+          this.pending = false;
+          await this.syncOnce(drift && last !== 0);
+          if (drift) last = Date.now();
+        }
+        await new Promise<void>((r) => {
+          this.wake = r;
+          setTimeout(r, 500).unref();
+        });
+      }
+    })();
+    void (async () => {
+      const sub = redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
+      sub.on("error", () => {});
+      let id = "$";
+      while (!this.stopped) {
+        try {
+          const r = (await sub.xread("COUNT", 1000, "BLOCK", 5000, "STREAMS", "mvpc:events", id)) as [string, [string, string[]][]][] | null;
+          if (!r) continue;
+          const entries = r[0][1];
+          id = entries[entries.length - 1][0];
+          if (entries.some(([, f]) => /^(gw\.|nic\.|subnet\.|vpc\.)/.test(f[f.indexOf("kind") + 1] ?? ""))) this.kick();
+        } catch {
+          await new Promise((res) => setTimeout(res, 1000));
+        }
+      }
+      sub.disconnect();
+    })();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.wake?.();
+  }
+
+  /** vpcId of a host-side transit address, for the metadata server. */
+  static vpcOfTransit(map: Map<string, number>, local: string): string | undefined {
+    for (const [vpcId, k] of map) if (transitAddrs(k).host === local) return vpcId;
+    return undefined;
+  }
+}
