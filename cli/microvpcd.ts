@@ -4,7 +4,7 @@ import { Command } from "commander";
 import { addServiceCommand } from "../services/common/daemon.js";
 import { ipamDefinition } from "../services/ipam/main.js";
 import { firewallDefinition } from "../services/firewall/main.js";
-import { gatewayDefinition } from "../services/gateway/main.js";
+import { addImdsCommand, gatewayDefinition } from "../services/gateway/main.js";
 import { netagentDefinition } from "../services/netagent/main.js";
 import { vmmDefinition } from "../services/vmm/main.js";
 
@@ -13,4 +13,5 @@ const program = new Command("microvpcd")
   .showHelpAfterError();
 addServiceCommand(program, ipamDefinition);
 for (const def of [netagentDefinition, firewallDefinition, gatewayDefinition, vmmDefinition]) addServiceCommand(program, def);
+addImdsCommand(program);
 await program.parseAsync(process.argv);

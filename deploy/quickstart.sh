@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="$PWD/.run"
 REDIS_PORT="${MICROVPC_REDIS_PORT:-6390}"
+HOSTNS=mvpcqs-host
 export MICROVPC_REDIS_URL="redis://127.0.0.1:${REDIS_PORT}/0"
 export MICROVPC_SERVER="127.0.0.1:7401"
 mvpc() { printf "\n\033[1m$ microvpc %s\033[0m\n" "$*"; node bin/microvpc.js "$@"; }
@@ -48,6 +49,10 @@ up() {
   start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN/redis" --save "" \
     --appendonly yes --appendfsync always --daemonize no
   wait_healthy "$REDIS_PORT"
+  # The simulated hypervisor's own namespace: the gateway programs NAT and
+  # the metadata server there, never in this machine's namespace.
+  ip netns add "$HOSTNS"
+  export MICROVPC_HOST_ID=qs MICROVPC_HOST_NETNS="$HOSTNS" MICROVPC_UPLINK=lo
   local port=7401
   for svc in ipam netagent firewall gateway vmm; do
     start "$svc" node bin/microvpcd.js "$svc" --listen "127.0.0.1:$port"
@@ -88,6 +93,8 @@ down() {
     kill -9 "$(cat "$f")" 2>/dev/null || true
   done
   rm -rf "$RUN"
+  ip netns del "$HOSTNS" 2>/dev/null || true
+  for ns in $(ip netns list | awk '{print $1}' | grep '^mvpc-qs-' || true); do ip netns del "$ns"; done
   echo "stopped"
 }
 

@@ -1,14 +1,140 @@
-// gateway: its API is defined (proto/microvpc/v1/gateway.proto) but not built
-// yet. The daemon starts, serves reflection and health, and answers every
-// method with UNIMPLEMENTED, so orchestrators and probes can be wired today.
+// microvpcd gateway: NAT gateways, floating IPs, port forwards and the
+// instance metadata service of one hypervisor.
+//
+// The metadata server must listen in the hypervisor's own namespace, where
+// the transit links end. In production that is the daemon's namespace; when
+// --host-netns names another one (a simulated hypervisor in the tests), the
+// server runs as a child process inside it (`microvpcd imds`).
+import { spawn, type ChildProcess } from "node:child_process";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { ServiceImpl } from "@connectrpc/connect";
+import { Command, Option } from "commander";
+import type { Redis } from "ioredis";
+import { pino, type Logger } from "pino";
 import type { ServiceDefinition } from "../common/daemon.js";
+import { connectRedis } from "../common/redis.js";
+import { cidr as parseCidr } from "../common/validate.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { IpamStore } from "../ipam/store.js";
+import { defaultHostId } from "../netagent/main.js";
+import { HostStore } from "../netagent/store.js";
+import { createImdsServer } from "./imds.js";
+import { MetadataApi } from "./metadata-api.js";
+import { MetadataStore } from "./metadata-store.js";
+import { GatewayApi } from "./service.js";
+import { GatewayStore } from "./store.js";
+import { GatewaySync } from "./sync.js";
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+/** Runs the metadata server in this process, on every address of this namespace. */
+export async function runImds(redis: Redis, hostId: string, port: number, logger: Logger): Promise<() => Promise<void>> {
+  const gw = new GatewayStore(redis);
+  let transit = new Map<string, number>();
+  let fips: { vpcId: string; private: string; address: string }[] = [];
+  const refresh = async () => {
+    try {
+      transit = await gw.transitMap(hostId);
+      fips = (await gw.listFips()).filter((f) => f.private);
+    } catch (err) {
+      logger.warn({ err: (err as Error).message }, "imds: cannot refresh the transit map; keeping the last one");
+    }
+  };
+  await refresh();
+  const timer = setInterval(refresh, 1000);
+  timer.unref();
+  const imds = createImdsServer({
+    lookupVpc: (local) => GatewaySync.vpcOfTransit(transit, local),
+    store: new MetadataStore(redis),
+    publicIpOf: async (vpcId, address) => fips.find((f) => f.vpcId === vpcId && f.private === address)?.address,
+    logger,
+  });
+  await new Promise<void>((resolve, reject) => {
+    imds.server.once("error", reject);
+    imds.server.listen(port, () => resolve());
+  });
+  logger.info({ port }, "instance metadata server listening");
+  return async () => {
+    clearInterval(timer);
+    await imds.close();
+  };
+}
+
+/** `microvpcd imds`: the metadata server alone (started by the gateway inside --host-netns). */
+export function addImdsCommand(program: Command): void {
+  program
+    .command("imds", { hidden: true })
+    .description("instance metadata server alone (the gateway starts it inside --host-netns)")
+    .addOption(new Option("--redis <url>", "Redis URL or unix socket path").env("MICROVPC_REDIS_URL").default("redis://127.0.0.1:6379/0"))
+    .addOption(new Option("--host-id <id>", "this hypervisor's id").env("MICROVPC_HOST_ID").default(defaultHostId()))
+    .addOption(new Option("--port <port>", "TCP port on every address").default("8775"))
+    .action(async (o: { redis: string; hostId: string; port: string }) => {
+      const logger = pino({ base: { service: "imds", pid: process.pid } });
+      const redis = connectRedis({ url: o.redis, logger });
+      const close = await runImds(redis, o.hostId, Number(o.port), logger);
+      const stop = async () => {
+        await close();
+        redis.disconnect();
+        process.exit(0);
+      };
+      process.on("SIGTERM", () => void stop());
+      process.on("SIGINT", () => void stop());
+    });
+}
 
 export const gatewayDefinition: ServiceDefinition = {
   name: "gateway",
-  summary: "NAT gateways, floating IPs, port forwards, instance metadata (not built yet: UNIMPLEMENTED)",
+  summary: "NAT gateways, floating IPs, port forwards and the instance metadata service (169.254.169.254)",
   defaultPort: 7404,
-  async build() {
-    return { services: [{ desc: GatewayService, impl: {} }] };
+  options: [
+    new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
+    new Option("--uplink <ifname>", "the hypervisor's interface to the outside").env("MICROVPC_UPLINK").default("eth0"),
+    new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)").env("MICROVPC_HOST_NETNS").default(""),
+    new Option("--public-pool <cidr>", "floating IP pool, e.g. 203.0.113.0/24 (empty: no floating IPs)").env("MICROVPC_PUBLIC_POOL").default(""),
+    new Option("--imds-port <port>", "port of the metadata server on the host").env("MICROVPC_IMDS_PORT").default("8775"),
+    new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
+    new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
+  ],
+  async build({ flags, redis, logger }) {
+    const hostId = String(flags.hostId);
+    const uplink = String(flags.uplink);
+    if (!/^[A-Za-z][A-Za-z0-9_.-]{0,14}$/.test(uplink)) throw new Error(`--uplink ${JSON.stringify(uplink)} is not an interface name`);
+    const hostNetns = String(flags.hostNetns);
+    if (hostNetns && !/^[A-Za-z0-9_.-]{1,64}$/.test(hostNetns)) throw new Error(`--host-netns ${JSON.stringify(hostNetns)} is not a namespace name`);
+    const poolText = String(flags.publicPool || "0.0.0.0/32");
+    const pool = parseCidr("--public-pool", poolText, { min: 8, max: 32 });
+    const imdsPort = Number(flags.imdsPort);
+    const store = new GatewayStore(redis);
+    const ipam = new IpamStore(redis);
+    const meta = new MetadataStore(redis);
+    const sync = new GatewaySync(store, ipam, new HostStore(redis, hostId), { hostId, hostNetns, uplink, imdsPort, pool: pool.text, hopLimits: () => meta.hopLimits() }, logger);
+    sync.start(redis, Number(flags.driftIntervalMs));
+    let stopImds: () => Promise<void>;
+    if (!hostNetns) {
+      stopImds = await runImds(redis, hostId, imdsPort, logger);
+    } else {
+      const child: ChildProcess = spawn(
+        "ip",
+        ["netns", "exec", hostNetns, process.execPath, join(ROOT, "bin", "microvpcd.js"), "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort)],
+        { stdio: ["ignore", "inherit", "inherit"] },
+      );
+      stopImds = async () => {
+        if (child.exitCode === null && child.signalCode === null) {
+          const gone = new Promise((r) => child.once("exit", r));
+          child.kill("SIGTERM");
+          await gone;
+        }
+      };
+    }
+    const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }) });
+    const impl: Partial<ServiceImpl<typeof GatewayService>> = { ...api.impl, ...new MetadataApi(meta).impl };
+    return {
+      services: [{ desc: GatewayService, impl }],
+      close: async () => {
+        sync.stop();
+        await stopImds();
+      },
+    };
   },
 };

@@ -186,6 +186,7 @@ export function hostNft(h: HostGw): string {
     `  chain input {`,
     // A VM reaches nothing of the hypervisor but the metadata server.
     `    type filter hook input priority filter; policy accept;`,
+    `    tcp dport ${h.imdsPort} iifname != @transit_ifs iifname != "lo" drop comment "the metadata server is for VMs only"`,
     `    iifname != @transit_ifs accept`,
     `    ct state established,related accept`,
     `    tcp dport ${h.imdsPort} accept`,

@@ -4,7 +4,6 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { Code } from "@connectrpc/connect";
 import { grpcClient } from "../../services/common/client.js";
-import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon } from "../lib/daemon.js";
@@ -19,7 +18,6 @@ after(async () => {
 });
 
 const cases = [
-  ["gateway", (a: string) => grpcClient(GatewayService, { address: a }).listNatGateways({})],
   ["vmm", (a: string) => grpcClient(VmService, { address: a }).listVms({})],
 ] as const;
 

@@ -13,6 +13,7 @@
 // Everything carries the run prefix and is removed by close(), and also on
 // process exit, SIGINT and SIGTERM (see netns.ts). The root namespace is only
 // read (rootSnapshot) so a test can check it was not changed.
+import { spawn } from "node:child_process";
 import { rmSync } from "node:fs";
 import type { Client } from "@connectrpc/connect";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -30,6 +31,7 @@ import {
   installCleanupHandlers,
   ipn,
   links,
+  listening,
   listNetns,
   netnsPath,
   onCleanup,
@@ -59,6 +61,12 @@ export interface HarnessOptions {
 export const UNDERLAY_CIDR = "192.168.100.0/24";
 /** Address of the underlay bridge in the underlay namespace. */
 export const UNDERLAY_GATEWAY = "192.168.100.1";
+/** The "internet" namespace's address on the underlay. */
+export const INTERNET_ADDRESS = "192.168.100.200";
+/** Floating IPs the gateway hands out in tests: on the underlay, answered by proxy ARP. */
+export const FLOATING_POOL = "192.168.100.128/26";
+
+const WHOAMI_SERVER = `require("node:http").createServer((q, r) => r.end(q.socket.remoteAddress.replace(/^::ffff:/, ""))).listen(80, "0.0.0.0")`;
 
 export class Hypervisor {
   daemon!: Daemon;
@@ -284,6 +292,27 @@ export class Harness {
     await deleteNetns(vm.ns);
     this.vms.delete(vm.name);
   }
+
+  /**
+   * The "internet": a namespace on the underlay (192.168.100.200) running an
+   * HTTP server that answers with the source address it sees. Hypervisors
+   * reach it through their uplink (ul0); it reaches VMs only through
+   * floating IPs and port forwards.
+   */
+  async internet(): Promise<{ ns: string; address: string }> {
+    if (this.inet) return this.inet;
+    const ns = await createNetns(`${this.prefix}-inet`);
+    await vethBetween({ ns, name: "eth0", address: `${INTERNET_ADDRESS}/24` }, { ns: this.underlayNs, name: "inet" });
+    await ipn(this.underlayNs, ["link", "set", "inet", "master", "ul0"]);
+    const child = trackChild(
+      spawn("ip", ["netns", "exec", ns, process.execPath, "-e", WHOAMI_SERVER], { stdio: "ignore", env: { ...process.env, LC_ALL: "C" } }),
+    );
+    for (let i = 0; i < 100 && !(await listening(ns, 80)); i++) await new Promise((r) => setTimeout(r, 50));
+    if (child.exitCode !== null) throw new Error("internet http server exited");
+    this.inet = { ns, address: INTERNET_ADDRESS };
+    return this.inet;
+  }
+  private inet?: { ns: string; address: string };
 
   /** Links of a VPC's namespace on a hypervisor. */
   async vpcLinks(host: Hypervisor | number, vpcId: string): Promise<LinkInfo[]> {

@@ -1,0 +1,480 @@
+// Instance metadata records (what IMDS serves) and their IMDSv2 session
+// tokens, in Redis. The only metadata module that talks to Redis. Every
+// change is one Lua script, which appends its event to "mvpc:events" in the
+// same step; the IMDS hot path is one read script per request.
+//
+// Key layout (all under "mvpc:gw:md:"; see MK):
+//   inst:<instance id>     hash: id vpc addr hop rev updated pb (base64 of the
+//                          InstanceMetadata protobuf, update_time set)
+//   byaddr                 hash "vpc/address" → instance id: who a caller is
+//   hop                    hash "vpc/address" → token hop limit (1–64), for
+//                          the data plane's IP TTL of IMDS responses
+//   insts                  lex zset of every instance id
+//   vpc:<vpc>:insts        lex zset of the instance ids of one VPC
+//   tokens:<instance id>   zset session-token nonce → expiry (ms); a token
+//                          is live only while its nonce is here
+//   rev                    counter; every write gives the record a new rev, so
+//                          IMDS can cache decoded records and re-read only
+//                          what changed
+//
+// Keys derived from stored records (an instance's old VPC) are built inside
+// the scripts: like IPAM, this needs single-instance Redis or Sentinel, not
+// Cluster.
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { Redis } from "ioredis";
+import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
+import * as V from "../common/validate.js";
+import { MAX_GROUPS_PER_NIC } from "../firewall/model.js";
+import { K } from "../ipam/keys.js";
+import {
+  ImdsHttpEndpoint,
+  ImdsHttpTokens,
+  ImdsOptionsSchema,
+  InstanceMetadataSchema,
+  PlacementSchema,
+  SshPublicKeySchema,
+  type InstanceMetadata,
+} from "../../gen/microvpc/v1/gateway_pb.js";
+
+const M = "mvpc:gw:md:";
+export const MK = {
+  inst: (id: string) => `${M}inst:${id}`,
+  byAddr: `${M}byaddr`,
+  hop: `${M}hop`,
+  all: `${M}insts`,
+  vpcPrefix: `${M}vpc:`,
+  vpc: (vpc: string) => `${M}vpc:${vpc}:insts`,
+  tokensPrefix: `${M}tokens:`,
+  tokens: (id: string) => `${M}tokens:${id}`,
+  rev: `${M}rev`,
+  events: K.events,
+};
+
+/** The key IMDS, the hop-limit map and the index use for a caller: "vpcId/address". */
+export function callerKey(vpcId: string, address: string): string {
+  return `${vpcId}/${address}`;
+}
+
+// ---- limits (from gateway.proto) ----
+export const MAX_USER_DATA_BYTES = 16384;
+export const MAX_PUBLIC_KEYS = 32;
+export const MAX_OPENSSH_KEY_CHARS = 16384;
+export const MAX_TAGS = 50;
+export const DEFAULT_HOP_LIMIT = 1;
+/** Live session tokens kept per instance; minting more evicts the soonest-expiring. */
+export const MAX_TOKENS_PER_INSTANCE = 5000;
+
+const INSTANCE_ID_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
+const ZONE_RE = /^[a-z0-9-]{1,63}$/;
+const KEY_NAME_RE = /^[A-Za-z0-9_.@-]{1,63}$/;
+const DNS_LABEL_RE = /^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$/;
+// "type base64 [comment]": one public key as in authorized_keys, without the
+// options prefix (an options field like command="…" is not a key).
+const OPENSSH_RE = /^(ssh|ecdsa|sk)-[A-Za-z0-9@._-]+ [A-Za-z0-9+/]+={0,3}( [\x20-\x7e]*)?$/;
+
+/** An instance id as gateway.proto allows it; throws INVALID_ARGUMENT naming the field. */
+export function instanceId(field: string, value: string): string {
+  if (value === "") throw new InvalidArgumentError(field, 'is required (the VM id, e.g. "vm-3f2a9c0d1e7b")');
+  if (!INSTANCE_ID_RE.test(value)) {
+    throw new InvalidArgumentError(field, `${V.show(value)} is not valid: use 1–128 characters of letters, digits and _ . : -`);
+  }
+  return value;
+}
+
+function hostname(field: string, value: string): string {
+  if (value === "") throw new InvalidArgumentError(field, 'is required (a DNS name such as "web-1" or "web-1.prod.internal")');
+  const bad = () =>
+    new InvalidArgumentError(
+      field,
+      `${V.show(value)} is not a DNS name: use dot-separated labels of 1–63 letters, digits and '-' (not at either end), 253 characters at most, no trailing dot`,
+    );
+  if (value.length > 253) throw bad();
+  if (!value.split(".").every((l) => DNS_LABEL_RE.test(l))) throw bad();
+  return value;
+}
+
+function zoneOrRegion(field: string, value: string): string {
+  if (value !== "" && !ZONE_RE.test(value)) {
+    throw new InvalidArgumentError(field, `${V.show(value)} is not valid: use 1–63 characters of [a-z0-9-] (e.g. "microvpc-1a"), or leave it empty for the hypervisor's configured value`);
+  }
+  return value;
+}
+
+function distinct(field: string, values: string[], check: (f: string, v: string) => string): string[] {
+  const seen = new Set<string>();
+  return values.map((v, i) => {
+    const ok = check(`${field}[${i}]`, v);
+    if (seen.has(ok)) throw new InvalidArgumentError(`${field}[${i}]`, `${V.show(v)} appears twice`);
+    seen.add(ok);
+    return ok;
+  });
+}
+
+/**
+ * Validates every field of a record as gateway.proto describes it and returns
+ * the canonical copy that is stored (MAC lower case, unknown fields and the
+ * client's update_time dropped). Throws InvalidArgumentError naming the field
+ * ("metadata.public_keys[3].openssh_key") and saying what to change.
+ */
+export function validateInstanceMetadata(md: InstanceMetadata, prefix = "metadata."): InstanceMetadata {
+  const f = (name: string) => `${prefix}${name}`;
+  const id = instanceId(f("instance_id"), md.instanceId);
+  const vpcId = V.id(f("vpc_id"), md.vpcId, "vpc");
+  const subnetId = md.subnetId === "" ? "" : V.id(f("subnet_id"), md.subnetId, "subnet");
+  V.ipv4(f("local_ipv4"), md.localIpv4);
+  if (md.mac === "") throw new InvalidArgumentError(f("mac"), 'is required (the NIC\'s MAC, e.g. "02:00:0a:00:01:05")');
+  const mac = V.mac(f("mac"), md.mac);
+  const host = hostname(f("hostname"), md.hostname);
+  if (md.publicIpv4 !== "") V.ipv4(f("public_ipv4"), md.publicIpv4);
+
+  if (md.securityGroupNames.length > MAX_GROUPS_PER_NIC) {
+    throw new InvalidArgumentError(f("security_group_names"), `has ${md.securityGroupNames.length} names; a NIC has at most ${MAX_GROUPS_PER_NIC} groups`);
+  }
+  const sgNames = distinct(f("security_group_names"), md.securityGroupNames, V.name);
+  if (md.securityGroupIds.length > MAX_GROUPS_PER_NIC) {
+    throw new InvalidArgumentError(f("security_group_ids"), `has ${md.securityGroupIds.length} ids; a NIC has at most ${MAX_GROUPS_PER_NIC} groups`);
+  }
+  const sgIds = distinct(f("security_group_ids"), md.securityGroupIds, (fl, v) => V.id(fl, v, "sg"));
+
+  const placement = create(PlacementSchema, {
+    availabilityZone: zoneOrRegion(f("placement.availability_zone"), md.placement?.availabilityZone ?? ""),
+    region: zoneOrRegion(f("placement.region"), md.placement?.region ?? ""),
+  });
+
+  if (md.publicKeys.length > MAX_PUBLIC_KEYS) {
+    throw new InvalidArgumentError(f("public_keys"), `has ${md.publicKeys.length} keys; the limit is ${MAX_PUBLIC_KEYS}`);
+  }
+  const keyNames = new Set<string>();
+  const publicKeys = md.publicKeys.map((k, i) => {
+    const fk = f(`public_keys[${i}]`);
+    if (k.name !== "") {
+      if (!KEY_NAME_RE.test(k.name)) throw new InvalidArgumentError(`${fk}.name`, `${V.show(k.name)} is not valid: use 1–63 characters of [A-Za-z0-9_.@-], or leave it empty for "key-${i}"`);
+    }
+    const effective = k.name || `key-${i}`;
+    if (keyNames.has(effective)) throw new InvalidArgumentError(`${fk}.name`, `${V.show(effective)} names two keys; give each key its own name`);
+    keyNames.add(effective);
+    if (k.opensshKey === "") throw new InvalidArgumentError(`${fk}.openssh_key`, 'is required (one line such as "ssh-ed25519 AAAA… user@host")');
+    if (k.opensshKey.length > MAX_OPENSSH_KEY_CHARS) {
+      throw new InvalidArgumentError(`${fk}.openssh_key`, `is ${k.opensshKey.length} characters long; the limit is ${MAX_OPENSSH_KEY_CHARS}`);
+    }
+    if (/[\r\n]/.test(k.opensshKey)) throw new InvalidArgumentError(`${fk}.openssh_key`, "must be one line: give each key its own entry");
+    if (!OPENSSH_RE.test(k.opensshKey)) {
+      throw new InvalidArgumentError(`${fk}.openssh_key`, `${V.show(k.opensshKey)} is not an OpenSSH public key: expected "TYPE BASE64 [comment]" such as "ssh-ed25519 AAAAC3Nz… user@host", printable ASCII, no options prefix`);
+    }
+    return create(SshPublicKeySchema, { name: k.name, opensshKey: k.opensshKey });
+  });
+
+  if (md.userData.length > MAX_USER_DATA_BYTES) {
+    throw new InvalidArgumentError(f("user_data"), `is ${md.userData.length} bytes; the limit is ${MAX_USER_DATA_BYTES} (compress it, e.g. gzip, which cloud-init accepts, or fetch the rest from elsewhere)`);
+  }
+  if (md.instanceType.length > 63 || !/^[\x20-\x7e]*$/.test(md.instanceType)) {
+    throw new InvalidArgumentError(f("instance_type"), `${V.show(md.instanceType)} is not valid: use up to 63 printable ASCII characters (e.g. "qemu.1x256"), or leave it empty`);
+  }
+
+  if (md.tags.length > MAX_TAGS) throw new InvalidArgumentError(f("tags"), `has ${md.tags.length} tags; the limit is ${MAX_TAGS}`);
+  const tags = V.labels(f("tags"), md.tags.map((t) => ({ key: t.key, value: t.value })));
+  tags.forEach((t, i) => {
+    // A tag key is a path segment (meta-data/tags/instance/KEY).
+    if (t.key === "." || t.key === "..") throw new InvalidArgumentError(`${f("tags")}[${i}].key`, `${V.show(t.key)} cannot be served as meta-data/tags/instance/KEY; choose another key`);
+  });
+
+  const o = md.options;
+  const httpTokens = o?.httpTokens ?? ImdsHttpTokens.UNSPECIFIED;
+  if (!(httpTokens in ImdsHttpTokens)) {
+    throw new InvalidArgumentError(f("options.http_tokens"), `${httpTokens} is not an ImdsHttpTokens value; use IMDS_HTTP_TOKENS_OPTIONAL or IMDS_HTTP_TOKENS_REQUIRED`);
+  }
+  const httpEndpoint = o?.httpEndpoint ?? ImdsHttpEndpoint.UNSPECIFIED;
+  if (!(httpEndpoint in ImdsHttpEndpoint)) {
+    throw new InvalidArgumentError(f("options.http_endpoint"), `${httpEndpoint} is not an ImdsHttpEndpoint value; use IMDS_HTTP_ENDPOINT_ENABLED or IMDS_HTTP_ENDPOINT_DISABLED`);
+  }
+  const hop = o?.httpPutResponseHopLimit;
+  if (hop !== undefined && (!Number.isInteger(hop) || hop < 1 || hop > 64)) {
+    throw new InvalidArgumentError(f("options.http_put_response_hop_limit"), `${hop} is out of range; use 1–64, or leave it unset for ${DEFAULT_HOP_LIMIT}`);
+  }
+
+  return create(InstanceMetadataSchema, {
+    instanceId: id,
+    vpcId,
+    subnetId,
+    localIpv4: md.localIpv4,
+    mac,
+    hostname: host,
+    publicIpv4: md.publicIpv4,
+    securityGroupNames: sgNames,
+    securityGroupIds: sgIds,
+    placement,
+    publicKeys,
+    userData: md.userData,
+    instanceType: md.instanceType,
+    tags,
+    options: create(ImdsOptionsSchema, { httpTokens, httpEndpoint, httpPutResponseHopLimit: hop }),
+  });
+}
+
+export function hopLimitOf(md: InstanceMetadata): number {
+  return md.options?.httpPutResponseHopLimit ?? DEFAULT_HOP_LIMIT;
+}
+
+// ---- scripts ----
+
+/**
+ * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 vpc zset, 6 events,
+ *       7 rev counter, 8 tokens zset
+ * ARGV: 1 id, 2 vpc, 3 address, 4 pb (base64), 5 hop limit, 6 now ms,
+ *       7 vpc-zset key prefix
+ * Returns {1, rev} created, {0, rev} replaced, {-1, holder} another instance
+ * holds the VPC and address.
+ */
+const SET = `
+local id, vpc, addr, pb, hop, now, vpfx = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local key = vpc .. '/' .. addr
+local holder = redis.call('HGET', KEYS[2], key)
+if holder and holder ~= id then return {-1, holder} end
+local oldvpc = redis.call('HGET', KEYS[1], 'vpc')
+local oldaddr = redis.call('HGET', KEYS[1], 'addr')
+local created = 0
+local moved = false
+if not oldvpc then
+  created = 1
+elseif oldvpc ~= vpc or oldaddr ~= addr then
+  moved = true
+  local oldkey = oldvpc .. '/' .. oldaddr
+  if redis.call('HGET', KEYS[2], oldkey) == id then
+    redis.call('HDEL', KEYS[2], oldkey)
+    redis.call('HDEL', KEYS[3], oldkey)
+  end
+  if oldvpc ~= vpc then redis.call('ZREM', vpfx .. oldvpc .. ':insts', id) end
+  -- Tokens are bound to the old VPC and address; they can never verify again.
+  redis.call('DEL', KEYS[8])
+end
+local rev = redis.call('INCR', KEYS[7])
+redis.call('HSET', KEYS[1], 'id', id, 'vpc', vpc, 'addr', addr, 'hop', hop, 'rev', rev, 'updated', now, 'pb', pb)
+redis.call('HSET', KEYS[2], key, id)
+redis.call('HSET', KEYS[3], key, hop)
+redis.call('ZADD', KEYS[4], 0, id)
+redis.call('ZADD', KEYS[5], 0, id)
+if moved then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'instance', id, 'vpc', vpc, 'address', addr,
+    'hop_limit', hop, 'created', created, 'old_vpc', oldvpc, 'old_address', oldaddr)
+else
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'instance', id, 'vpc', vpc, 'address', addr,
+    'hop_limit', hop, 'created', created)
+end
+return {created, rev}
+`;
+
+/**
+ * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 tokens zset, 6 events
+ * ARGV: 1 id, 2 now ms, 3 vpc-zset key prefix
+ * Returns {1, live tokens revoked} deleted, {0, 0} absent.
+ */
+const DELETE = `
+local id, now, vpfx = ARGV[1], ARGV[2], ARGV[3]
+local vpc = redis.call('HGET', KEYS[1], 'vpc')
+if not vpc then return {0, 0} end
+local addr = redis.call('HGET', KEYS[1], 'addr')
+local key = vpc .. '/' .. addr
+if redis.call('HGET', KEYS[2], key) == id then
+  redis.call('HDEL', KEYS[2], key)
+  redis.call('HDEL', KEYS[3], key)
+end
+redis.call('ZREM', KEYS[4], id)
+redis.call('ZREM', vpfx .. vpc .. ':insts', id)
+local n = redis.call('ZCOUNT', KEYS[5], '(' .. now, '+inf')
+redis.call('DEL', KEYS[1], KEYS[5])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.deleted', 'instance', id, 'vpc', vpc, 'address', addr, 'tokens_revoked', n)
+return {1, n}
+`;
+
+/**
+ * The IMDS hot path, read-only: who is the caller, has their record changed
+ * since the rev IMDS has cached, and is the presented token's nonce live.
+ * KEYS: 1 byaddr
+ * ARGV: 1 "vpc/address", 2 cached rev ('' = none), 3 token nonce ('' = no
+ *       token), 4 now ms, 5 key prefix ("mvpc:gw:md:")
+ * Returns {0} unknown caller, or {1, id, rev, pb ('' = unchanged), token}
+ * with token -1 none presented, 0 not live, 1 live.
+ */
+const RESOLVE = `
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+if not id then return {0} end
+local h = ARGV[5] .. 'inst:' .. id
+local rev = redis.call('HGET', h, 'rev')
+if not rev then return {0} end
+local pb = ''
+if rev ~= ARGV[2] then pb = redis.call('HGET', h, 'pb') end
+local tok = -1
+if ARGV[3] ~= '' then
+  local exp = redis.call('ZSCORE', ARGV[5] .. 'tokens:' .. id, ARGV[3])
+  if exp and tonumber(exp) > tonumber(ARGV[4]) then tok = 1 else tok = 0 end
+end
+return {1, id, rev, pb, tok}
+`;
+
+/**
+ * Records a minted session token.
+ * KEYS: 1 inst hash, 2 tokens zset
+ * ARGV: 1 vpc, 2 address (the instance must still be there), 3 nonce,
+ *       4 expiry ms, 5 now ms, 6 cap
+ * Returns 1 recorded, 0 the instance is gone or moved.
+ */
+const MINT = `
+if redis.call('HGET', KEYS[1], 'vpc') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'addr') ~= ARGV[2] then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+local n = redis.call('ZCARD', KEYS[2])
+local cap = tonumber(ARGV[6])
+if n > cap then redis.call('ZPOPMIN', KEYS[2], n - cap) end
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[2], last[2])
+return 1
+`;
+
+type Reply = [number, string | number];
+
+declare module "ioredis" {
+  interface RedisCommander<Context> {
+    mvpcMdSet(...args: (string | number)[]): Promise<Reply>;
+    mvpcMdDelete(...args: (string | number)[]): Promise<Reply>;
+    mvpcMdResolve(...args: (string | number)[]): Promise<[0] | [1, string, string, string, number]>;
+    mvpcMdMint(...args: (string | number)[]): Promise<number>;
+  }
+}
+
+function defineScripts(redis: Redis): void {
+  if ((redis as unknown as { mvpcMdSet?: unknown }).mvpcMdSet) return;
+  redis.defineCommand("mvpcMdSet", { numberOfKeys: 8, lua: SET });
+  redis.defineCommand("mvpcMdDelete", { numberOfKeys: 6, lua: DELETE });
+  redis.defineCommand("mvpcMdResolve", { numberOfKeys: 1, lua: RESOLVE });
+  redis.defineCommand("mvpcMdMint", { numberOfKeys: 2, lua: MINT });
+}
+
+function decode(pb: string): InstanceMetadata {
+  return fromBinary(InstanceMetadataSchema, Buffer.from(pb, "base64"));
+}
+
+/** What IMDS learns about a caller in one round trip. */
+export interface CallerState {
+  instanceId: string;
+  /** Changes on every write of the record. */
+  rev: string;
+  /** The record, unless it is unchanged since the rev the caller passed. */
+  metadata?: InstanceMetadata;
+  /** Whether the presented token nonce is live: "none" if none was presented. */
+  token: "none" | "live" | "dead";
+}
+
+export class MetadataStore {
+  constructor(readonly redis: Redis) {
+    defineScripts(redis);
+  }
+
+  /**
+   * Validates and stores a whole record, replacing any previous record of
+   * the instance. FAILED_PRECONDITION if another instance holds the same VPC
+   * and address (gateway.proto's contract).
+   */
+  async set(input: InstanceMetadata): Promise<{ metadata: InstanceMetadata; created: boolean }> {
+    const md = validateInstanceMetadata(input);
+    const now = Date.now();
+    md.updateTime = timestampFromMs(now);
+    const pb = Buffer.from(toBinary(InstanceMetadataSchema, md)).toString("base64");
+    const hop = hopLimitOf(md);
+    const [code, detail] = await this.redis.mvpcMdSet(
+      MK.inst(md.instanceId), MK.byAddr, MK.hop, MK.all, MK.vpc(md.vpcId), MK.events, MK.rev, MK.tokens(md.instanceId),
+      md.instanceId, md.vpcId, md.localIpv4, pb, hop, now, MK.vpcPrefix,
+    );
+    if (code === -1) {
+      throw new FailedPreconditionError(
+        `instance ${detail} already holds ${md.localIpv4} in ${md.vpcId}; delete its metadata first (DeleteInstanceMetadata instance_id=${detail}) or give ${md.instanceId} another address`,
+      );
+    }
+    if (code !== 0 && code !== 1) throw new Error(`metadata set script returned ${code}`);
+    return { metadata: md, created: code === 1 };
+  }
+
+  async get(instanceId: string): Promise<InstanceMetadata | null> {
+    const pb = await this.redis.hget(MK.inst(instanceId), "pb");
+    return pb ? decode(pb) : null;
+  }
+
+  async getByAddress(vpcId: string, address: string): Promise<InstanceMetadata | null> {
+    const id = await this.redis.hget(MK.byAddr, callerKey(vpcId, address));
+    return id ? this.get(id) : null;
+  }
+
+  /** Deletes a record and revokes its session tokens. */
+  async delete(instanceId: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
+    const [code, n] = await this.redis.mvpcMdDelete(
+      MK.inst(instanceId), MK.byAddr, MK.hop, MK.all, MK.tokens(instanceId), MK.events,
+      instanceId, Date.now(), MK.vpcPrefix,
+    );
+    return { deleted: code === 1, tokensRevoked: Number(n) };
+  }
+
+  /** Records ordered by instance id, after `after` (exclusive), optionally of one VPC. */
+  async list(opts: { vpcId?: string; after?: string; limit: number }): Promise<InstanceMetadata[]> {
+    const key = opts.vpcId ? MK.vpc(opts.vpcId) : MK.all;
+    const ids = await this.redis.zrangebylex(key, opts.after ? `(${opts.after}` : "-", "+", "LIMIT", 0, opts.limit);
+    if (ids.length === 0) return [];
+    const p = this.redis.pipeline();
+    for (const id of ids) p.hget(MK.inst(id), "pb");
+    const res = (await p.exec()) ?? [];
+    const out: InstanceMetadata[] = [];
+    for (const [err, pb] of res) {
+      if (err) throw err;
+      if (typeof pb === "string" && pb !== "") out.push(decode(pb));
+    }
+    return out;
+  }
+
+  /** The VPC id of a VPC name (IPAM's index), or null. */
+  async resolveVpcName(name: string): Promise<string | null> {
+    return await this.redis.hget(K.vpcByName, name);
+  }
+
+  /**
+   * IMDS: the instance at (vpcId, address), in one read-only round trip.
+   * cachedRev: the rev of the record the caller has decoded ("" = none); the
+   * record is returned only if it changed. tokenNonce: hex nonce of a
+   * presented token ("" = none). null: no instance holds the address.
+   */
+  async resolveCaller(vpcId: string, address: string, cachedRev: string, tokenNonce: string): Promise<CallerState | null> {
+    const r = await this.redis.mvpcMdResolve(MK.byAddr, callerKey(vpcId, address), cachedRev, tokenNonce, Date.now(), M);
+    if (r[0] !== 1) return null;
+    const [, instanceId, rev, pb, tok] = r;
+    return {
+      instanceId,
+      rev: String(rev),
+      metadata: pb ? decode(pb) : undefined,
+      token: tok === 1 ? "live" : tok === 0 ? "dead" : "none",
+    };
+  }
+
+  /** Records a session token of an instance; false if the instance left (vpcId, address). */
+  async recordToken(instanceId: string, vpcId: string, address: string, nonce: string, expiresMs: number): Promise<boolean> {
+    const ok = await this.redis.mvpcMdMint(
+      MK.inst(instanceId), MK.tokens(instanceId),
+      vpcId, address, nonce, expiresMs, Date.now(), MAX_TOKENS_PER_INSTANCE,
+    );
+    return ok === 1;
+  }
+
+  /**
+   * For the data plane: "vpcId/address" → the IP TTL IMDS token responses
+   * must leave with (http_put_response_hop_limit, default 1), for every
+   * instance with a record. Follow "gw.metadata.set"/"gw.metadata.deleted"
+   * on mvpc:events to know when to read it again.
+   */
+  async hopLimits(): Promise<Map<string, number>> {
+    const h = await this.redis.hgetall(MK.hop);
+    return new Map(Object.entries(h).map(([k, v]) => [k, Number(v)]));
+  }
+
+  /** The hop limit of one caller, or undefined if no instance holds the address. */
+  async tokenHopLimitOf(vpcId: string, address: string): Promise<number | undefined> {
+    const v = await this.redis.hget(MK.hop, callerKey(vpcId, address));
+    return v === null ? undefined : Number(v);
+  }
+}
