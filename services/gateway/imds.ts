@@ -332,7 +332,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
     } catch (err) {
       log.warn({ err: (err as Error).message, local }, "imds: lookupVpc failed; treating the caller as unknown");
     }
-    c = { vpcId, address, key: `${vpcId ?? "-"}/${address}` };
+    c = { vpcId, address, key: callerKey(vpcId ?? "-", address) };
     callers.set(sock, c);
     return c;
   }
@@ -399,11 +399,14 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
       return;
     }
     // Unknown callers get 404 for everything: the answer a missing path gets,
-    // so it tells a prober nothing (not whether IMDS runs here, nor whether
-    // the address belongs to anyone), and cloud-init gives up on a 4xx at
-    // once instead of retrying as it does on connection errors. It covers
-    // requests that did not come from a VPC (lookupVpc: undefined) and VM
-    // addresses the vmm has not written (or has deleted) a record for.
+    // so it tells a prober nothing (not whether the address belongs to
+    // anyone, nor that another VPC has it), and it is an honest "nothing
+    // here for you" rather than 403 (which cloud-init reads as "IMDS
+    // disabled") or 401 (which invites a token). It covers requests that did
+    // not come from a VPC (lookupVpc: undefined) and VM addresses the vmm has
+    // not written a record for yet, or has deleted. The vmm must therefore
+    // write the record before it boots the VM: cloud-init treats a 4xx on
+    // the token PUT as final.
     if (!caller.vpcId) {
       fail(req, res, 404);
       return;
@@ -416,7 +419,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
     const parsed = presented !== undefined && !isTokenPath ? minter.parse(presented) : null;
 
     let state;
-    const cached = cache.get(callerKeyOf(caller));
+    const cached = cache.get(caller.key);
     try {
       state = await store.resolveCaller(caller.vpcId, caller.address, cached?.rev ?? "", parsed?.nonce ?? "");
       if (state && !state.metadata && state.rev !== cached?.rev) {
@@ -428,20 +431,23 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
       return;
     }
     if (!state) {
-      cache.delete(callerKeyOf(caller));
+      cache.delete(caller.key);
       fail(req, res, 404);
       return;
     }
     let md: InstanceMetadata;
     if (state.metadata) {
       md = state.metadata;
-      cache.set(callerKeyOf(caller), { rev: state.rev, md });
+      cache.set(caller.key, { rev: state.rev, md });
     } else md = cached!.md;
 
-    // Disabled: 403 Forbidden to every request, as EC2 does. cloud-init reads
-    // a 403 as "IMDS is disabled" and stops at once; a closed or reset
-    // connection makes it retry for minutes at boot (gateway.proto's
-    // "connections are refused" is, from the guest's side, this refusal).
+    // Disabled: 403 Forbidden to every request (token PUT included), as EC2
+    // does, rather than a destroyed socket. cloud-init reads a 403 as "IMDS
+    // endpoint is disabled" and stops at once; a reset connection is to it a
+    // transient error it retries until max_wait (120 s by default), which
+    // would slow every boot. No data is served either way. (gateway.proto
+    // says "connections are refused"; this is the refusal a guest can
+    // understand.)
     if (md.options?.httpEndpoint === ImdsHttpEndpoint.DISABLED) {
       fail(req, res, 403);
       return;
@@ -549,10 +555,6 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
     }
     if (node instanceof Uint8Array) send(req, res, 200, node, { ...extra, "Content-Type": "application/octet-stream" });
     else send(req, res, 200, node, extra);
-  }
-
-  function callerKeyOf(c: Caller): string {
-    return callerKey(c.vpcId ?? "-", c.address);
   }
 
   async function close(): Promise<void> {
