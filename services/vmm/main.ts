@@ -1,14 +1,65 @@
-// vmm: its API is defined (proto/microvpc/v1/vm.proto) but not built
-// yet. The daemon starts, serves reflection and health, and answers every
-// method with UNIMPLEMENTED, so orchestrators and probes can be wired today.
+// microvpcd vmm: the metald-style VM manager of one hypervisor. It calls the
+// other services over gRPC, as an orchestrator would.
+import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
+import { grpcClient, grpcTransport } from "../common/client.js";
+import { waitReady } from "../common/redis.js";
+import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
+import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
+import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
+import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
+import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { defaultHostId } from "../netagent/main.js";
+import { Vmm, type Booter } from "./service.js";
+import { STEPS, VmStore, type StepName } from "./store.js";
 
 export const vmmDefinition: ServiceDefinition = {
   name: "vmm",
-  summary: "metald-style VM manager (not built yet: UNIMPLEMENTED)",
+  summary: "metald-style VM manager: CreateVm/DeleteVm over ipam → netagent → firewall → gateway → boot, undone on failure",
   defaultPort: 7405,
-  async build() {
-    return { services: [{ desc: VmService, impl: {} }] };
+  options: [
+    new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
+    new Option("--ipam <addr>", "ipam gRPC address").env("MICROVPC_IPAM_ADDR").default("127.0.0.1:7401"),
+    new Option("--netagent <addr>", "netagent gRPC address").env("MICROVPC_NETAGENT_ADDR").default("127.0.0.1:7402"),
+    new Option("--firewall <addr>", "firewall gRPC address").env("MICROVPC_FIREWALL_ADDR").default("127.0.0.1:7403"),
+    new Option("--gateway <addr>", "gateway gRPC address").env("MICROVPC_GATEWAY_ADDR").default("127.0.0.1:7404"),
+    new Option("--service-token <token>", "bearer token for calls to the other services").env("MICROVPC_SERVICE_TOKEN"),
+    new Option("--fail-at <step>", "fault injection for tests: fail every CreateVm before this step").env("MICROVPC_FAIL_AT").choices(STEPS),
+  ],
+  async build({ flags, redis, logger }) {
+    const token = flags.serviceToken as string | undefined;
+    const t = (address: unknown) => grpcTransport({ address: String(address), token, timeoutMs: 30_000 });
+    const ipamT = t(flags.ipam);
+    const clients = {
+      vpc: grpcClient(VpcService, ipamT),
+      subnet: grpcClient(SubnetService, ipamT),
+      ipam: grpcClient(IpamService, ipamT),
+      netagent: grpcClient(NetAgentService, t(flags.netagent)),
+      firewall: grpcClient(FirewallService, t(flags.firewall)),
+      gateway: grpcClient(GatewayService, t(flags.gateway)),
+    };
+    const booters: Partial<Record<"qemu" | "firecracker", Booter>> = {};
+    try {
+      const { qemuBooter } = await import("./booters.js");
+      booters.qemu = qemuBooter(logger);
+    } catch {
+      logger.info("kind=qemu not available in this build");
+    }
+    const vmm = new Vmm(new VmStore(redis), clients, { hostId: String(flags.hostId), failAt: flags.failAt as StepName | undefined, booters }, logger);
+    // Finish or undo what a previous run left in flight, before serving
+    // (and keep trying in the background while Redis is unreachable).
+    try {
+      await waitReady(redis, 10_000);
+      await vmm.recover();
+    } catch (err) {
+      logger.warn({ err: (err as Error).message }, "recovery postponed until Redis answers");
+      const retry = setInterval(() => {
+        vmm.recover().then(() => clearInterval(retry), () => undefined);
+      }, 2000);
+      retry.unref();
+    }
+    return { services: [{ desc: VmService, impl: vmm.impl }] };
   },
 };

@@ -1,0 +1,482 @@
+// VmService: the metald-style VM manager of one hypervisor. CreateVm runs
+// ipam → netagent → firewall → gateway → boot over gRPC, journaling each step
+// in Redis; if a step fails, every step already done is undone in reverse and
+// the error names the step. Every undo is idempotent and keyed by the VM id,
+// so a vmm killed at any point rolls the operation back (or finishes a
+// delete) on restart: a VM is either fully up or fully gone.
+import { execFile } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type Client, type ServiceImpl } from "@connectrpc/connect";
+import type { Logger } from "pino";
+import { Histogram } from "prom-client";
+import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { metricsRegistry } from "../common/metrics.js";
+import * as V from "../common/validate.js";
+import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
+import { NetAgentService, NicKind } from "../../gen/microvpc/v1/netagent_pb.js";
+import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
+import {
+  ConnectivityResult,
+  VmJournalEntrySchema,
+  VmKind,
+  VmOperation,
+  VmSchema,
+  VmService,
+  VmState,
+  VmStep,
+  VmStepReportSchema,
+  VmStepState,
+  type Vm,
+} from "../../gen/microvpc/v1/vm_pb.js";
+import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
+
+const stepSeconds = new Histogram({
+  name: "microvpc_vmm_step_seconds",
+  help: "Duration of each CreateVm/DeleteVm step.",
+  labelNames: ["step", "op"] as const,
+  buckets: [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5],
+  registers: [metricsRegistry],
+});
+
+export interface Clients {
+  vpc: Client<typeof VpcService>;
+  subnet: Client<typeof SubnetService>;
+  ipam: Client<typeof IpamService>;
+  netagent: Client<typeof NetAgentService>;
+  firewall: Client<typeof FirewallService>;
+  gateway: Client<typeof GatewayService>;
+}
+
+/** Boots and stops real guests (kind=qemu/firecracker); kind=netns needs none. */
+export interface Booter {
+  boot(v: VmRec, netnsPath: string): Promise<{ pid: number; consoleLog: string }>;
+  stop(v: VmRec): Promise<void>;
+}
+
+export interface VmmOptions {
+  hostId: string;
+  /** Fault injection for tests: fail before this step. */
+  failAt?: StepName;
+  booters: Partial<Record<"qemu" | "firecracker", Booter>>;
+}
+
+const STEP_ENUM: Record<StepName, VmStep> = {
+  ipam: VmStep.IPAM,
+  netagent: VmStep.NETAGENT,
+  firewall: VmStep.FIREWALL,
+  gateway: VmStep.GATEWAY,
+  boot: VmStep.BOOT,
+};
+
+function sh(file: string, args: string[], timeoutMs = 10_000): Promise<{ code: number; out: string }> {
+  return new Promise((resolve) =>
+    execFile(file, args, { env: { ...process.env, LC_ALL: "C" }, timeout: timeoutMs }, (e, out, err) =>
+      resolve({ code: e ? (typeof (e as { code?: unknown }).code === "number" ? (e as { code: number }).code : 1) : 0, out: `${out}${err}` }),
+    ),
+  );
+}
+
+const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
+s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
+
+export class Vmm {
+  constructor(readonly store: VmStore, readonly c: Clients, readonly opts: VmmOptions, readonly log: Logger) {}
+
+  owner(v: VmRec): string {
+    return `${v.hostId}/${v.id}`;
+  }
+
+  vmNetns(v: VmRec): string {
+    return `mvpcvm-${v.hostId}-${v.id.slice(-12)}`;
+  }
+
+  private journal(v: VmRec, op: string, step: string, state: string, msg = ""): void {
+    v.journal.push({ t: Date.now(), op, step, state, msg });
+    if (v.journal.length > 200) v.journal.splice(0, v.journal.length - 200);
+  }
+
+  // ---- steps and their undos; every undo is idempotent ----
+
+  private async doStep(v: VmRec, step: StepName): Promise<string> {
+    if (this.opts.failAt === step) throw new Error(`fault injected before ${step} (--fail-at)`);
+    switch (step) {
+      case "ipam": {
+        const r = await this.c.ipam.allocate({ subnetId: v.subnetId, owner: this.owner(v), requestId: v.id, address: v.wantedAddress });
+        v.address = r.allocation!.address;
+        return v.address;
+      }
+      case "netagent": {
+        let nic;
+        if (v.kind === "netns") {
+          v.netns = this.vmNetns(v);
+          const r = await sh("ip", ["netns", "add", v.netns]);
+          if (r.code !== 0 && !/File exists/.test(r.out)) throw new Error(`ip netns add ${v.netns}: ${r.out.trim()}`);
+          nic = (
+            await this.c.netagent.attachNic({
+              vpc: v.vpcId, subnet: v.subnetId, kind: NicKind.VETH, options: { case: "veth", value: { netnsPath: `/run/netns/${v.netns}` } },
+              address: v.address, owner: this.owner(v), hostname: v.hostname, guestInterface: "eth0", clientToken: v.id,
+            })
+          ).nic!;
+        } else {
+          nic = (
+            await this.c.netagent.attachNic({
+              vpc: v.vpcId, subnet: v.subnetId, kind: NicKind.TAP, options: { case: "tap", value: {} },
+              address: v.address, owner: this.owner(v), hostname: v.hostname, clientToken: v.id,
+            })
+          ).nic!;
+          v.netns = nic.vpcNamespace;
+        }
+        v.nicId = nic.id;
+        v.hostIf = nic.hostInterface;
+        v.mac = nic.guest?.mac ?? "";
+        v.kernelIpArg = nic.guest?.kernelIpArg ?? "";
+        return `${nic.id} ${nic.hostInterface}`;
+      }
+      case "firewall":
+        await this.c.firewall.bindNic({ nicId: v.nicId, vpc: v.vpcId, subnet: v.subnetId, address: v.address, mac: v.mac, hostInterface: v.hostIf, securityGroups: v.groups });
+        return v.groups.join(",") || "no groups (ingress denied, egress open)";
+      case "gateway":
+        await this.c.gateway.setInstanceMetadata({
+          metadata: {
+            instanceId: v.id, vpcId: v.vpcId, subnetId: v.subnetId, localIpv4: v.address, mac: v.mac, hostname: v.hostname || v.name,
+            securityGroupIds: v.groups, userData: Buffer.from(v.userData, "base64"), publicKeys: v.sshKeys.map((k) => ({ name: k.name, opensshKey: k.key })),
+            tags: v.labels, options: { httpTokens: v.imds.tokens, httpEndpoint: v.imds.endpoint, httpPutResponseHopLimit: v.imds.hopLimit },
+          },
+        });
+        return "metadata registered";
+      case "boot": {
+        if (v.kind === "netns") return "namespace ready";
+        const b = this.opts.booters[v.kind];
+        if (!b) throw new FailedPreconditionError(`kind ${v.kind} cannot boot on this hypervisor (no booter configured)`);
+        const r = await b.boot(v, `/run/netns/${v.netns}`);
+        v.pid = r.pid;
+        v.consoleLog = r.consoleLog;
+        return `pid ${r.pid}`;
+      }
+    }
+  }
+
+  private async undoStep(v: VmRec, step: StepName): Promise<void> {
+    const ignoreMissing = (e: unknown) => {
+      if (e instanceof ConnectError && e.code === Code.NotFound) return;
+      throw e;
+    };
+    switch (step) {
+      case "boot":
+        if (v.kind !== "netns") await this.opts.booters[v.kind]?.stop(v);
+        return;
+      case "gateway":
+        await this.c.gateway.deleteInstanceMetadata({ instanceId: v.id }).catch(ignoreMissing);
+        return;
+      case "firewall":
+        if (v.nicId) await this.c.firewall.unbindNic({ nicId: v.nicId }).catch(ignoreMissing);
+        return;
+      case "netagent":
+        await this.c.netagent.detachNic({ owner: this.owner(v) });
+        if (v.kind === "netns") {
+          const r = await sh("ip", ["netns", "del", this.vmNetns(v)]);
+          if (r.code !== 0 && !/No such file/.test(r.out)) throw new Error(`ip netns del: ${r.out.trim()}`);
+        }
+        return;
+      case "ipam":
+        await this.c.ipam.release({ subnetId: v.subnetId, owner: this.owner(v), requestId: v.id }).catch(ignoreMissing);
+        return;
+    }
+  }
+
+  /** Undoes every step of v that may have happened, in reverse, and forgets v. */
+  async rollback(v: VmRec, upTo: StepName): Promise<void> {
+    v.op = "rollback";
+    const last = STEPS.indexOf(upTo);
+    for (let i = last; i >= 0; i--) {
+      const step = STEPS[i];
+      const t0 = Date.now();
+      await this.undoStep(v, step);
+      stepSeconds.observe({ step, op: "undo" }, (Date.now() - t0) / 1000);
+      this.journal(v, "rollback", step, "undone");
+    }
+    await this.store.remove(v);
+  }
+
+  async create(v: VmRec): Promise<VmRec> {
+    v.op = "create";
+    await this.store.put(v);
+    for (const step of STEPS) {
+      const t0 = Date.now();
+      this.journal(v, "create", step, "running");
+      await this.store.put(v); // the attempt is on record before it starts
+      try {
+        const detail = await this.doStep(v, step);
+        v.done.push({ step, startMs: t0, endMs: Date.now(), detail });
+        stepSeconds.observe({ step, op: "create" }, (Date.now() - t0) / 1000);
+        this.journal(v, "create", step, "done", detail);
+        await this.store.put(v);
+      } catch (err) {
+        const cause = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
+        this.log.warn({ vm: v.id, step, err: cause }, "CreateVm step failed; rolling back");
+        this.journal(v, "create", step, "failed", cause);
+        try {
+          await this.rollback(v, step);
+        } catch (undoErr) {
+          v.state = "failed";
+          v.statusMessage = `step ${step} failed (${cause}) and the rollback failed: ${(undoErr as Error).message}; the vmm retries on restart`;
+          await this.store.put(v);
+          throw new ConnectError(v.statusMessage, Code.Internal);
+        }
+        const code = err instanceof ConnectError ? err.code : err instanceof DomainError ? err.code : Code.Internal;
+        throw new ConnectError(`CreateVm failed at step ${step}: ${cause}; every step done before it was undone`, code);
+      }
+    }
+    v.op = "";
+    v.state = "running";
+    v.startedMs = Date.now();
+    await this.store.put(v);
+    return v;
+  }
+
+  async delete(v: VmRec): Promise<void> {
+    v.op = "delete";
+    v.state = "deleting";
+    this.journal(v, "delete", "all", "running");
+    await this.store.put(v);
+    for (const step of [...STEPS].reverse()) {
+      const t0 = Date.now();
+      await this.undoStep(v, step);
+      stepSeconds.observe({ step, op: "delete" }, (Date.now() - t0) / 1000);
+    }
+    await this.store.remove(v);
+  }
+
+  /** On start: roll back creates and finish deletes that a crash interrupted. */
+  async recover(): Promise<void> {
+    for (const v of await this.store.ofHost(this.opts.hostId)) {
+      try {
+        if (v.op === "create" || v.op === "rollback") {
+          const current = v.journal.filter((j) => j.op === "create").at(-1)?.step as StepName | undefined;
+          this.log.info({ vm: v.id, at: current }, "rolling back a create interrupted by a restart");
+          await this.rollback(v, current && STEPS.includes(current) ? current : "boot");
+        } else if (v.op === "delete" || v.state === "failed") {
+          this.log.info({ vm: v.id }, "finishing an interrupted delete");
+          await this.delete(v);
+        }
+      } catch (err) {
+        this.log.error({ vm: v.id, err: (err as Error).message }, "recovery failed; will retry");
+      }
+    }
+  }
+
+  async resolve(ref: string, vpcRef: string): Promise<VmRec | null> {
+    if (/^vm-[0-9a-f]{12}$/.test(ref)) return this.store.get(ref);
+    V.name("ref", ref);
+    if (!vpcRef) {
+      const all = (await this.store.ofHost(this.opts.hostId)).filter((v) => v.name === ref);
+      if (all.length > 1) throw new InvalidArgumentError("vpc", `several VMs are named ${ref}; say which VPC`);
+      return all[0] ?? null;
+    }
+    const vpc = (await this.c.vpc.getVpc({ ref: vpcRef })).vpc!;
+    return this.store.byName(vpc.id, ref);
+  }
+
+  vmMsg(v: VmRec): Vm {
+    const kind = { netns: VmKind.NETNS, qemu: VmKind.QEMU, firecracker: VmKind.FIRECRACKER }[v.kind];
+    const state = { pending: VmState.PENDING, running: VmState.RUNNING, deleting: VmState.DELETING, failed: VmState.FAILED }[v.state];
+    return create(VmSchema, {
+      id: v.id,
+      name: v.name,
+      vpcId: v.vpcId,
+      subnetId: v.subnetId,
+      kind,
+      state,
+      statusMessage: v.statusMessage,
+      hostId: v.hostId,
+      securityGroupIds: v.groups,
+      hostname: v.hostname,
+      vcpus: v.vcpus,
+      memoryMib: v.memoryMib,
+      pid: v.pid,
+      namespace: v.netns,
+      consoleLogPath: v.consoleLog,
+      labels: v.labels,
+      nics: v.nicId
+        ? [{ id: v.nicId, vpcId: v.vpcId, subnetId: v.subnetId, hostInterface: v.hostIf, guest: { address: v.address, mac: v.mac, kernelIpArg: v.kernelIpArg } }]
+        : [],
+      createTime: timestampFromMs(v.createdMs),
+      startTime: v.startedMs ? timestampFromMs(v.startedMs) : undefined,
+    });
+  }
+
+  readonly impl: Partial<ServiceImpl<typeof VmService>> = {
+    createVm: async (req) => {
+      const name = V.name("name", req.name);
+      const vpc = (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!;
+      const subnet = (await this.c.subnet.getSubnet({ ref: req.subnet, vpc: vpc.id })).subnet!;
+      if (subnet.vpcId !== vpc.id) throw new InvalidArgumentError("subnet", `subnet ${subnet.name} is not in VPC ${vpc.name}`);
+      if (req.address) V.ipv4("address", req.address);
+      if (req.securityGroups.length > 16) throw new InvalidArgumentError("security_groups", `has ${req.securityGroups.length}; at most 16`);
+      const groups: string[] = [];
+      for (const [i, g] of req.securityGroups.entries()) {
+        try {
+          groups.push((await this.c.firewall.getSecurityGroup({ ref: g, vpc: vpc.id })).securityGroup!.id);
+        } catch (e) {
+          if (e instanceof ConnectError && e.code === Code.NotFound) throw new NotFoundError("security group", g, `security_groups[${i}] is not a group of VPC ${vpc.name}`);
+          throw e;
+        }
+      }
+      const kind = req.kind === VmKind.QEMU ? "qemu" : req.kind === VmKind.FIRECRACKER ? "firecracker" : "netns";
+      if (kind !== "netns" && !this.opts.booters[kind]) throw new FailedPreconditionError(`kind ${kind} is not available on this hypervisor; use NETNS${kind === "firecracker" ? " or QEMU" : ""}`);
+      if (req.userData.length > 16384) throw new InvalidArgumentError("user_data", `is ${req.userData.length} bytes; at most 16384`);
+      const existing = await this.store.byName(vpc.id, name);
+      if (existing) {
+        if (existing.state === "running" && existing.subnetId === subnet.id && (req.clientToken === "" || existing.clientToken === req.clientToken)) {
+          return { vm: this.vmMsg(existing), created: false };
+        }
+        throw new ConnectError(`VM ${name} already exists in VPC ${vpc.name} (${existing.id}, ${existing.state}); delete it or pick another name`, Code.AlreadyExists);
+      }
+      const v: VmRec = {
+        id: `vm-${randomBytes(6).toString("hex")}`,
+        name,
+        hostId: this.opts.hostId,
+        vpcId: vpc.id,
+        subnetId: subnet.id,
+        kind,
+        state: "pending",
+        statusMessage: "",
+        groups,
+        wantedAddress: req.address,
+        hostname: req.hostname ? V.name("hostname", req.hostname) : name,
+        vcpus: req.vcpus ?? 1,
+        memoryMib: req.memoryMib ?? 256,
+        userData: Buffer.from(req.userData).toString("base64"),
+        sshKeys: req.sshKeys.map((k) => ({ name: k.name, key: k.opensshKey })),
+        labels: V.labels("labels", req.labels),
+        imds: { tokens: req.imdsOptions?.httpTokens ?? 0, endpoint: req.imdsOptions?.httpEndpoint ?? 0, hopLimit: req.imdsOptions?.httpPutResponseHopLimit },
+        clientToken: V.token("client_token", req.clientToken, { optional: true }),
+        createdMs: Date.now(),
+        startedMs: 0,
+        address: "",
+        nicId: "",
+        hostIf: "",
+        mac: "",
+        netns: "",
+        pid: 0,
+        kernelIpArg: "",
+        consoleLog: "",
+        done: [],
+        op: "create",
+        journal: [],
+      };
+      const held = await this.store.claim(v);
+      if (held !== v.id) {
+        const other = await this.store.get(held);
+        throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (${held}, ${other?.state}); retry to get it`, Code.AlreadyExists);
+      }
+      return { vm: this.vmMsg(await this.create(v)), created: true };
+    },
+
+    deleteVm: async (req) => {
+      const v = await this.resolve(req.ref, req.vpc);
+      if (!v) return { deleted: false };
+      if (v.hostId !== this.opts.hostId) throw new FailedPreconditionError(`VM ${v.id} runs on hypervisor ${v.hostId}; ask its vmm`);
+      await this.delete(v);
+      return { deleted: true };
+    },
+
+    getVm: async (req) => {
+      const v = await this.resolve(req.ref, req.vpc);
+      if (!v) throw new NotFoundError("vm", req.ref);
+      return { vm: this.vmMsg(v) };
+    },
+
+    listVms: async (req) => {
+      let vms = await this.store.all();
+      if (req.vpc) {
+        const vpc = (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!;
+        vms = vms.filter((v) => v.vpcId === vpc.id);
+      }
+      if (req.subnet) vms = vms.filter((v) => v.subnetId === req.subnet);
+      return { vms: vms.sort((a, b) => a.name.localeCompare(b.name)).map((v) => this.vmMsg(v)), nextPageToken: "" };
+    },
+
+    inspectVm: async (req) => {
+      const v = await this.resolve(req.ref, req.vpc);
+      if (!v) throw new NotFoundError("vm", req.ref);
+      const steps = STEPS.map((s) => {
+        const d = v.done.find((x) => x.step === s);
+        return create(VmStepReportSchema, {
+          step: STEP_ENUM[s],
+          state: d ? VmStepState.DONE : VmStepState.PENDING,
+          detail: d?.detail ?? "",
+          startTime: d ? timestampFromMs(d.startMs) : undefined,
+          endTime: d ? timestampFromMs(d.endMs) : undefined,
+          durationUs: d ? BigInt((d.endMs - d.startMs) * 1000) : 0n,
+        });
+      });
+      const opEnum = { "": VmOperation.UNSPECIFIED, create: VmOperation.CREATE, delete: VmOperation.DELETE, rollback: VmOperation.ROLLBACK }[v.op];
+      return {
+        vm: this.vmMsg(v),
+        steps,
+        operation: opEnum,
+        journal: v.journal.map((j) =>
+          create(VmJournalEntrySchema, {
+            time: timestampFromMs(j.t),
+            message: `${j.op} ${j.step} ${j.state}${j.msg ? `: ${j.msg}` : ""}`,
+            step: STEP_ENUM[j.step as StepName] ?? VmStep.UNSPECIFIED,
+          }),
+        ),
+      };
+    },
+
+    testConnectivity: async (req) => {
+      const src = await this.resolve(req.source, req.vpc);
+      if (!src) throw new NotFoundError("vm", req.source);
+      if (src.kind !== "netns") throw new FailedPreconditionError(`TestConnectivity runs probes inside kind=netns VMs; ${src.name} is ${src.kind} (use its console)`);
+      let target = req.target;
+      let targetVm = "";
+      if (!ipLike(target)) {
+        const t = await this.resolve(target, src.vpcId);
+        if (!t) throw new NotFoundError("vm", target, `no VM of that name in the source's VPC`);
+        target = t.address;
+        targetVm = t.id;
+      } else V.ipv4("target", target);
+      const timeout = Math.min(req.timeoutMs ?? 2000, 10_000);
+      const t0 = process.hrtime.bigint();
+      let result: ConnectivityResult;
+      let method: string;
+      if (req.protocol === Protocol.ICMP || req.port === undefined) {
+        method = "icmp echo";
+        const r = await sh("ip", ["netns", "exec", src.netns, "ping", "-c", "1", "-W", String(Math.ceil(timeout / 1000)), target], timeout + 3000);
+        result = / 1 received/.test(r.out) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
+      } else {
+        method = `tcp connect :${V.port("port", req.port)}`;
+        const r = await sh("ip", ["netns", "exec", src.netns, process.execPath, "-e", TCP_PROBE, target, String(req.port), String(timeout)], timeout + 3000);
+        result = r.out.includes("connected")
+          ? ConnectivityResult.REACHABLE
+          : r.out.includes("refused")
+            ? ConnectivityResult.REFUSED
+            : r.out.includes("timeout")
+              ? ConnectivityResult.TIMEOUT
+              : ConnectivityResult.UNREACHABLE;
+      }
+      const us = Number((process.hrtime.bigint() - t0) / 1000n);
+      return {
+        reachable: result === ConnectivityResult.REACHABLE,
+        result,
+        latencyUs: result === ConnectivityResult.REACHABLE ? us : 0,
+        sourceAddress: src.address,
+        targetAddress: target,
+        targetVmId: targetVm,
+        method,
+        detail: "",
+      };
+    },
+  };
+}
+
+function ipLike(s: string): boolean {
+  return /^[0-9.]+$/.test(s);
+}

@@ -1,0 +1,119 @@
+// VM records and the journal of in-flight operations, in Redis. A step is
+// recorded as done only after it succeeded, and the record of what it made
+// (address, NIC id…) is written with it, so a vmm killed at any point knows
+// on restart exactly what to undo or finish.
+import type { Redis } from "ioredis";
+
+export type StepName = "ipam" | "netagent" | "firewall" | "gateway" | "boot";
+export const STEPS: StepName[] = ["ipam", "netagent", "firewall", "gateway", "boot"];
+
+export interface VmRec {
+  id: string;
+  name: string;
+  hostId: string;
+  vpcId: string;
+  subnetId: string;
+  kind: "netns" | "qemu" | "firecracker";
+  state: "pending" | "running" | "deleting" | "failed";
+  statusMessage: string;
+  groups: string[];
+  wantedAddress: string;
+  hostname: string;
+  vcpus: number;
+  memoryMib: number;
+  userData: string; // base64
+  sshKeys: { name: string; key: string }[];
+  labels: { key: string; value: string }[];
+  imds: { tokens: number; endpoint: number; hopLimit?: number };
+  clientToken: string;
+  createdMs: number;
+  startedMs: number;
+  /** What the steps made. */
+  address: string;
+  nicId: string;
+  hostIf: string;
+  mac: string;
+  netns: string;
+  pid: number;
+  kernelIpArg: string;
+  consoleLog: string;
+  /** Steps done, in order, with their timing. */
+  done: { step: StepName; startMs: number; endMs: number; detail: string }[];
+  /** The operation in flight ("" when none), and journal lines. */
+  op: "" | "create" | "delete" | "rollback";
+  journal: { t: number; op: string; step: string; state: string; msg: string }[];
+}
+
+const K = {
+  vm: (id: string) => `mvpc:vm:${id}`,
+  byName: (vpc: string) => `mvpc:vm:vpc:${vpc}:byname`,
+  host: (h: string) => `mvpc:vm:host:${h}`,
+  all: "mvpc:vms",
+};
+
+export class VmStore {
+  constructor(readonly redis: Redis) {}
+
+  /** Claims the name in the VPC; returns the id holding it (ours or another). */
+  async claim(v: VmRec): Promise<string> {
+    const r = await this.redis.eval(
+      `local held = redis.call('HGET', KEYS[1], ARGV[1])
+       if held and redis.call('EXISTS', 'mvpc:vm:' .. held) == 1 then return held end
+       redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+       redis.call('SET', KEYS[2], ARGV[3])
+       redis.call('SADD', KEYS[3], ARGV[2])
+       redis.call('ZADD', KEYS[4], 0, ARGV[2])
+       redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.created', 'vm', ARGV[2])
+       return ARGV[2]`,
+      4,
+      K.byName(v.vpcId),
+      K.vm(v.id),
+      K.host(v.hostId),
+      K.all,
+      v.name,
+      v.id,
+      JSON.stringify(v),
+    );
+    return String(r);
+  }
+
+  async put(v: VmRec): Promise<void> {
+    await this.redis.set(K.vm(v.id), JSON.stringify(v));
+  }
+
+  async get(id: string): Promise<VmRec | null> {
+    const j = await this.redis.get(K.vm(id));
+    return j ? (JSON.parse(j) as VmRec) : null;
+  }
+
+  async byName(vpcId: string, name: string): Promise<VmRec | null> {
+    const id = await this.redis.hget(K.byName(vpcId), name);
+    return id ? this.get(id) : null;
+  }
+
+  async ofHost(hostId: string): Promise<VmRec[]> {
+    const ids = await this.redis.smembers(K.host(hostId));
+    return (await Promise.all(ids.map((id) => this.get(id)))).filter((x): x is VmRec => !!x);
+  }
+
+  async all(): Promise<VmRec[]> {
+    const ids = await this.redis.zrange(K.all, 0, -1);
+    return (await Promise.all(ids.map((id) => this.get(id)))).filter((x): x is VmRec => !!x);
+  }
+
+  async remove(v: VmRec): Promise<void> {
+    await this.redis.eval(
+      `if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+       redis.call('DEL', KEYS[2]) redis.call('SREM', KEYS[3], ARGV[2]) redis.call('ZREM', KEYS[4], ARGV[2])
+       redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.deleted', 'vm', ARGV[2])
+       return 1`,
+      4,
+      K.byName(v.vpcId),
+      K.vm(v.id),
+      K.host(v.hostId),
+      K.all,
+      v.name,
+      v.id,
+    );
+  }
+}
