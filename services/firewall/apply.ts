@@ -2,7 +2,7 @@
 // namespace (one atomic transaction per call), nft's counters, and conntrack.
 // Argument arrays only; the script itself comes from the compiler, whose
 // inputs are validated.
-import { execFile } from "node:child_process";
+import { exec } from "../common/exec.js";
 
 export interface CtEntry {
   proto: string;
@@ -31,14 +31,9 @@ export class NftError extends Error {
   }
 }
 
-function exec(file: string, args: string[], input?: string): Promise<{ code: number; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const child = execFile(file, args, { env: { ...process.env, LC_ALL: "C" }, timeout: 60_000, maxBuffer: 256 * 1024 * 1024 }, (error, stdout, stderr) => {
-      const code = error ? (typeof (error as { code?: unknown }).code === "number" ? (error as { code: number }).code : 1) : 0;
-      resolve({ code, out: String(stdout), err: String(stderr) || (error ? error.message : "") });
-    });
-    if (input !== undefined) child.stdin!.end(input);
-  });
+async function run(file: string, args: string[], input?: string): Promise<{ code: number; out: string; err: string }> {
+  const r = await exec(file, args, { input, timeoutMs: 60_000 });
+  return { code: r.code, out: r.stdout, err: r.stderr };
 }
 
 /** Parses `conntrack -L` lines: the original direction's tuple. */
@@ -54,17 +49,17 @@ export function parseConntrack(text: string): CtEntry[] {
 
 export class LinuxNft implements NftRunner {
   async apply(ns: string, script: string): Promise<void> {
-    const r = await exec("ip", ["netns", "exec", ns, "nft", "-f", "-"], script);
+    const r = await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], script);
     if (r.code !== 0) throw new NftError(ns, r.err, script);
   }
 
   async tableExists(ns: string): Promise<boolean> {
-    const r = await exec("ip", ["netns", "exec", ns, "nft", "list", "chain", "inet", "microvpc", "forward"]);
+    const r = await run("ip", ["netns", "exec", ns, "nft", "list", "chain", "inet", "microvpc", "forward"]);
     return r.code === 0;
   }
 
   async counters(ns: string): Promise<Map<string, Counter>> {
-    const r = await exec("ip", ["netns", "exec", ns, "nft", "-j", "list", "counters", "table", "inet", "microvpc"]);
+    const r = await run("ip", ["netns", "exec", ns, "nft", "-j", "list", "counters", "table", "inet", "microvpc"]);
     const m = new Map<string, Counter>();
     if (r.code !== 0) return m;
     for (const o of (JSON.parse(r.out).nftables ?? []) as { counter?: { name: string; packets: number; bytes: number } }[]) {
@@ -74,13 +69,13 @@ export class LinuxNft implements NftRunner {
   }
 
   async conntrackList(ns: string): Promise<CtEntry[]> {
-    const r = await exec("ip", ["netns", "exec", ns, "conntrack", "-L"]);
+    const r = await run("ip", ["netns", "exec", ns, "conntrack", "-L"]);
     return parseConntrack(r.out);
   }
 
   async conntrackDelete(ns: string, e: CtEntry): Promise<void> {
     const args = ["netns", "exec", ns, "conntrack", "-D", "-p", e.proto, "-s", e.src, "-d", e.dst];
     if (e.proto === "tcp" || e.proto === "udp") args.push("--sport", String(e.sport), "--dport", String(e.dport));
-    await exec("ip", args);
+    await run("ip", args);
   }
 }

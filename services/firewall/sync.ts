@@ -7,6 +7,7 @@ import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
+import { followEvents } from "../common/events.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { names } from "../netagent/plan.js";
 import type { HostStore } from "../netagent/store.js";
@@ -201,26 +202,7 @@ export class FirewallSync {
       }
     };
     void loop();
-    void this.followEvents(redis);
-  }
-
-  private async followEvents(redis: Redis): Promise<void> {
-    // A dedicated connection: XREAD BLOCK holds it.
-    const sub = redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
-    sub.on("error", () => {});
-    let last = "$";
-    while (!this.stopped) {
-      try {
-        const r = (await sub.xread("COUNT", 1000, "BLOCK", 5000, "STREAMS", "mvpc:events", last)) as [string, [string, string[]][]][] | null;
-        if (!r) continue;
-        const entries = r[0][1];
-        last = entries[entries.length - 1][0];
-        if (entries.some(([, f]) => /^(fw\.|nic\.|subnet\.|vpc\.)/.test(f[f.indexOf("kind") + 1] ?? ""))) this.kick();
-      } catch {
-        await new Promise((res) => setTimeout(res, 1000));
-      }
-    }
-    sub.disconnect();
+    void followEvents(redis, /^(fw\.|nic\.|subnet\.|vpc\.)/, () => this.kick(), () => this.stopped);
   }
 
   stop(): void {

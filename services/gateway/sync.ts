@@ -3,11 +3,12 @@
 // forwards of local NICs, IMDS hop limits) and applies it: transit links and
 // routes with `ip -batch`, one nft transaction per namespace. Re-applies only
 // what changed; follows the change events; a periodic pass repairs drift.
-import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter } from "prom-client";
+import { followEvents } from "../common/events.js";
+import { exec, inNetns } from "../common/exec.js";
 import { metricsRegistry } from "../common/metrics.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
@@ -22,17 +23,8 @@ const applies = new Counter({
   registers: [metricsRegistry],
 });
 
-function run(file: string, args: string[], input?: string): Promise<{ code: number; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const c = execFile(file, args, { env: { ...process.env, LC_ALL: "C" }, timeout: 30_000, maxBuffer: 64 << 20 }, (e, out, err) =>
-      resolve({ code: e ? (typeof (e as { code?: unknown }).code === "number" ? (e as { code: number }).code : 1) : 0, out: String(out), err: String(err) || (e ? e.message : "") }),
-    );
-    if (input !== undefined) c.stdin!.end(input);
-  });
-}
-
-/** argv prefix that runs a command in a namespace ("" = our own). */
-const inNs = (ns: string, cmd: string[]): [string, string[]] => (ns ? ["ip", ["netns", "exec", ns, ...cmd]] : [cmd[0], cmd.slice(1)]);
+const run = (file: string, args: string[], input?: string) => exec(file, args, { input }).then((r) => ({ code: r.code, out: r.stdout, err: r.stderr }));
+const inNs = inNetns;
 
 async function must(p: Promise<{ code: number; out: string; err: string }>, what: string): Promise<string> {
   const r = await p;
@@ -188,23 +180,7 @@ export class GatewaySync {
         });
       }
     })();
-    void (async () => {
-      const sub = redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
-      sub.on("error", () => {});
-      let id = "$";
-      while (!this.stopped) {
-        try {
-          const r = (await sub.xread("COUNT", 1000, "BLOCK", 5000, "STREAMS", "mvpc:events", id)) as [string, [string, string[]][]][] | null;
-          if (!r) continue;
-          const entries = r[0][1];
-          id = entries[entries.length - 1][0];
-          if (entries.some(([, f]) => /^(gw\.|nic\.|subnet\.|vpc\.)/.test(f[f.indexOf("kind") + 1] ?? ""))) this.kick();
-        } catch {
-          await new Promise((res) => setTimeout(res, 1000));
-        }
-      }
-      sub.disconnect();
-    })();
+    void followEvents(redis, /^(gw\.|nic\.|subnet\.|vpc\.)/, () => this.kick(), () => this.stopped);
   }
 
   stop(): void {

@@ -4,7 +4,7 @@
 // the error names the step. Every undo is idempotent and keyed by the VM id,
 // so a vmm killed at any point rolls the operation back (or finishes a
 // delete) on restart: a VM is either fully up or fully gone.
-import { execFile } from "node:child_process";
+import { exec } from "../common/exec.js";
 import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -73,12 +73,9 @@ const STEP_ENUM: Record<StepName, VmStep> = {
   boot: VmStep.BOOT,
 };
 
-function sh(file: string, args: string[], timeoutMs = 10_000): Promise<{ code: number; out: string }> {
-  return new Promise((resolve) =>
-    execFile(file, args, { env: { ...process.env, LC_ALL: "C" }, timeout: timeoutMs }, (e, out, err) =>
-      resolve({ code: e ? (typeof (e as { code?: unknown }).code === "number" ? (e as { code: number }).code : 1) : 0, out: `${out}${err}` }),
-    ),
-  );
+async function sh(file: string, args: string[], timeoutMs = 10_000): Promise<{ code: number; out: string }> {
+  const r = await exec(file, args, { timeoutMs });
+  return { code: r.code, out: `${r.stdout}${r.stderr}` };
 }
 
 const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
