@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# microvpc: one image for every daemon. A container runs `microvpcd <service>`
+# (ipam, netagent, firewall, gateway, vmm) — the same entry point the
+# integration tests start (bin/microvpcd.js) — with flags as MICROVPC_* env.
+#
+#   docker build -t microvpc:dev .
+#   docker run --rm microvpc:dev ipam --help
+#
+# Base: node:20-bookworm-slim. Node 20 is what package.json's engines and CI
+# use (Debian bookworm's own nodejs is 18, too old); bookworm is the Debian
+# release CI installs deploy/packages.txt on, so the image gets the same
+# nftables/iproute2/wireguard versions the tests ran against.
+ARG NODE_IMAGE=node:20-bookworm-slim
+
+# --- stage 1: production node_modules (no dev dependencies, no build step:
+# tsx runs the TypeScript sources; gen/ is committed).
+FROM ${NODE_IMAGE} AS deps
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
+
+# --- stage 2: the runtime image.
+FROM ${NODE_IMAGE} AS runtime
+ENV DEBIAN_FRONTEND=noninteractive NODE_ENV=production
+# Debian packages: every line of deploy/packages.txt — the file .ci/run
+# installs, read here, never copied — except what a container does not need:
+#   redis-server redis-tools  Redis runs from its own image (deploy/k8s)
+#   iperf3 busybox-static     tools the tests drive (busybox is also the
+#                             guest's userland, which deploy/guest/build.sh packs)
+#   cpio kmod                 deploy/guest/build.sh's tools for building guests
+# A package added to the list later is installed unless it is named here.
+ARG LEAVE_OUT="redis-server redis-tools iperf3 busybox-static cpio kmod"
+COPY deploy/packages.txt /tmp/packages.txt
+RUN printf '%s\n' $LEAVE_OUT > /tmp/leave-out \
+ && apt-get update \
+ && grep -v '^#' /tmp/packages.txt | grep -vxF -f /tmp/leave-out \
+    | xargs --no-run-if-empty apt-get install -y --no-install-recommends \
+ && rm -rf /var/lib/apt/lists/* /tmp/packages.txt /tmp/leave-out
+WORKDIR /app
+COPY --from=deps /app/node_modules ./node_modules
+COPY package.json package-lock.json tsconfig.json ./
+COPY bin ./bin
+COPY cli ./cli
+COPY services ./services
+COPY gen ./gen
+# `microvpcd` on PATH is bin/microvpcd.js (package.json "bin"); the smoke
+# check proves the entry point loads; its tsx cache is not kept.
+RUN ln -s /app/bin/microvpcd.js /usr/local/bin/microvpcd \
+ && ln -s /app/bin/microvpc.js /usr/local/bin/microvpc \
+ && microvpcd --help >/dev/null \
+ && rm -rf /tmp/tsx-*
+# Non-root by default (ipam, vmm). The manifests run netagent, firewall and
+# gateway as root with the capabilities they need (deploy/k8s/README.md).
+USER 1000:1000
+ENTRYPOINT ["microvpcd"]
+CMD ["--help"]

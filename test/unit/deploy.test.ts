@@ -1,0 +1,769 @@
+// The deployment, checked without a cluster or a docker engine:
+// - deploy/k8s: every overlay renders (deploy/k8s/kustomize.ts, a kustomize
+//   subset), every object validates against the Kubernetes API schemas
+//   (kubernetes-models) and, strictly, against their TypeScript types (no
+//   unknown field anywhere), plus the API-server rules a schema cannot say
+//   (selectors, references, ports, privileges);
+// - every microvpc container runs `microvpcd <service>` — the entry point the
+//   integration tests start — with only flags and MICROVPC_* variables that
+//   `microvpcd <service> --help` lists;
+// - the overlays change what they claim, and keep Redis's durability;
+// - the Dockerfile installs deploy/packages.txt (the file .ci/run installs),
+//   which provides every program the services run.
+import assert from "node:assert/strict";
+import { execFile, execFileSync, spawn } from "node:child_process";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { test } from "node:test";
+import ts from "typescript";
+import { parse as parseYaml } from "yaml";
+import { build, isObj, parseYamlDocs, resId, splitImage, strategicMerge, type K8sObject, type Obj } from "../../deploy/k8s/kustomize.js";
+import { isLoopback, parseListen } from "../../services/common/server.js";
+
+const ROOT = fileURLToPath(new URL("../..", import.meta.url));
+const K8S = join(ROOT, "deploy", "k8s");
+const OVERLAYS = ["dev", "production"] as const;
+type Overlay = (typeof OVERLAYS)[number];
+const SERVICES = ["ipam", "netagent", "firewall", "gateway", "vmm"] as const;
+const DEFAULT_PORT: Record<string, number> = { ipam: 7401, netagent: 7402, firewall: 7403, gateway: 7404, vmm: 7405 };
+const HYPERVISOR = ["netagent", "firewall", "gateway", "vmm"];
+const PKG = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string; bin: Record<string, string> };
+
+const rendered: Record<Overlay, K8sObject[]> = { dev: build(join(K8S, "overlays", "dev")), production: build(join(K8S, "overlays", "production")) };
+const baseObjects = build(join(K8S, "base"));
+
+// ---------- helpers over rendered objects
+
+interface Container extends Obj {
+  name: string;
+  image: string;
+  command?: string[];
+  args?: string[];
+  env?: EnvVar[];
+  ports?: { name?: string; containerPort: number; hostPort?: number; protocol?: string }[];
+  volumeMounts?: { name: string; mountPath: string; mountPropagation?: string; readOnly?: boolean }[];
+  securityContext?: Obj & { privileged?: boolean; allowPrivilegeEscalation?: boolean; runAsUser?: number; runAsNonRoot?: boolean; capabilities?: { add?: string[]; drop?: string[] } };
+  resources?: { requests?: Record<string, string | number>; limits?: Record<string, string | number> };
+  readinessProbe?: Probe;
+  livenessProbe?: Probe;
+  startupProbe?: Probe;
+}
+interface EnvVar {
+  name: string;
+  value?: string;
+  valueFrom?: { fieldRef?: { fieldPath: string }; secretKeyRef?: { name: string; key: string }; configMapKeyRef?: { name: string; key: string } };
+}
+interface Probe extends Obj {
+  grpc?: { port: number; service?: string };
+  httpGet?: { path: string; port: number };
+  tcpSocket?: { port: number };
+  exec?: { command: string[] };
+}
+interface PodSpec extends Obj {
+  containers: Container[];
+  initContainers?: Container[];
+  volumes?: (Obj & { name: string })[];
+  hostNetwork?: boolean;
+  securityContext?: Obj;
+}
+interface Workload {
+  obj: K8sObject;
+  labels: Record<string, string>;
+  pod: PodSpec;
+}
+
+const WORKLOAD_KINDS = new Set(["Deployment", "StatefulSet", "DaemonSet"]);
+
+function workloads(objs: K8sObject[]): Workload[] {
+  return objs
+    .filter((o) => WORKLOAD_KINDS.has(o.kind))
+    .map((o) => {
+      const spec = o.spec as Obj & { template: { metadata: { labels: Record<string, string> }; spec: PodSpec } };
+      return { obj: o, labels: spec.template.metadata.labels, pod: spec.template.spec };
+    });
+}
+
+function find(objs: K8sObject[], kind: string, name: string): K8sObject {
+  const o = objs.find((x) => x.kind === kind && x.metadata.name === name);
+  assert.ok(o, `${kind}/${name} is in the build`);
+  return o;
+}
+
+function container(objs: K8sObject[], kind: string, name: string, c: string): Container {
+  const w = workloads(objs).find((x) => x.obj.kind === kind && x.obj.metadata.name === name);
+  assert.ok(w, `${kind}/${name}`);
+  const got = [...w.pod.containers, ...(w.pod.initContainers ?? [])].find((x) => x.name === c);
+  assert.ok(got, `${kind}/${name} has a container ${c}`);
+  return got;
+}
+
+function envOf(c: Container, name: string): EnvVar | undefined {
+  return (c.env ?? []).find((e) => e.name === name);
+}
+
+function matches(selector: Record<string, string>, labels: Record<string, string>): boolean {
+  return Object.entries(selector).every(([k, v]) => labels[k] === v);
+}
+
+/** The image the overlay gives microvpc containers (kustomization `images:`). */
+function microvpcImage(overlay: Overlay): string {
+  const k = parseYaml(readFileSync(join(K8S, "overlays", overlay, "kustomization.yaml"), "utf8")) as { images: { name: string; newName?: string; newTag?: string }[] };
+  const img = k.images.find((i) => i.name === "microvpc");
+  assert.ok(img, `${overlay} pins the microvpc image`);
+  return `${img.newName ?? "microvpc"}:${img.newTag}`;
+}
+
+function microvpcContainers(objs: K8sObject[], image: string): { w: Workload; c: Container }[] {
+  return workloads(objs).flatMap((w) => [...w.pod.containers, ...(w.pod.initContainers ?? [])].filter((c) => c.image === image || c.command?.[0] === "microvpcd").map((c) => ({ w, c })));
+}
+
+// ---------- `microvpcd <service> --help`: the flags and variables each daemon reads
+
+interface Help {
+  flags: Set<string>;
+  env: Set<string>;
+  logLevels: string[];
+}
+
+const helps: Promise<Record<string, Help>> = (async () => {
+  const out: Record<string, Help> = {};
+  await Promise.all(
+    SERVICES.map(
+      (s) =>
+        new Promise<void>((resolve, reject) => {
+          execFile(process.execPath, [join(ROOT, PKG.bin.microvpcd), s, "--help"], { encoding: "utf8", timeout: 60_000 }, (err, stdout) => {
+            if (err) return reject(err);
+            const flags = new Set([...stdout.matchAll(/^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)/gm)].map((m) => m[1]));
+            const env = new Set([...stdout.matchAll(/\b(MICROVPC_[A-Z0-9_]+)\b/g)].map((m) => m[1]));
+            const levels = /--log-level[\s\S]*?choices: ([^)]*?), default/.exec(stdout)?.[1].match(/"(\w+)"/g)?.map((x) => x.slice(1, -1)) ?? [];
+            out[s] = { flags, env, logLevels: levels };
+            resolve();
+          });
+        }),
+    ),
+  );
+  return out;
+})();
+
+// ---------- the kustomize subset itself
+
+test("kustomize subset: strategic merge as the API server does it for the fields we patch", () => {
+  const base = {
+    spec: {
+      replicas: 1,
+      template: {
+        spec: {
+          containers: [
+            { name: "a", image: "x", args: ["one", "two"], env: [{ name: "A", value: "1" }, { name: "B", value: "2" }], volumeMounts: [{ name: "v", mountPath: "/v" }] },
+            { name: "b", image: "y" },
+          ],
+          tolerations: [{ key: "k1" }],
+        },
+      },
+    },
+  };
+  const patch = {
+    spec: {
+      replicas: 3,
+      template: {
+        spec: {
+          containers: [
+            { name: "a", args: ["three"], env: [{ name: "B", value: "20" }, { name: "C", value: "3" }], volumeMounts: [{ name: "w", mountPath: "/w" }] },
+            { name: "b", $patch: "delete" },
+            { name: "c", image: "z" },
+          ],
+          tolerations: [{ key: "k2" }],
+        },
+      },
+    },
+  };
+  assert.deepEqual(strategicMerge(base, patch, ""), {
+    spec: {
+      replicas: 3,
+      template: {
+        spec: {
+          containers: [
+            {
+              name: "a",
+              image: "x",
+              args: ["three"],
+              env: [{ name: "A", value: "1" }, { name: "B", value: "20" }, { name: "C", value: "3" }],
+              volumeMounts: [{ name: "v", mountPath: "/v" }, { name: "w", mountPath: "/w" }],
+            },
+            { name: "c", image: "z" },
+          ],
+          tolerations: [{ key: "k2" }],
+        },
+      },
+    },
+  });
+  assert.deepEqual(strategicMerge({ a: 1, b: { c: 2, d: 3 } }, { b: { c: null } }, ""), { a: 1, b: { d: 3 } });
+  assert.deepEqual(strategicMerge({ ports: [{ port: 1, name: "a" }] }, { ports: [{ port: 2, name: "b" }] }, ""), { ports: [{ port: 1, name: "a" }, { port: 2, name: "b" }] });
+  assert.throws(() => strategicMerge({ a: {} }, { a: { $patch: "replace" } }, ""), /not implemented/);
+  assert.throws(() => strategicMerge({ containers: [{ name: "a" }] }, { containers: [{ image: "x" }] }, ""), /merge key 'name'/);
+  assert.deepEqual(splitImage("reg.example:5000/a/b:1.2@sha256:ab"), { name: "reg.example:5000/a/b", tag: "1.2", digest: "sha256:ab" });
+  assert.deepEqual(splitImage("reg.example:5000/a/b"), { name: "reg.example:5000/a/b", digest: undefined });
+});
+
+test("kustomize subset: duplicate ids, unknown fields and unmatched patches are errors, not silent", () => {
+  const dir = mkdtempSync(join(tmpdir(), "mvpc-kz-"));
+  try {
+    const cm = (n: string) => `apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ${n}\ndata:\n  a: "1"\n`;
+    writeFileSync(join(dir, "a.yaml"), cm("x"));
+    writeFileSync(join(dir, "b.yaml"), cm("x"));
+    writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml, b.yaml]\n");
+    assert.throws(() => build(dir), /already registered id: \|ConfigMap\|\|x/);
+    writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml]\ncommonLabels: {a: b}\n");
+    assert.throws(() => build(dir), /'commonLabels' is not implemented/);
+    writeFileSync(join(dir, "p.yaml"), cm("other"));
+    writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml]\npatches: [{path: p.yaml}]\n");
+    assert.throws(() => build(dir), /matched 0 resources/);
+    writeFileSync(join(dir, "ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: tns\n");
+    writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: tns\nresources: [a.yaml, ns.yaml]\n");
+    const got = build(dir);
+    assert.equal(got.find((o) => o.kind === "ConfigMap")!.metadata.namespace, "tns");
+    assert.equal(got.find((o) => o.kind === "Namespace")!.metadata.namespace, undefined);
+    // YAML 1.1, as kubectl: a leading-zero mode is octal, and a bare n/y/no/yes is a boolean.
+    assert.equal((parseYamlDocs("apiVersion: v1\nkind: X\nmetadata: {name: a}\nmode: 0440\n", "x")[0] as Obj).mode, 0o440);
+    assert.throws(() => parseYamlDocs("apiVersion: v1\nkind: X\nmetadata: {name: n}\n", "x"), /metadata.name/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// ---------- the Kubernetes API schemas
+
+async function modelFor(o: K8sObject): Promise<new (d: unknown) => { validate(): void }> {
+  const mod = (await import(`kubernetes-models/${o.apiVersion}`)) as Record<string, new (d: unknown) => { validate(): void }>;
+  const M = mod[o.kind];
+  assert.ok(M, `kubernetes-models knows ${o.apiVersion} ${o.kind}`);
+  return M;
+}
+
+for (const overlay of OVERLAYS) {
+  test(`${overlay}: every object validates against the Kubernetes API schema (kubernetes-models)`, async () => {
+    assert.ok(rendered[overlay].length > 10);
+    for (const o of rendered[overlay]) {
+      const M = await modelFor(o);
+      assert.doesNotThrow(() => new M(o).validate(), `${o.kind}/${o.metadata.name}`);
+    }
+  });
+}
+
+/** Type-checks each object as a literal of its kubernetes-models interface; returns the errors. */
+function strictFieldErrors(objs: { label: string; obj: K8sObject }[]): string[] {
+  // The JSON schemas accept unknown fields (kubectl --validate=strict does
+  // not): assigning each object as a literal to its model's interface makes
+  // the TypeScript compiler reject any excess property, at every depth.
+  const file = join(ROOT, "test", "unit", "__deploy_strict_check__.ts");
+  const source = objs
+    .map(({ obj }, i) => `import type { I${obj.kind} as T${i} } from "kubernetes-models/${obj.apiVersion}";\nexport const o${i}: T${i} = ${JSON.stringify(obj)};`)
+    .join("\n");
+  const options: ts.CompilerOptions = { strict: true, noEmit: true, skipLibCheck: true, module: ts.ModuleKind.NodeNext, moduleResolution: ts.ModuleResolutionKind.NodeNext, target: ts.ScriptTarget.ES2022, types: [] };
+  const host = ts.createCompilerHost(options);
+  const getSourceFile = host.getSourceFile.bind(host);
+  host.getSourceFile = (name, lang, ...rest) => (name === file ? ts.createSourceFile(name, source, lang) : getSourceFile(name, lang, ...rest));
+  const fileExists = host.fileExists.bind(host);
+  host.fileExists = (name) => name === file || fileExists(name);
+  const program = ts.createProgram([file], options, host);
+  return ts
+    .getPreEmitDiagnostics(program)
+    .filter((d) => d.file?.fileName === file)
+    .map((d) => `${objs[Math.floor(d.file!.getLineAndCharacterOfPosition(d.start!).line / 2)]?.label ?? "?"}: ${ts.flattenDiagnosticMessageText(d.messageText, "\n").split("\n")[0]}`);
+}
+
+test("every object of every overlay has only fields the API knows (type-checked against kubernetes-models' types)", () => {
+  const all = OVERLAYS.flatMap((overlay) => rendered[overlay].map((obj) => ({ label: `${overlay} ${obj.kind}/${obj.metadata.name}`, obj })));
+  // The check itself catches a misspelt field deep down, and a wrong type.
+  const ds = structuredClone(find(rendered.dev, "DaemonSet", "microvpc-hypervisor"));
+  ((ds.spec as Obj & { template: { spec: PodSpec } }).template.spec.containers[0] as Obj).imagePullPolicyy = "Always";
+  const svc = structuredClone(find(rendered.dev, "Service", "microvpc-ipam"));
+  (svc.spec as { ports: Obj[] }).ports[0].port = "7401";
+  const bad = strictFieldErrors([{ label: "typo", obj: ds }, { label: "type", obj: svc }]);
+  assert.equal(bad.length, 2, bad.join("\n"));
+  assert.match(bad[0], /^typo: .*imagePullPolicyy/);
+  assert.match(bad[1], /^type: .*'string' is not assignable to type 'number'/);
+  assert.deepEqual(strictFieldErrors(all), []);
+});
+
+// ---------- what the API server checks beyond the schema
+
+for (const overlay of OVERLAYS) {
+  test(`${overlay}: selectors, references, ports and privileges pass the API server's rules`, () => {
+    const objs = rendered[overlay];
+    const ids = objs.map(resId);
+    assert.equal(new Set(ids).size, ids.length, "no duplicate resource");
+    const ns = objs.filter((o) => o.kind === "Namespace");
+    assert.equal(ns.length, 1, "the overlay creates its namespace");
+    for (const o of objs) {
+      assert.match(o.metadata.name, /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/, `${o.kind}/${o.metadata.name}: a DNS-1123 name`);
+      if (o.kind !== "Namespace") assert.equal(o.metadata.namespace, ns[0].metadata.name, `${o.kind}/${o.metadata.name} is in the overlay's namespace`);
+    }
+    const pods = workloads(objs);
+    const secrets = new Map(objs.filter((o) => o.kind === "Secret").map((o) => [o.metadata.name, Object.keys({ ...(o.stringData as Obj), ...(o.data as Obj) })]));
+    const configMaps = new Map(objs.filter((o) => o.kind === "ConfigMap").map((o) => [o.metadata.name, Object.keys(o.data as Obj)]));
+    const secretRefs = new Set<string>();
+    const checkSecretKey = (name: string, key: string | undefined, what: string) => {
+      secretRefs.add(name);
+      if (overlay === "production") return; // created out of band; checked below
+      assert.ok(secrets.has(name), `${what}: Secret ${name} exists`);
+      if (key) assert.ok(secrets.get(name)!.includes(key), `${what}: Secret ${name} has key ${key}`);
+    };
+    for (const w of pods) {
+      const name = `${w.obj.kind}/${w.obj.metadata.name}`;
+      const spec = w.obj.spec as Obj & { selector: { matchLabels: Record<string, string> } };
+      assert.ok(matches(spec.selector.matchLabels, w.labels), `${name}: the selector matches the template's labels`);
+      const all = [...w.pod.containers, ...(w.pod.initContainers ?? [])];
+      assert.equal(new Set(all.map((c) => c.name)).size, all.length, `${name}: container names are unique`);
+      const claims = ((w.obj.spec as Obj).volumeClaimTemplates as { metadata: { name: string } }[] | undefined) ?? [];
+      const volumes = new Map<string, Obj>([...(w.pod.volumes ?? []).map((v) => [v.name, v] as const), ...claims.map((t) => [t.metadata.name, { name: t.metadata.name }] as const)]);
+      assert.equal(volumes.size, (w.pod.volumes ?? []).length + claims.length, `${name}: volume names are unique`);
+      const portNames = new Set<string>();
+      const hostPorts = new Set<number>();
+      for (const v of volumes.values()) {
+        if (isObj(v.configMap)) assert.ok(configMaps.has(v.configMap.name as string), `${name}: ConfigMap ${String(v.configMap.name)} exists`);
+        if (isObj(v.secret)) checkSecretKey(v.secret.secretName as string, undefined, name);
+      }
+      for (const c of all) {
+        const cn = `${name} ${c.name}`;
+        const sc = c.securityContext ?? {};
+        const caps = sc.capabilities?.add ?? [];
+        if (sc.allowPrivilegeEscalation === false) {
+          assert.ok(!sc.privileged && !caps.includes("SYS_ADMIN"), `${cn}: allowPrivilegeEscalation false cannot go with privileged or SYS_ADMIN`);
+        }
+        const mounts = c.volumeMounts ?? [];
+        assert.equal(new Set(mounts.map((m) => m.mountPath)).size, mounts.length, `${cn}: mount paths are unique`);
+        for (const m of mounts) {
+          assert.ok(volumes.has(m.name), `${cn}: volume ${m.name} exists`);
+          if (m.mountPropagation === "Bidirectional") assert.equal(sc.privileged, true, `${cn}: Bidirectional mount propagation is only for privileged containers`);
+        }
+        for (const p of c.ports ?? []) {
+          if (p.name) {
+            assert.match(p.name, /^(?=.{1,15}$)[a-z0-9]+(-[a-z0-9]+)*$/, `${cn}: port name ${p.name} is an IANA service name`);
+            assert.ok(!portNames.has(p.name), `${cn}: port name ${p.name} is unique in the pod`);
+            portNames.add(p.name);
+          }
+          if (w.pod.hostNetwork) {
+            assert.ok(p.hostPort === undefined || p.hostPort === p.containerPort, `${cn}: with hostNetwork hostPort must equal containerPort`);
+            assert.ok(!hostPorts.has(p.containerPort), `${cn}: host port ${p.containerPort} used once on the node`);
+            hostPorts.add(p.containerPort);
+          }
+        }
+        // $(VAR) in env values may only name variables defined earlier; in args/command any of the container's.
+        const defined: string[] = [];
+        const envNames = (c.env ?? []).map((e) => e.name);
+        assert.equal(new Set(envNames).size, envNames.length, `${cn}: env names are unique`);
+        for (const e of c.env ?? []) {
+          for (const m of (e.value ?? "").matchAll(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g)) assert.ok(defined.includes(m[1]), `${cn}: ${e.name} uses $(${m[1]}) defined before it`);
+          defined.push(e.name);
+          if (e.valueFrom?.secretKeyRef) checkSecretKey(e.valueFrom.secretKeyRef.name, e.valueFrom.secretKeyRef.key, cn);
+          if (e.valueFrom?.configMapKeyRef) assert.ok(configMaps.get(e.valueFrom.configMapKeyRef.name)?.includes(e.valueFrom.configMapKeyRef.key), `${cn}: ConfigMap key ${e.valueFrom.configMapKeyRef.key}`);
+        }
+        for (const a of [...(c.command ?? []), ...(c.args ?? [])]) {
+          for (const m of a.matchAll(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g)) assert.ok(envNames.includes(m[1]), `${cn}: argument uses $(${m[1]}), an env var of the container`);
+        }
+        for (const p of [c.livenessProbe, c.startupProbe]) if (p) assert.ok(p.successThreshold === undefined || p.successThreshold === 1, `${cn}: liveness/startup successThreshold must be 1`);
+        const declared = (c.ports ?? []).map((p) => p.containerPort);
+        for (const p of [c.livenessProbe, c.readinessProbe, c.startupProbe]) {
+          const port = p?.grpc?.port ?? p?.httpGet?.port ?? p?.tcpSocket?.port;
+          if (port !== undefined) assert.ok(declared.includes(port), `${cn}: probe port ${port} is a declared container port`);
+        }
+      }
+    }
+    // Services, PDBs and NetworkPolicies select pods that exist, on ports they serve.
+    for (const o of objs) {
+      const spec = o.spec as Obj;
+      if (o.kind === "Service") {
+        const sel = spec.selector as Record<string, string>;
+        const targets = pods.filter((w) => matches(sel, w.labels));
+        assert.ok(targets.length > 0, `Service ${o.metadata.name} selects a workload`);
+        for (const p of spec.ports as { port: number; targetPort: number }[]) {
+          assert.ok(targets.every((w) => w.pod.containers.some((c) => (c.ports ?? []).some((cp) => cp.containerPort === p.targetPort))), `Service ${o.metadata.name}: targetPort ${p.targetPort} is served by every selected pod`);
+        }
+      }
+      if (o.kind === "PodDisruptionBudget" || o.kind === "NetworkPolicy") {
+        const sel = ((o.kind === "NetworkPolicy" ? spec.podSelector : spec.selector) as { matchLabels: Record<string, string> }).matchLabels;
+        assert.ok(pods.some((w) => matches(sel, w.labels)), `${o.kind} ${o.metadata.name} selects a workload`);
+      }
+    }
+    if (overlay === "production") {
+      assert.equal(secrets.size, 0, "production ships no Secret: they are created from a secret store");
+      const ops = readFileSync(join(ROOT, "docs", "operations.md"), "utf8");
+      for (const s of secretRefs) assert.match(ops, new RegExp(`kubectl[^\\n]*create secret generic ${s}\\b`), `docs/operations.md says how to create Secret ${s}`);
+    }
+    assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-token"]);
+  });
+}
+
+// ---------- the entry point and its flags
+
+for (const overlay of OVERLAYS) {
+  test(`${overlay}: every microvpc container runs \`microvpcd <service>\` with flags and MICROVPC_* variables the daemon reads`, async () => {
+    const help = await helps;
+    const objs = rendered[overlay];
+    const image = microvpcImage(overlay);
+    const cs = microvpcContainers(objs, image);
+    const services = cs.map(({ c }) => c.args?.[0]).sort();
+    assert.deepEqual(services, [...SERVICES].sort(), "each service runs once: ipam in its Deployment, the others in the hypervisor DaemonSet");
+    const hostIdSources = new Set<string>();
+    for (const { w, c } of cs) {
+      const svc = c.args![0];
+      const cn = `${w.obj.kind}/${w.obj.metadata.name} ${c.name}`;
+      assert.equal(c.image, image, `${cn}: the overlay's microvpc image`);
+      assert.deepEqual(c.command, ["microvpcd"], `${cn}: command is the image's ENTRYPOINT, microvpcd (bin/microvpcd.js, as in test/lib/daemon.ts)`);
+      assert.ok((SERVICES as readonly string[]).includes(svc), `${cn}: ${svc} is a microvpcd service`);
+      assert.equal(c.name, svc, `${cn}: the container is named after its service`);
+      for (const a of c.args!.slice(1)) {
+        if (a.startsWith("-")) assert.ok(help[svc].flags.has(a.split("=")[0]), `${cn}: flag ${a} is in \`microvpcd ${svc} --help\``);
+      }
+      const env = c.env ?? [];
+      const text = JSON.stringify([c.args, env.map((e) => e.value)]);
+      for (const e of env) {
+        if (e.name.startsWith("MICROVPC_")) assert.ok(help[svc].env.has(e.name), `${cn}: ${e.name} is read by microvpcd ${svc} (--help lists ${[...help[svc].env].join(", ")})`);
+        else assert.ok(text.includes(`$(${e.name})`), `${cn}: ${e.name} is not a MICROVPC_* variable, so it must only be a helper used as $(${e.name})`);
+      }
+      const val = (n: string) => envOf(c, n)?.value?.replaceAll("$(POD_IP)", "10.1.2.3");
+      // Listeners: the default ports, probes on them, and protection off loopback.
+      const listen = parseListen(val("MICROVPC_LISTEN") ?? `127.0.0.1:${DEFAULT_PORT[svc]}`);
+      const metrics = parseListen(val("MICROVPC_METRICS_LISTEN") ?? `127.0.0.1:${DEFAULT_PORT[svc] + 2000}`);
+      assert.equal(listen.port, DEFAULT_PORT[svc], `${cn}: gRPC on the default port`);
+      assert.equal(metrics.port, DEFAULT_PORT[svc] + 2000, `${cn}: metrics on port+2000`);
+      assert.equal(c.readinessProbe?.grpc?.port, listen.port, `${cn}: readiness is grpc.health.v1 on the gRPC port`);
+      for (const p of [c.livenessProbe, c.startupProbe]) assert.deepEqual(p?.httpGet, { path: "/healthz", port: metrics.port }, `${cn}: liveness/startup are /healthz on the metrics port`);
+      assert.ok(!isLoopback(listen.host), `${cn}: listens beyond loopback (probes and peers reach it)`);
+      const tokenFile = val("MICROVPC_TOKEN_FILE");
+      assert.ok(tokenFile || (val("MICROVPC_TLS_CERT") && val("MICROVPC_TLS_KEY")), `${cn}: a non-loopback listener needs a token file or TLS`);
+      if (tokenFile) {
+        const mount = (c.volumeMounts ?? []).find((m) => tokenFile.startsWith(`${m.mountPath}/`));
+        assert.ok(mount, `${cn}: ${tokenFile} is on a mounted volume`);
+        const vol = (w.pod.volumes ?? []).find((v) => v.name === mount.name) as { secret?: { secretName: string } };
+        assert.equal(vol.secret?.secretName, "microvpc-token", `${cn}: the token comes from the Secret microvpc-token`);
+        assert.equal(tokenFile.slice(mount.mountPath.length + 1), "token", `${cn}: the file is the Secret's key 'token'`);
+      }
+      assert.ok(help[svc].logLevels.includes(val("MICROVPC_LOG_LEVEL") ?? "info"), `${cn}: a log level microvpcd accepts`);
+      // Redis: the in-cluster Service, with the password from the Secret.
+      const url = new URL(envOf(c, "MICROVPC_REDIS_URL")!.value!.replace("$(REDIS_PASSWORD)", "pw"));
+      const svcObj = find(objs, "Service", url.hostname);
+      assert.ok((svcObj.spec as { ports: { port: number }[] }).ports.some((p) => p.port === Number(url.port)), `${cn}: Redis URL port is the Service's`);
+      assert.deepEqual(envOf(c, "REDIS_PASSWORD")?.valueFrom?.secretKeyRef, { name: "microvpc-redis", key: "password" });
+      // Host ids: every service that takes one gets the node name, the same for all.
+      if (help[svc].env.has("MICROVPC_HOST_ID")) {
+        const src = envOf(c, "MICROVPC_HOST_ID")?.valueFrom?.fieldRef?.fieldPath;
+        assert.equal(src, "spec.nodeName", `${cn}: --host-id comes from the node name (downward API)`);
+        hostIdSources.add(src!);
+      }
+      if (HYPERVISOR.includes(svc)) {
+        assert.equal(w.obj.kind, "DaemonSet");
+        assert.equal(envOf(c, "POD_IP")?.valueFrom?.fieldRef?.fieldPath, "status.podIP", `${cn}: listens on the node address (hostNetwork pod IP)`);
+      }
+    }
+    assert.equal(hostIdSources.size, 1, "netagent and firewall agree on the host id");
+  });
+}
+
+test("the containers' entry point is the one the integration tests start", () => {
+  assert.equal(PKG.bin.microvpcd, "bin/microvpcd.js");
+  assert.match(readFileSync(join(ROOT, "test", "lib", "daemon.ts"), "utf8"), /join\(ROOT, "bin", "microvpcd\.js"\), service/, "test/lib/daemon.ts starts bin/microvpcd.js <service>");
+  const df = readFileSync(join(ROOT, "Dockerfile"), "utf8");
+  assert.match(df, /ln -s \/app\/bin\/microvpcd\.js \/usr\/local\/bin\/microvpcd\b/, "microvpcd on PATH is bin/microvpcd.js");
+  assert.match(df, /^WORKDIR \/app$/m);
+  assert.match(df, /^COPY bin \.\/bin$/m);
+  assert.match(df, /^ENTRYPOINT \["microvpcd"\]$/m);
+});
+
+// ---------- what the overlays claim
+
+function redisConf(objs: K8sObject[]): Map<string, string> {
+  const cm = find(objs, "ConfigMap", "microvpc-redis-config").data as Record<string, string>;
+  const conf = new Map<string, string>();
+  for (const line of cm["redis.conf"].split("\n")) {
+    const m = /^\s*([a-z-]+)\s+(.*?)\s*$/.exec(line);
+    if (m && !line.trim().startsWith("#")) {
+      assert.ok(!conf.has(m[1]) || m[1] === "save", `redis.conf sets ${m[1]} once`);
+      conf.set(m[1], m[2]);
+    }
+  }
+  // Nothing appended at start may weaken it.
+  assert.doesNotMatch(cm["init.sh"], /appendfsync|appendonly|CONFIG SET/i, "init.sh does not touch persistence");
+  return conf;
+}
+
+for (const overlay of OVERLAYS) {
+  test(`${overlay}: keeps the base's promises (durability, ipam ≥ 2 + PDB, the hypervisor DaemonSet, limits)`, () => {
+    const objs = rendered[overlay];
+    const conf = redisConf(objs);
+    assert.equal(conf.get("appendonly"), "yes");
+    assert.equal(conf.get("appendfsync"), "always", "README 'Durability': every acknowledged allocation is on disk");
+    assert.equal(conf.get("maxmemory-policy"), "noeviction", "IPAM state is never evicted");
+    const redis = find(objs, "StatefulSet", "microvpc-redis").spec as { volumeClaimTemplates: { metadata: { name: string } }[] };
+    assert.equal(redis.volumeClaimTemplates[0].metadata.name, "data", "Redis data on a PVC");
+    assert.ok(container(objs, "StatefulSet", "microvpc-redis", "redis").volumeMounts!.some((m) => m.name === "data" && m.mountPath === "/data"));
+
+    const ipam = find(objs, "Deployment", "microvpc-ipam").spec as { replicas: number };
+    assert.ok(ipam.replicas >= 2, "ipam runs at least 2 replicas");
+    const pdb = find(objs, "PodDisruptionBudget", "microvpc-ipam").spec as Obj;
+    assert.ok(pdb.maxUnavailable === 1 || (typeof pdb.minAvailable === "number" && pdb.minAvailable < ipam.replicas));
+    find(objs, "Service", "microvpc-ipam");
+
+    const ds = find(objs, "DaemonSet", "microvpc-hypervisor").spec as Obj & { updateStrategy: { type: string; rollingUpdate: { maxUnavailable: number } }; template: { spec: PodSpec & Obj } };
+    const pod = ds.template.spec;
+    assert.equal(pod.hostNetwork, true);
+    assert.equal(pod.dnsPolicy, "ClusterFirstWithHostNet", "cluster DNS (microvpc-redis) from the host network");
+    assert.deepEqual(pod.nodeSelector, { "microvpc.io/hypervisor": "true" });
+    assert.deepEqual(ds.updateStrategy, { type: "RollingUpdate", rollingUpdate: { maxUnavailable: 1, maxSurge: 0 } });
+    assert.deepEqual(pod.containers.map((c) => c.name), ["netagent", "firewall", "gateway", "vmm"]);
+    const hostPaths = Object.fromEntries((pod.volumes ?? []).filter((v) => isObj(v.hostPath)).map((v) => [v.name, (v.hostPath as { path: string }).path]));
+    assert.deepEqual(hostPaths, { netns: "/run/netns", wireguard: "/var/run/wireguard", state: "/var/lib/microvpc" });
+    // Privileges, exactly (deploy/k8s/README.md "Privileges").
+    const [netagent, firewall, gateway, vmm] = pod.containers;
+    const propagation = (c: Container) => c.volumeMounts!.find((m) => m.name === "netns")?.mountPropagation;
+    assert.equal(netagent.securityContext?.privileged, true, "netagent: Bidirectional /run/netns and per-namespace sysctls need privileged");
+    assert.equal(propagation(netagent), "Bidirectional", "netagent's namespaces reach the host and outlive the container");
+    assert.ok(netagent.volumeMounts!.some((m) => m.name === "wireguard"));
+    assert.ok(netagent.volumeMounts!.some((m) => m.name === "state" && m.mountPath === "/var/lib/microvpc"), "netagent's WireGuard key survives the pod");
+    assert.ok(!firewall.securityContext?.privileged, "firewall is not privileged");
+    assert.deepEqual(firewall.securityContext?.capabilities, { drop: ["ALL"], add: ["NET_ADMIN", "SYS_ADMIN"] }, "firewall: nft/conntrack + ip netns exec");
+    assert.deepEqual(firewall.securityContext?.appArmorProfile, { type: "Unconfined" }, "firewall: ip netns exec mounts sysfs");
+    assert.equal(propagation(firewall), "HostToContainer", "firewall sees the netagent's namespaces");
+    assert.equal(gateway.securityContext?.privileged, true, "gateway: sysctl -w net.ipv4.ip_forward on the host");
+    assert.equal(propagation(gateway), "HostToContainer", "gateway sees the netagent's namespaces");
+    assert.equal(vmm.securityContext?.privileged, true, "vmm: ip netns add (Bidirectional) and ping in VPC namespaces");
+    assert.equal(propagation(vmm), "Bidirectional", "vmm's guest namespaces reach the host (and the netagent)");
+    // vmm drives the other services where they listen, with their token.
+    const listenOf = (c: Container) => envOf(c, "MICROVPC_LISTEN")?.value;
+    assert.equal(envOf(vmm, "MICROVPC_NETAGENT_ADDR")?.value, listenOf(netagent));
+    assert.equal(envOf(vmm, "MICROVPC_FIREWALL_ADDR")?.value, listenOf(firewall));
+    assert.equal(envOf(vmm, "MICROVPC_GATEWAY_ADDR")?.value, listenOf(gateway));
+    assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "microvpc-ipam:7401");
+    assert.deepEqual(envOf(vmm, "MICROVPC_SERVICE_TOKEN")?.valueFrom?.secretKeyRef, { name: "microvpc-token", key: "token" });
+    // No two containers share a writable /tmp (tsx's cache is code).
+    const tmps = pod.containers.map((c) => c.volumeMounts!.find((m) => m.mountPath === "/tmp")?.name);
+    assert.equal(new Set(tmps).size, pod.containers.length);
+
+    for (const w of workloads(objs)) {
+      for (const c of [...w.pod.containers, ...(w.pod.initContainers ?? [])]) {
+        for (const r of ["cpu", "memory"]) {
+          assert.ok(c.resources?.requests?.[r] !== undefined && c.resources?.limits?.[r] !== undefined, `${w.obj.metadata.name} ${c.name}: ${r} request and limit`);
+        }
+        if (w.obj.kind !== "DaemonSet") {
+          // Everything but the hypervisor agents fits Pod Security "restricted".
+          const sc = { ...(w.pod.securityContext ?? {}), ...(c.securityContext ?? {}) } as Obj & { capabilities?: { drop?: string[] }; seccompProfile?: { type: string } };
+          assert.equal(sc.runAsNonRoot, true, `${w.obj.metadata.name} ${c.name}: runAsNonRoot`);
+          assert.equal(sc.allowPrivilegeEscalation, false, `${w.obj.metadata.name} ${c.name}: allowPrivilegeEscalation false`);
+          assert.deepEqual(sc.capabilities?.drop, ["ALL"], `${w.obj.metadata.name} ${c.name}: drops every capability`);
+          assert.equal(sc.seccompProfile?.type, "RuntimeDefault", `${w.obj.metadata.name} ${c.name}: RuntimeDefault seccomp`);
+        }
+      }
+    }
+    // Only the orchestrator and the hypervisors reach ipam; only ipam and the hypervisors reach Redis.
+    const np = find(objs, "NetworkPolicy", "microvpc-ipam").spec as { ingress: { from: Obj[]; ports: { port: number }[] }[] };
+    const grpcRule = np.ingress.find((r) => r.ports.some((p) => p.port === 7401))!;
+    assert.ok(grpcRule.from.some((f) => isObj(f.podSelector) && (f.podSelector.matchLabels as Obj)["microvpc.io/role"] === "orchestrator" && isObj(f.namespaceSelector)));
+    const ns = objs.find((o) => o.kind === "Namespace")!;
+    assert.equal(ns.metadata.labels?.["pod-security.kubernetes.io/enforce"], "privileged", "Pod Security admits the hypervisor pod");
+    // Every ipBlock in the overlay names the same hypervisor range.
+    const blocks = new Set(JSON.stringify(objs.filter((o) => o.kind === "NetworkPolicy").map((o) => o.spec)).match(/"cidr":"[^"]+"/g));
+    assert.ok(blocks.size >= 1 && ![...blocks].includes('"cidr":"0.0.0.0/0"'));
+  });
+}
+
+test("dev: its own namespace, the local image, committed dev-only Secrets, a small Redis, debug logs", () => {
+  const objs = rendered.dev;
+  assert.ok(objs.every((o) => o.kind === "Namespace" || o.metadata.namespace === "microvpc-dev"));
+  for (const { c } of microvpcContainers(objs, "microvpc:dev")) {
+    assert.equal(c.image, "microvpc:dev");
+    assert.equal(c.imagePullPolicy, "IfNotPresent");
+  }
+  for (const s of objs.filter((o) => o.kind === "Secret")) assert.equal(s.metadata.labels?.["microvpc.io/dev-only"], "true");
+  const redis = find(objs, "StatefulSet", "microvpc-redis").spec as { replicas: number; volumeClaimTemplates: { spec: { resources: { requests: { storage: string } } } }[] };
+  assert.equal(redis.replicas, 1);
+  assert.equal(redis.volumeClaimTemplates[0].spec.resources.requests.storage, "1Gi");
+  assert.equal(envOf(container(objs, "Deployment", "microvpc-ipam", "ipam"), "MICROVPC_LOG_LEVEL")?.value, "debug");
+  assert.equal(envOf(container(objs, "DaemonSet", "microvpc-hypervisor", "netagent"), "MICROVPC_LOG_LEVEL")?.value, "debug");
+  // The base's values where dev does not change them.
+  assert.equal(envOf(container(objs, "DaemonSet", "microvpc-hypervisor", "vmm"), "MICROVPC_LOG_LEVEL")?.value, "info");
+  assert.equal(container(objs, "Deployment", "microvpc-ipam", "ipam").resources?.limits?.memory, "512Mi");
+});
+
+test("production: pinned image, 3 ipam replicas, Redis with Sentinel behind HAProxy, node-critical agents, no Secrets", () => {
+  const objs = rendered.production;
+  assert.ok(objs.every((o) => o.kind === "Namespace" || o.metadata.namespace === "microvpc"));
+  const image = microvpcImage("production");
+  assert.equal(image, `registry.example.com/microvpc:${PKG.version}`, "the image tag is the package version");
+  assert.equal(microvpcContainers(objs, image).length, SERVICES.length);
+  assert.equal((find(objs, "Deployment", "microvpc-ipam").spec as { replicas: number }).replicas, 3);
+  const tsc = (find(objs, "Deployment", "microvpc-ipam").spec as { template: { spec: { topologySpreadConstraints: { topologyKey: string; whenUnsatisfiable: string }[] } } }).template.spec.topologySpreadConstraints;
+  assert.deepEqual(tsc.map((t) => `${t.topologyKey}=${t.whenUnsatisfiable}`), ["kubernetes.io/hostname=DoNotSchedule", "topology.kubernetes.io/zone=ScheduleAnyway"]);
+  // Sentinel.
+  const redis = find(objs, "StatefulSet", "microvpc-redis").spec as { replicas: number; volumeClaimTemplates: { spec: { resources: { requests: { storage: string } } } }[] };
+  assert.equal(redis.replicas, 3);
+  assert.equal(redis.volumeClaimTemplates[0].spec.resources.requests.storage, "20Gi");
+  assert.deepEqual(container(objs, "StatefulSet", "microvpc-redis", "sentinel").command, ["redis-sentinel"]);
+  assert.equal(envOf(container(objs, "StatefulSet", "microvpc-redis", "config"), "POD_NAME")?.valueFrom?.fieldRef?.fieldPath, "metadata.name");
+  const init = (find(objs, "ConfigMap", "microvpc-redis-config").data as Record<string, string>)["init.sh"];
+  for (const s of ["SENTINEL get-master-addr-by-name microvpc", "sentinel monitor microvpc $MASTER 6379 2", "replicaof $MASTER 6379", "min-replicas-to-write 1"]) assert.ok(init.includes(s), `init.sh: ${s}`);
+  assert.ok((find(objs, "Service", "microvpc-redis-headless").spec as { ports: { port: number }[] }).ports.some((p) => p.port === 26379));
+  // Clients reach Redis only through HAProxy, which routes to role:master.
+  const sel = (find(objs, "Service", "microvpc-redis").spec as { selector: Record<string, string> }).selector;
+  const selected = workloads(objs).filter((w) => matches(sel, w.labels)).map((w) => w.obj.metadata.name);
+  assert.deepEqual(selected, ["microvpc-redis-proxy"]);
+  const cfg = (find(objs, "ConfigMap", "microvpc-redis-proxy").data as Record<string, string>)["haproxy.cfg"];
+  assert.match(cfg, /tcp-check expect min-recv \d+ string role:master/);
+  assert.match(cfg, /on-marked-down shutdown-sessions/);
+  for (const i of [0, 1, 2]) assert.match(cfg, new RegExp(`server redis-${i} microvpc-redis-${i}\\.microvpc-redis-headless:6379`));
+  const redisPolicy = JSON.stringify(find(objs, "NetworkPolicy", "microvpc-redis").spec);
+  assert.ok(!redisPolicy.includes("ipBlock") && !redisPolicy.includes("microvpc-ipam"), "Redis pods: only the proxy and their peers");
+  const proxyPolicy = JSON.stringify(find(objs, "NetworkPolicy", "microvpc-redis-proxy").spec);
+  assert.ok(proxyPolicy.includes("microvpc-ipam") && proxyPolicy.includes("ipBlock"), "the proxy: ipam and the hypervisors");
+  // The agents.
+  const ds = find(objs, "DaemonSet", "microvpc-hypervisor").spec as { minReadySeconds: number; template: { spec: { priorityClassName: string } } };
+  assert.equal(ds.template.spec.priorityClassName, "system-node-critical");
+  assert.equal(ds.minReadySeconds, 30);
+  // What the base had and dev changed stays the base's here.
+  assert.equal(envOf(container(objs, "Deployment", "microvpc-ipam", "ipam"), "MICROVPC_LOG_LEVEL")?.value, "info");
+  // The base alone (no overlay) has one Redis and no proxy: production added them.
+  assert.equal((find(baseObjects, "StatefulSet", "microvpc-redis").spec as { replicas: number }).replicas, 1);
+  assert.ok(!baseObjects.some((o) => o.metadata.name === "microvpc-redis-proxy"));
+});
+
+test("the shell scripts in ConfigMaps parse (sh -n), and redis-server accepts the Redis config", async (t) => {
+  for (const overlay of OVERLAYS) {
+    for (const cm of rendered[overlay].filter((o) => o.kind === "ConfigMap")) {
+      for (const [k, v] of Object.entries(cm.data as Record<string, string>)) {
+        if (k.endsWith(".sh")) execFileSync("sh", ["-n"], { input: v });
+      }
+    }
+  }
+  const redisServer = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].find(existsSync);
+  if (!redisServer) return t.skip("redis-server not installed (deploy/packages.txt installs it for CI)");
+  const dir = mkdtempSync(join(tmpdir(), "mvpc-redisconf-"));
+  try {
+    const conf = (find(rendered.production, "ConfigMap", "microvpc-redis-config").data as Record<string, string>)["redis.conf"];
+    // The rendered file, with only where it lives changed: no TCP port, a socket in a temp dir.
+    writeFileSync(join(dir, "redis.conf"), conf.replace(/^dir .*$/m, `dir ${dir}`).replace(/^bind .*$/m, "bind 127.0.0.1").replace(/^port .*$/m, "port 0") + `\nunixsocket ${dir}/r.sock\nrequirepass "x"\n`);
+    const proc = spawn(redisServer, [join(dir, "redis.conf")], { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    proc.stdout.on("data", (d) => (out += d));
+    proc.stderr.on("data", (d) => (out += d));
+    const exited = new Promise((r) => proc.once("exit", r));
+    const deadline = Date.now() + 10_000;
+    while (!existsSync(join(dir, "r.sock")) && proc.exitCode === null && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    const up = existsSync(join(dir, "r.sock"));
+    proc.kill("SIGTERM");
+    await exited;
+    assert.ok(up, `redis-server refused the config:\n${out}`);
+    assert.ok(existsSync(join(dir, "appendonlydir")), "AOF is on");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// ---------- the image
+// ---------- the image
+
+const DOCKERFILE = readFileSync(join(ROOT, "Dockerfile"), "utf8");
+/** Instructions, with continuation lines joined and comments dropped. */
+const instructions = DOCKERFILE.replace(/\\\n/g, " ")
+  .split("\n")
+  .filter((l) => l.trim() && !l.trimStart().startsWith("#"))
+  .map((l) => l.trim());
+
+/** deploy/packages.txt (every line .ci/run installs) and what the Dockerfile leaves out of it. */
+function packageLists(): { all: string[]; leaveOut: string[] } {
+  const all = readFileSync(join(ROOT, "deploy", "packages.txt"), "utf8")
+    .split("\n")
+    .filter((l) => l.trim() && !l.startsWith("#"))
+    .map((l) => l.trim());
+  const leaveOut = /^ARG LEAVE_OUT="([^"]*)"$/m.exec(DOCKERFILE)?.[1].split(/\s+/).filter(Boolean);
+  assert.ok(leaveOut, "the Dockerfile names what it leaves out in ARG LEAVE_OUT");
+  return { all, leaveOut };
+}
+
+/** What the Dockerfile's install step installs: its own commands, run by sh on the real file. */
+function imagePackages(): string[] {
+  const install = instructions.find((l) => l.startsWith("RUN ") && l.includes("apt-get install"));
+  assert.ok(install, "an apt-get install step");
+  const m = /^RUN (printf '%s\\n' \$LEAVE_OUT > \/tmp\/leave-out)\s+&& apt-get update\s+&& (grep -v '\^#' \/tmp\/packages\.txt \| grep -vxF -f \/tmp\/leave-out)\s+\|\s+xargs --no-run-if-empty apt-get install -y --no-install-recommends\s+&& rm -rf /.exec(install);
+  assert.ok(m, `the package names come from the file, less LEAVE_OUT, into apt-get install:\n${install}`);
+  const dir = mkdtempSync(join(tmpdir(), "mvpc-pkgs-"));
+  try {
+    writeFileSync(join(dir, "packages.txt"), readFileSync(join(ROOT, "deploy", "packages.txt")));
+    const script = `${m[1]}\n${m[2]}\n`.replaceAll("/tmp/", `${dir}/`);
+    const out = execFileSync("sh", ["-c", script], { encoding: "utf8", env: { ...process.env, LEAVE_OUT: packageLists().leaveOut.join(" ") } });
+    return out.split(/\s+/).filter(Boolean);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test("Dockerfile: multi-stage on node:20-bookworm-slim, npm ci --omit=dev, microvpcd as ENTRYPOINT, no build at start", () => {
+  const arg = /^ARG NODE_IMAGE=(\S+)$/m.exec(DOCKERFILE)?.[1];
+  assert.equal(arg, "node:20-bookworm-slim");
+  const froms = instructions.filter((l) => l.startsWith("FROM "));
+  assert.ok(froms.length >= 2, "multi-stage");
+  for (const f of froms) assert.match(f, /^FROM \$\{NODE_IMAGE\} AS \w+$/);
+  assert.ok(instructions.some((l) => /^RUN npm ci --omit=dev\b/.test(l)), "npm ci --omit=dev");
+  assert.ok(instructions.some((l) => /^COPY --from=deps \/app\/node_modules \.\/node_modules$/.test(l)), "the runtime stage takes the deps stage's node_modules");
+  for (const dir of ["bin", "cli", "services", "gen"]) assert.ok(instructions.includes(`COPY ${dir} ./${dir}`), `copies ${dir}/`);
+  assert.deepEqual(instructions.filter((l) => l.startsWith("ENTRYPOINT")), ['ENTRYPOINT ["microvpcd"]']);
+  const cmd = instructions.filter((l) => l.startsWith("CMD"));
+  assert.ok(cmd.every((l) => !/npm|tsc|build|install/.test(l)), "nothing is built or installed when a container starts");
+  assert.match(instructions.filter((l) => l.startsWith("USER")).at(-1) ?? "", /^USER 1000(:1000)?$/, "non-root unless the manifest says otherwise");
+  // The build context keeps node_modules (and the rest) out.
+  const ignore = readFileSync(join(ROOT, ".dockerignore"), "utf8");
+  assert.match(ignore, /^\*\*$/m);
+  assert.doesNotMatch(ignore, /^!node_modules/m);
+  for (const keep of ["package.json", "package-lock.json", "bin/", "cli/", "services/", "gen/", "deploy/packages.txt"]) assert.ok(ignore.includes(`!${keep}`), `the build context has ${keep}`);
+});
+
+test("Dockerfile installs deploy/packages.txt — the file .ci/run installs — less the tools it names, read not copied", () => {
+  const ci = readFileSync(join(ROOT, ".ci", "run"), "utf8");
+  assert.match(ci, /apt-get install [^\n]*\$\(grep -v '\^#' deploy\/packages\.txt\)/, ".ci/run installs every line of deploy/packages.txt");
+  const { all, leaveOut } = packageLists();
+  assert.ok(instructions.includes("COPY deploy/packages.txt /tmp/packages.txt"));
+  const image = imagePackages();
+  assert.deepEqual(image, all.filter((p) => !leaveOut.includes(p)), "the image installs every listed package but LEAVE_OUT");
+  for (const p of leaveOut) assert.ok(all.includes(p), `LEAVE_OUT names ${p}, which deploy/packages.txt does not list (stale?)`);
+  for (const p of ["iproute2", "nftables", "wireguard-tools", "wireguard-go", "conntrack"]) assert.ok(image.includes(p), `the image has ${p}`);
+  for (const p of ["redis-server", "iperf3"]) assert.ok(leaveOut.includes(p), `${p} stays out of the image`);
+  for (const p of all) {
+    const re = new RegExp(`(^|\\s)${p.replace(/[.+]/g, "\\$&")}(\\s|$)`);
+    for (const l of instructions.filter((x) => x.startsWith("RUN"))) assert.ok(!re.test(l), `${p} is read from deploy/packages.txt, not copied into a RUN line`);
+  }
+  // The Dockerfile says why each is left out.
+  const comments = DOCKERFILE.split("\n").filter((l) => l.startsWith("#")).join("\n");
+  for (const p of leaveOut) assert.ok(comments.includes(p), `the Dockerfile's comment says why ${p} is left out`);
+});
+
+test("the image's packages provide every program the services run", () => {
+  const PROVIDER: Record<string, string> = {
+    ip: "iproute2",
+    tc: "iproute2",
+    bridge: "iproute2",
+    nft: "nftables",
+    conntrack: "conntrack",
+    nsenter: "util-linux",
+    sysctl: "procps",
+    ping: "iputils-ping",
+    wg: "wireguard-tools",
+    "wireguard-go": "wireguard-go",
+    "qemu-system-x86_64": "qemu-system-x86",
+  };
+  const image = imagePackages();
+  const programs = new Set<string>();
+  const walk = (dir: string): string[] => readdirSync(dir).flatMap((f) => (statSync(join(dir, f)).isDirectory() ? walk(join(dir, f)) : f.endsWith(".ts") ? [join(dir, f)] : []));
+  for (const f of walk(join(ROOT, "services"))) {
+    const src = readFileSync(f, "utf8");
+    for (const m of src.matchAll(/\b(?:run|exec|execFile|spawn|sh)\(\s*"([a-z][a-z0-9_-]*)"/g)) programs.add(m[1]);
+    for (const m of src.matchAll(/"netns", "exec", [^,\]]+, "([a-z][a-z0-9_-]*)"/g)) programs.add(m[1]);
+    for (const m of src.matchAll(/`--net=\$\{\w+\}`, "([a-z][a-z0-9_-]*)"/g)) programs.add(m[1]);
+    for (const m of src.matchAll(/\binN(?:s|etns)\([^,()]+, \[?"([a-z][a-z0-9_-]*)"/g)) programs.add(m[1]);
+  }
+  for (const must of ["ip", "tc", "nft", "conntrack", "nsenter", "sysctl"]) assert.ok(programs.has(must), `found ${must} in services/ (the scan works)`);
+  for (const p of programs) {
+    assert.ok(PROVIDER[p], `services/ run ${p}: add its Debian package to deploy/packages.txt and to this map`);
+    assert.ok(image.includes(PROVIDER[p]), `${p} comes from ${PROVIDER[p]}, which the image must install`);
+  }
+});
