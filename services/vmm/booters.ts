@@ -1,9 +1,42 @@
-// Boots real guests for kind=qemu. The QEMU runner (qemu.ts) and the guest
-// image (deploy/guest/build.sh) are separate; this adapter is the only
-// place the vmm touches them.
+// Boots real guests for kind=qemu: the guest image from deploy/guest/build.sh,
+// QEMU started detached inside the VPC namespace on the NIC's TAP (so guests
+// survive a vmm restart and are adopted again by PID and name).
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
 import type { Logger } from "pino";
+import { FailedPreconditionError } from "../common/errors.js";
+import { adoptQemu, guestCmdline, guestImage, startQemu } from "./qemu.js";
 import type { Booter } from "./service.js";
+import type { VmRec } from "./store.js";
 
-export function qemuBooter(log: Logger): Booter {
-  throw Object.assign(new Error("qemu runner not built yet"), { log });
+const vmName = (v: VmRec) => `microvpc-${v.id}`;
+
+export function qemuBooter(log: Logger, stateDir = process.env.MICROVPC_STATE_DIR ?? "/var/lib/microvpc"): Booter {
+  return {
+    async boot(v: VmRec, netnsPath: string) {
+      const img = guestImage();
+      if (!img) throw new FailedPreconditionError("no guest image: run deploy/guest/build.sh (it builds a kernel and initramfs from Debian packages)");
+      const dir = join(stateDir, "vm");
+      mkdirSync(dir, { recursive: true });
+      const consoleLog = join(dir, `${v.id}.console.log`);
+      const p = await startQemu({
+        name: vmName(v),
+        netns: netnsPath,
+        tap: v.hostIf,
+        mac: v.mac,
+        kernel: img.kernel,
+        initrd: img.initrd,
+        cmdline: guestCmdline({ ipArg: v.kernelIpArg }),
+        vcpus: v.vcpus,
+        memoryMib: v.memoryMib,
+        consoleLog,
+      });
+      log.info({ vm: v.id, pid: p.pid }, "guest started");
+      return { pid: p.pid, consoleLog };
+    },
+    async stop(v: VmRec) {
+      if (!v.pid) return;
+      await adoptQemu(v.pid, vmName(v), v.consoleLog)?.stop();
+    },
+  };
 }
