@@ -14,7 +14,9 @@ import { MetadataStore } from "../../services/gateway/metadata-store.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { FLOATING_POOL, Harness } from "../lib/harness.js";
-import { canPing, listNetns, sleep, trackChild } from "../lib/netns.js";
+import { readFileSync, existsSync } from "node:fs";
+import { guestImage } from "../../services/vmm/qemu.js";
+import { canPing, listNetns, sleep, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let fwd: Daemon, gwd: Daemon, vmmd: Daemon;
@@ -22,13 +24,14 @@ let vmm: ReturnType<typeof grpcClient<typeof VmService>>;
 let fw: ReturnType<typeof grpcClient<typeof FirewallService>>;
 let subnetId: string;
 let redis: Redis;
+const stateDir = tempDir("vmm-state");
 
 async function startVmm(extra: string[] = []): Promise<void> {
   const hv = h.hosts[0];
   vmmd = await startDaemon("vmm", [
     "--redis", h.redis.url, "--host-id", hv.id, "--ipam", h.ipamDaemon.address, "--netagent", hv.daemon.address,
     "--firewall", fwd.address, "--gateway", gwd.address, ...extra,
-  ]);
+  ], { MICROVPC_STATE_DIR: stateDir });
   trackChild(vmmd.proc);
   vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
 }
@@ -114,6 +117,34 @@ describe("CreateVm and DeleteVm", () => {
     await rejectsWith(vmm.createVm({ name: "x;reboot", vpc: "app", subnet: "web" }), Code.InvalidArgument);
     await rejectsWith(vmm.createVm({ name: "x", vpc: "app", subnet: "web", address: "10.0.9.9" }), Code.InvalidArgument, /step ipam.*outside/);
     assertConsistent(await holdings(), "after bad input");
+  });
+});
+
+describe("kind=qemu", () => {
+  test("CreateVm boots a real guest on its TAP; it answers a VM of its VPC; DeleteVm stops it", { timeout: 180_000 }, async (t) => {
+    if (!guestImage()) {
+      t.skip("no guest image (deploy/guest/build.sh; test/integration/qemu.test.ts builds it)");
+      return;
+    }
+    const g = (await vmm.createVm({ name: "guest", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.QEMU, memoryMib: 256 })).vm!;
+    assert.ok(g.pid > 0, "a QEMU process");
+    const addr = g.nics[0].guest!.address;
+    assert.ok(
+      await waitFor(() => existsSync(g.consoleLogPath) && readFileSync(g.consoleLogPath, "utf8").includes(`MVPC-NET eth0 ${addr}/24`), { timeoutMs: 90_000, intervalMs: 500 }),
+      "the guest configured eth0 from the ip= argument",
+    );
+    const peer = (await vmm.createVm({ name: "peer", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
+    assert.ok(await waitFor(() => canPing(peer.namespace, addr), { timeoutMs: 30_000, intervalMs: 500 }), "a VM of the VPC reaches the guest");
+    await vmm.deleteVm({ ref: g.id });
+    await vmm.deleteVm({ ref: peer.id });
+    let alive = true;
+    try {
+      process.kill(g.pid, 0);
+    } catch {
+      alive = false;
+    }
+    assert.ok(!alive, "QEMU stopped");
+    assertConsistent(await holdings(), "after deleting the guest");
   });
 });
 
