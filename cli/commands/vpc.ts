@@ -17,6 +17,7 @@ import { client } from "../lib/context.js";
 import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption } from "../lib/options.js";
 import { details, dryRun, emit, labels, table, time } from "../lib/output.js";
 import { collect } from "../lib/paging.js";
+import * as peer from "./peer.js";
 
 function vpcDetails(v: Vpc): string {
   return details([
@@ -102,4 +103,6 @@ export function register(program: Command): void {
       const res = await client(cmd, VpcService).deleteVpc({ ref });
       emit(cmd, DeleteVpcResponseSchema, res, () => (res.deleted ? `deleted vpc ${ref}` : `vpc ${ref} does not exist; nothing to delete`));
     });
+
+  peer.register(vpc);
 }

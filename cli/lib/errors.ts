@@ -3,6 +3,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { CommanderError } from "commander";
 import { DomainError, toConnectError } from "../../services/common/errors.js";
+import { DAEMONS, originOf, type CallOrigin } from "./context.js";
 
 export const EXIT = {
   ok: 0,
@@ -13,7 +14,18 @@ export const EXIT = {
   precondition: 5,
   unavailable: 6,
   invalid: 7,
+  unreachable: 8,
 } as const;
+
+/**
+ * Ends a command with an exit code after it has printed what it had to say
+ * (e.g. `status` with an unhealthy service); report() prints nothing for it.
+ */
+export class ExitCode extends Error {
+  constructor(readonly code: number) {
+    super(`exit ${code}`);
+  }
+}
 
 export const EXIT_HELP = `Exit codes:
   0  ok
@@ -22,8 +34,10 @@ export const EXIT_HELP = `Exit codes:
   3  not found
   4  already exists / conflict
   5  failed precondition (e.g. deleting a VPC that still has subnets)
-  6  unavailable or timed out (microvpcd or its Redis is down; safe to retry)
-  7  invalid argument (the message names the field and what to change)`;
+  6  unavailable: a daemon is down, timed out, or does not offer that call yet
+     (the message names the daemon and its address)
+  7  invalid argument (the message names the field and what to change)
+  8  test-connectivity: the probe ran, and the target is not reachable`;
 
 function exitFor(code: Code): number {
   switch (code) {
@@ -36,6 +50,7 @@ function exitFor(code: Code): number {
       return EXIT.precondition;
     case Code.Unavailable:
     case Code.DeadlineExceeded:
+    case Code.Unimplemented:
       return EXIT.unavailable;
     case Code.InvalidArgument:
     case Code.OutOfRange:
@@ -50,15 +65,30 @@ function codeName(code: Code): string {
   return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase();
 }
 
-function isConnRefused(err: ConnectError): boolean {
-  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+/**
+ * True if the connection to the daemon itself was refused. Only the local
+ * cause chain counts: an error the daemon sent back (its own call to another
+ * daemon was refused) has no cause, and its message is shown as it is.
+ */
+export function isConnRefused(err: ConnectError): boolean {
+  for (let e: unknown = err.cause; e instanceof Error; e = e.cause) {
     if ((e as { code?: string }).code === "ECONNREFUSED" || /ECONNREFUSED/.test(e.message)) return true;
   }
   return false;
 }
 
-/** Prints the failure to stderr and returns the exit code for it. */
-export function report(err: unknown, server: string): number {
+/** How to point the CLI at a daemon, for messages. */
+function howToSet(o: CallOrigin): string {
+  const d = DAEMONS[o.daemon];
+  return `set ${d.option} or ${d.env}${o.daemon === "ipam" ? "" : ", or --host for all of a hypervisor's daemons"}`;
+}
+
+/**
+ * Prints the failure to stderr and returns the exit code for it. `fallback`
+ * is the daemon assumed when the error does not say where it came from.
+ */
+export function report(err: unknown, fallback: CallOrigin): number {
+  if (err instanceof ExitCode) return err.code;
   if (err instanceof CommanderError) {
     // Commander has already printed its message.
     return err.code === "commander.helpDisplayed" || err.code === "commander.version" ? EXIT.ok : EXIT.usage;
@@ -69,13 +99,20 @@ export function report(err: unknown, server: string): number {
     process.stderr.write(`error: ${e instanceof Error ? e.message : String(e)}\n`);
     return EXIT.error;
   }
+  const o = originOf(e) ?? fallback;
+  const at = o.address;
   let msg = e.rawMessage;
   if (e.code === Code.Unavailable && isConnRefused(e)) {
-    msg = `cannot connect to ${server} (connection refused); is microvpcd ipam running at ${server}? (set --server or MICROVPC_SERVER)`;
+    msg = `cannot connect to ${at} (connection refused); is microvpcd ${o.daemon} running at ${at}? (${howToSet(o)})`;
   } else if (e.code === Code.DeadlineExceeded) {
-    msg = `${msg}; no answer from ${server} in time (raise --timeout-ms, or check that microvpcd is healthy)`;
+    msg = `${msg}; no answer from microvpcd ${o.daemon} at ${at} in time (raise --timeout-ms, or check that it is healthy)`;
   } else if (e.code === Code.Unauthenticated) {
     msg = `${msg}; pass the daemon's token with --token or MICROVPC_TOKEN`;
+  } else if ((e.code === Code.Unavailable || e.code === Code.Internal) && o.method !== "" && !e.cause) {
+    // The daemon answered: the failure is behind it (its Redis, or a daemon it calls).
+    msg = `${msg} (reported by microvpcd ${o.daemon} at ${at})`;
+  } else if (e.code === Code.Unimplemented) {
+    msg = `${o.method.replace(/^microvpc\.v1\./, "")} is not available on this server yet: microvpcd ${o.daemon} at ${at} answers UNIMPLEMENTED (it needs a newer microvpcd, or ${DAEMONS[o.daemon].option} points at another daemon)`;
   }
   process.stderr.write(`error: ${msg} (${codeName(e.code)})\n`);
   return exitFor(e.code);

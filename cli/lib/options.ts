@@ -26,3 +26,21 @@ export const clientTokenOption = () =>
   new Option("--client-token <token>", "idempotency token: repeating the create with it returns the first result").default("");
 
 export const limitOption = () => new Option("--limit <n>", "stop after n items (default: all pages)").argParser(integer(1, Number.MAX_SAFE_INTEGER));
+
+/** A repeatable option; each value is kept as given (rule texts, file paths). */
+export const repeatableOption = (flags: string, description: string) =>
+  new Option(flags, `${description} (repeatable)`).argParser((v: string, prev: string[]) => [...prev, v]).default([]);
+
+/** A repeatable option of names or ids; "a,b" counts as two. */
+export const listOption = (flags: string, description: string) =>
+  new Option(flags, `${description} (repeatable, or comma-separated)`)
+    .argParser((v: string, prev: string[]) => [...prev, ...v.split(",").map((x) => x.trim()).filter((x) => x !== "")])
+    .default([]);
+
+/** --vpc as most commands take it. */
+export const vpcOption = (what = "", required = false) => {
+  const o = new Option("--vpc <ref>", `VPC id or name${what}`);
+  return required ? o.makeOptionMandatory() : o.default("");
+};
+
+export const port = (value: string): number => integer(1, 65535)(value);

@@ -194,6 +194,11 @@ export class FirewallSync {
           });
         }
         if (this.stopped) break;
+        // A failed pass (Redis not up yet, an nft error) is retried soon, not at the next drift check.
+        if (this.status.lastError) {
+          await new Promise((r) => setTimeout(r, 1000));
+          this.pending = true;
+        }
         const drift = Date.now() - lastDrift > driftIntervalMs;
         if (!this.pending && !drift) continue;
         this.pending = false;

@@ -173,6 +173,8 @@ export class GatewaySync {
           this.pending = false;
           await this.syncOnce(drift && last !== 0);
           if (drift) last = Date.now();
+          // A failed pass is retried soon, not at the next drift check.
+          if (this.status.lastError) this.pending = true;
         }
         await new Promise<void>((r) => {
           this.wake = r;

@@ -53,7 +53,7 @@ export const RUN_PREFIX: string = (() => {
 
 /** True if a namespace name belongs to the run with this prefix. */
 export function ownedNamespace(name: string, prefix = RUN_PREFIX): boolean {
-  return name.startsWith(`${prefix}-`) || name.startsWith(`mvpc-${prefix}hv`);
+  return name.startsWith(`${prefix}-`) || name.startsWith(`mvpc-${prefix}hv`) || name.startsWith(`mvpcvm-${prefix}hv`);
 }
 
 const NS_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$/;
