@@ -80,7 +80,15 @@ export function transitCreateLines(hostId: string, v: GwVpc, vpcNs: string): { h
       `addr add ${t.host}/30 dev ${h}`,
       `link set dev ${h} up`,
     ],
-    vpc: [`addr add ${t.vpc}/30 dev ${g}`, `link set dev ${g} up`, `route replace default via ${t.host} dev ${g}`],
+    vpc: [
+      `addr add ${t.vpc}/30 dev ${g}`,
+      `link set dev ${g} up`,
+      `route replace default via ${t.host} dev ${g}`,
+      // Some guests ARP for the metadata address instead of routing to their
+      // gateway: holding it locally makes every subnet bridge answer for it;
+      // the DNAT in prerouting still sends the request to the server.
+      `addr replace ${IMDS_ADDRESS}/32 dev lo`,
+    ],
   };
 }
 

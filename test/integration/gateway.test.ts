@@ -185,6 +185,18 @@ describe("instance metadata", () => {
     assert.notEqual(other?.body, "i-pub");
   });
 
+  test("a guest that ARPs for 169.254.169.254 (an on-link route) is answered too", async () => {
+    await nsExec(twinB.ns, "ip", ["route", "replace", "169.254.169.254/32", "dev", "eth0"]);
+    try {
+      await nsExec(twinB.ns, "ip", ["neigh", "flush", "all"]);
+      assert.equal((await imds(twinB, "/latest/meta-data/instance-id"))?.body, "i-twin-b");
+      const neigh = (await nsExec(twinB.ns, "ip", ["neigh", "show", "169.254.169.254"])).stdout;
+      assert.match(neigh, /lladdr/, "the bridge answered the ARP request");
+    } finally {
+      await nsExec(twinB.ns, "ip", ["route", "del", "169.254.169.254/32", "dev", "eth0"]);
+    }
+  });
+
   test("nothing in the request changes whose data is read; a VM without a record gets nothing", async () => {
     const r = await imds(twinB, "/latest/meta-data/instance-id", { headers: { Host: "169.254.169.254", "X-Forwarded-For": twinA.address } });
     assert.equal(r?.body, "i-twin-b");
