@@ -36,6 +36,10 @@ export class Agent {
   readonly startedMs = Date.now();
   private locks = new Map<string, Promise<unknown>>();
   private timer?: NodeJS.Timeout;
+  /** True once the desired state was read from Redis (orphans are only removed then). */
+  loaded = false;
+  /** The WireGuard overlay, when enabled (--overlay). */
+  overlay?: { syncAll(full?: boolean): Promise<void>; teardown(vpcId: string): Promise<void>; forgetBridges(vpcId: string): void };
 
   constructor(readonly kernel: Kernel, readonly store: HostStore, readonly hostId: string, readonly log: Logger) {}
 
@@ -91,6 +95,7 @@ export class Agent {
     for (const s of subnets) this.readyBridges.delete(s.subnetId);
     await this.apply(ns, plan);
     for (const s of subnets) this.readyBridges.add(s.subnetId);
+    if (created) this.overlay?.forgetBridges(vpcId);
     const changes = created ? [`create namespace ${ns}`, ...plan.changes] : plan.changes;
     if (plan.ip.length || plan.tc.length || plan.guests.length) repairs.inc(plan.ip.length + plan.tc.length);
     return changes;
@@ -110,6 +115,7 @@ export class Agent {
     let fresh = true;
     try {
       this.desired = await this.store.load();
+      this.loaded = true;
     } catch (err) {
       fresh = false;
       this.log.warn({ err: (err as Error).message }, "cannot read desired state; keeping the last known one");
@@ -130,9 +136,16 @@ export class Agent {
       const wanted = new Set([...this.desired.vpcs.keys()].map((v) => this.nsOf(v)));
       for (const ns of await this.kernel.listNetns()) {
         if (ns.startsWith(prefix) && !wanted.has(ns)) {
+          const vpcId = ns.slice(prefix.length);
           try {
-            await this.kernel.delNetns(ns);
-            changes.push(`remove orphan namespace ${ns}`);
+            // Under the VPC's lock and against Redis as it is now: the
+            // snapshot above may predate an EnsureVpc that just made it.
+            const removed = await this.withLock(vpcId, async () => {
+              if (this.desired.vpcs.has(vpcId) || (await this.store.hasVpc(vpcId))) return false;
+              await this.kernel.delNetns(ns);
+              return true;
+            });
+            if (removed) changes.push(`remove orphan namespace ${ns}`);
           } catch (err) {
             error = `${ns}: ${(err as Error).message}`;
           }
@@ -142,6 +155,7 @@ export class Agent {
     this.status = { lastReconcileMs: Date.now(), lastError: error, lastChanges: changes.slice(-50), reconciles: this.status.reconciles + 1 };
     reconciles.inc({ result: error ? "error" : "ok" });
     if (changes.length) this.log.info({ changes }, "reconciled");
+    if (this.overlay) void this.overlay.syncAll(false);
   }
 
   start(intervalMs: number): void {

@@ -14,7 +14,7 @@ interface RunResult {
 }
 
 /** Runs a command with an argument array; never rejects, reports the exit code. */
-function exec(file: string, args: string[], input?: string): Promise<RunResult> {
+export function exec(file: string, args: string[], input?: string): Promise<RunResult> {
   return new Promise((resolve) => {
     const child = execFile(file, args, { env: { ...process.env, ...ENV }, timeout: 30_000, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === "number" ? ((err as { code: number }).code) : 1) : 0;
@@ -87,7 +87,8 @@ export class KernelError extends Error {
 
 const ENV = { LC_ALL: "C" };
 
-async function run(file: string, args: string[], input?: string): Promise<string> {
+/** Runs a command with an argument array; rejects with a KernelError on a non-zero exit. */
+export async function run(file: string, args: string[], input?: string): Promise<string> {
   const r = await exec(file, args, input);
   if (r.exitCode !== 0) throw new KernelError([file, ...args], r.all, input);
   return r.stdout;
@@ -152,7 +153,9 @@ export class LinuxKernel implements Kernel {
       if (/does not exist/.test(String(r.all))) return null;
       throw new KernelError(["ip", ...nsArgs(ns), "-j", "-d", "addr", "show", "dev", ifname], String(r.all));
     }
-    return parseLinks(String(r.stdout))[0] ?? null;
+    // iproute2 reads a name like "if3…" as an ifindex ("if%u"): only the device with that name counts.
+    const l = parseLinks(String(r.stdout))[0];
+    return l && l.ifname === ifname ? l : null;
   }
 
   async linksAt(netnsPath: string): Promise<LinkInfo[]> {

@@ -1,4 +1,5 @@
 // microvpcd netagent: the data plane of one hypervisor.
+import { isIP } from "node:net";
 import { hostname } from "node:os";
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
@@ -7,8 +8,10 @@ import { IpamStore } from "../ipam/store.js";
 import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
+import { Overlay } from "./overlay.js";
 import { HostStore } from "./store.js";
 
+const AGENT_VERSION = "0.1.0";
 const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
 
 export function defaultHostId(): string {
@@ -23,21 +26,45 @@ export const netagentDefinition: ServiceDefinition = {
     new Option("--host-id <id>", "this hypervisor's id (1–24 of [a-z0-9]); part of every namespace name, so unique per machine").env("MICROVPC_HOST_ID").default(defaultHostId()),
     new Option("--mtu <bytes>", "MTU of subnet bridges and NICs").env("MICROVPC_MTU").default("1500"),
     new Option("--reconcile-interval-ms <ms>", "how often the kernel is compared with the desired state").env("MICROVPC_RECONCILE_INTERVAL_MS").default("10000"),
+    new Option("--overlay", "join VPCs across hypervisors with a WireGuard interface per VPC (full mesh between the hosts of the VPC)").env("MICROVPC_OVERLAY").default(false),
+    new Option("--host-netns <name>", "network namespace holding the underlay, where WireGuard sockets live (\"\" = the agent's own)").env("MICROVPC_HOST_NETNS").default(""),
+    new Option("--underlay-interface <if>", "underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU").env("MICROVPC_UNDERLAY_INTERFACE").default("eth0"),
+    new Option("--underlay-address <ip>", "this host's WireGuard endpoint address (default: the first global IPv4 of --underlay-interface)").env("MICROVPC_UNDERLAY_ADDRESS"),
+    new Option("--state-dir <dir>", "where the WireGuard private key lives (DIR/<host-id>/wg.key, mode 0600)").env("MICROVPC_STATE_DIR").default("/var/lib/microvpc"),
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
     if (!HOST_ID_RE.test(hostId)) throw new Error(`--host-id ${JSON.stringify(hostId)}: use 1–24 characters of [a-z0-9]`);
-    const mtu = Number(flags.mtu);
+    let mtu = Number(flags.mtu);
     if (!Number.isInteger(mtu) || mtu < 576 || mtu > 9000) throw new Error(`--mtu ${flags.mtu}: use 576–9000`);
     const kernel = new LinuxKernel();
     const agent = new Agent(kernel, new HostStore(redis, hostId), hostId, logger);
-    const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu });
+    let overlay: Overlay | undefined;
+    if (flags.overlay) {
+      const hostNetns = String(flags.hostNetns ?? "");
+      if (hostNetns && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(hostNetns)) throw new Error(`--host-netns ${JSON.stringify(hostNetns)}: not a namespace name`);
+      const underlayInterface = String(flags.underlayInterface);
+      if (!/^[A-Za-z][A-Za-z0-9_.-]{0,14}$/.test(underlayInterface)) throw new Error(`--underlay-interface ${JSON.stringify(underlayInterface)}: not an interface name`);
+      const underlayAddress = flags.underlayAddress ? String(flags.underlayAddress) : undefined;
+      if (underlayAddress && !isIP(underlayAddress)) throw new Error(`--underlay-address ${JSON.stringify(underlayAddress)}: not an IP address`);
+      overlay = new Overlay(agent, redis, { hostId, hostNetns, underlayInterface, underlayAddress, stateDir: String(flags.stateDir), agentVersion: AGENT_VERSION }, logger);
+      await overlay.init();
+      // Nothing may be bigger than the tunnel carries: bridges and NICs get the overlay MTU.
+      mtu = Math.min(mtu, overlay.mtu);
+      agent.overlay = overlay;
+      logger.info({ mtu: overlay.mtu, underlayMtu: overlay.underlayMtu, address: overlay.address, publicKey: overlay.publicKey }, "overlay enabled");
+    }
+    const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu, overlay });
     // Adopt what the kernel has before answering: the first pass only
     // changes what differs from the desired state.
     agent.start(Number(flags.reconcileIntervalMs));
+    overlay?.start();
     return {
       services: [{ desc: NetAgentService, impl: svc.impl }],
-      close: async () => agent.stop(),
+      close: async () => {
+        agent.stop();
+        await overlay?.stop();
+      },
     };
   },
 };

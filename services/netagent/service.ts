@@ -18,7 +18,11 @@ import {
   Datapath,
   GuestNetworkConfigSchema,
   HostHealth,
+  HostSchema,
   HostSubnetSchema,
+  OverlayPeerSchema,
+  VpcOverlaySchema,
+  type Host,
   HostVpcSchema,
   NetAgentService,
   NicCountersSchema,
@@ -29,6 +33,8 @@ import {
 } from "../../gen/microvpc/v1/netagent_pb.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import type { Agent } from "./agent.js";
+import { wgName, type HostRecord, type Overlay } from "./overlay.js";
+import { overlayKeys } from "./store.js";
 import { KernelError, type Kernel } from "./kernel.js";
 import { bandwidthLines, kernelIpArg, names, nicCreateLines, planVpc, prefixToNetmask, type Bandwidth, type NicSpec, type SubnetSpec } from "./plan.js";
 
@@ -38,7 +44,10 @@ const NETNS_PATH_RE = /^(\/(?:var\/)?run\/netns\/[A-Za-z0-9_.-]{1,64}|\/proc\/[0
 export interface NetAgentOptions {
   hostId: string;
   mtu: number;
+  overlay?: Overlay;
 }
+
+const HOST_REF_RE = /^[a-z0-9-]{1,63}$/;
 
 function ifname(field: string, v: string): string {
   if (!IFNAME_RE.test(v)) throw new InvalidArgumentError(field, `${V.show(v)} is not an interface name: 1–15 characters of letters, digits and _ . -, starting with a letter`);
@@ -214,10 +223,46 @@ export class NetAgent {
     return cleared;
   }
 
+  private requireOverlay(): Overlay {
+    if (!this.opts.overlay) throw new FailedPreconditionError("the WireGuard overlay is not enabled on this host; start netagent with --overlay");
+    return this.opts.overlay;
+  }
+
+  private hostMsg(r: HostRecord, pttlMs: number): Host {
+    return create(HostSchema, {
+      id: r.id,
+      publicKey: r.publicKey,
+      endpoint: r.address,
+      mtu: r.mtu,
+      underlayMtu: r.underlayMtu,
+      vpcIds: r.vpcIds,
+      leaseExpireTime: pttlMs > 0 ? timestampFromMs(Date.now() + pttlMs) : undefined,
+      registerTime: r.registeredMs ? timestampFromMs(r.registeredMs) : undefined,
+      keyCreateTime: r.keyCreatedMs ? timestampFromMs(r.keyCreatedMs) : undefined,
+      agentVersion: r.agentVersion,
+    });
+  }
+
+  /** Registry records of these hosts whose lease is current, in the given order. */
+  private async liveHosts(ids: string[]): Promise<Host[]> {
+    if (ids.length === 0) return [];
+    const p = this.agent.store.redis.pipeline();
+    for (const id of ids) p.get(overlayKeys.host(id)).pttl(overlayKeys.host(id));
+    const res = (await p.exec()) ?? [];
+    const out: Host[] = [];
+    ids.forEach((_, i) => {
+      const j = res[2 * i]?.[1] as string | null;
+      const ttl = Number(res[2 * i + 1]?.[1] ?? -2);
+      if (j) out.push(this.hostMsg(JSON.parse(j) as HostRecord, ttl));
+    });
+    return out;
+  }
+
   readonly impl: Partial<ServiceImpl<typeof NetAgentService>> = {
     ensureVpc: async (req) => {
       const v = await this.vpc(req.vpc);
       const changed = await this.agent.withLock(v.id, () => this.ensureVpcLocked(v));
+      if (changed) void this.opts.overlay?.syncAll();
       return { vpc: this.hostVpc(v), changed };
     },
 
@@ -238,6 +283,7 @@ export class NetAgent {
         const existed = this.agent.desired.vpcs.has(id);
         await this.agent.store.delVpc(id);
         this.agent.desired.vpcs.delete(id);
+        await this.opts.overlay?.teardown(id);
         const ns = this.agent.nsOf(id);
         if ((await this.kernel.listNetns()).includes(ns)) await this.kernel.delNetns(ns);
         return { deleted: existed, detachedNicIds: nics.map((n) => n.nicId) };
@@ -507,6 +553,86 @@ export class NetAgent {
         }
         return { nic: this.nicMsg(updated) };
       });
+    },
+
+    getHost: async (req) => {
+      const ref = req.ref || this.opts.hostId;
+      if (!HOST_REF_RE.test(ref)) throw new InvalidArgumentError("ref", `${V.show(ref)} is not a host id: 1–63 characters of [a-z0-9-]`);
+      const [h] = await this.liveHosts([ref]);
+      if (!h) throw new NotFoundError("host", ref, "it is not registered or its lease expired (is its netagent running with --overlay?)");
+      return { host: h };
+    },
+
+    listHosts: async (req) => {
+      const size = V.pageSize("page_size", req.pageSize);
+      let ids: string[];
+      if (req.vpc) {
+        const v = await this.vpc(req.vpc);
+        ids = await this.agent.store.redis.hkeys(overlayKeys.members(v.id));
+      } else {
+        ids = await this.agent.store.redis.smembers(overlayKeys.hostIndex);
+      }
+      ids = ids.filter((id) => HOST_REF_RE.test(id)).sort();
+      if (req.pageToken) {
+        const after = Buffer.from(req.pageToken, "base64url").toString();
+        ids = ids.filter((id) => id > after);
+      }
+      const hosts: Host[] = [];
+      // Expired hosts are skipped, so read in chunks until the page is full.
+      for (let i = 0; i < ids.length && hosts.length <= size; i += size + 1) hosts.push(...(await this.liveHosts(ids.slice(i, i + size + 1))));
+      const page = hosts.slice(0, size);
+      return { hosts: page, nextPageToken: hosts.length > size ? Buffer.from(page[page.length - 1].id).toString("base64url") : "" };
+    },
+
+    rotateHostKey: async (req) => {
+      const o = this.requireOverlay();
+      const timeoutS = req.waitTimeoutSeconds ?? 10;
+      if (timeoutS < 1 || timeoutS > 120) throw new InvalidArgumentError("wait_timeout_seconds", `${timeoutS}: use 1–120`);
+      const { previous, rotatedMs } = await o.rotate();
+      let peers = { updated: [] as string[], pending: [] as string[] };
+      if (req.waitForPeers) {
+        const deadline = Date.now() + timeoutS * 1000;
+        for (let i = 0; i < 1200 && Date.now() < deadline; i++) {
+          peers = await o.peersHandshakenSince(rotatedMs);
+          if (peers.pending.length === 0) break;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      const [h] = await this.liveHosts([this.opts.hostId]);
+      return { host: h ?? this.hostMsg(o.record(), 0), previousPublicKey: previous, peersUpdated: peers.updated, peersPending: peers.pending };
+    },
+
+    getOverlayStatus: async (req) => {
+      const o = this.opts.overlay;
+      if (!o) return { vpcs: [] };
+      let vpcIds = [...new Set([...this.agent.desired.vpcs.keys(), ...o.runningVpcs()])].sort();
+      if (req.vpc) {
+        const v = await this.vpc(req.vpc);
+        vpcIds = vpcIds.filter((id) => id === v.id);
+      }
+      const vpcs = [];
+      for (const vpcId of vpcIds) {
+        const ifname = wgName(this.opts.hostId, vpcId);
+        const d = await o.dump(ifname);
+        if (!d) continue;
+        const byKey = new Map((o.applied.get(vpcId) ?? []).map((p) => [p.publicKey, p.hostId]));
+        const peers = d.peers
+          .map((p) =>
+            create(OverlayPeerSchema, {
+              hostId: byKey.get(p.publicKey) ?? "",
+              publicKey: p.publicKey,
+              endpoint: p.endpoint,
+              allowedIps: p.allowedIps,
+              latestHandshakeTime: p.latestHandshakeS > 0 ? timestampFromMs(p.latestHandshakeS * 1000) : undefined,
+              rxBytes: p.rxBytes,
+              txBytes: p.txBytes,
+              persistentKeepaliveSeconds: p.keepalive,
+            }),
+          )
+          .sort((a, b) => a.hostId.localeCompare(b.hostId));
+        vpcs.push(create(VpcOverlaySchema, { vpcId, interface: ifname, listenPort: d.listenPort, mtu: o.mtu, publicKey: d.publicKey, peers }));
+      }
+      return { vpcs };
     },
 
     getHostStatus: async () => {

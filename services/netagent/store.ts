@@ -33,9 +33,23 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
 redis.call('HSET', 'mvpc:nicaddr', ARGV[2], ARGV[5] .. '/' .. ARGV[1])
+local vpc, addr = string.match(ARGV[2], '^([^/]+)/(.+)$')
+if vpc then redis.call('HSET', 'mvpc:overlay:' .. vpc .. ':addrs', addr, ARGV[5]) end
 redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1])
 return {1, ARGV[1]}
 `;
+
+/**
+ * Overlay keys. `addrs` (NIC address → host id, per VPC) is kept by the NIC
+ * scripts above; `members` (host id → {"port"}) by each host's overlay; a
+ * host's registry record (`host`) carries a lease and disappears with it.
+ */
+export const overlayKeys = {
+  host: (hostId: string) => `mvpc:hosts:${hostId}`,
+  hostIndex: "mvpc:hostindex",
+  members: (vpcId: string) => `mvpc:overlay:${vpcId}:members`,
+  addrs: (vpcId: string) => `mvpc:overlay:${vpcId}:addrs`,
+};
 
 /** Where a NIC with this address lives, across every host: "host/nic-…", or null. */
 export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
@@ -58,6 +72,11 @@ export class HostStore {
     ]);
     const parse = <T>(h: Record<string, string>) => new Map(Object.entries(h).map(([k, j]) => [k, JSON.parse(j) as T]));
     return { vpcs: parse<VpcSpec>(v), subnets: parse<SubnetSpec>(s), nics: parse<NicSpec>(n) };
+  }
+
+  /** Read now from Redis: a pass's snapshot may predate an EnsureVpc that just finished. */
+  async hasVpc(vpcId: string): Promise<boolean> {
+    return (await this.redis.hexists(key(this.hostId, "vpcs"), vpcId)) === 1;
   }
 
   async putVpc(v: VpcSpec): Promise<void> {
@@ -105,13 +124,16 @@ export class HostStore {
       .multi()
       .hdel(key(this.hostId, "nics"), n.nicId)
       .eval(
-        "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then redis.call('HDEL', KEYS[2], ARGV[1]) end return 0",
-        2,
+        "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then redis.call('HDEL', KEYS[2], ARGV[1]) end if redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[5] then redis.call('HDEL', KEYS[3], ARGV[4]) end return 0",
+        3,
         key(this.hostId, "nicaddr"),
         "mvpc:nicaddr",
+        overlayKeys.addrs(n.vpcId),
         `${n.vpcId}/${n.address}`,
         n.nicId,
         `${this.hostId}/${n.nicId}`,
+        n.address,
+        this.hostId,
       )
       .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId)
       .exec();

@@ -14,13 +14,14 @@
 // process exit, SIGINT and SIGTERM (see netns.ts). The root namespace is only
 // read (rootSnapshot) so a test can check it was not changed.
 import { spawn } from "node:child_process";
-import { rmSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import type { Client } from "@connectrpc/connect";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { NetAgentService, NicKind, type BandwidthLimitSchema, type Nic } from "../../gen/microvpc/v1/netagent_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { interfacesIn } from "../../services/netagent/overlay.js";
 import { ipamClients } from "./clients.js";
 import { startDaemon, type Daemon } from "./daemon.js";
 import {
@@ -39,6 +40,7 @@ import {
   rootSnapshot,
   RUN_PREFIX,
   sweepStale,
+  tempDir,
   trackChild,
   vethBetween,
   type LinkInfo,
@@ -55,6 +57,12 @@ export interface HarnessOptions {
   agentArgs?: string[];
   /** Build the underlay and the host namespaces. Default true. */
   underlay?: boolean;
+  /**
+   * Join the hypervisors with the WireGuard overlay: every agent gets
+   * `--overlay --host-netns <its host namespace> --underlay-interface ul0
+   * --state-dir <a temp dir of the run>`. Needs the underlay.
+   */
+  overlay?: boolean;
 }
 
 /** The underlay subnet joining the host namespaces. */
@@ -162,6 +170,8 @@ export class Harness {
   /** The root namespace as it was before the harness did anything. */
   rootBefore!: RootSnapshot;
   readonly vms = new Map<string, Vm>();
+  /** With overlay: the agents' --state-dir (keys in <dir>/<hostId>/wg.key). */
+  stateDir?: string;
   private closed = false;
 
   private constructor(private readonly opts: HarnessOptions) {}
@@ -193,6 +203,27 @@ export class Harness {
     this.ipam = ipamClients(this.ipamDaemon.address);
     const n = this.opts.hosts ?? 1;
     if (n < 1 || n > 20) throw new Error(`hosts: ${n}; use 1–20`);
+    if (this.opts.overlay && this.opts.underlay === false) throw new Error("overlay needs the underlay");
+    if (this.opts.overlay) {
+      this.stateDir = tempDir("state");
+      const dir = this.stateDir;
+      const ids = Array.from({ length: n }, (_, i) => `${this.prefix}hv${i}`);
+      // wireguard-go runs in the host namespaces (ended with them), but its
+      // control socket /var/run/wireguard/NAME.sock is global: end our
+      // processes by PID and remove their sockets.
+      onCleanup(() => {
+        for (const id of ids) {
+          for (const { ifname, pid } of interfacesIn(dir, id)) {
+            try {
+              if (pid > 0 && readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").includes(ifname)) process.kill(pid, "SIGKILL");
+            } catch {
+              // gone
+            }
+            rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
+          }
+        }
+      });
+    }
     if (this.opts.underlay ?? true) {
       await createNetns(this.underlayNs);
       const ul = this.underlayNs;
@@ -201,7 +232,8 @@ export class Harness {
       await ipn(ul, ["link", "set", "ul0", "up"]);
       for (let i = 0; i < n; i++) {
         const hostNs = await createNetns(`${this.prefix}-hv${i}`);
-        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, this.opts.agentArgs ?? []);
+        const overlayArgs = this.opts.overlay ? ["--overlay", "--host-netns", hostNs, "--underlay-interface", "ul0", "--state-dir", this.stateDir!] : [];
+        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...(this.opts.agentArgs ?? [])]);
         await vethBetween({ ns: hostNs, name: "ul0", address: `${hv.underlayAddress}/24` }, { ns: ul, name: `hv${i}` });
         await ipn(ul, ["link", "set", `hv${i}`, "master", "ul0"]);
         await ipn(hostNs, ["route", "add", "default", "via", UNDERLAY_GATEWAY]);

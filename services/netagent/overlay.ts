@@ -1,0 +1,696 @@
+// The WireGuard overlay between hypervisors: one WireGuard interface per VPC
+// on each host, a full mesh between the hosts of that VPC.
+//
+// - Identity: DIR/<hostId>/wg.key (mode 0600), made with `wg genkey` on first
+//   start; only the public key leaves the host (registry record in Redis,
+//   `mvpc:hosts:<hostId>`, with a lease of leaseMs renewed every refreshMs).
+// - Interface: `wireguard-go -f NAME` started in the host namespace (where
+//   the underlay is), then moved into the VPC namespace: its UDP socket stays
+//   in the host namespace. NAME is "wg" + 13 hex of sha256(host/vpc): unique
+//   per machine (wireguard-go's control socket /var/run/wireguard/NAME.sock
+//   is global) and at most 15 bytes. The process's PID is kept in
+//   DIR/<hostId>/wg/NAME.pid so that a restarted agent adopts it (traffic
+//   keeps flowing) and a deleted VPC ends exactly that process.
+// - Peers: one per other live member host of the VPC (its lease current),
+//   allowed-ips = that host's NIC /32s in the VPC, keepalive 25 s; a /32
+//   route per remote NIC in the VPC namespace and proxy ARP on the subnet
+//   bridges, so a VM ARPing for a same-subnet VM on another host gets the
+//   bridge's MAC.
+// - MTU: overlay MTU = underlay MTU − 60 over IPv4 (outer IPv4 20 + UDP 8 +
+//   WireGuard 32: type/receiver/counter 16 + Poly1305 tag 16), − 80 over
+//   IPv6 (outer header 40). The WireGuard interface, the bridges and the NICs
+//   all get it, so a VM never sends a packet the tunnel would have to
+//   fragment: a too-big packet with DF set is refused at the VM's own NIC
+//   (EMSGSIZE / ICMP frag-needed), never dropped silently.
+// - Changes travel as events on mvpc:events (nic.*, overlay.*, host.*):
+//   every host re-reads the registry when one arrives, and every syncMs
+//   anyway (lease expiry makes no event). While Redis is unreachable nothing
+//   is removed: the last applied configuration keeps forwarding.
+import { createHash } from "node:crypto";
+import { spawn } from "node:child_process";
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import type { Agent } from "./agent.js";
+import { exec, run } from "./kernel.js";
+import { names } from "./plan.js";
+import { overlayKeys } from "./store.js";
+
+export interface OverlayOptions {
+  hostId: string;
+  /** Namespace holding the underlay ("" = the agent's own). */
+  hostNetns: string;
+  /** This host's underlay address; default the first global address of underlayInterface. */
+  underlayAddress?: string;
+  underlayInterface: string;
+  stateDir: string;
+  leaseMs?: number;
+  refreshMs?: number;
+  syncMs?: number;
+  agentVersion?: string;
+}
+
+export interface HostRecord {
+  id: string;
+  publicKey: string;
+  /** Underlay address (ports are per VPC, in the members hash). */
+  address: string;
+  mtu: number;
+  underlayMtu: number;
+  vpcIds: string[];
+  registeredMs: number;
+  keyCreatedMs: number;
+  agentVersion: string;
+}
+
+export interface PeerWant {
+  hostId: string;
+  publicKey: string;
+  endpoint: string;
+  allowedIps: string[];
+}
+
+export interface DumpPeer {
+  publicKey: string;
+  endpoint: string;
+  allowedIps: string[];
+  latestHandshakeS: number;
+  rxBytes: bigint;
+  txBytes: bigint;
+  keepalive: number;
+}
+
+export interface Dump {
+  publicKey: string;
+  listenPort: number;
+  peers: DumpPeer[];
+}
+
+export const WG_OVERHEAD_V4 = 60;
+export const WG_OVERHEAD_V6 = 80;
+const KEEPALIVE = 25;
+const WG_IF_RE = /^wg[0-9a-f]{13}$/;
+const KEY_RE = /^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$/;
+
+/** The WireGuard interface of a VPC on a host: unique per machine, 15 bytes. */
+export function wgName(hostId: string, vpcId: string): string {
+  return `wg${createHash("sha256").update(`${hostId}/${vpcId}`).digest("hex").slice(0, 13)}`;
+}
+
+/** Parses `wg show NAME dump`. The first line's private key is dropped here and never kept. */
+export function parseDump(out: string): Dump {
+  const lines = out.split("\n").filter((l) => l.trim() !== "");
+  const first = (lines[0] ?? "").split("\t");
+  const dump: Dump = { publicKey: first[1] ?? "", listenPort: Number(first[2] ?? 0), peers: [] };
+  for (const l of lines.slice(1)) {
+    const f = l.split("\t");
+    if (f.length < 8) continue;
+    dump.peers.push({
+      publicKey: f[0],
+      endpoint: f[2] === "(none)" ? "" : f[2],
+      allowedIps: f[3] === "(none)" ? [] : f[3].split(",").filter(Boolean).sort(),
+      latestHandshakeS: Number(f[4]),
+      rxBytes: BigInt(f[5]),
+      txBytes: BigInt(f[6]),
+      keepalive: f[7] === "off" ? 0 : Number(f[7]),
+    });
+  }
+  return dump;
+}
+
+/** `wg set` arguments that turn the dump into the wanted peers; [] when nothing differs. */
+export function peerArgs(dump: Dump, want: PeerWant[]): string[] {
+  const args: string[] = [];
+  const wanted = new Map(want.map((p) => [p.publicKey, p]));
+  for (const p of dump.peers) if (!wanted.has(p.publicKey)) args.push("peer", p.publicKey, "remove");
+  const have = new Map(dump.peers.map((p) => [p.publicKey, p]));
+  for (const w of want) {
+    const h = have.get(w.publicKey);
+    const allowed = [...w.allowedIps].sort();
+    if (h && h.endpoint === w.endpoint && h.keepalive === KEEPALIVE && h.allowedIps.join(",") === allowed.join(",")) continue;
+    args.push("peer", w.publicKey, "endpoint", w.endpoint, "persistent-keepalive", String(KEEPALIVE), "allowed-ips", allowed.join(","));
+  }
+  return args;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function pidAlive(pid: number, ifname: string): boolean {
+  try {
+    const cmd = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+    return cmd.some((c) => c.endsWith("wireguard-go")) && cmd.includes(ifname);
+  } catch {
+    return false;
+  }
+}
+
+export class Overlay {
+  readonly leaseMs: number;
+  readonly refreshMs: number;
+  readonly syncMs: number;
+  readonly dir: string;
+  readonly keyFile: string;
+  publicKey = "";
+  keyCreatedMs = 0;
+  registeredMs = 0;
+  address = "";
+  underlayMtu = 0;
+  mtu = 0;
+  /** Last applied peers per VPC (what is kept while Redis is away). */
+  readonly applied = new Map<string, PeerWant[]>();
+  readonly ports = new Map<string, number>();
+  lastError = "";
+  /** When a Redis read last failed (0 = never). */
+  private redisFailMs = 0;
+  private stopped = false;
+  private timers: NodeJS.Timeout[] = [];
+  private sub?: Redis;
+  private running?: Promise<void>;
+  private dirty = false;
+  private mutex: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    readonly agent: Agent,
+    readonly redis: Redis,
+    readonly opts: OverlayOptions,
+    readonly log: Logger,
+  ) {
+    this.leaseMs = opts.leaseMs ?? 15_000;
+    this.refreshMs = opts.refreshMs ?? 5_000;
+    this.syncMs = opts.syncMs ?? 2_000;
+    this.dir = join(opts.stateDir, opts.hostId);
+    this.keyFile = join(this.dir, "wg.key");
+  }
+
+  get hostId(): string {
+    return this.opts.hostId;
+  }
+
+  /** Serialises key changes and syncs. */
+  private locked<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.mutex.then(fn, fn);
+    this.mutex = p.catch(() => undefined);
+    return p;
+  }
+
+  private ipArgs(ns: string): string[] {
+    return ns ? ["-n", ns] : [];
+  }
+
+  /** Reads the underlay (address, MTU), loads or makes the key. Called once before start(). */
+  async init(): Promise<void> {
+    mkdirSync(join(this.dir, "wg"), { recursive: true, mode: 0o700 });
+    const out = await run("ip", [...this.ipArgs(this.opts.hostNetns), "-j", "addr", "show", "dev", this.opts.underlayInterface]);
+    const l = (JSON.parse(out || "[]") as { mtu?: number; addr_info?: { family: string; local: string; scope: string }[] }[])[0];
+    if (!l) throw new Error(`--underlay-interface ${this.opts.underlayInterface}: no such device${this.opts.hostNetns ? ` in ${this.opts.hostNetns}` : ""}`);
+    this.underlayMtu = l.mtu ?? 1500;
+    this.address = this.opts.underlayAddress ?? (l.addr_info ?? []).find((a) => a.family === "inet" && a.scope === "global")?.local ?? "";
+    if (!this.address) throw new Error(`${this.opts.underlayInterface} has no global IPv4 address; give --underlay-address`);
+    this.mtu = this.underlayMtu - (this.address.includes(":") ? WG_OVERHEAD_V6 : WG_OVERHEAD_V4);
+    if (existsSync(this.keyFile)) {
+      chmodSync(this.keyFile, 0o600);
+      this.keyCreatedMs = Date.now();
+      this.publicKey = await this.pubkeyOf(readFileSync(this.keyFile, "utf8"));
+      try {
+        const m = JSON.parse(readFileSync(join(this.dir, "wg.meta"), "utf8")) as { keyCreatedMs?: number };
+        if (m.keyCreatedMs) this.keyCreatedMs = m.keyCreatedMs;
+      } catch {
+        // no metadata: keep now
+      }
+    } else {
+      await this.newKey();
+    }
+    this.registeredMs = Date.now();
+  }
+
+  private async pubkeyOf(priv: string): Promise<string> {
+    // Not run(): its error would quote the input, i.e. the private key.
+    const r = await exec("wg", ["pubkey"], priv.trim() + "\n");
+    if (r.exitCode !== 0) throw new Error(`${this.keyFile}: wg pubkey failed (not a WireGuard private key?)`);
+    const pub = r.stdout.trim();
+    if (!KEY_RE.test(pub)) throw new Error(`${this.keyFile}: not a WireGuard private key`);
+    return pub;
+  }
+
+  /** Makes a new key pair: written 0600 then renamed over the old one. Never logged. */
+  private async newKey(): Promise<void> {
+    const g = await exec("wg", ["genkey"]);
+    if (g.exitCode !== 0) throw new Error("wg genkey failed");
+    const priv = g.stdout.trim();
+    const pub = await this.pubkeyOf(priv);
+    const tmp = `${this.keyFile}.tmp`;
+    writeFileSync(tmp, priv + "\n", { mode: 0o600 });
+    chmodSync(tmp, 0o600);
+    renameSync(tmp, this.keyFile);
+    this.publicKey = pub;
+    this.keyCreatedMs = Date.now();
+    writeFileSync(join(this.dir, "wg.meta"), JSON.stringify({ keyCreatedMs: this.keyCreatedMs }), { mode: 0o600 });
+  }
+
+  record(): HostRecord {
+    return {
+      id: this.hostId,
+      publicKey: this.publicKey,
+      address: this.address,
+      mtu: this.mtu,
+      underlayMtu: this.underlayMtu,
+      vpcIds: [...this.agent.desired.vpcs.keys()].sort(),
+      registeredMs: this.registeredMs,
+      keyCreatedMs: this.keyCreatedMs,
+      agentVersion: this.opts.agentVersion ?? "",
+    };
+  }
+
+  /** Renews the lease; announces the host when the record was missing or changed key. */
+  async publish(kind?: string): Promise<void> {
+    const key = overlayKeys.host(this.hostId);
+    const rec = JSON.stringify(this.record());
+    const prev = (await this.redis.call("SET", key, rec, "PX", String(this.leaseMs), "GET")) as string | null;
+    let announce = kind;
+    if (!announce) {
+      if (!prev) announce = "host.registered";
+      else if ((JSON.parse(prev) as HostRecord).publicKey !== this.publicKey) announce = "host.rotated";
+    }
+    if (!prev) await this.redis.sadd(overlayKeys.hostIndex, this.hostId);
+    if (announce) await this.redis.xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", announce, "host", this.hostId);
+  }
+
+  start(): void {
+    let failing = false;
+    const refresh = async () => {
+      if (this.stopped) return;
+      try {
+        await this.publish();
+        failing = false;
+      } catch (err) {
+        if (!failing) this.log.warn({ err: (err as Error).message }, "cannot renew the host lease; retrying");
+        failing = true;
+      }
+      // While Redis is away, retry often: the lease must be back as soon as Redis is.
+      if (!this.stopped) this.timers.push(setTimeout(refresh, failing ? 250 : this.refreshMs).unref());
+    };
+    const periodic = async () => {
+      if (this.stopped) return;
+      await this.syncAll(false);
+      if (!this.stopped) this.timers.push(setTimeout(periodic, this.syncMs).unref());
+    };
+    void refresh().then(periodic);
+    void this.watch();
+  }
+
+  /** Follows mvpc:events on its own connection; a relevant event triggers a sync at once. */
+  private async watch(): Promise<void> {
+    this.sub = this.redis.duplicate();
+    this.sub.on("error", () => undefined);
+    let last = "$";
+    while (!this.stopped) {
+      try {
+        const r = (await this.sub.xread("COUNT", 1000, "BLOCK", 1000, "STREAMS", "mvpc:events", last)) as [string, [string, string[]][]][] | null;
+        if (!r) continue;
+        let kick = false;
+        for (const [, entries] of r) {
+          for (const [id, fields] of entries) {
+            last = id;
+            const kind = fields[fields.indexOf("kind") + 1] ?? "";
+            const host = fields[fields.indexOf("host") + 1] ?? "";
+            if (/^(nic|overlay|host)\./.test(kind) && !(kind.startsWith("host.") && host === this.hostId)) kick = true;
+          }
+        }
+        if (kick) void this.syncAll();
+      } catch {
+        if (!this.stopped) await sleep(500);
+      }
+    }
+  }
+
+  /**
+   * Runs a sync now, or once more after the running one. `full` (events,
+   * API calls) always compares the kernel; otherwise (timers) the kernel is
+   * only read when Redis says something changed or every fullEveryMs.
+   */
+  syncAll(full = true): Promise<void> {
+    this.pendingFull ||= full;
+    if (this.running) {
+      this.dirty = true;
+      return this.running;
+    }
+    this.running = (async () => {
+      for (let i = 0; i < 5; i++) {
+        this.dirty = false;
+        const f = this.pendingFull;
+        this.pendingFull = false;
+        await this.locked(() => this.syncOnce(f));
+        if (!this.dirty || this.stopped) break;
+      }
+    })().finally(() => (this.running = undefined));
+    return this.running;
+  }
+
+  private pendingFull = false;
+  private readonly lastFull = new Map<string, { ms: number; port: number; key: string }>();
+  readonly fullEveryMs = 30_000;
+
+  private async syncOnce(full: boolean): Promise<void> {
+    const errors: string[] = [];
+    const vpcs = [...this.agent.desired.vpcs.keys()];
+    for (const vpcId of vpcs) {
+      if (this.stopped) return;
+      if (!existsSync(`/run/netns/${this.agent.nsOf(vpcId)}`)) continue;
+      try {
+        await this.agent.withLock(vpcId, () => this.syncVpc(vpcId, full));
+      } catch (err) {
+        errors.push(`${vpcId}: ${(err as Error).message}`);
+      }
+    }
+    // Interfaces of VPCs this host no longer has (only judged on a state read from Redis).
+    for (const f of this.agent.loaded ? this.pidFiles() : []) {
+      const vpc = f.vpcId;
+      if (!vpc || this.agent.desired.vpcs.has(vpc)) continue;
+      await this.agent
+        .withLock(vpc, async () => {
+          if (this.agent.desired.vpcs.has(vpc) || (await this.agent.store.hasVpc(vpc))) return;
+          await this.teardown(vpc);
+        })
+        .catch((err) => errors.push(`${vpc}: ${(err as Error).message}`));
+    }
+    this.lastError = errors.join("; ");
+    if (this.lastError) this.log.warn({ err: this.lastError }, "overlay sync");
+  }
+
+  /** VPCs with a running interface here, known to the desired state or not (e.g. right after a restart). */
+  runningVpcs(): string[] {
+    return this.pidFiles()
+      .filter((f) => f.vpcId && pidAlive(f.pid, f.ifname))
+      .map((f) => f.vpcId);
+  }
+
+  private pidFiles(): { ifname: string; vpcId: string; pid: number }[] {
+    const out = [];
+    let files: string[] = [];
+    try {
+      files = readdirSync(join(this.dir, "wg"));
+    } catch {
+      return [];
+    }
+    for (const f of files) {
+      const m = /^(wg[0-9a-f]{13})\.pid$/.exec(f);
+      if (!m) continue;
+      try {
+        const j = JSON.parse(readFileSync(join(this.dir, "wg", f), "utf8")) as { pid: number; vpcId: string };
+        out.push({ ifname: m[1], vpcId: j.vpcId, pid: j.pid });
+      } catch {
+        // half-written: ignored
+      }
+    }
+    return out;
+  }
+
+  private pidFile(ifname: string): string {
+    return join(this.dir, "wg", `${ifname}.pid`);
+  }
+
+  private readPid(ifname: string): number {
+    try {
+      return (JSON.parse(readFileSync(this.pidFile(ifname), "utf8")) as { pid: number }).pid;
+    } catch {
+      return 0;
+    }
+  }
+
+  async dump(ifname: string): Promise<Dump | null> {
+    const r = await exec("wg", ["show", ifname, "dump"]);
+    if (r.exitCode !== 0) return null;
+    return parseDump(r.stdout);
+  }
+
+  /** Makes sure the VPC's interface runs, sits in the VPC namespace, is up with the right key and MTU. */
+  async ensureInterface(vpcId: string): Promise<{ ifname: string; port: number; dump: Dump }> {
+    const ifname = wgName(this.hostId, vpcId);
+    const vns = this.agent.nsOf(vpcId);
+    const hns = this.opts.hostNetns;
+    const pid = this.readPid(ifname);
+    let alive = pid > 0 && pidAlive(pid, ifname);
+    let inVpc = alive ? await this.agent.kernel.link(vns, ifname) : null;
+    if (alive && !inVpc && !(await this.agent.kernel.link(hns, ifname))) {
+      // Its device is gone (the namespace was deleted under it): start over.
+      await this.killPid(pid, ifname);
+      alive = false;
+    }
+    if (!alive) {
+      rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
+      const stale = await this.agent.kernel.link(vns, ifname);
+      if (stale) await this.agent.kernel.ipBatch(vns, [`link del dev ${ifname}`]);
+      const argv = hns ? ["ip", ["netns", "exec", hns, "wireguard-go", "-f", ifname]] : ["wireguard-go", ["-f", ifname]];
+      const child = spawn(argv[0] as string, argv[1] as string[], {
+        detached: true,
+        stdio: "ignore",
+        env: { ...process.env, LC_ALL: "C", WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" },
+      });
+      child.unref();
+      if (!child.pid) throw new Error(`cannot start wireguard-go for ${ifname}`);
+      writeFileSync(this.pidFile(ifname), JSON.stringify({ pid: child.pid, vpcId }), { mode: 0o600 });
+      let ok = false;
+      for (let i = 0; i < 200 && !ok; i++) {
+        if (child.exitCode !== null) break;
+        ok = existsSync(`/var/run/wireguard/${ifname}.sock`);
+        if (!ok) await sleep(10);
+      }
+      if (!ok) {
+        try {
+          process.kill(child.pid, "SIGKILL");
+        } catch {
+          // gone
+        }
+        throw new Error(`wireguard-go ${ifname} did not start`);
+      }
+      this.log.info({ vpc: vpcId, interface: ifname, pid: child.pid }, "started wireguard-go");
+    }
+    if (!inVpc) {
+      await run("ip", [...this.ipArgs(hns), "link", "set", "dev", ifname, "netns", vns]);
+      inVpc = await this.agent.kernel.link(vns, ifname);
+      if (!inVpc) throw new Error(`${ifname} did not arrive in ${vns}`);
+    }
+    let dump = await this.dump(ifname);
+    if (!dump) throw new Error(`wg show ${ifname} failed`);
+    if (dump.publicKey !== this.publicKey) {
+      await run("wg", ["set", ifname, "private-key", this.keyFile, ...(dump.listenPort ? [] : ["listen-port", "0"])]);
+    }
+    if (!inVpc.up || inVpc.mtu !== this.mtu) await this.agent.kernel.ipBatch(vns, [`link set dev ${ifname} mtu ${this.mtu} up`]);
+    if (dump.publicKey !== this.publicKey || !inVpc.up) dump = (await this.dump(ifname)) ?? dump;
+    return { ifname, port: dump.listenPort, dump };
+  }
+
+  /** Desired peers of one VPC from Redis; throws if Redis cannot be read. */
+  async wantedPeers(vpcId: string): Promise<PeerWant[]> {
+    const [members, addrs] = await Promise.all([this.redis.hgetall(overlayKeys.members(vpcId)), this.redis.hgetall(overlayKeys.addrs(vpcId))]);
+    const others = Object.keys(members).filter((h) => h !== this.hostId).sort();
+    if (others.length === 0) return [];
+    const recs = await this.redis.mget(...others.map((h) => overlayKeys.host(h)));
+    const want: PeerWant[] = [];
+    others.forEach((h, i) => {
+      const rec = recs[i] ? (JSON.parse(recs[i]!) as HostRecord) : null;
+      if (!rec || !KEY_RE.test(rec.publicKey) || rec.publicKey === this.publicKey) return;
+      let port = 0;
+      try {
+        port = (JSON.parse(members[h]) as { port: number }).port;
+      } catch {
+        return;
+      }
+      if (!(port > 0 && port < 65536)) return;
+      const allowed = Object.entries(addrs)
+        .filter(([, host]) => host === h)
+        .map(([a]) => `${a}/32`)
+        .sort();
+      const ep = rec.address.includes(":") ? `[${rec.address}]:${port}` : `${rec.address}:${port}`;
+      want.push({ hostId: h, publicKey: rec.publicKey, endpoint: ep, allowedIps: allowed });
+    });
+    return want;
+  }
+
+  async syncVpc(vpcId: string, full = true): Promise<string[]> {
+    const changes: string[] = [];
+    const vns = this.agent.nsOf(vpcId);
+    const last = this.lastFull.get(vpcId);
+    const me = wgName(this.hostId, vpcId);
+    if (!full && last && Date.now() - last.ms < this.fullEveryMs && last.key === this.publicKey && pidAlive(this.readPid(me), me)) {
+      // Cheap pass: Redis only, no exec, unless something changed.
+      try {
+        const [mine, fresh] = await Promise.all([this.redis.hget(overlayKeys.members(vpcId), this.hostId), this.wantedPeers(vpcId)]);
+        if (mine === JSON.stringify({ port: last.port }) && JSON.stringify(fresh) === JSON.stringify(this.applied.get(vpcId))) return changes;
+      } catch {
+        this.redisFailMs = Date.now();
+        return changes;
+      }
+    }
+    const { ifname, port, dump } = await this.ensureInterface(vpcId);
+    let want = this.applied.get(vpcId);
+    try {
+      if (this.ports.get(vpcId) !== port) {
+        const cur = await this.redis.hget(overlayKeys.members(vpcId), this.hostId);
+        if (cur !== JSON.stringify({ port })) {
+          await this.redis.hset(overlayKeys.members(vpcId), this.hostId, JSON.stringify({ port }));
+          await this.redis.xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "overlay.joined", "host", this.hostId, "vpc", vpcId);
+          changes.push(`joined overlay of ${vpcId} on port ${port}`);
+        }
+        this.ports.set(vpcId, port);
+      }
+      const fresh = await this.wantedPeers(vpcId);
+      // Just after an outage every lease may have run out while nobody could
+      // renew it: keep the hosts we had until they had time to register again.
+      if (want && Date.now() - this.redisFailMs < this.refreshMs + 2000) {
+        const ids = new Set(fresh.map((p) => p.hostId));
+        want = [...fresh, ...want.filter((p) => !ids.has(p.hostId))];
+      } else {
+        want = fresh;
+      }
+    } catch (err) {
+      // Redis away: keep what was applied last.
+      this.redisFailMs = Date.now();
+      if (!want) throw err;
+    }
+    if (!want) return changes;
+    const args = peerArgs(dump, want);
+    if (args.length) {
+      await run("wg", ["set", ifname, ...args]);
+      changes.push(`peers of ${ifname}: ${want.map((p) => p.hostId).join(",") || "none"}`);
+    }
+    this.applied.set(vpcId, want);
+    this.lastFull.set(vpcId, { ms: Date.now(), port, key: this.publicKey });
+    // Routes: one /32 per remote NIC through the interface.
+    const rout = await run("ip", ["-n", vns, "-j", "route", "show", "dev", ifname]);
+    const have = new Set((JSON.parse(rout || "[]") as { dst: string }[]).map((r) => (r.dst.includes("/") ? r.dst : `${r.dst}/32`)));
+    const wantR = new Set(want.flatMap((p) => p.allowedIps));
+    const lines: string[] = [];
+    for (const r of have) if (!wantR.has(r)) lines.push(`route del ${r} dev ${ifname}`);
+    for (const r of wantR) if (!have.has(r)) lines.push(`route replace ${r} dev ${ifname}`);
+    if (lines.length) {
+      await this.agent.kernel.ipBatch(vns, lines);
+      changes.push(`${lines.length} route change(s) in ${vns}`);
+    }
+    // Proxy ARP on every subnet bridge: a VM ARPing for a remote VM of its
+    // subnet gets the bridge's MAC, and the /32 route does the rest. Set as
+    // the namespace default too, so a bridge made (or remade) later has it.
+    if (!this.proxyArpDone.has(vns) || this.agent.subnetsOf(vpcId).some((s) => !this.proxyArpDone.has(`${vns}/${s.subnetId}`))) {
+      const subnets = this.agent.subnetsOf(vpcId);
+      const links = new Set((await this.agent.kernel.links(vns)).map((l) => l.ifname));
+      const present = subnets.filter((s) => links.has(names.bridge(s.subnetId)));
+      await run("ip", ["netns", "exec", vns, "sysctl", "-q", "-w", "net.ipv4.conf.default.proxy_arp=1", ...present.map((s) => `net.ipv4.conf.${names.bridge(s.subnetId)}.proxy_arp=1`)]);
+      this.proxyArpDone.add(vns);
+      for (const s of present) this.proxyArpDone.add(`${vns}/${s.subnetId}`);
+    }
+    if (changes.length) this.log.info({ vpc: vpcId, changes }, "overlay");
+    return changes;
+  }
+
+  private readonly proxyArpDone = new Set<string>();
+
+  /** Forgets proxy ARP state so the next sync sets it again (e.g. after a bridge was recreated). */
+  forgetBridges(vpcId: string): void {
+    this.lastFull.delete(vpcId);
+    const ns = this.agent.nsOf(vpcId);
+    for (const k of [...this.proxyArpDone]) if (k === ns || k.startsWith(`${ns}/`)) this.proxyArpDone.delete(k);
+  }
+
+  /** Ends the VPC's wireguard-go (by its PID), removes the interface and the membership. */
+  async teardown(vpcId: string): Promise<void> {
+    const ifname = wgName(this.hostId, vpcId);
+    await this.killPid(this.readPid(ifname), ifname);
+    rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
+    rmSync(this.pidFile(ifname), { force: true });
+    this.applied.delete(vpcId);
+    this.ports.delete(vpcId);
+    this.lastFull.delete(vpcId);
+    this.forgetBridges(vpcId);
+    try {
+      if (await this.redis.hdel(overlayKeys.members(vpcId), this.hostId)) {
+        await this.redis.xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "overlay.left", "host", this.hostId, "vpc", vpcId);
+      }
+    } catch (err) {
+      this.log.warn({ vpc: vpcId, err: (err as Error).message }, "cannot leave the overlay in Redis; the lease and the next sync clean up");
+    }
+  }
+
+  /** Ends one wireguard-go by PID (checked to be that interface's). */
+  private async killPid(pid: number, ifname: string): Promise<void> {
+    if (!(pid > 0 && pidAlive(pid, ifname))) return;
+    try {
+      process.kill(pid, "SIGTERM");
+      for (let i = 0; i < 100 && pidAlive(pid, ifname); i++) await sleep(10);
+      if (pidAlive(pid, ifname)) process.kill(pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  }
+
+  /** New key pair, applied to every local interface, then published. */
+  async rotate(): Promise<{ previous: string; rotatedMs: number }> {
+    return this.locked(async () => {
+      const previous = this.publicKey;
+      await this.newKey();
+      const rotatedMs = Date.now();
+      for (const f of this.pidFiles()) {
+        if (!pidAlive(f.pid, f.ifname)) continue;
+        await run("wg", ["set", f.ifname, "private-key", this.keyFile]);
+      }
+      await this.publish("host.rotated");
+      this.log.info({ publicKey: this.publicKey }, "host key rotated");
+      return { previous, rotatedMs };
+    });
+  }
+
+  /** Hosts of the local VPCs whose latest handshake with us is after sinceMs. */
+  async peersHandshakenSince(sinceMs: number): Promise<{ updated: string[]; pending: string[] }> {
+    const updated = new Set<string>();
+    const all = new Set<string>();
+    for (const [vpcId, peers] of this.applied) {
+      const d = await this.dump(wgName(this.hostId, vpcId));
+      for (const p of peers) {
+        all.add(p.hostId);
+        const dp = d?.peers.find((x) => x.publicKey === p.publicKey);
+        if (dp && dp.latestHandshakeS * 1000 >= sinceMs - 1000) updated.add(p.hostId);
+      }
+    }
+    const pending = [...all].filter((h) => !updated.has(h)).sort();
+    return { updated: [...updated].sort(), pending };
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    for (const t of this.timers) clearTimeout(t);
+    this.sub?.disconnect();
+    await this.running?.catch(() => undefined);
+    // Leaving gracefully: peers drop this host at once instead of after the lease.
+    try {
+      await this.redis.del(overlayKeys.host(this.hostId));
+      await this.redis.xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "host.left", "host", this.hostId);
+    } catch {
+      // the lease runs out by itself
+    }
+  }
+}
+
+/** For cleanup code: the WireGuard interface names a state directory knows of. */
+export function interfacesIn(stateDir: string, hostId: string): { ifname: string; pid: number }[] {
+  const d = join(stateDir, hostId, "wg");
+  let files: string[] = [];
+  try {
+    files = readdirSync(d);
+  } catch {
+    return [];
+  }
+  const out = [];
+  for (const f of files) {
+    const m = /^(wg[0-9a-f]{13})\.pid$/.exec(f);
+    if (!m || !WG_IF_RE.test(m[1])) continue;
+    try {
+      out.push({ ifname: m[1], pid: (JSON.parse(readFileSync(join(d, f), "utf8")) as { pid: number }).pid });
+    } catch {
+      out.push({ ifname: m[1], pid: 0 });
+    }
+  }
+  return out;
+}
+

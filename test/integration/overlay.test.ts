@@ -1,0 +1,303 @@
+// The WireGuard overlay end to end: three simulated hypervisors (harness
+// overlay mode: every netagent runs with --overlay, its wireguard-go
+// interfaces start in the hypervisor's host namespace and move into the VPC
+// namespace), real Redis, real packets. Needs root. The root namespace is
+// only read; the last test checks it did not change.
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { Code } from "@connectrpc/connect";
+import type { Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
+import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
+import { rejectsWith } from "../lib/clients.js";
+import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
+import { httpGet, iperf3, ipn, nsExec, ping, run, startHttpServer, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
+
+const UNDERLAY_MTU = 1500;
+const OVERLAY_MTU = UNDERLAY_MTU - 60;
+
+let h: Harness;
+let hv: Hypervisor[];
+let vpcA: Vpc;
+let vpcB: Vpc;
+const a: Vm[] = [];
+const b: Vm[] = [];
+
+before(async () => {
+  h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
+  hv = h.hosts;
+});
+
+after(async () => {
+  const names = h ? wgSockets() : [];
+  const left = await h?.close();
+  assert.deepEqual(left ?? [], [], "every namespace of the run is gone");
+  for (const n of names) assert.ok(!existsSync(`/var/run/wireguard/${n}.sock`), `control socket of ${n} removed`);
+});
+
+// ---------------------------------------------------------------------------
+// helpers
+
+/** The wireguard-go interfaces of this run (from the agents' state directories). */
+function wgSockets(): string[] {
+  const out: string[] = [];
+  for (const x of h.hosts) {
+    const d = join(h.stateDir!, x.id, "wg");
+    if (!existsSync(d)) continue;
+    for (const f of readdirSync(d)) if (f.endsWith(".pid")) out.push(f.slice(0, -4));
+  }
+  return out;
+}
+
+async function reaches(from: Vm, to: Vm): Promise<boolean> {
+  return (await ping(from.ns, to.address, { count: 2, intervalS: 0.1, deadlineS: 2 })).received > 0;
+}
+
+async function meshUp(vms: Vm[], timeoutMs = 15_000): Promise<boolean> {
+  return waitFor(
+    async () => {
+      for (const x of vms) for (const y of vms) if (x !== y && !(await reaches(x, y))) return false;
+      return true;
+    },
+    { timeoutMs, intervalMs: 300 },
+  );
+}
+
+async function peerHosts(x: Hypervisor, vpc: Vpc): Promise<string[]> {
+  const st = await x.agent.getOverlayStatus({ vpc: vpc.id });
+  return (st.vpcs[0]?.peers ?? []).map((p) => p.hostId).sort();
+}
+
+/** ping with DF set and a payload of `size` bytes (IP packet = size + 28). */
+async function pingDf(from: Vm, to: string, size: number): Promise<{ code: number; out: string }> {
+  const r = await nsExec(from.ns, "ping", ["-n", "-c", "2", "-i", "0.2", "-W", "1", "-w", "3", "-M", "do", "-s", String(size), to], { check: false, timeoutMs: 10_000 });
+  return { code: r.code, out: r.stdout + r.stderr };
+}
+
+// ---------------------------------------------------------------------------
+
+describe("host registry", () => {
+  test("every host registers its public key, endpoint and the derived MTU; the private key stays in a 0600 file", async () => {
+    assert.ok(await waitFor(async () => (await hv[0].agent.listHosts({})).hosts.length === 3, { timeoutMs: 5000 }), "three hosts registered");
+    const list = await hv[0].agent.listHosts({});
+    assert.deepEqual(
+      list.hosts.map((x) => x.id),
+      hv.map((x) => x.id).sort(),
+    );
+    for (const x of hv) {
+      const { host } = await hv[0].agent.getHost({ ref: x.id });
+      assert.match(host!.publicKey, /^[A-Za-z0-9+/]{43}=$/);
+      assert.equal(host!.endpoint, x.underlayAddress);
+      assert.equal(host!.underlayMtu, UNDERLAY_MTU);
+      assert.equal(host!.mtu, OVERLAY_MTU);
+      assert.ok(host!.leaseExpireTime, "lease");
+      const st = statSync(join(h.stateDir!, x.id, "wg.key"));
+      assert.equal(st.mode & 0o777, 0o600, "key file mode");
+      assert.ok(!Object.keys(host!).some((k) => /private/i.test(k)), "no private key in the answer");
+    }
+    const self = await hv[1].agent.getHost({});
+    assert.equal(self.host!.id, hv[1].id);
+    await rejectsWith(hv[0].agent.getHost({ ref: "nohost" }), Code.NotFound);
+    await rejectsWith(hv[0].agent.getHost({ ref: "Bad Host!" }), Code.InvalidArgument);
+    await rejectsWith(hv[0].agent.listHosts({ vpc: "vpc-000000000000" }), Code.NotFound);
+  });
+});
+
+describe("overlay mesh", () => {
+  test("VMs of one VPC on three hosts reach each other (same subnet and across subnets); another VPC's VMs reach none of them", async () => {
+    vpcA = await h.vpc("ova", "10.50.0.0/16");
+    const sA1: Subnet = await h.subnet(vpcA, "s1", "10.50.1.0/24");
+    const sA2: Subnet = await h.subnet(vpcA, "s2", "10.50.2.0/24");
+    vpcB = await h.vpc("ovb", "10.60.0.0/16");
+    const sB1 = await h.subnet(vpcB, "s1", "10.60.1.0/24");
+    a.push(await h.vm(0, vpcA, sA1, "a0"), await h.vm(1, vpcA, sA1, "a1"), await h.vm(2, vpcA, sA2, "a2"));
+    b.push(await h.vm(0, vpcB, sB1, "b0"), await h.vm(1, vpcB, sB1, "b1"), await h.vm(2, vpcB, sB1, "b2"));
+    for (const vm of [...a, ...b]) await startHttpServer(vm.ns, vm.name, 80);
+    const t0 = Date.now();
+    assert.ok(await meshUp(a), "VPC A: full mesh");
+    const convergedMs = Date.now() - t0;
+    assert.ok(await meshUp(b), "VPC B: full mesh");
+    for (const x of a) for (const y of a) if (x !== y) assert.equal(await httpGet(x.ns, `http://${y.address}/`), y.name, `${x.name} → ${y.name} over TCP`);
+    for (const x of a) {
+      for (const y of b) {
+        assert.ok(!(await reaches(x, y)), `${x.name} must not reach ${y.name}`);
+        assert.ok(!(await reaches(y, x)), `${y.name} must not reach ${x.name}`);
+        assert.notEqual(await tcpConnect(y.ns, x.address, 80, 1000), "connected", `${y.name} → ${x.name}:80`);
+      }
+    }
+    for (const x of hv) {
+      assert.deepEqual(await peerHosts(x, vpcA), hv.filter((y) => y !== x).map((y) => y.id).sort(), `${x.id}: peers of VPC A`);
+      const st = (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0];
+      assert.equal(st.mtu, OVERLAY_MTU);
+      assert.ok(st.interface.length <= 15);
+      for (const p of st.peers) {
+        assert.equal(p.persistentKeepaliveSeconds, 25);
+        assert.ok(p.allowedIps.every((c) => c.endsWith("/32")));
+        assert.ok(p.latestHandshakeTime, `${x.id} has a handshake with ${p.hostId}`);
+      }
+    }
+    // Each NIC and bridge runs at the overlay MTU.
+    assert.equal(a[0].nic.guest?.mtu, OVERLAY_MTU);
+    console.log(`# overlay: VPC A mesh converged ${convergedMs} ms after the last VM was attached`);
+  });
+
+  test("the largest packet passes at the derived MTU; one byte more gets an error, not silence", async () => {
+    const max = OVERLAY_MTU - 28;
+    for (const [x, y] of [
+      [a[0], a[1]],
+      [a[1], a[2]],
+    ]) {
+      const ok = await pingDf(x, y.address, max);
+      assert.equal(ok.code, 0, `${x.name} → ${y.name} -M do -s ${max}:\n${ok.out}`);
+      assert.match(ok.out, /2 received/);
+      const big = await pingDf(x, y.address, max + 1);
+      assert.notEqual(big.code, 0);
+      assert.match(big.out, /message too long|mtu ?= ?1440|Frag needed/i, `an error, not silence:\n${big.out}`);
+    }
+  });
+});
+
+describe("key rotation", () => {
+  test("RotateHostKey during a TCP stream: the stream survives and peers pick up the new key", async () => {
+    const before = (await hv[0].agent.getHost({})).host!.publicKey;
+    const stream = iperf3(a[1].ns, a[0].ns, a[0].address, { seconds: 8 });
+    await new Promise((r) => setTimeout(r, 2500));
+    const t0 = Date.now();
+    const rot = await hv[0].agent.rotateHostKey({ waitForPeers: true, waitTimeoutSeconds: 10 });
+    const rotMs = Date.now() - t0;
+    assert.equal(rot.previousPublicKey, before);
+    assert.notEqual(rot.host!.publicKey, before);
+    const res = await stream;
+    assert.ok(res.gbps > 0, "the stream completed");
+    const newKey = rot.host!.publicKey;
+    for (const x of [hv[1], hv[2]]) {
+      const ok = await waitFor(async () => (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].peers.some((p) => p.hostId === hv[0].id && p.publicKey === newKey), { timeoutMs: 5000 });
+      assert.ok(ok, `${x.id} uses hv0's new key`);
+    }
+    assert.ok(await meshUp(a, 10_000), "mesh after rotation");
+    console.log(`# overlay: rotation answered in ${rotMs} ms (updated ${rot.peersUpdated.join(",")}; pending ${rot.peersPending.join(",") || "none"}); iperf3 across it ${res.gbps.toFixed(3)} Gbit/s, ${res.retransmits} retransmits`);
+  });
+});
+
+describe("hosts leaving and coming back", () => {
+  test("a stopped host drops out of every peer list; back with a new key, traffic resumes", async () => {
+    const gone = hv[2];
+    const oldKey = (await hv[0].agent.getHost({ ref: gone.id })).host!.publicKey;
+    await gone.stop();
+    for (const x of [hv[0], hv[1]]) {
+      const ok = await waitFor(async () => !(await peerHosts(x, vpcA)).includes(gone.id), { timeoutMs: 5000 });
+      assert.ok(ok, `${x.id} removed ${gone.id}`);
+    }
+    await rejectsWith(hv[0].agent.getHost({ ref: gone.id }), Code.NotFound);
+    assert.ok(!(await reaches(a[0], a[2])), "no path to a host that left");
+    rmSync(join(h.stateDir!, gone.id, "wg.key"));
+    await gone.start();
+    assert.ok(await waitFor(async () => (await hv[0].agent.listHosts({})).hosts.some((x) => x.id === gone.id), { timeoutMs: 5000 }), `${gone.id} registered again`);
+    const { host } = await hv[0].agent.getHost({ ref: gone.id });
+    assert.notEqual(host!.publicKey, oldKey, "a new key after the key file was deleted");
+    assert.ok(await meshUp(a, 15_000), "mesh with the returned host");
+    assert.ok(await meshUp(b, 15_000), "VPC B too");
+  });
+
+  test("a crashed host (SIGKILL) keeps forwarding, drops out when its lease expires, and rejoins with the same interface", async () => {
+    const dead = hv[1];
+    const port = (await dead.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].listenPort;
+    await dead.kill();
+    const t0 = Date.now();
+    assert.ok(await reaches(a[0], a[1]), "forwarding continues while the agent is down");
+    for (const x of [hv[0], hv[2]]) {
+      const ok = await waitFor(async () => !(await peerHosts(x, vpcA)).includes(dead.id), { timeoutMs: 25_000, intervalMs: 500 });
+      assert.ok(ok, `${x.id} removed ${dead.id} after its lease`);
+    }
+    console.log(`# overlay: crashed host removed ${Date.now() - t0} ms after SIGKILL (lease 15 s)`);
+    await dead.start();
+    assert.ok(await meshUp(a, 15_000), "mesh after the crashed host returned");
+    assert.equal((await dead.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0]?.listenPort, port, "the running wireguard-go was adopted");
+  });
+
+  test("while Redis is down (longer than a lease) the mesh keeps forwarding, and it stays after Redis returns", async () => {
+    await h.redis.kill();
+    try {
+      const deadline = Date.now() + 17_000;
+      for (let i = 0; i < 100 && Date.now() < deadline; i++) {
+        assert.ok(await reaches(a[0], a[2]), "a0 → a2 with Redis down");
+        assert.ok(await reaches(a[1], a[0]), "a1 → a0 with Redis down");
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    } finally {
+      await h.redis.restart();
+    }
+    // Right after Redis returns every lease has expired; nobody drops anybody.
+    for (let i = 0; i < 8; i++) {
+      assert.ok(await reaches(a[0], a[2]), "a0 → a2 after Redis returned");
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    assert.ok(await waitFor(async () => (await hv[0].agent.listHosts({})).hosts.length === 3, { timeoutMs: 5000 }), "every host registered again");
+    assert.ok(await meshUp(a, 10_000));
+  });
+});
+
+describe("VPC removal", () => {
+  test("DeleteVpc ends that VPC's wireguard-go and removes its control socket; the others drop the host", async () => {
+    const x = hv[2];
+    const st = (await x.agent.getOverlayStatus({ vpc: vpcB.id })).vpcs[0];
+    assert.ok(existsSync(`/var/run/wireguard/${st.interface}.sock`));
+    await h.removeVm(b[2]);
+    await x.agent.deleteVpc({ vpc: vpcB.id, force: true });
+    assert.ok(!existsSync(`/var/run/wireguard/${st.interface}.sock`), "socket removed");
+    for (const y of [hv[0], hv[1]]) {
+      const ok = await waitFor(async () => !(await peerHosts(y, vpcB)).includes(x.id), { timeoutMs: 5000 });
+      assert.ok(ok, `${y.id} dropped ${x.id} from VPC B`);
+    }
+    assert.ok(await reaches(b[0], b[1]), "the rest of VPC B still works");
+  });
+});
+
+describe("throughput", () => {
+  test("overlay VM↔VM TCP vs a raw wireguard-go tunnel between the same two host namespaces", async (t) => {
+    // The raw tunnel: one wireguard-go per host namespace, names unique to the run.
+    const dir = tempDir("rawwg");
+    const ends = [hv[0], hv[1]].map((x, i) => ({ x, name: `${h.prefix}raw${i}`, addr: `10.255.0.${i + 1}`, key: join(dir, `k${i}`), pub: "" }));
+    const procs: ReturnType<typeof spawn>[] = [];
+    try {
+      for (const e of ends) {
+        const child = trackChild(spawn("ip", ["netns", "exec", e.x.ns, "wireguard-go", "-f", e.name], { stdio: "ignore", env: { ...process.env, WG_PROCESS_FOREGROUND: "1" } }));
+        assert.ok(await waitFor(() => existsSync(`/var/run/wireguard/${e.name}.sock`), { timeoutMs: 3000, intervalMs: 20 }), `${e.name} started`);
+        procs.push(child);
+        writeFileSync(e.key, (await run("wg", ["genkey"])).stdout, { mode: 0o600 });
+        e.pub = (await run("wg", ["pubkey"], { input: readFileSync(e.key, "utf8") })).stdout.trim();
+      }
+      for (const [i, e] of ends.entries()) {
+        const o = ends[1 - i];
+        await run("wg", ["set", e.name, "private-key", e.key, "listen-port", String(51900 + i), "peer", o.pub, "endpoint", `${o.x.underlayAddress}:${51900 + 1 - i}`, "allowed-ips", `${o.addr}/32`]);
+        await ipn(e.x.ns, ["addr", "add", `${e.addr}/24`, "dev", e.name]);
+        await ipn(e.x.ns, ["link", "set", e.name, "mtu", String(OVERLAY_MTU), "up"]);
+      }
+      const raw: number[] = [];
+      const ovl: number[] = [];
+      for (let i = 0; i < 3; i++) {
+        raw.push((await iperf3(ends[0].x.ns, ends[1].x.ns, ends[1].addr, { seconds: 3 })).gbps);
+        ovl.push((await iperf3(a[0].ns, a[1].ns, a[1].address, { seconds: 3 })).gbps);
+      }
+      const med = (v: number[]) => [...v].sort((p, q) => p - q)[Math.floor(v.length / 2)];
+      const msg = `raw wireguard-go tunnel ${med(raw).toFixed(3)} Gbit/s (${raw.map((v) => v.toFixed(3)).join(", ")}); overlay VM↔VM ${med(ovl).toFixed(3)} Gbit/s (${ovl.map((v) => v.toFixed(3)).join(", ")}); ratio ${((100 * med(ovl)) / med(raw)).toFixed(0)}%`;
+      t.diagnostic(msg);
+      console.log(`# overlay: ${msg}`);
+      assert.ok(med(ovl) > 0);
+    } finally {
+      for (const p of procs) p.kill("SIGKILL");
+      for (const e of ends) {
+        await ipn(e.x.ns, ["link", "del", e.name], { check: false });
+        rmSync(`/var/run/wireguard/${e.name}.sock`, { force: true });
+      }
+    }
+  });
+});
+
+describe("root namespace", () => {
+  test("was not changed", async () => {
+    assert.deepEqual(await h.rootChanges(), []);
+  });
+});
