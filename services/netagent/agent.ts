@@ -131,10 +131,17 @@ export class Agent {
         this.log.error({ vpc: vpcId, err: (err as Error).message }, "reconcile failed");
       }
     }
-    if (fresh) {
-      const prefix = names.netnsPrefix(this.hostId);
-      const wanted = new Set([...this.desired.vpcs.keys()].map((v) => this.nsOf(v)));
-      for (const ns of await this.kernel.listNetns()) {
+    const prefix = names.netnsPrefix(this.hostId);
+    const wanted = new Set([...this.desired.vpcs.keys()].map((v) => this.nsOf(v)));
+    const orphans = fresh ? (await this.kernel.listNetns()).filter((ns) => ns.startsWith(prefix) && !wanted.has(ns)) : [];
+    // A host whose desired state is empty while its VPC namespaces exist is
+    // far more likely pointed at a wiped or wrong Redis than told to drop
+    // every VM network at once: keep them, and say so loudly.
+    if (orphans.length && this.desired.vpcs.size === 0) {
+      error = `the desired state for host ${this.hostId} is empty but ${orphans.length} of its VPC namespaces exist (${orphans.slice(0, 3).join(", ")}); refusing to remove them — check --redis, or remove them with DeleteVpc(force)`;
+      this.log.error({ orphans }, "desired state empty: keeping existing VPC namespaces");
+    } else if (fresh) {
+      for (const ns of orphans) {
         if (ns.startsWith(prefix) && !wanted.has(ns)) {
           const vpcId = ns.slice(prefix.length);
           try {
