@@ -26,7 +26,8 @@ install_missing() {
     echo "installing: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
-  [ -d node_modules ] || npm ci --no-audit --no-fund
+  # (npm 11.19's `npm ci` rejects this lock for other platforms' optional packages; see .ci/run)
+  [ -d node_modules ] || npm ci --no-audit --no-fund || npm install --no-audit --no-fund
 }
 
 start() { # name, command...
