@@ -244,14 +244,20 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
 export function diff(prev: FwModel, next: FwModel): string | null {
   if (prev.skeleton !== next.skeleton) return null;
   const lines: string[] = [];
+  let deletions = 0;
   for (const [key, s] of next.sets) {
     const before = new Set(prev.sets.get(key)?.elements ?? []);
     const after = new Set(s.elements);
     const del = [...before].filter((e) => !after.has(e));
     const add = [...after].filter((e) => !before.has(e));
+    deletions += del.length;
     if (del.length) lines.push(`delete element ${s.family} ${TABLE} ${s.name} { ${del.join(", ")} }`);
     if (add.length) lines.push(`add element ${s.family} ${TABLE} ${s.name} { ${add.join(", ")} }`);
   }
+  // nft deletes set elements one by one (9 990 took 2.4 s in bench:firewall,
+  // a full replace 30–60 ms): past a few hundred, replacing is faster, and
+  // just as atomic.
+  if (deletions > 500) return null;
   return lines.length ? lines.join("\n") + "\n" : "";
 }
 

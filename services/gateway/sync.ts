@@ -176,6 +176,8 @@ export class GatewaySync {
           // A failed pass is retried soon, not at the next drift check.
           if (this.status.lastError) this.pending = true;
         }
+        // A change that arrived during the pass is applied at once.
+        if (this.pending) continue;
         await new Promise<void>((r) => {
           this.wake = r;
           setTimeout(r, 500).unref();
