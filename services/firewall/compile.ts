@@ -201,6 +201,10 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     `    ct state established,related accept`,
     `    ip saddr vmap @nic_out`,
     `    ip daddr vmap @nic_in`,
+    // Toward a VM port but not a NIC this table knows: a NIC attached a
+    // moment ago whose binding is not applied yet. Closed until it is, so
+    // "network ready" never means "open to everything" for those ~100 ms.
+    `    oifname "br-*" counter drop comment "NIC not bound yet"`,
     `  }`,
     `}`,
   ];
@@ -218,7 +222,8 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     `  set nic_ok { type ifname . ether_addr . ipv4_addr; }`,
     `  chain prerouting {`,
     `    type filter hook prerouting priority filter; policy accept;`,
-    `    iifname != @nic_ports accept`,
+    // Every frame entering here comes from a VM port: it passes only with
+    // its own MAC and address; a port not bound yet sends nothing.
     `    ether type ip iifname . ether saddr . ip saddr @nic_ok accept`,
     `    ether type arp iifname . ether saddr . arp saddr ip @nic_ok accept`,
     `    counter name spoofed drop`,
