@@ -207,6 +207,18 @@ export class FirewallApi {
 
   // ---------- references ----------
 
+  /**
+   * The id a delete's ref names (an id, or a name within vpc), or null when
+   * nothing by that name exists: deletes of what is gone succeed.
+   */
+  private async idOfRef(ref: string, vpcRef: string, prefix: string, what: string, byName: (vpcId: string, name: string) => Promise<string | null>): Promise<string | null> {
+    const r = V.ref("ref", ref, prefix);
+    if (r.id) return r.id;
+    if (vpcRef === "") throw new InvalidArgumentError("vpc", `is required when the ${what} is given by name`);
+    const vpcId = await this.ipam.resolveVpc(V.ref("vpc", vpcRef, "vpc"));
+    return vpcId ? byName(vpcId, r.name!) : null;
+  }
+
   private async vpc(field: string, ref: string): Promise<VpcRec> {
     const id = await this.ipam.resolveVpc(V.ref(field, ref, "vpc"));
     const v = id ? await this.ipam.getVpc(id) : null;
@@ -399,16 +411,8 @@ export class FirewallApi {
     },
 
     deleteSecurityGroup: async (req) => {
-      const r = V.ref("ref", req.ref, "sg");
-      let id = r.id ?? null;
-      if (!id) {
-        if (req.vpc === "") throw new InvalidArgumentError("vpc", "is required when the security group is given by name");
-        const vpcId = await this.ipam.resolveVpc(V.ref("vpc", req.vpc, "vpc"));
-        if (!vpcId) return { deleted: false };
-        id = await this.store.resolveGroup(vpcId, r.name!);
-      }
-      if (!id) return { deleted: false };
-      return { deleted: await this.store.deleteGroup(id) };
+      const id = await this.idOfRef(req.ref, req.vpc, "sg", "security group", (vpcId, name) => this.store.resolveGroup(vpcId, name));
+      return { deleted: id ? await this.store.deleteGroup(id) : false };
     },
 
     bindNic: async (req) => {
@@ -612,16 +616,8 @@ export class FirewallApi {
     },
 
     deleteNetworkAcl: async (req) => {
-      const r = V.ref("ref", req.ref, "acl");
-      let id = r.id ?? null;
-      if (!id) {
-        if (req.vpc === "") throw new InvalidArgumentError("vpc", "is required when the network ACL is given by name");
-        const vpcId = await this.ipam.resolveVpc(V.ref("vpc", req.vpc, "vpc"));
-        if (!vpcId) return { deleted: false };
-        id = await this.store.resolveAcl(vpcId, r.name!);
-      }
-      if (!id) return { deleted: false };
-      return { deleted: await this.store.deleteAcl(id) };
+      const id = await this.idOfRef(req.ref, req.vpc, "acl", "network ACL", (vpcId, name) => this.store.resolveAcl(vpcId, name));
+      return { deleted: id ? await this.store.deleteAcl(id) : false };
     },
 
     associateNetworkAcl: async (req) => {

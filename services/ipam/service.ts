@@ -16,7 +16,7 @@ import {
 } from "../../gen/microvpc/v1/ipam_pb.js";
 import { SubnetSchema, SubnetService, SubnetType, SubnetUsageSchema, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcSchema, VpcService, type Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
-import { IpamStore, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
+import { IpamStore, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
 
 const allocations = new Counter({
   name: "microvpc_ipam_allocations_total",
@@ -50,9 +50,7 @@ function vpcMsg(v: VpcRec): Vpc {
 
 function subnetMsg(s: SubnetRec, u: Usage): Subnet {
   const ip = (i: number) => V.intToIp(s.base + i);
-  const reserved = [0, 1];
-  for (let i = 0; i < s.extraReserved; i++) reserved.push(2 + i);
-  reserved.push(s.size - 1);
+  const reserved = reservedIndexes(s.size, s.extraReserved);
   return create(SubnetSchema, {
     id: s.id,
     vpcId: s.vpcId,

@@ -5,7 +5,7 @@
 // attach is a few calls.
 // `Kernel` is an interface so the planner and the service are tested against
 // RecordingKernel, which records what would run.
-import { execFile } from "node:child_process";
+import { exec as run0 } from "../common/exec.js";
 
 interface RunResult {
   exitCode: number;
@@ -13,15 +13,10 @@ interface RunResult {
   all: string;
 }
 
-/** Runs a command with an argument array; never rejects, reports the exit code. */
-export function exec(file: string, args: string[], input?: string): Promise<RunResult> {
-  return new Promise((resolve) => {
-    const child = execFile(file, args, { env: { ...process.env, ...ENV }, timeout: 30_000, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as { code?: unknown }).code === "number" ? ((err as { code: number }).code) : 1) : 0;
-      resolve({ exitCode: code, stdout: String(stdout), all: `${stderr}${stdout}` || (err ? err.message : "") });
-    });
-    if (input !== undefined) child.stdin!.end(input);
-  });
+/** services/common/exec.ts in the shape this module's callers read. */
+export async function exec(file: string, args: string[], input?: string): Promise<RunResult> {
+  const r = await run0(file, args, { input });
+  return { exitCode: r.code, stdout: r.stdout, all: `${r.stderr}${r.stdout}` };
 }
 
 export interface LinkInfo {

@@ -18,10 +18,17 @@ export interface Daemon {
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
-export async function startDaemon(service: string, extra: string[] = [], env: Record<string, string> = {}, netns?: string): Promise<Daemon> {
+export interface DaemonOptions {
+  /** Arguments for node itself, before the script (e.g. --cpu-prof). */
+  nodeArgs?: string[];
+  /** How long stop() waits after its signal before SIGKILL (default 5 s). */
+  stopGraceMs?: number;
+}
+
+export async function startDaemon(service: string, extra: string[] = [], env: Record<string, string> = {}, netns?: string, o: DaemonOptions = {}): Promise<Daemon> {
   const port = await freePort();
   const metricsPort = await freePort();
-  const args = [join(ROOT, "bin", "microvpcd.js"), service, "--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metricsPort}`, "--log-level", "warn", ...extra];
+  const args = [...(o.nodeArgs ?? []), join(ROOT, "bin", "microvpcd.js"), service, "--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metricsPort}`, "--log-level", "warn", ...extra];
   const cmd = netns ? "ip" : process.execPath;
   const argv = netns ? ["netns", "exec", netns, process.execPath, ...args] : args;
   const proc = spawn(cmd, argv, { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
@@ -55,7 +62,7 @@ export async function startDaemon(service: string, extra: string[] = [], env: Re
       if (proc.exitCode !== null || proc.signalCode !== null) return;
       const exited = new Promise((res) => proc.once("exit", res));
       proc.kill(signal);
-      const t = setTimeout(() => proc.kill("SIGKILL"), 5000);
+      const t = setTimeout(() => proc.kill("SIGKILL"), o.stopGraceMs ?? 5000);
       await exited;
       clearTimeout(t);
     },
