@@ -99,12 +99,23 @@ export class GatewaySync {
         this.lastHost = "";
         this.lastVpc.clear();
       }
-      await must(run(...inNs(hns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])), "enable forwarding on the host");
+      // Kernel checks only when nothing is known to be applied (start, after
+      // an error, the drift pass): a change need not pay an exec for each.
+      const fresh = this.lastHost === "";
+      // A VPC that left this host (its namespace, and the transit link with
+      // it, gone) is checked afresh if it comes back.
+      for (const id of [...this.lastVpc.keys()]) {
+        if (!h.vpcs.some((v) => v.vpcId === id)) {
+          this.lastVpc.delete(id);
+          this.lastRoutes.delete(id);
+        }
+      }
+      if (fresh) await must(run(...inNs(hns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])), "enable forwarding on the host");
       for (const v of h.vpcs) {
         const vns = naNames.netns(this.opts.hostId, v.vpcId);
         const hostIf = names.hostSide(v.vpcId);
-        const have = await run(...inNs(hns, ["ip", "-j", "link", "show", "dev", hostIf]));
-        if (have.code !== 0) {
+        const known = !fresh && this.lastVpc.has(v.vpcId);
+        if (!known && (await run(...inNs(hns, ["ip", "-j", "link", "show", "dev", hostIf]))).code !== 0) {
           const lines = transitCreateLines(this.opts.hostId, v, vns);
           await must(run(...inNs(hns, ["ip", "-batch", "-"]), lines.host.join("\n") + "\n"), `transit link of ${v.vpcId}`);
           await must(run("ip", ["-n", vns, "-batch", "-"], lines.vpc.join("\n") + "\n"), `transit address of ${v.vpcId}`);
