@@ -7,6 +7,8 @@ export const K = {
   vpcByName: `${P}vpc:byname`,
   vpcNames: `${P}vpcs`,
   vpcSubnets: (vpc: string) => `${P}vpc:${vpc}:subnets`,
+  /** Peering ids of a VPC (kept by services/peering/store.ts). */
+  vpcPeerings: (vpc: string) => `${P}vpc:${vpc}:peerings`,
   vpcSubnetByName: (vpc: string) => `${P}vpc:${vpc}:subnet:byname`,
   subnet: (id: string) => `${P}subnet:${id}`,
   allSubnets: `${P}subnets`,

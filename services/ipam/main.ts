@@ -4,6 +4,8 @@ import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { Peerings } from "../peering/service.js";
+import { PeeringStore } from "../peering/store.js";
 import { Ipam } from "./service.js";
 import { IpamStore } from "./store.js";
 
@@ -18,8 +20,8 @@ export const ipamDefinition: ServiceDefinition = {
         { desc: VpcService, impl: ipam.vpcService },
         { desc: SubnetService, impl: ipam.subnetService },
         { desc: IpamService, impl: ipam.ipamService },
-        // Catalog APIs of later issues: served (UNIMPLEMENTED) so clients can be built against them.
-        { desc: PeeringService, impl: {} },
+        { desc: PeeringService, impl: new Peerings(ipam, new PeeringStore(redis)).impl },
+        // Catalog API of a later issue: served (UNIMPLEMENTED) so clients can be built against it.
         { desc: DnsService, impl: {} },
       ],
     };

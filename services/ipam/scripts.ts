@@ -149,13 +149,17 @@ return {1, id}
 `;
 
 /**
- * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 vpc subnets zset, 5 events
+ * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 vpc subnets zset, 5 events,
+ *       6 vpc peerings set
  * ARGV: 1 id
- * Returns {1} deleted, {0} absent, {-1, n} still has n subnets.
+ * Returns {1} deleted, {0} absent, {-1, n} still has n subnets, {-2, n}
+ * still has n peerings.
  */
 export const DELETE_VPC = `
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
+local p = redis.call('SCARD', KEYS[6])
+if p > 0 then return {-2, p} end
 local n = redis.call('ZCARD', KEYS[4])
 if n > 0 then return {-1, n} end
 redis.call('DEL', KEYS[1])

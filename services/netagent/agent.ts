@@ -7,6 +7,7 @@ import type { Logger } from "pino";
 import { Counter, Gauge } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
 import type { Kernel } from "./kernel.js";
+import type { PeeringSync } from "./peering.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
 import type { HostDesired, HostStore, VpcSpec } from "./store.js";
 
@@ -40,6 +41,8 @@ export class Agent {
   loaded = false;
   /** The WireGuard overlay, when enabled (--overlay). */
   overlay?: { syncAll(full?: boolean): Promise<void>; teardown(vpcId: string): Promise<void>; forgetBridges(vpcId: string): void };
+  /** VPC peering (services/netagent/peering.ts). */
+  peering?: PeeringSync;
 
   constructor(readonly kernel: Kernel, readonly store: HostStore, readonly hostId: string, readonly log: Logger) {}
 
@@ -114,7 +117,9 @@ export class Agent {
   async reconcileAll(): Promise<void> {
     let fresh = true;
     try {
-      this.desired = await this.store.load();
+      const desired = await this.store.load();
+      await this.peering?.extend(desired);
+      this.desired = desired;
       this.loaded = true;
     } catch (err) {
       fresh = false;
@@ -162,16 +167,37 @@ export class Agent {
     this.status = { lastReconcileMs: Date.now(), lastError: error, lastChanges: changes.slice(-50), reconciles: this.status.reconciles + 1 };
     reconciles.inc({ result: error ? "error" : "ok" });
     if (changes.length) this.log.info({ changes }, "reconciled");
-    if (this.overlay) void this.overlay.syncAll(false);
+    if (this.peering) {
+      const peering = this.peering;
+      await peering.sync().catch((err: Error) => (peering.lastError = err.message));
+      if (peering.lastError) this.status.lastError = [this.status.lastError, `peering: ${peering.lastError}`].filter(Boolean).join("; ");
+      if (peering.lastChanges.length) this.status.lastChanges = [...this.status.lastChanges, ...peering.lastChanges].slice(-50);
+      // Acknowledged once the overlay carries the peers' NICs too.
+      void Promise.resolve(this.overlay?.syncAll(false)).then(() => peering.ack());
+    } else if (this.overlay) void this.overlay.syncAll(false);
+  }
+
+  private passing?: Promise<void>;
+  private again = false;
+
+  /** A pass now, or one more right after the running one (changes arriving mid-pass are not lost). */
+  kick(): Promise<void> {
+    if (this.passing) {
+      this.again = true;
+      return this.passing;
+    }
+    this.passing = (async () => {
+      do {
+        this.again = false;
+        await this.reconcileAll().catch((err: Error) => this.log.error({ err: err.message }, "reconcile pass failed"));
+      } while (this.again);
+    })().finally(() => (this.passing = undefined));
+    return this.passing;
   }
 
   start(intervalMs: number): void {
     const loop = async () => {
-      try {
-        await this.reconcileAll();
-      } catch (err) {
-        this.log.error({ err: (err as Error).message }, "reconcile pass failed");
-      }
+      await this.kick();
       this.timer = setTimeout(loop, intervalMs);
       this.timer.unref();
     };

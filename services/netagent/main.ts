@@ -9,6 +9,7 @@ import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
 import { Overlay } from "./overlay.js";
+import { PeeringSync } from "./peering.js";
 import { HostStore } from "./store.js";
 
 const AGENT_VERSION = "0.1.0";
@@ -54,15 +55,18 @@ export const netagentDefinition: ServiceDefinition = {
       agent.overlay = overlay;
       logger.info({ mtu: overlay.mtu, underlayMtu: overlay.underlayMtu, address: overlay.address, publicKey: overlay.publicKey }, "overlay enabled");
     }
+    agent.peering = new PeeringSync(agent, redis, logger);
     const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu, overlay });
     // Adopt what the kernel has before answering: the first pass only
     // changes what differs from the desired state.
     agent.start(Number(flags.reconcileIntervalMs));
     overlay?.start();
+    agent.peering.start();
     return {
       services: [{ desc: NetAgentService, impl: svc.impl }],
       close: async () => {
         agent.stop();
+        agent.peering?.stop();
         await overlay?.stop();
       },
     };

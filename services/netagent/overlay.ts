@@ -34,6 +34,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import type { Agent } from "./agent.js";
 import { exec, run } from "./kernel.js";
+import * as V from "../common/validate.js";
 import { names } from "./plan.js";
 import { overlayKeys } from "./store.js";
 
@@ -485,7 +486,21 @@ export class Overlay {
 
   /** Desired peers of one VPC from Redis; throws if Redis cannot be read. */
   async wantedPeers(vpcId: string): Promise<PeerWant[]> {
-    const [members, addrs] = await Promise.all([this.redis.hgetall(overlayKeys.members(vpcId)), this.redis.hgetall(overlayKeys.addrs(vpcId))]);
+    // A peered VPC's NICs ride this VPC's tunnel to their host (peering-plan.ts): they join that host's allowed-ips.
+    const routed = this.agent.peering?.routedPeers(vpcId) ?? [];
+    const [members, own, ...peerAddrs] = await Promise.all([
+      this.redis.hgetall(overlayKeys.members(vpcId)),
+      this.redis.hgetall(overlayKeys.addrs(vpcId)),
+      ...routed.map((r) => this.redis.hgetall(overlayKeys.addrs(r.vpcId))),
+    ]);
+    const addrs: Record<string, string> = { ...own };
+    routed.forEach((r, i) => {
+      const cidrs = r.cidrs.map((c) => V.cidr("allowed", c, { min: 0, max: 32 }));
+      for (const [a, host] of Object.entries(peerAddrs[i])) {
+        const n = V.ipToInt(a);
+        if (cidrs.some((c) => n >= c.base && n < c.base + c.size)) addrs[a] = host;
+      }
+    });
     const others = Object.keys(members).filter((h) => h !== this.hostId).sort();
     if (others.length === 0) return [];
     const recs = await this.redis.mget(...others.map((h) => overlayKeys.host(h)));

@@ -106,10 +106,13 @@ export class NetAgent {
   /** Records and creates the VPC namespace. Caller holds the lock. */
   private async ensureVpcLocked(v: VpcRec): Promise<boolean> {
     const ns = this.agent.nsOf(v.id);
-    if (!this.agent.desired.vpcs.has(v.id)) {
+    // A VPC carried only for a peering becomes one this host holds: stored, so it outlives the peering.
+    if (!this.agent.desired.vpcs.has(v.id) || this.agent.desired.vpcs.get(v.id)!.peered) {
       const spec = { vpcId: v.id, ns, createdMs: Date.now() };
       await this.agent.store.putVpc(spec);
       this.agent.rememberVpc(spec);
+      // A VPC new here may be the far side of a peering: the other side's namespace must come along.
+      void this.agent.peering?.kickIfPeered(v.id);
     }
     return this.agent.ensureNetns(v.id);
   }

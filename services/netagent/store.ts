@@ -8,6 +8,8 @@ export interface VpcSpec {
   vpcId: string;
   ns: string;
   createdMs: number;
+  /** Not held here: carried only because a peering needs this VPC's namespace here (never stored). */
+  peered?: boolean;
 }
 
 export interface HostDesired {

@@ -1,5 +1,6 @@
 import type { Transport } from "@connectrpc/connect";
 import { grpcClient, grpcTransport } from "../../services/common/client.js";
+import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
@@ -12,6 +13,7 @@ export function ipamClients(address: string, token?: string) {
     vpc: grpcClient(VpcService, t),
     subnet: grpcClient(SubnetService, t),
     ipam: grpcClient(IpamService, t),
+    peering: grpcClient(PeeringService, t),
   };
 }
 

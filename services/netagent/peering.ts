@@ -1,0 +1,149 @@
+// The netagent's peering loop: reads the peerings of the VPCs this host
+// holds, extends the host's VPCs by the ones a peering makes it carry
+// (peering-plan.ts explains the path), and applies the plan: veth links
+// between VPC namespaces, protocol-77 routes, the pinned next hop, and the
+// microvpc_peering nft table. Then it acknowledges each peering in Redis, so
+// GetPeering can say when every host has it.
+//
+// While Redis is unreachable the last peerings read are kept: traffic keeps
+// flowing; nothing is removed on a failed read.
+import { existsSync } from "node:fs";
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import { exec } from "../common/exec.js";
+import { followEvents } from "../common/events.js";
+import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/store.js";
+import type { Agent } from "./agent.js";
+import { run } from "./kernel.js";
+import {
+  desiredPeering,
+  planPeering,
+  routedPeers,
+  spanOf,
+  PEERING_NEXTHOP,
+  PEERING_PROTO,
+  type NeighObs,
+  type NsObserved,
+  type RouteObs,
+} from "./peering-plan.js";
+import type { HostDesired } from "./store.js";
+
+export class PeeringSync {
+  /** Peerings of the VPCs present here, as last read from Redis. */
+  peerings: PeeringRec[] = [];
+  lastError = "";
+  lastChanges: string[] = [];
+  /** nft script last applied per namespace. */
+  private readonly nftApplied = new Map<string, string>();
+  private stopped = false;
+  private mutex: Promise<unknown> = Promise.resolve();
+
+  constructor(readonly agent: Agent, readonly redis: Redis, readonly log: Logger) {}
+
+  /**
+   * Adds to `desired` the VPCs this host carries because of a peering
+   * (marked `peered`). Reads Redis; on failure keeps the last peerings.
+   */
+  async extend(desired: HostDesired): Promise<void> {
+    const real = new Set([...desired.vpcs.values()].filter((v) => !v.peered).map((v) => v.vpcId));
+    try {
+      const first = await peeringsOf(this.redis, [...real]);
+      const span = spanOf(real, first);
+      // The spanned VPCs' own peerings matter too (their unreachable routes, their links here).
+      this.peerings = span.length ? await peeringsOf(this.redis, [...real, ...span]) : first;
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, "cannot read peerings; keeping the last known ones");
+    }
+    for (const vpcId of spanOf(real, this.peerings)) {
+      if (!desired.vpcs.has(vpcId)) desired.vpcs.set(vpcId, { vpcId, ns: this.agent.nsOf(vpcId), createdMs: 0, peered: true });
+    }
+  }
+
+  /** For the overlay: the peers of a VPC whose NICs ride its tunnel, and the CIDRs allowed. */
+  routedPeers(vpcId: string): { vpcId: string; cidrs: string[] }[] {
+    return routedPeers(vpcId, this.peerings);
+  }
+
+  /** Follows peering.* events: each one runs a reconcile pass (which ends in sync()). */
+  start(): void {
+    void followEvents(this.redis, /^peering\./, () => this.agent.kick(), () => this.stopped);
+  }
+
+  /** A pass soon if the VPC has peerings (called when a VPC becomes held here). */
+  async kickIfPeered(vpcId: string): Promise<void> {
+    try {
+      if ((await this.redis.scard(PK.vpcPeerings(vpcId))) > 0) void this.agent.kick();
+    } catch {
+      // the periodic pass catches up
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+  }
+
+  private async observe(ns: string): Promise<NsObserved> {
+    if (!existsSync(`/run/netns/${ns}`)) return { exists: false, links: [], routes: [], neigh: [] };
+    const [links, routes, neigh] = await Promise.all([
+      this.agent.kernel.links(ns),
+      run("ip", ["-n", ns, "-j", "route", "show", "proto", String(PEERING_PROTO)]),
+      run("ip", ["-n", ns, "-j", "neigh", "show", PEERING_NEXTHOP]),
+    ]);
+    return {
+      exists: true,
+      links: links.filter((l) => /^pc[0-9a-f]{12}$/.test(l.ifname)),
+      routes: JSON.parse(routes || "[]") as RouteObs[],
+      neigh: JSON.parse(neigh || "[]") as NeighObs[],
+    };
+  }
+
+  /** One pass over every VPC namespace of this host. */
+  sync(): Promise<string[]> {
+    const p = this.mutex.then(() => this.syncOnce());
+    this.mutex = p.catch(() => undefined);
+    return p;
+  }
+
+  private async syncOnce(): Promise<string[]> {
+    const present = new Set([...this.agent.desired.vpcs.keys()].filter((v) => existsSync(`/run/netns/${this.agent.nsOf(v)}`)));
+    const want = desiredPeering(present, this.peerings, (v) => this.agent.nsOf(v));
+    const namespaces = new Set([...present].map((v) => this.agent.nsOf(v)));
+    const observed = new Map<string, NsObserved>();
+    for (const ns of namespaces) observed.set(ns, await this.observe(ns));
+    const plan = planPeering(this.agent.hostId, want, observed);
+    const errors: string[] = [];
+    const step = async (what: Map<string, string[]>) => {
+      for (const [ns, lines] of what) {
+        try {
+          await this.agent.kernel.ipBatch(ns, lines);
+        } catch (err) {
+          errors.push(`${ns}: ${(err as Error).message}`);
+        }
+      }
+    };
+    await step(plan.remove);
+    await step(plan.create);
+    await step(plan.configure);
+    for (const [ns, script] of plan.nft) {
+      // Namespaces that never had a peering table from us need no "delete nothing".
+      if (this.nftApplied.get(ns) === script || (!want.get(ns)?.links.length && !this.nftApplied.has(ns))) continue;
+      const r = await exec("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script });
+      if (r.code !== 0) errors.push(`${ns}: nft: ${r.stderr.trim().split("\n").slice(0, 3).join(" | ")}`);
+      else this.nftApplied.set(ns, script);
+    }
+    for (const ns of [...this.nftApplied.keys()]) if (!namespaces.has(ns)) this.nftApplied.delete(ns);
+    this.lastError = errors.join("; ");
+    this.lastChanges = plan.changes;
+    if (plan.changes.length) this.log.info({ changes: plan.changes }, "peering");
+    if (this.lastError) this.log.warn({ err: this.lastError }, "peering sync");
+    return plan.changes;
+  }
+
+  /** Tells Redis this host applied its peerings (after a pass without errors). */
+  async ack(): Promise<void> {
+    if (this.lastError) return;
+    for (const p of this.peerings) {
+      await ackPeering(this.redis, p, this.agent.hostId).catch(() => undefined);
+    }
+  }
+}
