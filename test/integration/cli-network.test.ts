@@ -466,18 +466,32 @@ describe("VMs", () => {
   });
 });
 
-test("vpc peer: PeeringService answers UNIMPLEMENTED today, and the CLI says so (exit 6)", async () => {
+test("vpc peer: create, list, get, delete; --allow-cidrs split by VPC; refusals with exit codes", async () => {
   await expect(0, ["vpc", "create", "staging", "--cidr", "10.1.0.0/16"]);
-  let r = await expect(6, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.0.1.0/24,10.1.1.0/24"]);
-  assert.match(r.stderr, /^error: PeeringService\/CreatePeering is not available on this server yet: microvpcd ipam at 127\.0\.0\.1:\d+ answers UNIMPLEMENTED/);
-  r = await expect(6, ["vpc", "peer", "list"]);
-  assert.match(r.stderr, /not available on this server yet/);
   // --allow-cidrs is split by the VPC holding each CIDR, before anything is sent.
   const d = JSON.parse((await expect(0, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.1.1.0/24,10.0.1.0/24", "--dry-run", "-o", "json"])).stdout);
   assert.deepEqual([d.request.vpc1AllowedCidrs, d.request.vpc2AllowedCidrs], [["10.0.1.0/24"], ["10.1.1.0/24"]]);
-  r = await expect(7, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.9.0.0/24"]);
+  let r = await expect(7, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.9.0.0/24"]);
   assert.match(r.stderr, /10\.9\.0\.0\/24 is in neither VPC/);
+  r = await expect(7, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "prod"]);
+  assert.match(r.stderr, /cannot be peered with itself/);
+  const p = (await json(["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.1.1.0/24,10.0.1.0/24", "--description", "logs"])).peering;
+  assert.equal(p.name, "prod--staging");
+  assert.deepEqual([p.vpc1AllowedCidrs, p.vpc2AllowedCidrs], [["10.0.1.0/24"], ["10.1.1.0/24"]]);
+  r = await expect(4, ["vpc", "peer", "create", "--vpc1", "staging", "--vpc2", "prod"]);
+  assert.match(r.stderr, /already peered/);
+  r = await expect(0, ["vpc", "peer", "list"]);
+  assert.match(r.stdout, /prod--staging/);
+  assert.equal((await json(["vpc", "peer", "get", "--vpc1", "staging", "--vpc2", "prod"])).peering.id, p.id);
+  r = await expect(0, ["vpc", "peer", "get", "prod--staging"]);
+  assert.match(r.stdout, /10\.0\.1\.0\/24/);
+  await expect(3, ["vpc", "peer", "get", "pcx-000000000000"]);
   await expect(2, ["vpc", "peer", "delete"]);
+  await expect(5, ["vpc", "delete", "staging"]);
+  r = await expect(0, ["vpc", "peer", "delete", p.id]);
+  assert.match(r.stdout, /deleted peering/);
+  r = await expect(0, ["vpc", "peer", "delete", p.id]);
+  assert.match(r.stdout, /does not exist/);
   await expect(0, ["vpc", "delete", "staging"]);
 });
 

@@ -8,8 +8,8 @@
 //     VPC, its webserver and database subnets, apps on 8080 and 5432, NAT,
 //     apply-policy of database_policy.json (as `acl import`, vpcctl's literal
 //     meaning, and as `sg import`, allow-only), peering, delete.
-// Peering is not implemented yet (PeeringService answers UNIMPLEMENTED): those
-// steps assert that the CLI says so, with exit code 6.
+// Peering runs for real: allowed CIDRs, security groups naming the peer VPC's
+// CIDR, and refusals (overlap, deleting a peered VPC).
 //
 // Every "blocked" assertion comes after a "reachable" one on the same path
 // (same source, destination and port, with a server listening there) in the
@@ -113,6 +113,15 @@ async function blocked(from: string, target: string, vpc: string): Promise<void>
   r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000", "-o", "json"]);
   assert.equal(r.code, 8, `${from} → ${target} should be blocked:\nexit ${r.code}\n${r.stdout}${r.stderr}`);
   assert.equal(JSON.parse(r.stdout).result, "CONNECTIVITY_RESULT_TIMEOUT", `${from} → ${target}: dropped, not refused: ${r.stdout}`);
+}
+
+/** Not reachable in any way (dropped, or an ICMP error on the way): where no route leads there. */
+async function unreachable(from: string, target: string, vpc: string): Promise<void> {
+  let r: Run = { code: -1, stdout: "", stderr: "" };
+  await waitFor(async () => (r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code !== 0, { timeoutMs: 10_000, intervalMs: 300 });
+  r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"]);
+  assert.notEqual(r.code, 0, `${from} → ${target} should not be reachable:\n${r.stdout}${r.stderr}`);
+  assert.doesNotMatch(r.stdout, /^reachable/);
 }
 
 /** HTTP GET from a namespace; the body, or null. Retried until `want` holds (or not). */
@@ -234,11 +243,17 @@ test("the agentmetal networking guide, as written, with packets", { timeout: 300
   // web1 now leaves as its floating IP.
   assert.equal(await httpFrom(web1.ns, url, (b) => b === fip.address), fip.address);
 
-  // VPC peering: not implemented yet; the CLI says so clearly (exit 6).
+  // VPC peering: agentmetal vpc peer create --vpc1 prod --vpc2 staging.
   await expect(0, ["vpc", "create", "staging", "--cidr", "10.1.0.0/16"]);
-  r = await expect(6, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging"]);
-  assert.match(r.stderr, /^error: PeeringService\/CreatePeering is not available on this server yet: microvpcd ipam at 127\.0\.0\.1:\d+ answers UNIMPLEMENTED/);
-  assert.equal(r.stdout, "");
+  r = await expect(0, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging"]);
+  assert.match(r.stdout, /name\W+prod--staging/);
+  r = await expect(0, ["vpc", "peer", "list"]);
+  assert.match(r.stdout, /prod--staging.*whole VPCs/);
+  // A VPC that overlaps is refused (exit 5, FAILED_PRECONDITION).
+  await expect(0, ["vpc", "create", "prod-copy", "--cidr", "10.0.0.0/16"]);
+  r = await expect(5, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "prod-copy"]);
+  assert.match(r.stderr, /overlap/);
+  await expect(0, ["vpc", "delete", "prod-copy"]);
 
   // List resources.
   r = await expect(0, ["vpc", "list"]);
@@ -258,6 +273,9 @@ test("the agentmetal networking guide, as written, with packets", { timeout: 300
   await expect(0, ["sg", "delete", "web-sg", "--vpc", "prod"]);
   await expect(0, ["subnet", "delete", "web", "--vpc", "prod"]);
   await expect(0, ["subnet", "delete", "data", "--vpc", "prod"]);
+  // A peered VPC cannot be deleted (exit 5) until its peering is.
+  await expect(5, ["vpc", "delete", "staging"]);
+  await expect(0, ["vpc", "peer", "delete", "--vpc1", "prod", "--vpc2", "staging"]);
   await expect(0, ["vpc", "delete", "prod"]);
   await expect(0, ["vpc", "delete", "staging"]);
 });
@@ -358,12 +376,45 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   await reachable("webserver", "10.20.2.4:22", "blog");
   await reachable("database", "10.20.1.4:8080", "blog");
 
-  // Peering (sudo vpcctl peer webapp analytics --allow-cidrs …): not implemented yet; exit 6.
+  // Peering (sudo vpcctl peer blog analytics --allow-cidrs 10.20.1.0/24,10.30.1.0/24).
+  // analytics runs a report service on 9000; its security group names the
+  // peer VPC's CIDR.
   await expect(0, ["vpc", "create", "analytics", "--cidr", "10.30.0.0/16"]);
-  r = await expect(6, ["vpc", "peer", "create", "--vpc1", "blog", "--vpc2", "analytics", "--allow-cidrs", "10.20.1.0/24,10.30.1.0/24"]);
-  assert.match(r.stderr, /^error: PeeringService\/CreatePeering is not available on this server yet: microvpcd ipam at 127\.0\.0\.1:\d+ answers UNIMPLEMENTED/);
-  r = await expect(6, ["vpc", "peer", "list"]);
-  assert.match(r.stderr, /not available on this server yet/);
+  await expect(0, ["subnet", "create", "analytics", "--vpc", "analytics", "--cidr", "10.30.1.0/24"]);
+  await expect(0, ["sg", "create", "reports-sg", "--vpc", "analytics", "--inbound", "tcp:9000:10.20.0.0/16"]);
+  await expect(0, ["vm", "create", "reports", "--vpc", "analytics", "--subnet", "analytics", "--sg", "reports-sg", "--address", "10.30.1.4"]);
+  const reports = await vmInfo("reports", "analytics");
+  await serve(reports.ns, "reports", [9000]);
+  await unreachable("webserver", "10.30.1.4:9000", "blog"); // not peered yet
+  // (a) The whole VPCs: both blog subnets reach reports:9000, as its group allows.
+  r = await expect(0, ["vpc", "peer", "create", "--vpc1", "blog", "--vpc2", "analytics"]);
+  await reachable("webserver", "10.30.1.4:9000", "blog");
+  await reachable("database", "10.30.1.4:9000", "blog");
+  assert.equal(await httpFrom(web.ns, "http://10.30.1.4:9000/", (b) => b !== null), "reports:9000");
+  // The security group still rules: narrowed to the webserver subnet, the database is dropped.
+  await expect(0, ["sg", "rule", "add", "reports-sg", "--vpc", "analytics", "--inbound", "tcp:9000:10.20.1.0/24"]);
+  await expect(0, ["sg", "rule", "remove", "reports-sg", "--vpc", "analytics", "--inbound", "tcp:9000:10.20.0.0/16"]);
+  await blocked("database", "10.30.1.4:9000", "blog");
+  await reachable("webserver", "10.30.1.4:9000", "blog");
+  await expect(0, ["sg", "rule", "add", "reports-sg", "--vpc", "analytics", "--inbound", "tcp:9000:10.20.0.0/16"]);
+  await reachable("database", "10.30.1.4:9000", "blog");
+  // (b) vpcctl's --allow-cidrs: only the webserver subnet and analytics' subnet cross, whatever the groups allow.
+  await expect(0, ["vpc", "peer", "delete", "--vpc1", "blog", "--vpc2", "analytics"]);
+  await unreachable("webserver", "10.30.1.4:9000", "blog");
+  r = await expect(0, ["vpc", "peer", "create", "--vpc1", "blog", "--vpc2", "analytics", "--allow-cidrs", "10.20.1.0/24,10.30.1.0/24"]);
+  assert.match(r.stdout, /vpc1\W+vpc-[0-9a-f]{12}: 10\.20\.1\.0\/24/);
+  assert.match(r.stdout, /vpc2\W+vpc-[0-9a-f]{12}: 10\.30\.1\.0\/24/);
+  await reachable("webserver", "10.30.1.4:9000", "blog");
+  await blocked("database", "10.30.1.4:9000", "blog");
+  r = await expect(0, ["vpc", "peer", "list", "--vpc", "analytics"]);
+  assert.match(r.stdout, /blog--analytics/);
+  // A peered VPC cannot be deleted (exit 5); delete the peering first.
+  await expect(5, ["vpc", "delete", "analytics"]);
+  await expect(0, ["vpc", "peer", "delete", "blog--analytics"]);
+  await unreachable("webserver", "10.30.1.4:9000", "blog");
+  await expect(0, ["vm", "delete", "reports", "--vpc", "analytics"]);
+  await expect(0, ["sg", "delete", "reports-sg", "--vpc", "analytics"]);
+  await expect(0, ["subnet", "delete", "analytics", "--vpc", "analytics"]);
   await expect(0, ["vpc", "delete", "analytics"]);
 
   // list / inspect.
