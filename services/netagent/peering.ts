@@ -28,6 +28,8 @@ import {
 } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";
 
+const FULL_EVERY = 6;
+
 export class PeeringSync {
   /** Peerings of the VPCs present here, as last read from Redis. */
   peerings: PeeringRec[] = [];
@@ -35,6 +37,9 @@ export class PeeringSync {
   lastChanges: string[] = [];
   /** nft script last applied per namespace. */
   private readonly nftApplied = new Map<string, string>();
+  /** Namespaces that had something of ours after the last pass. */
+  private touched = new Set<string>();
+  private passes = 0;
   private stopped = false;
   private mutex: Promise<unknown> = Promise.resolve();
 
@@ -108,8 +113,14 @@ export class PeeringSync {
     const present = new Set([...this.agent.desired.vpcs.keys()].filter((v) => existsSync(`/run/netns/${this.agent.nsOf(v)}`)));
     const want = desiredPeering(present, this.peerings, (v) => this.agent.nsOf(v));
     const namespaces = new Set([...present].map((v) => this.agent.nsOf(v)));
+    // Reading a namespace costs three execs: read the ones a peering concerns
+    // (or that we changed), and every namespace on the first pass and every
+    // FULL_EVERY-th one (leftovers of a peering deleted while we were down).
+    const full = this.passes++ % FULL_EVERY === 0;
     const observed = new Map<string, NsObserved>();
-    for (const ns of namespaces) observed.set(ns, await this.observe(ns));
+    for (const ns of namespaces) {
+      if (full || want.has(ns) || this.touched.has(ns)) observed.set(ns, await this.observe(ns));
+    }
     const plan = planPeering(this.agent.hostId, want, observed);
     const errors: string[] = [];
     const step = async (what: Map<string, string[]>) => {
@@ -124,6 +135,7 @@ export class PeeringSync {
     await step(plan.remove);
     await step(plan.create);
     await step(plan.configure);
+    this.touched = new Set([...want.keys()].filter((ns) => namespaces.has(ns)));
     for (const [ns, script] of plan.nft) {
       // Namespaces that never had a peering table from us need no "delete nothing".
       if (this.nftApplied.get(ns) === script || (!want.get(ns)?.links.length && !this.nftApplied.has(ns))) continue;
