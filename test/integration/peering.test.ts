@@ -181,6 +181,27 @@ describe("non-transitive", () => {
   });
 });
 
+describe("agent crash", () => {
+  test("a SIGKILLed agent's host keeps forwarding across the peering; restarted, it adopts the link without rebuilding it", async () => {
+    const hv = h.hosts[2];
+    const ns = hv.vpcNamespace(B.id);
+    const ifindex = async () => {
+      const links = JSON.parse((await ipn(ns, ["-j", "link", "show"])).stdout) as { ifname: string; ifindex: number }[];
+      return links.find((l) => /^pc[0-9a-f]{12}$/.test(l.ifname))?.ifindex;
+    };
+    const before = await ifindex();
+    assert.ok(before, "peering link in B's namespace on host 2");
+    await hv.kill();
+    assert.ok(await reaches(a0, b2), "a0 → b2 with host 2's agent dead");
+    await hv.start();
+    // Two reconcile passes (2 s each) later, the same link is still there.
+    await new Promise((r) => setTimeout(r, 5000));
+    assert.equal(await ifindex(), before, "link adopted, not recreated");
+    assert.ok(await reaches(a0, b2), "a0 → b2 after the restart");
+    assert.ok(await reaches(b2, a1), "b2 → a1 after the restart");
+  });
+});
+
 describe("deleting a peering", () => {
   test("cuts the traffic and removes what it built on every host", async () => {
     const ns = h.hosts[2].vpcNamespace(A.id);
