@@ -27,17 +27,11 @@
 //   from the peer's allowed CIDRs and go to ours (non-transitive: B never
 //   forwards A's packets on to C, whatever A sends).
 import { createHash } from "node:crypto";
+import type { PeeringRec } from "../peering/store.js";
 import type { LinkInfo } from "./kernel.js";
 
-export interface PeeringLike {
-  id: string;
-  vpc1Id: string;
-  vpc2Id: string;
-  vpc1Cidr: string;
-  vpc2Cidr: string;
-  vpc1Allowed: string[];
-  vpc2Allowed: string[];
-}
+/** What the planner needs of a peering record. */
+export type PeeringLike = Pick<PeeringRec, "id" | "vpc1Id" | "vpc2Id" | "vpc1Cidr" | "vpc2Cidr" | "vpc1Allowed" | "vpc2Allowed">;
 
 export const PEERING_PROTO = 77;
 export const PEERING_NEXTHOP = "169.254.253.1";
