@@ -98,13 +98,18 @@ export class Resolver {
   async bind(address: string): Promise<void> {
     if (this.sockets.has(address)) return;
     const udp = createSocket({ type: "udp4" });
-    await new Promise<void>((resolve, reject) => {
-      udp.once("error", reject);
-      udp.bind({ address, port: this.opts.port, exclusive: true }, () => {
-        udp.off("error", reject);
-        resolve();
+    try {
+      await new Promise<void>((resolve, reject) => {
+        udp.once("error", reject);
+        udp.bind({ address, port: this.opts.port, exclusive: true }, () => {
+          udp.off("error", reject);
+          resolve();
+        });
       });
-    });
+    } catch (e) {
+      udp.close();
+      throw e;
+    }
     udp.on("error", (err) => this.opts.logger.warn({ err: err.message, address }, "dns: udp socket error"));
     udp.on("message", (msg, rinfo) => void this.onUdp(udp, address, msg, rinfo.address, rinfo.port));
     const tcp = createServer((c) => this.onTcp(address, c));
