@@ -103,7 +103,7 @@ describe("CreateVm and DeleteVm", () => {
     assert.equal(again.created, false, "CreateVm is idempotent");
     assert.equal(again.vm!.id, a.id);
     const insp = await vmm.inspectVm({ ref: a.id });
-    assert.equal(insp.steps.length, 5);
+    assert.equal(insp.steps.length, 6, "ipam, netagent, firewall, gateway, dns, boot");
     assert.ok(insp.steps.every((s) => s.detail !== ""), "every step reports what it did");
     assertConsistent(await holdings(), "two VMs up");
     assert.equal((await vmm.deleteVm({ ref: "a", vpc: "app" })).deleted, true);
