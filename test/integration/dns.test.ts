@@ -144,9 +144,12 @@ after(async () => {
 });
 
 describe("names inside a VPC", () => {
-  test("the NIC's DNS server is the VPC's resolver (VPC base + 2)", () => {
+  test("the NIC's DNS server is the VPC's resolver (VPC base + 2), its search domain the VPC's zone", async () => {
     assert.match(alphaWeb.nics[0].guest!.kernelIpArg, /:off:10\.0\.0\.2$/);
     assert.match(betaDb.nics[0].guest!.kernelIpArg, /:off:10\.0\.0\.2$/);
+    const nics = (await h.hosts[0].agent.listNics({ pageSize: 100 })).nics;
+    const g = nics.find((n) => n.id === betaDb.nics[0].id)!.guest!;
+    assert.deepEqual([g.dnsServers, g.searchDomains], [["10.0.0.2"], ["beta.internal"]]);
   });
 
   test("VM names resolve inside their VPC: routed to the resolver (alpha) and on-link with ARP (beta)", async () => {
@@ -261,6 +264,17 @@ describe("bad input", () => {
     assert.deepEqual((await dns.listDnsRecords({ vpc: "alpha" })).records.map((r) => `${r.name}=${r.address}`), before);
     const cfgAfter = (await dns.getDnsConfig({ vpc: "alpha" })).config!;
     assert.deepEqual([cfgAfter.resolverAddress, cfgAfter.recordTtlSeconds, cfgAfter.forwarders?.addresses], [cfgBefore.resolverAddress, cfgBefore.recordTtlSeconds, cfgBefore.forwarders?.addresses]);
+  });
+
+  test("owners racing for one name: exactly one wins, the others get ALREADY_EXISTS", async () => {
+    const owners = Array.from({ length: 20 }, (_, i) => `racer-${i}`);
+    const results = await Promise.allSettled(owners.map((owner, i) => dns.setDnsRecord({ vpc: "beta", name: "race", address: `10.0.0.${100 + i}`, owner })));
+    const won = results.flatMap((r, i) => (r.status === "fulfilled" ? [i] : []));
+    assert.equal(won.length, 1, `winners: ${won}`);
+    for (const r of results) if (r.status === "rejected") assert.equal((r.reason as { code: Code }).code, Code.AlreadyExists);
+    const rec = (await dns.listDnsRecords({ vpc: "beta", owner: owners[won[0]] })).records;
+    assert.deepEqual(rec.map((x) => [x.name, x.address]), [["race", `10.0.0.${100 + won[0]}`]]);
+    await dns.deleteDnsRecord({ vpc: "beta", owner: owners[won[0]] });
   });
 
   test("a VM whose name another owner holds is refused and rolled back; DeleteVpc leaves no records", async () => {
