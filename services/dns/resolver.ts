@@ -15,6 +15,8 @@ import { randomInt } from "node:crypto";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { createServer, type Server, type Socket } from "node:net";
 import * as dnsPacket from "dns-packet";
+import { Counter } from "prom-client";
+import { metricsRegistry } from "../common/metrics.js";
 import { Buckets, plainAddress, type ImdsLogger } from "../gateway/imds.js";
 import { decide, formErr, MAX_QUERY_BYTES, MAX_TCP_MESSAGE_BYTES, parseForwarder, RCODE, reply, type Zone } from "./zone.js";
 
@@ -36,6 +38,13 @@ export interface ResolverOptions {
   maxTcpPerCaller?: number;
   tcpIdleMs?: number;
 }
+
+const queries = new Counter({
+  name: "microvpc_dns_queries_total",
+  help: "VPC resolver queries by result (answered, forwarded, refused, servfail, dropped). Exported where the resolver runs in the gateway's own process (no --host-netns).",
+  labelNames: ["result"] as const,
+  registers: [metricsRegistry],
+});
 
 export interface Stats {
   answered: number;
@@ -74,7 +83,8 @@ function askUpstream(query: Buffer, host: string, port: number, timeoutMs: numbe
 }
 
 export class Resolver {
-  readonly stats: Stats = { answered: 0, forwarded: 0, refused: 0, servfail: 0, dropped: 0 };
+  private readonly counts: Stats = { answered: 0, forwarded: 0, refused: 0, servfail: 0, dropped: 0 };
+  readonly stats: Readonly<Stats> = this.counts;
   private readonly sockets = new Map<string, { udp: UdpSocket; tcp: Server }>();
   private readonly buckets: Buckets;
   private readonly inflight = new Map<string, number>();
@@ -87,6 +97,11 @@ export class Resolver {
     this.buckets = new Buckets(opts.rateLimitPerSecond ?? 200, opts.burst ?? 400);
     this.pruneTimer = setInterval(() => this.buckets.prune(), 10_000);
     this.pruneTimer.unref();
+  }
+
+  private count(k: keyof Stats): void {
+    this.counts[k]++;
+    queries.inc({ result: k });
   }
 
   /** Addresses with sockets bound. */
@@ -148,11 +163,11 @@ export class Resolver {
     const zone = this.opts.zoneOf(local);
     const key = `${zone?.vpcId ?? local}/${remote}`;
     if (!this.buckets.take(key)) {
-      this.stats.dropped++;
+      this.count("dropped");
       return null;
     }
     if (msg.length > maxBytes) {
-      this.stats.dropped++;
+      this.count("dropped");
       return null;
     }
     let q: dnsPacket.DecodedPacket;
@@ -162,18 +177,17 @@ export class Resolver {
       return formErr(msg);
     }
     if (q.type === "response") {
-      this.stats.dropped++;
+      this.count("dropped");
       return null;
     }
     const d = decide(q, zone);
     if (d.kind === "answer") {
-      this.stats.answered++;
-      if (((d.packet.flags ?? 0) & 0xf) === RCODE.REFUSED) this.stats.refused++;
+      this.count(((d.packet.flags ?? 0) & 0xf) === RCODE.REFUSED ? "refused" : "answered");
       return dnsPacket.encode(d.packet);
     }
     const n = this.inflight.get(key) ?? 0;
     if (n >= (this.opts.maxInflightPerCaller ?? 64) || this.inflightAll >= (this.opts.maxInflight ?? 4096)) {
-      this.stats.dropped++;
+      this.count("dropped");
       return null;
     }
     this.inflight.set(key, n + 1);
@@ -184,11 +198,11 @@ export class Resolver {
         const a = await askUpstream(msg, host, port, this.opts.forwardTimeoutMs ?? 1500);
         if (a) {
           a.writeUInt16BE(q.id ?? 0, 0);
-          this.stats.forwarded++;
+          this.count("forwarded");
           return a;
         }
       }
-      this.stats.servfail++;
+      this.count("servfail");
       return dnsPacket.encode(reply(q, RCODE.SERVFAIL));
     } finally {
       const m = (this.inflight.get(key) ?? 1) - 1;
