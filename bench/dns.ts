@@ -9,7 +9,7 @@
 //      rounds of (a) the same resolver code (runResolver, zones from Redis)
 //      with the limit raised and (b) a bare dns-packet UDP server on the same
 //      transit address answering a constant record: bench/lib/dns-server.ts;
-// and prints medians of the rounds.
+// and prints medians of the rounds; the figures go to bench/results/dns-<date>.json.
 //
 // Safety: every namespace carries the run prefix of test/lib/netns.ts; the
 // root namespace is never changed (compared before and after). Processes are
@@ -32,6 +32,7 @@ import { startDaemon } from "../test/lib/daemon.js";
 import { Harness } from "../test/lib/harness.js";
 import { nsExec, trackChild, waitFor } from "../test/lib/netns.js";
 import { Redis } from "ioredis";
+import { stamp, writeJson } from "./lib/report.js";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const DNS_PACKET = createRequire(import.meta.url).resolve("dns-packet");
@@ -141,6 +142,9 @@ try {
   console.log(row("bare dns-packet server, same path", rounds.map((x) => x.bare)));
   const ratio = median(rounds.map((x) => x.resolver.qps / x.bare.qps));
   console.log(`resolver / bare: ${(ratio * 100).toFixed(0)} % (median of per-round ratios)`);
+  const file = join(ROOT, "bench", "results", `dns-${stamp()}.json`);
+  writeJson(file, { seconds: SECONDS, rounds: ROUNDS, concurrency: CONC, node: process.version, daemon, rounds_: rounds, ratio });
+  console.log(`figures written to ${file}`);
   const changed = await h.rootChanges();
   if (changed.length) throw new Error(`root namespace changed: ${changed.join("; ")}`);
 } finally {
