@@ -1,7 +1,7 @@
 // Runs the resolver on one hypervisor: keeps a socket pair bound on every
 // transit host address of this host (a VPC's transit link appears when the
 // gateway creates it; binding is retried every second until it exists) and
-// each VPC's zone in memory, reloaded on dns.changed / vpc.* events and every
+// each VPC's zone in memory, reloaded on dns.* / vpc.* events and every
 // reloadMs as a safety net.
 import type { Redis } from "ioredis";
 import { followEvents } from "../common/events.js";

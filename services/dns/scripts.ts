@@ -1,15 +1,17 @@
 // Lua scripts of every DNS change: each check (the VPC exists, the name's
 // owner, the resolver address is free) and its write happen in one script,
 // so two callers racing for a name, or a record racing a DeleteVpc, cannot
-// interleave. Each change appends a `dns.changed` event with the VPC id
-// (empty for the defaults) so every hypervisor's resolver reloads.
+// interleave. Each change appends an event with the VPC id (empty for the
+// defaults): `dns.record` (only resolvers reload) or `dns.config` (the
+// gateway too: the resolver address is in its nft rules), so every
+// hypervisor follows by itself.
 //
 // A record is one hash field, name → "address\nttl\nowner\nupdated_ms"; a
 // lex zset of names gives ordered pages, a lex zset of "owner\nname" finds an
 // owner's records. All keys of a VPC are fixed per VPC, so DeleteVpc can
 // remove them in its own script (see ipam/scripts.ts DELETE_VPC).
 
-const EVENT = (vpc: string) => `redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'dns.changed', 'vpc', ${vpc})`;
+const EVENT = (kind: string, vpc: string) => `redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', '${kind}', 'vpc', ${vpc})`;
 
 /**
  * KEYS: 1 vpc hash, 2 records hash, 3 names zset, 4 owners zset
@@ -29,7 +31,7 @@ end
 redis.call('HSET', KEYS[2], name, addr .. '\\n' .. ttl .. '\\n' .. owner .. '\\n' .. now)
 redis.call('ZADD', KEYS[3], 0, name)
 redis.call('ZADD', KEYS[4], 0, owner .. '\\n' .. name)
-${EVENT("vpc")}
+${EVENT("dns.record", "vpc")}
 if prev then return {0, ''} end
 return {1, ''}
 `;
@@ -62,7 +64,7 @@ for _, n in ipairs(names) do
   redis.call('HDEL', KEYS[1], n)
   redis.call('ZREM', KEYS[2], n)
 end
-${EVENT("vpc")}
+${EVENT("dns.record", "vpc")}
 local out = {1}
 for _, n in ipairs(names) do out[#out + 1] = n end
 return out
@@ -99,6 +101,6 @@ if fmode == 'set' then redis.call('HSET', KEYS[2], 'forwarders', fjson) end
 if fmode == 'inherit' then redis.call('HDEL', KEYS[2], 'forwarders') end
 if ttl ~= '' then redis.call('HSET', KEYS[2], 'ttl', ttl) end
 redis.call('HSET', KEYS[2], 'updated', now)
-${EVENT("vpc")}
+${EVENT("dns.config", "vpc")}
 return {1, ''}
 `;

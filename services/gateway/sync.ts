@@ -226,7 +226,7 @@ export class GatewaySync {
         });
       }
     })();
-    void followEvents(redis, /^(gw\.|nic\.|subnet\.|vpc\.|dns\.)/, () => this.kick(), () => this.stopped);
+    void followEvents(redis, /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/, () => this.kick(), () => this.stopped);
   }
 
   stop(): void {
