@@ -5,6 +5,7 @@
 // what changed; follows the change events; a periodic pass repairs drift.
 import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
+import ipaddr from "ipaddr.js";
 import type { Logger } from "pino";
 import { Counter } from "prom-client";
 import { followEvents } from "../common/events.js";
@@ -70,7 +71,9 @@ export class GatewaySync {
   private async resolverOf(vpcId: string): Promise<string | undefined> {
     if (!this.opts.dnsPort) return undefined;
     const own = (await this.dns.getConfig(vpcId)).resolver;
-    if (own) return own;
+    // Validated by UpdateDnsConfig; checked again because it reaches ip and nft.
+    if (own && ipaddr.IPv4.isValidFourPartDecimal(own)) return own;
+    if (own) this.log.warn({ vpc: vpcId, resolver: own }, "ignoring a resolver address that is not a dotted quad; using the default");
     const vpc = await this.ipam.getVpc(vpcId);
     return vpc ? defaultResolver(vpc.base) : undefined;
   }
