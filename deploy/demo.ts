@@ -37,6 +37,16 @@ async function inNs(ns: string, script: string, ...args: string[]): Promise<stri
   return (await pexec("ip", ["netns", "exec", ns, process.execPath, "-e", script, ...args], { timeout: 10_000 })).stdout.trim();
 }
 
+/** The address busybox nslookup gets for name from the VPC resolver (10.0.0.2), or "—". */
+async function lookup(ns: string, name: string): Promise<string> {
+  try {
+    const out = (await pexec("ip", ["netns", "exec", ns, "busybox", "nslookup", name, "10.0.0.2"], { timeout: 10_000 })).stdout;
+    return /Name:[^\n]*\nAddress:? *([0-9.]+)/.exec(out)?.[1] ?? "—";
+  } catch {
+    return "—";
+  }
+}
+
 function serve(ns: string, port: number, body: string): void {
   const p = spawn("ip", ["netns", "exec", ns, process.execPath, "-e", `require("http").createServer((q,r)=>r.end(${JSON.stringify(body)})).listen(${port})`], { stdio: "ignore", detached: true });
   p.unref();
@@ -86,9 +96,9 @@ async function main(): Promise<void> {
   const table = new Table({ head: ["from", "to", "result", "check"], style: { head: [], border: [] } });
   table.push(...rows);
   console.log(`\nReachability (packets, not rules):\n${table.toString()}`);
-  const seen = new Table({ head: ["VM", "the internet sees", "instance-id from 169.254.169.254"], style: { head: [], border: [] } });
+  const seen = new Table({ head: ["VM", "the internet sees", "instance-id from 169.254.169.254", "web-1.blog.internal (VPC DNS)"], style: { head: [], border: [] } });
   for (const v of [w, d]) {
-    seen.push([v.name, await inNs(v.namespace, GET, INET_ADDR, "80", "/"), await inNs(v.namespace, GET, "169.254.169.254", "80", "/latest/meta-data/instance-id")]);
+    seen.push([v.name, await inNs(v.namespace, GET, INET_ADDR, "80", "/"), await inNs(v.namespace, GET, "169.254.169.254", "80", "/latest/meta-data/instance-id"), await lookup(v.namespace, "web-1.blog.internal")]);
   }
   console.log(seen.toString());
   console.log(`web-1 leaves as its floating IP ${fip.address}; db-1 (private) leaves through the NAT gateway as the hypervisor ${HOST_ADDR}.`);

@@ -5,6 +5,7 @@ import type { Command } from "commander";
 import * as acl from "./acl.js";
 import * as completion from "./completion.js";
 import * as connectivity from "./connectivity.js";
+import * as dns from "./dns.js";
 import * as fip from "./fip.js";
 import * as ip from "./ip.js";
 import * as nat from "./nat.js";
@@ -15,4 +16,4 @@ import * as subnet from "./subnet.js";
 import * as vm from "./vm.js";
 import * as vpc from "./vpc.js";
 
-export const groups: { register(program: Command): void }[] = [vpc, subnet, ip, sg, acl, nat, fip, pf, vm, connectivity, status, completion];
+export const groups: { register(program: Command): void }[] = [vpc, subnet, ip, sg, acl, nat, fip, pf, dns, vm, connectivity, status, completion];

@@ -17,7 +17,7 @@ import { progressInterceptor } from "./progress.js";
 export type Daemon = "ipam" | "netagent" | "firewall" | "gateway" | "vmm";
 
 export const DAEMONS: Record<Daemon, { port: number; option: string; env: string; serves: string }> = {
-  ipam: { port: 7401, option: "--server", env: "MICROVPC_SERVER", serves: "VPCs, subnets, addresses, peering" },
+  ipam: { port: 7401, option: "--server", env: "MICROVPC_SERVER", serves: "VPCs, subnets, addresses, peering, DNS" },
   netagent: { port: 7402, option: "--netagent", env: "MICROVPC_NETAGENT", serves: "NICs, host and overlay status" },
   firewall: { port: 7403, option: "--firewall", env: "MICROVPC_FIREWALL", serves: "security groups, network ACLs" },
   gateway: { port: 7404, option: "--gateway", env: "MICROVPC_GATEWAY", serves: "NAT gateways, floating IPs, port forwards" },

@@ -247,7 +247,7 @@ class TokenMinter {
 
 // ---- per-caller limits ----
 
-class Buckets {
+export class Buckets {
   private readonly m = new Map<string, { tokens: number; at: number }>();
   constructor(private readonly rate: number, private readonly burst: number) {}
 

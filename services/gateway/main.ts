@@ -1,10 +1,11 @@
-// microvpcd gateway: NAT gateways, floating IPs, port forwards and the
-// instance metadata service of one hypervisor.
+// microvpcd gateway: NAT gateways, floating IPs, port forwards, the
+// instance metadata service and the VPC resolver (DNS) of one hypervisor.
 //
-// The metadata server must listen in the hypervisor's own namespace, where
-// the transit links end. In production that is the daemon's namespace; when
-// --host-netns names another one (a simulated hypervisor in the tests), the
-// server runs as a child process inside it (`microvpcd imds`).
+// The metadata server and the resolver must listen in the hypervisor's own
+// namespace, where the transit links end. In production that is the
+// daemon's namespace; when --host-netns names another one (a simulated
+// hypervisor in the tests), both run as a child process inside it
+// (`microvpcd imds`).
 import { spawn, type ChildProcess } from "node:child_process";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -16,6 +17,7 @@ import type { ServiceDefinition } from "../common/daemon.js";
 import { connectRedis } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { runResolver } from "../dns/host.js";
 import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
 import { HostStore } from "../netagent/store.js";
@@ -69,11 +71,14 @@ export function addImdsCommand(program: Command): void {
     .addOption(new Option("--redis <url>", "Redis URL or unix socket path").env("MICROVPC_REDIS_URL").default("redis://127.0.0.1:6379/0"))
     .addOption(new Option("--host-id <id>", "this hypervisor's id").env("MICROVPC_HOST_ID").default(defaultHostId()))
     .addOption(new Option("--port <port>", "TCP port on every address").default("8775"))
-    .action(async (o: { redis: string; hostId: string; port: string }) => {
+    .addOption(new Option("--dns-port <port>", "port of the VPC resolver on each transit address (0: none)").default("0"))
+    .action(async (o: { redis: string; hostId: string; port: string; dnsPort: string }) => {
       const logger = pino({ base: { service: "imds", pid: process.pid } });
       const redis = connectRedis({ url: o.redis, logger });
       const close = await runImds(redis, o.hostId, Number(o.port), logger);
+      const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
       const stop = async () => {
+        await dns?.close();
         await close();
         redis.disconnect();
         process.exit(0);
@@ -93,6 +98,7 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)").env("MICROVPC_HOST_NETNS").default(""),
     new Option("--public-pool <cidr>", "floating IP pool, e.g. 203.0.113.0/24 (empty: no floating IPs)").env("MICROVPC_PUBLIC_POOL").default(""),
     new Option("--imds-port <port>", "port of the metadata server on the host").env("MICROVPC_IMDS_PORT").default("8775"),
+    new Option("--dns-port <port>", "port of the VPC resolver on the host's transit addresses; each VPC's resolver address :53 is forwarded there (0: no resolver)").env("MICROVPC_DNS_PORT").default("53"),
     new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
   ],
@@ -105,18 +111,25 @@ export const gatewayDefinition: ServiceDefinition = {
     const poolText = String(flags.publicPool || "0.0.0.0/32");
     const pool = parseCidr("--public-pool", poolText, { min: 8, max: 32 });
     const imdsPort = Number(flags.imdsPort);
+    const dnsPort = Number(flags.dnsPort);
+    if (!Number.isInteger(dnsPort) || dnsPort < 0 || dnsPort > 65535) throw new Error(`--dns-port ${JSON.stringify(flags.dnsPort)}: use 1–65535, or 0 for no resolver`);
     const store = new GatewayStore(redis);
     const ipam = new IpamStore(redis);
     const meta = new MetadataStore(redis);
-    const sync = new GatewaySync(store, ipam, new HostStore(redis, hostId), { hostId, hostNetns, uplink, imdsPort, pool: pool.text, hopLimits: () => meta.hopLimits() }, logger);
+    const sync = new GatewaySync(store, ipam, new HostStore(redis, hostId), { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits() }, logger);
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
     if (!hostNetns) {
-      stopImds = await runImds(redis, hostId, imdsPort, logger);
+      const closeImds = await runImds(redis, hostId, imdsPort, logger);
+      const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger) : undefined;
+      stopImds = async () => {
+        await dns?.close();
+        await closeImds();
+      };
     } else {
       const child: ChildProcess = spawn(
         "ip",
-        ["netns", "exec", hostNetns, process.execPath, join(ROOT, "bin", "microvpcd.js"), "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort)],
+        ["netns", "exec", hostNetns, process.execPath, join(ROOT, "bin", "microvpcd.js"), "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort), "--dns-port", String(dnsPort)],
         { stdio: ["ignore", "inherit", "inherit"] },
       );
       stopImds = async () => {

@@ -18,10 +18,18 @@
 //   address it was reached at and the VM by its (anti-spoofed) address. A
 //   policy-routing rule per VPC sends its replies back the right way even
 //   when VM addresses overlap across VPCs.
+// * DNS: the VPC's resolver address (default VPC base + 2) :53 udp+tcp →
+//   169.254.k.1:DNS_PORT, the same way: the resolver (dns/resolver.ts)
+//   knows the VPC by the transit address. The resolver address is held on
+//   the namespace's lo (label lo:mvpcdns), so the namespace answers ARP for
+//   it when it lies inside a VM's own subnet; outside every subnet VMs route
+//   it to their gateway. Either way the prerouting DNAT takes it.
 // Everything here is plain data in, command lines and nft text out.
 
 export const IMDS_ADDRESS = "169.254.169.254";
 export const TABLE = "microvpc_gw";
+/** Label of the resolver address on a VPC namespace's lo: ours to replace and delete. */
+export const RESOLVER_LABEL = "lo:mvpcdns";
 
 export interface GwVpc {
   vpcId: string;
@@ -38,6 +46,8 @@ export interface GwVpc {
   forwards: { proto: "tcp" | "udp"; outsidePort: number; private: string; privatePort: number }[];
   /** IMDS hop limits: VM address → IP TTL the token responses leave with. */
   hopLimits: Map<string, number>;
+  /** The VPC's resolver address (undefined: no resolver in this VPC). */
+  resolver?: string;
 }
 
 export interface HostGw {
@@ -45,6 +55,8 @@ export interface HostGw {
   /** The hypervisor's uplink interface (in the host namespace). */
   uplink: string;
   imdsPort: number;
+  /** Port of the VPC resolver on the host's transit addresses; 0 or unset: no resolver. */
+  dnsPort?: number;
   /** The floating IP pool (CIDR), never masqueraded. */
   pool: string;
   vpcs: GwVpc[];
@@ -92,6 +104,16 @@ export function transitCreateLines(hostId: string, v: GwVpc, vpcNs: string): { h
   };
 }
 
+/**
+ * ip lines (in the VPC namespace) that make `want` the resolver address on
+ * lo, given the addresses labelled RESOLVER_LABEL there now.
+ */
+export function resolverAddrLines(present: string[], want: string | undefined): string[] {
+  const lines = present.filter((a) => a !== want).map((a) => `addr del ${a}/32 dev lo`);
+  if (want !== undefined && !present.includes(want)) lines.push(`addr replace ${want}/32 dev lo label ${RESOLVER_LABEL}`);
+  return lines;
+}
+
 /** Host-namespace routes and rules of one VPC: FIPs to it, IMDS replies back to it. */
 export function hostRouteLines(v: GwVpc, uplink: string): string[] {
   const t = transitAddrs(v.transit);
@@ -109,8 +131,9 @@ function inSubnet(cidrs: string[]): string {
 }
 
 /** The VPC namespace's NAT table. */
-export function vpcNft(v: GwVpc, imdsPort: number): string {
+export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0): string {
   const t = transitAddrs(v.transit);
+  const dns = dnsPort > 0 && v.resolver !== undefined;
   const g = names.vpcSide(v.vpcId);
   const egress = v.subnets
     .filter((s) => s.public || (v.nat && (v.natSources.length === 0 || v.natSources.includes(s.subnetId))))
@@ -132,6 +155,12 @@ export function vpcNft(v: GwVpc, imdsPort: number): string {
     `  chain prerouting {`,
     `    type nat hook prerouting priority dstnat; policy accept;`,
     `    ip daddr ${IMDS_ADDRESS} tcp dport 80 dnat to ${t.host}:${imdsPort}`,
+    ...(dns
+      ? [
+          `    ip daddr ${v.resolver} udp dport 53 dnat to ${t.host}:${dnsPort}`,
+          `    ip daddr ${v.resolver} tcp dport 53 dnat to ${t.host}:${dnsPort}`,
+        ]
+      : []),
     `    iifname "${g}" ip daddr @fip_in dnat to ip daddr map @fip_in`,
     `    iifname "${g}" ip daddr ${t.vpc} dnat ip to meta l4proto . th dport map @port_forward`,
     `  }`,
@@ -145,6 +174,8 @@ export function vpcNft(v: GwVpc, imdsPort: number): string {
     // Before the firewall (priority filter): what may leave the VPC at all.
     `    type filter hook forward priority -10; policy accept;`,
     `    oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
+    // The resolver is for every subnet, NAT gateway or not (as AWS).
+    ...(dns ? [`    oifname "${g}" ip daddr ${t.host} meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
     `    oifname "${g}" ct state established,related accept`,
     `    oifname "${g}" ip saddr @fip_private accept`,
     `    oifname "${g}" ip saddr @egress_ok accept`,
@@ -161,6 +192,7 @@ export function vpcNft(v: GwVpc, imdsPort: number): string {
 
 /** The host namespace's table: masquerade to the uplink, port forwards, what VPCs may reach. */
 export function hostNft(h: HostGw): string {
+  const dnsPort = h.dnsPort ?? 0;
   const transitIfs = h.vpcs.map((v) => `"${names.hostSide(v.vpcId)}"`).sort();
   const pf: string[] = [];
   // nft cannot set the TTL from a map, so one set (and rule) per hop limit in use.
@@ -195,9 +227,13 @@ export function hostNft(h: HostGw): string {
     // A VM reaches nothing of the hypervisor but the metadata server.
     `    type filter hook input priority filter; policy accept;`,
     `    tcp dport ${h.imdsPort} iifname != @transit_ifs iifname != "lo" drop comment "the metadata server is for VMs only"`,
+    // The resolver binds transit addresses only; nothing else may reach them
+    // on its port. The host's own :53 elsewhere is left alone.
+    ...(dnsPort ? [`    ip daddr 169.254.0.0/16 meta l4proto { tcp, udp } th dport ${dnsPort} iifname != @transit_ifs iifname != "lo" drop comment "the VPC resolver is for VMs only"`] : []),
     `    iifname != @transit_ifs accept`,
     `    ct state established,related accept`,
     `    tcp dport ${h.imdsPort} accept`,
+    ...(dnsPort ? [`    meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
     `    counter drop`,
     `  }`,
     `  chain forward {`,

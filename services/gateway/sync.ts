@@ -5,15 +5,17 @@
 // what changed; follows the change events; a periodic pass repairs drift.
 import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
+import ipaddr from "ipaddr.js";
 import type { Logger } from "pino";
 import { Counter } from "prom-client";
 import { followEvents } from "../common/events.js";
 import { exec, inNetns } from "../common/exec.js";
 import { metricsRegistry } from "../common/metrics.js";
+import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
 import type { HostStore } from "../netagent/store.js";
-import { hostNft, hostRouteLines, names, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw } from "./plan.js";
+import { hostNft, hostRouteLines, names, RESOLVER_LABEL, resolverAddrLines, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw } from "./plan.js";
 import type { GatewayStore } from "./store.js";
 
 const applies = new Counter({
@@ -38,6 +40,8 @@ export interface GatewaySyncOptions {
   hostNetns: string;
   uplink: string;
   imdsPort: number;
+  /** Port of the VPC resolver on the transit addresses (0: no resolver). */
+  dnsPort?: number;
   pool: string;
   hopLimits: () => Promise<Map<string, number>>;
 }
@@ -47,6 +51,8 @@ export class GatewaySync {
   private lastHost = "";
   private lastVpc = new Map<string, string>();
   private lastRoutes = new Map<string, string[]>();
+  private lastResolver = new Map<string, string | undefined>();
+  private readonly dns: DnsStore;
   private pending = true;
   private stopped = false;
   private wake?: () => void;
@@ -57,7 +63,20 @@ export class GatewaySync {
     readonly host: HostStore,
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
-  ) {}
+  ) {
+    this.dns = new DnsStore(ipam.redis);
+  }
+
+  /** The VPC's resolver address, if the resolver is on. */
+  private async resolverOf(vpcId: string): Promise<string | undefined> {
+    if (!this.opts.dnsPort) return undefined;
+    const own = (await this.dns.getConfig(vpcId)).resolver;
+    // Validated by UpdateDnsConfig; checked again because it reaches ip and nft.
+    if (own && ipaddr.IPv4.isValidFourPartDecimal(own)) return own;
+    if (own) this.log.warn({ vpc: vpcId, resolver: own }, "ignoring a resolver address that is not a dotted quad; using the default");
+    const vpc = await this.ipam.getVpc(vpcId);
+    return vpc ? defaultResolver(vpc.base) : undefined;
+  }
 
   async desired(): Promise<HostGw> {
     const d = await this.host.load();
@@ -86,9 +105,10 @@ export class GatewaySync {
           .filter((p) => p.vpcId === vpcId && p.hostId === this.opts.hostId && localAddrs.has(p.private))
           .map((p) => ({ proto: p.proto, outsidePort: p.outsidePort, private: p.private, privatePort: p.privatePort })),
         hopLimits,
+        resolver: await this.resolverOf(vpcId),
       });
     }
-    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, pool: this.opts.pool, vpcs };
+    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, dnsPort: this.opts.dnsPort ?? 0, pool: this.opts.pool, vpcs };
   }
 
   async syncOnce(force = false): Promise<void> {
@@ -98,6 +118,7 @@ export class GatewaySync {
       if (force) {
         this.lastHost = "";
         this.lastVpc.clear();
+        this.lastResolver.clear();
       }
       // Kernel checks only when nothing is known to be applied (start, after
       // an error, the drift pass): a change need not pay an exec for each.
@@ -108,6 +129,7 @@ export class GatewaySync {
         if (!h.vpcs.some((v) => v.vpcId === id)) {
           this.lastVpc.delete(id);
           this.lastRoutes.delete(id);
+          this.lastResolver.delete(id);
         }
       }
       if (fresh) await must(run(...inNs(hns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])), "enable forwarding on the host");
@@ -121,6 +143,17 @@ export class GatewaySync {
           await must(run("ip", ["-n", vns, "-batch", "-"], lines.vpc.join("\n") + "\n"), `transit address of ${v.vpcId}`);
           this.lastVpc.delete(v.vpcId);
           this.lastRoutes.delete(v.vpcId);
+          this.lastResolver.delete(v.vpcId);
+        }
+        if (!known || !this.lastResolver.has(v.vpcId) || this.lastResolver.get(v.vpcId) !== v.resolver) {
+          // Only addresses carrying our label are read and removed.
+          const out = await must(run("ip", ["-n", vns, "-j", "addr", "show", "dev", "lo"]), `addresses of lo in ${vns}`);
+          const present = ((JSON.parse(out || "[]") as { addr_info?: { local: string; label?: string; family: string }[] }[])[0]?.addr_info ?? [])
+            .filter((a) => a.family === "inet" && a.label === RESOLVER_LABEL)
+            .map((a) => a.local);
+          const lines = resolverAddrLines(present, v.resolver);
+          if (lines.length) await must(run("ip", ["-n", vns, "-batch", "-"], lines.join("\n") + "\n"), `resolver address in ${vns}`);
+          this.lastResolver.set(v.vpcId, v.resolver);
         }
         // Routes and the policy rule: replace is idempotent; -force skips a missing rule on delete.
         const t = transitAddrs(v.transit);
@@ -138,7 +171,7 @@ export class GatewaySync {
           await run(...inNs(hns, ["ip", "-force", "-batch", "-"]), [...stale, ...routes].join("\n") + "\n");
           this.lastRoutes.set(v.vpcId, routes);
         }
-        const text = vpcNft(v, this.opts.imdsPort);
+        const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0);
         if (this.lastVpc.get(v.vpcId) !== text) {
           try {
             await must(run("ip", ["netns", "exec", vns, "nft", "-f", "-"], text), `nft in ${vns}`);
@@ -167,6 +200,7 @@ export class GatewaySync {
       this.log.error({ err: (err as Error).message }, "gateway sync failed; retrying");
       this.lastHost = "";
       this.lastVpc.clear();
+      this.lastResolver.clear();
     }
   }
 
@@ -195,7 +229,7 @@ export class GatewaySync {
         });
       }
     })();
-    void followEvents(redis, /^(gw\.|nic\.|subnet\.|vpc\.)/, () => this.kick(), () => this.stopped);
+    void followEvents(redis, /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/, () => this.kick(), () => this.stopped);
   }
 
   stop(): void {

@@ -4,6 +4,7 @@ import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { DnsApi } from "../dns/service.js";
 import { Peerings } from "../peering/service.js";
 import { PeeringStore } from "../peering/store.js";
 import { Ipam } from "./service.js";
@@ -14,15 +15,15 @@ export const ipamDefinition: ServiceDefinition = {
   summary: "VPCs, subnets and address allocation (stateless; run N replicas over one Redis)",
   defaultPort: 7401,
   async build({ redis }) {
-    const ipam = new Ipam(new IpamStore(redis));
+    const store = new IpamStore(redis);
+    const ipam = new Ipam(store);
     return {
       services: [
         { desc: VpcService, impl: ipam.vpcService },
         { desc: SubnetService, impl: ipam.subnetService },
         { desc: IpamService, impl: ipam.ipamService },
         { desc: PeeringService, impl: new Peerings(ipam, new PeeringStore(redis)).impl },
-        // Catalog API of a later issue: served (UNIMPLEMENTED) so clients can be built against it.
-        { desc: DnsService, impl: {} },
+        { desc: DnsService, impl: new DnsApi(store).impl },
       ],
     };
   },

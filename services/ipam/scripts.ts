@@ -150,7 +150,9 @@ return {1, id}
 
 /**
  * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 vpc subnets zset, 5 events,
- *       6 vpc peerings set
+ *       6 vpc peerings set, 7.. the VPC's DNS keys (records, names, owners,
+ *       config): a deleted VPC leaves no records behind, and a VPC created
+ *       later with the same name starts with an empty zone.
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} still has n subnets, {-2, n}
  * still has n peerings.
@@ -163,6 +165,7 @@ if p > 0 then return {-2, p} end
 local n = redis.call('ZCARD', KEYS[4])
 if n > 0 then return {-1, n} end
 redis.call('DEL', KEYS[1])
+for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('HDEL', KEYS[2], name)
 redis.call('ZREM', KEYS[3], name)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.deleted', 'vpc', ARGV[1])

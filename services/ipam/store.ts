@@ -11,6 +11,7 @@ import {
   ResourceExhaustedError,
 } from "../common/errors.js";
 import { intToIp } from "../common/validate.js";
+import { vpcDnsKeys } from "../dns/store.js";
 import { K } from "./keys.js";
 import * as S from "./scripts.js";
 
@@ -94,7 +95,7 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcAllocate", { numberOfKeys: 9, lua: S.ALLOCATE });
   redis.defineCommand("mvpcRelease", { numberOfKeys: 8, lua: S.RELEASE });
   redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 5, lua: S.CREATE_VPC });
-  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 6, lua: S.DELETE_VPC });
+  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 10, lua: S.DELETE_VPC });
   redis.defineCommand("mvpcCreateSubnet", { numberOfKeys: 10, lua: S.CREATE_SUBNET });
   redis.defineCommand("mvpcDeleteSubnet", { numberOfKeys: 11, lua: S.DELETE_SUBNET });
 }
@@ -190,7 +191,7 @@ export class IpamStore {
   }
 
   async deleteVpc(id: string): Promise<boolean> {
-    const [code, n] = await this.redis.mvpcDeleteVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.vpcSubnets(id), K.events, K.vpcPeerings(id), id);
+    const [code, n] = await this.redis.mvpcDeleteVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.vpcSubnets(id), K.events, K.vpcPeerings(id), ...vpcDnsKeys(id), id);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
     if (code === -2) throw new FailedPreconditionError(`VPC ${id} is still peered (${n} peering(s)); delete them first (microvpc vpc peer list --vpc ${id})`);
     return code === 1;

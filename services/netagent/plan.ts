@@ -40,6 +40,8 @@ export interface NicSpec {
   hostname: string;
   guestIf: string;
   dns: string[];
+  /** DNS search domains for the guest (the VPC's zone, "<vpc-name>.internal"). */
+  search?: string[];
   tap?: { uid?: number; gid?: number; multiQueue: boolean; queues: number };
   veth?: { netnsPath: string; skipDefaultRoute: boolean };
   bandwidth: Bandwidth;

@@ -31,6 +31,7 @@ import {
   type BandwidthLimit,
   type Nic,
 } from "../../gen/microvpc/v1/netagent_pb.js";
+import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import type { Agent } from "./agent.js";
 import { wgName, type HostRecord, type Overlay } from "./overlay.js";
@@ -173,6 +174,7 @@ export class NetAgent {
         mac: n.mac,
         mtu: n.mtu,
         dnsServers: n.dns,
+        searchDomains: n.search ?? [],
         hostname: n.hostname,
         interface: n.guestIf,
         kernelIpArg: kernelIpArg(n, netmask, n.guestIf),
@@ -401,7 +403,9 @@ export class NetAgent {
       } else {
         throw new InvalidArgumentError("kind", "is required: NIC_KIND_TAP for a VM, NIC_KIND_VETH for a namespace");
       }
-      const dnsIndex = s.extraReserved >= 1 ? 2 : 1;
+      // The VPC's resolver (default VPC base + 2, DnsService config), which
+      // the gateway serves in every subnet of the VPC.
+      const resolver = (await new DnsStore(this.ipam.redis).getConfig(v.id)).resolver ?? defaultResolver(v.base);
       const spec: NicSpec = {
         nicId,
         owner: owner || alloc.owner,
@@ -416,7 +420,8 @@ export class NetAgent {
         mtu,
         hostname,
         guestIf,
-        dns: [V.intToIp(s.base + dnsIndex)],
+        dns: [resolver],
+        search: [`${v.name}.internal`],
         tap,
         veth,
         bandwidth,

@@ -4,6 +4,7 @@ import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { grpcClient, grpcTransport } from "../common/client.js";
 import { waitReady } from "../common/redis.js";
+import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
@@ -17,7 +18,7 @@ import { STEPS, VmStore, type StepName } from "./store.js";
 
 export const vmmDefinition: ServiceDefinition = {
   name: "vmm",
-  summary: "metald-style VM manager: CreateVm/DeleteVm over ipam → netagent → firewall → gateway → boot, undone on failure",
+  summary: "metald-style VM manager: CreateVm/DeleteVm over ipam → netagent → firewall → gateway → dns → boot, undone on failure",
   defaultPort: 7405,
   options: [
     new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
@@ -39,6 +40,8 @@ export const vmmDefinition: ServiceDefinition = {
       netagent: grpcClient(NetAgentService, t(flags.netagent)),
       firewall: grpcClient(FirewallService, t(flags.firewall)),
       gateway: grpcClient(GatewayService, t(flags.gateway)),
+      // DnsService is served by the ipam daemon.
+      dns: grpcClient(DnsService, ipamT),
     };
     const booters: Partial<Record<"qemu" | "firecracker", Booter>> = {};
     try {

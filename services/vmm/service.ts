@@ -1,5 +1,5 @@
 // VmService: the metald-style VM manager of one hypervisor. CreateVm runs
-// ipam → netagent → firewall → gateway → boot over gRPC, journaling each step
+// ipam → netagent → firewall → gateway → dns → boot over gRPC, journaling each step
 // in Redis; if a step fails, every step already done is undone in reverse and
 // the error names the step. Every undo is idempotent and keyed by the VM id,
 // so a vmm killed at any point rolls the operation back (or finishes a
@@ -15,6 +15,7 @@ import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundErr
 import { metricsRegistry } from "../common/metrics.js";
 import * as V from "../common/validate.js";
 import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { NetAgentService, NicKind } from "../../gen/microvpc/v1/netagent_pb.js";
@@ -50,6 +51,7 @@ export interface Clients {
   netagent: Client<typeof NetAgentService>;
   firewall: Client<typeof FirewallService>;
   gateway: Client<typeof GatewayService>;
+  dns: Client<typeof DnsService>;
 }
 
 /** Boots and stops real guests (kind=qemu/firecracker); kind=netns needs none. */
@@ -70,6 +72,7 @@ const STEP_ENUM: Record<StepName, VmStep> = {
   netagent: VmStep.NETAGENT,
   firewall: VmStep.FIREWALL,
   gateway: VmStep.GATEWAY,
+  dns: VmStep.DNS,
   boot: VmStep.BOOT,
 };
 
@@ -146,6 +149,14 @@ export class Vmm {
           },
         });
         return "metadata registered";
+      case "dns": {
+        // VM names are DNS labels by construction (validate.name is a subset
+        // of a label), so every VM gets NAME.VPC.internal. A name held by
+        // another owner (an operator's record) fails the create: ALREADY_EXISTS,
+        // everything undone, rather than a VM that silently has no name.
+        const r = await this.c.dns.setDnsRecord({ vpc: v.vpcId, name: v.name, address: v.address, owner: v.id });
+        return r.record!.fqdn;
+      }
       case "boot": {
         if (v.kind === "netns") return "namespace ready";
         const b = this.opts.booters[v.kind];
@@ -166,6 +177,10 @@ export class Vmm {
     switch (step) {
       case "boot":
         if (v.kind !== "netns") await this.opts.booters[v.kind]?.stop(v);
+        return;
+      case "dns":
+        // By owner: removes what this VM holds and nothing else (NOT_FOUND: the VPC is gone, and its records with it).
+        await this.c.dns.deleteDnsRecord({ vpc: v.vpcId, owner: v.id }).catch(ignoreMissing);
         return;
       case "gateway":
         await this.c.gateway.deleteInstanceMetadata({ instanceId: v.id }).catch(ignoreMissing);

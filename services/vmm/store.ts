@@ -4,8 +4,8 @@
 // on restart exactly what to undo or finish.
 import type { Redis } from "ioredis";
 
-export type StepName = "ipam" | "netagent" | "firewall" | "gateway" | "boot";
-export const STEPS: StepName[] = ["ipam", "netagent", "firewall", "gateway", "boot"];
+export type StepName = "ipam" | "netagent" | "firewall" | "gateway" | "dns" | "boot";
+export const STEPS: StepName[] = ["ipam", "netagent", "firewall", "gateway", "dns", "boot"];
 
 export interface VmRec {
   id: string;

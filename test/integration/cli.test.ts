@@ -283,6 +283,48 @@ test("ip reclaim frees only dead owners past the grace period", async () => {
   assert.deepEqual(left.allocations.map((a: any) => a.owner).sort(), ["hv1/vm-1", "hv2/vm-3"]);
 });
 
+test("dns: records and resolver configuration, with exit codes, -o json and --dry-run", async () => {
+  await expect(0, ["vpc", "create", "dnsv", "--cidr", "10.7.0.0/16"]);
+  let r = await expect(0, ["dns", "record", "set", "web1", "10.7.1.4", "--vpc", "dnsv", "--owner", "vm-aaaaaaaaaaaa"]);
+  assert.match(r.stdout, /created/);
+  assert.match(r.stdout, /web1\.dnsv\.internal/);
+  r = await expect(0, ["dns", "record", "list", "--vpc", "dnsv"]);
+  assert.match(r.stdout, /web1\.dnsv\.internal.*10\.7\.1\.4.*60.*vm-aaaaaaaaaaaa/);
+  const listed = await json(["dns", "record", "list", "--vpc", "dnsv"]);
+  assert.equal(listed.records[0].fqdn, "web1.dnsv.internal");
+  await expect(4, ["dns", "record", "set", "web1", "10.7.1.5", "--vpc", "dnsv", "--owner", "someone-else"]);
+  r = await expect(7, ["dns", "record", "set", "Web_1", "10.7.1.5", "--vpc", "dnsv", "--owner", "x"]);
+  assert.match(r.stderr, /name: .*not a DNS label/);
+  await expect(7, ["dns", "record", "set", "web2", "10.8.1.5", "--vpc", "dnsv", "--owner", "x"]);
+  await expect(3, ["dns", "record", "list", "--vpc", "nosuch"]);
+  // --dry-run validates locally and sends nothing.
+  r = await expect(0, ["dns", "record", "set", "web2", "10.7.1.5", "--vpc", "dnsv", "--owner", "x", "--dry-run"]);
+  assert.match(r.stdout, /DnsService\/SetDnsRecord/);
+  await expect(7, ["dns", "record", "set", "web2", "999.7.1.5", "--vpc", "dnsv", "--owner", "x", "--dry-run"]);
+  assert.equal((await json(["dns", "record", "list", "--vpc", "dnsv"])).records.length, 1);
+
+  r = await expect(0, ["dns", "config", "get", "--vpc", "dnsv"]);
+  assert.match(r.stdout, /resolver\s*│\s*10\.7\.0\.2/);
+  assert.match(r.stdout, /inherited/);
+  await expect(0, ["dns", "config", "update", "--forwarder", "192.0.2.53"]);
+  r = await expect(0, ["dns", "config", "update", "--vpc", "dnsv", "--forwarder", "192.0.2.54:5353", "--resolver", "10.7.0.53"]);
+  assert.match(r.stdout, /192\.0\.2\.54:5353/);
+  const cfg = await json(["dns", "config", "get", "--vpc", "dnsv"]);
+  assert.deepEqual([cfg.config.resolverAddress, cfg.config.forwarders.addresses], ["10.7.0.53", ["192.0.2.54:5353"]]);
+  r = await expect(0, ["dns", "config", "update", "--vpc", "dnsv", "--inherit-forwarders"]);
+  assert.match(r.stdout, /192\.0\.2\.53 \(inherited/);
+  await expect(7, ["dns", "config", "update", "--vpc", "dnsv", "--forwarder", "127.0.0.1"]);
+  await expect(2, ["dns", "config", "update", "--forwarder", "192.0.2.1", "--no-forwarders"]);
+  await expect(2, ["dns", "record", "delete", "--vpc", "dnsv"]);
+
+  r = await expect(0, ["dns", "record", "delete", "--vpc", "dnsv", "--owner", "vm-aaaaaaaaaaaa"]);
+  assert.match(r.stdout, /deleted web1/);
+  r = await expect(0, ["dns", "record", "delete", "web1", "--vpc", "dnsv"]);
+  assert.match(r.stdout, /nothing to delete/);
+  await expect(0, ["dns", "config", "update", "--no-forwarders"]);
+  await expect(0, ["vpc", "delete", "dnsv"]);
+});
+
 test("help documents exit codes; completion covers the command tree", async () => {
   let r = await expect(0, ["--help"]);
   assert.match(r.stdout, /Exit codes:/);
@@ -290,7 +332,7 @@ test("help documents exit codes; completion covers the command tree", async () =
   assert.match(r.stdout, /MICROVPC_SERVER/);
 
   r = await expect(0, ["completion", "bash"]);
-  for (const w of ["vpc", "subnet", "ip", "completion", "'ip reclaim'", "allocate", "--live-file", "--dry-run", "complete -F"]) {
+  for (const w of ["vpc", "subnet", "ip", "dns", "'dns record set'", "completion", "'ip reclaim'", "allocate", "--live-file", "--dry-run", "complete -F"]) {
     assert.ok(r.stdout.includes(w), `completion lacks ${w}`);
   }
   const file = join(tmp, "completion.bash");

@@ -4,6 +4,7 @@
 // leaves every VM either fully up or fully gone.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
+import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
@@ -45,7 +46,8 @@ async function holdings() {
   const metadata = (await new MetadataStore(redis).list({ limit: 1000 })).map((m) => m.localIpv4).sort();
   const namespaces = (await listNetns()).filter((n) => n.startsWith(`mvpcvm-${hv.id}-`)).length;
   const running = (await vmm.listVms({})).vms.filter((v) => v.state === VmState.RUNNING).map((v) => v.nics[0].guest!.address).sort();
-  return { allocs, nics, bindings, metadata, namespaces, running };
+  const records = (await grpcClient(DnsService, { address: h.ipamDaemon.address }).listDnsRecords({ vpc: "app", pageSize: 1000 })).records.map((r) => r.address).sort();
+  return { allocs, nics, bindings, metadata, namespaces, running, records };
 }
 
 function assertConsistent(x: Awaited<ReturnType<typeof holdings>>, what: string) {
@@ -54,6 +56,7 @@ function assertConsistent(x: Awaited<ReturnType<typeof holdings>>, what: string)
   assert.deepEqual(x.bindings, x.running, `${what}: firewall bindings = running VMs`);
   assert.deepEqual(x.metadata, x.running, `${what}: metadata records = running VMs`);
   assert.equal(x.namespaces, x.running.length, `${what}: VM namespaces = running VMs`);
+  assert.deepEqual(x.records, x.running, `${what}: DNS records = running VMs`);
 }
 
 before(async () => {
@@ -100,7 +103,7 @@ describe("CreateVm and DeleteVm", () => {
     assert.equal(again.created, false, "CreateVm is idempotent");
     assert.equal(again.vm!.id, a.id);
     const insp = await vmm.inspectVm({ ref: a.id });
-    assert.equal(insp.steps.length, 5);
+    assert.equal(insp.steps.length, 6, "ipam, netagent, firewall, gateway, dns, boot");
     assert.ok(insp.steps.every((s) => s.detail !== ""), "every step reports what it did");
     assertConsistent(await holdings(), "two VMs up");
     assert.equal((await vmm.deleteVm({ ref: "a", vpc: "app" })).deleted, true);
@@ -149,7 +152,7 @@ describe("kind=qemu", () => {
 });
 
 describe("failures", () => {
-  for (const step of ["ipam", "netagent", "firewall", "gateway", "boot"]) {
+  for (const step of ["ipam", "netagent", "firewall", "gateway", "dns", "boot"]) {
     test(`a failure at step ${step} names the step and leaves nothing behind`, async () => {
       await vmmd.stop();
       await startVmm(["--fail-at", step]);

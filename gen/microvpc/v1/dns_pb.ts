@@ -140,7 +140,8 @@ export type DnsConfig = Message<"microvpc.v1.DnsConfig"> & {
   resolverAddress: string;
 
   /**
-   * Forwarders in force (the VPC's own, or the inherited defaults).
+   * Forwarders in force (the VPC's own, or the inherited defaults), shown
+   * as "a.b.c.d" or "a.b.c.d:port". The defaults are empty until set.
    *
    * @generated from field: microvpc.v1.DnsForwarders forwarders = 4;
    */
@@ -436,14 +437,18 @@ export type UpdateDnsConfigRequest = Message<"microvpc.v1.UpdateDnsConfigRequest
 
   /**
    * New resolver address (VPC only): inside the VPC CIDR, not its network
-   * or broadcast address. FAILED_PRECONDITION if a NIC holds it.
+   * or broadcast address (INVALID_ARGUMENT). FAILED_PRECONDITION if an
+   * allocation (a NIC) holds it or it is a subnet's network or broadcast
+   * address. It may be a subnet gateway or lie outside every subnet.
    *
    * @generated from field: optional string resolver_address = 2;
    */
   resolverAddress?: string | undefined;
 
   /**
-   * New forwarders. For a VPC, overrides the defaults.
+   * New forwarders. For a VPC, overrides the defaults; a VPC's own
+   * forwarders may not be loopback or link-local (the hypervisor's own),
+   * the defaults may.
    *
    * @generated from field: microvpc.v1.DnsForwarders forwarders = 3;
    */
@@ -533,8 +538,9 @@ export const DnsRecordTypeSchema: GenEnum<DnsRecordType> = /*@__PURE__*/
 export const DnsService: GenService<{
   /**
    * Creates or replaces the A record NAME.VPC.internal. INVALID_ARGUMENT for
-   * a bad name or an address outside the VPC; ALREADY_EXISTS if another
-   * owner holds the name.
+   * a bad name or an address outside the VPC; NOT_FOUND for an unknown VPC;
+   * ALREADY_EXISTS if another owner holds the name. The vmm sets one per VM
+   * (owner = the VM id). Deleting the VPC deletes its records.
    *
    * @generated from rpc microvpc.v1.DnsService.SetDnsRecord
    */

@@ -1,0 +1,106 @@
+// Runs the resolver on one hypervisor: keeps a socket pair bound on every
+// transit host address of this host (a VPC's transit link appears when the
+// gateway creates it; binding is retried every second until it exists) and
+// each VPC's zone in memory, reloaded on dns.* / vpc.* events and every
+// reloadMs as a safety net.
+import type { Redis } from "ioredis";
+import { followEvents } from "../common/events.js";
+import type { ImdsLogger } from "../gateway/imds.js";
+import { transitAddrs } from "../gateway/plan.js";
+import { GatewayStore } from "../gateway/store.js";
+import { IpamStore } from "../ipam/store.js";
+import { Resolver, type ResolverOptions } from "./resolver.js";
+import { DnsStore } from "./store.js";
+import type { Zone } from "./zone.js";
+
+export async function loadZone(ipam: IpamStore, dns: DnsStore, vpcId: string): Promise<Zone | undefined> {
+  const vpc = await ipam.getVpc(vpcId);
+  if (!vpc) return undefined;
+  const [eff, recs] = await Promise.all([dns.effective(vpcId, vpc.base), dns.allRecords(vpcId)]);
+  return {
+    vpcId,
+    domain: `${vpc.name}.internal`,
+    records: new Map(recs.map((r) => [r.name, { address: r.address, ttl: r.ttl }])),
+    forwarders: eff.forwarders,
+  };
+}
+
+export async function runResolver(
+  redis: Redis,
+  hostId: string,
+  port: number,
+  logger: ImdsLogger,
+  o: Partial<ResolverOptions> & { reloadMs?: number } = {},
+): Promise<{ resolver: Resolver; close: () => Promise<void> }> {
+  const gw = new GatewayStore(redis);
+  const ipam = new IpamStore(redis);
+  const dns = new DnsStore(redis);
+  /** transit host address → zone */
+  let zones = new Map<string, Zone>();
+  const resolver = new Resolver({ ...o, port, logger, zoneOf: (local) => zones.get(local) });
+  let stopped = false;
+  let loading: Promise<void> | null = null;
+  let again = false;
+  let transitSig = "";
+  const reload = async (): Promise<void> => {
+    if (loading) {
+      again = true;
+      return loading;
+    }
+    loading = (async () => {
+      do {
+        again = false;
+        try {
+          const transit = await gw.transitMap(hostId);
+          transitSig = JSON.stringify([...transit].sort());
+          const next = new Map<string, Zone>();
+          for (const [vpcId, k] of transit) {
+            const z = await loadZone(ipam, dns, vpcId);
+            if (z) next.set(transitAddrs(k).host, z);
+          }
+          zones = next;
+        } catch (err) {
+          logger.warn({ err: (err as Error).message }, "dns: cannot reload zones; keeping the last ones");
+        }
+      } while (again && !stopped);
+      loading = null;
+    })();
+    return loading;
+  };
+  const rebind = async () => {
+    for (const addr of zones.keys()) {
+      if (resolver.bound().includes(addr)) continue;
+      // EADDRNOTAVAIL until the gateway has created the transit link: retried.
+      await resolver.bind(addr).catch((err) => logger.debug({ err: (err as Error).message, addr }, "dns: cannot bind yet"));
+    }
+    for (const addr of resolver.bound()) if (!zones.has(addr)) resolver.unbind(addr);
+  };
+  await reload();
+  await rebind();
+  // A VPC new on this host gets its transit index from the gateway without
+  // an event of ours: the transit map is polled (one HGETALL a second).
+  const poll = async () => {
+    try {
+      const sig = JSON.stringify([...(await gw.transitMap(hostId))].sort());
+      if (sig !== transitSig) await reload();
+    } catch {
+      // Redis away: keep serving what is known
+    }
+    await rebind();
+  };
+  const bindTimer = setInterval(() => void poll(), 1000);
+  bindTimer.unref();
+  const reloadTimer = setInterval(() => void reload().then(rebind), o.reloadMs ?? 10_000);
+  reloadTimer.unref();
+  void followEvents(redis, /^(dns\.|vpc\.|subnet\.)/, () => void reload().then(rebind), () => stopped);
+  logger.info({ port }, "VPC resolver running");
+  return {
+    resolver,
+    close: async () => {
+      stopped = true;
+      clearInterval(bindTimer);
+      clearInterval(reloadTimer);
+      await resolver.close();
+    },
+  };
+}
