@@ -96,6 +96,8 @@ export interface Dump {
 export const WG_OVERHEAD_V4 = 60;
 export const WG_OVERHEAD_V6 = 80;
 const KEEPALIVE = 25;
+/** How long wireguard-go gets to read an MTU change (a netlink event) before its device leaves its namespace. */
+const WG_MTU_SETTLE_MS = 150;
 const WG_IF_RE = /^wg[0-9a-f]{13}$/;
 const KEY_RE = /^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$/;
 
@@ -313,12 +315,12 @@ export class Overlay {
   }
 
   /** The interface's state file: wireguard-go's PID (0 for a kernel device), its VPC and implementation. */
-  private readState(ifname: string): { pid: number; vpcId: string; impl: WgImpl } {
+  private readState(ifname: string): { pid: number; vpcId: string; impl: WgImpl; mtu: number } {
     try {
-      const j = JSON.parse(readFileSync(this.pidFile(ifname), "utf8")) as { pid?: number; vpcId?: string; impl?: WgImpl };
-      return { pid: j.pid ?? 0, vpcId: j.vpcId ?? "", impl: j.impl === "kernel" ? "kernel" : "wireguard-go" };
+      const j = JSON.parse(readFileSync(this.pidFile(ifname), "utf8")) as { pid?: number; vpcId?: string; impl?: WgImpl; mtu?: number };
+      return { pid: j.pid ?? 0, vpcId: j.vpcId ?? "", impl: j.impl === "kernel" ? "kernel" : "wireguard-go", mtu: j.mtu ?? 0 };
     } catch {
-      return { pid: 0, vpcId: "", impl: this.impl };
+      return { pid: 0, vpcId: "", impl: this.impl, mtu: 0 };
     }
   }
 
@@ -600,6 +602,19 @@ export class Overlay {
       inVpc = await this.startUserspace(vpcId, ifname);
     }
     if (!inVpc) {
+      // The MTU is set before the move, where wireguard-go runs: it learns
+      // its MTU only from link events in its own namespace (for the ifindex
+      // it created) and pads every packet up to the MTU it knows. Set after
+      // the move, it kept its default 1420 under a 1440 device, padded each
+      // full-size packet to 1452 and the underlay fragmented every one of
+      // them (measured: two fragments per data packet, reassembly and a
+      // full UDP buffer on the receiver).
+      const l = await this.agent.kernel.link(hns, ifname);
+      if (l && l.mtu !== this.mtu) {
+        await run("ip", [...this.ipArgs(hns), "link", "set", "dev", ifname, "mtu", String(this.mtu)]);
+        if (impl === "wireguard-go") await sleep(WG_MTU_SETTLE_MS);
+      }
+      writeFileSync(this.pidFile(ifname), JSON.stringify({ ...this.readState(ifname), vpcId, impl, mtu: this.mtu }), { mode: 0o600 });
       await run("ip", [...this.ipArgs(hns), "link", "set", "dev", ifname, "netns", vns]);
       inVpc = await this.agent.kernel.link(vns, ifname);
       if (!inVpc) throw new Error(`${ifname} did not arrive in ${vns}`);
@@ -623,6 +638,14 @@ export class Overlay {
     const inVpc = alive ? await this.agent.kernel.link(vns, ifname) : null;
     if (alive && !inVpc && !(await this.agent.kernel.link(hns, ifname))) {
       // Its device is gone (the namespace was deleted under it): start over.
+      await this.killPid(pid, ifname);
+      alive = false;
+    }
+    if (alive && inVpc && this.readState(ifname).mtu !== this.mtu) {
+      // It runs with another MTU than this agent's (the underlay changed, or
+      // an agent from before the MTU was set in place): wireguard-go cannot
+      // learn a new one once moved, so it is restarted (a brief interruption).
+      this.log.warn({ vpc: vpcId, interface: ifname, mtu: this.readState(ifname).mtu || "unknown", want: this.mtu }, "restarting wireguard-go to change its MTU");
       await this.killPid(pid, ifname);
       alive = false;
     }

@@ -73,6 +73,14 @@ async function peerHosts(x: Hypervisor, vpc: Vpc): Promise<string[]> {
   return (st.vpcs[0]?.peers ?? []).map((p) => p.hostId).sort();
 }
 
+/** IP fragments created so far in a namespace (its IpFragCreates counter). */
+async function fragCreates(ns: string): Promise<number> {
+  const r = await nsExec(ns, "nstat", ["-a", "-s", "-z", "-j", "IpFragCreates"], { check: false });
+  // Without history (-a), nstat reports the absolute counter; -z keeps zero.
+  const j = JSON.parse(r.stdout || "{}") as { kernel?: { IpFragCreates?: number } };
+  return j.kernel?.IpFragCreates ?? 0;
+}
+
 /** ping with DF set and a payload of `size` bytes (IP packet = size + 28). */
 async function pingDf(from: Vm, to: string, size: number): Promise<{ code: number; out: string }> {
   const r = await nsExec(from.ns, "ping", ["-n", "-c", "2", "-i", "0.2", "-W", "1", "-w", "3", "-M", "do", "-s", String(size), to], { check: false, timeoutMs: 10_000 });
@@ -368,10 +376,14 @@ describe("throughput", () => {
       }
       const raw: number[] = [];
       const ovl: number[] = [];
+      const frags0 = await fragCreates(hv[0].ns);
       for (let i = 0; i < 3; i++) {
         raw.push((await iperf3(ends[0].x.ns, ends[1].x.ns, ends[1].addr, { seconds: 3 })).gbps);
         ovl.push((await iperf3(a[0].ns, a[1].ns, a[1].address, { seconds: 3 })).gbps);
       }
+      // wireguard-go pads packets up to the MTU it knows; if it did not learn
+      // the interface's MTU, every full-size packet is fragmented here.
+      assert.equal((await fragCreates(hv[0].ns)) - frags0, 0, "no IP fragments made on the sender's underlay");
       const med = (v: number[]) => [...v].sort((p, q) => p - q)[Math.floor(v.length / 2)];
       const msg = `raw wireguard-go tunnel ${med(raw).toFixed(3)} Gbit/s (${raw.map((v) => v.toFixed(3)).join(", ")}); overlay VM↔VM ${med(ovl).toFixed(3)} Gbit/s (${ovl.map((v) => v.toFixed(3)).join(", ")}); ratio ${((100 * med(ovl)) / med(raw)).toFixed(0)}%`;
       t.diagnostic(msg);
