@@ -55,6 +55,14 @@ export interface OverlayOptions {
   wireguard?: WgMode;
   /** For tests: replaces the kernel probe. */
   probe?: WgProbe;
+  /** For tests: replaces the commands that make, move, configure and read WireGuard interfaces. */
+  commands?: WgCommands;
+}
+
+/** The commands behind an interface's life cycle (kernel.ts's run and exec). */
+export interface WgCommands {
+  run(file: string, args: string[], input?: string): Promise<string>;
+  exec(file: string, args: string[], input?: string): Promise<{ exitCode: number; stdout: string; all: string }>;
 }
 
 export interface HostRecord {
@@ -294,15 +302,19 @@ export class Overlay {
     return ns ? ["-n", ns] : [];
   }
 
+  private get cmd(): WgCommands {
+    return this.opts.commands ?? { run, exec };
+  }
+
   /** The real probe: a throwaway kernel WireGuard device in the host namespace. */
   private kernelProbe(): WgProbe {
     return {
       moduleLoaded: () => existsSync("/sys/module/wireguard"),
       canCreate: async () => {
         const probe = `wgp${randomBytes(6).toString("hex")}`;
-        const r = await exec("ip", [...this.ipArgs(this.opts.hostNetns), "link", "add", probe, "type", "wireguard"]);
+        const r = await this.cmd.exec("ip", [...this.ipArgs(this.opts.hostNetns), "link", "add", probe, "type", "wireguard"]);
         if (r.exitCode !== 0) return false;
-        await exec("ip", [...this.ipArgs(this.opts.hostNetns), "link", "del", probe]);
+        await this.cmd.exec("ip", [...this.ipArgs(this.opts.hostNetns), "link", "del", probe]);
         return true;
       },
     };
@@ -311,7 +323,7 @@ export class Overlay {
   /** Runs wg for an interface: a kernel device is reached over netlink, so from inside its VPC namespace; wireguard-go through its global socket. */
   private wgRun(ifname: string, args: string[]): Promise<string> {
     const st = this.readState(ifname);
-    return st.impl === "kernel" && st.vpcId ? run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", ...args]) : run("wg", args);
+    return st.impl === "kernel" && st.vpcId ? this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", ...args]) : this.cmd.run("wg", args);
   }
 
   /** The interface's state file: wireguard-go's PID (0 for a kernel device), its VPC and implementation. */
@@ -564,7 +576,7 @@ export class Overlay {
 
   async dump(ifname: string): Promise<Dump | null> {
     const st = this.readState(ifname);
-    const r = st.impl === "kernel" && st.vpcId ? await exec("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", "show", ifname, "dump"]) : await exec("wg", ["show", ifname, "dump"]);
+    const r = st.impl === "kernel" && st.vpcId ? await this.cmd.exec("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", "show", ifname, "dump"]) : await this.cmd.exec("wg", ["show", ifname, "dump"]);
     if (r.exitCode !== 0) return null;
     return parseDump(r.stdout);
   }
@@ -594,7 +606,7 @@ export class Overlay {
       }
       if (!inVpc && !(await this.agent.kernel.link(hns, ifname))) {
         // Made in the host namespace so that its UDP socket lives there, then moved.
-        await run("ip", [...this.ipArgs(hns), "link", "add", ifname, "type", "wireguard"]);
+        await this.cmd.run("ip", [...this.ipArgs(hns), "link", "add", ifname, "type", "wireguard"]);
         this.log.info({ vpc: vpcId, interface: ifname }, "created kernel WireGuard interface");
       }
       if (st.impl !== "kernel" || st.vpcId !== vpcId) writeFileSync(this.pidFile(ifname), JSON.stringify({ pid: 0, vpcId, impl: "kernel" }), { mode: 0o600 });
@@ -611,11 +623,11 @@ export class Overlay {
       // full UDP buffer on the receiver).
       const l = await this.agent.kernel.link(hns, ifname);
       if (l && l.mtu !== this.mtu) {
-        await run("ip", [...this.ipArgs(hns), "link", "set", "dev", ifname, "mtu", String(this.mtu)]);
+        await this.cmd.run("ip", [...this.ipArgs(hns), "link", "set", "dev", ifname, "mtu", String(this.mtu)]);
         if (impl === "wireguard-go") await sleep(WG_MTU_SETTLE_MS);
       }
       writeFileSync(this.pidFile(ifname), JSON.stringify({ ...this.readState(ifname), vpcId, impl, mtu: this.mtu }), { mode: 0o600 });
-      await run("ip", [...this.ipArgs(hns), "link", "set", "dev", ifname, "netns", vns]);
+      await this.cmd.run("ip", [...this.ipArgs(hns), "link", "set", "dev", ifname, "netns", vns]);
       inVpc = await this.agent.kernel.link(vns, ifname);
       if (!inVpc) throw new Error(`${ifname} did not arrive in ${vns}`);
     }
