@@ -152,7 +152,8 @@ export function recordProblem(id: string, raw: string): string {
   if (typeof r.address !== "string" || !isIP(r.address)) return `underlay address ${show(r.address)} is not an IPv4 or IPv6 literal`;
   const bad = addressProblem(r.address);
   if (bad) return `underlay address ${r.address} ${bad}`;
-  if (typeof r.mtu !== "number" || !Number.isInteger(r.mtu) || r.mtu < 576 || r.mtu > 9000) return `mtu ${show(r.mtu)} is not an integer in 576–9000`;
+  // Jumbo underlays (9000, 9216…) are legitimate; only nonsense is refused.
+  if (typeof r.mtu !== "number" || !Number.isInteger(r.mtu) || r.mtu < 576 || r.mtu > 65535) return `mtu ${show(r.mtu)} is not an integer in 576–65535`;
   return "";
 }
 

@@ -54,6 +54,7 @@ const rec = (o: Record<string, unknown> = {}) => JSON.stringify({ id: "hv1", pub
 test("recordProblem accepts a well-formed record, IPv4 or IPv6", () => {
   assert.equal(recordProblem("hv1", rec()), "");
   assert.equal(recordProblem("hv1", rec({ address: "fd00::11" })), "");
+  assert.equal(recordProblem("hv1", rec({ mtu: 9156 })), "", "a jumbo underlay (9216 − 60)");
 });
 
 test("recordProblem names what is wrong with a record from another host", () => {
@@ -71,7 +72,8 @@ test("recordProblem names what is wrong with a record from another host", () => 
     ["the unspecified address", rec({ address: "0.0.0.0" }), /unspecified address/],
     ["a multicast address", rec({ address: "ff02::1" }), /multicast address/],
     ["a number for the address", rec({ address: 3232261131 }), /underlay address/],
-    ["a silly MTU", rec({ mtu: 70000 }), /mtu 70000 is not an integer in 576–9000/],
+    ["a silly MTU", rec({ mtu: 70000 }), /mtu 70000 is not an integer in 576–65535/],
+    ["an MTU as text", rec({ mtu: "1440" }), /mtu "1440" is not an integer/],
   ];
   for (const [what, raw, want] of cases) assert.match(recordProblem("hv1", raw), want, what);
 });
