@@ -4,13 +4,17 @@
 // - Identity: DIR/<hostId>/wg.key (mode 0600), made with `wg genkey` on first
 //   start; only the public key leaves the host (registry record in Redis,
 //   `mvpc:hosts:<hostId>`, with a lease of leaseMs renewed every refreshMs).
-// - Interface: `wireguard-go -f NAME` started in the host namespace (where
-//   the underlay is), then moved into the VPC namespace: its UDP socket stays
-//   in the host namespace. NAME is "wg" + 13 hex of sha256(host/vpc): unique
+// - Interface: a kernel WireGuard device when the module is usable (probed
+//   at start, --wireguard), else `wireguard-go -f NAME`; made in the host
+//   namespace (where the underlay is), given its MTU there, then moved into
+//   the VPC namespace: its UDP socket stays in the host namespace. NAME is "wg" + 13 hex of sha256(host/vpc): unique
 //   per machine (wireguard-go's control socket /var/run/wireguard/NAME.sock
-//   is global) and at most 15 bytes. The process's PID is kept in
-//   DIR/<hostId>/wg/NAME.pid so that a restarted agent adopts it (traffic
-//   keeps flowing) and a deleted VPC ends exactly that process.
+//   is global) and at most 15 bytes. DIR/<hostId>/wg/NAME.pid keeps the
+//   VPC, the implementation, the MTU and (wireguard-go) the PID, so that a
+//   restarted agent adopts it (traffic keeps flowing) and a deleted VPC ends
+//   exactly that process or deletes exactly that device.
+// - Peers' records come from other hosts: each is validated before anything
+//   of it reaches `wg set`; a bad one is skipped and reported, never fatal.
 // - Peers: one per other live member host of the VPC (its lease current),
 //   allowed-ips = that host's NIC /32s in the VPC, keepalive 25 s; a /32
 //   route per remote NIC in the VPC namespace and proxy ARP on the subnet
