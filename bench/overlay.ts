@@ -39,7 +39,8 @@
 //
 // Options (after `npm run bench:overlay --`): --iperf-runs N (default 5),
 // --iperf-seconds S (default 3), --joins N (joins per size, default 3),
-// --sizes 3,10,30, --no-throughput, --no-convergence.
+// --sizes 3,10,30, --no-throughput, --no-convergence, --diagnostics
+// noBrnf,rps,vmGro (which diagnostic throughput cases to add; "" for none).
 import { generateKeyPairSync } from "node:crypto";
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -67,8 +68,11 @@ const { values: opt } = parseArgs({
     sizes: { type: "string", default: "3,10,30" },
     "no-throughput": { type: "boolean", default: false },
     "no-convergence": { type: "boolean", default: false },
+    /** Diagnostic throughput cases to run beside raw and overlay (default all): noBrnf,rps,vmGro. */
+    diagnostics: { type: "string", default: "noBrnf,rps,vmGro" },
   },
 });
+const DIAG = new Set((opt.diagnostics ?? "").split(",").filter(Boolean));
 const intOpt = (name: string, v: string | undefined, min: number, max: number): number => {
   const n = Number(v);
   if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} ${v}: expected an integer in ${min}–${max}`);
@@ -162,7 +166,7 @@ function readdirSafe(d: string): string[] {
   }
 }
 
-async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay: TputRun[]; overlayNoBrnf: TputRun[]; overlayRps: TputRun[]; overlayVmGro?: TputRun[]; vms: [Vm, Vm] }> {
+async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay: TputRun[]; overlayNoBrnf?: TputRun[]; overlayRps?: TputRun[]; overlayVmGro?: TputRun[]; vms: [Vm, Vm] }> {
   const vpc = await h.vpc(`tput-${h.prefix}`, "10.71.0.0/16");
   const sub = await h.subnet(vpc, "s1", "10.71.1.0/24");
   const a0 = await h.vm(0, vpc, sub, "t0");
@@ -200,7 +204,7 @@ async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay:
       [
         { name: "raw", run: () => one(raw.ends[0].ns, raw.ends[1].ns, raw.ends[1].addr, raw.ends.map((e) => e.pid)) },
         { name: "overlay", run: () => one(a0.ns, a1.ns, a1.address, ovlPids) },
-        {
+        ...(DIAG.has("noBrnf") ? [{
           name: "overlayNoBrnf",
           run: async () => {
             await brnf("0");
@@ -210,8 +214,8 @@ async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay:
               await brnf("1");
             }
           },
-        },
-        {
+        }] : []),
+        ...(DIAG.has("rps") ? [{
           name: "overlayRps",
           run: async () => {
             await rps((2 ** Math.min(availableParallelism(), 16) - 1).toString(16));
@@ -221,10 +225,10 @@ async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay:
               await rps("0");
             }
           },
-        },
+        }] : []),
         // Diagnostic, only where ethtool is installed: GRO on the VMs' own
         // veth ends, so the receiving VM's TCP gets coalesced segments.
-        ...(hasEthtool
+        ...(hasEthtool && DIAG.has("vmGro")
           ? [
               {
                 name: "overlayVmGro",
@@ -242,7 +246,7 @@ async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay:
       ],
       { rounds: RUNS, warmupRounds: 1 },
     );
-    return { raw: res.get("raw")!, overlay: res.get("overlay")!, overlayNoBrnf: res.get("overlayNoBrnf")!, overlayRps: res.get("overlayRps")!, overlayVmGro: res.get("overlayVmGro"), vms: [a0, a1] };
+    return { raw: res.get("raw")!, overlay: res.get("overlay")!, overlayNoBrnf: res.get("overlayNoBrnf"), overlayRps: res.get("overlayRps"), overlayVmGro: res.get("overlayVmGro"), vms: [a0, a1] };
   } finally {
     await raw.close();
   }
@@ -398,9 +402,11 @@ async function main(): Promise<number> {
         ["overlay VM ↔ VM (microvpc)", tput.overlay],
         ["overlay VM ↔ VM, bridge-nf-call-iptables=0 (diagnostic)", tput.overlayNoBrnf],
         ["overlay VM ↔ VM, RPS on the overlay interfaces (diagnostic)", tput.overlayRps],
-        ...(tput.overlayVmGro ? [["overlay VM ↔ VM, GRO on the VMs' eth0 (diagnostic)", tput.overlayVmGro]] : []),
-      ] as [string, TputRun[]][]
-    ).map(([name, rs]) => [
+        ["overlay VM ↔ VM, GRO on the VMs' eth0 (diagnostic)", tput.overlayVmGro],
+      ] as [string, TputRun[] | undefined][]
+    )
+      .filter((x): x is [string, TputRun[]] => x[1] !== undefined)
+      .map(([name, rs]) => [
       name,
       spr(sp(rs, (r) => r.gbps), (x) => num(x, 3)),
       spr(sp(rs, (r) => r.retransmits), (x) => num(x, 0)),
