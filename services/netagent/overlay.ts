@@ -34,6 +34,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { spawn } from "node:child_process";
 import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { isIP } from "node:net";
+import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import ipaddr from "ipaddr.js";
 import type { Redis } from "ioredis";
@@ -332,12 +333,34 @@ export class Overlay {
   }
 
   /** The interface's state file: wireguard-go's PID (0 for a kernel device), its VPC and implementation. */
-  private readState(ifname: string): { pid: number; vpcId: string; impl: WgImpl; mtu: number } {
+  private readState(ifname: string): { pid: number; vpcId: string; impl: WgImpl; mtu: number; rps?: boolean } {
     try {
-      const j = JSON.parse(readFileSync(this.pidFile(ifname), "utf8")) as { pid?: number; vpcId?: string; impl?: WgImpl; mtu?: number };
-      return { pid: j.pid ?? 0, vpcId: j.vpcId ?? "", impl: j.impl === "kernel" ? "kernel" : "wireguard-go", mtu: j.mtu ?? 0 };
+      const j = JSON.parse(readFileSync(this.pidFile(ifname), "utf8")) as { pid?: number; vpcId?: string; impl?: WgImpl; mtu?: number; rps?: boolean };
+      return { pid: j.pid ?? 0, vpcId: j.vpcId ?? "", impl: j.impl === "kernel" ? "kernel" : "wireguard-go", mtu: j.mtu ?? 0, ...(j.rps ? { rps: true } : {}) };
     } catch {
       return { pid: 0, vpcId: "", impl: this.impl, mtu: 0 };
+    }
+  }
+
+  /**
+   * RPS on a wireguard-go interface: this wireguard-go writes each decrypted
+   * packet to its TUN, and the kernel routes, bridges and delivers it to the
+   * VM inside that write(), on the thread that drains the receive queue in
+   * order. With RPS that work goes to a softirq on another CPU and the
+   * writer returns at once (bench:overlay, 10 interleaved rounds: 0.305 →
+   * 0.360 Gbit/s, 80 % → 94 % of the raw tunnel). A device setting of the
+   * VPC namespace; done once per interface (recorded in its state file).
+   */
+  private async spreadReceive(vpcId: string, ifname: string): Promise<void> {
+    const st = this.readState(ifname);
+    const cpus = Math.min(availableParallelism(), 32);
+    if (st.rps || st.impl !== "wireguard-go" || cpus < 2) return;
+    const mask = (2 ** cpus - 1).toString(16);
+    try {
+      await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(vpcId), "tee", `/sys/class/net/${ifname}/queues/rx-0/rps_cpus`], mask);
+      writeFileSync(this.pidFile(ifname), JSON.stringify({ ...st, rps: true }), { mode: 0o600 });
+    } catch (err) {
+      this.log.warn({ vpc: vpcId, interface: ifname, err: (err as Error).message }, "cannot set RPS on the overlay interface; it forwards, more slowly");
     }
   }
 
@@ -642,6 +665,7 @@ export class Overlay {
       await this.wgRun(ifname, ["set", ifname, "private-key", this.keyFile, ...(dump.listenPort ? [] : ["listen-port", "0"])]);
     }
     if (!inVpc.up || inVpc.mtu !== this.mtu) await this.agent.kernel.ipBatch(vns, [`link set dev ${ifname} mtu ${this.mtu} up`]);
+    await this.spreadReceive(vpcId, ifname);
     if (dump.publicKey !== this.publicKey || !inVpc.up) dump = (await this.dump(ifname)) ?? dump;
     return { ifname, port: dump.listenPort, dump };
   }

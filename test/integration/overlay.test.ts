@@ -384,6 +384,10 @@ describe("throughput", () => {
       // wireguard-go pads packets up to the MTU it knows; if it did not learn
       // the interface's MTU, every full-size packet is fragmented here.
       assert.equal((await fragCreates(hv[0].ns)) - frags0, 0, "no IP fragments made on the sender's underlay");
+      // The receiving interface hands each decrypted packet to RPS (another CPU forwards it).
+      const st = (await hv[1].agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0];
+      const rps = await nsExec(a[1].vpcNs, "cat", [`/sys/class/net/${st.interface}/queues/rx-0/rps_cpus`]);
+      assert.notEqual(Number.parseInt(rps.stdout.replaceAll(",", "").trim(), 16), 0, `RPS on ${st.interface}`);
       const med = (v: number[]) => [...v].sort((p, q) => p - q)[Math.floor(v.length / 2)];
       const msg = `raw wireguard-go tunnel ${med(raw).toFixed(3)} Gbit/s (${raw.map((v) => v.toFixed(3)).join(", ")}); overlay VM↔VM ${med(ovl).toFixed(3)} Gbit/s (${ovl.map((v) => v.toFixed(3)).join(", ")}); ratio ${((100 * med(ovl)) / med(raw)).toFixed(0)}%`;
       t.diagnostic(msg);
