@@ -1,5 +1,4 @@
 // microvpcd netagent: the data plane of one hypervisor.
-import { isIP } from "node:net";
 import { hostname } from "node:os";
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
@@ -8,12 +7,13 @@ import { IpamStore } from "../ipam/store.js";
 import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
-import { Overlay } from "./overlay.js";
+import { addressProblem, Overlay, type WgMode } from "./overlay.js";
 import { PeeringSync } from "./peering.js";
 import { HostStore } from "./store.js";
 
 const AGENT_VERSION = "0.1.0";
 const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
+const WG_MODES = ["auto", "kernel", "wireguard-go"];
 
 export function defaultHostId(): string {
   return hostname().toLowerCase().replace(/[^a-z0-9]/g, "").slice(0, 24) || "host";
@@ -31,6 +31,7 @@ export const netagentDefinition: ServiceDefinition = {
     new Option("--host-netns <name>", "network namespace holding the underlay, where WireGuard sockets live (\"\" = the agent's own)").env("MICROVPC_HOST_NETNS").default(""),
     new Option("--underlay-interface <if>", "underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU").env("MICROVPC_UNDERLAY_INTERFACE").default("eth0"),
     new Option("--underlay-address <ip>", "this host's WireGuard endpoint address (default: the first global IPv4 of --underlay-interface)").env("MICROVPC_UNDERLAY_ADDRESS"),
+    new Option("--wireguard <impl>", "WireGuard implementation: auto (the kernel module when this host can create a kernel device, else wireguard-go), kernel, or wireguard-go").env("MICROVPC_WIREGUARD").default("auto"),
     new Option("--state-dir <dir>", "where the WireGuard private key lives (DIR/<host-id>/wg.key, mode 0600)").env("MICROVPC_STATE_DIR").default("/var/lib/microvpc"),
   ],
   async build({ flags, redis, logger }) {
@@ -45,15 +46,27 @@ export const netagentDefinition: ServiceDefinition = {
       const hostNetns = String(flags.hostNetns ?? "");
       if (hostNetns && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(hostNetns)) throw new Error(`--host-netns ${JSON.stringify(hostNetns)}: not a namespace name`);
       const underlayInterface = String(flags.underlayInterface);
-      if (!/^[A-Za-z][A-Za-z0-9_.-]{0,14}$/.test(underlayInterface)) throw new Error(`--underlay-interface ${JSON.stringify(underlayInterface)}: not an interface name`);
-      const underlayAddress = flags.underlayAddress ? String(flags.underlayAddress) : undefined;
-      if (underlayAddress && !isIP(underlayAddress)) throw new Error(`--underlay-address ${JSON.stringify(underlayAddress)}: not an IP address`);
-      overlay = new Overlay(agent, redis, { hostId, hostNetns, underlayInterface, underlayAddress, stateDir: String(flags.stateDir), agentVersion: AGENT_VERSION }, logger);
+      if (!/^[A-Za-z][A-Za-z0-9_.-]{0,14}$/.test(underlayInterface)) {
+        throw new Error(`--underlay-interface ${JSON.stringify(underlayInterface)}: not an interface name (1–15 characters of letters, digits and _ . -, starting with a letter; see \`ip link\`)`);
+      }
+      const underlayAddress = flags.underlayAddress !== undefined ? String(flags.underlayAddress) : undefined;
+      if (underlayAddress !== undefined) {
+        const bad = addressProblem(underlayAddress);
+        if (bad) throw new Error(`--underlay-address ${JSON.stringify(underlayAddress)} ${bad}: give this host's IPv4 or IPv6 address on the underlay (e.g. 192.168.100.10), or leave it out to use the first global IPv4 of --underlay-interface`);
+      }
+      const wireguard = String(flags.wireguard ?? "auto");
+      if (!WG_MODES.includes(wireguard)) throw new Error(`--wireguard ${JSON.stringify(wireguard)}: use one of ${WG_MODES.join(", ")}`);
+      overlay = new Overlay(
+        agent,
+        redis,
+        { hostId, hostNetns, underlayInterface, underlayAddress, stateDir: String(flags.stateDir), agentVersion: AGENT_VERSION, wireguard: wireguard as WgMode },
+        logger,
+      );
       await overlay.init();
       // Nothing may be bigger than the tunnel carries: bridges and NICs get the overlay MTU.
       mtu = Math.min(mtu, overlay.mtu);
       agent.overlay = overlay;
-      logger.info({ mtu: overlay.mtu, underlayMtu: overlay.underlayMtu, address: overlay.address, publicKey: overlay.publicKey }, "overlay enabled");
+      logger.info({ mtu: overlay.mtu, underlayMtu: overlay.underlayMtu, address: overlay.address, publicKey: overlay.publicKey, wireguard: overlay.impl, why: overlay.implWhy }, "overlay enabled");
     }
     agent.peering = new PeeringSync(agent, redis, logger);
     const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu, overlay });

@@ -21,6 +21,8 @@ import {
   HostSchema,
   HostSubnetSchema,
   OverlayPeerSchema,
+  SkippedHostSchema,
+  WireGuardImplementation,
   VpcOverlaySchema,
   type Host,
   HostVpcSchema,
@@ -34,7 +36,7 @@ import {
 import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import type { Agent } from "./agent.js";
-import { wgName, type HostRecord, type Overlay } from "./overlay.js";
+import { recordProblem, wgName, type HostRecord, type Overlay } from "./overlay.js";
 import { overlayKeys } from "./store.js";
 import { KernelError, type Kernel } from "./kernel.js";
 import { bandwidthLines, kernelIpArg, names, nicCreateLines, planVpc, prefixToNetmask, type Bandwidth, type NicSpec, type SubnetSpec } from "./plan.js";
@@ -233,18 +235,24 @@ export class NetAgent {
     return this.opts.overlay;
   }
 
-  private hostMsg(r: HostRecord, pttlMs: number): Host {
+  private hostMsg(r: HostRecord, pttlMs: number, invalidReason = ""): Host {
+    const str = (v: unknown) => (typeof v === "string" ? v : "");
+    const u32 = (v: unknown) => (typeof v === "number" && Number.isInteger(v) && v >= 0 && v < 2 ** 32 ? v : 0);
+    const ms = (v: unknown) => typeof v === "number" && Number.isInteger(v) && v > 0 && v < 1e14;
+    // A malformed record (from another host) is shown as it is, with the
+    // reason, field by field where the field has the right type.
     return create(HostSchema, {
-      id: r.id,
-      publicKey: r.publicKey,
-      endpoint: r.address,
-      mtu: r.mtu,
-      underlayMtu: r.underlayMtu,
-      vpcIds: r.vpcIds,
+      id: str(r.id),
+      publicKey: str(r.publicKey),
+      endpoint: str(r.address),
+      mtu: u32(r.mtu),
+      underlayMtu: u32(r.underlayMtu),
+      vpcIds: Array.isArray(r.vpcIds) ? r.vpcIds.filter((x) => typeof x === "string") : [],
+      invalidReason,
       leaseExpireTime: pttlMs > 0 ? timestampFromMs(Date.now() + pttlMs) : undefined,
-      registerTime: r.registeredMs ? timestampFromMs(r.registeredMs) : undefined,
-      keyCreateTime: r.keyCreatedMs ? timestampFromMs(r.keyCreatedMs) : undefined,
-      agentVersion: r.agentVersion,
+      registerTime: ms(r.registeredMs) ? timestampFromMs(r.registeredMs) : undefined,
+      keyCreateTime: ms(r.keyCreatedMs) ? timestampFromMs(r.keyCreatedMs) : undefined,
+      agentVersion: str(r.agentVersion),
     });
   }
 
@@ -258,7 +266,16 @@ export class NetAgent {
     ids.forEach((_, i) => {
       const j = res[2 * i]?.[1] as string | null;
       const ttl = Number(res[2 * i + 1]?.[1] ?? -2);
-      if (j) out.push(this.hostMsg(JSON.parse(j) as HostRecord, ttl));
+      if (!j) return;
+      const problem = recordProblem(ids[i], j);
+      let rec: HostRecord;
+      try {
+        const parsed = JSON.parse(j) as unknown;
+        rec = (typeof parsed === "object" && parsed !== null && !Array.isArray(parsed) ? parsed : {}) as HostRecord;
+      } catch {
+        rec = {} as HostRecord;
+      }
+      out.push(this.hostMsg({ ...rec, id: ids[i] }, ttl, problem));
     });
     return out;
   }
@@ -611,13 +628,12 @@ export class NetAgent {
     },
 
     getOverlayStatus: async (req) => {
+      // A malformed or unknown VPC is an error even where the overlay is off.
+      const only = req.vpc ? (await this.vpc(req.vpc)).id : undefined;
       const o = this.opts.overlay;
       if (!o) return { vpcs: [] };
       let vpcIds = [...new Set([...this.agent.desired.vpcs.keys(), ...o.runningVpcs()])].sort();
-      if (req.vpc) {
-        const v = await this.vpc(req.vpc);
-        vpcIds = vpcIds.filter((id) => id === v.id);
-      }
+      if (only) vpcIds = vpcIds.filter((id) => id === only);
       const vpcs = [];
       for (const vpcId of vpcIds) {
         const ifname = wgName(this.opts.hostId, vpcId);
@@ -638,7 +654,9 @@ export class NetAgent {
             }),
           )
           .sort((a, b) => a.hostId.localeCompare(b.hostId));
-        vpcs.push(create(VpcOverlaySchema, { vpcId, interface: ifname, listenPort: d.listenPort, mtu: o.mtu, publicKey: d.publicKey, peers }));
+        const implementation = o.implementationOf(ifname) === "kernel" ? WireGuardImplementation.KERNEL : WireGuardImplementation.WIREGUARD_GO;
+        const skippedHosts = (o.skipped.get(vpcId) ?? []).map((x) => create(SkippedHostSchema, x)).sort((a, b) => a.hostId.localeCompare(b.hostId));
+        vpcs.push(create(VpcOverlaySchema, { vpcId, interface: ifname, listenPort: d.listenPort, mtu: o.mtu, publicKey: d.publicKey, peers, implementation, skippedHosts }));
       }
       return { vpcs };
     },

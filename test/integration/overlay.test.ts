@@ -12,6 +12,9 @@ import { Code } from "@connectrpc/connect";
 import type { Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { rejectsWith } from "../lib/clients.js";
+import { Redis } from "ioredis";
+import { WireGuardImplementation } from "../../gen/microvpc/v1/netagent_pb.js";
+import { startDaemon } from "../lib/daemon.js";
 import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
 import { httpGet, iperf3, ipn, nsExec, ping, run, startHttpServer, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
@@ -68,6 +71,14 @@ async function meshUp(vms: Vm[], timeoutMs = 15_000): Promise<boolean> {
 async function peerHosts(x: Hypervisor, vpc: Vpc): Promise<string[]> {
   const st = await x.agent.getOverlayStatus({ vpc: vpc.id });
   return (st.vpcs[0]?.peers ?? []).map((p) => p.hostId).sort();
+}
+
+/** IP fragments created so far in a namespace (its IpFragCreates counter). */
+async function fragCreates(ns: string): Promise<number> {
+  const r = await nsExec(ns, "nstat", ["-a", "-s", "-z", "-j", "IpFragCreates"], { check: false });
+  // Without history (-a), nstat reports the absolute counter; -z keeps zero.
+  const j = JSON.parse(r.stdout || "{}") as { kernel?: { IpFragCreates?: number } };
+  return j.kernel?.IpFragCreates ?? 0;
 }
 
 /** ping with DF set and a payload of `size` bytes (IP packet = size + 28). */
@@ -155,6 +166,94 @@ describe("overlay mesh", () => {
       const big = await pingDf(x, y.address, max + 1);
       assert.notEqual(big.code, 0);
       assert.match(big.out, /message too long|mtu ?= ?1440|Frag needed/i, `an error, not silence:\n${big.out}`);
+    }
+  });
+});
+
+describe("bad input", () => {
+  test("malformed registry records of other hosts are skipped and reported; the good hosts still converge and pass traffic", async () => {
+    const r = new Redis(h.redis.url, { lazyConnect: false, maxRetriesPerRequest: 2 });
+    const good = (await hv[0].agent.getHost({})).host!;
+    const base = { mtu: OVERLAY_MTU, underlayMtu: UNDERLAY_MTU, vpcIds: [vpcA.id], registeredMs: Date.now(), keyCreatedMs: Date.now(), agentVersion: "evil" };
+    // Each bad host is a member of VPC A with one thing wrong. Keys other
+    // than hv0's are valid Curve25519 keys, so only the named field is bad.
+    const key = (n: number) => Buffer.alloc(32, n).toString("base64");
+    const bad: Record<string, { rec: string; member: string; reason: RegExp }> = {
+      [`${h.prefix}badkey`]: { rec: JSON.stringify({ ...base, id: `${h.prefix}badkey`, publicKey: "not-a-key", address: "192.168.100.77" }), member: JSON.stringify({ port: 51820 }), reason: /public key "not-a-key"/ },
+      [`${h.prefix}badaddr`]: { rec: JSON.stringify({ ...base, id: `${h.prefix}badaddr`, publicKey: key(1), address: "192.168.100.78:1 allowed-ips 0.0.0.0/0" }), member: JSON.stringify({ port: 51820 }), reason: /underlay address .* is not an IPv4 or IPv6 literal/ },
+      [`${h.prefix}badport`]: { rec: JSON.stringify({ ...base, id: `${h.prefix}badport`, publicKey: key(2), address: "192.168.100.79" }), member: JSON.stringify({ port: 70000 }), reason: /listen port 70000/ },
+      [`${h.prefix}badjson`]: { rec: "{not json", member: JSON.stringify({ port: 51820 }), reason: /not JSON/ },
+    };
+    let a3: Vm | undefined;
+    try {
+      for (const [id, b] of Object.entries(bad)) {
+        await r.set(`mvpc:hosts:${id}`, b.rec, "PX", 120_000);
+        await r.sadd("mvpc:hostindex", id);
+        await r.hset(`mvpc:overlay:${vpcA.id}:members`, id, b.member);
+      }
+      await r.xadd("mvpc:events", "*", "kind", "host.registered", "host", `${h.prefix}badkey`);
+      // A new VM while the bad records are there: the mesh must still converge to it.
+      a3 = await h.vm(2, vpcA, a[0].subnet, "a3");
+      await startHttpServer(a3.ns, "a3", 80);
+      assert.ok(await meshUp([...a, a3], 20_000), "VPC A (with a3) converges despite the bad records");
+      for (const x of hv) {
+        assert.deepEqual(await peerHosts(x, vpcA), hv.filter((y) => y !== x).map((y) => y.id).sort(), `${x.id}: only the good hosts are peers`);
+        const st = (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0];
+        assert.deepEqual(st.skippedHosts.map((s) => s.hostId), Object.keys(bad).sort(), `${x.id} reports every bad host as skipped`);
+        for (const s of st.skippedHosts) assert.match(s.reason, bad[s.hostId].reason, `${x.id}: reason for ${s.hostId}`);
+        assert.equal(st.implementation, WireGuardImplementation.WIREGUARD_GO, "no kernel module on these machines: wireguard-go");
+      }
+      const list = await hv[0].agent.listHosts({});
+      for (const id of Object.keys(bad).filter((id) => !id.endsWith("badport"))) {
+        const e = list.hosts.find((x) => x.id === id);
+        assert.ok(e, `ListHosts shows ${id}`);
+        assert.match(e.invalidReason, bad[id].reason, `ListHosts: why ${id} is invalid`);
+        assert.match((await hv[1].agent.getHost({ ref: id })).host!.invalidReason, bad[id].reason);
+      }
+      assert.ok(list.hosts.filter((x) => hv.some((y) => y.id === x.id)).every((x) => x.invalidReason === ""), "good hosts are valid");
+      assert.equal(good.invalidReason, "");
+      const out = hv.map((x) => x.daemon.output()).join("\n");
+      const warned = out.split("\n").filter((l) => l.includes("skipping a malformed host registry entry") && l.includes(`${h.prefix}badkey`));
+      assert.ok(warned.length >= 1 && warned.length <= hv.length, `logged once per host, not every sync (${warned.length} lines)`);
+    } finally {
+      for (const id of Object.keys(bad)) {
+        await r.del(`mvpc:hosts:${id}`);
+        await r.srem("mvpc:hostindex", id);
+        await r.hdel(`mvpc:overlay:${vpcA.id}:members`, id);
+      }
+      r.disconnect();
+      if (a3) await h.removeVm(a3);
+    }
+    for (const x of hv) assert.ok(await waitFor(async () => (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].skippedHosts.length === 0, { timeoutMs: 5000 }), `${x.id}: nothing skipped once the records are gone`);
+  });
+
+  test("GetOverlayStatus and GetHost: INVALID_ARGUMENT for a malformed id, NOT_FOUND for an unknown one", async () => {
+    await rejectsWith(hv[0].agent.getOverlayStatus({ vpc: "Bad VPC!" }), Code.InvalidArgument);
+    await rejectsWith(hv[0].agent.getOverlayStatus({ vpc: "vpc-000000000000" }), Code.NotFound);
+    await rejectsWith(hv[0].agent.getOverlayStatus({ vpc: "nosuchvpc" }), Code.NotFound);
+    await rejectsWith(hv[0].agent.getHost({ ref: "Bad Host!" }), Code.InvalidArgument);
+    await rejectsWith(hv[0].agent.getHost({ ref: `${h.prefix}nohost` }), Code.NotFound);
+  });
+
+  test("malformed overlay flags stop the daemon at start with a message a person can act on", async () => {
+    const cases: [string[], RegExp][] = [
+      [["--underlay-address", "hv0.example"], /--underlay-address "hv0.example" is not an IPv4 or IPv6 literal: give this host's IPv4 or IPv6 address/],
+      [["--underlay-address", "0.0.0.0"], /--underlay-address "0.0.0.0" is the unspecified address, not a host's/],
+      [["--underlay-interface", "ul0;reboot"], /--underlay-interface "ul0;reboot": not an interface name/],
+      [["--underlay-interface", "nosuchdev"], /--underlay-interface nosuchdev: no such device in namespace/],
+      [["--wireguard", "boringtun"], /--wireguard "boringtun": use one of auto, kernel, wireguard-go/],
+    ];
+    // Where the module is missing (as here), asking for it must fail at start, not fall back silently.
+    if (!existsSync("/sys/module/wireguard")) cases.push([["--wireguard", "kernel"], /--wireguard kernel: cannot create a kernel WireGuard device/]);
+    const state = tempDir("badflags");
+    for (const [flags, want] of cases) {
+      const args = ["--redis", h.redis.url, "--host-id", `${h.prefix}flags`, "--overlay", "--host-netns", hv[0].ns, "--underlay-interface", "ul0", "--state-dir", state, ...flags];
+      await assert.rejects(startDaemon("netagent", args), (err: Error) => {
+        assert.match(err.message, /exited with [1-9]/, flags.join(" "));
+        // The log line is JSON: read its quotes back.
+        assert.match(err.message.replaceAll('\\"', '"'), want, flags.join(" "));
+        return true;
+      });
     }
   });
 });
@@ -277,10 +376,18 @@ describe("throughput", () => {
       }
       const raw: number[] = [];
       const ovl: number[] = [];
+      const frags0 = await fragCreates(hv[0].ns);
       for (let i = 0; i < 3; i++) {
         raw.push((await iperf3(ends[0].x.ns, ends[1].x.ns, ends[1].addr, { seconds: 3 })).gbps);
         ovl.push((await iperf3(a[0].ns, a[1].ns, a[1].address, { seconds: 3 })).gbps);
       }
+      // wireguard-go pads packets up to the MTU it knows; if it did not learn
+      // the interface's MTU, every full-size packet is fragmented here.
+      assert.equal((await fragCreates(hv[0].ns)) - frags0, 0, "no IP fragments made on the sender's underlay");
+      // The receiving interface hands each decrypted packet to RPS (another CPU forwards it).
+      const st = (await hv[1].agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0];
+      const rps = await nsExec(a[1].vpcNs, "cat", [`/sys/class/net/${st.interface}/queues/rx-0/rps_cpus`]);
+      assert.notEqual(Number.parseInt(rps.stdout.replaceAll(",", "").trim(), 16), 0, `RPS on ${st.interface}`);
       const med = (v: number[]) => [...v].sort((p, q) => p - q)[Math.floor(v.length / 2)];
       const msg = `raw wireguard-go tunnel ${med(raw).toFixed(3)} Gbit/s (${raw.map((v) => v.toFixed(3)).join(", ")}); overlay VM↔VM ${med(ovl).toFixed(3)} Gbit/s (${ovl.map((v) => v.toFixed(3)).join(", ")}); ratio ${((100 * med(ovl)) / med(raw)).toFixed(0)}%`;
       t.diagnostic(msg);

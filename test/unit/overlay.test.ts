@@ -2,7 +2,7 @@
 // `wg set` arguments that turn one peer list into another.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { parseDump, peerArgs, wgName, type PeerWant } from "../../services/netagent/overlay.js";
+import { addressProblem, memberProblem, parseDump, peerArgs, recordProblem, selectImplementation, wgName, type PeerWant, type WgProbe } from "../../services/netagent/overlay.js";
 
 const K1 = "x".repeat(43) + "=";
 const K2 = "y".repeat(43) + "=";
@@ -45,4 +45,86 @@ test("peerArgs: nothing when equal; removes the departed, adds and updates the r
   assert.deepEqual(args, ["peer", K2, "remove", "peer", K3, "endpoint", "192.168.100.12:1", "persistent-keepalive", "25", "allowed-ips", ""]);
   const moved = peerArgs({ ...d, peers: [d.peers[0]] }, [{ ...same[0], allowedIps: ["10.0.1.4/32"] }]);
   assert.deepEqual(moved, ["peer", K1, "endpoint", "192.168.100.11:40000", "persistent-keepalive", "25", "allowed-ips", "10.0.1.4/32"]);
+});
+
+// A real key: 32 bytes in base64, so the last character before "=" carries 2 zero bits.
+const GOOD_KEY = Buffer.alloc(32, 7).toString("base64");
+const rec = (o: Record<string, unknown> = {}) => JSON.stringify({ id: "hv1", publicKey: GOOD_KEY, address: "192.168.100.11", mtu: 1440, underlayMtu: 1500, vpcIds: [], ...o });
+
+test("recordProblem accepts a well-formed record, IPv4 or IPv6", () => {
+  assert.equal(recordProblem("hv1", rec()), "");
+  assert.equal(recordProblem("hv1", rec({ address: "fd00::11" })), "");
+  assert.equal(recordProblem("hv1", rec({ mtu: 9156 })), "", "a jumbo underlay (9216 − 60)");
+});
+
+test("recordProblem names what is wrong with a record from another host", () => {
+  const cases: [string, string, RegExp][] = [
+    ["not JSON", "{nope", /not JSON/],
+    ["an array", "[1,2]", /not a JSON object/],
+    ["another host's id", rec({ id: "hv2" }), /does not match its key/],
+    ["a short key", rec({ publicKey: "abc=" }), /public key "abc=" is not a base64 Curve25519 key/],
+    ["a key with 2 non-zero tail bits", rec({ publicKey: "B".repeat(43) + "=" }), /not a base64 Curve25519 key/],
+    ["a key with a space (argv injection)", rec({ publicKey: GOOD_KEY.slice(0, 40) + " rm=" }), /not a base64/],
+    ["no key", rec({ publicKey: undefined }), /public key/],
+    ["a host name for the address", rec({ address: "hv1.example" }), /underlay address "hv1.example" is not an IPv4 or IPv6 literal/],
+    ["an address with a port", rec({ address: "192.168.100.11:51820" }), /not an IPv4 or IPv6 literal/],
+    ["an address with an option", rec({ address: "1.2.3.4 persistent-keepalive" }), /not an IPv4 or IPv6 literal/],
+    ["the unspecified address", rec({ address: "0.0.0.0" }), /unspecified address/],
+    ["a multicast address", rec({ address: "ff02::1" }), /multicast address/],
+    ["a number for the address", rec({ address: 3232261131 }), /underlay address/],
+    ["a silly MTU", rec({ mtu: 70000 }), /mtu 70000 is not an integer in 576–65535/],
+    ["an MTU as text", rec({ mtu: "1440" }), /mtu "1440" is not an integer/],
+  ];
+  for (const [what, raw, want] of cases) assert.match(recordProblem("hv1", raw), want, what);
+});
+
+test("memberProblem: the listen port must be an integer in 1–65535", () => {
+  assert.equal(memberProblem(JSON.stringify({ port: 51820 })), "");
+  for (const bad of [0, 65536, -1, 1.5, "51820", null]) assert.match(memberProblem(JSON.stringify({ port: bad })), /listen port .* is not an integer in 1–65535/, String(bad));
+  assert.match(memberProblem("{"), /not JSON/);
+});
+
+test("addressProblem: --underlay-address must be a host's IP literal", () => {
+  assert.equal(addressProblem("10.0.0.1"), "");
+  assert.equal(addressProblem("2001:db8::1"), "");
+  assert.match(addressProblem("eth0"), /not an IPv4 or IPv6 literal/);
+  assert.match(addressProblem("10.0.0.256"), /not an IPv4 or IPv6 literal/);
+  assert.match(addressProblem("::"), /unspecified/);
+  assert.match(addressProblem("255.255.255.255"), /broadcast/);
+});
+
+function fakeProbe(module: boolean, create: boolean): WgProbe & { tried: number } {
+  const p = {
+    tried: 0,
+    moduleLoaded: () => module,
+    canCreate: async () => {
+      p.tried++;
+      return create;
+    },
+  };
+  return p;
+}
+
+test("selectImplementation: the kernel module when a kernel device can be made, else wireguard-go", async () => {
+  const table: { name: string; mode: "auto" | "kernel" | "wireguard-go"; module: boolean; create: boolean; want: string | RegExp; probes: number }[] = [
+    { name: "module loaded, device made", mode: "auto", module: true, create: true, want: "kernel", probes: 1 },
+    { name: "module loads on demand", mode: "auto", module: false, create: true, want: "kernel", probes: 1 },
+    { name: "no module (these machines)", mode: "auto", module: false, create: false, want: "wireguard-go", probes: 1 },
+    { name: "module visible, creation refused", mode: "auto", module: true, create: false, want: "wireguard-go", probes: 1 },
+    { name: "forced wireguard-go: no probe", mode: "wireguard-go", module: true, create: true, want: "wireguard-go", probes: 0 },
+    { name: "forced kernel", mode: "kernel", module: true, create: true, want: "kernel", probes: 1 },
+    { name: "forced kernel, no module", mode: "kernel", module: false, create: false, want: /--wireguard kernel: .*no wireguard module: modprobe wireguard/, probes: 1 },
+    { name: "forced kernel, creation refused", mode: "kernel", module: true, create: false, want: /CAP_NET_ADMIN/, probes: 1 },
+  ];
+  for (const c of table) {
+    const probe = fakeProbe(c.module, c.create);
+    if (c.want instanceof RegExp) {
+      await assert.rejects(selectImplementation(c.mode, probe), c.want, c.name);
+    } else {
+      const r = await selectImplementation(c.mode, probe);
+      assert.equal(r.impl, c.want, c.name);
+      assert.ok(r.why.length > 0, c.name);
+    }
+    assert.equal(probe.tried, c.probes, `${c.name}: probes`);
+  }
 });
