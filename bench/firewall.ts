@@ -37,7 +37,7 @@
 // --daemon-toggles N (per rule count through the daemons, default 10),
 // --iperf-seconds S (default 3), --iperf-runs N (default 5).
 import { execFileSync } from "node:child_process";
-import { availableParallelism, loadavg, release } from "node:os";
+import { loadavg } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
@@ -53,7 +53,7 @@ import { names } from "../services/netagent/plan.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { Harness, type Vm } from "../test/lib/harness.js";
 import { RUN_PREFIX, createNetns, deleteNetns, nsExec, ownedNamespace, startTcpServer, tcpProbe, trackChild, waitFor } from "../test/lib/netns.js";
-import { cpuModel } from "./lib/cpu.js";
+import { machineEnv } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
@@ -561,12 +561,7 @@ const daemons: Daemon[] = [];
 
 async function main(): Promise<number> {
   const env = {
-    date: new Date().toISOString(),
-    node: process.version,
-    kernel: release(),
-    cpu: cpuModel(),
-    cores: availableParallelism(),
-    loadavgAtStart: loadavg().map((x) => Number(x.toFixed(2))),
+    ...machineEnv(),
     nft: execFileSync("nft", ["--version"], { encoding: "utf8" }).trim(),
     iperf3: execFileSync("iperf3", ["--version"], { encoding: "utf8" }).split("\n")[0].trim(),
     prefix: P,

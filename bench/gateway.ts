@@ -47,7 +47,7 @@
 // --fip-samples N (per level, default 5).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
-import { availableParallelism, loadavg, release } from "node:os";
+import { loadavg } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { createInterface } from "node:readline";
@@ -75,7 +75,7 @@ import {
   vethBetween,
   waitFor,
 } from "../test/lib/netns.js";
-import { cpuModel, cpuUs } from "./lib/cpu.js";
+import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
@@ -542,12 +542,7 @@ async function breakdown(n: number): Promise<Breakdown> {
 
 async function main(): Promise<number> {
   const env = {
-    date: new Date().toISOString(),
-    node: process.version,
-    kernel: release(),
-    cpu: cpuModel(),
-    cores: availableParallelism(),
-    loadavgAtStart: loadavg().map((x) => Number(x.toFixed(2))),
+    ...machineEnv(),
     iperf3: execFileSync("iperf3", ["--version"], { encoding: "utf8" }).split("\n")[0].trim(),
     prefix: P,
     pool: POOL,

@@ -28,7 +28,7 @@
 // measured runs and print where its time went; slows it down).
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { availableParallelism, loadavg, tmpdir } from "node:os";
+import { loadavg, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
@@ -46,7 +46,7 @@ import { IpamStore, reservedIndexes, type SubnetRec } from "../services/ipam/sto
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { ROOT, startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
-import { cpuDelta, cpuModel, cpuSnapshot } from "./lib/cpu.js";
+import { cpuDelta, machineEnv, cpuSnapshot } from "./lib/cpu.js";
 import { closedLoop } from "./lib/load.js";
 import { summarize } from "./lib/profile.js";
 import { check, dur, heading, num, pct, ratio, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
@@ -485,12 +485,8 @@ async function measureAndReport(): Promise<number> {
   const redisInfo = await info("server");
   const persistence = await conn.config("GET", "appendfsync");
   const env = {
-    date: new Date().toISOString(),
-    node: process.version,
+    ...machineEnv(),
     redis: redisInfo.redis_version,
-    cpu: cpuModel(),
-    cores: availableParallelism(),
-    loadavgAtStart: loadavg().map((x) => Number(x.toFixed(2))),
     appendfsync: (persistence as string[])[1],
     runs: RUNS,
     runMs: RUN_MS,

@@ -48,7 +48,7 @@
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync } from "node:fs";
-import { availableParallelism, loadavg, release } from "node:os";
+import { loadavg } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
@@ -79,7 +79,7 @@ import {
   type RootSnapshot,
 } from "../test/lib/netns.js";
 import { startRedis, type TestRedis } from "../test/lib/redis.js";
-import { cpuModel, cpuUs } from "./lib/cpu.js";
+import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { check, heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { interleaved, percentile, sorted, spread, type BenchCase, type Spread } from "./lib/stats.js";
@@ -560,12 +560,7 @@ async function main(): Promise<number> {
   trackChild(agentD.proc);
 
   const env = {
-    date: new Date().toISOString(),
-    node: process.version,
-    kernel: release(),
-    cpu: cpuModel(),
-    cores: availableParallelism(),
-    loadavgAtStart: loadavg().map((x) => Number(x.toFixed(2))),
+    ...machineEnv(),
     iperf3: execFileSync("iperf3", ["--version"], { encoding: "utf8" }).split("\n")[0].trim(),
     iproute2: execFileSync("ip", ["-V"], { encoding: "utf8" }).trim(),
     redisAppendfsync: "no",

@@ -45,7 +45,7 @@
 import { generateKeyPairSync } from "node:crypto";
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { spawn, type ChildProcess } from "node:child_process";
-import { availableParallelism, loadavg, release } from "node:os";
+import { availableParallelism, loadavg } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
@@ -54,7 +54,7 @@ import { Redis } from "ioredis";
 import { wgName } from "../services/netagent/overlay.js";
 import { Harness, type Vm } from "../test/lib/harness.js";
 import { ipn, nsExec, ping, run, tempDir, trackChild, waitFor } from "../test/lib/netns.js";
-import { cpuModel, cpuUs } from "./lib/cpu.js";
+import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { pressureWindow } from "./lib/psi.js";
 import { heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
@@ -363,12 +363,7 @@ async function main(): Promise<number> {
   progress(`starting redis-server, microvpcd ipam and ${hosts} microvpcd netagent --overlay (simulated hypervisors)`);
   const h = await Harness.start({ hosts, overlay: true });
   const env = {
-    date: new Date().toISOString(),
-    node: process.version,
-    kernel: release(),
-    cpu: cpuModel(),
-    cores: availableParallelism(),
-    loadavgAtStart: loadavg().map((x) => Number(x.toFixed(2))),
+    ...machineEnv(),
     wireguardGo: (await run("wireguard-go", ["--version"], { check: false })).stdout.split("\n")[0].trim(),
     wireguardModule: existsSync("/sys/module/wireguard"),
     iperf3: (await run("iperf3", ["--version"], { check: false })).stdout.split("\n")[0].trim(),

@@ -53,7 +53,7 @@
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
-import { availableParallelism, loadavg, release } from "node:os";
+import { loadavg, release } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
@@ -68,7 +68,7 @@ import { grpcClient } from "../services/common/client.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { FLOATING_POOL, Harness, type Hypervisor } from "../test/lib/harness.js";
 import { RUN_PREFIX, canPing, listNetnsSync, nsExec, onCleanup, ownedNamespace, run, tempDir, trackChild } from "../test/lib/netns.js";
-import { cpuModel, cpuUs } from "./lib/cpu.js";
+import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { summarize, type ProfileSummary } from "./lib/profile.js";
 import { startProfiledDaemon } from "./lib/profiled-daemon.js";
 import { scrape, sum, type Samples } from "./lib/prom.js";
@@ -629,12 +629,7 @@ async function main(): Promise<number> {
   trackChild(vmmd.proc);
 
   const env = {
-    date: new Date().toISOString(),
-    node: process.version,
-    kernel: release(),
-    cpu: cpuModel(),
-    cores: availableParallelism(),
-    loadavgAtStart: loadavg().map((x) => Number(x.toFixed(2))),
+    ...machineEnv(),
     iproute2: execFileSync("ip", ["-V"], { encoding: "utf8" }).trim(),
     nft: execFileSync("nft", ["--version"], { encoding: "utf8" }).trim(),
     redisAppendfsync: "no",

@@ -2,6 +2,7 @@
 // every thread of /proc/<pid>/task/<tid>/schedstat (nanoseconds on a CPU).
 // Linux only; elsewhere the figures are NaN.
 import { readdirSync, readFileSync } from "node:fs";
+import { availableParallelism, loadavg, release } from "node:os";
 
 /** CPU time used so far by every thread of pid, in µs (NaN if unreadable). */
 export function cpuUs(pid: number): number {
@@ -45,4 +46,16 @@ export function cpuModel(): string {
   } catch {
     return "unknown";
   }
+}
+
+/** What every benchmark records of the machine it ran on, at its start. */
+export function machineEnv(): { date: string; node: string; kernel: string; cpu: string; cores: number; loadavgAtStart: number[] } {
+  return {
+    date: new Date().toISOString(),
+    node: process.version,
+    kernel: release(),
+    cpu: cpuModel(),
+    cores: availableParallelism(),
+    loadavgAtStart: loadavg().map((x) => Number(x.toFixed(2))),
+  };
 }
