@@ -1,8 +1,10 @@
 // VPC peering end to end: three simulated hypervisors joined by the
 // WireGuard overlay, real Redis, real packets. Peered VMs live on different
 // hosts, so the path crosses the overlay and the peering link
-// (services/netagent/peering-plan.ts). Needs root; the root namespace is
-// only read, and the last test checks it did not change.
+// (services/netagent/peering-plan.ts). Also VPC-internal DNS across hosts:
+// a name registered for a VM on one host resolves from another host's
+// resolver, in its VPC only. Needs root; the root namespace is only read,
+// and the last test checks it did not change.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { Code } from "@connectrpc/connect";
@@ -10,8 +12,12 @@ import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import type { Peering } from "../../gen/microvpc/v1/peering_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { rejectsWith } from "../lib/clients.js";
-import { Harness, type Vm } from "../lib/harness.js";
-import { httpGet, ipn, nsExec, ping, startHttpServer, waitFor } from "../lib/netns.js";
+import { FLOATING_POOL, Harness, type Vm } from "../lib/harness.js";
+import { createRequire } from "node:module";
+import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
+import { grpcClient } from "../../services/common/client.js";
+import { startDaemon } from "../lib/daemon.js";
+import { httpGet, ipn, nsExec, ping, startHttpServer, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let A: Vpc, B: Vpc, C: Vpc, overlapA: Vpc;
@@ -178,6 +184,47 @@ describe("non-transitive", () => {
     }
     await h.ipam.peering.deletePeering({ ref: bc.id });
     assert.ok(await waitFor(async () => !(await reaches(b2, c2)), { timeoutMs: 15_000, intervalMs: 300 }), "B–C deleted: b2 → c2 stops");
+  });
+});
+
+/** One UDP A query with dns-packet from inside a VM; the addresses answered, or the rcode, or "timeout". */
+const QUERY = `
+const p = require(${JSON.stringify(createRequire(import.meta.url).resolve("dns-packet"))});
+const [server, name] = process.argv.slice(1);
+const s = require("node:dgram").createSocket("udp4");
+s.on("message", (b) => { const r = p.decode(b); const a = r.answers.filter((x) => x.type === "A").map((x) => x.data); process.stdout.write(a.length ? a.join(",") : r.rcode); process.exit(0); });
+setTimeout(() => { process.stdout.write("timeout"); process.exit(0); }, 2000);
+s.send(p.encode({ type: "query", id: 7, flags: p.RECURSION_DESIRED, questions: [{ type: "A", name, class: "IN" }] }), 53, server);
+`;
+
+describe("VPC-internal DNS across hosts", () => {
+  test("a name of a VM on host 0 resolves from hosts 1 and 2 in its VPC, and nowhere else", async () => {
+    // A gateway (the resolver) on every host; records as the vmm writes them.
+    for (const hv of h.hosts) {
+      const d = await startDaemon("gateway", [
+        "--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0",
+        "--public-pool", FLOATING_POOL, "--imds-redis", h.redis.socket,
+      ]);
+      trackChild(d.proc);
+    }
+    const dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });
+    await dns.setDnsRecord({ vpc: "pa", name: "a0", address: a0.address, owner: "vm-a0" });
+    await dns.setDnsRecord({ vpc: "pb", name: "b2", address: b2.address, owner: "vm-b2" });
+    const ask = async (vm: Vm, server: string, name: string) => (await nsExec(vm.ns, process.execPath, ["-e", QUERY, server, name], { check: false, timeoutMs: 10_000 })).stdout;
+    const eventually = (vm: Vm, server: string, name: string, want: string) => waitFor(async () => (await ask(vm, server, name)) === want, { timeoutMs: 15_000, intervalMs: 300 });
+    // Each VPC's resolver is its base + 2.
+    assert.ok(await eventually(a1, "10.70.0.2", "a0.pa.internal", a0.address), "a1 (host 1) resolves a0 (host 0)");
+    assert.ok(await eventually(a0, "10.70.0.2", "a0.pa.internal", a0.address), "a0 resolves itself on host 0");
+    assert.ok(await eventually(b2, "10.71.0.2", "b2.pb.internal", b2.address), "b2 (host 2) resolves its own name");
+    // Another VPC's zone is not answered, even on a host holding both VPCs.
+    assert.equal(await ask(b1, "10.71.0.2", "a0.pa.internal"), "NXDOMAIN", "b1 (host 1, VPC B) cannot resolve A's names");
+    assert.equal(await ask(a1, "10.70.0.2", "b2.pb.internal"), "NXDOMAIN", "a1 cannot resolve B's names");
+    // Records follow the VM: moved, every host's resolver answers the new address.
+    await dns.setDnsRecord({ vpc: "pa", name: "a0", address: a1.address, owner: "vm-a0" });
+    assert.ok(await eventually(a1, "10.70.0.2", "a0.pa.internal", a1.address), "a changed record reaches host 1");
+    await dns.deleteDnsRecord({ vpc: "pa", owner: "vm-a0" });
+    assert.ok(await eventually(a1, "10.70.0.2", "a0.pa.internal", "NXDOMAIN"), "a deleted record is gone on host 1");
+    await dns.deleteDnsRecord({ vpc: "pb", owner: "vm-b2" });
   });
 });
 
