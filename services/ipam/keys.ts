@@ -7,6 +7,11 @@ export const K = {
   vpcByName: `${P}vpc:byname`,
   vpcNames: `${P}vpcs`,
   vpcSubnets: (vpc: string) => `${P}vpc:${vpc}:subnets`,
+  // Other services' indexes DeleteVpc checks (kept by firewall/store.ts and gateway/store.ts).
+  fwVpcSgs: (vpc: string) => `${P}fw:vpc:${vpc}:sgs`,
+  fwVpcAcls: (vpc: string) => `${P}fw:vpc:${vpc}:acls`,
+  fwSubnetAcl: `${P}fw:subnet-acl`,
+  gwVpcNat: `${P}gw:vpcnat`,
   /** Peering ids of a VPC (kept by services/peering/store.ts). */
   vpcPeerings: (vpc: string) => `${P}vpc:${vpc}:peerings`,
   vpcSubnetByName: (vpc: string) => `${P}vpc:${vpc}:subnet:byname`,

@@ -150,12 +150,15 @@ return {1, id}
 
 /**
  * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 vpc subnets zset, 5 events,
- *       6 vpc peerings set, 7.. the VPC's DNS keys (records, names, owners,
+ *       6 vpc peerings set, 7 the firewall's security groups of the VPC
+ *       (zset), 8 its network ACLs (zset), 9 the gateway's VPC → NAT
+ *       gateway hash, 10.. the VPC's DNS keys (records, names, owners,
  *       config): a deleted VPC leaves no records behind, and a VPC created
  *       later with the same name starts with an empty zone.
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} still has n subnets, {-2, n}
- * still has n peerings.
+ * still has n peerings, {-3, what} still has groups, ACLs or a NAT gateway
+ * (deleting it would leave them dangling).
  */
 export const DELETE_VPC = `
 local name = redis.call('HGET', KEYS[1], 'name')
@@ -164,8 +167,15 @@ local p = redis.call('SCARD', KEYS[6])
 if p > 0 then return {-2, p} end
 local n = redis.call('ZCARD', KEYS[4])
 if n > 0 then return {-1, n} end
+local left = {}
+local sgs = redis.call('ZCARD', KEYS[7])
+if sgs > 0 then left[#left + 1] = sgs .. ' security group(s)' end
+local acls = redis.call('ZCARD', KEYS[8])
+if acls > 0 then left[#left + 1] = acls .. ' network ACL(s)' end
+if redis.call('HEXISTS', KEYS[9], ARGV[1]) == 1 then left[#left + 1] = 'a NAT gateway' end
+if #left > 0 then return {-3, table.concat(left, ', ')} end
 redis.call('DEL', KEYS[1])
-for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 10, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('HDEL', KEYS[2], name)
 redis.call('ZREM', KEYS[3], name)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.deleted', 'vpc', ARGV[1])
@@ -218,9 +228,11 @@ return {1, id}
 
 /**
  * KEYS: 1 subnet hash, 2 vpc subnets zset, 3 vpc subnet byname, 4 bits,
- *       5 full, 6 used, 7 alloc, 8 req, 9 idx, 10 events, 11 all-subnets zset
+ *       5 full, 6 used, 7 alloc, 8 req, 9 idx, 10 events, 11 all-subnets zset,
+ *       12 the firewall's subnet → ACL hash, 13 the gateway's VPC → NAT hash
  * ARGV: 1 id
- * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated.
+ * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
+ * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it.
  */
 export const DELETE_SUBNET = `
 local name = redis.call('HGET', KEYS[1], 'name')
@@ -228,6 +240,12 @@ if not name then return {0, ''} end
 local used = tonumber(redis.call('GET', KEYS[6]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
+local acl = redis.call('HGET', KEYS[12], ARGV[1])
+if acl then return {-2, 'network ACL ' .. acl .. ' is associated with it (microvpc acl disassociate)'} end
+local nat = redis.call('HGET', KEYS[13], vpc)
+if nat and redis.call('HGET', 'mvpc:gw:nat:' .. nat, 'subnet') == ARGV[1] then
+  return {-2, 'NAT gateway ' .. nat .. ' sits in it (microvpc nat delete)'}
+end
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], name)

@@ -95,9 +95,9 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcAllocate", { numberOfKeys: 9, lua: S.ALLOCATE });
   redis.defineCommand("mvpcRelease", { numberOfKeys: 8, lua: S.RELEASE });
   redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 5, lua: S.CREATE_VPC });
-  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 10, lua: S.DELETE_VPC });
+  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 13, lua: S.DELETE_VPC });
   redis.defineCommand("mvpcCreateSubnet", { numberOfKeys: 10, lua: S.CREATE_SUBNET });
-  redis.defineCommand("mvpcDeleteSubnet", { numberOfKeys: 11, lua: S.DELETE_SUBNET });
+  redis.defineCommand("mvpcDeleteSubnet", { numberOfKeys: 13, lua: S.DELETE_SUBNET });
 }
 
 function parseVpc(h: Record<string, string>, subnetCount: number): VpcRec {
@@ -191,9 +191,10 @@ export class IpamStore {
   }
 
   async deleteVpc(id: string): Promise<boolean> {
-    const [code, n] = await this.redis.mvpcDeleteVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.vpcSubnets(id), K.events, K.vpcPeerings(id), ...vpcDnsKeys(id), id);
+    const [code, n] = await this.redis.mvpcDeleteVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.vpcSubnets(id), K.events, K.vpcPeerings(id), K.fwVpcSgs(id), K.fwVpcAcls(id), K.gwVpcNat, ...vpcDnsKeys(id), id);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
     if (code === -2) throw new FailedPreconditionError(`VPC ${id} is still peered (${n} peering(s)); delete them first (microvpc vpc peer list --vpc ${id})`);
+    if (code === -3) throw new FailedPreconditionError(`VPC ${id} still has ${n}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
     return code === 1;
   }
 
@@ -260,9 +261,10 @@ export class IpamStore {
     if (!s) return false;
     const [code, n] = await this.redis.mvpcDeleteSubnet(
       K.subnet(id), K.vpcSubnets(s.vpcId), K.vpcSubnetByName(s.vpcId), K.bits(id), K.full(id), K.used(id),
-      K.alloc(id), K.req(id), K.idx(id), K.events, K.allSubnets, id,
+      K.alloc(id), K.req(id), K.idx(id), K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, id,
     );
     if (code === -1) throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
+    if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
     return code === 1;
   }
 

@@ -492,6 +492,24 @@ test("vpc peer: create, list, get, delete; --allow-cidrs split by VPC; refusals 
   assert.match(r.stdout, /deleted peering/);
   r = await expect(0, ["vpc", "peer", "delete", p.id]);
   assert.match(r.stdout, /does not exist/);
+  // Nor is a VPC deleted under its security groups, ACLs or NAT gateway (they would dangle).
+  await expect(0, ["sg", "create", "stage-sg", "--vpc", "staging", "--inbound", "tcp:80:0.0.0.0/0"]);
+  await expect(0, ["subnet", "create", "s1", "--vpc", "staging", "--cidr", "10.1.1.0/24", "--type", "public"]);
+  await expect(0, ["acl", "create", "stage-acl", "--vpc", "staging", "--subnet", "s1", "--entry", "100:ingress:deny:tcp:22:0.0.0.0/0"]);
+  await expect(0, ["nat", "create", "--vpc", "staging", "--subnet", "s1"]);
+  r = await expect(5, ["subnet", "delete", "s1", "--vpc", "staging"]);
+  assert.match(r.stderr, /network ACL acl-[0-9a-f]{12} is associated/);
+  await expect(0, ["acl", "disassociate", "--subnet", "s1", "--vpc", "staging"]);
+  r = await expect(5, ["subnet", "delete", "s1", "--vpc", "staging"]);
+  assert.match(r.stderr, /NAT gateway nat-[0-9a-f]{12} sits in it/);
+  r = await expect(5, ["vpc", "delete", "staging"]);
+  assert.match(r.stderr, /still has 1 subnet/);
+  await expect(0, ["nat", "delete", "--vpc", "staging"]);
+  await expect(0, ["subnet", "delete", "s1", "--vpc", "staging"]);
+  r = await expect(5, ["vpc", "delete", "staging"]);
+  assert.match(r.stderr, /still has 1 security group\(s\), 1 network ACL\(s\)/);
+  await expect(0, ["sg", "delete", "stage-sg", "--vpc", "staging"]);
+  await expect(0, ["acl", "delete", "stage-acl", "--vpc", "staging"]);
   await expect(0, ["vpc", "delete", "staging"]);
 });
 
