@@ -51,6 +51,20 @@ export function reply(q: dnsPacket.DecodedPacket | { id: number; flags?: number;
   };
 }
 
+/** How long a resolver may cache "no such name" (RFC 2308: the SOA's minimum and TTL); short, so a new VM resolves soon. */
+export const NEGATIVE_TTL = 5;
+
+/** The SOA that goes in the authority section of a negative answer for `zone` ("<vpc>.internal", or "internal"). */
+export function negativeSoa(zone: string): dnsPacket.Answer {
+  return {
+    type: "SOA",
+    class: "IN",
+    name: zone,
+    ttl: NEGATIVE_TTL,
+    data: { mname: `ns.${zone}`, rname: `hostmaster.${zone}`, serial: 1, refresh: 3600, retry: 600, expire: 86400, minimum: NEGATIVE_TTL },
+  };
+}
+
 /** The rcode of an encoded response (low 4 bits of the flags). */
 export function rcodeOf(buf: Buffer): number {
   return buf.length >= 4 ? buf.readUInt16BE(2) & 0xf : -1;
@@ -80,11 +94,13 @@ export function decide(q: dnsPacket.DecodedPacket, zone: Zone | undefined): Deci
     return { kind: "forward" };
   }
   const domain = zone.domain;
-  if (name === domain) return { kind: "answer", packet: reply(q, RCODE.NOERROR, {}, true) };
-  if (!name.endsWith(`.${domain}`)) return { kind: "answer", packet: reply(q, RCODE.NXDOMAIN, {}, true) };
+  // Negative answers carry the zone's SOA, so resolvers in the guest cache them briefly (RFC 2308).
+  const own = { authorities: [negativeSoa(domain)] };
+  if (name === domain) return { kind: "answer", packet: reply(q, RCODE.NOERROR, own, true) };
+  if (!name.endsWith(`.${domain}`)) return { kind: "answer", packet: reply(q, RCODE.NXDOMAIN, { authorities: [negativeSoa(INTERNAL_SUFFIX)] }, true) };
   const label = name.slice(0, -(domain.length + 1));
   const rec = label.includes(".") ? undefined : zone.records.get(label);
-  if (!rec) return { kind: "answer", packet: reply(q, RCODE.NXDOMAIN, {}, true) };
+  if (!rec) return { kind: "answer", packet: reply(q, RCODE.NXDOMAIN, own, true) };
   const cls = question.class ?? "IN";
   const qtype: string = question.type;
   if ((qtype === "A" || qtype === "ANY") && (cls === "IN" || cls === "ANY")) {
@@ -94,7 +110,7 @@ export function decide(q: dnsPacket.DecodedPacket, zone: Zone | undefined): Deci
     };
   }
   // The name exists, only not with this type (AAAA, MX, …): NOERROR, no data.
-  return { kind: "answer", packet: reply(q, RCODE.NOERROR, {}, true) };
+  return { kind: "answer", packet: reply(q, RCODE.NOERROR, own, true) };
 }
 
 /** A FORMERR for bytes that did not decode, if at least the id can be read. */

@@ -52,6 +52,19 @@ describe("answers", () => {
     assert.deepEqual(answer("web1.dev.internal", zoneB), { rcode: "NOERROR", data: ["10.0.1.7"], ttl: [60], aa: true, id: 4242 });
   });
 
+  test("negative answers carry an SOA (RFC 2308): the VPC's own zone for its names, \"internal\" for the rest; nothing of another VPC", () => {
+    const soa = (name: string, type = "A") => {
+      const d = decide(q(name, type), zoneA);
+      assert.ok(d.kind === "answer");
+      const r = dnsPacket.decode(dnsPacket.encode(d.packet)) as unknown as { authorities: { type: string; name: string; ttl: number; data: { minimum: number } }[] };
+      return r.authorities.map((a) => `${a.type} ${a.name} ttl=${a.ttl} min=${a.data.minimum}`);
+    };
+    assert.deepEqual(soa("nope.prod.internal"), ["SOA prod.internal ttl=5 min=5"]);
+    assert.deepEqual(soa("web1.prod.internal", "AAAA"), ["SOA prod.internal ttl=5 min=5"]);
+    assert.deepEqual(soa("web1.dev.internal"), ["SOA internal ttl=5 min=5"], "another VPC's zone is not named");
+    assert.deepEqual(soa("web1.prod.internal"), [], "a positive answer has none");
+  });
+
   test("other types of an existing name and the zone apex: NOERROR, no data", () => {
     for (const [n, t] of [["web1.prod.internal", "AAAA"], ["web1.prod.internal", "MX"], ["prod.internal", "A"]]) {
       const a = answer(n, zoneA, t);
