@@ -19,6 +19,7 @@ import {
   NicSchema,
   NicKindSchema,
   WireguardBackendSchema,
+  WireGuardImplementation,
   type GetHostStatusResponse,
   type GetOverlayStatusResponse,
   type Nic,
@@ -30,7 +31,7 @@ import { EXIT, ExitCode, isConnRefused } from "../lib/errors.js";
 import { emitValue, someDetails, enumLabel, msgJson, table, time } from "../lib/output.js";
 import { collect } from "../lib/paging.js";
 
-type Outcome<T> = { ok: true; value: T } | { ok: false; unimplemented: boolean; unavailable: boolean; error: string };
+export type Outcome<T> = { ok: true; value: T } | { ok: false; unimplemented: boolean; unavailable: boolean; error: string };
 
 async function attempt<T>(p: Promise<T>): Promise<Outcome<T>> {
   try {
@@ -187,7 +188,7 @@ degraded (the output says which and why).`,
     });
 }
 
-type Why = (r: Outcome<unknown> | undefined, d: Daemon) => string;
+export type Why = (r: Outcome<unknown> | undefined, d: Daemon) => string;
 
 function netagentText(hs: GetHostStatusResponse | undefined, host: Outcome<unknown> | undefined, nics: Outcome<{ items: Nic[] }> | undefined, why: Why): string {
   if (!hs) return `netagent: ${why(host, "netagent")}`;
@@ -222,16 +223,21 @@ function firewallText(fs: GetFirewallStatusResponse | undefined, fw: Outcome<unk
   );
 }
 
-function overlayText(overlay: Outcome<GetOverlayStatusResponse> | undefined, why: Why): string {
+const IMPL: Record<number, string> = { [WireGuardImplementation.KERNEL]: "kernel", [WireGuardImplementation.WIREGUARD_GO]: "wireguard-go" };
+
+/** The overlay part of `status`: peers per VPC interface, which WireGuard runs it, and hosts left out (bad registry records). */
+export function overlayText(overlay: Outcome<GetOverlayStatusResponse> | undefined, why: Why): string {
   if (!overlay?.ok) return `overlay: ${why(overlay, "netagent")}`;
   const vpcs = overlay.value.vpcs;
   if (vpcs.length === 0) return "overlay: no VPC of this host spans another host";
+  const iface = (v: (typeof vpcs)[number]) => `${v.interface} :${v.listenPort}${IMPL[v.implementation] ? ` (${IMPL[v.implementation]})` : ""}`;
   const rows = vpcs.flatMap((v) =>
     v.peers.length === 0
-      ? [[v.vpcId, `${v.interface} :${v.listenPort}`, "(no peers)", "", "", "", ""]]
-      : v.peers.map((p) => [v.vpcId, `${v.interface} :${v.listenPort}`, p.hostId, p.endpoint, ago(p.latestHandshakeTime), String(p.rxBytes), String(p.txBytes)]),
+      ? [[v.vpcId, iface(v), "(no peers)", "", "", "", ""]]
+      : v.peers.map((p) => [v.vpcId, iface(v), p.hostId, p.endpoint, ago(p.latestHandshakeTime), String(p.rxBytes), String(p.txBytes)]),
   );
-  return `overlay (WireGuard):\n${table(["VPC", "INTERFACE", "PEER", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"], rows)}`;
+  const skipped = vpcs.flatMap((v) => v.skippedHosts.map((s) => `  warning: ${v.vpcId}: host ${s.hostId} left out of the mesh: ${s.reason}`));
+  return `overlay (WireGuard):\n${table(["VPC", "INTERFACE", "PEER", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"], rows)}${skipped.length ? `\n${skipped.join("\n")}` : ""}`;
 }
 
 function vmsText(vms: Outcome<{ items: Vm[] }> | undefined, why: Why): string {
