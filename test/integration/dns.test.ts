@@ -16,8 +16,8 @@ import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmService, type Vm } from "../../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { FLOATING_POOL, Harness } from "../lib/harness.js";
+import { type Daemon } from "../lib/daemon.js";
+import { Harness } from "../lib/harness.js";
 import { addresses, nsExec, sleep, trackChild, waitFor } from "../lib/netns.js";
 
 const DNS_PACKET = createRequire(import.meta.url).resolve("dns-packet");
@@ -104,18 +104,9 @@ before(async () => {
   inet = await h.internet();
   await startUpstream(53, "198.51.100.1");
   await startUpstream(5353, "198.51.100.2");
-  fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id, "--drift-interval-ms", "3000"]);
-  trackChild(fwd.proc);
-  gwd = await startDaemon("gateway", [
-    "--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0",
-    "--public-pool", FLOATING_POOL, "--imds-redis", h.redis.socket, "--drift-interval-ms", "3000",
-  ]);
-  trackChild(gwd.proc);
-  vmmd = await startDaemon("vmm", [
-    "--redis", h.redis.url, "--host-id", hv.id, "--ipam", h.ipamDaemon.address, "--netagent", hv.daemon.address,
-    "--firewall", fwd.address, "--gateway", gwd.address,
-  ]);
-  trackChild(vmmd.proc);
+  let started: Daemon | undefined;
+  ({ fwd, gwd, vmmd: started } = await h.hostServices(hv, { vmm: true, driftMs: 3000 }));
+  vmmd = started!;
   dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });
   vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 60_000 });
   await dns.updateDnsConfig({ forwarders: { addresses: [inet.address] } });

@@ -10,9 +10,9 @@ import { GatewayService, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { FLOATING_POOL, Harness, type Vm } from "../lib/harness.js";
-import { httpGet, nsExec, startHttpServer, tcpProbe, trackChild, waitFor } from "../lib/netns.js";
+import { type Daemon } from "../lib/daemon.js";
+import { Harness, type Vm } from "../lib/harness.js";
+import { httpGet, nsExec, startHttpServer, tcpProbe, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let gwd: Daemon;
@@ -51,13 +51,7 @@ before(async () => {
   const hv = h.hosts[0];
   hostAddr = hv.underlayAddress;
   inet = await h.internet();
-  fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id, "--drift-interval-ms", "3000"]);
-  trackChild(fwd.proc);
-  gwd = await startDaemon("gateway", [
-    "--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0",
-    "--public-pool", FLOATING_POOL, "--imds-redis", h.redis.socket, "--drift-interval-ms", "3000",
-  ]);
-  trackChild(gwd.proc);
+  ({ fwd, gwd } = await h.hostServices(hv, { driftMs: 3000 }));
   gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
 

@@ -200,6 +200,7 @@ s.send(p.encode({ type: "query", id: 7, flags: p.RECURSION_DESIRED, questions: [
 describe("VPC-internal DNS across hosts", () => {
   test("a name of a VM on host 0 resolves from hosts 1 and 2 in its VPC, and nowhere else", async () => {
     // A gateway (the resolver) on every host; records as the vmm writes them.
+    // Gateways only: no firewall here, so the harness's unbound NICs stay open.
     for (const hv of h.hosts) {
       const d = await startDaemon("gateway", [
         "--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0",

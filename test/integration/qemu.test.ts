@@ -22,8 +22,8 @@ import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { adoptQemu, detectAccel, guestCmdline, guestImage, parseGuestConsole, QEMU_BIN, startQemu, type GuestReport, type VmProcess } from "../../services/vmm/qemu.js";
-import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
-import { FLOATING_POOL, Harness } from "../lib/harness.js";
+import { ROOT, type Daemon } from "../lib/daemon.js";
+import { Harness } from "../lib/harness.js";
 import { linkNames, tempDir, trackChild } from "../lib/netns.js";
 
 const GUEST_DIR = process.env.MICROVPC_GUEST_DIR || "/var/cache/microvpc/guest";
@@ -97,13 +97,7 @@ describe("real guests under QEMU on netagent's TAPs", { skip, timeout: 150_000 }
     const hv = h.hosts[0];
     hostAddr = hv.underlayAddress;
     inetAddr = (await h.internet()).address;
-    fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id, "--drift-interval-ms", "3000"]);
-    trackChild(fwd.proc);
-    gwd = await startDaemon("gateway", [
-      "--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0",
-      "--public-pool", FLOATING_POOL, "--imds-redis", h.redis.socket, "--drift-interval-ms", "3000",
-    ]);
-    trackChild(gwd.proc);
+    ({ fwd, gwd } = await h.hostServices(hv, { driftMs: 3000 }));
     const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
     const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
 

@@ -23,8 +23,8 @@ import { execFile, spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
-import { FLOATING_POOL, Harness } from "../lib/harness.js";
+import { ROOT, type Daemon } from "../lib/daemon.js";
+import { Harness } from "../lib/harness.js";
 import { httpGet, listening, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 const BIN = join(ROOT, "bin", "microvpc.js");
@@ -144,13 +144,7 @@ before(async () => {
   const hv = h.hosts[0];
   tmp = tempDir("tutorials");
   inet = await h.internet();
-  const r = ["--redis", h.redis.url, "--host-id", hv.id];
-  fwd = await startDaemon("firewall", [...r, "--drift-interval-ms", "3000"]);
-  trackChild(fwd.proc);
-  gwd = await startDaemon("gateway", [...r, "--host-netns", hv.ns, "--uplink", "ul0", "--public-pool", FLOATING_POOL, "--imds-redis", h.redis.socket]);
-  trackChild(gwd.proc);
-  vmmd = await startDaemon("vmm", [...r, "--ipam", h.ipamDaemon.address, "--netagent", hv.daemon.address, "--firewall", fwd.address, "--gateway", gwd.address]);
-  trackChild(vmmd.proc);
+  ({ fwd, gwd, vmmd } = await h.hostServices(hv, { vmm: true, driftMs: 3000 }));
 });
 
 after(async () => {

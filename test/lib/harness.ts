@@ -346,6 +346,35 @@ export class Harness {
   }
   private inet?: { ns: string; address: string };
 
+  /**
+   * Starts the per-host daemons next to a hypervisor's netagent, as a
+   * hypervisor runs them: firewall, gateway (always with --host-netns, the
+   * hypervisor's namespace, uplink ul0 and the floating pool) and, with
+   * `vmm`, the vmm wired to all of them. Tracked: ended with the run.
+   */
+  async hostServices(
+    host: Hypervisor | number = 0,
+    o: { vmm?: boolean; driftMs?: number; gatewayArgs?: string[]; vmmArgs?: string[]; vmmEnv?: Record<string, string> } = {},
+  ): Promise<{ fwd: Daemon; gwd: Daemon; vmmd?: Daemon }> {
+    const hv = this.host(host);
+    const r = ["--redis", this.redis.url, "--host-id", hv.id];
+    const drift = o.driftMs === undefined ? [] : ["--drift-interval-ms", String(o.driftMs)];
+    const fwd = await startDaemon("firewall", [...r, ...drift]);
+    trackChild(fwd.proc);
+    const gwd = await startDaemon("gateway", [
+      ...r, "--host-netns", hv.ns, "--uplink", "ul0", "--public-pool", FLOATING_POOL, "--imds-redis", this.redis.socket, ...drift, ...(o.gatewayArgs ?? []),
+    ]);
+    trackChild(gwd.proc);
+    if (!o.vmm) return { fwd, gwd };
+    const vmmd = await startDaemon(
+      "vmm",
+      [...r, "--ipam", this.ipamDaemon.address, "--netagent", hv.daemon.address, "--firewall", fwd.address, "--gateway", gwd.address, ...(o.vmmArgs ?? [])],
+      o.vmmEnv ?? {},
+    );
+    trackChild(vmmd.proc);
+    return { fwd, gwd, vmmd };
+  }
+
   /** Links of a VPC's namespace on a hypervisor. */
   async vpcLinks(host: Hypervisor | number, vpcId: string): Promise<LinkInfo[]> {
     return links(this.host(host).vpcNamespace(vpcId));
