@@ -21,7 +21,7 @@ import { runResolver } from "../dns/host.js";
 import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
 import { HostStore } from "../netagent/store.js";
-import { createImdsServer } from "./imds.js";
+import { createImdsServer, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
 import { MetadataStore } from "./metadata-store.js";
 import { GatewayApi } from "./service.js";
@@ -30,8 +30,17 @@ import { GatewaySync } from "./sync.js";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
-/** Runs the metadata server in this process, on every address of this namespace. */
-export async function runImds(redis: Redis, hostId: string, port: number, logger: Logger): Promise<() => Promise<void>> {
+/**
+ * Runs the metadata server in this process, on every address of this
+ * namespace. `limits` overrides the per-caller rate limit (bench/lib/imds-server.ts).
+ */
+export async function runImds(
+  redis: Redis,
+  hostId: string,
+  port: number,
+  logger: Logger,
+  limits: { rateLimitPerSecond?: number; burst?: number } = {},
+): Promise<{ server: ImdsServer["server"]; close: () => Promise<void> }> {
   const gw = new GatewayStore(redis);
   let transit = new Map<string, number>();
   let fips: { vpcId: string; private: string; address: string }[] = [];
@@ -50,6 +59,7 @@ export async function runImds(redis: Redis, hostId: string, port: number, logger
     lookupVpc: (local) => GatewaySync.vpcOfTransit(transit, local),
     store: new MetadataStore(redis),
     publicIpOf: async (vpcId, address) => fips.find((f) => f.vpcId === vpcId && f.private === address)?.address,
+    ...limits,
     logger,
   });
   await new Promise<void>((resolve, reject) => {
@@ -57,9 +67,12 @@ export async function runImds(redis: Redis, hostId: string, port: number, logger
     imds.server.listen(port, () => resolve());
   });
   logger.info({ port }, "instance metadata server listening");
-  return async () => {
-    clearInterval(timer);
-    await imds.close();
+  return {
+    server: imds.server,
+    close: async () => {
+      clearInterval(timer);
+      await imds.close();
+    },
   };
 }
 
@@ -75,7 +88,7 @@ export function addImdsCommand(program: Command): void {
     .action(async (o: { redis: string; hostId: string; port: string; dnsPort: string }) => {
       const logger = pino({ base: { service: "imds", pid: process.pid } });
       const redis = connectRedis({ url: o.redis, logger });
-      const close = await runImds(redis, o.hostId, Number(o.port), logger);
+      const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
       const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
       const stop = async () => {
         await dns?.close();
@@ -120,7 +133,7 @@ export const gatewayDefinition: ServiceDefinition = {
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
     if (!hostNetns) {
-      const closeImds = await runImds(redis, hostId, imdsPort, logger);
+      const { close: closeImds } = await runImds(redis, hostId, imdsPort, logger);
       const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger) : undefined;
       stopImds = async () => {
         await dns?.close();
