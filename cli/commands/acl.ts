@@ -3,7 +3,7 @@
 import { create } from "@bufbuild/protobuf";
 import { Option, type Command } from "commander";
 import * as V from "../../services/common/validate.js";
-import { dirEnum, parseVpcctlPolicy, protoEnum, validateAclEntries } from "../../services/firewall/rules.js";
+import { aclEntryMsg, parseVpcctlPolicy, validateAclEntries } from "../../services/firewall/rules.js";
 import {
   AclAction,
   AssociateNetworkAclRequestSchema,
@@ -18,7 +18,6 @@ import {
   GetNetworkAclResponseSchema,
   ListNetworkAclsResponseSchema,
   NetworkAclEntryListSchema,
-  NetworkAclEntrySchema,
   NetworkAclSchema,
   ParseRulesRequestSchema,
   UpdateNetworkAclRequestSchema,
@@ -257,20 +256,7 @@ with deny, unmatched traffic is dropped.`,
       let subnetCidr: string;
       if (o.dryRun) {
         const p = parseVpcctlPolicy(text, { defaultAction: o.defaultAction });
-        aclEntries = p.aclEntries.map((e) =>
-          create(NetworkAclEntrySchema, {
-            ruleNumber: e.ruleNumber,
-            direction: dirEnum(e.dir),
-            action: e.action === "allow" ? AclAction.ALLOW : AclAction.DENY,
-            protocol: protoEnum(e.proto),
-            portFrom: e.portFrom,
-            portTo: e.portTo,
-            icmpType: e.icmpType,
-            icmpCode: e.icmpCode,
-            cidr: e.cidr,
-            description: e.description,
-          }),
-        );
+        aclEntries = p.aclEntries.map(aclEntryMsg);
         ({ warnings, subnetCidr } = p);
       } else {
         const p = await client(cmd, FirewallService).parseRules(create(ParseRulesRequestSchema, { vpcctlPolicyJson: text, vpcctlDefaultAction: defaultAction }));

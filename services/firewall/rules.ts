@@ -6,9 +6,11 @@
 // checked by validate.text, never meant for an nft script).
 import { InvalidArgumentError } from "../common/errors.js";
 import * as V from "../common/validate.js";
+import { create } from "@bufbuild/protobuf";
 import {
   AclAction,
   Direction,
+  NetworkAclEntrySchema,
   Protocol,
   type NetworkAclEntry,
   type SecurityGroupRule,
@@ -145,6 +147,22 @@ const PROTOS: Record<number, Proto> = {
 export const dirEnum = (d: Dir): Direction => (d === "ingress" ? Direction.INGRESS : Direction.EGRESS);
 export const protoEnum = (p: Proto): Protocol =>
   p === "tcp" ? Protocol.TCP : p === "udp" ? Protocol.UDP : p === "icmp" ? Protocol.ICMP : Protocol.ALL;
+
+/** An ACL entry as the API shows it (the service's answers and the CLI's dry runs). */
+export function aclEntryMsg(e: AclEntry): NetworkAclEntry {
+  return create(NetworkAclEntrySchema, {
+    ruleNumber: e.ruleNumber,
+    direction: dirEnum(e.dir),
+    action: e.action === "allow" ? AclAction.ALLOW : AclAction.DENY,
+    protocol: protoEnum(e.proto),
+    portFrom: e.portFrom,
+    portTo: e.portTo,
+    icmpType: e.icmpType,
+    icmpCode: e.icmpCode,
+    cidr: e.cidr,
+    description: e.description,
+  });
+}
 
 function direction(field: string, v: Direction): Dir {
   if (v === Direction.UNSPECIFIED) throw new InvalidArgumentError(field, "is required (DIRECTION_INGRESS or DIRECTION_EGRESS)");

@@ -16,14 +16,12 @@ import {
   Direction,
   DropLoggingSchema,
   FirewallService,
-  NetworkAclEntrySchema,
   NetworkAclSchema,
   NicBindingSchema,
   SecurityGroupRuleSchema,
   SecurityGroupSchema,
   type DropLogging,
   type NetworkAcl,
-  type NetworkAclEntry,
   type NicBinding,
   type SecurityGroup,
   type SecurityGroupRule,
@@ -32,7 +30,6 @@ import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import { HostStore } from "../netagent/store.js";
 import {
   MAX_GROUPS_PER_NIC,
-  type AclEntry,
   type BindingRec,
   type NetworkAclRec,
   type SecurityGroupRec,
@@ -53,6 +50,7 @@ import {
   validateAclEntries,
   validateSgRule,
   type SgRuleDraft,
+  aclEntryMsg,
 } from "./rules.js";
 import { AbortedError, FirewallStore, newId, type BindingIndex, type BindingSpec } from "./store.js";
 
@@ -111,20 +109,6 @@ function groupMsg(g: SecurityGroupRec, memberCount: number): SecurityGroup {
   });
 }
 
-export function aclEntryMsg(e: AclEntry): NetworkAclEntry {
-  return create(NetworkAclEntrySchema, {
-    ruleNumber: e.ruleNumber,
-    direction: dirEnum(e.dir),
-    action: e.action === "allow" ? AclAction.ALLOW : AclAction.DENY,
-    protocol: protoEnum(e.proto),
-    portFrom: e.portFrom,
-    portTo: e.portTo,
-    icmpType: e.icmpType,
-    icmpCode: e.icmpCode,
-    cidr: e.cidr,
-    description: e.description,
-  });
-}
 
 function aclMsg(a: NetworkAclRec): NetworkAcl {
   return create(NetworkAclSchema, {
