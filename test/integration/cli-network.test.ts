@@ -14,7 +14,8 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
+import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { cliRunner, type CliRun } from "../lib/cli.js";
 import {
   cleanupSync,
   createNetns,
@@ -31,7 +32,6 @@ import {
 } from "../lib/netns.js";
 import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
 
-const BIN = join(ROOT, "bin", "microvpc.js");
 const HOST_ID = `${RUN_PREFIX}hv1`;
 const POOL = "203.0.113.0/29";
 
@@ -41,14 +41,7 @@ let hostNs: string | undefined;
 let rootBefore: RootSnapshot;
 let tmp: string;
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
-// The caller's MICROVPC_* variables must not leak into what is tested.
-const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("MICROVPC_")));
 
 /** Every daemon's address, as global options. */
 function addresses(): string[] {
@@ -59,25 +52,10 @@ function addresses(): string[] {
   return a;
 }
 
-function run(args: string[], globals = addresses()): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...globals, ...args], { cwd: ROOT, env, timeout: 60_000 }, (err, stdout, stderr) => {
-      const code = err ? (typeof err.code === "number" ? err.code : -1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
-/** Runs and asserts the exit code, showing the output if it differs. */
-async function expect(code: number, args: string[], globals?: string[]): Promise<Run> {
-  const r = await run(args, globals);
-  assert.equal(r.code, code, `microvpc ${args.join(" ")} exited ${r.code}, wanted ${code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
-  return r;
-}
 
-async function json(args: string[]): Promise<any> {
-  return JSON.parse((await expect(0, [...args, "-o", "json"])).stdout);
-}
+
+const { run, expect, json } = cliRunner(addresses, 60_000);
 
 /** Everything the daemons hold, to show that a failed or dry command changed nothing. */
 async function snapshot(): Promise<string> {
@@ -577,7 +555,7 @@ test("--dry-run validates, prints the request, and changes nothing", async () =>
 
 test("status reports each daemon; exit 0 only when all are healthy", async () => {
   // The firewall may still report its first pass (made before Redis answered) for up to its drift interval.
-  let r: Run = { code: -1, stdout: "", stderr: "" };
+  let r: CliRun = { code: -1, stdout: "", stderr: "" };
   assert.ok(
     await waitFor(async () => (r = await run(["status"])).code === 0, { timeoutMs: 15_000, intervalMs: 500 }),
     `status never healthy:\n${r.stdout}\n${r.stderr}`,

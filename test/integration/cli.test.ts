@@ -6,44 +6,25 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
+import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { cliRunner } from "../lib/cli.js";
 import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
 
-const BIN = join(ROOT, "bin", "microvpc.js");
 const UUID = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/;
 
 let redis: TestRedis | undefined;
 let daemon: Daemon | undefined;
 let tmp: string;
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
-// The caller's MICROVPC_* variables must not leak into what is tested.
-const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("MICROVPC_")));
 
-function run(args: string[], server = daemon!.address): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, "--server", server, ...args], { cwd: ROOT, env, timeout: 30_000 }, (err, stdout, stderr) => {
-      const code = err ? (typeof err.code === "number" ? err.code : -1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
-/** Runs and asserts the exit code, showing the output if it differs. */
-async function expect(code: number, args: string[], server?: string): Promise<Run> {
-  const r = await run(args, server);
-  assert.equal(r.code, code, `microvpc ${args.join(" ")} exited ${r.code}, wanted ${code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
-  return r;
-}
 
-async function json(args: string[]): Promise<any> {
-  return JSON.parse((await expect(0, [...args, "-o", "json"])).stdout);
-}
+
+const cli = cliRunner(() => ["--server", daemon!.address], 30_000);
+const { run, json } = cli;
+/** expect, optionally against another server address. */
+const expect = (code: number, args: string[], server?: string) => cli.expect(code, args, server === undefined ? undefined : ["--server", server]);
 
 /** Everything the IPAM holds, to show that a failed or dry command changed nothing. */
 async function snapshot(): Promise<string> {

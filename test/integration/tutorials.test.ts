@@ -19,15 +19,15 @@
 // gateway runs with --host-netns (the hypervisor's namespace) and never
 // touches the root namespace.
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { ROOT, type Daemon } from "../lib/daemon.js";
+import { type Daemon } from "../lib/daemon.js";
+import { cliEnv, cliRunner, type CliRun } from "../lib/cli.js";
 import { Harness } from "../lib/harness.js";
 import { httpGet, listening, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
-const BIN = join(ROOT, "bin", "microvpc.js");
 
 let h: Harness;
 let fwd: Daemon | undefined, gwd: Daemon | undefined, vmmd: Daemon | undefined;
@@ -35,14 +35,7 @@ let inet: { ns: string; address: string };
 let tmp: string;
 const servers: ReturnType<typeof spawn>[] = [];
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
-// The caller's MICROVPC_* variables must not leak into what is tested.
-const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("MICROVPC_")));
 
 function globals(): string[] {
   const hv = h.hosts[0];
@@ -52,24 +45,10 @@ function globals(): string[] {
   ];
 }
 
-function run(args: string[]): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...globals(), ...args], { cwd: ROOT, env, timeout: 120_000 }, (err, stdout, stderr) => {
-      const code = err ? (typeof err.code === "number" ? err.code : -1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
-async function expect(code: number, args: string[]): Promise<Run> {
-  const r = await run(args);
-  assert.equal(r.code, code, `microvpc ${args.join(" ")} exited ${r.code}, wanted ${code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
-  return r;
-}
 
-async function json(args: string[]): Promise<any> {
-  return JSON.parse((await expect(0, [...args, "-o", "json"])).stdout);
-}
+
+const { run, expect, json } = cliRunner(globals, 120_000);
 
 /** A VM as `vm get -o json` shows it: its namespace and address. */
 async function vmInfo(name: string, vpc: string): Promise<{ id: string; ns: string; address: string; nic: string }> {
@@ -87,7 +66,7 @@ process.on("SIGTERM", () => process.exit(0));
 
 /** HTTP servers inside a VM's namespace, answering "NAME:PORT" on each port. */
 async function serve(ns: string, name: string, ports: number[]): Promise<void> {
-  const child = trackChild(spawn("ip", ["netns", "exec", ns, process.execPath, "-e", SERVER, name, ...ports.map(String)], { stdio: "ignore", env }));
+  const child = trackChild(spawn("ip", ["netns", "exec", ns, process.execPath, "-e", SERVER, name, ...ports.map(String)], { stdio: "ignore", env: cliEnv }));
   servers.push(child);
   for (const p of ports) {
     assert.ok(await waitFor(() => listening(ns, p), { timeoutMs: 10_000, intervalMs: 50 }), `server ${name} listening on ${p}`);
@@ -96,7 +75,7 @@ async function serve(ns: string, name: string, ports: number[]): Promise<void> {
 
 /** `test-connectivity FROM TARGET:PORT` must say reachable (exit 0). Retried a little: rules apply asynchronously. */
 async function reachable(from: string, target: string, vpc: string): Promise<void> {
-  let r: Run = { code: -1, stdout: "", stderr: "" };
+  let r: CliRun = { code: -1, stdout: "", stderr: "" };
   const ok = await waitFor(async () => (r = await run(["test-connectivity", from, target, "--vpc", vpc])).code === 0, { timeoutMs: 10_000, intervalMs: 300 });
   assert.ok(ok, `${from} → ${target} should be reachable:\nexit ${r.code}\n${r.stdout}${r.stderr}`);
   assert.match(r.stdout, /^reachable: /);
@@ -107,7 +86,7 @@ async function reachable(from: string, target: string, vpc: string): Promise<voi
  * packets are dropped (a timeout, not a refusal: a server listens there).
  */
 async function blocked(from: string, target: string, vpc: string): Promise<void> {
-  let r: Run = { code: -1, stdout: "", stderr: "" };
+  let r: CliRun = { code: -1, stdout: "", stderr: "" };
   // Rules apply asynchronously: wait for the drop, then require it to hold.
   await waitFor(async () => (r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code === 8, { timeoutMs: 10_000, intervalMs: 300 });
   r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000", "-o", "json"]);
@@ -117,7 +96,7 @@ async function blocked(from: string, target: string, vpc: string): Promise<void>
 
 /** Not reachable in any way (dropped, or an ICMP error on the way): where no route leads there. */
 async function unreachable(from: string, target: string, vpc: string): Promise<void> {
-  let r: Run = { code: -1, stdout: "", stderr: "" };
+  let r: CliRun = { code: -1, stdout: "", stderr: "" };
   await waitFor(async () => (r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code !== 0, { timeoutMs: 10_000, intervalMs: 300 });
   r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"]);
   assert.notEqual(r.code, 0, `${from} → ${target} should not be reachable:\n${r.stdout}${r.stderr}`);
