@@ -80,6 +80,7 @@ import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
 import { check, heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchClock, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -133,13 +134,7 @@ const METRICS_POLL_MS = 10;
 const PROBE_MAX_MS = 8000;
 
 const P = RUN_PREFIX;
-const t0 = Date.now();
-const progress = (msg: string) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(0).padStart(3)} s] ${msg}\n`);
-const watchdog = setTimeout(() => {
-  progress(`past the ${HARD_LIMIT_MS / 1000} s budget: cleaning up and exiting`);
-  process.exit(124); // the 'exit' handler of test/lib/netns.ts removes everything of the run
-}, HARD_LIMIT_MS);
-watchdog.unref();
+const { t0, progress } = benchClock(HARD_LIMIT_MS);
 
 const msSince = (t: number) => performance.now() - t;
 const epochNow = () => performance.timeOrigin + performance.now();
@@ -1042,11 +1037,4 @@ async function main(): Promise<number> {
   return rootDiff.length || leftovers.length ? 2 : 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    console.error(err);
-    if (gwd) console.error(`--- microvpcd gateway output (tail):\n${gwd.output().slice(-3000)}`);
-    process.exit(1); // the exit handler of test/lib/netns.ts ends the daemons by PID and removes every namespace of the run
-  },
-);
+runBench(main, () => [["gateway", gwd]]);

@@ -50,6 +50,7 @@ import { cpuDelta, machineEnv, cpuSnapshot } from "./lib/cpu.js";
 import { closedLoop } from "./lib/load.js";
 import { summarize } from "./lib/profile.js";
 import { check, dur, heading, num, pct, ratio, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchClock, runBench } from "./lib/run.js";
 import { interleaved, median, percentile, sorted, spread, spreadOf, type BenchCase, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -85,8 +86,7 @@ const PAIR_MAX_MS = 2_500;
 const BUDGET_MS = 200_000;
 const EXTRA = DEFAULT_EXTRA_RESERVED;
 
-const t0 = Date.now();
-const progress = (msg: string) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(0).padStart(3)} s] ${msg}\n`);
+const { t0, progress } = benchClock();
 
 // ---------------------------------------------------------------- processes
 
@@ -838,10 +838,4 @@ async function measureAndReport(): Promise<number> {
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runBench(main);

@@ -82,6 +82,7 @@ import { startRedis, type TestRedis } from "../test/lib/redis.js";
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { check, heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchClock, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -131,17 +132,11 @@ const LEVEL_LIMIT_MS = 45_000;
 
 const P = RUN_PREFIX;
 const HOST = `${P}hv`;
-const t0 = Date.now();
-const progress = (msg: string) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(0).padStart(3)} s] ${msg}\n`);
+const { t0, progress } = benchClock(HARD_LIMIT_MS);
 
 // ------------------------------------------------------------ safety rails
 
 installCleanupHandlers();
-const watchdog = setTimeout(() => {
-  progress(`past the ${HARD_LIMIT_MS / 1000} s budget: cleaning up and exiting`);
-  process.exit(124); // the 'exit' handler of test/lib/netns.ts removes everything
-}, HARD_LIMIT_MS);
-watchdog.unref();
 
 function own(ns: string): string {
   if (!ownedNamespace(ns)) throw new Error(`refusing to touch namespace ${ns}: not of run ${P}`);
@@ -952,11 +947,4 @@ async function main(): Promise<number> {
   return rootDiff.length || leftovers.length ? 2 : 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    console.error(err);
-    if (agentD) console.error(`--- microvpcd netagent output (tail):\n${agentD.output().slice(-3000)}`);
-    process.exit(1); // the exit handler of test/lib/netns.ts ends the daemons by PID and removes every namespace of the run
-  },
-);
+runBench(main, () => [["netagent", agentD]]);

@@ -74,6 +74,7 @@ import { startProfiledDaemon } from "./lib/profiled-daemon.js";
 import { scrape, sum, type Samples } from "./lib/prom.js";
 import { psiCpuUs } from "./lib/psi.js";
 import { check, heading, num, pct, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchClock, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -126,16 +127,9 @@ const STEP_OF: Partial<Record<VmStep, Step>> = {
 };
 
 const P = RUN_PREFIX;
-const t0 = Date.now();
-const progress = (msg: string) => process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(0).padStart(3)} s] ${msg}\n`);
+const { t0, progress } = benchClock(HARD_LIMIT_MS);
 
 // ------------------------------------------------------------ safety rails
-
-const watchdog = setTimeout(() => {
-  progress(`past the ${HARD_LIMIT_MS / 1000} s budget: cleaning up and exiting`);
-  process.exit(124); // the 'exit' handler of test/lib/netns.ts ends the daemons by PID and removes every namespace of the run
-}, HARD_LIMIT_MS);
-watchdog.unref();
 
 /** The vmm's VM namespaces of this run's hypervisor (mvpcvm-<prefix>hv0-<12 hex>). */
 const vmNsPrefix = (hostId: string) => `mvpcvm-${hostId}-`;
@@ -984,12 +978,4 @@ async function main(): Promise<number> {
   return rootDiff.length || leftovers.length ? 2 : 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    console.error(err);
-    if (vmmd) console.error(`--- microvpcd vmm output (tail):\n${vmmd.output().slice(-3000)}`);
-    if (fwd) console.error(`--- microvpcd firewall output (tail):\n${fwd.output().slice(-2000)}`);
-    process.exit(1); // the exit handler of test/lib/netns.ts ends the daemons by PID and removes every namespace of the run (and the hook above the vmm's)
-  },
-);
+runBench(main, () => [["vmm", vmmd], ["firewall", fwd]]);
