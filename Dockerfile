@@ -6,11 +6,11 @@
 #   docker build -t microvpc:dev .
 #   docker run --rm microvpc:dev ipam --help
 #
-# Base: node:20-bookworm-slim. Node 20 is what package.json's engines and CI
+# Base: node:24-bookworm-slim. Node 20 is what package.json's engines and CI
 # use (Debian bookworm's own nodejs is 18, too old); bookworm is the Debian
 # release CI installs deploy/packages.txt on, so the image gets the same
 # nftables/iproute2/wireguard versions the tests ran against.
-ARG NODE_IMAGE=node:20-bookworm-slim
+ARG NODE_IMAGE=node:24-bookworm-slim
 
 # --- stage 1: production node_modules (no dev dependencies, no build step:
 # tsx runs the TypeScript sources; gen/ is committed).

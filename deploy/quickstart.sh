@@ -8,6 +8,8 @@
 # every daemon listens on 127.0.0.1. Ctrl-C during `up` leaves nothing behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Node 24 from the npm registry when the machine's node is older.
+. deploy/node.sh
 RUN="$PWD/.run"
 REDIS_PORT="${MICROVPC_REDIS_PORT:-6390}"
 HOSTNS=mvpcqs-host
@@ -26,8 +28,8 @@ install_missing() {
     echo "installing: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
-  # (npm 11.19's `npm ci` rejects this lock for other platforms' optional packages; see .ci/run)
-  [ -d node_modules ] || npm ci --no-audit --no-fund || npm install --no-audit --no-fund
+  [ -d node_modules ] || npm ci --no-audit --no-fund
+  node build.mjs >/dev/null
 }
 
 start() { # name, command...
@@ -75,7 +77,7 @@ up() {
   start vmm $d vmm --listen 127.0.0.1:7405 --host-id $HOST_ID
   for p in 7401 7402 7403 7404 7405; do wait_port $p; done
   echo "stack up: redis :$REDIS_PORT · ipam :7401 · netagent :7402 · firewall :7403 · gateway :7404 · vmm :7405 (metrics: port+2000)"
-  node --import tsx deploy/demo.ts
+  node dist/demo.js
   trap - INT TERM
   echo
   echo "try:  node bin/microvpc.js vpc list        node bin/microvpc.js --help"

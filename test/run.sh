@@ -4,11 +4,15 @@
 # ports; later issues add network namespaces, which need root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Node 24 from the npm registry when the machine's node is older.
+. deploy/node.sh
 for bin in redis-server; do
   command -v "$bin" >/dev/null || { echo "missing $bin: run 'bash .ci/run' or install deploy/packages.txt" >&2; exit 1; }
 done
 echo "== typecheck"
 npx --no-install tsc --noEmit -p .
+echo "== build"
+node build.mjs
 echo "== tests"
 # One file at a time: integration tests start daemons and load the machine.
 exec node --import tsx --test --test-concurrency=1 \

@@ -42,9 +42,12 @@ function withDeps(f: DescFile): DescFile[] {
 // The descriptors protoc-gen-es embeds have no comments (source_code_info is
 // stripped to keep bundles small). `npm run generate` also writes a buf image
 // that keeps them, so `grpcurl describe` shows every field's documentation.
-const IMAGE = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "gen", "descriptors.binpb");
+// Built (dist/, this code possibly in dist/chunks/) the image sits in dist/;
+// run from the sources it is gen/descriptors.binpb.
+const HERE = dirname(fileURLToPath(import.meta.url));
+const IMAGE = [join(HERE, "descriptors.binpb"), join(HERE, "..", "descriptors.binpb"), join(HERE, "..", "..", "gen", "descriptors.binpb")].find(existsSync);
 const documented = new Map<string, Uint8Array>();
-if (existsSync(IMAGE)) {
+if (IMAGE) {
   for (const fd of fromBinary(FileDescriptorSetSchema, readFileSync(IMAGE)).file) {
     documented.set(fd.name, toBinary(FileDescriptorProtoSchema, fd));
   }

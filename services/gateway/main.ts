@@ -7,8 +7,6 @@
 // hypervisor in the tests), both run as a child process inside it
 // (`microvpcd imds`).
 import { spawn, type ChildProcess } from "node:child_process";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
@@ -28,7 +26,6 @@ import { GatewayApi } from "./service.js";
 import { GatewayStore } from "./store.js";
 import { GatewaySync } from "./sync.js";
 
-const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
 /**
  * Runs the metadata server in this process, on every address of this
@@ -142,7 +139,9 @@ export const gatewayDefinition: ServiceDefinition = {
     } else {
       const child: ChildProcess = spawn(
         "ip",
-        ["netns", "exec", hostNetns, process.execPath, join(ROOT, "bin", "microvpcd.js"), "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort), "--dns-port", String(dnsPort)],
+        // The child is this same program (dist/microvpcd.js through bin/, or the
+        // sources under a loader in tests): same node, same flags, same entry.
+        ["netns", "exec", hostNetns, process.execPath, ...process.execArgv, process.argv[1] as string, "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort), "--dns-port", String(dnsPort)],
         { stdio: ["ignore", "inherit", "inherit"] },
       );
       stopImds = async () => {
