@@ -6,20 +6,32 @@
 #   docker build -t microvpc:dev .
 #   docker run --rm microvpc:dev ipam --help
 #
-# Base: node:24-bookworm-slim. Node 20 is what package.json's engines and CI
-# use (Debian bookworm's own nodejs is 18, too old); bookworm is the Debian
-# release CI installs deploy/packages.txt on, so the image gets the same
-# nftables/iproute2/wireguard versions the tests ran against.
+# Base: node:24-bookworm-slim. Node 24 LTS is what package.json's engines,
+# .nvmrc and CI use; bookworm is the Debian release CI installs
+# deploy/packages.txt on, so the image gets the same nftables/iproute2/
+# wireguard versions the tests ran against.
 ARG NODE_IMAGE=node:24-bookworm-slim
 
-# --- stage 1: production node_modules (no dev dependencies, no build step:
-# tsx runs the TypeScript sources; gen/ is committed).
+# --- stage 1: build. Every dependency (esbuild is a dev dependency), then
+# `npm run build` compiles cli/ and services/ into dist/.
+FROM ${NODE_IMAGE} AS build
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY build.mjs tsconfig.json ./
+COPY cli ./cli
+COPY services ./services
+COPY gen ./gen
+COPY deploy/demo.ts ./deploy/demo.ts
+RUN npm run build
+
+# --- stage 2: production node_modules only (no dev dependencies).
 FROM ${NODE_IMAGE} AS deps
 WORKDIR /app
 COPY package.json package-lock.json ./
-RUN (npm ci --omit=dev --no-audit --no-fund || npm install --omit=dev --no-audit --no-fund) && npm cache clean --force
+RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
 
-# --- stage 2: the runtime image.
+# --- stage 3: the runtime image: dist/, bin/ and production node_modules.
 FROM ${NODE_IMAGE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive NODE_ENV=production
 # Debian packages: every line of deploy/packages.txt — the file .ci/run
@@ -38,17 +50,15 @@ RUN printf '%s\n' $LEAVE_OUT > /tmp/leave-out \
  && rm -rf /var/lib/apt/lists/* /tmp/packages.txt /tmp/leave-out
 WORKDIR /app
 COPY --from=deps /app/node_modules ./node_modules
-COPY package.json package-lock.json tsconfig.json ./
+COPY package.json ./
 COPY bin ./bin
-COPY cli ./cli
-COPY services ./services
-COPY gen ./gen
-# `microvpcd` on PATH is bin/microvpcd.js (package.json "bin"); the smoke
-# check proves the entry point loads; its tsx cache is not kept.
+COPY --from=build /app/dist ./dist
+# `microvpcd` on PATH is bin/microvpcd.js (package.json "bin"), which runs
+# dist/microvpcd.js: no TypeScript loader at run time. The smoke check
+# proves the compiled entry point loads with production dependencies only.
 RUN ln -s /app/bin/microvpcd.js /usr/local/bin/microvpcd \
  && ln -s /app/bin/microvpc.js /usr/local/bin/microvpc \
- && microvpcd --help >/dev/null \
- && rm -rf /tmp/tsx-*
+ && microvpcd --help >/dev/null
 # Non-root by default (ipam, vmm). The manifests run netagent, firewall and
 # gateway as root with the capabilities they need (deploy/k8s/README.md).
 USER 1000:1000
