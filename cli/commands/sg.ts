@@ -4,7 +4,7 @@
 import { readFileSync } from "node:fs";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { Option, type Command } from "commander";
+import { type Command } from "commander";
 import { InvalidArgumentError } from "../../services/common/errors.js";
 import * as V from "../../services/common/validate.js";
 import { dirEnum, parseVpcctlPolicy, protoEnum, validateSgRule } from "../../services/firewall/rules.js";
@@ -344,7 +344,7 @@ apply to the subnet), use \`microvpc acl import\`.`,
       let rules: SecurityGroupRule[];
       let warnings: string[];
       let subnetCidr: string;
-      let denies = 0;
+      let denies: number;
       if (o.dryRun) {
         // The same parser ParseRules runs, locally: no server needed to check a file.
         const p = parseVpcctlPolicy(text);

@@ -43,7 +43,12 @@ export function token(field: string, value: string, opts: { optional?: boolean }
 
 export function text(field: string, value: string, max = 255): string {
   if (value.length > max) throw new InvalidArgumentError(field, `is ${value.length} characters long; the limit is ${max}`);
-  if (/[\u0000-\u001f\u007f]/.test(value)) throw new InvalidArgumentError(field, "must not contain control characters or newlines");
+  // C0 and C1 controls: newlines, NUL, terminal escape sequences.
+  // eslint-disable-next-line no-control-regex -- control characters are what this refuses
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgumentError(field, "must not contain control characters or newlines");
+  // Bidi overrides, embeddings, isolates and marks make a name read as
+  // another one in a terminal or a review ("Trojan Source").
+  if (/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/.test(value)) throw new InvalidArgumentError(field, "must not contain bidirectional-text control characters (U+200E, U+200F, U+202A–U+202E, U+2066–U+2069, U+061C)");
   return value;
 }
 

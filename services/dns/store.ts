@@ -42,6 +42,7 @@ export interface StoredConfig {
 type Reply = (string | number)[];
 
 declare module "ioredis" {
+  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcDnsSet(...args: (string | number)[]): Promise<Reply>;
     mvpcDnsDelete(...args: (string | number)[]): Promise<Reply>;

@@ -452,6 +452,7 @@ return {nics, groups, members, acls}
 type Reply = [number, string | number, number?];
 
 declare module "ioredis" {
+  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcFwCreateSg(...args: (string | number)[]): Promise<Reply>;
     mvpcFwUpdateSg(...args: (string | number)[]): Promise<Reply>;

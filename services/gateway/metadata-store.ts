@@ -334,6 +334,7 @@ return 1
 type Reply = [number, string | number];
 
 declare module "ioredis" {
+  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcMdSet(...args: (string | number)[]): Promise<Reply>;
     mvpcMdDelete(...args: (string | number)[]): Promise<Reply>;

@@ -80,6 +80,7 @@ export function reservedIndexes(size: number, extra: number): number[] {
 type Reply = [number, string | number];
 
 declare module "ioredis" {
+  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcAllocate(...args: (string | number)[]): Promise<Reply>;
     mvpcRelease(...args: (string | number)[]): Promise<Reply>;

@@ -125,6 +125,7 @@ return {1, ''}
 type Reply = [number, string, string?];
 
 declare module "ioredis" {
+  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcCreatePeering(...args: (string | number)[]): Promise<Reply>;
     mvpcDeletePeering(...args: (string | number)[]): Promise<Reply>;
