@@ -204,9 +204,3 @@ export async function startDaemon(file: string, args: string[], o: DaemonOptions
   if (o.detached) proc.unref();
   return { proc, pid: proc.pid!, exited };
 }
-
-/** The old never-rejecting shape, kept only until every caller has moved to run(). */
-export async function exec(file: string, args: string[], o: { input?: string; timeoutMs?: number } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  const r = await run(file, args, { ...o, check: false });
-  return { code: r.exitCode ?? 1, stdout: r.stdout, stderr: r.stderr || (r.error?.message ?? "") };
-}
