@@ -106,16 +106,12 @@ export function commandLabel(file: string, args: readonly string[]): string {
   return prog;
 }
 
-function execaOptions(o: RunOptions): Options {
-  return {
-    input: o.input,
-    timeout: o.timeoutMs ?? DEFAULT_TIMEOUT_MS,
-    killSignal: o.killSignal ?? "SIGTERM",
-    env: { LC_ALL: "C" },
-    stripFinalNewline: false,
-    maxBuffer: 256 * 1024 * 1024,
-    reject: false,
-  };
+const MAX_BUFFER = 256 * 1024 * 1024;
+
+/** execa's options for run() and runSync(): output kept as printed, failures as results (settle() decides). */
+function execaOptions(o: RunOptions) {
+  const timeout = o.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  return { input: o.input, timeout, killSignal: o.killSignal ?? "SIGTERM", env: { LC_ALL: "C" }, stripFinalNewline: false, maxBuffer: MAX_BUFFER, reject: false } as const;
 }
 
 function toResult(argv: string[], r: Result | SyncResult, o: RunOptions): RunResult {
@@ -125,7 +121,9 @@ function toResult(argv: string[], r: Result | SyncResult, o: RunOptions): RunRes
   if (!r.failed) return out;
   const why = r.timedOut
     ? `timed out after ${o.timeoutMs ?? DEFAULT_TIMEOUT_MS} ms (killed with ${o.killSignal ?? "SIGTERM"})`
-    : r.exitCode !== undefined
+    : r.isMaxBuffer
+      ? `output over ${MAX_BUFFER} bytes (killed)`
+      : r.exitCode !== undefined
       ? `exit code ${r.exitCode}`
       : r.signal
         ? `killed by ${r.signal}`
@@ -161,8 +159,7 @@ export function runSync(file: string, args: string[], o: RunOptions = {}): RunRe
   const label = commandLabel(f, a);
   execTotal.inc({ command: label });
   const t0 = process.hrtime.bigint();
-  const { input, timeout, killSignal, env, stripFinalNewline, maxBuffer } = execaOptions(o);
-  return settle([f, ...a], label, t0, execaSync(f, a, { input, timeout, killSignal, env, stripFinalNewline, maxBuffer, reject: false }), o);
+  return settle([f, ...a], label, t0, execaSync(f, a, execaOptions(o)), o);
 }
 
 export interface DaemonOptions {
