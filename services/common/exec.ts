@@ -17,14 +17,18 @@
 // child) start with startDaemon(): same environment, counted in
 // microvpc_exec_total (not timed: they run until stopped).
 //
-// Cost, measured with bench/exec-cost.ts (Node 24, execa 10, `ip -V` ×100,
-// median of 7 interleaved rounds, on the shared 2-core dev machine at load
-// ~15, so wall times are inflated): execFile 14.4 ms wall and 2.2 ms of our
-// own CPU per call; execa 24.8 ms and 3.8 ms; run() (execa + metrics) 24.0 ms
-// and 3.9 ms. So execa costs ~1.6 ms more of the daemon's CPU per command
-// than execFile (the old "4.3 vs 7.1 ms" claim in netagent/kernel.ts, p50 of
-// 30, pointed the same way), paid for one way of timing out, failing and
-// counting; microvpc_exec_total shows how many commands a path runs.
+// Cost, measured with bench/exec-cost.ts (Node 24, execa 10, `ip -V` ×100
+// per case, cases interleaved, median of 7 and of 11 rounds) on the shared
+// 2-core dev machine at load ~15 and ~25, so absolute times are inflated:
+//   execFile 14.4 / 37.6 ms wall, 2.2 / 3.0 ms of our own CPU per call;
+//   execa    24.8 / 55.7 ms wall, 3.8 / 5.0 ms CPU;
+//   run()    24.0 / 55.1 ms wall, 3.9 / 5.2 ms CPU (execa + metrics).
+// So execa costs ~1.7x execFile's parent CPU (+1.6–2 ms per command), and
+// the metrics nothing measurable; the old "4.3 vs 7.1 ms" claim in
+// netagent/kernel.ts pointed the same way. A netns CreateVm runs ~10
+// commands across the daemons (test/integration/vmm.test.ts prints them):
+// execa adds ~20 ms of CPU to it, for one way of timing out, failing and
+// counting.
 import { basename } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import { execa, execaSync, type Options, type Result, type SyncResult } from "execa";
