@@ -22,6 +22,24 @@ export const rpcDuration = new Histogram({
   registers: [metricsRegistry],
 });
 
+// Every process a daemon starts (services/common/exec.ts; `command` is its
+// commandLabel(): program, plus the subcommand for ip/tc/nft/wg). Defined
+// here so that every daemon's /metrics carries them, execs or not.
+export const execTotal = new Counter({
+  name: "microvpc_exec_total",
+  help: "Processes started, by command (program name, plus the subcommand for ip/tc/nft/wg; namespace wrappers as a prefix).",
+  labelNames: ["command"] as const,
+  registers: [metricsRegistry],
+});
+
+export const execDuration = new Histogram({
+  name: "microvpc_exec_duration_seconds",
+  help: "Wall time of commands run to completion, by command (long-lived children are counted in microvpc_exec_total only).",
+  labelNames: ["command"] as const,
+  buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+  registers: [metricsRegistry],
+});
+
 export function setDefaultLabels(labels: Record<string, string>): void {
   metricsRegistry.setDefaultLabels(labels);
 }

@@ -1,8 +1,9 @@
 // The only firewall module that runs commands: `nft -f -` inside a VPC
 // namespace (one atomic transaction per call), nft's counters, and conntrack.
-// Argument arrays only; the script itself comes from the compiler, whose
-// inputs are validated.
-import { exec } from "../common/exec.js";
+// Through services/common/exec.ts (argument arrays only, 60 s timeout here:
+// a large ruleset is one transaction); the script itself comes from the
+// compiler, whose inputs are validated.
+import { run, type RunOptions } from "../common/exec.js";
 
 export interface CtEntry {
   proto: string;
@@ -25,16 +26,8 @@ export interface NftRunner {
   conntrackDelete(ns: string, e: CtEntry): Promise<void>;
 }
 
-export class NftError extends Error {
-  constructor(readonly ns: string, readonly output: string, readonly script: string) {
-    super(`nft in ${ns}: ${output.trim().split("\n").slice(0, 6).join(" | ")}`);
-  }
-}
-
-async function run(file: string, args: string[], input?: string): Promise<{ code: number; out: string; err: string }> {
-  const r = await exec(file, args, { input, timeoutMs: 60_000 });
-  return { code: r.code, out: r.stdout, err: r.stderr };
-}
+/** Reads: the caller looks at the exit code (no table yet, no conntrack entries). */
+const READ: RunOptions = { timeoutMs: 60_000, check: false };
 
 /** Parses `conntrack -L` lines: the original direction's tuple. */
 export function parseConntrack(text: string): CtEntry[] {
@@ -48,34 +41,34 @@ export function parseConntrack(text: string): CtEntry[] {
 }
 
 export class LinuxNft implements NftRunner {
+  /** Rejects with an ExecError carrying nft's own message. */
   async apply(ns: string, script: string): Promise<void> {
-    const r = await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], script);
-    if (r.code !== 0) throw new NftError(ns, r.err, script);
+    await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], { timeoutMs: 60_000, input: script });
   }
 
   async tableExists(ns: string): Promise<boolean> {
-    const r = await run("ip", ["netns", "exec", ns, "nft", "list", "chain", "inet", "microvpc", "forward"]);
-    return r.code === 0;
+    const r = await run("ip", ["netns", "exec", ns, "nft", "list", "chain", "inet", "microvpc", "forward"], READ);
+    return r.exitCode === 0;
   }
 
   async counters(ns: string): Promise<Map<string, Counter>> {
-    const r = await run("ip", ["netns", "exec", ns, "nft", "-j", "list", "counters", "table", "inet", "microvpc"]);
+    const r = await run("ip", ["netns", "exec", ns, "nft", "-j", "list", "counters", "table", "inet", "microvpc"], READ);
     const m = new Map<string, Counter>();
-    if (r.code !== 0) return m;
-    for (const o of (JSON.parse(r.out).nftables ?? []) as { counter?: { name: string; packets: number; bytes: number } }[]) {
+    if (r.exitCode !== 0) return m;
+    for (const o of (JSON.parse(r.stdout).nftables ?? []) as { counter?: { name: string; packets: number; bytes: number } }[]) {
       if (o.counter) m.set(o.counter.name, { packets: BigInt(o.counter.packets), bytes: BigInt(o.counter.bytes) });
     }
     return m;
   }
 
   async conntrackList(ns: string): Promise<CtEntry[]> {
-    const r = await run("ip", ["netns", "exec", ns, "conntrack", "-L"]);
-    return parseConntrack(r.out);
+    const r = await run("ip", ["netns", "exec", ns, "conntrack", "-L"], READ);
+    return parseConntrack(r.stdout);
   }
 
   async conntrackDelete(ns: string, e: CtEntry): Promise<void> {
     const args = ["netns", "exec", ns, "conntrack", "-D", "-p", e.proto, "-s", e.src, "-d", e.dst];
     if (e.proto === "tcp" || e.proto === "udp") args.push("--sport", String(e.sport), "--dport", String(e.dport));
-    await run("ip", args);
+    await run("ip", args, READ);
   }
 }

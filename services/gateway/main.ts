@@ -6,12 +6,12 @@
 // daemon's namespace; when --host-netns names another one (a simulated
 // hypervisor in the tests), both run as a child process inside it
 // (`microvpcd imds`).
-import { spawn, type ChildProcess } from "node:child_process";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
 import type { ServiceDefinition } from "../common/daemon.js";
+import { startDaemon } from "../common/exec.js";
 import { connectRedis } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
@@ -137,18 +137,17 @@ export const gatewayDefinition: ServiceDefinition = {
         await closeImds();
       };
     } else {
-      const child: ChildProcess = spawn(
-        "ip",
+      const imds = await startDaemon(
         // The child is this same program (dist/microvpcd.js through bin/, or the
         // sources under a loader in tests): same node, same flags, same entry.
-        ["netns", "exec", hostNetns, process.execPath, ...process.execArgv, process.argv[1] as string, "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort), "--dns-port", String(dnsPort)],
-        { stdio: ["ignore", "inherit", "inherit"] },
+        process.execPath,
+        [...process.execArgv, process.argv[1] as string, "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort), "--dns-port", String(dnsPort)],
+        { netns: hostNetns, stdio: ["ignore", "inherit", "inherit"] },
       );
       stopImds = async () => {
-        if (child.exitCode === null && child.signalCode === null) {
-          const gone = new Promise((r) => child.once("exit", r));
-          child.kill("SIGTERM");
-          await gone;
+        if (imds.proc.exitCode === null && imds.proc.signalCode === null) {
+          imds.proc.kill("SIGTERM");
+          await imds.exited;
         }
       };
     }

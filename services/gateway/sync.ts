@@ -9,7 +9,7 @@ import ipaddr from "ipaddr.js";
 import type { Logger } from "pino";
 import { Counter } from "prom-client";
 import { followEvents } from "../common/events.js";
-import { exec, inNetns } from "../common/exec.js";
+import { run } from "../common/exec.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
@@ -25,14 +25,8 @@ const applies = new Counter({
   registers: [metricsRegistry],
 });
 
-const run = (file: string, args: string[], input?: string) => exec(file, args, { input }).then((r) => ({ code: r.code, out: r.stdout, err: r.stderr }));
-const inNs = inNetns;
-
-async function must(p: Promise<{ code: number; out: string; err: string }>, what: string): Promise<string> {
-  const r = await p;
-  if (r.code !== 0) throw new Error(`${what}: ${r.err.trim().split("\n").slice(0, 4).join(" | ")}`);
-  return r.out;
-}
+/** An `ip -batch -` run: the batch's first lines go into the error (ip names only the failing line's number). */
+const batch = (lines: string[], netns = "") => ({ input: lines.join("\n") + "\n", inputInError: true, netns });
 
 export interface GatewaySyncOptions {
   hostId: string;
@@ -132,27 +126,27 @@ export class GatewaySync {
           this.lastResolver.delete(id);
         }
       }
-      if (fresh) await must(run(...inNs(hns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])), "enable forwarding on the host");
+      if (fresh) await run("sysctl", ["-q", "-w", "net.ipv4.ip_forward=1"], { netns: hns });
       for (const v of h.vpcs) {
         const vns = naNames.netns(this.opts.hostId, v.vpcId);
         const hostIf = names.hostSide(v.vpcId);
         const known = !fresh && this.lastVpc.has(v.vpcId);
-        if (!known && (await run(...inNs(hns, ["ip", "-j", "link", "show", "dev", hostIf]))).code !== 0) {
+        if (!known && (await run("ip", ["-j", "link", "show", "dev", hostIf], { netns: hns, check: false })).exitCode !== 0) {
           const lines = transitCreateLines(this.opts.hostId, v, vns);
-          await must(run(...inNs(hns, ["ip", "-batch", "-"]), lines.host.join("\n") + "\n"), `transit link of ${v.vpcId}`);
-          await must(run("ip", ["-n", vns, "-batch", "-"], lines.vpc.join("\n") + "\n"), `transit address of ${v.vpcId}`);
+          await run("ip", ["-batch", "-"], batch(lines.host, hns));
+          await run("ip", ["-n", vns, "-batch", "-"], batch(lines.vpc));
           this.lastVpc.delete(v.vpcId);
           this.lastRoutes.delete(v.vpcId);
           this.lastResolver.delete(v.vpcId);
         }
         if (!known || !this.lastResolver.has(v.vpcId) || this.lastResolver.get(v.vpcId) !== v.resolver) {
           // Only addresses carrying our label are read and removed.
-          const out = await must(run("ip", ["-n", vns, "-j", "addr", "show", "dev", "lo"]), `addresses of lo in ${vns}`);
+          const { stdout: out } = await run("ip", ["-n", vns, "-j", "addr", "show", "dev", "lo"]);
           const present = ((JSON.parse(out || "[]") as { addr_info?: { local: string; label?: string; family: string }[] }[])[0]?.addr_info ?? [])
             .filter((a) => a.family === "inet" && a.label === RESOLVER_LABEL)
             .map((a) => a.local);
           const lines = resolverAddrLines(present, v.resolver);
-          if (lines.length) await must(run("ip", ["-n", vns, "-batch", "-"], lines.join("\n") + "\n"), `resolver address in ${vns}`);
+          if (lines.length) await run("ip", ["-n", vns, "-batch", "-"], batch(lines));
           this.lastResolver.set(v.vpcId, v.resolver);
         }
         // Routes and the policy rule: replace is idempotent; -force skips a missing rule on delete.
@@ -168,13 +162,13 @@ export class GatewaySync {
           .filter((l) => !routes.includes(l))
           .map((l) => (l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, "")));
         if (JSON.stringify(prev) !== JSON.stringify(routes)) {
-          await run(...inNs(hns, ["ip", "-force", "-batch", "-"]), [...stale, ...routes].join("\n") + "\n");
+          await run("ip", ["-force", "-batch", "-"], { ...batch([...stale, ...routes], hns), check: false });
           this.lastRoutes.set(v.vpcId, routes);
         }
         const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0);
         if (this.lastVpc.get(v.vpcId) !== text) {
           try {
-            await must(run("ip", ["netns", "exec", vns, "nft", "-f", "-"], text), `nft in ${vns}`);
+            await run("ip", ["netns", "exec", vns, "nft", "-f", "-"], { input: text });
             applies.inc({ where: "vpc", result: "ok" });
           } catch (e) {
             applies.inc({ where: "vpc", result: "error" });
@@ -186,7 +180,7 @@ export class GatewaySync {
       const text = hostNft(h);
       if (text !== this.lastHost) {
         try {
-          await must(run(...inNs(hns, ["nft", "-f", "-"]), text), "nft on the host");
+          await run("nft", ["-f", "-"], { netns: hns, input: text });
           applies.inc({ where: "host", result: "ok" });
         } catch (e) {
           applies.inc({ where: "host", result: "error" });

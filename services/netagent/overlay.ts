@@ -31,7 +31,6 @@
 //   anyway (lease expiry makes no event). While Redis is unreachable nothing
 //   is removed: the last applied configuration keeps forwarding.
 import { createHash, randomBytes } from "node:crypto";
-import { spawn } from "node:child_process";
 import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { isIP } from "node:net";
 import { availableParallelism } from "node:os";
@@ -40,8 +39,9 @@ import ipaddr from "ipaddr.js";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import type { Agent } from "./agent.js";
+import { run, startDaemon, type RunOptions, type RunResult } from "../common/exec.js";
 import * as V from "../common/validate.js";
-import { exec, run, type LinkInfo } from "./kernel.js";
+import type { LinkInfo } from "./kernel.js";
 import { names } from "./plan.js";
 import { overlayKeys } from "./store.js";
 
@@ -65,10 +65,9 @@ export interface OverlayOptions {
   commands?: WgCommands;
 }
 
-/** The commands behind an interface's life cycle (kernel.ts's run and exec). */
+/** The commands behind an interface's life cycle: services/common/exec.ts's run. */
 export interface WgCommands {
-  run(file: string, args: string[], input?: string): Promise<string>;
-  exec(file: string, args: string[], input?: string): Promise<{ exitCode: number; stdout: string; all: string }>;
+  run(file: string, args: string[], o?: RunOptions): Promise<RunResult>;
 }
 
 export interface HostRecord {
@@ -310,7 +309,7 @@ export class Overlay {
   }
 
   private get cmd(): WgCommands {
-    return this.opts.commands ?? { run, exec };
+    return this.opts.commands ?? { run };
   }
 
   /** The real probe: a throwaway kernel WireGuard device in the host namespace. */
@@ -319,18 +318,19 @@ export class Overlay {
       moduleLoaded: () => existsSync("/sys/module/wireguard"),
       canCreate: async () => {
         const probe = `wgp${randomBytes(6).toString("hex")}`;
-        const r = await this.cmd.exec("ip", [...this.ipArgs(this.opts.hostNetns), "link", "add", probe, "type", "wireguard"]);
+        const r = await this.cmd.run("ip", [...this.ipArgs(this.opts.hostNetns), "link", "add", probe, "type", "wireguard"], { check: false });
         if (r.exitCode !== 0) return false;
-        await this.cmd.exec("ip", [...this.ipArgs(this.opts.hostNetns), "link", "del", probe]);
+        await this.cmd.run("ip", [...this.ipArgs(this.opts.hostNetns), "link", "del", probe], { check: false });
         return true;
       },
     };
   }
 
   /** Runs wg for an interface: a kernel device is reached over netlink, so from inside its VPC namespace; wireguard-go through its global socket. */
-  private wgRun(ifname: string, args: string[]): Promise<string> {
+  private async wgRun(ifname: string, args: string[]): Promise<string> {
     const st = this.readState(ifname);
-    return st.impl === "kernel" && st.vpcId ? this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", ...args]) : this.cmd.run("wg", args);
+    const r = st.impl === "kernel" && st.vpcId ? await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", ...args]) : await this.cmd.run("wg", args);
+    return r.stdout;
   }
 
   /** The interface's state file: wireguard-go's PID (0 for a kernel device), its VPC and implementation. */
@@ -358,7 +358,7 @@ export class Overlay {
     if (st.rps || st.impl !== "wireguard-go" || cpus < 2) return;
     const mask = (2 ** cpus - 1).toString(16);
     try {
-      await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(vpcId), "tee", `/sys/class/net/${ifname}/queues/rx-0/rps_cpus`], mask);
+      await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(vpcId), "tee", `/sys/class/net/${ifname}/queues/rx-0/rps_cpus`], { input: mask });
       writeFileSync(this.pidFile(ifname), JSON.stringify({ ...st, rps: true }), { mode: 0o600 });
     } catch (err) {
       this.log.warn({ vpc: vpcId, interface: ifname, err: (err as Error).message }, "cannot set RPS on the overlay interface; it forwards, more slowly");
@@ -381,7 +381,7 @@ export class Overlay {
   async init(): Promise<void> {
     mkdirSync(join(this.dir, "wg"), { recursive: true, mode: 0o700 });
     const where = this.opts.hostNetns ? ` in namespace ${this.opts.hostNetns}` : "";
-    const out = await run("ip", [...this.ipArgs(this.opts.hostNetns), "-j", "addr", "show", "dev", this.opts.underlayInterface]).catch((err: Error) => {
+    const { stdout: out } = await run("ip", [...this.ipArgs(this.opts.hostNetns), "-j", "addr", "show", "dev", this.opts.underlayInterface]).catch((err: Error) => {
       throw new Error(`--underlay-interface ${this.opts.underlayInterface}: no such device${where} (${err.message.split("\n")[0]}); give the interface that carries the underlay (see \`ip link\`)`);
     });
     const l = (JSON.parse(out || "[]") as { mtu?: number; addr_info?: { family: string; local: string; scope: string }[] }[])[0];
@@ -410,8 +410,8 @@ export class Overlay {
   }
 
   private async pubkeyOf(priv: string): Promise<string> {
-    // Not run(): its error would quote the input, i.e. the private key.
-    const r = await exec("wg", ["pubkey"], priv.trim() + "\n");
+    // check: false and a message of our own: no error ever quotes the private key.
+    const r = await run("wg", ["pubkey"], { input: priv.trim() + "\n", check: false });
     if (r.exitCode !== 0) throw new Error(`${this.keyFile}: wg pubkey failed (not a WireGuard private key?)`);
     const pub = r.stdout.trim();
     if (!KEY_RE.test(pub)) throw new Error(`${this.keyFile}: not a WireGuard private key`);
@@ -420,7 +420,7 @@ export class Overlay {
 
   /** Makes a new key pair: written 0600 then renamed over the old one. Never logged. */
   private async newKey(): Promise<void> {
-    const g = await exec("wg", ["genkey"]);
+    const g = await run("wg", ["genkey"], { check: false });
     if (g.exitCode !== 0) throw new Error("wg genkey failed");
     const priv = g.stdout.trim();
     const pub = await this.pubkeyOf(priv);
@@ -605,7 +605,7 @@ export class Overlay {
 
   async dump(ifname: string): Promise<Dump | null> {
     const st = this.readState(ifname);
-    const r = st.impl === "kernel" && st.vpcId ? await this.cmd.exec("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", "show", ifname, "dump"]) : await this.cmd.exec("wg", ["show", ifname, "dump"]);
+    const r = st.impl === "kernel" && st.vpcId ? await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", "show", ifname, "dump"], { check: false }) : await this.cmd.run("wg", ["show", ifname, "dump"], { check: false });
     if (r.exitCode !== 0) return null;
     return parseDump(r.stdout);
   }
@@ -695,15 +695,8 @@ export class Overlay {
     rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
     const stale = await this.agent.kernel.link(vns, ifname);
     if (stale) await this.agent.kernel.ipBatch(vns, [`link del dev ${ifname}`]);
-    const argv = hns ? ["ip", ["netns", "exec", hns, "wireguard-go", "-f", ifname]] : ["wireguard-go", ["-f", ifname]];
-    const child = spawn(argv[0] as string, argv[1] as string[], {
-      detached: true,
-      stdio: "ignore",
-      env: { ...process.env, LC_ALL: "C", WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" },
-    });
-    child.unref();
-    if (!child.pid) throw new Error(`cannot start wireguard-go for ${ifname}`);
-    writeFileSync(this.pidFile(ifname), JSON.stringify({ pid: child.pid, vpcId, impl: "wireguard-go" }), { mode: 0o600 });
+    const { proc: child, pid: childPid } = await startDaemon("wireguard-go", ["-f", ifname], { netns: hns, detached: true, env: { WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" } });
+    writeFileSync(this.pidFile(ifname), JSON.stringify({ pid: childPid, vpcId, impl: "wireguard-go" }), { mode: 0o600 });
     let ok = false;
     for (let i = 0; i < 200 && !ok; i++) {
       if (child.exitCode !== null) break;
@@ -712,13 +705,13 @@ export class Overlay {
     }
     if (!ok) {
       try {
-        process.kill(child.pid, "SIGKILL");
+        process.kill(childPid, "SIGKILL");
       } catch {
         // gone
       }
       throw new Error(`wireguard-go ${ifname} did not start`);
     }
-    this.log.info({ vpc: vpcId, interface: ifname, pid: child.pid }, "started wireguard-go");
+    this.log.info({ vpc: vpcId, interface: ifname, pid: childPid }, "started wireguard-go");
     return null;
   }
 
@@ -832,7 +825,7 @@ export class Overlay {
     this.lastFull.set(vpcId, { ms: Date.now(), port, key: this.publicKey });
     // Routes: one /32 per remote NIC through the interface.
     const rout = await run("ip", ["-n", vns, "-j", "route", "show", "dev", ifname]);
-    const have = new Set((JSON.parse(rout || "[]") as { dst: string }[]).map((r) => (r.dst.includes("/") ? r.dst : `${r.dst}/32`)));
+    const have = new Set((JSON.parse(rout.stdout || "[]") as { dst: string }[]).map((r) => (r.dst.includes("/") ? r.dst : `${r.dst}/32`)));
     const wantR = new Set(want.flatMap((p) => p.allowedIps));
     const lines: string[] = [];
     for (const r of have) if (!wantR.has(r)) lines.push(`route del ${r} dev ${ifname}`);

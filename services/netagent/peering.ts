@@ -10,11 +10,10 @@
 import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
-import { exec } from "../common/exec.js";
+import { run } from "../common/exec.js";
 import { followEvents } from "../common/events.js";
 import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/store.js";
 import type { Agent } from "./agent.js";
-import { run } from "./kernel.js";
 import {
   desiredPeering,
   planPeering,
@@ -97,8 +96,8 @@ export class PeeringSync {
     return {
       exists: true,
       links: links.filter((l) => /^pc[0-9a-f]{12}$/.test(l.ifname)),
-      routes: JSON.parse(routes || "[]") as RouteObs[],
-      neigh: JSON.parse(neigh || "[]") as NeighObs[],
+      routes: JSON.parse(routes.stdout || "[]") as RouteObs[],
+      neigh: JSON.parse(neigh.stdout || "[]") as NeighObs[],
     };
   }
 
@@ -139,8 +138,8 @@ export class PeeringSync {
     for (const [ns, script] of plan.nft) {
       // Namespaces that never had a peering table from us need no "delete nothing".
       if (this.nftApplied.get(ns) === script || (!want.get(ns)?.links.length && !this.nftApplied.has(ns))) continue;
-      const r = await exec("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script });
-      if (r.code !== 0) errors.push(`${ns}: nft: ${r.stderr.trim().split("\n").slice(0, 3).join(" | ")}`);
+      const r = await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script, check: false });
+      if (r.error) errors.push(`${ns}: ${r.error.message}`);
       else this.nftApplied.set(ns, script);
     }
     for (const ns of [...this.nftApplied.keys()]) if (!namespaces.has(ns)) this.nftApplied.delete(ns);

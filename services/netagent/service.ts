@@ -12,6 +12,7 @@ import {
   InvalidArgumentError,
   NotFoundError,
 } from "../common/errors.js";
+import { ExecError } from "../common/exec.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import {
@@ -38,7 +39,7 @@ import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import type { Agent } from "./agent.js";
 import { recordProblem, wgName, type HostRecord, type Overlay } from "./overlay.js";
 import { overlayKeys } from "./store.js";
-import { KernelError, type Kernel } from "./kernel.js";
+import type { Kernel } from "./kernel.js";
 import { bandwidthLines, kernelIpArg, names, nicCreateLines, planVpc, prefixToNetmask, type Bandwidth, type NicSpec, type SubnetSpec } from "./plan.js";
 
 const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
@@ -476,7 +477,7 @@ export class NetAgent {
           // Undo: nothing half-applied stays behind.
           await this.detachLocked(spec).catch(() => {});
           this.agent.readyBridges.delete(s.id);
-          const out = err instanceof KernelError ? err.output : "";
+          const out = err instanceof ExecError ? err.stderr : "";
           if (kind === "veth" && /File exists/.test(out)) throw new AlreadyExistsError(`${veth!.netnsPath} already has an interface ${guestIf}; pick another guest_interface`);
           if (/No such device|Cannot find device/.test(out)) throw new FailedPreconditionError(`the subnet bridge vanished while attaching (${out.trim()}); it is being repaired — retry`);
           throw err;

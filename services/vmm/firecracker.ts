@@ -19,11 +19,12 @@
 // kernel's scripts/extract-vmlinux and Debian's lz4) and the same initrd.
 // The request and argument builders are pure and unit-tested
 // (test/unit/firecracker.test.ts); there is no firecracker here to run.
-import { spawn, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { accessSync, closeSync, constants, existsSync, mkdirSync, openSync, readSync, rmSync, statSync } from "node:fs";
 import { request } from "node:http";
 import { delimiter, dirname, join } from "node:path";
 import { FailedPreconditionError } from "../common/errors.js";
+import { startDaemon } from "../common/exec.js";
 import { inNetns, isSafePath, validateQemuOptions, vmProcess, type GuestCmdlineOptions, guestCmdline, type VmProcess } from "./qemu.js";
 
 export const FIRECRACKER_MISSING =
@@ -210,14 +211,12 @@ export async function startFirecracker(o: FirecrackerOptions & { startTimeoutMs?
   const err = openSync(errLog, "w");
   let child: ChildProcess;
   try {
-    child = spawn(cmd.file, cmd.args, { stdio: ["ignore", out, err], detached: true });
+    ({ proc: child } = await startDaemon(cmd.file, cmd.args, { stdio: ["ignore", out, err], detached: true }));
   } finally {
     closeSync(out);
     closeSync(err);
   }
-  child.unref();
-  if (child.pid === undefined) throw new Error(`cannot start ${bin}`);
-  const vm = vmProcess(child.pid, o.consoleLog, { proc: child, stderrLog: errLog, onStopped: () => rmSync(sock, { force: true }) });
+  const vm = vmProcess(child.pid!, o.consoleLog, { proc: child, stderrLog: errLog, onStopped: () => rmSync(sock, { force: true }) });
   try {
     const until = Date.now() + (o.startTimeoutMs ?? 10_000);
     let up = false;

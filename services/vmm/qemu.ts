@@ -14,10 +14,11 @@
 // guest's console lines) are separate from the part that spawns, and are
 // unit-tested (test/unit/qemu.test.ts). Commands are argument arrays; QEMU is
 // stopped by its PID only.
-import { execFile, spawn, spawnSync, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { closeSync, constants, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
 import { connect } from "node:net";
 import { dirname, isAbsolute } from "node:path";
+import { run, runSync, startDaemon } from "../common/exec.js";
 
 export type Accel = "kvm" | "tcg";
 
@@ -315,8 +316,8 @@ function probeKvm(bin: string): boolean {
   } catch {
     return false;
   }
-  const r = spawnSync(bin, kvmProbeArgv(), { stdio: "ignore", timeout: 3000, killSignal: "SIGKILL" });
-  return r.error === undefined && r.status === 0;
+  const r = runSync(bin, kvmProbeArgv(), { timeoutMs: 3000, killSignal: "SIGKILL", check: false });
+  return r.exitCode === 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -504,15 +505,13 @@ export function qmpCommand(socket: string, execute: string, timeoutMs = 3000): P
 export async function assertTap(netns: string, tap: string): Promise<void> {
   if (!IFNAME_RE.test(tap)) fail("tap", `${JSON.stringify(tap)} is not an interface name`);
   const cmd = inNetns(netns, "ip", ["-d", "-j", "link", "show", "dev", tap]);
-  const r = await new Promise<{ code: number; out: string; err: string }>((res) =>
-    execFile(cmd.file, cmd.args, { timeout: 10_000, killSignal: "SIGKILL" }, (e, out, err) => res({ code: e ? 1 : 0, out, err })),
-  );
-  if (r.code !== 0) {
-    throw new Error(`TAP ${tap} does not exist in ${netns}: attach the NIC first (netagent AttachNic, kind=TAP)${r.err.trim() ? ` (${r.err.trim()})` : ""}`);
+  const r = await run(cmd.file, cmd.args, { timeoutMs: 10_000, killSignal: "SIGKILL", check: false });
+  if (r.exitCode !== 0) {
+    throw new Error(`TAP ${tap} does not exist in ${netns}: attach the NIC first (netagent AttachNic, kind=TAP)${r.stderr.trim() ? ` (${r.stderr.trim()})` : ""}`);
   }
   let kind: string | undefined;
   try {
-    kind = (JSON.parse(r.out) as { linkinfo?: { info_kind?: string } }[])[0]?.linkinfo?.info_kind;
+    kind = (JSON.parse(r.stdout) as { linkinfo?: { info_kind?: string } }[])[0]?.linkinfo?.info_kind;
   } catch {
     kind = undefined;
   }
@@ -542,14 +541,12 @@ export async function startQemu(o: QemuOptions & { startTimeoutMs?: number }): P
   const fd = openSync(errLog, "w");
   let child: ChildProcess;
   try {
-    child = spawn(cmd.file, cmd.args, { stdio: ["ignore", fd, fd], detached: true, env: { ...process.env, LC_ALL: "C" } });
+    // Rejects with an ExecError ("could not start: …") if it cannot be run.
+    ({ proc: child } = await startDaemon(cmd.file, cmd.args, { stdio: ["ignore", fd, fd], detached: true }));
   } finally {
     closeSync(fd);
   }
-  const spawnError = new Promise<Error>((res) => child.once("error", res));
-  child.unref();
-  if (child.pid === undefined) throw new Error(`cannot start ${cmd.file}: ${(await spawnError).message}`);
-  const vm = vmProcess(child.pid, o.consoleLog, { proc: child, stderrLog: errLog, onStopped: () => rmSync(qmp, { force: true }) });
+  const vm = vmProcess(child.pid!, o.consoleLog, { proc: child, stderrLog: errLog, onStopped: () => rmSync(qmp, { force: true }) });
   const until = Date.now() + (o.startTimeoutMs ?? 15_000);
   let last: unknown;
   for (let i = 0; i < 1000 && Date.now() < until; i++) {

@@ -4,7 +4,7 @@
 // the error names the step. Every undo is idempotent and keyed by the VM id,
 // so a vmm killed at any point rolls the operation back (or finishes a
 // delete) on restart: a VM is either fully up or fully gone.
-import { exec } from "../common/exec.js";
+import { run } from "../common/exec.js";
 import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -76,11 +76,6 @@ const STEP_ENUM: Record<StepName, VmStep> = {
   boot: VmStep.BOOT,
 };
 
-async function sh(file: string, args: string[], timeoutMs = 10_000): Promise<{ code: number; out: string }> {
-  const r = await exec(file, args, { timeoutMs });
-  return { code: r.code, out: `${r.stdout}${r.stderr}` };
-}
-
 const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
 s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
 
@@ -114,8 +109,8 @@ export class Vmm {
         let nic;
         if (v.kind === "netns") {
           v.netns = this.vmNetns(v);
-          const r = await sh("ip", ["netns", "add", v.netns]);
-          if (r.code !== 0 && !/File exists/.test(r.out)) throw new Error(`ip netns add ${v.netns}: ${r.out.trim()}`);
+          const r = await run("ip", ["netns", "add", v.netns], { timeoutMs: 10_000, check: false });
+          if (r.error && !/File exists/.test(r.stderr)) throw r.error;
           nic = (
             await this.c.netagent.attachNic({
               vpc: v.vpcId, subnet: v.subnetId, kind: NicKind.VETH, options: { case: "veth", value: { netnsPath: `/run/netns/${v.netns}` } },
@@ -191,8 +186,8 @@ export class Vmm {
       case "netagent":
         await this.c.netagent.detachNic({ owner: this.owner(v) });
         if (v.kind === "netns") {
-          const r = await sh("ip", ["netns", "del", this.vmNetns(v)]);
-          if (r.code !== 0 && !/No such file/.test(r.out)) throw new Error(`ip netns del: ${r.out.trim()}`);
+          const r = await run("ip", ["netns", "del", this.vmNetns(v)], { timeoutMs: 10_000, check: false });
+          if (r.error && !/No such file/.test(r.stderr)) throw r.error;
         }
         return;
       case "ipam":
@@ -461,16 +456,16 @@ export class Vmm {
       let method: string;
       if (req.protocol === Protocol.ICMP || req.port === undefined) {
         method = "icmp echo";
-        const r = await sh("ip", ["netns", "exec", src.netns, "ping", "-c", "1", "-W", String(Math.ceil(timeout / 1000)), target], timeout + 3000);
-        result = / 1 received/.test(r.out) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
+        const r = await run("ip", ["netns", "exec", src.netns, "ping", "-c", "1", "-W", String(Math.ceil(timeout / 1000)), target], { timeoutMs: timeout + 3000, check: false });
+        result = / 1 received/.test(r.stdout) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
       } else {
         method = `tcp connect :${V.port("port", req.port)}`;
-        const r = await sh("ip", ["netns", "exec", src.netns, process.execPath, "-e", TCP_PROBE, target, String(req.port), String(timeout)], timeout + 3000);
-        result = r.out.includes("connected")
+        const { stdout: out } = await run("ip", ["netns", "exec", src.netns, process.execPath, "-e", TCP_PROBE, target, String(req.port), String(timeout)], { timeoutMs: timeout + 3000, check: false });
+        result = out.includes("connected")
           ? ConnectivityResult.REACHABLE
-          : r.out.includes("refused")
+          : out.includes("refused")
             ? ConnectivityResult.REFUSED
-            : r.out.includes("timeout")
+            : out.includes("timeout")
               ? ConnectivityResult.TIMEOUT
               : ConnectivityResult.UNREACHABLE;
       }

@@ -120,6 +120,40 @@ describe("CreateVm and DeleteVm", () => {
   });
 });
 
+describe("exec metrics", () => {
+  /** Sum of microvpc_exec_total on a daemon's /metrics, by command; null if the metric is not served at all. */
+  async function execCounts(d: Daemon): Promise<Map<string, number> | null> {
+    const text = await (await fetch(`http://127.0.0.1:${d.metricsPort}/metrics`)).text();
+    if (!/^# TYPE microvpc_exec_total counter$/m.test(text) || !/^# TYPE microvpc_exec_duration_seconds histogram$/m.test(text)) return null;
+    const m = new Map<string, number>();
+    for (const [, command, n] of text.matchAll(/^microvpc_exec_total\{(?:[^}]*,)?command="([^"]*)"[^}]*\} (\d+)$/gm)) m.set(command, (m.get(command) ?? 0) + Number(n));
+    return m;
+  }
+
+  test("every daemon serves microvpc_exec_total and _duration_seconds; a CreateVm's commands are counted", async (t) => {
+    const hv = h.hosts[0];
+    const daemons = { ipam: h.ipamDaemon, netagent: hv.daemon, firewall: fwd, gateway: gwd, vmm: vmmd };
+    const total = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
+    const before = new Map<string, Map<string, number>>();
+    for (const [name, d] of Object.entries(daemons)) {
+      const m = await execCounts(d);
+      assert.ok(m, `${name} serves the exec metrics`);
+      before.set(name, m);
+    }
+    const vm = (await vmm.createVm({ name: "counted", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
+    const ran: string[] = [];
+    for (const [name, d] of Object.entries(daemons)) {
+      const m = (await execCounts(d))!;
+      const was = before.get(name)!;
+      const diff = [...m].filter(([c, n]) => n > (was.get(c) ?? 0)).map(([c, n]) => `${c}×${n - (was.get(c) ?? 0)}`);
+      ran.push(`${name} ${total(m) - total(was)} (${diff.join(", ")})`);
+    }
+    t.diagnostic(`execs during one CreateVm (kind=netns), by daemon: ${ran.join("; ")}`);
+    assert.ok(((await execCounts(vmmd))!.get("ip netns") ?? 0) > (before.get("vmm")!.get("ip netns") ?? 0), "vmm's ip netns add was counted");
+    assert.equal((await vmm.deleteVm({ ref: vm.id })).deleted, true);
+  });
+});
+
 describe("kind=qemu", () => {
   test("CreateVm boots a real guest on its TAP; it answers a VM of its VPC; DeleteVm stops it", { timeout: 180_000 }, async (t) => {
     if (!guestImage()) {

@@ -14,6 +14,7 @@ import { pino } from "pino";
 import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel, type LinkInfo } from "../../services/netagent/kernel.js";
 import { Overlay, wgName, type WgCommands, type WgImpl } from "../../services/netagent/overlay.js";
+import type { RunOptions, RunResult } from "../../services/common/exec.js";
 import type { HostStore } from "../../services/netagent/store.js";
 
 const HOST = "hv1";
@@ -34,9 +35,18 @@ function fakeCommands(k: RecordingKernel): WgCommands & { log: string[] } {
     if (!k.linkState.has(ns)) k.linkState.set(ns, []);
     return k.linkState.get(ns)!;
   };
-  const run = async (file: string, args: string[]): Promise<string> => {
-    log.push([file, ...args].join(" "));
+  const result = (stdout: string, exitCode = 0, stderr = ""): RunResult => ({ exitCode, signal: undefined, timedOut: false, stdout, stderr });
+  const run = async (file: string, args: string[], o: RunOptions = {}): Promise<RunResult> => {
     const a = args.join(" ");
+    if (/^netns exec \S+ wg show \S+ dump$/.test(a)) {
+      log.push(`${file} ${a}`);
+      return result(`PRIVATE\t${key}\t${key === "(none)" ? 0 : 51820}\toff\n`);
+    }
+    if (file === "wg" && args[0] === "show") {
+      assert.equal(o.check, false, "wg show of a missing device is read with check: false");
+      return result("", 1, "Unable to access interface: No such device");
+    }
+    log.push([file, ...args].join(" "));
     let m: RegExpExecArray | null;
     if ((m = /^-n (\S+) link add (\S+) type wireguard$/.exec(a))) {
       links(m[1]).push({ ifname: m[2], kind: "wireguard", mac: "", mtu: 1420, up: false, addrs: [] } as LinkInfo);
@@ -53,22 +63,9 @@ function fakeCommands(k: RecordingKernel): WgCommands & { log: string[] } {
     } else {
       throw new Error(`unexpected command: ${file} ${a}`);
     }
-    return "";
+    return result("");
   };
-  return {
-    log,
-    run,
-    exec: async (file, args) => {
-      const a = args.join(" ");
-      if (/^netns exec \S+ wg show \S+ dump$/.test(a)) {
-        log.push(`${file} ${a}`);
-        return { exitCode: 0, stdout: `PRIVATE\t${key}\t${key === "(none)" ? 0 : 51820}\toff\n`, all: "" };
-      }
-      if (file === "wg" && args[0] === "show") return { exitCode: 1, stdout: "", all: "Unable to access interface: No such device" };
-      await run(file, args);
-      return { exitCode: 0, stdout: "", all: "" };
-    },
-  };
+  return { log, run };
 }
 
 function overlayWith(k: RecordingKernel, impl: WgImpl): { o: Overlay; cmd: ReturnType<typeof fakeCommands> } {
