@@ -254,13 +254,16 @@ export function accelProbe(deps: () => ProbeDeps, timeoutMs = () => PROBE_TIMEOU
       const forced = forcedAccel(d.env);
       if (forced) return Promise.resolve(forced);
       if (cached && !o.refresh) return cached;
-      const p = probeAccel(d, timeoutMs()).then((r) => {
-        if (!r.final && cached === p) cached = undefined;
-        const fields = { accel: r.accel, reason: r.reason, probeMs: r.probeMs };
-        if (r.accel === "kvm") log?.info(fields, "kind=qemu guests run under KVM");
-        else log?.warn(fields, "kind=qemu guests run under TCG (software emulation)");
-        return r;
-      });
+      const p = probeAccel(d, timeoutMs())
+        .catch((e): AccelDecision => ({ accel: "tcg", reason: `the KVM probe failed: ${(e as Error).message}`, final: false, probeMs: 0 }))
+        .then((r) => {
+          if (!r.final && cached === p) cached = undefined;
+          const fields = { accel: r.accel, reason: r.reason, probeMs: r.probeMs };
+          if (r.accel === "kvm") log?.info(fields, "kind=qemu guests run under KVM");
+          else if (!r.final) log?.info(fields, "kind=qemu guests run under TCG for now");
+          else log?.warn(fields, "kind=qemu guests run under TCG (software emulation)");
+          return r;
+        });
       cached = p;
       return p;
     },

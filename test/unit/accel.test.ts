@@ -121,7 +121,7 @@ test("accelProbe: one probe in flight, the answer cached and logged once; not-fi
   assert.equal(a.accel, "tcg");
   assert.equal(await p.get(), a, "cached");
   assert.equal(boots, 1);
-  assert.deepEqual(logged.map(([lvl, f]) => [lvl, f.accel]), [["warn", "tcg"], ["warn", "tcg"]], "each answer logged once");
+  assert.deepEqual(logged.map(([lvl, f]) => [lvl, f.accel]), [["info", "tcg"], ["warn", "tcg"]], "each answer logged once (a provisional one as info)");
   assert.match(String(logged[1][1].reason), /did not reach init under KVM/);
   // The override wins over the cache, and is not probed.
   env = "kvm";
@@ -130,6 +130,22 @@ test("accelProbe: one probe in flight, the answer cached and logged once; not-fi
   env = undefined;
   await p.get({ refresh: true });
   assert.equal(boots, 2, "refresh probes again");
+});
+
+test("accelProbe: a probe that throws is TCG with the reason, and asked again", async () => {
+  let fail = true;
+  const p = accelProbe(() => ({
+    env: undefined,
+    openKvm: () => {
+      if (fail) throw new Error("boom");
+      return "missing";
+    },
+    guest: () => GUEST,
+    bootKvm: async () => ({ kind: "error", ms: 0, message: "unused" }),
+  }));
+  assert.deepEqual(await p.get(), { accel: "tcg", reason: "the KVM probe failed: boom", final: false, probeMs: 0 });
+  fail = false;
+  assert.equal((await p.get()).reason, "no /dev/kvm");
 });
 
 test("kvmProbeArgv: the argv a VM gets under KVM (the guest's kernel, initrd, command line, -cpu host), the NIC on a hub port instead of a TAP", () => {
