@@ -21,11 +21,11 @@
 // probe at start-up (startAccelProbe) so CreateVm finds it done, or waits for
 // the one in flight. $MICROVPC_QEMU_ACCEL=kvm|tcg skips it.
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
+import { closeSync, constants, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Logger } from "pino";
-import { guestCmdline, guestImage, QEMU_BIN, qemuArgv, vmProcess, type Accel } from "./qemu.js";
+import { guestCmdline, guestImage, pidAlive, QEMU_BIN, qemuArgv, vmProcess, type Accel } from "./qemu.js";
 
 export interface AccelDecision {
   accel: Accel;
@@ -169,7 +169,13 @@ export async function bootKvmProbe(guest: { kernel: string; initrd: string }, ti
   const ms = () => Date.now() - t0;
   let dir: string;
   try {
-    dir = mkdtempSync(join(tmpdir(), "microvpc-kvm-probe-"));
+    // The folder is named after this process: one a vmm killed mid-probe left is removed by the next probe.
+    const base = tmpdir();
+    for (const n of readdirSync(base)) {
+      const m = /^microvpc-kvm-probe-(\d{1,10})-/.exec(n);
+      if (m && !pidAlive(Number(m[1]))) rmSync(join(base, n), { recursive: true, force: true });
+    }
+    dir = mkdtempSync(join(base, `microvpc-kvm-probe-${process.pid}-`));
   } catch (e) {
     return { kind: "error", ms: ms(), message: `temporary folder: ${(e as Error).message}` };
   }
