@@ -84,7 +84,7 @@ function vmDetails(v: Vm, extra: [string, string][] = []): string {
       ["initrd", v.initrdPath],
       ["rootfs", v.rootfsPath],
       ["cmdline", v.kernelCmdline],
-      ["accelerator", v.accelerator],
+      ["accelerator", v.accelerator + (v.acceleratorReason ? ` (${v.acceleratorReason})` : "")],
       ["pid", v.pid ? String(v.pid) : ""],
       ["console log", v.consoleLogPath],
     );

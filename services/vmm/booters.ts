@@ -5,6 +5,7 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import type { Logger } from "pino";
 import { FailedPreconditionError } from "../common/errors.js";
+import { qemuAccel } from "./accel.js";
 import { adoptQemu, guestCmdline, guestImage, startQemu } from "./qemu.js";
 import type { Booter } from "./service.js";
 import type { VmRec } from "./store.js";
@@ -19,7 +20,10 @@ export function qemuBooter(log: Logger, stateDir = process.env.MICROVPC_STATE_DI
       const dir = join(stateDir, "vm");
       mkdirSync(dir, { recursive: true });
       const consoleLog = join(dir, `${v.id}.console.log`);
+      // Probed once per vmm (at start-up; a CreateVm during the probe waits for it).
+      const { accel, reason } = await qemuAccel();
       const p = await startQemu({
+        accel,
         name: vmName(v),
         netns: netnsPath,
         tap: v.hostIf,
@@ -31,8 +35,8 @@ export function qemuBooter(log: Logger, stateDir = process.env.MICROVPC_STATE_DI
         memoryMib: v.memoryMib,
         consoleLog,
       });
-      log.info({ vm: v.id, pid: p.pid }, "guest started");
-      return { pid: p.pid, consoleLog };
+      log.info({ vm: v.id, pid: p.pid, accel }, "guest started");
+      return { pid: p.pid, consoleLog, accel, accelReason: reason };
     },
     async stop(v: VmRec) {
       if (!v.pid) return;

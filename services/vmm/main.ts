@@ -47,6 +47,10 @@ export const vmmDefinition: ServiceDefinition = {
     try {
       const { qemuBooter } = await import("./booters.js");
       booters.qemu = qemuBooter(logger);
+      // KVM or TCG for kind=qemu: decided in the background (up to a few
+      // seconds: it boots the guest under KVM), logged once.
+      const { startAccelProbe } = await import("./accel.js");
+      startAccelProbe(logger);
     } catch {
       logger.info("kind=qemu not available in this build");
     }

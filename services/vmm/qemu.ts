@@ -15,10 +15,11 @@
 // unit-tested (test/unit/qemu.test.ts). Commands are argument arrays; QEMU is
 // stopped by its PID only.
 import type { ChildProcess } from "node:child_process";
-import { closeSync, constants, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
 import { connect } from "node:net";
 import { dirname, isAbsolute } from "node:path";
-import { run, runSync, startDaemon } from "../common/exec.js";
+import { run, startDaemon } from "../common/exec.js";
+import { qemuAccel } from "./accel.js";
 
 export type Accel = "kvm" | "tcg";
 
@@ -56,7 +57,7 @@ export interface QemuOptions {
   memoryMib: number;
   /** File the serial console goes to (absolute; its folder is created). */
   consoleLog: string;
-  /** Default: detectAccel(). */
+  /** Default: qemuAccel() (KVM only if it boots this guest to init; else TCG). */
   accel?: Accel;
   /** `-name`, visible in ps and /proc/PID/cmdline (adoptQemu checks it). Default `microvpc-<tap>`. */
   name?: string;
@@ -284,41 +285,7 @@ export function parseGuestConsole(text: string): GuestReport {
 }
 
 // ---------------------------------------------------------------------------
-// Acceleration
-
-let accelCache: Accel | undefined;
-
-/** The argument list of the KVM probe: firmware only, no disk, exits on its own (-no-reboot, reboot-timeout=0) once SeaBIOS finds nothing to boot. */
-export function kvmProbeArgv(): string[] {
-  return ["-M", "q35", "-accel", "kvm", "-cpu", "host", "-m", "32", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-boot", "reboot-timeout=0"];
-}
-
-/**
- * kvm if /dev/kvm opens read-write and QEMU really runs a guest with it,
- * else tcg. "Accepts -accel kvm" is not enough: where KVM is nested in
- * another hypervisor (as on the test machines) QEMU starts, then aborts on
- * `-cpu host` or spins without running guest code. So the probe boots the
- * firmware alone (no disk: it reboots at once, and -no-reboot ends QEMU),
- * which takes ~0.1 s with working KVM, and gives up after 3 s.
- * $MICROVPC_QEMU_ACCEL=kvm|tcg skips the probe. The answer is cached.
- */
-export function detectAccel(o: { qemu?: string; refresh?: boolean } = {}): Accel {
-  const forced = process.env.MICROVPC_QEMU_ACCEL;
-  if (forced === "kvm" || forced === "tcg") return forced;
-  if (accelCache && !o.refresh) return accelCache;
-  accelCache = probeKvm(o.qemu ?? QEMU_BIN) ? "kvm" : "tcg";
-  return accelCache;
-}
-
-function probeKvm(bin: string): boolean {
-  try {
-    closeSync(openSync("/dev/kvm", constants.O_RDWR));
-  } catch {
-    return false;
-  }
-  const r = runSync(bin, kvmProbeArgv(), { timeoutMs: 3000, killSignal: "SIGKILL", check: false });
-  return r.exitCode === 0;
-}
+// Acceleration: accel.ts (qemuAccel) boots this guest under KVM to decide.
 
 // ---------------------------------------------------------------------------
 // Running QEMU
@@ -527,7 +494,7 @@ export async function assertTap(netns: string, tap: string): Promise<void> {
  * again. The caller stops it with stop().
  */
 export async function startQemu(o: QemuOptions & { startTimeoutMs?: number }): Promise<VmProcess> {
-  const accel = o.accel ?? detectAccel({ qemu: o.qemu });
+  const accel = o.accel ?? (await qemuAccel()).accel;
   const args = qemuArgv({ ...o, accel });
   for (const f of [o.kernel, o.initrd]) if (!existsSync(f)) throw new Error(`${f} does not exist: run deploy/guest/build.sh`);
   // QEMU, as root, would create a missing TAP itself: a NIC on no bridge.

@@ -56,7 +56,7 @@ export interface Clients {
 
 /** Boots and stops real guests (kind=qemu/firecracker); kind=netns needs none. */
 export interface Booter {
-  boot(v: VmRec, netnsPath: string): Promise<{ pid: number; consoleLog: string }>;
+  boot(v: VmRec, netnsPath: string): Promise<{ pid: number; consoleLog: string; accel?: string; accelReason?: string }>;
   stop(v: VmRec): Promise<void>;
 }
 
@@ -159,7 +159,9 @@ export class Vmm {
         const r = await b.boot(v, `/run/netns/${v.netns}`);
         v.pid = r.pid;
         v.consoleLog = r.consoleLog;
-        return `pid ${r.pid}`;
+        v.accel = r.accel;
+        v.accelReason = r.accelReason;
+        return `pid ${r.pid}${r.accel ? `, ${r.accel} (${r.accelReason})` : ""}`;
       }
     }
   }
@@ -308,6 +310,8 @@ export class Vmm {
       pid: v.pid,
       namespace: v.netns,
       consoleLogPath: v.consoleLog,
+      accelerator: v.accel ?? "",
+      acceleratorReason: v.accelReason ?? "",
       labels: v.labels,
       nics: v.nicId
         ? [{ id: v.nicId, vpcId: v.vpcId, subnetId: v.subnetId, hostInterface: v.hostIf, guest: { address: v.address, mac: v.mac, kernelIpArg: v.kernelIpArg } }]

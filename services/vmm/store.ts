@@ -37,6 +37,9 @@ export interface VmRec {
   pid: number;
   kernelIpArg: string;
   consoleLog: string;
+  /** kind=qemu: the accelerator its QEMU got, and why (absent in records written before these existed). */
+  accel?: string;
+  accelReason?: string;
   /** Steps done, in order, with their timing. */
   done: { step: StepName; startMs: number; endMs: number; detail: string }[];
   /** The operation in flight ("" when none), and journal lines. */

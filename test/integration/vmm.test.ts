@@ -162,6 +162,12 @@ describe("kind=qemu", () => {
     }
     const g = (await vmm.createVm({ name: "guest", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.QEMU, memoryMib: 256 })).vm!;
     assert.ok(g.pid > 0, "a QEMU process");
+    // KVM only if the vmm's probe booted this guest to init under it; either way, with the reason.
+    const ins = (await vmm.inspectVm({ ref: g.id })).vm!;
+    assert.match(ins.accelerator, /^(kvm|tcg)$/);
+    assert.ok(ins.acceleratorReason.length > 0, "inspect says why");
+    assert.equal(g.accelerator, ins.accelerator);
+    t.diagnostic(`accelerator ${ins.accelerator}: ${ins.acceleratorReason}`);
     const addr = g.nics[0].guest!.address;
     assert.ok(
       await waitFor(() => existsSync(g.consoleLogPath) && readFileSync(g.consoleLogPath, "utf8").includes(`MVPC-NET eth0 ${addr}/24`), { timeoutMs: 90_000, intervalMs: 500 }),

@@ -6,7 +6,6 @@ import { kernelIpArg, prefixToNetmask, type NicSpec } from "../../services/netag
 import {
   guestCmdline,
   inNetns,
-  kvmProbeArgv,
   MAX_CMDLINE,
   parseGuestConsole,
   parseKernelIpArg,
@@ -68,11 +67,6 @@ test("qemuArgv: KVM uses the host CPU", () => {
   assert.equal(opt(a, "-accel"), "kvm");
   assert.equal(opt(a, "-cpu"), "host");
   assert.equal(opt(a, "-smp"), "2");
-  // The probe boots firmware only and ends by itself.
-  const p = kvmProbeArgv();
-  assert.equal(opt(p, "-accel"), "kvm");
-  assert.equal(opt(p, "-boot"), "reboot-timeout=0");
-  assert.ok(p.includes("-no-reboot") && !p.includes("-kernel"));
 });
 
 test("validation: anything QEMU would split at a comma, or the kernel would refuse, is refused with the field named", () => {
