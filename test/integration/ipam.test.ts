@@ -3,10 +3,10 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { join } from "node:path";
-import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { ipToInt } from "../../services/common/validate.js";
 import { K } from "../../services/ipam/keys.js";
@@ -20,13 +20,13 @@ let redis: TestRedis;
 let daemon: Daemon;
 let c: ReturnType<typeof ipamClients>;
 
-before(async () => {
+beforeAll(async () => {
   redis = await startRedis();
   daemon = await startDaemon("ipam", ["--redis", redis.url, "--redis-timeout-ms", "500"]);
   c = ipamClients(daemon.address);
 });
 
-after(async () => {
+afterAll(async () => {
   await daemon?.stop();
   await redis?.stop();
 });
