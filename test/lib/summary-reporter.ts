@@ -9,7 +9,7 @@
 // - an error outside any test (unhandled rejection, uncaught exception).
 // Each of these is named above the line. vitest's exit code is not changed
 // (non-zero on any of them).
-import type { Reporter, SerializedError, TestCase, TestModule, TestSuite } from "vitest/node";
+import type { Reporter, SerializedError, TestCase, TestModule, TestSuite, Vitest } from "vitest/node";
 
 type Parent = TestSuite | TestModule;
 
@@ -30,6 +30,17 @@ function failedAncestor(t: TestCase): Parent | undefined {
 }
 
 export class SummaryReporter implements Reporter {
+  private lines: string[] | undefined;
+
+  // Printed when vitest closes, after its workers are stopped: a worker's
+  // output as it exits would otherwise come after the line.
+  onInit(vitest: Vitest): void {
+    vitest.onClose(() => {
+      if (this.lines) process.stdout.write(this.lines.join(""));
+      this.lines = undefined;
+    });
+  }
+
   onTestRunEnd(modules: ReadonlyArray<TestModule>, unhandled: ReadonlyArray<SerializedError>): void {
     let passed = 0;
     let failed = 0;
@@ -68,7 +79,6 @@ export class SummaryReporter implements Reporter {
       failed++;
       notes.push(`failed (unhandled error outside any test): ${firstLine(e)}`);
     }
-    for (const n of notes) process.stdout.write(`${n}\n`);
-    process.stdout.write(`${passed} passed, ${failed} failed${skipped > 0 ? `, ${skipped} skipped` : ""}\n`);
+    this.lines = [...notes.map((n) => `${n}\n`), `${passed} passed, ${failed} failed${skipped > 0 ? `, ${skipped} skipped` : ""}\n`];
   }
 }
