@@ -9,14 +9,18 @@ import { SummaryReporter } from "./test/lib/summary-reporter.ts";
 export default defineConfig({
   test: {
     include: ["test/unit/**/*.test.ts", "test/integration/**/*.test.ts"],
-    // Builds dist/, which the daemons the tests start run.
+    // Builds dist/, which the daemons the tests start run, and lets workers
+    // clean up their namespaces when the run is interrupted.
     globalSetup: ["test/lib/global-setup.ts"],
+    // Removes what a file's hooks left behind, as node:test's per-file
+    // process did on exit.
+    setupFiles: ["test/lib/file-setup.ts"],
     // A process per file, as node:test ran them: the netns harness keeps
     // per-process state (run prefix, exit and signal handlers).
     pool: "forks",
     isolate: true,
     fileParallelism: false,
-    sequence: { concurrent: false, hooks: "list", sequencer: FileOrderSequencer },
+    sequence: { concurrent: false, sequencer: FileOrderSequencer },
     // node:test had no default limit; the longest tests set 300 s, and the
     // integration files' beforeAll hooks start whole stacks.
     testTimeout: 300_000,
