@@ -11,9 +11,8 @@ for bin in redis-server; do
 done
 echo "== typecheck"
 npx --no-install tsc --noEmit -p .
-echo "== build"
-node build.mjs
 echo "== tests"
-# One file at a time: integration tests start daemons and load the machine.
-exec node --import tsx --test --test-concurrency=1 \
-  test/unit/*.test.ts test/integration/*.test.ts
+# vitest.config.ts: dist/ built first (global setup), then test/unit and
+# test/integration one file at a time (integration tests start daemons and
+# load the machine); the last line is "N passed, N failed[, N skipped]".
+exec npx --no-install vitest run

@@ -12,8 +12,8 @@
 import { execFile } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { cliRunner, type CliRun } from "../lib/cli.js";
 import {
@@ -71,7 +71,7 @@ const busy = async (p: Promise<unknown>) => {
   }
 };
 
-before(async () => {
+beforeAll(async () => {
   rootBefore = await rootSnapshot();
   tmp = tempDir("cli");
   redis = await startRedis({ persistence: false });
@@ -97,7 +97,7 @@ before(async () => {
   await expect(0, ["subnet", "create", "data", "--vpc", "prod", "--cidr", "10.0.2.0/24", "--type", "private"]);
 });
 
-after(async () => {
+afterAll(async () => {
   // VMs first, through the vmm, so it undoes what it did.
   if (daemons.vmm) {
     const vms = await run(["vm", "list", "-o", "json"]);

@@ -4,8 +4,8 @@ import { execFile } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { afterAll, beforeAll, test } from "vitest";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { cliRunner } from "../lib/cli.js";
 import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
@@ -35,13 +35,13 @@ async function snapshot(): Promise<string> {
   return JSON.stringify({ vpcs, subnets, allocs });
 }
 
-before(async () => {
+beforeAll(async () => {
   tmp = mkdtempSync(join(tmpdir(), "mvpc-cli-"));
   redis = await startRedis();
   daemon = await startDaemon("ipam", ["--redis", redis.url]);
 });
 
-after(async () => {
+afterAll(async () => {
   await daemon?.stop();
   await redis?.stop();
   if (tmp) rmSync(tmp, { recursive: true, force: true });

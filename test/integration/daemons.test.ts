@@ -3,17 +3,17 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
 import { promisify } from "node:util";
+import { afterAll, beforeAll, test } from "vitest";
 import { ROOT, startDaemon } from "../lib/daemon.js";
 import { startRedis, type TestRedis } from "../lib/redis.js";
 
 const pexec = promisify(execFile);
 let redis: TestRedis;
-before(async () => {
+beforeAll(async () => {
   redis = await startRedis({ persistence: false });
 });
-after(async () => {
+afterAll(async () => {
   await redis?.stop();
 });
 

@@ -7,9 +7,9 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createRequire } from "node:module";
-import { after, before, describe, test } from "node:test";
 import { Code } from "@connectrpc/connect";
 import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -98,7 +98,7 @@ async function startUpstream(port: number, answer: string): Promise<void> {
   assert.ok(ok && child.exitCode === null, `upstream :${port} answers`);
 }
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
   const hv = h.hosts[0];
   inet = await h.internet();
@@ -128,7 +128,7 @@ before(async () => {
   betaWeb = await mk("web1", "beta");
 });
 
-after(async () => {
+afterAll(async () => {
   for (const d of [vmmd, gwd, fwd]) await d?.stop().catch(() => undefined);
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);

@@ -4,10 +4,10 @@
 // createRouterTransport (no kernel); two FirewallApi instances stand for two
 // hypervisors sharing one Redis.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
 import { create } from "@bufbuild/protobuf";
 import { Code, createClient, createRouterTransport, type Client, type Interceptor } from "@connectrpc/connect";
 import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { toConnectError } from "../../services/common/errors.js";
 import {
   AclAction,
@@ -47,7 +47,7 @@ const mapErrors: Interceptor = (next) => async (req) => {
   }
 };
 
-before(async () => {
+beforeAll(async () => {
   redis = await startRedis({ persistence: false });
   r = new Redis(redis.url);
   const ipamStore = new IpamStore(r);
@@ -69,7 +69,7 @@ before(async () => {
   fw2 = createClient(FirewallService, transport("hv2"));
 });
 
-after(async () => {
+afterAll(async () => {
   r?.disconnect();
   await redis?.stop();
 });
@@ -283,7 +283,7 @@ describe("NIC bindings", () => {
   let other: { id: string; subnets: Record<string, string> };
   let web: string;
   let db: string;
-  before(async () => {
+  beforeAll(async () => {
     v = await newVpc("bind", "10.50.0.0/16", { a: "10.50.1.0/24", b: "10.50.2.0/24" });
     other = await newVpc("bind-other", "10.50.0.0/16", { a: "10.50.1.0/24" });
     web = (await fw.createSecurityGroup({ vpc: "bind", name: "web", rules: [tcpIn(80, "0.0.0.0/0")] })).securityGroup!.id;

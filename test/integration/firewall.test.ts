@@ -4,8 +4,8 @@
 // flows, what is forbidden does not.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { after, before, describe, test } from "node:test";
 import { Code } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { AclAction, Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
@@ -38,7 +38,7 @@ async function eventually(probe: () => Promise<boolean>, want: boolean, what: st
   assert.ok(ok, `${what}: expected ${want ? "reachable" : "blocked"}`);
 }
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 1, underlay: false });
   const vpc = await h.vpc("shop", "10.0.0.0/16");
   const web = await h.subnet(vpc, "web", "10.0.1.0/24", SubnetType.PUBLIC);
@@ -76,7 +76,7 @@ before(async () => {
   await eventually(() => tcpProbe(other.ns, db1.address, 5432, 800), false, "the db group is in force");
 });
 
-after(async () => {
+afterAll(async () => {
   await fwd?.stop();
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);

@@ -2,10 +2,10 @@
 // called in memory through createRouterTransport: CRUD, the (vpc, address)
 // index, validation of every field, token revocation and the events.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, createClient, createRouterTransport, type Client, type Interceptor } from "@connectrpc/connect";
 import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { toConnectError } from "../../services/common/errors.js";
 import {
   GatewayService,
@@ -35,7 +35,7 @@ const mapErrors: Interceptor = (next) => async (req) => {
   }
 };
 
-before(async () => {
+beforeAll(async () => {
   redis = await startRedis({ persistence: false });
   r = new Redis(redis.url);
   store = new MetadataStore(r);
@@ -51,7 +51,7 @@ before(async () => {
   vpcs = createClient(VpcService, transport);
 });
 
-after(async () => {
+afterAll(async () => {
   r?.disconnect();
   await redis?.stop();
 });

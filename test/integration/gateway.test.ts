@@ -3,8 +3,8 @@
 // instance metadata service reached at 169.254.169.254 from inside VMs,
 // including two VMs with the same address in two VPCs.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
 import { Code } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -46,7 +46,7 @@ req.end();`;
   return JSON.parse(r.stdout);
 }
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
   const hv = h.hosts[0];
   hostAddr = hv.underlayAddress;
@@ -84,7 +84,7 @@ before(async () => {
   }
 });
 
-after(async () => {
+afterAll(async () => {
   await gwd?.stop();
   await fwd?.stop();
   const left = await h?.close();

@@ -3,9 +3,9 @@
 // outside its subnet, no reserved one is handed out, and release and
 // reallocate behave like a simple model (a set of held addresses).
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
 import fc from "fast-check";
 import { Redis } from "ioredis";
+import { afterAll, beforeAll, test } from "vitest";
 import { K } from "../../services/ipam/keys.js";
 import { IpamStore, reservedIndexes, type SubnetRec } from "../../services/ipam/store.js";
 import { CHUNK_BITS } from "../../services/ipam/scripts.js";
@@ -18,7 +18,7 @@ let store: IpamStore;
 let vpcId: string;
 let seq = 0;
 
-before(async () => {
+beforeAll(async () => {
   // fsync "no": these tests check logic, not durability, and run thousands of sequences.
   redis = await startRedis({ appendfsync: "no" });
   client = new Redis(redis.url, { enableAutoPipelining: true });
@@ -27,7 +27,7 @@ before(async () => {
   vpcId = vpc.id;
 });
 
-after(async () => {
+afterAll(async () => {
   client?.disconnect();
   await redis?.stop();
 });

@@ -3,10 +3,10 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { join } from "node:path";
-import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { ipToInt } from "../../services/common/validate.js";
 import { K } from "../../services/ipam/keys.js";
@@ -20,13 +20,13 @@ let redis: TestRedis;
 let daemon: Daemon;
 let c: ReturnType<typeof ipamClients>;
 
-before(async () => {
+beforeAll(async () => {
   redis = await startRedis();
   daemon = await startDaemon("ipam", ["--redis", redis.url, "--redis-timeout-ms", "500"]);
   c = ipamClients(daemon.address);
 });
 
-after(async () => {
+afterAll(async () => {
   await daemon?.stop();
   await redis?.stop();
 });
@@ -103,9 +103,20 @@ describe("catalog", () => {
 });
 
 describe("bad input gets the right code, a message that says what to fix, and changes nothing", () => {
-  test("table", async () => {
-    await newVpc("bad", "10.50.0.0/16");
-    const sn = await newSubnet("bad", "ok", "10.50.1.0/24");
+  // Under node:test each case was a subtest of the test "table"; vitest has
+  // no tests inside tests, so "table" is a suite: the VPC and subnet in
+  // beforeAll, a test per case (same names, same order), and the check that
+  // nothing changed as its last test.
+  describe("table", () => {
+    let sn: Awaited<ReturnType<typeof newSubnet>>;
+    let before = 0;
+    let snBefore = 0;
+    beforeAll(async () => {
+      await newVpc("bad", "10.50.0.0/16");
+      sn = await newSubnet("bad", "ok", "10.50.1.0/24");
+      before = (await c.vpc.listVpcs({ pageSize: 1000 })).vpcs.length;
+      snBefore = (await c.subnet.listSubnets({ vpc: "bad" })).subnets.length;
+    });
     const huge = "x".repeat(100_000);
     const cases: [string, () => Promise<unknown>, Code, RegExp][] = [
       ["bad cidr", () => c.vpc.createVpc({ name: "b1", cidr: "10.0.0.300/16" }), Code.InvalidArgument, /cidr: .* is not an IPv4 CIDR/],
@@ -139,14 +150,14 @@ describe("bad input gets the right code, a message that says what to fix, and ch
       ["page token", () => c.vpc.listVpcs({ pageToken: "garbage" }), Code.InvalidArgument, /page_token/],
       ["release nothing", () => c.ipam.release({ subnetId: sn.id }), Code.InvalidArgument, /address: is required, unless owner and request_id/],
     ];
-    const before = (await c.vpc.listVpcs({ pageSize: 1000 })).vpcs.length;
-    const snBefore = (await c.subnet.listSubnets({ vpc: "bad" })).subnets.length;
     for (const [what, call, code, re] of cases) {
-      await test(what, () => rejectsWith(call(), code, re).then(() => undefined));
+      test(what, () => rejectsWith(call(), code, re).then(() => undefined));
     }
-    assert.equal((await c.vpc.listVpcs({ pageSize: 1000 })).vpcs.length, before, "no VPC was created");
-    assert.equal((await c.subnet.listSubnets({ vpc: "bad" })).subnets.length, snBefore, "no subnet was created");
-    assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.used, 0n, "no address was allocated");
+    test("after every case: no VPC, subnet or address was created", async () => {
+      assert.equal((await c.vpc.listVpcs({ pageSize: 1000 })).vpcs.length, before, "no VPC was created");
+      assert.equal((await c.subnet.listSubnets({ vpc: "bad" })).subnets.length, snBefore, "no subnet was created");
+      assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.used, 0n, "no address was allocated");
+    });
   });
 });
 

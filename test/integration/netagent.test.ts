@@ -4,8 +4,8 @@
 // and is removed at the end (also on failure and on SIGINT/SIGTERM); the root
 // namespace is only read, and the last test checks it did not change.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { NicKind, type AttachNicRequest } from "../../gen/microvpc/v1/netagent_pb.js";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
@@ -43,13 +43,13 @@ let h: Harness;
 let hv0: Hypervisor;
 let hv1: Hypervisor;
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 2, agentArgs: ["--reconcile-interval-ms", String(RECONCILE_MS)] });
   hv0 = h.hosts[0];
   hv1 = h.hosts[1];
 });
 
-after(async () => {
+afterAll(async () => {
   const left = await h?.close();
   assert.deepEqual(left ?? [], [], "every namespace of the run is gone");
 });
@@ -121,7 +121,7 @@ async function newVpc(name: string, cidr: string, subnets: [string, string, Subn
 
 describe("harness", () => {
   test("hypervisor host namespaces reach each other over the underlay; agents are healthy", async (t) => {
-    t.diagnostic(`run prefix ${h.prefix}; hypervisors ${h.hosts.map((x) => x.id).join(", ")}`);
+    await t.annotate(`run prefix ${h.prefix}; hypervisors ${h.hosts.map((x) => x.id).join(", ")}`);
     assert.ok(await canPing(hv0.ns, hv1.underlayAddress), "hv0 → hv1 over the underlay");
     assert.ok(await canPing(hv1.ns, UNDERLAY_GATEWAY), "hv1 → underlay bridge");
     const st = await hv0.agent.getHostStatus({});
@@ -327,7 +327,7 @@ describe("restart", () => {
     const r = await bg.result();
     assert.ok(r.transmitted >= 70, `ping ran (${r.transmitted} sent):\n${r.output}`);
     const lost = r.transmitted - r.received;
-    t.diagnostic(`ping across the agent restart: ${r.received}/${r.transmitted} answered, ${lost} lost, ${r.duplicates} duplicates`);
+    await t.annotate(`ping across the agent restart: ${r.received}/${r.transmitted} answered, ${lost} lost, ${r.duplicates} duplicates`);
     assert.ok(lost <= 20, `lost ${lost} of ${r.transmitted} pings at 50 ms (more than 1 s):\n${r.output}`);
     assert.equal(r.duplicates, 0, "no duplicate replies");
 
@@ -448,13 +448,13 @@ describe("bandwidth", () => {
           if (mbps >= want[dir].min && mbps <= want[dir].max) break;
         }
       }
-      t.diagnostic(`iperf3 runs (Mbit/s): ${out.runs.join(", ")}`);
+      await t.annotate(`iperf3 runs (Mbit/s): ${out.runs.join(", ")}`);
       return out;
     };
     const LIMITED = { min: 90, max: 110 };
     const FREE = { min: 500, max: Infinity };
     const limited = await measure({ egress: LIMITED, ingress: LIMITED });
-    t.diagnostic(`limited to 100/100: egress ${limited.egress.toFixed(1)} Mbit/s, ingress ${limited.ingress.toFixed(1)} Mbit/s`);
+    await t.annotate(`limited to 100/100: egress ${limited.egress.toFixed(1)} Mbit/s, ingress ${limited.ingress.toFixed(1)} Mbit/s`);
     for (const dir of ["egress", "ingress"] as const) assert.ok(limited[dir] >= 90 && limited[dir] <= 110, `${dir} at a 100 Mbit/s limit: ${limited[dir].toFixed(1)} Mbit/s`);
 
     const stats1 = (await hv0.agent.nicStats({ nics: [lim.nicId] })).nics[0];
@@ -465,7 +465,7 @@ describe("bandwidth", () => {
     const lifted = await hv0.agent.setNicBandwidth({ nic: lim.nicId });
     assert.ok(!lifted.nic!.bandwidth?.ingress && !lifted.nic!.bandwidth?.egress, "no limit reported after lifting");
     const free = await measure({ egress: FREE, ingress: FREE });
-    t.diagnostic(`limit lifted: egress ${free.egress.toFixed(0)} Mbit/s, ingress ${free.ingress.toFixed(0)} Mbit/s`);
+    await t.annotate(`limit lifted: egress ${free.egress.toFixed(0)} Mbit/s, ingress ${free.ingress.toFixed(0)} Mbit/s`);
     for (const dir of ["egress", "ingress"] as const) assert.ok(free[dir] > 500, `${dir} with the limit lifted: ${free[dir].toFixed(1)} Mbit/s`);
 
     // Changed on the running NIC, one direction only.
@@ -473,7 +473,7 @@ describe("bandwidth", () => {
     assert.equal(one.nic!.bandwidth?.egress?.rateMbps, 100);
     assert.equal(one.nic!.bandwidth?.ingress, undefined);
     const half = await measure({ egress: LIMITED, ingress: FREE });
-    t.diagnostic(`egress limited to 100 only: egress ${half.egress.toFixed(1)} Mbit/s, ingress ${half.ingress.toFixed(0)} Mbit/s`);
+    await t.annotate(`egress limited to 100 only: egress ${half.egress.toFixed(1)} Mbit/s, ingress ${half.ingress.toFixed(0)} Mbit/s`);
     assert.ok(half.egress >= 90 && half.egress <= 110, `egress limited again: ${half.egress.toFixed(1)} Mbit/s`);
     assert.ok(half.ingress > 500, `ingress still free: ${half.ingress.toFixed(1)} Mbit/s`);
     assert.equal((await hv0.agent.getNic({ ref: lim.nicId })).nic!.bandwidth?.egress?.rateMbps, 100, "GetNic reports the limit");

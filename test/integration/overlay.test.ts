@@ -7,8 +7,8 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { after, before, describe, test } from "node:test";
 import { Code } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import type { Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { rejectsWith } from "../lib/clients.js";
@@ -28,12 +28,12 @@ let vpcB: Vpc;
 const a: Vm[] = [];
 const b: Vm[] = [];
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   hv = h.hosts;
 });
 
-after(async () => {
+afterAll(async () => {
   const names = h ? wgSockets() : [];
   const left = await h?.close();
   assert.deepEqual(left ?? [], [], "every namespace of the run is gone");
@@ -390,7 +390,7 @@ describe("throughput", () => {
       assert.notEqual(Number.parseInt(rps.stdout.replaceAll(",", "").trim(), 16), 0, `RPS on ${st.interface}`);
       const med = (v: number[]) => [...v].sort((p, q) => p - q)[Math.floor(v.length / 2)];
       const msg = `raw wireguard-go tunnel ${med(raw).toFixed(3)} Gbit/s (${raw.map((v) => v.toFixed(3)).join(", ")}); overlay VM↔VM ${med(ovl).toFixed(3)} Gbit/s (${ovl.map((v) => v.toFixed(3)).join(", ")}); ratio ${((100 * med(ovl)) / med(raw)).toFixed(0)}%`;
-      t.diagnostic(msg);
+      await t.annotate(msg);
       console.log(`# overlay: ${msg}`);
       assert.ok(med(ovl) > 0);
     } finally {

@@ -6,8 +6,8 @@
 // resolver, in its VPC only. Needs root; the root namespace is only read,
 // and the last test checks it did not change.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
 import { Code } from "@connectrpc/connect";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import type { Peering } from "../../gen/microvpc/v1/peering_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
@@ -27,7 +27,7 @@ let A: Vpc, B: Vpc, C: Vpc, overlapA: Vpc;
 let a0: Vm, a1: Vm, b1: Vm, b2: Vm, c0: Vm, c2: Vm;
 let ab: Peering;
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   A = await h.vpc("pa", "10.70.0.0/16");
   B = await h.vpc("pb", "10.71.0.0/16");
@@ -46,7 +46,7 @@ before(async () => {
   for (const vm of [a0, a1, b1, b2, c0, c2]) await startHttpServer(vm.ns, vm.name, 80);
 });
 
-after(async () => {
+afterAll(async () => {
   const left = await h?.close();
   assert.deepEqual(left ?? [], [], "every namespace of the run is gone");
 });

@@ -18,7 +18,7 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { after, before, describe, test } from "node:test";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { NicKind, type Nic } from "../../gen/microvpc/v1/netagent_pb.js";
@@ -52,8 +52,9 @@ async function prerequisites(): Promise<string | false> {
 }
 let buildMs = 0;
 const skip = await prerequisites();
+if (skip) console.log(`# skipped: ${skip}`);
 
-describe("real guests under QEMU on netagent's TAPs", { skip, timeout: 150_000 }, () => {
+describe.skipIf(skip)("real guests under QEMU on netagent's TAPs", { timeout: 150_000 }, () => {
   let h: Harness;
   let fwd: Daemon, gwd: Daemon;
   let vpc: Vpc, web: Subnet, db: Subnet;
@@ -97,7 +98,7 @@ describe("real guests under QEMU on netagent's TAPs", { skip, timeout: 150_000 }
     return vm;
   }
 
-  before(async () => {
+  beforeAll(async () => {
     accel = await qemuAccel();
     h = await Harness.start({ hosts: 1 });
     logs = tempDir("qemu");
@@ -156,7 +157,7 @@ describe("real guests under QEMU on netagent's TAPs", { skip, timeout: 150_000 }
     g2 = { vm: vm2, nic: n2, report: parseGuestConsole(vm2.console()), bootMs: boot2 };
   });
 
-  after(async () => {
+  afterAll(async () => {
     await Promise.all(vms.map((vm) => vm.stop().catch(() => undefined)));
     await gwd?.stop();
     await fwd?.stop();
@@ -170,8 +171,8 @@ describe("real guests under QEMU on netagent's TAPs", { skip, timeout: 150_000 }
     return c;
   }
 
-  test("both guests boot and configure eth0 from netagent's ip= argument, with netagent's MAC", (t) => {
-    t.diagnostic(`accel ${accel.accel} (${accel.reason}); guest build ${buildMs} ms; network up after start: g2 ${g2.bootMs} ms (with its servers), g1 ${g1.bootMs} ms`);
+  test("both guests boot and configure eth0 from netagent's ip= argument, with netagent's MAC", async (t) => {
+    await t.annotate(`accel ${accel.accel} (${accel.reason}); guest build ${buildMs} ms; network up after start: g2 ${g2.bootMs} ms (with its servers), g1 ${g1.bootMs} ms`);
     for (const g of [g1, g2]) {
       assert.deepEqual(g.report.net, { device: "eth0", address: `${g.nic.guest!.address}/24`, gateway: g.nic.guest!.gateway, mac: g.nic.guest!.mac }, g.vm.console());
       assert.equal(g.report.done, true);

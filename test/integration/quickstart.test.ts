@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { join } from "node:path";
-import { test } from "node:test";
+import { test } from "vitest";
 import { ROOT } from "../lib/daemon.js";
 import { listNetns } from "../lib/netns.js";
 

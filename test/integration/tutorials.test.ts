@@ -22,7 +22,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
+import { afterAll, beforeAll, test } from "vitest";
 import { type Daemon } from "../lib/daemon.js";
 import { cliEnv, cliRunner, type CliRun } from "../lib/cli.js";
 import { Harness } from "../lib/harness.js";
@@ -118,7 +118,7 @@ const busy = async (p: Promise<unknown>) => {
   }
 };
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
   const hv = h.hosts[0];
   tmp = tempDir("tutorials");
@@ -126,7 +126,7 @@ before(async () => {
   ({ fwd, gwd, vmmd } = await h.hostServices(hv, { vmm: true, driftMs: 3000 }));
 });
 
-after(async () => {
+afterAll(async () => {
   for (const s of servers) if (s.exitCode === null && s.signalCode === null) s.kill("SIGTERM");
   if (vmmd) {
     const vms = await run(["vm", "list", "-o", "json"]).catch(() => undefined);

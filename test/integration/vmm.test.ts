@@ -3,7 +3,7 @@
 // at every step leave nothing behind; a vmm SIGKILLed at random points
 // leaves every VM either fully up or fully gone.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
@@ -59,7 +59,7 @@ function assertConsistent(x: Awaited<ReturnType<typeof holdings>>, what: string)
   assert.deepEqual(x.records, x.running, `${what}: DNS records = running VMs`);
 }
 
-before(async () => {
+beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
   const hv = h.hosts[0];
   redis = new Redis(h.redis.url);
@@ -78,7 +78,7 @@ before(async () => {
   await startVmm();
 });
 
-after(async () => {
+afterAll(async () => {
   redis?.disconnect();
   for (const d of [vmmd, gwd, fwd]) await d?.stop().catch(() => undefined);
   const left = await h?.close();

@@ -3,7 +3,7 @@
 // outcome is TCG with the reason; the env override wins; answers are cached
 // (except "no guest built yet") and probed once at a time.
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { test } from "vitest";
 import { accelProbe, ENV, kvmProbeArgv, lastLine, probeAccel, PROBE_TIMEOUT_MS, type KvmBootOutcome, type ProbeDeps } from "../../services/vmm/accel.js";
 import { guestCmdline, qemuArgv } from "../../services/vmm/qemu.js";
 

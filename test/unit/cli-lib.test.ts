@@ -2,7 +2,7 @@
 // own parser, printed back in the same form), TARGET[:PORT], --host, and the
 // progress line for slow calls.
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { test } from "vitest";
 import { DomainError } from "../../services/common/errors.js";
 import { AclAction, Direction, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { splitTarget } from "../../cli/commands/connectivity.js";

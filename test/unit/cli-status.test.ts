@@ -2,8 +2,8 @@
 // WireGuard runs each interface, and hosts left out of the mesh because their
 // registry record was malformed. Pure; no daemons.
 import assert from "node:assert/strict";
-import { test } from "node:test";
 import { create } from "@bufbuild/protobuf";
+import { test } from "vitest";
 import { overlayText } from "../../cli/commands/status.js";
 import { GetOverlayStatusResponseSchema, WireGuardImplementation } from "../../gen/microvpc/v1/netagent_pb.js";
 

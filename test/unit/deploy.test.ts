@@ -16,8 +16,8 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, w
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { test } from "node:test";
 import ts from "typescript";
+import { test } from "vitest";
 import { parse as parseYaml } from "yaml";
 import { build, isObj, parseYamlDocs, resId, splitImage, strategicMerge, type K8sObject, type Obj } from "../../deploy/k8s/kustomize.js";
 import { isLoopback, parseListen } from "../../services/common/server.js";

@@ -5,8 +5,8 @@
 import assert from "node:assert/strict";
 import { createSocket, type Socket } from "node:dgram";
 import { connect } from "node:net";
-import { after, before, describe, test } from "node:test";
 import * as dnsPacket from "dns-packet";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { InvalidArgumentError } from "../../services/common/errors.js";
 import { Resolver } from "../../services/dns/resolver.js";
 import { forwarders, label, ttl } from "../../services/dns/service.js";
@@ -166,7 +166,7 @@ describe("the resolver over loopback sockets", () => {
   let upstreamSeen = 0;
   const zones = new Map([["127.0.0.1", zoneA], ["127.0.0.2", zoneB]]);
 
-  before(async () => {
+  beforeAll(async () => {
     upstream = createSocket("udp4");
     upstream.on("message", (m, r) => {
       upstreamSeen++;
@@ -177,7 +177,7 @@ describe("the resolver over loopback sockets", () => {
     await new Promise<void>((r) => upstream.bind(5399, "127.0.0.3", r));
     resolver = new Resolver({ port: 0, zoneOf: (l) => zones.get(l), logger: { debug() {}, info() {}, warn() {}, error() {} }, forwardTimeoutMs: 300, rateLimitPerSecond: 5, burst: 20 });
   });
-  after(async () => {
+  afterAll(async () => {
     await resolver.close();
     upstream.close();
   });

@@ -6,12 +6,12 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { closeSync, openSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, test } from "node:test";
+import { afterAll, test } from "vitest";
 import { commandLabel, displayArgv, ExecError, run, runSync, startDaemon } from "../../services/common/exec.js";
 import { metricsRegistry } from "../../services/common/metrics.js";
 
 const dir = mkdtempSync(join(tmpdir(), "exec-"));
-after(() => rmSync(dir, { recursive: true, force: true }));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 // Prints each argument between < and >, one per line.
 const ECHO_ARGS = 'for a in "$@"; do printf "<%s>\\n" "$a"; done';

@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, test } from "node:test";
+import { afterAll, test } from "vitest";
 import { FailedPreconditionError } from "../../services/common/errors.js";
 import {
   fcRequest,
@@ -21,7 +21,7 @@ import {
 } from "../../services/vmm/firecracker.js";
 
 const dir = mkdtempSync(join(tmpdir(), "mvpc-fc-"));
-after(() => rmSync(dir, { recursive: true, force: true }));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 const base: FirecrackerOptions = {
   id: "vm-1",

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { test } from "node:test";
+import { test } from "vitest";
 import { compile, diff, flowAllowed } from "../../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "../../services/firewall/model.js";
 import { ROOT } from "../lib/daemon.js";

@@ -1,8 +1,8 @@
 // Firewall rule parsing and validation: every accepted syntax, and the bad
 // inputs with the exact messages a person sees.
 import assert from "node:assert/strict";
-import { describe, test } from "node:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { describe, test } from "vitest";
 import { InvalidArgumentError } from "../../services/common/errors.js";
 import {
   AclAction,

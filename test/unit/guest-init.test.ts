@@ -3,8 +3,8 @@
 import assert from "node:assert/strict";
 import { execFileSync, spawnSync } from "node:child_process";
 import { dirname, join } from "node:path";
-import { test } from "node:test";
 import { fileURLToPath } from "node:url";
+import { test } from "vitest";
 import { kernelIpArg, prefixToNetmask, type NicSpec } from "../../services/netagent/plan.js";
 import { guestCmdline } from "../../services/vmm/qemu.js";
 
@@ -17,6 +17,7 @@ const busybox = (() => {
   }
 })();
 const skip = busybox ? false : "busybox is not installed (apt-get install busybox-static)";
+if (skip) console.log(`# skipped: ${skip}`);
 
 function dryRun(cmdline: string, modules = ""): string[] {
   const r = spawnSync(busybox!, ["sh", INIT], {
@@ -28,7 +29,7 @@ function dryRun(cmdline: string, modules = ""): string[] {
   return r.stdout.trim().split("\n");
 }
 
-test("the network from netagent's ip= argument, modules in the given order, virtio_mmio with its devices", { skip }, () => {
+test.skipIf(skip)("the network from netagent's ip= argument, modules in the given order, virtio_mmio with its devices", () => {
   const n = { address: "10.0.2.9", gateway: "10.0.2.1", hostname: "db-1", dns: ["10.0.0.2"] } as NicSpec;
   const cmdline = `${guestCmdline({ ipArg: kernelIpArg(n, prefixToNetmask(24)) })} virtio_mmio.device=4K@0xd0000000:5`;
   assert.deepEqual(dryRun(cmdline, "virtio_ring virtio virtio_mmio"), [
@@ -45,7 +46,7 @@ test("the network from netagent's ip= argument, modules in the given order, virt
   ]);
 });
 
-test("netmasks to prefixes, and bad ip= fields refused with an MVPC-NET error", { skip }, () => {
+test.skipIf(skip)("netmasks to prefixes, and bad ip= fields refused with an MVPC-NET error", () => {
   for (const [mask, prefix] of [["255.255.0.0", 16], ["255.255.255.252", 30], ["255.255.255.255", 32], ["0.0.0.0", 0], ["20", 20]] as const) {
     assert.ok(dryRun(`ip=10.1.2.3::10.1.0.1:${mask}:h:eth0:off`).includes(`+ ip addr add 10.1.2.3/${prefix} dev eth0`), mask);
   }
@@ -60,7 +61,7 @@ test("netmasks to prefixes, and bad ip= fields refused with an MVPC-NET error", 
   assert.deepEqual(dryRun("mvpc.ttl=3;reboot").slice(-1), ["MVPC-DONE"]);
 });
 
-test("listeners and checks: valid ones run in order with the tries given, bad ones reported, never run", { skip }, () => {
+test.skipIf(skip)("listeners and checks: valid ones run in order with the tries given, bad ones reported, never run", () => {
   const out = dryRun(
     "ip=10.0.1.4::10.0.1.1:255.255.255.0:g:eth0:off mvpc.listen=80 mvpc.listen=99999 mvpc.listen=8$(id) mvpc.tries=2 " +
       "mvpc.check=ping:10.0.1.1 mvpc.check=tcp:10.0.2.4:5432 mvpc.check=http:169.254.169.254/latest/meta-data/instance-id " +

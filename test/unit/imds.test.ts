@@ -6,9 +6,9 @@
 import assert from "node:assert/strict";
 import { request, Agent, type IncomingHttpHeaders, type Server } from "node:http";
 import { connect, createServer as createNetServer, type AddressInfo, type Server as NetServer } from "node:net";
-import { after, before, describe, test } from "node:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import {
   ImdsHttpEndpoint,
   ImdsHttpTokens,
@@ -123,7 +123,7 @@ async function token(o: Omit<Call, "path" | "method"> = {}, ttl = "60"): Promise
   return res.text;
 }
 
-before(async () => {
+beforeAll(async () => {
   redis = await startRedis({ persistence: false });
   r = new Redis(redis.url);
   store = new MetadataStore(r);
@@ -165,7 +165,7 @@ before(async () => {
   main = await startImds();
 });
 
-after(async () => {
+afterAll(async () => {
   if (main) await stopImds(main);
   r?.disconnect();
   await redis?.stop();
@@ -483,10 +483,10 @@ function rawExchange(l: Listeners, from: string, write: (s: ReturnType<typeof co
 
 describe("bounds", () => {
   let lim: Listeners;
-  before(async () => {
+  beforeAll(async () => {
     lim = await startImds({ rateLimitPerSecond: 20, burst: 40, maxConnectionsPerCaller: 4, headersTimeoutMs: 600, requestTimeoutMs: 1000, keepAliveTimeoutMs: 1000 });
   });
-  after(async () => {
+  afterAll(async () => {
     if (lim) await stopImds(lim);
   });
 

@@ -1,7 +1,7 @@
 // The reconciler's safety valve, against a recording kernel and a fake store.
 import assert from "node:assert/strict";
-import { test } from "node:test";
 import { pino } from "pino";
+import { test } from "vitest";
 import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel } from "../../services/netagent/kernel.js";
 import type { HostStore } from "../../services/netagent/store.js";

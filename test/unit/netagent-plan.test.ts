@@ -1,6 +1,6 @@
 // The netagent planner: desired + observed in, ip/tc batch lines out.
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { test } from "vitest";
 import type { LinkInfo, QdiscInfo } from "../../services/netagent/kernel.js";
 import { bandwidthLines, bridgeMac, kernelIpArg, names, netnsTarget, planVpc, prefixToNetmask, type NicSpec, type SubnetSpec } from "../../services/netagent/plan.js";
 import { macFor } from "../../services/netagent/service.js";

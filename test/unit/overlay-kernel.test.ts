@@ -8,9 +8,9 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, test } from "node:test";
 import type { Redis } from "ioredis";
 import { pino } from "pino";
+import { afterAll, test } from "vitest";
 import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel, type LinkInfo } from "../../services/netagent/kernel.js";
 import { Overlay, wgName, type WgCommands, type WgImpl } from "../../services/netagent/overlay.js";
@@ -25,7 +25,7 @@ const HNS = "mtunit-no-such-ns";
 const KEY = Buffer.alloc(32, 9).toString("base64");
 const dir = mkdtempSync(join(tmpdir(), "ovk-"));
 mkdirSync(join(dir, HOST, "wg"), { recursive: true }); // what Overlay.init() makes
-after(() => rmSync(dir, { recursive: true, force: true }));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** Fake `ip`/`wg`: keeps the links in the recording kernel's state, as the kernel would. */
 function fakeCommands(k: RecordingKernel): WgCommands & { log: string[] } {

@@ -1,7 +1,7 @@
 // The overlay's pure parts: interface names, `wg show dump` parsing, and the
 // `wg set` arguments that turn one peer list into another.
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { test } from "vitest";
 import { addressProblem, memberProblem, parseDump, peerArgs, recordProblem, selectImplementation, wgName, type PeerWant, type WgProbe } from "../../services/netagent/overlay.js";
 
 const K1 = "x".repeat(43) + "=";

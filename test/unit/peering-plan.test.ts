@@ -1,7 +1,7 @@
 // The peering planner: which namespaces a host carries, and the exact lines
 // it runs, from desired and observed state. Pure; no root needed.
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { test } from "vitest";
 import type { LinkInfo } from "../../services/netagent/kernel.js";
 import {
   desiredPeering,

@@ -1,7 +1,7 @@
 // kind=qemu's pure parts: QEMU's argument list, the namespace wrapper, the
 // guest's kernel command line, ip= parsing, and the guest console parser.
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { test } from "vitest";
 import { kernelIpArg, prefixToNetmask, type NicSpec } from "../../services/netagent/plan.js";
 import {
   guestCmdline,

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { test } from "node:test";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { test } from "vitest";
 import { InvalidArgumentError, NotFoundError, toConnectError } from "../../services/common/errors.js";
 import { decodePageToken, encodePageToken } from "../../services/common/paging.js";
 import * as V from "../../services/common/validate.js";

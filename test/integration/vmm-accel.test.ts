@@ -11,7 +11,7 @@ import { execFileSync } from "node:child_process";
 import { chmodSync, mkdirSync, readdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { test } from "node:test";
+import { test } from "vitest";
 import { bootKvmProbe, machineDeps, probeAccel } from "../../services/vmm/accel.js";
 import { guestImage, QEMU_BIN } from "../../services/vmm/qemu.js";
 import { tempDir } from "../lib/netns.js";
@@ -25,7 +25,7 @@ const hasQemu = (() => {
     return false;
   }
 })();
-const skip = !hasQemu ? `${QEMU_BIN} is not installed` : !guest ? "no guest image (deploy/guest/build.sh; test/integration/qemu.test.ts builds it)" : false;
+const skip = !hasQemu ? `${QEMU_BIN} is not installed` : !guest ? "no guest image (deploy/guest/build.sh; test/integration/qemu.test.ts, which runs before this file, builds it)" : false;
 
 function wrapper(name: string, body: string): string {
   const f = join(tempDir("accel"), name);
@@ -43,7 +43,7 @@ function probeProcs(): string[] {
   }
 }
 
-test("a probe guest that never reaches init: timeout at the limit, QEMU stopped by PID, nothing left", { skip, timeout: 30_000 }, async () => {
+test.skipIf(skip)("a probe guest that never reaches init: timeout at the limit, QEMU stopped by PID, nothing left", { timeout: 30_000 }, async () => {
   // What a vmm SIGKILLed mid-probe leaves (its PID is in the name, and dead): the next probe removes it.
   mkdirSync(join(tmpdir(), "microvpc-kvm-probe-999999999-stale"), { recursive: true });
   const dirs = probeDirs().filter((n) => !n.includes("-999999999-"));
@@ -57,7 +57,7 @@ test("a probe guest that never reaches init: timeout at the limit, QEMU stopped 
   assert.deepEqual(probeDirs(), dirs, "its files are gone");
 });
 
-test("a QEMU that exits at once: the outcome carries its status and message", { skip, timeout: 30_000 }, async () => {
+test.skipIf(skip)("a QEMU that exits at once: the outcome carries its status and message", { timeout: 30_000 }, async () => {
   const w = wrapper("refusing-qemu", `echo "qemu-system-x86_64: -accel kvm: failed to initialize kvm: Permission denied" >&2\nexit 3`);
   const r = await bootKvmProbe(guest!, 5000, w);
   assert.equal(r.kind, "exited", JSON.stringify(r));
@@ -69,10 +69,10 @@ test("a QEMU that exits at once: the outcome carries its status and message", { 
   assert.match(d.reason, /^QEMU refused -accel kvm: it exited \(3\) before the guest reached init: .*Permission denied/);
 });
 
-test("this machine: KVM only if the guest reached init under it; TCG otherwise, with the reason, within the probe's limit", { skip, timeout: 60_000 }, async (t) => {
+test.skipIf(skip)("this machine: KVM only if the guest reached init under it; TCG otherwise, with the reason, within the probe's limit", { timeout: 60_000 }, async (t) => {
   const t0 = Date.now();
   const d = await probeAccel({ ...machineDeps(), env: undefined });
-  t.diagnostic(`${d.accel}: ${d.reason} (${Date.now() - t0} ms)`);
+  await t.annotate(`${d.accel}: ${d.reason} (${Date.now() - t0} ms)`);
   assert.ok(Date.now() - t0 < 20_000, "bounded");
   assert.ok(d.reason.length > 0);
   if (d.accel === "kvm") assert.match(d.reason, /reached init under KVM/);
