@@ -25,7 +25,7 @@ export const firewallDefinition: ServiceDefinition = {
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
-    const store = new FirewallStore(redis);
+    const store = new FirewallStore(redis, logger);
     const api = new FirewallApi(store, new IpamStore(redis), { hostId });
     const nft = new LinuxNft();
     const host = new HostStore(redis, hostId);
