@@ -121,13 +121,16 @@ export function parseBinding(sig: string, bound: string | null, updated: string 
 /** One member of a group's member index: nic id → address (a set element of the peer's members). */
 export function parseMember(nicId: string, address: string): V.Parsed<string> {
   return V.attempt(() => {
-    V.id("nic", nicId, "nic");
-    V.ipv4("address", address);
+    V.id("nic", V.jsonString("nic", nicId), "nic");
+    V.ipv4("address", V.jsonString("address", address));
     return address;
   });
 }
 
 /** A subnet of this host as the firewall compiles it (the netagent's record). */
 export function parseLocalSubnet(s: { subnetId: string; cidr: string }): V.Parsed<{ subnetId: string; cidr: string }> {
-  return V.attempt(() => ({ subnetId: V.id("subnet", s.subnetId, "subnet"), cidr: V.cidr("cidr", s.cidr, { min: 0, max: 32 }).text }));
+  return V.attempt(() => ({
+    subnetId: V.id("subnet", V.jsonString("subnet", s.subnetId), "subnet"),
+    cidr: V.cidr("cidr", V.jsonString("cidr", s.cidr), { min: 0, max: 32 }).text,
+  }));
 }

@@ -173,5 +173,8 @@ export function parseTransit(vpcId: string, value: string): V.Parsed<number> {
 
 /** A subnet of a VPC as the gateway routes and masquerades it. */
 export function parseGwSubnet(s: { subnetId: string; cidr: string }): V.Parsed<{ subnetId: string; cidr: string }> {
-  return V.attempt(() => ({ subnetId: V.id("subnet", s.subnetId, "subnet"), cidr: V.cidr("cidr", s.cidr, { min: 0, max: 32 }).text }));
+  return V.attempt(() => ({
+    subnetId: V.id("subnet", V.jsonString("subnet", s.subnetId), "subnet"),
+    cidr: V.cidr("cidr", V.jsonString("cidr", s.cidr), { min: 0, max: 32 }).text,
+  }));
 }
