@@ -8,6 +8,10 @@
 // table), the metric counts them, and the host keeps converging: the good
 // floating IP still reaches the VM on the port its group allows, a port the
 // group does not allow stays closed, and a port forward made afterwards works.
+// Against the code before records were checked (2754869) the same records
+// created the marker file (a command run as root through `ip -batch`), put a
+// default route via 6.6.6.6 on the host, inserted an nft rule opening port 22,
+// and the bad port forward and hop limit failed every gateway pass.
 import assert from "node:assert/strict";
 import { existsSync, rmSync } from "node:fs";
 import { Redis } from "ioredis";
@@ -98,7 +102,9 @@ describe("hostile records written straight into Redis", () => {
   test("reach no command, are counted, and the host keeps converging", async () => {
     const vpcId = pub.vpc.id;
     const hvId = h.hosts[0].id;
-    const touch = (m: string) => `netns exec ${hvNs} /bin/sh -c "touch ${m}"`;
+    // Payloads that make every line valid, so that before the records were
+    // checked `ip -force -batch` ran them all (the route line, then the neigh line).
+    const touch = (m: string) => `netns exec ${hvNs} /bin/touch ${m}`;
     const now = String(Date.now());
     const ev = (kind: string) => redis.xadd("mvpc:events", "*", "kind", kind, "vpc", vpcId, "gen", "0");
 
@@ -107,8 +113,8 @@ describe("hostile records written straight into Redis", () => {
     // carries nft syntax, and an IMDS hop limit doing the same.
     const fipRec = (id: string, address: string) =>
       redis.multi().hset(`mvpc:gw:fip:${id}`, { id, address, vpc: vpcId, private: pub.address, nic: pub.nicId, host: hvId, description: "", allocated: now, associated: now }).zadd("mvpc:gw:fips", 0, id).exec();
-    await fipRec("fip-aaaaaaaaaaa1", "192.168.100.141\nroute replace default via 6.6.6.6 onlink");
-    await fipRec("fip-aaaaaaaaaaa2", `192.168.100.142\n${touch(markers[0])}`);
+    await fipRec("fip-aaaaaaaaaaa1", "192.168.100.141 dev ul0\nroute replace default via 6.6.6.6 onlink dev ul0\nroute replace 192.168.100.143");
+    await fipRec("fip-aaaaaaaaaaa2", `192.168.100.142 dev ul0\n${touch(markers[0])}\nroute replace 192.168.100.144`);
     await redis
       .multi()
       .hset("mvpc:gw:pf:pf-aaaaaaaaaaa3", { id: "pf-aaaaaaaaaaa3", vpc: vpcId, proto: "tcp", host: hvId, outside: "9090", private: pub.address, private_port: '22 }; add table ip pwned_pf { }; #', nic: pub.nicId, description: "", created: now })
@@ -116,7 +122,7 @@ describe("hostile records written straight into Redis", () => {
       .hset("mvpc:gw:md:hop", `${vpcId}/${pub.address}`, "1 }; add table ip pwned_hop { }; #")
       .exec();
     // DNS: a resolver address that reaches `ip addr` and nft in the VPC namespace.
-    await redis.hset(`mvpc:dns:vpc:${vpcId}:cfg`, "resolver", `10.0.0.2/32 dev lo\n${touch(markers[1])}`);
+    await redis.hset(`mvpc:dns:vpc:${vpcId}:cfg`, "resolver", `10.0.0.2/32 dev lo\n${touch(markers[1])}\naddr replace 10.0.0.3`);
     await ev("gw.fip.associated");
 
     // Firewall: pub's binding names a second group whose rules carry nft
@@ -129,8 +135,9 @@ describe("hostile records written straight into Redis", () => {
       description: "",
       labels: "[]",
       rules: JSON.stringify([
-        { dir: "ingress", proto: "tcp", portFrom: '22 } ; add table inet pwned_rule { } ; add element inet microvpc x {', portTo: 22, cidr: "0.0.0.0/0", description: "" },
-        { dir: "ingress", proto: "tcp", portFrom: 22, portTo: 22, cidr: '0.0.0.0/0 . tcp . 22 }; add table inet pwned_cidr { }; #', description: "" },
+        // Each would open port 22 to everyone: a rule inserted at the top of the forward chain.
+        { dir: "ingress", proto: "tcp", portFrom: `22-22 }\ninsert rule inet microvpc forward tcp dport 22 accept comment "pwned_rule"\nadd element inet microvpc sg_${bad.slice(-12)}_in_ports { 0.0.0.0/0 . tcp . 23`, portTo: 23, cidr: "0.0.0.0/0", description: "" },
+        { dir: "ingress", proto: "tcp", portFrom: 25, portTo: 25, cidr: `0.0.0.0/0 . tcp . 24 }\ninsert rule inet microvpc forward tcp dport 22 accept comment "pwned_cidr"\nadd element inet microvpc sg_${bad.slice(-12)}_in_ports { 0.0.0.0/0`, description: "" },
       ]),
       peers: "",
       logging: "",
