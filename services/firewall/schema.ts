@@ -48,6 +48,30 @@ function sameId(h: Record<string, string>, id: string | undefined): void {
   if (id !== undefined && h.id !== id) throw new InvalidArgumentError("id", `${V.show(String(h.id))} is not the id of its key (${V.show(id)})`);
 }
 
+/**
+ * The writer's check of what it stores: rules, entries and drop logging go
+ * through the same parsers a reader uses, so whatever the API writes reads
+ * back (and anything the readers would refuse is never written).
+ */
+export function storedRulesText(rules: SgRule[]): string {
+  const text = JSON.stringify(rules);
+  V.jsonArray("rules", JSON.parse(text), MAX_RULES_PER_GROUP).forEach((r, i) => storedSgRule(`rules[${i}]`, r));
+  return text;
+}
+
+export function storedEntriesText(entries: AclEntry[]): string {
+  const text = JSON.stringify(entries);
+  V.jsonArray("entries", JSON.parse(text), MAX_ACL_ENTRIES).forEach((e, i) => storedAclEntry(`entries[${i}]`, e));
+  return text;
+}
+
+export function storedLoggingText(l: Logging | undefined | null): string {
+  if (!l) return "";
+  const text = JSON.stringify({ ratePerSecond: l.ratePerSecond, burst: l.burst });
+  storedLogging("drop_logging", JSON.parse(text));
+  return text;
+}
+
 /** A group hash as HGETALL returns it. */
 export function parseGroup(h: Record<string, string>, id?: string): V.Parsed<SecurityGroupRec> {
   return V.attempt(() => {

@@ -53,7 +53,7 @@ import {
   type SgRule,
   type VpcFirewallState,
 } from "./model.js";
-import { checkBinding, OWNER, parseAcl, parseBinding, parseGroup, parseMember, type BindingSpec } from "./schema.js";
+import { checkBinding, OWNER, parseAcl, parseBinding, parseGroup, parseMember, storedEntriesText, storedLoggingText, storedRulesText, type BindingSpec } from "./schema.js";
 
 /** The resource changed since it was read (expected_generation no longer matches). */
 export class AbortedError extends DomainError {
@@ -603,9 +603,9 @@ export class FirewallStore {
       name: g.name,
       description: g.description,
       labels: JSON.stringify(g.labels),
-      rules: JSON.stringify(g.rules),
+      rules: storedRulesText(g.rules),
       peers: peers.join(","),
-      logging: g.dropLogging ? JSON.stringify(g.dropLogging) : "",
+      logging: storedLoggingText(g.dropLogging),
       gen: 1,
       created: now,
       updated: now,
@@ -667,12 +667,12 @@ export class FirewallStore {
     let peers = peersOf(g.rules);
     if (change.rules) {
       if (change.rules.length > MAX_RULES_PER_GROUP) throw new InvalidArgumentError("rules", `the group would have ${change.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
-      fields.rules = JSON.stringify(change.rules);
+      fields.rules = storedRulesText(change.rules);
       peers = peersOf(change.rules);
       fields.peers = peers.join(",");
     }
     if (change.description !== undefined) fields.description = change.description;
-    if (change.dropLogging !== undefined) fields.logging = change.dropLogging ? JSON.stringify(change.dropLogging) : "";
+    if (change.dropLogging !== undefined) fields.logging = storedLoggingText(change.dropLogging);
     const [code, detail] = await this.redis.mvpcFwUpdateSg(FK.sg(g.id), g.id, fromGeneration, peers.join(","), ...flat(fields));
     if (code === -2) {
       throw new AbortedError(`security group ${g.name} (${g.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
@@ -775,7 +775,7 @@ export class FirewallStore {
       name: a.name,
       description: a.description,
       labels: JSON.stringify(a.labels),
-      entries: JSON.stringify(a.entries),
+      entries: storedEntriesText(a.entries),
       gen: 1,
       created: now,
       updated: now,
@@ -816,7 +816,7 @@ export class FirewallStore {
   /** As updateGroup: AbortedError if the ACL changed since fromGeneration. */
   async updateAcl(a: NetworkAclRec, fromGeneration: number, change: AclChange): Promise<NetworkAclRec> {
     const fields: Record<string, string | number> = { updated: Date.now() };
-    if (change.entries) fields.entries = JSON.stringify(change.entries);
+    if (change.entries) fields.entries = storedEntriesText(change.entries);
     if (change.description !== undefined) fields.description = change.description;
     const [code, detail] = await this.redis.mvpcFwUpdateAcl(FK.acl(a.id), a.id, fromGeneration, ...flat(fields));
     if (code === -2) throw new AbortedError(`network ACL ${a.name} (${a.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
