@@ -409,7 +409,7 @@ return {1, prev}
  * ARGV: 1 nic ids (csv; "*" = the NICs bound on the host in the VPC),
  * 2 subnet ids (csv). Returns {nics, groups, members, acls}:
  *   nics    {nic, sig, bound, updated} per bound NIC
- *   groups  HGETALL of every group the NICs use and every group those name as peer
+ *   groups  {group id, HGETALL…} of every group the NICs use and every group those name as peer
  *   members {group, nic, addr, nic, addr, …} per peer group
  *   acls    {subnet, HGETALL of its ACL, subnet ids of the ACL} per subnet with one
  */
@@ -437,7 +437,10 @@ local function load(g)
   if loaded[g] then return end
   loaded[g] = true
   local h = get('HGETALL', F .. 'sg:' .. g)
-  if h and #h > 0 then groups[#groups + 1] = h end
+  if h and #h > 0 then
+    table.insert(h, 1, g)
+    groups[#groups + 1] = h
+  end
 end
 for g, _ in pairs(used) do
   load(g)
@@ -890,6 +893,11 @@ export class FirewallStore {
       nics ? nics.map((n) => n.nicId).join(",") : "*",
       subnetIds.join(","),
     )) as [[string, string, string, string][], string[][], string[][], [string, string[], string[]][], string[]];
+    // Fail closed: what a refused record governed is denied, not opened. A
+    // NIC whose binding is refused, and a group that is refused, become the
+    // empty group CLOSED_GROUP (nothing allowed either way); a refused ACL
+    // becomes an ACL without entries (the subnet's default deny).
+    const refusedBinding = new Set<string>();
     const [rawNics, rawGroups, rawMembers, rawAcls, wrongType] = raw;
     for (const key of wrongType ?? []) reportInvalid(OWNER, "key", key, "holds another Redis type than its schema says", this.log);
 
@@ -899,6 +907,7 @@ export class FirewallStore {
     for (const [nic, sig, b, u] of rawNics) {
       const rec = this.ok("binding", FK.nic(nic), parseBinding(sig, b, u, nic));
       if (rec) bound.set(nic, rec);
+      else refusedBinding.add(nic);
     }
     let out: BindingRec[];
     if (nics) {
@@ -912,7 +921,7 @@ export class FirewallStore {
           mac: n.mac,
           hostId,
           hostIf: n.hostIf,
-          groupIds: b?.groupIds ?? [],
+          groupIds: refusedBinding.has(n.nicId) ? [CLOSED_GROUP] : (b?.groupIds ?? []),
           boundMs: b?.boundMs ?? 0,
           updatedMs: b?.updatedMs ?? 0,
         };
@@ -925,11 +934,12 @@ export class FirewallStore {
     out.sort((a, b) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0));
 
     const groups = new Map<string, SecurityGroupRec>();
-    for (const h of rawGroups) {
-      const hh = pairs(h);
-      const g = this.ok("security-group", FK.sg(String(hh.id)), parseGroup(hh));
+    for (const [gid, ...h] of rawGroups) {
+      const g = this.ok("security-group", FK.sg(gid), parseGroup(pairs(h), gid));
       if (g) groups.set(g.id, g);
+      else if (SG_ID.test(gid)) groups.set(gid, closedGroup(gid, vpcId));
     }
+    if (refusedBinding.size) groups.set(CLOSED_GROUP, closedGroup(CLOSED_GROUP, vpcId));
     const members = new Map<string, string[]>();
     for (const [gid, ...kv] of rawMembers) {
       const addrs = new Set<string>();
@@ -943,10 +953,22 @@ export class FirewallStore {
     for (const [subnetId, h, subs] of rawAcls) {
       const hh = pairs(h);
       const a = this.ok("network-acl", FK.acl(String(hh.id)), parseAcl(hh, subs));
-      if (a) acls.set(subnetId, a);
+      acls.set(subnetId, a ?? closedAcl(subnetId, vpcId));
     }
     return { vpcId, subnets, nics: out, groups, members, acls };
   }
+}
+
+const SG_ID = /^sg-[0-9a-f]{12}$/;
+/** The group a NIC whose binding was refused is put in: no rules, so nothing passes. */
+export const CLOSED_GROUP = "sg-000000000000";
+
+function closedGroup(id: string, vpcId: string): SecurityGroupRec {
+  return { id, vpcId, name: "refused-record", description: "stands for a record that did not validate: allows nothing", labels: [], rules: [], generation: 0, createdMs: 0, updatedMs: 0 };
+}
+
+function closedAcl(subnetId: string, vpcId: string): NetworkAclRec {
+  return { id: "acl-000000000000", vpcId, name: "refused-record", description: "stands for a record that did not validate: denies everything", labels: [], entries: [], subnetIds: [subnetId], generation: 0, createdMs: 0, updatedMs: 0 };
 }
 
 function compareIp(a: string, b: string): number {

@@ -7,7 +7,8 @@
 // Nothing reaches a command (no marker file, no default route, no injected
 // table), the metric counts them, and the host keeps converging: the good
 // floating IP still reaches the VM on the port its group allows, a port the
-// group does not allow stays closed, and a port forward made afterwards works.
+// group does not allow stays closed, and a port forward made afterwards works;
+// a NIC whose binding was refused is shut, not opened.
 // Against the code before records were checked (2754869) the same records
 // created the marker file (a command run as root through `ip -batch`), put a
 // default route via 6.6.6.6 on the host, inserted an nft rule opening port 22,
@@ -87,6 +88,7 @@ beforeAll(async () => {
   fipAddr = fip.address;
   await gw.associateFloatingIp({ floatingIp: fip.id, vpc: vpc.id, privateAddress: pub.address });
   await eventually(async () => (await httpGet(inet.ns, `http://${fipAddr}/`, 1000)) === "web of pub", "the good floating IP reaches the VM before the hostile records");
+  await eventually(async () => (await httpGet(other.ns, `http://${inet.address}/`, 1000)) !== null, "other reaches the internet (default egress) before its binding is spoiled");
 }, 60_000);
 
 afterAll(async () => {
@@ -169,6 +171,9 @@ describe("hostile records written straight into Redis", () => {
     assert.equal(await httpGet(inet.ns, `http://${fipAddr}/`, 1500), "web of pub");
     assert.equal(await tcpProbe(inet.ns, fipAddr, 22, 800), false, "port 22 (not allowed by the group, named by the bad one) stays closed");
     assert.equal(await tcpProbe(inet.ns, hostAddr, 9090, 800), false, "the bad port forward was not applied");
+
+    // Fail closed: the NIC whose binding was refused is not opened, it is shut (egress too).
+    await eventually(async () => (await httpGet(other.ns, `http://${inet.address}/`, 800)) === null, "a NIC with a refused binding allows nothing");
 
     // Nothing reached a command.
     for (const m of markers) assert.equal(existsSync(m), false, `${m} was created: a record ran a command`);
