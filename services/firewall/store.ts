@@ -940,6 +940,10 @@ export class FirewallStore {
       else if (SG_ID.test(gid)) groups.set(gid, closedGroup(gid, vpcId));
     }
     if (refusedBinding.size) groups.set(CLOSED_GROUP, closedGroup(CLOSED_GROUP, vpcId));
+    for (const key of wrongType ?? []) {
+      const m = /^mvpc:fw:sg:(sg-[0-9a-f]{12})$/.exec(key);
+      if (m && !groups.has(m[1])) groups.set(m[1], closedGroup(m[1], vpcId));
+    }
     const members = new Map<string, string[]>();
     for (const [gid, ...kv] of rawMembers) {
       const addrs = new Set<string>();

@@ -117,6 +117,8 @@ describe("hostile records written straight into Redis", () => {
       redis.multi().hset(`mvpc:gw:fip:${id}`, { id, address, vpc: vpcId, private: pub.address, nic: pub.nicId, host: hvId, description: "", allocated: now, associated: now }).zadd("mvpc:gw:fips", 0, id).exec();
     await fipRec("fip-aaaaaaaaaaa1", "192.168.100.141 dev ul0\nroute replace default via 6.6.6.6 onlink dev ul0\nroute replace 192.168.100.143");
     await fipRec("fip-aaaaaaaaaaa2", `192.168.100.142 dev ul0\n${touch(markers[0])}\nroute replace 192.168.100.144`);
+    // A key of the wrong Redis type: it used to fail every read of the list.
+    await redis.multi().set("mvpc:gw:fip:fip-aaaaaaaaaaa5", "not a hash").zadd("mvpc:gw:fips", 0, "fip-aaaaaaaaaaa5").exec();
     await redis
       .multi()
       .hset("mvpc:gw:pf:pf-aaaaaaaaaaa3", { id: "pf-aaaaaaaaaaa3", vpc: vpcId, proto: "tcp", host: hvId, outside: "9090", private: pub.address, private_port: '22 }; add table ip pwned_pf { }; #', nic: pub.nicId, description: "", created: now })
@@ -148,7 +150,9 @@ describe("hostile records written straight into Redis", () => {
       updated: now,
     });
     const pubSig = JSON.parse((await redis.hget(`mvpc:fw:nic:${pub.nicId}`, "sig"))!);
-    await redis.hset(`mvpc:fw:nic:${pub.nicId}`, { sig: JSON.stringify({ ...pubSig, groupIds: [sgWeb, bad] }), groups: `${sgWeb},${bad}` });
+    const wrongType = "sg-bbbbbbbbbbb2";
+    await redis.set(`mvpc:fw:sg:${wrongType}`, "not a hash");
+    await redis.hset(`mvpc:fw:nic:${pub.nicId}`, { sig: JSON.stringify({ ...pubSig, groupIds: [sgWeb, bad, wrongType] }), groups: `${sgWeb},${bad},${wrongType}` });
     const otherSig = JSON.parse((await redis.hget(`mvpc:fw:nic:${other.nicId}`, "sig"))!);
     await redis.hset(`mvpc:fw:nic:${other.nicId}`, "sig", JSON.stringify({ ...otherSig, hostIf: `${other.hostInterface}\n${touch(markers[2])}`, mac: `${other.mac}" } ; add table bridge pwned_bind { } ; #` }));
     await ev("fw.binding.changed");
@@ -156,7 +160,11 @@ describe("hostile records written straight into Redis", () => {
     // Counted (each once), by the daemon that read them.
     await eventually(async () => (await invalidCount(gwd, "gateway", "fip")) >= 2 && (await invalidCount(gwd, "gateway", "pf")) >= 1 && (await invalidCount(gwd, "gateway", "imds-hop")) >= 1, "the gateway counts the bad floating IPs, port forward and hop limit");
     await eventually(async () => (await invalidCount(gwd, "dns", "config")) >= 1, "the gateway counts the bad DNS config");
-    await eventually(async () => (await invalidCount(fwd, "firewall", "security-group")) >= 1 && (await invalidCount(fwd, "firewall", "binding")) >= 1, "the firewall counts the bad group and binding");
+    await eventually(async () => (await invalidCount(gwd, "gateway", "fip")) >= 3, "the gateway counts the floating IP key of the wrong type");
+    await eventually(
+      async () => (await invalidCount(fwd, "firewall", "security-group")) >= 1 && (await invalidCount(fwd, "firewall", "binding")) >= 1 && (await invalidCount(fwd, "firewall", "key")) >= 1,
+      "the firewall counts the bad group, binding and key of the wrong type",
+    );
 
     // Shown in the firewall's status, with the reason naming the field.
     const st = await fw.getFirewallStatus({});

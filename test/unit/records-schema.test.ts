@@ -9,7 +9,9 @@ import * as DS from "../../services/dns/schema.js";
 import * as FS from "../../services/firewall/schema.js";
 import type { SgRule } from "../../services/firewall/model.js";
 import * as GS from "../../services/gateway/schema.js";
-import { parseHopLimit } from "../../services/gateway/metadata-store.js";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
+import { parseHopLimit, parseStoredMetadata } from "../../services/gateway/metadata-store.js";
 import type { Parsed } from "../../services/common/validate.js";
 
 const VPC = "vpc-0123456789ab";
@@ -281,5 +283,32 @@ describe("valid records round-trip", () => {
     assert.equal(DS.parseConfig({ forwarders: '["127.0.0.1:53"]' }, true).ok, false, "a VPC never forwards to the host");
     assert.ok(DS.parseConfig({ forwarders: '["127.0.0.1:53"]' }, false).ok, "the defaults may");
     assert.deepEqual(DS.parseRecord(VPC, "web", "10.0.1.5\n60\nvm-1\n1"), { ok: true, value: { vpcId: VPC, name: "web", address: "10.0.1.5", ttl: 60, owner: "vm-1", updatedMs: 1 } });
+  });
+});
+
+describe("IMDS records (base64 protobuf) are checked as SetInstanceMetadata checks them", () => {
+  const md = { instanceId: "i-1", vpcId: VPC, subnetId: SUBNET, localIpv4: "10.0.1.5", mac: "02:00:0a:00:01:05", hostname: "web-1" };
+  const pb = (m: Record<string, unknown>) => Buffer.from(toBinary(InstanceMetadataSchema, create(InstanceMetadataSchema, m))).toString("base64");
+  test("a valid record round-trips", () => {
+    const p = parseStoredMetadata(pb(md));
+    assert.ok(p.ok && p.value.hostname === "web-1" && p.value.localIpv4 === "10.0.1.5");
+  });
+  for (const [field, bad] of [
+    ["hostname", { hostname: `web-1\n${INJECT}` }],
+    ["local_ipv4", { localIpv4: "10.0.1.5; rm -rf /" }],
+    ["mac", { mac: '02:00:0a:00:01:05"' }],
+    ["vpc_id", { vpcId: "vpc-{}" }],
+    ["public_ipv4", { publicIpv4: "1.2.3.4\u0000" }],
+    ["instance_type", { instanceType: "x".repeat(300) }],
+  ] as const) {
+    test(`${field}: refused, the reason names it`, () => {
+      const p = parseStoredMetadata(pb({ ...md, ...bad }));
+      assert.equal(p.ok, false);
+      if (!p.ok) assert.ok(p.reason.includes(field), p.reason);
+    });
+  }
+  test("not base64, or not the message: refused", () => {
+    assert.equal(parseStoredMetadata("}{;\n").ok, false);
+    assert.equal(parseStoredMetadata(Buffer.from("\u00ff\u00ff\u00ff").toString("base64")).ok, false);
   });
 });
