@@ -107,16 +107,23 @@ export function parseConfig(h: Record<string, string>, forVpc: boolean): V.Parse
   });
 }
 
+/** A record's fields, as the writer stores them and a reader gets them back. */
+export function checkRecord(r: Omit<RecordRec, "updatedMs">): void {
+  V.id("vpc", r.vpcId, "vpc");
+  label("name", r.name);
+  V.ipv4("address", r.address);
+  ttl("ttl", r.ttl);
+  V.token("owner", r.owner);
+}
+
 /** A stored record: "address\nttl\nowner\nupdated" under its name. */
 export function parseRecord(vpcId: string, name: string, v: string): V.Parsed<RecordRec> {
   return V.attempt(() => {
     const parts = v.split("\n");
     if (parts.length !== 4) throw new InvalidArgumentError("value", `has ${parts.length} lines, not 4 (address, ttl, owner, updated)`);
     const [address, t, owner, updated] = parts;
-    V.id("vpc", vpcId, "vpc");
-    label("name", name);
-    V.ipv4("address", address);
-    V.token("owner", owner);
-    return { vpcId, name, address, ttl: V.storedInt("ttl", t, MIN_TTL, MAX_TTL), owner, updatedMs: V.storedInt("updated", updated) };
+    const r = { vpcId, name, address, ttl: V.storedInt("ttl", t, MIN_TTL, MAX_TTL), owner, updatedMs: V.storedInt("updated", updated) };
+    checkRecord(r);
+    return r;
   });
 }

@@ -7,7 +7,7 @@ import { intToIp } from "../common/validate.js";
 import { K as IK } from "../ipam/keys.js";
 import type { Logger } from "pino";
 import { reportInvalid } from "../common/invalid-records.js";
-import { DK, OWNER, parseConfig, parseRecord, type RecordRec, type StoredConfig } from "./schema.js";
+import { checkRecord, DK, OWNER, parseConfig, parseRecord, type RecordRec, type StoredConfig } from "./schema.js";
 import * as S from "./scripts.js";
 
 export { DK } from "./schema.js";
@@ -55,6 +55,7 @@ export class DnsStore {
   }
 
   async setRecord(r: Omit<RecordRec, "updatedMs">): Promise<{ record: RecordRec; created: boolean }> {
+    checkRecord(r);
     const now = Date.now();
     const [code, detail] = await this.redis.mvpcDnsSet(
       IK.vpc(r.vpcId), DK.records(r.vpcId), DK.names(r.vpcId), DK.owners(r.vpcId),
