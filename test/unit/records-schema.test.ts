@@ -312,3 +312,22 @@ describe("IMDS records (base64 protobuf) are checked as SetInstanceMetadata chec
     assert.equal(parseStoredMetadata(Buffer.from("\u00ff\u00ff\u00ff").toString("base64")).ok, false);
   });
 });
+
+describe("reportInvalid", () => {
+  test("logs and counts each key and reason once; lists it for status", async () => {
+    const { invalidRecords, invalidRecordsTotal, reportInvalid } = await import("../../services/common/invalid-records.js");
+    const count = async () => (await invalidRecordsTotal.get()).values.find((v) => v.labels.owner === "test" && v.labels.kind === "fip")?.value ?? 0;
+    const lines: unknown[] = [];
+    const log = { warn: (o: unknown) => void lines.push(o) };
+    const before = await count();
+    reportInvalid("test", "fip", "mvpc:gw:fip:x\ny", "address: bad", log);
+    reportInvalid("test", "fip", "mvpc:gw:fip:x\ny", "address: bad", log);
+    assert.equal((await count()) - before, 1);
+    assert.equal(lines.length, 1);
+    reportInvalid("test", "fip", "mvpc:gw:fip:x\ny", "vpc: bad", log);
+    assert.equal((await count()) - before, 2);
+    assert.equal(lines.length, 2);
+    assert.equal(JSON.stringify(lines[0]).includes("\\n"), true, "the key is logged escaped, not as a raw newline");
+    assert.deepEqual(invalidRecords("test").map((r) => r.reason).sort(), ["address: bad", "vpc: bad"]);
+  });
+});
