@@ -219,7 +219,11 @@ function firewallText(fs: GetFirewallStatusResponse | undefined, fw: Outcome<unk
   const lag = fs.appliedGeneration < fs.desiredGeneration ? ` (applying: ${fs.appliedGeneration} of ${fs.desiredGeneration})` : "";
   return (
     `firewall: ${health}, ${fs.nicCount} NIC(s) bound here, generation ${fs.appliedGeneration}${lag}, last apply ${ago(fs.lastApplyTime)} in ${fs.lastApplyDurationMs} ms` +
-    (fs.lastError ? `\n  last error (${ago(fs.lastErrorTime)}): ${fs.lastError}` : "")
+    (fs.lastError ? `\n  last error (${ago(fs.lastErrorTime)}): ${fs.lastError}` : "") +
+    (fs.invalidRecords.length
+      ? `\n  skipped ${fs.invalidRecords.length} record(s) from Redis that do not validate:` +
+        fs.invalidRecords.slice(0, 5).map((r) => `\n    ${r.kind} ${r.key}: ${r.reason}`).join("")
+      : "")
   );
 }
 

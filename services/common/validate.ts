@@ -161,3 +161,94 @@ export function port(field: string, value: number): number {
   if (!Number.isInteger(value) || value < 1 || value > 65535) throw new InvalidArgumentError(field, `${value} is not a port; use 1–65535`);
   return value;
 }
+
+const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
+const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
+
+/** A hypervisor id: part of every namespace name, so 1–24 of [a-z0-9]. */
+export function hostId(field: string, value: string): string {
+  if (value === "") throw new InvalidArgumentError(field, "is required (a hypervisor id)");
+  if (!HOST_ID_RE.test(value)) throw new InvalidArgumentError(field, `${show(value)} is not a hypervisor id: use 1–24 characters of [a-z0-9]`);
+  return value;
+}
+
+/** A network interface name as the kernel takes it, and nothing nft or ip could read as syntax. */
+export function ifname(field: string, value: string): string {
+  if (!IFNAME_RE.test(value)) {
+    throw new InvalidArgumentError(field, `${show(value)} is not an interface name: 1–15 characters of letters, digits and _ . -, starting with a letter`);
+  }
+  return value;
+}
+
+// ---- records read back from Redis ----
+// Everything in a hash is a string and everything in it may have been
+// written by someone else: these read a stored field strictly.
+
+/** A parse of a stored record: its typed value, or why it was refused. */
+export type Parsed<T> = { ok: true; value: T } | { ok: false; reason: string };
+
+/** Runs a validator; an error (InvalidArgumentError naming the field, or any other) becomes the reason. */
+export function attempt<T>(f: () => T): Parsed<T> {
+  try {
+    return { ok: true, value: f() };
+  } catch (err) {
+    return { ok: false, reason: err instanceof Error ? err.message : String(err) };
+  }
+}
+
+/** A stored field that must be present (a string; "" allowed only when `empty`). */
+export function field(h: Record<string, string | undefined>, name: string, empty = false): string {
+  const v = h[name];
+  if (v === undefined || v === null) throw new InvalidArgumentError(name, "is missing");
+  if (typeof v !== "string") throw new InvalidArgumentError(name, `must be a string, not ${typeof v}`);
+  if (v === "" && !empty) throw new InvalidArgumentError(name, "is empty");
+  return v;
+}
+
+/** A stored decimal integer in [min, max]; nothing else ("1e3", " 5", "5;"). */
+export function storedInt(name: string, value: string | undefined, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+  if (value === undefined) throw new InvalidArgumentError(name, "is missing");
+  if (typeof value !== "string" || !/^-?[0-9]{1,16}$/.test(value)) throw new InvalidArgumentError(name, `${show(String(value))} is not an integer`);
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(name, `${n} is out of range ${min}–${max}`);
+  return n;
+}
+
+/** A JSON integer in [min, max]. */
+export function jsonInt(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== "number" || !Number.isInteger(value)) throw new InvalidArgumentError(name, `must be an integer, not ${value === null ? "null" : typeof value}`);
+  if (value < min || value > max) throw new InvalidArgumentError(name, `${value} is out of range ${min}–${max}`);
+  return value;
+}
+
+/** A JSON string. */
+export function jsonString(name: string, value: unknown): string {
+  if (typeof value !== "string") throw new InvalidArgumentError(name, `must be a string, not ${value === null ? "null" : Array.isArray(value) ? "array" : typeof value}`);
+  return value;
+}
+
+/** Parses a stored JSON field; the caller checks the shape. */
+export function storedJson(name: string, value: string | undefined, maxChars = 4 * 1024 * 1024): unknown {
+  if (value === undefined) throw new InvalidArgumentError(name, "is missing");
+  if (value.length > maxChars) throw new InvalidArgumentError(name, `is ${value.length} characters long; the limit is ${maxChars}`);
+  try {
+    return JSON.parse(value);
+  } catch {
+    throw new InvalidArgumentError(name, `${show(value)} is not valid JSON`);
+  }
+}
+
+/** A JSON array (of at most max items). */
+export function jsonArray(name: string, value: unknown, max: number): unknown[] {
+  if (!Array.isArray(value)) throw new InvalidArgumentError(name, `must be a list, not ${value === null ? "null" : typeof value}`);
+  if (value.length > max) throw new InvalidArgumentError(name, `has ${value.length} items; the limit is ${max}`);
+  return value;
+}
+
+/** A JSON object (not null, not a list). */
+export function jsonObject(name: string, value: unknown): Record<string, unknown> {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new InvalidArgumentError(name, `must be an object, not ${value === null ? "null" : Array.isArray(value) ? "array" : typeof value}`);
+  }
+  return value as Record<string, unknown>;
+}

@@ -32,9 +32,9 @@ export async function runResolver(
   logger: ImdsLogger,
   o: Partial<ResolverOptions> & { reloadMs?: number } = {},
 ): Promise<{ resolver: Resolver; close: () => Promise<void> }> {
-  const gw = new GatewayStore(redis);
+  const gw = new GatewayStore(redis, logger);
   const ipam = new IpamStore(redis);
-  const dns = new DnsStore(redis);
+  const dns = new DnsStore(redis, logger);
   /** transit host address → zone */
   let zones = new Map<string, Zone>();
   const resolver = new Resolver({ ...o, port, logger, zoneOf: (local) => zones.get(local) });

@@ -10,54 +10,10 @@ import * as V from "../common/validate.js";
 import { DnsConfigSchema, DnsRecordSchema, DnsRecordType, DnsService, type DnsConfig, type DnsRecord } from "../../gen/microvpc/v1/dns_pb.js";
 import type { IpamStore, VpcRec } from "../ipam/store.js";
 import { DnsStore, type RecordRec } from "./store.js";
-import { parseForwarder } from "./zone.js";
 
-const LABEL_RE = /^[a-z0-9]([a-z0-9-]{0,62})$/;
-export const MAX_FORWARDERS = 4;
-export const MIN_TTL = 1;
-export const MAX_TTL = 86400;
-
-export function label(field: string, value: string): string {
-  if (value === "") throw new InvalidArgumentError(field, "is required (a label such as \"web1\")");
-  if (!LABEL_RE.test(value)) {
-    throw new InvalidArgumentError(field, `${V.show(value)} is not a DNS label: use 1–63 characters of lowercase letters, digits and '-', starting with a letter or digit (e.g. "web1")`);
-  }
-  return value;
-}
-
-export function ttl(field: string, value: number): number {
-  if (!Number.isInteger(value) || value < MIN_TTL || value > MAX_TTL) throw new InvalidArgumentError(field, `${value} is out of range; use ${MIN_TTL}–${MAX_TTL} seconds`);
-  return value;
-}
-
-/**
- * Forwarders "a.b.c.d[:port]", at most 4. Never 0.0.0.0/8, multicast or
- * reserved space; a VPC's own list also never the hypervisor's loopback or
- * link-local (a tenant must not aim the resolver at the host's services),
- * while the defaults (an operator's choice) may name a host-local resolver.
- */
-export function forwarders(field: string, list: string[], forVpc: boolean): string[] {
-  if (list.length > MAX_FORWARDERS) throw new InvalidArgumentError(field, `has ${list.length} addresses; at most ${MAX_FORWARDERS}`);
-  const out: string[] = [];
-  for (const [i, s] of list.entries()) {
-    let f: { host: string; port: number };
-    try {
-      f = parseForwarder(s);
-    } catch (e) {
-      throw new InvalidArgumentError(`${field}[${i}]`, `${(e as Error).message} (e.g. "192.0.2.53" or "192.0.2.53:5353")`);
-    }
-    const first = Number(f.host.split(".")[0]);
-    const second = Number(f.host.split(".")[1]);
-    if (first === 0 || first >= 224) throw new InvalidArgumentError(`${field}[${i}]`, `${f.host} is not a unicast address`);
-    if (forVpc && (first === 127 || (first === 169 && second === 254))) {
-      throw new InvalidArgumentError(`${field}[${i}]`, `${f.host} is the hypervisor's own (loopback or link-local); a VPC may only forward to a routable resolver`);
-    }
-    const canon = `${f.host}:${f.port}`;
-    if (out.some((o) => o === canon)) throw new InvalidArgumentError(`${field}[${i}]`, `${s} appears twice`);
-    out.push(canon);
-  }
-  return out;
-}
+// The checks of stored and requested fields live in schema.ts, shared with the readers.
+export { forwarders, label, MAX_FORWARDERS, MAX_TTL, MIN_TTL, ttl } from "./schema.js";
+import { forwarders, label, LABEL_RE, ttl } from "./schema.js";
 
 /** How a forwarder is shown: the port only if it is not 53. */
 function showForwarder(f: string): string {

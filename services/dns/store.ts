@@ -5,15 +5,13 @@ import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError } from "../common/errors.js";
 import { intToIp } from "../common/validate.js";
 import { K as IK } from "../ipam/keys.js";
+import type { Logger } from "pino";
+import { reportInvalid } from "../common/invalid-records.js";
+import { checkRecord, DK, OWNER, parseConfig, parseRecord, type RecordRec, type StoredConfig } from "./schema.js";
 import * as S from "./scripts.js";
 
-export const DK = {
-  records: (vpc: string) => `mvpc:dns:vpc:${vpc}:rec`,
-  names: (vpc: string) => `mvpc:dns:vpc:${vpc}:names`,
-  owners: (vpc: string) => `mvpc:dns:vpc:${vpc}:own`,
-  config: (vpc: string) => `mvpc:dns:vpc:${vpc}:cfg`,
-  defaults: "mvpc:dns:defaults",
-};
+export { DK } from "./schema.js";
+export type { RecordRec, StoredConfig } from "./schema.js";
 
 /** Every key of a VPC's DNS state (what DeleteVpc removes). */
 export function vpcDnsKeys(vpc: string): string[] {
@@ -21,23 +19,6 @@ export function vpcDnsKeys(vpc: string): string[] {
 }
 
 export const DEFAULT_TTL = 60;
-
-export interface RecordRec {
-  vpcId: string;
-  name: string;
-  address: string;
-  ttl: number;
-  owner: string;
-  updatedMs: number;
-}
-
-/** What is stored for a VPC (or the defaults); unset fields inherit. */
-export interface StoredConfig {
-  resolver?: string;
-  forwarders?: string[];
-  ttl?: number;
-  updatedMs?: number;
-}
 
 type Reply = (string | number)[];
 
@@ -50,18 +31,12 @@ declare module "ioredis" {
   }
 }
 
-function parseRecord(vpcId: string, name: string, v: string): RecordRec {
-  const [address, ttl, owner, updated] = v.split("\n");
-  return { vpcId, name, address, ttl: Number(ttl), owner, updatedMs: Number(updated) };
-}
-
-function parseConfig(h: Record<string, string>): StoredConfig {
-  const c: StoredConfig = {};
-  if (h.resolver) c.resolver = h.resolver;
-  if (h.forwarders !== undefined) c.forwarders = JSON.parse(h.forwarders);
-  if (h.ttl) c.ttl = Number(h.ttl);
-  if (h.updated) c.updatedMs = Number(h.updated);
-  return c;
+/** A record that does not validate is reported and skipped. */
+function checkedRecord(vpcId: string, name: string, v: string, log?: Pick<Logger, "warn">): RecordRec | null {
+  const p = parseRecord(vpcId, name, v);
+  if (p.ok) return p.value;
+  reportInvalid(OWNER, "record", `${DK.records(vpcId)} ${name}`, p.reason, log);
+  return null;
 }
 
 /** The VPC's resolver address by default: its base address + 2 (as AWS). */
@@ -70,7 +45,8 @@ export function defaultResolver(vpcBase: number): string {
 }
 
 export class DnsStore {
-  constructor(readonly redis: Redis) {
+  /** log: where skipped records are reported (once per key and reason). */
+  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
     if (!(redis as unknown as { mvpcDnsSet?: unknown }).mvpcDnsSet) {
       redis.defineCommand("mvpcDnsSet", { numberOfKeys: 4, lua: S.SET_RECORD });
       redis.defineCommand("mvpcDnsDelete", { numberOfKeys: 3, lua: S.DELETE_RECORDS });
@@ -79,6 +55,7 @@ export class DnsStore {
   }
 
   async setRecord(r: Omit<RecordRec, "updatedMs">): Promise<{ record: RecordRec; created: boolean }> {
+    checkRecord(r);
     const now = Date.now();
     const [code, detail] = await this.redis.mvpcDnsSet(
       IK.vpc(r.vpcId), DK.records(r.vpcId), DK.names(r.vpcId), DK.owners(r.vpcId),
@@ -99,7 +76,7 @@ export class DnsStore {
 
   async getRecord(vpcId: string, name: string): Promise<RecordRec | null> {
     const v = await this.redis.hget(DK.records(vpcId), name);
-    return v ? parseRecord(vpcId, name, v) : null;
+    return v ? checkedRecord(vpcId, name, v, this.log) : null;
   }
 
   /** Records ordered by name, after `after` (exclusive), at most limit. */
@@ -107,17 +84,36 @@ export class DnsStore {
     const names = await this.redis.zrangebylex(DK.names(vpcId), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
     if (names.length === 0) return [];
     const vals = await this.redis.hmget(DK.records(vpcId), ...names);
-    return names.flatMap((n, i) => (vals[i] ? [parseRecord(vpcId, n, vals[i]!)] : []));
+    return names.flatMap((n, i) => {
+      const r = vals[i] ? checkedRecord(vpcId, n, vals[i]!, this.log) : null;
+      return r ? [r] : [];
+    });
   }
 
   /** Every record of the VPC (the resolver's zone). */
   async allRecords(vpcId: string): Promise<RecordRec[]> {
     const h = await this.redis.hgetall(DK.records(vpcId));
-    return Object.entries(h).map(([n, v]) => parseRecord(vpcId, n, v));
+    return Object.entries(h).flatMap(([n, v]) => {
+      const r = checkedRecord(vpcId, n, v, this.log);
+      return r ? [r] : [];
+    });
   }
 
+  /** The stored config; one that does not validate is reported and read as unset (defaults apply). */
   async getConfig(vpcId: string): Promise<StoredConfig> {
-    return parseConfig(await this.redis.hgetall(vpcId ? DK.config(vpcId) : DK.defaults));
+    const key = vpcId ? DK.config(vpcId) : DK.defaults;
+    let h: Record<string, string>;
+    try {
+      h = await this.redis.hgetall(key);
+    } catch (err) {
+      if (!/WRONGTYPE/.test((err as Error).message)) throw err;
+      reportInvalid(OWNER, "config", key, "is not a hash", this.log);
+      return {};
+    }
+    const p = parseConfig(h, vpcId !== "");
+    if (p.ok) return p.value;
+    reportInvalid(OWNER, "config", key, p.reason, this.log);
+    return {};
   }
 
   async updateConfig(

@@ -6,12 +6,14 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
-import { FirewallCountersSchema, FirewallHealth, FirewallService, NicFirewallStatusSchema } from "../../gen/microvpc/v1/firewall_pb.js";
+import { invalidRecords } from "../common/invalid-records.js";
+import { FirewallCountersSchema, FirewallHealth, FirewallInvalidRecordSchema, FirewallService, NicFirewallStatusSchema } from "../../gen/microvpc/v1/firewall_pb.js";
 import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
 import { HostStore } from "../netagent/store.js";
 import { LinuxNft } from "./apply.js";
 import { FirewallApi } from "./service.js";
+import { OWNER } from "./schema.js";
 import { FirewallStore } from "./store.js";
 import { FirewallSync } from "./sync.js";
 
@@ -25,7 +27,7 @@ export const firewallDefinition: ServiceDefinition = {
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
-    const store = new FirewallStore(redis);
+    const store = new FirewallStore(redis, logger);
     const api = new FirewallApi(store, new IpamStore(redis), { hostId });
     const nft = new LinuxNft();
     const host = new HostStore(redis, hostId);
@@ -82,6 +84,17 @@ export const firewallDefinition: ServiceDefinition = {
                 table: "inet microvpc",
                 nicCount: nics.length,
                 nics,
+                invalidRecords: invalidRecords(OWNER)
+                  .slice(0, 100)
+                  .map((r) =>
+                    create(FirewallInvalidRecordSchema, {
+                      kind: r.kind,
+                      key: JSON.stringify(r.key),
+                      reason: r.reason,
+                      firstSeenTime: timestampFromMs(r.firstSeenMs),
+                      lastSeenTime: timestampFromMs(r.lastSeenMs),
+                    }),
+                  ),
               };
             },
     };

@@ -468,3 +468,79 @@ function jsonPort(field: string, n: number): number {
   if (!Number.isInteger(n) || n < 1 || n > 65535) throw new InvalidArgumentError(field, `${n} is not a port; use 1–65535 (or "all")`);
   return n;
 }
+
+// ---------- stored rules and entries (read back from Redis) ----------
+// What the API stored is canonical (validateSgRule / validateAclEntry then
+// JSON). Read back, a rule passes the same checks again (match, peerCidr,
+// the id pattern, validate.text) and must come out unchanged: anything else
+// was not written by the API.
+
+const SG_RULE_KEYS = new Set(["dir", "proto", "portFrom", "portTo", "icmpType", "icmpCode", "cidr", "group", "description"]);
+const ACL_ENTRY_KEYS = new Set(["ruleNumber", "dir", "action", "proto", "portFrom", "portTo", "icmpType", "icmpCode", "cidr", "description"]);
+
+function storedObject(field: string, raw: unknown, keys: Set<string>): Record<string, unknown> {
+  const o = V.jsonObject(field, raw);
+  for (const k of Object.keys(o)) if (!keys.has(k)) throw new InvalidArgumentError(`${field}.${k}`, "is not a field of a stored rule");
+  return o;
+}
+
+function storedDir(field: string, v: unknown): Dir {
+  if (v !== "ingress" && v !== "egress") throw new InvalidArgumentError(field, `${V.show(String(v))} is not ingress or egress`);
+  return v;
+}
+
+function storedProto(field: string, v: unknown): Proto {
+  if (v !== "tcp" && v !== "udp" && v !== "icmp" && v !== "all") throw new InvalidArgumentError(field, `${V.show(String(v))} is not tcp, udp, icmp or all`);
+  return v;
+}
+
+function storedMatch(field: string, proto: Proto, o: Record<string, unknown>): Match {
+  return match(field, proto, {
+    portFrom: V.jsonInt(`${field}.port_from`, o.portFrom, 0, 65535),
+    portTo: V.jsonInt(`${field}.port_to`, o.portTo, 0, 65535),
+    icmpType: o.icmpType === undefined ? undefined : V.jsonInt(`${field}.icmp_type`, o.icmpType, 0, 255),
+    icmpCode: o.icmpCode === undefined ? undefined : V.jsonInt(`${field}.icmp_code`, o.icmpCode, 0, 255),
+  });
+}
+
+function storedCidr(field: string, v: unknown): string {
+  const s = V.jsonString(field, v);
+  const c = peerCidr(field, s);
+  if (c !== s) throw new InvalidArgumentError(field, `${V.show(s)} is not canonical (${c})`);
+  return c;
+}
+
+/** One rule of a stored group, checked as the API checks a rule. */
+export function storedSgRule(field: string, raw: unknown): SgRule {
+  const o = storedObject(field, raw, SG_RULE_KEYS);
+  const dir = storedDir(`${field}.direction`, o.dir);
+  const proto = storedProto(`${field}.protocol`, o.proto);
+  const r: SgRule = { dir, proto, ...storedMatch(field, proto, o), description: "" };
+  if ((o.cidr === undefined) === (o.group === undefined)) throw new InvalidArgumentError(field, "needs exactly one peer: cidr or group");
+  if (o.cidr !== undefined) r.cidr = storedCidr(`${field}.cidr`, o.cidr);
+  else {
+    const g = V.jsonString(`${field}.security_group_id`, o.group);
+    if (!SG_ID_RE.test(g)) throw new InvalidArgumentError(`${field}.security_group_id`, `${V.show(g)} is not a group id (sg- and 12 hex digits)`);
+    r.group = g;
+  }
+  r.description = V.text(`${field}.description`, V.jsonString(`${field}.description`, o.description ?? ""));
+  return r;
+}
+
+/** One entry of a stored ACL, checked as the API checks an entry. */
+export function storedAclEntry(field: string, raw: unknown): AclEntry {
+  const o = storedObject(field, raw, ACL_ENTRY_KEYS);
+  const ruleNumber = V.jsonInt(`${field}.rule_number`, o.ruleNumber, 1, MAX_ACL_RULE_NUMBER);
+  const dir = storedDir(`${field}.direction`, o.dir);
+  if (o.action !== "allow" && o.action !== "deny") throw new InvalidArgumentError(`${field}.action`, `${V.show(String(o.action))} is not allow or deny`);
+  const proto = storedProto(`${field}.protocol`, o.proto);
+  return {
+    ruleNumber,
+    dir,
+    action: o.action,
+    proto,
+    ...storedMatch(field, proto, o),
+    cidr: storedCidr(`${field}.cidr`, o.cidr),
+    description: V.text(`${field}.description`, V.jsonString(`${field}.description`, o.description ?? "")),
+  };
+}

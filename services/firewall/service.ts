@@ -52,9 +52,9 @@ import {
   type SgRuleDraft,
   aclEntryMsg,
 } from "./rules.js";
+import { loggingLimits } from "./schema.js";
 import { AbortedError, FirewallStore, newId, type BindingIndex, type BindingSpec } from "./store.js";
 
-const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
 const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
 const SG_ID_RE = /^sg-[0-9a-f]{12}$/;
 const MAX_RULE_TEXTS = 10_000;
@@ -155,18 +155,10 @@ function dropLogging(field: string, d: DropLogging | undefined): Logging | null 
     return null;
   }
   const rate = d.ratePerSecond ?? 5;
-  if (rate < 1 || rate > 1000) throw new InvalidArgumentError(`${field}.rate_per_second`, `${rate} is out of range; use 1–1000 log lines per second`);
-  const burst = d.burst ?? rate;
-  if (burst < 1 || burst > 10_000) throw new InvalidArgumentError(`${field}.burst`, `${burst} is out of range; use 1–10000`);
-  return { ratePerSecond: rate, burst };
+  return loggingLimits(field, rate, d.burst ?? rate);
 }
 
-function ifname(field: string, v: string): string {
-  if (!IFNAME_RE.test(v)) {
-    throw new InvalidArgumentError(field, `${V.show(v)} is not an interface name: 1–15 characters of letters, digits and _ . -, starting with a letter`);
-  }
-  return v;
-}
+const ifname = V.ifname;
 
 function ruleList(field: string, msgs: SecurityGroupRule[]): SgRuleDraft[] {
   checkRuleCount(field, msgs.length);

@@ -32,6 +32,9 @@
 import { randomBytes } from "node:crypto";
 import { Code } from "@connectrpc/connect";
 import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import { reportInvalid } from "../common/invalid-records.js";
+import type { Parsed } from "../common/validate.js";
 import {
   AlreadyExistsError,
   DomainError,
@@ -50,6 +53,7 @@ import {
   type SgRule,
   type VpcFirewallState,
 } from "./model.js";
+import { checkBinding, OWNER, parseAcl, parseBinding, parseGroup, parseMember, storedEntriesText, storedLoggingText, storedRulesText, type BindingSpec } from "./schema.js";
 
 /** The resource changed since it was read (expected_generation no longer matches). */
 export class AbortedError extends DomainError {
@@ -405,48 +409,60 @@ return {1, prev}
  * ARGV: 1 nic ids (csv; "*" = the NICs bound on the host in the VPC),
  * 2 subnet ids (csv). Returns {nics, groups, members, acls}:
  *   nics    {nic, sig, bound, updated} per bound NIC
- *   groups  HGETALL of every group the NICs use and every group those name as peer
+ *   groups  {group id, HGETALL…} of every group the NICs use and every group those name as peer
  *   members {group, nic, addr, nic, addr, …} per peer group
  *   acls    {subnet, HGETALL of its ACL, subnet ids of the ACL} per subnet with one
  */
 const LOAD_VPC = `${LUA_COMMON}
+-- A key holding another type than its schema says is skipped and named in
+-- bad, so one bad key cannot stop the VPC's snapshot.
+local bad = {}
+local function get(cmd, key, ...)
+  local r = redis.pcall(cmd, key, ...)
+  if type(r) == 'table' and r.err then bad[#bad + 1] = key return nil end
+  return r
+end
 local ids
-if ARGV[1] == '*' then ids = redis.call('SMEMBERS', KEYS[1]) else ids = split(ARGV[1]) end
+if ARGV[1] == '*' then ids = get('SMEMBERS', KEYS[1]) or {} else ids = split(ARGV[1]) end
 local nics, used = {}, {}
 for _, nic in ipairs(ids) do
-  local b = redis.call('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated', 'groups')
-  if b[1] then
+  local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated', 'groups')
+  if b and b[1] then
     nics[#nics + 1] = {nic, b[1], b[2], b[3]}
-    for _, g in ipairs(split(b[4])) do used[g] = true end
+    for _, g in ipairs(split(b[4] or nil)) do used[g] = true end
   end
 end
 local groups, loaded, peers = {}, {}, {}
 local function load(g)
   if loaded[g] then return end
   loaded[g] = true
-  local h = redis.call('HGETALL', F .. 'sg:' .. g)
-  if #h > 0 then groups[#groups + 1] = h end
+  local h = get('HGETALL', F .. 'sg:' .. g)
+  if h and #h > 0 then
+    table.insert(h, 1, g)
+    groups[#groups + 1] = h
+  end
 end
 for g, _ in pairs(used) do
   load(g)
-  for _, p in ipairs(split(redis.call('HGET', F .. 'sg:' .. g, 'peers'))) do peers[p] = true end
+  local p = get('HGET', F .. 'sg:' .. g, 'peers')
+  for _, x in ipairs(split(p or nil)) do peers[x] = true end
 end
 local members = {}
 for p, _ in pairs(peers) do
   load(p)
-  local m = redis.call('HGETALL', F .. 'sg:' .. p .. ':members')
+  local m = get('HGETALL', F .. 'sg:' .. p .. ':members') or {}
   table.insert(m, 1, p)
   members[#members + 1] = m
 end
 local acls = {}
 for _, s in ipairs(split(ARGV[2])) do
-  local a = redis.call('HGET', SUBNET_ACL, s)
+  local a = get('HGET', SUBNET_ACL, s)
   if a then
-    local h = redis.call('HGETALL', F .. 'acl:' .. a)
-    if #h > 0 then acls[#acls + 1] = {s, h, redis.call('SMEMBERS', F .. 'acl:' .. a .. ':subnets')} end
+    local h = get('HGETALL', F .. 'acl:' .. a)
+    if h and #h > 0 then acls[#acls + 1] = {s, h, get('SMEMBERS', F .. 'acl:' .. a .. ':subnets') or {}} end
   end
 end
-return {nics, groups, members, acls}
+return {nics, groups, members, acls, bad}
 `;
 
 type Reply = [number, string | number, number?];
@@ -502,39 +518,7 @@ function pairs(a: string[]): Record<string, string> {
   return h;
 }
 
-function parseGroup(h: Record<string, string>): SecurityGroupRec {
-  const g: SecurityGroupRec = {
-    id: h.id,
-    vpcId: h.vpc,
-    name: h.name,
-    description: h.description ?? "",
-    labels: JSON.parse(h.labels ?? "[]"),
-    rules: JSON.parse(h.rules ?? "[]"),
-    generation: Number(h.gen),
-    createdMs: Number(h.created),
-    updatedMs: Number(h.updated),
-  };
-  if (h.logging) g.dropLogging = JSON.parse(h.logging);
-  return g;
-}
-
-function parseAcl(h: Record<string, string>, subnetIds: string[]): NetworkAclRec {
-  return {
-    id: h.id,
-    vpcId: h.vpc,
-    name: h.name,
-    description: h.description ?? "",
-    labels: JSON.parse(h.labels ?? "[]"),
-    entries: JSON.parse(h.entries ?? "[]"),
-    subnetIds: [...subnetIds].sort(),
-    generation: Number(h.gen),
-    createdMs: Number(h.created),
-    updatedMs: Number(h.updated),
-  };
-}
-
-/** A binding without its times: what "changed" is judged on. */
-export type BindingSpec = Omit<BindingRec, "boundMs" | "updatedMs">;
+export type { BindingSpec } from "./schema.js";
 
 function bindingSig(b: BindingSpec): string {
   const s: BindingSpec = {
@@ -549,10 +533,6 @@ function bindingSig(b: BindingSpec): string {
   };
   if (b.dropLogging) s.dropLogging = { ratePerSecond: b.dropLogging.ratePerSecond, burst: b.dropLogging.burst };
   return JSON.stringify(s);
-}
-
-function parseBinding(sig: string, bound: string | null, updated: string | null): BindingRec {
-  return { ...(JSON.parse(sig) as BindingSpec), boundMs: Number(bound ?? 0), updatedMs: Number(updated ?? 0) };
 }
 
 /** Peer group ids named by rules, sorted, once each. */
@@ -578,8 +558,27 @@ export type BindingIndex = { kind: "all" } | { kind: "host"; hostId: string } | 
 export type LocalNic = Pick<BindingRec, "nicId" | "vpcId" | "subnetId" | "address" | "mac" | "hostIf"> & Partial<BindingRec>;
 
 export class FirewallStore {
-  constructor(readonly redis: Redis) {
+  /** log: where skipped records are reported (once per key and reason). */
+  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
     defineScripts(redis);
+  }
+
+  /** The value of a record that parsed; otherwise reports it (logged and counted once) and gives null. */
+  private ok<T>(kind: string, key: string, p: Parsed<T>): T | null {
+    if (p.ok) return p.value;
+    reportInvalid(OWNER, kind, key, p.reason, this.log);
+    return null;
+  }
+
+  /** HGETALL that reads a key holding something other than a hash as a bad record. */
+  private async hash(kind: string, key: string): Promise<Record<string, string> | null> {
+    try {
+      return await this.redis.hgetall(key);
+    } catch (err) {
+      if (!/WRONGTYPE/.test((err as Error).message)) throw err;
+      reportInvalid(OWNER, kind, key, "is not a hash", this.log);
+      return null;
+    }
   }
 
   private groupError(code: number, detail: string | number, field: string, vpcId: string): never {
@@ -607,9 +606,9 @@ export class FirewallStore {
       name: g.name,
       description: g.description,
       labels: JSON.stringify(g.labels),
-      rules: JSON.stringify(g.rules),
+      rules: storedRulesText(g.rules),
       peers: peers.join(","),
-      logging: g.dropLogging ? JSON.stringify(g.dropLogging) : "",
+      logging: storedLoggingText(g.dropLogging),
       gen: 1,
       created: now,
       updated: now,
@@ -623,8 +622,8 @@ export class FirewallStore {
   }
 
   async getGroup(id: string): Promise<SecurityGroupRec | null> {
-    const h = await this.redis.hgetall(FK.sg(id));
-    return h.id ? parseGroup(h) : null;
+    const h = await this.hash("security-group", FK.sg(id));
+    return h && Object.keys(h).length ? this.ok("security-group", FK.sg(id), parseGroup(h, id)) : null;
   }
 
   async resolveGroup(vpcId: string, name: string): Promise<string | null> {
@@ -645,7 +644,12 @@ export class FirewallStore {
 
   /** Members of a group: nic id → address. */
   async groupMembers(id: string): Promise<Map<string, string>> {
-    return new Map(Object.entries(await this.redis.hgetall(FK.sgMembers(id))));
+    const out = new Map<string, string>();
+    for (const [nic, addr] of Object.entries((await this.hash("member", FK.sgMembers(id))) ?? {})) {
+      const a = this.ok("member", `${FK.sgMembers(id)} ${nic}`, parseMember(nic, addr));
+      if (a !== null) out.set(nic, a);
+    }
+    return out;
   }
 
   /** Groups ordered by name (then id), after the cursor "name/id". */
@@ -666,12 +670,12 @@ export class FirewallStore {
     let peers = peersOf(g.rules);
     if (change.rules) {
       if (change.rules.length > MAX_RULES_PER_GROUP) throw new InvalidArgumentError("rules", `the group would have ${change.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
-      fields.rules = JSON.stringify(change.rules);
+      fields.rules = storedRulesText(change.rules);
       peers = peersOf(change.rules);
       fields.peers = peers.join(",");
     }
     if (change.description !== undefined) fields.description = change.description;
-    if (change.dropLogging !== undefined) fields.logging = change.dropLogging ? JSON.stringify(change.dropLogging) : "";
+    if (change.dropLogging !== undefined) fields.logging = storedLoggingText(change.dropLogging);
     const [code, detail] = await this.redis.mvpcFwUpdateSg(FK.sg(g.id), g.id, fromGeneration, peers.join(","), ...flat(fields));
     if (code === -2) {
       throw new AbortedError(`security group ${g.name} (${g.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
@@ -707,6 +711,7 @@ export class FirewallStore {
     if (b.groupIds.length > MAX_GROUPS_PER_NIC) {
       throw new InvalidArgumentError("security_groups", `has ${b.groupIds.length} groups; a NIC can be in at most ${MAX_GROUPS_PER_NIC}`);
     }
+    checkBinding(b);
     const [code, detail] = await this.redis.mvpcFwBind(
       FK.nic(b.nicId),
       b.nicId, bindingSig(b), b.hostId, b.vpcId, b.subnetId, b.address, b.groupIds.join(","), Date.now(),
@@ -725,7 +730,7 @@ export class FirewallStore {
 
   async getBinding(nicId: string): Promise<BindingRec | null> {
     const [sig, bound, updated] = await this.redis.hmget(FK.nic(nicId), "sig", "bound", "updated");
-    return sig ? parseBinding(sig, bound, updated) : null;
+    return sig ? this.ok("binding", FK.nic(nicId), parseBinding(sig, bound, updated, nicId)) : null;
   }
 
   /** Bindings of the given NICs that exist, by nic id (one round trip). */
@@ -738,7 +743,8 @@ export class FirewallStore {
     r.forEach(([err, v], i) => {
       if (err) throw err;
       const [sig, bound, updated] = v as (string | null)[];
-      if (sig) out.set(nicIds[i], parseBinding(sig, bound, updated));
+      const b = sig ? this.ok("binding", FK.nic(nicIds[i]), parseBinding(sig, bound, updated, nicIds[i])) : null;
+      if (b) out.set(nicIds[i], b);
     });
     return out;
   }
@@ -772,7 +778,7 @@ export class FirewallStore {
       name: a.name,
       description: a.description,
       labels: JSON.stringify(a.labels),
-      entries: JSON.stringify(a.entries),
+      entries: storedEntriesText(a.entries),
       gen: 1,
       created: now,
       updated: now,
@@ -795,8 +801,8 @@ export class FirewallStore {
   }
 
   async getAcl(id: string): Promise<NetworkAclRec | null> {
-    const [h, subnets] = await Promise.all([this.redis.hgetall(FK.acl(id)), this.redis.smembers(FK.aclSubnets(id))]);
-    return h.id ? parseAcl(h, subnets) : null;
+    const [h, subnets] = await Promise.all([this.hash("network-acl", FK.acl(id)), this.redis.smembers(FK.aclSubnets(id)).catch(() => [] as string[])]);
+    return h && Object.keys(h).length ? this.ok("network-acl", FK.acl(id), parseAcl(h, subnets, id)) : null;
   }
 
   async resolveAcl(vpcId: string, name: string): Promise<string | null> {
@@ -813,7 +819,7 @@ export class FirewallStore {
   /** As updateGroup: AbortedError if the ACL changed since fromGeneration. */
   async updateAcl(a: NetworkAclRec, fromGeneration: number, change: AclChange): Promise<NetworkAclRec> {
     const fields: Record<string, string | number> = { updated: Date.now() };
-    if (change.entries) fields.entries = JSON.stringify(change.entries);
+    if (change.entries) fields.entries = storedEntriesText(change.entries);
     if (change.description !== undefined) fields.description = change.description;
     const [code, detail] = await this.redis.mvpcFwUpdateAcl(FK.acl(a.id), a.id, fromGeneration, ...flat(fields));
     if (code === -2) throw new AbortedError(`network ACL ${a.name} (${a.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
@@ -886,10 +892,23 @@ export class FirewallStore {
       FK.hostVpcNics(hostId, vpcId),
       nics ? nics.map((n) => n.nicId).join(",") : "*",
       subnetIds.join(","),
-    )) as [[string, string, string, string][], string[][], string[][], [string, string[], string[]][]];
-    const [rawNics, rawGroups, rawMembers, rawAcls] = raw;
+    )) as [[string, string, string, string][], string[][], string[][], [string, string[], string[]][], string[]];
+    // Fail closed: what a refused record governed is denied, not opened. A
+    // NIC whose binding is refused, and a group that is refused, become the
+    // empty group CLOSED_GROUP (nothing allowed either way); a refused ACL
+    // becomes an ACL without entries (the subnet's default deny).
+    const refusedBinding = new Set<string>();
+    const [rawNics, rawGroups, rawMembers, rawAcls, wrongType] = raw;
+    for (const key of wrongType ?? []) reportInvalid(OWNER, "key", key, "holds another Redis type than its schema says", this.log);
 
-    const bound = new Map(rawNics.map(([nic, sig, b, u]) => [nic, parseBinding(sig, b, u)]));
+    // A binding, group, member or ACL that does not validate is skipped (a
+    // NIC whose binding is bad is compiled as unbound); the rest converges.
+    const bound = new Map<string, BindingRec>();
+    for (const [nic, sig, b, u] of rawNics) {
+      const rec = this.ok("binding", FK.nic(nic), parseBinding(sig, b, u, nic));
+      if (rec) bound.set(nic, rec);
+      else refusedBinding.add(nic);
+    }
     let out: BindingRec[];
     if (nics) {
       out = nics.map((n) => {
@@ -902,7 +921,7 @@ export class FirewallStore {
           mac: n.mac,
           hostId,
           hostIf: n.hostIf,
-          groupIds: b?.groupIds ?? [],
+          groupIds: refusedBinding.has(n.nicId) ? [CLOSED_GROUP] : (b?.groupIds ?? []),
           boundMs: b?.boundMs ?? 0,
           updatedMs: b?.updatedMs ?? 0,
         };
@@ -915,20 +934,45 @@ export class FirewallStore {
     out.sort((a, b) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0));
 
     const groups = new Map<string, SecurityGroupRec>();
-    for (const h of rawGroups) {
-      const g = parseGroup(pairs(h));
-      groups.set(g.id, g);
+    for (const [gid, ...h] of rawGroups) {
+      const g = this.ok("security-group", FK.sg(gid), parseGroup(pairs(h), gid));
+      if (g) groups.set(g.id, g);
+      else if (SG_ID.test(gid)) groups.set(gid, closedGroup(gid, vpcId));
+    }
+    if (refusedBinding.size) groups.set(CLOSED_GROUP, closedGroup(CLOSED_GROUP, vpcId));
+    for (const key of wrongType ?? []) {
+      const m = /^mvpc:fw:sg:(sg-[0-9a-f]{12})$/.exec(key);
+      if (m && !groups.has(m[1])) groups.set(m[1], closedGroup(m[1], vpcId));
     }
     const members = new Map<string, string[]>();
     for (const [gid, ...kv] of rawMembers) {
       const addrs = new Set<string>();
-      for (let i = 1; i < kv.length; i += 2) addrs.add(kv[i]);
+      for (let i = 1; i < kv.length; i += 2) {
+        const a = this.ok("member", `${FK.sgMembers(gid)} ${kv[i - 1]}`, parseMember(kv[i - 1], kv[i]));
+        if (a !== null) addrs.add(a);
+      }
       members.set(gid, [...addrs].sort(compareIp));
     }
     const acls = new Map<string, NetworkAclRec>();
-    for (const [subnetId, h, subs] of rawAcls) acls.set(subnetId, parseAcl(pairs(h), subs));
+    for (const [subnetId, h, subs] of rawAcls) {
+      const hh = pairs(h);
+      const a = this.ok("network-acl", FK.acl(String(hh.id)), parseAcl(hh, subs));
+      acls.set(subnetId, a ?? closedAcl(subnetId, vpcId));
+    }
     return { vpcId, subnets, nics: out, groups, members, acls };
   }
+}
+
+const SG_ID = /^sg-[0-9a-f]{12}$/;
+/** The group a NIC whose binding was refused is put in: no rules, so nothing passes. */
+export const CLOSED_GROUP = "sg-000000000000";
+
+function closedGroup(id: string, vpcId: string): SecurityGroupRec {
+  return { id, vpcId, name: "refused-record", description: "stands for a record that did not validate: allows nothing", labels: [], rules: [], generation: 0, createdMs: 0, updatedMs: 0 };
+}
+
+function closedAcl(subnetId: string, vpcId: string): NetworkAclRec {
+  return { id: "acl-000000000000", vpcId, name: "refused-record", description: "stands for a record that did not validate: denies everything", labels: [], entries: [], subnetIds: [subnetId], generation: 0, createdMs: 0, updatedMs: 0 };
 }
 
 function compareIp(a: string, b: string): number {

@@ -8,12 +8,15 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
 import { followEvents } from "../common/events.js";
+import { reportInvalid } from "../common/invalid-records.js";
 import { metricsRegistry } from "../common/metrics.js";
+import { attempt } from "../common/validate.js";
 import { names } from "../netagent/plan.js";
 import type { HostStore } from "../netagent/store.js";
 import type { NftRunner } from "./apply.js";
 import { compile, diff, flowAllowed, type FwModel } from "./compile.js";
 import type { BindingRec, VpcFirewallState } from "./model.js";
+import { checkBinding, OWNER, parseLocalSubnet } from "./schema.js";
 
 const applies = new Counter({
   name: "microvpc_firewall_nft_applies_total",
@@ -73,9 +76,23 @@ export class FirewallSync {
     const bindings = await this.source.bindingsOf([...d.nics.keys()]);
     const out = new Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>();
     for (const vpcId of d.vpcs.keys()) out.set(vpcId, { subnets: [], nics: [] });
-    for (const s of d.subnets.values()) out.get(s.vpcId)?.subnets.push({ subnetId: s.subnetId, cidr: s.cidr, bridge: names.bridge(s.subnetId) });
+    // The netagent's records reach nft here (cidrs, interface names, MACs,
+    // addresses): checked as a binding is, a bad one skipped and reported.
+    for (const s of d.subnets.values()) {
+      const p = parseLocalSubnet(s);
+      if (!p.ok) {
+        reportInvalid(OWNER, "local-subnet", `netagent subnet ${s.subnetId}`, p.reason, this.log);
+        continue;
+      }
+      out.get(s.vpcId)?.subnets.push({ ...p.value, bridge: names.bridge(p.value.subnetId) });
+    }
     for (const n of d.nics.values()) {
       const b = bindings.get(n.nicId);
+      const bad = attempt(() => checkBinding({ nicId: n.nicId, vpcId: n.vpcId, subnetId: n.subnetId, address: n.address, mac: n.mac, hostId: this.hostId, hostIf: n.hostIf, groupIds: [] }));
+      if (!bad.ok) {
+        reportInvalid(OWNER, "local-nic", `netagent nic ${n.nicId}`, bad.reason, this.log);
+        continue;
+      }
       out.get(n.vpcId)?.nics.push({
         nicId: n.nicId,
         vpcId: n.vpcId,

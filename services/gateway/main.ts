@@ -38,7 +38,7 @@ export async function runImds(
   logger: Logger,
   limits: { rateLimitPerSecond?: number; burst?: number } = {},
 ): Promise<{ server: ImdsServer["server"]; close: () => Promise<void> }> {
-  const gw = new GatewayStore(redis);
+  const gw = new GatewayStore(redis, logger);
   let transit = new Map<string, number>();
   let fips: { vpcId: string; private: string; address: string }[] = [];
   const refresh = async () => {
@@ -54,7 +54,7 @@ export async function runImds(
   timer.unref();
   const imds = createImdsServer({
     lookupVpc: (local) => GatewaySync.vpcOfTransit(transit, local),
-    store: new MetadataStore(redis),
+    store: new MetadataStore(redis, logger),
     publicIpOf: async (vpcId, address) => fips.find((f) => f.vpcId === vpcId && f.private === address)?.address,
     ...limits,
     logger,
@@ -123,9 +123,9 @@ export const gatewayDefinition: ServiceDefinition = {
     const imdsPort = Number(flags.imdsPort);
     const dnsPort = Number(flags.dnsPort);
     if (!Number.isInteger(dnsPort) || dnsPort < 0 || dnsPort > 65535) throw new Error(`--dns-port ${JSON.stringify(flags.dnsPort)}: use 1–65535, or 0 for no resolver`);
-    const store = new GatewayStore(redis);
+    const store = new GatewayStore(redis, logger);
     const ipam = new IpamStore(redis);
-    const meta = new MetadataStore(redis);
+    const meta = new MetadataStore(redis, logger);
     const sync = new GatewaySync(store, ipam, new HostStore(redis, hostId), { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits() }, logger);
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;

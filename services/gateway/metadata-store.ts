@@ -23,6 +23,8 @@
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import { reportInvalid } from "../common/invalid-records.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { MAX_GROUPS_PER_NIC } from "../firewall/model.js";
@@ -366,8 +368,30 @@ export interface CallerState {
   token: "none" | "live" | "dead";
 }
 
+/** One entry of the hop-limit hash: "vpc-…/a.b.c.d" → 1–64. */
+export function parseHopLimit(key: string, value: string): V.Parsed<number> {
+  return V.attempt(() => {
+    const [vpc, addr, ...rest] = key.split("/");
+    if (rest.length) throw new InvalidArgumentError("key", `${V.show(key)} is not "vpc/address"`);
+    V.id("vpc", vpc, "vpc");
+    V.ipv4("address", addr ?? "");
+    return V.storedInt("hop", value, 1, 64);
+  });
+}
+
+/** A stored record (base64 protobuf), decoded and checked as SetInstanceMetadata checks it. */
+export function parseStoredMetadata(pb: string): V.Parsed<InstanceMetadata> {
+  return V.attempt(() => {
+    if (!/^[A-Za-z0-9+/]*={0,2}$/.test(pb)) throw new InvalidArgumentError("pb", "is not base64");
+    const md = decode(pb);
+    const checked = validateInstanceMetadata(md, "");
+    checked.updateTime = md.updateTime;
+    return checked;
+  });
+}
+
 export class MetadataStore {
-  constructor(readonly redis: Redis) {
+  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
     defineScripts(redis);
   }
 
@@ -395,9 +419,17 @@ export class MetadataStore {
     return { metadata: md, created: code === 1 };
   }
 
+  /** A stored record checked; one that does not validate is reported and read as absent. */
+  private checked(key: string, pb: string): InstanceMetadata | null {
+    const p = parseStoredMetadata(pb);
+    if (p.ok) return p.value;
+    reportInvalid("gateway", "imds-metadata", key, p.reason, this.log);
+    return null;
+  }
+
   async get(instanceId: string): Promise<InstanceMetadata | null> {
     const pb = await this.redis.hget(MK.inst(instanceId), "pb");
-    return pb ? decode(pb) : null;
+    return pb ? this.checked(MK.inst(instanceId), pb) : null;
   }
 
   async getByAddress(vpcId: string, address: string): Promise<InstanceMetadata | null> {
@@ -423,9 +455,10 @@ export class MetadataStore {
     for (const id of ids) p.hget(MK.inst(id), "pb");
     const res = (await p.exec()) ?? [];
     const out: InstanceMetadata[] = [];
-    for (const [err, pb] of res) {
+    for (const [i, [err, pb]] of res.entries()) {
       if (err) throw err;
-      if (typeof pb === "string" && pb !== "") out.push(decode(pb));
+      const md = typeof pb === "string" && pb !== "" ? this.checked(MK.inst(ids[i]), pb) : null;
+      if (md) out.push(md);
     }
     return out;
   }
@@ -445,10 +478,17 @@ export class MetadataStore {
     const r = await this.redis.mvpcMdResolve(MK.byAddr, callerKey(vpcId, address), cachedRev, tokenNonce, Date.now(), M);
     if (r[0] !== 1) return null;
     const [, instanceId, rev, pb, tok] = r;
+    let metadata: InstanceMetadata | undefined;
+    if (pb) {
+      const md = this.checked(MK.inst(instanceId), pb);
+      // A caller whose record does not validate is served as one without a record.
+      if (!md) return null;
+      metadata = md;
+    }
     return {
       instanceId,
       rev: String(rev),
-      metadata: pb ? decode(pb) : undefined,
+      metadata,
       token: tok === 1 ? "live" : tok === 0 ? "dead" : "none",
     };
   }
@@ -470,12 +510,23 @@ export class MetadataStore {
    */
   async hopLimits(): Promise<Map<string, number>> {
     const h = await this.redis.hgetall(MK.hop);
-    return new Map(Object.entries(h).map(([k, v]) => [k, Number(v)]));
+    const out = new Map<string, number>();
+    for (const [k, v] of Object.entries(h)) {
+      // The value becomes an nft set name and TTL: checked as the API checks it.
+      const p = parseHopLimit(k, v);
+      if (p.ok) out.set(k, p.value);
+      else reportInvalid("gateway", "imds-hop", `${MK.hop} ${k}`, p.reason, this.log);
+    }
+    return out;
   }
 
   /** The hop limit of one caller, or undefined if no instance holds the address. */
   async tokenHopLimitOf(vpcId: string, address: string): Promise<number | undefined> {
     const v = await this.redis.hget(MK.hop, callerKey(vpcId, address));
-    return v === null ? undefined : Number(v);
+    if (v === null) return undefined;
+    const p = parseHopLimit(callerKey(vpcId, address), v);
+    if (p.ok) return p.value;
+    reportInvalid("gateway", "imds-hop", `${MK.hop} ${callerKey(vpcId, address)}`, p.reason, this.log);
+    return DEFAULT_HOP_LIMIT;
   }
 }

@@ -4,55 +4,13 @@
 import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
-import { intToIp } from "../common/validate.js";
+import type { Logger } from "pino";
+import { reportInvalid } from "../common/invalid-records.js";
+import { intToIp, type Parsed } from "../common/validate.js";
+import { checkFip, checkNat, checkPf, GK, OWNER, parseFip, parseNat, parsePf, parseTransit, type FipRec, type NatRec, type PfRec } from "./schema.js";
 
-export interface NatRec {
-  id: string;
-  vpcId: string;
-  subnetId: string;
-  sources: string[];
-  description: string;
-  createdMs: number;
-}
-
-export interface FipRec {
-  id: string;
-  address: string;
-  vpcId: string;
-  private: string;
-  nicId: string;
-  hostId: string;
-  description: string;
-  allocatedMs: number;
-  associatedMs: number;
-}
-
-export interface PfRec {
-  id: string;
-  vpcId: string;
-  proto: "tcp" | "udp";
-  hostId: string;
-  outsidePort: number;
-  private: string;
-  privatePort: number;
-  nicId: string;
-  description: string;
-  createdMs: number;
-}
-
-const K = {
-  nat: (id: string) => `mvpc:gw:nat:${id}`,
-  vpcNat: "mvpc:gw:vpcnat",
-  fip: (id: string) => `mvpc:gw:fip:${id}`,
-  fipByAddr: "mvpc:gw:fip:byaddr",
-  fips: "mvpc:gw:fips",
-  pf: (id: string) => `mvpc:gw:pf:${id}`,
-  pfs: "mvpc:gw:pfs",
-  hostPorts: (h: string) => `mvpc:gw:host:${h}:ports`,
-  transit: (h: string) => `mvpc:gw:host:${h}:transit`,
-  tokens: "mvpc:tokens",
-  events: "mvpc:events",
-};
+export type { FipRec, NatRec, PfRec } from "./schema.js";
+const K = GK;
 
 const EVENT = `redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', ARGV[1], 'id', ARGV[2])`;
 
@@ -125,7 +83,8 @@ type R = [number, string];
 const newId = (kind: string) => `${kind}-${randomBytes(6).toString("hex")}`;
 
 export class GatewayStore {
-  constructor(readonly redis: Redis) {
+  /** log: where skipped records are reported (once per key and reason). */
+  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
     const r = redis as unknown as Record<string, unknown>;
     if (!r.mvpcGwCreate) {
       redis.defineCommand("mvpcGwCreate", { numberOfKeys: 4, lua: CREATE });
@@ -139,10 +98,31 @@ export class GatewayStore {
     return (this.redis as unknown as Record<string, (...a: (string | number)[]) => Promise<unknown>>)[name](...args);
   }
 
+  /**
+   * Reads and checks one record; a record its schema refuses (or a key
+   * holding something else than a hash) is reported and read as absent.
+   */
+  private async read<T>(kind: string, key: string, parse: (h: Record<string, string>) => Parsed<T>): Promise<T | null> {
+    let h: Record<string, string>;
+    try {
+      h = await this.redis.hgetall(key);
+    } catch (err) {
+      if (!/WRONGTYPE/.test((err as Error).message)) throw err;
+      reportInvalid(OWNER, kind, key, "is not a hash", this.log);
+      return null;
+    }
+    if (Object.keys(h).length === 0) return null;
+    const p = parse(h);
+    if (p.ok) return p.value;
+    reportInvalid(OWNER, kind, key, p.reason, this.log);
+    return null;
+  }
+
   // ---- NAT gateways: at most one per VPC ----
 
   async createNat(n: Omit<NatRec, "id" | "createdMs">, clientToken: string): Promise<NatRec> {
     const id = newId("nat");
+    checkNat({ ...n, id, createdMs: 0 });
     const [code, ref] = (await this.cmd(
       "mvpcGwCreate", K.nat(id), K.vpcNat, "mvpc:gw:nats", K.tokens,
       "gw.nat.created", id, n.vpcId, clientToken ? `nat\n${clientToken}` : "",
@@ -153,9 +133,7 @@ export class GatewayStore {
   }
 
   async getNat(id: string): Promise<NatRec | null> {
-    const h = await this.redis.hgetall(K.nat(id));
-    if (!h.id) return null;
-    return { id: h.id, vpcId: h.vpc, subnetId: h.subnet, sources: JSON.parse(h.sources || "[]"), description: h.description ?? "", createdMs: Number(h.created) };
+    return this.read("nat", K.nat(id), (h) => parseNat(h, id));
   }
 
   async natOfVpc(vpcId: string): Promise<NatRec | null> {
@@ -187,19 +165,7 @@ export class GatewayStore {
   }
 
   async getFip(id: string): Promise<FipRec | null> {
-    const h = await this.redis.hgetall(K.fip(id));
-    if (!h.id) return null;
-    return {
-      id: h.id,
-      address: h.address,
-      vpcId: h.vpc,
-      private: h.private,
-      nicId: h.nic,
-      hostId: h.host,
-      description: h.description ?? "",
-      allocatedMs: Number(h.allocated),
-      associatedMs: Number(h.associated),
-    };
+    return this.read("fip", K.fip(id), (h) => parseFip(h, id));
   }
 
   async fipByAddress(address: string): Promise<FipRec | null> {
@@ -213,6 +179,7 @@ export class GatewayStore {
   }
 
   async setFipTarget(f: FipRec, t: { vpcId: string; private: string; nicId: string; hostId: string } | null): Promise<void> {
+    checkFip({ ...f, vpcId: t?.vpcId ?? "", private: t?.private ?? "", nicId: t?.nicId ?? "", hostId: t?.hostId ?? "" });
     const ok = await this.cmd(
       "mvpcGwUpdate", K.fip(f.id), t ? "gw.fip.associated" : "gw.fip.disassociated", f.id,
       "vpc", t?.vpcId ?? "", "private", t?.private ?? "", "nic", t?.nicId ?? "", "host", t?.hostId ?? "", "associated", t ? Date.now() : 0,
@@ -229,6 +196,7 @@ export class GatewayStore {
 
   async createPf(p: Omit<PfRec, "id" | "createdMs">, clientToken: string): Promise<PfRec> {
     const id = newId("pf");
+    checkPf({ ...p, id, createdMs: 0 });
     const [code, ref] = (await this.cmd(
       "mvpcGwCreate", K.pf(id), K.hostPorts(p.hostId), K.pfs, K.tokens,
       "gw.pf.created", id, `${p.proto}/${p.outsidePort}`, clientToken ? `pf\n${clientToken}` : "",
@@ -239,20 +207,7 @@ export class GatewayStore {
   }
 
   async getPf(id: string): Promise<PfRec | null> {
-    const h = await this.redis.hgetall(K.pf(id));
-    if (!h.id) return null;
-    return {
-      id: h.id,
-      vpcId: h.vpc,
-      proto: h.proto as "tcp" | "udp",
-      hostId: h.host,
-      outsidePort: Number(h.outside),
-      private: h.private,
-      privatePort: Number(h.private_port),
-      nicId: h.nic,
-      description: h.description ?? "",
-      createdMs: Number(h.created),
-    };
+    return this.read("pf", K.pf(id), (h) => parsePf(h, id));
   }
 
   async listPfs(): Promise<PfRec[]> {
@@ -276,13 +231,24 @@ export class GatewayStore {
       K.transit(hostId),
       vpcId,
     );
-    return Number(got);
+    const t = parseTransit(vpcId, String(got));
+    if (!t.ok) {
+      reportInvalid(OWNER, "transit", `${K.transit(hostId)} ${vpcId}`, t.reason, this.log);
+      throw new Error(`the transit index of ${vpcId} on ${hostId} is not valid (${t.reason}); the VPC is skipped`);
+    }
+    return t.value;
   }
 
   /** vpcId → transit index of every VPC this host ever served. */
   async transitMap(hostId: string): Promise<Map<string, number>> {
     const h = await this.redis.hgetall(K.transit(hostId));
     delete h["#next"];
-    return new Map(Object.entries(h).map(([k, v]) => [k, Number(v)]));
+    const out = new Map<string, number>();
+    for (const [k, v] of Object.entries(h)) {
+      const t = parseTransit(k, v);
+      if (t.ok) out.set(k, t.value);
+      else reportInvalid(OWNER, "transit", `${K.transit(hostId)} ${k}`, t.reason, this.log);
+    }
+    return out;
   }
 }

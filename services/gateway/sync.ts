@@ -10,12 +10,15 @@ import type { Logger } from "pino";
 import { Counter } from "prom-client";
 import { followEvents } from "../common/events.js";
 import { run } from "../common/exec.js";
+import { reportInvalid } from "../common/invalid-records.js";
+import * as V from "../common/validate.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
 import type { HostStore } from "../netagent/store.js";
 import { hostNft, hostRouteLines, names, RESOLVER_LABEL, resolverAddrLines, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw } from "./plan.js";
+import { OWNER, parseGwSubnet } from "./schema.js";
 import type { GatewayStore } from "./store.js";
 
 const applies = new Counter({
@@ -58,18 +61,42 @@ export class GatewaySync {
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
   ) {
-    this.dns = new DnsStore(ipam.redis);
+    this.dns = new DnsStore(ipam.redis, log);
   }
 
   /** The VPC's resolver address, if the resolver is on. */
   private async resolverOf(vpcId: string): Promise<string | undefined> {
     if (!this.opts.dnsPort) return undefined;
+    // DnsStore checks the stored config (dns/schema.ts); a bad one reads as unset.
     const own = (await this.dns.getConfig(vpcId)).resolver;
-    // Validated by UpdateDnsConfig; checked again because it reaches ip and nft.
-    if (own && ipaddr.IPv4.isValidFourPartDecimal(own)) return own;
-    if (own) this.log.warn({ vpc: vpcId, resolver: own }, "ignoring a resolver address that is not a dotted quad; using the default");
-    const vpc = await this.ipam.getVpc(vpcId);
-    return vpc ? defaultResolver(vpc.base) : undefined;
+    if (own) return own;
+    const base = await this.vpcBase(vpcId);
+    return base === undefined ? undefined : defaultResolver(base);
+  }
+
+  /** The VPC's base address from IPAM's record, checked against its CIDR; undefined if absent or bad. */
+  private async vpcBase(vpcId: string): Promise<number | undefined> {
+    const key = `mvpc:vpc:${vpcId}`;
+    try {
+      const vpc = await this.ipam.getVpc(vpcId);
+      if (!vpc) return undefined;
+      const c = V.cidr("cidr", vpc.cidr, { min: 0, max: 32 });
+      if (c.base !== vpc.base) throw new Error(`base: ${V.show(String(vpc.base))} is not the base of cidr ${c.text}`);
+      return c.base;
+    } catch (err) {
+      reportInvalid(OWNER, "vpc", key, (err as Error).message, this.log);
+      return undefined;
+    }
+  }
+
+  /** Whether IPAM says the subnet is public; a record that cannot be read is private (no egress). */
+  private async subnetPublic(subnetId: string): Promise<boolean> {
+    try {
+      return (await this.ipam.getSubnet(subnetId))?.type === "public";
+    } catch (err) {
+      reportInvalid(OWNER, "subnet", `mvpc:subnet:${subnetId}`, (err as Error).message, this.log);
+      return false;
+    }
   }
 
   async desired(): Promise<HostGw> {
@@ -77,20 +104,33 @@ export class GatewaySync {
     const [nats, fips, pfs, hops] = await Promise.all([this.store.listNats(), this.store.listFips(), this.store.listPfs(), this.opts.hopLimits()]);
     const vpcs: GwVpc[] = [];
     for (const vpcId of d.vpcs.keys()) {
-      if (!existsSync(`/run/netns/${naNames.netns(this.opts.hostId, vpcId)}`)) continue;
+      if (!/^vpc-[0-9a-f]{12}$/.test(vpcId) || !existsSync(`/run/netns/${naNames.netns(this.opts.hostId, vpcId)}`)) continue;
+      // One VPC whose records do not validate is left as it is; the others converge.
+      let transit: number;
+      try {
+        transit = await this.store.transitIndex(this.opts.hostId, vpcId);
+      } catch (err) {
+        this.log.warn({ vpc: vpcId, err: (err as Error).message }, "skipping a VPC without a valid transit index");
+        continue;
+      }
       const subnets = [];
       for (const s of d.subnets.values()) {
         if (s.vpcId !== vpcId) continue;
-        const rec = await this.ipam.getSubnet(s.subnetId);
-        subnets.push({ subnetId: s.subnetId, cidr: s.cidr, public: rec?.type === "public" });
+        // cidr reaches nft: checked even though the netagent wrote it.
+        const p = parseGwSubnet(s);
+        if (!p.ok) {
+          reportInvalid(OWNER, "subnet", `netagent subnet ${s.subnetId}`, p.reason, this.log);
+          continue;
+        }
+        subnets.push({ ...p.value, public: await this.subnetPublic(s.subnetId) });
       }
       const nat = nats.find((n) => n.vpcId === vpcId);
-      const localAddrs = new Set([...d.nics.values()].filter((n) => n.vpcId === vpcId).map((n) => n.address));
+      const localAddrs = new Set([...d.nics.values()].filter((n) => n.vpcId === vpcId && ipaddr.IPv4.isValidFourPartDecimal(n.address)).map((n) => n.address));
       const hopLimits = new Map<string, number>();
       for (const a of localAddrs) hopLimits.set(a, hops.get(`${vpcId}/${a}`) ?? 1);
       vpcs.push({
         vpcId,
-        transit: await this.store.transitIndex(this.opts.hostId, vpcId),
+        transit,
         subnets,
         nat: !!nat,
         natSources: nat?.sources ?? [],

@@ -148,7 +148,7 @@ describe("exec metrics", () => {
       const diff = [...m].filter(([c, n]) => n > (was.get(c) ?? 0)).map(([c, n]) => `${c}×${n - (was.get(c) ?? 0)}`);
       ran.push(`${name} ${total(m) - total(was)} (${diff.join(", ")})`);
     }
-    t.diagnostic(`execs during one CreateVm (kind=netns), by daemon: ${ran.join("; ")}`);
+    await t.annotate(`execs during one CreateVm (kind=netns), by daemon: ${ran.join("; ")}`);
     assert.ok(((await execCounts(vmmd))!.get("ip netns") ?? 0) > (before.get("vmm")!.get("ip netns") ?? 0), "vmm's ip netns add was counted");
     assert.equal((await vmm.deleteVm({ ref: vm.id })).deleted, true);
   });
@@ -167,7 +167,7 @@ describe("kind=qemu", () => {
     assert.match(ins.accelerator, /^(kvm|tcg)$/);
     assert.ok(ins.acceleratorReason.length > 0, "inspect says why");
     assert.equal(g.accelerator, ins.accelerator);
-    t.diagnostic(`accelerator ${ins.accelerator}: ${ins.acceleratorReason}`);
+    await t.annotate(`accelerator ${ins.accelerator}: ${ins.acceleratorReason}`);
     const addr = g.nics[0].guest!.address;
     assert.ok(
       await waitFor(() => existsSync(g.consoleLogPath) && readFileSync(g.consoleLogPath, "utf8").includes(`MVPC-NET eth0 ${addr}/24`), { timeoutMs: 90_000, intervalMs: 500 }),

@@ -1,0 +1,129 @@
+// DNS records and resolver configuration in Redis: keys, types, and the
+// checks shared by the API (service.ts), the writer (store.ts) and every
+// reader. The resolver address reaches `ip addr` and nft on every
+// hypervisor (gateway/sync.ts) and the forwarders reach the resolver's
+// sockets, so what is read back is checked as a request would be: a config
+// that does not validate is skipped (reported) and the VPC runs on defaults.
+import { InvalidArgumentError } from "../common/errors.js";
+import * as V from "../common/validate.js";
+import { parseForwarder } from "./zone.js";
+
+export const OWNER = "dns";
+
+export const DK = {
+  records: (vpc: string) => `mvpc:dns:vpc:${vpc}:rec`,
+  names: (vpc: string) => `mvpc:dns:vpc:${vpc}:names`,
+  owners: (vpc: string) => `mvpc:dns:vpc:${vpc}:own`,
+  config: (vpc: string) => `mvpc:dns:vpc:${vpc}:cfg`,
+  defaults: "mvpc:dns:defaults",
+};
+
+export interface RecordRec {
+  vpcId: string;
+  name: string;
+  address: string;
+  ttl: number;
+  owner: string;
+  updatedMs: number;
+}
+
+/** What is stored for a VPC (or the defaults); unset fields inherit. */
+export interface StoredConfig {
+  resolver?: string;
+  forwarders?: string[];
+  ttl?: number;
+  updatedMs?: number;
+}
+
+export const LABEL_RE = /^[a-z0-9]([a-z0-9-]{0,62})$/;
+export const MAX_FORWARDERS = 4;
+export const MIN_TTL = 1;
+export const MAX_TTL = 86400;
+
+export function label(field: string, value: string): string {
+  if (value === "") throw new InvalidArgumentError(field, "is required (a label such as \"web1\")");
+  if (!LABEL_RE.test(value)) {
+    throw new InvalidArgumentError(field, `${V.show(value)} is not a DNS label: use 1–63 characters of lowercase letters, digits and '-', starting with a letter or digit (e.g. "web1")`);
+  }
+  return value;
+}
+
+export function ttl(field: string, value: number): number {
+  if (!Number.isInteger(value) || value < MIN_TTL || value > MAX_TTL) throw new InvalidArgumentError(field, `${value} is out of range; use ${MIN_TTL}–${MAX_TTL} seconds`);
+  return value;
+}
+
+/**
+ * Forwarders "a.b.c.d[:port]", at most 4. Never 0.0.0.0/8, multicast or
+ * reserved space; a VPC's own list also never the hypervisor's loopback or
+ * link-local (a tenant must not aim the resolver at the host's services),
+ * while the defaults (an operator's choice) may name a host-local resolver.
+ */
+export function forwarders(field: string, list: string[], forVpc: boolean): string[] {
+  V.jsonArray(field, list, Number.MAX_SAFE_INTEGER);
+  if (list.length > MAX_FORWARDERS) throw new InvalidArgumentError(field, `has ${list.length} addresses; at most ${MAX_FORWARDERS}`);
+  const out: string[] = [];
+  for (const [i, s] of list.entries()) {
+    let f: { host: string; port: number };
+    V.jsonString(`${field}[${i}]`, s);
+    try {
+      f = parseForwarder(s);
+    } catch (e) {
+      throw new InvalidArgumentError(`${field}[${i}]`, `${(e as Error).message} (e.g. "192.0.2.53" or "192.0.2.53:5353")`);
+    }
+    const first = Number(f.host.split(".")[0]);
+    const second = Number(f.host.split(".")[1]);
+    if (first === 0 || first >= 224) throw new InvalidArgumentError(`${field}[${i}]`, `${f.host} is not a unicast address`);
+    if (forVpc && (first === 127 || (first === 169 && second === 254))) {
+      throw new InvalidArgumentError(`${field}[${i}]`, `${f.host} is the hypervisor's own (loopback or link-local); a VPC may only forward to a routable resolver`);
+    }
+    const canon = `${f.host}:${f.port}`;
+    if (out.some((o) => o === canon)) throw new InvalidArgumentError(`${field}[${i}]`, `${s} appears twice`);
+    out.push(canon);
+  }
+  return out;
+}
+
+
+/** A stored config hash (a VPC's, or the defaults when forVpc is false). */
+export function parseConfig(h: Record<string, string>, forVpc: boolean): V.Parsed<StoredConfig> {
+  return V.attempt(() => {
+    const c: StoredConfig = {};
+    if (h.resolver) {
+      if (!forVpc) throw new InvalidArgumentError("resolver", "is set in the defaults; each VPC has its own address");
+      V.ipv4("resolver", h.resolver);
+      c.resolver = h.resolver;
+    }
+    if (h.forwarders !== undefined) {
+      const list = V.storedJson("forwarders", h.forwarders, 4096) as string[];
+      const canon = forwarders("forwarders", list, forVpc);
+      // Stored canonical ("a.b.c.d:port"), so the check must not change it.
+      if (JSON.stringify(canon) !== JSON.stringify(list)) throw new InvalidArgumentError("forwarders", `${V.show(h.forwarders)} is not in canonical form`);
+      c.forwarders = canon;
+    }
+    if (h.ttl) c.ttl = ttl("ttl", V.storedInt("ttl", h.ttl, MIN_TTL, MAX_TTL));
+    if (h.updated) c.updatedMs = V.storedInt("updated", h.updated);
+    return c;
+  });
+}
+
+/** A record's fields, as the writer stores them and a reader gets them back. */
+export function checkRecord(r: Omit<RecordRec, "updatedMs">): void {
+  V.id("vpc", r.vpcId, "vpc");
+  label("name", r.name);
+  V.ipv4("address", r.address);
+  ttl("ttl", r.ttl);
+  V.token("owner", r.owner);
+}
+
+/** A stored record: "address\nttl\nowner\nupdated" under its name. */
+export function parseRecord(vpcId: string, name: string, v: string): V.Parsed<RecordRec> {
+  return V.attempt(() => {
+    const parts = v.split("\n");
+    if (parts.length !== 4) throw new InvalidArgumentError("value", `has ${parts.length} lines, not 4 (address, ttl, owner, updated)`);
+    const [address, t, owner, updated] = parts;
+    const r = { vpcId, name, address, ttl: V.storedInt("ttl", t, MIN_TTL, MAX_TTL), owner, updatedMs: V.storedInt("updated", updated) };
+    checkRecord(r);
+    return r;
+  });
+}

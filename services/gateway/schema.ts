@@ -1,0 +1,180 @@
+// The gateway's records in Redis: their keys, their types, and the checks a
+// record passes before it is written (GatewayStore) and after it is read
+// (GatewayStore's readers, GatewaySync, IMDS). A record read back is input:
+// whoever can write one key could otherwise put a newline in a floating IP
+// address and have `ip -batch` run a line of their choosing on every
+// hypervisor. Every field that reaches ip or nft is checked here with the
+// validators the API uses (common/validate.ts).
+import { InvalidArgumentError } from "../common/errors.js";
+import * as V from "../common/validate.js";
+
+export const OWNER = "gateway";
+
+export const GK = {
+  nat: (id: string) => `mvpc:gw:nat:${id}`,
+  nats: "mvpc:gw:nats",
+  vpcNat: "mvpc:gw:vpcnat",
+  fip: (id: string) => `mvpc:gw:fip:${id}`,
+  fipByAddr: "mvpc:gw:fip:byaddr",
+  fips: "mvpc:gw:fips",
+  pf: (id: string) => `mvpc:gw:pf:${id}`,
+  pfs: "mvpc:gw:pfs",
+  hostPorts: (h: string) => `mvpc:gw:host:${h}:ports`,
+  transit: (h: string) => `mvpc:gw:host:${h}:transit`,
+  tokens: "mvpc:tokens",
+  events: "mvpc:events",
+};
+
+export interface NatRec {
+  id: string;
+  vpcId: string;
+  subnetId: string;
+  sources: string[];
+  description: string;
+  createdMs: number;
+}
+
+export interface FipRec {
+  id: string;
+  address: string;
+  vpcId: string;
+  private: string;
+  nicId: string;
+  hostId: string;
+  description: string;
+  allocatedMs: number;
+  associatedMs: number;
+}
+
+export interface PfRec {
+  id: string;
+  vpcId: string;
+  proto: "tcp" | "udp";
+  hostId: string;
+  outsidePort: number;
+  private: string;
+  privatePort: number;
+  nicId: string;
+  description: string;
+  createdMs: number;
+}
+
+/** NAT source subnets: at most this many (a VPC has far fewer subnets). */
+export const MAX_NAT_SOURCES = 256;
+/** Transit /30s per hypervisor (plan.ts transitAddrs). */
+export const MAX_TRANSIT = 16000;
+
+const time = (name: string, v: string | undefined) => V.storedInt(name, v ?? "0", 0);
+
+// ---- checks shared by the writer and the readers ----
+
+export function checkNat(n: NatRec): NatRec {
+  V.id("id", n.id, "nat");
+  V.id("vpc", n.vpcId, "vpc");
+  V.id("subnet", n.subnetId, "subnet");
+  V.jsonArray("sources", n.sources, MAX_NAT_SOURCES).forEach((s, i) => V.id(`sources[${i}]`, V.jsonString(`sources[${i}]`, s), "subnet"));
+  V.text("description", n.description);
+  return n;
+}
+
+export function checkFip(f: FipRec): FipRec {
+  V.id("id", f.id, "fip");
+  V.ipv4("address", f.address);
+  V.text("description", f.description);
+  // Unassociated: every target field empty; associated: every one set.
+  if (f.private === "") {
+    for (const [name, v] of [["vpc", f.vpcId], ["nic", f.nicId], ["host", f.hostId]] as const) {
+      if (v !== "") throw new InvalidArgumentError(name, `${V.show(v)} is set while private is empty; an unassociated floating IP has no target`);
+    }
+  } else {
+    V.ipv4("private", f.private);
+    V.id("vpc", f.vpcId, "vpc");
+    V.id("nic", f.nicId, "nic");
+    V.hostId("host", f.hostId);
+  }
+  return f;
+}
+
+export function checkPf(p: PfRec): PfRec {
+  V.id("id", p.id, "pf");
+  V.id("vpc", p.vpcId, "vpc");
+  if (p.proto !== "tcp" && p.proto !== "udp") throw new InvalidArgumentError("proto", `${V.show(String(p.proto))} is not tcp or udp`);
+  V.hostId("host", p.hostId);
+  V.port("outside", p.outsidePort);
+  V.ipv4("private", p.private);
+  V.port("private_port", p.privatePort);
+  V.id("nic", p.nicId, "nic");
+  V.text("description", p.description);
+  return p;
+}
+
+// ---- readers: a hash as HGETALL returns it → a checked record or the reason ----
+
+function sameId(h: Record<string, string>, id: string | undefined): void {
+  if (id !== undefined && h.id !== id) throw new InvalidArgumentError("id", `${V.show(String(h.id))} is not the id of its key (${V.show(id)})`);
+}
+
+export function parseNat(h: Record<string, string>, id?: string): V.Parsed<NatRec> {
+  return V.attempt(() => {
+    sameId(h, id);
+    return checkNat({
+      id: V.field(h, "id"),
+      vpcId: V.field(h, "vpc"),
+      subnetId: V.field(h, "subnet"),
+      sources: V.storedJson("sources", h.sources ?? "[]") as string[],
+      description: h.description ?? "",
+      createdMs: time("created", h.created),
+    });
+  });
+}
+
+export function parseFip(h: Record<string, string>, id?: string): V.Parsed<FipRec> {
+  return V.attempt(() => {
+    sameId(h, id);
+    return checkFip({
+      id: V.field(h, "id"),
+      address: V.field(h, "address"),
+      vpcId: V.field(h, "vpc", true),
+      private: V.field(h, "private", true),
+      nicId: V.field(h, "nic", true),
+      hostId: V.field(h, "host", true),
+      description: h.description ?? "",
+      allocatedMs: time("allocated", h.allocated),
+      associatedMs: time("associated", h.associated),
+    });
+  });
+}
+
+export function parsePf(h: Record<string, string>, id?: string): V.Parsed<PfRec> {
+  return V.attempt(() => {
+    sameId(h, id);
+    return checkPf({
+      id: V.field(h, "id"),
+      vpcId: V.field(h, "vpc"),
+      proto: V.field(h, "proto") as "tcp" | "udp",
+      hostId: V.field(h, "host"),
+      outsidePort: V.storedInt("outside", h.outside, 1, 65535),
+      private: V.field(h, "private"),
+      privatePort: V.storedInt("private_port", h.private_port, 1, 65535),
+      nicId: V.field(h, "nic"),
+      description: h.description ?? "",
+      createdMs: time("created", h.created),
+    });
+  });
+}
+
+/** One entry of a host's transit hash: VPC id → index of its /30. */
+export function parseTransit(vpcId: string, value: string): V.Parsed<number> {
+  return V.attempt(() => {
+    V.id("vpc", vpcId, "vpc");
+    return V.storedInt("transit", value, 0, MAX_TRANSIT - 1);
+  });
+}
+
+/** A subnet of a VPC as the gateway routes and masquerades it. */
+export function parseGwSubnet(s: { subnetId: string; cidr: string }): V.Parsed<{ subnetId: string; cidr: string }> {
+  return V.attempt(() => ({
+    subnetId: V.id("subnet", V.jsonString("subnet", s.subnetId), "subnet"),
+    cidr: V.cidr("cidr", V.jsonString("cidr", s.cidr), { min: 0, max: 32 }).text,
+  }));
+}
