@@ -43,6 +43,9 @@ import type { Agent } from "./agent.js";
 import * as V from "../common/validate.js";
 import { exec, run, type LinkInfo } from "./kernel.js";
 import { names } from "./plan.js";
+import { K } from "../ipam/keys.js";
+import { claimShapeProblem, verifyClaims, type ClaimEvidence, type RejectedClaim } from "./claims.js";
+import { hostKeys, parseNicSpec, type InvalidRecord } from "./schema.js";
 import { overlayKeys } from "./store.js";
 
 export interface OverlayOptions {
@@ -268,6 +271,8 @@ export class Overlay {
   /** What new interfaces get (adopted ones keep theirs) and why. */
   impl: WgImpl = "wireguard-go";
   implWhy = "";
+  /** Address claims not installed, with the reason, per VPC (claims.ts). */
+  readonly rejected = new Map<string, RejectedClaim[]>();
   /** Registry records or member entries of other hosts that were skipped, with the reason, per VPC. */
   readonly skipped = new Map<string, { hostId: string; reason: string }[]>();
   /** Each (host, reason) is logged once, not every sync. */
@@ -731,14 +736,28 @@ export class Overlay {
       this.redis.hgetall(overlayKeys.addrs(vpcId)),
       ...routed.map((r) => this.redis.hgetall(overlayKeys.addrs(r.vpcId))),
     ]);
-    const addrs: Record<string, string> = { ...own };
-    routed.forEach((r, i) => {
-      const cidrs = r.cidrs.map((c) => V.cidr("allowed", c, { min: 0, max: 32 }));
-      for (const [a, host] of Object.entries(peerAddrs[i])) {
-        const n = V.ipToInt(a);
-        if (cidrs.some((c) => n >= c.base && n < c.base + c.size)) addrs[a] = host;
-      }
-    });
+    // Every claim is checked (claims.ts says how) before it reaches `wg set` or a route.
+    const memberHosts = Object.keys(members);
+    const addrs: Record<string, string> = {};
+    const rejected: RejectedClaim[] = [];
+    const invalid: InvalidRecord[] = [];
+    const mine = await this.vpcCidr(vpcId);
+    const sources = [{ vpcId, within: mine ? [mine] : [], allowed: null as V.Cidr[] | null, raw: own }];
+    for (const [i, r] of routed.entries()) {
+      const peer = await this.vpcCidr(r.vpcId);
+      // The peering's allowed CIDRs (validated by peering/schema.ts) must also lie in the peer VPC.
+      const allowed = peer ? r.cidrs.flatMap((c) => { try { const x = V.cidr("allowed", c, { min: 8, max: 32 }); return V.contains(peer, x) ? [x] : []; } catch { return []; } }) : [];
+      sources.push({ vpcId: r.vpcId, within: peer ? [peer] : [], allowed, raw: peerAddrs[i] });
+    }
+    for (const src of sources) {
+      const r = await this.verifiedClaims(src.vpcId, src.within, src.allowed, src.raw, memberHosts);
+      for (const [a, h] of r.accepted) addrs[a] = h;
+      rejected.push(...r.rejected);
+      for (const x of r.rejected) invalid.push({ kind: "overlay-addr", key: overlayKeys.addrs(src.vpcId), field: x.address, reason: `claimed by ${x.hostId}: ${x.reason}` });
+    }
+    if (rejected.length) this.rejected.set(vpcId, rejected.sort((x, y) => x.address.localeCompare(y.address)));
+    else this.rejected.delete(vpcId);
+    this.agent.invalid.report(`overlay:${vpcId}`, invalid);
     const others = Object.keys(members).filter((h) => h !== this.hostId).sort();
     if (others.length === 0) return [];
     const recs = await this.redis.mget(...others.map((h) => overlayKeys.host(h)));
@@ -766,6 +785,74 @@ export class Overlay {
     });
     this.noteSkipped(vpcId, skipped);
     return want;
+  }
+
+  /** The VPC's CIDR from IPAM's record (null if missing or malformed). */
+  private async vpcCidr(vpcId: string): Promise<V.Cidr | null> {
+    const c = await this.redis.hget(K.vpc(vpcId), "cidr");
+    try {
+      return c ? V.cidr("cidr", c, { min: 8, max: 28 }) : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * The claims of one VPC's addrs hash that pass claims.ts, as [address,
+   * host]. `allowed` (a peered VPC's claims): only addresses inside these
+   * are wanted; others are silently not this tunnel's.
+   */
+  private async verifiedClaims(
+    vpcId: string,
+    within: V.Cidr[],
+    allowed: V.Cidr[] | null,
+    raw: Record<string, string>,
+    memberHosts: string[],
+  ): Promise<{ accepted: [string, string][]; rejected: RejectedClaim[] }> {
+    const rejected: RejectedClaim[] = [];
+    const shaped: [string, string][] = [];
+    for (const [a, h] of Object.entries(raw)) {
+      const bad = claimShapeProblem(a, h, within);
+      if (bad) {
+        rejected.push({ address: /^[0-9.]{7,15}$/.test(a) ? a : V.show(a), hostId: /^[a-z0-9-]{1,63}$/.test(h) ? h : V.show(h), reason: bad });
+        continue;
+      }
+      if (h === this.hostId) continue; // our own claims are never installed here
+      const n = V.ipToInt(a);
+      if (allowed && !allowed.some((c) => n >= c.base && n < c.base + c.size)) continue;
+      shaped.push([a, h]);
+    }
+    if (shaped.length === 0) return { accepted: [], rejected };
+    const fields = shaped.map(([a]) => `${vpcId}/${a}`);
+    const hosts = [...new Set([...memberHosts, ...shaped.map(([, h]) => h)])].filter((h) => /^[a-z0-9-]{1,63}$/.test(h) && h !== this.hostId);
+    const [located, ...indexes] = await Promise.all([this.redis.hmget(hostKeys.allNicAddrs, ...fields), ...hosts.map((h) => this.redis.hmget(hostKeys.nicaddr(h), ...fields))]);
+    const ev: ClaimEvidence = { located: new Map(), nicRecords: new Map(), subnets: new Map(), allocOwners: new Map(), holders: new Map() };
+    shaped.forEach(([a], i) => {
+      ev.located.set(a, located[i]);
+      ev.holders.set(a, hosts.filter((_, j) => indexes[j][i] !== null));
+    });
+    const nicKeys = [...new Set(shaped.map(([a, h]) => ({ loc: ev.located.get(a), h })).filter((x) => x.loc && x.loc.startsWith(`${x.h}/`)).map((x) => x.loc!))];
+    const nicRaw = await Promise.all(nicKeys.map((k) => { const [h, nic] = k.split("/"); return this.redis.hget(hostKeys.nics(h), nic ?? ""); }));
+    nicKeys.forEach((k, i) => ev.nicRecords.set(k, nicRaw[i]));
+    const nics = nicKeys.map((k, i) => (nicRaw[i] ? parseNicSpec(k.split("/")[1] ?? "", nicRaw[i]!) : null)).flatMap((p) => (p?.ok ? [p.value] : []));
+    const subnetIds = [...new Set(nics.map((n) => n.subnetId))];
+    const subs = await Promise.all(subnetIds.map((id) => this.redis.hmget(K.subnet(id), "vpc", "cidr")));
+    subnetIds.forEach((id, i) => ev.subnets.set(id, subs[i][0] && subs[i][1] ? { vpcId: subs[i][0]!, cidr: subs[i][1]! } : null));
+    const allocKeys: [string, number][] = [];
+    for (const n of nics) {
+      const sn = ev.subnets.get(n.subnetId);
+      if (!sn) continue;
+      try {
+        allocKeys.push([n.subnetId, V.ipToInt(n.address) - V.cidr("cidr", sn.cidr, { min: 8, max: 28 }).base]);
+      } catch {
+        // verifyClaims says why
+      }
+    }
+    const allocs = await Promise.all(allocKeys.map(([sid, idx]) => (idx >= 0 ? this.redis.hget(K.alloc(sid), String(idx)) : Promise.resolve(null))));
+    allocKeys.forEach(([sid, idx], i) => ev.allocOwners.set(`${sid}/${idx}`, allocs[i] === null ? null : allocs[i]!.split("\n")[0]));
+    const local = new Set(this.agent.nicsOf(vpcId).map((n) => n.address));
+    const r = verifyClaims(vpcId, shaped, ev, local);
+    return { accepted: r.accepted, rejected: [...rejected, ...r.rejected] };
   }
 
   /** Keeps the skipped hosts for GetOverlayStatus and logs each (host, reason) once. */
