@@ -125,14 +125,6 @@ export class Agent {
     try {
       const desired = await this.store.load();
       this.invalid.report("host", desired.invalid ?? []);
-      // A record that turned invalid keeps its last valid value: a corrupt
-      // (or hostile) write costs no VM its network, and nothing of it is used.
-      for (const x of desired.invalid ?? []) {
-        if (!this.loaded) break;
-        if (x.kind === "vpc" && !desired.vpcs.has(x.field) && this.desired.vpcs.has(x.field) && !this.desired.vpcs.get(x.field)!.peered) desired.vpcs.set(x.field, this.desired.vpcs.get(x.field)!);
-        if (x.kind === "subnet" && !desired.subnets.has(x.field) && this.desired.subnets.has(x.field)) desired.subnets.set(x.field, this.desired.subnets.get(x.field)!);
-        if (x.kind === "nic" && !desired.nics.has(x.field) && this.desired.nics.has(x.field)) desired.nics.set(x.field, this.desired.nics.get(x.field)!);
-      }
       await this.peering?.extend(desired);
       this.desired = desired;
       this.loaded = true;

@@ -111,8 +111,20 @@ export class HostStore {
       seen.add(`${nic.vpcId}/if/${nic.hostIf}`);
       seen.add(`${nic.vpcId}/ip/${nic.address}`);
     }
+    // A record that turned invalid keeps the last valid value this reader
+    // saw: a corrupt (or hostile) write costs no VM its network, no firewall
+    // its rules, and nothing of the bad record is used.
+    for (const x of invalid) {
+      const [now, last] = x.kind === "vpc" ? [vpcs, this.lastValid.vpcs] : x.kind === "subnet" ? [subnets, this.lastValid.subnets] : [nics, this.lastValid.nics];
+      const prev = (last as Map<string, unknown>).get(x.field);
+      if (prev && !now.has(x.field)) (now as Map<string, unknown>).set(x.field, prev);
+    }
+    this.lastValid = { vpcs: new Map(vpcs), subnets: new Map(subnets), nics: new Map(nics) };
     return { vpcs, subnets, nics, invalid };
   }
+
+  /** The valid records this store last read or wrote (kept for records that later turn invalid). */
+  private lastValid: { vpcs: Map<string, VpcSpec>; subnets: Map<string, SubnetSpec>; nics: Map<string, NicSpec> } = { vpcs: new Map(), subnets: new Map(), nics: new Map() };
 
   /** Read now from Redis: a pass's snapshot may predate an EnsureVpc that just finished. */
   async hasVpc(vpcId: string): Promise<boolean> {
@@ -122,19 +134,23 @@ export class HostStore {
   async putVpc(v: VpcSpec): Promise<void> {
     mustParse("vpc", parseVpcSpec(this.hostId, v.vpcId, JSON.stringify(v)));
     await this.redis.hset(key(this.hostId, "vpcs"), v.vpcId, JSON.stringify(v));
+    this.lastValid.vpcs.set(v.vpcId, v);
   }
 
   async delVpc(vpcId: string): Promise<void> {
     await this.redis.hdel(key(this.hostId, "vpcs"), vpcId);
+    this.lastValid.vpcs.delete(vpcId);
   }
 
   async putSubnet(s: SubnetSpec): Promise<void> {
     mustParse("subnet", parseSubnetSpec(s.subnetId, JSON.stringify(s)));
     await this.redis.hset(key(this.hostId, "subnets"), s.subnetId, JSON.stringify(s));
+    this.lastValid.subnets.set(s.subnetId, s);
   }
 
   async delSubnet(subnetId: string): Promise<void> {
     await this.redis.hdel(key(this.hostId, "subnets"), subnetId);
+    this.lastValid.subnets.delete(subnetId);
   }
 
   /** Adds a NIC atomically with its address claim. */
@@ -150,12 +166,14 @@ export class HostStore {
       JSON.stringify(n),
       this.hostId,
     )) as [number, string];
+    if (r[0] === 1) this.lastValid.nics.set(n.nicId, n);
     return { code: r[0], id: r[1] };
   }
 
   async putNic(n: NicSpec): Promise<void> {
     mustParse("nic", parseNicSpec(n.nicId, JSON.stringify(n)));
     await this.redis.hset(key(this.hostId, "nics"), n.nicId, JSON.stringify(n));
+    this.lastValid.nics.set(n.nicId, n);
   }
 
   async getNic(nicId: string): Promise<NicSpec | null> {
@@ -167,6 +185,7 @@ export class HostStore {
   }
 
   async delNic(n: NicSpec): Promise<void> {
+    this.lastValid.nics.delete(n.nicId);
     await this.redis
       .multi()
       .hdel(key(this.hostId, "nics"), n.nicId)
