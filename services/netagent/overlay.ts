@@ -798,9 +798,10 @@ export class Overlay {
   }
 
   /**
-   * The claims of one VPC's addrs hash that pass claims.ts, as [address,
-   * host]. `allowed` (a peered VPC's claims): only addresses inside these
-   * are wanted; others are silently not this tunnel's.
+   * Where each NIC address of one VPC goes, from the evidence claims.ts
+   * names (the addrs hash only nominates), as [address, host].
+   * `allowed` (a peered VPC's NICs): only addresses inside these are this
+   * tunnel's; others are silently not wanted here.
    */
   private async verifiedClaims(
     vpcId: string,
@@ -810,31 +811,41 @@ export class Overlay {
     memberHosts: string[],
   ): Promise<{ accepted: [string, string][]; rejected: RejectedClaim[] }> {
     const rejected: RejectedClaim[] = [];
-    const shaped: [string, string][] = [];
+    const wanted = (a: string) => !allowed || allowed.some((c) => { const n = V.ipToInt(a); return n >= c.base && n < c.base + c.size; });
+    const claims = new Map<string, string>();
     for (const [a, h] of Object.entries(raw)) {
       const bad = claimShapeProblem(a, h, within);
       if (bad) {
-        rejected.push({ address: /^[0-9.]{7,15}$/.test(a) ? a : V.show(a), hostId: /^[a-z0-9-]{1,63}$/.test(h) ? h : V.show(h), reason: bad });
+        // Shown as found when printable, else quoted with escapes.
+        const shown = (v: string) => (/^[\x21-\x7e]{1,64}$/.test(v) ? v : V.show(v));
+        rejected.push({ address: shown(a), hostId: shown(h), reason: bad });
         continue;
       }
-      if (h === this.hostId) continue; // our own claims are never installed here
-      const n = V.ipToInt(a);
-      if (allowed && !allowed.some((c) => n >= c.base && n < c.base + c.size)) continue;
-      shaped.push([a, h]);
+      if (h === this.hostId || !wanted(a)) continue; // our own claims are never installed here
+      claims.set(a, h);
     }
-    if (shaped.length === 0) return { accepted: [], rejected };
-    const fields = shaped.map(([a]) => `${vpcId}/${a}`);
-    const hosts = [...new Set([...memberHosts, ...shaped.map(([, h]) => h)])].filter((h) => /^[a-z0-9-]{1,63}$/.test(h) && h !== this.hostId);
-    const [located, ...indexes] = await Promise.all([this.redis.hmget(hostKeys.allNicAddrs, ...fields), ...hosts.map((h) => this.redis.hmget(hostKeys.nicaddr(h), ...fields))]);
-    const ev: ClaimEvidence = { located: new Map(), nicRecords: new Map(), subnets: new Map(), allocOwners: new Map(), holders: new Map() };
-    shaped.forEach(([a], i) => {
-      ev.located.set(a, located[i]);
-      ev.holders.set(a, hosts.filter((_, j) => indexes[j][i] !== null));
+    // The NIC indexes of every member host and every claiming host.
+    const hosts = [...new Set([...memberHosts, ...claims.values()])].filter((h) => /^[a-z0-9-]{1,63}$/.test(h) && h !== this.hostId).sort();
+    const indexes = await Promise.all(hosts.map((h) => this.redis.hgetall(hostKeys.nicaddr(h))));
+    const ev: ClaimEvidence = { indexed: new Map(), nicRecords: new Map(), subnets: new Map(), allocOwners: new Map() };
+    const prefix = `${vpcId}/`;
+    hosts.forEach((h, i) => {
+      for (const [k, nicId] of Object.entries(indexes[i])) {
+        if (!k.startsWith(prefix)) continue;
+        const a = k.slice(prefix.length);
+        if (claimShapeProblem(a, h, within) || !wanted(a)) continue;
+        const l = ev.indexed.get(a) ?? [];
+        l.push({ hostId: h, nicId });
+        ev.indexed.set(a, l);
+      }
     });
-    const nicKeys = [...new Set(shaped.map(([a, h]) => ({ loc: ev.located.get(a), h })).filter((x) => x.loc && x.loc.startsWith(`${x.h}/`)).map((x) => x.loc!))];
-    const nicRaw = await Promise.all(nicKeys.map((k) => { const [h, nic] = k.split("/"); return this.redis.hget(hostKeys.nics(h), nic ?? ""); }));
-    nicKeys.forEach((k, i) => ev.nicRecords.set(k, nicRaw[i]));
-    const nics = nicKeys.map((k, i) => (nicRaw[i] ? parseNicSpec(k.split("/")[1] ?? "", nicRaw[i]!) : null)).flatMap((p) => (p?.ok ? [p.value] : []));
+    const addresses = [...new Set([...claims.keys(), ...ev.indexed.keys()])];
+    if (addresses.length === 0) return { accepted: [], rejected };
+    // Only unambiguous entries need their NIC record, subnet and allocation.
+    const single = [...ev.indexed.values()].filter((l) => l.length === 1 && /^nic-[0-9a-f]{12}$/.test(l[0].nicId)).map((l) => l[0]);
+    const nicRaw = await Promise.all(single.map((x) => this.redis.hget(hostKeys.nics(x.hostId), x.nicId)));
+    single.forEach((x, i) => ev.nicRecords.set(`${x.hostId}/${x.nicId}`, nicRaw[i]));
+    const nics = single.flatMap((x, i) => { const p = nicRaw[i] ? parseNicSpec(x.nicId, nicRaw[i]!) : null; return p?.ok ? [p.value] : []; });
     const subnetIds = [...new Set(nics.map((n) => n.subnetId))];
     const subs = await Promise.all(subnetIds.map((id) => this.redis.hmget(K.subnet(id), "vpc", "cidr")));
     subnetIds.forEach((id, i) => ev.subnets.set(id, subs[i][0] && subs[i][1] ? { vpcId: subs[i][0]!, cidr: subs[i][1]! } : null));
@@ -843,15 +854,16 @@ export class Overlay {
       const sn = ev.subnets.get(n.subnetId);
       if (!sn) continue;
       try {
-        allocKeys.push([n.subnetId, V.ipToInt(n.address) - V.cidr("cidr", sn.cidr, { min: 8, max: 28 }).base]);
+        const idx = V.ipToInt(n.address) - V.cidr("cidr", sn.cidr, { min: 8, max: 28 }).base;
+        if (idx >= 0) allocKeys.push([n.subnetId, idx]);
       } catch {
         // verifyClaims says why
       }
     }
-    const allocs = await Promise.all(allocKeys.map(([sid, idx]) => (idx >= 0 ? this.redis.hget(K.alloc(sid), String(idx)) : Promise.resolve(null))));
+    const allocs = await Promise.all(allocKeys.map(([sid, idx]) => this.redis.hget(K.alloc(sid), String(idx))));
     allocKeys.forEach(([sid, idx], i) => ev.allocOwners.set(`${sid}/${idx}`, allocs[i] === null ? null : allocs[i]!.split("\n")[0]));
     const local = new Set(this.agent.nicsOf(vpcId).map((n) => n.address));
-    const r = verifyClaims(vpcId, shaped, ev, local);
+    const r = verifyClaims(vpcId, addresses, claims, ev, local);
     return { accepted: r.accepted, rejected: [...rejected, ...r.rejected] };
   }
 

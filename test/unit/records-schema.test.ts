@@ -232,9 +232,9 @@ describe("overlay address claims (claims.ts)", () => {
   const within = [V.cidr("vpc", "10.1.0.0/16", { min: 8, max: 28 })];
   const nicOn = (nicId: string, address: string, owner: string): string => JSON.stringify({ ...vethNic, nicId, hostIf: `v${nicId.slice(-12)}`, address, owner });
   const evidence = (): ClaimEvidence => ({
-    located: new Map([
-      ["10.1.2.5", "hva/nic-00000000000a"],
-      ["10.1.2.6", "hvb/nic-00000000000b"],
+    indexed: new Map([
+      ["10.1.2.5", [{ hostId: "hva", nicId: "nic-00000000000a" }]],
+      ["10.1.2.6", [{ hostId: "hvb", nicId: "nic-00000000000b" }]],
     ]),
     nicRecords: new Map([
       ["hva/nic-00000000000a", nicOn("nic-00000000000a", "10.1.2.5", "vm-a")],
@@ -245,11 +245,8 @@ describe("overlay address claims (claims.ts)", () => {
       [`${SUBNET}/5`, "vm-a"],
       [`${SUBNET}/6`, "vm-b"],
     ]),
-    holders: new Map([
-      ["10.1.2.5", ["hva"]],
-      ["10.1.2.6", ["hvb"]],
-    ]),
   });
+  const claims = (...c: [string, string][]) => new Map(c);
 
   test("shape: IPv4 inside the VPC, a host id", () => {
     assert.equal(claimShapeProblem("10.1.2.5", "hva", within), "");
@@ -265,39 +262,46 @@ describe("overlay address claims (claims.ts)", () => {
     ]) assert.notEqual(claimShapeProblem(a, h, within), "", `${a} → ${h}`);
   });
 
-  test("genuine claims pass", () => {
-    const r = verifyClaims(VPC, [["10.1.2.5", "hva"], ["10.1.2.6", "hvb"]], evidence(), new Set());
+  test("genuine claims pass; the evidence, not the claim, says where an address goes", () => {
+    const r = verifyClaims(VPC, ["10.1.2.5", "10.1.2.6"], claims(["10.1.2.5", "hva"], ["10.1.2.6", "hvb"]), evidence(), new Set());
     assert.deepEqual(r.accepted, [["10.1.2.5", "hva"], ["10.1.2.6", "hvb"]]);
     assert.deepEqual(r.rejected, []);
   });
 
-  test("hijack: hvb claims hva's VM address (addrs and nicaddr rewritten, a forged NIC record)", () => {
+  test("hijack by rewriting the claim: hva keeps its VM's address, hvb's claim is rejected", () => {
+    const r = verifyClaims(VPC, ["10.1.2.5"], claims(["10.1.2.5", "hvb"]), evidence(), new Set());
+    assert.deepEqual(r.accepted, [["10.1.2.5", "hva"]]);
+    assert.equal(r.rejected[0].hostId, "hvb");
+    assert.match(r.rejected[0].reason, /NIC of hva/);
+  });
+
+  test("hijack with a forged index and NIC record of hvb: contested, installed for nobody", () => {
     const ev = evidence();
-    ev.located.set("10.1.2.5", "hvb/nic-0000000000ff");
+    ev.indexed.set("10.1.2.5", [{ hostId: "hva", nicId: "nic-00000000000a" }, { hostId: "hvb", nicId: "nic-0000000000ff" }]);
     ev.nicRecords.set("hvb/nic-0000000000ff", nicOn("nic-0000000000ff", "10.1.2.5", "vm-a"));
-    ev.holders.set("10.1.2.5", ["hva", "hvb"]);
-    const r = verifyClaims(VPC, [["10.1.2.5", "hvb"]], ev, new Set());
+    const r = verifyClaims(VPC, ["10.1.2.5"], claims(["10.1.2.5", "hvb"]), ev, new Set());
     assert.deepEqual(r.accepted, []);
     assert.match(r.rejected[0].reason, /contested/);
   });
 
-  test("a claim without the forged index or NIC record, or with another owner, or unallocated, fails", () => {
-    const ev = evidence();
-    ev.located.set("10.1.2.5", "hvb/nic-0000000000ff");
-    assert.match(verifyClaims(VPC, [["10.1.2.5", "hvb"]], ev, new Set()).rejected[0].reason, /contested|index/);
+  test("an address nobody indexes, another owner, unallocated, or an invalid NIC record: not installed", () => {
+    assert.match(verifyClaims(VPC, ["10.1.2.9"], claims(["10.1.2.9", "hvb"]), evidence(), new Set()).rejected[0].reason, /no host's NIC index/);
     const ev2 = evidence();
     ev2.allocOwners.set(`${SUBNET}/6`, "vm-other");
-    assert.match(verifyClaims(VPC, [["10.1.2.6", "hvb"]], ev2, new Set()).rejected[0].reason, /allocated to/);
+    assert.match(verifyClaims(VPC, ["10.1.2.6"], claims(), ev2, new Set()).rejected[0].reason, /allocated to/);
     const ev3 = evidence();
     ev3.allocOwners.set(`${SUBNET}/6`, null);
-    assert.match(verifyClaims(VPC, [["10.1.2.6", "hvb"]], ev3, new Set()).rejected[0].reason, /not allocated/);
+    assert.match(verifyClaims(VPC, ["10.1.2.6"], claims(), ev3, new Set()).rejected[0].reason, /not allocated/);
     const ev4 = evidence();
     ev4.nicRecords.set("hvb/nic-00000000000b", nicOn("nic-00000000000b", "10.1.2.6", "vm-b").replace('"eth0"', '"eth0\\nx"'));
-    assert.match(verifyClaims(VPC, [["10.1.2.6", "hvb"]], ev4, new Set()).rejected[0].reason, /invalid/);
+    assert.match(verifyClaims(VPC, ["10.1.2.6"], claims(), ev4, new Set()).rejected[0].reason, /invalid/);
+    const ev5 = evidence();
+    ev5.subnets.set(SUBNET, { vpcId: "vpc-ffffffffffff", cidr: "10.1.2.0/24" });
+    assert.match(verifyClaims(VPC, ["10.1.2.6"], claims(), ev5, new Set()).rejected[0].reason, /not a subnet of/);
   });
 
   test("a local NIC's address is never routed into the tunnel", () => {
-    const r = verifyClaims(VPC, [["10.1.2.6", "hvb"]], evidence(), new Set(["10.1.2.6"]));
+    const r = verifyClaims(VPC, ["10.1.2.6"], claims(["10.1.2.6", "hvb"]), evidence(), new Set(["10.1.2.6"]));
     assert.deepEqual(r.accepted, []);
     assert.match(r.rejected[0].reason, /this host/);
   });
