@@ -74,13 +74,13 @@ describe("hostile records written straight into Redis", () => {
     const nicsKey = `mvpc:host:${hv.id}:nics`;
     const good = JSON.parse((await redis.hget(nicsKey, vm0.nicId))!) as Record<string, unknown>;
     const ns = vm0.vpcNs;
-    const inject = (i: number) => `x\nnetns exec ${ns} /bin/touch ${markers[i]}`;
     const nic = (n: number, over: Record<string, unknown>) => {
       const id = `nic-${tag.slice(0, 6)}00${n.toString(16).padStart(4, "0")}`;
       return [id, JSON.stringify({ ...good, nicId: id, hostIf: `v${id.slice(-12)}`, address: `10.77.1.${200 + n}`, clientToken: "", ...over })] as const;
     };
     const hostile: (readonly [string, string])[] = [
-      nic(1, { hostIf: inject(0) }), // newline: `netns exec` in ip -batch
+      // newline: the first line succeeds (a tap), the second is `netns exec` in ip -batch
+      nic(1, { kind: "tap", veth: undefined, tap: { multiQueue: false, queues: 1 }, hostIf: `z${tag.slice(0, 6)} mode tap\nnetns exec ${ns} /bin/touch ${markers[0]}\nlink show` }),
       nic(2, { hostIf: `v1" ; add rule bridge microvpc prerouting accept ; "` }), // quote: out of the nft script
       nic(3, { mac: "02:00:00:00:00:01 } } table bridge x { chain y {" }), // brace
       nic(4, { guestIf: "eth0;touch" }), // semicolon
@@ -93,12 +93,12 @@ describe("hostile records written straight into Redis", () => {
     ];
     for (const [k, v] of hostile) await redis.hset(nicsKey, k, v);
     // A good NIC's record overwritten with a hostile one keeps its last valid value.
-    await redis.hset(nicsKey, vm1.nicId, JSON.stringify({ ...JSON.parse((await redis.hget(nicsKey, vm1.nicId))!), hostIf: inject(2) }));
+    await redis.hset(nicsKey, vm1.nicId, JSON.stringify({ ...JSON.parse((await redis.hget(nicsKey, vm1.nicId))!), hostIf: `y${tag.slice(0, 6)} type dummy\nnetns exec ${ns} /bin/touch ${markers[2]}\nlink add y${tag.slice(0, 5)}` }));
     // Subnet and VPC records.
     const subnetsKey = `mvpc:host:${hv.id}:subnets`;
     const goodSn = JSON.parse((await redis.hget(subnetsKey, vm0.subnet.id))!) as Record<string, unknown>;
     const snId = `subnet-${tag}0001`;
-    await redis.hset(subnetsKey, snId, JSON.stringify({ ...goodSn, subnetId: snId, cidr: "10.77.9.0/24", gatewayCidr: `10.77.9.1/24\nnetns exec ${ns} /bin/touch ${markers[3]}` }));
+    await redis.hset(subnetsKey, snId, JSON.stringify({ ...goodSn, subnetId: snId, cidr: "10.77.9.0/24", gatewayCidr: `10.77.9.1/24 dev br-${snId.slice(-12)}\nnetns exec ${ns} /bin/touch ${markers[3]}\naddr add 10.77.9.2/24` }));
     await redis.hset(subnetsKey, `subnet-${tag}0002`, JSON.stringify({ ...goodSn, subnetId: `subnet-${tag}0002`, cidr: "0.0.0.0/0", gatewayCidr: "0.0.0.1/0" }));
     const vpcsKey = `mvpc:host:${hv.id}:vpcs`;
     await redis.hset(vpcsKey, `vpc-${tag}0001`, JSON.stringify({ vpcId: `vpc-${tag}0001`, ns: `x\nnetns exec ${ns} /bin/touch ${markers[4]}`, createdMs: 1 }));
