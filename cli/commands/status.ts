@@ -145,6 +145,7 @@ degraded (the output says which and why).`,
       failed("gateway ListFloatingIps", fips);
       failed("vmm ListVms", vms, true);
       const hs = host?.ok ? host.value : undefined;
+      if (hs && hs.invalidRecords.length) degrade(`netagent: ${hs.invalidRecords.length} invalid record(s) in Redis skipped (see "invalid records")`);
       if (hs && hs.health !== HostHealth.HEALTHY) degrade(`netagent: ${enumLabel(HostHealthSchema, hs.health)}${hs.errors[0] ? `: ${hs.errors[0].operation}: ${hs.errors[0].message}` : ""}`);
       const fs = fw?.ok ? fw.value : undefined;
       if (fs && fs.health !== FirewallHealth.HEALTHY) degrade(`firewall: degraded${fs.lastError ? `: ${fs.lastError}` : ""}`);
@@ -201,6 +202,8 @@ function netagentText(hs: GetHostStatusResponse | undefined, host: Outcome<unkno
     ["last reconcile", `${ago(hs.lastReconcileTime)}, ${hs.lastReconcileDurationMs} ms, ${hs.lastReconcileChanges} change(s)`],
     ["vpcs on host", hs.vpcs.map((v) => `${v.vpcName || v.vpcId} (${v.nicCount} NIC(s))`).join(", ") || "(none)"],
     ["recent errors", hs.errors.slice(0, 3).map((e) => `${time(e.time)} ${e.objectId} ${e.operation}: ${e.message}`).join("\n") || "(none)"],
+    // Records in Redis the agent refuses (and skips): empty, so not shown, on a clean host.
+    ["invalid records", [...hs.invalidRecords.slice(0, 5).map((x) => `${x.key} ${x.field}: ${x.reason}`), ...(hs.invalidRecords.length > 5 ? [`… and ${hs.invalidRecords.length - 5} more`] : [])].join("\n")],
   ]);
   const list = nics?.ok
     ? nics.value.items.length === 0
@@ -240,7 +243,10 @@ export function overlayText(overlay: Outcome<GetOverlayStatusResponse> | undefin
       ? [[v.vpcId, iface(v), "(no peers)", "", "", "", ""]]
       : v.peers.map((p) => [v.vpcId, iface(v), p.hostId, p.endpoint, ago(p.latestHandshakeTime), String(p.rxBytes), String(p.txBytes)]),
   );
-  const skipped = vpcs.flatMap((v) => v.skippedHosts.map((s) => `  warning: ${v.vpcId}: host ${s.hostId} left out of the mesh: ${s.reason}`));
+  const skipped = vpcs.flatMap((v) => [
+    ...v.skippedHosts.map((s) => `  warning: ${v.vpcId}: host ${s.hostId} left out of the mesh: ${s.reason}`),
+    ...v.rejectedAddresses.map((a) => `  warning: ${v.vpcId}: address ${a.address} claimed by ${a.hostId} not installed: ${a.reason}`),
+  ]);
   return `overlay (WireGuard):\n${table(["VPC", "INTERFACE", "PEER", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"], rows)}${skipped.length ? `\n${skipped.join("\n")}` : ""}`;
 }
 

@@ -9,6 +9,7 @@ import { metricsRegistry } from "../common/metrics.js";
 import type { Kernel } from "./kernel.js";
 import type { PeeringSync } from "./peering.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
+import { InvalidRecordLog } from "./schema.js";
 import type { HostDesired, HostStore, VpcSpec } from "./store.js";
 
 const reconciles = new Counter({
@@ -44,7 +45,12 @@ export class Agent {
   /** VPC peering (services/netagent/peering.ts). */
   peering?: PeeringSync;
 
-  constructor(readonly kernel: Kernel, readonly store: HostStore, readonly hostId: string, readonly log: Logger) {}
+  /** Records read from Redis that failed validation (host state, overlay claims, peerings). */
+  readonly invalid: InvalidRecordLog;
+
+  constructor(readonly kernel: Kernel, readonly store: HostStore, readonly hostId: string, readonly log: Logger) {
+    this.invalid = new InvalidRecordLog(log);
+  }
 
   nsOf(vpcId: string): string {
     return names.netns(this.hostId, vpcId);
@@ -118,6 +124,7 @@ export class Agent {
     let fresh = true;
     try {
       const desired = await this.store.load();
+      this.invalid.report("host", desired.invalid ?? []);
       await this.peering?.extend(desired);
       this.desired = desired;
       this.loaded = true;
@@ -138,6 +145,8 @@ export class Agent {
     }
     const prefix = names.netnsPrefix(this.hostId);
     const wanted = new Set([...this.desired.vpcs.keys()].map((v) => this.nsOf(v)));
+    // The namespace of a VPC whose record is invalid is not an orphan: kept, not touched.
+    for (const x of this.invalid.all()) if (x.kind === "vpc" && /^vpc-[0-9a-f]{12}$/.test(x.field)) wanted.add(this.nsOf(x.field));
     const orphans = fresh ? (await this.kernel.listNetns()).filter((ns) => ns.startsWith(prefix) && !wanted.has(ns)) : [];
     // A host whose desired state is empty while its VPC namespaces exist is
     // far more likely pointed at a wiped or wrong Redis than told to drop

@@ -43,6 +43,9 @@ import { run, startDaemon, type RunOptions, type RunResult } from "../common/exe
 import * as V from "../common/validate.js";
 import type { LinkInfo } from "./kernel.js";
 import { names } from "./plan.js";
+import { K } from "../ipam/keys.js";
+import { claimShapeProblem, verifyClaims, type ClaimEvidence, type RejectedClaim } from "./claims.js";
+import { hostKeys, parseNicSpec, type InvalidRecord } from "./schema.js";
 import { overlayKeys } from "./store.js";
 
 export interface OverlayOptions {
@@ -267,6 +270,8 @@ export class Overlay {
   /** What new interfaces get (adopted ones keep theirs) and why. */
   impl: WgImpl = "wireguard-go";
   implWhy = "";
+  /** Address claims not installed, with the reason, per VPC (claims.ts). */
+  readonly rejected = new Map<string, RejectedClaim[]>();
   /** Registry records or member entries of other hosts that were skipped, with the reason, per VPC. */
   readonly skipped = new Map<string, { hostId: string; reason: string }[]>();
   /** Each (host, reason) is logged once, not every sync. */
@@ -724,14 +729,28 @@ export class Overlay {
       this.redis.hgetall(overlayKeys.addrs(vpcId)),
       ...routed.map((r) => this.redis.hgetall(overlayKeys.addrs(r.vpcId))),
     ]);
-    const addrs: Record<string, string> = { ...own };
-    routed.forEach((r, i) => {
-      const cidrs = r.cidrs.map((c) => V.cidr("allowed", c, { min: 0, max: 32 }));
-      for (const [a, host] of Object.entries(peerAddrs[i])) {
-        const n = V.ipToInt(a);
-        if (cidrs.some((c) => n >= c.base && n < c.base + c.size)) addrs[a] = host;
-      }
-    });
+    // Every claim is checked (claims.ts says how) before it reaches `wg set` or a route.
+    const memberHosts = Object.keys(members);
+    const addrs: Record<string, string> = {};
+    const rejected: RejectedClaim[] = [];
+    const invalid: InvalidRecord[] = [];
+    const mine = await this.vpcCidr(vpcId);
+    const sources = [{ vpcId, within: mine ? [mine] : [], allowed: null as V.Cidr[] | null, raw: own }];
+    for (const [i, r] of routed.entries()) {
+      const peer = await this.vpcCidr(r.vpcId);
+      // The peering's allowed CIDRs (validated by peering/schema.ts) must also lie in the peer VPC.
+      const allowed = peer ? r.cidrs.flatMap((c) => { try { const x = V.cidr("allowed", c, { min: 8, max: 32 }); return V.contains(peer, x) ? [x] : []; } catch { return []; } }) : [];
+      sources.push({ vpcId: r.vpcId, within: peer ? [peer] : [], allowed, raw: peerAddrs[i] });
+    }
+    for (const src of sources) {
+      const r = await this.verifiedClaims(src.vpcId, src.within, src.allowed, src.raw, memberHosts);
+      for (const [a, h] of r.accepted) addrs[a] = h;
+      rejected.push(...r.rejected);
+      for (const x of r.rejected) invalid.push({ kind: "overlay-addr", key: overlayKeys.addrs(src.vpcId), field: x.address, reason: `claimed by ${x.hostId}: ${x.reason}` });
+    }
+    if (rejected.length) this.rejected.set(vpcId, rejected.sort((x, y) => x.address.localeCompare(y.address)));
+    else this.rejected.delete(vpcId);
+    this.agent.invalid.report(`overlay:${vpcId}`, invalid);
     const others = Object.keys(members).filter((h) => h !== this.hostId).sort();
     if (others.length === 0) return [];
     const recs = await this.redis.mget(...others.map((h) => overlayKeys.host(h)));
@@ -759,6 +778,86 @@ export class Overlay {
     });
     this.noteSkipped(vpcId, skipped);
     return want;
+  }
+
+  /** The VPC's CIDR from IPAM's record (null if missing or malformed). */
+  private async vpcCidr(vpcId: string): Promise<V.Cidr | null> {
+    const c = await this.redis.hget(K.vpc(vpcId), "cidr");
+    try {
+      return c ? V.cidr("cidr", c, { min: 8, max: 28 }) : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Where each NIC address of one VPC goes, from the evidence claims.ts
+   * names (the addrs hash only nominates), as [address, host].
+   * `allowed` (a peered VPC's NICs): only addresses inside these are this
+   * tunnel's; others are silently not wanted here.
+   */
+  private async verifiedClaims(
+    vpcId: string,
+    within: V.Cidr[],
+    allowed: V.Cidr[] | null,
+    raw: Record<string, string>,
+    memberHosts: string[],
+  ): Promise<{ accepted: [string, string][]; rejected: RejectedClaim[] }> {
+    const rejected: RejectedClaim[] = [];
+    const wanted = (a: string) => !allowed || allowed.some((c) => { const n = V.ipToInt(a); return n >= c.base && n < c.base + c.size; });
+    const claims = new Map<string, string>();
+    for (const [a, h] of Object.entries(raw)) {
+      const bad = claimShapeProblem(a, h, within);
+      if (bad) {
+        // Shown as found when printable, else quoted with escapes.
+        const shown = (v: string) => (/^[\x21-\x7e]{1,64}$/.test(v) ? v : V.show(v));
+        rejected.push({ address: shown(a), hostId: shown(h), reason: bad });
+        continue;
+      }
+      if (h === this.hostId || !wanted(a)) continue; // our own claims are never installed here
+      claims.set(a, h);
+    }
+    // The NIC indexes of every member host and every claiming host.
+    const hosts = [...new Set([...memberHosts, ...claims.values()])].filter((h) => /^[a-z0-9-]{1,63}$/.test(h) && h !== this.hostId).sort();
+    const indexes = await Promise.all(hosts.map((h) => this.redis.hgetall(hostKeys.nicaddr(h))));
+    const ev: ClaimEvidence = { indexed: new Map(), nicRecords: new Map(), subnets: new Map(), allocOwners: new Map() };
+    const prefix = `${vpcId}/`;
+    hosts.forEach((h, i) => {
+      for (const [k, nicId] of Object.entries(indexes[i])) {
+        if (!k.startsWith(prefix)) continue;
+        const a = k.slice(prefix.length);
+        if (claimShapeProblem(a, h, within) || !wanted(a)) continue;
+        const l = ev.indexed.get(a) ?? [];
+        l.push({ hostId: h, nicId });
+        ev.indexed.set(a, l);
+      }
+    });
+    const addresses = [...new Set([...claims.keys(), ...ev.indexed.keys()])];
+    if (addresses.length === 0) return { accepted: [], rejected };
+    // Only unambiguous entries need their NIC record, subnet and allocation.
+    const single = [...ev.indexed.values()].filter((l) => l.length === 1 && /^nic-[0-9a-f]{12}$/.test(l[0].nicId)).map((l) => l[0]);
+    const nicRaw = await Promise.all(single.map((x) => this.redis.hget(hostKeys.nics(x.hostId), x.nicId)));
+    single.forEach((x, i) => ev.nicRecords.set(`${x.hostId}/${x.nicId}`, nicRaw[i]));
+    const nics = single.flatMap((x, i) => { const p = nicRaw[i] ? parseNicSpec(x.nicId, nicRaw[i]!) : null; return p?.ok ? [p.value] : []; });
+    const subnetIds = [...new Set(nics.map((n) => n.subnetId))];
+    const subs = await Promise.all(subnetIds.map((id) => this.redis.hmget(K.subnet(id), "vpc", "cidr")));
+    subnetIds.forEach((id, i) => ev.subnets.set(id, subs[i][0] && subs[i][1] ? { vpcId: subs[i][0]!, cidr: subs[i][1]! } : null));
+    const allocKeys: [string, number][] = [];
+    for (const n of nics) {
+      const sn = ev.subnets.get(n.subnetId);
+      if (!sn) continue;
+      try {
+        const idx = V.ipToInt(n.address) - V.cidr("cidr", sn.cidr, { min: 8, max: 28 }).base;
+        if (idx >= 0) allocKeys.push([n.subnetId, idx]);
+      } catch {
+        // verifyClaims says why
+      }
+    }
+    const allocs = await Promise.all(allocKeys.map(([sid, idx]) => this.redis.hget(K.alloc(sid), String(idx))));
+    allocKeys.forEach(([sid, idx], i) => ev.allocOwners.set(`${sid}/${idx}`, allocs[i] === null ? null : allocs[i]!.split("\n")[0]));
+    const local = new Set(this.agent.nicsOf(vpcId).map((n) => n.address));
+    const r = verifyClaims(vpcId, addresses, claims, ev, local);
+    return { accepted: r.accepted, rejected: [...rejected, ...r.rejected] };
   }
 
   /** Keeps the skipped hosts for GetOverlayStatus and logs each (host, reason) once. */

@@ -51,10 +51,14 @@ export class PeeringSync {
   async extend(desired: HostDesired): Promise<void> {
     const real = new Set([...desired.vpcs.values()].filter((v) => !v.peered).map((v) => v.vpcId));
     try {
-      const first = await peeringsOf(this.redis, [...real]);
+      // Each record is checked by peering/schema.ts; a bad one is skipped and reported.
+      const bad = new Map<string, string>();
+      const onInvalid = (id: string, reason: string) => bad.set(id, reason);
+      const first = await peeringsOf(this.redis, [...real], onInvalid);
       const span = spanOf(real, first);
       // The spanned VPCs' own peerings matter too (their unreachable routes, their links here).
-      this.peerings = span.length ? await peeringsOf(this.redis, [...real, ...span]) : first;
+      this.peerings = span.length ? await peeringsOf(this.redis, [...real, ...span], onInvalid) : first;
+      this.agent.invalid.report("peering", [...bad].map(([id, reason]) => ({ kind: "peering", key: PK.pcx(id), field: "", reason })));
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, "cannot read peerings; keeping the last known ones");
     }

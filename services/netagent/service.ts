@@ -21,6 +21,8 @@ import {
   HostHealth,
   HostSchema,
   HostSubnetSchema,
+  InvalidRecordSchema,
+  RejectedAddressSchema,
   OverlayPeerSchema,
   SkippedHostSchema,
   WireGuardImplementation,
@@ -39,11 +41,10 @@ import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import type { Agent } from "./agent.js";
 import { recordProblem, wgName, type HostRecord, type Overlay } from "./overlay.js";
 import { overlayKeys } from "./store.js";
+import * as S from "./schema.js";
 import type { Kernel } from "./kernel.js";
 import { bandwidthLines, kernelIpArg, names, nicCreateLines, planVpc, prefixToNetmask, type Bandwidth, type NicSpec, type SubnetSpec } from "./plan.js";
 
-const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
-const NETNS_PATH_RE = /^(\/(?:var\/)?run\/netns\/[A-Za-z0-9_.-]{1,64}|\/proc\/[0-9]{1,10}\/ns\/net)$/;
 
 export interface NetAgentOptions {
   hostId: string;
@@ -53,22 +54,13 @@ export interface NetAgentOptions {
 
 const HOST_REF_RE = /^[a-z0-9-]{1,63}$/;
 
-function ifname(field: string, v: string): string {
-  if (!IFNAME_RE.test(v)) throw new InvalidArgumentError(field, `${V.show(v)} is not an interface name: 1–15 characters of letters, digits and _ . -, starting with a letter`);
-  return v;
-}
+// Field rules shared with the record parsers (schema.ts): what the API
+// accepts is exactly what a reader of the stored record accepts.
+const { ifname } = S;
 
 function bandwidthFrom(b: BandwidthLimit | undefined): Bandwidth {
-  const rate = (field: string, mbps: number | undefined) => {
-    if (mbps === undefined || mbps === 0) return 0;
-    if (mbps > 100_000) throw new InvalidArgumentError(field, `${mbps} Mbit/s is more than a NIC here carries; use 1–100000, or 0 for no limit`);
-    return mbps;
-  };
-  const burst = (field: string, v: number | undefined) => {
-    if (v === undefined) return undefined;
-    if (v < 1500 || v > 1 << 30) throw new InvalidArgumentError(field, `${v} bytes: use 1500 to 1073741824 (or leave it unset for 10 ms of the rate)`);
-    return v;
-  };
+  const rate = (field: string, mbps: number | undefined) => (mbps === undefined || mbps === 0 ? 0 : S.rateMbps(field, mbps));
+  const burst = (field: string, v: number | undefined) => (v === undefined ? undefined : S.burstBytes(field, v));
   return {
     ingressMbps: rate("bandwidth.ingress.rate_mbps", b?.ingress?.rateMbps),
     ingressBurst: burst("bandwidth.ingress.burst_bytes", b?.ingress?.burstBytes),
@@ -104,7 +96,7 @@ export class NetAgent {
   }
 
   private subnetSpec(s: SubnetRec): SubnetSpec {
-    return { subnetId: s.id, vpcId: s.vpcId, cidr: s.cidr, gatewayCidr: `${V.intToIp(s.base + 1)}/${s.prefix}`, mtu: this.opts.mtu };
+    return S.subnetSpecOf(s, this.opts.mtu);
   }
 
   /** Records and creates the VPC namespace. Caller holds the lock. */
@@ -383,8 +375,7 @@ export class NetAgent {
       if (!alloc) throw new FailedPreconditionError(`${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`);
       if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);
       const mac = req.mac ? V.mac("mac", req.mac) : macFor(v.id, req.address);
-      const mtu = req.mtu ?? this.opts.mtu;
-      if (mtu < 576 || mtu > 9000) throw new InvalidArgumentError("mtu", `${mtu} is out of range; use 576–9000`);
+      const mtu = S.mtu("mtu", req.mtu ?? this.opts.mtu);
       const hostname = req.hostname ? V.name("hostname", req.hostname) : "";
       const guestIf = ifname("guest_interface", req.guestInterface || "eth0");
       const bandwidth = bandwidthFrom(req.bandwidth);
@@ -396,15 +387,19 @@ export class NetAgent {
       if (req.kind === NicKind.TAP) {
         if (req.options.case === "veth") throw new InvalidArgumentError("options", "kind is TAP but veth options were given");
         const o = req.options.case === "tap" ? req.options.value : undefined;
-        const queues = o?.queues ?? (o?.multiQueue ? 2 : 1);
-        if (queues < 1 || queues > 64) throw new InvalidArgumentError("tap.queues", `${queues}: use 1–64`);
+        const queues = S.queues("tap.queues", o?.queues ?? (o?.multiQueue ? 2 : 1));
         kind = "tap";
-        tap = { uid: o?.ownerUid, gid: o?.ownerGid, multiQueue: !!o?.multiQueue, queues };
-        hostIf = o?.name ? ifname("tap.name", o.name) : names.hostIf(nicId, "tap");
+        tap = {
+          uid: o?.ownerUid === undefined ? undefined : S.uid("tap.owner_uid", o.ownerUid),
+          gid: o?.ownerGid === undefined ? undefined : S.uid("tap.owner_gid", o.ownerGid),
+          multiQueue: !!o?.multiQueue,
+          queues,
+        };
+        hostIf = o?.name ? S.hostIf("tap.name", o.name, nicId, "tap") : names.hostIf(nicId, "tap");
       } else if (req.kind === NicKind.VETH) {
         if (req.options.case !== "veth") throw new InvalidArgumentError("veth", "is required for kind VETH (veth.netns_path: the namespace the far end goes into)");
         const p = req.options.value.netnsPath;
-        if (!NETNS_PATH_RE.test(p)) throw new InvalidArgumentError("veth.netns_path", `${V.show(p)} is not a network namespace path: use /run/netns/NAME or /proc/PID/ns/net`);
+        S.netnsPath("veth.netns_path", p);
         if (!existsSync(p)) throw new InvalidArgumentError("veth.netns_path", `${p} does not exist; create the namespace first (ip netns add NAME)`);
         // The far end must go into a VM's namespace, never the agent's own:
         // that would change the hypervisor's network.
@@ -657,7 +652,8 @@ export class NetAgent {
           .sort((a, b) => a.hostId.localeCompare(b.hostId));
         const implementation = o.implementationOf(ifname) === "kernel" ? WireGuardImplementation.KERNEL : WireGuardImplementation.WIREGUARD_GO;
         const skippedHosts = (o.skipped.get(vpcId) ?? []).map((x) => create(SkippedHostSchema, x)).sort((a, b) => a.hostId.localeCompare(b.hostId));
-        vpcs.push(create(VpcOverlaySchema, { vpcId, interface: ifname, listenPort: d.listenPort, mtu: o.mtu, publicKey: d.publicKey, peers, implementation, skippedHosts }));
+        const rejectedAddresses = (o.rejected.get(vpcId) ?? []).map((x) => create(RejectedAddressSchema, x));
+        vpcs.push(create(VpcOverlaySchema, { vpcId, interface: ifname, listenPort: d.listenPort, mtu: o.mtu, publicKey: d.publicKey, peers, implementation, skippedHosts, rejectedAddresses }));
       }
       return { vpcs };
     },
@@ -679,6 +675,7 @@ export class NetAgent {
         redisConnected: this.agent.store.redis.status === "ready",
         vpcs,
         errors: st.lastError ? [{ message: st.lastError }] : [],
+        invalidRecords: this.agent.invalid.all().map((x) => create(InvalidRecordSchema, x)),
       };
     },
   };

@@ -1,24 +1,31 @@
 // Desired state of one hypervisor, in Redis: which VPCs, subnets and NICs it
 // should have. Written before the kernel is touched, so an agent that dies
 // half-way finds the intent on restart and finishes (or undoes) it.
+//
+// Every record is parsed on read by schema.ts (the rules the API applies to
+// requests): a bad one is left out of the desired state and reported in
+// `invalid`, the rest is used. The writer checks with the same parsers.
 import type { Redis } from "ioredis";
+import { InvalidArgumentError } from "../common/errors.js";
 import type { NicSpec, SubnetSpec } from "./plan.js";
+import { hostKeys, nicSubnetProblem, parseNicSpec, parseSubnetSpec, parseVpcSpec, type InvalidRecord, type Parsed, type VpcSpec } from "./schema.js";
 
-export interface VpcSpec {
-  vpcId: string;
-  ns: string;
-  createdMs: number;
-  /** Not held here: carried only because a peering needs this VPC's namespace here (never stored). */
-  peered?: boolean;
-}
+export type { VpcSpec } from "./schema.js";
 
 export interface HostDesired {
   vpcs: Map<string, VpcSpec>;
   subnets: Map<string, SubnetSpec>;
   nics: Map<string, NicSpec>;
+  /** Records skipped because they failed validation (never used). */
+  invalid?: InvalidRecord[];
 }
 
-const key = (host: string, what: string) => `mvpc:host:${host}:${what}`;
+const key = (host: string, what: "vpcs" | "subnets" | "nics" | "nicaddr" | "nictoken") => hostKeys[what](host);
+
+/** The writer's check: what it stores must read back. */
+function mustParse<T>(what: string, p: Parsed<T>): void {
+  if (!p.ok) throw new InvalidArgumentError(p.field || what, `refusing to store an invalid ${what} record: ${p.reason}`);
+}
 
 // Adds a NIC unless its address is taken in that VPC on this host, or its
 // client token was used: {1, id} added, {0, id} token seen, {-1, id} address
@@ -57,7 +64,9 @@ export const overlayKeys = {
 export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
   const v = await redis.hget("mvpc:nicaddr", `${vpcId}/${address}`);
   if (!v) return null;
-  const [hostId, nicId] = v.split("/");
+  const [hostId, nicId, ...rest] = v.split("/");
+  // Written by the NIC's host; anything else is no location.
+  if (rest.length || !/^[a-z0-9-]{1,63}$/.test(hostId) || !/^nic-[0-9a-f]{12}$/.test(nicId ?? "")) return null;
   return { hostId, nicId };
 }
 
@@ -72,9 +81,50 @@ export class HostStore {
       this.redis.hgetall(key(this.hostId, "subnets")),
       this.redis.hgetall(key(this.hostId, "nics")),
     ]);
-    const parse = <T>(h: Record<string, string>) => new Map(Object.entries(h).map(([k, j]) => [k, JSON.parse(j) as T]));
-    return { vpcs: parse<VpcSpec>(v), subnets: parse<SubnetSpec>(s), nics: parse<NicSpec>(n) };
+    const invalid: InvalidRecord[] = [];
+    const parse = <T>(kind: InvalidRecord["kind"], k: string, h: Record<string, string>, fn: (field: string, raw: string) => Parsed<T>) => {
+      const out = new Map<string, T>();
+      for (const [field, raw] of Object.entries(h)) {
+        const p = fn(field, raw);
+        if (p.ok) out.set(field, p.value);
+        else invalid.push({ kind, key: k, field, reason: p.reason });
+      }
+      return out;
+    };
+    const vpcs = parse("vpc", key(this.hostId, "vpcs"), v, (f, raw) => parseVpcSpec(this.hostId, f, raw));
+    const subnets = parse("subnet", key(this.hostId, "subnets"), s, parseSubnetSpec);
+    const nics = parse("nic", key(this.hostId, "nics"), n, parseNicSpec);
+    // Across records: a NIC must fit its subnet, and two NICs of a VPC
+    // cannot share a device or an address (the first by id wins).
+    const seen = new Set<string>();
+    for (const id of [...nics.keys()].sort()) {
+      const nic = nics.get(id)!;
+      const sn = subnets.get(nic.subnetId);
+      const bad = sn ? nicSubnetProblem(nic, sn) : null;
+      let reason = bad?.reason ?? "";
+      if (!reason && (seen.has(`${nic.vpcId}/if/${nic.hostIf}`) || seen.has(`${nic.vpcId}/ip/${nic.address}`))) reason = `hostIf/address: ${nic.hostIf} or ${nic.address} is already used by another NIC of ${nic.vpcId} on this host`;
+      if (reason) {
+        nics.delete(id);
+        invalid.push({ kind: "nic", key: key(this.hostId, "nics"), field: id, reason });
+        continue;
+      }
+      seen.add(`${nic.vpcId}/if/${nic.hostIf}`);
+      seen.add(`${nic.vpcId}/ip/${nic.address}`);
+    }
+    // A record that turned invalid keeps the last valid value this reader
+    // saw: a corrupt (or hostile) write costs no VM its network, no firewall
+    // its rules, and nothing of the bad record is used.
+    for (const x of invalid) {
+      const [now, last] = x.kind === "vpc" ? [vpcs, this.lastValid.vpcs] : x.kind === "subnet" ? [subnets, this.lastValid.subnets] : [nics, this.lastValid.nics];
+      const prev = (last as Map<string, unknown>).get(x.field);
+      if (prev && !now.has(x.field)) (now as Map<string, unknown>).set(x.field, prev);
+    }
+    this.lastValid = { vpcs: new Map(vpcs), subnets: new Map(subnets), nics: new Map(nics) };
+    return { vpcs, subnets, nics, invalid };
   }
+
+  /** The valid records this store last read or wrote (kept for records that later turn invalid). */
+  private lastValid: { vpcs: Map<string, VpcSpec>; subnets: Map<string, SubnetSpec>; nics: Map<string, NicSpec> } = { vpcs: new Map(), subnets: new Map(), nics: new Map() };
 
   /** Read now from Redis: a pass's snapshot may predate an EnsureVpc that just finished. */
   async hasVpc(vpcId: string): Promise<boolean> {
@@ -82,23 +132,30 @@ export class HostStore {
   }
 
   async putVpc(v: VpcSpec): Promise<void> {
+    mustParse("vpc", parseVpcSpec(this.hostId, v.vpcId, JSON.stringify(v)));
     await this.redis.hset(key(this.hostId, "vpcs"), v.vpcId, JSON.stringify(v));
+    this.lastValid.vpcs.set(v.vpcId, v);
   }
 
   async delVpc(vpcId: string): Promise<void> {
     await this.redis.hdel(key(this.hostId, "vpcs"), vpcId);
+    this.lastValid.vpcs.delete(vpcId);
   }
 
   async putSubnet(s: SubnetSpec): Promise<void> {
+    mustParse("subnet", parseSubnetSpec(s.subnetId, JSON.stringify(s)));
     await this.redis.hset(key(this.hostId, "subnets"), s.subnetId, JSON.stringify(s));
+    this.lastValid.subnets.set(s.subnetId, s);
   }
 
   async delSubnet(subnetId: string): Promise<void> {
     await this.redis.hdel(key(this.hostId, "subnets"), subnetId);
+    this.lastValid.subnets.delete(subnetId);
   }
 
   /** Adds a NIC atomically with its address claim. */
   async addNic(n: NicSpec): Promise<{ code: number; id: string }> {
+    mustParse("nic", parseNicSpec(n.nicId, JSON.stringify(n)));
     const r = (await (this.redis as unknown as { mvpcAddNic: (...a: string[]) => Promise<[number, string]> }).mvpcAddNic(
       key(this.hostId, "nics"),
       key(this.hostId, "nicaddr"),
@@ -109,19 +166,26 @@ export class HostStore {
       JSON.stringify(n),
       this.hostId,
     )) as [number, string];
+    if (r[0] === 1) this.lastValid.nics.set(n.nicId, n);
     return { code: r[0], id: r[1] };
   }
 
   async putNic(n: NicSpec): Promise<void> {
+    mustParse("nic", parseNicSpec(n.nicId, JSON.stringify(n)));
     await this.redis.hset(key(this.hostId, "nics"), n.nicId, JSON.stringify(n));
+    this.lastValid.nics.set(n.nicId, n);
   }
 
   async getNic(nicId: string): Promise<NicSpec | null> {
     const j = await this.redis.hget(key(this.hostId, "nics"), nicId);
-    return j ? (JSON.parse(j) as NicSpec) : null;
+    if (!j) return null;
+    // An invalid record is treated as absent (load() reports it).
+    const p = parseNicSpec(nicId, j);
+    return p.ok ? p.value : null;
   }
 
   async delNic(n: NicSpec): Promise<void> {
+    this.lastValid.nics.delete(n.nicId);
     await this.redis
       .multi()
       .hdel(key(this.hostId, "nics"), n.nicId)

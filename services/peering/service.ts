@@ -15,20 +15,9 @@ import type { Ipam } from "../ipam/service.js";
 import type { VpcRec } from "../ipam/store.js";
 import { PeeringStore, type PeeringRec } from "./store.js";
 
-const MAX_ALLOWED = 64;
-
-/** Allowed CIDRs of one side: each inside the VPC, no duplicates; sorted. */
-export function allowedCidrs(field: string, values: string[], vpc: { name: string; cidr: string }): string[] {
-  if (values.length > MAX_ALLOWED) throw new InvalidArgumentError(field, `has ${values.length} CIDRs; the limit is ${MAX_ALLOWED}`);
-  const outer = V.cidr("vpc", vpc.cidr, { min: 0, max: 32 });
-  const out = new Set<string>();
-  for (const [i, text] of values.entries()) {
-    const c = V.cidr(`${field}[${i}]`, text, { min: 8, max: 32 });
-    if (!V.contains(outer, c)) throw new InvalidArgumentError(`${field}[${i}]`, `${c.text} is not inside VPC ${vpc.name} (${vpc.cidr})`);
-    out.add(c.text);
-  }
-  return [...out].sort();
-}
+// The record rules (allowed CIDRs among them) live with the record: schema.ts.
+export { allowedCidrs } from "./schema.js";
+import { allowedCidrs } from "./schema.js";
 
 export class Peerings {
   constructor(readonly ipam: Ipam, readonly store: PeeringStore) {}

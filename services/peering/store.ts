@@ -12,9 +12,10 @@
 //   vpc:<vpc>:peerings  set of peering ids of a VPC (read by every netagent)
 //   pcx:<id>:acks       host id → create time of the peering it applied
 import type { Redis } from "ioredis";
-import { AlreadyExistsError, FailedPreconditionError, NotFoundError } from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { newId } from "../ipam/store.js";
 import { K } from "../ipam/keys.js";
+import { parsePeeringRecord } from "./schema.js";
 
 export interface PeeringRec {
   id: string;
@@ -132,30 +133,28 @@ declare module "ioredis" {
   }
 }
 
-export function parsePeering(h: Record<string, string>): PeeringRec | null {
-  if (!h.id) return null;
-  return {
-    id: h.id,
-    name: h.name,
-    vpc1Id: h.vpc1,
-    vpc2Id: h.vpc2,
-    vpc1Cidr: h.cidr1,
-    vpc2Cidr: h.cidr2,
-    vpc1Allowed: JSON.parse(h.allowed1 ?? "[]") as string[],
-    vpc2Allowed: JSON.parse(h.allowed2 ?? "[]") as string[],
-    description: h.description ?? "",
-    labels: JSON.parse(h.labels ?? "[]") as { key: string; value: string }[],
-    createdMs: Number(h.created),
-  };
+/**
+ * A peering hash as read from Redis, checked by schema.ts; null when absent
+ * or invalid (onInvalid hears why: readers log, count and show it).
+ */
+export function parsePeering(h: Record<string, string>, key = h.id ?? "", onInvalid?: (field: string, reason: string) => void): PeeringRec | null {
+  if (Object.keys(h).length === 0) return null;
+  const p = parsePeeringRecord(key, h);
+  if (p.ok) return p.value;
+  onInvalid?.(p.field, p.reason);
+  return null;
 }
 
 /** The peerings of some VPCs (what a netagent reads for the VPCs it holds). */
-export async function peeringsOf(redis: Redis, vpcIds: string[]): Promise<PeeringRec[]> {
+export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id: string, reason: string) => void): Promise<PeeringRec[]> {
   if (vpcIds.length === 0) return [];
   const sets = await Promise.all(vpcIds.map((v) => redis.smembers(PK.vpcPeerings(v))));
   const ids = [...new Set(sets.flat())].sort();
   const recs = await Promise.all(ids.map((id) => redis.hgetall(PK.pcx(id))));
-  return recs.map(parsePeering).filter((p): p is PeeringRec => !!p);
+  return recs
+    .map((h, i) => parsePeering(h, ids[i], (_, reason) => onInvalid?.(ids[i], reason)))
+    // A peering must concern a VPC whose set listed it.
+    .filter((p): p is PeeringRec => !!p && (vpcIds.includes(p.vpc1Id) || vpcIds.includes(p.vpc2Id)));
 }
 
 export class PeeringStore {
@@ -182,6 +181,9 @@ export class PeeringStore {
       labels: JSON.stringify(p.labels),
       created: Date.now(),
     };
+    // The writer applies the readers' rules: what it stores reads back.
+    const check = parsePeeringRecord(id, Object.fromEntries(Object.entries(fields).map(([k, v]) => [k, String(v)])));
+    if (!check.ok) throw new InvalidArgumentError(check.field, `refusing to store an invalid peering: ${check.reason}`);
     const [code, ref, other] = await this.redis.mvpcCreatePeering(
       PK.pcx(id), PK.byName, PK.names, PK.byPair, PK.vpcPeerings(p.vpc1Id), PK.vpcPeerings(p.vpc2Id), K.tokens, K.events, K.vpc(p.vpc1Id), K.vpc(p.vpc2Id),
       id, nm, clientToken, pairKey(p.vpc1Id, p.vpc2Id), p.vpc1Id, p.vpc2Id,
@@ -201,7 +203,7 @@ export class PeeringStore {
   }
 
   async get(id: string): Promise<PeeringRec | null> {
-    return parsePeering(await this.redis.hgetall(PK.pcx(id)));
+    return parsePeering(await this.redis.hgetall(PK.pcx(id)), id);
   }
 
   async idByName(name: string): Promise<string | null> {

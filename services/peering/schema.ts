@@ -1,0 +1,92 @@
+// The peering record (hash mvpc:pcx:<id>) and its one set of rules, shared by
+// the API (service.ts), the writer (store.ts) and every reader (the ipam
+// daemon's Get/List, each netagent's peering loop). A record read back is
+// input: its VPC ids name namespaces and its CIDRs become routes, nft sets and
+// WireGuard allowed-ips on every host of either VPC, so a record failing any
+// rule is skipped (and reported) rather than used.
+import { InvalidArgumentError } from "../common/errors.js";
+import * as V from "../common/validate.js";
+import type { PeeringRec } from "./store.js";
+
+export const MAX_ALLOWED = 64;
+/** VPC CIDRs IPAM creates (services/ipam/service.ts: CreateVpc). */
+const VPC_PREFIX = { min: 8, max: 28 };
+
+/** Allowed CIDRs of one side: each inside the VPC, no duplicates; sorted. */
+export function allowedCidrs(field: string, values: string[], vpc: { name: string; cidr: string }): string[] {
+  if (values.length > MAX_ALLOWED) throw new InvalidArgumentError(field, `has ${values.length} CIDRs; the limit is ${MAX_ALLOWED}`);
+  const outer = V.cidr("vpc", vpc.cidr, { min: 0, max: 32 });
+  const out = new Set<string>();
+  for (const [i, text] of values.entries()) {
+    const c = V.cidr(`${field}[${i}]`, text, { min: 8, max: 32 });
+    if (!V.contains(outer, c)) throw new InvalidArgumentError(`${field}[${i}]`, `${c.text} is not inside VPC ${vpc.name} (${vpc.cidr})`);
+    out.add(c.text);
+  }
+  return [...out].sort();
+}
+
+export type ParsedPeering = { ok: true; value: PeeringRec } | { ok: false; field: string; reason: string };
+
+function jsonField(field: string, raw: string | undefined, fallback: string): unknown {
+  try {
+    return JSON.parse(raw ?? fallback);
+  } catch {
+    throw new InvalidArgumentError(field, "is not JSON");
+  }
+}
+
+function stringList(field: string, v: unknown): string[] {
+  if (!Array.isArray(v) || v.some((x) => typeof x !== "string")) throw new InvalidArgumentError(field, "is not a list of strings");
+  return v as string[];
+}
+
+/**
+ * Parses the hash of mvpc:pcx:<key>. Empty hash = no peering (null value
+ * is left to the caller: returns ok:false with field "").
+ */
+export function parsePeeringRecord(key: string, h: Record<string, string>): ParsedPeering {
+  try {
+    const id = V.id("id", h.id ?? "", "pcx");
+    if (id !== key) throw new InvalidArgumentError("id", `${V.show(id)} does not match the record's key ${V.show(key)}`);
+    const vpc1Id = V.id("vpc1", h.vpc1 ?? "", "vpc");
+    const vpc2Id = V.id("vpc2", h.vpc2 ?? "", "vpc");
+    if (vpc1Id === vpc2Id) throw new InvalidArgumentError("vpc2", "is the same VPC as vpc1");
+    const c1 = V.cidr("cidr1", h.cidr1 ?? "", VPC_PREFIX);
+    const c2 = V.cidr("cidr2", h.cidr2 ?? "", VPC_PREFIX);
+    if (c1.text !== h.cidr1) throw new InvalidArgumentError("cidr1", `${V.show(h.cidr1)} is not canonical`);
+    if (c2.text !== h.cidr2) throw new InvalidArgumentError("cidr2", `${V.show(h.cidr2)} is not canonical`);
+    if (V.overlaps(c1, c2)) throw new InvalidArgumentError("cidr2", `${c2.text} overlaps cidr1 ${c1.text}`);
+    const a1 = stringList("allowed1", jsonField("allowed1", h.allowed1, "[]"));
+    const a2 = stringList("allowed2", jsonField("allowed2", h.allowed2, "[]"));
+    const vpc1Allowed = allowedCidrs("allowed1", a1, { name: vpc1Id, cidr: c1.text });
+    const vpc2Allowed = allowedCidrs("allowed2", a2, { name: vpc2Id, cidr: c2.text });
+    if (vpc1Allowed.join(",") !== a1.join(",")) throw new InvalidArgumentError("allowed1", "is not canonical (sorted, no duplicates)");
+    if (vpc2Allowed.join(",") !== a2.join(",")) throw new InvalidArgumentError("allowed2", "is not canonical (sorted, no duplicates)");
+    const labelsRaw = jsonField("labels", h.labels, "[]");
+    if (!Array.isArray(labelsRaw) || labelsRaw.some((l) => typeof l !== "object" || l === null || typeof (l as { key?: unknown }).key !== "string" || typeof (l as { value?: unknown }).value !== "string")) {
+      throw new InvalidArgumentError("labels", "is not a list of {key, value} strings");
+    }
+    const labels = V.labels("labels", (labelsRaw as { key: string; value: string }[]).map((l) => ({ key: l.key, value: l.value })));
+    const created = Number(h.created);
+    if (!/^[0-9]{1,15}$/.test(h.created ?? "") || !Number.isSafeInteger(created)) throw new InvalidArgumentError("created", `${V.show(h.created ?? "")} is not a time in milliseconds`);
+    return {
+      ok: true,
+      value: {
+        id,
+        name: V.name("name", h.name ?? ""),
+        vpc1Id,
+        vpc2Id,
+        vpc1Cidr: c1.text,
+        vpc2Cidr: c2.text,
+        vpc1Allowed,
+        vpc2Allowed,
+        description: V.text("description", h.description ?? ""),
+        labels,
+        createdMs: created,
+      },
+    };
+  } catch (err) {
+    if (err instanceof InvalidArgumentError) return { ok: false, field: err.field, reason: err.message };
+    throw err;
+  }
+}
