@@ -9,6 +9,7 @@
 //   * a group named as a peer is a set of member addresses that changes by
 //     element when a NIC joins or leaves.
 // Every name is a constant or derived from a validated id.
+import { names as gwNames } from "../gateway/plan.js";
 import type { AclEntry, BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "./model.js";
 
 export const TABLE = "microvpc";
@@ -102,6 +103,7 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
   const addSet = (family: "inet" | "bridge", name: string, decl: string, elements: string[]) =>
     sets.set(`${family} ${name}`, { family, name, decl, elements: uniq(elements) });
   const chains: string[] = [];
+  const transit = gwNames.vpcSide(st.vpcId);
   const nicIn: string[] = [];
   const nicOut: string[] = [];
 
@@ -202,11 +204,15 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     `  chain forward {`,
     `    type filter hook forward priority filter; policy accept;`,
     `    ct state invalid counter drop`,
-    // Link-local is the gateway's (instance metadata through the transit
-    // link): as in AWS, neither ACLs nor security groups apply to it. The
-    // host side lets nothing but the metadata port through.
-    `    ip daddr 169.254.0.0/16 accept`,
-    `    ip saddr 169.254.0.0/16 accept`,
+    // Link-local is the gateway's only where it is ours: a VM's request to
+    // the metadata server or the resolver, which the gateway's prerouting
+    // DNATs to the host end of the transit link, and the answers to it. As
+    // in AWS, neither ACLs nor security groups apply to those two. A packet
+    // that merely carries a link-local source (spoofed from outside through
+    // a floating IP or port forward, or sent by the hypervisor) is an
+    // ordinary packet for the ACLs and groups below.
+    `    oifname "${transit}" ip daddr 169.254.0.0/16 ct direction original ct status dnat accept`,
+    `    iifname "${transit}" ip saddr 169.254.0.0/16 ct direction reply ct status dnat accept`,
     `    iifname . oifname != @intra_subnet ip saddr vmap @acl_out`,
     `    iifname . oifname != @intra_subnet ip daddr vmap @acl_in`,
     `    ct state established,related accept`,
