@@ -15,7 +15,7 @@ import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
 import type { HostStore } from "../netagent/store.js";
-import { hostNft, hostRouteLines, names, RESOLVER_LABEL, resolverAddrLines, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw } from "./plan.js";
+import { hostNft, hostRouteLines, names, RESOLVER_LABEL, resolverAddrLines, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw, type PortRanges } from "./plan.js";
 import type { GatewayStore } from "./store.js";
 
 const applies = new Counter({
@@ -44,6 +44,10 @@ export interface GatewaySyncOptions {
   dnsPort?: number;
   pool: string;
   hopLimits: () => Promise<Map<string, number>>;
+  /** Ports the hypervisor serves itself: never port-forwarded. */
+  reservedPorts?: PortRanges;
+  /** Flows a VM may hold through the host's NAT at once (0: no limit). */
+  conntrackLimitPerVm?: number;
 }
 
 export class GatewaySync {
@@ -108,7 +112,7 @@ export class GatewaySync {
         resolver: await this.resolverOf(vpcId),
       });
     }
-    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, dnsPort: this.opts.dnsPort ?? 0, pool: this.opts.pool, vpcs };
+    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, dnsPort: this.opts.dnsPort ?? 0, pool: this.opts.pool, reservedPorts: this.opts.reservedPorts, vpcs };
   }
 
   async syncOnce(force = false): Promise<void> {
@@ -171,7 +175,7 @@ export class GatewaySync {
           await run(...inNs(hns, ["ip", "-force", "-batch", "-"]), [...stale, ...routes].join("\n") + "\n");
           this.lastRoutes.set(v.vpcId, routes);
         }
-        const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0);
+        const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
         if (this.lastVpc.get(v.vpcId) !== text) {
           try {
             await must(run("ip", ["netns", "exec", vns, "nft", "-f", "-"], text), `nft in ${vns}`);
