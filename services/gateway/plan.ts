@@ -215,16 +215,17 @@ export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0
     `  chain forward {`,
     // Before the firewall (priority filter): what may leave the VPC at all.
     `    type filter hook forward priority -10; policy accept;`,
+    // Each flow out of here (metadata and resolver requests included) is
+    // also an entry in the host namespace's conntrack table, which every
+    // VPC's NAT shares: one VM must not fill it. Counted per VM address
+    // (anti-spoofed by the bridge table).
+    ...(ctLimitPerVm > 0
+      ? [`    oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`]
+      : []),
     `    oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
     // The resolver is for every subnet, NAT gateway or not (as AWS).
     ...(dns ? [`    oifname "${g}" ip daddr ${t.host} meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
     `    oifname "${g}" ct state established,related accept`,
-    // Each flow out of here is also an entry in the host namespace's
-    // conntrack table, which every VPC's NAT shares: one VM must not fill it.
-    // Counted per VM address (anti-spoofed by the bridge table).
-    ...(ctLimitPerVm > 0
-      ? [`    oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`]
-      : []),
     `    oifname "${g}" ip saddr @fip_private accept`,
     `    oifname "${g}" ip saddr @egress_ok accept`,
     `    oifname "${g}" counter drop comment "private subnet without NAT gateway"`,

@@ -289,6 +289,9 @@ describe("conntrack limit per VM (--conntrack-limit-per-vm)", () => {
       assert.ok(got.slice(CT_LIMIT).every((r) => r === "EHOSTUNREACH"), `refused at once (admin-prohibited), not left to time out: ${got.join(", ")}`);
       // While c1 holds its flows, its neighbour is not affected.
       assert.equal(await tcpConnect(c2.ns, inet.address, 80, 2000), "connected", "another VM of the same VPC still connects");
+      // Metadata requests are host conntrack entries too: counted the same way.
+      assert.equal(await tcpConnect(c1.ns, "169.254.169.254", 80, 2000), "unreachable", "c1 at its limit opens no metadata flow either");
+      assert.equal(await tcpConnect(c2.ns, "169.254.169.254", 80, 2000), "connected", "c2 reaches the metadata server");
     } finally {
       holder.stdin!.end();
     }
