@@ -37,7 +37,7 @@ let gw: ReturnType<typeof grpcClient<typeof GatewayService>>;
 let fw: ReturnType<typeof grpcClient<typeof FirewallService>>;
 let inet: { ns: string; address: string };
 let hostAddr: string;
-let a1: Vm, b1: Vm, c1: Vm, c2: Vm;
+let a1: Vm, b1: Vm, c1: Vm, c2: Vm, d1: Vm, d2: Vm, d3: Vm;
 let fipB: string;
 let udp: UdpListener;
 
@@ -130,6 +130,12 @@ beforeAll(async () => {
   const sc = await h.subnet(vc, "web", "10.2.1.0/24", SubnetType.PUBLIC);
   c1 = await h.vm(0, vc, sc, "c1");
   c2 = await h.vm(0, vc, sc, "c2");
+  // Tenant D: ICMP by type and code (d2 allows echo code 0 only, d3 every echo code).
+  const vd = await h.vpc("tenant-d", "10.3.0.0/16");
+  const sd = await h.subnet(vd, "s", "10.3.1.0/24", SubnetType.PUBLIC);
+  d1 = await h.vm(0, vd, sd, "d1");
+  d2 = await h.vm(0, vd, sd, "d2");
+  d3 = await h.vm(0, vd, sd, "d3");
 
   const sgA = (await fw.createSecurityGroup({ vpc: va.id, name: "web", rules: [tcpRule(443)] })).securityGroup!.id;
   const sgB = (await fw.createSecurityGroup({ vpc: vb.id, name: "web", rules: [tcpRule(443), udpRule(UDP_OPEN)] })).securityGroup!.id;
@@ -139,6 +145,10 @@ beforeAll(async () => {
   await bind(b1, [sgB]);
   await bind(c1, []);
   await bind(c2, []);
+  const icmp = (type: number, code?: number) => ({ direction: Direction.INGRESS, protocol: Protocol.ICMP, icmpType: type, icmpCode: code, peer: { case: "cidr" as const, value: "10.3.0.0/16" } });
+  await bind(d1, []);
+  await bind(d2, [(await fw.createSecurityGroup({ vpc: vd.id, name: "echo-code-0", rules: [icmp(8, 0)] })).securityGroup!.id]);
+  await bind(d3, [(await fw.createSecurityGroup({ vpc: vd.id, name: "echo-any-code", rules: [icmp(8)] })).securityGroup!.id]);
 
   await startHttpServer(a1.ns, "tenant A", 443);
   await startHttpServer(b1.ns, "tenant B", 443);
@@ -248,6 +258,52 @@ describe("link-local sources get no pass around security groups", () => {
 
   test("the metadata service still answers the VM (its link-local answers are ours)", async () => {
     await eventually(async () => (await imds(b1, "/latest/meta-data/instance-id")) === "i-tenant-b", "IMDS from tenant B's VM");
+  }, 60_000);
+});
+
+// Echo requests with a chosen ICMP code from a raw socket (ping always sends
+// code 0); prints how many of three got an echo reply.
+const ECHO = `
+import os, socket, struct, sys, time
+dst, code = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(0.3)
+ident = os.getpid() & 0xFFFF
+def csum(b):
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t >> 16) + (t & 0xFFFF)
+    t += t >> 16
+    return ~t & 0xFFFF
+got = 0
+for seq in range(3):
+    body = b"microvpc-icmp-code!!"
+    c = csum(struct.pack("!BBHHH", 8, code, 0, ident, seq) + body)
+    s.sendto(struct.pack("!BBHHH", 8, code, c, ident, seq) + body, (dst, 0))
+    end = time.time() + 0.6
+    while time.time() < end:
+        try:
+            data, addr = s.recvfrom(2048)
+        except socket.timeout:
+            break
+        ihl = (data[0] & 15) * 4
+        t, _, _, i, q = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+        if addr[0] == dst and t == 0 and i == ident and q == seq:
+            got += 1
+            break
+print(got)
+`;
+
+/** Echo replies (of three requests with this ICMP code) that came back. */
+async function echoReplies(from: Vm, to: Vm, code: number): Promise<number> {
+  return Number((await nsExec(from.ns, "python3", ["-c", ECHO, to.address, String(code)], { timeoutMs: 15_000 })).stdout.trim());
+}
+
+describe("ICMP codes (icmp:TYPE/CODE)", () => {
+  test("a group allowing echo code 0 only answers code 0 and not code 1; one allowing type 8 answers both", async () => {
+    await eventually(async () => (await echoReplies(d1, d2, 0)) > 0, "icmp:8/0 lets echo code 0 in");
+    await eventually(async () => (await echoReplies(d1, d3, 1)) > 0, "icmp:8 (every code) lets echo code 1 in");
+    assert.equal(await echoReplies(d1, d2, 1), 0, "icmp:8/0 does not let echo code 1 in (the code used to be dropped by the compiler)");
+    assert.ok((await echoReplies(d1, d2, 0)) > 0, "and still lets code 0 in");
   }, 60_000);
 });
 
