@@ -9,6 +9,7 @@
 //   * a group named as a peer is a set of member addresses that changes by
 //     element when a NIC joins or leaves.
 // Every name is a constant or derived from a validated id.
+import { names as gwNames } from "../gateway/plan.js";
 import type { AclEntry, BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "./model.js";
 
 export const TABLE = "microvpc";
@@ -42,10 +43,16 @@ function protoNum(p: "tcp" | "udp"): string {
 interface GroupSets {
   ports: string[];
   all: string[];
+  /** peer . type . code (range): "icmp:3/4" is 3 . 4, "icmp:3" is 3 . 0-255. */
   icmp: string[];
   icmpAny: string[];
-  /** peer group id -> port elements (proto . range), and whether "all" is allowed. */
-  peers: Map<string, { ports: string[]; all: boolean; icmp: boolean }>;
+  /** peer group id -> port elements (proto . range), ICMP elements (type . code range), whether any ICMP / "all" is allowed. */
+  peers: Map<string, { ports: string[]; icmp: string[]; icmpAny: boolean; all: boolean }>;
+}
+
+/** type . code of an ICMP rule with a type: one code, or every code as the range 0-255. */
+function icmpElement(r: { icmpType?: number; icmpCode?: number }): string {
+  return `${r.icmpType} . ${r.icmpCode === undefined ? "0-255" : r.icmpCode}`;
 }
 
 function groupSets(rules: SgRule[], dir: "ingress" | "egress"): GroupSets {
@@ -53,10 +60,12 @@ function groupSets(rules: SgRule[], dir: "ingress" | "egress"): GroupSets {
   for (const r of rules) {
     if (r.dir !== dir) continue;
     if (r.group) {
-      const p = g.peers.get(r.group) ?? { ports: [], all: false, icmp: false };
+      const p = g.peers.get(r.group) ?? { ports: [], icmp: [], icmpAny: false, all: false };
       if (r.proto === "all") p.all = true;
-      else if (r.proto === "icmp") p.icmp = true;
-      else p.ports.push(`${protoNum(r.proto)} . ${portRange(r)}`);
+      else if (r.proto === "icmp") {
+        if (r.icmpType === undefined) p.icmpAny = true;
+        else p.icmp.push(icmpElement(r));
+      } else p.ports.push(`${protoNum(r.proto)} . ${portRange(r)}`);
       g.peers.set(r.group, p);
       continue;
     }
@@ -64,7 +73,7 @@ function groupSets(rules: SgRule[], dir: "ingress" | "egress"): GroupSets {
     if (r.proto === "all") g.all.push(cidr);
     else if (r.proto === "icmp") {
       if (r.icmpType === undefined) g.icmpAny.push(cidr);
-      else g.icmp.push(`${cidr} . ${r.icmpType}`);
+      else g.icmp.push(`${cidr} . ${icmpElement(r)}`);
     } else g.ports.push(`${cidr} . ${protoNum(r.proto)} . ${portRange(r)}`);
   }
   return g;
@@ -82,6 +91,7 @@ function aclRule(e: AclEntry, peer: "saddr" | "daddr"): string {
   } else if (e.proto === "icmp") {
     m.push("meta l4proto icmp");
     if (e.icmpType !== undefined) m.push(`icmp type ${e.icmpType}`);
+    if (e.icmpCode !== undefined) m.push(`icmp code ${e.icmpCode}`);
   }
   // Allow continues to the security groups; deny ends here.
   return `${m.join(" ")} ${e.action === "allow" ? "return" : "counter drop"} comment "rule ${e.ruleNumber}"`;
@@ -93,6 +103,7 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
   const addSet = (family: "inet" | "bridge", name: string, decl: string, elements: string[]) =>
     sets.set(`${family} ${name}`, { family, name, decl, elements: uniq(elements) });
   const chains: string[] = [];
+  const transit = gwNames.vpcSide(st.vpcId);
   const nicIn: string[] = [];
   const nicOut: string[] = [];
 
@@ -111,20 +122,22 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
       const base = `sg_${hex(gid)}_${d}`;
       addSet("inet", `${base}_ports`, "type ipv4_addr . inet_proto . inet_service; flags interval", s.ports);
       addSet("inet", `${base}_all`, "type ipv4_addr; flags interval", s.all);
-      addSet("inet", `${base}_icmp`, "type ipv4_addr . icmp_type; flags interval", s.icmp);
+      addSet("inet", `${base}_icmp`, "type ipv4_addr . icmp_type . icmp_code; flags interval", s.icmp);
       addSet("inet", `${base}_icmpany`, "type ipv4_addr; flags interval", s.icmpAny);
       const rules = [
         `ip ${peer} . meta l4proto . th dport @${base}_ports ${verdict}`,
         `ip ${peer} @${base}_all ${verdict}`,
-        `meta l4proto icmp ip ${peer} . icmp type @${base}_icmp ${verdict}`,
+        `meta l4proto icmp ip ${peer} . icmp type . icmp code @${base}_icmp ${verdict}`,
         `meta l4proto icmp ip ${peer} @${base}_icmpany ${verdict}`,
       ];
       for (const [pg, p] of [...s.peers.entries()].sort()) {
         peerGroups.add(pg);
         const ps = `${base}_g_${hex(pg)}`;
         addSet("inet", ps, "type inet_proto . inet_service; flags interval", p.ports);
+        addSet("inet", `${ps}_icmp`, "type icmp_type . icmp_code; flags interval", p.icmp);
         rules.push(`ip ${peer} @members_${hex(pg)} meta l4proto . th dport @${ps} ${verdict}`);
-        if (p.icmp) rules.push(`meta l4proto icmp ip ${peer} @members_${hex(pg)} ${verdict}`);
+        rules.push(`meta l4proto icmp ip ${peer} @members_${hex(pg)} icmp type . icmp code @${ps}_icmp ${verdict}`);
+        if (p.icmpAny) rules.push(`meta l4proto icmp ip ${peer} @members_${hex(pg)} ${verdict}`);
         if (p.all) rules.push(`ip ${peer} @members_${hex(pg)} ${verdict}`);
       }
       chains.push(`chain ${base} {\n${rules.map((r) => `    ${r}`).join("\n")}\n  }`);
@@ -191,11 +204,15 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     `  chain forward {`,
     `    type filter hook forward priority filter; policy accept;`,
     `    ct state invalid counter drop`,
-    // Link-local is the gateway's (instance metadata through the transit
-    // link): as in AWS, neither ACLs nor security groups apply to it. The
-    // host side lets nothing but the metadata port through.
-    `    ip daddr 169.254.0.0/16 accept`,
-    `    ip saddr 169.254.0.0/16 accept`,
+    // Link-local is the gateway's only where it is ours: a VM's request to
+    // the metadata server or the resolver, which the gateway's prerouting
+    // DNATs to the host end of the transit link, and the answers to it. As
+    // in AWS, neither ACLs nor security groups apply to those two. A packet
+    // that merely carries a link-local source (spoofed from outside through
+    // a floating IP or port forward, or sent by the hypervisor) is an
+    // ordinary packet for the ACLs and groups below.
+    `    oifname "${transit}" ip daddr 169.254.0.0/16 ct direction original ct status dnat accept`,
+    `    iifname "${transit}" ip saddr 169.254.0.0/16 ct direction reply ct status dnat accept`,
     `    iifname . oifname != @intra_subnet ip saddr vmap @acl_out`,
     `    iifname . oifname != @intra_subnet ip daddr vmap @acl_in`,
     `    ct state established,related accept`,

@@ -410,9 +410,10 @@ export function parseVpcctlPolicy(json: string, opts: { defaultAction?: "allow" 
   return { subnetCidr, aclEntries: sortAcl(aclEntries), rules, warnings };
 }
 
-function describeMatch(e: { proto: Proto; portFrom: number; portTo: number; icmpType?: number; cidr?: string }): string {
+function describeMatch(e: { proto: Proto; portFrom: number; portTo: number; icmpType?: number; icmpCode?: number; cidr?: string }): string {
   const ports = e.portFrom === 0 ? "all" : e.portFrom === e.portTo ? `${e.portFrom}` : `${e.portFrom}-${e.portTo}`;
-  return `${e.proto} ${e.proto === "tcp" || e.proto === "udp" ? ports : e.icmpType ?? "all"} ${e.cidr ?? ""}`.trim();
+  const icmp = e.icmpType === undefined ? "all" : e.icmpCode === undefined ? `${e.icmpType}` : `${e.icmpType}/${e.icmpCode}`;
+  return `${e.proto} ${e.proto === "tcp" || e.proto === "udp" ? ports : icmp} ${e.cidr ?? ""}`.trim();
 }
 
 function vpcctlEntry(f: string, dir: Dir, ruleNumber: number, raw: unknown, warnings: string[]): AclEntry {

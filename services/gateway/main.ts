@@ -22,6 +22,7 @@ import { HostStore } from "../netagent/store.js";
 import { createImdsServer, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
 import { MetadataStore } from "./metadata-store.js";
+import { DEFAULT_CONNTRACK_LIMIT_PER_VM, DEFAULT_RESERVED_PORTS, parsePortRanges } from "./plan.js";
 import { GatewayApi } from "./service.js";
 import { GatewayStore } from "./store.js";
 import { GatewaySync } from "./sync.js";
@@ -111,6 +112,12 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--dns-port <port>", "port of the VPC resolver on the host's transit addresses; each VPC's resolver address :53 is forwarded there (0: no resolver)").env("MICROVPC_DNS_PORT").default("53"),
     new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
+    new Option("--reserved-ports <list>", "ports the hypervisor serves itself, never port-forwarded (CreatePortForward: FAILED_PRECONDITION), e.g. 22,7401-7405; empty: none")
+      .env("MICROVPC_RESERVED_PORTS")
+      .default(DEFAULT_RESERVED_PORTS),
+    new Option("--conntrack-limit-per-vm <n>", "flows one VM may hold through the host's NAT at once; new ones past it are refused (0: no limit)")
+      .env("MICROVPC_CONNTRACK_LIMIT_PER_VM")
+      .default(String(DEFAULT_CONNTRACK_LIMIT_PER_VM)),
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
@@ -123,10 +130,15 @@ export const gatewayDefinition: ServiceDefinition = {
     const imdsPort = Number(flags.imdsPort);
     const dnsPort = Number(flags.dnsPort);
     if (!Number.isInteger(dnsPort) || dnsPort < 0 || dnsPort > 65535) throw new Error(`--dns-port ${JSON.stringify(flags.dnsPort)}: use 1–65535, or 0 for no resolver`);
+    const reservedPorts = parsePortRanges("--reserved-ports", String(flags.reservedPorts));
+    const ctLimit = Number(flags.conntrackLimitPerVm);
+    if (!/^[0-9]{1,10}$/.test(String(flags.conntrackLimitPerVm)) || ctLimit > 4_000_000) {
+      throw new Error(`--conntrack-limit-per-vm ${JSON.stringify(flags.conntrackLimitPerVm)}: use 1–4000000 flows, or 0 for no limit`);
+    }
     const store = new GatewayStore(redis, logger);
     const ipam = new IpamStore(redis);
     const meta = new MetadataStore(redis, logger);
-    const sync = new GatewaySync(store, ipam, new HostStore(redis, hostId), { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits() }, logger);
+    const sync = new GatewaySync(store, ipam, new HostStore(redis, hostId), { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits(), reservedPorts, conntrackLimitPerVm: ctLimit }, logger);
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
     if (!hostNetns) {
@@ -151,7 +163,7 @@ export const gatewayDefinition: ServiceDefinition = {
         }
       };
     }
-    const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }) });
+    const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }), reservedPorts });
     const impl: Partial<ServiceImpl<typeof GatewayService>> = { ...api.impl, ...new MetadataApi(meta).impl };
     return {
       services: [{ desc: GatewayService, impl }],

@@ -12,7 +12,17 @@
 // * Floating IPs: the host answers ARP for the address on the uplink (proxy
 //   neighbour) and routes it to the VPC; the VPC namespace does 1:1 DNAT/SNAT
 //   to the VM, so the VM's security groups (in the same namespace) decide.
-// * Port forwards: host uplink:port → 169.254.k.2:port → VM:port.
+// * Port forwards: host uplink:port → 169.254.k.2:port → VM:port. Only
+//   packets to an address of the uplink itself are forwarded: a floating IP
+//   (routed, not local) keeps its own ports, so one tenant's forward of :443
+//   never takes another tenant's FIP:443. Ports the hypervisor serves itself
+//   (reservedPorts) are never forwarded.
+// * Link-local sources: nothing from the uplink with a 169.254.0.0/16 source
+//   is forwarded toward a VPC (inside a VPC link-local skips the security
+//   groups only for the metadata/resolver answers on the transit link).
+// * Conntrack: every VM flow leaving through the transit link is a conntrack
+//   entry in the host namespace, the table every VPC's NAT shares; the VPC
+//   namespace refuses a VM's new flows past ctLimitPerVm.
 // * IMDS: 169.254.169.254:80 → 169.254.k.1:IMDS_PORT with the VM's source
 //   address untouched; the metadata server knows the VPC by which transit
 //   address it was reached at and the VM by its (anti-spoofed) address. A
@@ -59,8 +69,36 @@ export interface HostGw {
   dnsPort?: number;
   /** The floating IP pool (CIDR), never masqueraded. */
   pool: string;
+  /** Ports the hypervisor serves itself: never port-forwarded, whatever Redis holds. */
+  reservedPorts?: PortRanges;
   vpcs: GwVpc[];
 }
+
+/** Inclusive port ranges, e.g. [[22, 22], [7401, 7405]]. */
+export type PortRanges = readonly (readonly [number, number])[];
+
+/** SSH, the five daemons' gRPC ports and their metrics ports (gRPC + 2000). */
+export const DEFAULT_RESERVED_PORTS = "22,7401-7405,9401-9405";
+/** Default of --conntrack-limit-per-vm: a VM's flows through the host's NAT at once. */
+export const DEFAULT_CONNTRACK_LIMIT_PER_VM = 16384;
+
+/** Parses "22,7401-7405" (empty: none); throws naming `flag` on anything else. */
+export function parsePortRanges(flag: string, text: string): PortRanges {
+  const out: [number, number][] = [];
+  for (const part of text.split(",").map((x) => x.trim())) {
+    if (part === "") continue;
+    const m = /^([0-9]{1,5})(?:-([0-9]{1,5}))?$/.exec(part);
+    const from = m ? Number(m[1]) : NaN;
+    const to = m ? Number(m[2] ?? m[1]) : NaN;
+    if (!m || from < 1 || to > 65535 || to < from) throw new Error(`${flag} ${JSON.stringify(text)}: ${JSON.stringify(part)} is not a port or range; use e.g. "22,7401-7405" (1–65535)`);
+    out.push([from, to]);
+  }
+  return out;
+}
+
+export const portReserved = (r: PortRanges | undefined, port: number): boolean => (r ?? []).some(([a, b]) => port >= a && port <= b);
+
+export const showPortRanges = (r: PortRanges): string => r.map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(",") || "none";
 
 const hex = (id: string) => id.slice(-12);
 
@@ -130,8 +168,11 @@ function inSubnet(cidrs: string[]): string {
   return cidrs.length ? `{ ${cidrs.join(", ")} }` : "";
 }
 
-/** The VPC namespace's NAT table. */
-export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0): string {
+/**
+ * The VPC namespace's NAT table. ctLimitPerVm > 0: a VM may hold at most that
+ * many flows through the transit link (new ones past it are refused).
+ */
+export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0): string {
   const t = transitAddrs(v.transit);
   const dns = dnsPort > 0 && v.resolver !== undefined;
   const g = names.vpcSide(v.vpcId);
@@ -152,6 +193,7 @@ export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0): string {
     `  map fip_in { type ipv4_addr : ipv4_addr; ${fipIn.length ? `elements = { ${fipIn.join(", ")} }; ` : ""}}`,
     `  map fip_out { type ipv4_addr : ipv4_addr; ${fipOut.length ? `elements = { ${fipOut.join(", ")} }; ` : ""}}`,
     `  map port_forward { type inet_proto . inet_service : ipv4_addr . inet_service; ${pf.length ? `elements = { ${pf.join(", ")} }; ` : ""}}`,
+    ...(ctLimitPerVm > 0 ? [`  set ct_per_vm { type ipv4_addr; size 65535; flags dynamic; }`] : []),
     `  chain prerouting {`,
     `    type nat hook prerouting priority dstnat; policy accept;`,
     `    ip daddr ${IMDS_ADDRESS} tcp dport 80 dnat to ${t.host}:${imdsPort}`,
@@ -173,6 +215,13 @@ export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0): string {
     `  chain forward {`,
     // Before the firewall (priority filter): what may leave the VPC at all.
     `    type filter hook forward priority -10; policy accept;`,
+    // Each flow out of here (metadata and resolver requests included) is
+    // also an entry in the host namespace's conntrack table, which every
+    // VPC's NAT shares: one VM must not fill it. Counted per VM address
+    // (anti-spoofed by the bridge table).
+    ...(ctLimitPerVm > 0
+      ? [`    oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`]
+      : []),
     `    oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
     // The resolver is for every subnet, NAT gateway or not (as AWS).
     ...(dns ? [`    oifname "${g}" ip daddr ${t.host} meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
@@ -199,7 +248,9 @@ export function hostNft(h: HostGw): string {
   const ttl = new Map<number, string[]>();
   for (const v of h.vpcs) {
     const t = transitAddrs(v.transit);
-    for (const f of v.forwards) pf.push(`${f.proto} . ${f.outsidePort} : ${t.vpc} . ${f.outsidePort}`);
+    // A forward on a port the hypervisor serves (made before the API checked,
+    // or through another host's gateway with another list) is not applied.
+    for (const f of v.forwards.filter((f) => !portReserved(h.reservedPorts, f.outsidePort))) pf.push(`${f.proto} . ${f.outsidePort} : ${t.vpc} . ${f.outsidePort}`);
     for (const [addr, hop] of v.hopLimits) ttl.set(hop, [...(ttl.get(hop) ?? []), `${t.host} . ${addr}`]);
   }
   const hops = [...ttl.keys()].sort((a, b) => a - b);
@@ -217,7 +268,9 @@ export function hostNft(h: HostGw): string {
     ...hops.map((n) => `  set imds_hop_${n} { type ipv4_addr . ipv4_addr; ${set(ttl.get(n)!)}}`),
     `  chain prerouting {`,
     `    type nat hook prerouting priority dstnat; policy accept;`,
-    `    iifname "${h.uplink}" dnat ip to meta l4proto . th dport map @port_forward`,
+    // Only to an address of the uplink itself ("fib daddr . iif type local"):
+    // floating IPs are routed through here, not local, and keep their ports.
+    `    iifname "${h.uplink}" fib daddr . iif type local dnat ip to meta l4proto . th dport map @port_forward`,
     `  }`,
     `  chain postrouting {`,
     `    type nat hook postrouting priority srcnat; policy accept;`,
@@ -238,6 +291,16 @@ export function hostNft(h: HostGw): string {
     `  }`,
     `  chain forward {`,
     `    type filter hook forward priority filter; policy accept;`,
+    // Link-local on the uplink is never ours: a spoofed 169.254.x.y source
+    // toward a floating IP or port forward would look like the metadata or
+    // resolver path inside the VPC. (Input is left alone: the hypervisor may
+    // use its own cloud's link-local services.)
+    `    iifname "${h.uplink}" ip saddr 169.254.0.0/16 counter drop comment "link-local source from the uplink"`,
+    // Nor a new flow to a link-local destination we did not translate to: a
+    // neighbour routing 169.254.k.2 at us would reach a VPC's transit end
+    // directly, around the port-forward rule. (Answers to the VMs' own
+    // masqueraded flows are replies: they pass.)
+    `    iifname "${h.uplink}" ip daddr 169.254.0.0/16 ct direction original ct status & dnat == 0 counter drop comment "link-local destination from the uplink"`,
     `    iifname @transit_ifs oifname @transit_ifs counter drop comment "VPCs never reach each other through the host"`,
     `    iifname @transit_ifs oifname != "${h.uplink}" counter drop`,
     `  }`,

@@ -12,11 +12,14 @@ import { Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { FloatingIpSchema, GatewayService, NatGatewaySchema, PortForwardSchema, type FloatingIp, type NatGateway, type PortForward } from "../../gen/microvpc/v1/gateway_pb.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import { locateNic } from "../netagent/store.js";
+import { portReserved, showPortRanges, type PortRanges } from "./plan.js";
 import type { FipRec, GatewayStore, NatRec, PfRec } from "./store.js";
 
 export interface GatewayOptions {
   /** Floating IP pool, e.g. "203.0.113.0/24". */
   pool: V.Cidr;
+  /** Ports the hypervisor serves itself (SSH, the daemons): no port forward may take them. */
+  reservedPorts?: PortRanges;
 }
 
 const natMsg = (n: NatRec): NatGateway =>
@@ -179,6 +182,14 @@ export class GatewayApi {
       const v = await this.vpc(req.vpc);
       if (req.protocol !== Protocol.TCP && req.protocol !== Protocol.UDP) throw new InvalidArgumentError("protocol", "must be PROTOCOL_TCP or PROTOCOL_UDP");
       const outsidePort = V.port("outside_port", req.outsidePort);
+      // The forward takes the port on the hypervisor's uplink address: a port
+      // the hypervisor serves (SSH, the daemons' gRPC and metrics) would hand
+      // its own service to a VM.
+      if (portReserved(this.opts.reservedPorts, outsidePort)) {
+        throw new FailedPreconditionError(
+          `outside port ${outsidePort} is reserved for the hypervisor's own services (--reserved-ports / MICROVPC_RESERVED_PORTS: ${showPortRanges(this.opts.reservedPorts ?? [])}); pick another outside port`,
+        );
+      }
       const privatePort = V.port("private_port", req.privatePort ?? req.outsidePort);
       const loc = await this.nicAt(v, "private_address", req.privateAddress);
       const p = await this.store.createPf(

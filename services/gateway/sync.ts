@@ -17,7 +17,7 @@ import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
 import type { HostStore } from "../netagent/store.js";
-import { hostNft, hostRouteLines, names, RESOLVER_LABEL, resolverAddrLines, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw } from "./plan.js";
+import { hostNft, hostRouteLines, names, RESOLVER_LABEL, resolverAddrLines, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw, type PortRanges } from "./plan.js";
 import { OWNER, parseGwSubnet } from "./schema.js";
 import type { GatewayStore } from "./store.js";
 
@@ -41,6 +41,10 @@ export interface GatewaySyncOptions {
   dnsPort?: number;
   pool: string;
   hopLimits: () => Promise<Map<string, number>>;
+  /** Ports the hypervisor serves itself: never port-forwarded. */
+  reservedPorts?: PortRanges;
+  /** Flows a VM may hold through the host's NAT at once (0: no limit). */
+  conntrackLimitPerVm?: number;
 }
 
 export class GatewaySync {
@@ -142,7 +146,7 @@ export class GatewaySync {
         resolver: await this.resolverOf(vpcId),
       });
     }
-    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, dnsPort: this.opts.dnsPort ?? 0, pool: this.opts.pool, vpcs };
+    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, dnsPort: this.opts.dnsPort ?? 0, pool: this.opts.pool, reservedPorts: this.opts.reservedPorts, vpcs };
   }
 
   async syncOnce(force = false): Promise<void> {
@@ -205,7 +209,7 @@ export class GatewaySync {
           await run("ip", ["-force", "-batch", "-"], { ...batch([...stale, ...routes], hns), check: false });
           this.lastRoutes.set(v.vpcId, routes);
         }
-        const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0);
+        const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
         if (this.lastVpc.get(v.vpcId) !== text) {
           try {
             await run("ip", ["netns", "exec", vns, "nft", "-f", "-"], { input: text });

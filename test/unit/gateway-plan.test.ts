@@ -1,0 +1,86 @@
+// The gateway planner's tenant boundary, as text: port forwards only to the
+// uplink's own address and never on reserved ports, link-local dropped from
+// the uplink, the per-VM conntrack limit. The packets are in
+// test/integration/tenant-dataplane.test.ts.
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { describe, test } from "vitest";
+import { DEFAULT_RESERVED_PORTS, hostNft, parsePortRanges, portReserved, vpcNft, type GwVpc, type HostGw } from "../../services/gateway/plan.js";
+
+const vpc = (): GwVpc => ({
+  vpcId: "vpc-111111111111",
+  transit: 0,
+  subnets: [{ subnetId: "subnet-aaaaaaaaaaaa", cidr: "10.0.1.0/24", public: true }],
+  nat: false,
+  natSources: [],
+  fips: [{ address: "203.0.113.5", private: "10.0.1.4" }],
+  forwards: [
+    { proto: "tcp", outsidePort: 443, private: "10.0.1.4", privatePort: 443 },
+    { proto: "tcp", outsidePort: 22, private: "10.0.1.4", privatePort: 22 },
+  ],
+  hopLimits: new Map([["10.0.1.4", 1]]),
+  resolver: "10.0.0.2",
+});
+
+const host = (o: Partial<HostGw> = {}): HostGw => ({
+  hostId: "hv1",
+  uplink: "eth0",
+  imdsPort: 8775,
+  dnsPort: 53,
+  pool: "203.0.113.0/24",
+  reservedPorts: parsePortRanges("--reserved-ports", DEFAULT_RESERVED_PORTS),
+  vpcs: [vpc()],
+  ...o,
+});
+
+describe("reserved ports", () => {
+  test("the default is SSH, the daemons' gRPC ports and their metrics ports", () => {
+    const r = parsePortRanges("--reserved-ports", DEFAULT_RESERVED_PORTS);
+    for (const p of [22, 7401, 7403, 7405, 9401, 9405]) assert.ok(portReserved(r, p), `${p} reserved`);
+    for (const p of [21, 23, 443, 7400, 7406, 8775, 9400, 9406]) assert.ok(!portReserved(r, p), `${p} free`);
+  });
+
+  test("the flag's syntax: empty is none, bad parts name the flag", () => {
+    assert.deepEqual(parsePortRanges("--reserved-ports", ""), []);
+    assert.deepEqual(parsePortRanges("--reserved-ports", " 22 , 8000-8010 "), [
+      [22, 22],
+      [8000, 8010],
+    ]);
+    for (const bad of ["0", "65536", "10-5", "ssh", "22;23", "1-2-3"]) assert.throws(() => parsePortRanges("--reserved-ports", bad), /--reserved-ports/);
+  });
+});
+
+describe("host table", () => {
+  test("port forwards DNAT only the uplink's own address, and never a reserved port", () => {
+    const text = hostNft(host());
+    assert.match(text, /iifname "eth0" fib daddr \. iif type local dnat ip to meta l4proto \. th dport map @port_forward/);
+    assert.match(text, /elements = \{ tcp \. 443 : 169\.254\.1\.2 \. 443 \}/);
+    assert.doesNotMatch(text, /tcp \. 22 :/, "a stored forward on 22 is not applied");
+  });
+
+  test("link-local sources from the uplink are dropped before any VPC; so are new flows to link-local it did not DNAT", () => {
+    const text = hostNft(host());
+    assert.match(text, /iifname "eth0" ip saddr 169\.254\.0\.0\/16 counter drop/);
+    assert.match(text, /iifname "eth0" ip daddr 169\.254\.0\.0\/16 ct direction original ct status & dnat == 0 counter drop/);
+  });
+});
+
+describe("VPC table", () => {
+  test("the conntrack limit counts a VM's new flows out of the transit link", () => {
+    const text = vpcNft(vpc(), 8775, 53, 100);
+    assert.match(text, /set ct_per_vm \{ type ipv4_addr; size 65535; flags dynamic; \}/);
+    assert.match(text, /oifname "gv111111111111" ct state new add @ct_per_vm \{ ip saddr ct count over 100 \} counter reject/);
+    // First in the chain: metadata and resolver flows are host conntrack entries too.
+    const lines = text.split("\n");
+    const at = (re: RegExp) => lines.findIndex((l) => re.test(l));
+    assert.ok(at(/add @ct_per_vm/) > at(/chain forward/));
+    for (const later of [/tcp dport 8775 accept/, /th dport 53 accept/, /@egress_ok accept/]) assert.ok(at(/add @ct_per_vm/) < at(later), `before ${later}`);
+    assert.doesNotMatch(vpcNft(vpc(), 8775, 53, 0), /ct_per_vm/, "0: no limit");
+  });
+
+  test("nft loads both tables (in a throwaway network namespace)", () => {
+    if (spawnSync("unshare", ["-n", "true"]).status !== 0) return; // not root
+    const r = spawnSync("unshare", ["-n", "sh", "-c", "nft -f /dev/fd/3 3<<'A'\n" + hostNft(host()) + "A\nnft -f /dev/fd/3 3<<'B'\n" + vpcNft(vpc(), 8775, 53, 100) + "B\n"], { encoding: "utf8" });
+    assert.equal(r.status, 0, r.stderr);
+  });
+});
