@@ -47,7 +47,7 @@ import { Direction, FirewallService, Protocol, type SecurityGroupRuleSchema } fr
 import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../services/common/client.js";
 import { LinuxNft } from "../services/firewall/apply.js";
-import { compile, diff, type FwModel } from "../services/firewall/compile.js";
+import { MAX_ELEMENT_DELETIONS, compile, diff, elementDiff, type FwModel } from "../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "../services/firewall/model.js";
 import { names } from "../services/netagent/plan.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
@@ -250,8 +250,18 @@ interface Part1 {
   linearRulesInKernel: number;
 }
 
-/** Part 1's bulk experiment: the 10 000-rule group shrunk to 10 rules and grown back. */
-const bulk = { elements: 0, shrinkElementsMs: [] as number[], growElementsMs: [] as number[], shrinkFullMs: [] as number[], growFullMs: [] as number[] };
+/**
+ * Part 1's bulk experiment: the 10 000-rule group shrunk to 10 rules and grown back, by element (elementDiff: what
+ * diff() would apply without its cut-off) and by full replace; `chosen`: what diff() itself picks each way.
+ */
+const bulk = {
+  elements: 0,
+  shrinkElementsMs: [] as number[],
+  growElementsMs: [] as number[],
+  shrinkFullMs: [] as number[],
+  growFullMs: [] as number[],
+  chosen: { shrink: "", grow: "" },
+};
 
 async function part1(): Promise<Part1[]> {
   const out: Part1[] = [];
@@ -327,16 +337,21 @@ async function part1(): Promise<Part1[]> {
     });
   }
   await interleaved(cases, { rounds: ROUNDS, warmupRounds: 1, minRounds: ROUNDS });
-  // Removing (and adding back) all but 10 of the 10 000 rules: by element (what diff() chooses, the
-  // skeleton being unchanged) and by full replace, twice each, alternating.
+  // Removing (and adding back) all but 10 of the 10 000 rules: by element (the skeleton is unchanged, so the
+  // element script exists; diff() itself replaces the table past MAX_ELEMENT_DELETIONS deletions, a cut-off
+  // this experiment keeps honest) and by full replace, twice each, alternating.
   {
     const top = SIZES[SIZES.length - 1];
     const bottom = SIZES[0];
     const big = compile(scratchState(top));
     const little = compile(scratchState(bottom));
-    const shrinkEl = diff(big.model, little.model);
-    const growEl = diff(little.model, big.model);
-    if (!shrinkEl || !growEl) throw new Error("diff between the 10 000- and the 10-rule group was not by element");
+    const shrink = elementDiff(big.model, little.model);
+    const grow = elementDiff(little.model, big.model);
+    if (!shrink || !grow) throw new Error(`the ${top}- and the ${bottom}-rule group compile to different skeletons: no element script to time`);
+    const shrinkEl = shrink.script;
+    const growEl = grow.script;
+    const choice = (d: string | null) => (d === null ? "full replace" : "by element");
+    bulk.chosen = { shrink: choice(diff(big.model, little.model)), grow: choice(diff(little.model, big.model)) };
     const timed = async (script: string) => {
       const s = performance.now();
       await nft.apply(ns[top].mv, script);
@@ -729,9 +744,10 @@ async function main(): Promise<number> {
   );
   p(`Issue 4's measurements on these machines (context, not re-measured): replacing a table of 10 / 1k / 10k set elements 19 / 24 / 68 ms,`);
   p(`of 10 / 1k / 10k linear rules 19 / 50 / 394 ms.`);
-  p(`Removing ${num(bulk.elements, 0)} of the 10 000 rules at once and adding them back (nft -f only, 2 times each, every time):`);
-  p(`  by element, as diff() does it (the skeleton is unchanged): delete ${bulk.shrinkElementsMs.map(fms).join(", ")}; add ${bulk.growElementsMs.map(fms).join(", ")}`);
-  p(`  by full replace of the table: to 10 rules ${bulk.shrinkFullMs.map(fms).join(", ")}; to 10 000 rules ${bulk.growFullMs.map(fms).join(", ")}`);
+  p(`Removing ${num(bulk.elements, 0)} of the ${num(SIZES[SIZES.length - 1], 0)} rules at once and adding them back (nft -f only, 2 times each, every time):`);
+  p(`  by element (the skeleton is unchanged): delete ${bulk.shrinkElementsMs.map(fms).join(", ")}; add ${bulk.growElementsMs.map(fms).join(", ")}`);
+  p(`  by full replace of the table: to ${SIZES[0]} rules ${bulk.shrinkFullMs.map(fms).join(", ")}; to ${num(SIZES[SIZES.length - 1], 0)} rules ${bulk.growFullMs.map(fms).join(", ")}`);
+  p(`  diff() picks: removing them ${bulk.chosen.shrink}, adding them ${bulk.chosen.grow} (it replaces the table past ${MAX_ELEMENT_DELETIONS} element deletions).`);
 
   p(heading(`2. One membership change with the rules loaded (direct: compile(next) + diff(prev, next) + LinuxNft.apply of the diff)`));
   p(`The bound group also has a rule "tcp 5432 from members of group P"; an address joins P (one \`add element\` line into P's`);
@@ -838,6 +854,15 @@ async function main(): Promise<number> {
     const a10 = spread(r10k.replace.map((x) => x.applyMs)).median;
     v.push({ measure: "  of which nft -f, 10 000 rules", value: fms(a10), baseline: `${fms(spread(r10k.floorMs).median)} no-op`, ratio: a10 / spread(r10k.floorMs).median, target: "" });
     v.push({ measure: "  of which compile(), 10 000 rules", value: fms(c), baseline: fms(spread(r10k.replace.map((x) => x.totalMs)).median), ratio: c / spread(r10k.replace.map((x) => x.totalMs)).median, target: "" });
+  }
+  {
+    // Whether diff()'s cut-off still picks the faster way for a bulk removal (and what adding them back by element costs).
+    const sEl = spread(bulk.shrinkElementsMs).median;
+    const sFull = spread(bulk.shrinkFullMs).median;
+    v.push({ measure: `remove ${num(bulk.elements, 0)} rules: full replace vs by element`, value: `${fms(sFull)} (${bulk.chosen.shrink === "full replace" ? "diff() picks it" : "diff() picks elements"})`, baseline: `${fms(sEl)} by element`, ratio: sFull / sEl, target: "" });
+    const gEl = spread(bulk.growElementsMs).median;
+    const gFull = spread(bulk.growFullMs).median;
+    v.push({ measure: `add ${num(bulk.elements, 0)} rules: by element vs full replace`, value: `${fms(gEl)} (${bulk.chosen.grow === "by element" ? "diff() picks it" : "diff() picks full"})`, baseline: `${fms(gFull)} full`, ratio: gEl / gFull, target: "" });
   }
   const j = (size: number, f: (x: ToggleSample) => number = (x) => x.totalMs) => tg(p2.find((r) => r.size === size)!, "join", f).p50;
   v.push({ measure: "membership join, 10 000 rules (compile+diff+nft)", value: fms(j(10_000)), baseline: `${MEMBER_LIMIT_MS} ms limit`, ratio: j(10_000) / MEMBER_LIMIT_MS, ...check(j(10_000) / MEMBER_LIMIT_MS, { max: 1 }) });
