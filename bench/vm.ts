@@ -2,7 +2,7 @@
 // prints, and writes as JSON to bench/results/vm-<date>.json:
 //   1. CreateVm → network ready and DeleteVm latency (p50/p99 of the gRPC call
 //      to a real `microvpcd vmm`), kind=NETNS, one security group: CreateVm
-//      returns when every step (ipam, netagent, firewall, gateway, boot) is
+//      returns when every step (ipam, netagent, firewall, gateway, dns, boot) is
 //      done. With 0 VMs on the host, then with 200 more made through the same
 //      API, then — after deleting them through the API — with 0 again (the
 //      two 0-VM passes are pooled for the 200-vs-0 ratio, so that the
@@ -11,9 +11,9 @@
 //   2. The baseline, in the same rounds (alternating with the vmm's pairs):
 //      the raw per-service calls done directly by the bench against the same
 //      daemons — `ip netns add` + ipam Allocate + netagent AttachNic +
-//      firewall BindNic + gateway SetInstanceMetadata, and for the delete
-//      DeleteInstanceMetadata + UnbindNic + DetachNic + `ip netns del` +
-//      Release — so that the vmm's own overhead (validation lookups, journal
+//      firewall BindNic + gateway SetInstanceMetadata + dns SetDnsRecord, and
+//      for the delete DeleteDnsRecord + DeleteInstanceMetadata + UnbindNic +
+//      DetachNic + `ip netns del` + Release — so that the vmm's own overhead (validation lookups, journal
 //      writes to Redis, one more gRPC hop) is visible;
 //   3. the share of each step, from InspectVm's per-step start/end times
 //      (create) and the vmm's microvpc_vmm_step_seconds histogram on its
@@ -59,6 +59,7 @@ import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { DnsService } from "../gen/microvpc/v1/dns_pb.js";
 import { Direction, FirewallService, Protocol } from "../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../gen/microvpc/v1/gateway_pb.js";
 import { NicKind } from "../gen/microvpc/v1/netagent_pb.js";
@@ -123,6 +124,7 @@ const STEP_OF: Partial<Record<VmStep, Step>> = {
   [VmStep.NETAGENT]: "netagent",
   [VmStep.FIREWALL]: "firewall",
   [VmStep.GATEWAY]: "gateway",
+  [VmStep.DNS]: "dns",
   [VmStep.BOOT]: "boot",
 };
 
@@ -208,6 +210,7 @@ interface World {
   vmm: ReturnType<typeof grpcClient<typeof VmService>>;
   fw: ReturnType<typeof grpcClient<typeof FirewallService>>;
   gw: ReturnType<typeof grpcClient<typeof GatewayService>>;
+  dns: ReturnType<typeof grpcClient<typeof DnsService>>;
   vpcId: string;
   vpcNs: string;
   subnetId: string;
@@ -265,10 +268,10 @@ interface VmmPair {
 }
 
 interface RawPair {
-  create: { netnsAdd: number; allocate: number; attachNic: number; bindNic: number; setMetadata: number };
+  create: { netnsAdd: number; allocate: number; attachNic: number; bindNic: number; setMetadata: number; setDns: number };
   /** Not in the sum: the lookups CreateVm makes before its steps (GetVpc, GetSubnet, GetSecurityGroup), timed one after the other. */
   lookups: number;
-  del: { deleteMetadata: number; unbindNic: number; detachNic: number; netnsDel: number; release: number };
+  del: { deleteDns: number; deleteMetadata: number; unbindNic: number; detachNic: number; netnsDel: number; release: number };
   createMs: number;
   deleteMs: number;
   createReconcile: boolean;
@@ -350,6 +353,10 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
     },
   });
   const setMetadata = msSince(s);
+  s = t();
+  // The vmm's dns step: NAME.VPC.internal, owned by the VM (DnsService is served by the ipam daemon).
+  await w.dns.setDnsRecord({ vpc: w.vpcId, name: tag, address, owner: id });
+  const setDns = msSince(s);
   addDelta(cpu, c0, cpuSnap(w));
   s = t();
   await h!.ipam.vpc.getVpc({ ref: w.vpcId });
@@ -360,6 +367,9 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
   const pinged = pingCheck ? await canPing(ns, w.gateway, { count: 2, deadlineS: 3 }) : undefined;
   c0 = cpuSnap(w);
   wall = Date.now();
+  s = t();
+  await w.dns.deleteDnsRecord({ vpc: w.vpcId, owner: id });
+  const deleteDns = msSince(s);
   s = t();
   await w.gw.deleteInstanceMetadata({ instanceId: id });
   const deleteMetadata = msSince(s);
@@ -377,8 +387,8 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
   const release = msSince(s);
   addDelta(cpu, c0, cpuSnap(w));
   const deleteReconcile = await rec.endedSince(wall);
-  const create = { netnsAdd, allocate, attachNic, bindNic, setMetadata };
-  const del = { deleteMetadata, unbindNic, detachNic, netnsDel, release };
+  const create = { netnsAdd, allocate, attachNic, bindNic, setMetadata, setDns };
+  const del = { deleteDns, deleteMetadata, unbindNic, detachNic, netnsDel, release };
   const total = (o: Record<string, number>) => Object.values(o).reduce((a, b) => a + b, 0);
   return { create, lookups, del, createMs: total(create), deleteMs: total(del), createReconcile, deleteReconcile, pinged };
 }
@@ -638,6 +648,7 @@ async function main(): Promise<number> {
   const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
   const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 30_000 });
   const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 30_000 });
+  const dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 30_000 });
   const vpc = await h.vpc("bench", "10.0.0.0/16");
   // One /22 (1 021 addresses), so every VM is on one bridge: the harsh case for per-port costs.
   const subnet = await h.subnet(vpc, "web", "10.0.0.0/22", SubnetType.PUBLIC);
@@ -656,6 +667,7 @@ async function main(): Promise<number> {
     vmm,
     fw,
     gw,
+    dns,
     vpcId: vpc.id,
     vpcNs: hv.vpcNamespace(vpc.id),
     subnetId: subnet.id,
@@ -774,8 +786,8 @@ async function main(): Promise<number> {
   p(heading("1. CreateVm → network ready, DeleteVm (gRPC call to microvpcd vmm, kind=NETNS, 1 security group)"));
   p(`${WARMUP} warm-up + ${SAMPLES} rounds per pass; each round one vmm pair (CreateVm, InspectVm untimed, DeleteVm) and one raw pair, the order`);
   p(`alternating. p99 is nearest-rank: below 100 samples it is the slowest one. "raw" = the baseline, the same work as raw calls from the`);
-  p(`bench: ip netns add + Allocate + AttachNic + BindNic + SetInstanceMetadata (create), DeleteInstanceMetadata + UnbindNic + DetachNic +`);
-  p(`ip netns del + Release (delete). "vmm − raw": median of the per-round differences. "reconcile": calls during which the netagent's`);
+  p(`bench: ip netns add + Allocate + AttachNic + BindNic + SetInstanceMetadata + SetDnsRecord (create), DeleteDnsRecord +`);
+  p(`DeleteInstanceMetadata + UnbindNic + DetachNic + ip netns del + Release (delete). "vmm − raw": median of the per-round differences. "reconcile": calls during which the netagent's`);
   p(`10-s reconcile pass ended (it holds the VPC lock). busy: both CPUs, whole machine; pressure: PSI cpu some (a neighbour shows there).`);
   p(
     table(
@@ -820,12 +832,13 @@ async function main(): Promise<number> {
       case "gateway":
         return lat(r.map((y) => y.create.setMetadata));
       case "dns":
+        return lat(r.map((y) => y.create.setDns));
       case "boot":
         return lat([]);
     }
   };
   const stepPasses = down0 ? [{ label: "0 (pooled)", p: zero }, { label: String(VMS), p: loaded }] : [{ label: "0", p: up0 }, { label: String(VMS), p: loaded }];
-  const rawLabel: Record<Step, string> = { ipam: "Allocate", netagent: "ip netns add + AttachNic", firewall: "BindNic", gateway: "SetInstanceMetadata", dns: "– (SetDnsRecord, not measured raw)", boot: "–" };
+  const rawLabel: Record<Step, string> = { ipam: "Allocate", netagent: "ip netns add + AttachNic", firewall: "BindNic", gateway: "SetInstanceMetadata", dns: "SetDnsRecord", boot: "–" };
   p(
     table(
       ["step", ...stepPasses.flatMap((s) => [`${s.label} VMs: p50 / mean`, "share", "raw call p50"]), "raw call"],
@@ -834,7 +847,7 @@ async function main(): Promise<number> {
           k,
           ...stepPasses.flatMap(({ p: x }) => {
             const l = lat(x.vmm.map((v) => v.steps[k]));
-            return [`${fms(l.p50)} / ${num(l.mean)}`, pct(l.mean / cr(x).mean), k === "boot" || k === "dns" ? "–" : fms(rawStep(x, k).p50)];
+            return [`${fms(l.p50)} / ${num(l.mean)}`, pct(l.mean / cr(x).mean), k === "boot" ? "–" : fms(rawStep(x, k).p50)];
           }),
           rawLabel[k],
         ]),
@@ -864,18 +877,18 @@ async function main(): Promise<number> {
         ...STEP_NAMES.map((k) => {
           const rawDel = (x: Pass) => {
             const r = x.raw;
-            const f = { ipam: (y: RawPair) => y.del.release, netagent: (y: RawPair) => y.del.detachNic + y.del.netnsDel, firewall: (y: RawPair) => y.del.unbindNic, gateway: (y: RawPair) => y.del.deleteMetadata, dns: () => Number.NaN, boot: () => Number.NaN }[k];
+            const f = { ipam: (y: RawPair) => y.del.release, netagent: (y: RawPair) => y.del.detachNic + y.del.netnsDel, firewall: (y: RawPair) => y.del.unbindNic, gateway: (y: RawPair) => y.del.deleteMetadata, dns: (y: RawPair) => y.del.deleteDns, boot: () => Number.NaN }[k];
             return lat(r.map(f)).p50;
           };
-          return [k, ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.histCreate[k])), fms(histMean(x.histDelete[k]))]), k === "boot" || k === "dns" ? "–" : `${fms(rawDel(stepPasses[0].p))} / ${num(rawDel(stepPasses[1].p))}`];
+          return [k, ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.histCreate[k])), fms(histMean(x.histDelete[k]))]), k === "boot" ? "–" : `${fms(rawDel(stepPasses[0].p))} / ${num(rawDel(stepPasses[1].p))}`];
         }),
         ["server total (RPC histogram)", ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.serverCreate)), fms(histMean(x.serverDelete))]), ""],
       ],
     ),
   );
   p(`The lookups CreateVm makes before its first step, as raw calls (GetVpc + GetSubnet + GetSecurityGroup, one after the other), p50: ${stepPasses.map(({ label, p: x }) => `${fms(lat(x.raw.map((y) => y.lookups)).p50)} at ${label}`).join(", ")}.`);
-  p(`Raw calls one by one, p50 (0 / ${VMS} VMs): ` + (["netnsAdd", "allocate", "attachNic", "bindNic", "setMetadata"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.create[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.create[k])).p50)}`).join(" · "));
-  p(`                                     ` + (["deleteMetadata", "unbindNic", "detachNic", "netnsDel", "release"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.del[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.del[k])).p50)}`).join(" · "));
+  p(`Raw calls one by one, p50 (0 / ${VMS} VMs): ` + (["netnsAdd", "allocate", "attachNic", "bindNic", "setMetadata", "setDns"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.create[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.create[k])).p50)}`).join(" · "));
+  p(`                                     ` + (["deleteDns", "deleteMetadata", "unbindNic", "detachNic", "netnsDel", "release"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.del[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.del[k])).p50)}`).join(" · "));
 
   p(heading("3. CPU per create + delete, by process (ms; own threads, and the execs a daemon ran)"));
   p(`"vmm pair" / "raw pair": CPU during the CreateVm+DeleteVm calls / during the raw calls; "whole pass": everything the process did`);
