@@ -79,7 +79,7 @@ import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
-import { check, heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { check, heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchClock, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase } from "./lib/stats.js";
 
@@ -1019,7 +1019,7 @@ async function main(): Promise<number> {
     `Cleanup: ${leftovers.length} namespaces of run ${P} left${leftovers.length ? ` (${leftovers.slice(0, 5).join(", ")})` : ""}; root namespace ` +
       `${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged (links, addresses, routes, sysctls, nft ruleset)"}.`,
   );
-  const file = join(HERE, "results", `gateway-${stamp()}.json`);
+  const file = resultsFile("gateway");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));

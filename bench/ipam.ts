@@ -49,7 +49,7 @@ import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
 import { cpuDelta, machineEnv, cpuSnapshot } from "./lib/cpu.js";
 import { closedLoop } from "./lib/load.js";
 import { summarize } from "./lib/profile.js";
-import { check, dur, heading, num, pct, ratio, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { check, dur, heading, num, pct, ratio, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchClock, runBench } from "./lib/run.js";
 import { interleaved, median, percentile, sorted, spread, spreadOf, type BenchCase, type Spread } from "./lib/stats.js";
 
@@ -821,7 +821,7 @@ async function measureAndReport(): Promise<number> {
     } else p("(--profile: no .cpuprofile was written by the daemon)");
   }
 
-  const file = join(HERE, "results", `ipam-${stamp()}.json`);
+  const file = resultsFile("ipam");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));

@@ -81,7 +81,7 @@ import {
 import { startRedis, type TestRedis } from "../test/lib/redis.js";
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
-import { check, heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { check, heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchClock, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase, type Spread } from "./lib/stats.js";
 
@@ -921,7 +921,7 @@ async function main(): Promise<number> {
       `${leftovers.length ? ` (${leftovers.slice(0, 5).join(", ")})` : ""}; root namespace ${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged (links, addresses, routes, sysctls, nft ruleset)"}.`,
   );
 
-  const file = join(HERE, "results", `netagent-${stamp()}.json`);
+  const file = resultsFile("netagent");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));

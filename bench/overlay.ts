@@ -57,7 +57,7 @@ import { ipn, nsExec, ping, run, tempDir, trackChild, waitFor } from "../test/li
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { pressureWindow } from "./lib/psi.js";
-import { heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { interleaved, spread, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -443,7 +443,7 @@ async function main(): Promise<number> {
   p(heading("Verdict"));
   p(verdictTable(v));
   p(`\nCleanup: ${leftovers.length} namespaces of run ${env.prefix} left; root namespace ${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged"}; load at end ${loadavg().map((x) => x.toFixed(2)).join(" ")}.`);
-  const file = join(HERE, "results", `overlay-${stamp()}.json`);
+  const file = resultsFile("overlay");
   p(`figures written to ${file}`);
   writeJson(file, { env: { ...env, loadavgAtEnd: loadavg() }, throughput: tputJson, convergence: convJson, verdicts: v, cleanup: { leftovers, rootDiff } });
   return rootDiff.length || leftovers.length ? 2 : 0;

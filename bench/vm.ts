@@ -19,6 +19,10 @@
 //      (create) and the vmm's microvpc_vmm_step_seconds histogram on its
 //      /metrics port (create and delete), and the CPU each process spent per
 //      create+delete;
+//      Also, around the CreateVm calls that grow the host, each daemon's
+//      /metrics (microvpc_exec_total{command}, microvpc_exec_duration_seconds)
+//      for the execs and exec seconds per CreateVm, by daemon and command
+//      ("n/a" where the daemons do not export them);
 //   4. what "network ready" leaves out: the firewall applies a binding
 //      asynchronously (BindNic writes Redis; the host's sync loop compiles
 //      and runs nft afterwards), so after each of a few creates the bench
@@ -50,6 +54,9 @@
 // (creates per level whose firewall enforcement is timed, default 10),
 // --profile (run the vmm under node --cpu-prof and print where its CPU went;
 // the profiler's own cost lands in the vmm's figures, so not for the verdict).
+// --smoke: 2 samples, 4 VMs, 1 lag sample, 1 warm-up, within 80 s: that the
+// bench still runs to its end (bench/lib/run.ts), not figures. Only kind=NETNS
+// VMs are made: nothing here starts QEMU.
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
@@ -57,7 +64,6 @@ import { loadavg, release } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { DnsService } from "../gen/microvpc/v1/dns_pb.js";
 import { Direction, FirewallService, Protocol } from "../gen/microvpc/v1/firewall_pb.js";
@@ -74,35 +80,30 @@ import { summarize, type ProfileSummary } from "./lib/profile.js";
 import { startProfiledDaemon } from "./lib/profiled-daemon.js";
 import { scrape, sum, type Samples } from "./lib/prom.js";
 import { psiCpuUs } from "./lib/psi.js";
-import { check, heading, num, pct, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchClock, runBench } from "./lib/run.js";
+import { check, heading, num, pct, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 
-const { values: opt } = parseArgs({
-  options: {
+const opt = benchArgs(
+  {
     samples: { type: "string", default: "30" },
     vms: { type: "string", default: "200" },
     "lag-samples": { type: "string", default: "10" },
     profile: { type: "boolean", default: false },
   },
-});
-
-const intOpt = (name: string, v: string | undefined, min: number, max: number): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} ${v}: expected an integer in ${min}–${max}`);
-  return n;
-};
+  { samples: "2", vms: "4", "lag-samples": "1" },
+);
 const SAMPLES = intOpt("samples", opt.samples, 30, 200);
 const VMS = intOpt("vms", opt.vms, 1, 400);
 const LAG_SAMPLES = intOpt("lag-samples", opt["lag-samples"], 0, 40);
 const PROFILE = !!opt.profile;
 /** DeleteVm calls in flight while emptying the host (not a measured figure: the host just has to be empty again). */
 const SHRINK_CONCURRENCY = 4;
-const WARMUP = 3;
+const WARMUP = pick(3, 1);
 /** Hard stop for the whole run: past it, cleanup runs and the process exits. */
-const HARD_LIMIT_MS = 295_000;
+const HARD_LIMIT_MS = pick(295_000, 80_000);
 /** A pass stops taking rounds after this (and says so in the report: fewer samples than asked). */
 const PASS_LIMIT_MS = 75_000;
 /** Making the background VMs must finish within this… */
@@ -113,9 +114,9 @@ const SHRINK_LIMIT_MS = 110_000;
 const LAG_LIMIT_MS = 30_000;
 const LAG_WAIT_MS = 3_000;
 /** The third pass (0 VMs again) runs only if at least this much of the budget is left (it is cut short to fit). */
-const DOWN_PASS_MIN_LEFT_MS = 45_000;
+const DOWN_PASS_MIN_LEFT_MS = pick(45_000, 20_000);
 /** What the report, the teardown and the JSON need at the end. */
-const END_RESERVE_MS = 25_000;
+const END_RESERVE_MS = pick(25_000, 10_000);
 
 const STEP_NAMES = ["ipam", "netagent", "firewall", "gateway", "dns", "boot"] as const;
 type Step = (typeof STEP_NAMES)[number];
@@ -616,6 +617,65 @@ async function lagPhase(w: World, tag: string, pinger: { namespace: string }, vm
   return out;
 }
 
+// ------------------------------------------------------------ execs on the CreateVm path
+
+/** One command a daemon ran, per CreateVm: how many times and its summed exec seconds. */
+interface ExecRow {
+  daemon: string;
+  command: string;
+  execs: number;
+  seconds: number;
+}
+
+interface ExecCounts {
+  /** Whether any daemon has microvpc_exec_total on its /metrics at all. */
+  present: boolean;
+  creates: number;
+  rows: ExecRow[];
+  /** Daemons whose /metrics could not be read before or after. */
+  unreadable: string[];
+}
+
+async function scrapeAll(ds: Record<string, Daemon>): Promise<Record<string, Samples | undefined>> {
+  const out: Record<string, Samples | undefined> = {};
+  await Promise.all(Object.entries(ds).map(async ([name, d]) => void (out[name] = await scrape(d.metricsPort).catch(() => undefined))));
+  return out;
+}
+
+/** Per command label: Σ microvpc_exec_total and Σ microvpc_exec_duration_seconds_sum. */
+function execByCommand(s: Samples): Map<string, { n: number; s: number }> {
+  const m = new Map<string, { n: number; s: number }>();
+  for (const x of s) {
+    const k = x.name === "microvpc_exec_total" ? "n" : x.name === "microvpc_exec_duration_seconds_sum" ? "s" : undefined;
+    if (!k) continue;
+    const c = x.labels.command ?? "(no command label)";
+    const e = m.get(c) ?? { n: 0, s: 0 };
+    e[k] += x.value;
+    m.set(c, e);
+  }
+  return m;
+}
+
+/** What each daemon exec'd between two scrapes, per CreateVm. */
+function execCounts(before: Record<string, Samples | undefined>, after: Record<string, Samples | undefined>, creates: number): ExecCounts {
+  const out: ExecCounts = { present: false, creates, rows: [], unreadable: [] };
+  for (const [daemon, a] of Object.entries(after)) {
+    const b = before[daemon];
+    if (!a || !b) {
+      out.unreadable.push(daemon);
+      continue;
+    }
+    if (a.some((x) => x.name === "microvpc_exec_total")) out.present = true;
+    const b0 = execByCommand(b);
+    for (const [command, x] of execByCommand(a)) {
+      const y = b0.get(command) ?? { n: 0, s: 0 };
+      if (x.n - y.n > 0) out.rows.push({ daemon, command, execs: (x.n - y.n) / creates, seconds: (x.s - y.s) / creates });
+    }
+  }
+  out.rows.sort((x, y) => y.seconds - x.seconds || y.execs - x.execs);
+  return out;
+}
+
 // ------------------------------------------------------------ main
 
 async function main(): Promise<number> {
@@ -708,8 +768,13 @@ async function main(): Promise<number> {
   const lag0 = LAG_SAMPLES ? await lagPhase(w, "a", pinger, 1) : undefined;
 
   // ---- 2. at VMS VMs
-  progress(`growing the host to ${VMS} VMs through CreateVm`);
+  progress(`growing the host to ${VMS} VMs through CreateVm (each daemon's /metrics scraped before and after, for its execs)`);
+  const execDaemons: Record<string, Daemon> = { vmm: vmmd, ipam: h.ipamDaemon, netagent: hv.daemon, firewall: fwd, gateway: gwd };
+  const exec0 = await scrapeAll(execDaemons);
+  const grown0 = bg.length;
   await grow(VMS, growDeadline);
+  const execs = execCounts(exec0, await scrapeAll(execDaemons), bg.length - grown0);
+  progress(execs.present ? `  ${num(execs.rows.reduce((a, r) => a + r.execs, 0))} execs per CreateVm over ${execs.creates} creates` : "  exec counts: n/a (no microvpc_exec_total on /metrics)");
   const loaded = await measurePass(w, "n", VMS);
   progress(`  create p50 ${fms(lat(loaded.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(loaded.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(loaded.vmm.map((x) => x.deleteMs)).p50)}`);
   const lagN = LAG_SAMPLES ? await lagPhase(w, "b", pinger, VMS) : undefined;
@@ -907,6 +972,23 @@ async function main(): Promise<number> {
       .join(", ") || "none";
   p(`Firewall sync passes during the measured pairs (compile + nft apply, its own timer): ${stepPasses.map(({ label, p: x }) => `at ${label} VMs: ${fwLine(x)} for ${2 * x.vmm.length} pairs`).join("; ")}.`);
 
+  p(heading("3b. Execs per CreateVm, by daemon and command (microvpc_exec_total / microvpc_exec_duration_seconds on each daemon's /metrics)"));
+  if (!execs.present) p("exec counts: n/a (no microvpc_exec_total on /metrics)");
+  else if (execs.creates === 0) p("exec counts: n/a (no CreateVm between the scrapes)");
+  else {
+    p(`Scraped before and after the ${execs.creates} sequential CreateVm calls that grew the host to ${VMS} VMs (nothing else ran): per CreateVm,`);
+    p(`the execs each daemon ran and their summed wall seconds. Includes what the creates set off in the background (the firewall's sync`);
+    p(`passes) and the netagent's periodic reconcile if one fell in the window; the last create's async apply may fall after it.`);
+    const tot = { execs: execs.rows.reduce((a, r) => a + r.execs, 0), seconds: execs.rows.reduce((a, r) => a + r.seconds, 0) };
+    p(
+      table(
+        ["daemon", "command", "execs / CreateVm", "exec ms / CreateVm"],
+        [...execs.rows.map((r) => [r.daemon, r.command, num(r.execs), num(r.seconds * 1000)]), ["all", "", num(tot.execs), num(tot.seconds * 1000)]],
+      ),
+    );
+  }
+  if (execs.unreadable.length) p(`(/metrics unreadable on: ${execs.unreadable.join(", ")})`);
+
   if (lag0 && lagN) {
     p(heading("4. After CreateVm returns: firewall enforcement and first packet from a peer"));
     p(`BindNic only writes Redis; the host's firewall loop applies it afterwards. Until the address is in the nft verdict map nic_in, the`);
@@ -969,7 +1051,7 @@ async function main(): Promise<number> {
       `root namespace ${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged (links, addresses, routes, sysctls, nft ruleset)"}.`,
   );
 
-  const file = join(HERE, "results", `vm-${stamp()}.json`);
+  const file = resultsFile("vm");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));
@@ -982,6 +1064,7 @@ async function main(): Promise<number> {
       passes.map(({ label, p: x }) => [label, { create: cr(x), delete: dl(x), rawCreate: rcr(x), rawDelete: rdl(x), createOverhead: lat(x.createOverheadMs), deleteOverhead: lat(x.deleteOverheadMs) }]),
     ),
     growMs,
+    execs,
     shrink,
     profile,
     lag: { at1: lag0, atN: lagN },
