@@ -35,7 +35,9 @@
 // Options (after `npm run bench:firewall --`): --rounds N (apply rounds per
 // size, default 7), --toggles N (membership changes per size, default 20),
 // --daemon-toggles N (per rule count through the daemons, default 10),
-// --iperf-seconds S (default 3), --iperf-runs N (default 5).
+// --iperf-seconds S (default 3), --iperf-runs N (default 5). --smoke: 1 round,
+// 2 toggles, groups of 10 / 100 / 1 000 rules (1 000 through the daemons),
+// 1 traffic round of 1 s (bench/lib/run.ts).
 import { execFileSync } from "node:child_process";
 import { loadavg } from "node:os";
 import { dirname, join } from "node:path";
@@ -513,7 +515,10 @@ async function timedApply(fw0: FwClient, metricsPort: number, change: () => Prom
   return { e2eMs, apiMs, daemonMs, kind, passMs };
 }
 
-const PING_COUNT = 200;
+const PING_COUNT = pick(200, 20);
+/** ms of new TCP connections per traffic run (the warm-up round: CONNECT_WARM_MS). */
+const CONNECT_MS = pick(1500, 300);
+const CONNECT_WARM_MS = pick(500, 200);
 
 async function pingRtt(ns: string, addr: string): Promise<{ p50: number; p99: number; mean: number; lost: number }> {
   const r = await nsExec(ns, "ping", ["-n", "-c", String(PING_COUNT), "-i", "0.005", "-W", "1", "-w", "10", addr], { check: false, timeoutMs: 20_000 });
@@ -678,7 +683,7 @@ async function main(): Promise<number> {
   }
 
   // ---- 3b. traffic with and without the extra rules
-  progress(`part 3b: traffic snd → rcv, ${IPERF_RUNS} rounds (iperf3 ${IPERF_S} s, ${PING_COUNT} pings, 1.5 s of connects), ${smallCount} vs ${BIG} rules`);
+  progress(`part 3b: traffic snd → rcv, ${IPERF_RUNS} rounds (iperf3 ${IPERF_S} s, ${PING_COUNT} pings, ${CONNECT_MS / 1000} s of connects), ${smallCount} vs ${BIG} rules`);
   const cases: BenchCase<TrafficRun>[] = (["small", "big"] as const).map((name) => ({
     name,
     async run(round, warm) {
@@ -687,7 +692,7 @@ async function main(): Promise<number> {
       const tput = await iperf3WithCpu(a.ns, b.ns, b.address, { seconds: warm ? 1 : IPERF_S });
       const pressure = pw();
       const ping = await pingRtt(a.ns, b.address);
-      const connects = await connectRate(a.ns, b.address, 5301, warm ? 500 : 1500);
+      const connects = await connectRate(a.ns, b.address, 5301, warm ? CONNECT_WARM_MS : CONNECT_MS);
       if (!warm) progress(`  round ${round + 1}: ${name === "big" ? BIG : smallCount} rules: ${num(tput.gbps)} Gbit/s (pressure ${pct(pressure)}), ping p50 ${num(ping.p50, 3)} ms, ${num(connects.perSec, 0)} connects/s`);
       return { tput, pressure, ping, connects };
     },

@@ -42,6 +42,7 @@
 // --iperf-seconds S (default 3), --joins N (joins per size, default 3),
 // --sizes 3,10,30, --no-throughput, --no-convergence, --diagnostics
 // noBrnf,rps,vmGro (which diagnostic throughput cases to add; "" for none).
+// --smoke: 1 round of 1 s, sizes 3,4, 1 join each (bench/lib/run.ts).
 import { generateKeyPairSync } from "node:crypto";
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -49,7 +50,6 @@ import { availableParallelism, loadavg } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { Redis } from "ioredis";
 import { wgName } from "../services/netagent/overlay.js";
 import { Harness, type Vm } from "../test/lib/harness.js";
@@ -58,11 +58,12 @@ import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { pressureWindow } from "./lib/psi.js";
 import { heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchArgs, benchClock, intOpt } from "./lib/run.js";
 import { interleaved, spread, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
-const { values: opt } = parseArgs({
-  options: {
+const opt = benchArgs(
+  {
     "iperf-runs": { type: "string", default: "5" },
     "iperf-seconds": { type: "string", default: "3" },
     joins: { type: "string", default: "3" },
@@ -72,13 +73,9 @@ const { values: opt } = parseArgs({
     /** Diagnostic throughput cases to run beside raw and overlay (default all): noBrnf,rps,vmGro. */
     diagnostics: { type: "string", default: "noBrnf,rps,vmGro" },
   },
-});
+  { "iperf-runs": "1", "iperf-seconds": "1", joins: "1", sizes: "3,4" },
+);
 const DIAG = new Set((opt.diagnostics ?? "").split(",").filter(Boolean));
-const intOpt = (name: string, v: string | undefined, min: number, max: number): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} ${v}: expected an integer in ${min}–${max}`);
-  return n;
-};
 const RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 15);
 const SECS = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 20);
 const JOINS = intOpt("joins", opt.joins, 1, 10);
@@ -96,6 +93,8 @@ const p = (s = "") => {
   console.log(s);
 };
 const progress = (s: string) => console.error(`[bench:overlay] ${s}`);
+// The time limit of a smoke run (a full run keeps none, as before).
+benchClock();
 
 interface TputRun extends IperfCpuResult {
   /** CPU of the two wireguard-go processes of the path, ms per GB received. */
