@@ -42,7 +42,8 @@
 // --iperf-seconds S (default 3), --joins N (joins per size, default 3),
 // --sizes 3,10,30, --no-throughput, --no-convergence, --diagnostics
 // noBrnf,rps,vmGro (which diagnostic throughput cases to add; "" for none).
-// --smoke: 1 round of 1 s, sizes 3,4, 1 join each (bench/lib/run.ts).
+// --smoke: 1 round of 1 s, the noBrnf diagnostic only, size 3, 1 join
+// (bench/lib/run.ts).
 import { generateKeyPairSync } from "node:crypto";
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -73,7 +74,7 @@ const opt = benchArgs(
     /** Diagnostic throughput cases to run beside raw and overlay (default all): noBrnf,rps,vmGro. */
     diagnostics: { type: "string", default: "noBrnf,rps,vmGro" },
   },
-  { "iperf-runs": "1", "iperf-seconds": "1", joins: "1", sizes: "3,4" },
+  { "iperf-runs": "1", "iperf-seconds": "1", joins: "1", sizes: "3", diagnostics: "noBrnf" },
 );
 const DIAG = new Set((opt.diagnostics ?? "").split(",").filter(Boolean));
 const RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 15);

@@ -22,7 +22,7 @@
 // after 3 s); only 127.0.0.1 is used; no namespaces. About 1 minute.
 //
 // Options (after `npm run bench:startup --`): --rounds N (default 7),
-// --services ipam,vmm. --smoke: 1 round (bench/lib/run.ts).
+// --services ipam,vmm. --smoke: 1 round, no warm-up (bench/lib/run.ts).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync } from "node:fs";
 import http2 from "node:http2";
@@ -33,11 +33,13 @@ import { ROOT } from "../test/lib/daemon.js";
 import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
 import { machineEnv } from "./lib/cpu.js";
 import { heading, num, resultsFile, spr, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
+import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, spread, type BenchCase, type Spread } from "./lib/stats.js";
 
 const opt = benchArgs({ rounds: { type: "string", default: "7" }, services: { type: "string", default: "ipam,vmm" } }, { rounds: "1" });
 const ROUNDS = intOpt("rounds", opt.rounds, 3, 30);
+/** Warm-up rounds (a smoke run has none: its tsx figures then include filling the transform cache). */
+const WARMUP = pick(1, 0);
 const SERVICES = String(opt.services)
   .split(",")
   .filter(Boolean)
@@ -198,7 +200,7 @@ async function main(): Promise<number> {
   try {
     const cases: BenchCase<Start>[] = [{ name: "bare", run: () => startOnce("bare", "", redis!) }];
     for (const service of SERVICES) for (const v of ["compiled", "tsx"] as const) cases.push({ name: `${service} ${v}`, run: () => startOnce(v, service, redis!) });
-    progress(`${cases.length} cases (${cases.map((c) => c.name).join(", ")}), 1 warm-up + ${ROUNDS} interleaved rounds`);
+    progress(`${cases.length} cases (${cases.map((c) => c.name).join(", ")}), ${WARMUP} warm-up + ${ROUNDS} interleaved rounds`);
     const res = await interleaved(
       cases.map((c) => ({
         name: c.name,
@@ -208,7 +210,7 @@ async function main(): Promise<number> {
           return r;
         },
       })),
-      { rounds: ROUNDS, warmupRounds: 1, minRounds: ROUNDS },
+      { rounds: ROUNDS, warmupRounds: WARMUP, minRounds: ROUNDS },
     );
     const loadAtEnd = loadavg().map((x) => Number(x.toFixed(2)));
     const sum = Object.fromEntries(
@@ -223,7 +225,7 @@ async function main(): Promise<number> {
     p(heading("microvpc daemon start-up benchmark"));
     p(`${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`);
     p(`From spawn() to the first Health/Check answering SERVING (polled every ${POLL_MS} ms); CPU = utime+stime of the process until then`);
-    p(`(/proc/PID/stat, 10 ms ticks); RSS / peak RSS at that moment. median (min–max) of ${ROUNDS} interleaved rounds after 1 warm-up.`);
+    p(`(/proc/PID/stat, 10 ms ticks); RSS / peak RSS at that moment. median (min–max) of ${ROUNDS} interleaved rounds after ${WARMUP} warm-up.`);
     p(`compiled: node bin/microvpcd.js SERVICE (dist/, esbuild); tsx: node --import tsx cli/microvpcd.ts SERVICE (warm tsx cache);`);
     p(`bare: node -e with a node:http2 server answering the same Check (the floor: Node's own start-up and a listening socket).`);
     p(
