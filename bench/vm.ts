@@ -54,7 +54,7 @@
 // (creates per level whose firewall enforcement is timed, default 10),
 // --profile (run the vmm under node --cpu-prof and print where its CPU went;
 // the profiler's own cost lands in the vmm's figures, so not for the verdict).
-// --smoke: 2 samples, 4 VMs, 1 lag sample, 1 warm-up, within 80 s: that the
+// --smoke: 2 samples, 4 VMs, 1 lag sample, 1 warm-up, within 90 s: that the
 // bench still runs to its end (bench/lib/run.ts), not figures. Only kind=NETNS
 // VMs are made: nothing here starts QEMU.
 import { execFileSync } from "node:child_process";
@@ -81,7 +81,7 @@ import { startProfiledDaemon } from "./lib/profiled-daemon.js";
 import { scrape, sum, type Samples } from "./lib/prom.js";
 import { psiCpuUs } from "./lib/psi.js";
 import { check, heading, num, pct, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
+import { SMOKE_LIMIT_MS, benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -103,7 +103,7 @@ const PROFILE = !!opt.profile;
 const SHRINK_CONCURRENCY = 4;
 const WARMUP = pick(3, 1);
 /** Hard stop for the whole run: past it, cleanup runs and the process exits. */
-const HARD_LIMIT_MS = pick(295_000, 80_000);
+const HARD_LIMIT_MS = pick(295_000, SMOKE_LIMIT_MS);
 /** A pass stops taking rounds after this (and says so in the report: fewer samples than asked). */
 const PASS_LIMIT_MS = 75_000;
 /** Making the background VMs must finish within this… */
