@@ -79,6 +79,8 @@ const TOGGLES = intOpt("toggles", opt.toggles, 4, 200);
 const DAEMON_TOGGLES = intOpt("daemon-toggles", opt["daemon-toggles"], 2, 50);
 const IPERF_S = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 30);
 const IPERF_RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 10);
+/** Warm-up rounds of the traffic cases (a smoke run has none: each costs a whole iperf3 run per case). */
+const TRAFFIC_WARMUP = pick(1, 0);
 /** Group sizes of parts 1 and 2 (a smoke run: a tenth of them; the top one still past diff()'s cut-off in the bulk change). */
 const SIZES = pick([10, 1000, 10_000], [10, 100, 1000]);
 const [LO, MID, TOP] = SIZES;
@@ -697,7 +699,7 @@ async function main(): Promise<number> {
       return { tput, pressure, ping, connects };
     },
   }));
-  const runs = await interleaved(cases, { rounds: IPERF_RUNS, warmupRounds: 1, minRounds: IPERF_RUNS });
+  const runs = await interleaved(cases, { rounds: IPERF_RUNS, warmupRounds: TRAFFIC_WARMUP, minRounds: IPERF_RUNS });
   // rcv's counters before the switch back: that one replaces the table, and the counters with it.
   const status = await fw0.getFirewallStatus({ nicIds: [b.nicId] });
   await setBig(false);

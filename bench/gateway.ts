@@ -99,6 +99,8 @@ const opt = benchArgs(
 );
 const IPERF_S = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 30);
 const IPERF_RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 10);
+/** Warm-up rounds of the iperf3 and unthrottled IMDS cases (a smoke run has none: each costs a run per case). */
+const TRAFFIC_WARMUP = pick(1, 0);
 const IMDS_S = intOpt("imds-seconds", opt["imds-seconds"], 1, 10);
 const IMDS_ROUNDS = intOpt("imds-rounds", opt["imds-rounds"], 1, 10);
 const IMDS_VMS = intOpt("imds-vms", opt["imds-vms"], 2, 40);
@@ -619,7 +621,7 @@ async function main(): Promise<number> {
   if (!natOk || seen.direct !== dirVm.address || !imdsOk) throw new Error("the paths are not up (see above)");
 
   // ---- 1. throughput
-  progress(`part 1: iperf3 to the internet, 3 paths × ${IPERF_RUNS} rounds × ${IPERF_S} s (+1 warm-up round)`);
+  progress(`part 1: iperf3 to the internet, 3 paths × ${IPERF_RUNS} rounds × ${IPERF_S} s (+${TRAFFIC_WARMUP} warm-up round)`);
   const paths = [
     { name: "nat", label: "VM, private subnet → NAT gateway → uplink (2× masquerade)", client: natVm.ns },
     { name: "direct", label: "VM, VPC namespace routing without NAT (hypervisor 1, no gateway)", client: dirVm.ns },
@@ -636,7 +638,7 @@ async function main(): Promise<number> {
         return { ...r, pressure };
       },
     })),
-    { rounds: IPERF_RUNS, warmupRounds: 1, minRounds: IPERF_RUNS },
+    { rounds: IPERF_RUNS, warmupRounds: TRAFFIC_WARMUP, minRounds: IPERF_RUNS },
   );
 
   // ---- 2. IMDS
@@ -698,7 +700,7 @@ async function main(): Promise<number> {
         },
       })),
     ),
-    { rounds: IMDS_ROUNDS, warmupRounds: 1, minRounds: IMDS_ROUNDS },
+    { rounds: IMDS_ROUNDS, warmupRounds: TRAFFIC_WARMUP, minRounds: IMDS_ROUNDS },
   );
   for (const a of agents) a.child.stdin!.write(JSON.stringify({ exit: true }) + "\n");
   {

@@ -103,6 +103,8 @@ const SAMPLES = intOpt("samples", opt.samples, 10, 200);
 const WARMUP = pick(3, 1);
 const IPERF_S = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 30);
 const IPERF_RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 10);
+/** Warm-up rounds of the traffic cases (a smoke run has none: each costs a whole iperf3 run per case). */
+const TRAFFIC_WARMUP = pick(1, 0);
 const LEVELS = (opt.levels ?? "")
   .split(",")
   .map((x) => intOpt("levels", x, 1, 900))
@@ -681,7 +683,7 @@ async function main(): Promise<number> {
   const unreachable = !(await canPing(tvm.a, "10.99.0.2", { count: 1, deadlineS: 1 }));
   const bad = Object.entries(reach).filter(([, ok]) => !ok);
   if (bad.length) throw new Error(`no ping for ${bad.map(([n]) => n).join(", ")}: the paths are not up`);
-  progress(`iperf3: ${cases.length} paths × ${IPERF_RUNS} runs × ${IPERF_S} s, interleaved (+1 warm-up round of 1 s)`);
+  progress(`iperf3: ${cases.length} paths × ${IPERF_RUNS} runs × ${IPERF_S} s, interleaved (+${TRAFFIC_WARMUP} warm-up round of 1 s)`);
   const benchCases: BenchCase<TputRun>[] = cases.map((c) => ({
     name: c.name,
     async run(round, warmup) {
@@ -706,7 +708,7 @@ async function main(): Promise<number> {
       }
     },
   }));
-  const tputRuns = await interleaved(benchCases, { rounds: IPERF_RUNS, warmupRounds: 1, minRounds: IPERF_RUNS });
+  const tputRuns = await interleaved(benchCases, { rounds: IPERF_RUNS, warmupRounds: TRAFFIC_WARMUP, minRounds: IPERF_RUNS });
   const brnfAfter = await readBrnf(w.vpcNs);
   const tput: Record<string, { label: string; gbps: Spread; retransmits: number[]; runs: TputRun[]; pairedVsRaw: Spread; pressure: Spread; cpuMsPerGB: Spread }> = {};
   const rawRuns = tputRuns.get("raw")!;

@@ -59,7 +59,7 @@ import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { pressureWindow } from "./lib/psi.js";
 import { heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchArgs, benchClock, intOpt } from "./lib/run.js";
+import { benchArgs, benchClock, intOpt, pick } from "./lib/run.js";
 import { interleaved, spread, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -78,6 +78,8 @@ const opt = benchArgs(
 );
 const DIAG = new Set((opt.diagnostics ?? "").split(",").filter(Boolean));
 const RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 15);
+/** Warm-up rounds of the traffic cases (a smoke run has none: each costs a whole iperf3 run per case). */
+const TRAFFIC_WARMUP = pick(1, 0);
 const SECS = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 20);
 const JOINS = intOpt("joins", opt.joins, 1, 10);
 const SIZES = (opt.sizes ?? "").split(",").map((x) => intOpt("sizes", x, 3, 60));
@@ -246,7 +248,7 @@ async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay:
             ]
           : []),
       ],
-      { rounds: RUNS, warmupRounds: 1 },
+      { rounds: RUNS, warmupRounds: TRAFFIC_WARMUP },
     );
     return { raw: res.get("raw")!, overlay: res.get("overlay")!, overlayNoBrnf: res.get("overlayNoBrnf"), overlayNoRps: res.get("overlayNoRps"), overlayVmGro: res.get("overlayVmGro"), vms: [a0, a1] };
   } finally {
@@ -379,7 +381,7 @@ async function main(): Promise<number> {
   let leftovers: string[] = [];
   try {
     if (!opt["no-throughput"]) {
-      progress(`throughput: ${RUNS} interleaved rounds of ${SECS} s (raw tunnel, overlay, overlay without br_netfilter) after a warm-up round`);
+      progress(`throughput: ${RUNS} interleaved rounds of ${SECS} s (raw tunnel, overlay, overlay without br_netfilter) after ${TRAFFIC_WARMUP} warm-up round`);
       tput = await measureThroughput(h);
     }
     if (!opt["no-convergence"]) conv = await measureConvergence(h);
