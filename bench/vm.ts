@@ -78,7 +78,7 @@ import { RUN_PREFIX, canPing, listNetnsSync, nsExec, onCleanup, ownedNamespace, 
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { summarize, type ProfileSummary } from "./lib/profile.js";
 import { startProfiledDaemon } from "./lib/profiled-daemon.js";
-import { scrape, sum, type Samples } from "./lib/prom.js";
+import { execCounts, scrape, sum, type Samples } from "./lib/prom.js";
 import { psiCpuUs } from "./lib/psi.js";
 import { check, heading, num, pct, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { SMOKE_LIMIT_MS, benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
@@ -619,60 +619,9 @@ async function lagPhase(w: World, tag: string, pinger: { namespace: string }, vm
 
 // ------------------------------------------------------------ execs on the CreateVm path
 
-/** One command a daemon ran, per CreateVm: how many times and its summed exec seconds. */
-interface ExecRow {
-  daemon: string;
-  command: string;
-  execs: number;
-  seconds: number;
-}
-
-interface ExecCounts {
-  /** Whether any daemon has microvpc_exec_total on its /metrics at all. */
-  present: boolean;
-  creates: number;
-  rows: ExecRow[];
-  /** Daemons whose /metrics could not be read before or after. */
-  unreadable: string[];
-}
-
 async function scrapeAll(ds: Record<string, Daemon>): Promise<Record<string, Samples | undefined>> {
   const out: Record<string, Samples | undefined> = {};
   await Promise.all(Object.entries(ds).map(async ([name, d]) => void (out[name] = await scrape(d.metricsPort).catch(() => undefined))));
-  return out;
-}
-
-/** Per command label: Σ microvpc_exec_total and Σ microvpc_exec_duration_seconds_sum. */
-function execByCommand(s: Samples): Map<string, { n: number; s: number }> {
-  const m = new Map<string, { n: number; s: number }>();
-  for (const x of s) {
-    const k = x.name === "microvpc_exec_total" ? "n" : x.name === "microvpc_exec_duration_seconds_sum" ? "s" : undefined;
-    if (!k) continue;
-    const c = x.labels.command ?? "(no command label)";
-    const e = m.get(c) ?? { n: 0, s: 0 };
-    e[k] += x.value;
-    m.set(c, e);
-  }
-  return m;
-}
-
-/** What each daemon exec'd between two scrapes, per CreateVm. */
-function execCounts(before: Record<string, Samples | undefined>, after: Record<string, Samples | undefined>, creates: number): ExecCounts {
-  const out: ExecCounts = { present: false, creates, rows: [], unreadable: [] };
-  for (const [daemon, a] of Object.entries(after)) {
-    const b = before[daemon];
-    if (!a || !b) {
-      out.unreadable.push(daemon);
-      continue;
-    }
-    if (a.some((x) => x.name === "microvpc_exec_total")) out.present = true;
-    const b0 = execByCommand(b);
-    for (const [command, x] of execByCommand(a)) {
-      const y = b0.get(command) ?? { n: 0, s: 0 };
-      if (x.n - y.n > 0) out.rows.push({ daemon, command, execs: (x.n - y.n) / creates, seconds: (x.s - y.s) / creates });
-    }
-  }
-  out.rows.sort((x, y) => y.seconds - x.seconds || y.execs - x.execs);
   return out;
 }
 
