@@ -16,13 +16,13 @@
 // ended by PID; every loop is bounded in count and time. About 1 minute.
 //
 // Options (after `npm run bench:dns --`): --seconds S (default 3),
-// --rounds N (default 3), --concurrency C (default 16).
+// --rounds N (default 3), --concurrency C (default 16). --smoke: 1 s, 1 round,
+// 4 in flight (bench/lib/run.ts).
 import { spawn, type ChildProcess } from "node:child_process";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { DnsService } from "../gen/microvpc/v1/dns_pb.js";
 import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../services/common/client.js";
@@ -32,13 +32,15 @@ import { startDaemon } from "../test/lib/daemon.js";
 import { Harness } from "../test/lib/harness.js";
 import { nsExec, trackChild, waitFor } from "../test/lib/netns.js";
 import { Redis } from "ioredis";
-import { stamp, writeJson } from "./lib/report.js";
+import { resultsFile, writeJson } from "./lib/report.js";
+import { benchArgs, benchClock, runBench } from "./lib/run.js";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const DNS_PACKET = createRequire(import.meta.url).resolve("dns-packet");
-const { values: o } = parseArgs({
-  options: { seconds: { type: "string", default: "3" }, rounds: { type: "string", default: "3" }, concurrency: { type: "string", default: "16" } },
-});
+const o = benchArgs(
+  { seconds: { type: "string", default: "3" }, rounds: { type: "string", default: "3" }, concurrency: { type: "string", default: "16" } },
+  { seconds: "1", rounds: "1", concurrency: "4" },
+);
 const SECONDS = Math.min(Math.max(Number(o.seconds), 1), 30);
 const ROUNDS = Math.min(Math.max(Number(o.rounds), 1), 10);
 const CONC = Math.min(Math.max(Number(o.concurrency), 1), 256);
@@ -98,55 +100,66 @@ async function stopChild(c: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
-const h = await Harness.start({ hosts: 1 });
-try {
-  const hv = h.hosts[0];
-  const gwd = await startDaemon("gateway", ["--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0", "--imds-redis", h.redis.socket]);
-  trackChild(gwd.proc);
-  const dns = grpcClient(DnsService, { address: h.ipamDaemon.address });
-  const vpc = await h.vpc("bench", "10.0.0.0/16");
-  const subnet = await h.subnet(vpc, "s", "10.0.1.0/24", SubnetType.PUBLIC);
-  const vm = await h.vm(0, vpc, subnet, "client");
-  await dns.setDnsRecord({ vpc: "bench", name: "target", address: "10.0.1.99", owner: "bench" });
-  const name = "target.bench.internal";
-  const resolver = "10.0.0.2";
-  const up = await waitFor(async () => (await nsExec(vm.ns, "busybox", ["nslookup", name, resolver], { check: false, timeoutMs: 5000 })).stdout.includes("10.0.1.99"), {
-    timeoutMs: 20_000,
-    intervalMs: 250,
-  });
-  if (!up) throw new Error("the gateway's resolver does not answer");
-  const daemon = await load(vm.ns, resolver, name);
-  await gwd.stop();
-  const r = new Redis(h.redis.url);
-  const k = (await new GatewayStore(r).transitMap(hv.id)).get(vpc.id)!;
-  r.disconnect();
-  const transit = transitAddrs(k).host;
-  const rounds: { resolver: Result; bare: Result }[] = [];
-  for (let i = 0; i < ROUNDS; i++) {
-    const res: Partial<{ resolver: Result; bare: Result }> = {};
-    for (const mode of i % 2 === 0 ? (["resolver", "bare"] as const) : (["bare", "resolver"] as const)) {
-      const c = await helper(hv.ns, mode, h.redis.socket, hv.id, transit);
-      try {
-        res[mode] = await load(vm.ns, resolver, name);
-      } finally {
-        await stopChild(c);
+/** Hard stop: past it, the harness's exit handlers end the processes and remove the namespaces. */
+const { progress } = benchClock(120_000);
+
+async function main(): Promise<number> {
+  progress("starting the harness (redis, ipam, netagent, host namespaces) and microvpcd gateway");
+  const h = await Harness.start({ hosts: 1 });
+  let left: string[] = [];
+  try {
+    const hv = h.hosts[0];
+    const gwd = await startDaemon("gateway", ["--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0", "--imds-redis", h.redis.socket]);
+    trackChild(gwd.proc);
+    const dns = grpcClient(DnsService, { address: h.ipamDaemon.address });
+    const vpc = await h.vpc("bench", "10.0.0.0/16");
+    const subnet = await h.subnet(vpc, "s", "10.0.1.0/24", SubnetType.PUBLIC);
+    const vm = await h.vm(0, vpc, subnet, "client");
+    await dns.setDnsRecord({ vpc: "bench", name: "target", address: "10.0.1.99", owner: "bench" });
+    const name = "target.bench.internal";
+    const resolver = "10.0.0.2";
+    const up = await waitFor(async () => (await nsExec(vm.ns, "busybox", ["nslookup", name, resolver], { check: false, timeoutMs: 5000 })).stdout.includes("10.0.1.99"), {
+      timeoutMs: 20_000,
+      intervalMs: 250,
+    });
+    if (!up) throw new Error("the gateway's resolver does not answer");
+    const daemon = await load(vm.ns, resolver, name);
+    await gwd.stop();
+    const r = new Redis(h.redis.url);
+    const k = (await new GatewayStore(r).transitMap(hv.id)).get(vpc.id)!;
+    r.disconnect();
+    const transit = transitAddrs(k).host;
+    const rounds: { resolver: Result; bare: Result }[] = [];
+    for (let i = 0; i < ROUNDS; i++) {
+      const res: Partial<{ resolver: Result; bare: Result }> = {};
+      for (const mode of i % 2 === 0 ? (["resolver", "bare"] as const) : (["bare", "resolver"] as const)) {
+        const c = await helper(hv.ns, mode, h.redis.socket, hv.id, transit);
+        try {
+          res[mode] = await load(vm.ns, resolver, name);
+        } finally {
+          await stopChild(c);
+        }
       }
+      rounds.push(res as { resolver: Result; bare: Result });
     }
-    rounds.push(res as { resolver: Result; bare: Result });
+    const row = (label: string, xs: Result[]) =>
+      `${label.padEnd(44)} ${String(Math.round(median(xs.map((x) => x.qps)))).padStart(8)} q/s   p50 ${String(Math.round(median(xs.map((x) => x.p50us)))).padStart(6)} µs   p99 ${String(Math.round(median(xs.map((x) => x.p99us)))).padStart(7)} µs   lost ${xs.reduce((a, x) => a + x.lost, 0)}`;
+    console.log(`VPC resolver, one VM, ${CONC} queries in flight, ${SECONDS} s per run, medians of ${ROUNDS} interleaved rounds (node ${process.version})`);
+    console.log(row("gateway daemon (limit 200 q/s, burst 400)", [daemon]));
+    console.log(row("resolver code, limit raised", rounds.map((x) => x.resolver)));
+    console.log(row("bare dns-packet server, same path", rounds.map((x) => x.bare)));
+    const ratio = median(rounds.map((x) => x.resolver.qps / x.bare.qps));
+    console.log(`resolver / bare: ${(ratio * 100).toFixed(0)} % (median of per-round ratios)`);
+    const file = resultsFile("dns");
+    writeJson(file, { seconds: SECONDS, rounds: ROUNDS, concurrency: CONC, node: process.version, daemon, rounds_: rounds, ratio });
+    console.log(`figures written to ${file}`);
+    const changed = await h.rootChanges();
+    if (changed.length) throw new Error(`root namespace changed: ${changed.join("; ")}`);
+  } finally {
+    left = await h.close();
   }
-  const row = (label: string, xs: Result[]) =>
-    `${label.padEnd(44)} ${String(Math.round(median(xs.map((x) => x.qps)))).padStart(8)} q/s   p50 ${String(Math.round(median(xs.map((x) => x.p50us)))).padStart(6)} µs   p99 ${String(Math.round(median(xs.map((x) => x.p99us)))).padStart(7)} µs   lost ${xs.reduce((a, x) => a + x.lost, 0)}`;
-  console.log(`VPC resolver, one VM, ${CONC} queries in flight, ${SECONDS} s per run, medians of ${ROUNDS} interleaved rounds (node ${process.version})`);
-  console.log(row("gateway daemon (limit 200 q/s, burst 400)", [daemon]));
-  console.log(row("resolver code, limit raised", rounds.map((x) => x.resolver)));
-  console.log(row("bare dns-packet server, same path", rounds.map((x) => x.bare)));
-  const ratio = median(rounds.map((x) => x.resolver.qps / x.bare.qps));
-  console.log(`resolver / bare: ${(ratio * 100).toFixed(0)} % (median of per-round ratios)`);
-  const file = join(ROOT, "bench", "results", `dns-${stamp()}.json`);
-  writeJson(file, { seconds: SECONDS, rounds: ROUNDS, concurrency: CONC, node: process.version, daemon, rounds_: rounds, ratio });
-  console.log(`figures written to ${file}`);
-  const changed = await h.rootChanges();
-  if (changed.length) throw new Error(`root namespace changed: ${changed.join("; ")}`);
-} finally {
-  await h.close();
+  if (left.length) console.error(`namespaces of the run left: ${left.join(", ")}`);
+  return left.length ? 2 : 0;
 }
+
+runBench(main);

@@ -44,7 +44,8 @@
 // Options (after `npm run bench:gateway --`): --iperf-seconds S (default 2),
 // --iperf-runs N (default 5), --imds-seconds S (default 3), --imds-rounds N
 // (default 3), --imds-vms N (default 20), --fip-levels 0,100,1000,
-// --fip-samples N (per level, default 5).
+// --fip-samples N (per level, default 5). --smoke: 1 round of 1 s each, IMDS in 2 VMs,
+// FIP levels 0,3 with 1 sample (bench/lib/run.ts).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
 import { loadavg } from "node:os";
@@ -52,7 +53,6 @@ import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { GatewayService } from "../gen/microvpc/v1/gateway_pb.js";
 import { NicKind } from "../gen/microvpc/v1/netagent_pb.js";
 import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
@@ -79,14 +79,14 @@ import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
-import { check, heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchClock, runBench } from "./lib/run.js";
+import { check, heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 
-const { values: opt } = parseArgs({
-  options: {
+const opt = benchArgs(
+  {
     "iperf-seconds": { type: "string", default: "2" },
     "iperf-runs": { type: "string", default: "5" },
     "imds-seconds": { type: "string", default: "3" },
@@ -95,23 +95,21 @@ const { values: opt } = parseArgs({
     "fip-levels": { type: "string", default: "0,100,1000" },
     "fip-samples": { type: "string", default: "5" },
   },
-});
-const intOpt = (name: string, v: string | undefined, min: number, max: number): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} ${v}: expected an integer in ${min}–${max}`);
-  return n;
-};
+  { "iperf-seconds": "1", "iperf-runs": "1", "imds-seconds": "1", "imds-rounds": "1", "imds-vms": "2", "fip-levels": "0,3", "fip-samples": "1" },
+);
 const IPERF_S = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 30);
 const IPERF_RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 10);
+/** Warm-up rounds of the iperf3 and unthrottled IMDS cases (a smoke run has none: each costs a run per case). */
+const TRAFFIC_WARMUP = pick(1, 0);
 const IMDS_S = intOpt("imds-seconds", opt["imds-seconds"], 1, 10);
 const IMDS_ROUNDS = intOpt("imds-rounds", opt["imds-rounds"], 1, 10);
 const IMDS_VMS = intOpt("imds-vms", opt["imds-vms"], 2, 40);
 const FIP_LEVELS = [...new Set((opt["fip-levels"] ?? "").split(",").map((x) => intOpt("fip-levels", x, 0, 1500)))].sort((a, b) => a - b);
 const FIP_SAMPLES = intOpt("fip-samples", opt["fip-samples"], 1, 20);
 /** On-link (proxy ARP) samples at the lowest and the highest level. */
-const ONLINK_SAMPLES = 2;
+const ONLINK_SAMPLES = pick(2, 1);
 /** Pairs of associations 40 ms apart, at the lowest level. */
-const BACK_TO_BACK = 3;
+const BACK_TO_BACK = pick(3, 1);
 
 /** The floating IP pool: 2 046 addresses, routed by the internet namespace to the hypervisor. */
 const POOL = "198.18.0.0/21";
@@ -623,7 +621,7 @@ async function main(): Promise<number> {
   if (!natOk || seen.direct !== dirVm.address || !imdsOk) throw new Error("the paths are not up (see above)");
 
   // ---- 1. throughput
-  progress(`part 1: iperf3 to the internet, 3 paths × ${IPERF_RUNS} rounds × ${IPERF_S} s (+1 warm-up round)`);
+  progress(`part 1: iperf3 to the internet, 3 paths × ${IPERF_RUNS} rounds × ${IPERF_S} s (+${TRAFFIC_WARMUP} warm-up round)`);
   const paths = [
     { name: "nat", label: "VM, private subnet → NAT gateway → uplink (2× masquerade)", client: natVm.ns },
     { name: "direct", label: "VM, VPC namespace routing without NAT (hypervisor 1, no gateway)", client: dirVm.ns },
@@ -640,7 +638,7 @@ async function main(): Promise<number> {
         return { ...r, pressure };
       },
     })),
-    { rounds: IPERF_RUNS, warmupRounds: 1, minRounds: IPERF_RUNS },
+    { rounds: IPERF_RUNS, warmupRounds: TRAFFIC_WARMUP, minRounds: IPERF_RUNS },
   );
 
   // ---- 2. IMDS
@@ -702,7 +700,7 @@ async function main(): Promise<number> {
         },
       })),
     ),
-    { rounds: IMDS_ROUNDS, warmupRounds: 1, minRounds: IMDS_ROUNDS },
+    { rounds: IMDS_ROUNDS, warmupRounds: TRAFFIC_WARMUP, minRounds: IMDS_ROUNDS },
   );
   for (const a of agents) a.child.stdin!.write(JSON.stringify({ exit: true }) + "\n");
   {
@@ -1019,7 +1017,7 @@ async function main(): Promise<number> {
     `Cleanup: ${leftovers.length} namespaces of run ${P} left${leftovers.length ? ` (${leftovers.slice(0, 5).join(", ")})` : ""}; root namespace ` +
       `${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged (links, addresses, routes, sysctls, nft ruleset)"}.`,
   );
-  const file = join(HERE, "results", `gateway-${stamp()}.json`);
+  const file = resultsFile("gateway");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));

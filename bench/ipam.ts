@@ -26,13 +26,13 @@
 // --run-ms MS (per throughput run, default 1000), --pairs N (per latency run,
 // default 2000), --skip-cpu-only, --profile (CPU-profile microvpcd during the
 // measured runs and print where its time went; slows it down).
+// --smoke: 1 round of 100 ms per case, 10 pairs, small warm-ups (bench/lib/run.ts).
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import type { Client } from "@connectrpc/connect";
 import type { Redis } from "ioredis";
 import { IpamService } from "../gen/microvpc/v1/ipam_pb.js";
@@ -49,38 +49,34 @@ import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
 import { cpuDelta, machineEnv, cpuSnapshot } from "./lib/cpu.js";
 import { closedLoop } from "./lib/load.js";
 import { summarize } from "./lib/profile.js";
-import { check, dur, heading, num, pct, ratio, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchClock, runBench } from "./lib/run.js";
+import { check, dur, heading, num, pct, ratio, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, median, percentile, sorted, spread, spreadOf, type BenchCase, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 
-const { values: opt } = parseArgs({
-  options: {
+const opt = benchArgs(
+  {
     runs: { type: "string", default: "5" },
     "run-ms": { type: "string", default: "1000" },
     pairs: { type: "string", default: "2000" },
     "skip-cpu-only": { type: "boolean", default: false },
     profile: { type: "boolean", default: false },
   },
-});
+  { runs: "1", "run-ms": "100", pairs: "10" },
+);
 
-const intOpt = (name: string, v: string | undefined, min: number): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min) throw new Error(`--${name} ${v}: expected an integer ≥ ${min}`);
-  return n;
-};
 const RUNS = intOpt("runs", opt.runs, 5);
 const RUN_MS = intOpt("run-ms", opt["run-ms"], 100);
-const WARM_MS = Math.max(300, RUN_MS / 2);
+const WARM_MS = pick(Math.max(300, RUN_MS / 2), 100);
 /** A /16 has 65 531 usable addresses: a throughput run never fills its subnet. */
 const MAX_OPS = 60_000;
 const CONCURRENCY = [1, 16, 64];
 const RB_CLIENTS = 50;
-const WARM_CALLS = 4_000;
-const RB_REQUESTS = 20_000;
+const WARM_CALLS = pick(4_000, 200);
+const RB_REQUESTS = pick(20_000, 1_000);
 const PAIRS = intOpt("pairs", opt.pairs, 10);
-const PAIR_WARM = 200;
+const PAIR_WARM = pick(200, 10);
 const PAIR_MAX_MS = 2_500;
 /** Soft budget: optional passes are skipped once past it (the brief: < ~4 min). */
 const BUDGET_MS = 200_000;
@@ -106,6 +102,13 @@ async function cleanup(): Promise<void> {
   await daemon?.stop().catch(() => {});
   await redis?.stop().catch(() => {});
 }
+
+// Past the time budget (benchClock exits) or on any other exit before
+// cleanup() ran: end every process of the run by PID, synchronously.
+process.on("exit", () => {
+  if (cleaned) return;
+  for (const c of [benchChild, floorProc, daemon?.proc, redis?.proc]) if (c && c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
+});
 
 process.on("SIGINT", () => {
   progress("interrupted; stopping redis-server and microvpcd");
@@ -821,7 +824,7 @@ async function measureAndReport(): Promise<number> {
     } else p("(--profile: no .cpuprofile was written by the daemon)");
   }
 
-  const file = join(HERE, "results", `ipam-${stamp()}.json`);
+  const file = resultsFile("ipam");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));

@@ -45,6 +45,9 @@
 // back down to 10 through the API, at 10 again: the machine's load drifts by
 // the minute, and the 10-NIC figure used for the 500-vs-10 ratio pools both
 // passes so that the drift falls on both sides of the comparison.
+//
+// --smoke: levels 1,3, 2 pairs each, 1 iperf3 round of 1 s, no retries
+// (bench/lib/run.ts).
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync } from "node:fs";
@@ -52,7 +55,6 @@ import { loadavg } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import type { Client } from "@connectrpc/connect";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { NetAgentService, NicKind } from "../gen/microvpc/v1/netagent_pb.js";
@@ -81,42 +83,40 @@ import {
 import { startRedis, type TestRedis } from "../test/lib/redis.js";
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
-import { check, heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchClock, runBench } from "./lib/run.js";
+import { check, heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 
-const { values: opt } = parseArgs({
-  options: {
+const opt = benchArgs(
+  {
     samples: { type: "string", default: "30" },
     "iperf-seconds": { type: "string", default: "3" },
     "iperf-runs": { type: "string", default: "5" },
     levels: { type: "string", default: "10,100,500" },
   },
-});
+  { samples: "2", "iperf-seconds": "1", "iperf-runs": "1", levels: "1,3" },
+);
 
-const intOpt = (name: string, v: string | undefined, min: number, max: number): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} ${v}: expected an integer in ${min}–${max}`);
-  return n;
-};
 const SAMPLES = intOpt("samples", opt.samples, 10, 200);
-const WARMUP = 3;
+const WARMUP = pick(3, 1);
 const IPERF_S = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 30);
 const IPERF_RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 10);
+/** Warm-up rounds of the traffic cases (a smoke run has none: each costs a whole iperf3 run per case). */
+const TRAFFIC_WARMUP = pick(1, 0);
 const LEVELS = (opt.levels ?? "")
   .split(",")
   .map((x) => intOpt("levels", x, 1, 900))
   .sort((a, b) => a - b);
 /** Timed exec samples per level for the per-exec breakdown. */
-const DIAG = 15;
+const DIAG = pick(15, 2);
 /** API samples at the top level into an empty subnet of the same VPC. */
-const EMPTY_SUBNET_SAMPLES = 15;
+const EMPTY_SUBNET_SAMPLES = pick(15, 2);
 /** Repeat an iperf3 run whose CPU pressure is above this (a neighbour took the cores)… */
 const PRESSURE_MAX = 0.4;
 /** …at most this many times… */
-const RETRIES = 2;
+const RETRIES = pick(2, 0);
 /** …and only while the run is younger than this. */
 const RETRY_UNTIL_MS = 200_000;
 /** The second pass at the first level is skipped if the run is already older than this. */
@@ -124,7 +124,7 @@ const DOWN_PASS_BEFORE_MS = 150_000;
 /** Detaching back down to the first level must finish within this. */
 const SHRINK_LIMIT_MS = 90_000;
 /** Hard stop for the whole run: past it, cleanup runs and the process exits. */
-const HARD_LIMIT_MS = 330_000;
+const HARD_LIMIT_MS = pick(330_000, 90_000);
 /** Background NICs must be made within this. */
 const GROW_LIMIT_MS = 120_000;
 /** Each level's samples must finish within this. */
@@ -683,7 +683,7 @@ async function main(): Promise<number> {
   const unreachable = !(await canPing(tvm.a, "10.99.0.2", { count: 1, deadlineS: 1 }));
   const bad = Object.entries(reach).filter(([, ok]) => !ok);
   if (bad.length) throw new Error(`no ping for ${bad.map(([n]) => n).join(", ")}: the paths are not up`);
-  progress(`iperf3: ${cases.length} paths × ${IPERF_RUNS} runs × ${IPERF_S} s, interleaved (+1 warm-up round of 1 s)`);
+  progress(`iperf3: ${cases.length} paths × ${IPERF_RUNS} runs × ${IPERF_S} s, interleaved (+${TRAFFIC_WARMUP} warm-up round of 1 s)`);
   const benchCases: BenchCase<TputRun>[] = cases.map((c) => ({
     name: c.name,
     async run(round, warmup) {
@@ -708,7 +708,7 @@ async function main(): Promise<number> {
       }
     },
   }));
-  const tputRuns = await interleaved(benchCases, { rounds: IPERF_RUNS, warmupRounds: 1, minRounds: IPERF_RUNS });
+  const tputRuns = await interleaved(benchCases, { rounds: IPERF_RUNS, warmupRounds: TRAFFIC_WARMUP, minRounds: IPERF_RUNS });
   const brnfAfter = await readBrnf(w.vpcNs);
   const tput: Record<string, { label: string; gbps: Spread; retransmits: number[]; runs: TputRun[]; pairedVsRaw: Spread; pressure: Spread; cpuMsPerGB: Spread }> = {};
   const rawRuns = tputRuns.get("raw")!;
@@ -921,7 +921,7 @@ async function main(): Promise<number> {
       `${leftovers.length ? ` (${leftovers.slice(0, 5).join(", ")})` : ""}; root namespace ${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged (links, addresses, routes, sysctls, nft ruleset)"}.`,
   );
 
-  const file = join(HERE, "results", `netagent-${stamp()}.json`);
+  const file = resultsFile("netagent");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));

@@ -42,6 +42,8 @@
 // --iperf-seconds S (default 3), --joins N (joins per size, default 3),
 // --sizes 3,10,30, --no-throughput, --no-convergence, --diagnostics
 // noBrnf,rps,vmGro (which diagnostic throughput cases to add; "" for none).
+// --smoke: 1 round of 1 s, the noBrnf diagnostic only, size 3, 1 join
+// (bench/lib/run.ts).
 import { generateKeyPairSync } from "node:crypto";
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -49,7 +51,6 @@ import { availableParallelism, loadavg } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { Redis } from "ioredis";
 import { wgName } from "../services/netagent/overlay.js";
 import { Harness, type Vm } from "../test/lib/harness.js";
@@ -57,12 +58,13 @@ import { ipn, nsExec, ping, run, tempDir, trackChild, waitFor } from "../test/li
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { pressureWindow } from "./lib/psi.js";
-import { heading, num, pct, spr, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchArgs, benchClock, intOpt, pick } from "./lib/run.js";
 import { interleaved, spread, type Spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
-const { values: opt } = parseArgs({
-  options: {
+const opt = benchArgs(
+  {
     "iperf-runs": { type: "string", default: "5" },
     "iperf-seconds": { type: "string", default: "3" },
     joins: { type: "string", default: "3" },
@@ -72,14 +74,12 @@ const { values: opt } = parseArgs({
     /** Diagnostic throughput cases to run beside raw and overlay (default all): noBrnf,rps,vmGro. */
     diagnostics: { type: "string", default: "noBrnf,rps,vmGro" },
   },
-});
+  { "iperf-runs": "1", "iperf-seconds": "1", joins: "1", sizes: "3", diagnostics: "noBrnf" },
+);
 const DIAG = new Set((opt.diagnostics ?? "").split(",").filter(Boolean));
-const intOpt = (name: string, v: string | undefined, min: number, max: number): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} ${v}: expected an integer in ${min}–${max}`);
-  return n;
-};
 const RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 15);
+/** Warm-up rounds of the traffic cases (a smoke run has none: each costs a whole iperf3 run per case). */
+const TRAFFIC_WARMUP = pick(1, 0);
 const SECS = intOpt("iperf-seconds", opt["iperf-seconds"], 1, 20);
 const JOINS = intOpt("joins", opt.joins, 1, 10);
 const SIZES = (opt.sizes ?? "").split(",").map((x) => intOpt("sizes", x, 3, 60));
@@ -96,6 +96,8 @@ const p = (s = "") => {
   console.log(s);
 };
 const progress = (s: string) => console.error(`[bench:overlay] ${s}`);
+// The time limit of a smoke run (a full run keeps none, as before).
+benchClock();
 
 interface TputRun extends IperfCpuResult {
   /** CPU of the two wireguard-go processes of the path, ms per GB received. */
@@ -246,7 +248,7 @@ async function measureThroughput(h: Harness): Promise<{ raw: TputRun[]; overlay:
             ]
           : []),
       ],
-      { rounds: RUNS, warmupRounds: 1 },
+      { rounds: RUNS, warmupRounds: TRAFFIC_WARMUP },
     );
     return { raw: res.get("raw")!, overlay: res.get("overlay")!, overlayNoBrnf: res.get("overlayNoBrnf"), overlayNoRps: res.get("overlayNoRps"), overlayVmGro: res.get("overlayVmGro"), vms: [a0, a1] };
   } finally {
@@ -379,7 +381,7 @@ async function main(): Promise<number> {
   let leftovers: string[] = [];
   try {
     if (!opt["no-throughput"]) {
-      progress(`throughput: ${RUNS} interleaved rounds of ${SECS} s (raw tunnel, overlay, overlay without br_netfilter) after a warm-up round`);
+      progress(`throughput: ${RUNS} interleaved rounds of ${SECS} s (raw tunnel, overlay, overlay without br_netfilter) after ${TRAFFIC_WARMUP} warm-up round`);
       tput = await measureThroughput(h);
     }
     if (!opt["no-convergence"]) conv = await measureConvergence(h);
@@ -443,7 +445,7 @@ async function main(): Promise<number> {
   p(heading("Verdict"));
   p(verdictTable(v));
   p(`\nCleanup: ${leftovers.length} namespaces of run ${env.prefix} left; root namespace ${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged"}; load at end ${loadavg().map((x) => x.toFixed(2)).join(" ")}.`);
-  const file = join(HERE, "results", `overlay-${stamp()}.json`);
+  const file = resultsFile("overlay");
   p(`figures written to ${file}`);
   writeJson(file, { env: { ...env, loadavgAtEnd: loadavg() }, throughput: tputJson, convergence: convJson, verdicts: v, cleanup: { leftovers, rootDiff } });
   return rootDiff.length || leftovers.length ? 2 : 0;

@@ -2,7 +2,7 @@
 // prints, and writes as JSON to bench/results/vm-<date>.json:
 //   1. CreateVm → network ready and DeleteVm latency (p50/p99 of the gRPC call
 //      to a real `microvpcd vmm`), kind=NETNS, one security group: CreateVm
-//      returns when every step (ipam, netagent, firewall, gateway, boot) is
+//      returns when every step (ipam, netagent, firewall, gateway, dns, boot) is
 //      done. With 0 VMs on the host, then with 200 more made through the same
 //      API, then — after deleting them through the API — with 0 again (the
 //      two 0-VM passes are pooled for the 200-vs-0 ratio, so that the
@@ -11,14 +11,18 @@
 //   2. The baseline, in the same rounds (alternating with the vmm's pairs):
 //      the raw per-service calls done directly by the bench against the same
 //      daemons — `ip netns add` + ipam Allocate + netagent AttachNic +
-//      firewall BindNic + gateway SetInstanceMetadata, and for the delete
-//      DeleteInstanceMetadata + UnbindNic + DetachNic + `ip netns del` +
-//      Release — so that the vmm's own overhead (validation lookups, journal
+//      firewall BindNic + gateway SetInstanceMetadata + dns SetDnsRecord, and
+//      for the delete DeleteDnsRecord + DeleteInstanceMetadata + UnbindNic +
+//      DetachNic + `ip netns del` + Release — so that the vmm's own overhead (validation lookups, journal
 //      writes to Redis, one more gRPC hop) is visible;
 //   3. the share of each step, from InspectVm's per-step start/end times
 //      (create) and the vmm's microvpc_vmm_step_seconds histogram on its
 //      /metrics port (create and delete), and the CPU each process spent per
 //      create+delete;
+//      Also, around the CreateVm calls that grow the host, each daemon's
+//      /metrics (microvpc_exec_total{command}, microvpc_exec_duration_seconds)
+//      for the execs and exec seconds per CreateVm, by daemon and command
+//      ("n/a" where the daemons do not export them);
 //   4. what "network ready" leaves out: the firewall applies a binding
 //      asynchronously (BindNic writes Redis; the host's sync loop compiles
 //      and runs nft afterwards), so after each of a few creates the bench
@@ -50,6 +54,9 @@
 // (creates per level whose firewall enforcement is timed, default 10),
 // --profile (run the vmm under node --cpu-prof and print where its CPU went;
 // the profiler's own cost lands in the vmm's figures, so not for the verdict).
+// --smoke: 2 samples, 4 VMs, 1 lag sample, 1 warm-up, within 90 s: that the
+// bench still runs to its end (bench/lib/run.ts), not figures. Only kind=NETNS
+// VMs are made: nothing here starts QEMU.
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
@@ -57,8 +64,8 @@ import { loadavg, release } from "node:os";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { DnsService } from "../gen/microvpc/v1/dns_pb.js";
 import { Direction, FirewallService, Protocol } from "../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../gen/microvpc/v1/gateway_pb.js";
 import { NicKind } from "../gen/microvpc/v1/netagent_pb.js";
@@ -71,37 +78,32 @@ import { RUN_PREFIX, canPing, listNetnsSync, nsExec, onCleanup, ownedNamespace, 
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { summarize, type ProfileSummary } from "./lib/profile.js";
 import { startProfiledDaemon } from "./lib/profiled-daemon.js";
-import { scrape, sum, type Samples } from "./lib/prom.js";
+import { execCounts, scrape, sum, type Samples } from "./lib/prom.js";
 import { psiCpuUs } from "./lib/psi.js";
-import { check, heading, num, pct, stamp, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchClock, runBench } from "./lib/run.js";
+import { check, heading, num, pct, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { SMOKE_LIMIT_MS, benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 
-const { values: opt } = parseArgs({
-  options: {
+const opt = benchArgs(
+  {
     samples: { type: "string", default: "30" },
     vms: { type: "string", default: "200" },
     "lag-samples": { type: "string", default: "10" },
     profile: { type: "boolean", default: false },
   },
-});
-
-const intOpt = (name: string, v: string | undefined, min: number, max: number): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} ${v}: expected an integer in ${min}–${max}`);
-  return n;
-};
+  { samples: "2", vms: "4", "lag-samples": "1" },
+);
 const SAMPLES = intOpt("samples", opt.samples, 30, 200);
 const VMS = intOpt("vms", opt.vms, 1, 400);
 const LAG_SAMPLES = intOpt("lag-samples", opt["lag-samples"], 0, 40);
 const PROFILE = !!opt.profile;
 /** DeleteVm calls in flight while emptying the host (not a measured figure: the host just has to be empty again). */
 const SHRINK_CONCURRENCY = 4;
-const WARMUP = 3;
+const WARMUP = pick(3, 1);
 /** Hard stop for the whole run: past it, cleanup runs and the process exits. */
-const HARD_LIMIT_MS = 295_000;
+const HARD_LIMIT_MS = pick(295_000, SMOKE_LIMIT_MS);
 /** A pass stops taking rounds after this (and says so in the report: fewer samples than asked). */
 const PASS_LIMIT_MS = 75_000;
 /** Making the background VMs must finish within this… */
@@ -112,9 +114,9 @@ const SHRINK_LIMIT_MS = 110_000;
 const LAG_LIMIT_MS = 30_000;
 const LAG_WAIT_MS = 3_000;
 /** The third pass (0 VMs again) runs only if at least this much of the budget is left (it is cut short to fit). */
-const DOWN_PASS_MIN_LEFT_MS = 45_000;
+const DOWN_PASS_MIN_LEFT_MS = pick(45_000, 20_000);
 /** What the report, the teardown and the JSON need at the end. */
-const END_RESERVE_MS = 25_000;
+const END_RESERVE_MS = pick(25_000, 10_000);
 
 const STEP_NAMES = ["ipam", "netagent", "firewall", "gateway", "dns", "boot"] as const;
 type Step = (typeof STEP_NAMES)[number];
@@ -123,6 +125,7 @@ const STEP_OF: Partial<Record<VmStep, Step>> = {
   [VmStep.NETAGENT]: "netagent",
   [VmStep.FIREWALL]: "firewall",
   [VmStep.GATEWAY]: "gateway",
+  [VmStep.DNS]: "dns",
   [VmStep.BOOT]: "boot",
 };
 
@@ -208,6 +211,7 @@ interface World {
   vmm: ReturnType<typeof grpcClient<typeof VmService>>;
   fw: ReturnType<typeof grpcClient<typeof FirewallService>>;
   gw: ReturnType<typeof grpcClient<typeof GatewayService>>;
+  dns: ReturnType<typeof grpcClient<typeof DnsService>>;
   vpcId: string;
   vpcNs: string;
   subnetId: string;
@@ -265,10 +269,10 @@ interface VmmPair {
 }
 
 interface RawPair {
-  create: { netnsAdd: number; allocate: number; attachNic: number; bindNic: number; setMetadata: number };
+  create: { netnsAdd: number; allocate: number; attachNic: number; bindNic: number; setMetadata: number; setDns: number };
   /** Not in the sum: the lookups CreateVm makes before its steps (GetVpc, GetSubnet, GetSecurityGroup), timed one after the other. */
   lookups: number;
-  del: { deleteMetadata: number; unbindNic: number; detachNic: number; netnsDel: number; release: number };
+  del: { deleteDns: number; deleteMetadata: number; unbindNic: number; detachNic: number; netnsDel: number; release: number };
   createMs: number;
   deleteMs: number;
   createReconcile: boolean;
@@ -350,6 +354,10 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
     },
   });
   const setMetadata = msSince(s);
+  s = t();
+  // The vmm's dns step: NAME.VPC.internal, owned by the VM (DnsService is served by the ipam daemon).
+  await w.dns.setDnsRecord({ vpc: w.vpcId, name: tag, address, owner: id });
+  const setDns = msSince(s);
   addDelta(cpu, c0, cpuSnap(w));
   s = t();
   await h!.ipam.vpc.getVpc({ ref: w.vpcId });
@@ -360,6 +368,9 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
   const pinged = pingCheck ? await canPing(ns, w.gateway, { count: 2, deadlineS: 3 }) : undefined;
   c0 = cpuSnap(w);
   wall = Date.now();
+  s = t();
+  await w.dns.deleteDnsRecord({ vpc: w.vpcId, owner: id });
+  const deleteDns = msSince(s);
   s = t();
   await w.gw.deleteInstanceMetadata({ instanceId: id });
   const deleteMetadata = msSince(s);
@@ -377,8 +388,8 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
   const release = msSince(s);
   addDelta(cpu, c0, cpuSnap(w));
   const deleteReconcile = await rec.endedSince(wall);
-  const create = { netnsAdd, allocate, attachNic, bindNic, setMetadata };
-  const del = { deleteMetadata, unbindNic, detachNic, netnsDel, release };
+  const create = { netnsAdd, allocate, attachNic, bindNic, setMetadata, setDns };
+  const del = { deleteDns, deleteMetadata, unbindNic, detachNic, netnsDel, release };
   const total = (o: Record<string, number>) => Object.values(o).reduce((a, b) => a + b, 0);
   return { create, lookups, del, createMs: total(create), deleteMs: total(del), createReconcile, deleteReconcile, pinged };
 }
@@ -606,6 +617,14 @@ async function lagPhase(w: World, tag: string, pinger: { namespace: string }, vm
   return out;
 }
 
+// ------------------------------------------------------------ execs on the CreateVm path
+
+async function scrapeAll(ds: Record<string, Daemon>): Promise<Record<string, Samples | undefined>> {
+  const out: Record<string, Samples | undefined> = {};
+  await Promise.all(Object.entries(ds).map(async ([name, d]) => void (out[name] = await scrape(d.metricsPort).catch(() => undefined))));
+  return out;
+}
+
 // ------------------------------------------------------------ main
 
 async function main(): Promise<number> {
@@ -638,6 +657,7 @@ async function main(): Promise<number> {
   const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
   const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 30_000 });
   const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 30_000 });
+  const dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 30_000 });
   const vpc = await h.vpc("bench", "10.0.0.0/16");
   // One /22 (1 021 addresses), so every VM is on one bridge: the harsh case for per-port costs.
   const subnet = await h.subnet(vpc, "web", "10.0.0.0/22", SubnetType.PUBLIC);
@@ -656,6 +676,7 @@ async function main(): Promise<number> {
     vmm,
     fw,
     gw,
+    dns,
     vpcId: vpc.id,
     vpcNs: hv.vpcNamespace(vpc.id),
     subnetId: subnet.id,
@@ -696,8 +717,13 @@ async function main(): Promise<number> {
   const lag0 = LAG_SAMPLES ? await lagPhase(w, "a", pinger, 1) : undefined;
 
   // ---- 2. at VMS VMs
-  progress(`growing the host to ${VMS} VMs through CreateVm`);
+  progress(`growing the host to ${VMS} VMs through CreateVm (each daemon's /metrics scraped before and after, for its execs)`);
+  const execDaemons: Record<string, Daemon> = { vmm: vmmd, ipam: h.ipamDaemon, netagent: hv.daemon, firewall: fwd, gateway: gwd };
+  const exec0 = await scrapeAll(execDaemons);
+  const grown0 = bg.length;
   await grow(VMS, growDeadline);
+  const execs = execCounts(exec0, await scrapeAll(execDaemons), bg.length - grown0);
+  progress(execs.present ? `  ${num(execs.rows.reduce((a, r) => a + r.execs, 0))} execs per CreateVm over ${execs.creates} creates` : "  exec counts: n/a (no microvpc_exec_total on /metrics)");
   const loaded = await measurePass(w, "n", VMS);
   progress(`  create p50 ${fms(lat(loaded.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(loaded.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(loaded.vmm.map((x) => x.deleteMs)).p50)}`);
   const lagN = LAG_SAMPLES ? await lagPhase(w, "b", pinger, VMS) : undefined;
@@ -774,8 +800,8 @@ async function main(): Promise<number> {
   p(heading("1. CreateVm → network ready, DeleteVm (gRPC call to microvpcd vmm, kind=NETNS, 1 security group)"));
   p(`${WARMUP} warm-up + ${SAMPLES} rounds per pass; each round one vmm pair (CreateVm, InspectVm untimed, DeleteVm) and one raw pair, the order`);
   p(`alternating. p99 is nearest-rank: below 100 samples it is the slowest one. "raw" = the baseline, the same work as raw calls from the`);
-  p(`bench: ip netns add + Allocate + AttachNic + BindNic + SetInstanceMetadata (create), DeleteInstanceMetadata + UnbindNic + DetachNic +`);
-  p(`ip netns del + Release (delete). "vmm − raw": median of the per-round differences. "reconcile": calls during which the netagent's`);
+  p(`bench: ip netns add + Allocate + AttachNic + BindNic + SetInstanceMetadata + SetDnsRecord (create), DeleteDnsRecord +`);
+  p(`DeleteInstanceMetadata + UnbindNic + DetachNic + ip netns del + Release (delete). "vmm − raw": median of the per-round differences. "reconcile": calls during which the netagent's`);
   p(`10-s reconcile pass ended (it holds the VPC lock). busy: both CPUs, whole machine; pressure: PSI cpu some (a neighbour shows there).`);
   p(
     table(
@@ -820,12 +846,13 @@ async function main(): Promise<number> {
       case "gateway":
         return lat(r.map((y) => y.create.setMetadata));
       case "dns":
+        return lat(r.map((y) => y.create.setDns));
       case "boot":
         return lat([]);
     }
   };
   const stepPasses = down0 ? [{ label: "0 (pooled)", p: zero }, { label: String(VMS), p: loaded }] : [{ label: "0", p: up0 }, { label: String(VMS), p: loaded }];
-  const rawLabel: Record<Step, string> = { ipam: "Allocate", netagent: "ip netns add + AttachNic", firewall: "BindNic", gateway: "SetInstanceMetadata", dns: "– (SetDnsRecord, not measured raw)", boot: "–" };
+  const rawLabel: Record<Step, string> = { ipam: "Allocate", netagent: "ip netns add + AttachNic", firewall: "BindNic", gateway: "SetInstanceMetadata", dns: "SetDnsRecord", boot: "–" };
   p(
     table(
       ["step", ...stepPasses.flatMap((s) => [`${s.label} VMs: p50 / mean`, "share", "raw call p50"]), "raw call"],
@@ -834,7 +861,7 @@ async function main(): Promise<number> {
           k,
           ...stepPasses.flatMap(({ p: x }) => {
             const l = lat(x.vmm.map((v) => v.steps[k]));
-            return [`${fms(l.p50)} / ${num(l.mean)}`, pct(l.mean / cr(x).mean), k === "boot" || k === "dns" ? "–" : fms(rawStep(x, k).p50)];
+            return [`${fms(l.p50)} / ${num(l.mean)}`, pct(l.mean / cr(x).mean), k === "boot" ? "–" : fms(rawStep(x, k).p50)];
           }),
           rawLabel[k],
         ]),
@@ -864,18 +891,18 @@ async function main(): Promise<number> {
         ...STEP_NAMES.map((k) => {
           const rawDel = (x: Pass) => {
             const r = x.raw;
-            const f = { ipam: (y: RawPair) => y.del.release, netagent: (y: RawPair) => y.del.detachNic + y.del.netnsDel, firewall: (y: RawPair) => y.del.unbindNic, gateway: (y: RawPair) => y.del.deleteMetadata, dns: () => Number.NaN, boot: () => Number.NaN }[k];
+            const f = { ipam: (y: RawPair) => y.del.release, netagent: (y: RawPair) => y.del.detachNic + y.del.netnsDel, firewall: (y: RawPair) => y.del.unbindNic, gateway: (y: RawPair) => y.del.deleteMetadata, dns: (y: RawPair) => y.del.deleteDns, boot: () => Number.NaN }[k];
             return lat(r.map(f)).p50;
           };
-          return [k, ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.histCreate[k])), fms(histMean(x.histDelete[k]))]), k === "boot" || k === "dns" ? "–" : `${fms(rawDel(stepPasses[0].p))} / ${num(rawDel(stepPasses[1].p))}`];
+          return [k, ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.histCreate[k])), fms(histMean(x.histDelete[k]))]), k === "boot" ? "–" : `${fms(rawDel(stepPasses[0].p))} / ${num(rawDel(stepPasses[1].p))}`];
         }),
         ["server total (RPC histogram)", ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.serverCreate)), fms(histMean(x.serverDelete))]), ""],
       ],
     ),
   );
   p(`The lookups CreateVm makes before its first step, as raw calls (GetVpc + GetSubnet + GetSecurityGroup, one after the other), p50: ${stepPasses.map(({ label, p: x }) => `${fms(lat(x.raw.map((y) => y.lookups)).p50)} at ${label}`).join(", ")}.`);
-  p(`Raw calls one by one, p50 (0 / ${VMS} VMs): ` + (["netnsAdd", "allocate", "attachNic", "bindNic", "setMetadata"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.create[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.create[k])).p50)}`).join(" · "));
-  p(`                                     ` + (["deleteMetadata", "unbindNic", "detachNic", "netnsDel", "release"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.del[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.del[k])).p50)}`).join(" · "));
+  p(`Raw calls one by one, p50 (0 / ${VMS} VMs): ` + (["netnsAdd", "allocate", "attachNic", "bindNic", "setMetadata", "setDns"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.create[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.create[k])).p50)}`).join(" · "));
+  p(`                                     ` + (["deleteDns", "deleteMetadata", "unbindNic", "detachNic", "netnsDel", "release"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.del[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.del[k])).p50)}`).join(" · "));
 
   p(heading("3. CPU per create + delete, by process (ms; own threads, and the execs a daemon ran)"));
   p(`"vmm pair" / "raw pair": CPU during the CreateVm+DeleteVm calls / during the raw calls; "whole pass": everything the process did`);
@@ -893,6 +920,23 @@ async function main(): Promise<number> {
       .map((k) => `${x.fwApplies[k].count} ${k} (mean ${fms(histMean(x.fwApplies[k]))})`)
       .join(", ") || "none";
   p(`Firewall sync passes during the measured pairs (compile + nft apply, its own timer): ${stepPasses.map(({ label, p: x }) => `at ${label} VMs: ${fwLine(x)} for ${2 * x.vmm.length} pairs`).join("; ")}.`);
+
+  p(heading("3b. Execs per CreateVm, by daemon and command (microvpc_exec_total / microvpc_exec_duration_seconds on each daemon's /metrics)"));
+  if (!execs.present) p("exec counts: n/a (no microvpc_exec_total on /metrics)");
+  else if (execs.creates === 0) p("exec counts: n/a (no CreateVm between the scrapes)");
+  else {
+    p(`Scraped before and after the ${execs.creates} sequential CreateVm calls that grew the host to ${VMS} VMs (nothing else ran): per CreateVm,`);
+    p(`the execs each daemon ran and their summed wall seconds. Includes what the creates set off in the background (the firewall's sync`);
+    p(`passes) and the netagent's periodic reconcile if one fell in the window; the last create's async apply may fall after it.`);
+    const tot = { execs: execs.rows.reduce((a, r) => a + r.execs, 0), seconds: execs.rows.reduce((a, r) => a + r.seconds, 0) };
+    p(
+      table(
+        ["daemon", "command", "execs / CreateVm", "exec ms / CreateVm"],
+        [...execs.rows.map((r) => [r.daemon, r.command, num(r.execs), num(r.seconds * 1000)]), ["all", "", num(tot.execs), num(tot.seconds * 1000)]],
+      ),
+    );
+  }
+  if (execs.unreadable.length) p(`(/metrics unreadable on: ${execs.unreadable.join(", ")})`);
 
   if (lag0 && lagN) {
     p(heading("4. After CreateVm returns: firewall enforcement and first packet from a peer"));
@@ -956,7 +1000,7 @@ async function main(): Promise<number> {
       `root namespace ${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged (links, addresses, routes, sysctls, nft ruleset)"}.`,
   );
 
-  const file = join(HERE, "results", `vm-${stamp()}.json`);
+  const file = resultsFile("vm");
   p();
   p(`figures written to ${file}`);
   console.log(out.join("\n"));
@@ -969,6 +1013,7 @@ async function main(): Promise<number> {
       passes.map(({ label, p: x }) => [label, { create: cr(x), delete: dl(x), rawCreate: rcr(x), rawDelete: rdl(x), createOverhead: lat(x.createOverheadMs), deleteOverhead: lat(x.deleteOverheadMs) }]),
     ),
     growMs,
+    execs,
     shrink,
     profile,
     lag: { at1: lag0, atN: lagN },

@@ -41,3 +41,56 @@ export function sum(s: Samples, name: string, want: Record<string, string> = {})
   for (const x of s) if (x.name === name && Object.entries(want).every(([k, v]) => x.labels[k] === v)) t += x.value;
   return t;
 }
+
+// ---- exec counts: microvpc_exec_total{command} and microvpc_exec_duration_seconds{command} of each daemon
+
+/** One command a daemon ran, per CreateVm: how many times and its summed exec seconds. */
+export interface ExecRow {
+  daemon: string;
+  command: string;
+  execs: number;
+  seconds: number;
+}
+
+export interface ExecCounts {
+  /** Whether any daemon has microvpc_exec_total on its /metrics at all. */
+  present: boolean;
+  creates: number;
+  rows: ExecRow[];
+  /** Daemons whose /metrics could not be read before or after. */
+  unreadable: string[];
+}
+
+/** Per command label: Σ microvpc_exec_total and Σ microvpc_exec_duration_seconds_sum. */
+function execByCommand(s: Samples): Map<string, { n: number; s: number }> {
+  const m = new Map<string, { n: number; s: number }>();
+  for (const x of s) {
+    const k = x.name === "microvpc_exec_total" ? "n" : x.name === "microvpc_exec_duration_seconds_sum" ? "s" : undefined;
+    if (!k) continue;
+    const c = x.labels.command ?? "(no command label)";
+    const e = m.get(c) ?? { n: 0, s: 0 };
+    e[k] += x.value;
+    m.set(c, e);
+  }
+  return m;
+}
+
+/** What each daemon exec'd between two scrapes of every daemon (by name), per operation (`creates` of them). */
+export function execCounts(before: Record<string, Samples | undefined>, after: Record<string, Samples | undefined>, creates: number): ExecCounts {
+  const out: ExecCounts = { present: false, creates, rows: [], unreadable: [] };
+  for (const [daemon, a] of Object.entries(after)) {
+    const b = before[daemon];
+    if (!a || !b) {
+      out.unreadable.push(daemon);
+      continue;
+    }
+    if (a.some((x) => x.name === "microvpc_exec_total")) out.present = true;
+    const b0 = execByCommand(b);
+    for (const [command, x] of execByCommand(a)) {
+      const y = b0.get(command) ?? { n: 0, s: 0 };
+      if (x.n - y.n > 0) out.rows.push({ daemon, command, execs: (x.n - y.n) / creates, seconds: (x.s - y.s) / creates });
+    }
+  }
+  out.rows.sort((x, y) => y.seconds - x.seconds || y.execs - x.execs);
+  return out;
+}

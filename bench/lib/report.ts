@@ -1,7 +1,10 @@
 // Plain-text reporting for the benchmarks: aligned tables, number formats,
 // and the closing verdict table (measure, value, baseline, ratio, target).
 import { mkdirSync, writeFileSync } from "node:fs";
-import { dirname } from "node:path";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { SMOKE } from "./run.js";
 import type { Spread } from "./stats.js";
 
 /** An aligned text table; numeric-looking cells are right-aligned. */
@@ -83,6 +86,15 @@ export function heading(title: string): string {
 export function writeJson(path: string, data: unknown): void {
   mkdirSync(dirname(path), { recursive: true });
   writeFileSync(path, JSON.stringify(data, (_k, v) => (v instanceof Float64Array ? undefined : typeof v === "number" && !Number.isFinite(v) ? null : v), 2) + "\n");
+}
+
+/**
+ * Where a run's figures go: bench/results/<kind>-<date>.json; a smoke run's
+ * (whose figures mean nothing) under the temporary directory instead.
+ */
+export function resultsFile(kind: string): string {
+  const dir = SMOKE ? join(tmpdir(), "microvpc-bench-smoke") : join(dirname(fileURLToPath(import.meta.url)), "..", "results");
+  return join(dir, `${kind}-${stamp()}.json`);
 }
 
 /** 2026-11-22T10-41-14 (local time), for result file names. */

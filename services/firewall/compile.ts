@@ -260,10 +260,19 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
 }
 
 /**
- * The incremental script that turns `prev` into `next` by set elements only,
- * or null if the skeleton changed (then the caller replaces the table).
+ * nft deletes set elements one by one (9 990 took 2.4 s in bench:firewall, a
+ * full replace 30–60 ms): past this many deletions, diff() replaces the table
+ * instead, which is faster and just as atomic.
  */
-export function diff(prev: FwModel, next: FwModel): string | null {
+export const MAX_ELEMENT_DELETIONS = 500;
+
+/**
+ * The set-element changes that turn `prev` into `next`, whatever their size:
+ * the script ("" if nothing changed) and how many elements it deletes; null
+ * if the skeleton changed. diff() is this with the cut-off above;
+ * bench:firewall times both ways past it.
+ */
+export function elementDiff(prev: FwModel, next: FwModel): { script: string; deletions: number } | null {
   if (prev.skeleton !== next.skeleton) return null;
   const lines: string[] = [];
   let deletions = 0;
@@ -276,11 +285,17 @@ export function diff(prev: FwModel, next: FwModel): string | null {
     if (del.length) lines.push(`delete element ${s.family} ${TABLE} ${s.name} { ${del.join(", ")} }`);
     if (add.length) lines.push(`add element ${s.family} ${TABLE} ${s.name} { ${add.join(", ")} }`);
   }
-  // nft deletes set elements one by one (9 990 took 2.4 s in bench:firewall,
-  // a full replace 30–60 ms): past a few hundred, replacing is faster, and
-  // just as atomic.
-  if (deletions > 500) return null;
-  return lines.length ? lines.join("\n") + "\n" : "";
+  return { script: lines.length ? lines.join("\n") + "\n" : "", deletions };
+}
+
+/**
+ * The incremental script that turns `prev` into `next` by set elements only,
+ * or null if the skeleton changed or more than MAX_ELEMENT_DELETIONS elements
+ * go (then the caller replaces the table).
+ */
+export function diff(prev: FwModel, next: FwModel): string | null {
+  const d = elementDiff(prev, next);
+  return d && d.deletions <= MAX_ELEMENT_DELETIONS ? d.script : null;
 }
 
 /** The script that removes microvpc's tables from a namespace. */
