@@ -32,8 +32,48 @@ export interface AgentStatus {
   reconciles: number;
 }
 
+/**
+ * A Map that counts its changes. The API handlers change the agent's desired
+ * state in memory (under a VPC lock) right after writing it to Redis; a
+ * reconcile pass that read Redis before such a write must not replace the
+ * in-memory state with its older snapshot, or the change is forgotten (a
+ * DetachNic by owner would then find nothing to detach).
+ */
+class TrackedMap<K, V> extends Map<K, V> {
+  constructor(
+    entries: Iterable<readonly [K, V]>,
+    private readonly onChange?: () => void,
+  ) {
+    super(entries);
+  }
+  override set(k: K, v: V): this {
+    this.onChange?.();
+    return super.set(k, v);
+  }
+  override delete(k: K): boolean {
+    this.onChange?.();
+    return super.delete(k);
+  }
+  override clear(): void {
+    this.onChange?.();
+    super.clear();
+  }
+}
+
 export class Agent {
-  desired: HostDesired = { vpcs: new Map(), subnets: new Map(), nics: new Map() };
+  /** Bumped by every change to `desired` in memory. */
+  private version = 0;
+  private state: HostDesired = this.track({ vpcs: new Map(), subnets: new Map(), nics: new Map() });
+  get desired(): HostDesired {
+    return this.state;
+  }
+  set desired(d: HostDesired) {
+    this.state = this.track(d);
+  }
+  private track(d: HostDesired): HostDesired {
+    const bump = () => void this.version++;
+    return { ...d, vpcs: new TrackedMap(d.vpcs, bump), subnets: new TrackedMap(d.subnets, bump), nics: new TrackedMap(d.nics, bump) };
+  }
   status: AgentStatus = { lastReconcileMs: 0, lastError: "", lastChanges: [], reconciles: 0 };
   readonly startedMs = Date.now();
   private locks = new Map<string, Promise<unknown>>();
@@ -123,11 +163,24 @@ export class Agent {
   async reconcileAll(): Promise<void> {
     let fresh = true;
     try {
-      const desired = await this.store.load();
-      this.invalid.report("host", desired.invalid ?? []);
-      await this.peering?.extend(desired);
-      this.desired = desired;
-      this.loaded = true;
+      // Read again while an API call changed the in-memory state during the
+      // read: the snapshot may predate its write. After a few tries (a
+      // steady stream of calls), keep the in-memory state for this pass.
+      for (let attempt = 1; ; attempt++) {
+        const before = this.version;
+        const desired = await this.store.load();
+        this.invalid.report("host", desired.invalid ?? []);
+        await this.peering?.extend(desired);
+        if (this.version === before) {
+          this.desired = desired;
+          this.loaded = true;
+          break;
+        }
+        if (attempt === 5) {
+          this.log.info("desired state kept from memory this pass: API calls kept changing it during the read");
+          break;
+        }
+      }
     } catch (err) {
       fresh = false;
       this.log.warn({ err: (err as Error).message }, "cannot read desired state; keeping the last known one");

@@ -32,3 +32,38 @@ test("with a desired state, a namespace nothing wants is removed; others' namesp
   assert.ok(k.calls.includes("netns del mvpc-hv1-vpc-aaaaaaaaaaaa"));
   assert.ok(!k.calls.some((c) => c.includes("hv2") || c.includes("something-else")));
 });
+
+test("a NIC attached while a pass reads Redis is not forgotten when the pass's older snapshot lands", async () => {
+  // The race bench:vm hit: the pass reads Redis, then an AttachNic writes
+  // Redis and memory, then the pass's snapshot (without the NIC) replaced
+  // memory, so a DetachNic by owner found nothing to detach.
+  const k = new RecordingKernel();
+  const vpc = "vpc-aaaaaaaaaaaa";
+  let redisNics = new Map<string, unknown>();
+  let reads = 0;
+  let gate: (() => void) | undefined;
+  const store = {
+    load: async () => {
+      reads++;
+      const snapshot = { vpcs: new Map([[vpc, { vpcId: vpc, ns: `mvpc-hv1-${vpc}`, createdMs: 0 }]]), subnets: new Map(), nics: new Map(redisNics) };
+      if (reads === 1) await new Promise<void>((r) => (gate = r));
+      return snapshot;
+    },
+    hasVpc: async () => true,
+  } as unknown as HostStore;
+  const a = new Agent(k, store, "hv1", pino({ level: "silent" }));
+  const pass = a.reconcileAll();
+  while (!gate) await new Promise((r) => setTimeout(r, 1));
+  // AttachNic: Redis first, then memory, while the pass holds its old snapshot.
+  const nic = { nicId: "nic-111111111111", vpcId: vpc, owner: "vm-1" };
+  redisNics = new Map([[nic.nicId, nic]]);
+  a.desired.nics.set(nic.nicId, nic as never);
+  gate();
+  await pass;
+  assert.equal(reads, 2, "the pass read Redis again");
+  assert.ok(a.desired.nics.has(nic.nicId), "the attached NIC is still known");
+  // Without a concurrent change, one read is enough.
+  await a.reconcileAll();
+  assert.equal(reads, 3);
+  assert.ok(a.desired.nics.has(nic.nicId));
+});
