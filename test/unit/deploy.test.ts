@@ -29,7 +29,7 @@ type Overlay = (typeof OVERLAYS)[number];
 const SERVICES = ["ipam", "netagent", "firewall", "gateway", "vmm"] as const;
 const DEFAULT_PORT: Record<string, number> = { ipam: 7401, netagent: 7402, firewall: 7403, gateway: 7404, vmm: 7405 };
 const HYPERVISOR = ["netagent", "firewall", "gateway", "vmm"];
-const PKG = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string; bin: Record<string, string> };
+const PKG = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string; bin: Record<string, string>; engines: { node: string } };
 
 const rendered: Record<Overlay, K8sObject[]> = { dev: build(join(K8S, "overlays", "dev")), production: build(join(K8S, "overlays", "production")) };
 const baseObjects = build(join(K8S, "base"));
@@ -538,9 +538,11 @@ for (const overlay of OVERLAYS) {
     assert.equal(envOf(vmm, "MICROVPC_GATEWAY_ADDR")?.value, listenOf(gateway));
     assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "microvpc-ipam:7401");
     assert.deepEqual(envOf(vmm, "MICROVPC_SERVICE_TOKEN")?.valueFrom?.secretKeyRef, { name: "microvpc-token", key: "token" });
-    // No two containers share a writable /tmp (tsx's cache is code).
-    const tmps = pod.containers.map((c) => c.volumeMounts!.find((m) => m.mountPath === "/tmp")?.name);
-    assert.equal(new Set(tmps).size, pod.containers.length);
+    // Nothing is compiled at run time (dist/ ships built), so no container
+    // gets a writable /tmp: the root file system stays read-only throughout.
+    for (const w of workloads(objs)) {
+      for (const c of w.pod.containers) assert.ok(!c.volumeMounts?.some((m) => m.mountPath === "/tmp"), `${w.obj.metadata.name} ${c.name}: no writable /tmp`);
+    }
 
     for (const w of workloads(objs)) {
       for (const c of [...w.pod.containers, ...(w.pod.initContainers ?? [])]) {
@@ -698,15 +700,25 @@ function imagePackages(): string[] {
   }
 }
 
-test("Dockerfile: multi-stage on node:20-bookworm-slim, npm ci --omit=dev, microvpcd as ENTRYPOINT, no build at start", () => {
+test("Dockerfile: build stage (esbuild), node:24-bookworm-slim, npm ci --omit=dev, dist/ shipped, microvpcd as ENTRYPOINT, no build at start", () => {
   const arg = /^ARG NODE_IMAGE=(\S+)$/m.exec(DOCKERFILE)?.[1];
-  assert.equal(arg, "node:20-bookworm-slim");
+  assert.equal(arg, `node:${readFileSync(join(ROOT, ".nvmrc"), "utf8").trim()}-bookworm-slim`, "the image's Node is .nvmrc's major");
+  assert.match(PKG.engines.node, new RegExp(`^>=${readFileSync(join(ROOT, ".nvmrc"), "utf8").trim()}$`), "engines says the same major");
   const froms = instructions.filter((l) => l.startsWith("FROM "));
-  assert.ok(froms.length >= 2, "multi-stage");
-  for (const f of froms) assert.match(f, /^FROM \$\{NODE_IMAGE\} AS \w+$/);
-  assert.ok(instructions.some((l) => /^RUN \(?npm ci --omit=dev\b/.test(l)), "npm ci --omit=dev (with the npm-11.19 fallback to npm install)");
+  assert.deepEqual(
+    froms.map((f) => /^FROM \$\{NODE_IMAGE\} AS (\w+)$/.exec(f)?.[1]),
+    ["build", "deps", "runtime"],
+    "three stages on the one base",
+  );
+  assert.ok(instructions.some((l) => /^RUN npm ci --no-audit --no-fund$/.test(l)), "the build stage installs every dependency with npm ci");
+  assert.ok(instructions.includes("RUN npm run build"), "the build stage runs npm run build");
+  assert.ok(instructions.some((l) => /^RUN npm ci --omit=dev\b/.test(l)), "npm ci --omit=dev for the runtime's node_modules");
+  assert.ok(!instructions.some((l) => /npm install/.test(l)), "no npm install fallback: the lock is what npm ci installs");
   assert.ok(instructions.some((l) => /^COPY --from=deps \/app\/node_modules \.\/node_modules$/.test(l)), "the runtime stage takes the deps stage's node_modules");
-  for (const dir of ["bin", "cli", "services", "gen"]) assert.ok(instructions.includes(`COPY ${dir} ./${dir}`), `copies ${dir}/`);
+  assert.ok(instructions.includes("COPY --from=build /app/dist ./dist"), "the runtime stage takes the build's dist/");
+  assert.ok(instructions.includes("COPY bin ./bin"));
+  const runtime = instructions.slice(instructions.findIndex((l) => / AS runtime$/.test(l)));
+  for (const dir of ["cli", "services", "gen"]) assert.ok(!runtime.includes(`COPY ${dir} ./${dir}`), `the runtime ships no TypeScript sources (${dir}/)`);
   assert.deepEqual(instructions.filter((l) => l.startsWith("ENTRYPOINT")), ['ENTRYPOINT ["microvpcd"]']);
   const cmd = instructions.filter((l) => l.startsWith("CMD"));
   assert.ok(cmd.every((l) => !/npm|tsc|build|install/.test(l)), "nothing is built or installed when a container starts");
@@ -715,7 +727,12 @@ test("Dockerfile: multi-stage on node:20-bookworm-slim, npm ci --omit=dev, micro
   const ignore = readFileSync(join(ROOT, ".dockerignore"), "utf8");
   assert.match(ignore, /^\*\*$/m);
   assert.doesNotMatch(ignore, /^!node_modules/m);
-  for (const keep of ["package.json", "package-lock.json", "bin/", "cli/", "services/", "gen/", "deploy/packages.txt"]) assert.ok(ignore.includes(`!${keep}`), `the build context has ${keep}`);
+  assert.doesNotMatch(ignore, /^!dist/m);
+  for (const keep of ["package.json", "package-lock.json", "build.mjs", "bin/", "cli/", "services/", "gen/", "deploy/packages.txt", "deploy/demo.ts"]) assert.ok(ignore.includes(`!${keep}`), `the build context has ${keep}`);
+  // Every file the build stage copies is in the build context.
+  for (const l of instructions.filter((x) => /^COPY (?!--from)/.test(x))) {
+    for (const src of l.split(/\s+/).slice(1, -1)) assert.ok(ignore.includes(`!${src.replace(/^\.\//, "")}`) || ignore.includes(`!${src}/`), `${src} (${l}) is in the build context`);
+  }
 });
 
 test("Dockerfile installs deploy/packages.txt — the file .ci/run installs — less the tools it names, read not copied", () => {
