@@ -106,7 +106,7 @@ const { progress } = benchClock(120_000);
 async function main(): Promise<number> {
   progress("starting the harness (redis, ipam, netagent, host namespaces) and microvpcd gateway");
   const h = await Harness.start({ hosts: 1 });
-  let left: string[] = [];
+  let left: string[];
   try {
     const hv = h.hosts[0];
     const gwd = await startDaemon("gateway", ["--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0", "--imds-redis", h.redis.socket]);

@@ -40,9 +40,7 @@
 // 1 traffic round of 1 s (bench/lib/run.ts).
 import { execFileSync } from "node:child_process";
 import { loadavg } from "node:os";
-import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { fileURLToPath } from "node:url";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { Direction, FirewallService, Protocol, type SecurityGroupRuleSchema } from "../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
@@ -62,7 +60,6 @@ import { check, heading, num, pct, resultsFile, spr, table, verdictTable, writeJ
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase } from "./lib/stats.js";
 
-const HERE = dirname(fileURLToPath(import.meta.url));
 
 const opt = benchArgs(
   {
@@ -676,7 +673,7 @@ async function main(): Promise<number> {
   for (let i = 0; i < 2; i++) await toggle([]);
   for (let i = 0; i < DAEMON_TOGGLES; i++) await toggle(member.big);
   if (cMember) await toggle([]);
-  let memberSetOk = false;
+  let memberSetOk;
   {
     await toggle([]);
     const set = await nsExec(b.vpcNs, "nft", ["list", "set", "inet", "microvpc", membersSet]);

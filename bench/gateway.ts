@@ -81,7 +81,7 @@ import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
 import { check, heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
-import { interleaved, percentile, sorted, spread, type BenchCase } from "./lib/stats.js";
+import { interleaved, percentile, sorted, spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 

@@ -49,7 +49,7 @@ import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
 import { cpuDelta, machineEnv, cpuSnapshot } from "./lib/cpu.js";
 import { closedLoop } from "./lib/load.js";
 import { summarize } from "./lib/profile.js";
-import { check, dur, heading, num, pct, ratio, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { check, dur, heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, median, percentile, sorted, spread, spreadOf, type BenchCase, type Spread } from "./lib/stats.js";
 

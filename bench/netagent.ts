@@ -52,9 +52,7 @@ import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync } from "node:fs";
 import { loadavg } from "node:os";
-import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { fileURLToPath } from "node:url";
 import type { Client } from "@connectrpc/connect";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { NetAgentService, NicKind } from "../gen/microvpc/v1/netagent_pb.js";
@@ -87,7 +85,6 @@ import { check, heading, num, pct, spr, resultsFile, table, verdictTable, writeJ
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase, type Spread } from "./lib/stats.js";
 
-const HERE = dirname(fileURLToPath(import.meta.url));
 
 const opt = benchArgs(
   {

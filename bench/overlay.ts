@@ -48,9 +48,8 @@ import { generateKeyPairSync } from "node:crypto";
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { spawn, type ChildProcess } from "node:child_process";
 import { availableParallelism, loadavg } from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { fileURLToPath } from "node:url";
 import { Redis } from "ioredis";
 import { wgName } from "../services/netagent/overlay.js";
 import { Harness, type Vm } from "../test/lib/harness.js";
@@ -62,7 +61,6 @@ import { heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, ty
 import { benchArgs, benchClock, intOpt, pick } from "./lib/run.js";
 import { interleaved, spread, type Spread } from "./lib/stats.js";
 
-const HERE = dirname(fileURLToPath(import.meta.url));
 const opt = benchArgs(
   {
     "iperf-runs": { type: "string", default: "5" },
@@ -377,8 +375,8 @@ async function main(): Promise<number> {
   };
   let tput: Awaited<ReturnType<typeof measureThroughput>> | undefined;
   let conv: JoinRun[] = [];
-  let rootDiff: string[] = [];
-  let leftovers: string[] = [];
+  let rootDiff: string[];
+  let leftovers: string[];
   try {
     if (!opt["no-throughput"]) {
       progress(`throughput: ${RUNS} interleaved rounds of ${SECS} s (raw tunnel, overlay, overlay without br_netfilter) after ${TRAFFIC_WARMUP} warm-up round`);

@@ -60,10 +60,9 @@
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
-import { loadavg, release } from "node:os";
-import { dirname, join } from "node:path";
+import { loadavg } from "node:os";
+import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { fileURLToPath } from "node:url";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { DnsService } from "../gen/microvpc/v1/dns_pb.js";
 import { Direction, FirewallService, Protocol } from "../gen/microvpc/v1/firewall_pb.js";
@@ -84,7 +83,6 @@ import { check, heading, num, pct, resultsFile, table, verdictTable, writeJson, 
 import { SMOKE_LIMIT_MS, benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
 
-const HERE = dirname(fileURLToPath(import.meta.url));
 
 const opt = benchArgs(
   {

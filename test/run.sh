@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (`npm test`): type check, then unit tests (pure, no root,
+# The test command (`npm test`): type check, lint, format check, then unit tests (pure, no root,
 # milliseconds) and integration tests (real redis-server on spare loopback
 # ports; later issues add network namespaces, which need root).
 set -euo pipefail
@@ -11,6 +11,10 @@ for bin in redis-server; do
 done
 echo "== typecheck"
 npx --no-install tsc --noEmit -p .
+echo "== lint (typescript-eslint)"
+npx --no-install eslint .
+echo "== format (prettier --check; \`npx prettier --write .\` fixes it)"
+npx --no-install prettier --check --log-level warn .
 echo "== tests"
 # vitest.config.ts: dist/ built first (global setup), then test/unit and
 # test/integration one file at a time (integration tests start daemons and

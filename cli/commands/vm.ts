@@ -129,6 +129,7 @@ function userData(cmd: Command, file: string | undefined): Uint8Array {
 }
 
 function absPath(field: string, v: string): void {
+  // eslint-disable-next-line no-control-regex -- control characters are what this refuses
   if (v !== "" && (!v.startsWith("/") || /[\u0000-\u001f]/.test(v))) throw new InvalidArgumentError(field, `${V.show(v)} must be an absolute path`);
 }
 

@@ -577,7 +577,7 @@ export class Overlay {
 
   private pidFiles(): { ifname: string; vpcId: string; pid: number }[] {
     const out = [];
-    let files: string[] = [];
+    let files: string[];
     try {
       files = readdirSync(join(this.dir, "wg"));
     } catch {
@@ -1046,7 +1046,7 @@ export class Overlay {
 /** For cleanup code: the WireGuard interface names a state directory knows of. */
 export function interfacesIn(stateDir: string, hostId: string): { ifname: string; pid: number }[] {
   const d = join(stateDir, hostId, "wg");
-  let files: string[] = [];
+  let files: string[];
   try {
     files = readdirSync(d);
   } catch {

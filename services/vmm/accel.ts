@@ -26,7 +26,7 @@ import { closeSync, constants, mkdtempSync, openSync, readdirSync, readFileSync,
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Logger } from "pino";
-import { guestCmdline, guestImage, pidAlive, QEMU_BIN, qemuArgv, vmProcess, type Accel } from "./qemu.js";
+import { ANSI_ESCAPE, guestCmdline, guestImage, pidAlive, QEMU_BIN, qemuArgv, vmProcess, type Accel } from "./qemu.js";
 
 export interface AccelDecision {
   accel: Accel;
@@ -75,7 +75,7 @@ const secs = (ms: number) => `${Math.round(ms / 100) / 10} s`;
 export function lastLine(text: string): string {
   const lines = text
     .split(/\r?\n/)
-    .map((l) => l.replace(/\x1b(\[[0-9;?]*[ -\/]*[@-~]|[@-Z\\-_a-z])/g, "").trim())
+    .map((l) => l.replace(ANSI_ESCAPE, "").trim())
     .filter(Boolean);
   const l = lines.at(-1) ?? "";
   return l.length > 160 ? `${l.slice(0, 160)}…` : l;

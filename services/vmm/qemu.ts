@@ -21,6 +21,10 @@ import { dirname, isAbsolute } from "node:path";
 import { run, startDaemon } from "../common/exec.js";
 import { qemuAccel } from "./accel.js";
 
+/** A terminal escape sequence (CSI or a two-byte escape), as the guest's console may print. */
+// eslint-disable-next-line no-control-regex -- the escape character is what this matches
+export const ANSI_ESCAPE = /\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_a-z])/g;
+
 export type Accel = "kvm" | "tcg";
 
 /** The QEMU binary: $MICROVPC_QEMU or qemu-system-x86_64 on PATH. */
@@ -187,7 +191,7 @@ export interface GuestCmdlineOptions {
   extra?: string[];
 }
 
-const CHECK_RE = /^(ping:\d{1,3}(\.\d{1,3}){3}|tcp:\d{1,3}(\.\d{1,3}){3}:\d{1,5}|http:[A-Za-z0-9.\-]+(:\d{1,5})?(\/[A-Za-z0-9._\-/?=&%]*)?)(~[1-9]\d?)?$/;
+const CHECK_RE = /^(ping:\d{1,3}(\.\d{1,3}){3}|tcp:\d{1,3}(\.\d{1,3}){3}:\d{1,5}|http:[A-Za-z0-9.-]+(:\d{1,5})?(\/[A-Za-z0-9._\-/?=&%]*)?)(~[1-9]\d?)?$/;
 const WORD_RE = /^[\x21-\x7e]+$/;
 
 /** The kernel command line for the microvpc guest. */
@@ -336,7 +340,7 @@ function readText(path: string): string {
 
 /** A console line without terminal escapes (firmware clears the screen before the guest's first line) or a trailing CR. */
 export function stripEscapes(line: string): string {
-  return line.replace(/\x1b(\[[0-9;?]*[ -\/]*[@-~]|[@-Z\\-_a-z])/g, "").replace(/\r$/, "");
+  return line.replace(ANSI_ESCAPE, "").replace(/\r$/, "");
 }
 
 function tail(s: string, n = 1500): string {

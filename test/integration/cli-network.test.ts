@@ -131,7 +131,7 @@ describe("security groups", () => {
     const web = (await json(["sg", "get", "web-sg", "--vpc", "prod"])).securityGroup;
     assert.match(db.id, /^sg-[0-9a-f]{12}$/);
     assert.deepEqual(
-      db.rules.map((x: any) => [x.direction, x.protocol, x.portFrom, x.portTo, x.icmpType, x.cidr ?? x.securityGroupId]),
+      db.rules.map((x: Record<string, unknown>) => [x.direction, x.protocol, x.portFrom, x.portTo, x.icmpType, x.cidr ?? x.securityGroupId]),
       [
         ["DIRECTION_INGRESS", "PROTOCOL_TCP", 5432, 5432, undefined, web.id],
         ["DIRECTION_INGRESS", "PROTOCOL_ICMP", 0, 0, 8, "10.0.0.0/8"],
@@ -142,13 +142,13 @@ describe("security groups", () => {
     );
     // --no-default-egress leaves egress closed.
     const closed = (await json(["sg", "create", "closed", "--vpc", "prod", "--inbound", "tcp:9000:10.0.0.0/16", "--no-default-egress"])).securityGroup;
-    assert.deepEqual(closed.rules.map((x: any) => x.direction), ["DIRECTION_INGRESS"]);
+    assert.deepEqual(closed.rules.map((x: Record<string, unknown>) => x.direction), ["DIRECTION_INGRESS"]);
 
     r = await expect(0, ["sg", "list", "--vpc", "prod"]);
     assert.match(r.stdout, /db-sg.*tcp:5432:sg-[0-9a-f]{12}/);
     assert.match(r.stdout, /web-sg/);
     const list = await json(["sg", "list", "--vpc", "prod"]);
-    assert.deepEqual(list.securityGroups.map((g: any) => g.name), ["closed", "db-sg", "web-sg"]);
+    assert.deepEqual(list.securityGroups.map((g: Record<string, unknown>) => g.name), ["closed", "db-sg", "web-sg"]);
     assert.equal(list.nextPageToken, "");
 
     r = await expect(0, ["sg", "rule", "add", "web-sg", "--vpc", "prod", "--inbound", "tcp:8080:10.0.0.0/16"]);
@@ -222,7 +222,7 @@ describe("security groups", () => {
     assert.match(r.stderr, /microvpc acl import --vpc prod/);
     const g = (await json(["sg", "get", "db-policy", "--vpc", "prod"])).securityGroup;
     assert.deepEqual(
-      g.rules.map((x: any) => `${x.direction}:${x.protocol}:${x.portFrom}:${x.cidr}`),
+      g.rules.map((x: Record<string, unknown>) => `${x.direction}:${x.protocol}:${x.portFrom}:${x.cidr}`),
       ["DIRECTION_INGRESS:PROTOCOL_TCP:5432:0.0.0.0/0", "DIRECTION_EGRESS:PROTOCOL_TCP:80:0.0.0.0/0", "DIRECTION_EGRESS:PROTOCOL_TCP:443:0.0.0.0/0"],
     );
     // Again, into the existing group: idempotent; -o json for scripts.
@@ -258,7 +258,7 @@ describe("network ACLs", () => {
     const a = (await json(["acl", "get", "data-acl", "--vpc", "prod"])).networkAcl;
     assert.deepEqual(a.subnetIds, [data]);
     assert.deepEqual(
-      a.entries.map((e: any) => [e.ruleNumber, e.direction, e.action, e.protocol, e.portFrom, e.cidr]),
+      a.entries.map((e: Record<string, unknown>) => [e.ruleNumber, e.direction, e.action, e.protocol, e.portFrom, e.cidr]),
       [
         [100, "DIRECTION_INGRESS", "ACL_ACTION_DENY", "PROTOCOL_TCP", 22, "0.0.0.0/0"],
         [200, "DIRECTION_INGRESS", "ACL_ACTION_ALLOW", "PROTOCOL_ALL", 0, "10.0.0.0/16"],
@@ -306,14 +306,14 @@ describe("network ACLs", () => {
     let a = (await json(["acl", "get", "policy-web", "--vpc", "prod"])).networkAcl;
     assert.deepEqual(a.subnetIds, [web]);
     assert.deepEqual(
-      a.entries.map((e: any) => `${e.ruleNumber}:${e.direction}:${e.action}`),
+      a.entries.map((e: Record<string, unknown>) => `${e.ruleNumber}:${e.direction}:${e.action}`),
       ["100:DIRECTION_INGRESS:ACL_ACTION_ALLOW", "110:DIRECTION_INGRESS:ACL_ACTION_DENY", "32766:DIRECTION_INGRESS:ACL_ACTION_ALLOW", "32766:DIRECTION_EGRESS:ACL_ACTION_ALLOW"],
     );
     // Again with --default-action deny: the same ACL, entries replaced.
     r = await expect(0, ["acl", "import", file, "--vpc", "prod", "--default-action", "deny"]);
     assert.match(r.stdout, /replaced the entries of network ACL policy-web/);
     a = (await json(["acl", "get", "policy-web", "--vpc", "prod"])).networkAcl;
-    assert.deepEqual(a.entries.map((e: any) => e.ruleNumber), [100, 110]);
+    assert.deepEqual(a.entries.map((e: Record<string, unknown>) => e.ruleNumber), [100, 110]);
     // A file for a subnet the VPC does not have.
     writeFileSync(file, JSON.stringify({ subnet: "10.0.9.0/24", ingress: [] }));
     r = await expect(2, ["acl", "import", file, "--vpc", "prod"]);
@@ -354,7 +354,7 @@ describe("gateway", () => {
     await expect(4, ["fip", "allocate", "--address", "203.0.113.5"]);
 
     const l = await json(["fip", "list"]);
-    assert.deepEqual(l.floatingIps.map((f: any) => f.address).sort(), ["203.0.113.1", "203.0.113.5"]);
+    assert.deepEqual(l.floatingIps.map((f: Record<string, unknown>) => f.address).sort(), ["203.0.113.1", "203.0.113.5"]);
     assert.deepEqual(l.pool, [POOL]);
     assert.equal(l.poolFree, 4);
     r = await expect(0, ["fip", "list"]);
@@ -414,18 +414,18 @@ describe("VMs", () => {
     r = await expect(0, ["sg", "attach", nic, "--group", "app-sg,pg-sg"]);
     assert.match(r.stdout, /changed\s*│ yes/);
     const binding = (await json(["sg", "bindings", "--group", "pg-sg", "--vpc", "prod"])).bindings;
-    assert.deepEqual(binding.map((b: any) => [b.nicId, b.address, b.hostInterface]), [
+    assert.deepEqual(binding.map((b: Record<string, unknown>) => [b.nicId, b.address, b.hostInterface]), [
       [nic, app.nics[0].guest.address, app.nics[0].hostInterface],
       [pg.nics[0].id, "10.0.2.50", pg.nics[0].hostInterface],
     ].sort());
-    r = await expect(0, ["sg", "attach", nic, "--group", "app-sg"]);
+    await expect(0, ["sg", "attach", nic, "--group", "app-sg"]);
 
     // A floating IP and a port forward on the VM's address.
     const fip = (await json(["fip", "allocate"])).floatingIp;
     r = await expect(0, ["fip", "associate", fip.id, "--vpc", "prod", "--address", app.nics[0].guest.address]);
     assert.match(r.stdout, new RegExp(`${app.nics[0].guest.address.replace(/\./g, "\\.")} in vpc-`));
-    r = await expect(5, ["fip", "release", fip.address]);
-    r = await expect(0, ["fip", "release", fip.address, "--force"]);
+    await expect(5, ["fip", "release", fip.address]);
+    await expect(0, ["fip", "release", fip.address, "--force"]);
     const pf = (await json(["pf", "create", "--vpc", "prod", "--outside-port", "8080", "--address", app.nics[0].guest.address, "--port", "80"])).portForward;
     assert.equal(pf.privatePort, 80);
     r = await expect(0, ["pf", "list"]);
@@ -570,7 +570,7 @@ test("status reports each daemon; exit 0 only when all are healthy", async () =>
 
   const s = JSON.parse((await expect(0, ["status", "-o", "json"])).stdout);
   assert.equal(s.healthy, true);
-  assert.deepEqual(s.services.map((x: any) => [x.daemon, x.status]), [["ipam", "serving"], ["netagent", "serving"], ["firewall", "serving"], ["gateway", "serving"], ["vmm", "serving"]]);
+  assert.deepEqual(s.services.map((x: Record<string, unknown>) => [x.daemon, x.status]), [["ipam", "serving"], ["netagent", "serving"], ["firewall", "serving"], ["gateway", "serving"], ["vmm", "serving"]]);
   assert.equal(s.hostId, HOST_ID);
   assert.equal(s.netagent.health, "HOST_HEALTH_HEALTHY");
   assert.equal(s.firewall.health, "FIREWALL_HEALTH_HEALTHY");

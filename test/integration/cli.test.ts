@@ -22,7 +22,7 @@ let tmp: string;
 
 
 const cli = cliRunner(() => ["--server", daemon!.address], 30_000);
-const { run, json } = cli;
+const { json } = cli;
 /** expect, optionally against another server address. */
 const expect = (code: number, args: string[], server?: string) => cli.expect(code, args, server === undefined ? undefined : ["--server", server]);
 
@@ -147,10 +147,10 @@ test("-o json prints the API's messages, every field present", async () => {
   // Lists follow every page; --limit stops early and hands back the token.
   await json(["vpc", "create", "jsonvpc2", "--cidr", "10.2.0.0/16"]);
   const all = await json(["vpc", "list"]);
-  assert.deepEqual(all.vpcs.map((v: any) => v.name), ["jsonvpc", "jsonvpc2"]);
+  assert.deepEqual(all.vpcs.map((v: Record<string, unknown>) => v.name), ["jsonvpc", "jsonvpc2"]);
   assert.equal(all.nextPageToken, "");
   const one = await json(["vpc", "list", "--limit", "1"]);
-  assert.deepEqual(one.vpcs.map((v: any) => v.name), ["jsonvpc"]);
+  assert.deepEqual(one.vpcs.map((v: Record<string, unknown>) => v.name), ["jsonvpc"]);
   assert.notEqual(one.nextPageToken, "");
 
   const rel = await json(["ip", "release", "--subnet", s.subnet.id, "--address", "10.1.0.9"]);
@@ -261,7 +261,7 @@ test("ip reclaim frees only dead owners past the grace period", async () => {
   assert.match(r.stdout, /hv1\/vm-2/);
   assert.match(r.stdout, /reclaimed 1 address\(es\), kept 1/);
   const left = await json(["ip", "list", "--subnet", "s", "--vpc", "rec"]);
-  assert.deepEqual(left.allocations.map((a: any) => a.owner).sort(), ["hv1/vm-1", "hv2/vm-3"]);
+  assert.deepEqual(left.allocations.map((a: Record<string, unknown>) => a.owner).sort(), ["hv1/vm-1", "hv2/vm-3"]);
 });
 
 test("dns: records and resolver configuration, with exit codes, -o json and --dry-run", async () => {

@@ -57,12 +57,6 @@ afterAll(async () => {
 // ---------------------------------------------------------------------------
 // helpers
 
-/** "10.10.1.0/24" → "10.10.1.4"-style address n of the subnet. */
-function nth(cidr: string, n: number): string {
-  const [a, b, c] = cidr.split("/")[0].split(".");
-  return `${a}.${b}.${c}.${n}`;
-}
-
 async function serveHttp(vm: Vm, body = vm.name): Promise<void> {
   await startHttpServer(vm.ns, body, 80);
 }

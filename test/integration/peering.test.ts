@@ -20,7 +20,7 @@ import { startDaemon } from "../lib/daemon.js";
 import { httpGet, ipn, nsExec, ping, startHttpServer, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
-let A: Vpc, B: Vpc, C: Vpc, overlapA: Vpc;
+let A: Vpc, B: Vpc, C: Vpc;
 // a0 on host 0 and a1 on host 1 (A 10.70.1.0/24); b1 (B 10.71.1.0/24, not
 // allowed across A–B) on host 1; b2 (B 10.71.2.0/24, allowed) on host 2;
 // c0 on host 0 and c2 on host 2 (C).
@@ -32,7 +32,8 @@ beforeAll(async () => {
   A = await h.vpc("pa", "10.70.0.0/16");
   B = await h.vpc("pb", "10.71.0.0/16");
   C = await h.vpc("pc", "10.72.0.0/16");
-  overlapA = await h.vpc("pd", "10.70.0.0/16");
+  // A VPC overlapping A: it exists, and peering A with it is refused below.
+  await h.vpc("pd", "10.70.0.0/16");
   const sA = await h.subnet(A, "s1", "10.70.1.0/24");
   const sB1 = await h.subnet(B, "s1", "10.71.1.0/24");
   const sB2 = await h.subnet(B, "s2", "10.71.2.0/24");

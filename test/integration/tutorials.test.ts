@@ -86,19 +86,17 @@ async function reachable(from: string, target: string, vpc: string): Promise<voi
  * packets are dropped (a timeout, not a refusal: a server listens there).
  */
 async function blocked(from: string, target: string, vpc: string): Promise<void> {
-  let r: CliRun = { code: -1, stdout: "", stderr: "" };
   // Rules apply asynchronously: wait for the drop, then require it to hold.
-  await waitFor(async () => (r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code === 8, { timeoutMs: 10_000, intervalMs: 300 });
-  r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000", "-o", "json"]);
+  await waitFor(async () => (await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code === 8, { timeoutMs: 10_000, intervalMs: 300 });
+  const r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000", "-o", "json"]);
   assert.equal(r.code, 8, `${from} → ${target} should be blocked:\nexit ${r.code}\n${r.stdout}${r.stderr}`);
   assert.equal(JSON.parse(r.stdout).result, "CONNECTIVITY_RESULT_TIMEOUT", `${from} → ${target}: dropped, not refused: ${r.stdout}`);
 }
 
 /** Not reachable in any way (dropped, or an ICMP error on the way): where no route leads there. */
 async function unreachable(from: string, target: string, vpc: string): Promise<void> {
-  let r: CliRun = { code: -1, stdout: "", stderr: "" };
-  await waitFor(async () => (r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code !== 0, { timeoutMs: 10_000, intervalMs: 300 });
-  r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"]);
+  await waitFor(async () => (await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code !== 0, { timeoutMs: 10_000, intervalMs: 300 });
+  const r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"]);
   assert.notEqual(r.code, 0, `${from} → ${target} should not be reachable:\n${r.stdout}${r.stderr}`);
   assert.doesNotMatch(r.stdout, /^reachable/);
 }
@@ -159,6 +157,8 @@ test("the agentmetal networking guide, as written, with packets", { timeout: 300
   const web2 = await vmInfo("web2", "prod");
   const data1 = await vmInfo("data1", "prod");
   assert.match(web1.address, /^10\.0\.1\.\d+$/);
+  assert.match(web2.address, /^10\.0\.1\.\d+$/);
+  assert.notEqual(web2.address, web1.address);
   assert.match(data1.address, /^10\.0\.2\.\d+$/);
   // Servers on the ports the guide names, and on one it does not open (8080).
   await serve(web1.ns, "web1", [80, 443, 22, 8080]);
@@ -334,7 +334,7 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   assert.match(r.stderr, /warning: .*22/);
   const g = (await json(["sg", "get", "database-policy", "--vpc", "blog"])).securityGroup;
   assert.deepEqual(
-    g.rules.map((x: any) => `${x.direction}:${x.protocol}:${x.portFrom}`).sort(),
+    g.rules.map((x: Record<string, unknown>) => `${x.direction}:${x.protocol}:${x.portFrom}`).sort(),
     ["DIRECTION_EGRESS:PROTOCOL_TCP:443", "DIRECTION_EGRESS:PROTOCOL_TCP:80", "DIRECTION_INGRESS:PROTOCOL_TCP:5432"],
   );
   await expect(0, ["sg", "attach", db.nic, "--group", "database-policy"]);
@@ -360,7 +360,7 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   await serve(reports.ns, "reports", [9000]);
   await unreachable("webserver", "10.30.1.4:9000", "blog"); // not peered yet
   // (a) The whole VPCs: both blog subnets reach reports:9000, as its group allows.
-  r = await expect(0, ["vpc", "peer", "create", "--vpc1", "blog", "--vpc2", "analytics"]);
+  await expect(0, ["vpc", "peer", "create", "--vpc1", "blog", "--vpc2", "analytics"]);
   await reachable("webserver", "10.30.1.4:9000", "blog");
   await reachable("database", "10.30.1.4:9000", "blog");
   assert.equal(await httpFrom(web.ns, "http://10.30.1.4:9000/", (b) => b !== null), "reports:9000");

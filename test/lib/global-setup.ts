@@ -36,7 +36,7 @@ type Worker = { pid: number; marker: string };
 
 /** This process's children (vitest's workers) that left a harness marker. */
 function workersWithHarness(): Worker[] {
-  let files: string[] = [];
+  let files: string[];
   try {
     files = readdirSync(MARKER_DIR).filter((f) => /^mt[0-9a-f]{4}\.pid$/.test(f));
   } catch {
@@ -45,7 +45,7 @@ function workersWithHarness(): Worker[] {
   const workers: Worker[] = [];
   for (const f of files) {
     const marker = join(MARKER_DIR, f);
-    let pid = NaN;
+    let pid;
     try {
       pid = Number(readFileSync(marker, "utf8").trim());
     } catch {

@@ -163,7 +163,7 @@ function sleepSync(ms: number): void {
 
 /** Kills (SIGKILL, by PID) every process still inside a namespace of the run. */
 function killProcessesIn(ns: string): number {
-  let out = "";
+  let out;
   try {
     out = execFileSync("ip", ["netns", "pids", ns], { env: ENV, encoding: "utf8", timeout: 10_000 });
   } catch {
@@ -221,7 +221,7 @@ function pidAlive(pid: number): boolean {
 
 /** Names of every named network namespace (ip netns list). */
 export function listNetnsSync(): string[] {
-  let out = "";
+  let out;
   try {
     out = execFileSync("ip", ["netns", "list"], { env: ENV, encoding: "utf8", timeout: 10_000 });
   } catch {

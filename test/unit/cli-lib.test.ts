@@ -91,6 +91,7 @@ test("progress: a spinner with elapsed time after the delay, only on a terminal,
     return 42;
   });
   assert.equal(v, 42);
+  // eslint-disable-next-line no-control-regex -- the terminal escape is what is checked
   assert.match(tty.out, /\r\x1b\[K. creating vm web1 … 0\.\ds/);
   assert.ok(tty.out.endsWith("\r\x1b[K"), "the line is cleared");
   // Several at once: one line, the oldest shown, the others counted.

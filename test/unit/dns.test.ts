@@ -193,12 +193,14 @@ describe("the resolver over loopback sockets", () => {
     assert.deepEqual(await ask("127.0.0.1", "10.0.1.50", "web1.prod.internal"), { rcode: "NOERROR", id: 777, data: ["10.0.1.4"] });
     assert.deepEqual(await ask("127.0.0.2", "10.0.1.50", "web1.prod.internal"), { rcode: "NXDOMAIN", id: 777, data: [] });
     assert.deepEqual(await ask("127.0.0.2", "10.0.1.50", "web1.dev.internal"), { rcode: "NOERROR", id: 777, data: ["10.0.1.7"] });
+    assert.equal(upstreamSeen, 0, "names in (or under) a VPC zone never reach the upstream");
   });
 
   test("forwarding keeps the client's id (upstream sees another); a silent upstream gives SERVFAIL", async () => {
     assert.deepEqual(await ask("127.0.0.1", "10.0.1.51", "www.example"), { rcode: "NOERROR", id: 777, data: ["192.0.2.99"] });
     assert.equal((await ask("127.0.0.1", "10.0.1.51", "slow.example"))?.rcode, "SERVFAIL");
     assert.equal((await ask("127.0.0.2", "10.0.1.51", "www.example"))?.rcode, "REFUSED");
+    assert.ok(upstreamSeen >= 2, `the upstream was asked (${upstreamSeen})`);
   });
 
   test("a VM over its rate is dropped; another VM is not", async () => {
