@@ -5,15 +5,10 @@ import js from "@eslint/js";
 import globals from "globals";
 import tseslint from "typescript-eslint";
 
-export default tseslint.config(
-  { ignores: ["gen/", "dist/", "node_modules/", ".run/"] },
-  js.configs.recommended,
-  ...tseslint.configs.recommended,
-  {
-    languageOptions: { globals: { ...globals.node } },
-    rules: {
-      // `_name` marks an argument or binding kept for its position.
-      "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrors: "none" }],
-    },
+export default tseslint.config({ ignores: ["gen/", "dist/", "node_modules/", ".run/"] }, js.configs.recommended, ...tseslint.configs.recommended, {
+  languageOptions: { globals: { ...globals.node } },
+  rules: {
+    // `_name` marks an argument or binding kept for its position.
+    "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrors: "none" }],
   },
-);
+});

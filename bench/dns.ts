@@ -76,10 +76,30 @@ async function load(ns: string, resolver: string, name: string): Promise<Result>
 
 async function helper(hostNs: string, mode: string, redisUrl: string, hostId: string, address: string): Promise<ChildProcess> {
   const child = trackChild(
-    spawn("ip", ["netns", "exec", hostNs, process.execPath, "--import", "tsx", join(ROOT, "bench", "lib", "dns-server.ts"), "--mode", mode, "--redis", redisUrl, "--host-id", hostId, "--address", address], {
-      cwd: ROOT,
-      stdio: ["ignore", "pipe", "inherit"],
-    }),
+    spawn(
+      "ip",
+      [
+        "netns",
+        "exec",
+        hostNs,
+        process.execPath,
+        "--import",
+        "tsx",
+        join(ROOT, "bench", "lib", "dns-server.ts"),
+        "--mode",
+        mode,
+        "--redis",
+        redisUrl,
+        "--host-id",
+        hostId,
+        "--address",
+        address,
+      ],
+      {
+        cwd: ROOT,
+        stdio: ["ignore", "pipe", "inherit"],
+      },
+    ),
   );
   const rl = createInterface({ input: child.stdout! });
   const ready = await Promise.race([
@@ -109,7 +129,18 @@ async function main(): Promise<number> {
   let left: string[];
   try {
     const hv = h.hosts[0];
-    const gwd = await startDaemon("gateway", ["--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0", "--imds-redis", h.redis.socket]);
+    const gwd = await startDaemon("gateway", [
+      "--redis",
+      h.redis.url,
+      "--host-id",
+      hv.id,
+      "--host-netns",
+      hv.ns,
+      "--uplink",
+      "ul0",
+      "--imds-redis",
+      h.redis.socket,
+    ]);
     trackChild(gwd.proc);
     const dns = grpcClient(DnsService, { address: h.ipamDaemon.address });
     const vpc = await h.vpc("bench", "10.0.0.0/16");
@@ -118,10 +149,13 @@ async function main(): Promise<number> {
     await dns.setDnsRecord({ vpc: "bench", name: "target", address: "10.0.1.99", owner: "bench" });
     const name = "target.bench.internal";
     const resolver = "10.0.0.2";
-    const up = await waitFor(async () => (await nsExec(vm.ns, "busybox", ["nslookup", name, resolver], { check: false, timeoutMs: 5000 })).stdout.includes("10.0.1.99"), {
-      timeoutMs: 20_000,
-      intervalMs: 250,
-    });
+    const up = await waitFor(
+      async () => (await nsExec(vm.ns, "busybox", ["nslookup", name, resolver], { check: false, timeoutMs: 5000 })).stdout.includes("10.0.1.99"),
+      {
+        timeoutMs: 20_000,
+        intervalMs: 250,
+      },
+    );
     if (!up) throw new Error("the gateway's resolver does not answer");
     const daemon = await load(vm.ns, resolver, name);
     await gwd.stop();
@@ -146,8 +180,18 @@ async function main(): Promise<number> {
       `${label.padEnd(44)} ${String(Math.round(median(xs.map((x) => x.qps)))).padStart(8)} q/s   p50 ${String(Math.round(median(xs.map((x) => x.p50us)))).padStart(6)} µs   p99 ${String(Math.round(median(xs.map((x) => x.p99us)))).padStart(7)} µs   lost ${xs.reduce((a, x) => a + x.lost, 0)}`;
     console.log(`VPC resolver, one VM, ${CONC} queries in flight, ${SECONDS} s per run, medians of ${ROUNDS} interleaved rounds (node ${process.version})`);
     console.log(row("gateway daemon (limit 200 q/s, burst 400)", [daemon]));
-    console.log(row("resolver code, limit raised", rounds.map((x) => x.resolver)));
-    console.log(row("bare dns-packet server, same path", rounds.map((x) => x.bare)));
+    console.log(
+      row(
+        "resolver code, limit raised",
+        rounds.map((x) => x.resolver),
+      ),
+    );
+    console.log(
+      row(
+        "bare dns-packet server, same path",
+        rounds.map((x) => x.bare),
+      ),
+    );
     const ratio = median(rounds.map((x) => x.resolver.qps / x.bare.qps));
     console.log(`resolver / bare: ${(ratio * 100).toFixed(0)} % (median of per-round ratios)`);
     const file = resultsFile("dns");

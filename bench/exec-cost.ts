@@ -40,5 +40,7 @@ for (const f of Object.values(cases)) await measure(f); // warm-up
 for (let r = 0; r < rounds; r++) for (const [k, f] of Object.entries(cases)) samples[k].push(await measure(f));
 console.log(`${file} ${args.join(" ")} ×${calls}, median of ${rounds} rounds (Node ${process.version})`);
 for (const [k, s] of Object.entries(samples)) {
-  console.log(`${k.padEnd(9)} wall ${median(s.map((x) => x.wall)).toFixed(2)} ms/call (${s.map((x) => x.wall.toFixed(1)).join(" ")}), parent CPU ${median(s.map((x) => x.cpu)).toFixed(2)} ms/call`);
+  console.log(
+    `${k.padEnd(9)} wall ${median(s.map((x) => x.wall)).toFixed(2)} ms/call (${s.map((x) => x.wall.toFixed(1)).join(" ")}), parent CPU ${median(s.map((x) => x.cpu)).toFixed(2)} ms/call`,
+  );
 }

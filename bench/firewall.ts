@@ -60,7 +60,6 @@ import { check, heading, num, pct, resultsFile, spr, table, verdictTable, writeJ
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase } from "./lib/stats.js";
 
-
 const opt = benchArgs(
   {
     rounds: { type: "string", default: "7" },
@@ -296,7 +295,9 @@ async function part1(): Promise<Part1[]> {
     });
     const lr = await nsExec(ns[size].lin, "nft", ["-a", "list", "chain", "inet", "bench_linear", "nic_in"], { timeoutMs: 30_000 });
     out[out.length - 1].linearRulesInKernel = lr.stdout.split("\n").filter((l) => /accept|drop/.test(l)).length;
-    progress(`  ${size} rules: created in ${fms(compileMs + applyMs)} (script ${num(script.length / 1024)} KiB), ${out[out.length - 1].elementsInKernel} set elements in the kernel`);
+    progress(
+      `  ${size} rules: created in ${fms(compileMs + applyMs)} (script ${num(script.length / 1024)} KiB), ${out[out.length - 1].elementsInKernel} set elements in the kernel`,
+    );
   }
   // Interleaved rounds: each round replaces every size once, the linear table once, and runs the floor.
   const cases: BenchCase<void>[] = [];
@@ -436,7 +437,17 @@ async function part2(): Promise<Part2[]> {
         const set = await nsExec(c.ns, "nft", ["list", "set", "inet", "microvpc", `members_${PEER_GROUP.slice(-12)}`]);
         r.memberSeen = hasElement(set.stdout, addr);
       }
-      if (!warm) r.samples.push({ kind: joining ? "join" : "leave", compileMs, diffMs, applyMs, totalMs: compileMs + diffMs + applyMs, lines: d.trim().split("\n").length, checkMs, smallCheckMs });
+      if (!warm)
+        r.samples.push({
+          kind: joining ? "join" : "leave",
+          compileMs,
+          diffMs,
+          applyMs,
+          totalMs: compileMs + diffMs + applyMs,
+          lines: d.trim().split("\n").length,
+          checkMs,
+          smallCheckMs,
+        });
     },
   }));
   // Each round toggles every size once; an even number of rounds leaves every set as it started.
@@ -498,9 +509,10 @@ async function timedApply(fw0: FwClient, metricsPort: number, change: () => Prom
     await sleep(METRICS_POLL_MS);
   }
   if (!inKernel) e2eMs = msSince(s);
-  if (after.full + after.elements <= before.full + before.elements || (inKernel && !seen)) throw new Error(`the firewall daemon applied nothing within ${APPLY_WAIT_MS / 1000} s`);
+  if (after.full + after.elements <= before.full + before.elements || (inKernel && !seen))
+    throw new Error(`the firewall daemon applied nothing within ${APPLY_WAIT_MS / 1000} s`);
   const kind = after.full > before.full ? "full" : "elements";
-  const daemonMs = ((after.sumFull - before.sumFull) + (after.sumEl - before.sumEl)) * 1000;
+  const daemonMs = (after.sumFull - before.sumFull + (after.sumEl - before.sumEl)) * 1000;
   // The whole pass: wait for the status generation to move past the pass (bounded; each call runs an nft exec in the daemon).
   let passMs = Number.NaN;
   for (let i = 0; i < 100; i++) {
@@ -622,7 +634,15 @@ async function main(): Promise<number> {
   const smallCount = recvGroup.rules.length;
   const extraCount = BIG - smallCount;
   const extras = Array.from({ length: extraCount }, (_, i) => toApi(extraRule(i)));
-  const bindArgs = (vm: Vm, groups: string[]) => ({ nicId: vm.nicId, vpc: vm.vpc.id, subnet: vm.subnet.id, address: vm.address, mac: vm.mac, hostInterface: vm.hostInterface, securityGroups: groups });
+  const bindArgs = (vm: Vm, groups: string[]) => ({
+    nicId: vm.nicId,
+    vpc: vm.vpc.id,
+    subnet: vm.subnet.id,
+    address: vm.address,
+    mac: vm.mac,
+    hostInterface: vm.hostInterface,
+    securityGroups: groups,
+  });
   await fw0.bindNic(bindArgs(a, []));
   await fw0.bindNic(bindArgs(b, [recv]));
   await fw1.bindNic(bindArgs(c, []));
@@ -630,7 +650,9 @@ async function main(): Promise<number> {
   const up = await waitFor(() => tcpProbe(a.ns, b.address, 5301, 800), { timeoutMs: 15_000, intervalMs: 200 });
   if (!up) throw new Error("snd cannot reach rcv:5301 through the firewall");
   const blocked = !(await tcpProbe(a.ns, b.address, 5302, 500));
-  progress(`  group recv has ${smallCount} rules (${small.length} + the default egress); +${extraCount} makes ${BIG}; snd → rcv:5301 open, :5302 ${blocked ? "closed" : "OPEN (unexpected)"}`);
+  progress(
+    `  group recv has ${smallCount} rules (${small.length} + the default egress); +${extraCount} makes ${BIG}; snd → rcv:5301 open, :5302 ${blocked ? "closed" : "OPEN (unexpected)"}`,
+  );
 
   // Membership through the daemons: peer (on host 1) joins / leaves "peers".
   const member = { small: [] as DaemonApply[], big: [] as DaemonApply[] };
@@ -641,7 +663,9 @@ async function main(): Promise<number> {
     const r = await timedApply(fw0, fwd0.metricsPort, () => fw0.updateSecurityGroup(on ? { ref: recv, addRules: extras } : { ref: recv, removeRules: extras }));
     switches.push({ to: on ? "big" : "small", r });
     bigNow = on;
-    progress(`  recv → ${on ? BIG : smallCount} rules: API ${fms(r.apiMs)}, applied (${r.kind}) after ${fms(r.e2eMs)}, daemon timer ${fms(r.daemonMs)}, whole pass ${fms(r.passMs)}`);
+    progress(
+      `  recv → ${on ? BIG : smallCount} rules: API ${fms(r.apiMs)}, applied (${r.kind}) after ${fms(r.e2eMs)}, daemon timer ${fms(r.daemonMs)}, whole pass ${fms(r.passMs)}`,
+    );
   };
   const inSitu = { check: [] as number[], small: [] as number[] };
   let cMember = false;
@@ -650,7 +674,8 @@ async function main(): Promise<number> {
     cMember = !cMember;
     const want = cMember;
     // Applied when host 0's kernel set has (or no longer has) the address: polled with nft, ~10 ms a look.
-    const inKernel = async () => hasElement((await nsExec(b.vpcNs, "nft", ["list", "set", "inet", "microvpc", membersSet], { check: false })).stdout, c.address) === want;
+    const inKernel = async () =>
+      hasElement((await nsExec(b.vpcNs, "nft", ["list", "set", "inet", "microvpc", membersSet], { check: false })).stdout, c.address) === want;
     into.push(await timedApply(fw0, fwd0.metricsPort, () => fw1.bindNic(bindArgs(c, want ? [peers] : [])), inKernel));
   };
   progress(`part 3a: membership changes through the daemons, ${DAEMON_TOGGLES} at ${smallCount} rules, then ${DAEMON_TOGGLES} at ${BIG}`);
@@ -682,7 +707,9 @@ async function main(): Promise<number> {
   }
 
   // ---- 3b. traffic with and without the extra rules
-  progress(`part 3b: traffic snd → rcv, ${IPERF_RUNS} rounds (iperf3 ${IPERF_S} s, ${PING_COUNT} pings, ${CONNECT_MS / 1000} s of connects), ${smallCount} vs ${BIG} rules`);
+  progress(
+    `part 3b: traffic snd → rcv, ${IPERF_RUNS} rounds (iperf3 ${IPERF_S} s, ${PING_COUNT} pings, ${CONNECT_MS / 1000} s of connects), ${smallCount} vs ${BIG} rules`,
+  );
   const cases: BenchCase<TrafficRun>[] = (["small", "big"] as const).map((name) => ({
     name,
     async run(round, warm) {
@@ -692,7 +719,10 @@ async function main(): Promise<number> {
       const pressure = pw();
       const ping = await pingRtt(a.ns, b.address);
       const connects = await connectRate(a.ns, b.address, 5301, warm ? CONNECT_WARM_MS : CONNECT_MS);
-      if (!warm) progress(`  round ${round + 1}: ${name === "big" ? BIG : smallCount} rules: ${num(tput.gbps)} Gbit/s (pressure ${pct(pressure)}), ping p50 ${num(ping.p50, 3)} ms, ${num(connects.perSec, 0)} connects/s`);
+      if (!warm)
+        progress(
+          `  round ${round + 1}: ${name === "big" ? BIG : smallCount} rules: ${num(tput.gbps)} Gbit/s (pressure ${pct(pressure)}), ping p50 ${num(ping.p50, 3)} ms, ${num(connects.perSec, 0)} connects/s`,
+        );
       return { tput, pressure, ping, connects };
     },
   }));
@@ -717,7 +747,9 @@ async function main(): Promise<number> {
   const out: string[] = [];
   const p = (s = "") => out.push(s);
   p(heading("microvpc firewall benchmark"));
-  p(`${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`);
+  p(
+    `${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`,
+  );
   p(`${env.nft} · ${env.iperf3} · run prefix ${P}`);
 
   p(heading(`1. Compile + apply of one group bound to a NIC (direct: compile() here, then LinuxNft.apply = ip netns exec NS nft -f -)`));
@@ -728,7 +760,18 @@ async function main(): Promise<number> {
   const sp = (xs: number[]) => spread(xs);
   p(
     table(
-      ["rules", "compile", "nft -f", "compile + apply", "create (1st)", "script", "set elements in kernel", "linear rules: nft -f", "linear create", "floor: nft -f no-op"],
+      [
+        "rules",
+        "compile",
+        "nft -f",
+        "compile + apply",
+        "create (1st)",
+        "script",
+        "set elements in kernel",
+        "linear rules: nft -f",
+        "linear create",
+        "floor: nft -f no-op",
+      ],
       p1.map((r) => [
         num(r.size, 0),
         spr(sp(r.replace.map((x) => x.compileMs))),
@@ -747,8 +790,12 @@ async function main(): Promise<number> {
   p(`of 10 / 1k / 10k linear rules 19 / 50 / 394 ms.`);
   p(`Removing ${num(bulk.elements, 0)} of the ${num(SIZES[SIZES.length - 1], 0)} rules at once and adding them back (nft -f only, 2 times each, every time):`);
   p(`  by element (the skeleton is unchanged): delete ${bulk.shrinkElementsMs.map(fms).join(", ")}; add ${bulk.growElementsMs.map(fms).join(", ")}`);
-  p(`  by full replace of the table: to ${SIZES[0]} rules ${bulk.shrinkFullMs.map(fms).join(", ")}; to ${num(SIZES[SIZES.length - 1], 0)} rules ${bulk.growFullMs.map(fms).join(", ")}`);
-  p(`  diff() picks: removing them ${bulk.chosen.shrink}, adding them ${bulk.chosen.grow} (it replaces the table past ${MAX_ELEMENT_DELETIONS} element deletions).`);
+  p(
+    `  by full replace of the table: to ${SIZES[0]} rules ${bulk.shrinkFullMs.map(fms).join(", ")}; to ${num(SIZES[SIZES.length - 1], 0)} rules ${bulk.growFullMs.map(fms).join(", ")}`,
+  );
+  p(
+    `  diff() picks: removing them ${bulk.chosen.shrink}, adding them ${bulk.chosen.grow} (it replaces the table past ${MAX_ELEMENT_DELETIONS} element deletions).`,
+  );
 
   p(heading(`2. One membership change with the rules loaded (direct: compile(next) + diff(prev, next) + LinuxNft.apply of the diff)`));
   p(`The bound group also has a rule "tcp 5432 from members of group P"; an address joins P (one \`add element\` line into P's`);
@@ -757,7 +804,21 @@ async function main(): Promise<number> {
   const lp = (l: Lat) => `${fms(l.p50)} (${num(l.p99)})`;
   p(
     table(
-      ["rules", "join: compile", "diff", "nft -f", "total", "leave: compile", "diff", "nft -f", "total", "lines", "in kernel", "table check*", "small-set check"],
+      [
+        "rules",
+        "join: compile",
+        "diff",
+        "nft -f",
+        "total",
+        "leave: compile",
+        "diff",
+        "nft -f",
+        "total",
+        "lines",
+        "in kernel",
+        "table check*",
+        "small-set check",
+      ],
       p2.map((r) => [
         num(r.size, 0),
         lp(tg(r, "join", (x) => x.compileMs)),
@@ -789,7 +850,12 @@ async function main(): Promise<number> {
   p(
     table(
       ["recv's rules", "changes", "BindNic API", "e2e to applied", "daemon timer", "whole pass", "kinds"],
-      ([["small", smallCount], ["big", BIG]] as const).map(([k, n]) => [
+      (
+        [
+          ["small", smallCount],
+          ["big", BIG],
+        ] as const
+      ).map(([k, n]) => [
         num(n, 0),
         String(member[k].length),
         lp(dl(member[k], (x) => x.apiMs)),
@@ -807,7 +873,14 @@ async function main(): Promise<number> {
   p(
     table(
       ["to", "UpdateSecurityGroup API", "e2e to applied", "daemon timer", "whole pass", "kind"],
-      switches.map((s) => [s.to === "big" ? `${BIG} rules` : `${smallCount} rules`, fms(s.r.apiMs), fms(s.r.e2eMs), fms(s.r.daemonMs), fms(s.r.passMs), s.r.kind]),
+      switches.map((s) => [
+        s.to === "big" ? `${BIG} rules` : `${smallCount} rules`,
+        fms(s.r.apiMs),
+        fms(s.r.e2eMs),
+        fms(s.r.daemonMs),
+        fms(s.r.passMs),
+        s.r.kind,
+      ]),
     ),
   );
 
@@ -819,8 +892,26 @@ async function main(): Promise<number> {
   p(heading(`4. VM↔VM traffic, snd → rcv (one subnet, one bridge), receiver's group ${smallCount} vs ${BIG} rules; ${IPERF_RUNS} rounds, median (min–max)`));
   p(
     table(
-      ["recv's rules", "iperf3 Gbit/s", "paired ÷ small", "CPU ms/GB", "pressure", "retr.", "ping p50 ms", "ping p99 ms", "lost", "connects/s", "connect p50 ms", "p99 ms"],
-      ([["small", smallCount, rs], ["big", BIG, rb]] as const).map(([k, n, r]) => [
+      [
+        "recv's rules",
+        "iperf3 Gbit/s",
+        "paired ÷ small",
+        "CPU ms/GB",
+        "pressure",
+        "retr.",
+        "ping p50 ms",
+        "ping p99 ms",
+        "lost",
+        "connects/s",
+        "connect p50 ms",
+        "p99 ms",
+      ],
+      (
+        [
+          ["small", smallCount, rs],
+          ["big", BIG, rb],
+        ] as const
+      ).map(([k, n, r]) => [
         num(n, 0),
         spr(k === "small" ? tS : tB),
         k === "small" ? "–" : `${pct(paired.median)} (${pct(paired.min)}–${pct(paired.max)})`,
@@ -836,9 +927,13 @@ async function main(): Promise<number> {
       ]),
     ),
   );
-  p(`Per round (Gbit/s, CPU pressure): ${rs.map((x, i) => `${i + 1}: ${num(x.tput.gbps)} (${pct(x.pressure)}) vs ${num(rb[i].tput.gbps)} (${pct(rb[i].pressure)})`).join(" · ")}`);
+  p(
+    `Per round (Gbit/s, CPU pressure): ${rs.map((x, i) => `${i + 1}: ${num(x.tput.gbps)} (${pct(x.pressure)}) vs ${num(rb[i].tput.gbps)} (${pct(rb[i].pressure)})`).join(" · ")}`,
+  );
   p(`Established packets are accepted before the per-NIC chains, so iperf3's stream and ping's echo flow meet the group's sets once`);
-  p(`(their first packet); each new TCP connection meets them on its SYN. rcv's counters since the table was last replaced (every switch to ${smallCount} rules replaces it): ${recvCounters ? `${recvCounters.ingress!.acceptedPackets} new flows accepted, ${recvCounters.ingress!.droppedPackets} dropped` : "–"}.`);
+  p(
+    `(their first packet); each new TCP connection meets them on its SYN. rcv's counters since the table was last replaced (every switch to ${smallCount} rules replaces it): ${recvCounters ? `${recvCounters.ingress!.acceptedPackets} new flows accepted, ${recvCounters.ingress!.droppedPackets} dropped` : "–"}.`,
+  );
   p(`Issue 4's measurements (context): 1000 linear rules cost 40% of forwarding throughput; 1000 entries in one set cost nothing.`);
 
   // ---- verdicts
@@ -847,38 +942,115 @@ async function main(): Promise<number> {
   for (const r of p1) {
     const m = spread(r.replace.map((x) => x.totalMs)).median;
     const lin = spread(r.linearReplaceMs).median;
-    if (r.size === TOP) v.push({ measure: `compile + apply, ${num(r.size, 0)} rules`, value: fms(m), baseline: `${APPLY_LIMIT_MS} ms limit`, ratio: m / APPLY_LIMIT_MS, ...check(m / APPLY_LIMIT_MS, { max: 1 }) });
-    v.push({ measure: `${r.size === TOP ? "  " : ""}compile + apply, ${num(r.size, 0)} rules vs linear`, value: fms(m), baseline: `${fms(lin)} linear`, ratio: m / lin, target: "" });
+    if (r.size === TOP)
+      v.push({
+        measure: `compile + apply, ${num(r.size, 0)} rules`,
+        value: fms(m),
+        baseline: `${APPLY_LIMIT_MS} ms limit`,
+        ratio: m / APPLY_LIMIT_MS,
+        ...check(m / APPLY_LIMIT_MS, { max: 1 }),
+      });
+    v.push({
+      measure: `${r.size === TOP ? "  " : ""}compile + apply, ${num(r.size, 0)} rules vs linear`,
+      value: fms(m),
+      baseline: `${fms(lin)} linear`,
+      ratio: m / lin,
+      target: "",
+    });
   }
   {
     const c = spread(rTop.replace.map((x) => x.compileMs)).median;
     const a10 = spread(rTop.replace.map((x) => x.applyMs)).median;
-    v.push({ measure: `  of which nft -f, ${num(TOP, 0)} rules`, value: fms(a10), baseline: `${fms(spread(rTop.floorMs).median)} no-op`, ratio: a10 / spread(rTop.floorMs).median, target: "" });
-    v.push({ measure: `  of which compile(), ${num(TOP, 0)} rules`, value: fms(c), baseline: fms(spread(rTop.replace.map((x) => x.totalMs)).median), ratio: c / spread(rTop.replace.map((x) => x.totalMs)).median, target: "" });
+    v.push({
+      measure: `  of which nft -f, ${num(TOP, 0)} rules`,
+      value: fms(a10),
+      baseline: `${fms(spread(rTop.floorMs).median)} no-op`,
+      ratio: a10 / spread(rTop.floorMs).median,
+      target: "",
+    });
+    v.push({
+      measure: `  of which compile(), ${num(TOP, 0)} rules`,
+      value: fms(c),
+      baseline: fms(spread(rTop.replace.map((x) => x.totalMs)).median),
+      ratio: c / spread(rTop.replace.map((x) => x.totalMs)).median,
+      target: "",
+    });
   }
   {
     // Whether diff()'s cut-off still picks the faster way for a bulk removal (and what adding them back by element costs).
     const sEl = spread(bulk.shrinkElementsMs).median;
     const sFull = spread(bulk.shrinkFullMs).median;
-    v.push({ measure: `remove ${num(bulk.elements, 0)} rules: full replace vs by element`, value: `${fms(sFull)} (${bulk.chosen.shrink === "full replace" ? "diff() picks it" : "diff() picks elements"})`, baseline: `${fms(sEl)} by element`, ratio: sFull / sEl, target: "" });
+    v.push({
+      measure: `remove ${num(bulk.elements, 0)} rules: full replace vs by element`,
+      value: `${fms(sFull)} (${bulk.chosen.shrink === "full replace" ? "diff() picks it" : "diff() picks elements"})`,
+      baseline: `${fms(sEl)} by element`,
+      ratio: sFull / sEl,
+      target: "",
+    });
     const gEl = spread(bulk.growElementsMs).median;
     const gFull = spread(bulk.growFullMs).median;
-    v.push({ measure: `add ${num(bulk.elements, 0)} rules: by element vs full replace`, value: `${fms(gEl)} (${bulk.chosen.grow === "by element" ? "diff() picks it" : "diff() picks full"})`, baseline: `${fms(gFull)} full`, ratio: gEl / gFull, target: "" });
+    v.push({
+      measure: `add ${num(bulk.elements, 0)} rules: by element vs full replace`,
+      value: `${fms(gEl)} (${bulk.chosen.grow === "by element" ? "diff() picks it" : "diff() picks full"})`,
+      baseline: `${fms(gFull)} full`,
+      ratio: gEl / gFull,
+      target: "",
+    });
   }
-  const j = (size: number, f: (x: ToggleSample) => number = (x) => x.totalMs) => tg(p2.find((r) => r.size === size)!, "join", f).p50;
-  v.push({ measure: `membership join, ${num(TOP, 0)} rules (compile+diff+nft)`, value: fms(j(TOP)), baseline: `${MEMBER_LIMIT_MS} ms limit`, ratio: j(TOP) / MEMBER_LIMIT_MS, ...check(j(TOP) / MEMBER_LIMIT_MS, { max: 1 }) });
-  v.push({ measure: `  flat: at ${num(TOP, 0)} vs at ${LO} rules`, value: fms(j(TOP)), baseline: fms(j(LO)), ratio: j(TOP) / j(LO), ...check(j(TOP) / j(LO), { max: FLAT_MAX }) });
+  const j = (size: number, f: (x: ToggleSample) => number = (x) => x.totalMs) =>
+    tg(
+      p2.find((r) => r.size === size)!,
+      "join",
+      f,
+    ).p50;
+  v.push({
+    measure: `membership join, ${num(TOP, 0)} rules (compile+diff+nft)`,
+    value: fms(j(TOP)),
+    baseline: `${MEMBER_LIMIT_MS} ms limit`,
+    ratio: j(TOP) / MEMBER_LIMIT_MS,
+    ...check(j(TOP) / MEMBER_LIMIT_MS, { max: 1 }),
+  });
+  v.push({
+    measure: `  flat: at ${num(TOP, 0)} vs at ${LO} rules`,
+    value: fms(j(TOP)),
+    baseline: fms(j(LO)),
+    ratio: j(TOP) / j(LO),
+    ...check(j(TOP) / j(LO), { max: FLAT_MAX }),
+  });
   v.push({ measure: `  same, at ${num(MID, 0)} vs at ${LO} rules`, value: fms(j(MID)), baseline: fms(j(LO)), ratio: j(MID) / j(LO), target: "" });
-  v.push({ measure: `  nft -f of the element add alone, ${num(TOP, 0)} vs ${LO}`, value: fms(j(TOP, (x) => x.applyMs)), baseline: fms(j(LO, (x) => x.applyMs)), ratio: j(TOP, (x) => x.applyMs) / j(LO, (x) => x.applyMs), target: "" });
+  v.push({
+    measure: `  nft -f of the element add alone, ${num(TOP, 0)} vs ${LO}`,
+    value: fms(j(TOP, (x) => x.applyMs)),
+    baseline: fms(j(LO, (x) => x.applyMs)),
+    ratio: j(TOP, (x) => x.applyMs) / j(LO, (x) => x.applyMs),
+    target: "",
+  });
   {
     const ck = (size: number) => lat(p2.find((r) => r.size === size)!.samples.map((x) => x.checkMs)).p50;
-    v.push({ measure: `  table check (nft list chain), ${num(TOP, 0)} vs ${LO}`, value: fms(ck(TOP)), baseline: fms(ck(LO)), ratio: ck(TOP) / ck(LO), target: "" });
+    v.push({
+      measure: `  table check (nft list chain), ${num(TOP, 0)} vs ${LO}`,
+      value: fms(ck(TOP)),
+      baseline: fms(ck(LO)),
+      ratio: ck(TOP) / ck(LO),
+      target: "",
+    });
     const tk = (size: number) => lat(p2.find((r) => r.size === size)!.samples.map((x) => x.smallCheckMs)).p50;
     v.push({ measure: `  small-set check instead, ${num(TOP, 0)} vs ${LO}`, value: fms(tk(TOP)), baseline: fms(tk(LO)), ratio: tk(TOP) / tk(LO), target: "" });
   }
   {
-    const lv = (size: number) => tg(p2.find((r) => r.size === size)!, "leave", (x) => x.totalMs).p50;
-    v.push({ measure: `membership leave, ${num(TOP, 0)} rules`, value: fms(lv(TOP)), baseline: `${MEMBER_LIMIT_MS} ms limit`, ratio: lv(TOP) / MEMBER_LIMIT_MS, ...check(lv(TOP) / MEMBER_LIMIT_MS, { max: 1 }) });
+    const lv = (size: number) =>
+      tg(
+        p2.find((r) => r.size === size)!,
+        "leave",
+        (x) => x.totalMs,
+      ).p50;
+    v.push({
+      measure: `membership leave, ${num(TOP, 0)} rules`,
+      value: fms(lv(TOP)),
+      baseline: `${MEMBER_LIMIT_MS} ms limit`,
+      ratio: lv(TOP) / MEMBER_LIMIT_MS,
+      ...check(lv(TOP) / MEMBER_LIMIT_MS, { max: 1 }),
+    });
   }
   {
     const dS = dl(member.small, (x) => x.e2eMs).p50;
@@ -886,10 +1058,28 @@ async function main(): Promise<number> {
     v.push({ measure: `daemon: membership BindNic → applied, ${BIG} vs ${smallCount}`, value: fms(dB), baseline: fms(dS), ratio: dB / dS, target: "" });
     const tS2 = dl(member.small, (x) => x.daemonMs).p50;
     const tB2 = dl(member.big, (x) => x.daemonMs).p50;
-    v.push({ measure: `daemon timer (apply_seconds), ${BIG} rules`, value: fms(tB2), baseline: `${MEMBER_LIMIT_MS} ms limit`, ratio: tB2 / MEMBER_LIMIT_MS, ...check(tB2 / MEMBER_LIMIT_MS, { max: 1 }) });
-    v.push({ measure: `  flat: daemon timer, ${BIG} vs ${smallCount} rules`, value: fms(tB2), baseline: fms(tS2), ratio: tB2 / tS2, ...check(tB2 / tS2, { max: FLAT_MAX }) });
+    v.push({
+      measure: `daemon timer (apply_seconds), ${BIG} rules`,
+      value: fms(tB2),
+      baseline: `${MEMBER_LIMIT_MS} ms limit`,
+      ratio: tB2 / MEMBER_LIMIT_MS,
+      ...check(tB2 / MEMBER_LIMIT_MS, { max: 1 }),
+    });
+    v.push({
+      measure: `  flat: daemon timer, ${BIG} vs ${smallCount} rules`,
+      value: fms(tB2),
+      baseline: fms(tS2),
+      ratio: tB2 / tS2,
+      ...check(tB2 / tS2, { max: FLAT_MAX }),
+    });
   }
-  v.push({ measure: `VM↔VM throughput, ${BIG} vs ${smallCount} rules`, value: `${num(tB.median)} Gbit/s`, baseline: `${num(tS.median)} Gbit/s`, ratio: tB.median / tS.median, ...check(tB.median / tS.median, { min: TPUT_MIN }) });
+  v.push({
+    measure: `VM↔VM throughput, ${BIG} vs ${smallCount} rules`,
+    value: `${num(tB.median)} Gbit/s`,
+    baseline: `${num(tS.median)} Gbit/s`,
+    ratio: tB.median / tS.median,
+    ...check(tB.median / tS.median, { min: TPUT_MIN }),
+  });
   v.push({ measure: "  paired by round (median of ratios)", value: pct(paired.median), baseline: "–", ratio: paired.median, target: "" });
   {
     const cpuS = spread(rs.map((x) => x.tput.cpuMsPerGB)).median;

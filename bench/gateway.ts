@@ -159,7 +159,11 @@ function own(ns: string): string {
 async function netnsBatch(verb: "add" | "del", list: string[]): Promise<void> {
   for (let i = 0; i < list.length; i += 200) {
     const chunk = list.slice(i, i + 200).map(own);
-    const r = await run("ip", [...(verb === "del" ? ["-force"] : []), "-batch", "-"], { input: chunk.map((n) => `netns ${verb} ${n}`).join("\n") + "\n", check: false, timeoutMs: 60_000 });
+    const r = await run("ip", [...(verb === "del" ? ["-force"] : []), "-batch", "-"], {
+      input: chunk.map((n) => `netns ${verb} ${n}`).join("\n") + "\n",
+      check: false,
+      timeoutMs: 60_000,
+    });
     if (r.code !== 0 && verb === "add") throw new Error(`ip netns add (batch): ${r.stderr.trim()}`);
   }
 }
@@ -201,8 +205,22 @@ let gw: ReturnType<typeof grpcClient<typeof GatewayService>>;
 async function startGateway(): Promise<void> {
   const hv = h!.hosts[0];
   gwd = await startDaemon("gateway", [
-    "--redis", h!.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0",
-    "--public-pool", POOL, "--imds-redis", h!.redis.socket, "--imds-port", String(IMDS_PORT), "--drift-interval-ms", "600000",
+    "--redis",
+    h!.redis.url,
+    "--host-id",
+    hv.id,
+    "--host-netns",
+    hv.ns,
+    "--uplink",
+    "ul0",
+    "--public-pool",
+    POOL,
+    "--imds-redis",
+    h!.redis.socket,
+    "--imds-port",
+    String(IMDS_PORT),
+    "--drift-interval-ms",
+    "600000",
   ]);
   trackChild(gwd.proc);
   gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 30_000 });
@@ -353,7 +371,12 @@ interface ImdsAgent {
 }
 
 async function startAgent(vm: Vm): Promise<ImdsAgent> {
-  const child = trackChild(spawn("ip", ["netns", "exec", own(vm.ns), process.execPath, "-e", IMDS_AGENT], { stdio: ["pipe", "pipe", "inherit"], env: { ...process.env, LC_ALL: "C" } }));
+  const child = trackChild(
+    spawn("ip", ["netns", "exec", own(vm.ns), process.execPath, "-e", IMDS_AGENT], {
+      stdio: ["pipe", "pipe", "inherit"],
+      env: { ...process.env, LC_ALL: "C" },
+    }),
+  );
   const lines = new LineReader(child);
   const first = await lines.next(20_000, `IMDS client in ${vm.ns}`);
   if (first !== "ready") throw new Error(`IMDS client in ${vm.ns}: ${first}`);
@@ -501,10 +524,16 @@ async function breakdown(n: number): Promise<Breakdown> {
   };
   const hg: HostGw = { hostId, uplink: "ul0", imdsPort: IMDS_PORT, pool: POOL, vpcs: [v] };
   const lines = transitCreateLines(hostId, v, vpcNs);
-  await run("ip", ["netns", "exec", hostNs, "ip", "-batch", "-"], { input: ["link add ul0 type veth peer name ul0p", "link set ul0 up", "link set ul0p up", ...lines.host].join("\n") + "\n" });
+  await run("ip", ["netns", "exec", hostNs, "ip", "-batch", "-"], {
+    input: ["link add ul0 type veth peer name ul0p", "link set ul0 up", "link set ul0p up", ...lines.host].join("\n") + "\n",
+  });
   await run("ip", ["-n", vpcNs, "-batch", "-"], { input: lines.vpc.join("\n") + "\n" });
   const t = transitAddrs(v.transit);
-  const routes = [`rule del pref ${gwNames.rulePref(v.transit)}`, `rule add from ${t.host} lookup ${gwNames.table(v.transit)} pref ${gwNames.rulePref(v.transit)}`, ...hostRouteLines(v, "ul0")];
+  const routes = [
+    `rule del pref ${gwNames.rulePref(v.transit)}`,
+    `rule add from ${t.host} lookup ${gwNames.table(v.transit)} pref ${gwNames.rulePref(v.transit)}`,
+    ...hostRouteLines(v, "ul0"),
+  ];
   const timed = async (args: string[], input: string) => {
     const s = performance.now();
     const r = await run("ip", args, { input, check: false, timeoutMs: 60_000 });
@@ -513,7 +542,17 @@ async function breakdown(n: number): Promise<Breakdown> {
   };
   const routeArgs = ["netns", "exec", hostNs, "ip", "-force", "-batch", "-"];
   const routeFirstMs = await timed(routeArgs, routes.join("\n") + "\n");
-  const out: Breakdown = { fips: v.fips.length, routeLines: routes.length, routeFirstMs, routeReapplyMs: [], vpcNftBytes: 0, vpcNftMs: [], hostNftMs: [], sysctlMs: [], linkShowMs: [] };
+  const out: Breakdown = {
+    fips: v.fips.length,
+    routeLines: routes.length,
+    routeFirstMs,
+    routeReapplyMs: [],
+    vpcNftBytes: 0,
+    vpcNftMs: [],
+    hostNftMs: [],
+    sysctlMs: [],
+    linkShowMs: [],
+  };
   const vt = vpcNft(v, IMDS_PORT);
   const ht = hostNft(hg);
   out.vpcNftBytes = vt.length;
@@ -560,7 +599,9 @@ async function main(): Promise<number> {
   const fipSub = await h.subnet(fipVpc, "s", "10.62.0.0/21", SubnetType.PUBLIC);
   const spare = await h.vm(0, fipVpc, fipSub, "fspare");
   await startHttpServer(spare.ns, "fip", 80);
-  progress(`${topLevel} NICs in one public /21 of VPC "fip" on hypervisor 0, through AttachNic (${GROW_WORKERS} at a time; until ${GROW_NICS_UNTIL_MS / 1000} s into the run at most)`);
+  progress(
+    `${topLevel} NICs in one public /21 of VPC "fip" on hypervisor 0, through AttachNic (${GROW_WORKERS} at a time; until ${GROW_NICS_UNTIL_MS / 1000} s into the run at most)`,
+  );
   const bgNs = Array.from({ length: topLevel }, (_, i) => `${P}-f${i}`);
   await netnsBatch("add", bgNs);
   const bg: { address: string; nicId: string }[] = [];
@@ -574,7 +615,15 @@ async function main(): Promise<number> {
         const owner = `vm-f${i}`;
         const address = await h!.allocate(fipSub, owner);
         const s = performance.now();
-        const r = await hv0.agent.attachNic({ vpc: fipVpc.id, subnet: fipSub.id, kind: NicKind.VETH, options: { case: "veth", value: { netnsPath: `/run/netns/${own(bgNs[i])}` } }, address, owner, guestInterface: "eth0" });
+        const r = await hv0.agent.attachNic({
+          vpc: fipVpc.id,
+          subnet: fipSub.id,
+          kind: NicKind.VETH,
+          options: { case: "veth", value: { netnsPath: `/run/netns/${own(bgNs[i])}` } },
+          address,
+          owner,
+          guestInterface: "eth0",
+        });
         attachMs.push(msSince(s));
         bg.push({ address, nicId: r.nic!.id });
         if (bg.length % 250 === 0) progress(`  ${bg.length} NICs (AttachNic p50 so far ${fms(lat(attachMs).p50)})`);
@@ -611,12 +660,24 @@ async function main(): Promise<number> {
   const imdsVms: Vm[] = [];
   for (let i = 0; i < IMDS_VMS; i++) imdsVms.push(await h.vm(0, imdsVpc, imdsSub, `md${i}`, { attachOnly: i > 0 }));
   for (const [i, vm] of imdsVms.entries()) {
-    await gw.setInstanceMetadata({ metadata: { instanceId: `i-bench${String(i).padStart(3, "0")}`, vpcId: vm.vpc.id, subnetId: vm.subnet.id, localIpv4: vm.address, mac: vm.mac, hostname: vm.name } });
+    await gw.setInstanceMetadata({
+      metadata: {
+        instanceId: `i-bench${String(i).padStart(3, "0")}`,
+        vpcId: vm.vpc.id,
+        subnetId: vm.subnet.id,
+        localIpv4: vm.address,
+        mac: vm.mac,
+        hostname: vm.name,
+      },
+    });
   }
   const whoami = (ns: string) => httpGet(ns, `http://${INTERNET_ADDRESS}/`, 1500);
   const natOk = await waitFor(async () => (await whoami(natVm.ns)) === hv0.underlayAddress, { timeoutMs: 20_000, intervalMs: 300 });
   const seen = { nat: await whoami(natVm.ns), direct: await whoami(dirVm.ns), underlay: await whoami(ulx) };
-  const imdsOk = await waitFor(async () => (await httpGet(imdsVms[0].ns, `http://169.254.169.254${IMDS_PATH}`, 1500)) === "i-bench000", { timeoutMs: 20_000, intervalMs: 300 });
+  const imdsOk = await waitFor(async () => (await httpGet(imdsVms[0].ns, `http://169.254.169.254${IMDS_PATH}`, 1500)) === "i-bench000", {
+    timeoutMs: 20_000,
+    intervalMs: 300,
+  });
   progress(`the internet sees: NAT VM as ${seen.nat}, direct VM as ${seen.direct}, underlay ns as ${seen.underlay}; IMDS answers md0: ${imdsOk}`);
   if (!natOk || seen.direct !== dirVm.address || !imdsOk) throw new Error("the paths are not up (see above)");
 
@@ -660,7 +721,9 @@ async function main(): Promise<number> {
         const r = await imdsRun(agents.slice(0, n), gwImdsPid, redisPid);
         if (warm) return;
         rec(`limited-${n}`, r);
-        progress(`  round ${round + 1}: ${n} VM${n > 1 ? "s" : ""}: ${num(r.okPerSec, 0)} OK/s (steady ${num(r.steadyOkPerSec, 0)}), ${num(r.r429PerSec, 0)} 429/s, OK p99 ${num(r.okP99Ms)} ms`);
+        progress(
+          `  round ${round + 1}: ${n} VM${n > 1 ? "s" : ""}: ${num(r.okPerSec, 0)} OK/s (steady ${num(r.steadyOkPerSec, 0)}), ${num(r.r429PerSec, 0)} 429/s, OK p99 ${num(r.okP99Ms)} ms`,
+        );
       },
     })),
     { rounds: IMDS_ROUNDS, warmupRounds: 0, minRounds: IMDS_ROUNDS },
@@ -668,10 +731,32 @@ async function main(): Promise<number> {
   progress("  stopping the gateway (its tables stay) and starting bench/lib/imds-server.ts in its place, limit raised");
   await gwd!.stop();
   const srv = trackChild(
-    spawn("ip", ["netns", "exec", own(hv0.ns), process.execPath, "--import", "tsx", join(HERE, "lib", "imds-server.ts"), "--redis", h.redis.socket, "--host-id", hv0.id, "--port", String(IMDS_PORT), "--rate", "1000000000", "--burst", "1000000000"], {
-      stdio: ["ignore", "pipe", "inherit"],
-      env: { ...process.env, LC_ALL: "C" },
-    }),
+    spawn(
+      "ip",
+      [
+        "netns",
+        "exec",
+        own(hv0.ns),
+        process.execPath,
+        "--import",
+        "tsx",
+        join(HERE, "lib", "imds-server.ts"),
+        "--redis",
+        h.redis.socket,
+        "--host-id",
+        hv0.id,
+        "--port",
+        String(IMDS_PORT),
+        "--rate",
+        "1000000000",
+        "--burst",
+        "1000000000",
+      ],
+      {
+        stdio: ["ignore", "pipe", "inherit"],
+        env: { ...process.env, LC_ALL: "C" },
+      },
+    ),
   );
   const srvLines = new LineReader(srv);
   const l0 = await srvLines.next(30_000, "bench IMDS server");
@@ -684,7 +769,10 @@ async function main(): Promise<number> {
     if (ack !== `mode ${m}`) throw new Error(`bench IMDS server: ${ack}`);
     mode = m;
   };
-  const benchOk = await waitFor(async () => (await httpGet(imdsVms[0].ns, `http://169.254.169.254${IMDS_PATH}`, 1500)) === "i-bench000", { timeoutMs: 10_000, intervalMs: 200 });
+  const benchOk = await waitFor(async () => (await httpGet(imdsVms[0].ns, `http://169.254.169.254${IMDS_PATH}`, 1500)) === "i-bench000", {
+    timeoutMs: 10_000,
+    intervalMs: 200,
+  });
   if (!benchOk) throw new Error("the bench IMDS server does not answer through the data plane");
   progress(`  unthrottled: ${IMDS_ROUNDS} rounds of {1, ${IMDS_VMS}} VMs × {IMDS, floor}, ${IMDS_S} s each`);
   await interleaved<void>(
@@ -760,14 +848,21 @@ async function main(): Promise<number> {
       const list = (await gw.listFloatingIps({})).floatingIps.filter((f) => f.privateAddress && f.privateAddress !== spare.address);
       for (const f of [list[0], list[list.length - 1]]) backgroundOk &&= await canPing(inet.ns, f.address, { count: 2, deadlineS: 3 });
     }
-    progress(`  ${level} FIPs associated (background FIPs answer: ${backgroundOk}); ${FIP_SAMPLES} routed samples${level === FIP_LEVELS[0] || level === topLevel ? ` + ${ONLINK_SAMPLES} on-link` : ""}`);
+    progress(
+      `  ${level} FIPs associated (background FIPs answer: ${backgroundOk}); ${FIP_SAMPLES} routed samples${level === FIP_LEVELS[0] || level === topLevel ? ` + ${ONLINK_SAMPLES} on-link` : ""}`,
+    );
     const samples: FipSample[] = [];
-    const modes: ("routed" | "onlink")[] = [...Array(FIP_SAMPLES).fill("routed"), ...(level === FIP_LEVELS[0] || level === topLevel ? Array(ONLINK_SAMPLES).fill("onlink") : [])];
+    const modes: ("routed" | "onlink")[] = [
+      ...Array(FIP_SAMPLES).fill("routed"),
+      ...(level === FIP_LEVELS[0] || level === topLevel ? Array(ONLINK_SAMPLES).fill("onlink") : []),
+    ];
     for (const mode of modes) {
       const address = sampleAddr();
       const f = (await gw.allocateFloatingIp({ address })).floatingIp!;
       if (mode === "onlink") await ipn(inet.ns, ["route", "add", `${address}/32`, "dev", "eth0"]);
-      const prober = trackChild(spawn("ip", ["netns", "exec", inet.ns, process.execPath, "-e", PROBER, address, "80", String(PROBE_MAX_MS)], { stdio: ["ignore", "pipe", "inherit"] }));
+      const prober = trackChild(
+        spawn("ip", ["netns", "exec", inet.ns, process.execPath, "-e", PROBER, address, "80", String(PROBE_MAX_MS)], { stdio: ["ignore", "pipe", "inherit"] }),
+      );
       const pl = new LineReader(prober);
       if ((await pl.next(15_000, "prober")) !== "ready") throw new Error("prober did not start");
       await sleep(30); // a few probes go out (and get nothing) before the association
@@ -787,7 +882,9 @@ async function main(): Promise<number> {
       await gw.releaseFloatingIp({ floatingIp: f.id });
       if (mode === "onlink") await ipn(inet.ns, ["route", "del", `${address}/32`, "dev", "eth0"]);
       samples.push({ level, mode, address, apiMs, appliedMs, answerMs, probeAttempts: pr.attempts, disassocApiMs, disassocAppliedMs });
-      progress(`    ${mode} ${address}: API ${fms(apiMs)}, applied ${fms(appliedMs)}, answers after ${fms(answerMs)}; disassociated and applied after ${fms(disassocAppliedMs)}`);
+      progress(
+        `    ${mode} ${address}: API ${fms(apiMs)}, applied ${fms(appliedMs)}, answers after ${fms(answerMs)}; disassociated and applied after ${fms(disassocAppliedMs)}`,
+      );
     }
     if (level === FIP_LEVELS[0] && bg.length > associated) {
       // Two associations 40 ms apart: when does the second FIP answer? (A change that arrives while the
@@ -799,7 +896,9 @@ async function main(): Promise<number> {
         const f1 = (await gw.allocateFloatingIp({ address: a1 })).floatingIp!;
         const f2 = (await gw.allocateFloatingIp({ address: a2 })).floatingIp!;
         await waitQuiet(300, 5000);
-        const prober = trackChild(spawn("ip", ["netns", "exec", inet.ns, process.execPath, "-e", PROBER, a2, "80", String(PROBE_MAX_MS)], { stdio: ["ignore", "pipe", "inherit"] }));
+        const prober = trackChild(
+          spawn("ip", ["netns", "exec", inet.ns, process.execPath, "-e", PROBER, a2, "80", String(PROBE_MAX_MS)], { stdio: ["ignore", "pipe", "inherit"] }),
+        );
         const pl = new LineReader(prober);
         if ((await pl.next(15_000, "prober")) !== "ready") throw new Error("prober did not start");
         // The first goes to a background NIC, the second (probed) to the spare VM and its HTTP server.
@@ -838,11 +937,15 @@ async function main(): Promise<number> {
   const out: string[] = [];
   const p = (s = "") => out.push(s);
   p(heading("microvpc gateway benchmark"));
-  p(`${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`);
+  p(
+    `${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`,
+  );
   p(`${env.iperf3} · run prefix ${P} · gateway on ${hv0.id} (uplink ul0 in ${hv0.ns}), floating IP pool ${POOL}`);
 
   p(heading(`1. TCP throughput VM → internet (iperf3, 1 stream, ${IPERF_S} s, ${IPERF_RUNS} rounds interleaved, median (min–max))`));
-  p(`The internet namespace sees the NAT VM as ${seen.nat} (hypervisor 0's uplink), the direct VM as ${seen.direct} (its own address), the underlay namespace as ${seen.underlay}.`);
+  p(
+    `The internet namespace sees the NAT VM as ${seen.nat} (hypervisor 0's uplink), the direct VM as ${seen.direct} (its own address), the underlay namespace as ${seen.underlay}.`,
+  );
   const tp = (name: string) => tputRuns.get(name)!;
   const paired = (a: string, b: string) => spread(tp(a).map((x, i) => x.gbps / tp(b)[i].gbps));
   p(
@@ -863,7 +966,11 @@ async function main(): Promise<number> {
       }),
     ),
   );
-  p(`Per round: ${tp("nat").map((x, i) => `${i + 1}: ${paths.map((c) => `${c.name} ${num(tp(c.name)[i].gbps)}`).join(", ")}`).join(" · ")}`);
+  p(
+    `Per round: ${tp("nat")
+      .map((x, i) => `${i + 1}: ${paths.map((c) => `${c.name} ${num(tp(c.name)[i].gbps)}`).join(", ")}`)
+      .join(" · ")}`,
+  );
 
   p(heading(`2. IMDS: GET ${IMDS_PATH} over keep-alive, 1 connection per VM, closed loop, ${IMDS_S} s, ${IMDS_ROUNDS} rounds, median (min–max)`));
   p(`"limited": the gateway's own server (per-VM token bucket ${IMDS_RATE}/s, burst ${IMDS_BURST}; no daemon flag changes it), each run starting`);
@@ -875,31 +982,57 @@ async function main(): Promise<number> {
   const ik = ["limited-1", `limited-${IMDS_VMS}`, "unlimited-1", `unlimited-${IMDS_VMS}`, "floor-1", `floor-${IMDS_VMS}`];
   p(
     table(
-      ["server, VMs", "200/s", "steady 200/s", "429/s", "200 p50 ms", "200 p99 ms", "all p99 ms", "CPU ms/1k: server", "redis", "clients", "server CPU %", "start skew"],
-      ik.filter((k) => imds[k]).map((k) => {
-        const r = imds[k];
-        const sp = (f: (x: ImdsRun) => number, d?: number) => spr(spread(r.map(f)), (x) => num(x, d));
-        return [
-          k.replace(/-(\d+)$/, ", $1"),
-          sp((x) => x.okPerSec, 0),
-          sp((x) => x.steadyOkPerSec, 0),
-          sp((x) => x.r429PerSec, 0),
-          sp((x) => x.okP50Ms, 3),
-          sp((x) => x.okP99Ms, 2),
-          sp((x) => x.allP99Ms, 2),
-          num(spread(r.map((x) => x.cpuMsPer1k.server)).median),
-          num(spread(r.map((x) => x.cpuMsPer1k.redis)).median),
-          num(spread(r.map((x) => x.cpuMsPer1k.clients)).median),
-          `${num(spread(r.map((x) => x.cpuSharePct.server)).median, 0)}%`,
-          fms(spread(r.map((x) => x.startSkewMs)).median),
-        ];
-      }),
+      [
+        "server, VMs",
+        "200/s",
+        "steady 200/s",
+        "429/s",
+        "200 p50 ms",
+        "200 p99 ms",
+        "all p99 ms",
+        "CPU ms/1k: server",
+        "redis",
+        "clients",
+        "server CPU %",
+        "start skew",
+      ],
+      ik
+        .filter((k) => imds[k])
+        .map((k) => {
+          const r = imds[k];
+          const sp = (f: (x: ImdsRun) => number, d?: number) => spr(spread(r.map(f)), (x) => num(x, d));
+          return [
+            k.replace(/-(\d+)$/, ", $1"),
+            sp((x) => x.okPerSec, 0),
+            sp((x) => x.steadyOkPerSec, 0),
+            sp((x) => x.r429PerSec, 0),
+            sp((x) => x.okP50Ms, 3),
+            sp((x) => x.okP99Ms, 2),
+            sp((x) => x.allP99Ms, 2),
+            num(spread(r.map((x) => x.cpuMsPer1k.server)).median),
+            num(spread(r.map((x) => x.cpuMsPer1k.redis)).median),
+            num(spread(r.map((x) => x.cpuMsPer1k.clients)).median),
+            `${num(spread(r.map((x) => x.cpuSharePct.server)).median, 0)}%`,
+            fms(spread(r.map((x) => x.startSkewMs)).median),
+          ];
+        }),
     ),
   );
   const lim20 = imds[`limited-${IMDS_VMS}`] ?? [];
   const perVm = lim20.flatMap((x) => x.steadyPerVm).filter(Number.isFinite);
-  p(`Rate-limited, ${IMDS_VMS} VMs flooding at once (${lim20.map((x) => x.limitedVms).join(" / ")} of ${IMDS_VMS} reached their limit in each run): steady 200/s per VM min ${num(Math.min(...perVm))}, median ${num(spread(perVm).median)}, max ${num(Math.max(...perVm))} (limit ${IMDS_RATE}).`);
-  p(`Errors (no answer) over all runs: ${Object.values(imds).flat().reduce((s, x) => s + x.errors, 0)}; other statuses: ${num(Object.values(imds).flat().reduce((s, x) => s + x.otherPerSec, 0), 1)}/s summed.`);
+  p(
+    `Rate-limited, ${IMDS_VMS} VMs flooding at once (${lim20.map((x) => x.limitedVms).join(" / ")} of ${IMDS_VMS} reached their limit in each run): steady 200/s per VM min ${num(Math.min(...perVm))}, median ${num(spread(perVm).median)}, max ${num(Math.max(...perVm))} (limit ${IMDS_RATE}).`,
+  );
+  p(
+    `Errors (no answer) over all runs: ${Object.values(imds)
+      .flat()
+      .reduce((s, x) => s + x.errors, 0)}; other statuses: ${num(
+      Object.values(imds)
+        .flat()
+        .reduce((s, x) => s + x.otherPerSec, 0),
+      1,
+    )}/s summed.`,
+  );
 
   p(heading(`3. One more floating IP with N already associated (N NICs in one public /21 of one VPC on hypervisor 0)`));
   p(`From the start of AssociateFloatingIp: "applied" = the gateway's VPC-namespace nft apply done (its applies counter on /metrics,`);
@@ -909,7 +1042,17 @@ async function main(): Promise<number> {
   p(`neighbour entry. p50 (p99) of ${FIP_SAMPLES} routed samples per level; on-link samples listed one by one.`);
   p(
     table(
-      ["FIPs already", "Associate API", "→ applied", "→ answers (routed)", "answers (on-link), each", "Disassociate API", "→ applied", "background associate API p50", "bg FIPs answer"],
+      [
+        "FIPs already",
+        "Associate API",
+        "→ applied",
+        "→ answers (routed)",
+        "answers (on-link), each",
+        "Disassociate API",
+        "→ applied",
+        "background associate API p50",
+        "bg FIPs answer",
+      ],
       levels.map((l) => {
         const rt = l.samples.filter((x) => x.mode === "routed");
         const ol = l.samples.filter((x) => x.mode === "onlink");
@@ -929,10 +1072,14 @@ async function main(): Promise<number> {
   );
   if (backToBack.length) {
     const lone = levels.length ? lat(levels[0].samples.filter((x) => x.mode === "routed").map((x) => x.answerMs)).p50 : Number.NaN;
-    p(`Two associations 40 ms apart (at ${num(FIP_LEVELS[0], 0)} FIPs): the second FIP answers after ${backToBack.map(fms).join(", ")} (a lone one: p50 ${fms(lone)}).`);
+    p(
+      `Two associations 40 ms apart (at ${num(FIP_LEVELS[0], 0)} FIPs): the second FIP answers after ${backToBack.map(fms).join(", ")} (a lone one: p50 ${fms(lone)}).`,
+    );
   }
   if (skipped.length) p(`Levels skipped (not reached within the time budget): ${skipped.join(", ")}; ${bg.length} NICs, ${associated} FIPs made.`);
-  p(`${bg.length} background NICs attached before the gateway first started (${GROW_WORKERS} calls at a time): AttachNic p50 ${fms(lat(attachMs).p50)}, p99 ${fms(lat(attachMs).p99)}; gateway restart to quiet: ${fms(gwRestartMs)}.`);
+  p(
+    `${bg.length} background NICs attached before the gateway first started (${GROW_WORKERS} calls at a time): AttachNic p50 ${fms(lat(attachMs).p50)}, p99 ${fms(lat(attachMs).p99)}; gateway restart to quiet: ${fms(gwRestartMs)}.`,
+  );
   p();
   p(`What the gateway runs on each change, re-run by the bench into scratch namespaces (it re-applies all of it on every change of`);
   p(`the VPC: every FIP's route and proxy entry, and the whole VPC table); first apply, then median (min–max) of 3:`);
@@ -964,7 +1111,13 @@ async function main(): Promise<number> {
     const dir = spread(tp("direct").map((x) => x.gbps)).median;
     const ul = spread(tp("underlay").map((x) => x.gbps)).median;
     v.push({ measure: "VM → internet through NAT vs direct route", value: `${num(nat)} Gbit/s`, baseline: `${num(dir)} Gbit/s`, ratio: nat / dir, target: "" });
-    v.push({ measure: "  paired by round (median of ratios)", value: pct(paired("nat", "direct").median), baseline: "–", ratio: paired("nat", "direct").median, target: "" });
+    v.push({
+      measure: "  paired by round (median of ratios)",
+      value: pct(paired("nat", "direct").median),
+      baseline: "–",
+      ratio: paired("nat", "direct").median,
+      target: "",
+    });
     const cN = spread(tp("nat").map((x) => x.cpuMsPerGB)).median;
     const cD = spread(tp("direct").map((x) => x.cpuMsPerGB)).median;
     v.push({ measure: "  CPU per GB (direct ÷ NAT)", value: `${num(cN, 0)} ms/GB`, baseline: `${num(cD, 0)} ms/GB`, ratio: cD / cN, target: "" });
@@ -972,19 +1125,55 @@ async function main(): Promise<number> {
   }
   const med = (k: string, f: (x: ImdsRun) => number) => (imds[k] ? spread(imds[k].map(f)).median : Number.NaN);
   for (const n of [1, IMDS_VMS]) {
-    v.push({ measure: `IMDS, ${n} VM${n > 1 ? "s" : ""}, limited: steady 200/s`, value: num(med(`limited-${n}`, (x) => x.steadyOkPerSec), 0), baseline: `${n * IMDS_RATE} = ${n}×limit`, ratio: med(`limited-${n}`, (x) => x.steadyOkPerSec) / (n * IMDS_RATE), target: "" });
-    v.push({ measure: `  200 p99`, value: `${num(med(`limited-${n}`, (x) => x.okP99Ms), 2)} ms`, baseline: "–", ratio: Number.NaN, target: "" });
+    v.push({
+      measure: `IMDS, ${n} VM${n > 1 ? "s" : ""}, limited: steady 200/s`,
+      value: num(
+        med(`limited-${n}`, (x) => x.steadyOkPerSec),
+        0,
+      ),
+      baseline: `${n * IMDS_RATE} = ${n}×limit`,
+      ratio: med(`limited-${n}`, (x) => x.steadyOkPerSec) / (n * IMDS_RATE),
+      target: "",
+    });
+    v.push({
+      measure: `  200 p99`,
+      value: `${num(
+        med(`limited-${n}`, (x) => x.okP99Ms),
+        2,
+      )} ms`,
+      baseline: "–",
+      ratio: Number.NaN,
+      target: "",
+    });
   }
   if (perVm.length) {
     const mx = Math.max(...perVm);
     const mn = Math.min(...perVm);
-    v.push({ measure: `  limit enforced: max steady 200/s of a VM (${IMDS_VMS} flooding)`, value: num(mx), baseline: `${IMDS_RATE}/s limit`, ratio: mx / IMDS_RATE, ...check(mx / IMDS_RATE, { max: 1.1 }) });
-    v.push({ measure: `  no VM starved: min steady 200/s of a VM`, value: num(mn), baseline: `${IMDS_RATE}/s limit`, ratio: mn / IMDS_RATE, ...check(mn / IMDS_RATE, { min: 0.9 }) });
+    v.push({
+      measure: `  limit enforced: max steady 200/s of a VM (${IMDS_VMS} flooding)`,
+      value: num(mx),
+      baseline: `${IMDS_RATE}/s limit`,
+      ratio: mx / IMDS_RATE,
+      ...check(mx / IMDS_RATE, { max: 1.1 }),
+    });
+    v.push({
+      measure: `  no VM starved: min steady 200/s of a VM`,
+      value: num(mn),
+      baseline: `${IMDS_RATE}/s limit`,
+      ratio: mn / IMDS_RATE,
+      ...check(mn / IMDS_RATE, { min: 0.9 }),
+    });
   }
   for (const n of [1, IMDS_VMS]) {
     const u = med(`unlimited-${n}`, (x) => x.okPerSec);
     const f = med(`floor-${n}`, (x) => x.okPerSec);
-    v.push({ measure: `IMDS, ${n} VM${n > 1 ? "s" : ""}, unlimited: 200/s vs floor`, value: num(u, 0), baseline: `${num(f, 0)} floor`, ratio: u / f, target: "" });
+    v.push({
+      measure: `IMDS, ${n} VM${n > 1 ? "s" : ""}, unlimited: 200/s vs floor`,
+      value: num(u, 0),
+      baseline: `${num(f, 0)} floor`,
+      ratio: u / f,
+      target: "",
+    });
     const up = med(`unlimited-${n}`, (x) => x.okP99Ms);
     const fp = med(`floor-${n}`, (x) => x.okP99Ms);
     v.push({ measure: `  p99 vs floor`, value: `${num(up, 2)} ms`, baseline: `${num(fp, 2)} ms`, ratio: up / fp, target: "" });
@@ -993,9 +1182,27 @@ async function main(): Promise<number> {
     const lo = levels[0];
     const hi = levels[levels.length - 1];
     const m = (l: FipLevel, f: (x: FipSample) => number) => lat(l.samples.filter((x) => x.mode === "routed").map(f)).p50;
-    v.push({ measure: `FIP associate → answers, ${hi.level} vs ${lo.level} associated`, value: fms(m(hi, (x) => x.answerMs)), baseline: fms(m(lo, (x) => x.answerMs)), ratio: m(hi, (x) => x.answerMs) / m(lo, (x) => x.answerMs), target: "" });
-    v.push({ measure: `  → gateway applied`, value: fms(m(hi, (x) => x.appliedMs)), baseline: fms(m(lo, (x) => x.appliedMs)), ratio: m(hi, (x) => x.appliedMs) / m(lo, (x) => x.appliedMs), target: "" });
-    v.push({ measure: `  AssociateFloatingIp API`, value: fms(m(hi, (x) => x.apiMs)), baseline: fms(m(lo, (x) => x.apiMs)), ratio: m(hi, (x) => x.apiMs) / m(lo, (x) => x.apiMs), target: "" });
+    v.push({
+      measure: `FIP associate → answers, ${hi.level} vs ${lo.level} associated`,
+      value: fms(m(hi, (x) => x.answerMs)),
+      baseline: fms(m(lo, (x) => x.answerMs)),
+      ratio: m(hi, (x) => x.answerMs) / m(lo, (x) => x.answerMs),
+      target: "",
+    });
+    v.push({
+      measure: `  → gateway applied`,
+      value: fms(m(hi, (x) => x.appliedMs)),
+      baseline: fms(m(lo, (x) => x.appliedMs)),
+      ratio: m(hi, (x) => x.appliedMs) / m(lo, (x) => x.appliedMs),
+      target: "",
+    });
+    v.push({
+      measure: `  AssociateFloatingIp API`,
+      value: fms(m(hi, (x) => x.apiMs)),
+      baseline: fms(m(lo, (x) => x.apiMs)),
+      ratio: m(hi, (x) => x.apiMs) / m(lo, (x) => x.apiMs),
+      target: "",
+    });
     const bLo = bd.find((b) => b.fips === lo.level);
     const bHi = bd.find((b) => b.fips === hi.level);
     if (bLo && bHi) {
@@ -1005,14 +1212,29 @@ async function main(): Promise<number> {
     }
     if (backToBack.length) {
       const b = spread(backToBack).median;
-      v.push({ measure: `  a FIP associated 40 ms after another → answers`, value: fms(b), baseline: `${fms(m(lo, (x) => x.answerMs))} alone`, ratio: b / m(lo, (x) => x.answerMs), target: "" });
+      v.push({
+        measure: `  a FIP associated 40 ms after another → answers`,
+        value: fms(b),
+        baseline: `${fms(m(lo, (x) => x.answerMs))} alone`,
+        ratio: b / m(lo, (x) => x.answerMs),
+        target: "",
+      });
     }
     const onl = hi.samples.filter((x) => x.mode === "onlink").map((x) => x.answerMs);
-    if (onl.length) v.push({ measure: `  on-link (proxy ARP) → answers, ${hi.level} associated`, value: fms(spread(onl).median), baseline: `${fms(m(hi, (x) => x.answerMs))} routed`, ratio: spread(onl).median / m(hi, (x) => x.answerMs), target: "" });
+    if (onl.length)
+      v.push({
+        measure: `  on-link (proxy ARP) → answers, ${hi.level} associated`,
+        value: fms(spread(onl).median),
+        baseline: `${fms(m(hi, (x) => x.answerMs))} routed`,
+        ratio: spread(onl).median / m(hi, (x) => x.answerMs),
+        target: "",
+      });
   }
   p(heading("Summary"));
   p(verdictTable(v));
-  p(`${v.filter((x) => x.pass === true).length} PASS, ${v.filter((x) => x.pass === false).length} MISS (design checks of the IMDS limit; issue 5 sets no numeric targets) · measured in ${elapsedMeasureS.toFixed(0)} s, teardown ${num(teardownMs / 1000)} s`);
+  p(
+    `${v.filter((x) => x.pass === true).length} PASS, ${v.filter((x) => x.pass === false).length} MISS (design checks of the IMDS limit; issue 5 sets no numeric targets) · measured in ${elapsedMeasureS.toFixed(0)} s, teardown ${num(teardownMs / 1000)} s`,
+  );
   p(
     `Cleanup: ${leftovers.length} namespaces of run ${P} left${leftovers.length ? ` (${leftovers.slice(0, 5).join(", ")})` : ""}; root namespace ` +
       `${rootDiff.length ? `CHANGED: ${rootDiff.join("; ")}` : "unchanged (links, addresses, routes, sysctls, nft ruleset)"}.`,

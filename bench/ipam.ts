@@ -144,7 +144,10 @@ process.on("exit", () => {
 /** Starts bench/lib/grpc-floor-server.ts as its own process; returns its address. */
 async function startFloorServer(): Promise<string> {
   const port = await freePort();
-  const p = spawn(process.execPath, ["--import", "tsx", join(HERE, "lib", "grpc-floor-server.ts"), String(port)], { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"] });
+  const p = spawn(process.execPath, ["--import", "tsx", join(HERE, "lib", "grpc-floor-server.ts"), String(port)], {
+    cwd: ROOT,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   floorProc = p;
   let out = "";
   p.stderr!.on("data", (d) => (out += d));
@@ -371,7 +374,24 @@ async function redisBenchmarkRun(sha: string, clients: number, requests: number,
   // is meaningless, and the subnet is thrown away after the run.
   const keys = [K.subnet(s.id), K.bits(s.id), K.full(s.id), K.alloc(s.id), K.req(s.id), K.idx(s.id), K.used(s.id), K.owner("vm-__rand_int__"), K.events];
   const argv = ["vm-__rand_int__", "req-__rand_int__", "-1", String(Date.now()), s.id];
-  const args = ["-h", "127.0.0.1", "-p", String(port), "-c", String(clients), "-n", String(requests), "-r", "2147483647", "--csv", "EVALSHA", sha, "9", ...keys, ...argv];
+  const args = [
+    "-h",
+    "127.0.0.1",
+    "-p",
+    String(port),
+    "-c",
+    String(clients),
+    "-n",
+    String(requests),
+    "-r",
+    "2147483647",
+    "--csv",
+    "EVALSHA",
+    sha,
+    "9",
+    ...keys,
+    ...argv,
+  ];
   const cpu0 = cpuSnapshot({ redis: redisPid });
   const out = await new Promise<string>((resolve, reject) => {
     const child = spawn("redis-benchmark", args, { stdio: ["ignore", "pipe", "pipe"] });
@@ -394,7 +414,11 @@ async function redisBenchmarkRun(sha: string, clients: number, requests: number,
   });
   const cpu = cpuDelta(cpu0, cpuSnapshot({ redis: redisPid }));
   // CSV: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-  const line = out.trim().split("\n").filter((l) => /^"EVALSHA/i.test(l)).at(-1);
+  const line = out
+    .trim()
+    .split("\n")
+    .filter((l) => /^"EVALSHA/i.test(l))
+    .at(-1);
   const nums = line ? [...line.matchAll(/"([0-9.]+)"/g)].map((m) => Number(m[1])) : [];
   if (nums.length < 7) throw new Error(`cannot read redis-benchmark output: ${out.slice(0, 300)}`);
   const [rps, , , p50, , p99] = nums.slice(-7);
@@ -629,7 +653,10 @@ async function measureAndReport(): Promise<number> {
     await conn.config("SET", "slowlog-log-slower-than", "10000");
     await conn.config("SET", "slowlog-max-len", "128");
   }
-  const pairs: Record<string, { runs: PairRun[]; allocP50Us: Spread; allocP99Us: Spread; scriptP50Us: Spread; scriptMeanUs: Spread; releaseScriptP50Us: Spread }> = {};
+  const pairs: Record<
+    string,
+    { runs: PairRun[]; allocP50Us: Spread; allocP99Us: Spread; scriptP50Us: Spread; scriptMeanUs: Spread; releaseScriptP50Us: Spread }
+  > = {};
   for (const [name, runs] of pairRes) {
     pairs[name] = {
       runs,
@@ -650,7 +677,9 @@ async function measureAndReport(): Promise<number> {
   const out: string[] = [];
   const p = (s = "") => out.push(s);
   p(heading("microvpc IPAM benchmark"));
-  p(`${env.date} · node ${env.node} · redis ${env.redis} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`);
+  p(
+    `${env.date} · node ${env.node} · redis ${env.redis} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`,
+  );
   p(`Redis: AOF, appendfsync ${env.appendfsync} (durable, as shipped) unless a row says otherwise. ${RUNS} measured runs per figure after a`);
   p(`warm-up, cases interleaved round by round; figures are "median (min–max over runs)". Each throughput run: ${RUN_MS} ms (or`);
   p(`${num(MAX_OPS)} calls) on a fresh /16, after a warm-up of ${num(WARM_CALLS)} calls per path (${num(warmMs / 1000)} s). The bench client, microvpcd`);
@@ -674,7 +703,15 @@ async function measureAndReport(): Promise<number> {
     p(
       table(
         ["clients", "ops/s", "p50", "p99", "redis CPU µs/op"],
-        [[String(RB_CLIENTS), spr(rb.rps), spr(rb.p50Ms, (x) => dur(x * 1000)), spr(rb.p99Ms, (x) => dur(x * 1000)), num(median(rb.runs.map((r) => r.redisCpuPerOpUs)))]],
+        [
+          [
+            String(RB_CLIENTS),
+            spr(rb.rps),
+            spr(rb.p50Ms, (x) => dur(x * 1000)),
+            spr(rb.p99Ms, (x) => dur(x * 1000)),
+            num(median(rb.runs.map((r) => r.redisCpuPerOpUs))),
+          ],
+        ],
       ),
     );
     p(`    ${rb.note}.`);
@@ -720,17 +757,26 @@ async function measureAndReport(): Promise<number> {
   p(table(["clients", "transport", "ops/s", "p50", "p99", "of raw (paired)", "CPU µs/op client+server+redis", "cores busy"], rows2));
   p("* floor: a bare connect-node server (bench/lib/grpc-floor-server.ts: no interceptors, no Redis) answering Health/Check, shared");
   p("  transport: the most any service on this gRPC stack could do here.");
-  const errs = Object.values(tput).flatMap((x) => Object.values(x)).reduce((a, t) => a + t.errors + t.lost, 0);
+  const errs = Object.values(tput)
+    .flatMap((x) => Object.values(x))
+    .reduce((a, t) => a + t.errors + t.lost, 0);
   p(`errors or calls that did not allocate: ${errs}`);
   {
     const g = tput["grpc-shared"][64];
     const raw = tput.raw[64];
     const d = g.cpuPerOp.daemon;
     p();
-    p(`Where the CPU goes at 64 clients (shared transport), µs per Allocate: gRPC client ${num(g.cpuPerOp.bench)}, microvpcd ${num(d)}, redis-server ${num(g.cpuPerOp.redis)};`);
-    p(`raw script: ioredis caller ${num(raw.cpuPerOp.bench)}, redis-server ${num(raw.cpuPerOp.redis)}.` + (fl ? ` Bare connect-node: client ${num(fl.cpuPerOp.bench)}, server ${num(fl.cpuPerOp.floor)}.` : ""));
+    p(
+      `Where the CPU goes at 64 clients (shared transport), µs per Allocate: gRPC client ${num(g.cpuPerOp.bench)}, microvpcd ${num(d)}, redis-server ${num(g.cpuPerOp.redis)};`,
+    );
+    p(
+      `raw script: ioredis caller ${num(raw.cpuPerOp.bench)}, redis-server ${num(raw.cpuPerOp.redis)}.` +
+        (fl ? ` Bare connect-node: client ${num(fl.cpuPerOp.bench)}, server ${num(fl.cpuPerOp.floor)}.` : ""),
+    );
     p(`One microvpcd core tops out near ${num(1e6 / d)} Allocate/s; with the clients on other machines, these 2 cores would carry`);
-    p(`≈ ${num(2e6 / (d + g.cpuPerOp.redis))} Allocate/s through microvpcd vs ≈ ${num(2e6 / (raw.cpuPerOp.bench + raw.cpuPerOp.redis))}/s for the raw script (CPU arithmetic, not measured).`);
+    p(
+      `≈ ${num(2e6 / (d + g.cpuPerOp.redis))} Allocate/s through microvpcd vs ≈ ${num(2e6 / (raw.cpuPerOp.bench + raw.cpuPerOp.redis))}/s for the raw script (CPU arithmetic, not measured).`,
+    );
   }
   if (!("skipped" in cpuOnly)) {
     p();
@@ -760,12 +806,23 @@ async function measureAndReport(): Promise<number> {
       ["subnet", "address given", "pairs/run", "client p50", "client p99", "script p50", "script mean", "release script p50"],
       Object.entries(pairs).map(([name, r]) => {
         const s = subnets[name as keyof typeof subnets];
-        return [name, `index ${num(expected(name, s), 0)}`, num(median(r.runs.map((x) => x.pairs)), 0), spr(r.allocP50Us, dur), spr(r.allocP99Us, dur), spr(r.scriptP50Us, dur), spr(r.scriptMeanUs, dur), spr(r.releaseScriptP50Us, dur)];
+        return [
+          name,
+          `index ${num(expected(name, s), 0)}`,
+          num(median(r.runs.map((x) => x.pairs)), 0),
+          spr(r.allocP50Us, dur),
+          spr(r.allocP99Us, dur),
+          spr(r.scriptP50Us, dur),
+          spr(r.scriptMeanUs, dur),
+          spr(r.releaseScriptP50Us, dur),
+        ];
       }),
     ),
   );
   const us1 = (x: number) => (x < 1 ? "< 1 µs" : dur(x));
-  p(`for scale, a plain BITPOS from bit 0 (what the summary avoids): ${us1(naive.slash8Us)} on the nearly full /8 (2 MiB), ${us1(naive.slash16Us)} on the nearly full /16 (8 KiB).`);
+  p(
+    `for scale, a plain BITPOS from bit 0 (what the summary avoids): ${us1(naive.slash8Us)} on the nearly full /8 (2 MiB), ${us1(naive.slash16Us)} on the nearly full /16 (8 KiB).`,
+  );
 
   // ---- verdicts
   const v: Verdict[] = [];
@@ -776,30 +833,65 @@ async function measureAndReport(): Promise<number> {
       const raw = tput.raw[c];
       const r = t.opsPerSec.median / raw.opsPerSec.median;
       const label = c === 1 ? "" : m === "grpc-shared" ? ", shared conn" : ", conn per client";
-      const base = { measure: `gRPC Allocate ops/s, ${c} client${c > 1 ? "s" : ""}${label}`, value: num(t.opsPerSec.median), baseline: `${num(raw.opsPerSec.median)} raw@${c}`, ratio: r };
+      const base = {
+        measure: `gRPC Allocate ops/s, ${c} client${c > 1 ? "s" : ""}${label}`,
+        value: num(t.opsPerSec.median),
+        baseline: `${num(raw.opsPerSec.median)} raw@${c}`,
+        ratio: r,
+      };
       v.push(c === 64 ? { ...base, ...check(r, { min: 0.5 }) } : { ...base, target: "" });
     }
   }
   if (fl) {
     const raw = tput.raw[64];
-    v.push({ measure: "bare connect-node floor, 64 clients", value: num(fl.opsPerSec.median), baseline: `${num(raw.opsPerSec.median)} raw@64`, ratio: fl.opsPerSec.median / raw.opsPerSec.median, target: "" });
+    v.push({
+      measure: "bare connect-node floor, 64 clients",
+      value: num(fl.opsPerSec.median),
+      baseline: `${num(raw.opsPerSec.median)} raw@64`,
+      ratio: fl.opsPerSec.median / raw.opsPerSec.median,
+      target: "",
+    });
     const g = tput["grpc-shared"][64];
-    v.push({ measure: "gRPC Allocate vs that floor, 64 clients, shared", value: num(g.opsPerSec.median), baseline: `${num(fl.opsPerSec.median)} floor`, ratio: g.opsPerSec.median / fl.opsPerSec.median, target: "" });
+    v.push({
+      measure: "gRPC Allocate vs that floor, 64 clients, shared",
+      value: num(g.opsPerSec.median),
+      baseline: `${num(fl.opsPerSec.median)} floor`,
+      ratio: g.opsPerSec.median / fl.opsPerSec.median,
+      target: "",
+    });
   }
   if (!("skipped" in rb)) {
     const t = tput["grpc-shared"][64];
-    v.push({ measure: "gRPC ops/s, 64 clients shared vs redis-benchmark", value: num(t.opsPerSec.median), baseline: `${num(rb.rps.median)} rb@${RB_CLIENTS}`, ratio: t.opsPerSec.median / rb.rps.median, target: "" });
+    v.push({
+      measure: "gRPC ops/s, 64 clients shared vs redis-benchmark",
+      value: num(t.opsPerSec.median),
+      baseline: `${num(rb.rps.median)} rb@${RB_CLIENTS}`,
+      ratio: t.opsPerSec.median / rb.rps.median,
+      target: "",
+    });
   }
   if (!("skipped" in cpuOnly)) {
     for (const m of ["grpc-shared", "grpc-per-conn"]) {
       const t = cpuOnly[m];
-      v.push({ measure: `  same, appendfsync no, 64 ${m.replace("grpc-", "")}`, value: num(t.opsPerSec.median), baseline: `${num(cpuOnly.raw.opsPerSec.median)} raw@64`, ratio: t.opsPerSec.median / cpuOnly.raw.opsPerSec.median, target: "" });
+      v.push({
+        measure: `  same, appendfsync no, 64 ${m.replace("grpc-", "")}`,
+        value: num(t.opsPerSec.median),
+        baseline: `${num(cpuOnly.raw.opsPerSec.median)} raw@64`,
+        ratio: t.opsPerSec.median / cpuOnly.raw.opsPerSec.median,
+        target: "",
+      });
     }
   }
   const cmp = (measure: string, a: string, b: string, f: "allocP50Us" | "scriptP50Us", max: number) => {
     const x = pairs[a][f].median;
     const y = pairs[b][f].median;
-    v.push({ measure, value: dur(x), baseline: `${dur(y)} ${b.split(" ")[0]} ${b.split(" ")[1].replace("-free", "")}`, ratio: x / y, ...check(x / y, { max }) });
+    v.push({
+      measure,
+      value: dur(x),
+      baseline: `${dur(y)} ${b.split(" ")[0]} ${b.split(" ")[1].replace("-free", "")}`,
+      ratio: x / y,
+      ...check(x / y, { max }),
+    });
   };
   cmp("/16 last-free vs first-free, client p50", "/16 last-free", "/16 first-free", "allocP50Us", 1.5);
   cmp("/16 last-free vs first-free, script p50", "/16 last-free", "/16 first-free", "scriptP50Us", 1.5);
@@ -817,10 +909,22 @@ async function measureAndReport(): Promise<number> {
     if (f) {
       profile = summarize(join(profileDir, f));
       p(heading("Where microvpcd spent its CPU (--profile; the profiler slows it, so the figures above are low)"));
-      p(`busy ${num(profile.busyMs)} ms of ${num(profile.totalMs)} ms profiled; microvpc's own code (services/, gen/): ${pct(profile.projectShare)} of the busy time`);
-      p(table(["area", "self ms", "share"], profile.areas.map((a) => [a.area, num(a.ms), pct(a.share)])));
+      p(
+        `busy ${num(profile.busyMs)} ms of ${num(profile.totalMs)} ms profiled; microvpc's own code (services/, gen/): ${pct(profile.projectShare)} of the busy time`,
+      );
+      p(
+        table(
+          ["area", "self ms", "share"],
+          profile.areas.map((a) => [a.area, num(a.ms), pct(a.share)]),
+        ),
+      );
       p();
-      p(table(["function", "area", "self ms", "share"], profile.functions.map((a) => [a.fn, a.area, num(a.ms), pct(a.share)])));
+      p(
+        table(
+          ["function", "area", "self ms", "share"],
+          profile.functions.map((a) => [a.fn, a.area, num(a.ms), pct(a.share)]),
+        ),
+      );
     } else p("(--profile: no .cpuprofile was written by the daemon)");
   }
 

@@ -89,7 +89,18 @@ type Variant = "bare" | "compiled" | "tsx";
 
 function argv(variant: Variant, service: string, port: number, metricsPort: number, redisUrl: string): string[] {
   if (variant === "bare") return ["-e", BARE, String(port)];
-  const flags = [service, "--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metricsPort}`, "--log-level", "warn", "--redis", redisUrl, ...(service === "vmm" ? ["--host-id", "bench-startup"] : [])];
+  const flags = [
+    service,
+    "--listen",
+    `127.0.0.1:${port}`,
+    "--metrics-listen",
+    `127.0.0.1:${metricsPort}`,
+    "--log-level",
+    "warn",
+    "--redis",
+    redisUrl,
+    ...(service === "vmm" ? ["--host-id", "bench-startup"] : []),
+  ];
   return variant === "compiled" ? [join(ROOT, "bin", "microvpcd.js"), ...flags] : ["--import", "tsx", join(ROOT, "cli", "microvpcd.ts"), ...flags];
 }
 
@@ -172,8 +183,10 @@ async function startOnce(variant: Variant, service: string, redis: TestRedis): P
     let checks = 0;
     let last: string | undefined;
     for (;;) {
-      if (c.exitCode !== null || c.signalCode !== null) throw new Error(`${variant} ${service} exited (${c.exitCode ?? c.signalCode}) before serving:\n${out.slice(-2000)}`);
-      if (performance.now() - s > START_LIMIT_MS) throw new Error(`${variant} ${service} not SERVING after ${START_LIMIT_MS / 1000} s (last: ${last ?? "no answer"}):\n${out.slice(-2000)}`);
+      if (c.exitCode !== null || c.signalCode !== null)
+        throw new Error(`${variant} ${service} exited (${c.exitCode ?? c.signalCode}) before serving:\n${out.slice(-2000)}`);
+      if (performance.now() - s > START_LIMIT_MS)
+        throw new Error(`${variant} ${service} not SERVING after ${START_LIMIT_MS / 1000} s (last: ${last ?? "no answer"}):\n${out.slice(-2000)}`);
       checks++;
       last = await check(port);
       if (last === "SERVING") break;
@@ -199,7 +212,8 @@ async function main(): Promise<number> {
   redis = await startRedis({ persistence: false });
   try {
     const cases: BenchCase<Start>[] = [{ name: "bare", run: () => startOnce("bare", "", redis!) }];
-    for (const service of SERVICES) for (const v of ["compiled", "tsx"] as const) cases.push({ name: `${service} ${v}`, run: () => startOnce(v, service, redis!) });
+    for (const service of SERVICES)
+      for (const v of ["compiled", "tsx"] as const) cases.push({ name: `${service} ${v}`, run: () => startOnce(v, service, redis!) });
     progress(`${cases.length} cases (${cases.map((c) => c.name).join(", ")}), ${WARMUP} warm-up + ${ROUNDS} interleaved rounds`);
     const res = await interleaved(
       cases.map((c) => ({
@@ -216,14 +230,22 @@ async function main(): Promise<number> {
     const sum = Object.fromEntries(
       [...res].map(([name, runs]) => [
         name,
-        { wallMs: spread(runs.map((r) => r.wallMs)), cpuMs: spread(runs.map((r) => r.cpuMs)), rssMiB: spread(runs.map((r) => r.rssMiB)), hwmMiB: spread(runs.map((r) => r.hwmMiB)), checks: spread(runs.map((r) => r.checks)) },
+        {
+          wallMs: spread(runs.map((r) => r.wallMs)),
+          cpuMs: spread(runs.map((r) => r.cpuMs)),
+          rssMiB: spread(runs.map((r) => r.rssMiB)),
+          hwmMiB: spread(runs.map((r) => r.hwmMiB)),
+          checks: spread(runs.map((r) => r.checks)),
+        },
       ]),
     ) as Record<string, { wallMs: Spread; cpuMs: Spread; rssMiB: Spread; hwmMiB: Spread; checks: Spread }>;
 
     const out: string[] = [];
     const p = (s = "") => out.push(s);
     p(heading("microvpc daemon start-up benchmark"));
-    p(`${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`);
+    p(
+      `${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`,
+    );
     p(`From spawn() to the first Health/Check answering SERVING (polled every ${POLL_MS} ms); CPU = utime+stime of the process until then`);
     p(`(/proc/PID/stat, 10 ms ticks); RSS / peak RSS at that moment. median (min–max) of ${ROUNDS} interleaved rounds after ${WARMUP} warm-up.`);
     p(`compiled: node bin/microvpcd.js SERVICE (dist/, esbuild); tsx: node --import tsx cli/microvpcd.ts SERVICE (warm tsx cache);`);
@@ -239,11 +261,41 @@ async function main(): Promise<number> {
     for (const service of SERVICES) {
       const c = sum[`${service} compiled`];
       const t = sum[`${service} tsx`];
-      v.push({ measure: `${service}: wall, compiled vs tsx`, value: `${num(c.wallMs.median)} ms`, baseline: `${num(t.wallMs.median)} ms tsx`, ratio: c.wallMs.median / t.wallMs.median, target: "" });
-      v.push({ measure: `${service}: CPU, compiled vs tsx`, value: `${num(c.cpuMs.median)} ms`, baseline: `${num(t.cpuMs.median)} ms tsx`, ratio: c.cpuMs.median / t.cpuMs.median, target: "" });
-      v.push({ measure: `${service}: RSS, compiled vs tsx`, value: `${num(c.rssMiB.median)} MiB`, baseline: `${num(t.rssMiB.median)} MiB tsx`, ratio: c.rssMiB.median / t.rssMiB.median, target: "" });
-      v.push({ measure: `${service}: wall, compiled vs bare node`, value: `${num(c.wallMs.median)} ms`, baseline: `${num(bare.wallMs.median)} ms bare`, ratio: c.wallMs.median / bare.wallMs.median, target: "" });
-      v.push({ measure: `${service}: CPU, compiled vs bare node`, value: `${num(c.cpuMs.median)} ms`, baseline: `${num(bare.cpuMs.median)} ms bare`, ratio: c.cpuMs.median / bare.cpuMs.median, target: "" });
+      v.push({
+        measure: `${service}: wall, compiled vs tsx`,
+        value: `${num(c.wallMs.median)} ms`,
+        baseline: `${num(t.wallMs.median)} ms tsx`,
+        ratio: c.wallMs.median / t.wallMs.median,
+        target: "",
+      });
+      v.push({
+        measure: `${service}: CPU, compiled vs tsx`,
+        value: `${num(c.cpuMs.median)} ms`,
+        baseline: `${num(t.cpuMs.median)} ms tsx`,
+        ratio: c.cpuMs.median / t.cpuMs.median,
+        target: "",
+      });
+      v.push({
+        measure: `${service}: RSS, compiled vs tsx`,
+        value: `${num(c.rssMiB.median)} MiB`,
+        baseline: `${num(t.rssMiB.median)} MiB tsx`,
+        ratio: c.rssMiB.median / t.rssMiB.median,
+        target: "",
+      });
+      v.push({
+        measure: `${service}: wall, compiled vs bare node`,
+        value: `${num(c.wallMs.median)} ms`,
+        baseline: `${num(bare.wallMs.median)} ms bare`,
+        ratio: c.wallMs.median / bare.wallMs.median,
+        target: "",
+      });
+      v.push({
+        measure: `${service}: CPU, compiled vs bare node`,
+        value: `${num(c.cpuMs.median)} ms`,
+        baseline: `${num(bare.cpuMs.median)} ms bare`,
+        ratio: c.cpuMs.median / bare.cpuMs.median,
+        target: "",
+      });
     }
     p(heading("Verdict"));
     p(verdictTable(v));

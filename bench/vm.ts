@@ -83,7 +83,6 @@ import { check, heading, num, pct, resultsFile, table, verdictTable, writeJson, 
 import { SMOKE_LIMIT_MS, benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
 
-
 const opt = benchArgs(
   {
     samples: { type: "string", default: "30" },
@@ -165,7 +164,14 @@ interface Lat {
 
 function lat(xs: number[]): Lat {
   const s = sorted(xs);
-  return { p50: percentile(s, 50), p99: percentile(s, 99), mean: xs.reduce((a, b) => a + b, 0) / (xs.length || 1), min: s[0] ?? Number.NaN, max: s[s.length - 1] ?? Number.NaN, n: xs.length };
+  return {
+    p50: percentile(s, 50),
+    p99: percentile(s, 99),
+    mean: xs.reduce((a, b) => a + b, 0) / (xs.length || 1),
+    min: s[0] ?? Number.NaN,
+    max: s[s.length - 1] ?? Number.NaN,
+    n: xs.length,
+  };
 }
 
 const fms = (x: number) => (Number.isFinite(x) ? `${num(x)} ms` : "–");
@@ -290,7 +296,13 @@ async function vmmDelete(w: World, id: string): Promise<void> {
   if (!r.deleted) throw new Error(`DeleteVm ${id}: not deleted`);
 }
 
-async function vmmPair(w: World, name: string, rec: ReturnType<typeof reconcileWatch>, cpu: Record<string, number>, pingCheck: boolean): Promise<VmmPair & { pinged?: boolean }> {
+async function vmmPair(
+  w: World,
+  name: string,
+  rec: ReturnType<typeof reconcileWatch>,
+  cpu: Record<string, number>,
+  pingCheck: boolean,
+): Promise<VmmPair & { pinged?: boolean }> {
   let c0 = cpuSnap(w);
   let wall = Date.now();
   let s = performance.now();
@@ -318,7 +330,13 @@ async function vmmPair(w: World, name: string, rec: ReturnType<typeof reconcileW
 }
 
 /** The same work as one CreateVm + DeleteVm, as raw calls to the services (what the vmm's steps call, same arguments). */
-async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWatch>, cpu: Record<string, number>, pingCheck: boolean): Promise<RawPair & { pinged?: boolean }> {
+async function rawPair(
+  w: World,
+  tag: string,
+  rec: ReturnType<typeof reconcileWatch>,
+  cpu: Record<string, number>,
+  pingCheck: boolean,
+): Promise<RawPair & { pinged?: boolean }> {
   const id = `vm-${randomBytes(6).toString("hex")}`;
   const owner = `${w.hv.id}/${id}`;
   const ns = `${P}-b${tag}`;
@@ -335,8 +353,15 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
   s = t();
   const nic = (
     await w.hv.agent.attachNic({
-      vpc: w.vpcId, subnet: w.subnetId, kind: NicKind.VETH, options: { case: "veth", value: { netnsPath: `/run/netns/${ns}` } },
-      address, owner, hostname: tag, guestInterface: "eth0", clientToken: id,
+      vpc: w.vpcId,
+      subnet: w.subnetId,
+      kind: NicKind.VETH,
+      options: { case: "veth", value: { netnsPath: `/run/netns/${ns}` } },
+      address,
+      owner,
+      hostname: tag,
+      guestInterface: "eth0",
+      clientToken: id,
     })
   ).nic!;
   const attachNic = msSince(s);
@@ -347,8 +372,17 @@ async function rawPair(w: World, tag: string, rec: ReturnType<typeof reconcileWa
   s = t();
   await w.gw.setInstanceMetadata({
     metadata: {
-      instanceId: id, vpcId: w.vpcId, subnetId: w.subnetId, localIpv4: address, mac, hostname: tag,
-      securityGroupIds: [w.sgId], userData: new Uint8Array(), publicKeys: [], tags: [], options: { httpTokens: 0, httpEndpoint: 0 },
+      instanceId: id,
+      vpcId: w.vpcId,
+      subnetId: w.subnetId,
+      localIpv4: address,
+      mac,
+      hostname: tag,
+      securityGroupIds: [w.sgId],
+      userData: new Uint8Array(),
+      publicKeys: [],
+      tags: [],
+      options: { httpTokens: 0, httpEndpoint: 0 },
     },
   });
   const setMetadata = msSince(s);
@@ -489,7 +523,8 @@ async function measurePass(w: World, tag: string, vmsOnHost: number, limitMs = P
   const pressure = (psiCpuUs() - psi0) / 1000 / msSince(wall0);
   const [vm1, fw1] = await Promise.all([scrape(vmmd!.metricsPort), scrape(fwd!.metricsPort)]);
   const per = (o: Record<string, number>, n: number) => Object.fromEntries(Object.entries(o).map(([k, v]) => [k, v / n]));
-  const hist = (op: string) => Object.fromEntries(STEP_NAMES.map((s) => [s, histDelta(vm0, vm1, "microvpc_vmm_step_seconds", { step: s, op })])) as Record<Step, Hist>;
+  const hist = (op: string) =>
+    Object.fromEntries(STEP_NAMES.map((s) => [s, histDelta(vm0, vm1, "microvpc_vmm_step_seconds", { step: s, op })])) as Record<Step, Hist>;
   return {
     tag,
     vmsOnHost,
@@ -571,7 +606,10 @@ interface LagResult {
 
 /** ms from wall time `sinceWall` to the first reply of `ping -D` (started now) from ns to addr; NaN if none within LAG_WAIT_MS. */
 async function firstReply(ns: string, addr: string, sinceWall: number): Promise<number> {
-  const r = await nsExec(ns, "ping", ["-D", "-n", "-c", "1", "-i", "0.005", "-w", String(LAG_WAIT_MS / 1000), addr], { check: false, timeoutMs: LAG_WAIT_MS + 5000 });
+  const r = await nsExec(ns, "ping", ["-D", "-n", "-c", "1", "-i", "0.005", "-w", String(LAG_WAIT_MS / 1000), addr], {
+    check: false,
+    timeoutMs: LAG_WAIT_MS + 5000,
+  });
   const m = /^\[(\d+\.\d+)\] \d+ bytes from/m.exec(r.stdout);
   return m ? Number(m[1]) * 1000 - sinceWall : Number.NaN;
 }
@@ -596,7 +634,7 @@ async function lagPhase(w: World, tag: string, pinger: { namespace: string }, vm
     const enforced = (async () => {
       let polls = 0;
       const stop = performance.now() + LAG_WAIT_MS;
-      for (; polls < 300 && performance.now() < stop; ) {
+      for (; polls < 300 && performance.now() < stop;) {
         polls++;
         if (await nicInHas(w, addr)) return { ms: msSince(s), polls };
       }
@@ -632,10 +670,36 @@ async function main(): Promise<number> {
   onCleanup(() => void removeVmNamespacesSync(hv.id));
   fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id]);
   trackChild(fwd.proc);
-  gwd = await startDaemon("gateway", ["--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0", "--public-pool", FLOATING_POOL, "--imds-redis", h.redis.socket]);
+  gwd = await startDaemon("gateway", [
+    "--redis",
+    h.redis.url,
+    "--host-id",
+    hv.id,
+    "--host-netns",
+    hv.ns,
+    "--uplink",
+    "ul0",
+    "--public-pool",
+    FLOATING_POOL,
+    "--imds-redis",
+    h.redis.socket,
+  ]);
   trackChild(gwd.proc);
   const profDir = PROFILE ? tempDir("vmmprof") : "";
-  const vmmArgs = ["--redis", h.redis.url, "--host-id", hv.id, "--ipam", h.ipamDaemon.address, "--netagent", hv.daemon.address, "--firewall", fwd.address, "--gateway", gwd.address];
+  const vmmArgs = [
+    "--redis",
+    h.redis.url,
+    "--host-id",
+    hv.id,
+    "--ipam",
+    h.ipamDaemon.address,
+    "--netagent",
+    hv.daemon.address,
+    "--firewall",
+    fwd.address,
+    "--gateway",
+    gwd.address,
+  ];
   vmmd = PROFILE ? await startProfiledDaemon("vmm", vmmArgs, profDir) : await startDaemon("vmm", vmmArgs);
   trackChild(vmmd.proc);
 
@@ -694,7 +758,9 @@ async function main(): Promise<number> {
 
   // ---- 1. at 0 VMs
   const up0 = await measurePass(w, "0u", 0);
-  progress(`  create p50 ${fms(lat(up0.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(up0.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(up0.vmm.map((x) => x.deleteMs)).p50)}`);
+  progress(
+    `  create p50 ${fms(lat(up0.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(up0.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(up0.vmm.map((x) => x.deleteMs)).p50)}`,
+  );
 
   // ---- the pinger (the first background VM) and the enforcement lag at ~0 VMs
   const bg: { id: string; namespace: string }[] = [];
@@ -721,9 +787,15 @@ async function main(): Promise<number> {
   const grown0 = bg.length;
   await grow(VMS, growDeadline);
   const execs = execCounts(exec0, await scrapeAll(execDaemons), bg.length - grown0);
-  progress(execs.present ? `  ${num(execs.rows.reduce((a, r) => a + r.execs, 0))} execs per CreateVm over ${execs.creates} creates` : "  exec counts: n/a (no microvpc_exec_total on /metrics)");
+  progress(
+    execs.present
+      ? `  ${num(execs.rows.reduce((a, r) => a + r.execs, 0))} execs per CreateVm over ${execs.creates} creates`
+      : "  exec counts: n/a (no microvpc_exec_total on /metrics)",
+  );
   const loaded = await measurePass(w, "n", VMS);
-  progress(`  create p50 ${fms(lat(loaded.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(loaded.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(loaded.vmm.map((x) => x.deleteMs)).p50)}`);
+  progress(
+    `  create p50 ${fms(lat(loaded.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(loaded.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(loaded.vmm.map((x) => x.deleteMs)).p50)}`,
+  );
   const lagN = LAG_SAMPLES ? await lagPhase(w, "b", pinger, VMS) : undefined;
   const vmsListed = (await vmm.listVms({})).vms.filter((v) => v.state === VmState.RUNNING).length;
 
@@ -755,7 +827,9 @@ async function main(): Promise<number> {
   else if (HARD_LIMIT_MS - (Date.now() - t0) < DOWN_PASS_MIN_LEFT_MS) downSkipped = `run already ${((Date.now() - t0) / 1000).toFixed(0)} s old`;
   else {
     down0 = await measurePass(w, "0d", 0, Math.min(PASS_LIMIT_MS, HARD_LIMIT_MS - (Date.now() - t0) - END_RESERVE_MS));
-    progress(`  create p50 ${fms(lat(down0.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(down0.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(down0.vmm.map((x) => x.deleteMs)).p50)}`);
+    progress(
+      `  create p50 ${fms(lat(down0.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(down0.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(down0.vmm.map((x) => x.deleteMs)).p50)}`,
+    );
   }
   const zero = pool(up0, down0);
 
@@ -781,7 +855,12 @@ async function main(): Promise<number> {
   const passes: { label: string; p: Pass }[] = [
     { label: "0 ↑", p: up0 },
     { label: String(VMS), p: loaded },
-    ...(down0 ? [{ label: "0 ↓ (after deleting them)", p: down0 }, { label: "0 ↑↓ pooled", p: zero }] : []),
+    ...(down0
+      ? [
+          { label: "0 ↓ (after deleting them)", p: down0 },
+          { label: "0 ↑↓ pooled", p: zero },
+        ]
+      : []),
   ];
   const cr = (p: Pass) => lat(p.vmm.map((x) => x.createMs));
   const dl = (p: Pass) => lat(p.vmm.map((x) => x.deleteMs));
@@ -791,19 +870,38 @@ async function main(): Promise<number> {
   const out: string[] = [];
   const p = (s = "") => out.push(s);
   p(heading("microvpc vmm benchmark"));
-  p(`${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`);
+  p(
+    `${env.date} · node ${env.node} · kernel ${env.kernel} · ${env.cores} × ${env.cpu} · load avg ${env.loadavgAtStart.join(" ")} at start, ${loadAtEnd.join(" ")} at end`,
+  );
   p(`${env.iproute2} · ${env.nft} · Redis appendfsync no · firewall drift interval 30 s (default) · netagent reconcile 10 s (default)`);
-  p(`run prefix ${P}, host id ${hv.id}, VPC ${vpc.id} (namespace ${w.vpcNs}), one /22 subnet (one bridge), one security group (tcp:80 + icmp from 10.0.0.0/16)`);
+  p(
+    `run prefix ${P}, host id ${hv.id}, VPC ${vpc.id} (namespace ${w.vpcNs}), one /22 subnet (one bridge), one security group (tcp:80 + icmp from 10.0.0.0/16)`,
+  );
 
   p(heading("1. CreateVm → network ready, DeleteVm (gRPC call to microvpcd vmm, kind=NETNS, 1 security group)"));
   p(`${WARMUP} warm-up + ${SAMPLES} rounds per pass; each round one vmm pair (CreateVm, InspectVm untimed, DeleteVm) and one raw pair, the order`);
   p(`alternating. p99 is nearest-rank: below 100 samples it is the slowest one. "raw" = the baseline, the same work as raw calls from the`);
   p(`bench: ip netns add + Allocate + AttachNic + BindNic + SetInstanceMetadata + SetDnsRecord (create), DeleteDnsRecord +`);
-  p(`DeleteInstanceMetadata + UnbindNic + DetachNic + ip netns del + Release (delete). "vmm − raw": median of the per-round differences. "reconcile": calls during which the netagent's`);
+  p(
+    `DeleteInstanceMetadata + UnbindNic + DetachNic + ip netns del + Release (delete). "vmm − raw": median of the per-round differences. "reconcile": calls during which the netagent's`,
+  );
   p(`10-s reconcile pass ended (it holds the VPC lock). busy: both CPUs, whole machine; pressure: PSI cpu some (a neighbour shows there).`);
   p(
     table(
-      ["VMs on host", "n", "create p50 / p99", "p99 w/o reconcile", "raw create p50 / p99", "vmm − raw", "delete p50 / p99", "raw delete p50 / p99", "vmm − raw", "reconcile c/d", "busy / pressure", "VM pings gw (vmm/raw)"],
+      [
+        "VMs on host",
+        "n",
+        "create p50 / p99",
+        "p99 w/o reconcile",
+        "raw create p50 / p99",
+        "vmm − raw",
+        "delete p50 / p99",
+        "raw delete p50 / p99",
+        "vmm − raw",
+        "reconcile c/d",
+        "busy / pressure",
+        "VM pings gw (vmm/raw)",
+      ],
       passes.map(({ label, p: x }) => [
         label,
         String(x.vmm.length),
@@ -823,8 +921,12 @@ async function main(): Promise<number> {
   const bucket = (xs: { count: number; ms: number }[], lo: number, hi: number) => lat(xs.filter((g) => g.count >= lo && g.count < hi).map((g) => g.ms));
   const edges = [0, Math.round(VMS / 4), Math.round(VMS / 2), Math.round((3 * VMS) / 4), VMS + 1].filter((x, i, a) => i === 0 || x > a[i - 1]);
   const buckets = edges.slice(0, -1).map((lo, i) => [lo, edges[i + 1]] as const);
-  p(`Background CreateVm while growing the host (sequential, VMs already there → p50 / p99): ${buckets.map(([lo, hi]) => `${lo}–${Math.min(hi, VMS) - 1}: ${l2(bucket(growMs, lo, hi))}`).join(" · ")}`);
-  p(`Emptying the host again: ${shrink.deleted} of ${shrink.of} DeleteVm with ${SHRINK_CONCURRENCY} in flight in ${num(shrink.seconds)} s (${fms((shrink.seconds * 1000) / Math.max(1, shrink.deleted))} per VM).`);
+  p(
+    `Background CreateVm while growing the host (sequential, VMs already there → p50 / p99): ${buckets.map(([lo, hi]) => `${lo}–${Math.min(hi, VMS) - 1}: ${l2(bucket(growMs, lo, hi))}`).join(" · ")}`,
+  );
+  p(
+    `Emptying the host again: ${shrink.deleted} of ${shrink.of} DeleteVm with ${SHRINK_CONCURRENCY} in flight in ${num(shrink.seconds)} s (${fms((shrink.seconds * 1000) / Math.max(1, shrink.deleted))} per VM).`,
+  );
   for (const { label, p: x } of passes) if (x.cut && !label.includes("pooled")) p(`Pass ${label}: ${x.cut}.`);
   p(`Running VMs listed by the vmm at ${VMS} (+ the pass's own): ${vmsListed}.${downSkipped ? ` Second pass at 0 skipped: ${downSkipped}.` : ""}`);
 
@@ -849,8 +951,23 @@ async function main(): Promise<number> {
         return lat([]);
     }
   };
-  const stepPasses = down0 ? [{ label: "0 (pooled)", p: zero }, { label: String(VMS), p: loaded }] : [{ label: "0", p: up0 }, { label: String(VMS), p: loaded }];
-  const rawLabel: Record<Step, string> = { ipam: "Allocate", netagent: "ip netns add + AttachNic", firewall: "BindNic", gateway: "SetInstanceMetadata", dns: "SetDnsRecord", boot: "–" };
+  const stepPasses = down0
+    ? [
+        { label: "0 (pooled)", p: zero },
+        { label: String(VMS), p: loaded },
+      ]
+    : [
+        { label: "0", p: up0 },
+        { label: String(VMS), p: loaded },
+      ];
+  const rawLabel: Record<Step, string> = {
+    ipam: "Allocate",
+    netagent: "ip netns add + AttachNic",
+    firewall: "BindNic",
+    gateway: "SetInstanceMetadata",
+    dns: "SetDnsRecord",
+    boot: "–",
+  };
   p(
     table(
       ["step", ...stepPasses.flatMap((s) => [`${s.label} VMs: p50 / mean`, "share", "raw call p50"]), "raw call"],
@@ -871,16 +988,16 @@ async function main(): Promise<number> {
           }),
           "",
         ],
-        [
-          "CreateVm (client)",
-          ...stepPasses.flatMap(({ p: x }) => [`${fms(cr(x).p50)} / ${num(cr(x).mean)}`, "100%", fms(rcr(x).p50)]),
-          "Σ of the raw calls",
-        ],
+        ["CreateVm (client)", ...stepPasses.flatMap(({ p: x }) => [`${fms(cr(x).p50)} / ${num(cr(x).mean)}`, "100%", fms(rcr(x).p50)]), "Σ of the raw calls"],
       ],
     ),
   );
-  p(`The vmm's own timers (means over the measured pairs, /metrics): CreateVm server side ${stepPasses.map(({ label, p: x }) => `${fms(histMean(x.serverCreate))} at ${label}`).join(", ")},`);
-  p(`so the gRPC hop into the vmm + the bench's client ≈ ${stepPasses.map(({ p: x }) => fms(cr(x).mean - histMean(x.serverCreate))).join(" / ")}; server − Σ step histogram means (lookups + journal) ≈`);
+  p(
+    `The vmm's own timers (means over the measured pairs, /metrics): CreateVm server side ${stepPasses.map(({ label, p: x }) => `${fms(histMean(x.serverCreate))} at ${label}`).join(", ")},`,
+  );
+  p(
+    `so the gRPC hop into the vmm + the bench's client ≈ ${stepPasses.map(({ p: x }) => fms(cr(x).mean - histMean(x.serverCreate))).join(" / ")}; server − Σ step histogram means (lookups + journal) ≈`,
+  );
   p(`${stepPasses.map(({ p: x }) => fms(histMean(x.serverCreate) - STEP_NAMES.reduce((a, k) => a + histMean(x.histCreate[k]), 0))).join(" / ")}.`);
   p(
     table(
@@ -889,18 +1006,41 @@ async function main(): Promise<number> {
         ...STEP_NAMES.map((k) => {
           const rawDel = (x: Pass) => {
             const r = x.raw;
-            const f = { ipam: (y: RawPair) => y.del.release, netagent: (y: RawPair) => y.del.detachNic + y.del.netnsDel, firewall: (y: RawPair) => y.del.unbindNic, gateway: (y: RawPair) => y.del.deleteMetadata, dns: (y: RawPair) => y.del.deleteDns, boot: () => Number.NaN }[k];
+            const f = {
+              ipam: (y: RawPair) => y.del.release,
+              netagent: (y: RawPair) => y.del.detachNic + y.del.netnsDel,
+              firewall: (y: RawPair) => y.del.unbindNic,
+              gateway: (y: RawPair) => y.del.deleteMetadata,
+              dns: (y: RawPair) => y.del.deleteDns,
+              boot: () => Number.NaN,
+            }[k];
             return lat(r.map(f)).p50;
           };
-          return [k, ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.histCreate[k])), fms(histMean(x.histDelete[k]))]), k === "boot" ? "–" : `${fms(rawDel(stepPasses[0].p))} / ${num(rawDel(stepPasses[1].p))}`];
+          return [
+            k,
+            ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.histCreate[k])), fms(histMean(x.histDelete[k]))]),
+            k === "boot" ? "–" : `${fms(rawDel(stepPasses[0].p))} / ${num(rawDel(stepPasses[1].p))}`,
+          ];
         }),
         ["server total (RPC histogram)", ...stepPasses.flatMap(({ p: x }) => [fms(histMean(x.serverCreate)), fms(histMean(x.serverDelete))]), ""],
       ],
     ),
   );
-  p(`The lookups CreateVm makes before its first step, as raw calls (GetVpc + GetSubnet + GetSecurityGroup, one after the other), p50: ${stepPasses.map(({ label, p: x }) => `${fms(lat(x.raw.map((y) => y.lookups)).p50)} at ${label}`).join(", ")}.`);
-  p(`Raw calls one by one, p50 (0 / ${VMS} VMs): ` + (["netnsAdd", "allocate", "attachNic", "bindNic", "setMetadata", "setDns"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.create[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.create[k])).p50)}`).join(" · "));
-  p(`                                     ` + (["deleteDns", "deleteMetadata", "unbindNic", "detachNic", "netnsDel", "release"] as const).map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.del[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.del[k])).p50)}`).join(" · "));
+  p(
+    `The lookups CreateVm makes before its first step, as raw calls (GetVpc + GetSubnet + GetSecurityGroup, one after the other), p50: ${stepPasses.map(({ label, p: x }) => `${fms(lat(x.raw.map((y) => y.lookups)).p50)} at ${label}`).join(", ")}.`,
+  );
+  p(
+    `Raw calls one by one, p50 (0 / ${VMS} VMs): ` +
+      (["netnsAdd", "allocate", "attachNic", "bindNic", "setMetadata", "setDns"] as const)
+        .map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.create[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.create[k])).p50)}`)
+        .join(" · "),
+  );
+  p(
+    `                                     ` +
+      (["deleteDns", "deleteMetadata", "unbindNic", "detachNic", "netnsDel", "release"] as const)
+        .map((k) => `${k} ${fms(lat(stepPasses[0].p.raw.map((y) => y.del[k])).p50)} / ${num(lat(stepPasses[1].p.raw.map((y) => y.del[k])).p50)}`)
+        .join(" · "),
+  );
 
   p(heading("3. CPU per create + delete, by process (ms; own threads, and the execs a daemon ran)"));
   p(`"vmm pair" / "raw pair": CPU during the CreateVm+DeleteVm calls / during the raw calls; "whole pass": everything the process did`);
@@ -917,7 +1057,9 @@ async function main(): Promise<number> {
       .filter((k) => x.fwApplies[k].count > 0)
       .map((k) => `${x.fwApplies[k].count} ${k} (mean ${fms(histMean(x.fwApplies[k]))})`)
       .join(", ") || "none";
-  p(`Firewall sync passes during the measured pairs (compile + nft apply, its own timer): ${stepPasses.map(({ label, p: x }) => `at ${label} VMs: ${fwLine(x)} for ${2 * x.vmm.length} pairs`).join("; ")}.`);
+  p(
+    `Firewall sync passes during the measured pairs (compile + nft apply, its own timer): ${stepPasses.map(({ label, p: x }) => `at ${label} VMs: ${fwLine(x)} for ${2 * x.vmm.length} pairs`).join("; ")}.`,
+  );
 
   p(heading("3b. Execs per CreateVm, by daemon and command (microvpc_exec_total / microvpc_exec_duration_seconds on each daemon's /metrics)"));
   if (!execs.present) p("exec counts: n/a (no microvpc_exec_total on /metrics)");
@@ -955,37 +1097,89 @@ async function main(): Promise<number> {
         fms(lat(x.pingFloorMs.filter(Number.isFinite)).p50),
       ];
     };
-    p(table(["VMs on host", "creates", "CreateVm p50 / p99", "enforced after return p50 / p99", "one nft poll", "first reply after return", "ping floor (to gw)"], [lr(lag0), lr(lagN)]));
+    p(
+      table(
+        ["VMs on host", "creates", "CreateVm p50 / p99", "enforced after return p50 / p99", "one nft poll", "first reply after return", "ping floor (to gw)"],
+        [lr(lag0), lr(lagN)],
+      ),
+    );
   }
 
   if (profile) {
     p(heading("vmm CPU profile (--profile: node --cpu-prof over the whole run; self time, idle excluded)"));
     p(`busy ${num(profile.busyMs)} ms of ${num(profile.totalMs)} ms; the project's own files: ${pct(profile.projectShare)}`);
-    p(table(["area", "ms", "share"], profile.areas.map((a) => [a.area, num(a.ms), pct(a.share)])));
-    p(table(["function", "area", "ms", "share"], profile.functions.map((f) => [f.fn.slice(0, 90), f.area, num(f.ms), pct(f.share)])));
+    p(
+      table(
+        ["area", "ms", "share"],
+        profile.areas.map((a) => [a.area, num(a.ms), pct(a.share)]),
+      ),
+    );
+    p(
+      table(
+        ["function", "area", "ms", "share"],
+        profile.functions.map((f) => [f.fn.slice(0, 90), f.area, num(f.ms), pct(f.share)]),
+      ),
+    );
   }
 
   // ---- verdicts
   const v: Verdict[] = [];
   const zlabel = down0 ? "0 VMs (↑↓ pooled)" : "0 VMs";
-  const limit = (measure: string, x: number, lim: number) => v.push({ measure, value: fms(x), baseline: `${lim} ms limit`, ratio: x / lim, ...check(x / lim, { max: 1 }) });
+  const limit = (measure: string, x: number, lim: number) =>
+    v.push({ measure, value: fms(x), baseline: `${lim} ms limit`, ratio: x / lim, ...check(x / lim, { max: 1 }) });
   limit(`CreateVm p50, ${zlabel}`, cr(zero).p50, 60);
   limit(`CreateVm p99, ${zlabel}`, cr(zero).p99, 150);
   limit(`CreateVm p50, ${VMS} VMs`, cr(loaded).p50, 60);
   limit(`CreateVm p99, ${VMS} VMs`, cr(loaded).p99, 150);
-  v.push({ measure: `CreateVm p50 at ${VMS} vs at 0 VMs`, value: fms(cr(loaded).p50), baseline: fms(cr(zero).p50), ratio: cr(loaded).p50 / cr(zero).p50, ...check(cr(loaded).p50 / cr(zero).p50, { max: 1.3 }) });
+  v.push({
+    measure: `CreateVm p50 at ${VMS} vs at 0 VMs`,
+    value: fms(cr(loaded).p50),
+    baseline: fms(cr(zero).p50),
+    ratio: cr(loaded).p50 / cr(zero).p50,
+    ...check(cr(loaded).p50 / cr(zero).p50, { max: 1.3 }),
+  });
   v.push({ measure: `  same, p99`, value: fms(cr(loaded).p99), baseline: fms(cr(zero).p99), ratio: cr(loaded).p99 / cr(zero).p99, target: "" });
-  v.push({ measure: `  raw calls p50 at ${VMS} vs at 0 VMs`, value: fms(rcr(loaded).p50), baseline: fms(rcr(zero).p50), ratio: rcr(loaded).p50 / rcr(zero).p50, target: "" });
+  v.push({
+    measure: `  raw calls p50 at ${VMS} vs at 0 VMs`,
+    value: fms(rcr(loaded).p50),
+    baseline: fms(rcr(zero).p50),
+    ratio: rcr(loaded).p50 / rcr(zero).p50,
+    target: "",
+  });
   for (const { label, p: x } of stepPasses) {
-    v.push({ measure: `CreateVm p50 vs raw calls, ${label} VMs`, value: fms(cr(x).p50), baseline: `${fms(rcr(x).p50)} raw`, ratio: cr(x).p50 / rcr(x).p50, target: "" });
+    v.push({
+      measure: `CreateVm p50 vs raw calls, ${label} VMs`,
+      value: fms(cr(x).p50),
+      baseline: `${fms(rcr(x).p50)} raw`,
+      ratio: cr(x).p50 / rcr(x).p50,
+      target: "",
+    });
   }
   for (const { label, p: x } of stepPasses) {
-    v.push({ measure: `DeleteVm p50 (p99) vs raw calls, ${label} VMs`, value: `${fms(dl(x).p50)} (${num(dl(x).p99)})`, baseline: `${fms(rdl(x).p50)} raw`, ratio: dl(x).p50 / rdl(x).p50, target: "" });
+    v.push({
+      measure: `DeleteVm p50 (p99) vs raw calls, ${label} VMs`,
+      value: `${fms(dl(x).p50)} (${num(dl(x).p99)})`,
+      baseline: `${fms(rdl(x).p50)} raw`,
+      ratio: dl(x).p50 / rdl(x).p50,
+      target: "",
+    });
   }
-  v.push({ measure: `DeleteVm p50 at ${VMS} vs at 0 VMs`, value: fms(dl(loaded).p50), baseline: fms(dl(zero).p50), ratio: dl(loaded).p50 / dl(zero).p50, target: "" });
+  v.push({
+    measure: `DeleteVm p50 at ${VMS} vs at 0 VMs`,
+    value: fms(dl(loaded).p50),
+    baseline: fms(dl(zero).p50),
+    ratio: dl(loaded).p50 / dl(zero).p50,
+    target: "",
+  });
   if (lag0 && lagN) {
     const en = (x: LagResult) => lat(x.samples.map((s) => s.enforcedMs).filter(Number.isFinite)).p50;
-    v.push({ measure: `firewall enforced after return, p50, ${VMS} vs 1 VM`, value: fms(en(lagN)), baseline: fms(en(lag0)), ratio: en(lagN) / en(lag0), target: "" });
+    v.push({
+      measure: `firewall enforced after return, p50, ${VMS} vs 1 VM`,
+      value: fms(en(lagN)),
+      baseline: fms(en(lag0)),
+      ratio: en(lagN) / en(lag0),
+      target: "",
+    });
   }
   v.push({ measure: `Firecracker boot (context: issue 7)`, value: fms(cr(loaded).p50), baseline: "125 ms boot", ratio: cr(loaded).p50 / 125, target: "" });
   p(heading("Verdict"));
@@ -1008,7 +1202,17 @@ async function main(): Promise<number> {
     teardownMs,
     passes: { up0, loaded, down0, zeroPooled: zero },
     summary: Object.fromEntries(
-      passes.map(({ label, p: x }) => [label, { create: cr(x), delete: dl(x), rawCreate: rcr(x), rawDelete: rdl(x), createOverhead: lat(x.createOverheadMs), deleteOverhead: lat(x.deleteOverheadMs) }]),
+      passes.map(({ label, p: x }) => [
+        label,
+        {
+          create: cr(x),
+          delete: dl(x),
+          rawCreate: rcr(x),
+          rawDelete: rdl(x),
+          createOverhead: lat(x.createOverheadMs),
+          deleteOverhead: lat(x.deleteOverheadMs),
+        },
+      ]),
     ),
     growMs,
     execs,
@@ -1021,4 +1225,7 @@ async function main(): Promise<number> {
   return rootDiff.length || leftovers.length ? 2 : 0;
 }
 
-runBench(main, () => [["vmm", vmmd], ["firewall", fwd]]);
+runBench(main, () => [
+  ["vmm", vmmd],
+  ["firewall", fwd],
+]);

@@ -13,7 +13,11 @@ export function buildProgram(): Command {
   );
   program
     .addOption(new Option("--host <host>", "hypervisor whose daemons to use: every daemon defaults to HOST:its port").env("MICROVPC_HOST").argParser(parseHost))
-    .addOption(new Option("--server <host:port>", `address of microvpcd ipam (${DAEMONS.ipam.serves}); default HOST:7401 (http:// or https:// URL also accepted)`).env("MICROVPC_SERVER"));
+    .addOption(
+      new Option("--server <host:port>", `address of microvpcd ipam (${DAEMONS.ipam.serves}); default HOST:7401 (http:// or https:// URL also accepted)`).env(
+        "MICROVPC_SERVER",
+      ),
+    );
   for (const d of DAEMON_NAMES.filter((n) => n !== "ipam")) {
     const { option, env, port, serves } = DAEMONS[d];
     program.addOption(new Option(`${option} <host:port>`, `address of microvpcd ${d} (${serves}); default HOST:${port}`).env(env));
@@ -21,7 +25,12 @@ export function buildProgram(): Command {
   program
     .addOption(new Option("--token <token>", "bearer token, if the daemons require one").env("MICROVPC_TOKEN"))
     .addOption(new Option("-o, --output <format>", "output format").choices(["table", "json"]).env("MICROVPC_OUTPUT").default("table"))
-    .addOption(new Option("--timeout-ms <ms>", "deadline of each call (VM calls: 120000 unless given)").env("MICROVPC_TIMEOUT_MS").argParser(integer(1, 3_600_000)).default(10_000))
+    .addOption(
+      new Option("--timeout-ms <ms>", "deadline of each call (VM calls: 120000 unless given)")
+        .env("MICROVPC_TIMEOUT_MS")
+        .argParser(integer(1, 3_600_000))
+        .default(10_000),
+    )
     .addHelpText(
       "after",
       `

@@ -48,11 +48,20 @@ async function lookup(ns: string, name: string): Promise<string> {
 }
 
 function serve(ns: string, port: number, body: string): void {
-  const p = spawn("ip", ["netns", "exec", ns, process.execPath, "-e", `require("http").createServer((q,r)=>r.end(${JSON.stringify(body)})).listen(${port})`], { stdio: "ignore", detached: true });
+  const p = spawn("ip", ["netns", "exec", ns, process.execPath, "-e", `require("http").createServer((q,r)=>r.end(${JSON.stringify(body)})).listen(${port})`], {
+    stdio: "ignore",
+    detached: true,
+  });
   p.unref();
 }
 
-const tcp = (port: number, cidr: string) => ({ direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: port, portTo: port, peer: { case: "cidr" as const, value: cidr } });
+const tcp = (port: number, cidr: string) => ({
+  direction: Direction.INGRESS,
+  protocol: Protocol.TCP,
+  portFrom: port,
+  portTo: port,
+  peer: { case: "cidr" as const, value: cidr },
+});
 
 async function main(): Promise<void> {
   say("VPC blog 10.0.0.0/16 with a public web subnet and a private db subnet");
@@ -83,7 +92,12 @@ async function main(): Promise<void> {
   const rows: [string, string, string, string][] = [];
   const check = async (from: string, ns: string, to: string, host: string, port: number, expect: string) => {
     const got = await inNs(ns, PROBE, host, String(port));
-    rows.push([from, `${to}:${port}`, got === "open" ? "reachable" : "blocked", got === "open" ? (expect === "reachable" ? "✓ as designed" : "✗ UNEXPECTED") : expect === "blocked" ? "✓ as designed" : "✗ UNEXPECTED"]);
+    rows.push([
+      from,
+      `${to}:${port}`,
+      got === "open" ? "reachable" : "blocked",
+      got === "open" ? (expect === "reachable" ? "✓ as designed" : "✗ UNEXPECTED") : expect === "blocked" ? "✓ as designed" : "✗ UNEXPECTED",
+    ]);
   };
   await check("web-1", w.namespace, `db-1 ${addr(d)}`, addr(d), 5432, "reachable");
   await check("db-1", d.namespace, `web-1 ${addr(w)}`, addr(w), 80, "reachable");
@@ -96,9 +110,17 @@ async function main(): Promise<void> {
   const table = new Table({ head: ["from", "to", "result", "check"], style: { head: [], border: [] } });
   table.push(...rows);
   console.log(`\nReachability (packets, not rules):\n${table.toString()}`);
-  const seen = new Table({ head: ["VM", "the internet sees", "instance-id from 169.254.169.254", "web-1.blog.internal (VPC DNS)"], style: { head: [], border: [] } });
+  const seen = new Table({
+    head: ["VM", "the internet sees", "instance-id from 169.254.169.254", "web-1.blog.internal (VPC DNS)"],
+    style: { head: [], border: [] },
+  });
   for (const v of [w, d]) {
-    seen.push([v.name, await inNs(v.namespace, GET, INET_ADDR, "80", "/"), await inNs(v.namespace, GET, "169.254.169.254", "80", "/latest/meta-data/instance-id"), await lookup(v.namespace, "web-1.blog.internal")]);
+    seen.push([
+      v.name,
+      await inNs(v.namespace, GET, INET_ADDR, "80", "/"),
+      await inNs(v.namespace, GET, "169.254.169.254", "80", "/latest/meta-data/instance-id"),
+      await lookup(v.namespace, "web-1.blog.internal"),
+    ]);
   }
   console.log(seen.toString());
   console.log(`web-1 leaves as its floating IP ${fip.address}; db-1 (private) leaves through the NAT gateway as the hypervisor ${HOST_ADDR}.`);

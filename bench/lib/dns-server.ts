@@ -41,7 +41,17 @@ if (o.mode === "bare") {
       return;
     }
     const name = q.questions?.[0]?.name ?? "";
-    s.send(dnsPacket.encode({ id: q.id, type: "response", flags: dnsPacket.AUTHORITATIVE_ANSWER, questions: q.questions, answers: [{ type: "A", name, ttl: 60, data: "10.0.1.99" }] }), r.port, r.address);
+    s.send(
+      dnsPacket.encode({
+        id: q.id,
+        type: "response",
+        flags: dnsPacket.AUTHORITATIVE_ANSWER,
+        questions: q.questions,
+        answers: [{ type: "A", name, ttl: 60, data: "10.0.1.99" }],
+      }),
+      r.port,
+      r.address,
+    );
   });
   s.bind(port, String(o.address), () => process.stdout.write("ready\n"));
   process.on("SIGTERM", () => process.exit(0));

@@ -40,7 +40,9 @@ async function stop(c: ChildProcess, ms: number): Promise<void> {
 export async function iperf3WithCpu(clientNs: string, serverNs: string, serverAddr: string, o: { seconds: number; port?: number }): Promise<IperfCpuResult> {
   const seconds = Math.min(30, Math.max(1, Math.round(o.seconds)));
   const port = o.port ?? 5201;
-  const server = trackChild(spawn("ip", ["netns", "exec", serverNs, "iperf3", "-s", "-1", "-p", String(port)], { env: { ...process.env, LC_ALL: "C" }, stdio: "ignore" }));
+  const server = trackChild(
+    spawn("ip", ["netns", "exec", serverNs, "iperf3", "-s", "-1", "-p", String(port)], { env: { ...process.env, LC_ALL: "C" }, stdio: "ignore" }),
+  );
   try {
     const deadline = Date.now() + 5000;
     let up = false;
@@ -53,7 +55,10 @@ export async function iperf3WithCpu(clientNs: string, serverNs: string, serverAd
       await sleep(25);
     }
     if (!up) throw new Error(`iperf3 server in ${serverNs} not listening on ${port} after 5 s`);
-    const r = await nsExec(clientNs, "iperf3", ["-c", serverAddr, "-p", String(port), "-t", String(seconds), "-J", "--connect-timeout", "2000"], { check: false, timeoutMs: (seconds + 15) * 1000 });
+    const r = await nsExec(clientNs, "iperf3", ["-c", serverAddr, "-p", String(port), "-t", String(seconds), "-J", "--connect-timeout", "2000"], {
+      check: false,
+      timeoutMs: (seconds + 15) * 1000,
+    });
     type J = {
       error?: string;
       end?: {

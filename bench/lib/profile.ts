@@ -68,7 +68,13 @@ export function summarize(path: string, top = 15): ProfileSummary {
     totalMs: totalUs / 1000,
     busyMs: busyUs / 1000,
     projectShare: share(projectUs),
-    areas: [...areas].sort((a, b) => b[1] - a[1]).slice(0, top).map(([area, us]) => ({ area, ms: us / 1000, share: share(us) })),
-    functions: [...fns].sort((a, b) => b[1].us - a[1].us).slice(0, top).map(([fn, f]) => ({ fn, area: f.area, ms: f.us / 1000, share: share(f.us) })),
+    areas: [...areas]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, top)
+      .map(([area, us]) => ({ area, ms: us / 1000, share: share(us) })),
+    functions: [...fns]
+      .sort((a, b) => b[1].us - a[1].us)
+      .slice(0, top)
+      .map(([fn, f]) => ({ fn, area: f.area, ms: f.us / 1000, share: share(f.us) })),
   };
 }

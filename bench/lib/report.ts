@@ -85,7 +85,10 @@ export function heading(title: string): string {
 
 export function writeJson(path: string, data: unknown): void {
   mkdirSync(dirname(path), { recursive: true });
-  writeFileSync(path, JSON.stringify(data, (_k, v) => (v instanceof Float64Array ? undefined : typeof v === "number" && !Number.isFinite(v) ? null : v), 2) + "\n");
+  writeFileSync(
+    path,
+    JSON.stringify(data, (_k, v) => (v instanceof Float64Array ? undefined : typeof v === "number" && !Number.isFinite(v) ? null : v), 2) + "\n",
+  );
 }
 
 /**

@@ -155,7 +155,9 @@ export function register(program: Command): void {
         return dryRun(cmd, FirewallService.method.deleteNetworkAcl, req);
       }
       const res = await client(cmd, FirewallService).deleteNetworkAcl(req);
-      emit(cmd, DeleteNetworkAclResponseSchema, res, () => (res.deleted ? `deleted network ACL ${ref}` : `network ACL ${ref} does not exist; nothing to delete`));
+      emit(cmd, DeleteNetworkAclResponseSchema, res, () =>
+        res.deleted ? `deleted network ACL ${ref}` : `network ACL ${ref} does not exist; nothing to delete`,
+      );
     });
 
   acl
@@ -174,7 +176,9 @@ export function register(program: Command): void {
       }
       const res = await client(cmd, FirewallService).associateNetworkAcl(req);
       emit(cmd, AssociateNetworkAclResponseSchema, res, () =>
-        aclDetails(res.networkAcl!, [["replaced", res.previousNetworkAclId ? `${res.previousNetworkAclId} on ${o.subnet}` : "(nothing: the subnet had no other ACL)"]]),
+        aclDetails(res.networkAcl!, [
+          ["replaced", res.previousNetworkAclId ? `${res.previousNetworkAclId} on ${o.subnet}` : "(nothing: the subnet had no other ACL)"],
+        ]),
       );
     });
 
@@ -192,7 +196,9 @@ export function register(program: Command): void {
       }
       const res = await client(cmd, FirewallService).disassociateNetworkAcl(req);
       emit(cmd, DisassociateNetworkAclResponseSchema, res, () =>
-        res.previousNetworkAclId ? `subnet ${o.subnet} no longer has network ACL ${res.previousNetworkAclId}` : `subnet ${o.subnet} had no network ACL; nothing changed`,
+        res.previousNetworkAclId
+          ? `subnet ${o.subnet} no longer has network ACL ${res.previousNetworkAclId}`
+          : `subnet ${o.subnet} had no network ACL; nothing changed`,
       );
     });
 
@@ -238,7 +244,11 @@ export function register(program: Command): void {
     .addOption(vpcOption("", true))
     .option("--subnet <ref>", "subnet to apply it to (default: the VPC's subnet whose CIDR is the file's \"subnet\")")
     .option("--name <name>", "name of the ACL (default: policy-SUBNET)")
-    .addOption(new Option("--default-action <action>", "what passes when no entry matches: allow (vpcctl's meaning) or deny").choices(["allow", "deny"]).default("allow"))
+    .addOption(
+      new Option("--default-action <action>", "what passes when no entry matches: allow (vpcctl's meaning) or deny")
+        .choices(["allow", "deny"])
+        .default("allow"),
+    )
     .addOption(dryRunOption())
     .addHelpText(
       "after",
@@ -259,7 +269,9 @@ with deny, unmatched traffic is dropped.`,
         aclEntries = p.aclEntries.map(aclEntryMsg);
         ({ warnings, subnetCidr } = p);
       } else {
-        const p = await client(cmd, FirewallService).parseRules(create(ParseRulesRequestSchema, { vpcctlPolicyJson: text, vpcctlDefaultAction: defaultAction }));
+        const p = await client(cmd, FirewallService).parseRules(
+          create(ParseRulesRequestSchema, { vpcctlPolicyJson: text, vpcctlDefaultAction: defaultAction }),
+        );
         ({ aclEntries, warnings, subnetCidr } = p);
       }
       // A security group can only allow: that warning concerns `sg import`, not an ACL.
@@ -269,7 +281,8 @@ with deny, unmatched traffic is dropped.`,
       let subnet: Subnet;
       if (o.subnet) {
         subnet = (await subnets.getSubnet({ ref: o.subnet, vpc: o.vpc })).subnet!;
-        if (subnet.cidr !== subnetCidr) warn(`the file is a policy for ${subnetCidr}, and subnet ${subnet.name} is ${subnet.cidr}; applying it to ${subnet.name} as asked`);
+        if (subnet.cidr !== subnetCidr)
+          warn(`the file is a policy for ${subnetCidr}, and subnet ${subnet.name} is ${subnet.cidr}; applying it to ${subnet.name} as asked`);
       } else {
         const all = await collect(undefined, async (pageSize, pageToken) => {
           const r = await subnets.listSubnets({ vpc: o.vpc, pageSize, pageToken });
@@ -277,7 +290,9 @@ with deny, unmatched traffic is dropped.`,
         });
         const match = all.items.find((s) => s.cidr === subnetCidr);
         if (!match) {
-          cmd.error(`error: VPC ${o.vpc} has no subnet ${subnetCidr} (the file's "subnet"); name the subnet to apply it to with --subnet`, { exitCode: EXIT.usage });
+          cmd.error(`error: VPC ${o.vpc} has no subnet ${subnetCidr} (the file's "subnet"); name the subnet to apply it to with --subnet`, {
+            exitCode: EXIT.usage,
+          });
         }
         subnet = match;
       }
@@ -299,7 +314,11 @@ with deny, unmatched traffic is dropped.`,
           () => `created network ACL ${name} for subnet ${subnet.name} (${subnet.cidr}) from ${file}\n${aclDetails(res.networkAcl!)}`,
         );
       }
-      const update = create(UpdateNetworkAclRequestSchema, { ref: existing.networkAcl!.id, setEntries: create(NetworkAclEntryListSchema, { entries: aclEntries }), description });
+      const update = create(UpdateNetworkAclRequestSchema, {
+        ref: existing.networkAcl!.id,
+        setEntries: create(NetworkAclEntryListSchema, { entries: aclEntries }),
+        description,
+      });
       const assoc = create(AssociateNetworkAclRequestSchema, { networkAcl: existing.networkAcl!.id, subnet: subnet.id });
       if (o.dryRun) {
         validateAclEntries("set_entries", aclEntries);

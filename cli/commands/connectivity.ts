@@ -22,7 +22,8 @@ export function splitTarget(text: string): { target: string; port?: number } {
   const i = text.lastIndexOf(":");
   if (i < 0) return { target: text };
   const p = text.slice(i + 1);
-  if (!/^[0-9]{1,10}$/.test(p)) throw new InvalidArgumentError("target", `${V.show(text)}: ${V.show(p)} is not a port; write TARGET or TARGET:PORT, e.g. 10.0.2.5:5432 or db:5432`);
+  if (!/^[0-9]{1,10}$/.test(p))
+    throw new InvalidArgumentError("target", `${V.show(text)}: ${V.show(p)} is not a port; write TARGET or TARGET:PORT, e.g. 10.0.2.5:5432 or db:5432`);
   return { target: text.slice(0, i), port: V.port("target", Number(p)) };
 }
 
@@ -35,7 +36,10 @@ export function register(program: Command): void {
     .addOption(new Option("--port <port>", "destination port (same as TARGET:PORT)").argParser(portArg))
     .addOption(new Option("--wait-ms <ms>", "how long the probe waits for an answer (default 2000)").argParser(integer(100, 30000)))
     .addOption(dryRunOption())
-    .addHelpText("after", "\nExamples:\n  microvpc test-connectivity web1 10.0.2.5:5432 --vpc prod\n  microvpc test-connectivity web1 db --vpc prod --protocol icmp")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  microvpc test-connectivity web1 10.0.2.5:5432 --vpc prod\n  microvpc test-connectivity web1 db --vpc prod --protocol icmp",
+    )
     .action(async (vm: string, targetText: string, o, cmd: Command) => {
       const { target, port } = splitTarget(targetText);
       if (port !== undefined && o.port !== undefined && port !== o.port) {

@@ -75,7 +75,12 @@ export function register(program: Command): void {
     .option("--allow-reassociation", "move it from its current association instead of refusing", false)
     .addOption(dryRunOption())
     .action(async (ref: string, o, cmd: Command) => {
-      const req = create(AssociateFloatingIpRequestSchema, { floatingIp: ref, vpc: o.vpc, privateAddress: o.address, allowReassociation: o.allowReassociation });
+      const req = create(AssociateFloatingIpRequestSchema, {
+        floatingIp: ref,
+        vpc: o.vpc,
+        privateAddress: o.address,
+        allowReassociation: o.allowReassociation,
+      });
       if (o.dryRun) {
         checkFip("floating_ip", ref);
         V.ref("vpc", req.vpc, "vpc");

@@ -53,9 +53,12 @@ function allocDetails(a: Allocation, extra: [string, string][] = []): string {
 /** --live and --live-file together; a file holds one owner a line, # comments allowed. */
 function liveOwners(cmd: Command, live: string[] | undefined, file: string | undefined): string[] {
   if (live === undefined && file === undefined) {
-    cmd.error("error: say which owners are alive with --live OWNER... or --live-file FILE (an empty file means none is); reclaim frees every other address in scope", {
-      exitCode: EXIT.usage,
-    });
+    cmd.error(
+      "error: say which owners are alive with --live OWNER... or --live-file FILE (an empty file means none is); reclaim frees every other address in scope",
+      {
+        exitCode: EXIT.usage,
+      },
+    );
   }
   let text = "";
   try {
@@ -63,7 +66,10 @@ function liveOwners(cmd: Command, live: string[] | undefined, file: string | und
   } catch (err) {
     cmd.error(`error: cannot read --live-file: ${(err as Error).message}`, { exitCode: EXIT.usage });
   }
-  const fromFile = text.split("\n").map((l) => l.replace(/#.*/, "").trim()).filter((l) => l !== "");
+  const fromFile = text
+    .split("\n")
+    .map((l) => l.replace(/#.*/, "").trim())
+    .filter((l) => l !== "");
   return [...(live ?? []), ...fromFile];
 }
 
@@ -128,7 +134,9 @@ export function register(program: Command): void {
       }
       const res = await client(cmd, IpamService).release(req);
       emit(cmd, ReleaseResponseSchema, res, () =>
-        res.released ? `released ${res.address} in ${req.subnetId}` : `nothing to release: ${req.address || "the allocation"} is already free in ${req.subnetId}`,
+        res.released
+          ? `released ${res.address} in ${req.subnetId}`
+          : `nothing to release: ${req.address || "the allocation"} is already free in ${req.subnetId}`,
       );
     });
 

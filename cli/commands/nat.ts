@@ -90,7 +90,14 @@ export function register(program: Command): void {
       emit(cmd, ListNatGatewaysResponseSchema, create(ListNatGatewaysResponseSchema, { natGateways: items, nextPageToken: next }), () =>
         table(
           ["ID", "VPC", "SUBNET", "SERVES", "STATE", "CREATED"],
-          items.map((n) => [n.id, n.vpcId, n.subnetId, n.sourceSubnetIds.join("\n") || "all private", enumLabel(ResourceStateSchema, n.state), time(n.createTime)]),
+          items.map((n) => [
+            n.id,
+            n.vpcId,
+            n.subnetId,
+            n.sourceSubnetIds.join("\n") || "all private",
+            enumLabel(ResourceStateSchema, n.state),
+            time(n.createTime),
+          ]),
         ),
       );
     });

@@ -114,7 +114,14 @@ export function register(vpc: Command): void {
       emit(cmd, ListPeeringsResponseSchema, create(ListPeeringsResponseSchema, { peerings: items, nextPageToken: next }), () =>
         table(
           ["ID", "NAME", "VPC1", "VPC2", "ALLOWED", "STATE"],
-          items.map((p) => [p.id, p.name, p.vpc1Id, p.vpc2Id, [...p.vpc1AllowedCidrs, ...p.vpc2AllowedCidrs].join("\n") || "whole VPCs", enumLabel(ResourceStateSchema, p.state)]),
+          items.map((p) => [
+            p.id,
+            p.name,
+            p.vpc1Id,
+            p.vpc2Id,
+            [...p.vpc1AllowedCidrs, ...p.vpc2AllowedCidrs].join("\n") || "whole VPCs",
+            enumLabel(ResourceStateSchema, p.state),
+          ]),
         ),
       );
     });

@@ -106,6 +106,8 @@ export function register(program: Command): void {
         return dryRun(cmd, GatewayService.method.deletePortForward, req);
       }
       const res = await client(cmd, GatewayService).deletePortForward(req);
-      emit(cmd, DeletePortForwardResponseSchema, res, () => (res.deleted ? `deleted port forward ${id}` : `port forward ${id} does not exist; nothing to delete`));
+      emit(cmd, DeletePortForwardResponseSchema, res, () =>
+        res.deleted ? `deleted port forward ${id}` : `port forward ${id} does not exist; nothing to delete`,
+      );
     });
 }

@@ -125,10 +125,7 @@ export function readPolicyFile(cmd: Command, file: string): string {
 const refVpcOption = () => vpcOption("; needed when REF is a name");
 
 export function register(program: Command): void {
-  const sg = program
-    .command("sg")
-    .description("security groups: stateful allow rules for NICs (firewall daemon)")
-    .addHelpText("after", RULE_HELP);
+  const sg = program.command("sg").description("security groups: stateful allow rules for NICs (firewall daemon)").addHelpText("after", RULE_HELP);
 
   sg.command("create <name>")
     .description("create a security group")
@@ -186,8 +183,14 @@ export function register(program: Command): void {
             g.id,
             g.vpcId,
             g.name,
-            g.rules.filter((r) => r.direction === Direction.INGRESS).map(ruleText).join("\n"),
-            g.rules.filter((r) => r.direction === Direction.EGRESS).map(ruleText).join("\n"),
+            g.rules
+              .filter((r) => r.direction === Direction.INGRESS)
+              .map(ruleText)
+              .join("\n"),
+            g.rules
+              .filter((r) => r.direction === Direction.EGRESS)
+              .map(ruleText)
+              .join("\n"),
             String(g.memberCount),
             g.description,
           ]),
@@ -214,7 +217,9 @@ export function register(program: Command): void {
         return dryRun(cmd, FirewallService.method.deleteSecurityGroup, req);
       }
       const res = await client(cmd, FirewallService).deleteSecurityGroup(req);
-      emit(cmd, DeleteSecurityGroupResponseSchema, res, () => (res.deleted ? `deleted security group ${ref}` : `security group ${ref} does not exist; nothing to delete`));
+      emit(cmd, DeleteSecurityGroupResponseSchema, res, () =>
+        res.deleted ? `deleted security group ${ref}` : `security group ${ref} does not exist; nothing to delete`,
+      );
     });
 
   const rule = sg.command("rule").description("add or remove rules of a security group");
@@ -260,7 +265,9 @@ export function register(program: Command): void {
     .addOption(dryRunOption())
     .action(async (nic: string, o, cmd: Command) => {
       if (o.group.length === 0) {
-        cmd.error("error: give the NIC's groups with --group G (repeatable); to remove its binding altogether use `microvpc sg detach NIC`", { exitCode: EXIT.usage });
+        cmd.error("error: give the NIC's groups with --group G (repeatable); to remove its binding altogether use `microvpc sg detach NIC`", {
+          exitCode: EXIT.usage,
+        });
       }
       const given = { vpc: o.vpc, subnet: o.subnet, address: o.address, mac: o.mac, hostInterface: o.hostInterface };
       if (Object.values(given).some((v) => v === undefined)) {
@@ -279,8 +286,10 @@ export function register(program: Command): void {
         V.ref("vpc", req.vpc, "vpc");
         V.ipv4("address", req.address);
         V.mac("mac", req.mac);
-        if (!IFNAME_RE.test(req.hostInterface)) throw new InvalidArgumentError("host_interface", `${V.show(req.hostInterface)} is not an interface name (1–15 characters)`);
-        if (req.securityGroups.length > 16) throw new InvalidArgumentError("security_groups", `has ${req.securityGroups.length} groups; a NIC takes at most 16`);
+        if (!IFNAME_RE.test(req.hostInterface))
+          throw new InvalidArgumentError("host_interface", `${V.show(req.hostInterface)} is not an interface name (1–15 characters)`);
+        if (req.securityGroups.length > 16)
+          throw new InvalidArgumentError("security_groups", `has ${req.securityGroups.length} groups; a NIC takes at most 16`);
         return dryRun(cmd, FirewallService.method.bindNic, req);
       }
       const res = await client(cmd, FirewallService).bindNic(req);
@@ -368,7 +377,10 @@ apply to the subnet), use \`microvpc acl import\`.`,
         denies = p.aclEntries.filter((e) => e.action === AclAction.DENY).length;
       }
       printWarnings(warnings);
-      if (denies > 0) warn(`the file has ${denies} deny entr${denies === 1 ? "y" : "ies"}; a security group cannot deny — apply them with \`microvpc acl import --vpc ${o.vpc} ${file}\``);
+      if (denies > 0)
+        warn(
+          `the file has ${denies} deny entr${denies === 1 ? "y" : "ies"}; a security group cannot deny — apply them with \`microvpc acl import --vpc ${o.vpc} ${file}\``,
+        );
 
       const fw = client(cmd, FirewallService);
       const existing = await notFoundIsNull(fw.getSecurityGroup({ ref, vpc: o.vpc }));
@@ -393,7 +405,8 @@ apply to the subnet), use \`microvpc acl import\`.`,
       emitValue(
         cmd,
         () => ({ securityGroup: msgJson(SecurityGroupSchema, g), created: !existing, subnetCidr, warnings }),
-        () => `${existing ? (o.replace ? "replaced the rules of" : "added the file's rules to") : "created"} security group ${g.name} (${g.id}) from the policy of ${subnetCidr}\n${groupDetails(g)}`,
+        () =>
+          `${existing ? (o.replace ? "replaced the rules of" : "added the file's rules to") : "created"} security group ${g.name} (${g.id}) from the policy of ${subnetCidr}\n${groupDetails(g)}`,
       );
     });
 }

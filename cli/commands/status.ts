@@ -92,16 +92,14 @@ degraded (the output says which and why).`,
           collect(undefined, async (pageSize, pageToken) => {
             const r = await na.listNics({ pageSize, pageToken }, callOpts);
             return { items: r.nics, next: r.nextPageToken };
-          }),
-        ),
+          })),
         skip("netagent", () => na.getOverlayStatus({}, callOpts)),
         skip("firewall", () => client(cmd, FirewallService).getFirewallStatus({ pageSize: 1 }, callOpts)),
         skip("gateway", () =>
           collect(undefined, async (pageSize, pageToken) => {
             const r = await gw.listNatGateways({ pageSize, pageToken }, callOpts);
             return { items: r.natGateways, next: r.nextPageToken };
-          }),
-        ),
+          })),
         skip("gateway", async () => {
           let pool: string[] = [];
           let poolFree = 0;
@@ -117,8 +115,7 @@ degraded (the output says which and why).`,
           collect(undefined, async (pageSize, pageToken) => {
             const r = await client(cmd, VmService).listVms({ pageSize, pageToken }, callOpts);
             return { items: r.vms, next: r.nextPageToken };
-          }),
-        ),
+          })),
       ]);
 
       // What is wrong, and how wrong: unreachable beats degraded.
@@ -146,12 +143,19 @@ degraded (the output says which and why).`,
       failed("vmm ListVms", vms, true);
       const hs = host?.ok ? host.value : undefined;
       if (hs && hs.invalidRecords.length) degrade(`netagent: ${hs.invalidRecords.length} invalid record(s) in Redis skipped (see "invalid records")`);
-      if (hs && hs.health !== HostHealth.HEALTHY) degrade(`netagent: ${enumLabel(HostHealthSchema, hs.health)}${hs.errors[0] ? `: ${hs.errors[0].operation}: ${hs.errors[0].message}` : ""}`);
+      if (hs && hs.health !== HostHealth.HEALTHY)
+        degrade(`netagent: ${enumLabel(HostHealthSchema, hs.health)}${hs.errors[0] ? `: ${hs.errors[0].operation}: ${hs.errors[0].message}` : ""}`);
       const fs = fw?.ok ? fw.value : undefined;
       if (fs && fs.health !== FirewallHealth.HEALTHY) degrade(`firewall: degraded${fs.lastError ? `: ${fs.lastError}` : ""}`);
 
       const unavailableText = (r: Outcome<unknown> | undefined, d: Daemon) =>
-        r === undefined ? "skipped (the daemon is not serving)" : !r.ok && r.unimplemented ? `not available (microvpcd ${d} at ${address(cmd, d)} does not offer it yet)` : !r.ok ? r.error : "";
+        r === undefined
+          ? "skipped (the daemon is not serving)"
+          : !r.ok && r.unimplemented
+            ? `not available (microvpcd ${d} at ${address(cmd, d)} does not offer it yet)`
+            : !r.ok
+              ? r.error
+              : "";
 
       emitValue(
         cmd,
@@ -163,15 +167,33 @@ degraded (the output says which and why).`,
           netagent: hs ? msgJson(GetHostStatusResponseSchema, hs) : null,
           nics: nics?.ok ? nics.value.items.map((n) => msgJson(NicSchema, n)) : null,
           firewall: fs ? msgJson(GetFirewallStatusResponseSchema, fs) : null,
-          gateway: nats?.ok && fips?.ok ? { natGateways: nats.value.items.length, floatingIps: fips.value.count, associated: fips.value.associated, pool: fips.value.pool, poolFree: fips.value.poolFree } : null,
-          overlay: overlay?.ok ? { available: true, ...(msgJson(GetOverlayStatusResponseSchema, overlay.value) as object) } : { available: false, reason: unavailableText(overlay, "netagent") },
-          vms: vms?.ok ? { available: true, count: vms.value.items.length, running: vms.value.items.filter((v) => enumLabel(VmStateSchema, v.state) === "running").length } : { available: false, reason: unavailableText(vms, "vmm") },
+          gateway:
+            nats?.ok && fips?.ok
+              ? {
+                  natGateways: nats.value.items.length,
+                  floatingIps: fips.value.count,
+                  associated: fips.value.associated,
+                  pool: fips.value.pool,
+                  poolFree: fips.value.poolFree,
+                }
+              : null,
+          overlay: overlay?.ok
+            ? { available: true, ...(msgJson(GetOverlayStatusResponseSchema, overlay.value) as object) }
+            : { available: false, reason: unavailableText(overlay, "netagent") },
+          vms: vms?.ok
+            ? { available: true, count: vms.value.items.length, running: vms.value.items.filter((v) => enumLabel(VmStateSchema, v.state) === "running").length }
+            : { available: false, reason: unavailableText(vms, "vmm") },
         }),
         () => {
           const out: string[] = [];
           const hostId = hs?.hostId ?? fs?.hostId;
           if (hostId) out.push(`host ${hostId}`);
-          out.push(table(["DAEMON", "ADDRESS", "STATUS"], health.map((h) => [h.daemon, h.address, h.status + (h.error ? `: ${h.error}` : "")])));
+          out.push(
+            table(
+              ["DAEMON", "ADDRESS", "STATUS"],
+              health.map((h) => [h.daemon, h.address, h.status + (h.error ? `: ${h.error}` : "")]),
+            ),
+          );
           out.push(netagentText(hs, host, nics, unavailableText));
           out.push(firewallText(fs, fw, unavailableText));
           out.push(
@@ -191,7 +213,12 @@ degraded (the output says which and why).`,
 
 export type Why = (r: Outcome<unknown> | undefined, d: Daemon) => string;
 
-function netagentText(hs: GetHostStatusResponse | undefined, host: Outcome<unknown> | undefined, nics: Outcome<{ items: Nic[] }> | undefined, why: Why): string {
+function netagentText(
+  hs: GetHostStatusResponse | undefined,
+  host: Outcome<unknown> | undefined,
+  nics: Outcome<{ items: Nic[] }> | undefined,
+  why: Why,
+): string {
   if (!hs) return `netagent: ${why(host, "netagent")}`;
   const head = someDetails([
     ["netagent", enumLabel(HostHealthSchema, hs.health)],
@@ -201,16 +228,37 @@ function netagentText(hs: GetHostStatusResponse | undefined, host: Outcome<unkno
     ["redis", hs.redisConnected ? "connected" : `NOT connected (last contact ${ago(hs.redisContactTime)})`],
     ["last reconcile", `${ago(hs.lastReconcileTime)}, ${hs.lastReconcileDurationMs} ms, ${hs.lastReconcileChanges} change(s)`],
     ["vpcs on host", hs.vpcs.map((v) => `${v.vpcName || v.vpcId} (${v.nicCount} NIC(s))`).join(", ") || "(none)"],
-    ["recent errors", hs.errors.slice(0, 3).map((e) => `${time(e.time)} ${e.objectId} ${e.operation}: ${e.message}`).join("\n") || "(none)"],
+    [
+      "recent errors",
+      hs.errors
+        .slice(0, 3)
+        .map((e) => `${time(e.time)} ${e.objectId} ${e.operation}: ${e.message}`)
+        .join("\n") || "(none)",
+    ],
     // Records in Redis the agent refuses (and skips): empty, so not shown, on a clean host.
-    ["invalid records", [...hs.invalidRecords.slice(0, 5).map((x) => `${x.key} ${x.field}: ${x.reason}`), ...(hs.invalidRecords.length > 5 ? [`… and ${hs.invalidRecords.length - 5} more`] : [])].join("\n")],
+    [
+      "invalid records",
+      [
+        ...hs.invalidRecords.slice(0, 5).map((x) => `${x.key} ${x.field}: ${x.reason}`),
+        ...(hs.invalidRecords.length > 5 ? [`… and ${hs.invalidRecords.length - 5} more`] : []),
+      ].join("\n"),
+    ],
   ]);
   const list = nics?.ok
     ? nics.value.items.length === 0
       ? "NICs: (none)"
       : `NICs:\n${table(
           ["NIC", "OWNER", "VPC", "SUBNET", "ADDRESS", "KIND", "INTERFACE", "STATE"],
-          nics.value.items.map((n) => [n.id, n.owner, n.vpcId, n.subnetId, n.guest?.address ?? "", enumLabel(NicKindSchema, n.kind), n.hostInterface, enumLabel(ResourceStateSchema, n.state)]),
+          nics.value.items.map((n) => [
+            n.id,
+            n.owner,
+            n.vpcId,
+            n.subnetId,
+            n.guest?.address ?? "",
+            enumLabel(NicKindSchema, n.kind),
+            n.hostInterface,
+            enumLabel(ResourceStateSchema, n.state),
+          ]),
         )}`
     : `NICs: ${why(nics, "netagent")}`;
   return `${head}\n${list}`;
@@ -225,7 +273,10 @@ function firewallText(fs: GetFirewallStatusResponse | undefined, fw: Outcome<unk
     (fs.lastError ? `\n  last error (${ago(fs.lastErrorTime)}): ${fs.lastError}` : "") +
     (fs.invalidRecords.length
       ? `\n  skipped ${fs.invalidRecords.length} record(s) from Redis that do not validate:` +
-        fs.invalidRecords.slice(0, 5).map((r) => `\n    ${r.kind} ${r.key}: ${r.reason}`).join("")
+        fs.invalidRecords
+          .slice(0, 5)
+          .map((r) => `\n    ${r.kind} ${r.key}: ${r.reason}`)
+          .join("")
       : "")
   );
 }

@@ -76,7 +76,8 @@ function vmDetails(v: Vm, extra: [string, string][] = []): string {
     ["public address", v.publicAddress || "(none)"],
     ["hostname", v.hostname],
   ];
-  if (v.kind === VmKind.NETNS || v.kind === VmKind.UNSPECIFIED) rows.push(["namespace", v.namespace ? `${v.namespace} (run in it: ip netns exec ${v.namespace} …)` : ""]);
+  if (v.kind === VmKind.NETNS || v.kind === VmKind.UNSPECIFIED)
+    rows.push(["namespace", v.namespace ? `${v.namespace} (run in it: ip netns exec ${v.namespace} …)` : ""]);
   else {
     rows.push(
       ["vcpus / memory", `${v.vcpus} / ${v.memoryMib} MiB`],
@@ -144,7 +145,11 @@ export function register(program: Command): void {
     .requiredOption("--subnet <ref>", "subnet id, or a name of the VPC")
     .addOption(listOption("--sg <group>", "security group id or name, at most 16 (default: none: ingress denied, egress allowed)"))
     .option("--address <ip>", "fixed address in the subnet (default: the lowest free one)", "")
-    .addOption(new Option("--kind <kind>", "netns (a namespace standing in for a VM), qemu, or firecracker (needs firecracker on PATH)").choices(Object.keys(KINDS)).default("netns"))
+    .addOption(
+      new Option("--kind <kind>", "netns (a namespace standing in for a VM), qemu, or firecracker (needs firecracker on PATH)")
+        .choices(Object.keys(KINDS))
+        .default("netns"),
+    )
     .addOption(new Option("--vcpus <n>", "vCPUs, qemu and firecracker (default 1)").argParser(integer(1, 64)))
     .addOption(new Option("--memory-mib <n>", "memory in MiB, qemu and firecracker (default 256)").argParser(integer(64, 262144)))
     .option("--kernel <path>", "kernel image (default: the vmm's configured one)", "")
@@ -156,10 +161,17 @@ export function register(program: Command): void {
     .option("--hostname <name>", "guest hostname (default: the VM name)", "")
     .addOption(new Option("--ingress-mbps <n>", "bandwidth limit toward the VM, Mbit/s").argParser(integer(1, 100000)))
     .addOption(new Option("--egress-mbps <n>", "bandwidth limit from the VM, Mbit/s").argParser(integer(1, 100000)))
-    .addOption(new Option("--imds-tokens <mode>", "IMDS session tokens: optional (v1 and v2) or required (v2 only)").choices(["optional", "required"]).default("optional"))
+    .addOption(
+      new Option("--imds-tokens <mode>", "IMDS session tokens: optional (v1 and v2) or required (v2 only)")
+        .choices(["optional", "required"])
+        .default("optional"),
+    )
     .option("--no-imds", "do not answer this VM at 169.254.169.254")
     .addOption(labelOption())
-    .option("--client-token <token>", "idempotency token: a retry with it resumes or returns the same VM (default: a new random UUID, printed if the call fails)")
+    .option(
+      "--client-token <token>",
+      "idempotency token: a retry with it resumes or returns the same VM (default: a new random UUID, printed if the call fails)",
+    )
     .addOption(dryRunOption())
     .action(async (name: string, o, cmd: Command) => {
       const token: string = o.clientToken ?? randomUUID();
@@ -199,7 +211,8 @@ export function register(program: Command): void {
         absPath("initrd_path", req.initrdPath);
         absPath("rootfs_path", req.rootfsPath);
         V.text("kernel_args", req.kernelArgs, 1024);
-        if (req.hostname && !HOSTNAME_RE.test(req.hostname)) throw new InvalidArgumentError("hostname", `${V.show(req.hostname)} is not a DNS label (1–63 of [a-z0-9-])`);
+        if (req.hostname && !HOSTNAME_RE.test(req.hostname))
+          throw new InvalidArgumentError("hostname", `${V.show(req.hostname)} is not a DNS label (1–63 of [a-z0-9-])`);
         V.labels("labels", req.labels);
         V.token("client_token", req.clientToken);
         return dryRun(cmd, VmService.method.createVm, req);
@@ -230,7 +243,17 @@ export function register(program: Command): void {
       emit(cmd, ListVmsResponseSchema, create(ListVmsResponseSchema, { vms: items, nextPageToken: next }), () =>
         table(
           ["ID", "NAME", "VPC", "SUBNET", "KIND", "STATE", "ADDRESS", "PUBLIC", "HOST"],
-          items.map((v) => [v.id, v.name, v.vpcId, v.subnetId, enumLabel(VmKindSchema, v.kind), enumLabel(VmStateSchema, v.state), address(v), v.publicAddress, v.hostId]),
+          items.map((v) => [
+            v.id,
+            v.name,
+            v.vpcId,
+            v.subnetId,
+            enumLabel(VmKindSchema, v.kind),
+            enumLabel(VmStateSchema, v.state),
+            address(v),
+            v.publicAddress,
+            v.hostId,
+          ]),
         ),
       );
     });
@@ -261,7 +284,13 @@ export function register(program: Command): void {
         );
         const journal = table(
           ["TIME", "OPERATION", "STEP", "STATE", "MESSAGE"],
-          res.journal.map((j) => [time(j.time), enumLabel(VmOperationSchema, j.operation), enumLabel(VmStepSchema, j.step), enumLabel(VmStepStateSchema, j.state), j.message]),
+          res.journal.map((j) => [
+            time(j.time),
+            enumLabel(VmOperationSchema, j.operation),
+            enumLabel(VmStepSchema, j.step),
+            enumLabel(VmStepStateSchema, j.state),
+            j.message,
+          ]),
         );
         const op = res.operation ? `operation in flight: ${enumLabel(VmOperationSchema, res.operation)}\n` : "";
         return `${vmDetails(res.vm!)}\n${op}steps:\n${steps}\njournal:\n${journal}`;

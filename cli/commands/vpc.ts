@@ -55,7 +55,8 @@ export function register(program: Command): void {
       if (o.dryRun) {
         V.name("name", req.name);
         const c = V.cidr("cidr", req.cidr, { min: 8, max: 28 });
-        if (!req.allowPublicCidr && !V.isPrivate(c)) throw new InvalidArgumentError("cidr", `${c.text} is not in a private range; add --allow-public-cidr to use public space`);
+        if (!req.allowPublicCidr && !V.isPrivate(c))
+          throw new InvalidArgumentError("cidr", `${c.text} is not in a private range; add --allow-public-cidr to use public space`);
         V.text("description", req.description);
         V.labels("labels", req.labels);
         V.token("client_token", req.clientToken, { optional: true });

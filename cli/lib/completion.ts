@@ -36,12 +36,18 @@ export function bashCompletion(program: Command): string {
   walk(program, "", [], paths, values);
   const globalValues = [...values.entries()].filter(([k]) => k.startsWith("|"));
   const globals = flags(program).filter((f) => f !== "--help");
-  const known = [...paths.keys()].filter((p) => p !== "").map(quote).join("|");
+  const known = [...paths.keys()]
+    .filter((p) => p !== "")
+    .map(quote)
+    .join("|");
   const cases = [...paths.entries()]
     .map(([p, words]) => `    ${quote(p)}) words=${quote([...new Set([...words, ...(p === "" ? [] : globals)])].join(" "))} ;;`)
     .join("\n");
   // A global option's values apply after any command path.
-  const valueCases = [...values.entries(), ...globalValues.flatMap(([k, v]) => [...paths.keys()].filter((p) => p !== "").map((p) => [`${p}${k}`, v] as [string, string[]]))]
+  const valueCases = [
+    ...values.entries(),
+    ...globalValues.flatMap(([k, v]) => [...paths.keys()].filter((p) => p !== "").map((p) => [`${p}${k}`, v] as [string, string[]])),
+  ]
     .map(([k, v]) => `    ${quote(k)}) COMPREPLY=($(compgen -W ${quote(v.join(" "))} -- "$cur")); return ;;`)
     .join("\n");
   return `# bash completion for ${name}; load with: source <(${name} completion bash)

@@ -34,7 +34,13 @@ export const repeatableOption = (flags: string, description: string) =>
 /** A repeatable option of names or ids; "a,b" counts as two. */
 export const listOption = (flags: string, description: string) =>
   new Option(flags, `${description} (repeatable, or comma-separated)`)
-    .argParser((v: string, prev: string[]) => [...prev, ...v.split(",").map((x) => x.trim()).filter((x) => x !== "")])
+    .argParser((v: string, prev: string[]) => [
+      ...prev,
+      ...v
+        .split(",")
+        .map((x) => x.trim())
+        .filter((x) => x !== ""),
+    ])
     .default([]);
 
 /** --vpc as most commands take it. */

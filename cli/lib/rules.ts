@@ -90,7 +90,10 @@ const ACL_SYNTAX = 'an entry is NUM:DIRECTION:ACTION:PROTO:PORTS:CIDR, e.g. "100
 
 function ruleNumber(field: string, text: string, s: string): number {
   if (!/^[0-9]{1,10}$/.test(s) || Number(s) < 1 || Number(s) > MAX_ACL_RULE_NUMBER) {
-    throw new InvalidArgumentError(field, `${V.show(text)}: rule number ${V.show(s)} is not valid; use 1–${MAX_ACL_RULE_NUMBER} (lower numbers are evaluated first)`);
+    throw new InvalidArgumentError(
+      field,
+      `${V.show(text)}: rule number ${V.show(s)} is not valid; use 1–${MAX_ACL_RULE_NUMBER} (lower numbers are evaluated first)`,
+    );
   }
   return Number(s);
 }

@@ -38,7 +38,15 @@ export interface K8sObject extends Obj {
 }
 
 const SUPPORTED_KEYS = new Set(["apiVersion", "kind", "resources", "patches", "namespace", "images"]);
-const CLUSTER_SCOPED = new Set(["Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass", "StorageClass", "CustomResourceDefinition", "PersistentVolume"]);
+const CLUSTER_SCOPED = new Set([
+  "Namespace",
+  "ClusterRole",
+  "ClusterRoleBinding",
+  "PriorityClass",
+  "StorageClass",
+  "CustomResourceDefinition",
+  "PersistentVolume",
+]);
 
 export function isObj(v: unknown): v is Obj {
   return typeof v === "object" && v !== null && !Array.isArray(v);
@@ -71,7 +79,8 @@ function readKustomization(dir: string): Obj {
   const docs = parseAllDocuments(readFileSync(file, "utf8"), { version: "1.1" });
   if (docs.length !== 1 || docs[0].errors.length) throw new Error(`${file}: one YAML document expected`);
   const k = docs[0].toJS() as Obj;
-  for (const key of Object.keys(k)) if (!SUPPORTED_KEYS.has(key)) throw new Error(`${file}: '${key}' is not implemented by this kustomize subset (deploy/k8s/kustomize.ts)`);
+  for (const key of Object.keys(k))
+    if (!SUPPORTED_KEYS.has(key)) throw new Error(`${file}: '${key}' is not implemented by this kustomize subset (deploy/k8s/kustomize.ts)`);
   if (k.kind !== "Kustomization") throw new Error(`${file}: kind must be Kustomization`);
   return k;
 }
@@ -99,7 +108,11 @@ export function build(dir: string): K8sObject[] {
     }
     for (const patch of parseYamlDocs(readFileSync(join(dir, p.path), "utf8"), join(dir, p.path))) {
       const matches = objects.filter(
-        (o) => o.kind === patch.kind && o.apiVersion === patch.apiVersion && o.metadata.name === patch.metadata.name && (patch.metadata.namespace === undefined || o.metadata.namespace === patch.metadata.namespace),
+        (o) =>
+          o.kind === patch.kind &&
+          o.apiVersion === patch.apiVersion &&
+          o.metadata.name === patch.metadata.name &&
+          (patch.metadata.namespace === undefined || o.metadata.namespace === patch.metadata.namespace),
       );
       if (matches.length !== 1) throw new Error(`${dir}/${p.path}: patch target ${patch.kind}/${patch.metadata.name} matched ${matches.length} resources`);
       const i = objects.indexOf(matches[0]);
@@ -214,7 +227,11 @@ export function strategicMerge(base: unknown, patch: unknown, field: string): un
 function stripNulls(v: unknown): unknown {
   if (Array.isArray(v)) return v.map(stripNulls);
   if (!isObj(v)) return v;
-  return Object.fromEntries(Object.entries(v).filter(([, x]) => x !== null).map(([k, x]) => [k, stripNulls(x)]));
+  return Object.fromEntries(
+    Object.entries(v)
+      .filter(([, x]) => x !== null)
+      .map(([k, x]) => [k, stripNulls(x)]),
+  );
 }
 
 export function toYaml(objects: K8sObject[]): string {

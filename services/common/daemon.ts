@@ -41,9 +41,15 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
     .command(def.name)
     .description(def.summary)
     .addOption(new Option("--listen <host:port>", "gRPC listen address").env(env("LISTEN")).default(`127.0.0.1:${def.defaultPort}`))
-    .addOption(new Option("--metrics-listen <host:port>", "Prometheus /metrics listen address").env(env("METRICS_LISTEN")).default(`127.0.0.1:${def.defaultPort + 2000}`))
+    .addOption(
+      new Option("--metrics-listen <host:port>", "Prometheus /metrics listen address")
+        .env(env("METRICS_LISTEN"))
+        .default(`127.0.0.1:${def.defaultPort + 2000}`),
+    )
     .addOption(new Option("--redis <url>", "Redis URL holding shared state").env(env("REDIS_URL")).default("redis://127.0.0.1:6379/0"))
-    .addOption(new Option("--redis-timeout-ms <ms>", "per-command Redis timeout; slower answers become UNAVAILABLE").env(env("REDIS_TIMEOUT_MS")).default("2000"))
+    .addOption(
+      new Option("--redis-timeout-ms <ms>", "per-command Redis timeout; slower answers become UNAVAILABLE").env(env("REDIS_TIMEOUT_MS")).default("2000"),
+    )
     .addOption(new Option("--token <token>", "require 'authorization: Bearer <token>' on every call (health checks excepted)").env(env("TOKEN")))
     .addOption(new Option("--token-file <path>", "read the bearer token from a file (preferred over --token: not visible in ps)").env(env("TOKEN_FILE")))
     .addOption(new Option("--tls-cert <path>", "TLS certificate (PEM); with --tls-key serves gRPC over TLS").env(env("TLS_CERT")))
@@ -80,7 +86,10 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     tlsKey: flags.tlsKey,
   });
   const metrics = await serveMetrics(m.host, m.port);
-  logger.info({ listen: `${server.host}:${server.port}`, metrics: flags.metricsListen, auth: token ? "token" : "none", tls: !!flags.tlsCert }, `${def.name} serving`);
+  logger.info(
+    { listen: `${server.host}:${server.port}`, metrics: flags.metricsListen, auth: token ? "token" : "none", tls: !!flags.tlsCert },
+    `${def.name} serving`,
+  );
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;

@@ -14,14 +14,21 @@ export abstract class DomainError extends Error {
 /** A request field is malformed. `field` names it, so the message can too. */
 export class InvalidArgumentError extends DomainError {
   readonly code = Code.InvalidArgument;
-  constructor(readonly field: string, message: string) {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
     super(`${field}: ${message}`);
   }
 }
 
 export class NotFoundError extends DomainError {
   readonly code = Code.NotFound;
-  constructor(readonly kind: string, readonly ref: string, hint?: string) {
+  constructor(
+    readonly kind: string,
+    readonly ref: string,
+    hint?: string,
+  ) {
     super(`${kind} ${JSON.stringify(ref)} not found${hint ? `; ${hint}` : ""}`);
   }
 }

@@ -104,7 +104,8 @@ export function commandLabel(file: string, args: readonly string[]): string {
   for (let i = 0; i < args.length; i++) {
     const a = args[i];
     if (a === "-batch" || (prog === "nft" && a === "-f")) return `${prog} ${a}`;
-    if (a === "-n" || a === "-netns") i++; // ip/tc: the namespace name
+    if (a === "-n" || a === "-netns")
+      i++; // ip/tc: the namespace name
     else if (!a.startsWith("-")) return /^[a-z]{1,16}$/.test(a) ? `${prog} ${a}` : prog;
   }
   return prog;
@@ -115,7 +116,15 @@ const MAX_BUFFER = 256 * 1024 * 1024;
 /** execa's options for run() and runSync(): output kept as printed, failures as results (settle() decides). */
 function execaOptions(o: RunOptions) {
   const timeout = o.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  return { input: o.input, timeout, killSignal: o.killSignal ?? "SIGTERM", env: { LC_ALL: "C" }, stripFinalNewline: false, maxBuffer: MAX_BUFFER, reject: false } as const;
+  return {
+    input: o.input,
+    timeout,
+    killSignal: o.killSignal ?? "SIGTERM",
+    env: { LC_ALL: "C" },
+    stripFinalNewline: false,
+    maxBuffer: MAX_BUFFER,
+    reject: false,
+  } as const;
 }
 
 function toResult(argv: string[], r: Result | SyncResult, o: RunOptions): RunResult {
@@ -128,10 +137,10 @@ function toResult(argv: string[], r: Result | SyncResult, o: RunOptions): RunRes
     : r.isMaxBuffer
       ? `output over ${MAX_BUFFER} bytes (killed)`
       : r.exitCode !== undefined
-      ? `exit code ${r.exitCode}`
-      : r.signal
-        ? `killed by ${r.signal}`
-        : `could not start: ${r.originalMessage ?? r.shortMessage ?? "unknown error"}`;
+        ? `exit code ${r.exitCode}`
+        : r.signal
+          ? `killed by ${r.signal}`
+          : `could not start: ${r.originalMessage ?? r.shortMessage ?? "unknown error"}`;
   const hint = o.inputInError && o.input ? ` (input: ${o.input.split("\n").slice(0, 8).join("; ")})` : "";
   out.error = new ExecError(argv, r.exitCode, r.signal, r.timedOut, stderr, why, hint);
   return out;

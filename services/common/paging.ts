@@ -15,5 +15,8 @@ export function decodePageToken(token: string): string | number | null {
   } catch {
     // fall through
   }
-  throw new InvalidArgumentError("page_token", "is not a token this server issued; pass the next_page_token of the previous response, or leave it empty for the first page");
+  throw new InvalidArgumentError(
+    "page_token",
+    "is not a token this server issued; pass the next_page_token of the previous response, or leave it empty for the first page",
+  );
 }

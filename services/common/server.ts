@@ -66,7 +66,11 @@ function authInterceptor(token: string): Interceptor {
 
 function observeInterceptor(logger: Logger): Interceptor {
   return (next) => async (req) => {
-    const reqId = req.header.get("x-request-id")?.slice(0, 64).replace(/[^A-Za-z0-9_.:-]/g, "") || randomUUID();
+    const reqId =
+      req.header
+        .get("x-request-id")
+        ?.slice(0, 64)
+        .replace(/[^A-Za-z0-9_.:-]/g, "") || randomUUID();
     const service = req.service.typeName;
     const method = req.method.name;
     const log = logger.child({ reqId, rpc: `${service}/${method}` });
@@ -78,7 +82,15 @@ function observeInterceptor(logger: Logger): Interceptor {
       rpcDuration.observe({ service, method }, seconds);
       if (err) {
         const level = code === Code.Internal || code === Code.Unknown ? "error" : code === Code.Unavailable ? "warn" : "info";
-        log[level]({ code: codeName, ms: seconds * 1000, err: err.rawMessage, cause: err.cause instanceof Error && code === Code.Internal ? err.cause.stack : undefined }, "rpc failed");
+        log[level](
+          {
+            code: codeName,
+            ms: seconds * 1000,
+            err: err.rawMessage,
+            cause: err.cause instanceof Error && code === Code.Internal ? err.cause.stack : undefined,
+          },
+          "rpc failed",
+        );
       } else if (!req.service.typeName.startsWith("grpc.")) {
         log.debug({ ms: seconds * 1000 }, "rpc ok");
       }
@@ -101,16 +113,18 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
   const { host, port } = parseListen(opts.listen);
   const tls = opts.tlsCert && opts.tlsKey;
   if (!isLoopback(host) && !tls && !opts.token) {
-    throw new Error(
-      `refusing to listen on ${host} without protection: a non-loopback listener needs --tls-cert/--tls-key or --token (or listen on 127.0.0.1)`,
-    );
+    throw new Error(`refusing to listen on ${host} without protection: a non-loopback listener needs --tls-cert/--tls-key or --token (or listen on 127.0.0.1)`);
   }
   const interceptors: Interceptor[] = [observeInterceptor(opts.logger)];
   if (opts.token) interceptors.push(authInterceptor(opts.token));
   const routes = (router: ConnectRouter) => {
     for (const s of opts.services) router.service(s.desc, s.impl);
     registerReflection(router, [...opts.services.map((s) => s.desc), Health]);
-    registerHealth(router, opts.services.map((s) => s.desc.typeName), opts.ready);
+    registerHealth(
+      router,
+      opts.services.map((s) => s.desc.typeName),
+      opts.ready,
+    );
   };
   const handler = connectNodeAdapter({
     routes,

@@ -33,10 +33,7 @@ export function token(field: string, value: string, opts: { optional?: boolean }
     throw new InvalidArgumentError(field, "is required");
   }
   if (!TOKEN_RE.test(value)) {
-    throw new InvalidArgumentError(
-      field,
-      `${show(value)} is not valid: use 1–128 characters of letters, digits and _ . : / -`,
-    );
+    throw new InvalidArgumentError(field, `${show(value)} is not valid: use 1–128 characters of letters, digits and _ . : / -`);
   }
   return value;
 }
@@ -48,7 +45,8 @@ export function text(field: string, value: string, max = 255): string {
   if (/[\u0000-\u001f\u007f-\u009f]/.test(value)) throw new InvalidArgumentError(field, "must not contain control characters or newlines");
   // Bidi overrides, embeddings, isolates and marks make a name read as
   // another one in a terminal or a review ("Trojan Source").
-  if (/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/.test(value)) throw new InvalidArgumentError(field, "must not contain bidirectional-text control characters (U+200E, U+200F, U+202A–U+202E, U+2066–U+2069, U+061C)");
+  if (/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/.test(value))
+    throw new InvalidArgumentError(field, "must not contain bidirectional-text control characters (U+200E, U+200F, U+202A–U+202E, U+2066–U+2069, U+061C)");
   return value;
 }
 
@@ -134,9 +132,7 @@ export function overlaps(a: Cidr, b: Cidr): boolean {
   return a.base < b.base + b.size && b.base < a.base + a.size;
 }
 
-const PRIVATE_RANGES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"].map((c) =>
-  cidr("private", c, { min: 0, max: 32 }),
-);
+const PRIVATE_RANGES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"].map((c) => cidr("private", c, { min: 0, max: 32 }));
 
 export function isPrivate(c: Cidr): boolean {
   return PRIVATE_RANGES.some((r) => contains(r, c));
@@ -216,14 +212,16 @@ export function storedInt(name: string, value: string | undefined, min = 0, max 
 
 /** A JSON integer in [min, max]. */
 export function jsonInt(name: string, value: unknown, min: number, max: number): number {
-  if (typeof value !== "number" || !Number.isInteger(value)) throw new InvalidArgumentError(name, `must be an integer, not ${value === null ? "null" : typeof value}`);
+  if (typeof value !== "number" || !Number.isInteger(value))
+    throw new InvalidArgumentError(name, `must be an integer, not ${value === null ? "null" : typeof value}`);
   if (value < min || value > max) throw new InvalidArgumentError(name, `${value} is out of range ${min}–${max}`);
   return value;
 }
 
 /** A JSON string. */
 export function jsonString(name: string, value: unknown): string {
-  if (typeof value !== "string") throw new InvalidArgumentError(name, `must be a string, not ${value === null ? "null" : Array.isArray(value) ? "array" : typeof value}`);
+  if (typeof value !== "string")
+    throw new InvalidArgumentError(name, `must be a string, not ${value === null ? "null" : Array.isArray(value) ? "array" : typeof value}`);
   return value;
 }
 

@@ -92,7 +92,12 @@ export async function runResolver(
   bindTimer.unref();
   const reloadTimer = setInterval(() => void reload().then(rebind), o.reloadMs ?? 10_000);
   reloadTimer.unref();
-  void followEvents(redis, /^(dns\.|vpc\.|subnet\.)/, () => void reload().then(rebind), () => stopped);
+  void followEvents(
+    redis,
+    /^(dns\.|vpc\.|subnet\.)/,
+    () => void reload().then(rebind),
+    () => stopped,
+  );
   logger.info({ port }, "VPC resolver running");
   return {
     resolver,

@@ -41,15 +41,19 @@ export const MIN_TTL = 1;
 export const MAX_TTL = 86400;
 
 export function label(field: string, value: string): string {
-  if (value === "") throw new InvalidArgumentError(field, "is required (a label such as \"web1\")");
+  if (value === "") throw new InvalidArgumentError(field, 'is required (a label such as "web1")');
   if (!LABEL_RE.test(value)) {
-    throw new InvalidArgumentError(field, `${V.show(value)} is not a DNS label: use 1–63 characters of lowercase letters, digits and '-', starting with a letter or digit (e.g. "web1")`);
+    throw new InvalidArgumentError(
+      field,
+      `${V.show(value)} is not a DNS label: use 1–63 characters of lowercase letters, digits and '-', starting with a letter or digit (e.g. "web1")`,
+    );
   }
   return value;
 }
 
 export function ttl(field: string, value: number): number {
-  if (!Number.isInteger(value) || value < MIN_TTL || value > MAX_TTL) throw new InvalidArgumentError(field, `${value} is out of range; use ${MIN_TTL}–${MAX_TTL} seconds`);
+  if (!Number.isInteger(value) || value < MIN_TTL || value > MAX_TTL)
+    throw new InvalidArgumentError(field, `${value} is out of range; use ${MIN_TTL}–${MAX_TTL} seconds`);
   return value;
 }
 
@@ -75,7 +79,10 @@ export function forwarders(field: string, list: string[], forVpc: boolean): stri
     const second = Number(f.host.split(".")[1]);
     if (first === 0 || first >= 224) throw new InvalidArgumentError(`${field}[${i}]`, `${f.host} is not a unicast address`);
     if (forVpc && (first === 127 || (first === 169 && second === 254))) {
-      throw new InvalidArgumentError(`${field}[${i}]`, `${f.host} is the hypervisor's own (loopback or link-local); a VPC may only forward to a routable resolver`);
+      throw new InvalidArgumentError(
+        `${field}[${i}]`,
+        `${f.host} is the hypervisor's own (loopback or link-local); a VPC may only forward to a routable resolver`,
+      );
     }
     const canon = `${f.host}:${f.port}`;
     if (out.some((o) => o === canon)) throw new InvalidArgumentError(`${field}[${i}]`, `${s} appears twice`);
@@ -83,7 +90,6 @@ export function forwarders(field: string, list: string[], forVpc: boolean): stri
   }
   return out;
 }
-
 
 /** A stored config hash (a VPC's, or the defaults when forVpc is false). */
 export function parseConfig(h: Record<string, string>, forVpc: boolean): V.Parsed<StoredConfig> {

@@ -101,7 +101,8 @@ export class DnsApi {
       const size = V.pageSize("page_size", req.pageSize);
       const owner = V.token("owner", req.owner, { optional: true });
       const after = decodePageToken(req.pageToken);
-      if (after !== null && (typeof after !== "string" || !LABEL_RE.test(after))) throw new InvalidArgumentError("page_token", "is not a token this server issued");
+      if (after !== null && (typeof after !== "string" || !LABEL_RE.test(after)))
+        throw new InvalidArgumentError("page_token", "is not a token this server issued");
       const vpc = await this.vpcByRef("vpc", req.vpc);
       const out: RecordRec[] = [];
       let cursor = after === null ? "" : String(after);
@@ -126,8 +127,13 @@ export class DnsApi {
       const forVpc = req.vpc !== "";
       if (req.inheritForwarders && req.forwarders) throw new InvalidArgumentError("inherit_forwarders", "must not be combined with forwarders");
       if (!forVpc && req.inheritForwarders) throw new InvalidArgumentError("inherit_forwarders", "applies to a VPC only; the defaults inherit from nothing");
-      if (!forVpc && req.resolverAddress !== undefined) throw new InvalidArgumentError("resolver_address", "applies to a VPC only (each VPC has its own address)");
-      const fwd = req.forwarders ? forwarders("forwarders.addresses", req.forwarders.addresses, forVpc) : req.inheritForwarders ? ("inherit" as const) : undefined;
+      if (!forVpc && req.resolverAddress !== undefined)
+        throw new InvalidArgumentError("resolver_address", "applies to a VPC only (each VPC has its own address)");
+      const fwd = req.forwarders
+        ? forwarders("forwarders.addresses", req.forwarders.addresses, forVpc)
+        : req.inheritForwarders
+          ? ("inherit" as const)
+          : undefined;
       const recTtl = req.recordTtlSeconds === undefined ? undefined : ttl("record_ttl_seconds", req.recordTtlSeconds);
       if (req.resolverAddress !== undefined) V.ipv4("resolver_address", req.resolverAddress);
       const vpc = forVpc ? await this.vpcByRef("vpc", req.vpc) : null;

@@ -46,7 +46,10 @@ export function defaultResolver(vpcBase: number): string {
 
 export class DnsStore {
   /** log: where skipped records are reported (once per key and reason). */
-  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
+  constructor(
+    readonly redis: Redis,
+    readonly log?: Pick<Logger, "warn">,
+  ) {
     if (!(redis as unknown as { mvpcDnsSet?: unknown }).mvpcDnsSet) {
       redis.defineCommand("mvpcDnsSet", { numberOfKeys: 4, lua: S.SET_RECORD });
       redis.defineCommand("mvpcDnsDelete", { numberOfKeys: 3, lua: S.DELETE_RECORDS });
@@ -58,8 +61,16 @@ export class DnsStore {
     checkRecord(r);
     const now = Date.now();
     const [code, detail] = await this.redis.mvpcDnsSet(
-      IK.vpc(r.vpcId), DK.records(r.vpcId), DK.names(r.vpcId), DK.owners(r.vpcId),
-      r.vpcId, r.name, r.owner, r.address, r.ttl, now,
+      IK.vpc(r.vpcId),
+      DK.records(r.vpcId),
+      DK.names(r.vpcId),
+      DK.owners(r.vpcId),
+      r.vpcId,
+      r.name,
+      r.owner,
+      r.address,
+      r.ttl,
+      now,
     );
     if (code === -4) throw new NotFoundError("vpc", r.vpcId, "it was deleted");
     if (code === -1) throw new AlreadyExistsError(`${r.name} is held by ${detail}, not ${r.owner}; delete it first or pick another name`);
@@ -116,19 +127,29 @@ export class DnsStore {
     return {};
   }
 
-  async updateConfig(
-    vpcId: string,
-    change: { resolver?: { text: string; int: number }; forwarders?: string[] | "inherit"; ttl?: number },
-  ): Promise<void> {
+  async updateConfig(vpcId: string, change: { resolver?: { text: string; int: number }; forwarders?: string[] | "inherit"; ttl?: number }): Promise<void> {
     const fmode = change.forwarders === undefined ? "keep" : change.forwarders === "inherit" ? "inherit" : "set";
     const [code, detail] = await this.redis.mvpcDnsConfig(
-      vpcId ? IK.vpc(vpcId) : DK.defaults, vpcId ? DK.config(vpcId) : DK.defaults, vpcId ? IK.vpcSubnets(vpcId) : DK.defaults,
-      vpcId, change.resolver?.text ?? "", change.resolver?.int ?? 0, fmode,
-      Array.isArray(change.forwarders) ? JSON.stringify(change.forwarders) : "", change.ttl ?? "", Date.now(),
+      vpcId ? IK.vpc(vpcId) : DK.defaults,
+      vpcId ? DK.config(vpcId) : DK.defaults,
+      vpcId ? IK.vpcSubnets(vpcId) : DK.defaults,
+      vpcId,
+      change.resolver?.text ?? "",
+      change.resolver?.int ?? 0,
+      fmode,
+      Array.isArray(change.forwarders) ? JSON.stringify(change.forwarders) : "",
+      change.ttl ?? "",
+      Date.now(),
     );
     if (code === -4) throw new NotFoundError("vpc", vpcId, "it was deleted");
-    if (code === -2) throw new FailedPreconditionError(`resolver_address ${change.resolver?.text} is allocated to ${detail}; release it or pick a free address (the default subnet layout reserves base + 2 and + 3)`);
-    if (code === -3) throw new FailedPreconditionError(`resolver_address ${change.resolver?.text} is the network or broadcast address of subnet ${detail}; pick a host address`);
+    if (code === -2)
+      throw new FailedPreconditionError(
+        `resolver_address ${change.resolver?.text} is allocated to ${detail}; release it or pick a free address (the default subnet layout reserves base + 2 and + 3)`,
+      );
+    if (code === -3)
+      throw new FailedPreconditionError(
+        `resolver_address ${change.resolver?.text} is the network or broadcast address of subnet ${detail}; pick a host address`,
+      );
   }
 
   /** The effective configuration of a VPC whose base address is vpcBase. */

@@ -39,7 +39,12 @@ const RA = dnsPacket.RECURSION_AVAILABLE;
 const AA = dnsPacket.AUTHORITATIVE_ANSWER;
 
 /** The bare response header of a query: same id, question echoed, RD copied. */
-export function reply(q: dnsPacket.DecodedPacket | { id: number; flags?: number; questions?: dnsPacket.Question[] }, rcode: number, extra: Partial<dnsPacket.Packet> = {}, aa = false): dnsPacket.Packet {
+export function reply(
+  q: dnsPacket.DecodedPacket | { id: number; flags?: number; questions?: dnsPacket.Question[] },
+  rcode: number,
+  extra: Partial<dnsPacket.Packet> = {},
+  aa = false,
+): dnsPacket.Packet {
   const rd = (q.flags ?? 0) & RD;
   return {
     id: q.id ?? 0,

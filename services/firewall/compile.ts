@@ -255,7 +255,15 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     .map((s) => `add element ${s.family} ${TABLE} ${s.name} { ${s.elements.join(", ")} }`);
   // One transaction: create-if-missing, delete, recreate, fill. An observer
   // sees the old table or the new one, never a half-built one.
-  const script = [`add table inet ${TABLE}`, `delete table inet ${TABLE}`, `add table bridge ${TABLE}`, `delete table bridge ${TABLE}`, skeleton, ...elementLines, ""].join("\n");
+  const script = [
+    `add table inet ${TABLE}`,
+    `delete table inet ${TABLE}`,
+    `add table bridge ${TABLE}`,
+    `delete table bridge ${TABLE}`,
+    skeleton,
+    ...elementLines,
+    "",
+  ].join("\n");
   return { model: { skeleton, sets }, script };
 }
 
@@ -327,7 +335,14 @@ function ruleMatches(r: SgRule, peer: string, proto: string, port: number, membe
   return (r.portFrom === 0 && r.portTo === 0) || (port >= r.portFrom && port <= r.portTo);
 }
 
-function groupsAllow(groups: SecurityGroupRec[], dir: "ingress" | "egress", peer: string, proto: string, port: number, members: Map<string, string[]>): boolean {
+function groupsAllow(
+  groups: SecurityGroupRec[],
+  dir: "ingress" | "egress",
+  peer: string,
+  proto: string,
+  port: number,
+  members: Map<string, string[]>,
+): boolean {
   return groups.some((g) => g.rules.some((r) => r.dir === dir && ruleMatches(r, peer, proto, port, members)));
 }
 

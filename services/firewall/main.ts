@@ -7,7 +7,13 @@ import type { ServiceImpl } from "@connectrpc/connect";
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { invalidRecords } from "../common/invalid-records.js";
-import { FirewallCountersSchema, FirewallHealth, FirewallInvalidRecordSchema, FirewallService, NicFirewallStatusSchema } from "../../gen/microvpc/v1/firewall_pb.js";
+import {
+  FirewallCountersSchema,
+  FirewallHealth,
+  FirewallInvalidRecordSchema,
+  FirewallService,
+  NicFirewallStatusSchema,
+} from "../../gen/microvpc/v1/firewall_pb.js";
 import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
 import { HostStore } from "../netagent/store.js";
@@ -34,69 +40,69 @@ export const firewallDefinition: ServiceDefinition = {
     const sync = new FirewallSync(nft, store, host, hostId, logger);
     sync.start(redis, Number(flags.driftIntervalMs));
     const impl: Partial<ServiceImpl<typeof FirewallService>> = {
-            ...api.impl,
-            getFirewallStatus: async (req) => {
-              const st = sync.status;
-              const wanted = new Set(req.nicIds);
-              const nics = [];
-              for (const [ns, applied] of sync.applied) {
-                const counters = await nft.counters(ns);
-                const c = (name: string) => counters.get(name) ?? { packets: 0n, bytes: 0n };
-                for (const n of applied.state.nics) {
-                  if (wanted.size && !wanted.has(n.nicId)) continue;
-                  const h = n.nicId.slice(-12);
-                  const inNew = c(`nic_${h}_in_new`);
-                  const inDrop = c(`nic_${h}_in_drop`);
-                  const outNew = c(`nic_${h}_out_new`);
-                  const outDrop = c(`nic_${h}_out_drop`);
-                  nics.push(
-                    create(NicFirewallStatusSchema, {
-                      nicId: n.nicId,
-                      hostInterface: n.hostIf,
-                      address: n.address,
-                      // New flows evaluated minus those dropped; established packets bypass the policy.
-                      ingress: create(FirewallCountersSchema, {
-                        acceptedPackets: inNew.packets - inDrop.packets,
-                        acceptedBytes: inNew.bytes - inDrop.bytes,
-                        droppedPackets: inDrop.packets,
-                        droppedBytes: inDrop.bytes,
-                      }),
-                      egress: create(FirewallCountersSchema, {
-                        acceptedPackets: outNew.packets - outDrop.packets,
-                        acceptedBytes: outNew.bytes - outDrop.bytes,
-                        droppedPackets: outDrop.packets,
-                        droppedBytes: outDrop.bytes,
-                      }),
-                      loggingDrops: !!n.dropLogging || n.groupIds.some((g) => applied.state.groups.get(g)?.dropLogging),
-                    }),
-                  );
-                }
-              }
-              return {
-                hostId,
-                health: st.lastError ? FirewallHealth.DEGRADED : FirewallHealth.HEALTHY,
-                lastError: st.lastError,
-                lastErrorTime: st.lastErrorMs ? timestampFromMs(st.lastErrorMs) : undefined,
-                lastApplyTime: st.lastApplyMs ? timestampFromMs(st.lastApplyMs) : undefined,
-                lastApplyDurationMs: st.lastApplyDurationMs,
-                desiredGeneration: BigInt(await store.generation().catch(() => 0)),
-                appliedGeneration: BigInt(st.generation),
-                table: "inet microvpc",
-                nicCount: nics.length,
-                nics,
-                invalidRecords: invalidRecords(OWNER)
-                  .slice(0, 100)
-                  .map((r) =>
-                    create(FirewallInvalidRecordSchema, {
-                      kind: r.kind,
-                      key: JSON.stringify(r.key),
-                      reason: r.reason,
-                      firstSeenTime: timestampFromMs(r.firstSeenMs),
-                      lastSeenTime: timestampFromMs(r.lastSeenMs),
-                    }),
-                  ),
-              };
-            },
+      ...api.impl,
+      getFirewallStatus: async (req) => {
+        const st = sync.status;
+        const wanted = new Set(req.nicIds);
+        const nics = [];
+        for (const [ns, applied] of sync.applied) {
+          const counters = await nft.counters(ns);
+          const c = (name: string) => counters.get(name) ?? { packets: 0n, bytes: 0n };
+          for (const n of applied.state.nics) {
+            if (wanted.size && !wanted.has(n.nicId)) continue;
+            const h = n.nicId.slice(-12);
+            const inNew = c(`nic_${h}_in_new`);
+            const inDrop = c(`nic_${h}_in_drop`);
+            const outNew = c(`nic_${h}_out_new`);
+            const outDrop = c(`nic_${h}_out_drop`);
+            nics.push(
+              create(NicFirewallStatusSchema, {
+                nicId: n.nicId,
+                hostInterface: n.hostIf,
+                address: n.address,
+                // New flows evaluated minus those dropped; established packets bypass the policy.
+                ingress: create(FirewallCountersSchema, {
+                  acceptedPackets: inNew.packets - inDrop.packets,
+                  acceptedBytes: inNew.bytes - inDrop.bytes,
+                  droppedPackets: inDrop.packets,
+                  droppedBytes: inDrop.bytes,
+                }),
+                egress: create(FirewallCountersSchema, {
+                  acceptedPackets: outNew.packets - outDrop.packets,
+                  acceptedBytes: outNew.bytes - outDrop.bytes,
+                  droppedPackets: outDrop.packets,
+                  droppedBytes: outDrop.bytes,
+                }),
+                loggingDrops: !!n.dropLogging || n.groupIds.some((g) => applied.state.groups.get(g)?.dropLogging),
+              }),
+            );
+          }
+        }
+        return {
+          hostId,
+          health: st.lastError ? FirewallHealth.DEGRADED : FirewallHealth.HEALTHY,
+          lastError: st.lastError,
+          lastErrorTime: st.lastErrorMs ? timestampFromMs(st.lastErrorMs) : undefined,
+          lastApplyTime: st.lastApplyMs ? timestampFromMs(st.lastApplyMs) : undefined,
+          lastApplyDurationMs: st.lastApplyDurationMs,
+          desiredGeneration: BigInt(await store.generation().catch(() => 0)),
+          appliedGeneration: BigInt(st.generation),
+          table: "inet microvpc",
+          nicCount: nics.length,
+          nics,
+          invalidRecords: invalidRecords(OWNER)
+            .slice(0, 100)
+            .map((r) =>
+              create(FirewallInvalidRecordSchema, {
+                kind: r.kind,
+                key: JSON.stringify(r.key),
+                reason: r.reason,
+                firstSeenTime: timestampFromMs(r.firstSeenMs),
+                lastSeenTime: timestampFromMs(r.lastSeenMs),
+              }),
+            ),
+        };
+      },
     };
     return {
       services: [{ desc: FirewallService, impl }],

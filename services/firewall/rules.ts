@@ -7,14 +7,7 @@
 import { InvalidArgumentError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { create } from "@bufbuild/protobuf";
-import {
-  AclAction,
-  Direction,
-  NetworkAclEntrySchema,
-  Protocol,
-  type NetworkAclEntry,
-  type SecurityGroupRule,
-} from "../../gen/microvpc/v1/firewall_pb.js";
+import { AclAction, Direction, NetworkAclEntrySchema, Protocol, type NetworkAclEntry, type SecurityGroupRule } from "../../gen/microvpc/v1/firewall_pb.js";
 import { MAX_RULES_PER_GROUP, type AclEntry, type Dir, type Proto, type SgRule } from "./model.js";
 
 export const MAX_ACL_ENTRIES = 1000;
@@ -44,14 +37,16 @@ export interface ParsedRule {
 // ---------- rule texts ----------
 
 function portNumber(field: string, text: string, s: string): number {
-  if (!/^[0-9]{1,10}$/.test(s)) throw new InvalidArgumentError(field, `${V.show(text)}: ports ${V.show(s)} are not valid; use all, N or N-M with 1 ≤ N ≤ M ≤ 65535`);
+  if (!/^[0-9]{1,10}$/.test(s))
+    throw new InvalidArgumentError(field, `${V.show(text)}: ports ${V.show(s)} are not valid; use all, N or N-M with 1 ≤ N ≤ M ≤ 65535`);
   const n = Number(s);
   if (n < 1 || n > 65535) throw new InvalidArgumentError(field, `${V.show(text)}: port ${n} is out of range; use 1–65535 (or all)`);
   return n;
 }
 
 function icmpNumber(field: string, text: string, what: string, s: string): number {
-  if (!/^[0-9]{1,10}$/.test(s)) throw new InvalidArgumentError(field, `${V.show(text)}: ICMP ${V.show(s)} is not valid; use all, TYPE or TYPE/CODE with numbers 0–255`);
+  if (!/^[0-9]{1,10}$/.test(s))
+    throw new InvalidArgumentError(field, `${V.show(text)}: ICMP ${V.show(s)} is not valid; use all, TYPE or TYPE/CODE with numbers 0–255`);
   const n = Number(s);
   if (n > 255) throw new InvalidArgumentError(field, `${V.show(text)}: ICMP ${what} ${n} is out of range; use 0–255`);
   return n;
@@ -64,11 +59,15 @@ function icmpNumber(field: string, text: string, what: string, s: string): numbe
  */
 export function parseRuleText(dir: Dir, text: string, field = "rule"): ParsedRule {
   if (text.length > MAX_RULE_TEXT) {
-    throw new InvalidArgumentError(field, `is ${text.length} characters long; a rule text is at most ${MAX_RULE_TEXT} (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`);
+    throw new InvalidArgumentError(
+      field,
+      `is ${text.length} characters long; a rule text is at most ${MAX_RULE_TEXT} (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`,
+    );
   }
   if (text === "") throw new InvalidArgumentError(field, `is empty; ${SYNTAX}`);
   if (!RULE_CHARS_RE.test(text)) {
-    if (RULE_CHARS_RE.test(text.toLowerCase())) throw new InvalidArgumentError(field, `${V.show(text)} has capital letters; write it in lowercase: ${V.show(text.toLowerCase())}`);
+    if (RULE_CHARS_RE.test(text.toLowerCase()))
+      throw new InvalidArgumentError(field, `${V.show(text)} has capital letters; write it in lowercase: ${V.show(text.toLowerCase())}`);
     const bad = [...new Set([...text].filter((c) => !/[a-z0-9.:/-]/.test(c)))].map((c) => JSON.stringify(c));
     throw new InvalidArgumentError(
       field,
@@ -93,7 +92,10 @@ export function parseRuleText(dir: Dir, text: string, field = "rule"): ParsedRul
         const from = portNumber(field, text, m[1]);
         const to = portNumber(field, text, m[2]);
         if (to < from) {
-          throw new InvalidArgumentError(field, `${V.show(text)}: range ${from}-${to} is backwards; a range is FROM-TO with FROM ≤ TO (did you mean ${to}-${from}?)`);
+          throw new InvalidArgumentError(
+            field,
+            `${V.show(text)}: range ${from}-${to} is backwards; a range is FROM-TO with FROM ≤ TO (did you mean ${to}-${from}?)`,
+          );
         }
         rule.portFrom = from;
         rule.portTo = to;
@@ -115,7 +117,8 @@ export function parseRuleText(dir: Dir, text: string, field = "rule"): ParsedRul
     throw new InvalidArgumentError(field, `${V.show(text)}: protocol all matches every port; write "all:all:PEER"`);
   }
 
-  if (peer === "") throw new InvalidArgumentError(field, `${V.show(text)}: PEER is empty; give a CIDR (a.b.c.d/n), an address, a group id (sg-…) or a group name`);
+  if (peer === "")
+    throw new InvalidArgumentError(field, `${V.show(text)}: PEER is empty; give a CIDR (a.b.c.d/n), an address, a group id (sg-…) or a group name`);
   if (/^[0-9]/.test(peer)) {
     if (peer.includes("/")) {
       rule.cidr = V.cidr(field, peer, { min: 0, max: 32 }).text;
@@ -145,8 +148,7 @@ const PROTOS: Record<number, Proto> = {
 };
 
 export const dirEnum = (d: Dir): Direction => (d === "ingress" ? Direction.INGRESS : Direction.EGRESS);
-export const protoEnum = (p: Proto): Protocol =>
-  p === "tcp" ? Protocol.TCP : p === "udp" ? Protocol.UDP : p === "icmp" ? Protocol.ICMP : Protocol.ALL;
+export const protoEnum = (p: Proto): Protocol => (p === "tcp" ? Protocol.TCP : p === "udp" ? Protocol.UDP : p === "icmp" ? Protocol.ICMP : Protocol.ALL);
 
 /** An ACL entry as the API shows it (the service's answers and the CLI's dry runs). */
 export function aclEntryMsg(e: AclEntry): NetworkAclEntry {
@@ -210,7 +212,8 @@ function match(field: string, proto: Proto, m: { portFrom: number; portTo: numbe
       out.icmpType = m.icmpType;
     }
     if (m.icmpCode !== undefined) {
-      if (m.icmpType === undefined) throw new InvalidArgumentError(`${field}.icmp_code`, "needs icmp_type; set the type too (e.g. 3 for destination unreachable)");
+      if (m.icmpType === undefined)
+        throw new InvalidArgumentError(`${field}.icmp_code`, "needs icmp_type; set the type too (e.g. 3 for destination unreachable)");
       if (m.icmpCode > 255) throw new InvalidArgumentError(`${field}.icmp_code`, `${m.icmpCode} is out of range; use 0–255`);
       out.icmpCode = m.icmpCode;
     }
@@ -260,7 +263,10 @@ export function validateSgRule(field: string, m: SecurityGroupRule): SgRuleDraft
 /** Validates one NetworkAclEntry message. */
 export function validateAclEntry(field: string, m: NetworkAclEntry): AclEntry {
   if (m.ruleNumber < 1 || m.ruleNumber > MAX_ACL_RULE_NUMBER) {
-    throw new InvalidArgumentError(`${field}.rule_number`, m.ruleNumber === 0 ? `is required (1–${MAX_ACL_RULE_NUMBER})` : `${m.ruleNumber} is out of range; use 1–${MAX_ACL_RULE_NUMBER}`);
+    throw new InvalidArgumentError(
+      `${field}.rule_number`,
+      m.ruleNumber === 0 ? `is required (1–${MAX_ACL_RULE_NUMBER})` : `${m.ruleNumber} is out of range; use 1–${MAX_ACL_RULE_NUMBER}`,
+    );
   }
   const dir = direction(`${field}.direction`, m.direction);
   let action: "allow" | "deny";
@@ -369,7 +375,10 @@ export function parseVpcctlPolicy(json: string, opts: { defaultAction?: "allow" 
     if (!["subnet", "ingress", "egress"].includes(k)) warnings.push(`${field}: key ${V.show(k)} is not part of a vpcctl policy and was ignored`);
   }
   if (typeof d.subnet !== "string") {
-    throw new InvalidArgumentError(`${field}.subnet`, d.subnet === undefined ? 'is required (the subnet\'s CIDR, e.g. "10.10.1.0/24")' : 'must be a string such as "10.10.1.0/24"');
+    throw new InvalidArgumentError(
+      `${field}.subnet`,
+      d.subnet === undefined ? 'is required (the subnet\'s CIDR, e.g. "10.10.1.0/24")' : 'must be a string such as "10.10.1.0/24"',
+    );
   }
   const subnetCidr = V.cidr(`${field}.subnet`, d.subnet, { min: 0, max: 32 }).text;
 
@@ -377,11 +386,16 @@ export function parseVpcctlPolicy(json: string, opts: { defaultAction?: "allow" 
   const rules: SgRule[] = [];
   for (const dir of ["ingress", "egress"] as const) {
     const list = d[dir] ?? [];
-    if (!Array.isArray(list)) throw new InvalidArgumentError(`${field}.${dir}`, "must be a list of entries like {\"port\": 80, \"protocol\": \"tcp\", \"action\": \"allow\"}");
+    if (!Array.isArray(list))
+      throw new InvalidArgumentError(`${field}.${dir}`, 'must be a list of entries like {"port": 80, "protocol": "tcp", "action": "allow"}');
     list.forEach((raw: unknown, i: number) => {
       const f = `${field}.${dir}[${i}]`;
       const ruleNumber = 100 + 10 * i;
-      if (ruleNumber >= VPCCTL_CATCH_ALL) throw new InvalidArgumentError(`${field}.${dir}`, `has ${list.length} entries; numbered from 100 in steps of 10 at most ${(VPCCTL_CATCH_ALL - 100) / 10} fit`);
+      if (ruleNumber >= VPCCTL_CATCH_ALL)
+        throw new InvalidArgumentError(
+          `${field}.${dir}`,
+          `has ${list.length} entries; numbered from 100 in steps of 10 at most ${(VPCCTL_CATCH_ALL - 100) / 10} fit`,
+        );
       const e = vpcctlEntry(f, dir, ruleNumber, raw, warnings);
       aclEntries.push(e);
       if (e.action === "allow") {
@@ -423,12 +437,14 @@ function vpcctlEntry(f: string, dir: Dir, ruleNumber: number, raw: unknown, warn
   const o = raw as Record<string, unknown>;
   for (const k of Object.keys(o)) if (!ENTRY_KEYS.has(k)) warnings.push(`${f}: key ${V.show(k)} is not part of a vpcctl rule and was ignored`);
 
-  if (typeof o.protocol !== "string") throw new InvalidArgumentError(`${f}.protocol`, o.protocol === undefined ? "is required (tcp, udp or icmp)" : "must be a string: tcp, udp or icmp");
+  if (typeof o.protocol !== "string")
+    throw new InvalidArgumentError(`${f}.protocol`, o.protocol === undefined ? "is required (tcp, udp or icmp)" : "must be a string: tcp, udp or icmp");
   const p = o.protocol.toLowerCase();
   if (!["tcp", "udp", "icmp", "all"].includes(p)) throw new InvalidArgumentError(`${f}.protocol`, `${V.show(o.protocol)} is not known; use tcp, udp or icmp`);
   const proto = p as Proto;
 
-  if (typeof o.action !== "string") throw new InvalidArgumentError(`${f}.action`, o.action === undefined ? "is required (allow or deny)" : "must be a string: allow or deny");
+  if (typeof o.action !== "string")
+    throw new InvalidArgumentError(`${f}.action`, o.action === undefined ? "is required (allow or deny)" : "must be a string: allow or deny");
   const a = o.action.toLowerCase();
   if (a !== "allow" && a !== "deny") throw new InvalidArgumentError(`${f}.action`, `${V.show(o.action)} is not known; use allow or deny`);
 

@@ -33,7 +33,11 @@ export function loggingLimits(field: string, rate: number, burst: number): Loggi
 function storedLogging(field: string, raw: unknown): Logging {
   const o = V.jsonObject(field, raw);
   for (const k of Object.keys(o)) if (k !== "ratePerSecond" && k !== "burst") throw new InvalidArgumentError(`${field}.${k}`, "is not a field of drop logging");
-  return loggingLimits(field, V.jsonInt(`${field}.rate_per_second`, o.ratePerSecond, LOG_RATE.min, LOG_RATE.max), V.jsonInt(`${field}.burst`, o.burst, LOG_BURST.min, LOG_BURST.max));
+  return loggingLimits(
+    field,
+    V.jsonInt(`${field}.rate_per_second`, o.ratePerSecond, LOG_RATE.min, LOG_RATE.max),
+    V.jsonInt(`${field}.burst`, o.burst, LOG_BURST.min, LOG_BURST.max),
+  );
 }
 
 function storedLabels(field: string, value: string | undefined): { key: string; value: string }[] {
@@ -126,7 +130,9 @@ export function checkBinding(b: BindingSpec): BindingSpec {
   if (V.mac("mac", V.jsonString("mac", b.mac)) !== b.mac) throw new InvalidArgumentError("mac", `${V.show(b.mac)} is not in lower case`);
   V.hostId("host_id", V.jsonString("host_id", b.hostId));
   V.ifname("host_interface", V.jsonString("host_interface", b.hostIf));
-  V.jsonArray("security_groups", b.groupIds, MAX_GROUPS_PER_NIC).forEach((g, i) => V.id(`security_groups[${i}]`, V.jsonString(`security_groups[${i}]`, g), "sg"));
+  V.jsonArray("security_groups", b.groupIds, MAX_GROUPS_PER_NIC).forEach((g, i) =>
+    V.id(`security_groups[${i}]`, V.jsonString(`security_groups[${i}]`, g), "sg"),
+  );
   if (b.dropLogging !== undefined) storedLogging("drop_logging", b.dropLogging);
   return b;
 }
@@ -137,7 +143,8 @@ export function parseBinding(sig: string, bound: string | null, updated: string 
     const o = V.jsonObject("sig", V.storedJson("sig", sig, 64 * 1024));
     for (const k of Object.keys(o)) if (!SPEC_KEYS.has(k)) throw new InvalidArgumentError(`sig.${k}`, "is not a field of a binding");
     const spec = checkBinding(o as unknown as BindingSpec);
-    if (nicId !== undefined && spec.nicId !== nicId) throw new InvalidArgumentError("nic_id", `${V.show(spec.nicId)} is not the NIC of its key (${V.show(nicId)})`);
+    if (nicId !== undefined && spec.nicId !== nicId)
+      throw new InvalidArgumentError("nic_id", `${V.show(spec.nicId)} is not the NIC of its key (${V.show(nicId)})`);
     return { ...spec, boundMs: V.storedInt("bound", bound ?? "0"), updatedMs: V.storedInt("updated", updated ?? "0") };
   });
 }

@@ -28,13 +28,7 @@ import {
 } from "../../gen/microvpc/v1/firewall_pb.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import { HostStore } from "../netagent/store.js";
-import {
-  MAX_GROUPS_PER_NIC,
-  type BindingRec,
-  type NetworkAclRec,
-  type SecurityGroupRec,
-  type SgRule,
-} from "./model.js";
+import { MAX_GROUPS_PER_NIC, type BindingRec, type NetworkAclRec, type SecurityGroupRec, type SgRule } from "./model.js";
 import {
   MAX_ACL_ENTRIES,
   MAX_ACL_RULE_NUMBER,
@@ -108,7 +102,6 @@ function groupMsg(g: SecurityGroupRec, memberCount: number): SecurityGroup {
     updateTime: timestampFromMs(g.updatedMs),
   });
 }
-
 
 function aclMsg(a: NetworkAclRec): NetworkAcl {
   return create(NetworkAclSchema, {
@@ -187,7 +180,13 @@ export class FirewallApi {
    * The id a delete's ref names (an id, or a name within vpc), or null when
    * nothing by that name exists: deletes of what is gone succeed.
    */
-  private async idOfRef(ref: string, vpcRef: string, prefix: string, what: string, byName: (vpcId: string, name: string) => Promise<string | null>): Promise<string | null> {
+  private async idOfRef(
+    ref: string,
+    vpcRef: string,
+    prefix: string,
+    what: string,
+    byName: (vpcId: string, name: string) => Promise<string | null>,
+  ): Promise<string | null> {
     const r = V.ref("ref", ref, prefix);
     if (r.id) return r.id;
     if (vpcRef === "") throw new InvalidArgumentError("vpc", `is required when the ${what} is given by name`);
@@ -250,7 +249,13 @@ export class FirewallApi {
    * `self` is the group being written: its own name may be a peer.
    * lenient: an unknown peer drops the rule instead of failing (remove_rules).
    */
-  private async resolvePeers(field: string, drafts: SgRuleDraft[], vpc: { id: string; name: string }, self?: { id: string; name: string }, lenient = false): Promise<SgRule[]> {
+  private async resolvePeers(
+    field: string,
+    drafts: SgRuleDraft[],
+    vpc: { id: string; name: string },
+    self?: { id: string; name: string },
+    lenient = false,
+  ): Promise<SgRule[]> {
     const cache = new Map<string, { id: string; vpcId: string } | null>();
     const out: SgRule[] = [];
     for (const [i, d] of drafts.entries()) {
@@ -281,7 +286,10 @@ export class FirewallApi {
       }
       if (g.vpcId !== vpc.id) {
         if (lenient) continue;
-        throw new InvalidArgumentError(f, `security group ${g.id} belongs to VPC ${g.vpcId}, not ${vpc.name} (${vpc.id}); a peer group must be in the same VPC`);
+        throw new InvalidArgumentError(
+          f,
+          `security group ${g.id} belongs to VPC ${g.vpcId}, not ${vpc.name} (${vpc.id}); a peer group must be in the same VPC`,
+        );
       }
       out.push({ ...rule, group: g.id });
     }
@@ -398,7 +406,10 @@ export class FirewallApi {
       const known = await this.host.getNic(nicId);
       const agree = (field: string, given: string, theirs: string | undefined, equal = (a: string, b: string) => a === b) => {
         if (theirs !== undefined && !equal(given, theirs)) {
-          throw new InvalidArgumentError(field, `${V.show(given)} does not match netagent's NIC ${nicId} on host ${this.opts.hostId} (${theirs}); leave it empty to use that`);
+          throw new InvalidArgumentError(
+            field,
+            `${V.show(given)} does not match netagent's NIC ${nicId} on host ${this.opts.hostId} (${theirs}); leave it empty to use that`,
+          );
         }
       };
       const vpc = await this.vpc("vpc", req.vpc || known?.vpcId || "");
@@ -436,7 +447,10 @@ export class FirewallApi {
         const g = id ? await this.store.getGroup(id) : null;
         if (!g) throw new NotFoundError("security group", ref, `${f}: VPC ${vpc.name} has no such group`);
         if (g.vpcId !== vpc.id) {
-          throw new InvalidArgumentError(f, `security group ${g.name} (${g.id}) belongs to VPC ${g.vpcId}, not ${vpc.name} (${vpc.id}); a NIC can only be in groups of its VPC`);
+          throw new InvalidArgumentError(
+            f,
+            `security group ${g.name} (${g.id}) belongs to VPC ${g.vpcId}, not ${vpc.name} (${vpc.id}); a NIC can only be in groups of its VPC`,
+          );
         }
         if (!groupIds.includes(g.id)) groupIds.push(g.id);
       }
@@ -472,7 +486,10 @@ export class FirewallApi {
       }
       const nicId = req.nicId ? V.id("nic_id", req.nicId, "nic") : null;
       const keep = (b: BindingRec) =>
-        (!vpcId || b.vpcId === vpcId) && (!groupId || b.groupIds.includes(groupId)) && (!req.hostId || b.hostId === req.hostId) && (!nicId || b.nicId === nicId);
+        (!vpcId || b.vpcId === vpcId) &&
+        (!groupId || b.groupIds.includes(groupId)) &&
+        (!req.hostId || b.hostId === req.hostId) &&
+        (!nicId || b.nicId === nicId);
 
       const found: BindingRec[] = [];
       let cursor = after === null ? "" : String(after);
@@ -623,7 +640,10 @@ export class FirewallApi {
     },
 
     parseRules: async (req) => {
-      for (const [field, list] of [["ingress_rules", req.ingressRules], ["egress_rules", req.egressRules]] as const) {
+      for (const [field, list] of [
+        ["ingress_rules", req.ingressRules],
+        ["egress_rules", req.egressRules],
+      ] as const) {
         if (list.length > MAX_RULE_TEXTS) throw new InvalidArgumentError(field, `has ${list.length} rule texts; the limit is ${MAX_RULE_TEXTS}`);
       }
       let defaultAction: "allow" | "deny";
@@ -633,7 +653,10 @@ export class FirewallApi {
 
       const warnings: string[] = [];
       const parsed: { field: string; rule: SgRuleDraft }[] = [];
-      for (const [field, dir, list] of [["ingress_rules", "ingress", req.ingressRules], ["egress_rules", "egress", req.egressRules]] as const) {
+      for (const [field, dir, list] of [
+        ["ingress_rules", "ingress", req.ingressRules],
+        ["egress_rules", "egress", req.egressRules],
+      ] as const) {
         list.forEach((text, i) => {
           const p = parseRuleText(dir, text, `${field}[${i}]`);
           warnings.push(...p.warnings);
@@ -652,7 +675,10 @@ export class FirewallApi {
       if (names.length > 0) {
         const withName = parsed.find((p) => p.rule.groupName)!;
         if (req.vpc === "") {
-          throw new InvalidArgumentError(withName.field, `names the security group ${V.show(withName.rule.groupName!)}; set vpc so that group names resolve, or give the group id (sg-…)`);
+          throw new InvalidArgumentError(
+            withName.field,
+            `names the security group ${V.show(withName.rule.groupName!)}; set vpc so that group names resolve, or give the group id (sg-…)`,
+          );
         }
         const vpc = await this.vpc("vpc", req.vpc);
         for (const n of names) {

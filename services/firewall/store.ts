@@ -35,13 +35,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { reportInvalid } from "../common/invalid-records.js";
 import type { Parsed } from "../common/validate.js";
-import {
-  AlreadyExistsError,
-  DomainError,
-  FailedPreconditionError,
-  InvalidArgumentError,
-  NotFoundError,
-} from "../common/errors.js";
+import { AlreadyExistsError, DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { K } from "../ipam/keys.js";
 import {
   MAX_GROUPS_PER_NIC,
@@ -53,7 +47,18 @@ import {
   type SgRule,
   type VpcFirewallState,
 } from "./model.js";
-import { checkBinding, OWNER, parseAcl, parseBinding, parseGroup, parseMember, storedEntriesText, storedLoggingText, storedRulesText, type BindingSpec } from "./schema.js";
+import {
+  checkBinding,
+  OWNER,
+  parseAcl,
+  parseBinding,
+  parseGroup,
+  parseMember,
+  storedEntriesText,
+  storedLoggingText,
+  storedRulesText,
+  type BindingSpec,
+} from "./schema.js";
 
 /** The resource changed since it was read (expected_generation no longer matches). */
 export class AbortedError extends DomainError {
@@ -559,7 +564,10 @@ export type LocalNic = Pick<BindingRec, "nicId" | "vpcId" | "subnetId" | "addres
 
 export class FirewallStore {
   /** log: where skipped records are reported (once per key and reason). */
-  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
+  constructor(
+    readonly redis: Redis,
+    readonly log?: Pick<Logger, "warn">,
+  ) {
     defineScripts(redis);
   }
 
@@ -597,7 +605,8 @@ export class FirewallStore {
     clientToken: string,
   ): Promise<{ group: SecurityGroupRec; created: boolean }> {
     const id = g.id ?? newId("sg");
-    if (g.rules.length > MAX_RULES_PER_GROUP) throw new InvalidArgumentError("rules", `has ${g.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
+    if (g.rules.length > MAX_RULES_PER_GROUP)
+      throw new InvalidArgumentError("rules", `has ${g.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
     const now = Date.now();
     const peers = peersOf(g.rules);
     const fields = {
@@ -614,7 +623,10 @@ export class FirewallStore {
       updated: now,
     };
     const [code, ref] = await this.redis.mvpcFwCreateSg(FK.sg(id), id, g.vpcId, g.name, clientToken, peers.join(","), ...flat(fields));
-    if (code === -1) throw new AlreadyExistsError(`VPC ${g.vpcId} already has a security group named ${JSON.stringify(g.name)} (${ref}); pick another name or update that group`);
+    if (code === -1)
+      throw new AlreadyExistsError(
+        `VPC ${g.vpcId} already has a security group named ${JSON.stringify(g.name)} (${ref}); pick another name or update that group`,
+      );
     if (code < 0) this.groupError(code, ref, "rules", g.vpcId);
     const group = await this.getGroup(String(ref));
     if (!group) throw new NotFoundError("security group", String(ref), "it was deleted while being created");
@@ -669,7 +681,8 @@ export class FirewallStore {
     const fields: Record<string, string | number> = { updated: Date.now() };
     let peers = peersOf(g.rules);
     if (change.rules) {
-      if (change.rules.length > MAX_RULES_PER_GROUP) throw new InvalidArgumentError("rules", `the group would have ${change.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
+      if (change.rules.length > MAX_RULES_PER_GROUP)
+        throw new InvalidArgumentError("rules", `the group would have ${change.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
       fields.rules = storedRulesText(change.rules);
       peers = peersOf(change.rules);
       fields.peers = peers.join(",");
@@ -678,7 +691,9 @@ export class FirewallStore {
     if (change.dropLogging !== undefined) fields.logging = storedLoggingText(change.dropLogging);
     const [code, detail] = await this.redis.mvpcFwUpdateSg(FK.sg(g.id), g.id, fromGeneration, peers.join(","), ...flat(fields));
     if (code === -2) {
-      throw new AbortedError(`security group ${g.name} (${g.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
+      throw new AbortedError(
+        `security group ${g.name} (${g.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`,
+      );
     }
     if (code === -4) throw new NotFoundError("security group", g.id, "it was deleted");
     if (code < 0) this.groupError(code, detail, "rules", g.vpcId);
@@ -714,7 +729,14 @@ export class FirewallStore {
     checkBinding(b);
     const [code, detail] = await this.redis.mvpcFwBind(
       FK.nic(b.nicId),
-      b.nicId, bindingSig(b), b.hostId, b.vpcId, b.subnetId, b.address, b.groupIds.join(","), Date.now(),
+      b.nicId,
+      bindingSig(b),
+      b.hostId,
+      b.vpcId,
+      b.subnetId,
+      b.address,
+      b.groupIds.join(","),
+      Date.now(),
     );
     if (code < 0) this.groupError(code, detail, "security_groups", b.vpcId);
     const binding = await this.getBinding(b.nicId);
@@ -785,7 +807,8 @@ export class FirewallStore {
     };
     const subnets = [...new Set(a.subnetIds)];
     const [code, ref] = await this.redis.mvpcFwCreateAcl(FK.acl(id), id, a.vpcId, a.name, clientToken, subnets.join(","), now, ...flat(fields));
-    if (code === -1) throw new AlreadyExistsError(`VPC ${a.vpcId} already has a network ACL named ${JSON.stringify(a.name)} (${ref}); pick another name or update that ACL`);
+    if (code === -1)
+      throw new AlreadyExistsError(`VPC ${a.vpcId} already has a network ACL named ${JSON.stringify(a.name)} (${ref}); pick another name or update that ACL`);
     if (code < 0) this.subnetError(code, ref, "subnets", a.vpcId);
     const acl = await this.getAcl(String(ref));
     if (!acl) throw new NotFoundError("network ACL", String(ref), "it was deleted while being created");
@@ -822,7 +845,8 @@ export class FirewallStore {
     if (change.entries) fields.entries = storedEntriesText(change.entries);
     if (change.description !== undefined) fields.description = change.description;
     const [code, detail] = await this.redis.mvpcFwUpdateAcl(FK.acl(a.id), a.id, fromGeneration, ...flat(fields));
-    if (code === -2) throw new AbortedError(`network ACL ${a.name} (${a.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
+    if (code === -2)
+      throw new AbortedError(`network ACL ${a.name} (${a.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
     if (code === -4) throw new NotFoundError("network ACL", a.id, "it was deleted");
     const after = await this.getAcl(a.id);
     if (!after) throw new NotFoundError("network ACL", a.id, "it was deleted");
@@ -888,11 +912,13 @@ export class FirewallStore {
     nics?: LocalNic[],
   ): Promise<VpcFirewallState> {
     const subnetIds = [...new Set([...subnets.map((s) => s.subnetId), ...(nics ?? []).map((n) => n.subnetId)])];
-    const raw = (await this.redis.mvpcFwLoadVpc(
-      FK.hostVpcNics(hostId, vpcId),
-      nics ? nics.map((n) => n.nicId).join(",") : "*",
-      subnetIds.join(","),
-    )) as [[string, string, string, string][], string[][], string[][], [string, string[], string[]][], string[]];
+    const raw = (await this.redis.mvpcFwLoadVpc(FK.hostVpcNics(hostId, vpcId), nics ? nics.map((n) => n.nicId).join(",") : "*", subnetIds.join(","))) as [
+      [string, string, string, string][],
+      string[][],
+      string[][],
+      [string, string[], string[]][],
+      string[],
+    ];
     // Fail closed: what a refused record governed is denied, not opened. A
     // NIC whose binding is refused, and a group that is refused, become the
     // empty group CLOSED_GROUP (nothing allowed either way); a refused ACL
@@ -968,11 +994,32 @@ const SG_ID = /^sg-[0-9a-f]{12}$/;
 export const CLOSED_GROUP = "sg-000000000000";
 
 function closedGroup(id: string, vpcId: string): SecurityGroupRec {
-  return { id, vpcId, name: "refused-record", description: "stands for a record that did not validate: allows nothing", labels: [], rules: [], generation: 0, createdMs: 0, updatedMs: 0 };
+  return {
+    id,
+    vpcId,
+    name: "refused-record",
+    description: "stands for a record that did not validate: allows nothing",
+    labels: [],
+    rules: [],
+    generation: 0,
+    createdMs: 0,
+    updatedMs: 0,
+  };
 }
 
 function closedAcl(subnetId: string, vpcId: string): NetworkAclRec {
-  return { id: "acl-000000000000", vpcId, name: "refused-record", description: "stands for a record that did not validate: denies everything", labels: [], entries: [], subnetIds: [subnetId], generation: 0, createdMs: 0, updatedMs: 0 };
+  return {
+    id: "acl-000000000000",
+    vpcId,
+    name: "refused-record",
+    description: "stands for a record that did not validate: denies everything",
+    labels: [],
+    entries: [],
+    subnetIds: [subnetId],
+    generation: 0,
+    createdMs: 0,
+    updatedMs: 0,
+  };
 }
 
 function compareIp(a: string, b: string): number {

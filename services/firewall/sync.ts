@@ -88,7 +88,18 @@ export class FirewallSync {
     }
     for (const n of d.nics.values()) {
       const b = bindings.get(n.nicId);
-      const bad = attempt(() => checkBinding({ nicId: n.nicId, vpcId: n.vpcId, subnetId: n.subnetId, address: n.address, mac: n.mac, hostId: this.hostId, hostIf: n.hostIf, groupIds: [] }));
+      const bad = attempt(() =>
+        checkBinding({
+          nicId: n.nicId,
+          vpcId: n.vpcId,
+          subnetId: n.subnetId,
+          address: n.address,
+          mac: n.mac,
+          hostId: this.hostId,
+          hostIf: n.hostIf,
+          groupIds: [],
+        }),
+      );
       if (!bad.ok) {
         reportInvalid(OWNER, "local-nic", `netagent nic ${n.nicId}`, bad.reason, this.log);
         continue;
@@ -229,7 +240,12 @@ export class FirewallSync {
       }
     };
     void loop();
-    void followEvents(redis, /^(fw\.|nic\.|subnet\.|vpc\.)/, () => this.kick(), () => this.stopped);
+    void followEvents(
+      redis,
+      /^(fw\.|nic\.|subnet\.|vpc\.)/,
+      () => this.kick(),
+      () => this.stopped,
+    );
   }
 
   stop(): void {

@@ -73,10 +73,34 @@ const MAX_BUCKETS = 100_000;
 
 /** Metadata versions EC2 lists at "/"; every one serves the same (latest) layout. */
 export const API_VERSIONS = [
-  "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15", "2008-02-01", "2008-09-01",
-  "2009-04-04", "2011-01-01", "2011-05-01", "2012-01-12", "2014-02-25", "2014-11-05", "2015-10-20", "2016-04-19",
-  "2016-06-30", "2016-09-02", "2018-03-28", "2018-08-17", "2018-09-24", "2019-10-01", "2020-10-27", "2021-01-03",
-  "2021-03-23", "2021-07-15", "2022-09-24", "latest",
+  "1.0",
+  "2007-01-19",
+  "2007-03-01",
+  "2007-08-29",
+  "2007-10-10",
+  "2007-12-15",
+  "2008-02-01",
+  "2008-09-01",
+  "2009-04-04",
+  "2011-01-01",
+  "2011-05-01",
+  "2012-01-12",
+  "2014-02-25",
+  "2014-11-05",
+  "2015-10-20",
+  "2016-04-19",
+  "2016-06-30",
+  "2016-09-02",
+  "2018-03-28",
+  "2018-08-17",
+  "2018-09-24",
+  "2019-10-01",
+  "2020-10-27",
+  "2021-01-03",
+  "2021-03-23",
+  "2021-07-15",
+  "2022-09-24",
+  "latest",
 ];
 const VERSION_SET = new Set(API_VERSIONS);
 
@@ -151,7 +175,13 @@ export function metadataTree(md: InstanceMetadata, publicIp: string | undefined,
     ["local-ipv4", md.localIpv4],
     ["mac", md.mac],
     ["network", dir([["interfaces", dir([["macs", dir([[md.mac, macDir]])]])]])],
-    ["placement", dir([["availability-zone", zone], ["region", region]])],
+    [
+      "placement",
+      dir([
+        ["availability-zone", zone],
+        ["region", region],
+      ]),
+    ],
     ["public-ipv4", publicIp],
     ["public-keys", publicKeys],
     ["security-groups", joinOrUndef(md.securityGroupNames)],
@@ -249,7 +279,10 @@ class TokenMinter {
 
 export class Buckets {
   private readonly m = new Map<string, { tokens: number; at: number }>();
-  constructor(private readonly rate: number, private readonly burst: number) {}
+  constructor(
+    private readonly rate: number,
+    private readonly burst: number,
+  ) {}
 
   take(key: string, now = performance.now()): boolean {
     let b = this.m.get(key);
@@ -412,7 +445,8 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
       return;
     }
     const target = parseTarget(req.url);
-    const isTokenPath = !!target && target.segs.length === 3 && target.segs[0] === "latest" && target.segs[1] === "api" && target.segs[2] === "token" && !target.trailingSlash;
+    const isTokenPath =
+      !!target && target.segs.length === 3 && target.segs[0] === "latest" && target.segs[1] === "api" && target.segs[2] === "token" && !target.trailingSlash;
 
     const tokenHeader = req.headers[TOKEN_HEADER];
     const presented = typeof tokenHeader === "string" ? tokenHeader : undefined;
@@ -493,10 +527,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
     let ttlLeft: number | undefined;
     if (presented !== undefined) {
       const good =
-        parsed !== null &&
-        state.token === "live" &&
-        parsed.expMs > Date.now() &&
-        minter.verify(parsed.raw, caller.vpcId, caller.address, state.instanceId);
+        parsed !== null && state.token === "live" && parsed.expMs > Date.now() && minter.verify(parsed.raw, caller.vpcId, caller.address, state.instanceId);
       if (!good) {
         fail(req, res, 401);
         return;

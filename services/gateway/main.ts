@@ -27,7 +27,6 @@ import { GatewayApi } from "./service.js";
 import { GatewayStore } from "./store.js";
 import { GatewaySync } from "./sync.js";
 
-
 /**
  * Runs the metadata server in this process, on every address of this
  * namespace. `limits` overrides the per-caller rate limit (bench/lib/imds-server.ts).
@@ -109,10 +108,18 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)").env("MICROVPC_HOST_NETNS").default(""),
     new Option("--public-pool <cidr>", "floating IP pool, e.g. 203.0.113.0/24 (empty: no floating IPs)").env("MICROVPC_PUBLIC_POOL").default(""),
     new Option("--imds-port <port>", "port of the metadata server on the host").env("MICROVPC_IMDS_PORT").default("8775"),
-    new Option("--dns-port <port>", "port of the VPC resolver on the host's transit addresses; each VPC's resolver address :53 is forwarded there (0: no resolver)").env("MICROVPC_DNS_PORT").default("53"),
+    new Option(
+      "--dns-port <port>",
+      "port of the VPC resolver on the host's transit addresses; each VPC's resolver address :53 is forwarded there (0: no resolver)",
+    )
+      .env("MICROVPC_DNS_PORT")
+      .default("53"),
     new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
-    new Option("--reserved-ports <list>", "ports the hypervisor serves itself, never port-forwarded (CreatePortForward: FAILED_PRECONDITION), e.g. 22,7401-7405; empty: none")
+    new Option(
+      "--reserved-ports <list>",
+      "ports the hypervisor serves itself, never port-forwarded (CreatePortForward: FAILED_PRECONDITION), e.g. 22,7401-7405; empty: none",
+    )
       .env("MICROVPC_RESERVED_PORTS")
       .default(DEFAULT_RESERVED_PORTS),
     new Option("--conntrack-limit-per-vm <n>", "flows one VM may hold through the host's NAT at once; new ones past it are refused (0: no limit)")
@@ -129,7 +136,8 @@ export const gatewayDefinition: ServiceDefinition = {
     const pool = parseCidr("--public-pool", poolText, { min: 8, max: 32 });
     const imdsPort = Number(flags.imdsPort);
     const dnsPort = Number(flags.dnsPort);
-    if (!Number.isInteger(dnsPort) || dnsPort < 0 || dnsPort > 65535) throw new Error(`--dns-port ${JSON.stringify(flags.dnsPort)}: use 1–65535, or 0 for no resolver`);
+    if (!Number.isInteger(dnsPort) || dnsPort < 0 || dnsPort > 65535)
+      throw new Error(`--dns-port ${JSON.stringify(flags.dnsPort)}: use 1–65535, or 0 for no resolver`);
     const reservedPorts = parsePortRanges("--reserved-ports", String(flags.reservedPorts));
     const ctLimit = Number(flags.conntrackLimitPerVm);
     if (!/^[0-9]{1,10}$/.test(String(flags.conntrackLimitPerVm)) || ctLimit > 4_000_000) {
@@ -138,7 +146,13 @@ export const gatewayDefinition: ServiceDefinition = {
     const store = new GatewayStore(redis, logger);
     const ipam = new IpamStore(redis);
     const meta = new MetadataStore(redis, logger);
-    const sync = new GatewaySync(store, ipam, new HostStore(redis, hostId), { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits(), reservedPorts, conntrackLimitPerVm: ctLimit }, logger);
+    const sync = new GatewaySync(
+      store,
+      ipam,
+      new HostStore(redis, hostId),
+      { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits(), reservedPorts, conntrackLimitPerVm: ctLimit },
+      logger,
+    );
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
     if (!hostNetns) {
@@ -153,7 +167,19 @@ export const gatewayDefinition: ServiceDefinition = {
         // The child is this same program (dist/microvpcd.js through bin/, or the
         // sources under a loader in tests): same node, same flags, same entry.
         process.execPath,
-        [...process.execArgv, process.argv[1] as string, "imds", "--redis", String(flags.imdsRedis ?? flags.redis), "--host-id", hostId, "--port", String(imdsPort), "--dns-port", String(dnsPort)],
+        [
+          ...process.execArgv,
+          process.argv[1] as string,
+          "imds",
+          "--redis",
+          String(flags.imdsRedis ?? flags.redis),
+          "--host-id",
+          hostId,
+          "--port",
+          String(imdsPort),
+          "--dns-port",
+          String(dnsPort),
+        ],
         { netns: hostNetns, stdio: ["ignore", "inherit", "inherit"] },
       );
       stopImds = async () => {

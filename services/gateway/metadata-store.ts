@@ -98,7 +98,10 @@ function hostname(field: string, value: string): string {
 
 function zoneOrRegion(field: string, value: string): string {
   if (value !== "" && !ZONE_RE.test(value)) {
-    throw new InvalidArgumentError(field, `${V.show(value)} is not valid: use 1–63 characters of [a-z0-9-] (e.g. "microvpc-1a"), or leave it empty for the hypervisor's configured value`);
+    throw new InvalidArgumentError(
+      field,
+      `${V.show(value)} is not valid: use 1–63 characters of [a-z0-9-] (e.g. "microvpc-1a"), or leave it empty for the hypervisor's configured value`,
+    );
   }
   return value;
 }
@@ -151,7 +154,11 @@ export function validateInstanceMetadata(md: InstanceMetadata, prefix = "metadat
   const publicKeys = md.publicKeys.map((k, i) => {
     const fk = f(`public_keys[${i}]`);
     if (k.name !== "") {
-      if (!KEY_NAME_RE.test(k.name)) throw new InvalidArgumentError(`${fk}.name`, `${V.show(k.name)} is not valid: use 1–63 characters of [A-Za-z0-9_.@-], or leave it empty for "key-${i}"`);
+      if (!KEY_NAME_RE.test(k.name))
+        throw new InvalidArgumentError(
+          `${fk}.name`,
+          `${V.show(k.name)} is not valid: use 1–63 characters of [A-Za-z0-9_.@-], or leave it empty for "key-${i}"`,
+        );
     }
     const effective = k.name || `key-${i}`;
     if (keyNames.has(effective)) throw new InvalidArgumentError(`${fk}.name`, `${V.show(effective)} names two keys; give each key its own name`);
@@ -162,33 +169,52 @@ export function validateInstanceMetadata(md: InstanceMetadata, prefix = "metadat
     }
     if (/[\r\n]/.test(k.opensshKey)) throw new InvalidArgumentError(`${fk}.openssh_key`, "must be one line: give each key its own entry");
     if (!OPENSSH_RE.test(k.opensshKey)) {
-      throw new InvalidArgumentError(`${fk}.openssh_key`, `${V.show(k.opensshKey)} is not an OpenSSH public key: expected "TYPE BASE64 [comment]" such as "ssh-ed25519 AAAAC3Nz… user@host", printable ASCII, no options prefix`);
+      throw new InvalidArgumentError(
+        `${fk}.openssh_key`,
+        `${V.show(k.opensshKey)} is not an OpenSSH public key: expected "TYPE BASE64 [comment]" such as "ssh-ed25519 AAAAC3Nz… user@host", printable ASCII, no options prefix`,
+      );
     }
     return create(SshPublicKeySchema, { name: k.name, opensshKey: k.opensshKey });
   });
 
   if (md.userData.length > MAX_USER_DATA_BYTES) {
-    throw new InvalidArgumentError(f("user_data"), `is ${md.userData.length} bytes; the limit is ${MAX_USER_DATA_BYTES} (compress it, e.g. gzip, which cloud-init accepts, or fetch the rest from elsewhere)`);
+    throw new InvalidArgumentError(
+      f("user_data"),
+      `is ${md.userData.length} bytes; the limit is ${MAX_USER_DATA_BYTES} (compress it, e.g. gzip, which cloud-init accepts, or fetch the rest from elsewhere)`,
+    );
   }
   if (md.instanceType.length > 63 || !/^[\x20-\x7e]*$/.test(md.instanceType)) {
-    throw new InvalidArgumentError(f("instance_type"), `${V.show(md.instanceType)} is not valid: use up to 63 printable ASCII characters (e.g. "qemu.1x256"), or leave it empty`);
+    throw new InvalidArgumentError(
+      f("instance_type"),
+      `${V.show(md.instanceType)} is not valid: use up to 63 printable ASCII characters (e.g. "qemu.1x256"), or leave it empty`,
+    );
   }
 
   if (md.tags.length > MAX_TAGS) throw new InvalidArgumentError(f("tags"), `has ${md.tags.length} tags; the limit is ${MAX_TAGS}`);
-  const tags = V.labels(f("tags"), md.tags.map((t) => ({ key: t.key, value: t.value })));
+  const tags = V.labels(
+    f("tags"),
+    md.tags.map((t) => ({ key: t.key, value: t.value })),
+  );
   tags.forEach((t, i) => {
     // A tag key is a path segment (meta-data/tags/instance/KEY).
-    if (t.key === "." || t.key === "..") throw new InvalidArgumentError(`${f("tags")}[${i}].key`, `${V.show(t.key)} cannot be served as meta-data/tags/instance/KEY; choose another key`);
+    if (t.key === "." || t.key === "..")
+      throw new InvalidArgumentError(`${f("tags")}[${i}].key`, `${V.show(t.key)} cannot be served as meta-data/tags/instance/KEY; choose another key`);
   });
 
   const o = md.options;
   const httpTokens = o?.httpTokens ?? ImdsHttpTokens.UNSPECIFIED;
   if (!(httpTokens in ImdsHttpTokens)) {
-    throw new InvalidArgumentError(f("options.http_tokens"), `${httpTokens} is not an ImdsHttpTokens value; use IMDS_HTTP_TOKENS_OPTIONAL or IMDS_HTTP_TOKENS_REQUIRED`);
+    throw new InvalidArgumentError(
+      f("options.http_tokens"),
+      `${httpTokens} is not an ImdsHttpTokens value; use IMDS_HTTP_TOKENS_OPTIONAL or IMDS_HTTP_TOKENS_REQUIRED`,
+    );
   }
   const httpEndpoint = o?.httpEndpoint ?? ImdsHttpEndpoint.UNSPECIFIED;
   if (!(httpEndpoint in ImdsHttpEndpoint)) {
-    throw new InvalidArgumentError(f("options.http_endpoint"), `${httpEndpoint} is not an ImdsHttpEndpoint value; use IMDS_HTTP_ENDPOINT_ENABLED or IMDS_HTTP_ENDPOINT_DISABLED`);
+    throw new InvalidArgumentError(
+      f("options.http_endpoint"),
+      `${httpEndpoint} is not an ImdsHttpEndpoint value; use IMDS_HTTP_ENDPOINT_ENABLED or IMDS_HTTP_ENDPOINT_DISABLED`,
+    );
   }
   const hop = o?.httpPutResponseHopLimit;
   if (hop !== undefined && (!Number.isInteger(hop) || hop < 1 || hop > 64)) {
@@ -391,7 +417,10 @@ export function parseStoredMetadata(pb: string): V.Parsed<InstanceMetadata> {
 }
 
 export class MetadataStore {
-  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
+  constructor(
+    readonly redis: Redis,
+    readonly log?: Pick<Logger, "warn">,
+  ) {
     defineScripts(redis);
   }
 
@@ -407,8 +436,21 @@ export class MetadataStore {
     const pb = Buffer.from(toBinary(InstanceMetadataSchema, md)).toString("base64");
     const hop = hopLimitOf(md);
     const [code, detail] = await this.redis.mvpcMdSet(
-      MK.inst(md.instanceId), MK.byAddr, MK.hop, MK.all, MK.vpc(md.vpcId), MK.events, MK.rev, MK.tokens(md.instanceId),
-      md.instanceId, md.vpcId, md.localIpv4, pb, hop, now, MK.vpcPrefix,
+      MK.inst(md.instanceId),
+      MK.byAddr,
+      MK.hop,
+      MK.all,
+      MK.vpc(md.vpcId),
+      MK.events,
+      MK.rev,
+      MK.tokens(md.instanceId),
+      md.instanceId,
+      md.vpcId,
+      md.localIpv4,
+      pb,
+      hop,
+      now,
+      MK.vpcPrefix,
     );
     if (code === -1) {
       throw new FailedPreconditionError(
@@ -440,8 +482,15 @@ export class MetadataStore {
   /** Deletes a record and revokes its session tokens. */
   async delete(instanceId: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
     const [code, n] = await this.redis.mvpcMdDelete(
-      MK.inst(instanceId), MK.byAddr, MK.hop, MK.all, MK.tokens(instanceId), MK.events,
-      instanceId, Date.now(), MK.vpcPrefix,
+      MK.inst(instanceId),
+      MK.byAddr,
+      MK.hop,
+      MK.all,
+      MK.tokens(instanceId),
+      MK.events,
+      instanceId,
+      Date.now(),
+      MK.vpcPrefix,
     );
     return { deleted: code === 1, tokensRevoked: Number(n) };
   }
@@ -495,10 +544,7 @@ export class MetadataStore {
 
   /** Records a session token of an instance; false if the instance left (vpcId, address). */
   async recordToken(instanceId: string, vpcId: string, address: string, nonce: string, expiresMs: number): Promise<boolean> {
-    const ok = await this.redis.mvpcMdMint(
-      MK.inst(instanceId), MK.tokens(instanceId),
-      vpcId, address, nonce, expiresMs, Date.now(), MAX_TOKENS_PER_INSTANCE,
-    );
+    const ok = await this.redis.mvpcMdMint(MK.inst(instanceId), MK.tokens(instanceId), vpcId, address, nonce, expiresMs, Date.now(), MAX_TOKENS_PER_INSTANCE);
     return ok === 1;
   }
 

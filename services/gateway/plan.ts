@@ -90,7 +90,8 @@ export function parsePortRanges(flag: string, text: string): PortRanges {
     const m = /^([0-9]{1,5})(?:-([0-9]{1,5}))?$/.exec(part);
     const from = m ? Number(m[1]) : NaN;
     const to = m ? Number(m[2] ?? m[1]) : NaN;
-    if (!m || from < 1 || to > 65535 || to < from) throw new Error(`${flag} ${JSON.stringify(text)}: ${JSON.stringify(part)} is not a port or range; use e.g. "22,7401-7405" (1–65535)`);
+    if (!m || from < 1 || to > 65535 || to < from)
+      throw new Error(`${flag} ${JSON.stringify(text)}: ${JSON.stringify(part)} is not a port or range; use e.g. "22,7401-7405" (1–65535)`);
     out.push([from, to]);
   }
   return out;
@@ -198,10 +199,7 @@ export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0
     `    type nat hook prerouting priority dstnat; policy accept;`,
     `    ip daddr ${IMDS_ADDRESS} tcp dport 80 dnat to ${t.host}:${imdsPort}`,
     ...(dns
-      ? [
-          `    ip daddr ${v.resolver} udp dport 53 dnat to ${t.host}:${dnsPort}`,
-          `    ip daddr ${v.resolver} tcp dport 53 dnat to ${t.host}:${dnsPort}`,
-        ]
+      ? [`    ip daddr ${v.resolver} udp dport 53 dnat to ${t.host}:${dnsPort}`, `    ip daddr ${v.resolver} tcp dport 53 dnat to ${t.host}:${dnsPort}`]
       : []),
     `    iifname "${g}" ip daddr @fip_in dnat to ip daddr map @fip_in`,
     `    iifname "${g}" ip daddr ${t.vpc} dnat ip to meta l4proto . th dport map @port_forward`,
@@ -220,7 +218,9 @@ export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0
     // VPC's NAT shares: one VM must not fill it. Counted per VM address
     // (anti-spoofed by the bridge table).
     ...(ctLimitPerVm > 0
-      ? [`    oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`]
+      ? [
+          `    oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`,
+        ]
       : []),
     `    oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
     // The resolver is for every subnet, NAT gateway or not (as AWS).
@@ -250,7 +250,8 @@ export function hostNft(h: HostGw): string {
     const t = transitAddrs(v.transit);
     // A forward on a port the hypervisor serves (made before the API checked,
     // or through another host's gateway with another list) is not applied.
-    for (const f of v.forwards.filter((f) => !portReserved(h.reservedPorts, f.outsidePort))) pf.push(`${f.proto} . ${f.outsidePort} : ${t.vpc} . ${f.outsidePort}`);
+    for (const f of v.forwards.filter((f) => !portReserved(h.reservedPorts, f.outsidePort)))
+      pf.push(`${f.proto} . ${f.outsidePort} : ${t.vpc} . ${f.outsidePort}`);
     for (const [addr, hop] of v.hopLimits) ttl.set(hop, [...(ttl.get(hop) ?? []), `${t.host} . ${addr}`]);
   }
   const hops = [...ttl.keys()].sort((a, b) => a - b);
@@ -282,7 +283,11 @@ export function hostNft(h: HostGw): string {
     `    tcp dport ${h.imdsPort} iifname != @transit_ifs iifname != "lo" drop comment "the metadata server is for VMs only"`,
     // The resolver binds transit addresses only; nothing else may reach them
     // on its port. The host's own :53 elsewhere is left alone.
-    ...(dnsPort ? [`    ip daddr 169.254.0.0/16 meta l4proto { tcp, udp } th dport ${dnsPort} iifname != @transit_ifs iifname != "lo" drop comment "the VPC resolver is for VMs only"`] : []),
+    ...(dnsPort
+      ? [
+          `    ip daddr 169.254.0.0/16 meta l4proto { tcp, udp } th dport ${dnsPort} iifname != @transit_ifs iifname != "lo" drop comment "the VPC resolver is for VMs only"`,
+        ]
+      : []),
     `    iifname != @transit_ifs accept`,
     `    ct state established,related accept`,
     `    tcp dport ${h.imdsPort} accept`,

@@ -83,7 +83,11 @@ export function checkFip(f: FipRec): FipRec {
   V.text("description", f.description);
   // Unassociated: every target field empty; associated: every one set.
   if (f.private === "") {
-    for (const [name, v] of [["vpc", f.vpcId], ["nic", f.nicId], ["host", f.hostId]] as const) {
+    for (const [name, v] of [
+      ["vpc", f.vpcId],
+      ["nic", f.nicId],
+      ["host", f.hostId],
+    ] as const) {
       if (v !== "") throw new InvalidArgumentError(name, `${V.show(v)} is set while private is empty; an unassociated floating IP has no target`);
     }
   } else {

@@ -9,7 +9,15 @@ import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "..
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
-import { FloatingIpSchema, GatewayService, NatGatewaySchema, PortForwardSchema, type FloatingIp, type NatGateway, type PortForward } from "../../gen/microvpc/v1/gateway_pb.js";
+import {
+  FloatingIpSchema,
+  GatewayService,
+  NatGatewaySchema,
+  PortForwardSchema,
+  type FloatingIp,
+  type NatGateway,
+  type PortForward,
+} from "../../gen/microvpc/v1/gateway_pb.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import { locateNic } from "../netagent/store.js";
 import { portReserved, showPortRanges, type PortRanges } from "./plan.js";
@@ -23,7 +31,15 @@ export interface GatewayOptions {
 }
 
 const natMsg = (n: NatRec): NatGateway =>
-  create(NatGatewaySchema, { id: n.id, vpcId: n.vpcId, subnetId: n.subnetId, sourceSubnetIds: n.sources, description: n.description, state: ResourceState.AVAILABLE, createTime: timestampFromMs(n.createdMs) });
+  create(NatGatewaySchema, {
+    id: n.id,
+    vpcId: n.vpcId,
+    subnetId: n.subnetId,
+    sourceSubnetIds: n.sources,
+    description: n.description,
+    state: ResourceState.AVAILABLE,
+    createTime: timestampFromMs(n.createdMs),
+  });
 
 const fipMsg = (f: FipRec): FloatingIp =>
   create(FloatingIpSchema, {
@@ -55,7 +71,12 @@ const pfMsg = (p: PfRec): PortForward =>
   });
 
 export class GatewayApi {
-  constructor(readonly store: GatewayStore, readonly ipam: IpamStore, readonly redis: Redis, readonly opts: GatewayOptions) {}
+  constructor(
+    readonly store: GatewayStore,
+    readonly ipam: IpamStore,
+    readonly redis: Redis,
+    readonly opts: GatewayOptions,
+  ) {}
 
   private async vpc(ref: string, field = "vpc"): Promise<VpcRec> {
     const r = V.ref(field, ref, "vpc");
@@ -125,7 +146,8 @@ export class GatewayApi {
       const last = pool.base + pool.size - (pool.size > 2 ? 2 : 1);
       if (req.address) {
         const n = V.ipv4("address", req.address);
-        if (n < first || n > last) throw new InvalidArgumentError("address", `${req.address} is outside the floating IP pool ${pool.text}; pick one in it or leave it empty`);
+        if (n < first || n > last)
+          throw new InvalidArgumentError("address", `${req.address} is outside the floating IP pool ${pool.text}; pick one in it or leave it empty`);
       }
       const f = await this.store.allocateFip({ first, last }, req.address, V.text("description", req.description));
       return { floatingIp: fipMsg(f) };
@@ -139,7 +161,8 @@ export class GatewayApi {
         const a = V.ipToInt(req.privateAddress);
         return a >= s.base && a < s.base + s.size;
       });
-      if (sub && sub.type !== "public") throw new FailedPreconditionError(`${req.privateAddress} is in private subnet ${sub.name}; floating IPs go to NICs of public subnets`);
+      if (sub && sub.type !== "public")
+        throw new FailedPreconditionError(`${req.privateAddress} is in private subnet ${sub.name}; floating IPs go to NICs of public subnets`);
       if (f.private && (f.private !== req.privateAddress || f.vpcId !== v.id) && !req.allowReassociation) {
         throw new FailedPreconditionError(`${f.address} is associated with ${f.private}; disassociate it first or set allow_reassociation`);
       }

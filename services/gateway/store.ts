@@ -84,7 +84,10 @@ const newId = (kind: string) => `${kind}-${randomBytes(6).toString("hex")}`;
 
 export class GatewayStore {
   /** log: where skipped records are reported (once per key and reason). */
-  constructor(readonly redis: Redis, readonly log?: Pick<Logger, "warn">) {
+  constructor(
+    readonly redis: Redis,
+    readonly log?: Pick<Logger, "warn">,
+  ) {
     const r = redis as unknown as Record<string, unknown>;
     if (!r.mvpcGwCreate) {
       redis.defineCommand("mvpcGwCreate", { numberOfKeys: 4, lua: CREATE });
@@ -124,11 +127,30 @@ export class GatewayStore {
     const id = newId("nat");
     checkNat({ ...n, id, createdMs: 0 });
     const [code, ref] = (await this.cmd(
-      "mvpcGwCreate", K.nat(id), K.vpcNat, "mvpc:gw:nats", K.tokens,
-      "gw.nat.created", id, n.vpcId, clientToken ? `nat\n${clientToken}` : "",
-      "id", id, "vpc", n.vpcId, "subnet", n.subnetId, "sources", JSON.stringify(n.sources), "description", n.description, "created", Date.now(),
+      "mvpcGwCreate",
+      K.nat(id),
+      K.vpcNat,
+      "mvpc:gw:nats",
+      K.tokens,
+      "gw.nat.created",
+      id,
+      n.vpcId,
+      clientToken ? `nat\n${clientToken}` : "",
+      "id",
+      id,
+      "vpc",
+      n.vpcId,
+      "subnet",
+      n.subnetId,
+      "sources",
+      JSON.stringify(n.sources),
+      "description",
+      n.description,
+      "created",
+      Date.now(),
     )) as R;
-    if (code === -1) throw new AlreadyExistsError(`VPC ${n.vpcId} already has NAT gateway ${ref}; a VPC has one (it serves every private subnet, or those in source_subnets)`);
+    if (code === -1)
+      throw new AlreadyExistsError(`VPC ${n.vpcId} already has NAT gateway ${ref}; a VPC has one (it serves every private subnet, or those in source_subnets)`);
     return (await this.getNat(String(ref)))!;
   }
 
@@ -155,12 +177,35 @@ export class GatewayStore {
   async allocateFip(pool: { first: number; last: number }, wanted: string, description: string): Promise<FipRec> {
     const id = newId("fip");
     const [code, detail] = (await this.cmd(
-      "mvpcGwAllocFip", K.fipByAddr, K.fips, "mvpc:gw:fip:",
-      "gw.fip.allocated", id, pool.first, pool.last, wanted,
-      "id", id, "vpc", "", "private", "", "nic", "", "host", "", "description", description, "allocated", Date.now(), "associated", 0,
+      "mvpcGwAllocFip",
+      K.fipByAddr,
+      K.fips,
+      "mvpc:gw:fip:",
+      "gw.fip.allocated",
+      id,
+      pool.first,
+      pool.last,
+      wanted,
+      "id",
+      id,
+      "vpc",
+      "",
+      "private",
+      "",
+      "nic",
+      "",
+      "host",
+      "",
+      "description",
+      description,
+      "allocated",
+      Date.now(),
+      "associated",
+      0,
     )) as R;
     if (code === -1) throw new AlreadyExistsError(`${wanted} is already allocated (${detail}); leave address empty for the next free one`);
-    if (code === -2) throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
+    if (code === -2)
+      throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
     return (await this.getFip(id))!;
   }
 
@@ -181,8 +226,20 @@ export class GatewayStore {
   async setFipTarget(f: FipRec, t: { vpcId: string; private: string; nicId: string; hostId: string } | null): Promise<void> {
     checkFip({ ...f, vpcId: t?.vpcId ?? "", private: t?.private ?? "", nicId: t?.nicId ?? "", hostId: t?.hostId ?? "" });
     const ok = await this.cmd(
-      "mvpcGwUpdate", K.fip(f.id), t ? "gw.fip.associated" : "gw.fip.disassociated", f.id,
-      "vpc", t?.vpcId ?? "", "private", t?.private ?? "", "nic", t?.nicId ?? "", "host", t?.hostId ?? "", "associated", t ? Date.now() : 0,
+      "mvpcGwUpdate",
+      K.fip(f.id),
+      t ? "gw.fip.associated" : "gw.fip.disassociated",
+      f.id,
+      "vpc",
+      t?.vpcId ?? "",
+      "private",
+      t?.private ?? "",
+      "nic",
+      t?.nicId ?? "",
+      "host",
+      t?.hostId ?? "",
+      "associated",
+      t ? Date.now() : 0,
     );
     if (ok !== 1) throw new NotFoundError("floating ip", f.id);
   }
@@ -198,11 +255,38 @@ export class GatewayStore {
     const id = newId("pf");
     checkPf({ ...p, id, createdMs: 0 });
     const [code, ref] = (await this.cmd(
-      "mvpcGwCreate", K.pf(id), K.hostPorts(p.hostId), K.pfs, K.tokens,
-      "gw.pf.created", id, `${p.proto}/${p.outsidePort}`, clientToken ? `pf\n${clientToken}` : "",
-      "id", id, "vpc", p.vpcId, "proto", p.proto, "host", p.hostId, "outside", p.outsidePort, "private", p.private, "private_port", p.privatePort, "nic", p.nicId, "description", p.description, "created", Date.now(),
+      "mvpcGwCreate",
+      K.pf(id),
+      K.hostPorts(p.hostId),
+      K.pfs,
+      K.tokens,
+      "gw.pf.created",
+      id,
+      `${p.proto}/${p.outsidePort}`,
+      clientToken ? `pf\n${clientToken}` : "",
+      "id",
+      id,
+      "vpc",
+      p.vpcId,
+      "proto",
+      p.proto,
+      "host",
+      p.hostId,
+      "outside",
+      p.outsidePort,
+      "private",
+      p.private,
+      "private_port",
+      p.privatePort,
+      "nic",
+      p.nicId,
+      "description",
+      p.description,
+      "created",
+      Date.now(),
     )) as R;
-    if (code === -1) throw new AlreadyExistsError(`${p.proto} port ${p.outsidePort} of hypervisor ${p.hostId} is already forwarded (${ref}); pick another outside port`);
+    if (code === -1)
+      throw new AlreadyExistsError(`${p.proto} port ${p.outsidePort} of hypervisor ${p.hostId} is already forwarded (${ref}); pick another outside port`);
     return (await this.getPf(String(ref)))!;
   }
 

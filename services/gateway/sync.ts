@@ -17,7 +17,19 @@ import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
 import type { HostStore } from "../netagent/store.js";
-import { hostNft, hostRouteLines, names, RESOLVER_LABEL, resolverAddrLines, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw, type PortRanges } from "./plan.js";
+import {
+  hostNft,
+  hostRouteLines,
+  names,
+  RESOLVER_LABEL,
+  resolverAddrLines,
+  transitAddrs,
+  transitCreateLines,
+  vpcNft,
+  type GwVpc,
+  type HostGw,
+  type PortRanges,
+} from "./plan.js";
 import { OWNER, parseGwSubnet } from "./schema.js";
 import type { GatewayStore } from "./store.js";
 
@@ -138,7 +150,9 @@ export class GatewaySync {
         subnets,
         nat: !!nat,
         natSources: nat?.sources ?? [],
-        fips: fips.filter((f) => f.vpcId === vpcId && f.hostId === this.opts.hostId && localAddrs.has(f.private)).map((f) => ({ address: f.address, private: f.private })),
+        fips: fips
+          .filter((f) => f.vpcId === vpcId && f.hostId === this.opts.hostId && localAddrs.has(f.private))
+          .map((f) => ({ address: f.address, private: f.private })),
         forwards: pfs
           .filter((p) => p.vpcId === vpcId && p.hostId === this.opts.hostId && localAddrs.has(p.private))
           .map((p) => ({ proto: p.proto, outsidePort: p.outsidePort, private: p.private, privatePort: p.privatePort })),
@@ -146,7 +160,15 @@ export class GatewaySync {
         resolver: await this.resolverOf(vpcId),
       });
     }
-    return { hostId: this.opts.hostId, uplink: this.opts.uplink, imdsPort: this.opts.imdsPort, dnsPort: this.opts.dnsPort ?? 0, pool: this.opts.pool, reservedPorts: this.opts.reservedPorts, vpcs };
+    return {
+      hostId: this.opts.hostId,
+      uplink: this.opts.uplink,
+      imdsPort: this.opts.imdsPort,
+      dnsPort: this.opts.dnsPort ?? 0,
+      pool: this.opts.pool,
+      reservedPorts: this.opts.reservedPorts,
+      vpcs,
+    };
   }
 
   async syncOnce(force = false): Promise<void> {
@@ -201,10 +223,12 @@ export class GatewaySync {
           ...hostRouteLines(v, this.opts.uplink),
         ];
         const prev = this.lastRoutes.get(v.vpcId) ?? [];
-        const gone = prev.filter((l) => l.startsWith("neigh replace proxy") || l.startsWith("route replace") && l.includes("/32"));
+        const gone = prev.filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")));
         const stale = gone
           .filter((l) => !routes.includes(l))
-          .map((l) => (l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, "")));
+          .map((l) =>
+            l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
+          );
         if (JSON.stringify(prev) !== JSON.stringify(routes)) {
           await run("ip", ["-force", "-batch", "-"], { ...batch([...stale, ...routes], hns), check: false });
           this.lastRoutes.set(v.vpcId, routes);
@@ -267,7 +291,12 @@ export class GatewaySync {
         });
       }
     })();
-    void followEvents(redis, /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/, () => this.kick(), () => this.stopped);
+    void followEvents(
+      redis,
+      /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/,
+      () => this.kick(),
+      () => this.stopped,
+    );
   }
 
   stop(): void {

@@ -9,11 +9,7 @@ import { metricsRegistry } from "../common/metrics.js";
 import { decodePageToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
-import {
-  AllocationSchema,
-  IpamService,
-  type Allocation,
-} from "../../gen/microvpc/v1/ipam_pb.js";
+import { AllocationSchema, IpamService, type Allocation } from "../../gen/microvpc/v1/ipam_pb.js";
 import { SubnetSchema, SubnetService, SubnetType, SubnetUsageSchema, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcSchema, VpcService, type Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { IpamStore, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
@@ -195,7 +191,10 @@ export class Ipam {
       const extra = req.extraReserved ?? DEFAULT_EXTRA_RESERVED;
       // At least one address must remain for a NIC.
       if (extra > c.size - 4) {
-        throw new InvalidArgumentError("extra_reserved", `${extra} leaves no usable address in ${c.text} (${c.size} addresses, 3 always reserved); at most ${c.size - 4}`);
+        throw new InvalidArgumentError(
+          "extra_reserved",
+          `${extra} leaves no usable address in ${c.text} (${c.size} addresses, 3 always reserved); at most ${c.size - 4}`,
+        );
       }
       const type = req.type === SubnetType.PUBLIC ? "public" : "private";
       const { subnet } = await this.store.createSubnet(

@@ -3,13 +3,7 @@
 // layer turns them into API messages.
 import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
-import {
-  AlreadyExistsError,
-  FailedPreconditionError,
-  InvalidArgumentError,
-  NotFoundError,
-  ResourceExhaustedError,
-} from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import { intToIp } from "../common/validate.js";
 import { vpcDnsKeys } from "../dns/store.js";
 import { K } from "./keys.js";
@@ -163,10 +157,7 @@ export class IpamStore {
       created: createdMs,
       public: v.publicCidr ? "1" : "0",
     };
-    const [code, ref] = await this.redis.mvpcCreateVpc(
-      K.vpc(id), K.vpcByName, K.vpcNames, K.tokens, K.events,
-      id, v.name, clientToken, ...flat(fields),
-    );
+    const [code, ref] = await this.redis.mvpcCreateVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.tokens, K.events, id, v.name, clientToken, ...flat(fields));
     if (code === -1) throw new AlreadyExistsError(`a VPC named ${JSON.stringify(v.name)} already exists (${ref}); pick another name or use it`);
     const vpc = await this.getVpc(String(ref));
     if (!vpc) throw new NotFoundError("vpc", String(ref), "it was deleted while being created");
@@ -192,7 +183,19 @@ export class IpamStore {
   }
 
   async deleteVpc(id: string): Promise<boolean> {
-    const [code, n] = await this.redis.mvpcDeleteVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.vpcSubnets(id), K.events, K.vpcPeerings(id), K.fwVpcSgs(id), K.fwVpcAcls(id), K.gwVpcNat, ...vpcDnsKeys(id), id);
+    const [code, n] = await this.redis.mvpcDeleteVpc(
+      K.vpc(id),
+      K.vpcByName,
+      K.vpcNames,
+      K.vpcSubnets(id),
+      K.events,
+      K.vpcPeerings(id),
+      K.fwVpcSgs(id),
+      K.fwVpcAcls(id),
+      K.gwVpcNat,
+      ...vpcDnsKeys(id),
+      id,
+    );
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
     if (code === -2) throw new FailedPreconditionError(`VPC ${id} is still peered (${n} peering(s)); delete them first (microvpc vpc peer list --vpc ${id})`);
     if (code === -3) throw new FailedPreconditionError(`VPC ${id} still has ${n}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
@@ -220,15 +223,31 @@ export class IpamStore {
     };
     const reserved = reservedIndexes(s.size, s.extraReserved).join(",");
     const [code, ref] = await this.redis.mvpcCreateSubnet(
-      K.vpc(s.vpcId), K.vpcSubnets(s.vpcId), K.vpcSubnetByName(s.vpcId), K.subnet(id),
-      K.bits(id), K.full(id), K.used(id), K.tokens, K.events, K.allSubnets,
-      id, s.name, s.base, s.size, clientToken, reserved, ...flat(fields),
+      K.vpc(s.vpcId),
+      K.vpcSubnets(s.vpcId),
+      K.vpcSubnetByName(s.vpcId),
+      K.subnet(id),
+      K.bits(id),
+      K.full(id),
+      K.used(id),
+      K.tokens,
+      K.events,
+      K.allSubnets,
+      id,
+      s.name,
+      s.base,
+      s.size,
+      clientToken,
+      reserved,
+      ...flat(fields),
     );
     if (code === -4) throw new NotFoundError("vpc", s.vpcId);
     if (code === -1) throw new AlreadyExistsError(`VPC ${s.vpcId} already has a subnet named ${JSON.stringify(s.name)} (${ref})`);
     if (code === -2) {
       const other = await this.getSubnet(String(ref));
-      throw new AlreadyExistsError(`${s.cidr} overlaps subnet ${other?.name ?? ref} (${other?.cidr ?? "?"}) of the same VPC; choose a CIDR that does not overlap`);
+      throw new AlreadyExistsError(
+        `${s.cidr} overlaps subnet ${other?.name ?? ref} (${other?.cidr ?? "?"}) of the same VPC; choose a CIDR that does not overlap`,
+      );
     }
     const subnet = await this.getSubnet(String(ref));
     if (!subnet) throw new NotFoundError("subnet", String(ref), "it was deleted while being created");
@@ -261,10 +280,23 @@ export class IpamStore {
     const s = await this.getSubnet(id);
     if (!s) return false;
     const [code, n] = await this.redis.mvpcDeleteSubnet(
-      K.subnet(id), K.vpcSubnets(s.vpcId), K.vpcSubnetByName(s.vpcId), K.bits(id), K.full(id), K.used(id),
-      K.alloc(id), K.req(id), K.idx(id), K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, id,
+      K.subnet(id),
+      K.vpcSubnets(s.vpcId),
+      K.vpcSubnetByName(s.vpcId),
+      K.bits(id),
+      K.full(id),
+      K.used(id),
+      K.alloc(id),
+      K.req(id),
+      K.idx(id),
+      K.events,
+      K.allSubnets,
+      K.fwSubnetAcl,
+      K.gwVpcNat,
+      id,
     );
-    if (code === -1) throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
+    if (code === -1)
+      throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
     return code === 1;
   }
@@ -281,8 +313,20 @@ export class IpamStore {
   async allocate(s: SubnetRec, owner: string, requestId: string, wanted: number): Promise<{ alloc: AllocRec; created: boolean }> {
     const now = Date.now();
     const [code, detail] = await this.redis.mvpcAllocate(
-      K.subnet(s.id), K.bits(s.id), K.full(s.id), K.alloc(s.id), K.req(s.id), K.idx(s.id), K.used(s.id), K.owner(owner), K.events,
-      owner, requestId, wanted, now, s.id,
+      K.subnet(s.id),
+      K.bits(s.id),
+      K.full(s.id),
+      K.alloc(s.id),
+      K.req(s.id),
+      K.idx(s.id),
+      K.used(s.id),
+      K.owner(owner),
+      K.events,
+      owner,
+      requestId,
+      wanted,
+      now,
+      s.id,
     );
     const addr = (i: number) => intToIp(s.base + i);
     switch (code) {
@@ -299,11 +343,16 @@ export class IpamStore {
       case -2:
         throw new ResourceExhaustedError(`subnet ${s.name} (${s.cidr}) has no free address; release addresses or create a larger subnet`);
       case -3:
-        throw new FailedPreconditionError(`request id ${JSON.stringify(requestId)} of ${owner} already holds ${addr(Number(detail))}, not ${addr(wanted)}; use a new request id for a different address`);
+        throw new FailedPreconditionError(
+          `request id ${JSON.stringify(requestId)} of ${owner} already holds ${addr(Number(detail))}, not ${addr(wanted)}; use a new request id for a different address`,
+        );
       case -4:
         throw new NotFoundError("subnet", s.id, "it was deleted");
       case -5:
-        throw new InvalidArgumentError("address", `${addr(wanted)} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); ask for an address from ${addr(2 + s.extraReserved)} to ${addr(s.size - 2)}`);
+        throw new InvalidArgumentError(
+          "address",
+          `${addr(wanted)} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); ask for an address from ${addr(2 + s.extraReserved)} to ${addr(s.size - 2)}`,
+        );
       default:
         throw new Error(`allocate script returned ${code}`);
     }
@@ -312,8 +361,20 @@ export class IpamStore {
   /** index = -1 releases by owner+requestId. Returns the index freed, or null. */
   async release(s: SubnetRec, index: number, owner: string, requestId: string, expectTime = ""): Promise<number | null> {
     const [code, detail] = await this.redis.mvpcRelease(
-      K.subnet(s.id), K.bits(s.id), K.full(s.id), K.alloc(s.id), K.req(s.id), K.idx(s.id), K.used(s.id), K.events,
-      index, owner, requestId, s.id, K.ownerPrefix, expectTime,
+      K.subnet(s.id),
+      K.bits(s.id),
+      K.full(s.id),
+      K.alloc(s.id),
+      K.req(s.id),
+      K.idx(s.id),
+      K.used(s.id),
+      K.events,
+      index,
+      owner,
+      requestId,
+      s.id,
+      K.ownerPrefix,
+      expectTime,
     );
     if (code === 1) return Number(detail);
     if (code === 0 || code === -4 || code === -6) return null;

@@ -88,7 +88,12 @@ export class Agent {
   /** Records read from Redis that failed validation (host state, overlay claims, peerings). */
   readonly invalid: InvalidRecordLog;
 
-  constructor(readonly kernel: Kernel, readonly store: HostStore, readonly hostId: string, readonly log: Logger) {
+  constructor(
+    readonly kernel: Kernel,
+    readonly store: HostStore,
+    readonly hostId: string,
+    readonly log: Logger,
+  ) {
     this.invalid = new InvalidRecordLog(log);
   }
 

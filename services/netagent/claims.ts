@@ -57,7 +57,8 @@ export function claimShapeProblem(address: string, hostId: string, within: V.Cid
   if (!HOST_RE.test(hostId)) return `host ${V.show(hostId)} is not a host id`;
   if (!/^[0-9.]{7,15}$/.test(address) || !isQuad(address)) return `${V.show(address)} is not an IPv4 address`;
   const n = V.ipToInt(address);
-  if (!within.some((c) => n >= c.base && n < c.base + c.size)) return `${address} is outside ${within.map((c) => c.text).join(", ") || "the VPC (no CIDR known)"}`;
+  if (!within.some((c) => n >= c.base && n < c.base + c.size))
+    return `${address} is outside ${within.map((c) => c.text).join(", ") || "the VPC (no CIDR known)"}`;
   return "";
 }
 
@@ -92,7 +93,12 @@ export function verifyClaims(
       continue;
     }
     accepted.push([address, r.hostId]);
-    if (claimer && claimer !== r.hostId) rejected.push({ address, hostId: claimer, reason: `${address} is a NIC of ${r.hostId} (its index, NIC record and IPAM allocation agree), not of ${claimer}` });
+    if (claimer && claimer !== r.hostId)
+      rejected.push({
+        address,
+        hostId: claimer,
+        reason: `${address} is a NIC of ${r.hostId} (its index, NIC record and IPAM allocation agree), not of ${claimer}`,
+      });
   }
   return { accepted, rejected };
 }
@@ -101,7 +107,14 @@ function evidenceFor(vpcId: string, address: string, ev: ClaimEvidence, local: S
   const idx = ev.indexed.get(address) ?? [];
   if (local.has(address)) return { hostId: "", reason: `${address} is held by a NIC of this host; never routed into the tunnel` };
   if (idx.length === 0) return { hostId: "", reason: `no host's NIC index lists ${address}` };
-  if (idx.length > 1) return { hostId: "", reason: `${address} is listed as a NIC of ${idx.map((x) => x.hostId).sort().join(" and ")}: contested, installed for nobody` };
+  if (idx.length > 1)
+    return {
+      hostId: "",
+      reason: `${address} is listed as a NIC of ${idx
+        .map((x) => x.hostId)
+        .sort()
+        .join(" and ")}: contested, installed for nobody`,
+    };
   const { hostId, nicId } = idx[0];
   if (!/^nic-[0-9a-f]{12}$/.test(nicId)) return { hostId, reason: `${hostId}'s index names ${V.show(nicId)}, not a NIC id` };
   const raw = ev.nicRecords.get(`${hostId}/${nicId}`);
@@ -109,7 +122,8 @@ function evidenceFor(vpcId: string, address: string, ev: ClaimEvidence, local: S
   const p = parseNicSpec(nicId, raw);
   if (!p.ok) return { hostId, reason: `${hostId}'s NIC record ${nicId} is invalid: ${p.reason}` };
   const nic = p.value;
-  if (nic.vpcId !== vpcId || nic.address !== address) return { hostId, reason: `${hostId}'s NIC ${nicId} is ${nic.address} in ${nic.vpcId}, not ${address} in ${vpcId}` };
+  if (nic.vpcId !== vpcId || nic.address !== address)
+    return { hostId, reason: `${hostId}'s NIC ${nicId} is ${nic.address} in ${nic.vpcId}, not ${address} in ${vpcId}` };
   const sn = ev.subnets.get(nic.subnetId);
   if (!sn || sn.vpcId !== vpcId) return { hostId, reason: `subnet ${nic.subnetId} of NIC ${nicId} is not a subnet of ${vpcId} in IPAM` };
   let c: V.Cidr;

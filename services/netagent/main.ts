@@ -16,7 +16,12 @@ const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
 const WG_MODES = ["auto", "kernel", "wireguard-go"];
 
 export function defaultHostId(): string {
-  return hostname().toLowerCase().replace(/[^a-z0-9]/g, "").slice(0, 24) || "host";
+  return (
+    hostname()
+      .toLowerCase()
+      .replace(/[^a-z0-9]/g, "")
+      .slice(0, 24) || "host"
+  );
 }
 
 export const netagentDefinition: ServiceDefinition = {
@@ -24,15 +29,34 @@ export const netagentDefinition: ServiceDefinition = {
   summary: "per-hypervisor data plane: a network namespace per VPC, a bridge per subnet, TAP/veth NICs, bandwidth limits",
   defaultPort: 7402,
   options: [
-    new Option("--host-id <id>", "this hypervisor's id (1–24 of [a-z0-9]); part of every namespace name, so unique per machine").env("MICROVPC_HOST_ID").default(defaultHostId()),
+    new Option("--host-id <id>", "this hypervisor's id (1–24 of [a-z0-9]); part of every namespace name, so unique per machine")
+      .env("MICROVPC_HOST_ID")
+      .default(defaultHostId()),
     new Option("--mtu <bytes>", "MTU of subnet bridges and NICs").env("MICROVPC_MTU").default("1500"),
-    new Option("--reconcile-interval-ms <ms>", "how often the kernel is compared with the desired state").env("MICROVPC_RECONCILE_INTERVAL_MS").default("10000"),
-    new Option("--overlay", "join VPCs across hypervisors with a WireGuard interface per VPC (full mesh between the hosts of the VPC)").env("MICROVPC_OVERLAY").default(false),
-    new Option("--host-netns <name>", "network namespace holding the underlay, where WireGuard sockets live (\"\" = the agent's own)").env("MICROVPC_HOST_NETNS").default(""),
-    new Option("--underlay-interface <if>", "underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU").env("MICROVPC_UNDERLAY_INTERFACE").default("eth0"),
-    new Option("--underlay-address <ip>", "this host's WireGuard endpoint address (default: the first global IPv4 of --underlay-interface)").env("MICROVPC_UNDERLAY_ADDRESS"),
-    new Option("--wireguard <impl>", "WireGuard implementation: auto (the kernel module when this host can create a kernel device, else wireguard-go), kernel, or wireguard-go").env("MICROVPC_WIREGUARD").default("auto"),
-    new Option("--state-dir <dir>", "where the WireGuard private key lives (DIR/<host-id>/wg.key, mode 0600)").env("MICROVPC_STATE_DIR").default("/var/lib/microvpc"),
+    new Option("--reconcile-interval-ms <ms>", "how often the kernel is compared with the desired state")
+      .env("MICROVPC_RECONCILE_INTERVAL_MS")
+      .default("10000"),
+    new Option("--overlay", "join VPCs across hypervisors with a WireGuard interface per VPC (full mesh between the hosts of the VPC)")
+      .env("MICROVPC_OVERLAY")
+      .default(false),
+    new Option("--host-netns <name>", 'network namespace holding the underlay, where WireGuard sockets live ("" = the agent\'s own)')
+      .env("MICROVPC_HOST_NETNS")
+      .default(""),
+    new Option("--underlay-interface <if>", "underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU")
+      .env("MICROVPC_UNDERLAY_INTERFACE")
+      .default("eth0"),
+    new Option("--underlay-address <ip>", "this host's WireGuard endpoint address (default: the first global IPv4 of --underlay-interface)").env(
+      "MICROVPC_UNDERLAY_ADDRESS",
+    ),
+    new Option(
+      "--wireguard <impl>",
+      "WireGuard implementation: auto (the kernel module when this host can create a kernel device, else wireguard-go), kernel, or wireguard-go",
+    )
+      .env("MICROVPC_WIREGUARD")
+      .default("auto"),
+    new Option("--state-dir <dir>", "where the WireGuard private key lives (DIR/<host-id>/wg.key, mode 0600)")
+      .env("MICROVPC_STATE_DIR")
+      .default("/var/lib/microvpc"),
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
@@ -47,26 +71,49 @@ export const netagentDefinition: ServiceDefinition = {
       if (hostNetns && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(hostNetns)) throw new Error(`--host-netns ${JSON.stringify(hostNetns)}: not a namespace name`);
       const underlayInterface = String(flags.underlayInterface);
       if (!/^[A-Za-z][A-Za-z0-9_.-]{0,14}$/.test(underlayInterface)) {
-        throw new Error(`--underlay-interface ${JSON.stringify(underlayInterface)}: not an interface name (1–15 characters of letters, digits and _ . -, starting with a letter; see \`ip link\`)`);
+        throw new Error(
+          `--underlay-interface ${JSON.stringify(underlayInterface)}: not an interface name (1–15 characters of letters, digits and _ . -, starting with a letter; see \`ip link\`)`,
+        );
       }
       const underlayAddress = flags.underlayAddress !== undefined ? String(flags.underlayAddress) : undefined;
       if (underlayAddress !== undefined) {
         const bad = addressProblem(underlayAddress);
-        if (bad) throw new Error(`--underlay-address ${JSON.stringify(underlayAddress)} ${bad}: give this host's IPv4 or IPv6 address on the underlay (e.g. 192.168.100.10), or leave it out to use the first global IPv4 of --underlay-interface`);
+        if (bad)
+          throw new Error(
+            `--underlay-address ${JSON.stringify(underlayAddress)} ${bad}: give this host's IPv4 or IPv6 address on the underlay (e.g. 192.168.100.10), or leave it out to use the first global IPv4 of --underlay-interface`,
+          );
       }
       const wireguard = String(flags.wireguard ?? "auto");
       if (!WG_MODES.includes(wireguard)) throw new Error(`--wireguard ${JSON.stringify(wireguard)}: use one of ${WG_MODES.join(", ")}`);
       overlay = new Overlay(
         agent,
         redis,
-        { hostId, hostNetns, underlayInterface, underlayAddress, stateDir: String(flags.stateDir), agentVersion: AGENT_VERSION, wireguard: wireguard as WgMode },
+        {
+          hostId,
+          hostNetns,
+          underlayInterface,
+          underlayAddress,
+          stateDir: String(flags.stateDir),
+          agentVersion: AGENT_VERSION,
+          wireguard: wireguard as WgMode,
+        },
         logger,
       );
       await overlay.init();
       // Nothing may be bigger than the tunnel carries: bridges and NICs get the overlay MTU.
       mtu = Math.min(mtu, overlay.mtu);
       agent.overlay = overlay;
-      logger.info({ mtu: overlay.mtu, underlayMtu: overlay.underlayMtu, address: overlay.address, publicKey: overlay.publicKey, wireguard: overlay.impl, why: overlay.implWhy }, "overlay enabled");
+      logger.info(
+        {
+          mtu: overlay.mtu,
+          underlayMtu: overlay.underlayMtu,
+          address: overlay.address,
+          publicKey: overlay.publicKey,
+          wireguard: overlay.impl,
+          why: overlay.implWhy,
+        },
+        "overlay enabled",
+      );
     }
     agent.peering = new PeeringSync(agent, redis, logger);
     const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu, overlay });

@@ -156,7 +156,8 @@ export function recordProblem(id: string, raw: string): string {
   }
   if (typeof r !== "object" || r === null || Array.isArray(r)) return "record is not a JSON object";
   if (r.id !== id) return `record id ${JSON.stringify(r.id)} does not match its key ${JSON.stringify(id)}`;
-  if (typeof r.publicKey !== "string" || !KEY_RE.test(r.publicKey)) return `public key ${show(r.publicKey)} is not a base64 Curve25519 key (44 characters ending in =)`;
+  if (typeof r.publicKey !== "string" || !KEY_RE.test(r.publicKey))
+    return `public key ${show(r.publicKey)} is not a base64 Curve25519 key (44 characters ending in =)`;
   if (typeof r.address !== "string" || !isIP(r.address)) return `underlay address ${show(r.address)} is not an IPv4 or IPv6 literal`;
   const bad = addressProblem(r.address);
   if (bad) return `underlay address ${r.address} ${bad}`;
@@ -334,7 +335,8 @@ export class Overlay {
   /** Runs wg for an interface: a kernel device is reached over netlink, so from inside its VPC namespace; wireguard-go through its global socket. */
   private async wgRun(ifname: string, args: string[]): Promise<string> {
     const st = this.readState(ifname);
-    const r = st.impl === "kernel" && st.vpcId ? await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", ...args]) : await this.cmd.run("wg", args);
+    const r =
+      st.impl === "kernel" && st.vpcId ? await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", ...args]) : await this.cmd.run("wg", args);
     return r.stdout;
   }
 
@@ -386,9 +388,13 @@ export class Overlay {
   async init(): Promise<void> {
     mkdirSync(join(this.dir, "wg"), { recursive: true, mode: 0o700 });
     const where = this.opts.hostNetns ? ` in namespace ${this.opts.hostNetns}` : "";
-    const { stdout: out } = await run("ip", [...this.ipArgs(this.opts.hostNetns), "-j", "addr", "show", "dev", this.opts.underlayInterface]).catch((err: Error) => {
-      throw new Error(`--underlay-interface ${this.opts.underlayInterface}: no such device${where} (${err.message.split("\n")[0]}); give the interface that carries the underlay (see \`ip link\`)`);
-    });
+    const { stdout: out } = await run("ip", [...this.ipArgs(this.opts.hostNetns), "-j", "addr", "show", "dev", this.opts.underlayInterface]).catch(
+      (err: Error) => {
+        throw new Error(
+          `--underlay-interface ${this.opts.underlayInterface}: no such device${where} (${err.message.split("\n")[0]}); give the interface that carries the underlay (see \`ip link\`)`,
+        );
+      },
+    );
     const l = (JSON.parse(out || "[]") as { mtu?: number; addr_info?: { family: string; local: string; scope: string }[] }[])[0];
     if (!l) throw new Error(`--underlay-interface ${this.opts.underlayInterface}: no such device${this.opts.hostNetns ? ` in ${this.opts.hostNetns}` : ""}`);
     this.underlayMtu = l.mtu ?? 1500;
@@ -610,7 +616,10 @@ export class Overlay {
 
   async dump(ifname: string): Promise<Dump | null> {
     const st = this.readState(ifname);
-    const r = st.impl === "kernel" && st.vpcId ? await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", "show", ifname, "dump"], { check: false }) : await this.cmd.run("wg", ["show", ifname, "dump"], { check: false });
+    const r =
+      st.impl === "kernel" && st.vpcId
+        ? await this.cmd.run("ip", ["netns", "exec", this.agent.nsOf(st.vpcId), "wg", "show", ifname, "dump"], { check: false })
+        : await this.cmd.run("wg", ["show", ifname, "dump"], { check: false });
     if (r.exitCode !== 0) return null;
     return parseDump(r.stdout);
   }
@@ -692,7 +701,10 @@ export class Overlay {
       // It runs with another MTU than this agent's (the underlay changed, or
       // an agent from before the MTU was set in place): wireguard-go cannot
       // learn a new one once moved, so it is restarted (a brief interruption).
-      this.log.warn({ vpc: vpcId, interface: ifname, mtu: this.readState(ifname).mtu || "unknown", want: this.mtu }, "restarting wireguard-go to change its MTU");
+      this.log.warn(
+        { vpc: vpcId, interface: ifname, mtu: this.readState(ifname).mtu || "unknown", want: this.mtu },
+        "restarting wireguard-go to change its MTU",
+      );
       await this.killPid(pid, ifname);
       alive = false;
     }
@@ -700,7 +712,11 @@ export class Overlay {
     rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
     const stale = await this.agent.kernel.link(vns, ifname);
     if (stale) await this.agent.kernel.ipBatch(vns, [`link del dev ${ifname}`]);
-    const { proc: child, pid: childPid } = await startDaemon("wireguard-go", ["-f", ifname], { netns: hns, detached: true, env: { WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" } });
+    const { proc: child, pid: childPid } = await startDaemon("wireguard-go", ["-f", ifname], {
+      netns: hns,
+      detached: true,
+      env: { WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" },
+    });
     writeFileSync(this.pidFile(ifname), JSON.stringify({ pid: childPid, vpcId, impl: "wireguard-go" }), { mode: 0o600 });
     let ok = false;
     for (let i = 0; i < 200 && !ok; i++) {
@@ -739,19 +755,35 @@ export class Overlay {
     for (const [i, r] of routed.entries()) {
       const peer = await this.vpcCidr(r.vpcId);
       // The peering's allowed CIDRs (validated by peering/schema.ts) must also lie in the peer VPC.
-      const allowed = peer ? r.cidrs.flatMap((c) => { try { const x = V.cidr("allowed", c, { min: 8, max: 32 }); return V.contains(peer, x) ? [x] : []; } catch { return []; } }) : [];
+      const allowed = peer
+        ? r.cidrs.flatMap((c) => {
+            try {
+              const x = V.cidr("allowed", c, { min: 8, max: 32 });
+              return V.contains(peer, x) ? [x] : [];
+            } catch {
+              return [];
+            }
+          })
+        : [];
       sources.push({ vpcId: r.vpcId, within: peer ? [peer] : [], allowed, raw: peerAddrs[i] });
     }
     for (const src of sources) {
       const r = await this.verifiedClaims(src.vpcId, src.within, src.allowed, src.raw, memberHosts);
       for (const [a, h] of r.accepted) addrs[a] = h;
       rejected.push(...r.rejected);
-      for (const x of r.rejected) invalid.push({ kind: "overlay-addr", key: overlayKeys.addrs(src.vpcId), field: x.address, reason: `claimed by ${x.hostId}: ${x.reason}` });
+      for (const x of r.rejected)
+        invalid.push({ kind: "overlay-addr", key: overlayKeys.addrs(src.vpcId), field: x.address, reason: `claimed by ${x.hostId}: ${x.reason}` });
     }
-    if (rejected.length) this.rejected.set(vpcId, rejected.sort((x, y) => x.address.localeCompare(y.address)));
+    if (rejected.length)
+      this.rejected.set(
+        vpcId,
+        rejected.sort((x, y) => x.address.localeCompare(y.address)),
+      );
     else this.rejected.delete(vpcId);
     this.agent.invalid.report(`overlay:${vpcId}`, invalid);
-    const others = Object.keys(members).filter((h) => h !== this.hostId).sort();
+    const others = Object.keys(members)
+      .filter((h) => h !== this.hostId)
+      .sort();
     if (others.length === 0) return [];
     const recs = await this.redis.mget(...others.map((h) => overlayKeys.host(h)));
     const want: PeerWant[] = [];
@@ -804,7 +836,12 @@ export class Overlay {
     memberHosts: string[],
   ): Promise<{ accepted: [string, string][]; rejected: RejectedClaim[] }> {
     const rejected: RejectedClaim[] = [];
-    const wanted = (a: string) => !allowed || allowed.some((c) => { const n = V.ipToInt(a); return n >= c.base && n < c.base + c.size; });
+    const wanted = (a: string) =>
+      !allowed ||
+      allowed.some((c) => {
+        const n = V.ipToInt(a);
+        return n >= c.base && n < c.base + c.size;
+      });
     const claims = new Map<string, string>();
     for (const [a, h] of Object.entries(raw)) {
       const bad = claimShapeProblem(a, h, within);
@@ -838,7 +875,10 @@ export class Overlay {
     const single = [...ev.indexed.values()].filter((l) => l.length === 1 && /^nic-[0-9a-f]{12}$/.test(l[0].nicId)).map((l) => l[0]);
     const nicRaw = await Promise.all(single.map((x) => this.redis.hget(hostKeys.nics(x.hostId), x.nicId)));
     single.forEach((x, i) => ev.nicRecords.set(`${x.hostId}/${x.nicId}`, nicRaw[i]));
-    const nics = single.flatMap((x, i) => { const p = nicRaw[i] ? parseNicSpec(x.nicId, nicRaw[i]!) : null; return p?.ok ? [p.value] : []; });
+    const nics = single.flatMap((x, i) => {
+      const p = nicRaw[i] ? parseNicSpec(x.nicId, nicRaw[i]!) : null;
+      return p?.ok ? [p.value] : [];
+    });
     const subnetIds = [...new Set(nics.map((n) => n.subnetId))];
     const subs = await Promise.all(subnetIds.map((id) => this.redis.hmget(K.subnet(id), "vpc", "cidr")));
     subnetIds.forEach((id, i) => ev.subnets.set(id, subs[i][0] && subs[i][1] ? { vpcId: subs[i][0]!, cidr: subs[i][1]! } : null));
@@ -869,7 +909,10 @@ export class Overlay {
       if (this.loggedSkips.has(k)) continue;
       if (this.loggedSkips.size > 10_000) this.loggedSkips.clear();
       this.loggedSkips.add(k);
-      this.log.warn({ vpc: vpcId, host: x.hostId, reason: x.reason }, "skipping a malformed host registry entry: that host gets no peer until it publishes a valid record");
+      this.log.warn(
+        { vpc: vpcId, host: x.hostId, reason: x.reason },
+        "skipping a malformed host registry entry: that host gets no peer until it publishes a valid record",
+      );
     }
   }
 
@@ -940,7 +983,16 @@ export class Overlay {
       const subnets = this.agent.subnetsOf(vpcId);
       const links = new Set((await this.agent.kernel.links(vns)).map((l) => l.ifname));
       const present = subnets.filter((s) => links.has(names.bridge(s.subnetId)));
-      await run("ip", ["netns", "exec", vns, "sysctl", "-q", "-w", "net.ipv4.conf.default.proxy_arp=1", ...present.map((s) => `net.ipv4.conf.${names.bridge(s.subnetId)}.proxy_arp=1`)]);
+      await run("ip", [
+        "netns",
+        "exec",
+        vns,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.conf.default.proxy_arp=1",
+        ...present.map((s) => `net.ipv4.conf.${names.bridge(s.subnetId)}.proxy_arp=1`),
+      ]);
       this.proxyArpDone.add(vns);
       for (const s of present) this.proxyArpDone.add(`${vns}/${s.subnetId}`);
     }
@@ -1064,4 +1116,3 @@ export function interfacesIn(stateDir: string, hostId: string): { ifname: string
   }
   return out;
 }
-

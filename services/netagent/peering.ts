@@ -42,7 +42,11 @@ export class PeeringSync {
   private stopped = false;
   private mutex: Promise<unknown> = Promise.resolve();
 
-  constructor(readonly agent: Agent, readonly redis: Redis, readonly log: Logger) {}
+  constructor(
+    readonly agent: Agent,
+    readonly redis: Redis,
+    readonly log: Logger,
+  ) {}
 
   /**
    * Adds to `desired` the VPCs this host carries because of a peering
@@ -58,7 +62,10 @@ export class PeeringSync {
       const span = spanOf(real, first);
       // The spanned VPCs' own peerings matter too (their unreachable routes, their links here).
       this.peerings = span.length ? await peeringsOf(this.redis, [...real, ...span], onInvalid) : first;
-      this.agent.invalid.report("peering", [...bad].map(([id, reason]) => ({ kind: "peering", key: PK.pcx(id), field: "", reason })));
+      this.agent.invalid.report(
+        "peering",
+        [...bad].map(([id, reason]) => ({ kind: "peering", key: PK.pcx(id), field: "", reason })),
+      );
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, "cannot read peerings; keeping the last known ones");
     }
@@ -74,7 +81,12 @@ export class PeeringSync {
 
   /** Follows peering.* events: each one runs a reconcile pass (which ends in sync()). */
   start(): void {
-    void followEvents(this.redis, /^peering\./, () => this.agent.kick(), () => this.stopped);
+    void followEvents(
+      this.redis,
+      /^peering\./,
+      () => this.agent.kick(),
+      () => this.stopped,
+    );
   }
 
   /** A pass soon if the VPC has peerings (called when a VPC becomes held here). */

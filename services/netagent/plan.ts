@@ -110,7 +110,14 @@ export function nicCreateLines(hostId: string, n: NicSpec, bridge: string): { ip
   if (n.kind === "tap") {
     const t = n.tap!;
     ip.push(
-      ["tuntap add dev", n.hostIf, "mode tap", t.multiQueue ? "multi_queue" : "", t.uid !== undefined ? `user ${t.uid}` : "", t.gid !== undefined ? `group ${t.gid}` : ""]
+      [
+        "tuntap add dev",
+        n.hostIf,
+        "mode tap",
+        t.multiQueue ? "multi_queue" : "",
+        t.uid !== undefined ? `user ${t.uid}` : "",
+        t.gid !== undefined ? `group ${t.gid}` : "",
+      ]
         .filter(Boolean)
         .join(" "),
     );
@@ -160,7 +167,10 @@ export function bandwidthLines(hostId: string, n: NicSpec, qdiscs: QdiscInfo[], 
     const rate = (b.egressMbps * 1e6) / 8;
     if (!hasIfb) ip.push(`link add ${ifb} type ifb`, `link set dev ${ifb} alias ${names.alias(hostId, n.nicId)} up`);
     if (!hasIngress) {
-      tc.push(`qdisc add dev ${dev} handle ffff: ingress`, `filter add dev ${dev} parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev ${ifb}`);
+      tc.push(
+        `qdisc add dev ${dev} handle ffff: ingress`,
+        `filter add dev ${dev} parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev ${ifb}`,
+      );
     }
     if (!(ifbRoot?.kind === "tbf" && ifbRoot.rate === rate)) {
       tc.push(`qdisc replace dev ${ifb} root tbf rate ${b.egressMbps}mbit burst ${burst(b.egressMbps, b.egressBurst)} latency 25ms`);

@@ -55,7 +55,8 @@ export const SUBNET_PREFIX = { min: 8, max: 28 };
 
 /** A Linux interface name we create or accept: 1–15 bytes, nothing iproute2 or nft would read as syntax. */
 export function ifname(field: string, v: string): string {
-  if (!IFNAME_RE.test(v)) throw new InvalidArgumentError(field, `${V.show(v)} is not an interface name: 1–15 characters of letters, digits and _ . -, starting with a letter`);
+  if (!IFNAME_RE.test(v))
+    throw new InvalidArgumentError(field, `${V.show(v)} is not an interface name: 1–15 characters of letters, digits and _ . -, starting with a letter`);
   return v;
 }
 
@@ -78,7 +79,8 @@ export function rateMbps(field: string, v: number): number {
 }
 
 export function burstBytes(field: string, v: number): number {
-  if (!Number.isInteger(v) || v < BURST_MIN || v > BURST_MAX) throw new InvalidArgumentError(field, `${v} bytes: use ${BURST_MIN} to ${BURST_MAX} (or leave it unset for 10 ms of the rate)`);
+  if (!Number.isInteger(v) || v < BURST_MIN || v > BURST_MAX)
+    throw new InvalidArgumentError(field, `${v} bytes: use ${BURST_MIN} to ${BURST_MAX} (or leave it unset for 10 ms of the rate)`);
   return v;
 }
 
@@ -104,7 +106,11 @@ export function hostIf(field: string, v: string, nicId: string, kind: "tap" | "v
   const derived = `${kind === "tap" ? "t" : "v"}${nicId.slice(-12)}`;
   if (v === derived) return v;
   if (kind !== "tap") throw new InvalidArgumentError(field, `${V.show(v)} is not this veth NIC's interface (${derived})`);
-  if (v === "lo" || /^(br-|wg|pc|mvpc|[tvip][0-9a-f]{12}$)/.test(v)) throw new InvalidArgumentError(field, `${V.show(v)} looks like a device microvpc makes (br-…, wg…, pc…, t/v/i/p + 12 hex) or is the loopback; choose another name`);
+  if (v === "lo" || /^(br-|wg|pc|mvpc|[tvip][0-9a-f]{12}$)/.test(v))
+    throw new InvalidArgumentError(
+      field,
+      `${V.show(v)} looks like a device microvpc makes (br-…, wg…, pc…, t/v/i/p + 12 hex) or is the loopback; choose another name`,
+    );
   return v;
 }
 
@@ -126,7 +132,6 @@ export type Parsed<T> = { ok: true; value: T } | { ok: false; field: string; rea
 
 /** Kinds of record, for the metric and status. */
 export type RecordKind = "vpc" | "subnet" | "nic" | "overlay-addr" | "peering";
-
 
 /** One skipped record, for status and the log. */
 export interface InvalidRecord {
@@ -174,7 +179,10 @@ export class InvalidRecordLog {
 type Obj = Record<string, unknown>;
 
 class Reader {
-  constructor(readonly o: Obj, readonly path = "") {}
+  constructor(
+    readonly o: Obj,
+    readonly path = "",
+  ) {}
   private f(name: string): string {
     return this.path ? `${this.path}.${name}` : name;
   }
@@ -256,7 +264,8 @@ export function parseVpcSpec(hostId: string, key: string, raw: string): Parsed<V
     const vpcId = V.id("vpcId", r.str("vpcId"), "vpc");
     keyMatches("vpcId", vpcId, key);
     const ns = r.str("ns");
-    if (ns !== vpcNamespace(hostId, vpcId)) throw new InvalidArgumentError("ns", `${V.show(ns)} is not this VPC's namespace on this host (${vpcNamespace(hostId, vpcId)})`);
+    if (ns !== vpcNamespace(hostId, vpcId))
+      throw new InvalidArgumentError("ns", `${V.show(ns)} is not this VPC's namespace on this host (${vpcNamespace(hostId, vpcId)})`);
     if (r.has("peered")) throw new InvalidArgumentError("peered", "is never stored (a peering-only VPC is derived, not written)");
     return { vpcId, ns, createdMs: r.ms("createdMs") };
   });
@@ -284,7 +293,10 @@ export function parseSubnetSpec(key: string, raw: string): Parsed<SubnetSpec> {
 }
 
 function bandwidthOf(r: Reader): Bandwidth {
-  const b: Bandwidth = { ingressMbps: rateMbps("bandwidth.ingressMbps", r.num("ingressMbps")), egressMbps: rateMbps("bandwidth.egressMbps", r.num("egressMbps")) };
+  const b: Bandwidth = {
+    ingressMbps: rateMbps("bandwidth.ingressMbps", r.num("ingressMbps")),
+    egressMbps: rateMbps("bandwidth.egressMbps", r.num("egressMbps")),
+  };
   if (r.has("ingressBurst")) b.ingressBurst = burstBytes("bandwidth.ingressBurst", r.num("ingressBurst"));
   if (r.has("egressBurst")) b.egressBurst = burstBytes("bandwidth.egressBurst", r.num("egressBurst"));
   return b;
@@ -303,11 +315,13 @@ export function parseNicSpec(key: string, raw: string): Parsed<NicSpec> {
     const address = r.str("address");
     const addr = V.ipv4("address", address);
     const prefix = r.num("prefix");
-    if (!Number.isInteger(prefix) || prefix < SUBNET_PREFIX.min || prefix > SUBNET_PREFIX.max) throw new InvalidArgumentError("prefix", `${prefix} is not a subnet prefix (${SUBNET_PREFIX.min}–${SUBNET_PREFIX.max})`);
+    if (!Number.isInteger(prefix) || prefix < SUBNET_PREFIX.min || prefix > SUBNET_PREFIX.max)
+      throw new InvalidArgumentError("prefix", `${prefix} is not a subnet prefix (${SUBNET_PREFIX.min}–${SUBNET_PREFIX.max})`);
     const gateway = r.str("gateway");
     const gw = V.ipv4("gateway", gateway);
     const size = 2 ** (32 - prefix);
-    if (Math.floor(addr / size) !== Math.floor(gw / size) || addr === gw) throw new InvalidArgumentError("gateway", `${gateway} is not another address of ${address}/${prefix}`);
+    if (Math.floor(addr / size) !== Math.floor(gw / size) || addr === gw)
+      throw new InvalidArgumentError("gateway", `${gateway} is not another address of ${address}/${prefix}`);
     const hostname = r.str("hostname", 63);
     const spec: NicSpec = {
       nicId,
@@ -350,7 +364,8 @@ export function nicSubnetProblem(n: NicSpec, s: SubnetSpec): { field: string; re
   if (n.vpcId !== s.vpcId) return { field: "vpcId", reason: `vpcId: ${n.vpcId} is not the VPC of subnet ${s.subnetId} (${s.vpcId})` };
   const c = V.cidr("cidr", s.cidr, SUBNET_PREFIX);
   const a = V.ipToInt(n.address);
-  if (a <= c.base + 1 || a >= c.base + c.size - 1) return { field: "address", reason: `address: ${n.address} is not a host address of subnet ${s.cidr} (network, gateway and broadcast excluded)` };
+  if (a <= c.base + 1 || a >= c.base + c.size - 1)
+    return { field: "address", reason: `address: ${n.address} is not a host address of subnet ${s.cidr} (network, gateway and broadcast excluded)` };
   if (n.prefix !== c.prefix) return { field: "prefix", reason: `prefix: /${n.prefix} is not the subnet's /${c.prefix}` };
   if (n.gateway !== V.intToIp(c.base + 1)) return { field: "gateway", reason: `gateway: ${n.gateway} is not the subnet's gateway ${V.intToIp(c.base + 1)}` };
   return null;

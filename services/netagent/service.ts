@@ -6,12 +6,7 @@ import { existsSync, statSync } from "node:fs";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
-import {
-  AlreadyExistsError,
-  FailedPreconditionError,
-  InvalidArgumentError,
-  NotFoundError,
-} from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { ExecError } from "../common/exec.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
@@ -45,7 +40,6 @@ import * as S from "./schema.js";
 import type { Kernel } from "./kernel.js";
 import { bandwidthLines, kernelIpArg, names, nicCreateLines, planVpc, prefixToNetmask, type Bandwidth, type NicSpec, type SubnetSpec } from "./plan.js";
 
-
 export interface NetAgentOptions {
   hostId: string;
   mtu: number;
@@ -77,7 +71,12 @@ export function macFor(vpcId: string, address: string): string {
 }
 
 export class NetAgent {
-  constructor(readonly agent: Agent, readonly kernel: Kernel, readonly ipam: IpamStore, readonly opts: NetAgentOptions) {}
+  constructor(
+    readonly agent: Agent,
+    readonly kernel: Kernel,
+    readonly ipam: IpamStore,
+    readonly opts: NetAgentOptions,
+  ) {}
 
   private async vpc(ref: string, field = "vpc"): Promise<VpcRec> {
     const r = V.ref(field, ref, "vpc");
@@ -288,7 +287,12 @@ export class NetAgent {
       return this.agent.withLock(id, async () => {
         const nics = this.agent.nicsOf(id);
         if (nics.length && !req.force) {
-          throw new FailedPreconditionError(`VPC ${id} still has ${nics.length} NIC(s) on this host (${nics.slice(0, 3).map((n) => n.nicId).join(", ")}…); detach them or pass force`);
+          throw new FailedPreconditionError(
+            `VPC ${id} still has ${nics.length} NIC(s) on this host (${nics
+              .slice(0, 3)
+              .map((n) => n.nicId)
+              .join(", ")}…); detach them or pass force`,
+          );
         }
         for (const n of nics) await this.detachLocked(n);
         for (const s of this.agent.subnetsOf(id)) {
@@ -349,7 +353,8 @@ export class NetAgent {
       if (!spec) return { deleted: false, detachedNicIds: [] };
       return this.agent.withLock(spec.vpcId, async () => {
         const nics = this.agent.nicsOf(spec.vpcId).filter((n) => n.subnetId === spec.subnetId);
-        if (nics.length && !req.force) throw new FailedPreconditionError(`subnet ${spec.subnetId} still has ${nics.length} NIC(s) on this host; detach them or pass force`);
+        if (nics.length && !req.force)
+          throw new FailedPreconditionError(`subnet ${spec.subnetId} still has ${nics.length} NIC(s) on this host; detach them or pass force`);
         for (const n of nics) await this.detachLocked(n);
         const ns = this.agent.nsOf(spec.vpcId);
         const br = await this.kernel.link(ns, names.bridge(spec.subnetId));
@@ -369,10 +374,16 @@ export class NetAgent {
       if (addr < s.base || addr >= s.base + s.size) throw new InvalidArgumentError("address", `${req.address} is outside subnet ${s.name} (${s.cidr})`);
       const idx = addr - s.base;
       if (idx < 2 + s.extraReserved || idx === s.size - 1) {
-        throw new InvalidArgumentError("address", `${req.address} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); a NIC needs an allocated address`);
+        throw new InvalidArgumentError(
+          "address",
+          `${req.address} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); a NIC needs an allocated address`,
+        );
       }
       const alloc = await this.ipam.getAllocation(s.id, addr - s.base);
-      if (!alloc) throw new FailedPreconditionError(`${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`);
+      if (!alloc)
+        throw new FailedPreconditionError(
+          `${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`,
+        );
       if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);
       const mac = req.mac ? V.mac("mac", req.mac) : macFor(v.id, req.address);
       const mtu = S.mtu("mtu", req.mtu ?? this.opts.mtu);
@@ -397,7 +408,8 @@ export class NetAgent {
         };
         hostIf = o?.name ? S.hostIf("tap.name", o.name, nicId, "tap") : names.hostIf(nicId, "tap");
       } else if (req.kind === NicKind.VETH) {
-        if (req.options.case !== "veth") throw new InvalidArgumentError("veth", "is required for kind VETH (veth.netns_path: the namespace the far end goes into)");
+        if (req.options.case !== "veth")
+          throw new InvalidArgumentError("veth", "is required for kind VETH (veth.netns_path: the namespace the far end goes into)");
         const p = req.options.value.netnsPath;
         S.netnsPath("veth.netns_path", p);
         if (!existsSync(p)) throw new InvalidArgumentError("veth.netns_path", `${p} does not exist; create the namespace first (ip netns add NAME)`);
@@ -405,10 +417,12 @@ export class NetAgent {
         // that would change the hypervisor's network.
         const target = statSync(p);
         const self = statSync("/proc/self/ns/net");
-        if (target.ino === self.ino && target.dev === self.dev) throw new InvalidArgumentError("veth.netns_path", `${p} is the agent's own network namespace; give the VM's namespace`);
+        if (target.ino === self.ino && target.dev === self.dev)
+          throw new InvalidArgumentError("veth.netns_path", `${p} is the agent's own network namespace; give the VM's namespace`);
         for (const [vpcId] of this.agent.desired.vpcs) {
           const vns = `/run/netns/${this.agent.nsOf(vpcId)}`;
-          if (existsSync(vns) && statSync(vns).ino === target.ino) throw new InvalidArgumentError("veth.netns_path", `${p} is a VPC namespace of this host; give the VM's namespace`);
+          if (existsSync(vns) && statSync(vns).ino === target.ino)
+            throw new InvalidArgumentError("veth.netns_path", `${p} is a VPC namespace of this host; give the VM's namespace`);
         }
         kind = "veth";
         veth = { netnsPath: p, skipDefaultRoute: req.options.value.skipDefaultRoute };
@@ -453,7 +467,9 @@ export class NetAgent {
           const prev = this.agent.desired.nics.get(added.id) ?? (await this.agent.store.getNic(added.id));
           if (!prev) throw new AlreadyExistsError(`NIC ${added.id} holds ${req.address}`);
           if (added.code === -1 && (prev.owner !== spec.owner || prev.subnetId !== spec.subnetId || prev.kind !== spec.kind)) {
-            throw new AlreadyExistsError(`${req.address} is already attached in VPC ${v.name} on this host as ${prev.nicId} (owner ${prev.owner}); detach it first`);
+            throw new AlreadyExistsError(
+              `${req.address} is already attached in VPC ${v.name} on this host as ${prev.nicId} (owner ${prev.owner}); detach it first`,
+            );
           }
           this.agent.desired.nics.set(prev.nicId, prev);
           await this.ensureNicLocked(prev, this.agent.desired.subnets.get(s.id)!);
@@ -473,8 +489,10 @@ export class NetAgent {
           await this.detachLocked(spec).catch(() => {});
           this.agent.readyBridges.delete(s.id);
           const out = err instanceof ExecError ? err.stderr : "";
-          if (kind === "veth" && /File exists/.test(out)) throw new AlreadyExistsError(`${veth!.netnsPath} already has an interface ${guestIf}; pick another guest_interface`);
-          if (/No such device|Cannot find device/.test(out)) throw new FailedPreconditionError(`the subnet bridge vanished while attaching (${out.trim()}); it is being repaired — retry`);
+          if (kind === "veth" && /File exists/.test(out))
+            throw new AlreadyExistsError(`${veth!.netnsPath} already has an interface ${guestIf}; pick another guest_interface`);
+          if (/No such device|Cannot find device/.test(out))
+            throw new FailedPreconditionError(`the subnet bridge vanished while attaching (${out.trim()}); it is being repaired — retry`);
           throw err;
         }
         return { nic: this.nicMsg(spec), created: true };
@@ -482,7 +500,8 @@ export class NetAgent {
     },
 
     detachNic: async (req) => {
-      if ((req.nic === "") === (req.owner === "")) throw new InvalidArgumentError("nic", "give exactly one of nic (a NIC id or interface name) and owner (every NIC of that owner)");
+      if ((req.nic === "") === (req.owner === ""))
+        throw new InvalidArgumentError("nic", "give exactly one of nic (a NIC id or interface name) and owner (every NIC of that owner)");
       let nics: NicSpec[];
       if (req.nic) {
         const n = await this.nicByRef(req.nic);
@@ -653,7 +672,19 @@ export class NetAgent {
         const implementation = o.implementationOf(ifname) === "kernel" ? WireGuardImplementation.KERNEL : WireGuardImplementation.WIREGUARD_GO;
         const skippedHosts = (o.skipped.get(vpcId) ?? []).map((x) => create(SkippedHostSchema, x)).sort((a, b) => a.hostId.localeCompare(b.hostId));
         const rejectedAddresses = (o.rejected.get(vpcId) ?? []).map((x) => create(RejectedAddressSchema, x));
-        vpcs.push(create(VpcOverlaySchema, { vpcId, interface: ifname, listenPort: d.listenPort, mtu: o.mtu, publicKey: d.publicKey, peers, implementation, skippedHosts, rejectedAddresses }));
+        vpcs.push(
+          create(VpcOverlaySchema, {
+            vpcId,
+            interface: ifname,
+            listenPort: d.listenPort,
+            mtu: o.mtu,
+            publicKey: d.publicKey,
+            peers,
+            implementation,
+            skippedHosts,
+            rejectedAddresses,
+          }),
+        );
       }
       return { vpcs };
     },

@@ -71,7 +71,10 @@ export async function locateNic(redis: Redis, vpcId: string, address: string): P
 }
 
 export class HostStore {
-  constructor(readonly redis: Redis, readonly hostId: string) {
+  constructor(
+    readonly redis: Redis,
+    readonly hostId: string,
+  ) {
     if (!(redis as unknown as { mvpcAddNic?: unknown }).mvpcAddNic) redis.defineCommand("mvpcAddNic", { numberOfKeys: 3, lua: ADD_NIC });
   }
 
@@ -102,7 +105,8 @@ export class HostStore {
       const sn = subnets.get(nic.subnetId);
       const bad = sn ? nicSubnetProblem(nic, sn) : null;
       let reason = bad?.reason ?? "";
-      if (!reason && (seen.has(`${nic.vpcId}/if/${nic.hostIf}`) || seen.has(`${nic.vpcId}/ip/${nic.address}`))) reason = `hostIf/address: ${nic.hostIf} or ${nic.address} is already used by another NIC of ${nic.vpcId} on this host`;
+      if (!reason && (seen.has(`${nic.vpcId}/if/${nic.hostIf}`) || seen.has(`${nic.vpcId}/ip/${nic.address}`)))
+        reason = `hostIf/address: ${nic.hostIf} or ${nic.address} is already used by another NIC of ${nic.vpcId} on this host`;
       if (reason) {
         nics.delete(id);
         invalid.push({ kind: "nic", key: key(this.hostId, "nics"), field: id, reason });
@@ -115,7 +119,8 @@ export class HostStore {
     // saw: a corrupt (or hostile) write costs no VM its network, no firewall
     // its rules, and nothing of the bad record is used.
     for (const x of invalid) {
-      const [now, last] = x.kind === "vpc" ? [vpcs, this.lastValid.vpcs] : x.kind === "subnet" ? [subnets, this.lastValid.subnets] : [nics, this.lastValid.nics];
+      const [now, last] =
+        x.kind === "vpc" ? [vpcs, this.lastValid.vpcs] : x.kind === "subnet" ? [subnets, this.lastValid.subnets] : [nics, this.lastValid.nics];
       const prev = (last as Map<string, unknown>).get(x.field);
       if (prev && !now.has(x.field)) (now as Map<string, unknown>).set(x.field, prev);
     }
@@ -124,7 +129,11 @@ export class HostStore {
   }
 
   /** The valid records this store last read or wrote (kept for records that later turn invalid). */
-  private lastValid: { vpcs: Map<string, VpcSpec>; subnets: Map<string, SubnetSpec>; nics: Map<string, NicSpec> } = { vpcs: new Map(), subnets: new Map(), nics: new Map() };
+  private lastValid: { vpcs: Map<string, VpcSpec>; subnets: Map<string, SubnetSpec>; nics: Map<string, NicSpec> } = {
+    vpcs: new Map(),
+    subnets: new Map(),
+    nics: new Map(),
+  };
 
   /** Read now from Redis: a pass's snapshot may predate an EnsureVpc that just finished. */
   async hasVpc(vpcId: string): Promise<boolean> {

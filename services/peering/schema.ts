@@ -63,12 +63,21 @@ export function parsePeeringRecord(key: string, h: Record<string, string>): Pars
     if (vpc1Allowed.join(",") !== a1.join(",")) throw new InvalidArgumentError("allowed1", "is not canonical (sorted, no duplicates)");
     if (vpc2Allowed.join(",") !== a2.join(",")) throw new InvalidArgumentError("allowed2", "is not canonical (sorted, no duplicates)");
     const labelsRaw = jsonField("labels", h.labels, "[]");
-    if (!Array.isArray(labelsRaw) || labelsRaw.some((l) => typeof l !== "object" || l === null || typeof (l as { key?: unknown }).key !== "string" || typeof (l as { value?: unknown }).value !== "string")) {
+    if (
+      !Array.isArray(labelsRaw) ||
+      labelsRaw.some(
+        (l) => typeof l !== "object" || l === null || typeof (l as { key?: unknown }).key !== "string" || typeof (l as { value?: unknown }).value !== "string",
+      )
+    ) {
       throw new InvalidArgumentError("labels", "is not a list of {key, value} strings");
     }
-    const labels = V.labels("labels", (labelsRaw as { key: string; value: string }[]).map((l) => ({ key: l.key, value: l.value })));
+    const labels = V.labels(
+      "labels",
+      (labelsRaw as { key: string; value: string }[]).map((l) => ({ key: l.key, value: l.value })),
+    );
     const created = Number(h.created);
-    if (!/^[0-9]{1,15}$/.test(h.created ?? "") || !Number.isSafeInteger(created)) throw new InvalidArgumentError("created", `${V.show(h.created ?? "")} is not a time in milliseconds`);
+    if (!/^[0-9]{1,15}$/.test(h.created ?? "") || !Number.isSafeInteger(created))
+      throw new InvalidArgumentError("created", `${V.show(h.created ?? "")} is not a time in milliseconds`);
     return {
       ok: true,
       value: {

@@ -20,7 +20,10 @@ export { allowedCidrs } from "./schema.js";
 import { allowedCidrs } from "./schema.js";
 
 export class Peerings {
-  constructor(readonly ipam: Ipam, readonly store: PeeringStore) {}
+  constructor(
+    readonly ipam: Ipam,
+    readonly store: PeeringStore,
+  ) {}
 
   async msg(p: PeeringRec): Promise<Peering> {
     const { hosts, pending } = await this.store.convergence(p);
@@ -48,7 +51,8 @@ export class Peerings {
       const id = r.id ?? (await this.store.idByName(r.name!));
       return { rec: id ? await this.store.get(id) : null, what: req.ref };
     }
-    if (req.vpc1 === "" || req.vpc2 === "") throw new InvalidArgumentError(req.vpc1 === "" ? "vpc1" : "vpc2", "is required: name the peering by ref, or by vpc1 and vpc2");
+    if (req.vpc1 === "" || req.vpc2 === "")
+      throw new InvalidArgumentError(req.vpc1 === "" ? "vpc1" : "vpc2", "is required: name the peering by ref, or by vpc1 and vpc2");
     const [a, b] = await Promise.all([this.ipam.vpcByRef("vpc1", req.vpc1), this.ipam.vpcByRef("vpc2", req.vpc2)]);
     const id = await this.store.idByPair(a.id, b.id);
     return { rec: id ? await this.store.get(id) : null, what: `${a.name}--${b.name}` };

@@ -151,10 +151,12 @@ export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id
   const sets = await Promise.all(vpcIds.map((v) => redis.smembers(PK.vpcPeerings(v))));
   const ids = [...new Set(sets.flat())].sort();
   const recs = await Promise.all(ids.map((id) => redis.hgetall(PK.pcx(id))));
-  return recs
-    .map((h, i) => parsePeering(h, ids[i], (_, reason) => onInvalid?.(ids[i], reason)))
-    // A peering must concern a VPC whose set listed it.
-    .filter((p): p is PeeringRec => !!p && (vpcIds.includes(p.vpc1Id) || vpcIds.includes(p.vpc2Id)));
+  return (
+    recs
+      .map((h, i) => parsePeering(h, ids[i], (_, reason) => onInvalid?.(ids[i], reason)))
+      // A peering must concern a VPC whose set listed it.
+      .filter((p): p is PeeringRec => !!p && (vpcIds.includes(p.vpc1Id) || vpcIds.includes(p.vpc2Id)))
+  );
 }
 
 export class PeeringStore {
@@ -165,7 +167,11 @@ export class PeeringStore {
     }
   }
 
-  async create(p: Omit<PeeringRec, "id" | "createdMs" | "name">, name: (id: string) => string, clientToken: string): Promise<{ peering: PeeringRec; created: boolean }> {
+  async create(
+    p: Omit<PeeringRec, "id" | "createdMs" | "name">,
+    name: (id: string) => string,
+    clientToken: string,
+  ): Promise<{ peering: PeeringRec; created: boolean }> {
     const id = newId("pcx");
     const nm = name(id);
     const fields = {
@@ -185,8 +191,22 @@ export class PeeringStore {
     const check = parsePeeringRecord(id, Object.fromEntries(Object.entries(fields).map(([k, v]) => [k, String(v)])));
     if (!check.ok) throw new InvalidArgumentError(check.field, `refusing to store an invalid peering: ${check.reason}`);
     const [code, ref, other] = await this.redis.mvpcCreatePeering(
-      PK.pcx(id), PK.byName, PK.names, PK.byPair, PK.vpcPeerings(p.vpc1Id), PK.vpcPeerings(p.vpc2Id), K.tokens, K.events, K.vpc(p.vpc1Id), K.vpc(p.vpc2Id),
-      id, nm, clientToken, pairKey(p.vpc1Id, p.vpc2Id), p.vpc1Id, p.vpc2Id,
+      PK.pcx(id),
+      PK.byName,
+      PK.names,
+      PK.byPair,
+      PK.vpcPeerings(p.vpc1Id),
+      PK.vpcPeerings(p.vpc2Id),
+      K.tokens,
+      K.events,
+      K.vpc(p.vpc1Id),
+      K.vpc(p.vpc2Id),
+      id,
+      nm,
+      clientToken,
+      pairKey(p.vpc1Id, p.vpc2Id),
+      p.vpc1Id,
+      p.vpc2Id,
       ...Object.entries(fields).flat(),
     );
     if (code === -1) throw new AlreadyExistsError(`a peering named ${JSON.stringify(nm)} already exists (${ref}); pick another name`);

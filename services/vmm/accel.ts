@@ -111,7 +111,11 @@ export async function probeAccel(d: ProbeDeps, timeoutMs = PROBE_TIMEOUT_MS): Pr
     case "exited": {
       const said = firstError(r.stderr);
       const where = lastLine(r.console);
-      return tcg(`QEMU refused -accel kvm: it exited (${r.status}) before the guest reached init${said ? `: ${said}` : ""}${where ? ` (console: ${JSON.stringify(where)})` : ""}`, true, r.ms);
+      return tcg(
+        `QEMU refused -accel kvm: it exited (${r.status}) before the guest reached init${said ? `: ${said}` : ""}${where ? ` (console: ${JSON.stringify(where)})` : ""}`,
+        true,
+        r.ms,
+      );
     }
     case "timeout": {
       const where = lastLine(r.console);
@@ -122,7 +126,10 @@ export async function probeAccel(d: ProbeDeps, timeoutMs = PROBE_TIMEOUT_MS): Pr
 
 /** QEMU's message, without its warnings (e.g. "hub 0 is not connected to host network"). */
 function firstError(stderr: string): string {
-  const lines = stderr.split("\n").map((l) => l.trim()).filter(Boolean);
+  const lines = stderr
+    .split("\n")
+    .map((l) => l.trim())
+    .filter(Boolean);
   const errs = lines.filter((l) => !/warning:/i.test(l));
   const s = (errs.length ? errs : lines).slice(0, 2).join(" | ");
   return s.length > 300 ? `${s.slice(0, 300)}…` : s;

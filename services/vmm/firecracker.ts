@@ -91,7 +91,8 @@ export function validateFirecrackerOptions(o: FirecrackerOptions): void {
   if (!ID_RE.test(o.id)) throw new Error(`id: ${JSON.stringify(o.id)}: 1–64 letters, digits and -`);
   validateQemuOptions({ ...o, initrd: o.initrd ?? o.kernel, qmpSocket: apiSocketOf(o) });
   if (o.vcpus > 32) throw new Error(`vcpus: ${o.vcpus}: Firecracker takes at most 32`);
-  if (o.rootfs && !isSafePath(o.rootfs.path)) throw new Error(`rootfs.path: ${JSON.stringify(o.rootfs.path)}: an absolute path of letters, digits and _ . / + @ -`);
+  if (o.rootfs && !isSafePath(o.rootfs.path))
+    throw new Error(`rootfs.path: ${JSON.stringify(o.rootfs.path)}: an absolute path of letters, digits and _ . / + @ -`);
 }
 
 /** The kernel command line for the microvpc guest under Firecracker (virtio over MMIO, no PCI, no keyboard controller). */
@@ -142,7 +143,10 @@ export function fcRequest(socketPath: string, r: FcRequest, timeoutMs = 5000): P
         socketPath,
         method: r.method,
         path: r.path,
-        headers: { Accept: "application/json", ...(body !== undefined ? { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) } : {}) },
+        headers: {
+          Accept: "application/json",
+          ...(body !== undefined ? { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) } : {}),
+        },
         timeout: timeoutMs,
       },
       (res) => {
@@ -200,7 +204,9 @@ export async function startFirecracker(o: FirecrackerOptions & { startTimeoutMs?
   const cmd = firecrackerArgv(o, bin);
   const reqs = firecrackerRequests(o);
   if (!isElf(o.kernel)) {
-    throw new FailedPreconditionError(`${o.kernel} is not an uncompressed ELF vmlinux, which is what Firecracker boots on x86_64 (a bzImage such as the guest build's vmlinuz is not); use kind=qemu, or give an ELF kernel`);
+    throw new FailedPreconditionError(
+      `${o.kernel} is not an uncompressed ELF vmlinux, which is what Firecracker boots on x86_64 (a bzImage such as the guest build's vmlinuz is not); use kind=qemu, or give an ELF kernel`,
+    );
   }
   for (const f of [o.initrd, o.rootfs?.path]) if (f && !existsSync(f)) throw new FailedPreconditionError(`${f} does not exist`);
   const sock = apiSocketOf(o);

@@ -63,7 +63,10 @@ export const vmmDefinition: ServiceDefinition = {
     } catch (err) {
       logger.warn({ err: (err as Error).message }, "recovery postponed until Redis answers");
       const retry = setInterval(() => {
-        vmm.recover().then(() => clearInterval(retry), () => undefined);
+        vmm.recover().then(
+          () => clearInterval(retry),
+          () => undefined,
+        );
       }, 2000);
       retry.unref();
     }

@@ -90,7 +90,8 @@ function fail(field: string, msg: string): never {
 
 /** Throws an Error naming the field for anything QEMU or the kernel would reject or misread. */
 export function validateQemuOptions(o: QemuOptions): void {
-  if (!NETNS_NAME_RE.test(o.netns) && !NETNS_PATH_RE.test(o.netns)) fail("netns", `${JSON.stringify(o.netns)} is neither a namespace name nor /run/netns/NAME or /proc/PID/ns/net`);
+  if (!NETNS_NAME_RE.test(o.netns) && !NETNS_PATH_RE.test(o.netns))
+    fail("netns", `${JSON.stringify(o.netns)} is neither a namespace name nor /run/netns/NAME or /proc/PID/ns/net`);
   if (o.netns.includes("/") && !NETNS_PATH_RE.test(o.netns)) fail("netns", `${JSON.stringify(o.netns)}: use /run/netns/NAME or /proc/PID/ns/net`);
   if (!IFNAME_RE.test(o.tap)) fail("tap", `${JSON.stringify(o.tap)} is not an interface name`);
   if (!MAC_RE.test(o.mac)) fail("mac", `${JSON.stringify(o.mac)} is not a MAC address (aa:bb:cc:dd:ee:ff)`);
@@ -107,7 +108,8 @@ export function validateQemuOptions(o: QemuOptions): void {
   if (o.cmdline.length > MAX_CMDLINE) fail("cmdline", `${o.cmdline.length} characters; the kernel takes at most ${MAX_CMDLINE}`);
   if (!/^[\x20-\x7e]*$/.test(o.cmdline)) fail("cmdline", "printable ASCII only (no newlines or control characters)");
   if (!Number.isInteger(o.vcpus) || o.vcpus < 1 || o.vcpus > 64) fail("vcpus", `${o.vcpus}: use 1–64`);
-  if (!Number.isInteger(o.memoryMib) || o.memoryMib < 64 || o.memoryMib > 262144) fail("memoryMib", `${o.memoryMib}: use 64–262144 (the guest kernel needs at least 64)`);
+  if (!Number.isInteger(o.memoryMib) || o.memoryMib < 64 || o.memoryMib > 262144)
+    fail("memoryMib", `${o.memoryMib}: use 64–262144 (the guest kernel needs at least 64)`);
   if (o.accel !== undefined && o.accel !== "kvm" && o.accel !== "tcg") fail("accel", `${JSON.stringify(o.accel)}: kvm or tcg`);
 }
 
@@ -127,26 +129,41 @@ export function qemuArgv(o: QemuOptions & { accel: Accel }): string[] {
   validateQemuOptions(o);
   const name = o.name ?? `microvpc-${o.tap}`;
   return [
-    "-name", name,
-    "-M", "q35",
-    "-accel", o.accel,
+    "-name",
+    name,
+    "-M",
+    "q35",
+    "-accel",
+    o.accel,
     ...(o.accel === "kvm" ? ["-cpu", "host"] : []),
-    "-smp", String(o.vcpus),
-    "-m", String(o.memoryMib),
+    "-smp",
+    String(o.vcpus),
+    "-m",
+    String(o.memoryMib),
     "-nodefaults",
     "-no-user-config",
     "-nographic",
-    "-display", "none",
+    "-display",
+    "none",
     "-no-reboot",
-    "-kernel", o.kernel,
-    "-initrd", o.initrd,
-    "-append", o.cmdline,
-    "-chardev", `file,id=con0,path=${o.consoleLog}`,
-    "-serial", "chardev:con0",
-    "-chardev", `socket,id=qmp0,path=${qmpPath(o)},server=on,wait=off`,
-    "-mon", "chardev=qmp0,mode=control",
-    "-netdev", `tap,id=n0,ifname=${o.tap},script=no,downscript=no`,
-    "-device", `virtio-net-pci,netdev=n0,mac=${o.mac.toLowerCase()}`,
+    "-kernel",
+    o.kernel,
+    "-initrd",
+    o.initrd,
+    "-append",
+    o.cmdline,
+    "-chardev",
+    `file,id=con0,path=${o.consoleLog}`,
+    "-serial",
+    "chardev:con0",
+    "-chardev",
+    `socket,id=qmp0,path=${qmpPath(o)},server=on,wait=off`,
+    "-mon",
+    "chardev=qmp0,mode=control",
+    "-netdev",
+    `tap,id=n0,ifname=${o.tap},script=no,downscript=no`,
+    "-device",
+    `virtio-net-pci,netdev=n0,mac=${o.mac.toLowerCase()}`,
   ];
 }
 
@@ -478,7 +495,9 @@ export async function assertTap(netns: string, tap: string): Promise<void> {
   const cmd = inNetns(netns, "ip", ["-d", "-j", "link", "show", "dev", tap]);
   const r = await run(cmd.file, cmd.args, { timeoutMs: 10_000, killSignal: "SIGKILL", check: false });
   if (r.exitCode !== 0) {
-    throw new Error(`TAP ${tap} does not exist in ${netns}: attach the NIC first (netagent AttachNic, kind=TAP)${r.stderr.trim() ? ` (${r.stderr.trim()})` : ""}`);
+    throw new Error(
+      `TAP ${tap} does not exist in ${netns}: attach the NIC first (netagent AttachNic, kind=TAP)${r.stderr.trim() ? ` (${r.stderr.trim()})` : ""}`,
+    );
   }
   let kind: string | undefined;
   try {
@@ -536,7 +555,9 @@ export async function startQemu(o: QemuOptions & { startTimeoutMs?: number }): P
     await sleep(50);
   }
   await vm.stop().catch(() => undefined);
-  throw new Error(`QEMU did not come up in ${o.startTimeoutMs ?? 15_000} ms (${last instanceof Error ? last.message : "no QMP socket"}); ${tail(readText(errLog))}`);
+  throw new Error(
+    `QEMU did not come up in ${o.startTimeoutMs ?? 15_000} ms (${last instanceof Error ? last.message : "no QMP socket"}); ${tail(readText(errLog))}`,
+  );
 }
 
 /**

@@ -80,7 +80,12 @@ const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+pr
 s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
 
 export class Vmm {
-  constructor(readonly store: VmStore, readonly c: Clients, readonly opts: VmmOptions, readonly log: Logger) {}
+  constructor(
+    readonly store: VmStore,
+    readonly c: Clients,
+    readonly opts: VmmOptions,
+    readonly log: Logger,
+  ) {}
 
   owner(v: VmRec): string {
     return `${v.hostId}/${v.id}`;
@@ -113,15 +118,28 @@ export class Vmm {
           if (r.error && !/File exists/.test(r.stderr)) throw r.error;
           nic = (
             await this.c.netagent.attachNic({
-              vpc: v.vpcId, subnet: v.subnetId, kind: NicKind.VETH, options: { case: "veth", value: { netnsPath: `/run/netns/${v.netns}` } },
-              address: v.address, owner: this.owner(v), hostname: v.hostname, guestInterface: "eth0", clientToken: v.id,
+              vpc: v.vpcId,
+              subnet: v.subnetId,
+              kind: NicKind.VETH,
+              options: { case: "veth", value: { netnsPath: `/run/netns/${v.netns}` } },
+              address: v.address,
+              owner: this.owner(v),
+              hostname: v.hostname,
+              guestInterface: "eth0",
+              clientToken: v.id,
             })
           ).nic!;
         } else {
           nic = (
             await this.c.netagent.attachNic({
-              vpc: v.vpcId, subnet: v.subnetId, kind: NicKind.TAP, options: { case: "tap", value: {} },
-              address: v.address, owner: this.owner(v), hostname: v.hostname, clientToken: v.id,
+              vpc: v.vpcId,
+              subnet: v.subnetId,
+              kind: NicKind.TAP,
+              options: { case: "tap", value: {} },
+              address: v.address,
+              owner: this.owner(v),
+              hostname: v.hostname,
+              clientToken: v.id,
             })
           ).nic!;
           v.netns = nic.vpcNamespace;
@@ -133,14 +151,30 @@ export class Vmm {
         return `${nic.id} ${nic.hostInterface}`;
       }
       case "firewall":
-        await this.c.firewall.bindNic({ nicId: v.nicId, vpc: v.vpcId, subnet: v.subnetId, address: v.address, mac: v.mac, hostInterface: v.hostIf, securityGroups: v.groups });
+        await this.c.firewall.bindNic({
+          nicId: v.nicId,
+          vpc: v.vpcId,
+          subnet: v.subnetId,
+          address: v.address,
+          mac: v.mac,
+          hostInterface: v.hostIf,
+          securityGroups: v.groups,
+        });
         return v.groups.join(",") || "no groups (ingress denied, egress open)";
       case "gateway":
         await this.c.gateway.setInstanceMetadata({
           metadata: {
-            instanceId: v.id, vpcId: v.vpcId, subnetId: v.subnetId, localIpv4: v.address, mac: v.mac, hostname: v.hostname || v.name,
-            securityGroupIds: v.groups, userData: Buffer.from(v.userData, "base64"), publicKeys: v.sshKeys.map((k) => ({ name: k.name, opensshKey: k.key })),
-            tags: v.labels, options: { httpTokens: v.imds.tokens, httpEndpoint: v.imds.endpoint, httpPutResponseHopLimit: v.imds.hopLimit },
+            instanceId: v.id,
+            vpcId: v.vpcId,
+            subnetId: v.subnetId,
+            localIpv4: v.address,
+            mac: v.mac,
+            hostname: v.hostname || v.name,
+            securityGroupIds: v.groups,
+            userData: Buffer.from(v.userData, "base64"),
+            publicKeys: v.sshKeys.map((k) => ({ name: k.name, opensshKey: k.key })),
+            tags: v.labels,
+            options: { httpTokens: v.imds.tokens, httpEndpoint: v.imds.endpoint, httpPutResponseHopLimit: v.imds.hopLimit },
           },
         });
         return "metadata registered";
@@ -314,7 +348,15 @@ export class Vmm {
       acceleratorReason: v.accelReason ?? "",
       labels: v.labels,
       nics: v.nicId
-        ? [{ id: v.nicId, vpcId: v.vpcId, subnetId: v.subnetId, hostInterface: v.hostIf, guest: { address: v.address, mac: v.mac, kernelIpArg: v.kernelIpArg } }]
+        ? [
+            {
+              id: v.nicId,
+              vpcId: v.vpcId,
+              subnetId: v.subnetId,
+              hostInterface: v.hostIf,
+              guest: { address: v.address, mac: v.mac, kernelIpArg: v.kernelIpArg },
+            },
+          ]
         : [],
       createTime: timestampFromMs(v.createdMs),
       startTime: v.startedMs ? timestampFromMs(v.startedMs) : undefined,
@@ -334,19 +376,24 @@ export class Vmm {
         try {
           groups.push((await this.c.firewall.getSecurityGroup({ ref: g, vpc: vpc.id })).securityGroup!.id);
         } catch (e) {
-          if (e instanceof ConnectError && e.code === Code.NotFound) throw new NotFoundError("security group", g, `security_groups[${i}] is not a group of VPC ${vpc.name}`);
+          if (e instanceof ConnectError && e.code === Code.NotFound)
+            throw new NotFoundError("security group", g, `security_groups[${i}] is not a group of VPC ${vpc.name}`);
           throw e;
         }
       }
       const kind = req.kind === VmKind.QEMU ? "qemu" : req.kind === VmKind.FIRECRACKER ? "firecracker" : "netns";
-      if (kind !== "netns" && !this.opts.booters[kind]) throw new FailedPreconditionError(`kind ${kind} is not available on this hypervisor; use NETNS${kind === "firecracker" ? " or QEMU" : ""}`);
+      if (kind !== "netns" && !this.opts.booters[kind])
+        throw new FailedPreconditionError(`kind ${kind} is not available on this hypervisor; use NETNS${kind === "firecracker" ? " or QEMU" : ""}`);
       if (req.userData.length > 16384) throw new InvalidArgumentError("user_data", `is ${req.userData.length} bytes; at most 16384`);
       const existing = await this.store.byName(vpc.id, name);
       if (existing) {
         if (existing.state === "running" && existing.subnetId === subnet.id && (req.clientToken === "" || existing.clientToken === req.clientToken)) {
           return { vm: this.vmMsg(existing), created: false };
         }
-        throw new ConnectError(`VM ${name} already exists in VPC ${vpc.name} (${existing.id}, ${existing.state}); delete it or pick another name`, Code.AlreadyExists);
+        throw new ConnectError(
+          `VM ${name} already exists in VPC ${vpc.name} (${existing.id}, ${existing.state}); delete it or pick another name`,
+          Code.AlreadyExists,
+        );
       }
       const v: VmRec = {
         id: `vm-${randomBytes(6).toString("hex")}`,
@@ -445,7 +492,8 @@ export class Vmm {
     testConnectivity: async (req) => {
       const src = await this.resolve(req.source, req.vpc);
       if (!src) throw new NotFoundError("vm", req.source);
-      if (src.kind !== "netns") throw new FailedPreconditionError(`TestConnectivity runs probes inside kind=netns VMs; ${src.name} is ${src.kind} (use its console)`);
+      if (src.kind !== "netns")
+        throw new FailedPreconditionError(`TestConnectivity runs probes inside kind=netns VMs; ${src.name} is ${src.kind} (use its console)`);
       let target = req.target;
       let targetVm = "";
       if (!ipLike(target)) {
@@ -460,11 +508,17 @@ export class Vmm {
       let method: string;
       if (req.protocol === Protocol.ICMP || req.port === undefined) {
         method = "icmp echo";
-        const r = await run("ip", ["netns", "exec", src.netns, "ping", "-c", "1", "-W", String(Math.ceil(timeout / 1000)), target], { timeoutMs: timeout + 3000, check: false });
+        const r = await run("ip", ["netns", "exec", src.netns, "ping", "-c", "1", "-W", String(Math.ceil(timeout / 1000)), target], {
+          timeoutMs: timeout + 3000,
+          check: false,
+        });
         result = / 1 received/.test(r.stdout) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
       } else {
         method = `tcp connect :${V.port("port", req.port)}`;
-        const { stdout: out } = await run("ip", ["netns", "exec", src.netns, process.execPath, "-e", TCP_PROBE, target, String(req.port), String(timeout)], { timeoutMs: timeout + 3000, check: false });
+        const { stdout: out } = await run("ip", ["netns", "exec", src.netns, process.execPath, "-e", TCP_PROBE, target, String(req.port), String(timeout)], {
+          timeoutMs: timeout + 3000,
+          check: false,
+        });
         result = out.includes("connected")
           ? ConnectivityResult.REACHABLE
           : out.includes("refused")

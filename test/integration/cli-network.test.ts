@@ -41,25 +41,36 @@ let hostNs: string | undefined;
 let rootBefore: RootSnapshot;
 let tmp: string;
 
-
-
 /** Every daemon's address, as global options. */
 function addresses(): string[] {
   const a: string[] = [];
-  for (const [flag, d] of [["--server", "ipam"], ["--netagent", "netagent"], ["--firewall", "firewall"], ["--gateway", "gateway"], ["--vmm", "vmm"]] as const) {
+  for (const [flag, d] of [
+    ["--server", "ipam"],
+    ["--netagent", "netagent"],
+    ["--firewall", "firewall"],
+    ["--gateway", "gateway"],
+    ["--vmm", "vmm"],
+  ] as const) {
     if (daemons[d]) a.push(flag, daemons[d]!.address);
   }
   return a;
 }
 
-
-
-
 const { run, expect, json } = cliRunner(addresses, 60_000);
 
 /** Everything the daemons hold, to show that a failed or dry command changed nothing. */
 async function snapshot(): Promise<string> {
-  const lists = [["vpc", "list"], ["subnet", "list"], ["sg", "list"], ["sg", "bindings"], ["acl", "list"], ["nat", "list"], ["fip", "list"], ["pf", "list"], ["vm", "list"]];
+  const lists = [
+    ["vpc", "list"],
+    ["subnet", "list"],
+    ["sg", "list"],
+    ["sg", "bindings"],
+    ["acl", "list"],
+    ["nat", "list"],
+    ["fip", "list"],
+    ["pf", "list"],
+    ["vm", "list"],
+  ];
   return JSON.stringify(await Promise.all(lists.map((l) => json(l))));
 }
 
@@ -83,11 +94,30 @@ beforeAll(async () => {
   // A short drift interval: the firewall re-checks (and clears a startup error) every second.
   daemons.firewall = await startDaemon("firewall", [...r, "--host-id", HOST_ID, "--drift-interval-ms", "1000"]);
   daemons.gateway = await startDaemon("gateway", [
-    ...r, "--host-id", HOST_ID, "--host-netns", hostNs, "--uplink", "lo", "--public-pool", POOL, "--imds-redis", redis.socket,
+    ...r,
+    "--host-id",
+    HOST_ID,
+    "--host-netns",
+    hostNs,
+    "--uplink",
+    "lo",
+    "--public-pool",
+    POOL,
+    "--imds-redis",
+    redis.socket,
   ]);
   daemons.vmm = await startDaemon("vmm", [
-    ...r, "--host-id", HOST_ID, "--ipam", daemons.ipam.address, "--netagent", daemons.netagent.address,
-    "--firewall", daemons.firewall.address, "--gateway", daemons.gateway.address,
+    ...r,
+    "--host-id",
+    HOST_ID,
+    "--ipam",
+    daemons.ipam.address,
+    "--netagent",
+    daemons.netagent.address,
+    "--firewall",
+    daemons.firewall.address,
+    "--gateway",
+    daemons.gateway.address,
   ]);
   for (const d of Object.values(daemons)) trackChild(d!.proc);
 
@@ -117,15 +147,38 @@ afterAll(async () => {
 describe("security groups", () => {
   test("sg create with the agentmetal guide's rule texts; get, list, rule add/remove; -o json", async () => {
     let r = await expect(0, [
-      "sg", "create", "web-sg", "--vpc", "prod",
-      "--inbound", "tcp:80:0.0.0.0/0", "--inbound", "tcp:443:0.0.0.0/0", "--inbound", "tcp:22:10.0.0.0/16",
-      "--outbound", "all:all:0.0.0.0/0",
+      "sg",
+      "create",
+      "web-sg",
+      "--vpc",
+      "prod",
+      "--inbound",
+      "tcp:80:0.0.0.0/0",
+      "--inbound",
+      "tcp:443:0.0.0.0/0",
+      "--inbound",
+      "tcp:22:10.0.0.0/16",
+      "--outbound",
+      "all:all:0.0.0.0/0",
     ]);
     assert.match(r.stdout, /web-sg/);
-    for (const t of ["tcp:80:0.0.0.0/0", "tcp:443:0.0.0.0/0", "tcp:22:10.0.0.0/16", "all:all:0.0.0.0/0"]) assert.ok(r.stdout.includes(t), `sg create output lacks ${t}`);
+    for (const t of ["tcp:80:0.0.0.0/0", "tcp:443:0.0.0.0/0", "tcp:22:10.0.0.0/16", "all:all:0.0.0.0/0"])
+      assert.ok(r.stdout.includes(t), `sg create output lacks ${t}`);
 
     // A peer named by group (resolved by the server), an ICMP type, a range, and a bare address (warned about).
-    r = await expect(0, ["sg", "create", "db-sg", "--vpc", "prod", "--inbound", "tcp:5432:web-sg", "--inbound", "icmp:8:10.0.0.0/8", "--inbound", "udp:8000-8100:10.0.0.7"]);
+    r = await expect(0, [
+      "sg",
+      "create",
+      "db-sg",
+      "--vpc",
+      "prod",
+      "--inbound",
+      "tcp:5432:web-sg",
+      "--inbound",
+      "icmp:8:10.0.0.0/8",
+      "--inbound",
+      "udp:8000-8100:10.0.0.7",
+    ]);
     assert.match(r.stderr, /^warning: .*bare address 10\.0\.0\.7 is read as 10\.0\.0\.7\/32/m);
     const db = (await json(["sg", "get", "db-sg", "--vpc", "prod"])).securityGroup;
     const web = (await json(["sg", "get", "web-sg", "--vpc", "prod"])).securityGroup;
@@ -142,13 +195,19 @@ describe("security groups", () => {
     );
     // --no-default-egress leaves egress closed.
     const closed = (await json(["sg", "create", "closed", "--vpc", "prod", "--inbound", "tcp:9000:10.0.0.0/16", "--no-default-egress"])).securityGroup;
-    assert.deepEqual(closed.rules.map((x: Record<string, unknown>) => x.direction), ["DIRECTION_INGRESS"]);
+    assert.deepEqual(
+      closed.rules.map((x: Record<string, unknown>) => x.direction),
+      ["DIRECTION_INGRESS"],
+    );
 
     r = await expect(0, ["sg", "list", "--vpc", "prod"]);
     assert.match(r.stdout, /db-sg.*tcp:5432:sg-[0-9a-f]{12}/);
     assert.match(r.stdout, /web-sg/);
     const list = await json(["sg", "list", "--vpc", "prod"]);
-    assert.deepEqual(list.securityGroups.map((g: Record<string, unknown>) => g.name), ["closed", "db-sg", "web-sg"]);
+    assert.deepEqual(
+      list.securityGroups.map((g: Record<string, unknown>) => g.name),
+      ["closed", "db-sg", "web-sg"],
+    );
     assert.equal(list.nextPageToken, "");
 
     r = await expect(0, ["sg", "rule", "add", "web-sg", "--vpc", "prod", "--inbound", "tcp:8080:10.0.0.0/16"]);
@@ -169,7 +228,11 @@ describe("security groups", () => {
   test("bad rule texts: exit 7, a message naming the text, nothing created", async () => {
     const before = await snapshot();
     const cases: [number, string[], RegExp][] = [
-      [7, ["sg", "create", "bad1", "--vpc", "prod", "--inbound", "tcp:70000:0.0.0.0/0"], /--inbound: "tcp:70000:0\.0\.0\.0\/0": port 70000 is out of range; use 1–65535/],
+      [
+        7,
+        ["sg", "create", "bad1", "--vpc", "prod", "--inbound", "tcp:70000:0.0.0.0/0"],
+        /--inbound: "tcp:70000:0\.0\.0\.0\/0": port 70000 is out of range; use 1–65535/,
+      ],
       [7, ["sg", "create", "bad2", "--vpc", "prod", "--inbound", "tcp:80:0.0.0.0/0; flush ruleset"], /contains ";", " "; a rule text may only use a-z 0-9/],
       [7, ["sg", "create", "bad3", "--vpc", "prod", "--outbound", "TCP:80:0.0.0.0/0"], /capital letters; write it in lowercase: "tcp:80:0\.0\.0\.0\/0"/],
       [7, ["sg", "create", "bad4", "--vpc", "prod", "--inbound", "tcp:90-80:0.0.0.0/0"], /range 90-80 is backwards/],
@@ -249,8 +312,19 @@ describe("security groups", () => {
 describe("network ACLs", () => {
   test("acl create, list, get, entries, associate, disassociate, delete", async () => {
     let r = await expect(0, [
-      "acl", "create", "data-acl", "--vpc", "prod", "--subnet", "data",
-      "--entry", "100:ingress:deny:tcp:22:0.0.0.0/0", "--entry", "200:ingress:allow:all:all:10.0.0.0/16", "--entry", "100:egress:allow:all:all:0.0.0.0/0",
+      "acl",
+      "create",
+      "data-acl",
+      "--vpc",
+      "prod",
+      "--subnet",
+      "data",
+      "--entry",
+      "100:ingress:deny:tcp:22:0.0.0.0/0",
+      "--entry",
+      "200:ingress:allow:all:all:10.0.0.0/16",
+      "--entry",
+      "100:egress:allow:all:all:0.0.0.0/0",
     ]);
     assert.match(r.stdout, /data-acl/);
     assert.match(r.stdout, /100\s*│ ingress\s*│ deny\s*│ tcp:22:0\.0\.0\.0\/0/);
@@ -307,13 +381,21 @@ describe("network ACLs", () => {
     assert.deepEqual(a.subnetIds, [web]);
     assert.deepEqual(
       a.entries.map((e: Record<string, unknown>) => `${e.ruleNumber}:${e.direction}:${e.action}`),
-      ["100:DIRECTION_INGRESS:ACL_ACTION_ALLOW", "110:DIRECTION_INGRESS:ACL_ACTION_DENY", "32766:DIRECTION_INGRESS:ACL_ACTION_ALLOW", "32766:DIRECTION_EGRESS:ACL_ACTION_ALLOW"],
+      [
+        "100:DIRECTION_INGRESS:ACL_ACTION_ALLOW",
+        "110:DIRECTION_INGRESS:ACL_ACTION_DENY",
+        "32766:DIRECTION_INGRESS:ACL_ACTION_ALLOW",
+        "32766:DIRECTION_EGRESS:ACL_ACTION_ALLOW",
+      ],
     );
     // Again with --default-action deny: the same ACL, entries replaced.
     r = await expect(0, ["acl", "import", file, "--vpc", "prod", "--default-action", "deny"]);
     assert.match(r.stdout, /replaced the entries of network ACL policy-web/);
     a = (await json(["acl", "get", "policy-web", "--vpc", "prod"])).networkAcl;
-    assert.deepEqual(a.entries.map((e: Record<string, unknown>) => e.ruleNumber), [100, 110]);
+    assert.deepEqual(
+      a.entries.map((e: Record<string, unknown>) => e.ruleNumber),
+      [100, 110],
+    );
     // A file for a subnet the VPC does not have.
     writeFileSync(file, JSON.stringify({ subnet: "10.0.9.0/24", ingress: [] }));
     r = await expect(2, ["acl", "import", file, "--vpc", "prod"]);
@@ -414,10 +496,13 @@ describe("VMs", () => {
     r = await expect(0, ["sg", "attach", nic, "--group", "app-sg,pg-sg"]);
     assert.match(r.stdout, /changed\s*│ yes/);
     const binding = (await json(["sg", "bindings", "--group", "pg-sg", "--vpc", "prod"])).bindings;
-    assert.deepEqual(binding.map((b: Record<string, unknown>) => [b.nicId, b.address, b.hostInterface]), [
-      [nic, app.nics[0].guest.address, app.nics[0].hostInterface],
-      [pg.nics[0].id, "10.0.2.50", pg.nics[0].hostInterface],
-    ].sort());
+    assert.deepEqual(
+      binding.map((b: Record<string, unknown>) => [b.nicId, b.address, b.hostInterface]),
+      [
+        [nic, app.nics[0].guest.address, app.nics[0].hostInterface],
+        [pg.nics[0].id, "10.0.2.50", pg.nics[0].hostInterface],
+      ].sort(),
+    );
     await expect(0, ["sg", "attach", nic, "--group", "app-sg"]);
 
     // A floating IP and a port forward on the VM's address.
@@ -447,13 +532,17 @@ describe("VMs", () => {
 test("vpc peer: create, list, get, delete; --allow-cidrs split by VPC; refusals with exit codes", async () => {
   await expect(0, ["vpc", "create", "staging", "--cidr", "10.1.0.0/16"]);
   // --allow-cidrs is split by the VPC holding each CIDR, before anything is sent.
-  const d = JSON.parse((await expect(0, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.1.1.0/24,10.0.1.0/24", "--dry-run", "-o", "json"])).stdout);
+  const d = JSON.parse(
+    (await expect(0, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.1.1.0/24,10.0.1.0/24", "--dry-run", "-o", "json"]))
+      .stdout,
+  );
   assert.deepEqual([d.request.vpc1AllowedCidrs, d.request.vpc2AllowedCidrs], [["10.0.1.0/24"], ["10.1.1.0/24"]]);
   let r = await expect(7, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.9.0.0/24"]);
   assert.match(r.stderr, /10\.9\.0\.0\/24 is in neither VPC/);
   r = await expect(7, ["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "prod"]);
   assert.match(r.stderr, /cannot be peered with itself/);
-  const p = (await json(["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.1.1.0/24,10.0.1.0/24", "--description", "logs"])).peering;
+  const p = (await json(["vpc", "peer", "create", "--vpc1", "prod", "--vpc2", "staging", "--allow-cidrs", "10.1.1.0/24,10.0.1.0/24", "--description", "logs"]))
+    .peering;
   assert.equal(p.name, "prod--staging");
   assert.deepEqual([p.vpc1AllowedCidrs, p.vpc2AllowedCidrs], [["10.0.1.0/24"], ["10.1.1.0/24"]]);
   r = await expect(4, ["vpc", "peer", "create", "--vpc1", "staging", "--vpc2", "prod"]);
@@ -505,7 +594,26 @@ test("--dry-run validates, prints the request, and changes nothing", async () =>
     [["sg", "import", "dry-base", policy, "--vpc", "prod"], /FirewallService\/UpdateSecurityGroup/],
     [["sg", "import", "dry-new", policy, "--vpc", "prod"], /FirewallService\/CreateSecurityGroup/],
     [["sg", "detach", "nic-0123456789ab"], /FirewallService\/UnbindNic/],
-    [["sg", "attach", "nic-0123456789ab", "--vpc", "prod", "--subnet", "web", "--address", "10.0.1.9", "--mac", "02:00:0a:00:01:09", "--host-interface", "veth9", "--group", "dry-base"], /FirewallService\/BindNic/],
+    [
+      [
+        "sg",
+        "attach",
+        "nic-0123456789ab",
+        "--vpc",
+        "prod",
+        "--subnet",
+        "web",
+        "--address",
+        "10.0.1.9",
+        "--mac",
+        "02:00:0a:00:01:09",
+        "--host-interface",
+        "veth9",
+        "--group",
+        "dry-base",
+      ],
+      /FirewallService\/BindNic/,
+    ],
     [["acl", "create", "dry-acl", "--vpc", "prod", "--subnet", "data", "--entry", "100:ingress:deny:tcp:22:0.0.0.0/0"], /FirewallService\/CreateNetworkAcl/],
     [["acl", "import", policy, "--vpc", "prod"], /FirewallService\/CreateNetworkAcl/],
     [["acl", "associate", "dry-acl", "--subnet", "data", "--vpc", "prod"], /FirewallService\/AssociateNetworkAcl/],
@@ -533,7 +641,9 @@ test("--dry-run validates, prints the request, and changes nothing", async () =>
   // -o json: one parsable document.
   const j = JSON.parse((await expect(0, ["sg", "create", "dry-sg", "--vpc", "prod", "--inbound", "icmp:8/0:10.0.0.0/8", "--dry-run", "-o", "json"])).stdout);
   assert.equal(j.method, "microvpc.v1.FirewallService/CreateSecurityGroup");
-  assert.deepEqual(j.request.rules, [{ direction: "DIRECTION_INGRESS", protocol: "PROTOCOL_ICMP", portFrom: 0, portTo: 0, icmpType: 8, icmpCode: 0, cidr: "10.0.0.0/8", description: "" }]);
+  assert.deepEqual(j.request.rules, [
+    { direction: "DIRECTION_INGRESS", protocol: "PROTOCOL_ICMP", portFrom: 0, portTo: 0, icmpType: 8, icmpCode: 0, cidr: "10.0.0.0/8", description: "" },
+  ]);
   // Local validation needs no daemon at all: every address points nowhere.
   const port = await freePort();
   const nowhere = ["--server", `127.0.0.1:${port}`, "--firewall", `127.0.0.1:${port}`, "--gateway", `127.0.0.1:${port}`, "--vmm", `127.0.0.1:${port}`];
@@ -570,7 +680,16 @@ test("status reports each daemon; exit 0 only when all are healthy", async () =>
 
   const s = JSON.parse((await expect(0, ["status", "-o", "json"])).stdout);
   assert.equal(s.healthy, true);
-  assert.deepEqual(s.services.map((x: Record<string, unknown>) => [x.daemon, x.status]), [["ipam", "serving"], ["netagent", "serving"], ["firewall", "serving"], ["gateway", "serving"], ["vmm", "serving"]]);
+  assert.deepEqual(
+    s.services.map((x: Record<string, unknown>) => [x.daemon, x.status]),
+    [
+      ["ipam", "serving"],
+      ["netagent", "serving"],
+      ["firewall", "serving"],
+      ["gateway", "serving"],
+      ["vmm", "serving"],
+    ],
+  );
   assert.equal(s.hostId, HOST_ID);
   assert.equal(s.netagent.health, "HOST_HEALTH_HEALTHY");
   assert.equal(s.firewall.health, "FIREWALL_HEALTH_HEALTHY");
@@ -601,7 +720,12 @@ test("status reports each daemon; exit 0 only when all are healthy", async () =>
 test("errors name the daemon that is down and how to point at it", async () => {
   const gone = `127.0.0.1:${await freePort()}`;
   let r = await expect(6, ["sg", "list", "--firewall", gone]);
-  assert.match(r.stderr, new RegExp(`^error: cannot connect to ${gone} \\(connection refused\\); is microvpcd firewall running at ${gone}\\? \\(set --firewall or MICROVPC_FIREWALL, or --host`));
+  assert.match(
+    r.stderr,
+    new RegExp(
+      `^error: cannot connect to ${gone} \\(connection refused\\); is microvpcd firewall running at ${gone}\\? \\(set --firewall or MICROVPC_FIREWALL, or --host`,
+    ),
+  );
   r = await expect(6, ["nat", "list", "--gateway", gone]);
   assert.match(r.stderr, /is microvpcd gateway running/);
   r = await expect(6, ["vm", "list", "--vmm", gone]);
@@ -620,7 +744,21 @@ test("help and completion cover the new command groups", async () => {
   assert.match(r.stdout, /PROTO:PORTS:PEER/);
 
   r = await expect(0, ["completion", "bash"]);
-  for (const w of ["'sg'", "'sg rule'", "'acl entry'", "'vpc peer'", "'vm create'", "'fip'", "'nat'", "'pf'", "'status'", "'test-connectivity'", "--inbound", "--outbound", "--no-default-egress"]) {
+  for (const w of [
+    "'sg'",
+    "'sg rule'",
+    "'acl entry'",
+    "'vpc peer'",
+    "'vm create'",
+    "'fip'",
+    "'nat'",
+    "'pf'",
+    "'status'",
+    "'test-connectivity'",
+    "--inbound",
+    "--outbound",
+    "--no-default-egress",
+  ]) {
     assert.ok(r.stdout.includes(w), `completion lacks ${w}`);
   }
   const file = join(tmp, "completion.bash");
@@ -629,7 +767,12 @@ test("help and completion cover the new command groups", async () => {
     new Promise<string>((resolve, reject) =>
       execFile(
         "bash",
-        ["-c", `source "$1"; COMP_WORDS=(${words.map((w) => `'${w}'`).join(" ")}); COMP_CWORD=${words.length - 1}; _microvpc_complete; echo "\${COMPREPLY[*]}"`, "bash", file],
+        [
+          "-c",
+          `source "$1"; COMP_WORDS=(${words.map((w) => `'${w}'`).join(" ")}); COMP_CWORD=${words.length - 1}; _microvpc_complete; echo "\${COMPREPLY[*]}"`,
+          "bash",
+          file,
+        ],
         (err, stdout, stderr) => (err ? reject(new Error(stderr)) : resolve(stdout.trim())),
       ),
     );

@@ -16,11 +16,6 @@ let redis: TestRedis | undefined;
 let daemon: Daemon | undefined;
 let tmp: string;
 
-
-
-
-
-
 const cli = cliRunner(() => ["--server", daemon!.address], 30_000);
 const { json } = cli;
 /** expect, optionally against another server address. */
@@ -147,10 +142,16 @@ test("-o json prints the API's messages, every field present", async () => {
   // Lists follow every page; --limit stops early and hands back the token.
   await json(["vpc", "create", "jsonvpc2", "--cidr", "10.2.0.0/16"]);
   const all = await json(["vpc", "list"]);
-  assert.deepEqual(all.vpcs.map((v: Record<string, unknown>) => v.name), ["jsonvpc", "jsonvpc2"]);
+  assert.deepEqual(
+    all.vpcs.map((v: Record<string, unknown>) => v.name),
+    ["jsonvpc", "jsonvpc2"],
+  );
   assert.equal(all.nextPageToken, "");
   const one = await json(["vpc", "list", "--limit", "1"]);
-  assert.deepEqual(one.vpcs.map((v: Record<string, unknown>) => v.name), ["jsonvpc"]);
+  assert.deepEqual(
+    one.vpcs.map((v: Record<string, unknown>) => v.name),
+    ["jsonvpc"],
+  );
   assert.notEqual(one.nextPageToken, "");
 
   const rel = await json(["ip", "release", "--subnet", s.subnet.id, "--address", "10.1.0.9"]);
@@ -182,7 +183,11 @@ test("bad input: right exit code, a message on stderr, nothing changed", async (
     [4, ["ip", "allocate", "--subnet", "app", "--vpc", "stage", "--owner", "vm-t", "--request-id", "r2", "--address", "10.3.1.4"], /already allocated to vm-s/],
     [7, ["ip", "allocate", "--subnet", "app", "--vpc", "stage", "--owner", "vm;t"], /owner: .*is not valid/],
     // A generated request id is shown, so that an uncertain failure can be retried.
-    [7, ["ip", "allocate", "--subnet", "app", "--vpc", "stage", "--owner", "vm-t", "--address", "10.3.1.1"], /^note: request id was [0-9a-f-]{36}; retry with --request-id(.|\n)*reserved/],
+    [
+      7,
+      ["ip", "allocate", "--subnet", "app", "--vpc", "stage", "--owner", "vm-t", "--address", "10.3.1.1"],
+      /^note: request id was [0-9a-f-]{36}; retry with --request-id(.|\n)*reserved/,
+    ],
     [2, ["vpc", "create", "x"], /required option '--cidr/],
     [2, ["vpc", "frobnicate"], /unknown command/],
     [2, ["vpc", "list", "--bogus"], /unknown option/],
@@ -218,7 +223,9 @@ test("--dry-run validates, prints the request, and changes nothing", async () =>
   assert.match(r.stdout, /VpcService\/CreateVpc/);
   assert.match(r.stdout, /"cidr": "10\.6\.0\.0\/16"/);
   assert.match(r.stdout, /nothing was sent/);
-  const j = JSON.parse((await expect(0, ["subnet", "create", "s2", "--vpc", "dry", "--cidr", "10.5.2.0/24", "--type", "public", "--dry-run", "-o", "json"])).stdout);
+  const j = JSON.parse(
+    (await expect(0, ["subnet", "create", "s2", "--vpc", "dry", "--cidr", "10.5.2.0/24", "--type", "public", "--dry-run", "-o", "json"])).stdout,
+  );
   assert.deepEqual(
     { dryRun: j.dryRun, method: j.method, name: j.request.name, type: j.request.type },
     { dryRun: true, method: "microvpc.v1.SubnetService/CreateSubnet", name: "s2", type: "SUBNET_TYPE_PUBLIC" },

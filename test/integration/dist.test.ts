@@ -45,7 +45,8 @@ afterAll(async () => {
 });
 
 test("the image layout has no TypeScript tooling", () => {
-  for (const dev of ["tsx", "esbuild", "typescript", "vitest"]) assert.ok(!existsSync(join(app, "node_modules", dev)), `${dev} is a dev dependency, not shipped`);
+  for (const dev of ["tsx", "esbuild", "typescript", "vitest"])
+    assert.ok(!existsSync(join(app, "node_modules", dev)), `${dev} is a dev dependency, not shipped`);
   assert.ok(existsSync(join(app, "dist", "microvpcd.js")));
   assert.ok(existsSync(join(app, "dist", "descriptors.binpb")), "the commented descriptors ship in dist/");
 });
@@ -56,10 +57,25 @@ test("microvpcd from dist/ with production dependencies serves health and commen
   const port = await freePort();
   const metrics = await freePort();
   let out = "";
-  daemon = spawn(process.execPath, [join(app, "bin", "microvpcd.js"), "ipam", "--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metrics}`, "--redis", redis.url, "--log-level", "warn"], {
-    cwd: app,
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  daemon = spawn(
+    process.execPath,
+    [
+      join(app, "bin", "microvpcd.js"),
+      "ipam",
+      "--listen",
+      `127.0.0.1:${port}`,
+      "--metrics-listen",
+      `127.0.0.1:${metrics}`,
+      "--redis",
+      redis.url,
+      "--log-level",
+      "warn",
+    ],
+    {
+      cwd: app,
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
   daemon.stdout!.on("data", (d) => (out += d));
   daemon.stderr!.on("data", (d) => (out += d));
   const health = grpcClient(Health, { address: `127.0.0.1:${port}`, timeoutMs: 1000 });
@@ -75,16 +91,36 @@ test("microvpcd from dist/ with production dependencies serves health and commen
   const buf = join(ROOT, "node_modules", ".bin", "buf");
   const list = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-services", `http://127.0.0.1:${port}`]);
   assert.match(list.stdout, /microvpc\.v1\.VpcService/);
-  const desc = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", "grpc-v1", "--list-methods", `http://127.0.0.1:${port}`]);
+  const desc = await pexec(buf, [
+    "curl",
+    "--protocol",
+    "grpc",
+    "--http2-prior-knowledge",
+    "--reflect-protocol",
+    "grpc-v1",
+    "--list-methods",
+    `http://127.0.0.1:${port}`,
+  ]);
   assert.match(desc.stdout, /microvpc\.v1\.VpcService\/CreateVpc/);
   // The CLI from the same layout.
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("MICROVPC_")));
-  const created = await pexec(process.execPath, [join(app, "bin", "microvpc.js"), "--server", `127.0.0.1:${port}`, "vpc", "create", "distvpc", "--cidr", "10.77.0.0/16"], { env, cwd: app });
+  const created = await pexec(
+    process.execPath,
+    [join(app, "bin", "microvpc.js"), "--server", `127.0.0.1:${port}`, "vpc", "create", "distvpc", "--cidr", "10.77.0.0/16"],
+    { env, cwd: app },
+  );
   assert.match(created.stdout, /distvpc/);
-  const listed = await pexec(process.execPath, [join(app, "bin", "microvpc.js"), "--server", `127.0.0.1:${port}`, "-o", "json", "vpc", "list"], { env, cwd: app });
+  const listed = await pexec(process.execPath, [join(app, "bin", "microvpc.js"), "--server", `127.0.0.1:${port}`, "-o", "json", "vpc", "list"], {
+    env,
+    cwd: app,
+  });
   assert.match(listed.stdout, /10\.77\.0\.0\/16/);
   // A name the API refuses is refused by the shipped CLI too, with the code.
-  const bad = await pexec(process.execPath, [join(app, "bin", "microvpc.js"), "--server", `127.0.0.1:${port}`, "vpc", "create", "Bad Name!", "--cidr", "10.78.0.0/16"], { env, cwd: app }).then(
+  const bad = await pexec(
+    process.execPath,
+    [join(app, "bin", "microvpc.js"), "--server", `127.0.0.1:${port}`, "vpc", "create", "Bad Name!", "--cidr", "10.78.0.0/16"],
+    { env, cwd: app },
+  ).then(
     () => assert.fail("a bad VPC name was accepted"),
     (e: { stderr: string }) => e,
   );

@@ -94,7 +94,10 @@ async function eventually(probe: () => Promise<string>, want: string, what: stri
 
 async function startUpstream(port: number, answer: string): Promise<void> {
   const child = trackChild(spawn("ip", ["netns", "exec", inet.ns, process.execPath, "-e", UPSTREAM, String(port), answer], { stdio: "ignore" }));
-  const ok = await waitFor(async () => (await query(inet.ns, "127.0.0.1", "probe.example.test", "A", "udp", port))?.answers[0] === answer, { timeoutMs: 5000, intervalMs: 100 });
+  const ok = await waitFor(async () => (await query(inet.ns, "127.0.0.1", "probe.example.test", "A", "udp", port))?.answers[0] === answer, {
+    timeoutMs: 5000,
+    intervalMs: 100,
+  });
   assert.ok(ok && child.exitCode === null, `upstream :${port} answers`);
 }
 
@@ -238,7 +241,11 @@ describe("bad input", () => {
     await rejectsWith(dns.deleteDnsRecord({ vpc: "alpha" }), I, /name/);
     await rejectsWith(dns.listDnsRecords({ vpc: "" }), I, /vpc/);
     await rejectsWith(dns.listDnsRecords({ vpc: "alpha", pageToken: "garbage" }), I, /page_token/);
-    await rejectsWith(dns.updateDnsConfig({ vpc: "alpha", forwarders: { addresses: ["1.1.1.1", "8.8.8.8", "9.9.9.9", "1.0.0.1", "8.8.4.4"] } }), I, /at most 4/);
+    await rejectsWith(
+      dns.updateDnsConfig({ vpc: "alpha", forwarders: { addresses: ["1.1.1.1", "8.8.8.8", "9.9.9.9", "1.0.0.1", "8.8.4.4"] } }),
+      I,
+      /at most 4/,
+    );
     await rejectsWith(dns.updateDnsConfig({ vpc: "alpha", forwarders: { addresses: ["dns.example:53"] } }), I, /forwarders/);
     await rejectsWith(dns.updateDnsConfig({ vpc: "alpha", forwarders: { addresses: ["1.1.1.1:70000"] } }), I, /port/);
     await rejectsWith(dns.updateDnsConfig({ vpc: "alpha", forwarders: { addresses: ["127.0.0.53"] } }), I, /hypervisor/);
@@ -252,9 +259,15 @@ describe("bad input", () => {
     await rejectsWith(dns.getDnsConfig({ vpc: "gamma" }), Code.NotFound);
     // A failed update is all-or-nothing: a good TTL with a bad address changes neither.
     await rejectsWith(dns.updateDnsConfig({ vpc: "alpha", recordTtlSeconds: 5, resolverAddress: alphaWeb.nics[0].guest!.address }), Code.FailedPrecondition);
-    assert.deepEqual((await dns.listDnsRecords({ vpc: "alpha" })).records.map((r) => `${r.name}=${r.address}`), before);
+    assert.deepEqual(
+      (await dns.listDnsRecords({ vpc: "alpha" })).records.map((r) => `${r.name}=${r.address}`),
+      before,
+    );
     const cfgAfter = (await dns.getDnsConfig({ vpc: "alpha" })).config!;
-    assert.deepEqual([cfgAfter.resolverAddress, cfgAfter.recordTtlSeconds, cfgAfter.forwarders?.addresses], [cfgBefore.resolverAddress, cfgBefore.recordTtlSeconds, cfgBefore.forwarders?.addresses]);
+    assert.deepEqual(
+      [cfgAfter.resolverAddress, cfgAfter.recordTtlSeconds, cfgAfter.forwarders?.addresses],
+      [cfgBefore.resolverAddress, cfgBefore.recordTtlSeconds, cfgBefore.forwarders?.addresses],
+    );
   });
 
   test("owners racing for one name: exactly one wins, the others get ALREADY_EXISTS", async () => {
@@ -264,7 +277,10 @@ describe("bad input", () => {
     assert.equal(won.length, 1, `winners: ${won}`);
     for (const r of results) if (r.status === "rejected") assert.equal((r.reason as { code: Code }).code, Code.AlreadyExists);
     const rec = (await dns.listDnsRecords({ vpc: "beta", owner: owners[won[0]] })).records;
-    assert.deepEqual(rec.map((x) => [x.name, x.address]), [["race", `10.0.0.${100 + won[0]}`]]);
+    assert.deepEqual(
+      rec.map((x) => [x.name, x.address]),
+      [["race", `10.0.0.${100 + won[0]}`]],
+    );
     await dns.deleteDnsRecord({ vpc: "beta", owner: owners[won[0]] });
   });
 

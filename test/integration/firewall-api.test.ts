@@ -138,12 +138,14 @@ describe("security groups", () => {
   test("create, get, list, default egress, peers by name and by self", async () => {
     const v = await newVpc("sgs", "10.40.0.0/16", { web: "10.40.1.0/24" });
     const since = await lastEventId();
-    const web = (await fw.createSecurityGroup({
-      vpc: "sgs",
-      name: "web",
-      description: "web tier",
-      rules: [tcpIn(80, "0.0.0.0/0"), tcpIn(443, "0.0.0.0/0"), tcpIn(22, "10.40.0.0/16")],
-    })).securityGroup!;
+    const web = (
+      await fw.createSecurityGroup({
+        vpc: "sgs",
+        name: "web",
+        description: "web tier",
+        rules: [tcpIn(80, "0.0.0.0/0"), tcpIn(443, "0.0.0.0/0"), tcpIn(22, "10.40.0.0/16")],
+      })
+    ).securityGroup!;
     assert.match(web.id, /^sg-[0-9a-f]{12}$/);
     assert.equal(web.vpcId, v.id);
     assert.equal(web.generation, 1n);
@@ -159,16 +161,22 @@ describe("security groups", () => {
       "no egress rule given: all:all:0.0.0.0/0 added",
     );
 
-    const db = (await fw.createSecurityGroup({
-      vpc: v.id,
-      name: "db",
-      rules: [tcpIn(5432, "web"), rule("in", Protocol.ALL, 0, "db")],
-      omitDefaultEgress: true,
-    })).securityGroup!;
-    assert.deepEqual(db.rules.map((x) => [x.peer.case, x.peer.value]), [
-      ["securityGroupId", web.id],
-      ["securityGroupId", db.id],
-    ], "names stored as ids, own name included; no default egress");
+    const db = (
+      await fw.createSecurityGroup({
+        vpc: v.id,
+        name: "db",
+        rules: [tcpIn(5432, "web"), rule("in", Protocol.ALL, 0, "db")],
+        omitDefaultEgress: true,
+      })
+    ).securityGroup!;
+    assert.deepEqual(
+      db.rules.map((x) => [x.peer.case, x.peer.value]),
+      [
+        ["securityGroupId", web.id],
+        ["securityGroupId", db.id],
+      ],
+      "names stored as ids, own name included; no default egress",
+    );
 
     assert.equal((await fw.getSecurityGroup({ ref: web.id })).securityGroup!.name, "web");
     assert.equal((await fw.getSecurityGroup({ ref: "db", vpc: "sgs" })).securityGroup!.id, db.id);
@@ -176,27 +184,43 @@ describe("security groups", () => {
     await rejectsWith(fw.getSecurityGroup({ ref: "sg-000000000000" }), Code.NotFound, /security group "sg-000000000000" not found/);
     await rejectsWith(fw.createSecurityGroup({ vpc: "sgs", name: "web" }), Code.AlreadyExists, /already has a security group named "web"/);
     await rejectsWith(fw.createSecurityGroup({ vpc: "nope", name: "x" }), Code.NotFound, /vpc "nope" not found/);
-    await rejectsWith(fw.createSecurityGroup({ vpc: "sgs", name: "x", rules: [tcpIn(1, "cache")] }), Code.NotFound, /security group "cache" not found; rules\[0\]\.security_group_id names it as peer/);
+    await rejectsWith(
+      fw.createSecurityGroup({ vpc: "sgs", name: "x", rules: [tcpIn(1, "cache")] }),
+      Code.NotFound,
+      /security group "cache" not found; rules\[0\]\.security_group_id names it as peer/,
+    );
 
     const a = await fw.createSecurityGroup({ vpc: "sgs", name: "cache", clientToken: "orch-1" });
     const b = await fw.createSecurityGroup({ vpc: "sgs", name: "cache", clientToken: "orch-1" });
     assert.equal(a.securityGroup!.id, b.securityGroup!.id, "a repeated client token returns the same group");
 
     const list = await fw.listSecurityGroups({ vpc: "sgs" });
-    assert.deepEqual(list.securityGroups.map((g) => g.name), ["cache", "db", "web"]);
+    assert.deepEqual(
+      list.securityGroups.map((g) => g.name),
+      ["cache", "db", "web"],
+    );
     const p1 = await fw.listSecurityGroups({ vpc: "sgs", pageSize: 2 });
-    assert.deepEqual(p1.securityGroups.map((g) => g.name), ["cache", "db"]);
+    assert.deepEqual(
+      p1.securityGroups.map((g) => g.name),
+      ["cache", "db"],
+    );
     const p2 = await fw.listSecurityGroups({ vpc: "sgs", pageSize: 2, pageToken: p1.nextPageToken });
-    assert.deepEqual(p2.securityGroups.map((g) => g.name), ["web"]);
+    assert.deepEqual(
+      p2.securityGroups.map((g) => g.name),
+      ["web"],
+    );
     assert.equal(p2.nextPageToken, "");
     assert.ok((await fw.listSecurityGroups({})).securityGroups.length >= 3);
 
     const ev = (await events(since)).filter((e) => e.kind === "fw.sg.created");
-    assert.deepEqual(ev.map((e) => [e.vpc, e.sg, e.name]), [
-      [v.id, web.id, "web"],
-      [v.id, db.id, "db"],
-      [v.id, a.securityGroup!.id, "cache"],
-    ]);
+    assert.deepEqual(
+      ev.map((e) => [e.vpc, e.sg, e.name]),
+      [
+        [v.id, web.id, "web"],
+        [v.id, db.id, "db"],
+        [v.id, a.securityGroup!.id, "cache"],
+      ],
+    );
     assert.ok(ev.every((e) => Number(e.gen) > 0));
   });
 
@@ -204,32 +228,55 @@ describe("security groups", () => {
     await newVpc("upd", "10.41.0.0/16", {});
     const g0 = (await fw.createSecurityGroup({ vpc: "upd", name: "app", rules: [tcpIn(80, "0.0.0.0/0")] })).securityGroup!;
     const since = await lastEventId();
-    const g1 = (await fw.updateSecurityGroup({ ref: g0.id, addRules: [tcpIn(443, "0.0.0.0/0"), tcpIn(80, "0.0.0.0/0")], expectedGeneration: 1n })).securityGroup!;
+    const g1 = (await fw.updateSecurityGroup({ ref: g0.id, addRules: [tcpIn(443, "0.0.0.0/0"), tcpIn(80, "0.0.0.0/0")], expectedGeneration: 1n }))
+      .securityGroup!;
     assert.equal(g1.generation, 2n);
-    assert.deepEqual(g1.rules.filter((x) => x.direction === Direction.INGRESS).map((x) => x.portFrom), [80, 443], "a rule already present is not added twice");
-    const g2 = (await fw.updateSecurityGroup({ ref: "app", vpc: "upd", removeRules: [tcpIn(80, "0.0.0.0/0"), tcpIn(9999, "0.0.0.0/0")], description: "tls only" })).securityGroup!;
+    assert.deepEqual(
+      g1.rules.filter((x) => x.direction === Direction.INGRESS).map((x) => x.portFrom),
+      [80, 443],
+      "a rule already present is not added twice",
+    );
+    const g2 = (
+      await fw.updateSecurityGroup({ ref: "app", vpc: "upd", removeRules: [tcpIn(80, "0.0.0.0/0"), tcpIn(9999, "0.0.0.0/0")], description: "tls only" })
+    ).securityGroup!;
     assert.equal(g2.generation, 3n);
     assert.equal(g2.description, "tls only");
-    assert.deepEqual(g2.rules.filter((x) => x.direction === Direction.INGRESS).map((x) => x.portFrom), [443]);
-    const g3 = (await fw.updateSecurityGroup({
-      ref: g0.id,
-      setRules: { rules: [rule("in", Protocol.TCP, 8000, "10.0.0.0/8", 8080)] },
-      removeRules: [rule("in", Protocol.TCP, 8000, "10.0.0.0/8", 8080)],
-      addRules: [tcpIn(22, "10.41.0.0/16")],
-    })).securityGroup!;
-    assert.deepEqual(g3.rules.map((x) => x.portFrom), [22], "set, then remove, then add");
+    assert.deepEqual(
+      g2.rules.filter((x) => x.direction === Direction.INGRESS).map((x) => x.portFrom),
+      [443],
+    );
+    const g3 = (
+      await fw.updateSecurityGroup({
+        ref: g0.id,
+        setRules: { rules: [rule("in", Protocol.TCP, 8000, "10.0.0.0/8", 8080)] },
+        removeRules: [rule("in", Protocol.TCP, 8000, "10.0.0.0/8", 8080)],
+        addRules: [tcpIn(22, "10.41.0.0/16")],
+      })
+    ).securityGroup!;
+    assert.deepEqual(
+      g3.rules.map((x) => x.portFrom),
+      [22],
+      "set, then remove, then add",
+    );
     const g4 = (await fw.updateSecurityGroup({ ref: g0.id, setRules: { rules: [] } })).securityGroup!;
     assert.equal(g4.rules.length, 0, "an empty set_rules removes every rule");
     assert.equal(g4.generation, 5n);
 
-    await rejectsWith(fw.updateSecurityGroup({ ref: g0.id, addRules: [tcpIn(1, "0.0.0.0/0")], expectedGeneration: 2n }), Code.Aborted, /is at generation 5, not 2; it changed since you read it/);
+    await rejectsWith(
+      fw.updateSecurityGroup({ ref: g0.id, addRules: [tcpIn(1, "0.0.0.0/0")], expectedGeneration: 2n }),
+      Code.Aborted,
+      /is at generation 5, not 2; it changed since you read it/,
+    );
     const same = (await fw.updateSecurityGroup({ ref: g0.id, setRules: { rules: [] }, expectedGeneration: 5n })).securityGroup!;
     assert.equal(same.generation, 5n, "a change that changes nothing keeps the generation");
     const logged = (await fw.updateSecurityGroup({ ref: g0.id, dropLogging: { enabled: true, ratePerSecond: 10 } })).securityGroup!;
     assert.deepEqual([logged.dropLogging?.enabled, logged.dropLogging?.ratePerSecond, logged.dropLogging?.burst], [true, 10, 10]);
 
     const ev = (await events(since)).filter((e) => e.kind === "fw.sg.updated");
-    assert.deepEqual(ev.map((e) => e.sg_gen), ["2", "3", "4", "5", "6"]);
+    assert.deepEqual(
+      ev.map((e) => e.sg_gen),
+      ["2", "3", "4", "5", "6"],
+    );
     assert.ok(ev.every((e) => e.sg === g0.id));
   });
 
@@ -248,7 +295,10 @@ describe("security groups", () => {
     const before = await fwSnapshot();
     const cases: [SecurityGroupRule[], RegExp][] = [
       [[tcpIn(80, "0.0.0.0/0"), tcpIn(70000, "0.0.0.0/0")], /^rules\[1\]\.port_from: 70000 is not a port; use 1–65535$/],
-      [[tcpIn(80, "0.0.0.0/0"), tcpIn(80, "0.0.0.0/0"), rule("in", Protocol.TCP, 90, "0.0.0.0/0", 80)], /^rules\[2\]\.port_to: 80 is below port_from 90; a range is FROM-TO with FROM ≤ TO$/],
+      [
+        [tcpIn(80, "0.0.0.0/0"), tcpIn(80, "0.0.0.0/0"), rule("in", Protocol.TCP, 90, "0.0.0.0/0", 80)],
+        /^rules\[2\]\.port_to: 80 is below port_from 90; a range is FROM-TO with FROM ≤ TO$/,
+      ],
       [[tcpIn(80, "10.0.0.300/8")], /^rules\[0\]\.cidr: "10\.0\.0\.300\/8" is not an IPv4 CIDR/],
       [[tcpIn(80, "0.0.0.0/0; flush ruleset")], /^rules\[0\]\.cidr: "0\.0\.0\.0\/0; flush ruleset" is not an IPv4 CIDR/],
       [[tcpIn(80, "web;reboot")], /^rules\[0\]\.security_group_id: "web;reboot" is neither a group id/],
@@ -274,7 +324,11 @@ describe("security groups", () => {
     const rules = Array.from({ length: 10_000 }, (_, i) => tcpIn((i % 65535) + 1, `10.${Math.floor(i / 256) % 256}.${i % 256}.0/24`));
     const g = (await fw.createSecurityGroup({ vpc: "large", name: "big", rules, omitDefaultEgress: true })).securityGroup!;
     assert.equal(g.rules.length, 10_000);
-    await rejectsWith(fw.updateSecurityGroup({ ref: g.id, addRules: [tcpIn(1, "0.0.0.0/0")] }), Code.InvalidArgument, /^rules: has 10001 rules; a group holds at most 10000$/);
+    await rejectsWith(
+      fw.updateSecurityGroup({ ref: g.id, addRules: [tcpIn(1, "0.0.0.0/0")] }),
+      Code.InvalidArgument,
+      /^rules: has 10001 rules; a group holds at most 10000$/,
+    );
   });
 });
 
@@ -325,7 +379,10 @@ describe("NIC bindings", () => {
 
     // The sync loop's view from hv2: db's peer group web has n1 (on hv1).
     const st = await store.loadVpcState("hv2", v.id, [{ subnetId: v.subnets.a, cidr: "10.50.1.0/24", bridge: "br-x" }]);
-    assert.deepEqual(st.nics.map((n) => [n.nicId, n.groupIds, n.hostId]), [[n2, [db], "hv2"]]);
+    assert.deepEqual(
+      st.nics.map((n) => [n.nicId, n.groupIds, n.hostId]),
+      [[n2, [db], "hv2"]],
+    );
     assert.deepEqual([...st.groups.keys()].sort(), [db, web].sort());
     assert.deepEqual(st.members.get(web), ["10.50.1.10"]);
     assert.equal(st.members.has(db), false, "members only of groups named as peer");
@@ -337,12 +394,15 @@ describe("NIC bindings", () => {
     assert.deepEqual(await store.vpcsWithBindingsOnHost("hv1"), []);
 
     const ev = (await events(since)).filter((e) => e.kind.startsWith("fw.binding."));
-    assert.deepEqual(ev.map((e) => [e.kind, e.nic, e.host, e.groups, e.prev_groups]), [
-      ["fw.binding.changed", n1, "hv1", web, undefined],
-      ["fw.binding.changed", n2, "hv2", `${web},${db}`, undefined],
-      ["fw.binding.changed", n2, "hv2", db, `${web},${db}`],
-      ["fw.binding.removed", n1, "hv1", web, undefined],
-    ]);
+    assert.deepEqual(
+      ev.map((e) => [e.kind, e.nic, e.host, e.groups, e.prev_groups]),
+      [
+        ["fw.binding.changed", n1, "hv1", web, undefined],
+        ["fw.binding.changed", n2, "hv2", `${web},${db}`, undefined],
+        ["fw.binding.changed", n2, "hv2", db, `${web},${db}`],
+        ["fw.binding.removed", n1, "hv1", web, undefined],
+      ],
+    );
     assert.ok(ev.every((e) => e.vpc === v.id));
     await fw2.unbindNic({ nicId: n2 });
   });
@@ -351,7 +411,11 @@ describe("NIC bindings", () => {
     const n = nicId();
     await fw.bindNic(bindReq(n, "10.50.1.20", ["db"]));
     await rejectsWith(fw.deleteSecurityGroup({ ref: db }), Code.FailedPrecondition, new RegExp(`still bound to 1 NIC\\(s\\): ${n}`));
-    await rejectsWith(fw.deleteSecurityGroup({ ref: "web", vpc: "bind" }), Code.FailedPrecondition, new RegExp(`named as peer by the rules of 1 other group\\(s\\): ${db}`));
+    await rejectsWith(
+      fw.deleteSecurityGroup({ ref: "web", vpc: "bind" }),
+      Code.FailedPrecondition,
+      new RegExp(`named as peer by the rules of 1 other group\\(s\\): ${db}`),
+    );
     await fw.unbindNic({ nicId: n });
     assert.equal((await fw.deleteSecurityGroup({ ref: db })).deleted, true);
     assert.equal((await fw.deleteSecurityGroup({ ref: db })).deleted, false, "deleting a missing group succeeds");
@@ -366,13 +430,29 @@ describe("NIC bindings", () => {
     const n = nicId();
     const before = await fwSnapshot();
     await rejectsWith(fw.bindNic(bindReq(n, "10.50.1.30", ids)), Code.InvalidArgument, /^security_groups: has 17 groups; a NIC can be in at most 16$/);
-    await rejectsWith(fw.bindNic(bindReq(n, "10.50.1.30", [web, foreign])), Code.InvalidArgument, /^security_groups\[1\]: security group web \(sg-[0-9a-f]+\) belongs to VPC vpc-[0-9a-f]+, not bind/);
+    await rejectsWith(
+      fw.bindNic(bindReq(n, "10.50.1.30", [web, foreign])),
+      Code.InvalidArgument,
+      /^security_groups\[1\]: security group web \(sg-[0-9a-f]+\) belongs to VPC vpc-[0-9a-f]+, not bind/,
+    );
     await rejectsWith(fw.bindNic(bindReq(n, "10.50.1.30", ["nope"])), Code.NotFound, /security group "nope" not found/);
     await rejectsWith(fw.bindNic(bindReq(n, "10.50.2.30", [web])), Code.InvalidArgument, /^address: 10\.50\.2\.30 is outside subnet a \(10\.50\.1\.0\/24\)$/);
     await rejectsWith(fw.bindNic(bindReq(n, "10.50.1.1", [web])), Code.InvalidArgument, /^address: 10\.50\.1\.1 is the gateway of subnet a/);
-    await rejectsWith(fw.bindNic(bindReq(n, "10.50.1.30", [web], { mac: "03:00:00:00:00:01" })), Code.InvalidArgument, /^mac: "03:00:00:00:00:01" is a multicast MAC/);
-    await rejectsWith(fw.bindNic(bindReq(n, "10.50.1.30", [web], { hostInterface: "tap0; nft flush ruleset" })), Code.InvalidArgument, /^host_interface: .* is not an interface name/);
-    await rejectsWith(fw.bindNic(bindReq(n, "10.50.1.30", [web], { subnet: other.subnets.a })), Code.InvalidArgument, /^subnet: subnet a \(subnet-[0-9a-f]+\) belongs to VPC/);
+    await rejectsWith(
+      fw.bindNic(bindReq(n, "10.50.1.30", [web], { mac: "03:00:00:00:00:01" })),
+      Code.InvalidArgument,
+      /^mac: "03:00:00:00:00:01" is a multicast MAC/,
+    );
+    await rejectsWith(
+      fw.bindNic(bindReq(n, "10.50.1.30", [web], { hostInterface: "tap0; nft flush ruleset" })),
+      Code.InvalidArgument,
+      /^host_interface: .* is not an interface name/,
+    );
+    await rejectsWith(
+      fw.bindNic(bindReq(n, "10.50.1.30", [web], { subnet: other.subnets.a })),
+      Code.InvalidArgument,
+      /^subnet: subnet a \(subnet-[0-9a-f]+\) belongs to VPC/,
+    );
     await rejectsWith(fw.bindNic(bindReq("nic-1", "10.50.1.30", [web])), Code.InvalidArgument, /^nic_id: "nic-1" is not a nic id/);
     assert.equal(await fwSnapshot(), before, "no key and no event changed");
     const ok = await fw.bindNic(bindReq(n, "10.50.1.30", ids.slice(0, 16)));
@@ -383,17 +463,49 @@ describe("NIC bindings", () => {
   test("fields netagent knows are filled from, and checked against, its desired state", async () => {
     const n = nicId();
     const spec = {
-      nicId: n, owner: "vm-1", vpcId: v.id, subnetId: v.subnets.b, kind: "tap", hostIf: `t${n.slice(-12)}`,
-      mac: "02:00:0a:32:02:28", address: "10.50.2.40", prefix: 24, gateway: "10.50.2.1", mtu: 1500,
-      hostname: "vm-1", guestIf: "eth0", dns: [], bandwidth: { ingressMbps: 0, egressMbps: 0 }, createdMs: Date.now(), clientToken: "",
+      nicId: n,
+      owner: "vm-1",
+      vpcId: v.id,
+      subnetId: v.subnets.b,
+      kind: "tap",
+      hostIf: `t${n.slice(-12)}`,
+      mac: "02:00:0a:32:02:28",
+      address: "10.50.2.40",
+      prefix: 24,
+      gateway: "10.50.2.1",
+      mtu: 1500,
+      hostname: "vm-1",
+      guestIf: "eth0",
+      dns: [],
+      bandwidth: { ingressMbps: 0, egressMbps: 0 },
+      createdMs: Date.now(),
+      clientToken: "",
     } satisfies NicSpec;
     await new HostStore(r, "hv1").putNic(spec);
-    await rejectsWith(fw.bindNic({ nicId: n, securityGroups: [web], mac: "02:00:0a:32:02:29" }), Code.InvalidArgument, /^mac: "02:00:0a:32:02:29" does not match netagent's NIC/);
+    await rejectsWith(
+      fw.bindNic({ nicId: n, securityGroups: [web], mac: "02:00:0a:32:02:29" }),
+      Code.InvalidArgument,
+      /^mac: "02:00:0a:32:02:29" does not match netagent's NIC/,
+    );
     const b = (await fw.bindNic({ nicId: n, securityGroups: ["web"] })).binding!;
     assert.deepEqual([b.vpcId, b.subnetId, b.address, b.mac, b.hostInterface], [v.id, v.subnets.b, "10.50.2.40", "02:00:0a:32:02:28", spec.hostIf]);
     // The sync loop passes the local NICs; their groups come from the snapshot.
-    const st = await store.loadVpcState("hv1", v.id, [], [{ ...spec, groupIds: [] }, { ...spec, nicId: "nic-000000000001", address: "10.50.2.41" }]);
-    assert.deepEqual(st.nics.map((x) => [x.nicId, x.groupIds]), [["nic-000000000001", []], [n, [web]]]);
+    const st = await store.loadVpcState(
+      "hv1",
+      v.id,
+      [],
+      [
+        { ...spec, groupIds: [] },
+        { ...spec, nicId: "nic-000000000001", address: "10.50.2.41" },
+      ],
+    );
+    assert.deepEqual(
+      st.nics.map((x) => [x.nicId, x.groupIds]),
+      [
+        ["nic-000000000001", []],
+        [n, [web]],
+      ],
+    );
     assert.deepEqual([...(await store.bindingsOf([n, "nic-000000000001"])).keys()], [n]);
     await fw.unbindNic({ nicId: n });
   });
@@ -404,15 +516,36 @@ describe("NIC bindings", () => {
     await fw2.bindNic(bindReq(nics[1], "10.50.1.51", ["db"]));
     await fw2.bindNic(bindReq(nics[2], "10.50.1.52", ["web", "db"]));
     const all = await fw.listNicBindings({ vpc: "bind" });
-    assert.deepEqual(all.bindings.map((b) => b.nicId), nics);
-    assert.deepEqual((await fw.listNicBindings({ securityGroup: "web", vpc: "bind" })).bindings.map((b) => b.nicId), [nics[0], nics[2]]);
-    assert.deepEqual((await fw.listNicBindings({ hostId: "hv2" })).bindings.map((b) => b.nicId), [nics[1], nics[2]]);
-    assert.deepEqual((await fw.listNicBindings({ hostId: "hv2", securityGroup: web })).bindings.map((b) => b.nicId), [nics[2]]);
-    assert.deepEqual((await fw.listNicBindings({ nicId: nics[1] })).bindings.map((b) => b.hostId), ["hv2"]);
+    assert.deepEqual(
+      all.bindings.map((b) => b.nicId),
+      nics,
+    );
+    assert.deepEqual(
+      (await fw.listNicBindings({ securityGroup: "web", vpc: "bind" })).bindings.map((b) => b.nicId),
+      [nics[0], nics[2]],
+    );
+    assert.deepEqual(
+      (await fw.listNicBindings({ hostId: "hv2" })).bindings.map((b) => b.nicId),
+      [nics[1], nics[2]],
+    );
+    assert.deepEqual(
+      (await fw.listNicBindings({ hostId: "hv2", securityGroup: web })).bindings.map((b) => b.nicId),
+      [nics[2]],
+    );
+    assert.deepEqual(
+      (await fw.listNicBindings({ nicId: nics[1] })).bindings.map((b) => b.hostId),
+      ["hv2"],
+    );
     const p1 = await fw.listNicBindings({ vpc: "bind", pageSize: 2 });
-    assert.deepEqual(p1.bindings.map((b) => b.nicId), nics.slice(0, 2));
+    assert.deepEqual(
+      p1.bindings.map((b) => b.nicId),
+      nics.slice(0, 2),
+    );
     const p2 = await fw.listNicBindings({ vpc: "bind", pageSize: 2, pageToken: p1.nextPageToken });
-    assert.deepEqual(p2.bindings.map((b) => b.nicId), nics.slice(2));
+    assert.deepEqual(
+      p2.bindings.map((b) => b.nicId),
+      nics.slice(2),
+    );
     assert.equal(p2.nextPageToken, "");
     for (const n of nics) await fw.unbindNic({ nicId: n });
     assert.equal((await fw.listNicBindings({ vpc: "bind" })).bindings.length, 0);
@@ -424,18 +557,27 @@ describe("network ACLs", () => {
     const v = await newVpc("acl", "10.60.0.0/16", { a: "10.60.1.0/24", b: "10.60.2.0/24" });
     const other = await newVpc("acl-other", "10.61.0.0/16", { x: "10.61.1.0/24" });
     const since = await lastEventId();
-    const a1 = (await fw.createNetworkAcl({
-      vpc: "acl",
-      name: "strict",
-      entries: [
-        entry(200, "in", AclAction.ALLOW, Protocol.TCP, 443, "0.0.0.0/0"),
-        entry(100, "in", AclAction.DENY, Protocol.TCP, 22, "0.0.0.0/0"),
-        entry(100, "out", AclAction.ALLOW, Protocol.ALL, 0, "0.0.0.0/0"),
-      ],
-      subnets: ["a"],
-    })).networkAcl!;
+    const a1 = (
+      await fw.createNetworkAcl({
+        vpc: "acl",
+        name: "strict",
+        entries: [
+          entry(200, "in", AclAction.ALLOW, Protocol.TCP, 443, "0.0.0.0/0"),
+          entry(100, "in", AclAction.DENY, Protocol.TCP, 22, "0.0.0.0/0"),
+          entry(100, "out", AclAction.ALLOW, Protocol.ALL, 0, "0.0.0.0/0"),
+        ],
+        subnets: ["a"],
+      })
+    ).networkAcl!;
     assert.match(a1.id, /^acl-[0-9a-f]{12}$/);
-    assert.deepEqual(a1.entries.map((e) => [e.direction, e.ruleNumber]), [[Direction.INGRESS, 100], [Direction.INGRESS, 200], [Direction.EGRESS, 100]]);
+    assert.deepEqual(
+      a1.entries.map((e) => [e.direction, e.ruleNumber]),
+      [
+        [Direction.INGRESS, 100],
+        [Direction.INGRESS, 200],
+        [Direction.EGRESS, 100],
+      ],
+    );
     assert.deepEqual(a1.subnetIds, [v.subnets.a]);
     assert.equal(await r.hget(FK.subnetAcl, v.subnets.a), a1.id);
 
@@ -452,13 +594,22 @@ describe("network ACLs", () => {
 
     await rejectsWith(fw.deleteNetworkAcl({ ref: a2.id }), Code.FailedPrecondition, new RegExp(`still associated with 1 subnet\\(s\\): ${v.subnets.a}`));
 
-    const u = (await fw.updateNetworkAcl({
-      ref: a1.id,
-      upsertEntries: [entry(200, "in", AclAction.DENY, Protocol.TCP, 443, "0.0.0.0/0"), entry(300, "in", AclAction.ALLOW, Protocol.ICMP, 0, "10.0.0.0/8")],
-      removeEntries: [{ direction: Direction.INGRESS, ruleNumber: 100 }],
-      expectedGeneration: 3n,
-    })).networkAcl!;
-    assert.deepEqual(u.entries.map((e) => [e.ruleNumber, e.action]), [[200, AclAction.DENY], [300, AclAction.ALLOW], [100, AclAction.ALLOW]]);
+    const u = (
+      await fw.updateNetworkAcl({
+        ref: a1.id,
+        upsertEntries: [entry(200, "in", AclAction.DENY, Protocol.TCP, 443, "0.0.0.0/0"), entry(300, "in", AclAction.ALLOW, Protocol.ICMP, 0, "10.0.0.0/8")],
+        removeEntries: [{ direction: Direction.INGRESS, ruleNumber: 100 }],
+        expectedGeneration: 3n,
+      })
+    ).networkAcl!;
+    assert.deepEqual(
+      u.entries.map((e) => [e.ruleNumber, e.action]),
+      [
+        [200, AclAction.DENY],
+        [300, AclAction.ALLOW],
+        [100, AclAction.ALLOW],
+      ],
+    );
     assert.equal(u.generation, 4n);
     await rejectsWith(fw.updateNetworkAcl({ ref: a1.id, setEntries: { entries: [] }, expectedGeneration: 3n }), Code.Aborted, /is at generation 4, not 3/);
     await rejectsWith(
@@ -477,7 +628,10 @@ describe("network ACLs", () => {
     assert.equal(st.acls.get(v.subnets.a)?.id, a2.id);
     assert.equal(st.acls.get(v.subnets.b)?.id, a1.id);
 
-    assert.deepEqual((await fw.listNetworkAcls({ vpc: "acl" })).networkAcls.map((x) => x.name), ["open", "strict"]);
+    assert.deepEqual(
+      (await fw.listNetworkAcls({ vpc: "acl" })).networkAcls.map((x) => x.name),
+      ["open", "strict"],
+    );
     assert.equal((await fw.disassociateNetworkAcl({ subnet: "a", vpc: "acl" })).previousNetworkAclId, a2.id);
     assert.equal((await fw.disassociateNetworkAcl({ subnet: v.subnets.a })).previousNetworkAclId, "", "no ACL: succeeds");
     assert.equal((await fw.deleteNetworkAcl({ ref: "open", vpc: "acl" })).deleted, true);
@@ -486,8 +640,14 @@ describe("network ACLs", () => {
 
     const kinds = (await events(since)).filter((e) => e.kind.startsWith("fw.acl.")).map((e) => e.kind);
     assert.deepEqual(kinds, [
-      "fw.acl.created", "fw.acl.created", "fw.acl.associated", "fw.acl.associated",
-      "fw.acl.updated", "fw.acl.updated", "fw.acl.disassociated", "fw.acl.deleted",
+      "fw.acl.created",
+      "fw.acl.created",
+      "fw.acl.associated",
+      "fw.acl.associated",
+      "fw.acl.updated",
+      "fw.acl.updated",
+      "fw.acl.disassociated",
+      "fw.acl.deleted",
     ]);
   });
 
@@ -495,12 +655,24 @@ describe("network ACLs", () => {
     await newVpc("acl-bad", "10.62.0.0/16", { a: "10.62.1.0/24" });
     const before = await fwSnapshot();
     await rejectsWith(
-      fw.createNetworkAcl({ vpc: "acl-bad", name: "x", entries: [entry(100, "in", AclAction.ALLOW, Protocol.TCP, 80, "0.0.0.0/0"), entry(100, "in", AclAction.DENY, Protocol.TCP, 81, "0.0.0.0/0")] }),
+      fw.createNetworkAcl({
+        vpc: "acl-bad",
+        name: "x",
+        entries: [entry(100, "in", AclAction.ALLOW, Protocol.TCP, 80, "0.0.0.0/0"), entry(100, "in", AclAction.DENY, Protocol.TCP, 81, "0.0.0.0/0")],
+      }),
       Code.InvalidArgument,
       /^entries\[1\]\.rule_number: 100 is already used by entries\[0\] for ingress/,
     );
-    await rejectsWith(fw.createNetworkAcl({ vpc: "acl-bad", name: "x", entries: [entry(100, "in", AclAction.ALLOW, Protocol.TCP, 70000, "0.0.0.0/0")] }), Code.InvalidArgument, /^entries\[0\]\.port_from: 70000 is not a port/);
-    await rejectsWith(fw.createNetworkAcl({ vpc: "acl-bad", name: "x", entries: [entry(100, "in", AclAction.ALLOW, Protocol.TCP, 80, "garbage")] }), Code.InvalidArgument, /^entries\[0\]\.cidr: "garbage" is not an IPv4 CIDR/);
+    await rejectsWith(
+      fw.createNetworkAcl({ vpc: "acl-bad", name: "x", entries: [entry(100, "in", AclAction.ALLOW, Protocol.TCP, 70000, "0.0.0.0/0")] }),
+      Code.InvalidArgument,
+      /^entries\[0\]\.port_from: 70000 is not a port/,
+    );
+    await rejectsWith(
+      fw.createNetworkAcl({ vpc: "acl-bad", name: "x", entries: [entry(100, "in", AclAction.ALLOW, Protocol.TCP, 80, "garbage")] }),
+      Code.InvalidArgument,
+      /^entries\[0\]\.cidr: "garbage" is not an IPv4 CIDR/,
+    );
     await rejectsWith(fw.createNetworkAcl({ vpc: "acl-bad", name: "x", subnets: ["nope"] }), Code.NotFound, /subnet "nope" not found/);
     assert.equal(await fwSnapshot(), before);
   });
@@ -516,11 +688,15 @@ describe("ParseRules", () => {
       egressRules: ["all:all:0.0.0.0/0", "udp:53:10.0.0.0/8"],
       vpcctlPolicyJson: JSON.stringify({
         subnet: "10.70.1.0/24",
-        ingress: [{ port: 443, protocol: "tcp", action: "allow" }, { port: 22, protocol: "tcp", action: "deny" }],
+        ingress: [
+          { port: 443, protocol: "tcp", action: "allow" },
+          { port: 22, protocol: "tcp", action: "deny" },
+        ],
         egress: [{ port: 25, protocol: "tcp", action: "deny" }],
       }),
     });
-    const show = (x: SecurityGroupRule) => `${x.direction === Direction.INGRESS ? "in" : "out"} ${Protocol[x.protocol]} ${x.portFrom}-${x.portTo} ${x.icmpType ?? ""} ${x.peer.value}`;
+    const show = (x: SecurityGroupRule) =>
+      `${x.direction === Direction.INGRESS ? "in" : "out"} ${Protocol[x.protocol]} ${x.portFrom}-${x.portTo} ${x.icmpType ?? ""} ${x.peer.value}`;
     assert.deepEqual(res.rules.map(show), [
       "in TCP 80-80  0.0.0.0/0",
       "in TCP 8000-8080  10.0.0.0/16",
@@ -532,17 +708,24 @@ describe("ParseRules", () => {
       "in TCP 443-443  0.0.0.0/0",
     ]);
     assert.equal(res.subnetCidr, "10.70.1.0/24");
-    assert.deepEqual(res.aclEntries.map((e) => `${e.direction === Direction.INGRESS ? "in" : "out"} ${e.ruleNumber} ${AclAction[e.action]}`), [
-      "in 100 ALLOW", "in 110 DENY", "in 32766 ALLOW", "out 100 DENY", "out 32766 ALLOW",
-    ]);
+    assert.deepEqual(
+      res.aclEntries.map((e) => `${e.direction === Direction.INGRESS ? "in" : "out"} ${e.ruleNumber} ${AclAction[e.action]}`),
+      ["in 100 ALLOW", "in 110 DENY", "in 32766 ALLOW", "out 100 DENY", "out 32766 ALLOW"],
+    );
     assert.deepEqual(res.warnings, [
       'ingress_rules[4]: "tcp:22:10.70.0.5": the bare address 10.70.0.5 is read as 10.70.0.5/32',
       "vpcctl_policy_json.ingress[1]: deny tcp 22 0.0.0.0/0 is kept as network ACL entry 110 only; a security group can only allow",
       "vpcctl_policy_json.egress[0]: deny tcp 25 0.0.0.0/0 is kept as network ACL entry 100 only; a security group can only allow",
       "ingress_rules[5]: repeats ingress_rules[0]; kept once",
     ]);
-    const deny = await fw.parseRules({ vpcctlPolicyJson: JSON.stringify({ subnet: "10.70.1.0/24", ingress: [{ port: 443, protocol: "tcp", action: "allow" }] }), vpcctlDefaultAction: AclAction.DENY });
-    assert.deepEqual(deny.aclEntries.map((e) => e.ruleNumber), [100]);
+    const deny = await fw.parseRules({
+      vpcctlPolicyJson: JSON.stringify({ subnet: "10.70.1.0/24", ingress: [{ port: 443, protocol: "tcp", action: "allow" }] }),
+      vpcctlDefaultAction: AclAction.DENY,
+    });
+    assert.deepEqual(
+      deny.aclEntries.map((e) => e.ruleNumber),
+      [100],
+    );
   });
 
   test("bad texts: INVALID_ARGUMENT naming the text", async () => {
@@ -556,7 +739,10 @@ describe("ParseRules", () => {
       [{ ingressRules: ["tcp:5432:web-sg"] }, /^ingress_rules\[0\]: names the security group "web-sg"; set vpc/],
       [{ ingressRules: ["tcp:5432:nope"], vpc: "parse" }, /^ingress_rules\[0\]: VPC parse has no security group named "nope"/],
       [{ vpcctlPolicyJson: "{not json" }, /^vpcctl_policy_json: is not valid JSON/],
-      [{ vpcctlPolicyJson: JSON.stringify({ subnet: "10.0.0.0/8", ingress: [{ port: 1, protocol: "tcp", action: "drop" }] }) }, /^vpcctl_policy_json\.ingress\[0\]\.action: "drop" is not known/],
+      [
+        { vpcctlPolicyJson: JSON.stringify({ subnet: "10.0.0.0/8", ingress: [{ port: 1, protocol: "tcp", action: "drop" }] }) },
+        /^vpcctl_policy_json\.ingress\[0\]\.action: "drop" is not known/,
+      ],
     ];
     for (const [req, re] of cases) await rejectsWith(fw.parseRules(req), Code.InvalidArgument, re);
     assert.equal(await fwSnapshot(), before, "ParseRules changes nothing");

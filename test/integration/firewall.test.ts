@@ -26,10 +26,24 @@ async function startFirewall(): Promise<void> {
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
 }
 
-const tcp = (port: number, cidr: string) => ({ direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: port, portTo: port, peer: { case: "cidr" as const, value: cidr } });
+const tcp = (port: number, cidr: string) => ({
+  direction: Direction.INGRESS,
+  protocol: Protocol.TCP,
+  portFrom: port,
+  portTo: port,
+  peer: { case: "cidr" as const, value: cidr },
+});
 
 async function bind(vm: Vm, groups: string[]): Promise<void> {
-  await fw.bindNic({ nicId: vm.nicId, vpc: vm.vpc.id, subnet: vm.subnet.id, address: vm.address, mac: vm.mac, hostInterface: vm.hostInterface, securityGroups: groups });
+  await fw.bindNic({
+    nicId: vm.nicId,
+    vpc: vm.vpc.id,
+    subnet: vm.subnet.id,
+    address: vm.address,
+    mac: vm.mac,
+    hostInterface: vm.hostInterface,
+    securityGroups: groups,
+  });
 }
 
 /** Waits until the probe gives `want` (the firewall converges in the background), then returns it. */
@@ -56,7 +70,12 @@ beforeAll(async () => {
       vpc: vpc.id,
       name: "web",
       // 80 and 443 from anywhere, 22 only from the web subnet.
-      rules: [tcp(80, "0.0.0.0/0"), tcp(443, "0.0.0.0/0"), tcp(22, "10.0.1.0/24"), { direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr", value: "10.0.0.0/16" } }],
+      rules: [
+        tcp(80, "0.0.0.0/0"),
+        tcp(443, "0.0.0.0/0"),
+        tcp(22, "10.0.1.0/24"),
+        { direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr", value: "10.0.0.0/16" } },
+      ],
     })
   ).securityGroup!.id;
   dbSg = (
@@ -110,7 +129,8 @@ describe("security groups", () => {
   });
 
   test("return traffic of allowed flows passes even where egress is closed", async () => {
-    const closed = (await fw.createSecurityGroup({ vpc: web1.vpc.id, name: "no-egress", omitDefaultEgress: true, rules: [tcp(80, "0.0.0.0/0")] })).securityGroup!.id;
+    const closed = (await fw.createSecurityGroup({ vpc: web1.vpc.id, name: "no-egress", omitDefaultEgress: true, rules: [tcp(80, "0.0.0.0/0")] }))
+      .securityGroup!.id;
     await bind(web2, [closed]);
     try {
       await eventually(() => tcpProbe(web2.ns, db1.address, 80, 800), false, "web2 cannot open connections");
@@ -122,11 +142,26 @@ describe("security groups", () => {
 
   test("a rule removed while a TCP connection it allowed is open: the connection stops", async () => {
     // A long-lived connection from db1 to web1:8080 that echoes every 100 ms.
-    const echo = trackChild(spawn("ip", ["netns", "exec", web1.ns, process.execPath, "-e", `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(9090)`], { stdio: "ignore" }));
+    const echo = trackChild(
+      spawn("ip", ["netns", "exec", web1.ns, process.execPath, "-e", `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(9090)`], {
+        stdio: "ignore",
+      }),
+    );
     await sleep(300);
     await fw.updateSecurityGroup({ ref: webSg, addRules: [tcp(9090, "10.0.2.0/24")] });
     const client = trackChild(
-      spawn("ip", ["netns", "exec", db1.ns, process.execPath, "-e", `const s=require("net").connect(9090,"${web1.address}");let n=0;s.on("data",()=>{n++;process.stdout.write("e"+n+"\\n")});setInterval(()=>s.write("x"),100);s.on("error",()=>{});setTimeout(()=>process.exit(0),15000)`], { stdio: ["ignore", "pipe", "ignore"] }),
+      spawn(
+        "ip",
+        [
+          "netns",
+          "exec",
+          db1.ns,
+          process.execPath,
+          "-e",
+          `const s=require("net").connect(9090,"${web1.address}");let n=0;s.on("data",()=>{n++;process.stdout.write("e"+n+"\\n")});setInterval(()=>s.write("x"),100);s.on("error",()=>{});setTimeout(()=>process.exit(0),15000)`,
+        ],
+        { stdio: ["ignore", "pipe", "ignore"] },
+      ),
     );
     let echoes = 0;
     client.stdout!.on("data", (d) => (echoes += String(d).split("\n").filter(Boolean).length));

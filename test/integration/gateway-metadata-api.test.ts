@@ -7,12 +7,7 @@ import { Code, createClient, createRouterTransport, type Client, type Intercepto
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { toConnectError } from "../../services/common/errors.js";
-import {
-  GatewayService,
-  ImdsHttpEndpoint,
-  ImdsHttpTokens,
-  InstanceMetadataSchema,
-} from "../../gen/microvpc/v1/gateway_pb.js";
+import { GatewayService, ImdsHttpEndpoint, ImdsHttpTokens, InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { MetadataApi } from "../../services/gateway/metadata-api.js";
 import { MK, MetadataStore } from "../../services/gateway/metadata-store.js";
@@ -185,24 +180,62 @@ describe("bad input: INVALID_ARGUMENT naming the field, nothing stored", () => {
     ["public ipv4", { publicIpv4: "1.2.3" }, /^metadata\.public_ipv4/],
     ["group name", { securityGroupNames: ["Web"] }, /^metadata\.security_group_names\[0\]: "Web" is not a valid name/],
     ["group name twice", { securityGroupNames: ["web", "web"] }, /^metadata\.security_group_names\[1\]: "web" appears twice/],
-    ["too many group names", { securityGroupNames: Array.from({ length: 17 }, (_, i) => `g${i}`) }, /^metadata\.security_group_names: has 17 names; a NIC has at most 16/],
+    [
+      "too many group names",
+      { securityGroupNames: Array.from({ length: 17 }, (_, i) => `g${i}`) },
+      /^metadata\.security_group_names: has 17 names; a NIC has at most 16/,
+    ],
     ["group id", { securityGroupIds: ["sg-xyz"] }, /^metadata\.security_group_ids\[0\]: "sg-xyz" is not a sg id/],
     ["zone", { placement: { availabilityZone: "Zone A" } }, /^metadata\.placement\.availability_zone/],
     ["region", { placement: { region: "r".repeat(64) } }, /^metadata\.placement\.region/],
-    ["too many keys", { publicKeys: Array.from({ length: 33 }, (_, i) => ({ name: `k${i}`, opensshKey: "ssh-ed25519 AAAA" })) }, /^metadata\.public_keys: has 33 keys; the limit is 32/],
+    [
+      "too many keys",
+      { publicKeys: Array.from({ length: 33 }, (_, i) => ({ name: `k${i}`, opensshKey: "ssh-ed25519 AAAA" })) },
+      /^metadata\.public_keys: has 33 keys; the limit is 32/,
+    ],
     ["key name", { publicKeys: [{ name: "a b", opensshKey: "ssh-ed25519 AAAA" }] }, /^metadata\.public_keys\[0\]\.name/],
-    ["key names clash", { publicKeys: [{ name: "", opensshKey: "ssh-ed25519 AAAA" }, { name: "key-0", opensshKey: "ssh-ed25519 AAAA" }] }, /^metadata\.public_keys\[1\]\.name: "key-0" names two keys/],
+    [
+      "key names clash",
+      {
+        publicKeys: [
+          { name: "", opensshKey: "ssh-ed25519 AAAA" },
+          { name: "key-0", opensshKey: "ssh-ed25519 AAAA" },
+        ],
+      },
+      /^metadata\.public_keys\[1\]\.name: "key-0" names two keys/,
+    ],
     ["key missing", { publicKeys: [{ name: "a", opensshKey: "" }] }, /^metadata\.public_keys\[0\]\.openssh_key: is required/],
-    ["key two lines", { publicKeys: [{ name: "a", opensshKey: "ssh-ed25519 AAAA\nssh-ed25519 BBBB" }] }, /^metadata\.public_keys\[0\]\.openssh_key: must be one line/],
-    ["key options", { publicKeys: [{ name: "a", opensshKey: 'command="rm -rf /" ssh-ed25519 AAAA' }] }, /^metadata\.public_keys\[0\]\.openssh_key: .*not an OpenSSH public key/],
-    ["key too long", { publicKeys: [{ name: "a", opensshKey: `ssh-rsa ${"A".repeat(16400)}` }] }, /^metadata\.public_keys\[0\]\.openssh_key: is 16408 characters long; the limit is 16384/],
+    [
+      "key two lines",
+      { publicKeys: [{ name: "a", opensshKey: "ssh-ed25519 AAAA\nssh-ed25519 BBBB" }] },
+      /^metadata\.public_keys\[0\]\.openssh_key: must be one line/,
+    ],
+    [
+      "key options",
+      { publicKeys: [{ name: "a", opensshKey: 'command="rm -rf /" ssh-ed25519 AAAA' }] },
+      /^metadata\.public_keys\[0\]\.openssh_key: .*not an OpenSSH public key/,
+    ],
+    [
+      "key too long",
+      { publicKeys: [{ name: "a", opensshKey: `ssh-rsa ${"A".repeat(16400)}` }] },
+      /^metadata\.public_keys\[0\]\.openssh_key: is 16408 characters long; the limit is 16384/,
+    ],
     ["user data", { userData: new Uint8Array(16385) }, /^metadata\.user_data: is 16385 bytes; the limit is 16384/],
     ["instance type", { instanceType: "a\nb" }, /^metadata\.instance_type/],
     ["instance type long", { instanceType: "t".repeat(64) }, /^metadata\.instance_type/],
     ["too many tags", { tags: Array.from({ length: 51 }, (_, i) => ({ key: `k${i}`, value: "v" })) }, /^metadata\.tags: has 51 tags; the limit is 50/],
     ["tag key", { tags: [{ key: "a/b", value: "v" }] }, /^metadata\.tags\[0\]\.key/],
     ["tag key ..", { tags: [{ key: "..", value: "v" }] }, /^metadata\.tags\[0\]\.key: "\.\." cannot be served/],
-    ["tag twice", { tags: [{ key: "a", value: "1" }, { key: "a", value: "2" }] }, /^metadata\.tags\[1\]\.key: "a" appears twice/],
+    [
+      "tag twice",
+      {
+        tags: [
+          { key: "a", value: "1" },
+          { key: "a", value: "2" },
+        ],
+      },
+      /^metadata\.tags\[1\]\.key: "a" appears twice/,
+    ],
     ["tag value", { tags: [{ key: "a", value: "x\ny" }] }, /^metadata\.tags\[0\]\.value/],
     ["hop 0", { options: { httpPutResponseHopLimit: 0 } }, /^metadata\.options\.http_put_response_hop_limit: 0 is out of range; use 1–64/],
     ["hop 65", { options: { httpPutResponseHopLimit: 65 } }, /^metadata\.options\.http_put_response_hop_limit: 65/],

@@ -41,7 +41,10 @@ const req = require("node:http").request({ host: "169.254.169.254", port: 80, pa
 req.on("timeout", () => { req.destroy(); process.exit(2); });
 req.on("error", () => process.exit(1));
 req.end();`;
-  const r = await nsExec(vm.ns, process.execPath, ["-e", script, path, o.method ?? "GET", JSON.stringify(o.headers ?? {})], { check: false, timeoutMs: 10_000 });
+  const r = await nsExec(vm.ns, process.execPath, ["-e", script, path, o.method ?? "GET", JSON.stringify(o.headers ?? {})], {
+    check: false,
+    timeoutMs: 10_000,
+  });
   if (r.code !== 0) return null;
   return JSON.parse(r.stdout);
 }
@@ -68,7 +71,15 @@ beforeAll(async () => {
     })
   ).securityGroup!.id;
   for (const vm of [pub, priv]) {
-    await fw.bindNic({ nicId: vm.nicId, vpc: vm.vpc.id, subnet: vm.subnet.id, address: vm.address, mac: vm.mac, hostInterface: vm.hostInterface, securityGroups: vm === pub ? [sg] : [] });
+    await fw.bindNic({
+      nicId: vm.nicId,
+      vpc: vm.vpc.id,
+      subnet: vm.subnet.id,
+      address: vm.address,
+      mac: vm.mac,
+      hostInterface: vm.hostInterface,
+      securityGroups: vm === pub ? [sg] : [],
+    });
   }
   await startHttpServer(pub.ns, "web of pub", 80);
   await startHttpServer(pub.ns, "ssh-ish", 22);
@@ -77,9 +88,21 @@ beforeAll(async () => {
   const b = await h.vpc("twin-b", "10.9.0.0/16");
   twinA = await h.vm(0, a, await h.subnet(a, "s", "10.9.1.0/24", SubnetType.PUBLIC), "twina", { address: "10.9.1.10" });
   twinB = await h.vm(0, b, await h.subnet(b, "s", "10.9.1.0/24", SubnetType.PUBLIC), "twinb", { address: "10.9.1.10" });
-  for (const [vm, id] of [[twinA, "i-twin-a"], [twinB, "i-twin-b"], [pub, "i-pub"]] as const) {
+  for (const [vm, id] of [
+    [twinA, "i-twin-a"],
+    [twinB, "i-twin-b"],
+    [pub, "i-pub"],
+  ] as const) {
     await gw.setInstanceMetadata({
-      metadata: { instanceId: id, vpcId: vm.vpc.id, subnetId: vm.subnet.id, localIpv4: vm.address, mac: vm.mac, hostname: vm.name, userData: new TextEncoder().encode(`#cloud-config for ${id}`) },
+      metadata: {
+        instanceId: id,
+        vpcId: vm.vpc.id,
+        subnetId: vm.subnet.id,
+        localIpv4: vm.address,
+        mac: vm.mac,
+        hostname: vm.name,
+        userData: new TextEncoder().encode(`#cloud-config for ${id}`),
+      },
     });
   }
 });
@@ -137,9 +160,11 @@ describe("floating IPs and port forwards", () => {
   });
 
   test("a port forward: host:8080 → VM:80, still subject to the VM's groups", async () => {
-    const pf = (await gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 8080, privateAddress: pub.address, privatePort: 80 })).portForward!;
+    const pf = (await gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 8080, privateAddress: pub.address, privatePort: 80 }))
+      .portForward!;
     await eventually(async () => (await httpGet(inet.ns, `http://${hostAddr}:8080/`)) === "web of pub", true, "through the port forward");
-    const pf22 = (await gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 2222, privateAddress: pub.address, privatePort: 22 })).portForward!;
+    const pf22 = (await gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 2222, privateAddress: pub.address, privatePort: 22 }))
+      .portForward!;
     await new Promise((r) => setTimeout(r, 1500));
     assert.ok(!(await tcpProbe(inet.ns, hostAddr, 2222, 800)), "a forward to a port the groups close stays closed");
     await gw.deletePortForward({ ref: pf.id });
@@ -149,9 +174,21 @@ describe("floating IPs and port forwards", () => {
 
   test("bad input: the right code and nothing applied", async () => {
     await rejectsWith(gw.allocateFloatingIp({ address: "10.0.0.1" }), Code.InvalidArgument, /outside the floating IP pool/);
-    await rejectsWith(gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 0, privateAddress: pub.address }), Code.InvalidArgument, /outside_port/);
-    await rejectsWith(gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 70000, privateAddress: pub.address }), Code.InvalidArgument, /outside_port/);
-    await rejectsWith(gw.createPortForward({ vpc: "twin-a", protocol: Protocol.TCP, outsidePort: 9000, privateAddress: pub.address }), Code.FailedPrecondition, /no NIC has/);
+    await rejectsWith(
+      gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 0, privateAddress: pub.address }),
+      Code.InvalidArgument,
+      /outside_port/,
+    );
+    await rejectsWith(
+      gw.createPortForward({ vpc: "blog", protocol: Protocol.TCP, outsidePort: 70000, privateAddress: pub.address }),
+      Code.InvalidArgument,
+      /outside_port/,
+    );
+    await rejectsWith(
+      gw.createPortForward({ vpc: "twin-a", protocol: Protocol.TCP, outsidePort: 9000, privateAddress: pub.address }),
+      Code.FailedPrecondition,
+      /no NIC has/,
+    );
     await rejectsWith(gw.createNatGateway({ vpc: "blog", subnet: "db" }), Code.FailedPrecondition, /private/);
     assert.equal((await gw.listPortForwards({})).portForwards.length, 0);
   });
@@ -169,9 +206,22 @@ describe("instance metadata", () => {
     const tok = await imds(pub, "/latest/api/token", { method: "PUT", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60" } });
     assert.equal(tok?.status, 200);
     assert.ok(tok!.body.length > 10);
-    const xff = await imds(pub, "/latest/api/token", { method: "PUT", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60", "X-Forwarded-For": "1.2.3.4" } });
+    const xff = await imds(pub, "/latest/api/token", {
+      method: "PUT",
+      headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60", "X-Forwarded-For": "1.2.3.4" },
+    });
     assert.equal(xff?.status, 403);
-    await gw.setInstanceMetadata({ metadata: { instanceId: "i-pub", vpcId: pub.vpc.id, subnetId: pub.subnet.id, localIpv4: pub.address, mac: pub.mac, hostname: "pub", options: { httpTokens: ImdsHttpTokens.REQUIRED } } });
+    await gw.setInstanceMetadata({
+      metadata: {
+        instanceId: "i-pub",
+        vpcId: pub.vpc.id,
+        subnetId: pub.subnet.id,
+        localIpv4: pub.address,
+        mac: pub.mac,
+        hostname: "pub",
+        options: { httpTokens: ImdsHttpTokens.REQUIRED },
+      },
+    });
     await eventually(async () => (await imds(pub, "/latest/meta-data/instance-id"))?.status === 401, true, "required mode");
     assert.equal((await imds(pub, "/latest/meta-data/instance-id", { headers: { "X-aws-ec2-metadata-token": tok!.body } }))?.body, "i-pub");
     // A token of one VM is worthless to another.
@@ -211,7 +261,11 @@ describe("instance metadata", () => {
     const tok = await imds(twinA, "/latest/api/token", { method: "PUT", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "30" } });
     assert.equal(tok?.status, 200);
     const out = (await nsExec(twinA.ns, "nft", ["-j", "list", "counters", "table", "ip", "ttlprobe"])).stdout;
-    const c = Object.fromEntries((JSON.parse(out).nftables as { counter?: { name: string; packets: number } }[]).filter((o) => o.counter).map((o) => [o.counter!.name, o.counter!.packets]));
+    const c = Object.fromEntries(
+      (JSON.parse(out).nftables as { counter?: { name: string; packets: number } }[])
+        .filter((o) => o.counter)
+        .map((o) => [o.counter!.name, o.counter!.packets]),
+    );
     assert.ok(c.ttl1 > 0, "answers arrive with TTL 1");
     assert.equal(c.other, 0, "and none with a larger TTL");
   });

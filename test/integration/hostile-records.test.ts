@@ -80,15 +80,29 @@ beforeAll(async () => {
     })
   ).securityGroup!.id;
   for (const vm of [pub, other]) {
-    await fw.bindNic({ nicId: vm.nicId, vpc: vm.vpc.id, subnet: vm.subnet.id, address: vm.address, mac: vm.mac, hostInterface: vm.hostInterface, securityGroups: [sgWeb] });
+    await fw.bindNic({
+      nicId: vm.nicId,
+      vpc: vm.vpc.id,
+      subnet: vm.subnet.id,
+      address: vm.address,
+      mac: vm.mac,
+      hostInterface: vm.hostInterface,
+      securityGroups: [sgWeb],
+    });
   }
   await startHttpServer(pub.ns, "web of pub", 80);
   await startHttpServer(pub.ns, "ssh-ish", 22);
   const fip = (await gw.allocateFloatingIp({})).floatingIp!;
   fipAddr = fip.address;
   await gw.associateFloatingIp({ floatingIp: fip.id, vpc: vpc.id, privateAddress: pub.address });
-  await eventually(async () => (await httpGet(inet.ns, `http://${fipAddr}/`, 1000)) === "web of pub", "the good floating IP reaches the VM before the hostile records");
-  await eventually(async () => (await httpGet(other.ns, `http://${inet.address}/`, 1000)) !== null, "other reaches the internet (default egress) before its binding is spoiled");
+  await eventually(
+    async () => (await httpGet(inet.ns, `http://${fipAddr}/`, 1000)) === "web of pub",
+    "the good floating IP reaches the VM before the hostile records",
+  );
+  await eventually(
+    async () => (await httpGet(other.ns, `http://${inet.address}/`, 1000)) !== null,
+    "other reaches the internet (default egress) before its binding is spoiled",
+  );
 }, 60_000);
 
 afterAll(async () => {
@@ -114,14 +128,39 @@ describe("hostile records written straight into Redis", () => {
     // and neigh lines of the host namespace), a port forward whose port
     // carries nft syntax, and an IMDS hop limit doing the same.
     const fipRec = (id: string, address: string) =>
-      redis.multi().hset(`mvpc:gw:fip:${id}`, { id, address, vpc: vpcId, private: pub.address, nic: pub.nicId, host: hvId, description: "", allocated: now, associated: now }).zadd("mvpc:gw:fips", 0, id).exec();
+      redis
+        .multi()
+        .hset(`mvpc:gw:fip:${id}`, {
+          id,
+          address,
+          vpc: vpcId,
+          private: pub.address,
+          nic: pub.nicId,
+          host: hvId,
+          description: "",
+          allocated: now,
+          associated: now,
+        })
+        .zadd("mvpc:gw:fips", 0, id)
+        .exec();
     await fipRec("fip-aaaaaaaaaaa1", "192.168.100.141 dev ul0\nroute replace default via 6.6.6.6 onlink dev ul0\nroute replace 192.168.100.143");
     await fipRec("fip-aaaaaaaaaaa2", `192.168.100.142 dev ul0\n${touch(markers[0])}\nroute replace 192.168.100.144`);
     // A key of the wrong Redis type: it used to fail every read of the list.
     await redis.multi().set("mvpc:gw:fip:fip-aaaaaaaaaaa5", "not a hash").zadd("mvpc:gw:fips", 0, "fip-aaaaaaaaaaa5").exec();
     await redis
       .multi()
-      .hset("mvpc:gw:pf:pf-aaaaaaaaaaa3", { id: "pf-aaaaaaaaaaa3", vpc: vpcId, proto: "tcp", host: hvId, outside: "9090", private: pub.address, private_port: '22 }; add table ip pwned_pf { }; #', nic: pub.nicId, description: "", created: now })
+      .hset("mvpc:gw:pf:pf-aaaaaaaaaaa3", {
+        id: "pf-aaaaaaaaaaa3",
+        vpc: vpcId,
+        proto: "tcp",
+        host: hvId,
+        outside: "9090",
+        private: pub.address,
+        private_port: "22 }; add table ip pwned_pf { }; #",
+        nic: pub.nicId,
+        description: "",
+        created: now,
+      })
       .zadd("mvpc:gw:pfs", 0, "pf-aaaaaaaaaaa3")
       .hset("mvpc:gw:md:hop", `${vpcId}/${pub.address}`, "1 }; add table ip pwned_hop { }; #")
       .exec();
@@ -140,8 +179,22 @@ describe("hostile records written straight into Redis", () => {
       labels: "[]",
       rules: JSON.stringify([
         // Each would open port 22 to everyone: a rule inserted at the top of the forward chain.
-        { dir: "ingress", proto: "tcp", portFrom: `22-22 }\ninsert rule inet microvpc forward tcp dport 22 accept comment "pwned_rule"\nadd element inet microvpc sg_${bad.slice(-12)}_in_ports { 0.0.0.0/0 . tcp . 23`, portTo: 23, cidr: "0.0.0.0/0", description: "" },
-        { dir: "ingress", proto: "tcp", portFrom: 25, portTo: 25, cidr: `0.0.0.0/0 . tcp . 24 }\ninsert rule inet microvpc forward tcp dport 22 accept comment "pwned_cidr"\nadd element inet microvpc sg_${bad.slice(-12)}_in_ports { 0.0.0.0/0`, description: "" },
+        {
+          dir: "ingress",
+          proto: "tcp",
+          portFrom: `22-22 }\ninsert rule inet microvpc forward tcp dport 22 accept comment "pwned_rule"\nadd element inet microvpc sg_${bad.slice(-12)}_in_ports { 0.0.0.0/0 . tcp . 23`,
+          portTo: 23,
+          cidr: "0.0.0.0/0",
+          description: "",
+        },
+        {
+          dir: "ingress",
+          proto: "tcp",
+          portFrom: 25,
+          portTo: 25,
+          cidr: `0.0.0.0/0 . tcp . 24 }\ninsert rule inet microvpc forward tcp dport 22 accept comment "pwned_cidr"\nadd element inet microvpc sg_${bad.slice(-12)}_in_ports { 0.0.0.0/0`,
+          description: "",
+        },
       ]),
       peers: "",
       logging: "",
@@ -152,28 +205,50 @@ describe("hostile records written straight into Redis", () => {
     const pubSig = JSON.parse((await redis.hget(`mvpc:fw:nic:${pub.nicId}`, "sig"))!);
     const wrongType = "sg-bbbbbbbbbbb2";
     await redis.set(`mvpc:fw:sg:${wrongType}`, "not a hash");
-    await redis.hset(`mvpc:fw:nic:${pub.nicId}`, { sig: JSON.stringify({ ...pubSig, groupIds: [sgWeb, bad, wrongType] }), groups: `${sgWeb},${bad},${wrongType}` });
+    await redis.hset(`mvpc:fw:nic:${pub.nicId}`, {
+      sig: JSON.stringify({ ...pubSig, groupIds: [sgWeb, bad, wrongType] }),
+      groups: `${sgWeb},${bad},${wrongType}`,
+    });
     const otherSig = JSON.parse((await redis.hget(`mvpc:fw:nic:${other.nicId}`, "sig"))!);
-    await redis.hset(`mvpc:fw:nic:${other.nicId}`, "sig", JSON.stringify({ ...otherSig, hostIf: `${other.hostInterface}\n${touch(markers[2])}`, mac: `${other.mac}" } ; add table bridge pwned_bind { } ; #` }));
+    await redis.hset(
+      `mvpc:fw:nic:${other.nicId}`,
+      "sig",
+      JSON.stringify({ ...otherSig, hostIf: `${other.hostInterface}\n${touch(markers[2])}`, mac: `${other.mac}" } ; add table bridge pwned_bind { } ; #` }),
+    );
     await ev("fw.binding.changed");
 
     // Counted (each once), by the daemon that read them.
-    await eventually(async () => (await invalidCount(gwd, "gateway", "fip")) >= 2 && (await invalidCount(gwd, "gateway", "pf")) >= 1 && (await invalidCount(gwd, "gateway", "imds-hop")) >= 1, "the gateway counts the bad floating IPs, port forward and hop limit");
+    await eventually(
+      async () =>
+        (await invalidCount(gwd, "gateway", "fip")) >= 2 &&
+        (await invalidCount(gwd, "gateway", "pf")) >= 1 &&
+        (await invalidCount(gwd, "gateway", "imds-hop")) >= 1,
+      "the gateway counts the bad floating IPs, port forward and hop limit",
+    );
     await eventually(async () => (await invalidCount(gwd, "dns", "config")) >= 1, "the gateway counts the bad DNS config");
     await eventually(async () => (await invalidCount(gwd, "gateway", "fip")) >= 3, "the gateway counts the floating IP key of the wrong type");
     await eventually(
-      async () => (await invalidCount(fwd, "firewall", "security-group")) >= 1 && (await invalidCount(fwd, "firewall", "binding")) >= 1 && (await invalidCount(fwd, "firewall", "key")) >= 1,
+      async () =>
+        (await invalidCount(fwd, "firewall", "security-group")) >= 1 &&
+        (await invalidCount(fwd, "firewall", "binding")) >= 1 &&
+        (await invalidCount(fwd, "firewall", "key")) >= 1,
       "the firewall counts the bad group, binding and key of the wrong type",
     );
 
     // Shown in the firewall's status, with the reason naming the field.
     const st = await fw.getFirewallStatus({});
-    assert.ok(st.invalidRecords.some((r) => r.kind === "security-group" && r.key.includes(bad) && /rules\[0\]\.port_from/.test(r.reason)), JSON.stringify(st.invalidRecords.map((r) => [r.kind, r.reason])));
+    assert.ok(
+      st.invalidRecords.some((r) => r.kind === "security-group" && r.key.includes(bad) && /rules\[0\]\.port_from/.test(r.reason)),
+      JSON.stringify(st.invalidRecords.map((r) => [r.kind, r.reason])),
+    );
     assert.ok(st.invalidRecords.some((r) => r.kind === "binding" && r.key.includes(other.nicId)));
 
     // The host keeps converging: a port forward made now is applied.
     await gw.createPortForward({ vpc: vpcId, protocol: Protocol.TCP, outsidePort: 8080, privateAddress: pub.address, privatePort: 80 });
-    await eventually(async () => (await httpGet(inet.ns, `http://${hostAddr}:8080/`, 1000)) === "web of pub", "a port forward made after the hostile records works");
+    await eventually(
+      async () => (await httpGet(inet.ns, `http://${hostAddr}:8080/`, 1000)) === "web of pub",
+      "a port forward made after the hostile records works",
+    );
 
     // The good floating IP still reaches the VM on the port its group allows; 22 stays closed.
     assert.equal(await httpGet(inet.ns, `http://${fipAddr}/`, 1500), "web of pub");

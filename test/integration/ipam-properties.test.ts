@@ -23,7 +23,10 @@ beforeAll(async () => {
   redis = await startRedis({ appendfsync: "no" });
   client = new Redis(redis.url, { enableAutoPipelining: true });
   store = new IpamStore(client);
-  const { vpc } = await store.createVpc({ name: "prop", cidr: "10.0.0.0/8", base: ipToInt("10.0.0.0"), prefix: 8, description: "", labels: [], publicCidr: false }, "");
+  const { vpc } = await store.createVpc(
+    { name: "prop", cidr: "10.0.0.0/8", base: ipToInt("10.0.0.0"), prefix: 8, description: "", labels: [], publicCidr: false },
+    "",
+  );
   vpcId = vpc.id;
 });
 
@@ -35,7 +38,7 @@ afterAll(async () => {
 async function freshSubnet(prefix: number, extra: number): Promise<SubnetRec> {
   const size = 2 ** (32 - prefix);
   // Each run gets its own block of 10.0.0.0/8, so subnets never overlap.
-  const base = ipToInt("10.0.0.0") + (seq++ * 65536) % 2 ** 24;
+  const base = ipToInt("10.0.0.0") + ((seq++ * 65536) % 2 ** 24);
   const { subnet } = await store.createSubnet(
     { vpcId, name: `s${seq}`, cidr: `${intToIp(base)}/${prefix}`, base, prefix, size, type: "private", extraReserved: extra, description: "", labels: [] },
     "",
@@ -58,67 +61,72 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
 
 test("random operation sequences keep every invariant", async () => {
   await fc.assert(
-    fc.asyncProperty(fc.integer({ min: 24, max: 28 }), fc.integer({ min: 0, max: 3 }), fc.array(opArb, { minLength: 1, maxLength: 40 }), async (prefix, extra, ops) => {
-      const s = await freshSubnet(prefix, extra);
-      const reserved = new Set(reservedIndexes(s.size, extra));
-      const usable = s.size - reserved.size;
-      // The model: index -> "owner\nreq", and "owner\nreq" -> index.
-      const held = new Map<number, string>();
-      const byReq = new Map<string, number>();
-      for (const op of ops) {
-        if (op.t === "any" || op.t === "want") {
-          const owner = `o${op.owner}`;
-          const req = `r${op.req}`;
-          const key = `${owner}\n${req}`;
-          const wanted = op.t === "want" ? op.at % s.size : -1;
-          let result: number | string;
-          try {
-            result = (await store.allocate(s, owner, req, wanted)).alloc.index;
-          } catch (e) {
-            result = (e as Error).name;
-          }
-          const prev = byReq.get(key);
-          if (prev !== undefined) {
-            if (wanted >= 0 && wanted !== prev) assert.equal(result, "FailedPreconditionError");
-            else assert.equal(result, prev, "a retry returns the same address");
-          } else if (wanted >= 0) {
-            if (reserved.has(wanted)) assert.equal(result, "InvalidArgumentError");
-            else if (held.has(wanted)) assert.equal(result, "AlreadyExistsError");
-            else assert.equal(result, wanted);
-          } else if (held.size === usable) {
-            assert.equal(result, "ResourceExhaustedError");
+    fc.asyncProperty(
+      fc.integer({ min: 24, max: 28 }),
+      fc.integer({ min: 0, max: 3 }),
+      fc.array(opArb, { minLength: 1, maxLength: 40 }),
+      async (prefix, extra, ops) => {
+        const s = await freshSubnet(prefix, extra);
+        const reserved = new Set(reservedIndexes(s.size, extra));
+        const usable = s.size - reserved.size;
+        // The model: index -> "owner\nreq", and "owner\nreq" -> index.
+        const held = new Map<number, string>();
+        const byReq = new Map<string, number>();
+        for (const op of ops) {
+          if (op.t === "any" || op.t === "want") {
+            const owner = `o${op.owner}`;
+            const req = `r${op.req}`;
+            const key = `${owner}\n${req}`;
+            const wanted = op.t === "want" ? op.at % s.size : -1;
+            let result: number | string;
+            try {
+              result = (await store.allocate(s, owner, req, wanted)).alloc.index;
+            } catch (e) {
+              result = (e as Error).name;
+            }
+            const prev = byReq.get(key);
+            if (prev !== undefined) {
+              if (wanted >= 0 && wanted !== prev) assert.equal(result, "FailedPreconditionError");
+              else assert.equal(result, prev, "a retry returns the same address");
+            } else if (wanted >= 0) {
+              if (reserved.has(wanted)) assert.equal(result, "InvalidArgumentError");
+              else if (held.has(wanted)) assert.equal(result, "AlreadyExistsError");
+              else assert.equal(result, wanted);
+            } else if (held.size === usable) {
+              assert.equal(result, "ResourceExhaustedError");
+            } else {
+              // Lowest free address, never a reserved or held one.
+              let lowest = 0;
+              while (reserved.has(lowest) || held.has(lowest)) lowest++;
+              assert.equal(result, lowest);
+            }
+            if (typeof result === "number" && prev === undefined) {
+              held.set(result, key);
+              byReq.set(key, result);
+            }
           } else {
-            // Lowest free address, never a reserved or held one.
-            let lowest = 0;
-            while (reserved.has(lowest) || held.has(lowest)) lowest++;
-            assert.equal(result, lowest);
+            const list = [...held.entries()];
+            if (list.length === 0) continue;
+            const [idx, key] = list[op.pick % list.length];
+            const [owner, req] = key.split("\n");
+            const freed = op.t === "release" ? await store.release(s, idx, "", "") : await store.release(s, -1, owner, req);
+            assert.equal(freed, idx);
+            held.delete(idx);
+            byReq.delete(key);
           }
-          if (typeof result === "number" && prev === undefined) {
-            held.set(result, key);
-            byReq.set(key, result);
-          }
-        } else {
-          const list = [...held.entries()];
-          if (list.length === 0) continue;
-          const [idx, key] = list[op.pick % list.length];
-          const [owner, req] = key.split("\n");
-          const freed = op.t === "release" ? await store.release(s, idx, "", "") : await store.release(s, -1, owner, req);
-          assert.equal(freed, idx);
-          held.delete(idx);
-          byReq.delete(key);
         }
-      }
-      // The store agrees with the model, and its bitmap with its records.
-      const listed = new Map<number, string>();
-      for await (const a of store.scanSubnet(s.id)) listed.set(a.index, `${a.owner}\n${a.requestId}`);
-      assert.deepEqual(new Map([...listed].sort()), new Map([...held].sort()));
-      const u = await store.usage(s);
-      assert.equal(u.used, held.size);
-      assert.equal(await client.bitcount(K.bits(s.id)), held.size + reserved.size);
-      // Clean up so subnets can be deleted (keeps Redis small).
-      for (const idx of held.keys()) await store.release(s, idx, "", "");
-      await store.deleteSubnet(s.id);
-    }),
+        // The store agrees with the model, and its bitmap with its records.
+        const listed = new Map<number, string>();
+        for await (const a of store.scanSubnet(s.id)) listed.set(a.index, `${a.owner}\n${a.requestId}`);
+        assert.deepEqual(new Map([...listed].sort()), new Map([...held].sort()));
+        const u = await store.usage(s);
+        assert.equal(u.used, held.size);
+        assert.equal(await client.bitcount(K.bits(s.id)), held.size + reserved.size);
+        // Clean up so subnets can be deleted (keeps Redis small).
+        for (const idx of held.keys()) await store.release(s, idx, "", "");
+        await store.deleteSubnet(s.id);
+      },
+    ),
     { numRuns: 1500 },
   );
 });
@@ -136,7 +144,11 @@ test("the chunk summary stays right across chunk borders: fill a /19, free a few
       for (const i of free) assert.equal(await store.release(s, i, "", ""), i);
       const again: number[] = [];
       for (let n = 0; n < free.length; n++) again.push((await store.allocate(s, "refill", `x${seq++}`, -1)).alloc.index);
-      assert.deepEqual(again, [...free].sort((a, b) => a - b), "lowest free first, across chunks");
+      assert.deepEqual(
+        again,
+        [...free].sort((a, b) => a - b),
+        "lowest free first, across chunks",
+      );
       await assert.rejects(store.allocate(s, "fill", `extra${seq++}`, -1), { name: "ResourceExhaustedError" });
     }),
     { numRuns: 100 },

@@ -89,7 +89,10 @@ describe("catalog", () => {
       names.push(...r.vpcs.map((v) => v.name));
       token = r.nextPageToken;
     } while (token);
-    assert.deepEqual(names.filter((n) => n.startsWith("page-")), [0, 1, 2, 3, 4, 5, 6].map((i) => `page-${i}`));
+    assert.deepEqual(
+      names.filter((n) => n.startsWith("page-")),
+      [0, 1, 2, 3, 4, 5, 6].map((i) => `page-${i}`),
+    );
     assert.equal(new Set(names).size, names.length);
     const cidrs: string[] = [];
     token = "";
@@ -98,7 +101,10 @@ describe("catalog", () => {
       cidrs.push(...r.subnets.map((s) => s.cidr));
       token = r.nextPageToken;
     } while (token);
-    assert.deepEqual(cidrs, [0, 1, 2, 3, 4].map((i) => `10.40.${i}.0/24`));
+    assert.deepEqual(
+      cidrs,
+      [0, 1, 2, 3, 4].map((i) => `10.40.${i}.0/24`),
+    );
   });
 });
 
@@ -129,21 +135,56 @@ describe("bad input gets the right code, a message that says what to fix, and ch
       ["shell metachar", () => c.vpc.createVpc({ name: "$(reboot)", cidr: "10.0.0.0/16" }), Code.InvalidArgument, /is not a valid name/],
       ["newline", () => c.vpc.createVpc({ name: "a\nb", cidr: "10.0.0.0/16" }), Code.InvalidArgument, /is not a valid name/],
       ["huge name", () => c.vpc.createVpc({ name: huge, cidr: "10.0.0.0/16" }), Code.InvalidArgument, /is not a valid name/],
-      ["huge description", () => c.vpc.createVpc({ name: "b2", cidr: "10.0.0.0/16", description: huge }), Code.InvalidArgument, /description: is 100000 characters long; the limit is 255/],
+      [
+        "huge description",
+        () => c.vpc.createVpc({ name: "b2", cidr: "10.0.0.0/16", description: huge }),
+        Code.InvalidArgument,
+        /description: is 100000 characters long; the limit is 255/,
+      ],
       ["newline description", () => c.vpc.createVpc({ name: "b2", cidr: "10.0.0.0/16", description: "a\nb" }), Code.InvalidArgument, /control characters/],
       ["unknown vpc", () => c.subnet.createSubnet({ vpc: "nope", name: "s", cidr: "10.0.0.0/24" }), Code.NotFound, /vpc "nope" not found/],
       ["unknown vpc id", () => c.vpc.getVpc({ ref: "vpc-000000000000" }), Code.NotFound, /not found/],
-      ["subnet outside", () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.51.0.0/24" }), Code.InvalidArgument, /not inside VPC bad \(10\.50\.0\.0\/16\)/],
+      [
+        "subnet outside",
+        () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.51.0.0/24" }),
+        Code.InvalidArgument,
+        /not inside VPC bad \(10\.50\.0\.0\/16\)/,
+      ],
       ["subnet bigger", () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.50.0.0/15" }), Code.InvalidArgument, /host bits|not inside/],
-      ["extra reserved", () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.50.9.0/28", extraReserved: 13 }), Code.InvalidArgument, /leaves no usable address/],
+      [
+        "extra reserved",
+        () => c.subnet.createSubnet({ vpc: "bad", name: "s", cidr: "10.50.9.0/28", extraReserved: 13 }),
+        Code.InvalidArgument,
+        /leaves no usable address/,
+      ],
       ["subnet by name w/o vpc", () => c.subnet.getSubnet({ ref: "ok" }), Code.InvalidArgument, /vpc: is required/],
-      ["unknown subnet", () => c.ipam.allocate({ subnetId: "subnet-000000000000", owner: "o", requestId: "r" }), Code.NotFound, /subnet "subnet-000000000000" not found/],
+      [
+        "unknown subnet",
+        () => c.ipam.allocate({ subnetId: "subnet-000000000000", owner: "o", requestId: "r" }),
+        Code.NotFound,
+        /subnet "subnet-000000000000" not found/,
+      ],
       ["malformed subnet id", () => c.ipam.allocate({ subnetId: "subnet-x; rm -rf /", owner: "o", requestId: "r" }), Code.InvalidArgument, /not a subnet id/],
       ["owner metachar", () => c.ipam.allocate({ subnetId: sn.id, owner: "o wner", requestId: "r" }), Code.InvalidArgument, /owner: .* is not valid/],
       ["no request id", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "" }), Code.InvalidArgument, /request_id: is required/],
-      ["address outside", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.2.9" }), Code.InvalidArgument, /outside subnet ok/],
-      ["address garbage", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1" }), Code.InvalidArgument, /not an IPv4 address/],
-      ["reserved", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1.2" }), Code.InvalidArgument, /is reserved.*from 10\.50\.1\.4 to 10\.50\.1\.254/],
+      [
+        "address outside",
+        () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.2.9" }),
+        Code.InvalidArgument,
+        /outside subnet ok/,
+      ],
+      [
+        "address garbage",
+        () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1" }),
+        Code.InvalidArgument,
+        /not an IPv4 address/,
+      ],
+      [
+        "reserved",
+        () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1.2" }),
+        Code.InvalidArgument,
+        /is reserved.*from 10\.50\.1\.4 to 10\.50\.1\.254/,
+      ],
       ["gateway", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1.1" }), Code.InvalidArgument, /is reserved/],
       ["broadcast", () => c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r", address: "10.50.1.255" }), Code.InvalidArgument, /is reserved/],
       ["page size", () => c.vpc.listVpcs({ pageSize: 5000 }), Code.InvalidArgument, /page_size: is 5000; the limit is 1000/],
@@ -175,8 +216,16 @@ describe("allocation", () => {
     assert.equal(again.created, false);
     const w = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-2", requestId: "x", address: "10.60.1.77" });
     assert.equal(w.allocation!.address, "10.60.1.77");
-    await rejectsWith(c.ipam.allocate({ subnetId: sn.id, owner: "vm-3", requestId: "y", address: "10.60.1.77" }), Code.AlreadyExists, /already allocated to vm-2/);
-    await rejectsWith(c.ipam.allocate({ subnetId: sn.id, owner: "vm-2", requestId: "x", address: "10.60.1.78" }), Code.FailedPrecondition, /already holds 10\.60\.1\.77/);
+    await rejectsWith(
+      c.ipam.allocate({ subnetId: sn.id, owner: "vm-3", requestId: "y", address: "10.60.1.77" }),
+      Code.AlreadyExists,
+      /already allocated to vm-2/,
+    );
+    await rejectsWith(
+      c.ipam.allocate({ subnetId: sn.id, owner: "vm-2", requestId: "x", address: "10.60.1.78" }),
+      Code.FailedPrecondition,
+      /already holds 10\.60\.1\.77/,
+    );
     const got = await c.ipam.getAllocation({ subnetId: sn.id, address: "10.60.1.77" });
     assert.equal(got.allocation!.owner, "vm-2");
     assert.ok(got.allocation!.allocateTime);
@@ -195,13 +244,22 @@ describe("allocation", () => {
     await newVpc("recl", "10.70.0.0/16");
     const s1 = await newSubnet("recl", "a", "10.70.1.0/24");
     const s2 = await newSubnet("recl", "b", "10.70.2.0/24");
-    for (const [s, o] of [[s1, "hv1/vm-live"], [s1, "hv1/vm-dead"], [s2, "hv1/vm-dead"], [s2, "hv2/vm-other"], [s1, "hv1/vm-live"]] as const) {
+    for (const [s, o] of [
+      [s1, "hv1/vm-live"],
+      [s1, "hv1/vm-dead"],
+      [s2, "hv1/vm-dead"],
+      [s2, "hv2/vm-other"],
+      [s1, "hv1/vm-live"],
+    ] as const) {
       await c.ipam.allocate({ subnetId: s.id, owner: o, requestId: `${o}-${Math.random()}` });
     }
     const byOwner = await c.ipam.listAllocations({ owner: "hv1/vm-dead" });
     assert.deepEqual(byOwner.allocations.map((a) => a.address).sort(), ["10.70.1.5", "10.70.2.4"]);
     const bySubnet = await c.ipam.listAllocations({ subnetId: s1.id });
-    assert.deepEqual(bySubnet.allocations.map((a) => `${a.address} ${a.owner}`), ["10.70.1.4 hv1/vm-live", "10.70.1.5 hv1/vm-dead", "10.70.1.6 hv1/vm-live"]);
+    assert.deepEqual(
+      bySubnet.allocations.map((a) => `${a.address} ${a.owner}`),
+      ["10.70.1.4 hv1/vm-live", "10.70.1.5 hv1/vm-dead", "10.70.1.6 hv1/vm-live"],
+    );
     const filtered = await c.ipam.listAllocations({ subnetId: s1.id, owner: "hv1/vm-live", pageSize: 1 });
     assert.equal(filtered.allocations.length, 1);
     assert.ok(filtered.nextPageToken);
@@ -212,7 +270,10 @@ describe("allocation", () => {
     assert.equal(dry.reclaimed.length, 2);
     assert.equal((await c.ipam.listAllocations({ owner: "hv1/vm-dead" })).allocations.length, 2, "dry run frees nothing");
     const r = await c.ipam.reclaim({ ownerPrefix: "hv1/", liveOwners: ["hv1/vm-live"], graceSeconds: 0 });
-    assert.deepEqual(r.reclaimed.map((a) => a.owner), ["hv1/vm-dead", "hv1/vm-dead"]);
+    assert.deepEqual(
+      r.reclaimed.map((a) => a.owner),
+      ["hv1/vm-dead", "hv1/vm-dead"],
+    );
     assert.equal((await c.ipam.listAllocations({ owner: "hv1/vm-dead" })).allocations.length, 0);
     assert.equal((await c.ipam.listAllocations({ owner: "hv1/vm-live" })).allocations.length, 2, "live owner kept");
     assert.equal((await c.ipam.listAllocations({ owner: "hv2/vm-other" })).allocations.length, 1, "outside the prefix kept");
@@ -345,9 +406,25 @@ describe("operability", () => {
     for (const s of ["microvpc.v1.VpcService", "microvpc.v1.SubnetService", "microvpc.v1.IpamService", "grpc.health.v1.Health"]) {
       assert.match(list.stdout, new RegExp(s.replace(/\./g, "\\.")));
     }
-    const made = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", JSON.stringify({ name: "from-json", cidr: "10.110.0.0/16" }), `${url}/microvpc.v1.VpcService/CreateVpc`]);
+    const made = await pexec(buf, [
+      "curl",
+      "--protocol",
+      "grpc",
+      "--http2-prior-knowledge",
+      "-d",
+      JSON.stringify({ name: "from-json", cidr: "10.110.0.0/16" }),
+      `${url}/microvpc.v1.VpcService/CreateVpc`,
+    ]);
     assert.equal(JSON.parse(made.stdout).vpc.name, "from-json");
-    const bad = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", JSON.stringify({ name: "x;y", cidr: "10.110.0.0/16" }), `${url}/microvpc.v1.VpcService/CreateVpc`]).catch((e) => e);
+    const bad = await pexec(buf, [
+      "curl",
+      "--protocol",
+      "grpc",
+      "--http2-prior-knowledge",
+      "-d",
+      JSON.stringify({ name: "x;y", cidr: "10.110.0.0/16" }),
+      `${url}/microvpc.v1.VpcService/CreateVpc`,
+    ]).catch((e) => e);
     assert.match(String(bad.stdout) + String(bad.stderr), /invalid_argument/);
   });
 
@@ -364,7 +441,9 @@ describe("operability", () => {
     const answers = [];
     for await (const r of cl.serverReflectionInfo(reqs())) answers.push(r);
     assert.equal(answers[0].messageResponse.case, "fileDescriptorResponse");
-    const names = (answers[0].messageResponse.value as { fileDescriptorProto: Uint8Array[] }).fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b).name);
+    const names = (answers[0].messageResponse.value as { fileDescriptorProto: Uint8Array[] }).fileDescriptorProto.map(
+      (b) => fromBinary(FileDescriptorProtoSchema, b).name,
+    );
     assert.ok(names.includes("microvpc/v1/ipam.proto"));
     // Comments travel with the descriptors, so `grpcurl describe` documents every field.
     const ipamFd = (answers[0].messageResponse.value as { fileDescriptorProto: Uint8Array[] }).fileDescriptorProto
@@ -402,6 +481,7 @@ describe("operability", () => {
 
   test("--help lists every flag with its environment variable", async () => {
     const r = await pexec(process.execPath, [join(ROOT, "bin", "microvpcd.js"), "ipam", "--help"]);
-    for (const f of ["--listen", "--redis", "--metrics-listen", "--token", "--tls-cert", "MICROVPC_REDIS_URL", "MICROVPC_LISTEN"]) assert.match(r.stdout, new RegExp(f));
+    for (const f of ["--listen", "--redis", "--metrics-listen", "--token", "--tls-cert", "MICROVPC_REDIS_URL", "MICROVPC_LISTEN"])
+      assert.match(r.stdout, new RegExp(f));
   });
 });

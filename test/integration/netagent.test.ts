@@ -157,8 +157,14 @@ describe("vpcctl tutorial", () => {
       assert.equal(eth0.mac, g.mac);
       assert.equal(eth0.mtu, g.mtu);
       assert.ok(eth0.up);
-      assert.deepEqual((await addresses(vm.ns)).filter((a) => a.ifname === "eth0").map((a) => `${a.local}/${a.prefixlen}`), [`${vm.address}/24`]);
-      assert.ok((await routes(vm.ns)).some((r) => r.startsWith(`default via ${g.gateway} dev eth0`)), `default route via ${g.gateway} in ${vm.ns}`);
+      assert.deepEqual(
+        (await addresses(vm.ns)).filter((a) => a.ifname === "eth0").map((a) => `${a.local}/${a.prefixlen}`),
+        [`${vm.address}/24`],
+      );
+      assert.ok(
+        (await routes(vm.ns)).some((r) => r.startsWith(`default via ${g.gateway} dev eth0`)),
+        `default route via ${g.gateway} in ${vm.ns}`,
+      );
     }
     const listed = (await hv0.agent.listNics({ vpc: vpc.id })).nics.map((n) => n.id);
     assert.deepEqual(listed, vms.map((v) => v.nicId).sort(), "ListNics: the three NICs, ordered by id");
@@ -293,7 +299,11 @@ describe("gateway", () => {
       await h.removeVm(vm);
       macs.push((await links(s1.vpcNs)).find((l) => l.name === br)!.mac);
     }
-    assert.deepEqual(macs, macs.map(() => mac0), `bridge ${br} MAC over attach ×3 then detach ×3`);
+    assert.deepEqual(
+      macs,
+      macs.map(() => mac0),
+      `bridge ${br} MAC over attach ×3 then detach ×3`,
+    );
   });
 });
 
@@ -383,7 +393,11 @@ describe("drift", () => {
     await ipn(d1.vpcNs, ["addr", "flush", "dev", br]);
     await ipn(d1.vpcNs, ["addr", "add", "10.90.1.99/24", "dev", br]);
     await hv0.agent.ensureSubnet({ subnet: sn.id, vpc: V.vpc.id });
-    assert.deepEqual((await addresses(d1.vpcNs)).filter((a) => a.ifname === br).map((a) => `${a.local}/${a.prefixlen}`), ["10.90.1.1/24"], "EnsureSubnet put the gateway address back (and only it)");
+    assert.deepEqual(
+      (await addresses(d1.vpcNs)).filter((a) => a.ifname === br).map((a) => `${a.local}/${a.prefixlen}`),
+      ["10.90.1.1/24"],
+      "EnsureSubnet put the gateway address back (and only it)",
+    );
     assert.ok(await canPing(d2.ns, sn.gateway), "d2 pings the gateway again");
 
     // 3. NIC host device deleted; the reconciler alone repairs it.
@@ -401,19 +415,34 @@ describe("drift", () => {
     await ipn(d2.vpcNs, ["link", "del", d2.hostInterface]);
     await hv0.start();
     assert.ok(
-      await waitFor(async () => (await canPing(d2.ns, sn.gateway, { count: 1, deadlineS: 1 })) && (await canPing(d1.ns, d2.address, { count: 1, deadlineS: 1 })), {
-        timeoutMs: RECONCILE_MS * 10 + 5000,
-        intervalMs: 250,
-      }),
+      await waitFor(
+        async () => (await canPing(d2.ns, sn.gateway, { count: 1, deadlineS: 1 })) && (await canPing(d1.ns, d2.address, { count: 1, deadlineS: 1 })),
+        {
+          timeoutMs: RECONCILE_MS * 10 + 5000,
+          intervalMs: 250,
+        },
+      ),
       "the restarted agent repaired the bridge address and d2's NIC",
     );
-    assert.deepEqual((await addresses(d1.vpcNs)).filter((a) => a.ifname === br).map((a) => a.local), ["10.90.1.1"]);
+    assert.deepEqual(
+      (await addresses(d1.vpcNs)).filter((a) => a.ifname === br).map((a) => a.local),
+      ["10.90.1.1"],
+    );
 
     const names = (await links(d1.vpcNs)).map((l) => l.name).sort();
     assert.ok(names.includes("zzforeign0") && names.includes("zzforeign1"), "the foreign veth pair is still there");
-    assert.deepEqual(names.filter((n) => !n.startsWith("zzforeign")), expected, "no duplicate or orphan device after the repairs");
+    assert.deepEqual(
+      names.filter((n) => !n.startsWith("zzforeign")),
+      expected,
+      "no duplicate or orphan device after the repairs",
+    );
     await ipn(d1.vpcNs, ["link", "del", "zzforeign0"]);
-    for (const [a, b] of [[d1, d2], [d2, d3], [d3, d1]] as const) await assertReaches(a, b);
+    for (const [a, b] of [
+      [d1, d2],
+      [d2, d3],
+      [d3, d1],
+    ] as const)
+      await assertReaches(a, b);
   });
 });
 
@@ -449,7 +478,8 @@ describe("bandwidth", () => {
     const FREE = { min: 500, max: Infinity };
     const limited = await measure({ egress: LIMITED, ingress: LIMITED });
     await t.annotate(`limited to 100/100: egress ${limited.egress.toFixed(1)} Mbit/s, ingress ${limited.ingress.toFixed(1)} Mbit/s`);
-    for (const dir of ["egress", "ingress"] as const) assert.ok(limited[dir] >= 90 && limited[dir] <= 110, `${dir} at a 100 Mbit/s limit: ${limited[dir].toFixed(1)} Mbit/s`);
+    for (const dir of ["egress", "ingress"] as const)
+      assert.ok(limited[dir] >= 90 && limited[dir] <= 110, `${dir} at a 100 Mbit/s limit: ${limited[dir].toFixed(1)} Mbit/s`);
 
     const stats1 = (await hv0.agent.nicStats({ nics: [lim.nicId] })).nics[0];
     assert.equal(stats1.nicId, lim.nicId);
@@ -488,7 +518,10 @@ describe("idempotency", () => {
     const s2 = await hv0.agent.ensureSubnet({ subnet: sn.id, vpc: V.vpc.id });
     assert.equal(s1.changed, true);
     assert.equal(s2.changed, false);
-    assert.deepEqual([s2.subnet!.bridge, s2.subnet!.gateway, s2.subnet!.namespace, s2.subnet!.mtu], [s1.subnet!.bridge, s1.subnet!.gateway, s1.subnet!.namespace, s1.subnet!.mtu]);
+    assert.deepEqual(
+      [s2.subnet!.bridge, s2.subnet!.gateway, s2.subnet!.namespace, s2.subnet!.mtu],
+      [s1.subnet!.bridge, s1.subnet!.gateway, s1.subnet!.namespace, s1.subnet!.mtu],
+    );
     assert.equal((await hv0.agent.ensureSubnet({ subnet: "s", vpc: "idem" })).changed, false, "by name too");
     const vpcNs = hv0.vpcNamespace(V.vpc.id);
 
@@ -570,7 +603,10 @@ describe("detach", () => {
     await assertNoReach(x2, x1.address, [80], "the detached VM");
     assert.equal((await ping(x1.ns, x2.address, { count: 2, deadlineS: 2 })).received, 0, "the detached VM reaches nothing");
     await rejectsWith(hv0.agent.getNic({ ref: x1.nicId }), Code.NotFound);
-    assert.deepEqual((await hv0.agent.listNics({ vpc: V.vpc.id })).nics.map((n) => n.id), [x2.nicId]);
+    assert.deepEqual(
+      (await hv0.agent.listNics({ vpc: V.vpc.id })).nics.map((n) => n.id),
+      [x2.nicId],
+    );
     assert.ok(await canPing(x2.ns, sn.gateway), "the other VM is unaffected");
 
     // The address (still allocated to the same owner) goes to a new NIC.
@@ -591,15 +627,24 @@ describe("detach", () => {
   });
 
   test("DetachNic by owner removes every NIC of that owner (and succeeds for an owner without NICs)", async () => {
-    const V = await newVpc("detach-owner", "10.121.0.0/16", [["s", "10.121.1.0/24"], ["t", "10.121.2.0/24"]]);
+    const V = await newVpc("detach-owner", "10.121.0.0/16", [
+      ["s", "10.121.1.0/24"],
+      ["t", "10.121.2.0/24"],
+    ]);
     const y1 = await h.vm(hv0, V.vpc, V.subnets[0], "deto1");
     const y2 = await h.vm(hv0, V.vpc, V.subnets[0], "deto2");
     assert.deepEqual((await hv0.agent.detachNic({ owner: "vm-nobody" })).detachedNicIds, [], "an owner without NICs");
     const r = await hv0.agent.detachNic({ owner: y1.owner });
     assert.deepEqual(r.detachedNicIds, [y1.nicId]);
     assert.ok(!(await links(y1.ns)).some((l) => l.name === "eth0"), "y1's NIC removed");
-    assert.ok((await links(y2.ns)).some((l) => l.name === "eth0"), "y2's NIC (another owner) kept");
-    assert.deepEqual((await hv0.agent.listNics({ vpc: V.vpc.id })).nics.map((n) => n.id), [y2.nicId]);
+    assert.ok(
+      (await links(y2.ns)).some((l) => l.name === "eth0"),
+      "y2's NIC (another owner) kept",
+    );
+    assert.deepEqual(
+      (await hv0.agent.listNics({ vpc: V.vpc.id })).nics.map((n) => n.id),
+      [y2.nicId],
+    );
   });
 });
 
@@ -616,7 +661,10 @@ describe("lookups", () => {
 
 describe("bad input", () => {
   test("the right gRPC code, a clear message, and nothing created", async () => {
-    const V = await newVpc("bad", "10.130.0.0/16", [["s", "10.130.1.0/24"], ["t", "10.130.2.0/24"]]);
+    const V = await newVpc("bad", "10.130.0.0/16", [
+      ["s", "10.130.1.0/24"],
+      ["t", "10.130.2.0/24"],
+    ]);
     const sn = V.subnets[0];
     const O = await newVpc("bad-other", "10.131.0.0/16", [["o", "10.131.1.0/24"]]);
     await hv0.agent.ensureSubnet({ subnet: sn.id, vpc: V.vpc.id });
@@ -639,7 +687,12 @@ describe("bad input", () => {
     const huge = "x".repeat(100_000);
     const IA = [Code.InvalidArgument];
     const cases: [string, () => Promise<unknown>, Code[], RegExp][] = [
-      ["EnsureVpc unknown id", () => hv0.agent.ensureVpc({ vpc: "vpc-000000000000" }), [Code.NotFound], /vpc-000000000000.*not found|not found.*vpc-000000000000/i],
+      [
+        "EnsureVpc unknown id",
+        () => hv0.agent.ensureVpc({ vpc: "vpc-000000000000" }),
+        [Code.NotFound],
+        /vpc-000000000000.*not found|not found.*vpc-000000000000/i,
+      ],
       ["EnsureVpc unknown name", () => hv0.agent.ensureVpc({ vpc: "nope" }), [Code.NotFound], /nope/],
       ["EnsureVpc nft metachar", () => hv0.agent.ensureVpc({ vpc: "a;flush ruleset" }), IA, /vpc/i],
       ["EnsureVpc shell metachar", () => hv0.agent.ensureVpc({ vpc: "$(reboot)" }), IA, /vpc/i],
@@ -651,7 +704,12 @@ describe("bad input", () => {
       ["AttachNic unknown vpc", () => attach({ vpc: "vpc-000000000000" }), [Code.NotFound], /vpc-000000000000/],
       ["AttachNic unknown subnet", () => attach({ subnet: "subnet-000000000000" }), [Code.NotFound], /subnet-000000000000/],
       ["AttachNic subnet of another VPC", () => attach({ subnet: O.subnets[0].id }), [Code.NotFound, Code.InvalidArgument, Code.FailedPrecondition], /subnet/i],
-      ["AttachNic netns missing", () => attach(veth(missing)), [Code.NotFound, Code.InvalidArgument], new RegExp(`${missing.replace(/[.]/g, "\\.")}.*(not exist|not found|no such)|(not exist|not found|no such).*${missing}`, "i")],
+      [
+        "AttachNic netns missing",
+        () => attach(veth(missing)),
+        [Code.NotFound, Code.InvalidArgument],
+        new RegExp(`${missing.replace(/[.]/g, "\\.")}.*(not exist|not found|no such)|(not exist|not found|no such).*${missing}`, "i"),
+      ],
       ["AttachNic netns empty", () => attach(veth("")), IA, /netns_path/],
       ["AttachNic netns not a netns path", () => attach(veth("/etc/passwd")), IA, /netns_path/],
       ["AttachNic netns relative", () => attach(veth("run/netns/x")), IA, /netns_path/],
@@ -710,7 +768,8 @@ describe("bad input", () => {
       const newNics = now.nics.filter((n) => !initial.nics.includes(n));
       if (newNics.length) failures.push(`${what}: created NIC(s) ${newNics.join(", ")}`);
       for (const n of newNics) await hv0.agent.detachNic({ nic: n }).catch(() => undefined);
-      if (JSON.stringify(now.ns) !== JSON.stringify(initial.ns)) failures.push(`${what}: namespaces changed: ${now.ns.filter((n) => !initial.ns.includes(n)).join(", ")}`);
+      if (JSON.stringify(now.ns) !== JSON.stringify(initial.ns))
+        failures.push(`${what}: namespaces changed: ${now.ns.filter((n) => !initial.ns.includes(n)).join(", ")}`);
       if (JSON.stringify(now.vpcLinks) !== JSON.stringify(initial.vpcLinks)) failures.push(`${what}: VPC namespace links changed: ${now.vpcLinks.join(" ")}`);
       if (JSON.stringify(now.vmLinks) !== JSON.stringify(initial.vmLinks)) failures.push(`${what}: VM namespace links changed: ${now.vmLinks.join(" ")}`);
     }

@@ -47,7 +47,10 @@ async function allowedIps(x: Hypervisor): Promise<Map<string, string[]>> {
 /** Routes through x's WireGuard interface in its VPC namespace. */
 async function tunnelRoutes(x: Hypervisor): Promise<string[]> {
   const dev = wgName(x.id, vpc.id);
-  return (await routes(x.vpcNamespace(vpc.id))).filter((l) => l.includes(`dev ${dev}`)).map((l) => l.split(" ")[0]).sort();
+  return (await routes(x.vpcNamespace(vpc.id)))
+    .filter((l) => l.includes(`dev ${dev}`))
+    .map((l) => l.split(" ")[0])
+    .sort();
 }
 
 async function rejected(x: Hypervisor): Promise<{ address: string; hostId: string; reason: string }[]> {
@@ -60,10 +63,13 @@ describe("overlay address claims", () => {
   test("host B claims A's VM and 0.0.0.0/1: A and C install neither, A's VM still reaches C's, B gets nothing of A's", async () => {
     const pings = [a0, b0, c0];
     assert.ok(
-      await waitFor(async () => {
-        for (const x of pings) for (const y of pings) if (x !== y && !(await reaches(x, y))) return false;
-        return true;
-      }, { timeoutMs: 20_000, intervalMs: 300 }),
+      await waitFor(
+        async () => {
+          for (const x of pings) for (const y of pings) if (x !== y && !(await reaches(x, y))) return false;
+          return true;
+        },
+        { timeoutMs: 20_000, intervalMs: 300 },
+      ),
       "baseline: the mesh is up",
     );
     const addrs = `mvpc:overlay:${vpc.id}:addrs`;
@@ -72,7 +78,14 @@ describe("overlay address claims", () => {
     // unallocated one and a malformed entry (a newline in the field).
     await r.hset(addrs, a0.address, B.id);
     await r.hset("mvpc:nicaddr", `${vpc.id}/${a0.address}`, `${B.id}/${b0.nicId}`);
-    const hostile: Record<string, string> = { "0.0.0.0/1": B.id, "128.0.0.0/1": B.id, "10.99.0.5": B.id, "10.81.1.200": B.id, "10.81.1.7\nallowed-ips 0.0.0.0/0": B.id, "10.81.1.8": `${B.id} 0.0.0.0/0` };
+    const hostile: Record<string, string> = {
+      "0.0.0.0/1": B.id,
+      "128.0.0.0/1": B.id,
+      "10.99.0.5": B.id,
+      "10.81.1.200": B.id,
+      "10.81.1.7\nallowed-ips 0.0.0.0/0": B.id,
+      "10.81.1.8": `${B.id} 0.0.0.0/0`,
+    };
     for (const [k, v] of Object.entries(hostile)) await r.hset(addrs, k, v);
     await kick();
 
@@ -93,13 +106,22 @@ describe("overlay address claims", () => {
     assert.ok(!(await tunnelRoutes(A)).includes(a0.address), "A never routes its own VM into the tunnel");
     assert.ok(!(await tunnelRoutes(A)).some((x) => x.includes("/")), "A: no prefix routes");
     const rc = await rejected(C);
-    assert.ok(rc.some((x) => x.address === a0.address && x.hostId === B.id && /NIC of/.test(x.reason)), `C: B's claim of ${a0.address} rejected`);
+    assert.ok(
+      rc.some((x) => x.address === a0.address && x.hostId === B.id && /NIC of/.test(x.reason)),
+      `C: B's claim of ${a0.address} rejected`,
+    );
     assert.ok(rc.some((x) => x.address === "0.0.0.0/1" && /not an IPv4 address/.test(x.reason)));
     assert.ok(rc.some((x) => x.address === "10.99.0.5" && /outside/.test(x.reason)));
     assert.ok(rc.some((x) => x.address === "10.81.1.200" && /no host's NIC index/.test(x.reason)));
-    assert.ok(rc.some((x) => /\\n/.test(x.address) && /not an IPv4 address/.test(x.reason)), "the malformed entry is shown escaped");
+    assert.ok(
+      rc.some((x) => /\\n/.test(x.address) && /not an IPv4 address/.test(x.reason)),
+      "the malformed entry is shown escaped",
+    );
     const st = await C.agent.getHostStatus({});
-    assert.ok(st.invalidRecords.some((x) => x.kind === "overlay-addr" && x.field === "0.0.0.0/1"), "C: GetHostStatus lists the bad claims");
+    assert.ok(
+      st.invalidRecords.some((x) => x.kind === "overlay-addr" && x.field === "0.0.0.0/1"),
+      "C: GetHostStatus lists the bad claims",
+    );
     const metrics = await (await fetch(`http://127.0.0.1:${C.daemon.metricsPort}/metrics`)).text();
     assert.match(metrics, /microvpc_invalid_records_total\{[^}]*kind="overlay-addr"[^}]*\} [1-9]/);
     // The allowed flow, both ways, while the claims are in place.
@@ -117,7 +139,10 @@ describe("overlay address claims", () => {
     await r.hset(`mvpc:host:${B.id}:nicaddr`, `${vpc.id}/${a0.address}`, forged);
     await kick();
     assert.ok(
-      await waitFor(async () => (await rejected(C)).some((x) => x.address === a0.address && /contested/.test(x.reason)), { timeoutMs: 10_000, intervalMs: 250 }),
+      await waitFor(async () => (await rejected(C)).some((x) => x.address === a0.address && /contested/.test(x.reason)), {
+        timeoutMs: 10_000,
+        intervalMs: 250,
+      }),
       `C: ${a0.address} is contested: ${JSON.stringify(await rejected(C))}`,
     );
     assert.ok(!(await allowedIps(C)).get(B.id)!.includes(`${a0.address}/32`), "C: never to B");

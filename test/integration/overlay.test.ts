@@ -83,7 +83,10 @@ async function fragCreates(ns: string): Promise<number> {
 
 /** ping with DF set and a payload of `size` bytes (IP packet = size + 28). */
 async function pingDf(from: Vm, to: string, size: number): Promise<{ code: number; out: string }> {
-  const r = await nsExec(from.ns, "ping", ["-n", "-c", "2", "-i", "0.2", "-W", "1", "-w", "3", "-M", "do", "-s", String(size), to], { check: false, timeoutMs: 10_000 });
+  const r = await nsExec(from.ns, "ping", ["-n", "-c", "2", "-i", "0.2", "-W", "1", "-w", "3", "-M", "do", "-s", String(size), to], {
+    check: false,
+    timeoutMs: 10_000,
+  });
   return { code: r.code, out: r.stdout + r.stderr };
 }
 
@@ -139,7 +142,14 @@ describe("overlay mesh", () => {
       }
     }
     for (const x of hv) {
-      assert.deepEqual(await peerHosts(x, vpcA), hv.filter((y) => y !== x).map((y) => y.id).sort(), `${x.id}: peers of VPC A`);
+      assert.deepEqual(
+        await peerHosts(x, vpcA),
+        hv
+          .filter((y) => y !== x)
+          .map((y) => y.id)
+          .sort(),
+        `${x.id}: peers of VPC A`,
+      );
       const st = (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0];
       assert.equal(st.mtu, OVERLAY_MTU);
       assert.ok(st.interface.length <= 15);
@@ -179,9 +189,21 @@ describe("bad input", () => {
     // than hv0's are valid Curve25519 keys, so only the named field is bad.
     const key = (n: number) => Buffer.alloc(32, n).toString("base64");
     const bad: Record<string, { rec: string; member: string; reason: RegExp }> = {
-      [`${h.prefix}badkey`]: { rec: JSON.stringify({ ...base, id: `${h.prefix}badkey`, publicKey: "not-a-key", address: "192.168.100.77" }), member: JSON.stringify({ port: 51820 }), reason: /public key "not-a-key"/ },
-      [`${h.prefix}badaddr`]: { rec: JSON.stringify({ ...base, id: `${h.prefix}badaddr`, publicKey: key(1), address: "192.168.100.78:1 allowed-ips 0.0.0.0/0" }), member: JSON.stringify({ port: 51820 }), reason: /underlay address .* is not an IPv4 or IPv6 literal/ },
-      [`${h.prefix}badport`]: { rec: JSON.stringify({ ...base, id: `${h.prefix}badport`, publicKey: key(2), address: "192.168.100.79" }), member: JSON.stringify({ port: 70000 }), reason: /listen port 70000/ },
+      [`${h.prefix}badkey`]: {
+        rec: JSON.stringify({ ...base, id: `${h.prefix}badkey`, publicKey: "not-a-key", address: "192.168.100.77" }),
+        member: JSON.stringify({ port: 51820 }),
+        reason: /public key "not-a-key"/,
+      },
+      [`${h.prefix}badaddr`]: {
+        rec: JSON.stringify({ ...base, id: `${h.prefix}badaddr`, publicKey: key(1), address: "192.168.100.78:1 allowed-ips 0.0.0.0/0" }),
+        member: JSON.stringify({ port: 51820 }),
+        reason: /underlay address .* is not an IPv4 or IPv6 literal/,
+      },
+      [`${h.prefix}badport`]: {
+        rec: JSON.stringify({ ...base, id: `${h.prefix}badport`, publicKey: key(2), address: "192.168.100.79" }),
+        member: JSON.stringify({ port: 70000 }),
+        reason: /listen port 70000/,
+      },
       [`${h.prefix}badjson`]: { rec: "{not json", member: JSON.stringify({ port: 51820 }), reason: /not JSON/ },
     };
     let a3: Vm | undefined;
@@ -197,9 +219,20 @@ describe("bad input", () => {
       await startHttpServer(a3.ns, "a3", 80);
       assert.ok(await meshUp([...a, a3], 20_000), "VPC A (with a3) converges despite the bad records");
       for (const x of hv) {
-        assert.deepEqual(await peerHosts(x, vpcA), hv.filter((y) => y !== x).map((y) => y.id).sort(), `${x.id}: only the good hosts are peers`);
+        assert.deepEqual(
+          await peerHosts(x, vpcA),
+          hv
+            .filter((y) => y !== x)
+            .map((y) => y.id)
+            .sort(),
+          `${x.id}: only the good hosts are peers`,
+        );
         const st = (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0];
-        assert.deepEqual(st.skippedHosts.map((s) => s.hostId), Object.keys(bad).sort(), `${x.id} reports every bad host as skipped`);
+        assert.deepEqual(
+          st.skippedHosts.map((s) => s.hostId),
+          Object.keys(bad).sort(),
+          `${x.id} reports every bad host as skipped`,
+        );
         for (const s of st.skippedHosts) assert.match(s.reason, bad[s.hostId].reason, `${x.id}: reason for ${s.hostId}`);
         assert.equal(st.implementation, WireGuardImplementation.WIREGUARD_GO, "no kernel module on these machines: wireguard-go");
       }
@@ -210,7 +243,10 @@ describe("bad input", () => {
         assert.match(e.invalidReason, bad[id].reason, `ListHosts: why ${id} is invalid`);
         assert.match((await hv[1].agent.getHost({ ref: id })).host!.invalidReason, bad[id].reason);
       }
-      assert.ok(list.hosts.filter((x) => hv.some((y) => y.id === x.id)).every((x) => x.invalidReason === ""), "good hosts are valid");
+      assert.ok(
+        list.hosts.filter((x) => hv.some((y) => y.id === x.id)).every((x) => x.invalidReason === ""),
+        "good hosts are valid",
+      );
       assert.equal(good.invalidReason, "");
       const out = hv.map((x) => x.daemon.output()).join("\n");
       const warned = out.split("\n").filter((l) => l.includes("skipping a malformed host registry entry") && l.includes(`${h.prefix}badkey`));
@@ -224,7 +260,11 @@ describe("bad input", () => {
       r.disconnect();
       if (a3) await h.removeVm(a3);
     }
-    for (const x of hv) assert.ok(await waitFor(async () => (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].skippedHosts.length === 0, { timeoutMs: 5000 }), `${x.id}: nothing skipped once the records are gone`);
+    for (const x of hv)
+      assert.ok(
+        await waitFor(async () => (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].skippedHosts.length === 0, { timeoutMs: 5000 }),
+        `${x.id}: nothing skipped once the records are gone`,
+      );
   });
 
   test("GetOverlayStatus and GetHost: INVALID_ARGUMENT for a malformed id, NOT_FOUND for an unknown one", async () => {
@@ -247,7 +287,20 @@ describe("bad input", () => {
     if (!existsSync("/sys/module/wireguard")) cases.push([["--wireguard", "kernel"], /--wireguard kernel: cannot create a kernel WireGuard device/]);
     const state = tempDir("badflags");
     for (const [flags, want] of cases) {
-      const args = ["--redis", h.redis.url, "--host-id", `${h.prefix}flags`, "--overlay", "--host-netns", hv[0].ns, "--underlay-interface", "ul0", "--state-dir", state, ...flags];
+      const args = [
+        "--redis",
+        h.redis.url,
+        "--host-id",
+        `${h.prefix}flags`,
+        "--overlay",
+        "--host-netns",
+        hv[0].ns,
+        "--underlay-interface",
+        "ul0",
+        "--state-dir",
+        state,
+        ...flags,
+      ];
       await assert.rejects(startDaemon("netagent", args), (err: Error) => {
         assert.match(err.message, /exited with [1-9]/, flags.join(" "));
         // The log line is JSON: read its quotes back.
@@ -272,11 +325,16 @@ describe("key rotation", () => {
     assert.ok(res.gbps > 0, "the stream completed");
     const newKey = rot.host!.publicKey;
     for (const x of [hv[1], hv[2]]) {
-      const ok = await waitFor(async () => (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].peers.some((p) => p.hostId === hv[0].id && p.publicKey === newKey), { timeoutMs: 5000 });
+      const ok = await waitFor(
+        async () => (await x.agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].peers.some((p) => p.hostId === hv[0].id && p.publicKey === newKey),
+        { timeoutMs: 5000 },
+      );
       assert.ok(ok, `${x.id} uses hv0's new key`);
     }
     assert.ok(await meshUp(a, 10_000), "mesh after rotation");
-    console.log(`# overlay: rotation answered in ${rotMs} ms (updated ${rot.peersUpdated.join(",")}; pending ${rot.peersPending.join(",") || "none"}); iperf3 across it ${res.gbps.toFixed(3)} Gbit/s, ${res.retransmits} retransmits`);
+    console.log(
+      `# overlay: rotation answered in ${rotMs} ms (updated ${rot.peersUpdated.join(",")}; pending ${rot.peersPending.join(",") || "none"}); iperf3 across it ${res.gbps.toFixed(3)} Gbit/s, ${res.retransmits} retransmits`,
+    );
   });
 });
 
@@ -293,7 +351,10 @@ describe("hosts leaving and coming back", () => {
     assert.ok(!(await reaches(a[0], a[2])), "no path to a host that left");
     rmSync(join(h.stateDir!, gone.id, "wg.key"));
     await gone.start();
-    assert.ok(await waitFor(async () => (await hv[0].agent.listHosts({})).hosts.some((x) => x.id === gone.id), { timeoutMs: 5000 }), `${gone.id} registered again`);
+    assert.ok(
+      await waitFor(async () => (await hv[0].agent.listHosts({})).hosts.some((x) => x.id === gone.id), { timeoutMs: 5000 }),
+      `${gone.id} registered again`,
+    );
     const { host } = await hv[0].agent.getHost({ ref: gone.id });
     assert.notEqual(host!.publicKey, oldKey, "a new key after the key file was deleted");
     assert.ok(await meshUp(a, 15_000), "mesh with the returned host");
@@ -362,7 +423,9 @@ describe("throughput", () => {
     const procs: ReturnType<typeof spawn>[] = [];
     try {
       for (const e of ends) {
-        const child = trackChild(spawn("ip", ["netns", "exec", e.x.ns, "wireguard-go", "-f", e.name], { stdio: "ignore", env: { ...process.env, WG_PROCESS_FOREGROUND: "1" } }));
+        const child = trackChild(
+          spawn("ip", ["netns", "exec", e.x.ns, "wireguard-go", "-f", e.name], { stdio: "ignore", env: { ...process.env, WG_PROCESS_FOREGROUND: "1" } }),
+        );
         assert.ok(await waitFor(() => existsSync(`/var/run/wireguard/${e.name}.sock`), { timeoutMs: 3000, intervalMs: 20 }), `${e.name} started`);
         procs.push(child);
         writeFileSync(e.key, (await run("wg", ["genkey"])).stdout, { mode: 0o600 });
@@ -370,7 +433,20 @@ describe("throughput", () => {
       }
       for (const [i, e] of ends.entries()) {
         const o = ends[1 - i];
-        await run("wg", ["set", e.name, "private-key", e.key, "listen-port", String(51900 + i), "peer", o.pub, "endpoint", `${o.x.underlayAddress}:${51900 + 1 - i}`, "allowed-ips", `${o.addr}/32`]);
+        await run("wg", [
+          "set",
+          e.name,
+          "private-key",
+          e.key,
+          "listen-port",
+          String(51900 + i),
+          "peer",
+          o.pub,
+          "endpoint",
+          `${o.x.underlayAddress}:${51900 + 1 - i}`,
+          "allowed-ips",
+          `${o.addr}/32`,
+        ]);
         await ipn(e.x.ns, ["addr", "add", `${e.addr}/24`, "dev", e.name]);
         await ipn(e.x.ns, ["link", "set", e.name, "mtu", String(OVERLAY_MTU), "up"]);
       }

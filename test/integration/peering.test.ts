@@ -128,7 +128,13 @@ describe("A–B peering limited to allowed CIDRs", () => {
 
   test("the same pair again is ALREADY_EXISTS; the same client token returns the peering; lookups by pair work either way round", async () => {
     await rejectsWith(h.ipam.peering.createPeering({ vpc1: "pb", vpc2: "pa" }), Code.AlreadyExists, /already peered/);
-    const again = await h.ipam.peering.createPeering({ vpc1: "pa", vpc2: "pb", vpc1AllowedCidrs: ["10.70.1.0/24"], vpc2AllowedCidrs: ["10.71.2.0/24"], clientToken: "ab-1" });
+    const again = await h.ipam.peering.createPeering({
+      vpc1: "pa",
+      vpc2: "pb",
+      vpc1AllowedCidrs: ["10.70.1.0/24"],
+      vpc2AllowedCidrs: ["10.71.2.0/24"],
+      clientToken: "ab-1",
+    });
     assert.equal(again.peering!.id, ab.id);
     assert.equal((await h.ipam.peering.getPeering({ vpc1: "pb", vpc2: "pa" })).peering!.id, ab.id);
     assert.equal((await h.ipam.peering.getPeering({ ref: "pa--pb" })).peering!.id, ab.id);
@@ -167,7 +173,9 @@ describe("non-transitive", () => {
     // holds A, C, and B for the B–C peering), B's side of that link drops them.
     const aNs = h.hosts[0].vpcNamespace(A.id);
     const bNs = h.hosts[0].vpcNamespace(B.id);
-    const link = JSON.parse((await ipn(aNs, ["-j", "link", "show"])).stdout).map((l: { ifname: string }) => l.ifname).find((n: string) => /^pc[0-9a-f]{12}$/.test(n));
+    const link = JSON.parse((await ipn(aNs, ["-j", "link", "show"])).stdout)
+      .map((l: { ifname: string }) => l.ifname)
+      .find((n: string) => /^pc[0-9a-f]{12}$/.test(n));
     assert.ok(link, "A–B link on host 0");
     const drops = async () => {
       const out = (await nsExec(bNs, "nft", ["list", "chain", "inet", "microvpc_peering", "forward"])).stdout;
@@ -204,16 +212,28 @@ describe("VPC-internal DNS across hosts", () => {
     // Gateways only: no firewall here, so the harness's unbound NICs stay open.
     for (const hv of h.hosts) {
       const d = await startDaemon("gateway", [
-        "--redis", h.redis.url, "--host-id", hv.id, "--host-netns", hv.ns, "--uplink", "ul0",
-        "--public-pool", FLOATING_POOL, "--imds-redis", h.redis.socket,
+        "--redis",
+        h.redis.url,
+        "--host-id",
+        hv.id,
+        "--host-netns",
+        hv.ns,
+        "--uplink",
+        "ul0",
+        "--public-pool",
+        FLOATING_POOL,
+        "--imds-redis",
+        h.redis.socket,
       ]);
       trackChild(d.proc);
     }
     const dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });
     await dns.setDnsRecord({ vpc: "pa", name: "a0", address: a0.address, owner: "vm-a0" });
     await dns.setDnsRecord({ vpc: "pb", name: "b2", address: b2.address, owner: "vm-b2" });
-    const ask = async (vm: Vm, server: string, name: string) => (await nsExec(vm.ns, process.execPath, ["-e", QUERY, server, name], { check: false, timeoutMs: 10_000 })).stdout;
-    const eventually = (vm: Vm, server: string, name: string, want: string) => waitFor(async () => (await ask(vm, server, name)) === want, { timeoutMs: 15_000, intervalMs: 300 });
+    const ask = async (vm: Vm, server: string, name: string) =>
+      (await nsExec(vm.ns, process.execPath, ["-e", QUERY, server, name], { check: false, timeoutMs: 10_000 })).stdout;
+    const eventually = (vm: Vm, server: string, name: string, want: string) =>
+      waitFor(async () => (await ask(vm, server, name)) === want, { timeoutMs: 15_000, intervalMs: 300 });
     // Each VPC's resolver is its base + 2.
     assert.ok(await eventually(a1, "10.70.0.2", "a0.pa.internal", a0.address), "a1 (host 1) resolves a0 (host 0)");
     assert.ok(await eventually(a0, "10.70.0.2", "a0.pa.internal", a0.address), "a0 resolves itself on host 0");
@@ -260,7 +280,10 @@ describe("deleting a peering", () => {
     assert.equal((await h.ipam.peering.deletePeering({ ref: ab.id })).deleted, true);
     assert.ok(await waitFor(async () => !(await reaches(a0, b2)), { timeoutMs: 15_000, intervalMs: 300 }), "a0 → b2 stops");
     assert.equal(await reaches(b2, a0), false, "b2 → a0");
-    assert.ok(await waitFor(async () => !(await h.hosts[2].vpcNamespaces()).includes(ns), { timeoutMs: 15_000, intervalMs: 300 }), "A's namespace leaves host 2");
+    assert.ok(
+      await waitFor(async () => !(await h.hosts[2].vpcNamespaces()).includes(ns), { timeoutMs: 15_000, intervalMs: 300 }),
+      "A's namespace leaves host 2",
+    );
     const bNs = h.hosts[2].vpcNamespace(B.id);
     const links = await ipn(bNs, ["-j", "link", "show"]);
     assert.doesNotMatch(links.stdout, /"ifname":"pc[0-9a-f]{12}"/, "no peering link left in B's namespace");

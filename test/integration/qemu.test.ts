@@ -73,7 +73,16 @@ describe.skipIf(skip)("real guests under QEMU on netagent's TAPs", { timeout: 15
     const owner = `vm-${name}`;
     const addr = await h.allocate(subnet, owner, address);
     const nic = (
-      await hv.agent.attachNic({ vpc: vpc.id, subnet: subnet.id, kind: NicKind.TAP, options: { case: "tap", value: {} }, address: addr, owner, hostname: name, guestInterface: "eth0" })
+      await hv.agent.attachNic({
+        vpc: vpc.id,
+        subnet: subnet.id,
+        kind: NicKind.TAP,
+        options: { case: "tap", value: {} },
+        address: addr,
+        owner,
+        hostname: name,
+        guestInterface: "eth0",
+      })
     ).nic!;
     nics.push(nic);
     return nic;
@@ -123,8 +132,19 @@ describe.skipIf(skip)("real guests under QEMU on netagent's TAPs", { timeout: 15
         rules: [{ direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: 80, portTo: 80, peer: { case: "cidr", value: "10.0.0.0/16" } }],
       })
     ).securityGroup!.id;
-    for (const [nic, subnet, groups] of [[n1, web, []], [n2, db, [sg]]] as const) {
-      await fw.bindNic({ nicId: nic.id, vpc: vpc.id, subnet: subnet.id, address: nic.guest!.address, mac: nic.guest!.mac, hostInterface: nic.hostInterface, securityGroups: [...groups] });
+    for (const [nic, subnet, groups] of [
+      [n1, web, []],
+      [n2, db, [sg]],
+    ] as const) {
+      await fw.bindNic({
+        nicId: nic.id,
+        vpc: vpc.id,
+        subnet: subnet.id,
+        address: nic.guest!.address,
+        mac: nic.guest!.mac,
+        hostInterface: nic.hostInterface,
+        securityGroups: [...groups],
+      });
       await gw.setInstanceMetadata({
         metadata: { instanceId: `i-${nic.owner}`, vpcId: vpc.id, subnetId: subnet.id, localIpv4: nic.guest!.address, mac: nic.guest!.mac, hostname: nic.owner },
       });
@@ -172,9 +192,15 @@ describe.skipIf(skip)("real guests under QEMU on netagent's TAPs", { timeout: 15
   }
 
   test("both guests boot and configure eth0 from netagent's ip= argument, with netagent's MAC", async (t) => {
-    await t.annotate(`accel ${accel.accel} (${accel.reason}); guest build ${buildMs} ms; network up after start: g2 ${g2.bootMs} ms (with its servers), g1 ${g1.bootMs} ms`);
+    await t.annotate(
+      `accel ${accel.accel} (${accel.reason}); guest build ${buildMs} ms; network up after start: g2 ${g2.bootMs} ms (with its servers), g1 ${g1.bootMs} ms`,
+    );
     for (const g of [g1, g2]) {
-      assert.deepEqual(g.report.net, { device: "eth0", address: `${g.nic.guest!.address}/24`, gateway: g.nic.guest!.gateway, mac: g.nic.guest!.mac }, g.vm.console());
+      assert.deepEqual(
+        g.report.net,
+        { device: "eth0", address: `${g.nic.guest!.address}/24`, gateway: g.nic.guest!.gateway, mac: g.nic.guest!.mac },
+        g.vm.console(),
+      );
       assert.equal(g.report.done, true);
     }
     assert.deepEqual(g2.report.listening, [80, 8080]);

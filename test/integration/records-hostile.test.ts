@@ -36,8 +36,23 @@ beforeAll(async () => {
   vm1 = await h.vm(hv, vpc, sn, "h1");
   // The firewall in force: ICMP within the VPC is the allowed flow.
   const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
-  const sg = (await fw.createSecurityGroup({ vpc: vpc.id, name: "icmp", rules: [{ direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr", value: "10.77.0.0/16" } }] })).securityGroup!.id;
-  for (const vm of [vm0, vm1]) await fw.bindNic({ nicId: vm.nicId, vpc: vm.vpc.id, subnet: vm.subnet.id, address: vm.address, mac: vm.mac, hostInterface: vm.hostInterface, securityGroups: [sg] });
+  const sg = (
+    await fw.createSecurityGroup({
+      vpc: vpc.id,
+      name: "icmp",
+      rules: [{ direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr", value: "10.77.0.0/16" } }],
+    })
+  ).securityGroup!.id;
+  for (const vm of [vm0, vm1])
+    await fw.bindNic({
+      nicId: vm.nicId,
+      vpc: vm.vpc.id,
+      subnet: vm.subnet.id,
+      address: vm.address,
+      mac: vm.mac,
+      hostInterface: vm.hostInterface,
+      securityGroups: [sg],
+    });
 }, 120_000);
 
 afterAll(async () => {
@@ -65,10 +80,13 @@ describe("hostile records written straight into Redis", () => {
     // they keep when a record later turns invalid.
     const ns0 = vm0.vpcNs;
     assert.ok(
-      await waitFor(async () => {
-        const r = (await nsExec(ns0, "nft", ["list", "set", "bridge", "microvpc", "nic_ok"], { check: false })).stdout;
-        return r.includes(vm0.address) && r.includes(vm1.address);
-      }, { timeoutMs: 10_000, intervalMs: 250 }),
+      await waitFor(
+        async () => {
+          const r = (await nsExec(ns0, "nft", ["list", "set", "bridge", "microvpc", "nic_ok"], { check: false })).stdout;
+          return r.includes(vm0.address) && r.includes(vm1.address);
+        },
+        { timeoutMs: 10_000, intervalMs: 250 },
+      ),
       "the firewall has both NICs",
     );
     const nicsKey = `mvpc:host:${hv.id}:nics`;
@@ -80,7 +98,12 @@ describe("hostile records written straight into Redis", () => {
     };
     const hostile: (readonly [string, string])[] = [
       // newline: the first line succeeds (a tap), the second is `netns exec` in ip -batch
-      nic(1, { kind: "tap", veth: undefined, tap: { multiQueue: false, queues: 1 }, hostIf: `z${tag.slice(0, 6)} mode tap\nnetns exec ${ns} /bin/touch ${markers[0]}\nlink show` }),
+      nic(1, {
+        kind: "tap",
+        veth: undefined,
+        tap: { multiQueue: false, queues: 1 },
+        hostIf: `z${tag.slice(0, 6)} mode tap\nnetns exec ${ns} /bin/touch ${markers[0]}\nlink show`,
+      }),
       nic(2, { hostIf: `v1" ; add rule bridge microvpc prerouting accept ; "` }), // quote: out of the nft script
       nic(3, { mac: "02:00:00:00:00:01 } } table bridge x { chain y {" }), // brace
       nic(4, { guestIf: "eth0;touch" }), // semicolon
@@ -93,19 +116,51 @@ describe("hostile records written straight into Redis", () => {
     ];
     for (const [k, v] of hostile) await redis.hset(nicsKey, k, v);
     // A good NIC's record overwritten with a hostile one keeps its last valid value.
-    await redis.hset(nicsKey, vm1.nicId, JSON.stringify({ ...JSON.parse((await redis.hget(nicsKey, vm1.nicId))!), hostIf: `y${tag.slice(0, 6)} type dummy\nnetns exec ${ns} /bin/touch ${markers[2]}\nlink add y${tag.slice(0, 5)}` }));
+    await redis.hset(
+      nicsKey,
+      vm1.nicId,
+      JSON.stringify({
+        ...JSON.parse((await redis.hget(nicsKey, vm1.nicId))!),
+        hostIf: `y${tag.slice(0, 6)} type dummy\nnetns exec ${ns} /bin/touch ${markers[2]}\nlink add y${tag.slice(0, 5)}`,
+      }),
+    );
     // Subnet and VPC records.
     const subnetsKey = `mvpc:host:${hv.id}:subnets`;
     const goodSn = JSON.parse((await redis.hget(subnetsKey, vm0.subnet.id))!) as Record<string, unknown>;
     const snId = `subnet-${tag}0001`;
-    await redis.hset(subnetsKey, snId, JSON.stringify({ ...goodSn, subnetId: snId, cidr: "10.77.9.0/24", gatewayCidr: `10.77.9.1/24 dev br-${snId.slice(-12)}\nnetns exec ${ns} /bin/touch ${markers[3]}\naddr add 10.77.9.2/24` }));
-    await redis.hset(subnetsKey, `subnet-${tag}0002`, JSON.stringify({ ...goodSn, subnetId: `subnet-${tag}0002`, cidr: "0.0.0.0/0", gatewayCidr: "0.0.0.1/0" }));
+    await redis.hset(
+      subnetsKey,
+      snId,
+      JSON.stringify({
+        ...goodSn,
+        subnetId: snId,
+        cidr: "10.77.9.0/24",
+        gatewayCidr: `10.77.9.1/24 dev br-${snId.slice(-12)}\nnetns exec ${ns} /bin/touch ${markers[3]}\naddr add 10.77.9.2/24`,
+      }),
+    );
+    await redis.hset(
+      subnetsKey,
+      `subnet-${tag}0002`,
+      JSON.stringify({ ...goodSn, subnetId: `subnet-${tag}0002`, cidr: "0.0.0.0/0", gatewayCidr: "0.0.0.1/0" }),
+    );
     const vpcsKey = `mvpc:host:${hv.id}:vpcs`;
     await redis.hset(vpcsKey, `vpc-${tag}0001`, JSON.stringify({ vpcId: `vpc-${tag}0001`, ns: `x\nnetns exec ${ns} /bin/touch ${markers[4]}`, createdMs: 1 }));
     await redis.hset(vpcsKey, `vpc-x;touch ${markers[4]}`, JSON.stringify({ vpcId: `vpc-x;touch ${markers[4]}`, ns: "mvpc-x", createdMs: 1 }));
     // A peering of the VPC whose allowed CIDRs claim the internet.
     const pcx = `pcx-${tag}0001`;
-    await redis.hset(`mvpc:pcx:${pcx}`, { id: pcx, name: "evil", vpc1: vm0.vpc.id, vpc2: `vpc-${tag}0009`, cidr1: "10.77.0.0/16", cidr2: "10.78.0.0/16", allowed1: '["0.0.0.0/1","128.0.0.0/1"]', allowed2: "[]", description: "", labels: "[]", created: "1" });
+    await redis.hset(`mvpc:pcx:${pcx}`, {
+      id: pcx,
+      name: "evil",
+      vpc1: vm0.vpc.id,
+      vpc2: `vpc-${tag}0009`,
+      cidr1: "10.77.0.0/16",
+      cidr2: "10.78.0.0/16",
+      allowed1: '["0.0.0.0/1","128.0.0.0/1"]',
+      allowed2: "[]",
+      description: "",
+      labels: "[]",
+      created: "1",
+    });
     await redis.sadd(`mvpc:vpc:${vm0.vpc.id}:peerings`, pcx);
 
     const expected = hostile.length + 1 + 2 + 2 + 1;
@@ -127,7 +182,10 @@ describe("hostile records written straight into Redis", () => {
     assert.match(byField.get(hostile[7][0])!.reason, /bandwidth/);
     assert.match(byField.get(vm1.nicId)!.reason, /hostIf/);
     assert.match(byField.get(snId)!.reason, /gatewayCidr/);
-    assert.ok(st.invalidRecords.some((x) => x.kind === "peering" && /allowed1/.test(x.reason)), "status shows the peering");
+    assert.ok(
+      st.invalidRecords.some((x) => x.kind === "peering" && /allowed1/.test(x.reason)),
+      "status shows the peering",
+    );
     assert.ok(st.invalidRecords.filter((x) => x.kind === "vpc").length === 2, "status shows both VPC records");
     assert.equal(await metric(hv.daemon, "nic"), hostile.length + 1, "nic records counted once each");
     assert.equal(await metric(hv.daemon, "subnet"), 2);

@@ -45,8 +45,20 @@ async function eventually(probe: () => Promise<boolean>, what: string, timeoutMs
   assert.ok(await waitFor(probe, { timeoutMs, intervalMs: 250 }), what);
 }
 
-const tcpRule = (port: number) => ({ direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: port, portTo: port, peer: { case: "cidr" as const, value: "0.0.0.0/0" } });
-const udpRule = (port: number) => ({ direction: Direction.INGRESS, protocol: Protocol.UDP, portFrom: port, portTo: port, peer: { case: "cidr" as const, value: "0.0.0.0/0" } });
+const tcpRule = (port: number) => ({
+  direction: Direction.INGRESS,
+  protocol: Protocol.TCP,
+  portFrom: port,
+  portTo: port,
+  peer: { case: "cidr" as const, value: "0.0.0.0/0" },
+});
+const udpRule = (port: number) => ({
+  direction: Direction.INGRESS,
+  protocol: Protocol.UDP,
+  portFrom: port,
+  portTo: port,
+  peer: { case: "cidr" as const, value: "0.0.0.0/0" },
+});
 
 interface UdpListener {
   /** Datagrams received so far: port, sender address, payload. */
@@ -68,7 +80,9 @@ process.on("SIGTERM", () => process.exit(0));
 
 /** UDP listeners in a VM, recording every datagram with its source address. */
 async function udpListener(vm: Vm, ports: number[]): Promise<UdpListener> {
-  const child = trackChild(spawn("ip", ["netns", "exec", vm.ns, process.execPath, "-e", UDP_LISTENER, ...ports.map(String)], { stdio: ["ignore", "pipe", "inherit"] }));
+  const child = trackChild(
+    spawn("ip", ["netns", "exec", vm.ns, process.execPath, "-e", UDP_LISTENER, ...ports.map(String)], { stdio: ["ignore", "pipe", "inherit"] }),
+  );
   const got: UdpListener["got"] = [];
   let buf = "";
   let ready!: () => void;
@@ -140,12 +154,26 @@ beforeAll(async () => {
   const sgA = (await fw.createSecurityGroup({ vpc: va.id, name: "web", rules: [tcpRule(443)] })).securityGroup!.id;
   const sgB = (await fw.createSecurityGroup({ vpc: vb.id, name: "web", rules: [tcpRule(443), udpRule(UDP_OPEN)] })).securityGroup!.id;
   const bind = (vm: Vm, groups: string[]) =>
-    fw.bindNic({ nicId: vm.nicId, vpc: vm.vpc.id, subnet: vm.subnet.id, address: vm.address, mac: vm.mac, hostInterface: vm.hostInterface, securityGroups: groups });
+    fw.bindNic({
+      nicId: vm.nicId,
+      vpc: vm.vpc.id,
+      subnet: vm.subnet.id,
+      address: vm.address,
+      mac: vm.mac,
+      hostInterface: vm.hostInterface,
+      securityGroups: groups,
+    });
   await bind(a1, [sgA]);
   await bind(b1, [sgB]);
   await bind(c1, []);
   await bind(c2, []);
-  const icmp = (type: number, code?: number) => ({ direction: Direction.INGRESS, protocol: Protocol.ICMP, icmpType: type, icmpCode: code, peer: { case: "cidr" as const, value: "10.3.0.0/16" } });
+  const icmp = (type: number, code?: number) => ({
+    direction: Direction.INGRESS,
+    protocol: Protocol.ICMP,
+    icmpType: type,
+    icmpCode: code,
+    peer: { case: "cidr" as const, value: "10.3.0.0/16" },
+  });
   await bind(d1, []);
   await bind(d2, [(await fw.createSecurityGroup({ vpc: vd.id, name: "echo-code-0", rules: [icmp(8, 0)] })).securityGroup!.id]);
   await bind(d3, [(await fw.createSecurityGroup({ vpc: vd.id, name: "echo-any-code", rules: [icmp(8)] })).securityGroup!.id]);
@@ -153,7 +181,9 @@ beforeAll(async () => {
   await startHttpServer(a1.ns, "tenant A", 443);
   await startHttpServer(b1.ns, "tenant B", 443);
   udp = await udpListener(b1, [UDP_OPEN, UDP_CLOSED]);
-  await gw.setInstanceMetadata({ metadata: { instanceId: "i-tenant-b", vpcId: vb.id, subnetId: b1.subnet.id, localIpv4: b1.address, mac: b1.mac, hostname: "b1" } });
+  await gw.setInstanceMetadata({
+    metadata: { instanceId: "i-tenant-b", vpcId: vb.id, subnetId: b1.subnet.id, localIpv4: b1.address, mac: b1.mac, hostname: "b1" },
+  });
 
   await gw.createPortForward({ vpc: va.id, protocol: Protocol.TCP, outsidePort: 443, privateAddress: a1.address });
   const fip = (await gw.allocateFloatingIp({})).floatingIp!;
@@ -187,7 +217,11 @@ describe("port forwards take the uplink address only", () => {
         new RegExp(`outside port ${port} is reserved.*--reserved-ports`),
       );
     }
-    await rejectsWith(gw.createPortForward({ vpc: "tenant-a", protocol: Protocol.UDP, outsidePort: 7403, privateAddress: a1.address }), Code.FailedPrecondition, /reserved/);
+    await rejectsWith(
+      gw.createPortForward({ vpc: "tenant-a", protocol: Protocol.UDP, outsidePort: 7403, privateAddress: a1.address }),
+      Code.FailedPrecondition,
+      /reserved/,
+    );
     assert.deepEqual(
       (await gw.listPortForwards({})).portForwards.map((p) => p.outsidePort),
       [443],
@@ -203,7 +237,11 @@ describe("port forwards take the uplink address only", () => {
     await nsExec(inet.ns, "ip", ["route", "replace", "169.254.0.0/16", "via", hostAddr]);
     try {
       assert.equal(await httpGet(inet.ns, `http://${hostAddr}:443/`), "tenant A", "the allowed path still works");
-      assert.notEqual(await tcpConnect(inet.ns, transitA, 443, 1500), "connected", `${transitA}:443 (the VPC end of the transit link) is not reachable from outside`);
+      assert.notEqual(
+        await tcpConnect(inet.ns, transitA, 443, 1500),
+        "connected",
+        `${transitA}:443 (the VPC end of the transit link) is not reachable from outside`,
+      );
     } finally {
       await nsExec(inet.ns, "ip", ["route", "del", "169.254.0.0/16"]);
     }
@@ -236,7 +274,9 @@ describe("link-local sources get no pass around security groups", () => {
     } finally {
       await nsExec(inet.ns, "ip", ["addr", "del", `${SPOOF}/32`, "dev", "eth0"]);
     }
-    const probe = JSON.parse((await nsExec(h.hosts[0].ns, "nft", ["-j", "list", "counter", "ip", "tenant_probe", "spoofed"])).stdout) as { nftables: { counter?: { packets: number } }[] };
+    const probe = JSON.parse((await nsExec(h.hosts[0].ns, "nft", ["-j", "list", "counter", "ip", "tenant_probe", "spoofed"])).stdout) as {
+      nftables: { counter?: { packets: number } }[];
+    };
     await nsExec(h.hosts[0].ns, "nft", ["delete", "table", "ip", "tenant_probe"]);
     assert.equal(probe.nftables.find((o) => o.counter)?.counter?.packets, 6, "all six spoofed datagrams reached the hypervisor's uplink");
     assert.equal(arrived("plain-closed").length, 0, "control: the group closes 5002 to ordinary sources");
@@ -328,7 +368,9 @@ const one = () => new Promise((r) => {
 describe("conntrack limit per VM (--conntrack-limit-per-vm)", () => {
   test(`a VM past ${CT_LIMIT} flows through the host's NAT has the excess refused; another VM of the VPC still connects`, async () => {
     await eventually(async () => (await tcpConnect(c2.ns, inet.address, 80, 1500)) === "connected", "c2 reaches the internet (egress works)");
-    const holder = trackChild(spawn("ip", ["netns", "exec", c1.ns, process.execPath, "-e", HOLDER, inet.address, "80", String(CT_LIMIT + 3)], { stdio: ["pipe", "pipe", "inherit"] }));
+    const holder = trackChild(
+      spawn("ip", ["netns", "exec", c1.ns, process.execPath, "-e", HOLDER, inet.address, "80", String(CT_LIMIT + 3)], { stdio: ["pipe", "pipe", "inherit"] }),
+    );
     try {
       const line = await new Promise<string>((resolve, reject) => {
         let buf = "";
@@ -342,7 +384,10 @@ describe("conntrack limit per VM (--conntrack-limit-per-vm)", () => {
       const got = JSON.parse(line) as string[];
       assert.deepEqual(got.slice(0, CT_LIMIT), Array(CT_LIMIT).fill("connected"), `the first ${CT_LIMIT} connect`);
       for (const r of got.slice(CT_LIMIT)) assert.notEqual(r, "connected", `past the limit: refused (${got.join(", ")})`);
-      assert.ok(got.slice(CT_LIMIT).every((r) => r === "EHOSTUNREACH"), `refused at once (admin-prohibited), not left to time out: ${got.join(", ")}`);
+      assert.ok(
+        got.slice(CT_LIMIT).every((r) => r === "EHOSTUNREACH"),
+        `refused at once (admin-prohibited), not left to time out: ${got.join(", ")}`,
+      );
       // While c1 holds its flows, its neighbour is not affected.
       assert.equal(await tcpConnect(c2.ns, inet.address, 80, 2000), "connected", "another VM of the same VPC still connects");
       // Metadata requests are host conntrack entries too: counted the same way.

@@ -28,25 +28,16 @@ import { cliEnv, cliRunner, type CliRun } from "../lib/cli.js";
 import { Harness } from "../lib/harness.js";
 import { httpGet, listening, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
-
 let h: Harness;
 let fwd: Daemon | undefined, gwd: Daemon | undefined, vmmd: Daemon | undefined;
 let inet: { ns: string; address: string };
 let tmp: string;
 const servers: ReturnType<typeof spawn>[] = [];
 
-
-
 function globals(): string[] {
   const hv = h.hosts[0];
-  return [
-    "--server", h.ipamDaemon.address, "--netagent", hv.daemon.address,
-    "--firewall", fwd!.address, "--gateway", gwd!.address, "--vmm", vmmd!.address,
-  ];
+  return ["--server", h.ipamDaemon.address, "--netagent", hv.daemon.address, "--firewall", fwd!.address, "--gateway", gwd!.address, "--vmm", vmmd!.address];
 }
-
-
-
 
 const { run, expect, json } = cliRunner(globals, 120_000);
 
@@ -87,7 +78,10 @@ async function reachable(from: string, target: string, vpc: string): Promise<voi
  */
 async function blocked(from: string, target: string, vpc: string): Promise<void> {
   // Rules apply asynchronously: wait for the drop, then require it to hold.
-  await waitFor(async () => (await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code === 8, { timeoutMs: 10_000, intervalMs: 300 });
+  await waitFor(async () => (await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code === 8, {
+    timeoutMs: 10_000,
+    intervalMs: 300,
+  });
   const r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000", "-o", "json"]);
   assert.equal(r.code, 8, `${from} → ${target} should be blocked:\nexit ${r.code}\n${r.stdout}${r.stderr}`);
   assert.equal(JSON.parse(r.stdout).result, "CONNECTIVITY_RESULT_TIMEOUT", `${from} → ${target}: dropped, not refused: ${r.stdout}`);
@@ -95,7 +89,10 @@ async function blocked(from: string, target: string, vpc: string): Promise<void>
 
 /** Not reachable in any way (dropped, or an ICMP error on the way): where no route leads there. */
 async function unreachable(from: string, target: string, vpc: string): Promise<void> {
-  await waitFor(async () => (await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code !== 0, { timeoutMs: 10_000, intervalMs: 300 });
+  await waitFor(async () => (await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"])).code !== 0, {
+    timeoutMs: 10_000,
+    intervalMs: 300,
+  });
   const r = await run(["test-connectivity", from, target, "--vpc", vpc, "--wait-ms", "1000"]);
   assert.notEqual(r.code, 0, `${from} → ${target} should not be reachable:\n${r.stdout}${r.stderr}`);
   assert.doesNotMatch(r.stdout, /^reachable/);
@@ -143,9 +140,19 @@ test("the agentmetal networking guide, as written, with packets", { timeout: 300
 
   // Security groups, the guide's rule texts.
   let r = await expect(0, [
-    "sg", "create", "web-sg", "--vpc", "prod",
-    "--inbound", "tcp:80:0.0.0.0/0", "--inbound", "tcp:443:0.0.0.0/0", "--inbound", "tcp:22:10.0.0.0/16",
-    "--outbound", "all:all:0.0.0.0/0",
+    "sg",
+    "create",
+    "web-sg",
+    "--vpc",
+    "prod",
+    "--inbound",
+    "tcp:80:0.0.0.0/0",
+    "--inbound",
+    "tcp:443:0.0.0.0/0",
+    "--inbound",
+    "tcp:22:10.0.0.0/16",
+    "--outbound",
+    "all:all:0.0.0.0/0",
   ]);
   assert.match(r.stdout, /web-sg/);
 
@@ -333,10 +340,11 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   r = await expect(0, ["sg", "import", "database-policy", policy, "--vpc", "blog"]);
   assert.match(r.stderr, /warning: .*22/);
   const g = (await json(["sg", "get", "database-policy", "--vpc", "blog"])).securityGroup;
-  assert.deepEqual(
-    g.rules.map((x: Record<string, unknown>) => `${x.direction}:${x.protocol}:${x.portFrom}`).sort(),
-    ["DIRECTION_EGRESS:PROTOCOL_TCP:443", "DIRECTION_EGRESS:PROTOCOL_TCP:80", "DIRECTION_INGRESS:PROTOCOL_TCP:5432"],
-  );
+  assert.deepEqual(g.rules.map((x: Record<string, unknown>) => `${x.direction}:${x.protocol}:${x.portFrom}`).sort(), [
+    "DIRECTION_EGRESS:PROTOCOL_TCP:443",
+    "DIRECTION_EGRESS:PROTOCOL_TCP:80",
+    "DIRECTION_INGRESS:PROTOCOL_TCP:5432",
+  ]);
   await expect(0, ["sg", "attach", db.nic, "--group", "database-policy"]);
   await reachable("webserver", "10.20.2.4:5432", "blog");
   await blocked("webserver", "10.20.2.4:22", "blog");

@@ -25,7 +25,11 @@ const hasQemu = (() => {
     return false;
   }
 })();
-const skip = !hasQemu ? `${QEMU_BIN} is not installed` : !guest ? "no guest image (deploy/guest/build.sh; test/integration/qemu.test.ts, which runs before this file, builds it)" : false;
+const skip = !hasQemu
+  ? `${QEMU_BIN} is not installed`
+  : !guest
+    ? "no guest image (deploy/guest/build.sh; test/integration/qemu.test.ts, which runs before this file, builds it)"
+    : false;
 
 function wrapper(name: string, body: string): string {
   const f = join(tempDir("accel"), name);
@@ -69,12 +73,16 @@ test.skipIf(skip)("a QEMU that exits at once: the outcome carries its status and
   assert.match(d.reason, /^QEMU refused -accel kvm: it exited \(3\) before the guest reached init: .*Permission denied/);
 });
 
-test.skipIf(skip)("this machine: KVM only if the guest reached init under it; TCG otherwise, with the reason, within the probe's limit", { timeout: 60_000 }, async (t) => {
-  const t0 = Date.now();
-  const d = await probeAccel({ ...machineDeps(), env: undefined });
-  await t.annotate(`${d.accel}: ${d.reason} (${Date.now() - t0} ms)`);
-  assert.ok(Date.now() - t0 < 20_000, "bounded");
-  assert.ok(d.reason.length > 0);
-  if (d.accel === "kvm") assert.match(d.reason, /reached init under KVM/);
-  assert.deepEqual(probeProcs(), []);
-});
+test.skipIf(skip)(
+  "this machine: KVM only if the guest reached init under it; TCG otherwise, with the reason, within the probe's limit",
+  { timeout: 60_000 },
+  async (t) => {
+    const t0 = Date.now();
+    const d = await probeAccel({ ...machineDeps(), env: undefined });
+    await t.annotate(`${d.accel}: ${d.reason} (${Date.now() - t0} ms)`);
+    assert.ok(Date.now() - t0 < 20_000, "bounded");
+    assert.ok(d.reason.length > 0);
+    if (d.accel === "kvm") assert.match(d.reason, /reached init under KVM/);
+    assert.deepEqual(probeProcs(), []);
+  },
+);

@@ -29,10 +29,25 @@ const stateDir = tempDir("vmm-state");
 
 async function startVmm(extra: string[] = []): Promise<void> {
   const hv = h.hosts[0];
-  vmmd = await startDaemon("vmm", [
-    "--redis", h.redis.url, "--host-id", hv.id, "--ipam", h.ipamDaemon.address, "--netagent", hv.daemon.address,
-    "--firewall", fwd.address, "--gateway", gwd.address, ...extra,
-  ], { MICROVPC_STATE_DIR: stateDir });
+  vmmd = await startDaemon(
+    "vmm",
+    [
+      "--redis",
+      h.redis.url,
+      "--host-id",
+      hv.id,
+      "--ipam",
+      h.ipamDaemon.address,
+      "--netagent",
+      hv.daemon.address,
+      "--firewall",
+      fwd.address,
+      "--gateway",
+      gwd.address,
+      ...extra,
+    ],
+    { MICROVPC_STATE_DIR: stateDir },
+  );
   trackChild(vmmd.proc);
   vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
 }
@@ -45,8 +60,13 @@ async function holdings() {
   const bindings = (await fw.listNicBindings({ pageSize: 1000 })).bindings.map((b) => b.address).sort();
   const metadata = (await new MetadataStore(redis).list({ limit: 1000 })).map((m) => m.localIpv4).sort();
   const namespaces = (await listNetns()).filter((n) => n.startsWith(`mvpcvm-${hv.id}-`)).length;
-  const running = (await vmm.listVms({})).vms.filter((v) => v.state === VmState.RUNNING).map((v) => v.nics[0].guest!.address).sort();
-  const records = (await grpcClient(DnsService, { address: h.ipamDaemon.address }).listDnsRecords({ vpc: "app", pageSize: 1000 })).records.map((r) => r.address).sort();
+  const running = (await vmm.listVms({})).vms
+    .filter((v) => v.state === VmState.RUNNING)
+    .map((v) => v.nics[0].guest!.address)
+    .sort();
+  const records = (await grpcClient(DnsService, { address: h.ipamDaemon.address }).listDnsRecords({ vpc: "app", pageSize: 1000 })).records
+    .map((r) => r.address)
+    .sort();
   return { allocs, nics, bindings, metadata, namespaces, running, records };
 }
 
@@ -87,7 +107,16 @@ afterAll(async () => {
 
 describe("CreateVm and DeleteVm", () => {
   test("a netns VM gets its address, NIC, groups and metadata; reaches others; deleted, nothing remains", async () => {
-    const a = (await vmm.createVm({ name: "a", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS, userData: new TextEncoder().encode("#cloud-config") })).vm!;
+    const a = (
+      await vmm.createVm({
+        name: "a",
+        vpc: "app",
+        subnet: "web",
+        securityGroups: ["web"],
+        kind: VmKind.NETNS,
+        userData: new TextEncoder().encode("#cloud-config"),
+      })
+    ).vm!;
     const b = (await vmm.createVm({ name: "b", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
     assert.equal(a.state, VmState.RUNNING);
     assert.match(a.nics[0].guest!.kernelIpArg, /^ip=10\.0\.1\.\d+::10\.0\.1\.1:255\.255\.255\.0:a:eth0:off/);
@@ -101,7 +130,10 @@ describe("CreateVm and DeleteVm", () => {
     assert.equal(again.vm!.id, a.id);
     const insp = await vmm.inspectVm({ ref: a.id });
     assert.equal(insp.steps.length, 6, "ipam, netagent, firewall, gateway, dns, boot");
-    assert.ok(insp.steps.every((s) => s.detail !== ""), "every step reports what it did");
+    assert.ok(
+      insp.steps.every((s) => s.detail !== ""),
+      "every step reports what it did",
+    );
     assertConsistent(await holdings(), "two VMs up");
     assert.equal((await vmm.deleteVm({ ref: "a", vpc: "app" })).deleted, true);
     assert.equal((await vmm.deleteVm({ ref: b.id })).deleted, true);
@@ -126,7 +158,8 @@ describe("exec metrics", () => {
     const text = await (await fetch(`http://127.0.0.1:${d.metricsPort}/metrics`)).text();
     if (!/^# TYPE microvpc_exec_total counter$/m.test(text) || !/^# TYPE microvpc_exec_duration_seconds histogram$/m.test(text)) return null;
     const m = new Map<string, number>();
-    for (const [, command, n] of text.matchAll(/^microvpc_exec_total\{(?:[^}]*,)?command="([^"]*)"[^}]*\} (\d+)$/gm)) m.set(command, (m.get(command) ?? 0) + Number(n));
+    for (const [, command, n] of text.matchAll(/^microvpc_exec_total\{(?:[^}]*,)?command="([^"]*)"[^}]*\} (\d+)$/gm))
+      m.set(command, (m.get(command) ?? 0) + Number(n));
     return m;
   }
 
@@ -170,7 +203,10 @@ describe("kind=qemu", () => {
     await t.annotate(`accelerator ${ins.accelerator}: ${ins.acceleratorReason}`);
     const addr = g.nics[0].guest!.address;
     assert.ok(
-      await waitFor(() => existsSync(g.consoleLogPath) && readFileSync(g.consoleLogPath, "utf8").includes(`MVPC-NET eth0 ${addr}/24`), { timeoutMs: 90_000, intervalMs: 500 }),
+      await waitFor(() => existsSync(g.consoleLogPath) && readFileSync(g.consoleLogPath, "utf8").includes(`MVPC-NET eth0 ${addr}/24`), {
+        timeoutMs: 90_000,
+        intervalMs: 500,
+      }),
       "the guest configured eth0 from the ip= argument",
     );
     const peer = (await vmm.createVm({ name: "peer", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
@@ -225,7 +261,10 @@ describe("failures", () => {
     const x = await holdings();
     assertConsistent(x, "after the kills");
     const vms = (await vmm.listVms({})).vms;
-    assert.ok(vms.every((v) => v.state === VmState.RUNNING), "no VM half-made");
+    assert.ok(
+      vms.every((v) => v.state === VmState.RUNNING),
+      "no VM half-made",
+    );
     assert.ok(vms.length >= 33, `the creates that were not killed are up (${vms.length})`);
     for (const v of vms) await vmm.deleteVm({ ref: v.id });
     assertConsistent(await holdings(), "after deleting them all");

@@ -25,10 +25,27 @@ export interface DaemonOptions {
   stopGraceMs?: number;
 }
 
-export async function startDaemon(service: string, extra: string[] = [], env: Record<string, string> = {}, netns?: string, o: DaemonOptions = {}): Promise<Daemon> {
+export async function startDaemon(
+  service: string,
+  extra: string[] = [],
+  env: Record<string, string> = {},
+  netns?: string,
+  o: DaemonOptions = {},
+): Promise<Daemon> {
   const port = await freePort();
   const metricsPort = await freePort();
-  const args = [...(o.nodeArgs ?? []), join(ROOT, "bin", "microvpcd.js"), service, "--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metricsPort}`, "--log-level", "warn", ...extra];
+  const args = [
+    ...(o.nodeArgs ?? []),
+    join(ROOT, "bin", "microvpcd.js"),
+    service,
+    "--listen",
+    `127.0.0.1:${port}`,
+    "--metrics-listen",
+    `127.0.0.1:${metricsPort}`,
+    "--log-level",
+    "warn",
+    ...extra,
+  ];
   const cmd = netns ? "ip" : process.execPath;
   const argv = netns ? ["netns", "exec", netns, process.execPath, ...args] : args;
   const proc = spawn(cmd, argv, { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });

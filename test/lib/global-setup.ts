@@ -77,7 +77,9 @@ function waitForWorkerCleanup(signal: NodeJS.Signals): void {
   const sleeper = new Int32Array(new SharedArrayBuffer(4));
   while (Date.now() - t0 < 30_000 && !workers.every(done)) Atomics.wait(sleeper, 0, 0, 50);
   const left = workers.filter((w) => !done(w)).map((w) => w.pid);
-  process.stderr.write(`${signal}: waited ${Date.now() - t0} ms for ${workers.length} test worker(s) to clean up${left.length ? `; not done: ${left.join(", ")}` : ""}\n`);
+  process.stderr.write(
+    `${signal}: waited ${Date.now() - t0} ms for ${workers.length} test worker(s) to clean up${left.length ? `; not done: ${left.join(", ")}` : ""}\n`,
+  );
 }
 
 const SIGNALS = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129 } as const;

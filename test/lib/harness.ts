@@ -240,7 +240,8 @@ export class Harness {
         this.hosts.push(hv);
       }
     } else {
-      for (let i = 0; i < n; i++) this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.opts.agentArgs ?? []));
+      for (let i = 0; i < n; i++)
+        this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.opts.agentArgs ?? []));
     }
     await Promise.all(this.hosts.map((hv) => hv.start()));
   }
@@ -362,7 +363,17 @@ export class Harness {
     const fwd = await startDaemon("firewall", [...r, ...drift]);
     trackChild(fwd.proc);
     const gwd = await startDaemon("gateway", [
-      ...r, "--host-netns", hv.ns, "--uplink", "ul0", "--public-pool", FLOATING_POOL, "--imds-redis", this.redis.socket, ...drift, ...(o.gatewayArgs ?? []),
+      ...r,
+      "--host-netns",
+      hv.ns,
+      "--uplink",
+      "ul0",
+      "--public-pool",
+      FLOATING_POOL,
+      "--imds-redis",
+      this.redis.socket,
+      ...drift,
+      ...(o.gatewayArgs ?? []),
     ]);
     trackChild(gwd.proc);
     if (!o.vmm) return { fwd, gwd };

@@ -38,7 +38,9 @@ export const RUN_PREFIX: string = (() => {
   // Re-roll while another run (live or not yet swept) uses the same prefix.
   let existing: string[] = [];
   try {
-    existing = execFileSync("ip", ["netns", "list"], { encoding: "utf8", timeout: 10_000 }).split("\n").map((l) => l.trim().split(/\s+/)[0]);
+    existing = execFileSync("ip", ["netns", "list"], { encoding: "utf8", timeout: 10_000 })
+      .split("\n")
+      .map((l) => l.trim().split(/\s+/)[0]);
   } catch {
     // no namespaces yet
   }
@@ -87,21 +89,30 @@ const ENV = { ...process.env, LC_ALL: "C", LANG: "C" };
 export function run(cmd: string, args: string[], o: ExecOptions = {}): Promise<ExecResult> {
   const timeoutMs = o.timeoutMs ?? 15_000;
   return new Promise((resolve, reject) => {
-    const child = execFile(cmd, args, { env: ENV, timeout: timeoutMs, killSignal: "SIGKILL", maxBuffer: 64 * 1024 * 1024, encoding: "utf8" }, (err, stdout, stderr) => {
-      const e = err as (NodeJS.ErrnoException & { code?: number | string; killed?: boolean; signal?: string }) | null;
-      if (e && typeof e.code === "string") {
-        reject(new Error(`${cmd}: ${e.message}`));
-        return;
-      }
-      const timedOut = !!(e && e.killed && e.signal === "SIGKILL");
-      const code = e ? (typeof e.code === "number" ? e.code : 128) : 0;
-      const r: ExecResult = { code, stdout, stderr, timedOut };
-      if ((o.check ?? true) && code !== 0) {
-        reject(new Error(`${[cmd, ...args].join(" ")} failed (${timedOut ? `timed out after ${timeoutMs} ms` : `exit ${code}`}): ${stderr.trim() || stdout.trim()}`));
-        return;
-      }
-      resolve(r);
-    });
+    const child = execFile(
+      cmd,
+      args,
+      { env: ENV, timeout: timeoutMs, killSignal: "SIGKILL", maxBuffer: 64 * 1024 * 1024, encoding: "utf8" },
+      (err, stdout, stderr) => {
+        const e = err as (NodeJS.ErrnoException & { code?: number | string; killed?: boolean; signal?: string }) | null;
+        if (e && typeof e.code === "string") {
+          reject(new Error(`${cmd}: ${e.message}`));
+          return;
+        }
+        const timedOut = !!(e && e.killed && e.signal === "SIGKILL");
+        const code = e ? (typeof e.code === "number" ? e.code : 128) : 0;
+        const r: ExecResult = { code, stdout, stderr, timedOut };
+        if ((o.check ?? true) && code !== 0) {
+          reject(
+            new Error(
+              `${[cmd, ...args].join(" ")} failed (${timedOut ? `timed out after ${timeoutMs} ms` : `exit ${code}`}): ${stderr.trim() || stdout.trim()}`,
+            ),
+          );
+          return;
+        }
+        resolve(r);
+      },
+    );
     if (o.input !== undefined) {
       // A command that exits without reading all of its input (or any: bench:gateway feeds "" to sysctl) makes
       // this write fail with EPIPE; unhandled, that error ended the whole process. Its exit code and stderr say
@@ -170,7 +181,10 @@ function killProcessesIn(ns: string): number {
     return 0;
   }
   let n = 0;
-  for (const p of out.split("\n").map((x) => Number(x.trim())).filter((x) => Number.isInteger(x) && x > 1 && x !== process.pid)) {
+  for (const p of out
+    .split("\n")
+    .map((x) => Number(x.trim()))
+    .filter((x) => Number.isInteger(x) && x > 1 && x !== process.pid)) {
     try {
       process.kill(p, "SIGKILL");
       n++;
@@ -343,7 +357,9 @@ export function sweepStale(): string[] {
     const pid = Number(readFileSync(join(MARKER_DIR, f), "utf8").trim());
     if (Number.isInteger(pid) && pid > 0 && pidAlive(pid)) continue;
     removed.push(...deleteNamespacesSync(m[1]));
-    for (const d of readdirSync(tmpdir()).filter((x) => x.startsWith(`${m[1]}-`)).slice(0, 1000)) {
+    for (const d of readdirSync(tmpdir())
+      .filter((x) => x.startsWith(`${m[1]}-`))
+      .slice(0, 1000)) {
       rmSync(join(tmpdir(), d), { recursive: true, force: true });
     }
     try {
@@ -441,7 +457,10 @@ export async function addresses(ns: string): Promise<AddrInfo[]> {
 /** IPv4 routes of a namespace's main table, as `ip route` prints them. */
 export async function routes(ns: string): Promise<string[]> {
   const r = await ipn(ns, ["-4", "route", "show"]);
-  return r.stdout.split("\n").map((l) => l.trim()).filter(Boolean);
+  return r.stdout
+    .split("\n")
+    .map((l) => l.trim())
+    .filter(Boolean);
 }
 
 /** Neighbour entries of a namespace (`ip neigh`), as objects. */
@@ -638,7 +657,9 @@ export async function startHttpServer(ns: string, body: string, port = 80): Prom
   checkNsName(ns);
   const dir = tempDir("www");
   writeFileSync(join(dir, "index.html"), body);
-  const child = trackChild(spawn("ip", ["netns", "exec", ns, "/bin/busybox", "httpd", "-f", "-p", `0.0.0.0:${port}`, "-h", dir], { env: ENV, stdio: "ignore" }));
+  const child = trackChild(
+    spawn("ip", ["netns", "exec", ns, "/bin/busybox", "httpd", "-f", "-p", `0.0.0.0:${port}`, "-h", dir], { env: ENV, stdio: "ignore" }),
+  );
   await waitListening(ns, port, child, "httpd");
   return { ns, port, pid: child.pid!, stop: () => stopChild(child) };
 }
@@ -751,7 +772,10 @@ const ROOT_SYSCTLS = ["net/ipv4/ip_forward", "net/ipv4/conf/all/forwarding", "ne
 export async function rootSnapshot(): Promise<RootSnapshot> {
   const l = JSON.parse((await run("ip", ["-d", "-j", "link", "show"])).stdout) as { ifname: string; linkinfo?: { info_kind?: string } }[];
   const a = JSON.parse((await run("ip", ["-4", "-j", "addr", "show"])).stdout) as { ifname: string; addr_info?: { local: string; prefixlen: number }[] }[];
-  const r = (await run("ip", ["-4", "route", "show", "table", "main"])).stdout.split("\n").map((x) => x.trim()).filter(Boolean);
+  const r = (await run("ip", ["-4", "route", "show", "table", "main"])).stdout
+    .split("\n")
+    .map((x) => x.trim())
+    .filter(Boolean);
   const sysctls: Record<string, string> = {};
   for (const s of ROOT_SYSCTLS) {
     try {

@@ -62,11 +62,29 @@ async function waitPing(port: number, timeoutMs = 10_000): Promise<void> {
 function launch(port: number, dir: string, o: RedisOptions): ChildProcess {
   const persist = o.persistence ?? true;
   const args = [
-    "--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "",
-    "--appendonly", persist ? "yes" : "no", "--appendfsync", o.appendfsync ?? "always",
-    "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
+    "--port",
+    String(port),
+    "--bind",
+    "127.0.0.1",
+    "--dir",
+    dir,
+    "--save",
+    "",
+    "--appendonly",
+    persist ? "yes" : "no",
+    "--appendfsync",
+    o.appendfsync ?? "always",
+    "--daemonize",
+    "no",
+    "--protected-mode",
+    "yes",
+    "--loglevel",
+    "warning",
     // Also a unix socket: processes inside test namespaces cannot reach 127.0.0.1 of the root namespace.
-    "--unixsocket", join(dir, "redis.sock"), "--unixsocketperm", "700",
+    "--unixsocket",
+    join(dir, "redis.sock"),
+    "--unixsocketperm",
+    "700",
   ];
   const p = spawn("redis-server", args, { stdio: ["ignore", "ignore", "inherit"] });
   return p;

@@ -100,7 +100,10 @@ test("accelProbe: one probe in flight, the answer cached and logged once; not-fi
   let guest: typeof GUEST | null = null;
   let boots = 0;
   const logged: [string, Record<string, unknown>, string][] = [];
-  const log = { info: (f: Record<string, unknown>, m: string) => logged.push(["info", f, m]), warn: (f: Record<string, unknown>, m: string) => logged.push(["warn", f, m]) };
+  const log = {
+    info: (f: Record<string, unknown>, m: string) => logged.push(["info", f, m]),
+    warn: (f: Record<string, unknown>, m: string) => logged.push(["warn", f, m]),
+  };
   const p = accelProbe(() => ({
     env,
     openKvm: () => "ok",
@@ -121,7 +124,14 @@ test("accelProbe: one probe in flight, the answer cached and logged once; not-fi
   assert.equal(a.accel, "tcg");
   assert.equal(await p.get(), a, "cached");
   assert.equal(boots, 1);
-  assert.deepEqual(logged.map(([lvl, f]) => [lvl, f.accel]), [["info", "tcg"], ["warn", "tcg"]], "each answer logged once (a provisional one as info)");
+  assert.deepEqual(
+    logged.map(([lvl, f]) => [lvl, f.accel]),
+    [
+      ["info", "tcg"],
+      ["warn", "tcg"],
+    ],
+    "each answer logged once (a provisional one as info)",
+  );
   assert.match(String(logged[1][1].reason), /did not reach init under KVM/);
   // The override wins over the cache, and is not probed.
   env = "kvm";
@@ -164,7 +174,10 @@ test("kvmProbeArgv: the argv a VM gets under KVM (the guest's kernel, initrd, co
     consoleLog: "/tmp/microvpc-kvm-probe-abc/console.log",
     name: "microvpc-kvm-probe",
   });
-  assert.deepEqual(p.filter((_, j) => j !== i + 1), vm.filter((_, j) => j !== i + 1));
+  assert.deepEqual(
+    p.filter((_, j) => j !== i + 1),
+    vm.filter((_, j) => j !== i + 1),
+  );
   const at = (f: string) => p[p.indexOf(f) + 1];
   assert.equal(at("-accel"), "kvm");
   assert.equal(at("-cpu"), "host");

@@ -17,11 +17,24 @@ function throwsInvalid(fn: () => unknown, re: RegExp): void {
 }
 
 test("rule texts parse into the API's rules and print back the same", () => {
-  const texts = ["tcp:80:0.0.0.0/0", "tcp:8000-8080:10.0.0.0/16", "udp:53:10.0.0.2/32", "icmp:8:10.0.0.0/8", "icmp:3/4:0.0.0.0/0", "icmp:all:0.0.0.0/0", "all:all:0.0.0.0/0", "tcp:5432:web-sg", "tcp:22:sg-0123456789ab"];
+  const texts = [
+    "tcp:80:0.0.0.0/0",
+    "tcp:8000-8080:10.0.0.0/16",
+    "udp:53:10.0.0.2/32",
+    "icmp:8:10.0.0.0/8",
+    "icmp:3/4:0.0.0.0/0",
+    "icmp:all:0.0.0.0/0",
+    "all:all:0.0.0.0/0",
+    "tcp:5432:web-sg",
+    "tcp:22:sg-0123456789ab",
+  ];
   const { rules, warnings } = parseInOut(texts, ["all:all:0.0.0.0/0"]);
   assert.deepEqual(warnings, []);
   assert.deepEqual(rules.map(ruleText), [...texts, "all:all:0.0.0.0/0"]);
-  assert.deepEqual(rules.map((r) => r.direction), [...texts.map(() => Direction.INGRESS), Direction.EGRESS]);
+  assert.deepEqual(
+    rules.map((r) => r.direction),
+    [...texts.map(() => Direction.INGRESS), Direction.EGRESS],
+  );
   // A group name goes to the server as a name, in security_group_id.
   assert.deepEqual(rules[7].peer, { case: "securityGroupId", value: "web-sg" });
   assert.deepEqual([rules[0].protocol, rules[0].portFrom, rules[0].portTo], [Protocol.TCP, 80, 80]);
@@ -37,11 +50,19 @@ test("rule texts parse into the API's rules and print back the same", () => {
 });
 
 test("ACL entry texts parse and print back; keys name entries", () => {
-  for (const t of ["100:ingress:deny:tcp:22:0.0.0.0/0", "200:egress:allow:all:all:10.0.0.0/8", "32766:ingress:allow:icmp:8/0:0.0.0.0/0", "5:egress:deny:udp:1000-2000:192.168.0.0/16"]) {
+  for (const t of [
+    "100:ingress:deny:tcp:22:0.0.0.0/0",
+    "200:egress:allow:all:all:10.0.0.0/8",
+    "32766:ingress:allow:icmp:8/0:0.0.0.0/0",
+    "5:egress:deny:udp:1000-2000:192.168.0.0/16",
+  ]) {
     assert.equal(aclEntryText(parseAclEntry(t)), t);
   }
   const e = parseAclEntry("100:ingress:deny:tcp:22:0.0.0.0/0");
-  assert.deepEqual([e.ruleNumber, e.direction, e.action, e.protocol, e.portFrom, e.portTo, e.cidr], [100, Direction.INGRESS, AclAction.DENY, Protocol.TCP, 22, 22, "0.0.0.0/0"]);
+  assert.deepEqual(
+    [e.ruleNumber, e.direction, e.action, e.protocol, e.portFrom, e.portTo, e.cidr],
+    [100, Direction.INGRESS, AclAction.DENY, Protocol.TCP, 22, 22, "0.0.0.0/0"],
+  );
   throwsInvalid(() => parseAclEntry("0:ingress:deny:tcp:22:0.0.0.0/0"), /rule number "0" is not valid/);
   throwsInvalid(() => parseAclEntry("32767:ingress:deny:tcp:22:0.0.0.0/0"), /rule number "32767" is not valid/);
   throwsInvalid(() => parseAclEntry("100:in:deny:tcp:22:0.0.0.0/0"), /direction "in" is not known/);
@@ -100,10 +121,13 @@ test("progress: a spinner with elapsed time after the delay, only on a terminal,
   assert.match(tty.out, /a \(\+1 more\)/);
   // Errors pass through, and the line is still cleared.
   tty.out = "";
-  await assert.rejects(p.track("failing", async () => {
-    await sleep(100);
-    throw new Error("boom");
-  }), /boom/);
+  await assert.rejects(
+    p.track("failing", async () => {
+      await sleep(100);
+      throw new Error("boom");
+    }),
+    /boom/,
+  );
   assert.ok(tty.out.endsWith("\r\x1b[K"));
 
   // Not a terminal: never a byte.

@@ -44,7 +44,13 @@ interface Container extends Obj {
   env?: EnvVar[];
   ports?: { name?: string; containerPort: number; hostPort?: number; protocol?: string }[];
   volumeMounts?: { name: string; mountPath: string; mountPropagation?: string; readOnly?: boolean }[];
-  securityContext?: Obj & { privileged?: boolean; allowPrivilegeEscalation?: boolean; runAsUser?: number; runAsNonRoot?: boolean; capabilities?: { add?: string[]; drop?: string[] } };
+  securityContext?: Obj & {
+    privileged?: boolean;
+    allowPrivilegeEscalation?: boolean;
+    runAsUser?: number;
+    runAsNonRoot?: boolean;
+    capabilities?: { add?: string[]; drop?: string[] };
+  };
   resources?: { requests?: Record<string, string | number>; limits?: Record<string, string | number> };
   readinessProbe?: Probe;
   livenessProbe?: Probe;
@@ -109,14 +115,18 @@ function matches(selector: Record<string, string>, labels: Record<string, string
 
 /** The image the overlay gives microvpc containers (kustomization `images:`). */
 function microvpcImage(overlay: Overlay): string {
-  const k = parseYaml(readFileSync(join(K8S, "overlays", overlay, "kustomization.yaml"), "utf8")) as { images: { name: string; newName?: string; newTag?: string }[] };
+  const k = parseYaml(readFileSync(join(K8S, "overlays", overlay, "kustomization.yaml"), "utf8")) as {
+    images: { name: string; newName?: string; newTag?: string }[];
+  };
   const img = k.images.find((i) => i.name === "microvpc");
   assert.ok(img, `${overlay} pins the microvpc image`);
   return `${img.newName ?? "microvpc"}:${img.newTag}`;
 }
 
 function microvpcContainers(objs: K8sObject[], image: string): { w: Workload; c: Container }[] {
-  return workloads(objs).flatMap((w) => [...w.pod.containers, ...(w.pod.initContainers ?? [])].filter((c) => c.image === image || c.command?.[0] === "microvpcd").map((c) => ({ w, c })));
+  return workloads(objs).flatMap((w) =>
+    [...w.pod.containers, ...(w.pod.initContainers ?? [])].filter((c) => c.image === image || c.command?.[0] === "microvpcd").map((c) => ({ w, c })),
+  );
 }
 
 // ---------- `microvpcd <service> --help`: the flags and variables each daemon reads
@@ -137,7 +147,11 @@ const helps: Promise<Record<string, Help>> = (async () => {
             if (err) return reject(err);
             const flags = new Set([...stdout.matchAll(/^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)/gm)].map((m) => m[1]));
             const env = new Set([...stdout.matchAll(/\b(MICROVPC_[A-Z0-9_]+)\b/g)].map((m) => m[1]));
-            const levels = /--log-level[\s\S]*?choices: ([^)]*?), default/.exec(stdout)?.[1].match(/"(\w+)"/g)?.map((x) => x.slice(1, -1)) ?? [];
+            const levels =
+              /--log-level[\s\S]*?choices: ([^)]*?), default/
+                .exec(stdout)?.[1]
+                .match(/"(\w+)"/g)
+                ?.map((x) => x.slice(1, -1)) ?? [];
             out[s] = { flags, env, logLevels: levels };
             resolve();
           });
@@ -156,7 +170,16 @@ test("kustomize subset: strategic merge as the API server does it for the fields
       template: {
         spec: {
           containers: [
-            { name: "a", image: "x", args: ["one", "two"], env: [{ name: "A", value: "1" }, { name: "B", value: "2" }], volumeMounts: [{ name: "v", mountPath: "/v" }] },
+            {
+              name: "a",
+              image: "x",
+              args: ["one", "two"],
+              env: [
+                { name: "A", value: "1" },
+                { name: "B", value: "2" },
+              ],
+              volumeMounts: [{ name: "v", mountPath: "/v" }],
+            },
             { name: "b", image: "y" },
           ],
           tolerations: [{ key: "k1" }],
@@ -170,7 +193,15 @@ test("kustomize subset: strategic merge as the API server does it for the fields
       template: {
         spec: {
           containers: [
-            { name: "a", args: ["three"], env: [{ name: "B", value: "20" }, { name: "C", value: "3" }], volumeMounts: [{ name: "w", mountPath: "/w" }] },
+            {
+              name: "a",
+              args: ["three"],
+              env: [
+                { name: "B", value: "20" },
+                { name: "C", value: "3" },
+              ],
+              volumeMounts: [{ name: "w", mountPath: "/w" }],
+            },
             { name: "b", $patch: "delete" },
             { name: "c", image: "z" },
           ],
@@ -189,8 +220,15 @@ test("kustomize subset: strategic merge as the API server does it for the fields
               name: "a",
               image: "x",
               args: ["three"],
-              env: [{ name: "A", value: "1" }, { name: "B", value: "20" }, { name: "C", value: "3" }],
-              volumeMounts: [{ name: "v", mountPath: "/v" }, { name: "w", mountPath: "/w" }],
+              env: [
+                { name: "A", value: "1" },
+                { name: "B", value: "20" },
+                { name: "C", value: "3" },
+              ],
+              volumeMounts: [
+                { name: "v", mountPath: "/v" },
+                { name: "w", mountPath: "/w" },
+              ],
             },
             { name: "c", image: "z" },
           ],
@@ -200,7 +238,12 @@ test("kustomize subset: strategic merge as the API server does it for the fields
     },
   });
   assert.deepEqual(strategicMerge({ a: 1, b: { c: 2, d: 3 } }, { b: { c: null } }, ""), { a: 1, b: { d: 3 } });
-  assert.deepEqual(strategicMerge({ ports: [{ port: 1, name: "a" }] }, { ports: [{ port: 2, name: "b" }] }, ""), { ports: [{ port: 1, name: "a" }, { port: 2, name: "b" }] });
+  assert.deepEqual(strategicMerge({ ports: [{ port: 1, name: "a" }] }, { ports: [{ port: 2, name: "b" }] }, ""), {
+    ports: [
+      { port: 1, name: "a" },
+      { port: 2, name: "b" },
+    ],
+  });
   assert.throws(() => strategicMerge({ a: {} }, { a: { $patch: "replace" } }, ""), /not implemented/);
   assert.throws(() => strategicMerge({ containers: [{ name: "a" }] }, { containers: [{ image: "x" }] }, ""), /merge key 'name'/);
   assert.deepEqual(splitImage("reg.example:5000/a/b:1.2@sha256:ab"), { name: "reg.example:5000/a/b", tag: "1.2", digest: "sha256:ab" });
@@ -215,13 +258,22 @@ test("kustomize subset: duplicate ids, unknown fields and unmatched patches are 
     writeFileSync(join(dir, "b.yaml"), cm("x"));
     writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml, b.yaml]\n");
     assert.throws(() => build(dir), /already registered id: \|ConfigMap\|\|x/);
-    writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml]\ncommonLabels: {a: b}\n");
+    writeFileSync(
+      join(dir, "kustomization.yaml"),
+      "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml]\ncommonLabels: {a: b}\n",
+    );
     assert.throws(() => build(dir), /'commonLabels' is not implemented/);
     writeFileSync(join(dir, "p.yaml"), cm("other"));
-    writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml]\npatches: [{path: p.yaml}]\n");
+    writeFileSync(
+      join(dir, "kustomization.yaml"),
+      "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [a.yaml]\npatches: [{path: p.yaml}]\n",
+    );
     assert.throws(() => build(dir), /matched 0 resources/);
     writeFileSync(join(dir, "ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: tns\n");
-    writeFileSync(join(dir, "kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: tns\nresources: [a.yaml, ns.yaml]\n");
+    writeFileSync(
+      join(dir, "kustomization.yaml"),
+      "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: tns\nresources: [a.yaml, ns.yaml]\n",
+    );
     const got = build(dir);
     assert.equal(got.find((o) => o.kind === "ConfigMap")!.metadata.namespace, "tns");
     assert.equal(got.find((o) => o.kind === "Namespace")!.metadata.namespace, undefined);
@@ -259,9 +311,19 @@ function strictFieldErrors(objs: { label: string; obj: K8sObject }[]): string[] 
   // the TypeScript compiler reject any excess property, at every depth.
   const file = join(ROOT, "test", "unit", "__deploy_strict_check__.ts");
   const source = objs
-    .map(({ obj }, i) => `import type { I${obj.kind} as T${i} } from "kubernetes-models/${obj.apiVersion}";\nexport const o${i}: T${i} = ${JSON.stringify(obj)};`)
+    .map(
+      ({ obj }, i) => `import type { I${obj.kind} as T${i} } from "kubernetes-models/${obj.apiVersion}";\nexport const o${i}: T${i} = ${JSON.stringify(obj)};`,
+    )
     .join("\n");
-  const options: ts.CompilerOptions = { strict: true, noEmit: true, skipLibCheck: true, module: ts.ModuleKind.NodeNext, moduleResolution: ts.ModuleResolutionKind.NodeNext, target: ts.ScriptTarget.ES2022, types: [] };
+  const options: ts.CompilerOptions = {
+    strict: true,
+    noEmit: true,
+    skipLibCheck: true,
+    module: ts.ModuleKind.NodeNext,
+    moduleResolution: ts.ModuleResolutionKind.NodeNext,
+    target: ts.ScriptTarget.ES2022,
+    types: [],
+  };
   const host = ts.createCompilerHost(options);
   const getSourceFile = host.getSourceFile.bind(host);
   host.getSourceFile = (name, lang, ...rest) => (name === file ? ts.createSourceFile(name, source, lang) : getSourceFile(name, lang, ...rest));
@@ -271,7 +333,10 @@ function strictFieldErrors(objs: { label: string; obj: K8sObject }[]): string[] 
   return ts
     .getPreEmitDiagnostics(program)
     .filter((d) => d.file?.fileName === file)
-    .map((d) => `${objs[Math.floor(d.file!.getLineAndCharacterOfPosition(d.start!).line / 2)]?.label ?? "?"}: ${ts.flattenDiagnosticMessageText(d.messageText, "\n").split("\n")[0]}`);
+    .map(
+      (d) =>
+        `${objs[Math.floor(d.file!.getLineAndCharacterOfPosition(d.start!).line / 2)]?.label ?? "?"}: ${ts.flattenDiagnosticMessageText(d.messageText, "\n").split("\n")[0]}`,
+    );
 }
 
 test("every object of every overlay has only fields the API knows (type-checked against kubernetes-models' types)", () => {
@@ -281,7 +346,10 @@ test("every object of every overlay has only fields the API knows (type-checked 
   ((ds.spec as Obj & { template: { spec: PodSpec } }).template.spec.containers[0] as Obj).imagePullPolicyy = "Always";
   const svc = structuredClone(find(rendered.dev, "Service", "microvpc-ipam"));
   (svc.spec as { ports: Obj[] }).ports[0].port = "7401";
-  const bad = strictFieldErrors([{ label: "typo", obj: ds }, { label: "type", obj: svc }]);
+  const bad = strictFieldErrors([
+    { label: "typo", obj: ds },
+    { label: "type", obj: svc },
+  ]);
   assert.equal(bad.length, 2, bad.join("\n"));
   assert.match(bad[0], /^typo: .*imagePullPolicyy/);
   assert.match(bad[1], /^type: .*'string' is not assignable to type 'number'/);
@@ -302,7 +370,9 @@ for (const overlay of OVERLAYS) {
       if (o.kind !== "Namespace") assert.equal(o.metadata.namespace, ns[0].metadata.name, `${o.kind}/${o.metadata.name} is in the overlay's namespace`);
     }
     const pods = workloads(objs);
-    const secrets = new Map(objs.filter((o) => o.kind === "Secret").map((o) => [o.metadata.name, Object.keys({ ...(o.stringData as Obj), ...(o.data as Obj) })]));
+    const secrets = new Map(
+      objs.filter((o) => o.kind === "Secret").map((o) => [o.metadata.name, Object.keys({ ...(o.stringData as Obj), ...(o.data as Obj) })]),
+    );
     const configMaps = new Map(objs.filter((o) => o.kind === "ConfigMap").map((o) => [o.metadata.name, Object.keys(o.data as Obj)]));
     const secretRefs = new Set<string>();
     const checkSecretKey = (name: string, key: string | undefined, what: string) => {
@@ -318,7 +388,10 @@ for (const overlay of OVERLAYS) {
       const all = [...w.pod.containers, ...(w.pod.initContainers ?? [])];
       assert.equal(new Set(all.map((c) => c.name)).size, all.length, `${name}: container names are unique`);
       const claims = ((w.obj.spec as Obj).volumeClaimTemplates as { metadata: { name: string } }[] | undefined) ?? [];
-      const volumes = new Map<string, Obj>([...(w.pod.volumes ?? []).map((v) => [v.name, v] as const), ...claims.map((t) => [t.metadata.name, { name: t.metadata.name }] as const)]);
+      const volumes = new Map<string, Obj>([
+        ...(w.pod.volumes ?? []).map((v) => [v.name, v] as const),
+        ...claims.map((t) => [t.metadata.name, { name: t.metadata.name }] as const),
+      ]);
       assert.equal(volumes.size, (w.pod.volumes ?? []).length + claims.length, `${name}: volume names are unique`);
       const portNames = new Set<string>();
       const hostPorts = new Set<number>();
@@ -337,7 +410,8 @@ for (const overlay of OVERLAYS) {
         assert.equal(new Set(mounts.map((m) => m.mountPath)).size, mounts.length, `${cn}: mount paths are unique`);
         for (const m of mounts) {
           assert.ok(volumes.has(m.name), `${cn}: volume ${m.name} exists`);
-          if (m.mountPropagation === "Bidirectional") assert.equal(sc.privileged, true, `${cn}: Bidirectional mount propagation is only for privileged containers`);
+          if (m.mountPropagation === "Bidirectional")
+            assert.equal(sc.privileged, true, `${cn}: Bidirectional mount propagation is only for privileged containers`);
         }
         for (const p of c.ports ?? []) {
           if (p.name) {
@@ -356,15 +430,22 @@ for (const overlay of OVERLAYS) {
         const envNames = (c.env ?? []).map((e) => e.name);
         assert.equal(new Set(envNames).size, envNames.length, `${cn}: env names are unique`);
         for (const e of c.env ?? []) {
-          for (const m of (e.value ?? "").matchAll(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g)) assert.ok(defined.includes(m[1]), `${cn}: ${e.name} uses $(${m[1]}) defined before it`);
+          for (const m of (e.value ?? "").matchAll(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g))
+            assert.ok(defined.includes(m[1]), `${cn}: ${e.name} uses $(${m[1]}) defined before it`);
           defined.push(e.name);
           if (e.valueFrom?.secretKeyRef) checkSecretKey(e.valueFrom.secretKeyRef.name, e.valueFrom.secretKeyRef.key, cn);
-          if (e.valueFrom?.configMapKeyRef) assert.ok(configMaps.get(e.valueFrom.configMapKeyRef.name)?.includes(e.valueFrom.configMapKeyRef.key), `${cn}: ConfigMap key ${e.valueFrom.configMapKeyRef.key}`);
+          if (e.valueFrom?.configMapKeyRef)
+            assert.ok(
+              configMaps.get(e.valueFrom.configMapKeyRef.name)?.includes(e.valueFrom.configMapKeyRef.key),
+              `${cn}: ConfigMap key ${e.valueFrom.configMapKeyRef.key}`,
+            );
         }
         for (const a of [...(c.command ?? []), ...(c.args ?? [])]) {
-          for (const m of a.matchAll(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g)) assert.ok(envNames.includes(m[1]), `${cn}: argument uses $(${m[1]}), an env var of the container`);
+          for (const m of a.matchAll(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g))
+            assert.ok(envNames.includes(m[1]), `${cn}: argument uses $(${m[1]}), an env var of the container`);
         }
-        for (const p of [c.livenessProbe, c.startupProbe]) if (p) assert.ok(p.successThreshold === undefined || p.successThreshold === 1, `${cn}: liveness/startup successThreshold must be 1`);
+        for (const p of [c.livenessProbe, c.startupProbe])
+          if (p) assert.ok(p.successThreshold === undefined || p.successThreshold === 1, `${cn}: liveness/startup successThreshold must be 1`);
         const declared = (c.ports ?? []).map((p) => p.containerPort);
         for (const p of [c.livenessProbe, c.readinessProbe, c.startupProbe]) {
           const port = p?.grpc?.port ?? p?.httpGet?.port ?? p?.tcpSocket?.port;
@@ -380,18 +461,25 @@ for (const overlay of OVERLAYS) {
         const targets = pods.filter((w) => matches(sel, w.labels));
         assert.ok(targets.length > 0, `Service ${o.metadata.name} selects a workload`);
         for (const p of spec.ports as { port: number; targetPort: number }[]) {
-          assert.ok(targets.every((w) => w.pod.containers.some((c) => (c.ports ?? []).some((cp) => cp.containerPort === p.targetPort))), `Service ${o.metadata.name}: targetPort ${p.targetPort} is served by every selected pod`);
+          assert.ok(
+            targets.every((w) => w.pod.containers.some((c) => (c.ports ?? []).some((cp) => cp.containerPort === p.targetPort))),
+            `Service ${o.metadata.name}: targetPort ${p.targetPort} is served by every selected pod`,
+          );
         }
       }
       if (o.kind === "PodDisruptionBudget" || o.kind === "NetworkPolicy") {
         const sel = ((o.kind === "NetworkPolicy" ? spec.podSelector : spec.selector) as { matchLabels: Record<string, string> }).matchLabels;
-        assert.ok(pods.some((w) => matches(sel, w.labels)), `${o.kind} ${o.metadata.name} selects a workload`);
+        assert.ok(
+          pods.some((w) => matches(sel, w.labels)),
+          `${o.kind} ${o.metadata.name} selects a workload`,
+        );
       }
     }
     if (overlay === "production") {
       assert.equal(secrets.size, 0, "production ships no Secret: they are created from a secret store");
       const ops = readFileSync(join(ROOT, "docs", "operations.md"), "utf8");
-      for (const s of secretRefs) assert.match(ops, new RegExp(`kubectl[^\\n]*create secret generic ${s}\\b`), `docs/operations.md says how to create Secret ${s}`);
+      for (const s of secretRefs)
+        assert.match(ops, new RegExp(`kubectl[^\\n]*create secret generic ${s}\\b`), `docs/operations.md says how to create Secret ${s}`);
     }
     assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-token"]);
   });
@@ -421,7 +509,8 @@ for (const overlay of OVERLAYS) {
       const env = c.env ?? [];
       const text = JSON.stringify([c.args, env.map((e) => e.value)]);
       for (const e of env) {
-        if (e.name.startsWith("MICROVPC_")) assert.ok(help[svc].env.has(e.name), `${cn}: ${e.name} is read by microvpcd ${svc} (--help lists ${[...help[svc].env].join(", ")})`);
+        if (e.name.startsWith("MICROVPC_"))
+          assert.ok(help[svc].env.has(e.name), `${cn}: ${e.name} is read by microvpcd ${svc} (--help lists ${[...help[svc].env].join(", ")})`);
         else assert.ok(text.includes(`$(${e.name})`), `${cn}: ${e.name} is not a MICROVPC_* variable, so it must only be a helper used as $(${e.name})`);
       }
       const val = (n: string) => envOf(c, n)?.value?.replaceAll("$(POD_IP)", "10.1.2.3");
@@ -431,7 +520,8 @@ for (const overlay of OVERLAYS) {
       assert.equal(listen.port, DEFAULT_PORT[svc], `${cn}: gRPC on the default port`);
       assert.equal(metrics.port, DEFAULT_PORT[svc] + 2000, `${cn}: metrics on port+2000`);
       assert.equal(c.readinessProbe?.grpc?.port, listen.port, `${cn}: readiness is grpc.health.v1 on the gRPC port`);
-      for (const p of [c.livenessProbe, c.startupProbe]) assert.deepEqual(p?.httpGet, { path: "/healthz", port: metrics.port }, `${cn}: liveness/startup are /healthz on the metrics port`);
+      for (const p of [c.livenessProbe, c.startupProbe])
+        assert.deepEqual(p?.httpGet, { path: "/healthz", port: metrics.port }, `${cn}: liveness/startup are /healthz on the metrics port`);
       assert.ok(!isLoopback(listen.host), `${cn}: listens beyond loopback (probes and peers reach it)`);
       const tokenFile = val("MICROVPC_TOKEN_FILE");
       assert.ok(tokenFile || (val("MICROVPC_TLS_CERT") && val("MICROVPC_TLS_KEY")), `${cn}: a non-loopback listener needs a token file or TLS`);
@@ -446,7 +536,10 @@ for (const overlay of OVERLAYS) {
       // Redis: the in-cluster Service, with the password from the Secret.
       const url = new URL(envOf(c, "MICROVPC_REDIS_URL")!.value!.replace("$(REDIS_PASSWORD)", "pw"));
       const svcObj = find(objs, "Service", url.hostname);
-      assert.ok((svcObj.spec as { ports: { port: number }[] }).ports.some((p) => p.port === Number(url.port)), `${cn}: Redis URL port is the Service's`);
+      assert.ok(
+        (svcObj.spec as { ports: { port: number }[] }).ports.some((p) => p.port === Number(url.port)),
+        `${cn}: Redis URL port is the Service's`,
+      );
       assert.deepEqual(envOf(c, "REDIS_PASSWORD")?.valueFrom?.secretKeyRef, { name: "microvpc-redis", key: "password" });
       // Host ids: every service that takes one gets the node name, the same for all.
       if (help[svc].env.has("MICROVPC_HOST_ID")) {
@@ -465,7 +558,11 @@ for (const overlay of OVERLAYS) {
 
 test("the containers' entry point is the one the integration tests start", () => {
   assert.equal(PKG.bin.microvpcd, "bin/microvpcd.js");
-  assert.match(readFileSync(join(ROOT, "test", "lib", "daemon.ts"), "utf8"), /join\(ROOT, "bin", "microvpcd\.js"\), service/, "test/lib/daemon.ts starts bin/microvpcd.js <service>");
+  assert.match(
+    readFileSync(join(ROOT, "test", "lib", "daemon.ts"), "utf8"),
+    /join\(ROOT, "bin", "microvpcd\.js"\), service/,
+    "test/lib/daemon.ts starts bin/microvpcd.js <service>",
+  );
   const df = readFileSync(join(ROOT, "Dockerfile"), "utf8");
   assert.match(df, /ln -s \/app\/bin\/microvpcd\.js \/usr\/local\/bin\/microvpcd\b/, "microvpcd on PATH is bin/microvpcd.js");
   assert.match(df, /^WORKDIR \/app$/m);
@@ -507,13 +604,19 @@ for (const overlay of OVERLAYS) {
     assert.ok(pdb.maxUnavailable === 1 || (typeof pdb.minAvailable === "number" && pdb.minAvailable < ipam.replicas));
     find(objs, "Service", "microvpc-ipam");
 
-    const ds = find(objs, "DaemonSet", "microvpc-hypervisor").spec as Obj & { updateStrategy: { type: string; rollingUpdate: { maxUnavailable: number } }; template: { spec: PodSpec & Obj } };
+    const ds = find(objs, "DaemonSet", "microvpc-hypervisor").spec as Obj & {
+      updateStrategy: { type: string; rollingUpdate: { maxUnavailable: number } };
+      template: { spec: PodSpec & Obj };
+    };
     const pod = ds.template.spec;
     assert.equal(pod.hostNetwork, true);
     assert.equal(pod.dnsPolicy, "ClusterFirstWithHostNet", "cluster DNS (microvpc-redis) from the host network");
     assert.deepEqual(pod.nodeSelector, { "microvpc.io/hypervisor": "true" });
     assert.deepEqual(ds.updateStrategy, { type: "RollingUpdate", rollingUpdate: { maxUnavailable: 1, maxSurge: 0 } });
-    assert.deepEqual(pod.containers.map((c) => c.name), ["netagent", "firewall", "gateway", "vmm"]);
+    assert.deepEqual(
+      pod.containers.map((c) => c.name),
+      ["netagent", "firewall", "gateway", "vmm"],
+    );
     const hostPaths = Object.fromEntries((pod.volumes ?? []).filter((v) => isObj(v.hostPath)).map((v) => [v.name, (v.hostPath as { path: string }).path]));
     assert.deepEqual(hostPaths, { netns: "/run/netns", wireguard: "/var/run/wireguard", state: "/var/lib/microvpc" });
     // Privileges, exactly (deploy/k8s/README.md "Privileges").
@@ -522,7 +625,10 @@ for (const overlay of OVERLAYS) {
     assert.equal(netagent.securityContext?.privileged, true, "netagent: Bidirectional /run/netns and per-namespace sysctls need privileged");
     assert.equal(propagation(netagent), "Bidirectional", "netagent's namespaces reach the host and outlive the container");
     assert.ok(netagent.volumeMounts!.some((m) => m.name === "wireguard"));
-    assert.ok(netagent.volumeMounts!.some((m) => m.name === "state" && m.mountPath === "/var/lib/microvpc"), "netagent's WireGuard key survives the pod");
+    assert.ok(
+      netagent.volumeMounts!.some((m) => m.name === "state" && m.mountPath === "/var/lib/microvpc"),
+      "netagent's WireGuard key survives the pod",
+    );
     assert.ok(!firewall.securityContext?.privileged, "firewall is not privileged");
     assert.deepEqual(firewall.securityContext?.capabilities, { drop: ["ALL"], add: ["NET_ADMIN", "SYS_ADMIN"] }, "firewall: nft/conntrack + ip netns exec");
     assert.deepEqual(firewall.securityContext?.appArmorProfile, { type: "Unconfined" }, "firewall: ip netns exec mounts sysfs");
@@ -547,11 +653,17 @@ for (const overlay of OVERLAYS) {
     for (const w of workloads(objs)) {
       for (const c of [...w.pod.containers, ...(w.pod.initContainers ?? [])]) {
         for (const r of ["cpu", "memory"]) {
-          assert.ok(c.resources?.requests?.[r] !== undefined && c.resources?.limits?.[r] !== undefined, `${w.obj.metadata.name} ${c.name}: ${r} request and limit`);
+          assert.ok(
+            c.resources?.requests?.[r] !== undefined && c.resources?.limits?.[r] !== undefined,
+            `${w.obj.metadata.name} ${c.name}: ${r} request and limit`,
+          );
         }
         if (w.obj.kind !== "DaemonSet") {
           // Everything but the hypervisor agents fits Pod Security "restricted".
-          const sc = { ...(w.pod.securityContext ?? {}), ...(c.securityContext ?? {}) } as Obj & { capabilities?: { drop?: string[] }; seccompProfile?: { type: string } };
+          const sc = { ...(w.pod.securityContext ?? {}), ...(c.securityContext ?? {}) } as Obj & {
+            capabilities?: { drop?: string[] };
+            seccompProfile?: { type: string };
+          };
           assert.equal(sc.runAsNonRoot, true, `${w.obj.metadata.name} ${c.name}: runAsNonRoot`);
           assert.equal(sc.allowPrivilegeEscalation, false, `${w.obj.metadata.name} ${c.name}: allowPrivilegeEscalation false`);
           assert.deepEqual(sc.capabilities?.drop, ["ALL"], `${w.obj.metadata.name} ${c.name}: drops every capability`);
@@ -562,7 +674,11 @@ for (const overlay of OVERLAYS) {
     // Only the orchestrator and the hypervisors reach ipam; only ipam and the hypervisors reach Redis.
     const np = find(objs, "NetworkPolicy", "microvpc-ipam").spec as { ingress: { from: Obj[]; ports: { port: number }[] }[] };
     const grpcRule = np.ingress.find((r) => r.ports.some((p) => p.port === 7401))!;
-    assert.ok(grpcRule.from.some((f) => isObj(f.podSelector) && (f.podSelector.matchLabels as Obj)["microvpc.io/role"] === "orchestrator" && isObj(f.namespaceSelector)));
+    assert.ok(
+      grpcRule.from.some(
+        (f) => isObj(f.podSelector) && (f.podSelector.matchLabels as Obj)["microvpc.io/role"] === "orchestrator" && isObj(f.namespaceSelector),
+      ),
+    );
     const ns = objs.find((o) => o.kind === "Namespace")!;
     assert.equal(ns.metadata.labels?.["pod-security.kubernetes.io/enforce"], "privileged", "Pod Security admits the hypervisor pod");
     // Every ipBlock in the overlay names the same hypervisor range.
@@ -579,7 +695,10 @@ test("dev: its own namespace, the local image, committed dev-only Secrets, a sma
     assert.equal(c.imagePullPolicy, "IfNotPresent");
   }
   for (const s of objs.filter((o) => o.kind === "Secret")) assert.equal(s.metadata.labels?.["microvpc.io/dev-only"], "true");
-  const redis = find(objs, "StatefulSet", "microvpc-redis").spec as { replicas: number; volumeClaimTemplates: { spec: { resources: { requests: { storage: string } } } }[] };
+  const redis = find(objs, "StatefulSet", "microvpc-redis").spec as {
+    replicas: number;
+    volumeClaimTemplates: { spec: { resources: { requests: { storage: string } } } }[];
+  };
   assert.equal(redis.replicas, 1);
   assert.equal(redis.volumeClaimTemplates[0].spec.resources.requests.storage, "1Gi");
   assert.equal(envOf(container(objs, "Deployment", "microvpc-ipam", "ipam"), "MICROVPC_LOG_LEVEL")?.value, "debug");
@@ -596,20 +715,38 @@ test("production: pinned image, 3 ipam replicas, Redis with Sentinel behind HAPr
   assert.equal(image, `registry.example.com/microvpc:${PKG.version}`, "the image tag is the package version");
   assert.equal(microvpcContainers(objs, image).length, SERVICES.length);
   assert.equal((find(objs, "Deployment", "microvpc-ipam").spec as { replicas: number }).replicas, 3);
-  const tsc = (find(objs, "Deployment", "microvpc-ipam").spec as { template: { spec: { topologySpreadConstraints: { topologyKey: string; whenUnsatisfiable: string }[] } } }).template.spec.topologySpreadConstraints;
-  assert.deepEqual(tsc.map((t) => `${t.topologyKey}=${t.whenUnsatisfiable}`), ["kubernetes.io/hostname=DoNotSchedule", "topology.kubernetes.io/zone=ScheduleAnyway"]);
+  const tsc = (
+    find(objs, "Deployment", "microvpc-ipam").spec as {
+      template: { spec: { topologySpreadConstraints: { topologyKey: string; whenUnsatisfiable: string }[] } };
+    }
+  ).template.spec.topologySpreadConstraints;
+  assert.deepEqual(
+    tsc.map((t) => `${t.topologyKey}=${t.whenUnsatisfiable}`),
+    ["kubernetes.io/hostname=DoNotSchedule", "topology.kubernetes.io/zone=ScheduleAnyway"],
+  );
   // Sentinel.
-  const redis = find(objs, "StatefulSet", "microvpc-redis").spec as { replicas: number; volumeClaimTemplates: { spec: { resources: { requests: { storage: string } } } }[] };
+  const redis = find(objs, "StatefulSet", "microvpc-redis").spec as {
+    replicas: number;
+    volumeClaimTemplates: { spec: { resources: { requests: { storage: string } } } }[];
+  };
   assert.equal(redis.replicas, 3);
   assert.equal(redis.volumeClaimTemplates[0].spec.resources.requests.storage, "20Gi");
   assert.deepEqual(container(objs, "StatefulSet", "microvpc-redis", "sentinel").command, ["redis-sentinel"]);
   assert.equal(envOf(container(objs, "StatefulSet", "microvpc-redis", "config"), "POD_NAME")?.valueFrom?.fieldRef?.fieldPath, "metadata.name");
   const init = (find(objs, "ConfigMap", "microvpc-redis-config").data as Record<string, string>)["init.sh"];
-  for (const s of ["SENTINEL get-master-addr-by-name microvpc", "sentinel monitor microvpc $MASTER 6379 2", "replicaof $MASTER 6379", "min-replicas-to-write 1"]) assert.ok(init.includes(s), `init.sh: ${s}`);
+  for (const s of [
+    "SENTINEL get-master-addr-by-name microvpc",
+    "sentinel monitor microvpc $MASTER 6379 2",
+    "replicaof $MASTER 6379",
+    "min-replicas-to-write 1",
+  ])
+    assert.ok(init.includes(s), `init.sh: ${s}`);
   assert.ok((find(objs, "Service", "microvpc-redis-headless").spec as { ports: { port: number }[] }).ports.some((p) => p.port === 26379));
   // Clients reach Redis only through HAProxy, which routes to role:master.
   const sel = (find(objs, "Service", "microvpc-redis").spec as { selector: Record<string, string> }).selector;
-  const selected = workloads(objs).filter((w) => matches(sel, w.labels)).map((w) => w.obj.metadata.name);
+  const selected = workloads(objs)
+    .filter((w) => matches(sel, w.labels))
+    .map((w) => w.obj.metadata.name);
   assert.deepEqual(selected, ["microvpc-redis-proxy"]);
   const cfg = (find(objs, "ConfigMap", "microvpc-redis-proxy").data as Record<string, string>)["haproxy.cfg"];
   assert.match(cfg, /tcp-check expect min-recv \d+ string role:master/);
@@ -644,7 +781,13 @@ test("the shell scripts in ConfigMaps parse (sh -n), and redis-server accepts th
   try {
     const conf = (find(rendered.production, "ConfigMap", "microvpc-redis-config").data as Record<string, string>)["redis.conf"];
     // The rendered file, with only where it lives changed: no TCP port, a socket in a temp dir.
-    writeFileSync(join(dir, "redis.conf"), conf.replace(/^dir .*$/m, `dir ${dir}`).replace(/^bind .*$/m, "bind 127.0.0.1").replace(/^port .*$/m, "port 0") + `\nunixsocket ${dir}/r.sock\nrequirepass "x"\n`);
+    writeFileSync(
+      join(dir, "redis.conf"),
+      conf
+        .replace(/^dir .*$/m, `dir ${dir}`)
+        .replace(/^bind .*$/m, "bind 127.0.0.1")
+        .replace(/^port .*$/m, "port 0") + `\nunixsocket ${dir}/r.sock\nrequirepass "x"\n`,
+    );
     const proc = spawn(redisServer, [join(dir, "redis.conf")], { stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
     proc.stdout.on("data", (d) => (out += d));
@@ -687,7 +830,10 @@ function packageLists(): { all: string[]; leaveOut: string[] } {
 function imagePackages(): string[] {
   const install = instructions.find((l) => l.startsWith("RUN ") && l.includes("apt-get install"));
   assert.ok(install, "an apt-get install step");
-  const m = /^RUN (printf '%s\\n' \$LEAVE_OUT > \/tmp\/leave-out)\s+&& apt-get update\s+&& (grep -v '\^#' \/tmp\/packages\.txt \| grep -vxF -f \/tmp\/leave-out)\s+\|\s+xargs --no-run-if-empty apt-get install -y --no-install-recommends\s+&& rm -rf /.exec(install);
+  const m =
+    /^RUN (printf '%s\\n' \$LEAVE_OUT > \/tmp\/leave-out)\s+&& apt-get update\s+&& (grep -v '\^#' \/tmp\/packages\.txt \| grep -vxF -f \/tmp\/leave-out)\s+\|\s+xargs --no-run-if-empty apt-get install -y --no-install-recommends\s+&& rm -rf /.exec(
+      install,
+    );
   assert.ok(m, `the package names come from the file, less LEAVE_OUT, into apt-get install:\n${install}`);
   const dir = mkdtempSync(join(tmpdir(), "mvpc-pkgs-"));
   try {
@@ -710,28 +856,45 @@ test("Dockerfile: build stage (esbuild), node:24-bookworm-slim, npm ci --omit=de
     ["build", "deps", "runtime"],
     "three stages on the one base",
   );
-  assert.ok(instructions.some((l) => /^RUN npm ci --no-audit --no-fund$/.test(l)), "the build stage installs every dependency with npm ci");
+  assert.ok(
+    instructions.some((l) => /^RUN npm ci --no-audit --no-fund$/.test(l)),
+    "the build stage installs every dependency with npm ci",
+  );
   assert.ok(instructions.includes("RUN npm run build"), "the build stage runs npm run build");
-  assert.ok(instructions.some((l) => /^RUN npm ci --omit=dev\b/.test(l)), "npm ci --omit=dev for the runtime's node_modules");
+  assert.ok(
+    instructions.some((l) => /^RUN npm ci --omit=dev\b/.test(l)),
+    "npm ci --omit=dev for the runtime's node_modules",
+  );
   assert.ok(!instructions.some((l) => /npm install/.test(l)), "no npm install fallback: the lock is what npm ci installs");
-  assert.ok(instructions.some((l) => /^COPY --from=deps \/app\/node_modules \.\/node_modules$/.test(l)), "the runtime stage takes the deps stage's node_modules");
+  assert.ok(
+    instructions.some((l) => /^COPY --from=deps \/app\/node_modules \.\/node_modules$/.test(l)),
+    "the runtime stage takes the deps stage's node_modules",
+  );
   assert.ok(instructions.includes("COPY --from=build /app/dist ./dist"), "the runtime stage takes the build's dist/");
   assert.ok(instructions.includes("COPY bin ./bin"));
   const runtime = instructions.slice(instructions.findIndex((l) => / AS runtime$/.test(l)));
   for (const dir of ["cli", "services", "gen"]) assert.ok(!runtime.includes(`COPY ${dir} ./${dir}`), `the runtime ships no TypeScript sources (${dir}/)`);
-  assert.deepEqual(instructions.filter((l) => l.startsWith("ENTRYPOINT")), ['ENTRYPOINT ["microvpcd"]']);
+  assert.deepEqual(
+    instructions.filter((l) => l.startsWith("ENTRYPOINT")),
+    ['ENTRYPOINT ["microvpcd"]'],
+  );
   const cmd = instructions.filter((l) => l.startsWith("CMD"));
-  assert.ok(cmd.every((l) => !/npm|tsc|build|install/.test(l)), "nothing is built or installed when a container starts");
+  assert.ok(
+    cmd.every((l) => !/npm|tsc|build|install/.test(l)),
+    "nothing is built or installed when a container starts",
+  );
   assert.match(instructions.filter((l) => l.startsWith("USER")).at(-1) ?? "", /^USER 1000(:1000)?$/, "non-root unless the manifest says otherwise");
   // The build context keeps node_modules (and the rest) out.
   const ignore = readFileSync(join(ROOT, ".dockerignore"), "utf8");
   assert.match(ignore, /^\*\*$/m);
   assert.doesNotMatch(ignore, /^!node_modules/m);
   assert.doesNotMatch(ignore, /^!dist/m);
-  for (const keep of ["package.json", "package-lock.json", "build.mjs", "bin/", "cli/", "services/", "gen/", "deploy/packages.txt", "deploy/demo.ts"]) assert.ok(ignore.includes(`!${keep}`), `the build context has ${keep}`);
+  for (const keep of ["package.json", "package-lock.json", "build.mjs", "bin/", "cli/", "services/", "gen/", "deploy/packages.txt", "deploy/demo.ts"])
+    assert.ok(ignore.includes(`!${keep}`), `the build context has ${keep}`);
   // Every file the build stage copies is in the build context.
   for (const l of instructions.filter((x) => /^COPY (?!--from)/.test(x))) {
-    for (const src of l.split(/\s+/).slice(1, -1)) assert.ok(ignore.includes(`!${src.replace(/^\.\//, "")}`) || ignore.includes(`!${src}/`), `${src} (${l}) is in the build context`);
+    for (const src of l.split(/\s+/).slice(1, -1))
+      assert.ok(ignore.includes(`!${src.replace(/^\.\//, "")}`) || ignore.includes(`!${src}/`), `${src} (${l}) is in the build context`);
   }
 });
 
@@ -741,16 +904,23 @@ test("Dockerfile installs deploy/packages.txt — the file .ci/run installs — 
   const { all, leaveOut } = packageLists();
   assert.ok(instructions.includes("COPY deploy/packages.txt /tmp/packages.txt"));
   const image = imagePackages();
-  assert.deepEqual(image, all.filter((p) => !leaveOut.includes(p)), "the image installs every listed package but LEAVE_OUT");
+  assert.deepEqual(
+    image,
+    all.filter((p) => !leaveOut.includes(p)),
+    "the image installs every listed package but LEAVE_OUT",
+  );
   for (const p of leaveOut) assert.ok(all.includes(p), `LEAVE_OUT names ${p}, which deploy/packages.txt does not list (stale?)`);
   for (const p of ["iproute2", "nftables", "wireguard-tools", "wireguard-go", "conntrack"]) assert.ok(image.includes(p), `the image has ${p}`);
   for (const p of ["redis-server", "iperf3"]) assert.ok(leaveOut.includes(p), `${p} stays out of the image`);
   for (const p of all) {
     const re = new RegExp(`(^|\\s)${p.replace(/[.+]/g, "\\$&")}(\\s|$)`);
-    for (const l of instructions.filter((x) => x.startsWith("RUN"))) assert.ok(!re.test(l), `${p} is read from deploy/packages.txt, not copied into a RUN line`);
+    for (const l of instructions.filter((x) => x.startsWith("RUN")))
+      assert.ok(!re.test(l), `${p} is read from deploy/packages.txt, not copied into a RUN line`);
   }
   // The Dockerfile says why each is left out.
-  const comments = DOCKERFILE.split("\n").filter((l) => l.startsWith("#")).join("\n");
+  const comments = DOCKERFILE.split("\n")
+    .filter((l) => l.startsWith("#"))
+    .join("\n");
   for (const p of leaveOut) assert.ok(comments.includes(p), `the Dockerfile's comment says why ${p} is left out`);
 });
 
@@ -773,7 +943,8 @@ test("the image's packages provide every program the services run", () => {
   const ESSENTIAL = new Set(["coreutils"]);
   const image = imagePackages();
   const programs = new Set<string>();
-  const walk = (dir: string): string[] => readdirSync(dir).flatMap((f) => (statSync(join(dir, f)).isDirectory() ? walk(join(dir, f)) : f.endsWith(".ts") ? [join(dir, f)] : []));
+  const walk = (dir: string): string[] =>
+    readdirSync(dir).flatMap((f) => (statSync(join(dir, f)).isDirectory() ? walk(join(dir, f)) : f.endsWith(".ts") ? [join(dir, f)] : []));
   for (const f of walk(join(ROOT, "services"))) {
     const src = readFileSync(f, "utf8");
     for (const m of src.matchAll(/\b(?:run|exec|execFile|spawn|sh)\(\s*"([a-z][a-z0-9_-]*)"/g)) programs.add(m[1]);

@@ -17,13 +17,18 @@ import { hostNft, resolverAddrLines, transitAddrs, vpcNft, type GwVpc } from "..
 const zoneA: Zone = {
   vpcId: "vpc-aaaaaaaaaaaa",
   domain: "prod.internal",
-  records: new Map([["web1", { address: "10.0.1.4", ttl: 60 }], ["db", { address: "10.0.2.9", ttl: 5 }]]),
+  records: new Map([
+    ["web1", { address: "10.0.1.4", ttl: 60 }],
+    ["db", { address: "10.0.2.9", ttl: 5 }],
+  ]),
   forwarders: ["127.0.0.3:5399"],
 };
 const zoneB: Zone = { vpcId: "vpc-bbbbbbbbbbbb", domain: "dev.internal", records: new Map([["web1", { address: "10.0.1.7", ttl: 60 }]]), forwarders: [] };
 
 function q(name: string, type = "A", extra: Partial<dnsPacket.Packet> = {}): dnsPacket.DecodedPacket {
-  return dnsPacket.decode(dnsPacket.encode({ type: "query", id: 4242, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: type as "A", name, class: "IN" }], ...extra }));
+  return dnsPacket.decode(
+    dnsPacket.encode({ type: "query", id: 4242, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: type as "A", name, class: "IN" }], ...extra }),
+  );
 }
 
 type Loose = { rcode?: string; answers?: { data?: unknown; ttl?: number }[]; flag_aa: boolean; id?: number };
@@ -52,11 +57,13 @@ describe("answers", () => {
     assert.deepEqual(answer("web1.dev.internal", zoneB), { rcode: "NOERROR", data: ["10.0.1.7"], ttl: [60], aa: true, id: 4242 });
   });
 
-  test("negative answers carry an SOA (RFC 2308): the VPC's own zone for its names, \"internal\" for the rest; nothing of another VPC", () => {
+  test('negative answers carry an SOA (RFC 2308): the VPC\'s own zone for its names, "internal" for the rest; nothing of another VPC', () => {
     const soa = (name: string, type = "A") => {
       const d = decide(q(name, type), zoneA);
       assert.ok(d.kind === "answer");
-      const r = dnsPacket.decode(dnsPacket.encode(d.packet)) as unknown as { authorities: { type: string; name: string; ttl: number; data: { minimum: number } }[] };
+      const r = dnsPacket.decode(dnsPacket.encode(d.packet)) as unknown as {
+        authorities: { type: string; name: string; ttl: number; data: { minimum: number } }[];
+      };
       return r.authorities.map((a) => `${a.type} ${a.name} ttl=${a.ttl} min=${a.data.minimum}`);
     };
     assert.deepEqual(soa("nope.prod.internal"), ["SOA prod.internal ttl=5 min=5"]);
@@ -66,7 +73,11 @@ describe("answers", () => {
   });
 
   test("other types of an existing name and the zone apex: NOERROR, no data", () => {
-    for (const [n, t] of [["web1.prod.internal", "AAAA"], ["web1.prod.internal", "MX"], ["prod.internal", "A"]]) {
+    for (const [n, t] of [
+      ["web1.prod.internal", "AAAA"],
+      ["web1.prod.internal", "MX"],
+      ["prod.internal", "A"],
+    ]) {
       const a = answer(n, zoneA, t);
       assert.ok(a !== "forward" && a.rcode === "NOERROR" && a.data.length === 0, `${t} ${n}: ${JSON.stringify(a)}`);
     }
@@ -81,10 +92,19 @@ describe("answers", () => {
 
   test("not a standard query: NOTIMP; several questions: FORMERR; garbage with an id: FORMERR; responses: ignored", () => {
     const notify = decide(q("x.prod.internal", "A", { flags: 4 << 11 }), zoneA);
-    assert.equal(notify.kind === "answer" && (notify.packet.flags! & 0xf), 4);
-    const two = dnsPacket.decode(dnsPacket.encode({ type: "query", id: 1, questions: [{ type: "A", name: "a" }, { type: "A", name: "b" }] }));
+    assert.equal(notify.kind === "answer" && notify.packet.flags! & 0xf, 4);
+    const two = dnsPacket.decode(
+      dnsPacket.encode({
+        type: "query",
+        id: 1,
+        questions: [
+          { type: "A", name: "a" },
+          { type: "A", name: "b" },
+        ],
+      }),
+    );
     const d = decide(two, zoneA);
-    assert.equal(d.kind === "answer" && (d.packet.flags! & 0xf), 1);
+    assert.equal(d.kind === "answer" && d.packet.flags! & 0xf, 1);
     const junk = Buffer.alloc(14, 0xff);
     junk.writeUInt16BE(7, 0);
     junk.writeUInt16BE(0x0100, 2);
@@ -98,8 +118,7 @@ describe("answers", () => {
 });
 
 describe("validation", () => {
-  const throwsField = (f: () => unknown, field: RegExp) =>
-    assert.throws(f, (e: unknown) => e instanceof InvalidArgumentError && field.test(e.field));
+  const throwsField = (f: () => unknown, field: RegExp) => assert.throws(f, (e: unknown) => e instanceof InvalidArgumentError && field.test(e.field));
 
   test("labels, TTLs", () => {
     assert.equal(label("name", "web-1"), "web-1");
@@ -128,7 +147,17 @@ describe("validation", () => {
 });
 
 describe("gateway lines", () => {
-  const v: GwVpc = { vpcId: "vpc-aaaaaaaaaaaa", transit: 3, subnets: [], nat: false, natSources: [], fips: [], forwards: [], hopLimits: new Map(), resolver: "10.0.0.2" };
+  const v: GwVpc = {
+    vpcId: "vpc-aaaaaaaaaaaa",
+    transit: 3,
+    subnets: [],
+    nat: false,
+    natSources: [],
+    fips: [],
+    forwards: [],
+    hopLimits: new Map(),
+    resolver: "10.0.0.2",
+  };
   const t = transitAddrs(3);
 
   test("the VPC namespace DNATs resolver:53 (udp and tcp) to its transit address and lets it out without NAT", () => {
@@ -164,7 +193,10 @@ describe("the resolver over loopback sockets", () => {
   let resolver: Resolver;
   let upstream: Socket;
   let upstreamSeen = 0;
-  const zones = new Map([["127.0.0.1", zoneA], ["127.0.0.2", zoneB]]);
+  const zones = new Map([
+    ["127.0.0.1", zoneA],
+    ["127.0.0.2", zoneB],
+  ]);
 
   beforeAll(async () => {
     upstream = createSocket("udp4");
@@ -172,10 +204,27 @@ describe("the resolver over loopback sockets", () => {
       upstreamSeen++;
       const qq = dnsPacket.decode(m);
       if (qq.questions![0].name === "slow.example") return; // never answers
-      upstream.send(dnsPacket.encode({ id: qq.id, type: "response", flags: dnsPacket.RECURSION_AVAILABLE, questions: qq.questions, answers: [{ type: "A", name: qq.questions![0].name, ttl: 9, data: "192.0.2.99" }] }), r.port, r.address);
+      upstream.send(
+        dnsPacket.encode({
+          id: qq.id,
+          type: "response",
+          flags: dnsPacket.RECURSION_AVAILABLE,
+          questions: qq.questions,
+          answers: [{ type: "A", name: qq.questions![0].name, ttl: 9, data: "192.0.2.99" }],
+        }),
+        r.port,
+        r.address,
+      );
     });
     await new Promise<void>((r) => upstream.bind(5399, "127.0.0.3", r));
-    resolver = new Resolver({ port: 0, zoneOf: (l) => zones.get(l), logger: { debug() {}, info() {}, warn() {}, error() {} }, forwardTimeoutMs: 300, rateLimitPerSecond: 5, burst: 20 });
+    resolver = new Resolver({
+      port: 0,
+      zoneOf: (l) => zones.get(l),
+      logger: { debug() {}, info() {}, warn() {}, error() {} },
+      forwardTimeoutMs: 300,
+      rateLimitPerSecond: 5,
+      burst: 20,
+    });
   });
   afterAll(async () => {
     await resolver.close();
@@ -183,7 +232,12 @@ describe("the resolver over loopback sockets", () => {
   });
 
   const ask = async (local: string, remote: string, name: string) => {
-    const b = await resolver.handle(local, remote, dnsPacket.encode({ type: "query", id: 777, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: "A", name }] }), 512);
+    const b = await resolver.handle(
+      local,
+      remote,
+      dnsPacket.encode({ type: "query", id: 777, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: "A", name }] }),
+      512,
+    );
     if (!b) return null;
     const r = dec(b);
     return { rcode: r.rcode, id: r.id, data: (r.answers ?? []).map((a) => String(a.data)) };
@@ -228,9 +282,14 @@ describe("the resolver over loopback sockets", () => {
         c.send(dnsPacket.encode({ type: "query", id: 9, questions: [{ type: "A", name: "db.prod.internal" }] }), port, "127.0.0.1");
       });
       c.close();
-      assert.deepEqual(dec(udp).answers!.map((a) => a.data), ["10.0.2.9"]);
+      assert.deepEqual(
+        dec(udp).answers!.map((a) => a.data),
+        ["10.0.2.9"],
+      );
       const tcp = await new Promise<Buffer>((res, rej) => {
-        const s = connect(port, "127.0.0.1", () => s.write(dnsPacket.streamEncode({ type: "query", id: 10, questions: [{ type: "A", name: "web1.prod.internal" }] })));
+        const s = connect(port, "127.0.0.1", () =>
+          s.write(dnsPacket.streamEncode({ type: "query", id: 10, questions: [{ type: "A", name: "web1.prod.internal" }] })),
+        );
         let buf = Buffer.alloc(0);
         s.on("data", (d) => {
           buf = Buffer.concat([buf, d]);
@@ -241,7 +300,10 @@ describe("the resolver over loopback sockets", () => {
         });
         s.on("error", rej);
       });
-      assert.deepEqual(dec(tcp).answers!.map((a) => a.data), ["10.0.1.4"]);
+      assert.deepEqual(
+        dec(tcp).answers!.map((a) => a.data),
+        ["10.0.1.4"],
+      );
       const r3 = new Resolver({ port, zoneOf: () => undefined, logger: console });
       await assert.rejects(r3.bind("127.0.0.1"), /EADDRINUSE/, "a second resolver on the same address and port");
       assert.deepEqual(r3.bound(), []);

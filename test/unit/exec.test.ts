@@ -52,7 +52,10 @@ test("a non-zero exit rejects with an ExecError naming the argv, the exit code a
   assert.equal(err.exitCode, 3);
   assert.equal(err.timedOut, false);
   assert.equal(err.stderr, "Error: no such device\nsecond line\n");
-  assert.equal(err.message, `/bin/sh -c 'echo '\\''Error: no such device'\\'' >&2; echo second line >&2; exit 3' 'x y': exit code 3: Error: no such device | second line`);
+  assert.equal(
+    err.message,
+    `/bin/sh -c 'echo '\\''Error: no such device'\\'' >&2; echo second line >&2; exit 3' 'x y': exit code 3: Error: no such device | second line`,
+  );
 });
 
 test("check: false resolves with the exit code and stderr, and the error it would have thrown", async () => {
@@ -68,7 +71,10 @@ test("check: false resolves with the exit code and stderr, and the error it woul
 });
 
 test("a missing program: ExecError 'could not start'", async () => {
-  await assert.rejects(run("/nonexistent/microvpc-no-such-program", ["a"]), (e: unknown) => e instanceof ExecError && e.exitCode === undefined && /could not start: .*ENOENT/.test(e.message));
+  await assert.rejects(
+    run("/nonexistent/microvpc-no-such-program", ["a"]),
+    (e: unknown) => e instanceof ExecError && e.exitCode === undefined && /could not start: .*ENOENT/.test(e.message),
+  );
   const r = await run("/nonexistent/microvpc-no-such-program", [], { check: false });
   assert.equal(r.exitCode, undefined);
   assert.match(r.error!.message, /ENOENT/);
@@ -91,13 +97,19 @@ test("a timeout kills the command and says so", async () => {
 
 test("inputInError quotes the batch's first lines; otherwise input never appears in the error", async () => {
   const secret = "c2VjcmV0LWtleS1tYXRlcmlhbA==";
-  const e1 = await run("/bin/sh", ["-c", "cat >/dev/null; exit 1"], { input: secret }).then(() => assert.fail("should reject"), (e: Error) => e);
+  const e1 = await run("/bin/sh", ["-c", "cat >/dev/null; exit 1"], { input: secret }).then(
+    () => assert.fail("should reject"),
+    (e: Error) => e,
+  );
   assert.ok(!e1.message.includes(secret) && !JSON.stringify(e1).includes(secret));
-  const e2 = await run("/bin/sh", ["-c", "cat >/dev/null; exit 1"], { input: "link add a\nlink add b\n", inputInError: true }).then(() => assert.fail("should reject"), (e: Error) => e);
+  const e2 = await run("/bin/sh", ["-c", "cat >/dev/null; exit 1"], { input: "link add a\nlink add b\n", inputInError: true }).then(
+    () => assert.fail("should reject"),
+    (e: Error) => e,
+  );
   assert.match(e2.message, /\(input: link add a; link add b; \)$/);
 });
 
-test("netns runs the command through `ip netns exec` (and \"\" in our own namespace)", async () => {
+test('netns runs the command through `ip netns exec` (and "" in our own namespace)', async () => {
   const r = await run("true", [], { netns: "microvpc-test-no-such-ns", check: false });
   assert.deepEqual(r.error?.argv, ["ip", "netns", "exec", "microvpc-test-no-such-ns", "true"]);
   assert.equal((await run("true", [], { netns: "" })).exitCode, 0);
@@ -106,7 +118,10 @@ test("netns runs the command through `ip netns exec` (and \"\" in our own namesp
 test("runSync: the same options and result, for the one synchronous caller", () => {
   assert.equal(runSync("/bin/sh", ["-c", 'printf "%s" "$LC_ALL"']).stdout, "C");
   assert.equal(runSync("/bin/sh", ["-c", "exit 4"], { check: false }).exitCode, 4);
-  assert.throws(() => runSync("sleep", ["30"], { timeoutMs: 200, killSignal: "SIGKILL" }), (e: unknown) => e instanceof ExecError && e.timedOut);
+  assert.throws(
+    () => runSync("sleep", ["30"], { timeoutMs: 200, killSignal: "SIGKILL" }),
+    (e: unknown) => e instanceof ExecError && e.timedOut,
+  );
 });
 
 test("startDaemon: a long-lived child with stdio to a file, its exit reported; a missing program rejects", async () => {
@@ -160,7 +175,9 @@ test("commandLabel: program, the subcommand for ip/tc/nft/wg, namespace wrappers
 
 test("every command is counted in microvpc_exec_total and timed in microvpc_exec_duration_seconds", async () => {
   const count = async (name: string, command: string) => {
-    const m = (await metricsRegistry.getSingleMetric(name)!.get()).values.find((v) => v.labels.command === command && (v.labels.le === undefined || v.labels.le === "+Inf"));
+    const m = (await metricsRegistry.getSingleMetric(name)!.get()).values.find(
+      (v) => v.labels.command === command && (v.labels.le === undefined || v.labels.le === "+Inf"),
+    );
     return m?.value ?? 0;
   };
   const before = await count("microvpc_exec_total", "ip");

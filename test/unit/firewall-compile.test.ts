@@ -11,7 +11,17 @@ import { ROOT } from "../lib/daemon.js";
 const GOLDEN = join(ROOT, "test", "unit", "golden");
 
 const rule = (r: Partial<SgRule>): SgRule => ({ dir: "ingress", proto: "tcp", portFrom: 0, portTo: 0, description: "", ...r });
-const group = (id: string, rules: SgRule[]): SecurityGroupRec => ({ id, vpcId: "vpc-111111111111", name: id, description: "", labels: [], rules, generation: 1, createdMs: 0, updatedMs: 0 });
+const group = (id: string, rules: SgRule[]): SecurityGroupRec => ({
+  id,
+  vpcId: "vpc-111111111111",
+  name: id,
+  description: "",
+  labels: [],
+  rules,
+  generation: 1,
+  createdMs: 0,
+  updatedMs: 0,
+});
 const nic = (n: number, subnet: string, address: string, groupIds: string[]): BindingRec => ({
   nicId: `nic-00000000000${n}`,
   vpcId: "vpc-111111111111",

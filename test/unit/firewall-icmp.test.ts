@@ -33,7 +33,17 @@ function rule(text: string, dir: "ingress" | "egress" = "ingress"): SgRule {
 }
 
 function state(rules: SgRule[], acl: AclEntry[] = []): VpcFirewallState {
-  const group = (id: string, rs: SgRule[]): SecurityGroupRec => ({ id, vpcId: VPC, name: id, description: "", labels: [], rules: rs, generation: 1, createdMs: 0, updatedMs: 0 });
+  const group = (id: string, rs: SgRule[]): SecurityGroupRec => ({
+    id,
+    vpcId: VPC,
+    name: id,
+    description: "",
+    labels: [],
+    rules: rs,
+    generation: 1,
+    createdMs: 0,
+    updatedMs: 0,
+  });
   return {
     vpcId: VPC,
     subnets: [{ subnetId: "subnet-aaaaaaaaaaaa", cidr: "10.0.1.0/24", bridge: "br-aaaaaaaaaaaa" }],
@@ -47,7 +57,18 @@ function state(rules: SgRule[], acl: AclEntry[] = []): VpcFirewallState {
       ? new Map([
           [
             "subnet-aaaaaaaaaaaa",
-            { id: "acl-000000000001", vpcId: VPC, name: "a", description: "", labels: [], subnetIds: ["subnet-aaaaaaaaaaaa"], generation: 1, createdMs: 0, updatedMs: 0, entries: acl },
+            {
+              id: "acl-000000000001",
+              vpcId: VPC,
+              name: "a",
+              description: "",
+              labels: [],
+              subnetIds: ["subnet-aaaaaaaaaaaa"],
+              generation: 1,
+              createdMs: 0,
+              updatedMs: 0,
+              entries: acl,
+            },
           ],
         ])
       : new Map(),
@@ -81,7 +102,18 @@ describe("ICMP type and code", () => {
   });
 
   test("a network ACL entry with a code matches that code", () => {
-    const e: AclEntry = { ruleNumber: 100, dir: "ingress", action: "allow", proto: "icmp", portFrom: 0, portTo: 0, icmpType: 3, icmpCode: 4, cidr: "0.0.0.0/0", description: "" };
+    const e: AclEntry = {
+      ruleNumber: 100,
+      dir: "ingress",
+      action: "allow",
+      proto: "icmp",
+      portFrom: 0,
+      portTo: 0,
+      icmpType: 3,
+      icmpCode: 4,
+      cidr: "0.0.0.0/0",
+      description: "",
+    };
     assert.match(compile(state([], [e])).script, /ip saddr 0\.0\.0\.0\/0 meta l4proto icmp icmp type 3 icmp code 4 return comment "rule 100"/);
   });
 

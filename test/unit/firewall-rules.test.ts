@@ -13,14 +13,7 @@ import {
   type NetworkAclEntry,
   type SecurityGroupRule,
 } from "../../gen/microvpc/v1/firewall_pb.js";
-import {
-  normalizeRules,
-  parseRuleText,
-  parseVpcctlPolicy,
-  validateAclEntries,
-  validateAclEntry,
-  validateSgRule,
-} from "../../services/firewall/rules.js";
+import { normalizeRules, parseRuleText, parseVpcctlPolicy, validateAclEntries, validateAclEntry, validateSgRule } from "../../services/firewall/rules.js";
 
 const F = "ingress_rules[0]";
 
@@ -42,8 +35,26 @@ describe("rule texts", () => {
     assert.deepEqual(p("tcp:22-22:10.0.0.0/8"), { dir: "ingress", proto: "tcp", portFrom: 22, portTo: 22, cidr: "10.0.0.0/8", description: "" });
     assert.deepEqual(p("icmp:all:0.0.0.0/0"), { dir: "ingress", proto: "icmp", portFrom: 0, portTo: 0, cidr: "0.0.0.0/0", description: "" });
     assert.deepEqual(p("icmp:8:10.0.0.0/8"), { dir: "ingress", proto: "icmp", portFrom: 0, portTo: 0, icmpType: 8, cidr: "10.0.0.0/8", description: "" });
-    assert.deepEqual(p("icmp:3/4:10.0.0.0/8"), { dir: "ingress", proto: "icmp", portFrom: 0, portTo: 0, icmpType: 3, icmpCode: 4, cidr: "10.0.0.0/8", description: "" });
-    assert.deepEqual(p("icmp:0/0:10.0.0.0/8"), { dir: "ingress", proto: "icmp", portFrom: 0, portTo: 0, icmpType: 0, icmpCode: 0, cidr: "10.0.0.0/8", description: "" });
+    assert.deepEqual(p("icmp:3/4:10.0.0.0/8"), {
+      dir: "ingress",
+      proto: "icmp",
+      portFrom: 0,
+      portTo: 0,
+      icmpType: 3,
+      icmpCode: 4,
+      cidr: "10.0.0.0/8",
+      description: "",
+    });
+    assert.deepEqual(p("icmp:0/0:10.0.0.0/8"), {
+      dir: "ingress",
+      proto: "icmp",
+      portFrom: 0,
+      portTo: 0,
+      icmpType: 0,
+      icmpCode: 0,
+      cidr: "10.0.0.0/8",
+      description: "",
+    });
     assert.deepEqual(p("all:all:0.0.0.0/0", "egress"), { dir: "egress", proto: "all", portFrom: 0, portTo: 0, cidr: "0.0.0.0/0", description: "" });
     assert.deepEqual(p("tcp:1-65535:192.168.1.7/32"), { dir: "ingress", proto: "tcp", portFrom: 1, portTo: 65535, cidr: "192.168.1.7/32", description: "" });
     assert.deepEqual(p("tcp:5432:sg-0123456789ab"), { dir: "ingress", proto: "tcp", portFrom: 5432, portTo: 5432, group: "sg-0123456789ab", description: "" });
@@ -77,17 +88,38 @@ describe("rule texts", () => {
       ["icmp:300:0.0.0.0/0", `${F}: "icmp:300:0.0.0.0/0": ICMP type 300 is out of range; use 0–255`],
       ["icmp:8/999:0.0.0.0/0", `${F}: "icmp:8/999:0.0.0.0/0": ICMP code 999 is out of range; use 0–255`],
       ["icmp:echo:0.0.0.0/0", `${F}: "icmp:echo:0.0.0.0/0": ICMP "echo" is not valid; use all, TYPE or TYPE/CODE with numbers 0–255`],
-      ["tcp:80", `${F}: "tcp:80" has 2 parts; a rule is PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0", "tcp:8000-8080:10.0.0.0/16", "icmp:8:10.0.0.0/8" or "all:all:0.0.0.0/0"`],
-      ["tcp:80:0.0.0.0/0:x", `${F}: "tcp:80:0.0.0.0/0:x" has 4 parts; a rule is PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0", "tcp:8000-8080:10.0.0.0/16", "icmp:8:10.0.0.0/8" or "all:all:0.0.0.0/0"`],
+      [
+        "tcp:80",
+        `${F}: "tcp:80" has 2 parts; a rule is PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0", "tcp:8000-8080:10.0.0.0/16", "icmp:8:10.0.0.0/8" or "all:all:0.0.0.0/0"`,
+      ],
+      [
+        "tcp:80:0.0.0.0/0:x",
+        `${F}: "tcp:80:0.0.0.0/0:x" has 4 parts; a rule is PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0", "tcp:8000-8080:10.0.0.0/16", "icmp:8:10.0.0.0/8" or "all:all:0.0.0.0/0"`,
+      ],
       ["", `${F}: is empty; a rule is PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0", "tcp:8000-8080:10.0.0.0/16", "icmp:8:10.0.0.0/8" or "all:all:0.0.0.0/0"`],
       ["TCP:80:0.0.0.0/0", `${F}: "TCP:80:0.0.0.0/0" has capital letters; write it in lowercase: "tcp:80:0.0.0.0/0"`],
       // nft syntax and shell metacharacters never reach a parser, let alone nft.
-      ["tcp:80:0.0.0.0/0; flush ruleset", `${F}: "tcp:80:0.0.0.0/0; flush ruleset" contains ";", " "; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`],
-      ["tcp:80:0.0.0.0/0\nflush ruleset", `${F}: "tcp:80:0.0.0.0/0\\nflush ruleset" contains "\\n", " "; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`],
-      ["tcp:80:$(reboot)", `${F}: "tcp:80:$(reboot)" contains "$", "(", ")"; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`],
+      [
+        "tcp:80:0.0.0.0/0; flush ruleset",
+        `${F}: "tcp:80:0.0.0.0/0; flush ruleset" contains ";", " "; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`,
+      ],
+      [
+        "tcp:80:0.0.0.0/0\nflush ruleset",
+        `${F}: "tcp:80:0.0.0.0/0\\nflush ruleset" contains "\\n", " "; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`,
+      ],
+      [
+        "tcp:80:$(reboot)",
+        `${F}: "tcp:80:$(reboot)" contains "$", "(", ")"; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`,
+      ],
       ["tcp:80:web`id`", `${F}: "tcp:80:web\`id\`" contains "\`"; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`],
-      ["tcp:80:{ 10.0.0.0/8 }", `${F}: "tcp:80:{ 10.0.0.0/8 }" contains "{", " ", "}"; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`],
-      ["tcp:80:0.0.0.0/0\u0000", `${F}: "tcp:80:0.0.0.0/0\\u0000" contains "\\u0000"; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`],
+      [
+        "tcp:80:{ 10.0.0.0/8 }",
+        `${F}: "tcp:80:{ 10.0.0.0/8 }" contains "{", " ", "}"; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`,
+      ],
+      [
+        "tcp:80:0.0.0.0/0\u0000",
+        `${F}: "tcp:80:0.0.0.0/0\\u0000" contains "\\u0000"; a rule text may only use a-z 0-9 . : / - (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`,
+      ],
       ["x".repeat(100_000), `${F}: is 100000 characters long; a rule text is at most 100 (PROTO:PORTS:PEER, e.g. "tcp:80:0.0.0.0/0")`],
     ];
     for (const [text, msg] of bad) throwsExactly(() => parseRuleText("ingress", text, F), msg);
@@ -123,22 +155,57 @@ function sgRule(init: RuleInit): SecurityGroupRule {
 describe("security group rule messages", () => {
   test("valid rules normalize", () => {
     assert.deepEqual(validateSgRule("rules[0]", sgRule({ portFrom: 80, cidr: "0.0.0.0/0" })), {
-      dir: "ingress", proto: "tcp", portFrom: 80, portTo: 80, cidr: "0.0.0.0/0", description: "",
+      dir: "ingress",
+      proto: "tcp",
+      portFrom: 80,
+      portTo: 80,
+      cidr: "0.0.0.0/0",
+      description: "",
     });
     assert.deepEqual(validateSgRule("rules[0]", sgRule({ portFrom: 8000, portTo: 8080, cidr: "10.0.0.0/16", description: "app" })), {
-      dir: "ingress", proto: "tcp", portFrom: 8000, portTo: 8080, cidr: "10.0.0.0/16", description: "app",
+      dir: "ingress",
+      proto: "tcp",
+      portFrom: 8000,
+      portTo: 8080,
+      cidr: "10.0.0.0/16",
+      description: "app",
     });
     assert.deepEqual(validateSgRule("rules[0]", sgRule({ protocol: Protocol.UDP, cidr: "10.0.0.5" })), {
-      dir: "ingress", proto: "udp", portFrom: 0, portTo: 0, cidr: "10.0.0.5/32", description: "",
+      dir: "ingress",
+      proto: "udp",
+      portFrom: 0,
+      portTo: 0,
+      cidr: "10.0.0.5/32",
+      description: "",
     });
-    assert.deepEqual(validateSgRule("rules[0]", sgRule({ direction: Direction.EGRESS, protocol: Protocol.ICMP, icmpType: 8, icmpCode: 0, cidr: "0.0.0.0/0" })), {
-      dir: "egress", proto: "icmp", portFrom: 0, portTo: 0, icmpType: 8, icmpCode: 0, cidr: "0.0.0.0/0", description: "",
-    });
+    assert.deepEqual(
+      validateSgRule("rules[0]", sgRule({ direction: Direction.EGRESS, protocol: Protocol.ICMP, icmpType: 8, icmpCode: 0, cidr: "0.0.0.0/0" })),
+      {
+        dir: "egress",
+        proto: "icmp",
+        portFrom: 0,
+        portTo: 0,
+        icmpType: 8,
+        icmpCode: 0,
+        cidr: "0.0.0.0/0",
+        description: "",
+      },
+    );
     assert.deepEqual(validateSgRule("rules[0]", sgRule({ protocol: Protocol.ALL, group: "sg-00000000000a" })), {
-      dir: "ingress", proto: "all", portFrom: 0, portTo: 0, group: "sg-00000000000a", description: "",
+      dir: "ingress",
+      proto: "all",
+      portFrom: 0,
+      portTo: 0,
+      group: "sg-00000000000a",
+      description: "",
     });
     assert.deepEqual(validateSgRule("rules[0]", sgRule({ portFrom: 5432, group: "web" })), {
-      dir: "ingress", proto: "tcp", portFrom: 5432, portTo: 5432, groupName: "web", description: "",
+      dir: "ingress",
+      proto: "tcp",
+      portFrom: 5432,
+      portTo: 5432,
+      groupName: "web",
+      description: "",
     });
   });
 
@@ -148,16 +215,31 @@ describe("security group rule messages", () => {
       [sgRule({ portFrom: 70000, cidr: "0.0.0.0/0" }), "rules[2].port_from: 70000 is not a port; use 1–65535"],
       [sgRule({ portFrom: 80, portTo: 70000, cidr: "0.0.0.0/0" }), "rules[2].port_to: 70000 is not a port; use 1–65535"],
       [sgRule({ portTo: 80, cidr: "0.0.0.0/0" }), "rules[2].port_from: is 0 while port_to is 80; set port_from too (0 and 0 mean every port)"],
-      [sgRule({ protocol: Protocol.ICMP, portFrom: 80, cidr: "0.0.0.0/0" }), "rules[2].port_from: ports apply to tcp and udp only; leave port_from and port_to 0 for icmp"],
-      [sgRule({ protocol: Protocol.ALL, portTo: 80, cidr: "0.0.0.0/0" }), "rules[2].port_to: ports apply to tcp and udp only; leave port_from and port_to 0 for all"],
+      [
+        sgRule({ protocol: Protocol.ICMP, portFrom: 80, cidr: "0.0.0.0/0" }),
+        "rules[2].port_from: ports apply to tcp and udp only; leave port_from and port_to 0 for icmp",
+      ],
+      [
+        sgRule({ protocol: Protocol.ALL, portTo: 80, cidr: "0.0.0.0/0" }),
+        "rules[2].port_to: ports apply to tcp and udp only; leave port_from and port_to 0 for all",
+      ],
       [sgRule({ icmpType: 8, cidr: "0.0.0.0/0" }), "rules[2].icmp_type: applies to icmp only; leave it unset for tcp"],
       [sgRule({ protocol: Protocol.ICMP, icmpType: 256, cidr: "0.0.0.0/0" }), "rules[2].icmp_type: 256 is out of range; use 0–255 (e.g. 8 for echo request)"],
-      [sgRule({ protocol: Protocol.ICMP, icmpCode: 1, cidr: "0.0.0.0/0" }), "rules[2].icmp_code: needs icmp_type; set the type too (e.g. 3 for destination unreachable)"],
+      [
+        sgRule({ protocol: Protocol.ICMP, icmpCode: 1, cidr: "0.0.0.0/0" }),
+        "rules[2].icmp_code: needs icmp_type; set the type too (e.g. 3 for destination unreachable)",
+      ],
       [sgRule({ protocol: Protocol.ICMP, icmpType: 3, icmpCode: 300, cidr: "0.0.0.0/0" }), "rules[2].icmp_code: 300 is out of range; use 0–255"],
       [sgRule({ direction: Direction.UNSPECIFIED, cidr: "0.0.0.0/0" }), "rules[2].direction: is required (DIRECTION_INGRESS or DIRECTION_EGRESS)"],
       [sgRule({ direction: 9 as Direction, cidr: "0.0.0.0/0" }), "rules[2].direction: 9 is not a direction; use DIRECTION_INGRESS or DIRECTION_EGRESS"],
-      [sgRule({ protocol: Protocol.UNSPECIFIED, cidr: "0.0.0.0/0" }), "rules[2].protocol: is required (PROTOCOL_TCP, PROTOCOL_UDP, PROTOCOL_ICMP or PROTOCOL_ALL)"],
-      [sgRule({ protocol: 47 as Protocol, cidr: "0.0.0.0/0" }), "rules[2].protocol: 47 is not a protocol; use PROTOCOL_TCP, PROTOCOL_UDP, PROTOCOL_ICMP or PROTOCOL_ALL"],
+      [
+        sgRule({ protocol: Protocol.UNSPECIFIED, cidr: "0.0.0.0/0" }),
+        "rules[2].protocol: is required (PROTOCOL_TCP, PROTOCOL_UDP, PROTOCOL_ICMP or PROTOCOL_ALL)",
+      ],
+      [
+        sgRule({ protocol: 47 as Protocol, cidr: "0.0.0.0/0" }),
+        "rules[2].protocol: 47 is not a protocol; use PROTOCOL_TCP, PROTOCOL_UDP, PROTOCOL_ICMP or PROTOCOL_ALL",
+      ],
       [sgRule({}), 'rules[2]: needs a peer: set cidr (e.g. "0.0.0.0/0") or security_group_id'],
       [sgRule({ cidr: "" }), 'rules[2].cidr: is required (a CIDR such as "10.0.0.0/16")'],
       [sgRule({ cidr: "10.0.0.1/8" }), 'rules[2].cidr: "10.0.0.1/8" has host bits set; did you mean "10.0.0.0/8"?'],
@@ -172,8 +254,14 @@ describe("security group rule messages", () => {
   });
 
   test("normalizeRules: ingress then egress, duplicates (but for description) kept once", () => {
-    const r = (dir: "ingress" | "egress", port: number, description = "") =>
-      ({ dir, proto: "tcp" as const, portFrom: port, portTo: port, cidr: "0.0.0.0/0", description });
+    const r = (dir: "ingress" | "egress", port: number, description = "") => ({
+      dir,
+      proto: "tcp" as const,
+      portFrom: port,
+      portTo: port,
+      cidr: "0.0.0.0/0",
+      description,
+    });
     const dups: [number, number][] = [];
     const out = normalizeRules([r("egress", 1), r("ingress", 2), r("ingress", 2, "again"), r("ingress", 3)], (i, f) => dups.push([i, f]));
     assert.deepEqual(out, [r("ingress", 2), r("ingress", 3), r("egress", 1)]);
@@ -195,11 +283,31 @@ function aclEntry(init: MessageInitShape<typeof NetworkAclEntrySchema>): Network
 describe("network ACL entries", () => {
   test("valid entries", () => {
     assert.deepEqual(validateAclEntry("entries[0]", aclEntry({ portFrom: 1024, portTo: 65535 })), {
-      ruleNumber: 100, dir: "ingress", action: "allow", proto: "tcp", portFrom: 1024, portTo: 65535, cidr: "0.0.0.0/0", description: "",
+      ruleNumber: 100,
+      dir: "ingress",
+      action: "allow",
+      proto: "tcp",
+      portFrom: 1024,
+      portTo: 65535,
+      cidr: "0.0.0.0/0",
+      description: "",
     });
-    assert.deepEqual(validateAclEntry("entries[0]", aclEntry({ ruleNumber: 32766, direction: Direction.EGRESS, action: AclAction.DENY, protocol: Protocol.ALL, cidr: "10.9.0.0/16" })), {
-      ruleNumber: 32766, dir: "egress", action: "deny", proto: "all", portFrom: 0, portTo: 0, cidr: "10.9.0.0/16", description: "",
-    });
+    assert.deepEqual(
+      validateAclEntry(
+        "entries[0]",
+        aclEntry({ ruleNumber: 32766, direction: Direction.EGRESS, action: AclAction.DENY, protocol: Protocol.ALL, cidr: "10.9.0.0/16" }),
+      ),
+      {
+        ruleNumber: 32766,
+        dir: "egress",
+        action: "deny",
+        proto: "all",
+        portFrom: 0,
+        portTo: 0,
+        cidr: "10.9.0.0/16",
+        description: "",
+      },
+    );
   });
 
   test("bad entries", () => {
@@ -221,9 +329,13 @@ describe("network ACL entries", () => {
       aclEntry({ ruleNumber: 200 }),
       aclEntry({ ruleNumber: 100 }),
     ]);
-    assert.deepEqual(out.map((e) => `${e.dir}/${e.ruleNumber}`), ["ingress/100", "ingress/200", "egress/200"]);
+    assert.deepEqual(
+      out.map((e) => `${e.dir}/${e.ruleNumber}`),
+      ["ingress/100", "ingress/200", "egress/200"],
+    );
     throwsExactly(
-      () => validateAclEntries("entries", [aclEntry({ ruleNumber: 100 }), aclEntry({ ruleNumber: 110 }), aclEntry({ ruleNumber: 100, action: AclAction.DENY })]),
+      () =>
+        validateAclEntries("entries", [aclEntry({ ruleNumber: 100 }), aclEntry({ ruleNumber: 110 }), aclEntry({ ruleNumber: 100, action: AclAction.DENY })]),
       "entries[2].rule_number: 100 is already used by entries[0] for ingress; rule numbers are unique per direction",
     );
     const many = Array.from({ length: 1001 }, (_, i) => aclEntry({ ruleNumber: i + 1 }));
@@ -249,8 +361,16 @@ describe("vpcctl policy documents", () => {
   test("entries numbered 100, 110, … per direction, plus vpcctl's accept-the-rest", () => {
     const p = parseVpcctlPolicy(JSON.stringify(doc));
     assert.equal(p.subnetCidr, "10.10.1.0/24");
-    const e = (ruleNumber: number, dir: "ingress" | "egress", action: "allow" | "deny", proto: "tcp" | "icmp" | "all", from: number, to: number, cidr = "0.0.0.0/0", description = "") =>
-      ({ ruleNumber, dir, action, proto, portFrom: from, portTo: to, cidr, description });
+    const e = (
+      ruleNumber: number,
+      dir: "ingress" | "egress",
+      action: "allow" | "deny",
+      proto: "tcp" | "icmp" | "all",
+      from: number,
+      to: number,
+      cidr = "0.0.0.0/0",
+      description = "",
+    ) => ({ ruleNumber, dir, action, proto, portFrom: from, portTo: to, cidr, description });
     const catchAll = (dir: "ingress" | "egress") => e(32766, dir, "allow", "all", 0, 0, "0.0.0.0/0", "vpcctl default: what the policy does not match passes");
     assert.deepEqual(p.aclEntries, [
       e(100, "ingress", "allow", "tcp", 80, 80),
@@ -275,10 +395,18 @@ describe("vpcctl policy documents", () => {
   });
 
   test("default DENY appends nothing; an empty direction is fine", () => {
-    const p = parseVpcctlPolicy(JSON.stringify({ subnet: "10.10.2.0/24", ingress: [{ port: 5432, protocol: "tcp", action: "allow" }], egress: [] }), { defaultAction: "deny" });
-    assert.deepEqual(p.aclEntries.map((x) => `${x.dir}/${x.ruleNumber}`), ["ingress/100"]);
+    const p = parseVpcctlPolicy(JSON.stringify({ subnet: "10.10.2.0/24", ingress: [{ port: 5432, protocol: "tcp", action: "allow" }], egress: [] }), {
+      defaultAction: "deny",
+    });
+    assert.deepEqual(
+      p.aclEntries.map((x) => `${x.dir}/${x.ruleNumber}`),
+      ["ingress/100"],
+    );
     const q = parseVpcctlPolicy(JSON.stringify({ subnet: "10.10.2.0/24" }));
-    assert.deepEqual(q.aclEntries.map((x) => `${x.dir}/${x.ruleNumber}/${x.action}`), ["ingress/32766/allow", "egress/32766/allow"]);
+    assert.deepEqual(
+      q.aclEntries.map((x) => `${x.dir}/${x.ruleNumber}/${x.action}`),
+      ["ingress/32766/allow", "egress/32766/allow"],
+    );
   });
 
   test("bad documents name the JSON path", () => {
@@ -288,23 +416,55 @@ describe("vpcctl policy documents", () => {
       ["[]", `${f}: must be a JSON object: {"subnet": "a.b.c.d/n", "ingress": [...], "egress": [...]}`],
       [JSON.stringify({ ingress: [] }), `${f}.subnet: is required (the subnet's CIDR, e.g. "10.10.1.0/24")`],
       [JSON.stringify({ subnet: "10.10.1.1/24" }), `${f}.subnet: "10.10.1.1/24" has host bits set; did you mean "10.10.1.0/24"?`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", ingress: {} }), `${f}.ingress: must be a list of entries like {"port": 80, "protocol": "tcp", "action": "allow"}`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", ingress: [{ port: 70000, protocol: "tcp", action: "allow" }] }), `${f}.ingress[0].port: 70000 is not a port; use 1–65535 (or "all")`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", ingress: [{ port: "90-80", protocol: "tcp", action: "allow" }] }), `${f}.ingress[0].port: range 90-80 is backwards; a range is FROM-TO with FROM ≤ TO`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", ingress: [{ port: "80; flush ruleset", protocol: "tcp", action: "allow" }] }), `${f}.ingress[0].port: "80; flush ruleset" is not valid; use a port such as 80, a range "8000-8080" or "all"`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", egress: [{}, { port: 1, protocol: "sctp", action: "allow" }] }), `${f}.egress[0].protocol: is required (tcp, udp or icmp)`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 1, protocol: "sctp", action: "allow" }] }), `${f}.egress[0].protocol: "sctp" is not known; use tcp, udp or icmp`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 1, protocol: "tcp", action: "reject" }] }), `${f}.egress[0].action: "reject" is not known; use allow or deny`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ protocol: "tcp", action: "allow" }] }), `${f}.egress[0].port: is required for tcp (a port such as 80, a range "8000-8080" or "all")`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 8, protocol: "icmp", action: "allow" }] }), `${f}.egress[0].port: icmp has no ports; leave "port" out or use "all"`],
-      [JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 1, protocol: "tcp", action: "allow", cidr: "10.0.0.0/33" }] }), `${f}.egress[0].cidr: "10.0.0.0/33" has prefix /33; allowed are /0 to /32`],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", ingress: {} }),
+        `${f}.ingress: must be a list of entries like {"port": 80, "protocol": "tcp", "action": "allow"}`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", ingress: [{ port: 70000, protocol: "tcp", action: "allow" }] }),
+        `${f}.ingress[0].port: 70000 is not a port; use 1–65535 (or "all")`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", ingress: [{ port: "90-80", protocol: "tcp", action: "allow" }] }),
+        `${f}.ingress[0].port: range 90-80 is backwards; a range is FROM-TO with FROM ≤ TO`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", ingress: [{ port: "80; flush ruleset", protocol: "tcp", action: "allow" }] }),
+        `${f}.ingress[0].port: "80; flush ruleset" is not valid; use a port such as 80, a range "8000-8080" or "all"`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", egress: [{}, { port: 1, protocol: "sctp", action: "allow" }] }),
+        `${f}.egress[0].protocol: is required (tcp, udp or icmp)`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 1, protocol: "sctp", action: "allow" }] }),
+        `${f}.egress[0].protocol: "sctp" is not known; use tcp, udp or icmp`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 1, protocol: "tcp", action: "reject" }] }),
+        `${f}.egress[0].action: "reject" is not known; use allow or deny`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ protocol: "tcp", action: "allow" }] }),
+        `${f}.egress[0].port: is required for tcp (a port such as 80, a range "8000-8080" or "all")`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 8, protocol: "icmp", action: "allow" }] }),
+        `${f}.egress[0].port: icmp has no ports; leave "port" out or use "all"`,
+      ],
+      [
+        JSON.stringify({ subnet: "10.10.1.0/24", egress: [{ port: 1, protocol: "tcp", action: "allow", cidr: "10.0.0.0/33" }] }),
+        `${f}.egress[0].cidr: "10.0.0.0/33" has prefix /33; allowed are /0 to /32`,
+      ],
     ];
     for (const [json, msg] of bad) throwsExactly(() => parseVpcctlPolicy(json), msg);
     throwsExactly(() => parseVpcctlPolicy(" ".repeat(1024 * 1024 + 1)), `${f}: is 1048577 bytes; a policy document is at most 1048576 (1 MiB)`);
   });
 
   test("unknown keys and bare addresses are warnings, not errors", () => {
-    const p = parseVpcctlPolicy(JSON.stringify({ subnet: "10.10.1.0/24", name: "web", ingress: [{ port: 22, protocol: "TCP", action: "Allow", cidr: "10.0.0.9", note: "x" }] }));
+    const p = parseVpcctlPolicy(
+      JSON.stringify({ subnet: "10.10.1.0/24", name: "web", ingress: [{ port: 22, protocol: "TCP", action: "Allow", cidr: "10.0.0.9", note: "x" }] }),
+    );
     assert.deepEqual(p.warnings, [
       'vpcctl_policy_json: key "name" is not part of a vpcctl policy and was ignored',
       'vpcctl_policy_json.ingress[0]: key "note" is not part of a vpcctl rule and was ignored',

@@ -80,7 +80,11 @@ describe("VPC table", () => {
 
   test("nft loads both tables (in a throwaway network namespace)", () => {
     if (spawnSync("unshare", ["-n", "true"]).status !== 0) return; // not root
-    const r = spawnSync("unshare", ["-n", "sh", "-c", "nft -f /dev/fd/3 3<<'A'\n" + hostNft(host()) + "A\nnft -f /dev/fd/3 3<<'B'\n" + vpcNft(vpc(), 8775, 53, 100) + "B\n"], { encoding: "utf8" });
+    const r = spawnSync(
+      "unshare",
+      ["-n", "sh", "-c", "nft -f /dev/fd/3 3<<'A'\n" + hostNft(host()) + "A\nnft -f /dev/fd/3 3<<'B'\n" + vpcNft(vpc(), 8775, 53, 100) + "B\n"],
+      { encoding: "utf8" },
+    );
     assert.equal(r.status, 0, r.stderr);
   });
 });

@@ -47,7 +47,13 @@ test.skipIf(skip)("the network from netagent's ip= argument, modules in the give
 });
 
 test.skipIf(skip)("netmasks to prefixes, and bad ip= fields refused with an MVPC-NET error", () => {
-  for (const [mask, prefix] of [["255.255.0.0", 16], ["255.255.255.252", 30], ["255.255.255.255", 32], ["0.0.0.0", 0], ["20", 20]] as const) {
+  for (const [mask, prefix] of [
+    ["255.255.0.0", 16],
+    ["255.255.255.252", 30],
+    ["255.255.255.255", 32],
+    ["0.0.0.0", 0],
+    ["20", 20],
+  ] as const) {
     assert.ok(dryRun(`ip=10.1.2.3::10.1.0.1:${mask}:h:eth0:off`).includes(`+ ip addr add 10.1.2.3/${prefix} dev eth0`), mask);
   }
   assert.ok(dryRun("ip=10.1.2.3::::h::off").includes("+ ip addr add 10.1.2.3/32 dev eth0"), "no netmask, no gateway, any device");

@@ -9,12 +9,7 @@ import { connect, createServer as createNetServer, type AddressInfo, type Server
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
-import {
-  ImdsHttpEndpoint,
-  ImdsHttpTokens,
-  InstanceMetadataSchema,
-  type InstanceMetadata,
-} from "../../gen/microvpc/v1/gateway_pb.js";
+import { ImdsHttpEndpoint, ImdsHttpTokens, InstanceMetadataSchema, type InstanceMetadata } from "../../gen/microvpc/v1/gateway_pb.js";
 import { createImdsServer, parseTarget, type ImdsServer, type ImdsServerOptions } from "../../services/gateway/imds.js";
 import { MetadataStore } from "../../services/gateway/metadata-store.js";
 import { startRedis, type TestRedis } from "../lib/redis.js";
@@ -62,8 +57,7 @@ async function startImds(over: Partial<ImdsServerOptions> = {}): Promise<Listene
     logger: silent,
     ...over,
   });
-  const listen = (s: Server | NetServer, host: string) =>
-    new Promise<number>((res) => s.listen(0, host, () => res((s.address() as AddressInfo).port)));
+  const listen = (s: Server | NetServer, host: string) => new Promise<number>((res) => s.listen(0, host, () => res((s.address() as AddressInfo).port)));
   const portA = await listen(imds.server, "127.0.0.1");
   const forward = () => createNetServer((sock) => imds.server.emit("connection", sock));
   const b = forward();
@@ -100,7 +94,16 @@ function call(c: Call): Promise<Reply> {
   const port = vpc === "a" ? l.portA : vpc === "b" ? l.portB : l.portX;
   return new Promise((resolve, reject) => {
     const q = request(
-      { host, port, localAddress: c.agent ? undefined : (c.from ?? "127.0.0.1"), method: c.method ?? "GET", path: c.path, headers: c.headers, agent: c.agent ?? false, setHost: false },
+      {
+        host,
+        port,
+        localAddress: c.agent ? undefined : (c.from ?? "127.0.0.1"),
+        method: c.method ?? "GET",
+        path: c.path,
+        headers: c.headers,
+        agent: c.agent ?? false,
+        setHost: false,
+      },
       (res) => {
         const chunks: Buffer[] = [];
         res.on("data", (d: Buffer) => chunks.push(d));
@@ -157,10 +160,23 @@ beforeAll(async () => {
       mac: "02:00:7f:00:00:03",
       publicIpv4: "198.51.100.3",
       placement: { $typeName: "microvpc.v1.Placement", availabilityZone: "zone-x", region: "reg-x" },
-      options: { $typeName: "microvpc.v1.ImdsOptions", httpTokens: ImdsHttpTokens.REQUIRED, httpEndpoint: ImdsHttpEndpoint.ENABLED, httpPutResponseHopLimit: 3 },
+      options: {
+        $typeName: "microvpc.v1.ImdsOptions",
+        httpTokens: ImdsHttpTokens.REQUIRED,
+        httpEndpoint: ImdsHttpEndpoint.ENABLED,
+        httpPutResponseHopLimit: 3,
+      },
     }),
   );
-  await store.set(record({ instanceId: "vm-a4", vpcId: VPC_A, localIpv4: "127.0.0.4", mac: "02:00:7f:00:00:04", options: { $typeName: "microvpc.v1.ImdsOptions", httpTokens: ImdsHttpTokens.OPTIONAL, httpEndpoint: ImdsHttpEndpoint.DISABLED } }));
+  await store.set(
+    record({
+      instanceId: "vm-a4",
+      vpcId: VPC_A,
+      localIpv4: "127.0.0.4",
+      mac: "02:00:7f:00:00:04",
+      options: { $typeName: "microvpc.v1.ImdsOptions", httpTokens: ImdsHttpTokens.OPTIONAL, httpEndpoint: ImdsHttpEndpoint.DISABLED },
+    }),
+  );
   await store.set(record({ instanceId: "vm-b1", vpcId: VPC_B, localIpv4: "127.0.0.1", mac: "02:00:7f:00:00:b1" }));
   main = await startImds();
 });
@@ -185,8 +201,18 @@ describe("EC2 layout", () => {
     assert.equal(
       md.text,
       [
-        "hostname", "instance-id", "instance-type", "local-hostname", "local-ipv4", "mac", "network/", "placement/",
-        "public-ipv4", "public-keys/", "security-groups", "tags/",
+        "hostname",
+        "instance-id",
+        "instance-type",
+        "local-hostname",
+        "local-ipv4",
+        "mac",
+        "network/",
+        "placement/",
+        "public-ipv4",
+        "public-keys/",
+        "security-groups",
+        "tags/",
       ].join("\n"),
     );
     assert.equal((await get("/latest/meta-data")).text, md.text);
@@ -216,8 +242,7 @@ describe("EC2 layout", () => {
       "network/": "interfaces/",
       "network/interfaces/": "macs/",
       "network/interfaces/macs/": "02:00:7f:00:00:01/",
-      "network/interfaces/macs/02:00:7f:00:00:01/":
-        "device-number\nlocal-ipv4s\nmac\npublic-ipv4s\nsecurity-group-ids\nsecurity-groups\nsubnet-id\nvpc-id",
+      "network/interfaces/macs/02:00:7f:00:00:01/": "device-number\nlocal-ipv4s\nmac\npublic-ipv4s\nsecurity-group-ids\nsecurity-groups\nsubnet-id\nvpc-id",
       "network/interfaces/macs/02:00:7f:00:00:01/local-ipv4s": "127.0.0.1",
       "network/interfaces/macs/02:00:7f:00:00:01/mac": "02:00:7f:00:00:01",
       "network/interfaces/macs/02:00:7f:00:00:01/security-group-ids": "sg-111111111111\nsg-222222222222",
@@ -243,7 +268,14 @@ describe("EC2 layout", () => {
     assert.deepEqual(ud.body, USER_DATA);
     assert.equal(ud.headers["content-type"], "application/octet-stream");
     const doc = JSON.parse((await get("/latest/dynamic/instance-identity/document")).text);
-    assert.deepEqual(doc, { availabilityZone: "microvpc-1a", instanceId: "vm-a1", instanceType: "qemu.1x256", privateIp: "127.0.0.1", region: "microvpc-1", version: "2017-09-30" });
+    assert.deepEqual(doc, {
+      availabilityZone: "microvpc-1a",
+      instanceId: "vm-a1",
+      instanceType: "qemu.1x256",
+      privateIp: "127.0.0.1",
+      region: "microvpc-1",
+      version: "2017-09-30",
+    });
     assert.equal((await get("/latest/dynamic/")).text, "instance-identity/");
     const head = await call({ method: "HEAD", path: "/latest/meta-data/instance-id" });
     assert.equal(head.status, 200);
@@ -271,9 +303,18 @@ describe("EC2 layout", () => {
 
   test("unknown paths 404; leaves with a trailing slash 404; other methods 405", async () => {
     for (const p of [
-      "/latest/meta-data/nope", "/latest/nope", "/nope/meta-data/", "/2099-01-01/meta-data/", "/latest//meta-data/",
-      "/latest/meta-data/instance-id/", "/latest/meta-data/public-keys/2/openssh-key", "/latest/meta-data/tags/instance/nope",
-      "/latest/meta-data/../meta-data/instance-id", "/latest/meta-data/%2e%2e/user-data", "/latest/user-data/", "/latest/api/token/",
+      "/latest/meta-data/nope",
+      "/latest/nope",
+      "/nope/meta-data/",
+      "/2099-01-01/meta-data/",
+      "/latest//meta-data/",
+      "/latest/meta-data/instance-id/",
+      "/latest/meta-data/public-keys/2/openssh-key",
+      "/latest/meta-data/tags/instance/nope",
+      "/latest/meta-data/../meta-data/instance-id",
+      "/latest/meta-data/%2e%2e/user-data",
+      "/latest/user-data/",
+      "/latest/api/token/",
       "/latest/dynamic/instance-identity/pkcs7",
     ]) {
       const res = await get(p);
@@ -320,7 +361,11 @@ describe("identity", () => {
 
   test("unknown callers get 404 for everything", async () => {
     // 127.0.0.5 has no record in VPC A; 127.0.0.3 has none in VPC B.
-    for (const c of [{ vpc: "a" as const, from: "127.0.0.5" }, { vpc: "b" as const, from: "127.0.0.3" }, { vpc: "none" as const, from: "127.0.0.1" }]) {
+    for (const c of [
+      { vpc: "a" as const, from: "127.0.0.5" },
+      { vpc: "b" as const, from: "127.0.0.3" },
+      { vpc: "none" as const, from: "127.0.0.1" },
+    ]) {
       for (const p of ["/", "/latest/meta-data/", "/latest/meta-data/instance-id", "/latest/user-data"]) {
         assert.equal((await get(p, c)).status, 404, `${JSON.stringify(c)} ${p}`);
       }
@@ -405,7 +450,11 @@ describe("IMDSv2 tokens", () => {
     assert.equal((await read("a", "127.0.0.3", tA1)).status, 401);
     assert.equal((await read("a", "127.0.0.1", tA3)).status, 401);
     // Spoofing headers do not help either.
-    const spoof = await get("/latest/meta-data/instance-id", { vpc: "a", from: "127.0.0.3", headers: { "X-aws-ec2-metadata-token": tA1, "X-Forwarded-For": "127.0.0.1", Host: "127.0.0.1" } });
+    const spoof = await get("/latest/meta-data/instance-id", {
+      vpc: "a",
+      from: "127.0.0.3",
+      headers: { "X-aws-ec2-metadata-token": tA1, "X-Forwarded-For": "127.0.0.1", Host: "127.0.0.1" },
+    });
     assert.equal(spoof.status, 401);
   });
 
@@ -435,7 +484,15 @@ describe("IMDSv2 tokens", () => {
     assert.equal((await get("/latest/meta-data/hostname", { from: "127.0.0.8" })).text, "before");
     await store.set(record({ instanceId: "vm-a8", vpcId: VPC_A, localIpv4: "127.0.0.8", mac: "02:00:7f:00:00:08", hostname: "after" }));
     assert.equal((await get("/latest/meta-data/hostname", { from: "127.0.0.8" })).text, "after");
-    await store.set(record({ instanceId: "vm-a8", vpcId: VPC_A, localIpv4: "127.0.0.8", mac: "02:00:7f:00:00:08", options: { $typeName: "microvpc.v1.ImdsOptions", httpTokens: ImdsHttpTokens.REQUIRED, httpEndpoint: ImdsHttpEndpoint.UNSPECIFIED } }));
+    await store.set(
+      record({
+        instanceId: "vm-a8",
+        vpcId: VPC_A,
+        localIpv4: "127.0.0.8",
+        mac: "02:00:7f:00:00:08",
+        options: { $typeName: "microvpc.v1.ImdsOptions", httpTokens: ImdsHttpTokens.REQUIRED, httpEndpoint: ImdsHttpEndpoint.UNSPECIFIED },
+      }),
+    );
     assert.equal((await get("/latest/meta-data/hostname", { from: "127.0.0.8" })).status, 401);
     await store.delete("vm-a8");
   });
@@ -445,7 +502,10 @@ describe("disabled endpoint", () => {
   test("every request of a disabled instance is 403, token PUT included", async () => {
     assert.equal((await get("/latest/meta-data/instance-id", { from: "127.0.0.4" })).status, 403);
     assert.equal((await get("/", { from: "127.0.0.4" })).status, 403);
-    assert.equal((await call({ from: "127.0.0.4", method: "PUT", path: "/latest/api/token", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60" } })).status, 403);
+    assert.equal(
+      (await call({ from: "127.0.0.4", method: "PUT", path: "/latest/api/token", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60" } })).status,
+      403,
+    );
   });
 });
 
@@ -462,7 +522,12 @@ describe("hop limits for the data plane", () => {
 
 // ---- bounds, on servers of their own so limits do not leak between tests ----
 
-function rawExchange(l: Listeners, from: string, write: (s: ReturnType<typeof connect>) => void, timeoutMs: number): Promise<{ data: string; closedAfterMs: number }> {
+function rawExchange(
+  l: Listeners,
+  from: string,
+  write: (s: ReturnType<typeof connect>) => void,
+  timeoutMs: number,
+): Promise<{ data: string; closedAfterMs: number }> {
   return new Promise((resolve, reject) => {
     const t0 = Date.now();
     const s = connect({ host: "127.0.0.1", port: l.portA, localAddress: from });
@@ -484,7 +549,14 @@ function rawExchange(l: Listeners, from: string, write: (s: ReturnType<typeof co
 describe("bounds", () => {
   let lim: Listeners;
   beforeAll(async () => {
-    lim = await startImds({ rateLimitPerSecond: 20, burst: 40, maxConnectionsPerCaller: 4, headersTimeoutMs: 600, requestTimeoutMs: 1000, keepAliveTimeoutMs: 1000 });
+    lim = await startImds({
+      rateLimitPerSecond: 20,
+      burst: 40,
+      maxConnectionsPerCaller: 4,
+      headersTimeoutMs: 600,
+      requestTimeoutMs: 1000,
+      keepAliveTimeoutMs: 1000,
+    });
   });
   afterAll(async () => {
     if (lim) await stopImds(lim);
@@ -494,16 +566,38 @@ describe("bounds", () => {
     const res = await rawExchange(lim, "127.0.0.1", (s) => s.write(`GET /latest/meta-data/ HTTP/1.1\r\nX-Pad: ${"x".repeat(9000)}\r\n\r\n`), 3000);
     assert.match(res.data, /^HTTP\/1\.1 431/);
     // Many small headers add up the same way.
-    const many = await rawExchange(lim, "127.0.0.1", (s) => s.write(`GET /latest/meta-data/ HTTP/1.1\r\n${"X-A: 0123456789012345678901234567890123456789\r\n".repeat(250)}\r\n`), 3000);
+    const many = await rawExchange(
+      lim,
+      "127.0.0.1",
+      (s) => s.write(`GET /latest/meta-data/ HTTP/1.1\r\n${"X-A: 0123456789012345678901234567890123456789\r\n".repeat(250)}\r\n`),
+      3000,
+    );
     assert.match(many.data, /^HTTP\/1\.1 431/);
   });
 
   test("bodies over 1 KiB, or chunked: 413", async () => {
-    const big = await call({ on: lim, method: "PUT", path: "/latest/api/token", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60", "Content-Length": "2000" }, body: "x".repeat(2000) }).catch((e: Error) => e);
+    const big = await call({
+      on: lim,
+      method: "PUT",
+      path: "/latest/api/token",
+      headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60", "Content-Length": "2000" },
+      body: "x".repeat(2000),
+    }).catch((e: Error) => e);
     if (!(big instanceof Error)) assert.equal(big.status, 413);
-    const small = await call({ on: lim, method: "PUT", path: "/latest/api/token", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60", "Content-Length": "10" }, body: "0123456789" });
+    const small = await call({
+      on: lim,
+      method: "PUT",
+      path: "/latest/api/token",
+      headers: { "X-aws-ec2-metadata-token-ttl-seconds": "60", "Content-Length": "10" },
+      body: "0123456789",
+    });
     assert.equal(small.status, 200);
-    const chunked = await rawExchange(lim, "127.0.0.1", (s) => s.write("PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"), 3000);
+    const chunked = await rawExchange(
+      lim,
+      "127.0.0.1",
+      (s) => s.write("PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+      3000,
+    );
     assert.match(chunked.data, /^HTTP\/1\.1 413/);
   });
 
@@ -549,7 +643,18 @@ describe("bounds", () => {
     const others: number[] = [];
     for (let i = 0; i < 10; i++) {
       others.push((await call({ on: lim, vpc: "b", from: "127.0.0.1", path: "/latest/meta-data/instance-id" })).status);
-      others.push((await call({ on: lim, vpc: "a", from: "127.0.0.3", method: "PUT", path: "/latest/api/token", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "5" } })).status);
+      others.push(
+        (
+          await call({
+            on: lim,
+            vpc: "a",
+            from: "127.0.0.3",
+            method: "PUT",
+            path: "/latest/api/token",
+            headers: { "X-aws-ec2-metadata-token-ttl-seconds": "5" },
+          })
+        ).status,
+      );
     }
     const statuses = await flood;
     const seconds = (performance.now() - t0) / 1000;
@@ -581,7 +686,10 @@ describe("bounds", () => {
     // Four are closed on accept; the four admitted, silent, at the headers timeout (600 ms).
     const early = closedAfter.filter((ms) => ms < 450).length;
     assert.equal(early, 4, `closed after ${closedAfter.join(", ")} ms`);
-    assert.ok(closedAfter.every((ms) => ms < 3000), `closed after ${closedAfter.join(", ")} ms`);
+    assert.ok(
+      closedAfter.every((ms) => ms < 3000),
+      `closed after ${closedAfter.join(", ")} ms`,
+    );
     await new Promise((res) => setTimeout(res, 1100)); // refill the flooded buckets
     assert.equal((await call({ on: lim, vpc: "a", from: "127.0.0.1", path: "/latest/meta-data/instance-id" })).status, 200);
     for (const s of socks) s.destroy();

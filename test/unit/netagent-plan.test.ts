@@ -2,7 +2,17 @@
 import assert from "node:assert/strict";
 import { test } from "vitest";
 import type { LinkInfo, QdiscInfo } from "../../services/netagent/kernel.js";
-import { bandwidthLines, bridgeMac, kernelIpArg, names, netnsTarget, planVpc, prefixToNetmask, type NicSpec, type SubnetSpec } from "../../services/netagent/plan.js";
+import {
+  bandwidthLines,
+  bridgeMac,
+  kernelIpArg,
+  names,
+  netnsTarget,
+  planVpc,
+  prefixToNetmask,
+  type NicSpec,
+  type SubnetSpec,
+} from "../../services/netagent/plan.js";
 import { macFor } from "../../services/netagent/service.js";
 
 const H = "hv1";
@@ -29,7 +39,12 @@ const nic = (over: Partial<NicSpec> = {}): NicSpec => ({
   ...over,
 });
 const link = (ifname: string, over: Partial<LinkInfo> = {}): LinkInfo => ({ ifname, kind: "", mac: "", mtu: 1500, up: true, addrs: [], ...over });
-const goodBridge = link("br-aaaaaaaaaaaa", { kind: "bridge", alias: "mvpc:hv1:subnet-aaaaaaaaaaaa", addrs: ["10.0.1.1/24"], mac: bridgeMac("subnet-aaaaaaaaaaaa") });
+const goodBridge = link("br-aaaaaaaaaaaa", {
+  kind: "bridge",
+  alias: "mvpc:hv1:subnet-aaaaaaaaaaaa",
+  addrs: ["10.0.1.1/24"],
+  mac: bridgeMac("subnet-aaaaaaaaaaaa"),
+});
 const goodNic = link("vbbbbbbbbbbbb", { kind: "veth", alias: "mvpc:hv1:nic-bbbbbbbbbbbb", master: "br-aaaaaaaaaaaa" });
 
 test("the gateway MAC is fixed per subnet, whatever NICs come and go", () => {
@@ -81,7 +96,13 @@ test("a converged namespace plans nothing (adoption after restart changes nothin
 });
 
 test("drift is repaired one device at a time, never by rebuilding", () => {
-  const p = planVpc(H, [subnet], [nic()], [link("lo"), { ...goodBridge, addrs: ["10.9.9.9/24"], up: false, mac: "02:00:00:00:00:01" }, { ...goodNic, master: undefined }], []);
+  const p = planVpc(
+    H,
+    [subnet],
+    [nic()],
+    [link("lo"), { ...goodBridge, addrs: ["10.9.9.9/24"], up: false, mac: "02:00:00:00:00:01" }, { ...goodNic, master: undefined }],
+    [],
+  );
   assert.deepEqual(p.ip, [
     "addr del 10.9.9.9/24 dev br-aaaaaaaaaaaa",
     "addr add 10.0.1.1/24 dev br-aaaaaaaaaaaa",
@@ -105,7 +126,10 @@ test("orphans we own are removed; devices we do not own are never touched", () =
 test("a TAP for a jailed VMM", () => {
   const t = nic({ kind: "tap", hostIf: "tbbbbbbbbbbbb", veth: undefined, tap: { uid: 123, gid: 456, multiQueue: true, queues: 2 } });
   const p = planVpc(H, [subnet], [t], [goodBridge], []);
-  assert.deepEqual(p.ip.slice(0, 2), ["tuntap add dev tbbbbbbbbbbbb mode tap multi_queue user 123 group 456", "link set dev tbbbbbbbbbbbb alias mvpc:hv1:nic-bbbbbbbbbbbb"]);
+  assert.deepEqual(p.ip.slice(0, 2), [
+    "tuntap add dev tbbbbbbbbbbbb mode tap multi_queue user 123 group 456",
+    "link set dev tbbbbbbbbbbbb alias mvpc:hv1:nic-bbbbbbbbbbbb",
+  ]);
   assert.equal(p.guests.length, 0);
 });
 

@@ -110,7 +110,10 @@ test("kernel path: made in the host namespace with its MTU, moved into the VPC n
   // Teardown: the device is deleted in the VPC namespace; no PID to end.
   k.calls = [];
   await again.o.teardown(VPC);
-  assert.ok(k.calls.some((c) => c === `ip -n ${vns} -batch:\n  link del dev ${ifname}`), k.calls.join("\n"));
+  assert.ok(
+    k.calls.some((c) => c === `ip -n ${vns} -batch:\n  link del dev ${ifname}`),
+    k.calls.join("\n"),
+  );
   assert.ok(!existsSync(join(dir, HOST, "wg", `${ifname}.pid`)), "state file removed");
 });
 

@@ -2,7 +2,17 @@
 // `wg set` arguments that turn one peer list into another.
 import assert from "node:assert/strict";
 import { test } from "vitest";
-import { addressProblem, memberProblem, parseDump, peerArgs, recordProblem, selectImplementation, wgName, type PeerWant, type WgProbe } from "../../services/netagent/overlay.js";
+import {
+  addressProblem,
+  memberProblem,
+  parseDump,
+  peerArgs,
+  recordProblem,
+  selectImplementation,
+  wgName,
+  type PeerWant,
+  type WgProbe,
+} from "../../services/netagent/overlay.js";
 
 const K1 = "x".repeat(43) + "=";
 const K2 = "y".repeat(43) + "=";
@@ -37,9 +47,7 @@ test("parseDump keeps peers and never the private key", () => {
 
 test("peerArgs: nothing when equal; removes the departed, adds and updates the rest", () => {
   const d = parseDump(DUMP);
-  const same: PeerWant[] = [
-    { hostId: "a", publicKey: K1, endpoint: "192.168.100.11:40000", allowedIps: ["10.0.1.5/32", "10.0.1.4/32"] },
-  ];
+  const same: PeerWant[] = [{ hostId: "a", publicKey: K1, endpoint: "192.168.100.11:40000", allowedIps: ["10.0.1.5/32", "10.0.1.4/32"] }];
   assert.deepEqual(peerArgs({ ...d, peers: [d.peers[0]] }, same), []);
   const args = peerArgs(d, [...same, { hostId: "c", publicKey: K3, endpoint: "192.168.100.12:1", allowedIps: [] }]);
   assert.deepEqual(args, ["peer", K2, "remove", "peer", K3, "endpoint", "192.168.100.12:1", "persistent-keepalive", "25", "allowed-ips", ""]);
@@ -49,7 +57,8 @@ test("peerArgs: nothing when equal; removes the departed, adds and updates the r
 
 // A real key: 32 bytes in base64, so the last character before "=" carries 2 zero bits.
 const GOOD_KEY = Buffer.alloc(32, 7).toString("base64");
-const rec = (o: Record<string, unknown> = {}) => JSON.stringify({ id: "hv1", publicKey: GOOD_KEY, address: "192.168.100.11", mtu: 1440, underlayMtu: 1500, vpcIds: [], ...o });
+const rec = (o: Record<string, unknown> = {}) =>
+  JSON.stringify({ id: "hv1", publicKey: GOOD_KEY, address: "192.168.100.11", mtu: 1440, underlayMtu: 1500, vpcIds: [], ...o });
 
 test("recordProblem accepts a well-formed record, IPv4 or IPv6", () => {
   assert.equal(recordProblem("hv1", rec()), "");
@@ -80,7 +89,8 @@ test("recordProblem names what is wrong with a record from another host", () => 
 
 test("memberProblem: the listen port must be an integer in 1–65535", () => {
   assert.equal(memberProblem(JSON.stringify({ port: 51820 })), "");
-  for (const bad of [0, 65536, -1, 1.5, "51820", null]) assert.match(memberProblem(JSON.stringify({ port: bad })), /listen port .* is not an integer in 1–65535/, String(bad));
+  for (const bad of [0, 65536, -1, 1.5, "51820", null])
+    assert.match(memberProblem(JSON.stringify({ port: bad })), /listen port .* is not an integer in 1–65535/, String(bad));
   assert.match(memberProblem("{"), /not JSON/);
 });
 
@@ -113,7 +123,14 @@ test("selectImplementation: the kernel module when a kernel device can be made, 
     { name: "module visible, creation refused", mode: "auto", module: true, create: false, want: "wireguard-go", probes: 1 },
     { name: "forced wireguard-go: no probe", mode: "wireguard-go", module: true, create: true, want: "wireguard-go", probes: 0 },
     { name: "forced kernel", mode: "kernel", module: true, create: true, want: "kernel", probes: 1 },
-    { name: "forced kernel, no module", mode: "kernel", module: false, create: false, want: /--wireguard kernel: .*no wireguard module: modprobe wireguard/, probes: 1 },
+    {
+      name: "forced kernel, no module",
+      mode: "kernel",
+      module: false,
+      create: false,
+      want: /--wireguard kernel: .*no wireguard module: modprobe wireguard/,
+      probes: 1,
+    },
     { name: "forced kernel, creation refused", mode: "kernel", module: true, create: false, want: /CAP_NET_ADMIN/, probes: 1 },
   ];
   for (const c of table) {

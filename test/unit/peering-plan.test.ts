@@ -15,8 +15,24 @@ import {
   type PeeringLike,
 } from "../../services/netagent/peering-plan.js";
 
-const AB: PeeringLike = { id: "pcx-00000000000a", vpc1Id: "vpc-aaaaaaaaaaaa", vpc2Id: "vpc-bbbbbbbbbbbb", vpc1Cidr: "10.1.0.0/16", vpc2Cidr: "10.2.0.0/16", vpc1Allowed: [], vpc2Allowed: ["10.2.5.0/24"] };
-const BC: PeeringLike = { id: "pcx-00000000000b", vpc1Id: "vpc-bbbbbbbbbbbb", vpc2Id: "vpc-cccccccccccc", vpc1Cidr: "10.2.0.0/16", vpc2Cidr: "10.3.0.0/16", vpc1Allowed: [], vpc2Allowed: [] };
+const AB: PeeringLike = {
+  id: "pcx-00000000000a",
+  vpc1Id: "vpc-aaaaaaaaaaaa",
+  vpc2Id: "vpc-bbbbbbbbbbbb",
+  vpc1Cidr: "10.1.0.0/16",
+  vpc2Cidr: "10.2.0.0/16",
+  vpc1Allowed: [],
+  vpc2Allowed: ["10.2.5.0/24"],
+};
+const BC: PeeringLike = {
+  id: "pcx-00000000000b",
+  vpc1Id: "vpc-bbbbbbbbbbbb",
+  vpc2Id: "vpc-cccccccccccc",
+  vpc1Cidr: "10.2.0.0/16",
+  vpc2Cidr: "10.3.0.0/16",
+  vpc1Allowed: [],
+  vpc2Allowed: [],
+};
 const nsOf = (v: string) => `ns-${v.slice(-4)}`;
 const HOST = "h1";
 const empty = (): NsObserved => ({ exists: true, links: [], routes: [], neigh: [] });
@@ -72,15 +88,33 @@ test("converged state plans nothing; drift is repaired line by line", () => {
     neigh: [{ dst: "169.254.253.1", dev: l, lladdr: linkMac(AB.id, n === 1 ? 2 : 1), state: ["PERMANENT"] }],
   });
   const good = new Map([
-    ["ns-aaaa", side(1, [{ dst: "10.2.5.0/24", gateway: "169.254.253.1", dev: l }, { dst: "10.2.0.0/16", type: "unreachable", metric: 4000 }])],
-    ["ns-bbbb", side(2, [{ dst: "10.1.0.0/16", gateway: "169.254.253.1", dev: l }, { dst: "10.1.0.0/16", type: "unreachable", metric: 4000 }])],
+    [
+      "ns-aaaa",
+      side(1, [
+        { dst: "10.2.5.0/24", gateway: "169.254.253.1", dev: l },
+        { dst: "10.2.0.0/16", type: "unreachable", metric: 4000 },
+      ]),
+    ],
+    [
+      "ns-bbbb",
+      side(2, [
+        { dst: "10.1.0.0/16", gateway: "169.254.253.1", dev: l },
+        { dst: "10.1.0.0/16", type: "unreachable", metric: 4000 },
+      ]),
+    ],
   ]);
   const quiet = planPeering(HOST, want, good);
   assert.deepEqual([quiet.remove, quiet.create, quiet.configure], [new Map(), new Map(), new Map()]);
   assert.deepEqual(quiet.changes, []);
   // A stale route (an allowed CIDR since removed) goes; a missing one comes back.
   const drift = new Map([
-    ["ns-aaaa", side(1, [{ dst: "10.2.6.0/24", gateway: "169.254.253.1", dev: l }, { dst: "10.2.0.0/16", type: "unreachable", metric: 4000 }])],
+    [
+      "ns-aaaa",
+      side(1, [
+        { dst: "10.2.6.0/24", gateway: "169.254.253.1", dev: l },
+        { dst: "10.2.0.0/16", type: "unreachable", metric: 4000 },
+      ]),
+    ],
     ["ns-bbbb", good.get("ns-bbbb")!],
   ]);
   assert.deepEqual(planPeering(HOST, want, drift).configure.get("ns-aaaa"), [
@@ -105,7 +139,10 @@ test("a deleted peering: our link, routes and filter go; links of others and oth
       {
         exists: true,
         links: [link(l, `mvpc-peering:h1:${AB.id}`, "02:00:00:00:00:01"), link("pc0123456789ab", "someone else", "02:00:00:00:00:09")],
-        routes: [{ dst: "10.2.0.0/16", type: "unreachable", metric: 4000 }, { dst: "10.2.5.0/24", gateway: "169.254.253.1", dev: l }],
+        routes: [
+          { dst: "10.2.0.0/16", type: "unreachable", metric: 4000 },
+          { dst: "10.2.5.0/24", gateway: "169.254.253.1", dev: l },
+        ],
         neigh: [],
       },
     ],

@@ -11,7 +11,12 @@ import { ROOT } from "../lib/daemon.js";
 const BUF = join(ROOT, "node_modules", ".bin", "buf");
 
 function run(args: string[], cwd = ROOT): string {
-  return execFileSync(BUF, args, { cwd, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PATH: `${join(ROOT, "node_modules", ".bin")}:${process.env.PATH}` } });
+  return execFileSync(BUF, args, {
+    cwd,
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, PATH: `${join(ROOT, "node_modules", ".bin")}:${process.env.PATH}` },
+  });
 }
 
 function files(dir: string, base = dir): string[] {

@@ -109,7 +109,12 @@ test("inNetns: a name or /run/netns/NAME through `ip netns exec`, /proc/PID/ns/n
 });
 
 test("guestCmdline: serial console, quiet, panic ends the VM, then ip=, listeners and checks in order", () => {
-  const s = guestCmdline({ ipArg: IP, checks: ["ping:10.0.1.1", "tcp:10.0.2.4:5432", "http:169.254.169.254/latest/meta-data/instance-id"], listen: [80], tries: 2 });
+  const s = guestCmdline({
+    ipArg: IP,
+    checks: ["ping:10.0.1.1", "tcp:10.0.2.4:5432", "http:169.254.169.254/latest/meta-data/instance-id"],
+    listen: [80],
+    tries: 2,
+  });
   assert.equal(
     s,
     `console=ttyS0 quiet loglevel=3 panic=-1 ${IP} mvpc.check=ping:10.0.1.1 mvpc.check=tcp:10.0.2.4:5432 ` +
@@ -180,6 +185,9 @@ test("parseGuestConsole: MVPC- lines among kernel messages and terminal escapes"
 });
 
 test("stripEscapes: the firmware's screen reset before the first line goes", () => {
-  assert.equal(stripEscapes("\x1bc\x1b[?7l\x1b[2JMVPC-NET eth0 10.0.1.4/24 gw 10.0.1.1 mac 02:aa:0a:00:01:04\r"), "MVPC-NET eth0 10.0.1.4/24 gw 10.0.1.1 mac 02:aa:0a:00:01:04");
+  assert.equal(
+    stripEscapes("\x1bc\x1b[?7l\x1b[2JMVPC-NET eth0 10.0.1.4/24 gw 10.0.1.1 mac 02:aa:0a:00:01:04\r"),
+    "MVPC-NET eth0 10.0.1.4/24 gw 10.0.1.1 mac 02:aa:0a:00:01:04",
+  );
   assert.equal(stripEscapes("MVPC-DONE"), "MVPC-DONE");
 });

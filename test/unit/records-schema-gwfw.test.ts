@@ -43,7 +43,12 @@ function hostile(valid: string, f: FieldSpec): [Kind, unknown][] {
     ["over-long", valid + "1".repeat(5000)],
   ];
   if (!f.freeText) {
-    out.push(["quote", `${valid}"`], ["open-brace", `${valid} {`], ["close-brace", `${valid} }`], ["semicolon", `${valid}; add rule inet microvpc forward accept`]);
+    out.push(
+      ["quote", `${valid}"`],
+      ["open-brace", `${valid} {`],
+      ["close-brace", `${valid} }`],
+      ["semicolon", `${valid}; add rule inet microvpc forward accept`],
+    );
     out.push(["wrong-type", f.wrongType ?? `["${valid}"]`]);
   } else if (f.wrongType !== undefined) {
     out.push(["wrong-type", f.wrongType]);
@@ -70,7 +75,11 @@ function table(kind: string, valid: Record<string, unknown>, fields: FieldSpec[]
           const p = parse(rec);
           assert.equal(p.ok, false, `${f.name} = ${JSON.stringify(bad)?.slice(0, 60)} was accepted`);
           const names = [f.reason ?? f.name].flat();
-          if (!p.ok) assert.ok(names.some((n) => p.reason.includes(n)), `reason ${JSON.stringify(p.reason)} does not name ${names.join(" or ")}`);
+          if (!p.ok)
+            assert.ok(
+              names.some((n) => p.reason.includes(n)),
+              `reason ${JSON.stringify(p.reason)} does not name ${names.join(" or ")}`,
+            );
         });
       }
     }
@@ -82,25 +91,60 @@ const asHash = (r: Record<string, unknown>) => Object.fromEntries(Object.entries
 
 // ---------- gateway ----------
 
-const fip = { id: "fip-0123456789ab", address: "192.168.100.130", vpc: VPC, private: "10.0.1.5", nic: NIC, host: "h0", description: "web", allocated: "1", associated: "2" };
+const fip = {
+  id: "fip-0123456789ab",
+  address: "192.168.100.130",
+  vpc: VPC,
+  private: "10.0.1.5",
+  nic: NIC,
+  host: "h0",
+  description: "web",
+  allocated: "1",
+  associated: "2",
+};
 table(
   "gateway floating IP",
   fip,
   [
-    { name: "id" }, { name: "address" }, { name: "vpc" }, { name: "private" }, { name: "nic" }, { name: "host" },
+    { name: "id" },
+    { name: "address" },
+    { name: "vpc" },
+    { name: "private" },
+    { name: "nic" },
+    { name: "host" },
     { name: "description", freeText: true, optional: true },
-    { name: "allocated", optional: true, wrongType: "twelve" }, { name: "associated", optional: true, wrongType: "1e3" },
+    { name: "allocated", optional: true, wrongType: "twelve" },
+    { name: "associated", optional: true, wrongType: "1e3" },
   ],
   (r) => GS.parseFip(asHash(r) as Record<string, string>, "fip-0123456789ab"),
 );
 
-const pf = { id: "pf-0123456789ab", vpc: VPC, proto: "tcp", host: "h0", outside: "8080", private: "10.0.1.5", private_port: "80", nic: NIC, description: "", created: "1" };
+const pf = {
+  id: "pf-0123456789ab",
+  vpc: VPC,
+  proto: "tcp",
+  host: "h0",
+  outside: "8080",
+  private: "10.0.1.5",
+  private_port: "80",
+  nic: NIC,
+  description: "",
+  created: "1",
+};
 table(
   "gateway port forward",
   pf,
   [
-    { name: "id" }, { name: "vpc" }, { name: "proto" }, { name: "host" }, { name: "outside", wrongType: "http" }, { name: "private" },
-    { name: "private_port", wrongType: "80.5" }, { name: "nic" }, { name: "description", freeText: true, optional: true }, { name: "created", optional: true, wrongType: "now" },
+    { name: "id" },
+    { name: "vpc" },
+    { name: "proto" },
+    { name: "host" },
+    { name: "outside", wrongType: "http" },
+    { name: "private" },
+    { name: "private_port", wrongType: "80.5" },
+    { name: "nic" },
+    { name: "description", freeText: true, optional: true },
+    { name: "created", optional: true, wrongType: "now" },
   ],
   (r) => GS.parsePf(asHash(r) as Record<string, string>, "pf-0123456789ab"),
 );
@@ -110,9 +154,12 @@ table(
   "gateway NAT gateway",
   nat,
   [
-    { name: "id" }, { name: "vpc" }, { name: "subnet" },
+    { name: "id" },
+    { name: "vpc" },
+    { name: "subnet" },
     { name: "sources", optional: true, wrongType: JSON.stringify({ a: SUBNET }) },
-    { name: "description", freeText: true, optional: true }, { name: "created", optional: true, wrongType: "x" },
+    { name: "description", freeText: true, optional: true },
+    { name: "created", optional: true, wrongType: "x" },
   ],
   (r) => GS.parseNat(asHash(r) as Record<string, string>, "nat-0123456789ab"),
 );
@@ -169,7 +216,10 @@ table(
   "firewall security group",
   group,
   [
-    { name: "id" }, { name: "vpc" }, { name: "name" }, { name: "description", freeText: true, optional: true },
+    { name: "id" },
+    { name: "vpc" },
+    { name: "name" },
+    { name: "description", freeText: true, optional: true },
     { name: "labels", optional: true, wrongType: JSON.stringify({ team: "blue" }) },
     { name: "rules", optional: true, wrongType: JSON.stringify({ dir: "ingress" }) },
     { name: "logging", reason: "drop_logging", optional: true, wrongType: JSON.stringify([5, 5]) },
@@ -204,7 +254,17 @@ table(
 );
 
 const entry = { ruleNumber: 100, dir: "ingress", action: "allow", proto: "tcp", portFrom: 22, portTo: 22, cidr: "10.0.0.0/8", description: "" };
-const acl = { id: "acl-0123456789ab", vpc: VPC, name: "edge", description: "", labels: "[]", entries: JSON.stringify([entry]), gen: "1", created: "1", updated: "1" };
+const acl = {
+  id: "acl-0123456789ab",
+  vpc: VPC,
+  name: "edge",
+  description: "",
+  labels: "[]",
+  entries: JSON.stringify([entry]),
+  gen: "1",
+  created: "1",
+  updated: "1",
+};
 table(
   "firewall network ACL",
   acl,
@@ -224,7 +284,17 @@ table(
   (r) => FS.parseAcl({ ...acl, entries: JSON.stringify([r]) }, [SUBNET], "acl-0123456789ab"),
 );
 
-const spec = { nicId: NIC, vpcId: VPC, subnetId: SUBNET, address: "10.0.1.5", mac: "02:00:0a:00:01:05", hostId: "h0", hostIf: "vt0123456789ab", groupIds: [SG], dropLogging: { ratePerSecond: 5, burst: 10 } };
+const spec = {
+  nicId: NIC,
+  vpcId: VPC,
+  subnetId: SUBNET,
+  address: "10.0.1.5",
+  mac: "02:00:0a:00:01:05",
+  hostId: "h0",
+  hostIf: "vt0123456789ab",
+  groupIds: [SG],
+  dropLogging: { ratePerSecond: 5, burst: 10 },
+};
 table(
   "firewall binding (sig)",
   spec,
@@ -247,7 +317,17 @@ table("firewall group member", { address: "10.0.1.5" }, [{ name: "address", wron
 
 describe("valid records round-trip", () => {
   test("gateway", () => {
-    const f: GS.FipRec = { id: "fip-0123456789ab", address: "192.168.100.130", vpcId: VPC, private: "10.0.1.5", nicId: NIC, hostId: "h0", description: "web", allocatedMs: 1, associatedMs: 2 };
+    const f: GS.FipRec = {
+      id: "fip-0123456789ab",
+      address: "192.168.100.130",
+      vpcId: VPC,
+      private: "10.0.1.5",
+      nicId: NIC,
+      hostId: "h0",
+      description: "web",
+      allocatedMs: 1,
+      associatedMs: 2,
+    };
     assert.deepEqual(GS.parseFip(fip, f.id), { ok: true, value: GS.checkFip(f) });
     const free = { ...fip, vpc: "", private: "", nic: "", host: "" };
     assert.ok(GS.parseFip(free).ok, "an unassociated floating IP");
@@ -282,7 +362,10 @@ describe("valid records round-trip", () => {
     });
     assert.equal(DS.parseConfig({ forwarders: '["127.0.0.1:53"]' }, true).ok, false, "a VPC never forwards to the host");
     assert.ok(DS.parseConfig({ forwarders: '["127.0.0.1:53"]' }, false).ok, "the defaults may");
-    assert.deepEqual(DS.parseRecord(VPC, "web", "10.0.1.5\n60\nvm-1\n1"), { ok: true, value: { vpcId: VPC, name: "web", address: "10.0.1.5", ttl: 60, owner: "vm-1", updatedMs: 1 } });
+    assert.deepEqual(DS.parseRecord(VPC, "web", "10.0.1.5\n60\nvm-1\n1"), {
+      ok: true,
+      value: { vpcId: VPC, name: "web", address: "10.0.1.5", ttl: 60, owner: "vm-1", updatedMs: 1 },
+    });
   });
 });
 
@@ -328,6 +411,11 @@ describe("reportInvalid", () => {
     assert.equal((await count()) - before, 2);
     assert.equal(lines.length, 2);
     assert.equal(JSON.stringify(lines[0]).includes("\\n"), true, "the key is logged escaped, not as a raw newline");
-    assert.deepEqual(invalidRecords("test").map((r) => r.reason).sort(), ["address: bad", "vpc: bad"]);
+    assert.deepEqual(
+      invalidRecords("test")
+        .map((r) => r.reason)
+        .sort(),
+      ["address: bad", "vpc: bad"],
+    );
   });
 });

@@ -60,7 +60,8 @@ type Json = Record<string, unknown>;
 /** Every leaf path of a record ("bandwidth.egressMbps", "dns[0]", …) with its value. */
 function leaves(o: unknown, path = ""): [string, unknown][] {
   if (Array.isArray(o)) return [[path, o], ...o.flatMap((x, i) => leaves(x, `${path}[${i}]`))];
-  if (o && typeof o === "object") return [...(path ? [[path, o] as [string, unknown]] : []), ...Object.entries(o).flatMap(([k, v]) => leaves(v, path ? `${path}.${k}` : k))];
+  if (o && typeof o === "object")
+    return [...(path ? [[path, o] as [string, unknown]] : []), ...Object.entries(o).flatMap(([k, v]) => leaves(v, path ? `${path}.${k}` : k))];
   return [[path, o]];
 }
 
@@ -91,12 +92,16 @@ function wrongType(v: unknown): unknown {
 
 /** The name a reason must mention: the last path segment without [i]. */
 function fieldName(path: string): string {
-  return path.replace(/\[\d+\]$/, "").split(".").pop()!;
+  return path
+    .replace(/\[\d+\]$/, "")
+    .split(".")
+    .pop()!;
 }
 
 function assertRejected<T>(p: Parsed<T>, path: string, what: string): void {
   assert.equal(p.ok, false, `${path} ${what} must be refused`);
-  if (!p.ok) assert.ok(p.reason.includes(fieldName(path)) || p.field.includes(fieldName(path)), `${path} ${what}: reason ${JSON.stringify(p.reason)} names the field`);
+  if (!p.ok)
+    assert.ok(p.reason.includes(fieldName(path)) || p.field.includes(fieldName(path)), `${path} ${what}: reason ${JSON.stringify(p.reason)} names the field`);
 }
 
 /** Runs the whole hostile table over one record. */
@@ -110,10 +115,12 @@ function hostileTable(name: string, valid: Json, parse: (raw: string) => Parsed<
     const paths = leaves(valid);
     for (const [path, value] of paths) {
       if (typeof value === "string" && !freeText.has(path)) {
-        for (const [what, bad] of HOSTILE_STRINGS) test(`${path} × ${what}`, () => assertRejected(parse(JSON.stringify(setPath(valid, path, bad))), path, what));
+        for (const [what, bad] of HOSTILE_STRINGS)
+          test(`${path} × ${what}`, () => assertRejected(parse(JSON.stringify(setPath(valid, path, bad))), path, what));
       }
       test(`${path} × wrong JSON type`, () => assertRejected(parse(JSON.stringify(setPath(valid, path, wrongType(value)))), path, "of the wrong type"));
-      if (!optional.has(path) && !/\[\d+\]$/.test(path)) test(`${path} × missing`, () => assertRejected(parse(JSON.stringify(setPath(valid, path, undefined))), path, "missing"));
+      if (!optional.has(path) && !/\[\d+\]$/.test(path))
+        test(`${path} × missing`, () => assertRejected(parse(JSON.stringify(setPath(valid, path, undefined))), path, "missing"));
     }
     test("not JSON, or not an object", () => {
       for (const raw of ["{", "null", "[]", '"x"', "1"]) assert.equal(parse(raw).ok, false, raw);
@@ -124,7 +131,12 @@ function hostileTable(name: string, valid: Json, parse: (raw: string) => Parsed<
 hostileTable("VpcSpec", vpc, (raw) => parseVpcSpec(HOST, VPC, raw), new Set());
 hostileTable("SubnetSpec", subnet as unknown as Json, (raw) => parseSubnetSpec(SUBNET, raw), new Set());
 hostileTable("NicSpec (veth)", vethNic as unknown as Json, (raw) => parseNicSpec(NIC, raw), new Set(["search", "bandwidth.egressBurst"]));
-hostileTable("NicSpec (tap)", JSON.parse(JSON.stringify(tapNic)) as Json, (raw) => parseNicSpec(NIC, raw), new Set(["search", "bandwidth.egressBurst", "tap.uid", "tap.gid"]));
+hostileTable(
+  "NicSpec (tap)",
+  JSON.parse(JSON.stringify(tapNic)) as Json,
+  (raw) => parseNicSpec(NIC, raw),
+  new Set(["search", "bandwidth.egressBurst", "tap.uid", "tap.gid"]),
+);
 
 describe("records that are well-formed but wrong", () => {
   test("the hash key must match the id inside", () => {
@@ -208,7 +220,15 @@ describe("peering record", () => {
     }
   }
   test("allowed CIDRs: wrong JSON type, outside the VPC, the whole internet, not canonical", () => {
-    for (const allowed2 of ["{}", '"10.2.0.0/16"', "[1]", '["0.0.0.0/1","128.0.0.0/1"]', '["10.9.0.0/16"]', '["10.2.1.0/24","10.2.0.0/24"]', '["10.2.1.7/24"]']) {
+    for (const allowed2 of [
+      "{}",
+      '"10.2.0.0/16"',
+      "[1]",
+      '["0.0.0.0/1","128.0.0.0/1"]',
+      '["10.9.0.0/16"]',
+      '["10.2.1.0/24","10.2.0.0/24"]',
+      '["10.2.1.7/24"]',
+    ]) {
       const p = parsePeeringRecord(peering.id, { ...peering, allowed2 });
       assert.equal(p.ok, false, allowed2);
       if (!p.ok) assert.match(p.reason, /allowed2/);
@@ -230,7 +250,8 @@ describe("peering record", () => {
 
 describe("overlay address claims (claims.ts)", () => {
   const within = [V.cidr("vpc", "10.1.0.0/16", { min: 8, max: 28 })];
-  const nicOn = (nicId: string, address: string, owner: string): string => JSON.stringify({ ...vethNic, nicId, hostIf: `v${nicId.slice(-12)}`, address, owner });
+  const nicOn = (nicId: string, address: string, owner: string): string =>
+    JSON.stringify({ ...vethNic, nicId, hostIf: `v${nicId.slice(-12)}`, address, owner });
   const evidence = (): ClaimEvidence => ({
     indexed: new Map([
       ["10.1.2.5", [{ hostId: "hva", nicId: "nic-00000000000a" }]],
@@ -259,12 +280,16 @@ describe("overlay address claims (claims.ts)", () => {
       ["10.1.2.5\n", "hvb"],
       ["10.1.2.5", "hv b"],
       ["010.1.2.5", "hvb"],
-    ]) assert.notEqual(claimShapeProblem(a, h, within), "", `${a} → ${h}`);
+    ])
+      assert.notEqual(claimShapeProblem(a, h, within), "", `${a} → ${h}`);
   });
 
   test("genuine claims pass; the evidence, not the claim, says where an address goes", () => {
     const r = verifyClaims(VPC, ["10.1.2.5", "10.1.2.6"], claims(["10.1.2.5", "hva"], ["10.1.2.6", "hvb"]), evidence(), new Set());
-    assert.deepEqual(r.accepted, [["10.1.2.5", "hva"], ["10.1.2.6", "hvb"]]);
+    assert.deepEqual(r.accepted, [
+      ["10.1.2.5", "hva"],
+      ["10.1.2.6", "hvb"],
+    ]);
     assert.deepEqual(r.rejected, []);
   });
 
@@ -277,7 +302,10 @@ describe("overlay address claims (claims.ts)", () => {
 
   test("hijack with a forged index and NIC record of hvb: contested, installed for nobody", () => {
     const ev = evidence();
-    ev.indexed.set("10.1.2.5", [{ hostId: "hva", nicId: "nic-00000000000a" }, { hostId: "hvb", nicId: "nic-0000000000ff" }]);
+    ev.indexed.set("10.1.2.5", [
+      { hostId: "hva", nicId: "nic-00000000000a" },
+      { hostId: "hvb", nicId: "nic-0000000000ff" },
+    ]);
     ev.nicRecords.set("hvb/nic-0000000000ff", nicOn("nic-0000000000ff", "10.1.2.5", "vm-a"));
     const r = verifyClaims(VPC, ["10.1.2.5"], claims(["10.1.2.5", "hvb"]), ev, new Set());
     assert.deepEqual(r.accepted, []);

@@ -9,7 +9,11 @@ import { reservedIndexes } from "../../services/ipam/store.js";
 test("names: the safe character set only, with a message that says what is allowed", () => {
   assert.equal(V.name("name", "web-1"), "web-1");
   for (const bad of ["", "Web", "1web", "a_b", "a;flush ruleset", "a\nb", "a b", "a".repeat(64), "$(reboot)", "web\u0000"]) {
-    assert.throws(() => V.name("name", bad), (e: unknown) => e instanceof InvalidArgumentError && e.message.startsWith("name: "), bad);
+    assert.throws(
+      () => V.name("name", bad),
+      (e: unknown) => e instanceof InvalidArgumentError && e.message.startsWith("name: "),
+      bad,
+    );
   }
   assert.throws(() => V.name("name", "x;y"), /use 1–63 characters of lowercase letters/);
 });
