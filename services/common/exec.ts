@@ -17,7 +17,7 @@
 // child) start with startDaemon(): same environment, counted in
 // microvpc_exec_total (not timed: they run until stopped).
 //
-// Cost, measured with bench/exec-cost.ts (Node 24, execa 10, `ip -V` ×100
+// Cost, measured with bench/exec.ts (npm run bench:exec) (Node 24, execa 10, `ip -V` ×100
 // per case, cases interleaved, median of 7 and of 11 rounds) on the shared
 // 2-core dev machine at load ~15 and ~25, so absolute times are inflated:
 //   execFile 14.4 / 37.6 ms wall, 2.2 / 3.0 ms of our own CPU per call;

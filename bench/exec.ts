@@ -1,6 +1,6 @@
 // Per-call cost of starting a command: plain execFile, execa 10, and the
 // daemons' adapter (services/common/exec.ts's run(): execa plus the metrics).
-// `node --import tsx bench/exec-cost.ts [--calls 100] [--rounds 7] [--file ip] [-- args…]`
+// `npm run bench:exec -- [--calls 100] [--rounds 7] [--file ip] [--smoke] [-- args…]`
 // Runs `ip -V` (default) --calls times per case, the cases interleaved round
 // by round so a busy machine's noise falls on all of them alike, and prints
 // the median over the rounds of: wall ms per call, and the parent's own CPU
@@ -11,11 +11,17 @@ import { execa } from "execa";
 import { run } from "../services/common/exec.js";
 
 const { values, positionals } = parseArgs({
-  options: { calls: { type: "string", default: "100" }, rounds: { type: "string", default: "7" }, file: { type: "string", default: "ip" } },
+  options: {
+    calls: { type: "string", default: "100" },
+    rounds: { type: "string", default: "7" },
+    file: { type: "string", default: "ip" },
+    smoke: { type: "boolean", default: false },
+  },
   allowPositionals: true,
 });
-const calls = Number(values.calls);
-const rounds = Number(values.rounds);
+// --smoke: the same cases, a handful of calls (the test suite runs it so the bench cannot rot).
+const calls = values.smoke ? 5 : Number(values.calls);
+const rounds = values.smoke ? 2 : Number(values.rounds);
 const file = values.file!;
 const args = positionals.length ? positionals : ["-V"];
 const env = { ...process.env, LC_ALL: "C" };
