@@ -560,7 +560,7 @@ test("the containers' entry point is the one the integration tests start", () =>
   assert.equal(PKG.bin.microvpcd, "bin/microvpcd.js");
   assert.match(
     readFileSync(join(ROOT, "test", "lib", "daemon.ts"), "utf8"),
-    /join\(ROOT, "bin", "microvpcd\.js"\), service/,
+    /join\(ROOT, "bin", "microvpcd\.js"\),\s*service\b/,
     "test/lib/daemon.ts starts bin/microvpcd.js <service>",
   );
   const df = readFileSync(join(ROOT, "Dockerfile"), "utf8");
