@@ -468,6 +468,7 @@ describe("NIC bindings", () => {
       vpcId: v.id,
       subnetId: v.subnets.b,
       kind: "tap",
+      tap: { multiQueue: false, queues: 1 },
       hostIf: `t${n.slice(-12)}`,
       mac: "02:00:0a:32:02:28",
       address: "10.50.2.40",
