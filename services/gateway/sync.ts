@@ -191,6 +191,29 @@ export class GatewaySync {
     this.lastResolver.delete(vpcId);
   }
 
+  /**
+   * Frees the transit index of a VPC that left this host: only once its
+   * namespace and its transit link are gone (until then the index still
+   * names a live link). Removes its policy rule and the uplink's proxy
+   * entries and /32 routes it had. True when nothing of it is left.
+   */
+  private async releaseTransit(vpcId: string): Promise<boolean> {
+    const hns = this.opts.hostNetns;
+    if (/^vpc-[0-9a-f]{12}$/.test(vpcId) && existsSync(`/run/netns/${naNames.netns(this.opts.hostId, vpcId)}`)) return false;
+    const link = await run("ip", ["-j", "link", "show", "dev", names.hostSide(vpcId)], { netns: hns, check: false });
+    if (link.exitCode === 0) return false;
+    const k = await this.store.releaseTransit(this.opts.hostId, vpcId);
+    const undo = (this.lastRoutes.get(vpcId) ?? [])
+      .filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")))
+      .map((l) =>
+        l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
+      );
+    if (k !== undefined) undo.push(`rule del pref ${names.rulePref(k)}`);
+    if (undo.length) await run("ip", ["-force", "-batch", "-"], { ...batch(undo, hns), check: false });
+    if (k !== undefined) this.log.info({ vpc: vpcId, transit: k }, "gateway: VPC left this host; its transit index is free again");
+    return true;
+  }
+
   /** Transit link, resolver address, routes and nft of one VPC. Throws on the first failure. */
   private async applyVpc(v: GwVpc, fresh: boolean): Promise<void> {
     const hns = this.opts.hostNetns;
@@ -253,8 +276,16 @@ export class GatewaySync {
       const fresh = this.lastHost === "";
       // A VPC that left this host (its namespace, and the transit link with
       // it, gone) is checked afresh if it comes back.
+      // Its transit index is freed once its namespace and link are gone; the
+      // drift pass (fresh) also frees indexes no VPC here uses (a VPC that
+      // left while the gateway was down).
+      const left = new Set<string>();
       for (const id of [...this.lastVpc.keys(), ...this.vpcFailures.keys()]) {
-        if (!h.vpcs.some((v) => v.vpcId === id)) {
+        if (!h.vpcs.some((v) => v.vpcId === id)) left.add(id);
+      }
+      if (fresh) for (const id of (await this.store.transitMap(this.opts.hostId)).keys()) if (!h.vpcs.some((v) => v.vpcId === id)) left.add(id);
+      for (const id of left) {
+        if (await this.releaseTransit(id)) {
           this.forgetVpc(id);
           this.vpcFailures.delete(id);
         }

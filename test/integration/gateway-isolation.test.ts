@@ -3,8 +3,10 @@
 // link goes) makes that VPC's apply fail; it is counted (applies_total
 // result=error) and retried, and meanwhile another VPC on the same host gets
 // a new floating IP with real packets. Once the device is gone the failed
-// VPC converges again.
+// VPC converges again. A VPC that leaves frees its transit index for the
+// next one.
 import assert from "node:assert/strict";
+import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -70,7 +72,8 @@ describe("gateway: one VPC's failure does not freeze the others", () => {
     const fip = (await gw.allocateFloatingIp({})).floatingIp!;
     await gw.associateFloatingIp({ floatingIp: fip.id, vpc: b.vpc.id, privateAddress: b.address });
     await eventually(async () => (await whoami(b)) === fip.address, "B's egress leaves as its new floating IP while A keeps failing");
-    assert.ok((await vpcErrors()) > errorsBefore + 1, "A is retried, and fails again, while B converges");
+    const once = await vpcErrors();
+    await eventually(async () => (await vpcErrors()) > once, "A is retried (and fails again) while B converges");
 
     // The planted device removed: A is retried and works again; B unchanged.
     await ipn(a.vpcNs, ["link", "del", vpcSide]);
@@ -78,5 +81,24 @@ describe("gateway: one VPC's failure does not freeze the others", () => {
     assert.equal(await whoami(b), fip.address);
     await gw.disassociateFloatingIp({ floatingIp: fip.id });
     await gw.releaseFloatingIp({ floatingIp: fip.id });
+  });
+
+  test("a VPC that leaves the host frees its transit index; the next VPC to arrive reuses it and works", async () => {
+    const redis = new Redis(h.redis.url);
+    try {
+      const key = `mvpc:gw:host:${a.host.id}:transit`;
+      const old = Number(await redis.hget(key, a.vpc.id));
+      assert.ok(Number.isInteger(old), "A holds a transit index");
+      await h.removeVm(a);
+      await a.host.agent.deleteVpc({ vpc: a.vpc.id });
+      await eventually(async () => (await redis.hget(key, a.vpc.id)) === null, "A's index is freed once A left the host");
+      const vc = await h.vpc("iso-c", "10.22.0.0/16");
+      const c = await h.vm(0, vc, await h.subnet(vc, "s", "10.22.1.0/24", SubnetType.PUBLIC), "isoc");
+      await eventually(async () => (await whoami(c)) === hostAddr, "C reaches the internet");
+      assert.equal(Number(await redis.hget(key, vc.id)), old, "C reuses A's index");
+      assert.equal(await whoami(b), hostAddr, "B unaffected");
+    } finally {
+      redis.disconnect();
+    }
   });
 });
