@@ -4,10 +4,13 @@
 // result=error) and retried, and meanwhile another VPC on the same host gets
 // a new floating IP with real packets. Once the device is gone the failed
 // VPC converges again. A VPC that leaves frees its transit index for the
-// next one.
+// next one. The metadata/DNS child, killed, is restarted while the gateway's
+// health says NOT_SERVING.
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
+import { readdirSync, readFileSync } from "node:fs";
+import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
@@ -100,5 +103,63 @@ describe("gateway: one VPC's failure does not freeze the others", () => {
     } finally {
       redis.disconnect();
     }
+  });
+});
+
+/** Children of a process (every thread's), from /proc. */
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const t of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      out.push(...readFileSync(`/proc/${pid}/task/${t}/children`, "utf8").split(/\s+/).filter(Boolean).map(Number));
+    } catch {
+      // thread gone
+    }
+  }
+  return out;
+}
+
+/** The gateway's metadata/DNS child (`microvpcd imds` inside --host-netns). */
+function imdsChild(): number | undefined {
+  return childrenOf(gwd.proc.pid!).find((p) => {
+    try {
+      return readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").includes("imds");
+    } catch {
+      return false;
+    }
+  });
+}
+
+describe("gateway: its metadata child", () => {
+  test("killed, it is restarted; health goes NOT_SERVING until it is back, then SERVING, and the metadata service answers again", async () => {
+    const health = grpcClient(Health, { address: gwd.address, timeoutMs: 2000 });
+    const vm = b;
+    await gw.setInstanceMetadata({
+      metadata: { instanceId: "i-isob", vpcId: vm.vpc.id, subnetId: vm.subnet.id, localIpv4: vm.address, mac: vm.mac, hostname: "isob" },
+    });
+    const meta = () => httpGet(vm.ns, "http://169.254.169.254/latest/meta-data/instance-id", 1500);
+    await eventually(async () => (await meta()) === "i-isob", "the metadata service answers");
+    assert.equal((await health.check({})).status, Status.SERVING);
+    const pid = imdsChild();
+    assert.ok(pid, "the gateway has its metadata child");
+
+    const seen: Status[] = [];
+    let watching = true;
+    const watcher = (async () => {
+      while (watching) {
+        const s = (await health.check({}).catch(() => undefined))?.status;
+        if (s !== undefined && s !== seen.at(-1)) seen.push(s);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    })();
+    process.kill(pid, "SIGKILL");
+    await eventually(async () => seen.includes(Status.NOT_SERVING), "NOT_SERVING while the child is down");
+    await eventually(async () => seen.at(-1) === Status.SERVING, "SERVING once it is back");
+    watching = false;
+    await watcher;
+    assert.deepEqual(seen, [Status.SERVING, Status.NOT_SERVING, Status.SERVING]);
+    const again = imdsChild();
+    assert.ok(again && again !== pid, "a new child");
+    await eventually(async () => (await meta()) === "i-isob", "the metadata service answers again");
   });
 });
