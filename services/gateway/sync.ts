@@ -69,6 +69,8 @@ export class GatewaySync {
   private lastVpc = new Map<string, string>();
   private lastRoutes = new Map<string, string[]>();
   private lastResolver = new Map<string, string | undefined>();
+  /** VPCs that left this host and whose transit index is not freed yet. */
+  private readonly leaving = new Set<string>();
   private readonly dns: DnsStore;
   private pending = true;
   private stopped = false;
@@ -279,15 +281,21 @@ export class GatewaySync {
       // Its transit index is freed once its namespace and link are gone; the
       // drift pass (fresh) also frees indexes no VPC here uses (a VPC that
       // left while the gateway was down).
-      const left = new Set<string>();
-      for (const id of [...this.lastVpc.keys(), ...this.vpcFailures.keys()]) {
-        if (!h.vpcs.some((v) => v.vpcId === id)) left.add(id);
-      }
-      if (fresh) for (const id of (await this.store.transitMap(this.opts.hostId)).keys()) if (!h.vpcs.some((v) => v.vpcId === id)) left.add(id);
-      for (const id of left) {
+      const here = new Set(h.vpcs.map((v) => v.vpcId));
+      for (const id of [...this.lastVpc.keys(), ...this.vpcFailures.keys()]) if (!here.has(id)) this.leaving.add(id);
+      if (fresh) for (const id of (await this.store.transitMap(this.opts.hostId)).keys()) if (!here.has(id)) this.leaving.add(id);
+      for (const id of [...this.leaving]) {
+        if (here.has(id)) {
+          this.leaving.delete(id);
+          continue;
+        }
+        this.lastVpc.delete(id);
+        this.lastResolver.delete(id);
+        this.vpcFailures.delete(id);
+        // Its routes stay known until released: their undo needs them.
         if (await this.releaseTransit(id)) {
-          this.forgetVpc(id);
-          this.vpcFailures.delete(id);
+          this.leaving.delete(id);
+          this.lastRoutes.delete(id);
         }
       }
       if (fresh) await run("sysctl", ["-q", "-w", "net.ipv4.ip_forward=1"], { netns: hns });
