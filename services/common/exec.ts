@@ -179,8 +179,8 @@ export interface DaemonOptions {
   netns?: string;
   /** Added to the environment (LC_ALL=C always). */
   env?: Record<string, string>;
-  /** stdin, stdout, stderr: "ignore", "inherit" or an open file descriptor (default all "ignore"). */
-  stdio?: ["ignore" | "inherit" | number, "ignore" | "inherit" | number, "ignore" | "inherit" | number];
+  /** stdin, stdout, stderr: "ignore", "inherit", "pipe" (read it from proc) or an open file descriptor (default all "ignore"). */
+  stdio?: ["ignore" | "inherit" | number, "ignore" | "inherit" | "pipe" | number, "ignore" | "inherit" | number];
   /** Own process group and not holding our event loop: it outlives a restart of the daemon. Otherwise it is killed when we exit. */
   detached?: boolean;
 }

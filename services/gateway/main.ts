@@ -6,6 +6,7 @@
 // daemon's namespace; when --host-netns names another one (a simulated
 // hypervisor in the tests), both run as a child process inside it
 // (`microvpcd imds`).
+import type { ChildProcess } from "node:child_process";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
@@ -73,6 +74,78 @@ export async function runImds(
   };
 }
 
+/** The line (pino msg) the imds child logs once its servers listen. */
+const IMDS_READY = "metadata child ready";
+
+/**
+ * The metadata server and resolver as a child inside --host-netns, kept
+ * running: when it dies it is started again (0.5 s, doubling to 30 s while
+ * it keeps dying young); \`up\` is false from its exit until the new one
+ * says it is serving, so the gateway's health check reports NOT_SERVING.
+ */
+class ImdsChild {
+  up = false;
+  private proc?: ChildProcess;
+  private stopping = false;
+  private failures = 0;
+  private timer?: NodeJS.Timeout;
+
+  constructor(
+    readonly args: string[],
+    readonly netns: string,
+    readonly log: Logger,
+  ) {}
+
+  async start(): Promise<void> {
+    const started = Date.now();
+    const d = await startDaemon(process.execPath, this.args, { netns: this.netns, stdio: ["ignore", "pipe", "inherit"] });
+    this.proc = d.proc;
+    let buf = "";
+    d.proc.stdout?.on("data", (chunk: Buffer) => {
+      process.stdout.write(chunk);
+      if (this.up) return;
+      buf = (buf + chunk.toString("utf8")).slice(-65536);
+      if (buf.includes(`"msg":"${IMDS_READY}"`)) {
+        this.up = true;
+        buf = "";
+        this.log.info({ pid: d.pid }, "metadata child serving");
+      }
+    });
+    void d.exited.then((r) => {
+      this.up = false;
+      if (this.stopping) return;
+      // A child that ran a while starts the backoff afresh.
+      this.failures = Date.now() - started > 60_000 ? 1 : this.failures + 1;
+      const delayMs = Math.min(30_000, 500 * 2 ** (this.failures - 1));
+      this.log.error({ pid: d.pid, exitCode: r.exitCode, signal: r.signal, retryInMs: delayMs }, "metadata child exited; restarting it");
+      this.schedule(delayMs);
+    });
+  }
+
+  private schedule(delayMs: number): void {
+    this.timer = setTimeout(() => {
+      if (this.stopping) return;
+      this.start().catch((err) => {
+        this.failures++;
+        const next = Math.min(30_000, 500 * 2 ** (this.failures - 1));
+        this.log.error({ err: (err as Error).message, retryInMs: next }, "cannot start the metadata child; retrying");
+        this.schedule(next);
+      });
+    }, delayMs);
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    clearTimeout(this.timer);
+    const p = this.proc;
+    if (p && p.exitCode === null && p.signalCode === null) {
+      const exited = new Promise((r) => p.once("exit", r));
+      p.kill("SIGTERM");
+      await exited;
+    }
+  }
+}
+
 /** `microvpcd imds`: the metadata server alone (started by the gateway inside --host-netns). */
 export function addImdsCommand(program: Command): void {
   program
@@ -87,6 +160,8 @@ export function addImdsCommand(program: Command): void {
       const redis = connectRedis({ url: o.redis, logger });
       const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
       const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
+      // The gateway reads this line to know its child is serving (healthy again).
+      logger.info(IMDS_READY);
       const stop = async () => {
         await dns?.close();
         await close();
@@ -155,6 +230,7 @@ export const gatewayDefinition: ServiceDefinition = {
     );
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
+    let childUp = () => true;
     if (!hostNetns) {
       const { close: closeImds } = await runImds(redis, hostId, imdsPort, logger);
       const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger) : undefined;
@@ -163,10 +239,9 @@ export const gatewayDefinition: ServiceDefinition = {
         await closeImds();
       };
     } else {
-      const imds = await startDaemon(
+      const child = new ImdsChild(
         // The child is this same program (dist/microvpcd.js through bin/, or the
         // sources under a loader in tests): same node, same flags, same entry.
-        process.execPath,
         [
           ...process.execArgv,
           process.argv[1] as string,
@@ -180,19 +255,19 @@ export const gatewayDefinition: ServiceDefinition = {
           "--dns-port",
           String(dnsPort),
         ],
-        { netns: hostNetns, stdio: ["ignore", "inherit", "inherit"] },
+        hostNetns,
+        logger,
       );
-      stopImds = async () => {
-        if (imds.proc.exitCode === null && imds.proc.signalCode === null) {
-          imds.proc.kill("SIGTERM");
-          await imds.exited;
-        }
-      };
+      await child.start();
+      childUp = () => child.up;
+      stopImds = () => child.stop();
     }
     const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }), reservedPorts });
     const impl: Partial<ServiceImpl<typeof GatewayService>> = { ...api.impl, ...new MetadataApi(meta).impl };
     return {
       services: [{ desc: GatewayService, impl }],
+      // NOT_SERVING while the metadata/DNS child is down (it is restarted).
+      ready: async () => childUp() && (await redis.ping()) === "PONG",
       close: async () => {
         sync.stop();
         await stopImds();

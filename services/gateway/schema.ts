@@ -21,6 +21,8 @@ export const GK = {
   pfs: "mvpc:gw:pfs",
   hostPorts: (h: string) => `mvpc:gw:host:${h}:ports`,
   transit: (h: string) => `mvpc:gw:host:${h}:transit`,
+  /** Freed transit indexes of a host, lowest reused first (zset, score = index). */
+  transitFree: (h: string) => `mvpc:gw:host:${h}:transitfree`,
   tokens: "mvpc:tokens",
   events: "mvpc:events",
 };

@@ -7,7 +7,21 @@ import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExh
 import type { Logger } from "pino";
 import { reportInvalid } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
-import { checkFip, checkNat, checkPf, GK, OWNER, parseFip, parseNat, parsePf, parseTransit, type FipRec, type NatRec, type PfRec } from "./schema.js";
+import {
+  checkFip,
+  checkNat,
+  checkPf,
+  GK,
+  MAX_TRANSIT,
+  OWNER,
+  parseFip,
+  parseNat,
+  parsePf,
+  parseTransit,
+  type FipRec,
+  type NatRec,
+  type PfRec,
+} from "./schema.js";
 
 export type { FipRec, NatRec, PfRec } from "./schema.js";
 const K = GK;
@@ -305,16 +319,31 @@ export class GatewayStore {
 
   // ---- transit indexes: one /30 per VPC per hypervisor ----
 
-  /** The VPC's transit index on this host, assigned once and kept. */
+  /**
+   * The VPC's transit index on this host, kept while the VPC is here: the
+   * lowest freed index if any (releaseTransit), else the next never used.
+   * Past MAX_TRANSIT in use the VPC is refused (and skipped), never given an
+   * index out of range.
+   */
   async transitIndex(hostId: string, vpcId: string): Promise<number> {
     const got = await this.redis.eval(
       `local v = redis.call('HGET', KEYS[1], ARGV[1]) if v then return tonumber(v) end
-       local n = redis.call('HINCRBY', KEYS[1], '#next', 1) - 1
+       local n
+       local free = redis.call('ZPOPMIN', KEYS[2])
+       if free[1] then n = tonumber(free[1])
+       else
+         n = tonumber(redis.call('HGET', KEYS[1], '#next') or '0')
+         if n >= tonumber(ARGV[2]) then return -1 end
+         redis.call('HSET', KEYS[1], '#next', n + 1)
+       end
        redis.call('HSET', KEYS[1], ARGV[1], n) return n`,
-      1,
+      2,
       K.transit(hostId),
+      K.transitFree(hostId),
       vpcId,
+      MAX_TRANSIT,
     );
+    if (got === -1) throw new Error(`all ${MAX_TRANSIT} transit indexes of ${hostId} are in use; ${vpcId} is skipped until one is freed`);
     const t = parseTransit(vpcId, String(got));
     if (!t.ok) {
       reportInvalid(OWNER, "transit", `${K.transit(hostId)} ${vpcId}`, t.reason, this.log);
@@ -323,7 +352,28 @@ export class GatewayStore {
     return t.value;
   }
 
-  /** vpcId → transit index of every VPC this host ever served. */
+  /**
+   * Frees the VPC's transit index for reuse (the VPC left this host and its
+   * transit link is gone). Only the index it holds now, and only a valid one,
+   * goes to the free list. Returns the index freed, or undefined.
+   */
+  async releaseTransit(hostId: string, vpcId: string): Promise<number | undefined> {
+    const got = await this.redis.eval(
+      `local v = redis.call('HGET', KEYS[1], ARGV[1]) if not v then return -1 end
+       redis.call('HDEL', KEYS[1], ARGV[1])
+       local n = tonumber(v)
+       if n and n >= 0 and n < tonumber(ARGV[2]) and n == math.floor(n) then redis.call('ZADD', KEYS[2], n, n) return n end
+       return -1`,
+      2,
+      K.transit(hostId),
+      K.transitFree(hostId),
+      vpcId,
+      MAX_TRANSIT,
+    );
+    return typeof got === "number" && got >= 0 ? got : undefined;
+  }
+
+  /** vpcId → transit index of every VPC holding one on this host. */
   async transitMap(hostId: string): Promise<Map<string, number>> {
     const h = await this.redis.hgetall(K.transit(hostId));
     delete h["#next"];

@@ -33,6 +33,10 @@ import {
 import { OWNER, parseGwSubnet } from "./schema.js";
 import type { GatewayStore } from "./store.js";
 
+/** Backoff of a VPC whose apply failed: 0.5 s, doubling, at most 30 s. */
+const VPC_RETRY_BASE_MS = 500;
+const VPC_RETRY_MAX_MS = 30_000;
+
 const applies = new Counter({
   name: "microvpc_gateway_applies_total",
   help: "Gateway kernel updates by namespace kind (host, vpc) and result.",
@@ -65,6 +69,8 @@ export class GatewaySync {
   private lastVpc = new Map<string, string>();
   private lastRoutes = new Map<string, string[]>();
   private lastResolver = new Map<string, string | undefined>();
+  /** VPCs that left this host and whose transit index is not freed yet. */
+  private readonly leaving = new Set<string>();
   private readonly dns: DnsStore;
   private pending = true;
   private stopped = false;
@@ -171,6 +177,93 @@ export class GatewaySync {
     };
   }
 
+  /** VPCs whose last apply failed: retried with backoff, the others converge meanwhile. */
+  readonly vpcFailures = new Map<string, { count: number; retryAt: number; error: string }>();
+
+  /** Whether a failed VPC's retry is due. */
+  private retryDue(now = Date.now()): boolean {
+    for (const f of this.vpcFailures.values()) if (f.retryAt <= now) return true;
+    return false;
+  }
+
+  /** Forgets what is known applied for one VPC: it is checked afresh on its next apply. */
+  private forgetVpc(vpcId: string): void {
+    this.lastVpc.delete(vpcId);
+    this.lastRoutes.delete(vpcId);
+    this.lastResolver.delete(vpcId);
+  }
+
+  /**
+   * Frees the transit index of a VPC that left this host: only once its
+   * namespace and its transit link are gone (until then the index still
+   * names a live link). Removes its policy rule and the uplink's proxy
+   * entries and /32 routes it had. True when nothing of it is left.
+   */
+  private async releaseTransit(vpcId: string): Promise<boolean> {
+    const hns = this.opts.hostNetns;
+    if (/^vpc-[0-9a-f]{12}$/.test(vpcId) && existsSync(`/run/netns/${naNames.netns(this.opts.hostId, vpcId)}`)) return false;
+    const link = await run("ip", ["-j", "link", "show", "dev", names.hostSide(vpcId)], { netns: hns, check: false });
+    if (link.exitCode === 0) return false;
+    const k = await this.store.releaseTransit(this.opts.hostId, vpcId);
+    const undo = (this.lastRoutes.get(vpcId) ?? [])
+      .filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")))
+      .map((l) =>
+        l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
+      );
+    if (k !== undefined) undo.push(`rule del pref ${names.rulePref(k)}`);
+    if (undo.length) await run("ip", ["-force", "-batch", "-"], { ...batch(undo, hns), check: false });
+    if (k !== undefined) this.log.info({ vpc: vpcId, transit: k }, "gateway: VPC left this host; its transit index is free again");
+    return true;
+  }
+
+  /** Transit link, resolver address, routes and nft of one VPC. Throws on the first failure. */
+  private async applyVpc(v: GwVpc, fresh: boolean): Promise<void> {
+    const hns = this.opts.hostNetns;
+    const vns = naNames.netns(this.opts.hostId, v.vpcId);
+    const hostIf = names.hostSide(v.vpcId);
+    const known = !fresh && this.lastVpc.has(v.vpcId);
+    if (!known && (await run("ip", ["-j", "link", "show", "dev", hostIf], { netns: hns, check: false })).exitCode !== 0) {
+      const lines = transitCreateLines(this.opts.hostId, v, vns);
+      await run("ip", ["-batch", "-"], batch(lines.host, hns));
+      await run("ip", ["-n", vns, "-batch", "-"], batch(lines.vpc));
+      this.forgetVpc(v.vpcId);
+    }
+    if (!known || !this.lastResolver.has(v.vpcId) || this.lastResolver.get(v.vpcId) !== v.resolver) {
+      // Only addresses carrying our label are read and removed.
+      const { stdout: out } = await run("ip", ["-n", vns, "-j", "addr", "show", "dev", "lo"]);
+      const present = ((JSON.parse(out || "[]") as { addr_info?: { local: string; label?: string; family: string }[] }[])[0]?.addr_info ?? [])
+        .filter((a) => a.family === "inet" && a.label === RESOLVER_LABEL)
+        .map((a) => a.local);
+      const lines = resolverAddrLines(present, v.resolver);
+      if (lines.length) await run("ip", ["-n", vns, "-batch", "-"], batch(lines));
+      this.lastResolver.set(v.vpcId, v.resolver);
+    }
+    // Routes and the policy rule: replace is idempotent; -force skips a missing rule on delete.
+    const t = transitAddrs(v.transit);
+    const routes = [
+      `rule del pref ${names.rulePref(v.transit)}`,
+      `rule add from ${t.host} lookup ${names.table(v.transit)} pref ${names.rulePref(v.transit)}`,
+      ...hostRouteLines(v, this.opts.uplink),
+    ];
+    const prev = this.lastRoutes.get(v.vpcId) ?? [];
+    const gone = prev.filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")));
+    const stale = gone
+      .filter((l) => !routes.includes(l))
+      .map((l) =>
+        l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
+      );
+    if (JSON.stringify(prev) !== JSON.stringify(routes)) {
+      await run("ip", ["-force", "-batch", "-"], { ...batch([...stale, ...routes], hns), check: false });
+      this.lastRoutes.set(v.vpcId, routes);
+    }
+    const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
+    if (this.lastVpc.get(v.vpcId) !== text) {
+      await run("ip", ["netns", "exec", vns, "nft", "-f", "-"], { input: text });
+      applies.inc({ where: "vpc", result: "ok" });
+      this.lastVpc.set(v.vpcId, text);
+    }
+  }
+
   async syncOnce(force = false): Promise<void> {
     const hns = this.opts.hostNetns;
     try {
@@ -185,64 +278,46 @@ export class GatewaySync {
       const fresh = this.lastHost === "";
       // A VPC that left this host (its namespace, and the transit link with
       // it, gone) is checked afresh if it comes back.
-      for (const id of [...this.lastVpc.keys()]) {
-        if (!h.vpcs.some((v) => v.vpcId === id)) {
-          this.lastVpc.delete(id);
+      // Its transit index is freed once its namespace and link are gone; the
+      // drift pass (fresh) also frees indexes no VPC here uses (a VPC that
+      // left while the gateway was down).
+      const here = new Set(h.vpcs.map((v) => v.vpcId));
+      for (const id of [...this.lastVpc.keys(), ...this.vpcFailures.keys()]) if (!here.has(id)) this.leaving.add(id);
+      if (fresh) for (const id of (await this.store.transitMap(this.opts.hostId)).keys()) if (!here.has(id)) this.leaving.add(id);
+      for (const id of [...this.leaving]) {
+        if (here.has(id)) {
+          this.leaving.delete(id);
+          continue;
+        }
+        this.lastVpc.delete(id);
+        this.lastResolver.delete(id);
+        this.vpcFailures.delete(id);
+        // Its routes stay known until released: their undo needs them.
+        if (await this.releaseTransit(id)) {
+          this.leaving.delete(id);
           this.lastRoutes.delete(id);
-          this.lastResolver.delete(id);
         }
       }
       if (fresh) await run("sysctl", ["-q", "-w", "net.ipv4.ip_forward=1"], { netns: hns });
+      // Each VPC on its own: one that fails (a device in the way, a bad
+      // record) is logged, counted and retried with backoff, and every other
+      // tenant's NAT, floating IPs and metadata keep converging.
+      const now = Date.now();
       for (const v of h.vpcs) {
-        const vns = naNames.netns(this.opts.hostId, v.vpcId);
-        const hostIf = names.hostSide(v.vpcId);
-        const known = !fresh && this.lastVpc.has(v.vpcId);
-        if (!known && (await run("ip", ["-j", "link", "show", "dev", hostIf], { netns: hns, check: false })).exitCode !== 0) {
-          const lines = transitCreateLines(this.opts.hostId, v, vns);
-          await run("ip", ["-batch", "-"], batch(lines.host, hns));
-          await run("ip", ["-n", vns, "-batch", "-"], batch(lines.vpc));
-          this.lastVpc.delete(v.vpcId);
-          this.lastRoutes.delete(v.vpcId);
-          this.lastResolver.delete(v.vpcId);
-        }
-        if (!known || !this.lastResolver.has(v.vpcId) || this.lastResolver.get(v.vpcId) !== v.resolver) {
-          // Only addresses carrying our label are read and removed.
-          const { stdout: out } = await run("ip", ["-n", vns, "-j", "addr", "show", "dev", "lo"]);
-          const present = ((JSON.parse(out || "[]") as { addr_info?: { local: string; label?: string; family: string }[] }[])[0]?.addr_info ?? [])
-            .filter((a) => a.family === "inet" && a.label === RESOLVER_LABEL)
-            .map((a) => a.local);
-          const lines = resolverAddrLines(present, v.resolver);
-          if (lines.length) await run("ip", ["-n", vns, "-batch", "-"], batch(lines));
-          this.lastResolver.set(v.vpcId, v.resolver);
-        }
-        // Routes and the policy rule: replace is idempotent; -force skips a missing rule on delete.
-        const t = transitAddrs(v.transit);
-        const routes = [
-          `rule del pref ${names.rulePref(v.transit)}`,
-          `rule add from ${t.host} lookup ${names.table(v.transit)} pref ${names.rulePref(v.transit)}`,
-          ...hostRouteLines(v, this.opts.uplink),
-        ];
-        const prev = this.lastRoutes.get(v.vpcId) ?? [];
-        const gone = prev.filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")));
-        const stale = gone
-          .filter((l) => !routes.includes(l))
-          .map((l) =>
-            l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
-          );
-        if (JSON.stringify(prev) !== JSON.stringify(routes)) {
-          await run("ip", ["-force", "-batch", "-"], { ...batch([...stale, ...routes], hns), check: false });
-          this.lastRoutes.set(v.vpcId, routes);
-        }
-        const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
-        if (this.lastVpc.get(v.vpcId) !== text) {
-          try {
-            await run("ip", ["netns", "exec", vns, "nft", "-f", "-"], { input: text });
-            applies.inc({ where: "vpc", result: "ok" });
-          } catch (e) {
-            applies.inc({ where: "vpc", result: "error" });
-            throw e;
-          }
-          this.lastVpc.set(v.vpcId, text);
+        const failed = this.vpcFailures.get(v.vpcId);
+        if (failed && failed.retryAt > now && !force) continue;
+        try {
+          await this.applyVpc(v, fresh);
+          if (failed) this.log.info({ vpc: v.vpcId, attempts: failed.count }, "gateway: VPC applied again after failures");
+          this.vpcFailures.delete(v.vpcId);
+        } catch (err) {
+          applies.inc({ where: "vpc", result: "error" });
+          const count = (failed?.count ?? 0) + 1;
+          const delayMs = Math.min(VPC_RETRY_MAX_MS, VPC_RETRY_BASE_MS * 2 ** Math.min(count - 1, 10));
+          const error = (err as Error).message;
+          this.vpcFailures.set(v.vpcId, { count, retryAt: Date.now() + delayMs, error });
+          this.forgetVpc(v.vpcId);
+          this.log.error({ vpc: v.vpcId, err: error, attempts: count, retryInMs: delayMs }, "gateway: applying a VPC failed; the others go on, retrying it");
         }
       }
       const text = hostNft(h);
@@ -276,15 +351,18 @@ export class GatewaySync {
       let last = 0;
       while (!this.stopped) {
         const drift = Date.now() - last > driftMs;
-        if (this.pending || drift) {
+        let failedPass = false;
+        if (this.pending || drift || this.retryDue()) {
           this.pending = false;
           await this.syncOnce(drift && last !== 0);
           if (drift) last = Date.now();
-          // A failed pass is retried soon, not at the next drift check.
-          if (this.status.lastError) this.pending = true;
+          // A failed pass is retried soon (after the pause below), not at the
+          // next drift check; a failed VPC when its backoff is due.
+          failedPass = !!this.status.lastError;
         }
         // A change that arrived during the pass is applied at once.
-        if (this.pending) continue;
+        if (this.pending && !failedPass) continue;
+        if (failedPass) this.pending = true;
         await new Promise<void>((r) => {
           this.wake = r;
           setTimeout(r, 500).unref();

@@ -463,6 +463,11 @@ export class NetAgent {
           if (taken) throw new AlreadyExistsError(`interface ${hostIf} already exists in ${ns}; choose another tap.name`);
         }
         const added = await this.agent.store.addNic(spec);
+        if (added.code === -2) {
+          throw new FailedPreconditionError(
+            `${req.address} is held in VPC ${v.name} by NIC ${added.id.split("/")[1]} on hypervisor ${added.id.split("/")[0]}; detach it there first`,
+          );
+        }
         if (added.code !== 1) {
           const prev = this.agent.desired.nics.get(added.id) ?? (await this.agent.store.getNic(added.id));
           if (!prev) throw new AlreadyExistsError(`NIC ${added.id} holds ${req.address}`);

@@ -27,9 +27,14 @@ function mustParse<T>(what: string, p: Parsed<T>): void {
   if (!p.ok) throw new InvalidArgumentError(p.field || what, `refusing to store an invalid ${what} record: ${p.reason}`);
 }
 
-// Adds a NIC unless its address is taken in that VPC on this host, or its
-// client token was used: {1, id} added, {0, id} token seen, {-1, id} address
-// held by that NIC.
+// Adds a NIC unless its address is taken in that VPC on this host or on
+// any other, or its client token was used: {1, id} added, {0, id} token
+// seen, {-1, id} address held by that NIC of this host, {-2, "host/nic"}
+// address held by a live NIC of another host. The address is unique per VPC
+// across hosts: after a release and a reallocation, a second host cannot
+// attach a VPC address a NIC elsewhere still holds. The global index
+// (mvpc:nicaddr) only names the holder; it counts when the holder's own
+// host index and NIC record agree (a stale or forged entry blocks nobody).
 const ADD_NIC = `
 local tok = ARGV[3]
 if tok ~= '' then
@@ -38,6 +43,14 @@ if tok ~= '' then
 end
 local holder = redis.call('HGET', KEYS[2], ARGV[2])
 if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holder} end
+local g = redis.call('HGET', 'mvpc:nicaddr', ARGV[2])
+if g then
+  local gh, gn = string.match(g, '^([a-z0-9-]+)/(nic%-[0-9a-f]+)$')
+  if gh and gh ~= ARGV[5] and redis.call('HGET', 'mvpc:host:' .. gh .. ':nicaddr', ARGV[2]) == gn
+    and redis.call('HEXISTS', 'mvpc:host:' .. gh .. ':nics', gn) == 1 then
+    return {-2, g}
+  end
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end

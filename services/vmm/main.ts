@@ -28,6 +28,7 @@ export const vmmDefinition: ServiceDefinition = {
     new Option("--gateway <addr>", "gateway gRPC address").env("MICROVPC_GATEWAY_ADDR").default("127.0.0.1:7404"),
     new Option("--service-token <token>", "bearer token for calls to the other services").env("MICROVPC_SERVICE_TOKEN"),
     new Option("--fail-at <step>", "fault injection for tests: fail every CreateVm before this step").env("MICROVPC_FAIL_AT").choices(STEPS),
+    new Option("--fail-undo-at <step:n>", "fault injection for tests: the first n undos of this step fail (e.g. firewall:3)").env("MICROVPC_FAIL_UNDO_AT"),
   ],
   async build({ flags, redis, logger }) {
     const token = flags.serviceToken as string | undefined;
@@ -54,7 +55,14 @@ export const vmmDefinition: ServiceDefinition = {
     } catch {
       logger.info("kind=qemu not available in this build");
     }
-    const vmm = new Vmm(new VmStore(redis), clients, { hostId: String(flags.hostId), failAt: flags.failAt as StepName | undefined, booters }, logger);
+    let failUndo: { step: StepName; times: number } | undefined;
+    if (flags.failUndoAt) {
+      const m = /^([a-z]+):([0-9]{1,4})$/.exec(String(flags.failUndoAt));
+      if (!m || !STEPS.includes(m[1] as StepName))
+        throw new Error(`--fail-undo-at ${JSON.stringify(flags.failUndoAt)}: use <step>:<n>, step one of ${STEPS.join(", ")}`);
+      failUndo = { step: m[1] as StepName, times: Number(m[2]) };
+    }
+    const vmm = new Vmm(new VmStore(redis), clients, { hostId: String(flags.hostId), failAt: flags.failAt as StepName | undefined, failUndo, booters }, logger);
     // Finish or undo what a previous run left in flight, before serving
     // (and keep trying in the background while Redis is unreachable).
     try {
@@ -62,14 +70,9 @@ export const vmmDefinition: ServiceDefinition = {
       await vmm.recover();
     } catch (err) {
       logger.warn({ err: (err as Error).message }, "recovery postponed until Redis answers");
-      const retry = setInterval(() => {
-        vmm.recover().then(
-          () => clearInterval(retry),
-          () => undefined,
-        );
-      }, 2000);
-      retry.unref();
     }
-    return { services: [{ desc: VmService, impl: vmm.impl }] };
+    // Recovery that failed (or was postponed) is retried, each VM with backoff.
+    const stopRetries = vmm.startRecoveryRetries();
+    return { services: [{ desc: VmService, impl: vmm.impl }], close: async () => stopRetries() };
   },
 };

@@ -10,7 +10,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client, type ServiceImpl } from "@connectrpc/connect";
 import type { Logger } from "pino";
-import { Histogram } from "prom-client";
+import { Counter, Histogram } from "prom-client";
 import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { metricsRegistry } from "../common/metrics.js";
 import * as V from "../common/validate.js";
@@ -34,7 +34,10 @@ import {
   type Vm,
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
-import { STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
+import { LEASE_MS, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
+
+/** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
+const LEASE_WAIT_MS = 20_000;
 
 const stepSeconds = new Histogram({
   name: "microvpc_vmm_step_seconds",
@@ -43,6 +46,18 @@ const stepSeconds = new Histogram({
   buckets: [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5],
   registers: [metricsRegistry],
 });
+
+const recoveries = new Counter({
+  name: "microvpc_vmm_recoveries_total",
+  help: "Recovery attempts of VMs a crash or a failed rollback left half-done, by result (ok, error: retried with backoff, gave_up: after the last attempt).",
+  labelNames: ["result"] as const,
+  registers: [metricsRegistry],
+});
+
+/** Recovery of one VM: retried after 1 s, doubling to 60 s, at most this many attempts (then state FAILED until DeleteVm or a restart). */
+const RECOVERY_ATTEMPTS = 8;
+const RECOVERY_BASE_MS = 1000;
+const RECOVERY_MAX_MS = 60_000;
 
 export interface Clients {
   vpc: Client<typeof VpcService>;
@@ -64,6 +79,8 @@ export interface VmmOptions {
   hostId: string;
   /** Fault injection for tests: fail before this step. */
   failAt?: StepName;
+  /** Fault injection for tests: the first `times` undos of this step fail. */
+  failUndo?: { step: StepName; times: number };
   booters: Partial<Record<"qemu" | "firecracker", Booter>>;
 }
 
@@ -86,6 +103,54 @@ export class Vmm {
     readonly opts: VmmOptions,
     readonly log: Logger,
   ) {}
+
+  /** Prefix of every lease token this process takes. */
+  private get leasePrefix(): string {
+    return `${this.opts.hostId}/${process.pid}/`;
+  }
+
+  private leaseToken(): string {
+    return `${this.leasePrefix}${randomBytes(6).toString("hex")}`;
+  }
+
+  /** Renews a lease taken (by claim or acquireLease) until the returned release is called. */
+  private hold(id: string, token: string): () => Promise<void> {
+    const timer = setInterval(() => {
+      this.store.renewLease(id, token).then(
+        (ok) => {
+          if (!ok) this.log.error({ vm: id }, "lost the VM's lease while an operation ran");
+        },
+        (err) => this.log.warn({ vm: id, err: (err as Error).message }, "cannot renew the VM's lease"),
+      );
+    }, LEASE_MS / 3);
+    timer.unref();
+    return async () => {
+      clearInterval(timer);
+      await this.store.releaseLease(id, token).catch((err) => this.log.warn({ vm: id, err: (err as Error).message }, "cannot release the VM's lease"));
+    };
+  }
+
+  /**
+   * Waits (up to waitMs) for the VM's lease and holds it; ABORTED if another
+   * operation on the VM (a CreateVm in flight) keeps it longer.
+   */
+  private async lease(id: string, waitMs: number): Promise<() => Promise<void>> {
+    const token = this.leaseToken();
+    const deadline = Date.now() + waitMs;
+    let pause = 20;
+    while (!(await this.store.acquireLease(id, token))) {
+      if (Date.now() >= deadline) {
+        const holder = await this.store.leaseHolder(id);
+        throw new ConnectError(
+          `VM ${id} is busy with another operation (a CreateVm or DeleteVm in flight${holder ? `, lease held by ${holder}` : ""}); retry`,
+          Code.Aborted,
+        );
+      }
+      await new Promise((r) => setTimeout(r, pause));
+      pause = Math.min(pause * 2, 250);
+    }
+    return this.hold(id, token);
+  }
 
   owner(v: VmRec): string {
     return `${v.hostId}/${v.id}`;
@@ -205,6 +270,11 @@ export class Vmm {
       if (e instanceof ConnectError && e.code === Code.NotFound) return;
       throw e;
     };
+    const fu = this.opts.failUndo;
+    if (fu && fu.step === step && fu.times > 0) {
+      fu.times--;
+      throw new Error(`fault injected in the undo of ${step} (--fail-undo-at)`);
+    }
     switch (step) {
       case "boot":
         if (v.kind !== "netns") await this.opts.booters[v.kind]?.stop(v);
@@ -295,22 +365,85 @@ export class Vmm {
     await this.store.remove(v);
   }
 
-  /** On start: roll back creates and finish deletes that a crash interrupted. */
+  /** VMs whose recovery failed: attempts so far, when the next is due, the last error. */
+  readonly recoveryFailures = new Map<string, { attempts: number; nextMs: number; error: string }>();
+  private recovering = false;
+
+  /**
+   * Rolls back creates and finishes deletes that a crash (or a failed
+   * rollback) left half-done. A VM whose recovery fails is retried with
+   * backoff (RECOVERY_*), visible in microvpc_vmm_recoveries_total and in
+   * InspectVm (status message and journal). Each VM is recovered under its
+   * lease: never while this process's CreateVm or DeleteVm of it runs.
+   */
   async recover(): Promise<void> {
-    for (const v of await this.store.ofHost(this.opts.hostId)) {
-      try {
-        if (v.op === "create" || v.op === "rollback") {
-          const current = v.journal.filter((j) => j.op === "create").at(-1)?.step as StepName | undefined;
-          this.log.info({ vm: v.id, at: current }, "rolling back a create interrupted by a restart");
-          await this.rollback(v, current && STEPS.includes(current) ? current : "boot");
-        } else if (v.op === "delete" || v.state === "failed") {
-          this.log.info({ vm: v.id }, "finishing an interrupted delete");
-          await this.delete(v);
+    if (this.recovering) return;
+    this.recovering = true;
+    try {
+      for (const v0 of await this.store.ofHost(this.opts.hostId)) {
+        if (!needsRecovery(v0)) continue;
+        const f = this.recoveryFailures.get(v0.id);
+        if (f && (f.attempts >= RECOVERY_ATTEMPTS || f.nextMs > Date.now())) continue;
+        const token = this.leaseToken();
+        // Held by this process: an operation in flight, not a leftover.
+        if (!(await this.store.acquireLease(v0.id, token, this.leasePrefix))) continue;
+        const release = this.hold(v0.id, token);
+        try {
+          await this.recoverOne(v0.id, f);
+        } finally {
+          await release();
         }
-      } catch (err) {
-        this.log.error({ vm: v.id, err: (err as Error).message }, "recovery failed; will retry");
       }
+    } finally {
+      this.recovering = false;
     }
+  }
+
+  private async recoverOne(id: string, f: { attempts: number } | undefined): Promise<void> {
+    const v = await this.store.get(id);
+    if (!v || !needsRecovery(v)) {
+      this.recoveryFailures.delete(id);
+      return;
+    }
+    try {
+      if (v.op === "create" || v.op === "rollback") {
+        const current = v.journal.filter((j) => j.op === "create").at(-1)?.step as StepName | undefined;
+        this.log.info({ vm: v.id, at: current, attempt: (f?.attempts ?? 0) + 1 }, "rolling back an interrupted create");
+        await this.rollback(v, current && STEPS.includes(current) ? current : "boot");
+      } else {
+        this.log.info({ vm: v.id, attempt: (f?.attempts ?? 0) + 1 }, "finishing an interrupted delete");
+        await this.delete(v);
+      }
+      this.recoveryFailures.delete(id);
+      recoveries.inc({ result: "ok" });
+    } catch (err) {
+      const error = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
+      const attempts = (f?.attempts ?? 0) + 1;
+      const delayMs = Math.min(RECOVERY_MAX_MS, RECOVERY_BASE_MS * 2 ** (attempts - 1));
+      const last = attempts >= RECOVERY_ATTEMPTS;
+      this.recoveryFailures.set(id, { attempts, nextMs: Date.now() + delayMs, error });
+      recoveries.inc({ result: last ? "gave_up" : "error" });
+      v.state = "failed";
+      v.statusMessage = last
+        ? `recovery failed ${attempts} times, giving up (last: ${error}); DeleteVm or a vmm restart tries again`
+        : `recovery attempt ${attempts}/${RECOVERY_ATTEMPTS} failed (${error}); retrying in ${Math.round(delayMs / 1000)} s`;
+      this.journal(v, "recover", "all", last ? "gave up" : "failed", v.statusMessage);
+      // Only a record still there: a recovery that got as far as removing it is done.
+      if (await this.store.get(id)) await this.store.put(v);
+      this.log.error(
+        { vm: id, err: error, attempts, retryInMs: last ? undefined : delayMs },
+        last ? "recovery failed; giving up" : "recovery failed; will retry",
+      );
+    }
+  }
+
+  /** Retries recovery in the background (every intervalMs; each VM on its own backoff). */
+  startRecoveryRetries(intervalMs = 1000): () => void {
+    const timer = setInterval(() => {
+      this.recover().catch((err) => this.log.warn({ err: (err as Error).message }, "recovery pass failed; retrying"));
+    }, intervalMs);
+    timer.unref();
+    return () => clearInterval(timer);
   }
 
   async resolve(ref: string, vpcRef: string): Promise<VmRec | null> {
@@ -428,20 +561,36 @@ export class Vmm {
         op: "create",
         journal: [],
       };
-      const held = await this.store.claim(v);
+      const token = this.leaseToken();
+      const held = await this.store.claim(v, token);
       if (held !== v.id) {
         const other = await this.store.get(held);
         throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (${held}, ${other?.state}); retry to get it`, Code.AlreadyExists);
       }
-      return { vm: this.vmMsg(await this.create(v)), created: true };
+      // The VM's lease, taken with the claim: a DeleteVm waits for this create.
+      const release = this.hold(v.id, token);
+      try {
+        return { vm: this.vmMsg(await this.create(v)), created: true };
+      } finally {
+        await release();
+      }
     },
 
     deleteVm: async (req) => {
       const v = await this.resolve(req.ref, req.vpc);
       if (!v) return { deleted: false };
       if (v.hostId !== this.opts.hostId) throw new FailedPreconditionError(`VM ${v.id} runs on hypervisor ${v.hostId}; ask its vmm`);
-      await this.delete(v);
-      return { deleted: true };
+      // Never interleaved with a CreateVm (or another DeleteVm) of the same
+      // VM: wait for its lease, then act on the record as it is now.
+      const release = await this.lease(v.id, LEASE_WAIT_MS);
+      try {
+        const now = await this.store.get(v.id);
+        if (!now) return { deleted: false };
+        await this.delete(now);
+        return { deleted: true };
+      } finally {
+        await release();
+      }
     },
 
     getVm: async (req) => {
@@ -540,6 +689,11 @@ export class Vmm {
       };
     },
   };
+}
+
+/** A VM a crash or a failed rollback left half-done. */
+function needsRecovery(v: VmRec): boolean {
+  return v.op === "create" || v.op === "rollback" || v.op === "delete" || v.state === "failed";
 }
 
 function ipLike(s: string): boolean {

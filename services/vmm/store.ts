@@ -52,32 +52,88 @@ const K = {
   byName: (vpc: string) => `mvpc:vm:vpc:${vpc}:byname`,
   host: (h: string) => `mvpc:vm:host:${h}`,
   all: "mvpc:vms",
+  lease: (id: string) => `mvpc:vmlease:${id}`,
 };
+
+/** How long a VM's lease lives unless renewed (its holder renews it every third of this). */
+export const LEASE_MS = 15_000;
 
 export class VmStore {
   constructor(readonly redis: Redis) {}
 
-  /** Claims the name in the VPC; returns the id holding it (ours or another). */
-  async claim(v: VmRec): Promise<string> {
+  /**
+   * Claims the name in the VPC; returns the id holding it (ours or another).
+   * A claim that succeeds also takes the VM's lease for `leaseToken`, in
+   * the same script: no DeleteVm can slip in between the record appearing
+   * and its create holding the VM.
+   */
+  async claim(v: VmRec, leaseToken: string): Promise<string> {
     const r = await this.redis.eval(
       `local held = redis.call('HGET', KEYS[1], ARGV[1])
        if held and redis.call('EXISTS', 'mvpc:vm:' .. held) == 1 then return held end
        redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
        redis.call('SET', KEYS[2], ARGV[3])
+       redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
        redis.call('SADD', KEYS[3], ARGV[2])
        redis.call('ZADD', KEYS[4], 0, ARGV[2])
        redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.created', 'vm', ARGV[2])
        return ARGV[2]`,
-      4,
+      5,
       K.byName(v.vpcId),
       K.vm(v.id),
       K.host(v.hostId),
       K.all,
+      K.lease(v.id),
       v.name,
       v.id,
       JSON.stringify(v),
+      leaseToken,
+      LEASE_MS,
     );
     return String(r);
+  }
+
+  // ---- per-VM lease: one operation (create, delete, recovery) at a time ----
+
+  /**
+   * Takes the VM's lease unless another holds it. takeOverUnless: a token
+   * prefix (this process's); a lease whose holder does not start with it is
+   * taken anyway — recovery's, on the assumption the vmm docs make (one vmm
+   * per hypervisor: another holder on this host is a previous, dead run).
+   */
+  async acquireLease(id: string, token: string, takeOverUnless = ""): Promise<boolean> {
+    const r = await this.redis.eval(
+      `local cur = redis.call('GET', KEYS[1])
+       if cur and (ARGV[3] == '' or string.sub(cur, 1, #ARGV[3]) == ARGV[3]) then return 0 end
+       redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1`,
+      1,
+      K.lease(id),
+      token,
+      LEASE_MS,
+      takeOverUnless,
+    );
+    return r === 1;
+  }
+
+  /** Extends the lease if it is still ours; false if it was lost. */
+  async renewLease(id: string, token: string): Promise<boolean> {
+    const r = await this.redis.eval(
+      "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+      1,
+      K.lease(id),
+      token,
+      LEASE_MS,
+    );
+    return r === 1;
+  }
+
+  async releaseLease(id: string, token: string): Promise<void> {
+    await this.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0", 1, K.lease(id), token);
+  }
+
+  /** Who holds the VM's lease ("" if nobody). */
+  async leaseHolder(id: string): Promise<string> {
+    return (await this.redis.get(K.lease(id))) ?? "";
   }
 
   async put(v: VmRec): Promise<void> {

@@ -241,6 +241,68 @@ describe("failures", () => {
     });
   }
 
+  test("DeleteVm during a CreateVm in flight, 12 times: never interleaved; each VM ends fully up or fully gone, nothing leaked", async () => {
+    let deleted = 0;
+    for (let i = 0; i < 12; i++) {
+      const name = `race${i}`;
+      const c = vmm.createVm({ name, vpc: "app", subnet: "web", securityGroups: ["web"] }).catch((e) => e);
+      // Somewhere inside the create: its steps take tens of milliseconds.
+      await sleep(Math.floor(Math.random() * 80));
+      const d = await vmm.deleteVm({ ref: name, vpc: "app" }).catch((e) => e);
+      const cr = await c;
+      assert.ok(!(cr instanceof ConnectError), `create ${name} is not disturbed by the delete: ${cr}`);
+      if (d instanceof ConnectError) {
+        assert.equal(Code[d.code], Code[Code.Aborted], `a delete that cannot wait is ABORTED, retryable: ${d.rawMessage}`);
+      } else if (d.deleted) {
+        deleted++;
+        await rejectsWith(vmm.getVm({ ref: cr.vm.id }), Code.NotFound);
+      } else {
+        assert.equal((await vmm.getVm({ ref: cr.vm.id })).vm!.state, VmState.RUNNING, "a delete that came first found nothing; the VM is up");
+      }
+      assertConsistent(await holdings(), `after race ${i}`);
+    }
+    assert.ok(deleted >= 3, `deletes that met a create in flight waited for it and deleted the VM (${deleted})`);
+    for (const v of (await vmm.listVms({})).vms) await vmm.deleteVm({ ref: v.id });
+    assertConsistent(await holdings(), "after the races");
+    assert.equal((await redis.keys("mvpc:vmlease:*")).length, 0, "no lease left behind");
+  });
+
+  test("a failed rollback is recovered by retries with backoff (metric, InspectVm), not only at restart", async () => {
+    const metric = async (result: string) => {
+      const text = await (await fetch(`http://127.0.0.1:${vmmd.metricsPort}/metrics`)).text();
+      const line = text.split("\n").find((l) => l.startsWith("microvpc_vmm_recoveries_total{") && l.includes(`result="${result}"`));
+      return line ? Number(line.split(" ").pop()) : 0;
+    };
+    await vmmd.stop();
+    await startVmm(["--fail-at", "boot", "--fail-undo-at", "firewall:3"]);
+    try {
+      const err = await rejectsWith(vmm.createVm({ name: "rb", vpc: "app", subnet: "web", securityGroups: ["web"] }), Code.Internal, /rollback failed/);
+      assert.ok(err);
+      const id = (await vmm.getVm({ ref: "rb", vpc: "app" })).vm!.id;
+      let seen = "";
+      const gone = await waitFor(
+        async () => {
+          try {
+            const i = await vmm.inspectVm({ ref: id });
+            if (/recovery attempt \d\/\d+ failed/.test(i.vm!.statusMessage)) seen = i.vm!.statusMessage;
+            return false;
+          } catch (e) {
+            return e instanceof ConnectError && e.code === Code.NotFound;
+          }
+        },
+        { timeoutMs: 20_000, intervalMs: 100 },
+      );
+      assert.ok(gone, "the VM is rolled back by a retry");
+      assert.match(seen, /recovery attempt \d\/\d+ failed \(fault injected in the undo of firewall/, "InspectVm showed the failed attempt");
+      assert.ok((await metric("error")) >= 2, "two failed attempts counted");
+      assert.ok((await metric("ok")) >= 1, "and the one that worked");
+      assertConsistent(await holdings(), "after the retried recovery");
+    } finally {
+      await vmmd.stop();
+      await startVmm();
+    }
+  });
+
   test("vmm SIGKILLed at random points of 50 creates: after restart every VM is fully up or fully gone", async () => {
     let killed = 0;
     for (let i = 0; i < 50; i++) {
