@@ -24,6 +24,12 @@ export function buildProgram(): Command {
   }
   program
     .addOption(new Option("--token <token>", "bearer token, if the daemons require one").env("MICROVPC_TOKEN"))
+    .addOption(
+      new Option(
+        "--insecure-send-token",
+        "send --token over plaintext (http://) to a non-loopback address too; by default only https:// or loopback addresses get it",
+      ).env("MICROVPC_INSECURE_SEND_TOKEN"),
+    )
     .addOption(new Option("-o, --output <format>", "output format").choices(["table", "json"]).env("MICROVPC_OUTPUT").default("table"))
     .addOption(
       new Option("--timeout-ms <ms>", "deadline of each call (VM calls: 120000 unless given)")
