@@ -6,7 +6,7 @@ import { pino, type Logger } from "pino";
 import type { Redis } from "ioredis";
 import { serveMetrics, setDefaultLabels } from "./metrics.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "./redis.js";
-import { isLoopback, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
+import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 
 export interface CommonFlags {
   listen: string;
@@ -114,6 +114,10 @@ export function readToken(flags: { token?: string; tokenFile?: string }): string
 async function runService(def: ServiceDefinition, flags: CommonFlags & Record<string, unknown>, logger: Logger): Promise<void> {
   const token = readToken(flags);
   if ((flags.tlsCert && !flags.tlsKey) || (!flags.tlsCert && flags.tlsKey)) throw new Error("--tls-cert and --tls-key go together");
+  // Before Redis or any service starts: a refused listener should change nothing.
+  const refusal = listenerRefusal({ host: parseListen(flags.listen).host, tls: !!flags.tlsCert, clientCa: !!flags.tlsClientCa, token: !!token });
+  if (refusal) throw new Error(refusal);
+  if (flags.healthListen) parseListen(flags.healthListen);
   const redisSecrets = readRedisSecrets({
     passwordFile: flags.redisPasswordFile,
     tlsCa: flags.redisTlsCa,
