@@ -7,6 +7,7 @@
 // (--server/MICROVPC_SERVER for ipam, --netagent/MICROVPC_NETAGENT, …), then
 // --host/MICROVPC_HOST with the daemon's default port, then 127.0.0.1 with
 // that port.
+import { readFileSync } from "node:fs";
 import type { DescService } from "@bufbuild/protobuf";
 import { ConnectError, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { InvalidArgumentError, type Command } from "commander";
@@ -35,6 +36,9 @@ export interface Globals {
   host?: string;
   token?: string;
   insecureSendToken?: boolean;
+  caFile?: string;
+  clientCert?: string;
+  clientKey?: string;
   output: "table" | "json";
   timeoutMs?: number;
 }
@@ -145,6 +149,15 @@ export function tokenRefusal(addr: string, token: string | undefined, insecure =
   );
 }
 
+/** --ca-file, --client-cert/--client-key: whom to trust over https://, and the certificate for mutual TLS. */
+export function tlsOptions(g: Pick<Globals, "caFile" | "clientCert" | "clientKey">): { ca?: Buffer; cert?: Buffer; key?: Buffer } {
+  if (!!g.clientCert !== !!g.clientKey) throw new Error("--client-cert and --client-key go together");
+  return {
+    ...(g.caFile ? { ca: readFileSync(g.caFile) } : {}),
+    ...(g.clientCert ? { cert: readFileSync(g.clientCert), key: readFileSync(g.clientKey!) } : {}),
+  };
+}
+
 // One transport per daemon and process, so a command that makes several
 // calls (resolve a name, then act) reuses one HTTP/2 connection. Built here
 // rather than with services/common/client.ts's grpcTransport so that the
@@ -168,7 +181,7 @@ export function transportFor(cmd: Command, daemon: Daemon): Transport {
         return next(req);
       });
     }
-    t = createGrpcTransport({ baseUrl: baseUrl(addr), interceptors, defaultTimeoutMs: g.timeoutMs ?? 10_000 });
+    t = createGrpcTransport({ baseUrl: baseUrl(addr), interceptors, defaultTimeoutMs: g.timeoutMs ?? 10_000, nodeOptions: tlsOptions(g) });
     transports.set(key, t);
   }
   return t;

@@ -231,6 +231,14 @@ describe("mutual TLS", () => {
     await vpcs(addr, { ca, cert: f("client.pem"), key: f("client.key") }).listVpcs({});
   });
 
+  test("the CLI reaches it over https:// with --ca-file and --client-cert/--client-key, and is refused without a certificate", async () => {
+    const cli = cliRunner(() => [], 20_000);
+    const server = ["--server", `https://127.0.0.1:${d.port}`, "--ca-file", f("ca.pem")];
+    await cli.expect(0, ["vpc", "list"], [...server, "--client-cert", f("client.pem"), "--client-key", f("client.key")]);
+    const r = await cli.run(["vpc", "list"], server);
+    assert.notEqual(r.code, 0, r.stdout);
+  });
+
   test("the health port answers SERVING in plaintext without a certificate", async () => {
     const r = await grpcClient(Health, { address: `127.0.0.1:${d.healthPort}` }).check({});
     assert.equal(r.status, HealthCheckResponse_ServingStatus.SERVING);
