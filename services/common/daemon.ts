@@ -101,13 +101,13 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
  * refused: reading "" used to mean "no auth", so a truncated or unfilled
  * secret silently opened every RPC.
  */
-export function readToken(flags: { token?: string; tokenFile?: string }): string | undefined {
+export function readToken(flags: { token?: string; tokenFile?: string }, flag = "--token"): string | undefined {
   if (flags.tokenFile) {
     const t = readFileSync(flags.tokenFile, "utf8").trim();
-    if (!t) throw new Error(`--token-file ${flags.tokenFile} is empty: refusing to start without the token it should hold (it would turn auth off)`);
+    if (!t) throw new Error(`${flag}-file ${flags.tokenFile} is empty: refusing to start without the token it should hold (it would turn auth off)`);
     return t;
   }
-  if (flags.token !== undefined && !flags.token.trim()) throw new Error("--token (or MICROVPC_TOKEN) is empty: give the token, or leave the option out");
+  if (flags.token !== undefined && !flags.token.trim()) throw new Error(`${flag} is empty: give the token, or leave the option out`);
   return flags.token;
 }
 

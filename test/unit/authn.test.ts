@@ -50,7 +50,8 @@ describe("bearer token from the daemon's flags", () => {
     for (const text of ["", "\n", "  \t\n"]) assert.throws(() => readToken({ tokenFile: file("empty", text) }), /is empty: refusing to start/);
   });
   test("an empty --token is refused, an absent one means no auth", () => {
-    assert.throws(() => readToken({ token: "" }), /--token .* is empty/);
+    assert.throws(() => readToken({ token: "" }), /--token is empty/);
+    assert.throws(() => readToken({ tokenFile: file("empty2", "") }, "--service-token"), /--service-token-file .* is empty/);
     assert.throws(() => readToken({ token: "  " }), /is empty/);
     assert.equal(readToken({}), undefined);
   });

@@ -660,7 +660,13 @@ for (const overlay of OVERLAYS) {
     assert.equal(envOf(vmm, "MICROVPC_FIREWALL_ADDR")?.value, listenOf(firewall));
     assert.equal(envOf(vmm, "MICROVPC_GATEWAY_ADDR")?.value, listenOf(gateway));
     assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "microvpc-ipam:7401");
-    assert.deepEqual(envOf(vmm, "MICROVPC_SERVICE_TOKEN")?.valueFrom?.secretKeyRef, { name: "microvpc-token", key: "token" });
+    // vmm's token for calls to the others: the mounted Secret file, not a variable.
+    assert.equal(envOf(vmm, "MICROVPC_SERVICE_TOKEN"), undefined, "vmm: no token in an environment variable");
+    assert.equal(
+      envOf(vmm, "MICROVPC_SERVICE_TOKEN_FILE")?.value,
+      envOf(vmm, "MICROVPC_TOKEN_FILE")?.value,
+      "vmm: the service token is the mounted token file",
+    );
     // Nothing is compiled at run time (dist/ ships built), so no container
     // gets a writable /tmp: the root file system stays read-only throughout.
     for (const w of workloads(objs)) {
