@@ -245,6 +245,37 @@ describe("mutual TLS", () => {
   });
 });
 
+describe("Redis over TLS", () => {
+  test("a daemon reaches a rediss:// Redis that requires a client certificate and a password, all from files", async () => {
+    const port = await freePort();
+    const tlsRedis = spawn(
+      "redis-server",
+      [
+        ...["--port", "0", "--tls-port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--appendonly", "no"],
+        ...["--tls-cert-file", f("server.pem"), "--tls-key-file", f("server.key"), "--tls-ca-cert-file", f("ca.pem"), "--tls-auth-clients", "yes"],
+        ...["--requirepass", PASSWORD, "--loglevel", "warning", "--daemonize", "no"],
+      ],
+      { stdio: ["ignore", "ignore", "pipe"] },
+    );
+    procs.push(tlsRedis);
+    let d: Running | undefined;
+    try {
+      const args = ["--redis", `rediss://127.0.0.1:${port}/0`, "--redis-password-file", f("redis-password"), "--redis-tls-ca", f("ca.pem")];
+      // SERVING means its Redis ping passed: TLS with the client certificate, then AUTH.
+      d = await start("ipam", [...args, "--redis-tls-cert", f("client.pem"), "--redis-tls-key", f("client.key")]);
+      const made = (await vpcs(`127.0.0.1:${d.port}`).createVpc({ name: "tls-ok", cidr: "10.42.0.0/16" })).vpc!;
+      assert.equal((await vpcs(`127.0.0.1:${d.port}`).getVpc({ ref: "tls-ok" })).vpc?.id, made.id);
+    } finally {
+      if (d) await stop(d);
+      if (tlsRedis.exitCode === null) {
+        const exited = new Promise((r) => tlsRedis.once("exit", r));
+        tlsRedis.kill("SIGKILL");
+        await exited;
+      }
+    }
+  }, 60_000);
+});
+
 describe("Redis password from a file", () => {
   test("the daemons reach a password-protected Redis, and no daemon's or gateway child's argv holds the password", async () => {
     const ns = `${RUN_PREFIX}-authn`;
