@@ -87,6 +87,9 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
   for (const o of def.options ?? []) cmd.addOption(o);
   cmd.action(async (flags: CommonFlags & Record<string, unknown>) => {
     const logger = pino({ level: flags.logLevel, base: { service: def.name, pid: process.pid } });
+    // A secret on the command line is in /proc/<pid>/cmdline, readable by every user of the host.
+    if (cmd.getOptionValueSource("token") === "cli")
+      logger.warn("--token on the command line shows the token to every user of this host (ps); use --token-file");
     try {
       await runService(def, flags, logger);
     } catch (err) {
