@@ -24,6 +24,15 @@ export function buildProgram(): Command {
   }
   program
     .addOption(new Option("--token <token>", "bearer token, if the daemons require one").env("MICROVPC_TOKEN"))
+    .addOption(
+      new Option(
+        "--insecure-send-token",
+        "send --token over plaintext (http://) to a non-loopback address too; by default only https:// or loopback addresses get it",
+      ).env("MICROVPC_INSECURE_SEND_TOKEN"),
+    )
+    .addOption(new Option("--ca-file <path>", "CA certificate(s) (PEM) to trust for https:// daemons, besides the system's").env("MICROVPC_CA_FILE"))
+    .addOption(new Option("--client-cert <path>", "client certificate (PEM) for daemons that require mutual TLS (--tls-client-ca)").env("MICROVPC_CLIENT_CERT"))
+    .addOption(new Option("--client-key <path>", "private key (PEM) of --client-cert").env("MICROVPC_CLIENT_KEY"))
     .addOption(new Option("-o, --output <format>", "output format").choices(["table", "json"]).env("MICROVPC_OUTPUT").default("table"))
     .addOption(
       new Option("--timeout-ms <ms>", "deadline of each call (VM calls: 120000 unless given)")

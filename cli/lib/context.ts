@@ -7,6 +7,7 @@
 // (--server/MICROVPC_SERVER for ipam, --netagent/MICROVPC_NETAGENT, …), then
 // --host/MICROVPC_HOST with the daemon's default port, then 127.0.0.1 with
 // that port.
+import { readFileSync } from "node:fs";
 import type { DescService } from "@bufbuild/protobuf";
 import { ConnectError, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { InvalidArgumentError, type Command } from "commander";
@@ -34,6 +35,10 @@ export interface Globals {
   vmm?: string;
   host?: string;
   token?: string;
+  insecureSendToken?: boolean;
+  caFile?: string;
+  clientCert?: string;
+  clientKey?: string;
   output: "table" | "json";
   timeoutMs?: number;
 }
@@ -115,6 +120,44 @@ function originInterceptor(daemon: Daemon, addr: string): Interceptor {
   };
 }
 
+/** The daemons' own rule (services/common/server.ts), without loading the server side into the CLI. */
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\./.test(host);
+}
+
+/**
+ * Why the bearer token may not go to this address, or undefined if it may.
+ * Over plaintext (http://, the default) anyone on the path reads the token
+ * and can then make every call; only loopback never leaves the host. TLS
+ * (https://) is fine anywhere; --insecure-send-token overrides, e.g. on a
+ * network the operator trusts. Without a token there is nothing to leak.
+ */
+export function tokenRefusal(addr: string, token: string | undefined, insecure = false, loopback: (host: string) => boolean = isLoopback): string | undefined {
+  if (!token || insecure) return undefined;
+  const url = baseUrl(addr);
+  if (url.startsWith("https://")) return undefined;
+  let host: string;
+  try {
+    host = new URL(url).hostname.replace(/^\[(.*)\]$/, "$1");
+  } catch {
+    host = addr;
+  }
+  if (loopback(host)) return undefined;
+  return (
+    `refusing to send the bearer token in clear text to ${addr}: it is not a loopback address, so anyone on the network path could read the token and reuse it; ` +
+    `use https://${addr.replace(/^http:\/\//, "")} (the daemon with --tls-cert/--tls-key), or pass --insecure-send-token (MICROVPC_INSECURE_SEND_TOKEN=1) if this network is trusted`
+  );
+}
+
+/** --ca-file, --client-cert/--client-key: whom to trust over https://, and the certificate for mutual TLS. */
+export function tlsOptions(g: Pick<Globals, "caFile" | "clientCert" | "clientKey">): { ca?: Buffer; cert?: Buffer; key?: Buffer } {
+  if (!!g.clientCert !== !!g.clientKey) throw new Error("--client-cert and --client-key go together");
+  return {
+    ...(g.caFile ? { ca: readFileSync(g.caFile) } : {}),
+    ...(g.clientCert ? { cert: readFileSync(g.clientCert), key: readFileSync(g.clientKey!) } : {}),
+  };
+}
+
 // One transport per daemon and process, so a command that makes several
 // calls (resolve a name, then act) reuses one HTTP/2 connection. Built here
 // rather than with services/common/client.ts's grpcTransport so that the
@@ -129,6 +172,8 @@ export function transportFor(cmd: Command, daemon: Daemon): Transport {
   let t = transports.get(key);
   if (!t) {
     const interceptors: Interceptor[] = [originInterceptor(daemon, addr), progressInterceptor()];
+    const refusal = tokenRefusal(addr, g.token, !!g.insecureSendToken);
+    if (refusal) throw new Error(refusal);
     if (g.token) {
       const value = `Bearer ${g.token}`;
       interceptors.push((next) => (req) => {
@@ -136,7 +181,7 @@ export function transportFor(cmd: Command, daemon: Daemon): Transport {
         return next(req);
       });
     }
-    t = createGrpcTransport({ baseUrl: baseUrl(addr), interceptors, defaultTimeoutMs: g.timeoutMs ?? 10_000 });
+    t = createGrpcTransport({ baseUrl: baseUrl(addr), interceptors, defaultTimeoutMs: g.timeoutMs ?? 10_000, nodeOptions: tlsOptions(g) });
     transports.set(key, t);
   }
   return t;

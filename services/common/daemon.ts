@@ -5,8 +5,8 @@ import { Command, Option } from "commander";
 import { pino, type Logger } from "pino";
 import type { Redis } from "ioredis";
 import { serveMetrics, setDefaultLabels } from "./metrics.js";
-import { connectRedis } from "./redis.js";
-import { isLoopback, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
+import { connectRedis, readRedisSecrets, urlHasPassword } from "./redis.js";
+import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 
 export interface CommonFlags {
   listen: string;
@@ -16,6 +16,12 @@ export interface CommonFlags {
   tokenFile?: string;
   tlsCert?: string;
   tlsKey?: string;
+  tlsClientCa?: string;
+  healthListen?: string;
+  redisPasswordFile?: string;
+  redisTlsCa?: string;
+  redisTlsCert?: string;
+  redisTlsKey?: string;
   logLevel: string;
   redisTimeoutMs: string;
 }
@@ -46,7 +52,19 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
         .env(env("METRICS_LISTEN"))
         .default(`127.0.0.1:${def.defaultPort + 2000}`),
     )
-    .addOption(new Option("--redis <url>", "Redis URL holding shared state").env(env("REDIS_URL")).default("redis://127.0.0.1:6379/0"))
+    .addOption(
+      new Option("--redis <url>", "Redis URL holding shared state (no password in it: use --redis-password-file)")
+        .env(env("REDIS_URL"))
+        .default("redis://127.0.0.1:6379/0"),
+    )
+    .addOption(
+      new Option("--redis-password-file <path>", "read the Redis password (AUTH) from a file, so it is in no URL, variable or argv").env(
+        env("REDIS_PASSWORD_FILE"),
+      ),
+    )
+    .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) that signed Redis's certificate; connects over TLS").env(env("REDIS_TLS_CA")))
+    .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env(env("REDIS_TLS_CERT")))
+    .addOption(new Option("--redis-tls-key <path>", "client private key (PEM) for Redis over TLS").env(env("REDIS_TLS_KEY")))
     .addOption(
       new Option("--redis-timeout-ms <ms>", "per-command Redis timeout; slower answers become UNAVAILABLE").env(env("REDIS_TIMEOUT_MS")).default("2000"),
     )
@@ -54,10 +72,24 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
     .addOption(new Option("--token-file <path>", "read the bearer token from a file (preferred over --token: not visible in ps)").env(env("TOKEN_FILE")))
     .addOption(new Option("--tls-cert <path>", "TLS certificate (PEM); with --tls-key serves gRPC over TLS").env(env("TLS_CERT")))
     .addOption(new Option("--tls-key <path>", "TLS private key (PEM)").env(env("TLS_KEY")))
+    .addOption(
+      new Option("--tls-client-ca <path>", "mutual TLS: require a client certificate signed by this CA (PEM); needs --tls-cert/--tls-key").env(
+        env("TLS_CLIENT_CA"),
+      ),
+    )
+    .addOption(
+      new Option(
+        "--health-listen <host:port>",
+        "also serve grpc.health.v1 alone, in plaintext and without auth, on this address (for kubelet probes when the gRPC port wants TLS or a token)",
+      ).env(env("HEALTH_LISTEN")),
+    )
     .addOption(new Option("--log-level <level>", "pino log level").env(env("LOG_LEVEL")).choices(["trace", "debug", "info", "warn", "error"]).default("info"));
   for (const o of def.options ?? []) cmd.addOption(o);
   cmd.action(async (flags: CommonFlags & Record<string, unknown>) => {
     const logger = pino({ level: flags.logLevel, base: { service: def.name, pid: process.pid } });
+    // A secret on the command line is in /proc/<pid>/cmdline, readable by every user of the host.
+    if (cmd.getOptionValueSource("token") === "cli")
+      logger.warn("--token on the command line shows the token to every user of this host (ps); use --token-file");
     try {
       await runService(def, flags, logger);
     } catch (err) {
@@ -67,13 +99,43 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
   });
 }
 
+/**
+ * The bearer token from --token-file (or --token). An empty or blank token is
+ * refused: reading "" used to mean "no auth", so a truncated or unfilled
+ * secret silently opened every RPC.
+ */
+export function readToken(flags: { token?: string; tokenFile?: string }, flag = "--token"): string | undefined {
+  if (flags.tokenFile) {
+    const t = readFileSync(flags.tokenFile, "utf8").trim();
+    if (!t) throw new Error(`${flag}-file ${flags.tokenFile} is empty: refusing to start without the token it should hold (it would turn auth off)`);
+    return t;
+  }
+  if (flags.token !== undefined && !flags.token.trim()) throw new Error(`${flag} is empty: give the token, or leave the option out`);
+  return flags.token;
+}
+
 async function runService(def: ServiceDefinition, flags: CommonFlags & Record<string, unknown>, logger: Logger): Promise<void> {
-  const token = flags.tokenFile ? readFileSync(flags.tokenFile, "utf8").trim() : flags.token;
+  const token = readToken(flags);
   if ((flags.tlsCert && !flags.tlsKey) || (!flags.tlsCert && flags.tlsKey)) throw new Error("--tls-cert and --tls-key go together");
+  // Before Redis or any service starts: a refused listener should change nothing.
+  const refusal = listenerRefusal({ host: parseListen(flags.listen).host, tls: !!flags.tlsCert, clientCa: !!flags.tlsClientCa, token: !!token });
+  if (refusal) throw new Error(refusal);
+  if (flags.healthListen) parseListen(flags.healthListen);
+  const redisSecrets = readRedisSecrets({
+    passwordFile: flags.redisPasswordFile,
+    tlsCa: flags.redisTlsCa,
+    tlsCert: flags.redisTlsCert,
+    tlsKey: flags.redisTlsKey,
+  });
+  if (urlHasPassword(flags.redis)) {
+    // ioredis lets the URL's password win; two sources would only confuse.
+    if (flags.redisPasswordFile) throw new Error("--redis carries a password and --redis-password-file gives one too: keep the password in the file only");
+    logger.warn("the Redis URL carries a password, which ps and the environment show; move it to --redis-password-file");
+  }
   const m = parseListen(flags.metricsListen);
   if (!isLoopback(m.host)) logger.warn({ metrics: flags.metricsListen }, "metrics listener is not on loopback; it has no authentication");
   setDefaultLabels({ service: def.name });
-  const redis = connectRedis({ url: flags.redis, commandTimeoutMs: Number(flags.redisTimeoutMs), logger });
+  const redis = connectRedis({ url: flags.redis, commandTimeoutMs: Number(flags.redisTimeoutMs), logger, ...redisSecrets });
   const built = await def.build({ flags, logger, redis });
   const ready = built.ready ?? (async () => (await redis.ping()) === "PONG");
   const server: RunningServer = await startGrpcServer({
@@ -84,10 +146,18 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     token,
     tlsCert: flags.tlsCert,
     tlsKey: flags.tlsKey,
+    tlsClientCa: flags.tlsClientCa,
+    healthListen: flags.healthListen,
   });
   const metrics = await serveMetrics(m.host, m.port);
   logger.info(
-    { listen: `${server.host}:${server.port}`, metrics: flags.metricsListen, auth: token ? "token" : "none", tls: !!flags.tlsCert },
+    {
+      listen: `${server.host}:${server.port}`,
+      metrics: flags.metricsListen,
+      health: server.healthPort !== undefined ? `${parseListen(flags.healthListen!).host}:${server.healthPort}` : undefined,
+      auth: [token && "token", flags.tlsClientCa && "mtls"].filter(Boolean).join("+") || "none",
+      tls: !!flags.tlsCert,
+    },
     `${def.name} serving`,
   );
   let stopping = false;

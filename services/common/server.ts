@@ -1,7 +1,9 @@
 // Starts a gRPC server the same way for every microvpc service: HTTP/2 (h2c
 // on loopback, TLS elsewhere), gRPC + Connect protocols, reflection, health,
 // a request id on every call, RPC metrics, one error mapping, optional
-// bearer-token auth.
+// bearer-token auth and mutual TLS, and optionally grpc.health.v1 alone on
+// its own plaintext listener (for kubelet probes while the gRPC port wants
+// TLS and credentials).
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import http2 from "node:http2";
@@ -29,7 +31,13 @@ export interface GrpcServerOptions {
   ready: ReadyCheck;
   tlsCert?: string;
   tlsKey?: string;
+  /** CA (PEM file) that must have signed every client's certificate: mutual TLS. */
+  tlsClientCa?: string;
   token?: string;
+  /** host:port of a plaintext (h2c) listener serving grpc.health.v1 only, without auth. */
+  healthListen?: string;
+  /** Which hosts count as loopback (injectable for tests); default isLoopback. */
+  loopback?: (host: string) => boolean;
   /** Largest request accepted, in bytes (default 4 MiB). */
   readMaxBytes?: number;
 }
@@ -37,6 +45,8 @@ export interface GrpcServerOptions {
 export interface RunningServer {
   host: string;
   port: number;
+  /** Port of the health listener, if --health-listen was given. */
+  healthPort?: number;
   close(): Promise<void>;
 }
 
@@ -50,6 +60,33 @@ export function parseListen(listen: string): { host: string; port: number } {
 
 export function isLoopback(host: string): boolean {
   return host === "localhost" || host === "::1" || /^127\./.test(host);
+}
+
+export interface ListenerSecurity {
+  host: string;
+  tls: boolean;
+  clientCa: boolean;
+  token: boolean;
+}
+
+/**
+ * Why a listener may not start, or undefined if it may. Off loopback a caller
+ * must prove who it is: a bearer token or a client certificate (mutual TLS).
+ * TLS alone only encrypts; it would serve every RPC to anyone who connects.
+ */
+export function listenerRefusal(l: ListenerSecurity, loopback: (host: string) => boolean = isLoopback): string | undefined {
+  if (l.clientCa && !l.tls) return "--tls-client-ca needs --tls-cert/--tls-key: mutual TLS is TLS";
+  if (loopback(l.host) || l.token || l.clientCa) return undefined;
+  if (l.tls) {
+    return (
+      `refusing to listen on ${l.host} with TLS alone: TLS encrypts but authenticates no caller, so every RPC would be open to anyone who connects; ` +
+      "add --token-file (a bearer token) or --tls-client-ca (clients must present a certificate signed by that CA), or listen on 127.0.0.1"
+    );
+  }
+  return (
+    `refusing to listen on ${l.host} without protection: a non-loopback listener needs --token-file (a bearer token) or ` +
+    "--tls-cert/--tls-key with --tls-client-ca (mutual TLS), or listen on 127.0.0.1"
+  );
 }
 
 function authInterceptor(token: string): Interceptor {
@@ -112,9 +149,10 @@ function observeInterceptor(logger: Logger): Interceptor {
 export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningServer> {
   const { host, port } = parseListen(opts.listen);
   const tls = opts.tlsCert && opts.tlsKey;
-  if (!isLoopback(host) && !tls && !opts.token) {
-    throw new Error(`refusing to listen on ${host} without protection: a non-loopback listener needs --tls-cert/--tls-key or --token (or listen on 127.0.0.1)`);
-  }
+  if (opts.token !== undefined && !opts.token.trim()) throw new Error("refusing an empty bearer token: it would turn authentication off");
+  const refusal = listenerRefusal({ host, tls: !!tls, clientCa: !!opts.tlsClientCa, token: !!opts.token }, opts.loopback);
+  if (refusal) throw new Error(refusal);
+  const health = opts.healthListen ? parseListen(opts.healthListen) : undefined;
   const interceptors: Interceptor[] = [observeInterceptor(opts.logger)];
   if (opts.token) interceptors.push(authInterceptor(opts.token));
   const routes = (router: ConnectRouter) => {
@@ -135,7 +173,16 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
     connect: true,
   });
   const server = tls
-    ? http2.createSecureServer({ cert: readFileSync(opts.tlsCert!), key: readFileSync(opts.tlsKey!), allowHTTP1: true }, handler)
+    ? http2.createSecureServer(
+        {
+          cert: readFileSync(opts.tlsCert!),
+          key: readFileSync(opts.tlsKey!),
+          allowHTTP1: true,
+          // Mutual TLS: the handshake fails for a client without a certificate signed by this CA.
+          ...(opts.tlsClientCa ? { ca: readFileSync(opts.tlsClientCa), requestCert: true, rejectUnauthorized: true } : {}),
+        },
+        handler,
+      )
     : http2.createServer(handler);
   // Bounds on what one client can hold open.
   server.setTimeout(5 * 60_000);
@@ -150,11 +197,23 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
     sessions.add(s);
     s.on("close", () => sessions.delete(s));
   });
+  let healthServer: http2.Http2Server | undefined;
+  let healthPort: number | undefined;
+  if (health) {
+    try {
+      ({ server: healthServer, port: healthPort } = await startHealthListener(health.host, health.port, opts));
+    } catch (e) {
+      server.close();
+      throw e;
+    }
+  }
   return {
     host,
     port: boundPort,
+    healthPort,
     close: () =>
       new Promise<void>((resolve) => {
+        healthServer?.close();
         server.close(() => resolve());
         for (const s of sessions) s.close();
         setTimeout(() => {
@@ -162,4 +221,30 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
         }, 2000).unref();
       }),
   };
+}
+
+// grpc.health.v1 alone, over h2c and without auth: what it tells (SERVING or
+// not) is no secret, and kubelet's gRPC probe speaks neither TLS nor tokens.
+async function startHealthListener(host: string, port: number, opts: GrpcServerOptions): Promise<{ server: http2.Http2Server; port: number }> {
+  const handler = connectNodeAdapter({
+    routes: (router) =>
+      registerHealth(
+        router,
+        opts.services.map((s) => s.desc.typeName),
+        opts.ready,
+      ),
+    interceptors: [observeInterceptor(opts.logger)],
+    readMaxBytes: 64 * 1024,
+    grpc: true,
+    grpcWeb: false,
+    connect: true,
+  });
+  const server = http2.createServer(handler);
+  server.setTimeout(5 * 60_000);
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, () => resolve());
+  });
+  const addr = server.address();
+  return { server, port: typeof addr === "object" && addr ? addr.port : port };
 }

@@ -13,7 +13,7 @@ import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
-import { connectRedis } from "../common/redis.js";
+import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { runResolver } from "../dns/host.js";
@@ -94,11 +94,13 @@ class ImdsChild {
     readonly args: string[],
     readonly netns: string,
     readonly log: Logger,
+    /** Added to the child's environment (a Redis URL with a password goes here, never on argv). */
+    readonly env: Record<string, string> = {},
   ) {}
 
   async start(): Promise<void> {
     const started = Date.now();
-    const d = await startDaemon(process.execPath, this.args, { netns: this.netns, stdio: ["ignore", "pipe", "inherit"] });
+    const d = await startDaemon(process.execPath, this.args, { netns: this.netns, stdio: ["ignore", "pipe", "inherit"], env: this.env });
     this.proc = d.proc;
     let buf = "";
     d.proc.stdout?.on("data", (chunk: Buffer) => {
@@ -155,22 +157,61 @@ export function addImdsCommand(program: Command): void {
     .addOption(new Option("--host-id <id>", "this hypervisor's id").env("MICROVPC_HOST_ID").default(defaultHostId()))
     .addOption(new Option("--port <port>", "TCP port on every address").default("8775"))
     .addOption(new Option("--dns-port <port>", "port of the VPC resolver on each transit address (0: none)").default("0"))
-    .action(async (o: { redis: string; hostId: string; port: string; dnsPort: string }) => {
-      const logger = pino({ base: { service: "imds", pid: process.pid } });
-      const redis = connectRedis({ url: o.redis, logger });
-      const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
-      const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
-      // The gateway reads this line to know its child is serving (healthy again).
-      logger.info(IMDS_READY);
-      const stop = async () => {
-        await dns?.close();
-        await close();
-        redis.disconnect();
-        process.exit(0);
-      };
-      process.on("SIGTERM", () => void stop());
-      process.on("SIGINT", () => void stop());
-    });
+    .addOption(new Option("--redis-password-file <path>", "read the Redis password from a file").env("MICROVPC_REDIS_PASSWORD_FILE"))
+    .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) of Redis over TLS").env("MICROVPC_REDIS_TLS_CA"))
+    .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_CERT"))
+    .addOption(new Option("--redis-tls-key <path>", "client private key (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_KEY"))
+    .action(
+      async (o: {
+        redis: string;
+        hostId: string;
+        port: string;
+        dnsPort: string;
+        redisPasswordFile?: string;
+        redisTlsCa?: string;
+        redisTlsCert?: string;
+        redisTlsKey?: string;
+      }) => {
+        const logger = pino({ base: { service: "imds", pid: process.pid } });
+        const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
+        const redis = connectRedis({ url: o.redis, logger, ...secrets });
+        const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
+        const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
+        const stop = async () => {
+          await dns?.close();
+          await close();
+          redis.disconnect();
+          process.exit(0);
+        };
+        process.on("SIGTERM", () => void stop());
+        process.on("SIGINT", () => void stop());
+      },
+    );
+}
+
+/**
+ * How the gateway hands Redis to its `microvpcd imds` child without putting a
+ * secret on the child's command line (world-readable in /proc/<pid>/cmdline):
+ * the credential files go by path; a URL that carries a password goes in the
+ * child's environment (readable by its owner only), never in argv.
+ */
+export function imdsRedisArgs(
+  url: string,
+  files: { passwordFile?: unknown; tlsCa?: unknown; tlsCert?: unknown; tlsKey?: unknown },
+): { args: string[]; env: Record<string, string> } {
+  const args: string[] = [];
+  const env: Record<string, string> = {};
+  if (urlHasPassword(url)) env.MICROVPC_REDIS_URL = url;
+  else args.push("--redis", url);
+  for (const [flag, v] of [
+    ["--redis-password-file", files.passwordFile],
+    ["--redis-tls-ca", files.tlsCa],
+    ["--redis-tls-cert", files.tlsCert],
+    ["--redis-tls-key", files.tlsKey],
+  ] as const) {
+    if (v) args.push(flag, String(v));
+  }
+  return { args, env };
 }
 
 export const gatewayDefinition: ServiceDefinition = {
@@ -239,6 +280,12 @@ export const gatewayDefinition: ServiceDefinition = {
         await closeImds();
       };
     } else {
+      const redisArgs = imdsRedisArgs(String(flags.imdsRedis ?? flags.redis), {
+        passwordFile: flags.redisPasswordFile,
+        tlsCa: flags.redisTlsCa,
+        tlsCert: flags.redisTlsCert,
+        tlsKey: flags.redisTlsKey,
+      });
       const child = new ImdsChild(
         // The child is this same program (dist/microvpcd.js through bin/, or the
         // sources under a loader in tests): same node, same flags, same entry.
@@ -246,8 +293,7 @@ export const gatewayDefinition: ServiceDefinition = {
           ...process.execArgv,
           process.argv[1] as string,
           "imds",
-          "--redis",
-          String(flags.imdsRedis ?? flags.redis),
+          ...redisArgs.args,
           "--host-id",
           hostId,
           "--port",
@@ -257,6 +303,7 @@ export const gatewayDefinition: ServiceDefinition = {
         ],
         hostNetns,
         logger,
+        redisArgs.env,
       );
       await child.start();
       childUp = () => child.up;

@@ -77,8 +77,8 @@ export interface HostGw {
 /** Inclusive port ranges, e.g. [[22, 22], [7401, 7405]]. */
 export type PortRanges = readonly (readonly [number, number])[];
 
-/** SSH, the five daemons' gRPC ports and their metrics ports (gRPC + 2000). */
-export const DEFAULT_RESERVED_PORTS = "22,7401-7405,9401-9405";
+/** SSH, the five daemons' gRPC ports, their health ports (gRPC + 1000, --health-listen) and metrics ports (gRPC + 2000). */
+export const DEFAULT_RESERVED_PORTS = "22,7401-7405,8401-8405,9401-9405";
 /** Default of --conntrack-limit-per-vm: a VM's flows through the host's NAT at once. */
 export const DEFAULT_CONNTRACK_LIMIT_PER_VM = 16384;
 

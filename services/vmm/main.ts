@@ -1,7 +1,7 @@
 // microvpcd vmm: the metald-style VM manager of one hypervisor. It calls the
 // other services over gRPC, as an orchestrator would.
 import { Option } from "commander";
-import type { ServiceDefinition } from "../common/daemon.js";
+import { readToken, type ServiceDefinition } from "../common/daemon.js";
 import { grpcClient, grpcTransport } from "../common/client.js";
 import { waitReady } from "../common/redis.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
@@ -27,11 +27,12 @@ export const vmmDefinition: ServiceDefinition = {
     new Option("--firewall <addr>", "firewall gRPC address").env("MICROVPC_FIREWALL_ADDR").default("127.0.0.1:7403"),
     new Option("--gateway <addr>", "gateway gRPC address").env("MICROVPC_GATEWAY_ADDR").default("127.0.0.1:7404"),
     new Option("--service-token <token>", "bearer token for calls to the other services").env("MICROVPC_SERVICE_TOKEN"),
+    new Option("--service-token-file <path>", "read that bearer token from a file (preferred: in no variable or argv)").env("MICROVPC_SERVICE_TOKEN_FILE"),
     new Option("--fail-at <step>", "fault injection for tests: fail every CreateVm before this step").env("MICROVPC_FAIL_AT").choices(STEPS),
     new Option("--fail-undo-at <step:n>", "fault injection for tests: the first n undos of this step fail (e.g. firewall:3)").env("MICROVPC_FAIL_UNDO_AT"),
   ],
   async build({ flags, redis, logger }) {
-    const token = flags.serviceToken as string | undefined;
+    const token = readToken({ token: flags.serviceToken as string | undefined, tokenFile: flags.serviceTokenFile as string | undefined }, "--service-token");
     const t = (address: unknown) => grpcTransport({ address: String(address), token, timeoutMs: 30_000 });
     const ipamT = t(flags.ipam);
     const clients = {

@@ -473,10 +473,10 @@ describe("operability", () => {
     }
   });
 
-  test("a non-loopback listener without TLS or token refuses to start", async () => {
+  test("a non-loopback listener without a token or mutual TLS refuses to start", async () => {
     const r = await pexec(process.execPath, [join(ROOT, "bin", "microvpcd.js"), "ipam", "--listen", "0.0.0.0:0", "--redis", redis.url]).catch((e) => e);
     assert.notEqual(r.code ?? 0, 0);
-    assert.match(String(r.stdout) + String(r.stderr), /non-loopback listener needs --tls-cert\/--tls-key or --token/);
+    assert.match(String(r.stdout) + String(r.stderr), /non-loopback listener needs --token-file .* or --tls-cert\/--tls-key with --tls-client-ca/);
   });
 
   test("--help lists every flag with its environment variable", async () => {

@@ -37,12 +37,14 @@ export interface TestRedis {
 export interface RedisOptions {
   appendfsync?: "always" | "everysec" | "no";
   persistence?: boolean;
+  /** Require AUTH with this password (--requirepass; on redis-server's own argv, which is the test's, not microvpc's). */
+  password?: string;
 }
 
-async function waitPing(port: number, timeoutMs = 10_000): Promise<void> {
+async function waitPing(port: number, timeoutMs = 10_000, password?: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const c = new Redis({ port, host: "127.0.0.1", lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+    const c = new Redis({ port, host: "127.0.0.1", password, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
     c.on("error", () => {});
     try {
       await c.connect();
@@ -85,6 +87,7 @@ function launch(port: number, dir: string, o: RedisOptions): ChildProcess {
     join(dir, "redis.sock"),
     "--unixsocketperm",
     "700",
+    ...(o.password ? ["--requirepass", o.password] : []),
   ];
   const p = spawn("redis-server", args, { stdio: ["ignore", "ignore", "inherit"] });
   return p;
@@ -109,13 +112,13 @@ export async function startRedis(o: RedisOptions = {}): Promise<TestRedis> {
     async restart() {
       await r.kill();
       r.proc = launch(port, dir, o);
-      await waitPing(port);
+      await waitPing(port, undefined, o.password);
     },
     async stop() {
       await r.kill();
       rmSync(dir, { recursive: true, force: true });
     },
   };
-  await waitPing(port);
+  await waitPing(port, undefined, o.password);
   return r;
 }

@@ -519,12 +519,20 @@ for (const overlay of OVERLAYS) {
       const metrics = parseListen(val("MICROVPC_METRICS_LISTEN") ?? `127.0.0.1:${DEFAULT_PORT[svc] + 2000}`);
       assert.equal(listen.port, DEFAULT_PORT[svc], `${cn}: gRPC on the default port`);
       assert.equal(metrics.port, DEFAULT_PORT[svc] + 2000, `${cn}: metrics on port+2000`);
-      assert.equal(c.readinessProbe?.grpc?.port, listen.port, `${cn}: readiness is grpc.health.v1 on the gRPC port`);
+      // Readiness probes grpc.health.v1 on its own plaintext listener (--health-listen, port+1000),
+      // which needs no token or client certificate, so it keeps working when the gRPC port wants TLS.
+      const health = parseListen(val("MICROVPC_HEALTH_LISTEN") ?? "missing:0");
+      assert.equal(health.port, DEFAULT_PORT[svc] + 1000, `${cn}: the health listener on port+1000`);
+      assert.equal(health.host, listen.host, `${cn}: the health listener on the gRPC listener's address`);
+      assert.equal(c.readinessProbe?.grpc?.port, health.port, `${cn}: readiness is grpc.health.v1 on the health port`);
       for (const p of [c.livenessProbe, c.startupProbe])
         assert.deepEqual(p?.httpGet, { path: "/healthz", port: metrics.port }, `${cn}: liveness/startup are /healthz on the metrics port`);
       assert.ok(!isLoopback(listen.host), `${cn}: listens beyond loopback (probes and peers reach it)`);
       const tokenFile = val("MICROVPC_TOKEN_FILE");
-      assert.ok(tokenFile || (val("MICROVPC_TLS_CERT") && val("MICROVPC_TLS_KEY")), `${cn}: a non-loopback listener needs a token file or TLS`);
+      assert.ok(
+        tokenFile || (val("MICROVPC_TLS_CERT") && val("MICROVPC_TLS_KEY") && val("MICROVPC_TLS_CLIENT_CA")),
+        `${cn}: a non-loopback listener needs a token file or mutual TLS`,
+      );
       if (tokenFile) {
         const mount = (c.volumeMounts ?? []).find((m) => tokenFile.startsWith(`${m.mountPath}/`));
         assert.ok(mount, `${cn}: ${tokenFile} is on a mounted volume`);
@@ -533,14 +541,23 @@ for (const overlay of OVERLAYS) {
         assert.equal(tokenFile.slice(mount.mountPath.length + 1), "token", `${cn}: the file is the Secret's key 'token'`);
       }
       assert.ok(help[svc].logLevels.includes(val("MICROVPC_LOG_LEVEL") ?? "info"), `${cn}: a log level microvpcd accepts`);
-      // Redis: the in-cluster Service, with the password from the Secret.
-      const url = new URL(envOf(c, "MICROVPC_REDIS_URL")!.value!.replace("$(REDIS_PASSWORD)", "pw"));
+      // Redis: the in-cluster Service; the password from the Secret as a file, in no URL or variable.
+      const url = new URL(envOf(c, "MICROVPC_REDIS_URL")!.value!);
+      assert.equal(url.password, "", `${cn}: the Redis URL carries no password`);
       const svcObj = find(objs, "Service", url.hostname);
       assert.ok(
         (svcObj.spec as { ports: { port: number }[] }).ports.some((p) => p.port === Number(url.port)),
         `${cn}: Redis URL port is the Service's`,
       );
-      assert.deepEqual(envOf(c, "REDIS_PASSWORD")?.valueFrom?.secretKeyRef, { name: "microvpc-redis", key: "password" });
+      assert.equal(envOf(c, "REDIS_PASSWORD"), undefined, `${cn}: no Redis password in an environment variable`);
+      const pwFile = val("MICROVPC_REDIS_PASSWORD_FILE");
+      assert.ok(pwFile, `${cn}: MICROVPC_REDIS_PASSWORD_FILE is set`);
+      const pwMount = (c.volumeMounts ?? []).find((m) => pwFile.startsWith(`${m.mountPath}/`));
+      assert.ok(pwMount, `${cn}: ${pwFile} is on a mounted volume`);
+      const pwVol = (w.pod.volumes ?? []).find((v) => v.name === pwMount.name) as { secret?: { secretName: string; items?: { key: string; path: string }[] } };
+      assert.equal(pwVol.secret?.secretName, "microvpc-redis", `${cn}: the Redis password comes from the Secret microvpc-redis`);
+      const item = pwVol.secret?.items?.find((i) => i.path === pwFile.slice(pwMount.mountPath.length + 1));
+      assert.equal(item?.key ?? pwFile.slice(pwMount.mountPath.length + 1), "password", `${cn}: the file is the Secret's key 'password'`);
       // Host ids: every service that takes one gets the node name, the same for all.
       if (help[svc].env.has("MICROVPC_HOST_ID")) {
         const src = envOf(c, "MICROVPC_HOST_ID")?.valueFrom?.fieldRef?.fieldPath;
@@ -643,7 +660,13 @@ for (const overlay of OVERLAYS) {
     assert.equal(envOf(vmm, "MICROVPC_FIREWALL_ADDR")?.value, listenOf(firewall));
     assert.equal(envOf(vmm, "MICROVPC_GATEWAY_ADDR")?.value, listenOf(gateway));
     assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "microvpc-ipam:7401");
-    assert.deepEqual(envOf(vmm, "MICROVPC_SERVICE_TOKEN")?.valueFrom?.secretKeyRef, { name: "microvpc-token", key: "token" });
+    // vmm's token for calls to the others: the mounted Secret file, not a variable.
+    assert.equal(envOf(vmm, "MICROVPC_SERVICE_TOKEN"), undefined, "vmm: no token in an environment variable");
+    assert.equal(
+      envOf(vmm, "MICROVPC_SERVICE_TOKEN_FILE")?.value,
+      envOf(vmm, "MICROVPC_TOKEN_FILE")?.value,
+      "vmm: the service token is the mounted token file",
+    );
     // Nothing is compiled at run time (dist/ ships built), so no container
     // gets a writable /tmp: the root file system stays read-only throughout.
     for (const w of workloads(objs)) {

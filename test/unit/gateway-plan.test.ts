@@ -34,10 +34,10 @@ const host = (o: Partial<HostGw> = {}): HostGw => ({
 });
 
 describe("reserved ports", () => {
-  test("the default is SSH, the daemons' gRPC ports and their metrics ports", () => {
+  test("the default is SSH, the daemons' gRPC ports, their health ports and their metrics ports", () => {
     const r = parsePortRanges("--reserved-ports", DEFAULT_RESERVED_PORTS);
-    for (const p of [22, 7401, 7403, 7405, 9401, 9405]) assert.ok(portReserved(r, p), `${p} reserved`);
-    for (const p of [21, 23, 443, 7400, 7406, 8775, 9400, 9406]) assert.ok(!portReserved(r, p), `${p} free`);
+    for (const p of [22, 7401, 7403, 7405, 8401, 8405, 9401, 9405]) assert.ok(portReserved(r, p), `${p} reserved`);
+    for (const p of [21, 23, 443, 7400, 7406, 8400, 8406, 8775, 9400, 9406]) assert.ok(!portReserved(r, p), `${p} free`);
   });
 
   test("the flag's syntax: empty is none, bad parts name the flag", () => {
