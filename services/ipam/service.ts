@@ -12,7 +12,7 @@ import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { AllocationSchema, IpamService, type Allocation } from "../../gen/microvpc/v1/ipam_pb.js";
 import { SubnetSchema, SubnetService, SubnetType, SubnetUsageSchema, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcSchema, VpcService, type Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
-import { IpamStore, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
+import { IpamStore, MAX_EXTRA_RESERVED, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
 
 const allocations = new Counter({
   name: "microvpc_ipam_allocations_total",
@@ -189,6 +189,12 @@ export class Ipam {
         throw new InvalidArgumentError("cidr", `${c.text} is not inside VPC ${vpc.name} (${vpc.cidr}); pick a CIDR within it`);
       }
       const extra = req.extraReserved ?? DEFAULT_EXTRA_RESERVED;
+      if (extra > MAX_EXTRA_RESERVED) {
+        throw new InvalidArgumentError(
+          "extra_reserved",
+          `is ${extra}; the limit is ${MAX_EXTRA_RESERVED} (reserve a range for static infrastructure, not most of the subnet: use a smaller subnet instead)`,
+        );
+      }
       // At least one address must remain for a NIC.
       if (extra > c.size - 4) {
         throw new InvalidArgumentError(
