@@ -242,6 +242,22 @@ describe("bounds", () => {
       r.disconnect();
     }
   });
+
+  test("page tokens that do not decode to a cursor of the listing are INVALID_ARGUMENT, never INTERNAL", async () => {
+    const vpc = await newVpc("bounds-pages", "10.60.0.0/16");
+    const sn = await newSubnet(vpc.id, "s", "10.60.1.0/24");
+    const tok = (c: unknown) => Buffer.from(JSON.stringify({ c })).toString("base64url");
+    const bad = [tok("NaN"), tok(-1), tok(1.5), tok("web"), tok(null), tok([1]), "not-a-token", "x".repeat(600), "eyJjIjoxZTQwMH0", "%%%"];
+    for (const pageToken of bad) {
+      await rejectsWith(c.ipam.listAllocations({ subnetId: sn.id, pageToken }), Code.InvalidArgument, /page_token: is not a token this server issued/);
+      await rejectsWith(c.subnet.listSubnets({ vpc: vpc.id, pageToken }), Code.InvalidArgument, /page_token/);
+    }
+    for (const pageToken of [tok(7), tok(null), "eyJjIjoxZTQwMH0"]) {
+      await rejectsWith(c.vpc.listVpcs({ pageToken }), Code.InvalidArgument, /page_token/);
+      await rejectsWith(c.ipam.listAllocations({ owner: "o", pageToken }), Code.InvalidArgument, /page_token/);
+    }
+    assert.equal((await c.ipam.listAllocations({ subnetId: sn.id, pageToken: tok(3) })).allocations.length, 0);
+  });
 });
 
 describe("allocation", () => {
