@@ -60,7 +60,9 @@ export function register(program: Command): void {
     .requiredOption("--vpc <ref>", "VPC id or name")
     .requiredOption("--cidr <cidr>", "IPv4 CIDR inside the VPC, at most /28, e.g. 10.0.1.0/24")
     .addOption(new Option("--type <type>", "public (egress by default) or private (default)").choices(Object.keys(TYPES)))
-    .addOption(new Option("--extra-reserved <n>", "addresses reserved after the gateway (default 2)").argParser(integer(0, 2 ** 31)))
+    .addOption(
+      new Option("--extra-reserved <n>", "addresses reserved after the gateway (default 2, at most 1024; the server checks)").argParser(integer(0, 2 ** 31)),
+    )
     .addOption(descriptionOption())
     .addOption(labelOption())
     .addOption(clientTokenOption())

@@ -1,16 +1,97 @@
 // grpc.health.v1, so Kubernetes gRPC probes and grpc_health_probe work. The
 // overall status ("") and each service's status follow a readiness check the
 // service supplies (for most: "can I reach Redis?").
+//
+// The check runs at most once per interval however many callers there are:
+// Check and List share one cached answer (and one probe in flight), and every
+// Watch stream is fed from one periodic probe that runs only while someone
+// watches. A thousand watchers must not mean a thousand Redis PINGs a second.
 import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
 
 export type ReadyCheck = () => Promise<boolean>;
 
-export function registerHealth(router: ConnectRouter, serviceNames: string[], ready: ReadyCheck): void {
+/** How often the readiness check runs at most (and while anyone watches, at least). */
+export const HEALTH_INTERVAL_MS = 1000;
+
+/** One readiness answer shared by every health caller of a server. */
+export class SharedReadiness {
+  private value: boolean | undefined;
+  private at = 0;
+  private inflight: Promise<boolean> | undefined;
+  private readonly waiters = new Set<() => void>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly ready: ReadyCheck,
+    private readonly intervalMs = HEALTH_INTERVAL_MS,
+  ) {}
+
+  /** The last answer if it is fresh, else the answer of one probe shared by all who ask now. */
+  get(): Promise<boolean> {
+    if (this.value !== undefined && Date.now() - this.at < this.intervalMs) return Promise.resolve(this.value);
+    return this.probe();
+  }
+
+  private probe(): Promise<boolean> {
+    this.inflight ??= this.ready()
+      .catch(() => false)
+      .then((v) => {
+        this.inflight = undefined;
+        const changed = v !== this.value;
+        this.value = v;
+        this.at = Date.now();
+        if (changed) {
+          const wake = [...this.waiters];
+          this.waiters.clear();
+          for (const w of wake) w();
+        }
+        return v;
+      });
+    return this.inflight;
+  }
+
+  /**
+   * Resolves when the answer differs from seen (at once if it already
+   * does), or when signal aborts. While anyone waits, one timer re-probes
+   * every interval for all of them.
+   */
+  changed(seen: boolean, signal: AbortSignal): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        this.waiters.delete(done);
+        signal.removeEventListener("abort", done);
+        resolve();
+      };
+      if (signal.aborted || (this.value !== undefined && this.value !== seen)) return resolve();
+      signal.addEventListener("abort", done);
+      this.waiters.add(done);
+      if (!this.timer) {
+        this.timer = setInterval(() => {
+          if (this.waiters.size === 0) {
+            clearInterval(this.timer);
+            this.timer = undefined;
+            return;
+          }
+          void this.probe();
+        }, this.intervalMs);
+        this.timer.unref();
+      }
+    });
+  }
+
+  /** Number of Watch streams waiting (for tests). */
+  get watching(): number {
+    return this.waiters.size;
+  }
+}
+
+export function registerHealth(router: ConnectRouter, serviceNames: string[], ready: ReadyCheck | SharedReadiness): void {
   const known = new Set(["", ...serviceNames]);
+  const shared = ready instanceof SharedReadiness ? ready : new SharedReadiness(ready);
   const status = async (service: string): Promise<Status> => {
     if (!known.has(service)) throw new ConnectError(`unknown service ${JSON.stringify(service)}`, Code.NotFound);
-    return (await ready().catch(() => false)) ? Status.SERVING : Status.NOT_SERVING;
+    return (await shared.get()) ? Status.SERVING : Status.NOT_SERVING;
   };
   router.service(Health, {
     check: async (req) => ({ status: await status(req.service) }),
@@ -26,7 +107,7 @@ export function registerHealth(router: ConnectRouter, serviceNames: string[], re
           last = s;
           yield { status: s };
         }
-        await new Promise((r) => setTimeout(r, 1000));
+        await shared.changed(s === Status.SERVING, ctx.signal);
       }
     },
   });

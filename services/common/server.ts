@@ -42,6 +42,50 @@ export interface GrpcServerOptions {
   readMaxBytes?: number;
 }
 
+/**
+ * What one client connection may hold on every daemon. 256 concurrent streams
+ * covers a busy orchestrator's Watch streams and parallel calls; each stream's
+ * flow-control window is 64 KiB, so a full session buffers at most 16 MiB, the
+ * session memory cap (new streams are refused above it). gRPC metadata is
+ * small: 16 KiB of headers in at most 128 fields. Messages themselves are
+ * bounded by readMaxBytes (4 MiB by default), enforced by connect as it reads.
+ */
+export const HTTP2_LIMITS = {
+  maxConcurrentStreams: 256,
+  initialWindowSize: 65_535,
+  maxHeaderListSize: 16 * 1024,
+  maxHeaderListPairs: 128,
+  /** MB, as node:http2 counts it: maxConcurrentStreams × initialWindowSize. */
+  maxSessionMemory: 16,
+  /** Refused streams before the session is torn down (ENHANCE_YOUR_CALM). */
+  maxSessionRejectedStreams: 100,
+  maxOutstandingPings: 10,
+  maxSettings: 32,
+  /** A connection that does not speak HTTP/2 (or finish TLS) within this is dropped. */
+  unknownProtocolTimeout: 10_000,
+  /** A session with no activity for this long is closed. */
+  idleTimeoutMs: 5 * 60_000,
+} as const;
+
+function http2Options(readMaxBytes: number): http2.ServerOptions {
+  const L = HTTP2_LIMITS;
+  return {
+    settings: {
+      maxConcurrentStreams: L.maxConcurrentStreams,
+      initialWindowSize: L.initialWindowSize,
+      maxHeaderListSize: L.maxHeaderListSize,
+      enablePush: false,
+    },
+    maxHeaderListPairs: L.maxHeaderListPairs,
+    // Never below what one largest message needs in flight.
+    maxSessionMemory: Math.max(L.maxSessionMemory, Math.ceil(readMaxBytes / 2 ** 20) + 1),
+    maxSessionRejectedStreams: L.maxSessionRejectedStreams,
+    maxOutstandingPings: L.maxOutstandingPings,
+    maxSettings: L.maxSettings,
+    unknownProtocolTimeout: L.unknownProtocolTimeout,
+  };
+}
+
 export interface RunningServer {
   host: string;
   port: number;
@@ -164,17 +208,20 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
       opts.ready,
     );
   };
+  const readMaxBytes = opts.readMaxBytes ?? 4 * 1024 * 1024;
   const handler = connectNodeAdapter({
     routes,
     interceptors,
-    readMaxBytes: opts.readMaxBytes ?? 4 * 1024 * 1024,
+    readMaxBytes,
     grpc: true,
     grpcWeb: false,
     connect: true,
   });
+  const h2 = http2Options(readMaxBytes);
   const server = tls
     ? http2.createSecureServer(
         {
+          ...h2,
           cert: readFileSync(opts.tlsCert!),
           key: readFileSync(opts.tlsKey!),
           allowHTTP1: true,
@@ -183,9 +230,9 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
         },
         handler,
       )
-    : http2.createServer(handler);
+    : http2.createServer(h2, handler);
   // Bounds on what one client can hold open.
-  server.setTimeout(5 * 60_000);
+  server.setTimeout(HTTP2_LIMITS.idleTimeoutMs);
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(port, host, () => resolve());
@@ -239,8 +286,9 @@ async function startHealthListener(host: string, port: number, opts: GrpcServerO
     grpcWeb: false,
     connect: true,
   });
-  const server = http2.createServer(handler);
-  server.setTimeout(5 * 60_000);
+  // The same HTTP/2 limits as the gRPC port: this one takes no credentials.
+  const server = http2.createServer(http2Options(64 * 1024), handler);
+  server.setTimeout(HTTP2_LIMITS.idleTimeoutMs);
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(port, host, () => resolve());

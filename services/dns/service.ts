@@ -5,7 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
-import { decodePageToken, encodePageToken } from "../common/paging.js";
+import { decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { DnsConfigSchema, DnsRecordSchema, DnsRecordType, DnsService, type DnsConfig, type DnsRecord } from "../../gen/microvpc/v1/dns_pb.js";
 import type { IpamStore, VpcRec } from "../ipam/store.js";
@@ -100,12 +100,11 @@ export class DnsApi {
     listDnsRecords: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
       const owner = V.token("owner", req.owner, { optional: true });
-      const after = decodePageToken(req.pageToken);
-      if (after !== null && (typeof after !== "string" || !LABEL_RE.test(after)))
-        throw new InvalidArgumentError("page_token", "is not a token this server issued");
+      const after = decodeNameToken(req.pageToken);
+      if (after !== null && !LABEL_RE.test(after)) throw new InvalidArgumentError("page_token", "is not a token this server issued");
       const vpc = await this.vpcByRef("vpc", req.vpc);
       const out: RecordRec[] = [];
-      let cursor = after === null ? "" : String(after);
+      let cursor = after ?? "";
       // Filtering by owner scans pages until one is full.
       while (out.length <= size) {
         const page = await this.store.listRecords(vpc.id, cursor, 1000);

@@ -8,7 +8,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
-import { decodePageToken, encodePageToken } from "../common/paging.js";
+import { decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import {
@@ -339,9 +339,9 @@ export class FirewallApi {
 
     listSecurityGroups: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
-      const after = decodePageToken(req.pageToken);
+      const after = decodeNameToken(req.pageToken);
       const vpcId = req.vpc ? (await this.vpc("vpc", req.vpc)).id : null;
-      const groups = await this.store.listGroups(vpcId, after === null ? "" : String(after), size + 1);
+      const groups = await this.store.listGroups(vpcId, after ?? "", size + 1);
       const page = groups.slice(0, size);
       const last = page[page.length - 1];
       return {
@@ -478,7 +478,7 @@ export class FirewallApi {
 
     listNicBindings: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
-      const after = decodePageToken(req.pageToken);
+      const after = decodeNameToken(req.pageToken);
       const vpcId = req.vpc ? (await this.vpc("vpc", req.vpc)).id : null;
       const groupId = req.securityGroup ? (await this.group("security_group", req.securityGroup, req.vpc)).id : null;
       if (req.hostId !== "" && !HOST_ID_RE.test(req.hostId)) {
@@ -492,7 +492,7 @@ export class FirewallApi {
         (!nicId || b.nicId === nicId);
 
       const found: BindingRec[] = [];
-      let cursor = after === null ? "" : String(after);
+      let cursor = after ?? "";
       if (nicId) {
         const b = nicId > cursor ? await this.store.getBinding(nicId) : null;
         if (b && keep(b)) found.push(b);
@@ -545,9 +545,9 @@ export class FirewallApi {
 
     listNetworkAcls: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
-      const after = decodePageToken(req.pageToken);
+      const after = decodeNameToken(req.pageToken);
       const vpcId = req.vpc ? (await this.vpc("vpc", req.vpc)).id : null;
-      const acls = await this.store.listAcls(vpcId, after === null ? "" : String(after), size + 1);
+      const acls = await this.store.listAcls(vpcId, after ?? "", size + 1);
       const page = acls.slice(0, size);
       const last = page[page.length - 1];
       return {

@@ -186,13 +186,22 @@ return {1, ''}
  * KEYS: 1 vpc hash, 2 vpc subnets zset (score = base), 3 vpc subnet byname,
  *       4 subnet hash, 5 bits, 6 full, 7 used, 8 tokens, 9 events,
  *       10 all-subnets zset
- * ARGV: 1 id, 2 name, 3 base, 4 size, 5 client token, 6 reserved indexes
- *       (comma separated), then field/value pairs of the hash.
+ * ARGV: 1 id, 2 name, 3 base, 4 size, 5 client token, 6 extra reserved
+ *       (addresses after the gateway), then field/value pairs of the hash.
+ * The reserved addresses are bits 0 .. extra+1 (network, gateway, extra) and
+ * size-1 (broadcast): one SETRANGE of a run of 0xff bytes built here plus a
+ * partial byte, one SETBIT, and a BITCOUNT per chunk touched — a handful of
+ * commands whatever the extra count (a per-address loop over a /8 used to
+ * keep every other Redis client waiting for seconds).
  * Returns {1, id} created, {0, id} found by client token, {-1, id} name taken,
- * {-2, id} overlaps subnet id, {-4} VPC gone.
+ * {-2, id} overlaps subnet id, {-4} VPC gone, {-5} extra reserved out of
+ * range (the service checks it first; this keeps the script bounded anyway).
  */
 export const CREATE_SUBNET = `${chunkHelpers}
 local id, name, base, size, tok = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+-- Reserved run: network, gateway and the extra addresses after it.
+local run = tonumber(ARGV[6]) + 2
+if run < 2 or run > size - 2 or run % 1 ~= 0 then return {-5, ''} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 if tok ~= '' then
   local prev = redis.call('HGET', KEYS[8], 'subnet\\n' .. tok)
@@ -215,12 +224,15 @@ redis.call('HSET', KEYS[3], name, id)
 redis.call('ZADD', KEYS[10], 0, id)
 redis.call('SET', KEYS[7], 0)
 redis.call('DEL', KEYS[5], KEYS[6])
-for r in string.gmatch(ARGV[6], '[^,]+') do
-  redis.call('SETBIT', KEYS[5], tonumber(r), 1)
+local whole = math.floor(run / 8)
+local head = string.rep('\\255', whole)
+if run % 8 > 0 then head = head .. string.char(256 - 2 ^ (8 - run % 8)) end
+redis.call('SETRANGE', KEYS[5], 0, head)
+redis.call('SETBIT', KEYS[5], size - 1, 1)
+for c = 0, math.floor((run - 1) / CHUNK_BITS) do
+  refresh_chunk(KEYS[5], KEYS[6], c * CHUNK_BITS, size)
 end
-for r in string.gmatch(ARGV[6], '[^,]+') do
-  refresh_chunk(KEYS[5], KEYS[6], tonumber(r), size)
-end
+refresh_chunk(KEYS[5], KEYS[6], size - 1, size)
 if tok ~= '' then redis.call('HSET', KEYS[8], 'subnet\\n' .. tok, id) end
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', redis.call('HGET', KEYS[4], 'vpc'), 'subnet', id)
 return {1, id}

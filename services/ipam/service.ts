@@ -6,13 +6,13 @@ import type { ServiceImpl } from "@connectrpc/connect";
 import { Counter } from "prom-client";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { metricsRegistry } from "../common/metrics.js";
-import { decodePageToken, encodePageToken } from "../common/paging.js";
+import { decodeIndexToken, decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { AllocationSchema, IpamService, type Allocation } from "../../gen/microvpc/v1/ipam_pb.js";
 import { SubnetSchema, SubnetService, SubnetType, SubnetUsageSchema, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcSchema, VpcService, type Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
-import { IpamStore, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
+import { IpamStore, MAX_EXTRA_RESERVED, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
 
 const allocations = new Counter({
   name: "microvpc_ipam_allocations_total",
@@ -163,8 +163,8 @@ export class Ipam {
     getVpc: async (req) => ({ vpc: vpcMsg(await this.vpcByRef("ref", req.ref)) }),
     listVpcs: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
-      const after = decodePageToken(req.pageToken);
-      const vpcs = await this.store.listVpcs(after === null ? "" : String(after), size + 1);
+      const after = decodeNameToken(req.pageToken);
+      const vpcs = await this.store.listVpcs(after ?? "", size + 1);
       const page = vpcs.slice(0, size);
       return {
         vpcs: page.map(vpcMsg),
@@ -189,6 +189,12 @@ export class Ipam {
         throw new InvalidArgumentError("cidr", `${c.text} is not inside VPC ${vpc.name} (${vpc.cidr}); pick a CIDR within it`);
       }
       const extra = req.extraReserved ?? DEFAULT_EXTRA_RESERVED;
+      if (extra > MAX_EXTRA_RESERVED) {
+        throw new InvalidArgumentError(
+          "extra_reserved",
+          `is ${extra}; the limit is ${MAX_EXTRA_RESERVED} (reserve a range for static infrastructure, not most of the subnet: use a smaller subnet instead)`,
+        );
+      }
       // At least one address must remain for a NIC.
       if (extra > c.size - 4) {
         throw new InvalidArgumentError(
@@ -220,7 +226,8 @@ export class Ipam {
     },
     listSubnets: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
-      const after = decodePageToken(req.pageToken);
+      // Within a VPC subnets page by base address (an index), across VPCs by id.
+      const after = req.vpc ? decodeIndexToken(req.pageToken) : decodeNameToken(req.pageToken);
       const vpcId = req.vpc ? (await this.vpcByRef("vpc", req.vpc)).id : null;
       const subnets = await this.store.listSubnets(vpcId, after === null ? "" : String(after), size + 1);
       const page = subnets.slice(0, size);
@@ -288,13 +295,14 @@ export class Ipam {
     },
     listAllocations: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
-      const after = decodePageToken(req.pageToken);
       const owner = V.token("owner", req.owner, { optional: true });
       if (req.subnetId === "" && owner === "") throw new InvalidArgumentError("subnet_id", "is required unless owner is given");
       if (req.subnetId !== "") {
+        // Within a subnet the cursor is the last address index.
+        const after = decodeIndexToken(req.pageToken);
         const s = await this.subnetById("subnet_id", req.subnetId);
         const out: AllocRec[] = [];
-        let cursor = after === null ? -1 : Number(after);
+        let cursor = after ?? -1;
         // Filtering by owner inside a subnet scans pages until one is full.
         while (out.length <= size) {
           const page = await this.store.listBySubnet(s.id, cursor, 1000);
@@ -308,7 +316,9 @@ export class Ipam {
           nextPageToken: out.length > size ? encodePageToken(page[page.length - 1].index) : "",
         };
       }
-      const { allocs } = await this.store.listByOwner(owner, after === null ? "" : String(after), size + 1);
+      // By owner it is "subnet/index".
+      const after = decodeNameToken(req.pageToken);
+      const { allocs } = await this.store.listByOwner(owner, after ?? "", size + 1);
       const page = allocs.slice(0, size);
       const subnets = new Map<string, SubnetRec | null>();
       const msgs: Allocation[] = [];

@@ -63,6 +63,23 @@ export function newId(kind: string): string {
   return `${kind}-${randomBytes(6).toString("hex")}`;
 }
 
+/**
+ * Most addresses a subnet may reserve after its gateway (CreateSubnet's
+ * extra_reserved). The extra range is for infrastructure a tenant places by
+ * hand (DNS, appliances, room to grow): clouds reserve 2–3. 1024 leaves room
+ * for a /22 of statics while keeping what scales with it bounded: every
+ * Subnet message lists its reserved addresses (≤ 1027, about 17 KiB), and
+ * the create script sets the range in a single SETRANGE of ≤ 129 bytes. Without
+ * a cap, a /8 with size−4 extra built a 140 MB script argument and a 16 M-step
+ * loop inside Redis, blocking every other client for seconds.
+ */
+export const MAX_EXTRA_RESERVED = 1024;
+
+/** How many addresses a subnet never hands out: network, gateway, extra, broadcast. */
+export function reservedCount(extra: number): number {
+  return extra + 3;
+}
+
 /** Indexes (offsets from the network address) that are never handed out. */
 export function reservedIndexes(size: number, extra: number): number[] {
   const r = [0, 1];
@@ -221,7 +238,9 @@ export class IpamStore {
       labels: JSON.stringify(s.labels),
       created: createdMs,
     };
-    const reserved = reservedIndexes(s.size, s.extraReserved).join(",");
+    if (!Number.isSafeInteger(s.extraReserved) || s.extraReserved < 0 || s.extraReserved > Math.min(MAX_EXTRA_RESERVED, s.size - 4)) {
+      throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} is out of range for ${s.cidr}: 0 to ${Math.min(MAX_EXTRA_RESERVED, s.size - 4)}`);
+    }
     const [code, ref] = await this.redis.mvpcCreateSubnet(
       K.vpc(s.vpcId),
       K.vpcSubnets(s.vpcId),
@@ -238,10 +257,11 @@ export class IpamStore {
       s.base,
       s.size,
       clientToken,
-      reserved,
+      s.extraReserved,
       ...flat(fields),
     );
     if (code === -4) throw new NotFoundError("vpc", s.vpcId);
+    if (code === -5) throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} leaves no usable address in ${s.cidr}`);
     if (code === -1) throw new AlreadyExistsError(`VPC ${s.vpcId} already has a subnet named ${JSON.stringify(s.name)} (${ref})`);
     if (code === -2) {
       const other = await this.getSubnet(String(ref));
@@ -303,7 +323,7 @@ export class IpamStore {
 
   async usage(s: SubnetRec): Promise<Usage> {
     const used = Number((await this.redis.get(K.used(s.id))) ?? 0);
-    const reserved = reservedIndexes(s.size, s.extraReserved).length;
+    const reserved = reservedCount(s.extraReserved);
     return { total: s.size, reserved, used, free: s.size - reserved - used };
   }
 

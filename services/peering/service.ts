@@ -7,7 +7,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
-import { decodePageToken, encodePageToken } from "../common/paging.js";
+import { decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { PeeringSchema, PeeringService, type Peering } from "../../gen/microvpc/v1/peering_pb.js";
@@ -90,9 +90,9 @@ export class Peerings {
     },
     listPeerings: async (req) => {
       const size = V.pageSize("page_size", req.pageSize);
-      const after = decodePageToken(req.pageToken);
+      const after = decodeNameToken(req.pageToken);
       const vpcId = req.vpc === "" ? "" : (await this.ipam.vpcByRef("vpc", req.vpc)).id;
-      const recs = await this.store.list(after === null ? "" : String(after), size + 1, vpcId);
+      const recs = await this.store.list(after ?? "", size + 1, vpcId);
       const page = recs.slice(0, size);
       return {
         peerings: await Promise.all(page.map((p) => this.msg(p))),

@@ -7,7 +7,7 @@ import fc from "fast-check";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { K } from "../../services/ipam/keys.js";
-import { IpamStore, reservedIndexes, type SubnetRec } from "../../services/ipam/store.js";
+import { IpamStore, MAX_EXTRA_RESERVED, reservedIndexes, type SubnetRec } from "../../services/ipam/store.js";
 import { CHUNK_BITS } from "../../services/ipam/scripts.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { startRedis, type TestRedis } from "../lib/redis.js";
@@ -153,4 +153,69 @@ test("the chunk summary stays right across chunk borders: fill a /19, free a few
     }),
     { numRuns: 100 },
   );
+});
+
+test("a new subnet reserves exactly network, gateway, extra and broadcast, from /8 to /28, with the summary right", async () => {
+  let run = 0;
+  await fc.assert(
+    fc.asyncProperty(fc.integer({ min: 8, max: 28 }), fc.nat(), async (prefix, pick) => {
+      const size = 2 ** (32 - prefix);
+      const extra = pick % (Math.min(MAX_EXTRA_RESERVED, size - 4) + 1);
+      const { vpc } = await store.createVpc(
+        { name: `layout-${run++}`, cidr: "10.0.0.0/8", base: ipToInt("10.0.0.0"), prefix: 8, description: "", labels: [], publicCidr: false },
+        "",
+      );
+      const base = ipToInt("10.0.0.0");
+      const { subnet: s } = await store.createSubnet(
+        { vpcId: vpc.id, name: "s", cidr: `10.0.0.0/${prefix}`, base, prefix, size, type: "private", extraReserved: extra, description: "", labels: [] },
+        "",
+      );
+      const want = reservedIndexes(size, extra);
+      assert.equal(await client.bitcount(K.bits(s.id)), want.length, "as many bits set as addresses reserved");
+      for (const i of [0, 1, extra, extra + 1, extra + 2, size - 2, size - 1]) {
+        assert.equal(await client.getbit(K.bits(s.id), i), want.includes(i) ? 1 : 0, `bit ${i} of /${prefix} with ${extra} extra`);
+      }
+      assert.equal(await client.strlen(K.bits(s.id)), size / 8);
+      const fullChunks = Array.from({ length: Math.ceil(size / CHUNK_BITS) }, (_, c) => {
+        const n = Math.min(CHUNK_BITS, size - c * CHUNK_BITS);
+        return want.filter((i) => i >= c * CHUNK_BITS && i < c * CHUNK_BITS + n).length === n;
+      });
+      assert.equal(await client.bitcount(K.full(s.id)), fullChunks.filter(Boolean).length, "summary marks exactly the full chunks");
+      assert.equal((await store.allocate(s, "o", "r", -1)).alloc.index, extra + 2, "first free address follows the extra range");
+      assert.equal((await store.usage(s)).reserved, want.length);
+      await store.release(s, extra + 2, "", "");
+      await store.deleteSubnet(s.id);
+      await store.deleteVpc(vpc.id);
+    }),
+    { numRuns: 150 },
+  );
+});
+
+test("the store refuses an extra_reserved above the cap or leaving no address, creating nothing", async () => {
+  const { vpc } = await store.createVpc(
+    { name: "cap", cidr: "10.0.0.0/8", base: ipToInt("10.0.0.0"), prefix: 8, description: "", labels: [], publicCidr: false },
+    "",
+  );
+  const base = ipToInt("10.0.0.0");
+  const mk = (prefix: number, extra: number) =>
+    store.createSubnet(
+      {
+        vpcId: vpc.id,
+        name: "s",
+        cidr: `10.0.0.0/${prefix}`,
+        base,
+        prefix,
+        size: 2 ** (32 - prefix),
+        type: "private",
+        extraReserved: extra,
+        description: "",
+        labels: [],
+      },
+      "",
+    );
+  await assert.rejects(mk(8, MAX_EXTRA_RESERVED + 1), { name: "InvalidArgumentError" });
+  await assert.rejects(mk(8, 2 ** 24 - 4), { name: "InvalidArgumentError" });
+  await assert.rejects(mk(28, 13), { name: "InvalidArgumentError" });
+  assert.equal((await store.getVpc(vpc.id))!.subnetCount, 0);
+  await store.deleteVpc(vpc.id);
 });

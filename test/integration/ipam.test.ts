@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { ipToInt } from "../../services/common/validate.js";
 import { K } from "../../services/ipam/keys.js";
+import { MAX_EXTRA_RESERVED } from "../../services/ipam/store.js";
 import { ipamClients, rejectsWith } from "../lib/clients.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
 import { startRedis, type TestRedis } from "../lib/redis.js";
@@ -199,6 +200,63 @@ describe("bad input gets the right code, a message that says what to fix, and ch
       assert.equal((await c.subnet.listSubnets({ vpc: "bad" })).subnets.length, snBefore, "no subnet was created");
       assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.used, 0n, "no address was allocated");
     });
+  });
+});
+
+describe("bounds", () => {
+  test("a /8 with the most extra_reserved is created fast; one more is INVALID_ARGUMENT and creates nothing", async () => {
+    const vpc = await newVpc("bounds-8", "10.0.0.0/8");
+    const r = new Redis(redis.url);
+    try {
+      await r.config("RESETSTAT");
+      const t0 = performance.now();
+      const sn = await newSubnet(vpc.id, "big", "10.0.0.0/8", MAX_EXTRA_RESERVED);
+      const ms = performance.now() - t0;
+      // A per-address build took seconds of ipam CPU and minutes of Redis time;
+      // now it is a few commands (generous bound: the machine is shared).
+      assert.ok(ms < 2000, `CreateSubnet of a /8 took ${ms.toFixed(0)} ms`);
+      const script = /cmdstat_evalsha?:calls=\d+,usec=(\d+)/.exec(await r.info("commandstats"));
+      assert.ok(script && Number(script[1]) < 200_000, `create script took ${script?.[1]} µs in Redis`);
+      assert.equal(sn.extraReserved, MAX_EXTRA_RESERVED);
+      assert.equal(sn.reservedAddresses.length, MAX_EXTRA_RESERVED + 3);
+      assert.equal(sn.usage!.reserved, BigInt(MAX_EXTRA_RESERVED + 3));
+      assert.equal(sn.usage!.free, BigInt(2 ** 24 - MAX_EXTRA_RESERVED - 3));
+      const first = await c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r" });
+      assert.equal(first.allocation!.address, `10.0.${(MAX_EXTRA_RESERVED + 2) >> 8}.${(MAX_EXTRA_RESERVED + 2) & 255}`, "first free follows the extra range");
+      await rejectsWith(c.ipam.allocate({ subnetId: sn.id, owner: "o", requestId: "r2", address: "10.0.4.1" }), Code.InvalidArgument, /is reserved/);
+      await c.ipam.release({ subnetId: sn.id, address: first.allocation!.address });
+      await c.subnet.deleteSubnet({ ref: sn.id });
+
+      const keysBefore = await r.dbsize();
+      for (const extra of [MAX_EXTRA_RESERVED + 1, 2 ** 24 - 4]) {
+        await rejectsWith(
+          newSubnet(vpc.id, "over", "10.0.0.0/8", extra),
+          Code.InvalidArgument,
+          new RegExp(`extra_reserved: is ${extra}; the limit is ${MAX_EXTRA_RESERVED}`),
+        );
+      }
+      assert.equal(await r.dbsize(), keysBefore, "no key was written");
+      assert.equal((await c.subnet.listSubnets({ vpc: vpc.id })).subnets.length, 0);
+      await c.vpc.deleteVpc({ ref: vpc.id });
+    } finally {
+      r.disconnect();
+    }
+  });
+
+  test("page tokens that do not decode to a cursor of the listing are INVALID_ARGUMENT, never INTERNAL", async () => {
+    const vpc = await newVpc("bounds-pages", "10.60.0.0/16");
+    const sn = await newSubnet(vpc.id, "s", "10.60.1.0/24");
+    const tok = (c: unknown) => Buffer.from(JSON.stringify({ c })).toString("base64url");
+    const bad = [tok("NaN"), tok(-1), tok(1.5), tok("web"), tok(null), tok([1]), "not-a-token", "x".repeat(600), "eyJjIjoxZTQwMH0", "%%%"];
+    for (const pageToken of bad) {
+      await rejectsWith(c.ipam.listAllocations({ subnetId: sn.id, pageToken }), Code.InvalidArgument, /page_token: is not a token this server issued/);
+      await rejectsWith(c.subnet.listSubnets({ vpc: vpc.id, pageToken }), Code.InvalidArgument, /page_token/);
+    }
+    for (const pageToken of [tok(7), tok(null), "eyJjIjoxZTQwMH0"]) {
+      await rejectsWith(c.vpc.listVpcs({ pageToken }), Code.InvalidArgument, /page_token/);
+      await rejectsWith(c.ipam.listAllocations({ owner: "o", pageToken }), Code.InvalidArgument, /page_token/);
+    }
+    assert.equal((await c.ipam.listAllocations({ subnetId: sn.id, pageToken: tok(3) })).allocations.length, 0);
   });
 });
 

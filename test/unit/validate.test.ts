@@ -1,8 +1,9 @@
 import assert from "node:assert/strict";
 import { Code, ConnectError } from "@connectrpc/connect";
+import fc from "fast-check";
 import { test } from "vitest";
 import { InvalidArgumentError, NotFoundError, toConnectError } from "../../services/common/errors.js";
-import { decodePageToken, encodePageToken } from "../../services/common/paging.js";
+import { decodeIndexToken, decodeNameToken, decodePageToken, encodePageToken } from "../../services/common/paging.js";
 import * as V from "../../services/common/validate.js";
 import { reservedIndexes } from "../../services/ipam/store.js";
 
@@ -61,6 +62,99 @@ test("page tokens round-trip and reject garbage", () => {
   assert.equal(decodePageToken(encodePageToken(42)), 42);
   assert.equal(decodePageToken(""), null);
   assert.throws(() => decodePageToken("not-a-token"), /page_token: is not a token this server issued/);
+});
+
+const tok = (v: unknown) => Buffer.from(JSON.stringify(v) ?? "").toString("base64url");
+
+/** The only outcomes: a cursor of the right kind, or INVALID_ARGUMENT naming page_token. */
+function outcome<T>(decode: (t: string) => T): (t: string) => T | "invalid" {
+  return (t) => {
+    try {
+      return decode(t);
+    } catch (e) {
+      assert.ok(e instanceof InvalidArgumentError, `not INVALID_ARGUMENT: ${e}`);
+      assert.equal(toConnectError(e).code, Code.InvalidArgument);
+      assert.match(e.message, /^page_token: is not a token this server issued/);
+      return "invalid";
+    }
+  };
+}
+
+test("page tokens: NaN, Infinity, negative, fractional, over-long, wrong-type cursors are INVALID_ARGUMENT", () => {
+  const any = outcome(decodePageToken);
+  for (const bad of [tok({ c: "NaN" }), tok({ c: -1 }), tok({ c: 1.5 }), tok({ c: 2 ** 53 }), tok({ c: null }), tok({ c: [1] }), tok({ c: {} })]) {
+    assert.equal(outcome(decodeIndexToken)(bad), "invalid", Buffer.from(bad, "base64url").toString());
+  }
+  for (const bad of [tok({ c: -1 }), tok({ c: 1.5 }), tok({ c: true }), tok({}), tok({ c: 1, d: 2 }), tok([1]), tok(1), tok("c"), tok(null)]) {
+    assert.equal(any(bad), "invalid", Buffer.from(bad, "base64url").toString());
+  }
+  assert.equal(any(Buffer.from('{"c":1e400}').toString("base64url")), "invalid", "Infinity");
+  assert.equal(any(Buffer.from('{"c":NaN}').toString("base64url")), "invalid", "NaN literal");
+  assert.equal(any(encodePageToken("a".repeat(400))), "invalid", "over-long");
+  assert.equal(any(encodePageToken("web") + "=="), "invalid", "padding is not how tokens are written");
+  assert.equal(any(encodePageToken("web") + "!"), "invalid", "stray characters");
+  assert.equal(outcome(decodeIndexToken)(encodePageToken("web")), "invalid");
+  assert.equal(outcome(decodeNameToken)(encodePageToken(7)), "invalid");
+  assert.equal(decodeIndexToken(encodePageToken(7)), 7);
+  assert.equal(decodeNameToken(encodePageToken("subnet-0123456789ab/7")), "subnet-0123456789ab/7");
+});
+
+test("page tokens (property): random strings and base64url of random JSON decode to a valid cursor or INVALID_ARGUMENT", () => {
+  const valid = (c: unknown) => c === null || typeof c === "string" || (typeof c === "number" && Number.isSafeInteger(c) && c >= 0);
+  const check = (t: string) => {
+    const a = outcome(decodePageToken)(t);
+    assert.ok(a === "invalid" || valid(a), `bad cursor ${String(a)}`);
+    if (a !== "invalid" && a !== null) assert.equal(encodePageToken(a), t, "a token has one spelling");
+    const i = outcome(decodeIndexToken)(t);
+    assert.ok(i === "invalid" || i === null || (Number.isSafeInteger(i) && i >= 0));
+    const n = outcome(decodeNameToken)(t);
+    assert.ok(n === "invalid" || n === null || typeof n === "string");
+  };
+  fc.assert(fc.property(fc.string({ maxLength: 700 }), check), { numRuns: 3000 });
+  fc.assert(fc.property(fc.string({ unit: "binary", maxLength: 100 }), check), { numRuns: 1000 });
+  fc.assert(
+    fc.property(fc.jsonValue(), (v) => check(tok(v))),
+    { numRuns: 3000 },
+  );
+  fc.assert(
+    fc.property(fc.jsonValue(), (v) => check(tok({ c: v }))),
+    { numRuns: 3000 },
+  );
+  fc.assert(
+    fc.property(fc.oneof(fc.string({ maxLength: 300 }), fc.nat(), fc.double(), fc.integer()), (c) => {
+      // Everything the server writes reads back as itself (or, for what it never writes, is refused).
+      const t = Buffer.from(JSON.stringify({ c })).toString("base64url");
+      const got = outcome(decodePageToken)(t);
+      if (got !== "invalid") assert.equal(got, JSON.parse(JSON.stringify(c)));
+    }),
+    { numRuns: 3000 },
+  );
+  for (const c of ["web", "a/b", "", "é☃", 0, 42, 2 ** 32]) assert.equal(decodePageToken(encodePageToken(c)), c);
+});
+
+test("texts refuse C0 and C1 control characters and bidirectional-text controls", () => {
+  assert.equal(V.text("description", "web tier — 10.0.1.0/24, naïve café ☃"), "web tier — 10.0.1.0/24, naïve café ☃");
+  for (const c of ["\u0000", "\u001b", "\u007f", "\u0080", "\u0085", "\u009b", "\u009f"]) {
+    assert.throws(() => V.text("description", `a${c}b`), /description: must not contain control characters/, JSON.stringify(c));
+  }
+  for (const c of ["\u061c", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"]) {
+    assert.throws(() => V.text("description", `admin${c}txt.exe`), /description: must not contain bidirectional-text control characters/, JSON.stringify(c));
+  }
+  fc.assert(
+    fc.property(fc.string({ unit: "binary", maxLength: 40 }), (s) => {
+      // eslint-disable-next-line no-control-regex -- control characters are what this checks
+      const refused = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/.test(s);
+      let threw = false;
+      try {
+        V.text("description", s);
+      } catch (e) {
+        assert.ok(e instanceof InvalidArgumentError);
+        threw = true;
+      }
+      assert.equal(threw, refused, JSON.stringify(s));
+    }),
+    { numRuns: 2000 },
+  );
 });
 
 test("reserved addresses follow the AWS layout", () => {

@@ -200,7 +200,11 @@ export type CreateSubnetRequest = Message<"microvpc.v1.CreateSubnetRequest"> & {
   type: SubnetType;
 
   /**
-   * Addresses to reserve after the gateway; unset means 2 (AWS layout).
+   * Addresses to reserve after the gateway; unset means 2 (AWS layout). At
+   * most 1024, and at most the subnet's size minus 4 (one address must stay
+   * usable); more is INVALID_ARGUMENT. The range is for hand-placed
+   * infrastructure, and every Subnet lists its reserved addresses, so the cap
+   * keeps messages and the create bounded whatever the subnet's size.
    *
    * @generated from field: optional uint32 extra_reserved = 5;
    */
