@@ -177,6 +177,8 @@ export function addImdsCommand(program: Command): void {
         const redis = connectRedis({ url: o.redis, logger, ...secrets });
         const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
         const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
+        // The gateway reads this line to know its child is serving (healthy again).
+        logger.info(IMDS_READY);
         const stop = async () => {
           await dns?.close();
           await close();
