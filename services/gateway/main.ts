@@ -12,6 +12,7 @@ import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
+import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
@@ -82,11 +83,17 @@ export function addImdsCommand(program: Command): void {
     .addOption(new Option("--host-id <id>", "this hypervisor's id").env("MICROVPC_HOST_ID").default(defaultHostId()))
     .addOption(new Option("--port <port>", "TCP port on every address").default("8775"))
     .addOption(new Option("--dns-port <port>", "port of the VPC resolver on each transit address (0: none)").default("0"))
-    .action(async (o: { redis: string; hostId: string; port: string; dnsPort: string }) => {
+    .addOption(new Option("--management-cidrs <list>", "as the gateway's: a VPC's forwarders inside it are not used").default(""))
+    .addOption(new Option("--uplink <ifname>", "the uplink, for --management-cidrs auto").default("eth0"))
+    .action(async (o: { redis: string; hostId: string; port: string; dnsPort: string; managementCidrs: string; uplink: string }) => {
       const logger = pino({ base: { service: "imds", pid: process.pid } });
       const redis = connectRedis({ url: o.redis, logger });
+      const spec = parseManagementCidrs("--management-cidrs", o.managementCidrs);
       const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
-      const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
+      const dns =
+        Number(o.dnsPort) > 0
+          ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger, { management: () => managementCidrs(spec, o.uplink) })
+          : undefined;
       const stop = async () => {
         await dns?.close();
         await close();
@@ -125,6 +132,12 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--conntrack-limit-per-vm <n>", "flows one VM may hold through the host's NAT at once; new ones past it are refused (0: no limit)")
       .env("MICROVPC_CONNTRACK_LIMIT_PER_VM")
       .default(String(DEFAULT_CONNTRACK_LIMIT_PER_VM)),
+    new Option(
+      "--management-cidrs <list>",
+      "what VMs never reach through this host (Redis, the daemons, other hypervisors): \"auto\" (the uplink's subnets and this host's own addresses, re-read every pass) or IPv4 CIDRs/addresses, e.g. 10.20.0.0/16,192.0.2.7; empty: none. The metadata server and the resolver on the transit addresses stay reachable; a VPC's DNS forwarders inside it are not used",
+    )
+      .env("MICROVPC_MANAGEMENT_CIDRS")
+      .default(MANAGEMENT_AUTO),
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
@@ -143,6 +156,13 @@ export const gatewayDefinition: ServiceDefinition = {
     if (!/^[0-9]{1,10}$/.test(String(flags.conntrackLimitPerVm)) || ctLimit > 4_000_000) {
       throw new Error(`--conntrack-limit-per-vm ${JSON.stringify(flags.conntrackLimitPerVm)}: use 1–4000000 flows, or 0 for no limit`);
     }
+    const mgmtText = String(flags.managementCidrs);
+    const mgmt: ManagementSpec = parseManagementCidrs("--management-cidrs", mgmtText);
+    const management = () => managementCidrs(mgmt, uplink, hostNetns);
+    logger.info(
+      { managementCidrs: mgmt === MANAGEMENT_AUTO ? `auto: ${(await management().catch((e: Error) => [e.message])).join(",")}` : mgmt },
+      "management network",
+    );
     const store = new GatewayStore(redis, logger);
     const ipam = new IpamStore(redis);
     const meta = new MetadataStore(redis, logger);
@@ -150,14 +170,25 @@ export const gatewayDefinition: ServiceDefinition = {
       store,
       ipam,
       new HostStore(redis, hostId),
-      { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits(), reservedPorts, conntrackLimitPerVm: ctLimit },
+      {
+        hostId,
+        hostNetns,
+        uplink,
+        imdsPort,
+        dnsPort,
+        pool: pool.text,
+        hopLimits: () => meta.hopLimits(),
+        reservedPorts,
+        conntrackLimitPerVm: ctLimit,
+        managementCidrs: management,
+      },
       logger,
     );
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
     if (!hostNetns) {
       const { close: closeImds } = await runImds(redis, hostId, imdsPort, logger);
-      const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger) : undefined;
+      const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger, { management }) : undefined;
       stopImds = async () => {
         await dns?.close();
         await closeImds();
@@ -179,6 +210,10 @@ export const gatewayDefinition: ServiceDefinition = {
           String(imdsPort),
           "--dns-port",
           String(dnsPort),
+          "--management-cidrs",
+          mgmtText,
+          "--uplink",
+          uplink,
         ],
         { netns: hostNetns, stdio: ["ignore", "inherit", "inherit"] },
       );

@@ -55,6 +55,8 @@ export interface HarnessOptions {
   hosts?: number;
   /** Extra flags for every netagent (e.g. ["--reconcile-interval-ms", "1000"]). */
   agentArgs?: string[];
+  /** Extra flags for the ipam daemon (e.g. ["--management-cidrs", MANAGEMENT_CIDRS]). */
+  ipamArgs?: string[];
   /** Build the underlay and the host namespaces. Default true. */
   underlay?: boolean;
   /**
@@ -73,6 +75,12 @@ export const UNDERLAY_GATEWAY = "192.168.100.1";
 export const INTERNET_ADDRESS = "192.168.100.200";
 /** Floating IPs the gateway hands out in tests: on the underlay, answered by proxy ARP. */
 export const FLOATING_POOL = "192.168.100.128/26";
+/**
+ * The management part of the test underlay (the hypervisors' 192.168.100.1x,
+ * the underlay gateway), given to gateways as --management-cidrs: "auto"
+ * would take all of 192.168.100.0/24, where the tests' "internet" lives too.
+ */
+export const MANAGEMENT_CIDRS = "192.168.100.0/25";
 
 const WHOAMI_SERVER = `require("node:http").createServer((q, r) => r.end(q.socket.remoteAddress.replace(/^::ffff:/, ""))).listen(80, "0.0.0.0")`;
 
@@ -198,7 +206,7 @@ export class Harness {
       if (redis.proc.exitCode === null && redis.proc.signalCode === null) redis.proc.kill("SIGKILL");
       rmSync(redis.dir, { recursive: true, force: true });
     });
-    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redis.url]);
+    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redis.url, ...(this.opts.ipamArgs ?? [])]);
     trackChild(this.ipamDaemon.proc);
     this.ipam = ipamClients(this.ipamDaemon.address);
     const n = this.opts.hosts ?? 1;
@@ -372,6 +380,8 @@ export class Harness {
       FLOATING_POOL,
       "--imds-redis",
       this.redis.socket,
+      "--management-cidrs",
+      MANAGEMENT_CIDRS,
       ...drift,
       ...(o.gatewayArgs ?? []),
     ]);
