@@ -55,6 +55,12 @@ export interface HarnessOptions {
   hosts?: number;
   /** Extra flags for every netagent (e.g. ["--reconcile-interval-ms", "1000"]). */
   agentArgs?: string[];
+  /**
+   * Agents make VPC namespaces that forward nothing until a firewall applies,
+   * as in production. Default false: most data-plane tests run no firewall,
+   * so their agents get `--open-until-firewall`.
+   */
+  failClosed?: boolean;
   /** Extra flags for the ipam daemon (e.g. ["--management-cidrs", MANAGEMENT_CIDRS]). */
   ipamArgs?: string[];
   /** Build the underlay and the host namespaces. Default true. */
@@ -241,15 +247,14 @@ export class Harness {
       for (let i = 0; i < n; i++) {
         const hostNs = await createNetns(`${this.prefix}-hv${i}`);
         const overlayArgs = this.opts.overlay ? ["--overlay", "--host-netns", hostNs, "--underlay-interface", "ul0", "--state-dir", this.stateDir!] : [];
-        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...(this.opts.agentArgs ?? [])]);
+        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...this.agentArgs()]);
         await vethBetween({ ns: hostNs, name: "ul0", address: `${hv.underlayAddress}/24` }, { ns: ul, name: `hv${i}` });
         await ipn(ul, ["link", "set", `hv${i}`, "master", "ul0"]);
         await ipn(hostNs, ["route", "add", "default", "via", UNDERLAY_GATEWAY]);
         this.hosts.push(hv);
       }
     } else {
-      for (let i = 0; i < n; i++)
-        this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.opts.agentArgs ?? []));
+      for (let i = 0; i < n; i++) this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.agentArgs()));
     }
     await Promise.all(this.hosts.map((hv) => hv.start()));
   }
@@ -340,6 +345,11 @@ export class Harness {
    * reach it through their uplink (ul0); it reaches VMs only through
    * floating IPs and port forwards.
    */
+  /** Flags of every netagent: the test's, and --open-until-firewall unless failClosed. */
+  private agentArgs(): string[] {
+    return [...(this.opts.failClosed ? [] : ["--open-until-firewall"]), ...(this.opts.agentArgs ?? [])];
+  }
+
   async internet(): Promise<{ ns: string; address: string }> {
     if (this.inet) return this.inet;
     const ns = await createNetns(`${this.prefix}-inet`);
