@@ -81,7 +81,7 @@ export class LinuxNft implements NftRunner {
  * exists only with br_netfilter loaded.
  */
 export async function bridgeNfProblem(ns: string): Promise<string> {
-  const r = await run("ip", ["netns", "exec", ns, "cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"], { timeoutMs: 10_000, check: false });
+  const r = await run("ip", ["netns", "exec", ns, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables"], { timeoutMs: 10_000, check: false });
   if (r.exitCode !== 0) {
     return existsSync(`/run/netns/${ns}`)
       ? `${ns}: net.bridge.bridge-nf-call-iptables is missing (load br_netfilter): bridged traffic would bypass the security groups`
