@@ -29,7 +29,7 @@ import { grpcClient } from "../services/common/client.js";
 import { transitAddrs } from "../services/gateway/plan.js";
 import { GatewayStore } from "../services/gateway/store.js";
 import { startDaemon } from "../test/lib/daemon.js";
-import { Harness } from "../test/lib/harness.js";
+import { Harness, MANAGEMENT_CIDRS } from "../test/lib/harness.js";
 import { nsExec, trackChild, waitFor } from "../test/lib/netns.js";
 import { Redis } from "ioredis";
 import { resultsFile, writeJson } from "./lib/report.js";
@@ -140,6 +140,8 @@ async function main(): Promise<number> {
       "ul0",
       "--imds-redis",
       h.redis.socket,
+      "--management-cidrs",
+      MANAGEMENT_CIDRS,
     ]);
     trackChild(gwd.proc);
     const dns = grpcClient(DnsService, { address: h.ipamDaemon.address });

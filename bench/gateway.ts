@@ -60,7 +60,7 @@ import { grpcClient } from "../services/common/client.js";
 import { intToIp, ipToInt } from "../services/common/validate.js";
 import { hostNft, hostRouteLines, names as gwNames, transitAddrs, transitCreateLines, vpcNft, type GwVpc, type HostGw } from "../services/gateway/plan.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
-import { FLOATING_POOL, Harness, INTERNET_ADDRESS, type Vm } from "../test/lib/harness.js";
+import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, INTERNET_ADDRESS, type Vm } from "../test/lib/harness.js";
 import {
   RUN_PREFIX,
   canPing,
@@ -217,6 +217,8 @@ async function startGateway(): Promise<void> {
     POOL,
     "--imds-redis",
     h!.redis.socket,
+    "--management-cidrs",
+    MANAGEMENT_CIDRS,
     "--imds-port",
     String(IMDS_PORT),
     "--drift-interval-ms",

@@ -573,7 +573,7 @@ async function main(): Promise<number> {
   onCleanup(() => rmSync(redisDir, { recursive: true, force: true }));
   ipamD = await startDaemon("ipam", ["--redis", redis.url]);
   trackChild(ipamD.proc);
-  agentD = await startDaemon("netagent", ["--redis", redis.url, "--host-id", HOST]);
+  agentD = await startDaemon("netagent", ["--redis", redis.url, "--host-id", HOST, "--open-until-firewall"]);
   trackChild(agentD.proc);
 
   const env = {

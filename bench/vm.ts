@@ -72,7 +72,7 @@ import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService, VmState, VmStep } from "../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../services/common/client.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
-import { FLOATING_POOL, Harness, type Hypervisor } from "../test/lib/harness.js";
+import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, type Hypervisor } from "../test/lib/harness.js";
 import { RUN_PREFIX, canPing, listNetnsSync, nsExec, onCleanup, ownedNamespace, run, tempDir, trackChild } from "../test/lib/netns.js";
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { summarize, type ProfileSummary } from "./lib/profile.js";
@@ -683,6 +683,8 @@ async function main(): Promise<number> {
     FLOATING_POOL,
     "--imds-redis",
     h.redis.socket,
+    "--management-cidrs",
+    MANAGEMENT_CIDRS,
   ]);
   trackChild(gwd.proc);
   const profDir = PROFILE ? tempDir("vmmprof") : "";

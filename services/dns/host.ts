@@ -5,6 +5,7 @@
 // reloadMs as a safety net.
 import type { Redis } from "ioredis";
 import { followEvents } from "../common/events.js";
+import { managementHolding } from "../common/management.js";
 import type { ImdsLogger } from "../gateway/imds.js";
 import { transitAddrs } from "../gateway/plan.js";
 import { GatewayStore } from "../gateway/store.js";
@@ -13,15 +14,33 @@ import { Resolver, type ResolverOptions } from "./resolver.js";
 import { DnsStore } from "./store.js";
 import type { Zone } from "./zone.js";
 
-export async function loadZone(ipam: IpamStore, dns: DnsStore, vpcId: string): Promise<Zone | undefined> {
+/**
+ * A VPC's zone. A VPC's own forwarders inside the management CIDRs are left
+ * out (the ipam daemon may not know this host's list, or the config predates
+ * it): `refused` gets each one. Inherited defaults are the operator's choice.
+ */
+export async function loadZone(
+  ipam: IpamStore,
+  dns: DnsStore,
+  vpcId: string,
+  management: readonly string[] = [],
+  refused: (forwarder: string, cidr: string) => void = () => {},
+): Promise<Zone | undefined> {
   const vpc = await ipam.getVpc(vpcId);
   if (!vpc) return undefined;
   const [eff, recs] = await Promise.all([dns.effective(vpcId, vpc.base), dns.allRecords(vpcId)]);
+  const forwarders = eff.inherited
+    ? eff.forwarders
+    : eff.forwarders.filter((f) => {
+        const cidr = managementHolding(management, f.replace(/:[0-9]+$/, ""));
+        if (cidr) refused(f, cidr);
+        return !cidr;
+      });
   return {
     vpcId,
     domain: `${vpc.name}.internal`,
     records: new Map(recs.map((r) => [r.name, { address: r.address, ttl: r.ttl }])),
-    forwarders: eff.forwarders,
+    forwarders,
   };
 }
 
@@ -30,7 +49,7 @@ export async function runResolver(
   hostId: string,
   port: number,
   logger: ImdsLogger,
-  o: Partial<ResolverOptions> & { reloadMs?: number } = {},
+  o: Partial<ResolverOptions> & { reloadMs?: number; management?: () => Promise<string[]> } = {},
 ): Promise<{ resolver: Resolver; close: () => Promise<void> }> {
   const gw = new GatewayStore(redis, logger);
   const ipam = new IpamStore(redis);
@@ -42,6 +61,8 @@ export async function runResolver(
   let loading: Promise<void> | null = null;
   let again = false;
   let transitSig = "";
+  /** VPC forwarders refused as management: logged once each. */
+  const warned = new Set<string>();
   const reload = async (): Promise<void> => {
     if (loading) {
       again = true;
@@ -53,9 +74,15 @@ export async function runResolver(
         try {
           const transit = await gw.transitMap(hostId);
           transitSig = JSON.stringify([...transit].sort());
+          const management = (await o.management?.()) ?? [];
           const next = new Map<string, Zone>();
           for (const [vpcId, k] of transit) {
-            const z = await loadZone(ipam, dns, vpcId);
+            const z = await loadZone(ipam, dns, vpcId, management, (forwarder, cidr) => {
+              const key = `${vpcId} ${forwarder}`;
+              if (warned.has(key)) return;
+              warned.add(key);
+              logger.warn({ vpc: vpcId, forwarder, managementCidr: cidr }, "dns: not forwarding to a VPC forwarder inside the management network");
+            });
             if (z) next.set(transitAddrs(k).host, z);
           }
           zones = next;

@@ -5,6 +5,7 @@
 // sockets, so what is read back is checked as a request would be: a config
 // that does not validate is skipped (reported) and the VPC runs on defaults.
 import { InvalidArgumentError } from "../common/errors.js";
+import { managementHolding } from "../common/management.js";
 import * as V from "../common/validate.js";
 import { parseForwarder } from "./zone.js";
 
@@ -62,8 +63,10 @@ export function ttl(field: string, value: number): number {
  * reserved space; a VPC's own list also never the hypervisor's loopback or
  * link-local (a tenant must not aim the resolver at the host's services),
  * while the defaults (an operator's choice) may name a host-local resolver.
+ * `management` (the ipam daemon's --management-cidrs): a VPC's own list
+ * never names an address inside it either.
  */
-export function forwarders(field: string, list: string[], forVpc: boolean): string[] {
+export function forwarders(field: string, list: string[], forVpc: boolean, management: readonly string[] = []): string[] {
   V.jsonArray(field, list, Number.MAX_SAFE_INTEGER);
   if (list.length > MAX_FORWARDERS) throw new InvalidArgumentError(field, `has ${list.length} addresses; at most ${MAX_FORWARDERS}`);
   const out: string[] = [];
@@ -82,6 +85,13 @@ export function forwarders(field: string, list: string[], forVpc: boolean): stri
       throw new InvalidArgumentError(
         `${field}[${i}]`,
         `${f.host} is the hypervisor's own (loopback or link-local); a VPC may only forward to a routable resolver`,
+      );
+    }
+    const mgmt = forVpc ? managementHolding(management, f.host) : undefined;
+    if (mgmt) {
+      throw new InvalidArgumentError(
+        `${field}[${i}]`,
+        `${f.host} is inside the management network (${mgmt}); a VPC may only forward to a resolver outside it (hypervisors never forward there)`,
       );
     }
     const canon = `${f.host}:${f.port}`;

@@ -22,7 +22,11 @@ function showForwarder(f: string): string {
 
 export class DnsApi {
   readonly store: DnsStore;
-  constructor(readonly ipam: IpamStore) {
+  /** management: CIDRs a VPC's forwarders may not name (--management-cidrs of the ipam daemon). */
+  constructor(
+    readonly ipam: IpamStore,
+    readonly management: readonly string[] = [],
+  ) {
     this.store = new DnsStore(ipam.redis);
   }
 
@@ -129,7 +133,7 @@ export class DnsApi {
       if (!forVpc && req.resolverAddress !== undefined)
         throw new InvalidArgumentError("resolver_address", "applies to a VPC only (each VPC has its own address)");
       const fwd = req.forwarders
-        ? forwarders("forwarders.addresses", req.forwarders.addresses, forVpc)
+        ? forwarders("forwarders.addresses", req.forwarders.addresses, forVpc, this.management)
         : req.inheritForwarders
           ? ("inherit" as const)
           : undefined;

@@ -306,6 +306,31 @@ export function diff(prev: FwModel, next: FwModel): string | null {
   return d && d.deletions <= MAX_ELEMENT_DELETIONS ? d.script : null;
 }
 
+/**
+ * What the netagent installs in a VPC namespace it creates, before any
+ * bridge or NIC exists (fail closed): the firewall's two tables, each with
+ * one chain that drops everything forwarded, routed or bridged. The
+ * firewall's first pass replaces both tables in its one transaction; until
+ * then nothing is forwarded, so a VPC never runs open or unspoofed because
+ * the firewall is late or down. The chain is not called "forward", so the
+ * firewall's drift check (LinuxNft.tableExists) never takes it for its own.
+ */
+export function failClosedScript(): string {
+  return [
+    `table inet ${TABLE} {`,
+    `  chain closed {`,
+    `    type filter hook forward priority filter; policy drop;`,
+    `  }`,
+    `}`,
+    `table bridge ${TABLE} {`,
+    `  chain closed {`,
+    `    type filter hook forward priority filter; policy drop;`,
+    `  }`,
+    `}`,
+    "",
+  ].join("\n");
+}
+
 /** The script that removes microvpc's tables from a namespace. */
 export function removeScript(): string {
   return [`add table inet ${TABLE}`, `delete table inet ${TABLE}`, `add table bridge ${TABLE}`, `delete table bridge ${TABLE}`, ""].join("\n");

@@ -17,7 +17,7 @@ import {
 import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
 import { HostStore } from "../netagent/store.js";
-import { LinuxNft } from "./apply.js";
+import { bridgeNfProblems, LinuxNft } from "./apply.js";
 import { FirewallApi } from "./service.js";
 import { OWNER } from "./schema.js";
 import { FirewallStore } from "./store.js";
@@ -39,10 +39,30 @@ export const firewallDefinition: ServiceDefinition = {
     const host = new HostStore(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);
     sync.start(redis, Number(flags.driftIntervalMs));
+    // Bridged traffic must reach nft, or VMs of one subnet bypass the
+    // security groups: checked in every VPC namespace of this host every few
+    // seconds and at each health check; while any fails, the daemon is not
+    // ready (grpc.health NOT_SERVING) and GetFirewallStatus says why.
+    const own = new RegExp(`^mvpc-${hostId}-vpc-[0-9a-f]{12}$`);
+    let brNf: string[] = [];
+    const checkBrNf = async () => {
+      const next = await bridgeNfProblems(own).catch((e: Error) => [`cannot check bridge-nf-call-iptables: ${e.message}`]);
+      for (const p of next) if (!brNf.includes(p)) logger.error({ problem: p }, "not ready: bridged traffic does not reach the firewall");
+      if (brNf.length && !next.length) logger.info("bridge-nf-call-iptables is 1 in every VPC namespace again");
+      brNf = next;
+      return next;
+    };
+    const brNfTimer = setInterval(() => void checkBrNf(), 5000);
+    brNfTimer.unref();
+    await checkBrNf();
     const impl: Partial<ServiceImpl<typeof FirewallService>> = {
       ...api.impl,
       getFirewallStatus: async (req) => {
-        const st = sync.status;
+        const st = { ...sync.status };
+        if (brNf.length) {
+          st.lastError = [st.lastError, ...brNf].filter(Boolean).join("; ");
+          st.lastErrorMs ||= Date.now();
+        }
         const wanted = new Set(req.nicIds);
         const nics = [];
         for (const [ns, applied] of sync.applied) {
@@ -106,7 +126,11 @@ export const firewallDefinition: ServiceDefinition = {
     };
     return {
       services: [{ desc: FirewallService, impl }],
-      close: async () => sync.stop(),
+      ready: async () => (await checkBrNf()).length === 0 && (await redis.ping()) === "PONG",
+      close: async () => {
+        clearInterval(brNfTimer);
+        sync.stop();
+      },
     };
   },
 };

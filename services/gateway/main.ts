@@ -13,6 +13,7 @@ import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
+import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
@@ -157,6 +158,8 @@ export function addImdsCommand(program: Command): void {
     .addOption(new Option("--host-id <id>", "this hypervisor's id").env("MICROVPC_HOST_ID").default(defaultHostId()))
     .addOption(new Option("--port <port>", "TCP port on every address").default("8775"))
     .addOption(new Option("--dns-port <port>", "port of the VPC resolver on each transit address (0: none)").default("0"))
+    .addOption(new Option("--management-cidrs <list>", "as the gateway's: a VPC's forwarders inside it are not used").default(""))
+    .addOption(new Option("--uplink <ifname>", "the uplink, for --management-cidrs auto").default("eth0"))
     .addOption(new Option("--redis-password-file <path>", "read the Redis password from a file").env("MICROVPC_REDIS_PASSWORD_FILE"))
     .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) of Redis over TLS").env("MICROVPC_REDIS_TLS_CA"))
     .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_CERT"))
@@ -167,6 +170,8 @@ export function addImdsCommand(program: Command): void {
         hostId: string;
         port: string;
         dnsPort: string;
+        managementCidrs: string;
+        uplink: string;
         redisPasswordFile?: string;
         redisTlsCa?: string;
         redisTlsCert?: string;
@@ -175,8 +180,12 @@ export function addImdsCommand(program: Command): void {
         const logger = pino({ base: { service: "imds", pid: process.pid } });
         const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
         const redis = connectRedis({ url: o.redis, logger, ...secrets });
+        const spec = parseManagementCidrs("--management-cidrs", o.managementCidrs);
         const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
-        const dns = Number(o.dnsPort) > 0 ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger) : undefined;
+        const dns =
+          Number(o.dnsPort) > 0
+            ? await runResolver(redis, o.hostId, Number(o.dnsPort), logger, { management: () => managementCidrs(spec, o.uplink) })
+            : undefined;
         // The gateway reads this line to know its child is serving (healthy again).
         logger.info(IMDS_READY);
         const stop = async () => {
@@ -243,6 +252,12 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--conntrack-limit-per-vm <n>", "flows one VM may hold through the host's NAT at once; new ones past it are refused (0: no limit)")
       .env("MICROVPC_CONNTRACK_LIMIT_PER_VM")
       .default(String(DEFAULT_CONNTRACK_LIMIT_PER_VM)),
+    new Option(
+      "--management-cidrs <list>",
+      "what VMs never reach through this host (Redis, the daemons, other hypervisors): \"auto\" (the uplink's subnets and this host's own addresses, re-read every pass) or IPv4 CIDRs/addresses, e.g. 10.20.0.0/16,192.0.2.7; empty: none. The metadata server and the resolver on the transit addresses stay reachable; a VPC's DNS forwarders inside it are not used",
+    )
+      .env("MICROVPC_MANAGEMENT_CIDRS")
+      .default(MANAGEMENT_AUTO),
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
@@ -261,6 +276,13 @@ export const gatewayDefinition: ServiceDefinition = {
     if (!/^[0-9]{1,10}$/.test(String(flags.conntrackLimitPerVm)) || ctLimit > 4_000_000) {
       throw new Error(`--conntrack-limit-per-vm ${JSON.stringify(flags.conntrackLimitPerVm)}: use 1–4000000 flows, or 0 for no limit`);
     }
+    const mgmtText = String(flags.managementCidrs);
+    const mgmt: ManagementSpec = parseManagementCidrs("--management-cidrs", mgmtText);
+    const management = () => managementCidrs(mgmt, uplink, hostNetns);
+    logger.info(
+      { managementCidrs: mgmt === MANAGEMENT_AUTO ? `auto: ${(await management().catch((e: Error) => [e.message])).join(",")}` : mgmt },
+      "management network",
+    );
     const store = new GatewayStore(redis, logger);
     const ipam = new IpamStore(redis);
     const meta = new MetadataStore(redis, logger);
@@ -268,7 +290,18 @@ export const gatewayDefinition: ServiceDefinition = {
       store,
       ipam,
       new HostStore(redis, hostId),
-      { hostId, hostNetns, uplink, imdsPort, dnsPort, pool: pool.text, hopLimits: () => meta.hopLimits(), reservedPorts, conntrackLimitPerVm: ctLimit },
+      {
+        hostId,
+        hostNetns,
+        uplink,
+        imdsPort,
+        dnsPort,
+        pool: pool.text,
+        hopLimits: () => meta.hopLimits(),
+        reservedPorts,
+        conntrackLimitPerVm: ctLimit,
+        managementCidrs: management,
+      },
       logger,
     );
     sync.start(redis, Number(flags.driftIntervalMs));
@@ -276,7 +309,7 @@ export const gatewayDefinition: ServiceDefinition = {
     let childUp = () => true;
     if (!hostNetns) {
       const { close: closeImds } = await runImds(redis, hostId, imdsPort, logger);
-      const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger) : undefined;
+      const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger, { management }) : undefined;
       stopImds = async () => {
         await dns?.close();
         await closeImds();
@@ -302,6 +335,10 @@ export const gatewayDefinition: ServiceDefinition = {
           String(imdsPort),
           "--dns-port",
           String(dnsPort),
+          "--management-cidrs",
+          mgmtText,
+          "--uplink",
+          uplink,
         ],
         hostNetns,
         logger,

@@ -71,6 +71,12 @@ export interface HostGw {
   pool: string;
   /** Ports the hypervisor serves itself: never port-forwarded, whatever Redis holds. */
   reservedPorts?: PortRanges;
+  /**
+   * The management network (common/management.ts): VMs reach none of it
+   * through this host, but for the metadata server and the resolver on the
+   * transit addresses. Floating IPs (the pool) are left out of it.
+   */
+  managementCidrs?: string[];
   vpcs: GwVpc[];
 }
 
@@ -263,6 +269,7 @@ export function hostNft(h: HostGw): string {
     `  set transit_ifs { type ifname; ${set(transitIfs)}}`,
     `  set pool { type ipv4_addr; flags interval; elements = { ${h.pool} }; }`,
     `  map port_forward { type inet_proto . inet_service : ipv4_addr . inet_service; ${set(pf)}}`,
+    `  set management { type ipv4_addr; flags interval; auto-merge; ${set([...(h.managementCidrs ?? [])])}}`,
     // IMDS answers leave with TTL = hop limit + 1: the VPC namespace is one
     // routed hop, so the VM receives the hop limit (1: a container behind a
     // NAT inside the VM cannot use them).
@@ -290,6 +297,9 @@ export function hostNft(h: HostGw): string {
       : []),
     `    iifname != @transit_ifs accept`,
     `    ct state established,related accept`,
+    // From a VM: the metadata server and the resolver on the transit
+    // address only, never a port of the host's management addresses.
+    `    ip daddr @management ip daddr != 169.254.0.0/16 counter drop comment "management network"`,
     `    tcp dport ${h.imdsPort} accept`,
     ...(dnsPort ? [`    meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
     `    counter drop`,
@@ -307,6 +317,12 @@ export function hostNft(h: HostGw): string {
     // masqueraded flows are replies: they pass.)
     `    iifname "${h.uplink}" ip daddr 169.254.0.0/16 ct direction original ct status & dnat == 0 counter drop comment "link-local destination from the uplink"`,
     `    iifname @transit_ifs oifname @transit_ifs counter drop comment "VPCs never reach each other through the host"`,
+    // Redis, other hypervisors' gRPC and metrics, SSH: never from a VM,
+    // whatever its groups, NAT gateway or floating IP (a floating IP of
+    // another VM on the same subnet is not management).
+    // Only flows a VM starts: its answers to a management host that reached
+    // it through a floating IP or port forward still leave.
+    `    iifname @transit_ifs ip daddr @management ip daddr != @pool ct direction original counter drop comment "management network"`,
     `    iifname @transit_ifs oifname != "${h.uplink}" counter drop`,
     `  }`,
     `  chain output {`,

@@ -61,6 +61,8 @@ export interface GatewaySyncOptions {
   reservedPorts?: PortRanges;
   /** Flows a VM may hold through the host's NAT at once (0: no limit). */
   conntrackLimitPerVm?: number;
+  /** The management CIDRs now (read each pass: "auto" follows the host's addresses); unset: none. */
+  managementCidrs?: () => Promise<string[]>;
 }
 
 export class GatewaySync {
@@ -173,6 +175,7 @@ export class GatewaySync {
       dnsPort: this.opts.dnsPort ?? 0,
       pool: this.opts.pool,
       reservedPorts: this.opts.reservedPorts,
+      managementCidrs: (await this.opts.managementCidrs?.()) ?? [],
       vpcs,
     };
   }

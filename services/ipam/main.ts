@@ -1,4 +1,6 @@
+import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
+import { MANAGEMENT_AUTO, parseManagementCidrs } from "../common/management.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
@@ -14,7 +16,18 @@ export const ipamDefinition: ServiceDefinition = {
   name: "ipam",
   summary: "VPCs, subnets and address allocation (stateless; run N replicas over one Redis)",
   defaultPort: 7401,
-  async build({ redis }) {
+  options: [
+    new Option(
+      "--management-cidrs <list>",
+      "the hypervisors' management network (IPv4 CIDRs/addresses, e.g. 10.20.0.0/16): UpdateDnsConfig refuses VPC forwarders inside it; empty: none (the gateways still refuse to use them)",
+    )
+      .env("MICROVPC_MANAGEMENT_CIDRS")
+      .default(""),
+  ],
+  async build({ flags, redis }) {
+    const mgmt = parseManagementCidrs("--management-cidrs", String(flags.managementCidrs ?? ""));
+    // "auto" is the gateway's view of its own host; the ipam daemon runs anywhere.
+    if (mgmt === MANAGEMENT_AUTO) throw new Error('--management-cidrs "auto" is for the gateway; give the ipam daemon the CIDRs (e.g. 10.20.0.0/16)');
     const store = new IpamStore(redis);
     const ipam = new Ipam(store);
     return {
@@ -23,7 +36,7 @@ export const ipamDefinition: ServiceDefinition = {
         { desc: SubnetService, impl: ipam.subnetService },
         { desc: IpamService, impl: ipam.ipamService },
         { desc: PeeringService, impl: new Peerings(ipam, new PeeringStore(redis)).impl },
-        { desc: DnsService, impl: new DnsApi(store).impl },
+        { desc: DnsService, impl: new DnsApi(store, mgmt).impl },
       ],
     };
   },

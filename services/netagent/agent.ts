@@ -6,6 +6,7 @@ import { existsSync } from "node:fs";
 import type { Logger } from "pino";
 import { Counter, Gauge } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
+import { failClosedScript } from "../firewall/compile.js";
 import type { Kernel } from "./kernel.js";
 import type { PeeringSync } from "./peering.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
@@ -84,6 +85,13 @@ export class Agent {
   overlay?: { syncAll(full?: boolean): Promise<void>; teardown(vpcId: string): Promise<void>; forgetBridges(vpcId: string): void };
   /** VPC peering (services/netagent/peering.ts). */
   peering?: PeeringSync;
+  /**
+   * A namespace this agent creates forwards nothing until the firewall's
+   * first pass replaces its tables (failClosedScript). False
+   * (--open-until-firewall): no skeleton, the namespace forwards everything
+   * until a firewall applies — for labs and tests without a firewall.
+   */
+  failClosed = true;
 
   /** Records read from Redis that failed validation (host state, overlay claims, peerings). */
   readonly invalid: InvalidRecordLog;
@@ -133,6 +141,16 @@ export class Agent {
     // /run/netns/NAME is how iproute2 names a namespace: no exec needed.
     if (existsSync(`/run/netns/${ns}`)) return false;
     await this.kernel.addNetns(ns);
+    // Before any bridge or NIC: nothing is forwarded until the firewall applies.
+    // If this fails the namespace goes, so the next attempt starts afresh.
+    if (this.failClosed) {
+      try {
+        await this.kernel.nft(ns, failClosedScript());
+      } catch (err) {
+        await this.kernel.delNetns(ns).catch(() => {});
+        throw err;
+      }
+    }
     return true;
   }
 

@@ -43,6 +43,8 @@ export interface Kernel {
   /** Runs `tc -n ns -batch -`. */
   tcBatch(ns: string, lines: string[]): Promise<void>;
   sysctl(ns: string, key: string, value: string): Promise<void>;
+  /** Runs `nft -f -` with the script inside the namespace (one transaction). */
+  nft(ns: string, script: string): Promise<void>;
   /** Deletes conntrack entries from or to an address; returns how many. */
   conntrackFlush(ns: string, address: string): Promise<number>;
   /** Link counters from /sys via `ip -s -j link`. */
@@ -159,6 +161,10 @@ export class LinuxKernel implements Kernel {
     await run("ip", ["netns", "exec", ns, "sysctl", "-q", "-w", `${key}=${value}`]);
   }
 
+  async nft(ns: string, script: string): Promise<void> {
+    await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script, inputInError: true });
+  }
+
   async conntrackFlush(ns: string, address: string): Promise<number> {
     let n = 0;
     for (const dir of ["-s", "-d"]) {
@@ -227,6 +233,9 @@ export class RecordingKernel implements Kernel {
   }
   async sysctl(ns: string, k: string, v: string) {
     this.calls.push(`sysctl ${ns} ${k}=${v}`);
+  }
+  async nft(ns: string, script: string) {
+    this.calls.push(`nft ${ns}:\n  ${script.trimEnd().split("\n").join("\n  ")}`);
   }
   async conntrackFlush(ns: string, a: string) {
     this.calls.push(`conntrack ${ns} -D ${a}`);

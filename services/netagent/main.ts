@@ -57,6 +57,12 @@ export const netagentDefinition: ServiceDefinition = {
     new Option("--state-dir <dir>", "where the WireGuard private key lives (DIR/<host-id>/wg.key, mode 0600)")
       .env("MICROVPC_STATE_DIR")
       .default("/var/lib/microvpc"),
+    new Option(
+      "--open-until-firewall",
+      "a new VPC namespace forwards everything until the firewall applies (labs and tests without a firewall); default: it forwards nothing until then",
+    )
+      .env("MICROVPC_OPEN_UNTIL_FIREWALL")
+      .default(false),
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
@@ -65,6 +71,7 @@ export const netagentDefinition: ServiceDefinition = {
     if (!Number.isInteger(mtu) || mtu < 576 || mtu > 9000) throw new Error(`--mtu ${flags.mtu}: use 576–9000`);
     const kernel = new LinuxKernel();
     const agent = new Agent(kernel, new HostStore(redis, hostId), hostId, logger);
+    agent.failClosed = !flags.openUntilFirewall;
     let overlay: Overlay | undefined;
     if (flags.overlay) {
       const hostNetns = String(flags.hostNetns ?? "");

@@ -12,7 +12,7 @@ import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import type { Peering } from "../../gen/microvpc/v1/peering_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { rejectsWith } from "../lib/clients.js";
-import { FLOATING_POOL, Harness, type Vm } from "../lib/harness.js";
+import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, type Vm } from "../lib/harness.js";
 import { createRequire } from "node:module";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { grpcClient } from "../../services/common/client.js";
@@ -224,6 +224,8 @@ describe("VPC-internal DNS across hosts", () => {
         FLOATING_POOL,
         "--imds-redis",
         h.redis.socket,
+        "--management-cidrs",
+        MANAGEMENT_CIDRS,
       ]);
       trackChild(d.proc);
     }

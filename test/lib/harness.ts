@@ -55,6 +55,14 @@ export interface HarnessOptions {
   hosts?: number;
   /** Extra flags for every netagent (e.g. ["--reconcile-interval-ms", "1000"]). */
   agentArgs?: string[];
+  /**
+   * Agents make VPC namespaces that forward nothing until a firewall applies,
+   * as in production. Default false: most data-plane tests run no firewall,
+   * so their agents get `--open-until-firewall`.
+   */
+  failClosed?: boolean;
+  /** Extra flags for the ipam daemon (e.g. ["--management-cidrs", MANAGEMENT_CIDRS]). */
+  ipamArgs?: string[];
   /** Build the underlay and the host namespaces. Default true. */
   underlay?: boolean;
   /**
@@ -73,6 +81,12 @@ export const UNDERLAY_GATEWAY = "192.168.100.1";
 export const INTERNET_ADDRESS = "192.168.100.200";
 /** Floating IPs the gateway hands out in tests: on the underlay, answered by proxy ARP. */
 export const FLOATING_POOL = "192.168.100.128/26";
+/**
+ * The management part of the test underlay (the hypervisors' 192.168.100.1x,
+ * the underlay gateway), given to gateways as --management-cidrs: "auto"
+ * would take all of 192.168.100.0/24, where the tests' "internet" lives too.
+ */
+export const MANAGEMENT_CIDRS = "192.168.100.0/25";
 
 const WHOAMI_SERVER = `require("node:http").createServer((q, r) => r.end(q.socket.remoteAddress.replace(/^::ffff:/, ""))).listen(80, "0.0.0.0")`;
 
@@ -198,7 +212,7 @@ export class Harness {
       if (redis.proc.exitCode === null && redis.proc.signalCode === null) redis.proc.kill("SIGKILL");
       rmSync(redis.dir, { recursive: true, force: true });
     });
-    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redis.url]);
+    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redis.url, ...(this.opts.ipamArgs ?? [])]);
     trackChild(this.ipamDaemon.proc);
     this.ipam = ipamClients(this.ipamDaemon.address);
     const n = this.opts.hosts ?? 1;
@@ -233,15 +247,14 @@ export class Harness {
       for (let i = 0; i < n; i++) {
         const hostNs = await createNetns(`${this.prefix}-hv${i}`);
         const overlayArgs = this.opts.overlay ? ["--overlay", "--host-netns", hostNs, "--underlay-interface", "ul0", "--state-dir", this.stateDir!] : [];
-        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...(this.opts.agentArgs ?? [])]);
+        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...this.agentArgs()]);
         await vethBetween({ ns: hostNs, name: "ul0", address: `${hv.underlayAddress}/24` }, { ns: ul, name: `hv${i}` });
         await ipn(ul, ["link", "set", `hv${i}`, "master", "ul0"]);
         await ipn(hostNs, ["route", "add", "default", "via", UNDERLAY_GATEWAY]);
         this.hosts.push(hv);
       }
     } else {
-      for (let i = 0; i < n; i++)
-        this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.opts.agentArgs ?? []));
+      for (let i = 0; i < n; i++) this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.agentArgs()));
     }
     await Promise.all(this.hosts.map((hv) => hv.start()));
   }
@@ -332,6 +345,11 @@ export class Harness {
    * reach it through their uplink (ul0); it reaches VMs only through
    * floating IPs and port forwards.
    */
+  /** Flags of every netagent: the test's, and --open-until-firewall unless failClosed. */
+  private agentArgs(): string[] {
+    return [...(this.opts.failClosed ? [] : ["--open-until-firewall"]), ...(this.opts.agentArgs ?? [])];
+  }
+
   async internet(): Promise<{ ns: string; address: string }> {
     if (this.inet) return this.inet;
     const ns = await createNetns(`${this.prefix}-inet`);
@@ -372,6 +390,8 @@ export class Harness {
       FLOATING_POOL,
       "--imds-redis",
       this.redis.socket,
+      "--management-cidrs",
+      MANAGEMENT_CIDRS,
       ...drift,
       ...(o.gatewayArgs ?? []),
     ]);

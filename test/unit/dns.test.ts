@@ -144,6 +144,13 @@ describe("validation", () => {
       assert.deepEqual(forwarders("f", [own], false), [`${own}:53`], "the defaults may name a host-local resolver");
     }
   });
+
+  test("forwarders: a VPC's never inside the management network (--management-cidrs); the defaults may", () => {
+    const mgmt = ["10.20.0.0/16", "192.0.2.7/32"];
+    for (const bad of ["10.20.9.9", "10.20.0.1:5353", "192.0.2.7"]) throwsField(() => forwarders("f", ["198.51.100.1", bad], true, mgmt), /^f\[1\]$/);
+    assert.deepEqual(forwarders("f", ["10.21.0.1", "192.0.2.8"], true, mgmt), ["10.21.0.1:53", "192.0.2.8:53"]);
+    assert.deepEqual(forwarders("f", ["10.20.9.9"], false, mgmt), ["10.20.9.9:53"], "the defaults are the operator's");
+  });
 });
 
 describe("gateway lines", () => {

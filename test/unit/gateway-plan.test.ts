@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { describe, test } from "vitest";
+import { managementFromAddrs, managementHolding, parseManagementCidrs } from "../../services/common/management.js";
 import { DEFAULT_RESERVED_PORTS, hostNft, parsePortRanges, portReserved, vpcNft, type GwVpc, type HostGw } from "../../services/gateway/plan.js";
 
 const vpc = (): GwVpc => ({
@@ -29,6 +30,8 @@ const host = (o: Partial<HostGw> = {}): HostGw => ({
   dnsPort: 53,
   pool: "203.0.113.0/24",
   reservedPorts: parsePortRanges("--reserved-ports", DEFAULT_RESERVED_PORTS),
+  // Overlapping on purpose (auto gives the subnet and the host's /32 in it); the pool is inside.
+  managementCidrs: ["198.51.100.0/24", "198.51.100.7/32", "203.0.113.0/24", "10.20.0.0/16"],
   vpcs: [vpc()],
   ...o,
 });
@@ -62,6 +65,54 @@ describe("host table", () => {
     const text = hostNft(host());
     assert.match(text, /iifname "eth0" ip saddr 169\.254\.0\.0\/16 counter drop/);
     assert.match(text, /iifname "eth0" ip daddr 169\.254\.0\.0\/16 ct direction original ct status & dnat == 0 counter drop/);
+  });
+});
+
+describe("management network", () => {
+  test("new flows from the transit links to it are dropped, floating IPs and the transit addresses excepted", () => {
+    const text = hostNft(host());
+    assert.match(
+      text,
+      /set management \{ type ipv4_addr; flags interval; auto-merge; elements = \{ 10\.20\.0\.0\/16, 198\.51\.100\.0\/24, 198\.51\.100\.7\/32, 203\.0\.113\.0\/24 \}; \}/,
+    );
+    assert.match(text, /iifname @transit_ifs ip daddr @management ip daddr != @pool ct direction original counter drop comment "management network"/);
+    const input = text.slice(text.indexOf("chain input"), text.indexOf("chain forward"));
+    const at = (re: RegExp) => input.split("\n").findIndex((l) => re.test(l));
+    const drop = at(/ip daddr @management ip daddr != 169\.254\.0\.0\/16 counter drop/);
+    assert.ok(drop > at(/iifname != @transit_ifs accept/), "only from the transit links");
+    assert.ok(drop < at(/tcp dport 8775 accept/), "before the metadata port is accepted");
+    assert.match(hostNft(host({ managementCidrs: undefined })), /set management \{ type ipv4_addr; flags interval; auto-merge; \}/, "none: empty set");
+  });
+
+  test("--management-cidrs: auto, a list (a bare address is a /32), empty; bad parts name the flag", () => {
+    assert.equal(parseManagementCidrs("--management-cidrs", "auto"), "auto");
+    assert.deepEqual(parseManagementCidrs("--management-cidrs", ""), []);
+    assert.deepEqual(parseManagementCidrs("--management-cidrs", " 10.20.0.0/16, 192.0.2.7 ,192.0.2.7"), ["10.20.0.0/16", "192.0.2.7/32"]);
+    for (const bad of ["10.20.0.1/16", "eth0", "10.20.0.0/33", "::1"])
+      assert.throws(() => parseManagementCidrs("--management-cidrs", bad), /--management-cidrs/);
+    assert.equal(managementHolding(["10.20.0.0/16"], "10.20.3.4"), "10.20.0.0/16");
+    assert.equal(managementHolding(["10.20.0.0/16"], "10.21.0.1"), undefined);
+  });
+
+  test("auto: the uplink's subnets and the host's own global addresses; never lo, link-local or a transit link", () => {
+    const ip = JSON.stringify([
+      { ifname: "lo", addr_info: [{ family: "inet", local: "127.0.0.1", prefixlen: 8, scope: "host" }] },
+      {
+        ifname: "eth0",
+        addr_info: [
+          { family: "inet", local: "192.168.100.10", prefixlen: 24, scope: "global" },
+          { family: "inet6", local: "fe80::1", prefixlen: 64, scope: "link" },
+        ],
+      },
+      { ifname: "mgmt1", addr_info: [{ family: "inet", local: "10.99.0.5", prefixlen: 16, scope: "global" }] },
+      {
+        ifname: "gh111111111111",
+        ifalias: "mvpc:hv1:gw:vpc-111111111111",
+        addr_info: [{ family: "inet", local: "169.254.1.1", prefixlen: 30, scope: "global" }],
+      },
+      { ifname: "eth9", addr_info: [{ family: "inet", local: "169.254.7.7", prefixlen: 16, scope: "link" }] },
+    ]);
+    assert.deepEqual(managementFromAddrs(ip, "eth0"), ["10.99.0.5/32", "192.168.100.0/24", "192.168.100.10/32"]);
   });
 });
 

@@ -1,7 +1,9 @@
 // The reconciler's safety valve, against a recording kernel and a fake store.
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { pino } from "pino";
 import { test } from "vitest";
+import { compile, failClosedScript } from "../../services/firewall/compile.js";
 import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel } from "../../services/netagent/kernel.js";
 import type { HostStore } from "../../services/netagent/store.js";
@@ -66,4 +68,31 @@ test("a NIC attached while a pass reads Redis is not forgotten when the pass's o
   await a.reconcileAll();
   assert.equal(reads, 3);
   assert.ok(a.desired.nics.has(nic.nicId));
+});
+
+test("fail closed: a namespace the agent creates gets the firewall's tables with default-drop forwarding first; --open-until-firewall: none", async () => {
+  const k = new RecordingKernel();
+  const a = new Agent(k, emptyStore(), "hv1", pino({ level: "silent" }));
+  assert.equal(await a.ensureNetns("vpc-dddddddddddd"), true);
+  assert.equal(k.calls[0], "netns add mvpc-hv1-vpc-dddddddddddd");
+  assert.equal(k.calls[1], `nft mvpc-hv1-vpc-dddddddddddd:\n  ${failClosedScript().trimEnd().split("\n").join("\n  ")}`);
+  const open = new RecordingKernel();
+  const b = new Agent(open, emptyStore(), "hv1", pino({ level: "silent" }));
+  b.failClosed = false;
+  await b.ensureNetns("vpc-dddddddddddd");
+  assert.deepEqual(open.calls, ["netns add mvpc-hv1-vpc-dddddddddddd"]);
+});
+
+test("the skeleton drops forwarded and bridged traffic, and the firewall's one transaction replaces it (in a throwaway namespace)", () => {
+  if (spawnSync("unshare", ["-n", "true"]).status !== 0) return; // not root
+  const st = { vpcId: "vpc-dddddddddddd", subnets: [], nics: [], groups: new Map(), members: new Map(), acls: new Map() };
+  const sh = (script: string) => spawnSync("unshare", ["-n", "sh", "-c", script], { encoding: "utf8" });
+  const skel = sh(`nft -f /dev/fd/3 3<<'A'\n${failClosedScript()}A\nnft list ruleset`);
+  assert.equal(skel.status, 0, skel.stderr);
+  assert.match(skel.stdout, /table inet microvpc \{\s+chain closed \{\s+type filter hook forward priority filter; policy drop;/);
+  assert.match(skel.stdout, /table bridge microvpc \{\s+chain closed \{\s+type filter hook forward priority filter; policy drop;/);
+  const taken = sh(`nft -f /dev/fd/3 3<<'A'\n${failClosedScript()}A\nnft -f /dev/fd/4 4<<'B'\n${compile(st).script}B\nnft list ruleset`);
+  assert.equal(taken.status, 0, taken.stderr);
+  assert.doesNotMatch(taken.stdout, /chain closed/, "the firewall's table replaced the skeleton");
+  assert.match(taken.stdout, /chain forward/);
 });
