@@ -204,17 +204,19 @@ describe("fail closed", () => {
 
       const health = grpcClient(Health, { address: fwd1.address, timeoutMs: 10_000 });
       const status = async () => (await health.check({ service: "" })).status;
+      // Health answers are shared for up to 1 s (one probe for every caller), so a change shows within ~1 s.
+      const becomes = (want: HealthCheckResponse_ServingStatus) => waitFor(async () => (await status()) === want, { timeoutMs: 5_000, intervalMs: 200 });
       assert.equal(await status(), HealthCheckResponse_ServingStatus.SERVING);
       await nsExec(ns, "sysctl", ["-q", "-w", "net.bridge.bridge-nf-call-iptables=0"]);
       try {
-        assert.equal(await status(), HealthCheckResponse_ServingStatus.NOT_SERVING, "bridged traffic bypasses nft: not ready");
+        assert.ok(await becomes(HealthCheckResponse_ServingStatus.NOT_SERVING), "bridged traffic bypasses nft: not ready");
         const st = await fw.getFirewallStatus({});
         assert.equal(st.health, FirewallHealth.DEGRADED);
         assert.match(st.lastError, new RegExp(`${ns}: net\\.bridge\\.bridge-nf-call-iptables is 0`));
       } finally {
         await nsExec(ns, "sysctl", ["-q", "-w", "net.bridge.bridge-nf-call-iptables=1"]);
       }
-      assert.equal(await status(), HealthCheckResponse_ServingStatus.SERVING, "back to 1: ready");
+      assert.ok(await becomes(HealthCheckResponse_ServingStatus.SERVING), "back to 1: ready");
     } finally {
       await fwd1.stop();
     }
