@@ -14,6 +14,21 @@ export type ReadyCheck = () => Promise<boolean>;
 /** How often the readiness check runs at most (and while anyone watches, at least). */
 export const HEALTH_INTERVAL_MS = 1000;
 
+const instances = new Set<WeakRef<SharedReadiness>>();
+
+/**
+ * Something readiness reads has just changed (the gateway's metadata child
+ * died or came back): every answer of this process is probed afresh at the
+ * next ask, and watchers are told now, instead of up to one interval later.
+ */
+export function readinessChanged(): void {
+  for (const ref of instances) {
+    const r = ref.deref();
+    if (r) r.invalidate();
+    else instances.delete(ref);
+  }
+}
+
 /** One readiness answer shared by every health caller of a server. */
 export class SharedReadiness {
   private value: boolean | undefined;
@@ -25,7 +40,15 @@ export class SharedReadiness {
   constructor(
     private readonly ready: ReadyCheck,
     private readonly intervalMs = HEALTH_INTERVAL_MS,
-  ) {}
+  ) {
+    instances.add(new WeakRef(this));
+  }
+
+  /** Forget the cached answer; probe now if anyone watches. */
+  invalidate(): void {
+    this.at = 0;
+    if (this.waiters.size) void this.probe();
+  }
 
   /** The last answer if it is fresh, else the answer of one probe shared by all who ask now. */
   get(): Promise<boolean> {

@@ -13,6 +13,7 @@ import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
+import { readinessChanged } from "../common/health.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
@@ -110,12 +111,14 @@ class ImdsChild {
       buf = (buf + chunk.toString("utf8")).slice(-65536);
       if (buf.includes(`"msg":"${IMDS_READY}"`)) {
         this.up = true;
+        readinessChanged();
         buf = "";
         this.log.info({ pid: d.pid }, "metadata child serving");
       }
     });
     void d.exited.then((r) => {
       this.up = false;
+      readinessChanged();
       if (this.stopping) return;
       // A child that ran a while starts the backoff afresh.
       this.failures = Date.now() - started > 60_000 ? 1 : this.failures + 1;
