@@ -25,6 +25,8 @@ export interface DaemonOptions {
   stopGraceMs?: number;
 }
 
+class PortTaken extends Error {}
+
 export async function startDaemon(
   service: string,
   extra: string[] = [],
@@ -32,6 +34,19 @@ export async function startDaemon(
   netns?: string,
   o: DaemonOptions = {},
 ): Promise<Daemon> {
+  // Another process on this shared machine may bind a port between freePort()
+  // and the daemon's own bind. Only that case (one of the two ports we chose)
+  // is retried with new ports; any other exit is the test's failure.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startDaemonOnce(service, extra, env, netns, o);
+    } catch (e) {
+      if (!(e instanceof PortTaken) || attempt >= 3) throw e;
+    }
+  }
+}
+
+async function startDaemonOnce(service: string, extra: string[], env: Record<string, string>, netns: string | undefined, o: DaemonOptions): Promise<Daemon> {
   const port = await freePort();
   const metricsPort = await freePort();
   const args = [
@@ -56,7 +71,10 @@ export async function startDaemon(
   const health = grpcClient(Health, { address, timeoutMs: 1000 });
   const deadline = Date.now() + 20_000;
   for (;;) {
-    if (proc.exitCode !== null) throw new Error(`microvpcd ${service} exited with ${proc.exitCode}:\n${out}`);
+    if (proc.exitCode !== null) {
+      const taken = new RegExp(`EADDRINUSE[^\\n]*127\\.0\\.0\\.1:(${port}|${metricsPort})\\b`).test(out);
+      throw new (taken ? PortTaken : Error)(`microvpcd ${service} exited with ${proc.exitCode}:\n${out}`);
+    }
     try {
       const r = await health.check({});
       if (r.status === HealthCheckResponse_ServingStatus.SERVING) break;

@@ -2,19 +2,58 @@
 // with the durability microvpc promises (AOF, appendfsync always), in its own
 // temporary directory. Ended by PID only.
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Redis } from "ioredis";
 
+// Ports are handed out below the kernel's ephemeral range. A port from
+// listen(0) is itself ephemeral: between our close() and the daemon's bind(),
+// any outgoing connection on the machine (a Redis client, a gRPC dial) may be
+// given the same port, and the daemon dies with EADDRINUSE. Below the range
+// only explicit binds compete, and a port is never handed out twice by this
+// process.
+const given = new Set<number>();
+
+function ephemeralLow(): number {
+  try {
+    const low = Number(readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/)[0]);
+    return Number.isInteger(low) ? low : 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+function tryBind(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.unref();
+    s.once("error", () => resolve(false));
+    s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
+  });
+}
+
 export async function freePort(): Promise<number> {
+  const low = ephemeralLow();
+  const first = 20000;
+  if (low - first >= 1000) {
+    for (let i = 0; i < 200; i++) {
+      const port = first + Math.floor(Math.random() * (low - first));
+      if (given.has(port)) continue;
+      if (await tryBind(port)) {
+        given.add(port);
+        return port;
+      }
+    }
+  }
   return new Promise((resolve, reject) => {
     const s = createServer();
     s.unref();
     s.on("error", reject);
     s.listen(0, "127.0.0.1", () => {
       const port = (s.address() as { port: number }).port;
+      given.add(port);
       s.close(() => resolve(port));
     });
   });
