@@ -242,7 +242,13 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     // Every frame entering here comes from a VM port: it passes only with
     // its own MAC and address; a port not bound yet sends nothing.
     `    ether type ip iifname . ether saddr . ip saddr @nic_ok accept`,
-    `    ether type arp iifname . ether saddr . arp saddr ip @nic_ok accept`,
+    // ARP is checked twice: the frame's source MAC and the ARP sender MAC
+    // are both the port's own, with the port's own address. Checking the
+    // frame alone let a VM send "my address is at <any MAC>" (the gateway's,
+    // a neighbour's) from its own frame source, and its neighbours believed
+    // the ARP payload. Only well-formed Ethernet/IPv4 requests and replies
+    // (the fixed offsets of the checks above hold only for those).
+    `    ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp operation { request, reply } iifname . ether saddr . arp saddr ip @nic_ok iifname . arp saddr ether . arp saddr ip @nic_ok accept`,
     `    counter name spoofed drop`,
     `  }`,
     `}`,

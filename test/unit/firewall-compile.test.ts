@@ -91,6 +91,26 @@ test("golden: web and db groups, an ACL, a NIC without groups", () => {
   assert.equal(script, readFileSync(file, "utf8"), "compiler output changed: review it, then UPDATE_GOLDEN=1");
 });
 
+test("anti-spoofing: ARP passes only with the port's own frame source MAC, ARP sender MAC and sender address", () => {
+  const { model } = compile(state());
+  const rules = model.skeleton
+    .slice(model.skeleton.indexOf("table bridge"))
+    .split("\n")
+    .map((l) => l.trim())
+    .filter((l) => /^(ether type|counter name spoofed)/.test(l));
+  const arp = rules.filter((r) => r.startsWith("ether type arp"));
+  assert.equal(arp.length, 1, "one ARP rule");
+  // A VM that sends "<its address> is at <another MAC>" from its own frame
+  // source poisons its neighbours unless the ARP sender MAC is checked too.
+  assert.ok(arp[0].includes("iifname . ether saddr . arp saddr ip @nic_ok"), "frame source MAC and sender address");
+  assert.ok(arp[0].includes("iifname . arp saddr ether . arp saddr ip @nic_ok"), "ARP sender MAC and sender address");
+  assert.ok(arp[0].includes("arp htype 1 arp ptype ip arp hlen 6 arp plen 4"), "Ethernet/IPv4 ARP only (fixed offsets)");
+  assert.ok(arp[0].endsWith("accept"));
+  assert.equal(rules.at(-1), "counter name spoofed drop", "everything else from a VM port is dropped");
+  const ok = model.sets.get("bridge nic_ok")!.elements;
+  assert.ok(ok.includes('"v000000000001" . 02:00:0a:00:01:04 . 10.0.1.4'), ok.join(", "));
+});
+
 test("a rule's port range is one set element, not one per port", () => {
   const st = state();
   st.groups.get(WEB)!.rules.push(rule({ portFrom: 8000, portTo: 9000, cidr: "10.0.0.0/8" }));
