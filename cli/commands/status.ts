@@ -8,7 +8,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import type { Command } from "commander";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { FirewallHealth, FirewallService, GetFirewallStatusResponseSchema, type GetFirewallStatusResponse } from "../../gen/microvpc/v1/firewall_pb.js";
-import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { GatewayHealth, GatewayService, GetGatewayStatusResponseSchema, type GetGatewayStatusResponse } from "../../gen/microvpc/v1/gateway_pb.js";
 import {
   DatapathSchema,
   GetHostStatusResponseSchema,
@@ -86,7 +86,7 @@ degraded (the output says which and why).`,
 
       const na = client(cmd, NetAgentService);
       const gw = client(cmd, GatewayService);
-      const [host, nics, overlay, fw, nats, fips, vms] = await Promise.all([
+      const [host, nics, overlay, fw, nats, fips, vms, gws] = await Promise.all([
         skip("netagent", () => na.getHostStatus({}, callOpts)),
         skip("netagent", () =>
           collect(undefined, async (pageSize, pageToken) => {
@@ -116,6 +116,7 @@ degraded (the output says which and why).`,
             const r = await client(cmd, VmService).listVms({ pageSize, pageToken }, callOpts);
             return { items: r.vms, next: r.nextPageToken };
           })),
+        skip("gateway", () => gw.getGatewayStatus({}, callOpts)),
       ]);
 
       // What is wrong, and how wrong: unreachable beats degraded.
@@ -141,10 +142,13 @@ degraded (the output says which and why).`,
       failed("gateway ListNatGateways", nats);
       failed("gateway ListFloatingIps", fips);
       failed("vmm ListVms", vms, true);
+      failed("gateway GetGatewayStatus", gws, true);
       const hs = host?.ok ? host.value : undefined;
       if (hs && hs.invalidRecords.length) degrade(`netagent: ${hs.invalidRecords.length} invalid record(s) in Redis skipped (see "invalid records")`);
       if (hs && hs.health !== HostHealth.HEALTHY)
         degrade(`netagent: ${enumLabel(HostHealthSchema, hs.health)}${hs.errors[0] ? `: ${hs.errors[0].operation}: ${hs.errors[0].message}` : ""}`);
+      const gs = gws?.ok ? gws.value : undefined;
+      if (gs && gs.invalidRecordCount) degrade(`gateway: ${gs.invalidRecordCount} invalid record(s) in Redis skipped (see "skipped")`);
       const fs = fw?.ok ? fw.value : undefined;
       if (fs && fs.health !== FirewallHealth.HEALTHY) degrade(`firewall: degraded${fs.lastError ? `: ${fs.lastError}` : ""}`);
 
@@ -175,6 +179,7 @@ degraded (the output says which and why).`,
                   associated: fips.value.associated,
                   pool: fips.value.pool,
                   poolFree: fips.value.poolFree,
+                  status: gs ? msgJson(GetGatewayStatusResponseSchema, gs) : null,
                 }
               : null,
           overlay: overlay?.ok
@@ -201,6 +206,7 @@ degraded (the output says which and why).`,
               ? `gateway: ${nats.value.items.length} NAT gateway(s); ${fips.value.count} floating IP(s), ${fips.value.associated} associated; pool ${fips.value.pool.join(", ") || "(none)"}: ${fips.value.poolFree} free`
               : `gateway: ${unavailableText(nats ?? fips, "gateway")}`,
           );
+          if (gs) out.push(gatewayStatusText(gs));
           out.push(overlayText(overlay, unavailableText));
           out.push(vmsText(vms, unavailableText));
           out.push(code === EXIT.ok ? "healthy" : `NOT healthy:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
@@ -212,6 +218,21 @@ degraded (the output says which and why).`,
 }
 
 export type Why = (r: Outcome<unknown> | undefined, d: Daemon) => string;
+
+/** The gateway's last pass and what it skipped, per VPC (JSON-quoted: the key and field are whatever was written into Redis). */
+export function gatewayStatusText(gs: GetGatewayStatusResponse): string {
+  const pass = gs.health === GatewayHealth.DEGRADED ? `last pass FAILED (${ago(gs.lastApplyTime)}): ${gs.lastError}` : `last pass ${ago(gs.lastApplyTime)}`;
+  if (!gs.invalidRecordCount) return `  ${pass}`;
+  const byVpc = new Map<string, typeof gs.invalidRecords>();
+  for (const r of gs.invalidRecords) byVpc.set(r.vpc, [...(byVpc.get(r.vpc) ?? []), r]);
+  const lines = [`  ${pass}`, `  skipped ${gs.invalidRecordCount} record(s) from Redis that do not validate:`];
+  for (const [vpc, rs] of [...byVpc.entries()].sort(([a], [b]) => (a === "" ? 1 : b === "" ? -1 : a.localeCompare(b)))) {
+    lines.push(`    ${vpc || "(no VPC known)"}:`);
+    for (const r of rs) lines.push(`      ${r.kind} ${JSON.stringify(r.key)}${r.field ? ` ${JSON.stringify(r.field)}` : ""}: ${r.reason}`);
+  }
+  if (gs.invalidRecordCount > gs.invalidRecords.length) lines.push(`    … and ${gs.invalidRecordCount - gs.invalidRecords.length} more`);
+  return lines.join("\n");
+}
 
 function netagentText(
   hs: GetHostStatusResponse | undefined,

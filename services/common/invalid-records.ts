@@ -17,6 +17,10 @@ export interface InvalidRecord {
   owner: string;
   kind: string;
   key: string;
+  /** The hash field (or the record's field the reason names), when known. */
+  field?: string;
+  /** The VPC the record belongs to, when the reader knows it. */
+  vpcId?: string;
   reason: string;
   firstSeenMs: number;
   lastSeenMs: number;
@@ -26,9 +30,15 @@ const seen = new Map<string, InvalidRecord>();
 /** Whoever writes Redis could write a million bad keys: remember this many. */
 const MAX_REMEMBERED = 10_000;
 
-/** Skipped a record: log and count it the first time this key fails for this reason. */
-export function reportInvalid(owner: string, kind: string, key: string, reason: string, logger?: Pick<Logger, "warn">): void {
-  const id = `${owner}\n${key}\n${reason}`;
+/** Where a record was read from, beyond its key: for status RPCs that list skipped records per VPC. */
+export interface InvalidWhere {
+  field?: string;
+  vpcId?: string;
+}
+
+/** Skipped a record: log and count it the first time this key (and field) fails for this reason. */
+export function reportInvalid(owner: string, kind: string, key: string, reason: string, logger?: Pick<Logger, "warn">, where: InvalidWhere = {}): void {
+  const id = `${owner}\n${key}\n${where.field ?? ""}\n${reason}`;
   const now = Date.now();
   const prev = seen.get(id);
   if (prev) {
@@ -36,13 +46,17 @@ export function reportInvalid(owner: string, kind: string, key: string, reason: 
     return;
   }
   if (seen.size >= MAX_REMEMBERED) seen.delete(seen.keys().next().value!);
-  seen.set(id, { owner, kind, key, reason, firstSeenMs: now, lastSeenMs: now });
+  seen.set(id, { owner, kind, key, ...where, reason, firstSeenMs: now, lastSeenMs: now });
   invalidRecordsTotal.inc({ owner, kind });
   // JSON.stringify: the key and reason may hold whatever was written into Redis.
-  logger?.warn({ owner, kind, key: JSON.stringify(key), reason }, "skipping a record from Redis that does not validate");
+  logger?.warn(
+    { owner, kind, key: JSON.stringify(key), ...(where.field === undefined ? {} : { field: JSON.stringify(where.field) }), reason },
+    "skipping a record from Redis that does not validate",
+  );
 }
 
 /** What reportInvalid has seen (of one owner), for status RPCs; most recently seen first. */
-export function invalidRecords(owner?: string): InvalidRecord[] {
-  return [...seen.values()].filter((r) => !owner || r.owner === owner).sort((a, b) => b.lastSeenMs - a.lastSeenMs);
+export function invalidRecords(owner?: string | string[]): InvalidRecord[] {
+  const owners = owner === undefined ? undefined : new Set([owner].flat());
+  return [...seen.values()].filter((r) => !owners || owners.has(r.owner)).sort((a, b) => b.lastSeenMs - a.lastSeenMs);
 }

@@ -35,7 +35,7 @@ declare module "ioredis" {
 function checkedRecord(vpcId: string, name: string, v: string, log?: Pick<Logger, "warn">): RecordRec | null {
   const p = parseRecord(vpcId, name, v);
   if (p.ok) return p.value;
-  reportInvalid(OWNER, "record", `${DK.records(vpcId)} ${name}`, p.reason, log);
+  reportInvalid(OWNER, "record", DK.records(vpcId), p.reason, log, { field: name, vpcId });
   return null;
 }
 
@@ -118,12 +118,16 @@ export class DnsStore {
       h = await this.redis.hgetall(key);
     } catch (err) {
       if (!/WRONGTYPE/.test((err as Error).message)) throw err;
-      reportInvalid(OWNER, "config", key, "is not a hash", this.log);
+      reportInvalid(OWNER, "config", key, "is not a hash", this.log, { vpcId: vpcId || undefined });
       return {};
     }
     const p = parseConfig(h, vpcId !== "");
     if (p.ok) return p.value;
-    reportInvalid(OWNER, "config", key, p.reason, this.log);
+    const named = /^([A-Za-z_][A-Za-z0-9_]*)/.exec(p.reason)?.[1];
+    reportInvalid(OWNER, "config", key, p.reason, this.log, {
+      field: named !== undefined && Object.hasOwn(h, named) ? named : undefined,
+      vpcId: vpcId || undefined,
+    });
     return {};
   }
 

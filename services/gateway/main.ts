@@ -27,6 +27,7 @@ import { MetadataApi } from "./metadata-api.js";
 import { MetadataStore } from "./metadata-store.js";
 import { DEFAULT_CONNTRACK_LIMIT_PER_VM, DEFAULT_RESERVED_PORTS, parsePortRanges } from "./plan.js";
 import { GatewayApi } from "./service.js";
+import { GatewayStatusApi } from "./status-api.js";
 import { GatewayStore } from "./store.js";
 import { GatewaySync } from "./sync.js";
 
@@ -352,7 +353,11 @@ export const gatewayDefinition: ServiceDefinition = {
       stopImds = () => child.stop();
     }
     const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }), reservedPorts });
-    const impl: Partial<ServiceImpl<typeof GatewayService>> = { ...api.impl, ...new MetadataApi(meta).impl };
+    const impl: Partial<ServiceImpl<typeof GatewayService>> = {
+      ...api.impl,
+      ...new MetadataApi(meta).impl,
+      ...new GatewayStatusApi(hostId, () => sync.status).impl,
+    };
     return {
       services: [{ desc: GatewayService, impl }],
       // NOT_SERVING while the metadata/DNS child is down (it is restarted).

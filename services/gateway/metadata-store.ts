@@ -58,6 +58,12 @@ export function callerKey(vpcId: string, address: string): string {
   return `${vpcId}/${address}`;
 }
 
+/** The VPC id of a caller key (or a VPC id), if it names one: for reporting a bad record. */
+function vpcOfCaller(k: string): string | undefined {
+  const v = k.split("/")[0];
+  return /^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined;
+}
+
 // ---- limits (from gateway.proto) ----
 export const MAX_USER_DATA_BYTES = 16384;
 export const MAX_PUBLIC_KEYS = 32;
@@ -462,10 +468,10 @@ export class MetadataStore {
   }
 
   /** A stored record checked; one that does not validate is reported and read as absent. */
-  private checked(key: string, pb: string): InstanceMetadata | null {
+  private checked(key: string, pb: string, vpcId?: string): InstanceMetadata | null {
     const p = parseStoredMetadata(pb);
     if (p.ok) return p.value;
-    reportInvalid("gateway", "imds-metadata", key, p.reason, this.log);
+    reportInvalid("gateway", "imds-metadata", key, p.reason, this.log, { field: "pb", vpcId: vpcOfCaller(vpcId ?? "") });
     return null;
   }
 
@@ -506,7 +512,7 @@ export class MetadataStore {
     const out: InstanceMetadata[] = [];
     for (const [i, [err, pb]] of res.entries()) {
       if (err) throw err;
-      const md = typeof pb === "string" && pb !== "" ? this.checked(MK.inst(ids[i]), pb) : null;
+      const md = typeof pb === "string" && pb !== "" ? this.checked(MK.inst(ids[i]), pb, opts.vpcId) : null;
       if (md) out.push(md);
     }
     return out;
@@ -529,7 +535,7 @@ export class MetadataStore {
     const [, instanceId, rev, pb, tok] = r;
     let metadata: InstanceMetadata | undefined;
     if (pb) {
-      const md = this.checked(MK.inst(instanceId), pb);
+      const md = this.checked(MK.inst(instanceId), pb, vpcId);
       // A caller whose record does not validate is served as one without a record.
       if (!md) return null;
       metadata = md;
@@ -561,7 +567,7 @@ export class MetadataStore {
       // The value becomes an nft set name and TTL: checked as the API checks it.
       const p = parseHopLimit(k, v);
       if (p.ok) out.set(k, p.value);
-      else reportInvalid("gateway", "imds-hop", `${MK.hop} ${k}`, p.reason, this.log);
+      else reportInvalid("gateway", "imds-hop", MK.hop, p.reason, this.log, { field: k, vpcId: vpcOfCaller(k) });
     }
     return out;
   }
@@ -572,7 +578,7 @@ export class MetadataStore {
     if (v === null) return undefined;
     const p = parseHopLimit(callerKey(vpcId, address), v);
     if (p.ok) return p.value;
-    reportInvalid("gateway", "imds-hop", `${MK.hop} ${callerKey(vpcId, address)}`, p.reason, this.log);
+    reportInvalid("gateway", "imds-hop", MK.hop, p.reason, this.log, { field: callerKey(vpcId, address), vpcId: vpcOfCaller(vpcId) });
     return DEFAULT_HOP_LIMIT;
   }
 }

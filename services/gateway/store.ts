@@ -5,7 +5,7 @@ import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import type { Logger } from "pino";
-import { reportInvalid } from "../common/invalid-records.js";
+import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
 import {
   checkFip,
@@ -94,6 +94,21 @@ return 1
 `;
 
 type R = [number, string];
+
+/** A VPC id, if `v` is one (a bad record's fields are whatever was written). */
+export function vpcIdOf(v: string | undefined): string | undefined {
+  return v !== undefined && /^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined;
+}
+
+/**
+ * Where in a bad hash record the problem is, for the status RPC: the field
+ * the reason names first (if the hash has it) and the record's VPC (if its
+ * "vpc" field holds a VPC id).
+ */
+export function invalidWhere(h: Record<string, string>, reason: string): InvalidWhere {
+  const named = /^([A-Za-z_][A-Za-z0-9_]*)/.exec(reason)?.[1];
+  return { field: named !== undefined && Object.hasOwn(h, named) ? named : undefined, vpcId: vpcIdOf(h.vpc) };
+}
 const newId = (kind: string) => `${kind}-${randomBytes(6).toString("hex")}`;
 
 export class GatewayStore {
@@ -131,7 +146,7 @@ export class GatewayStore {
     if (Object.keys(h).length === 0) return null;
     const p = parse(h);
     if (p.ok) return p.value;
-    reportInvalid(OWNER, kind, key, p.reason, this.log);
+    reportInvalid(OWNER, kind, key, p.reason, this.log, invalidWhere(h, p.reason));
     return null;
   }
 
@@ -346,7 +361,7 @@ export class GatewayStore {
     if (got === -1) throw new Error(`all ${MAX_TRANSIT} transit indexes of ${hostId} are in use; ${vpcId} is skipped until one is freed`);
     const t = parseTransit(vpcId, String(got));
     if (!t.ok) {
-      reportInvalid(OWNER, "transit", `${K.transit(hostId)} ${vpcId}`, t.reason, this.log);
+      reportInvalid(OWNER, "transit", K.transit(hostId), t.reason, this.log, { field: vpcId, vpcId: vpcIdOf(vpcId) });
       throw new Error(`the transit index of ${vpcId} on ${hostId} is not valid (${t.reason}); the VPC is skipped`);
     }
     return t.value;
@@ -381,7 +396,7 @@ export class GatewayStore {
     for (const [k, v] of Object.entries(h)) {
       const t = parseTransit(k, v);
       if (t.ok) out.set(k, t.value);
-      else reportInvalid(OWNER, "transit", `${K.transit(hostId)} ${k}`, t.reason, this.log);
+      else reportInvalid(OWNER, "transit", K.transit(hostId), t.reason, this.log, { field: k, vpcId: vpcIdOf(k) });
     }
     return out;
   }

@@ -16,6 +16,7 @@ import { metricsRegistry } from "../common/metrics.js";
 import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
+import { hostKeys } from "../netagent/schema.js";
 import type { HostStore } from "../netagent/store.js";
 import {
   hostNft,
@@ -108,17 +109,17 @@ export class GatewaySync {
       if (c.base !== vpc.base) throw new Error(`base: ${V.show(String(vpc.base))} is not the base of cidr ${c.text}`);
       return c.base;
     } catch (err) {
-      reportInvalid(OWNER, "vpc", key, (err as Error).message, this.log);
+      reportInvalid(OWNER, "vpc", key, (err as Error).message, this.log, { vpcId });
       return undefined;
     }
   }
 
   /** Whether IPAM says the subnet is public; a record that cannot be read is private (no egress). */
-  private async subnetPublic(subnetId: string): Promise<boolean> {
+  private async subnetPublic(subnetId: string, vpcId: string): Promise<boolean> {
     try {
       return (await this.ipam.getSubnet(subnetId))?.type === "public";
     } catch (err) {
-      reportInvalid(OWNER, "subnet", `mvpc:subnet:${subnetId}`, (err as Error).message, this.log);
+      reportInvalid(OWNER, "subnet", `mvpc:subnet:${subnetId}`, (err as Error).message, this.log, { vpcId });
       return false;
     }
   }
@@ -143,10 +144,10 @@ export class GatewaySync {
         // cidr reaches nft: checked even though the netagent wrote it.
         const p = parseGwSubnet(s);
         if (!p.ok) {
-          reportInvalid(OWNER, "subnet", `netagent subnet ${s.subnetId}`, p.reason, this.log);
+          reportInvalid(OWNER, "subnet", hostKeys.subnets(this.opts.hostId), p.reason, this.log, { field: s.subnetId, vpcId });
           continue;
         }
-        subnets.push({ ...p.value, public: await this.subnetPublic(s.subnetId) });
+        subnets.push({ ...p.value, public: await this.subnetPublic(s.subnetId, vpcId) });
       }
       const nat = nats.find((n) => n.vpcId === vpcId);
       const localAddrs = new Set([...d.nics.values()].filter((n) => n.vpcId === vpcId && ipaddr.IPv4.isValidFourPartDecimal(n.address)).map((n) => n.address));

@@ -15,12 +15,14 @@
 // and the bad port forward and hop limit failed every gateway pass.
 import assert from "node:assert/strict";
 import { existsSync, rmSync } from "node:fs";
+import { Code } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
 import { httpGet, nsExec, startHttpServer, tcpProbe, waitFor } from "../lib/netns.js";
@@ -242,6 +244,42 @@ describe("hostile records written straight into Redis", () => {
       JSON.stringify(st.invalidRecords.map((r) => [r.kind, r.reason])),
     );
     assert.ok(st.invalidRecords.some((r) => r.kind === "binding" && r.key.includes(other.nicId)));
+
+    // Shown in the gateway's status, per VPC: key, field and a reason naming the field.
+    const gs = await gw.getGatewayStatus({});
+    const show = JSON.stringify(gs.invalidRecords.map((r) => [r.owner, r.kind, r.key, r.field, r.vpc, r.reason]));
+    assert.equal(gs.hostId, hvId);
+    assert.equal(gs.invalidRecordCount, gs.invalidRecords.length, show);
+    const rec = (kind: string, key: string) => gs.invalidRecords.find((r) => r.kind === kind && r.key === key);
+    for (const id of ["fip-aaaaaaaaaaa1", "fip-aaaaaaaaaaa2"]) {
+      const r = rec("fip", `mvpc:gw:fip:${id}`);
+      assert.ok(r, `${id} in ${show}`);
+      assert.deepEqual([r.owner, r.field, r.vpc], ["gateway", "address", vpcId], show);
+      assert.match(r.reason, /^address: /);
+      assert.ok(r.firstSeenTime && r.lastSeenTime);
+    }
+    const wrong = rec("fip", "mvpc:gw:fip:fip-aaaaaaaaaaa5");
+    assert.ok(wrong, show);
+    assert.deepEqual([wrong.field, wrong.vpc, wrong.reason], ["", "", "is not a hash"], "a key of the wrong type: no field, no VPC known");
+    const pf = rec("pf", "mvpc:gw:pf:pf-aaaaaaaaaaa3");
+    assert.ok(pf, show);
+    assert.equal(pf.vpc, vpcId);
+    assert.match(pf.reason, /private_port/);
+    const hop = rec("imds-hop", "mvpc:gw:md:hop");
+    assert.ok(hop, show);
+    assert.deepEqual([hop.field, hop.vpc], [`${vpcId}/${pub.address}`, vpcId], show);
+    await eventually(async () => {
+      const d = (await gw.getGatewayStatus({})).invalidRecords.find((r) => r.owner === "dns" && r.kind === "config");
+      return d?.vpc === vpcId && d.key === `mvpc:dns:vpc:${vpcId}:cfg` && d.field === "resolver";
+    }, "the bad DNS config, with its VPC and field");
+    // One VPC's records only; another VPC has none.
+    const only = await gw.getGatewayStatus({ vpc: vpcId });
+    assert.ok(
+      only.invalidRecords.length >= 5 && only.invalidRecords.every((r) => r.vpc === vpcId),
+      JSON.stringify(only.invalidRecords.map((r) => [r.kind, r.key, r.vpc])),
+    );
+    assert.equal((await gw.getGatewayStatus({ vpc: "vpc-000000000000" })).invalidRecordCount, 0);
+    await rejectsWith(gw.getGatewayStatus({ vpc: "vpc-x\nmvpc" }), Code.InvalidArgument);
 
     // The host keeps converging: a port forward made now is applied.
     await gw.createPortForward({ vpc: vpcId, protocol: Protocol.TCP, outsidePort: 8080, privateAddress: pub.address, privatePort: 80 });

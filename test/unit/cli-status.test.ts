@@ -4,7 +4,8 @@
 import assert from "node:assert/strict";
 import { create } from "@bufbuild/protobuf";
 import { test } from "vitest";
-import { overlayText } from "../../cli/commands/status.js";
+import { gatewayStatusText, overlayText } from "../../cli/commands/status.js";
+import { GatewayHealth, GetGatewayStatusResponseSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { GetOverlayStatusResponseSchema, WireGuardImplementation } from "../../gen/microvpc/v1/netagent_pb.js";
 
 const why = () => "unavailable";
@@ -31,4 +32,32 @@ test("status shows the WireGuard implementation per interface and warns about sk
   assert.match(out, /warning: vpc-aaaaaaaaaaaa: host hv9 left out of the mesh: public key is not a WireGuard key/);
   assert.doesNotMatch(overlayText({ ok: true, value: create(GetOverlayStatusResponseSchema, { vpcs: [value.vpcs[1]] }) }, why), /warning/);
   assert.equal(overlayText({ ok: true, value: create(GetOverlayStatusResponseSchema, {}) }, why), "overlay: no VPC of this host spans another host");
+});
+
+test("status lists the gateway's skipped records per VPC, key and field quoted", () => {
+  const gs = create(GetGatewayStatusResponseSchema, {
+    hostId: "hv1",
+    health: GatewayHealth.HEALTHY,
+    invalidRecordCount: 3,
+    invalidRecords: [
+      { owner: "gateway", kind: "fip", key: "mvpc:gw:fip:fip-aaaaaaaaaaa1", field: "address", vpc: "vpc-bbbbbbbbbbbb", reason: "address: bad" },
+      { owner: "gateway", kind: "fip", key: "mvpc:gw:fip:fip-aaaaaaaaaaa5", reason: "is not a hash" },
+      { owner: "gateway", kind: "imds-hop", key: "mvpc:gw:md:hop", field: "vpc-aaaaaaaaaaaa/10.0.1.5\n", vpc: "vpc-aaaaaaaaaaaa", reason: "hop: bad" },
+    ],
+  });
+  const text = gatewayStatusText(gs);
+  const lines = text.split("\n");
+  assert.match(lines[1], /skipped 3 record\(s\)/);
+  assert.deepEqual(
+    lines.slice(2).map((l) => l.trim()),
+    [
+      "vpc-aaaaaaaaaaaa:",
+      'imds-hop "mvpc:gw:md:hop" "vpc-aaaaaaaaaaaa/10.0.1.5\\n": hop: bad',
+      "vpc-bbbbbbbbbbbb:",
+      'fip "mvpc:gw:fip:fip-aaaaaaaaaaa1" "address": address: bad',
+      "(no VPC known):",
+      'fip "mvpc:gw:fip:fip-aaaaaaaaaaa5": is not a hash',
+    ],
+  );
+  assert.equal(gatewayStatusText(create(GetGatewayStatusResponseSchema, { health: GatewayHealth.HEALTHY })).split("\n").length, 1, "nothing skipped: one line");
 });

@@ -418,4 +418,23 @@ describe("reportInvalid", () => {
       ["address: bad", "vpc: bad"],
     );
   });
+
+  test("the field and VPC of a record, for status per VPC: the same key and reason in two fields are two records", async () => {
+    const { invalidRecords, reportInvalid } = await import("../../services/common/invalid-records.js");
+    const { invalidWhere } = await import("../../services/gateway/store.js");
+    reportInvalid("test-where", "transit", "mvpc:gw:host:hv1:transit", "transit: bad", undefined, { field: "vpc-aaaaaaaaaaaa", vpcId: "vpc-aaaaaaaaaaaa" });
+    reportInvalid("test-where", "transit", "mvpc:gw:host:hv1:transit", "transit: bad", undefined, { field: "vpc-bbbbbbbbbbbb", vpcId: "vpc-bbbbbbbbbbbb" });
+    assert.deepEqual(
+      invalidRecords(["test-where"])
+        .map((r) => `${r.field} ${r.vpcId}`)
+        .sort(),
+      ["vpc-aaaaaaaaaaaa vpc-aaaaaaaaaaaa", "vpc-bbbbbbbbbbbb vpc-bbbbbbbbbbbb"],
+    );
+    // A whole-hash record: the field its reason names, if the hash has it; its VPC, if it reads as one.
+    assert.deepEqual(invalidWhere({ address: "x", vpc: "vpc-aaaaaaaaaaaa" }, 'address: "x" is not an IPv4 address'), {
+      field: "address",
+      vpcId: "vpc-aaaaaaaaaaaa",
+    });
+    assert.deepEqual(invalidWhere({ vpc: "vpc-x\n" }, "private_port: missing"), { field: undefined, vpcId: undefined });
+  });
 });
