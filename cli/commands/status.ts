@@ -296,7 +296,7 @@ function firewallText(fs: GetFirewallStatusResponse | undefined, fw: Outcome<unk
       ? `\n  skipped ${fs.invalidRecords.length} record(s) from Redis that do not validate:` +
         fs.invalidRecords
           .slice(0, 5)
-          .map((r) => `\n    ${r.kind} ${r.key}: ${r.reason}`)
+          .map((r) => `\n    ${r.kind} ${r.key}${r.field ? ` ${JSON.stringify(r.field)}` : ""}${r.vpc ? ` (${r.vpc})` : ""}: ${r.reason}`)
           .join("")
       : "")
   );

@@ -43,6 +43,8 @@ export function reportInvalid(owner: string, kind: string, key: string, reason: 
   const prev = seen.get(id);
   if (prev) {
     prev.lastSeenMs = now;
+    // A reader that knows the VPC completes what one that did not left out.
+    prev.vpcId ??= where.vpcId;
     return;
   }
   if (seen.size >= MAX_REMEMBERED) seen.delete(seen.keys().next().value!);

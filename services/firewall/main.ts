@@ -117,6 +117,8 @@ export const firewallDefinition: ServiceDefinition = {
                 kind: r.kind,
                 key: JSON.stringify(r.key),
                 reason: r.reason,
+                field: r.field ?? "",
+                vpc: r.vpcId ?? "",
                 firstSeenTime: timestampFromMs(r.firstSeenMs),
                 lastSeenTime: timestampFromMs(r.lastSeenMs),
               }),

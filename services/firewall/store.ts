@@ -33,7 +33,7 @@ import { randomBytes } from "node:crypto";
 import { Code } from "@connectrpc/connect";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
-import { reportInvalid } from "../common/invalid-records.js";
+import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import type { Parsed } from "../common/validate.js";
 import { AlreadyExistsError, DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { K } from "../ipam/keys.js";
@@ -562,6 +562,24 @@ export type BindingIndex = { kind: "all" } | { kind: "host"; hostId: string } | 
 /** The subset of a NIC loadVpcState needs when the caller lists the local NICs. */
 export type LocalNic = Pick<BindingRec, "nicId" | "vpcId" | "subnetId" | "address" | "mac" | "hostIf"> & Partial<BindingRec>;
 
+/** The hash field a refused record's reason names first, if the hash has it (for status). */
+function namedField(h: Record<string, string>, p: Parsed<unknown>): string | undefined {
+  if (p.ok) return undefined;
+  const named = /^([A-Za-z_][A-Za-z0-9_]*)/.exec(p.reason)?.[1];
+  return named !== undefined && Object.hasOwn(h, named) ? named : undefined;
+}
+
+/** Where a binding is: its "sig" field, and the VPC it names if that reads as a VPC id. */
+function bindingWhere(sig: string): InvalidWhere {
+  let vpcId: unknown;
+  try {
+    vpcId = (JSON.parse(sig) as { vpcId?: unknown } | null)?.vpcId;
+  } catch {
+    vpcId = undefined;
+  }
+  return { field: "sig", vpcId: typeof vpcId === "string" && /^vpc-[0-9a-f]{12}$/.test(vpcId) ? vpcId : undefined };
+}
+
 export class FirewallStore {
   /** log: where skipped records are reported (once per key and reason). */
   constructor(
@@ -572,9 +590,9 @@ export class FirewallStore {
   }
 
   /** The value of a record that parsed; otherwise reports it (logged and counted once) and gives null. */
-  private ok<T>(kind: string, key: string, p: Parsed<T>): T | null {
+  private ok<T>(kind: string, key: string, p: Parsed<T>, where?: () => InvalidWhere): T | null {
     if (p.ok) return p.value;
-    reportInvalid(OWNER, kind, key, p.reason, this.log);
+    reportInvalid(OWNER, kind, key, p.reason, this.log, where?.());
     return null;
   }
 
@@ -658,7 +676,7 @@ export class FirewallStore {
   async groupMembers(id: string): Promise<Map<string, string>> {
     const out = new Map<string, string>();
     for (const [nic, addr] of Object.entries((await this.hash("member", FK.sgMembers(id))) ?? {})) {
-      const a = this.ok("member", `${FK.sgMembers(id)} ${nic}`, parseMember(nic, addr));
+      const a = this.ok("member", FK.sgMembers(id), parseMember(nic, addr), () => ({ field: nic }));
       if (a !== null) out.set(nic, a);
     }
     return out;
@@ -752,7 +770,7 @@ export class FirewallStore {
 
   async getBinding(nicId: string): Promise<BindingRec | null> {
     const [sig, bound, updated] = await this.redis.hmget(FK.nic(nicId), "sig", "bound", "updated");
-    return sig ? this.ok("binding", FK.nic(nicId), parseBinding(sig, bound, updated, nicId)) : null;
+    return sig ? this.ok("binding", FK.nic(nicId), parseBinding(sig, bound, updated, nicId), () => bindingWhere(sig)) : null;
   }
 
   /** Bindings of the given NICs that exist, by nic id (one round trip). */
@@ -765,7 +783,7 @@ export class FirewallStore {
     r.forEach(([err, v], i) => {
       if (err) throw err;
       const [sig, bound, updated] = v as (string | null)[];
-      const b = sig ? this.ok("binding", FK.nic(nicIds[i]), parseBinding(sig, bound, updated, nicIds[i])) : null;
+      const b = sig ? this.ok("binding", FK.nic(nicIds[i]), parseBinding(sig, bound, updated, nicIds[i]), () => bindingWhere(sig)) : null;
       if (b) out.set(nicIds[i], b);
     });
     return out;
@@ -925,13 +943,13 @@ export class FirewallStore {
     // becomes an ACL without entries (the subnet's default deny).
     const refusedBinding = new Set<string>();
     const [rawNics, rawGroups, rawMembers, rawAcls, wrongType] = raw;
-    for (const key of wrongType ?? []) reportInvalid(OWNER, "key", key, "holds another Redis type than its schema says", this.log);
+    for (const key of wrongType ?? []) reportInvalid(OWNER, "key", key, "holds another Redis type than its schema says", this.log, { vpcId });
 
     // A binding, group, member or ACL that does not validate is skipped (a
     // NIC whose binding is bad is compiled as unbound); the rest converges.
     const bound = new Map<string, BindingRec>();
     for (const [nic, sig, b, u] of rawNics) {
-      const rec = this.ok("binding", FK.nic(nic), parseBinding(sig, b, u, nic));
+      const rec = this.ok("binding", FK.nic(nic), parseBinding(sig, b, u, nic), () => ({ field: "sig", vpcId: bindingWhere(sig).vpcId ?? vpcId }));
       if (rec) bound.set(nic, rec);
       else refusedBinding.add(nic);
     }
@@ -961,7 +979,9 @@ export class FirewallStore {
 
     const groups = new Map<string, SecurityGroupRec>();
     for (const [gid, ...h] of rawGroups) {
-      const g = this.ok("security-group", FK.sg(gid), parseGroup(pairs(h), gid));
+      const gh = pairs(h);
+      const pg = parseGroup(gh, gid);
+      const g = this.ok("security-group", FK.sg(gid), pg, () => ({ field: namedField(gh, pg), vpcId }));
       if (g) groups.set(g.id, g);
       else if (SG_ID.test(gid)) groups.set(gid, closedGroup(gid, vpcId));
     }
@@ -974,7 +994,7 @@ export class FirewallStore {
     for (const [gid, ...kv] of rawMembers) {
       const addrs = new Set<string>();
       for (let i = 1; i < kv.length; i += 2) {
-        const a = this.ok("member", `${FK.sgMembers(gid)} ${kv[i - 1]}`, parseMember(kv[i - 1], kv[i]));
+        const a = this.ok("member", FK.sgMembers(gid), parseMember(kv[i - 1], kv[i]), () => ({ field: kv[i - 1], vpcId }));
         if (a !== null) addrs.add(a);
       }
       members.set(gid, [...addrs].sort(compareIp));
@@ -982,7 +1002,8 @@ export class FirewallStore {
     const acls = new Map<string, NetworkAclRec>();
     for (const [subnetId, h, subs] of rawAcls) {
       const hh = pairs(h);
-      const a = this.ok("network-acl", FK.acl(String(hh.id)), parseAcl(hh, subs));
+      const pa = parseAcl(hh, subs);
+      const a = this.ok("network-acl", FK.acl(String(hh.id)), pa, () => ({ field: namedField(hh, pa), vpcId }));
       acls.set(subnetId, a ?? closedAcl(subnetId, vpcId));
     }
     return { vpcId, subnets, nics: out, groups, members, acls };

@@ -12,6 +12,7 @@ import { reportInvalid } from "../common/invalid-records.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { attempt } from "../common/validate.js";
 import { names } from "../netagent/plan.js";
+import { hostKeys } from "../netagent/schema.js";
 import type { HostStore } from "../netagent/store.js";
 import type { NftRunner } from "./apply.js";
 import { compile, diff, flowAllowed, type FwModel } from "./compile.js";
@@ -53,6 +54,9 @@ export interface FwStatus {
   applied: number;
 }
 
+/** A VPC id, if the (possibly bad) record's field holds one. */
+const vpcIdOr = (v: string) => (/^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined);
+
 export class FirewallSync {
   /** What was last applied per VPC namespace: diffing against it makes updates incremental. */
   readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState }>();
@@ -81,7 +85,7 @@ export class FirewallSync {
     for (const s of d.subnets.values()) {
       const p = parseLocalSubnet(s);
       if (!p.ok) {
-        reportInvalid(OWNER, "local-subnet", `netagent subnet ${s.subnetId}`, p.reason, this.log);
+        reportInvalid(OWNER, "local-subnet", hostKeys.subnets(this.hostId), p.reason, this.log, { field: s.subnetId, vpcId: vpcIdOr(s.vpcId) });
         continue;
       }
       out.get(s.vpcId)?.subnets.push({ ...p.value, bridge: names.bridge(p.value.subnetId) });
@@ -101,7 +105,7 @@ export class FirewallSync {
         }),
       );
       if (!bad.ok) {
-        reportInvalid(OWNER, "local-nic", `netagent nic ${n.nicId}`, bad.reason, this.log);
+        reportInvalid(OWNER, "local-nic", hostKeys.nics(this.hostId), bad.reason, this.log, { field: n.nicId, vpcId: vpcIdOr(n.vpcId) });
         continue;
       }
       out.get(n.vpcId)?.nics.push({

@@ -244,6 +244,12 @@ describe("hostile records written straight into Redis", () => {
       JSON.stringify(st.invalidRecords.map((r) => [r.kind, r.reason])),
     );
     assert.ok(st.invalidRecords.some((r) => r.kind === "binding" && r.key.includes(other.nicId)));
+    // With the VPC whose pass refused them and the field, as the gateway's below.
+    const sgRec = st.invalidRecords.find((r) => r.kind === "security-group" && r.key.includes(bad) && r.vpc === vpcId);
+    assert.ok(sgRec, JSON.stringify(st.invalidRecords.map((r) => [r.kind, r.key, r.field, r.vpc])));
+    assert.equal(sgRec.field, "rules");
+    const bindRec = st.invalidRecords.find((r) => r.kind === "binding" && r.key.includes(other.nicId) && r.vpc === vpcId);
+    assert.equal(bindRec?.field, "sig");
 
     // Shown in the gateway's status, per VPC: key, field and a reason naming the field.
     const gs = await gw.getGatewayStatus({});
