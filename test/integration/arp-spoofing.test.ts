@@ -218,6 +218,30 @@ describe("ARP spoofing within a subnet", () => {
     );
   });
 
+  test("a stock tool (busybox arping -U / -A) run by an attacker that configured the gateway's address on itself changes nothing", async () => {
+    // What an attacker without a raw-socket helper does: take the address, announce it.
+    await nsExec(attacker.ns, "ip", ["addr", "add", `${victim.gateway}/32`, "dev", "eth0", "nodad"]);
+    try {
+      for (const mode of ["-U", "-A"]) {
+        const traffic = (async () => {
+          for (let i = 0; i < 5; i++) {
+            await outside(victim);
+            await sleep(300);
+          }
+        })();
+        const r = await nsExec(attacker.ns, "/bin/busybox", ["arping", mode, "-c", "10", "-w", "3", "-I", "eth0", "-s", victim.gateway, victim.gateway], {
+          check: false,
+          timeoutMs: 10_000,
+        });
+        assert.ok(/ARPING/.test(r.stdout + r.stderr), `busybox arping ${mode} ran: ${r.stdout}${r.stderr}`);
+        await traffic;
+        await victimUnharmed(`busybox arping ${mode}`);
+      }
+    } finally {
+      await nsExec(attacker.ns, "ip", ["addr", "del", `${victim.gateway}/32`, "dev", "eth0"]);
+    }
+  });
+
   test("allowed: after all that, ordinary resolution still works both ways and the attacker's real entry is learnt", async () => {
     await nsExec(victim.ns, "ip", ["neigh", "flush", "dev", "eth0"]);
     await nsExec(attacker.ns, "ip", ["neigh", "flush", "dev", "eth0"]);
