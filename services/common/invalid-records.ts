@@ -52,9 +52,51 @@ export function reportInvalid(owner: string, kind: string, key: string, reason: 
   invalidRecordsTotal.inc({ owner, kind });
   // JSON.stringify: the key and reason may hold whatever was written into Redis.
   logger?.warn(
-    { owner, kind, key: JSON.stringify(key), ...(where.field === undefined ? {} : { field: JSON.stringify(where.field) }), reason },
-    "skipping a record from Redis that does not validate",
+    {
+      owner,
+      kind,
+      key: JSON.stringify(key),
+      ...(where.field === undefined ? {} : { field: JSON.stringify(where.field) }),
+      ...(where.vpcId === undefined ? {} : { vpc: where.vpcId }),
+      reason,
+    },
+    INVALID_RECORD_MSG,
   );
+}
+
+/** The message of reportInvalid's log line (a parent reads its children's: reportChildLine). */
+export const INVALID_RECORD_MSG = "skipping a record from Redis that does not validate";
+
+/**
+ * A log line of a child process (pino JSON): if it is the child's
+ * reportInvalid line, the record is reported here too, so that this
+ * process's status RPC and metric hold what its child skipped (the gateway's
+ * metadata child has neither). Not logged again: the child's line is in the
+ * log already. Returns whether the line was one.
+ */
+export function reportChildLine(line: string): boolean {
+  if (!line.includes(INVALID_RECORD_MSG)) return false;
+  let o: Record<string, unknown>;
+  try {
+    o = JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    return false;
+  }
+  if (o === null || typeof o !== "object" || o.msg !== INVALID_RECORD_MSG) return false;
+  const str = (v: unknown) => (typeof v === "string" ? v : undefined);
+  const unquote = (v: unknown) => {
+    try {
+      const u = typeof v === "string" ? (JSON.parse(v) as unknown) : undefined;
+      return typeof u === "string" ? u : undefined;
+    } catch {
+      return undefined;
+    }
+  };
+  const [owner, kind, key, reason] = [str(o.owner), str(o.kind), unquote(o.key), str(o.reason)];
+  if (owner === undefined || kind === undefined || key === undefined || reason === undefined) return false;
+  const vpc = str(o.vpc);
+  reportInvalid(owner, kind, key, reason, undefined, { field: unquote(o.field), vpcId: vpc !== undefined && /^vpc-[0-9a-f]{12}$/.test(vpc) ? vpc : undefined });
+  return true;
 }
 
 /** What reportInvalid has seen (of one owner), for status RPCs; most recently seen first. */

@@ -7,6 +7,7 @@
 // hypervisor in the tests), both run as a child process inside it
 // (`microvpcd imds`).
 import type { ChildProcess } from "node:child_process";
+import { StringDecoder } from "node:string_decoder";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
@@ -14,6 +15,7 @@ import { pino, type Logger } from "pino";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
 import { readinessChanged } from "../common/health.js";
+import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
@@ -106,8 +108,17 @@ class ImdsChild {
     const d = await startDaemon(process.execPath, this.args, { netns: this.netns, stdio: ["ignore", "pipe", "inherit"], env: this.env });
     this.proc = d.proc;
     let buf = "";
+    let line = "";
+    const utf8 = new StringDecoder("utf8");
     d.proc.stdout?.on("data", (chunk: Buffer) => {
       process.stdout.write(chunk);
+      // Records the child skipped are this gateway's too (GetGatewayStatus, the metric).
+      line += utf8.write(chunk);
+      for (let i = line.indexOf("\n"); i >= 0; i = line.indexOf("\n")) {
+        reportChildLine(line.slice(0, i));
+        line = line.slice(i + 1);
+      }
+      if (line.length > 65536) line = "";
       if (this.up) return;
       buf = (buf + chunk.toString("utf8")).slice(-65536);
       if (buf.includes(`"msg":"${IMDS_READY}"`)) {

@@ -313,5 +313,20 @@ describe("hostile records written straight into Redis", () => {
       assert.doesNotMatch(rs, /192\.168\.100\.14[12]/, `no bad floating IP in ${ns}`);
     }
     assert.doesNotMatch((await nsExec(pub.vpcNs, "ip", ["addr", "show", "dev", "lo"])).stdout, /10\.0\.0\.2\/32 dev/);
+
+    // A metadata record the gateway's metadata child refuses (it runs in the
+    // host namespace, a process of its own) is in the gateway's status too.
+    const imds = () => httpGet(pub.ns, "http://169.254.169.254/latest/meta-data/instance-id", 1500);
+    await gw.setInstanceMetadata({
+      metadata: { instanceId: "i-hostile-pub", vpcId, subnetId: pub.subnet.id, localIpv4: pub.address, mac: pub.mac, hostname: "pub" },
+    });
+    await eventually(async () => (await imds()) === "i-hostile-pub", "pub reads its metadata");
+    await redis.hset("mvpc:gw:md:inst:i-hostile-pub", "pb", "not base64 \n }");
+    await redis.hincrby("mvpc:gw:md:inst:i-hostile-pub", "rev", 1);
+    await eventually(async () => (await imds()) === null, "a refused metadata record is served as none");
+    await eventually(async () => {
+      const r = (await gw.getGatewayStatus({ vpc: vpcId })).invalidRecords.find((x) => x.kind === "imds-metadata");
+      return r?.key === "mvpc:gw:md:inst:i-hostile-pub" && r.field === "pb" && r.vpc === vpcId && /^pb: /.test(r.reason);
+    }, "the metadata child's refused record, in the gateway's status");
   }, 60_000);
 });

@@ -437,4 +437,31 @@ describe("reportInvalid", () => {
     });
     assert.deepEqual(invalidWhere({ vpc: "vpc-x\n" }, "private_port: missing"), { field: undefined, vpcId: undefined });
   });
+
+  test("a child's log line of a skipped record is reported in the parent, with key, field and VPC; other lines are not", async () => {
+    const { invalidRecords, reportChildLine, reportInvalid } = await import("../../services/common/invalid-records.js");
+    const lines: string[] = [];
+    // The child's line, as pino writes it (msg and the bindings in one JSON object).
+    const child = { warn: (o: object, msg?: string) => void lines.push(JSON.stringify({ level: 40, ...o, msg })) };
+    reportInvalid("test-child", "imds-metadata", "mvpc:gw:md:inst:i-x\n", "pb: is not base64", child, { field: "pb", vpcId: "vpc-cccccccccccc" });
+    assert.equal(lines.length, 1);
+    const before = invalidRecords("test-child").length;
+    // The parent has not seen it: the same line, once more under another owner, stands for the child's.
+    const asChild = lines[0].replace('"owner":"test-child"', '"owner":"test-child2"');
+    assert.equal(reportChildLine(asChild), true);
+    const got = invalidRecords("test-child2");
+    assert.deepEqual(
+      got.map((r) => [r.kind, r.key, r.field, r.vpcId, r.reason]),
+      [["imds-metadata", "mvpc:gw:md:inst:i-x\n", "pb", "vpc-cccccccccccc", "pb: is not base64"]],
+    );
+    assert.equal(invalidRecords("test-child").length, before);
+    for (const other of [
+      '{"msg":"instance metadata server listening"}',
+      "skipping a record from Redis that does not validate",
+      '{"msg":"skipping a record from Redis that does not validate","owner":"x","kind":"y","key":"not json text","reason":"r"}',
+      '{"msg":"skipping a record from Redis that does not validate","owner":"x","kind":"y","key":"\\"k\\"","reason":5}',
+    ]) {
+      assert.equal(reportChildLine(other), false, other);
+    }
+  });
 });
