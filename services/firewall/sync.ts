@@ -142,7 +142,18 @@ export class FirewallSync {
    * with 10 000 set elements costs ~60 ms).
    */
   async syncAll(full = false, checkDrift = false, only?: ReadonlySet<string>): Promise<void> {
+    await this.clearLater(await this.pass(full, checkDrift, only));
+  }
+
+  /** Runs the conntrack clean-ups a pass left for after its waiters were answered. */
+  private async clearLater(cleanups: (() => Promise<unknown>)[]): Promise<void> {
+    for (const c of cleanups) await c().catch((err: Error) => this.log.warn({ err: err.message }, "cannot clear conntrack entries"));
+  }
+
+  /** One pass (see syncAll); returns the conntrack clean-ups it leaves to run. */
+  private async pass(full: boolean, checkDrift: boolean, only?: ReadonlySet<string>): Promise<(() => Promise<unknown>)[]> {
     const t0 = Date.now();
+    const cleanups: (() => Promise<unknown>)[] = [];
     try {
       const local = await this.localState(only);
       for (const [vpcId, l] of local) {
@@ -153,7 +164,8 @@ export class FirewallSync {
         }
         try {
           const st = await this.source.loadVpcState(this.hostId, vpcId, l.subnets, l.nics);
-          await this.syncVpc(ns, st, full, checkDrift);
+          const cleanup = await this.syncVpc(ns, st, full, checkDrift, true);
+          if (cleanup) cleanups.push(cleanup);
           this.errors.delete(vpcId);
         } catch (err) {
           this.errors.set(vpcId, (err as Error).message);
@@ -182,9 +194,16 @@ export class FirewallSync {
       lastErrorMs: error ? Date.now() : this.status.lastErrorMs,
       generation: this.status.generation + 1,
     };
+    return cleanups;
   }
 
-  async syncVpc(ns: string, st: VpcFirewallState, full: boolean, checkDrift = false): Promise<void> {
+  /**
+   * Makes one namespace's tables match `st`. A change that takes something
+   * away also clears the conntrack entries the policy no longer allows: at
+   * once, or (deferClear) returned as a function to run once the callers
+   * waiting for the apply have their answer.
+   */
+  async syncVpc(ns: string, st: VpcFirewallState, full: boolean, checkDrift = false, deferClear = false): Promise<(() => Promise<unknown>) | undefined> {
     const t0 = process.hrtime.bigint();
     const { model, script } = compile(st);
     const prev = this.applied.get(ns);
@@ -213,8 +232,12 @@ export class FirewallSync {
     // Only a change that takes something away can leave a flow the policy no
     // longer allows; a NIC bound or a member added cannot (and listing the
     // conntrack table is the costliest command of a pass).
-    if (kind !== "none" && prev && revokes) await this.clearDisallowed(ns, st);
     if (kind !== "none") this.status.applied++;
+    if (kind !== "none" && prev && revokes) {
+      if (!deferClear) await this.clearDisallowed(ns, st);
+      else return () => this.clearDisallowed(ns, st);
+    }
+    return undefined;
   }
 
   /**
@@ -293,15 +316,18 @@ export class FirewallSync {
         const waiters = this.waiters.splice(0);
         const targets = new Set(this.targets);
         this.targets.clear();
+        let cleanups;
         if (this.pending || drift || retry) {
           this.pending = false;
           if (drift) lastDrift = Date.now();
-          await this.syncAll(false, drift);
-        } else await this.syncAll(false, false, targets);
+          cleanups = await this.pass(false, drift);
+        } else cleanups = await this.pass(false, false, targets);
+        // The kernel has the change: answer first, then clear stale flows.
         for (const w of waiters) {
           const err = this.errors.get(w.vpcId) ?? this.errors.get("");
           w.done(err === undefined ? undefined : new Error(err));
         }
+        await this.clearLater(cleanups);
       }
     };
     void loop();

@@ -166,6 +166,23 @@ describe("CreateVm and DeleteVm", () => {
     assertConsistent(await holdings(), "after the rounds");
   });
 
+  test("a group deleted and made again under the same name is the one the next CreateVm binds (lookups are cached, never stale)", async () => {
+    const vpcId = (await h.ipam.vpc.getVpc({ ref: "app" })).vpc!.id;
+    const rules = [{ direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr" as const, value: "10.0.0.0/16" } }];
+    const first = (await fw.createSecurityGroup({ vpc: vpcId, name: "cached", rules })).securityGroup!;
+    const a = (await vmm.createVm({ name: "cache-a", vpc: "app", subnet: "web", securityGroups: ["cached"], kind: VmKind.NETNS })).vm!;
+    assert.deepEqual(a.securityGroupIds, [first.id]);
+    await vmm.deleteVm({ ref: a.id });
+    await fw.deleteSecurityGroup({ ref: first.id });
+    const second = (await fw.createSecurityGroup({ vpc: vpcId, name: "cached", rules })).securityGroup!;
+    assert.notEqual(second.id, first.id);
+    const b = (await vmm.createVm({ name: "cache-b", vpc: "app", subnet: "web", securityGroups: ["cached"], kind: VmKind.NETNS })).vm!;
+    assert.deepEqual(b.securityGroupIds, [second.id], "bound to the group that exists now");
+    await vmm.deleteVm({ ref: b.id });
+    await fw.deleteSecurityGroup({ ref: second.id });
+    await rejectsWith(vmm.createVm({ name: "cache-c", vpc: "app", subnet: "web", securityGroups: ["cached"], kind: VmKind.NETNS }), Code.NotFound, /cached/);
+  });
+
   test("bad input: unknown VPC, group or subnet, bad names → the right code, nothing created", async () => {
     await rejectsWith(vmm.createVm({ name: "x", vpc: "nope", subnet: "web" }), Code.NotFound);
     await rejectsWith(vmm.createVm({ name: "x", vpc: "app", subnet: "web", securityGroups: ["nope"] }), Code.NotFound, /security group/);
