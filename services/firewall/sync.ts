@@ -335,12 +335,13 @@ export class FirewallSync {
       redis,
       /^(fw\.|nic\.|subnet\.|vpc\.)/,
       (events) => {
-        // A firewall event names its VPC: a pass over that VPC only; a NIC
-        // attached or detached on another host changes nothing here (its
-        // binding's fw event does); anything else asks for a whole pass.
+        // Firewall and NIC events name their VPC: a pass over that VPC
+        // only. A NIC attached or detached on another host changes nothing
+        // here (its binding's fw event does). Anything else (a VPC or subnet
+        // made or deleted) asks for a whole pass.
         for (const e of events) {
-          if (e.kind.startsWith("fw.") && e.vpc) this.targets.add(e.vpc);
-          else if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) continue;
+          if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) continue;
+          if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.")) && e.vpc) this.targets.add(e.vpc);
           else this.pending = true;
         }
         this.wake?.();

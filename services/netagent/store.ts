@@ -57,7 +57,7 @@ if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
 redis.call('HSET', 'mvpc:nicaddr', ARGV[2], ARGV[5] .. '/' .. ARGV[1])
 local vpc, addr = string.match(ARGV[2], '^([^/]+)/(.+)$')
 if vpc then redis.call('HSET', 'mvpc:overlay:' .. vpc .. ':addrs', addr, ARGV[5]) end
-redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1])
+redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1], 'vpc', vpc or '')
 return {1, ARGV[1]}
 `;
 
@@ -223,7 +223,7 @@ export class HostStore {
         n.address,
         this.hostId,
       )
-      .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId)
+      .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId)
       .exec();
   }
 }
