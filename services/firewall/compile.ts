@@ -165,7 +165,7 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     const l = n.dropLogging ?? [...n.groupIds].map((g) => st.groups.get(g)?.dropLogging).find((x) => x);
     return l ? `log prefix "microvpc-drop ${hex(n.nicId)} ${d} " limit rate ${l.ratePerSecond}/second burst ${l.burst} packets ` : "";
   };
-  for (const n of [...st.nics].sort((a, b) => a.nicId.localeCompare(b.nicId))) {
+  for (const n of [...st.nics].sort((a, b) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0))) {
     const h = hex(n.nicId);
     const groups = n.groupIds.filter((g) => st.groups.has(g));
     const jIn = groups.map((g) => `jump sg_${hex(g)}_in`);
@@ -182,7 +182,7 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
   const aclIn: string[] = [];
   const aclOut: string[] = [];
   const intra: string[] = [];
-  for (const s of [...st.subnets].sort((a, b) => a.subnetId.localeCompare(b.subnetId))) {
+  for (const s of [...st.subnets].sort((a, b) => (a.subnetId < b.subnetId ? -1 : a.subnetId > b.subnetId ? 1 : 0))) {
     intra.push(`"${s.bridge}" . "${s.bridge}"`);
     const acl = st.acls.get(s.subnetId);
     if (!acl) continue;
@@ -256,24 +256,38 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     `}`,
   ];
   const skeleton = [`table inet ${TABLE} {`, ...fixedInet, ...forward, `}`, ...bridge].join("\n");
-  const dynamicInet = [...sets.values()].filter((s) => s.family === "inet" && s.dynamic);
+  // The maps' elements are data too: record them as sets for diffing.
+  for (const [name, elements] of Object.entries(mapElems)) sets.set(`inet ${name}`, { family: "inet", name, decl: "", elements });
+  const model: FwModel = { skeleton, sets, chains, counters };
+  // The full script is rendered only when asked for (a table replace): an
+  // incremental change needs the model alone, and at 1 000 NICs rendering
+  // every chain is most of a compile.
+  let rendered: string | undefined;
+  return {
+    model,
+    get script() {
+      return (rendered ??= renderScript(model, fixedInet, forward, bridge));
+    },
+  };
+}
+
+/** The full replace: one transaction that creates-if-missing, deletes, recreates and fills both tables. */
+function renderScript(m: FwModel, fixedInet: string[], forward: string[], bridge: string[]): string {
+  const dynamicInet = [...m.sets.values()].filter((s) => s.family === "inet" && s.dynamic);
   const inet = [
     `table inet ${TABLE} {`,
-    ...counters.map((c) => `  counter ${c} { }`),
+    ...m.counters.map((c) => `  counter ${c} { }`),
     ...dynamicInet.map((s) => `  set ${s.name} { ${s.decl}; }`),
     ...fixedInet,
-    ...[...chains].map(([name, rules]) => `  ${renderChain(name, rules)}`),
+    ...[...m.chains].map(([name, rules]) => `  ${renderChain(name, rules)}`),
     ...forward,
     `}`,
   ];
-  // The maps' elements are data too: record them as sets for diffing.
-  for (const [name, elements] of Object.entries(mapElems)) sets.set(`inet ${name}`, { family: "inet", name, decl: "", elements });
-  const elementLines = [...sets.values()]
+  const elementLines = [...m.sets.values()]
     .filter((s) => s.elements.length)
     .map((s) => `add element ${s.family} ${TABLE} ${s.name} { ${s.elements.join(", ")} }`);
-  // One transaction: create-if-missing, delete, recreate, fill. An observer
-  // sees the old table or the new one, never a half-built one.
-  const script = [
+  // An observer sees the old table or the new one, never a half-built one.
+  return [
     `add table inet ${TABLE}`,
     `delete table inet ${TABLE}`,
     `add table bridge ${TABLE}`,
@@ -283,7 +297,6 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     ...elementLines,
     "",
   ].join("\n");
-  return { model: { skeleton, sets, chains, counters }, script };
 }
 
 function renderChain(name: string, rules: string[]): string {

@@ -205,10 +205,11 @@ export class FirewallSync {
    */
   async syncVpc(ns: string, st: VpcFirewallState, full: boolean, checkDrift = false, deferClear = false): Promise<(() => Promise<unknown>) | undefined> {
     const t0 = process.hrtime.bigint();
-    const { model, script } = compile(st);
+    const compiled = compile(st);
+    const model = compiled.model;
     const prev = this.applied.get(ns);
     let kind: "full" | "elements" | "none" = "full";
-    let text = script;
+    let text = "";
     let revokes = true;
     if (!full && prev && (!checkDrift || (await this.nft.tableExists(ns)))) {
       const d = elementDiff(prev.model, model);
@@ -218,6 +219,7 @@ export class FirewallSync {
         revokes = d.revokes;
       }
     }
+    if (kind === "full") text = compiled.script;
     if (kind !== "none") {
       try {
         await this.nft.apply(ns, text);
