@@ -23,12 +23,27 @@ export interface SetModel {
   /** nft type and flags, e.g. "ipv4_addr . inet_proto . inet_service; flags interval". */
   decl: string;
   elements: string[];
+  /**
+   * A set that exists only while something uses it (a group's rule sets, a
+   * peer group's members): added and deleted by an incremental change. The
+   * others (the NIC and ACL maps, the bridge sets) are part of the skeleton.
+   */
+  dynamic?: boolean;
 }
 
 export interface FwModel {
-  /** Everything but set elements: if this differs, the table is replaced. */
+  /** The fixed part of both tables (base chains, maps, fixed sets): if this differs, the table is replaced. */
   skeleton: string;
   sets: Map<string, SetModel>;
+  /**
+   * The inet table's regular chains (one per group and direction, per NIC
+   * and direction, per ACL and direction), name → rules, in render order.
+   * They come and go by incremental change: a new NIC is an added chain and
+   * map elements, not a new table.
+   */
+  chains: Map<string, string[]>;
+  /** The inet table's named counters (four per NIC). */
+  counters: string[];
 }
 
 function portRange(r: { portFrom: number; portTo: number }): string {
@@ -100,9 +115,9 @@ function aclRule(e: AclEntry, peer: "saddr" | "daddr"): string {
 /** Compiles one VPC namespace's firewall: returns its model and the full replace script. */
 export function compile(st: VpcFirewallState): { model: FwModel; script: string } {
   const sets = new Map<string, SetModel>();
-  const addSet = (family: "inet" | "bridge", name: string, decl: string, elements: string[]) =>
-    sets.set(`${family} ${name}`, { family, name, decl, elements: uniq(elements) });
-  const chains: string[] = [];
+  const addSet = (family: "inet" | "bridge", name: string, decl: string, elements: string[], dynamic = true) =>
+    sets.set(`${family} ${name}`, { family, name, decl, elements: uniq(elements), ...(dynamic ? { dynamic } : {}) });
+  const chains = new Map<string, string[]>();
   const transit = gwNames.vpcSide(st.vpcId);
   const nicIn: string[] = [];
   const nicOut: string[] = [];
@@ -140,7 +155,7 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
         if (p.icmpAny) rules.push(`meta l4proto icmp ip ${peer} @members_${hex(pg)} ${verdict}`);
         if (p.all) rules.push(`ip ${peer} @members_${hex(pg)} ${verdict}`);
       }
-      chains.push(`chain ${base} {\n${rules.map((r) => `    ${r}`).join("\n")}\n  }`);
+      chains.set(base, rules);
     }
   }
   for (const pg of [...peerGroups].sort()) addSet("inet", `members_${hex(pg)}`, "type ipv4_addr", st.members.get(pg) ?? []);
@@ -150,19 +165,15 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     const l = n.dropLogging ?? [...n.groupIds].map((g) => st.groups.get(g)?.dropLogging).find((x) => x);
     return l ? `log prefix "microvpc-drop ${hex(n.nicId)} ${d} " limit rate ${l.ratePerSecond}/second burst ${l.burst} packets ` : "";
   };
-  for (const n of [...st.nics].sort((a, b) => a.nicId.localeCompare(b.nicId))) {
+  for (const n of [...st.nics].sort((a, b) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0))) {
     const h = hex(n.nicId);
     const groups = n.groupIds.filter((g) => st.groups.has(g));
-    const jIn = groups.map((g) => `    jump sg_${hex(g)}_in`);
-    const jOut = groups.map((g) => `    jump sg_${hex(g)}_out`);
-    chains.push(
-      `chain nic_${h}_in {\n    counter name nic_${h}_in_new\n${jIn.join("\n")}${jIn.length ? "\n" : ""}    ${logOf(n, "in")}counter name nic_${h}_in_drop drop\n  }`,
-    );
+    const jIn = groups.map((g) => `jump sg_${hex(g)}_in`);
+    const jOut = groups.map((g) => `jump sg_${hex(g)}_out`);
+    chains.set(`nic_${h}_in`, [`counter name nic_${h}_in_new`, ...jIn, `${logOf(n, "in")}counter name nic_${h}_in_drop drop`]);
     // No groups: egress is open (the default); with groups, only what they allow.
-    const outTail = groups.length
-      ? `    meta mark & ${EGRESS_OK} == ${EGRESS_OK} return\n    ${logOf(n, "out")}counter name nic_${h}_out_drop drop`
-      : "    return";
-    chains.push(`chain nic_${h}_out {\n    counter name nic_${h}_out_new\n${jOut.join("\n")}${jOut.length ? "\n" : ""}${outTail}\n  }`);
+    const outTail = groups.length ? [`meta mark & ${EGRESS_OK} == ${EGRESS_OK} return`, `${logOf(n, "out")}counter name nic_${h}_out_drop drop`] : ["return"];
+    chains.set(`nic_${h}_out`, [`counter name nic_${h}_out_new`, ...jOut, ...outTail]);
     nicIn.push(`${n.address} : jump nic_${h}_in`);
     nicOut.push(`${n.address} : jump nic_${h}_out`);
   }
@@ -171,16 +182,16 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
   const aclIn: string[] = [];
   const aclOut: string[] = [];
   const intra: string[] = [];
-  for (const s of [...st.subnets].sort((a, b) => a.subnetId.localeCompare(b.subnetId))) {
+  for (const s of [...st.subnets].sort((a, b) => (a.subnetId < b.subnetId ? -1 : a.subnetId > b.subnetId ? 1 : 0))) {
     intra.push(`"${s.bridge}" . "${s.bridge}"`);
     const acl = st.acls.get(s.subnetId);
     if (!acl) continue;
     const h = hex(s.subnetId);
     const ordered = [...acl.entries].sort((a, b) => a.ruleNumber - b.ruleNumber);
-    const inR = ordered.filter((e) => e.dir === "ingress").map((e) => `    ${aclRule(e, "saddr")}`);
-    const outR = ordered.filter((e) => e.dir === "egress").map((e) => `    ${aclRule(e, "daddr")}`);
-    chains.push(`chain acl_${h}_in {\n${inR.join("\n")}${inR.length ? "\n" : ""}    counter drop comment "default deny"\n  }`);
-    chains.push(`chain acl_${h}_out {\n${outR.join("\n")}${outR.length ? "\n" : ""}    counter drop comment "default deny"\n  }`);
+    const inR = ordered.filter((e) => e.dir === "ingress").map((e) => aclRule(e, "saddr"));
+    const outR = ordered.filter((e) => e.dir === "egress").map((e) => aclRule(e, "daddr"));
+    chains.set(`acl_${h}_in`, [...inR, `counter drop comment "default deny"`]);
+    chains.set(`acl_${h}_out`, [...outR, `counter drop comment "default deny"`]);
     aclIn.push(`${s.cidr} : jump acl_${h}_in`);
     aclOut.push(`${s.cidr} : jump acl_${h}_out`);
   }
@@ -190,17 +201,15 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     .sort()
     .flatMap((h) => [`nic_${h}_in_new`, `nic_${h}_in_drop`, `nic_${h}_out_new`, `nic_${h}_out_drop`]);
 
-  // Maps are part of the skeleton: they jump to chains that must exist.
-  const inet = [
-    `table inet ${TABLE} {`,
-    ...counters.map((c) => `  counter ${c} { }`),
-    ...[...sets.values()].filter((s) => s.family === "inet").map((s) => `  set ${s.name} { ${s.decl}; }`),
+  // Maps are part of the skeleton: their elements jump to chains that must exist.
+  const fixedInet = [
     `  set intra_subnet { type ifname . ifname; }`,
     `  map nic_in { type ipv4_addr : verdict; }`,
     `  map nic_out { type ipv4_addr : verdict; }`,
     `  map acl_in { type ipv4_addr : verdict; flags interval; }`,
     `  map acl_out { type ipv4_addr : verdict; flags interval; }`,
-    ...chains.map((c) => `  ${c}`),
+  ];
+  const forward = [
     `  chain forward {`,
     `    type filter hook forward priority filter; policy accept;`,
     `    ct state invalid counter drop`,
@@ -223,15 +232,14 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     // "network ready" never means "open to everything" for those ~100 ms.
     `    oifname "br-*" counter drop comment "NIC not bound yet"`,
     `  }`,
-    `}`,
   ];
   const mapElems = { nic_in: uniq(nicIn), nic_out: uniq(nicOut), acl_in: uniq(aclIn), acl_out: uniq(aclOut), intra_subnet: uniq(intra) };
 
   // Anti-spoofing: a VM port may only send from its own MAC and address.
   const ports = st.nics.map((n) => `"${n.hostIf}"`);
   const ok = st.nics.map((n) => `"${n.hostIf}" . ${n.mac} . ${n.address}`);
-  addSet("bridge", "nic_ports", "type ifname", ports);
-  addSet("bridge", "nic_ok", "type ifname . ether_addr . ipv4_addr", ok);
+  addSet("bridge", "nic_ports", "type ifname", ports, false);
+  addSet("bridge", "nic_ok", "type ifname . ether_addr . ipv4_addr", ok, false);
   const bridge = [
     `table bridge ${TABLE} {`,
     `  counter spoofed { }`,
@@ -253,24 +261,52 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     `  }`,
     `}`,
   ];
-  const skeleton = [...inet, ...bridge].join("\n");
+  const skeleton = [`table inet ${TABLE} {`, ...fixedInet, ...forward, `}`, ...bridge].join("\n");
   // The maps' elements are data too: record them as sets for diffing.
   for (const [name, elements] of Object.entries(mapElems)) sets.set(`inet ${name}`, { family: "inet", name, decl: "", elements });
-  const elementLines = [...sets.values()]
+  const model: FwModel = { skeleton, sets, chains, counters };
+  // The full script is rendered only when asked for (a table replace): an
+  // incremental change needs the model alone, and at 1 000 NICs rendering
+  // every chain is most of a compile.
+  let rendered: string | undefined;
+  return {
+    model,
+    get script() {
+      return (rendered ??= renderScript(model, fixedInet, forward, bridge));
+    },
+  };
+}
+
+/** The full replace: one transaction that creates-if-missing, deletes, recreates and fills both tables. */
+function renderScript(m: FwModel, fixedInet: string[], forward: string[], bridge: string[]): string {
+  const dynamicInet = [...m.sets.values()].filter((s) => s.family === "inet" && s.dynamic);
+  const inet = [
+    `table inet ${TABLE} {`,
+    ...m.counters.map((c) => `  counter ${c} { }`),
+    ...dynamicInet.map((s) => `  set ${s.name} { ${s.decl}; }`),
+    ...fixedInet,
+    ...[...m.chains].map(([name, rules]) => `  ${renderChain(name, rules)}`),
+    ...forward,
+    `}`,
+  ];
+  const elementLines = [...m.sets.values()]
     .filter((s) => s.elements.length)
     .map((s) => `add element ${s.family} ${TABLE} ${s.name} { ${s.elements.join(", ")} }`);
-  // One transaction: create-if-missing, delete, recreate, fill. An observer
-  // sees the old table or the new one, never a half-built one.
-  const script = [
+  // An observer sees the old table or the new one, never a half-built one.
+  return [
     `add table inet ${TABLE}`,
     `delete table inet ${TABLE}`,
     `add table bridge ${TABLE}`,
     `delete table bridge ${TABLE}`,
-    skeleton,
+    ...inet,
+    ...bridge,
     ...elementLines,
     "",
   ].join("\n");
-  return { model: { skeleton, sets }, script };
+}
+
+function renderChain(name: string, rules: string[]): string {
+  return `chain ${name} {\n${rules.map((r) => `    ${r}`).join("\n")}\n  }`;
 }
 
 /**
@@ -281,31 +317,72 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
 export const MAX_ELEMENT_DELETIONS = 500;
 
 /**
- * The set-element changes that turn `prev` into `next`, whatever their size:
- * the script ("" if nothing changed) and how many elements it deletes; null
- * if the skeleton changed. diff() is this with the cut-off above;
- * bench:firewall times both ways past it.
+ * The incremental transaction that turns `prev` into `next` without
+ * replacing the table, whatever its size: the script ("" if nothing
+ * changed), how many set elements it deletes one by one, and whether it
+ * takes anything away (an element or a chain's rule: then established flows
+ * may need their conntrack entries cleared); null if the skeleton changed.
+ *
+ * Order matters inside the one transaction: new counters, sets and (empty)
+ * chains first, so every rule and map element can name them; then element
+ * deletions (a map element jumping to a chain that goes); then the new and
+ * changed chains' rules; then element additions; last the chains, sets and
+ * counters nobody references any more. A new NIC is therefore two chains,
+ * four counters and a few elements, not a new table.
  */
-export function elementDiff(prev: FwModel, next: FwModel): { script: string; deletions: number } | null {
+export function elementDiff(prev: FwModel, next: FwModel): { script: string; deletions: number; revokes: boolean } | null {
   if (prev.skeleton !== next.skeleton) return null;
-  const lines: string[] = [];
+  const obj = (s: SetModel) => `${s.family} ${TABLE} ${s.name}`;
+  const head: string[] = [];
+  const delElements: string[] = [];
+  const body: string[] = [];
+  const addElements: string[] = [];
+  const tail: string[] = [];
   let deletions = 0;
+  let revokes = false;
+
+  const prevCounters = new Set(prev.counters);
+  const nextCounters = new Set(next.counters);
+  for (const c of next.counters) if (!prevCounters.has(c)) head.push(`add counter inet ${TABLE} ${c}`);
+  for (const s of next.sets.values()) if (s.dynamic && !prev.sets.has(`${s.family} ${s.name}`)) head.push(`add set ${obj(s)} { ${s.decl}; }`);
+  for (const name of next.chains.keys()) if (!prev.chains.has(name)) head.push(`add chain inet ${TABLE} ${name}`);
+
   for (const [key, s] of next.sets) {
     const before = new Set(prev.sets.get(key)?.elements ?? []);
     const after = new Set(s.elements);
     const del = [...before].filter((e) => !after.has(e));
     const add = [...after].filter((e) => !before.has(e));
     deletions += del.length;
-    if (del.length) lines.push(`delete element ${s.family} ${TABLE} ${s.name} { ${del.join(", ")} }`);
-    if (add.length) lines.push(`add element ${s.family} ${TABLE} ${s.name} { ${add.join(", ")} }`);
+    if (del.length) delElements.push(`delete element ${obj(s)} { ${del.join(", ")} }`);
+    if (add.length) addElements.push(`add element ${obj(s)} { ${add.join(", ")} }`);
   }
-  return { script: lines.length ? lines.join("\n") + "\n" : "", deletions };
+  if (deletions) revokes = true;
+
+  for (const [name, rules] of next.chains) {
+    const before = prev.chains.get(name);
+    if (before && before.join("\n") === rules.join("\n")) continue;
+    if (before) {
+      body.push(`flush chain inet ${TABLE} ${name}`);
+      revokes = true;
+    }
+    for (const r of rules) body.push(`add rule inet ${TABLE} ${name} ${r}`);
+  }
+
+  const gone = [...prev.chains.keys()].filter((n) => !next.chains.has(n));
+  if (gone.length) revokes = true;
+  for (const name of gone) tail.push(`flush chain inet ${TABLE} ${name}`);
+  for (const name of gone) tail.push(`delete chain inet ${TABLE} ${name}`);
+  for (const [key, s] of prev.sets) if (s.dynamic && !next.sets.has(key)) tail.push(`delete set ${obj(s)}`);
+  for (const c of prev.counters) if (!nextCounters.has(c)) tail.push(`delete counter inet ${TABLE} ${c}`);
+
+  const lines = [...head, ...delElements, ...body, ...addElements, ...tail];
+  return { script: lines.length ? lines.join("\n") + "\n" : "", deletions, revokes };
 }
 
 /**
- * The incremental script that turns `prev` into `next` by set elements only,
- * or null if the skeleton changed or more than MAX_ELEMENT_DELETIONS elements
- * go (then the caller replaces the table).
+ * The incremental script that turns `prev` into `next`, or null if the
+ * skeleton changed or more than MAX_ELEMENT_DELETIONS elements go (then the
+ * caller replaces the table).
  */
 export function diff(prev: FwModel, next: FwModel): string | null {
   const d = elementDiff(prev, next);

@@ -34,10 +34,10 @@ export const firewallDefinition: ServiceDefinition = {
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
     const store = new FirewallStore(redis, logger);
-    const api = new FirewallApi(store, new IpamStore(redis), { hostId });
     const nft = new LinuxNft();
     const host = new HostStore(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);
+    const api = new FirewallApi(store, new IpamStore(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
     sync.start(redis, Number(flags.driftIntervalMs));
     // Bridged traffic must reach nft, or VMs of one subnet bypass the
     // security groups: checked in every VPC namespace of this host every few

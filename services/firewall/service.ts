@@ -7,7 +7,7 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
-import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { InvalidArgumentError, NotFoundError, UnavailableError } from "../common/errors.js";
 import { decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
@@ -63,6 +63,12 @@ function backoff(attempt: number): Promise<void> {
 export interface FirewallApiOptions {
   /** This hypervisor's id: BindNic records it as the NIC's host. */
   hostId: string;
+  /**
+   * Resolves when this host's kernel enforces what Redis holds for a VPC
+   * (FirewallSync.enforce): BindNic and UnbindNic return only then, so a
+   * VM's network is closed or open as asked when the call returns.
+   */
+  enforce?: (vpcId: string) => Promise<void>;
 }
 
 type Logging = { ratePerSecond: number; burst: number };
@@ -180,6 +186,20 @@ export class FirewallApi {
    * The id a delete's ref names (an id, or a name within vpc), or null when
    * nothing by that name exists: deletes of what is gone succeed.
    */
+  /** Waits until this host's kernel has the binding change of nicId (see FirewallApiOptions.enforce). */
+  private async enforced(nicId: string, vpcId: string, what: "bind" | "unbind"): Promise<void> {
+    if (!this.opts.enforce) return;
+    try {
+      await this.opts.enforce(vpcId);
+    } catch (err) {
+      const meanwhile =
+        what === "bind" ? "until it does, the NIC's traffic stays blocked" : "until it does, the kernel still applies the old binding's security groups";
+      throw new UnavailableError(
+        `the ${what === "bind" ? "binding" : "removal of the binding"} of ${nicId} is stored, but this host's firewall has not applied it: ${(err as Error).message}; it keeps retrying, and ${meanwhile}. Call again to wait for it`,
+      );
+    }
+  }
+
   private async idOfRef(
     ref: string,
     vpcRef: string,
@@ -467,13 +487,17 @@ export class FirewallApi {
         ...(logging ? { dropLogging: logging } : {}),
       };
       const { binding, changed } = await this.store.bind(spec);
+      await this.enforced(nicId, binding.vpcId, "bind");
       return { binding: (await this.bindingMsgs([binding]))[0], changed };
     },
 
     unbindNic: async (req) => {
       const nicId = V.id("nic_id", req.nicId, "nic");
+      const was = await this.store.getBinding(nicId);
+      const unbound = await this.store.unbind(nicId);
       // Conntrack entries are the sync loop's to clear, on the host that had the NIC.
-      return { unbound: await this.store.unbind(nicId), conntrackEntriesCleared: 0 };
+      if (unbound && was && was.hostId === this.opts.hostId) await this.enforced(nicId, was.vpcId, "unbind");
+      return { unbound, conntrackEntriesCleared: 0 };
     },
 
     listNicBindings: async (req) => {

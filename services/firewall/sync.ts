@@ -15,7 +15,7 @@ import { names } from "../netagent/plan.js";
 import { hostKeys } from "../netagent/schema.js";
 import type { HostStore } from "../netagent/store.js";
 import type { NftRunner } from "./apply.js";
-import { compile, diff, flowAllowed, type FwModel } from "./compile.js";
+import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, type FwModel } from "./compile.js";
 import type { BindingRec, VpcFirewallState } from "./model.js";
 import { checkBinding, OWNER, parseLocalSubnet } from "./schema.js";
 
@@ -30,6 +30,13 @@ const applySeconds = new Histogram({
   help: "Compile + apply time of one VPC's firewall.",
   labelNames: ["kind"] as const,
   buckets: [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5],
+  registers: [metricsRegistry],
+});
+const enforceSeconds = new Histogram({
+  name: "microvpc_firewall_enforce_seconds",
+  help: "From a BindNic/UnbindNic asking for its VPC to be applied until the kernel has it (or the apply failed).",
+  labelNames: ["result"] as const,
+  buckets: [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5],
   registers: [metricsRegistry],
 });
 const ctCleared = new Counter({
@@ -61,9 +68,14 @@ export class FirewallSync {
   /** What was last applied per VPC namespace: diffing against it makes updates incremental. */
   readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState }>();
   status: FwStatus = { lastApplyMs: 0, lastApplyDurationMs: 0, lastError: "", lastErrorMs: 0, generation: 0, applied: 0 };
-  private running = false;
   private stopped = false;
+  /** A pass over every VPC is wanted (a change event, a failed pass to retry). */
   private pending = false;
+  /** VPCs a caller waits on (enforce()): a pass over just these is wanted. */
+  private readonly targets = new Set<string>();
+  private waiters: { vpcId: string; done: (err?: Error) => void }[] = [];
+  /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
+  private readonly errors = new Map<string, string>();
   private wake?: () => void;
 
   constructor(
@@ -75,11 +87,12 @@ export class FirewallSync {
   ) {}
 
   /** Local VPCs with their subnets and NICs, from the netagent's desired state. */
-  async localState(): Promise<Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>> {
+  async localState(only?: ReadonlySet<string>): Promise<Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>> {
     const d = await this.host.load();
-    const bindings = await this.source.bindingsOf([...d.nics.keys()]);
+    const nicIds = [...d.nics.values()].filter((n) => !only || only.has(n.vpcId)).map((n) => n.nicId);
+    const bindings = await this.source.bindingsOf(nicIds);
     const out = new Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>();
-    for (const vpcId of d.vpcs.keys()) out.set(vpcId, { subnets: [], nics: [] });
+    for (const vpcId of d.vpcs.keys()) if (!only || only.has(vpcId)) out.set(vpcId, { subnets: [], nics: [] });
     // The netagent's records reach nft here (cidrs, interface names, MACs,
     // addresses): checked as a binding is, a bad one skipped and reported.
     for (const s of d.subnets.values()) {
@@ -91,6 +104,7 @@ export class FirewallSync {
       out.get(s.vpcId)?.subnets.push({ ...p.value, bridge: names.bridge(p.value.subnetId) });
     }
     for (const n of d.nics.values()) {
+      if (!out.has(n.vpcId)) continue;
       const b = bindings.get(n.nicId);
       const bad = attempt(() =>
         checkBinding({
@@ -126,35 +140,56 @@ export class FirewallSync {
   }
 
   /**
-   * One pass over every local VPC. `full` forces a table replace (start);
-   * `checkDrift` first asks the kernel whether our table is still there
-   * (a periodic check, not per change: listing a table with 10 000 set
-   * elements costs ~60 ms).
+   * One pass over every local VPC (or only those in `only`). `full` forces a
+   * table replace (start); `checkDrift` first asks the kernel whether our
+   * table is still there (a periodic check, not per change: listing a table
+   * with 10 000 set elements costs ~60 ms).
    */
-  async syncAll(full = false, checkDrift = false): Promise<void> {
+  async syncAll(full = false, checkDrift = false, only?: ReadonlySet<string>): Promise<void> {
+    await this.clearLater(await this.pass(full, checkDrift, only));
+  }
+
+  /** Runs the conntrack clean-ups a pass left for after its waiters were answered. */
+  private async clearLater(cleanups: (() => Promise<unknown>)[]): Promise<void> {
+    for (const c of cleanups) await c().catch((err: Error) => this.log.warn({ err: err.message }, "cannot clear conntrack entries"));
+  }
+
+  /** One pass (see syncAll); returns the conntrack clean-ups it leaves to run. */
+  private async pass(full: boolean, checkDrift: boolean, only?: ReadonlySet<string>): Promise<(() => Promise<unknown>)[]> {
     const t0 = Date.now();
-    let error = "";
+    const cleanups: (() => Promise<unknown>)[] = [];
     try {
-      const local = await this.localState();
+      const local = await this.localState(only);
       for (const [vpcId, l] of local) {
         const ns = names.netns(this.hostId, vpcId);
-        if (!existsSync(`/run/netns/${ns}`)) continue;
+        if (!existsSync(`/run/netns/${ns}`)) {
+          this.errors.delete(vpcId);
+          continue;
+        }
         try {
           const st = await this.source.loadVpcState(this.hostId, vpcId, l.subnets, l.nics);
-          await this.syncVpc(ns, st, full, checkDrift);
+          const cleanup = await this.syncVpc(ns, st, full, checkDrift, true);
+          if (cleanup) cleanups.push(cleanup);
+          this.errors.delete(vpcId);
         } catch (err) {
-          error = `${vpcId}: ${(err as Error).message}`;
+          this.errors.set(vpcId, (err as Error).message);
           this.log.error({ vpc: vpcId, err: (err as Error).message }, "firewall sync failed; will retry with a full replace");
           // The next pass rebuilds this namespace from scratch.
           this.applied.delete(ns);
         }
       }
-      for (const ns of this.applied.keys()) {
-        if (![...local.keys()].some((v) => names.netns(this.hostId, v) === ns)) this.applied.delete(ns);
+      if (!only) {
+        for (const ns of this.applied.keys()) {
+          if (![...local.keys()].some((v) => names.netns(this.hostId, v) === ns)) this.applied.delete(ns);
+        }
+        for (const vpcId of this.errors.keys()) if (vpcId !== "" && !local.has(vpcId)) this.errors.delete(vpcId);
       }
+      this.errors.delete("");
     } catch (err) {
-      error = (err as Error).message;
+      // Reading the desired state failed (Redis): every VPC asked for is unknown.
+      this.errors.set("", (err as Error).message);
     }
+    const error = [...this.errors].map(([v, e]) => (v ? `${v}: ${e}` : e)).join("; ");
     this.status = {
       ...this.status,
       lastApplyMs: Date.now(),
@@ -163,21 +198,32 @@ export class FirewallSync {
       lastErrorMs: error ? Date.now() : this.status.lastErrorMs,
       generation: this.status.generation + 1,
     };
+    return cleanups;
   }
 
-  async syncVpc(ns: string, st: VpcFirewallState, full: boolean, checkDrift = false): Promise<void> {
+  /**
+   * Makes one namespace's tables match `st`. A change that takes something
+   * away also clears the conntrack entries the policy no longer allows: at
+   * once, or (deferClear) returned as a function to run once the callers
+   * waiting for the apply have their answer.
+   */
+  async syncVpc(ns: string, st: VpcFirewallState, full: boolean, checkDrift = false, deferClear = false): Promise<(() => Promise<unknown>) | undefined> {
     const t0 = process.hrtime.bigint();
-    const { model, script } = compile(st);
+    const compiled = compile(st);
+    const model = compiled.model;
     const prev = this.applied.get(ns);
     let kind: "full" | "elements" | "none" = "full";
-    let text = script;
+    let text = "";
+    let revokes = true;
     if (!full && prev && (!checkDrift || (await this.nft.tableExists(ns)))) {
-      const d = diff(prev.model, model);
-      if (d !== null) {
-        kind = d === "" ? "none" : "elements";
-        text = d;
+      const d = elementDiff(prev.model, model);
+      if (d !== null && d.deletions <= MAX_ELEMENT_DELETIONS) {
+        kind = d.script === "" ? "none" : "elements";
+        text = d.script;
+        revokes = d.revokes;
       }
     }
+    if (kind === "full") text = compiled.script;
     if (kind !== "none") {
       try {
         await this.nft.apply(ns, text);
@@ -189,8 +235,44 @@ export class FirewallSync {
     }
     this.applied.set(ns, { model, state: st });
     applySeconds.observe({ kind }, Number(process.hrtime.bigint() - t0) / 1e9);
-    if (kind !== "none" && prev) await this.clearDisallowed(ns, st);
+    // Only a change that takes something away can leave a flow the policy no
+    // longer allows; a NIC bound or a member added cannot (and listing the
+    // conntrack table is the costliest command of a pass).
     if (kind !== "none") this.status.applied++;
+    if (kind !== "none" && prev && revokes) {
+      if (!deferClear) await this.clearDisallowed(ns, st);
+      else return () => this.clearDisallowed(ns, st);
+    }
+    return undefined;
+  }
+
+  /**
+   * Resolves once this host's kernel enforces what Redis holds for `vpcId`
+   * now: a pass over that VPC that started after this call has applied it.
+   * Rejects with the pass's error, or after `timeoutMs`. Calls made while a
+   * pass runs share the next one, so 100 binds at once cost a few passes.
+   */
+  enforce(vpcId: string, timeoutMs = 10_000): Promise<void> {
+    const t0 = process.hrtime.bigint();
+    return new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        enforceSeconds.observe({ result: "timeout" }, Number(process.hrtime.bigint() - t0) / 1e9);
+        reject(new Error(`this host's firewall did not apply VPC ${vpcId} within ${timeoutMs} ms (last error: ${this.status.lastError || "none"})`));
+      }, timeoutMs);
+      const waiter = {
+        vpcId,
+        done: (err?: Error) => {
+          clearTimeout(timer);
+          enforceSeconds.observe({ result: err ? "error" : "ok" }, Number(process.hrtime.bigint() - t0) / 1e9);
+          if (err) reject(err);
+          else resolve();
+        },
+      };
+      this.waiters.push(waiter);
+      this.targets.add(vpcId);
+      this.wake?.();
+    });
   }
 
   /** Removes conntrack entries of local NICs that the new policy would not allow. */
@@ -224,30 +306,52 @@ export class FirewallSync {
       await this.syncAll(true);
       let lastDrift = Date.now();
       while (!this.stopped) {
-        if (!this.pending) {
+        if (!this.pending && this.targets.size === 0) {
           await new Promise<void>((r) => {
             this.wake = r;
             setTimeout(r, 500).unref();
           });
         }
         if (this.stopped) break;
-        // A failed pass (Redis not up yet, an nft error) is retried soon, not at the next drift check.
-        if (this.status.lastError) {
-          await new Promise((r) => setTimeout(r, 1000));
-          this.pending = true;
-        }
+        // A failed pass (Redis not up yet, an nft error) is retried a second
+        // later, not at the next drift check; callers waiting in enforce()
+        // never wait for that second.
+        const retry = this.errors.size > 0 && Date.now() - this.status.lastErrorMs >= 1000;
         const drift = Date.now() - lastDrift > driftIntervalMs;
-        if (!this.pending && !drift) continue;
-        this.pending = false;
-        if (drift) lastDrift = Date.now();
-        await this.syncAll(false, drift);
+        if (!this.pending && !drift && !retry && this.targets.size === 0) continue;
+        const waiters = this.waiters.splice(0);
+        const targets = new Set(this.targets);
+        this.targets.clear();
+        let cleanups;
+        if (this.pending || drift || retry) {
+          this.pending = false;
+          if (drift) lastDrift = Date.now();
+          cleanups = await this.pass(false, drift);
+        } else cleanups = await this.pass(false, false, targets);
+        // The kernel has the change: answer first, then clear stale flows.
+        for (const w of waiters) {
+          const err = this.errors.get(w.vpcId) ?? this.errors.get("");
+          w.done(err === undefined ? undefined : new Error(err));
+        }
+        await this.clearLater(cleanups);
       }
     };
     void loop();
     void followEvents(
       redis,
       /^(fw\.|nic\.|subnet\.|vpc\.)/,
-      () => this.kick(),
+      (events) => {
+        // Firewall and NIC events name their VPC: a pass over that VPC
+        // only. A NIC attached or detached on another host changes nothing
+        // here (its binding's fw event does). Anything else (a VPC or subnet
+        // made or deleted) asks for a whole pass.
+        for (const e of events) {
+          if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) continue;
+          if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.")) && e.vpc) this.targets.add(e.vpc);
+          else this.pending = true;
+        }
+        this.wake?.();
+      },
       () => this.stopped,
     );
   }

@@ -57,7 +57,7 @@ if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
 redis.call('HSET', 'mvpc:nicaddr', ARGV[2], ARGV[5] .. '/' .. ARGV[1])
 local vpc, addr = string.match(ARGV[2], '^([^/]+)/(.+)$')
 if vpc then redis.call('HSET', 'mvpc:overlay:' .. vpc .. ':addrs', addr, ARGV[5]) end
-redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1])
+redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1], 'vpc', vpc or '')
 return {1, ARGV[1]}
 `;
 
@@ -81,6 +81,27 @@ export async function locateNic(redis: Redis, vpcId: string, address: string): P
   // Written by the NIC's host; anything else is no location.
   if (rest.length || !/^[a-z0-9-]{1,63}$/.test(hostId) || !/^nic-[0-9a-f]{12}$/.test(nicId ?? "")) return null;
   return { hostId, nicId };
+}
+
+/** Remembers the last parse of each field's raw text (the result of a pure parser). */
+class ParseMemo<T> {
+  private last = new Map<string, { raw: string; p: Parsed<T> }>();
+  private next?: Map<string, { raw: string; p: Parsed<T> }>;
+
+  /** A parser for one load; the fields it sees replace the memo at the next load (a deleted record's entry goes). */
+  parse(fn: (field: string, raw: string) => Parsed<T>): (field: string, raw: string) => Parsed<T> {
+    if (this.next) this.last = this.next;
+    const next = new Map<string, { raw: string; p: Parsed<T> }>();
+    this.next = next;
+    return (field, raw) => {
+      const hit = this.last.get(field);
+      // Shared between loads, so frozen: a reader that changed one would change the next load's too.
+      const p = hit && hit.raw === raw ? hit.p : fn(field, raw);
+      if (p.ok) Object.freeze(p.value);
+      next.set(field, { raw, p });
+      return p;
+    };
+  }
 }
 
 export class HostStore {
@@ -107,9 +128,14 @@ export class HostStore {
       }
       return out;
     };
-    const vpcs = parse("vpc", key(this.hostId, "vpcs"), v, (f, raw) => parseVpcSpec(this.hostId, f, raw));
-    const subnets = parse("subnet", key(this.hostId, "subnets"), s, parseSubnetSpec);
-    const nics = parse("nic", key(this.hostId, "nics"), n, parseNicSpec);
+    const vpcs = parse(
+      "vpc",
+      key(this.hostId, "vpcs"),
+      v,
+      this.memo.vpcs.parse((f, raw) => parseVpcSpec(this.hostId, f, raw)),
+    );
+    const subnets = parse("subnet", key(this.hostId, "subnets"), s, this.memo.subnets.parse(parseSubnetSpec));
+    const nics = parse("nic", key(this.hostId, "nics"), n, this.memo.nics.parse(parseNicSpec));
     // Across records: a NIC must fit its subnet, and two NICs of a VPC
     // cannot share a device or an address (the first by id wins).
     const seen = new Set<string>();
@@ -140,6 +166,13 @@ export class HostStore {
     this.lastValid = { vpcs: new Map(vpcs), subnets: new Map(subnets), nics: new Map(nics) };
     return { vpcs, subnets, nics, invalid };
   }
+
+  /**
+   * Parsing is pure: a record whose raw text did not change since the last
+   * load is not parsed and checked again (at 1 000 NICs, every pass of the
+   * firewall, gateway and netagent loads them all).
+   */
+  private readonly memo = { vpcs: new ParseMemo<VpcSpec>(), subnets: new ParseMemo<SubnetSpec>(), nics: new ParseMemo<NicSpec>() };
 
   /** The valid records this store last read or wrote (kept for records that later turn invalid). */
   private lastValid: { vpcs: Map<string, VpcSpec>; subnets: Map<string, SubnetSpec>; nics: Map<string, NicSpec> } = {
@@ -223,7 +256,7 @@ export class HostStore {
         n.address,
         this.hostId,
       )
-      .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId)
+      .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId)
       .exec();
   }
 }

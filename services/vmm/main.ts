@@ -74,6 +74,14 @@ export const vmmDefinition: ServiceDefinition = {
     }
     // Recovery that failed (or was postponed) is retried, each VM with backoff.
     const stopRetries = vmm.startRecoveryRetries();
-    return { services: [{ desc: VmService, impl: vmm.impl }], close: async () => stopRetries() };
+    let closed = false;
+    vmm.followInvalidations(redis, () => closed);
+    return {
+      services: [{ desc: VmService, impl: vmm.impl }],
+      close: async () => {
+        closed = true;
+        stopRetries();
+      },
+    };
   },
 };

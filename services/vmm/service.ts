@@ -9,9 +9,11 @@ import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client, type ServiceImpl } from "@connectrpc/connect";
+import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
 import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { followEvents } from "../common/events.js";
 import { metricsRegistry } from "../common/metrics.js";
 import * as V from "../common/validate.js";
 import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
@@ -31,6 +33,7 @@ import {
   VmStep,
   VmStepReportSchema,
   VmStepState,
+  type CreateVmRequest,
   type Vm,
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
@@ -93,6 +96,16 @@ const STEP_ENUM: Record<StepName, VmStep> = {
   boot: VmStep.BOOT,
 };
 
+/** How long a cached VPC/subnet/group lookup may be used without an event. */
+const LOOKUP_TTL_MS = 30_000;
+
+/**
+ * CreateVm's steps in the order they depend on each other: the address, then
+ * the NIC, then what needs only the NIC (at once), then the guest.
+ */
+const PHASES: StepName[][] = [["ipam"], ["netagent"], ["firewall", "gateway", "dns"], ["boot"]];
+if (PHASES.flat().join() !== STEPS.join()) throw new Error("vmm: PHASES must list STEPS in order");
+
 const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
 s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
 
@@ -150,6 +163,32 @@ export class Vmm {
       pause = Math.min(pause * 2, 250);
     }
     return this.hold(id, token);
+  }
+
+  /**
+   * What CreateVm looked up (a VPC, subnet or group by reference, each
+   * checked by its owning service when first asked), kept until a VPC,
+   * subnet or security-group event says something changed, and at most
+   * LOOKUP_TTL_MS. A stale entry cannot create a VM where it should not:
+   * the steps themselves (Allocate, AttachNic, BindNic) check again.
+   */
+  private readonly lookups = new Map<string, { value: unknown; atMs: number }>();
+
+  private async lookup<T>(hits: { cached: boolean }, key: string, load: () => Promise<T>): Promise<T> {
+    const hit = this.lookups.get(key);
+    if (hit && Date.now() - hit.atMs < LOOKUP_TTL_MS) {
+      hits.cached = true;
+      return hit.value as T;
+    }
+    const value = await load();
+    if (this.lookups.size >= 10_000) this.lookups.clear();
+    this.lookups.set(key, { value, atMs: Date.now() });
+    return value;
+  }
+
+  /** Drops every cached lookup when a VPC, subnet or security group changes anywhere. */
+  followInvalidations(redis: Redis, stopped: () => boolean): void {
+    void followEvents(redis, /^(vpc\.|subnet\.|fw\.sg\.)/, () => this.lookups.clear(), stopped);
   }
 
   owner(v: VmRec): string {
@@ -316,34 +355,46 @@ export class Vmm {
     await this.store.remove(v);
   }
 
+  /**
+   * Creates in phases; the steps of one phase do not depend on each other
+   * (the firewall binding, the metadata record and the DNS name all need
+   * only the NIC) and run at once. Before a phase starts, the record says
+   * which steps it runs (one write, carrying the previous phase's results
+   * too): after a crash, recovery rolls back from the last step on record,
+   * and every undo is idempotent, so a step that never ran costs nothing.
+   */
   async create(v: VmRec): Promise<VmRec> {
     v.op = "create";
-    await this.store.put(v);
-    for (const step of STEPS) {
-      const t0 = Date.now();
-      this.journal(v, "create", step, "running");
-      await this.store.put(v); // the attempt is on record before it starts
+    for (const phase of PHASES) {
+      for (const step of phase) this.journal(v, "create", step, "running");
+      await this.store.put(v); // the attempts are on record before they start
+      const results = await Promise.allSettled(
+        phase.map(async (step) => {
+          const t0 = Date.now();
+          const detail = await this.doStep(v, step);
+          v.done.push({ step, startMs: t0, endMs: Date.now(), detail });
+          stepSeconds.observe({ step, op: "create" }, (Date.now() - t0) / 1000);
+          this.journal(v, "create", step, "done", detail);
+        }),
+      );
+      v.done.sort((a, b) => STEPS.indexOf(a.step as StepName) - STEPS.indexOf(b.step as StepName));
+      const failedAt = results.findIndex((r) => r.status === "rejected");
+      if (failedAt < 0) continue;
+      const step = phase[failedAt];
+      const err = (results[failedAt] as PromiseRejectedResult).reason as unknown;
+      const cause = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
+      this.log.warn({ vm: v.id, step, err: cause }, "CreateVm step failed; rolling back");
+      this.journal(v, "create", step, "failed", cause);
       try {
-        const detail = await this.doStep(v, step);
-        v.done.push({ step, startMs: t0, endMs: Date.now(), detail });
-        stepSeconds.observe({ step, op: "create" }, (Date.now() - t0) / 1000);
-        this.journal(v, "create", step, "done", detail);
+        await this.rollback(v, phase[phase.length - 1]);
+      } catch (undoErr) {
+        v.state = "failed";
+        v.statusMessage = `step ${step} failed (${cause}) and the rollback failed: ${(undoErr as Error).message}; the vmm retries on restart`;
         await this.store.put(v);
-      } catch (err) {
-        const cause = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
-        this.log.warn({ vm: v.id, step, err: cause }, "CreateVm step failed; rolling back");
-        this.journal(v, "create", step, "failed", cause);
-        try {
-          await this.rollback(v, step);
-        } catch (undoErr) {
-          v.state = "failed";
-          v.statusMessage = `step ${step} failed (${cause}) and the rollback failed: ${(undoErr as Error).message}; the vmm retries on restart`;
-          await this.store.put(v);
-          throw new ConnectError(v.statusMessage, Code.Internal);
-        }
-        const code = err instanceof ConnectError ? err.code : err instanceof DomainError ? err.code : Code.Internal;
-        throw new ConnectError(`CreateVm failed at step ${step}: ${cause}; every step done before it was undone`, code);
+        throw new ConnectError(v.statusMessage, Code.Internal);
       }
+      const code = err instanceof ConnectError ? err.code : err instanceof DomainError ? err.code : Code.Internal;
+      throw new ConnectError(`CreateVm failed at step ${step}: ${cause}; every step done before it was undone`, code);
     }
     v.op = "";
     v.state = "running";
@@ -357,10 +408,17 @@ export class Vmm {
     v.state = "deleting";
     this.journal(v, "delete", "all", "running");
     await this.store.put(v);
-    for (const step of [...STEPS].reverse()) {
-      const t0 = Date.now();
-      await this.undoStep(v, step);
-      stepSeconds.observe({ step, op: "delete" }, (Date.now() - t0) / 1000);
+    for (const phase of [...PHASES].reverse()) {
+      // All of a phase's undos are tried before the first failure is thrown.
+      const results = await Promise.allSettled(
+        phase.map(async (step) => {
+          const t0 = Date.now();
+          await this.undoStep(v, step);
+          stepSeconds.observe({ step, op: "delete" }, (Date.now() - t0) / 1000);
+        }),
+      );
+      const failed = results.find((r) => r.status === "rejected");
+      if (failed) throw (failed as PromiseRejectedResult).reason;
     }
     await this.store.remove(v);
   }
@@ -496,83 +554,105 @@ export class Vmm {
     });
   }
 
+  /** CreateVm; `hits` records whether a cached lookup was used (see lookup). */
+  private async createVmOnce(req: CreateVmRequest, hits: { cached: boolean }): Promise<{ vm: Vm; created: boolean }> {
+    const name = V.name("name", req.name);
+    const vpc = await this.lookup(hits, `vpc ${req.vpc}`, async () => (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!);
+    const subnet = await this.lookup(
+      hits,
+      `subnet ${vpc.id} ${req.subnet}`,
+      async () => (await this.c.subnet.getSubnet({ ref: req.subnet, vpc: vpc.id })).subnet!,
+    );
+    if (subnet.vpcId !== vpc.id) throw new InvalidArgumentError("subnet", `subnet ${subnet.name} is not in VPC ${vpc.name}`);
+    if (req.address) V.ipv4("address", req.address);
+    if (req.securityGroups.length > 16) throw new InvalidArgumentError("security_groups", `has ${req.securityGroups.length}; at most 16`);
+    const groups: string[] = [];
+    for (const [i, g] of req.securityGroups.entries()) {
+      try {
+        groups.push(
+          await this.lookup(hits, `sg ${vpc.id} ${g}`, async () => (await this.c.firewall.getSecurityGroup({ ref: g, vpc: vpc.id })).securityGroup!.id),
+        );
+      } catch (e) {
+        if (e instanceof ConnectError && e.code === Code.NotFound)
+          throw new NotFoundError("security group", g, `security_groups[${i}] is not a group of VPC ${vpc.name}`);
+        throw e;
+      }
+    }
+    const kind = req.kind === VmKind.QEMU ? "qemu" : req.kind === VmKind.FIRECRACKER ? "firecracker" : "netns";
+    if (kind !== "netns" && !this.opts.booters[kind])
+      throw new FailedPreconditionError(`kind ${kind} is not available on this hypervisor; use NETNS${kind === "firecracker" ? " or QEMU" : ""}`);
+    if (req.userData.length > 16384) throw new InvalidArgumentError("user_data", `is ${req.userData.length} bytes; at most 16384`);
+    const existing = await this.store.byName(vpc.id, name);
+    if (existing) {
+      if (existing.state === "running" && existing.subnetId === subnet.id && (req.clientToken === "" || existing.clientToken === req.clientToken)) {
+        return { vm: this.vmMsg(existing), created: false };
+      }
+      throw new ConnectError(
+        `VM ${name} already exists in VPC ${vpc.name} (${existing.id}, ${existing.state}); delete it or pick another name`,
+        Code.AlreadyExists,
+      );
+    }
+    const v: VmRec = {
+      id: `vm-${randomBytes(6).toString("hex")}`,
+      name,
+      hostId: this.opts.hostId,
+      vpcId: vpc.id,
+      subnetId: subnet.id,
+      kind,
+      state: "pending",
+      statusMessage: "",
+      groups,
+      wantedAddress: req.address,
+      hostname: req.hostname ? V.name("hostname", req.hostname) : name,
+      vcpus: req.vcpus ?? 1,
+      memoryMib: req.memoryMib ?? 256,
+      userData: Buffer.from(req.userData).toString("base64"),
+      sshKeys: req.sshKeys.map((k) => ({ name: k.name, key: k.opensshKey })),
+      labels: V.labels("labels", req.labels),
+      imds: { tokens: req.imdsOptions?.httpTokens ?? 0, endpoint: req.imdsOptions?.httpEndpoint ?? 0, hopLimit: req.imdsOptions?.httpPutResponseHopLimit },
+      clientToken: V.token("client_token", req.clientToken, { optional: true }),
+      createdMs: Date.now(),
+      startedMs: 0,
+      address: "",
+      nicId: "",
+      hostIf: "",
+      mac: "",
+      netns: "",
+      pid: 0,
+      kernelIpArg: "",
+      consoleLog: "",
+      done: [],
+      op: "create",
+      journal: [],
+    };
+    const token = this.leaseToken();
+    const held = await this.store.claim(v, token);
+    if (held !== v.id) {
+      const other = await this.store.get(held);
+      throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (${held}, ${other?.state}); retry to get it`, Code.AlreadyExists);
+    }
+    // The VM's lease, taken with the claim: a DeleteVm waits for this create.
+    const release = this.hold(v.id, token);
+    try {
+      return { vm: this.vmMsg(await this.create(v)), created: true };
+    } finally {
+      await release();
+    }
+  }
+
   readonly impl: Partial<ServiceImpl<typeof VmService>> = {
     createVm: async (req) => {
-      const name = V.name("name", req.name);
-      const vpc = (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!;
-      const subnet = (await this.c.subnet.getSubnet({ ref: req.subnet, vpc: vpc.id })).subnet!;
-      if (subnet.vpcId !== vpc.id) throw new InvalidArgumentError("subnet", `subnet ${subnet.name} is not in VPC ${vpc.name}`);
-      if (req.address) V.ipv4("address", req.address);
-      if (req.securityGroups.length > 16) throw new InvalidArgumentError("security_groups", `has ${req.securityGroups.length}; at most 16`);
-      const groups: string[] = [];
-      for (const [i, g] of req.securityGroups.entries()) {
-        try {
-          groups.push((await this.c.firewall.getSecurityGroup({ ref: g, vpc: vpc.id })).securityGroup!.id);
-        } catch (e) {
-          if (e instanceof ConnectError && e.code === Code.NotFound)
-            throw new NotFoundError("security group", g, `security_groups[${i}] is not a group of VPC ${vpc.name}`);
-          throw e;
-        }
-      }
-      const kind = req.kind === VmKind.QEMU ? "qemu" : req.kind === VmKind.FIRECRACKER ? "firecracker" : "netns";
-      if (kind !== "netns" && !this.opts.booters[kind])
-        throw new FailedPreconditionError(`kind ${kind} is not available on this hypervisor; use NETNS${kind === "firecracker" ? " or QEMU" : ""}`);
-      if (req.userData.length > 16384) throw new InvalidArgumentError("user_data", `is ${req.userData.length} bytes; at most 16384`);
-      const existing = await this.store.byName(vpc.id, name);
-      if (existing) {
-        if (existing.state === "running" && existing.subnetId === subnet.id && (req.clientToken === "" || existing.clientToken === req.clientToken)) {
-          return { vm: this.vmMsg(existing), created: false };
-        }
-        throw new ConnectError(
-          `VM ${name} already exists in VPC ${vpc.name} (${existing.id}, ${existing.state}); delete it or pick another name`,
-          Code.AlreadyExists,
-        );
-      }
-      const v: VmRec = {
-        id: `vm-${randomBytes(6).toString("hex")}`,
-        name,
-        hostId: this.opts.hostId,
-        vpcId: vpc.id,
-        subnetId: subnet.id,
-        kind,
-        state: "pending",
-        statusMessage: "",
-        groups,
-        wantedAddress: req.address,
-        hostname: req.hostname ? V.name("hostname", req.hostname) : name,
-        vcpus: req.vcpus ?? 1,
-        memoryMib: req.memoryMib ?? 256,
-        userData: Buffer.from(req.userData).toString("base64"),
-        sshKeys: req.sshKeys.map((k) => ({ name: k.name, key: k.opensshKey })),
-        labels: V.labels("labels", req.labels),
-        imds: { tokens: req.imdsOptions?.httpTokens ?? 0, endpoint: req.imdsOptions?.httpEndpoint ?? 0, hopLimit: req.imdsOptions?.httpPutResponseHopLimit },
-        clientToken: V.token("client_token", req.clientToken, { optional: true }),
-        createdMs: Date.now(),
-        startedMs: 0,
-        address: "",
-        nicId: "",
-        hostIf: "",
-        mac: "",
-        netns: "",
-        pid: 0,
-        kernelIpArg: "",
-        consoleLog: "",
-        done: [],
-        op: "create",
-        journal: [],
-      };
-      const token = this.leaseToken();
-      const held = await this.store.claim(v, token);
-      if (held !== v.id) {
-        const other = await this.store.get(held);
-        throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (${held}, ${other?.state}); retry to get it`, Code.AlreadyExists);
-      }
-      // The VM's lease, taken with the claim: a DeleteVm waits for this create.
-      const release = this.hold(v.id, token);
+      const hits = { cached: false };
       try {
-        return { vm: this.vmMsg(await this.create(v)), created: true };
-      } finally {
-        await release();
+        return await this.createVmOnce(req, hits);
+      } catch (err) {
+        // A lookup served from the cache may be stale (a group deleted and
+        // made again a moment ago, before its event arrived): everything was
+        // undone, so forget the cache and try once more with fresh lookups.
+        const stale = err instanceof ConnectError && [Code.NotFound, Code.InvalidArgument, Code.FailedPrecondition].includes(err.code);
+        if (!hits.cached || !stale) throw err;
+        this.lookups.clear();
+        return await this.createVmOnce(req, { cached: false });
       }
     },
 

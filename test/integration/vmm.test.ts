@@ -17,7 +17,7 @@ import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness } from "../lib/harness.js";
 import { readFileSync, existsSync } from "node:fs";
 import { guestImage } from "../../services/vmm/qemu.js";
-import { canPing, listNetns, sleep, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { canPing, listNetns, nsExec, sleep, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let fwd: Daemon, gwd: Daemon, vmmd: Daemon;
@@ -141,6 +141,46 @@ describe("CreateVm and DeleteVm", () => {
     const x = await holdings();
     assertConsistent(x, "after delete");
     assert.equal(x.allocs.length, 0);
+  });
+
+  test("the network is enforced when CreateVm returns: a peer's first packet is answered, a VM whose groups deny it is closed", async () => {
+    // One echo request, sent right after the return, never repeated (no -w):
+    // before the firewall applied bindings inside BindNic, this packet met
+    // the "NIC not bound yet" drop for the first 20-80 ms after the return.
+    const firstPacket = async (from: string, to: string) =>
+      (await nsExec(from, "ping", ["-n", "-q", "-c", "1", "-W", "1", to], { check: false, timeoutMs: 5000 })).code === 0;
+    const peer = (await vmm.createVm({ name: "peer", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
+    try {
+      for (let i = 0; i < 5; i++) {
+        const open = (await vmm.createVm({ name: `open${i}`, vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
+        assert.ok(await firstPacket(peer.namespace, open.nics[0].guest!.address), `round ${i}: the first echo to a VM in "web" is answered`);
+        const shut = (await vmm.createVm({ name: `shut${i}`, vpc: "app", subnet: "web", kind: VmKind.NETNS })).vm!;
+        assert.ok(!(await firstPacket(peer.namespace, shut.nics[0].guest!.address)), `round ${i}: a VM without groups denies ingress from the start`);
+        assert.ok(await firstPacket(shut.namespace, peer.nics[0].guest!.address), `round ${i}: and its own first packet out is allowed (egress open)`);
+        await vmm.deleteVm({ ref: open.id });
+        await vmm.deleteVm({ ref: shut.id });
+      }
+    } finally {
+      await vmm.deleteVm({ ref: peer.id });
+    }
+    assertConsistent(await holdings(), "after the rounds");
+  });
+
+  test("a group deleted and made again under the same name is the one the next CreateVm binds (lookups are cached, never stale)", async () => {
+    const vpcId = (await h.ipam.vpc.getVpc({ ref: "app" })).vpc!.id;
+    const rules = [{ direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr" as const, value: "10.0.0.0/16" } }];
+    const first = (await fw.createSecurityGroup({ vpc: vpcId, name: "cached", rules })).securityGroup!;
+    const a = (await vmm.createVm({ name: "cache-a", vpc: "app", subnet: "web", securityGroups: ["cached"], kind: VmKind.NETNS })).vm!;
+    assert.deepEqual(a.securityGroupIds, [first.id]);
+    await vmm.deleteVm({ ref: a.id });
+    await fw.deleteSecurityGroup({ ref: first.id });
+    const second = (await fw.createSecurityGroup({ vpc: vpcId, name: "cached", rules })).securityGroup!;
+    assert.notEqual(second.id, first.id);
+    const b = (await vmm.createVm({ name: "cache-b", vpc: "app", subnet: "web", securityGroups: ["cached"], kind: VmKind.NETNS })).vm!;
+    assert.deepEqual(b.securityGroupIds, [second.id], "bound to the group that exists now");
+    await vmm.deleteVm({ ref: b.id });
+    await fw.deleteSecurityGroup({ ref: second.id });
+    await rejectsWith(vmm.createVm({ name: "cache-c", vpc: "app", subnet: "web", securityGroups: ["cached"], kind: VmKind.NETNS }), Code.NotFound, /cached/);
   });
 
   test("bad input: unknown VPC, group or subnet, bad names → the right code, nothing created", async () => {
