@@ -11,7 +11,7 @@ import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
-import type { ServiceDefinition } from "../common/daemon.js";
+import { checkRedisUser, type ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
 import { readinessChanged } from "../common/health.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
@@ -164,6 +164,7 @@ export function addImdsCommand(program: Command): void {
     .addOption(new Option("--management-cidrs <list>", "as the gateway's: a VPC's forwarders inside it are not used").default(""))
     .addOption(new Option("--uplink <ifname>", "the uplink, for --management-cidrs auto").default("eth0"))
     .addOption(new Option("--redis-password-file <path>", "read the Redis password from a file").env("MICROVPC_REDIS_PASSWORD_FILE"))
+    .addOption(new Option("--redis-user <name>", "Redis ACL user (the gateway's)").env("MICROVPC_REDIS_USER"))
     .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) of Redis over TLS").env("MICROVPC_REDIS_TLS_CA"))
     .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_CERT"))
     .addOption(new Option("--redis-tls-key <path>", "client private key (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_KEY"))
@@ -176,13 +177,15 @@ export function addImdsCommand(program: Command): void {
         managementCidrs: string;
         uplink: string;
         redisPasswordFile?: string;
+        redisUser?: string;
         redisTlsCa?: string;
         redisTlsCert?: string;
         redisTlsKey?: string;
       }) => {
         const logger = pino({ base: { service: "imds", pid: process.pid } });
         const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
-        const redis = connectRedis({ url: o.redis, logger, ...secrets });
+        checkRedisUser(o.redis, o.redisUser);
+        const redis = connectRedis({ url: o.redis, logger, ...(o.redisUser ? { username: o.redisUser } : {}), ...secrets });
         const spec = parseManagementCidrs("--management-cidrs", o.managementCidrs);
         const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
         const dns =
@@ -211,13 +214,14 @@ export function addImdsCommand(program: Command): void {
  */
 export function imdsRedisArgs(
   url: string,
-  files: { passwordFile?: unknown; tlsCa?: unknown; tlsCert?: unknown; tlsKey?: unknown },
+  files: { user?: unknown; passwordFile?: unknown; tlsCa?: unknown; tlsCert?: unknown; tlsKey?: unknown },
 ): { args: string[]; env: Record<string, string> } {
   const args: string[] = [];
   const env: Record<string, string> = {};
   if (urlHasPassword(url)) env.MICROVPC_REDIS_URL = url;
   else args.push("--redis", url);
   for (const [flag, v] of [
+    ["--redis-user", files.user],
     ["--redis-password-file", files.passwordFile],
     ["--redis-tls-ca", files.tlsCa],
     ["--redis-tls-cert", files.tlsCert],
@@ -319,6 +323,7 @@ export const gatewayDefinition: ServiceDefinition = {
       };
     } else {
       const redisArgs = imdsRedisArgs(String(flags.imdsRedis ?? flags.redis), {
+        user: flags.redisUser,
         passwordFile: flags.redisPasswordFile,
         tlsCa: flags.redisTlsCa,
         tlsCert: flags.redisTlsCert,
