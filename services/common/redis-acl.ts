@@ -84,6 +84,10 @@ const COMMANDS = [
   "+script|exists",
   "-@dangerous",
   "-@admin",
+  // Functions are @write: FUNCTION FLUSH/LOAD/DELETE would pass +@write.
+  "-function",
+  "-fcall",
+  "-fcall_ro",
   "+info",
 ];
 
