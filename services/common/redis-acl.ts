@@ -22,7 +22,7 @@
 //     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
 //                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership
 //     mvpc:gw:md:*         instance metadata (SetInstanceMetadata from vmm) and IMDS session tokens
-//     mvpc:vm:*, mvpc:vms, mvpc:vmlease:*
+//     mvpc:vm:vm-*, mvpc:vm:vpc:*:byname, mvpc:vms, mvpc:vmlease:*
 //                          vmm's VM records, name index and leases
 // Everything else is the control plane's (ipam, dns, peering, and the
 // cluster-wide RPCs of firewall and gateway: security groups, network ACLs,
@@ -58,7 +58,9 @@ export const SHARED_WRITE_PATTERNS = [
   "mvpc:fw:sg:*:members",
   "mvpc:fw:gen",
   "mvpc:gw:md:*",
-  "mvpc:vm:*",
+  // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>.
+  "mvpc:vm:vm-*",
+  "mvpc:vm:vpc:*:byname",
   "mvpc:vms",
   "mvpc:vmlease:*",
 ] as const;

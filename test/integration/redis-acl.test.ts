@@ -21,18 +21,19 @@ import { grpcClient } from "../../services/common/client.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { Harness, type Hypervisor } from "../lib/harness.js";
-import { tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
+import { ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let A: Hypervisor, B: Hypervisor;
 let fwd: Daemon, gwd: Daemon, vmmd: Daemon, ctlFwd: Daemon;
 let vpc: Vpc, sn: Subnet;
+let a: Vm, b: Vm;
 /** Connections as host A's user and as Redis's default (admin) user. */
 let asA: Redis, admin: Redis;
 
 beforeAll(async () => {
-  h = await Harness.start({ hosts: 2, redisAcl: true });
+  h = await Harness.start({ hosts: 2, redisAcl: true, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   [A, B] = h.hosts;
   ({ fwd, gwd, vmmd } = (await h.hostServices(A, { vmm: true, driftMs: 3000, vmmEnv: { MICROVPC_STATE_DIR: tempDir("vmm-state") } })) as {
     fwd: Daemon;
@@ -90,7 +91,7 @@ describe("per-host Redis ACL users", () => {
       /Redis user may not make this change.*control user/,
     );
 
-    const a = await h.vm(A, vpc, sn, "acla");
+    a = await h.vm(A, vpc, sn, "acla");
     assert.ok(a.nicId, "AttachNic on A as A's user");
     const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
     const v = (await vmm.createVm({ name: "aclv", vpc: "acl", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
@@ -123,8 +124,15 @@ describe("per-host Redis ACL users", () => {
     }
   });
 
+  test("the overlay joins A and B, each writing the shared overlay keys as its own user", async () => {
+    b = await h.vm(B, vpc, sn, "aclb");
+    const reaches = async (x: Vm, y: Vm) => (await ping(x.ns, y.address, { count: 2, intervalS: 0.1, deadlineS: 2 })).received > 0;
+    assert.ok(await waitFor(async () => (await reaches(a, b)) && (await reaches(b, a)), { timeoutMs: 20_000, intervalMs: 300 }), "a ⇄ b across hosts");
+    assert.deepEqual(Object.keys(await admin.hgetall(`mvpc:overlay:${vpc.id}:members`)).sort(), [A.id, B.id].sort());
+    for (const d of [A.daemon, B.daemon]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+  });
+
   test("with host A's credentials: host B's records, IPAM, security groups, NAT, tokens and admin commands are refused", async () => {
-    const b = await h.vm(B, vpc, sn, "aclb");
     const nicB = (await admin.hget(`mvpc:host:${B.id}:nics`, b.nicId))!;
     assert.ok(nicB, "B's NIC record is there to attack");
     const sgId = (await admin.hget(`mvpc:fw:vpc:${vpc.id}:sg:byname`, "web"))!;
@@ -136,6 +144,7 @@ describe("per-host Redis ACL users", () => {
     await refused("B's VPC records", asA.hset(`mvpc:host:${B.id}:vpcs`, vpc.id, "{}"));
     await refused("B's overlay registry record", asA.set(`mvpc:hosts:${B.id}`, "{}"));
     await refused("B's firewall bindings index", asA.sadd(`mvpc:fw:host:${B.id}:vpcs`, "vpc-000000000000"));
+    await refused("B's VM index", asA.sadd(`mvpc:vm:host:${B.id}`, "vm-000000000000"));
     await refused("B's transit indexes", asA.hset(`mvpc:gw:host:${B.id}:transit`, vpc.id, "7"));
     // IPAM.
     await refused("a VPC record", asA.hset(`mvpc:vpc:${vpc.id}`, "cidr", "0.0.0.0/0"));
@@ -188,5 +197,9 @@ describe("per-host Redis ACL users", () => {
     assert.equal((await B.agent.listNics({})).nics.length, 1);
     const again = await h.vm(A, vpc, sn, "aclc");
     assert.ok(again.nicId, "A attaches another NIC after the attempts");
+    const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
+    await vmm.deleteVm({ ref: "aclv", vpc: "acl" });
+    await rejectsWith(vmm.getVm({ ref: "aclv", vpc: "acl" }), Code.NotFound);
+    for (const d of [A.daemon, fwd, gwd, vmmd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
   });
 });
