@@ -123,7 +123,8 @@ export function readToken(flags: { token?: string; tokenFile?: string }, flag = 
 
 /** --redis-user: a plain ACL user name, and not also in the URL (ioredis would let the URL's win). */
 export function checkRedisUser(url: string, user: string | undefined): void {
-  if (user === undefined) return;
+  // Empty (MICROVPC_REDIS_USER="", as the dev manifests set it): Redis's default user.
+  if (!user) return;
   if (!/^[A-Za-z0-9_.@-]{1,128}$/.test(user)) throw new Error(`--redis-user ${JSON.stringify(user)}: use 1–128 characters of [A-Za-z0-9_.@-]`);
   if (urlHasUser(url)) throw new Error("--redis names a user and --redis-user gives one too: keep the user in --redis-user only");
 }

@@ -130,6 +130,13 @@ describe("per-host Redis ACL users", () => {
     assert.ok(await waitFor(async () => (await reaches(a, b)) && (await reaches(b, a)), { timeoutMs: 20_000, intervalMs: 300 }), "a ⇄ b across hosts");
     assert.deepEqual(Object.keys(await admin.hgetall(`mvpc:overlay:${vpc.id}:members`)).sort(), [A.id, B.id].sort());
     for (const d of [A.daemon, B.daemon]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+    // The members hash is shared (a hash field cannot be limited to its
+    // writer): A may delete B's entry, and B puts it back by itself.
+    const members = `mvpc:overlay:${vpc.id}:members`;
+    const entryB = await admin.hget(members, B.id);
+    assert.equal(await asA.hdel(members, B.id), 1);
+    assert.ok(await waitFor(async () => (await admin.hget(members, B.id)) === entryB, { timeoutMs: 20_000, intervalMs: 250 }), "B restores its entry");
+    assert.ok(await waitFor(async () => (await reaches(a, b)) && (await reaches(b, a)), { timeoutMs: 20_000, intervalMs: 300 }), "a ⇄ b again");
   });
 
   test("with host A's credentials: host B's records, IPAM, security groups, NAT, tokens and admin commands are refused", async () => {
