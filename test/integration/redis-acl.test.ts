@@ -198,6 +198,37 @@ describe("per-host Redis ACL users", () => {
     assert.equal(await asA.hset(`mvpc:host:${A.id}:probe`, "x", "1"), 1);
     assert.equal(await asA.del(`mvpc:host:${A.id}:probe`), 1);
 
+    // A binding record is shared too: B may rewrite the groups of A's NIC. A's
+    // firewall compares it with its own copy (host-scoped, only A writes it)
+    // and fails closed, naming the record; BindNic on A puts it right.
+    const asB = new Redis({
+      port: h.redis.port,
+      host: "127.0.0.1",
+      username: hostUser(B.id),
+      password: readFileSync(h.acl!.passwordFile(hostUser(B.id)), "utf8").trim(),
+      maxRetriesPerRequest: 0,
+    });
+    try {
+      const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
+      const sig = (await asB.hget(`mvpc:fw:nic:${a.nicId}`, "sig"))!;
+      const forged = JSON.stringify({ ...(JSON.parse(sig) as object), groupIds: [] });
+      assert.equal(await asB.hset(`mvpc:fw:nic:${a.nicId}`, "sig", forged), 0, "B may write the shared record");
+      await refused("B writes A's own copy", asB.hset(`mvpc:fw:host:${A.id}:sig`, a.nicId, forged));
+      await asB.xadd("mvpc:events", "*", "kind", "fw.binding.changed", "vpc", vpc.id);
+      assert.ok(
+        await waitFor(
+          async () => (await fw.getFirewallStatus({})).invalidRecords.some((r) => r.kind === "binding" && r.key.includes(a.nicId) && /own copy/.test(r.reason)),
+          { timeoutMs: 20_000, intervalMs: 250 },
+        ),
+        "A's firewall refuses the rewritten binding",
+      );
+      const sgId = (await admin.hget(`mvpc:fw:vpc:${vpc.id}:sg:byname`, "web"))!;
+      await fw.bindNic({ nicId: a.nicId, vpc: vpc.id, subnet: sn.id, securityGroups: [sgId] });
+      assert.equal(await admin.hget(`mvpc:fw:host:${A.id}:sig`, a.nicId), await admin.hget(`mvpc:fw:nic:${a.nicId}`, "sig"), "BindNic on A restores both");
+    } finally {
+      asB.disconnect();
+    }
+
     // Nothing changed, and A still works.
     assert.equal(await admin.hget(`mvpc:host:${B.id}:nics`, b.nicId), nicB, "B's NIC record untouched");
     assert.ok(await admin.exists(`mvpc:subnet:${sn.id}`));
