@@ -251,6 +251,10 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
     new Option(
+      "--api-only",
+      "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards, instance metadata), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
+    ).env("MICROVPC_API_ONLY"),
+    new Option(
       "--reserved-ports <list>",
       "ports the hypervisor serves itself, never port-forwarded (CreatePortForward: FAILED_PRECONDITION), e.g. 22,7401-7405; empty: none",
     )
@@ -282,6 +286,15 @@ export const gatewayDefinition: ServiceDefinition = {
     const ctLimit = Number(flags.conntrackLimitPerVm);
     if (!/^[0-9]{1,10}$/.test(String(flags.conntrackLimitPerVm)) || ctLimit > 4_000_000) {
       throw new Error(`--conntrack-limit-per-vm ${JSON.stringify(flags.conntrackLimitPerVm)}: use 1–4000000 flows, or 0 for no limit`);
+    }
+    if (flags.apiOnly) {
+      // With per-host Redis users a hypervisor's gateway may not write NAT
+      // gateways, floating IPs or port forwards; this instance does.
+      const api = new GatewayApi(new GatewayStore(redis, logger), new IpamStore(redis), redis, {
+        pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }),
+        reservedPorts,
+      });
+      return { services: [{ desc: GatewayService, impl: { ...api.impl, ...new MetadataApi(new MetadataStore(redis, logger)).impl } }] };
     }
     const mgmtText = String(flags.managementCidrs);
     const mgmt: ManagementSpec = parseManagementCidrs("--management-cidrs", mgmtText);

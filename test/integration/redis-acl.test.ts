@@ -14,6 +14,7 @@ import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { Direction, FirewallHealth, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
@@ -21,12 +22,12 @@ import { grpcClient } from "../../services/common/client.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
+import { FLOATING_POOL, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
 import { ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let A: Hypervisor, B: Hypervisor;
-let fwd: Daemon, gwd: Daemon, vmmd: Daemon, ctlFwd: Daemon;
+let fwd: Daemon, gwd: Daemon, vmmd: Daemon, ctlFwd: Daemon, ctlGwd: Daemon;
 let vpc: Vpc, sn: Subnet;
 let a: Vm, b: Vm;
 /** Connections as host A's user and as Redis's default (admin) user. */
@@ -40,10 +41,13 @@ beforeAll(async () => {
     gwd: Daemon;
     vmmd: Daemon;
   });
-  // Security groups are cluster-wide: their API runs as the control user,
-  // here a firewall of no hypervisor (its sync has no VPC to compile).
-  ctlFwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", `${h.prefix}ctl`, ...h.acl!.args(CONTROL_USER)]);
+  // Security groups, NAT gateways and floating IPs are cluster-wide: their
+  // API runs as the control user, in a firewall and a gateway without data plane.
+  const ctl = ["--redis", h.redis.url, "--host-id", `${h.prefix}ctl`, "--api-only", ...h.acl!.args(CONTROL_USER)];
+  ctlFwd = await startDaemon("firewall", ctl);
   trackChild(ctlFwd.proc);
+  ctlGwd = await startDaemon("gateway", [...ctl, "--public-pool", FLOATING_POOL]);
+  trackChild(ctlGwd.proc);
   const pw = (user: string) => readFileSync(h.acl!.passwordFile(user), "utf8").trim();
   asA = new Redis({ port: h.redis.port, host: "127.0.0.1", username: hostUser(A.id), password: pw(hostUser(A.id)), maxRetriesPerRequest: 0 });
   admin = new Redis({ port: h.redis.port, host: "127.0.0.1", password: h.acl!.admin });
@@ -52,7 +56,7 @@ beforeAll(async () => {
 afterAll(async () => {
   asA?.disconnect();
   admin?.disconnect();
-  for (const d of [vmmd, gwd, fwd, ctlFwd]) await d?.stop().catch(() => undefined);
+  for (const d of [vmmd, gwd, fwd, ctlFwd, ctlGwd]) await d?.stop().catch(() => undefined);
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);
 });
@@ -91,6 +95,14 @@ describe("per-host Redis ACL users", () => {
       /Redis user may not make this change.*control user/,
     );
 
+    // NAT and floating IPs likewise: the control gateway may, A's may not.
+    const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
+    const ctlGw = grpcClient(GatewayService, { address: ctlGwd.address, timeoutMs: 20_000 });
+    await rejectsWith(gw.createNatGateway({ vpc: vpc.id, subnet: sn.id }), Code.PermissionDenied, /control user/);
+    await rejectsWith(gw.allocateFloatingIp({}), Code.PermissionDenied, /control user/);
+    assert.ok((await ctlGw.createNatGateway({ vpc: vpc.id, subnet: sn.id })).natGateway!.id);
+    assert.ok((await ctlGw.allocateFloatingIp({})).floatingIp!.address);
+
     a = await h.vm(A, vpc, sn, "acla");
     assert.ok(a.nicId, "AttachNic on A as A's user");
     const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
@@ -113,6 +125,8 @@ describe("per-host Redis ACL users", () => {
     assert.equal((await A.agent.listNics({})).nics.length, 2);
     // NOPERM anywhere would mean the user is too narrow for what the agents do.
     for (const [name, d] of [
+      ["control firewall", ctlFwd],
+      ["control gateway", ctlGwd],
       ["netagent A", A.daemon],
       ["netagent B", B.daemon],
       ["firewall A", fwd],
