@@ -122,9 +122,11 @@ export function readToken(flags: { token?: string; tokenFile?: string }, flag = 
 }
 
 /** --redis-user: a plain ACL user name, and not also in the URL (ioredis would let the URL's win). */
-export function checkRedisUser(url: string, user: string | undefined): void {
+export function checkRedisUser(url: string, user: string | undefined, passwordFile?: string): void {
   // Empty (MICROVPC_REDIS_USER="", as the dev manifests set it): Redis's default user.
   if (!user) return;
+  // A user without a password would not AUTH at all: every command would run as "default".
+  if (!passwordFile && !urlHasPassword(url)) throw new Error("--redis-user needs --redis-password-file (the user's password)");
   if (!/^[A-Za-z0-9_.@-]{1,128}$/.test(user)) throw new Error(`--redis-user ${JSON.stringify(user)}: use 1–128 characters of [A-Za-z0-9_.@-]`);
   if (urlHasUser(url)) throw new Error("--redis names a user and --redis-user gives one too: keep the user in --redis-user only");
 }
@@ -147,7 +149,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     if (flags.redisPasswordFile) throw new Error("--redis carries a password and --redis-password-file gives one too: keep the password in the file only");
     logger.warn("the Redis URL carries a password, which ps and the environment show; move it to --redis-password-file");
   }
-  checkRedisUser(flags.redis, flags.redisUser);
+  checkRedisUser(flags.redis, flags.redisUser, flags.redisPasswordFile);
   const m = parseListen(flags.metricsListen);
   if (!isLoopback(m.host)) logger.warn({ metrics: flags.metricsListen }, "metrics listener is not on loopback; it has no authentication");
   setDefaultLabels({ service: def.name });

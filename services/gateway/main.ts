@@ -184,7 +184,7 @@ export function addImdsCommand(program: Command): void {
       }) => {
         const logger = pino({ base: { service: "imds", pid: process.pid } });
         const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
-        checkRedisUser(o.redis, o.redisUser);
+        checkRedisUser(o.redis, o.redisUser, o.redisPasswordFile);
         const redis = connectRedis({ url: o.redis, logger, ...(o.redisUser ? { username: o.redisUser } : {}), ...secrets });
         const spec = parseManagementCidrs("--management-cidrs", o.managementCidrs);
         const { close } = await runImds(redis, o.hostId, Number(o.port), logger);

@@ -113,12 +113,13 @@ describe("Redis secrets", () => {
     assert.ok(!imdsRedisArgs("/run/redis.sock", { user: "" }).args.includes("--redis-user"));
   });
   test("--redis-user: a plain name, not also in the URL; empty means Redis's default user", () => {
-    assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", "microvpc-host-hv1"));
+    assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", "microvpc-host-hv1", "/etc/pw"));
+    assert.throws(() => checkRedisUser("redis://h:6379/0", "microvpc-host-hv1"), /needs --redis-password-file/);
     assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", ""));
     assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", undefined));
-    assert.throws(() => checkRedisUser("redis://h:6379/0", "a b"), /--redis-user/);
-    assert.throws(() => checkRedisUser("redis://h:6379/0", "x\nACL"), /--redis-user/);
-    assert.throws(() => checkRedisUser("redis://alice@h:6379/0", "bob"), /keep the user in --redis-user only/);
+    assert.throws(() => checkRedisUser("redis://h:6379/0", "a b", "/etc/pw"), /--redis-user/);
+    assert.throws(() => checkRedisUser("redis://h:6379/0", "x\nACL", "/etc/pw"), /--redis-user/);
+    assert.throws(() => checkRedisUser("redis://alice@h:6379/0", "bob", "/etc/pw"), /keep the user in --redis-user only/);
     assert.equal(urlHasUser("redis://alice:pw@h:6379/0"), true);
     assert.equal(urlHasUser("redis://:pw@h:6379/0"), false);
   });
