@@ -2,6 +2,7 @@
 // used alike by systemd units, the Kubernetes manifests and the tests.
 import { Command } from "commander";
 import { addServiceCommand } from "../services/common/daemon.js";
+import { addRedisAclCommand } from "../services/common/redis-acl.js";
 import { ipamDefinition } from "../services/ipam/main.js";
 import { firewallDefinition } from "../services/firewall/main.js";
 import { addImdsCommand, gatewayDefinition } from "../services/gateway/main.js";
@@ -14,4 +15,5 @@ const program = new Command("microvpcd")
 addServiceCommand(program, ipamDefinition);
 for (const def of [netagentDefinition, firewallDefinition, gatewayDefinition, vmmDefinition]) addServiceCommand(program, def);
 addImdsCommand(program);
+addRedisAclCommand(program);
 await program.parseAsync(process.argv);

@@ -65,6 +65,8 @@ up() {
   mkdir -p "$RUN/redis"
   trap 'echo; echo "interrupted: cleaning up"; down; exit 130' INT TERM
   network
+  # One machine, one host: Redis's default user without a password, no
+  # per-host ACL users (docs/redis-acl.md is for fleets).
   start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN/redis" --save "" \
     --appendonly yes --appendfsync always --daemonize no --unixsocket "$RUN/redis.sock" --unixsocketperm 700
   wait_port "$REDIS_PORT"

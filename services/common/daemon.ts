@@ -5,7 +5,7 @@ import { Command, Option } from "commander";
 import { pino, type Logger } from "pino";
 import type { Redis } from "ioredis";
 import { serveMetrics, setDefaultLabels } from "./metrics.js";
-import { connectRedis, readRedisSecrets, urlHasPassword } from "./redis.js";
+import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./redis.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 
 export interface CommonFlags {
@@ -19,6 +19,7 @@ export interface CommonFlags {
   tlsClientCa?: string;
   healthListen?: string;
   redisPasswordFile?: string;
+  redisUser?: string;
   redisTlsCa?: string;
   redisTlsCert?: string;
   redisTlsKey?: string;
@@ -61,6 +62,12 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
       new Option("--redis-password-file <path>", "read the Redis password (AUTH) from a file, so it is in no URL, variable or argv").env(
         env("REDIS_PASSWORD_FILE"),
       ),
+    )
+    .addOption(
+      new Option(
+        "--redis-user <name>",
+        "Redis ACL user to AUTH as with --redis-password-file (microvpc-control, microvpc-host-<host id>: see `microvpcd redis-acl`); default: Redis's default user",
+      ).env(env("REDIS_USER")),
     )
     .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) that signed Redis's certificate; connects over TLS").env(env("REDIS_TLS_CA")))
     .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env(env("REDIS_TLS_CERT")))
@@ -114,6 +121,16 @@ export function readToken(flags: { token?: string; tokenFile?: string }, flag = 
   return flags.token;
 }
 
+/** --redis-user: a plain ACL user name, and not also in the URL (ioredis would let the URL's win). */
+export function checkRedisUser(url: string, user: string | undefined, passwordFile?: string): void {
+  // Empty (MICROVPC_REDIS_USER="", as the dev manifests set it): Redis's default user.
+  if (!user) return;
+  // A user without a password would not AUTH at all: every command would run as "default".
+  if (!passwordFile && !urlHasPassword(url)) throw new Error("--redis-user needs --redis-password-file (the user's password)");
+  if (!/^[A-Za-z0-9_.@-]{1,128}$/.test(user)) throw new Error(`--redis-user ${JSON.stringify(user)}: use 1–128 characters of [A-Za-z0-9_.@-]`);
+  if (urlHasUser(url)) throw new Error("--redis names a user and --redis-user gives one too: keep the user in --redis-user only");
+}
+
 async function runService(def: ServiceDefinition, flags: CommonFlags & Record<string, unknown>, logger: Logger): Promise<void> {
   const token = readToken(flags);
   if ((flags.tlsCert && !flags.tlsKey) || (!flags.tlsCert && flags.tlsKey)) throw new Error("--tls-cert and --tls-key go together");
@@ -132,10 +149,17 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     if (flags.redisPasswordFile) throw new Error("--redis carries a password and --redis-password-file gives one too: keep the password in the file only");
     logger.warn("the Redis URL carries a password, which ps and the environment show; move it to --redis-password-file");
   }
+  checkRedisUser(flags.redis, flags.redisUser, flags.redisPasswordFile);
   const m = parseListen(flags.metricsListen);
   if (!isLoopback(m.host)) logger.warn({ metrics: flags.metricsListen }, "metrics listener is not on loopback; it has no authentication");
   setDefaultLabels({ service: def.name });
-  const redis = connectRedis({ url: flags.redis, commandTimeoutMs: Number(flags.redisTimeoutMs), logger, ...redisSecrets });
+  const redis = connectRedis({
+    url: flags.redis,
+    commandTimeoutMs: Number(flags.redisTimeoutMs),
+    logger,
+    ...(flags.redisUser ? { username: flags.redisUser } : {}),
+    ...redisSecrets,
+  });
   const built = await def.build({ flags, logger, redis });
   const ready = built.ready ?? (async () => (await redis.ping()) === "PONG");
   const server: RunningServer = await startGrpcServer({

@@ -66,6 +66,15 @@ function isRedisUnavailable(err: unknown): boolean {
   );
 }
 
+/**
+ * Redis refused the command to this daemon's ACL user (--redis-user): plain
+ * NOPERM, or a script's command on a key outside the user's patterns.
+ */
+export function isRedisNoPerm(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  return /^NOPERM |user executing the script can't access|has no permissions to (run|access)/.test(err.message ?? "");
+}
+
 /** Maps any thrown value to the ConnectError the client sees. */
 export function toConnectError(err: unknown): ConnectError {
   if (err instanceof ConnectError) return err;
@@ -74,6 +83,17 @@ export function toConnectError(err: unknown): ConnectError {
     return new ConnectError(
       `state store (Redis) unavailable: ${(err as Error).message}. The change may or may not have been applied; retry when Redis is back — with the same request id or client token a retry is safe`,
       Code.Unavailable,
+      undefined,
+      undefined,
+      err,
+    );
+  }
+  if (isRedisNoPerm(err)) {
+    // A hypervisor's agents run as microvpc-host-<id> (docs/redis-acl.md): they
+    // may change their own host's records, not cluster-wide ones.
+    return new ConnectError(
+      `this daemon's Redis user may not make this change (${(err as Error).message}); with per-host Redis users, cluster-wide changes (security groups, network ACLs, NAT gateways, floating IPs, port forwards) go to a daemon running as the control user: see docs/redis-acl.md`,
+      Code.PermissionDenied,
       undefined,
       undefined,
       err,

@@ -43,6 +43,16 @@ export function readRedisSecrets(f: RedisSecretFiles): RedisSecrets {
   return out;
 }
 
+/** True if the URL names an ACL user (redis://user:pw@host). */
+export function urlHasUser(url: string): boolean {
+  if (!/^rediss?:\/\//.test(url)) return false;
+  try {
+    return new URL(url).username !== "";
+  } catch {
+    return false;
+  }
+}
+
 /** True if the URL carries a password (redis://:pw@host or redis://user:pw@host). */
 export function urlHasPassword(url: string): boolean {
   if (!/^rediss?:\/\//.test(url)) return false;
@@ -55,6 +65,8 @@ export function urlHasPassword(url: string): boolean {
 
 export interface RedisOptions extends RedisSecrets {
   url: string;
+  /** ACL user (--redis-user); without it AUTH is the password alone (the "default" user). */
+  username?: string;
   /** Per-command timeout; a slow Redis becomes UNAVAILABLE, not a hang. */
   commandTimeoutMs?: number;
   logger?: Logger;
@@ -62,6 +74,7 @@ export interface RedisOptions extends RedisSecrets {
 
 export function connectRedis(opts: RedisOptions): Redis {
   const client = new Redis(opts.url, {
+    ...(opts.username ? { username: opts.username } : {}),
     ...(opts.password !== undefined ? { password: opts.password } : {}),
     ...(opts.tls ? { tls: opts.tls } : {}),
     enableOfflineQueue: false,

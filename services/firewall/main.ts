@@ -30,10 +30,17 @@ export const firewallDefinition: ServiceDefinition = {
   options: [
     new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
     new Option("--drift-interval-ms <ms>", "how often the kernel is checked against the desired firewall").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
+    new Option(
+      "--api-only",
+      "serve the cluster-wide API alone (security groups, network ACLs), no data plane: an instance running as the control plane's Redis user (docs/redis-acl.md)",
+    ).env("MICROVPC_API_ONLY"),
   ],
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
     const store = new FirewallStore(redis, logger);
+    // With per-host Redis users a hypervisor's firewall may not write groups or
+    // ACLs; this instance does, and compiles nothing (no nft, no namespaces).
+    if (flags.apiOnly) return { services: [{ desc: FirewallService, impl: new FirewallApi(store, new IpamStore(redis), { hostId }).impl }] };
     const nft = new LinuxNft();
     const host = new HostStore(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);

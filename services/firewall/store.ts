@@ -24,6 +24,11 @@
 //   vpc:<vpc>:nics               lex zset of nic ids bound in a VPC
 //   host:<host>:vpc:<vpc>:nics   set: the local NICs of one VPC on one host
 //   host:<host>:vpcs             set of VPC ids with bindings on a host
+//   host:<host>:sig              hash nic id → sig: the host's own copy of its NICs' bindings.
+//                                nic:<nic> is shared (every host's Redis user may write it,
+//                                docs/redis-acl.md); only the NIC's host writes this one, and
+//                                the host's sync refuses (fails closed on) a binding whose sig
+//                                differs from it
 // Client tokens share IPAM's "mvpc:tokens" hash ("sg\n<token>", "acl\n<token>").
 //
 // Keys derived from stored records (a NIC's old host, a group's peers) are
@@ -86,6 +91,7 @@ export const FK = {
   vpcNics: (vpc: string) => `${F}vpc:${vpc}:nics`,
   hostVpcNics: (host: string, vpc: string) => `${F}host:${host}:vpc:${vpc}:nics`,
   hostVpcs: (host: string) => `${F}host:${host}:vpcs`,
+  hostSigs: (host: string) => `${F}host:${host}:sig`,
 };
 
 /** Kinds of the events appended to "mvpc:events" (field "kind"). */
@@ -142,6 +148,7 @@ end
 const LUA_NIC = `
 local function unindex(nic, host, vpc, gcsv)
   redis.call('ZREM', F .. 'host:' .. host .. ':nics', nic)
+  redis.call('HDEL', F .. 'host:' .. host .. ':sig', nic)
   redis.call('ZREM', F .. 'vpc:' .. vpc .. ':nics', nic)
   local hv = F .. 'host:' .. host .. ':vpc:' .. vpc .. ':nics'
   redis.call('SREM', hv, nic)
@@ -275,7 +282,8 @@ local groups = split(gcsv)
 local bad = check_groups(groups, vpc, '')
 if bad then return bad end
 local old = redis.call('HMGET', KEYS[1], 'sig', 'host', 'vpc', 'groups', 'bound')
-if old[1] == sig then return {0, ''} end
+-- The host's own copy (see FK.hostSigs); also for a binding made before it existed.
+if old[1] == sig then redis.call('HSET', F .. 'host:' .. host .. ':sig', nic, sig) return {0, ''} end
 local bound = now
 local extra = {}
 if old[1] then
@@ -290,6 +298,7 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'sig', sig, 'host', host, 'vpc', vpc, 'subnet', subnet, 'addr', addr, 'groups', gcsv, 'bound', bound, 'updated', now)
 index(nic, host, vpc, groups, addr)
+redis.call('HSET', F .. 'host:' .. host .. ':sig', nic, sig)
 emit('fw.binding.changed', vpc, 'nic', nic, 'host', host, 'address', addr, 'groups', gcsv, unpack(extra))
 return {1, ''}
 `;
@@ -430,10 +439,14 @@ end
 local ids
 if ARGV[1] == '*' then ids = get('SMEMBERS', KEYS[1]) or {} else ids = split(ARGV[1]) end
 local nics, used = {}, {}
+-- ARGV[3]: the host, whose own copy of each sig comes along (false if none).
+local own = ARGV[3] and ARGV[3] ~= '' and get('HGETALL', F .. 'host:' .. ARGV[3] .. ':sig') or {}
+local mine = {}
+for i = 1, #own, 2 do mine[own[i]] = own[i + 1] end
 for _, nic in ipairs(ids) do
   local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated', 'groups')
   if b and b[1] then
-    nics[#nics + 1] = {nic, b[1], b[2], b[3]}
+    nics[#nics + 1] = {nic, b[1], b[2], b[3], mine[nic] or false}
     for _, g in ipairs(split(b[4] or nil)) do used[g] = true end
   end
 end
@@ -930,13 +943,12 @@ export class FirewallStore {
     nics?: LocalNic[],
   ): Promise<VpcFirewallState> {
     const subnetIds = [...new Set([...subnets.map((s) => s.subnetId), ...(nics ?? []).map((n) => n.subnetId)])];
-    const raw = (await this.redis.mvpcFwLoadVpc(FK.hostVpcNics(hostId, vpcId), nics ? nics.map((n) => n.nicId).join(",") : "*", subnetIds.join(","))) as [
-      [string, string, string, string][],
-      string[][],
-      string[][],
-      [string, string[], string[]][],
-      string[],
-    ];
+    const raw = (await this.redis.mvpcFwLoadVpc(
+      FK.hostVpcNics(hostId, vpcId),
+      nics ? nics.map((n) => n.nicId).join(",") : "*",
+      subnetIds.join(","),
+      hostId,
+    )) as [[string, string, string, string, string | null][], string[][], string[][], [string, string[], string[]][], string[]];
     // Fail closed: what a refused record governed is denied, not opened. A
     // NIC whose binding is refused, and a group that is refused, become the
     // empty group CLOSED_GROUP (nothing allowed either way); a refused ACL
@@ -948,7 +960,18 @@ export class FirewallStore {
     // A binding, group, member or ACL that does not validate is skipped (a
     // NIC whose binding is bad is compiled as unbound); the rest converges.
     const bound = new Map<string, BindingRec>();
-    for (const [nic, sig, b, u] of rawNics) {
+    for (const [nic, sig, b, u, own] of rawNics) {
+      // Another host may have rewritten the shared record (docs/redis-acl.md):
+      // refused unless it is what this host bound. No copy: a binding from
+      // before the copy existed, taken as it is (BindNic makes the copy).
+      if (own !== null && own !== sig) {
+        reportInvalid(OWNER, "binding", FK.nic(nic), `differs from this host's own copy in ${FK.hostSigs(hostId)}: rewritten by someone else`, this.log, {
+          field: "sig",
+          vpcId: bindingWhere(sig).vpcId ?? vpcId,
+        });
+        refusedBinding.add(nic);
+        continue;
+      }
       const rec = this.ok("binding", FK.nic(nic), parseBinding(sig, b, u, nic), () => ({ field: "sig", vpcId: bindingWhere(sig).vpcId ?? vpcId }));
       if (rec) bound.set(nic, rec);
       else refusedBinding.add(nic);

@@ -12,7 +12,7 @@ import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
-import type { ServiceDefinition } from "../common/daemon.js";
+import { checkRedisUser, type ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
 import { readinessChanged } from "../common/health.js";
 import { reportChildLine } from "../common/invalid-records.js";
@@ -176,6 +176,7 @@ export function addImdsCommand(program: Command): void {
     .addOption(new Option("--management-cidrs <list>", "as the gateway's: a VPC's forwarders inside it are not used").default(""))
     .addOption(new Option("--uplink <ifname>", "the uplink, for --management-cidrs auto").default("eth0"))
     .addOption(new Option("--redis-password-file <path>", "read the Redis password from a file").env("MICROVPC_REDIS_PASSWORD_FILE"))
+    .addOption(new Option("--redis-user <name>", "Redis ACL user (the gateway's)").env("MICROVPC_REDIS_USER"))
     .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) of Redis over TLS").env("MICROVPC_REDIS_TLS_CA"))
     .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_CERT"))
     .addOption(new Option("--redis-tls-key <path>", "client private key (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_KEY"))
@@ -188,13 +189,15 @@ export function addImdsCommand(program: Command): void {
         managementCidrs: string;
         uplink: string;
         redisPasswordFile?: string;
+        redisUser?: string;
         redisTlsCa?: string;
         redisTlsCert?: string;
         redisTlsKey?: string;
       }) => {
         const logger = pino({ base: { service: "imds", pid: process.pid } });
         const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
-        const redis = connectRedis({ url: o.redis, logger, ...secrets });
+        checkRedisUser(o.redis, o.redisUser, o.redisPasswordFile);
+        const redis = connectRedis({ url: o.redis, logger, ...(o.redisUser ? { username: o.redisUser } : {}), ...secrets });
         const spec = parseManagementCidrs("--management-cidrs", o.managementCidrs);
         const { close } = await runImds(redis, o.hostId, Number(o.port), logger);
         const dns =
@@ -223,13 +226,14 @@ export function addImdsCommand(program: Command): void {
  */
 export function imdsRedisArgs(
   url: string,
-  files: { passwordFile?: unknown; tlsCa?: unknown; tlsCert?: unknown; tlsKey?: unknown },
+  files: { user?: unknown; passwordFile?: unknown; tlsCa?: unknown; tlsCert?: unknown; tlsKey?: unknown },
 ): { args: string[]; env: Record<string, string> } {
   const args: string[] = [];
   const env: Record<string, string> = {};
   if (urlHasPassword(url)) env.MICROVPC_REDIS_URL = url;
   else args.push("--redis", url);
   for (const [flag, v] of [
+    ["--redis-user", files.user],
     ["--redis-password-file", files.passwordFile],
     ["--redis-tls-ca", files.tlsCa],
     ["--redis-tls-cert", files.tlsCert],
@@ -258,6 +262,10 @@ export const gatewayDefinition: ServiceDefinition = {
       .default("53"),
     new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
+    new Option(
+      "--api-only",
+      "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards, instance metadata), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
+    ).env("MICROVPC_API_ONLY"),
     new Option(
       "--reserved-ports <list>",
       "ports the hypervisor serves itself, never port-forwarded (CreatePortForward: FAILED_PRECONDITION), e.g. 22,7401-7405; empty: none",
@@ -290,6 +298,15 @@ export const gatewayDefinition: ServiceDefinition = {
     const ctLimit = Number(flags.conntrackLimitPerVm);
     if (!/^[0-9]{1,10}$/.test(String(flags.conntrackLimitPerVm)) || ctLimit > 4_000_000) {
       throw new Error(`--conntrack-limit-per-vm ${JSON.stringify(flags.conntrackLimitPerVm)}: use 1–4000000 flows, or 0 for no limit`);
+    }
+    if (flags.apiOnly) {
+      // With per-host Redis users a hypervisor's gateway may not write NAT
+      // gateways, floating IPs or port forwards; this instance does.
+      const api = new GatewayApi(new GatewayStore(redis, logger), new IpamStore(redis), redis, {
+        pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }),
+        reservedPorts,
+      });
+      return { services: [{ desc: GatewayService, impl: { ...api.impl, ...new MetadataApi(new MetadataStore(redis, logger)).impl } }] };
     }
     const mgmtText = String(flags.managementCidrs);
     const mgmt: ManagementSpec = parseManagementCidrs("--management-cidrs", mgmtText);
@@ -331,6 +348,7 @@ export const gatewayDefinition: ServiceDefinition = {
       };
     } else {
       const redisArgs = imdsRedisArgs(String(flags.imdsRedis ?? flags.redis), {
+        user: flags.redisUser,
         passwordFile: flags.redisPasswordFile,
         tlsCa: flags.redisTlsCa,
         tlsCert: flags.redisTlsCert,

@@ -2,7 +2,8 @@
 // the tunnel to which other host (WireGuard allowed-ips and /32 routes).
 //
 // `mvpc:overlay:<vpc>:addrs` (address → host) is written by each NIC's host,
-// so a claim alone proves nothing: every hypervisor shares the Redis password.
+// so a claim alone proves nothing: every hypervisor may write that hash (it
+// is one of the shared keys even with per-host Redis users, docs/redis-acl.md).
 // The claims are therefore not what is installed; the evidence is. An
 // address A of the VPC is sent to host H only if all of these hold:
 //

@@ -934,7 +934,11 @@ export class Overlay {
     const { ifname, port, dump } = await this.ensureInterface(vpcId);
     let want = this.applied.get(vpcId);
     try {
-      if (this.ports.get(vpcId) !== port) {
+      // Checked on every full pass, not only when the port changed: the
+      // members hash is shared (any host's Redis user may write it, see
+      // docs/redis-acl.md), so an entry of ours that another host deleted or
+      // rewrote is put back here.
+      {
         const cur = await this.redis.hget(overlayKeys.members(vpcId), this.hostId);
         if (cur !== JSON.stringify({ port })) {
           await this.redis.hset(overlayKeys.members(vpcId), this.hostId, JSON.stringify({ port }));

@@ -217,6 +217,12 @@ describe("hostile records written straight into Redis", () => {
       "sig",
       JSON.stringify({ ...otherSig, hostIf: `${other.hostInterface}\n${touch(markers[2])}`, mac: `${other.mac}" } ; add table bridge pwned_bind { } ; #` }),
     );
+    // Written as the NIC's own host would (its host-scoped copy agrees), so
+    // that the parser meets them; a binding rewritten by another host is
+    // refused before parsing (redis-acl.test.ts).
+    for (const vm of [pub, other]) {
+      await redis.hset(`mvpc:fw:host:${vm.host.id}:sig`, vm.nicId, (await redis.hget(`mvpc:fw:nic:${vm.nicId}`, "sig"))!);
+    }
     await ev("fw.binding.changed");
 
     // Counted (each once), by the daemon that read them.

@@ -13,8 +13,11 @@
 // Everything carries the run prefix and is removed by close(), and also on
 // process exit, SIGINT and SIGTERM (see netns.ts). The root namespace is only
 // read (rootSnapshot) so a test can check it was not changed.
-import { spawn } from "node:child_process";
-import { readFileSync, rmSync } from "node:fs";
+import { execFileSync, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { Redis } from "ioredis";
 import type { Client } from "@connectrpc/connect";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
@@ -23,7 +26,8 @@ import { NetAgentService, NicKind, type BandwidthLimitSchema, type Nic } from ".
 import { grpcClient } from "../../services/common/client.js";
 import { interfacesIn } from "../../services/netagent/overlay.js";
 import { ipamClients } from "./clients.js";
-import { startDaemon, type Daemon } from "./daemon.js";
+import { ROOT, startDaemon, type Daemon } from "./daemon.js";
+import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
 import {
   cleanupSync,
   createNetns,
@@ -71,6 +75,24 @@ export interface HarnessOptions {
    * --state-dir <a temp dir of the run>`. Needs the underlay.
    */
   overlay?: boolean;
+  /**
+   * Per-host Redis ACL users, as docs/redis-acl.md deploys them: Redis's
+   * default user gets a password only the test knows (`redisAcl.admin`), the
+   * users come from `microvpcd redis-acl` (its output applied as is), ipam
+   * runs as microvpc-control and every host's daemons as
+   * microvpc-host-<host id>, each with its own password file.
+   */
+  redisAcl?: boolean;
+}
+
+/** With HarnessOptions.redisAcl: who is who in Redis. */
+export interface RedisAclSetup {
+  /** Password of Redis's default user (the test's own connections). */
+  admin: string;
+  /** Password file of a user (microvpc-control, microvpc-host-<id>). */
+  passwordFile(user: string): string;
+  /** Daemon flags to connect as that user. */
+  args(user: string): string[];
 }
 
 /** The underlay subnet joining the host namespaces. */
@@ -205,18 +227,20 @@ export class Harness {
 
   private async init(): Promise<void> {
     this.rootBefore = await rootSnapshot();
-    this.redis = await startRedis({ appendfsync: "no" });
+    const admin = this.opts.redisAcl ? randomBytes(16).toString("hex") : undefined;
+    this.redis = await startRedis({ appendfsync: "no", password: admin });
     trackChild(this.redis.proc);
     const redis = this.redis;
     onCleanup(() => {
       if (redis.proc.exitCode === null && redis.proc.signalCode === null) redis.proc.kill("SIGKILL");
       rmSync(redis.dir, { recursive: true, force: true });
     });
-    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redis.url, ...(this.opts.ipamArgs ?? [])]);
-    trackChild(this.ipamDaemon.proc);
-    this.ipam = ipamClients(this.ipamDaemon.address);
     const n = this.opts.hosts ?? 1;
     if (n < 1 || n > 20) throw new Error(`hosts: ${n}; use 1–20`);
+    if (admin) this.acl = await this.aclUsers(admin, n);
+    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redis.url, ...this.redisAuth(CONTROL_USER), ...(this.opts.ipamArgs ?? [])]);
+    trackChild(this.ipamDaemon.proc);
+    this.ipam = ipamClients(this.ipamDaemon.address);
     if (this.opts.overlay && this.opts.underlay === false) throw new Error("overlay needs the underlay");
     if (this.opts.overlay) {
       this.stateDir = tempDir("state");
@@ -247,14 +271,15 @@ export class Harness {
       for (let i = 0; i < n; i++) {
         const hostNs = await createNetns(`${this.prefix}-hv${i}`);
         const overlayArgs = this.opts.overlay ? ["--overlay", "--host-netns", hostNs, "--underlay-interface", "ul0", "--state-dir", this.stateDir!] : [];
-        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...this.agentArgs()]);
+        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...this.agentArgs(`${this.prefix}hv${i}`)]);
         await vethBetween({ ns: hostNs, name: "ul0", address: `${hv.underlayAddress}/24` }, { ns: ul, name: `hv${i}` });
         await ipn(ul, ["link", "set", `hv${i}`, "master", "ul0"]);
         await ipn(hostNs, ["route", "add", "default", "via", UNDERLAY_GATEWAY]);
         this.hosts.push(hv);
       }
     } else {
-      for (let i = 0; i < n; i++) this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.agentArgs()));
+      for (let i = 0; i < n; i++)
+        this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redis.url, this.agentArgs(`${this.prefix}hv${i}`)));
     }
     await Promise.all(this.hosts.map((hv) => hv.start()));
   }
@@ -345,9 +370,47 @@ export class Harness {
    * reach it through their uplink (ul0); it reaches VMs only through
    * floating IPs and port forwards.
    */
-  /** Flags of every netagent: the test's, and --open-until-firewall unless failClosed. */
-  private agentArgs(): string[] {
-    return [...(this.opts.failClosed ? [] : ["--open-until-firewall"]), ...(this.opts.agentArgs ?? [])];
+  /** Flags of every netagent: the test's, --open-until-firewall unless failClosed, its Redis user with redisAcl. */
+  private agentArgs(hostId: string): string[] {
+    return [...(this.opts.failClosed ? [] : ["--open-until-firewall"]), ...this.redisAuth(hostUser(hostId)), ...(this.opts.agentArgs ?? [])];
+  }
+
+  /** With redisAcl: the users and their password files (undefined otherwise). */
+  acl?: RedisAclSetup;
+
+  /** --redis-user/--redis-password-file of this user with redisAcl, else nothing. */
+  private redisAuth(user: string): string[] {
+    return this.acl ? this.acl.args(user) : [];
+  }
+
+  /** Creates the control user and one user per host with `microvpcd redis-acl`, each with its own password. */
+  private async aclUsers(admin: string, n: number): Promise<RedisAclSetup> {
+    const dir = tempDir("redis-acl");
+    const files = new Map<string, string>();
+    const c = new Redis({ port: this.redis.port, host: "127.0.0.1", password: admin });
+    try {
+      const who = [["--control"], ...Array.from({ length: n }, (_, i) => ["--host-id", `${this.prefix}hv${i}`])];
+      for (const w of who) {
+        const user = w[0] === "--control" ? CONTROL_USER : hostUser(w[1]);
+        const file = join(dir, user);
+        writeFileSync(file, randomBytes(16).toString("hex") + "\n", { mode: 0o600 });
+        files.set(user, file);
+        const line = execFileSync(process.execPath, [join(ROOT, "bin", "microvpcd.js"), "redis-acl", ...w, "--password-file", file], {
+          encoding: "utf8",
+        }).trim();
+        const [acl, setuser, ...rest] = line.split(" ");
+        if (acl !== "ACL" || setuser !== "SETUSER") throw new Error(`microvpcd redis-acl printed ${JSON.stringify(line)}`);
+        await c.call("ACL", "SETUSER", ...rest);
+      }
+    } finally {
+      c.disconnect();
+    }
+    const passwordFile = (user: string) => {
+      const f = files.get(user);
+      if (!f) throw new Error(`no Redis user ${user}`);
+      return f;
+    };
+    return { admin, passwordFile, args: (user) => ["--redis-user", user, "--redis-password-file", passwordFile(user)] };
   }
 
   async internet(): Promise<{ ns: string; address: string }> {
@@ -376,7 +439,7 @@ export class Harness {
     o: { vmm?: boolean; driftMs?: number; gatewayArgs?: string[]; vmmArgs?: string[]; vmmEnv?: Record<string, string> } = {},
   ): Promise<{ fwd: Daemon; gwd: Daemon; vmmd?: Daemon }> {
     const hv = this.host(host);
-    const r = ["--redis", this.redis.url, "--host-id", hv.id];
+    const r = ["--redis", this.redis.url, "--host-id", hv.id, ...this.redisAuth(hostUser(hv.id))];
     const drift = o.driftMs === undefined ? [] : ["--drift-interval-ms", String(o.driftMs)];
     const fwd = await startDaemon("firewall", [...r, ...drift]);
     trackChild(fwd.proc);

@@ -7,8 +7,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, test } from "vitest";
 import { tokenRefusal } from "../../cli/lib/context.js";
-import { readToken } from "../../services/common/daemon.js";
-import { readRedisSecrets, urlHasPassword } from "../../services/common/redis.js";
+import { checkRedisUser, readToken } from "../../services/common/daemon.js";
+import { readRedisSecrets, urlHasPassword, urlHasUser } from "../../services/common/redis.js";
 import { listenerRefusal } from "../../services/common/server.js";
 import { imdsRedisArgs } from "../../services/gateway/main.js";
 
@@ -107,5 +107,20 @@ describe("Redis secrets", () => {
     const inline = imdsRedisArgs("redis://:hunter2@h:6379/0", {});
     assert.ok(!inline.args.join(" ").includes("hunter2"));
     assert.equal(inline.env.MICROVPC_REDIS_URL, "redis://:hunter2@h:6379/0");
+    // The ACL user goes along (docs/redis-acl.md); an empty one (the default user) does not.
+    const user = imdsRedisArgs("/run/redis.sock", { user: "microvpc-host-hv1", passwordFile: "/etc/pw" });
+    assert.deepEqual(user.args, ["--redis", "/run/redis.sock", "--redis-user", "microvpc-host-hv1", "--redis-password-file", "/etc/pw"]);
+    assert.ok(!imdsRedisArgs("/run/redis.sock", { user: "" }).args.includes("--redis-user"));
+  });
+  test("--redis-user: a plain name, not also in the URL; empty means Redis's default user", () => {
+    assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", "microvpc-host-hv1", "/etc/pw"));
+    assert.throws(() => checkRedisUser("redis://h:6379/0", "microvpc-host-hv1"), /needs --redis-password-file/);
+    assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", ""));
+    assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", undefined));
+    assert.throws(() => checkRedisUser("redis://h:6379/0", "a b", "/etc/pw"), /--redis-user/);
+    assert.throws(() => checkRedisUser("redis://h:6379/0", "x\nACL", "/etc/pw"), /--redis-user/);
+    assert.throws(() => checkRedisUser("redis://alice@h:6379/0", "bob", "/etc/pw"), /keep the user in --redis-user only/);
+    assert.equal(urlHasUser("redis://alice:pw@h:6379/0"), true);
+    assert.equal(urlHasUser("redis://:pw@h:6379/0"), false);
   });
 });

@@ -481,7 +481,8 @@ for (const overlay of OVERLAYS) {
       for (const s of secretRefs)
         assert.match(ops, new RegExp(`kubectl[^\\n]*create secret generic ${s}\\b`), `docs/operations.md says how to create Secret ${s}`);
     }
-    assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-token"]);
+    // microvpc-redis: Redis's default user; -control: ipam's user; -acl: the aclfile (docs/redis-acl.md).
+    assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-redis-acl", "microvpc-redis-control", "microvpc-token"]);
   });
 }
 
@@ -554,10 +555,30 @@ for (const overlay of OVERLAYS) {
       assert.ok(pwFile, `${cn}: MICROVPC_REDIS_PASSWORD_FILE is set`);
       const pwMount = (c.volumeMounts ?? []).find((m) => pwFile.startsWith(`${m.mountPath}/`));
       assert.ok(pwMount, `${cn}: ${pwFile} is on a mounted volume`);
-      const pwVol = (w.pod.volumes ?? []).find((v) => v.name === pwMount.name) as { secret?: { secretName: string; items?: { key: string; path: string }[] } };
-      assert.equal(pwVol.secret?.secretName, "microvpc-redis", `${cn}: the Redis password comes from the Secret microvpc-redis`);
-      const item = pwVol.secret?.items?.find((i) => i.path === pwFile.slice(pwMount.mountPath.length + 1));
-      assert.equal(item?.key ?? pwFile.slice(pwMount.mountPath.length + 1), "password", `${cn}: the file is the Secret's key 'password'`);
+      const pwVol = (w.pod.volumes ?? []).find((v) => v.name === pwMount.name) as {
+        secret?: { secretName: string; items?: { key: string; path: string }[] };
+        hostPath?: { path: string; type?: string };
+      };
+      // Redis users (docs/redis-acl.md): ipam is microvpc-control with its own
+      // Secret; each hypervisor is microvpc-host-<node name> with a password
+      // file provisioned on the node — except in dev, where the agents share
+      // Redis's default user (microvpc-redis), as the quickstart does.
+      const user = val("MICROVPC_REDIS_USER");
+      const perHost = HYPERVISOR.includes(svc) && overlay !== "dev";
+      if (svc === "ipam") assert.equal(user, "microvpc-control", `${cn}: ipam is the control plane's Redis user`);
+      else if (perHost) assert.equal(user, "microvpc-host-$(MICROVPC_HOST_ID)", `${cn}: the hypervisor's own Redis user`);
+      else assert.equal(user, "", `${cn}: dev agents use Redis's default user`);
+      if (perHost) {
+        assert.deepEqual(pwVol.hostPath, { path: "/etc/microvpc/redis", type: "Directory" }, `${cn}: the node's own password file`);
+        assert.equal(pwVol.secret, undefined);
+        assert.equal(pwFile, "/etc/microvpc/redis/password");
+      } else {
+        const secret = svc === "ipam" ? "microvpc-redis-control" : "microvpc-redis";
+        assert.equal(pwVol.hostPath, undefined);
+        assert.equal(pwVol.secret?.secretName, secret, `${cn}: the Redis password comes from the Secret ${secret}`);
+        const item = pwVol.secret?.items?.find((i) => i.path === pwFile.slice(pwMount.mountPath.length + 1));
+        assert.equal(item?.key ?? pwFile.slice(pwMount.mountPath.length + 1), "password", `${cn}: the file is the Secret's key 'password'`);
+      }
       // Host ids: every service that takes one gets the node name, the same for all.
       if (help[svc].env.has("MICROVPC_HOST_ID")) {
         const src = envOf(c, "MICROVPC_HOST_ID")?.valueFrom?.fieldRef?.fieldPath;
@@ -635,7 +656,13 @@ for (const overlay of OVERLAYS) {
       ["netagent", "firewall", "gateway", "vmm"],
     );
     const hostPaths = Object.fromEntries((pod.volumes ?? []).filter((v) => isObj(v.hostPath)).map((v) => [v.name, (v.hostPath as { path: string }).path]));
-    assert.deepEqual(hostPaths, { netns: "/run/netns", wireguard: "/var/run/wireguard", state: "/var/lib/microvpc" });
+    assert.deepEqual(hostPaths, {
+      netns: "/run/netns",
+      wireguard: "/var/run/wireguard",
+      state: "/var/lib/microvpc",
+      // The node's own Redis password (docs/redis-acl.md); dev uses the shared Secret.
+      ...(overlay === "dev" ? {} : { "redis-password": "/etc/microvpc/redis" }),
+    });
     // Privileges, exactly (deploy/k8s/README.md "Privileges").
     const [netagent, firewall, gateway, vmm] = pod.containers;
     const propagation = (c: Container) => c.volumeMounts!.find((m) => m.name === "netns")?.mountPropagation;

@@ -1,0 +1,159 @@
+// Redis ACL users for a fleet (`microvpcd redis-acl`): one control-plane user
+// and one user per hypervisor, so that a compromised hypervisor cannot write
+// other hosts' records, IPAM, security groups, NAT/floating IPs, peerings or
+// DNS — Redis answers NOPERM. docs/redis-acl.md explains the design and what
+// stays shared; this module is the single place that says which keys a
+// hypervisor writes, and test/integration/redis-acl.test.ts runs the agents
+// under exactly these rules.
+//
+// Key inventory (what the per-host agents — netagent, firewall, gateway and
+// its metadata child, vmm — write; they read every mvpc: key):
+//   host-scoped (contain the host id; only host H may write them):
+//     mvpc:host:H:*        netagent: VPC/subnet/NIC records, NIC address index, NIC client tokens
+//     mvpc:hosts:H         netagent overlay: registry record (lease)
+//     mvpc:fw:host:H:*     firewall: binding indexes of this host
+//     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index)
+//     mvpc:vm:host:H       vmm: VM ids of this host
+//   shared (any host writes them; readers validate, see docs/redis-acl.md):
+//     mvpc:events          change-event stream (XADD; events only wake readers, who re-read state)
+//     mvpc:nicaddr         global NIC address claims ("<vpc>/<addr>" → "<host>/<nic>")
+//     mvpc:hostindex       set of host ids with an overlay record
+//     mvpc:overlay:*       per-VPC overlay members (host id field) and addresses (address → host)
+//     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
+//                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership
+//     mvpc:gw:md:*         instance metadata (SetInstanceMetadata from vmm) and IMDS session tokens
+//     mvpc:vm:vm-*, mvpc:vm:vpc:*:byname, mvpc:vms, mvpc:vmlease:*
+//                          vmm's VM records, name index and leases
+// Everything else is the control plane's (ipam, dns, peering, and the
+// cluster-wide RPCs of firewall and gateway: security groups, network ACLs,
+// NAT gateways, floating IPs, port forwards): IPAM (mvpc:vpc*, mvpc:subnet*,
+// mvpc:sn:*, mvpc:owner:*), mvpc:tokens, mvpc:fw:sg:<id>, mvpc:fw:acl*,
+// mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*, mvpc:gw:nat*/fip*/pf*/vpcnat,
+// mvpc:pcx*, mvpc:dns:*.
+import { createHash } from "node:crypto";
+import { Option, type Command } from "commander";
+import { readRedisSecrets } from "./redis.js";
+
+/** A hypervisor id as the agents accept it (netagent/main.ts). */
+export const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
+
+export const CONTROL_USER = "microvpc-control";
+export const hostUser = (hostId: string) => `microvpc-host-${hostId}`;
+
+/** Keys only this host's agents write. */
+export function hostScopedWritePatterns(hostId: string): string[] {
+  if (!HOST_ID_RE.test(hostId)) throw new Error(`host id ${JSON.stringify(hostId)}: use 1–24 characters of [a-z0-9]`);
+  return [`mvpc:host:${hostId}:*`, `mvpc:hosts:${hostId}`, `mvpc:fw:host:${hostId}:*`, `mvpc:gw:host:${hostId}:*`, `mvpc:vm:host:${hostId}`];
+}
+
+/** Shared keys every host's agents write (the residual risk docs/redis-acl.md describes). */
+export const SHARED_WRITE_PATTERNS = [
+  "mvpc:events",
+  "mvpc:nicaddr",
+  "mvpc:hostindex",
+  "mvpc:overlay:*",
+  "mvpc:fw:nic:*",
+  "mvpc:fw:nics",
+  "mvpc:fw:vpc:*:nics",
+  "mvpc:fw:sg:*:members",
+  "mvpc:fw:gen",
+  "mvpc:gw:md:*",
+  // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>.
+  "mvpc:vm:vm-*",
+  "mvpc:vm:vpc:*:byname",
+  "mvpc:vms",
+  "mvpc:vmlease:*",
+] as const;
+
+// Commands: the data commands (read, write, transactions, scripts) and the
+// connection ones, minus everything administrative. @dangerous holds
+// FLUSHALL, FLUSHDB, KEYS, CONFIG, DEBUG, ACL, SHUTDOWN, MODULE, MONITOR,
+// SAVE, REPLICAOF, MIGRATE, RESTORE, SORT, CLIENT KILL/LIST …; @admin adds
+// the rest of the server management. Scripts: EVAL/EVALSHA (ioredis's
+// defineCommand) and SCRIPT LOAD/EXISTS (its pipelines load scripts), not
+// SCRIPT FLUSH/KILL/DEBUG nor functions. INFO back: ioredis's ready check.
+const COMMANDS = [
+  "-@all",
+  "+@read",
+  "+@write",
+  "+@transaction",
+  "+@connection",
+  "+eval",
+  "+evalsha",
+  "+eval_ro",
+  "+evalsha_ro",
+  "+script|load",
+  "+script|exists",
+  "-@dangerous",
+  "-@admin",
+  // Functions are @write: FUNCTION FLUSH/LOAD/DELETE would pass +@write.
+  "-function",
+  "-fcall",
+  "-fcall_ro",
+  "+info",
+];
+
+/** The ACL rules (without the password) of a user. No pub/sub channel: no daemon uses one. */
+export function aclRules(who: { control: true } | { hostId: string }): string[] {
+  const keys =
+    "control" in who
+      ? ["~mvpc:*"]
+      : // `~` (read and write), not `%W~`: EVAL declares its keys as read-write, and
+        // Redis wants one pattern granting both, so a `%R~` + `%W~` pair would refuse
+        // a script on a key the host may write.
+        ["%R~mvpc:*", ...[...hostScopedWritePatterns(who.hostId), ...SHARED_WRITE_PATTERNS].map((p) => `~${p}`)];
+  return ["reset", "on", ...keys, "resetchannels", ...COMMANDS];
+}
+
+/** SHA-256 of the password, as ACL's `#<hash>` rule takes it: the password itself is never printed. */
+export function passwordHash(password: string): string {
+  return createHash("sha256").update(password, "utf8").digest("hex");
+}
+
+export type AclFormat = "commands" | "aclfile";
+
+/**
+ * The user as one `ACL SETUSER` command (for redis-cli) or one aclfile line.
+ * `reset` first, so applying it again replaces the user's rules rather than adding to them.
+ */
+export function aclUserLine(user: string, rules: string[], password: string, format: AclFormat): string {
+  const body = [user, ...rules.slice(0, 2), `#${passwordHash(password)}`, ...rules.slice(2)].join(" ");
+  return format === "commands" ? `ACL SETUSER ${body}` : `user ${body}`;
+}
+
+/** The user name and its line, for --control or --host-id. */
+export function redisAclUser(who: { control: true } | { hostId: string }, password: string, format: AclFormat): { user: string; line: string } {
+  const user = "control" in who ? CONTROL_USER : hostUser(who.hostId);
+  return { user, line: aclUserLine(user, aclRules(who), password, format) };
+}
+
+/**
+ * `microvpcd redis-acl`: prints the ACL user(s) to load into Redis. The
+ * password comes from a file and only its SHA-256 is printed, so the output
+ * (a terminal, a CI log, an aclfile) never holds it.
+ */
+export function addRedisAclCommand(program: Command): void {
+  const cmd = program
+    .command("redis-acl")
+    .description(
+      "print one Redis ACL user: --control (ipam: every mvpc: key) or --host-id ID (one hypervisor's agents: write only that host's keys and the shared ones they need); see docs/redis-acl.md",
+    )
+    .addOption(new Option("--control", "the control-plane user, microvpc-control").conflicts("hostId"))
+    .addOption(new Option("--host-id <id>", "the user of this hypervisor, microvpc-host-<id>"))
+    .addOption(
+      new Option("--password-file <path>", "the user's own password (one line; one per user, never shared); printed only as its SHA-256").makeOptionMandatory(),
+    )
+    .addOption(
+      new Option("--format <format>", "an ACL SETUSER command (for redis-cli) or an aclfile line").choices(["commands", "aclfile"]).default("commands"),
+    )
+    .action((o: { control?: boolean; hostId?: string; passwordFile: string; format: AclFormat }) => {
+      // One user per run: users that shared a password could log in as each other.
+      if (!o.control && o.hostId === undefined) cmd.error("error: give --control or --host-id ID");
+      try {
+        const password = readRedisSecrets({ passwordFile: o.passwordFile }).password!;
+        process.stdout.write(redisAclUser(o.control ? { control: true } : { hostId: o.hostId! }, password, o.format).line + "\n");
+      } catch (err) {
+        cmd.error(`error: ${(err as Error).message}`);
+      }
+    });
+}

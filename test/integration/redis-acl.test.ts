@@ -1,0 +1,257 @@
+// Per-host Redis ACL users (docs/redis-acl.md) on a real redis-server whose
+// users are exactly what `microvpcd redis-acl` prints: ipam runs as
+// microvpc-control, host A's netagent, firewall, gateway (and its metadata
+// child) and vmm as microvpc-host-<A>, host B's netagent as
+// microvpc-host-<B>. The normal flow converges under these users (a VPC, a
+// subnet, NICs and a vmm VM on A, firewall applied, nothing refused in any
+// daemon's log), and with A's credentials Redis refuses — NOPERM — every
+// write to host B's records, IPAM, security groups, NAT, tokens, and every
+// administrative command; A keeps working afterwards.
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { Code } from "@connectrpc/connect";
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
+import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+import { Direction, FirewallHealth, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
+import { VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
+import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
+import { grpcClient } from "../../services/common/client.js";
+import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import { rejectsWith } from "../lib/clients.js";
+import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { FLOATING_POOL, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
+import { ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
+
+let h: Harness;
+let A: Hypervisor, B: Hypervisor;
+let fwd: Daemon, gwd: Daemon, vmmd: Daemon, ctlFwd: Daemon, ctlGwd: Daemon;
+let vpc: Vpc, sn: Subnet;
+let a: Vm, b: Vm;
+/** Connections as host A's user and as Redis's default (admin) user. */
+let asA: Redis, admin: Redis;
+
+beforeAll(async () => {
+  h = await Harness.start({ hosts: 2, redisAcl: true, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
+  [A, B] = h.hosts;
+  ({ fwd, gwd, vmmd } = (await h.hostServices(A, { vmm: true, driftMs: 3000, vmmEnv: { MICROVPC_STATE_DIR: tempDir("vmm-state") } })) as {
+    fwd: Daemon;
+    gwd: Daemon;
+    vmmd: Daemon;
+  });
+  // Security groups, NAT gateways and floating IPs are cluster-wide: their
+  // API runs as the control user, in a firewall and a gateway without data plane.
+  const ctl = ["--redis", h.redis.url, "--host-id", `${h.prefix}ctl`, "--api-only", ...h.acl!.args(CONTROL_USER)];
+  ctlFwd = await startDaemon("firewall", ctl);
+  trackChild(ctlFwd.proc);
+  ctlGwd = await startDaemon("gateway", [...ctl, "--public-pool", FLOATING_POOL]);
+  trackChild(ctlGwd.proc);
+  const pw = (user: string) => readFileSync(h.acl!.passwordFile(user), "utf8").trim();
+  asA = new Redis({ port: h.redis.port, host: "127.0.0.1", username: hostUser(A.id), password: pw(hostUser(A.id)), maxRetriesPerRequest: 0 });
+  admin = new Redis({ port: h.redis.port, host: "127.0.0.1", password: h.acl!.admin });
+}, 120_000);
+
+afterAll(async () => {
+  asA?.disconnect();
+  admin?.disconnect();
+  for (const d of [vmmd, gwd, fwd, ctlFwd, ctlGwd]) await d?.stop().catch(() => undefined);
+  const left = await h?.close();
+  assert.deepEqual(left ?? [], []);
+});
+
+/** Redis refused it to this user. */
+async function refused(what: string, p: Promise<unknown>): Promise<void> {
+  await assert.rejects(p, /NOPERM|can't access at least one of the keys/, `${what}: must be refused`);
+}
+
+describe("per-host Redis ACL users", () => {
+  test("the daemons run as the users given, each with the rules `microvpcd redis-acl` printed", async () => {
+    const clients = (await admin.call("CLIENT", "LIST")) as string;
+    const users = new Set([...clients.matchAll(/ user=(\S+)/g)].map((m) => m[1]));
+    for (const u of [CONTROL_USER, hostUser(A.id), hostUser(B.id)]) assert.ok(users.has(u), `a connection as ${u} (have ${[...users].join(", ")})`);
+    const rules = (await admin.call("ACL", "GETUSER", hostUser(A.id))) as unknown[];
+    assert.ok(JSON.stringify(rules).includes(`~mvpc:host:${A.id}:*`), "host A's user writes host A's keys");
+    assert.ok(!JSON.stringify(rules).includes(`mvpc:host:${B.id}`), "and nothing of host B");
+  });
+
+  test("as host A's user: a VPC, NICs and a vmm VM on A converge, the firewall applies, no daemon is refused anything", async () => {
+    vpc = await h.vpc("acl", "10.41.0.0/16");
+    sn = await h.subnet(vpc, "web", "10.41.1.0/24", SubnetType.PUBLIC);
+    const ctlFw = grpcClient(FirewallService, { address: ctlFwd.address, timeoutMs: 20_000 });
+    const sg = (
+      await ctlFw.createSecurityGroup({
+        vpc: vpc.id,
+        name: "web",
+        rules: [{ direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr", value: "10.41.0.0/16" } }],
+      })
+    ).securityGroup!;
+    const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
+    // The same call to host A's firewall: its user may not write a group.
+    await rejectsWith(
+      fw.createSecurityGroup({ vpc: vpc.id, name: "evil", rules: [] }),
+      Code.PermissionDenied,
+      /Redis user may not make this change.*control user/,
+    );
+
+    // NAT and floating IPs likewise: the control gateway may, A's may not.
+    const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
+    const ctlGw = grpcClient(GatewayService, { address: ctlGwd.address, timeoutMs: 20_000 });
+    await rejectsWith(gw.createNatGateway({ vpc: vpc.id, subnet: sn.id }), Code.PermissionDenied, /control user/);
+    await rejectsWith(gw.allocateFloatingIp({}), Code.PermissionDenied, /control user/);
+    assert.ok((await ctlGw.createNatGateway({ vpc: vpc.id, subnet: sn.id })).natGateway!.id);
+    assert.ok((await ctlGw.allocateFloatingIp({})).floatingIp!.address);
+
+    a = await h.vm(A, vpc, sn, "acla");
+    assert.ok(a.nicId, "AttachNic on A as A's user");
+    const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
+    const v = (await vmm.createVm({ name: "aclv", vpc: "acl", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
+    assert.equal(v.state, VmState.RUNNING, "vmm: IPAM, NIC, binding, metadata, DNS all done");
+    await fw.bindNic({ nicId: a.nicId, vpc: vpc.id, subnet: sn.id, securityGroups: [sg.id] });
+
+    const applied = await waitFor(
+      async () => {
+        const s = await fw.getFirewallStatus({});
+        return s.health === FirewallHealth.HEALTHY && s.nicCount === 2 && s.appliedGeneration >= s.desiredGeneration;
+      },
+      { timeoutMs: 20_000, intervalMs: 250 },
+    );
+    assert.ok(applied, `host A's firewall applies both NICs: ${JSON.stringify((await fw.getFirewallStatus({})).lastError)}`);
+    for (const d of [A.daemon, fwd, gwd, vmmd]) {
+      const health = await grpcClient(Health, { address: d.address }).check({});
+      assert.equal(health.status, HealthCheckResponse_ServingStatus.SERVING);
+    }
+    assert.equal((await A.agent.listNics({})).nics.length, 2);
+    // NOPERM anywhere would mean the user is too narrow for what the agents do.
+    for (const [name, d] of [
+      ["control firewall", ctlFwd],
+      ["control gateway", ctlGwd],
+      ["netagent A", A.daemon],
+      ["netagent B", B.daemon],
+      ["firewall A", fwd],
+      ["gateway A", gwd],
+      ["vmm A", vmmd],
+      ["ipam", h.ipamDaemon],
+    ] as const) {
+      assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/, `${name} was refused something:\n${d.output().slice(-3000)}`);
+    }
+  });
+
+  test("the overlay joins A and B, each writing the shared overlay keys as its own user", async () => {
+    b = await h.vm(B, vpc, sn, "aclb");
+    const reaches = async (x: Vm, y: Vm) => (await ping(x.ns, y.address, { count: 2, intervalS: 0.1, deadlineS: 2 })).received > 0;
+    assert.ok(await waitFor(async () => (await reaches(a, b)) && (await reaches(b, a)), { timeoutMs: 20_000, intervalMs: 300 }), "a ⇄ b across hosts");
+    assert.deepEqual(Object.keys(await admin.hgetall(`mvpc:overlay:${vpc.id}:members`)).sort(), [A.id, B.id].sort());
+    for (const d of [A.daemon, B.daemon]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+    // The members hash is shared (a hash field cannot be limited to its
+    // writer): A may delete B's entry, and B puts it back by itself.
+    const members = `mvpc:overlay:${vpc.id}:members`;
+    const entryB = await admin.hget(members, B.id);
+    assert.equal(await asA.hdel(members, B.id), 1);
+    assert.ok(await waitFor(async () => (await admin.hget(members, B.id)) === entryB, { timeoutMs: 20_000, intervalMs: 250 }), "B restores its entry");
+    assert.ok(await waitFor(async () => (await reaches(a, b)) && (await reaches(b, a)), { timeoutMs: 20_000, intervalMs: 300 }), "a ⇄ b again");
+  });
+
+  test("with host A's credentials: host B's records, IPAM, security groups, NAT, tokens and admin commands are refused", async () => {
+    const nicB = (await admin.hget(`mvpc:host:${B.id}:nics`, b.nicId))!;
+    assert.ok(nicB, "B's NIC record is there to attack");
+    const sgId = (await admin.hget(`mvpc:fw:vpc:${vpc.id}:sg:byname`, "web"))!;
+
+    // Host B's keys.
+    await refused("overwrite B's NIC record", asA.hset(`mvpc:host:${B.id}:nics`, b.nicId, "{}"));
+    await refused("delete B's NIC records", asA.del(`mvpc:host:${B.id}:nics`));
+    await refused("B's NIC address index", asA.hset(`mvpc:host:${B.id}:nicaddr`, `${vpc.id}/10.41.1.99`, b.nicId));
+    await refused("B's VPC records", asA.hset(`mvpc:host:${B.id}:vpcs`, vpc.id, "{}"));
+    await refused("B's overlay registry record", asA.set(`mvpc:hosts:${B.id}`, "{}"));
+    await refused("B's firewall bindings index", asA.sadd(`mvpc:fw:host:${B.id}:vpcs`, "vpc-000000000000"));
+    await refused("B's VM index", asA.sadd(`mvpc:vm:host:${B.id}`, "vm-000000000000"));
+    await refused("B's transit indexes", asA.hset(`mvpc:gw:host:${B.id}:transit`, vpc.id, "7"));
+    // IPAM.
+    await refused("a VPC record", asA.hset(`mvpc:vpc:${vpc.id}`, "cidr", "0.0.0.0/0"));
+    await refused("a subnet record", asA.del(`mvpc:subnet:${sn.id}`));
+    await refused("an allocation", asA.hset(`mvpc:sn:${sn.id}:alloc`, "99", "evil"));
+    await refused("the VPC index", asA.zadd("mvpc:vpcs", 0, "evil"));
+    // Security groups, ACLs, NAT, peering, DNS, client tokens.
+    await refused("a security group's rules", asA.hset(`mvpc:fw:sg:${sgId}`, "rules", "[]"));
+    await refused("a security group", asA.del(`mvpc:fw:sg:${sgId}`));
+    await refused("subnet → network ACL", asA.hset("mvpc:fw:subnet-acl", sn.id, "acl-000000000000"));
+    await refused("NAT gateways", asA.zadd("mvpc:gw:nats", 0, "evil"));
+    await refused("floating IPs", asA.hset("mvpc:gw:fip:byaddr", "192.0.2.1", "evil"));
+    await refused("peerings", asA.hset("mvpc:pcx:byname", "evil", "pcx-000000000000"));
+    await refused("DNS records", asA.hset(`mvpc:dns:vpc:${vpc.id}:rec`, "evil", "{}"));
+    await refused("client tokens", asA.hset("mvpc:tokens", "sg\nevil", sgId));
+    await refused("a key outside mvpc:", asA.set("evil", "1"));
+    // Through a script: each command inside is checked too.
+    await refused("a script writing a VPC record", asA.eval(`return redis.call('HSET', 'mvpc:vpc:${vpc.id}', 'cidr', '0.0.0.0/0')`, 0));
+    await refused("a script declaring B's key", asA.eval("return redis.call('HSET', KEYS[1], 'x', '1')", 1, `mvpc:host:${B.id}:nics`));
+    // Administration.
+    await refused("FLUSHALL", asA.flushall());
+    await refused("FLUSHDB", asA.flushdb());
+    await refused("CONFIG SET", asA.config("SET", "appendonly", "no"));
+    await refused("CONFIG GET", asA.config("GET", "requirepass"));
+    await refused("ACL SETUSER", asA.call("ACL", "SETUSER", hostUser(A.id), "~*", "+@all"));
+    await refused("ACL LIST", asA.call("ACL", "LIST"));
+    await refused("KEYS", asA.keys("*"));
+    // Redis refuses DEBUG to everyone by default, and a SHUTDOWN let through
+    // would end the test's server: ACL DRYRUN asks what A's user may run.
+    for (const cmd of [["DEBUG", "SLEEP", "0"], ["SHUTDOWN", "NOSAVE"], ["MONITOR"], ["BGREWRITEAOF"], ["MIGRATE", "h", "1", "k", "0", "1"]]) {
+      const why = (await admin.call("ACL", "DRYRUN", hostUser(A.id), ...cmd)) as string;
+      assert.match(why, /no permissions to run/, `${cmd[0]}: ${why}`);
+    }
+    await refused("MODULE", asA.call("MODULE", "LIST"));
+    await refused("SCRIPT FLUSH", asA.script("FLUSH"));
+    await refused("FUNCTION FLUSH", asA.call("FUNCTION", "FLUSH"));
+    await refused("SAVE", asA.call("SAVE"));
+    await refused("REPLICAOF", asA.call("REPLICAOF", "127.0.0.1", "1"));
+    await refused("CLIENT KILL", asA.call("CLIENT", "KILL", "USER", hostUser(B.id)));
+    await refused("PUBLISH", asA.publish("mvpc:x", "1"));
+
+    // What A may do: read everything of mvpc:, write its own host's keys.
+    assert.equal(await asA.hget(`mvpc:host:${B.id}:nics`, b.nicId), nicB, "reads B's record");
+    assert.equal(await asA.hset(`mvpc:host:${A.id}:probe`, "x", "1"), 1);
+    assert.equal(await asA.del(`mvpc:host:${A.id}:probe`), 1);
+
+    // A binding record is shared too: B may rewrite the groups of A's NIC. A's
+    // firewall compares it with its own copy (host-scoped, only A writes it)
+    // and fails closed, naming the record; BindNic on A puts it right.
+    const asB = new Redis({
+      port: h.redis.port,
+      host: "127.0.0.1",
+      username: hostUser(B.id),
+      password: readFileSync(h.acl!.passwordFile(hostUser(B.id)), "utf8").trim(),
+      maxRetriesPerRequest: 0,
+    });
+    try {
+      const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
+      const sig = (await asB.hget(`mvpc:fw:nic:${a.nicId}`, "sig"))!;
+      const forged = JSON.stringify({ ...(JSON.parse(sig) as object), groupIds: [] });
+      assert.equal(await asB.hset(`mvpc:fw:nic:${a.nicId}`, "sig", forged), 0, "B may write the shared record");
+      await refused("B writes A's own copy", asB.hset(`mvpc:fw:host:${A.id}:sig`, a.nicId, forged));
+      await asB.xadd("mvpc:events", "*", "kind", "fw.binding.changed", "vpc", vpc.id);
+      assert.ok(
+        await waitFor(
+          async () => (await fw.getFirewallStatus({})).invalidRecords.some((r) => r.kind === "binding" && r.key.includes(a.nicId) && /own copy/.test(r.reason)),
+          { timeoutMs: 20_000, intervalMs: 250 },
+        ),
+        "A's firewall refuses the rewritten binding",
+      );
+      const sgId = (await admin.hget(`mvpc:fw:vpc:${vpc.id}:sg:byname`, "web"))!;
+      await fw.bindNic({ nicId: a.nicId, vpc: vpc.id, subnet: sn.id, securityGroups: [sgId] });
+      assert.equal(await admin.hget(`mvpc:fw:host:${A.id}:sig`, a.nicId), await admin.hget(`mvpc:fw:nic:${a.nicId}`, "sig"), "BindNic on A restores both");
+    } finally {
+      asB.disconnect();
+    }
+
+    // Nothing changed, and A still works.
+    assert.equal(await admin.hget(`mvpc:host:${B.id}:nics`, b.nicId), nicB, "B's NIC record untouched");
+    assert.ok(await admin.exists(`mvpc:subnet:${sn.id}`));
+    assert.equal((await B.agent.listNics({})).nics.length, 1);
+    const again = await h.vm(A, vpc, sn, "aclc");
+    assert.ok(again.nicId, "A attaches another NIC after the attempts");
+    const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
+    await vmm.deleteVm({ ref: "aclv", vpc: "acl" });
+    await rejectsWith(vmm.getVm({ ref: "aclv", vpc: "acl" }), Code.NotFound);
+    for (const d of [A.daemon, fwd, gwd, vmmd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+  });
+});

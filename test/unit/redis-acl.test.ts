@@ -1,0 +1,83 @@
+// `microvpcd redis-acl`: the users it prints (docs/redis-acl.md). The
+// integration test (test/integration/redis-acl.test.ts) loads them into a
+// real Redis and runs the daemons under them; here, the text itself.
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { test } from "vitest";
+import { aclRules, CONTROL_USER, hostScopedWritePatterns, hostUser, redisAclUser, SHARED_WRITE_PATTERNS } from "../../services/common/redis-acl.js";
+
+const PW = "correct horse battery staple";
+const HASH = createHash("sha256").update(PW).digest("hex");
+
+test("a host user: reads every mvpc: key, writes its own host's keys and the shared ones, nothing of another host", () => {
+  const { user, line } = redisAclUser({ hostId: "hv7" }, PW, "commands");
+  assert.equal(user, "microvpc-host-hv7");
+  assert.equal(user, hostUser("hv7"));
+  const w = line.split(" ");
+  assert.deepEqual(w.slice(0, 6), ["ACL", "SETUSER", "microvpc-host-hv7", "reset", "on", `#${HASH}`]);
+  assert.ok(w.includes("%R~mvpc:*"));
+  for (const k of ["mvpc:host:hv7:*", "mvpc:hosts:hv7", "mvpc:fw:host:hv7:*", "mvpc:gw:host:hv7:*", "mvpc:vm:host:hv7"]) assert.ok(w.includes(`~${k}`), k);
+  for (const k of SHARED_WRITE_PATTERNS) assert.ok(w.includes(`~${k}`), k);
+  // Writable patterns are all either this host's or the listed shared ones.
+  const writable = w.filter((x) => x.startsWith("~"));
+  assert.deepEqual(writable.sort(), [...hostScopedWritePatterns("hv7"), ...SHARED_WRITE_PATTERNS].map((p) => `~${p}`).sort());
+  for (const p of writable) {
+    assert.ok(!/^~mvpc:(host|hosts|fw:host|gw:host|vm:host):\*/.test(p), `${p} would cover other hosts`);
+    assert.ok(!/^~mvpc:(vpc|subnet|sn|owner|tokens|pcx|dns|fw:sg:\*$|fw:acl|fw:subnet-acl|gw:(nat|fip|pf|vpcnat))/.test(p), `${p}: control-plane keys`);
+  }
+  assert.ok(!w.includes("~*") && !w.includes("allkeys") && !w.includes("~mvpc:*"), "not every key");
+  assert.ok(!w.some((x) => x.startsWith("&") || x === "allchannels"), "no pub/sub channel");
+  assert.ok(w.includes("resetchannels"));
+});
+
+test("commands: data, transactions and scripts; no administration, functions or pub/sub", () => {
+  const r = aclRules({ hostId: "hv1" });
+  const cmds = r.filter((x) => /^[+-]/.test(x));
+  assert.equal(cmds[0], "-@all", "starts from nothing");
+  for (const x of ["+@read", "+@write", "+eval", "+evalsha", "+script|load", "+script|exists", "-@dangerous", "-@admin", "-function", "-fcall"])
+    assert.ok(cmds.includes(x), x);
+  assert.ok(!cmds.some((x) => x === "+@all" || x === "+@scripting" || x === "+@pubsub" || x === "+@dangerous" || x === "+@admin"), cmds.join(" "));
+  // Removals come after the grants they narrow (ACL rules apply left to right).
+  assert.ok(cmds.indexOf("-@dangerous") > cmds.indexOf("+@write"));
+  assert.ok(cmds.indexOf("-function") > cmds.indexOf("+@write"));
+  assert.equal(cmds.at(-1), "+info", "INFO (ioredis's ready check) back after -@dangerous");
+});
+
+test("the control user: every mvpc: key, the same commands", () => {
+  const { user, line } = redisAclUser({ control: true }, PW, "commands");
+  assert.equal(user, CONTROL_USER);
+  const w = line.split(" ");
+  assert.deepEqual(w.slice(0, 6), ["ACL", "SETUSER", "microvpc-control", "reset", "on", `#${HASH}`]);
+  assert.ok(w.includes("~mvpc:*"));
+  assert.ok(!w.some((x) => x.startsWith("%")), "no split read/write patterns");
+  assert.deepEqual(
+    aclRules({ control: true }).filter((x) => /^[+-]/.test(x)),
+    aclRules({ hostId: "a" }).filter((x) => /^[+-]/.test(x)),
+  );
+});
+
+test("aclfile format; the password is never printed, only its SHA-256", () => {
+  const { line } = redisAclUser({ hostId: "hv1" }, PW, "aclfile");
+  assert.match(line, /^user microvpc-host-hv1 reset on #[0-9a-f]{64} /);
+  assert.equal(line.split(" ").slice(1).join(" "), redisAclUser({ hostId: "hv1" }, PW, "commands").line.split(" ").slice(2).join(" "));
+  for (const fmt of ["aclfile", "commands"] as const) {
+    for (const who of [{ control: true as const }, { hostId: "hv1" }]) {
+      const l = redisAclUser(who, PW, fmt).line;
+      assert.ok(!l.includes(PW) && !l.includes(">"), `no clear-text password: ${l}`);
+      assert.ok(!/\s{2}|\n/.test(l), "one line, single spaces (redis-cli and aclfile split on them)");
+    }
+  }
+});
+
+test("host ids as the agents accept them, so a pattern cannot reach another host", () => {
+  for (const bad of ["", "HV1", "hv-1", "hv*", "hv1:*", "a".repeat(25), "hv 1"]) {
+    assert.throws(() => redisAclUser({ hostId: bad }, PW, "commands"), /host id/, JSON.stringify(bad));
+  }
+  // hv1's patterns end at a separator: they do not match hv10's keys.
+  for (const p of hostScopedWritePatterns("hv1")) assert.match(p, /hv1(:\*)?$/);
+  // No shared pattern reaches a host-scoped key of another host.
+  const glob = (p: string) => new RegExp(`^${p.replace(/[.+?^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`);
+  for (const k of ["mvpc:host:hv2:nics", "mvpc:hosts:hv2", "mvpc:fw:host:hv2:vpcs", "mvpc:gw:host:hv2:transit", "mvpc:vm:host:hv2"]) {
+    for (const p of SHARED_WRITE_PATTERNS) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
+  }
+});
