@@ -1,8 +1,9 @@
 // One trust boundary, with real daemons: which listeners start, bearer
 // tokens, mutual TLS, the plaintext health port, the CLI's refusal to send a
 // token in clear text, and the Redis password from a file (in no daemon's
-// or child's argv). Everything listens on 127.0.0.1; "non-loopback" refusals
-// happen before anything binds.
+// or child's argv). Everything listens on 127.0.0.1, but for one daemon
+// with a token and --insecure-plaintext on 0.0.0.0, stopped at once;
+// "non-loopback" refusals happen before anything binds.
 import assert from "node:assert/strict";
 import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, readdirSync, writeFileSync } from "node:fs";
@@ -162,6 +163,43 @@ describe("daemon start-up policy", () => {
     assert.match(out, /with TLS alone/);
     assert.match(out, /add --token-file .* or --tls-client-ca/);
   });
+
+  test("a non-loopback listener with a token but without TLS refuses to start, unless --insecure-plaintext", async () => {
+    const out = await refuses(["ipam", "--listen", "0.0.0.0:0", ...redisArgs(), "--token-file", f("token")]);
+    assert.match(out, /with a bearer token but without TLS/);
+    assert.match(out, /--insecure-plaintext/);
+    // With the flag it starts (and says it serves); 0.0.0.0 on an ephemeral port, stopped at once.
+    const port = await freePort();
+    const proc = spawn(
+      process.execPath,
+      [
+        MICROVPCD,
+        "ipam",
+        ...["--listen", `0.0.0.0:${port}`, "--metrics-listen", `127.0.0.1:${await freePort()}`],
+        ...redisArgs(),
+        ...["--token-file", f("token"), "--insecure-plaintext"],
+      ],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    procs.push(proc);
+    let out2 = "";
+    proc.stdout!.on("data", (d) => (out2 += d));
+    proc.stderr!.on("data", (d) => (out2 += d));
+    try {
+      const deadline = Date.now() + 20_000;
+      while (!/ipam serving/.test(out2)) {
+        if (proc.exitCode !== null) assert.fail(`microvpcd ipam --insecure-plaintext exited with ${proc.exitCode}:\n${out2}`);
+        if (Date.now() > deadline) assert.fail(`not serving after 20 s:\n${out2}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await rejects(vpcs(`127.0.0.1:${port}`).listVpcs({}), Code.Unauthenticated);
+      await vpcs(`127.0.0.1:${port}`, { token: "s3cret-token" }).listVpcs({});
+    } finally {
+      const exited = new Promise((r) => proc.once("exit", r));
+      proc.kill("SIGTERM");
+      await exited;
+    }
+  }, 30_000);
 
   test("an empty (blank) token file refuses to start, on loopback too", async () => {
     const out = await refuses(["ipam", "--listen", "127.0.0.1:0", ...redisArgs(), "--token-file", f("empty-token")]);
