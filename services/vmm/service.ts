@@ -496,7 +496,7 @@ export class Vmm {
     });
   }
 
-  readonly impl: Partial<ServiceImpl<typeof VmService>> = {
+  readonly impl: ServiceImpl<typeof VmService> = {
     createVm: async (req) => {
       const name = V.name("name", req.name);
       const vpc = (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!;

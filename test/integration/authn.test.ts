@@ -14,6 +14,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { grpcClient } from "../../services/common/client.js";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { cliRunner } from "../lib/cli.js";
 import { ROOT } from "../lib/daemon.js";
@@ -281,6 +282,28 @@ describe("mutual TLS", () => {
     const r = await grpcClient(Health, { address: `127.0.0.1:${d.healthPort}` }).check({});
     assert.equal(r.status, HealthCheckResponse_ServingStatus.SERVING);
   });
+
+  test("the vmm calls it over https:// with --ca-file and --client-cert/--client-key; without a certificate its calls fail", async () => {
+    // CreateVm asks ipam for the VPC first: NOT_FOUND from ipam means the call went through mutual TLS.
+    const ipam = ["--ipam", `https://127.0.0.1:${d.port}`, "--ca-file", f("ca.pem")];
+    const vm = { name: "mtls", vpc: "no-such-vpc", subnet: "none" };
+    const withCert = await start("vmm", [...redisArgs(), "--host-id", "authnmtls", ...ipam, "--client-cert", f("client.pem"), "--client-key", f("client.key")]);
+    try {
+      const err = await rejects(grpcClient(VmService, { address: `127.0.0.1:${withCert.port}` }).createVm(vm), Code.NotFound);
+      assert.match(err.message, /no-such-vpc/);
+    } finally {
+      await stop(withCert);
+    }
+    const without = await start("vmm", [...redisArgs(), "--host-id", "authnmtls", ...ipam]);
+    try {
+      const err = await rejects(grpcClient(VmService, { address: `127.0.0.1:${without.port}` }).createVm(vm));
+      assert.notEqual(err.code, Code.NotFound, err.message);
+    } finally {
+      await stop(without);
+    }
+    const half = await refuses(["vmm", "--listen", "127.0.0.1:0", ...redisArgs(), ...ipam, "--client-cert", f("client.pem")]);
+    assert.match(half, /--client-cert and --client-key go together/);
+  }, 60_000);
 });
 
 describe("Redis over TLS", () => {
