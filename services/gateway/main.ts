@@ -7,7 +7,6 @@
 // hypervisor in the tests), both run as a child process inside it
 // (`microvpcd imds`).
 import type { ChildProcess } from "node:child_process";
-import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
@@ -17,7 +16,6 @@ import { readinessChanged } from "../common/health.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
-import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { runResolver } from "../dns/host.js";
 import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
@@ -26,6 +24,7 @@ import { createImdsServer, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
 import { MetadataStore } from "./metadata-store.js";
 import { DEFAULT_CONNTRACK_LIMIT_PER_VM, DEFAULT_RESERVED_PORTS, parsePortRanges } from "./plan.js";
+import { gatewayRoutes } from "./routes.js";
 import { GatewayApi } from "./service.js";
 import { GatewayStore } from "./store.js";
 import { GatewaySync } from "./sync.js";
@@ -352,9 +351,8 @@ export const gatewayDefinition: ServiceDefinition = {
       stopImds = () => child.stop();
     }
     const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }), reservedPorts });
-    const impl: Partial<ServiceImpl<typeof GatewayService>> = { ...api.impl, ...new MetadataApi(meta).impl };
     return {
-      services: [{ desc: GatewayService, impl }],
+      services: gatewayRoutes(api, new MetadataApi(meta)),
       // NOT_SERVING while the metadata/DNS child is down (it is restarted).
       ready: async () => childUp() && (await redis.ping()) === "PONG",
       close: async () => {

@@ -11,9 +11,9 @@ import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
-import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { defaultHostId } from "../netagent/main.js";
+import { vmmRoutes } from "./routes.js";
 import { Vmm, type Booter } from "./service.js";
 import { STEPS, VmStore, type StepName } from "./store.js";
 
@@ -94,6 +94,6 @@ export const vmmDefinition: ServiceDefinition = {
     }
     // Recovery that failed (or was postponed) is retried, each VM with backoff.
     const stopRetries = vmm.startRecoveryRetries();
-    return { services: [{ desc: VmService, impl: vmm.impl }], close: async () => stopRetries() };
+    return { services: vmmRoutes(vmm), close: async () => stopRetries() };
   },
 };
