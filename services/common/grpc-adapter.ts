@@ -18,7 +18,7 @@ import {
   Code,
   ConnectError,
   createContextValues,
-  createHandlerContext,
+  type ContextValues,
   type HandlerContext,
   type ServiceImpl,
   type StreamResponse,
@@ -47,7 +47,95 @@ type ServerCall = grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerReadableSt
  * set response headers, or throw to refuse the call), and returns what is
  * called once when the call ends, with the error it ended with, if any.
  */
-export type CallObserver = (ctx: HandlerContext) => (err: ConnectError | undefined) => void;
+export type CallObserver = (ctx: CallContext) => (err: ConnectError | undefined) => void;
+
+const cancelledError = () => new ConnectError("the client cancelled the call", Code.Canceled);
+
+/**
+ * A connect HandlerContext over a grpc-js call, built lazily: the headers,
+ * the AbortSignal and the context values cost nothing until a handler reads
+ * them (most unary handlers read none), which is most of what a call costs
+ * here besides grpc-js itself. header()/addResponseHeader() are the cheap
+ * ways for the observer.
+ */
+export class CallContext implements HandlerContext {
+  readonly requestMethod = "POST";
+  readonly protocolName = "grpc";
+  private ac?: AbortController;
+  private reqHeader?: Headers;
+  private resHeader?: Headers;
+  private resTrailer?: Headers;
+  private ctxValues?: ContextValues;
+  private extra?: [string, string][];
+  private readonly deadlineAt: number;
+  private cancelled = false;
+  private readonly onCancel = () => {
+    this.cancelled = true;
+    this.ac?.abort(cancelledError());
+  };
+
+  constructor(
+    readonly service: DescService,
+    readonly method: DescMethod,
+    readonly url: string,
+    private readonly call: ServerCall,
+  ) {
+    const d = call.getDeadline();
+    this.deadlineAt = d instanceof Date ? d.getTime() : d;
+    (call as unknown as NodeJS.EventEmitter).once("cancelled", this.onCancel);
+  }
+
+  /** The first value of a request header (metadata), without building Headers. */
+  header(name: string): string | undefined {
+    const v = this.call.metadata.get(name)[0];
+    return v === undefined ? undefined : Buffer.isBuffer(v) ? v.toString("base64") : v;
+  }
+
+  /** Adds a response header without building Headers. */
+  addResponseHeader(name: string, value: string): void {
+    (this.extra ??= []).push([name, value]);
+  }
+
+  get signal(): AbortSignal {
+    if (!this.ac) {
+      this.ac = new AbortController();
+      if (this.cancelled || this.call.cancelled) this.ac.abort(cancelledError());
+    }
+    return this.ac.signal;
+  }
+  get requestHeader(): Headers {
+    return (this.reqHeader ??= metadataToHeaders(this.call.metadata));
+  }
+  get responseHeader(): Headers {
+    return (this.resHeader ??= new Headers());
+  }
+  get responseTrailer(): Headers {
+    return (this.resTrailer ??= new Headers());
+  }
+  get values(): ContextValues {
+    return (this.ctxValues ??= createContextValues());
+  }
+  timeoutMs(): number | undefined {
+    return Number.isFinite(this.deadlineAt) ? Math.max(0, this.deadlineAt - Date.now()) : undefined;
+  }
+
+  responseMetadata(): grpc.Metadata {
+    const md = this.resHeader ? headersToMetadata(this.resHeader) : new grpc.Metadata();
+    for (const [k, v] of this.extra ?? []) md.add(k, v);
+    return md;
+  }
+  trailerMetadata(): grpc.Metadata {
+    return this.resTrailer ? headersToMetadata(this.resTrailer) : new grpc.Metadata();
+  }
+
+  /** The call is over: stop listening, and abort the signal if anyone holds it (a stream handler still waiting). */
+  finish(): void {
+    (this.call as unknown as NodeJS.EventEmitter).removeListener("cancelled", this.onCancel);
+    if (this.ac && !this.ac.signal.aborted) this.ac.abort(CALL_OVER);
+  }
+}
+
+const CALL_OVER = new ConnectError("the call is over", Code.Canceled);
 
 const HEADER_SKIP = new Set(["content-type", "te", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding", "grpc-status", "grpc-message"]);
 
@@ -113,23 +201,10 @@ export function grpcService(
       responseDeserialize: deserializer(method.output),
     };
 
+    const url = pathOf(service, method);
     // Everything a call needs before its handler runs, or the error that refuses it.
     const begin = (call: ServerCall) => {
-      const deadline = call.getDeadline();
-      const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
-      const ctx = createHandlerContext({
-        service,
-        method,
-        protocolName: "grpc",
-        requestMethod: "POST",
-        url: pathOf(service, method),
-        timeoutMs: Number.isFinite(deadlineMs) ? Math.max(0, deadlineMs - Date.now()) : undefined,
-        requestHeader: metadataToHeaders(call.metadata),
-        contextValues: createContextValues(),
-      });
-      const onCancel = () => ctx.abort(new ConnectError("the client cancelled the call", Code.Canceled));
-      const events = call as unknown as NodeJS.EventEmitter;
-      events.once("cancelled", onCancel);
+      const ctx = new CallContext(service, method, url, call);
       let done: ReturnType<CallObserver> | undefined;
       let refused: ConnectError | undefined;
       try {
@@ -141,15 +216,14 @@ export function grpcService(
       const end = (err: ConnectError | undefined) => {
         if (ended) return;
         ended = true;
-        events.removeListener("cancelled", onCancel);
         // A call the client gave up on is CANCELED, whatever the handler made of it.
-        done?.(call.cancelled && !err ? new ConnectError("the client cancelled the call", Code.Canceled) : err);
-        ctx.abort();
+        done?.(call.cancelled && !err ? cancelledError() : err);
+        ctx.finish();
       };
       return { ctx, refused, end };
     };
-    const sendHeader = (call: ServerCall, ctx: HandlerContext) => {
-      call.sendMetadata(headersToMetadata(ctx.responseHeader));
+    const sendHeader = (call: ServerCall, ctx: CallContext) => {
+      call.sendMetadata(ctx.responseMetadata());
     };
 
     if (!clientStreams && !serverStreams) {
@@ -162,7 +236,7 @@ export function grpcService(
             (res) => {
               end(undefined);
               sendHeader(call, ctx);
-              callback(null, res, headersToMetadata(ctx.responseTrailer));
+              callback(null, res, ctx.trailerMetadata());
             },
             (e: unknown) => {
               const err = toConnectError(e);
@@ -187,7 +261,7 @@ export function grpcService(
             (res) => {
               end(undefined);
               sendHeader(call, ctx);
-              callback(null, res, headersToMetadata(ctx.responseTrailer));
+              callback(null, res, ctx.trailerMetadata());
             },
             (e: unknown) => {
               const err = toConnectError(e);
@@ -231,7 +305,7 @@ export function grpcService(
           end(undefined);
           if (call.cancelled) return;
           if (!headerSent) sendHeader(call, ctx);
-          call.end(headersToMetadata(ctx.responseTrailer));
+          call.end(ctx.trailerMetadata());
         } catch (e) {
           const err = toConnectError(e);
           end(err);

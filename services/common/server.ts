@@ -184,11 +184,11 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
   const want = token ? Buffer.from(`Bearer ${token}`) : undefined;
   return (ctx) => {
     const reqId =
-      ctx.requestHeader
-        .get("x-request-id")
+      ctx
+        .header("x-request-id")
         ?.slice(0, 64)
         .replace(/[^A-Za-z0-9_.:-]/g, "") || randomUUID();
-    ctx.responseHeader.set("x-request-id", reqId);
+    ctx.addResponseHeader("x-request-id", reqId);
     const service = ctx.service.typeName;
     const method = ctx.method.name;
     const start = process.hrtime.bigint();
@@ -216,7 +216,7 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
       }
     };
     if (want && service !== "grpc.health.v1.Health") {
-      const got = Buffer.from(ctx.requestHeader.get("authorization") ?? "");
+      const got = Buffer.from(ctx.header("authorization") ?? "");
       if (got.length !== want.length || !timingSafeEqual(got, want)) {
         const err = new ConnectError("missing or wrong bearer token: send the header 'authorization: Bearer <token>'", Code.Unauthenticated);
         done(err);
