@@ -434,6 +434,9 @@ export function grpcJsTransport(o: GrpcJsTransportOptions): Transport & { close(
         });
         call.once("error", onError);
       });
+      // Errors after the headers reach the reader of messages(); one that
+      // comes after it stopped reading (the cancel below) must not go unhandled.
+      call.on("error", () => {});
       async function* messages() {
         try {
           for await (const m of call) yield m;
