@@ -18,6 +18,7 @@ export interface CommonFlags {
   tlsKey?: string;
   tlsClientCa?: string;
   healthListen?: string;
+  insecurePlaintext?: boolean;
   redisPasswordFile?: string;
   redisUser?: string;
   redisTlsCa?: string;
@@ -86,6 +87,14 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
     )
     .addOption(
       new Option(
+        "--insecure-plaintext",
+        "accept a bearer token over plaintext on a non-loopback --listen (the token travels in clear text: only on a network encrypted and trusted otherwise)",
+      )
+        .env(env("INSECURE_PLAINTEXT"))
+        .default(false),
+    )
+    .addOption(
+      new Option(
         "--health-listen <host:port>",
         "also serve grpc.health.v1 alone, in plaintext and without auth, on this address (for kubelet probes when the gRPC port wants TLS or a token)",
       ).env(env("HEALTH_LISTEN")),
@@ -135,7 +144,13 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
   const token = readToken(flags);
   if ((flags.tlsCert && !flags.tlsKey) || (!flags.tlsCert && flags.tlsKey)) throw new Error("--tls-cert and --tls-key go together");
   // Before Redis or any service starts: a refused listener should change nothing.
-  const refusal = listenerRefusal({ host: parseListen(flags.listen).host, tls: !!flags.tlsCert, clientCa: !!flags.tlsClientCa, token: !!token });
+  const refusal = listenerRefusal({
+    host: parseListen(flags.listen).host,
+    tls: !!flags.tlsCert,
+    clientCa: !!flags.tlsClientCa,
+    token: !!token,
+    insecurePlaintext: !!flags.insecurePlaintext,
+  });
   if (refusal) throw new Error(refusal);
   if (flags.healthListen) parseListen(flags.healthListen);
   const redisSecrets = readRedisSecrets({
@@ -172,6 +187,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     tlsKey: flags.tlsKey,
     tlsClientCa: flags.tlsClientCa,
     healthListen: flags.healthListen,
+    insecurePlaintext: !!flags.insecurePlaintext,
   });
   const metrics = await serveMetrics(m.host, m.port);
   logger.info(

@@ -6,7 +6,12 @@
 // Check and List share one cached answer (and one probe in flight), and every
 // Watch stream is fed from one periodic probe that runs only while someone
 // watches. A thousand watchers must not mean a thousand Redis PINGs a second.
-import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
+//
+// Not grpc-health-check's HealthImplementation: it answers from a status map
+// someone must keep setting (setStatus), so readiness would be probed on a
+// timer whether anyone asks or not, and its Watch has no shared probe.
+import { Code, ConnectError } from "@connectrpc/connect";
+import { route, type ServiceBinding } from "./grpc-adapter.js";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
 
 export type ReadyCheck = () => Promise<boolean>;
@@ -109,14 +114,15 @@ export class SharedReadiness {
   }
 }
 
-export function registerHealth(router: ConnectRouter, serviceNames: string[], ready: ReadyCheck | SharedReadiness): void {
+/** grpc.health.v1 for these services, answering from one shared readiness. */
+export function healthService(serviceNames: string[], ready: ReadyCheck | SharedReadiness): ServiceBinding {
   const known = new Set(["", ...serviceNames]);
   const shared = ready instanceof SharedReadiness ? ready : new SharedReadiness(ready);
   const status = async (service: string): Promise<Status> => {
     if (!known.has(service)) throw new ConnectError(`unknown service ${JSON.stringify(service)}`, Code.NotFound);
     return (await shared.get()) ? Status.SERVING : Status.NOT_SERVING;
   };
-  router.service(Health, {
+  return route(Health, {
     check: async (req) => ({ status: await status(req.service) }),
     list: async () => {
       const s = await status("");

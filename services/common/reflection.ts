@@ -2,12 +2,17 @@
 // buf curl and Postman can list and describe our services with no .proto
 // files at hand. Files are served with all their dependencies; a client asks
 // again for what it does not have.
+//
+// Ours rather than @grpc/reflection: that one describes a proto-loader
+// (protobufjs) package definition, which we do not have and which drops the
+// comments; this one serves buf's image, comments included, for v1 and
+// v1alpha, from the same DescService objects the handlers use.
 import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { create, fromBinary, toBinary, type DescFile, type DescService } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
-import type { ConnectRouter } from "@connectrpc/connect";
+import { route, type ServiceBinding } from "./grpc-adapter.js";
 import * as v1 from "../../gen/grpc/reflection/v1/reflection_pb.js";
 import * as v1alpha from "../../gen/grpc/reflection/v1alpha/reflection_pb.js";
 
@@ -83,7 +88,8 @@ function symbolIndex(files: Map<string, DescFile>): Map<string, DescFile> {
   return idx;
 }
 
-export function registerReflection(router: ConnectRouter, services: DescService[]): void {
+/** grpc.reflection.v1 and v1alpha, describing these services (and themselves). */
+export function reflectionServices(services: DescService[]): ServiceBinding[] {
   const all = [...services, v1.ServerReflection, v1alpha.ServerReflection];
   const files = collectFiles(all);
   const symbols = symbolIndex(files);
@@ -114,26 +120,28 @@ export function registerReflection(router: ConnectRouter, services: DescService[
     }
   }
 
-  router.service(v1.ServerReflection, {
-    async *serverReflectionInfo(reqs) {
-      for await (const req of reqs) {
-        yield create(v1.ServerReflectionResponseSchema, {
-          validHost: req.host,
-          originalRequest: req,
-          messageResponse: answer(req) as v1.ServerReflectionResponse["messageResponse"],
-        });
-      }
-    },
-  });
-  router.service(v1alpha.ServerReflection, {
-    async *serverReflectionInfo(reqs) {
-      for await (const req of reqs) {
-        yield create(v1alpha.ServerReflectionResponseSchema, {
-          validHost: req.host,
-          originalRequest: req,
-          messageResponse: answer(req) as v1alpha.ServerReflectionResponse["messageResponse"],
-        });
-      }
-    },
-  });
+  return [
+    route(v1.ServerReflection, {
+      async *serverReflectionInfo(reqs) {
+        for await (const req of reqs) {
+          yield create(v1.ServerReflectionResponseSchema, {
+            validHost: req.host,
+            originalRequest: req,
+            messageResponse: answer(req) as v1.ServerReflectionResponse["messageResponse"],
+          });
+        }
+      },
+    }),
+    route(v1alpha.ServerReflection, {
+      async *serverReflectionInfo(reqs) {
+        for await (const req of reqs) {
+          yield create(v1alpha.ServerReflectionResponseSchema, {
+            validHost: req.host,
+            originalRequest: req,
+            messageResponse: answer(req) as v1alpha.ServerReflectionResponse["messageResponse"],
+          });
+        }
+      },
+    }),
+  ];
 }

@@ -1,28 +1,24 @@
-// Starts a gRPC server the same way for every microvpc service: HTTP/2 (h2c
-// on loopback, TLS elsewhere), gRPC + Connect protocols, reflection, health,
+// Starts a gRPC server the same way for every microvpc service, on
+// @grpc/grpc-js (grpc-adapter.ts turns our protobuf-es services into its
+// handlers): HTTP/2 (h2c on loopback, TLS elsewhere), the gRPC protocol only
+// (connect's HTTP/1.1 JSON protocol is no longer served), reflection, health,
 // a request id on every call, RPC metrics, one error mapping, optional
 // bearer-token auth and mutual TLS, and optionally grpc.health.v1 alone on
 // its own plaintext listener (for kubelet probes while the gRPC port wants
 // TLS and credentials).
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
-import http2 from "node:http2";
 import { isIP } from "node:net";
-import type { DescService } from "@bufbuild/protobuf";
-import { Code, ConnectError, type ConnectRouter, type Interceptor, type ServiceImpl } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { Code, ConnectError } from "@connectrpc/connect";
+import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
-import { toConnectError } from "./errors.js";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
-import { registerHealth, type ReadyCheck } from "./health.js";
+import { grpcService, type CallObserver, type ServiceBinding } from "./grpc-adapter.js";
+import { healthService, SharedReadiness, type ReadyCheck } from "./health.js";
 import { rpcDuration, rpcRequests } from "./metrics.js";
-import { registerReflection } from "./reflection.js";
+import { reflectionServices } from "./reflection.js";
 
-export interface ServiceBinding {
-  desc: DescService;
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
-  impl: Partial<ServiceImpl<any>>;
-}
+export type { ServiceBinding } from "./grpc-adapter.js";
 
 export interface GrpcServerOptions {
   listen: string;
@@ -40,6 +36,8 @@ export interface GrpcServerOptions {
   loopback?: (host: string) => boolean;
   /** Largest request accepted, in bytes (default 4 MiB). */
   readMaxBytes?: number;
+  /** Serve a bearer token off loopback without TLS (--insecure-plaintext): the token travels in clear text. */
+  insecurePlaintext?: boolean;
 }
 
 /**
@@ -48,7 +46,8 @@ export interface GrpcServerOptions {
  * flow-control window is 64 KiB, so a full session buffers at most 16 MiB, the
  * session memory cap (new streams are refused above it). gRPC metadata is
  * small: 16 KiB of headers in at most 128 fields. Messages themselves are
- * bounded by readMaxBytes (4 MiB by default), enforced by connect as it reads.
+ * bounded by readMaxBytes (4 MiB by default), enforced by grpc-js as it reads
+ * (grpc.max_receive_message_length).
  */
 export const HTTP2_LIMITS = {
   maxConcurrentStreams: 256,
@@ -67,23 +66,53 @@ export const HTTP2_LIMITS = {
   idleTimeoutMs: 5 * 60_000,
 } as const;
 
-function http2Options(readMaxBytes: number): http2.ServerOptions {
+/**
+ * HTTP2_LIMITS as grpc-js takes them. Its own options cover
+ * maxConcurrentStreams (grpc.max_concurrent_streams), maxSessionMemory
+ * (grpc-node.max_session_memory), idleTimeoutMs (grpc.max_connection_idle_ms:
+ * a connection with no call for that long is closed) and keepalive (a ping
+ * every idle interval, the peer dropped if it does not answer in 20 s). The
+ * others (initialWindowSize, maxHeaderListSize, maxHeaderListPairs,
+ * maxSessionRejectedStreams, maxOutstandingPings, maxSettings,
+ * unknownProtocolTimeout) have no grpc-js option: they are node:http2 server
+ * options, which grpc-js keeps in a private field (commonServerOptions) that
+ * it passes to http2.createServer/createSecureServer; applyHttp2Limits adds
+ * them there, and refuses to start if that field ever disappears.
+ */
+function grpcOptions(readMaxBytes: number): grpc.ServerOptions {
   const L = HTTP2_LIMITS;
   return {
+    "grpc.max_concurrent_streams": L.maxConcurrentStreams,
+    // Never below what one largest message needs in flight.
+    "grpc-node.max_session_memory": Math.max(L.maxSessionMemory, Math.ceil(readMaxBytes / 2 ** 20) + 1),
+    "grpc.max_receive_message_length": readMaxBytes,
+    "grpc.max_send_message_length": 64 * 1024 * 1024,
+    "grpc.max_connection_idle_ms": L.idleTimeoutMs,
+    "grpc.keepalive_time_ms": L.idleTimeoutMs,
+    "grpc.keepalive_timeout_ms": 20_000,
+  };
+}
+
+function applyHttp2Limits(server: grpc.Server): void {
+  const L = HTTP2_LIMITS;
+  const common = (server as unknown as { commonServerOptions?: Record<string, unknown> }).commonServerOptions;
+  if (!common || typeof common !== "object") {
+    throw new Error("@grpc/grpc-js no longer has Server.commonServerOptions: the HTTP/2 limits (HTTP2_LIMITS) cannot be applied; see server.ts");
+  }
+  Object.assign(common, {
     settings: {
+      ...(common.settings as object),
       maxConcurrentStreams: L.maxConcurrentStreams,
       initialWindowSize: L.initialWindowSize,
       maxHeaderListSize: L.maxHeaderListSize,
       enablePush: false,
     },
     maxHeaderListPairs: L.maxHeaderListPairs,
-    // Never below what one largest message needs in flight.
-    maxSessionMemory: Math.max(L.maxSessionMemory, Math.ceil(readMaxBytes / 2 ** 20) + 1),
     maxSessionRejectedStreams: L.maxSessionRejectedStreams,
     maxOutstandingPings: L.maxOutstandingPings,
     maxSettings: L.maxSettings,
     unknownProtocolTimeout: L.unknownProtocolTimeout,
-  };
+  });
 }
 
 export interface RunningServer {
@@ -111,16 +140,28 @@ export interface ListenerSecurity {
   tls: boolean;
   clientCa: boolean;
   token: boolean;
+  /** --insecure-plaintext: a token off loopback without TLS is accepted. */
+  insecurePlaintext?: boolean;
 }
 
 /**
  * Why a listener may not start, or undefined if it may. Off loopback a caller
  * must prove who it is: a bearer token or a client certificate (mutual TLS).
  * TLS alone only encrypts; it would serve every RPC to anyone who connects.
+ * A token without TLS would travel in clear text, readable (and replayable)
+ * by anyone on the path: refused unless --insecure-plaintext says so.
  */
 export function listenerRefusal(l: ListenerSecurity, loopback: (host: string) => boolean = isLoopback): string | undefined {
   if (l.clientCa && !l.tls) return "--tls-client-ca needs --tls-cert/--tls-key: mutual TLS is TLS";
-  if (loopback(l.host) || l.token || l.clientCa) return undefined;
+  if (loopback(l.host) || l.clientCa) return undefined;
+  if (l.token && !l.tls) {
+    if (l.insecurePlaintext) return undefined;
+    return (
+      `refusing to listen on ${l.host} with a bearer token but without TLS: every caller would send the token in clear text, for anyone on the network to read and replay; ` +
+      "add --tls-cert/--tls-key, or listen on 127.0.0.1, or pass --insecure-plaintext if the network itself is trusted (e.g. a private link or a sidecar's encryption)"
+    );
+  }
+  if (l.token) return undefined;
   if (l.tls) {
     return (
       `refusing to listen on ${l.host} with TLS alone: TLS encrypts but authenticates no caller, so every RPC would be open to anyone who connects; ` +
@@ -133,37 +174,35 @@ export function listenerRefusal(l: ListenerSecurity, loopback: (host: string) =>
   );
 }
 
-function authInterceptor(token: string): Interceptor {
-  const want = Buffer.from(`Bearer ${token}`);
-  return (next) => async (req) => {
-    if (req.service.typeName === "grpc.health.v1.Health") return next(req);
-    const got = Buffer.from(req.header.get("authorization") ?? "");
-    if (got.length !== want.length || !timingSafeEqual(got, want)) {
-      throw new ConnectError("missing or wrong bearer token: send the header 'authorization: Bearer <token>'", Code.Unauthenticated);
-    }
-    return next(req);
-  };
-}
-
-function observeInterceptor(logger: Logger): Interceptor {
-  return (next) => async (req) => {
+/**
+ * Around every call: its request id (the caller's x-request-id, cleaned, or a
+ * new one; sent back as a response header, and in the trailers of an error),
+ * the bearer token (health excepted), the RPC metrics and the log line of a
+ * failure.
+ */
+function observer(logger: Logger, token: string | undefined): CallObserver {
+  const want = token ? Buffer.from(`Bearer ${token}`) : undefined;
+  return (ctx) => {
     const reqId =
-      req.header
-        .get("x-request-id")
+      ctx
+        .header("x-request-id")
         ?.slice(0, 64)
         .replace(/[^A-Za-z0-9_.:-]/g, "") || randomUUID();
-    const service = req.service.typeName;
-    const method = req.method.name;
-    const log = logger.child({ reqId, rpc: `${service}/${method}` });
+    ctx.addResponseHeader("x-request-id", reqId);
+    const service = ctx.service.typeName;
+    const method = ctx.method.name;
     const start = process.hrtime.bigint();
-    const done = (code: Code | 0, err?: ConnectError) => {
+    const done = (err: ConnectError | undefined) => {
       const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+      const code = err ? err.code : 0;
       const codeName = code === 0 ? "OK" : Code[code];
       rpcRequests.inc({ service, method, code: codeName });
       rpcDuration.observe({ service, method }, seconds);
       if (err) {
+        ctx.responseTrailer.set("x-request-id", reqId);
         const level = code === Code.Internal || code === Code.Unknown ? "error" : code === Code.Unavailable ? "warn" : "info";
-        log[level](
+        if (!logger.isLevelEnabled(level)) return;
+        logger.child({ reqId, rpc: `${service}/${method}` })[level](
           {
             code: codeName,
             ms: seconds * 1000,
@@ -172,127 +211,118 @@ function observeInterceptor(logger: Logger): Interceptor {
           },
           "rpc failed",
         );
-      } else if (!req.service.typeName.startsWith("grpc.")) {
-        log.debug({ ms: seconds * 1000 }, "rpc ok");
+      } else if (!service.startsWith("grpc.") && logger.isLevelEnabled("debug")) {
+        logger.child({ reqId, rpc: `${service}/${method}` }).debug({ ms: seconds * 1000 }, "rpc ok");
       }
     };
-    try {
-      const res = await next(req);
-      res.header.set("x-request-id", reqId);
-      if (!res.stream) done(0);
-      return res;
-    } catch (e) {
-      const err = toConnectError(e);
-      err.metadata.set("x-request-id", reqId);
-      done(err.code, err);
-      throw err;
+    if (want && service !== "grpc.health.v1.Health") {
+      const got = Buffer.from(ctx.header("authorization") ?? "");
+      if (got.length !== want.length || !timingSafeEqual(got, want)) {
+        const err = new ConnectError("missing or wrong bearer token: send the header 'authorization: Bearer <token>'", Code.Unauthenticated);
+        done(err);
+        throw err;
+      }
     }
+    return done;
   };
+}
+
+function hostPort(host: string, port: number): string {
+  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+/** A grpc-js server with these services, bound; the port it got. */
+async function serve(
+  bindings: ServiceBinding[],
+  observe: CallObserver,
+  readMaxBytes: number,
+  host: string,
+  port: number,
+  creds: grpc.ServerCredentials,
+): Promise<{ server: grpc.Server; port: number }> {
+  const server = new grpc.Server(grpcOptions(readMaxBytes));
+  applyHttp2Limits(server);
+  for (const b of bindings) {
+    const { definition, handlers } = grpcService(b, observe);
+    server.addService(definition, handlers);
+  }
+  const bound = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(hostPort(host, port), creds, (err, p) => (err ? reject(err) : resolve(p)));
+  });
+  return { server, port: bound };
+}
+
+/** Stops taking calls; those still running (Watch streams) are cut after 2 s. */
+function shutdown(server: grpc.Server): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const timer = setTimeout(() => {
+      server.forceShutdown();
+      resolve();
+    }, 2000);
+    timer.unref();
+    server.tryShutdown(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
 }
 
 export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningServer> {
   const { host, port } = parseListen(opts.listen);
   const tls = opts.tlsCert && opts.tlsKey;
   if (opts.token !== undefined && !opts.token.trim()) throw new Error("refusing an empty bearer token: it would turn authentication off");
-  const refusal = listenerRefusal({ host, tls: !!tls, clientCa: !!opts.tlsClientCa, token: !!opts.token }, opts.loopback);
+  const refusal = listenerRefusal(
+    { host, tls: !!tls, clientCa: !!opts.tlsClientCa, token: !!opts.token, insecurePlaintext: opts.insecurePlaintext },
+    opts.loopback,
+  );
   if (refusal) throw new Error(refusal);
   const health = opts.healthListen ? parseListen(opts.healthListen) : undefined;
-  const interceptors: Interceptor[] = [observeInterceptor(opts.logger)];
-  if (opts.token) interceptors.push(authInterceptor(opts.token));
-  const routes = (router: ConnectRouter) => {
-    for (const s of opts.services) router.service(s.desc, s.impl);
-    registerReflection(router, [...opts.services.map((s) => s.desc), Health]);
-    registerHealth(
-      router,
-      opts.services.map((s) => s.desc.typeName),
-      opts.ready,
-    );
-  };
   const readMaxBytes = opts.readMaxBytes ?? 4 * 1024 * 1024;
-  const handler = connectNodeAdapter({
-    routes,
-    interceptors,
-    readMaxBytes,
-    grpc: true,
-    grpcWeb: false,
-    connect: true,
-  });
-  const h2 = http2Options(readMaxBytes);
-  const server = tls
-    ? http2.createSecureServer(
-        {
-          ...h2,
-          cert: readFileSync(opts.tlsCert!),
-          key: readFileSync(opts.tlsKey!),
-          allowHTTP1: true,
-          // Mutual TLS: the handshake fails for a client without a certificate signed by this CA.
-          ...(opts.tlsClientCa ? { ca: readFileSync(opts.tlsClientCa), requestCert: true, rejectUnauthorized: true } : {}),
-        },
-        handler,
+  // One readiness answer for both listeners' health services.
+  const readiness = new SharedReadiness(opts.ready);
+  const names = opts.services.map((s) => s.desc.typeName);
+  const creds = tls
+    ? grpc.ServerCredentials.createSsl(
+        // Mutual TLS: the handshake fails for a client without a certificate signed by this CA.
+        opts.tlsClientCa ? readFileSync(opts.tlsClientCa) : null,
+        [{ cert_chain: readFileSync(opts.tlsCert!), private_key: readFileSync(opts.tlsKey!) }],
+        !!opts.tlsClientCa,
       )
-    : http2.createServer(h2, handler);
-  // Bounds on what one client can hold open.
-  server.setTimeout(HTTP2_LIMITS.idleTimeoutMs);
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(port, host, () => resolve());
-  });
-  const addr = server.address();
-  const boundPort = typeof addr === "object" && addr ? addr.port : port;
-  const sessions = new Set<http2.ServerHttp2Session>();
-  server.on("session", (s) => {
-    sessions.add(s);
-    s.on("close", () => sessions.delete(s));
-  });
-  let healthServer: http2.Http2Server | undefined;
+    : grpc.ServerCredentials.createInsecure();
+  const main = await serve(
+    [...opts.services, ...reflectionServices([...opts.services.map((s) => s.desc), Health]), healthService(names, readiness)],
+    observer(opts.logger, opts.token),
+    readMaxBytes,
+    host,
+    port,
+    creds,
+  );
+  let healthServer: grpc.Server | undefined;
   let healthPort: number | undefined;
   if (health) {
+    // grpc.health.v1 alone, over h2c and without auth: what it tells (SERVING
+    // or not) is no secret, and kubelet's gRPC probe speaks neither TLS nor
+    // tokens. The same HTTP/2 limits as the gRPC port: this one takes no credentials.
     try {
-      ({ server: healthServer, port: healthPort } = await startHealthListener(health.host, health.port, opts));
+      ({ server: healthServer, port: healthPort } = await serve(
+        [healthService(names, readiness)],
+        observer(opts.logger, undefined),
+        64 * 1024,
+        health.host,
+        health.port,
+        grpc.ServerCredentials.createInsecure(),
+      ));
     } catch (e) {
-      server.close();
+      main.server.forceShutdown();
       throw e;
     }
   }
   return {
     host,
-    port: boundPort,
+    port: main.port,
     healthPort,
-    close: () =>
-      new Promise<void>((resolve) => {
-        healthServer?.close();
-        server.close(() => resolve());
-        for (const s of sessions) s.close();
-        setTimeout(() => {
-          for (const s of sessions) s.destroy();
-        }, 2000).unref();
-      }),
+    close: async () => {
+      await Promise.all([shutdown(main.server), healthServer && shutdown(healthServer)]);
+    },
   };
-}
-
-// grpc.health.v1 alone, over h2c and without auth: what it tells (SERVING or
-// not) is no secret, and kubelet's gRPC probe speaks neither TLS nor tokens.
-async function startHealthListener(host: string, port: number, opts: GrpcServerOptions): Promise<{ server: http2.Http2Server; port: number }> {
-  const handler = connectNodeAdapter({
-    routes: (router) =>
-      registerHealth(
-        router,
-        opts.services.map((s) => s.desc.typeName),
-        opts.ready,
-      ),
-    interceptors: [observeInterceptor(opts.logger)],
-    readMaxBytes: 64 * 1024,
-    grpc: true,
-    grpcWeb: false,
-    connect: true,
-  });
-  // The same HTTP/2 limits as the gRPC port: this one takes no credentials.
-  const server = http2.createServer(http2Options(64 * 1024), handler);
-  server.setTimeout(HTTP2_LIMITS.idleTimeoutMs);
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(port, host, () => resolve());
-  });
-  const addr = server.address();
-  return { server, port: typeof addr === "object" && addr ? addr.port : port };
 }

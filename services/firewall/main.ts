@@ -18,6 +18,7 @@ import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
 import { HostStore } from "../netagent/store.js";
 import { bridgeNfProblems, LinuxNft } from "./apply.js";
+import { firewallRoutes } from "./routes.js";
 import { FirewallApi } from "./service.js";
 import { OWNER } from "./schema.js";
 import { FirewallStore } from "./store.js";
@@ -62,8 +63,7 @@ export const firewallDefinition: ServiceDefinition = {
     const brNfTimer = setInterval(() => void checkBrNf(), 5000);
     brNfTimer.unref();
     await checkBrNf();
-    const impl: Partial<ServiceImpl<typeof FirewallService>> = {
-      ...api.impl,
+    const status: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus"> = {
       getFirewallStatus: async (req) => {
         const st = { ...sync.status };
         if (brNf.length) {
@@ -134,7 +134,7 @@ export const firewallDefinition: ServiceDefinition = {
       },
     };
     return {
-      services: [{ desc: FirewallService, impl }],
+      services: firewallRoutes(api, status),
       ready: async () => (await checkBrNf()).length === 0 && (await redis.ping()) === "PONG",
       close: async () => {
         clearInterval(brNfTimer);

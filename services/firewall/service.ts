@@ -328,7 +328,8 @@ export class FirewallApi {
 
   // ---------- handlers ----------
 
-  readonly impl: Partial<ServiceImpl<typeof FirewallService>> = {
+  /** Every FirewallService call but GetFirewallStatus, which reads the sync half (main.ts). */
+  readonly impl: Omit<ServiceImpl<typeof FirewallService>, "getFirewallStatus"> = {
     createSecurityGroup: async (req) => {
       const vpc = await this.vpc("vpc", req.vpc);
       const name = V.name("name", req.name);

@@ -8,7 +8,6 @@
 // (`microvpcd imds`).
 import type { ChildProcess } from "node:child_process";
 import { StringDecoder } from "node:string_decoder";
-import type { ServiceImpl } from "@connectrpc/connect";
 import { Command, Option } from "commander";
 import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
@@ -19,7 +18,6 @@ import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
-import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { runResolver } from "../dns/host.js";
 import { IpamStore } from "../ipam/store.js";
 import { defaultHostId } from "../netagent/main.js";
@@ -28,6 +26,7 @@ import { createImdsServer, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
 import { MetadataStore } from "./metadata-store.js";
 import { DEFAULT_CONNTRACK_LIMIT_PER_VM, DEFAULT_RESERVED_PORTS, parsePortRanges } from "./plan.js";
+import { gatewayRoutes } from "./routes.js";
 import { GatewayApi } from "./service.js";
 import { GatewayStatusApi } from "./status-api.js";
 import { GatewayStore } from "./store.js";
@@ -306,7 +305,8 @@ export const gatewayDefinition: ServiceDefinition = {
         pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }),
         reservedPorts,
       });
-      return { services: [{ desc: GatewayService, impl: { ...api.impl, ...new MetadataApi(new MetadataStore(redis, logger)).impl } }] };
+      const status = new GatewayStatusApi(String(flags.hostId), () => ({ lastApplyMs: 0, lastError: "" }));
+      return { services: gatewayRoutes(api, new MetadataApi(new MetadataStore(redis, logger)), status) };
     }
     const mgmtText = String(flags.managementCidrs);
     const mgmt: ManagementSpec = parseManagementCidrs("--management-cidrs", mgmtText);
@@ -382,13 +382,8 @@ export const gatewayDefinition: ServiceDefinition = {
       stopImds = () => child.stop();
     }
     const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }), reservedPorts });
-    const impl: Partial<ServiceImpl<typeof GatewayService>> = {
-      ...api.impl,
-      ...new MetadataApi(meta).impl,
-      ...new GatewayStatusApi(hostId, () => sync.status).impl,
-    };
     return {
-      services: [{ desc: GatewayService, impl }],
+      services: gatewayRoutes(api, new MetadataApi(meta), new GatewayStatusApi(hostId, () => sync.status)),
       // NOT_SERVING while the metadata/DNS child is down (it is restarted).
       ready: async () => childUp() && (await redis.ping()) === "PONG",
       close: async () => {

@@ -8,6 +8,9 @@ import * as V from "../common/validate.js";
 import type { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { instanceId, type MetadataStore } from "./metadata-store.js";
 
+/** The GatewayService calls MetadataApi implements; GatewayApi implements the rest. */
+export type MetadataRpc = "setInstanceMetadata" | "getInstanceMetadata" | "deleteInstanceMetadata";
+
 export class MetadataApi {
   constructor(readonly store: MetadataStore) {}
 
@@ -19,7 +22,7 @@ export class MetadataApi {
     return id;
   }
 
-  readonly impl: Partial<ServiceImpl<typeof GatewayService>> = {
+  readonly impl: Pick<ServiceImpl<typeof GatewayService>, MetadataRpc> = {
     setInstanceMetadata: async (req) => {
       if (!req.metadata) throw new InvalidArgumentError("metadata", "is required (the whole record of the instance)");
       const { metadata, created } = await this.store.set(req.metadata);

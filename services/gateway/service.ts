@@ -4,6 +4,7 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
+import type { MetadataRpc } from "./metadata-api.js";
 import type { Redis } from "ioredis";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import * as V from "../common/validate.js";
@@ -106,7 +107,8 @@ export class GatewayApi {
     return /^fip-[0-9a-f]{12}$/.test(ref) ? this.store.getFip(ref) : (V.ipv4("floating_ip", ref), this.store.fipByAddress(ref));
   }
 
-  readonly impl: Partial<ServiceImpl<typeof GatewayService>> = {
+  /** Every GatewayService call but the instance metadata ones (MetadataApi). */
+  readonly impl: Omit<ServiceImpl<typeof GatewayService>, MetadataRpc | "getGatewayStatus"> = {
     createNatGateway: async (req) => {
       const v = await this.vpc(req.vpc);
       const s = await this.subnet(req.subnet, v, "subnet");

@@ -21,7 +21,7 @@ export class GatewayStatusApi {
     readonly status: () => { lastApplyMs: number; lastError: string },
   ) {}
 
-  readonly impl: Partial<ServiceImpl<typeof GatewayService>> = {
+  readonly impl: Pick<ServiceImpl<typeof GatewayService>, "getGatewayStatus"> = {
     getGatewayStatus: async (req) => {
       const vpc = req.vpc === "" ? "" : V.id("vpc", req.vpc, "vpc");
       const all = invalidRecords([OWNER, DNS_OWNER]).filter((r) => vpc === "" || r.vpcId === vpc);

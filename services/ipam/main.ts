@@ -1,14 +1,10 @@
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { MANAGEMENT_AUTO, parseManagementCidrs } from "../common/management.js";
-import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
-import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
-import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
-import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
-import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { DnsApi } from "../dns/service.js";
 import { Peerings } from "../peering/service.js";
 import { PeeringStore } from "../peering/store.js";
+import { ipamRoutes } from "./routes.js";
 import { Ipam } from "./service.js";
 import { IpamStore } from "./store.js";
 
@@ -31,13 +27,7 @@ export const ipamDefinition: ServiceDefinition = {
     const store = new IpamStore(redis);
     const ipam = new Ipam(store);
     return {
-      services: [
-        { desc: VpcService, impl: ipam.vpcService },
-        { desc: SubnetService, impl: ipam.subnetService },
-        { desc: IpamService, impl: ipam.ipamService },
-        { desc: PeeringService, impl: new Peerings(ipam, new PeeringStore(redis)).impl },
-        { desc: DnsService, impl: new DnsApi(store, mgmt).impl },
-      ],
+      services: ipamRoutes(ipam, new Peerings(ipam, new PeeringStore(redis)), new DnsApi(store, mgmt)),
     };
   },
 };

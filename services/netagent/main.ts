@@ -2,13 +2,13 @@
 import { hostname } from "node:os";
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
-import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { IpamStore } from "../ipam/store.js";
 import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
 import { addressProblem, Overlay, type WgMode } from "./overlay.js";
 import { PeeringSync } from "./peering.js";
+import { netagentRoutes } from "./routes.js";
 import { HostStore } from "./store.js";
 
 const AGENT_VERSION = "0.1.0";
@@ -130,7 +130,7 @@ export const netagentDefinition: ServiceDefinition = {
     overlay?.start();
     agent.peering.start();
     return {
-      services: [{ desc: NetAgentService, impl: svc.impl }],
+      services: netagentRoutes(svc),
       close: async () => {
         agent.stop();
         agent.peering?.stop();

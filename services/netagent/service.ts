@@ -272,7 +272,7 @@ export class NetAgent {
     return out;
   }
 
-  readonly impl: Partial<ServiceImpl<typeof NetAgentService>> = {
+  readonly impl: ServiceImpl<typeof NetAgentService> = {
     ensureVpc: async (req) => {
       const v = await this.vpc(req.vpc);
       const changed = await this.agent.withLock(v.id, () => this.ensureVpcLocked(v));

@@ -1,5 +1,6 @@
 // microvpcd vmm: the metald-style VM manager of one hypervisor. It calls the
 // other services over gRPC, as an orchestrator would.
+import { readFileSync } from "node:fs";
 import { Option } from "commander";
 import { readToken, type ServiceDefinition } from "../common/daemon.js";
 import { grpcClient, grpcTransport } from "../common/client.js";
@@ -10,9 +11,9 @@ import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
-import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { defaultHostId } from "../netagent/main.js";
+import { vmmRoutes } from "./routes.js";
 import { Vmm, type Booter } from "./service.js";
 import { STEPS, VmStore, type StepName } from "./store.js";
 
@@ -28,12 +29,31 @@ export const vmmDefinition: ServiceDefinition = {
     new Option("--gateway <addr>", "gateway gRPC address").env("MICROVPC_GATEWAY_ADDR").default("127.0.0.1:7404"),
     new Option("--service-token <token>", "bearer token for calls to the other services").env("MICROVPC_SERVICE_TOKEN"),
     new Option("--service-token-file <path>", "read that bearer token from a file (preferred: in no variable or argv)").env("MICROVPC_SERVICE_TOKEN_FILE"),
+    new Option("--ca-file <path>", "CA (PEM) that signed the other services' certificates, for their https:// addresses (default: the system's CAs)").env(
+      "MICROVPC_CA_FILE",
+    ),
+    new Option("--client-cert <path>", "client certificate (PEM) presented to https:// services that require mutual TLS (--tls-client-ca)").env(
+      "MICROVPC_CLIENT_CERT",
+    ),
+    new Option("--client-key <path>", "private key (PEM) of --client-cert").env("MICROVPC_CLIENT_KEY"),
     new Option("--fail-at <step>", "fault injection for tests: fail every CreateVm before this step").env("MICROVPC_FAIL_AT").choices(STEPS),
     new Option("--fail-undo-at <step:n>", "fault injection for tests: the first n undos of this step fail (e.g. firewall:3)").env("MICROVPC_FAIL_UNDO_AT"),
   ],
   async build({ flags, redis, logger }) {
     const token = readToken({ token: flags.serviceToken as string | undefined, tokenFile: flags.serviceTokenFile as string | undefined }, "--service-token");
-    const t = (address: unknown) => grpcTransport({ address: String(address), token, timeoutMs: 30_000 });
+    if (!!flags.clientCert !== !!flags.clientKey) throw new Error("--client-cert and --client-key go together");
+    const tls = {
+      ca: flags.caFile ? readFileSync(String(flags.caFile)) : undefined,
+      cert: flags.clientCert ? readFileSync(String(flags.clientCert)) : undefined,
+      key: flags.clientKey ? readFileSync(String(flags.clientKey)) : undefined,
+    };
+    const addresses = [flags.ipam, flags.netagent, flags.firewall, flags.gateway].map(String);
+    if ((tls.ca || tls.cert) && !addresses.some((a) => a.startsWith("https://"))) {
+      throw new Error("--ca-file/--client-cert are for https:// service addresses, and none is: write e.g. --ipam https://10.1.2.3:7401");
+    }
+    // TLS material goes to https:// addresses only; http:// ones (loopback) stay h2c.
+    const t = (address: unknown) =>
+      grpcTransport({ address: String(address), token, timeoutMs: 30_000, tls: String(address).startsWith("https://") ? tls : undefined });
     const ipamT = t(flags.ipam);
     const clients = {
       vpc: grpcClient(VpcService, ipamT),
@@ -77,7 +97,7 @@ export const vmmDefinition: ServiceDefinition = {
     let closed = false;
     vmm.followInvalidations(redis, () => closed);
     return {
-      services: [{ desc: VmService, impl: vmm.impl }],
+      services: vmmRoutes(vmm),
       close: async () => {
         closed = true;
         stopRetries();

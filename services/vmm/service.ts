@@ -640,7 +640,7 @@ export class Vmm {
     }
   }
 
-  readonly impl: Partial<ServiceImpl<typeof VmService>> = {
+  readonly impl: ServiceImpl<typeof VmService> = {
     createVm: async (req) => {
       const hits = { cached: false };
       try {

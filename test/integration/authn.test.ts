@@ -1,8 +1,9 @@
 // One trust boundary, with real daemons: which listeners start, bearer
 // tokens, mutual TLS, the plaintext health port, the CLI's refusal to send a
 // token in clear text, and the Redis password from a file (in no daemon's
-// or child's argv). Everything listens on 127.0.0.1; "non-loopback" refusals
-// happen before anything binds.
+// or child's argv). Everything listens on 127.0.0.1, but for one daemon
+// with a token and --insecure-plaintext on 0.0.0.0, stopped at once;
+// "non-loopback" refusals happen before anything binds.
 import assert from "node:assert/strict";
 import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, readdirSync, writeFileSync } from "node:fs";
@@ -13,6 +14,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { grpcClient } from "../../services/common/client.js";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { cliRunner } from "../lib/cli.js";
 import { ROOT } from "../lib/daemon.js";
@@ -163,6 +165,43 @@ describe("daemon start-up policy", () => {
     assert.match(out, /add --token-file .* or --tls-client-ca/);
   });
 
+  test("a non-loopback listener with a token but without TLS refuses to start, unless --insecure-plaintext", async () => {
+    const out = await refuses(["ipam", "--listen", "0.0.0.0:0", ...redisArgs(), "--token-file", f("token")]);
+    assert.match(out, /with a bearer token but without TLS/);
+    assert.match(out, /--insecure-plaintext/);
+    // With the flag it starts (and says it serves); 0.0.0.0 on an ephemeral port, stopped at once.
+    const port = await freePort();
+    const proc = spawn(
+      process.execPath,
+      [
+        MICROVPCD,
+        "ipam",
+        ...["--listen", `0.0.0.0:${port}`, "--metrics-listen", `127.0.0.1:${await freePort()}`],
+        ...redisArgs(),
+        ...["--token-file", f("token"), "--insecure-plaintext"],
+      ],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    procs.push(proc);
+    let out2 = "";
+    proc.stdout!.on("data", (d) => (out2 += d));
+    proc.stderr!.on("data", (d) => (out2 += d));
+    try {
+      const deadline = Date.now() + 20_000;
+      while (!/ipam serving/.test(out2)) {
+        if (proc.exitCode !== null) assert.fail(`microvpcd ipam --insecure-plaintext exited with ${proc.exitCode}:\n${out2}`);
+        if (Date.now() > deadline) assert.fail(`not serving after 20 s:\n${out2}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await rejects(vpcs(`127.0.0.1:${port}`).listVpcs({}), Code.Unauthenticated);
+      await vpcs(`127.0.0.1:${port}`, { token: "s3cret-token" }).listVpcs({});
+    } finally {
+      const exited = new Promise((r) => proc.once("exit", r));
+      proc.kill("SIGTERM");
+      await exited;
+    }
+  }, 30_000);
+
   test("an empty (blank) token file refuses to start, on loopback too", async () => {
     const out = await refuses(["ipam", "--listen", "127.0.0.1:0", ...redisArgs(), "--token-file", f("empty-token")]);
     assert.match(out, /--token-file .*empty-token is empty: refusing to start/);
@@ -243,6 +282,28 @@ describe("mutual TLS", () => {
     const r = await grpcClient(Health, { address: `127.0.0.1:${d.healthPort}` }).check({});
     assert.equal(r.status, HealthCheckResponse_ServingStatus.SERVING);
   });
+
+  test("the vmm calls it over https:// with --ca-file and --client-cert/--client-key; without a certificate its calls fail", async () => {
+    // CreateVm asks ipam for the VPC first: NOT_FOUND from ipam means the call went through mutual TLS.
+    const ipam = ["--ipam", `https://127.0.0.1:${d.port}`, "--ca-file", f("ca.pem")];
+    const vm = { name: "mtls", vpc: "no-such-vpc", subnet: "none" };
+    const withCert = await start("vmm", [...redisArgs(), "--host-id", "authnmtls", ...ipam, "--client-cert", f("client.pem"), "--client-key", f("client.key")]);
+    try {
+      const err = await rejects(grpcClient(VmService, { address: `127.0.0.1:${withCert.port}` }).createVm(vm), Code.NotFound);
+      assert.match(err.message, /no-such-vpc/);
+    } finally {
+      await stop(withCert);
+    }
+    const without = await start("vmm", [...redisArgs(), "--host-id", "authnmtls", ...ipam]);
+    try {
+      const err = await rejects(grpcClient(VmService, { address: `127.0.0.1:${without.port}` }).createVm(vm));
+      assert.notEqual(err.code, Code.NotFound, err.message);
+    } finally {
+      await stop(without);
+    }
+    const half = await refuses(["vmm", "--listen", "127.0.0.1:0", ...redisArgs(), ...ipam, "--client-cert", f("client.pem")]);
+    assert.match(half, /--client-cert and --client-key go together/);
+  }, 60_000);
 });
 
 describe("Redis over TLS", () => {

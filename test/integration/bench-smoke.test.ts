@@ -27,6 +27,7 @@ const BENCHES: Record<string, RegExp[]> = {
   dns: [/^resolver \/ bare: /m, /^figures written to /m],
   overlay: [/^Verdict$/m, /^figures written to /m],
   startup: [/^Verdict$/m, /^figures written to /m],
+  rpc: [/^Verdict$/m, /^per-round ratios daemon\/bare: /m, /^figures written to /m],
   exec: [/^execFile +wall /m, /^execa +wall /m, /^run\(\) +wall /m],
 };
 

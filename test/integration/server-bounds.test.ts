@@ -1,9 +1,10 @@
 // Bounds every daemon's gRPC server puts on one client (services/common/
 // server.ts, health.ts), against a real `microvpcd ipam` and redis-server:
-// HTTP/2 stream limits and a health Watch that costs Redis the same however
-// many watch.
+// HTTP/2 stream limits, a health Watch that costs Redis the same however
+// many watch, and the request id every call carries.
 import assert from "node:assert/strict";
 import { connect, type Socket } from "node:net";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
@@ -170,5 +171,24 @@ test("HTTP/2: a client opening more streams than allowed gets them refused; a ca
     assert.equal((await health.check({})).status, Status.SERVING);
   } finally {
     sock.destroy();
+  }
+});
+
+test("every call carries a request id: the caller's (cleaned) or a new one, in the headers, and in the trailers of an error", async () => {
+  const health = grpcClient(Health, { address: daemon.address, timeoutMs: 5000 });
+  let header: Headers | undefined;
+  await health.check({}, { headers: { "x-request-id": "req-42<script>" }, onHeader: (h) => (header = h) });
+  assert.equal(header?.get("x-request-id"), "req-42script");
+  await health.check({}, { onHeader: (h) => (header = h) });
+  assert.match(header?.get("x-request-id") ?? "", /^[0-9a-f-]{36}$/);
+  // An error keeps its code and message, and names its request id.
+  try {
+    await health.check({ service: "no.such.Service" }, { headers: { "x-request-id": "req-43" } });
+    assert.fail("an unknown service was answered");
+  } catch (e) {
+    const err = ConnectError.from(e);
+    assert.equal(err.code, Code.NotFound);
+    assert.match(err.rawMessage, /unknown service "no\.such\.Service"/);
+    assert.equal(err.metadata.get("x-request-id"), "req-43");
   }
 });

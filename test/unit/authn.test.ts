@@ -31,10 +31,20 @@ describe("daemon listener policy", () => {
     assert.match(tlsOnly, /TLS alone/);
     assert.match(tlsOnly, /add --token-file .* or --tls-client-ca/);
   });
-  test("off loopback: a token, or mutual TLS, is enough", () => {
-    assert.equal(listenerRefusal({ host: "10.0.0.5", ...off, token: true }), undefined);
+  test("off loopback: a token over TLS, or mutual TLS, is enough", () => {
     assert.equal(listenerRefusal({ host: "10.0.0.5", ...off, tls: true, token: true }), undefined);
     assert.equal(listenerRefusal({ host: "10.0.0.5", ...off, tls: true, clientCa: true }), undefined);
+  });
+  test("off loopback: a token without TLS is refused (it would travel in clear text) unless --insecure-plaintext", () => {
+    const r = listenerRefusal({ host: "10.0.0.5", ...off, token: true })!;
+    assert.match(r, /with a bearer token but without TLS/);
+    assert.match(r, /clear text/);
+    assert.match(r, /--tls-cert\/--tls-key.*--insecure-plaintext/);
+    assert.equal(listenerRefusal({ host: "10.0.0.5", ...off, token: true, insecurePlaintext: true }), undefined);
+    // The flag opens nothing else: without a token the listener is still refused.
+    assert.match(listenerRefusal({ host: "10.0.0.5", ...off, insecurePlaintext: true })!, /without protection/);
+    // On loopback a token without TLS stays fine.
+    assert.equal(listenerRefusal({ host: "127.0.0.1", ...off, token: true }), undefined);
   });
   test("--tls-client-ca without a server certificate is refused", () => {
     assert.match(listenerRefusal({ host: "127.0.0.1", ...off, clientCa: true })!, /--tls-client-ca needs --tls-cert/);

@@ -1,0 +1,284 @@
+// The RPC floor of a daemon (`npm run bench:rpc`; not a timed test): unary
+// grpc.health.v1.Health/Check calls per second under load against a real
+// `microvpcd ipam` (compiled, dist/; @grpc/grpc-js through
+// services/common/grpc-adapter.ts, with the request id, metrics, health's
+// shared readiness: at most one Redis PING a second), against a bare
+// node:http2 server answering the same bytes (HealthCheckResponse{SERVING},
+// gRPC-framed, grpc-status 0): what Node's HTTP/2 alone costs. Both run as
+// their own process, one core's worth each at most (Node is single-threaded).
+//
+// The load: h2load (Debian nghttp2-client) when installed, else a Node
+// load generator in this process (a node:http2 client, the same prebuilt
+// request on both targets: a closed loop of --streams concurrent calls
+// spread over --connections connections). The same client for both
+// targets, the cases interleaved round by round; median (min–max) of
+// --rounds rounds of --seconds each, after a warm-up round.
+// Target (issue 14): the daemon at ≥ 0.5× the bare server. Also shown: the
+// server CPU per call of each (/proc/PID/stat), which a loaded machine
+// disturbs far less than calls/s.
+//
+// Every process is spawned by the bench and ended by PID; only 127.0.0.1
+// is used; no namespaces. About 1 minute.
+//
+// Options (after `npm run bench:rpc --`): --rounds N (default 5),
+// --seconds S (default 4), --connections N (default 4), --streams N
+// (default 64), --client node|h2load (default: h2load if installed).
+// --smoke: 1 round of 1 s, no warm-up (bench/lib/run.ts).
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import http2 from "node:http2";
+import { loadavg } from "node:os";
+import { performance } from "node:perf_hooks";
+import { startDaemon, type Daemon } from "../test/lib/daemon.js";
+import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
+import { cpuUs, machineEnv } from "./lib/cpu.js";
+import { check, heading, num, resultsFile, spr, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
+import { interleaved, spread, type BenchCase } from "./lib/stats.js";
+
+const opt = benchArgs(
+  {
+    rounds: { type: "string", default: "5" },
+    seconds: { type: "string", default: "4" },
+    connections: { type: "string", default: "4" },
+    streams: { type: "string", default: "64" },
+    client: { type: "string", default: "" },
+  },
+  { rounds: "1", seconds: "1" },
+);
+const ROUNDS = intOpt("rounds", opt.rounds, 3, 30);
+const SECONDS = intOpt("seconds", opt.seconds, 2, 60);
+const CONNECTIONS = intOpt("connections", opt.connections, 1, 64);
+const STREAMS = intOpt("streams", opt.streams, CONNECTIONS, 4096);
+const WARMUP = pick(1, 0);
+const HARD_LIMIT_MS = 300_000;
+const TARGET = 0.5;
+
+function hasH2load(): boolean {
+  try {
+    execFileSync("h2load", ["--version"], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
+}
+const CLIENT = String(opt.client || (hasH2load() ? "h2load" : "node"));
+if (CLIENT !== "node" && CLIENT !== "h2load") throw new Error(`--client ${CLIENT}: node or h2load`);
+
+const { progress } = benchClock(HARD_LIMIT_MS);
+
+/** The baseline: node:http2 alone, answering every stream with HealthCheckResponse{status: SERVING}. */
+const BARE = `
+const http2 = require("node:http2");
+const reply = Buffer.from([0, 0, 0, 0, 2, 0x08, 0x01]);
+const s = http2.createServer({ settings: { maxConcurrentStreams: 256 } });
+s.on("stream", (st) => {
+  st.on("data", () => {});
+  st.on("end", () => {
+    st.respond({ ":status": 200, "content-type": "application/grpc" }, { waitForTrailers: true });
+    st.on("wantTrailers", () => st.sendTrailers({ "grpc-status": "0" }));
+    st.end(reply);
+  });
+});
+s.listen(Number(process.argv[1]), "127.0.0.1", () => process.stdout.write("listening\\n"));
+process.on("SIGTERM", () => process.exit(0));
+`;
+
+/** An empty HealthCheckRequest, gRPC-framed (uncompressed, length 0). */
+const REQUEST = Buffer.alloc(5);
+const PATH = "/grpc.health.v1.Health/Check";
+
+interface Run {
+  callsPerSec: number;
+  errors: number;
+  /** Server CPU during the run, ms per 1000 calls. */
+  cpuMsPer1k: number;
+}
+
+/** One loaded run with the Node client: --streams calls in flight over --connections connections. */
+async function nodeLoad(port: number, ms: number): Promise<{ ok: number; errors: number; elapsedMs: number }> {
+  const sessions = await Promise.all(
+    Array.from(
+      { length: CONNECTIONS },
+      () =>
+        new Promise<http2.ClientHttp2Session>((resolve, reject) => {
+          const s = http2.connect(`http://127.0.0.1:${port}`);
+          s.once("connect", () => resolve(s));
+          s.once("error", reject);
+        }),
+    ),
+  );
+  let ok = 0;
+  let errors = 0;
+  const start = performance.now();
+  const stopAt = start + ms;
+  const call = (s: http2.ClientHttp2Session) =>
+    new Promise<void>((resolve) => {
+      const req = s.request({ ":method": "POST", ":path": PATH, "content-type": "application/grpc", te: "trailers" });
+      let status = "";
+      let bytes = 0;
+      req.on("data", (d: Buffer) => (bytes += d.length));
+      req.on("trailers", (t) => (status = String(t["grpc-status"] ?? "")));
+      req.on("error", () => {
+        errors++;
+        resolve();
+      });
+      req.on("close", () => {
+        if (status === "0" && bytes >= 7) ok++;
+        else errors++;
+        resolve();
+      });
+      req.end(REQUEST);
+    });
+  const worker = async (i: number) => {
+    const s = sessions[i % sessions.length];
+    while (performance.now() < stopAt && errors < 1000) await call(s);
+  };
+  await Promise.all(Array.from({ length: STREAMS }, (_, i) => worker(i)));
+  const elapsedMs = performance.now() - start;
+  for (const s of sessions) s.destroy();
+  return { ok, errors, elapsedMs };
+}
+
+/** One loaded run with h2load (its "finished in …, N req/s" line). */
+function h2load(port: number, ms: number): Promise<{ ok: number; errors: number; elapsedMs: number }> {
+  const args = [
+    ...["-D", String(Math.max(1, Math.round(ms / 1000))), "-c", String(CONNECTIONS), "-m", String(Math.ceil(STREAMS / CONNECTIONS))],
+    ...["-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", "/dev/stdin"],
+    `http://127.0.0.1:${port}${PATH}`,
+  ];
+  return new Promise((resolve, reject) => {
+    const p = spawn("h2load", args, { stdio: ["pipe", "pipe", "pipe"] });
+    let out = "";
+    p.stdout.on("data", (d) => (out += d));
+    p.stderr.on("data", (d) => (out += d));
+    p.stdin.end(REQUEST);
+    p.on("error", reject);
+    p.on("close", () => {
+      const fin = /finished in ([\d.]+)(m?s)/.exec(out);
+      const reqs = /requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored/.exec(out);
+      if (!fin || !reqs) return reject(new Error(`h2load: no result in its output:\n${out.slice(-2000)}`));
+      const elapsedMs = Number(fin[1]) * (fin[2] === "s" ? 1000 : 1);
+      resolve({ ok: Number(reqs[1]), errors: Number(reqs[2]) + Number(reqs[3]), elapsedMs });
+    });
+  });
+}
+
+async function measure(port: number, pid: number): Promise<Run> {
+  const c0 = cpuUs(pid);
+  const r = CLIENT === "h2load" ? await h2load(port, SECONDS * 1000) : await nodeLoad(port, SECONDS * 1000);
+  const cpuMs = (cpuUs(pid) - c0) / 1000;
+  if (r.ok === 0) throw new Error(`no successful call to 127.0.0.1:${port} (${r.errors} errors)`);
+  return { callsPerSec: (r.ok / r.elapsedMs) * 1000, errors: r.errors, cpuMsPer1k: (cpuMs / r.ok) * 1000 };
+}
+
+let redis: TestRedis | undefined;
+let daemon: Daemon | undefined;
+let bare: ChildProcess | undefined;
+
+async function startBare(): Promise<{ proc: ChildProcess; port: number }> {
+  const port = await freePort();
+  const proc = spawn(process.execPath, ["-e", BARE, String(port)], { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise<void>((resolve, reject) => {
+    proc.stdout!.on("data", (d: Buffer) => d.toString().includes("listening") && resolve());
+    proc.once("exit", (code) => reject(new Error(`the bare server exited with ${code}`)));
+  });
+  return { proc, port };
+}
+
+async function main(): Promise<number> {
+  const env = machineEnv();
+  progress(`client: ${CLIENT}; ${ROUNDS} round(s) of ${SECONDS} s, ${STREAMS} calls in flight over ${CONNECTIONS} connection(s)`);
+  redis = await startRedis({ persistence: false });
+  daemon = await startDaemon("ipam", ["--redis", redis.url]);
+  const b = await startBare();
+  bare = b.proc;
+  const cases: BenchCase<Run>[] = [
+    { name: "daemon", run: () => measure(daemon!.port, daemon!.proc.pid!) },
+    { name: "bare", run: () => measure(b.port, b.proc.pid!) },
+  ];
+  const runs = await interleaved(cases, { rounds: ROUNDS, warmupRounds: WARMUP });
+  const d = runs.get("daemon")!;
+  const base = runs.get("bare")!;
+  const ratios = d.map((r, i) => r.callsPerSec / base[i].callsPerSec);
+  const s = {
+    daemon: spread(d.map((r) => r.callsPerSec)),
+    bare: spread(base.map((r) => r.callsPerSec)),
+    ratio: spread(ratios),
+    daemonCpu: spread(d.map((r) => r.cpuMsPer1k)),
+    bareCpu: spread(base.map((r) => r.cpuMsPer1k)),
+  };
+  const p = (x: string) => process.stdout.write(x + "\n");
+  p(heading("RPC floor: unary grpc.health.v1.Health/Check under load"));
+  p(
+    `${env.cpu}, ${env.cores} cores, Node ${env.node}; load average at start ${env.loadavgAtStart.map((x) => x.toFixed(2)).join(" ")}, at end ${loadavg()
+      .map((x) => x.toFixed(2))
+      .join(" ")}`,
+  );
+  p(`client: ${CLIENT}, ${STREAMS} calls in flight over ${CONNECTIONS} connection(s), ${ROUNDS} round(s) of ${SECONDS} s, interleaved`);
+  p(
+    table(
+      ["target", "calls/s median (min–max)", "server CPU ms / 1000 calls", "errors"],
+      [
+        ["microvpcd ipam (grpc-js)", spr(s.daemon), spr(s.daemonCpu, (x) => num(x, 1)), String(d.reduce((a, r) => a + r.errors, 0))],
+        ["bare node:http2", spr(s.bare), spr(s.bareCpu, (x) => num(x, 1)), String(base.reduce((a, r) => a + r.errors, 0))],
+      ],
+    ),
+  );
+  p(`per-round ratios daemon/bare: ${ratios.map((r) => r.toFixed(2)).join(" ")}`);
+  const v: Verdict = {
+    measure: "Health/Check calls/s, daemon vs bare node:http2",
+    value: `${num(s.daemon.median)}/s`,
+    baseline: `${num(s.bare.median)}/s bare`,
+    ratio: s.ratio.median,
+    ...check(s.ratio.median, { min: TARGET }),
+  };
+  // On a shared machine calls/s follow whoever else runs; CPU per call does not.
+  const cpu: Verdict = {
+    measure: "server CPU per call, bare / daemon (info)",
+    value: `${num(s.daemonCpu.median, 1)} µs daemon`,
+    baseline: `${num(s.bareCpu.median, 1)} µs bare`,
+    ratio: s.bareCpu.median / s.daemonCpu.median,
+    target: "",
+  };
+  p(heading("Verdict"));
+  p(verdictTable([v, cpu]));
+  const file = resultsFile("rpc");
+  writeJson(file, {
+    env,
+    client: CLIENT,
+    rounds: ROUNDS,
+    seconds: SECONDS,
+    connections: CONNECTIONS,
+    streams: STREAMS,
+    runs: Object.fromEntries(runs),
+    summary: s,
+    verdict: v,
+  });
+  p(`figures written to ${file}`);
+  return 0;
+}
+
+async function cleanup(): Promise<void> {
+  if (bare && bare.exitCode === null) {
+    const exited = new Promise((r) => bare!.once("exit", r));
+    bare.kill("SIGTERM");
+    await exited;
+  }
+  await daemon?.stop();
+  await redis?.stop();
+}
+
+runBench(
+  () =>
+    main().then(
+      async (code) => {
+        await cleanup();
+        return code;
+      },
+      async (err: unknown) => {
+        await cleanup().catch(() => {});
+        throw err;
+      },
+    ),
+  () => [["ipam", daemon]],
+);

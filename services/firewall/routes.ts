@@ -1,0 +1,10 @@
+// What `microvpcd firewall` serves (health and reflection are added by
+// server.ts): the API half, and GetFirewallStatus from the sync half.
+import type { ServiceImpl } from "@connectrpc/connect";
+import { route, type ServiceBinding } from "../common/grpc-adapter.js";
+import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
+import type { FirewallApi } from "./service.js";
+
+export function firewallRoutes(api: FirewallApi, status: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus">): ServiceBinding[] {
+  return [route(FirewallService, { ...api.impl, ...status })];
+}

@@ -1,0 +1,8 @@
+// What `microvpcd netagent` serves (health and reflection are added by server.ts).
+import { route, type ServiceBinding } from "../common/grpc-adapter.js";
+import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
+import type { NetAgent } from "./service.js";
+
+export function netagentRoutes(agent: NetAgent): ServiceBinding[] {
+  return [route(NetAgentService, agent.impl)];
+}
