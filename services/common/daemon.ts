@@ -67,7 +67,7 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
     .addOption(
       new Option(
         "--redis-user <name>",
-        "Redis ACL user to AUTH as with --redis-password-file (microvpc-control, microvpc-host-<host id>: see `microvpcd redis-acl`); default: Redis's default user",
+        "Redis ACL user to AUTH as, with the password from the password file (microvpc-control, microvpc-host-<host id>: see `microvpcd redis-acl`); default: Redis's default user",
       ).env(env("REDIS_USER")),
     )
     .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) that signed Redis's certificate; connects over TLS").env(env("REDIS_TLS_CA")))
