@@ -6,6 +6,7 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
+import { FailedPreconditionError } from "../common/errors.js";
 import { invalidRecords } from "../common/invalid-records.js";
 import {
   FirewallCountersSchema,
@@ -41,7 +42,14 @@ export const firewallDefinition: ServiceDefinition = {
     const store = new FirewallStore(redis, logger);
     // With per-host Redis users a hypervisor's firewall may not write groups or
     // ACLs; this instance does, and compiles nothing (no nft, no namespaces).
-    if (flags.apiOnly) return { services: [{ desc: FirewallService, impl: new FirewallApi(store, new IpamStore(redis), { hostId }).impl }] };
+    if (flags.apiOnly) {
+      const noDataPlane: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus"> = {
+        getFirewallStatus: async () => {
+          throw new FailedPreconditionError("this firewall runs with --api-only: it applies nothing; ask a hypervisor's firewall for its status");
+        },
+      };
+      return { services: firewallRoutes(new FirewallApi(store, new IpamStore(redis), { hostId }), noDataPlane) };
+    }
     const nft = new LinuxNft();
     const host = new HostStore(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);

@@ -13,6 +13,7 @@ import type { Redis } from "ioredis";
 import { pino, type Logger } from "pino";
 import { checkRedisUser, type ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
+import { FailedPreconditionError } from "../common/errors.js";
 import { readinessChanged } from "../common/health.js";
 import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
@@ -305,8 +306,14 @@ export const gatewayDefinition: ServiceDefinition = {
         pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }),
         reservedPorts,
       });
-      const status = new GatewayStatusApi(String(flags.hostId), () => ({ lastApplyMs: 0, lastError: "" }));
-      return { services: gatewayRoutes(api, new MetadataApi(new MetadataStore(redis, logger)), status) };
+      const noDataPlane = {
+        impl: {
+          getGatewayStatus: async () => {
+            throw new FailedPreconditionError("this gateway runs with --api-only: it applies nothing; ask a hypervisor's gateway for its status");
+          },
+        },
+      };
+      return { services: gatewayRoutes(api, new MetadataApi(new MetadataStore(redis, logger)), noDataPlane) };
     }
     const mgmtText = String(flags.managementCidrs);
     const mgmt: ManagementSpec = parseManagementCidrs("--management-cidrs", mgmtText);

@@ -7,6 +7,6 @@ import type { MetadataApi } from "./metadata-api.js";
 import type { GatewayApi } from "./service.js";
 import type { GatewayStatusApi } from "./status-api.js";
 
-export function gatewayRoutes(api: GatewayApi, metadata: MetadataApi, status: GatewayStatusApi): ServiceBinding[] {
+export function gatewayRoutes(api: GatewayApi, metadata: MetadataApi, status: Pick<GatewayStatusApi, "impl">): ServiceBinding[] {
   return [route(GatewayService, { ...api.impl, ...metadata.impl, ...status.impl })];
 }
