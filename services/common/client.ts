@@ -22,6 +22,35 @@ export function baseUrl(address: string): string {
   return /^https?:\/\//.test(address) ? address : `http://${address}`;
 }
 
+/** Which hosts never leave this machine: the daemons' listener rule and the clients' token rule. */
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\./.test(host);
+}
+
+/**
+ * Why the bearer token may not go to this address, or undefined if it may.
+ * Over plaintext (http://, the default) anyone on the path reads the token
+ * and can then make every call; only loopback never leaves the host. TLS
+ * (https://) is fine anywhere; --insecure-send-token overrides, e.g. on a
+ * network the operator trusts. Without a token there is nothing to leak.
+ */
+export function tokenRefusal(addr: string, token: string | undefined, insecure = false, loopback: (host: string) => boolean = isLoopback): string | undefined {
+  if (!token || insecure) return undefined;
+  const url = baseUrl(addr);
+  if (url.startsWith("https://")) return undefined;
+  let host: string;
+  try {
+    host = new URL(url).hostname.replace(/^\[(.*)\]$/, "$1");
+  } catch {
+    host = addr;
+  }
+  if (loopback(host)) return undefined;
+  return (
+    `refusing to send the bearer token in clear text to ${addr}: it is not a loopback address, so anyone on the network path could read the token and reuse it; ` +
+    `use https://${addr.replace(/^http:\/\//, "")} (the daemon with --tls-cert/--tls-key), or pass --insecure-send-token (MICROVPC_INSECURE_SEND_TOKEN=1) if this network is trusted`
+  );
+}
+
 export function grpcTransport(opts: ClientOptions): Transport {
   return grpcJsTransport({
     address: baseUrl(opts.address),

@@ -14,6 +14,7 @@ import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { grpcService, type CallObserver, type ServiceBinding } from "./grpc-adapter.js";
+import { isLoopback } from "./client.js";
 import { healthService, SharedReadiness, type ReadyCheck } from "./health.js";
 import { rpcDuration, rpcRequests } from "./metrics.js";
 import { reflectionServices } from "./reflection.js";
@@ -131,9 +132,7 @@ export function parseListen(listen: string): { host: string; port: number } {
   return { host: m[1], port: Number(m[2]) };
 }
 
-export function isLoopback(host: string): boolean {
-  return host === "localhost" || host === "::1" || /^127\./.test(host);
-}
+export { isLoopback };
 
 export interface ListenerSecurity {
   host: string;

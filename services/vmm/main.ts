@@ -3,7 +3,7 @@
 import { readFileSync } from "node:fs";
 import { Option } from "commander";
 import { readToken, type ServiceDefinition } from "../common/daemon.js";
-import { grpcClient, grpcTransport } from "../common/client.js";
+import { grpcClient, grpcTransport, tokenRefusal } from "../common/client.js";
 import { waitReady } from "../common/redis.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
@@ -36,6 +36,10 @@ export const vmmDefinition: ServiceDefinition = {
       "MICROVPC_CLIENT_CERT",
     ),
     new Option("--client-key <path>", "private key (PEM) of --client-cert").env("MICROVPC_CLIENT_KEY"),
+    new Option(
+      "--insecure-send-token",
+      "send the service token over plaintext (http://) to non-loopback addresses too; by default only https:// or loopback addresses get it",
+    ).env("MICROVPC_INSECURE_SEND_TOKEN"),
     new Option("--fail-at <step>", "fault injection for tests: fail every CreateVm before this step").env("MICROVPC_FAIL_AT").choices(STEPS),
     new Option("--fail-undo-at <step:n>", "fault injection for tests: the first n undos of this step fail (e.g. firewall:3)").env("MICROVPC_FAIL_UNDO_AT"),
   ],
@@ -48,6 +52,11 @@ export const vmmDefinition: ServiceDefinition = {
       key: flags.clientKey ? readFileSync(String(flags.clientKey)) : undefined,
     };
     const addresses = [flags.ipam, flags.netagent, flags.firewall, flags.gateway].map(String);
+    // The token would cross the network in clear text: refused, as the CLI does.
+    for (const a of addresses) {
+      const refusal = tokenRefusal(a, token, !!flags.insecureSendToken);
+      if (refusal) throw new Error(refusal);
+    }
     if ((tls.ca || tls.cert) && !addresses.some((a) => a.startsWith("https://"))) {
       throw new Error("--ca-file/--client-cert are for https:// service addresses, and none is: write e.g. --ipam https://10.1.2.3:7401");
     }

@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, test } from "vitest";
-import { tokenRefusal } from "../../cli/lib/context.js";
+import { tokenRefusal } from "../../services/common/client.js";
 import { checkRedisUser, readToken } from "../../services/common/daemon.js";
 import { readRedisSecrets, urlHasPassword, urlHasUser } from "../../services/common/redis.js";
 import { listenerRefusal } from "../../services/common/server.js";
