@@ -29,6 +29,10 @@ type Overlay = (typeof OVERLAYS)[number];
 const SERVICES = ["ipam", "netagent", "firewall", "gateway", "vmm"] as const;
 const DEFAULT_PORT: Record<string, number> = { ipam: 7401, netagent: 7402, firewall: 7403, gateway: 7404, vmm: 7405 };
 const HYPERVISOR = ["netagent", "firewall", "gateway", "vmm"];
+/** The services that also run as `--api-only` next to ipam, as the control plane's Redis user (docs/redis-acl.md). */
+const API_ONLY = ["firewall", "gateway"];
+/** What every microvpc container runs, by its args: ipam and the --api-only pair in ipam's pod, the agents in the DaemonSet. */
+const RUNS = ["firewall", "firewall --api-only", "gateway", "gateway --api-only", "ipam", "netagent", "vmm"];
 const PKG = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string; bin: Record<string, string>; engines: { node: string } };
 
 const rendered: Record<Overlay, K8sObject[]> = { dev: build(join(K8S, "overlays", "dev")), production: build(join(K8S, "overlays", "production")) };
@@ -494,12 +498,23 @@ for (const overlay of OVERLAYS) {
     const objs = rendered[overlay];
     const image = microvpcImage(overlay);
     const cs = microvpcContainers(objs, image);
-    const services = cs.map(({ c }) => c.args?.[0]).sort();
-    assert.deepEqual(services, [...SERVICES].sort(), "each service runs once: ipam in its Deployment, the others in the hypervisor DaemonSet");
+    const runs = cs.map(({ c }) => (c.args ?? []).join(" ")).sort();
+    assert.deepEqual(
+      runs,
+      RUNS,
+      "ipam, firewall --api-only and gateway --api-only in ipam's Deployment; netagent, firewall, gateway and vmm in the hypervisor DaemonSet",
+    );
     const hostIdSources = new Set<string>();
     for (const { w, c } of cs) {
       const svc = c.args![0];
       const cn = `${w.obj.kind}/${w.obj.metadata.name} ${c.name}`;
+      // The control plane's pod: ipam and the cluster-wide firewall and gateway APIs.
+      const control = w.obj.kind === "Deployment" && w.obj.metadata.name === "microvpc-ipam";
+      const apiOnly = c.args!.includes("--api-only");
+      assert.equal(apiOnly, control && API_ONLY.includes(svc), `${cn}: --api-only exactly on the firewall and gateway of ipam's pod`);
+      // The mode as a flag, never as MICROVPC_API_ONLY (any value of which, "false" too, turns it on).
+      assert.equal(envOf(c, "MICROVPC_API_ONLY"), undefined, `${cn}: no MICROVPC_API_ONLY`);
+      if (apiOnly) assert.deepEqual(c.args, [svc, "--api-only"], `${cn}: \`microvpcd ${svc} --api-only\``);
       assert.equal(c.image, image, `${cn}: the overlay's microvpc image`);
       assert.deepEqual(c.command, ["microvpcd"], `${cn}: command is the image's ENTRYPOINT, microvpcd (bin/microvpcd.js, as in test/lib/daemon.ts)`);
       assert.ok((SERVICES as readonly string[]).includes(svc), `${cn}: ${svc} is a microvpcd service`);
@@ -564,8 +579,8 @@ for (const overlay of OVERLAYS) {
       // file provisioned on the node — except in dev, where the agents share
       // Redis's default user (microvpc-redis), as the quickstart does.
       const user = val("MICROVPC_REDIS_USER");
-      const perHost = HYPERVISOR.includes(svc) && overlay !== "dev";
-      if (svc === "ipam") assert.equal(user, "microvpc-control", `${cn}: ipam is the control plane's Redis user`);
+      const perHost = !control && HYPERVISOR.includes(svc) && overlay !== "dev";
+      if (control) assert.equal(user, "microvpc-control", `${cn}: ipam's pod runs as the control plane's Redis user`);
       else if (perHost) assert.equal(user, "microvpc-host-$(MICROVPC_HOST_ID)", `${cn}: the hypervisor's own Redis user`);
       else assert.equal(user, "", `${cn}: dev agents use Redis's default user`);
       if (perHost) {
@@ -573,19 +588,23 @@ for (const overlay of OVERLAYS) {
         assert.equal(pwVol.secret, undefined);
         assert.equal(pwFile, "/etc/microvpc/redis/password");
       } else {
-        const secret = svc === "ipam" ? "microvpc-redis-control" : "microvpc-redis";
+        const secret = control ? "microvpc-redis-control" : "microvpc-redis";
         assert.equal(pwVol.hostPath, undefined);
         assert.equal(pwVol.secret?.secretName, secret, `${cn}: the Redis password comes from the Secret ${secret}`);
         const item = pwVol.secret?.items?.find((i) => i.path === pwFile.slice(pwMount.mountPath.length + 1));
         assert.equal(item?.key ?? pwFile.slice(pwMount.mountPath.length + 1), "password", `${cn}: the file is the Secret's key 'password'`);
       }
-      // Host ids: every service that takes one gets the node name, the same for all.
-      if (help[svc].env.has("MICROVPC_HOST_ID")) {
+      // Host ids: every agent that takes one gets the node name, the same for
+      // all. The --api-only instances take none: there it is only a label
+      // (the pod's hostname), never a hypervisor's id.
+      if (apiOnly) assert.equal(envOf(c, "MICROVPC_HOST_ID"), undefined, `${cn}: no host id (not a hypervisor)`);
+      else if (help[svc].env.has("MICROVPC_HOST_ID")) {
         const src = envOf(c, "MICROVPC_HOST_ID")?.valueFrom?.fieldRef?.fieldPath;
         assert.equal(src, "spec.nodeName", `${cn}: --host-id comes from the node name (downward API)`);
         hostIdSources.add(src!);
       }
-      if (HYPERVISOR.includes(svc)) {
+      if (!control) {
+        assert.ok(HYPERVISOR.includes(svc), `${cn}: an agent`);
         assert.equal(w.obj.kind, "DaemonSet");
         assert.equal(envOf(c, "POD_IP")?.valueFrom?.fieldRef?.fieldPath, "status.podIP", `${cn}: listens on the node address (hostNetwork pod IP)`);
       }
@@ -737,6 +756,196 @@ for (const overlay of OVERLAYS) {
   });
 }
 
+// ---------- the control plane's pod: ipam and the cluster-wide firewall and gateway APIs
+
+// With per-host Redis users a hypervisor's firewall and gateway may not write
+// security groups, network ACLs, NAT gateways, floating IPs or port forwards
+// (PERMISSION_DENIED): `microvpcd firewall|gateway --api-only`, as the control
+// user, serve those. The base ships them as well as both overlays.
+const BUILDS: [string, K8sObject[]][] = [
+  ["base", baseObjects],
+  ["dev", rendered.dev],
+  ["production", rendered.production],
+];
+type Rule = { from: Obj[]; ports: { port: number; protocol: string }[] };
+const ORCHESTRATOR = {
+  namespaceSelector: { matchLabels: { "microvpc.io/orchestrator": "true" } },
+  podSelector: { matchLabels: { "microvpc.io/role": "orchestrator" } },
+};
+
+for (const [build, objs] of BUILDS) {
+  test(`${build}: ipam's pod runs \`firewall --api-only\` and \`gateway --api-only\` as microvpc-control, exactly as it runs ipam`, () => {
+    const w = workloads(objs).find((x) => x.obj.kind === "Deployment" && x.obj.metadata.name === "microvpc-ipam");
+    assert.ok(w);
+    assert.deepEqual(
+      w.pod.containers.map((c) => c.name),
+      ["ipam", "firewall", "gateway"],
+    );
+    assert.equal(w.pod.initContainers, undefined);
+    assert.equal(w.pod.hostNetwork, undefined, "no host network: they touch no kernel state");
+    const podSc = w.pod.securityContext as { runAsNonRoot?: boolean; runAsUser?: number; seccompProfile?: { type: string } };
+    assert.equal(podSc.runAsNonRoot, true);
+    assert.ok(podSc.runAsUser !== undefined && podSc.runAsUser !== 0, "a non-root uid");
+    assert.deepEqual(podSc.seccompProfile, { type: "RuntimeDefault" });
+    const ipam = w.pod.containers[0];
+    const dsGateway = container(objs, "DaemonSet", "microvpc-hypervisor", "gateway");
+    // Probes as ipam's, moved to the container's own ports.
+    const onPorts = (p: Probe | undefined, map: Record<number, number>): unknown =>
+      JSON.parse(JSON.stringify(p), (k, v: unknown) => (k === "port" && typeof v === "number" ? (map[v] ?? v) : v));
+    for (const svc of API_ONLY) {
+      const c = container(objs, "Deployment", "microvpc-ipam", svc);
+      const cn = `${build} ${svc}`;
+      const port = DEFAULT_PORT[svc];
+      assert.deepEqual(c.command, ["microvpcd"], `${cn}: the image's ENTRYPOINT`);
+      assert.deepEqual(c.args, [svc, "--api-only"], `${cn}: the cluster-wide API alone`);
+      assert.equal(c.image, ipam.image, `${cn}: ipam's image`);
+      assert.equal(c.imagePullPolicy, ipam.imagePullPolicy, `${cn}: ipam's pull policy`);
+      // Listeners: the service's default ports, on every pod address, as ipam.
+      assert.equal(envOf(c, "MICROVPC_LISTEN")?.value, `0.0.0.0:${port}`);
+      assert.equal(envOf(c, "MICROVPC_METRICS_LISTEN")?.value, `0.0.0.0:${port + 2000}`);
+      assert.equal(envOf(c, "MICROVPC_HEALTH_LISTEN")?.value, `0.0.0.0:${port + 1000}`);
+      // Redis, token and plaintext: ipam's, value for value.
+      for (const n of [
+        "MICROVPC_REDIS_URL",
+        "MICROVPC_REDIS_USER",
+        "MICROVPC_REDIS_PASSWORD_FILE",
+        "MICROVPC_REDIS_TIMEOUT_MS",
+        "MICROVPC_TOKEN_FILE",
+        "MICROVPC_INSECURE_PLAINTEXT",
+      ]) {
+        assert.ok(envOf(ipam, n), `ipam sets ${n}`);
+        assert.deepEqual(envOf(c, n), envOf(ipam, n), `${cn}: ${n} as ipam's`);
+      }
+      assert.equal(envOf(c, "MICROVPC_REDIS_USER")?.value, "microvpc-control", `${cn}: the control plane's Redis user`);
+      assert.equal(envOf(c, "MICROVPC_INSECURE_PLAINTEXT")?.value, "true");
+      // Nothing else: no host id (not a hypervisor), no MICROVPC_API_ONLY (the flag says it).
+      assert.deepEqual(
+        (c.env ?? []).map((e) => e.name).sort(),
+        [
+          "MICROVPC_HEALTH_LISTEN",
+          "MICROVPC_INSECURE_PLAINTEXT",
+          "MICROVPC_LISTEN",
+          "MICROVPC_LOG_LEVEL",
+          "MICROVPC_METRICS_LISTEN",
+          ...(svc === "gateway" ? ["MICROVPC_PUBLIC_POOL"] : []),
+          "MICROVPC_REDIS_PASSWORD_FILE",
+          "MICROVPC_REDIS_TIMEOUT_MS",
+          "MICROVPC_REDIS_URL",
+          "MICROVPC_REDIS_USER",
+          "MICROVPC_TOKEN_FILE",
+        ],
+        `${cn}: its variables`,
+      );
+      assert.deepEqual(c.volumeMounts, ipam.volumeMounts, `${cn}: the token and the control user's password, mounted as ipam's`);
+      assert.deepEqual(
+        c.ports,
+        [
+          { name: `grpc-${svc}`, containerPort: port, protocol: "TCP" },
+          { name: `mx-${svc}`, containerPort: port + 2000, protocol: "TCP" },
+          { name: `health-${svc}`, containerPort: port + 1000, protocol: "TCP" },
+        ],
+        `${cn}: gRPC, metrics and health ports`,
+      );
+      assert.deepEqual(c.startupProbe, onPorts(ipam.startupProbe, { 9401: port + 2000 }), `${cn}: ipam's startup probe, /healthz`);
+      assert.deepEqual(c.readinessProbe, onPorts(ipam.readinessProbe, { 8401: port + 1000 }), `${cn}: ipam's readiness probe, grpc.health.v1`);
+      assert.deepEqual(c.livenessProbe, onPorts(ipam.livenessProbe, { 9401: port + 2000 }), `${cn}: ipam's liveness probe, /healthz`);
+      assert.equal(c.readinessProbe?.grpc?.port, port + 1000);
+      assert.deepEqual(c.lifecycle, ipam.lifecycle, `${cn}: ipam's preStop`);
+      // Restricted: non-root (the pod's uid), no capabilities, read-only root file system.
+      assert.deepEqual(c.securityContext, { allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: ["ALL"] } });
+      assert.deepEqual(c.securityContext, ipam.securityContext, `${cn}: ipam's security context`);
+      for (const r of ["cpu", "memory"]) assert.ok(c.resources?.requests?.[r] && c.resources?.limits?.[r], `${cn}: ${r} request and limit`);
+    }
+    // Floating IPs are allocated here: from the pool the hypervisors' gateways use.
+    const gw = container(objs, "Deployment", "microvpc-ipam", "gateway");
+    assert.ok(envOf(gw, "MICROVPC_PUBLIC_POOL"), "the api-only gateway sets its pool explicitly");
+    assert.ok(envOf(dsGateway, "MICROVPC_PUBLIC_POOL"), "the hypervisors' gateway sets its pool explicitly");
+    assert.equal(envOf(gw, "MICROVPC_PUBLIC_POOL")?.value, envOf(dsGateway, "MICROVPC_PUBLIC_POOL")?.value, "the hypervisors' public pool");
+    assert.equal(envOf(gw, "MICROVPC_RESERVED_PORTS")?.value, envOf(dsGateway, "MICROVPC_RESERVED_PORTS")?.value, "the hypervisors' reserved ports");
+    // The control user's password: ipam's Secret, one volume for all three.
+    const vols = Object.fromEntries((w.pod.volumes ?? []).map((v) => [v.name, v]));
+    assert.deepEqual(Object.keys(vols).sort(), ["redis-password", "token"]);
+    assert.deepEqual(vols["redis-password"].secret, {
+      secretName: "microvpc-redis-control",
+      items: [{ key: "password", path: "password" }],
+      defaultMode: 0o440,
+    });
+    assert.deepEqual(vols.token.secret, { secretName: "microvpc-token", defaultMode: 0o440 });
+    // The Service: ipam on 7401, the firewall API on 7403, the gateway API on 7404 (deploy/k8s/README.md).
+    const svc = find(objs, "Service", "microvpc-ipam").spec as {
+      selector: Record<string, string>;
+      ports: { name: string; port: number; targetPort: number; protocol: string; appProtocol?: string }[];
+    };
+    assert.ok(matches(svc.selector, w.labels), "the Service selects ipam's pod");
+    assert.deepEqual(
+      svc.ports.map((p) => `${p.name} ${p.port}->${p.targetPort}/${p.protocol}${p.appProtocol ? ` ${p.appProtocol}` : ""}`),
+      [
+        "grpc 7401->7401/TCP kubernetes.io/h2c",
+        "metrics 9401->9401/TCP",
+        "grpc-firewall 7403->7403/TCP kubernetes.io/h2c",
+        "mx-firewall 9403->9403/TCP",
+        "grpc-gateway 7404->7404/TCP kubernetes.io/h2c",
+        "mx-gateway 9404->9404/TCP",
+      ],
+    );
+    assert.ok(
+      matches(
+        (find(objs, "PodDisruptionBudget", "microvpc-ipam").spec as { selector: { matchLabels: Record<string, string> } }).selector.matchLabels,
+        w.labels,
+      ),
+    );
+    // NetworkPolicy: the orchestrator reaches the APIs; the hypervisors ipam
+    // only (they never call the control user's firewall and gateway);
+    // Prometheus the metrics.
+    const np = find(objs, "NetworkPolicy", "microvpc-ipam").spec as {
+      podSelector: { matchLabels: Record<string, string> };
+      policyTypes: string[];
+      ingress: Rule[];
+    };
+    assert.ok(matches(np.podSelector.matchLabels, w.labels));
+    assert.deepEqual(np.policyTypes, ["Ingress"], "egress is open: Redis's own policy admits this pod");
+    const rule = (port: number): Rule => {
+      const r = np.ingress.filter((x) => x.ports.some((p) => p.port === port));
+      assert.equal(r.length, 1, `one rule admits port ${port}`);
+      return r[0];
+    };
+    const grpc = rule(7401);
+    assert.deepEqual(grpc.ports, [{ port: 7401, protocol: "TCP" }]);
+    assert.deepEqual(grpc.from[0], ORCHESTRATOR);
+    assert.ok(grpc.from.length > 1 && grpc.from.slice(1).every((f) => isObj(f.ipBlock) && Object.keys(f).length === 1), "ipam: and the hypervisors");
+    const api = rule(7403);
+    assert.equal(rule(7404), api);
+    assert.deepEqual(api.from, [ORCHESTRATOR], "the firewall and gateway APIs: the orchestrator alone");
+    assert.deepEqual(api.ports, [
+      { port: 7403, protocol: "TCP" },
+      { port: 7404, protocol: "TCP" },
+    ]);
+    const mx = rule(9401);
+    assert.equal(rule(9403), mx);
+    assert.equal(rule(9404), mx);
+    assert.deepEqual(mx.from, [{ namespaceSelector: { matchLabels: { "microvpc.io/monitoring": "true" } } }]);
+    assert.equal(np.ingress.length, 3);
+    // Every port the Service publishes is admitted by the policy.
+    for (const p of svc.ports) rule(p.targetPort);
+    // Redis (production: HAProxy in front of it) admits this pod, so all three containers reach it.
+    const redisNp = find(objs, "NetworkPolicy", build === "production" ? "microvpc-redis-proxy" : "microvpc-redis").spec as { ingress: Rule[] };
+    assert.ok(
+      redisNp.ingress.some(
+        (r) =>
+          r.ports.some((p) => p.port === 6379) &&
+          r.from.some(
+            (f) => isObj(f.podSelector) && !f.namespaceSelector && matches((f.podSelector as { matchLabels: Record<string, string> }).matchLabels, w.labels),
+          ),
+      ),
+      "Redis admits the control plane's pod",
+    );
+    for (const o of objs.filter((x) => x.kind === "NetworkPolicy")) {
+      const spec = o.spec as { podSelector: { matchLabels: Record<string, string> }; policyTypes: string[] };
+      if (matches(spec.podSelector.matchLabels, w.labels)) assert.ok(!spec.policyTypes.includes("Egress"), `${o.metadata.name}: no egress rule cuts Redis off`);
+    }
+  });
+}
+
 test("dev: its own namespace, the local image, committed dev-only Secrets, a small Redis, debug logs", () => {
   const objs = rendered.dev;
   assert.ok(objs.every((o) => o.kind === "Namespace" || o.metadata.namespace === "microvpc-dev"));
@@ -753,6 +962,7 @@ test("dev: its own namespace, the local image, committed dev-only Secrets, a sma
   assert.equal(redis.volumeClaimTemplates[0].spec.resources.requests.storage, "1Gi");
   assert.equal(envOf(container(objs, "Deployment", "microvpc-ipam", "ipam"), "MICROVPC_LOG_LEVEL")?.value, "debug");
   assert.equal(envOf(container(objs, "DaemonSet", "microvpc-hypervisor", "netagent"), "MICROVPC_LOG_LEVEL")?.value, "debug");
+  for (const c of ["firewall", "gateway"]) assert.equal(envOf(container(objs, "Deployment", "microvpc-ipam", c), "MICROVPC_LOG_LEVEL")?.value, "debug");
   // The base's values where dev does not change them.
   assert.equal(envOf(container(objs, "DaemonSet", "microvpc-hypervisor", "vmm"), "MICROVPC_LOG_LEVEL")?.value, "info");
   assert.equal(container(objs, "Deployment", "microvpc-ipam", "ipam").resources?.limits?.memory, "512Mi");
@@ -763,7 +973,7 @@ test("production: pinned image, 3 ipam replicas, Redis with Sentinel behind HAPr
   assert.ok(objs.every((o) => o.kind === "Namespace" || o.metadata.namespace === "microvpc"));
   const image = microvpcImage("production");
   assert.equal(image, `registry.example.com/microvpc:${PKG.version}`, "the image tag is the package version");
-  assert.equal(microvpcContainers(objs, image).length, SERVICES.length);
+  assert.equal(microvpcContainers(objs, image).length, RUNS.length);
   assert.equal((find(objs, "Deployment", "microvpc-ipam").spec as { replicas: number }).replicas, 3);
   const tsc = (
     find(objs, "Deployment", "microvpc-ipam").spec as {
