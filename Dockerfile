@@ -39,6 +39,7 @@ ENV DEBIAN_FRONTEND=noninteractive NODE_ENV=production
 #   redis-server redis-tools  Redis runs from its own image (deploy/k8s)
 #   iperf3 busybox-static     tools the tests drive (busybox is also the
 #                             guest's userland, which deploy/guest/build.sh packs)
+#   nghttp2-client            h2load, the load generator of bench:rpc
 #   cpio kmod                 deploy/guest/build.sh's tools for building guests
 # A package added to the list later is installed unless it is named here.
 ARG LEAVE_OUT="redis-server redis-tools iperf3 nghttp2-client busybox-static cpio kmod"

@@ -202,6 +202,24 @@ describe("daemon start-up policy", () => {
     }
   }, 30_000);
 
+  test("the vmm refuses to send its service token in clear text to a non-loopback address, unless --insecure-send-token", async () => {
+    // 192.0.2.1 (TEST-NET-1) is never dialled: the vmm refuses before any call.
+    const out = await refuses(["vmm", "--listen", "127.0.0.1:0", ...redisArgs(), "--ipam", "192.0.2.1:7401", "--service-token-file", f("token")]);
+    assert.match(out, /refusing to send the bearer token in clear text to 192\.0\.2\.1:7401/);
+    assert.match(out, /--insecure-send-token/);
+    // With the flag the token check passes: the start goes on to the next
+    // check (a --ca-file with no https:// address), so nothing is dialled.
+    const told = await refuses([
+      ...["vmm", "--listen", "127.0.0.1:0", ...redisArgs(), "--ipam", "192.0.2.1:7401"],
+      ...["--service-token-file", f("token"), "--insecure-send-token", "--ca-file", f("ca.pem")],
+    ]);
+    assert.doesNotMatch(told, /refusing to send the bearer token/);
+    assert.match(told, /--ca-file\/--client-cert are for https:\/\/ service addresses/);
+    // Loopback peers (the default addresses) get the token without the flag.
+    const local = await start("vmm", [...redisArgs(), "--host-id", "authnloop", "--service-token-file", f("token")]);
+    await stop(local);
+  });
+
   test("an empty (blank) token file refuses to start, on loopback too", async () => {
     const out = await refuses(["ipam", "--listen", "127.0.0.1:0", ...redisArgs(), "--token-file", f("empty-token")]);
     assert.match(out, /--token-file .*empty-token is empty: refusing to start/);
