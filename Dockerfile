@@ -41,7 +41,7 @@ ENV DEBIAN_FRONTEND=noninteractive NODE_ENV=production
 #                             guest's userland, which deploy/guest/build.sh packs)
 #   cpio kmod                 deploy/guest/build.sh's tools for building guests
 # A package added to the list later is installed unless it is named here.
-ARG LEAVE_OUT="redis-server redis-tools iperf3 busybox-static cpio kmod"
+ARG LEAVE_OUT="redis-server redis-tools iperf3 containernetworking-plugins busybox-static cpio kmod"
 COPY deploy/packages.txt /tmp/packages.txt
 RUN printf '%s\n' $LEAVE_OUT > /tmp/leave-out \
  && apt-get update \

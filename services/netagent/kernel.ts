@@ -9,7 +9,8 @@
 //   namespace under /run/netns, so a /proc/PID/ns/net path takes a second
 //   exec (nsenter) as before;
 // - DetachNic deletes the devices and clears conntrack in one `ip -force
-//   -batch` (conntrack through `netns exec` lines, which fork the same way).
+//   -batch` (conntrack -R through a `netns exec` line, which forks the same
+//   way: one conntrack process runs both deletes).
 // `Kernel` is an interface so the planner and the service are tested against
 // RecordingKernel, which records what would run.
 import { randomBytes } from "node:crypto";
@@ -82,9 +83,9 @@ export function namedNetns(path: string): string | null {
   return /^\/(?:var\/)?run\/netns\/([A-Za-z0-9_.-]+)$/.exec(path)?.[1] ?? null;
 }
 
-/** The lines that clear conntrack from and to an address, run from an `ip -batch` in the namespace. */
-export function conntrackLines(ns: string, address: string): string[] {
-  return ns ? ["-s", "-d"].map((dir) => `netns exec ${ns} conntrack -D ${dir} ${address}`) : [];
+/** The conntrack commands (a `conntrack -R` file) that clear the flows from and to an address. */
+export function conntrackCommands(address: string): string[] {
+  return [`-D -s ${address}`, `-D -d ${address}`];
 }
 
 /** Splits `ip -force -batch` stderr into the error text of each failed line (1-based). */
@@ -99,11 +100,9 @@ export function batchFailures(stderr: string): Map<number, string> {
   return out;
 }
 
-/** Sums conntrack's "N flow entries have been deleted" over a batch's output. */
-export function conntrackDeleted(text: string): number {
-  let n = 0;
-  for (const m of text.matchAll(/(\d+) flow entries have been deleted/g)) n += Number(m[1]);
-  return n;
+/** How many flows `conntrack -R` deleted: it prints each one (a line with its tuples). */
+export function conntrackDeleted(stdout: string): number {
+  return stdout.split("\n").filter((l) => /\bsrc=\S+ dst=/.test(l)).length;
 }
 
 let batchDir: string | undefined;
@@ -232,15 +231,28 @@ export class LinuxKernel implements Kernel {
     for (const g of later) await this.ipBatchAt(g.netnsPath, g.lines);
   }
 
+  // conntrack runs once (-R: both deletes from a file), forked by ip. Each
+  // delete is a dump of the namespace's table, which the kernel finds by
+  // walking the whole (global) conntrack hash: the dearest part of a detach.
   async detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }> {
-    const lines = [...devices.map((d) => `link del dev ${d}`), ...conntrackLines(ns, address)];
-    const r = await run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false });
-    if (r.exitCode === undefined) throw r.error!;
-    for (const [line, text] of batchFailures(r.stderr)) {
-      // A device already gone is what detaching wants; conntrack exits 1 when nothing matched.
-      if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
+    const lines = devices.map((d) => `link del dev ${d}`);
+    let file = "";
+    if (ns && !/\s/.test(guestBatchDir())) {
+      file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.ct`);
+      writeFileSync(file, conntrackCommands(address).join("\n") + "\n", { mode: 0o600 });
+      lines.push(`netns exec ${ns} conntrack -R ${file}`);
     }
-    return { conntrackCleared: conntrackDeleted(`${r.stderr}${r.stdout}`) };
+    try {
+      const r = await run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false });
+      if (r.exitCode === undefined) throw r.error!;
+      for (const [line, text] of batchFailures(r.stderr)) {
+        // A device already gone is what detaching wants; a conntrack failure (no module, no tool) clears nothing.
+        if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
+      }
+      return { conntrackCleared: conntrackDeleted(r.stdout) };
+    } finally {
+      if (file) rmSync(file, { force: true });
+    }
   }
 
   async ipBatchAt(netnsPath: string, lines: string[]): Promise<void> {
@@ -312,7 +324,9 @@ export class RecordingKernel implements Kernel {
     if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
   }
   async detach(ns: string, devices: string[], address: string) {
-    this.calls.push(`ip -n ${ns} -force -batch:\n  ${[...devices.map((d) => `link del dev ${d}`), ...conntrackLines(ns, address)].join("\n  ")}`);
+    this.calls.push(
+      `ip -n ${ns} -force -batch:\n  ${[...devices.map((d) => `link del dev ${d}`), `netns exec ${ns} conntrack -R: ${conntrackCommands(address).join("; ")}`].join("\n  ")}`,
+    );
     return { conntrackCleared: 0 };
   }
   async ipBatchAt(path: string, lines: string[]) {

@@ -657,13 +657,14 @@ describe("execs per NIC change", () => {
       m.set(command, (m.get(command) ?? 0) + Number(n));
     return m;
   }
-  /** What ran during fn, by command (the reconciler's periodic reads — ip addr, tc qdisc, ip netns — are left out). */
+  /** What ran during fn, by command (the reconciler's periodic reads — ip addr, tc qdisc, ip netns, and its peering pass's ip route, ip neigh — are left out). */
   async function counted(fn: () => Promise<unknown>): Promise<Record<string, number>> {
     const before = await execCounts();
     await fn();
     const after = await execCounts();
     const out: Record<string, number> = {};
-    for (const [c, n] of after) if (n > (before.get(c) ?? 0) && !["ip addr", "tc qdisc", "ip netns"].includes(c)) out[c] = n - (before.get(c) ?? 0);
+    for (const [c, n] of after)
+      if (n > (before.get(c) ?? 0) && !["ip addr", "tc qdisc", "ip netns", "ip route", "ip neigh"].includes(c)) out[c] = n - (before.get(c) ?? 0);
     return out;
   }
   const ct = (ns: string, args: string[]) => run("ip", ["netns", "exec", ns, "conntrack", ...args], { check: false });

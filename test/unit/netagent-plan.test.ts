@@ -156,21 +156,20 @@ test("guest configuration without DHCP: ip= argument, netmask, stable MAC", () =
   assert.notEqual(macFor("vpc-111111111111", "10.0.1.4"), macFor("vpc-222222222222", "10.0.1.4"));
 });
 
-test("a detach batch: ip -force output is split per failed line, conntrack counts are summed", async () => {
-  const { batchFailures, conntrackDeleted, conntrackLines, namedNetns } = await import("../../services/netagent/kernel.js");
-  const stderr = [
-    'Cannot find device "vx"',
-    "Command failed -:1",
-    "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.",
-    "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.",
-    "Command failed -:3",
-    "",
-  ].join("\n");
+test("a detach batch: ip -force output is split per failed line; conntrack -R's printed flows are counted", async () => {
+  const { batchFailures, conntrackDeleted, conntrackCommands, namedNetns } = await import("../../services/netagent/kernel.js");
+  const stderr = ['Cannot find device "vx"', "Command failed -:1", "some conntrack error", "Command failed -:3", ""].join("\n");
   const f = batchFailures(stderr);
   assert.deepEqual([...f.keys()], [1, 3]);
   assert.match(f.get(1)!, /Cannot find device/);
-  assert.equal(conntrackDeleted(stderr), 2);
-  assert.deepEqual(conntrackLines("mvpc-h-v", "10.0.1.4"), ["netns exec mvpc-h-v conntrack -D -s 10.0.1.4", "netns exec mvpc-h-v conntrack -D -d 10.0.1.4"]);
+  const stdout = [
+    "tcp      6 99 ESTABLISHED src=10.0.1.4 dst=10.0.1.5 sport=1 dport=80 src=10.0.1.5 dst=10.0.1.4 sport=80 dport=1 mark=0 use=1",
+    "udp      17 29 src=10.0.1.9 dst=10.0.1.4 sport=5 dport=53 [UNREPLIED] src=10.0.1.4 dst=10.0.1.9 sport=53 dport=5 mark=0 use=1",
+    "",
+  ].join("\n");
+  assert.equal(conntrackDeleted(stdout), 2);
+  assert.equal(conntrackDeleted(""), 0);
+  assert.deepEqual(conntrackCommands("10.0.1.4"), ["-D -s 10.0.1.4", "-D -d 10.0.1.4"]);
   assert.equal(namedNetns("/run/netns/vm1"), "vm1");
   assert.equal(namedNetns("/var/run/netns/vm1"), "vm1");
   assert.equal(namedNetns("/proc/42/ns/net"), null);
