@@ -40,6 +40,7 @@ ENV DEBIAN_FRONTEND=noninteractive NODE_ENV=production
 #   iperf3 busybox-static     tools the tests drive (busybox is also the
 #                             guest's userland, which deploy/guest/build.sh packs)
 #   cpio kmod                 deploy/guest/build.sh's tools for building guests
+#   containernetworking-plugins  the CNI reference bench/netagent.ts measures
 # A package added to the list later is installed unless it is named here.
 ARG LEAVE_OUT="redis-server redis-tools iperf3 containernetworking-plugins busybox-static cpio kmod"
 COPY deploy/packages.txt /tmp/packages.txt
