@@ -7,7 +7,10 @@
 //      all in one VPC and one /22 subnet (so all on one bridge: the harsh
 //      case for the per-port cost), made through the same API. Then, from
 //      the bench, the same `ip`/`nsenter`/`conntrack` execs AttachNic and
-//      DetachNic run, timed one by one, at each level;
+//      DetachNic run, timed one by one, at each level; the execs microvpcd
+//      ran per call (its microvpc_exec_total); and, in the same run, the CNI
+//      reference bridge plugin's ADD/DEL (containernetworking-plugins, static
+//      IPAM) on a bridge with as many ports, in a namespace of the run;
 //   2. VM↔VM TCP throughput with iperf3 (one stream): two VMs in one subnet
 //      (through the subnet bridge), two VMs in two subnets of the VPC (routed
 //      in the VPC namespace), beside a raw veth pair between two plain
