@@ -291,7 +291,7 @@ interface LevelResult extends PassResult {
 const EXEC_NAMES = {
   floor: "ip -n VPC link show dev lo (floor of one exec)",
   oneAttach: "AttachNic now: one ip -n VPC -batch (veth into VM, alias, master+up; VM side by netns exec VM ip -batch FILE)",
-  oneDetach: "DetachNic now: one ip -n VPC -force -batch (link del; netns exec VPC conntrack -R: -D -s, -D -d)",
+  oneDetach: "DetachNic now: ip -n VPC -force -batch (link del) beside nsenter VPC conntrack -R (-D -s, -D -d)",
   hostBatch: "before: AttachNic ip -n VPC -batch (veth add, alias, master+up)",
   guestBatch: "before: AttachNic nsenter VM ip -batch (rename, mac, addr, up, route)",
   addOnly: "  split: veth add + alias only",
@@ -416,7 +416,10 @@ async function execBreakdown(w: World, level: number, addrs: string[]): Promise<
       const ctfile = join(benchTmp(), `c${hex}.ct`);
       writeFileSync(ctfile, `-D -s ${addrs[i]}\n-D -d ${addrs[i]}\n`);
       s = performance.now();
-      await ipn(V, ["-force", "-batch", "-"], { input: [`link del dev ${cv}`, `netns exec ${V} conntrack -R ${ctfile}`].join("\n") + "\n", check: false });
+      await Promise.all([
+        ipn(V, ["-force", "-batch", "-"], { input: `link del dev ${cv}\n`, check: false }),
+        run("nsenter", [`--net=/run/netns/${V}`, "conntrack", "-R", ctfile], { check: false }),
+      ]);
       t.oneDetach.push(msSince(s));
       rmSync(ctfile, { force: true });
       if (i < 5) {

@@ -8,9 +8,9 @@
 //   exec of `ip` from `ip`, no Node child, no shell); it can only name a
 //   namespace under /run/netns, so a /proc/PID/ns/net path takes a second
 //   exec (nsenter) as before;
-// - DetachNic deletes the devices and clears conntrack in one `ip -force
-//   -batch` (conntrack -R through a `netns exec` line, which forks the same
-//   way: one conntrack process runs both deletes).
+// - DetachNic deletes the devices in one `ip -force -batch` and, at the same
+//   time, clears conntrack with one `conntrack -R` (nsenter --net): see
+//   detach() for why it is not a line of the batch.
 // `Kernel` is an interface so the planner and the service are tested against
 // RecordingKernel, which records what would run.
 import { randomBytes } from "node:crypto";
@@ -56,9 +56,10 @@ export interface Kernel {
    */
   ipBatch(ns: string, lines: string[], guests?: GuestBatch[]): Promise<void>;
   /**
-   * Deletes these devices of the namespace and the conntrack entries from
-   * and to the address, in one `ip -force -batch` exec. A device already gone
-   * is no error; conntrack failures are ignored (counted as 0).
+   * Deletes these devices of the namespace (one `ip -force -batch`) and the
+   * conntrack entries from and to the address (one `conntrack -R`, at the
+   * same time). A device already gone is no error; conntrack failures are
+   * ignored (counted as 0).
    */
   detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }>;
   /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
@@ -231,27 +232,37 @@ export class LinuxKernel implements Kernel {
     for (const g of later) await this.ipBatchAt(g.netnsPath, g.lines);
   }
 
-  // conntrack runs once (-R: both deletes from a file), forked by ip. Each
-  // delete is a dump of the namespace's table, which the kernel finds by
-  // walking the whole (global) conntrack hash: the dearest part of a detach.
+  // Two execs side by side: the `ip -force -batch` that deletes the devices
+  // and one `conntrack -R -` (both deletes from stdin) entered with nsenter
+  // --net only. Each conntrack delete is a dump of the namespace's table,
+  // which the kernel finds by walking the whole (global) conntrack hash: the
+  // dearest part of a detach, so it does not wait for the link deletion (a
+  // veth's unregister waits for RCU), nor is it forked from the batch by
+  // `netns exec`, whose new mount namespace copies every mount of the host
+  // (one per named network namespace). Flows the VM opens while its device
+  // goes away may outlive the flush, as flows from other VMs to the freed
+  // address always could.
   async detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }> {
     const lines = devices.map((d) => `link del dev ${d}`);
-    let file = "";
-    if (ns && !/\s/.test(guestBatchDir())) {
-      file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.ct`);
-      writeFileSync(file, conntrackCommands(address).join("\n") + "\n", { mode: 0o600 });
-      lines.push(`netns exec ${ns} conntrack -R ${file}`);
-    }
+    // conntrack -R opens its file by name (/dev/stdin fails on Node's stdin socket): a private file.
+    const file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.ct`);
+    writeFileSync(file, conntrackCommands(address).join("\n") + "\n", { mode: 0o600 });
     try {
-      const r = await run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false });
+      const [r, ct] = await Promise.all([
+        run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false }),
+        // A failure (no module, no tool) clears nothing.
+        (ns ? run("nsenter", [`--net=/run/netns/${ns}`, "conntrack", "-R", file], { check: false }) : run("conntrack", ["-R", file], { check: false })).catch(
+          () => null,
+        ),
+      ]);
       if (r.exitCode === undefined) throw r.error!;
       for (const [line, text] of batchFailures(r.stderr)) {
-        // A device already gone is what detaching wants; a conntrack failure (no module, no tool) clears nothing.
+        // A device already gone is what detaching wants.
         if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
       }
-      return { conntrackCleared: conntrackDeleted(r.stdout) };
+      return { conntrackCleared: ct && ct.exitCode === 0 ? conntrackDeleted(ct.stdout) : 0 };
     } finally {
-      if (file) rmSync(file, { force: true });
+      rmSync(file, { force: true });
     }
   }
 
@@ -324,9 +335,8 @@ export class RecordingKernel implements Kernel {
     if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
   }
   async detach(ns: string, devices: string[], address: string) {
-    this.calls.push(
-      `ip -n ${ns} -force -batch:\n  ${[...devices.map((d) => `link del dev ${d}`), `netns exec ${ns} conntrack -R: ${conntrackCommands(address).join("; ")}`].join("\n  ")}`,
-    );
+    this.calls.push(`ip -n ${ns} -force -batch:\n  ${devices.map((d) => `link del dev ${d}`).join("\n  ")}`);
+    this.calls.push(`nsenter ${ns} conntrack -R: ${conntrackCommands(address).join("; ")}`);
     return { conntrackCleared: 0 };
   }
   async ipBatchAt(path: string, lines: string[]) {

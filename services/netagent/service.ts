@@ -208,10 +208,11 @@ export class NetAgent {
   }
 
   /**
-   * One exec: the NIC's devices go (by the names this agent gave them in its
+   * One ip -batch: the NIC's devices go (by the names this agent gave them in its
    * own VPC namespace; the ifb only where egress is limited, the reconciler
-   * removes a stray one) and, in the same batch, the conntrack entries from
-   * and to its address: stale ones would let a reused address inherit flows.
+   * removes a stray one) and, at the same time, the conntrack entries from
+   * and to its address (one conntrack exec): stale ones would let a reused
+   * address inherit flows.
    */
   private async detachLocked(n: NicSpec): Promise<number> {
     const ns = this.agent.nsOf(n.vpcId);
