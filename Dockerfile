@@ -41,8 +41,9 @@ ENV DEBIAN_FRONTEND=noninteractive NODE_ENV=production
 #                             guest's userland, which deploy/guest/build.sh packs)
 #   nghttp2-client            h2load, the load generator of bench:rpc
 #   cpio kmod                 deploy/guest/build.sh's tools for building guests
+#   containernetworking-plugins  the CNI reference bench/netagent.ts measures
 # A package added to the list later is installed unless it is named here.
-ARG LEAVE_OUT="redis-server redis-tools iperf3 nghttp2-client busybox-static cpio kmod"
+ARG LEAVE_OUT="redis-server redis-tools iperf3 nghttp2-client containernetworking-plugins busybox-static cpio kmod"
 COPY deploy/packages.txt /tmp/packages.txt
 RUN printf '%s\n' $LEAVE_OUT > /tmp/leave-out \
  && apt-get update \

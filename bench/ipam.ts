@@ -9,6 +9,10 @@
 //      the gRPC stack itself;
 //   3. first-free vs last-free address of a /16;
 //   4. a /24 vs a /8 (empty and filled to all but the last address);
+//   5. batch allocation: AllocateBatch of 64 through microvpcd at 1 and 16
+//      clients next to the batch script straight through ioredis, in
+//      addresses per second (beside single Allocate's calls per second,
+//      which are addresses per second too);
 // then a verdict table against the targets of issue 2.
 //
 // Everything runs against the durable Redis microvpc ships (AOF, appendfsync
@@ -594,6 +598,52 @@ async function measureAndReport(): Promise<number> {
     progress(rb.skipped);
   }
 
+  // ---- 5: batch allocation, addresses per second
+  const BATCH = 64;
+  const BATCH_CLIENTS = [1, 16];
+  const batchModes: { name: string; make: (s: SubnetRec) => (w: number, seq: number) => Promise<unknown> }[] = [
+    {
+      name: "raw batch script",
+      make: (s) => {
+        const st = store();
+        return (_w, seq) => st.allocateBatch(s, `pool-${seq}`, `b-${seq}`, BATCH);
+      },
+    },
+    {
+      name: "gRPC AllocateBatch",
+      make: (s) => (w, seq) => perConn[w].allocateBatch({ subnetId: s.id, owner: `pool-${seq}`, requestId: `b-${seq}`, count: BATCH }),
+    },
+  ];
+  const batchRun = async (workers: number, make: (s: SubnetRec) => (w: number, seq: number) => Promise<unknown>, ms: number) => {
+    const sn = await freshSlash16();
+    // A /16 holds 1023 batches of 64: the run stops before it is full.
+    const r = await closedLoop(make(sn), { workers, durationMs: ms, maxOps: Math.floor((sn.size - 8) / BATCH) - workers });
+    const used = Number((await conn!.get(K.used(sn.id))) ?? 0);
+    if (r.errors > 0) progress(`  ${r.errors} error(s), first: ${r.firstError}`);
+    return {
+      calls: r.ops,
+      errors: r.errors,
+      addrsPerSec: (r.ops * BATCH) / (r.elapsedMs / 1000),
+      p50Us: r.p50Us,
+      p99Us: r.p99Us,
+      used,
+      ok: used === r.ops * BATCH,
+    };
+  };
+  type BatchRun = Awaited<ReturnType<typeof batchRun>>;
+  const batch: Record<string, Record<number, { runs: BatchRun[]; addrsPerSec: Spread; p50Us: Spread }>> = {};
+  progress(`batch allocation: ${BATCH} addresses a call, ${BATCH_CLIENTS.join("/")} clients, raw script vs gRPC, ${RUNS} interleaved rounds of ${RUN_MS} ms`);
+  {
+    const cases: BenchCase<BatchRun>[] = [];
+    for (const c of BATCH_CLIENTS)
+      for (const m of batchModes) cases.push({ name: `${m.name}@${c}`, run: (_round, warm) => batchRun(c, m.make, warm ? WARM_MS : RUN_MS) });
+    const res = await interleaved(cases, { rounds: RUNS, warmupRounds: 1 });
+    for (const [k, runs] of res) {
+      const [m, c] = k.split("@");
+      (batch[m] ??= {})[Number(c)] = { runs, addrsPerSec: spreadOf(runs, (r) => r.addrsPerSec), p50Us: spreadOf(runs, (r) => r.p50Us) };
+    }
+  }
+
   // ---- CPU-only pass at 64: the same comparison with appendfsync=no
   let cpuOnly: Record<string, TputSummary> | { skipped: string };
   if (opt["skip-cpu-only"]) cpuOnly = { skipped: "skipped (--skip-cpu-only)" };
@@ -798,6 +848,43 @@ async function measureAndReport(): Promise<number> {
     );
   } else p(`CPU-only comparison ${cpuOnly.skipped}`);
 
+  p(heading(`5. Batch allocation: ${BATCH} addresses a call (AllocateBatch), addresses per second`));
+  p(`Median (min–max) of ${RUNS} interleaved runs of ${RUN_MS} ms, a fresh /16 each; one Lua script execution per call, all or nothing.`);
+  p(`Single Allocate for comparison (one address a call, same runs as section 1/2): raw script and gRPC per connection.`);
+  p(
+    table(
+      [
+        "clients",
+        "raw batch script addr/s",
+        "gRPC AllocateBatch addr/s",
+        "gRPC / raw",
+        "gRPC call p50",
+        "single Allocate gRPC addr/s",
+        "single raw script addr/s",
+        "batch ÷ single (gRPC)",
+      ],
+      BATCH_CLIENTS.map((c) => {
+        const raw = batch["raw batch script"][c];
+        const g = batch["gRPC AllocateBatch"][c];
+        const single = tput[c > 1 ? "grpc-per-conn" : "grpc-shared"][c]?.opsPerSec.median ?? Number.NaN;
+        return [
+          String(c),
+          spr(raw.addrsPerSec, (x) => num(x, 0)),
+          spr(g.addrsPerSec, (x) => num(x, 0)),
+          num(g.addrsPerSec.median / raw.addrsPerSec.median),
+          dur(g.p50Us.median),
+          num(single, 0),
+          num(tput.raw[c]?.opsPerSec.median ?? Number.NaN, 0),
+          num(g.addrsPerSec.median / single),
+        ];
+      }),
+    ),
+  );
+  const batchBad = Object.values(batch)
+    .flatMap((byC) => Object.values(byC).flatMap((x) => x.runs))
+    .filter((r) => !r.ok || r.errors);
+  p(`Every run: used counter = calls × ${BATCH}${batchBad.length ? ` — NOT in ${batchBad.length} run(s)` : " (checked)"}.`);
+
   p(heading("3 + 4. Cost vs fill and size: one caller, allocate then release the same address"));
   p(`"last-free": every address but the last usable one held (bitmap, summary and used counter written directly, ${num(fillMs)} ms for all).`);
   p(`client = allocate latency seen by the caller (durable: includes the fsync); script = time the script ran inside Redis (SLOWLOG).`);
@@ -937,6 +1024,7 @@ async function measureAndReport(): Promise<number> {
     elapsedS,
     throughput: Object.fromEntries(Object.entries(tput).map(([m, byC]) => [m, byC])),
     redisBenchmark: rb,
+    batch: { size: BATCH, byMode: batch },
     cpuOnly64: cpuOnly,
     latency: { fillMs, pairs, naiveBitposUs: naive },
     verdicts: v,

@@ -7,7 +7,10 @@
 //      all in one VPC and one /22 subnet (so all on one bridge: the harsh
 //      case for the per-port cost), made through the same API. Then, from
 //      the bench, the same `ip`/`nsenter`/`conntrack` execs AttachNic and
-//      DetachNic run, timed one by one, at each level;
+//      DetachNic run, timed one by one, at each level; the execs microvpcd
+//      ran per call (its microvpc_exec_total); and, in the same run, the CNI
+//      reference bridge plugin's ADD/DEL (containernetworking-plugins, static
+//      IPAM) on a bridge with as many ports, in a namespace of the run;
 //   2. VM↔VM TCP throughput with iperf3 (one stream): two VMs in one subnet
 //      (through the subnet bridge), two VMs in two subnets of the VPC (routed
 //      in the VPC namespace), beside a raw veth pair between two plain
@@ -50,7 +53,10 @@
 // (bench/lib/run.ts).
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { readFileSync, rmSync } from "node:fs";
+import { execFile } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { loadavg } from "node:os";
 import { performance } from "node:perf_hooks";
 import type { Client } from "@connectrpc/connect";
@@ -120,7 +126,9 @@ const DOWN_PASS_BEFORE_MS = 150_000;
 /** Detaching back down to the first level must finish within this. */
 const SHRINK_LIMIT_MS = 90_000;
 /** Hard stop for the whole run: past it, cleanup runs and the process exits. */
-const HARD_LIMIT_MS = pick(330_000, 90_000);
+const HARD_LIMIT_MS = pick(420_000, 120_000);
+/** The CNI reference's background ports must be made within this. */
+const CNI_GROW_LIMIT_MS = 120_000;
 /** Background NICs must be made within this. */
 const GROW_LIMIT_MS = 120_000;
 /** Each level's samples must finish within this. */
@@ -282,13 +290,15 @@ interface LevelResult extends PassResult {
 
 const EXEC_NAMES = {
   floor: "ip -n VPC link show dev lo (floor of one exec)",
-  hostBatch: "AttachNic: ip -n VPC -batch (veth add, alias, master+up)",
-  guestBatch: "AttachNic: nsenter VM ip -batch (rename, mac, addr, up, route)",
+  oneAttach: "AttachNic now: one ip -n VPC -batch (veth into VM, alias, master+up; VM side by netns exec VM ip -batch FILE)",
+  oneDetach: "DetachNic now: ip -n VPC -force -batch (link del) beside nsenter VPC conntrack -R (-D -s, -D -d)",
+  hostBatch: "before: AttachNic ip -n VPC -batch (veth add, alias, master+up)",
+  guestBatch: "before: AttachNic nsenter VM ip -batch (rename, mac, addr, up, route)",
   addOnly: "  split: veth add + alias only",
   joinOnly: "  split: link set master BR up only",
-  lookup: "DetachNic: ip -n VPC -j -d addr show dev X (×2)",
-  del: "DetachNic: ip -n VPC -batch link del",
-  conntrack: "DetachNic: ip netns exec VPC conntrack -D (×2)",
+  lookup: "before: DetachNic ip -n VPC -j -d addr show dev X (×2)",
+  del: "before: DetachNic ip -n VPC -batch link del",
+  conntrack: "before: DetachNic ip netns exec VPC conntrack -D (×2)",
   altDel: "  alternative: one ip -force -batch deleting veth + (absent) ifb",
   altConntrack: "  alternative: nsenter --net=VPC conntrack -D",
   grpcFloor: "gRPC floor: Health/Check to the same microvpcd (no exec)",
@@ -301,6 +311,8 @@ async function execBreakdown(w: World, level: number, addrs: string[]): Promise<
   const br = w.fleet.bridge;
   const t: Record<keyof typeof EXEC_NAMES, number[]> = {
     floor: [],
+    oneAttach: [],
+    oneDetach: [],
     hostBatch: [],
     guestBatch: [],
     addOnly: [],
@@ -385,6 +397,31 @@ async function execBreakdown(w: World, level: number, addrs: string[]): Promise<
       s = performance.now();
       await run("nsenter", [`--net=/run/netns/${V}`, "conntrack", "-D", "-s", addrs[i]], { check: false });
       t.altConntrack.push(msSince(s));
+      // What AttachNic and DetachNic run now: one exec each.
+      const cv = `xc${hex}`;
+      const gfile = join(benchTmp(), `g${hex}.batch`);
+      writeFileSync(gfile, [`addr replace ${addrs[i]}/22 dev eth1`, "link set dev eth1 up", "link set dev lo up"].join("\n") + "\n");
+      s = performance.now();
+      await ipn(V, ["-batch", "-"], {
+        input:
+          [
+            `link add ${cv} mtu 1500 type veth peer name eth1 address 02:00:00:01:${(i >> 8) & 255}:${i & 255} mtu 1500 netns ${vm}`,
+            `link set dev ${cv} alias mbench`,
+            `link set dev ${cv} mtu 1500 master ${br} up`,
+            `netns exec ${vm} ip -batch ${gfile}`,
+          ].join("\n") + "\n",
+      });
+      t.oneAttach.push(msSince(s));
+      rmSync(gfile, { force: true });
+      const ctfile = join(benchTmp(), `c${hex}.ct`);
+      writeFileSync(ctfile, `-D -s ${addrs[i]}\n-D -d ${addrs[i]}\n`);
+      s = performance.now();
+      await Promise.all([
+        ipn(V, ["-force", "-batch", "-"], { input: `link del dev ${cv}\n`, check: false }),
+        run("nsenter", [`--net=/run/netns/${V}`, "conntrack", "-R", ctfile], { check: false }),
+      ]);
+      t.oneDetach.push(msSince(s));
+      rmSync(ctfile, { force: true });
       if (i < 5) {
         s = performance.now();
         await ipn(V, ["-j", "-d", "addr", "show"]);
@@ -402,6 +439,9 @@ async function execBreakdown(w: World, level: number, addrs: string[]): Promise<
 interface PairSamples {
   attachMs: number[];
   detachMs: number[];
+  /** Execs microvpcd ran per measured AttachNic / DetachNic, by command (its exec metrics; the reconciler's reads included). */
+  attachExecs: Record<string, number>;
+  detachExecs: Record<string, number>;
   /** Per sample: did a reconcile pass of the agent (which holds the VPC lock) end during the call? */
   attachOverlap: boolean[];
   detachOverlap: boolean[];
@@ -443,6 +483,8 @@ async function samplePairs(w: World, tag: string, targets: { id: string; gateway
     detachMs: [],
     attachOverlap: [],
     detachOverlap: [],
+    attachExecs: {},
+    detachExecs: {},
     cpuPerPairMs: { daemon: Number.NaN, execs: Number.NaN },
     machineBusy: Number.NaN,
     pressure: Number.NaN,
@@ -474,10 +516,12 @@ async function samplePairs(w: World, tag: string, targets: { id: string; gateway
         wall0 = performance.now();
       }
       if (Date.now() > deadline) throw new Error(`samples at ${tag}: past ${LEVEL_LIMIT_MS / 1000} s after ${i} pairs`);
+      const e0 = await execTotals();
       let wall = Date.now();
       let s = performance.now();
       const nic = await attach(w, target.id, vms[i], addrs[i], `vm-s${tag}-${i}`);
       const a = msSince(s);
+      const e1 = await execTotals();
       let r = await lastReconcile();
       const aOver = r !== rec && r >= wall;
       rec = r;
@@ -487,9 +531,16 @@ async function samplePairs(w: World, tag: string, targets: { id: string; gateway
         out[k].sanityPing = await canPing(vms[i], target.gateway, { count: 2, deadlineS: 3 });
       }
       wall = Date.now();
+      const e2 = await execTotals();
       s = performance.now();
       await detach(w, nic);
       const d = msSince(s);
+      const e3 = await execTotals();
+      if (!warm) {
+        const n = out[k].attachMs.length + 1;
+        addExecs(out[k].attachExecs, e0, e1, n);
+        addExecs(out[k].detachExecs, e2, e3, n);
+      }
       r = await lastReconcile();
       const dOver = r !== rec && r >= wall;
       rec = r;
@@ -510,6 +561,148 @@ async function samplePairs(w: World, tag: string, targets: { id: string; gateway
     await netnsBatch("del", vms);
   }
   return out;
+}
+
+/** microvpc_exec_total of the agent, by command. */
+async function execTotals(): Promise<Map<string, number>> {
+  const text = await (await fetch(`http://127.0.0.1:${agentD!.metricsPort}/metrics`)).text();
+  const m = new Map<string, number>();
+  for (const [, command, n] of text.matchAll(/^microvpc_exec_total\{(?:[^}]*,)?command="([^"]*)"[^}]*\} (\d+)$/gm))
+    m.set(command, (m.get(command) ?? 0) + Number(n));
+  return m;
+}
+
+/** Folds the execs between two snapshots into a running mean per op (n = samples so far, this one included). */
+function addExecs(acc: Record<string, number>, before: Map<string, number>, after: Map<string, number>, n: number): void {
+  for (const k of new Set([...Object.keys(acc), ...after.keys()])) {
+    const d = (after.get(k) ?? 0) - (before.get(k) ?? 0);
+    acc[k] = ((acc[k] ?? 0) * (n - 1) + d) / n;
+  }
+  for (const k of Object.keys(acc)) if (acc[k] === 0) delete acc[k];
+}
+
+const fmtExecs = (e: Record<string, number>) =>
+  Object.entries(e)
+    .sort((a, b) => b[1] - a[1])
+    .map(([k, v]) => `${k} ${num(v)}`)
+    .join(", ") || "none";
+
+let tmpDir: string | undefined;
+function benchTmp(): string {
+  if (!tmpDir) {
+    const d = mkdtempSync(join(tmpdir(), "mvpc-bench-"));
+    tmpDir = d;
+    onCleanup(() => rmSync(d, { recursive: true, force: true }));
+  }
+  return tmpDir;
+}
+
+// ------------------------------------------------------------ CNI reference (same run)
+// The reference bridge plugin (Debian containernetworking-plugins) with the
+// static IPAM plugin (the address is given, as ours is allocated beforehand),
+// run as a runtime would, one exec per ADD/DEL, inside a namespace of the run
+// playing the host (`ip netns exec`, which also gives it that namespace's
+// /sys): its bridge, at the same number of ports as ours, and fresh VM
+// namespaces. The wrapper's own cost is measured too (floor).
+
+const CNI_DIR = ["/usr/lib/cni", "/opt/cni/bin"].find((d) => existsSync(`${d}/bridge`) && existsSync(`${d}/static`));
+const CNI_HOST = `${P}-cnihost`;
+let cniNext = 10;
+const cniFree: number[] = [];
+const cniAddr = (n: number) => `10.71.${n >> 8}.${n & 255}`;
+
+function cniConfig(n: number): string {
+  return JSON.stringify({
+    cniVersion: "1.0.0",
+    name: "mvpc-bench",
+    type: "bridge",
+    bridge: "cnibr0",
+    isGateway: true,
+    ipMasq: false,
+    mtu: 1500,
+    ipam: { type: "static", addresses: [{ address: `${cniAddr(n)}/16`, gateway: "10.71.0.1" }], routes: [{ dst: "0.0.0.0/0", gw: "10.71.0.1" }] },
+  });
+}
+
+function cniExec(cmd: "ADD" | "DEL", vmNs: string, n: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(
+      "ip",
+      ["netns", "exec", own(CNI_HOST), `${CNI_DIR}/bridge`],
+      {
+        env: {
+          ...process.env,
+          LC_ALL: "C",
+          CNI_COMMAND: cmd,
+          CNI_CONTAINERID: vmNs,
+          CNI_NETNS: `/run/netns/${own(vmNs)}`,
+          CNI_IFNAME: "eth0",
+          CNI_PATH: CNI_DIR,
+        },
+        timeout: 30_000,
+      },
+      (err, stdout, stderr) => (err ? reject(new Error(`CNI ${cmd} ${vmNs}: ${err.message} ${stdout} ${stderr}`)) : resolve()),
+    );
+    child.stdin!.end(cniConfig(n));
+  });
+}
+
+interface CniLevel {
+  nics: number;
+  add: Lat;
+  del: Lat;
+  /** `ip netns exec HOST true`: the wrapper's share of each ADD/DEL. */
+  wrapperFloor: Lat;
+  sanityPing: boolean;
+}
+
+const cniBg: { vm: string; n: number }[] = [];
+
+/** Grows the CNI bridge to `level` ports, then WARMUP + SAMPLES ADD/DEL pairs into fresh namespaces. */
+async function cniLevel(level: number): Promise<CniLevel> {
+  const need = level - cniBg.length;
+  const deadline = Date.now() + CNI_GROW_LIMIT_MS;
+  if (need > 0) {
+    const vms = Array.from({ length: need }, (_, i) => `${P}-c${cniBg.length + i}`);
+    await netnsBatch("add", vms);
+    for (const vm of vms) {
+      if (Date.now() > deadline) throw new Error(`CNI background ports not made within ${CNI_GROW_LIMIT_MS / 1000} s (${cniBg.length} made)`);
+      const n = cniNext++;
+      await cniExec("ADD", vm, n);
+      cniBg.push({ vm, n });
+    }
+  }
+  const total = WARMUP + SAMPLES;
+  const vms = Array.from({ length: total }, (_, i) => `${P}-cs${level}-${i}`);
+  await netnsBatch("add", vms);
+  const add: number[] = [];
+  const del: number[] = [];
+  const floor: number[] = [];
+  let sanityPing = false;
+  try {
+    for (let i = 0; i < total; i++) {
+      const n = cniFree.pop() ?? cniNext++;
+      let s = performance.now();
+      await cniExec("ADD", vms[i], n);
+      const a = msSince(s);
+      if (i === 0) sanityPing = await canPing(vms[i], "10.71.0.1", { count: 2, deadlineS: 3 });
+      s = performance.now();
+      await cniExec("DEL", vms[i], n);
+      const d = msSince(s);
+      cniFree.push(n);
+      s = performance.now();
+      await run("ip", ["netns", "exec", own(CNI_HOST), "true"]);
+      const f = msSince(s);
+      if (i >= WARMUP) {
+        add.push(a);
+        del.push(d);
+        floor.push(f);
+      }
+    }
+  } finally {
+    await netnsBatch("del", vms);
+  }
+  return { nics: level, add: lat(add), del: lat(del), wrapperFloor: lat(floor), sanityPing };
 }
 
 // ------------------------------------------------------------ part 2
@@ -608,6 +801,12 @@ async function main(): Promise<number> {
   const brnfDefault = await readBrnf(w.vpcNs);
   progress(`VPC ${w.vpcId} in namespace ${w.vpcNs}; fleet subnet ${fleet.id} on bridge ${fleet.bridge}; bridge-nf-call-iptables there = ${brnfDefault}`);
 
+  if (CNI_DIR) {
+    await createNetns(CNI_HOST);
+    await nsExec(CNI_HOST, "ip", ["link", "set", "lo", "up"]);
+  }
+  const cniLevels: CniLevel[] = [];
+
   // ---- 1. latency at each level
   const bg: { nic: string; vm: string }[] = [];
   const growMs: { count: number; ms: number }[] = [];
@@ -642,6 +841,13 @@ async function main(): Promise<number> {
     for (let i = 0; i < DIAG; i++) diagAddrs.push(await allocate(w, fleet.id, `vm-d${level}-${i}`));
     const { execs, parentCpuMsPerExec } = await execBreakdown(w, level, diagAddrs);
     levels.push({ ...passResult(level, r), execs, parentCpuMsPerExec });
+    progress(`  execs per AttachNic: ${fmtExecs(r.attachExecs)}; per DetachNic: ${fmtExecs(r.detachExecs)}`);
+    if (CNI_DIR) {
+      progress(`  CNI bridge plugin at ${level} ports: ${WARMUP} warm-up + ${SAMPLES} ADD/DEL pairs`);
+      const c = await cniLevel(level);
+      cniLevels.push(c);
+      progress(`  CNI ADD p50 ${fms(c.add.p50)}, DEL p50 ${fms(c.del.p50)} (wrapper floor ${fms(c.wrapperFloor.p50)})`);
+    }
   }
 
   // ---- 1b. back down to the first level, and measure it again
@@ -789,9 +995,11 @@ async function main(): Promise<number> {
   p(`"reconcile": samples during which the agent's 10-s reconcile pass (it holds the VPC lock) ended; "busy": both CPUs, whole machine;`);
   p(`"pressure": PSI cpu some, the share of the time a runnable task waited for a CPU.`);
   p(
-    `CNI reference plugins on these machines (issue 3, context only, not re-measured): ADD p50 12.3 / 16.2 / 30.2 ms, DEL 20.5 / 24.9 / 34.7 ms at 10 / 100 / 500.`,
+    CNI_DIR
+      ? `CNI: the reference bridge plugin (${CNI_DIR}/bridge + static IPAM) measured in this run at the same number of bridge ports, ${SAMPLES} ADD/DEL pairs per level, each exec'd through \`ip netns exec HOST\` (its floor is in the CNI table).`
+      : "CNI: the reference plugins are not installed (apt-get install containernetworking-plugins): not measured.",
   );
-  const cni: Record<number, [number, number]> = { 10: [12.3, 20.5], 100: [16.2, 24.9], 500: [30.2, 34.7] };
+  const cni: Record<number, [number, number]> = Object.fromEntries(cniLevels.map((c) => [c.nics, [c.add.p50, c.del.p50]]));
   const nOver = (xs: boolean[]) => xs.filter(Boolean).length;
   const row = (label: string, l: PassResult, withCni: boolean) => [
     label,
@@ -842,6 +1050,30 @@ async function main(): Promise<number> {
       latRows,
     ),
   );
+  p(
+    `Execs microvpcd ran per call (its microvpc_exec_total, mean over the measured calls; a reconcile pass that fell inside a call adds its reads): ` +
+      levels.map((l) => `${l.nics} NICs: AttachNic ${fmtExecs(l.attachExecs)}; DetachNic ${fmtExecs(l.detachExecs)}`).join(" · "),
+  );
+  if (cniLevels.length)
+    p(
+      table(
+        ["bridge ports", "CNI ADD p50", "p99", "CNI DEL p50", "p99", "wrapper floor p50", "VM pings gw", "AttachNic / ADD p50", "DetachNic / DEL p50"],
+        cniLevels.map((c) => {
+          const l = levels.find((x) => x.nics === c.nics)!;
+          return [
+            String(c.nics),
+            fms(c.add.p50),
+            fms(c.add.p99),
+            fms(c.del.p50),
+            fms(c.del.p99),
+            fms(c.wrapperFloor.p50),
+            c.sanityPing ? "yes" : "NO",
+            num(l.attach.p50 / c.add.p50),
+            num(l.detach.p50 / c.del.p50),
+          ];
+        }),
+      ),
+    );
   if (emptySubnet)
     p(
       `* ${EMPTY_SUBNET_SAMPLES} pairs into a subnet whose bridge has no other port (the VPC namespace holding the other ${LEVELS[LEVELS.length - 1]} NICs), alternating with the row above.`,
@@ -998,12 +1230,20 @@ async function main(): Promise<number> {
     }
   }
   for (const l of levels) {
+    const c = cni[l.nics];
     v.push({
-      measure: `DetachNic p50 (p99), ${l.nics} NICs`,
-      value: `${fms(l.detach.p50)} (${num(l.detach.p99)})`,
-      baseline: cni[l.nics] ? `CNI DEL ${num(cni[l.nics][1])} ms` : "–",
-      ratio: cni[l.nics] ? l.detach.p50 / cni[l.nics][1] : Number.NaN,
-      target: "",
+      measure: `AttachNic p50 vs CNI bridge ADD p50, ${l.nics} ports`,
+      value: fms(l.attach.p50),
+      baseline: c ? `CNI ADD ${fms(c[0])}` : "– (CNI not measured)",
+      ratio: c ? l.attach.p50 / c[0] : Number.NaN,
+      ...(c ? check(l.attach.p50 / c[0], { max: 1 }) : { target: "" }),
+    });
+    v.push({
+      measure: `DetachNic p50 vs CNI bridge DEL p50, ${l.nics} ports`,
+      value: `${fms(l.detach.p50)} (p99 ${num(l.detach.p99)})`,
+      baseline: c ? `CNI DEL ${fms(c[1])}` : "– (CNI not measured)",
+      ratio: c ? l.detach.p50 / c[1] : Number.NaN,
+      ...(c ? check(l.detach.p50 / c[1], { max: 1 }) : { target: "" }),
     });
   }
   const raw = tput.raw.gbps.median;
@@ -1057,7 +1297,7 @@ async function main(): Promise<number> {
       firstPooled: first,
       growMs,
       shrinkMs,
-      cniReference: cni,
+      cni: cniLevels,
     },
     throughput: tput,
     reach,

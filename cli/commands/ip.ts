@@ -5,6 +5,8 @@ import { create } from "@bufbuild/protobuf";
 import { Option, type Command } from "commander";
 import * as V from "../../services/common/validate.js";
 import {
+  AllocateBatchRequestSchema,
+  AllocateBatchResponseSchema,
   AllocateRequestSchema,
   AllocateResponseSchema,
   GetAllocationResponseSchema,
@@ -83,8 +85,32 @@ export function register(program: Command): void {
     .requiredOption("--owner <owner>", 'who holds the address, e.g. "vm-1234" or "hv1/vm-1234"')
     .option("--request-id <id>", "idempotency key (default: a new random UUID, printed)")
     .option("--address <ip>", "the address wanted, inside the subnet and not reserved", "")
+    .option("--count <n>", 'allocate n addresses at once, all or none (AllocateBatch): each held under request id "<request id>/<i>"', integer(1, 1024))
     .addOption(dryRunOption())
     .action(async (o, cmd: Command) => {
+      if (o.count !== undefined) {
+        if (o.address) cmd.error("error: --count and --address do not go together", { exitCode: EXIT.usage });
+        const breq = create(AllocateBatchRequestSchema, {
+          subnetId: await subnetId(cmd, o.subnet, o.vpc),
+          owner: o.owner,
+          requestId: o.requestId ?? randomUUID(),
+          count: o.count,
+        });
+        if (o.dryRun) {
+          V.token("owner", breq.owner);
+          V.token("request_id", breq.requestId);
+          return dryRun(cmd, IpamService.method.allocateBatch, breq);
+        }
+        const bres = await client(cmd, IpamService)
+          .allocateBatch(breq)
+          .catch((err: unknown) => {
+            if (!o.requestId) process.stderr.write(`note: request id was ${breq.requestId}; retry with --request-id ${breq.requestId}\n`);
+            throw err;
+          });
+        return emit(cmd, AllocateBatchResponseSchema, bres, () =>
+          [allocTable(bres.allocations), bres.created ? "" : "(an earlier call with this owner and request id made them)"].filter(Boolean).join("\n"),
+        );
+      }
       const req = create(AllocateRequestSchema, {
         subnetId: await subnetId(cmd, o.subnet, o.vpc),
         owner: o.owner,

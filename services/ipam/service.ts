@@ -12,6 +12,7 @@ import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { AllocationSchema, IpamService, type Allocation } from "../../gen/microvpc/v1/ipam_pb.js";
 import { SubnetSchema, SubnetService, SubnetType, SubnetUsageSchema, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcSchema, VpcService, type Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
+import { MAX_BATCH } from "./scripts.js";
 import { IpamStore, MAX_EXTRA_RESERVED, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
 
 const allocations = new Counter({
@@ -28,6 +29,8 @@ const releases = new Counter({
 });
 
 export const DEFAULT_EXTRA_RESERVED = 2;
+/** A batch's request id leaves room for "/<i>" within a request id's 128 characters. */
+const MAX_BATCH_REQUEST_ID = 128 - `/${MAX_BATCH - 1}`.length;
 const DEFAULT_RECLAIM_GRACE_S = 60;
 
 function vpcMsg(v: VpcRec): Vpc {
@@ -265,6 +268,26 @@ export class Ipam {
       } catch (err) {
         const name = (err as Error).name;
         allocations.inc({ result: name === "AlreadyExistsError" ? "conflict" : name === "ResourceExhaustedError" ? "exhausted" : "error" });
+        throw err;
+      }
+    },
+    allocateBatch: async (req) => {
+      V.id("subnet_id", req.subnetId, "subnet");
+      if (req.count < 1 || req.count > MAX_BATCH) throw new InvalidArgumentError("count", `${req.count}: ask for 1–${MAX_BATCH} addresses`);
+      const s = await this.cachedSubnet("subnet_id", req.subnetId);
+      const owner = V.token("owner", req.owner);
+      const requestId = V.token("request_id", req.requestId);
+      if (requestId.length > MAX_BATCH_REQUEST_ID)
+        throw new InvalidArgumentError(
+          "request_id",
+          `is ${requestId.length} characters long; a batch's is at most ${MAX_BATCH_REQUEST_ID} (its addresses are held under "<request_id>/<i>")`,
+        );
+      try {
+        const { allocs, created } = await this.store.allocateBatch(s, owner, requestId, req.count);
+        allocations.inc({ result: created ? "created" : "existing" });
+        return { allocations: allocs.map((a) => allocMsg(s, a)), created };
+      } catch (err) {
+        allocations.inc({ result: (err as Error).name === "ResourceExhaustedError" ? "exhausted" : "error" });
         throw err;
       }
     },

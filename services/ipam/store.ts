@@ -94,6 +94,7 @@ declare module "ioredis" {
   // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcAllocate(...args: (string | number)[]): Promise<Reply>;
+    mvpcAllocateBatch(...args: (string | number)[]): Promise<number[]>;
     mvpcRelease(...args: (string | number)[]): Promise<Reply>;
     mvpcCreateVpc(...args: (string | number)[]): Promise<Reply>;
     mvpcDeleteVpc(...args: (string | number)[]): Promise<Reply>;
@@ -105,6 +106,7 @@ declare module "ioredis" {
 export function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcAllocate?: unknown }).mvpcAllocate) return;
   redis.defineCommand("mvpcAllocate", { numberOfKeys: 9, lua: S.ALLOCATE });
+  redis.defineCommand("mvpcAllocateBatch", { numberOfKeys: 9, lua: S.ALLOCATE_BATCH });
   redis.defineCommand("mvpcRelease", { numberOfKeys: 8, lua: S.RELEASE });
   redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 5, lua: S.CREATE_VPC });
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 13, lua: S.DELETE_VPC });
@@ -375,6 +377,60 @@ export class IpamStore {
         );
       default:
         throw new Error(`allocate script returned ${code}`);
+    }
+  }
+
+  /**
+   * count addresses in one script, all or nothing; item i is held under
+   * request id "<requestId>/<i>". A retry returns the items still held.
+   */
+  async allocateBatch(s: SubnetRec, owner: string, requestId: string, count: number): Promise<{ allocs: AllocRec[]; created: boolean }> {
+    const now = Date.now();
+    const r = await this.redis.mvpcAllocateBatch(
+      K.subnet(s.id),
+      K.bits(s.id),
+      K.full(s.id),
+      K.alloc(s.id),
+      K.req(s.id),
+      K.idx(s.id),
+      K.used(s.id),
+      K.owner(owner),
+      K.events,
+      owner,
+      requestId,
+      count,
+      now,
+      s.id,
+    );
+    const code = Number(r[0]);
+    switch (code) {
+      case 1:
+        return {
+          allocs: r.slice(1).map((idx, i) => ({ subnetId: s.id, index: Number(idx), owner, requestId: `${requestId}/${i}`, timeMs: now })),
+          created: true,
+        };
+      case 0: {
+        const held = r.slice(1).map(Number);
+        const live = held.filter((i) => i >= 0);
+        const recs = live.length ? await this.redis.hmget(K.alloc(s.id), ...live.map(String)) : [];
+        const allocs: AllocRec[] = [];
+        live.forEach((idx, n) => {
+          if (recs[n]) allocs.push(parseAlloc(s.id, idx, recs[n]!));
+        });
+        return { allocs, created: false };
+      }
+      case -2:
+        throw new ResourceExhaustedError(
+          `subnet ${s.name} (${s.cidr}) has ${Number(r[1])} free address(es), fewer than the ${count} asked for; nothing was allocated (ask for fewer, release addresses or create a larger subnet)`,
+        );
+      case -3:
+        throw new FailedPreconditionError(
+          `request id ${JSON.stringify(requestId)} of ${owner} was used for a batch of more than ${count}; use a new request id`,
+        );
+      case -4:
+        throw new NotFoundError("subnet", s.id, "it was deleted");
+      default:
+        throw new Error(`allocate batch script returned ${code}`);
     }
   }
 

@@ -174,8 +174,7 @@ export class Agent {
   }
 
   async apply(ns: string, plan: VpcPlan): Promise<void> {
-    await this.kernel.ipBatch(ns, plan.ip);
-    for (const g of plan.guests) await this.kernel.ipBatchAt(g.netnsPath, g.lines);
+    await this.kernel.ipBatch(ns, plan.ip, plan.guests);
     await this.kernel.tcBatch(ns, plan.tc);
   }
 

@@ -1,9 +1,22 @@
 // The only netagent module that runs commands, through services/common/exec.ts
-// (argument arrays, LC_ALL=C, a timeout, ExecError on failure); many
-// operations go through one `ip -batch` / `tc -batch`, so an attach is a
-// few execs.
+// (argument arrays, LC_ALL=C, a timeout, ExecError on failure). A NIC change
+// is one `ip -batch` exec (plus `tc -batch` only for rate limits):
+// - the VM side of a veth is made from the VPC namespace (`link add … peer
+//   … netns VM`); what must happen inside the VM's namespace (address, up,
+//   route) is a batch file run by `netns exec VM ip -batch FILE`, a line of
+//   the same batch. iproute2 forks for `netns exec` in batch mode (a fork and
+//   exec of `ip` from `ip`, no Node child, no shell); it can only name a
+//   namespace under /run/netns, so a /proc/PID/ns/net path takes a second
+//   exec (nsenter) as before;
+// - DetachNic deletes the devices in one `ip -force -batch` and, at the same
+//   time, clears conntrack with one `conntrack -R` (nsenter --net): see
+//   detach() for why it is not a line of the batch.
 // `Kernel` is an interface so the planner and the service are tested against
 // RecordingKernel, which records what would run.
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { run } from "../common/exec.js";
 
 export interface LinkInfo {
@@ -36,8 +49,19 @@ export interface Kernel {
   /** One device, or null if it does not exist. */
   link(ns: string, ifname: string): Promise<LinkInfo | null>;
   qdiscs(ns: string): Promise<QdiscInfo[]>;
-  /** Runs `ip -n ns -batch -` (ns "" = the agent's own namespace). */
-  ipBatch(ns: string, lines: string[]): Promise<void>;
+  /**
+   * Runs `ip -n ns -batch -` (ns "" = the agent's own namespace). Each guest
+   * batch runs after `lines`, inside its namespace: from the same exec when
+   * the namespace is named (/run/netns/NAME), else by a second exec.
+   */
+  ipBatch(ns: string, lines: string[], guests?: GuestBatch[]): Promise<void>;
+  /**
+   * Deletes these devices of the namespace (one `ip -force -batch`) and the
+   * conntrack entries from and to the address (one `conntrack -R`, at the
+   * same time). A device already gone is no error; conntrack failures are
+   * ignored (counted as 0).
+   */
+  detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }>;
   /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
   ipBatchAt(netnsPath: string, lines: string[]): Promise<void>;
   /** Runs `tc -n ns -batch -`. */
@@ -45,11 +69,48 @@ export interface Kernel {
   sysctl(ns: string, key: string, value: string): Promise<void>;
   /** Runs `nft -f -` with the script inside the namespace (one transaction). */
   nft(ns: string, script: string): Promise<void>;
-  /** Deletes conntrack entries from or to an address; returns how many. */
-  conntrackFlush(ns: string, address: string): Promise<number>;
   /** Link counters from /sys via `ip -s -j link`. */
   stats(ns: string, ifname: string): Promise<LinkStats | null>;
   linksAt(netnsPath: string): Promise<LinkInfo[]>;
+}
+
+export interface GuestBatch {
+  netnsPath: string;
+  lines: string[];
+}
+
+/** The name `ip netns exec` takes for a namespace path, or null (a /proc/PID path). */
+export function namedNetns(path: string): string | null {
+  return /^\/(?:var\/)?run\/netns\/([A-Za-z0-9_.-]+)$/.exec(path)?.[1] ?? null;
+}
+
+/** The conntrack commands (a `conntrack -R` file) that clear the flows from and to an address. */
+export function conntrackCommands(address: string): string[] {
+  return [`-D -s ${address}`, `-D -d ${address}`];
+}
+
+/** Splits `ip -force -batch` stderr into the error text of each failed line (1-based). */
+export function batchFailures(stderr: string): Map<number, string> {
+  const out = new Map<number, string>();
+  const re = /Command failed [^\n]*:(\d+)\n?/g;
+  let last = 0;
+  for (let m = re.exec(stderr); m; m = re.exec(stderr)) {
+    out.set(Number(m[1]), stderr.slice(last, m.index));
+    last = m.index + m[0].length;
+  }
+  return out;
+}
+
+/** How many flows `conntrack -R` deleted: it prints each one (a line with its tuples). */
+export function conntrackDeleted(stdout: string): number {
+  return stdout.split("\n").filter((l) => /\bsrc=\S+ dst=/.test(l)).length;
+}
+
+let batchDir: string | undefined;
+/** A private directory for guest batch files (0700, made once). */
+function guestBatchDir(): string {
+  batchDir ??= mkdtempSync(join(tmpdir(), "microvpc-nic-"));
+  return batchDir;
 }
 
 export interface LinkStats {
@@ -142,9 +203,67 @@ export class LinuxKernel implements Kernel {
   }
 
   // Batches quote their first lines in the error: ip names only the failing line's number.
-  async ipBatch(ns: string, lines: string[]): Promise<void> {
-    if (lines.length === 0) return;
-    await run("ip", [...nsArgs(ns), "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true });
+  async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []): Promise<void> {
+    const all = [...lines];
+    // The guest lines also go in as comments, so an error quotes them.
+    const notes: string[] = [];
+    const files: string[] = [];
+    const later: GuestBatch[] = [];
+    try {
+      for (const g of guests) {
+        const name = namedNetns(g.netnsPath);
+        if (!g.lines.length) continue;
+        if (!name || /\s/.test(guestBatchDir())) {
+          later.push(g);
+          continue;
+        }
+        const file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.batch`);
+        writeFileSync(file, g.lines.join("\n") + "\n", { mode: 0o600 });
+        files.push(file);
+        all.push(`netns exec ${name} ip -batch ${file}`);
+        notes.push(`# ${name}: ${g.lines.join("; ")}`);
+      }
+      if (all.length) {
+        await run("ip", [...nsArgs(ns), "-batch", "-"], { input: [...all, ...notes].join("\n") + "\n", inputInError: true });
+      }
+    } finally {
+      for (const f of files) rmSync(f, { force: true });
+    }
+    for (const g of later) await this.ipBatchAt(g.netnsPath, g.lines);
+  }
+
+  // Two execs side by side: the `ip -force -batch` that deletes the devices
+  // and one `conntrack -R -` (both deletes from stdin) entered with nsenter
+  // --net only. Each conntrack delete is a dump of the namespace's table,
+  // which the kernel finds by walking the whole (global) conntrack hash: the
+  // dearest part of a detach, so it does not wait for the link deletion (a
+  // veth's unregister waits for RCU), nor is it forked from the batch by
+  // `netns exec`, whose new mount namespace copies every mount of the host
+  // (one per named network namespace). Flows the VM opens while its device
+  // goes away may outlive the flush, as flows from other VMs to the freed
+  // address always could.
+  async detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }> {
+    const lines = devices.map((d) => `link del dev ${d}`);
+    // conntrack -R opens its file by name (/dev/stdin fails on Node's stdin socket): a private file.
+    const file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.ct`);
+    writeFileSync(file, conntrackCommands(address).join("\n") + "\n", { mode: 0o600 });
+    try {
+      const [r, ct] = await Promise.all([
+        run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false }),
+        // A failure (no module, no tool) clears nothing.
+        (ns ? run("nsenter", [`--net=/run/netns/${ns}`, "conntrack", "-R", file], { check: false }) : run("conntrack", ["-R", file], { check: false })).catch(
+          () => null,
+        ),
+      ]);
+      if (r.exitCode === undefined) throw r.error!;
+      for (const [line, text] of batchFailures(r.stderr)) {
+        // A device already gone is what detaching wants.
+        if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
+      }
+      return { conntrackCleared: ct && ct.exitCode === 0 ? conntrackDeleted(ct.stdout) : 0 };
+    } finally {
+      rmSync(file, { force: true });
+    }
   }
 
   async ipBatchAt(netnsPath: string, lines: string[]): Promise<void> {
@@ -163,17 +282,6 @@ export class LinuxKernel implements Kernel {
 
   async nft(ns: string, script: string): Promise<void> {
     await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script, inputInError: true });
-  }
-
-  async conntrackFlush(ns: string, address: string): Promise<number> {
-    let n = 0;
-    for (const dir of ["-s", "-d"]) {
-      // Exits 1 when nothing matched; a missing conntrack counts as nothing flushed.
-      const r = await run("ip", ["netns", "exec", ns, "conntrack", "-D", dir, address], { check: false });
-      const m = /(\d+) flow entries have been deleted/.exec(`${r.stderr}${r.stdout}`);
-      if (m) n += Number(m[1]);
-    }
-    return n;
   }
 
   async stats(ns: string, ifname: string): Promise<LinkStats | null> {
@@ -222,8 +330,14 @@ export class RecordingKernel implements Kernel {
   async qdiscs() {
     return [];
   }
-  async ipBatch(ns: string, lines: string[]) {
-    if (lines.length) this.calls.push(`ip -n ${ns} -batch:\n  ${lines.join("\n  ")}`);
+  async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []) {
+    const g = guests.filter((x) => x.lines.length).map((x) => `netns exec ${namedNetns(x.netnsPath) ?? x.netnsPath} ip -batch:\n    ${x.lines.join("\n    ")}`);
+    if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
+  }
+  async detach(ns: string, devices: string[], address: string) {
+    this.calls.push(`ip -n ${ns} -force -batch:\n  ${devices.map((d) => `link del dev ${d}`).join("\n  ")}`);
+    this.calls.push(`nsenter ${ns} conntrack -R: ${conntrackCommands(address).join("; ")}`);
+    return { conntrackCleared: 0 };
   }
   async ipBatchAt(path: string, lines: string[]) {
     if (lines.length) this.calls.push(`nsenter ${path} ip -batch:\n  ${lines.join("\n  ")}`);
@@ -236,10 +350,6 @@ export class RecordingKernel implements Kernel {
   }
   async nft(ns: string, script: string) {
     this.calls.push(`nft ${ns}:\n  ${script.trimEnd().split("\n").join("\n  ")}`);
-  }
-  async conntrackFlush(ns: string, a: string) {
-    this.calls.push(`conntrack ${ns} -D ${a}`);
-    return 0;
   }
   async stats() {
     return null;

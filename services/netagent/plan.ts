@@ -55,8 +55,6 @@ export const names = {
   netnsPrefix: (hostId: string) => `mvpc-${hostId}-`,
   bridge: (subnetId: string) => `br-${subnetId.slice(-12)}`,
   hostIf: (nicId: string, kind: "tap" | "veth") => `${kind === "tap" ? "t" : "v"}${nicId.slice(-12)}`,
-  /** Temporary name of a veth's far end until it is renamed inside the guest. */
-  peerIf: (nicId: string) => `p${nicId.slice(-12)}`,
   ifb: (nicId: string) => `i${nicId.slice(-12)}`,
   alias: (hostId: string, id: string) => `mvpc:${hostId}:${id}`,
   aliasPrefix: (hostId: string) => `mvpc:${hostId}:`,
@@ -122,20 +120,16 @@ export function nicCreateLines(hostId: string, n: NicSpec, bridge: string): { ip
         .join(" "),
     );
   } else {
-    ip.push(`link add ${n.hostIf} mtu ${n.mtu} type veth peer name ${names.peerIf(n.nicId)} mtu ${n.mtu} netns ${netnsTarget(n.veth!.netnsPath)}`);
+    // The far end is made in the VM's namespace with its final name, MAC
+    // and MTU: no rename or relink there. (A peer cannot be brought up at
+    // creation, and its address and route need that namespace: guest lines.)
+    ip.push(`link add ${n.hostIf} mtu ${n.mtu} type veth peer name ${n.guestIf} address ${n.mac} mtu ${n.mtu} netns ${netnsTarget(n.veth!.netnsPath)}`);
   }
   ip.push(`link set dev ${n.hostIf} alias ${names.alias(hostId, n.nicId)}`);
   ip.push(...attachLines(n, bridge));
   const guest: string[] = [];
   if (n.kind === "veth") {
-    const p = names.peerIf(n.nicId);
-    guest.push(
-      `link set dev ${p} name ${n.guestIf}`,
-      `link set dev ${n.guestIf} address ${n.mac} mtu ${n.mtu}`,
-      `addr replace ${n.address}/${n.prefix} dev ${n.guestIf}`,
-      `link set dev ${n.guestIf} up`,
-      `link set dev lo up`,
-    );
+    guest.push(`addr replace ${n.address}/${n.prefix} dev ${n.guestIf}`, `link set dev ${n.guestIf} up`, `link set dev lo up`);
     if (!n.veth!.skipDefaultRoute) guest.push(`route replace default via ${n.gateway} dev ${n.guestIf}`);
   }
   return { ip, guest };

@@ -207,16 +207,17 @@ export class NetAgent {
     return plan.ip.length > 0;
   }
 
+  /**
+   * One ip -batch: the NIC's devices go (by the names this agent gave them in its
+   * own VPC namespace; the ifb only where egress is limited, the reconciler
+   * removes a stray one) and, at the same time, the conntrack entries from
+   * and to its address (one conntrack exec): stale ones would let a reused
+   * address inherit flows.
+   */
   private async detachLocked(n: NicSpec): Promise<number> {
     const ns = this.agent.nsOf(n.vpcId);
-    const lines: string[] = [];
-    for (const dev of [n.hostIf, names.ifb(n.nicId)]) {
-      const l = await this.kernel.link(ns, dev);
-      if (l && l.alias === names.alias(this.opts.hostId, n.nicId)) lines.push(`link del dev ${dev}`);
-    }
-    await this.kernel.ipBatch(ns, lines);
-    // Stale conntrack entries would let a reused address inherit flows.
-    const cleared = await this.kernel.conntrackFlush(ns, n.address).catch(() => 0);
+    const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
+    const { conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address);
     await this.agent.store.delNic(n);
     this.agent.desired.nics.delete(n.nicId);
     return cleared;
@@ -484,10 +485,10 @@ export class NetAgent {
         try {
           // A new NIC has a fresh id, so its devices cannot exist yet: build
           // them without reading the kernel first.
+          // One `ip -batch` (the VM side included); `tc -batch` only for limits.
           const lines = nicCreateLines(this.opts.hostId, spec, names.bridge(s.id));
           const bw = bandwidthLines(this.opts.hostId, spec, [], []);
-          await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip]);
-          if (lines.guest.length) await this.kernel.ipBatchAt(veth!.netnsPath, lines.guest);
+          await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip], lines.guest.length ? [{ netnsPath: veth!.netnsPath, lines: lines.guest }] : []);
           await this.kernel.tcBatch(ns, bw.tc);
         } catch (err) {
           // Undo: nothing half-applied stays behind.

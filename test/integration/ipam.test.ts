@@ -456,6 +456,122 @@ describe("allocation", () => {
   });
 });
 
+describe("batch allocation (AllocateBatch)", () => {
+  test("N addresses in one call, lowest free first, each held under <request_id>/<i>; a retry gets the same ones", async () => {
+    await newVpc("batch", "10.90.0.0/16");
+    const sn = await newSubnet("batch", "s", "10.90.1.0/24");
+    const one = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-x", requestId: "solo" });
+    assert.equal(one.allocation!.address, "10.90.1.4");
+    const r = await c.ipam.allocateBatch({ subnetId: sn.id, owner: "pool-a", requestId: "b1", count: 20 });
+    assert.equal(r.created, true);
+    assert.deepEqual(
+      r.allocations.map((a) => a.address),
+      Array.from({ length: 20 }, (_, i) => `10.90.1.${5 + i}`),
+    );
+    assert.deepEqual(
+      r.allocations.map((a) => a.requestId),
+      Array.from({ length: 20 }, (_, i) => `b1/${i}`),
+    );
+    for (const a of r.allocations) assert.equal(a.owner, "pool-a");
+    // Each is an allocation like any other: listed, looked up, released alone.
+    assert.equal((await c.ipam.getAllocation({ subnetId: sn.id, address: "10.90.1.7" })).allocation!.requestId, "b1/2");
+    assert.equal((await c.ipam.listAllocations({ owner: "pool-a" })).allocations.length, 20);
+    assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.used, 21n);
+    // The retry: the same addresses, created=false, nothing more taken.
+    const again = await c.ipam.allocateBatch({ subnetId: sn.id, owner: "pool-a", requestId: "b1", count: 20 });
+    assert.equal(again.created, false);
+    assert.deepEqual(
+      again.allocations.map((a) => a.address),
+      r.allocations.map((a) => a.address),
+    );
+    assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.used, 21n);
+    // One released by owner + its own request id; the retry returns the rest and takes nothing new.
+    assert.equal((await c.ipam.release({ subnetId: sn.id, owner: "pool-a", requestId: "b1/3" })).address, "10.90.1.8");
+    const third = await c.ipam.allocateBatch({ subnetId: sn.id, owner: "pool-a", requestId: "b1", count: 20 });
+    assert.equal(third.created, false);
+    assert.equal(third.allocations.length, 19);
+    assert.ok(!third.allocations.some((a) => a.address === "10.90.1.8"));
+    // The same request id for a smaller batch than it made is refused (it would hide addresses).
+    await rejectsWith(c.ipam.allocateBatch({ subnetId: sn.id, owner: "pool-a", requestId: "b1", count: 5 }), Code.FailedPrecondition, /larger|more than 5/);
+    // Another owner's same request id is another batch; the freed .8 is the lowest free.
+    const other = await c.ipam.allocateBatch({ subnetId: sn.id, owner: "pool-b", requestId: "b1", count: 2 });
+    assert.deepEqual(
+      other.allocations.map((a) => a.address),
+      ["10.90.1.8", "10.90.1.25"],
+    );
+  });
+
+  test("all or nothing: a batch larger than the free addresses is RESOURCE_EXHAUSTED and takes none", async () => {
+    await newVpc("batchfull", "10.91.0.0/16");
+    const sn = await newSubnet("batchfull", "s", "10.91.1.0/27"); // 32 - 5 reserved = 27 usable
+    await c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "first", count: 20 });
+    await rejectsWith(
+      c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "second", count: 8 }),
+      Code.ResourceExhausted,
+      /7 free.*8.*nothing was allocated/,
+    );
+    const u = (await c.ipam.getUtilization({ subnetId: sn.id })).usage!;
+    assert.equal(u.used, 20n, "nothing taken by the refused batch");
+    assert.equal((await c.ipam.listAllocations({ subnetId: sn.id, pageSize: 100 })).allocations.length, 20);
+    const rest = await c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "second", count: 7 });
+    assert.equal(rest.allocations.length, 7, "exactly the free ones, with the same request id as the refused call");
+    await rejectsWith(c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "third", count: 1 }), Code.ResourceExhausted);
+    assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.free, 0n);
+  });
+
+  test("bounds: count 0 or above 1024, a request id too long for its items, unknown subnet", async () => {
+    await newVpc("batchbad", "10.92.0.0/16");
+    const sn = await newSubnet("batchbad", "s", "10.92.0.0/20");
+    await rejectsWith(c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "r", count: 0 }), Code.InvalidArgument, /count.*1–1024/);
+    await rejectsWith(c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "r", count: 1025 }), Code.InvalidArgument, /count.*1025/);
+    await rejectsWith(c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "r".repeat(124), count: 1 }), Code.InvalidArgument, /request_id.*123/);
+    await rejectsWith(c.ipam.allocateBatch({ subnetId: sn.id, owner: "", requestId: "r", count: 1 }), Code.InvalidArgument, /owner/);
+    await rejectsWith(c.ipam.allocateBatch({ subnetId: "subnet-000000000000", owner: "p", requestId: "r", count: 1 }), Code.NotFound);
+    assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.used, 0n);
+    const max = await c.ipam.allocateBatch({ subnetId: sn.id, owner: "p", requestId: "r".repeat(123), count: 1024 });
+    assert.equal(max.allocations.length, 1024);
+    assert.equal(max.allocations[1023].requestId, `${"r".repeat(123)}/1023`);
+    assert.equal(new Set(max.allocations.map((a) => a.address)).size, 1024);
+  });
+
+  test("parallel batches from 16 clients drain a /20: every usable address exactly once, the last batch refused whole", async () => {
+    await newVpc("batchpar", "10.93.0.0/16");
+    const sn = await newSubnet("batchpar", "s", "10.93.16.0/20");
+    const usable = 4096 - 5;
+    const clients = Array.from({ length: 16 }, () => ipamClients(daemon.address));
+    let refused = 0;
+    const got: string[][] = await Promise.all(
+      clients.map(async (cl, i) => {
+        const mine: string[] = [];
+        for (let n = 0, retries = 0; n < 1000; n++) {
+          try {
+            const r = await cl.ipam.allocateBatch({ subnetId: sn.id, owner: `c${i}`, requestId: `r${n}`, count: 50 });
+            mine.push(...r.allocations.map((a) => a.address));
+          } catch (e) {
+            if (e instanceof ConnectError && e.code === Code.ResourceExhausted) {
+              refused++;
+              return mine;
+            }
+            if (e instanceof ConnectError && e.code === Code.Unavailable && retries++ < 20) {
+              n--;
+              continue;
+            }
+            throw e;
+          }
+        }
+        return mine;
+      }),
+    );
+    const all = got.flat();
+    assert.equal(refused, 16, "every client ends on RESOURCE_EXHAUSTED");
+    assert.equal(all.length, Math.floor(usable / 50) * 50, "whole batches only: the remainder is never handed out in part");
+    assert.equal(new Set(all).size, all.length, "no address twice");
+    const u = (await c.ipam.getUtilization({ subnetId: sn.id })).usage!;
+    assert.equal(u.used, BigInt(all.length));
+    assert.equal(u.free, BigInt(usable % 50));
+  });
+});
+
 describe("operability", () => {
   test("reflection lists the services and a method is called from JSON, as grpcurl does (buf curl)", async () => {
     const buf = join(ROOT, "node_modules", ".bin", "buf");

@@ -374,7 +374,9 @@ describe("drift", () => {
 
     // 1. NIC host device deleted; AttachNic again (same input) repairs it.
     await ipn(d1.vpcNs, ["link", "del", d1.hostInterface]);
-    assert.ok(!(await links(d1.ns)).some((l) => l.name === "eth0"), "deleting the host end removed the VM's eth0");
+    // Unless the 1-s reconciler already rebuilt the pair (its one batch makes the VM's eth0 at once).
+    const [vmLinks, hostLinks] = await Promise.all([links(d1.ns), links(d1.vpcNs)]);
+    assert.ok(!vmLinks.some((l) => l.name === "eth0") || hostLinks.some((l) => l.name === d1.hostInterface), "deleting the host end removed the VM's eth0");
     const again = await hv0.agent.attachNic({
       vpc: V.vpc.id,
       subnet: sn.id,
@@ -645,6 +647,121 @@ describe("detach", () => {
       (await hv0.agent.listNics({ vpc: V.vpc.id })).nics.map((n) => n.id),
       [y2.nicId],
     );
+  });
+});
+
+describe("execs per NIC change", () => {
+  /** microvpc_exec_total of hv0's netagent, by command. */
+  async function execCounts(): Promise<Map<string, number>> {
+    const text = await (await fetch(`http://127.0.0.1:${hv0.daemon.metricsPort}/metrics`)).text();
+    const m = new Map<string, number>();
+    for (const [, command, n] of text.matchAll(/^microvpc_exec_total\{(?:[^}]*,)?command="([^"]*)"[^}]*\} (\d+)$/gm))
+      m.set(command, (m.get(command) ?? 0) + Number(n));
+    return m;
+  }
+  /** What ran during fn, by command (the reconciler's periodic reads — ip addr, tc qdisc, ip netns, and its peering pass's ip route, ip neigh — are left out). */
+  async function counted(fn: () => Promise<unknown>): Promise<Record<string, number>> {
+    const before = await execCounts();
+    await fn();
+    const after = await execCounts();
+    const out: Record<string, number> = {};
+    for (const [c, n] of after)
+      if (n > (before.get(c) ?? 0) && !["ip addr", "tc qdisc", "ip netns", "ip route", "ip neigh"].includes(c)) out[c] = n - (before.get(c) ?? 0);
+    return out;
+  }
+  const ct = (ns: string, args: string[]) => run("ip", ["netns", "exec", ns, "conntrack", ...args], { check: false });
+
+  test("AttachNic and DetachNic are one ip -batch each (veth into a VM namespace, TAP); tc -batch only with limits; DetachNic clears the NIC's conntrack with one conntrack exec beside it", async (t) => {
+    const V = await newVpc("execs", "10.122.0.0/16", [["s", "10.122.1.0/24"]]);
+    const sn = V.subnets[0];
+    await hv0.agent.ensureVpc({ vpc: V.vpc.id });
+    await hv0.agent.ensureSubnet({ vpc: V.vpc.id, subnet: sn.id });
+    const other = await h.vm(hv0, V.vpc, sn, "exec0");
+    const ns = await createNetns(`${h.prefix}-vm-exec1`);
+    const address = await h.allocate(sn, "vm-exec1");
+    let nicId = "";
+    const attach = await counted(async () => {
+      const r = await hv0.agent.attachNic({
+        vpc: V.vpc.id,
+        subnet: sn.id,
+        kind: NicKind.VETH,
+        options: { case: "veth", value: { netnsPath: netnsPath(ns) } },
+        address,
+        owner: "vm-exec1",
+        guestInterface: "eth0",
+      });
+      nicId = r.nic!.id;
+    });
+    assert.deepEqual(attach, { "ip -batch": 1 }, "AttachNic (veth): one ip -batch, the VM side included");
+    // The VM side is complete: address, route, up — and it works.
+    assert.ok(
+      (await addresses(ns)).some((a) => a.ifname === "eth0" && a.local === address && a.prefixlen === 24),
+      "address in the VM namespace",
+    );
+    assert.ok(
+      await waitFor(() => canPing(ns, other.address, { count: 1, deadlineS: 1 }), { timeoutMs: 5000, intervalMs: 200 }),
+      "the new NIC reaches its neighbour",
+    );
+
+    // Flows of the NIC (both directions) and one of another VM, in the VPC namespace's table.
+    const vpcNs = hv0.vpcNamespace(V.vpc.id);
+    const flow = (src: string, dst: string, sport: number) =>
+      ct(vpcNs, [
+        "-I",
+        "-s",
+        src,
+        "-d",
+        dst,
+        "-p",
+        "tcp",
+        "--sport",
+        String(sport),
+        "--dport",
+        "80",
+        "--state",
+        "ESTABLISHED",
+        "-u",
+        "SEEN_REPLY",
+        "-t",
+        "120",
+      ]);
+    await flow(address, other.address, 40001);
+    await flow(other.address, address, 40002);
+    await flow(other.address, "10.122.1.250", 40003);
+    let detached = { detachedNicIds: [] as string[], conntrackEntriesCleared: 0 };
+    const detach = await counted(async () => (detached = await hv0.agent.detachNic({ nic: nicId })));
+    assert.deepEqual(detach, { "ip -batch": 1, "nsenter conntrack": 1 }, "DetachNic: one ip -batch for the devices, one conntrack -R beside it");
+    assert.deepEqual(detached.detachedNicIds, [nicId]);
+    assert.equal(detached.conntrackEntriesCleared, 2, "the NIC's two flows cleared");
+    const left = (await ct(vpcNs, ["-L", "-p", "tcp"])).stdout;
+    assert.match(left, /dport=80 .*sport=40003|sport=40003 /, "another VM's flow is kept");
+    assert.doesNotMatch(left, /sport=4000[12] /, "none of the NIC's flows left");
+    assert.ok(!(await links(ns)).some((l) => l.name === "eth0"), "the VM side gone");
+
+    // TAP with limits each way: ip -batch for the devices (the ifb too), tc -batch for the qdiscs.
+    const tapAddr = await h.allocate(sn, "vm-exec2");
+    let tapId = "";
+    const tap = await counted(async () => {
+      const r = await hv0.agent.attachNic({
+        vpc: V.vpc.id,
+        subnet: sn.id,
+        kind: NicKind.TAP,
+        address: tapAddr,
+        owner: "vm-exec2",
+        bandwidth: { ingress: { rateMbps: 50 }, egress: { rateMbps: 50 } },
+      });
+      tapId = r.nic!.id;
+    });
+    assert.deepEqual(tap, { "ip -batch": 1, "tc -batch": 1 }, "AttachNic (tap, limited): one ip -batch, one tc -batch");
+    const tapNoLimit = await counted(async () => {
+      const r = await hv0.agent.attachNic({ vpc: V.vpc.id, subnet: sn.id, kind: NicKind.TAP, address: await h.allocate(sn, "vm-exec3"), owner: "vm-exec3" });
+      await hv0.agent.detachNic({ nic: r.nic!.id }).then(() => undefined);
+    });
+    assert.deepEqual(tapNoLimit, { "ip -batch": 2, "nsenter conntrack": 1 }, "AttachNic + DetachNic (tap, no limit): one ip -batch each, no tc");
+    const tapDetach = await counted(() => hv0.agent.detachNic({ nic: tapId }));
+    assert.deepEqual(tapDetach, { "ip -batch": 1, "nsenter conntrack": 1 }, "DetachNic (tap with its ifb): one ip -batch, one conntrack");
+    assert.ok(!(await links(vpcNs)).some((l) => l.name.endsWith(tapId.slice(-12))), "the tap and its ifb are gone");
+    await t.annotate(`execs: attach veth ${JSON.stringify(attach)}, detach ${JSON.stringify(detach)}, attach tap+limits ${JSON.stringify(tap)}`);
   });
 });
 

@@ -69,7 +69,8 @@ test("an empty namespace gets a bridge with the gateway and a veth NIC configure
     "link set dev br-aaaaaaaaaaaa alias mvpc:hv1:subnet-aaaaaaaaaaaa",
     "addr add 10.0.1.1/24 dev br-aaaaaaaaaaaa",
     "link set dev br-aaaaaaaaaaaa up",
-    "link add vbbbbbbbbbbbb mtu 1500 type veth peer name pbbbbbbbbbbbb mtu 1500 netns vm1",
+    // The far end is made in the VM's namespace with its final name, MAC and MTU.
+    "link add vbbbbbbbbbbbb mtu 1500 type veth peer name eth0 address 02:aa:0a:00:01:04 mtu 1500 netns vm1",
     "link set dev vbbbbbbbbbbbb alias mvpc:hv1:nic-bbbbbbbbbbbb",
     "link set dev vbbbbbbbbbbbb mtu 1500 master br-aaaaaaaaaaaa up",
   ]);
@@ -77,14 +78,7 @@ test("an empty namespace gets a bridge with the gateway and a veth NIC configure
     {
       nicId: "nic-bbbbbbbbbbbb",
       netnsPath: "/run/netns/vm1",
-      lines: [
-        "link set dev pbbbbbbbbbbbb name eth0",
-        "link set dev eth0 address 02:aa:0a:00:01:04 mtu 1500",
-        "addr replace 10.0.1.4/24 dev eth0",
-        "link set dev eth0 up",
-        "link set dev lo up",
-        "route replace default via 10.0.1.1 dev eth0",
-      ],
+      lines: ["addr replace 10.0.1.4/24 dev eth0", "link set dev eth0 up", "link set dev lo up", "route replace default via 10.0.1.1 dev eth0"],
     },
   ]);
   assert.deepEqual(p.tc, []);
@@ -160,4 +154,23 @@ test("guest configuration without DHCP: ip= argument, netmask, stable MAC", () =
   assert.equal(kernelIpArg(nic(), "255.255.255.0"), "ip=10.0.1.4::10.0.1.1:255.255.255.0:web-1:eth0:off:10.0.1.2");
   assert.match(macFor("vpc-111111111111", "10.0.1.4"), /^02:[0-9a-f]{2}:0a:00:01:04$/);
   assert.notEqual(macFor("vpc-111111111111", "10.0.1.4"), macFor("vpc-222222222222", "10.0.1.4"));
+});
+
+test("a detach batch: ip -force output is split per failed line; conntrack -R's printed flows are counted", async () => {
+  const { batchFailures, conntrackDeleted, conntrackCommands, namedNetns } = await import("../../services/netagent/kernel.js");
+  const stderr = ['Cannot find device "vx"', "Command failed -:1", "some conntrack error", "Command failed -:3", ""].join("\n");
+  const f = batchFailures(stderr);
+  assert.deepEqual([...f.keys()], [1, 3]);
+  assert.match(f.get(1)!, /Cannot find device/);
+  const stdout = [
+    "tcp      6 99 ESTABLISHED src=10.0.1.4 dst=10.0.1.5 sport=1 dport=80 src=10.0.1.5 dst=10.0.1.4 sport=80 dport=1 mark=0 use=1",
+    "udp      17 29 src=10.0.1.9 dst=10.0.1.4 sport=5 dport=53 [UNREPLIED] src=10.0.1.4 dst=10.0.1.9 sport=53 dport=5 mark=0 use=1",
+    "",
+  ].join("\n");
+  assert.equal(conntrackDeleted(stdout), 2);
+  assert.equal(conntrackDeleted(""), 0);
+  assert.deepEqual(conntrackCommands("10.0.1.4"), ["-D -s 10.0.1.4", "-D -d 10.0.1.4"]);
+  assert.equal(namedNetns("/run/netns/vm1"), "vm1");
+  assert.equal(namedNetns("/var/run/netns/vm1"), "vm1");
+  assert.equal(namedNetns("/proc/42/ns/net"), null);
 });

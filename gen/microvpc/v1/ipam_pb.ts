@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file microvpc/v1/ipam.proto.
  */
 export const file_microvpc_v1_ipam: GenFile = /*@__PURE__*/
-  fileDesc("ChZtaWNyb3ZwYy92MS9pcGFtLnByb3RvEgttaWNyb3ZwYy52MSKuAQoKQWxsb2NhdGlvbhIRCglzdWJuZXRfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCRIVCg1wcmVmaXhfbGVuZ3RoGAMgASgNEg8KB2dhdGV3YXkYBCABKAkSDQoFb3duZXIYBSABKAkSEgoKcmVxdWVzdF9pZBgGIAEoCRIxCg1hbGxvY2F0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJYCg9BbGxvY2F0ZVJlcXVlc3QSEQoJc3VibmV0X2lkGAEgASgJEg0KBW93bmVyGAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSDwoHYWRkcmVzcxgEIAEoCSJQChBBbGxvY2F0ZVJlc3BvbnNlEisKCmFsbG9jYXRpb24YASABKAsyFy5taWNyb3ZwYy52MS5BbGxvY2F0aW9uEg8KB2NyZWF0ZWQYAiABKAgiVwoOUmVsZWFzZVJlcXVlc3QSEQoJc3VibmV0X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSDQoFb3duZXIYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCSI0Cg9SZWxlYXNlUmVzcG9uc2USEAoIcmVsZWFzZWQYASABKAgSDwoHYWRkcmVzcxgCIAEoCSI6ChRHZXRBbGxvY2F0aW9uUmVxdWVzdBIRCglzdWJuZXRfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCSJEChVHZXRBbGxvY2F0aW9uUmVzcG9uc2USKwoKYWxsb2NhdGlvbhgBIAEoCzIXLm1pY3JvdnBjLnYxLkFsbG9jYXRpb24iYQoWTGlzdEFsbG9jYXRpb25zUmVxdWVzdBIRCglzdWJuZXRfaWQYASABKAkSDQoFb3duZXIYAiABKAkSEQoJcGFnZV9zaXplGAMgASgNEhIKCnBhZ2VfdG9rZW4YBCABKAkiYAoXTGlzdEFsbG9jYXRpb25zUmVzcG9uc2USLAoLYWxsb2NhdGlvbnMYASADKAsyFy5taWNyb3ZwYy52MS5BbGxvY2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChVHZXRVdGlsaXphdGlvblJlcXVlc3QSEQoJc3VibmV0X2lkGAEgASgJIlQKFkdldFV0aWxpemF0aW9uUmVzcG9uc2USEQoJc3VibmV0X2lkGAEgASgJEicKBXVzYWdlGAIgASgLMhgubWljcm92cGMudjEuU3VibmV0VXNhZ2UijQEKDlJlY2xhaW1SZXF1ZXN0EhEKCXN1Ym5ldF9pZBgBIAEoCRIUCgxvd25lcl9wcmVmaXgYAiABKAkSEwoLbGl2ZV9vd25lcnMYAyADKAkSGgoNZ3JhY2Vfc2Vjb25kcxgEIAEoDUgAiAEBEg8KB2RyeV9ydW4YBSABKAhCEAoOX2dyYWNlX3NlY29uZHMiSwoPUmVjbGFpbVJlc3BvbnNlEioKCXJlY2xhaW1lZBgBIAMoCzIXLm1pY3JvdnBjLnYxLkFsbG9jYXRpb24SDAoEa2VwdBgCIAEoDTLzAwoLSXBhbVNlcnZpY2USRwoIQWxsb2NhdGUSHC5taWNyb3ZwYy52MS5BbGxvY2F0ZVJlcXVlc3QaHS5taWNyb3ZwYy52MS5BbGxvY2F0ZVJlc3BvbnNlEkQKB1JlbGVhc2USGy5taWNyb3ZwYy52MS5SZWxlYXNlUmVxdWVzdBocLm1pY3JvdnBjLnYxLlJlbGVhc2VSZXNwb25zZRJWCg1HZXRBbGxvY2F0aW9uEiEubWljcm92cGMudjEuR2V0QWxsb2NhdGlvblJlcXVlc3QaIi5taWNyb3ZwYy52MS5HZXRBbGxvY2F0aW9uUmVzcG9uc2USXAoPTGlzdEFsbG9jYXRpb25zEiMubWljcm92cGMudjEuTGlzdEFsbG9jYXRpb25zUmVxdWVzdBokLm1pY3JvdnBjLnYxLkxpc3RBbGxvY2F0aW9uc1Jlc3BvbnNlElkKDkdldFV0aWxpemF0aW9uEiIubWljcm92cGMudjEuR2V0VXRpbGl6YXRpb25SZXF1ZXN0GiMubWljcm92cGMudjEuR2V0VXRpbGl6YXRpb25SZXNwb25zZRJECgdSZWNsYWltEhsubWljcm92cGMudjEuUmVjbGFpbVJlcXVlc3QaHC5taWNyb3ZwYy52MS5SZWNsYWltUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_microvpc_v1_subnet]);
+  fileDesc("ChZtaWNyb3ZwYy92MS9pcGFtLnByb3RvEgttaWNyb3ZwYy52MSKuAQoKQWxsb2NhdGlvbhIRCglzdWJuZXRfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCRIVCg1wcmVmaXhfbGVuZ3RoGAMgASgNEg8KB2dhdGV3YXkYBCABKAkSDQoFb3duZXIYBSABKAkSEgoKcmVxdWVzdF9pZBgGIAEoCRIxCg1hbGxvY2F0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJYCg9BbGxvY2F0ZVJlcXVlc3QSEQoJc3VibmV0X2lkGAEgASgJEg0KBW93bmVyGAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSDwoHYWRkcmVzcxgEIAEoCSJQChBBbGxvY2F0ZVJlc3BvbnNlEisKCmFsbG9jYXRpb24YASABKAsyFy5taWNyb3ZwYy52MS5BbGxvY2F0aW9uEg8KB2NyZWF0ZWQYAiABKAgiWwoUQWxsb2NhdGVCYXRjaFJlcXVlc3QSEQoJc3VibmV0X2lkGAEgASgJEg0KBW93bmVyGAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSDQoFY291bnQYBCABKA0iVgoVQWxsb2NhdGVCYXRjaFJlc3BvbnNlEiwKC2FsbG9jYXRpb25zGAEgAygLMhcubWljcm92cGMudjEuQWxsb2NhdGlvbhIPCgdjcmVhdGVkGAIgASgIIlcKDlJlbGVhc2VSZXF1ZXN0EhEKCXN1Ym5ldF9pZBgBIAEoCRIPCgdhZGRyZXNzGAIgASgJEg0KBW93bmVyGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiNAoPUmVsZWFzZVJlc3BvbnNlEhAKCHJlbGVhc2VkGAEgASgIEg8KB2FkZHJlc3MYAiABKAkiOgoUR2V0QWxsb2NhdGlvblJlcXVlc3QSEQoJc3VibmV0X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkiRAoVR2V0QWxsb2NhdGlvblJlc3BvbnNlEisKCmFsbG9jYXRpb24YASABKAsyFy5taWNyb3ZwYy52MS5BbGxvY2F0aW9uImEKFkxpc3RBbGxvY2F0aW9uc1JlcXVlc3QSEQoJc3VibmV0X2lkGAEgASgJEg0KBW93bmVyGAIgASgJEhEKCXBhZ2Vfc2l6ZRgDIAEoDRISCgpwYWdlX3Rva2VuGAQgASgJImAKF0xpc3RBbGxvY2F0aW9uc1Jlc3BvbnNlEiwKC2FsbG9jYXRpb25zGAEgAygLMhcubWljcm92cGMudjEuQWxsb2NhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKgoVR2V0VXRpbGl6YXRpb25SZXF1ZXN0EhEKCXN1Ym5ldF9pZBgBIAEoCSJUChZHZXRVdGlsaXphdGlvblJlc3BvbnNlEhEKCXN1Ym5ldF9pZBgBIAEoCRInCgV1c2FnZRgCIAEoCzIYLm1pY3JvdnBjLnYxLlN1Ym5ldFVzYWdlIo0BCg5SZWNsYWltUmVxdWVzdBIRCglzdWJuZXRfaWQYASABKAkSFAoMb3duZXJfcHJlZml4GAIgASgJEhMKC2xpdmVfb3duZXJzGAMgAygJEhoKDWdyYWNlX3NlY29uZHMYBCABKA1IAIgBARIPCgdkcnlfcnVuGAUgASgIQhAKDl9ncmFjZV9zZWNvbmRzIksKD1JlY2xhaW1SZXNwb25zZRIqCglyZWNsYWltZWQYASADKAsyFy5taWNyb3ZwYy52MS5BbGxvY2F0aW9uEgwKBGtlcHQYAiABKA0yywQKC0lwYW1TZXJ2aWNlEkcKCEFsbG9jYXRlEhwubWljcm92cGMudjEuQWxsb2NhdGVSZXF1ZXN0Gh0ubWljcm92cGMudjEuQWxsb2NhdGVSZXNwb25zZRJWCg1BbGxvY2F0ZUJhdGNoEiEubWljcm92cGMudjEuQWxsb2NhdGVCYXRjaFJlcXVlc3QaIi5taWNyb3ZwYy52MS5BbGxvY2F0ZUJhdGNoUmVzcG9uc2USRAoHUmVsZWFzZRIbLm1pY3JvdnBjLnYxLlJlbGVhc2VSZXF1ZXN0GhwubWljcm92cGMudjEuUmVsZWFzZVJlc3BvbnNlElYKDUdldEFsbG9jYXRpb24SIS5taWNyb3ZwYy52MS5HZXRBbGxvY2F0aW9uUmVxdWVzdBoiLm1pY3JvdnBjLnYxLkdldEFsbG9jYXRpb25SZXNwb25zZRJcCg9MaXN0QWxsb2NhdGlvbnMSIy5taWNyb3ZwYy52MS5MaXN0QWxsb2NhdGlvbnNSZXF1ZXN0GiQubWljcm92cGMudjEuTGlzdEFsbG9jYXRpb25zUmVzcG9uc2USWQoOR2V0VXRpbGl6YXRpb24SIi5taWNyb3ZwYy52MS5HZXRVdGlsaXphdGlvblJlcXVlc3QaIy5taWNyb3ZwYy52MS5HZXRVdGlsaXphdGlvblJlc3BvbnNlEkQKB1JlY2xhaW0SGy5taWNyb3ZwYy52MS5SZWNsYWltUmVxdWVzdBocLm1pY3JvdnBjLnYxLlJlY2xhaW1SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_microvpc_v1_subnet]);
 
 /**
  * One held address.
@@ -156,6 +156,79 @@ export const AllocateResponseSchema: GenMessage<AllocateResponse> = /*@__PURE__*
   messageDesc(file_microvpc_v1_ipam, 2);
 
 /**
+ * Request of AllocateBatch.
+ *
+ * @generated from message microvpc.v1.AllocateBatchRequest
+ */
+export type AllocateBatchRequest = Message<"microvpc.v1.AllocateBatchRequest"> & {
+  /**
+   * Id of the subnet.
+   *
+   * @generated from field: string subnet_id = 1;
+   */
+  subnetId: string;
+
+  /**
+   * Who will hold the addresses (see Allocation.owner).
+   *
+   * @generated from field: string owner = 2;
+   */
+  owner: string;
+
+  /**
+   * Idempotency key of the batch: 1–123 characters of [A-Za-z0-9_.:/-] (the
+   * addresses are held under "<request_id>/<i>", at most 128 characters).
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+
+  /**
+   * How many addresses: 1–1024.
+   *
+   * @generated from field: uint32 count = 4;
+   */
+  count: number;
+};
+
+/**
+ * Describes the message microvpc.v1.AllocateBatchRequest.
+ * Use `create(AllocateBatchRequestSchema)` to create a new message.
+ */
+export const AllocateBatchRequestSchema: GenMessage<AllocateBatchRequest> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_ipam, 3);
+
+/**
+ * Response of AllocateBatch.
+ *
+ * @generated from message microvpc.v1.AllocateBatchResponse
+ */
+export type AllocateBatchResponse = Message<"microvpc.v1.AllocateBatchResponse"> & {
+  /**
+   * The allocations, in the order of their request ids ("<request_id>/0"
+   * first), which is address order for a new batch.
+   *
+   * @generated from field: repeated microvpc.v1.Allocation allocations = 1;
+   */
+  allocations: Allocation[];
+
+  /**
+   * False when a previous call with the same owner and request_id had
+   * already made this batch.
+   *
+   * @generated from field: bool created = 2;
+   */
+  created: boolean;
+};
+
+/**
+ * Describes the message microvpc.v1.AllocateBatchResponse.
+ * Use `create(AllocateBatchResponseSchema)` to create a new message.
+ */
+export const AllocateBatchResponseSchema: GenMessage<AllocateBatchResponse> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_ipam, 4);
+
+/**
  * Request of Release.
  *
  * @generated from message microvpc.v1.ReleaseRequest
@@ -195,7 +268,7 @@ export type ReleaseRequest = Message<"microvpc.v1.ReleaseRequest"> & {
  * Use `create(ReleaseRequestSchema)` to create a new message.
  */
 export const ReleaseRequestSchema: GenMessage<ReleaseRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 3);
+  messageDesc(file_microvpc_v1_ipam, 5);
 
 /**
  * Response of Release.
@@ -223,7 +296,7 @@ export type ReleaseResponse = Message<"microvpc.v1.ReleaseResponse"> & {
  * Use `create(ReleaseResponseSchema)` to create a new message.
  */
 export const ReleaseResponseSchema: GenMessage<ReleaseResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 4);
+  messageDesc(file_microvpc_v1_ipam, 6);
 
 /**
  * Request of GetAllocation.
@@ -251,7 +324,7 @@ export type GetAllocationRequest = Message<"microvpc.v1.GetAllocationRequest"> &
  * Use `create(GetAllocationRequestSchema)` to create a new message.
  */
 export const GetAllocationRequestSchema: GenMessage<GetAllocationRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 5);
+  messageDesc(file_microvpc_v1_ipam, 7);
 
 /**
  * Response of GetAllocation.
@@ -272,7 +345,7 @@ export type GetAllocationResponse = Message<"microvpc.v1.GetAllocationResponse">
  * Use `create(GetAllocationResponseSchema)` to create a new message.
  */
 export const GetAllocationResponseSchema: GenMessage<GetAllocationResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 6);
+  messageDesc(file_microvpc_v1_ipam, 8);
 
 /**
  * Request of ListAllocations.
@@ -314,7 +387,7 @@ export type ListAllocationsRequest = Message<"microvpc.v1.ListAllocationsRequest
  * Use `create(ListAllocationsRequestSchema)` to create a new message.
  */
 export const ListAllocationsRequestSchema: GenMessage<ListAllocationsRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 7);
+  messageDesc(file_microvpc_v1_ipam, 9);
 
 /**
  * Response of ListAllocations.
@@ -342,7 +415,7 @@ export type ListAllocationsResponse = Message<"microvpc.v1.ListAllocationsRespon
  * Use `create(ListAllocationsResponseSchema)` to create a new message.
  */
 export const ListAllocationsResponseSchema: GenMessage<ListAllocationsResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 8);
+  messageDesc(file_microvpc_v1_ipam, 10);
 
 /**
  * Request of GetUtilization.
@@ -363,7 +436,7 @@ export type GetUtilizationRequest = Message<"microvpc.v1.GetUtilizationRequest">
  * Use `create(GetUtilizationRequestSchema)` to create a new message.
  */
 export const GetUtilizationRequestSchema: GenMessage<GetUtilizationRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 9);
+  messageDesc(file_microvpc_v1_ipam, 11);
 
 /**
  * Response of GetUtilization.
@@ -391,7 +464,7 @@ export type GetUtilizationResponse = Message<"microvpc.v1.GetUtilizationResponse
  * Use `create(GetUtilizationResponseSchema)` to create a new message.
  */
 export const GetUtilizationResponseSchema: GenMessage<GetUtilizationResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 10);
+  messageDesc(file_microvpc_v1_ipam, 12);
 
 /**
  * Request of Reclaim.
@@ -443,7 +516,7 @@ export type ReclaimRequest = Message<"microvpc.v1.ReclaimRequest"> & {
  * Use `create(ReclaimRequestSchema)` to create a new message.
  */
 export const ReclaimRequestSchema: GenMessage<ReclaimRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 11);
+  messageDesc(file_microvpc_v1_ipam, 13);
 
 /**
  * Response of Reclaim.
@@ -471,7 +544,7 @@ export type ReclaimResponse = Message<"microvpc.v1.ReclaimResponse"> & {
  * Use `create(ReclaimResponseSchema)` to create a new message.
  */
 export const ReclaimResponseSchema: GenMessage<ReclaimResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_ipam, 12);
+  messageDesc(file_microvpc_v1_ipam, 14);
 
 /**
  * IpamService hands out the addresses of subnets. Every allocation is one
@@ -493,6 +566,23 @@ export const IpamService: GenService<{
     methodKind: "unary";
     input: typeof AllocateRequestSchema;
     output: typeof AllocateResponseSchema;
+  },
+  /**
+   * Allocates count addresses at once, the lowest free ones, all or nothing,
+   * in one atomic Redis script. Each address is held under its own
+   * request_id, "<request_id>/<i>" for i = 0…count-1, so it can be listed and
+   * released alone. Idempotent: the same owner and request_id get the same
+   * addresses back (those of the batch still held). RESOURCE_EXHAUSTED if
+   * the subnet has fewer than count free addresses (then nothing is
+   * allocated); INVALID_ARGUMENT if count is 0 or above 1024;
+   * FAILED_PRECONDITION if the request_id was used for a larger batch.
+   *
+   * @generated from rpc microvpc.v1.IpamService.AllocateBatch
+   */
+  allocateBatch: {
+    methodKind: "unary";
+    input: typeof AllocateBatchRequestSchema;
+    output: typeof AllocateBatchResponseSchema;
   },
   /**
    * Releases an address. Idempotent: releasing a free address succeeds.
