@@ -113,9 +113,12 @@ const base: BaseValues = (method: string, f: DescField, path: string) => {
   };
   const values: Record<string, unknown> = {
     ref: refFor(method),
-    vpc: fx.vpc,
-    vpc1: fx.vpc,
-    vpc2: fx.vpc2,
+    // Peerings and metadata are found by ref/instance_id or by the pair: both at once is refused.
+    vpc: method === "GetInstanceMetadata" ? undefined : fx.vpc,
+    vpc1: method === "CreatePeering" ? fx.vpc : undefined,
+    vpc2: method === "CreatePeering" ? fx.vpc2 : undefined,
+    network_acl: fx.acl,
+    metadata: vm ? { instanceId: "i-fz2", vpcId: fx.vpc, subnetId: fx.subnet, localIpv4: vm.address, mac: vm.mac, hostname: "fz2" } : undefined,
     vpc_id: fx.vpc,
     subnet: fx.subnet,
     subnet_id: fx.subnet,
@@ -128,7 +131,7 @@ const base: BaseValues = (method: string, f: DescField, path: string) => {
     owner: vm?.owner,
     request_id: "fz-req",
     client_token: "fz-token",
-    address: method === "AllocateFloatingIp" ? undefined : vm?.address,
+    address: method === "AllocateFloatingIp" || method === "GetInstanceMetadata" ? undefined : vm?.address,
     private_address: vm?.address,
     local_ipv4: vm?.address,
     mac: vm?.mac,
