@@ -75,13 +75,28 @@ export function isRedisNoPerm(err: unknown): boolean {
   return /^NOPERM |user executing the script can't access|has no permissions to (run|access)/.test(err.message ?? "");
 }
 
+/**
+ * The message with every unpaired UTF-16 surrogate replaced by U+FFFD. A
+ * status message is percent-encoded into the grpc-message trailer with
+ * encodeURIComponent, which throws on a lone surrogate: the call then never
+ * ends (the client waits for its deadline). Messages quote request values
+ * and parser errors (JSON.parse quotes one code unit of a character), so one
+ * half of a pair can get in.
+ */
+export function wellFormed(message: string): string {
+  return message.replace(/[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g, "\uFFFD");
+}
+
 /** Maps any thrown value to the ConnectError the client sees. */
 export function toConnectError(err: unknown): ConnectError {
-  if (err instanceof ConnectError) return err;
-  if (err instanceof DomainError) return new ConnectError(err.message, err.code, undefined, undefined, err);
+  if (err instanceof ConnectError) {
+    const raw = err.rawMessage;
+    return wellFormed(raw) === raw ? err : new ConnectError(wellFormed(raw), err.code, err.metadata, undefined, err.cause);
+  }
+  if (err instanceof DomainError) return new ConnectError(wellFormed(err.message), err.code, undefined, undefined, err);
   if (isRedisUnavailable(err)) {
     return new ConnectError(
-      `state store (Redis) unavailable: ${(err as Error).message}. The change may or may not have been applied; retry when Redis is back — with the same request id or client token a retry is safe`,
+      `state store (Redis) unavailable: ${wellFormed((err as Error).message)}. The change may or may not have been applied; retry when Redis is back — with the same request id or client token a retry is safe`,
       Code.Unavailable,
       undefined,
       undefined,
@@ -99,6 +114,6 @@ export function toConnectError(err: unknown): ConnectError {
       err,
     );
   }
-  const message = err instanceof Error ? err.message : String(err);
+  const message = wellFormed(err instanceof Error ? err.message : String(err));
   return new ConnectError(`internal error: ${message}`, Code.Internal, undefined, undefined, err);
 }

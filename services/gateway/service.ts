@@ -102,9 +102,10 @@ export class GatewayApi {
     return loc;
   }
 
-  private fipRef(ref: string) {
-    if (ref === "") throw new InvalidArgumentError("floating_ip", "is required (an id fip-… or the address)");
-    return /^fip-[0-9a-f]{12}$/.test(ref) ? this.store.getFip(ref) : (V.ipv4("floating_ip", ref), this.store.fipByAddress(ref));
+  /** A floating IP by id or address; `field` names the request field it came from. */
+  private fipRef(ref: string, field = "floating_ip") {
+    if (ref === "") throw new InvalidArgumentError(field, "is required (an id fip-… or the address)");
+    return /^fip-[0-9a-f]{12}$/.test(ref) ? this.store.getFip(ref) : (V.ipv4(field, ref), this.store.fipByAddress(ref));
   }
 
   /** Every GatewayService call but the instance metadata ones (MetadataApi). */
@@ -187,7 +188,7 @@ export class GatewayApi {
       return { released: await this.store.releaseFip(req.force ? { ...f, private: "" } : f) };
     },
     getFloatingIp: async (req) => {
-      const f = await this.fipRef(req.ref);
+      const f = await this.fipRef(req.ref, "ref");
       if (!f) throw new NotFoundError("floating ip", req.ref);
       return { floatingIp: fipMsg(f) };
     },

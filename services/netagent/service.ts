@@ -522,7 +522,7 @@ export class NetAgent {
     },
 
     getNic: async (req) => {
-      const n = await this.nicByRef(req.ref);
+      const n = await this.nicByRef(req.ref, "ref");
       if (!n) throw new NotFoundError("nic", req.ref, "list NICs with ListNics");
       const l = await this.kernel.link(this.agent.nsOf(n.vpcId), n.hostIf);
       return { nic: l ? this.nicMsg(n) : this.nicMsg(n, ResourceState.FAILED, `device ${n.hostIf} is missing; the reconciler recreates it`) };
@@ -546,7 +546,7 @@ export class NetAgent {
     },
 
     nicStats: async (req) => {
-      let nics = req.nics.length ? await Promise.all(req.nics.map((id) => this.nicByRef(id))) : [...this.agent.desired.nics.values()];
+      let nics = req.nics.length ? await Promise.all(req.nics.map((id, i) => this.nicByRef(id, `nics[${i}]`))) : [...this.agent.desired.nics.values()];
       const missing = req.nics.filter((_, i) => !nics[i]);
       if (missing.length) throw new NotFoundError("nic", missing[0]);
       if (req.vpc) {

@@ -18,7 +18,7 @@ import { metricsRegistry } from "../common/metrics.js";
 import * as V from "../common/validate.js";
 import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
-import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { GatewayService, ImdsHttpEndpoint, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { NetAgentService, NicKind } from "../../gen/microvpc/v1/netagent_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -504,9 +504,15 @@ export class Vmm {
     return () => clearInterval(timer);
   }
 
-  async resolve(ref: string, vpcRef: string): Promise<VmRec | null> {
+  /**
+   * A VM by id or name (in the VPC vpcRef, if given). `field` and `vpcField`
+   * name the request fields the two came from, so a refusal names them too
+   * (and not the field of the VpcService call made with them).
+   */
+  async resolve(ref: string, vpcRef: string, field = "ref", vpcField = "vpc"): Promise<VmRec | null> {
     if (/^vm-[0-9a-f]{12}$/.test(ref)) return this.store.get(ref);
-    V.name("ref", ref);
+    V.name(field, ref);
+    if (vpcRef) V.ref(vpcField, vpcRef, "vpc");
     if (!vpcRef) {
       const all = (await this.store.ofHost(this.opts.hostId)).filter((v) => v.name === ref);
       if (all.length > 1) throw new InvalidArgumentError("vpc", `several VMs are named ${ref}; say which VPC`);
@@ -557,6 +563,10 @@ export class Vmm {
   /** CreateVm; `hits` records whether a cached lookup was used (see lookup). */
   private async createVmOnce(req: CreateVmRequest, hits: { cached: boolean }): Promise<{ vm: Vm; created: boolean }> {
     const name = V.name("name", req.name);
+    // Checked here, so a refusal names this request's fields (VpcService's would say "ref").
+    V.ref("vpc", req.vpc, "vpc");
+    V.ref("subnet", req.subnet, "subnet");
+    for (const [i, g] of req.securityGroups.entries()) V.ref(`security_groups[${i}]`, g, "sg");
     const vpc = await this.lookup(hits, `vpc ${req.vpc}`, async () => (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!);
     const subnet = await this.lookup(
       hits,
@@ -577,6 +587,13 @@ export class Vmm {
           throw new NotFoundError("security group", g, `security_groups[${i}] is not a group of VPC ${vpc.name}`);
         throw e;
       }
+    }
+    if (!(req.kind in VmKind)) throw new InvalidArgumentError("kind", `${req.kind} is not a VM kind; use VM_KIND_NETNS, VM_KIND_QEMU or VM_KIND_FIRECRACKER`);
+    for (const [f, v, e] of [
+      ["imds_options.http_tokens", req.imdsOptions?.httpTokens, ImdsHttpTokens],
+      ["imds_options.http_endpoint", req.imdsOptions?.httpEndpoint, ImdsHttpEndpoint],
+    ] as const) {
+      if (v !== undefined && !(v in e)) throw new InvalidArgumentError(f, `${v} is not one of its values`);
     }
     const kind = req.kind === VmKind.QEMU ? "qemu" : req.kind === VmKind.FIRECRACKER ? "firecracker" : "netns";
     if (kind !== "netns" && !this.opts.booters[kind])
@@ -682,6 +699,7 @@ export class Vmm {
     listVms: async (req) => {
       let vms = await this.store.all();
       if (req.vpc) {
+        V.ref("vpc", req.vpc, "vpc");
         const vpc = (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!;
         vms = vms.filter((v) => v.vpcId === vpc.id);
       }
@@ -719,14 +737,14 @@ export class Vmm {
     },
 
     testConnectivity: async (req) => {
-      const src = await this.resolve(req.source, req.vpc);
+      const src = await this.resolve(req.source, req.vpc, "source");
       if (!src) throw new NotFoundError("vm", req.source);
       if (src.kind !== "netns")
         throw new FailedPreconditionError(`TestConnectivity runs probes inside kind=netns VMs; ${src.name} is ${src.kind} (use its console)`);
       let target = req.target;
       let targetVm = "";
       if (!ipLike(target)) {
-        const t = await this.resolve(target, src.vpcId);
+        const t = await this.resolve(target, src.vpcId, "target");
         if (!t) throw new NotFoundError("vm", target, `no VM of that name in the source's VPC`);
         target = t.address;
         targetVm = t.id;

@@ -173,3 +173,24 @@ test("domain errors map to gRPC codes and keep the cause", () => {
   const ce = new ConnectError("x", Code.Aborted);
   assert.equal(toConnectError(ce), ce);
 });
+
+test("status messages are well-formed UTF-16: a lone surrogate (JSON.parse quotes half a pair) would make the call hang", () => {
+  let parseError = "";
+  try {
+    JSON.parse("\u{10C50B}");
+  } catch (e) {
+    parseError = (e as Error).message;
+  }
+  assert.throws(() => encodeURIComponent(parseError), URIError, "the premise: V8 quotes one code unit");
+  for (const thrown of [
+    new InvalidArgumentError("vpcctl_policy_json", `is not valid JSON (${parseError})`),
+    new Error(parseError),
+    new ConnectError(parseError, Code.InvalidArgument),
+  ]) {
+    const e = toConnectError(thrown);
+    assert.doesNotThrow(() => encodeURIComponent(e.rawMessage), e.rawMessage);
+  }
+  const ok = new ConnectError("fine 😀", Code.NotFound);
+  assert.equal(toConnectError(ok), ok, "a well-formed message is passed on as it is");
+  assert.equal(toConnectError(new InvalidArgumentError("name", "😀\ud800")).rawMessage, "name: 😀\ufffd");
+});

@@ -1,0 +1,436 @@
+// Every RPC of every service, fuzzed with random and boundary values against
+// real daemons (issue 13). Requests are generated from each method's input
+// descriptor (test/lib/rpc-fuzz.ts): every field either a valid-looking value
+// of the fixture below or a random or boundary value of its kind (hostile
+// strings, very long ones, integer limits, unknown enum numbers, empty and
+// huge lists, missing messages). For every call:
+//   (a) the status is OK or a client error (INVALID_ARGUMENT, NOT_FOUND,
+//       ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE,
+//       RESOURCE_EXHAUSTED; ABORTED too when the request set
+//       expected_generation: that is the optimistic-concurrency conflict),
+//       never INTERNAL, UNKNOWN or a timeout, and the daemon is still
+//       running (and healthy after each method);
+//   (b) an INVALID_ARGUMENT message starts with a field path of the request
+//       (proto or JSON name: "labels[0].key", "veth.netns_path");
+//   (c) a rejected call changed nothing: Redis (every key, read by type;
+//       none left out, see SKIP_RE) and, for netagent, firewall, gateway and
+//       vmm, the kernel state of the host's namespaces (links, addresses,
+//       routes, nft ruleset without counters) are as before. A read-only
+//       method (Get*, List*, ...) changes neither, even when it succeeds.
+// Methods that remove things (Delete*, Release*, Detach*, ...) run last, so
+// the fixture they may remove serves every other method first.
+//
+// Each method has its own seed, derived from FUZZ_SEED and printed with a
+// failure; FUZZ_SEED=<n> and FUZZ_RUNS=<n> (default 10 runs per method, about
+// 2.5 minutes for the file) change them.
+import assert from "node:assert/strict";
+import type { DescField, DescMethod, DescService } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import fc from "fast-check";
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
+import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
+import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { GatewayService, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb.js";
+import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
+import { NetAgentService, NicKind } from "../../gen/microvpc/v1/netagent_pb.js";
+import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
+import { SubnetService, SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
+import { VmKind, VmService } from "../../gen/microvpc/v1/vm_pb.js";
+import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { grpcClient, grpcTransport } from "../../services/common/client.js";
+import { EVENTS } from "../../services/common/events.js";
+import type { Daemon } from "../lib/daemon.js";
+import { Harness, type Vm } from "../lib/harness.js";
+import { rejectsWith } from "../lib/clients.js";
+import { ipn, listNetns, run, tempDir } from "../lib/netns.js";
+import { brief, build, diffSnapshots, judge, kernelLines, redisSnapshot, requestArb, type BaseValues, type Snapshot } from "../lib/rpc-fuzz.js";
+
+const SEED = Number(process.env.FUZZ_SEED ?? 20261313);
+const RUNS = Number(process.env.FUZZ_RUNS ?? 10);
+/** A call that takes longer than this is a finding too (DEADLINE_EXCEEDED is not a client error). */
+const CALL_TIMEOUT_MS = 15_000;
+
+/**
+ * Keys left out of the Redis snapshot because they change on their own,
+ * whatever the call being checked. Snapshots of the idle stack (every daemon
+ * running, fixture applied) taken 8 s apart were identical: the daemons keep
+ * no heartbeat, lease or counter there that ticks by itself. One key does
+ * change later than any call: the gateway's transit indexes of the host
+ * (`mvpc:gw:host:<id>:transit` and `…:transitfree`), freed by the gateway's
+ * own periodic sync some time after a VPC left the host (after an accepted
+ * NetAgent DeleteVpc, say) — seen in a run with FUZZ_SEED=99, during an
+ * unrelated firewall call. What an accepted call sets off otherwise (events
+ * the other daemons follow) is waited out by settle() before the next call.
+ */
+const SKIP_RE: RegExp[] = [/^mvpc:gw:host:[^:]+:transit(free)?$/];
+
+let h: Harness;
+let redis: Redis;
+let fwd: Daemon, gwd: Daemon, vmmd: Daemon;
+let vm: Vm;
+const fx: Record<string, string> = {};
+
+interface Target {
+  service: DescService;
+  daemon: () => Daemon;
+  /** Check the kernel state of the host's namespaces too. */
+  kernel: boolean;
+}
+
+const TARGETS: Target[] = [
+  { service: VpcService, daemon: () => h.ipamDaemon, kernel: false },
+  { service: SubnetService, daemon: () => h.ipamDaemon, kernel: false },
+  { service: IpamService, daemon: () => h.ipamDaemon, kernel: false },
+  { service: PeeringService, daemon: () => h.ipamDaemon, kernel: false },
+  { service: DnsService, daemon: () => h.ipamDaemon, kernel: false },
+  { service: NetAgentService, daemon: () => h.hosts[0].daemon, kernel: true },
+  { service: FirewallService, daemon: () => fwd, kernel: true },
+  { service: GatewayService, daemon: () => gwd, kernel: true },
+  { service: VmService, daemon: () => vmmd, kernel: true },
+];
+
+const DESTRUCTIVE = /^(Delete|Release|Detach|Unbind|Disassociate|Reclaim|RotateHostKey)/;
+
+/** Which fixture object a method's `ref` names. */
+function refFor(method: string): string | undefined {
+  const pairs: [RegExp, string][] = [
+    [/Subnet/, "subnet"],
+    [/Vpc$/, "vpc"],
+    [/Nic/, "nic"],
+    [/SecurityGroup/, "sg"],
+    [/NetworkAcl/, "acl"],
+    [/NatGateway/, "nat"],
+    [/FloatingIp/, "fip"],
+    [/PortForward/, "pf"],
+    [/Peering/, "peering"],
+    [/Host/, "host"],
+    [/Vm$/, "vmmVm"],
+  ];
+  for (const [re, k] of pairs) if (re.test(method)) return fx[k];
+  return undefined;
+}
+
+/** The fixture's valid-looking value for a field, by its name. */
+const base: BaseValues = (method: string, f: DescField, path: string) => {
+  const n = f.name;
+  const cidrFor = (): string => {
+    if (/^CreateVpc/.test(method)) return "10.60.0.0/16";
+    if (/^CreateSubnet/.test(method)) return "10.50.9.0/24";
+    if (/^Create|Update/.test(method) && path.includes("entries")) return "10.0.0.0/8";
+    return "0.0.0.0/0";
+  };
+  const values: Record<string, unknown> = {
+    ref: refFor(method),
+    // Peerings and metadata are found by ref/instance_id or by the pair: both at once is refused.
+    vpc: method === "GetInstanceMetadata" ? undefined : fx.vpc,
+    vpc1: method === "CreatePeering" ? fx.vpc : undefined,
+    vpc2: method === "CreatePeering" ? fx.vpc2 : undefined,
+    network_acl: fx.acl,
+    metadata: vm ? { instanceId: "i-fz2", vpcId: fx.vpc, subnetId: fx.subnet, localIpv4: vm.address, mac: vm.mac, hostname: "fz2" } : undefined,
+    vpc_id: fx.vpc,
+    subnet: fx.subnet,
+    subnet_id: fx.subnet,
+    subnets: [fx.priv],
+    source_subnets: [fx.priv],
+    nic: fx.nic,
+    nic_id: fx.nic,
+    nics: [fx.nic],
+    nic_ids: [fx.nic],
+    owner: vm?.owner,
+    request_id: "fz-req",
+    client_token: "fz-token",
+    address: method === "AllocateFloatingIp" || method === "GetInstanceMetadata" ? undefined : vm?.address,
+    private_address: vm?.address,
+    local_ipv4: vm?.address,
+    mac: vm?.mac,
+    host_interface: vm?.hostInterface,
+    host_id: fx.host,
+    name: /Dns/.test(method) ? "www" : "fz-new",
+    description: "fuzz",
+    hostname: "fz",
+    cidr: cidrFor(),
+    security_groups: [fx.sg],
+    security_group: fx.sg,
+    security_group_id: fx.sg,
+    floating_ip: fx.fip,
+    instance_id: "i-fz1",
+    page_size: 10,
+    source: fx.vmmVm,
+    target: vm?.address,
+    protocol: Protocol.TCP,
+    port_from: 80,
+    port_to: 80,
+    outside_port: 8081,
+    private_port: 80,
+    rule_number: 100,
+    kind: method === "CreateVm" ? VmKind.NETNS : method === "AttachNic" ? NicKind.VETH : undefined,
+    veth: vm ? { netnsPath: vm.nsPath } : undefined,
+    guest_interface: "eth1",
+    key: "k",
+    value: "v",
+  };
+  return values[n];
+};
+
+/** Kernel state of the host's namespaces: its host namespace, and every namespace netagent and vmm made for it. */
+async function kernelSnapshot(): Promise<Snapshot> {
+  const hv = h.hosts[0];
+  const names = [hv.ns, ...(await listNetns()).filter((n) => n.startsWith(`mvpc-${hv.id}-`) || n.startsWith(`mvpcvm-${hv.id}-`))].sort();
+  // One shell for all of it: the names are ours (run prefix, ids of [a-z0-9-]).
+  const script = names
+    .map(
+      (n) =>
+        `echo "@@@ ${n} link"; ip -n ${n} -o link; echo "@@@ ${n} addr"; ip -n ${n} -o addr; echo "@@@ ${n} route"; ip -n ${n} route; echo "@@@ ${n} nft"; ip netns exec ${n} nft list ruleset`,
+    )
+    .join("\n");
+  const r = await run("sh", ["-c", script], { timeoutMs: 20_000, check: false });
+  const per = new Map<string, { link: string; addr: string; route: string; nft: string }>();
+  let cur: { ns: string; part: string } | undefined;
+  for (const line of r.stdout.split("\n")) {
+    const m = /^@@@ (\S+) (link|addr|route|nft)$/.exec(line);
+    if (m) {
+      cur = { ns: m[1], part: m[2] };
+      if (!per.has(m[1])) per.set(m[1], { link: "", addr: "", route: "", nft: "" });
+      continue;
+    }
+    if (cur) (per.get(cur.ns) as Record<string, string>)[cur.part] += line + "\n";
+  }
+  const snap = kernelLines(per);
+  snap.set("namespaces", names.join(" "));
+  return snap;
+}
+
+const skip = (k: string) => SKIP_RE.some((re) => re.test(k));
+
+function codeOf(e: unknown): { code: Code; message: string } {
+  const ce = ConnectError.from(e);
+  return { code: ce.code, message: ce.rawMessage };
+}
+
+/** Methods that only read: the kernel is compared once, before and after all their calls. */
+const READ_ONLY = /^(Get|List|NicStats|ParseRules|InspectVm|TestConnectivity)/;
+
+/** Waits until two snapshots in a row agree (what an accepted call started has been applied), at most 5 s. */
+async function settle<T extends Snapshot>(take: () => Promise<T>): Promise<T> {
+  let prev = await take();
+  for (let i = 0; i < 10; i++) {
+    await new Promise((r) => setTimeout(r, 150));
+    const next = await take();
+    if (diffSnapshots(prev, next).length === 0) return next;
+    prev = next;
+  }
+  return prev;
+}
+
+/** Requests with many fields changed (refused early) and with one now and then (reaching the later checks and the store). */
+function requestsOf(m: DescMethod): fc.Arbitrary<Record<string, unknown>> {
+  return fc.oneof(requestArb(m.name, m.input, base, { base: 3, wild: 2 }), requestArb(m.name, m.input, base, { base: 12, wild: 1 }));
+}
+
+/** Each method its own seed (derived from SEED), so methods of the same shape do not get the same choices. */
+function seedOf(name: string): number {
+  let x = SEED >>> 0;
+  for (const c of name) x = (Math.imul(x ^ c.charCodeAt(0), 16777619) >>> 0) % 2 ** 31;
+  return x;
+}
+
+function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void {
+  const full = `${t.service.name}.${m.name}`;
+  const seed = seedOf(full);
+  test(full, async () => {
+    const client = createClient(t.service, transport()) as unknown as Record<string, (req: unknown, o: { timeoutMs: number }) => Promise<unknown>>;
+    const call = client[m.localName];
+    assert.ok(call, `client has ${m.localName}`);
+    const counts = new Map<string, number>();
+    const readOnly = READ_ONLY.test(m.name);
+    const kernelAtStart = t.kernel ? await kernelSnapshot() : undefined;
+    // The kernel as the last rejected call left it (a snapshot takes ~0.1 s: taken once per call, not twice).
+    let kernelNow = readOnly ? undefined : kernelAtStart;
+    let redisNow = await redisSnapshot(redis, skip);
+    try {
+      await fc.assert(
+        fc.asyncProperty(requestsOf(m), async (init) => {
+          const req = build(m.input, init);
+          const redisBefore = redisNow;
+          const kernelBefore = kernelNow;
+          let outcome: { code: Code | "OK"; message: string };
+          try {
+            await call(req, { timeoutMs: CALL_TIMEOUT_MS });
+            outcome = { code: "OK", message: "" };
+          } catch (e) {
+            outcome = codeOf(e);
+          }
+          const name = outcome.code === "OK" ? "OK" : Code[outcome.code];
+          const tally = outcome.code === Code.InvalidArgument ? `${name}(${outcome.message.split(":")[0]})` : name;
+          counts.set(tally, (counts.get(tally) ?? 0) + 1);
+          // ABORTED is the code for a lost optimistic-concurrency race: right when the request set expected_generation.
+          const problems = judge(m.input, outcome, init.expectedGeneration !== undefined ? [Code.Aborted] : []);
+          const d = t.daemon();
+          if (d.proc.exitCode !== null || d.proc.signalCode !== null)
+            problems.push(`the daemon exited (${d.proc.exitCode ?? d.proc.signalCode}):\n${d.output().slice(-2000)}`);
+          if (outcome.code === "OK" && !readOnly) {
+            // Accepted: it may change things, now or shortly (events the daemons follow). Start again from there.
+            redisNow = await settle(() => redisSnapshot(redis, skip));
+            if (kernelBefore) kernelNow = await settle(kernelSnapshot);
+          } else {
+            redisNow = await redisSnapshot(redis, skip);
+            // CreateVm is a saga with a durable record: one that ran and was rolled back ("every step done
+            // before it was undone") leaves its claim-and-release in the change-event log, nothing else.
+            const rolledBack = m.name === "CreateVm" && /was undone|were undone/.test(outcome.message);
+            const rd = diffSnapshots(redisBefore, redisNow).filter((k) => !(rolledBack && k === `~ ${EVENTS}`));
+            if (rd.length)
+              problems.push(
+                `a ${outcome.code === "OK" ? "read-only" : "rejected"} call (${name}: ${outcome.message.slice(0, 200)}) changed Redis: ${rd.slice(0, 20).join(", ")}`,
+              );
+            if (kernelBefore) {
+              kernelNow = await kernelSnapshot();
+              const kd = diffSnapshots(kernelBefore, kernelNow);
+              if (kd.length) problems.push(`a rejected call (${name}: ${outcome.message.slice(0, 200)}) changed the kernel: ${kd.slice(0, 20).join(", ")}`);
+            }
+          }
+          if (problems.length) throw new Error(`${m.name}(${brief(init)}):\n  ${problems.join("\n  ")}\ndaemon output (end):\n${d.output().slice(-1500)}`);
+        }),
+        { numRuns: RUNS, seed, endOnFailure: true },
+      );
+    } catch (e) {
+      const cause = e instanceof Error && e.cause instanceof Error ? `\n${e.cause.message}` : "";
+      throw new Error(
+        `${t.service.name}.${m.name} (seed ${seed}: FUZZ_SEED=${SEED} FUZZ_RUNS=${RUNS}): ${e instanceof Error ? e.message : String(e)}${cause}`,
+        {
+          cause: e,
+        },
+      );
+    }
+    if (readOnly && kernelAtStart) {
+      const kd = diffSnapshots(kernelAtStart, await kernelSnapshot());
+      assert.deepEqual(kd, [], `${m.name} only reads, but the kernel changed`);
+    }
+    const health = grpcClient(Health, { address: t.daemon().address, timeoutMs: 5000 });
+    assert.equal((await health.check({})).status, HealthCheckResponse_ServingStatus.SERVING, `${t.service.name} healthy after ${m.name}`);
+    console.log(`${t.service.name}.${m.name}: ${[...counts].map(([k, v]) => `${k} ${v}`).join(", ")}`);
+  });
+}
+
+beforeAll(async () => {
+  h = await Harness.start({ hosts: 1 });
+  redis = new Redis(h.redis.url);
+  const s = await h.hostServices(0, { vmm: true, vmmEnv: { MICROVPC_STATE_DIR: tempDir("fuzz-vmm") } });
+  fwd = s.fwd;
+  gwd = s.gwd;
+  vmmd = s.vmmd!;
+  const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
+  const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
+  const vpc = await h.vpc("fz", "10.50.0.0/16");
+  const vpc2 = await h.vpc("fz2", "10.51.0.0/16");
+  const pub = await h.subnet(vpc, "pub", "10.50.1.0/24", SubnetType.PUBLIC);
+  const priv = await h.subnet(vpc, "priv", "10.50.2.0/24", SubnetType.PRIVATE);
+  vm = await h.vm(0, vpc, pub, "fz1");
+  Object.assign(fx, { vpc: vpc.id, vpc2: vpc2.id, subnet: pub.id, priv: priv.id, nic: vm.nicId, host: h.hosts[0].id });
+  fx.sg = (await fw.createSecurityGroup({ vpc: vpc.id, name: "web" })).securityGroup!.id;
+  fx.acl = (await fw.createNetworkAcl({ vpc: vpc.id, name: "acl", subnets: [priv.id] })).networkAcl!.id;
+  fx.nat = (await gw.createNatGateway({ vpc: vpc.id, subnet: pub.id, sourceSubnets: [priv.id] })).natGateway!.id;
+  fx.fip = (await gw.allocateFloatingIp({})).floatingIp!.id;
+  await gw.associateFloatingIp({ floatingIp: fx.fip, vpc: vpc.id, privateAddress: vm.address });
+  fx.pf = (await gw.createPortForward({ vpc: vpc.id, protocol: Protocol.TCP, outsidePort: 8080, privateAddress: vm.address, privatePort: 80 })).portForward!.id;
+  await gw.setInstanceMetadata({ metadata: { instanceId: "i-fz1", vpcId: vpc.id, subnetId: pub.id, localIpv4: vm.address, mac: vm.mac, hostname: "fz1" } });
+  fx.peering = (await h.ipam.peering.createPeering({ vpc1: vpc.id, vpc2: vpc2.id, name: "pz" })).peering!.id;
+  const dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });
+  await dns.setDnsRecord({ vpc: vpc.id, name: "www", address: vm.address, owner: "fz" });
+  const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 60_000 });
+  fx.vmmVm = (await vmm.createVm({ name: "fzvm", vpc: vpc.id, subnet: pub.id, kind: VmKind.NETNS, securityGroups: [fx.sg] })).vm!.id;
+  // Let the daemons apply all of it before the first snapshot.
+  await new Promise((r) => setTimeout(r, 3000));
+});
+
+afterAll(async () => {
+  redis?.disconnect();
+  await vmmd?.stop();
+  await gwd?.stop();
+  await fwd?.stop();
+  const left = await h?.close();
+  assert.deepEqual(left ?? [], []);
+});
+
+const transports = new Map<Target, Transport>();
+const transportOf = (t: Target) => () => {
+  let tr = transports.get(t);
+  if (!tr) transports.set(t, (tr = grpcTransport({ address: t.daemon().address, timeoutMs: CALL_TIMEOUT_MS })));
+  return tr;
+};
+
+describe("the checks, on the real stack", () => {
+  test("a change to Redis or to the host's kernel state between two snapshots is seen; a wrong code or field is judged", async () => {
+    const before = await redisSnapshot(redis, skip);
+    await redis.set("fuzz:selfcheck", "x");
+    assert.deepEqual(diffSnapshots(before, await redisSnapshot(redis, skip)), ["+ fuzz:selfcheck"]);
+    await redis.del("fuzz:selfcheck");
+    assert.deepEqual(diffSnapshots(before, await redisSnapshot(redis, skip)), []);
+    const k = await kernelSnapshot();
+    await ipn(h.hosts[0].ns, ["link", "add", "fzcheck", "type", "bridge"]);
+    try {
+      assert.ok(
+        diffSnapshots(k, await kernelSnapshot()).some((d) => d.includes("fzcheck")),
+        "a new link in the host namespace",
+      );
+    } finally {
+      await ipn(h.hosts[0].ns, ["link", "del", "fzcheck"]);
+    }
+    assert.deepEqual(diffSnapshots(k, await kernelSnapshot()), []);
+    // A real refusal, judged against the right request and against a wrong one.
+    const vpcs = grpcClient(VpcService, { address: h.ipamDaemon.address });
+    const o = await vpcs.getVpc({ ref: "Bad!" }).then(
+      () => ({ code: "OK" as const, message: "" }),
+      (e: unknown) => codeOf(e),
+    );
+    assert.equal(o.code, Code.InvalidArgument);
+    assert.deepEqual(judge(VpcService.method.getVpc.input, o), []);
+    assert.notDeepEqual(judge(VpcService.method.createVpc.input, o), [], "CreateVpcRequest has no field ref");
+    assert.notDeepEqual(judge(VpcService.method.getVpc.input, { code: Code.Internal, message: o.message }), []);
+  });
+});
+
+describe("findings, pinned", () => {
+  const fw = () => grpcClient(FirewallService, { address: fwd.address, timeoutMs: 5000 });
+  const agent = () => grpcClient(NetAgentService, { address: h.hosts[0].daemon.address, timeoutMs: 5000 });
+  const gw = () => grpcClient(GatewayService, { address: gwd.address, timeoutMs: 5000 });
+  const vmm = () => grpcClient(VmService, { address: vmmd.address, timeoutMs: 5000 });
+
+  test("a message quoting half a surrogate pair is answered (it hung until the deadline: encodeURIComponent threw in the trailer)", async () => {
+    await rejectsWith(fw().parseRules({ vpcctlPolicyJson: "\u{10C50B}" }), Code.InvalidArgument, /^vpcctl_policy_json: is not valid JSON/);
+  });
+
+  test("refusals name the request's own field", async () => {
+    await rejectsWith(agent().getNic({ ref: "a\nb" }), Code.InvalidArgument, /^ref: /);
+    await rejectsWith(agent().nicStats({ nics: [fx.nic, "subnet-000000000000"] }), Code.InvalidArgument, /^nics\[1\]: /);
+    await rejectsWith(gw().getFloatingIp({ ref: "a\nb" }), Code.InvalidArgument, /^ref: /);
+    await rejectsWith(vmm().createVm({ name: "fzx", vpc: "10.0.0.0/33", subnet: fx.subnet }), Code.InvalidArgument, /^vpc: /);
+    await rejectsWith(vmm().createVm({ name: "fzx", vpc: fx.vpc, subnet: "Bad!" }), Code.InvalidArgument, /^subnet: /);
+    await rejectsWith(
+      vmm().createVm({ name: "fzx", vpc: fx.vpc, subnet: fx.subnet, securityGroups: ["Bad!"] }),
+      Code.InvalidArgument,
+      /^security_groups\[0\]: /,
+    );
+    await rejectsWith(vmm().listVms({ vpc: "a\nb" }), Code.InvalidArgument, /^vpc: /);
+    await rejectsWith(vmm().getVm({ ref: "fzvm", vpc: "a\nb" }), Code.InvalidArgument, /^vpc: /);
+    await rejectsWith(vmm().testConnectivity({ source: "fzvm", vpc: fx.vpc, target: "%s%n" }), Code.InvalidArgument, /^target: /);
+    await rejectsWith(vmm().testConnectivity({ source: "a\nb", vpc: fx.vpc, target: "10.50.1.1" }), Code.InvalidArgument, /^source: /);
+  });
+
+  test("CreateVm refuses unknown kinds and IMDS options before it starts (an unknown kind was taken as netns)", async () => {
+    const before = await redisSnapshot(redis, skip);
+    await rejectsWith(vmm().createVm({ name: "fzx", vpc: fx.vpc, subnet: fx.subnet, kind: 99 as VmKind }), Code.InvalidArgument, /^kind: /);
+    await rejectsWith(
+      vmm().createVm({ name: "fzx", vpc: fx.vpc, subnet: fx.subnet, kind: VmKind.NETNS, imdsOptions: { httpTokens: 7 as ImdsHttpTokens } }),
+      Code.InvalidArgument,
+      /^imds_options\.http_tokens: /,
+    );
+    assert.deepEqual(diffSnapshots(before, await redisSnapshot(redis, skip)), []);
+  });
+});
+
+describe("every RPC, with random and boundary values", () => {
+  for (const t of TARGETS) for (const m of t.service.methods) if (!DESTRUCTIVE.test(m.name)) fuzzMethod(t, m, transportOf(t));
+  for (const t of TARGETS) for (const m of t.service.methods) if (DESTRUCTIVE.test(m.name)) fuzzMethod(t, m, transportOf(t));
+});
