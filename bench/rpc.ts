@@ -25,8 +25,10 @@
 // (default 64), --client node|h2load (default: h2load if installed).
 // --smoke: 1 round of 1 s, no warm-up (bench/lib/run.ts).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import http2 from "node:http2";
-import { loadavg } from "node:os";
+import { loadavg, tmpdir } from "node:os";
+import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
@@ -139,19 +141,30 @@ async function nodeLoad(port: number, ms: number): Promise<{ ok: number; errors:
   return { ok, errors, elapsedMs };
 }
 
+let bodyFile = "";
+/** The request body as a file for h2load -d (it reads the file by name: Node's stdin pipe is a socket, which /dev/stdin cannot open). */
+function requestFile(): string {
+  if (!bodyFile) {
+    const dir = mkdtempSync(join(tmpdir(), "microvpc-rpcbench-"));
+    process.once("exit", () => rmSync(dir, { recursive: true, force: true }));
+    bodyFile = join(dir, "request.bin");
+    writeFileSync(bodyFile, REQUEST);
+  }
+  return bodyFile;
+}
+
 /** One loaded run with h2load (its "finished in …, N req/s" line). */
 function h2load(port: number, ms: number): Promise<{ ok: number; errors: number; elapsedMs: number }> {
   const args = [
     ...["-D", String(Math.max(1, Math.round(ms / 1000))), "-c", String(CONNECTIONS), "-m", String(Math.ceil(STREAMS / CONNECTIONS))],
-    ...["-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", "/dev/stdin"],
+    ...["-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", requestFile()],
     `http://127.0.0.1:${port}${PATH}`,
   ];
   return new Promise((resolve, reject) => {
-    const p = spawn("h2load", args, { stdio: ["pipe", "pipe", "pipe"] });
+    const p = spawn("h2load", args, { stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
     p.stdout.on("data", (d) => (out += d));
     p.stderr.on("data", (d) => (out += d));
-    p.stdin.end(REQUEST);
     p.on("error", reject);
     p.on("close", () => {
       const fin = /finished in ([\d.]+)(m?s)/.exec(out);
