@@ -99,7 +99,7 @@ const opt = benchArgs(
 const SAMPLES = intOpt("samples", opt.samples, 30, 200);
 const VMS = intOpt("vms", opt.vms, 1, 1000);
 /** CreateVm calls issued at once (then DeleteVm calls at once) on the loaded host. */
-const BURST = intOpt("burst", opt.burst, 1, 200);
+const BURST = intOpt("burst", opt.burst, 1, 250);
 const LAG_SAMPLES = intOpt("lag-samples", opt["lag-samples"], 0, 40);
 const PROFILE = !!opt.profile;
 /** DeleteVm calls in flight while emptying the host (not a measured figure: the host just has to be empty again). */
@@ -668,6 +668,8 @@ interface BurstResult {
   /** Every address in the nft verdict map nic_in, checked once right after the last return. */
   allEnforced: boolean;
   failed: number;
+  /** Why the failed ones failed (message → count). */
+  failures: Record<string, number>;
   /** The same for DeleteVm of all of them at once. */
   deleteAllMs: number;
 }
@@ -678,6 +680,13 @@ async function burstPhase(w: World, n: number): Promise<BurstResult> {
   const made = await Promise.allSettled(Array.from({ length: n }, (_, i) => vmmCreate(w, `burst-${i}`)));
   const createAllMs = msSince(s);
   const vms = made.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+  const reasons = new Map<string, number>();
+  for (const r of made) {
+    if (r.status !== "rejected") continue;
+    const m = String((r.reason as Error)?.message ?? r.reason).slice(0, 300);
+    reasons.set(m, (reasons.get(m) ?? 0) + 1);
+  }
+  for (const [m, n] of reasons) progress(`  ${n}× failed: ${m}`);
   if (!ownedNamespace(w.vpcNs)) throw new Error(`refusing namespace ${w.vpcNs}`);
   const map = await nsExec(w.vpcNs, "nft", ["-j", "list", "map", "inet", "microvpc", "nic_in"], { check: false, timeoutMs: 10_000 });
   const allEnforced = vms.every((v) => map.stdout.includes(`"${v.nics[0].guest!.address}"`));
@@ -687,7 +696,7 @@ async function burstPhase(w: World, n: number): Promise<BurstResult> {
   progress(
     `  all ${vms.length} returned in ${fms(createAllMs)}${allEnforced ? ", every one in nic_in" : ", NOT all in nic_in"}; deleted in ${fms(deleteAllMs)}`,
   );
-  return { n, createAllMs, allEnforced, failed: n - vms.length, deleteAllMs };
+  return { n, createAllMs, allEnforced, failed: n - vms.length, failures: Object.fromEntries(reasons), deleteAllMs };
 }
 
 // ------------------------------------------------------------ execs on the CreateVm path
@@ -836,7 +845,10 @@ async function main(): Promise<number> {
     `  create p50 ${fms(lat(loaded.vmm.map((x) => x.createMs)).p50)} (raw ${fms(lat(loaded.raw.map((x) => x.createMs)).p50)}), delete p50 ${fms(lat(loaded.vmm.map((x) => x.deleteMs)).p50)}`,
   );
   const lagN = LAG_SAMPLES ? await lagPhase(w, "b", pinger, VMS) : undefined;
-  const burst = await burstPhase(w, BURST);
+  // The burst gets its own subnet: a Linux bridge holds at most 1 024 ports,
+  // and the loaded subnet's bridge has VMS of them already.
+  const burstSubnet = await h.subnet(vpc, "burst", "10.0.8.0/24", SubnetType.PUBLIC);
+  const burst = await burstPhase({ ...w, subnetId: burstSubnet.id }, BURST);
   const vmsListed = (await vmm.listVms({})).vms.filter((v) => v.state === VmState.RUNNING).length;
 
   // ---- 3. back down to 0 through DeleteVm (a few in flight), and 0 again
