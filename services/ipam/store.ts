@@ -155,6 +155,21 @@ function flat(obj: Record<string, string | number>): (string | number)[] {
   return Object.entries(obj).flat();
 }
 
+/** The nine KEYS of the allocate scripts (ALLOCATE and ALLOCATE_BATCH), in their order. */
+function allocateKeys(subnetId: string, owner: string): string[] {
+  return [
+    K.subnet(subnetId),
+    K.bits(subnetId),
+    K.full(subnetId),
+    K.alloc(subnetId),
+    K.req(subnetId),
+    K.idx(subnetId),
+    K.used(subnetId),
+    K.owner(owner),
+    K.events,
+  ];
+}
+
 export class IpamStore {
   constructor(readonly redis: Redis) {
     defineScripts(redis);
@@ -334,22 +349,7 @@ export class IpamStore {
   /** wanted = index inside the subnet, or -1 for the lowest free one. */
   async allocate(s: SubnetRec, owner: string, requestId: string, wanted: number): Promise<{ alloc: AllocRec; created: boolean }> {
     const now = Date.now();
-    const [code, detail] = await this.redis.mvpcAllocate(
-      K.subnet(s.id),
-      K.bits(s.id),
-      K.full(s.id),
-      K.alloc(s.id),
-      K.req(s.id),
-      K.idx(s.id),
-      K.used(s.id),
-      K.owner(owner),
-      K.events,
-      owner,
-      requestId,
-      wanted,
-      now,
-      s.id,
-    );
+    const [code, detail] = await this.redis.mvpcAllocate(...allocateKeys(s.id, owner), owner, requestId, wanted, now, s.id);
     const addr = (i: number) => intToIp(s.base + i);
     switch (code) {
       case 1:
@@ -386,22 +386,7 @@ export class IpamStore {
    */
   async allocateBatch(s: SubnetRec, owner: string, requestId: string, count: number): Promise<{ allocs: AllocRec[]; created: boolean }> {
     const now = Date.now();
-    const r = await this.redis.mvpcAllocateBatch(
-      K.subnet(s.id),
-      K.bits(s.id),
-      K.full(s.id),
-      K.alloc(s.id),
-      K.req(s.id),
-      K.idx(s.id),
-      K.used(s.id),
-      K.owner(owner),
-      K.events,
-      owner,
-      requestId,
-      count,
-      now,
-      s.id,
-    );
+    const r = await this.redis.mvpcAllocateBatch(...allocateKeys(s.id, owner), owner, requestId, count, now, s.id);
     const code = Number(r[0]);
     switch (code) {
       case 1:
