@@ -400,7 +400,10 @@ describe("allocation", () => {
         }
       }
     });
-    await new Promise((r) => setTimeout(r, 300));
+    // Kill Redis once some allocations are acknowledged and most are still to
+    // come (not after a fixed time: a fast daemon could finish all 960 first).
+    const killBy = Date.now() + 10_000;
+    while (acked.size < 64 && Date.now() < killBy) await new Promise((r) => setTimeout(r, 2));
     await redis.kill();
     await new Promise((r) => setTimeout(r, 500));
     await redis.restart();
