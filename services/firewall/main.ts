@@ -54,7 +54,10 @@ export const firewallDefinition: ServiceDefinition = {
     const host = new HostStore(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);
     const api = new FirewallApi(store, new IpamStore(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
-    sync.start(redis, Number(flags.driftIntervalMs));
+    sync.start(redis, Number(flags.driftIntervalMs), async () => {
+      const adopted = await store.adoptOwnSigs(hostId);
+      if (adopted) logger.info({ adopted }, "kept this host's own copy of older bindings (group membership needs it)");
+    });
     // Bridged traffic must reach nft, or VMs of one subnet bypass the
     // security groups: checked in every VPC namespace of this host every few
     // seconds and at each health check; while any fails, the daemon is not

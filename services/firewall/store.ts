@@ -9,7 +9,9 @@
 //   gen                          counter raised by every firewall change (events carry it)
 //   sg:<id>                      hash: id vpc name description labels rules(JSON SgRule[])
 //                                      peers(csv of peer group ids) logging(JSON|"") gen created updated
-//   sg:<id>:members              hash nic id → address: the member index ("addresses of G" = HVALS)
+//   sg:<id>:members              hash nic id → address: the member index ("addresses of G" = HVALS);
+//                                shared, so LOAD_VPC counts an entry only if the NIC's host vouches
+//                                for it (its host:<host>:sig copy and netagent's NIC address index)
 //   sg:<id>:refby                set of group ids whose rules name <id> as peer
 //   vpc:<vpc>:sg:byname          hash name → id
 //   vpc:<vpc>:sgs, sgs           lex zsets of "name/id" (per VPC, all)
@@ -39,9 +41,10 @@ import { Code } from "@connectrpc/connect";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
-import type { Parsed } from "../common/validate.js";
+import * as V from "../common/validate.js";
 import { AlreadyExistsError, DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { K } from "../ipam/keys.js";
+import { hostKeys } from "../netagent/schema.js";
 import {
   MAX_GROUPS_PER_NIC,
   MAX_RULES_PER_GROUP,
@@ -71,6 +74,8 @@ export class AbortedError extends DomainError {
 }
 
 const F = "mvpc:fw:";
+/** netagent's host-scoped NIC address index, "<vpc>/<address>" → nic id, as prefix and suffix around the host id (for LOAD_VPC). */
+const NICADDR = hostKeys.nicaddr("\u0000").split("\u0000") as [string, string];
 export const FK = {
   gen: `${F}gen`,
   sg: (id: string) => `${F}sg:${id}`,
@@ -428,6 +433,7 @@ return {1, prev}
  *   acls    {subnet, HGETALL of its ACL, subnet ids of the ACL} per subnet with one
  */
 const LOAD_VPC = `${LUA_COMMON}
+local NA1, NA2 = '${NICADDR[0]}', '${NICADDR[1]}'
 -- A key holding another type than its schema says is skipped and named in
 -- bad, so one bad key cannot stop the VPC's snapshot.
 local bad = {}
@@ -465,12 +471,38 @@ for g, _ in pairs(used) do
   local p = get('HGET', F .. 'sg:' .. g, 'peers')
   for _, x in ipairs(split(p or nil)) do peers[x] = true end
 end
+-- A member entry (shared key: any host may write it) counts only if the
+-- NIC's own host vouches for it in keys only that host writes: its copy of
+-- the binding's sig, and netagent's NIC index listing the address for that
+-- NIC. And an address that is a NIC of this host counts only as that NIC.
+-- Refused entries come back in {group, nic, addr, reason} for reporting.
+local vpc, refused = ARGV[4] or '', {}
+local myidx = (ARGV[3] and ARGV[3] ~= '') and (NA1 .. ARGV[3] .. NA2) or nil
+local function member_problem(p, nic, addr)
+  local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'host', 'vpc', 'addr', 'groups')
+  if not b or not b[1] then return 'has no binding' end
+  if b[3] ~= vpc then return 'is bound in another VPC' end
+  if b[4] ~= addr then return 'is bound with another address' end
+  local inside = false
+  for _, g in ipairs(split(b[5] or nil)) do if g == p then inside = true end end
+  if not inside then return 'is not bound to this group' end
+  local h = b[2]
+  if type(h) ~= 'string' or not string.match(h, '^[a-z0-9-]+$') then return 'names no valid host' end
+  if get('HGET', F .. 'host:' .. h .. ':sig', nic) ~= b[1] then return 'its host ' .. h .. ' holds no such binding' end
+  if get('HGET', NA1 .. h .. NA2, vpc .. '/' .. addr) ~= nic then return 'its host ' .. h .. ' lists no such NIC at that address' end
+  if myidx and h ~= ARGV[3] and get('HGET', myidx, vpc .. '/' .. addr) then return 'the address is a NIC of this host' end
+  return nil
+end
 local members = {}
 for p, _ in pairs(peers) do
   load(p)
   local m = get('HGETALL', F .. 'sg:' .. p .. ':members') or {}
-  table.insert(m, 1, p)
-  members[#members + 1] = m
+  local ok = {p}
+  for i = 1, #m - 1, 2 do
+    local why = member_problem(p, m[i], m[i + 1])
+    if why then refused[#refused + 1] = {p, m[i], m[i + 1], why} else ok[#ok + 1] = m[i] ok[#ok + 1] = m[i + 1] end
+  end
+  members[#members + 1] = ok
 end
 local acls = {}
 for _, s in ipairs(split(ARGV[2])) do
@@ -480,7 +512,25 @@ for _, s in ipairs(split(ARGV[2])) do
     if h and #h > 0 then acls[#acls + 1] = {s, h, get('SMEMBERS', F .. 'acl:' .. a .. ':subnets') or {}} end
   end
 end
-return {nics, groups, members, acls, bad}
+return {nics, groups, members, acls, bad, refused}
+`;
+
+/**
+ * Upgrade: bindings made before hosts kept their own copy of each sig have
+ * none, and group membership (LOAD_VPC) counts only NICs whose host holds a
+ * copy. The host copies the sig of each NIC bound on it, once, at start
+ * (trusting the shared record as an older version did, one last time).
+ * KEYS: 1 the host's NIC index. ARGV: 1 host id, 2 its sig hash. Returns the count.
+ */
+const ADOPT_SIGS = `${LUA_COMMON}
+local n = 0
+for _, nic in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HEXISTS', ARGV[2], nic) == 0 then
+    local b = redis.call('HMGET', F .. 'nic:' .. nic, 'sig', 'host')
+    if b[1] and b[2] == ARGV[1] then redis.call('HSET', ARGV[2], nic, b[1]) n = n + 1 end
+  end
+end
+return n
 `;
 
 type Reply = [number, string | number, number?];
@@ -499,6 +549,7 @@ declare module "ioredis" {
     mvpcFwAssociate(...args: (string | number)[]): Promise<Reply>;
     mvpcFwDisassociate(...args: (string | number)[]): Promise<Reply>;
     mvpcFwLoadVpc(...args: (string | number)[]): Promise<unknown>;
+    mvpcFwAdoptSigs(...args: (string | number)[]): Promise<number>;
   }
 }
 
@@ -516,6 +567,7 @@ function defineScripts(redis: Redis): void {
   def("mvpcFwAssociate", ASSOCIATE);
   def("mvpcFwDisassociate", DISASSOCIATE);
   def("mvpcFwLoadVpc", LOAD_VPC);
+  def("mvpcFwAdoptSigs", ADOPT_SIGS);
 }
 
 // ---------- records ----------
@@ -576,7 +628,7 @@ export type BindingIndex = { kind: "all" } | { kind: "host"; hostId: string } | 
 export type LocalNic = Pick<BindingRec, "nicId" | "vpcId" | "subnetId" | "address" | "mac" | "hostIf"> & Partial<BindingRec>;
 
 /** The hash field a refused record's reason names first, if the hash has it (for status). */
-function namedField(h: Record<string, string>, p: Parsed<unknown>): string | undefined {
+function namedField(h: Record<string, string>, p: V.Parsed<unknown>): string | undefined {
   if (p.ok) return undefined;
   const named = /^([A-Za-z_][A-Za-z0-9_]*)/.exec(p.reason)?.[1];
   return named !== undefined && Object.hasOwn(h, named) ? named : undefined;
@@ -603,7 +655,7 @@ export class FirewallStore {
   }
 
   /** The value of a record that parsed; otherwise reports it (logged and counted once) and gives null. */
-  private ok<T>(kind: string, key: string, p: Parsed<T>, where?: () => InvalidWhere): T | null {
+  private ok<T>(kind: string, key: string, p: V.Parsed<T>, where?: () => InvalidWhere): T | null {
     if (p.ok) return p.value;
     reportInvalid(OWNER, kind, key, p.reason, this.log, where?.());
     return null;
@@ -751,6 +803,11 @@ export class FirewallStore {
   }
 
   // ---- NIC bindings ----
+
+  /** Upgrade step at start (ADOPT_SIGS): this host's copy of each of its older bindings' sig; the number copied. */
+  async adoptOwnSigs(hostId: string): Promise<number> {
+    return this.redis.mvpcFwAdoptSigs(FK.hostNics(hostId), hostId, FK.hostSigs(hostId));
+  }
 
   /** Binds (or rebinds) a NIC; changed=false if the binding was already exactly so. */
   async bind(b: BindingSpec): Promise<{ binding: BindingRec; changed: boolean }> {
@@ -948,14 +1005,27 @@ export class FirewallStore {
       nics ? nics.map((n) => n.nicId).join(",") : "*",
       subnetIds.join(","),
       hostId,
-    )) as [[string, string, string, string, string | null][], string[][], string[][], [string, string[], string[]][], string[]];
+      vpcId,
+    )) as [
+      [string, string, string, string, string | null][],
+      string[][],
+      string[][],
+      [string, string[], string[]][],
+      string[],
+      [string, string, string, string][],
+    ];
     // Fail closed: what a refused record governed is denied, not opened. A
     // NIC whose binding is refused, and a group that is refused, become the
     // empty group CLOSED_GROUP (nothing allowed either way); a refused ACL
     // becomes an ACL without entries (the subnet's default deny).
     const refusedBinding = new Set<string>();
-    const [rawNics, rawGroups, rawMembers, rawAcls, wrongType] = raw;
+    const [rawNics, rawGroups, rawMembers, rawAcls, wrongType, refusedMembers] = raw;
     for (const key of wrongType ?? []) reportInvalid(OWNER, "key", key, "holds another Redis type than its schema says", this.log, { vpcId });
+    // Member entries no host vouches for (docs/redis-acl.md): left out, so
+    // "from group G" admits only addresses G's members' own hosts stand for.
+    for (const [gid, nic, addr, why] of refusedMembers ?? []) {
+      reportInvalid(OWNER, "member", FK.sgMembers(gid), `${V.show(nic)} at ${V.show(addr)}: ${why}`, this.log, { field: nic, vpcId });
+    }
 
     // A binding, group, member or ACL that does not validate is skipped (a
     // NIC whose binding is bad is compiled as unbound); the rest converges.

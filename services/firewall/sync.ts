@@ -300,9 +300,21 @@ export class FirewallSync {
     this.wake?.();
   }
 
-  /** Start: full replace, then follow the change events; a periodic pass catches drift. */
-  start(redis: Redis, driftIntervalMs: number): void {
+  /**
+   * Start: `prepare` (retried each second until Redis answers it), a full
+   * replace, then follow the change events; a periodic pass catches drift.
+   */
+  start(redis: Redis, driftIntervalMs: number, prepare?: () => Promise<unknown>): void {
     const loop = async () => {
+      while (prepare && !this.stopped) {
+        try {
+          await prepare();
+          break;
+        } catch (err) {
+          this.log.warn({ err: (err as Error).message }, "cannot prepare the first pass yet; retrying in 1 s");
+          await new Promise((r) => setTimeout(r, 1000));
+        }
+      }
       await this.syncAll(true);
       let lastDrift = Date.now();
       while (!this.stopped) {

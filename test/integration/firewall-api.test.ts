@@ -377,8 +377,13 @@ describe("NIC bindings", () => {
     assert.equal(re.changed, true);
     assert.deepEqual(await r.hgetall(FK.sgMembers(web)), { [n1]: "10.50.1.10" });
 
-    // The sync loop's view from hv2: db's peer group web has n1 (on hv1).
-    const st = await store.loadVpcState("hv2", v.id, [{ subnetId: v.subnets.a, cidr: "10.50.1.0/24", bridge: "br-x" }]);
+    // The sync loop's view from hv2: db's peer group web has n1 (on hv1),
+    // once hv1's netagent index lists n1 at its address (AttachNic writes
+    // it); a member its host does not vouch for counts for nothing.
+    const subnets = [{ subnetId: v.subnets.a, cidr: "10.50.1.0/24", bridge: "br-x" }];
+    assert.deepEqual((await store.loadVpcState("hv2", v.id, subnets)).members.get(web), [], "no NIC index entry on hv1: not a member");
+    await r.hset("mvpc:host:hv1:nicaddr", `${v.id}/10.50.1.10`, n1);
+    const st = await store.loadVpcState("hv2", v.id, subnets);
     assert.deepEqual(
       st.nics.map((n) => [n.nicId, n.groupIds, n.hostId]),
       [[n2, [db], "hv2"]],
