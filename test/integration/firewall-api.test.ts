@@ -22,7 +22,8 @@ import {
 import { SubnetService, SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { FirewallApi } from "../../services/firewall/service.js";
-import { FK, FirewallStore } from "../../services/firewall/store.js";
+import { FK } from "../../services/firewall/keys.js";
+import { FirewallStore } from "../../services/firewall/store.js";
 import { Ipam } from "../../services/ipam/service.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { HostStore } from "../../services/netagent/store.js";

@@ -1,0 +1,76 @@
+// The firewall's Redis keys (the contract other services and docs/redis-schema.md
+// read) and the kinds of the events its scripts append. The scripts
+// (scripts.ts) build the same names in Lua from F.
+//
+// Key layout (all under "mvpc:fw:"; see FK):
+//   gen                          counter raised by every firewall change (events carry it)
+//   sg:<id>                      hash: id vpc name description labels rules(JSON SgRule[])
+//                                      peers(csv of peer group ids) logging(JSON|"") gen created updated
+//   sg:<id>:members              hash nic id → address: the member index ("addresses of G" = HVALS);
+//                                shared, so LOAD_VPC counts an entry only if the NIC's host vouches
+//                                for it (its host:<host>:sig copy and netagent's NIC address index)
+//   sg:<id>:refby                set of group ids whose rules name <id> as peer
+//   vpc:<vpc>:sg:byname          hash name → id
+//   vpc:<vpc>:sgs, sgs           lex zsets of "name/id" (per VPC, all)
+//   acl:<id>                     hash: id vpc name description labels entries(JSON AclEntry[]) gen created updated
+//   acl:<id>:subnets             set of associated subnet ids
+//   vpc:<vpc>:acl:byname         hash name → id
+//   vpc:<vpc>:acls, acls         lex zsets of "name/id"
+//   subnet-acl                   hash subnet id → acl id (a subnet has at most one)
+//   nic:<nic>                    hash: sig(JSON binding without times) host vpc subnet addr groups(csv) bound updated
+//   nics                         lex zset of bound nic ids (all hosts)
+//   host:<host>:nics             lex zset of nic ids bound on a host
+//   vpc:<vpc>:nics               lex zset of nic ids bound in a VPC
+//   host:<host>:vpc:<vpc>:nics   set: the local NICs of one VPC on one host
+//   host:<host>:vpcs             set of VPC ids with bindings on a host
+//   host:<host>:sig              hash nic id → sig: the host's own copy of its NICs' bindings.
+//                                nic:<nic> is shared (every host's Redis user may write it,
+//                                docs/redis-acl.md); only the NIC's host writes this one, and
+//                                the host's sync refuses (fails closed on) a binding whose sig
+//                                differs from it
+// Client tokens share IPAM's "mvpc:tokens" hash ("sg\n<token>", "acl\n<token>").
+//
+// Keys derived from stored records (a NIC's old host, a group's peers) are
+// built inside the scripts: like IPAM, this needs single-instance Redis or
+// Sentinel, not Cluster.
+import { hostKeys } from "../netagent/schema.js";
+
+export const F = "mvpc:fw:";
+/** netagent's host-scoped NIC address index, "<vpc>/<address>" → nic id, as prefix and suffix around the host id (for LOAD_VPC). */
+export const NICADDR = hostKeys.nicaddr("\u0000").split("\u0000") as [string, string];
+export const FK = {
+  gen: `${F}gen`,
+  sg: (id: string) => `${F}sg:${id}`,
+  sgMembers: (id: string) => `${F}sg:${id}:members`,
+  sgRefBy: (id: string) => `${F}sg:${id}:refby`,
+  sgByName: (vpc: string) => `${F}vpc:${vpc}:sg:byname`,
+  vpcSgs: (vpc: string) => `${F}vpc:${vpc}:sgs`,
+  allSgs: `${F}sgs`,
+  acl: (id: string) => `${F}acl:${id}`,
+  aclSubnets: (id: string) => `${F}acl:${id}:subnets`,
+  aclByName: (vpc: string) => `${F}vpc:${vpc}:acl:byname`,
+  vpcAcls: (vpc: string) => `${F}vpc:${vpc}:acls`,
+  allAcls: `${F}acls`,
+  subnetAcl: `${F}subnet-acl`,
+  nic: (id: string) => `${F}nic:${id}`,
+  allNics: `${F}nics`,
+  hostNics: (host: string) => `${F}host:${host}:nics`,
+  vpcNics: (vpc: string) => `${F}vpc:${vpc}:nics`,
+  hostVpcNics: (host: string, vpc: string) => `${F}host:${host}:vpc:${vpc}:nics`,
+  hostVpcs: (host: string) => `${F}host:${host}:vpcs`,
+  hostSigs: (host: string) => `${F}host:${host}:sig`,
+};
+
+/** Kinds of the events appended to "mvpc:events" (field "kind"). */
+export const EVENT_KINDS = [
+  "fw.sg.created",
+  "fw.sg.updated",
+  "fw.sg.deleted",
+  "fw.binding.changed",
+  "fw.binding.removed",
+  "fw.acl.created",
+  "fw.acl.updated",
+  "fw.acl.deleted",
+  "fw.acl.associated",
+  "fw.acl.disassociated",
+] as const;
