@@ -4,6 +4,7 @@
 // change.
 import ipaddr from "ipaddr.js";
 import { InvalidArgumentError } from "./errors.js";
+import { HOST_ID_RE } from "./host.js";
 
 const NAME_RE = /^[a-z][a-z0-9-]{0,62}$/;
 const TOKEN_RE = /^[A-Za-z0-9_.:/-]{1,128}$/;
@@ -158,7 +159,6 @@ export function port(field: string, value: number): number {
   return value;
 }
 
-const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
 const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
 
 /** A hypervisor id: part of every namespace name, so 1–24 of [a-z0-9]. */

@@ -5,6 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Option } from "commander";
+import { hostIdOption } from "../common/host.js";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { FailedPreconditionError } from "../common/errors.js";
 import { invalidRecords } from "../common/invalid-records.js";
@@ -16,7 +17,6 @@ import {
   NicFirewallStatusSchema,
 } from "../../gen/microvpc/v1/firewall_pb.js";
 import { IpamStore } from "../ipam/store.js";
-import { defaultHostId } from "../netagent/main.js";
 import { HostStore } from "../netagent/store.js";
 import { bridgeNfProblems, LinuxNft } from "./apply.js";
 import { firewallRoutes } from "./routes.js";
@@ -30,7 +30,7 @@ export const firewallDefinition: ServiceDefinition = {
   summary: "security groups and network ACLs, compiled into one nftables transaction per VPC namespace",
   defaultPort: 7403,
   options: [
-    new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
+    hostIdOption(),
     new Option("--drift-interval-ms <ms>", "how often the kernel is checked against the desired firewall").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
     new Option(
       "--api-only",

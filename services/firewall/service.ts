@@ -8,6 +8,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { InvalidArgumentError, NotFoundError, UnavailableError } from "../common/errors.js";
+import { checkHostId } from "../common/host.js";
 import { decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
@@ -49,7 +50,6 @@ import {
 import { loggingLimits } from "./schema.js";
 import { AbortedError, FirewallStore, newId, type BindingIndex, type BindingSpec } from "./store.js";
 
-const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
 const SG_ID_RE = /^sg-[0-9a-f]{12}$/;
 const MAX_RULE_TEXTS = 10_000;
 /** Tries of a read-compute-write that keeps losing races, when the client did not pin a generation. */
@@ -176,7 +176,7 @@ export class FirewallApi {
     readonly ipam: IpamStore,
     readonly opts: FirewallApiOptions,
   ) {
-    if (!HOST_ID_RE.test(opts.hostId)) throw new Error(`host id ${JSON.stringify(opts.hostId)}: use 1–24 characters of [a-z0-9]`);
+    checkHostId("host id", opts.hostId);
     this.host = new HostStore(store.redis, opts.hostId);
   }
 
@@ -506,9 +506,7 @@ export class FirewallApi {
       const after = decodeNameToken(req.pageToken);
       const vpcId = req.vpc ? (await this.vpc("vpc", req.vpc)).id : null;
       const groupId = req.securityGroup ? (await this.group("security_group", req.securityGroup, req.vpc)).id : null;
-      if (req.hostId !== "" && !HOST_ID_RE.test(req.hostId)) {
-        throw new InvalidArgumentError("host_id", `${V.show(req.hostId)} is not a hypervisor id (1–24 characters of [a-z0-9])`);
-      }
+      if (req.hostId !== "") V.hostId("host_id", req.hostId);
       const nicId = req.nicId ? V.id("nic_id", req.nicId, "nic") : null;
       const keep = (b: BindingRec) =>
         (!vpcId || b.vpcId === vpcId) &&

@@ -21,7 +21,7 @@ import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.
 import { cidr as parseCidr } from "../common/validate.js";
 import { runResolver } from "../dns/host.js";
 import { IpamStore } from "../ipam/store.js";
-import { defaultHostId } from "../netagent/main.js";
+import { hostIdOption } from "../common/host.js";
 import { HostStore } from "../netagent/store.js";
 import { createImdsServer, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
@@ -170,7 +170,7 @@ export function addImdsCommand(program: Command): void {
     .command("imds", { hidden: true })
     .description("instance metadata server alone (the gateway starts it inside --host-netns)")
     .addOption(new Option("--redis <url>", "Redis URL or unix socket path").env("MICROVPC_REDIS_URL").default("redis://127.0.0.1:6379/0"))
-    .addOption(new Option("--host-id <id>", "this hypervisor's id").env("MICROVPC_HOST_ID").default(defaultHostId()))
+    .addOption(hostIdOption("this hypervisor's id"))
     .addOption(new Option("--port <port>", "TCP port on every address").default("8775"))
     .addOption(new Option("--dns-port <port>", "port of the VPC resolver on each transit address (0: none)").default("0"))
     .addOption(new Option("--management-cidrs <list>", "as the gateway's: a VPC's forwarders inside it are not used").default(""))
@@ -249,7 +249,7 @@ export const gatewayDefinition: ServiceDefinition = {
   summary: "NAT gateways, floating IPs, port forwards and the instance metadata service (169.254.169.254)",
   defaultPort: 7404,
   options: [
-    new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
+    hostIdOption(),
     new Option("--uplink <ifname>", "the hypervisor's interface to the outside").env("MICROVPC_UPLINK").default("eth0"),
     new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)").env("MICROVPC_HOST_NETNS").default(""),
     new Option("--public-pool <cidr>", "floating IP pool, e.g. 203.0.113.0/24 (empty: no floating IPs)").env("MICROVPC_PUBLIC_POOL").default(""),

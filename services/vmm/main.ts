@@ -4,6 +4,7 @@ import { readFileSync } from "node:fs";
 import { Option } from "commander";
 import { readToken, type ServiceDefinition } from "../common/daemon.js";
 import { grpcClient, grpcTransport, tokenRefusal } from "../common/client.js";
+import { hostIdOption } from "../common/host.js";
 import { waitReady } from "../common/redis.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
@@ -12,7 +13,6 @@ import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
-import { defaultHostId } from "../netagent/main.js";
 import { vmmRoutes } from "./routes.js";
 import { Vmm, type Booter } from "./service.js";
 import { STEPS, VmStore, type StepName } from "./store.js";
@@ -22,7 +22,7 @@ export const vmmDefinition: ServiceDefinition = {
   summary: "metald-style VM manager: CreateVm/DeleteVm over ipam → netagent → firewall → gateway → dns → boot, undone on failure",
   defaultPort: 7405,
   options: [
-    new Option("--host-id <id>", "this hypervisor's id; must match the netagent's").env("MICROVPC_HOST_ID").default(defaultHostId()),
+    hostIdOption(),
     new Option("--ipam <addr>", "ipam gRPC address").env("MICROVPC_IPAM_ADDR").default("127.0.0.1:7401"),
     new Option("--netagent <addr>", "netagent gRPC address").env("MICROVPC_NETAGENT_ADDR").default("127.0.0.1:7402"),
     new Option("--firewall <addr>", "firewall gRPC address").env("MICROVPC_FIREWALL_ADDR").default("127.0.0.1:7403"),
