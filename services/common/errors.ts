@@ -1,7 +1,7 @@
 // Domain errors. Services throw these; one function at the RPC boundary
 // (toConnectError) maps them to gRPC status codes and keeps the cause, so a
 // handler never picks a status code by hand.
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 
 export abstract class DomainError extends Error {
   abstract readonly code: Code;
@@ -117,3 +117,17 @@ export function toConnectError(err: unknown): ConnectError {
   const message = wellFormed(err instanceof Error ? err.message : String(err));
   return new ConnectError(`internal error: ${message}`, Code.Internal, undefined, undefined, err);
 }
+
+/**
+ * What the daemons' server does with a handler's error (grpc-adapter.ts),
+ * as a connect interceptor: for serving the same handlers over an in-memory
+ * router transport (tests), so they see exactly the codes and messages a
+ * gRPC client would.
+ */
+export const mapDomainErrors: Interceptor = (next) => async (req) => {
+  try {
+    return await next(req);
+  } catch (e) {
+    throw toConnectError(e);
+  }
+};

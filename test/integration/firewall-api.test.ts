@@ -5,10 +5,10 @@
 // hypervisors sharing one Redis.
 import assert from "node:assert/strict";
 import { create } from "@bufbuild/protobuf";
-import { Code, createClient, createRouterTransport, type Client, type Interceptor } from "@connectrpc/connect";
+import { Code, createClient, createRouterTransport, type Client } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
-import { toConnectError } from "../../services/common/errors.js";
+import { mapDomainErrors } from "../../services/common/errors.js";
 import {
   AclAction,
   Direction,
@@ -39,15 +39,6 @@ let subnets: Client<typeof SubnetService>;
 let fw: Client<typeof FirewallService>;
 let fw2: Client<typeof FirewallService>;
 
-// The production server maps domain errors in an interceptor; do the same.
-const mapErrors: Interceptor = (next) => async (req) => {
-  try {
-    return await next(req);
-  } catch (e) {
-    throw toConnectError(e);
-  }
-};
-
 beforeAll(async () => {
   redis = await startRedis({ persistence: false });
   r = new Redis(redis.url);
@@ -61,7 +52,7 @@ beforeAll(async () => {
         router.service(SubnetService, ipam.subnetService);
         router.service(FirewallService, new FirewallApi(store, ipamStore, { hostId }).impl);
       },
-      { router: { interceptors: [mapErrors] } },
+      { router: { interceptors: [mapDomainErrors] } },
     );
   const t1 = transport("hv1");
   vpcs = createClient(VpcService, t1);

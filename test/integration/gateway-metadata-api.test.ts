@@ -3,10 +3,10 @@
 // index, validation of every field, token revocation and the events.
 import assert from "node:assert/strict";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { Code, createClient, createRouterTransport, type Client, type Interceptor } from "@connectrpc/connect";
+import { Code, createClient, createRouterTransport, type Client } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
-import { toConnectError } from "../../services/common/errors.js";
+import { mapDomainErrors } from "../../services/common/errors.js";
 import { GatewayService, ImdsHttpEndpoint, ImdsHttpTokens, InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { MetadataApi } from "../../services/gateway/metadata-api.js";
@@ -22,14 +22,6 @@ let store: MetadataStore;
 let gw: Client<typeof GatewayService>;
 let vpcs: Client<typeof VpcService>;
 
-const mapErrors: Interceptor = (next) => async (req) => {
-  try {
-    return await next(req);
-  } catch (e) {
-    throw toConnectError(e);
-  }
-};
-
 beforeAll(async () => {
   redis = await startRedis({ persistence: false });
   r = new Redis(redis.url);
@@ -40,7 +32,7 @@ beforeAll(async () => {
       router.service(VpcService, ipam.vpcService);
       router.service(GatewayService, new MetadataApi(store).impl);
     },
-    { router: { interceptors: [mapErrors] } },
+    { router: { interceptors: [mapDomainErrors] } },
   );
   gw = createClient(GatewayService, transport);
   vpcs = createClient(VpcService, transport);
