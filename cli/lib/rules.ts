@@ -10,14 +10,12 @@
 import { create } from "@bufbuild/protobuf";
 import { InvalidArgumentError } from "../../services/common/errors.js";
 import * as V from "../../services/common/validate.js";
-import { dirEnum, MAX_ACL_RULE_NUMBER, parseRuleText, protoEnum } from "../../services/firewall/rules.js";
+import { aclEntryMsg, dirEnum, MAX_ACL_RULE_NUMBER, parseRuleText, sgRuleMsg } from "../../services/firewall/rules.js";
 import {
   AclAction,
   Direction,
   NetworkAclEntryKeySchema,
-  NetworkAclEntrySchema,
   Protocol,
-  SecurityGroupRuleSchema,
   type NetworkAclEntry,
   type NetworkAclEntryKey,
   type SecurityGroupRule,
@@ -32,24 +30,7 @@ export function parseRules(dir: Dir, texts: string[], option: string): { rules: 
   for (const text of texts) {
     const { rule, warnings: w } = parseRuleText(dir, text, option);
     warnings.push(...w);
-    rules.push(
-      create(SecurityGroupRuleSchema, {
-        direction: dirEnum(rule.dir),
-        protocol: protoEnum(rule.proto),
-        portFrom: rule.portFrom,
-        portTo: rule.portTo,
-        icmpType: rule.icmpType,
-        icmpCode: rule.icmpCode,
-        // Requests accept a group name where an id goes; the server resolves it.
-        peer:
-          rule.groupName !== undefined
-            ? { case: "securityGroupId", value: rule.groupName }
-            : rule.group !== undefined
-              ? { case: "securityGroupId", value: rule.group }
-              : { case: "cidr", value: rule.cidr ?? "" },
-        description: "",
-      }),
-    );
+    rules.push(sgRuleMsg(rule));
   }
   return { rules, warnings };
 }
@@ -121,11 +102,11 @@ export function parseAclEntry(text: string, field = "--entry"): NetworkAclEntry 
   if (rule.cidr === undefined) {
     throw new InvalidArgumentError(field, `${V.show(text)}: an ACL entry matches a CIDR (a.b.c.d/n), not a security group`);
   }
-  return create(NetworkAclEntrySchema, {
+  return aclEntryMsg({
     ruleNumber: n,
-    direction: dirEnum(dir),
-    action: actionS === "allow" ? AclAction.ALLOW : AclAction.DENY,
-    protocol: protoEnum(rule.proto),
+    dir,
+    action: actionS,
+    proto: rule.proto,
     portFrom: rule.portFrom,
     portTo: rule.portTo,
     icmpType: rule.icmpType,

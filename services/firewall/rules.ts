@@ -7,7 +7,15 @@
 import { InvalidArgumentError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { create } from "@bufbuild/protobuf";
-import { AclAction, Direction, NetworkAclEntrySchema, Protocol, type NetworkAclEntry, type SecurityGroupRule } from "../../gen/microvpc/v1/firewall_pb.js";
+import {
+  AclAction,
+  Direction,
+  NetworkAclEntrySchema,
+  Protocol,
+  SecurityGroupRuleSchema,
+  type NetworkAclEntry,
+  type SecurityGroupRule,
+} from "../../gen/microvpc/v1/firewall_pb.js";
 import { MAX_RULES_PER_GROUP, type AclEntry, type Dir, type Proto, type SgRule } from "./model.js";
 
 export const MAX_ACL_ENTRIES = 1000;
@@ -149,6 +157,25 @@ const PROTOS: Record<number, Proto> = {
 
 export const dirEnum = (d: Dir): Direction => (d === "ingress" ? Direction.INGRESS : Direction.EGRESS);
 export const protoEnum = (p: Proto): Protocol => (p === "tcp" ? Protocol.TCP : p === "udp" ? Protocol.UDP : p === "icmp" ? Protocol.ICMP : Protocol.ALL);
+
+/**
+ * A rule as the API carries it: the service's answers, and the CLI's
+ * requests and dry runs. A draft's group name goes where the id goes
+ * (requests accept either; the server resolves names).
+ */
+export function sgRuleMsg(r: SgRuleDraft): SecurityGroupRule {
+  const group = r.groupName ?? r.group;
+  return create(SecurityGroupRuleSchema, {
+    direction: dirEnum(r.dir),
+    protocol: protoEnum(r.proto),
+    portFrom: r.portFrom,
+    portTo: r.portTo,
+    icmpType: r.icmpType,
+    icmpCode: r.icmpCode,
+    peer: group !== undefined ? { case: "securityGroupId", value: group } : { case: "cidr", value: r.cidr ?? "" },
+    description: r.description,
+  });
+}
 
 /** An ACL entry as the API shows it (the service's answers and the CLI's dry runs). */
 export function aclEntryMsg(e: AclEntry): NetworkAclEntry {

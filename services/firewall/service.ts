@@ -19,7 +19,6 @@ import {
   FirewallService,
   NetworkAclSchema,
   NicBindingSchema,
-  SecurityGroupRuleSchema,
   SecurityGroupSchema,
   type DropLogging,
   type NetworkAcl,
@@ -35,17 +34,16 @@ import {
   MAX_ACL_RULE_NUMBER,
   aclKey,
   checkRuleCount,
-  dirEnum,
   normalizeRules,
   parseRuleText,
   parseVpcctlPolicy,
-  protoEnum,
   ruleKey,
   sortAcl,
   validateAclEntries,
   validateSgRule,
   type SgRuleDraft,
   aclEntryMsg,
+  sgRuleMsg,
 } from "./rules.js";
 import { loggingLimits } from "./schema.js";
 import { AbortedError, FirewallStore, newId, type BindingIndex, type BindingSpec } from "./store.js";
@@ -74,19 +72,6 @@ export interface FirewallApiOptions {
 type Logging = { ratePerSecond: number; burst: number };
 
 // ---------- messages ----------
-
-export function sgRuleMsg(r: SgRule): SecurityGroupRule {
-  return create(SecurityGroupRuleSchema, {
-    direction: dirEnum(r.dir),
-    protocol: protoEnum(r.proto),
-    portFrom: r.portFrom,
-    portTo: r.portTo,
-    icmpType: r.icmpType,
-    icmpCode: r.icmpCode,
-    peer: r.group ? { case: "securityGroupId", value: r.group } : { case: "cidr", value: r.cidr ?? "" },
-    description: r.description,
-  });
-}
 
 function loggingMsg(l: Logging | undefined): DropLogging | undefined {
   return l ? create(DropLoggingSchema, { enabled: true, ratePerSecond: l.ratePerSecond, burst: l.burst }) : undefined;
