@@ -352,7 +352,7 @@ describe("failures", () => {
     const text = (await redis.get(rec))!;
     await redis.del(rec);
     await redis.set(`mvpc:vm:${v.id}`, text);
-    await redis.set(`mvpc:vmlease:${v.id}`, `${hv.id}/1/dead`, "PX", 60_000);
+    await redis.set(`mvpc:vmlease:${v.id}`, `${hv.id}/1/dead`, "PX", 10_000);
     await redis.zadd("mvpc:vms", 0, v.id);
     await redis.hset(`mvpc:vm:vpc:${v.vpcId}:byname`, "old", v.id);
     // A malformed record of this host, in its own index: skipped and reported, never acted on.
@@ -364,6 +364,7 @@ describe("failures", () => {
       assert.equal(await redis.get(rec), text, "moved as it was");
       assert.equal(await redis.exists(`mvpc:vm:${v.id}`, `mvpc:vmlease:${v.id}`), 0, "the old keys are gone");
       assert.equal(await redis.zscore("mvpc:vms", v.id), null);
+      assert.equal(await redis.get(`mvpc:vm:host:${hv.id}:lease:${v.id}`), `${hv.id}/1/dead`, "the lease moved, with its time left");
       assert.equal(await redis.hget(`mvpc:vm:vpc:${v.vpcId}:byname`, "old"), `${hv.id}/${v.id}`, "the name entry names host and id");
       assert.ok(await redis.sismember("mvpc:vm:hosts", hv.id));
       assert.equal((await vmm.getVm({ ref: "old", vpc: "app" })).vm!.state, VmState.RUNNING);
@@ -371,7 +372,7 @@ describe("failures", () => {
       await rejectsWith(vmm.getVm({ ref: bad }), Code.NotFound);
       assert.match(vmmd.output(), /skipping a record from Redis that does not validate/);
       assert.equal(await redis.get(`mvpc:vm:host:${hv.id}:vm:${bad}`) !== null, true, "nor acted on (recovery would have deleted it)");
-      // The moved lease was the dead run's: DeleteVm waits for it only if recovery has not taken it over.
+      // The moved lease is honoured: DeleteVm waits until it expires.
       assert.equal((await vmm.deleteVm({ ref: "old", vpc: "app" })).deleted, true);
       assertConsistent(await holdings(), "after deleting the moved VM");
     } finally {
