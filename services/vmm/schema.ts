@@ -24,7 +24,8 @@ const OPS = ["", "create", "delete", "rollback"] as const;
 
 function oneOf<T extends string>(field: string, value: unknown, allowed: readonly T[]): T {
   const s = V.jsonString(field, value);
-  if (!(allowed as readonly string[]).includes(s)) throw new InvalidArgumentError(field, `${V.show(s)} is not one of ${allowed.map((a) => JSON.stringify(a)).join(", ")}`);
+  if (!(allowed as readonly string[]).includes(s))
+    throw new InvalidArgumentError(field, `${V.show(s)} is not one of ${allowed.map((a) => JSON.stringify(a)).join(", ")}`);
   return s as T;
 }
 
@@ -139,7 +140,8 @@ export function parseVmRec(text: string, expect: { id: string; hostId: string })
       op: oneOf("op", o.op, OPS),
       journal,
     };
-    if (rec.consoleLog !== "" && !rec.consoleLog.startsWith("/")) throw new InvalidArgumentError("consoleLog", `${V.show(rec.consoleLog)} is not an absolute path`);
+    if (rec.consoleLog !== "" && !rec.consoleLog.startsWith("/"))
+      throw new InvalidArgumentError("consoleLog", `${V.show(rec.consoleLog)} is not an absolute path`);
     // Absent in records written before these existed.
     if (o.accel !== undefined) rec.accel = str("accel", o.accel, 64);
     if (o.accelReason !== undefined) rec.accelReason = message("accelReason", o.accelReason, 1024);

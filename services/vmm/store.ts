@@ -332,10 +332,7 @@ export class VmStore {
     let moved = 0;
     for (let i = 0; i < ids.length; i += BATCH) {
       const chunk = ids.slice(i, i + BATCH);
-      const [olds, news] = await Promise.all([
-        this.redis.mget(chunk.map((id) => `mvpc:vm:${id}`)),
-        this.redis.mget(chunk.map((id) => K.vm(this.hostId, id))),
-      ]);
+      const [olds, news] = await Promise.all([this.redis.mget(chunk.map((id) => `mvpc:vm:${id}`)), this.redis.mget(chunk.map((id) => K.vm(this.hostId, id)))]);
       for (const [j, id] of chunk.entries()) {
         const old = olds[j];
         if (old === null || news[j] !== null) continue;

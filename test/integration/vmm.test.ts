@@ -371,7 +371,7 @@ describe("failures", () => {
       assert.ok(!(await vmm.listVms({})).vms.some((x) => x.id === bad), "the malformed record is not listed");
       await rejectsWith(vmm.getVm({ ref: bad }), Code.NotFound);
       assert.match(vmmd.output(), /skipping a record from Redis that does not validate/);
-      assert.equal(await redis.get(`mvpc:vm:host:${hv.id}:vm:${bad}`) !== null, true, "nor acted on (recovery would have deleted it)");
+      assert.equal((await redis.get(`mvpc:vm:host:${hv.id}:vm:${bad}`)) !== null, true, "nor acted on (recovery would have deleted it)");
       // The moved lease is honoured: DeleteVm waits until it expires.
       assert.equal((await vmm.deleteVm({ ref: "old", vpc: "app" })).deleted, true);
       assertConsistent(await holdings(), "after deleting the moved VM");

@@ -93,7 +93,11 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     for (const p of SHARED_WRITE_PATTERNS) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
   }
   // Host "hv1"'s patterns cover its own keys and none of host "hv10"'s (nor "hv"'s).
-  for (const k of otherHostKeys("hv1")) assert.ok(hostScopedWritePatterns("hv1").some((p) => glob(p).test(k)), `hv1 may write ${k}`);
+  for (const k of otherHostKeys("hv1"))
+    assert.ok(
+      hostScopedWritePatterns("hv1").some((p) => glob(p).test(k)),
+      `hv1 may write ${k}`,
+    );
   for (const other of ["hv10", "hv", "hv1x"]) {
     for (const k of otherHostKeys(other)) {
       for (const p of hostScopedWritePatterns("hv1")) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
