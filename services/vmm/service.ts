@@ -653,7 +653,7 @@ export class Vmm {
     if (held !== nameEntry(v)) {
       const other = await this.store.byName(vpc.id, name);
       throw new ConnectError(
-        `VM ${name} is being created in VPC ${vpc.name} (${other ? `${other.id} on ${other.hostId}, ${other.state}` : held}); retry to get it`,
+        `VM ${name} is being created in VPC ${vpc.name} (${other ? `${other.id} on ${other.hostId}, ${other.state}` : `index entry ${V.show(held)}`}); retry to get it`,
         Code.AlreadyExists,
       );
     }
