@@ -22,6 +22,7 @@ import { VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import { VmStore, type VmRec } from "../../services/vmm/store.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { FLOATING_POOL, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
@@ -305,5 +306,66 @@ describe("per-host Redis ACL users", () => {
     await vmm.deleteVm({ ref: "aclv", vpc: "acl" });
     await rejectsWith(vmm.getVm({ ref: "aclv", vpc: "acl" }), Code.NotFound);
     for (const d of [A.daemon, fwd, gwd, vmmd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+  });
+
+  test("as host A's user, vmm's migration moves A's old-layout record into A's keys; the old keys it may no longer delete stay", async () => {
+    const id = "vm-00000000cafe";
+    const rec: VmRec = {
+      id,
+      name: "legacy",
+      hostId: A.id,
+      vpcId: vpc.id,
+      subnetId: sn.id,
+      kind: "netns",
+      state: "running",
+      statusMessage: "",
+      groups: [],
+      wantedAddress: "",
+      hostname: "legacy",
+      vcpus: 1,
+      memoryMib: 256,
+      userData: "",
+      sshKeys: [],
+      labels: [],
+      imds: { tokens: 0, endpoint: 0 },
+      clientToken: "",
+      createdMs: Date.now(),
+      startedMs: Date.now(),
+      address: "",
+      nicId: "",
+      hostIf: "",
+      mac: "",
+      netns: "",
+      pid: 0,
+      kernelIpArg: "",
+      consoleLog: "",
+      done: [],
+      op: "",
+      journal: [],
+    };
+    const text = JSON.stringify(rec);
+    const byname = `mvpc:vm:vpc:${vpc.id}:byname`;
+    // As the previous version left it (written here by the admin: A's user no longer may).
+    await admin.set(`mvpc:vm:${id}`, text);
+    await admin.set(`mvpc:vmlease:${id}`, `${A.id}/1/dead`, "PX", 60_000);
+    await admin.zadd("mvpc:vms", 0, id);
+    await admin.hset(byname, "legacy", id);
+    await admin.sadd(`mvpc:vm:host:${A.id}`, id);
+    const newKey = `mvpc:vm:host:${A.id}:vm:${id}`;
+    try {
+      assert.equal(await new VmStore(asA, A.id).migrate(), 1);
+      assert.equal(await admin.get(newKey), text, "moved into A's keys");
+      assert.equal(await admin.get(`mvpc:vm:host:${A.id}:lease:${id}`), `${A.id}/1/dead`, "with its lease");
+      assert.equal(await admin.hget(byname, "legacy"), `${A.id}/${id}`);
+      assert.equal(await admin.get(`mvpc:vm:${id}`), text, "the old record stays: A's user may not delete it");
+      assert.equal(await new VmStore(asA, A.id).migrate(), 0, "once");
+      const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
+      assert.equal((await vmm.getVm({ ref: "legacy", vpc: "acl" })).vm!.id, id, "A's vmm finds it by name");
+    } finally {
+      await admin.del(newKey, `mvpc:vm:host:${A.id}:lease:${id}`, `mvpc:vm:${id}`, `mvpc:vmlease:${id}`);
+      await admin.zrem("mvpc:vms", id);
+      await admin.hdel(byname, "legacy");
+      await admin.srem(`mvpc:vm:host:${A.id}`, id);
+    }
   });
 });
