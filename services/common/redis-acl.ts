@@ -14,6 +14,7 @@
 //     mvpc:fw:host:H:*     firewall: binding indexes of this host
 //     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index)
 //     mvpc:vm:host:H       vmm: VM ids of this host
+//     mvpc:vm:host:H:*     vmm: VM records (:vm:<id>, with their journals) and leases (:lease:<id>)
 //   shared (any host writes them; readers validate, see docs/redis-acl.md):
 //     mvpc:events          change-event stream (XADD; events only wake readers, who re-read state)
 //     mvpc:nicaddr         global NIC address claims ("<vpc>/<addr>" → "<host>/<nic>")
@@ -22,8 +23,8 @@
 //     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
 //                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership
 //     mvpc:gw:md:*         instance metadata (SetInstanceMetadata from vmm) and IMDS session tokens
-//     mvpc:vm:vm-*, mvpc:vm:vpc:*:byname, mvpc:vms, mvpc:vmlease:*
-//                          vmm's VM records, name index and leases
+//     mvpc:vm:vpc:*:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates)
+//     mvpc:vm:hosts        vmm: host ids with VMs (a listing; each host's VMs are under its prefix)
 // Everything else is the control plane's (ipam, dns, peering, and the
 // cluster-wide RPCs of firewall and gateway: security groups, network ACLs,
 // NAT gateways, floating IPs, port forwards): IPAM (mvpc:vpc*, mvpc:subnet*,
@@ -43,7 +44,15 @@ export const hostUser = (hostId: string) => `microvpc-host-${hostId}`;
 /** Keys only this host's agents write. */
 export function hostScopedWritePatterns(hostId: string): string[] {
   if (!HOST_ID_RE.test(hostId)) throw new Error(`host id ${JSON.stringify(hostId)}: use 1–24 characters of [a-z0-9]`);
-  return [`mvpc:host:${hostId}:*`, `mvpc:hosts:${hostId}`, `mvpc:fw:host:${hostId}:*`, `mvpc:gw:host:${hostId}:*`, `mvpc:vm:host:${hostId}`];
+  // Each pattern ends at the id or at ":" after it: host "a" does not match host "ab"'s keys.
+  return [
+    `mvpc:host:${hostId}:*`,
+    `mvpc:hosts:${hostId}`,
+    `mvpc:fw:host:${hostId}:*`,
+    `mvpc:gw:host:${hostId}:*`,
+    `mvpc:vm:host:${hostId}`,
+    `mvpc:vm:host:${hostId}:*`,
+  ];
 }
 
 /** Shared keys every host's agents write (the residual risk docs/redis-acl.md describes). */
@@ -58,11 +67,10 @@ export const SHARED_WRITE_PATTERNS = [
   "mvpc:fw:sg:*:members",
   "mvpc:fw:gen",
   "mvpc:gw:md:*",
-  // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>.
-  "mvpc:vm:vm-*",
+  // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>:*.
+  // VM records and leases are host-scoped (above); these two only nominate.
   "mvpc:vm:vpc:*:byname",
-  "mvpc:vms",
-  "mvpc:vmlease:*",
+  "mvpc:vm:hosts",
 ] as const;
 
 // Commands: the data commands (read, write, transactions, scripts) and the

@@ -92,7 +92,12 @@ export const vmmDefinition: ServiceDefinition = {
         throw new Error(`--fail-undo-at ${JSON.stringify(flags.failUndoAt)}: use <step>:<n>, step one of ${STEPS.join(", ")}`);
       failUndo = { step: m[1] as StepName, times: Number(m[2]) };
     }
-    const vmm = new Vmm(new VmStore(redis), clients, { hostId: String(flags.hostId), failAt: flags.failAt as StepName | undefined, failUndo, booters }, logger);
+    const vmm = new Vmm(
+      new VmStore(redis, String(flags.hostId), logger),
+      clients,
+      { hostId: String(flags.hostId), failAt: flags.failAt as StepName | undefined, failUndo, booters },
+      logger,
+    );
     // Finish or undo what a previous run left in flight, before serving
     // (and keep trying in the background while Redis is unreachable).
     try {

@@ -37,7 +37,7 @@ import {
   type Vm,
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
-import { LEASE_MS, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
+import { LEASE_MS, nameEntry, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
 
 /** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
 const LEASE_WAIT_MS = 20_000;
@@ -426,6 +426,7 @@ export class Vmm {
   /** VMs whose recovery failed: attempts so far, when the next is due, the last error. */
   readonly recoveryFailures = new Map<string, { attempts: number; nextMs: number; error: string }>();
   private recovering = false;
+  private migrated = false;
 
   /**
    * Rolls back creates and finishes deletes that a crash (or a failed
@@ -438,6 +439,11 @@ export class Vmm {
     if (this.recovering) return;
     this.recovering = true;
     try {
+      // First, once: records an older version wrote at mvpc:vm:<id> move to this host's own keys (VmStore.migrate).
+      if (!this.migrated) {
+        await this.store.migrate();
+        this.migrated = true;
+      }
       for (const v0 of await this.store.ofHost(this.opts.hostId)) {
         if (!needsRecovery(v0)) continue;
         const f = this.recoveryFailures.get(v0.id);
@@ -458,7 +464,7 @@ export class Vmm {
   }
 
   private async recoverOne(id: string, f: { attempts: number } | undefined): Promise<void> {
-    const v = await this.store.get(id);
+    const v = await this.store.getOwn(id);
     if (!v || !needsRecovery(v)) {
       this.recoveryFailures.delete(id);
       return;
@@ -487,7 +493,7 @@ export class Vmm {
         : `recovery attempt ${attempts}/${RECOVERY_ATTEMPTS} failed (${error}); retrying in ${Math.round(delayMs / 1000)} s`;
       this.journal(v, "recover", "all", last ? "gave up" : "failed", v.statusMessage);
       // Only a record still there: a recovery that got as far as removing it is done.
-      if (await this.store.get(id)) await this.store.put(v);
+      if (await this.store.getOwn(id)) await this.store.put(v);
       this.log.error(
         { vm: id, err: error, attempts, retryInMs: last ? undefined : delayMs },
         last ? "recovery failed; giving up" : "recovery failed; will retry",
@@ -644,9 +650,12 @@ export class Vmm {
     };
     const token = this.leaseToken();
     const held = await this.store.claim(v, token);
-    if (held !== v.id) {
-      const other = await this.store.get(held);
-      throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (${held}, ${other?.state}); retry to get it`, Code.AlreadyExists);
+    if (held !== nameEntry(v)) {
+      const other = await this.store.byName(vpc.id, name);
+      throw new ConnectError(
+        `VM ${name} is being created in VPC ${vpc.name} (${other ? `${other.id} on ${other.hostId}, ${other.state}` : `index entry ${V.show(held)}`}); retry to get it`,
+        Code.AlreadyExists,
+      );
     }
     // The VM's lease, taken with the claim: a DeleteVm waits for this create.
     const release = this.hold(v.id, token);
@@ -681,7 +690,7 @@ export class Vmm {
       // VM: wait for its lease, then act on the record as it is now.
       const release = await this.lease(v.id, LEASE_WAIT_MS);
       try {
-        const now = await this.store.get(v.id);
+        const now = await this.store.getOwn(v.id);
         if (!now) return { deleted: false };
         await this.delete(now);
         return { deleted: true };

@@ -6,7 +6,9 @@
 // subnet, NICs and a vmm VM on A, firewall applied, nothing refused in any
 // daemon's log), and with A's credentials Redis refuses — NOPERM — every
 // write to host B's records, IPAM, security groups, NAT, tokens, and every
-// administrative command; A keeps working afterwards.
+// administrative command; with B's, every write to A's VM records and
+// leases, and a name-index entry B forges does not make A's vmm act on
+// anything; A keeps working afterwards.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { Code } from "@connectrpc/connect";
@@ -20,6 +22,7 @@ import { VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import { VmStore, type VmRec } from "../../services/vmm/store.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { FLOATING_POOL, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
@@ -239,6 +242,56 @@ describe("per-host Redis ACL users", () => {
       const sgId = (await admin.hget(`mvpc:fw:vpc:${vpc.id}:sg:byname`, "web"))!;
       await fw.bindNic({ nicId: a.nicId, vpc: vpc.id, subnet: sn.id, securityGroups: [sgId] });
       assert.equal(await admin.hget(`mvpc:fw:host:${A.id}:sig`, a.nicId), await admin.hget(`mvpc:fw:nic:${a.nicId}`, "sig"), "BindNic on A restores both");
+
+      // VM records, journals and leases are A's own keys: B may not forge, rewrite or delete them.
+      const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
+      const aclv = (await vmm.getVm({ ref: "aclv", vpc: "acl" })).vm!;
+      const recKey = `mvpc:vm:host:${A.id}:vm:${aclv.id}`;
+      const leaseKey = `mvpc:vm:host:${A.id}:lease:${aclv.id}`;
+      const recText = (await admin.get(recKey))!;
+      assert.ok(recText, "A's VM record is there to attack");
+      await refused("B rewrites A's VM record", asB.set(recKey, JSON.stringify({ ...(JSON.parse(recText) as object), op: "delete" })));
+      await refused("B deletes A's VM record", asB.del(recKey));
+      await refused("B takes A's VM lease", asB.set(leaseKey, `${B.id}/1/x`, "PX", 60_000));
+      await refused("B deletes A's VM lease", asB.del(leaseKey));
+      await refused("B adds to A's VM index", asB.sadd(`mvpc:vm:host:${A.id}`, "vm-000000000000"));
+      await refused("B's script on A's VM record", asB.eval("return redis.call('SET', KEYS[1], ARGV[1])", 1, recKey, "{}"));
+      await refused("B writes a record where older versions kept them", asB.set(`mvpc:vm:${aclv.id}`, recText));
+      await refused("B writes a lease where older versions kept them", asB.set(`mvpc:vmlease:${aclv.id}`, "x"));
+      assert.equal(await admin.get(recKey), recText, "A's VM record untouched");
+
+      // The per-VPC name index is shared, but its entries only nominate.
+      const byname = `mvpc:vm:vpc:${vpc.id}:byname`;
+      // "evil" → A's real VM: its record is named aclv, so no VM is called evil, and nothing is deleted.
+      await asB.hset(byname, "evil", `${A.id}/${aclv.id}`);
+      await rejectsWith(vmm.getVm({ ref: "evil", vpc: "acl" }), Code.NotFound);
+      assert.equal((await vmm.deleteVm({ ref: "evil", vpc: "acl" })).deleted, false);
+      assert.equal((await vmm.getVm({ ref: aclv.id })).vm!.state, VmState.RUNNING, "aclv still runs");
+      // "ghost" → a record B wrote under its own prefix claiming to be A's VM, mid-delete:
+      // refused (a record of host A under host B's key), never listed, never recovered or deleted by A.
+      const ghost = "vm-00000000beef";
+      const ghostKey = `mvpc:vm:host:${B.id}:vm:${ghost}`;
+      await asB.set(ghostKey, JSON.stringify({ ...(JSON.parse(recText) as object), id: ghost, name: "ghost", op: "delete", state: "deleting" }));
+      await asB.sadd(`mvpc:vm:host:${B.id}`, ghost);
+      await asB.sadd("mvpc:vm:hosts", B.id);
+      await asB.hset(byname, "ghost", `${B.id}/${ghost}`);
+      await rejectsWith(vmm.getVm({ ref: "ghost", vpc: "acl" }), Code.NotFound);
+      await rejectsWith(vmm.getVm({ ref: ghost }), Code.NotFound);
+      assert.equal((await vmm.deleteVm({ ref: "ghost", vpc: "acl" })).deleted, false);
+      assert.deepEqual(
+        (await vmm.listVms({})).vms.map((v) => v.name),
+        ["aclv"],
+        "ListVms shows A's VM and nothing B forged",
+      );
+      assert.match(vmmd.output(), /skipping a record from Redis that does not validate/, "the forged record is reported");
+      // A name whose entry names a record that does not agree is free: A creates a VM "evil" and deletes it.
+      const evil = (await vmm.createVm({ name: "evil", vpc: "acl", subnet: "web", kind: VmKind.NETNS })).vm!;
+      assert.equal(evil.state, VmState.RUNNING);
+      assert.equal(await admin.hget(byname, "evil"), `${A.id}/${evil.id}`);
+      assert.equal((await vmm.deleteVm({ ref: "evil", vpc: "acl" })).deleted, true);
+      assert.ok(await admin.exists(ghostKey), "B's own record is B's: A did not act on it");
+      await admin.del(ghostKey, `mvpc:vm:host:${B.id}`);
+      await admin.hdel(byname, "ghost");
     } finally {
       asB.disconnect();
     }
@@ -253,5 +306,66 @@ describe("per-host Redis ACL users", () => {
     await vmm.deleteVm({ ref: "aclv", vpc: "acl" });
     await rejectsWith(vmm.getVm({ ref: "aclv", vpc: "acl" }), Code.NotFound);
     for (const d of [A.daemon, fwd, gwd, vmmd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+  });
+
+  test("as host A's user, vmm's migration moves A's old-layout record into A's keys; the old keys it may no longer delete stay", async () => {
+    const id = "vm-00000000cafe";
+    const rec: VmRec = {
+      id,
+      name: "legacy",
+      hostId: A.id,
+      vpcId: vpc.id,
+      subnetId: sn.id,
+      kind: "netns",
+      state: "running",
+      statusMessage: "",
+      groups: [],
+      wantedAddress: "",
+      hostname: "legacy",
+      vcpus: 1,
+      memoryMib: 256,
+      userData: "",
+      sshKeys: [],
+      labels: [],
+      imds: { tokens: 0, endpoint: 0 },
+      clientToken: "",
+      createdMs: Date.now(),
+      startedMs: Date.now(),
+      address: "",
+      nicId: "",
+      hostIf: "",
+      mac: "",
+      netns: "",
+      pid: 0,
+      kernelIpArg: "",
+      consoleLog: "",
+      done: [],
+      op: "",
+      journal: [],
+    };
+    const text = JSON.stringify(rec);
+    const byname = `mvpc:vm:vpc:${vpc.id}:byname`;
+    // As the previous version left it (written here by the admin: A's user no longer may).
+    await admin.set(`mvpc:vm:${id}`, text);
+    await admin.set(`mvpc:vmlease:${id}`, `${A.id}/1/dead`, "PX", 60_000);
+    await admin.zadd("mvpc:vms", 0, id);
+    await admin.hset(byname, "legacy", id);
+    await admin.sadd(`mvpc:vm:host:${A.id}`, id);
+    const newKey = `mvpc:vm:host:${A.id}:vm:${id}`;
+    try {
+      assert.equal(await new VmStore(asA, A.id).migrate(), 1);
+      assert.equal(await admin.get(newKey), text, "moved into A's keys");
+      assert.equal(await admin.get(`mvpc:vm:host:${A.id}:lease:${id}`), `${A.id}/1/dead`, "with its lease");
+      assert.equal(await admin.hget(byname, "legacy"), `${A.id}/${id}`);
+      assert.equal(await admin.get(`mvpc:vm:${id}`), text, "the old record stays: A's user may not delete it");
+      assert.equal(await new VmStore(asA, A.id).migrate(), 0, "once");
+      const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
+      assert.equal((await vmm.getVm({ ref: "legacy", vpc: "acl" })).vm!.id, id, "A's vmm finds it by name");
+    } finally {
+      await admin.del(newKey, `mvpc:vm:host:${A.id}:lease:${id}`, `mvpc:vm:${id}`, `mvpc:vmlease:${id}`);
+      await admin.zrem("mvpc:vms", id);
+      await admin.hdel(byname, "legacy");
+      await admin.srem(`mvpc:vm:host:${A.id}`, id);
+    }
   });
 });

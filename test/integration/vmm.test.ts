@@ -304,7 +304,7 @@ describe("failures", () => {
     assert.ok(deleted >= 3, `deletes that met a create in flight waited for it and deleted the VM (${deleted})`);
     for (const v of (await vmm.listVms({})).vms) await vmm.deleteVm({ ref: v.id });
     assertConsistent(await holdings(), "after the races");
-    assert.equal((await redis.keys("mvpc:vmlease:*")).length, 0, "no lease left behind");
+    assert.equal((await redis.keys("mvpc:vm:host:*:lease:*")).length, 0, "no lease left behind");
   });
 
   test("a failed rollback is recovered by retries with backoff (metric, InspectVm), not only at restart", async () => {
@@ -340,6 +340,44 @@ describe("failures", () => {
     } finally {
       await vmmd.stop();
       await startVmm();
+    }
+  });
+
+  test("records an older version wrote (mvpc:vm:<id>, mvpc:vmlease:<id>) move to the host's own keys on start; malformed records are skipped", async () => {
+    const hv = h.hosts[0];
+    const v = (await vmm.createVm({ name: "old", vpc: "app", subnet: "web", securityGroups: ["web"] })).vm!;
+    await vmmd.stop();
+    // Back to the old layout, as the previous version left it (with a lease its dead run held).
+    const rec = `mvpc:vm:host:${hv.id}:vm:${v.id}`;
+    const text = (await redis.get(rec))!;
+    await redis.del(rec);
+    await redis.set(`mvpc:vm:${v.id}`, text);
+    await redis.set(`mvpc:vmlease:${v.id}`, `${hv.id}/1/dead`, "PX", 10_000);
+    await redis.zadd("mvpc:vms", 0, v.id);
+    await redis.hset(`mvpc:vm:vpc:${v.vpcId}:byname`, "old", v.id);
+    // A malformed record of this host, in its own index: skipped and reported, never acted on.
+    const bad = "vm-0000000000ba";
+    await redis.sadd(`mvpc:vm:host:${hv.id}`, bad);
+    await redis.set(`mvpc:vm:host:${hv.id}:vm:${bad}`, JSON.stringify({ ...(JSON.parse(text) as object), id: bad, netns: "x; reboot", op: "delete" }));
+    await startVmm();
+    try {
+      assert.equal(await redis.get(rec), text, "moved as it was");
+      assert.equal(await redis.exists(`mvpc:vm:${v.id}`, `mvpc:vmlease:${v.id}`), 0, "the old keys are gone");
+      assert.equal(await redis.zscore("mvpc:vms", v.id), null);
+      assert.equal(await redis.get(`mvpc:vm:host:${hv.id}:lease:${v.id}`), `${hv.id}/1/dead`, "the lease moved, with its time left");
+      assert.equal(await redis.hget(`mvpc:vm:vpc:${v.vpcId}:byname`, "old"), `${hv.id}/${v.id}`, "the name entry names host and id");
+      assert.ok(await redis.sismember("mvpc:vm:hosts", hv.id));
+      assert.equal((await vmm.getVm({ ref: "old", vpc: "app" })).vm!.state, VmState.RUNNING);
+      assert.ok(!(await vmm.listVms({})).vms.some((x) => x.id === bad), "the malformed record is not listed");
+      await rejectsWith(vmm.getVm({ ref: bad }), Code.NotFound);
+      assert.match(vmmd.output(), /skipping a record from Redis that does not validate/);
+      assert.equal((await redis.get(`mvpc:vm:host:${hv.id}:vm:${bad}`)) !== null, true, "nor acted on (recovery would have deleted it)");
+      // The moved lease is honoured: DeleteVm waits until it expires.
+      assert.equal((await vmm.deleteVm({ ref: "old", vpc: "app" })).deleted, true);
+      assertConsistent(await holdings(), "after deleting the moved VM");
+    } finally {
+      await redis.del(`mvpc:vm:host:${hv.id}:vm:${bad}`);
+      await redis.srem(`mvpc:vm:host:${hv.id}`, bad);
     }
   });
 

@@ -16,7 +16,10 @@ test("a host user: reads every mvpc: key, writes its own host's keys and the sha
   const w = line.split(" ");
   assert.deepEqual(w.slice(0, 6), ["ACL", "SETUSER", "microvpc-host-hv7", "reset", "on", `#${HASH}`]);
   assert.ok(w.includes("%R~mvpc:*"));
-  for (const k of ["mvpc:host:hv7:*", "mvpc:hosts:hv7", "mvpc:fw:host:hv7:*", "mvpc:gw:host:hv7:*", "mvpc:vm:host:hv7"]) assert.ok(w.includes(`~${k}`), k);
+  for (const k of ["mvpc:host:hv7:*", "mvpc:hosts:hv7", "mvpc:fw:host:hv7:*", "mvpc:gw:host:hv7:*", "mvpc:vm:host:hv7", "mvpc:vm:host:hv7:*"])
+    assert.ok(w.includes(`~${k}`), k);
+  // VM records and leases are host-scoped now: no shared pattern for them.
+  for (const k of ["~mvpc:vm:vm-*", "~mvpc:vmlease:*", "~mvpc:vms"]) assert.ok(!w.includes(k), k);
   for (const k of SHARED_WRITE_PATTERNS) assert.ok(w.includes(`~${k}`), k);
   // Writable patterns are all either this host's or the listed shared ones.
   const writable = w.filter((x) => x.startsWith("~"));
@@ -77,7 +80,27 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
   for (const p of hostScopedWritePatterns("hv1")) assert.match(p, /hv1(:\*)?$/);
   // No shared pattern reaches a host-scoped key of another host.
   const glob = (p: string) => new RegExp(`^${p.replace(/[.+?^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`);
-  for (const k of ["mvpc:host:hv2:nics", "mvpc:hosts:hv2", "mvpc:fw:host:hv2:vpcs", "mvpc:gw:host:hv2:transit", "mvpc:vm:host:hv2"]) {
+  const otherHostKeys = (h: string) => [
+    `mvpc:host:${h}:nics`,
+    `mvpc:hosts:${h}`,
+    `mvpc:fw:host:${h}:vpcs`,
+    `mvpc:gw:host:${h}:transit`,
+    `mvpc:vm:host:${h}`,
+    `mvpc:vm:host:${h}:vm:vm-0123456789ab`,
+    `mvpc:vm:host:${h}:lease:vm-0123456789ab`,
+  ];
+  for (const k of otherHostKeys("hv2")) {
     for (const p of SHARED_WRITE_PATTERNS) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
+  }
+  // Host "hv1"'s patterns cover its own keys and none of host "hv10"'s (nor "hv"'s).
+  for (const k of otherHostKeys("hv1"))
+    assert.ok(
+      hostScopedWritePatterns("hv1").some((p) => glob(p).test(k)),
+      `hv1 may write ${k}`,
+    );
+  for (const other of ["hv10", "hv", "hv1x"]) {
+    for (const k of otherHostKeys(other)) {
+      for (const p of hostScopedWritePatterns("hv1")) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
+    }
   }
 });
