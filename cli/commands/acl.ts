@@ -27,12 +27,11 @@ import {
 } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetService, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { client } from "../lib/context.js";
-import { EXIT } from "../lib/errors.js";
+import { EXIT, notFoundIsNull } from "../lib/errors.js";
 import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption, listOption, repeatableOption, vpcOption } from "../lib/options.js";
 import { details, dryRun, dryRunMany, emit, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
 import { collect } from "../lib/paging.js";
-import { aclActionWord, aclEntryText, aclMatchText, dirWord, parseAclEntry, parseAclKey } from "../lib/rules.js";
-import { notFoundIsNull, readPolicyFile } from "./sg.js";
+import { aclActionWord, aclEntryText, aclMatchText, dirWord, parseAclEntry, parseAclKey, readPolicyFile } from "../lib/rules.js";
 
 const ENTRY_HELP = `
 Entries are NUM:DIRECTION:ACTION:PROTO:PORTS:CIDR:

@@ -1,7 +1,6 @@
 // `microvpc sg ...`: security groups — stateful allow rules per NIC
 // (FirewallService, on the firewall daemon). Rules are written as texts,
 // PROTO:PORTS:PEER, and parsed by the firewall's own parser.
-import { readFileSync } from "node:fs";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { type Command } from "commander";
@@ -35,11 +34,11 @@ import {
 } from "../../gen/microvpc/v1/firewall_pb.js";
 import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { client } from "../lib/context.js";
-import { EXIT } from "../lib/errors.js";
+import { EXIT, notFoundIsNull } from "../lib/errors.js";
 import { descriptionOption, dryRunOption, labelOption, limitOption, listOption, repeatableOption, vpcOption, clientTokenOption } from "../lib/options.js";
 import { details, dryRun, emit, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
 import { collect } from "../lib/paging.js";
-import { dirWord, parseInOut, ruleText } from "../lib/rules.js";
+import { dirWord, parseInOut, readPolicyFile, ruleText } from "../lib/rules.js";
 
 const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
 
@@ -99,27 +98,6 @@ function printWarnings(ws: string[]): void {
 /** The API rule checks, run locally for --dry-run. */
 function checkRules(field: string, rules: SecurityGroupRule[]): void {
   rules.forEach((r, i) => validateSgRule(`${field}[${i}]`, r));
-}
-
-export async function notFoundIsNull<T>(p: Promise<T>): Promise<T | null> {
-  try {
-    return await p;
-  } catch (e) {
-    if (e instanceof ConnectError && e.code === Code.NotFound) return null;
-    throw e;
-  }
-}
-
-function readText(cmd: Command, file: string, what: string): string {
-  try {
-    return readFileSync(file, "utf8");
-  } catch (err) {
-    cmd.error(`error: cannot read ${what} ${file}: ${(err as Error).message}`, { exitCode: EXIT.usage });
-  }
-}
-
-export function readPolicyFile(cmd: Command, file: string): string {
-  return readText(cmd, file, "the policy file");
 }
 
 const refVpcOption = () => vpcOption("; needed when REF is a name");

@@ -117,3 +117,13 @@ export function report(err: unknown, fallback: CallOrigin): number {
   process.stderr.write(`error: ${msg} (${codeName(e.code)})\n`);
   return exitFor(e.code);
 }
+
+/** The call's answer, or null where it answered NOT_FOUND (other errors are thrown). */
+export async function notFoundIsNull<T>(p: Promise<T>): Promise<T | null> {
+  try {
+    return await p;
+  } catch (e) {
+    if (e instanceof ConnectError && e.code === Code.NotFound) return null;
+    throw e;
+  }
+}

@@ -7,9 +7,12 @@
 //                                                   "100:ingress:deny:tcp:22:0.0.0.0/0"
 //
 // Both print back in the same form (ruleText, aclEntryText).
+import { readFileSync } from "node:fs";
 import { create } from "@bufbuild/protobuf";
+import type { Command } from "commander";
 import { InvalidArgumentError } from "../../services/common/errors.js";
 import * as V from "../../services/common/validate.js";
+import { EXIT } from "./errors.js";
 import { aclEntryMsg, dirEnum, MAX_ACL_RULE_NUMBER, parseRuleText, sgRuleMsg } from "../../services/firewall/rules.js";
 import {
   AclAction,
@@ -143,4 +146,13 @@ export function aclMatchText(e: NetworkAclEntry): string {
 /** An entry as its text: "100:ingress:deny:tcp:22:0.0.0.0/0". */
 export function aclEntryText(e: NetworkAclEntry): string {
   return `${e.ruleNumber}:${dirWord(e.direction)}:${aclActionWord(e.action)}:${PROTO_WORD[e.protocol] ?? "?"}:${ports(e)}:${e.cidr}`;
+}
+
+/** A policy file's text (sg import, acl import), or a usage error naming the file. */
+export function readPolicyFile(cmd: Command, file: string): string {
+  try {
+    return readFileSync(file, "utf8");
+  } catch (err) {
+    cmd.error(`error: cannot read the policy file ${file}: ${(err as Error).message}`, { exitCode: EXIT.usage });
+  }
 }
