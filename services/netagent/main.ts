@@ -122,18 +122,19 @@ export const netagentDefinition: ServiceDefinition = {
         "overlay enabled",
       );
     }
-    agent.peering = new PeeringSync(agent, redis, logger);
+    const peering = new PeeringSync(agent, redis, logger);
+    agent.peering = peering;
     const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu, overlay });
     // Adopt what the kernel has before answering: the first pass only
     // changes what differs from the desired state.
     agent.start(Number(flags.reconcileIntervalMs));
     overlay?.start();
-    agent.peering.start();
+    peering.start();
     return {
       services: netagentRoutes(svc),
       close: async () => {
         agent.stop();
-        agent.peering?.stop();
+        peering.stop();
         await overlay?.stop();
       },
     };

@@ -13,13 +13,13 @@ import type { Logger } from "pino";
 import { run } from "../common/exec.js";
 import { followEvents } from "../common/events.js";
 import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/store.js";
-import type { Agent } from "./agent.js";
+import type { Agent, AgentPeering } from "./agent.js";
 import { desiredPeering, planPeering, routedPeers, spanOf, PEERING_NEXTHOP, PEERING_PROTO, type NsObserved } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";
 
 const FULL_EVERY = 6;
 
-export class PeeringSync {
+export class PeeringSync implements AgentPeering {
   /** Peerings of the VPCs present here, as last read from Redis. */
   peerings: PeeringRec[] = [];
   lastError = "";
