@@ -44,7 +44,7 @@ import * as V from "../common/validate.js";
 import type { LinkInfo } from "./kernel.js";
 import { names } from "./plan.js";
 import { K } from "../ipam/keys.js";
-import { claimShapeProblem, verifyClaims, type ClaimEvidence, type RejectedClaim } from "./claims.js";
+import { claimShapeProblem, verifyClaims, type ClaimEvidence, type RejectedClaim } from "./overlay/claims.js";
 import { hostKeys, parseNicSpec, type InvalidRecord } from "./schema.js";
 import { overlayKeys } from "./store.js";
 
