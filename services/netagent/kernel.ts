@@ -1,6 +1,12 @@
-// The only netagent module that runs commands, through services/common/exec.ts
-// (argument arrays, LC_ALL=C, a timeout, ExecError on failure). A NIC change
-// is one `ip -batch` exec (plus `tc -batch` only for rate limits):
+// The netagent's kernel adapter. Every command netagent runs goes through
+// an adapter on services/common/exec.ts (argument arrays, LC_ALL=C, a
+// timeout, ExecError on failure): this module for namespaces, links,
+// addresses, routes, neighbours, sysctls, qdiscs and nft, and
+// overlay/wgkernel.ts for what is the overlay's own (its WireGuard devices,
+// `wg`, wireguard-go, the underlay read). One exception is left: peering.ts
+// applies its nft table with run() itself (to go behind an nft adapter).
+// A NIC change is one `ip -batch` exec (plus `tc -batch` only for rate
+// limits):
 // - the VM side of a veth is made from the VPC namespace (`link add … peer
 //   … netns VM`); what must happen inside the VM's namespace (address, up,
 //   route) is a batch file run by `netns exec VM ip -batch FILE`, a line of

@@ -2,17 +2,10 @@
 // `wg set` arguments that turn one peer list into another.
 import assert from "node:assert/strict";
 import { test } from "vitest";
-import {
-  addressProblem,
-  memberProblem,
-  parseDump,
-  peerArgs,
-  recordProblem,
-  selectImplementation,
-  wgName,
-  type PeerWant,
-  type WgProbe,
-} from "../../services/netagent/overlay.js";
+import { peerArgs, type PeerWant } from "../../services/netagent/overlay/plan.js";
+import { addressProblem, memberProblem, recordProblem } from "../../services/netagent/overlay/registry.js";
+import { parseDump, selectImplementation, wgName } from "../../services/netagent/overlay/wg.js";
+import type { WgProbe } from "../../services/netagent/overlay/wgkernel.js";
 
 const K1 = "x".repeat(43) + "=";
 const K2 = "y".repeat(43) + "=";
