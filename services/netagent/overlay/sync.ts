@@ -90,7 +90,7 @@ export class Overlay {
   private readonly proxyArpDone = new Set<string>();
   private mutex: Promise<unknown> = Promise.resolve();
   private readonly wgk: WgKernel;
-  private readonly wg: WgInterfaces;
+  private readonly interfaces: WgInterfaces;
   private readonly registry: OverlayRegistry;
 
   constructor(
@@ -105,7 +105,7 @@ export class Overlay {
     this.dir = join(opts.stateDir, opts.hostId);
     this.keyFile = keyFileIn(this.dir);
     this.wgk = new WgKernel(opts.commands);
-    this.wg = new WgInterfaces(agent, this.wgk, this.dir, opts.hostNetns, log);
+    this.interfaces = new WgInterfaces(agent, this.wgk, this.dir, opts.hostNetns, log);
     this.registry = new OverlayRegistry(redis, opts.hostId);
   }
 
@@ -115,10 +115,10 @@ export class Overlay {
 
   /** What new interfaces get (adopted ones keep theirs). */
   get impl(): WgImpl {
-    return this.wg.impl;
+    return this.interfaces.impl;
   }
   set impl(v: WgImpl) {
-    this.wg.impl = v;
+    this.interfaces.impl = v;
   }
 
   /** Reads the underlay (address, MTU), loads or makes the key. Called once before start(). */
@@ -247,7 +247,7 @@ export class Overlay {
       }
     }
     // Interfaces of VPCs this host no longer has (only judged on a state read from Redis).
-    for (const f of this.agent.loaded ? this.wg.list() : []) {
+    for (const f of this.agent.loaded ? this.interfaces.list() : []) {
       const vpc = f.vpcId;
       if (!vpc || this.agent.desired.vpcs.has(vpc)) continue;
       await this.agent
@@ -266,7 +266,7 @@ export class Overlay {
     const vns = this.agent.nsOf(vpcId);
     const last = this.lastFull.get(vpcId);
     const me = wgName(this.hostId, vpcId);
-    if (!full && last && Date.now() - last.ms < this.fullEveryMs && last.key === this.publicKey && this.wg.alive(me)) {
+    if (!full && last && Date.now() - last.ms < this.fullEveryMs && last.key === this.publicKey && this.interfaces.alive(me)) {
       // Cheap pass: Redis only, no exec, unless something changed.
       try {
         const [mine, fresh] = await Promise.all([this.registry.member(vpcId), this.wantedPeers(vpcId)]);
@@ -292,7 +292,7 @@ export class Overlay {
     if (!want) return changes;
     const args = peerArgs(dump, want);
     if (args.length) {
-      await this.wg.wg(ifname, ["set", ifname, ...args]);
+      await this.interfaces.wg(ifname, ["set", ifname, ...args]);
       changes.push(`peers of ${ifname}: ${want.map((p) => p.hostId).join(",") || "none"}`);
     }
     this.applied.set(vpcId, want);
@@ -328,7 +328,7 @@ export class Overlay {
   /** Makes sure the VPC's interface runs, sits in the VPC namespace, is up with the right key and MTU. */
   async ensureInterface(vpcId: string): Promise<{ ifname: string; port: number; dump: Dump }> {
     const ifname = wgName(this.hostId, vpcId);
-    const r = await this.wg.ensure(vpcId, ifname, { mtu: this.mtu, publicKey: this.publicKey, keyFile: this.keyFile });
+    const r = await this.interfaces.ensure(vpcId, ifname, { mtu: this.mtu, publicKey: this.publicKey, keyFile: this.keyFile });
     return { ifname, ...r };
   }
 
@@ -418,7 +418,7 @@ export class Overlay {
 
   /** Ends the VPC's wireguard-go (by its PID) or deletes its kernel device, removes the membership. */
   async teardown(vpcId: string): Promise<void> {
-    await this.wg.remove(vpcId, wgName(this.hostId, vpcId));
+    await this.interfaces.remove(vpcId, wgName(this.hostId, vpcId));
     this.applied.delete(vpcId);
     this.ports.delete(vpcId);
     this.lastFull.delete(vpcId);
@@ -438,9 +438,9 @@ export class Overlay {
       this.publicKey = key.publicKey;
       this.keyCreatedMs = key.createdMs;
       const rotatedMs = Date.now();
-      for (const f of this.wg.list()) {
-        if (!this.wg.alive(f.ifname)) continue;
-        await this.wg.wg(f.ifname, ["set", f.ifname, "private-key", this.keyFile]);
+      for (const f of this.interfaces.list()) {
+        if (!this.interfaces.alive(f.ifname)) continue;
+        await this.interfaces.wg(f.ifname, ["set", f.ifname, "private-key", this.keyFile]);
       }
       await this.publish("host.rotated");
       this.log.info({ publicKey: this.publicKey }, "host key rotated");
@@ -466,18 +466,18 @@ export class Overlay {
 
   /** VPCs with a running interface here, known to the desired state or not (e.g. right after a restart). */
   runningVpcs(): string[] {
-    return this.wg
+    return this.interfaces
       .list()
-      .filter((f) => f.vpcId && this.wg.alive(f.ifname))
+      .filter((f) => f.vpcId && this.interfaces.alive(f.ifname))
       .map((f) => f.vpcId);
   }
 
   dump(ifname: string): Promise<Dump | null> {
-    return this.wg.dump(ifname);
+    return this.interfaces.dump(ifname);
   }
 
   /** The implementation behind an interface of this host. */
   implementationOf(ifname: string): WgImpl {
-    return this.wg.implementationOf(ifname);
+    return this.interfaces.implementationOf(ifname);
   }
 }
