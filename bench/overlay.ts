@@ -51,7 +51,7 @@ import { availableParallelism, loadavg } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { Redis } from "ioredis";
-import { wgName } from "../services/netagent/overlay.js";
+import { wgName } from "../services/netagent/overlay/wg.js";
 import { Harness, type Vm } from "../test/lib/harness.js";
 import { ipn, nsExec, ping, run, tempDir, trackChild, waitFor } from "../test/lib/netns.js";
 import { machineEnv, cpuUs } from "./lib/cpu.js";

@@ -8,7 +8,6 @@ import { Counter, Gauge } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
 import { failClosedScript } from "../firewall/compile.js";
 import type { Kernel } from "./kernel.js";
-import type { PeeringSync } from "./peering.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
 import { InvalidRecordLog } from "./schema.js";
 import type { HostDesired, HostStore, VpcSpec } from "./store.js";
@@ -25,6 +24,23 @@ const repairs = new Counter({
   registers: [metricsRegistry],
 });
 const nicsGauge = new Gauge({ name: "microvpc_netagent_nics", help: "NICs this host should have.", registers: [metricsRegistry] });
+
+/**
+ * What the reconciler needs of VPC peering (peering.ts's PeeringSync). An
+ * interface, so that agent.ts and peering.ts do not import each other.
+ */
+export interface AgentPeering {
+  lastError: string;
+  readonly lastChanges: string[];
+  /** Adds the VPCs a peering makes this host carry. */
+  extend(desired: HostDesired): Promise<void>;
+  sync(): Promise<string[]>;
+  ack(): Promise<void>;
+  /** For the overlay: the peers of a VPC whose NICs ride its tunnel, and the CIDRs allowed. */
+  routedPeers(vpcId: string): { vpcId: string; cidrs: string[] }[];
+  /** A pass soon if the VPC has peerings (for the API, when a VPC becomes held here). */
+  kickIfPeered(vpcId: string): Promise<void>;
+}
 
 export interface AgentStatus {
   lastReconcileMs: number;
@@ -84,7 +100,7 @@ export class Agent {
   /** The WireGuard overlay, when enabled (--overlay). */
   overlay?: { syncAll(full?: boolean): Promise<void>; teardown(vpcId: string): Promise<void>; forgetBridges(vpcId: string): void };
   /** VPC peering (services/netagent/peering.ts). */
-  peering?: PeeringSync;
+  peering?: AgentPeering;
   /**
    * A namespace this agent creates forwards nothing until the firewall's
    * first pass replaces its tables (failClosedScript). False

@@ -1,6 +1,12 @@
-// The only netagent module that runs commands, through services/common/exec.ts
-// (argument arrays, LC_ALL=C, a timeout, ExecError on failure). A NIC change
-// is one `ip -batch` exec (plus `tc -batch` only for rate limits):
+// The netagent's kernel adapter. Every command netagent runs goes through
+// an adapter on services/common/exec.ts (argument arrays, LC_ALL=C, a
+// timeout, ExecError on failure): this module for namespaces, links,
+// addresses, routes, neighbours, sysctls, qdiscs and nft, and
+// overlay/wgkernel.ts for what is the overlay's own (its WireGuard devices,
+// `wg`, wireguard-go, the underlay read). One exception is left: peering.ts
+// applies its nft table with run() itself (to go behind an nft adapter).
+// A NIC change is one `ip -batch` exec (plus `tc -batch` only for rate
+// limits):
 // - the VM side of a veth is made from the VPC namespace (`link add … peer
 //   … netns VM`); what must happen inside the VM's namespace (address, up,
 //   route) is a batch file run by `netns exec VM ip -batch FILE`, a line of
@@ -33,6 +39,23 @@ export interface LinkInfo {
   linkNetnsId?: number;
 }
 
+/** A route as `ip -j route show` lists it. */
+export interface RouteInfo {
+  dst: string;
+  type?: string;
+  gateway?: string;
+  dev?: string;
+  metric?: number;
+}
+
+/** A neighbour entry as `ip -j neigh show` lists it. */
+export interface NeighInfo {
+  dst: string;
+  dev: string;
+  lladdr?: string;
+  state?: string[];
+}
+
 export interface QdiscInfo {
   dev: string;
   kind: string;
@@ -49,6 +72,10 @@ export interface Kernel {
   /** One device, or null if it does not exist. */
   link(ns: string, ifname: string): Promise<LinkInfo | null>;
   qdiscs(ns: string): Promise<QdiscInfo[]>;
+  /** `ip -j route show SELECTOR…` (e.g. ["proto", "77"], ["dev", "wg0"]). */
+  routes(ns: string, selector: string[]): Promise<RouteInfo[]>;
+  /** `ip -j neigh show ADDRESS`. */
+  neighbours(ns: string, address: string): Promise<NeighInfo[]>;
   /**
    * Runs `ip -n ns -batch -` (ns "" = the agent's own namespace). Each guest
    * batch runs after `lines`, inside its namespace: from the same exec when
@@ -67,6 +94,8 @@ export interface Kernel {
   /** Runs `tc -n ns -batch -`. */
   tcBatch(ns: string, lines: string[]): Promise<void>;
   sysctl(ns: string, key: string, value: string): Promise<void>;
+  /** Several sysctls of the namespace in one exec, in order. */
+  sysctls(ns: string, settings: [key: string, value: string][]): Promise<void>;
   /** Runs `nft -f -` with the script inside the namespace (one transaction). */
   nft(ns: string, script: string): Promise<void>;
   /** Link counters from /sys via `ip -s -j link`. */
@@ -202,6 +231,14 @@ export class LinuxKernel implements Kernel {
     }));
   }
 
+  async routes(ns: string, selector: string[]): Promise<RouteInfo[]> {
+    return JSON.parse((await run("ip", [...nsArgs(ns), "-j", "route", "show", ...selector])).stdout || "[]") as RouteInfo[];
+  }
+
+  async neighbours(ns: string, address: string): Promise<NeighInfo[]> {
+    return JSON.parse((await run("ip", [...nsArgs(ns), "-j", "neigh", "show", address])).stdout || "[]") as NeighInfo[];
+  }
+
   // Batches quote their first lines in the error: ip names only the failing line's number.
   async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []): Promise<void> {
     const all = [...lines];
@@ -277,7 +314,11 @@ export class LinuxKernel implements Kernel {
   }
 
   async sysctl(ns: string, key: string, value: string): Promise<void> {
-    await run("ip", ["netns", "exec", ns, "sysctl", "-q", "-w", `${key}=${value}`]);
+    await this.sysctls(ns, [[key, value]]);
+  }
+
+  async sysctls(ns: string, settings: [string, string][]): Promise<void> {
+    await run("ip", ["netns", "exec", ns, "sysctl", "-q", "-w", ...settings.map(([k, v]) => `${k}=${v}`)]);
   }
 
   async nft(ns: string, script: string): Promise<void> {
@@ -330,6 +371,12 @@ export class RecordingKernel implements Kernel {
   async qdiscs() {
     return [];
   }
+  async routes() {
+    return [];
+  }
+  async neighbours() {
+    return [];
+  }
   async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []) {
     const g = guests.filter((x) => x.lines.length).map((x) => `netns exec ${namedNetns(x.netnsPath) ?? x.netnsPath} ip -batch:\n    ${x.lines.join("\n    ")}`);
     if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
@@ -347,6 +394,9 @@ export class RecordingKernel implements Kernel {
   }
   async sysctl(ns: string, k: string, v: string) {
     this.calls.push(`sysctl ${ns} ${k}=${v}`);
+  }
+  async sysctls(ns: string, settings: [string, string][]) {
+    this.calls.push(`sysctl ${ns} ${settings.map(([k, v]) => `${k}=${v}`).join(" ")}`);
   }
   async nft(ns: string, script: string) {
     this.calls.push(`nft ${ns}:\n  ${script.trimEnd().split("\n").join("\n  ")}`);

@@ -6,7 +6,9 @@ import { IpamStore } from "../ipam/store.js";
 import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
-import { addressProblem, Overlay, type WgMode } from "./overlay.js";
+import { addressProblem } from "./overlay/registry.js";
+import { Overlay } from "./overlay/sync.js";
+import type { WgMode } from "./overlay/wg.js";
 import { PeeringSync } from "./peering.js";
 import { netagentRoutes } from "./routes.js";
 import { HostStore } from "./store.js";
@@ -110,18 +112,19 @@ export const netagentDefinition: ServiceDefinition = {
         "overlay enabled",
       );
     }
-    agent.peering = new PeeringSync(agent, redis, logger);
+    const peering = new PeeringSync(agent, redis, logger);
+    agent.peering = peering;
     const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu, overlay });
     // Adopt what the kernel has before answering: the first pass only
     // changes what differs from the desired state.
     agent.start(Number(flags.reconcileIntervalMs));
     overlay?.start();
-    agent.peering.start();
+    peering.start();
     return {
       services: netagentRoutes(svc),
       close: async () => {
         agent.stop();
-        agent.peering?.stop();
+        peering.stop();
         await overlay?.stop();
       },
     };

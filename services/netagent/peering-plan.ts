@@ -28,7 +28,7 @@
 //   forwards A's packets on to C, whatever A sends).
 import { createHash } from "node:crypto";
 import type { PeeringRec } from "../peering/store.js";
-import type { LinkInfo } from "./kernel.js";
+import type { LinkInfo, NeighInfo, RouteInfo } from "./kernel.js";
 
 /** What the planner needs of a peering record. */
 export type PeeringLike = Pick<PeeringRec, "id" | "vpc1Id" | "vpc2Id" | "vpc1Cidr" | "vpc2Cidr" | "vpc1Allowed" | "vpc2Allowed">;
@@ -114,20 +114,8 @@ export function desiredPeering(present: Set<string>, peerings: PeeringLike[], ns
   return out;
 }
 
-export interface RouteObs {
-  dst: string;
-  type?: string;
-  gateway?: string;
-  dev?: string;
-  metric?: number;
-}
-
-export interface NeighObs {
-  dst: string;
-  dev: string;
-  lladdr?: string;
-  state?: string[];
-}
+export type RouteObs = RouteInfo;
+export type NeighObs = NeighInfo;
 
 export interface NsObserved {
   exists: boolean;

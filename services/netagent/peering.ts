@@ -13,23 +13,13 @@ import type { Logger } from "pino";
 import { run } from "../common/exec.js";
 import { followEvents } from "../common/events.js";
 import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/store.js";
-import type { Agent } from "./agent.js";
-import {
-  desiredPeering,
-  planPeering,
-  routedPeers,
-  spanOf,
-  PEERING_NEXTHOP,
-  PEERING_PROTO,
-  type NeighObs,
-  type NsObserved,
-  type RouteObs,
-} from "./peering-plan.js";
+import type { Agent, AgentPeering } from "./agent.js";
+import { desiredPeering, planPeering, routedPeers, spanOf, PEERING_NEXTHOP, PEERING_PROTO, type NsObserved } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";
 
 const FULL_EVERY = 6;
 
-export class PeeringSync {
+export class PeeringSync implements AgentPeering {
   /** Peerings of the VPCs present here, as last read from Redis. */
   peerings: PeeringRec[] = [];
   lastError = "";
@@ -106,15 +96,10 @@ export class PeeringSync {
     if (!existsSync(`/run/netns/${ns}`)) return { exists: false, links: [], routes: [], neigh: [] };
     const [links, routes, neigh] = await Promise.all([
       this.agent.kernel.links(ns),
-      run("ip", ["-n", ns, "-j", "route", "show", "proto", String(PEERING_PROTO)]),
-      run("ip", ["-n", ns, "-j", "neigh", "show", PEERING_NEXTHOP]),
+      this.agent.kernel.routes(ns, ["proto", String(PEERING_PROTO)]),
+      this.agent.kernel.neighbours(ns, PEERING_NEXTHOP),
     ]);
-    return {
-      exists: true,
-      links: links.filter((l) => /^pc[0-9a-f]{12}$/.test(l.ifname)),
-      routes: JSON.parse(routes.stdout || "[]") as RouteObs[],
-      neigh: JSON.parse(neigh.stdout || "[]") as NeighObs[],
-    };
+    return { exists: true, links: links.filter((l) => /^pc[0-9a-f]{12}$/.test(l.ifname)), routes, neigh };
   }
 
   /** One pass over every VPC namespace of this host. */

@@ -34,7 +34,9 @@ import {
 import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
 import type { Agent } from "./agent.js";
-import { recordProblem, wgName, type HostRecord, type Overlay } from "./overlay.js";
+import { recordProblem, type HostRecord } from "./overlay/registry.js";
+import type { Overlay } from "./overlay/sync.js";
+import { wgName } from "./overlay/wg.js";
 import { overlayKeys } from "./store.js";
 import * as S from "./schema.js";
 import type { Kernel } from "./kernel.js";

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
-import { wgName } from "../../services/netagent/overlay.js";
+import { wgName } from "../../services/netagent/overlay/wg.js";
 import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
 import { ping, routes, waitFor } from "../lib/netns.js";
 

@@ -24,7 +24,7 @@ import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { NetAgentService, NicKind, type BandwidthLimitSchema, type Nic } from "../../gen/microvpc/v1/netagent_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { interfacesIn } from "../../services/netagent/overlay.js";
+import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { ipamClients } from "./clients.js";
 import { ROOT, startDaemon, type Daemon } from "./daemon.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";

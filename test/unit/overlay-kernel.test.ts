@@ -13,7 +13,9 @@ import { pino } from "pino";
 import { afterAll, test } from "vitest";
 import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel, type LinkInfo } from "../../services/netagent/kernel.js";
-import { Overlay, wgName, type WgCommands, type WgImpl } from "../../services/netagent/overlay.js";
+import { Overlay } from "../../services/netagent/overlay/sync.js";
+import { wgName, type WgImpl } from "../../services/netagent/overlay/wg.js";
+import type { WgCommands } from "../../services/netagent/overlay/wgkernel.js";
 import type { RunOptions, RunResult } from "../../services/common/exec.js";
 import type { HostStore } from "../../services/netagent/store.js";
 

@@ -2,17 +2,11 @@
 // `wg set` arguments that turn one peer list into another.
 import assert from "node:assert/strict";
 import { test } from "vitest";
-import {
-  addressProblem,
-  memberProblem,
-  parseDump,
-  peerArgs,
-  recordProblem,
-  selectImplementation,
-  wgName,
-  type PeerWant,
-  type WgProbe,
-} from "../../services/netagent/overlay.js";
+import * as V from "../../services/common/validate.js";
+import { allowedWithin, keepDuringOutage, nominate, overlayMtu, peerArgs, peersOf, routeLines, type PeerWant } from "../../services/netagent/overlay/plan.js";
+import { addressProblem, memberProblem, recordProblem } from "../../services/netagent/overlay/registry.js";
+import { parseDump, selectImplementation, wgName } from "../../services/netagent/overlay/wg.js";
+import type { WgProbe } from "../../services/netagent/overlay/wgkernel.js";
 
 const K1 = "x".repeat(43) + "=";
 const K2 = "y".repeat(43) + "=";
@@ -144,4 +138,69 @@ test("selectImplementation: the kernel module when a kernel device can be made, 
     }
     assert.equal(probe.tried, c.probes, `${c.name}: probes`);
   }
+});
+
+const hostRec = (id: string, publicKey: string, address: string) => ({
+  id,
+  publicKey,
+  address,
+  mtu: 1500,
+  underlayMtu: 1500,
+  vpcIds: [],
+  registeredMs: 1,
+  keyCreatedMs: 1,
+  agentVersion: "",
+});
+
+test("peersOf: one peer per other host with its addresses as /32s; a host holding our own key gets none", () => {
+  const hosts = [
+    { hostId: "hv1", record: hostRec("hv1", K1, "192.168.100.11"), port: 40000 },
+    { hostId: "hv2", record: hostRec("hv2", K2, "fd00::2"), port: 40001 },
+    { hostId: "hv3", record: hostRec("hv3", K3, "192.168.100.13"), port: 40002 },
+  ];
+  const addrs = { "10.0.1.5": "hv1", "10.0.1.4": "hv1", "10.0.2.9": "hv2", "10.0.3.1": "hv3" };
+  assert.deepEqual(peersOf(hosts, K3, addrs), [
+    { hostId: "hv1", publicKey: K1, endpoint: "192.168.100.11:40000", allowedIps: ["10.0.1.4/32", "10.0.1.5/32"] },
+    { hostId: "hv2", publicKey: K2, endpoint: "[fd00::2]:40001", allowedIps: ["10.0.2.9/32"] },
+  ]);
+});
+
+test("keepDuringOutage: fresh peers first, then the applied hosts Redis no longer lists", () => {
+  const p = (hostId: string, ip: string): PeerWant => ({ hostId, publicKey: hostId, endpoint: "", allowedIps: [ip] });
+  assert.deepEqual(keepDuringOutage([p("hv1", "10.0.0.9/32")], [p("hv1", "10.0.0.1/32"), p("hv2", "10.0.0.2/32")]), [
+    p("hv1", "10.0.0.9/32"),
+    p("hv2", "10.0.0.2/32"),
+  ]);
+});
+
+test("routeLines: deletes routes no peer wants (a bare dst is a /32), adds the missing ones", () => {
+  const want: PeerWant[] = [{ hostId: "hv1", publicKey: K1, endpoint: "", allowedIps: ["10.0.1.5/32", "10.0.1.6/32"] }];
+  assert.deepEqual(routeLines("wg0", ["10.0.1.5", "10.0.1.7"], want), ["route del 10.0.1.7/32 dev wg0", "route replace 10.0.1.6/32 dev wg0"]);
+  assert.deepEqual(routeLines("wg0", ["10.0.1.5/32", "10.0.1.6"], want), []);
+});
+
+test("nominate: malformed claims are rejected, our own and unwanted ones dropped silently", () => {
+  const vpc = V.cidr("cidr", "10.0.0.0/16", { min: 8, max: 28 });
+  const raw = { "10.0.1.5": "hv1", "10.0.1.6": "hv0", "10.9.0.1": "hv1", "10.0.2.1": "hv2" };
+  const own = nominate("hv0", raw, [vpc], null);
+  assert.deepEqual(
+    [...own.claims],
+    [
+      ["10.0.1.5", "hv1"],
+      ["10.0.2.1", "hv2"],
+    ],
+  );
+  assert.deepEqual(
+    own.rejected.map((r) => r.address),
+    ["10.9.0.1"],
+  );
+  const peered = nominate("hv0", raw, [vpc], allowedWithin(vpc, ["10.0.2.0/24", "10.1.0.0/24", "junk"]));
+  assert.deepEqual([...peered.claims], [["10.0.2.1", "hv2"]]);
+  assert.equal(peered.wanted("10.0.1.5"), false);
+  assert.deepEqual(allowedWithin(null, ["10.0.2.0/24"]), []);
+});
+
+test("overlayMtu: 60 bytes of WireGuard over IPv4, 80 over IPv6", () => {
+  assert.equal(overlayMtu(1500, "192.168.100.10"), 1440);
+  assert.equal(overlayMtu(9000, "fd00::1"), 8920);
 });

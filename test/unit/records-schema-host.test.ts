@@ -4,7 +4,7 @@
 // overlay claim rule (claims.ts) on hand-made evidence.
 import assert from "node:assert/strict";
 import { describe, test } from "vitest";
-import { claimShapeProblem, verifyClaims, type ClaimEvidence } from "../../services/netagent/claims.js";
+import { claimShapeProblem, verifyClaims, type ClaimEvidence } from "../../services/netagent/overlay/claims.js";
 import type { NicSpec, SubnetSpec } from "../../services/netagent/plan.js";
 import { nicSubnetProblem, parseNicSpec, parseSubnetSpec, parseVpcSpec, type Parsed } from "../../services/netagent/schema.js";
 import { parsePeeringRecord } from "../../services/peering/schema.js";

@@ -31,8 +31,8 @@
 // alone. Every rejection is reported with its reason (GetOverlayStatus
 // rejected_addresses, the invalid-records metric); the other addresses, and
 // so `wg set` for the VPC, are unaffected.
-import * as V from "../common/validate.js";
-import { parseNicSpec } from "./schema.js";
+import * as V from "../../common/validate.js";
+import { parseNicSpec } from "../schema.js";
 
 const HOST_RE = /^[a-z0-9-]{1,63}$/;
 
