@@ -261,6 +261,13 @@ function snapshot(o: NftObject): NftObject {
 export class NftTransaction {
   private readonly list: Op[] = [];
 
+  /** One transaction running the operations of each in turn (they were validated when added). */
+  static concat(...txs: NftTransaction[]): NftTransaction {
+    const out = new NftTransaction();
+    for (const t of txs) out.list.push(...t.list);
+    return out;
+  }
+
   /** The operations in order (read-only copies of what was validated). */
   get ops(): readonly Op[] {
     return this.list;
