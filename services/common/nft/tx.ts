@@ -326,7 +326,7 @@ function renderItem(it: TableItem): string {
   return `  ${it.kind} ${it.name} ${setBody(it)}`;
 }
 
-function renderOp({ verb, obj: o }: Op): string {
+export function renderOp({ verb, obj: o }: Op): string {
   if (o.kind === "table") {
     if (o.content) return [`table ${o.family} ${o.name} {`, ...o.content.map(renderItem), `}`].join("\n");
     return `${verb} table ${o.family} ${o.name}`;
