@@ -82,9 +82,11 @@ export class FirewallSync {
   constructor(
     readonly nft: NftRunner,
     readonly source: StateSource,
-    readonly host: HostStore,
+    readonly host: Pick<HostStore, "load">,
     readonly hostId: string,
     readonly log: Logger,
+    /** Whether a VPC's namespace exists here (tests, with FakeNft, have none). */
+    readonly nsExists: (ns: string) => boolean = (ns) => existsSync(`/run/netns/${ns}`),
   ) {}
 
   /** Local VPCs with their subnets and NICs, from the netagent's desired state. */
@@ -163,7 +165,7 @@ export class FirewallSync {
       const local = await this.localState(only);
       for (const [vpcId, l] of local) {
         const ns = names.netns(this.hostId, vpcId);
-        if (!existsSync(`/run/netns/${ns}`)) {
+        if (!this.nsExists(ns)) {
           this.errors.delete(vpcId);
           continue;
         }
