@@ -18,6 +18,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run } from "../common/exec.js";
+import { LinuxNft } from "../common/nft/linux.js";
+import { render, type NftTransaction } from "../common/nft/tx.js";
 
 export interface LinkInfo {
   ifname: string;
@@ -67,8 +69,8 @@ export interface Kernel {
   /** Runs `tc -n ns -batch -`. */
   tcBatch(ns: string, lines: string[]): Promise<void>;
   sysctl(ns: string, key: string, value: string): Promise<void>;
-  /** Runs `nft -f -` with the script inside the namespace (one transaction). */
-  nft(ns: string, script: string): Promise<void>;
+  /** Runs the transaction inside the namespace (one `nft -f -`, through LinuxNft). */
+  nft(ns: string, tx: NftTransaction): Promise<void>;
   /** Link counters from /sys via `ip -s -j link`. */
   stats(ns: string, ifname: string): Promise<LinkStats | null>;
   linksAt(netnsPath: string): Promise<LinkInfo[]>;
@@ -280,8 +282,10 @@ export class LinuxKernel implements Kernel {
     await run("ip", ["netns", "exec", ns, "sysctl", "-q", "-w", `${key}=${value}`]);
   }
 
-  async nft(ns: string, script: string): Promise<void> {
-    await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script, inputInError: true });
+  private readonly nftApplier = new LinuxNft({ inputInError: true });
+
+  async nft(ns: string, tx: NftTransaction): Promise<void> {
+    await this.nftApplier.apply(ns, tx);
   }
 
   async stats(ns: string, ifname: string): Promise<LinkStats | null> {
@@ -348,8 +352,8 @@ export class RecordingKernel implements Kernel {
   async sysctl(ns: string, k: string, v: string) {
     this.calls.push(`sysctl ${ns} ${k}=${v}`);
   }
-  async nft(ns: string, script: string) {
-    this.calls.push(`nft ${ns}:\n  ${script.trimEnd().split("\n").join("\n  ")}`);
+  async nft(ns: string, tx: NftTransaction) {
+    this.calls.push(`nft ${ns}:\n  ${render(tx).trimEnd().split("\n").join("\n  ")}`);
   }
   async stats() {
     return null;

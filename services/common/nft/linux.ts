@@ -49,6 +49,8 @@ export function parseConntrack(text: string): CtEntry[] {
 export interface LinuxNftOptions {
   /** Of one `nft -f -` (default exec's 30 s; the firewall gives 60 s: a large ruleset is one transaction). */
   timeoutMs?: number;
+  /** Quote the script's first lines in the error (the netagent's fail-closed skeleton, as before). */
+  inputInError?: boolean;
 }
 
 export class LinuxNft implements NftRunner {
@@ -65,7 +67,12 @@ export class LinuxNft implements NftRunner {
    * tables only: the daemons build a transaction and call apply().
    */
   async applyText(ns: string, text: string): Promise<void> {
-    await run("nft", ["-f", "-"], { netns: ns, input: text, ...(this.opts.timeoutMs ? { timeoutMs: this.opts.timeoutMs } : {}) });
+    await run("nft", ["-f", "-"], {
+      netns: ns,
+      input: text,
+      ...(this.opts.timeoutMs ? { timeoutMs: this.opts.timeoutMs } : {}),
+      ...(this.opts.inputInError ? { inputInError: true } : {}),
+    });
   }
 
   /** Reads: the caller looks at the exit code (no table yet, no conntrack entries). */
