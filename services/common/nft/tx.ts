@@ -240,22 +240,28 @@ function check(verb: Verb, o: NftObject): void {
   }
 }
 
-/** Copies what a caller could change afterwards, so an op stays what was validated. */
+const copySet = <T extends SetSpec>(x: T): T => ({ ...x, ...(x.flags ? { flags: [...x.flags] } : {}), ...(x.elements ? { elements: [...x.elements] } : {}) });
+
+function copyItem(i: TableItem): TableItem {
+  if (i.kind === "chain") return { ...i, ...(i.base ? { base: { ...i.base } } : {}), rules: [...i.rules] };
+  return i.kind === "counter" ? { ...i } : copySet(i);
+}
+
+/** A copy the caller cannot change afterwards: what is checked is what is rendered. */
 function snapshot(o: NftObject): NftObject {
-  if (o.kind === "table")
-    return {
-      ...o,
-      ...(o.content
-        ? {
-            content: o.content.map((i) =>
-              "rules" in i ? { ...i, rules: [...i.rules] } : "elements" in i && i.elements ? { ...i, elements: [...i.elements] } : { ...i },
-            ),
-          }
-        : {}),
-    };
-  if (o.kind === "element") return { ...o, elements: [...o.elements] };
-  if (o.kind === "set" || o.kind === "map") return { ...o, ...(o.flags ? { flags: [...o.flags] } : {}) };
-  return { ...o };
+  switch (o.kind) {
+    case "table":
+      return { ...o, ...(o.content ? { content: o.content.map(copyItem) } : {}) };
+    case "chain":
+      return { ...o, ...(o.base ? { base: { ...o.base } } : {}) };
+    case "element":
+      return { ...o, elements: [...o.elements] };
+    case "set":
+    case "map":
+      return copySet(o);
+    default:
+      return { ...o };
+  }
 }
 
 export class NftTransaction {
@@ -278,8 +284,9 @@ export class NftTransaction {
   }
 
   private push(verb: Verb, o: NftObject): this {
-    check(verb, o);
-    this.list.push({ verb, obj: snapshot(o) });
+    const obj = snapshot(o);
+    check(verb, obj);
+    this.list.push({ verb, obj });
     return this;
   }
 
