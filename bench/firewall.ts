@@ -2,7 +2,7 @@
 // run it prints, and writes as JSON to bench/results/firewall-<date>.json:
 //   1. compile + apply time of one security group of 10, 1 000 and 10 000
 //      rules bound to a NIC: services/firewall/compile.ts's compile() in this
-//      process, then its full-replace script through LinuxNft.apply
+//      process, then its full-replace script through LinuxNft.applyText
 //      (`ip netns exec NS nft -f -`, the daemon's own applier) into a scratch
 //      namespace of the run — direct, not through the daemon. Beside it, in
 //      the same rounds: the same rules as one linear nft rule each (the
@@ -10,7 +10,7 @@
 //      `nft -f` exec (a script that changes nothing);
 //   2. one membership change with 10, 1 000 and 10 000 rules loaded: a NIC of
 //      another host joins (then leaves) the group a rule of the bound group
-//      names as its peer: compile(next) + diff(prev, next) + LinuxNft.apply of
+//      names as its peer: compile(next) + diff(prev, next) + LinuxNft.applyText of
 //      the incremental script (one `add element` / `delete element` line);
 //   3. through the real daemons (a harness of two simulated hypervisors,
 //      `microvpcd firewall` on each): the same membership change at 10 and
@@ -209,7 +209,7 @@ function linearScript(total: number): string {
   ].join("\n");
 }
 
-const nft = new LinuxNft();
+const nft = new LinuxNft({ timeoutMs: 60_000 });
 /** An existence check that reads one small set of the table (the alternative measured beside LinuxNft.tableExists). */
 const SMALL_CHECK = ["list", "set", "inet", "microvpc", "intra_subnet"];
 
@@ -267,7 +267,7 @@ async function part1(): Promise<Part1[]> {
     ns[size] = { mv: await createNetns(`${P}-a${size}`), lin: await createNetns(`${P}-l${size}`) };
   }
   const floorNs = await createNetns(`${P}-floor`);
-  await nft.apply(floorNs, "table inet bench_floor {\n  set s { type ipv4_addr; }\n}\n");
+  await nft.applyText(floorNs, "table inet bench_floor {\n  set s { type ipv4_addr; }\n}\n");
   // A script that changes nothing: one exec of ip netns exec + nft, one empty transaction.
   const floorScript = "add table inet bench_floor\n";
   for (const size of SIZES) {
@@ -276,10 +276,10 @@ async function part1(): Promise<Part1[]> {
     const { script } = compile(st);
     const compileMs = msSince(s);
     s = performance.now();
-    await nft.apply(ns[size].mv, script);
+    await nft.applyText(ns[size].mv, script);
     const applyMs = msSince(s);
     s = performance.now();
-    await nft.apply(ns[size].lin, linearScript(size));
+    await nft.applyText(ns[size].lin, linearScript(size));
     const linearCreateMs = msSince(s);
     states.set(size, { script });
     out.push({
@@ -311,7 +311,7 @@ async function part1(): Promise<Part1[]> {
         const { script } = compile(st);
         const compileMs = msSince(s);
         s = performance.now();
-        await nft.apply(ns[r.size].mv, script);
+        await nft.applyText(ns[r.size].mv, script);
         const applyMs = msSince(s);
         if (!warm) r.replace.push({ compileMs, applyMs, totalMs: compileMs + applyMs });
       },
@@ -321,7 +321,7 @@ async function part1(): Promise<Part1[]> {
       async run(_round, warm) {
         const script = linearScript(r.size);
         const s = performance.now();
-        await nft.apply(ns[r.size].lin, script);
+        await nft.applyText(ns[r.size].lin, script);
         if (!warm) r.linearReplaceMs.push(msSince(s));
       },
     });
@@ -329,7 +329,7 @@ async function part1(): Promise<Part1[]> {
       name: `floor${r.size}`,
       async run(_round, warm) {
         const s = performance.now();
-        await nft.apply(floorNs, floorScript);
+        await nft.applyText(floorNs, floorScript);
         if (!warm) r.floorMs.push(msSince(s));
       },
     });
@@ -352,7 +352,7 @@ async function part1(): Promise<Part1[]> {
     bulk.chosen = { shrink: choice(diff(big.model, little.model)), grow: choice(diff(little.model, big.model)) };
     const timed = async (script: string) => {
       const s = performance.now();
-      await nft.apply(ns[top].mv, script);
+      await nft.applyText(ns[top].mv, script);
       return msSince(s);
     };
     for (let i = 0; i < 2; i++) {
@@ -399,7 +399,7 @@ async function part2(): Promise<Part2[]> {
   for (const size of SIZES) {
     const ns = await createNetns(`${P}-m${size}`);
     const { model, script } = compile(scratchState(size, base));
-    await nft.apply(ns, script);
+    await nft.applyText(ns, script);
     ctx.set(size, { ns, model, inSet: false, k: 0 });
     out.push({ size, samples: [], memberSeen: false });
   }
@@ -419,7 +419,7 @@ async function part2(): Promise<Part2[]> {
       const diffMs = msSince(s);
       if (d === null || d === "") throw new Error(`membership change at ${r.size} rules: diff gave ${d === null ? "a full replace" : "nothing"}`);
       s = performance.now();
-      await nft.apply(c.ns, d);
+      await nft.applyText(c.ns, d);
       const applyMs = msSince(s);
       s = performance.now();
       const exists = await nft.tableExists(c.ns);
@@ -797,7 +797,7 @@ async function main(): Promise<number> {
     `  diff() picks: removing them ${bulk.chosen.shrink}, adding them ${bulk.chosen.grow} (it replaces the table past ${MAX_ELEMENT_DELETIONS} element deletions).`,
   );
 
-  p(heading(`2. One membership change with the rules loaded (direct: compile(next) + diff(prev, next) + LinuxNft.apply of the diff)`));
+  p(heading(`2. One membership change with the rules loaded (direct: compile(next) + diff(prev, next) + LinuxNft.applyText of the diff)`));
   p(`The bound group also has a rule "tcp 5432 from members of group P"; an address joins P (one \`add element\` line into P's`);
   p(`members set), then leaves it (one \`delete element\`). ${TOGGLES} changes per size (half each way), interleaved across sizes, p50 (p99).`);
   const tg = (r: Part2, kind: "join" | "leave", f: (x: ToggleSample) => number) => lat(r.samples.filter((x) => x.kind === kind).map(f));

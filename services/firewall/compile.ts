@@ -9,6 +9,7 @@
 //   * a group named as a peer is a set of member addresses that changes by
 //     element when a NIC joins or leaves.
 // Every name is a constant or derived from a validated id.
+import { NftTransaction, render, renderTable, type Table, type TableItem } from "../common/nft/tx.js";
 import { names as gwNames } from "../gateway/plan.js";
 import type { AclEntry, BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "./model.js";
 
@@ -20,8 +21,10 @@ const hex = (id: string) => id.slice(-12);
 export interface SetModel {
   family: "inet" | "bridge";
   name: string;
-  /** nft type and flags, e.g. "ipv4_addr . inet_proto . inet_service; flags interval". */
-  decl: string;
+  kind: "set" | "map";
+  /** nft type, e.g. "ipv4_addr . inet_proto . inet_service". */
+  type: string;
+  interval?: boolean;
   elements: string[];
   /**
    * A set that exists only while something uses it (a group's rule sets, a
@@ -32,7 +35,7 @@ export interface SetModel {
 }
 
 export interface FwModel {
-  /** The fixed part of both tables (base chains, maps, fixed sets): if this differs, the table is replaced. */
+  /** The fixed part of both tables (base chains, maps, fixed sets), as nft text: if this differs, the table is replaced. */
   skeleton: string;
   sets: Map<string, SetModel>;
   /**
@@ -112,11 +115,22 @@ function aclRule(e: AclEntry, peer: "saddr" | "daddr"): string {
   return `${m.join(" ")} ${e.action === "allow" ? "return" : "counter drop"} comment "rule ${e.ruleNumber}"`;
 }
 
-/** Compiles one VPC namespace's firewall: returns its model and the full replace script. */
-export function compile(st: VpcFirewallState): { model: FwModel; script: string } {
+/** nft type with "; flags interval" → the set's type and whether it holds intervals. */
+type Decl = [type: string, interval?: "interval"];
+
+/** Compiles one VPC namespace's firewall: returns its model and the full replace transaction (and its text). */
+export function compile(st: VpcFirewallState): { model: FwModel; tx: NftTransaction; script: string } {
   const sets = new Map<string, SetModel>();
-  const addSet = (family: "inet" | "bridge", name: string, decl: string, elements: string[], dynamic = true) =>
-    sets.set(`${family} ${name}`, { family, name, decl, elements: uniq(elements), ...(dynamic ? { dynamic } : {}) });
+  const addSet = (family: "inet" | "bridge", name: string, [type, interval]: Decl, elements: string[], dynamic = true) =>
+    sets.set(`${family} ${name}`, {
+      family,
+      name,
+      kind: "set",
+      type,
+      ...(interval ? { interval: true } : {}),
+      elements: uniq(elements),
+      ...(dynamic ? { dynamic } : {}),
+    });
   const chains = new Map<string, string[]>();
   const transit = gwNames.vpcSide(st.vpcId);
   const nicIn: string[] = [];
@@ -135,10 +149,10 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
       const verdict = dir === "ingress" ? "accept" : `meta mark set meta mark | ${EGRESS_OK} return`;
       const s = groupSets(g.rules, dir);
       const base = `sg_${hex(gid)}_${d}`;
-      addSet("inet", `${base}_ports`, "type ipv4_addr . inet_proto . inet_service; flags interval", s.ports);
-      addSet("inet", `${base}_all`, "type ipv4_addr; flags interval", s.all);
-      addSet("inet", `${base}_icmp`, "type ipv4_addr . icmp_type . icmp_code; flags interval", s.icmp);
-      addSet("inet", `${base}_icmpany`, "type ipv4_addr; flags interval", s.icmpAny);
+      addSet("inet", `${base}_ports`, ["ipv4_addr . inet_proto . inet_service", "interval"], s.ports);
+      addSet("inet", `${base}_all`, ["ipv4_addr", "interval"], s.all);
+      addSet("inet", `${base}_icmp`, ["ipv4_addr . icmp_type . icmp_code", "interval"], s.icmp);
+      addSet("inet", `${base}_icmpany`, ["ipv4_addr", "interval"], s.icmpAny);
       const rules = [
         `ip ${peer} . meta l4proto . th dport @${base}_ports ${verdict}`,
         `ip ${peer} @${base}_all ${verdict}`,
@@ -148,8 +162,8 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
       for (const [pg, p] of [...s.peers.entries()].sort()) {
         peerGroups.add(pg);
         const ps = `${base}_g_${hex(pg)}`;
-        addSet("inet", ps, "type inet_proto . inet_service; flags interval", p.ports);
-        addSet("inet", `${ps}_icmp`, "type icmp_type . icmp_code; flags interval", p.icmp);
+        addSet("inet", ps, ["inet_proto . inet_service", "interval"], p.ports);
+        addSet("inet", `${ps}_icmp`, ["icmp_type . icmp_code", "interval"], p.icmp);
         rules.push(`ip ${peer} @members_${hex(pg)} meta l4proto . th dport @${ps} ${verdict}`);
         rules.push(`meta l4proto icmp ip ${peer} @members_${hex(pg)} icmp type . icmp code @${ps}_icmp ${verdict}`);
         if (p.icmpAny) rules.push(`meta l4proto icmp ip ${peer} @members_${hex(pg)} ${verdict}`);
@@ -158,7 +172,7 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
       chains.set(base, rules);
     }
   }
-  for (const pg of [...peerGroups].sort()) addSet("inet", `members_${hex(pg)}`, "type ipv4_addr", st.members.get(pg) ?? []);
+  for (const pg of [...peerGroups].sort()) addSet("inet", `members_${hex(pg)}`, ["ipv4_addr"], st.members.get(pg) ?? []);
 
   // A chain per NIC and direction, reached through the address maps.
   const logOf = (n: BindingRec, d: string) => {
@@ -202,111 +216,120 @@ export function compile(st: VpcFirewallState): { model: FwModel; script: string 
     .flatMap((h) => [`nic_${h}_in_new`, `nic_${h}_in_drop`, `nic_${h}_out_new`, `nic_${h}_out_drop`]);
 
   // Maps are part of the skeleton: their elements jump to chains that must exist.
-  const fixedInet = [
-    `  set intra_subnet { type ifname . ifname; }`,
-    `  map nic_in { type ipv4_addr : verdict; }`,
-    `  map nic_out { type ipv4_addr : verdict; }`,
-    `  map acl_in { type ipv4_addr : verdict; flags interval; }`,
-    `  map acl_out { type ipv4_addr : verdict; flags interval; }`,
+  const fixedInet: TableItem[] = [
+    { kind: "set", name: "intra_subnet", type: "ifname . ifname" },
+    { kind: "map", name: "nic_in", type: "ipv4_addr : verdict" },
+    { kind: "map", name: "nic_out", type: "ipv4_addr : verdict" },
+    { kind: "map", name: "acl_in", type: "ipv4_addr : verdict", flags: ["interval"] },
+    { kind: "map", name: "acl_out", type: "ipv4_addr : verdict", flags: ["interval"] },
   ];
-  const forward = [
-    `  chain forward {`,
-    `    type filter hook forward priority filter; policy accept;`,
-    `    ct state invalid counter drop`,
-    // Link-local is the gateway's only where it is ours: a VM's request to
-    // the metadata server or the resolver, which the gateway's prerouting
-    // DNATs to the host end of the transit link, and the answers to it. As
-    // in AWS, neither ACLs nor security groups apply to those two. A packet
-    // that merely carries a link-local source (spoofed from outside through
-    // a floating IP or port forward, or sent by the hypervisor) is an
-    // ordinary packet for the ACLs and groups below.
-    `    oifname "${transit}" ip daddr 169.254.0.0/16 ct direction original ct status dnat accept`,
-    `    iifname "${transit}" ip saddr 169.254.0.0/16 ct direction reply ct status dnat accept`,
-    `    iifname . oifname != @intra_subnet ip saddr vmap @acl_out`,
-    `    iifname . oifname != @intra_subnet ip daddr vmap @acl_in`,
-    `    ct state established,related accept`,
-    `    ip saddr vmap @nic_out`,
-    `    ip daddr vmap @nic_in`,
-    // Toward a VM port but not a NIC this table knows: a NIC attached a
-    // moment ago whose binding is not applied yet. Closed until it is, so
-    // "network ready" never means "open to everything" for those ~100 ms.
-    `    oifname "br-*" counter drop comment "NIC not bound yet"`,
-    `  }`,
-  ];
+  const forward: TableItem = {
+    kind: "chain",
+    name: "forward",
+    base: { type: "filter", hook: "forward", priority: "filter", policy: "accept" },
+    rules: [
+      `ct state invalid counter drop`,
+      // Link-local is the gateway's only where it is ours: a VM's request to
+      // the metadata server or the resolver, which the gateway's prerouting
+      // DNATs to the host end of the transit link, and the answers to it. As
+      // in AWS, neither ACLs nor security groups apply to those two. A packet
+      // that merely carries a link-local source (spoofed from outside through
+      // a floating IP or port forward, or sent by the hypervisor) is an
+      // ordinary packet for the ACLs and groups below.
+      `oifname "${transit}" ip daddr 169.254.0.0/16 ct direction original ct status dnat accept`,
+      `iifname "${transit}" ip saddr 169.254.0.0/16 ct direction reply ct status dnat accept`,
+      `iifname . oifname != @intra_subnet ip saddr vmap @acl_out`,
+      `iifname . oifname != @intra_subnet ip daddr vmap @acl_in`,
+      `ct state established,related accept`,
+      `ip saddr vmap @nic_out`,
+      `ip daddr vmap @nic_in`,
+      // Toward a VM port but not a NIC this table knows: a NIC attached a
+      // moment ago whose binding is not applied yet. Closed until it is, so
+      // "network ready" never means "open to everything" for those ~100 ms.
+      `oifname "br-*" counter drop comment "NIC not bound yet"`,
+    ],
+  };
   const mapElems = { nic_in: uniq(nicIn), nic_out: uniq(nicOut), acl_in: uniq(aclIn), acl_out: uniq(aclOut), intra_subnet: uniq(intra) };
 
   // Anti-spoofing: a VM port may only send from its own MAC and address.
   const ports = st.nics.map((n) => `"${n.hostIf}"`);
   const ok = st.nics.map((n) => `"${n.hostIf}" . ${n.mac} . ${n.address}`);
-  addSet("bridge", "nic_ports", "type ifname", ports, false);
-  addSet("bridge", "nic_ok", "type ifname . ether_addr . ipv4_addr", ok, false);
-  const bridge = [
-    `table bridge ${TABLE} {`,
-    `  counter spoofed { }`,
-    `  set nic_ports { type ifname; }`,
-    `  set nic_ok { type ifname . ether_addr . ipv4_addr; }`,
-    `  chain prerouting {`,
-    `    type filter hook prerouting priority filter; policy accept;`,
-    // Every frame entering here comes from a VM port: it passes only with
-    // its own MAC and address; a port not bound yet sends nothing.
-    `    ether type ip iifname . ether saddr . ip saddr @nic_ok accept`,
-    // ARP is checked twice: the frame's source MAC and the ARP sender MAC
-    // are both the port's own, with the port's own address. Checking the
-    // frame alone let a VM send "my address is at <any MAC>" (the gateway's,
-    // a neighbour's) from its own frame source, and its neighbours believed
-    // the ARP payload. Only well-formed Ethernet/IPv4 requests and replies
-    // (the fixed offsets of the checks above hold only for those).
-    `    ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp operation { request, reply } iifname . ether saddr . arp saddr ip @nic_ok iifname . arp saddr ether . arp saddr ip @nic_ok accept`,
-    `    counter name spoofed drop`,
-    `  }`,
-    `}`,
-  ];
-  const skeleton = [`table inet ${TABLE} {`, ...fixedInet, ...forward, `}`, ...bridge].join("\n");
+  addSet("bridge", "nic_ports", ["ifname"], ports, false);
+  addSet("bridge", "nic_ok", ["ifname . ether_addr . ipv4_addr"], ok, false);
+  const bridge: Table = {
+    kind: "table",
+    family: "bridge",
+    name: TABLE,
+    content: [
+      { kind: "counter", name: "spoofed" },
+      { kind: "set", name: "nic_ports", type: "ifname" },
+      { kind: "set", name: "nic_ok", type: "ifname . ether_addr . ipv4_addr" },
+      {
+        kind: "chain",
+        name: "prerouting",
+        base: { type: "filter", hook: "prerouting", priority: "filter", policy: "accept" },
+        rules: [
+          // Every frame entering here comes from a VM port: it passes only with
+          // its own MAC and address; a port not bound yet sends nothing.
+          `ether type ip iifname . ether saddr . ip saddr @nic_ok accept`,
+          // ARP is checked twice: the frame's source MAC and the ARP sender MAC
+          // are both the port's own, with the port's own address. Checking the
+          // frame alone let a VM send "my address is at <any MAC>" (the gateway's,
+          // a neighbour's) from its own frame source, and its neighbours believed
+          // the ARP payload. Only well-formed Ethernet/IPv4 requests and replies
+          // (the fixed offsets of the checks above hold only for those).
+          `ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp operation { request, reply } iifname . ether saddr . arp saddr ip @nic_ok iifname . arp saddr ether . arp saddr ip @nic_ok accept`,
+          `counter name spoofed drop`,
+        ],
+      },
+    ],
+  };
+  const skeleton = `${renderTable({ kind: "table", family: "inet", name: TABLE, content: [...fixedInet, forward] })}\n${renderTable(bridge)}`;
   // The maps' elements are data too: record them as sets for diffing.
-  for (const [name, elements] of Object.entries(mapElems)) sets.set(`inet ${name}`, { family: "inet", name, decl: "", elements });
+  for (const [name, elements] of Object.entries(mapElems)) {
+    const it = fixedInet.find((i) => i.name === name);
+    if (it?.kind !== "set" && it?.kind !== "map") throw new Error(`no fixed set ${name}`);
+    sets.set(`inet ${name}`, { family: "inet", name, kind: it.kind, type: it.type, ...(it.flags ? { interval: true } : {}), elements });
+  }
   const model: FwModel = { skeleton, sets, chains, counters };
   // The full script is rendered only when asked for (a table replace): an
   // incremental change needs the model alone, and at 1 000 NICs rendering
   // every chain is most of a compile.
+  let tx: NftTransaction | undefined;
   let rendered: string | undefined;
   return {
     model,
+    get tx() {
+      return (tx ??= fullTx(model, fixedInet, forward, bridge));
+    },
     get script() {
-      return (rendered ??= renderScript(model, fixedInet, forward, bridge));
+      return (rendered ??= render(this.tx));
     },
   };
 }
 
-/** The full replace: one transaction that creates-if-missing, deletes, recreates and fills both tables. */
-function renderScript(m: FwModel, fixedInet: string[], forward: string[], bridge: string[]): string {
-  const dynamicInet = [...m.sets.values()].filter((s) => s.family === "inet" && s.dynamic);
-  const inet = [
-    `table inet ${TABLE} {`,
-    ...m.counters.map((c) => `  counter ${c} { }`),
-    ...dynamicInet.map((s) => `  set ${s.name} { ${s.decl}; }`),
-    ...fixedInet,
-    ...[...m.chains].map(([name, rules]) => `  ${renderChain(name, rules)}`),
-    ...forward,
-    `}`,
-  ];
-  const elementLines = [...m.sets.values()]
-    .filter((s) => s.elements.length)
-    .map((s) => `add element ${s.family} ${TABLE} ${s.name} { ${s.elements.join(", ")} }`);
-  // An observer sees the old table or the new one, never a half-built one.
-  return [
-    `add table inet ${TABLE}`,
-    `delete table inet ${TABLE}`,
-    `add table bridge ${TABLE}`,
-    `delete table bridge ${TABLE}`,
-    ...inet,
-    ...bridge,
-    ...elementLines,
-    "",
-  ].join("\n");
-}
+const setItem = (s: SetModel): TableItem => ({ kind: s.kind, name: s.name, type: s.type, ...(s.interval ? { flags: ["interval"] } : {}) });
 
-function renderChain(name: string, rules: string[]): string {
-  return `chain ${name} {\n${rules.map((r) => `    ${r}`).join("\n")}\n  }`;
+/** The full replace: one transaction that creates-if-missing, deletes, recreates and fills both tables. */
+function fullTx(m: FwModel, fixedInet: TableItem[], forward: TableItem, bridge: Table): NftTransaction {
+  const dynamicInet = [...m.sets.values()].filter((s) => s.family === "inet" && s.dynamic);
+  const inet = { kind: "table", family: "inet", name: TABLE } as const;
+  const bridge0 = { kind: "table", family: "bridge", name: TABLE } as const;
+  // An observer sees the old table or the new one, never a half-built one.
+  const tx = new NftTransaction().add(inet).delete(inet).add(bridge0).delete(bridge0);
+  tx.add({
+    ...inet,
+    content: [
+      ...m.counters.map((name): TableItem => ({ kind: "counter", name })),
+      ...dynamicInet.map(setItem),
+      ...fixedInet,
+      ...[...m.chains].map(([name, rules]): TableItem => ({ kind: "chain", name, rules })),
+      forward,
+    ],
+  });
+  tx.add(bridge);
+  for (const s of m.sets.values()) if (s.elements.length) tx.add({ kind: "element", family: s.family, table: TABLE, set: s.name, elements: s.elements });
+  return tx;
 }
 
 /**
@@ -330,22 +353,30 @@ export const MAX_ELEMENT_DELETIONS = 500;
  * counters nobody references any more. A new NIC is therefore two chains,
  * four counters and a few elements, not a new table.
  */
-export function elementDiff(prev: FwModel, next: FwModel): { script: string; deletions: number; revokes: boolean } | null {
+export function elementDiff(prev: FwModel, next: FwModel): { tx: NftTransaction; script: string; deletions: number; revokes: boolean } | null {
   if (prev.skeleton !== next.skeleton) return null;
-  const obj = (s: SetModel) => `${s.family} ${TABLE} ${s.name}`;
-  const head: string[] = [];
-  const delElements: string[] = [];
-  const body: string[] = [];
-  const addElements: string[] = [];
-  const tail: string[] = [];
+  const at = { family: "inet", table: TABLE } as const;
+  const setOf = (s: SetModel) => ({
+    kind: s.kind,
+    family: s.family,
+    table: TABLE,
+    name: s.name,
+    type: s.type,
+    ...(s.interval ? { flags: ["interval" as const] } : {}),
+  });
+  const head = new NftTransaction();
+  const delElements = new NftTransaction();
+  const body = new NftTransaction();
+  const addElements = new NftTransaction();
+  const tail = new NftTransaction();
   let deletions = 0;
   let revokes = false;
 
   const prevCounters = new Set(prev.counters);
   const nextCounters = new Set(next.counters);
-  for (const c of next.counters) if (!prevCounters.has(c)) head.push(`add counter inet ${TABLE} ${c}`);
-  for (const s of next.sets.values()) if (s.dynamic && !prev.sets.has(`${s.family} ${s.name}`)) head.push(`add set ${obj(s)} { ${s.decl}; }`);
-  for (const name of next.chains.keys()) if (!prev.chains.has(name)) head.push(`add chain inet ${TABLE} ${name}`);
+  for (const c of next.counters) if (!prevCounters.has(c)) head.add({ kind: "counter", ...at, name: c });
+  for (const s of next.sets.values()) if (s.dynamic && !prev.sets.has(`${s.family} ${s.name}`)) head.add(setOf(s));
+  for (const name of next.chains.keys()) if (!prev.chains.has(name)) head.add({ kind: "chain", ...at, name });
 
   for (const [key, s] of next.sets) {
     const before = new Set(prev.sets.get(key)?.elements ?? []);
@@ -353,8 +384,9 @@ export function elementDiff(prev: FwModel, next: FwModel): { script: string; del
     const del = [...before].filter((e) => !after.has(e));
     const add = [...after].filter((e) => !before.has(e));
     deletions += del.length;
-    if (del.length) delElements.push(`delete element ${obj(s)} { ${del.join(", ")} }`);
-    if (add.length) addElements.push(`add element ${obj(s)} { ${add.join(", ")} }`);
+    const el = { kind: "element", family: s.family, table: TABLE, set: s.name } as const;
+    if (del.length) delElements.delete({ ...el, elements: del });
+    if (add.length) addElements.add({ ...el, elements: add });
   }
   if (deletions) revokes = true;
 
@@ -362,21 +394,21 @@ export function elementDiff(prev: FwModel, next: FwModel): { script: string; del
     const before = prev.chains.get(name);
     if (before && before.join("\n") === rules.join("\n")) continue;
     if (before) {
-      body.push(`flush chain inet ${TABLE} ${name}`);
+      body.flush({ kind: "chain", ...at, name });
       revokes = true;
     }
-    for (const r of rules) body.push(`add rule inet ${TABLE} ${name} ${r}`);
+    for (const rule of rules) body.add({ kind: "rule", ...at, chain: name, rule });
   }
 
   const gone = [...prev.chains.keys()].filter((n) => !next.chains.has(n));
   if (gone.length) revokes = true;
-  for (const name of gone) tail.push(`flush chain inet ${TABLE} ${name}`);
-  for (const name of gone) tail.push(`delete chain inet ${TABLE} ${name}`);
-  for (const [key, s] of prev.sets) if (s.dynamic && !next.sets.has(key)) tail.push(`delete set ${obj(s)}`);
-  for (const c of prev.counters) if (!nextCounters.has(c)) tail.push(`delete counter inet ${TABLE} ${c}`);
+  for (const name of gone) tail.flush({ kind: "chain", ...at, name });
+  for (const name of gone) tail.delete({ kind: "chain", ...at, name });
+  for (const [key, s] of prev.sets) if (s.dynamic && !next.sets.has(key)) tail.delete(setOf(s));
+  for (const c of prev.counters) if (!nextCounters.has(c)) tail.delete({ kind: "counter", ...at, name: c });
 
-  const lines = [...head, ...delElements, ...body, ...addElements, ...tail];
-  return { script: lines.length ? lines.join("\n") + "\n" : "", deletions, revokes };
+  const tx = NftTransaction.concat(head, delElements, body, addElements, tail);
+  return { tx, script: render(tx), deletions, revokes };
 }
 
 /**
@@ -398,25 +430,28 @@ export function diff(prev: FwModel, next: FwModel): string | null {
  * the firewall is late or down. The chain is not called "forward", so the
  * firewall's drift check (LinuxNft.tableExists) never takes it for its own.
  */
-export function failClosedScript(): string {
-  return [
-    `table inet ${TABLE} {`,
-    `  chain closed {`,
-    `    type filter hook forward priority filter; policy drop;`,
-    `  }`,
-    `}`,
-    `table bridge ${TABLE} {`,
-    `  chain closed {`,
-    `    type filter hook forward priority filter; policy drop;`,
-    `  }`,
-    `}`,
-    "",
-  ].join("\n");
+export function failClosedTx(): NftTransaction {
+  const closed: TableItem = { kind: "chain", name: "closed", base: { type: "filter", hook: "forward", priority: "filter", policy: "drop" }, rules: [] };
+  return new NftTransaction()
+    .add({ kind: "table", family: "inet", name: TABLE, content: [closed] })
+    .add({ kind: "table", family: "bridge", name: TABLE, content: [closed] });
 }
 
-/** The script that removes microvpc's tables from a namespace. */
+/** failClosedTx as nft script text. */
+export function failClosedScript(): string {
+  return render(failClosedTx());
+}
+
+/** The transaction that removes microvpc's tables from a namespace. */
+export function removeTx(): NftTransaction {
+  const inet = { kind: "table", family: "inet", name: TABLE } as const;
+  const bridge = { kind: "table", family: "bridge", name: TABLE } as const;
+  return new NftTransaction().add(inet).delete(inet).add(bridge).delete(bridge);
+}
+
+/** removeTx as nft script text. */
 export function removeScript(): string {
-  return [`add table inet ${TABLE}`, `delete table inet ${TABLE}`, `add table bridge ${TABLE}`, `delete table bridge ${TABLE}`, ""].join("\n");
+  return render(removeTx());
 }
 
 // ---- policy evaluation, for clearing conntrack entries a change no longer allows ----

@@ -50,7 +50,7 @@ export const firewallDefinition: ServiceDefinition = {
       };
       return { services: firewallRoutes(new FirewallApi(store, new IpamStore(redis), { hostId }), noDataPlane) };
     }
-    const nft = new LinuxNft();
+    const nft = new LinuxNft({ timeoutMs: 60_000 });
     const host = new HostStore(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);
     const api = new FirewallApi(store, new IpamStore(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });

@@ -14,7 +14,8 @@ import { attempt } from "../common/validate.js";
 import { names } from "../netagent/plan.js";
 import { hostKeys } from "../netagent/schema.js";
 import type { HostStore } from "../netagent/store.js";
-import type { NftRunner } from "./apply.js";
+import type { NftRunner } from "../common/nft/linux.js";
+import type { NftTransaction } from "../common/nft/tx.js";
 import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, type FwModel } from "./compile.js";
 import type { BindingRec, VpcFirewallState } from "./model.js";
 import { checkBinding, OWNER, parseLocalSubnet } from "./schema.js";
@@ -81,9 +82,11 @@ export class FirewallSync {
   constructor(
     readonly nft: NftRunner,
     readonly source: StateSource,
-    readonly host: HostStore,
+    readonly host: Pick<HostStore, "load">,
     readonly hostId: string,
     readonly log: Logger,
+    /** Whether a VPC's namespace exists here (tests, with FakeNft, have none). */
+    readonly nsExists: (ns: string) => boolean = (ns) => existsSync(`/run/netns/${ns}`),
   ) {}
 
   /** Local VPCs with their subnets and NICs, from the netagent's desired state. */
@@ -162,7 +165,7 @@ export class FirewallSync {
       const local = await this.localState(only);
       for (const [vpcId, l] of local) {
         const ns = names.netns(this.hostId, vpcId);
-        if (!existsSync(`/run/netns/${ns}`)) {
+        if (!this.nsExists(ns)) {
           this.errors.delete(vpcId);
           continue;
         }
@@ -213,20 +216,20 @@ export class FirewallSync {
     const model = compiled.model;
     const prev = this.applied.get(ns);
     let kind: "full" | "elements" | "none" = "full";
-    let text = "";
+    let tx: NftTransaction | undefined;
     let revokes = true;
     if (!full && prev && (!checkDrift || (await this.nft.tableExists(ns)))) {
       const d = elementDiff(prev.model, model);
       if (d !== null && d.deletions <= MAX_ELEMENT_DELETIONS) {
-        kind = d.script === "" ? "none" : "elements";
-        text = d.script;
+        kind = d.tx.empty ? "none" : "elements";
+        tx = d.tx;
         revokes = d.revokes;
       }
     }
-    if (kind === "full") text = compiled.script;
+    if (kind === "full") tx = compiled.tx;
     if (kind !== "none") {
       try {
-        await this.nft.apply(ns, text);
+        await this.nft.apply(ns, tx!);
         applies.inc({ kind, result: "ok" });
       } catch (err) {
         applies.inc({ kind, result: "error" });

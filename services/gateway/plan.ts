@@ -34,7 +34,8 @@
 //   the namespace's lo (label lo:mvpcdns), so the namespace answers ARP for
 //   it when it lies inside a VM's own subnet; outside every subnet VMs route
 //   it to their gateway. Either way the prerouting DNAT takes it.
-// Everything here is plain data in, command lines and nft text out.
+// Everything here is plain data in, command lines and nft transactions out.
+import { NftTransaction, render } from "../common/nft/tx.js";
 
 export const IMDS_ADDRESS = "169.254.169.254";
 export const TABLE = "microvpc_gw";
@@ -171,15 +172,11 @@ export function hostRouteLines(v: GwVpc, uplink: string): string[] {
   return lines;
 }
 
-function inSubnet(cidrs: string[]): string {
-  return cidrs.length ? `{ ${cidrs.join(", ")} }` : "";
-}
-
 /**
  * The VPC namespace's NAT table. ctLimitPerVm > 0: a VM may hold at most that
  * many flows through the transit link (new ones past it are refused).
  */
-export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0): string {
+export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0): NftTransaction {
   const t = transitAddrs(v.transit);
   const dns = dnsPort > 0 && v.resolver !== undefined;
   const g = names.vpcSide(v.vpcId);
@@ -191,62 +188,78 @@ export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0
   const fipOut = v.fips.map((f) => `${f.private} : ${f.address}`).sort();
   const fipPriv = v.fips.map((f) => f.private).sort();
   const pf = v.forwards.map((f) => `${f.proto} . ${f.outsidePort} : ${f.private} . ${f.privatePort}`).sort();
-  const L: string[] = [
-    `add table ip ${TABLE}`,
-    `delete table ip ${TABLE}`,
-    `table ip ${TABLE} {`,
-    `  set egress_ok { type ipv4_addr; flags interval; ${egress.length ? `elements = ${inSubnet(egress)}; ` : ""}}`,
-    `  set fip_private { type ipv4_addr; ${fipPriv.length ? `elements = { ${fipPriv.join(", ")} }; ` : ""}}`,
-    `  map fip_in { type ipv4_addr : ipv4_addr; ${fipIn.length ? `elements = { ${fipIn.join(", ")} }; ` : ""}}`,
-    `  map fip_out { type ipv4_addr : ipv4_addr; ${fipOut.length ? `elements = { ${fipOut.join(", ")} }; ` : ""}}`,
-    `  map port_forward { type inet_proto . inet_service : ipv4_addr . inet_service; ${pf.length ? `elements = { ${pf.join(", ")} }; ` : ""}}`,
-    ...(ctLimitPerVm > 0 ? [`  set ct_per_vm { type ipv4_addr; size 65535; flags dynamic; }`] : []),
-    `  chain prerouting {`,
-    `    type nat hook prerouting priority dstnat; policy accept;`,
-    `    ip daddr ${IMDS_ADDRESS} tcp dport 80 dnat to ${t.host}:${imdsPort}`,
-    ...(dns
-      ? [`    ip daddr ${v.resolver} udp dport 53 dnat to ${t.host}:${dnsPort}`, `    ip daddr ${v.resolver} tcp dport 53 dnat to ${t.host}:${dnsPort}`]
-      : []),
-    `    iifname "${g}" ip daddr @fip_in dnat to ip daddr map @fip_in`,
-    `    iifname "${g}" ip daddr ${t.vpc} dnat ip to meta l4proto . th dport map @port_forward`,
-    `  }`,
-    `  chain postrouting {`,
-    `    type nat hook postrouting priority srcnat; policy accept;`,
-    `    oifname "${g}" ip daddr ${t.host} return`,
-    `    oifname "${g}" ip saddr @fip_private snat to ip saddr map @fip_out`,
-    `    oifname "${g}" ip saddr @egress_ok masquerade`,
-    `  }`,
-    `  chain forward {`,
-    // Before the firewall (priority filter): what may leave the VPC at all.
-    `    type filter hook forward priority -10; policy accept;`,
-    // Each flow out of here (metadata and resolver requests included) is
-    // also an entry in the host namespace's conntrack table, which every
-    // VPC's NAT shares: one VM must not fill it. Counted per VM address
-    // (anti-spoofed by the bridge table).
-    ...(ctLimitPerVm > 0
-      ? [
-          `    oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`,
-        ]
-      : []),
-    `    oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
-    // The resolver is for every subnet, NAT gateway or not (as AWS).
-    ...(dns ? [`    oifname "${g}" ip daddr ${t.host} meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
-    `    oifname "${g}" ct state established,related accept`,
-    `    oifname "${g}" ip saddr @fip_private accept`,
-    `    oifname "${g}" ip saddr @egress_ok accept`,
-    `    oifname "${g}" counter drop comment "private subnet without NAT gateway"`,
-    `  }`,
-    `  chain output {`,
-    `    type filter hook output priority filter; policy accept;`,
-    `  }`,
-    `}`,
-    "",
-  ];
-  return L.join("\n");
+  const table = { kind: "table", family: "ip", name: TABLE } as const;
+  return new NftTransaction()
+    .add(table)
+    .delete(table)
+    .add({
+      ...table,
+      content: [
+        { kind: "set", name: "egress_ok", type: "ipv4_addr", flags: ["interval"], elements: egress },
+        { kind: "set", name: "fip_private", type: "ipv4_addr", elements: fipPriv },
+        { kind: "map", name: "fip_in", type: "ipv4_addr : ipv4_addr", elements: fipIn },
+        { kind: "map", name: "fip_out", type: "ipv4_addr : ipv4_addr", elements: fipOut },
+        { kind: "map", name: "port_forward", type: "inet_proto . inet_service : ipv4_addr . inet_service", elements: pf },
+        ...(ctLimitPerVm > 0 ? [{ kind: "set" as const, name: "ct_per_vm", type: "ipv4_addr", size: 65535, flags: ["dynamic" as const] }] : []),
+        {
+          kind: "chain",
+          name: "prerouting",
+          base: { type: "nat", hook: "prerouting", priority: "dstnat", policy: "accept" },
+          rules: [
+            `ip daddr ${IMDS_ADDRESS} tcp dport 80 dnat to ${t.host}:${imdsPort}`,
+            ...(dns
+              ? [`ip daddr ${v.resolver} udp dport 53 dnat to ${t.host}:${dnsPort}`, `ip daddr ${v.resolver} tcp dport 53 dnat to ${t.host}:${dnsPort}`]
+              : []),
+            `iifname "${g}" ip daddr @fip_in dnat to ip daddr map @fip_in`,
+            `iifname "${g}" ip daddr ${t.vpc} dnat ip to meta l4proto . th dport map @port_forward`,
+          ],
+        },
+        {
+          kind: "chain",
+          name: "postrouting",
+          base: { type: "nat", hook: "postrouting", priority: "srcnat", policy: "accept" },
+          rules: [
+            `oifname "${g}" ip daddr ${t.host} return`,
+            `oifname "${g}" ip saddr @fip_private snat to ip saddr map @fip_out`,
+            `oifname "${g}" ip saddr @egress_ok masquerade`,
+          ],
+        },
+        {
+          kind: "chain",
+          name: "forward",
+          // Before the firewall (priority filter): what may leave the VPC at all.
+          base: { type: "filter", hook: "forward", priority: "-10", policy: "accept" },
+          rules: [
+            // Each flow out of here (metadata and resolver requests included) is
+            // also an entry in the host namespace's conntrack table, which every
+            // VPC's NAT shares: one VM must not fill it. Counted per VM address
+            // (anti-spoofed by the bridge table).
+            ...(ctLimitPerVm > 0
+              ? [
+                  `oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`,
+                ]
+              : []),
+            `oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
+            // The resolver is for every subnet, NAT gateway or not (as AWS).
+            ...(dns ? [`oifname "${g}" ip daddr ${t.host} meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
+            `oifname "${g}" ct state established,related accept`,
+            `oifname "${g}" ip saddr @fip_private accept`,
+            `oifname "${g}" ip saddr @egress_ok accept`,
+            `oifname "${g}" counter drop comment "private subnet without NAT gateway"`,
+          ],
+        },
+        { kind: "chain", name: "output", base: { type: "filter", hook: "output", priority: "filter", policy: "accept" }, rules: [] },
+      ],
+    });
+}
+
+/** vpcTx as nft script text. */
+export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0): string {
+  return render(vpcTx(v, imdsPort, dnsPort, ctLimitPerVm));
 }
 
 /** The host namespace's table: masquerade to the uplink, port forwards, what VPCs may reach. */
-export function hostNft(h: HostGw): string {
+export function hostTx(h: HostGw): NftTransaction {
   const dnsPort = h.dnsPort ?? 0;
   const transitIfs = h.vpcs.map((v) => `"${names.hostSide(v.vpcId)}"`).sort();
   const pf: string[] = [];
@@ -261,75 +274,95 @@ export function hostNft(h: HostGw): string {
     for (const [addr, hop] of v.hopLimits) ttl.set(hop, [...(ttl.get(hop) ?? []), `${t.host} . ${addr}`]);
   }
   const hops = [...ttl.keys()].sort((a, b) => a - b);
-  const set = (xs: string[]) => (xs.length ? `elements = { ${xs.sort().join(", ")} }; ` : "");
-  return [
-    `add table ip ${TABLE}`,
-    `delete table ip ${TABLE}`,
-    `table ip ${TABLE} {`,
-    `  set transit_ifs { type ifname; ${set(transitIfs)}}`,
-    `  set pool { type ipv4_addr; flags interval; elements = { ${h.pool} }; }`,
-    `  map port_forward { type inet_proto . inet_service : ipv4_addr . inet_service; ${set(pf)}}`,
-    `  set management { type ipv4_addr; flags interval; auto-merge; ${set([...(h.managementCidrs ?? [])])}}`,
-    // IMDS answers leave with TTL = hop limit + 1: the VPC namespace is one
-    // routed hop, so the VM receives the hop limit (1: a container behind a
-    // NAT inside the VM cannot use them).
-    ...hops.map((n) => `  set imds_hop_${n} { type ipv4_addr . ipv4_addr; ${set(ttl.get(n)!)}}`),
-    `  chain prerouting {`,
-    `    type nat hook prerouting priority dstnat; policy accept;`,
-    // Only to an address of the uplink itself ("fib daddr . iif type local"):
-    // floating IPs are routed through here, not local, and keep their ports.
-    `    iifname "${h.uplink}" fib daddr . iif type local dnat ip to meta l4proto . th dport map @port_forward`,
-    `  }`,
-    `  chain postrouting {`,
-    `    type nat hook postrouting priority srcnat; policy accept;`,
-    `    oifname "${h.uplink}" iifname @transit_ifs ip saddr != @pool masquerade`,
-    `  }`,
-    `  chain input {`,
-    // A VM reaches nothing of the hypervisor but the metadata server.
-    `    type filter hook input priority filter; policy accept;`,
-    `    tcp dport ${h.imdsPort} iifname != @transit_ifs iifname != "lo" drop comment "the metadata server is for VMs only"`,
-    // The resolver binds transit addresses only; nothing else may reach them
-    // on its port. The host's own :53 elsewhere is left alone.
-    ...(dnsPort
-      ? [
-          `    ip daddr 169.254.0.0/16 meta l4proto { tcp, udp } th dport ${dnsPort} iifname != @transit_ifs iifname != "lo" drop comment "the VPC resolver is for VMs only"`,
-        ]
-      : []),
-    `    iifname != @transit_ifs accept`,
-    `    ct state established,related accept`,
-    // From a VM: the metadata server and the resolver on the transit
-    // address only, never a port of the host's management addresses.
-    `    ip daddr @management ip daddr != 169.254.0.0/16 counter drop comment "management network"`,
-    `    tcp dport ${h.imdsPort} accept`,
-    ...(dnsPort ? [`    meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
-    `    counter drop`,
-    `  }`,
-    `  chain forward {`,
-    `    type filter hook forward priority filter; policy accept;`,
-    // Link-local on the uplink is never ours: a spoofed 169.254.x.y source
-    // toward a floating IP or port forward would look like the metadata or
-    // resolver path inside the VPC. (Input is left alone: the hypervisor may
-    // use its own cloud's link-local services.)
-    `    iifname "${h.uplink}" ip saddr 169.254.0.0/16 counter drop comment "link-local source from the uplink"`,
-    // Nor a new flow to a link-local destination we did not translate to: a
-    // neighbour routing 169.254.k.2 at us would reach a VPC's transit end
-    // directly, around the port-forward rule. (Answers to the VMs' own
-    // masqueraded flows are replies: they pass.)
-    `    iifname "${h.uplink}" ip daddr 169.254.0.0/16 ct direction original ct status & dnat == 0 counter drop comment "link-local destination from the uplink"`,
-    `    iifname @transit_ifs oifname @transit_ifs counter drop comment "VPCs never reach each other through the host"`,
-    // Redis, other hypervisors' gRPC and metrics, SSH: never from a VM,
-    // whatever its groups, NAT gateway or floating IP (a floating IP of
-    // another VM on the same subnet is not management).
-    // Only flows a VM starts: its answers to a management host that reached
-    // it through a floating IP or port forward still leave.
-    `    iifname @transit_ifs ip daddr @management ip daddr != @pool ct direction original counter drop comment "management network"`,
-    `    iifname @transit_ifs oifname != "${h.uplink}" counter drop`,
-    `  }`,
-    `  chain output {`,
-    `    type route hook output priority mangle; policy accept;`,
-    ...hops.map((n) => `    tcp sport ${h.imdsPort} ip saddr . ip daddr @imds_hop_${n} ip ttl set ${n + 1}`),
-    `  }`,
-    `}`,
-    "",
-  ].join("\n");
+  const table = { kind: "table", family: "ip", name: TABLE } as const;
+  return new NftTransaction()
+    .add(table)
+    .delete(table)
+    .add({
+      ...table,
+      content: [
+        { kind: "set", name: "transit_ifs", type: "ifname", elements: transitIfs },
+        { kind: "set", name: "pool", type: "ipv4_addr", flags: ["interval"], elements: [h.pool] },
+        { kind: "map", name: "port_forward", type: "inet_proto . inet_service : ipv4_addr . inet_service", elements: pf.sort() },
+        { kind: "set", name: "management", type: "ipv4_addr", flags: ["interval"], autoMerge: true, elements: [...(h.managementCidrs ?? [])].sort() },
+        // IMDS answers leave with TTL = hop limit + 1: the VPC namespace is one
+        // routed hop, so the VM receives the hop limit (1: a container behind a
+        // NAT inside the VM cannot use them).
+        ...hops.map((n) => ({ kind: "set" as const, name: `imds_hop_${n}`, type: "ipv4_addr . ipv4_addr", elements: ttl.get(n)!.sort() })),
+        {
+          kind: "chain",
+          name: "prerouting",
+          base: { type: "nat", hook: "prerouting", priority: "dstnat", policy: "accept" },
+          // Only to an address of the uplink itself ("fib daddr . iif type local"):
+          // floating IPs are routed through here, not local, and keep their ports.
+          rules: [`iifname "${h.uplink}" fib daddr . iif type local dnat ip to meta l4proto . th dport map @port_forward`],
+        },
+        {
+          kind: "chain",
+          name: "postrouting",
+          base: { type: "nat", hook: "postrouting", priority: "srcnat", policy: "accept" },
+          rules: [`oifname "${h.uplink}" iifname @transit_ifs ip saddr != @pool masquerade`],
+        },
+        {
+          kind: "chain",
+          name: "input",
+          // A VM reaches nothing of the hypervisor but the metadata server.
+          base: { type: "filter", hook: "input", priority: "filter", policy: "accept" },
+          rules: [
+            `tcp dport ${h.imdsPort} iifname != @transit_ifs iifname != "lo" drop comment "the metadata server is for VMs only"`,
+            // The resolver binds transit addresses only; nothing else may reach them
+            // on its port. The host's own :53 elsewhere is left alone.
+            ...(dnsPort
+              ? [
+                  `ip daddr 169.254.0.0/16 meta l4proto { tcp, udp } th dport ${dnsPort} iifname != @transit_ifs iifname != "lo" drop comment "the VPC resolver is for VMs only"`,
+                ]
+              : []),
+            `iifname != @transit_ifs accept`,
+            `ct state established,related accept`,
+            // From a VM: the metadata server and the resolver on the transit
+            // address only, never a port of the host's management addresses.
+            `ip daddr @management ip daddr != 169.254.0.0/16 counter drop comment "management network"`,
+            `tcp dport ${h.imdsPort} accept`,
+            ...(dnsPort ? [`meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
+            `counter drop`,
+          ],
+        },
+        {
+          kind: "chain",
+          name: "forward",
+          base: { type: "filter", hook: "forward", priority: "filter", policy: "accept" },
+          rules: [
+            // Link-local on the uplink is never ours: a spoofed 169.254.x.y source
+            // toward a floating IP or port forward would look like the metadata or
+            // resolver path inside the VPC. (Input is left alone: the hypervisor may
+            // use its own cloud's link-local services.)
+            `iifname "${h.uplink}" ip saddr 169.254.0.0/16 counter drop comment "link-local source from the uplink"`,
+            // Nor a new flow to a link-local destination we did not translate to: a
+            // neighbour routing 169.254.k.2 at us would reach a VPC's transit end
+            // directly, around the port-forward rule. (Answers to the VMs' own
+            // masqueraded flows are replies: they pass.)
+            `iifname "${h.uplink}" ip daddr 169.254.0.0/16 ct direction original ct status & dnat == 0 counter drop comment "link-local destination from the uplink"`,
+            `iifname @transit_ifs oifname @transit_ifs counter drop comment "VPCs never reach each other through the host"`,
+            // Redis, other hypervisors' gRPC and metrics, SSH: never from a VM,
+            // whatever its groups, NAT gateway or floating IP (a floating IP of
+            // another VM on the same subnet is not management).
+            // Only flows a VM starts: its answers to a management host that reached
+            // it through a floating IP or port forward still leave.
+            `iifname @transit_ifs ip daddr @management ip daddr != @pool ct direction original counter drop comment "management network"`,
+            `iifname @transit_ifs oifname != "${h.uplink}" counter drop`,
+          ],
+        },
+        {
+          kind: "chain",
+          name: "output",
+          base: { type: "route", hook: "output", priority: "mangle", policy: "accept" },
+          rules: hops.map((n) => `tcp sport ${h.imdsPort} ip saddr . ip daddr @imds_hop_${n} ip ttl set ${n + 1}`),
+        },
+      ],
+    });
+}
+
+/** hostTx as nft script text. */
+export function hostNft(h: HostGw): string {
+  return render(hostTx(h));
 }

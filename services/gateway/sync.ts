@@ -10,6 +10,8 @@ import type { Logger } from "pino";
 import { Counter } from "prom-client";
 import { followEvents } from "../common/events.js";
 import { run } from "../common/exec.js";
+import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
+import { render } from "../common/nft/tx.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { metricsRegistry } from "../common/metrics.js";
@@ -19,14 +21,14 @@ import { names as naNames } from "../netagent/plan.js";
 import { hostKeys } from "../netagent/schema.js";
 import type { HostStore } from "../netagent/store.js";
 import {
-  hostNft,
+  hostTx,
   hostRouteLines,
   names,
   RESOLVER_LABEL,
   resolverAddrLines,
   transitAddrs,
   transitCreateLines,
-  vpcNft,
+  vpcTx,
   type GwVpc,
   type HostGw,
   type PortRanges,
@@ -85,6 +87,8 @@ export class GatewaySync {
     readonly host: HostStore,
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
+    /** Runs the two tables' transactions (FakeNft in tests). */
+    readonly nft: NftApplier = new LinuxNft(),
   ) {
     this.dns = new DnsStore(ipam.redis, log);
   }
@@ -260,9 +264,10 @@ export class GatewaySync {
       await run("ip", ["-force", "-batch", "-"], { ...batch([...stale, ...routes], hns), check: false });
       this.lastRoutes.set(v.vpcId, routes);
     }
-    const text = vpcNft(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
+    const tx = vpcTx(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
+    const text = render(tx);
     if (this.lastVpc.get(v.vpcId) !== text) {
-      await run("ip", ["netns", "exec", vns, "nft", "-f", "-"], { input: text });
+      await this.nft.apply(vns, tx);
       applies.inc({ where: "vpc", result: "ok" });
       this.lastVpc.set(v.vpcId, text);
     }
@@ -324,10 +329,11 @@ export class GatewaySync {
           this.log.error({ vpc: v.vpcId, err: error, attempts: count, retryInMs: delayMs }, "gateway: applying a VPC failed; the others go on, retrying it");
         }
       }
-      const text = hostNft(h);
+      const tx = hostTx(h);
+      const text = render(tx);
       if (text !== this.lastHost) {
         try {
-          await run("nft", ["-f", "-"], { netns: hns, input: text });
+          await this.nft.apply(hns, tx);
           applies.inc({ where: "host", result: "ok" });
         } catch (e) {
           applies.inc({ where: "host", result: "error" });

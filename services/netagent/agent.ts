@@ -6,7 +6,7 @@ import { existsSync } from "node:fs";
 import type { Logger } from "pino";
 import { Counter, Gauge } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
-import { failClosedScript } from "../firewall/compile.js";
+import { failClosedTx } from "../firewall/compile.js";
 import type { Kernel } from "./kernel.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
 import { InvalidRecordLog } from "./schema.js";
@@ -103,7 +103,7 @@ export class Agent {
   peering?: AgentPeering;
   /**
    * A namespace this agent creates forwards nothing until the firewall's
-   * first pass replaces its tables (failClosedScript). False
+   * first pass replaces its tables (failClosedTx). False
    * (--open-until-firewall): no skeleton, the namespace forwards everything
    * until a firewall applies — for labs and tests without a firewall.
    */
@@ -161,7 +161,7 @@ export class Agent {
     // If this fails the namespace goes, so the next attempt starts afresh.
     if (this.failClosed) {
       try {
-        await this.kernel.nft(ns, failClosedScript());
+        await this.kernel.nft(ns, failClosedTx());
       } catch (err) {
         await this.kernel.delNetns(ns).catch(() => {});
         throw err;

@@ -3,8 +3,8 @@
 // timeout, ExecError on failure): this module for namespaces, links,
 // addresses, routes, neighbours, sysctls, qdiscs and nft, and
 // overlay/wgkernel.ts for what is the overlay's own (its WireGuard devices,
-// `wg`, wireguard-go, the underlay read). One exception is left: peering.ts
-// applies its nft table with run() itself (to go behind an nft adapter).
+// `wg`, wireguard-go, the underlay read); nft transactions, this module's
+// and peering.ts's, run through services/common/nft (LinuxNft).
 // A NIC change is one `ip -batch` exec (plus `tc -batch` only for rate
 // limits):
 // - the VM side of a veth is made from the VPC namespace (`link add … peer
@@ -24,6 +24,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run } from "../common/exec.js";
+import { LinuxNft } from "../common/nft/linux.js";
+import { render, type NftTransaction } from "../common/nft/tx.js";
 
 export interface LinkInfo {
   ifname: string;
@@ -96,8 +98,8 @@ export interface Kernel {
   sysctl(ns: string, key: string, value: string): Promise<void>;
   /** Several sysctls of the namespace in one exec, in order. */
   sysctls(ns: string, settings: [key: string, value: string][]): Promise<void>;
-  /** Runs `nft -f -` with the script inside the namespace (one transaction). */
-  nft(ns: string, script: string): Promise<void>;
+  /** Runs the transaction inside the namespace (one `nft -f -`, through LinuxNft). */
+  nft(ns: string, tx: NftTransaction): Promise<void>;
   /** Link counters from /sys via `ip -s -j link`. */
   stats(ns: string, ifname: string): Promise<LinkStats | null>;
   linksAt(netnsPath: string): Promise<LinkInfo[]>;
@@ -321,8 +323,10 @@ export class LinuxKernel implements Kernel {
     await run("ip", ["netns", "exec", ns, "sysctl", "-q", "-w", ...settings.map(([k, v]) => `${k}=${v}`)]);
   }
 
-  async nft(ns: string, script: string): Promise<void> {
-    await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script, inputInError: true });
+  private readonly nftApplier = new LinuxNft({ inputInError: true });
+
+  async nft(ns: string, tx: NftTransaction): Promise<void> {
+    await this.nftApplier.apply(ns, tx);
   }
 
   async stats(ns: string, ifname: string): Promise<LinkStats | null> {
@@ -398,8 +402,8 @@ export class RecordingKernel implements Kernel {
   async sysctls(ns: string, settings: [string, string][]) {
     this.calls.push(`sysctl ${ns} ${settings.map(([k, v]) => `${k}=${v}`).join(" ")}`);
   }
-  async nft(ns: string, script: string) {
-    this.calls.push(`nft ${ns}:\n  ${script.trimEnd().split("\n").join("\n  ")}`);
+  async nft(ns: string, tx: NftTransaction) {
+    this.calls.push(`nft ${ns}:\n  ${render(tx).trimEnd().split("\n").join("\n  ")}`);
   }
   async stats() {
     return null;

@@ -1,6 +1,6 @@
 // Pure planning of VPC peering on one hypervisor: the peerings of the VPCs
 // this host holds, and what the kernel has, in; `ip -batch` lines and an nft
-// script per VPC namespace out.
+// transaction per VPC namespace out.
 //
 // The path of a packet (V = the peering's vpc1, W = vpc2):
 //
@@ -27,6 +27,7 @@
 //   from the peer's allowed CIDRs and go to ours (non-transitive: B never
 //   forwards A's packets on to C, whatever A sends).
 import { createHash } from "node:crypto";
+import { NftTransaction, render, type TableItem } from "../common/nft/tx.js";
 import type { PeeringRec } from "../peering/store.js";
 import type { LinkInfo, NeighInfo, RouteInfo } from "./kernel.js";
 
@@ -134,8 +135,10 @@ export interface PeeringPlan {
   create: Map<string, string[]>;
   /** Per namespace, run last: link settings, neighbours, routes. */
   configure: Map<string, string[]>;
-  /** Per namespace: the nft script making the table what it should be. */
+  /** Per namespace: the nft script making the table what it should be (nftTx's text). */
   nft: Map<string, string>;
+  /** Per namespace: the transaction itself, for LinuxNft. */
+  nftTx: Map<string, NftTransaction>;
   changes: string[];
 }
 
@@ -148,33 +151,35 @@ function push(m: Map<string, string[]>, ns: string, ...lines: string[]): void {
   m.set(ns, l);
 }
 
-/** nft script for one namespace's peering filter (delete-and-recreate in one transaction). */
-export function peeringNft(w: NsWant | undefined): string {
-  const head = [`add table inet ${PEERING_TABLE}`, `delete table inet ${PEERING_TABLE}`];
-  if (!w || w.links.length === 0) return head.join("\n") + "\n";
-  const sets: string[] = [];
+/** The transaction making one namespace's peering filter what it should be (delete-and-recreate, atomically). */
+export function peeringTx(w: NsWant | undefined): NftTransaction {
+  const table = { kind: "table", family: "inet", name: PEERING_TABLE } as const;
+  const tx = new NftTransaction().add(table).delete(table);
+  if (!w || w.links.length === 0) return tx;
+  const sets: TableItem[] = [];
   const rules: string[] = [];
   for (const l of w.links) {
     const h = l.ifname;
-    sets.push(`  set ${h}_src { type ipv4_addr; flags interval; elements = { ${l.src.join(", ")} } }`);
-    sets.push(`  set ${h}_dst { type ipv4_addr; flags interval; elements = { ${l.dst.join(", ")} } }`);
-    rules.push(`    iifname "${h}" meta nfproto != ipv4 counter drop`);
-    rules.push(`    iifname "${h}" ip saddr != @${h}_src counter drop comment "source not allowed by ${l.peeringId}"`);
-    rules.push(`    iifname "${h}" ip daddr != @${h}_dst counter drop comment "destination not allowed by ${l.peeringId}"`);
+    sets.push({ kind: "set", name: `${h}_src`, type: "ipv4_addr", flags: ["interval"], elements: l.src, bareElements: true });
+    sets.push({ kind: "set", name: `${h}_dst`, type: "ipv4_addr", flags: ["interval"], elements: l.dst, bareElements: true });
+    rules.push(`iifname "${h}" meta nfproto != ipv4 counter drop`);
+    rules.push(`iifname "${h}" ip saddr != @${h}_src counter drop comment "source not allowed by ${l.peeringId}"`);
+    rules.push(`iifname "${h}" ip daddr != @${h}_dst counter drop comment "destination not allowed by ${l.peeringId}"`);
   }
-  return [
-    ...head,
-    `table inet ${PEERING_TABLE} {`,
-    ...sets,
-    `  chain forward {`,
-    // Before the firewall's chain (priority filter): a packet the peering
-    // does not allow never reaches the security groups.
-    `    type filter hook forward priority filter - 10; policy accept;`,
-    ...rules,
-    `  }`,
-    `}`,
-    "",
-  ].join("\n");
+  return tx.add({
+    ...table,
+    content: [
+      ...sets,
+      // Before the firewall's chain (priority filter): a packet the peering
+      // does not allow never reaches the security groups.
+      { kind: "chain", name: "forward", base: { type: "filter", hook: "forward", priority: "filter - 10", policy: "accept" }, rules },
+    ],
+  });
+}
+
+/** peeringTx as nft script text. */
+export function peeringNft(w: NsWant | undefined): string {
+  return render(peeringTx(w));
 }
 
 /**
@@ -182,7 +187,7 @@ export function peeringNft(w: NsWant | undefined): string {
  * namespace that exists; namespaces not in `want` lose everything of ours.
  */
 export function planPeering(hostId: string, want: Map<string, NsWant>, observed: Map<string, NsObserved>): PeeringPlan {
-  const plan: PeeringPlan = { remove: new Map(), create: new Map(), configure: new Map(), nft: new Map(), changes: [] };
+  const plan: PeeringPlan = { remove: new Map(), create: new Map(), configure: new Map(), nft: new Map(), nftTx: new Map(), changes: [] };
   const aliasPrefix = peeringNames.alias(hostId, "pcx-");
   // 1. Links: each wanted one must exist at both ends; ours not wanted go.
   for (const [ns, obs] of observed) {
@@ -264,7 +269,9 @@ export function planPeering(hostId: string, want: Map<string, NsWant>, observed:
       push(plan.configure, ns, ...lines);
       plan.changes.push(`${lines.length} peering change(s) in ${ns}`);
     }
-    plan.nft.set(ns, peeringNft(w));
+    const tx = peeringTx(w);
+    plan.nftTx.set(ns, tx);
+    plan.nft.set(ns, render(tx));
   }
   return plan;
 }

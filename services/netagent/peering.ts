@@ -10,7 +10,7 @@
 import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
-import { run } from "../common/exec.js";
+import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
 import { followEvents } from "../common/events.js";
 import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/store.js";
 import type { Agent, AgentPeering } from "./agent.js";
@@ -36,6 +36,8 @@ export class PeeringSync implements AgentPeering {
     readonly agent: Agent,
     readonly redis: Redis,
     readonly log: Logger,
+    /** Runs the peering filter's transactions (FakeNft in tests). */
+    readonly nft: NftApplier = new LinuxNft(),
   ) {}
 
   /**
@@ -139,9 +141,12 @@ export class PeeringSync implements AgentPeering {
     for (const [ns, script] of plan.nft) {
       // Namespaces that never had a peering table from us need no "delete nothing".
       if (this.nftApplied.get(ns) === script || (!want.get(ns)?.links.length && !this.nftApplied.has(ns))) continue;
-      const r = await run("ip", ["netns", "exec", ns, "nft", "-f", "-"], { input: script, check: false });
-      if (r.error) errors.push(`${ns}: ${r.error.message}`);
-      else this.nftApplied.set(ns, script);
+      try {
+        await this.nft.apply(ns, plan.nftTx.get(ns)!);
+        this.nftApplied.set(ns, script);
+      } catch (err) {
+        errors.push(`${ns}: ${(err as Error).message}`);
+      }
     }
     for (const ns of [...this.nftApplied.keys()]) if (!namespaces.has(ns)) this.nftApplied.delete(ns);
     this.lastError = errors.join("; ");

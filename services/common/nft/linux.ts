@@ -1,0 +1,109 @@
+// LinuxNft: the only code that starts nft. A transaction (tx.ts) goes in
+// as one `nft -f -` inside a network namespace ("" = our own), so it is one
+// atomic kernel transaction; nft's own message is in the ExecError. Plus the
+// reads the firewall needs (its counters, whether its table is there) and
+// conntrack, which the firewall clears beside its nft changes. Everything
+// runs through services/common/exec.ts (argument arrays, LC_ALL=C, a
+// timeout, counted).
+import { run, type RunOptions } from "../exec.js";
+import { render, type NftTransaction } from "./tx.js";
+
+export interface CtEntry {
+  proto: string;
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+}
+
+export interface Counter {
+  packets: bigint;
+  bytes: bigint;
+}
+
+/** What applies nft transactions: LinuxNft, or FakeNft in tests. */
+export interface NftApplier {
+  /** Runs the transaction atomically in the namespace ("" = our own); an empty one runs nothing. Rejects with nft's message. */
+  apply(ns: string, tx: NftTransaction): Promise<void>;
+}
+
+/** What the firewall needs of the kernel. */
+export interface NftRunner extends NftApplier {
+  counters(ns: string): Promise<Map<string, Counter>>;
+  tableExists(ns: string): Promise<boolean>;
+  conntrackList(ns: string): Promise<CtEntry[]>;
+  conntrackDelete(ns: string, e: CtEntry): Promise<void>;
+}
+
+/** Parses `conntrack -L` lines: the original direction's tuple. */
+export function parseConntrack(text: string): CtEntry[] {
+  const out: CtEntry[] = [];
+  for (const line of text.split("\n")) {
+    const m = /^(\w+)\s+\d+\s.*?src=(\S+) dst=(\S+)(?: sport=(\d+) dport=(\d+))?/.exec(line.trim());
+    if (!m) continue;
+    out.push({ proto: m[1], src: m[2], dst: m[3], sport: Number(m[4] ?? 0), dport: Number(m[5] ?? 0) });
+  }
+  return out;
+}
+
+export interface LinuxNftOptions {
+  /** Of one `nft -f -` (default exec's 30 s; the firewall gives 60 s: a large ruleset is one transaction). */
+  timeoutMs?: number;
+  /** Quote the script's first lines in the error (the netagent's fail-closed skeleton, as before). */
+  inputInError?: boolean;
+}
+
+export class LinuxNft implements NftRunner {
+  constructor(readonly opts: LinuxNftOptions = {}) {}
+
+  /** Rejects with an ExecError carrying nft's own message. */
+  async apply(ns: string, tx: NftTransaction): Promise<void> {
+    const text = render(tx);
+    if (text !== "") await this.applyText(ns, text);
+  }
+
+  /**
+   * Script text as it is, for the benchmarks' hand-written comparison
+   * tables only: the daemons build a transaction and call apply().
+   */
+  async applyText(ns: string, text: string): Promise<void> {
+    await run("nft", ["-f", "-"], {
+      netns: ns,
+      input: text,
+      ...(this.opts.timeoutMs ? { timeoutMs: this.opts.timeoutMs } : {}),
+      ...(this.opts.inputInError ? { inputInError: true } : {}),
+    });
+  }
+
+  /** Reads: the caller looks at the exit code (no table yet, no conntrack entries). */
+  private read(ns: string, cmd: string[]) {
+    const o: RunOptions = { timeoutMs: 60_000, check: false, netns: ns };
+    return run(cmd[0], cmd.slice(1), o);
+  }
+
+  async tableExists(ns: string): Promise<boolean> {
+    const r = await this.read(ns, ["nft", "list", "chain", "inet", "microvpc", "forward"]);
+    return r.exitCode === 0;
+  }
+
+  async counters(ns: string): Promise<Map<string, Counter>> {
+    const r = await this.read(ns, ["nft", "-j", "list", "counters", "table", "inet", "microvpc"]);
+    const m = new Map<string, Counter>();
+    if (r.exitCode !== 0) return m;
+    for (const o of (JSON.parse(r.stdout).nftables ?? []) as { counter?: { name: string; packets: number; bytes: number } }[]) {
+      if (o.counter) m.set(o.counter.name, { packets: BigInt(o.counter.packets), bytes: BigInt(o.counter.bytes) });
+    }
+    return m;
+  }
+
+  async conntrackList(ns: string): Promise<CtEntry[]> {
+    const r = await this.read(ns, ["conntrack", "-L"]);
+    return parseConntrack(r.stdout);
+  }
+
+  async conntrackDelete(ns: string, e: CtEntry): Promise<void> {
+    const args = ["conntrack", "-D", "-p", e.proto, "-s", e.src, "-d", e.dst];
+    if (e.proto === "tcp" || e.proto === "udp") args.push("--sport", String(e.sport), "--dport", String(e.dport));
+    await this.read(ns, args);
+  }
+}
