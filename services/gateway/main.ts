@@ -265,7 +265,7 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
     new Option(
       "--api-only",
-      "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards, instance metadata), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
+      "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards; instance metadata of every host: Get and Delete, not Set), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
     ).env("MICROVPC_API_ONLY"),
     new Option(
       "--reserved-ports <list>",
