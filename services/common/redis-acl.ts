@@ -8,6 +8,10 @@
 //
 // Key inventory (what the per-host agents — netagent, firewall, gateway and
 // its metadata child, vmm — write; they read every mvpc: key):
+//   host-private (outside mvpc:, so that no other host reads them either; only
+//   host H's user, and the control user, may read or write them):
+//     mvpc-md:H:*          gateway: instance metadata (SetInstanceMetadata from vmm) with
+//                          user-data, its indexes, and the metadata child's IMDS session tokens
 //   host-scoped (contain the host id; only host H may write them):
 //     mvpc:host:H:*        netagent: VPC/subnet/NIC records, NIC address index, NIC client tokens
 //     mvpc:hosts:H         netagent overlay: registry record (lease)
@@ -22,7 +26,7 @@
 //     mvpc:overlay:*       per-VPC overlay members (host id field) and addresses (address → host)
 //     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
 //                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership
-//     mvpc:gw:md:*         instance metadata (SetInstanceMetadata from vmm) and IMDS session tokens
+//     mvpc:gw:mdhosts      set of host ids with instance metadata (the control plane's listing)
 //     mvpc:vm:vpc:*:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates)
 //     mvpc:vm:hosts        vmm: host ids with VMs (a listing; each host's VMs are under its prefix)
 // Everything else is the control plane's (ipam, dns, peering, and the
@@ -30,7 +34,10 @@
 // NAT gateways, floating IPs, port forwards): IPAM (mvpc:vpc*, mvpc:subnet*,
 // mvpc:sn:*, mvpc:owner:*), mvpc:tokens, mvpc:fw:sg:<id>, mvpc:fw:acl*,
 // mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*, mvpc:gw:nat*/fip*/pf*/vpcnat,
-// mvpc:pcx*, mvpc:dns:*.
+// mvpc:pcx*, mvpc:dns:*. The control user also reads and writes every host's
+// mvpc-md:* (gateway --api-only: Get/Delete of instance metadata across hosts),
+// and the legacy mvpc:gw:md:* (records of versions before mvpc-md:, which
+// only the operator deletes, docs/redis-acl.md).
 import { createHash } from "node:crypto";
 import { Option, type Command } from "commander";
 import { readRedisSecrets } from "./redis.js";
@@ -41,9 +48,13 @@ export const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
 export const CONTROL_USER = "microvpc-control";
 export const hostUser = (hostId: string) => `microvpc-host-${hostId}`;
 
-/** Keys only this host's agents write. */
-export function hostScopedWritePatterns(hostId: string): string[] {
+function checkHostId(hostId: string): void {
   if (!HOST_ID_RE.test(hostId)) throw new Error(`host id ${JSON.stringify(hostId)}: use 1–24 characters of [a-z0-9]`);
+}
+
+/** Keys only this host's agents write (every host reads them, as every mvpc: key). */
+export function hostScopedWritePatterns(hostId: string): string[] {
+  checkHostId(hostId);
   // Each pattern ends at the id or at ":" after it: host "a" does not match host "ab"'s keys.
   return [
     `mvpc:host:${hostId}:*`,
@@ -54,6 +65,19 @@ export function hostScopedWritePatterns(hostId: string): string[] {
     `mvpc:vm:host:${hostId}:*`,
   ];
 }
+
+/**
+ * Keys only this host's agents read or write: outside mvpc:, which every
+ * host's user reads. Instance metadata holds tenants' user-data, and what a
+ * VM reads at boot must be written by its own host alone.
+ */
+export function hostPrivatePatterns(hostId: string): string[] {
+  checkHostId(hostId);
+  return [`mvpc-md:${hostId}:*`];
+}
+
+/** The control user's keys: every mvpc: key and every host's private keys. */
+export const CONTROL_PATTERNS = ["mvpc:*", "mvpc-md:*"] as const;
 
 /** Shared keys every host's agents write (the residual risk docs/redis-acl.md describes). */
 export const SHARED_WRITE_PATTERNS = [
@@ -66,7 +90,7 @@ export const SHARED_WRITE_PATTERNS = [
   "mvpc:fw:vpc:*:nics",
   "mvpc:fw:sg:*:members",
   "mvpc:fw:gen",
-  "mvpc:gw:md:*",
+  "mvpc:gw:mdhosts",
   // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>:*.
   // VM records and leases are host-scoped (above); these two only nominate.
   "mvpc:vm:vpc:*:byname",
@@ -105,11 +129,11 @@ const COMMANDS = [
 export function aclRules(who: { control: true } | { hostId: string }): string[] {
   const keys =
     "control" in who
-      ? ["~mvpc:*"]
+      ? CONTROL_PATTERNS.map((p) => `~${p}`)
       : // `~` (read and write), not `%W~`: EVAL declares its keys as read-write, and
         // Redis wants one pattern granting both, so a `%R~` + `%W~` pair would refuse
         // a script on a key the host may write.
-        ["%R~mvpc:*", ...[...hostScopedWritePatterns(who.hostId), ...SHARED_WRITE_PATTERNS].map((p) => `~${p}`)];
+        ["%R~mvpc:*", ...[...hostScopedWritePatterns(who.hostId), ...SHARED_WRITE_PATTERNS, ...hostPrivatePatterns(who.hostId)].map((p) => `~${p}`)];
   return ["reset", "on", ...keys, "resetchannels", ...COMMANDS];
 }
 
@@ -144,7 +168,7 @@ export function addRedisAclCommand(program: Command): void {
   const cmd = program
     .command("redis-acl")
     .description(
-      "print one Redis ACL user: --control (ipam: every mvpc: key) or --host-id ID (one hypervisor's agents: write only that host's keys and the shared ones they need); see docs/redis-acl.md",
+      "print one Redis ACL user: --control (ipam: every mvpc: and mvpc-md: key) or --host-id ID (one hypervisor's agents: write only that host's keys and the shared ones they need, read and write its own mvpc-md:<id>:*); see docs/redis-acl.md",
     )
     .addOption(new Option("--control", "the control-plane user, microvpc-control").conflicts("hostId"))
     .addOption(new Option("--host-id <id>", "the user of this hypervisor, microvpc-host-<id>"))

@@ -25,7 +25,7 @@ import { hostIdOption } from "../common/host.js";
 import { HostStore } from "../netagent/store.js";
 import { createImdsServer, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
-import { MetadataStore } from "./metadata-store.js";
+import { FleetMetadataStore, MetadataStore } from "./metadata-store.js";
 import { DEFAULT_CONNTRACK_LIMIT_PER_VM, DEFAULT_RESERVED_PORTS, parsePortRanges } from "./plan.js";
 import { gatewayRoutes } from "./routes.js";
 import { GatewayApi } from "./service.js";
@@ -60,7 +60,8 @@ export async function runImds(
   timer.unref();
   const imds = createImdsServer({
     lookupVpc: (local) => GatewaySync.vpcOfTransit(transit, local),
-    store: new MetadataStore(redis, logger),
+    // This host's records only (mdKeys): its user may read no other host's.
+    store: new MetadataStore(redis, hostId, logger),
     publicIpOf: async (vpcId, address) => fips.find((f) => f.vpcId === vpcId && f.private === address)?.address,
     ...limits,
     logger,
@@ -264,7 +265,7 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
     new Option(
       "--api-only",
-      "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards, instance metadata), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
+      "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards; instance metadata of every host: Get and Delete, not Set), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
     ).env("MICROVPC_API_ONLY"),
     new Option(
       "--reserved-ports <list>",
@@ -313,7 +314,8 @@ export const gatewayDefinition: ServiceDefinition = {
           },
         },
       };
-      return { services: gatewayRoutes(api, new MetadataApi(new MetadataStore(redis, logger)), noDataPlane) };
+      // Instance metadata of every host (the control user may read them all); Set goes to the VM's hypervisor.
+      return { services: gatewayRoutes(api, new MetadataApi(new FleetMetadataStore(redis, logger)), noDataPlane) };
     }
     const mgmtText = String(flags.managementCidrs);
     const mgmt: ManagementSpec = parseManagementCidrs("--management-cidrs", mgmtText);
@@ -324,7 +326,16 @@ export const gatewayDefinition: ServiceDefinition = {
     );
     const store = new GatewayStore(redis, logger);
     const ipam = new IpamStore(redis);
-    const meta = new MetadataStore(redis, logger);
+    const meta = new MetadataStore(redis, hostId, logger);
+    // Records an older version kept in the shared layout: this host's move
+    // to its own keys before its API serves. A failure (e.g. the Redis user
+    // not yet updated for mvpc-md:) is logged; the next start tries again.
+    try {
+      const { adopted, skipped } = await meta.adoptLegacy();
+      if (adopted.length || skipped.length) logger.info({ adopted, skipped }, "instance metadata: legacy records of this host's NICs adopted");
+    } catch (err) {
+      logger.error({ err: (err as Error).message }, "instance metadata: cannot adopt the legacy records (mvpc:gw:md:); retried at the next start");
+    }
     const sync = new GatewaySync(
       store,
       ipam,

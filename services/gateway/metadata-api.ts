@@ -1,18 +1,20 @@
 // GatewayService's instance metadata calls (Set/Get/DeleteInstanceMetadata):
 // the vmm writes what IMDS serves. Validates every request, then makes
-// exactly one atomic change through MetadataStore. gateway.proto has no list
-// call for metadata; MetadataStore.list serves operators' tools directly.
+// exactly one atomic change through the store: a hypervisor's gateway uses
+// its own host's MetadataStore, the control plane's (--api-only) a
+// FleetMetadataStore (Get/Delete across hosts, Set refused). gateway.proto has
+// no list call for metadata; the stores' list serves operators' tools directly.
 import type { ServiceImpl } from "@connectrpc/connect";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import type { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
-import { instanceId, type MetadataStore } from "./metadata-store.js";
+import { instanceId, type MetadataView } from "./metadata-store.js";
 
 /** The GatewayService calls MetadataApi implements; GatewayApi implements the rest. */
 export type MetadataRpc = "setInstanceMetadata" | "getInstanceMetadata" | "deleteInstanceMetadata";
 
 export class MetadataApi {
-  constructor(readonly store: MetadataStore) {}
+  constructor(readonly store: MetadataView) {}
 
   private async vpcId(field: string, ref: string): Promise<string> {
     const r = V.ref(field, ref, "vpc");

@@ -3,19 +3,30 @@
 // change is one Lua script, which appends its event to "mvpc:events" in the
 // same step; the IMDS hot path is one read script per request.
 //
-// Key layout (all under "mvpc:gw:md:"; see MK):
+// Records belong to the hypervisor whose metadata server serves them (the
+// gateway its vmm called SetInstanceMetadata on), under a prefix of that
+// host alone, "mvpc-md:<host id>:" (see mdKeys) — outside "mvpc:", which
+// every host's Redis user may read: only that host's user (and the control
+// user) may read or write them (docs/redis-acl.md). Per host:
 //   inst:<instance id>     hash: id vpc addr hop rev updated pb (base64 of the
 //                          InstanceMetadata protobuf, update_time set)
 //   byaddr                 hash "vpc/address" → instance id: who a caller is
 //   hop                    hash "vpc/address" → token hop limit (1–64), for
 //                          the data plane's IP TTL of IMDS responses
-//   insts                  lex zset of every instance id
+//   insts                  lex zset of the host's instance ids
 //   vpc:<vpc>:insts        lex zset of the instance ids of one VPC
 //   tokens:<instance id>   zset session-token nonce → expiry (ms); a token
 //                          is live only while its nonce is here
 //   rev                    counter; every write gives the record a new rev, so
 //                          IMDS can cache decoded records and re-read only
 //                          what changed
+// and, shared, "mvpc:gw:mdhosts": the set of host ids with records, so that
+// the control plane's gateway (--api-only, FleetMetadataStore) finds them.
+// It only lists; the records it leads to are host-scoped.
+//
+// Versions before this kept every host's records under "mvpc:gw:md:"; a
+// host's gateway copies the ones of its own NICs at start
+// (MetadataStore.adoptLegacy).
 //
 // Keys derived from stored records (an instance's old VPC) are built inside
 // the scripts: like IPAM, this needs single-instance Redis or Sentinel, not
@@ -29,6 +40,7 @@ import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.
 import * as V from "../common/validate.js";
 import { MAX_GROUPS_PER_NIC } from "../firewall/model.js";
 import { K } from "../ipam/keys.js";
+import { hostKeys } from "../netagent/schema.js";
 import {
   ImdsHttpEndpoint,
   ImdsHttpTokens,
@@ -39,18 +51,34 @@ import {
   type InstanceMetadata,
 } from "../../gen/microvpc/v1/gateway_pb.js";
 
-const M = "mvpc:gw:md:";
-export const MK = {
-  inst: (id: string) => `${M}inst:${id}`,
-  byAddr: `${M}byaddr`,
-  hop: `${M}hop`,
-  all: `${M}insts`,
-  vpcPrefix: `${M}vpc:`,
-  vpc: (vpc: string) => `${M}vpc:${vpc}:insts`,
-  tokensPrefix: `${M}tokens:`,
-  tokens: (id: string) => `${M}tokens:${id}`,
-  rev: `${M}rev`,
-  events: K.events,
+/** The shared set of host ids that have metadata records (a listing for the control plane). */
+export const MD_HOSTS = "mvpc:gw:mdhosts";
+
+/** The keys of one host's metadata; the host id is checked, as it becomes part of every key. */
+export function mdKeys(hostId: string) {
+  const M = `mvpc-md:${V.hostId("host id", hostId)}:`;
+  return {
+    prefix: M,
+    inst: (id: string) => `${M}inst:${id}`,
+    byAddr: `${M}byaddr`,
+    hop: `${M}hop`,
+    all: `${M}insts`,
+    vpcPrefix: `${M}vpc:`,
+    vpc: (vpc: string) => `${M}vpc:${vpc}:insts`,
+    tokensPrefix: `${M}tokens:`,
+    tokens: (id: string) => `${M}tokens:${id}`,
+    rev: `${M}rev`,
+    hosts: MD_HOSTS,
+    events: K.events,
+  };
+}
+export type MdKeys = ReturnType<typeof mdKeys>;
+
+/** Where versions before host-scoped metadata kept every host's records (read by adoptLegacy only). */
+export const LEGACY_MK = {
+  prefix: "mvpc:gw:md:",
+  inst: (id: string) => `mvpc:gw:md:inst:${id}`,
+  byAddr: "mvpc:gw:md:byaddr",
 };
 
 /** The key IMDS, the hop-limit map and the index use for a caller: "vpcId/address". */
@@ -254,14 +282,14 @@ export function hopLimitOf(md: InstanceMetadata): number {
 
 /**
  * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 vpc zset, 6 events,
- *       7 rev counter, 8 tokens zset
+ *       7 rev counter, 8 tokens zset, 9 hosts set (shared)
  * ARGV: 1 id, 2 vpc, 3 address, 4 pb (base64), 5 hop limit, 6 now ms,
- *       7 vpc-zset key prefix
+ *       7 vpc-zset key prefix, 8 host id
  * Returns {1, rev} created, {0, rev} replaced, {-1, holder} another instance
  * holds the VPC and address.
  */
 const SET = `
-local id, vpc, addr, pb, hop, now, vpfx = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local id, vpc, addr, pb, hop, now, vpfx, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local key = vpc .. '/' .. addr
 local holder = redis.call('HGET', KEYS[2], key)
 if holder and holder ~= id then return {-1, holder} end
@@ -288,23 +316,25 @@ redis.call('HSET', KEYS[2], key, id)
 redis.call('HSET', KEYS[3], key, hop)
 redis.call('ZADD', KEYS[4], 0, id)
 redis.call('ZADD', KEYS[5], 0, id)
+redis.call('SADD', KEYS[9], host)
 if moved then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'instance', id, 'vpc', vpc, 'address', addr,
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr,
     'hop_limit', hop, 'created', created, 'old_vpc', oldvpc, 'old_address', oldaddr)
 else
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'instance', id, 'vpc', vpc, 'address', addr,
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr,
     'hop_limit', hop, 'created', created)
 end
 return {created, rev}
 `;
 
 /**
- * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 tokens zset, 6 events
- * ARGV: 1 id, 2 now ms, 3 vpc-zset key prefix
+ * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 tokens zset, 6 events,
+ *       7 hosts set (shared)
+ * ARGV: 1 id, 2 now ms, 3 vpc-zset key prefix, 4 host id
  * Returns {1, live tokens revoked} deleted, {0, 0} absent.
  */
 const DELETE = `
-local id, now, vpfx = ARGV[1], ARGV[2], ARGV[3]
+local id, now, vpfx, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
 if not vpc then return {0, 0} end
 local addr = redis.call('HGET', KEYS[1], 'addr')
@@ -317,7 +347,8 @@ redis.call('ZREM', KEYS[4], id)
 redis.call('ZREM', vpfx .. vpc .. ':insts', id)
 local n = redis.call('ZCOUNT', KEYS[5], '(' .. now, '+inf')
 redis.call('DEL', KEYS[1], KEYS[5])
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.deleted', 'instance', id, 'vpc', vpc, 'address', addr, 'tokens_revoked', n)
+if redis.call('ZCARD', KEYS[4]) == 0 then redis.call('SREM', KEYS[7], host) end
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.deleted', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr, 'tokens_revoked', n)
 return {1, n}
 `;
 
@@ -326,7 +357,7 @@ return {1, n}
  * since the rev IMDS has cached, and is the presented token's nonce live.
  * KEYS: 1 byaddr
  * ARGV: 1 "vpc/address", 2 cached rev ('' = none), 3 token nonce ('' = no
- *       token), 4 now ms, 5 key prefix ("mvpc:gw:md:")
+ *       token), 4 now ms, 5 the host's key prefix ("mvpc-md:<host id>:")
  * Returns {0} unknown caller, or {1, id, rev, pb ('' = unchanged), token}
  * with token -1 none presented, 0 not live, 1 live.
  */
@@ -379,8 +410,8 @@ declare module "ioredis" {
 
 function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcMdSet?: unknown }).mvpcMdSet) return;
-  redis.defineCommand("mvpcMdSet", { numberOfKeys: 8, lua: SET });
-  redis.defineCommand("mvpcMdDelete", { numberOfKeys: 6, lua: DELETE });
+  redis.defineCommand("mvpcMdSet", { numberOfKeys: 9, lua: SET });
+  redis.defineCommand("mvpcMdDelete", { numberOfKeys: 7, lua: DELETE });
   redis.defineCommand("mvpcMdResolve", { numberOfKeys: 1, lua: RESOLVE });
   redis.defineCommand("mvpcMdMint", { numberOfKeys: 2, lua: MINT });
 }
@@ -422,11 +453,38 @@ export function parseStoredMetadata(pb: string): V.Parsed<InstanceMetadata> {
   });
 }
 
-export class MetadataStore {
+/** What the GatewayService metadata calls need: one host's store, or the control plane's view of every host. */
+export interface MetadataView {
+  set(input: InstanceMetadata): Promise<{ metadata: InstanceMetadata; created: boolean }>;
+  get(instanceId: string): Promise<InstanceMetadata | null>;
+  getByAddress(vpcId: string, address: string): Promise<InstanceMetadata | null>;
+  delete(instanceId: string): Promise<{ deleted: boolean; tokensRevoked: number }>;
+  list(opts: { vpcId?: string; after?: string; limit: number }): Promise<InstanceMetadata[]>;
+  resolveVpcName(name: string): Promise<string | null>;
+}
+
+/** A stored record checked; one that does not validate is reported and read as absent. */
+function checkedRecord(log: Pick<Logger, "warn"> | undefined, key: string, pb: string, vpcId?: string): InstanceMetadata | null {
+  const p = parseStoredMetadata(pb);
+  if (p.ok) return p.value;
+  reportInvalid("gateway", "imds-metadata", key, p.reason, log, { field: "pb", vpcId: vpcOfCaller(vpcId ?? "") });
+  return null;
+}
+
+/**
+ * The metadata of one hypervisor: what its metadata server serves, its data
+ * plane's hop limits, and the metadata calls of its gateway. Reads and
+ * writes only that host's keys (mdKeys(hostId)).
+ */
+export class MetadataStore implements MetadataView {
+  readonly keys: MdKeys;
+
   constructor(
     readonly redis: Redis,
+    readonly hostId: string,
     readonly log?: Pick<Logger, "warn">,
   ) {
+    this.keys = mdKeys(hostId);
     defineScripts(redis);
   }
 
@@ -441,6 +499,7 @@ export class MetadataStore {
     md.updateTime = timestampFromMs(now);
     const pb = Buffer.from(toBinary(InstanceMetadataSchema, md)).toString("base64");
     const hop = hopLimitOf(md);
+    const MK = this.keys;
     const [code, detail] = await this.redis.mvpcMdSet(
       MK.inst(md.instanceId),
       MK.byAddr,
@@ -450,6 +509,7 @@ export class MetadataStore {
       MK.events,
       MK.rev,
       MK.tokens(md.instanceId),
+      MK.hosts,
       md.instanceId,
       md.vpcId,
       md.localIpv4,
@@ -457,6 +517,7 @@ export class MetadataStore {
       hop,
       now,
       MK.vpcPrefix,
+      this.hostId,
     );
     if (code === -1) {
       throw new FailedPreconditionError(
@@ -467,26 +528,23 @@ export class MetadataStore {
     return { metadata: md, created: code === 1 };
   }
 
-  /** A stored record checked; one that does not validate is reported and read as absent. */
   private checked(key: string, pb: string, vpcId?: string): InstanceMetadata | null {
-    const p = parseStoredMetadata(pb);
-    if (p.ok) return p.value;
-    reportInvalid("gateway", "imds-metadata", key, p.reason, this.log, { field: "pb", vpcId: vpcOfCaller(vpcId ?? "") });
-    return null;
+    return checkedRecord(this.log, key, pb, vpcId);
   }
 
   async get(instanceId: string): Promise<InstanceMetadata | null> {
-    const pb = await this.redis.hget(MK.inst(instanceId), "pb");
-    return pb ? this.checked(MK.inst(instanceId), pb) : null;
+    const pb = await this.redis.hget(this.keys.inst(instanceId), "pb");
+    return pb ? this.checked(this.keys.inst(instanceId), pb) : null;
   }
 
   async getByAddress(vpcId: string, address: string): Promise<InstanceMetadata | null> {
-    const id = await this.redis.hget(MK.byAddr, callerKey(vpcId, address));
+    const id = await this.redis.hget(this.keys.byAddr, callerKey(vpcId, address));
     return id ? this.get(id) : null;
   }
 
   /** Deletes a record and revokes its session tokens. */
   async delete(instanceId: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
+    const MK = this.keys;
     const [code, n] = await this.redis.mvpcMdDelete(
       MK.inst(instanceId),
       MK.byAddr,
@@ -494,25 +552,27 @@ export class MetadataStore {
       MK.all,
       MK.tokens(instanceId),
       MK.events,
+      MK.hosts,
       instanceId,
       Date.now(),
       MK.vpcPrefix,
+      this.hostId,
     );
     return { deleted: code === 1, tokensRevoked: Number(n) };
   }
 
   /** Records ordered by instance id, after `after` (exclusive), optionally of one VPC. */
   async list(opts: { vpcId?: string; after?: string; limit: number }): Promise<InstanceMetadata[]> {
-    const key = opts.vpcId ? MK.vpc(opts.vpcId) : MK.all;
+    const key = opts.vpcId ? this.keys.vpc(opts.vpcId) : this.keys.all;
     const ids = await this.redis.zrangebylex(key, opts.after ? `(${opts.after}` : "-", "+", "LIMIT", 0, opts.limit);
     if (ids.length === 0) return [];
     const p = this.redis.pipeline();
-    for (const id of ids) p.hget(MK.inst(id), "pb");
+    for (const id of ids) p.hget(this.keys.inst(id), "pb");
     const res = (await p.exec()) ?? [];
     const out: InstanceMetadata[] = [];
     for (const [i, [err, pb]] of res.entries()) {
       if (err) throw err;
-      const md = typeof pb === "string" && pb !== "" ? this.checked(MK.inst(ids[i]), pb, opts.vpcId) : null;
+      const md = typeof pb === "string" && pb !== "" ? this.checked(this.keys.inst(ids[i]), pb, opts.vpcId) : null;
       if (md) out.push(md);
     }
     return out;
@@ -530,12 +590,12 @@ export class MetadataStore {
    * presented token ("" = none). null: no instance holds the address.
    */
   async resolveCaller(vpcId: string, address: string, cachedRev: string, tokenNonce: string): Promise<CallerState | null> {
-    const r = await this.redis.mvpcMdResolve(MK.byAddr, callerKey(vpcId, address), cachedRev, tokenNonce, Date.now(), M);
+    const r = await this.redis.mvpcMdResolve(this.keys.byAddr, callerKey(vpcId, address), cachedRev, tokenNonce, Date.now(), this.keys.prefix);
     if (r[0] !== 1) return null;
     const [, instanceId, rev, pb, tok] = r;
     let metadata: InstanceMetadata | undefined;
     if (pb) {
-      const md = this.checked(MK.inst(instanceId), pb, vpcId);
+      const md = this.checked(this.keys.inst(instanceId), pb, vpcId);
       // A caller whose record does not validate is served as one without a record.
       if (!md) return null;
       metadata = md;
@@ -550,35 +610,199 @@ export class MetadataStore {
 
   /** Records a session token of an instance; false if the instance left (vpcId, address). */
   async recordToken(instanceId: string, vpcId: string, address: string, nonce: string, expiresMs: number): Promise<boolean> {
-    const ok = await this.redis.mvpcMdMint(MK.inst(instanceId), MK.tokens(instanceId), vpcId, address, nonce, expiresMs, Date.now(), MAX_TOKENS_PER_INSTANCE);
+    const ok = await this.redis.mvpcMdMint(
+      this.keys.inst(instanceId),
+      this.keys.tokens(instanceId),
+      vpcId,
+      address,
+      nonce,
+      expiresMs,
+      Date.now(),
+      MAX_TOKENS_PER_INSTANCE,
+    );
     return ok === 1;
   }
 
   /**
    * For the data plane: "vpcId/address" → the IP TTL IMDS token responses
    * must leave with (http_put_response_hop_limit, default 1), for every
-   * instance with a record. Follow "gw.metadata.set"/"gw.metadata.deleted"
+   * instance of this host with a record. Follow "gw.metadata.set"/"gw.metadata.deleted"
    * on mvpc:events to know when to read it again.
    */
   async hopLimits(): Promise<Map<string, number>> {
-    const h = await this.redis.hgetall(MK.hop);
+    const h = await this.redis.hgetall(this.keys.hop);
     const out = new Map<string, number>();
     for (const [k, v] of Object.entries(h)) {
       // The value becomes an nft set name and TTL: checked as the API checks it.
       const p = parseHopLimit(k, v);
       if (p.ok) out.set(k, p.value);
-      else reportInvalid("gateway", "imds-hop", MK.hop, p.reason, this.log, { field: k, vpcId: vpcOfCaller(k) });
+      else reportInvalid("gateway", "imds-hop", this.keys.hop, p.reason, this.log, { field: k, vpcId: vpcOfCaller(k) });
     }
     return out;
   }
 
   /** The hop limit of one caller, or undefined if no instance holds the address. */
   async tokenHopLimitOf(vpcId: string, address: string): Promise<number | undefined> {
-    const v = await this.redis.hget(MK.hop, callerKey(vpcId, address));
+    const v = await this.redis.hget(this.keys.hop, callerKey(vpcId, address));
     if (v === null) return undefined;
     const p = parseHopLimit(callerKey(vpcId, address), v);
     if (p.ok) return p.value;
-    reportInvalid("gateway", "imds-hop", MK.hop, p.reason, this.log, { field: callerKey(vpcId, address), vpcId: vpcOfCaller(vpcId) });
+    reportInvalid("gateway", "imds-hop", this.keys.hop, p.reason, this.log, { field: callerKey(vpcId, address), vpcId: vpcOfCaller(vpcId) });
     return DEFAULT_HOP_LIMIT;
+  }
+
+  /**
+   * Migration from the shared layout (LEGACY_MK, versions before host-scoped
+   * metadata): copies the legacy records of instances whose VPC and address
+   * are a NIC of this host (its own index mvpc:host:H:nicaddr: the
+   * instances only this host's metadata server can serve) into this host's
+   * keys, unless this host already has a record of that instance. Each is
+   * validated and stored as SetInstanceMetadata stores it (a new rev and
+   * update_time); session tokens are not copied (a guest's IMDSv2 client
+   * gets 401 once and asks for a new token). The legacy keys are only read —
+   * a host's Redis user may no longer write them; the operator deletes them
+   * once every gateway has run this (docs/redis-acl.md). Returns what it did.
+   */
+  async adoptLegacy(): Promise<{ adopted: string[]; skipped: { instanceId: string; reason: string }[] }> {
+    const adopted: string[] = [];
+    const skipped: { instanceId: string; reason: string }[] = [];
+    const legacy = await this.redis.hgetall(LEGACY_MK.byAddr);
+    if (Object.keys(legacy).length === 0) return { adopted, skipped };
+    const local = new Set(await this.redis.hkeys(hostKeys.nicaddr(this.hostId)));
+    const mine = Object.entries(legacy).filter(([k]) => local.has(k));
+    for (const [k, rawId] of mine) {
+      const id = V.attempt(() => instanceId("id", rawId));
+      if (!id.ok) {
+        reportInvalid("gateway", "imds-legacy", LEGACY_MK.byAddr, id.reason, this.log, { field: k, vpcId: vpcOfCaller(k) });
+        continue;
+      }
+      if (await this.redis.exists(this.keys.inst(id.value))) continue;
+      const pb = await this.redis.hget(LEGACY_MK.inst(id.value), "pb");
+      const md = pb ? this.checked(LEGACY_MK.inst(id.value), pb, k) : null;
+      if (!md) {
+        skipped.push({ instanceId: id.value, reason: "no valid legacy record" });
+        continue;
+      }
+      if (md.instanceId !== id.value || callerKey(md.vpcId, md.localIpv4) !== k) {
+        skipped.push({ instanceId: id.value, reason: `the legacy record is of ${md.instanceId} at ${callerKey(md.vpcId, md.localIpv4)}, not ${k}` });
+        continue;
+      }
+      try {
+        await this.set(md);
+        adopted.push(id.value);
+      } catch (err) {
+        if (!(err instanceof FailedPreconditionError)) throw err;
+        skipped.push({ instanceId: id.value, reason: err.message });
+      }
+    }
+    return { adopted, skipped };
+  }
+}
+
+/**
+ * The control plane's view (`gateway --api-only`, as the control user, who
+ * may read every host's metadata): Get, List and Delete across the hosts
+ * named in MD_HOSTS. Set is refused — a record belongs to the host whose
+ * metadata server serves it, and the request does not say which host that is.
+ */
+export class FleetMetadataStore implements MetadataView {
+  constructor(
+    readonly redis: Redis,
+    readonly log?: Pick<Logger, "warn">,
+  ) {
+    defineScripts(redis);
+  }
+
+  /** The hosts that have records; an entry that is not a host id is reported and skipped. */
+  async hosts(): Promise<string[]> {
+    const out: string[] = [];
+    for (const h of (await this.redis.smembers(MD_HOSTS)).sort()) {
+      const p = V.attempt(() => V.hostId("host", h));
+      if (p.ok) out.push(p.value);
+      else reportInvalid("gateway", "imds-hosts", MD_HOSTS, p.reason, this.log, { field: h });
+    }
+    return out;
+  }
+
+  set(): Promise<{ metadata: InstanceMetadata; created: boolean }> {
+    return Promise.reject(
+      new FailedPreconditionError(
+        "this gateway runs with --api-only and serves no instance metadata: a record belongs to the hypervisor whose metadata server serves it; send SetInstanceMetadata to that hypervisor's gateway (its vmm does, on CreateVm)",
+      ),
+    );
+  }
+
+  /** One record of each host in `hosts` whose key `keyOf(host)` holds `field`: [host, value]. */
+  private async perHost(hosts: string[], keyOf: (k: MdKeys) => string, field: string): Promise<[string, string][]> {
+    if (hosts.length === 0) return [];
+    const p = this.redis.pipeline();
+    for (const h of hosts) p.hget(keyOf(mdKeys(h)), field);
+    const res = (await p.exec()) ?? [];
+    const out: [string, string][] = [];
+    for (const [i, [err, v]] of res.entries()) {
+      if (err) throw err;
+      if (typeof v === "string" && v !== "") out.push([hosts[i], v]);
+    }
+    return out;
+  }
+
+  /** The one record found, null for none; FAILED_PRECONDITION if several hosts hold one. */
+  private one(what: string, found: [string, InstanceMetadata | null][]): InstanceMetadata | null {
+    const ok = found.filter((f): f is [string, InstanceMetadata] => f[1] !== null);
+    if (ok.length > 1) {
+      throw new FailedPreconditionError(
+        `${what} has metadata on ${ok.length} hypervisors (${ok.map((f) => f[0]).join(", ")}); ask each one's gateway (GetInstanceMetadata), and delete the stale record there`,
+      );
+    }
+    return ok[0]?.[1] ?? null;
+  }
+
+  async get(instanceId: string): Promise<InstanceMetadata | null> {
+    const found = await this.perHost(await this.hosts(), (k) => k.inst(instanceId), "pb");
+    return this.one(
+      `instance ${instanceId}`,
+      found.map(([h, pb]) => [h, checkedRecord(this.log, mdKeys(h).inst(instanceId), pb)]),
+    );
+  }
+
+  async getByAddress(vpcId: string, address: string): Promise<InstanceMetadata | null> {
+    const ids = await this.perHost(await this.hosts(), (k) => k.byAddr, callerKey(vpcId, address));
+    const found: [string, InstanceMetadata | null][] = [];
+    for (const [h, id] of ids) {
+      const pb = await this.redis.hget(mdKeys(h).inst(id), "pb");
+      found.push([h, pb ? checkedRecord(this.log, mdKeys(h).inst(id), pb, vpcId) : null]);
+    }
+    return this.one(`${vpcId}/${address}`, found);
+  }
+
+  /** Deletes the instance's record on every host that has one. */
+  async delete(instanceId: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
+    const found = await this.perHost(await this.hosts(), (k) => k.inst(instanceId), "vpc");
+    let deleted = false;
+    let tokensRevoked = 0;
+    for (const [h] of found) {
+      const r = await new MetadataStore(this.redis, h, this.log).delete(instanceId);
+      deleted ||= r.deleted;
+      tokensRevoked += r.tokensRevoked;
+    }
+    return { deleted, tokensRevoked };
+  }
+
+  /**
+   * Records of every host ordered by instance id, after `after` (exclusive),
+   * optionally of one VPC. An id held by several hosts (a stale record) is
+   * listed once per host, and a page never ends between them.
+   */
+  async list(opts: { vpcId?: string; after?: string; limit: number }): Promise<InstanceMetadata[]> {
+    const all: InstanceMetadata[] = [];
+    for (const h of await this.hosts()) all.push(...(await new MetadataStore(this.redis, h, this.log).list(opts)));
+    all.sort((a, b) => (a.instanceId < b.instanceId ? -1 : a.instanceId > b.instanceId ? 1 : 0));
+    let n = Math.min(opts.limit, all.length);
+    while (n > 0 && n < all.length && all[n].instanceId === all[n - 1].instanceId) n++;
+    return all.slice(0, n);
+  }
+
+  async resolveVpcName(name: string): Promise<string | null> {
+    return await this.redis.hget(K.vpcByName, name);
   }
 }

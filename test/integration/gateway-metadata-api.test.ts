@@ -1,8 +1,10 @@
 // GatewayService's instance metadata calls against a real redis-server,
 // called in memory through createRouterTransport: CRUD, the (vpc, address)
-// index, validation of every field, token revocation and the events.
+// index, validation of every field, token revocation and the events; the
+// control plane's view of every host's records (--api-only) and the adoption
+// of records an older version kept in the shared layout.
 import assert from "node:assert/strict";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, createClient, createRouterTransport, type Client } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
@@ -10,7 +12,7 @@ import { mapDomainErrors } from "../../services/common/errors.js";
 import { GatewayService, ImdsHttpEndpoint, ImdsHttpTokens, InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { MetadataApi } from "../../services/gateway/metadata-api.js";
-import { MK, MetadataStore } from "../../services/gateway/metadata-store.js";
+import { FleetMetadataStore, LEGACY_MK, MD_HOSTS, MetadataStore } from "../../services/gateway/metadata-store.js";
 import { Ipam } from "../../services/ipam/service.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { rejectsWith } from "../lib/clients.js";
@@ -25,7 +27,7 @@ let vpcs: Client<typeof VpcService>;
 beforeAll(async () => {
   redis = await startRedis({ persistence: false });
   r = new Redis(redis.url);
-  store = new MetadataStore(r);
+  store = new MetadataStore(r, HOST);
   const ipam = new Ipam(new IpamStore(r));
   const transport = createRouterTransport(
     (router) => {
@@ -46,6 +48,8 @@ afterAll(async () => {
 type Init = MessageInitShape<typeof InstanceMetadataSchema>;
 const VPC = "vpc-0123456789ab";
 const VPC2 = "vpc-ba9876543210";
+/** The hypervisor whose gateway these calls go to. */
+const HOST = "hv1";
 
 function md(over: Init = {}): Init {
   const base: Init = {
@@ -133,7 +137,8 @@ describe("CRUD", () => {
     const hops = await store.hopLimits();
     assert.deepEqual(Object.fromEntries(hops), { [`${VPC}/10.0.1.6`]: 1, [`${VPC2}/10.0.1.5`]: 2, [`${VPC}/10.0.1.5`]: 2 });
     for (const id of ["vm-a", "vm-b", "vm-c"]) await gw.deleteInstanceMetadata({ instanceId: id });
-    assert.equal(await r.exists(MK.byAddr, MK.hop, MK.all), 0, "indexes empty again");
+    assert.equal(await r.exists(store.keys.byAddr, store.keys.hop, store.keys.all), 0, "indexes empty again");
+    assert.equal(await r.sismember(MD_HOSTS, HOST), 0, "a host without records leaves the host index");
   });
 
   test("events: gw.metadata.set (with the old address on a move) and gw.metadata.deleted with revoked tokens", async () => {
@@ -147,10 +152,112 @@ describe("CRUD", () => {
     assert.equal(del.tokensRevoked, 1);
     const ev = (await events(since)).filter((e) => e.kind.startsWith("gw.metadata."));
     assert.deepEqual(ev, [
-      { kind: "gw.metadata.set", instance: "vm-e", vpc: VPC, address: "10.0.1.5", hop_limit: "2", created: "1" },
-      { kind: "gw.metadata.set", instance: "vm-e", vpc: VPC, address: "10.0.1.7", hop_limit: "2", created: "0", old_vpc: VPC, old_address: "10.0.1.5" },
-      { kind: "gw.metadata.deleted", instance: "vm-e", vpc: VPC, address: "10.0.1.7", tokens_revoked: "1" },
+      { kind: "gw.metadata.set", host: HOST, instance: "vm-e", vpc: VPC, address: "10.0.1.5", hop_limit: "2", created: "1" },
+      {
+        kind: "gw.metadata.set",
+        host: HOST,
+        instance: "vm-e",
+        vpc: VPC,
+        address: "10.0.1.7",
+        hop_limit: "2",
+        created: "0",
+        old_vpc: VPC,
+        old_address: "10.0.1.5",
+      },
+      { kind: "gw.metadata.deleted", host: HOST, instance: "vm-e", vpc: VPC, address: "10.0.1.7", tokens_revoked: "1" },
     ]);
+  });
+});
+
+describe("keys of one host; the control plane's view of every host", () => {
+  test("records are under mvpc-md:<host>:, the host is in the index, and another host's store does not see them", async () => {
+    await gw.setInstanceMetadata({ metadata: md({ instanceId: "vm-k" }) });
+    assert.ok(await r.exists(`mvpc-md:${HOST}:inst:vm-k`));
+    assert.equal(await r.hget(`mvpc-md:${HOST}:byaddr`, `${VPC}/10.0.1.5`), "vm-k");
+    assert.deepEqual(await r.smembers(MD_HOSTS), [HOST]);
+    assert.equal((await r.keys("mvpc:gw:md:*")).length, 0, "nothing in the old shared layout");
+    const other = new MetadataStore(r, "hv2");
+    assert.equal(await other.get("vm-k"), null);
+    assert.equal(await other.getByAddress(VPC, "10.0.1.5"), null);
+    assert.equal((await other.hopLimits()).size, 0);
+    assert.equal(await other.resolveCaller(VPC, "10.0.1.5", "", ""), null);
+    assert.equal((await other.delete("vm-k")).deleted, false, "another host cannot delete it through its store");
+    assert.ok(await store.get("vm-k"));
+    await gw.deleteInstanceMetadata({ instanceId: "vm-k" });
+  });
+
+  test("FleetMetadataStore (gateway --api-only): Get, List and Delete across hosts; Set refused", async () => {
+    const hv2 = new MetadataStore(r, "hv2");
+    const fleet = new FleetMetadataStore(r);
+    const ctl = createClient(
+      GatewayService,
+      createRouterTransport((router) => router.service(GatewayService, new MetadataApi(fleet).impl), { router: { interceptors: [mapDomainErrors] } }),
+    );
+    await store.set(create(InstanceMetadataSchema, md({ instanceId: "vm-f1" })));
+    await hv2.set(create(InstanceMetadataSchema, md({ instanceId: "vm-f2", localIpv4: "10.0.1.9" })));
+    assert.deepEqual(await fleet.hosts(), [HOST, "hv2"].sort());
+    await rejectsWith(ctl.setInstanceMetadata({ metadata: md({ instanceId: "vm-f3" }) }), Code.FailedPrecondition, /--api-only.*that hypervisor's gateway/);
+    assert.equal((await ctl.getInstanceMetadata({ instanceId: "vm-f2" })).metadata?.localIpv4, "10.0.1.9");
+    assert.equal((await ctl.getInstanceMetadata({ vpc: VPC, address: "10.0.1.5" })).metadata?.instanceId, "vm-f1");
+    await rejectsWith(ctl.getInstanceMetadata({ instanceId: "vm-nope" }), Code.NotFound);
+    assert.deepEqual(
+      (await fleet.list({ limit: 10 })).map((m) => m.instanceId),
+      ["vm-f1", "vm-f2"],
+    );
+    assert.deepEqual(
+      (await fleet.list({ after: "vm-f1", limit: 10 })).map((m) => m.instanceId),
+      ["vm-f2"],
+    );
+    // The same instance on two hosts (a stale record): Get says where, Delete removes both.
+    await hv2.set(create(InstanceMetadataSchema, md({ instanceId: "vm-f1", localIpv4: "10.0.1.10" })));
+    await rejectsWith(ctl.getInstanceMetadata({ instanceId: "vm-f1" }), Code.FailedPrecondition, /on 2 hypervisors \(hv1, hv2\)/);
+    assert.deepEqual(
+      (await fleet.list({ limit: 1 })).map((m) => m.instanceId),
+      ["vm-f1", "vm-f1"],
+      "a page does not end between them",
+    );
+    assert.equal((await ctl.deleteInstanceMetadata({ instanceId: "vm-f1" })).deleted, true);
+    assert.equal(await store.get("vm-f1"), null);
+    assert.equal(await hv2.get("vm-f1"), null);
+    assert.equal((await ctl.deleteInstanceMetadata({ instanceId: "vm-f2" })).deleted, true);
+    assert.deepEqual(await r.smembers(MD_HOSTS), []);
+    // A forged host index entry is not a host: reported and skipped.
+    await r.sadd(MD_HOSTS, "../x*");
+    assert.deepEqual(await fleet.hosts(), []);
+    await r.del(MD_HOSTS);
+  });
+
+  test("adoptLegacy: records of the shared layout whose address is a NIC of this host move to its keys", async () => {
+    const old = (m: Init) => Buffer.from(toBinary(InstanceMetadataSchema, create(InstanceMetadataSchema, m))).toString("base64");
+    // What an older version left: three instances, the first two at NICs of HOST.
+    await r
+      .multi()
+      .hset(LEGACY_MK.inst("vm-l1"), "pb", old(md({ instanceId: "vm-l1", localIpv4: "10.0.2.1" })))
+      .hset(LEGACY_MK.inst("vm-l2"), "pb", old(md({ instanceId: "vm-l2", localIpv4: "10.0.2.2" })))
+      .hset(LEGACY_MK.inst("vm-l3"), "pb", old(md({ instanceId: "vm-l3", localIpv4: "10.0.2.3" })))
+      .hset(LEGACY_MK.byAddr, `${VPC}/10.0.2.1`, "vm-l1", `${VPC}/10.0.2.2`, "vm-l2", `${VPC}/10.0.2.3`, "vm-l3")
+      .hset(`mvpc:host:${HOST}:nicaddr`, `${VPC}/10.0.2.1`, "nic-000000000001", `${VPC}/10.0.2.2`, "nic-000000000002")
+      .hset(`mvpc:host:hv2:nicaddr`, `${VPC}/10.0.2.3`, "nic-000000000003")
+      .exec();
+    // vm-l2 was already set again on this host: kept as it is.
+    await store.set(create(InstanceMetadataSchema, md({ instanceId: "vm-l2", localIpv4: "10.0.2.2", hostname: "newer" })));
+    const res = await store.adoptLegacy();
+    assert.deepEqual(res, { adopted: ["vm-l1"], skipped: [] });
+    assert.equal((await store.getByAddress(VPC, "10.0.2.1"))?.instanceId, "vm-l1");
+    assert.equal((await store.get("vm-l2"))?.hostname, "newer");
+    assert.equal(await store.get("vm-l3"), null, "not this host's NIC");
+    assert.deepEqual((await new MetadataStore(r, "hv2").adoptLegacy()).adopted, ["vm-l3"]);
+    assert.deepEqual((await store.adoptLegacy()).adopted, [], "done once");
+    for (const id of ["vm-l1", "vm-l2"]) await store.delete(id);
+    await new MetadataStore(r, "hv2").delete("vm-l3");
+    await r.del(
+      LEGACY_MK.inst("vm-l1"),
+      LEGACY_MK.inst("vm-l2"),
+      LEGACY_MK.inst("vm-l3"),
+      LEGACY_MK.byAddr,
+      `mvpc:host:${HOST}:nicaddr`,
+      "mvpc:host:hv2:nicaddr",
+    );
   });
 });
 

@@ -8,25 +8,29 @@
 // write to host B's records, IPAM, security groups, NAT, tokens, and every
 // administrative command; with B's, every write to A's VM records and
 // leases, and a name-index entry B forges does not make A's vmm act on
-// anything; A keeps working afterwards.
+// anything; A keeps working afterwards. Instance metadata (user-data) is
+// A's alone: B's user can neither read nor write it, while A's metadata
+// server serves A's VM.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { Direction, FirewallHealth, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
-import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { GatewayService, InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import { MetadataStore } from "../../services/gateway/metadata-store.js";
 import { VmStore, type VmRec } from "../../services/vmm/store.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { FLOATING_POOL, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
-import { ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { httpGet, ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let A: Hypervisor, B: Hypervisor;
@@ -76,7 +80,9 @@ describe("per-host Redis ACL users", () => {
     for (const u of [CONTROL_USER, hostUser(A.id), hostUser(B.id)]) assert.ok(users.has(u), `a connection as ${u} (have ${[...users].join(", ")})`);
     const rules = (await admin.call("ACL", "GETUSER", hostUser(A.id))) as unknown[];
     assert.ok(JSON.stringify(rules).includes(`~mvpc:host:${A.id}:*`), "host A's user writes host A's keys");
+    assert.ok(JSON.stringify(rules).includes(`~mvpc-md:${A.id}:*`), "host A's user reads and writes host A's instance metadata");
     assert.ok(!JSON.stringify(rules).includes(`mvpc:host:${B.id}`), "and nothing of host B");
+    assert.ok(!JSON.stringify(rules).includes(`mvpc-md:${B.id}`), "nor B's instance metadata");
   });
 
   test("as host A's user: a VPC, NICs and a vmm VM on A converge, the firewall applies, no daemon is refused anything", async () => {
@@ -367,5 +373,90 @@ describe("per-host Redis ACL users", () => {
       await admin.hdel(byname, "legacy");
       await admin.srem(`mvpc:vm:host:${A.id}`, id);
     }
+  });
+
+  test("instance metadata is host A's alone: B's user can neither read nor write it; A's metadata server serves A's VM its user-data", async () => {
+    const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
+    const secret = "#cloud-config\n# secret of acla\n";
+    await gw.setInstanceMetadata({
+      metadata: {
+        instanceId: "i-acla",
+        vpcId: vpc.id,
+        subnetId: sn.id,
+        localIpv4: a.address,
+        mac: a.mac,
+        hostname: "acla",
+        userData: new TextEncoder().encode(secret),
+      },
+    });
+    const userData = () => httpGet(a.ns, "http://169.254.169.254/latest/user-data", 1500);
+    assert.ok(await waitFor(async () => (await userData()) === secret, { timeoutMs: 20_000, intervalMs: 250 }), "A's VM reads its user-data");
+    const key = `mvpc-md:${A.id}:inst:i-acla`;
+    assert.ok(await asA.exists(key), "stored under A's own prefix");
+
+    const asB = new Redis({
+      port: h.redis.port,
+      host: "127.0.0.1",
+      username: hostUser(B.id),
+      password: readFileSync(h.acl!.passwordFile(hostUser(B.id)), "utf8").trim(),
+      maxRetriesPerRequest: 0,
+    });
+    try {
+      // The attack: B reads A's tenants' user-data, or rewrites what A's VM reads at boot.
+      await refused("B reads A's record (user-data)", asB.hget(key, "pb"));
+      await refused("B reads A's whole record", asB.hgetall(key));
+      await refused("B reads A's address index", asB.hgetall(`mvpc-md:${A.id}:byaddr`));
+      await refused("B lists A's instances", asB.zrange(`mvpc-md:${A.id}:insts`, 0, -1));
+      await refused("B reads A's session tokens", asB.zrange(`mvpc-md:${A.id}:tokens:i-acla`, 0, -1));
+      const forged = Buffer.from(
+        toBinary(InstanceMetadataSchema, create(InstanceMetadataSchema, { instanceId: "i-acla", userData: new TextEncoder().encode("#!/bin/sh\nevil\n") })),
+      ).toString("base64");
+      await refused("B rewrites A's record", asB.hset(key, "pb", forged));
+      await refused("B deletes A's record", asB.del(key));
+      await refused("B points A's VM's address elsewhere", asB.hset(`mvpc-md:${A.id}:byaddr`, `${vpc.id}/${a.address}`, "i-evil"));
+      await refused("B mints a session token on A", asB.zadd(`mvpc-md:${A.id}:tokens:i-acla`, Date.now() + 3_600_000, "00".repeat(12)));
+      await refused("B bumps A's rev", asB.incr(`mvpc-md:${A.id}:rev`));
+      await refused("a script declaring A's record", asB.eval("return redis.call('HGET', KEYS[1], 'pb')", 1, key));
+      await refused("a script naming A's record", asB.eval(`return redis.call('HSET', '${key}', 'pb', 'x')`, 0));
+      // The old shared layout is no longer writable by any host either.
+      await refused("B writes the old shared layout", asB.hset("mvpc:gw:md:byaddr", `${vpc.id}/${a.address}`, "i-evil"));
+      await refused("B writes an old shared record", asB.hset("mvpc:gw:md:inst:i-acla", "pb", forged));
+
+      // What B may do: its own host's metadata, even a record claiming a's
+      // address — A's metadata server never reads it.
+      const onB = new MetadataStore(asB, B.id);
+      await onB.set(
+        create(InstanceMetadataSchema, {
+          instanceId: "i-acla",
+          vpcId: vpc.id,
+          subnetId: sn.id,
+          localIpv4: a.address,
+          mac: a.mac,
+          hostname: "evil",
+          userData: new TextEncoder().encode("#!/bin/sh\nevil\n"),
+        }),
+      );
+      assert.equal((await onB.get("i-acla"))?.hostname, "evil");
+      await asB.xadd("mvpc:events", "*", "kind", "gw.metadata.set", "instance", "i-acla");
+      assert.equal(await userData(), secret, "A's VM still reads its own user-data");
+      assert.equal(await httpGet(a.ns, "http://169.254.169.254/latest/meta-data/hostname", 1500), "acla");
+      assert.equal(await asA.hget(key, "pb"), await admin.hget(key, "pb"), "A reads its own record");
+      await refused("A reads B's record", asA.hget(`mvpc-md:${B.id}:inst:i-acla`, "pb"));
+
+      // The control plane's gateway sees both hosts' records: a Get by id names the two hosts.
+      const ctlGw = grpcClient(GatewayService, { address: ctlGwd.address, timeoutMs: 20_000 });
+      await rejectsWith(ctlGw.getInstanceMetadata({ instanceId: "i-acla" }), Code.FailedPrecondition, new RegExp(`on 2 hypervisors .*${A.id}`));
+      assert.equal((await onB.delete("i-acla")).deleted, true);
+      assert.equal((await ctlGw.getInstanceMetadata({ instanceId: "i-acla" })).metadata?.hostname, "acla", "the control gateway reads A's record");
+      await rejectsWith(
+        ctlGw.setInstanceMetadata({ metadata: { instanceId: "i-x", vpcId: vpc.id, localIpv4: "10.41.1.200", mac: "02:00:00:00:00:01", hostname: "x" } }),
+        Code.FailedPrecondition,
+        /--api-only/,
+      );
+    } finally {
+      asB.disconnect();
+    }
+    await gw.deleteInstanceMetadata({ instanceId: "i-acla" });
+    for (const d of [gwd, ctlGwd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
   });
 });

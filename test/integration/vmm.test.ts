@@ -58,7 +58,7 @@ async function holdings() {
   const allocs = (await h.ipam.ipam.listAllocations({ subnetId, pageSize: 1000 })).allocations.map((a) => a.address).sort();
   const nics = (await hv.agent.listNics({ pageSize: 1000 })).nics.map((n) => n.guest!.address).sort();
   const bindings = (await fw.listNicBindings({ pageSize: 1000 })).bindings.map((b) => b.address).sort();
-  const metadata = (await new MetadataStore(redis).list({ limit: 1000 })).map((m) => m.localIpv4).sort();
+  const metadata = (await new MetadataStore(redis, hv.id).list({ limit: 1000 })).map((m) => m.localIpv4).sort();
   const namespaces = (await listNetns()).filter((n) => n.startsWith(`mvpcvm-${hv.id}-`)).length;
   const running = (await vmm.listVms({})).vms
     .filter((v) => v.state === VmState.RUNNING)

@@ -129,7 +129,7 @@ async function token(o: Omit<Call, "path" | "method"> = {}, ttl = "60"): Promise
 beforeAll(async () => {
   redis = await startRedis({ persistence: false });
   r = new Redis(redis.url);
-  store = new MetadataStore(r);
+  store = new MetadataStore(r, "hv1");
   await store.set(
     record({
       instanceId: "vm-a1",

@@ -4,12 +4,20 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { test } from "vitest";
-import { aclRules, CONTROL_USER, hostScopedWritePatterns, hostUser, redisAclUser, SHARED_WRITE_PATTERNS } from "../../services/common/redis-acl.js";
+import {
+  aclRules,
+  CONTROL_USER,
+  hostPrivatePatterns,
+  hostScopedWritePatterns,
+  hostUser,
+  redisAclUser,
+  SHARED_WRITE_PATTERNS,
+} from "../../services/common/redis-acl.js";
 
 const PW = "correct horse battery staple";
 const HASH = createHash("sha256").update(PW).digest("hex");
 
-test("a host user: reads every mvpc: key, writes its own host's keys and the shared ones, nothing of another host", () => {
+test("a host user: reads every mvpc: key, writes its own host's keys and the shared ones, reads and writes its own mvpc-md:, nothing of another host", () => {
   const { user, line } = redisAclUser({ hostId: "hv7" }, PW, "commands");
   assert.equal(user, "microvpc-host-hv7");
   assert.equal(user, hostUser("hv7"));
@@ -21,9 +29,18 @@ test("a host user: reads every mvpc: key, writes its own host's keys and the sha
   // VM records and leases are host-scoped now: no shared pattern for them.
   for (const k of ["~mvpc:vm:vm-*", "~mvpc:vmlease:*", "~mvpc:vms"]) assert.ok(!w.includes(k), k);
   for (const k of SHARED_WRITE_PATTERNS) assert.ok(w.includes(`~${k}`), k);
+  // Its instance metadata: read and write, outside mvpc: (which every host reads).
+  assert.deepEqual(hostPrivatePatterns("hv7"), ["mvpc-md:hv7:*"]);
+  assert.ok(w.includes("~mvpc-md:hv7:*"));
+  assert.ok(!w.some((x) => /mvpc:gw:md:|mvpc-md:\*|^%R~mvpc-md/.test(x)), "no other host's metadata, nor the old shared layout");
   // Writable patterns are all either this host's or the listed shared ones.
   const writable = w.filter((x) => x.startsWith("~"));
-  assert.deepEqual(writable.sort(), [...hostScopedWritePatterns("hv7"), ...SHARED_WRITE_PATTERNS].map((p) => `~${p}`).sort());
+  assert.deepEqual(writable.sort(), [...hostScopedWritePatterns("hv7"), ...SHARED_WRITE_PATTERNS, ...hostPrivatePatterns("hv7")].map((p) => `~${p}`).sort());
+  // The only read pattern is mvpc:*, which does not reach mvpc-md:.
+  assert.deepEqual(
+    w.filter((x) => x.startsWith("%")),
+    ["%R~mvpc:*"],
+  );
   for (const p of writable) {
     assert.ok(!/^~mvpc:(host|hosts|fw:host|gw:host|vm:host):\*/.test(p), `${p} would cover other hosts`);
     assert.ok(!/^~mvpc:(vpc|subnet|sn|owner|tokens|pcx|dns|fw:sg:\*$|fw:acl|fw:subnet-acl|gw:(nat|fip|pf|vpcnat))/.test(p), `${p}: control-plane keys`);
@@ -46,12 +63,13 @@ test("commands: data, transactions and scripts; no administration, functions or 
   assert.equal(cmds.at(-1), "+info", "INFO (ioredis's ready check) back after -@dangerous");
 });
 
-test("the control user: every mvpc: key, the same commands", () => {
+test("the control user: every mvpc: and mvpc-md: key, the same commands", () => {
   const { user, line } = redisAclUser({ control: true }, PW, "commands");
   assert.equal(user, CONTROL_USER);
   const w = line.split(" ");
   assert.deepEqual(w.slice(0, 6), ["ACL", "SETUSER", "microvpc-control", "reset", "on", `#${HASH}`]);
   assert.ok(w.includes("~mvpc:*"));
+  assert.ok(w.includes("~mvpc-md:*"), "every host's instance metadata (gateway --api-only)");
   assert.ok(!w.some((x) => x.startsWith("%")), "no split read/write patterns");
   assert.deepEqual(
     aclRules({ control: true }).filter((x) => /^[+-]/.test(x)),
@@ -77,7 +95,7 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     assert.throws(() => redisAclUser({ hostId: bad }, PW, "commands"), /host id/, JSON.stringify(bad));
   }
   // hv1's patterns end at a separator: they do not match hv10's keys.
-  for (const p of hostScopedWritePatterns("hv1")) assert.match(p, /hv1(:\*)?$/);
+  for (const p of [...hostScopedWritePatterns("hv1"), ...hostPrivatePatterns("hv1")]) assert.match(p, /hv1(:\*)?$/);
   // No shared pattern reaches a host-scoped key of another host.
   const glob = (p: string) => new RegExp(`^${p.replace(/[.+?^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`);
   const otherHostKeys = (h: string) => [
@@ -103,4 +121,20 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
       for (const p of hostScopedWritePatterns("hv1")) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
     }
   }
+  // Another host's instance metadata: no pattern of hv1's user, read or write, reaches it.
+  const patterns = aclRules({ hostId: "hv1" })
+    .filter((x) => x.startsWith("~") || x.startsWith("%"))
+    .map((x) => x.replace(/^%R~|^~/, ""));
+  for (const k of ["mvpc-md:hv2:inst:vm-1", "mvpc-md:hv10:byaddr", "mvpc-md:hv2:tokens:vm-1"]) {
+    assert.deepEqual(
+      patterns.filter((p) => glob(p).test(k)),
+      [],
+      k,
+    );
+  }
+  // Nor does a write pattern reach the old shared layout.
+  assert.deepEqual(
+    aclRules({ hostId: "hv1" }).filter((x) => x.startsWith("~") && glob(x.slice(1)).test("mvpc:gw:md:inst:vm-1")),
+    [],
+  );
 });
