@@ -40,17 +40,13 @@
 // only the operator deletes, docs/redis-acl.md).
 import { createHash } from "node:crypto";
 import { Option, type Command } from "commander";
+import { checkHostId as checkId } from "./host.js";
 import { readRedisSecrets } from "./redis.js";
-
-/** A hypervisor id as the agents accept it (netagent/main.ts). */
-export const HOST_ID_RE = /^[a-z0-9]{1,24}$/;
 
 export const CONTROL_USER = "microvpc-control";
 export const hostUser = (hostId: string) => `microvpc-host-${hostId}`;
 
-function checkHostId(hostId: string): void {
-  if (!HOST_ID_RE.test(hostId)) throw new Error(`host id ${JSON.stringify(hostId)}: use 1–24 characters of [a-z0-9]`);
-}
+const checkHostId = (hostId: string) => checkId("host id", hostId);
 
 /** Keys only this host's agents write (every host reads them, as every mvpc: key). */
 export function hostScopedWritePatterns(hostId: string): string[] {
