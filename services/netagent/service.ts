@@ -6,7 +6,7 @@ import { existsSync, statSync } from "node:fs";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
-import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import { ExecError } from "../common/exec.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
@@ -70,6 +70,15 @@ export function macFor(vpcId: string, address: string): string {
   const h = createHash("sha256").update(vpcId).digest();
   const ip = address.split(".").map((x) => Number(x).toString(16).padStart(2, "0"));
   return ["02", h[0].toString(16).padStart(2, "0"), ...ip].join(":");
+}
+
+/** Ports a Linux bridge takes: BR_MAX_PORTS (1024) less port 0, which the kernel never hands out. */
+export const BRIDGE_MAX_PORTS = 1023;
+
+function bridgeFull(subnet: string, hostId: string): ResourceExhaustedError {
+  return new ResourceExhaustedError(
+    `subnet ${subnet} already has ${BRIDGE_MAX_PORTS} NICs on hypervisor ${hostId}, as many as its Linux bridge takes; attach this one on another hypervisor, or in another subnet`,
+  );
 }
 
 export class NetAgent {
@@ -483,6 +492,14 @@ export class NetAgent {
           await this.ensureNicLocked(prev, this.agent.desired.subnets.get(s.id)!);
           return { nic: this.nicMsg(prev), created: false };
         }
+        // A Linux bridge takes at most BRIDGE_MAX_PORTS ports (the kernel's
+        // BR_MAX_PORTS less port 0); the next one fails with EXFULL deep in
+        // the ip batch. Say so before touching the kernel.
+        const onBridge = [...this.agent.desired.nics.values()].filter((n) => n.subnetId === s.id).length;
+        if (onBridge >= BRIDGE_MAX_PORTS) {
+          await this.detachLocked(spec).catch(() => {});
+          throw bridgeFull(s.name, this.opts.hostId);
+        }
         this.agent.desired.nics.set(nicId, spec);
         try {
           // A new NIC has a fresh id, so its devices cannot exist yet: build
@@ -499,6 +516,7 @@ export class NetAgent {
           const out = err instanceof ExecError ? err.stderr : "";
           if (kind === "veth" && /File exists/.test(out))
             throw new AlreadyExistsError(`${veth!.netnsPath} already has an interface ${guestIf}; pick another guest_interface`);
+          if (/Exchange full/.test(out)) throw bridgeFull(s.name, this.opts.hostId);
           if (/No such device|Cannot find device/.test(out))
             throw new FailedPreconditionError(`the subnet bridge vanished while attaching (${out.trim()}); it is being repaired — retry`);
           throw err;
