@@ -3,7 +3,7 @@
 // catalog (VPCs, subnets, allocations) is IPAM's, read from the same Redis.
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, statSync } from "node:fs";
-import { create } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
@@ -30,6 +30,8 @@ import {
   NicSchema,
   type BandwidthLimit,
   type Nic,
+  type AttachNicRequest,
+  type AttachNicResponseSchema,
 } from "../../gen/microvpc/v1/netagent_pb.js";
 import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
@@ -79,6 +81,15 @@ function bridgeFull(subnet: string, hostId: string): ResourceExhaustedError {
   return new ResourceExhaustedError(
     `subnet ${subnet} already has ${BRIDGE_MAX_PORTS} NICs on hypervisor ${hostId}, as many as its Linux bridge takes; attach this one on another hypervisor, or in another subnet`,
   );
+}
+
+/** A NIC AttachNic validated, not yet stored nor built. */
+interface PendingNic {
+  spec: NicSpec;
+  vpc: VpcRec;
+  subnet: SubnetRec;
+  /** A TAP with a name the caller chose, which may already exist. */
+  namedTap: boolean;
 }
 
 export class NetAgent {
@@ -284,6 +295,159 @@ export class NetAgent {
     return out;
   }
 
+  /**
+   * AttachNic's request, validated against IPAM (the address is allocated,
+   * to this owner) and the host (a veth's far end is a VM's namespace), as
+   * the NIC record to store. Reads only: nothing is changed yet.
+   */
+  private async nicSpecFrom(req: AttachNicRequest): Promise<PendingNic> {
+    const v = await this.vpc(req.vpc);
+    const s = await this.subnet(req.subnet, v);
+    const owner = V.token("owner", req.owner);
+    const clientToken = V.token("client_token", req.clientToken, { optional: true });
+    const addr = V.ipv4("address", req.address);
+    if (addr < s.base || addr >= s.base + s.size) throw new InvalidArgumentError("address", `${req.address} is outside subnet ${s.name} (${s.cidr})`);
+    const idx = addr - s.base;
+    if (idx < 2 + s.extraReserved || idx === s.size - 1) {
+      throw new InvalidArgumentError(
+        "address",
+        `${req.address} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); a NIC needs an allocated address`,
+      );
+    }
+    const alloc = await this.ipam.getAllocation(s.id, addr - s.base);
+    if (!alloc)
+      throw new FailedPreconditionError(`${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`);
+    if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);
+    const mac = req.mac ? V.mac("mac", req.mac) : macFor(v.id, req.address);
+    const mtu = S.mtu("mtu", req.mtu ?? this.opts.mtu);
+    const hostname = req.hostname ? V.name("hostname", req.hostname) : "";
+    const guestIf = ifname("guest_interface", req.guestInterface || "eth0");
+    const bandwidth = bandwidthFrom(req.bandwidth);
+    const nicId = `nic-${randomBytes(6).toString("hex")}`;
+    let kind: "tap" | "veth";
+    let tap: NicSpec["tap"];
+    let veth: NicSpec["veth"];
+    let hostIf: string;
+    if (req.kind === NicKind.TAP) {
+      if (req.options.case === "veth") throw new InvalidArgumentError("options", "kind is TAP but veth options were given");
+      const o = req.options.case === "tap" ? req.options.value : undefined;
+      const queues = S.queues("tap.queues", o?.queues ?? (o?.multiQueue ? 2 : 1));
+      kind = "tap";
+      tap = {
+        uid: o?.ownerUid === undefined ? undefined : S.uid("tap.owner_uid", o.ownerUid),
+        gid: o?.ownerGid === undefined ? undefined : S.uid("tap.owner_gid", o.ownerGid),
+        multiQueue: !!o?.multiQueue,
+        queues,
+      };
+      hostIf = o?.name ? S.hostIf("tap.name", o.name, nicId, "tap") : names.hostIf(nicId, "tap");
+    } else if (req.kind === NicKind.VETH) {
+      if (req.options.case !== "veth")
+        throw new InvalidArgumentError("veth", "is required for kind VETH (veth.netns_path: the namespace the far end goes into)");
+      const p = req.options.value.netnsPath;
+      S.netnsPath("veth.netns_path", p);
+      if (!existsSync(p)) throw new InvalidArgumentError("veth.netns_path", `${p} does not exist; create the namespace first (ip netns add NAME)`);
+      // The far end must go into a VM's namespace, never the agent's own:
+      // that would change the hypervisor's network.
+      const target = statSync(p);
+      const self = statSync("/proc/self/ns/net");
+      if (target.ino === self.ino && target.dev === self.dev)
+        throw new InvalidArgumentError("veth.netns_path", `${p} is the agent's own network namespace; give the VM's namespace`);
+      for (const [vpcId] of this.agent.desired.vpcs) {
+        const vns = `/run/netns/${this.agent.nsOf(vpcId)}`;
+        if (existsSync(vns) && statSync(vns).ino === target.ino)
+          throw new InvalidArgumentError("veth.netns_path", `${p} is a VPC namespace of this host; give the VM's namespace`);
+      }
+      kind = "veth";
+      veth = { netnsPath: p, skipDefaultRoute: req.options.value.skipDefaultRoute };
+      hostIf = names.hostIf(nicId, "veth");
+    } else {
+      throw new InvalidArgumentError("kind", "is required: NIC_KIND_TAP for a VM, NIC_KIND_VETH for a namespace");
+    }
+    // The VPC's resolver (default VPC base + 2, DnsService config), which
+    // the gateway serves in every subnet of the VPC.
+    const resolver = (await new DnsStore(this.ipam.redis).getConfig(v.id)).resolver ?? defaultResolver(v.base);
+    const spec: NicSpec = {
+      nicId,
+      owner: owner || alloc.owner,
+      vpcId: v.id,
+      subnetId: s.id,
+      kind,
+      hostIf,
+      mac,
+      address: req.address,
+      prefix: s.prefix,
+      gateway: V.intToIp(s.base + 1),
+      mtu,
+      hostname,
+      guestIf,
+      dns: [resolver],
+      search: [`${v.name}.internal`],
+      tap,
+      veth,
+      bandwidth,
+      createdMs: Date.now(),
+      clientToken,
+    };
+    return { spec, vpc: v, subnet: s, namedTap: kind === "tap" && req.options.case === "tap" && !!req.options.value.name };
+  }
+
+  /** Stores the NIC and builds its devices in one ip batch; undoes both on failure. Caller holds the VPC's lock. */
+  private async attachLocked({ spec, vpc: v, subnet: s, namedTap }: PendingNic): Promise<MessageInitShape<typeof AttachNicResponseSchema>> {
+    const { nicId, kind, hostIf, veth, guestIf, address } = spec;
+    await this.ensureSubnetLocked(v, s, { trustCache: true });
+    const ns = this.agent.nsOf(v.id);
+    if (namedTap) {
+      const taken = await this.kernel.link(ns, hostIf);
+      if (taken) throw new AlreadyExistsError(`interface ${hostIf} already exists in ${ns}; choose another tap.name`);
+    }
+    const added = await this.agent.store.addNic(spec);
+    if (added.code === -2) {
+      throw new FailedPreconditionError(
+        `${address} is held in VPC ${v.name} by NIC ${added.id.split("/")[1]} on hypervisor ${added.id.split("/")[0]}; detach it there first`,
+      );
+    }
+    if (added.code !== 1) {
+      const prev = this.agent.desired.nics.get(added.id) ?? (await this.agent.store.getNic(added.id));
+      if (!prev) throw new AlreadyExistsError(`NIC ${added.id} holds ${address}`);
+      if (added.code === -1 && (prev.owner !== spec.owner || prev.subnetId !== spec.subnetId || prev.kind !== spec.kind)) {
+        throw new AlreadyExistsError(`${address} is already attached in VPC ${v.name} on this host as ${prev.nicId} (owner ${prev.owner}); detach it first`);
+      }
+      this.agent.desired.nics.set(prev.nicId, prev);
+      await this.ensureNicLocked(prev, this.agent.desired.subnets.get(s.id)!);
+      return { nic: this.nicMsg(prev), created: false };
+    }
+    // A Linux bridge takes at most BRIDGE_MAX_PORTS ports (the kernel's
+    // BR_MAX_PORTS less port 0); the next one fails with EXFULL deep in
+    // the ip batch. Say so before touching the kernel.
+    const onBridge = [...this.agent.desired.nics.values()].filter((n) => n.subnetId === s.id).length;
+    if (onBridge >= BRIDGE_MAX_PORTS) {
+      await this.detachLocked(spec).catch(() => {});
+      throw bridgeFull(s.name, this.opts.hostId);
+    }
+    this.agent.desired.nics.set(nicId, spec);
+    try {
+      // A new NIC has a fresh id, so its devices cannot exist yet: build
+      // them without reading the kernel first.
+      // One `ip -batch` (the VM side included); `tc -batch` only for limits.
+      const lines = nicCreateLines(this.opts.hostId, spec, names.bridge(s.id));
+      const bw = bandwidthLines(this.opts.hostId, spec, [], []);
+      await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip], lines.guest.length ? [{ netnsPath: veth!.netnsPath, lines: lines.guest }] : []);
+      await this.kernel.tcBatch(ns, bw.tc);
+    } catch (err) {
+      // Undo: nothing half-applied stays behind.
+      await this.detachLocked(spec).catch(() => {});
+      this.agent.readyBridges.delete(s.id);
+      const out = err instanceof ExecError ? err.stderr : "";
+      if (kind === "veth" && /File exists/.test(out))
+        throw new AlreadyExistsError(`${veth!.netnsPath} already has an interface ${guestIf}; pick another guest_interface`);
+      if (/Exchange full/.test(out)) throw bridgeFull(s.name, this.opts.hostId);
+      if (/No such device|Cannot find device/.test(out))
+        throw new FailedPreconditionError(`the subnet bridge vanished while attaching (${out.trim()}); it is being repaired — retry`);
+      throw err;
+    }
+    return { nic: this.nicMsg(spec), created: true };
+  }
+
   readonly impl: ServiceImpl<typeof NetAgentService> = {
     ensureVpc: async (req) => {
       const v = await this.vpc(req.vpc);
@@ -378,151 +542,8 @@ export class NetAgent {
     },
 
     attachNic: async (req) => {
-      const v = await this.vpc(req.vpc);
-      const s = await this.subnet(req.subnet, v);
-      const owner = V.token("owner", req.owner);
-      const clientToken = V.token("client_token", req.clientToken, { optional: true });
-      const addr = V.ipv4("address", req.address);
-      if (addr < s.base || addr >= s.base + s.size) throw new InvalidArgumentError("address", `${req.address} is outside subnet ${s.name} (${s.cidr})`);
-      const idx = addr - s.base;
-      if (idx < 2 + s.extraReserved || idx === s.size - 1) {
-        throw new InvalidArgumentError(
-          "address",
-          `${req.address} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); a NIC needs an allocated address`,
-        );
-      }
-      const alloc = await this.ipam.getAllocation(s.id, addr - s.base);
-      if (!alloc)
-        throw new FailedPreconditionError(
-          `${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`,
-        );
-      if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);
-      const mac = req.mac ? V.mac("mac", req.mac) : macFor(v.id, req.address);
-      const mtu = S.mtu("mtu", req.mtu ?? this.opts.mtu);
-      const hostname = req.hostname ? V.name("hostname", req.hostname) : "";
-      const guestIf = ifname("guest_interface", req.guestInterface || "eth0");
-      const bandwidth = bandwidthFrom(req.bandwidth);
-      const nicId = `nic-${randomBytes(6).toString("hex")}`;
-      let kind: "tap" | "veth";
-      let tap: NicSpec["tap"];
-      let veth: NicSpec["veth"];
-      let hostIf: string;
-      if (req.kind === NicKind.TAP) {
-        if (req.options.case === "veth") throw new InvalidArgumentError("options", "kind is TAP but veth options were given");
-        const o = req.options.case === "tap" ? req.options.value : undefined;
-        const queues = S.queues("tap.queues", o?.queues ?? (o?.multiQueue ? 2 : 1));
-        kind = "tap";
-        tap = {
-          uid: o?.ownerUid === undefined ? undefined : S.uid("tap.owner_uid", o.ownerUid),
-          gid: o?.ownerGid === undefined ? undefined : S.uid("tap.owner_gid", o.ownerGid),
-          multiQueue: !!o?.multiQueue,
-          queues,
-        };
-        hostIf = o?.name ? S.hostIf("tap.name", o.name, nicId, "tap") : names.hostIf(nicId, "tap");
-      } else if (req.kind === NicKind.VETH) {
-        if (req.options.case !== "veth")
-          throw new InvalidArgumentError("veth", "is required for kind VETH (veth.netns_path: the namespace the far end goes into)");
-        const p = req.options.value.netnsPath;
-        S.netnsPath("veth.netns_path", p);
-        if (!existsSync(p)) throw new InvalidArgumentError("veth.netns_path", `${p} does not exist; create the namespace first (ip netns add NAME)`);
-        // The far end must go into a VM's namespace, never the agent's own:
-        // that would change the hypervisor's network.
-        const target = statSync(p);
-        const self = statSync("/proc/self/ns/net");
-        if (target.ino === self.ino && target.dev === self.dev)
-          throw new InvalidArgumentError("veth.netns_path", `${p} is the agent's own network namespace; give the VM's namespace`);
-        for (const [vpcId] of this.agent.desired.vpcs) {
-          const vns = `/run/netns/${this.agent.nsOf(vpcId)}`;
-          if (existsSync(vns) && statSync(vns).ino === target.ino)
-            throw new InvalidArgumentError("veth.netns_path", `${p} is a VPC namespace of this host; give the VM's namespace`);
-        }
-        kind = "veth";
-        veth = { netnsPath: p, skipDefaultRoute: req.options.value.skipDefaultRoute };
-        hostIf = names.hostIf(nicId, "veth");
-      } else {
-        throw new InvalidArgumentError("kind", "is required: NIC_KIND_TAP for a VM, NIC_KIND_VETH for a namespace");
-      }
-      // The VPC's resolver (default VPC base + 2, DnsService config), which
-      // the gateway serves in every subnet of the VPC.
-      const resolver = (await new DnsStore(this.ipam.redis).getConfig(v.id)).resolver ?? defaultResolver(v.base);
-      const spec: NicSpec = {
-        nicId,
-        owner: owner || alloc.owner,
-        vpcId: v.id,
-        subnetId: s.id,
-        kind,
-        hostIf,
-        mac,
-        address: req.address,
-        prefix: s.prefix,
-        gateway: V.intToIp(s.base + 1),
-        mtu,
-        hostname,
-        guestIf,
-        dns: [resolver],
-        search: [`${v.name}.internal`],
-        tap,
-        veth,
-        bandwidth,
-        createdMs: Date.now(),
-        clientToken,
-      };
-      return this.agent.withLock(v.id, async () => {
-        await this.ensureSubnetLocked(v, s, { trustCache: true });
-        const ns = this.agent.nsOf(v.id);
-        if (kind === "tap" && req.options.case === "tap" && req.options.value.name) {
-          const taken = await this.kernel.link(ns, hostIf);
-          if (taken) throw new AlreadyExistsError(`interface ${hostIf} already exists in ${ns}; choose another tap.name`);
-        }
-        const added = await this.agent.store.addNic(spec);
-        if (added.code === -2) {
-          throw new FailedPreconditionError(
-            `${req.address} is held in VPC ${v.name} by NIC ${added.id.split("/")[1]} on hypervisor ${added.id.split("/")[0]}; detach it there first`,
-          );
-        }
-        if (added.code !== 1) {
-          const prev = this.agent.desired.nics.get(added.id) ?? (await this.agent.store.getNic(added.id));
-          if (!prev) throw new AlreadyExistsError(`NIC ${added.id} holds ${req.address}`);
-          if (added.code === -1 && (prev.owner !== spec.owner || prev.subnetId !== spec.subnetId || prev.kind !== spec.kind)) {
-            throw new AlreadyExistsError(
-              `${req.address} is already attached in VPC ${v.name} on this host as ${prev.nicId} (owner ${prev.owner}); detach it first`,
-            );
-          }
-          this.agent.desired.nics.set(prev.nicId, prev);
-          await this.ensureNicLocked(prev, this.agent.desired.subnets.get(s.id)!);
-          return { nic: this.nicMsg(prev), created: false };
-        }
-        // A Linux bridge takes at most BRIDGE_MAX_PORTS ports (the kernel's
-        // BR_MAX_PORTS less port 0); the next one fails with EXFULL deep in
-        // the ip batch. Say so before touching the kernel.
-        const onBridge = [...this.agent.desired.nics.values()].filter((n) => n.subnetId === s.id).length;
-        if (onBridge >= BRIDGE_MAX_PORTS) {
-          await this.detachLocked(spec).catch(() => {});
-          throw bridgeFull(s.name, this.opts.hostId);
-        }
-        this.agent.desired.nics.set(nicId, spec);
-        try {
-          // A new NIC has a fresh id, so its devices cannot exist yet: build
-          // them without reading the kernel first.
-          // One `ip -batch` (the VM side included); `tc -batch` only for limits.
-          const lines = nicCreateLines(this.opts.hostId, spec, names.bridge(s.id));
-          const bw = bandwidthLines(this.opts.hostId, spec, [], []);
-          await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip], lines.guest.length ? [{ netnsPath: veth!.netnsPath, lines: lines.guest }] : []);
-          await this.kernel.tcBatch(ns, bw.tc);
-        } catch (err) {
-          // Undo: nothing half-applied stays behind.
-          await this.detachLocked(spec).catch(() => {});
-          this.agent.readyBridges.delete(s.id);
-          const out = err instanceof ExecError ? err.stderr : "";
-          if (kind === "veth" && /File exists/.test(out))
-            throw new AlreadyExistsError(`${veth!.netnsPath} already has an interface ${guestIf}; pick another guest_interface`);
-          if (/Exchange full/.test(out)) throw bridgeFull(s.name, this.opts.hostId);
-          if (/No such device|Cannot find device/.test(out))
-            throw new FailedPreconditionError(`the subnet bridge vanished while attaching (${out.trim()}); it is being repaired — retry`);
-          throw err;
-        }
-        return { nic: this.nicMsg(spec), created: true };
-      });
+      const nic = await this.nicSpecFrom(req);
+      return this.agent.withLock(nic.vpc.id, () => this.attachLocked(nic));
     },
 
     detachNic: async (req) => {
