@@ -99,7 +99,7 @@ function argv(variant: Variant, service: string, port: number, metricsPort: numb
     "warn",
     "--redis",
     redisUrl,
-    ...(service === "vmm" ? ["--host-id", "bench-startup"] : []),
+    ...(service === "vmm" ? ["--host-id", "benchstartup"] : []),
   ];
   return variant === "compiled" ? [join(ROOT, "bin", "microvpcd.js"), ...flags] : ["--import", "tsx", join(ROOT, "cli", "microvpcd.ts"), ...flags];
 }
