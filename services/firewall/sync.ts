@@ -7,8 +7,8 @@ import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
-import { followEvents } from "../common/events.js";
 import { reportInvalid } from "../common/invalid-records.js";
+import { SyncLoop } from "../common/sync-loop.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { attempt } from "../common/validate.js";
 import { names } from "../netagent/plan.js";
@@ -69,15 +69,14 @@ export class FirewallSync {
   /** What was last applied per VPC namespace: diffing against it makes updates incremental. */
   readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState }>();
   status: FwStatus = { lastApplyMs: 0, lastApplyDurationMs: 0, lastError: "", lastErrorMs: 0, generation: 0, applied: 0 };
-  private stopped = false;
-  /** A pass over every VPC is wanted (a change event, a failed pass to retry). */
-  private pending = false;
-  /** VPCs a caller waits on (enforce()): a pass over just these is wanted. */
-  private readonly targets = new Set<string>();
-  private waiters: { vpcId: string; done: (err?: Error) => void }[] = [];
   /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
   private readonly errors = new Map<string, string>();
-  private wake?: () => void;
+  /**
+   * Wakes on fw/nic events for a pass over their VPC (others for a whole
+   * pass), retries failed passes, answers enforce() after its pass and only
+   * then clears conntrack entries.
+   */
+  private readonly loop: SyncLoop<(() => Promise<unknown>)[]>;
 
   constructor(
     readonly nft: NftRunner,
@@ -87,7 +86,25 @@ export class FirewallSync {
     readonly log: Logger,
     /** Whether a VPC's namespace exists here (tests, with FakeNft, have none). */
     readonly nsExists: (ns: string) => boolean = (ns) => existsSync(`/run/netns/${ns}`),
-  ) {}
+  ) {
+    this.loop = new SyncLoop({
+      log,
+      events: /^(fw\.|nic\.|subnet\.|vpc\.)/,
+      // Firewall and NIC events name their VPC: a pass over that VPC only. A
+      // NIC attached or detached on another host changes nothing here (its
+      // binding's fw event does). Anything else (a VPC or subnet made or
+      // deleted) asks for a whole pass.
+      route: (e) => {
+        if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) return undefined;
+        if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.")) && e.vpc) return { key: e.vpc };
+        return "all";
+      },
+      pass: (r) => this.pass(r.first, r.drift, r.only),
+      failedAt: () => (this.errors.size > 0 ? this.status.lastErrorMs : undefined),
+      errorOf: (vpcId) => this.errors.get(vpcId) ?? this.errors.get(""),
+      after: (cleanups) => this.clearLater(cleanups),
+    });
+  }
 
   /** Local VPCs with their subnets and NICs, from the netagent's desired state. */
   async localState(only?: ReadonlySet<string>): Promise<Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>> {
@@ -258,23 +275,18 @@ export class FirewallSync {
   enforce(vpcId: string, timeoutMs = 10_000): Promise<void> {
     const t0 = process.hrtime.bigint();
     return new Promise<void>((resolve, reject) => {
+      let withdraw = () => {};
       const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w !== waiter);
+        withdraw();
         enforceSeconds.observe({ result: "timeout" }, Number(process.hrtime.bigint() - t0) / 1e9);
         reject(new Error(`this host's firewall did not apply VPC ${vpcId} within ${timeoutMs} ms (last error: ${this.status.lastError || "none"})`));
       }, timeoutMs);
-      const waiter = {
-        vpcId,
-        done: (err?: Error) => {
-          clearTimeout(timer);
-          enforceSeconds.observe({ result: err ? "error" : "ok" }, Number(process.hrtime.bigint() - t0) / 1e9);
-          if (err) reject(err);
-          else resolve();
-        },
-      };
-      this.waiters.push(waiter);
-      this.targets.add(vpcId);
-      this.wake?.();
+      withdraw = this.loop.target(vpcId, (err?: Error) => {
+        clearTimeout(timer);
+        enforceSeconds.observe({ result: err ? "error" : "ok" }, Number(process.hrtime.bigint() - t0) / 1e9);
+        if (err) reject(err);
+        else resolve();
+      });
     });
   }
 
@@ -299,8 +311,7 @@ export class FirewallSync {
 
   /** Asks for a pass soon; passes never overlap, and requests during one coalesce. */
   kick(): void {
-    this.pending = true;
-    this.wake?.();
+    this.loop.kick();
   }
 
   /**
@@ -308,71 +319,10 @@ export class FirewallSync {
    * replace, then follow the change events; a periodic pass catches drift.
    */
   start(redis: Redis, driftIntervalMs: number, prepare?: () => Promise<unknown>): void {
-    const loop = async () => {
-      while (prepare && !this.stopped) {
-        try {
-          await prepare();
-          break;
-        } catch (err) {
-          this.log.warn({ err: (err as Error).message }, "cannot prepare the first pass yet; retrying in 1 s");
-          await new Promise((r) => setTimeout(r, 1000));
-        }
-      }
-      await this.syncAll(true);
-      let lastDrift = Date.now();
-      while (!this.stopped) {
-        if (!this.pending && this.targets.size === 0) {
-          await new Promise<void>((r) => {
-            this.wake = r;
-            setTimeout(r, 500).unref();
-          });
-        }
-        if (this.stopped) break;
-        // A failed pass (Redis not up yet, an nft error) is retried a second
-        // later, not at the next drift check; callers waiting in enforce()
-        // never wait for that second.
-        const retry = this.errors.size > 0 && Date.now() - this.status.lastErrorMs >= 1000;
-        const drift = Date.now() - lastDrift > driftIntervalMs;
-        if (!this.pending && !drift && !retry && this.targets.size === 0) continue;
-        const waiters = this.waiters.splice(0);
-        const targets = new Set(this.targets);
-        this.targets.clear();
-        let cleanups;
-        if (this.pending || drift || retry) {
-          this.pending = false;
-          if (drift) lastDrift = Date.now();
-          cleanups = await this.pass(false, drift);
-        } else cleanups = await this.pass(false, false, targets);
-        // The kernel has the change: answer first, then clear stale flows.
-        for (const w of waiters) {
-          const err = this.errors.get(w.vpcId) ?? this.errors.get("");
-          w.done(err === undefined ? undefined : new Error(err));
-        }
-        await this.clearLater(cleanups);
-      }
-    };
-    void loop();
-    void followEvents(
-      redis,
-      /^(fw\.|nic\.|subnet\.|vpc\.)/,
-      (events) => {
-        // Firewall and NIC events name their VPC: a pass over that VPC
-        // only. A NIC attached or detached on another host changes nothing
-        // here (its binding's fw event does). Anything else (a VPC or subnet
-        // made or deleted) asks for a whole pass.
-        for (const e of events) {
-          if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) continue;
-          if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.")) && e.vpc) this.targets.add(e.vpc);
-          else this.pending = true;
-        }
-        this.wake?.();
-      },
-      () => this.stopped,
-    );
+    this.loop.start(redis, driftIntervalMs, prepare);
   }
 
   stop(): void {
-    this.stopped = true;
-    this.wake?.();
+    this.loop.stop();
   }
 }

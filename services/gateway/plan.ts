@@ -173,6 +173,59 @@ export function hostRouteLines(v: GwVpc, uplink: string): string[] {
 }
 
 /**
+ * Everything one VPC has in the host namespace's routing: its policy rule
+ * (deleted and added again, so a rule left with another source is replaced)
+ * and hostRouteLines. Run with `ip -force -batch`: the delete of a missing
+ * rule is skipped.
+ */
+export function vpcHostLines(v: GwVpc, uplink: string): string[] {
+  const t = transitAddrs(v.transit);
+  return [
+    `rule del pref ${names.rulePref(v.transit)}`,
+    `rule add from ${t.host} lookup ${names.table(v.transit)} pref ${names.rulePref(v.transit)}`,
+    ...hostRouteLines(v, uplink),
+  ];
+}
+
+/**
+ * Lines that take away the floating-IP routes and proxy neighbours among
+ * `applied` (lines of vpcHostLines) that `keep` no longer has. Only those
+ * two: the default route lives in the VPC's own table, and the rule is
+ * replaced by vpcHostLines or deleted by transitReleaseLines.
+ */
+export function undoHostLines(applied: readonly string[], keep: readonly string[] = []): string[] {
+  return applied
+    .filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")))
+    .filter((l) => !keep.includes(l))
+    .map((l) =>
+      l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
+    );
+}
+
+/**
+ * The host-namespace route diff of one VPC: given the lines it wants now
+ * (vpcHostLines) and those last applied (undefined: none known), the lines
+ * to run with `ip -force -batch` — none when nothing changed, else the
+ * removals of what went, then every wanted line (replace is idempotent).
+ */
+export function hostRouteDiff(want: readonly string[], applied: readonly string[] | undefined): string[] {
+  const prev = applied ?? [];
+  if (prev.length === want.length && prev.every((l, i) => l === want[i])) return [];
+  return [...undoHostLines(prev, want), ...want];
+}
+
+/**
+ * Lines (`ip -force -batch`, host namespace) that remove what a VPC that
+ * left this host had there: the routes and proxy neighbours among `applied`,
+ * and the policy rule of its transit index if it still had one.
+ */
+export function transitReleaseLines(applied: readonly string[], transit: number | undefined): string[] {
+  const lines = undoHostLines(applied);
+  if (transit !== undefined) lines.push(`rule del pref ${names.rulePref(transit)}`);
+  return lines;
+}
+
+/**
  * The VPC namespace's NAT table. ctLimitPerVm > 0: a VM may hold at most that
  * many flows through the transit link (new ones past it are refused).
  */

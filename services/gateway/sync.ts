@@ -3,31 +3,34 @@
 // forwards of local NICs, IMDS hop limits) and applies it: transit links and
 // routes with `ip -batch`, one nft transaction per namespace. Re-applies only
 // what changed; follows the change events; a periodic pass repairs drift.
+// What to run comes from the planner (plan.ts); it all runs through one
+// adapter (kernel.ts).
 import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import ipaddr from "ipaddr.js";
 import type { Logger } from "pino";
 import { Counter } from "prom-client";
-import { followEvents } from "../common/events.js";
-import { run } from "../common/exec.js";
-import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
 import { render } from "../common/nft/tx.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { metricsRegistry } from "../common/metrics.js";
+import { SyncLoop } from "../common/sync-loop.js";
 import { defaultResolver, DnsStore } from "../dns/store.js";
 import type { IpamStore } from "../ipam/store.js";
 import { names as naNames } from "../netagent/plan.js";
 import { hostKeys } from "../netagent/schema.js";
 import type { HostStore } from "../netagent/store.js";
+import { LinuxGatewayKernel, type GatewayKernel } from "./kernel.js";
 import {
+  hostRouteDiff,
   hostTx,
-  hostRouteLines,
   names,
   RESOLVER_LABEL,
   resolverAddrLines,
   transitAddrs,
   transitCreateLines,
+  transitReleaseLines,
+  vpcHostLines,
   vpcTx,
   type GwVpc,
   type HostGw,
@@ -47,9 +50,6 @@ const applies = new Counter({
   registers: [metricsRegistry],
 });
 
-/** An `ip -batch -` run: the batch's first lines go into the error (ip names only the failing line's number). */
-const batch = (lines: string[], netns = "") => ({ input: lines.join("\n") + "\n", inputInError: true, netns });
-
 export interface GatewaySyncOptions {
   hostId: string;
   /** Namespace of the hypervisor's uplink ("" = the daemon's own). */
@@ -68,6 +68,13 @@ export interface GatewaySyncOptions {
   managementCidrs?: () => Promise<string[]>;
 }
 
+/** What GatewaySync runs and reads beside its stores; each defaults to the real one. */
+export interface GatewaySyncDeps {
+  kernel?: GatewayKernel;
+  dns?: Pick<DnsStore, "getConfig">;
+  nsExists?: (ns: string) => boolean;
+}
+
 export class GatewaySync {
   status = { lastApplyMs: 0, lastError: "" };
   private lastHost = "";
@@ -76,21 +83,35 @@ export class GatewaySync {
   private lastResolver = new Map<string, string | undefined>();
   /** VPCs that left this host and whose transit index is not freed yet. */
   private readonly leaving = new Set<string>();
-  private readonly dns: DnsStore;
-  private pending = true;
-  private stopped = false;
-  private wake?: () => void;
+  private readonly dns: Pick<DnsStore, "getConfig">;
+  /** The kernel: ip batches, its two reads, nft (fakes in tests). */
+  readonly kernel: GatewayKernel;
+  /** Whether a VPC's namespace exists here (tests have none). */
+  private readonly nsExists: (ns: string) => boolean;
+  /** Every matching event asks for a whole pass; a drift pass forgets what is known applied. */
+  private readonly loop: SyncLoop<void>;
 
   constructor(
-    readonly store: GatewayStore,
-    readonly ipam: IpamStore,
-    readonly host: HostStore,
+    readonly store: Pick<GatewayStore, "listNats" | "listFips" | "listPfs" | "transitIndex" | "transitMap" | "releaseTransit">,
+    readonly ipam: Pick<IpamStore, "getVpc" | "getSubnet"> & Partial<Pick<IpamStore, "redis">>,
+    readonly host: Pick<HostStore, "load">,
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
-    /** Runs the two tables' transactions (FakeNft in tests). */
-    readonly nft: NftApplier = new LinuxNft(),
+    deps: GatewaySyncDeps = {},
   ) {
-    this.dns = new DnsStore(ipam.redis, log);
+    this.kernel = deps.kernel ?? new LinuxGatewayKernel(opts.hostNetns);
+    this.nsExists = deps.nsExists ?? ((ns) => existsSync(`/run/netns/${ns}`));
+    if (deps.dns) this.dns = deps.dns;
+    else if (ipam.redis) this.dns = new DnsStore(ipam.redis, log);
+    else throw new Error("GatewaySync: no DnsStore and no Redis to make one");
+    this.loop = new SyncLoop({
+      log,
+      events: /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/,
+      pass: (r) => this.syncOnce(r.drift),
+      failedAt: () => (this.status.lastError ? this.status.lastApplyMs : undefined),
+      // A failed VPC when its backoff is due.
+      due: () => this.retryDue(),
+    });
   }
 
   /** The VPC's resolver address, if the resolver is on. */
@@ -133,7 +154,7 @@ export class GatewaySync {
     const [nats, fips, pfs, hops] = await Promise.all([this.store.listNats(), this.store.listFips(), this.store.listPfs(), this.opts.hopLimits()]);
     const vpcs: GwVpc[] = [];
     for (const vpcId of d.vpcs.keys()) {
-      if (!/^vpc-[0-9a-f]{12}$/.test(vpcId) || !existsSync(`/run/netns/${naNames.netns(this.opts.hostId, vpcId)}`)) continue;
+      if (!/^vpc-[0-9a-f]{12}$/.test(vpcId) || !this.nsExists(naNames.netns(this.opts.hostId, vpcId))) continue;
       // One VPC whose records do not validate is left as it is; the others converge.
       let transit: number;
       try {
@@ -208,66 +229,41 @@ export class GatewaySync {
    * entries and /32 routes it had. True when nothing of it is left.
    */
   private async releaseTransit(vpcId: string): Promise<boolean> {
-    const hns = this.opts.hostNetns;
-    if (/^vpc-[0-9a-f]{12}$/.test(vpcId) && existsSync(`/run/netns/${naNames.netns(this.opts.hostId, vpcId)}`)) return false;
-    const link = await run("ip", ["-j", "link", "show", "dev", names.hostSide(vpcId)], { netns: hns, check: false });
-    if (link.exitCode === 0) return false;
+    if (/^vpc-[0-9a-f]{12}$/.test(vpcId) && this.nsExists(naNames.netns(this.opts.hostId, vpcId))) return false;
+    if (await this.kernel.hostLinkExists(names.hostSide(vpcId))) return false;
     const k = await this.store.releaseTransit(this.opts.hostId, vpcId);
-    const undo = (this.lastRoutes.get(vpcId) ?? [])
-      .filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")))
-      .map((l) =>
-        l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
-      );
-    if (k !== undefined) undo.push(`rule del pref ${names.rulePref(k)}`);
-    if (undo.length) await run("ip", ["-force", "-batch", "-"], { ...batch(undo, hns), check: false });
+    const undo = transitReleaseLines(this.lastRoutes.get(vpcId) ?? [], k);
+    if (undo.length) await this.kernel.hostBatch(undo, true);
     if (k !== undefined) this.log.info({ vpc: vpcId, transit: k }, "gateway: VPC left this host; its transit index is free again");
     return true;
   }
 
   /** Transit link, resolver address, routes and nft of one VPC. Throws on the first failure. */
   private async applyVpc(v: GwVpc, fresh: boolean): Promise<void> {
-    const hns = this.opts.hostNetns;
     const vns = naNames.netns(this.opts.hostId, v.vpcId);
-    const hostIf = names.hostSide(v.vpcId);
     const known = !fresh && this.lastVpc.has(v.vpcId);
-    if (!known && (await run("ip", ["-j", "link", "show", "dev", hostIf], { netns: hns, check: false })).exitCode !== 0) {
+    if (!known && !(await this.kernel.hostLinkExists(names.hostSide(v.vpcId)))) {
       const lines = transitCreateLines(this.opts.hostId, v, vns);
-      await run("ip", ["-batch", "-"], batch(lines.host, hns));
-      await run("ip", ["-n", vns, "-batch", "-"], batch(lines.vpc));
+      await this.kernel.hostBatch(lines.host);
+      await this.kernel.vpcBatch(vns, lines.vpc);
       this.forgetVpc(v.vpcId);
     }
     if (!known || !this.lastResolver.has(v.vpcId) || this.lastResolver.get(v.vpcId) !== v.resolver) {
       // Only addresses carrying our label are read and removed.
-      const { stdout: out } = await run("ip", ["-n", vns, "-j", "addr", "show", "dev", "lo"]);
-      const present = ((JSON.parse(out || "[]") as { addr_info?: { local: string; label?: string; family: string }[] }[])[0]?.addr_info ?? [])
-        .filter((a) => a.family === "inet" && a.label === RESOLVER_LABEL)
-        .map((a) => a.local);
-      const lines = resolverAddrLines(present, v.resolver);
-      if (lines.length) await run("ip", ["-n", vns, "-batch", "-"], batch(lines));
+      const lines = resolverAddrLines(await this.kernel.vpcLoAddrs(vns, RESOLVER_LABEL), v.resolver);
+      if (lines.length) await this.kernel.vpcBatch(vns, lines);
       this.lastResolver.set(v.vpcId, v.resolver);
     }
-    // Routes and the policy rule: replace is idempotent; -force skips a missing rule on delete.
-    const t = transitAddrs(v.transit);
-    const routes = [
-      `rule del pref ${names.rulePref(v.transit)}`,
-      `rule add from ${t.host} lookup ${names.table(v.transit)} pref ${names.rulePref(v.transit)}`,
-      ...hostRouteLines(v, this.opts.uplink),
-    ];
-    const prev = this.lastRoutes.get(v.vpcId) ?? [];
-    const gone = prev.filter((l) => l.startsWith("neigh replace proxy") || (l.startsWith("route replace") && l.includes("/32")));
-    const stale = gone
-      .filter((l) => !routes.includes(l))
-      .map((l) =>
-        l.startsWith("neigh") ? l.replace("neigh replace proxy", "neigh del proxy") : l.replace("route replace", "route del").replace(/ via .*$/, ""),
-      );
-    if (JSON.stringify(prev) !== JSON.stringify(routes)) {
-      await run("ip", ["-force", "-batch", "-"], { ...batch([...stale, ...routes], hns), check: false });
+    const routes = vpcHostLines(v, this.opts.uplink);
+    const lines = hostRouteDiff(routes, this.lastRoutes.get(v.vpcId));
+    if (lines.length) {
+      await this.kernel.hostBatch(lines, true);
       this.lastRoutes.set(v.vpcId, routes);
     }
     const tx = vpcTx(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
     const text = render(tx);
     if (this.lastVpc.get(v.vpcId) !== text) {
-      await this.nft.apply(vns, tx);
+      await this.kernel.apply(vns, tx);
       applies.inc({ where: "vpc", result: "ok" });
       this.lastVpc.set(v.vpcId, text);
     }
@@ -307,7 +303,7 @@ export class GatewaySync {
           this.lastRoutes.delete(id);
         }
       }
-      if (fresh) await run("sysctl", ["-q", "-w", "net.ipv4.ip_forward=1"], { netns: hns });
+      if (fresh) await this.kernel.enableForwarding();
       // Each VPC on its own: one that fails (a device in the way, a bad
       // record) is logged, counted and retried with backoff, and every other
       // tenant's NAT, floating IPs and metadata keep converging.
@@ -333,7 +329,7 @@ export class GatewaySync {
       const text = render(tx);
       if (text !== this.lastHost) {
         try {
-          await this.nft.apply(hns, tx);
+          await this.kernel.apply(hns, tx);
           applies.inc({ where: "host", result: "ok" });
         } catch (e) {
           applies.inc({ where: "host", result: "error" });
@@ -352,44 +348,16 @@ export class GatewaySync {
   }
 
   kick(): void {
-    this.pending = true;
-    this.wake?.();
+    this.loop.kick();
   }
 
+  /** The first pass, then a pass on each change event; every driftMs a pass that checks the kernel afresh. */
   start(redis: Redis, driftMs: number): void {
-    void (async () => {
-      let last = 0;
-      while (!this.stopped) {
-        const drift = Date.now() - last > driftMs;
-        let failedPass = false;
-        if (this.pending || drift || this.retryDue()) {
-          this.pending = false;
-          await this.syncOnce(drift && last !== 0);
-          if (drift) last = Date.now();
-          // A failed pass is retried soon (after the pause below), not at the
-          // next drift check; a failed VPC when its backoff is due.
-          failedPass = !!this.status.lastError;
-        }
-        // A change that arrived during the pass is applied at once.
-        if (this.pending && !failedPass) continue;
-        if (failedPass) this.pending = true;
-        await new Promise<void>((r) => {
-          this.wake = r;
-          setTimeout(r, 500).unref();
-        });
-      }
-    })();
-    void followEvents(
-      redis,
-      /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/,
-      () => this.kick(),
-      () => this.stopped,
-    );
+    this.loop.start(redis, driftMs);
   }
 
   stop(): void {
-    this.stopped = true;
-    this.wake?.();
+    this.loop.stop();
   }
 
   /** vpcId of a host-side transit address, for the metadata server. */

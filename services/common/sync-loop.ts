@@ -1,0 +1,170 @@
+// The loop a per-hypervisor sync runs (FirewallSync, GatewaySync): one pass
+// at start, then passes when change events arrive (a whole pass, or one over
+// just the keys — VPCs — the events name), a drift check every driftMs, a
+// failed pass retried a second later, callers waiting on a key answered once
+// a pass has covered it. Passes never overlap; requests made during one
+// coalesce into the next. What a pass does, which events ask for which pass
+// and what runs after one stay with each sync.
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import { followEvents, type EventFields } from "./events.js";
+
+/** How long a failed pass waits before it is retried (a change event or a waiter does not wait). */
+export const RETRY_MS = 1000;
+/** The loop's longest sleep: how often it looks at the clock for drift and retries. */
+const TICK_MS = 500;
+
+/** What a pass is asked to do. */
+export interface PassRequest {
+  /** The first pass after start. */
+  first: boolean;
+  /** The periodic drift check is due: look at the kernel, not only at what is known applied. */
+  drift: boolean;
+  /** A targeted pass over just these keys; undefined: a whole pass. */
+  only?: ReadonlySet<string>;
+}
+
+/** What an event asks for: a targeted pass over one key, a whole pass, or nothing. */
+export type EventRoute = { key: string } | "all" | undefined;
+
+export interface SyncLoopSpec<R> {
+  log: Logger;
+  /** The change events (their kind) that wake the loop. */
+  events: RegExp;
+  /** What one matching event asks for (default: a whole pass). */
+  route?: (e: EventFields) => EventRoute;
+  /** One pass; its result goes to after(). */
+  pass: (req: PassRequest) => Promise<R>;
+  /** When the last pass failed (ms), undefined if it did not: a failed pass is retried RETRY_MS later. */
+  failedAt: () => number | undefined;
+  /** After a pass, the error a waiter on `key` is answered with (undefined: applied). */
+  errorOf?: (key: string) => string | undefined;
+  /** Whether a whole pass is due for another reason (the gateway's per-VPC backoff). */
+  due?: () => boolean;
+  /** Runs once the pass's waiters have their answer (the firewall's conntrack clean-ups). */
+  after?: (result: R) => Promise<void>;
+}
+
+interface Waiter {
+  key: string;
+  done: (err?: Error) => void;
+}
+
+export class SyncLoop<R> {
+  private stopped = false;
+  /** A whole pass is wanted (a change event, kick()). */
+  private pending = false;
+  /** Keys a targeted pass is wanted for. */
+  private readonly targets = new Set<string>();
+  private waiters: Waiter[] = [];
+  private wake?: () => void;
+
+  constructor(readonly spec: SyncLoopSpec<R>) {}
+
+  /** Asks for a whole pass soon. */
+  kick(): void {
+    this.pending = true;
+    this.wake?.();
+  }
+
+  /**
+   * Asks for a pass over `key`; `done` (if given) is called with that pass's
+   * error for `key` once a pass that started after this call has run.
+   * Returns a function that withdraws the waiter (a caller's timeout).
+   */
+  target(key: string, done?: (err?: Error) => void): () => void {
+    let withdraw = () => {};
+    if (done) {
+      const w = { key, done };
+      this.waiters.push(w);
+      withdraw = () => {
+        this.waiters = this.waiters.filter((x) => x !== w);
+      };
+    }
+    this.targets.add(key);
+    this.wake?.();
+    return withdraw;
+  }
+
+  /** Matching events, as followEvents hands them: each asks for a whole or a targeted pass. */
+  onEvents(events: EventFields[]): void {
+    for (const e of events) {
+      const r = this.spec.route ? this.spec.route(e) : "all";
+      if (r === "all") this.pending = true;
+      else if (r) this.targets.add(r.key);
+    }
+    this.wake?.();
+  }
+
+  /** Runs the loop and follows the change events until stop(). */
+  start(redis: Redis, driftMs: number, prepare?: () => Promise<unknown>): void {
+    void this.run(driftMs, prepare);
+    void followEvents(
+      redis,
+      this.spec.events,
+      (events) => this.onEvents(events),
+      () => this.stopped,
+    );
+  }
+
+  /**
+   * The loop alone (start() adds the events): `prepare` (retried each second
+   * until it succeeds), a first pass, then passes as asked, drift and retries.
+   */
+  async run(driftMs: number, prepare?: () => Promise<unknown>): Promise<void> {
+    const { spec } = this;
+    while (prepare && !this.stopped) {
+      try {
+        await prepare();
+        break;
+      } catch (err) {
+        spec.log.warn({ err: (err as Error).message }, "cannot prepare the first pass yet; retrying in 1 s");
+        await new Promise((r) => setTimeout(r, RETRY_MS));
+      }
+    }
+    if (this.stopped) return;
+    await this.after(await spec.pass({ first: true, drift: false }));
+    let lastDrift = Date.now();
+    while (!this.stopped) {
+      if (!this.pending && this.targets.size === 0) {
+        await new Promise<void>((r) => {
+          this.wake = r;
+          setTimeout(r, TICK_MS).unref();
+        });
+      }
+      if (this.stopped) break;
+      // A failed pass (Redis not up yet, an nft error) is retried a second
+      // later, not at the next drift check; callers waiting on a key never
+      // wait for that second.
+      const failedAt = spec.failedAt();
+      const retry = failedAt !== undefined && Date.now() - failedAt >= RETRY_MS;
+      const drift = Date.now() - lastDrift > driftMs;
+      const due = spec.due?.() ?? false;
+      if (!this.pending && !drift && !retry && !due && this.targets.size === 0) continue;
+      const waiters = this.waiters.splice(0);
+      const targets = new Set(this.targets);
+      this.targets.clear();
+      let result: R;
+      if (this.pending || drift || retry || due) {
+        this.pending = false;
+        if (drift) lastDrift = Date.now();
+        result = await spec.pass({ first: false, drift });
+      } else result = await spec.pass({ first: false, drift: false, only: targets });
+      // The kernel has the change: answer first, then what may wait.
+      for (const w of waiters) {
+        const err = spec.errorOf?.(w.key);
+        w.done(err === undefined ? undefined : new Error(err));
+      }
+      await this.after(result);
+    }
+  }
+
+  private async after(result: R): Promise<void> {
+    if (this.spec.after) await this.spec.after(result);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.wake?.();
+  }
+}

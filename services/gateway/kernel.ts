@@ -1,0 +1,62 @@
+// The gateway's one adapter to the kernel: the `ip -batch` lines its
+// planner (plan.ts) returns, the two reads GatewaySync needs (does a transit
+// link exist, which resolver addresses are on a VPC namespace's lo), the
+// forwarding sysctl, and nft transactions (LinuxNft). Everything runs
+// through services/common/exec.ts; tests use a fake (test/lib/fake-gw-kernel.ts).
+import { run } from "../common/exec.js";
+import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
+
+export interface GatewayKernel extends NftApplier {
+  /** Whether link `dev` exists in the host namespace. */
+  hostLinkExists(dev: string): Promise<boolean>;
+  /**
+   * `ip -batch -` in the host namespace. force: `-force`, and failures are
+   * not errors (removals of what may be gone already, idempotent replaces).
+   */
+  hostBatch(lines: string[], force?: boolean): Promise<void>;
+  /** `ip -batch -` in VPC namespace `ns`: rejects at its first failing line. */
+  vpcBatch(ns: string, lines: string[]): Promise<void>;
+  /** IPv4 addresses on lo of VPC namespace `ns` that carry `label`. */
+  vpcLoAddrs(ns: string, label: string): Promise<string[]>;
+  /** Turns IPv4 forwarding on in the host namespace. */
+  enableForwarding(): Promise<void>;
+}
+
+/** An `ip -batch -` run: the batch's first lines go into the error (ip names only the failing line's number). */
+const batch = (lines: string[], netns = "") => ({ input: lines.join("\n") + "\n", inputInError: true, netns });
+
+export class LinuxGatewayKernel implements GatewayKernel {
+  constructor(
+    /** Namespace of the hypervisor's uplink ("" = the daemon's own). */
+    readonly hostNetns: string,
+    readonly nft: NftApplier = new LinuxNft(),
+  ) {}
+
+  apply(...a: Parameters<NftApplier["apply"]>): Promise<void> {
+    return this.nft.apply(...a);
+  }
+
+  async hostLinkExists(dev: string): Promise<boolean> {
+    return (await run("ip", ["-j", "link", "show", "dev", dev], { netns: this.hostNetns, check: false })).exitCode === 0;
+  }
+
+  async hostBatch(lines: string[], force = false): Promise<void> {
+    if (force) await run("ip", ["-force", "-batch", "-"], { ...batch(lines, this.hostNetns), check: false });
+    else await run("ip", ["-batch", "-"], batch(lines, this.hostNetns));
+  }
+
+  async vpcBatch(ns: string, lines: string[]): Promise<void> {
+    await run("ip", ["-n", ns, "-batch", "-"], batch(lines));
+  }
+
+  async vpcLoAddrs(ns: string, label: string): Promise<string[]> {
+    const { stdout } = await run("ip", ["-n", ns, "-j", "addr", "show", "dev", "lo"]);
+    return ((JSON.parse(stdout || "[]") as { addr_info?: { local: string; label?: string; family: string }[] }[])[0]?.addr_info ?? [])
+      .filter((a) => a.family === "inet" && a.label === label)
+      .map((a) => a.local);
+  }
+
+  async enableForwarding(): Promise<void> {
+    await run("sysctl", ["-q", "-w", "net.ipv4.ip_forward=1"], { netns: this.hostNetns });
+  }
+}

@@ -1,0 +1,130 @@
+// SyncLoop (services/common/sync-loop.ts), the loop FirewallSync and
+// GatewaySync share, on fake timers: the first pass, whole and targeted
+// passes from events, coalescing, drift, a failed pass retried a second
+// later, waiters answered before the after-pass work, stop().
+import assert from "node:assert/strict";
+import { pino } from "pino";
+import { afterEach, beforeEach, test, vi } from "vitest";
+import { SyncLoop, type PassRequest } from "../../services/common/sync-loop.js";
+
+beforeEach(() => vi.useFakeTimers({ now: 1_000_000 }));
+afterEach(() => vi.useRealTimers());
+
+function setup(driftMs = 60_000, failing = false) {
+  const passes: PassRequest[] = [];
+  const log: string[] = [];
+  let failAt: number | undefined;
+  let fail = failing;
+  const errors = new Map<string, string>();
+  const loop = new SyncLoop<number>({
+    log: pino({ level: "silent" }),
+    events: /^(fw\.|vpc\.)/,
+    route: (e) => (e.kind.startsWith("fw.") && e.vpc ? { key: e.vpc } : e.kind === "vpc.ignored" ? undefined : "all"),
+    pass: async (r) => {
+      passes.push(r.only ? { ...r, only: new Set(r.only) } : { first: r.first, drift: r.drift });
+      log.push("pass");
+      failAt = fail ? Date.now() : undefined;
+      return passes.length;
+    },
+    failedAt: () => failAt,
+    errorOf: (k) => errors.get(k),
+    after: async (n) => void log.push(`after ${n}`),
+  });
+  const done = loop.run(driftMs);
+  return {
+    loop,
+    passes,
+    log,
+    errors,
+    done,
+    fail: (f: boolean) => void (fail = f),
+    /** Lets the loop run for `ms` of fake time. */
+    tick: (ms = 0) => vi.advanceTimersByTimeAsync(ms),
+  };
+}
+
+test("a first pass, then nothing until asked", async () => {
+  const t = setup();
+  await t.tick(5000);
+  assert.deepEqual(t.passes, [{ first: true, drift: false }]);
+  t.loop.stop();
+  await t.tick(600);
+  await t.done;
+});
+
+test("events: a targeted pass over the keys they name, coalesced; any other event a whole pass; an ignored one none", async () => {
+  const t = setup();
+  await t.tick();
+  t.loop.onEvents([
+    { kind: "fw.rule", vpc: "vpc-1" },
+    { kind: "fw.member", vpc: "vpc-2" },
+  ]);
+  await t.tick();
+  assert.deepEqual(t.passes[1], { first: false, drift: false, only: new Set(["vpc-1", "vpc-2"]) });
+  t.loop.onEvents([{ kind: "vpc.ignored" }]);
+  await t.tick(600);
+  assert.equal(t.passes.length, 2);
+  t.loop.onEvents([{ kind: "fw.rule", vpc: "vpc-1" }, { kind: "vpc.create" }]);
+  await t.tick();
+  assert.deepEqual(t.passes[2], { first: false, drift: false }, "a whole pass covers the targets too");
+  t.loop.kick();
+  await t.tick();
+  assert.deepEqual(t.passes[3], { first: false, drift: false });
+  assert.equal(t.passes.length, 4);
+  t.loop.stop();
+  await t.tick(600);
+  await t.done;
+});
+
+test("a drift pass every driftMs", async () => {
+  const t = setup(2000);
+  await t.tick(2600);
+  assert.deepEqual(t.passes.at(-1), { first: false, drift: true });
+  const n = t.passes.length;
+  await t.tick(1000);
+  assert.equal(t.passes.length, n);
+  await t.tick(1600);
+  assert.equal(t.passes.length, n + 1);
+  t.loop.stop();
+  await t.tick(600);
+  await t.done;
+});
+
+test("a failed pass is retried a second later, and again until one succeeds", async () => {
+  const t = setup(60_000, true);
+  await t.tick();
+  assert.equal(t.passes.length, 1);
+  await t.tick(600);
+  assert.equal(t.passes.length, 1, "not before the second");
+  await t.tick(500);
+  assert.equal(t.passes.length, 2);
+  t.fail(false);
+  await t.tick(1100);
+  assert.equal(t.passes.length, 3);
+  await t.tick(5000);
+  assert.equal(t.passes.length, 3, "a pass that succeeded is not retried");
+  t.loop.stop();
+  await t.tick(600);
+  await t.done;
+});
+
+test("waiters: answered with their key's error after the pass, before the after-pass work; a withdrawn one never", async () => {
+  const t = setup();
+  await t.tick();
+  const answers: string[] = [];
+  t.errors.set("vpc-2", "nft said no");
+  t.loop.target("vpc-1", (err) => {
+    answers.push(`vpc-1 ${err?.message ?? "ok"}`);
+    t.log.push("answer vpc-1");
+  });
+  t.loop.target("vpc-2", (err) => void answers.push(`vpc-2 ${err?.message ?? "ok"}`));
+  const withdraw = t.loop.target("vpc-3", () => void answers.push("vpc-3"));
+  withdraw();
+  await t.tick();
+  assert.deepEqual(answers, ["vpc-1 ok", "vpc-2 nft said no"]);
+  assert.deepEqual(t.passes.at(-1), { first: false, drift: false, only: new Set(["vpc-1", "vpc-2", "vpc-3"]) });
+  assert.deepEqual(t.log.slice(-3), ["pass", "answer vpc-1", "after 2"]);
+  t.loop.stop();
+  await t.tick(600);
+  await t.done;
+});
