@@ -4,7 +4,6 @@
 // the error names the step. Every undo is idempotent and keyed by the VM id,
 // so a vmm killed at any point rolls the operation back (or finishes a
 // delete) on restart: a VM is either fully up or fully gone.
-import { run } from "../common/exec.js";
 import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -37,6 +36,7 @@ import {
   type Vm,
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { kernelNetns, type NetnsAdapter, type TcpProbeResult } from "./netns.js";
 import { LEASE_MS, nameEntry, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
 
 /** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
@@ -85,6 +85,8 @@ export interface VmmOptions {
   /** Fault injection for tests: the first `times` undos of this step fail. */
   failUndo?: { step: StepName; times: number };
   booters: Partial<Record<"qemu" | "firecracker", Booter>>;
+  /** kind=netns namespaces and probes (default: the kernel's, through `ip netns`). */
+  netns?: NetnsAdapter;
 }
 
 const STEP_ENUM: Record<StepName, VmStep> = {
@@ -106,16 +108,17 @@ const LOOKUP_TTL_MS = 30_000;
 const PHASES: StepName[][] = [["ipam"], ["netagent"], ["firewall", "gateway", "dns"], ["boot"]];
 if (PHASES.flat().join() !== STEPS.join()) throw new Error("vmm: PHASES must list STEPS in order");
 
-const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
-s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
-
 export class Vmm {
+  private readonly netns: NetnsAdapter;
+
   constructor(
     readonly store: VmStore,
     readonly c: Clients,
     readonly opts: VmmOptions,
     readonly log: Logger,
-  ) {}
+  ) {
+    this.netns = opts.netns ?? kernelNetns;
+  }
 
   /** Prefix of every lease token this process takes. */
   private get leasePrefix(): string {
@@ -218,8 +221,7 @@ export class Vmm {
         let nic;
         if (v.kind === "netns") {
           v.netns = this.vmNetns(v);
-          const r = await run("ip", ["netns", "add", v.netns], { timeoutMs: 10_000, check: false });
-          if (r.error && !/File exists/.test(r.stderr)) throw r.error;
+          await this.netns.add(v.netns);
           nic = (
             await this.c.netagent.attachNic({
               vpc: v.vpcId,
@@ -330,10 +332,7 @@ export class Vmm {
         return;
       case "netagent":
         await this.c.netagent.detachNic({ owner: this.owner(v) });
-        if (v.kind === "netns") {
-          const r = await run("ip", ["netns", "del", this.vmNetns(v)], { timeoutMs: 10_000, check: false });
-          if (r.error && !/No such file/.test(r.stderr)) throw r.error;
-        }
+        if (v.kind === "netns") await this.netns.del(this.vmNetns(v));
         return;
       case "ipam":
         await this.c.ipam.release({ subnetId: v.subnetId, owner: this.owner(v), requestId: v.id }).catch(ignoreMissing);
@@ -764,24 +763,10 @@ export class Vmm {
       let method: string;
       if (req.protocol === Protocol.ICMP || req.port === undefined) {
         method = "icmp echo";
-        const r = await run("ip", ["netns", "exec", src.netns, "ping", "-c", "1", "-W", String(Math.ceil(timeout / 1000)), target], {
-          timeoutMs: timeout + 3000,
-          check: false,
-        });
-        result = / 1 received/.test(r.stdout) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
+        result = (await this.netns.ping(src.netns, target, timeout)) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
       } else {
         method = `tcp connect :${V.port("port", req.port)}`;
-        const { stdout: out } = await run("ip", ["netns", "exec", src.netns, process.execPath, "-e", TCP_PROBE, target, String(req.port), String(timeout)], {
-          timeoutMs: timeout + 3000,
-          check: false,
-        });
-        result = out.includes("connected")
-          ? ConnectivityResult.REACHABLE
-          : out.includes("refused")
-            ? ConnectivityResult.REFUSED
-            : out.includes("timeout")
-              ? ConnectivityResult.TIMEOUT
-              : ConnectivityResult.UNREACHABLE;
+        result = PROBE_RESULT[await this.netns.tcpProbe(src.netns, target, req.port, timeout)];
       }
       const us = Number((process.hrtime.bigint() - t0) / 1000n);
       return {
@@ -797,6 +782,13 @@ export class Vmm {
     },
   };
 }
+
+const PROBE_RESULT: Record<TcpProbeResult, ConnectivityResult> = {
+  connected: ConnectivityResult.REACHABLE,
+  refused: ConnectivityResult.REFUSED,
+  timeout: ConnectivityResult.TIMEOUT,
+  unreachable: ConnectivityResult.UNREACHABLE,
+};
 
 /** A VM a crash or a failed rollback left half-done. */
 function needsRecovery(v: VmRec): boolean {
