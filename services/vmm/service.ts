@@ -381,14 +381,14 @@ export class Vmm {
       if (failedAt < 0) continue;
       const step = phase[failedAt];
       const err = (results[failedAt] as PromiseRejectedResult).reason as unknown;
-      const cause = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
+      const cause = errorText(err);
       this.log.warn({ vm: v.id, step, err: cause }, "CreateVm step failed; rolling back");
       this.journal(v, "create", step, "failed", cause);
       try {
         await this.rollback(v, phase[phase.length - 1]);
       } catch (undoErr) {
         v.state = "failed";
-        v.statusMessage = `step ${step} failed (${cause}) and the rollback failed: ${(undoErr as Error).message}; the vmm retries on restart`;
+        v.statusMessage = `step ${step} failed (${cause}) and the rollback failed: ${errorText(undoErr)}; the vmm retries on restart`;
         await this.store.put(v);
         throw new ConnectError(v.statusMessage, Code.Internal);
       }
@@ -480,7 +480,7 @@ export class Vmm {
       this.recoveryFailures.delete(id);
       recoveries.inc({ result: "ok" });
     } catch (err) {
-      const error = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
+      const error = errorText(err);
       const attempts = (f?.attempts ?? 0) + 1;
       const delayMs = Math.min(RECOVERY_MAX_MS, RECOVERY_BASE_MS * 2 ** (attempts - 1));
       const last = attempts >= RECOVERY_ATTEMPTS;
@@ -793,6 +793,11 @@ const PROBE_RESULT: Record<TcpProbeResult, ConnectivityResult> = {
 /** A VM a crash or a failed rollback left half-done. */
 function needsRecovery(v: VmRec): boolean {
   return v.op === "create" || v.op === "rollback" || v.op === "delete" || v.state === "failed";
+}
+
+/** An error's own message, without the "[code] " prefix ConnectError.message carries (its code is said elsewhere). */
+function errorText(err: unknown): string {
+  return err instanceof ConnectError ? err.rawMessage : err instanceof Error ? err.message : String(err);
 }
 
 function ipLike(s: string): boolean {
