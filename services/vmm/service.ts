@@ -4,6 +4,13 @@
 // the error names the step. Every undo is idempotent and keyed by the VM id,
 // so a vmm killed at any point rolls the operation back (or finishes a
 // delete) on restart: a VM is either fully up or fully gone.
+//
+// Read top-down: routes.ts → this class (validation, the steps, the journal,
+// rollback and recovery) → its adapters: VmStore (Redis), the Booters
+// (QEMU/Firecracker) and NetnsAdapter (netns.ts: the VM namespace and the
+// connectivity probes). The other daemons are typed clients (Clients):
+// grpc-js in main.ts, in-memory fakes in test/unit/vmm-saga.test.ts, which
+// fails every step there (this file has no fault injection of its own).
 import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -80,10 +87,6 @@ export interface Booter {
 
 export interface VmmOptions {
   hostId: string;
-  /** Fault injection for tests: fail before this step. */
-  failAt?: StepName;
-  /** Fault injection for tests: the first `times` undos of this step fail. */
-  failUndo?: { step: StepName; times: number };
   booters: Partial<Record<"qemu" | "firecracker", Booter>>;
   /** kind=netns namespaces and probes (default: the kernel's, through `ip netns`). */
   netns?: NetnsAdapter;
@@ -210,7 +213,6 @@ export class Vmm {
   // ---- steps and their undos; every undo is idempotent ----
 
   private async doStep(v: VmRec, step: StepName): Promise<string> {
-    if (this.opts.failAt === step) throw new Error(`fault injected before ${step} (--fail-at)`);
     switch (step) {
       case "ipam": {
         const r = await this.c.ipam.allocate({ subnetId: v.subnetId, owner: this.owner(v), requestId: v.id, address: v.wantedAddress });
@@ -311,11 +313,6 @@ export class Vmm {
       if (e instanceof ConnectError && e.code === Code.NotFound) return;
       throw e;
     };
-    const fu = this.opts.failUndo;
-    if (fu && fu.step === step && fu.times > 0) {
-      fu.times--;
-      throw new Error(`fault injected in the undo of ${step} (--fail-undo-at)`);
-    }
     switch (step) {
       case "boot":
         if (v.kind !== "netns") await this.opts.booters[v.kind]?.stop(v);
