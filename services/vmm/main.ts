@@ -15,7 +15,7 @@ import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { vmmRoutes } from "./routes.js";
 import { Vmm, type Booter } from "./service.js";
-import { STEPS, VmStore, type StepName } from "./store.js";
+import { VmStore } from "./store.js";
 
 export const vmmDefinition: ServiceDefinition = {
   name: "vmm",
@@ -40,8 +40,6 @@ export const vmmDefinition: ServiceDefinition = {
       "--insecure-send-token",
       "send the service token over plaintext (http://) to non-loopback addresses too; by default only https:// or loopback addresses get it",
     ).env("MICROVPC_INSECURE_SEND_TOKEN"),
-    new Option("--fail-at <step>", "fault injection for tests: fail every CreateVm before this step").env("MICROVPC_FAIL_AT").choices(STEPS),
-    new Option("--fail-undo-at <step:n>", "fault injection for tests: the first n undos of this step fail (e.g. firewall:3)").env("MICROVPC_FAIL_UNDO_AT"),
   ],
   async build({ flags, redis, logger }) {
     const token = readToken({ token: flags.serviceToken as string | undefined, tokenFile: flags.serviceTokenFile as string | undefined }, "--service-token");
@@ -85,19 +83,7 @@ export const vmmDefinition: ServiceDefinition = {
     } catch {
       logger.info("kind=qemu not available in this build");
     }
-    let failUndo: { step: StepName; times: number } | undefined;
-    if (flags.failUndoAt) {
-      const m = /^([a-z]+):([0-9]{1,4})$/.exec(String(flags.failUndoAt));
-      if (!m || !STEPS.includes(m[1] as StepName))
-        throw new Error(`--fail-undo-at ${JSON.stringify(flags.failUndoAt)}: use <step>:<n>, step one of ${STEPS.join(", ")}`);
-      failUndo = { step: m[1] as StepName, times: Number(m[2]) };
-    }
-    const vmm = new Vmm(
-      new VmStore(redis, String(flags.hostId), logger),
-      clients,
-      { hostId: String(flags.hostId), failAt: flags.failAt as StepName | undefined, failUndo, booters },
-      logger,
-    );
+    const vmm = new Vmm(new VmStore(redis, String(flags.hostId), logger), clients, { hostId: String(flags.hostId), booters }, logger);
     // Finish or undo what a previous run left in flight, before serving
     // (and keep trying in the background while Redis is unreachable).
     try {

@@ -4,7 +4,13 @@
 // the error names the step. Every undo is idempotent and keyed by the VM id,
 // so a vmm killed at any point rolls the operation back (or finishes a
 // delete) on restart: a VM is either fully up or fully gone.
-import { run } from "../common/exec.js";
+//
+// Read top-down: routes.ts → this class (validation, the steps, the journal,
+// rollback and recovery) → its adapters: VmStore (Redis), the Booters
+// (QEMU/Firecracker) and NetnsAdapter (netns.ts: the VM namespace and the
+// connectivity probes). The other daemons are typed clients (Clients):
+// grpc-js in main.ts, in-memory fakes in test/unit/vmm-saga.test.ts, which
+// fails every step there (this file has no fault injection of its own).
 import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -37,6 +43,7 @@ import {
   type Vm,
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
+import { kernelNetns, type NetnsAdapter, type TcpProbeResult } from "./netns.js";
 import { LEASE_MS, nameEntry, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
 
 /** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
@@ -80,11 +87,9 @@ export interface Booter {
 
 export interface VmmOptions {
   hostId: string;
-  /** Fault injection for tests: fail before this step. */
-  failAt?: StepName;
-  /** Fault injection for tests: the first `times` undos of this step fail. */
-  failUndo?: { step: StepName; times: number };
   booters: Partial<Record<"qemu" | "firecracker", Booter>>;
+  /** kind=netns namespaces and probes (default: the kernel's, through `ip netns`). */
+  netns?: NetnsAdapter;
 }
 
 const STEP_ENUM: Record<StepName, VmStep> = {
@@ -106,16 +111,17 @@ const LOOKUP_TTL_MS = 30_000;
 const PHASES: StepName[][] = [["ipam"], ["netagent"], ["firewall", "gateway", "dns"], ["boot"]];
 if (PHASES.flat().join() !== STEPS.join()) throw new Error("vmm: PHASES must list STEPS in order");
 
-const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
-s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
-
 export class Vmm {
+  private readonly netns: NetnsAdapter;
+
   constructor(
     readonly store: VmStore,
     readonly c: Clients,
     readonly opts: VmmOptions,
     readonly log: Logger,
-  ) {}
+  ) {
+    this.netns = opts.netns ?? kernelNetns;
+  }
 
   /** Prefix of every lease token this process takes. */
   private get leasePrefix(): string {
@@ -207,7 +213,6 @@ export class Vmm {
   // ---- steps and their undos; every undo is idempotent ----
 
   private async doStep(v: VmRec, step: StepName): Promise<string> {
-    if (this.opts.failAt === step) throw new Error(`fault injected before ${step} (--fail-at)`);
     switch (step) {
       case "ipam": {
         const r = await this.c.ipam.allocate({ subnetId: v.subnetId, owner: this.owner(v), requestId: v.id, address: v.wantedAddress });
@@ -218,8 +223,7 @@ export class Vmm {
         let nic;
         if (v.kind === "netns") {
           v.netns = this.vmNetns(v);
-          const r = await run("ip", ["netns", "add", v.netns], { timeoutMs: 10_000, check: false });
-          if (r.error && !/File exists/.test(r.stderr)) throw r.error;
+          await this.netns.add(v.netns);
           nic = (
             await this.c.netagent.attachNic({
               vpc: v.vpcId,
@@ -309,11 +313,6 @@ export class Vmm {
       if (e instanceof ConnectError && e.code === Code.NotFound) return;
       throw e;
     };
-    const fu = this.opts.failUndo;
-    if (fu && fu.step === step && fu.times > 0) {
-      fu.times--;
-      throw new Error(`fault injected in the undo of ${step} (--fail-undo-at)`);
-    }
     switch (step) {
       case "boot":
         if (v.kind !== "netns") await this.opts.booters[v.kind]?.stop(v);
@@ -330,10 +329,7 @@ export class Vmm {
         return;
       case "netagent":
         await this.c.netagent.detachNic({ owner: this.owner(v) });
-        if (v.kind === "netns") {
-          const r = await run("ip", ["netns", "del", this.vmNetns(v)], { timeoutMs: 10_000, check: false });
-          if (r.error && !/No such file/.test(r.stderr)) throw r.error;
-        }
+        if (v.kind === "netns") await this.netns.del(this.vmNetns(v));
         return;
       case "ipam":
         await this.c.ipam.release({ subnetId: v.subnetId, owner: this.owner(v), requestId: v.id }).catch(ignoreMissing);
@@ -382,14 +378,14 @@ export class Vmm {
       if (failedAt < 0) continue;
       const step = phase[failedAt];
       const err = (results[failedAt] as PromiseRejectedResult).reason as unknown;
-      const cause = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
+      const cause = errorText(err);
       this.log.warn({ vm: v.id, step, err: cause }, "CreateVm step failed; rolling back");
       this.journal(v, "create", step, "failed", cause);
       try {
         await this.rollback(v, phase[phase.length - 1]);
       } catch (undoErr) {
         v.state = "failed";
-        v.statusMessage = `step ${step} failed (${cause}) and the rollback failed: ${(undoErr as Error).message}; the vmm retries on restart`;
+        v.statusMessage = `step ${step} failed (${cause}) and the rollback failed: ${errorText(undoErr)}; the vmm retries on restart`;
         await this.store.put(v);
         throw new ConnectError(v.statusMessage, Code.Internal);
       }
@@ -481,7 +477,7 @@ export class Vmm {
       this.recoveryFailures.delete(id);
       recoveries.inc({ result: "ok" });
     } catch (err) {
-      const error = err instanceof ConnectError ? err.rawMessage : (err as Error).message;
+      const error = errorText(err);
       const attempts = (f?.attempts ?? 0) + 1;
       const delayMs = Math.min(RECOVERY_MAX_MS, RECOVERY_BASE_MS * 2 ** (attempts - 1));
       const last = attempts >= RECOVERY_ATTEMPTS;
@@ -764,24 +760,10 @@ export class Vmm {
       let method: string;
       if (req.protocol === Protocol.ICMP || req.port === undefined) {
         method = "icmp echo";
-        const r = await run("ip", ["netns", "exec", src.netns, "ping", "-c", "1", "-W", String(Math.ceil(timeout / 1000)), target], {
-          timeoutMs: timeout + 3000,
-          check: false,
-        });
-        result = / 1 received/.test(r.stdout) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
+        result = (await this.netns.ping(src.netns, target, timeout)) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
       } else {
         method = `tcp connect :${V.port("port", req.port)}`;
-        const { stdout: out } = await run("ip", ["netns", "exec", src.netns, process.execPath, "-e", TCP_PROBE, target, String(req.port), String(timeout)], {
-          timeoutMs: timeout + 3000,
-          check: false,
-        });
-        result = out.includes("connected")
-          ? ConnectivityResult.REACHABLE
-          : out.includes("refused")
-            ? ConnectivityResult.REFUSED
-            : out.includes("timeout")
-              ? ConnectivityResult.TIMEOUT
-              : ConnectivityResult.UNREACHABLE;
+        result = PROBE_RESULT[await this.netns.tcpProbe(src.netns, target, req.port, timeout)];
       }
       const us = Number((process.hrtime.bigint() - t0) / 1000n);
       return {
@@ -798,9 +780,21 @@ export class Vmm {
   };
 }
 
+const PROBE_RESULT: Record<TcpProbeResult, ConnectivityResult> = {
+  connected: ConnectivityResult.REACHABLE,
+  refused: ConnectivityResult.REFUSED,
+  timeout: ConnectivityResult.TIMEOUT,
+  unreachable: ConnectivityResult.UNREACHABLE,
+};
+
 /** A VM a crash or a failed rollback left half-done. */
 function needsRecovery(v: VmRec): boolean {
   return v.op === "create" || v.op === "rollback" || v.op === "delete" || v.state === "failed";
+}
+
+/** An error's own message, without the "[code] " prefix ConnectError.message carries (its code is said elsewhere). */
+function errorText(err: unknown): string {
+  return err instanceof ConnectError ? err.rawMessage : err instanceof Error ? err.message : String(err);
 }
 
 function ipLike(s: string): boolean {

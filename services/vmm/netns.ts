@@ -1,0 +1,51 @@
+// The vmm's one adapter to the kernel for kind=netns VMs: the VM's own
+// network namespace (made before its NIC, removed after it) and the probes
+// TestConnectivity runs inside it. Every command goes through common/exec.ts
+// run() (argv arrays, LC_ALL=C, timeouts, microvpc_exec_* metrics). The
+// service takes this as an interface, so the saga tests run without root.
+import { run } from "../common/exec.js";
+
+export type TcpProbeResult = "connected" | "refused" | "timeout" | "unreachable";
+
+export interface NetnsAdapter {
+  /** Creates the named namespace; one that exists already is fine. */
+  add(name: string): Promise<void>;
+  /** Removes the named namespace; one that is gone already is fine. */
+  del(name: string): Promise<void>;
+  /** One ICMP echo from inside ns to target; true if answered within timeoutMs. */
+  ping(ns: string, target: string, timeoutMs: number): Promise<boolean>;
+  /** One TCP connect from inside ns to target:port within timeoutMs. */
+  tcpProbe(ns: string, target: string, port: number, timeoutMs: number): Promise<TcpProbeResult>;
+}
+
+// Run by this node binary inside the namespace: the daemon's own sockets live
+// in the root namespace, so the connect has to come from a child there.
+const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
+s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
+
+export const kernelNetns: NetnsAdapter = {
+  async add(name) {
+    const r = await run("ip", ["netns", "add", name], { timeoutMs: 10_000, check: false });
+    if (r.error && !/File exists/.test(r.stderr)) throw r.error;
+  },
+
+  async del(name) {
+    const r = await run("ip", ["netns", "del", name], { timeoutMs: 10_000, check: false });
+    if (r.error && !/No such file/.test(r.stderr)) throw r.error;
+  },
+
+  async ping(ns, target, timeoutMs) {
+    const r = await run("ping", ["-c", "1", "-W", String(Math.ceil(timeoutMs / 1000)), target], { netns: ns, timeoutMs: timeoutMs + 3000, check: false });
+    return / 1 received/.test(r.stdout);
+  },
+
+  async tcpProbe(ns, target, port, timeoutMs) {
+    const { stdout } = await run(process.execPath, ["-e", TCP_PROBE, target, String(port), String(timeoutMs)], {
+      netns: ns,
+      timeoutMs: timeoutMs + 3000,
+      check: false,
+    });
+    for (const r of ["connected", "refused", "timeout"] as const) if (stdout.includes(r)) return r;
+    return "unreachable";
+  },
+};
