@@ -74,6 +74,8 @@ const K = {
   lease: (h: string, id: string) => `mvpc:vm:host:${h}:lease:${id}`,
   byName: (vpc: string) => `mvpc:vm:vpc:${vpc}:byname`,
   hosts: "mvpc:vm:hosts",
+  /** The VM's user-data (base64): host-private (docs/redis-acl.md), so no other host's user reads it. */
+  userData: (h: string, id: string) => `mvpc-md:${h}:vm:${id}:userdata`,
 };
 
 /** A name-index entry: the host and id of the VM holding the name. */
@@ -141,14 +143,16 @@ export class VmStore {
        redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
        redis.call('SADD', KEYS[3], ARGV[8])
        redis.call('SADD', KEYS[4], ARGV[7])
+       if ARGV[9] ~= '' then redis.call('SET', KEYS[6], ARGV[9]) else redis.call('DEL', KEYS[6]) end
        redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.created', 'vm', ARGV[8])
        return ARGV[2]`,
-      5,
+      6,
       K.byName(v.vpcId),
       K.vm(this.hostId, v.id),
       K.host(this.hostId),
       K.hosts,
       K.lease(this.hostId, v.id),
+      K.userData(this.hostId, v.id),
       v.name,
       nameEntry(v),
       storedVmText(v),
@@ -157,6 +161,7 @@ export class VmStore {
       v.vpcId,
       this.hostId,
       v.id,
+      v.userData,
     );
     return String(r);
   }
@@ -223,7 +228,15 @@ export class VmStore {
   /** This host's VM (the only ones it acts on: deletes, recovery). */
   async getOwn(id: string): Promise<VmRec | null> {
     if (!VM_ID_RE.test(id)) return null;
-    return this.parse(this.hostId, id, await this.redis.get(K.vm(this.hostId, id)));
+    const [text, userData] = await this.redis.mget(K.vm(this.hostId, id), K.userData(this.hostId, id));
+    const v = this.parse(this.hostId, id, text);
+    if (v && userData && !v.userData) {
+      // Host-private, so only this host wrote it; still input: checked as the API checks user-data.
+      const p = parseVmRec(JSON.stringify({ ...v, userData }), { id, hostId: this.hostId });
+      if (p.ok) v.userData = userData;
+      else reportInvalid(OWNER, "vm-userdata", K.userData(this.hostId, id), p.reason, this.log);
+    }
+    return v;
   }
 
   /** A VM on any host (for views: GetVm, InspectVm): this host's first, then the others', in one round trip. */
@@ -299,13 +312,14 @@ export class VmStore {
     await this.redis.eval(
       `local held = redis.call('HGET', KEYS[1], ARGV[1])
        if held == ARGV[2] or held == ARGV[3] then redis.call('HDEL', KEYS[1], ARGV[1]) end
-       redis.call('DEL', KEYS[2]) redis.call('SREM', KEYS[3], ARGV[3])
+       redis.call('DEL', KEYS[2], KEYS[4]) redis.call('SREM', KEYS[3], ARGV[3])
        redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.deleted', 'vm', ARGV[3])
        return 1`,
-      3,
+      4,
       K.byName(v.vpcId),
       K.vm(this.hostId, v.id),
       K.host(this.hostId),
+      K.userData(this.hostId, v.id),
       v.name,
       nameEntry(v),
       v.id,
@@ -345,7 +359,8 @@ export class VmStore {
           `local old = 'mvpc:vm:' .. ARGV[2]
            if redis.call('GET', old) ~= ARGV[1] then return 0 end
            if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-           redis.call('SET', KEYS[1], ARGV[1])
+           redis.call('SET', KEYS[1], ARGV[6])
+           if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7]) end
            local oldLease = 'mvpc:vmlease:' .. ARGV[2]
            local holder = redis.call('GET', oldLease)
            if holder then
@@ -358,16 +373,19 @@ export class VmStore {
            local z = redis.pcall('ZREM', 'mvpc:vms', ARGV[2])
            if type(d) == 'table' and d.err or type(z) == 'table' and z.err then return 2 end
            return 1`,
-          4,
+          5,
           K.vm(this.hostId, id),
           K.lease(this.hostId, id),
           K.byName(p.value.vpcId),
           K.hosts,
+          K.userData(this.hostId, id),
           old,
           id,
           nameEntry(p.value),
           p.value.name,
           this.hostId,
+          storedVmText(p.value),
+          p.value.userData,
         );
         if (r === 0) continue;
         moved++;

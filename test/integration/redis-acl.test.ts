@@ -291,10 +291,18 @@ describe("per-host Redis ACL users", () => {
       );
       assert.match(vmmd.output(), /skipping a record from Redis that does not validate/, "the forged record is reported");
       // A name whose entry names a record that does not agree is free: A creates a VM "evil" and deletes it.
-      const evil = (await vmm.createVm({ name: "evil", vpc: "acl", subnet: "web", kind: VmKind.NETNS })).vm!;
+      // Its user-data is the tenant's: A's gateway serves it, B's user cannot read it anywhere.
+      const secret = "#cloud-config\n# a password of evil's tenant\n";
+      const evil = (await vmm.createVm({ name: "evil", vpc: "acl", subnet: "web", kind: VmKind.NETNS, userData: new TextEncoder().encode(secret) })).vm!;
       assert.equal(evil.state, VmState.RUNNING);
       assert.equal(await admin.hget(byname, "evil"), `${A.id}/${evil.id}`);
+      const gwA = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
+      assert.equal(new TextDecoder().decode((await gwA.getInstanceMetadata({ instanceId: evil.id })).metadata!.userData), secret, "A's metadata has it");
+      const evilRec = (await asB.get(`mvpc:vm:host:${A.id}:vm:${evil.id}`))!;
+      assert.ok(evilRec && !evilRec.includes(Buffer.from(secret).toString("base64")), "the VM record B may read holds no user-data");
+      await refused("B reads the VM's user-data", asB.get(`mvpc-md:${A.id}:vm:${evil.id}:userdata`));
       assert.equal((await vmm.deleteVm({ ref: "evil", vpc: "acl" })).deleted, true);
+      assert.equal(await admin.exists(`mvpc-md:${A.id}:vm:${evil.id}:userdata`), 0, "and it goes with the VM");
       assert.ok(await admin.exists(ghostKey), "B's own record is B's: A did not act on it");
       await admin.del(ghostKey, `mvpc:vm:host:${B.id}`);
       await admin.hdel(byname, "ghost");
