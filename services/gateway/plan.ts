@@ -151,6 +151,18 @@ export function transitCreateLines(hostId: string, v: GwVpc, vpcNs: string): { h
 }
 
 /**
+ * What transitCreateLines sets up, as lines that may run again on a link
+ * that exists (replace, not add): for a transit link found at start, after
+ * an error or by the drift pass, which a half-failed create may have left
+ * unconfigured on either side.
+ */
+export function transitRepairLines(hostId: string, v: GwVpc, vpcNs: string): { host: string[]; vpc: string[] } {
+  const made = transitCreateLines(hostId, v, vpcNs);
+  const replace = (l: string) => l.replace(/^addr add /, "addr replace ");
+  return { host: made.host.slice(1).map(replace), vpc: made.vpc.map(replace) };
+}
+
+/**
  * ip lines (in the VPC namespace) that make `want` the resolver address on
  * lo, given the addresses labelled RESOLVER_LABEL there now.
  */

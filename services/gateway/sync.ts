@@ -29,6 +29,8 @@ import {
   resolverAddrLines,
   transitAddrs,
   transitCreateLines,
+  transitRepairLines,
+  undoHostLines,
   transitReleaseLines,
   vpcHostLines,
   vpcTx,
@@ -242,11 +244,19 @@ export class GatewaySync {
   private async applyVpc(v: GwVpc, fresh: boolean): Promise<void> {
     const vns = naNames.netns(this.opts.hostId, v.vpcId);
     const known = !fresh && this.lastVpc.has(v.vpcId);
-    if (!known && !(await this.kernel.hostLinkExists(names.hostSide(v.vpcId)))) {
-      const lines = transitCreateLines(this.opts.hostId, v, vns);
-      await this.kernel.hostBatch(lines.host);
-      await this.kernel.vpcBatch(vns, lines.vpc);
-      this.forgetVpc(v.vpcId);
+    if (!known) {
+      if (!(await this.kernel.hostLinkExists(names.hostSide(v.vpcId)))) {
+        const lines = transitCreateLines(this.opts.hostId, v, vns);
+        await this.kernel.hostBatch(lines.host);
+        await this.kernel.vpcBatch(vns, lines.vpc);
+        this.forgetVpc(v.vpcId);
+      } else {
+        // The link is there, but a create that failed half-way (or someone
+        // else) may have left either side unconfigured: set it again.
+        const lines = transitRepairLines(this.opts.hostId, v, vns);
+        await this.kernel.hostBatch(lines.host);
+        await this.kernel.vpcBatch(vns, lines.vpc);
+      }
     }
     if (!known || !this.lastResolver.has(v.vpcId) || this.lastResolver.get(v.vpcId) !== v.resolver) {
       // Only addresses carrying our label are read and removed.
@@ -255,7 +265,11 @@ export class GatewaySync {
       this.lastResolver.set(v.vpcId, v.resolver);
     }
     const routes = vpcHostLines(v, this.opts.uplink);
-    const lines = hostRouteDiff(routes, this.lastRoutes.get(v.vpcId));
+    // Known applied: only the difference. Otherwise (start, after an error,
+    // the drift pass) all of it again, so a route or proxy entry deleted
+    // behind our back comes back.
+    const last = this.lastRoutes.get(v.vpcId);
+    const lines = known ? hostRouteDiff(routes, last) : [...undoHostLines(last ?? [], routes), ...routes];
     if (lines.length) {
       await this.kernel.hostBatch(lines, true);
       this.lastRoutes.set(v.vpcId, routes);

@@ -291,3 +291,29 @@ test("a VPC whose nft transaction fails is retried with backoff; the other VPC c
   assert.deepEqual([...sync.vpcFailures.keys()], []);
   assert.equal(dump(kernel, c.desired), (await wants()).get(c.name));
 });
+
+test("a floating IP's route deleted behind the gateway's back is put back by the drift pass", async () => {
+  const c = cases[1];
+  const { kernel, sync, to } = setup();
+  to(c.desired);
+  await sync.syncOnce();
+  const want = dump(kernel, c.desired);
+  assert.match(want, /route 203\.0\.113\.10\/32 /, "the floating IP has its host route");
+  await kernel.hostBatch(["route del 203.0.113.10/32"], true);
+  assert.notEqual(dump(kernel, c.desired), want, "the route is gone");
+  await sync.syncOnce(true);
+  assert.equal(dump(kernel, c.desired), want, "the drift pass re-applies the VPC's host routes");
+});
+
+test("a transit link whose VPC side failed half-way is finished by the VPC's next attempt", async () => {
+  const c = cases[0];
+  const { kernel, sync, to } = setup();
+  to(c.desired);
+  kernel.failNext.set(names.netns(HOST, A), "RTNETLINK answers: No buffer space available");
+  await sync.syncOnce();
+  assert.match(sync.vpcFailures.get(A)?.error ?? "", /No buffer space available/, "the VPC side failed after the host side was made");
+  sync.vpcFailures.get(A)!.retryAt = 0;
+  await sync.syncOnce();
+  assert.deepEqual([...sync.vpcFailures.keys()], []);
+  assert.equal(dump(kernel, c.desired), (await wants()).get(c.name));
+});
