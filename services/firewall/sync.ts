@@ -11,9 +11,9 @@ import { reportInvalid } from "../common/invalid-records.js";
 import { SyncLoop } from "../common/sync-loop.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { attempt } from "../common/validate.js";
-import { names } from "../netagent/plan.js";
-import { hostKeys } from "../netagent/schema.js";
-import type { HostStore } from "../netagent/store.js";
+import { netagentNames as names } from "../common/names.js";
+// HostReader: the read-only part of netagent's HostStore (services/netagent/schema.ts).
+import { hostKeys, type HostReader as HostStore } from "../netagent/schema.js";
 import type { NftRunner } from "../common/nft/linux.js";
 import type { NftTransaction } from "../common/nft/tx.js";
 import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, type FwModel } from "./compile.js";

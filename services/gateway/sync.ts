@@ -15,11 +15,11 @@ import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { SyncLoop } from "../common/sync-loop.js";
-import { defaultResolver, DnsStore } from "../dns/store.js";
-import type { IpamStore } from "../ipam/store.js";
-import { names as naNames } from "../netagent/plan.js";
-import { hostKeys } from "../netagent/schema.js";
-import type { HostStore } from "../netagent/store.js";
+// Readers: the read-only parts of DnsStore, IpamStore and HostStore (each owner's schema.ts).
+import { defaultResolver, DnsReader as DnsStore } from "../dns/schema.js";
+import type { IpamReader as IpamStore } from "../ipam/schema.js";
+import { netagentNames as naNames } from "../common/names.js";
+import { hostKeys, type HostReader as HostStore } from "../netagent/schema.js";
 import { LinuxGatewayKernel, type GatewayKernel } from "./kernel.js";
 import {
   hostRouteDiff,
