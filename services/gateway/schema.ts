@@ -66,7 +66,7 @@ export interface PfRec {
 
 /** NAT source subnets: at most this many (a VPC has far fewer subnets). */
 export const MAX_NAT_SOURCES = 256;
-/** Transit /30s per hypervisor (plan.ts transitAddrs). */
+/** Transit /30s per hypervisor (common/names.ts transitAddrs). */
 export const MAX_TRANSIT = 16000;
 
 const time = (name: string, v: string | undefined) => V.storedInt(name, v ?? "0", 0);
