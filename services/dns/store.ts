@@ -1,6 +1,7 @@
-// The only DNS module that talks to Redis. Changes are Lua scripts
-// (scripts.ts); reads are plain commands. The zone of a VPC is small (one
-// record per VM), so the resolver reads it whole.
+// DNS's writes to Redis. Changes are Lua scripts (scripts.ts); reads are
+// plain commands, in DnsReader (schema.ts), which other services use and
+// DnsStore extends. The zone of a VPC is small (one record per VM), so the
+// resolver reads it whole.
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError } from "../common/errors.js";
 import { K as IK } from "../ipam/schema.js";

@@ -1,6 +1,7 @@
-// The only IPAM module that talks to Redis. Every change is one Lua script
-// (scripts.ts); reads are plain commands. Returns plain records; the service
-// layer turns them into API messages.
+// IPAM's writes to Redis. Every change is one Lua script (scripts.ts); reads
+// are plain commands, in IpamReader (schema.ts), which other services use and
+// IpamStore extends. Returns plain records; the service layer turns them into
+// API messages.
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import { intToIp } from "../common/validate.js";
