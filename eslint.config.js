@@ -11,7 +11,10 @@ import path from "node:path";
 // public module, services/<other>/schema.ts (its Redis keys, records,
 // parsers and read-only reader), plus services/common/* and gen/*. The
 // Redis key layout is the contract between services; a store, planner,
-// service or main of another service is not.
+// service or main of another service is not. A small rule rather than
+// no-restricted-imports: that one matches the import's text, and the same
+// text ("../store.js") is the service's own file from services/<svc>/ but
+// another service's from services/<svc>/overlay/; this resolves the path.
 const SERVICES = path.resolve(import.meta.dirname, "services");
 // Daemon composition, the one exception: the ipam daemon also serves the DNS
 // and peering APIs, and the gateway daemon runs each VPC's resolver.
