@@ -4,11 +4,67 @@
 import js from "@eslint/js";
 import globals from "globals";
 import tseslint from "typescript-eslint";
+import path from "node:path";
 
-export default tseslint.config({ ignores: ["gen/", "dist/", "node_modules/", ".run/"] }, js.configs.recommended, ...tseslint.configs.recommended, {
-  languageOptions: { globals: { ...globals.node } },
-  rules: {
-    // `_name` marks an argument or binding kept for its position.
-    "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrors: "none" }],
+// Service boundaries (docs/architecture.md, "Boundaries"). A file under
+// services/<svc>/ may import another service only through that service's
+// public module, services/<other>/schema.ts (its Redis keys, records,
+// parsers and read-only reader), plus services/common/* and gen/*. The
+// Redis key layout is the contract between services; a store, planner,
+// service or main of another service is not. A small rule rather than
+// no-restricted-imports: that one matches the import's text, and the same
+// text ("../store.js") is the service's own file from services/<svc>/ but
+// another service's from services/<svc>/overlay/; this resolves the path.
+const SERVICES = path.resolve(import.meta.dirname, "services");
+// Daemon composition, the one exception: the ipam daemon also serves the DNS
+// and peering APIs, and the gateway daemon runs each VPC's resolver.
+// "<importing file>": ["<imported file>", ...], paths under services/.
+const COMPOSITION = {
+  "ipam/main.ts": ["dns/service.ts", "peering/service.ts", "peering/store.ts"],
+  "ipam/routes.ts": ["dns/service.ts", "peering/service.ts"],
+  "gateway/main.ts": ["dns/host.ts"],
+};
+const boundaries = {
+  meta: { type: "problem", schema: [] },
+  create(context) {
+    const from = path.relative(SERVICES, context.filename);
+    if (from.startsWith("..")) return {};
+    const own = from.split(path.sep)[0];
+    const check = (node) => {
+      const spec = node.source?.value;
+      if (typeof spec !== "string" || !spec.startsWith(".")) return;
+      const to = path
+        .relative(SERVICES, path.resolve(path.dirname(context.filename), spec))
+        .replace(/\.js$/, ".ts")
+        .split(path.sep)
+        .join("/");
+      if (to.startsWith("..")) return; // gen/, outside services/
+      const other = to.split("/")[0];
+      if (other === own || other === "common" || to === `${other}/schema.ts`) return;
+      if (COMPOSITION[from.split(path.sep).join("/")]?.includes(to)) return;
+      context.report({
+        node: node.source,
+        message: `services/${own} may import services/${other} only through ../${other}/schema.js (its keys, records, parsers and reader), not ${to}; move what is shared to services/common or to ${other}/schema.ts (docs/architecture.md, "Boundaries")`,
+      });
+    };
+    return { ImportDeclaration: check, ExportNamedDeclaration: check, ExportAllDeclaration: check, ImportExpression: check };
   },
-});
+};
+
+export default tseslint.config(
+  { ignores: ["gen/", "dist/", "node_modules/", ".run/"] },
+  js.configs.recommended,
+  ...tseslint.configs.recommended,
+  {
+    languageOptions: { globals: { ...globals.node } },
+    rules: {
+      // `_name` marks an argument or binding kept for its position.
+      "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrors: "none" }],
+    },
+  },
+  {
+    files: ["services/**/*.ts"],
+    plugins: { microvpc: { rules: { boundaries } } },
+    rules: { "microvpc/boundaries": "error" },
+  },
+);

@@ -6,10 +6,10 @@
 import type { Redis } from "ioredis";
 import { followEvents } from "../common/events.js";
 import { managementHolding } from "../common/management.js";
-import type { ImdsLogger } from "../gateway/imds.js";
-import { transitAddrs } from "../gateway/plan.js";
-import { GatewayStore } from "../gateway/store.js";
-import { IpamStore } from "../ipam/store.js";
+import type { ServerLogger } from "../common/net.js";
+import { transitAddrs } from "../common/names.js";
+import { GatewayReader } from "../gateway/schema.js";
+import { IpamReader } from "../ipam/schema.js";
 import { Resolver, type ResolverOptions } from "./resolver.js";
 import { DnsStore } from "./store.js";
 import type { Zone } from "./zone.js";
@@ -20,7 +20,7 @@ import type { Zone } from "./zone.js";
  * it): `refused` gets each one. Inherited defaults are the operator's choice.
  */
 export async function loadZone(
-  ipam: IpamStore,
+  ipam: IpamReader,
   dns: DnsStore,
   vpcId: string,
   management: readonly string[] = [],
@@ -48,11 +48,11 @@ export async function runResolver(
   redis: Redis,
   hostId: string,
   port: number,
-  logger: ImdsLogger,
+  logger: ServerLogger,
   o: Partial<ResolverOptions> & { reloadMs?: number; management?: () => Promise<string[]> } = {},
 ): Promise<{ resolver: Resolver; close: () => Promise<void> }> {
-  const gw = new GatewayStore(redis, logger);
-  const ipam = new IpamStore(redis);
+  const gw = new GatewayReader(redis, logger);
+  const ipam = new IpamReader(redis);
   const dns = new DnsStore(redis, logger);
   /** transit host address → zone */
   let zones = new Map<string, Zone>();

@@ -17,14 +17,14 @@ import { createServer, type Server, type Socket } from "node:net";
 import * as dnsPacket from "dns-packet";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
-import { Buckets, plainAddress, type ImdsLogger } from "../gateway/imds.js";
+import { Buckets, plainAddress, type ServerLogger } from "../common/net.js";
 import { decide, formErr, MAX_QUERY_BYTES, MAX_TCP_MESSAGE_BYTES, parseForwarder, RCODE, reply, type Zone } from "./zone.js";
 
 export interface ResolverOptions {
   port: number;
   /** Transit host address a query arrived on → that VPC's zone (undefined: none known). */
   zoneOf(localAddress: string): Zone | undefined;
-  logger: ImdsLogger;
+  logger: ServerLogger;
   /** Sustained queries per second per VM (default 200). */
   rateLimitPerSecond?: number;
   /** Bucket size per VM (default 400). */

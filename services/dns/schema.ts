@@ -4,7 +4,10 @@
 // hypervisor (gateway/sync.ts) and the forwarders reach the resolver's
 // sockets, so what is read back is checked as a request would be: a config
 // that does not validate is skipped (reported) and the VPC runs on defaults.
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
 import { InvalidArgumentError } from "../common/errors.js";
+import { reportInvalid } from "../common/invalid-records.js";
 import { managementHolding } from "../common/management.js";
 import * as V from "../common/validate.js";
 import { parseForwarder } from "./zone.js";
@@ -142,4 +145,91 @@ export function parseRecord(vpcId: string, name: string, v: string): V.Parsed<Re
     checkRecord(r);
     return r;
   });
+}
+
+/** Every key of a VPC's DNS state (what DeleteVpc removes). */
+export function vpcDnsKeys(vpc: string): string[] {
+  return [DK.records(vpc), DK.names(vpc), DK.owners(vpc), DK.config(vpc)];
+}
+
+export const DEFAULT_TTL = 60;
+
+/** A record that does not validate is reported and skipped. */
+function checkedRecord(vpcId: string, name: string, v: string, log?: Pick<Logger, "warn">): RecordRec | null {
+  const p = parseRecord(vpcId, name, v);
+  if (p.ok) return p.value;
+  reportInvalid(OWNER, "record", DK.records(vpcId), p.reason, log, { field: name, vpcId });
+  return null;
+}
+
+/** The VPC's resolver address by default: its base address + 2 (as AWS). */
+export function defaultResolver(vpcBase: number): string {
+  return V.intToIp(vpcBase + 2);
+}
+
+/** What other services read of DNS (the resolver's zone, a VPC's config), never a write. */
+export class DnsReader {
+  /** log: where skipped records are reported (once per key and reason). */
+  constructor(
+    readonly redis: Redis,
+    readonly log?: Pick<Logger, "warn">,
+  ) {}
+
+  async getRecord(vpcId: string, name: string): Promise<RecordRec | null> {
+    const v = await this.redis.hget(DK.records(vpcId), name);
+    return v ? checkedRecord(vpcId, name, v, this.log) : null;
+  }
+
+  /** Records ordered by name, after `after` (exclusive), at most limit. */
+  async listRecords(vpcId: string, after: string, limit: number): Promise<RecordRec[]> {
+    const names = await this.redis.zrangebylex(DK.names(vpcId), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
+    if (names.length === 0) return [];
+    const vals = await this.redis.hmget(DK.records(vpcId), ...names);
+    return names.flatMap((n, i) => {
+      const r = vals[i] ? checkedRecord(vpcId, n, vals[i]!, this.log) : null;
+      return r ? [r] : [];
+    });
+  }
+
+  /** Every record of the VPC (the resolver's zone). */
+  async allRecords(vpcId: string): Promise<RecordRec[]> {
+    const h = await this.redis.hgetall(DK.records(vpcId));
+    return Object.entries(h).flatMap(([n, v]) => {
+      const r = checkedRecord(vpcId, n, v, this.log);
+      return r ? [r] : [];
+    });
+  }
+
+  /** The stored config; one that does not validate is reported and read as unset (defaults apply). */
+  async getConfig(vpcId: string): Promise<StoredConfig> {
+    const key = vpcId ? DK.config(vpcId) : DK.defaults;
+    let h: Record<string, string>;
+    try {
+      h = await this.redis.hgetall(key);
+    } catch (err) {
+      if (!/WRONGTYPE/.test((err as Error).message)) throw err;
+      reportInvalid(OWNER, "config", key, "is not a hash", this.log, { vpcId: vpcId || undefined });
+      return {};
+    }
+    const p = parseConfig(h, vpcId !== "");
+    if (p.ok) return p.value;
+    const named = /^([A-Za-z_][A-Za-z0-9_]*)/.exec(p.reason)?.[1];
+    reportInvalid(OWNER, "config", key, p.reason, this.log, {
+      field: named !== undefined && Object.hasOwn(h, named) ? named : undefined,
+      vpcId: vpcId || undefined,
+    });
+    return {};
+  }
+
+  /** The effective configuration of a VPC whose base address is vpcBase. */
+  async effective(vpcId: string, vpcBase: number): Promise<{ resolver: string; forwarders: string[]; inherited: boolean; ttl: number; updatedMs?: number }> {
+    const [own, defs] = await Promise.all([this.getConfig(vpcId), this.getConfig("")]);
+    return {
+      resolver: own.resolver ?? defaultResolver(vpcBase),
+      forwarders: own.forwarders ?? defs.forwarders ?? [],
+      inherited: own.forwarders === undefined,
+      ttl: own.ttl ?? defs.ttl ?? DEFAULT_TTL,
+      updatedMs: own.updatedMs,
+    };
+  }
 }

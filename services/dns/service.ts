@@ -8,7 +8,7 @@ import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { DnsConfigSchema, DnsRecordSchema, DnsRecordType, DnsService, type DnsConfig, type DnsRecord } from "../../gen/microvpc/v1/dns_pb.js";
-import type { IpamStore, VpcRec } from "../ipam/store.js";
+import type { IpamReader, VpcRec } from "../ipam/schema.js";
 import { DnsStore, type RecordRec } from "./store.js";
 
 // The checks of stored and requested fields live in schema.ts, shared with the readers.
@@ -24,7 +24,7 @@ export class DnsApi {
   readonly store: DnsStore;
   /** management: CIDRs a VPC's forwarders may not name (--management-cidrs of the ipam daemon). */
   constructor(
-    readonly ipam: IpamStore,
+    readonly ipam: IpamReader,
     readonly management: readonly string[] = [],
   ) {
     this.store = new DnsStore(ipam.redis);

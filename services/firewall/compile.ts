@@ -10,10 +10,13 @@
 //     element when a NIC joins or leaves.
 // Every name is a constant or derived from a validated id.
 import { NftTransaction, render, renderTable, type Table, type TableItem } from "../common/nft/tx.js";
-import { names as gwNames } from "../gateway/plan.js";
+import { gatewayNames as gwNames } from "../common/names.js";
+import { failClosedTx, FIREWALL_TABLE } from "../common/nft/fail-closed.js";
 import type { AclEntry, BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "./model.js";
 
-export const TABLE = "microvpc";
+/** The firewall's table (inet and bridge); common/nft/fail-closed.ts holds its name. */
+export const TABLE = FIREWALL_TABLE;
+export { failClosedTx };
 /** Packet-mark bit meaning "egress allowed", so the ingress check still runs. */
 export const EGRESS_OK = 0x00100000;
 const hex = (id: string) => id.slice(-12);
@@ -419,22 +422,6 @@ export function elementDiff(prev: FwModel, next: FwModel): { tx: NftTransaction;
 export function diff(prev: FwModel, next: FwModel): string | null {
   const d = elementDiff(prev, next);
   return d && d.deletions <= MAX_ELEMENT_DELETIONS ? d.script : null;
-}
-
-/**
- * What the netagent installs in a VPC namespace it creates, before any
- * bridge or NIC exists (fail closed): the firewall's two tables, each with
- * one chain that drops everything forwarded, routed or bridged. The
- * firewall's first pass replaces both tables in its one transaction; until
- * then nothing is forwarded, so a VPC never runs open or unspoofed because
- * the firewall is late or down. The chain is not called "forward", so the
- * firewall's drift check (LinuxNft.tableExists) never takes it for its own.
- */
-export function failClosedTx(): NftTransaction {
-  const closed: TableItem = { kind: "chain", name: "closed", base: { type: "filter", hook: "forward", priority: "filter", policy: "drop" }, rules: [] };
-  return new NftTransaction()
-    .add({ kind: "table", family: "inet", name: TABLE, content: [closed] })
-    .add({ kind: "table", family: "bridge", name: TABLE, content: [closed] });
 }
 
 /** failClosedTx as nft script text. */

@@ -16,8 +16,8 @@ import {
   FirewallService,
   NicFirewallStatusSchema,
 } from "../../gen/microvpc/v1/firewall_pb.js";
-import { IpamStore } from "../ipam/store.js";
-import { HostStore } from "../netagent/store.js";
+import { IpamReader } from "../ipam/schema.js";
+import { HostReader } from "../netagent/schema.js";
 import { bridgeNfProblems, LinuxNft } from "./apply.js";
 import { firewallRoutes } from "./routes.js";
 import { FirewallApi } from "./service.js";
@@ -48,12 +48,12 @@ export const firewallDefinition: ServiceDefinition = {
           throw new FailedPreconditionError("this firewall runs with --api-only: it applies nothing; ask a hypervisor's firewall for its status");
         },
       };
-      return { services: firewallRoutes(new FirewallApi(store, new IpamStore(redis), { hostId }), noDataPlane) };
+      return { services: firewallRoutes(new FirewallApi(store, new IpamReader(redis), { hostId }), noDataPlane) };
     }
     const nft = new LinuxNft({ timeoutMs: 60_000 });
-    const host = new HostStore(redis, hostId);
+    const host = new HostReader(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);
-    const api = new FirewallApi(store, new IpamStore(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
+    const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
     sync.start(redis, Number(flags.driftIntervalMs), async () => {
       const adopted = await store.adoptOwnSigs(hostId);
       if (adopted) logger.info({ adopted }, "kept this host's own copy of older bindings (group membership needs it)");

@@ -11,6 +11,11 @@ import * as V from "../common/validate.js";
 import { MAX_GROUPS_PER_NIC, MAX_RULES_PER_GROUP, type AclEntry, type BindingRec, type NetworkAclRec, type SecurityGroupRec, type SgRule } from "./model.js";
 import { MAX_ACL_ENTRIES, storedAclEntry, storedSgRule } from "./rules.js";
 
+// The firewall's public module: its keys (keys.ts holds them with the layout),
+// the limits other services apply to its records, and the record checks.
+export { EVENT_KINDS, F, FK, NICADDR } from "./keys.js";
+export { MAX_GROUPS_PER_NIC } from "./model.js";
+
 export const OWNER = "firewall";
 
 export const MAX_LABELS = 64;

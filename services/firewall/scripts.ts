@@ -3,7 +3,7 @@
 // snapshot a hypervisor compiles from. Registered on a connection by
 // defineScripts (ioredis defineCommand: EVALSHA, loaded on first use).
 import type { Redis } from "ioredis";
-import { K } from "../ipam/keys.js";
+import { K } from "../ipam/schema.js";
 import { F, NICADDR } from "./keys.js";
 
 // ---------- Lua ----------

@@ -26,8 +26,8 @@ import {
   type SecurityGroup,
   type SecurityGroupRule,
 } from "../../gen/microvpc/v1/firewall_pb.js";
-import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
-import { HostStore } from "../netagent/store.js";
+import type { IpamReader, SubnetRec, VpcRec } from "../ipam/schema.js";
+import { HostReader } from "../netagent/schema.js";
 import { MAX_GROUPS_PER_NIC, type BindingRec, type NetworkAclRec, type SecurityGroupRec, type SgRule } from "./model.js";
 import {
   MAX_ACL_ENTRIES,
@@ -154,15 +154,15 @@ function same<T>(a: T, b: T): boolean {
 }
 
 export class FirewallApi {
-  private readonly host: HostStore;
+  private readonly host: HostReader;
 
   constructor(
     readonly store: FirewallStore,
-    readonly ipam: IpamStore,
+    readonly ipam: IpamReader,
     readonly opts: FirewallApiOptions,
   ) {
     checkHostId("host id", opts.hostId);
-    this.host = new HostStore(store.redis, opts.hostId);
+    this.host = new HostReader(store.redis, opts.hostId);
   }
 
   // ---------- references ----------

@@ -11,9 +11,8 @@ import { reportInvalid } from "../common/invalid-records.js";
 import { SyncLoop } from "../common/sync-loop.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { attempt } from "../common/validate.js";
-import { names } from "../netagent/plan.js";
-import { hostKeys } from "../netagent/schema.js";
-import type { HostStore } from "../netagent/store.js";
+import { netagentNames as names } from "../common/names.js";
+import { hostKeys, type HostReader } from "../netagent/schema.js";
 import type { NftRunner } from "../common/nft/linux.js";
 import type { NftTransaction } from "../common/nft/tx.js";
 import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, type FwModel } from "./compile.js";
@@ -81,7 +80,7 @@ export class FirewallSync {
   constructor(
     readonly nft: NftRunner,
     readonly source: StateSource,
-    readonly host: Pick<HostStore, "load">,
+    readonly host: Pick<HostReader, "load">,
     readonly hostId: string,
     readonly log: Logger,
     /** Whether a VPC's namespace exists here (tests, with FakeNft, have none). */

@@ -21,14 +21,10 @@ import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import { ImdsHttpEndpoint, ImdsHttpTokens, type InstanceMetadata } from "../../gen/microvpc/v1/gateway_pb.js";
+import { Buckets, plainAddress, type ServerLogger as ImdsLogger } from "../common/net.js";
 import { callerKey, type MetadataStore } from "./metadata-store.js";
 
-export interface ImdsLogger {
-  debug(obj: object, msg?: string): void;
-  info(obj: object, msg?: string): void;
-  warn(obj: object, msg?: string): void;
-  error(obj: object, msg?: string): void;
-}
+export type { ServerLogger as ImdsLogger } from "../common/net.js";
 
 export interface ImdsServerOptions {
   /** Host-side transit address a request arrived on → VPC id; undefined: not a VPC's address. */
@@ -69,7 +65,6 @@ export const MIN_TOKEN_TTL_S = 1;
 export const MAX_TOKEN_TTL_S = 21600;
 const TOKEN_TTL_HEADER = "x-aws-ec2-metadata-token-ttl-seconds";
 const TOKEN_HEADER = "x-aws-ec2-metadata-token";
-const MAX_BUCKETS = 100_000;
 
 /** Metadata versions EC2 lists at "/"; every one serves the same (latest) layout. */
 export const API_VERSIONS = [
@@ -104,11 +99,7 @@ export const API_VERSIONS = [
 ];
 const VERSION_SET = new Set(API_VERSIONS);
 
-/** "::ffff:10.0.0.5" (an IPv4 peer on a dual-stack socket) → "10.0.0.5". */
-export function plainAddress(a: string | undefined): string {
-  if (!a) return "";
-  return a.startsWith("::ffff:") && a.includes(".") ? a.slice(7) : a;
-}
+export { plainAddress } from "../common/net.js";
 
 // ---- the EC2 tree ----
 
@@ -277,35 +268,7 @@ class TokenMinter {
 
 // ---- per-caller limits ----
 
-export class Buckets {
-  private readonly m = new Map<string, { tokens: number; at: number }>();
-  constructor(
-    private readonly rate: number,
-    private readonly burst: number,
-  ) {}
-
-  take(key: string, now = performance.now()): boolean {
-    let b = this.m.get(key);
-    if (!b) {
-      if (this.m.size >= MAX_BUCKETS) {
-        this.prune(now);
-        if (this.m.size >= MAX_BUCKETS) return false;
-      }
-      b = { tokens: this.burst, at: now };
-      this.m.set(key, b);
-    }
-    b.tokens = Math.min(this.burst, b.tokens + ((now - b.at) / 1000) * this.rate);
-    b.at = now;
-    if (b.tokens < 1) return false;
-    b.tokens -= 1;
-    return true;
-  }
-
-  /** Forgets callers whose bucket has refilled: they are indistinguishable from new ones. */
-  prune(now = performance.now()): void {
-    for (const [k, b] of this.m) if (b.tokens + ((now - b.at) / 1000) * this.rate >= this.burst) this.m.delete(k);
-  }
-}
+export { Buckets } from "../common/net.js";
 
 interface Caller {
   /** undefined: the local address is no VPC's transit address. */

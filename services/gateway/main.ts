@@ -20,9 +20,9 @@ import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type Management
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { runResolver } from "../dns/host.js";
-import { IpamStore } from "../ipam/store.js";
+import { IpamReader } from "../ipam/schema.js";
 import { hostIdOption } from "../common/host.js";
-import { HostStore } from "../netagent/store.js";
+import { HostReader } from "../netagent/schema.js";
 import { createImdsServer, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
 import { FleetMetadataStore, MetadataStore } from "./metadata-store.js";
@@ -303,7 +303,7 @@ export const gatewayDefinition: ServiceDefinition = {
     if (flags.apiOnly) {
       // With per-host Redis users a hypervisor's gateway may not write NAT
       // gateways, floating IPs or port forwards; this instance does.
-      const api = new GatewayApi(new GatewayStore(redis, logger), new IpamStore(redis), redis, {
+      const api = new GatewayApi(new GatewayStore(redis, logger), new IpamReader(redis), redis, {
         pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }),
         reservedPorts,
       });
@@ -325,7 +325,7 @@ export const gatewayDefinition: ServiceDefinition = {
       "management network",
     );
     const store = new GatewayStore(redis, logger);
-    const ipam = new IpamStore(redis);
+    const ipam = new IpamReader(redis);
     const meta = new MetadataStore(redis, hostId, logger);
     // Records an older version kept in the shared layout: this host's move
     // to its own keys before its API serves. A failure (e.g. the Redis user
@@ -339,7 +339,7 @@ export const gatewayDefinition: ServiceDefinition = {
     const sync = new GatewaySync(
       store,
       ipam,
-      new HostStore(redis, hostId),
+      new HostReader(redis, hostId),
       {
         hostId,
         hostNetns,

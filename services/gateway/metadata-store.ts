@@ -38,8 +38,8 @@ import type { Logger } from "pino";
 import { reportInvalid } from "../common/invalid-records.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import * as V from "../common/validate.js";
-import { MAX_GROUPS_PER_NIC } from "../firewall/model.js";
-import { K } from "../ipam/keys.js";
+import { MAX_GROUPS_PER_NIC } from "../firewall/schema.js";
+import { K } from "../ipam/schema.js";
 import { hostKeys } from "../netagent/schema.js";
 import {
   ImdsHttpEndpoint,

@@ -35,6 +35,7 @@
 //   it when it lies inside a VM's own subnet; outside every subnet VMs route
 //   it to their gateway. Either way the prerouting DNAT takes it.
 // Everything here is plain data in, command lines and nft transactions out.
+import { gatewayNames as names, transitAddrs } from "../common/names.js";
 import { NftTransaction, render } from "../common/nft/tx.js";
 
 export const IMDS_ADDRESS = "169.254.169.254";
@@ -108,23 +109,8 @@ export const portReserved = (r: PortRanges | undefined, port: number): boolean =
 
 export const showPortRanges = (r: PortRanges): string => r.map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(",") || "none";
 
-const hex = (id: string) => id.slice(-12);
-
-export function transitAddrs(k: number): { host: string; vpc: string; cidr: string } {
-  if (k < 0 || k >= 16000) throw new Error(`transit index ${k} out of range`);
-  // 169.254.0.0/16 minus 169.254.169.0/24 (IMDS): /30s from 169.254.1.0.
-  const n = 256 + k * 4;
-  const third = Math.floor(n / 256) >= 169 ? Math.floor(n / 256) + 1 : Math.floor(n / 256);
-  const fourth = n % 256;
-  return { host: `169.254.${third}.${fourth + 1}`, vpc: `169.254.${third}.${fourth + 2}`, cidr: `169.254.${third}.${fourth}/30` };
-}
-
-export const names = {
-  hostSide: (vpcId: string) => `gh${hex(vpcId)}`,
-  vpcSide: (vpcId: string) => `gv${hex(vpcId)}`,
-  table: (k: number) => 1000 + k,
-  rulePref: (k: number) => 1000 + k,
-};
+// Transit names and addresses are shared with the firewall and the resolver: common/names.ts.
+export { gatewayNames as names, transitAddrs } from "../common/names.js";
 
 /** ip -batch lines to create the transit link (run in the host namespace). */
 export function transitCreateLines(hostId: string, v: GwVpc, vpcNs: string): { host: string[]; vpc: string[] } {

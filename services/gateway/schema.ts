@@ -5,7 +5,10 @@
 // address and have `ip -batch` run a line of their choosing on every
 // hypervisor. Every field that reaches ip or nft is checked here with the
 // validators the API uses (common/validate.ts).
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
 import { InvalidArgumentError } from "../common/errors.js";
+import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 
 export const OWNER = "gateway";
@@ -63,7 +66,7 @@ export interface PfRec {
 
 /** NAT source subnets: at most this many (a VPC has far fewer subnets). */
 export const MAX_NAT_SOURCES = 256;
-/** Transit /30s per hypervisor (plan.ts transitAddrs). */
+/** Transit /30s per hypervisor (common/names.ts transitAddrs). */
 export const MAX_TRANSIT = 16000;
 
 const time = (name: string, v: string | undefined) => V.storedInt(name, v ?? "0", 0);
@@ -183,4 +186,31 @@ export function parseGwSubnet(s: { subnetId: string; cidr: string }): V.Parsed<{
     subnetId: V.id("subnet", V.jsonString("subnet", s.subnetId), "subnet"),
     cidr: V.cidr("cidr", V.jsonString("cidr", s.cidr), { min: 0, max: 32 }).text,
   }));
+}
+
+/** A VPC id, if `v` is one (a bad record's fields are whatever was written). */
+export function vpcIdOf(v: string | undefined): string | undefined {
+  return v !== undefined && /^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined;
+}
+
+/** What other services read of the gateway: this host's transit indexes (the VPC resolver's addresses). */
+export class GatewayReader {
+  /** log: where skipped records are reported (once per key and reason). */
+  constructor(
+    readonly redis: Redis,
+    readonly log?: Pick<Logger, "warn">,
+  ) {}
+
+  /** vpcId → transit index of every VPC holding one on this host. */
+  async transitMap(hostId: string): Promise<Map<string, number>> {
+    const h = await this.redis.hgetall(GK.transit(hostId));
+    delete h["#next"];
+    const out = new Map<string, number>();
+    for (const [k, v] of Object.entries(h)) {
+      const t = parseTransit(k, v);
+      if (t.ok) out.set(k, t.value);
+      else reportInvalid(OWNER, "transit", GK.transit(hostId), t.reason, this.log, { field: k, vpcId: vpcIdOf(k) });
+    }
+    return out;
+  }
 }

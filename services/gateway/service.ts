@@ -19,8 +19,8 @@ import {
   type NatGateway,
   type PortForward,
 } from "../../gen/microvpc/v1/gateway_pb.js";
-import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
-import { locateNic } from "../netagent/store.js";
+import type { IpamReader, SubnetRec, VpcRec } from "../ipam/schema.js";
+import { locateNic } from "../netagent/schema.js";
 import { portReserved, showPortRanges, type PortRanges } from "./plan.js";
 import type { FipRec, GatewayStore, NatRec, PfRec } from "./store.js";
 
@@ -74,7 +74,7 @@ const pfMsg = (p: PfRec): PortForward =>
 export class GatewayApi {
   constructor(
     readonly store: GatewayStore,
-    readonly ipam: IpamStore,
+    readonly ipam: IpamReader,
     readonly redis: Redis,
     readonly opts: GatewayOptions,
   ) {}

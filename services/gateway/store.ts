@@ -11,6 +11,7 @@ import {
   checkFip,
   checkNat,
   checkPf,
+  GatewayReader,
   GK,
   MAX_TRANSIT,
   OWNER,
@@ -18,11 +19,13 @@ import {
   parseNat,
   parsePf,
   parseTransit,
+  vpcIdOf,
   type FipRec,
   type NatRec,
   type PfRec,
 } from "./schema.js";
 
+export { GatewayReader, vpcIdOf } from "./schema.js";
 export type { FipRec, NatRec, PfRec } from "./schema.js";
 const K = GK;
 
@@ -95,11 +98,6 @@ return 1
 
 type R = [number, string];
 
-/** A VPC id, if `v` is one (a bad record's fields are whatever was written). */
-export function vpcIdOf(v: string | undefined): string | undefined {
-  return v !== undefined && /^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined;
-}
-
 /**
  * Where in a bad hash record the problem is, for the status RPC: the field
  * the reason names first (if the hash has it) and the record's VPC (if its
@@ -111,12 +109,11 @@ export function invalidWhere(h: Record<string, string>, reason: string): Invalid
 }
 const newId = (kind: string) => `${kind}-${randomBytes(6).toString("hex")}`;
 
-export class GatewayStore {
+/** The gateway API's store: the reads of GatewayReader (schema.ts) and every write (one Lua script each). */
+export class GatewayStore extends GatewayReader {
   /** log: where skipped records are reported (once per key and reason). */
-  constructor(
-    readonly redis: Redis,
-    readonly log?: Pick<Logger, "warn">,
-  ) {
+  constructor(redis: Redis, log?: Pick<Logger, "warn">) {
+    super(redis, log);
     const r = redis as unknown as Record<string, unknown>;
     if (!r.mvpcGwCreate) {
       redis.defineCommand("mvpcGwCreate", { numberOfKeys: 4, lua: CREATE });
@@ -386,18 +383,5 @@ export class GatewayStore {
       MAX_TRANSIT,
     );
     return typeof got === "number" && got >= 0 ? got : undefined;
-  }
-
-  /** vpcId → transit index of every VPC holding one on this host. */
-  async transitMap(hostId: string): Promise<Map<string, number>> {
-    const h = await this.redis.hgetall(K.transit(hostId));
-    delete h["#next"];
-    const out = new Map<string, number>();
-    for (const [k, v] of Object.entries(h)) {
-      const t = parseTransit(k, v);
-      if (t.ok) out.set(k, t.value);
-      else reportInvalid(OWNER, "transit", K.transit(hostId), t.reason, this.log, { field: k, vpcId: vpcIdOf(k) });
-    }
-    return out;
   }
 }

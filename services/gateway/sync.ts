@@ -15,11 +15,10 @@ import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { SyncLoop } from "../common/sync-loop.js";
-import { defaultResolver, DnsStore } from "../dns/store.js";
-import type { IpamStore } from "../ipam/store.js";
-import { names as naNames } from "../netagent/plan.js";
-import { hostKeys } from "../netagent/schema.js";
-import type { HostStore } from "../netagent/store.js";
+import { defaultResolver, DnsReader } from "../dns/schema.js";
+import type { IpamReader } from "../ipam/schema.js";
+import { netagentNames as naNames } from "../common/names.js";
+import { hostKeys, type HostReader } from "../netagent/schema.js";
 import { LinuxGatewayKernel, type GatewayKernel } from "./kernel.js";
 import {
   hostRouteDiff,
@@ -73,7 +72,7 @@ export interface GatewaySyncOptions {
 /** What GatewaySync runs and reads beside its stores; each defaults to the real one. */
 export interface GatewaySyncDeps {
   kernel?: GatewayKernel;
-  dns?: Pick<DnsStore, "getConfig">;
+  dns?: Pick<DnsReader, "getConfig">;
   nsExists?: (ns: string) => boolean;
 }
 
@@ -85,7 +84,7 @@ export class GatewaySync {
   private lastResolver = new Map<string, string | undefined>();
   /** VPCs that left this host and whose transit index is not freed yet. */
   private readonly leaving = new Set<string>();
-  private readonly dns: Pick<DnsStore, "getConfig">;
+  private readonly dns: Pick<DnsReader, "getConfig">;
   /** The kernel: ip batches, its two reads, nft (fakes in tests). */
   readonly kernel: GatewayKernel;
   /** Whether a VPC's namespace exists here (tests have none). */
@@ -95,8 +94,8 @@ export class GatewaySync {
 
   constructor(
     readonly store: Pick<GatewayStore, "listNats" | "listFips" | "listPfs" | "transitIndex" | "transitMap" | "releaseTransit">,
-    readonly ipam: Pick<IpamStore, "getVpc" | "getSubnet"> & Partial<Pick<IpamStore, "redis">>,
-    readonly host: Pick<HostStore, "load">,
+    readonly ipam: Pick<IpamReader, "getVpc" | "getSubnet"> & Partial<Pick<IpamReader, "redis">>,
+    readonly host: Pick<HostReader, "load">,
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
     deps: GatewaySyncDeps = {},
@@ -104,7 +103,7 @@ export class GatewaySync {
     this.kernel = deps.kernel ?? new LinuxGatewayKernel(opts.hostNetns);
     this.nsExists = deps.nsExists ?? ((ns) => existsSync(`/run/netns/${ns}`));
     if (deps.dns) this.dns = deps.dns;
-    else if (ipam.redis) this.dns = new DnsStore(ipam.redis, log);
+    else if (ipam.redis) this.dns = new DnsReader(ipam.redis, log);
     else throw new Error("GatewaySync: no DnsStore and no Redis to make one");
     this.loop = new SyncLoop({
       log,
@@ -119,7 +118,7 @@ export class GatewaySync {
   /** The VPC's resolver address, if the resolver is on. */
   private async resolverOf(vpcId: string): Promise<string | undefined> {
     if (!this.opts.dnsPort) return undefined;
-    // DnsStore checks the stored config (dns/schema.ts); a bad one reads as unset.
+    // DnsReader checks the stored config (dns/schema.ts); a bad one reads as unset.
     const own = (await this.dns.getConfig(vpcId)).resolver;
     if (own) return own;
     const base = await this.vpcBase(vpcId);

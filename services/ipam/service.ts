@@ -103,12 +103,8 @@ export class Ipam {
     return rec;
   }
 
-  async vpcByRef(field: string, ref: string): Promise<VpcRec> {
-    const r = V.ref(field, ref, "vpc");
-    const id = await this.store.resolveVpc(r);
-    const vpc = id ? await this.store.getVpc(id) : null;
-    if (!vpc) throw new NotFoundError("vpc", ref, "list VPCs with `microvpc vpc list`");
-    return vpc;
+  vpcByRef(field: string, ref: string): Promise<VpcRec> {
+    return this.store.vpcByRef(field, ref);
   }
 
   async subnetById(field: string, id: string): Promise<SubnetRec> {

@@ -1,92 +1,18 @@
-// The only IPAM module that talks to Redis. Every change is one Lua script
-// (scripts.ts); reads are plain commands. Returns plain records; the service
-// layer turns them into API messages.
-import { randomBytes } from "node:crypto";
+// IPAM's writes to Redis. Every change is one Lua script (scripts.ts); reads
+// are plain commands, in IpamReader (schema.ts), which other services use and
+// IpamStore extends. Returns plain records; the service layer turns them into
+// API messages.
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import { intToIp } from "../common/validate.js";
-import { vpcDnsKeys } from "../dns/store.js";
-import { K } from "./keys.js";
+import { vpcDnsKeys } from "../dns/schema.js";
+import { IpamReader, K, MAX_EXTRA_RESERVED, parseAlloc, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
+import { newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
-export interface Label {
-  key: string;
-  value: string;
-}
-
-export interface VpcRec {
-  id: string;
-  name: string;
-  cidr: string;
-  base: number;
-  prefix: number;
-  description: string;
-  labels: Label[];
-  createdMs: number;
-  publicCidr: boolean;
-  subnetCount: number;
-}
-
-export type SubnetKind = "public" | "private";
-
-export interface SubnetRec {
-  id: string;
-  vpcId: string;
-  name: string;
-  cidr: string;
-  base: number;
-  prefix: number;
-  size: number;
-  type: SubnetKind;
-  extraReserved: number;
-  description: string;
-  labels: Label[];
-  createdMs: number;
-}
-
-export interface AllocRec {
-  subnetId: string;
-  index: number;
-  owner: string;
-  requestId: string;
-  timeMs: number;
-}
-
-export interface Usage {
-  total: number;
-  reserved: number;
-  used: number;
-  free: number;
-}
-
-export function newId(kind: string): string {
-  return `${kind}-${randomBytes(6).toString("hex")}`;
-}
-
-/**
- * Most addresses a subnet may reserve after its gateway (CreateSubnet's
- * extra_reserved). The extra range is for infrastructure a tenant places by
- * hand (DNS, appliances, room to grow): clouds reserve 2–3. 1024 leaves room
- * for a /22 of statics while keeping what scales with it bounded: every
- * Subnet message lists its reserved addresses (≤ 1027, about 17 KiB), and
- * the create script sets the range in a single SETRANGE of ≤ 129 bytes. Without
- * a cap, a /8 with size−4 extra built a 140 MB script argument and a 16 M-step
- * loop inside Redis, blocking every other client for seconds.
- */
-export const MAX_EXTRA_RESERVED = 1024;
-
-/** How many addresses a subnet never hands out: network, gateway, extra, broadcast. */
-export function reservedCount(extra: number): number {
-  return extra + 3;
-}
-
-/** Indexes (offsets from the network address) that are never handed out. */
-export function reservedIndexes(size: number, extra: number): number[] {
-  const r = [0, 1];
-  for (let i = 0; i < extra; i++) r.push(2 + i);
-  r.push(size - 1);
-  return r;
-}
+export { newId };
+export { IpamReader, MAX_EXTRA_RESERVED, reservedCount, reservedIndexes } from "./schema.js";
+export type { AllocRec, Label, SubnetKind, SubnetRec, Usage, VpcRec } from "./schema.js";
 
 type Reply = [number, string | number];
 
@@ -114,43 +40,6 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcDeleteSubnet", { numberOfKeys: 13, lua: S.DELETE_SUBNET });
 }
 
-function parseVpc(h: Record<string, string>, subnetCount: number): VpcRec {
-  return {
-    id: h.id,
-    name: h.name,
-    cidr: h.cidr,
-    base: Number(h.base),
-    prefix: Number(h.prefix),
-    description: h.description ?? "",
-    labels: JSON.parse(h.labels ?? "[]"),
-    createdMs: Number(h.created),
-    publicCidr: h.public === "1",
-    subnetCount,
-  };
-}
-
-function parseSubnet(h: Record<string, string>): SubnetRec {
-  return {
-    id: h.id,
-    vpcId: h.vpc,
-    name: h.name,
-    cidr: h.cidr,
-    base: Number(h.base),
-    prefix: Number(h.prefix),
-    size: Number(h.size),
-    type: h.type === "public" ? "public" : "private",
-    extraReserved: Number(h.extra),
-    description: h.description ?? "",
-    labels: JSON.parse(h.labels ?? "[]"),
-    createdMs: Number(h.created),
-  };
-}
-
-function parseAlloc(subnetId: string, index: number, rec: string): AllocRec {
-  const [owner, requestId, time] = rec.split("\n");
-  return { subnetId, index, owner, requestId, timeMs: Number(time) };
-}
-
 function flat(obj: Record<string, string | number>): (string | number)[] {
   return Object.entries(obj).flat();
 }
@@ -170,8 +59,10 @@ function allocateKeys(subnetId: string, owner: string): string[] {
   ];
 }
 
-export class IpamStore {
-  constructor(readonly redis: Redis) {
+/** The IPAM daemon's store: the reads of IpamReader (schema.ts) and every write (one Lua script each). */
+export class IpamStore extends IpamReader {
+  constructor(redis: Redis) {
+    super(redis);
     defineScripts(redis);
   }
 
@@ -196,24 +87,6 @@ export class IpamStore {
     const vpc = await this.getVpc(String(ref));
     if (!vpc) throw new NotFoundError("vpc", String(ref), "it was deleted while being created");
     return { vpc, created: code === 1 };
-  }
-
-  async resolveVpc(ref: { id?: string; name?: string }): Promise<string | null> {
-    if (ref.id) return ref.id;
-    return await this.redis.hget(K.vpcByName, ref.name!);
-  }
-
-  async getVpc(id: string): Promise<VpcRec | null> {
-    const [h, n] = await Promise.all([this.redis.hgetall(K.vpc(id)), this.redis.zcard(K.vpcSubnets(id))]);
-    return h.id ? parseVpc(h, n) : null;
-  }
-
-  async listVpcs(afterName: string, limit: number): Promise<VpcRec[]> {
-    const names = await this.redis.zrangebylex(K.vpcNames, afterName ? `(${afterName}` : "-", "+", "LIMIT", 0, limit);
-    if (names.length === 0) return [];
-    const ids = await this.redis.hmget(K.vpcByName, ...names);
-    const vpcs = await Promise.all(ids.filter((x): x is string => !!x).map((id) => this.getVpc(id)));
-    return vpcs.filter((x): x is VpcRec => !!x);
   }
 
   async deleteVpc(id: string): Promise<boolean> {
@@ -291,28 +164,6 @@ export class IpamStore {
     return { subnet, created: code === 1 };
   }
 
-  async resolveSubnet(ref: { id?: string; name?: string }, vpcId: string | null): Promise<string | null> {
-    if (ref.id) return ref.id;
-    if (!vpcId) throw new InvalidArgumentError("vpc", "is required when the subnet is named rather than given by id");
-    return await this.redis.hget(K.vpcSubnetByName(vpcId), ref.name!);
-  }
-
-  async getSubnet(id: string): Promise<SubnetRec | null> {
-    const h = await this.redis.hgetall(K.subnet(id));
-    return h.id ? parseSubnet(h) : null;
-  }
-
-  async listSubnets(vpcId: string | null, after: string, limit: number): Promise<SubnetRec[]> {
-    let ids: string[];
-    if (vpcId) {
-      ids = await this.redis.zrangebyscore(K.vpcSubnets(vpcId), after ? `(${after}` : "-inf", "+inf", "LIMIT", 0, limit);
-    } else {
-      ids = await this.redis.zrangebylex(K.allSubnets, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    }
-    const subnets = await Promise.all(ids.map((id) => this.getSubnet(id)));
-    return subnets.filter((x): x is SubnetRec => !!x);
-  }
-
   async deleteSubnet(id: string): Promise<boolean> {
     const s = await this.getSubnet(id);
     if (!s) return false;
@@ -336,12 +187,6 @@ export class IpamStore {
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
     return code === 1;
-  }
-
-  async usage(s: SubnetRec): Promise<Usage> {
-    const used = Number((await this.redis.get(K.used(s.id))) ?? 0);
-    const reserved = reservedCount(s.extraReserved);
-    return { total: s.size, reserved, used, free: s.size - reserved - used };
   }
 
   // ---- Allocations ----
@@ -441,44 +286,5 @@ export class IpamStore {
     if (code === 0 || code === -4 || code === -6) return null;
     if (code === -1) throw new FailedPreconditionError(`${intToIp(s.base + index)} is held by ${detail}, not ${owner}; nothing was released`);
     throw new Error(`release script returned ${code}`);
-  }
-
-  async getAllocation(subnetId: string, index: number): Promise<AllocRec | null> {
-    const rec = await this.redis.hget(K.alloc(subnetId), String(index));
-    return rec ? parseAlloc(subnetId, index, rec) : null;
-  }
-
-  async listBySubnet(subnetId: string, afterIndex: number, limit: number): Promise<AllocRec[]> {
-    const idx = await this.redis.zrangebyscore(K.idx(subnetId), `(${afterIndex}`, "+inf", "LIMIT", 0, limit);
-    if (idx.length === 0) return [];
-    const recs = await this.redis.hmget(K.alloc(subnetId), ...idx);
-    const out: AllocRec[] = [];
-    idx.forEach((i, n) => {
-      if (recs[n]) out.push(parseAlloc(subnetId, Number(i), recs[n]!));
-    });
-    return out;
-  }
-
-  /** Allocations of one owner, ordered by "subnet/index" member. */
-  async listByOwner(owner: string, after: string, limit: number): Promise<{ allocs: AllocRec[]; last: string }> {
-    const members = await this.redis.zrangebylex(K.owner(owner), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    const allocs = await Promise.all(
-      members.map(async (m) => {
-        const [sid, i] = m.split("/");
-        return this.getAllocation(sid, Number(i));
-      }),
-    );
-    return { allocs: allocs.filter((x): x is AllocRec => !!x), last: members.at(-1) ?? "" };
-  }
-
-  /** Every allocation of a subnet, streamed in pages. */
-  async *scanSubnet(subnetId: string): AsyncGenerator<AllocRec> {
-    let after = -1;
-    for (;;) {
-      const page = await this.listBySubnet(subnetId, after, 1000);
-      if (page.length === 0) return;
-      yield* page;
-      after = page[page.length - 1].index;
-    }
   }
 }

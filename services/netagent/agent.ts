@@ -6,7 +6,7 @@ import { existsSync } from "node:fs";
 import type { Logger } from "pino";
 import { Counter, Gauge } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
-import { failClosedTx } from "../firewall/compile.js";
+import { failClosedTx } from "../common/nft/fail-closed.js";
 import type { Kernel } from "./kernel.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
 import { InvalidRecordLog } from "./schema.js";

@@ -2,7 +2,7 @@
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { checkHostId, hostIdOption } from "../common/host.js";
-import { IpamStore } from "../ipam/store.js";
+import { IpamReader } from "../ipam/schema.js";
 import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
@@ -114,7 +114,7 @@ export const netagentDefinition: ServiceDefinition = {
     }
     const peering = new PeeringSync(agent, redis, logger);
     agent.peering = peering;
-    const svc = new NetAgent(agent, kernel, new IpamStore(redis), { hostId, mtu, overlay });
+    const svc = new NetAgent(agent, kernel, new IpamReader(redis), { hostId, mtu, overlay });
     // Adopt what the kernel has before answering: the first pass only
     // changes what differs from the desired state.
     agent.start(Number(flags.reconcileIntervalMs));

@@ -28,7 +28,7 @@
 //   forwards A's packets on to C, whatever A sends).
 import { createHash } from "node:crypto";
 import { NftTransaction, render, type TableItem } from "../common/nft/tx.js";
-import type { PeeringRec } from "../peering/store.js";
+import type { PeeringRec } from "../peering/schema.js";
 import type { LinkInfo, NeighInfo, RouteInfo } from "./kernel.js";
 
 /** What the planner needs of a peering record. */

@@ -12,7 +12,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
 import { followEvents } from "../common/events.js";
-import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/store.js";
+import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/schema.js";
 import type { Agent, AgentPeering } from "./agent.js";
 import { desiredPeering, planPeering, routedPeers, spanOf, PEERING_NEXTHOP, PEERING_PROTO, type NsObserved } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";

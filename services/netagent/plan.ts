@@ -3,7 +3,7 @@
 // batch lines out. Nothing here runs a command, so every case is unit-tested
 // by comparing text. Devices that did not change get no line at all: a
 // reconcile never flushes and rebuilds.
-import { createHash } from "node:crypto";
+import { bridgeMac, netagentNames as names } from "../common/names.js";
 import type { LinkInfo, QdiscInfo } from "./kernel.js";
 
 export interface SubnetSpec {
@@ -49,26 +49,9 @@ export interface NicSpec {
   clientToken: string;
 }
 
-/** Names. Linux interface names are at most 15 bytes. */
-export const names = {
-  netns: (hostId: string, vpcId: string) => `mvpc-${hostId}-${vpcId}`,
-  netnsPrefix: (hostId: string) => `mvpc-${hostId}-`,
-  bridge: (subnetId: string) => `br-${subnetId.slice(-12)}`,
-  hostIf: (nicId: string, kind: "tap" | "veth") => `${kind === "tap" ? "t" : "v"}${nicId.slice(-12)}`,
-  ifb: (nicId: string) => `i${nicId.slice(-12)}`,
-  alias: (hostId: string, id: string) => `mvpc:${hostId}:${id}`,
-  aliasPrefix: (hostId: string) => `mvpc:${hostId}:`,
-};
-
-/**
- * The subnet bridge's MAC, fixed and derived from the subnet id. Left to
- * itself a bridge takes the lowest MAC of its ports, so the gateway's MAC
- * would change as NICs come and go and VMs would keep a stale one.
- */
-export function bridgeMac(subnetId: string): string {
-  const h = createHash("sha256").update(`bridge:${subnetId}`).digest();
-  return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
-}
+// Device names and the bridge MAC are shared with the firewall and the
+// gateway: they live in common/names.ts.
+export { netagentNames as names, bridgeMac } from "../common/names.js";
 
 export function isOurs(hostId: string, l: LinkInfo): boolean {
   return !!l.alias && l.alias.startsWith(names.aliasPrefix(hostId));

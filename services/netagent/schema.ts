@@ -14,6 +14,7 @@
 //   mvpc:host:<host>:nicaddr   "<vpc>/<address>" → nic id (this host's index)
 //   mvpc:host:<host>:nictoken  client token → nic id
 //   mvpc:nicaddr               "<vpc>/<address>" → "<host>/<nic>" (every host)
+import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { InvalidArgumentError } from "../common/errors.js";
 import { invalidRecordsTotal } from "../common/invalid-records.js";
@@ -369,4 +370,153 @@ export function nicSubnetProblem(n: NicSpec, s: SubnetSpec): { field: string; re
   if (n.prefix !== c.prefix) return { field: "prefix", reason: `prefix: /${n.prefix} is not the subnet's /${c.prefix}` };
   if (n.gateway !== V.intToIp(c.base + 1)) return { field: "gateway", reason: `gateway: ${n.gateway} is not the subnet's gateway ${V.intToIp(c.base + 1)}` };
   return null;
+}
+
+// ---- what other services read of a host (HostReader) ----
+
+export interface HostDesired {
+  vpcs: Map<string, VpcSpec>;
+  subnets: Map<string, SubnetSpec>;
+  nics: Map<string, NicSpec>;
+  /** Records skipped because they failed validation (never used). */
+  invalid?: InvalidRecord[];
+}
+
+const hostKey = (host: string, what: "vpcs" | "subnets" | "nics" | "nicaddr" | "nictoken") => hostKeys[what](host);
+
+/**
+ * Overlay keys. `addrs` (NIC address → host id, per VPC) is kept by the NIC
+ * scripts of netagent/store.ts; `members` (host id → {"port"}) by each host's overlay; a
+ * host's registry record (`host`) carries a lease and disappears with it.
+ */
+export const overlayKeys = {
+  host: (hostId: string) => `mvpc:hosts:${hostId}`,
+  hostIndex: "mvpc:hostindex",
+  members: (vpcId: string) => `mvpc:overlay:${vpcId}:members`,
+  addrs: (vpcId: string) => `mvpc:overlay:${vpcId}:addrs`,
+};
+
+/** Where a NIC with this address lives, across every host: "host/nic-…", or null. */
+export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
+  const v = await redis.hget("mvpc:nicaddr", `${vpcId}/${address}`);
+  if (!v) return null;
+  const [hostId, nicId, ...rest] = v.split("/");
+  // Written by the NIC's host; anything else is no location.
+  if (rest.length || !/^[a-z0-9-]{1,63}$/.test(hostId) || !/^nic-[0-9a-f]{12}$/.test(nicId ?? "")) return null;
+  return { hostId, nicId };
+}
+
+/** Remembers the last parse of each field's raw text (the result of a pure parser). */
+class ParseMemo<T> {
+  private last = new Map<string, { raw: string; p: Parsed<T> }>();
+  private next?: Map<string, { raw: string; p: Parsed<T> }>;
+
+  /** A parser for one load; the fields it sees replace the memo at the next load (a deleted record's entry goes). */
+  parse(fn: (field: string, raw: string) => Parsed<T>): (field: string, raw: string) => Parsed<T> {
+    if (this.next) this.last = this.next;
+    const next = new Map<string, { raw: string; p: Parsed<T> }>();
+    this.next = next;
+    return (field, raw) => {
+      const hit = this.last.get(field);
+      // Shared between loads, so frozen: a reader that changed one would change the next load's too.
+      const p = hit && hit.raw === raw ? hit.p : fn(field, raw);
+      if (p.ok) Object.freeze(p.value);
+      next.set(field, { raw, p });
+      return p;
+    };
+  }
+}
+
+/**
+ * One host's desired state as every reader sees it: the firewall and the
+ * gateway load it each pass; the netagent's HostStore adds the writes.
+ * Every record is parsed on read (a bad one is left out and reported).
+ */
+export class HostReader {
+  constructor(
+    readonly redis: Redis,
+    readonly hostId: string,
+  ) {}
+
+  async load(): Promise<HostDesired> {
+    const [v, s, n] = await Promise.all([
+      this.redis.hgetall(hostKey(this.hostId, "vpcs")),
+      this.redis.hgetall(hostKey(this.hostId, "subnets")),
+      this.redis.hgetall(hostKey(this.hostId, "nics")),
+    ]);
+    const invalid: InvalidRecord[] = [];
+    const parse = <T>(kind: InvalidRecord["kind"], k: string, h: Record<string, string>, fn: (field: string, raw: string) => Parsed<T>) => {
+      const out = new Map<string, T>();
+      for (const [field, raw] of Object.entries(h)) {
+        const p = fn(field, raw);
+        if (p.ok) out.set(field, p.value);
+        else invalid.push({ kind, key: k, field, reason: p.reason });
+      }
+      return out;
+    };
+    const vpcs = parse(
+      "vpc",
+      hostKey(this.hostId, "vpcs"),
+      v,
+      this.memo.vpcs.parse((f, raw) => parseVpcSpec(this.hostId, f, raw)),
+    );
+    const subnets = parse("subnet", hostKey(this.hostId, "subnets"), s, this.memo.subnets.parse(parseSubnetSpec));
+    const nics = parse("nic", hostKey(this.hostId, "nics"), n, this.memo.nics.parse(parseNicSpec));
+    // Across records: a NIC must fit its subnet, and two NICs of a VPC
+    // cannot share a device or an address (the first by id wins).
+    const seen = new Set<string>();
+    for (const id of [...nics.keys()].sort()) {
+      const nic = nics.get(id)!;
+      const sn = subnets.get(nic.subnetId);
+      const bad = sn ? nicSubnetProblem(nic, sn) : null;
+      let reason = bad?.reason ?? "";
+      if (!reason && (seen.has(`${nic.vpcId}/if/${nic.hostIf}`) || seen.has(`${nic.vpcId}/ip/${nic.address}`)))
+        reason = `hostIf/address: ${nic.hostIf} or ${nic.address} is already used by another NIC of ${nic.vpcId} on this host`;
+      if (reason) {
+        nics.delete(id);
+        invalid.push({ kind: "nic", key: hostKey(this.hostId, "nics"), field: id, reason });
+        continue;
+      }
+      seen.add(`${nic.vpcId}/if/${nic.hostIf}`);
+      seen.add(`${nic.vpcId}/ip/${nic.address}`);
+    }
+    // A record that turned invalid keeps the last valid value this reader
+    // saw: a corrupt (or hostile) write costs no VM its network, no firewall
+    // its rules, and nothing of the bad record is used.
+    for (const x of invalid) {
+      const [now, last] =
+        x.kind === "vpc" ? [vpcs, this.lastValid.vpcs] : x.kind === "subnet" ? [subnets, this.lastValid.subnets] : [nics, this.lastValid.nics];
+      const prev = (last as Map<string, unknown>).get(x.field);
+      if (prev && !now.has(x.field)) (now as Map<string, unknown>).set(x.field, prev);
+    }
+    this.lastValid = { vpcs: new Map(vpcs), subnets: new Map(subnets), nics: new Map(nics) };
+    return { vpcs, subnets, nics, invalid };
+  }
+
+  /**
+   * Parsing is pure: a record whose raw text did not change since the last
+   * load is not parsed and checked again (at 1 000 NICs, every pass of the
+   * firewall, gateway and netagent loads them all).
+   */
+  private readonly memo = { vpcs: new ParseMemo<VpcSpec>(), subnets: new ParseMemo<SubnetSpec>(), nics: new ParseMemo<NicSpec>() };
+
+  /** The valid records this store last read or wrote (kept for records that later turn invalid). */
+  protected lastValid: { vpcs: Map<string, VpcSpec>; subnets: Map<string, SubnetSpec>; nics: Map<string, NicSpec> } = {
+    vpcs: new Map(),
+    subnets: new Map(),
+    nics: new Map(),
+  };
+
+  /** Read now from Redis: a pass's snapshot may predate an EnsureVpc that just finished. */
+  async hasVpc(vpcId: string): Promise<boolean> {
+    return (await this.redis.hexists(hostKey(this.hostId, "vpcs"), vpcId)) === 1;
+  }
+
+  async getNic(nicId: string): Promise<NicSpec | null> {
+    const j = await this.redis.hget(hostKey(this.hostId, "nics"), nicId);
+    if (!j) return null;
+    // An invalid record is treated as absent (load() reports it).
+    const p = parseNicSpec(nicId, j);
+    return p.ok ? p.value : null;
+  }
 }

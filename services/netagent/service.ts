@@ -33,8 +33,8 @@ import {
   type AttachNicRequest,
   type AttachNicResponseSchema,
 } from "../../gen/microvpc/v1/netagent_pb.js";
-import { defaultResolver, DnsStore } from "../dns/store.js";
-import type { IpamStore, SubnetRec, VpcRec } from "../ipam/store.js";
+import { defaultResolver, DnsReader } from "../dns/schema.js";
+import type { IpamReader, SubnetRec, VpcRec } from "../ipam/schema.js";
 import type { Agent } from "./agent.js";
 import { recordProblem, type HostRecord } from "./overlay/registry.js";
 import type { Overlay } from "./overlay/sync.js";
@@ -96,7 +96,7 @@ export class NetAgent {
   constructor(
     readonly agent: Agent,
     readonly kernel: Kernel,
-    readonly ipam: IpamStore,
+    readonly ipam: IpamReader,
     readonly opts: NetAgentOptions,
   ) {}
 
@@ -365,7 +365,7 @@ export class NetAgent {
     }
     // The VPC's resolver (default VPC base + 2, DnsService config), which
     // the gateway serves in every subnet of the VPC.
-    const resolver = (await new DnsStore(this.ipam.redis).getConfig(v.id)).resolver ?? defaultResolver(v.base);
+    const resolver = (await new DnsReader(this.ipam.redis).getConfig(v.id)).resolver ?? defaultResolver(v.base);
     const spec: NicSpec = {
       nicId,
       owner: owner || alloc.owner,

@@ -8,17 +8,10 @@
 import type { Redis } from "ioredis";
 import { InvalidArgumentError } from "../common/errors.js";
 import type { NicSpec, SubnetSpec } from "./plan.js";
-import { hostKeys, nicSubnetProblem, parseNicSpec, parseSubnetSpec, parseVpcSpec, type InvalidRecord, type Parsed, type VpcSpec } from "./schema.js";
+import { HostReader, hostKeys, overlayKeys, parseNicSpec, parseSubnetSpec, parseVpcSpec, type Parsed, type VpcSpec } from "./schema.js";
 
-export type { VpcSpec } from "./schema.js";
-
-export interface HostDesired {
-  vpcs: Map<string, VpcSpec>;
-  subnets: Map<string, SubnetSpec>;
-  nics: Map<string, NicSpec>;
-  /** Records skipped because they failed validation (never used). */
-  invalid?: InvalidRecord[];
-}
+export { HostReader, locateNic, overlayKeys } from "./schema.js";
+export type { HostDesired, VpcSpec } from "./schema.js";
 
 const key = (host: string, what: "vpcs" | "subnets" | "nics" | "nicaddr" | "nictoken") => hostKeys[what](host);
 
@@ -61,129 +54,11 @@ redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attac
 return {1, ARGV[1]}
 `;
 
-/**
- * Overlay keys. `addrs` (NIC address → host id, per VPC) is kept by the NIC
- * scripts above; `members` (host id → {"port"}) by each host's overlay; a
- * host's registry record (`host`) carries a lease and disappears with it.
- */
-export const overlayKeys = {
-  host: (hostId: string) => `mvpc:hosts:${hostId}`,
-  hostIndex: "mvpc:hostindex",
-  members: (vpcId: string) => `mvpc:overlay:${vpcId}:members`,
-  addrs: (vpcId: string) => `mvpc:overlay:${vpcId}:addrs`,
-};
-
-/** Where a NIC with this address lives, across every host: "host/nic-…", or null. */
-export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
-  const v = await redis.hget("mvpc:nicaddr", `${vpcId}/${address}`);
-  if (!v) return null;
-  const [hostId, nicId, ...rest] = v.split("/");
-  // Written by the NIC's host; anything else is no location.
-  if (rest.length || !/^[a-z0-9-]{1,63}$/.test(hostId) || !/^nic-[0-9a-f]{12}$/.test(nicId ?? "")) return null;
-  return { hostId, nicId };
-}
-
-/** Remembers the last parse of each field's raw text (the result of a pure parser). */
-class ParseMemo<T> {
-  private last = new Map<string, { raw: string; p: Parsed<T> }>();
-  private next?: Map<string, { raw: string; p: Parsed<T> }>;
-
-  /** A parser for one load; the fields it sees replace the memo at the next load (a deleted record's entry goes). */
-  parse(fn: (field: string, raw: string) => Parsed<T>): (field: string, raw: string) => Parsed<T> {
-    if (this.next) this.last = this.next;
-    const next = new Map<string, { raw: string; p: Parsed<T> }>();
-    this.next = next;
-    return (field, raw) => {
-      const hit = this.last.get(field);
-      // Shared between loads, so frozen: a reader that changed one would change the next load's too.
-      const p = hit && hit.raw === raw ? hit.p : fn(field, raw);
-      if (p.ok) Object.freeze(p.value);
-      next.set(field, { raw, p });
-      return p;
-    };
-  }
-}
-
-export class HostStore {
-  constructor(
-    readonly redis: Redis,
-    readonly hostId: string,
-  ) {
+/** The netagent's store: the reads of HostReader (schema.ts) and every write, each checked by the parser that reads it back. */
+export class HostStore extends HostReader {
+  constructor(redis: Redis, hostId: string) {
+    super(redis, hostId);
     if (!(redis as unknown as { mvpcAddNic?: unknown }).mvpcAddNic) redis.defineCommand("mvpcAddNic", { numberOfKeys: 3, lua: ADD_NIC });
-  }
-
-  async load(): Promise<HostDesired> {
-    const [v, s, n] = await Promise.all([
-      this.redis.hgetall(key(this.hostId, "vpcs")),
-      this.redis.hgetall(key(this.hostId, "subnets")),
-      this.redis.hgetall(key(this.hostId, "nics")),
-    ]);
-    const invalid: InvalidRecord[] = [];
-    const parse = <T>(kind: InvalidRecord["kind"], k: string, h: Record<string, string>, fn: (field: string, raw: string) => Parsed<T>) => {
-      const out = new Map<string, T>();
-      for (const [field, raw] of Object.entries(h)) {
-        const p = fn(field, raw);
-        if (p.ok) out.set(field, p.value);
-        else invalid.push({ kind, key: k, field, reason: p.reason });
-      }
-      return out;
-    };
-    const vpcs = parse(
-      "vpc",
-      key(this.hostId, "vpcs"),
-      v,
-      this.memo.vpcs.parse((f, raw) => parseVpcSpec(this.hostId, f, raw)),
-    );
-    const subnets = parse("subnet", key(this.hostId, "subnets"), s, this.memo.subnets.parse(parseSubnetSpec));
-    const nics = parse("nic", key(this.hostId, "nics"), n, this.memo.nics.parse(parseNicSpec));
-    // Across records: a NIC must fit its subnet, and two NICs of a VPC
-    // cannot share a device or an address (the first by id wins).
-    const seen = new Set<string>();
-    for (const id of [...nics.keys()].sort()) {
-      const nic = nics.get(id)!;
-      const sn = subnets.get(nic.subnetId);
-      const bad = sn ? nicSubnetProblem(nic, sn) : null;
-      let reason = bad?.reason ?? "";
-      if (!reason && (seen.has(`${nic.vpcId}/if/${nic.hostIf}`) || seen.has(`${nic.vpcId}/ip/${nic.address}`)))
-        reason = `hostIf/address: ${nic.hostIf} or ${nic.address} is already used by another NIC of ${nic.vpcId} on this host`;
-      if (reason) {
-        nics.delete(id);
-        invalid.push({ kind: "nic", key: key(this.hostId, "nics"), field: id, reason });
-        continue;
-      }
-      seen.add(`${nic.vpcId}/if/${nic.hostIf}`);
-      seen.add(`${nic.vpcId}/ip/${nic.address}`);
-    }
-    // A record that turned invalid keeps the last valid value this reader
-    // saw: a corrupt (or hostile) write costs no VM its network, no firewall
-    // its rules, and nothing of the bad record is used.
-    for (const x of invalid) {
-      const [now, last] =
-        x.kind === "vpc" ? [vpcs, this.lastValid.vpcs] : x.kind === "subnet" ? [subnets, this.lastValid.subnets] : [nics, this.lastValid.nics];
-      const prev = (last as Map<string, unknown>).get(x.field);
-      if (prev && !now.has(x.field)) (now as Map<string, unknown>).set(x.field, prev);
-    }
-    this.lastValid = { vpcs: new Map(vpcs), subnets: new Map(subnets), nics: new Map(nics) };
-    return { vpcs, subnets, nics, invalid };
-  }
-
-  /**
-   * Parsing is pure: a record whose raw text did not change since the last
-   * load is not parsed and checked again (at 1 000 NICs, every pass of the
-   * firewall, gateway and netagent loads them all).
-   */
-  private readonly memo = { vpcs: new ParseMemo<VpcSpec>(), subnets: new ParseMemo<SubnetSpec>(), nics: new ParseMemo<NicSpec>() };
-
-  /** The valid records this store last read or wrote (kept for records that later turn invalid). */
-  private lastValid: { vpcs: Map<string, VpcSpec>; subnets: Map<string, SubnetSpec>; nics: Map<string, NicSpec> } = {
-    vpcs: new Map(),
-    subnets: new Map(),
-    nics: new Map(),
-  };
-
-  /** Read now from Redis: a pass's snapshot may predate an EnsureVpc that just finished. */
-  async hasVpc(vpcId: string): Promise<boolean> {
-    return (await this.redis.hexists(key(this.hostId, "vpcs"), vpcId)) === 1;
   }
 
   async putVpc(v: VpcSpec): Promise<void> {
@@ -229,14 +104,6 @@ export class HostStore {
     mustParse("nic", parseNicSpec(n.nicId, JSON.stringify(n)));
     await this.redis.hset(key(this.hostId, "nics"), n.nicId, JSON.stringify(n));
     this.lastValid.nics.set(n.nicId, n);
-  }
-
-  async getNic(nicId: string): Promise<NicSpec | null> {
-    const j = await this.redis.hget(key(this.hostId, "nics"), nicId);
-    if (!j) return null;
-    // An invalid record is treated as absent (load() reports it).
-    const p = parseNicSpec(nicId, j);
-    return p.ok ? p.value : null;
   }
 
   async delNic(n: NicSpec): Promise<void> {

@@ -4,9 +4,47 @@
 // input: its VPC ids name namespaces and its CIDRs become routes, nft sets and
 // WireGuard allowed-ips on every host of either VPC, so a record failing any
 // rule is skipped (and reported) rather than used.
+//
+// Keys (all "mvpc:"):
+//   pcx:<id>            hash of the peering
+//   pcx:byname          name → id
+//   pcxs                names (sorted set, for listing in name order)
+//   pcx:bypair          "<lower vpc id>|<higher vpc id>" → id
+//   vpc:<vpc>:peerings  set of peering ids of a VPC (read by every netagent)
+//   pcx:<id>:acks       host id → create time of the peering it applied
 import { InvalidArgumentError } from "../common/errors.js";
 import * as V from "../common/validate.js";
-import type { PeeringRec } from "./store.js";
+import type { Redis } from "ioredis";
+import { K } from "../ipam/schema.js";
+
+export interface PeeringRec {
+  id: string;
+  name: string;
+  vpc1Id: string;
+  vpc2Id: string;
+  /** The two VPCs' CIDRs (a VPC's CIDR never changes). */
+  vpc1Cidr: string;
+  vpc2Cidr: string;
+  /** Allowed CIDRs of each side; empty = the whole VPC. */
+  vpc1Allowed: string[];
+  vpc2Allowed: string[];
+  description: string;
+  labels: { key: string; value: string }[];
+  createdMs: number;
+}
+
+export const PK = {
+  pcx: (id: string) => `mvpc:pcx:${id}`,
+  byName: "mvpc:pcx:byname",
+  names: "mvpc:pcxs",
+  byPair: "mvpc:pcx:bypair",
+  vpcPeerings: K.vpcPeerings,
+  acks: (id: string) => `mvpc:pcx:${id}:acks`,
+};
+
+export function pairKey(a: string, b: string): string {
+  return a < b ? `${a}|${b}` : `${b}|${a}`;
+}
 
 export const MAX_ALLOWED = 64;
 /** VPC CIDRs IPAM creates (services/ipam/service.ts: CreateVpc). */
@@ -98,4 +136,45 @@ export function parsePeeringRecord(key: string, h: Record<string, string>): Pars
     if (err instanceof InvalidArgumentError) return { ok: false, field: err.field, reason: err.message };
     throw err;
   }
+}
+
+/**
+ * A peering hash as read from Redis, checked by schema.ts; null when absent
+ * or invalid (onInvalid hears why: readers log, count and show it).
+ */
+export function parsePeering(h: Record<string, string>, key = h.id ?? "", onInvalid?: (field: string, reason: string) => void): PeeringRec | null {
+  if (Object.keys(h).length === 0) return null;
+  const p = parsePeeringRecord(key, h);
+  if (p.ok) return p.value;
+  onInvalid?.(p.field, p.reason);
+  return null;
+}
+
+/** The peerings of some VPCs (what a netagent reads for the VPCs it holds). */
+export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id: string, reason: string) => void): Promise<PeeringRec[]> {
+  if (vpcIds.length === 0) return [];
+  const sets = await Promise.all(vpcIds.map((v) => redis.smembers(PK.vpcPeerings(v))));
+  const ids = [...new Set(sets.flat())].sort();
+  const recs = await Promise.all(ids.map((id) => redis.hgetall(PK.pcx(id))));
+  return (
+    recs
+      .map((h, i) => parsePeering(h, ids[i], (_, reason) => onInvalid?.(ids[i], reason)))
+      // A peering must concern a VPC whose set listed it.
+      .filter((p): p is PeeringRec => !!p && (vpcIds.includes(p.vpc1Id) || vpcIds.includes(p.vpc2Id)))
+  );
+}
+
+/** A netagent says it applied the peering (its create time tells one peering of a pair from a later one). */
+export async function ackPeering(redis: Redis, p: PeeringRec, hostId: string): Promise<void> {
+  const cur = await redis.hget(PK.acks(p.id), hostId);
+  if (cur === String(p.createdMs)) return;
+  // Only while the peering exists: a late ack must not resurrect its keys.
+  await redis.eval(
+    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end return 0",
+    2,
+    PK.pcx(p.id),
+    PK.acks(p.id),
+    hostId,
+    String(p.createdMs),
+  );
 }

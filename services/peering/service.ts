@@ -11,8 +11,7 @@ import { decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { PeeringSchema, PeeringService, type Peering } from "../../gen/microvpc/v1/peering_pb.js";
-import type { Ipam } from "../ipam/service.js";
-import type { VpcRec } from "../ipam/store.js";
+import type { IpamReader, VpcRec } from "../ipam/schema.js";
 import { PeeringStore, type PeeringRec } from "./store.js";
 
 // The record rules (allowed CIDRs among them) live with the record: schema.ts.
@@ -21,7 +20,7 @@ import { allowedCidrs } from "./schema.js";
 
 export class Peerings {
   constructor(
-    readonly ipam: Ipam,
+    readonly ipam: Pick<IpamReader, "vpcByRef">,
     readonly store: PeeringStore,
   ) {}
 

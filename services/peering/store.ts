@@ -3,48 +3,14 @@
 // other peer of either VPC overlaps the new one) hold at the moment it is
 // written; a VPC being deleted at the same time either sees the peering and
 // refuses, or the peering sees the VPC gone.
-//
-// Keys (all "mvpc:"):
-//   pcx:<id>            hash of the peering
-//   pcx:byname          name → id
-//   pcxs                names (sorted set, for listing in name order)
-//   pcx:bypair          "<lower vpc id>|<higher vpc id>" → id
-//   vpc:<vpc>:peerings  set of peering ids of a VPC (read by every netagent)
-//   pcx:<id>:acks       host id → create time of the peering it applied
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
-import { newId } from "../ipam/store.js";
-import { K } from "../ipam/keys.js";
-import { parsePeeringRecord } from "./schema.js";
+import { newId } from "../common/ids.js";
+import { K } from "../ipam/schema.js";
+import { pairKey, parsePeering, parsePeeringRecord, peeringsOf, PK, type PeeringRec } from "./schema.js";
 
-export interface PeeringRec {
-  id: string;
-  name: string;
-  vpc1Id: string;
-  vpc2Id: string;
-  /** The two VPCs' CIDRs (a VPC's CIDR never changes). */
-  vpc1Cidr: string;
-  vpc2Cidr: string;
-  /** Allowed CIDRs of each side; empty = the whole VPC. */
-  vpc1Allowed: string[];
-  vpc2Allowed: string[];
-  description: string;
-  labels: { key: string; value: string }[];
-  createdMs: number;
-}
-
-export const PK = {
-  pcx: (id: string) => `mvpc:pcx:${id}`,
-  byName: "mvpc:pcx:byname",
-  names: "mvpc:pcxs",
-  byPair: "mvpc:pcx:bypair",
-  vpcPeerings: K.vpcPeerings,
-  acks: (id: string) => `mvpc:pcx:${id}:acks`,
-};
-
-export function pairKey(a: string, b: string): string {
-  return a < b ? `${a}|${b}` : `${b}|${a}`;
-}
+export { ackPeering, pairKey, parsePeering, peeringsOf, PK } from "./schema.js";
+export type { PeeringRec } from "./schema.js";
 
 /**
  * KEYS: 1 pcx hash, 2 byname, 3 names zset, 4 bypair, 5 vpc1 peerings,
@@ -131,32 +97,6 @@ declare module "ioredis" {
     mvpcCreatePeering(...args: (string | number)[]): Promise<Reply>;
     mvpcDeletePeering(...args: (string | number)[]): Promise<Reply>;
   }
-}
-
-/**
- * A peering hash as read from Redis, checked by schema.ts; null when absent
- * or invalid (onInvalid hears why: readers log, count and show it).
- */
-export function parsePeering(h: Record<string, string>, key = h.id ?? "", onInvalid?: (field: string, reason: string) => void): PeeringRec | null {
-  if (Object.keys(h).length === 0) return null;
-  const p = parsePeeringRecord(key, h);
-  if (p.ok) return p.value;
-  onInvalid?.(p.field, p.reason);
-  return null;
-}
-
-/** The peerings of some VPCs (what a netagent reads for the VPCs it holds). */
-export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id: string, reason: string) => void): Promise<PeeringRec[]> {
-  if (vpcIds.length === 0) return [];
-  const sets = await Promise.all(vpcIds.map((v) => redis.smembers(PK.vpcPeerings(v))));
-  const ids = [...new Set(sets.flat())].sort();
-  const recs = await Promise.all(ids.map((id) => redis.hgetall(PK.pcx(id))));
-  return (
-    recs
-      .map((h, i) => parsePeering(h, ids[i], (_, reason) => onInvalid?.(ids[i], reason)))
-      // A peering must concern a VPC whose set listed it.
-      .filter((p): p is PeeringRec => !!p && (vpcIds.includes(p.vpc1Id) || vpcIds.includes(p.vpc2Id)))
-  );
 }
 
 export class PeeringStore {
@@ -268,19 +208,4 @@ export class PeeringStore {
     const pending = hosts.filter((h) => Number(acks[h] ?? 0) !== p.createdMs);
     return { hosts, pending };
   }
-}
-
-/** A netagent says it applied the peering (its create time tells one peering of a pair from a later one). */
-export async function ackPeering(redis: Redis, p: PeeringRec, hostId: string): Promise<void> {
-  const cur = await redis.hget(PK.acks(p.id), hostId);
-  if (cur === String(p.createdMs)) return;
-  // Only while the peering exists: a late ack must not resurrect its keys.
-  await redis.eval(
-    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end return 0",
-    2,
-    PK.pcx(p.id),
-    PK.acks(p.id),
-    hostId,
-    String(p.createdMs),
-  );
 }

@@ -13,7 +13,7 @@ import { isIP } from "node:net";
 import ipaddr from "ipaddr.js";
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
-import { K } from "../../ipam/keys.js";
+import { K } from "../../ipam/schema.js";
 import { hostKeys, parseNicSpec } from "../schema.js";
 import { overlayKeys } from "../store.js";
 import { claimShapeProblem, type ClaimEvidence } from "./claims.js";

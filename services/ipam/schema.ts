@@ -1,0 +1,226 @@
+// IPAM's public module: its Redis keys, its records, how a record is read
+// back, and the reads other services make (IpamReader). Other services
+// import IPAM only through this file; ipam/store.ts builds its writes on it.
+import type { Redis } from "ioredis";
+import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import * as V from "../common/validate.js";
+import { K } from "./keys.js";
+
+export { K, P } from "./keys.js";
+
+export interface Label {
+  key: string;
+  value: string;
+}
+
+export interface VpcRec {
+  id: string;
+  name: string;
+  cidr: string;
+  base: number;
+  prefix: number;
+  description: string;
+  labels: Label[];
+  createdMs: number;
+  publicCidr: boolean;
+  subnetCount: number;
+}
+
+export type SubnetKind = "public" | "private";
+
+export interface SubnetRec {
+  id: string;
+  vpcId: string;
+  name: string;
+  cidr: string;
+  base: number;
+  prefix: number;
+  size: number;
+  type: SubnetKind;
+  extraReserved: number;
+  description: string;
+  labels: Label[];
+  createdMs: number;
+}
+
+export interface AllocRec {
+  subnetId: string;
+  index: number;
+  owner: string;
+  requestId: string;
+  timeMs: number;
+}
+
+export interface Usage {
+  total: number;
+  reserved: number;
+  used: number;
+  free: number;
+}
+
+/**
+ * Most addresses a subnet may reserve after its gateway (CreateSubnet's
+ * extra_reserved). The extra range is for infrastructure a tenant places by
+ * hand (DNS, appliances, room to grow): clouds reserve 2–3. 1024 leaves room
+ * for a /22 of statics while keeping what scales with it bounded: every
+ * Subnet message lists its reserved addresses (≤ 1027, about 17 KiB), and
+ * the create script sets the range in a single SETRANGE of ≤ 129 bytes. Without
+ * a cap, a /8 with size−4 extra built a 140 MB script argument and a 16 M-step
+ * loop inside Redis, blocking every other client for seconds.
+ */
+export const MAX_EXTRA_RESERVED = 1024;
+
+/** How many addresses a subnet never hands out: network, gateway, extra, broadcast. */
+export function reservedCount(extra: number): number {
+  return extra + 3;
+}
+
+/** Indexes (offsets from the network address) that are never handed out. */
+export function reservedIndexes(size: number, extra: number): number[] {
+  const r = [0, 1];
+  for (let i = 0; i < extra; i++) r.push(2 + i);
+  r.push(size - 1);
+  return r;
+}
+
+export function parseVpc(h: Record<string, string>, subnetCount: number): VpcRec {
+  return {
+    id: h.id,
+    name: h.name,
+    cidr: h.cidr,
+    base: Number(h.base),
+    prefix: Number(h.prefix),
+    description: h.description ?? "",
+    labels: JSON.parse(h.labels ?? "[]"),
+    createdMs: Number(h.created),
+    publicCidr: h.public === "1",
+    subnetCount,
+  };
+}
+
+export function parseSubnet(h: Record<string, string>): SubnetRec {
+  return {
+    id: h.id,
+    vpcId: h.vpc,
+    name: h.name,
+    cidr: h.cidr,
+    base: Number(h.base),
+    prefix: Number(h.prefix),
+    size: Number(h.size),
+    type: h.type === "public" ? "public" : "private",
+    extraReserved: Number(h.extra),
+    description: h.description ?? "",
+    labels: JSON.parse(h.labels ?? "[]"),
+    createdMs: Number(h.created),
+  };
+}
+
+export function parseAlloc(subnetId: string, index: number, rec: string): AllocRec {
+  const [owner, requestId, time] = rec.split("\n");
+  return { subnetId, index, owner, requestId, timeMs: Number(time) };
+}
+
+/** What other services read of IPAM: VPCs, subnets and allocations, never a write. */
+export class IpamReader {
+  constructor(readonly redis: Redis) {}
+
+  // ---- VPCs ----
+
+  async resolveVpc(ref: { id?: string; name?: string }): Promise<string | null> {
+    if (ref.id) return ref.id;
+    return await this.redis.hget(K.vpcByName, ref.name!);
+  }
+
+  async getVpc(id: string): Promise<VpcRec | null> {
+    const [h, n] = await Promise.all([this.redis.hgetall(K.vpc(id)), this.redis.zcard(K.vpcSubnets(id))]);
+    return h.id ? parseVpc(h, n) : null;
+  }
+
+  async listVpcs(afterName: string, limit: number): Promise<VpcRec[]> {
+    const names = await this.redis.zrangebylex(K.vpcNames, afterName ? `(${afterName}` : "-", "+", "LIMIT", 0, limit);
+    if (names.length === 0) return [];
+    const ids = await this.redis.hmget(K.vpcByName, ...names);
+    const vpcs = await Promise.all(ids.filter((x): x is string => !!x).map((id) => this.getVpc(id)));
+    return vpcs.filter((x): x is VpcRec => !!x);
+  }
+
+  /** The VPC a request names (id or name), validated; NotFoundError if there is none. */
+  async vpcByRef(field: string, ref: string): Promise<VpcRec> {
+    const r = V.ref(field, ref, "vpc");
+    const id = await this.resolveVpc(r);
+    const vpc = id ? await this.getVpc(id) : null;
+    if (!vpc) throw new NotFoundError("vpc", ref, "list VPCs with `microvpc vpc list`");
+    return vpc;
+  }
+
+  // ---- Subnets ----
+
+  async resolveSubnet(ref: { id?: string; name?: string }, vpcId: string | null): Promise<string | null> {
+    if (ref.id) return ref.id;
+    if (!vpcId) throw new InvalidArgumentError("vpc", "is required when the subnet is named rather than given by id");
+    return await this.redis.hget(K.vpcSubnetByName(vpcId), ref.name!);
+  }
+
+  async getSubnet(id: string): Promise<SubnetRec | null> {
+    const h = await this.redis.hgetall(K.subnet(id));
+    return h.id ? parseSubnet(h) : null;
+  }
+
+  async listSubnets(vpcId: string | null, after: string, limit: number): Promise<SubnetRec[]> {
+    let ids: string[];
+    if (vpcId) {
+      ids = await this.redis.zrangebyscore(K.vpcSubnets(vpcId), after ? `(${after}` : "-inf", "+inf", "LIMIT", 0, limit);
+    } else {
+      ids = await this.redis.zrangebylex(K.allSubnets, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
+    }
+    const subnets = await Promise.all(ids.map((id) => this.getSubnet(id)));
+    return subnets.filter((x): x is SubnetRec => !!x);
+  }
+
+  async usage(s: SubnetRec): Promise<Usage> {
+    const used = Number((await this.redis.get(K.used(s.id))) ?? 0);
+    const reserved = reservedCount(s.extraReserved);
+    return { total: s.size, reserved, used, free: s.size - reserved - used };
+  }
+
+  // ---- Allocations ----
+
+  async getAllocation(subnetId: string, index: number): Promise<AllocRec | null> {
+    const rec = await this.redis.hget(K.alloc(subnetId), String(index));
+    return rec ? parseAlloc(subnetId, index, rec) : null;
+  }
+
+  async listBySubnet(subnetId: string, afterIndex: number, limit: number): Promise<AllocRec[]> {
+    const idx = await this.redis.zrangebyscore(K.idx(subnetId), `(${afterIndex}`, "+inf", "LIMIT", 0, limit);
+    if (idx.length === 0) return [];
+    const recs = await this.redis.hmget(K.alloc(subnetId), ...idx);
+    const out: AllocRec[] = [];
+    idx.forEach((i, n) => {
+      if (recs[n]) out.push(parseAlloc(subnetId, Number(i), recs[n]!));
+    });
+    return out;
+  }
+
+  /** Allocations of one owner, ordered by "subnet/index" member. */
+  async listByOwner(owner: string, after: string, limit: number): Promise<{ allocs: AllocRec[]; last: string }> {
+    const members = await this.redis.zrangebylex(K.owner(owner), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
+    const allocs = await Promise.all(
+      members.map(async (m) => {
+        const [sid, i] = m.split("/");
+        return this.getAllocation(sid, Number(i));
+      }),
+    );
+    return { allocs: allocs.filter((x): x is AllocRec => !!x), last: members.at(-1) ?? "" };
+  }
+
+  /** Every allocation of a subnet, streamed in pages. */
+  async *scanSubnet(subnetId: string): AsyncGenerator<AllocRec> {
+    let after = -1;
+    for (;;) {
+      const page = await this.listBySubnet(subnetId, after, 1000);
+      if (page.length === 0) return;
+      yield* page;
+      after = page[page.length - 1].index;
+    }
+  }
+}
