@@ -12,7 +12,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
 import { followEvents } from "../common/events.js";
-import { ackPeering, peeringsOf, PK, type PeeringRec } from "../peering/schema.js";
+import { ackPeering, peeringsOf, PK, pruneAcks, type PeeringRec } from "../peering/schema.js";
 import type { Agent, AgentPeering } from "./agent.js";
 import { desiredPeering, planPeering, routedPeers, spanOf, PEERING_NEXTHOP, PEERING_PROTO, type NsObserved } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";
@@ -160,7 +160,10 @@ export class PeeringSync implements AgentPeering {
   async ack(): Promise<void> {
     if (this.lastError) return;
     for (const p of this.peerings) {
-      await ackPeering(this.redis, p, this.agent.hostId).catch(() => undefined);
+      await ackPeering(this.redis, p, this.agent.hostId).catch((err: Error) =>
+        this.log.warn({ peering: p.id, err: err.message }, "cannot acknowledge a peering"),
+      );
     }
+    await pruneAcks(this.redis, this.agent.hostId, new Set(this.peerings.map((p) => p.id))).catch(() => undefined);
   }
 }

@@ -11,7 +11,9 @@
 //   pcxs                names (sorted set, for listing in name order)
 //   pcx:bypair          "<lower vpc id>|<higher vpc id>" → id
 //   vpc:<vpc>:peerings  set of peering ids of a VPC (read by every netagent)
-//   pcx:<id>:acks       host id → create time of the peering it applied
+//   pcx:<id>:acks       host id → create time of the peering it applied (legacy, read only)
+//   mvpc:host:<host>:pcxacks   peering id → create time: what that host applied; written
+//                        by its netagent under its own Redis user (docs/redis-acl.md)
 import { InvalidArgumentError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import type { Redis } from "ioredis";
@@ -39,7 +41,10 @@ export const PK = {
   names: "mvpc:pcxs",
   byPair: "mvpc:pcx:bypair",
   vpcPeerings: K.vpcPeerings,
+  /** Legacy (before per-host Redis users): host id → create time; still read, no longer written. */
   acks: (id: string) => `mvpc:pcx:${id}:acks`,
+  /** A host's own acks: peering id → create time of the peering it applied (host-scoped: only that host writes it). */
+  hostAcks: (hostId: string) => `mvpc:host:${hostId}:pcxacks`,
 };
 
 export function pairKey(a: string, b: string): string {
@@ -164,17 +169,29 @@ export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id
   );
 }
 
-/** A netagent says it applied the peering (its create time tells one peering of a pair from a later one). */
+/**
+ * A netagent says it applied the peering (its create time tells one peering
+ * of a pair from a later one), in its own host's key: with per-host Redis
+ * users a host may write nothing shared for this.
+ */
 export async function ackPeering(redis: Redis, p: PeeringRec, hostId: string): Promise<void> {
-  const cur = await redis.hget(PK.acks(p.id), hostId);
-  if (cur === String(p.createdMs)) return;
-  // Only while the peering exists: a late ack must not resurrect its keys.
+  const key = PK.hostAcks(hostId);
+  if ((await redis.hget(key, p.id)) === String(p.createdMs)) return;
+  // Only while the peering exists: a late ack must not outlive it.
+  // The peering's key is named in ARGV, not KEYS: Redis ACL takes declared
+  // keys as read-write, and a host may only read the peering.
   await redis.eval(
-    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end return 0",
-    2,
-    PK.pcx(p.id),
-    PK.acks(p.id),
-    hostId,
+    "if redis.call('EXISTS', ARGV[3]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
+    1,
+    key,
+    p.id,
     String(p.createdMs),
+    PK.pcx(p.id),
   );
+}
+
+/** Drops a host's acks of peerings it no longer has (deleted ones): keeps its key from growing. */
+export async function pruneAcks(redis: Redis, hostId: string, current: ReadonlySet<string>): Promise<void> {
+  const stale = (await redis.hkeys(PK.hostAcks(hostId))).filter((id) => !current.has(id));
+  if (stale.length) await redis.hdel(PK.hostAcks(hostId), ...stale);
 }

@@ -5,6 +5,7 @@
 // refuses, or the peering sees the VPC gone.
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { HOST_ID_RE } from "../common/host.js";
 import { newId } from "../common/ids.js";
 import { K } from "../ipam/schema.js";
 import { pairKey, parsePeering, parsePeeringRecord, peeringsOf, PK, type PeeringRec } from "./schema.js";
@@ -199,13 +200,17 @@ export class PeeringStore {
    * those that have not yet.
    */
   async convergence(p: PeeringRec): Promise<{ hosts: string[]; pending: string[] }> {
-    const [a1, a2, acks] = await Promise.all([
+    const [a1, a2, legacy] = await Promise.all([
       this.redis.hvals(`mvpc:overlay:${p.vpc1Id}:addrs`),
       this.redis.hvals(`mvpc:overlay:${p.vpc2Id}:addrs`),
       this.redis.hgetall(PK.acks(p.id)),
     ]);
-    const hosts = [...new Set([...a1, ...a2])].sort();
-    const pending = hosts.filter((h) => Number(acks[h] ?? 0) !== p.createdMs);
+    // Host ids come from a shared hash: only well-formed ones name a key.
+    const hosts = [...new Set([...a1, ...a2])].filter((h) => HOST_ID_RE.test(h)).sort();
+    const p2 = this.redis.pipeline();
+    for (const h of hosts) p2.hget(PK.hostAcks(h), p.id);
+    const acks = ((await p2.exec()) ?? []).map(([, v]) => v);
+    const pending = hosts.filter((h, i) => Number(acks[i] ?? legacy[h] ?? 0) !== p.createdMs);
     return { hosts, pending };
   }
 }

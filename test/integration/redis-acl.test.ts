@@ -19,6 +19,7 @@ import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { Direction, FirewallHealth, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { GatewayService, InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
@@ -466,5 +467,44 @@ describe("per-host Redis ACL users", () => {
     }
     await gw.deleteInstanceMetadata({ instanceId: "i-acla" });
     for (const d of [gwd, ctlGwd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+  });
+
+  test("a peering converges with per-host users: A acknowledges it in its own key, which B may not forge", async () => {
+    const other = await h.vpc("aclp", "10.42.0.0/16");
+    const osn = await h.subnet(other, "web", "10.42.1.0/24", SubnetType.PUBLIC);
+    const vm = await h.vm(A, other, osn, "aclp");
+    const pcx = (await h.ipam.peering.createPeering({ vpc1: vpc.id, vpc2: other.id })).peering!;
+    try {
+      const available = await waitFor(async () => (await h.ipam.peering.getPeering({ ref: pcx.id })).peering!.state === ResourceState.AVAILABLE, {
+        timeoutMs: 20_000,
+        intervalMs: 300,
+      });
+      assert.ok(
+        available,
+        `AVAILABLE once A applied it: ${(await h.ipam.peering.getPeering({ ref: pcx.id })).peering!.statusMessage}\n${A.daemon
+          .output()
+          .split("\n")
+          .filter((l) => /peering|NOPERM|ack/i.test(l))
+          .slice(-15)
+          .join("\n")}`,
+      );
+      assert.ok(await admin.hget(`mvpc:host:${A.id}:pcxacks`, pcx.id), "A's ack is in A's own key");
+      const asB = new Redis({
+        port: h.redis.port,
+        host: "127.0.0.1",
+        username: hostUser(B.id),
+        password: readFileSync(h.acl!.passwordFile(hostUser(B.id)), "utf8").trim(),
+        maxRetriesPerRequest: 0,
+      });
+      try {
+        await refused("B acknowledges for A", asB.hset(`mvpc:host:${A.id}:pcxacks`, pcx.id, "1"));
+      } finally {
+        asB.disconnect();
+      }
+      assert.doesNotMatch(A.daemon.output(), /cannot acknowledge a peering|NOPERM/);
+    } finally {
+      await h.ipam.peering.deletePeering({ ref: pcx.id });
+      await h.removeVm(vm);
+    }
   });
 });
