@@ -51,6 +51,15 @@ export function text(field: string, value: string, max = 255): string {
   return value;
 }
 
+/** Labels as a store keeps them (JSON text of [{key, value}]), read back: checked as the API checks them. */
+export function storedLabels(field: string, value: string | undefined): { key: string; value: string }[] {
+  const list = jsonArray(field, storedJson(field, value ?? "[]"), 64).map((raw, i) => {
+    const o = jsonObject(`${field}[${i}]`, raw);
+    return { key: jsonString(`${field}[${i}].key`, o.key), value: jsonString(`${field}[${i}].value`, o.value) };
+  });
+  return labels(field, list);
+}
+
 export function labels(field: string, value: { key: string; value: string }[]): { key: string; value: string }[] {
   if (value.length > 64) throw new InvalidArgumentError(field, `has ${value.length} labels; the limit is 64`);
   const seen = new Set<string>();

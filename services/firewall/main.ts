@@ -16,7 +16,7 @@ import {
   FirewallService,
   NicFirewallStatusSchema,
 } from "../../gen/microvpc/v1/firewall_pb.js";
-import { IpamReader } from "../ipam/schema.js";
+import { IpamReader, OWNER as IPAM_OWNER } from "../ipam/schema.js";
 import { HostReader } from "../netagent/schema.js";
 import { bridgeNfProblems, LinuxNft } from "./apply.js";
 import { firewallRoutes } from "./routes.js";
@@ -128,7 +128,7 @@ export const firewallDefinition: ServiceDefinition = {
           table: "inet microvpc",
           nicCount: nics.length,
           nics,
-          invalidRecords: invalidRecords(OWNER)
+          invalidRecords: invalidRecords([OWNER, IPAM_OWNER])
             .slice(0, 100)
             .map((r) =>
               create(FirewallInvalidRecordSchema, {

@@ -45,14 +45,6 @@ function storedLogging(field: string, raw: unknown): Logging {
   );
 }
 
-function storedLabels(field: string, value: string | undefined): { key: string; value: string }[] {
-  const list = V.jsonArray(field, V.storedJson(field, value ?? "[]"), MAX_LABELS).map((raw, i) => {
-    const o = V.jsonObject(`${field}[${i}]`, raw);
-    return { key: V.jsonString(`${field}[${i}].key`, o.key), value: V.jsonString(`${field}[${i}].value`, o.value) };
-  });
-  return V.labels(field, list);
-}
-
 function sameId(h: Record<string, string>, id: string | undefined): void {
   if (id !== undefined && h.id !== id) throw new InvalidArgumentError("id", `${V.show(String(h.id))} is not the id of its key (${V.show(id)})`);
 }
@@ -91,7 +83,7 @@ export function parseGroup(h: Record<string, string>, id?: string): V.Parsed<Sec
       vpcId: V.id("vpc", V.field(h, "vpc"), "vpc"),
       name: V.name("name", V.field(h, "name")),
       description: V.text("description", h.description ?? ""),
-      labels: storedLabels("labels", h.labels),
+      labels: V.storedLabels("labels", h.labels),
       rules,
       generation: V.storedInt("gen", h.gen, 0),
       createdMs: V.storedInt("created", h.created ?? "0", 0),
@@ -111,7 +103,7 @@ export function parseAcl(h: Record<string, string>, subnetIds: string[], id?: st
       vpcId: V.id("vpc", V.field(h, "vpc"), "vpc"),
       name: V.name("name", V.field(h, "name")),
       description: V.text("description", h.description ?? ""),
-      labels: storedLabels("labels", h.labels),
+      labels: V.storedLabels("labels", h.labels),
       entries: V.jsonArray("entries", V.storedJson("entries", h.entries ?? "[]"), MAX_ACL_ENTRIES).map((e, i): AclEntry => storedAclEntry(`entries[${i}]`, e)),
       subnetIds: subnetIds.map((s, i) => V.id(`subnets[${i}]`, s, "subnet")).sort(),
       generation: V.storedInt("gen", h.gen, 0),

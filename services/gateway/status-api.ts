@@ -11,6 +11,7 @@ import * as V from "../common/validate.js";
 import { GatewayHealth, GatewayInvalidRecordSchema, type GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { OWNER } from "./schema.js";
 import { OWNER as DNS_OWNER } from "../dns/schema.js";
+import { OWNER as IPAM_OWNER } from "../ipam/schema.js";
 
 /** At most this many records in one answer (the count says how many there are). */
 export const MAX_STATUS_RECORDS = 100;
@@ -24,7 +25,7 @@ export class GatewayStatusApi {
   readonly impl: Pick<ServiceImpl<typeof GatewayService>, "getGatewayStatus"> = {
     getGatewayStatus: async (req) => {
       const vpc = req.vpc === "" ? "" : V.id("vpc", req.vpc, "vpc");
-      const all = invalidRecords([OWNER, DNS_OWNER]).filter((r) => vpc === "" || r.vpcId === vpc);
+      const all = invalidRecords([OWNER, DNS_OWNER, IPAM_OWNER]).filter((r) => vpc === "" || r.vpcId === vpc);
       const st = this.status();
       return {
         hostId: this.hostId,

@@ -3,6 +3,7 @@
 // import IPAM only through this file; ipam/store.ts builds its writes on it.
 import type { Redis } from "ioredis";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { K } from "./keys.js";
 
@@ -70,6 +71,9 @@ export interface Usage {
  */
 export const MAX_EXTRA_RESERVED = 1024;
 
+/** The owner IPAM's records are reported under (microvpc_invalid_records_total, status RPCs). */
+export const OWNER = "ipam";
+
 /** How many addresses a subnet never hands out: network, gateway, extra, broadcast. */
 export function reservedCount(extra: number): number {
   return extra + 3;
@@ -83,41 +87,84 @@ export function reservedIndexes(size: number, extra: number): number[] {
   return r;
 }
 
+/** A stored integer field: digits only, within [min, max]. */
+function storedInt(field: string, value: string | undefined, min: number, max: number): number {
+  if (value === undefined || !/^[0-9]{1,16}$/.test(value) || Number(value) < min || Number(value) > max) {
+    throw new InvalidArgumentError(field, `${V.show(String(value))} is not an integer from ${min} to ${max}`);
+  }
+  return Number(value);
+}
+
+/** A stored CIDR with its base and prefix fields, which must agree with it. */
+function storedCidr(h: Record<string, string>): V.Cidr {
+  const c = V.cidr("cidr", V.jsonString("cidr", h.cidr), { min: 8, max: 28 });
+  if (h.base !== String(c.base) || h.prefix !== String(c.prefix)) {
+    throw new InvalidArgumentError("base", `base ${V.show(String(h.base))} / prefix ${V.show(String(h.prefix))} do not match cidr ${c.text}`);
+  }
+  return c;
+}
+
+/**
+ * A VPC record read back from Redis, checked by the validators the API
+ * writes it with (throws InvalidArgumentError naming the field): a record
+ * someone else wrote reaches no namespace name, route or nft rule unchecked.
+ */
 export function parseVpc(h: Record<string, string>, subnetCount: number): VpcRec {
+  const c = storedCidr(h);
   return {
-    id: h.id,
-    name: h.name,
-    cidr: h.cidr,
-    base: Number(h.base),
-    prefix: Number(h.prefix),
-    description: h.description ?? "",
-    labels: JSON.parse(h.labels ?? "[]"),
-    createdMs: Number(h.created),
+    id: V.id("id", V.jsonString("id", h.id), "vpc"),
+    name: V.name("name", V.jsonString("name", h.name)),
+    cidr: c.text,
+    base: c.base,
+    prefix: c.prefix,
+    description: V.text("description", h.description ?? ""),
+    labels: V.storedLabels("labels", h.labels),
+    createdMs: storedInt("created", h.created, 0, Number.MAX_SAFE_INTEGER),
     publicCidr: h.public === "1",
     subnetCount,
   };
 }
 
+/** A subnet record read back from Redis, checked as parseVpc checks a VPC. */
 export function parseSubnet(h: Record<string, string>): SubnetRec {
+  const c = storedCidr(h);
+  if (h.size !== String(c.size)) throw new InvalidArgumentError("size", `${V.show(String(h.size))} is not the size of ${c.text}`);
+  if (h.type !== "public" && h.type !== "private") throw new InvalidArgumentError("type", `${V.show(String(h.type))} is neither public nor private`);
   return {
-    id: h.id,
-    vpcId: h.vpc,
-    name: h.name,
-    cidr: h.cidr,
-    base: Number(h.base),
-    prefix: Number(h.prefix),
-    size: Number(h.size),
-    type: h.type === "public" ? "public" : "private",
-    extraReserved: Number(h.extra),
-    description: h.description ?? "",
-    labels: JSON.parse(h.labels ?? "[]"),
-    createdMs: Number(h.created),
+    id: V.id("id", V.jsonString("id", h.id), "subnet"),
+    vpcId: V.id("vpc", V.jsonString("vpc", h.vpc), "vpc"),
+    name: V.name("name", V.jsonString("name", h.name)),
+    cidr: c.text,
+    base: c.base,
+    prefix: c.prefix,
+    size: c.size,
+    type: h.type,
+    extraReserved: storedInt("extra", h.extra, 0, Math.min(MAX_EXTRA_RESERVED, c.size - 4)),
+    description: V.text("description", h.description ?? ""),
+    labels: V.storedLabels("labels", h.labels),
+    createdMs: storedInt("created", h.created, 0, Number.MAX_SAFE_INTEGER),
   };
 }
 
+/** An allocation record ("owner\nrequest id\ntime"), checked like the Allocate request that made it. */
 export function parseAlloc(subnetId: string, index: number, rec: string): AllocRec {
-  const [owner, requestId, time] = rec.split("\n");
-  return { subnetId, index, owner, requestId, timeMs: Number(time) };
+  const [owner, requestId, time, ...rest] = rec.split("\n");
+  if (rest.length) throw new InvalidArgumentError("allocation", "has more than owner, request id and time");
+  return {
+    subnetId,
+    index,
+    owner: V.token("owner", owner ?? ""),
+    requestId: V.token("request_id", requestId ?? "", { optional: true }),
+    timeMs: storedInt("time", time, 0, Number.MAX_SAFE_INTEGER),
+  };
+}
+
+/** Parses with `parse`; a record that does not validate is reported (once per key and reason) and read as absent. */
+export function checked<T>(key: string, kind: string, parse: () => T, vpcId?: string): T | null {
+  const p = V.attempt(parse);
+  if (p.ok) return p.value;
+  reportInvalid(OWNER, kind, key, p.reason, undefined, vpcId ? { vpcId } : {});
+  return null;
 }
 
 /** What other services read of IPAM: VPCs, subnets and allocations, never a write. */
@@ -133,7 +180,7 @@ export class IpamReader {
 
   async getVpc(id: string): Promise<VpcRec | null> {
     const [h, n] = await Promise.all([this.redis.hgetall(K.vpc(id)), this.redis.zcard(K.vpcSubnets(id))]);
-    return h.id ? parseVpc(h, n) : null;
+    return h.id ? checked(K.vpc(id), "vpc", () => parseVpc(h, n), id) : null;
   }
 
   async listVpcs(afterName: string, limit: number): Promise<VpcRec[]> {
@@ -163,7 +210,7 @@ export class IpamReader {
 
   async getSubnet(id: string): Promise<SubnetRec | null> {
     const h = await this.redis.hgetall(K.subnet(id));
-    return h.id ? parseSubnet(h) : null;
+    return h.id ? checked(K.subnet(id), "subnet", () => parseSubnet(h), h.vpc) : null;
   }
 
   async listSubnets(vpcId: string | null, after: string, limit: number): Promise<SubnetRec[]> {
@@ -187,7 +234,7 @@ export class IpamReader {
 
   async getAllocation(subnetId: string, index: number): Promise<AllocRec | null> {
     const rec = await this.redis.hget(K.alloc(subnetId), String(index));
-    return rec ? parseAlloc(subnetId, index, rec) : null;
+    return rec ? checked(K.alloc(subnetId), "allocation", () => parseAlloc(subnetId, index, rec)) : null;
   }
 
   async listBySubnet(subnetId: string, afterIndex: number, limit: number): Promise<AllocRec[]> {
@@ -196,7 +243,8 @@ export class IpamReader {
     const recs = await this.redis.hmget(K.alloc(subnetId), ...idx);
     const out: AllocRec[] = [];
     idx.forEach((i, n) => {
-      if (recs[n]) out.push(parseAlloc(subnetId, Number(i), recs[n]!));
+      const a = recs[n] ? checked(K.alloc(subnetId), "allocation", () => parseAlloc(subnetId, Number(i), recs[n]!)) : null;
+      if (a) out.push(a);
     });
     return out;
   }

@@ -6,7 +6,7 @@ import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import { intToIp } from "../common/validate.js";
 import { vpcDnsKeys } from "../dns/schema.js";
-import { IpamReader, K, MAX_EXTRA_RESERVED, parseAlloc, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
+import { checked, IpamReader, K, MAX_EXTRA_RESERVED, parseAlloc, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
 import { newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
@@ -245,7 +245,8 @@ export class IpamStore extends IpamReader {
         const recs = live.length ? await this.redis.hmget(K.alloc(s.id), ...live.map(String)) : [];
         const allocs: AllocRec[] = [];
         live.forEach((idx, n) => {
-          if (recs[n]) allocs.push(parseAlloc(s.id, idx, recs[n]!));
+          const a = recs[n] ? checked(K.alloc(s.id), "allocation", () => parseAlloc(s.id, idx, recs[n]!), s.vpcId) : null;
+          if (a) allocs.push(a);
         });
         return { allocs, created: false };
       }
