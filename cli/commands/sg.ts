@@ -6,7 +6,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { type Command } from "commander";
 import { InvalidArgumentError } from "../../services/common/errors.js";
 import * as V from "../../services/common/validate.js";
-import { dirEnum, parseVpcctlPolicy, protoEnum, validateSgRule } from "../../services/firewall/rules.js";
+import { parseVpcctlPolicy, sgRuleMsg, validateSgRule } from "../../services/firewall/rules.js";
 import {
   AclAction,
   BindNicRequestSchema,
@@ -22,7 +22,6 @@ import {
   ListSecurityGroupsResponseSchema,
   ParseRulesRequestSchema,
   SecurityGroupRuleListSchema,
-  SecurityGroupRuleSchema,
   SecurityGroupSchema,
   UnbindNicRequestSchema,
   UnbindNicResponseSchema,
@@ -335,18 +334,7 @@ apply to the subnet), use \`microvpc acl import\`.`,
       if (o.dryRun) {
         // The same parser ParseRules runs, locally: no server needed to check a file.
         const p = parseVpcctlPolicy(text);
-        rules = p.rules.map((r) =>
-          create(SecurityGroupRuleSchema, {
-            direction: dirEnum(r.dir),
-            protocol: protoEnum(r.proto),
-            portFrom: r.portFrom,
-            portTo: r.portTo,
-            icmpType: r.icmpType,
-            icmpCode: r.icmpCode,
-            peer: { case: "cidr", value: r.cidr ?? "" },
-            description: r.description,
-          }),
-        );
+        rules = p.rules.map(sgRuleMsg);
         ({ warnings, subnetCidr } = p);
         denies = p.aclEntries.filter((e) => e.action === "deny").length;
       } else {

@@ -56,8 +56,7 @@ beforeAll(async () => {
   trackChild(ctlFwd.proc);
   ctlGwd = await startDaemon("gateway", [...ctl, "--public-pool", FLOATING_POOL]);
   trackChild(ctlGwd.proc);
-  const pw = (user: string) => readFileSync(h.acl!.passwordFile(user), "utf8").trim();
-  asA = new Redis({ port: h.redis.port, host: "127.0.0.1", username: hostUser(A.id), password: pw(hostUser(A.id)), maxRetriesPerRequest: 0 });
+  asA = asHost(A);
   admin = new Redis({ port: h.redis.port, host: "127.0.0.1", password: h.acl!.admin });
 }, 120_000);
 
@@ -68,6 +67,18 @@ afterAll(async () => {
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);
 });
+
+/** A connection as that host's Redis user. */
+function asHost(hv: Hypervisor): Redis {
+  const user = hostUser(hv.id);
+  return new Redis({
+    port: h.redis.port,
+    host: "127.0.0.1",
+    username: user,
+    password: readFileSync(h.acl!.passwordFile(user), "utf8").trim(),
+    maxRetriesPerRequest: 0,
+  });
+}
 
 /** Redis refused it to this user. */
 async function refused(what: string, p: Promise<unknown>): Promise<void> {
@@ -225,13 +236,7 @@ describe("per-host Redis ACL users", () => {
     // A binding record is shared too: B may rewrite the groups of A's NIC. A's
     // firewall compares it with its own copy (host-scoped, only A writes it)
     // and fails closed, naming the record; BindNic on A puts it right.
-    const asB = new Redis({
-      port: h.redis.port,
-      host: "127.0.0.1",
-      username: hostUser(B.id),
-      password: readFileSync(h.acl!.passwordFile(hostUser(B.id)), "utf8").trim(),
-      maxRetriesPerRequest: 0,
-    });
+    const asB = asHost(B);
     try {
       const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
       const sig = (await asB.hget(`mvpc:fw:nic:${a.nicId}`, "sig"))!;
@@ -403,13 +408,7 @@ describe("per-host Redis ACL users", () => {
     const key = `mvpc-md:${A.id}:inst:i-acla`;
     assert.ok(await asA.exists(key), "stored under A's own prefix");
 
-    const asB = new Redis({
-      port: h.redis.port,
-      host: "127.0.0.1",
-      username: hostUser(B.id),
-      password: readFileSync(h.acl!.passwordFile(hostUser(B.id)), "utf8").trim(),
-      maxRetriesPerRequest: 0,
-    });
+    const asB = asHost(B);
     try {
       // The attack: B reads A's tenants' user-data, or rewrites what A's VM reads at boot.
       await refused("B reads A's record (user-data)", asB.hget(key, "pb"));
@@ -489,13 +488,7 @@ describe("per-host Redis ACL users", () => {
           .join("\n")}`,
       );
       assert.ok(await admin.hget(`mvpc:host:${A.id}:pcxacks`, pcx.id), "A's ack is in A's own key");
-      const asB = new Redis({
-        port: h.redis.port,
-        host: "127.0.0.1",
-        username: hostUser(B.id),
-        password: readFileSync(h.acl!.passwordFile(hostUser(B.id)), "utf8").trim(),
-        maxRetriesPerRequest: 0,
-      });
+      const asB = asHost(B);
       try {
         await refused("B acknowledges for A", asB.hset(`mvpc:host:${A.id}:pcxacks`, pcx.id, "1"));
       } finally {
