@@ -32,9 +32,12 @@ export const netagentDefinition: ServiceDefinition = {
     new Option("--host-netns <name>", 'network namespace holding the underlay, where WireGuard sockets live ("" = the agent\'s own)')
       .env("MICROVPC_HOST_NETNS")
       .default(""),
-    new Option("--underlay-interface <if>", "underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU")
+    new Option(
+      "--underlay-interface <if>",
+      'underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU; "auto": the one holding --underlay-address, else the one the default route leaves by',
+    )
       .env("MICROVPC_UNDERLAY_INTERFACE")
-      .default("eth0"),
+      .default("auto"),
     new Option("--underlay-address <ip>", "this host's WireGuard endpoint address (default: the first global IPv4 of --underlay-interface)").env(
       "MICROVPC_UNDERLAY_ADDRESS",
     ),

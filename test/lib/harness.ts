@@ -270,7 +270,9 @@ export class Harness {
       await ipn(ul, ["link", "set", "ul0", "up"]);
       for (let i = 0; i < n; i++) {
         const hostNs = await createNetns(`${this.prefix}-hv${i}`);
-        const overlayArgs = this.opts.overlay ? ["--overlay", "--host-netns", hostNs, "--underlay-interface", "ul0", "--state-dir", this.stateDir!] : [];
+        // Odd hosts find their underlay interface themselves (auto: the default route's, ul0).
+        const ulIf = i % 2 === 1 ? "auto" : "ul0";
+        const overlayArgs = this.opts.overlay ? ["--overlay", "--host-netns", hostNs, "--underlay-interface", ulIf, "--state-dir", this.stateDir!] : [];
         const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redis.url, [...overlayArgs, ...this.agentArgs(`${this.prefix}hv${i}`)]);
         await vethBetween({ ns: hostNs, name: "ul0", address: `${hv.underlayAddress}/24` }, { ns: ul, name: `hv${i}` });
         await ipn(ul, ["link", "set", `hv${i}`, "master", "ul0"]);

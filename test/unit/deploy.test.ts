@@ -692,6 +692,11 @@ for (const overlay of OVERLAYS) {
       netagent.volumeMounts!.some((m) => m.name === "state" && m.mountPath === "/var/lib/microvpc"),
       "netagent's WireGuard key survives the pod",
     );
+    // VPCs span nodes as shipped: the overlay is on, its endpoint the node's address,
+    // and the underlay interface found from it (whatever the nodes call it).
+    assert.ok(envOf(netagent, "MICROVPC_OVERLAY")?.value, "netagent: --overlay");
+    assert.equal(envOf(netagent, "MICROVPC_UNDERLAY_ADDRESS")?.value, "$(POD_IP)", "netagent: the node's address is its WireGuard endpoint");
+    assert.equal(envOf(netagent, "MICROVPC_UNDERLAY_INTERFACE"), undefined, "netagent: the interface holding that address (auto)");
     assert.ok(!firewall.securityContext?.privileged, "firewall is not privileged");
     assert.deepEqual(firewall.securityContext?.capabilities, { drop: ["ALL"], add: ["NET_ADMIN", "SYS_ADMIN"] }, "firewall: nft/conntrack + ip netns exec");
     assert.deepEqual(firewall.securityContext?.appArmorProfile, { type: "Unconfined" }, "firewall: ip netns exec mounts sysfs");

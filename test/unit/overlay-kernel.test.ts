@@ -15,7 +15,7 @@ import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel, type LinkInfo } from "../../services/netagent/kernel.js";
 import { Overlay } from "../../services/netagent/overlay/sync.js";
 import { wgName, type WgImpl } from "../../services/netagent/overlay/wg.js";
-import type { WgCommands } from "../../services/netagent/overlay/wgkernel.js";
+import { WgKernel, type WgCommands } from "../../services/netagent/overlay/wgkernel.js";
 import type { RunOptions, RunResult } from "../../services/common/exec.js";
 import type { HostStore } from "../../services/netagent/store.js";
 
@@ -125,4 +125,35 @@ test("a new interface takes the host's implementation when the state file names 
   assert.equal(o.implementationOf(wgName(HOST, "vpc-bbbbbbbbbbbb")), "kernel");
   const w = overlayWith(k, "wireguard-go");
   assert.equal(w.o.implementationOf(wgName(HOST, "vpc-bbbbbbbbbbbb")), "wireguard-go");
+});
+
+test("--underlay-interface auto: the interface holding the underlay address, else the default route's; none is an empty answer", async () => {
+  const calls: string[][] = [];
+  const answers: Record<string, string> = {
+    "ip -n hns -j addr show": JSON.stringify([
+      { ifname: "lo", addr_info: [{ local: "127.0.0.1" }] },
+      { ifname: "ens5", addr_info: [{ local: "10.1.2.3" }, { local: "fe80::1" }] },
+      { ifname: "bond0", addr_info: [{ local: "192.0.2.7" }] },
+    ]),
+    "ip -n hns -j route show default": JSON.stringify([{ dst: "default", gateway: "192.0.2.1", dev: "bond0" }]),
+    "ip -j route show default": "[]",
+    "ip -j addr show": "[]",
+  };
+  const cmd: WgCommands = {
+    run: async (file, args) => {
+      calls.push([file, ...args]);
+      const out = answers[[file, ...args].join(" ")];
+      if (out === undefined) throw new Error(`unexpected ${file} ${args.join(" ")}`);
+      return { stdout: out, stderr: "", exitCode: 0 } as Awaited<ReturnType<WgCommands["run"]>>;
+    },
+  };
+  const k = new WgKernel(cmd);
+  assert.equal(await k.underlayInterfaceFor("hns", "10.1.2.3"), "ens5", "the address's interface, not the default route's");
+  assert.equal(await k.underlayInterfaceFor("hns", undefined), "bond0", "no address: the default route's");
+  assert.equal(await k.underlayInterfaceFor("hns", "203.0.113.9"), "bond0", "an address no interface holds: the default route's");
+  assert.equal(await k.underlayInterfaceFor("", undefined), "", "nothing to go by");
+  assert.ok(
+    calls.every((c) => c[0] === "ip"),
+    "only ip, as argument arrays",
+  );
 });

@@ -124,8 +124,17 @@ export class Overlay {
   /** Reads the underlay (address, MTU), loads or makes the key. Called once before start(). */
   async init(): Promise<void> {
     mkdirSync(join(this.dir, "wg"), { recursive: true, mode: 0o700 });
-    const { hostNetns, underlayInterface } = this.opts;
+    const { hostNetns } = this.opts;
     const where = hostNetns ? ` in namespace ${hostNetns}` : "";
+    let underlayInterface = this.opts.underlayInterface;
+    if (underlayInterface === "auto") {
+      underlayInterface = await this.wgk.underlayInterfaceFor(hostNetns, this.opts.underlayAddress);
+      if (!underlayInterface) {
+        throw new Error(
+          `--underlay-interface auto: no interface${where} holds ${this.opts.underlayAddress ?? "the --underlay-address"} and there is no default route; give --underlay-interface`,
+        );
+      }
+    }
     const l = await this.wgk.underlay(hostNetns, underlayInterface).catch((err: Error) => {
       throw new Error(
         `--underlay-interface ${underlayInterface}: no such device${where} (${err.message.split("\n")[0]}); give the interface that carries the underlay (see \`ip link\`)`,

@@ -53,6 +53,21 @@ export class WgKernel {
     return (JSON.parse(stdout || "[]") as UnderlayLink[])[0];
   }
 
+  /**
+   * For `--underlay-interface auto`: the interface holding `address` if
+   * given, else the one the default route leaves by; "" if neither is found.
+   */
+  async underlayInterfaceFor(ns: string, address: string | undefined): Promise<string> {
+    if (address) {
+      const { stdout } = await this.cmd.run("ip", [...nsArgs(ns), "-j", "addr", "show"]);
+      const links = JSON.parse(stdout || "[]") as { ifname?: string; addr_info?: { local?: string }[] }[];
+      const hit = links.find((l) => (l.addr_info ?? []).some((a) => a.local === address));
+      if (hit?.ifname) return hit.ifname;
+    }
+    const { stdout } = await this.cmd.run("ip", [...nsArgs(ns), "-j", "route", "show", "default"]);
+    return (JSON.parse(stdout || "[]") as { dev?: string }[]).find((r) => r.dev)?.dev ?? "";
+  }
+
   /** A new private key, or null if `wg genkey` failed. */
   async genkey(): Promise<string | null> {
     const g = await this.cmd.run("wg", ["genkey"], { check: false });
