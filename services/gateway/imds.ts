@@ -277,6 +277,167 @@ interface Caller {
   key: string;
 }
 
+// ---- replies ----
+
+/** One whole response, as EC2's metadata server sends it (HEAD: headers only). */
+function reply(req: IncomingMessage, res: ServerResponse, status: number, body: string | Uint8Array, headers: Record<string, string | number> = {}): void {
+  const buf = typeof body === "string" ? Buffer.from(body) : body;
+  res.statusCode = status;
+  res.setHeader("Server", "EC2ws");
+  res.setHeader("Content-Type", "text/plain");
+  for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
+  res.setHeader("Content-Length", buf.length);
+  if (req.method === "HEAD") res.end();
+  else res.end(buf);
+}
+
+const statusText: Record<number, string> = {
+  400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  413: "Payload Too Large",
+  429: "Too Many Requests",
+  503: "Service Unavailable",
+};
+/** An error status with its reason phrase as the body. */
+const refuse = (req: IncomingMessage, res: ServerResponse, status: number, headers: Record<string, string | number> = {}) =>
+  reply(req, res, status, statusText[status] ?? String(status), headers);
+
+/** A caller whose local address is a VPC's transit address. */
+type KnownCaller = Caller & { vpcId: string };
+
+/**
+ * PUT /latest/api/token: a session token for this caller and instance, its
+ * nonce recorded in the state store (so deleting the instance revokes it).
+ */
+async function putToken(
+  req: IncomingMessage,
+  res: ServerResponse,
+  caller: KnownCaller,
+  instanceId: string,
+  minter: TokenMinter,
+  store: ImdsServerOptions["store"],
+  log: ImdsLogger,
+): Promise<void> {
+  if (req.method !== "PUT") {
+    refuse(req, res, 405, { Allow: "PUT" });
+    return;
+  }
+  // A proxy inside the guest adds X-Forwarded-For (or Forwarded): it must
+  // not mint tokens for what it relays.
+  if (req.headers["x-forwarded-for"] !== undefined || req.headers["forwarded"] !== undefined) {
+    refuse(req, res, 403);
+    return;
+  }
+  const ttlText = req.headers[TOKEN_TTL_HEADER];
+  const ttl = typeof ttlText === "string" && /^[0-9]{1,6}$/.test(ttlText.trim()) ? Number(ttlText.trim()) : NaN;
+  if (!(ttl >= MIN_TOKEN_TTL_S && ttl <= MAX_TOKEN_TTL_S)) {
+    refuse(req, res, 400);
+    return;
+  }
+  const expMs = Date.now() + ttl * 1000;
+  const { token, nonce } = minter.mint(caller.vpcId, caller.address, instanceId, expMs);
+  let ok: boolean;
+  try {
+    ok = await store.recordToken(instanceId, caller.vpcId, caller.address, nonce, expMs);
+  } catch (err) {
+    log.warn({ err: (err as Error).message, caller: caller.key }, "imds: cannot record a token");
+    refuse(req, res, 503, { "Retry-After": 1 });
+    return;
+  }
+  if (!ok) {
+    refuse(req, res, 404);
+    return;
+  }
+  reply(req, res, 200, token, { [TOKEN_TTL_HEADER]: ttl });
+  return;
+}
+
+/**
+ * Every request but the token PUT is a read: a presented token must be
+ * valid whatever the mode, and REQUIRED refuses reads without one; then the
+ * path in the instance's metadata tree.
+ */
+async function serveRead(
+  req: IncomingMessage,
+  res: ServerResponse,
+  caller: KnownCaller,
+  md: InstanceMetadata,
+  /** The instance the caller's address resolved to, and whether the presented token's nonce is live for it. */
+  instanceId: string,
+  tokenLive: boolean,
+  target: ReturnType<typeof parseTarget>,
+  presented: string | undefined,
+  parsed: ReturnType<TokenMinter["parse"]>,
+  ctx: { minter: TokenMinter; defaults: Defaults; publicIpOf: ImdsServerOptions["publicIpOf"]; log: ImdsLogger },
+): Promise<void> {
+  // Every other request is a read. A presented token must be valid whatever
+  // the mode; REQUIRED refuses reads without one.
+  let ttlLeft: number | undefined;
+  if (presented !== undefined) {
+    const good = parsed !== null && tokenLive && parsed.expMs > Date.now() && ctx.minter.verify(parsed.raw, caller.vpcId, caller.address, instanceId);
+    if (!good) {
+      refuse(req, res, 401);
+      return;
+    }
+    ttlLeft = Math.max(0, Math.floor((parsed!.expMs - Date.now()) / 1000));
+  } else if (md.options?.httpTokens === ImdsHttpTokens.REQUIRED) {
+    refuse(req, res, 401);
+    return;
+  }
+  const extra: Record<string, string | number> = ttlLeft === undefined ? {} : { [TOKEN_TTL_HEADER]: ttlLeft };
+
+  if (!target) {
+    refuse(req, res, 404);
+    return;
+  }
+  if (req.method !== "GET" && req.method !== "HEAD") {
+    // Known or not, no path but the token one takes anything but a read.
+    refuse(req, res, 405, { Allow: "GET, HEAD" });
+    return;
+  }
+  if (target.segs.length === 0) {
+    reply(req, res, 200, API_VERSIONS.join("\n"), extra);
+    return;
+  }
+  if (!VERSION_SET.has(target.segs[0])) {
+    refuse(req, res, 404);
+    return;
+  }
+  // Only meta-data/ shows a public address; ask the data plane only then.
+  let publicIp = md.publicIpv4 || undefined;
+  if (!publicIp && ctx.publicIpOf && target.segs[1] === "meta-data") {
+    try {
+      publicIp = await ctx.publicIpOf(caller.vpcId, caller.address);
+    } catch (err) {
+      ctx.log.warn({ err: (err as Error).message, caller: caller.key }, "imds: publicIpOf failed; serving no public-ipv4");
+    }
+  }
+  let node: Node | undefined = metadataTree(md, publicIp, ctx.defaults);
+  for (const s of target.segs.slice(1)) {
+    node = node && isDir(node) ? node.entries.get(s) : undefined;
+    if (node === undefined) break;
+  }
+  if (node === undefined) {
+    refuse(req, res, 404);
+    return;
+  }
+  if (isDir(node)) {
+    // A directory lists itself with or without the trailing slash.
+    reply(req, res, 200, listing(node), extra);
+    return;
+  }
+  // A leaf with a trailing slash names a directory that does not exist.
+  if (target.trailingSlash) {
+    refuse(req, res, 404);
+    return;
+  }
+  if (node instanceof Uint8Array) reply(req, res, 200, node, { ...extra, "Content-Type": "application/octet-stream" });
+  else reply(req, res, 200, node, extra);
+}
+
 // ---- the server ----
 
 export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
@@ -307,7 +468,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
     (req, res) => {
       handle(req, res).catch((err) => {
         log.error({ err: (err as Error).message }, "imds: request failed");
-        if (!res.headersSent) send(req, res, 500, "Internal Server Error");
+        if (!res.headersSent) reply(req, res, 500, "Internal Server Error");
         else res.destroy();
       });
     },
@@ -354,36 +515,12 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
   }, 10_000);
   pruner.unref();
 
-  function send(req: IncomingMessage, res: ServerResponse, status: number, body: string | Uint8Array, headers: Record<string, string | number> = {}): void {
-    const buf = typeof body === "string" ? Buffer.from(body) : body;
-    res.statusCode = status;
-    res.setHeader("Server", "EC2ws");
-    res.setHeader("Content-Type", "text/plain");
-    for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
-    res.setHeader("Content-Length", buf.length);
-    if (req.method === "HEAD") res.end();
-    else res.end(buf);
-  }
-
-  const statusText: Record<number, string> = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    503: "Service Unavailable",
-  };
-  const fail = (req: IncomingMessage, res: ServerResponse, status: number, headers: Record<string, string | number> = {}) =>
-    send(req, res, status, statusText[status] ?? String(status), headers);
-
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     // Bodies mean nothing to IMDS: small ones are drained, large or chunked
     // ones refused and the connection closed rather than read.
     const len = Number(req.headers["content-length"] ?? 0);
     if (req.headers["transfer-encoding"] !== undefined || !(len <= MAX_BODY_BYTES)) {
-      fail(req, res, 413, { Connection: "close" });
+      refuse(req, res, 413, { Connection: "close" });
       req.socket.destroySoon();
       return;
     }
@@ -391,7 +528,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
 
     const caller = identify(req.socket);
     if (!buckets.take(caller.key)) {
-      fail(req, res, 429, { "Retry-After": 1 });
+      refuse(req, res, 429, { "Retry-After": 1 });
       return;
     }
     // Unknown callers get 404 for everything: the answer a missing path gets,
@@ -404,7 +541,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
     // write the record before it boots the VM: cloud-init treats a 4xx on
     // the token PUT as final.
     if (!caller.vpcId) {
-      fail(req, res, 404);
+      refuse(req, res, 404);
       return;
     }
     const target = parseTarget(req.url);
@@ -424,12 +561,12 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
       }
     } catch (err) {
       log.warn({ err: (err as Error).message, caller: caller.key }, "imds: state store unavailable");
-      fail(req, res, 503, { "Retry-After": 1 });
+      refuse(req, res, 503, { "Retry-After": 1 });
       return;
     }
     if (!state) {
       cache.delete(caller.key);
-      fail(req, res, 404);
+      refuse(req, res, 404);
       return;
     }
     let md: InstanceMetadata;
@@ -446,109 +583,21 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
     // says "connections are refused"; this is the refusal a guest can
     // understand.)
     if (md.options?.httpEndpoint === ImdsHttpEndpoint.DISABLED) {
-      fail(req, res, 403);
+      refuse(req, res, 403);
       return;
     }
 
     if (isTokenPath) {
-      if (req.method !== "PUT") {
-        fail(req, res, 405, { Allow: "PUT" });
-        return;
-      }
-      // A proxy inside the guest adds X-Forwarded-For (or Forwarded): it must
-      // not mint tokens for what it relays.
-      if (req.headers["x-forwarded-for"] !== undefined || req.headers["forwarded"] !== undefined) {
-        fail(req, res, 403);
-        return;
-      }
-      const ttlText = req.headers[TOKEN_TTL_HEADER];
-      const ttl = typeof ttlText === "string" && /^[0-9]{1,6}$/.test(ttlText.trim()) ? Number(ttlText.trim()) : NaN;
-      if (!(ttl >= MIN_TOKEN_TTL_S && ttl <= MAX_TOKEN_TTL_S)) {
-        fail(req, res, 400);
-        return;
-      }
-      const expMs = Date.now() + ttl * 1000;
-      const { token, nonce } = minter.mint(caller.vpcId, caller.address, state.instanceId, expMs);
-      let ok: boolean;
-      try {
-        ok = await store.recordToken(state.instanceId, caller.vpcId, caller.address, nonce, expMs);
-      } catch (err) {
-        log.warn({ err: (err as Error).message, caller: caller.key }, "imds: cannot record a token");
-        fail(req, res, 503, { "Retry-After": 1 });
-        return;
-      }
-      if (!ok) {
-        fail(req, res, 404);
-        return;
-      }
-      send(req, res, 200, token, { [TOKEN_TTL_HEADER]: ttl });
+      await putToken(req, res, caller as KnownCaller, state.instanceId, minter, store, log);
       return;
     }
 
-    // Every other request is a read. A presented token must be valid whatever
-    // the mode; REQUIRED refuses reads without one.
-    let ttlLeft: number | undefined;
-    if (presented !== undefined) {
-      const good =
-        parsed !== null && state.token === "live" && parsed.expMs > Date.now() && minter.verify(parsed.raw, caller.vpcId, caller.address, state.instanceId);
-      if (!good) {
-        fail(req, res, 401);
-        return;
-      }
-      ttlLeft = Math.max(0, Math.floor((parsed!.expMs - Date.now()) / 1000));
-    } else if (md.options?.httpTokens === ImdsHttpTokens.REQUIRED) {
-      fail(req, res, 401);
-      return;
-    }
-    const extra: Record<string, string | number> = ttlLeft === undefined ? {} : { [TOKEN_TTL_HEADER]: ttlLeft };
-
-    if (!target) {
-      fail(req, res, 404);
-      return;
-    }
-    if (req.method !== "GET" && req.method !== "HEAD") {
-      // Known or not, no path but the token one takes anything but a read.
-      fail(req, res, 405, { Allow: "GET, HEAD" });
-      return;
-    }
-    if (target.segs.length === 0) {
-      send(req, res, 200, API_VERSIONS.join("\n"), extra);
-      return;
-    }
-    if (!VERSION_SET.has(target.segs[0])) {
-      fail(req, res, 404);
-      return;
-    }
-    // Only meta-data/ shows a public address; ask the data plane only then.
-    let publicIp = md.publicIpv4 || undefined;
-    if (!publicIp && opts.publicIpOf && target.segs[1] === "meta-data") {
-      try {
-        publicIp = await opts.publicIpOf(caller.vpcId, caller.address);
-      } catch (err) {
-        log.warn({ err: (err as Error).message, caller: caller.key }, "imds: publicIpOf failed; serving no public-ipv4");
-      }
-    }
-    let node: Node | undefined = metadataTree(md, publicIp, defaults);
-    for (const s of target.segs.slice(1)) {
-      node = node && isDir(node) ? node.entries.get(s) : undefined;
-      if (node === undefined) break;
-    }
-    if (node === undefined) {
-      fail(req, res, 404);
-      return;
-    }
-    if (isDir(node)) {
-      // A directory lists itself with or without the trailing slash.
-      send(req, res, 200, listing(node), extra);
-      return;
-    }
-    // A leaf with a trailing slash names a directory that does not exist.
-    if (target.trailingSlash) {
-      fail(req, res, 404);
-      return;
-    }
-    if (node instanceof Uint8Array) send(req, res, 200, node, { ...extra, "Content-Type": "application/octet-stream" });
-    else send(req, res, 200, node, extra);
+    await serveRead(req, res, caller as KnownCaller, md, state.instanceId, state.token === "live", target, presented, parsed, {
+      minter,
+      defaults,
+      publicIpOf: opts.publicIpOf,
+      log,
+    });
   }
 
   async function close(): Promise<void> {
