@@ -212,11 +212,16 @@ function codeOf(e: unknown): { code: Code; message: string } {
 /** Methods that only read: the kernel is compared once, before and after all their calls. */
 const READ_ONLY = /^(Get|List|NicStats|ParseRules|InspectVm|TestConnectivity)/;
 
-/** Waits until two snapshots in a row agree (what an accepted call started has been applied), at most 5 s. */
+/**
+ * Waits until two snapshots 250 ms apart agree (what an accepted call
+ * started has been applied: its events followed, the reconcilers' passes
+ * run), at most 5 s. Shorter waits let a busy machine's late pass land in
+ * the next call's before/after and be blamed on that call.
+ */
 async function settle<T extends Snapshot>(take: () => Promise<T>): Promise<T> {
   let prev = await take();
-  for (let i = 0; i < 10; i++) {
-    await new Promise((r) => setTimeout(r, 150));
+  for (let i = 0; i < 20; i++) {
+    await new Promise((r) => setTimeout(r, 250));
     const next = await take();
     if (diffSnapshots(prev, next).length === 0) return next;
     prev = next;
