@@ -19,6 +19,14 @@ export type ReadyCheck = () => Promise<boolean>;
 /** How often the readiness check runs at most (and while anyone watches, at least). */
 export const HEALTH_INTERVAL_MS = 1000;
 
+/**
+ * How long a "not ready" answer is reused: short, so a daemon that becomes
+ * ready (at start, its Redis connection up a moment after the listener)
+ * says so within a tenth of a second, not a whole interval later; still at
+ * most ten probes a second however many ask.
+ */
+export const NOT_READY_REUSE_MS = 100;
+
 const instances = new Set<WeakRef<SharedReadiness>>();
 
 /**
@@ -57,7 +65,8 @@ export class SharedReadiness {
 
   /** The last answer if it is fresh, else the answer of one probe shared by all who ask now. */
   get(): Promise<boolean> {
-    if (this.value !== undefined && Date.now() - this.at < this.intervalMs) return Promise.resolve(this.value);
+    const reuse = this.value ? this.intervalMs : Math.min(this.intervalMs, NOT_READY_REUSE_MS);
+    if (this.value !== undefined && Date.now() - this.at < reuse) return Promise.resolve(this.value);
     return this.probe();
   }
 

@@ -34,7 +34,7 @@ export const netagentDefinition: ServiceDefinition = {
       .default(""),
     new Option(
       "--underlay-interface <if>",
-      'underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU; "auto": the one holding --underlay-address, else the one the default route leaves by',
+      'underlay interface: its MTU minus the WireGuard overhead (60 over IPv4, 80 over IPv6) is the overlay MTU; "auto": the one holding the underlay address, else the one the default route leaves by',
     )
       .env("MICROVPC_UNDERLAY_INTERFACE")
       .default("auto"),
