@@ -5,7 +5,11 @@ import { createServer, type Server } from "node:http";
 import { collectDefaultMetrics, Counter, Histogram, Registry } from "prom-client";
 
 export const metricsRegistry = new Registry();
-collectDefaultMetrics({ register: metricsRegistry, prefix: "microvpc_process_" });
+// The process and Node.js metrics under their standard names
+// (process_cpu_user_seconds_total, nodejs_heap_size_used_bytes, …), which
+// stock Node dashboards and alerts expect; a prefix made them
+// microvpc_process_process_… and matched nothing.
+collectDefaultMetrics({ register: metricsRegistry });
 
 export const rpcRequests = new Counter({
   name: "microvpc_rpc_requests_total",

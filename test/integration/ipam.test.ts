@@ -637,6 +637,10 @@ describe("operability", () => {
     assert.match(body, /microvpc_rpc_requests_total\{service="microvpc\.v1\.IpamService",method="Allocate",code="OK"/);
     assert.match(body, /microvpc_rpc_duration_seconds_bucket/);
     assert.match(body, /microvpc_ipam_allocations_total\{result="created"/);
+    // The process metrics under the names stock Node dashboards use.
+    assert.match(body, /^process_cpu_user_seconds_total\{service="ipam"\} \d/m);
+    assert.match(body, /^nodejs_heap_size_used_bytes\{service="ipam"\} \d/m);
+    assert.doesNotMatch(body, /microvpc_process_/);
   });
 
   test("a token-protected server refuses calls without the token; health stays open", async () => {
