@@ -7,7 +7,6 @@
 // nothing new applies nothing. Then the failure paths: a refused transaction
 // and a table gone behind the daemon's back end in a full replace.
 import assert from "node:assert/strict";
-import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { pino } from "pino";
 import { test } from "vitest";
@@ -19,6 +18,7 @@ import { FirewallSync, type StateSource } from "../../services/firewall/sync.js"
 import { names } from "../../services/netagent/plan.js";
 import type { HostDesired } from "../../services/netagent/store.js";
 import { ROOT } from "../lib/daemon.js";
+import { assertGolden, replayOrders } from "../lib/state-table.js";
 import { fw, WEB } from "../lib/nft-fixtures.js";
 
 const FILE = join(ROOT, "test", "unit", "golden", "firewall-sync.txt");
@@ -90,29 +90,15 @@ async function wants(): Promise<Map<string, string>> {
   return out;
 }
 
-function mulberry32(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 const isReplace = (tx: NftTransaction) => /^delete table inet microvpc$/m.test(render(tx));
 
 test("golden: the ruleset of each case after a pass", async () => {
-  const w = await wants();
-  const text = [...w].map(([name, dump]) => `=== ${name}\n${dump}`).join("");
-  if (process.env.UPDATE_GOLDEN) writeFileSync(FILE, text);
-  assert.equal(text, readFileSync(FILE, "utf8"), "the firewall's ruleset changed: review it, then UPDATE_GOLDEN=1");
+  assertGolden(FILE, await wants(), "the firewall's ruleset");
 });
 
 test("the cases replayed in random orders: every transition is incremental and lands exactly on the target", async () => {
   const want = await wants();
-  for (let seed = 1; seed <= 25; seed++) {
-    const rnd = mulberry32(seed);
-    const order = [...cases, ...cases].sort(() => rnd() - 0.5);
+  for (const { seed, order } of replayOrders(cases)) {
     const { world, nft, sync } = setup();
     let prev: Case | undefined;
     for (const c of order) {

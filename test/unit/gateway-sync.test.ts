@@ -8,7 +8,6 @@
 // on the target's state, and a pass with nothing new runs nothing. Then the
 // drift pass and a failing VPC.
 import assert from "node:assert/strict";
-import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { pino } from "pino";
 import { test } from "vitest";
@@ -23,6 +22,7 @@ import { names } from "../../services/netagent/plan.js";
 import type { HostDesired } from "../../services/netagent/store.js";
 import { FakeGwKernel } from "../lib/fake-gw-kernel.js";
 import { ROOT } from "../lib/daemon.js";
+import { assertGolden, replayOrders } from "../lib/state-table.js";
 
 const FILE = join(ROOT, "test", "unit", "golden", "gateway-sync.txt");
 const HOST = "hv1";
@@ -213,32 +213,18 @@ async function wants(): Promise<Map<string, string>> {
   return out;
 }
 
-function mulberry32(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** Kernel changes since `mark`: ip batches and nft transactions (empty ones run nothing). */
 const changes = (kernel: FakeGwKernel, mark: { b: number; n: number }) =>
   kernel.batches.length - mark.b + kernel.nft.applied.slice(mark.n).filter((a) => render(a.tx) !== "").length;
 const mark = (kernel: FakeGwKernel) => ({ b: kernel.batches.length, n: kernel.nft.applied.length });
 
 test("golden: the kernel's state for each case after a pass", async () => {
-  const w = await wants();
-  const text = [...w].map(([name, d]) => `=== ${name}\n${d}`).join("");
-  if (process.env.UPDATE_GOLDEN) writeFileSync(FILE, text);
-  assert.equal(text, readFileSync(FILE, "utf8"), "the gateway's kernel state changed: review it, then UPDATE_GOLDEN=1");
+  assertGolden(FILE, await wants(), "the gateway's kernel state");
 });
 
 test("the cases replayed in random orders: every transition lands exactly on the target; a pass with nothing new runs nothing", async () => {
   const want = await wants();
-  for (let seed = 1; seed <= 25; seed++) {
-    const rnd = mulberry32(seed);
-    const order = [...cases, ...cases].sort(() => rnd() - 0.5);
+  for (const { seed, order } of replayOrders(cases)) {
     const { kernel, sync, to } = setup();
     let prev: Case | undefined;
     for (const c of order) {
