@@ -250,7 +250,8 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
     assert.ok(call, `client has ${m.localName}`);
     const counts = new Map<string, number>();
     const readOnly = READ_ONLY.test(m.name);
-    const kernelAtStart = t.kernel ? await kernelSnapshot() : undefined;
+    // Settled: a change the previous method accepted may still be on its way to the kernel.
+    const kernelAtStart = t.kernel ? await settle(kernelSnapshot) : undefined;
     // The kernel as the last rejected call left it (a snapshot takes ~0.1 s: taken once per call, not twice).
     let kernelNow = readOnly ? undefined : kernelAtStart;
     let redisNow = await redisSnapshot(redis, skip);
