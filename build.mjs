@@ -6,7 +6,8 @@
 // takes ~0.3 s; `tsc --noEmit` still does the type checking in `npm test`.
 // Used by `npm run build`, by the test run's global setup and by the image.
 import { build as esbuild } from "esbuild";
-import { copyFileSync, mkdirSync, rmSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { copyFileSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -15,6 +16,24 @@ export const DIST = join(ROOT, "dist");
 
 /** Entry points: what bin/ runs, plus the quickstart's demo. */
 const ENTRIES = { microvpcd: "cli/microvpcd.ts", microvpc: "cli/microvpc.ts", demo: "deploy/demo.ts" };
+
+/**
+ * What services/common/version.ts reports for this build: package.json's
+ * version, and the commit from MICROVPC_COMMIT (the image's build argument)
+ * or `git rev-parse HEAD` (a checkout), else "unknown".
+ */
+function buildInfo() {
+  const { version } = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"));
+  let commit = process.env.MICROVPC_COMMIT;
+  if (!commit) {
+    try {
+      commit = execFileSync("git", ["rev-parse", "HEAD"], { cwd: ROOT, encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim();
+    } catch {
+      commit = "unknown";
+    }
+  }
+  return { version, commit };
+}
 
 export async function build({ quiet = false } = {}) {
   const t0 = performance.now();
@@ -35,6 +54,7 @@ export async function build({ quiet = false } = {}) {
     splitting: true,
     chunkNames: "chunks/[name]-[hash]",
     logLevel: "warning",
+    define: { __MICROVPC_BUILD__: JSON.stringify(buildInfo()) },
   });
   // Reflection serves the commented descriptors from this buf image.
   copyFileSync(join(ROOT, "gen", "descriptors.binpb"), join(DIST, "descriptors.binpb"));
