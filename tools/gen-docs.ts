@@ -129,7 +129,12 @@ export function renderApiReference(image = readFileSync(join(ROOT, "gen", "descr
     for (const m of f.messages) renderMessage(m, out);
     for (const e of f.enums) renderEnum(e, out);
   }
-  return out.join("\n").replace(/\n{3,}/g, "\n\n").trimEnd() + "\n";
+  return (
+    out
+      .join("\n")
+      .replace(/\n{3,}/g, "\n\n")
+      .trimEnd() + "\n"
+  );
 }
 
 /** Each generated file and its text. */

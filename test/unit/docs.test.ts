@@ -13,10 +13,22 @@ describe("generated docs", () => {
 
   it("the API reference has every service and method with its proto comment", () => {
     const api = renderApiReference();
-    for (const s of ["VpcService", "SubnetService", "IpamService", "NetAgentService", "FirewallService", "GatewayService", "VmService", "DnsService", "PeeringService"]) {
+    for (const s of [
+      "VpcService",
+      "SubnetService",
+      "IpamService",
+      "NetAgentService",
+      "FirewallService",
+      "GatewayService",
+      "VmService",
+      "DnsService",
+      "PeeringService",
+    ]) {
       expect(api, s).toContain(`### ${s}\n`);
     }
-    expect(api).toMatch(/\| `CreateVpc` \| \[CreateVpcRequest\]\(#createvpcrequest\) → \[CreateVpcResponse\]\(#createvpcresponse\) \| Creates a VPC\. ALREADY_EXISTS/);
+    expect(api).toMatch(
+      /\| `CreateVpc` \| \[CreateVpcRequest\]\(#createvpcrequest\) → \[CreateVpcResponse\]\(#createvpcresponse\) \| Creates a VPC\. ALREADY_EXISTS/,
+    );
     expect(api).toContain("| 3 | `cidr` | `string` | IPv4 CIDR of the VPC, between /8 and /28, host bits zero. |");
   });
 });
