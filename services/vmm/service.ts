@@ -45,6 +45,7 @@ import {
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { kernelNetns, type NetnsAdapter, type TcpProbeResult } from "./netns.js";
 import { LEASE_MS, nameEntry, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
+import { VmWatchHub, watchVms } from "./watch.js";
 
 /** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
 const LEASE_WAIT_MS = 20_000;
@@ -192,9 +193,25 @@ export class Vmm {
     return value;
   }
 
-  /** Drops every cached lookup when a VPC, subnet or security group changes anywhere. */
+  /** The open WatchVms streams (watch.ts), woken by vm.* events. */
+  readonly watchHub = new VmWatchHub();
+
+  /**
+   * Drops every cached lookup when a VPC, subnet or security group changes
+   * anywhere, and wakes the WatchVms streams when a VM record changes; one
+   * connection for both.
+   */
   followInvalidations(redis: Redis, stopped: () => boolean): void {
-    void followEvents(redis, /^(vpc\.|subnet\.|fw\.sg\.)/, () => this.lookups.clear(), stopped);
+    void followEvents(
+      redis,
+      /^(vpc\.|subnet\.|fw\.sg\.|vm\.)/,
+      (events) => {
+        const vms = events.filter((e) => e.kind.startsWith("vm.")).map((e) => e.vm ?? "");
+        if (vms.length < events.length) this.lookups.clear();
+        if (vms.length) this.watchHub.notify(vms);
+      },
+      stopped,
+    );
   }
 
   owner(v: VmRec): string {
@@ -740,6 +757,19 @@ export class Vmm {
         ),
       };
     },
+
+    watchVms: (req, ctx) =>
+      watchVms(
+        {
+          store: this.store,
+          resolve: (ref, vpc) => this.resolve(ref, vpc),
+          vpcId: async (ref) => (await this.c.vpc.getVpc({ ref })).vpc!.id,
+          vmMsg: (v) => this.vmMsg(v),
+        },
+        this.watchHub,
+        req,
+        ctx.signal,
+      ),
 
     testConnectivity: async (req) => {
       const src = await this.resolve(req.source, req.vpc, "source");
