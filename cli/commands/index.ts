@@ -7,8 +7,11 @@ import * as completion from "./completion.js";
 import * as connectivity from "./connectivity.js";
 import * as dns from "./dns.js";
 import * as fip from "./fip.js";
+import * as host from "./host.js";
 import * as ip from "./ip.js";
+import * as metadata from "./metadata.js";
 import * as nat from "./nat.js";
+import * as nic from "./nic.js";
 import * as pf from "./pf.js";
 import * as sg from "./sg.js";
 import * as status from "./status.js";
@@ -16,4 +19,21 @@ import * as subnet from "./subnet.js";
 import * as vm from "./vm.js";
 import * as vpc from "./vpc.js";
 
-export const groups: { register(program: Command): void }[] = [vpc, subnet, ip, sg, acl, nat, fip, pf, dns, vm, connectivity, status, completion];
+export const groups: { register(program: Command): void }[] = [
+  vpc,
+  subnet,
+  ip,
+  sg,
+  acl,
+  nat,
+  fip,
+  pf,
+  dns,
+  vm,
+  connectivity,
+  host,
+  nic,
+  metadata,
+  status,
+  completion,
+];

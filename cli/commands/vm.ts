@@ -33,6 +33,7 @@ import { dryRunOption, integer, labelOption, limitOption, listOption, repeatable
 import { dryRun, emit, enumLabel, labels, someDetails, table, time } from "../lib/output.js";
 import { collect } from "../lib/paging.js";
 import { setActivity } from "../lib/progress.js";
+import { watchVm, watchVmList } from "./vm-watch.js";
 
 const KINDS: Record<string, VmKind> = { netns: VmKind.NETNS, qemu: VmKind.QEMU, firecracker: VmKind.FIRECRACKER };
 const STATES: Record<string, VmState> = {
@@ -55,7 +56,7 @@ function address(v: Vm): string {
   return g ? (g.prefixLength ? `${g.address}/${g.prefixLength}` : g.address) : "";
 }
 
-function vmDetails(v: Vm, extra: [string, string][] = []): string {
+export function vmDetails(v: Vm, extra: [string, string][] = []): string {
   const nic = v.nics[0];
   const g = nic?.guest;
   const rows: [string, string][] = [
@@ -132,6 +133,23 @@ function userData(cmd: Command, file: string | undefined): Uint8Array {
 function absPath(field: string, v: string): void {
   // eslint-disable-next-line no-control-regex -- control characters are what this refuses
   if (v !== "" && (!v.startsWith("/") || /[\u0000-\u001f]/.test(v))) throw new InvalidArgumentError(field, `${V.show(v)} must be an absolute path`);
+}
+
+export function vmTable(items: Vm[]): string {
+  return table(
+    ["ID", "NAME", "VPC", "SUBNET", "KIND", "STATE", "ADDRESS", "PUBLIC", "HOST"],
+    items.map((v) => [
+      v.id,
+      v.name,
+      v.vpcId,
+      v.subnetId,
+      enumLabel(VmKindSchema, v.kind),
+      enumLabel(VmStateSchema, v.state),
+      address(v),
+      v.publicAddress,
+      v.hostId,
+    ]),
+  );
 }
 
 const refVpcOption = () => vpcOption("; needed when REF is a name");
@@ -234,34 +252,23 @@ export function register(program: Command): void {
     .option("--subnet <ref>", "only VMs of this subnet (a name needs --vpc)", "")
     .addOption(new Option("--state <state>", "only VMs in this state").choices(Object.keys(STATES)))
     .addOption(limitOption())
+    .option("--watch", "keep the list on screen and redraw it when a VM changes (a WatchVms stream; -o json: one line per change); Ctrl-C stops")
     .action(async (o, cmd: Command) => {
+      if (o.watch) return watchVmList(cmd, { vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : undefined });
       const c = client(cmd, VmService);
       const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
         const r = await c.listVms({ vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : VmState.UNSPECIFIED, pageSize, pageToken });
         return { items: r.vms, next: r.nextPageToken };
       });
-      emit(cmd, ListVmsResponseSchema, create(ListVmsResponseSchema, { vms: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "NAME", "VPC", "SUBNET", "KIND", "STATE", "ADDRESS", "PUBLIC", "HOST"],
-          items.map((v) => [
-            v.id,
-            v.name,
-            v.vpcId,
-            v.subnetId,
-            enumLabel(VmKindSchema, v.kind),
-            enumLabel(VmStateSchema, v.state),
-            address(v),
-            v.publicAddress,
-            v.hostId,
-          ]),
-        ),
-      );
+      emit(cmd, ListVmsResponseSchema, create(ListVmsResponseSchema, { vms: items, nextPageToken: next }), () => vmTable(items));
     });
 
   vm.command("get <ref>")
     .description("show one VM with its network configuration (a name needs --vpc)")
     .addOption(refVpcOption())
+    .option("--watch", "keep the VM on screen and redraw it when it changes, until it is deleted (-o json: one line per change); Ctrl-C stops")
     .action(async (ref: string, o, cmd: Command) => {
+      if (o.watch) return watchVm(cmd, ref, o.vpc);
       const res = await client(cmd, VmService).getVm({ ref, vpc: o.vpc }, { timeoutMs: vmTimeout(cmd) });
       emit(cmd, GetVmResponseSchema, res, () => vmDetails(res.vm!));
     });
