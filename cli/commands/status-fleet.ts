@@ -126,10 +126,13 @@ const PER_HOST: Daemon[] = ["netagent", "firewall", "gateway", "vmm"];
 
 /** The address of another host's daemon: its endpoint's IP with the daemon's default port, in the scheme the CLI uses. */
 function remoteAddress(cmd: Command, h: Host, d: Daemon): string | undefined {
-  const m = /^(\[[0-9A-Fa-f:.]+\]|[0-9.]+):[0-9]+$/.exec(h.endpoint);
-  if (!m) return undefined;
+  // "ip:port", "[ipv6]:port", or the address alone.
+  const v4 = /^([0-9]{1,3}(?:\.[0-9]{1,3}){3})(?::[0-9]+)?$/.exec(h.endpoint);
+  const v6 = /^\[([0-9A-Fa-f:.]+)\](?::[0-9]+)?$/.exec(h.endpoint) ?? /^([0-9A-Fa-f]*:[0-9A-Fa-f:.]*)$/.exec(h.endpoint);
+  const ip = v4 ? v4[1] : v6 ? `[${v6[1]}]` : undefined;
+  if (!ip) return undefined;
   const scheme = address(cmd, "netagent").startsWith("https://") ? "https://" : "";
-  return `${scheme}${m[1]}:${DAEMONS[d].port}`;
+  return `${scheme}${ip}:${DAEMONS[d].port}`;
 }
 
 const transports = new Map<string, Transport>();
@@ -226,7 +229,8 @@ export async function allHostsStatus(cmd: Command): Promise<void> {
   for (const r of rows) {
     for (const p of Object.values(r.probes)) {
       if (p.status === "unreachable" || p.status === "not-serving") code = EXIT.unavailable;
-      else if (p.healthy === false && code === EXIT.ok) code = EXIT.error;
+      // Not checked (no address, or the token may not go there) is not healthy either.
+      else if ((p.healthy === false || p.status === "skipped") && code === EXIT.ok) code = EXIT.error;
     }
     if (r.host.invalidReason && code === EXIT.ok) code = EXIT.error;
   }
