@@ -207,7 +207,7 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
     const service = ctx.service.typeName;
     const method = ctx.method.name;
     const call = serverCall((name) => ctx.header(name), service, method);
-    const reqId = call.reqId;
+    const { reqId, traceId } = call;
     ctx.addResponseHeader("x-request-id", reqId);
     ctx.scope = call.run;
     const start = process.hrtime.bigint();
@@ -221,10 +221,11 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
         ctx.responseTrailer.set("x-request-id", reqId);
         const level = code === Code.Internal || code === Code.Unknown ? "error" : code === Code.Unavailable ? "warn" : "info";
         if (!logger.isLevelEnabled(level)) return;
-        // reqId in the line's own fields: done() runs outside the call's scope, and these win over logMixin's.
+        // reqId and traceId in the line's own fields: done() runs outside the call's scope (these win over logMixin's).
         logger.child({ rpc: `${service}/${method}` })[level](
           {
             reqId,
+            traceId,
             code: codeName,
             ms: seconds * 1000,
             err: err.rawMessage,
@@ -233,7 +234,7 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
           "rpc failed",
         );
       } else if (!service.startsWith("grpc.") && logger.isLevelEnabled("debug")) {
-        logger.child({ rpc: `${service}/${method}` }).debug({ reqId, ms: seconds * 1000 }, "rpc ok");
+        logger.child({ rpc: `${service}/${method}` }).debug({ reqId, traceId, ms: seconds * 1000 }, "rpc ok");
       }
     };
     if (want && service !== "grpc.health.v1.Health") {

@@ -84,6 +84,7 @@ export function tracingEnabled(): boolean {
 
 export interface ServerCall {
   readonly reqId: string;
+  readonly traceId?: string;
   run<T>(fn: () => T): T;
   end(code: number, codeName: string, message?: string): void;
 }
@@ -102,10 +103,10 @@ export function serverCall(header: (name: string) => string | undefined, service
   if (backend && !service.startsWith("grpc.")) {
     const span = backend.serverSpan(service, method, traceparent, tracestate);
     const scope: CallScope = { reqId, traceId: span.traceId };
-    return { reqId, run: (fn) => scopes.run(scope, () => span.run(fn)), end: (c, n, m) => span.end(c, n, m) };
+    return { reqId, traceId: span.traceId, run: (fn) => scopes.run(scope, () => span.run(fn)), end: (c, n, m) => span.end(c, n, m) };
   }
   const scope: CallScope = { reqId, traceId: traceparent?.slice(3, 35), traceparent, tracestate };
-  return { reqId, run: (fn) => scopes.run(scope, fn), end: noEnd };
+  return { reqId, traceId: scope.traceId, run: (fn) => scopes.run(scope, fn), end: noEnd };
 }
 
 /** fn inside a span named `name` (a child of the active one) when tracing is on; else just fn(). */
