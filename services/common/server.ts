@@ -2,10 +2,10 @@
 // @grpc/grpc-js (grpc-adapter.ts turns our protobuf-es services into its
 // handlers): HTTP/2 (h2c on loopback, TLS elsewhere), the gRPC protocol only
 // (connect's HTTP/1.1 JSON protocol is no longer served), reflection, health,
-// a request id and a trace on every call (tracing.ts), RPC metrics, one error mapping, optional
-// bearer-token auth and mutual TLS, and optionally grpc.health.v1 alone on
-// its own plaintext listener (for kubelet probes while the gRPC port wants
-// TLS and credentials).
+// a request id and a trace on every call (tracing.ts), RPC metrics, one
+// error mapping, optional bearer-token auth and mutual TLS, and optionally
+// grpc.health.v1 alone on its own plaintext listener (for kubelet probes
+// while the gRPC port wants TLS and credentials).
 import { timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { isIP } from "node:net";
