@@ -11,7 +11,7 @@
 // connectivity probes). The other daemons are typed clients (Clients):
 // grpc-js in main.ts, in-memory fakes in test/unit/vmm-saga.test.ts, which
 // fails every step there (this file has no fault injection of its own).
-import { randomBytes } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client, type ServiceImpl } from "@connectrpc/connect";
@@ -21,7 +21,7 @@ import { Counter, Histogram } from "prom-client";
 import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { followEvents } from "../common/events.js";
 import { metricsRegistry } from "../common/metrics.js";
-import { withSpan } from "../common/tracing.js";
+import { runInScope, withSpan } from "../common/tracing.js";
 import * as V from "../common/validate.js";
 import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
@@ -450,7 +450,8 @@ export class Vmm {
         if (!(await this.store.acquireLease(v0.id, token, this.leasePrefix))) continue;
         const release = this.hold(v0.id, token);
         try {
-          await this.recoverOne(v0.id, f);
+          // A request id of its own (on the vmm's lines and every daemon's it calls), and a trace of its own.
+          await runInScope({ reqId: `recover-${randomUUID()}` }, () => withSpan("recover", { "microvpc.vm.id": v0.id }, () => this.recoverOne(v0.id, f)));
         } finally {
           await release();
         }
