@@ -286,12 +286,26 @@ describe("with an OTLP endpoint", () => {
     assert.match(vmmReqId, /^[0-9a-f-]{36}$/);
     assertLogged(vmmReqId, trace2[0].traceId);
 
+    // A caller's traceparent is continued by the vmm too: its RPC span is the caller's span's child.
+    const callerTrace = "0af7651916cd43dd8448eb211c80319c";
+    const callerSpan = "b7ad6b7169203331";
+    await vmm.createVm({ name: "t4", vpc: "app", subnet: "web", kind: VmKind.NETNS }, { headers: { traceparent: `00-${callerTrace}-${callerSpan}-01` } });
+    const trace4 = await createTrace("t4");
+    assert.equal(trace4[0].traceId, callerTrace);
+    const server4 = trace4.find((s) => s.service === "microvpc-vmm" && s.name === "microvpc.v1.VmService/CreateVm");
+    assert.equal(server4?.parentSpanId, callerSpan, "the vmm's RPC span continues the caller's trace");
+    for (const svc of DAEMONS)
+      assert.ok(
+        trace4.some((s) => s.service === svc),
+        `${svc} in the caller's trace`,
+      );
+
     // DeleteVm: its span, the undo steps under it.
-    for (const n of ["t1", "t2"]) assert.equal((await vmm.deleteVm({ ref: n, vpc: "app" })).deleted, true);
+    for (const n of ["t1", "t2", "t4"]) assert.equal((await vmm.deleteVm({ ref: n, vpc: "app" })).deleted, true);
     assert.ok(
       await waitFor(() => {
         const del = spans.filter((s) => s.service === "microvpc-vmm" && s.name === "DeleteVm");
-        return del.length === 2 && del.every((d) => spans.some((s) => s.name === "undo ipam" && s.parentSpanId === d.spanId));
+        return del.length === 3 && del.every((d) => spans.some((s) => s.name === "undo ipam" && s.parentSpanId === d.spanId));
       }),
       "DeleteVm spans with their undo steps",
     );
