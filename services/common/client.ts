@@ -2,11 +2,15 @@
 // connect clients (Client<typeof Service>) whose calls go through @grpc/grpc-js
 // (grpc-adapter.ts), over HTTP/2 (h2c for http://, TLS for https://), with an
 // optional bearer token, an optional client certificate (mutual TLS) and a
-// deadline on every call. The CLI builds its own connect-node transports
+// deadline on every call. A call made while serving one (the vmm's steps)
+// carries that call's x-request-id and trace context (traceparent,
+// tracestate: tracing.ts), so the daemons it reaches log the same request id
+// and continue the same trace. The CLI builds its own connect-node transports
 // (cli/lib/context.ts) and passes them to grpcClient.
 import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { grpcJsTransport } from "./grpc-adapter.js";
+import { injectCallHeaders } from "./tracing.js";
 
 export interface ClientOptions {
   /** "127.0.0.1:7401", "http://127.0.0.1:7401" or "https://host:7401". */
@@ -57,6 +61,7 @@ export function grpcTransport(opts: ClientOptions): Transport {
     header: opts.token ? { authorization: `Bearer ${opts.token}` } : undefined,
     timeoutMs: opts.timeoutMs ?? 10_000,
     tls: opts.tls,
+    outgoing: injectCallHeaders,
   });
 }
 

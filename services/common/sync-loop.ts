@@ -8,6 +8,7 @@
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { followEvents, type EventFields } from "./events.js";
+import { withSpan } from "./tracing.js";
 
 /** How long a failed pass waits before it is retried (a change event or a waiter does not wait). */
 export const RETRY_MS = 1000;
@@ -123,7 +124,7 @@ export class SyncLoop<R> {
       }
     }
     if (this.stopped) return;
-    await this.after(await spec.pass({ first: true, drift: false }));
+    await this.after(await this.pass({ first: true, drift: false }));
     let lastDrift = Date.now();
     while (!this.stopped) {
       if (!this.pending && this.targets.size === 0) {
@@ -148,8 +149,8 @@ export class SyncLoop<R> {
       if (this.pending || drift || retry || due) {
         this.pending = false;
         if (drift) lastDrift = Date.now();
-        result = await spec.pass({ first: false, drift });
-      } else result = await spec.pass({ first: false, drift: false, only: targets });
+        result = await this.pass({ first: false, drift });
+      } else result = await this.pass({ first: false, drift: false, only: targets });
       // The kernel has the change: answer first, then what may wait.
       for (const w of waiters) {
         const err = spec.errorOf?.(w.key);
@@ -157,6 +158,12 @@ export class SyncLoop<R> {
       }
       await this.after(result);
     }
+  }
+
+  /** One pass; a "reconcile" span when tracing is on. */
+  private pass(req: PassRequest): Promise<R> {
+    const kind = req.first ? "first" : req.only ? "targeted" : req.drift ? "drift" : "whole";
+    return withSpan("reconcile", { "microvpc.reconcile.kind": kind, "microvpc.reconcile.keys": req.only?.size ?? 0 }, () => this.spec.pass(req));
   }
 
   private async after(result: R): Promise<void> {

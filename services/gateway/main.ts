@@ -32,6 +32,7 @@ import { GatewayApi } from "./service.js";
 import { GatewayStatusApi } from "./status-api.js";
 import { GatewayStore } from "./store.js";
 import { GatewaySync } from "./sync.js";
+import { BUILD } from "../common/version.js";
 
 /**
  * Runs the metadata server in this process, on every address of this
@@ -195,7 +196,7 @@ export function addImdsCommand(program: Command): void {
         redisTlsCert?: string;
         redisTlsKey?: string;
       }) => {
-        const logger = pino({ base: { service: "imds", pid: process.pid } });
+        const logger = pino({ base: { service: "imds", pid: process.pid, hostId: o.hostId, version: BUILD.version } });
         const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
         checkRedisUser(o.redis, o.redisUser, o.redisPasswordFile);
         const redis = connectRedis({ url: o.redis, logger, ...(o.redisUser ? { username: o.redisUser } : {}), ...secrets });
