@@ -6,6 +6,7 @@ import { pino, type Logger } from "pino";
 import type { Redis } from "ioredis";
 import { serveMetrics, setDefaultLabels } from "./metrics.js";
 import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./redis.js";
+import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 
 export interface CommonFlags {
@@ -200,10 +201,14 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     },
     `${def.name} serving`,
   );
+  // Under systemd (Type=notify): READY=1 once the readiness check first passes.
+  const notifying = new AbortController();
+  void notifyReadyWhen(ready, { signal: notifying.signal, logger });
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
+    notifying.abort();
     logger.info({ signal }, "shutting down");
     await server.close();
     metrics.close();
