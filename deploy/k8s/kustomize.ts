@@ -14,14 +14,20 @@
 //   images      name → newName / newTag / digest, in containers and
 //               initContainers
 //
-// Strategic merge, as the API server and kustomize do it for the fields we
-// patch: maps merge recursively, `null` deletes a key, lists with a patch
-// merge key (containers, initContainers and imagePullSecrets by name, env by
-// name, volumes by name, volumeMounts by mountPath, container ports by
-// containerPort, Service ports by port, topologySpreadConstraints by
-// topologyKey) merge element by element (`$patch: delete` removes one), every
-// other list is replaced. Other `$patch`/`$setElementOrder`/`$retainKeys`
-// directives are refused.
+// Strategic merge, as kustomize (kyaml) does it for the fields we patch:
+// maps merge recursively, `null` deletes a key, lists with merge keys — the
+// API's x-kubernetes-list-map-keys, which kyaml uses: containers,
+// initContainers and imagePullSecrets by name, env by name, volumes by name,
+// volumeMounts by mountPath, container ports by containerPort+protocol,
+// Service ports by port+protocol, topologySpreadConstraints by
+// topologyKey+whenUnsatisfiable — merge element by element (`$patch: delete`
+// removes one), every other list is replaced. Order, as kyaml: the patch's
+// elements first, in the patch's order, then the base's other elements in
+// theirs. Other `$patch`/`$setElementOrder`/`$retainKeys` directives are
+// refused, and so is a patch element that leaves out a secondary key the
+// matching base element has (kyaml then drops the patch element silently).
+// test/unit/deploy-kustomize.test.ts compares every overlay with
+// `kubectl kustomize` where kubectl is installed.
 //
 // CLI: node --import tsx deploy/k8s/kustomize.ts deploy/k8s/overlays/dev
 import { existsSync, readFileSync, statSync } from "node:fs";
@@ -166,8 +172,8 @@ function setImages(v: unknown, img: Obj): unknown {
   return out;
 }
 
-/** The merge key of a list field, or undefined for lists that are replaced. */
-function mergeKey(field: string, items: unknown[]): string | undefined {
+/** The merge keys of a list field (the first one required), or undefined for lists that are replaced. */
+function mergeKeys(field: string, items: unknown[]): string[] | undefined {
   switch (field) {
     case "containers":
     case "initContainers":
@@ -175,14 +181,14 @@ function mergeKey(field: string, items: unknown[]): string | undefined {
     case "imagePullSecrets":
     case "env":
     case "volumes":
-      return "name";
+      return ["name"];
     case "volumeMounts":
-      return "mountPath";
+      return ["mountPath"];
     case "topologySpreadConstraints":
-      return "topologyKey";
+      return ["topologyKey", "whenUnsatisfiable"];
     case "ports":
-      // Container ports merge by containerPort, Service ports by port.
-      return items.some((x) => isObj(x) && "containerPort" in x) ? "containerPort" : "port";
+      // Container ports merge by containerPort+protocol, Service ports by port+protocol.
+      return items.some((x) => isObj(x) && "containerPort" in x) ? ["containerPort", "protocol"] : ["port", "protocol"];
     default:
       return undefined;
   }
@@ -202,23 +208,32 @@ export function strategicMerge(base: unknown, patch: unknown, field: string): un
     return out;
   }
   if (Array.isArray(patch)) {
-    const key = mergeKey(field, [...(Array.isArray(base) ? base : []), ...patch]);
-    if (!key || !Array.isArray(base)) {
+    const keys = mergeKeys(field, [...(Array.isArray(base) ? base : []), ...patch]);
+    if (!keys || !Array.isArray(base)) {
       for (const x of patch) if (isObj(x) && "$patch" in x) throw new Error(`$patch in a list without a merge key (${field})`);
       return stripNulls(patch);
     }
-    const out = [...base];
+    const [key, ...secondary] = keys;
+    // kyaml's order: the patch's elements, then the base's others.
+    const out: unknown[] = [];
+    const used = new Set<number>();
     for (const item of patch) {
       if (!isObj(item) || !(key in item)) throw new Error(`${field}: every patch element needs its merge key '${key}'`);
-      const i = out.findIndex((b) => isObj(b) && b[key] === item[key]);
+      for (const k of secondary) {
+        if (!(k in item) && base.some((b) => isObj(b) && b[key] === item[key] && k in b))
+          throw new Error(`${field}: the patch element ${key}=${String(item[key])} must give '${k}' as the base does (kustomize merges by ${keys.join("+")})`);
+      }
+      const i = base.findIndex((b, j) => !used.has(j) && isObj(b) && keys.every((k) => b[k] === item[k]));
+      if (i >= 0) used.add(i);
       if (item.$patch !== undefined) {
         if (item.$patch !== "delete") throw new Error(`$patch: ${String(item.$patch)} is not implemented by this kustomize subset`);
-        if (i >= 0) out.splice(i, 1);
         continue;
       }
-      if (i >= 0) out[i] = strategicMerge(out[i], item, field);
-      else out.push(stripNulls(item));
+      out.push(i >= 0 ? strategicMerge(base[i], item, field) : stripNulls(item));
     }
+    base.forEach((b, j) => {
+      if (!used.has(j)) out.push(b);
+    });
     return out;
   }
   return patch;

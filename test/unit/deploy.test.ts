@@ -227,14 +227,15 @@ test("kustomize subset: strategic merge as the API server does it for the fields
               name: "a",
               image: "x",
               args: ["three"],
+              // kyaml's order: the patch's elements first, then the base's others.
               env: [
-                { name: "A", value: "1" },
                 { name: "B", value: "20" },
                 { name: "C", value: "3" },
+                { name: "A", value: "1" },
               ],
               volumeMounts: [
-                { name: "v", mountPath: "/v" },
                 { name: "w", mountPath: "/w" },
+                { name: "v", mountPath: "/v" },
               ],
             },
             { name: "c", image: "z" },
@@ -247,10 +248,36 @@ test("kustomize subset: strategic merge as the API server does it for the fields
   assert.deepEqual(strategicMerge({ a: 1, b: { c: 2, d: 3 } }, { b: { c: null } }, ""), { a: 1, b: { d: 3 } });
   assert.deepEqual(strategicMerge({ ports: [{ port: 1, name: "a" }] }, { ports: [{ port: 2, name: "b" }] }, ""), {
     ports: [
-      { port: 1, name: "a" },
       { port: 2, name: "b" },
+      { port: 1, name: "a" },
     ],
   });
+  // Merge keys are the API's list-map keys: a spread constraint is topologyKey+whenUnsatisfiable,
+  // a port port+protocol, so a different second key adds an element instead of replacing one.
+  const spread = (k: string, w: string, skew = 1) => ({ topologyKey: k, whenUnsatisfiable: w, maxSkew: skew });
+  assert.deepEqual(
+    strategicMerge({ topologySpreadConstraints: [spread("h", "ScheduleAnyway")] }, { topologySpreadConstraints: [spread("h", "DoNotSchedule")] }, ""),
+    { topologySpreadConstraints: [spread("h", "DoNotSchedule"), spread("h", "ScheduleAnyway")] },
+  );
+  assert.deepEqual(
+    strategicMerge(
+      { topologySpreadConstraints: [spread("h", "ScheduleAnyway"), spread("z", "ScheduleAnyway")] },
+      { topologySpreadConstraints: [{ topologyKey: "h", whenUnsatisfiable: "ScheduleAnyway", $patch: "delete" }, spread("h", "DoNotSchedule", 2)] },
+      "",
+    ),
+    { topologySpreadConstraints: [spread("h", "DoNotSchedule", 2), spread("z", "ScheduleAnyway")] },
+  );
+  assert.deepEqual(strategicMerge({ ports: [{ port: 1, protocol: "TCP" }] }, { ports: [{ port: 1, protocol: "UDP" }] }, ""), {
+    ports: [
+      { port: 1, protocol: "UDP" },
+      { port: 1, protocol: "TCP" },
+    ],
+  });
+  // Leaving out a secondary key the base gives is refused: kustomize would drop the patch element.
+  assert.throws(
+    () => strategicMerge({ ports: [{ containerPort: 1, protocol: "TCP" }] }, { ports: [{ containerPort: 1, name: "n" }] }, ""),
+    /must give 'protocol'/,
+  );
   assert.throws(() => strategicMerge({ a: {} }, { a: { $patch: "replace" } }, ""), /not implemented/);
   assert.throws(() => strategicMerge({ containers: [{ name: "a" }] }, { containers: [{ image: "x" }] }, ""), /merge key 'name'/);
   assert.deepEqual(splitImage("reg.example:5000/a/b:1.2@sha256:ab"), { name: "reg.example:5000/a/b", tag: "1.2", digest: "sha256:ab" });
