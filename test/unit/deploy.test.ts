@@ -516,7 +516,8 @@ for (const overlay of OVERLAYS) {
         assert.match(ops, new RegExp(`kubectl[^\\n]*create secret generic ${s}\\b`), `docs/operations.md says how to create Secret ${s}`);
     }
     // microvpc-redis: Redis's default user; -control: ipam's user; -acl: the aclfile (docs/redis-acl.md).
-    assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-redis-acl", "microvpc-redis-control", "microvpc-token"]);
+    // microvpc-tls: the control plane's gRPC certificate (and the CA vmm trusts).
+    assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-redis-acl", "microvpc-redis-control", "microvpc-tls", "microvpc-token"]);
   });
 }
 
@@ -741,7 +742,17 @@ for (const overlay of OVERLAYS) {
     assert.equal(envOf(vmm, "MICROVPC_NETAGENT_ADDR")?.value, listenOf(netagent));
     assert.equal(envOf(vmm, "MICROVPC_FIREWALL_ADDR")?.value, listenOf(firewall));
     assert.equal(envOf(vmm, "MICROVPC_GATEWAY_ADDR")?.value, listenOf(gateway));
-    assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "microvpc-ipam:7401");
+    // ipam over TLS, through the headless Service, balanced over its replicas (dns:/// + round_robin).
+    assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "https://dns:///microvpc-ipam-headless:7401");
+    const caFile = envOf(vmm, "MICROVPC_CA_FILE")?.value;
+    const caMount = vmm.volumeMounts!.find((m) => caFile?.startsWith(`${m.mountPath}/`));
+    assert.ok(caMount, "vmm: the CA file is mounted");
+    const caVol = pod.volumes!.find((v) => v.name === caMount.name) as { secret?: { secretName: string; items: { key: string; path: string }[] } };
+    assert.deepEqual(caVol.secret?.secretName, "microvpc-tls", "vmm trusts the CA of ipam's certificate");
+    assert.deepEqual(caVol.secret?.items, [{ key: "ca.crt", path: "ca.crt" }], "vmm gets the CA only, never the key");
+    const headless = find(objs, "Service", "microvpc-ipam-headless").spec as { clusterIP: string; ports: { port: number }[]; selector: Record<string, string> };
+    assert.equal(headless.clusterIP, "None");
+    assert.ok(headless.ports.some((p) => p.port === 7401));
     // vmm's token for calls to the others: the mounted Secret file, not a variable.
     assert.equal(envOf(vmm, "MICROVPC_SERVICE_TOKEN"), undefined, "vmm: no token in an environment variable");
     assert.equal(
@@ -840,26 +851,27 @@ for (const [build, objs] of BUILDS) {
       assert.equal(envOf(c, "MICROVPC_LISTEN")?.value, `0.0.0.0:${port}`);
       assert.equal(envOf(c, "MICROVPC_METRICS_LISTEN")?.value, `0.0.0.0:${port + 2000}`);
       assert.equal(envOf(c, "MICROVPC_HEALTH_LISTEN")?.value, `0.0.0.0:${port + 1000}`);
-      // Redis, token and plaintext: ipam's, value for value.
+      // Redis, token and TLS: ipam's, value for value.
       for (const n of [
         "MICROVPC_REDIS_URL",
         "MICROVPC_REDIS_USER",
         "MICROVPC_REDIS_PASSWORD_FILE",
         "MICROVPC_REDIS_TIMEOUT_MS",
         "MICROVPC_TOKEN_FILE",
-        "MICROVPC_INSECURE_PLAINTEXT",
+        "MICROVPC_TLS_CERT",
+        "MICROVPC_TLS_KEY",
       ]) {
         assert.ok(envOf(ipam, n), `ipam sets ${n}`);
         assert.deepEqual(envOf(c, n), envOf(ipam, n), `${cn}: ${n} as ipam's`);
       }
       assert.equal(envOf(c, "MICROVPC_REDIS_USER")?.value, "microvpc-control", `${cn}: the control plane's Redis user`);
-      assert.equal(envOf(c, "MICROVPC_INSECURE_PLAINTEXT")?.value, "true");
+      // The token crosses the network only over TLS: no plaintext escape hatch.
+      assert.equal(envOf(c, "MICROVPC_INSECURE_PLAINTEXT"), undefined, `${cn}: TLS, not plaintext`);
       // Nothing else: no host id (not a hypervisor), no MICROVPC_API_ONLY (the flag says it).
       assert.deepEqual(
         (c.env ?? []).map((e) => e.name).sort(),
         [
           "MICROVPC_HEALTH_LISTEN",
-          "MICROVPC_INSECURE_PLAINTEXT",
           "MICROVPC_LISTEN",
           "MICROVPC_LOG_LEVEL",
           "MICROVPC_METRICS_LISTEN",
@@ -868,6 +880,8 @@ for (const [build, objs] of BUILDS) {
           "MICROVPC_REDIS_TIMEOUT_MS",
           "MICROVPC_REDIS_URL",
           "MICROVPC_REDIS_USER",
+          "MICROVPC_TLS_CERT",
+          "MICROVPC_TLS_KEY",
           "MICROVPC_TOKEN_FILE",
         ],
         `${cn}: its variables`,
@@ -900,7 +914,21 @@ for (const [build, objs] of BUILDS) {
     assert.equal(envOf(gw, "MICROVPC_RESERVED_PORTS")?.value, envOf(dsGateway, "MICROVPC_RESERVED_PORTS")?.value, "the hypervisors' reserved ports");
     // The control user's password: ipam's Secret, one volume for all three.
     const vols = Object.fromEntries((w.pod.volumes ?? []).map((v) => [v.name, v]));
-    assert.deepEqual(Object.keys(vols).sort(), ["redis-password", "token"]);
+    assert.deepEqual(Object.keys(vols).sort(), ["redis-password", "tls", "token"]);
+    // The serving certificate and key, from the Secret cert-manager (or the operator) fills.
+    assert.deepEqual(vols.tls.secret, {
+      secretName: "microvpc-tls",
+      items: [
+        { key: "tls.crt", path: "tls.crt" },
+        { key: "tls.key", path: "tls.key" },
+      ],
+      defaultMode: 0o440,
+    });
+    for (const c of w.pod.containers) {
+      assert.equal(envOf(c, "MICROVPC_TLS_CERT")?.value, "/etc/microvpc/tls/tls.crt", `${c.name}: serves TLS`);
+      assert.equal(envOf(c, "MICROVPC_TLS_KEY")?.value, "/etc/microvpc/tls/tls.key");
+      assert.ok(c.volumeMounts?.some((m) => m.name === "tls" && m.mountPath === "/etc/microvpc/tls" && m.readOnly));
+    }
     assert.deepEqual(vols["redis-password"].secret, {
       secretName: "microvpc-redis-control",
       items: [{ key: "password", path: "password" }],
@@ -916,11 +944,11 @@ for (const [build, objs] of BUILDS) {
     assert.deepEqual(
       svc.ports.map((p) => `${p.name} ${p.port}->${p.targetPort}/${p.protocol}${p.appProtocol ? ` ${p.appProtocol}` : ""}`),
       [
-        "grpc 7401->7401/TCP kubernetes.io/h2c",
+        "grpc 7401->7401/TCP https",
         "metrics 9401->9401/TCP",
-        "grpc-firewall 7403->7403/TCP kubernetes.io/h2c",
+        "grpc-firewall 7403->7403/TCP https",
         "mx-firewall 9403->9403/TCP",
-        "grpc-gateway 7404->7404/TCP kubernetes.io/h2c",
+        "grpc-gateway 7404->7404/TCP https",
         "mx-gateway 9404->9404/TCP",
       ],
     );
