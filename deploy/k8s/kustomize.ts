@@ -7,6 +7,10 @@
 //   resources   files (multi-document YAML) and directories holding a
 //               kustomization.yaml; an id (apiVersion group, kind, namespace,
 //               name) may appear once
+//   components  directories holding a `kind: Component` kustomization
+//               (resources and patches only), applied as kustomize does:
+//               after the resources, to everything accumulated so far,
+//               before the kustomization's own patches
 //   patches     `- path: FILE` holding a strategic-merge patch that names its
 //               target by apiVersion/kind/metadata.name (no `target:`, no
 //               JSON 6902, no inline `patch:`)
@@ -43,7 +47,9 @@ export interface K8sObject extends Obj {
   metadata: { name: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> } & Obj;
 }
 
-const SUPPORTED_KEYS = new Set(["apiVersion", "kind", "resources", "patches", "namespace", "images"]);
+const SUPPORTED_KEYS = new Set(["apiVersion", "kind", "resources", "components", "patches", "namespace", "images"]);
+/** What a Component may hold here. */
+const COMPONENT_KEYS = new Set(["apiVersion", "kind", "resources", "patches"]);
 const CLUSTER_SCOPED = new Set([
   "Namespace",
   "ClusterRole",
@@ -79,24 +85,27 @@ export function parseYamlDocs(text: string, file: string): K8sObject[] {
   return out;
 }
 
-function readKustomization(dir: string): Obj {
+function readKustomization(dir: string, kind: "Kustomization" | "Component" = "Kustomization"): Obj {
   const file = join(dir, "kustomization.yaml");
   if (!existsSync(file)) throw new Error(`${dir}: no kustomization.yaml`);
   const docs = parseAllDocuments(readFileSync(file, "utf8"), { version: "1.1" });
   if (docs.length !== 1 || docs[0].errors.length) throw new Error(`${file}: one YAML document expected`);
   const k = docs[0].toJS() as Obj;
+  const keys = kind === "Component" ? COMPONENT_KEYS : SUPPORTED_KEYS;
   for (const key of Object.keys(k))
-    if (!SUPPORTED_KEYS.has(key)) throw new Error(`${file}: '${key}' is not implemented by this kustomize subset (deploy/k8s/kustomize.ts)`);
-  if (k.kind !== "Kustomization") throw new Error(`${file}: kind must be Kustomization`);
+    if (!keys.has(key)) throw new Error(`${file}: '${key}' is not implemented by this kustomize subset (deploy/k8s/kustomize.ts)`);
+  if (k.kind !== kind) throw new Error(`${file}: kind must be ${kind}`);
   return k;
 }
 
 /** Renders the kustomization in `dir`, like `kubectl kustomize dir`. */
 export function build(dir: string): K8sObject[] {
-  dir = resolve(dir);
-  const k = readKustomization(dir);
-  let objects: K8sObject[] = [];
-  const seen = new Map<string, string>();
+  return accumulate(resolve(dir), "Kustomization", [], new Map());
+}
+
+/** Adds dir's resources to objects, applies its components and patches (then, for a Kustomization, namespace and images). */
+function accumulate(dir: string, kind: "Kustomization" | "Component", objects: K8sObject[], seen: Map<string, string>): K8sObject[] {
+  const k = readKustomization(dir, kind);
   for (const r of (k.resources ?? []) as unknown[]) {
     if (typeof r !== "string") throw new Error(`${dir}: resources entries must be paths`);
     const p = join(dir, r);
@@ -107,6 +116,10 @@ export function build(dir: string): K8sObject[] {
       seen.set(id, r);
       objects.push(o);
     }
+  }
+  for (const c of (k.components ?? []) as unknown[]) {
+    if (typeof c !== "string") throw new Error(`${dir}: components entries must be paths`);
+    objects = accumulate(join(dir, c), "Component", objects, seen);
   }
   for (const p of (k.patches ?? []) as unknown[]) {
     if (!isObj(p) || typeof p.path !== "string" || Object.keys(p).length !== 1) {

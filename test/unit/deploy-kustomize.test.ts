@@ -9,7 +9,7 @@
 // `patches:` field, so it is not in deploy/packages.txt).
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -37,9 +37,10 @@ const unavailable: Promise<string | undefined> = (async () => {
   return undefined;
 })();
 
-/** Every directory under deploy/k8s holding a kustomization.yaml. */
+/** Every directory under deploy/k8s holding a kustomization.yaml (components are rendered through the overlays that use them). */
 function kustomizations(dir: string): string[] {
-  const here = existsSync(join(dir, "kustomization.yaml")) ? [dir] : [];
+  const file = join(dir, "kustomization.yaml");
+  const here = existsSync(file) && !/^kind: Component$/m.test(readFileSync(file, "utf8")) ? [dir] : [];
   return [
     ...here,
     ...readdirSync(dir)
@@ -163,4 +164,56 @@ spec:
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("production-cert-manager: production plus a CA issuer chain and the control plane's certificate in Secret microvpc-tls", () => {
+  const prod = build(join(K8S, "overlays", "production"));
+  const objs = build(join(K8S, "overlays", "production-cert-manager"));
+  const added = objs.filter((o) => !prod.some((p) => resId(p) === resId(o)));
+  assert.deepEqual(added.map((o) => `${o.kind}/${o.metadata.name}`).sort(), [
+    "Certificate/microvpc-ca",
+    "Certificate/microvpc-tls",
+    "Issuer/microvpc-ca",
+    "Issuer/microvpc-selfsigned",
+  ]);
+  assert.equal(objs.length, prod.length + added.length, "production's objects, unchanged in number");
+  for (const o of added) {
+    assert.equal(o.apiVersion, "cert-manager.io/v1");
+    assert.equal(o.metadata.namespace, "microvpc", `${o.kind}/${o.metadata.name} is in production's namespace`);
+  }
+  const get = (kind: string, name: string) => added.find((o) => o.kind === kind && o.metadata.name === name)!.spec as Record<string, unknown>;
+  const tls = get("Certificate", "microvpc-tls") as { secretName: string; dnsNames: string[]; issuerRef: { name: string; kind: string }; usages: string[] };
+  assert.equal(tls.secretName, "microvpc-tls", "the Secret the control plane mounts");
+  assert.deepEqual(tls.issuerRef, { name: "microvpc-ca", kind: "Issuer", group: "cert-manager.io" });
+  assert.ok(tls.usages.includes("server auth"));
+  // Every name a client reaches the TLS ports by: the Services, short and in the namespace.
+  const services = objs.filter((o) => o.kind === "Service" && (o.spec as { ports: { port: number }[] }).ports.some((p) => p.port === 7401));
+  assert.deepEqual(services.map((o) => o.metadata.name).sort(), ["microvpc-ipam", "microvpc-ipam-headless"]);
+  for (const svc of services)
+    for (const n of [
+      svc.metadata.name,
+      `${svc.metadata.name}.microvpc`,
+      `${svc.metadata.name}.microvpc.svc`,
+      `${svc.metadata.name}.microvpc.svc.cluster.local`,
+    ])
+      assert.ok(tls.dnsNames.includes(n), `the certificate names ${n}`);
+  // The vmm's ipam address names one of them.
+  const ds = objs.find((o) => o.kind === "DaemonSet")!.spec as {
+    template: { spec: { containers: { name: string; env: { name: string; value?: string }[] }[] } };
+  };
+  const vmm = ds.template.spec.containers.find((c) => c.name === "vmm")!;
+  const host = /^https:\/\/dns:\/\/\/([^:]+):/.exec(vmm.env.find((e) => e.name === "MICROVPC_IPAM_ADDR")!.value!)![1];
+  assert.ok(tls.dnsNames.includes(host), `vmm's ${host} is on the certificate`);
+  // The chain: the CA issuer signs with the CA certificate's Secret, bootstrapped self-signed.
+  assert.equal(
+    (get("Issuer", "microvpc-ca").ca as { secretName: string }).secretName,
+    (get("Certificate", "microvpc-ca") as { secretName: string }).secretName,
+  );
+  assert.equal(get("Certificate", "microvpc-ca").isCA, true);
+  assert.deepEqual((get("Certificate", "microvpc-ca") as { issuerRef: object }).issuerRef, {
+    name: "microvpc-selfsigned",
+    kind: "Issuer",
+    group: "cert-manager.io",
+  });
+  assert.deepEqual(get("Issuer", "microvpc-selfsigned").selfSigned, {});
 });
