@@ -5,12 +5,17 @@
 // goes through the same grpc-js resolver-to-balancer path, so two real ipam
 // daemons on 127.0.0.1 behind one ipv4: target must both serve calls.
 import assert from "node:assert/strict";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { afterAll, beforeAll, test } from "vitest";
+import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { BALANCED_CHANNEL_OPTIONS, balancedChannel, grpcClient, grpcTransport } from "../../services/common/client.js";
 import { grpcJsTransport } from "../../services/common/grpc-adapter.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { startRedis, type TestRedis } from "../lib/redis.js";
+import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
+import { tempDir } from "../lib/netns.js";
+import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
 
 let redis: TestRedis;
 const daemons: Daemon[] = [];
@@ -20,7 +25,15 @@ beforeAll(async () => {
   for (let i = 0; i < 2; i++) daemons.push(await startDaemon("ipam", ["--redis", redis.url]));
 }, 120_000);
 
+const tlsProcs: ChildProcess[] = [];
+
 afterAll(async () => {
+  for (const p of tlsProcs) {
+    if (p.exitCode !== null || p.signalCode !== null) continue;
+    const exited = new Promise((r) => p.once("exit", r));
+    p.kill("SIGTERM");
+    await exited;
+  }
   await Promise.all(daemons.map((d) => d.stop()));
   await redis?.stop();
 });
@@ -78,3 +91,66 @@ test("round_robin over an ipv4: target spreads calls over both ipam daemons; a p
   assert.deepEqual([post[0] - pre[0], post[1] - pre[1]].sort(), [0, 40], "pick_first: one daemon only");
   pick.close();
 }, 60_000);
+
+test("vmm's path to ipam as deployed: https, a bearer token, the CA alone, round_robin over two TLS ipam daemons", async () => {
+  // A throwaway CA and a certificate for 127.0.0.1 (what the headless Service's names are in a cluster).
+  const dir = tempDir("balancing-tls");
+  const key = (n: string) => `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ${n}.key`;
+  execFileSync(
+    "sh",
+    [
+      "-ec",
+      `${key("ca")}; openssl req -x509 -new -key ca.key -out ca.pem -days 1 -subj /CN=balancing-ca
+      printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > server.ext
+      ${key("server")}; openssl req -new -key server.key -out server.csr -subj /CN=127.0.0.1
+      openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile server.ext`,
+    ],
+    { cwd: dir, stdio: ["ignore", "ignore", "pipe"] },
+  );
+  writeFileSync(join(dir, "token"), "balancing-token\n", { mode: 0o600 });
+  const ports: number[] = [];
+  const metrics: number[] = [];
+  for (let i = 0; i < 2; i++) {
+    const [port, healthPort, metricsPort] = [await freePort(), await freePort(), await freePort()];
+    const proc = spawn(
+      process.execPath,
+      [
+        join(ROOT, "bin", "microvpcd.js"),
+        "ipam",
+        ...["--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metricsPort}`, "--health-listen", `127.0.0.1:${healthPort}`],
+        ...["--redis", redis.url, "--token-file", join(dir, "token"), "--tls-cert", join(dir, "server.pem"), "--tls-key", join(dir, "server.key")],
+        ...["--log-level", "warn"],
+      ],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    tlsProcs.push(proc);
+    let out = "";
+    proc.stdout!.on("data", (d) => (out += d));
+    proc.stderr!.on("data", (d) => (out += d));
+    // Ready on the plaintext health port, as the kubelet probes it.
+    const health = grpcClient(Health, { address: `127.0.0.1:${healthPort}`, timeoutMs: 1000 });
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      assert.equal(proc.exitCode, null, `ipam exited:\n${out}`);
+      if ((await health.check({}).catch(() => undefined))?.status === HealthCheckResponse_ServingStatus.SERVING) break;
+      assert.ok(Date.now() < deadline, `ipam not SERVING on its health port:\n${out}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    ports.push(port);
+    metrics.push(metricsPort);
+  }
+  const count = (m: number) => listCalls({ metricsPort: m } as Daemon);
+  const before = await Promise.all(metrics.map(count));
+  const transport = grpcTransport({
+    address: `https://ipv4:127.0.0.1:${ports[0]},127.0.0.1:${ports[1]}`,
+    token: "balancing-token",
+    tls: { ca: readFileSync(join(dir, "ca.pem")) },
+    timeoutMs: 5000,
+  });
+  const vpc = grpcClient(VpcService, transport);
+  for (let i = 0; i < 40; i++) await vpc.listVpcs({});
+  const after = await Promise.all(metrics.map(count));
+  const got = [after[0] - before[0], after[1] - before[1]];
+  assert.ok(got[0] >= 10 && got[1] >= 10, `both TLS daemons served calls: ${got.join(" / ")}`);
+  (transport as unknown as { close(): void }).close();
+}, 90_000);

@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -216,4 +217,21 @@ test("production-cert-manager: production plus a CA issuer chain and the control
     group: "cert-manager.io",
   });
   assert.deepEqual(get("Issuer", "microvpc-selfsigned").selfSigned, {});
+});
+
+test("dev's TLS Secret: the certificate matches its key, is signed by ca.crt, and names the Services vmm and the orchestrator use", () => {
+  const objs = build(join(K8S, "overlays", "dev"));
+  const secret = objs.find((o) => o.kind === "Secret" && o.metadata.name === "microvpc-tls")!;
+  assert.equal(secret.type, "kubernetes.io/tls");
+  const data = secret.stringData as Record<string, string>;
+  const cert = new X509Certificate(data["tls.crt"]);
+  const ca = new X509Certificate(data["ca.crt"]);
+  assert.ok(cert.checkPrivateKey(createPrivateKey(data["tls.key"])), "tls.key is tls.crt's key");
+  assert.ok(cert.verify(ca.publicKey) && cert.checkIssued(ca), "ca.crt signed tls.crt");
+  assert.ok(ca.ca && !cert.ca);
+  assert.ok(new Date(cert.validTo).getTime() > Date.now() + 365 * 86_400_000, "valid for more than a year from now");
+  const ns = objs.find((o) => o.kind === "Namespace")!.metadata.name;
+  for (const svc of ["microvpc-ipam", "microvpc-ipam-headless"])
+    for (const n of [svc, `${svc}.${ns}`, `${svc}.${ns}.svc`, `${svc}.${ns}.svc.cluster.local`])
+      assert.ok(cert.checkHost(n, { subject: "never" }), `the certificate names ${n}`);
 });
