@@ -712,7 +712,8 @@ for (const overlay of OVERLAYS) {
       wireguard: "/var/run/wireguard",
       state: "/var/lib/microvpc",
       // The node's own Redis password (docs/redis-acl.md); dev uses the shared Secret.
-      ...(overlay === "dev" ? {} : { "redis-password": "/etc/microvpc/redis" }),
+      // The node's own Redis password (docs/redis-acl.md) and gRPC certificate; dev uses the shared Secret and plaintext.
+      ...(overlay === "dev" ? {} : { "redis-password": "/etc/microvpc/redis", tls: "/etc/microvpc/tls" }),
     });
     // Privileges, exactly (deploy/k8s/README.md "Privileges").
     const [netagent, firewall, gateway, vmm] = pod.containers;
@@ -738,7 +739,19 @@ for (const overlay of OVERLAYS) {
     assert.equal(vmm.securityContext?.privileged, true, "vmm: ip netns add (Bidirectional) and ping in VPC namespaces");
     assert.equal(propagation(vmm), "Bidirectional", "vmm's guest namespaces reach the host (and the netagent)");
     // vmm drives the other services where they listen, with their token.
-    const listenOf = (c: Container) => envOf(c, "MICROVPC_LISTEN")?.value;
+    // Over https:// where the daemon serves TLS (production: a per-node certificate), else plaintext (dev).
+    const listenOf = (c: Container) => `${envOf(c, "MICROVPC_TLS_CERT") ? "https://" : ""}${envOf(c, "MICROVPC_LISTEN")?.value}`;
+    for (const c of [netagent, firewall, gateway, vmm]) {
+      const tls = !!envOf(c, "MICROVPC_TLS_CERT") && !!envOf(c, "MICROVPC_TLS_KEY");
+      assert.equal(tls, overlay !== "dev", `${c.name}: TLS on the node address${overlay === "dev" ? " (not in dev)" : ""}`);
+      assert.equal(envOf(c, "MICROVPC_INSECURE_PLAINTEXT")?.value, tls ? undefined : "true", `${c.name}: plaintext only where said`);
+      assert.equal(
+        c.volumeMounts!.some((m) => m.mountPath === "/etc/microvpc/tls"),
+        tls,
+      );
+    }
+    // The token goes in clear text nowhere but dev.
+    assert.equal(envOf(vmm, "MICROVPC_INSECURE_SEND_TOKEN")?.value, overlay === "dev" ? "true" : undefined);
     assert.equal(envOf(vmm, "MICROVPC_NETAGENT_ADDR")?.value, listenOf(netagent));
     assert.equal(envOf(vmm, "MICROVPC_FIREWALL_ADDR")?.value, listenOf(firewall));
     assert.equal(envOf(vmm, "MICROVPC_GATEWAY_ADDR")?.value, listenOf(gateway));
