@@ -155,7 +155,7 @@ test("readiness: NOTIFY_SOCKET unset → nothing is run; aborted while not ready
   assert.deepEqual(calls, []);
 });
 
-test("readiness: the real systemd-notify sends READY=1 to NOTIFY_SOCKET", async (t) => {
+test("readiness: the real systemd-notify sends READY=1 to NOTIFY_SOCKET", { timeout: 60_000 }, async (t) => {
   // A datagram socket standing in for systemd (Node has no AF_UNIX datagrams: python3 listens).
   const notify = which("systemd-notify");
   const python = which("python3");
@@ -179,6 +179,8 @@ while True:
     ],
     { stdio: ["ignore", "pipe", "inherit"] },
   );
+  // Listened for from the start: the stand-in exits as soon as it has the barrier.
+  const exited = new Promise((r) => listener.once("exit", r));
   let out = "";
   listener.stdout.on("data", (d) => (out += d));
   try {
@@ -193,7 +195,7 @@ while True:
       if (saved === undefined) delete process.env.NOTIFY_SOCKET;
       else process.env.NOTIFY_SOCKET = saved;
     }
-    await new Promise((r) => listener.once("exit", r));
+    await exited;
     assert.match(out, /^READY=1$/m);
   } finally {
     listener.kill();
