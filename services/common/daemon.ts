@@ -9,6 +9,7 @@ import type { Redis } from "ioredis";
 import { defaultHostId } from "./host.js";
 import { serveMetrics, setDefaultLabels } from "./metrics.js";
 import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./redis.js";
+import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 import { logMixin, startTracing, stopTracing, tracingConfig } from "./tracing.js";
 import { BUILD } from "./version.js";
@@ -222,10 +223,14 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     },
     `${def.name} serving`,
   );
+  // Under systemd (Type=notify): READY=1 once the readiness check first passes.
+  const notifying = new AbortController();
+  void notifyReadyWhen(ready, { signal: notifying.signal, logger });
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
+    notifying.abort();
     logger.info({ signal }, "shutting down");
     await server.close();
     metrics.close();
