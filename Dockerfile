@@ -33,11 +33,12 @@ ARG MICROVPC_SOURCE=https://example.invalid/microvpc
 #   nghttp2-client            h2load, the load generator of bench:rpc
 #   cpio kmod                 deploy/guest/build.sh's tools for building guests
 #   containernetworking-plugins  the CNI reference bench/netagent.ts measures
+#   zsh fish systemd          the tests' checks of completion scripts and units
 # A package added to the list later is installed unless it is named here.
 # The control plane also leaves out HYPERVISOR_ONLY:
 #   qemu-system-x86           kind=qemu guests, booted by a hypervisor's vmm
 # tini is the image's PID 1 (not in the list: CI and the quickstart do not need it).
-ARG LEAVE_OUT="redis-server redis-tools iperf3 nghttp2-client containernetworking-plugins busybox-static cpio kmod"
+ARG LEAVE_OUT="redis-server redis-tools iperf3 nghttp2-client containernetworking-plugins busybox-static cpio kmod zsh fish systemd"
 ARG HYPERVISOR_ONLY="qemu-system-x86"
 
 # --- stage 1: build. Every dependency (esbuild is a dev dependency), then
