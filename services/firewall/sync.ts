@@ -102,6 +102,8 @@ export class FirewallSync {
       failedAt: () => (this.errors.size > 0 ? this.status.lastErrorMs : undefined),
       errorOf: (vpcId) => this.errors.get(vpcId) ?? this.errors.get(""),
       after: (cleanups) => this.clearLater(cleanups),
+      reconciler: "firewall",
+      errorAfterPass: () => this.status.lastError || undefined,
     });
   }
 
@@ -323,5 +325,10 @@ export class FirewallSync {
 
   stop(): void {
     this.loop.stop();
+  }
+
+  /** The loop's reconcile health: ready once every local VPC's tables are applied, and recently. */
+  get health() {
+    return this.loop.health!;
   }
 }

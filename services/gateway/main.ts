@@ -14,7 +14,7 @@ import { pino, type Logger } from "pino";
 import { checkRedisUser, type ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
 import { FailedPreconditionError } from "../common/errors.js";
-import { readinessChanged } from "../common/health.js";
+import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, readinessChanged, redisReachable } from "../common/health.js";
 import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
@@ -264,6 +264,13 @@ export const gatewayDefinition: ServiceDefinition = {
     new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
     new Option(
+      "--ready-stale-periods <n>",
+      "not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many drift intervals (--drift-interval-ms; a pass runs at least that often)",
+    )
+      .env("MICROVPC_READY_STALE_PERIODS")
+      .default(String(READY_STALE_PERIODS)),
+
+    new Option(
       "--api-only",
       "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards; instance metadata of every host: Get and Delete, not Set), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
     ).env("MICROVPC_API_ONLY"),
@@ -354,9 +361,10 @@ export const gatewayDefinition: ServiceDefinition = {
       },
       logger,
     );
+    sync.health.stalePeriods = parseStalePeriods(flags.readyStalePeriods);
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
-    let childUp = () => true;
+    let childProblem = (): string | undefined => undefined;
     if (!hostNetns) {
       const { close: closeImds } = await runImds(redis, hostId, imdsPort, logger);
       const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger, { management }) : undefined;
@@ -396,14 +404,15 @@ export const gatewayDefinition: ServiceDefinition = {
         redisArgs.env,
       );
       await child.start();
-      childUp = () => child.up;
+      childProblem = () => (child.up ? undefined : "the metadata/DNS child is not serving (it is restarted with backoff)");
       stopImds = () => child.stop();
     }
     const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }), reservedPorts });
     return {
       services: gatewayRoutes(api, new MetadataApi(meta), new GatewayStatusApi(hostId, () => sync.status)),
-      // NOT_SERVING while the metadata/DNS child is down (it is restarted).
-      ready: async () => childUp() && (await redis.ping()) === "PONG",
+      // NOT_SERVING while the metadata/DNS child is down (it is restarted),
+      // until the first whole pass applied, and when none has for a while.
+      ready: new ReadyChecks([sync.health.condition, () => childProblem(), redisReachable(redis)]),
       close: async () => {
         sync.stop();
         await stopImds();

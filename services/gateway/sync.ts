@@ -112,6 +112,9 @@ export class GatewaySync {
       failedAt: () => (this.status.lastError ? this.status.lastApplyMs : undefined),
       // A failed VPC when its backoff is due.
       due: () => this.retryDue(),
+      reconciler: "gateway",
+      // A VPC failing (and backing off) is a failed pass too, though the others applied.
+      errorAfterPass: () => this.status.lastError || [...this.vpcFailures].map(([vpc, f]) => `${vpc}: ${f.error}`).join("; ") || undefined,
     });
   }
 
@@ -371,6 +374,11 @@ export class GatewaySync {
 
   stop(): void {
     this.loop.stop();
+  }
+
+  /** The loop's reconcile health (readiness: first whole pass applied, the last one recent). */
+  get health() {
+    return this.loop.health!;
   }
 
   /** vpcId of a host-side transit address, for the metadata server. */
