@@ -20,6 +20,7 @@ import {
 import { IpamReader, OWNER as IPAM_OWNER } from "../ipam/schema.js";
 import { HostReader } from "../netagent/schema.js";
 import { bridgeNfProblems, LinuxNft } from "./apply.js";
+import { DEFAULT_MAX_NIC_SERIES, registerDropMetrics } from "./metrics.js";
 import { firewallRoutes } from "./routes.js";
 import { FirewallApi } from "./service.js";
 import { OWNER } from "./schema.js";
@@ -39,6 +40,12 @@ export const firewallDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_READY_STALE_PERIODS")
       .default(String(READY_STALE_PERIODS)),
+    new Option(
+      "--metrics-max-nic-series <n>",
+      "most NICs with their own drop series on /metrics (the lowest NIC ids); the others count in their VPC's series only",
+    )
+      .env("MICROVPC_METRICS_MAX_NIC_SERIES")
+      .default(String(DEFAULT_MAX_NIC_SERIES)),
     new Option(
       "--api-only",
       "serve the cluster-wide API alone (security groups, network ACLs), no data plane: an instance running as the control plane's Redis user (docs/redis-acl.md)",
@@ -61,6 +68,10 @@ export const firewallDefinition: ServiceDefinition = {
     const host = new HostReader(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);
     sync.health.stalePeriods = parseStalePeriods(flags.readyStalePeriods);
+    const maxNicSeries = Number(flags.metricsMaxNicSeries);
+    if (!/^[0-9]{1,6}$/.test(String(flags.metricsMaxNicSeries)))
+      throw new Error(`--metrics-max-nic-series ${JSON.stringify(flags.metricsMaxNicSeries)}: use 0–999999`);
+    registerDropMetrics(sync, nft, maxNicSeries);
     const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
     sync.start(redis, Number(flags.driftIntervalMs), async () => {
       const adopted = await store.adoptOwnSigs(hostId);

@@ -23,7 +23,7 @@ import { runResolver } from "../dns/host.js";
 import { IpamReader } from "../ipam/schema.js";
 import { hostIdOption } from "../common/host.js";
 import { HostReader } from "../netagent/schema.js";
-import { createImdsServer, type ImdsServer } from "./imds.js";
+import { createImdsServer, reportChildThrottle, THROTTLE_TOTALS_MSG, throttleTotals, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
 import { FleetMetadataStore, MetadataStore } from "./metadata-store.js";
 import { DEFAULT_CONNTRACK_LIMIT_PER_VM, DEFAULT_RESERVED_PORTS, parsePortRanges } from "./plan.js";
@@ -111,12 +111,14 @@ class ImdsChild {
     let buf = "";
     let line = "";
     const utf8 = new StringDecoder("utf8");
+    // This child's throttle totals so far (it starts from zero).
+    const throttle = { rate: 0, connections: 0 };
     d.proc.stdout?.on("data", (chunk: Buffer) => {
       process.stdout.write(chunk);
       // Records the child skipped are this gateway's too (GetGatewayStatus, the metric).
       line += utf8.write(chunk);
       for (let i = line.indexOf("\n"); i >= 0; i = line.indexOf("\n")) {
-        reportChildLine(line.slice(0, i));
+        if (!reportChildLine(line.slice(0, i))) reportChildThrottle(line.slice(0, i), throttle);
         line = line.slice(i + 1);
       }
       if (line.length > 65536) line = "";
@@ -207,6 +209,16 @@ export function addImdsCommand(program: Command): void {
             : undefined;
         // The gateway reads this line to know its child is serving (healthy again).
         logger.info(IMDS_READY);
+        // And this one for microvpc_imds_throttled_requests_total (the child
+        // serves no /metrics): the totals, when they changed, at most every 2 s.
+        let said = "0/0";
+        const throttleTimer = setInterval(() => {
+          const now = `${throttleTotals.rate}/${throttleTotals.connections}`;
+          if (now === said) return;
+          said = now;
+          logger.info({ rate: throttleTotals.rate, connections: throttleTotals.connections }, THROTTLE_TOTALS_MSG);
+        }, 2000);
+        throttleTimer.unref();
         const stop = async () => {
           await dns?.close();
           await close();

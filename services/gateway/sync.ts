@@ -155,6 +155,8 @@ export class GatewaySync {
 
   async desired(): Promise<HostGw> {
     const d = await this.host.load();
+    // Host records the shared reader skipped: this reader skipped them too, and counts them.
+    for (const x of d.invalid ?? []) reportInvalid(OWNER, `host-${x.kind}`, x.key, x.reason, this.log, { field: x.field });
     const [nats, fips, pfs, hops] = await Promise.all([this.store.listNats(), this.store.listFips(), this.store.listPfs(), this.opts.hopLimits()]);
     const vpcs: GwVpc[] = [];
     for (const vpcId of d.vpcs.keys()) {

@@ -8,6 +8,7 @@ import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
 import { addressProblem } from "./overlay/registry.js";
+import { DEFAULT_MAX_PEER_SERIES, registerWireguardMetrics } from "./overlay/metrics.js";
 import { Overlay } from "./overlay/sync.js";
 import type { WgMode } from "./overlay/wg.js";
 import { PeeringSync } from "./peering.js";
@@ -109,6 +110,7 @@ export const netagentDefinition: ServiceDefinition = {
         logger,
       );
       await overlay.init();
+      registerWireguardMetrics(overlay, DEFAULT_MAX_PEER_SERIES);
       // Nothing may be bigger than the tunnel carries: bridges and NICs get the overlay MTU.
       mtu = Math.min(mtu, overlay.mtu);
       agent.overlay = overlay;
