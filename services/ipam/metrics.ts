@@ -13,7 +13,7 @@ import { K } from "./keys.js";
 import { OWNER, reservedCount, type IpamReader, type SubnetRec } from "./schema.js";
 
 /** How long one reading of every subnet's usage is reused. */
-export const IPAM_USAGE_CACHE_MS = 10_000;
+export const IPAM_USAGE_CACHE_MS = 5000;
 /** Default of --metrics-max-subnets. */
 export const DEFAULT_MAX_SUBNET_SERIES = 1000;
 
