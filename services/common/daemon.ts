@@ -6,8 +6,9 @@ import { readFileSync } from "node:fs";
 import { Command, Option } from "commander";
 import { pino, type Logger } from "pino";
 import type { Redis } from "ioredis";
+import { ReadyChecks, redisReachable, SharedReadiness } from "./health.js";
 import { defaultHostId } from "./host.js";
-import { serveMetrics, setDefaultLabels } from "./metrics.js";
+import { serveMetrics, setDefaultLabels, watchRedis } from "./metrics.js";
 import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./redis.js";
 import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
@@ -47,7 +48,11 @@ export interface ServiceDefinition {
   defaultPort: number;
   /** Extra flags of this service. */
   options?: Option[];
-  build(ctx: ServiceContext): Promise<{ services: ServiceBinding[]; ready?: () => Promise<boolean>; close?: () => Promise<void> }>;
+  /**
+   * The service's bindings; `ready` its readiness conditions (default: its
+   * Redis answers PING), served by grpc.health.v1 and /readyz alike.
+   */
+  build(ctx: ServiceContext): Promise<{ services: ServiceBinding[]; ready?: ReadyChecks; close?: () => Promise<void> }>;
 }
 
 export function addServiceCommand(program: Command, def: ServiceDefinition): void {
@@ -198,8 +203,11 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     ...(flags.redisUser ? { username: flags.redisUser } : {}),
     ...redisSecrets,
   });
+  watchRedis(redis);
   const built = await def.build({ flags, logger, redis });
-  const ready = built.ready ?? (async () => (await redis.ping()) === "PONG");
+  // One answer for grpc.health.v1 (both listeners) and /readyz.
+  const checks = built.ready ?? new ReadyChecks([redisReachable(redis)]);
+  const ready = new SharedReadiness(checks.check);
   const server: RunningServer = await startGrpcServer({
     listen: flags.listen,
     services: built.services,
@@ -212,7 +220,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     healthListen: flags.healthListen,
     insecurePlaintext: !!flags.insecurePlaintext,
   });
-  const metrics = await serveMetrics(m.host, m.port);
+  const metrics = await serveMetrics(m.host, m.port, { get: () => ready.get(), problems: () => checks.problems() });
   logger.info(
     {
       listen: `${server.host}:${server.port}`,
@@ -225,7 +233,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
   );
   // Under systemd (Type=notify): READY=1 once the readiness check first passes.
   const notifying = new AbortController();
-  void notifyReadyWhen(ready, { signal: notifying.signal, logger });
+  void notifyReadyWhen(() => ready.get(), { signal: notifying.signal, logger });
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;

@@ -27,7 +27,8 @@ export interface GrpcServerOptions {
   listen: string;
   services: ServiceBinding[];
   logger: Logger;
-  ready: ReadyCheck;
+  /** The readiness check, or one SharedReadiness the caller shares with /readyz. */
+  ready: ReadyCheck | SharedReadiness;
   tlsCert?: string;
   tlsKey?: string;
   /** CA (PEM file) that must have signed every client's certificate: mutual TLS. */
@@ -301,7 +302,7 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
   const health = opts.healthListen ? parseListen(opts.healthListen) : undefined;
   const readMaxBytes = opts.readMaxBytes ?? 4 * 1024 * 1024;
   // One readiness answer for both listeners' health services.
-  const readiness = new SharedReadiness(opts.ready);
+  const readiness = opts.ready instanceof SharedReadiness ? opts.ready : new SharedReadiness(opts.ready);
   const names = opts.services.map((s) => s.desc.typeName);
   const creds = tls
     ? grpc.ServerCredentials.createSsl(
