@@ -5,6 +5,7 @@
 // through services/common/exec.ts; tests use a fake (test/lib/fake-gw-kernel.ts).
 import { run } from "../common/exec.js";
 import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
+import type { RuleInfo } from "./plan.js";
 
 export interface GatewayKernel extends NftApplier {
   /** Whether link `dev` exists in the host namespace. */
@@ -14,8 +15,15 @@ export interface GatewayKernel extends NftApplier {
    * not errors (removals of what may be gone already, idempotent replaces).
    */
   hostBatch(lines: string[], force?: boolean): Promise<void>;
-  /** `ip -batch -` in VPC namespace `ns`: rejects at its first failing line. */
-  vpcBatch(ns: string, lines: string[]): Promise<void>;
+  /** `ip -batch -` in VPC namespace `ns`: rejects at its first failing line; force: `-force`, failures are not errors. */
+  vpcBatch(ns: string, lines: string[], force?: boolean): Promise<void>;
+  /** The policy rules of VPC namespace `ns` (NAT steering, plan.ts natSteerLines). */
+  vpcRules(ns: string): Promise<RuleInfo[]>;
+  /**
+   * Tells the uplink's neighbours that `address` is here now (unsolicited
+   * ARP), after this host took a NAT gateway's address. Best effort.
+   */
+  announce?(dev: string, address: string): Promise<void>;
   /** IPv4 addresses on lo of VPC namespace `ns` that carry `label`. */
   vpcLoAddrs(ns: string, label: string): Promise<string[]>;
   /** Turns IPv4 forwarding on in the host namespace. */
@@ -45,8 +53,26 @@ export class LinuxGatewayKernel implements GatewayKernel {
     else await run("ip", ["-batch", "-"], batch(lines, this.hostNetns));
   }
 
-  async vpcBatch(ns: string, lines: string[]): Promise<void> {
-    await run("ip", ["-n", ns, "-batch", "-"], batch(lines));
+  async vpcBatch(ns: string, lines: string[], force = false): Promise<void> {
+    if (force) await run("ip", ["-n", ns, "-force", "-batch", "-"], { ...batch(lines), check: false });
+    else await run("ip", ["-n", ns, "-batch", "-"], batch(lines));
+  }
+
+  async vpcRules(ns: string): Promise<RuleInfo[]> {
+    const { stdout } = await run("ip", ["-n", ns, "-j", "-4", "rule", "show"]);
+    return JSON.parse(stdout || "[]") as RuleInfo[];
+  }
+
+  /**
+   * iputils arping -U (package iputils-arping): two unsolicited ARP requests
+   * for the address from the uplink, so that neighbours holding the previous
+   * holder's MAC take ours at once. Without arping, a neighbour keeps the old
+   * MAC until its entry goes stale and its next ARP request reaches our proxy
+   * entry (Linux: up to base_reachable_time × 1.5 + delay_first_probe_time,
+   * about 50 s).
+   */
+  async announce(dev: string, address: string): Promise<void> {
+    await run("arping", ["-q", "-U", "-c", "2", "-w", "2", "-I", dev, address], { netns: this.hostNetns, check: false });
   }
 
   async vpcLoAddrs(ns: string, label: string): Promise<string[]> {
