@@ -21,9 +21,10 @@ export interface GatewayKernel extends NftApplier {
   vpcRules(ns: string): Promise<RuleInfo[]>;
   /**
    * Tells the uplink's neighbours that `address` is here now (unsolicited
-   * ARP), after this host took a NAT gateway's address. Best effort.
+   * ARP), after this host took a NAT gateway's address. Best effort: returns
+   * why it could not ("" when sent).
    */
-  announce?(dev: string, address: string): Promise<void>;
+  announce?(dev: string, address: string): Promise<string>;
   /** IPv4 addresses on lo of VPC namespace `ns` that carry `label`. */
   vpcLoAddrs(ns: string, label: string): Promise<string[]>;
   /** Turns IPv4 forwarding on in the host namespace. */
@@ -66,13 +67,16 @@ export class LinuxGatewayKernel implements GatewayKernel {
   /**
    * iputils arping -U (package iputils-arping): two unsolicited ARP requests
    * for the address from the uplink, so that neighbours holding the previous
-   * holder's MAC take ours at once. Without arping, a neighbour keeps the old
-   * MAC until its entry goes stale and its next ARP request reaches our proxy
-   * entry (Linux: up to base_reachable_time × 1.5 + delay_first_probe_time,
-   * about 50 s).
+   * holder's MAC take ours at once. arping binds the address first, which
+   * the kernel allows for an address not on the host only with
+   * net.ipv4.ip_nonlocal_bind=1 in the uplink's namespace (docs/dataplane.md);
+   * without it (or without arping) this returns the error and a neighbour
+   * keeps the old MAC until its entry goes stale and its next ARP request
+   * reaches our proxy entry (Linux neighbours: up to about a minute).
    */
-  async announce(dev: string, address: string): Promise<void> {
-    await run("arping", ["-q", "-U", "-c", "2", "-w", "2", "-I", dev, address], { netns: this.hostNetns, check: false });
+  async announce(dev: string, address: string): Promise<string> {
+    const r = await run("arping", ["-q", "-U", "-c", "2", "-w", "2", "-I", dev, address], { netns: this.hostNetns, check: false });
+    return r.exitCode === 0 ? "" : (r.stderr || r.error?.message || `arping exited ${r.exitCode}`).trim();
   }
 
   async vpcLoAddrs(ns: string, label: string): Promise<string[]> {

@@ -406,8 +406,13 @@ export class GatewaySync {
     }
     // Just took the address: the uplink's neighbours learn it moved here.
     if (v.natAddress && v.natRole === "holder" && !wasHolder && this.kernel.announce) {
-      await this.kernel.announce(this.opts.uplink, v.natAddress);
-      this.log.info({ vpc: v.vpcId, address: v.natAddress }, "gateway: announced the NAT gateway's address on the uplink");
+      const err = await this.kernel.announce(this.opts.uplink, v.natAddress);
+      if (!err) this.log.info({ vpc: v.vpcId, address: v.natAddress }, "gateway: announced the NAT gateway's address on the uplink (unsolicited ARP)");
+      else
+        this.log.warn(
+          { vpc: v.vpcId, address: v.natAddress, err },
+          "gateway: cannot announce the NAT gateway's address (arping -U needs iputils-arping and net.ipv4.ip_nonlocal_bind=1 in the uplink's namespace); neighbours learn it at their next ARP request",
+        );
     }
   }
 

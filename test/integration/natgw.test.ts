@@ -23,7 +23,7 @@ import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, UNDERLAY_GATEWAY, type Hypervisor, type Vm } from "../lib/harness.js";
-import { httpGet, ipn, startHttpServer, trackChild, waitFor } from "../lib/netns.js";
+import { httpGet, ipn, nsExec, startHttpServer, trackChild, waitFor } from "../lib/netns.js";
 
 /** The lease TTL the gateways run with here (production default 6000 ms). */
 const LEASE_MS = 3000;
@@ -114,10 +114,28 @@ async function allSeenAs(vms: Vm[], want: string, timeoutMs: number): Promise<bo
   return waitFor(async () => (await Promise.all(vms.map((v) => seenAs(v, 1000)))).every((x) => x === want), { timeoutMs, intervalMs: 200 });
 }
 
+/** What each survivor's host has for the NAT path, when a failover fails. */
+async function diagnose(vms: Vm[]): Promise<string> {
+  const out: string[] = [`holder now: ${await holder(-1).catch((e: Error) => e.message)}`];
+  for (const vm of vms) {
+    const q = async (ns: string, cmd: string, args: string[]) => (await nsExec(ns, cmd, args, { check: false })).stdout.trim();
+    out.push(`--- ${vm.name} on ${vm.host.id}: seen as ${await seenAs(vm)}`);
+    out.push(await q(vm.vpcNs, "ip", ["rule"]));
+    out.push(await q(vm.vpcNs, "ip", ["route", "show", "table", "1000"]));
+    out.push(await q(vm.vpcNs, "wg", ["show", "all", "allowed-ips"]));
+    out.push(await q(vm.vpcNs, "nft", ["list", "table", "ip", "microvpc_gw"]));
+    out.push(await q(vm.host.ns, "ip", ["neigh", "show", "proxy"]));
+  }
+  out.push(await (async () => (await nsExec((await h.internet()).ns, "ip", ["neigh"], { check: false })).stdout)());
+  return out.join("\n");
+}
+
 beforeAll(async () => {
   h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   inetUrl = `http://${(await h.internet()).address}/`;
   for (let i = 0; i < 3; i++) {
+    // What docs/dataplane.md asks of a hypervisor for the announcement at failover (arping -U binds the NAT address).
+    await nsExec(h.hosts[i].ns, "sysctl", ["-qw", "net.ipv4.ip_nonlocal_bind=1"]);
     const fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[i].id, "--drift-interval-ms", "3000"]);
     trackChild(fwd.proc);
     fwds[i] = fwd;
@@ -222,6 +240,7 @@ describe("a NAT gateway's own address", () => {
       const ok = await allSeenAs(survivors, natAddress, FAILOVER_BOUND_MS + 5000);
       const ms = Date.now() - t0;
       times.push(ms);
+      if (!ok) console.log(await diagnose(survivors));
       assert.ok(ok, `run ${run}: survivors seen as ${natAddress} again`);
       const now = await holder(i);
       assert.ok(now !== "" && now !== hid, `run ${run}: another host holds it (${now})`);
