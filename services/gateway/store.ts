@@ -7,7 +7,7 @@ import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExh
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
-import { overlayKeys } from "../netagent/schema.js";
+import { hostKeys, overlayKeys } from "../netagent/schema.js";
 import {
   checkFip,
   checkNat,
@@ -296,10 +296,11 @@ export class GatewayStore extends GatewayReader {
 
   /**
    * The host holding the VPC's NAT address, or undefined: none, or a value
-   * that is not a host id, or a host that is not a registered member of the
-   * VPC's overlay (its registry record `mvpc:hosts:H` live and its entry in
-   * the VPC's members). `bad` is set to such a refused value (reported), so
-   * that a host competing for the lease may replace it.
+   * that is not a host id, or a host that is not a registered host of the
+   * VPC — its own (host-scoped) VPC records must list the VPC and, where the
+   * VPC has an overlay, its registry record `mvpc:hosts:H` must be live and
+   * it a member of the VPC's overlay. `bad` is set to such a refused value
+   * (reported), so that a host competing for the lease may replace it.
    */
   async natHolder(vpcId: string): Promise<{ holder?: string; bad?: string }> {
     const key = K.natLease(vpcId);
@@ -310,9 +311,20 @@ export class GatewayStore extends GatewayReader {
       reportInvalid(OWNER, "nat-lease", key, p.reason, this.log, { vpcId: vpcIdOf(vpcId) });
       return { bad: v };
     }
-    const [registered, member] = await Promise.all([this.redis.exists(overlayKeys.host(p.value)), this.redis.hexists(overlayKeys.members(vpcId), p.value)]);
-    if (registered !== 1 || member !== 1) {
-      reportInvalid(OWNER, "nat-lease", key, `holder: ${p.value} is not a registered host of the VPC's overlay`, this.log, { vpcId: vpcIdOf(vpcId) });
+    const [hasVpc, overlay, registered, member] = await Promise.all([
+      this.redis.hexists(hostKeys.vpcs(p.value), vpcId),
+      this.redis.exists(overlayKeys.members(vpcId)),
+      this.redis.exists(overlayKeys.host(p.value)),
+      this.redis.hexists(overlayKeys.members(vpcId), p.value),
+    ]);
+    const why =
+      hasVpc !== 1
+        ? `holder: ${p.value} has no namespace of the VPC`
+        : overlay === 1 && (registered !== 1 || member !== 1)
+          ? `holder: ${p.value} is not a registered host of the VPC's overlay`
+          : "";
+    if (why) {
+      reportInvalid(OWNER, "nat-lease", key, why, this.log, { vpcId: vpcIdOf(vpcId) });
       return { bad: v };
     }
     return { holder: p.value };
