@@ -1765,7 +1765,8 @@ export const GatewayHealthSchema: GenEnum<GatewayHealth> = /*@__PURE__*/
 export const GatewayService: GenService<{
   /**
    * Creates the NAT gateway of a VPC: its private subnets get egress, and
-   * the outside sees the hypervisor's address, never the VM's.
+   * the outside sees the gateway's own address (from the floating IP pool,
+   * held by one hypervisor of the VPC), never the VM's nor its hypervisor's.
    * ALREADY_EXISTS if the VPC has one (unless client_token matches);
    * FAILED_PRECONDITION if subnet is not a public subnet of the VPC.
    *
