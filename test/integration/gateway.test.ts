@@ -123,7 +123,8 @@ describe("NAT", () => {
     await eventually(async () => (await whoami(pub)) !== null, true, "the gateway is up");
     assert.equal(await whoami(priv), null, "no NAT gateway: no egress");
     const nat = (await gw.createNatGateway({ vpc: "blog", subnet: "web" })).natGateway!;
-    assert.match(nat.address, /^192\.168\.100\.(1[3-9][0-9])$/, "an address of the floating pool");
+    const last = Number(/^192\.168\.100\.([0-9]+)$/.exec(nat.address)?.[1]);
+    assert.ok(last >= 129 && last <= 190, `${nat.address}: an address of the floating pool`);
     await eventually(async () => (await whoami(priv)) === nat.address, true, "through the NAT gateway, seen as its address");
     // One host, no overlay: it holds the address itself.
     assert.equal((await gw.getNatGateway({ ref: nat.id })).natGateway!.holderHostId, h.hosts[0].id);

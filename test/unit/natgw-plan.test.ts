@@ -34,7 +34,7 @@ test("the holder SNATs every source CIDR of the VPC (not only those here) to the
   // Private subnets are no longer masqueraded as the host.
   assert.match(text, /set egress_ok \{[^}]*elements = \{ 10\.0\.1\.0\/24 \}/);
   const routes = hostRouteLines(v, "eth0");
-  assert.ok(routes.includes("route replace 192.0.2.130/32 via 169.254.0.2 dev ghaaaaaaaaaaaa"), routes.join("\n"));
+  assert.ok(routes.includes("route replace 192.0.2.130/32 via 169.254.1.2 dev ghaaaaaaaaaaaa"), routes.join("\n"));
   assert.ok(routes.includes("neigh replace proxy 192.0.2.130 dev eth0"));
 });
 
