@@ -12,6 +12,7 @@
 import { NftTransaction, render, renderTable, type Table, type TableItem } from "../common/nft/tx.js";
 import { gatewayNames as gwNames } from "../common/names.js";
 import { failClosedTx, FIREWALL_TABLE } from "../common/nft/fail-closed.js";
+import { dropPrefix, DROP_LOG_RATE, FLOW_LOG_GROUP } from "./flowlogs.js";
 import type { AclEntry, BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "./model.js";
 
 /** The firewall's table (inet and bridge); common/nft/fail-closed.ts holds its name. */
@@ -182,14 +183,27 @@ export function compile(st: VpcFirewallState): { model: FwModel; tx: NftTransact
     const l = n.dropLogging ?? [...n.groupIds].map((g) => st.groups.get(g)?.dropLogging).find((x) => x);
     return l ? `log prefix "microvpc-drop ${hex(n.nicId)} ${d} " limit rate ${l.ratePerSecond}/second burst ${l.burst} packets ` : "";
   };
+  // Flow logs: the drops of a NIC that logs flows go to an NFLOG group first,
+  // sampled (numgen) and rate-limited in the kernel, so a flood cannot swamp
+  // the reader; the drop itself is the next rule, whatever happens here.
+  const flowLog = (n: BindingRec, d: "in" | "out"): string[] => {
+    const f = st.flowLogs;
+    if (!f?.nics.has(n.nicId)) return [];
+    const sample = f.sampleRate >= 1 ? "" : `numgen random mod 1000 < ${Math.max(1, Math.round(f.sampleRate * 1000))} `;
+    return [
+      `${sample}limit rate ${DROP_LOG_RATE}/second burst ${DROP_LOG_RATE} packets log group ${FLOW_LOG_GROUP} prefix "${dropPrefix(hex(n.nicId), d, "sg-default-deny")}"`,
+    ];
+  };
   for (const n of [...st.nics].sort((a, b) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0))) {
     const h = hex(n.nicId);
     const groups = n.groupIds.filter((g) => st.groups.has(g));
     const jIn = groups.map((g) => `jump sg_${hex(g)}_in`);
     const jOut = groups.map((g) => `jump sg_${hex(g)}_out`);
-    chains.set(`nic_${h}_in`, [`counter name nic_${h}_in_new`, ...jIn, `${logOf(n, "in")}counter name nic_${h}_in_drop drop`]);
+    chains.set(`nic_${h}_in`, [`counter name nic_${h}_in_new`, ...jIn, ...flowLog(n, "in"), `${logOf(n, "in")}counter name nic_${h}_in_drop drop`]);
     // No groups: egress is open (the default); with groups, only what they allow.
-    const outTail = groups.length ? [`meta mark & ${EGRESS_OK} == ${EGRESS_OK} return`, `${logOf(n, "out")}counter name nic_${h}_out_drop drop`] : ["return"];
+    const outTail = groups.length
+      ? [`meta mark & ${EGRESS_OK} == ${EGRESS_OK} return`, ...flowLog(n, "out"), `${logOf(n, "out")}counter name nic_${h}_out_drop drop`]
+      : ["return"];
     chains.set(`nic_${h}_out`, [`counter name nic_${h}_out_new`, ...jOut, ...outTail]);
     nicIn.push(`${n.address} : jump nic_${h}_in`);
     nicOut.push(`${n.address} : jump nic_${h}_out`);

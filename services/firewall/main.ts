@@ -26,6 +26,7 @@ import { FirewallApi } from "./service.js";
 import { OWNER } from "./schema.js";
 import { FirewallStore } from "./store.js";
 import { FirewallSync } from "./sync.js";
+import { checkSampleRate, FlowLogCollector } from "./flowlogs.js";
 
 export const firewallDefinition: ServiceDefinition = {
   name: "firewall",
@@ -46,6 +47,20 @@ export const firewallDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_METRICS_MAX_NIC_SERIES")
       .default(String(DEFAULT_MAX_NIC_SERIES)),
+    new Option(
+      "--flow-logs <dir>",
+      "log the flows of this host's NICs (accepted: conntrack events; rejected: nft log group + ulogd2) as JSON lines to DIR/<host-id>.jsonl, rotated by size (docs/flow-logs.md)",
+    ).env("MICROVPC_FLOW_LOGS"),
+    new Option("--flow-logs-scope <ids>", "comma-separated VPC, subnet or NIC ids whose NICs log flows (default: every NIC of this host)").env(
+      "MICROVPC_FLOW_LOGS_SCOPE",
+    ),
+    new Option("--flow-logs-sample-rate <r>", "the share of flows logged, 0 < r ≤ 1").env("MICROVPC_FLOW_LOGS_SAMPLE_RATE").default("1"),
+    new Option("--flow-logs-max-bytes <n>", "rotate the flow log past this size; 5 rotated files are kept")
+      .env("MICROVPC_FLOW_LOGS_MAX_BYTES")
+      .default("67108864"),
+    new Option("--flow-logs-aggregate-ms <ms>", "the drops of one 5-tuple within this window are one record")
+      .env("MICROVPC_FLOW_LOGS_AGGREGATE_MS")
+      .default("5000"),
     new Option(
       "--api-only",
       "serve the cluster-wide API alone (security groups, network ACLs), no data plane: an instance running as the control plane's Redis user (docs/redis-acl.md)",
@@ -72,6 +87,35 @@ export const firewallDefinition: ServiceDefinition = {
     if (!/^[0-9]{1,6}$/.test(String(flags.metricsMaxNicSeries)))
       throw new Error(`--metrics-max-nic-series ${JSON.stringify(flags.metricsMaxNicSeries)}: use 0–999999`);
     registerDropMetrics(sync, nft, maxNicSeries);
+    let flowLogs: FlowLogCollector | undefined;
+    if (flags.flowLogs) {
+      const sampleRate = checkSampleRate("--flow-logs-sample-rate", String(flags.flowLogsSampleRate));
+      const scope = new Set(
+        String(flags.flowLogsScope ?? "")
+          .split(",")
+          .map((x) => x.trim())
+          .filter(Boolean),
+      );
+      for (const id of scope)
+        if (!/^(vpc|subnet|nic)-[0-9a-f]{12}$/.test(id)) throw new Error(`--flow-logs-scope: ${JSON.stringify(id)} is not a VPC, subnet or NIC id`);
+      const int = (flag: string, v: unknown) => {
+        if (!/^[0-9]{1,12}$/.test(String(v)) || Number(v) < 1) throw new Error(`${flag} ${JSON.stringify(v)}: a positive integer`);
+        return Number(v);
+      };
+      const maxBytes = int("--flow-logs-max-bytes", flags.flowLogsMaxBytes);
+      const aggregateMs = int("--flow-logs-aggregate-ms", flags.flowLogsAggregateMs);
+      sync.flowLogs = { scope, sampleRate };
+      const collector = new FlowLogCollector(
+        { dir: String(flags.flowLogs), hostId, sampleRate, maxBytes, aggregateMs },
+        {
+          stateOf: (ns) => sync.applied.get(ns)?.state,
+          logs: (n) => scope.size === 0 || scope.has(n.nicId) || scope.has(n.subnetId) || scope.has(n.vpcId),
+        },
+        logger,
+      );
+      sync.onPass = (namespaces) => collector.ensure(namespaces);
+      flowLogs = collector;
+    }
     const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
     sync.start(redis, Number(flags.driftIntervalMs), async () => {
       const adopted = await store.adoptOwnSigs(hostId);
@@ -179,6 +223,7 @@ export const firewallDefinition: ServiceDefinition = {
       close: async () => {
         clearInterval(brNfTimer);
         sync.stop();
+        flowLogs?.stop();
       },
     };
   },

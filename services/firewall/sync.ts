@@ -71,6 +71,14 @@ export class FirewallSync {
   /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
   private readonly errors = new Map<string, string>();
   /**
+   * Flow logs (flowlogs.ts), if the daemon has them on: which NICs log (by
+   * NIC, subnet or VPC id; empty = every NIC of this host) and the sample
+   * rate. Compiled into the NIC chains' drop rules.
+   */
+  flowLogs?: { scope: ReadonlySet<string>; sampleRate: number };
+  /** Called after each pass with the namespaces applied (the flow-log collector follows them). */
+  onPass?: (namespaces: string[]) => Promise<void>;
+  /**
    * Wakes on fw/nic events for a pass over their VPC (others for a whole
    * pass), retries failed passes, answers enforce() after its pass and only
    * then clears conntrack entries.
@@ -191,6 +199,11 @@ export class FirewallSync {
         }
         try {
           const st = await this.source.loadVpcState(this.hostId, vpcId, l.subnets, l.nics);
+          if (this.flowLogs) {
+            const { scope, sampleRate } = this.flowLogs;
+            const on = st.nics.filter((n) => scope.size === 0 || scope.has(n.nicId) || scope.has(n.subnetId) || scope.has(n.vpcId));
+            st.flowLogs = { nics: new Set(on.map((n) => n.nicId)), sampleRate };
+          }
           const cleanup = await this.syncVpc(ns, st, full, checkDrift, true);
           if (cleanup) cleanups.push(cleanup);
           this.errors.delete(vpcId);
@@ -212,6 +225,7 @@ export class FirewallSync {
       // Reading the desired state failed (Redis): every VPC asked for is unknown.
       this.errors.set("", (err as Error).message);
     }
+    if (this.onPass) await this.onPass([...this.applied.keys()]).catch((err: Error) => this.log.warn({ err: err.message }, "flow logs: cannot start a reader"));
     const error = [...this.errors].map(([v, e]) => (v ? `${v}: ${e}` : e)).join("; ");
     this.status = {
       ...this.status,

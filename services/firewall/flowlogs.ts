@@ -1,0 +1,466 @@
+// Flow logs: one JSON line per flow of a local NIC, accepted or rejected,
+// from the kernel's own signals, never per packet on the allowed path:
+//   * accepted flows: the conntrack DESTROY event of each VPC namespace
+//     (`conntrack -E`), with the namespace's own nf_conntrack_acct and
+//     nf_conntrack_timestamp on, so the event carries packets, bytes and the
+//     flow's lifetime; one event per flow, sampled here by the rate;
+//   * rejected flows: the compiled drop rules of the NIC chains log to an
+//     NFLOG group (sampled and rate-limited in nft, see compile.ts) and one
+//     ulogd2 per namespace turns those packets into JSON on its stdout; the
+//     drops of one 5-tuple within the aggregation window are one record.
+// Records go to <dir>/<host>.jsonl, rotated by size.
+import { spawn, type ChildProcess } from "node:child_process";
+import { appendFileSync, existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import type { Logger } from "pino";
+import { run } from "../common/exec.js";
+import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "./model.js";
+
+/** The NFLOG group the drop rules log to; each VPC namespace has its own NFLOG instance, so one number serves all. */
+export const FLOW_LOG_GROUP = 7461;
+/** Start times of open flows remembered, across namespaces. */
+const MAX_OPEN_FLOWS = 200_000;
+/** Drop records: at most this many logged packets per second per NIC chain (a flood cannot swamp userspace). */
+export const DROP_LOG_RATE = 50;
+
+export interface FlowRecord {
+  time: string;
+  vpc: string;
+  nic: string;
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+  proto: string;
+  packets: number;
+  bytes: number;
+  start: string;
+  end: string;
+  action: "accept" | "reject";
+  decided_by: string;
+}
+
+export interface FlowLogOptions {
+  dir: string;
+  hostId: string;
+  /** 0 < rate ≤ 1: the share of flows recorded. */
+  sampleRate: number;
+  /** Rotate once the file passes this many bytes. */
+  maxBytes?: number;
+  /** Keep this many rotated files (<host>.jsonl.1 … .N). */
+  keep?: number;
+  /** Drops of one 5-tuple within this window are one record. */
+  aggregateMs?: number;
+}
+
+/** Checks a sample rate as the flag or API gives it: a number with 0 < r ≤ 1. */
+export function checkSampleRate(field: string, v: unknown): number {
+  const r = typeof v === "string" && /^[0-9]*\.?[0-9]+$/.test(v) ? Number(v) : v;
+  if (typeof r !== "number" || !Number.isFinite(r) || r <= 0 || r > 1)
+    throw new Error(`${field}: a sample rate is a number with 0 < rate ≤ 1, got ${JSON.stringify(v)}`);
+  return r;
+}
+
+const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}$/;
+const PROTOS = new Set(["tcp", "udp", "icmp"]);
+
+export interface CtDestroy {
+  endMs: number;
+  proto: string;
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+  packets: number;
+  bytes: number;
+  startMs: number;
+}
+
+/**
+ * One line of `conntrack -E -e DESTROY -o extended,timestamp`, e.g.
+ * `[1796226932.507354]\t[DESTROY] ipv4 2 tcp 6 120 CLOSE src=… dst=… sport=… dport=… packets=1 bytes=60 [UNREPLIED] src=… packets=1 bytes=40 delta-time=0 id=…`:
+ * the original direction's tuple, both directions' counts; null for any other line.
+ */
+export function parseCtDestroy(line: string): CtDestroy | null {
+  const e = parseCtEvent(line);
+  return e?.type === "DESTROY" ? e : null;
+}
+
+/**
+ * A NEW or DESTROY line of `conntrack -E -o extended,timestamp,id`: the
+ * event's time, the flow's id (the last id=), and for DESTROY the tuple and counts.
+ */
+export function parseCtEvent(line: string): (CtDestroy & { type: "NEW" | "DESTROY"; id: string }) | null {
+  const m = /^\[([0-9]{1,12})\.([0-9]{1,9})\]\s+\[(NEW|DESTROY)\]\s+ipv4\s+2\s+([a-z]+)\s+(.*)$/.exec(line.trim());
+  if (!m || !PROTOS.has(m[4])) return null;
+  const type = m[3] as "NEW" | "DESTROY";
+  m.splice(3, 1);
+  const endMs = Number(m[1]) * 1000 + Math.floor(Number(`0.${m[2]}`) * 1000);
+  const kv = [...m[4].matchAll(/([a-z-]+)=([0-9.]+)/g)].map((x) => [x[1], x[2]] as const);
+  const first = (k: string) => kv.find(([key]) => key === k)?.[1];
+  const all = (k: string) => kv.filter(([key]) => key === k).map(([, v]) => Number(v));
+  const src = first("src");
+  const dst = first("dst");
+  if (!src || !dst || !IPV4.test(src) || !IPV4.test(dst)) return null;
+  const icmp = m[3] === "icmp";
+  const sport = icmp ? 0 : Number(first("sport") ?? NaN);
+  const dport = icmp ? Number(first("type") ?? 0) : Number(first("dport") ?? NaN);
+  if (![sport, dport].every((p) => Number.isInteger(p) && p >= 0 && p <= 65535)) return null;
+  const sum = (xs: number[]) => xs.filter((x) => Number.isSafeInteger(x)).reduce((a, b) => a + b, 0);
+  const delta = Number(first("delta-time") ?? 0);
+  const ids = all("id");
+  return {
+    type,
+    id: String(ids[ids.length - 1] ?? ""),
+    endMs,
+    proto: m[3],
+    src,
+    dst,
+    sport,
+    dport,
+    packets: sum(all("packets")),
+    bytes: sum(all("bytes")),
+    startMs: endMs - (Number.isFinite(delta) ? delta * 1000 : 0),
+  };
+}
+
+export interface UlogDrop {
+  timeMs: number;
+  prefix: string;
+  proto: string;
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+  bytes: number;
+}
+
+/** One JSON line of ulogd2's JSON output (NFLOG → BASE → IP2STR); null if it is not an IPv4 packet we logged. */
+export function parseUlogDrop(line: string): UlogDrop | null {
+  let j: Record<string, unknown>;
+  try {
+    j = JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    return null;
+  }
+  const prefix = j["oob.prefix"];
+  const src = j["src_ip"];
+  const dst = j["dest_ip"];
+  if (typeof prefix !== "string" || typeof src !== "string" || typeof dst !== "string" || !IPV4.test(src) || !IPV4.test(dst)) return null;
+  const pn = j["ip.protocol"];
+  const proto = pn === 6 ? "tcp" : pn === 17 ? "udp" : pn === 1 ? "icmp" : null;
+  if (!proto) return null;
+  const num = (k: string) => (typeof j[k] === "number" && Number.isInteger(j[k]) ? (j[k] as number) : 0);
+  const sec = num("oob.time.sec");
+  return {
+    timeMs: sec ? sec * 1000 + Math.floor(num("oob.time.usec") / 1000) : Date.now(),
+    prefix,
+    proto,
+    src,
+    dst,
+    sport: proto === "icmp" ? 0 : num("src_port"),
+    dport: proto === "icmp" ? num("icmp.type") : num("dest_port"),
+    bytes: num("raw.pktlen"),
+  };
+}
+
+/** The nft prefix of a NIC chain's drop: "<nic hex> <in|out> <decider>" (the decider has no spaces). */
+export function dropPrefix(nicHex: string, dir: "in" | "out", decider: string): string {
+  return `${nicHex} ${dir} ${decider}`;
+}
+
+/** The security group (and rule index) that let a flow in or out, as `sg-…#n`, or the default that did. */
+export function acceptedBy(st: VpcFirewallState, src: string, dst: string, proto: string, dport: number): string {
+  const find = (gs: SecurityGroupRec[], dir: "ingress" | "egress", peer: string): string | undefined => {
+    for (const g of gs) {
+      const i = g.rules.findIndex((r) => {
+        if (r.dir !== dir) return false;
+        const peerOk = r.group ? (st.members.get(r.group) ?? []).includes(peer) : inCidr(peer, r.cidr!);
+        if (!peerOk) return false;
+        if (r.proto === "all") return true;
+        if (r.proto !== proto) return false;
+        if (r.proto === "icmp") return true;
+        return (r.portFrom === 0 && r.portTo === 0) || (dport >= r.portFrom && dport <= r.portTo);
+      });
+      if (i >= 0) return `${g.id}#${i + 1}`;
+    }
+    return undefined;
+  };
+  const groupsOf = (n: BindingRec) => n.groupIds.map((g) => st.groups.get(g)).filter((g): g is SecurityGroupRec => !!g);
+  const receiver = st.nics.find((n) => n.address === dst);
+  if (receiver) return find(groupsOf(receiver), "ingress", src) ?? "default";
+  const sender = st.nics.find((n) => n.address === src);
+  if (sender && sender.groupIds.length) return find(groupsOf(sender), "egress", dst) ?? "default";
+  return "default-egress-open";
+}
+
+function inCidr(ip: string, cidr: string): boolean {
+  const n = (a: string) => a.split(".").reduce((x, o) => x * 256 + Number(o), 0);
+  const [base, len] = cidr.split("/");
+  const size = 2 ** (32 - Number(len));
+  return n(ip) >= n(base) && n(ip) < n(base) + size;
+}
+
+/** Appends JSON lines to <dir>/<host>.jsonl; past maxBytes the file becomes .1 (and .1 → .2 …, the oldest beyond `keep` deleted). */
+export class RotatingJsonl {
+  readonly path: string;
+  private size: number;
+  constructor(
+    readonly dir: string,
+    name: string,
+    readonly maxBytes = 64 * 1024 * 1024,
+    readonly keep = 5,
+  ) {
+    mkdirSync(dir, { recursive: true, mode: 0o750 });
+    this.path = join(dir, `${name}.jsonl`);
+    this.size = existsSync(this.path) ? statSync(this.path).size : 0;
+  }
+
+  write(rec: object): void {
+    const line = `${JSON.stringify(rec)}\n`;
+    if (this.size > 0 && this.size + line.length > this.maxBytes) this.rotate();
+    appendFileSync(this.path, line, { mode: 0o640 });
+    this.size += Buffer.byteLength(line);
+  }
+
+  private rotate(): void {
+    rmSync(`${this.path}.${this.keep}`, { force: true });
+    for (let i = this.keep - 1; i >= 1; i--) if (existsSync(`${this.path}.${i}`)) renameSync(`${this.path}.${i}`, `${this.path}.${i + 1}`);
+    renameSync(this.path, `${this.path}.1`);
+    this.size = 0;
+  }
+}
+
+/** What the collector needs of the firewall: the applied state of a namespace, and whether a NIC logs flows. */
+export interface FlowLogSource {
+  stateOf(ns: string): VpcFirewallState | undefined;
+  logs(nic: BindingRec): boolean;
+}
+
+interface NsReaders {
+  startedMs: number;
+  ct: ChildProcess;
+  ulogd?: ChildProcess;
+}
+
+/** Runs a conntrack event reader and a ulogd2 per VPC namespace with flow-logging NICs, and writes the records. */
+export class FlowLogCollector {
+  private readonly readers = new Map<string, NsReaders>();
+  private readonly starts = new Map<string, number>();
+  private readonly pending = new Map<string, { rec: FlowRecord; startMs: number; endMs: number }>();
+  readonly out: RotatingJsonl;
+  private readonly flushTimer: NodeJS.Timeout;
+  private stopped = false;
+
+  constructor(
+    readonly opts: FlowLogOptions,
+    readonly source: FlowLogSource,
+    readonly log: Logger,
+    readonly random: () => number = Math.random,
+  ) {
+    this.out = new RotatingJsonl(opts.dir, opts.hostId, opts.maxBytes, opts.keep);
+    this.flushTimer = setInterval(() => this.flush(false), Math.max(200, (opts.aggregateMs ?? 5000) / 4));
+    this.flushTimer.unref();
+  }
+
+  /** Makes the readers match the namespaces that need them (called after each firewall pass). */
+  async ensure(namespaces: string[]): Promise<void> {
+    if (this.stopped) return;
+    const want = new Set(namespaces.filter((ns) => this.source.stateOf(ns)?.nics.some((n) => this.source.logs(n))));
+    for (const [ns, r] of this.readers) {
+      const alive = r.ct.exitCode === null && (r.ulogd === undefined || r.ulogd.exitCode === null);
+      // A reader that died is restarted, but not more often than every 10 s.
+      if (want.has(ns) && (alive || Date.now() - r.startedMs < 10_000)) continue;
+      if (!alive) this.log.warn({ ns }, "flow logs: a reader ended; restarting it");
+      this.kill(ns, r);
+    }
+    for (const ns of want) if (!this.readers.has(ns)) await this.startNs(ns);
+  }
+
+  private kill(ns: string, r: NsReaders): void {
+    this.readers.delete(ns);
+    if (r.ct.exitCode === null) r.ct.kill("SIGTERM");
+    if (r.ulogd?.pid && r.ulogd.exitCode === null) {
+      try {
+        process.kill(-r.ulogd.pid, "SIGTERM");
+      } catch {
+        // already gone
+      }
+    }
+  }
+
+  private async startNs(ns: string): Promise<void> {
+    // Per-namespace sysctls only (ip netns exec): DESTROY events then carry packets, bytes and delta-time.
+    await run("ip", ["netns", "exec", ns, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1", "net.netfilter.nf_conntrack_timestamp=1"], {
+      timeoutMs: 10_000,
+    });
+    const ct = spawn("ip", ["netns", "exec", ns, "conntrack", "-E", "-e", "NEW,DESTROY", "-o", "extended,timestamp,id"], { stdio: ["ignore", "pipe", "pipe"] });
+    createInterface({ input: ct.stdout! }).on("line", (l) => this.onCt(ns, l));
+    ct.stderr!.resume();
+    const r: NsReaders = { ct, startedMs: Date.now() };
+    const conf = join(this.opts.dir, `.ulogd-${ns}.conf`);
+    if (existsSync(ULOGD)) {
+      writeFileSync(conf, ulogdConf(join(this.opts.dir, `.ulogd-${ns}.log`)), { mode: 0o640 });
+      // ulogd's JSON output opens its file: /dev/stdout must be a pipe (a
+      // child's stdout from node is a socket, which cannot be opened), hence
+      // `| cat`; its own process group, so stopping it ends both.
+      const u = spawn("ip", ["netns", "exec", ns, "sh", "-c", `${ULOGD} -c "$0" | cat`, conf], { stdio: ["ignore", "pipe", "pipe"], detached: true });
+      createInterface({ input: u.stdout! }).on("line", (l) => this.onDrop(ns, l));
+      u.stderr!.resume();
+      r.ulogd = u;
+    } else this.log.warn({ ns }, `flow logs: ${ULOGD} is missing (Debian ulogd2, ulogd2-json): rejected flows are not logged`);
+    this.readers.set(ns, r);
+    this.log.info({ ns }, "flow logs: reading conntrack events and drop logs");
+  }
+
+  private sampled(): boolean {
+    return this.opts.sampleRate >= 1 || this.random() < this.opts.sampleRate;
+  }
+
+  onCt(ns: string, line: string): void {
+    const e = parseCtEvent(line);
+    const st = this.source.stateOf(ns);
+    if (!e || !st) return;
+    // NEW gives the flow's start (conntrack's delta-time is whole seconds); bounded, oldest forgotten first.
+    const key = `${ns} ${e.id}`;
+    if (e.type === "NEW") {
+      this.starts.set(key, e.endMs);
+      if (this.starts.size > MAX_OPEN_FLOWS) this.starts.delete(this.starts.keys().next().value!);
+      return;
+    }
+    const started = this.starts.get(key);
+    this.starts.delete(key);
+    if (started !== undefined) e.startMs = started;
+    // The NIC of the flow: the sender's if it is local and logs, else the receiver's.
+    const nic = [e.src, e.dst].map((a) => st.nics.find((n) => n.address === a)).find((n) => n && this.source.logs(n));
+    if (!nic || !this.sampled()) return;
+    this.out.write({
+      time: new Date(e.endMs).toISOString(),
+      vpc: st.vpcId,
+      nic: nic.nicId,
+      src: e.src,
+      dst: e.dst,
+      sport: e.sport,
+      dport: e.dport,
+      proto: e.proto,
+      packets: e.packets,
+      bytes: e.bytes,
+      start: new Date(e.startMs).toISOString(),
+      end: new Date(e.endMs).toISOString(),
+      action: "accept",
+      decided_by: acceptedBy(st, e.src, e.dst, e.proto, e.dport),
+    } satisfies FlowRecord);
+  }
+
+  onDrop(ns: string, line: string): void {
+    const d = parseUlogDrop(line);
+    const st = this.source.stateOf(ns);
+    if (!d || !st) return;
+    const [hex, , decider] = d.prefix.trim().split(" ");
+    const nic = st.nics.find((n) => n.nicId.endsWith(hex ?? "-") && hex?.length === 12);
+    if (!nic || !this.source.logs(nic)) return;
+    const key = `${ns} ${nic.nicId} ${d.proto} ${d.src}:${d.sport} ${d.dst}:${d.dport}`;
+    const p = this.pending.get(key);
+    if (p) {
+      p.rec.packets++;
+      p.rec.bytes += d.bytes;
+      p.endMs = d.timeMs;
+      return;
+    }
+    // Sampled by flow here as well as by packet in nft: the record of a flow is kept or not as a whole.
+    if (!this.sampled()) return;
+    this.pending.set(key, {
+      startMs: d.timeMs,
+      endMs: d.timeMs,
+      rec: {
+        time: "",
+        vpc: st.vpcId,
+        nic: nic.nicId,
+        src: d.src,
+        dst: d.dst,
+        sport: d.sport,
+        dport: d.dport,
+        proto: d.proto,
+        packets: 1,
+        bytes: d.bytes,
+        start: "",
+        end: "",
+        action: "reject",
+        decided_by: decider ?? "default",
+      },
+    });
+  }
+
+  /** Writes the drop records whose window has passed (all with `all`). */
+  flush(all: boolean): void {
+    const now = Date.now();
+    const window = this.opts.aggregateMs ?? 5000;
+    for (const [key, p] of this.pending) {
+      if (!all && now - p.startMs < window) continue;
+      this.pending.delete(key);
+      this.out.write({ ...p.rec, time: new Date(p.endMs).toISOString(), start: new Date(p.startMs).toISOString(), end: new Date(p.endMs).toISOString() });
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearInterval(this.flushTimer);
+    for (const [ns, r] of [...this.readers]) this.kill(ns, r);
+    this.flush(true);
+  }
+}
+
+const ULOGD = "/usr/sbin/ulogd";
+const ULOGD_PLUGINS = "/usr/lib/x86_64-linux-gnu/ulogd";
+
+/** ulogd2's configuration: the flow-log NFLOG group, decoded, as JSON lines on stdout. */
+export function ulogdConf(logfile: string): string {
+  const p = (n: string) => `plugin="${ULOGD_PLUGINS}/${n}.so"`;
+  return [
+    "[global]",
+    `logfile="${logfile}"`,
+    "loglevel=5",
+    p("ulogd_inppkt_NFLOG"),
+    p("ulogd_raw2packet_BASE"),
+    p("ulogd_filter_IP2STR"),
+    p("ulogd_output_JSON"),
+    "stack=log1:NFLOG,base1:BASE,ip2str1:IP2STR,json1:JSON",
+    "",
+    "[log1]",
+    `group=${FLOW_LOG_GROUP}`,
+    "",
+    "[json1]",
+    "sync=1",
+    'file="/dev/stdout"',
+    "",
+  ].join("\n");
+}
+
+export interface FlowLogFilter {
+  nic?: string;
+  vpc?: string;
+  action?: "accept" | "reject";
+  sinceMs?: number;
+  limit?: number;
+}
+
+/** Keeps the records (JSON lines, newest last) that pass the filter, at most `limit`, the newest. */
+export function filterFlowLogs(lines: string[], f: FlowLogFilter): FlowRecord[] {
+  const out: FlowRecord[] = [];
+  for (const l of lines) {
+    let r: FlowRecord;
+    try {
+      r = JSON.parse(l) as FlowRecord;
+    } catch {
+      continue;
+    }
+    if (typeof r !== "object" || r === null) continue;
+    if (f.nic && r.nic !== f.nic) continue;
+    if (f.vpc && r.vpc !== f.vpc) continue;
+    if (f.action && r.action !== f.action) continue;
+    if (f.sinceMs && !(Date.parse(r.end) >= f.sinceMs)) continue;
+    out.push(r);
+  }
+  return f.limit ? out.slice(-f.limit) : out;
+}
