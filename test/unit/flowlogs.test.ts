@@ -1,0 +1,168 @@
+// Flow logs' pure parts: the conntrack and ulogd2 line parsers, the rotating
+// writer, the deciding rule, the sample rate, and what compile() adds to a
+// NIC chain when its flows are logged.
+import assert from "node:assert/strict";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, test } from "vitest";
+import { compile } from "../../services/firewall/compile.js";
+import { acceptedBy, checkSampleRate, filterFlowLogs, FLOW_LOG_GROUP, parseCtEvent, parseUlogDrop, RotatingJsonl } from "../../services/firewall/flowlogs.js";
+import type { VpcFirewallState } from "../../services/firewall/model.js";
+
+const dirs: string[] = [];
+afterAll(() => dirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
+
+const NIC = "nic-0123456789ab";
+const SG = "sg-aaaaaaaaaaaa";
+const state = (flowLogs?: VpcFirewallState["flowLogs"]): VpcFirewallState => ({
+  vpcId: "vpc-000000000001",
+  subnets: [{ subnetId: "subnet-000000000001", cidr: "10.0.1.0/24", bridge: "br-1" }],
+  nics: [
+    {
+      nicId: NIC,
+      vpcId: "vpc-000000000001",
+      subnetId: "subnet-000000000001",
+      address: "10.0.1.5",
+      mac: "02:00:00:00:00:05",
+      hostId: "h1",
+      hostIf: "tap5",
+      groupIds: [SG],
+      boundMs: 0,
+      updatedMs: 0,
+    },
+  ],
+  groups: new Map([
+    [
+      SG,
+      {
+        id: SG,
+        vpcId: "vpc-000000000001",
+        name: "web",
+        description: "",
+        labels: [],
+        rules: [
+          { dir: "ingress", proto: "tcp", portFrom: 443, portTo: 443, cidr: "0.0.0.0/0", description: "" },
+          { dir: "ingress", proto: "tcp", portFrom: 80, portTo: 80, cidr: "10.0.0.0/16", description: "" },
+        ],
+        generation: 1,
+        createdMs: 0,
+        updatedMs: 0,
+      },
+    ],
+  ]),
+  members: new Map(),
+  acls: new Map(),
+  ...(flowLogs ? { flowLogs } : {}),
+});
+
+test("conntrack NEW and DESTROY lines: tuple of the original direction, both directions' counts, the flow id", () => {
+  const d = parseCtEvent(
+    "[1796226932.507354]\t[DESTROY] ipv4     2 tcp      6 120 CLOSE src=10.0.1.4 dst=10.0.1.5 sport=46852 dport=80 packets=4 bytes=260 src=10.0.1.5 dst=10.0.1.4 sport=80 dport=46852 packets=3 bytes=200 [ASSURED] delta-time=2 id=197791212",
+  );
+  assert.deepEqual(d, {
+    type: "DESTROY",
+    id: "197791212",
+    endMs: 1796226932507,
+    proto: "tcp",
+    src: "10.0.1.4",
+    dst: "10.0.1.5",
+    sport: 46852,
+    dport: 80,
+    packets: 7,
+    bytes: 460,
+    startMs: 1796226930507,
+  });
+  const n = parseCtEvent(
+    "[1796226932.304610]\t    [NEW] ipv4     2 icmp     1 30 src=10.0.1.4 dst=10.0.1.5 type=8 code=0 id=16324 [UNREPLIED] src=10.0.1.5 dst=10.0.1.4 type=0 code=0 id=16324 id=1400747475",
+  );
+  assert.equal(n?.type, "NEW");
+  assert.equal(n?.id, "1400747475");
+  assert.equal(n?.dport, 8);
+  for (const bad of [
+    "",
+    "conntrack v1.4.7: 4 flow events have been shown.",
+    "[1.0] [DESTROY] ipv6 10 tcp 6 src=::1 dst=::1",
+    "[1.0] [DESTROY] ipv4 2 tcp 6 src=10.0.0.999 dst=1.2.3.4",
+  ])
+    assert.equal(parseCtEvent(bad), null, bad);
+});
+
+test("ulogd2 JSON lines: the prefix and the tuple; anything else is ignored", () => {
+  const line = JSON.stringify({
+    "oob.prefix": "0123456789ab in sg-default-deny",
+    "oob.time.sec": 1796226957,
+    "oob.time.usec": 738230,
+    "raw.pktlen": 60,
+    "ip.protocol": 6,
+    src_port: 41596,
+    dest_port: 22,
+    src_ip: "10.0.1.4",
+    dest_ip: "10.0.1.5",
+  });
+  assert.deepEqual(parseUlogDrop(line), {
+    timeMs: 1796226957738,
+    prefix: "0123456789ab in sg-default-deny",
+    proto: "tcp",
+    src: "10.0.1.4",
+    dst: "10.0.1.5",
+    sport: 41596,
+    dport: 22,
+    bytes: 60,
+  });
+  assert.equal(parseUlogDrop("not json"), null);
+  assert.equal(parseUlogDrop(JSON.stringify({ "oob.prefix": "x", src_ip: "1.2.3.4\n", dest_ip: "1.2.3.4", "ip.protocol": 6 })), null);
+  assert.equal(parseUlogDrop(JSON.stringify({ "oob.prefix": "x", src_ip: "1.2.3.4", dest_ip: "1.2.3.4", "ip.protocol": 47 })), null);
+});
+
+test("the deciding rule of an accepted flow: the group and rule number, or the default", () => {
+  const st = state();
+  assert.equal(acceptedBy(st, "10.0.1.4", "10.0.1.5", "tcp", 80), `${SG}#2`);
+  assert.equal(acceptedBy(st, "192.0.2.1", "10.0.1.5", "tcp", 443), `${SG}#1`);
+  assert.equal(acceptedBy(st, "10.0.1.5", "192.0.2.1", "tcp", 443), "default");
+});
+
+test("sample rates: 0 < r ≤ 1, anything else is refused with a usable message", () => {
+  assert.equal(checkSampleRate("r", "0.25"), 0.25);
+  assert.equal(checkSampleRate("r", 1), 1);
+  for (const bad of ["0", "1.5", "-0.1", "abc", "", 0, NaN, Infinity, null])
+    assert.throws(() => checkSampleRate("--flow-logs-sample-rate", bad), /--flow-logs-sample-rate: a sample rate is a number with 0 < rate ≤ 1/);
+});
+
+test("the writer rotates by size and keeps N files", () => {
+  const dir = mkdtempSync(join(tmpdir(), "flowlogs-"));
+  dirs.push(dir);
+  const w = new RotatingJsonl(dir, "h1", 200, 2);
+  for (let i = 0; i < 20; i++) w.write({ i, pad: "x".repeat(40) });
+  assert.ok(existsSync(`${w.path}.1`) && existsSync(`${w.path}.2`) && !existsSync(`${w.path}.3`));
+  const last = readFileSync(w.path, "utf8").trim().split("\n");
+  assert.equal(JSON.parse(last[last.length - 1]).i, 19);
+  assert.ok(readFileSync(w.path).length <= 200);
+});
+
+test("compile: a NIC whose flows are logged sends its drops to the NFLOG group first, sampled and rate-limited; others are unchanged", () => {
+  const off = compile(state()).model.chains.get("nic_0123456789ab_in")!;
+  assert.ok(!off.join("\n").includes("log group"));
+  const all = compile(state({ nics: new Set([NIC]), sampleRate: 1 })).model.chains.get("nic_0123456789ab_in")!;
+  const log = all[all.length - 2];
+  assert.equal(log, `limit rate 50/second burst 50 packets log group ${FLOW_LOG_GROUP} prefix "0123456789ab in sg-default-deny"`);
+  assert.match(all[all.length - 1], /counter name nic_0123456789ab_in_drop drop$/);
+  const some = compile(state({ nics: new Set([NIC]), sampleRate: 0.1 })).model.chains.get("nic_0123456789ab_in")!;
+  assert.match(some[some.length - 2], /^numgen random mod 1000 < 100 limit rate/);
+  const other = compile(state({ nics: new Set(["nic-ffffffffffff"]), sampleRate: 1 })).model.chains.get("nic_0123456789ab_in")!;
+  assert.deepEqual(other, off);
+});
+
+test("reading back: filters by NIC, action and time, newest last, bounded", () => {
+  const rec = (nic: string, action: string, end: string) => JSON.stringify({ nic, action, end, vpc: "vpc-000000000001" });
+  const lines = [
+    rec("nic-a", "accept", "2026-01-01T00:00:00Z"),
+    rec("nic-a", "reject", "2026-01-01T00:01:00Z"),
+    "garbage",
+    rec("nic-b", "reject", "2026-01-01T00:02:00Z"),
+    rec("nic-a", "reject", "2026-01-01T00:03:00Z"),
+  ];
+  assert.equal(filterFlowLogs(lines, { nic: "nic-a", action: "reject" }).length, 2);
+  assert.equal(filterFlowLogs(lines, { sinceMs: Date.parse("2026-01-01T00:01:30Z") }).length, 2);
+  assert.equal(filterFlowLogs(lines, { action: "reject", limit: 1 })[0].end, "2026-01-01T00:03:00Z");
+});
