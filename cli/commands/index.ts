@@ -7,6 +7,7 @@ import * as completion from "./completion.js";
 import * as connectivity from "./connectivity.js";
 import * as dns from "./dns.js";
 import * as fip from "./fip.js";
+import * as flowLogs from "./flowlogs.js";
 import * as host from "./host.js";
 import * as ip from "./ip.js";
 import * as metadata from "./metadata.js";
@@ -33,6 +34,7 @@ export const groups: { register(program: Command): void }[] = [
   connectivity,
   host,
   nic,
+  flowLogs,
   metadata,
   status,
   completion,

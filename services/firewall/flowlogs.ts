@@ -10,7 +10,7 @@
 //     drops of one 5-tuple within the aggregation window are one record.
 // Records go to <dir>/<host>.jsonl, rotated by size.
 import { spawn, type ChildProcess } from "node:child_process";
-import { appendFileSync, existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { appendFileSync, closeSync, existsSync, mkdirSync, openSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import type { Logger } from "pino";
@@ -463,4 +463,24 @@ export function filterFlowLogs(lines: string[], f: FlowLogFilter): FlowRecord[] 
     out.push(r);
   }
   return f.limit ? out.slice(-f.limit) : out;
+}
+
+/** How much of the end of the current file ListFlowLogs reads (the newest records). */
+export const READ_TAIL_BYTES = 8 * 1024 * 1024;
+
+/** The last `bytes` of a file as whole lines (the first, cut, line dropped). */
+export function tailLines(path: string, bytes = READ_TAIL_BYTES): string[] {
+  if (!existsSync(path)) return [];
+  const size = statSync(path).size;
+  const from = Math.max(0, size - bytes);
+  const fd = openSync(path, "r");
+  try {
+    const buf = Buffer.alloc(size - from);
+    readSync(fd, buf, 0, buf.length, from);
+    const lines = buf.toString("utf8").split("\n");
+    if (from > 0) lines.shift();
+    return lines.filter(Boolean);
+  } finally {
+    closeSync(fd);
+  }
 }

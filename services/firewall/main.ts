@@ -2,19 +2,20 @@
 // desired state in Redis (any host may answer); the sync half compiles this
 // host's VPC namespaces into nftables and follows change events.
 import { create } from "@bufbuild/protobuf";
-import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Option } from "commander";
 import { hostIdOption } from "../common/host.js";
 import type { ServiceDefinition } from "../common/daemon.js";
 import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, redisReachable } from "../common/health.js";
-import { FailedPreconditionError } from "../common/errors.js";
+import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import { invalidRecords } from "../common/invalid-records.js";
 import {
   FirewallCountersSchema,
   FirewallHealth,
   FirewallInvalidRecordSchema,
   FirewallService,
+  FlowLogRecordSchema,
   NicFirewallStatusSchema,
 } from "../../gen/microvpc/v1/firewall_pb.js";
 import { IpamReader, OWNER as IPAM_OWNER } from "../ipam/schema.js";
@@ -26,7 +27,7 @@ import { FirewallApi } from "./service.js";
 import { OWNER } from "./schema.js";
 import { FirewallStore } from "./store.js";
 import { FirewallSync } from "./sync.js";
-import { checkSampleRate, FlowLogCollector } from "./flowlogs.js";
+import { checkSampleRate, filterFlowLogs, FlowLogCollector, tailLines } from "./flowlogs.js";
 
 export const firewallDefinition: ServiceDefinition = {
   name: "firewall",
@@ -72,9 +73,12 @@ export const firewallDefinition: ServiceDefinition = {
     // With per-host Redis users a hypervisor's firewall may not write groups or
     // ACLs; this instance does, and compiles nothing (no nft, no namespaces).
     if (flags.apiOnly) {
-      const noDataPlane: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus"> = {
+      const noDataPlane: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus" | "listFlowLogs"> = {
         getFirewallStatus: async () => {
           throw new FailedPreconditionError("this firewall runs with --api-only: it applies nothing; ask a hypervisor's firewall for its status");
+        },
+        listFlowLogs: async () => {
+          throw new FailedPreconditionError("this firewall runs with --api-only: it logs no flows; ask a hypervisor's firewall");
         },
       };
       return { services: firewallRoutes(new FirewallApi(store, new IpamReader(redis), { hostId }), noDataPlane) };
@@ -137,7 +141,47 @@ export const firewallDefinition: ServiceDefinition = {
     const brNfTimer = setInterval(() => void checkBrNf(), 5000);
     brNfTimer.unref();
     await checkBrNf();
-    const status: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus"> = {
+    const status: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus" | "listFlowLogs"> = {
+      listFlowLogs: async (req) => {
+        if (!flowLogs) throw new FailedPreconditionError("flow logs are off on this host (microvpcd firewall --flow-logs DIR)");
+        for (const [i, id] of req.nicIds.entries())
+          if (!/^nic-[0-9a-f]{12}$/.test(id))
+            throw new InvalidArgumentError(`nic_ids[${i}]`, `${JSON.stringify(id.slice(0, 40))} is not a NIC id (nic-<12 hex>)`);
+        if (req.action !== "" && req.action !== "accept" && req.action !== "reject")
+          throw new InvalidArgumentError("action", `${JSON.stringify(req.action.slice(0, 40))}: use "accept", "reject" or leave it empty`);
+        if (req.limit > 1000) throw new InvalidArgumentError("limit", `${req.limit}: at most 1000`);
+        const nics = new Set(req.nicIds);
+        const recs = filterFlowLogs(tailLines(flowLogs.out.path), {
+          action: req.action === "" ? undefined : req.action,
+          sinceMs: req.since ? Number(timestampMs(req.since)) : undefined,
+        }).filter((r) => nics.size === 0 || nics.has(r.nic));
+        const ms = (t: string) => {
+          const v = Date.parse(t);
+          return Number.isFinite(v) ? timestampFromMs(v) : undefined;
+        };
+        const n = (v: unknown) => (typeof v === "number" && Number.isSafeInteger(v) && v >= 0 ? v : 0);
+        const str = (v: unknown) => (typeof v === "string" ? v.slice(0, 64) : "");
+        return {
+          path: flowLogs.out.path,
+          records: recs.slice(-(req.limit || 100)).map((r) =>
+            create(FlowLogRecordSchema, {
+              vpcId: str(r.vpc),
+              nicId: str(r.nic),
+              src: str(r.src),
+              dst: str(r.dst),
+              srcPort: n(r.sport),
+              dstPort: n(r.dport),
+              protocol: str(r.proto),
+              packets: BigInt(n(r.packets)),
+              bytes: BigInt(n(r.bytes)),
+              startTime: ms(r.start),
+              endTime: ms(r.end),
+              action: str(r.action),
+              decidedBy: str(r.decided_by),
+            }),
+          ),
+        };
+      },
       getFirewallStatus: async (req) => {
         const st = { ...sync.status };
         if (brNf.length) {

@@ -5,6 +5,6 @@ import { route, type ServiceBinding } from "../common/grpc-adapter.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import type { FirewallApi } from "./service.js";
 
-export function firewallRoutes(api: FirewallApi, status: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus">): ServiceBinding[] {
+export function firewallRoutes(api: FirewallApi, status: Pick<ServiceImpl<typeof FirewallService>, "getFirewallStatus" | "listFlowLogs">): ServiceBinding[] {
   return [route(FirewallService, { ...api.impl, ...status })];
 }

@@ -313,8 +313,8 @@ export class FirewallApi {
 
   // ---------- handlers ----------
 
-  /** Every FirewallService call but GetFirewallStatus, which reads the sync half (main.ts). */
-  readonly impl: Omit<ServiceImpl<typeof FirewallService>, "getFirewallStatus"> = {
+  /** Every FirewallService call but GetFirewallStatus and ListFlowLogs, which read the sync half (main.ts). */
+  readonly impl: Omit<ServiceImpl<typeof FirewallService>, "getFirewallStatus" | "listFlowLogs"> = {
     createSecurityGroup: async (req) => {
       const vpc = await this.vpc("vpc", req.vpc);
       const name = V.name("name", req.name);

@@ -5,10 +5,13 @@
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import type { FlowRecord } from "../../services/firewall/flowlogs.js";
+import { cliRunner } from "../lib/cli.js";
+import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
 import { nsExec, sleep, startTcpServer, tcpConnect, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
@@ -21,6 +24,8 @@ let webSg: string;
 let dir: string;
 /** Records written before the test (the setup's probes). */
 let skip = 0;
+
+const cli = cliRunner(() => ["--firewall", fwd.address], 60_000);
 
 const records = (): FlowRecord[] => {
   const p = join(dir, `${h.hosts[0].id}.jsonl`);
@@ -104,8 +109,14 @@ describe("flow logs", () => {
     assert.equal(await tcpConnect(client.ns, quiet.address, 22, 2500), "timeout");
 
     const mine = () => records().slice(skip);
+    // The kernel reports a flow's end when it reaps the expired entry (its gc
+    // runs every few seconds to a minute); listing the table reaps expired
+    // entries at once, so the wait here is short.
     const got = await waitFor(
-      () => mine().some((r) => r.action === "accept" && r.dport === 80) && mine().some((r) => r.action === "reject" && r.dport === 22),
+      async () => {
+        await nsExec(client.vpcNs, "conntrack", ["-L"], { check: false });
+        return mine().some((r) => r.action === "accept" && r.dport === 80) && mine().some((r) => r.action === "reject" && r.dport === 22);
+      },
       { timeoutMs: 20_000, intervalMs: 500 },
     );
     if (!got) {
@@ -137,5 +148,22 @@ describe("flow logs", () => {
       recs.filter((x) => x.src === quiet.address || x.dst === quiet.address),
       [],
     );
+  }, 60_000);
+
+  test("ListFlowLogs filters on the server; the CLI reads it; bad requests are INVALID_ARGUMENT with the field", async () => {
+    const rejects = await fw.listFlowLogs({ nicIds: [web1.nicId], action: "reject" });
+    assert.ok(rejects.records.length >= 1);
+    assert.ok(rejects.records.every((r) => r.action === "reject" && r.nicId === web1.nicId));
+    assert.equal(rejects.records.at(-1)!.decidedBy, "sg-default-deny");
+    assert.deepEqual((await fw.listFlowLogs({ nicIds: [quiet.nicId] })).records, []);
+    assert.equal((await fw.listFlowLogs({ limit: 1 })).records.length, 1);
+    const out = await cli.json(["flow-logs", "--nic", web1.nicId, "--action", "accept", "--since", "5m"]);
+    assert.ok(out.records.length >= 1 && out.records.every((r: { action: string }) => r.action === "accept"), JSON.stringify(out));
+    await rejectsWith(fw.listFlowLogs({ action: "drop" }), Code.InvalidArgument, /^action: "drop": use "accept", "reject"/);
+    await rejectsWith(fw.listFlowLogs({ nicIds: ["web1"] }), Code.InvalidArgument, /^nic_ids\[0\]: "web1" is not a NIC id/);
+    await rejectsWith(fw.listFlowLogs({ limit: 5000 }), Code.InvalidArgument, /^limit: 5000: at most 1000/);
+    const bad = await cli.run(["flow-logs", "--since", "5 minutes"]);
+    assert.notEqual(bad.code, 0);
+    assert.match(bad.stderr, /a duration like 90s, 5m/);
   }, 60_000);
 });

@@ -14,7 +14,160 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file microvpc/v1/firewall.proto.
  */
 export const file_microvpc_v1_firewall: GenFile = /*@__PURE__*/
-  fileDesc("ChptaWNyb3ZwYy92MS9maXJld2FsbC5wcm90bxILbWljcm92cGMudjEibgoLRHJvcExvZ2dpbmcSDwoHZW5hYmxlZBgBIAEoCBIcCg9yYXRlX3Blcl9zZWNvbmQYAiABKA1IAIgBARISCgVidXJzdBgDIAEoDUgBiAEBQhIKEF9yYXRlX3Blcl9zZWNvbmRCCAoGX2J1cnN0IqECChFTZWN1cml0eUdyb3VwUnVsZRIpCglkaXJlY3Rpb24YASABKA4yFi5taWNyb3ZwYy52MS5EaXJlY3Rpb24SJwoIcHJvdG9jb2wYAiABKA4yFS5taWNyb3ZwYy52MS5Qcm90b2NvbBIRCglwb3J0X2Zyb20YAyABKA0SDwoHcG9ydF90bxgEIAEoDRIWCglpY21wX3R5cGUYBSABKA1IAYgBARIWCglpY21wX2NvZGUYBiABKA1IAogBARIOCgRjaWRyGAcgASgJSAASGwoRc2VjdXJpdHlfZ3JvdXBfaWQYCCABKAlIABITCgtkZXNjcmlwdGlvbhgJIAEoCUIGCgRwZWVyQgwKCl9pY21wX3R5cGVCDAoKX2ljbXBfY29kZSKIAwoNU2VjdXJpdHlHcm91cBIKCgJpZBgBIAEoCRIOCgZ2cGNfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRIiCgZsYWJlbHMYBSADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBItCgVydWxlcxgGIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlEi4KDGRyb3BfbG9nZ2luZxgHIAEoCzIYLm1pY3JvdnBjLnYxLkRyb3BMb2dnaW5nEikKBXN0YXRlGAggASgOMhoubWljcm92cGMudjEuUmVzb3VyY2VTdGF0ZRISCgpnZW5lcmF0aW9uGAkgASgEEhQKDG1lbWJlcl9jb3VudBgKIAEoDRIvCgtjcmVhdGVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoICChpDcmVhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBILCgN2cGMYASABKAkSDAoEbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIiCgZsYWJlbHMYBCADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBItCgVydWxlcxgFIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlEhsKE29taXRfZGVmYXVsdF9lZ3Jlc3MYBiABKAgSLgoMZHJvcF9sb2dnaW5nGAcgASgLMhgubWljcm92cGMudjEuRHJvcExvZ2dpbmcSFAoMY2xpZW50X3Rva2VuGAggASgJIlEKG0NyZWF0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRIyCg5zZWN1cml0eV9ncm91cBgBIAEoCzIaLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXAiMwoXR2V0U2VjdXJpdHlHcm91cFJlcXVlc3QSCwoDcmVmGAEgASgJEgsKA3ZwYxgCIAEoCSJOChhHZXRTZWN1cml0eUdyb3VwUmVzcG9uc2USMgoOc2VjdXJpdHlfZ3JvdXAYASABKAsyGi5taWNyb3ZwYy52MS5TZWN1cml0eUdyb3VwIk8KGUxpc3RTZWN1cml0eUdyb3Vwc1JlcXVlc3QSCwoDdnBjGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJImoKGkxpc3RTZWN1cml0eUdyb3Vwc1Jlc3BvbnNlEjMKD3NlY3VyaXR5X2dyb3VwcxgBIAMoCzIaLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkYKFVNlY3VyaXR5R3JvdXBSdWxlTGlzdBItCgVydWxlcxgBIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlIuoCChpVcGRhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJEjUKCXNldF9ydWxlcxgDIAEoCzIiLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlTGlzdBIxCglhZGRfcnVsZXMYBCADKAsyHi5taWNyb3ZwYy52MS5TZWN1cml0eUdyb3VwUnVsZRI0CgxyZW1vdmVfcnVsZXMYBSADKAsyHi5taWNyb3ZwYy52MS5TZWN1cml0eUdyb3VwUnVsZRIYCgtkZXNjcmlwdGlvbhgGIAEoCUgAiAEBEi4KDGRyb3BfbG9nZ2luZxgHIAEoCzIYLm1pY3JvdnBjLnYxLkRyb3BMb2dnaW5nEiAKE2V4cGVjdGVkX2dlbmVyYXRpb24YCCABKARIAYgBAUIOCgxfZGVzY3JpcHRpb25CFgoUX2V4cGVjdGVkX2dlbmVyYXRpb24iUQobVXBkYXRlU2VjdXJpdHlHcm91cFJlc3BvbnNlEjIKDnNlY3VyaXR5X2dyb3VwGAEgASgLMhoubWljcm92cGMudjEuU2VjdXJpdHlHcm91cCI2ChpEZWxldGVTZWN1cml0eUdyb3VwUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJIi4KG0RlbGV0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIsoCCgpOaWNCaW5kaW5nEg4KBm5pY19pZBgBIAEoCRIOCgZ2cGNfaWQYAiABKAkSEQoJc3VibmV0X2lkGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSCwoDbWFjGAUgASgJEg8KB2hvc3RfaWQYBiABKAkSFgoOaG9zdF9pbnRlcmZhY2UYByABKAkSGgoSc2VjdXJpdHlfZ3JvdXBfaWRzGAggAygJEhYKDm5ldHdvcmtfYWNsX2lkGAkgASgJEi4KDGRyb3BfbG9nZ2luZxgKIAEoCzIYLm1pY3JvdnBjLnYxLkRyb3BMb2dnaW5nEi0KCWJpbmRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrwBCg5CaW5kTmljUmVxdWVzdBIOCgZuaWNfaWQYASABKAkSCwoDdnBjGAIgASgJEg4KBnN1Ym5ldBgDIAEoCRIPCgdhZGRyZXNzGAQgASgJEgsKA21hYxgFIAEoCRIWCg5ob3N0X2ludGVyZmFjZRgGIAEoCRIXCg9zZWN1cml0eV9ncm91cHMYByADKAkSLgoMZHJvcF9sb2dnaW5nGAggASgLMhgubWljcm92cGMudjEuRHJvcExvZ2dpbmciTAoPQmluZE5pY1Jlc3BvbnNlEigKB2JpbmRpbmcYASABKAsyFy5taWNyb3ZwYy52MS5OaWNCaW5kaW5nEg8KB2NoYW5nZWQYAiABKAgiIgoQVW5iaW5kTmljUmVxdWVzdBIOCgZuaWNfaWQYASABKAkiRwoRVW5iaW5kTmljUmVzcG9uc2USDwoHdW5ib3VuZBgBIAEoCBIhChljb25udHJhY2tfZW50cmllc19jbGVhcmVkGAIgASgNIoUBChZMaXN0TmljQmluZGluZ3NSZXF1ZXN0EgsKA3ZwYxgBIAEoCRIWCg5zZWN1cml0eV9ncm91cBgCIAEoCRIPCgdob3N0X2lkGAMgASgJEg4KBm5pY19pZBgEIAEoCRIRCglwYWdlX3NpemUYBSABKA0SEgoKcGFnZV90b2tlbhgGIAEoCSJdChdMaXN0TmljQmluZGluZ3NSZXNwb25zZRIpCghiaW5kaW5ncxgBIAMoCzIXLm1pY3JvdnBjLnYxLk5pY0JpbmRpbmcSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIrUCCg9OZXR3b3JrQWNsRW50cnkSEwoLcnVsZV9udW1iZXIYASABKA0SKQoJZGlyZWN0aW9uGAIgASgOMhYubWljcm92cGMudjEuRGlyZWN0aW9uEiYKBmFjdGlvbhgDIAEoDjIWLm1pY3JvdnBjLnYxLkFjbEFjdGlvbhInCghwcm90b2NvbBgEIAEoDjIVLm1pY3JvdnBjLnYxLlByb3RvY29sEhEKCXBvcnRfZnJvbRgFIAEoDRIPCgdwb3J0X3RvGAYgASgNEhYKCWljbXBfdHlwZRgHIAEoDUgAiAEBEhYKCWljbXBfY29kZRgIIAEoDUgBiAEBEgwKBGNpZHIYCSABKAkSEwoLZGVzY3JpcHRpb24YCiABKAlCDAoKX2ljbXBfdHlwZUIMCgpfaWNtcF9jb2RlIlQKEk5ldHdvcmtBY2xFbnRyeUtleRIpCglkaXJlY3Rpb24YASABKA4yFi5taWNyb3ZwYy52MS5EaXJlY3Rpb24SEwoLcnVsZV9udW1iZXIYAiABKA0iRAoTTmV0d29ya0FjbEVudHJ5TGlzdBItCgdlbnRyaWVzGAEgAygLMhwubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5ItMCCgpOZXR3b3JrQWNsEgoKAmlkGAEgASgJEg4KBnZwY19pZBgCIAEoCRIMCgRuYW1lGAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEiIKBmxhYmVscxgFIAMoCzISLm1pY3JvdnBjLnYxLkxhYmVsEi0KB2VudHJpZXMYBiADKAsyHC5taWNyb3ZwYy52MS5OZXR3b3JrQWNsRW50cnkSEgoKc3VibmV0X2lkcxgHIAMoCRIpCgVzdGF0ZRgIIAEoDjIaLm1pY3JvdnBjLnYxLlJlc291cmNlU3RhdGUSEgoKZ2VuZXJhdGlvbhgJIAEoBBIvCgtjcmVhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsMBChdDcmVhdGVOZXR3b3JrQWNsUmVxdWVzdBILCgN2cGMYASABKAkSDAoEbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIiCgZsYWJlbHMYBCADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBItCgdlbnRyaWVzGAUgAygLMhwubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5Eg8KB3N1Ym5ldHMYBiADKAkSFAoMY2xpZW50X3Rva2VuGAcgASgJIkgKGENyZWF0ZU5ldHdvcmtBY2xSZXNwb25zZRIsCgtuZXR3b3JrX2FjbBgBIAEoCzIXLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2wiMAoUR2V0TmV0d29ya0FjbFJlcXVlc3QSCwoDcmVmGAEgASgJEgsKA3ZwYxgCIAEoCSJFChVHZXROZXR3b3JrQWNsUmVzcG9uc2USLAoLbmV0d29ya19hY2wYASABKAsyFy5taWNyb3ZwYy52MS5OZXR3b3JrQWNsIkwKFkxpc3ROZXR3b3JrQWNsc1JlcXVlc3QSCwoDdnBjGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJImEKF0xpc3ROZXR3b3JrQWNsc1Jlc3BvbnNlEi0KDG5ldHdvcmtfYWNscxgBIAMoCzIXLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2wSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIr0CChdVcGRhdGVOZXR3b3JrQWNsUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJEjUKC3NldF9lbnRyaWVzGAMgASgLMiAubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5TGlzdBI0Cg51cHNlcnRfZW50cmllcxgEIAMoCzIcLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2xFbnRyeRI3Cg5yZW1vdmVfZW50cmllcxgFIAMoCzIfLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2xFbnRyeUtleRIYCgtkZXNjcmlwdGlvbhgGIAEoCUgAiAEBEiAKE2V4cGVjdGVkX2dlbmVyYXRpb24YByABKARIAYgBAUIOCgxfZGVzY3JpcHRpb25CFgoUX2V4cGVjdGVkX2dlbmVyYXRpb24iSAoYVXBkYXRlTmV0d29ya0FjbFJlc3BvbnNlEiwKC25ldHdvcmtfYWNsGAEgASgLMhcubWljcm92cGMudjEuTmV0d29ya0FjbCIzChdEZWxldGVOZXR3b3JrQWNsUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJIisKGERlbGV0ZU5ldHdvcmtBY2xSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIk4KGkFzc29jaWF0ZU5ldHdvcmtBY2xSZXF1ZXN0EhMKC25ldHdvcmtfYWNsGAEgASgJEgsKA3ZwYxgCIAEoCRIOCgZzdWJuZXQYAyABKAkibAobQXNzb2NpYXRlTmV0d29ya0FjbFJlc3BvbnNlEiwKC25ldHdvcmtfYWNsGAEgASgLMhcubWljcm92cGMudjEuTmV0d29ya0FjbBIfChdwcmV2aW91c19uZXR3b3JrX2FjbF9pZBgCIAEoCSI8Ch1EaXNhc3NvY2lhdGVOZXR3b3JrQWNsUmVxdWVzdBIOCgZzdWJuZXQYASABKAkSCwoDdnBjGAIgASgJIkEKHkRpc2Fzc29jaWF0ZU5ldHdvcmtBY2xSZXNwb25zZRIfChdwcmV2aW91c19uZXR3b3JrX2FjbF9pZBgBIAEoCSKgAQoRUGFyc2VSdWxlc1JlcXVlc3QSFQoNaW5ncmVzc19ydWxlcxgBIAMoCRIUCgxlZ3Jlc3NfcnVsZXMYAiADKAkSGgoSdnBjY3RsX3BvbGljeV9qc29uGAMgASgJEgsKA3ZwYxgEIAEoCRI1ChV2cGNjdGxfZGVmYXVsdF9hY3Rpb24YBSABKA4yFi5taWNyb3ZwYy52MS5BY2xBY3Rpb24inQEKElBhcnNlUnVsZXNSZXNwb25zZRItCgVydWxlcxgBIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlEjEKC2FjbF9lbnRyaWVzGAIgAygLMhwubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5EhMKC3N1Ym5ldF9jaWRyGAMgASgJEhAKCHdhcm5pbmdzGAQgAygJIlIKGEdldEZpcmV3YWxsU3RhdHVzUmVxdWVzdBIPCgduaWNfaWRzGAEgAygJEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJInQKEEZpcmV3YWxsQ291bnRlcnMSGAoQYWNjZXB0ZWRfcGFja2V0cxgBIAEoBBIWCg5hY2NlcHRlZF9ieXRlcxgCIAEoBBIXCg9kcm9wcGVkX3BhY2tldHMYAyABKAQSFQoNZHJvcHBlZF9ieXRlcxgEIAEoBCLbAQoRTmljRmlyZXdhbGxTdGF0dXMSDgoGbmljX2lkGAEgASgJEhYKDmhvc3RfaW50ZXJmYWNlGAIgASgJEg8KB2FkZHJlc3MYAyABKAkSLgoHaW5ncmVzcxgEIAEoCzIdLm1pY3JvdnBjLnYxLkZpcmV3YWxsQ291bnRlcnMSLQoGZWdyZXNzGAUgASgLMh0ubWljcm92cGMudjEuRmlyZXdhbGxDb3VudGVycxIXCg9zcG9vZmVkX3BhY2tldHMYBiABKAQSFQoNbG9nZ2luZ19kcm9wcxgHIAEoCCK8BAoZR2V0RmlyZXdhbGxTdGF0dXNSZXNwb25zZRIPCgdob3N0X2lkGAEgASgJEisKBmhlYWx0aBgCIAEoDjIbLm1pY3JvdnBjLnYxLkZpcmV3YWxsSGVhbHRoEhIKCmxhc3RfZXJyb3IYAyABKAkSMwoPbGFzdF9lcnJvcl90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9sYXN0X2FwcGx5X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KFmxhc3RfYXBwbHlfZHVyYXRpb25fbXMYBiABKA0SGgoSZGVzaXJlZF9nZW5lcmF0aW9uGAcgASgEEhoKEmFwcGxpZWRfZ2VuZXJhdGlvbhgIIAEoBBINCgV0YWJsZRgJIAEoCRISCgpydWxlX2NvdW50GAogASgNEhkKEXNldF9lbGVtZW50X2NvdW50GAsgASgNEhEKCW5pY19jb3VudBgMIAEoDRI2ChJjb3VudGVyX3Jlc2V0X3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKBG5pY3MYDiADKAsyHi5taWNyb3ZwYy52MS5OaWNGaXJld2FsbFN0YXR1cxIXCg9uZXh0X3BhZ2VfdG9rZW4YDyABKAkSOwoPaW52YWxpZF9yZWNvcmRzGBAgAygLMiIubWljcm92cGMudjEuRmlyZXdhbGxJbnZhbGlkUmVjb3JkIscBChVGaXJld2FsbEludmFsaWRSZWNvcmQSDAoEa2luZBgBIAEoCRILCgNrZXkYAiABKAkSDgoGcmVhc29uGAMgASgJEjMKD2ZpcnN0X3NlZW5fdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF9zZWVuX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWZpZWxkGAYgASgJEgsKA3ZwYxgHIAEoCSpTCglEaXJlY3Rpb24SGQoVRElSRUNUSU9OX1VOU1BFQ0lGSUVEEAASFQoRRElSRUNUSU9OX0lOR1JFU1MQARIUChBESVJFQ1RJT05fRUdSRVNTEAIqbQoIUHJvdG9jb2wSGAoUUFJPVE9DT0xfVU5TUEVDSUZJRUQQABIQCgxQUk9UT0NPTF9UQ1AQARIQCgxQUk9UT0NPTF9VRFAQAhIRCg1QUk9UT0NPTF9JQ01QEAMSEAoMUFJPVE9DT0xfQUxMEAQqUgoJQWNsQWN0aW9uEhoKFkFDTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIUChBBQ0xfQUNUSU9OX0FMTE9XEAESEwoPQUNMX0FDVElPTl9ERU5ZEAIqbAoORmlyZXdhbGxIZWFsdGgSHwobRklSRVdBTExfSEVBTFRIX1VOU1BFQ0lGSUVEEAASGwoXRklSRVdBTExfSEVBTFRIX0hFQUxUSFkQARIcChhGSVJFV0FMTF9IRUFMVEhfREVHUkFERUQQAjLwDAoPRmlyZXdhbGxTZXJ2aWNlEmgKE0NyZWF0ZVNlY3VyaXR5R3JvdXASJy5taWNyb3ZwYy52MS5DcmVhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBooLm1pY3JvdnBjLnYxLkNyZWF0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRJfChBHZXRTZWN1cml0eUdyb3VwEiQubWljcm92cGMudjEuR2V0U2VjdXJpdHlHcm91cFJlcXVlc3QaJS5taWNyb3ZwYy52MS5HZXRTZWN1cml0eUdyb3VwUmVzcG9uc2USZQoSTGlzdFNlY3VyaXR5R3JvdXBzEiYubWljcm92cGMudjEuTGlzdFNlY3VyaXR5R3JvdXBzUmVxdWVzdBonLm1pY3JvdnBjLnYxLkxpc3RTZWN1cml0eUdyb3Vwc1Jlc3BvbnNlEmgKE1VwZGF0ZVNlY3VyaXR5R3JvdXASJy5taWNyb3ZwYy52MS5VcGRhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBooLm1pY3JvdnBjLnYxLlVwZGF0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRJoChNEZWxldGVTZWN1cml0eUdyb3VwEicubWljcm92cGMudjEuRGVsZXRlU2VjdXJpdHlHcm91cFJlcXVlc3QaKC5taWNyb3ZwYy52MS5EZWxldGVTZWN1cml0eUdyb3VwUmVzcG9uc2USRAoHQmluZE5pYxIbLm1pY3JvdnBjLnYxLkJpbmROaWNSZXF1ZXN0GhwubWljcm92cGMudjEuQmluZE5pY1Jlc3BvbnNlEkoKCVVuYmluZE5pYxIdLm1pY3JvdnBjLnYxLlVuYmluZE5pY1JlcXVlc3QaHi5taWNyb3ZwYy52MS5VbmJpbmROaWNSZXNwb25zZRJcCg9MaXN0TmljQmluZGluZ3MSIy5taWNyb3ZwYy52MS5MaXN0TmljQmluZGluZ3NSZXF1ZXN0GiQubWljcm92cGMudjEuTGlzdE5pY0JpbmRpbmdzUmVzcG9uc2USXwoQQ3JlYXRlTmV0d29ya0FjbBIkLm1pY3JvdnBjLnYxLkNyZWF0ZU5ldHdvcmtBY2xSZXF1ZXN0GiUubWljcm92cGMudjEuQ3JlYXRlTmV0d29ya0FjbFJlc3BvbnNlElYKDUdldE5ldHdvcmtBY2wSIS5taWNyb3ZwYy52MS5HZXROZXR3b3JrQWNsUmVxdWVzdBoiLm1pY3JvdnBjLnYxLkdldE5ldHdvcmtBY2xSZXNwb25zZRJcCg9MaXN0TmV0d29ya0FjbHMSIy5taWNyb3ZwYy52MS5MaXN0TmV0d29ya0FjbHNSZXF1ZXN0GiQubWljcm92cGMudjEuTGlzdE5ldHdvcmtBY2xzUmVzcG9uc2USXwoQVXBkYXRlTmV0d29ya0FjbBIkLm1pY3JvdnBjLnYxLlVwZGF0ZU5ldHdvcmtBY2xSZXF1ZXN0GiUubWljcm92cGMudjEuVXBkYXRlTmV0d29ya0FjbFJlc3BvbnNlEl8KEERlbGV0ZU5ldHdvcmtBY2wSJC5taWNyb3ZwYy52MS5EZWxldGVOZXR3b3JrQWNsUmVxdWVzdBolLm1pY3JvdnBjLnYxLkRlbGV0ZU5ldHdvcmtBY2xSZXNwb25zZRJoChNBc3NvY2lhdGVOZXR3b3JrQWNsEicubWljcm92cGMudjEuQXNzb2NpYXRlTmV0d29ya0FjbFJlcXVlc3QaKC5taWNyb3ZwYy52MS5Bc3NvY2lhdGVOZXR3b3JrQWNsUmVzcG9uc2UScQoWRGlzYXNzb2NpYXRlTmV0d29ya0FjbBIqLm1pY3JvdnBjLnYxLkRpc2Fzc29jaWF0ZU5ldHdvcmtBY2xSZXF1ZXN0GisubWljcm92cGMudjEuRGlzYXNzb2NpYXRlTmV0d29ya0FjbFJlc3BvbnNlEk0KClBhcnNlUnVsZXMSHi5taWNyb3ZwYy52MS5QYXJzZVJ1bGVzUmVxdWVzdBofLm1pY3JvdnBjLnYxLlBhcnNlUnVsZXNSZXNwb25zZRJiChFHZXRGaXJld2FsbFN0YXR1cxIlLm1pY3JvdnBjLnYxLkdldEZpcmV3YWxsU3RhdHVzUmVxdWVzdBomLm1pY3JvdnBjLnYxLkdldEZpcmV3YWxsU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_microvpc_v1_common]);
+  fileDesc("ChptaWNyb3ZwYy92MS9maXJld2FsbC5wcm90bxILbWljcm92cGMudjEicAoTTGlzdEZsb3dMb2dzUmVxdWVzdBIPCgduaWNfaWRzGAEgAygJEg4KBmFjdGlvbhgCIAEoCRIpCgVzaW5jZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbGltaXQYBCABKA0ioQIKDUZsb3dMb2dSZWNvcmQSDgoGdnBjX2lkGAEgASgJEg4KBm5pY19pZBgCIAEoCRILCgNzcmMYAyABKAkSCwoDZHN0GAQgASgJEhAKCHNyY19wb3J0GAUgASgNEhAKCGRzdF9wb3J0GAYgASgNEhAKCHByb3RvY29sGAcgASgJEg8KB3BhY2tldHMYCCABKAQSDQoFYnl0ZXMYCSABKAQSLgoKc3RhcnRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmFjdGlvbhgMIAEoCRISCgpkZWNpZGVkX2J5GA0gASgJIlEKFExpc3RGbG93TG9nc1Jlc3BvbnNlEisKB3JlY29yZHMYASADKAsyGi5taWNyb3ZwYy52MS5GbG93TG9nUmVjb3JkEgwKBHBhdGgYAiABKAkibgoLRHJvcExvZ2dpbmcSDwoHZW5hYmxlZBgBIAEoCBIcCg9yYXRlX3Blcl9zZWNvbmQYAiABKA1IAIgBARISCgVidXJzdBgDIAEoDUgBiAEBQhIKEF9yYXRlX3Blcl9zZWNvbmRCCAoGX2J1cnN0IqECChFTZWN1cml0eUdyb3VwUnVsZRIpCglkaXJlY3Rpb24YASABKA4yFi5taWNyb3ZwYy52MS5EaXJlY3Rpb24SJwoIcHJvdG9jb2wYAiABKA4yFS5taWNyb3ZwYy52MS5Qcm90b2NvbBIRCglwb3J0X2Zyb20YAyABKA0SDwoHcG9ydF90bxgEIAEoDRIWCglpY21wX3R5cGUYBSABKA1IAYgBARIWCglpY21wX2NvZGUYBiABKA1IAogBARIOCgRjaWRyGAcgASgJSAASGwoRc2VjdXJpdHlfZ3JvdXBfaWQYCCABKAlIABITCgtkZXNjcmlwdGlvbhgJIAEoCUIGCgRwZWVyQgwKCl9pY21wX3R5cGVCDAoKX2ljbXBfY29kZSKIAwoNU2VjdXJpdHlHcm91cBIKCgJpZBgBIAEoCRIOCgZ2cGNfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRIiCgZsYWJlbHMYBSADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBItCgVydWxlcxgGIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlEi4KDGRyb3BfbG9nZ2luZxgHIAEoCzIYLm1pY3JvdnBjLnYxLkRyb3BMb2dnaW5nEikKBXN0YXRlGAggASgOMhoubWljcm92cGMudjEuUmVzb3VyY2VTdGF0ZRISCgpnZW5lcmF0aW9uGAkgASgEEhQKDG1lbWJlcl9jb3VudBgKIAEoDRIvCgtjcmVhdGVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoICChpDcmVhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBILCgN2cGMYASABKAkSDAoEbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIiCgZsYWJlbHMYBCADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBItCgVydWxlcxgFIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlEhsKE29taXRfZGVmYXVsdF9lZ3Jlc3MYBiABKAgSLgoMZHJvcF9sb2dnaW5nGAcgASgLMhgubWljcm92cGMudjEuRHJvcExvZ2dpbmcSFAoMY2xpZW50X3Rva2VuGAggASgJIlEKG0NyZWF0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRIyCg5zZWN1cml0eV9ncm91cBgBIAEoCzIaLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXAiMwoXR2V0U2VjdXJpdHlHcm91cFJlcXVlc3QSCwoDcmVmGAEgASgJEgsKA3ZwYxgCIAEoCSJOChhHZXRTZWN1cml0eUdyb3VwUmVzcG9uc2USMgoOc2VjdXJpdHlfZ3JvdXAYASABKAsyGi5taWNyb3ZwYy52MS5TZWN1cml0eUdyb3VwIk8KGUxpc3RTZWN1cml0eUdyb3Vwc1JlcXVlc3QSCwoDdnBjGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJImoKGkxpc3RTZWN1cml0eUdyb3Vwc1Jlc3BvbnNlEjMKD3NlY3VyaXR5X2dyb3VwcxgBIAMoCzIaLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkYKFVNlY3VyaXR5R3JvdXBSdWxlTGlzdBItCgVydWxlcxgBIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlIuoCChpVcGRhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJEjUKCXNldF9ydWxlcxgDIAEoCzIiLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlTGlzdBIxCglhZGRfcnVsZXMYBCADKAsyHi5taWNyb3ZwYy52MS5TZWN1cml0eUdyb3VwUnVsZRI0CgxyZW1vdmVfcnVsZXMYBSADKAsyHi5taWNyb3ZwYy52MS5TZWN1cml0eUdyb3VwUnVsZRIYCgtkZXNjcmlwdGlvbhgGIAEoCUgAiAEBEi4KDGRyb3BfbG9nZ2luZxgHIAEoCzIYLm1pY3JvdnBjLnYxLkRyb3BMb2dnaW5nEiAKE2V4cGVjdGVkX2dlbmVyYXRpb24YCCABKARIAYgBAUIOCgxfZGVzY3JpcHRpb25CFgoUX2V4cGVjdGVkX2dlbmVyYXRpb24iUQobVXBkYXRlU2VjdXJpdHlHcm91cFJlc3BvbnNlEjIKDnNlY3VyaXR5X2dyb3VwGAEgASgLMhoubWljcm92cGMudjEuU2VjdXJpdHlHcm91cCI2ChpEZWxldGVTZWN1cml0eUdyb3VwUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJIi4KG0RlbGV0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIsoCCgpOaWNCaW5kaW5nEg4KBm5pY19pZBgBIAEoCRIOCgZ2cGNfaWQYAiABKAkSEQoJc3VibmV0X2lkGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSCwoDbWFjGAUgASgJEg8KB2hvc3RfaWQYBiABKAkSFgoOaG9zdF9pbnRlcmZhY2UYByABKAkSGgoSc2VjdXJpdHlfZ3JvdXBfaWRzGAggAygJEhYKDm5ldHdvcmtfYWNsX2lkGAkgASgJEi4KDGRyb3BfbG9nZ2luZxgKIAEoCzIYLm1pY3JvdnBjLnYxLkRyb3BMb2dnaW5nEi0KCWJpbmRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrwBCg5CaW5kTmljUmVxdWVzdBIOCgZuaWNfaWQYASABKAkSCwoDdnBjGAIgASgJEg4KBnN1Ym5ldBgDIAEoCRIPCgdhZGRyZXNzGAQgASgJEgsKA21hYxgFIAEoCRIWCg5ob3N0X2ludGVyZmFjZRgGIAEoCRIXCg9zZWN1cml0eV9ncm91cHMYByADKAkSLgoMZHJvcF9sb2dnaW5nGAggASgLMhgubWljcm92cGMudjEuRHJvcExvZ2dpbmciTAoPQmluZE5pY1Jlc3BvbnNlEigKB2JpbmRpbmcYASABKAsyFy5taWNyb3ZwYy52MS5OaWNCaW5kaW5nEg8KB2NoYW5nZWQYAiABKAgiIgoQVW5iaW5kTmljUmVxdWVzdBIOCgZuaWNfaWQYASABKAkiRwoRVW5iaW5kTmljUmVzcG9uc2USDwoHdW5ib3VuZBgBIAEoCBIhChljb25udHJhY2tfZW50cmllc19jbGVhcmVkGAIgASgNIoUBChZMaXN0TmljQmluZGluZ3NSZXF1ZXN0EgsKA3ZwYxgBIAEoCRIWCg5zZWN1cml0eV9ncm91cBgCIAEoCRIPCgdob3N0X2lkGAMgASgJEg4KBm5pY19pZBgEIAEoCRIRCglwYWdlX3NpemUYBSABKA0SEgoKcGFnZV90b2tlbhgGIAEoCSJdChdMaXN0TmljQmluZGluZ3NSZXNwb25zZRIpCghiaW5kaW5ncxgBIAMoCzIXLm1pY3JvdnBjLnYxLk5pY0JpbmRpbmcSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIrUCCg9OZXR3b3JrQWNsRW50cnkSEwoLcnVsZV9udW1iZXIYASABKA0SKQoJZGlyZWN0aW9uGAIgASgOMhYubWljcm92cGMudjEuRGlyZWN0aW9uEiYKBmFjdGlvbhgDIAEoDjIWLm1pY3JvdnBjLnYxLkFjbEFjdGlvbhInCghwcm90b2NvbBgEIAEoDjIVLm1pY3JvdnBjLnYxLlByb3RvY29sEhEKCXBvcnRfZnJvbRgFIAEoDRIPCgdwb3J0X3RvGAYgASgNEhYKCWljbXBfdHlwZRgHIAEoDUgAiAEBEhYKCWljbXBfY29kZRgIIAEoDUgBiAEBEgwKBGNpZHIYCSABKAkSEwoLZGVzY3JpcHRpb24YCiABKAlCDAoKX2ljbXBfdHlwZUIMCgpfaWNtcF9jb2RlIlQKEk5ldHdvcmtBY2xFbnRyeUtleRIpCglkaXJlY3Rpb24YASABKA4yFi5taWNyb3ZwYy52MS5EaXJlY3Rpb24SEwoLcnVsZV9udW1iZXIYAiABKA0iRAoTTmV0d29ya0FjbEVudHJ5TGlzdBItCgdlbnRyaWVzGAEgAygLMhwubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5ItMCCgpOZXR3b3JrQWNsEgoKAmlkGAEgASgJEg4KBnZwY19pZBgCIAEoCRIMCgRuYW1lGAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEiIKBmxhYmVscxgFIAMoCzISLm1pY3JvdnBjLnYxLkxhYmVsEi0KB2VudHJpZXMYBiADKAsyHC5taWNyb3ZwYy52MS5OZXR3b3JrQWNsRW50cnkSEgoKc3VibmV0X2lkcxgHIAMoCRIpCgVzdGF0ZRgIIAEoDjIaLm1pY3JvdnBjLnYxLlJlc291cmNlU3RhdGUSEgoKZ2VuZXJhdGlvbhgJIAEoBBIvCgtjcmVhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsMBChdDcmVhdGVOZXR3b3JrQWNsUmVxdWVzdBILCgN2cGMYASABKAkSDAoEbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIiCgZsYWJlbHMYBCADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBItCgdlbnRyaWVzGAUgAygLMhwubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5Eg8KB3N1Ym5ldHMYBiADKAkSFAoMY2xpZW50X3Rva2VuGAcgASgJIkgKGENyZWF0ZU5ldHdvcmtBY2xSZXNwb25zZRIsCgtuZXR3b3JrX2FjbBgBIAEoCzIXLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2wiMAoUR2V0TmV0d29ya0FjbFJlcXVlc3QSCwoDcmVmGAEgASgJEgsKA3ZwYxgCIAEoCSJFChVHZXROZXR3b3JrQWNsUmVzcG9uc2USLAoLbmV0d29ya19hY2wYASABKAsyFy5taWNyb3ZwYy52MS5OZXR3b3JrQWNsIkwKFkxpc3ROZXR3b3JrQWNsc1JlcXVlc3QSCwoDdnBjGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJImEKF0xpc3ROZXR3b3JrQWNsc1Jlc3BvbnNlEi0KDG5ldHdvcmtfYWNscxgBIAMoCzIXLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2wSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIr0CChdVcGRhdGVOZXR3b3JrQWNsUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJEjUKC3NldF9lbnRyaWVzGAMgASgLMiAubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5TGlzdBI0Cg51cHNlcnRfZW50cmllcxgEIAMoCzIcLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2xFbnRyeRI3Cg5yZW1vdmVfZW50cmllcxgFIAMoCzIfLm1pY3JvdnBjLnYxLk5ldHdvcmtBY2xFbnRyeUtleRIYCgtkZXNjcmlwdGlvbhgGIAEoCUgAiAEBEiAKE2V4cGVjdGVkX2dlbmVyYXRpb24YByABKARIAYgBAUIOCgxfZGVzY3JpcHRpb25CFgoUX2V4cGVjdGVkX2dlbmVyYXRpb24iSAoYVXBkYXRlTmV0d29ya0FjbFJlc3BvbnNlEiwKC25ldHdvcmtfYWNsGAEgASgLMhcubWljcm92cGMudjEuTmV0d29ya0FjbCIzChdEZWxldGVOZXR3b3JrQWNsUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJIisKGERlbGV0ZU5ldHdvcmtBY2xSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIk4KGkFzc29jaWF0ZU5ldHdvcmtBY2xSZXF1ZXN0EhMKC25ldHdvcmtfYWNsGAEgASgJEgsKA3ZwYxgCIAEoCRIOCgZzdWJuZXQYAyABKAkibAobQXNzb2NpYXRlTmV0d29ya0FjbFJlc3BvbnNlEiwKC25ldHdvcmtfYWNsGAEgASgLMhcubWljcm92cGMudjEuTmV0d29ya0FjbBIfChdwcmV2aW91c19uZXR3b3JrX2FjbF9pZBgCIAEoCSI8Ch1EaXNhc3NvY2lhdGVOZXR3b3JrQWNsUmVxdWVzdBIOCgZzdWJuZXQYASABKAkSCwoDdnBjGAIgASgJIkEKHkRpc2Fzc29jaWF0ZU5ldHdvcmtBY2xSZXNwb25zZRIfChdwcmV2aW91c19uZXR3b3JrX2FjbF9pZBgBIAEoCSKgAQoRUGFyc2VSdWxlc1JlcXVlc3QSFQoNaW5ncmVzc19ydWxlcxgBIAMoCRIUCgxlZ3Jlc3NfcnVsZXMYAiADKAkSGgoSdnBjY3RsX3BvbGljeV9qc29uGAMgASgJEgsKA3ZwYxgEIAEoCRI1ChV2cGNjdGxfZGVmYXVsdF9hY3Rpb24YBSABKA4yFi5taWNyb3ZwYy52MS5BY2xBY3Rpb24inQEKElBhcnNlUnVsZXNSZXNwb25zZRItCgVydWxlcxgBIAMoCzIeLm1pY3JvdnBjLnYxLlNlY3VyaXR5R3JvdXBSdWxlEjEKC2FjbF9lbnRyaWVzGAIgAygLMhwubWljcm92cGMudjEuTmV0d29ya0FjbEVudHJ5EhMKC3N1Ym5ldF9jaWRyGAMgASgJEhAKCHdhcm5pbmdzGAQgAygJIlIKGEdldEZpcmV3YWxsU3RhdHVzUmVxdWVzdBIPCgduaWNfaWRzGAEgAygJEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJInQKEEZpcmV3YWxsQ291bnRlcnMSGAoQYWNjZXB0ZWRfcGFja2V0cxgBIAEoBBIWCg5hY2NlcHRlZF9ieXRlcxgCIAEoBBIXCg9kcm9wcGVkX3BhY2tldHMYAyABKAQSFQoNZHJvcHBlZF9ieXRlcxgEIAEoBCLbAQoRTmljRmlyZXdhbGxTdGF0dXMSDgoGbmljX2lkGAEgASgJEhYKDmhvc3RfaW50ZXJmYWNlGAIgASgJEg8KB2FkZHJlc3MYAyABKAkSLgoHaW5ncmVzcxgEIAEoCzIdLm1pY3JvdnBjLnYxLkZpcmV3YWxsQ291bnRlcnMSLQoGZWdyZXNzGAUgASgLMh0ubWljcm92cGMudjEuRmlyZXdhbGxDb3VudGVycxIXCg9zcG9vZmVkX3BhY2tldHMYBiABKAQSFQoNbG9nZ2luZ19kcm9wcxgHIAEoCCK8BAoZR2V0RmlyZXdhbGxTdGF0dXNSZXNwb25zZRIPCgdob3N0X2lkGAEgASgJEisKBmhlYWx0aBgCIAEoDjIbLm1pY3JvdnBjLnYxLkZpcmV3YWxsSGVhbHRoEhIKCmxhc3RfZXJyb3IYAyABKAkSMwoPbGFzdF9lcnJvcl90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9sYXN0X2FwcGx5X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KFmxhc3RfYXBwbHlfZHVyYXRpb25fbXMYBiABKA0SGgoSZGVzaXJlZF9nZW5lcmF0aW9uGAcgASgEEhoKEmFwcGxpZWRfZ2VuZXJhdGlvbhgIIAEoBBINCgV0YWJsZRgJIAEoCRISCgpydWxlX2NvdW50GAogASgNEhkKEXNldF9lbGVtZW50X2NvdW50GAsgASgNEhEKCW5pY19jb3VudBgMIAEoDRI2ChJjb3VudGVyX3Jlc2V0X3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKBG5pY3MYDiADKAsyHi5taWNyb3ZwYy52MS5OaWNGaXJld2FsbFN0YXR1cxIXCg9uZXh0X3BhZ2VfdG9rZW4YDyABKAkSOwoPaW52YWxpZF9yZWNvcmRzGBAgAygLMiIubWljcm92cGMudjEuRmlyZXdhbGxJbnZhbGlkUmVjb3JkIscBChVGaXJld2FsbEludmFsaWRSZWNvcmQSDAoEa2luZBgBIAEoCRILCgNrZXkYAiABKAkSDgoGcmVhc29uGAMgASgJEjMKD2ZpcnN0X3NlZW5fdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF9zZWVuX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWZpZWxkGAYgASgJEgsKA3ZwYxgHIAEoCSpTCglEaXJlY3Rpb24SGQoVRElSRUNUSU9OX1VOU1BFQ0lGSUVEEAASFQoRRElSRUNUSU9OX0lOR1JFU1MQARIUChBESVJFQ1RJT05fRUdSRVNTEAIqbQoIUHJvdG9jb2wSGAoUUFJPVE9DT0xfVU5TUEVDSUZJRUQQABIQCgxQUk9UT0NPTF9UQ1AQARIQCgxQUk9UT0NPTF9VRFAQAhIRCg1QUk9UT0NPTF9JQ01QEAMSEAoMUFJPVE9DT0xfQUxMEAQqUgoJQWNsQWN0aW9uEhoKFkFDTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIUChBBQ0xfQUNUSU9OX0FMTE9XEAESEwoPQUNMX0FDVElPTl9ERU5ZEAIqbAoORmlyZXdhbGxIZWFsdGgSHwobRklSRVdBTExfSEVBTFRIX1VOU1BFQ0lGSUVEEAASGwoXRklSRVdBTExfSEVBTFRIX0hFQUxUSFkQARIcChhGSVJFV0FMTF9IRUFMVEhfREVHUkFERUQQAjLFDQoPRmlyZXdhbGxTZXJ2aWNlEmgKE0NyZWF0ZVNlY3VyaXR5R3JvdXASJy5taWNyb3ZwYy52MS5DcmVhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBooLm1pY3JvdnBjLnYxLkNyZWF0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRJfChBHZXRTZWN1cml0eUdyb3VwEiQubWljcm92cGMudjEuR2V0U2VjdXJpdHlHcm91cFJlcXVlc3QaJS5taWNyb3ZwYy52MS5HZXRTZWN1cml0eUdyb3VwUmVzcG9uc2USZQoSTGlzdFNlY3VyaXR5R3JvdXBzEiYubWljcm92cGMudjEuTGlzdFNlY3VyaXR5R3JvdXBzUmVxdWVzdBonLm1pY3JvdnBjLnYxLkxpc3RTZWN1cml0eUdyb3Vwc1Jlc3BvbnNlEmgKE1VwZGF0ZVNlY3VyaXR5R3JvdXASJy5taWNyb3ZwYy52MS5VcGRhdGVTZWN1cml0eUdyb3VwUmVxdWVzdBooLm1pY3JvdnBjLnYxLlVwZGF0ZVNlY3VyaXR5R3JvdXBSZXNwb25zZRJoChNEZWxldGVTZWN1cml0eUdyb3VwEicubWljcm92cGMudjEuRGVsZXRlU2VjdXJpdHlHcm91cFJlcXVlc3QaKC5taWNyb3ZwYy52MS5EZWxldGVTZWN1cml0eUdyb3VwUmVzcG9uc2USRAoHQmluZE5pYxIbLm1pY3JvdnBjLnYxLkJpbmROaWNSZXF1ZXN0GhwubWljcm92cGMudjEuQmluZE5pY1Jlc3BvbnNlEkoKCVVuYmluZE5pYxIdLm1pY3JvdnBjLnYxLlVuYmluZE5pY1JlcXVlc3QaHi5taWNyb3ZwYy52MS5VbmJpbmROaWNSZXNwb25zZRJcCg9MaXN0TmljQmluZGluZ3MSIy5taWNyb3ZwYy52MS5MaXN0TmljQmluZGluZ3NSZXF1ZXN0GiQubWljcm92cGMudjEuTGlzdE5pY0JpbmRpbmdzUmVzcG9uc2USXwoQQ3JlYXRlTmV0d29ya0FjbBIkLm1pY3JvdnBjLnYxLkNyZWF0ZU5ldHdvcmtBY2xSZXF1ZXN0GiUubWljcm92cGMudjEuQ3JlYXRlTmV0d29ya0FjbFJlc3BvbnNlElYKDUdldE5ldHdvcmtBY2wSIS5taWNyb3ZwYy52MS5HZXROZXR3b3JrQWNsUmVxdWVzdBoiLm1pY3JvdnBjLnYxLkdldE5ldHdvcmtBY2xSZXNwb25zZRJcCg9MaXN0TmV0d29ya0FjbHMSIy5taWNyb3ZwYy52MS5MaXN0TmV0d29ya0FjbHNSZXF1ZXN0GiQubWljcm92cGMudjEuTGlzdE5ldHdvcmtBY2xzUmVzcG9uc2USXwoQVXBkYXRlTmV0d29ya0FjbBIkLm1pY3JvdnBjLnYxLlVwZGF0ZU5ldHdvcmtBY2xSZXF1ZXN0GiUubWljcm92cGMudjEuVXBkYXRlTmV0d29ya0FjbFJlc3BvbnNlEl8KEERlbGV0ZU5ldHdvcmtBY2wSJC5taWNyb3ZwYy52MS5EZWxldGVOZXR3b3JrQWNsUmVxdWVzdBolLm1pY3JvdnBjLnYxLkRlbGV0ZU5ldHdvcmtBY2xSZXNwb25zZRJoChNBc3NvY2lhdGVOZXR3b3JrQWNsEicubWljcm92cGMudjEuQXNzb2NpYXRlTmV0d29ya0FjbFJlcXVlc3QaKC5taWNyb3ZwYy52MS5Bc3NvY2lhdGVOZXR3b3JrQWNsUmVzcG9uc2UScQoWRGlzYXNzb2NpYXRlTmV0d29ya0FjbBIqLm1pY3JvdnBjLnYxLkRpc2Fzc29jaWF0ZU5ldHdvcmtBY2xSZXF1ZXN0GisubWljcm92cGMudjEuRGlzYXNzb2NpYXRlTmV0d29ya0FjbFJlc3BvbnNlEk0KClBhcnNlUnVsZXMSHi5taWNyb3ZwYy52MS5QYXJzZVJ1bGVzUmVxdWVzdBofLm1pY3JvdnBjLnYxLlBhcnNlUnVsZXNSZXNwb25zZRJiChFHZXRGaXJld2FsbFN0YXR1cxIlLm1pY3JvdnBjLnYxLkdldEZpcmV3YWxsU3RhdHVzUmVxdWVzdBomLm1pY3JvdnBjLnYxLkdldEZpcmV3YWxsU3RhdHVzUmVzcG9uc2USUwoMTGlzdEZsb3dMb2dzEiAubWljcm92cGMudjEuTGlzdEZsb3dMb2dzUmVxdWVzdBohLm1pY3JvdnBjLnYxLkxpc3RGbG93TG9nc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_microvpc_v1_common]);
+
+/**
+ * @generated from message microvpc.v1.ListFlowLogsRequest
+ */
+export type ListFlowLogsRequest = Message<"microvpc.v1.ListFlowLogsRequest"> & {
+  /**
+   * Only the flows of these NICs; empty for all.
+   *
+   * @generated from field: repeated string nic_ids = 1;
+   */
+  nicIds: string[];
+
+  /**
+   * "accept", "reject", or empty for both.
+   *
+   * @generated from field: string action = 2;
+   */
+  action: string;
+
+  /**
+   * Only flows that ended at or after this time.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 3;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * At most this many records (the newest), default 100, at most 1000.
+   *
+   * @generated from field: uint32 limit = 4;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message microvpc.v1.ListFlowLogsRequest.
+ * Use `create(ListFlowLogsRequestSchema)` to create a new message.
+ */
+export const ListFlowLogsRequestSchema: GenMessage<ListFlowLogsRequest> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_firewall, 0);
+
+/**
+ * One flow of a NIC, as in the JSON lines of the flow-log file.
+ *
+ * @generated from message microvpc.v1.FlowLogRecord
+ */
+export type FlowLogRecord = Message<"microvpc.v1.FlowLogRecord"> & {
+  /**
+   * @generated from field: string vpc_id = 1;
+   */
+  vpcId: string;
+
+  /**
+   * @generated from field: string nic_id = 2;
+   */
+  nicId: string;
+
+  /**
+   * @generated from field: string src = 3;
+   */
+  src: string;
+
+  /**
+   * @generated from field: string dst = 4;
+   */
+  dst: string;
+
+  /**
+   * @generated from field: uint32 src_port = 5;
+   */
+  srcPort: number;
+
+  /**
+   * Destination port; for ICMP the type.
+   *
+   * @generated from field: uint32 dst_port = 6;
+   */
+  dstPort: number;
+
+  /**
+   * "tcp", "udp" or "icmp".
+   *
+   * @generated from field: string protocol = 7;
+   */
+  protocol: string;
+
+  /**
+   * @generated from field: uint64 packets = 8;
+   */
+  packets: bigint;
+
+  /**
+   * @generated from field: uint64 bytes = 9;
+   */
+  bytes: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp start_time = 10;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 11;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * "accept" or "reject".
+   *
+   * @generated from field: string action = 12;
+   */
+  action: string;
+
+  /**
+   * What decided: "sg-…#n" (a security group and its rule number), "default"
+   * (no rule of the NIC's groups matched), "default-egress-open",
+   * "sg-default-deny" (a drop of a NIC's security groups).
+   *
+   * @generated from field: string decided_by = 13;
+   */
+  decidedBy: string;
+};
+
+/**
+ * Describes the message microvpc.v1.FlowLogRecord.
+ * Use `create(FlowLogRecordSchema)` to create a new message.
+ */
+export const FlowLogRecordSchema: GenMessage<FlowLogRecord> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_firewall, 1);
+
+/**
+ * @generated from message microvpc.v1.ListFlowLogsResponse
+ */
+export type ListFlowLogsResponse = Message<"microvpc.v1.ListFlowLogsResponse"> & {
+  /**
+   * @generated from field: repeated microvpc.v1.FlowLogRecord records = 1;
+   */
+  records: FlowLogRecord[];
+
+  /**
+   * The file read (on this hypervisor).
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+};
+
+/**
+ * Describes the message microvpc.v1.ListFlowLogsResponse.
+ * Use `create(ListFlowLogsResponseSchema)` to create a new message.
+ */
+export const ListFlowLogsResponseSchema: GenMessage<ListFlowLogsResponse> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_firewall, 2);
 
 /**
  * Rate-limited logging of the packets a NIC's policy drops (no group allows
@@ -53,7 +206,7 @@ export type DropLogging = Message<"microvpc.v1.DropLogging"> & {
  * Use `create(DropLoggingSchema)` to create a new message.
  */
 export const DropLoggingSchema: GenMessage<DropLogging> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 0);
+  messageDesc(file_microvpc_v1_firewall, 3);
 
 /**
  * One stateful allow rule of a security group. Return traffic of an allowed
@@ -148,7 +301,7 @@ export type SecurityGroupRule = Message<"microvpc.v1.SecurityGroupRule"> & {
  * Use `create(SecurityGroupRuleSchema)` to create a new message.
  */
 export const SecurityGroupRuleSchema: GenMessage<SecurityGroupRule> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 1);
+  messageDesc(file_microvpc_v1_firewall, 4);
 
 /**
  * A security group: named set of stateful allow rules in a VPC.
@@ -248,7 +401,7 @@ export type SecurityGroup = Message<"microvpc.v1.SecurityGroup"> & {
  * Use `create(SecurityGroupSchema)` to create a new message.
  */
 export const SecurityGroupSchema: GenMessage<SecurityGroup> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 2);
+  messageDesc(file_microvpc_v1_firewall, 5);
 
 /**
  * Request of CreateSecurityGroup.
@@ -320,7 +473,7 @@ export type CreateSecurityGroupRequest = Message<"microvpc.v1.CreateSecurityGrou
  * Use `create(CreateSecurityGroupRequestSchema)` to create a new message.
  */
 export const CreateSecurityGroupRequestSchema: GenMessage<CreateSecurityGroupRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 3);
+  messageDesc(file_microvpc_v1_firewall, 6);
 
 /**
  * Response of CreateSecurityGroup.
@@ -341,7 +494,7 @@ export type CreateSecurityGroupResponse = Message<"microvpc.v1.CreateSecurityGro
  * Use `create(CreateSecurityGroupResponseSchema)` to create a new message.
  */
 export const CreateSecurityGroupResponseSchema: GenMessage<CreateSecurityGroupResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 4);
+  messageDesc(file_microvpc_v1_firewall, 7);
 
 /**
  * Request of GetSecurityGroup.
@@ -369,7 +522,7 @@ export type GetSecurityGroupRequest = Message<"microvpc.v1.GetSecurityGroupReque
  * Use `create(GetSecurityGroupRequestSchema)` to create a new message.
  */
 export const GetSecurityGroupRequestSchema: GenMessage<GetSecurityGroupRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 5);
+  messageDesc(file_microvpc_v1_firewall, 8);
 
 /**
  * Response of GetSecurityGroup.
@@ -390,7 +543,7 @@ export type GetSecurityGroupResponse = Message<"microvpc.v1.GetSecurityGroupResp
  * Use `create(GetSecurityGroupResponseSchema)` to create a new message.
  */
 export const GetSecurityGroupResponseSchema: GenMessage<GetSecurityGroupResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 6);
+  messageDesc(file_microvpc_v1_firewall, 9);
 
 /**
  * Request of ListSecurityGroups.
@@ -425,7 +578,7 @@ export type ListSecurityGroupsRequest = Message<"microvpc.v1.ListSecurityGroupsR
  * Use `create(ListSecurityGroupsRequestSchema)` to create a new message.
  */
 export const ListSecurityGroupsRequestSchema: GenMessage<ListSecurityGroupsRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 7);
+  messageDesc(file_microvpc_v1_firewall, 10);
 
 /**
  * Response of ListSecurityGroups.
@@ -453,7 +606,7 @@ export type ListSecurityGroupsResponse = Message<"microvpc.v1.ListSecurityGroups
  * Use `create(ListSecurityGroupsResponseSchema)` to create a new message.
  */
 export const ListSecurityGroupsResponseSchema: GenMessage<ListSecurityGroupsResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 8);
+  messageDesc(file_microvpc_v1_firewall, 11);
 
 /**
  * A list of security group rules, so that "replace with nothing" can be
@@ -475,7 +628,7 @@ export type SecurityGroupRuleList = Message<"microvpc.v1.SecurityGroupRuleList">
  * Use `create(SecurityGroupRuleListSchema)` to create a new message.
  */
 export const SecurityGroupRuleListSchema: GenMessage<SecurityGroupRuleList> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 9);
+  messageDesc(file_microvpc_v1_firewall, 12);
 
 /**
  * Request of UpdateSecurityGroup. Changes apply in this order: set_rules,
@@ -548,7 +701,7 @@ export type UpdateSecurityGroupRequest = Message<"microvpc.v1.UpdateSecurityGrou
  * Use `create(UpdateSecurityGroupRequestSchema)` to create a new message.
  */
 export const UpdateSecurityGroupRequestSchema: GenMessage<UpdateSecurityGroupRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 10);
+  messageDesc(file_microvpc_v1_firewall, 13);
 
 /**
  * Response of UpdateSecurityGroup.
@@ -569,7 +722,7 @@ export type UpdateSecurityGroupResponse = Message<"microvpc.v1.UpdateSecurityGro
  * Use `create(UpdateSecurityGroupResponseSchema)` to create a new message.
  */
 export const UpdateSecurityGroupResponseSchema: GenMessage<UpdateSecurityGroupResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 11);
+  messageDesc(file_microvpc_v1_firewall, 14);
 
 /**
  * Request of DeleteSecurityGroup.
@@ -597,7 +750,7 @@ export type DeleteSecurityGroupRequest = Message<"microvpc.v1.DeleteSecurityGrou
  * Use `create(DeleteSecurityGroupRequestSchema)` to create a new message.
  */
 export const DeleteSecurityGroupRequestSchema: GenMessage<DeleteSecurityGroupRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 12);
+  messageDesc(file_microvpc_v1_firewall, 15);
 
 /**
  * Response of DeleteSecurityGroup.
@@ -618,7 +771,7 @@ export type DeleteSecurityGroupResponse = Message<"microvpc.v1.DeleteSecurityGro
  * Use `create(DeleteSecurityGroupResponseSchema)` to create a new message.
  */
 export const DeleteSecurityGroupResponseSchema: GenMessage<DeleteSecurityGroupResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 13);
+  messageDesc(file_microvpc_v1_firewall, 16);
 
 /**
  * A NIC's binding to security groups.
@@ -717,7 +870,7 @@ export type NicBinding = Message<"microvpc.v1.NicBinding"> & {
  * Use `create(NicBindingSchema)` to create a new message.
  */
 export const NicBindingSchema: GenMessage<NicBinding> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 14);
+  messageDesc(file_microvpc_v1_firewall, 17);
 
 /**
  * Request of BindNic.
@@ -790,7 +943,7 @@ export type BindNicRequest = Message<"microvpc.v1.BindNicRequest"> & {
  * Use `create(BindNicRequestSchema)` to create a new message.
  */
 export const BindNicRequestSchema: GenMessage<BindNicRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 15);
+  messageDesc(file_microvpc_v1_firewall, 18);
 
 /**
  * Response of BindNic.
@@ -818,7 +971,7 @@ export type BindNicResponse = Message<"microvpc.v1.BindNicResponse"> & {
  * Use `create(BindNicResponseSchema)` to create a new message.
  */
 export const BindNicResponseSchema: GenMessage<BindNicResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 16);
+  messageDesc(file_microvpc_v1_firewall, 19);
 
 /**
  * Request of UnbindNic.
@@ -839,7 +992,7 @@ export type UnbindNicRequest = Message<"microvpc.v1.UnbindNicRequest"> & {
  * Use `create(UnbindNicRequestSchema)` to create a new message.
  */
 export const UnbindNicRequestSchema: GenMessage<UnbindNicRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 17);
+  messageDesc(file_microvpc_v1_firewall, 20);
 
 /**
  * Response of UnbindNic.
@@ -867,7 +1020,7 @@ export type UnbindNicResponse = Message<"microvpc.v1.UnbindNicResponse"> & {
  * Use `create(UnbindNicResponseSchema)` to create a new message.
  */
 export const UnbindNicResponseSchema: GenMessage<UnbindNicResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 18);
+  messageDesc(file_microvpc_v1_firewall, 21);
 
 /**
  * Request of ListNicBindings.
@@ -923,7 +1076,7 @@ export type ListNicBindingsRequest = Message<"microvpc.v1.ListNicBindingsRequest
  * Use `create(ListNicBindingsRequestSchema)` to create a new message.
  */
 export const ListNicBindingsRequestSchema: GenMessage<ListNicBindingsRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 19);
+  messageDesc(file_microvpc_v1_firewall, 22);
 
 /**
  * Response of ListNicBindings.
@@ -951,7 +1104,7 @@ export type ListNicBindingsResponse = Message<"microvpc.v1.ListNicBindingsRespon
  * Use `create(ListNicBindingsResponseSchema)` to create a new message.
  */
 export const ListNicBindingsResponseSchema: GenMessage<ListNicBindingsResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 20);
+  messageDesc(file_microvpc_v1_firewall, 23);
 
 /**
  * One numbered entry of a network ACL. Stateless: return traffic needs its
@@ -1040,7 +1193,7 @@ export type NetworkAclEntry = Message<"microvpc.v1.NetworkAclEntry"> & {
  * Use `create(NetworkAclEntrySchema)` to create a new message.
  */
 export const NetworkAclEntrySchema: GenMessage<NetworkAclEntry> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 21);
+  messageDesc(file_microvpc_v1_firewall, 24);
 
 /**
  * Identifies one entry of a network ACL.
@@ -1068,7 +1221,7 @@ export type NetworkAclEntryKey = Message<"microvpc.v1.NetworkAclEntryKey"> & {
  * Use `create(NetworkAclEntryKeySchema)` to create a new message.
  */
 export const NetworkAclEntryKeySchema: GenMessage<NetworkAclEntryKey> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 22);
+  messageDesc(file_microvpc_v1_firewall, 25);
 
 /**
  * A list of network ACL entries, so that "replace with nothing" can be told
@@ -1090,7 +1243,7 @@ export type NetworkAclEntryList = Message<"microvpc.v1.NetworkAclEntryList"> & {
  * Use `create(NetworkAclEntryListSchema)` to create a new message.
  */
 export const NetworkAclEntryListSchema: GenMessage<NetworkAclEntryList> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 23);
+  messageDesc(file_microvpc_v1_firewall, 26);
 
 /**
  * A network ACL: ordered, stateless allow/deny entries applied to the
@@ -1183,7 +1336,7 @@ export type NetworkAcl = Message<"microvpc.v1.NetworkAcl"> & {
  * Use `create(NetworkAclSchema)` to create a new message.
  */
 export const NetworkAclSchema: GenMessage<NetworkAcl> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 24);
+  messageDesc(file_microvpc_v1_firewall, 27);
 
 /**
  * Request of CreateNetworkAcl.
@@ -1248,7 +1401,7 @@ export type CreateNetworkAclRequest = Message<"microvpc.v1.CreateNetworkAclReque
  * Use `create(CreateNetworkAclRequestSchema)` to create a new message.
  */
 export const CreateNetworkAclRequestSchema: GenMessage<CreateNetworkAclRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 25);
+  messageDesc(file_microvpc_v1_firewall, 28);
 
 /**
  * Response of CreateNetworkAcl.
@@ -1269,7 +1422,7 @@ export type CreateNetworkAclResponse = Message<"microvpc.v1.CreateNetworkAclResp
  * Use `create(CreateNetworkAclResponseSchema)` to create a new message.
  */
 export const CreateNetworkAclResponseSchema: GenMessage<CreateNetworkAclResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 26);
+  messageDesc(file_microvpc_v1_firewall, 29);
 
 /**
  * Request of GetNetworkAcl.
@@ -1297,7 +1450,7 @@ export type GetNetworkAclRequest = Message<"microvpc.v1.GetNetworkAclRequest"> &
  * Use `create(GetNetworkAclRequestSchema)` to create a new message.
  */
 export const GetNetworkAclRequestSchema: GenMessage<GetNetworkAclRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 27);
+  messageDesc(file_microvpc_v1_firewall, 30);
 
 /**
  * Response of GetNetworkAcl.
@@ -1318,7 +1471,7 @@ export type GetNetworkAclResponse = Message<"microvpc.v1.GetNetworkAclResponse">
  * Use `create(GetNetworkAclResponseSchema)` to create a new message.
  */
 export const GetNetworkAclResponseSchema: GenMessage<GetNetworkAclResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 28);
+  messageDesc(file_microvpc_v1_firewall, 31);
 
 /**
  * Request of ListNetworkAcls.
@@ -1353,7 +1506,7 @@ export type ListNetworkAclsRequest = Message<"microvpc.v1.ListNetworkAclsRequest
  * Use `create(ListNetworkAclsRequestSchema)` to create a new message.
  */
 export const ListNetworkAclsRequestSchema: GenMessage<ListNetworkAclsRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 29);
+  messageDesc(file_microvpc_v1_firewall, 32);
 
 /**
  * Response of ListNetworkAcls.
@@ -1381,7 +1534,7 @@ export type ListNetworkAclsResponse = Message<"microvpc.v1.ListNetworkAclsRespon
  * Use `create(ListNetworkAclsResponseSchema)` to create a new message.
  */
 export const ListNetworkAclsResponseSchema: GenMessage<ListNetworkAclsResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 30);
+  messageDesc(file_microvpc_v1_firewall, 33);
 
 /**
  * Request of UpdateNetworkAcl. Changes apply in this order: set_entries,
@@ -1446,7 +1599,7 @@ export type UpdateNetworkAclRequest = Message<"microvpc.v1.UpdateNetworkAclReque
  * Use `create(UpdateNetworkAclRequestSchema)` to create a new message.
  */
 export const UpdateNetworkAclRequestSchema: GenMessage<UpdateNetworkAclRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 31);
+  messageDesc(file_microvpc_v1_firewall, 34);
 
 /**
  * Response of UpdateNetworkAcl.
@@ -1467,7 +1620,7 @@ export type UpdateNetworkAclResponse = Message<"microvpc.v1.UpdateNetworkAclResp
  * Use `create(UpdateNetworkAclResponseSchema)` to create a new message.
  */
 export const UpdateNetworkAclResponseSchema: GenMessage<UpdateNetworkAclResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 32);
+  messageDesc(file_microvpc_v1_firewall, 35);
 
 /**
  * Request of DeleteNetworkAcl.
@@ -1495,7 +1648,7 @@ export type DeleteNetworkAclRequest = Message<"microvpc.v1.DeleteNetworkAclReque
  * Use `create(DeleteNetworkAclRequestSchema)` to create a new message.
  */
 export const DeleteNetworkAclRequestSchema: GenMessage<DeleteNetworkAclRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 33);
+  messageDesc(file_microvpc_v1_firewall, 36);
 
 /**
  * Response of DeleteNetworkAcl.
@@ -1516,7 +1669,7 @@ export type DeleteNetworkAclResponse = Message<"microvpc.v1.DeleteNetworkAclResp
  * Use `create(DeleteNetworkAclResponseSchema)` to create a new message.
  */
 export const DeleteNetworkAclResponseSchema: GenMessage<DeleteNetworkAclResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 34);
+  messageDesc(file_microvpc_v1_firewall, 37);
 
 /**
  * Request of AssociateNetworkAcl.
@@ -1551,7 +1704,7 @@ export type AssociateNetworkAclRequest = Message<"microvpc.v1.AssociateNetworkAc
  * Use `create(AssociateNetworkAclRequestSchema)` to create a new message.
  */
 export const AssociateNetworkAclRequestSchema: GenMessage<AssociateNetworkAclRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 35);
+  messageDesc(file_microvpc_v1_firewall, 38);
 
 /**
  * Response of AssociateNetworkAcl.
@@ -1579,7 +1732,7 @@ export type AssociateNetworkAclResponse = Message<"microvpc.v1.AssociateNetworkA
  * Use `create(AssociateNetworkAclResponseSchema)` to create a new message.
  */
 export const AssociateNetworkAclResponseSchema: GenMessage<AssociateNetworkAclResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 36);
+  messageDesc(file_microvpc_v1_firewall, 39);
 
 /**
  * Request of DisassociateNetworkAcl.
@@ -1607,7 +1760,7 @@ export type DisassociateNetworkAclRequest = Message<"microvpc.v1.DisassociateNet
  * Use `create(DisassociateNetworkAclRequestSchema)` to create a new message.
  */
 export const DisassociateNetworkAclRequestSchema: GenMessage<DisassociateNetworkAclRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 37);
+  messageDesc(file_microvpc_v1_firewall, 40);
 
 /**
  * Response of DisassociateNetworkAcl.
@@ -1628,7 +1781,7 @@ export type DisassociateNetworkAclResponse = Message<"microvpc.v1.DisassociateNe
  * Use `create(DisassociateNetworkAclResponseSchema)` to create a new message.
  */
 export const DisassociateNetworkAclResponseSchema: GenMessage<DisassociateNetworkAclResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 38);
+  messageDesc(file_microvpc_v1_firewall, 41);
 
 /**
  * Request of ParseRules. Rule texts have the form PROTO:PORTS:PEER:
@@ -1692,7 +1845,7 @@ export type ParseRulesRequest = Message<"microvpc.v1.ParseRulesRequest"> & {
  * Use `create(ParseRulesRequestSchema)` to create a new message.
  */
 export const ParseRulesRequestSchema: GenMessage<ParseRulesRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 39);
+  messageDesc(file_microvpc_v1_firewall, 42);
 
 /**
  * Response of ParseRules.
@@ -1738,7 +1891,7 @@ export type ParseRulesResponse = Message<"microvpc.v1.ParseRulesResponse"> & {
  * Use `create(ParseRulesResponseSchema)` to create a new message.
  */
 export const ParseRulesResponseSchema: GenMessage<ParseRulesResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 40);
+  messageDesc(file_microvpc_v1_firewall, 43);
 
 /**
  * Request of GetFirewallStatus.
@@ -1773,7 +1926,7 @@ export type GetFirewallStatusRequest = Message<"microvpc.v1.GetFirewallStatusReq
  * Use `create(GetFirewallStatusRequestSchema)` to create a new message.
  */
 export const GetFirewallStatusRequestSchema: GenMessage<GetFirewallStatusRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 41);
+  messageDesc(file_microvpc_v1_firewall, 44);
 
 /**
  * Packet and byte counters of one direction of a NIC, read from nftables
@@ -1817,7 +1970,7 @@ export type FirewallCounters = Message<"microvpc.v1.FirewallCounters"> & {
  * Use `create(FirewallCountersSchema)` to create a new message.
  */
 export const FirewallCountersSchema: GenMessage<FirewallCounters> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 42);
+  messageDesc(file_microvpc_v1_firewall, 45);
 
 /**
  * Firewall state of one NIC on this hypervisor.
@@ -1880,7 +2033,7 @@ export type NicFirewallStatus = Message<"microvpc.v1.NicFirewallStatus"> & {
  * Use `create(NicFirewallStatusSchema)` to create a new message.
  */
 export const NicFirewallStatusSchema: GenMessage<NicFirewallStatus> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 43);
+  messageDesc(file_microvpc_v1_firewall, 46);
 
 /**
  * Response of GetFirewallStatus.
@@ -2011,7 +2164,7 @@ export type GetFirewallStatusResponse = Message<"microvpc.v1.GetFirewallStatusRe
  * Use `create(GetFirewallStatusResponseSchema)` to create a new message.
  */
 export const GetFirewallStatusResponseSchema: GenMessage<GetFirewallStatusResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 44);
+  messageDesc(file_microvpc_v1_firewall, 47);
 
 /**
  * A record the firewall read from Redis and skipped because it does not
@@ -2079,7 +2232,7 @@ export type FirewallInvalidRecord = Message<"microvpc.v1.FirewallInvalidRecord">
  * Use `create(FirewallInvalidRecordSchema)` to create a new message.
  */
 export const FirewallInvalidRecordSchema: GenMessage<FirewallInvalidRecord> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_firewall, 45);
+  messageDesc(file_microvpc_v1_firewall, 48);
 
 /**
  * Direction of traffic, seen from the NIC (security groups) or from the
@@ -2443,6 +2596,18 @@ export const FirewallService: GenService<{
     methodKind: "unary";
     input: typeof GetFirewallStatusRequestSchema;
     output: typeof GetFirewallStatusResponseSchema;
+  },
+  /**
+   * Returns this hypervisor's flow-log records (the firewall runs with
+   * --flow-logs; docs/flow-logs.md), filtered here, the newest last.
+   * FAILED_PRECONDITION if flow logs are off on this host.
+   *
+   * @generated from rpc microvpc.v1.FirewallService.ListFlowLogs
+   */
+  listFlowLogs: {
+    methodKind: "unary";
+    input: typeof ListFlowLogsRequestSchema;
+    output: typeof ListFlowLogsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_microvpc_v1_firewall, 0);
