@@ -368,8 +368,7 @@ export class FlowLogCollector {
       p.endMs = d.timeMs;
       return;
     }
-    // Sampled by flow here as well as by packet in nft: the record of a flow is kept or not as a whole.
-    if (!this.sampled()) return;
+    // Not sampled again here: nft's numgen already kept this share of the drops.
     this.pending.set(key, {
       startMs: d.timeMs,
       endMs: d.timeMs,

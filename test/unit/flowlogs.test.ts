@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type { Logger } from "pino";
 import { afterAll, test } from "vitest";
 import { compile } from "../../services/firewall/compile.js";
 import { acceptedBy, checkSampleRate, filterFlowLogs, FLOW_LOG_GROUP, parseCtEvent, parseUlogDrop, RotatingJsonl } from "../../services/firewall/flowlogs.js";
@@ -165,4 +166,76 @@ test("reading back: filters by NIC, action and time, newest last, bounded", () =
   assert.equal(filterFlowLogs(lines, { nic: "nic-a", action: "reject" }).length, 2);
   assert.equal(filterFlowLogs(lines, { sinceMs: Date.parse("2026-01-01T00:01:30Z") }).length, 2);
   assert.equal(filterFlowLogs(lines, { action: "reject", limit: 1 })[0].end, "2026-01-01T00:03:00Z");
+});
+
+test("the collector: a flow's NEW gives its start, DESTROY writes it once, of a logging NIC only, sampled by the rate", () => {
+  const dir = mkdtempSync(join(tmpdir(), "flowlogs-"));
+  dirs.push(dir);
+  const st = state();
+  const log = { info() {}, warn() {} } as unknown as Logger;
+  let dice = 0;
+  const c = new FlowLogCollector({ dir, hostId: "h1", sampleRate: 0.25 }, { stateOf: () => st, logs: (n) => n.nicId === NIC }, log, () => dice);
+  const flow = (id: number, dst: string, t: number) => {
+    c.onCt("ns", `[${t}.000000]\t    [NEW] ipv4     2 tcp      6 120 SYN_SENT src=10.0.1.4 dst=${dst} sport=${40000 + id} dport=80 [UNREPLIED] src=${dst} dst=10.0.1.4 sport=80 dport=${40000 + id} id=${id}`);
+    c.onCt(
+      "ns",
+      `[${t + 3}.500000]\t[DESTROY] ipv4     2 tcp      6 CLOSE src=10.0.1.4 dst=${dst} sport=${40000 + id} dport=80 packets=5 bytes=300 src=${dst} dst=10.0.1.4 sport=80 dport=${40000 + id} packets=4 bytes=200 delta-time=3 id=${id}`,
+    );
+  };
+  flow(1, "10.0.1.5", 1796226900); // kept: 0 < 0.25
+  dice = 0.5;
+  flow(2, "10.0.1.5", 1796226910); // sampled out
+  dice = 0;
+  flow(3, "10.0.1.99", 1796226920); // no logging NIC at either end
+  c.stop();
+  const lines = readFileSync(c.out.path, "utf8").trim().split("\n");
+  assert.equal(lines.length, 1);
+  const r = JSON.parse(lines[0]);
+  assert.deepEqual(
+    { nic: r.nic, sport: r.sport, packets: r.packets, bytes: r.bytes, start: r.start, end: r.end, action: r.action, decided_by: r.decided_by },
+    {
+      nic: NIC,
+      sport: 40001,
+      packets: 9,
+      bytes: 500,
+      start: new Date(1796226900_000).toISOString(),
+      end: new Date(1796226903_500).toISOString(),
+      action: "accept",
+      decided_by: `${SG}#2`,
+    },
+  );
+});
+
+test("the collector: a blocked probe's logged drops (SYN and retransmissions) are one rejected record", () => {
+  const dir = mkdtempSync(join(tmpdir(), "flowlogs-"));
+  dirs.push(dir);
+  const st = state();
+  const c = new FlowLogCollector({ dir, hostId: "h1", sampleRate: 1, aggregateMs: 60_000 }, { stateOf: () => st, logs: () => true }, {
+    info() {},
+    warn() {},
+  } as unknown as Logger);
+  const drop = (sec: number) =>
+    JSON.stringify({
+      "oob.prefix": "0123456789ab in sg-default-deny",
+      "oob.time.sec": sec,
+      "oob.time.usec": 0,
+      "raw.pktlen": 60,
+      "ip.protocol": 6,
+      src_port: 41596,
+      dest_port: 22,
+      src_ip: "10.0.1.4",
+      dest_ip: "10.0.1.5",
+    });
+  for (const sec of [1796226957, 1796226958, 1796226960]) c.onDrop("ns", drop(sec));
+  c.onDrop("ns", drop(1796226961).replace("0123456789ab", "ffffffffffff")); // not a NIC of this namespace
+  c.stop();
+  const lines = readFileSync(c.out.path, "utf8").trim().split("\n");
+  assert.equal(lines.length, 1);
+  const r = JSON.parse(lines[0]);
+  assert.equal(r.action, "reject");
+  assert.equal(r.packets, 3);
+  assert.equal(r.bytes, 180);
+  assert.equal(r.decided_by, "sg-default-deny");
+  assert.equal(r.start, new Date(1796226957_000).toISOString());
+  assert.equal(r.end, new Date(1796226960_000).toISOString());
 });
