@@ -8,7 +8,16 @@ import { join } from "node:path";
 import type { Logger } from "pino";
 import { afterAll, test } from "vitest";
 import { compile } from "../../services/firewall/compile.js";
-import { acceptedBy, checkSampleRate, filterFlowLogs, FLOW_LOG_GROUP, parseCtEvent, parseUlogDrop, RotatingJsonl } from "../../services/firewall/flowlogs.js";
+import {
+  acceptedBy,
+  checkSampleRate,
+  filterFlowLogs,
+  FLOW_LOG_GROUP,
+  FlowLogCollector,
+  parseCtEvent,
+  parseUlogDrop,
+  RotatingJsonl,
+} from "../../services/firewall/flowlogs.js";
 import type { VpcFirewallState } from "../../services/firewall/model.js";
 
 const dirs: string[] = [];
@@ -176,7 +185,10 @@ test("the collector: a flow's NEW gives its start, DESTROY writes it once, of a 
   let dice = 0;
   const c = new FlowLogCollector({ dir, hostId: "h1", sampleRate: 0.25 }, { stateOf: () => st, logs: (n) => n.nicId === NIC }, log, () => dice);
   const flow = (id: number, dst: string, t: number) => {
-    c.onCt("ns", `[${t}.000000]\t    [NEW] ipv4     2 tcp      6 120 SYN_SENT src=10.0.1.4 dst=${dst} sport=${40000 + id} dport=80 [UNREPLIED] src=${dst} dst=10.0.1.4 sport=80 dport=${40000 + id} id=${id}`);
+    c.onCt(
+      "ns",
+      `[${t}.000000]\t    [NEW] ipv4     2 tcp      6 120 SYN_SENT src=10.0.1.4 dst=${dst} sport=${40000 + id} dport=80 [UNREPLIED] src=${dst} dst=10.0.1.4 sport=80 dport=${40000 + id} id=${id}`,
+    );
     c.onCt(
       "ns",
       `[${t + 3}.500000]\t[DESTROY] ipv4     2 tcp      6 CLOSE src=10.0.1.4 dst=${dst} sport=${40000 + id} dport=80 packets=5 bytes=300 src=${dst} dst=10.0.1.4 sport=80 dport=${40000 + id} packets=4 bytes=200 delta-time=3 id=${id}`,
