@@ -59,7 +59,7 @@ export const firewallDefinition: ServiceDefinition = {
     new Option("--flow-logs-max-bytes <n>", "rotate the flow log past this size; 5 rotated files are kept")
       .env("MICROVPC_FLOW_LOGS_MAX_BYTES")
       .default("67108864"),
-    new Option("--flow-logs-aggregate-ms <ms>", "the drops of one 5-tuple within this window are one record")
+    new Option("--flow-logs-aggregate-ms <ms>", "the logged drops of one 5-tuple with gaps shorter than this are one record (at most ten windows long)")
       .env("MICROVPC_FLOW_LOGS_AGGREGATE_MS")
       .default("5000"),
     new Option(
