@@ -19,6 +19,7 @@ import { isLoopback } from "./client.js";
 import { healthService, SharedReadiness, type ReadyCheck } from "./health.js";
 import { rpcDuration, rpcRequests } from "./metrics.js";
 import { reflectionServices } from "./reflection.js";
+import { buildHeader } from "./version.js";
 
 export type { ServiceBinding } from "./grpc-adapter.js";
 
@@ -200,7 +201,10 @@ function countCall(service: string, method: string, code: string, seconds: numbe
  */
 function observer(logger: Logger, token: string | undefined): CallObserver {
   const want = token ? Buffer.from(`Bearer ${token}`) : undefined;
+  const build = buildHeader();
   return (ctx) => {
+    // Which build answered (`microvpc version` reads it from a health check).
+    ctx.addResponseHeader("x-microvpc-build", build);
     const reqId =
       ctx
         .header("x-request-id")
