@@ -56,7 +56,9 @@ export function buildProgram(): Command {
     program.addOption(new Option(`${option} <host:port>`, `address of microvpcd ${d} (${serves}); default HOST:${port}`).env(env));
   }
   program
-    .addOption(new Option("--context <name>", "context of the configuration file to use (default: its current-context; see `microvpc config`)").env("MICROVPC_CONTEXT"))
+    .addOption(
+      new Option("--context <name>", "context of the configuration file to use (default: its current-context; see `microvpc config`)").env("MICROVPC_CONTEXT"),
+    )
     .addOption(new Option("--token <token>", "bearer token, if the daemons require one (--token-file keeps it out of ps)").env("MICROVPC_TOKEN"))
     .addOption(
       new Option("--token-file <path>", "read the bearer token from this file (its first line); refused if every user may read it").env("MICROVPC_TOKEN_FILE"),

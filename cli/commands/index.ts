@@ -18,4 +18,20 @@ import * as vm from "./vm.js";
 import * as version from "./version.js";
 import * as vpc from "./vpc.js";
 
-export const groups: { register(program: Command): void }[] = [vpc, subnet, ip, sg, acl, nat, fip, pf, dns, vm, connectivity, status, config, version, completion];
+export const groups: { register(program: Command): void }[] = [
+  vpc,
+  subnet,
+  ip,
+  sg,
+  acl,
+  nat,
+  fip,
+  pf,
+  dns,
+  vm,
+  connectivity,
+  status,
+  config,
+  version,
+  completion,
+];

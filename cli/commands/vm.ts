@@ -29,9 +29,10 @@ import {
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { client, globals, timeoutGiven } from "../lib/context.js";
 import { EXIT } from "../lib/errors.js";
-import { dryRunOption, integer, labelOption, limitOption, listOption, repeatableOption, vpcOption } from "../lib/options.js";
+import { createName, dryRunOption, integer, labelOption, limitOption, listOption, nameOption, repeatableOption, vpcOption } from "../lib/options.js";
 import { dryRun, emit, enumLabel, labels, someDetails, table, time } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import { collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 import { setActivity } from "../lib/progress.js";
 
 const KINDS: Record<string, VmKind> = { netns: VmKind.NETNS, qemu: VmKind.QEMU, firecracker: VmKind.FIRECRACKER };
@@ -139,7 +140,7 @@ const refVpcOption = () => vpcOption("; needed when REF is a name");
 export function register(program: Command): void {
   const vm = program.command("vm").description("VMs: create, list, inspect, delete (vmm daemon of the hypervisor)");
 
-  vm.command("create <name>")
+  vm.command("create [name]")
     .description("create a VM: address, NIC, security groups, metadata, DNS name, then boot; undone as a whole if a step fails")
     .addOption(vpcOption("", true))
     .requiredOption("--subnet <ref>", "subnet id, or a name of the VPC")
@@ -173,7 +174,9 @@ export function register(program: Command): void {
       "idempotency token: a retry with it resumes or returns the same VM (default: a new random UUID, printed if the call fails)",
     )
     .addOption(dryRunOption())
-    .action(async (name: string, o, cmd: Command) => {
+    .addOption(nameOption())
+    .action(async (nameArg: string | undefined, o, cmd: Command) => {
+      const name = createName(cmd, nameArg, o.name);
       const token: string = o.clientToken ?? randomUUID();
       const rate = (mbps: number | undefined) => (mbps === undefined ? undefined : { rateMbps: mbps });
       const req = create(CreateVmRequestSchema, {
@@ -233,28 +236,34 @@ export function register(program: Command): void {
     .addOption(vpcOption("; default: every VPC"))
     .option("--subnet <ref>", "only VMs of this subnet (a name needs --vpc)", "")
     .addOption(new Option("--state <state>", "only VMs in this state").choices(Object.keys(STATES)))
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, VmService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<Vm>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listVms({ vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : VmState.UNSPECIFIED, pageSize, pageToken });
         return { items: r.vms, next: r.nextPageToken };
       });
-      emit(cmd, ListVmsResponseSchema, create(ListVmsResponseSchema, { vms: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "NAME", "VPC", "SUBNET", "KIND", "STATE", "ADDRESS", "PUBLIC", "HOST"],
-          items.map((v) => [
-            v.id,
-            v.name,
-            v.vpcId,
-            v.subnetId,
-            enumLabel(VmKindSchema, v.kind),
-            enumLabel(VmStateSchema, v.state),
-            address(v),
-            v.publicAddress,
-            v.hostId,
-          ]),
-        ),
+      emit(
+        cmd,
+        ListVmsResponseSchema,
+        create(ListVmsResponseSchema, { vms: items, nextPageToken: next }),
+        () =>
+          table(
+            ["ID", "NAME", "VPC", "SUBNET", "KIND", "STATE", "ADDRESS", "PUBLIC", "HOST"],
+            items.map((v) => [
+              v.id,
+              v.name,
+              v.vpcId,
+              v.subnetId,
+              enumLabel(VmKindSchema, v.kind),
+              enumLabel(VmStateSchema, v.state),
+              address(v),
+              v.publicAddress,
+              v.hostId,
+            ]),
+          ),
+        () => items.map((v) => `vm/${v.id}`),
       );
     });
 

@@ -87,7 +87,8 @@ export function parseConfig(text: string, path: string): Config {
   const where = (s: string) => `${path}: ${s}`;
   if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new ConfigError(where("expected a mapping with current-context and contexts"));
   const top = raw as Record<string, unknown>;
-  for (const k of Object.keys(top)) if (k !== "current-context" && k !== "contexts") throw new ConfigError(where(`unknown key ${JSON.stringify(k)} (known: current-context, contexts)`));
+  for (const k of Object.keys(top))
+    if (k !== "current-context" && k !== "contexts") throw new ConfigError(where(`unknown key ${JSON.stringify(k)} (known: current-context, contexts)`));
   const current = top["current-context"] ?? "";
   if (typeof current !== "string" || (current !== "" && !CONTEXT_NAME.test(current))) throw new ConfigError(where("current-context: expected a context name"));
   const list = top.contexts ?? [];
@@ -110,7 +111,9 @@ export function parseConfig(text: string, path: string): Config {
         ctx.insecureSendToken = v;
         continue;
       }
-      if (typeof v !== "string" || v === "" || v.length > 1024 || /[\x00-\x1f\x7f]/.test(v)) throw new ConfigError(where(`${field}: expected a non-empty string`));
+      // eslint-disable-next-line no-control-regex -- control characters are what it refuses
+      if (typeof v !== "string" || v === "" || v.length > 1024 || /[\x00-\x1f\x7f]/.test(v))
+        throw new ConfigError(where(`${field}: expected a non-empty string`));
       if (k === "host") {
         try {
           ctx.host = parseHost(v);

@@ -37,9 +37,9 @@ export function table(head: string[], rows: string[][], o: { headers?: boolean }
     .join("\n");
 }
 
-/** Cells are one line: a newline inside one would break every column after it. */
+/** Cells are one line (a newline would break every column after it): several values are comma-separated. */
 function oneLine(s: string): string {
-  return s.replace(/\r?\n/g, " ");
+  return s.replace(/\r?\n/g, ",");
 }
 
 /** Display width: code points, which is right for the texts we print (no wide CJK in names: validate.ts allows none). */
@@ -55,7 +55,13 @@ export function details(pairs: [string, string][]): string {
     .map(([k, v]) => {
       const lines = v.split("\n");
       const pad = " ".repeat(w + 2);
-      return `${k}:${" ".repeat(w - width(k))}  ${lines[0]}`.trimEnd() + lines.slice(1).map((l) => `\n${pad}${l}`.trimEnd()).join("");
+      return (
+        `${k}:${" ".repeat(w - width(k))}  ${lines[0]}`.trimEnd() +
+        lines
+          .slice(1)
+          .map((l) => `\n${pad}${l}`.trimEnd())
+          .join("")
+      );
     })
     .join("\n");
 }

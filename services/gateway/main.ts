@@ -252,7 +252,11 @@ export const gatewayDefinition: ServiceDefinition = {
   options: [
     hostIdOption(),
     new Option("--uplink <ifname>", "the hypervisor's interface to the outside").env("MICROVPC_UPLINK").default("eth0"),
-    new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)").env("MICROVPC_HOST_NETNS").default(""),
+    // Simulated hypervisors only (the tests, the quickstart): not in --help.
+    new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)")
+      .env("MICROVPC_HOST_NETNS")
+      .default("")
+      .hideHelp(),
     new Option("--public-pool <cidr>", "floating IP pool, e.g. 203.0.113.0/24 (empty: no floating IPs)").env("MICROVPC_PUBLIC_POOL").default(""),
     new Option("--imds-port <port>", "port of the metadata server on the host").env("MICROVPC_IMDS_PORT").default("8775"),
     new Option(
@@ -261,7 +265,9 @@ export const gatewayDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_DNS_PORT")
       .default("53"),
-    new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
+    new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns")
+      .env("MICROVPC_IMDS_REDIS")
+      .hideHelp(),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
     new Option(
       "--api-only",
