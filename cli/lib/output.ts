@@ -56,7 +56,7 @@ export function details(pairs: [string, string][]): string {
       const lines = v.split("\n");
       const pad = " ".repeat(w + 2);
       return (
-        `${k}:${" ".repeat(w - width(k))}  ${lines[0]}`.trimEnd() +
+        `${k}:${" ".repeat(w - width(k) - 1)}  ${lines[0]}`.trimEnd() +
         lines
           .slice(1)
           .map((l) => `\n${pad}${l}`.trimEnd())
