@@ -5,7 +5,7 @@
 // `--no-headers` drops the header line of tables.
 import { toJson, type DescEnum, type DescMessage, type DescMethod, type MessageShape } from "@bufbuild/protobuf";
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
-import { InvalidArgumentError, type Command } from "commander";
+import type { Command } from "commander";
 import { stringify as yamlStringify } from "yaml";
 import { globals } from "./context.js";
 
@@ -91,9 +91,9 @@ function format(cmd: Command): OutputFormat {
   return (globals(cmd).output ?? "table") as OutputFormat;
 }
 
-/** -o name on a command whose output names no resources. */
-function noNames(): never {
-  throw new InvalidArgumentError("-o name: this command's output has no resource names; use -o json or -o yaml");
+/** -o name on a command whose output names no resources: a usage error. */
+function noNames(cmd: Command): never {
+  cmd.error("error: -o name: this command's output has no resource names; use -o json or -o yaml", { exitCode: 2 });
 }
 export function print(text: string): void {
   if (text === "") return;
@@ -126,7 +126,7 @@ export function emitValue(cmd: Command, value: () => unknown, human: () => strin
   const f = format(cmd);
   if (f === "json") print(json(value()));
   else if (f === "yaml") print(yaml(value()));
-  else if (f === "name") print((names ?? noNames)().join("\n"));
+  else if (f === "name") print(names ? names().join("\n") : noNames(cmd));
   else print(human());
 }
 
