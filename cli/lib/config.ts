@@ -20,8 +20,8 @@
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { dirname, isAbsolute, join, resolve } from "node:path";
-import { parseDocument } from "yaml";
 import { parseHost } from "./context.js";
+import { yamlLib } from "./yaml.js";
 
 /** A context's settings, named as the global options are (camelCase keys of commander). */
 export interface ContextSettings {
@@ -81,7 +81,7 @@ export class ConfigError extends Error {}
 
 /** Parses and checks a config file's text; `path` is for messages and for resolving relative paths. */
 export function parseConfig(text: string, path: string): Config {
-  const doc = parseDocument(text);
+  const doc = yamlLib().parseDocument(text);
   if (doc.errors.length > 0) throw new ConfigError(`${path}: not valid YAML: ${doc.errors[0].message.split("\n")[0]}`);
   const raw: unknown = doc.toJS() ?? {};
   const where = (s: string) => `${path}: ${s}`;
@@ -174,7 +174,7 @@ export function writeCurrentContext(cfg: Config, name: string): void {
     const known = cfg.contexts.map((c) => c.name).join(", ") || "none";
     throw new ConfigError(`context ${JSON.stringify(name)} is not in ${cfg.path} (contexts: ${known})`);
   }
-  const doc = parseDocument(readFileSync(cfg.path, "utf8"));
+  const doc = yamlLib().parseDocument(readFileSync(cfg.path, "utf8"));
   doc.set("current-context", name);
   writeFileSync(cfg.path, doc.toString());
 }

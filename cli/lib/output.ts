@@ -6,8 +6,8 @@
 import { toJson, type DescEnum, type DescMessage, type DescMethod, type MessageShape } from "@bufbuild/protobuf";
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import type { Command } from "commander";
-import { stringify as yamlStringify } from "yaml";
 import { globals } from "./context.js";
+import { yamlLib } from "./yaml.js";
 
 export const OUTPUT_FORMATS = ["table", "wide", "json", "yaml", "name"] as const;
 export type OutputFormat = (typeof OUTPUT_FORMATS)[number];
@@ -115,7 +115,7 @@ export function msgJson<D extends DescMessage>(schema: D, msg: MessageShape<D>):
 
 /** YAML of a JSON value; 64-bit integers are strings in protobuf JSON, and stay strings. */
 export function yaml(value: unknown): string {
-  return yamlStringify(value, { lineWidth: 0 });
+  return yamlLib().stringify(value, { lineWidth: 0 });
 }
 
 /**
