@@ -13,7 +13,7 @@ import { VPC_COLUMNS } from "../../cli/commands/vpc.js";
 import { skewWarnings, versionTable } from "../../cli/commands/version.js";
 import { buildProgram } from "../../cli/program.js";
 import { ConfigError, parseConfig, selectContext } from "../../cli/lib/config.js";
-import { requestIdOf } from "../../cli/lib/errors.js";
+import { report, requestIdOf } from "../../cli/lib/errors.js";
 import { details, listTable, table, yaml } from "../../cli/lib/output.js";
 import { matches, parseSelector } from "../../cli/lib/selector.js";
 import { buildHeader, parseBuildHeader } from "../../services/common/version.js";
@@ -152,6 +152,26 @@ test("INTERNAL errors carry the daemon's request id", () => {
   assert.equal(requestIdOf(e), "req-123");
   assert.equal(requestIdOf(new ConnectError("boom", Code.Internal)), undefined);
   assert.equal(requestIdOf(new ConnectError("boom", Code.Internal, new Headers({ "x-request-id": "a b" }))), undefined);
+
+  // What the user sees on stderr.
+  const seen = (err: unknown): { code: number; text: string } => {
+    let text = "";
+    const write = process.stderr.write;
+    process.stderr.write = ((chunk: string) => ((text += chunk), true)) as typeof process.stderr.write;
+    try {
+      const code = report(err, { daemon: "vmm", address: "127.0.0.1:7405", method: "microvpc.v1.VmService/CreateVm" });
+      return { code, text };
+    } finally {
+      process.stderr.write = write;
+    }
+  };
+  const internal = seen(new ConnectError("internal error", Code.Internal, new Headers({ "x-request-id": "0f3c-11" })));
+  assert.equal(internal.code, 1);
+  assert.match(internal.text, /^error: internal error \(reported by microvpcd vmm at 127\.0\.0\.1:7405\) \(internal\)\n {2}request id 0f3c-11: /);
+  assert.match(internal.text, /reqId=0f3c-11/);
+  // Other codes keep their one line.
+  const nf = seen(new ConnectError("vm x not found", Code.NotFound, new Headers({ "x-request-id": "0f3c-12" })));
+  assert.equal(nf.text, "error: vm x not found (not_found)\n");
 });
 
 test("help prints each default once, and no empty placeholder defaults", () => {
