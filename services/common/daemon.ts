@@ -6,6 +6,7 @@ import { pino, type Logger } from "pino";
 import type { Redis } from "ioredis";
 import { serveMetrics, setDefaultLabels } from "./metrics.js";
 import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./redis.js";
+import { versionLine } from "./version.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 
 export interface CommonFlags {
@@ -48,6 +49,7 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
   const cmd = program
     .command(def.name)
     .description(def.summary)
+    .version(versionLine(), "--version", "print the version (package, commit, node) and exit")
     .addOption(new Option("--listen <host:port>", "gRPC listen address").env(env("LISTEN")).default(`127.0.0.1:${def.defaultPort}`))
     .addOption(
       new Option("--metrics-listen <host:port>", "Prometheus /metrics listen address")

@@ -133,10 +133,11 @@ test("output: a plain table, --no-headers, -o wide|name|yaml|json, and -l select
   for (const v of ["alpha", "beta", "gamma"]) await expect(0, ["vpc", "delete", v]);
 });
 
-/** The commit a binary was built with, from its --version line. */
-async function versionOf(bin: string): Promise<string> {
+/** What a binary prints for `[sub] --version` (or other arguments: the last one replaces --version). */
+async function versionOf(bin: string, ...args: string[]): Promise<string> {
+  const argv = args.at(-1)?.startsWith("--") ? args : [...args, "--version"];
   return new Promise((resolve, reject) =>
-    execFile(process.execPath, [join(ROOT, "bin", bin), "--version"], { env: cliEnv }, (err, stdout) => (err ? reject(err) : resolve(stdout))),
+    execFile(process.execPath, [join(ROOT, "bin", bin), ...argv], { env: cliEnv }, (err, stdout) => (err ? reject(err) : resolve(stdout))),
   );
 }
 
@@ -145,6 +146,11 @@ test("--version on both binaries; `microvpc version` reads each daemon's build a
   const cliLine = await versionOf("microvpc.js");
   assert.match(cliLine, line);
   assert.equal(await versionOf("microvpcd.js"), cliLine);
+  assert.equal(await versionOf("microvpcd.js", "gateway"), cliLine);
+  // Daemon help: each default once; the simulated-hypervisor flags are not shown.
+  const help = await versionOf("microvpcd.js", "gateway", "--help");
+  for (const entry of help.split(/\n(?=\s{2}-)/)) assert.ok((entry.match(/\(default/g) ?? []).length <= 1, entry);
+  assert.doesNotMatch(help, /--host-netns|--imds-redis/);
   const nowhere = `127.0.0.1:${await freePort()}`;
   const down = ["--netagent", nowhere, "--firewall", nowhere, "--gateway", nowhere, "--vmm", nowhere];
 
