@@ -40,7 +40,7 @@ import {
   repeatableOption,
   vpcOption,
 } from "../lib/options.js";
-import { details, dryRun, dryRunMany, emit, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
+import { details, dryRun, dryRunMany, emit, emitList, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
 import { collect, collectSelected } from "../lib/paging.js";
 import { selectorFilter, selectorOption } from "../lib/selector.js";
 import { aclActionWord, aclEntryText, aclMatchText, dirWord, parseAclEntry, parseAclKey, readPolicyFile } from "../lib/rules.js";
@@ -140,16 +140,22 @@ export function register(program: Command): void {
         const r = await c.listNetworkAcls({ vpc: o.vpc, pageSize, pageToken });
         return { items: r.networkAcls, next: r.nextPageToken };
       });
-      emit(
+      emitList(
         cmd,
         ListNetworkAclsResponseSchema,
         create(ListNetworkAclsResponseSchema, { networkAcls: items, nextPageToken: next }),
-        () =>
-          table(
-            ["ID", "VPC", "NAME", "ENTRIES", "SUBNETS", "DESCRIPTION"],
-            items.map((a) => [a.id, a.vpcId, a.name, a.entries.map(aclEntryText).join("\n"), a.subnetIds.join("\n"), a.description]),
-          ),
-        () => items.map((a) => `acl/${a.id}`),
+        items,
+        [
+          { head: "ID", get: (a) => a.id },
+          { head: "VPC", get: (a) => a.vpcId },
+          { head: "NAME", get: (a) => a.name },
+          { head: "ENTRIES", get: (a) => a.entries.map(aclEntryText).join(",") },
+          { head: "SUBNETS", get: (a) => a.subnetIds.join(",") },
+          { head: "DESCRIPTION", get: (a) => a.description },
+          { head: "LABELS", get: (a) => labels(a.labels), wide: true },
+          { head: "CREATED", get: (a) => time(a.createTime), wide: true },
+        ],
+        (a) => `acl/${a.id}`,
       );
     });
 

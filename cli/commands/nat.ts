@@ -17,7 +17,7 @@ import {
 import { client } from "../lib/context.js";
 import { EXIT } from "../lib/errors.js";
 import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption, listOption, vpcOption } from "../lib/options.js";
-import { details, dryRun, emit, enumLabel, labels, table, time } from "../lib/output.js";
+import { details, dryRun, emit, emitList, enumLabel, labels, time } from "../lib/output.js";
 import { collectSelected } from "../lib/paging.js";
 import { selectorFilter, selectorOption } from "../lib/selector.js";
 
@@ -89,23 +89,21 @@ export function register(program: Command): void {
         const r = await c.listNatGateways({ vpc: o.vpc, pageSize, pageToken });
         return { items: r.natGateways, next: r.nextPageToken };
       });
-      emit(
+      emitList(
         cmd,
         ListNatGatewaysResponseSchema,
         create(ListNatGatewaysResponseSchema, { natGateways: items, nextPageToken: next }),
-        () =>
-          table(
-            ["ID", "VPC", "SUBNET", "SERVES", "STATE", "CREATED"],
-            items.map((n) => [
-              n.id,
-              n.vpcId,
-              n.subnetId,
-              n.sourceSubnetIds.join("\n") || "all private",
-              enumLabel(ResourceStateSchema, n.state),
-              time(n.createTime),
-            ]),
-          ),
-        () => items.map((n) => `nat/${n.id}`),
+        items,
+        [
+          { head: "ID", get: (n) => n.id },
+          { head: "VPC", get: (n) => n.vpcId },
+          { head: "SUBNET", get: (n) => n.subnetId },
+          { head: "SERVES", get: (n) => n.sourceSubnetIds.join(",") || "all private" },
+          { head: "STATE", get: (n) => enumLabel(ResourceStateSchema, n.state) },
+          { head: "CREATED", get: (n) => time(n.createTime) },
+          { head: "LABELS", get: (n) => labels(n.labels), wide: true },
+        ],
+        (n) => `nat/${n.id}`,
       );
     });
 

@@ -30,7 +30,7 @@ import {
 import { client, globals, timeoutGiven } from "../lib/context.js";
 import { EXIT } from "../lib/errors.js";
 import { createName, dryRunOption, integer, labelOption, limitOption, listOption, nameOption, repeatableOption, vpcOption } from "../lib/options.js";
-import { dryRun, emit, enumLabel, labels, someDetails, table, time } from "../lib/output.js";
+import { dryRun, emit, emitList, enumLabel, labels, someDetails, table, time } from "../lib/output.js";
 import { collectSelected } from "../lib/paging.js";
 import { selectorFilter, selectorOption } from "../lib/selector.js";
 import { setActivity } from "../lib/progress.js";
@@ -244,26 +244,25 @@ export function register(program: Command): void {
         const r = await c.listVms({ vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : VmState.UNSPECIFIED, pageSize, pageToken });
         return { items: r.vms, next: r.nextPageToken };
       });
-      emit(
+      emitList(
         cmd,
         ListVmsResponseSchema,
         create(ListVmsResponseSchema, { vms: items, nextPageToken: next }),
-        () =>
-          table(
-            ["ID", "NAME", "VPC", "SUBNET", "KIND", "STATE", "ADDRESS", "PUBLIC", "HOST"],
-            items.map((v) => [
-              v.id,
-              v.name,
-              v.vpcId,
-              v.subnetId,
-              enumLabel(VmKindSchema, v.kind),
-              enumLabel(VmStateSchema, v.state),
-              address(v),
-              v.publicAddress,
-              v.hostId,
-            ]),
-          ),
-        () => items.map((v) => `vm/${v.id}`),
+        items,
+        [
+          { head: "ID", get: (v) => v.id },
+          { head: "NAME", get: (v) => v.name },
+          { head: "VPC", get: (v) => v.vpcId },
+          { head: "SUBNET", get: (v) => v.subnetId },
+          { head: "KIND", get: (v) => enumLabel(VmKindSchema, v.kind) },
+          { head: "STATE", get: (v) => enumLabel(VmStateSchema, v.state) },
+          { head: "ADDRESS", get: (v) => address(v) },
+          { head: "PUBLIC", get: (v) => v.publicAddress },
+          { head: "HOST", get: (v) => v.hostId },
+          { head: "LABELS", get: (v) => labels(v.labels), wide: true },
+          { head: "CREATED", get: (v) => time(v.createTime), wide: true },
+        ],
+        (v) => `vm/${v.id}`,
       );
     });
 
