@@ -106,12 +106,12 @@ ${EXIT_HELP}`,
     // it throws instead and main() picks the code. Subcommands inherit this.
     .exitOverride();
   // Before any command runs: the configuration file's context under the
-  // options not given (`config` itself reads the file as it is), then how
-  // tables render.
+  // options not given (`config` itself reads the file as it is; `completion`
+  // calls no daemon), then how tables render.
   program.hook("preAction", (_root, action) => {
     let top = action;
     while (top.parent && top.parent !== program) top = top.parent;
-    if (top.name() !== "config") {
+    if (top.name() !== "config" && top.name() !== "completion") {
       const ctx = selectContext(loadConfig(), program.opts().context as string | undefined);
       if (ctx) applyContext(program, ctx);
     }
