@@ -782,5 +782,5 @@ test("help and completion cover the new command groups", async () => {
   assert.match(await complete(["microvpc", "vpc", "peer", ""]), /^create list get delete /);
   assert.match(await complete(["microvpc", "sg", "rule", ""]), /^add remove /);
   assert.equal(await complete(["microvpc", "vm", "create", "x", "--kind", ""]), "netns qemu firecracker");
-  assert.equal(await complete(["microvpc", "acl", "list", "-o", ""]), "table json");
+  assert.equal(await complete(["microvpc", "acl", "list", "-o", ""]), "table wide json yaml name");
 });
