@@ -8,8 +8,11 @@ import * as config from "./config.js";
 import * as connectivity from "./connectivity.js";
 import * as dns from "./dns.js";
 import * as fip from "./fip.js";
+import * as host from "./host.js";
 import * as ip from "./ip.js";
+import * as metadata from "./metadata.js";
 import * as nat from "./nat.js";
+import * as nic from "./nic.js";
 import * as pf from "./pf.js";
 import * as sg from "./sg.js";
 import * as status from "./status.js";
@@ -30,6 +33,9 @@ export const groups: { register(program: Command): void }[] = [
   dns,
   vm,
   connectivity,
+  host,
+  nic,
+  metadata,
   status,
   config,
   version,

@@ -5,7 +5,7 @@
 // daemon serves and reports itself healthy.
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { Command } from "commander";
+import { Option, type Command } from "commander";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { FirewallHealth, FirewallService, GetFirewallStatusResponseSchema, type GetFirewallStatusResponse } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayHealth, GatewayService, GetGatewayStatusResponseSchema, type GetGatewayStatusResponse } from "../../gen/microvpc/v1/gateway_pb.js";
@@ -29,7 +29,9 @@ import { VmService, VmStateSchema, type Vm } from "../../gen/microvpc/v1/vm_pb.j
 import { address, client, DAEMON_NAMES, globals, timeoutGiven, type Daemon } from "../lib/context.js";
 import { EXIT, ExitCode, isConnRefused } from "../lib/errors.js";
 import { emitValue, someDetails, enumLabel, msgJson, table, time } from "../lib/output.js";
+import { integer } from "../lib/options.js";
 import { collect } from "../lib/paging.js";
+import { STATUS_MODES_HELP, statusModes, type StatusModes } from "./status-fleet.js";
 
 export type Outcome<T> = { ok: true; value: T } | { ok: false; unimplemented: boolean; unavailable: boolean; error: string };
 
@@ -70,151 +72,158 @@ each daemon's own option. Exit codes: 0 every daemon serves and is healthy;
 6 a daemon is unreachable or not serving; 1 all answer but one reports itself
 degraded (the output says which and why).`,
     )
-    .action(async (_o, cmd: Command) => {
-      // A status check should answer fast even when a daemon hangs.
-      const callOpts = { timeoutMs: timeoutGiven(cmd) ? globals(cmd).timeoutMs! : 5000 };
-      const health = await Promise.all(
-        DAEMON_NAMES.map(async (d): Promise<ServiceState> => {
-          const r = await attempt(client(cmd, Health, d).check({ service: "" }, callOpts));
-          const addr = address(cmd, d);
-          if (r.ok) return { daemon: d, address: addr, status: r.value.status === HealthCheckResponse_ServingStatus.SERVING ? "serving" : "not-serving" };
-          return { daemon: d, address: addr, status: r.unavailable ? "unreachable" : "error", error: r.error };
-        }),
+    .addHelpText("after", STATUS_MODES_HELP)
+    .option("--all-hosts", "one row per registered hypervisor (netagent ListHosts): its daemons' health and last apply")
+    .option("--watch", "redraw when the state changes, until Ctrl-C (-o json: one line per change); see below")
+    .addOption(new Option("--interval <seconds>", "with --watch: also re-check this often, 1–3600").argParser(integer(1, 3600)).default(5))
+    .action((o: StatusModes, cmd: Command) => statusModes(cmd, o, () => hostStatus(cmd)));
+}
+
+/** One hypervisor's status, printed; throws ExitCode unless healthy. */
+async function hostStatus(cmd: Command): Promise<void> {
+  // A status check should answer fast even when a daemon hangs.
+  const callOpts = { timeoutMs: timeoutGiven(cmd) ? globals(cmd).timeoutMs! : 5000 };
+  const health = await Promise.all(
+    DAEMON_NAMES.map(async (d): Promise<ServiceState> => {
+      const r = await attempt(client(cmd, Health, d).check({ service: "" }, callOpts));
+      const addr = address(cmd, d);
+      if (r.ok) return { daemon: d, address: addr, status: r.value.status === HealthCheckResponse_ServingStatus.SERVING ? "serving" : "not-serving" };
+      return { daemon: d, address: addr, status: r.unavailable ? "unreachable" : "error", error: r.error };
+    }),
+  );
+  const up = (d: Daemon) => health.find((h) => h.daemon === d)!.status === "serving";
+  const skip = <T>(d: Daemon, p: () => Promise<T>): Promise<Outcome<T> | undefined> => (up(d) ? attempt(p()) : Promise.resolve(undefined));
+
+  const na = client(cmd, NetAgentService);
+  const gw = client(cmd, GatewayService);
+  const [host, nics, overlay, fw, nats, fips, vms, gws] = await Promise.all([
+    skip("netagent", () => na.getHostStatus({}, callOpts)),
+    skip("netagent", () =>
+      collect(undefined, async (pageSize, pageToken) => {
+        const r = await na.listNics({ pageSize, pageToken }, callOpts);
+        return { items: r.nics, next: r.nextPageToken };
+      })),
+    skip("netagent", () => na.getOverlayStatus({}, callOpts)),
+    skip("firewall", () => client(cmd, FirewallService).getFirewallStatus({ pageSize: 1 }, callOpts)),
+    skip("gateway", () =>
+      collect(undefined, async (pageSize, pageToken) => {
+        const r = await gw.listNatGateways({ pageSize, pageToken }, callOpts);
+        return { items: r.natGateways, next: r.nextPageToken };
+      })),
+    skip("gateway", async () => {
+      let pool: string[] = [];
+      let poolFree = 0;
+      const all = await collect(undefined, async (pageSize, pageToken) => {
+        const r = await gw.listFloatingIps({ pageSize, pageToken }, callOpts);
+        pool = r.pool;
+        poolFree = r.poolFree;
+        return { items: r.floatingIps, next: r.nextPageToken };
+      });
+      return { count: all.items.length, associated: all.items.filter((f) => f.privateAddress).length, pool, poolFree };
+    }),
+    skip("vmm", () =>
+      collect(undefined, async (pageSize, pageToken) => {
+        const r = await client(cmd, VmService).listVms({ pageSize, pageToken }, callOpts);
+        return { items: r.vms, next: r.nextPageToken };
+      })),
+    skip("gateway", () => gw.getGatewayStatus({}, callOpts)),
+  ]);
+
+  // What is wrong, and how wrong: unreachable beats degraded.
+  const problems: string[] = [];
+  let code: number = EXIT.ok;
+  for (const h of health) {
+    if (h.status !== "serving") {
+      problems.push(`${h.daemon} at ${h.address}: ${h.status}${h.error ? ` (${h.error})` : ""}`);
+      code = EXIT.unavailable;
+    }
+  }
+  const degrade = (what: string) => {
+    problems.push(what);
+    if (code === EXIT.ok) code = EXIT.error;
+  };
+  const failed = (name: string, r: Outcome<unknown> | undefined, optional = false) => {
+    if (r && !r.ok && !(optional && r.unimplemented)) degrade(`${name}: ${r.error}`);
+  };
+  failed("netagent GetHostStatus", host);
+  failed("netagent ListNics", nics);
+  failed("netagent GetOverlayStatus", overlay, true);
+  failed("firewall GetFirewallStatus", fw);
+  failed("gateway ListNatGateways", nats);
+  failed("gateway ListFloatingIps", fips);
+  failed("vmm ListVms", vms, true);
+  failed("gateway GetGatewayStatus", gws, true);
+  const hs = host?.ok ? host.value : undefined;
+  if (hs && hs.invalidRecords.length) degrade(`netagent: ${hs.invalidRecords.length} invalid record(s) in Redis skipped (see "invalid records")`);
+  if (hs && hs.health !== HostHealth.HEALTHY)
+    degrade(`netagent: ${enumLabel(HostHealthSchema, hs.health)}${hs.errors[0] ? `: ${hs.errors[0].operation}: ${hs.errors[0].message}` : ""}`);
+  const gs = gws?.ok ? gws.value : undefined;
+  if (gs && gs.invalidRecordCount) degrade(`gateway: ${gs.invalidRecordCount} invalid record(s) in Redis skipped (see "skipped")`);
+  const fs = fw?.ok ? fw.value : undefined;
+  if (fs && fs.health !== FirewallHealth.HEALTHY) degrade(`firewall: degraded${fs.lastError ? `: ${fs.lastError}` : ""}`);
+
+  const unavailableText = (r: Outcome<unknown> | undefined, d: Daemon) =>
+    r === undefined
+      ? "skipped (the daemon is not serving)"
+      : !r.ok && r.unimplemented
+        ? `not available (microvpcd ${d} at ${address(cmd, d)} does not offer it yet)`
+        : !r.ok
+          ? r.error
+          : "";
+
+  emitValue(
+    cmd,
+    () => ({
+      healthy: code === EXIT.ok,
+      problems,
+      hostId: hs?.hostId ?? fs?.hostId ?? "",
+      services: health,
+      netagent: hs ? msgJson(GetHostStatusResponseSchema, hs) : null,
+      nics: nics?.ok ? nics.value.items.map((n) => msgJson(NicSchema, n)) : null,
+      firewall: fs ? msgJson(GetFirewallStatusResponseSchema, fs) : null,
+      gateway:
+        nats?.ok && fips?.ok
+          ? {
+              natGateways: nats.value.items.length,
+              floatingIps: fips.value.count,
+              associated: fips.value.associated,
+              pool: fips.value.pool,
+              poolFree: fips.value.poolFree,
+              status: gs ? msgJson(GetGatewayStatusResponseSchema, gs) : null,
+            }
+          : null,
+      overlay: overlay?.ok
+        ? { available: true, ...(msgJson(GetOverlayStatusResponseSchema, overlay.value) as object) }
+        : { available: false, reason: unavailableText(overlay, "netagent") },
+      vms: vms?.ok
+        ? { available: true, count: vms.value.items.length, running: vms.value.items.filter((v) => enumLabel(VmStateSchema, v.state) === "running").length }
+        : { available: false, reason: unavailableText(vms, "vmm") },
+    }),
+    () => {
+      const out: string[] = [];
+      const hostId = hs?.hostId ?? fs?.hostId;
+      if (hostId) out.push(`host ${hostId}`);
+      out.push(
+        table(
+          ["DAEMON", "ADDRESS", "STATUS"],
+          health.map((h) => [h.daemon, h.address, h.status + (h.error ? `: ${h.error}` : "")]),
+        ),
       );
-      const up = (d: Daemon) => health.find((h) => h.daemon === d)!.status === "serving";
-      const skip = <T>(d: Daemon, p: () => Promise<T>): Promise<Outcome<T> | undefined> => (up(d) ? attempt(p()) : Promise.resolve(undefined));
-
-      const na = client(cmd, NetAgentService);
-      const gw = client(cmd, GatewayService);
-      const [host, nics, overlay, fw, nats, fips, vms, gws] = await Promise.all([
-        skip("netagent", () => na.getHostStatus({}, callOpts)),
-        skip("netagent", () =>
-          collect(undefined, async (pageSize, pageToken) => {
-            const r = await na.listNics({ pageSize, pageToken }, callOpts);
-            return { items: r.nics, next: r.nextPageToken };
-          })),
-        skip("netagent", () => na.getOverlayStatus({}, callOpts)),
-        skip("firewall", () => client(cmd, FirewallService).getFirewallStatus({ pageSize: 1 }, callOpts)),
-        skip("gateway", () =>
-          collect(undefined, async (pageSize, pageToken) => {
-            const r = await gw.listNatGateways({ pageSize, pageToken }, callOpts);
-            return { items: r.natGateways, next: r.nextPageToken };
-          })),
-        skip("gateway", async () => {
-          let pool: string[] = [];
-          let poolFree = 0;
-          const all = await collect(undefined, async (pageSize, pageToken) => {
-            const r = await gw.listFloatingIps({ pageSize, pageToken }, callOpts);
-            pool = r.pool;
-            poolFree = r.poolFree;
-            return { items: r.floatingIps, next: r.nextPageToken };
-          });
-          return { count: all.items.length, associated: all.items.filter((f) => f.privateAddress).length, pool, poolFree };
-        }),
-        skip("vmm", () =>
-          collect(undefined, async (pageSize, pageToken) => {
-            const r = await client(cmd, VmService).listVms({ pageSize, pageToken }, callOpts);
-            return { items: r.vms, next: r.nextPageToken };
-          })),
-        skip("gateway", () => gw.getGatewayStatus({}, callOpts)),
-      ]);
-
-      // What is wrong, and how wrong: unreachable beats degraded.
-      const problems: string[] = [];
-      let code: number = EXIT.ok;
-      for (const h of health) {
-        if (h.status !== "serving") {
-          problems.push(`${h.daemon} at ${h.address}: ${h.status}${h.error ? ` (${h.error})` : ""}`);
-          code = EXIT.unavailable;
-        }
-      }
-      const degrade = (what: string) => {
-        problems.push(what);
-        if (code === EXIT.ok) code = EXIT.error;
-      };
-      const failed = (name: string, r: Outcome<unknown> | undefined, optional = false) => {
-        if (r && !r.ok && !(optional && r.unimplemented)) degrade(`${name}: ${r.error}`);
-      };
-      failed("netagent GetHostStatus", host);
-      failed("netagent ListNics", nics);
-      failed("netagent GetOverlayStatus", overlay, true);
-      failed("firewall GetFirewallStatus", fw);
-      failed("gateway ListNatGateways", nats);
-      failed("gateway ListFloatingIps", fips);
-      failed("vmm ListVms", vms, true);
-      failed("gateway GetGatewayStatus", gws, true);
-      const hs = host?.ok ? host.value : undefined;
-      if (hs && hs.invalidRecords.length) degrade(`netagent: ${hs.invalidRecords.length} invalid record(s) in Redis skipped (see "invalid records")`);
-      if (hs && hs.health !== HostHealth.HEALTHY)
-        degrade(`netagent: ${enumLabel(HostHealthSchema, hs.health)}${hs.errors[0] ? `: ${hs.errors[0].operation}: ${hs.errors[0].message}` : ""}`);
-      const gs = gws?.ok ? gws.value : undefined;
-      if (gs && gs.invalidRecordCount) degrade(`gateway: ${gs.invalidRecordCount} invalid record(s) in Redis skipped (see "skipped")`);
-      const fs = fw?.ok ? fw.value : undefined;
-      if (fs && fs.health !== FirewallHealth.HEALTHY) degrade(`firewall: degraded${fs.lastError ? `: ${fs.lastError}` : ""}`);
-
-      const unavailableText = (r: Outcome<unknown> | undefined, d: Daemon) =>
-        r === undefined
-          ? "skipped (the daemon is not serving)"
-          : !r.ok && r.unimplemented
-            ? `not available (microvpcd ${d} at ${address(cmd, d)} does not offer it yet)`
-            : !r.ok
-              ? r.error
-              : "";
-
-      emitValue(
-        cmd,
-        () => ({
-          healthy: code === EXIT.ok,
-          problems,
-          hostId: hs?.hostId ?? fs?.hostId ?? "",
-          services: health,
-          netagent: hs ? msgJson(GetHostStatusResponseSchema, hs) : null,
-          nics: nics?.ok ? nics.value.items.map((n) => msgJson(NicSchema, n)) : null,
-          firewall: fs ? msgJson(GetFirewallStatusResponseSchema, fs) : null,
-          gateway:
-            nats?.ok && fips?.ok
-              ? {
-                  natGateways: nats.value.items.length,
-                  floatingIps: fips.value.count,
-                  associated: fips.value.associated,
-                  pool: fips.value.pool,
-                  poolFree: fips.value.poolFree,
-                  status: gs ? msgJson(GetGatewayStatusResponseSchema, gs) : null,
-                }
-              : null,
-          overlay: overlay?.ok
-            ? { available: true, ...(msgJson(GetOverlayStatusResponseSchema, overlay.value) as object) }
-            : { available: false, reason: unavailableText(overlay, "netagent") },
-          vms: vms?.ok
-            ? { available: true, count: vms.value.items.length, running: vms.value.items.filter((v) => enumLabel(VmStateSchema, v.state) === "running").length }
-            : { available: false, reason: unavailableText(vms, "vmm") },
-        }),
-        () => {
-          const out: string[] = [];
-          const hostId = hs?.hostId ?? fs?.hostId;
-          if (hostId) out.push(`host ${hostId}`);
-          out.push(
-            table(
-              ["DAEMON", "ADDRESS", "STATUS"],
-              health.map((h) => [h.daemon, h.address, h.status + (h.error ? `: ${h.error}` : "")]),
-            ),
-          );
-          out.push(netagentText(hs, host, nics, unavailableText));
-          out.push(firewallText(fs, fw, unavailableText));
-          out.push(
-            nats?.ok && fips?.ok
-              ? `gateway: ${nats.value.items.length} NAT gateway(s); ${fips.value.count} floating IP(s), ${fips.value.associated} associated; pool ${fips.value.pool.join(", ") || "(none)"}: ${fips.value.poolFree} free`
-              : `gateway: ${unavailableText(nats ?? fips, "gateway")}`,
-          );
-          if (gs) out.push(gatewayStatusText(gs));
-          out.push(overlayText(overlay, unavailableText));
-          out.push(vmsText(vms, unavailableText));
-          out.push(code === EXIT.ok ? "healthy" : `NOT healthy:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
-          return out.join("\n");
-        },
+      out.push(netagentText(hs, host, nics, unavailableText));
+      out.push(firewallText(fs, fw, unavailableText));
+      out.push(
+        nats?.ok && fips?.ok
+          ? `gateway: ${nats.value.items.length} NAT gateway(s); ${fips.value.count} floating IP(s), ${fips.value.associated} associated; pool ${fips.value.pool.join(", ") || "(none)"}: ${fips.value.poolFree} free`
+          : `gateway: ${unavailableText(nats ?? fips, "gateway")}`,
       );
-      if (code !== EXIT.ok) throw new ExitCode(code);
-    });
+      if (gs) out.push(gatewayStatusText(gs));
+      out.push(overlayText(overlay, unavailableText));
+      out.push(vmsText(vms, unavailableText));
+      out.push(code === EXIT.ok ? "healthy" : `NOT healthy:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
+      return out.join("\n");
+    },
+  );
+  if (code !== EXIT.ok) throw new ExitCode(code);
 }
 
 export type Why = (r: Outcome<unknown> | undefined, d: Daemon) => string;

@@ -30,10 +30,11 @@ import {
 import { client, globals, timeoutGiven } from "../lib/context.js";
 import { EXIT } from "../lib/errors.js";
 import { createName, dryRunOption, integer, labelOption, limitOption, listOption, nameOption, repeatableOption, vpcOption } from "../lib/options.js";
-import { dryRun, emit, emitList, enumLabel, labels, someDetails, table, time } from "../lib/output.js";
+import { dryRun, emit, emitList, enumLabel, labels, listTable, someDetails, table, time, type Column } from "../lib/output.js";
 import { collectSelected } from "../lib/paging.js";
 import { selectorFilter, selectorOption } from "../lib/selector.js";
 import { setActivity } from "../lib/progress.js";
+import { watchVm, watchVmList } from "./vm-watch.js";
 
 const KINDS: Record<string, VmKind> = { netns: VmKind.NETNS, qemu: VmKind.QEMU, firecracker: VmKind.FIRECRACKER };
 const STATES: Record<string, VmState> = {
@@ -56,7 +57,7 @@ function address(v: Vm): string {
   return g ? (g.prefixLength ? `${g.address}/${g.prefixLength}` : g.address) : "";
 }
 
-function vmDetails(v: Vm, extra: [string, string][] = []): string {
+export function vmDetails(v: Vm, extra: [string, string][] = []): string {
   const nic = v.nics[0];
   const g = nic?.guest;
   const rows: [string, string][] = [
@@ -133,6 +134,25 @@ function userData(cmd: Command, file: string | undefined): Uint8Array {
 function absPath(field: string, v: string): void {
   // eslint-disable-next-line no-control-regex -- control characters are what this refuses
   if (v !== "" && (!v.startsWith("/") || /[\u0000-\u001f]/.test(v))) throw new InvalidArgumentError(field, `${V.show(v)} must be an absolute path`);
+}
+
+const VM_COLUMNS: Column<Vm>[] = [
+  { head: "ID", get: (v) => v.id },
+  { head: "NAME", get: (v) => v.name },
+  { head: "VPC", get: (v) => v.vpcId },
+  { head: "SUBNET", get: (v) => v.subnetId },
+  { head: "KIND", get: (v) => enumLabel(VmKindSchema, v.kind) },
+  { head: "STATE", get: (v) => enumLabel(VmStateSchema, v.state) },
+  { head: "ADDRESS", get: (v) => address(v) },
+  { head: "PUBLIC", get: (v) => v.publicAddress },
+  { head: "HOST", get: (v) => v.hostId },
+  { head: "LABELS", get: (v) => labels(v.labels), wide: true },
+  { head: "CREATED", get: (v) => time(v.createTime), wide: true },
+];
+
+/** The VM list as `vm list` prints it (and `vm list --watch` redraws it); wide: with labels and creation time. */
+export function vmTable(items: Vm[], wide = false): string {
+  return listTable(VM_COLUMNS, items, wide);
 }
 
 const refVpcOption = () => vpcOption("; needed when REF is a name");
@@ -238,38 +258,23 @@ export function register(program: Command): void {
     .addOption(new Option("--state <state>", "only VMs in this state").choices(Object.keys(STATES)))
     .addOption(selectorOption())
     .addOption(limitOption())
+    .option("--watch", "keep the list on screen and redraw it when a VM changes (a WatchVms stream; -o json: one line per change); Ctrl-C stops")
     .action(async (o, cmd: Command) => {
+      if (o.watch) return watchVmList(cmd, { vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : undefined });
       const c = client(cmd, VmService);
       const { items, next } = await collectSelected(o.limit, selectorFilter<Vm>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listVms({ vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : VmState.UNSPECIFIED, pageSize, pageToken });
         return { items: r.vms, next: r.nextPageToken };
       });
-      emitList(
-        cmd,
-        ListVmsResponseSchema,
-        create(ListVmsResponseSchema, { vms: items, nextPageToken: next }),
-        items,
-        [
-          { head: "ID", get: (v) => v.id },
-          { head: "NAME", get: (v) => v.name },
-          { head: "VPC", get: (v) => v.vpcId },
-          { head: "SUBNET", get: (v) => v.subnetId },
-          { head: "KIND", get: (v) => enumLabel(VmKindSchema, v.kind) },
-          { head: "STATE", get: (v) => enumLabel(VmStateSchema, v.state) },
-          { head: "ADDRESS", get: (v) => address(v) },
-          { head: "PUBLIC", get: (v) => v.publicAddress },
-          { head: "HOST", get: (v) => v.hostId },
-          { head: "LABELS", get: (v) => labels(v.labels), wide: true },
-          { head: "CREATED", get: (v) => time(v.createTime), wide: true },
-        ],
-        (v) => `vm/${v.id}`,
-      );
+      emitList(cmd, ListVmsResponseSchema, create(ListVmsResponseSchema, { vms: items, nextPageToken: next }), items, VM_COLUMNS, (v) => `vm/${v.id}`);
     });
 
   vm.command("get <ref>")
     .description("show one VM with its network configuration (a name needs --vpc)")
     .addOption(refVpcOption())
+    .option("--watch", "keep the VM on screen and redraw it when it changes, until it is deleted (-o json: one line per change); Ctrl-C stops")
     .action(async (ref: string, o, cmd: Command) => {
+      if (o.watch) return watchVm(cmd, ref, o.vpc);
       const res = await client(cmd, VmService).getVm({ ref, vpc: o.vpc }, { timeoutMs: vmTimeout(cmd) });
       emit(cmd, GetVmResponseSchema, res, () => vmDetails(res.vm!));
     });

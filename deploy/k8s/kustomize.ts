@@ -7,6 +7,10 @@
 //   resources   files (multi-document YAML) and directories holding a
 //               kustomization.yaml; an id (apiVersion group, kind, namespace,
 //               name) may appear once
+//   components  directories holding a `kind: Component` kustomization
+//               (resources and patches only), applied as kustomize does:
+//               after the resources, to everything accumulated so far,
+//               before the kustomization's own patches
 //   patches     `- path: FILE` holding a strategic-merge patch that names its
 //               target by apiVersion/kind/metadata.name (no `target:`, no
 //               JSON 6902, no inline `patch:`)
@@ -14,14 +18,20 @@
 //   images      name → newName / newTag / digest, in containers and
 //               initContainers
 //
-// Strategic merge, as the API server and kustomize do it for the fields we
-// patch: maps merge recursively, `null` deletes a key, lists with a patch
-// merge key (containers, initContainers and imagePullSecrets by name, env by
-// name, volumes by name, volumeMounts by mountPath, container ports by
-// containerPort, Service ports by port, topologySpreadConstraints by
-// topologyKey) merge element by element (`$patch: delete` removes one), every
-// other list is replaced. Other `$patch`/`$setElementOrder`/`$retainKeys`
-// directives are refused.
+// Strategic merge, as kustomize (kyaml) does it for the fields we patch:
+// maps merge recursively, `null` deletes a key, lists with merge keys — the
+// API's x-kubernetes-list-map-keys, which kyaml uses: containers,
+// initContainers and imagePullSecrets by name, env by name, volumes by name,
+// volumeMounts by mountPath, container ports by containerPort+protocol,
+// Service ports by port+protocol, topologySpreadConstraints by
+// topologyKey+whenUnsatisfiable — merge element by element (`$patch: delete`
+// removes one), every other list is replaced. Order, as kyaml: the patch's
+// elements first, in the patch's order, then the base's other elements in
+// theirs. Other `$patch`/`$setElementOrder`/`$retainKeys` directives are
+// refused, and so is a patch element that leaves out a secondary key the
+// matching base element has (kyaml then drops the patch element silently).
+// test/unit/deploy-kustomize.test.ts compares every overlay with
+// `kubectl kustomize` where kubectl is installed.
 //
 // CLI: node --import tsx deploy/k8s/kustomize.ts deploy/k8s/overlays/dev
 import { existsSync, readFileSync, statSync } from "node:fs";
@@ -37,7 +47,9 @@ export interface K8sObject extends Obj {
   metadata: { name: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> } & Obj;
 }
 
-const SUPPORTED_KEYS = new Set(["apiVersion", "kind", "resources", "patches", "namespace", "images"]);
+const SUPPORTED_KEYS = new Set(["apiVersion", "kind", "resources", "components", "patches", "namespace", "images"]);
+/** What a Component may hold here. */
+const COMPONENT_KEYS = new Set(["apiVersion", "kind", "resources", "patches"]);
 const CLUSTER_SCOPED = new Set([
   "Namespace",
   "ClusterRole",
@@ -73,24 +85,27 @@ export function parseYamlDocs(text: string, file: string): K8sObject[] {
   return out;
 }
 
-function readKustomization(dir: string): Obj {
+function readKustomization(dir: string, kind: "Kustomization" | "Component" = "Kustomization"): Obj {
   const file = join(dir, "kustomization.yaml");
   if (!existsSync(file)) throw new Error(`${dir}: no kustomization.yaml`);
   const docs = parseAllDocuments(readFileSync(file, "utf8"), { version: "1.1" });
   if (docs.length !== 1 || docs[0].errors.length) throw new Error(`${file}: one YAML document expected`);
   const k = docs[0].toJS() as Obj;
+  const keys = kind === "Component" ? COMPONENT_KEYS : SUPPORTED_KEYS;
   for (const key of Object.keys(k))
-    if (!SUPPORTED_KEYS.has(key)) throw new Error(`${file}: '${key}' is not implemented by this kustomize subset (deploy/k8s/kustomize.ts)`);
-  if (k.kind !== "Kustomization") throw new Error(`${file}: kind must be Kustomization`);
+    if (!keys.has(key)) throw new Error(`${file}: '${key}' is not implemented by this kustomize subset (deploy/k8s/kustomize.ts)`);
+  if (k.kind !== kind) throw new Error(`${file}: kind must be ${kind}`);
   return k;
 }
 
 /** Renders the kustomization in `dir`, like `kubectl kustomize dir`. */
 export function build(dir: string): K8sObject[] {
-  dir = resolve(dir);
-  const k = readKustomization(dir);
-  let objects: K8sObject[] = [];
-  const seen = new Map<string, string>();
+  return accumulate(resolve(dir), "Kustomization", [], new Map());
+}
+
+/** Adds dir's resources to objects, applies its components and patches (then, for a Kustomization, namespace and images). */
+function accumulate(dir: string, kind: "Kustomization" | "Component", objects: K8sObject[], seen: Map<string, string>): K8sObject[] {
+  const k = readKustomization(dir, kind);
   for (const r of (k.resources ?? []) as unknown[]) {
     if (typeof r !== "string") throw new Error(`${dir}: resources entries must be paths`);
     const p = join(dir, r);
@@ -101,6 +116,10 @@ export function build(dir: string): K8sObject[] {
       seen.set(id, r);
       objects.push(o);
     }
+  }
+  for (const c of (k.components ?? []) as unknown[]) {
+    if (typeof c !== "string") throw new Error(`${dir}: components entries must be paths`);
+    objects = accumulate(join(dir, c), "Component", objects, seen);
   }
   for (const p of (k.patches ?? []) as unknown[]) {
     if (!isObj(p) || typeof p.path !== "string" || Object.keys(p).length !== 1) {
@@ -166,8 +185,8 @@ function setImages(v: unknown, img: Obj): unknown {
   return out;
 }
 
-/** The merge key of a list field, or undefined for lists that are replaced. */
-function mergeKey(field: string, items: unknown[]): string | undefined {
+/** The merge keys of a list field (the first one required), or undefined for lists that are replaced. */
+function mergeKeys(field: string, items: unknown[]): string[] | undefined {
   switch (field) {
     case "containers":
     case "initContainers":
@@ -175,14 +194,14 @@ function mergeKey(field: string, items: unknown[]): string | undefined {
     case "imagePullSecrets":
     case "env":
     case "volumes":
-      return "name";
+      return ["name"];
     case "volumeMounts":
-      return "mountPath";
+      return ["mountPath"];
     case "topologySpreadConstraints":
-      return "topologyKey";
+      return ["topologyKey", "whenUnsatisfiable"];
     case "ports":
-      // Container ports merge by containerPort, Service ports by port.
-      return items.some((x) => isObj(x) && "containerPort" in x) ? "containerPort" : "port";
+      // Container ports merge by containerPort+protocol, Service ports by port+protocol.
+      return items.some((x) => isObj(x) && "containerPort" in x) ? ["containerPort", "protocol"] : ["port", "protocol"];
     default:
       return undefined;
   }
@@ -202,23 +221,32 @@ export function strategicMerge(base: unknown, patch: unknown, field: string): un
     return out;
   }
   if (Array.isArray(patch)) {
-    const key = mergeKey(field, [...(Array.isArray(base) ? base : []), ...patch]);
-    if (!key || !Array.isArray(base)) {
+    const keys = mergeKeys(field, [...(Array.isArray(base) ? base : []), ...patch]);
+    if (!keys || !Array.isArray(base)) {
       for (const x of patch) if (isObj(x) && "$patch" in x) throw new Error(`$patch in a list without a merge key (${field})`);
       return stripNulls(patch);
     }
-    const out = [...base];
+    const [key, ...secondary] = keys;
+    // kyaml's order: the patch's elements, then the base's others.
+    const out: unknown[] = [];
+    const used = new Set<number>();
     for (const item of patch) {
       if (!isObj(item) || !(key in item)) throw new Error(`${field}: every patch element needs its merge key '${key}'`);
-      const i = out.findIndex((b) => isObj(b) && b[key] === item[key]);
+      for (const k of secondary) {
+        if (!(k in item) && base.some((b) => isObj(b) && b[key] === item[key] && k in b))
+          throw new Error(`${field}: the patch element ${key}=${String(item[key])} must give '${k}' as the base does (kustomize merges by ${keys.join("+")})`);
+      }
+      const i = base.findIndex((b, j) => !used.has(j) && isObj(b) && keys.every((k) => b[k] === item[k]));
+      if (i >= 0) used.add(i);
       if (item.$patch !== undefined) {
         if (item.$patch !== "delete") throw new Error(`$patch: ${String(item.$patch)} is not implemented by this kustomize subset`);
-        if (i >= 0) out.splice(i, 1);
         continue;
       }
-      if (i >= 0) out[i] = strategicMerge(out[i], item, field);
-      else out.push(stripNulls(item));
+      out.push(i >= 0 ? strategicMerge(base[i], item, field) : stripNulls(item));
     }
+    base.forEach((b, j) => {
+      if (!used.has(j)) out.push(b);
+    });
     return out;
   }
   return patch;

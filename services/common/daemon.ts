@@ -1,13 +1,19 @@
 // What every `microvpcd <service>` shares: flags (each also an environment
-// variable), logging, Redis, metrics, the gRPC server, signal handling.
+// variable), logging (every line with the host id and the version; inside a
+// call, its request id: tracing.ts), tracing (OpenTelemetry over OTLP when an
+// endpoint is configured), Redis, metrics, the gRPC server, signal handling.
 import { readFileSync } from "node:fs";
 import { Command, Option } from "commander";
 import { pino, type Logger } from "pino";
 import type { Redis } from "ioredis";
-import { serveMetrics, setDefaultLabels } from "./metrics.js";
+import { ReadyChecks, redisReachable, SharedReadiness } from "./health.js";
+import { defaultHostId } from "./host.js";
+import { serveMetrics, setDefaultLabels, watchRedis } from "./metrics.js";
 import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./redis.js";
-import { versionLine } from "./version.js";
+import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
+import { logMixin, startTracing, stopTracing, tracingConfig } from "./tracing.js";
+import { BUILD, versionLine } from "./version.js";
 
 export interface CommonFlags {
   listen: string;
@@ -27,6 +33,7 @@ export interface CommonFlags {
   redisTlsKey?: string;
   logLevel: string;
   redisTimeoutMs: string;
+  otlpEndpoint?: string;
 }
 
 export interface ServiceContext {
@@ -41,7 +48,11 @@ export interface ServiceDefinition {
   defaultPort: number;
   /** Extra flags of this service. */
   options?: Option[];
-  build(ctx: ServiceContext): Promise<{ services: ServiceBinding[]; ready?: () => Promise<boolean>; close?: () => Promise<void> }>;
+  /**
+   * The service's bindings; `ready` its readiness conditions (default: its
+   * Redis answers PING), served by grpc.health.v1 and /readyz alike.
+   */
+  build(ctx: ServiceContext): Promise<{ services: ServiceBinding[]; ready?: ReadyChecks; close?: () => Promise<void> }>;
 }
 
 export function addServiceCommand(program: Command, def: ServiceDefinition): void {
@@ -101,15 +112,27 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
         "also serve grpc.health.v1 alone, in plaintext and without auth, on this address (for kubelet probes when the gRPC port wants TLS or a token)",
       ).env(env("HEALTH_LISTEN")),
     )
+    .addOption(
+      new Option(
+        "--otlp-endpoint <url>",
+        "export OpenTelemetry spans over OTLP/HTTP to this base URL (spans go to <url>/v1/traces; OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT work too); none: no tracing",
+      ).env(env("OTLP_ENDPOINT")),
+    )
     .addOption(new Option("--log-level <level>", "pino log level").env(env("LOG_LEVEL")).choices(["trace", "debug", "info", "warn", "error"]).default("info"));
   for (const o of def.options ?? []) cmd.addOption(o);
   cmd.action(async (flags: CommonFlags & Record<string, unknown>) => {
-    const logger = pino({ level: flags.logLevel, base: { service: def.name, pid: process.pid } });
+    // A daemon without --host-id (ipam) is on this machine: its default id.
+    const hostId = typeof flags.hostId === "string" ? flags.hostId : defaultHostId();
+    const logger = pino({
+      level: flags.logLevel,
+      base: { service: def.name, pid: process.pid, hostId, version: BUILD.version },
+      mixin: logMixin,
+    });
     // A secret on the command line is in /proc/<pid>/cmdline, readable by every user of the host.
     if (cmd.getOptionValueSource("token") === "cli")
       logger.warn("--token on the command line shows the token to every user of this host (ps); use --token-file");
     try {
-      await runService(def, flags, logger);
+      await runService(def, flags, logger, hostId);
     } catch (err) {
       logger.fatal({ err: (err as Error).message }, "cannot start");
       process.exit(1);
@@ -142,8 +165,10 @@ export function checkRedisUser(url: string, user: string | undefined, passwordFi
   if (urlHasUser(url)) throw new Error("--redis names a user and --redis-user gives one too: keep the user in --redis-user only");
 }
 
-async function runService(def: ServiceDefinition, flags: CommonFlags & Record<string, unknown>, logger: Logger): Promise<void> {
+async function runService(def: ServiceDefinition, flags: CommonFlags & Record<string, unknown>, logger: Logger, hostId: string): Promise<void> {
   const token = readToken(flags);
+  // A bad --otlp-endpoint is refused before anything starts.
+  tracingConfig(flags.otlpEndpoint);
   if ((flags.tlsCert && !flags.tlsKey) || (!flags.tlsCert && flags.tlsKey)) throw new Error("--tls-cert and --tls-key go together");
   // Before Redis or any service starts: a refused listener should change nothing.
   const refusal = listenerRefusal({
@@ -170,6 +195,8 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
   const m = parseListen(flags.metricsListen);
   if (!isLoopback(m.host)) logger.warn({ metrics: flags.metricsListen }, "metrics listener is not on loopback; it has no authentication");
   setDefaultLabels({ service: def.name });
+  // Before the services are built: the sync loops' first passes are spans too.
+  if (await startTracing({ service: def.name, hostId, endpoint: flags.otlpEndpoint })) logger.info("tracing: exporting spans over OTLP/HTTP");
   const redis = connectRedis({
     url: flags.redis,
     commandTimeoutMs: Number(flags.redisTimeoutMs),
@@ -177,8 +204,11 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     ...(flags.redisUser ? { username: flags.redisUser } : {}),
     ...redisSecrets,
   });
+  watchRedis(redis);
   const built = await def.build({ flags, logger, redis });
-  const ready = built.ready ?? (async () => (await redis.ping()) === "PONG");
+  // One answer for grpc.health.v1 (both listeners) and /readyz.
+  const checks = built.ready ?? new ReadyChecks([redisReachable(redis)]);
+  const ready = new SharedReadiness(checks.check);
   const server: RunningServer = await startGrpcServer({
     listen: flags.listen,
     services: built.services,
@@ -191,7 +221,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     healthListen: flags.healthListen,
     insecurePlaintext: !!flags.insecurePlaintext,
   });
-  const metrics = await serveMetrics(m.host, m.port);
+  const metrics = await serveMetrics(m.host, m.port, { get: () => ready.get(), problems: () => checks.problems() });
   logger.info(
     {
       listen: `${server.host}:${server.port}`,
@@ -202,14 +232,19 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     },
     `${def.name} serving`,
   );
+  // Under systemd (Type=notify): READY=1 once the readiness check first passes.
+  const notifying = new AbortController();
+  void notifyReadyWhen(() => ready.get(), { signal: notifying.signal, logger });
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
+    notifying.abort();
     logger.info({ signal }, "shutting down");
     await server.close();
     metrics.close();
     await built.close?.();
+    await stopTracing().catch((err: unknown) => logger.warn({ err: (err as Error).message }, "cannot export the last spans"));
     redis.disconnect();
     process.exit(0);
   };

@@ -49,6 +49,9 @@ type ServerCall = grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerReadableSt
  */
 export type CallObserver = (ctx: CallContext) => (err: ConnectError | undefined) => void;
 
+type Runner = <T>(fn: () => T) => T;
+const direct: Runner = (fn) => fn();
+
 const cancelledError = () => new ConnectError("the client cancelled the call", Code.Canceled);
 
 /**
@@ -69,6 +72,8 @@ export class CallContext implements HandlerContext {
   private extra?: [string, string][];
   private readonly deadlineAt: number;
   private cancelled = false;
+  /** Set by the observer: runs the handler (inside the call's request-id and trace scope, tracing.ts). */
+  scope?: Runner;
   private readonly onCancel = () => {
     this.cancelled = true;
     this.ac?.abort(cancelledError());
@@ -220,7 +225,7 @@ export function grpcService(
         done?.(call.cancelled && !err ? cancelledError() : err);
         ctx.finish();
       };
-      return { ctx, refused, end };
+      return { ctx, refused, end, run: ctx.scope ?? direct };
     };
     const sendHeader = (call: ServerCall, ctx: CallContext) => {
       call.sendMetadata(ctx.responseMetadata());
@@ -228,10 +233,10 @@ export function grpcService(
 
     if (!clientStreams && !serverStreams) {
       handlers[method.name] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
-        const { ctx, refused, end } = begin(call);
+        const { ctx, refused, end, run } = begin(call);
         if (refused) return callback(toStatus(refused, ctx.responseTrailer));
         Promise.resolve()
-          .then(() => fn.call(impl, call.request, ctx))
+          .then(() => run(() => fn.call(impl, call.request, ctx)))
           .then(
             (res) => {
               end(undefined);
@@ -253,10 +258,10 @@ export function grpcService(
 
     if (!serverStreams) {
       handlers[method.name] = (call: grpc.ServerReadableStream<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
-        const { ctx, refused, end } = begin(call);
+        const { ctx, refused, end, run } = begin(call);
         if (refused) return callback(toStatus(refused, ctx.responseTrailer));
         Promise.resolve()
-          .then(() => fn.call(impl, input(call), ctx))
+          .then(() => run(() => fn.call(impl, input(call), ctx)))
           .then(
             (res) => {
               end(undefined);
@@ -275,12 +280,12 @@ export function grpcService(
     }
 
     handlers[method.name] = (call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>) => {
-      const { ctx, refused, end } = begin(call);
+      const { ctx, refused, end, run } = begin(call);
       if (refused) {
         call.emit("error", toStatus(refused, ctx.responseTrailer));
         return;
       }
-      void (async () => {
+      void run(async () => {
         let headerSent = false;
         try {
           const out = fn.call(impl, input(call), ctx) as AsyncIterable<unknown>;
@@ -313,7 +318,7 @@ export function grpcService(
           if (!headerSent) sendHeader(call, ctx);
           call.emit("error", toStatus(err, ctx.responseTrailer));
         }
-      })();
+      });
     };
   }
   return { definition: definition as grpc.ServiceDefinition, handlers };
@@ -329,6 +334,8 @@ export interface GrpcJsTransportOptions {
   /** Over https://: the CA to trust (default: the system's), and a client certificate for mutual TLS. */
   tls?: { ca?: Buffer; cert?: Buffer; key?: Buffer };
   channelOptions?: grpc.ChannelOptions;
+  /** Adds headers to every call as it is made (the request id and trace context of the call being served: tracing.ts). */
+  outgoing?: (h: Headers) => void;
 }
 
 function toConnectErrorFromGrpc(e: unknown): ConnectError {
@@ -364,6 +371,7 @@ export function grpcJsTransport(o: GrpcJsTransportOptions): Transport & { close(
   const prepare = (signal: AbortSignal | undefined, timeoutMs: number | undefined, header: HeadersInit | undefined) => {
     const h = new Headers(header);
     for (const [k, v] of Object.entries(o.header ?? {})) if (!h.has(k)) h.set(k, v);
+    o.outgoing?.(h);
     const ms = timeoutMs ?? defaultTimeout;
     const options: grpc.CallOptions = ms > 0 ? { deadline: Date.now() + ms } : {};
     if (signal?.aborted) throw new ConnectError("the call was aborted", Code.Canceled);

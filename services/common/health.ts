@@ -11,7 +11,9 @@
 // someone must keep setting (setStatus), so readiness would be probed on a
 // timer whether anyone asks or not, and its Watch has no shared probe.
 import { Code, ConnectError } from "@connectrpc/connect";
+import type { Redis } from "ioredis";
 import { route, type ServiceBinding } from "./grpc-adapter.js";
+import { reconcileDuration, reconcileErrors, reconcileLastSuccess } from "./metrics.js";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
 
 export type ReadyCheck = () => Promise<boolean>;
@@ -121,6 +123,120 @@ export class SharedReadiness {
   get watching(): number {
     return this.waiters.size;
   }
+}
+
+/**
+ * One readiness condition: undefined when it holds, else why not (for
+ * /readyz and the log). A check that throws counts as not ready, with its
+ * message.
+ */
+export type ReadyCondition = () => Promise<string | undefined> | string | undefined;
+
+/** A daemon's readiness: every condition holds. Remembers the last answer's reasons for /readyz. */
+export class ReadyChecks {
+  private last: string[] = [];
+
+  constructor(private readonly conditions: ReadyCondition[]) {}
+
+  /** The ReadyCheck SharedReadiness probes. */
+  readonly check = async (): Promise<boolean> => {
+    const got = await Promise.all(
+      this.conditions.map(async (c) => {
+        try {
+          return await c();
+        } catch (err) {
+          return (err as Error).message;
+        }
+      }),
+    );
+    this.last = got.filter((p): p is string => !!p);
+    return this.last.length === 0;
+  };
+
+  /** Why the last answer was "not ready" (empty if it was ready). */
+  problems(): string[] {
+    return this.last;
+  }
+}
+
+/** The condition of ipam, vmm and every other daemon: its own Redis connection answers PING. */
+export function redisReachable(redis: Pick<Redis, "ping">): ReadyCondition {
+  return async () => {
+    const pong = await redis.ping().catch((err: Error) => `Redis: ${err.message}`);
+    return pong === "PONG" ? undefined : `Redis does not answer PING (${pong})`;
+  };
+}
+
+/**
+ * How many reconcile periods may pass without a successful whole pass before
+ * a reconciling daemon says it is not ready. 3: one slow or failed periodic
+ * pass (a Redis fail-over, a busy host) is not an outage, and a failed pass
+ * is retried within a second anyway; but a reconciler that has not converged
+ * for three periods (90 s for the firewall and gateway, 30 s for the
+ * netagent, at the default intervals) is stuck, and its host should leave
+ * the rotation and page someone. --ready-stale-periods changes it.
+ */
+export const READY_STALE_PERIODS = 3;
+
+/**
+ * What readiness and the reconcile metrics know of one reconciler: when its
+ * first whole pass succeeded, when the last one did, and its last error.
+ */
+export class ReconcileHealth {
+  /** Unix ms of the last whole pass without an error; undefined until the first. */
+  lastSuccessMs: number | undefined;
+  lastError = "";
+  /** Passes in a row that ended with an error. */
+  failuresInRow = 0;
+
+  constructor(
+    readonly name: string,
+    /** The reconciler's period (its drift or reconcile interval), ms. */
+    public periodMs: number,
+    public stalePeriods = READY_STALE_PERIODS,
+  ) {
+    // The series exist from the start: an alert on "never succeeded" needs a 0, not an absent series.
+    reconcileLastSuccess.set({ reconciler: name }, 0);
+    reconcileErrors.inc({ reconciler: name }, 0);
+  }
+
+  /** One pass ended: `whole` if it covered everything, `error` ("" or undefined: none). */
+  observe(p: { whole: boolean; seconds: number; error?: string }): void {
+    reconcileDuration.observe({ reconciler: this.name }, p.seconds);
+    const wasReady = this.problem() === undefined;
+    if (p.error) {
+      reconcileErrors.inc({ reconciler: this.name });
+      this.lastError = p.error;
+      this.failuresInRow++;
+    } else if (p.whole) {
+      this.lastSuccessMs = Date.now();
+      this.lastError = "";
+      this.failuresInRow = 0;
+      reconcileLastSuccess.set({ reconciler: this.name }, this.lastSuccessMs / 1000);
+    }
+    if (wasReady !== (this.problem() === undefined)) readinessChanged();
+  }
+
+  /** Undefined when ready: the first whole pass succeeded and the last one is younger than stalePeriods × periodMs. */
+  problem(now = Date.now()): string | undefined {
+    const err = this.lastError ? ` (last error: ${this.lastError.slice(0, 300)})` : "";
+    if (this.lastSuccessMs === undefined) return `${this.name}: no whole reconcile pass has succeeded yet${err}`;
+    const age = now - this.lastSuccessMs;
+    const limit = this.stalePeriods * this.periodMs;
+    if (age >= limit)
+      return `${this.name}: last successful reconcile ${(age / 1000).toFixed(1)} s ago, more than ${this.stalePeriods} periods of ${this.periodMs} ms${err}`;
+    return undefined;
+  }
+
+  /** As a ReadyCondition. */
+  readonly condition: ReadyCondition = () => this.problem();
+}
+
+/** Parses --ready-stale-periods. */
+export function parseStalePeriods(text: unknown): number {
+  const n = Number(text);
+  if (!/^[0-9]{1,3}$/.test(String(text)) || n < 1 || n > 100) throw new Error(`--ready-stale-periods ${JSON.stringify(text)}: use 1–100`);
+  return n;
 }
 
 /** grpc.health.v1 for these services, answering from one shared readiness. */

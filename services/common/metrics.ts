@@ -2,7 +2,9 @@
 // timed by the interceptor in server.ts; services add their own counters to
 // the same registry.
 import { createServer, type Server } from "node:http";
-import { collectDefaultMetrics, Counter, Histogram, Registry } from "prom-client";
+import type { Redis } from "ioredis";
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
+import { BUILD } from "./version.js";
 
 export const metricsRegistry = new Registry();
 // The process and Node.js metrics under their standard names
@@ -44,21 +46,113 @@ export const execDuration = new Histogram({
   registers: [metricsRegistry],
 });
 
+// What every operator dashboard starts from: which build runs where.
+export const buildInfo = new Gauge({
+  name: "microvpc_build_info",
+  help: "Always 1; the labels say which build this daemon runs: package version, git commit, Node.js version.",
+  labelNames: ["version", "commit", "node"] as const,
+  registers: [metricsRegistry],
+});
+buildInfo.set({ version: BUILD.version, commit: BUILD.commit, node: BUILD.node }, 1);
+
+// Per reconciler (netagent, firewall, gateway, overlay): one label value
+// each, so these stay a handful of series per daemon.
+export const reconcileLastSuccess = new Gauge({
+  name: "microvpc_reconcile_last_success_timestamp_seconds",
+  help: "Unix time of the reconciler's last whole pass that applied everything without an error (0: none yet since start).",
+  labelNames: ["reconciler"] as const,
+  registers: [metricsRegistry],
+});
+
+export const reconcileErrors = new Counter({
+  name: "microvpc_reconcile_errors_total",
+  help: "Reconcile passes (whole or targeted) that ended with an error for any part of what they covered.",
+  labelNames: ["reconciler"] as const,
+  registers: [metricsRegistry],
+});
+
+export const reconcileDuration = new Histogram({
+  name: "microvpc_reconcile_duration_seconds",
+  help: "Wall time of one reconcile pass (whole or targeted, failed or not).",
+  labelNames: ["reconciler"] as const,
+  buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+  registers: [metricsRegistry],
+});
+
+/** How long a Redis reachability answer is reused: a scrape storm is not a PING storm. */
+export const REDIS_UP_CACHE_MS = 1000;
+
+/**
+ * microvpc_redis_up from this daemon's own connection: 1 when the client is
+ * connected and answers a PING (at most one PING per REDIS_UP_CACHE_MS, with
+ * the connection's own command timeout), else 0.
+ */
+export function watchRedis(redis: Pick<Redis, "status" | "ping">): void {
+  let at = 0;
+  let value = 0;
+  let inflight: Promise<number> | undefined;
+  const probe = async (): Promise<number> => {
+    if (redis.status !== "ready") return 0;
+    try {
+      return (await redis.ping()) === "PONG" ? 1 : 0;
+    } catch {
+      return 0;
+    }
+  };
+  metricsRegistry.removeSingleMetric("microvpc_redis_up");
+  new Gauge({
+    name: "microvpc_redis_up",
+    help: "1 if this daemon's Redis connection is up and answered a PING at the last scrape (reused for 1 s), else 0.",
+    registers: [metricsRegistry],
+    async collect() {
+      if (Date.now() - at >= REDIS_UP_CACHE_MS) {
+        inflight ??= probe().finally(() => (inflight = undefined));
+        value = await inflight;
+        at = Date.now();
+      }
+      this.set(value);
+    },
+  });
+}
+
 export function setDefaultLabels(labels: Record<string, string>): void {
   metricsRegistry.setDefaultLabels(labels);
 }
 
-/** Serves GET /metrics (and /healthz) on its own listener. */
-export async function serveMetrics(host: string, port: number): Promise<Server> {
+/** What /readyz answers from: the daemon's shared readiness, and why it is not ready. */
+export interface ReadyzSource {
+  get(): Promise<boolean>;
+  /** The reasons of the last not-ready answer (empty when ready or unknown). */
+  problems?(): string[];
+}
+
+/**
+ * Serves GET /metrics, /healthz (liveness: the process answers) and /readyz
+ * (readiness: the same answer as grpc.health.v1, 503 with the reasons when
+ * not ready) on their own listener.
+ */
+export async function serveMetrics(host: string, port: number, readiness?: ReadyzSource): Promise<Server> {
   const server = createServer(async (req, res) => {
-    if (req.url === "/metrics") {
-      res.setHeader("content-type", metricsRegistry.contentType);
-      res.end(await metricsRegistry.metrics());
-    } else if (req.url === "/healthz") {
+    const path = (req.url ?? "").split("?")[0];
+    if (path === "/metrics") {
+      try {
+        const body = await metricsRegistry.metrics();
+        res.setHeader("content-type", metricsRegistry.contentType);
+        res.end(body);
+      } catch (err) {
+        res.statusCode = 500;
+        res.end(`cannot collect metrics: ${(err as Error).message}\n`);
+      }
+    } else if (path === "/healthz") {
       res.end("ok\n");
+    } else if (path === "/readyz" && readiness) {
+      const ok = await readiness.get().catch(() => false);
+      res.statusCode = ok ? 200 : 503;
+      res.setHeader("content-type", "text/plain; charset=utf-8");
+      res.end(ok ? "ok\n" : `not ready\n${(readiness.problems?.() ?? []).map((p) => `- ${p}\n`).join("")}`);
     } else {
       res.statusCode = 404;
-      res.end("not found: try /metrics\n");
+      res.end("not found: try /metrics, /healthz or /readyz\n");
     }
   });
   await new Promise<void>((resolve, reject) => {

@@ -2,11 +2,11 @@
 // @grpc/grpc-js (grpc-adapter.ts turns our protobuf-es services into its
 // handlers): HTTP/2 (h2c on loopback, TLS elsewhere), the gRPC protocol only
 // (connect's HTTP/1.1 JSON protocol is no longer served), reflection, health,
-// a request id on every call, RPC metrics, one error mapping, optional
-// bearer-token auth and mutual TLS, and optionally grpc.health.v1 alone on
-// its own plaintext listener (for kubelet probes while the gRPC port wants
-// TLS and credentials).
-import { randomUUID, timingSafeEqual } from "node:crypto";
+// a request id and a trace on every call (tracing.ts), RPC metrics, one
+// error mapping, optional bearer-token auth and mutual TLS, and optionally
+// grpc.health.v1 alone on its own plaintext listener (for kubelet probes
+// while the gRPC port wants TLS and credentials).
+import { timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { isIP } from "node:net";
 import { Code, ConnectError } from "@connectrpc/connect";
@@ -19,6 +19,7 @@ import { isLoopback } from "./client.js";
 import { healthService, SharedReadiness, type ReadyCheck } from "./health.js";
 import { rpcDuration, rpcRequests } from "./metrics.js";
 import { reflectionServices } from "./reflection.js";
+import { serverCall } from "./tracing.js";
 import { buildHeader } from "./version.js";
 
 export type { ServiceBinding } from "./grpc-adapter.js";
@@ -27,7 +28,8 @@ export interface GrpcServerOptions {
   listen: string;
   services: ServiceBinding[];
   logger: Logger;
-  ready: ReadyCheck;
+  /** The readiness check, or one SharedReadiness the caller shares with /readyz. */
+  ready: ReadyCheck | SharedReadiness;
   tlsCert?: string;
   tlsKey?: string;
   /** CA (PEM file) that must have signed every client's certificate: mutual TLS. */
@@ -195,9 +197,11 @@ function countCall(service: string, method: string, code: string, seconds: numbe
 
 /**
  * Around every call: its request id (the caller's x-request-id, cleaned, or a
- * new one; sent back as a response header, and in the trailers of an error),
- * the bearer token (health excepted), the RPC metrics and the log line of a
- * failure.
+ * new one; sent back as a response header, and in the trailers of an error)
+ * and its trace (the caller's traceparent continued, or a new trace; a span
+ * when tracing is on), the scope the handler runs in (tracing.ts: calls it
+ * makes carry both, and so do the lines it logs), the bearer token (health
+ * excepted), the RPC metrics and the log line of a failure.
  */
 function observer(logger: Logger, token: string | undefined): CallObserver {
   const want = token ? Buffer.from(`Bearer ${token}`) : undefined;
@@ -205,26 +209,28 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
   return (ctx) => {
     // Which build answered (`microvpc version` reads it from a health check).
     ctx.addResponseHeader("x-microvpc-build", build);
-    const reqId =
-      ctx
-        .header("x-request-id")
-        ?.slice(0, 64)
-        .replace(/[^A-Za-z0-9_.:-]/g, "") || randomUUID();
-    ctx.addResponseHeader("x-request-id", reqId);
     const service = ctx.service.typeName;
     const method = ctx.method.name;
+    const call = serverCall((name) => ctx.header(name), service, method);
+    const { reqId, traceId } = call;
+    ctx.addResponseHeader("x-request-id", reqId);
+    ctx.scope = call.run;
     const start = process.hrtime.bigint();
     const done = (err: ConnectError | undefined) => {
       const seconds = Number(process.hrtime.bigint() - start) / 1e9;
       const code = err ? err.code : 0;
       const codeName = code === 0 ? "OK" : Code[code];
       countCall(service, method, codeName, seconds);
+      call.end(code, codeName, err?.rawMessage);
       if (err) {
         ctx.responseTrailer.set("x-request-id", reqId);
         const level = code === Code.Internal || code === Code.Unknown ? "error" : code === Code.Unavailable ? "warn" : "info";
         if (!logger.isLevelEnabled(level)) return;
-        logger.child({ reqId, rpc: `${service}/${method}` })[level](
+        // reqId and traceId in the line's own fields: done() runs outside the call's scope (these win over logMixin's).
+        logger.child({ rpc: `${service}/${method}` })[level](
           {
+            reqId,
+            traceId,
             code: codeName,
             ms: seconds * 1000,
             err: err.rawMessage,
@@ -233,7 +239,7 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
           "rpc failed",
         );
       } else if (!service.startsWith("grpc.") && logger.isLevelEnabled("debug")) {
-        logger.child({ reqId, rpc: `${service}/${method}` }).debug({ ms: seconds * 1000 }, "rpc ok");
+        logger.child({ rpc: `${service}/${method}` }).debug({ reqId, traceId, ms: seconds * 1000 }, "rpc ok");
       }
     };
     if (want && service !== "grpc.health.v1.Health") {
@@ -300,7 +306,7 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
   const health = opts.healthListen ? parseListen(opts.healthListen) : undefined;
   const readMaxBytes = opts.readMaxBytes ?? 4 * 1024 * 1024;
   // One readiness answer for both listeners' health services.
-  const readiness = new SharedReadiness(opts.ready);
+  const readiness = opts.ready instanceof SharedReadiness ? opts.ready : new SharedReadiness(opts.ready);
   const names = opts.services.map((s) => s.desc.typeName);
   const creds = tls
     ? grpc.ServerCredentials.createSsl(

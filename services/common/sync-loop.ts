@@ -8,6 +8,8 @@
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { followEvents, type EventFields } from "./events.js";
+import { ReconcileHealth } from "./health.js";
+import { withSpan } from "./tracing.js";
 
 /** How long a failed pass waits before it is retried (a change event or a waiter does not wait). */
 export const RETRY_MS = 1000;
@@ -43,6 +45,13 @@ export interface SyncLoopSpec<R> {
   due?: () => boolean;
   /** Runs once the pass's waiters have their answer (the firewall's conntrack clean-ups). */
   after?: (result: R) => Promise<void>;
+  /**
+   * The reconciler's name in microvpc_reconcile_* and readiness (health);
+   * unset: no metrics (tests).
+   */
+  reconciler?: string;
+  /** Why the pass just run failed ("" or undefined: it did not); default: failedAt() is set. */
+  errorAfterPass?: (result: R) => string | undefined;
 }
 
 interface Waiter {
@@ -58,8 +67,23 @@ export class SyncLoop<R> {
   private readonly targets = new Set<string>();
   private waiters: Waiter[] = [];
   private wake?: () => void;
+  /** The pass metrics and the readiness condition (first whole pass succeeded, the last one recent). */
+  readonly health?: ReconcileHealth;
 
-  constructor(readonly spec: SyncLoopSpec<R>) {}
+  constructor(readonly spec: SyncLoopSpec<R>) {
+    if (spec.reconciler) this.health = new ReconcileHealth(spec.reconciler, 30_000);
+  }
+
+  /** One pass, timed and counted: a whole pass without an error is a success. */
+  private async timed(req: PassRequest): Promise<R> {
+    const t0 = process.hrtime.bigint();
+    const result = await this.pass(req);
+    if (this.health) {
+      const error = this.spec.errorAfterPass ? this.spec.errorAfterPass(result) : this.spec.failedAt() !== undefined ? "the pass failed" : undefined;
+      this.health.observe({ whole: !req.only, seconds: Number(process.hrtime.bigint() - t0) / 1e9, error });
+    }
+    return result;
+  }
 
   /** Asks for a whole pass soon. */
   kick(): void {
@@ -113,17 +137,19 @@ export class SyncLoop<R> {
    */
   async run(driftMs: number, prepare?: () => Promise<unknown>): Promise<void> {
     const { spec } = this;
+    if (this.health) this.health.periodMs = driftMs;
     while (prepare && !this.stopped) {
       try {
         await prepare();
         break;
       } catch (err) {
+        if (this.health) this.health.lastError = `cannot prepare the first pass: ${(err as Error).message}`;
         spec.log.warn({ err: (err as Error).message }, "cannot prepare the first pass yet; retrying in 1 s");
         await new Promise((r) => setTimeout(r, RETRY_MS));
       }
     }
     if (this.stopped) return;
-    await this.after(await spec.pass({ first: true, drift: false }));
+    await this.after(await this.timed({ first: true, drift: false }));
     let lastDrift = Date.now();
     while (!this.stopped) {
       if (!this.pending && this.targets.size === 0) {
@@ -148,8 +174,8 @@ export class SyncLoop<R> {
       if (this.pending || drift || retry || due) {
         this.pending = false;
         if (drift) lastDrift = Date.now();
-        result = await spec.pass({ first: false, drift });
-      } else result = await spec.pass({ first: false, drift: false, only: targets });
+        result = await this.timed({ first: false, drift });
+      } else result = await this.timed({ first: false, drift: false, only: targets });
       // The kernel has the change: answer first, then what may wait.
       for (const w of waiters) {
         const err = spec.errorOf?.(w.key);
@@ -157,6 +183,12 @@ export class SyncLoop<R> {
       }
       await this.after(result);
     }
+  }
+
+  /** One pass; a "reconcile" span when tracing is on. */
+  private pass(req: PassRequest): Promise<R> {
+    const kind = req.first ? "first" : req.only ? "targeted" : req.drift ? "drift" : "whole";
+    return withSpan("reconcile", { "microvpc.reconcile.kind": kind, "microvpc.reconcile.keys": req.only?.size ?? 0 }, () => this.spec.pass(req));
   }
 
   private async after(result: R): Promise<void> {

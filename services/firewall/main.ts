@@ -7,6 +7,7 @@ import type { ServiceImpl } from "@connectrpc/connect";
 import { Option } from "commander";
 import { hostIdOption } from "../common/host.js";
 import type { ServiceDefinition } from "../common/daemon.js";
+import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, redisReachable } from "../common/health.js";
 import { FailedPreconditionError } from "../common/errors.js";
 import { invalidRecords } from "../common/invalid-records.js";
 import {
@@ -19,6 +20,7 @@ import {
 import { IpamReader, OWNER as IPAM_OWNER } from "../ipam/schema.js";
 import { HostReader } from "../netagent/schema.js";
 import { bridgeNfProblems, LinuxNft } from "./apply.js";
+import { DEFAULT_MAX_NIC_SERIES, registerDropMetrics } from "./metrics.js";
 import { firewallRoutes } from "./routes.js";
 import { FirewallApi } from "./service.js";
 import { OWNER } from "./schema.js";
@@ -32,6 +34,18 @@ export const firewallDefinition: ServiceDefinition = {
   options: [
     hostIdOption(),
     new Option("--drift-interval-ms <ms>", "how often the kernel is checked against the desired firewall").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
+    new Option(
+      "--ready-stale-periods <n>",
+      "not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many drift intervals (--drift-interval-ms; a pass runs at least that often)",
+    )
+      .env("MICROVPC_READY_STALE_PERIODS")
+      .default(String(READY_STALE_PERIODS)),
+    new Option(
+      "--metrics-max-nic-series <n>",
+      "most NICs with their own drop series on /metrics (the lowest NIC ids); the others count in their VPC's series only",
+    )
+      .env("MICROVPC_METRICS_MAX_NIC_SERIES")
+      .default(String(DEFAULT_MAX_NIC_SERIES)),
     new Option(
       "--api-only",
       "serve the cluster-wide API alone (security groups, network ACLs), no data plane: an instance running as the control plane's Redis user (docs/redis-acl.md)",
@@ -53,6 +67,11 @@ export const firewallDefinition: ServiceDefinition = {
     const nft = new LinuxNft({ timeoutMs: 60_000 });
     const host = new HostReader(redis, hostId);
     const sync = new FirewallSync(nft, store, host, hostId, logger);
+    sync.health.stalePeriods = parseStalePeriods(flags.readyStalePeriods);
+    const maxNicSeries = Number(flags.metricsMaxNicSeries);
+    if (!/^[0-9]{1,6}$/.test(String(flags.metricsMaxNicSeries)))
+      throw new Error(`--metrics-max-nic-series ${JSON.stringify(flags.metricsMaxNicSeries)}: use 0–999999`);
+    registerDropMetrics(sync, nft, maxNicSeries);
     const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
     sync.start(redis, Number(flags.driftIntervalMs), async () => {
       const adopted = await store.adoptOwnSigs(hostId);
@@ -146,7 +165,17 @@ export const firewallDefinition: ServiceDefinition = {
     };
     return {
       services: firewallRoutes(api, status),
-      ready: async () => (await checkBrNf()).length === 0 && (await redis.ping()) === "PONG",
+      // Ready once every local VPC's tables are applied (a whole pass without
+      // an error), while the last such pass is recent, bridged traffic reaches
+      // nft, and Redis answers.
+      ready: new ReadyChecks([
+        sync.health.condition,
+        async () => {
+          const p = await checkBrNf();
+          return p.length ? p.join("; ") : undefined;
+        },
+        redisReachable(redis),
+      ]),
       close: async () => {
         clearInterval(brNfTimer);
         sync.stop();

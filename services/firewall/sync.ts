@@ -102,12 +102,16 @@ export class FirewallSync {
       failedAt: () => (this.errors.size > 0 ? this.status.lastErrorMs : undefined),
       errorOf: (vpcId) => this.errors.get(vpcId) ?? this.errors.get(""),
       after: (cleanups) => this.clearLater(cleanups),
+      reconciler: "firewall",
+      errorAfterPass: () => this.status.lastError || undefined,
     });
   }
 
   /** Local VPCs with their subnets and NICs, from the netagent's desired state. */
   async localState(only?: ReadonlySet<string>): Promise<Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>> {
     const d = await this.host.load();
+    // Host records the shared reader skipped: this reader skipped them too, and counts them.
+    for (const x of d.invalid ?? []) reportInvalid(OWNER, `host-${x.kind}`, x.key, x.reason, this.log, { field: x.field });
     const nicIds = [...d.nics.values()].filter((n) => !only || only.has(n.vpcId)).map((n) => n.nicId);
     const bindings = await this.source.bindingsOf(nicIds);
     const out = new Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>();
@@ -323,5 +327,10 @@ export class FirewallSync {
 
   stop(): void {
     this.loop.stop();
+  }
+
+  /** The loop's reconcile health: ready once every local VPC's tables are applied, and recently. */
+  get health() {
+    return this.loop.health!;
   }
 }

@@ -21,6 +21,8 @@ import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import { ImdsHttpEndpoint, ImdsHttpTokens, type InstanceMetadata } from "../../gen/microvpc/v1/gateway_pb.js";
+import { Counter } from "prom-client";
+import { metricsRegistry } from "../common/metrics.js";
 import { Buckets, plainAddress, type ServerLogger as ImdsLogger } from "../common/net.js";
 import { callerKey, type MetadataStore } from "./metadata-store.js";
 
@@ -438,6 +440,56 @@ async function serveRead(
   else reply(req, res, 200, node, extra);
 }
 
+// ---- throttling, counted ----
+
+/** Why a request or connection was refused for its caller's rate. */
+export type ThrottleReason = "rate" | "connections";
+
+export const imdsThrottled = new Counter({
+  name: "microvpc_imds_throttled_requests_total",
+  help: "Metadata requests refused by the per-caller limits: rate (429, token bucket) or connections (a caller's connection past its cap, closed at accept).",
+  labelNames: ["reason"] as const,
+  registers: [metricsRegistry],
+});
+imdsThrottled.inc({ reason: "rate" }, 0);
+imdsThrottled.inc({ reason: "connections" }, 0);
+
+/** Totals of this process since it started (the metadata child reports them to the gateway). */
+export const throttleTotals: Record<ThrottleReason, number> = { rate: 0, connections: 0 };
+
+function throttled(reason: ThrottleReason): void {
+  throttleTotals[reason]++;
+  imdsThrottled.inc({ reason });
+}
+
+/** The message of the metadata child's throttle line (its totals, when they changed). */
+export const THROTTLE_TOTALS_MSG = "imds throttle totals";
+
+/**
+ * The gateway's side: one of its metadata child's log lines. If it is the
+ * throttle-totals line, what grew since the child's previous line is added to
+ * this process's counter; `last` holds the child's previous totals (a new
+ * child starts from zero: pass a fresh object). Returns whether it was one.
+ */
+export function reportChildThrottle(line: string, last: Record<ThrottleReason, number>): boolean {
+  if (!line.includes(THROTTLE_TOTALS_MSG)) return false;
+  let o: Record<string, unknown>;
+  try {
+    o = JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    return false;
+  }
+  if (o === null || typeof o !== "object" || o.msg !== THROTTLE_TOTALS_MSG) return false;
+  for (const reason of ["rate", "connections"] as const) {
+    const v = o[reason];
+    // The child's own output, still checked: a count, never going back.
+    if (typeof v !== "number" || !Number.isSafeInteger(v) || v < last[reason]) continue;
+    if (v > last[reason]) imdsThrottled.inc({ reason }, v - last[reason]);
+    last[reason] = v;
+  }
+  return true;
+}
+
 // ---- the server ----
 
 export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
@@ -504,6 +556,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
       else connections.set(c.key, left);
     });
     if (n > maxPerCaller) {
+      throttled("connections");
       log.debug({ caller: c.key, connections: n }, "imds: too many connections from one caller; closing the new one");
       sock.destroy();
     }
@@ -528,6 +581,7 @@ export function createImdsServer(opts: ImdsServerOptions): ImdsServer {
 
     const caller = identify(req.socket);
     if (!buckets.take(caller.key)) {
+      throttled("rate");
       refuse(req, res, 429, { "Retry-After": 1 });
       return;
     }

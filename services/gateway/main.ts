@@ -14,7 +14,7 @@ import { pino, type Logger } from "pino";
 import { checkRedisUser, type ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
 import { FailedPreconditionError } from "../common/errors.js";
-import { readinessChanged } from "../common/health.js";
+import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, readinessChanged, redisReachable } from "../common/health.js";
 import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
@@ -23,7 +23,7 @@ import { runResolver } from "../dns/host.js";
 import { IpamReader } from "../ipam/schema.js";
 import { hostIdOption } from "../common/host.js";
 import { HostReader } from "../netagent/schema.js";
-import { createImdsServer, type ImdsServer } from "./imds.js";
+import { createImdsServer, reportChildThrottle, THROTTLE_TOTALS_MSG, throttleTotals, type ImdsServer } from "./imds.js";
 import { MetadataApi } from "./metadata-api.js";
 import { FleetMetadataStore, MetadataStore } from "./metadata-store.js";
 import { DEFAULT_CONNTRACK_LIMIT_PER_VM, DEFAULT_RESERVED_PORTS, parsePortRanges } from "./plan.js";
@@ -32,6 +32,7 @@ import { GatewayApi } from "./service.js";
 import { GatewayStatusApi } from "./status-api.js";
 import { GatewayStore } from "./store.js";
 import { GatewaySync } from "./sync.js";
+import { BUILD } from "../common/version.js";
 
 /**
  * Runs the metadata server in this process, on every address of this
@@ -111,12 +112,14 @@ class ImdsChild {
     let buf = "";
     let line = "";
     const utf8 = new StringDecoder("utf8");
+    // This child's throttle totals so far (it starts from zero).
+    const throttle = { rate: 0, connections: 0 };
     d.proc.stdout?.on("data", (chunk: Buffer) => {
       process.stdout.write(chunk);
       // Records the child skipped are this gateway's too (GetGatewayStatus, the metric).
       line += utf8.write(chunk);
       for (let i = line.indexOf("\n"); i >= 0; i = line.indexOf("\n")) {
-        reportChildLine(line.slice(0, i));
+        if (!reportChildLine(line.slice(0, i))) reportChildThrottle(line.slice(0, i), throttle);
         line = line.slice(i + 1);
       }
       if (line.length > 65536) line = "";
@@ -195,7 +198,7 @@ export function addImdsCommand(program: Command): void {
         redisTlsCert?: string;
         redisTlsKey?: string;
       }) => {
-        const logger = pino({ base: { service: "imds", pid: process.pid } });
+        const logger = pino({ base: { service: "imds", pid: process.pid, hostId: o.hostId, version: BUILD.version } });
         const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
         checkRedisUser(o.redis, o.redisUser, o.redisPasswordFile);
         const redis = connectRedis({ url: o.redis, logger, ...(o.redisUser ? { username: o.redisUser } : {}), ...secrets });
@@ -207,6 +210,16 @@ export function addImdsCommand(program: Command): void {
             : undefined;
         // The gateway reads this line to know its child is serving (healthy again).
         logger.info(IMDS_READY);
+        // And this one for microvpc_imds_throttled_requests_total (the child
+        // serves no /metrics): the totals, when they changed, at most every 2 s.
+        let said = "0/0";
+        const throttleTimer = setInterval(() => {
+          const now = `${throttleTotals.rate}/${throttleTotals.connections}`;
+          if (now === said) return;
+          said = now;
+          logger.info({ rate: throttleTotals.rate, connections: throttleTotals.connections }, THROTTLE_TOTALS_MSG);
+        }, 2000);
+        throttleTimer.unref();
         const stop = async () => {
           await dns?.close();
           await close();
@@ -269,6 +282,13 @@ export const gatewayDefinition: ServiceDefinition = {
       .env("MICROVPC_IMDS_REDIS")
       .hideHelp(),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
+    new Option(
+      "--ready-stale-periods <n>",
+      "not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many drift intervals (--drift-interval-ms; a pass runs at least that often)",
+    )
+      .env("MICROVPC_READY_STALE_PERIODS")
+      .default(String(READY_STALE_PERIODS)),
+
     new Option(
       "--api-only",
       "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards; instance metadata of every host: Get and Delete, not Set), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
@@ -360,9 +380,10 @@ export const gatewayDefinition: ServiceDefinition = {
       },
       logger,
     );
+    sync.health.stalePeriods = parseStalePeriods(flags.readyStalePeriods);
     sync.start(redis, Number(flags.driftIntervalMs));
     let stopImds: () => Promise<void>;
-    let childUp = () => true;
+    let childProblem = (): string | undefined => undefined;
     if (!hostNetns) {
       const { close: closeImds } = await runImds(redis, hostId, imdsPort, logger);
       const dns = dnsPort > 0 ? await runResolver(redis, hostId, dnsPort, logger, { management }) : undefined;
@@ -402,14 +423,15 @@ export const gatewayDefinition: ServiceDefinition = {
         redisArgs.env,
       );
       await child.start();
-      childUp = () => child.up;
+      childProblem = () => (child.up ? undefined : "the metadata/DNS child is not serving (it is restarted with backoff)");
       stopImds = () => child.stop();
     }
     const api = new GatewayApi(store, ipam, redis, { pool: flags.publicPool ? pool : parseCidr("pool", "0.0.0.0/32", { min: 0, max: 32 }), reservedPorts });
     return {
       services: gatewayRoutes(api, new MetadataApi(meta), new GatewayStatusApi(hostId, () => sync.status)),
-      // NOT_SERVING while the metadata/DNS child is down (it is restarted).
-      ready: async () => childUp() && (await redis.ping()) === "PONG",
+      // NOT_SERVING while the metadata/DNS child is down (it is restarted),
+      // until the first whole pass applied, and when none has for a while.
+      ready: new ReadyChecks([sync.health.condition, () => childProblem(), redisReachable(redis)]),
       close: async () => {
         sync.stop();
         await stopImds();

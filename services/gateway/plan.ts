@@ -36,7 +36,7 @@
 //   it to their gateway. Either way the prerouting DNAT takes it.
 // Everything here is plain data in, command lines and nft transactions out.
 import { gatewayNames as names, transitAddrs } from "../common/names.js";
-import { NftTransaction, render } from "../common/nft/tx.js";
+import { NftTransaction, render, type Chain, type Table } from "../common/nft/tx.js";
 
 export const IMDS_ADDRESS = "169.254.169.254";
 export const TABLE = "microvpc_gw";
@@ -240,7 +240,7 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
   const fipPriv = v.fips.map((f) => f.private).sort();
   const pf = v.forwards.map((f) => `${f.proto} . ${f.outsidePort} : ${f.private} . ${f.privatePort}`).sort();
   const table = { kind: "table", family: "ip", name: TABLE } as const;
-  return new NftTransaction()
+  const tx = new NftTransaction()
     .add(table)
     .delete(table)
     .add({
@@ -251,7 +251,6 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
         { kind: "map", name: "fip_in", type: "ipv4_addr : ipv4_addr", elements: fipIn },
         { kind: "map", name: "fip_out", type: "ipv4_addr : ipv4_addr", elements: fipOut },
         { kind: "map", name: "port_forward", type: "inet_proto . inet_service : ipv4_addr . inet_service", elements: pf },
-        ...(ctLimitPerVm > 0 ? [{ kind: "set" as const, name: "ct_per_vm", type: "ipv4_addr", size: 65535, flags: ["dynamic" as const] }] : []),
         {
           kind: "chain",
           name: "prerouting",
@@ -281,15 +280,6 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
           // Before the firewall (priority filter): what may leave the VPC at all.
           base: { type: "filter", hook: "forward", priority: "-10", policy: "accept" },
           rules: [
-            // Each flow out of here (metadata and resolver requests included) is
-            // also an entry in the host namespace's conntrack table, which every
-            // VPC's NAT shares: one VM must not fill it. Counted per VM address
-            // (anti-spoofed by the bridge table).
-            ...(ctLimitPerVm > 0
-              ? [
-                  `oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`,
-                ]
-              : []),
             `oifname "${g}" ip daddr ${t.host} tcp dport ${imdsPort} accept`,
             // The resolver is for every subnet, NAT gateway or not (as AWS).
             ...(dns ? [`oifname "${g}" ip daddr ${t.host} meta l4proto { tcp, udp } th dport ${dnsPort} accept`] : []),
@@ -301,8 +291,44 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
         },
         { kind: "chain", name: "output", base: { type: "filter", hook: "output", priority: "filter", policy: "accept" }, rules: [] },
       ],
+    })
+    .add(ctLimitTable)
+    .flush(ctLimitChain);
+  if (ctLimitPerVm > 0)
+    tx.add({
+      kind: "rule",
+      family: ctLimitChain.family,
+      table: ctLimitChain.table,
+      chain: ctLimitChain.name,
+      rule: `oifname "${g}" ct state new add @ct_per_vm { ip saddr ct count over ${ctLimitPerVm} } counter reject with icmp type admin-prohibited comment "conntrack limit per VM"`,
     });
+  return tx;
 }
+
+/**
+ * The per-VM conntrack limit lives in a table of its own, which is never
+ * deleted: its dynamic set holds each VM's count of open flows, and the NAT
+ * table above is replaced on every change of the VPC (a NIC, a floating IP).
+ * Were the set in that table, every such change would forget the counts, and
+ * a VM at its limit could open as many flows again each time another VM of
+ * its VPC was created. Each apply only replaces the chain's one rule.
+ *
+ * Each flow out of the VPC (metadata and resolver requests included) is also
+ * an entry in the host namespace's conntrack table, which every VPC's NAT
+ * shares: one VM must not fill it. Counted per VM address (anti-spoofed by the
+ * bridge table). Priority -20: before the NAT table's forward chain (-10).
+ */
+export const CT_LIMIT_TABLE = "microvpc_gw_ctlimit";
+const ctLimitTable: Table = {
+  kind: "table",
+  family: "ip",
+  name: CT_LIMIT_TABLE,
+  content: [
+    { kind: "set", name: "ct_per_vm", type: "ipv4_addr", size: 65535, flags: ["dynamic"] },
+    { kind: "chain", name: "forward", base: { type: "filter", hook: "forward", priority: "-20", policy: "accept" }, rules: [] },
+  ],
+};
+const ctLimitChain: Chain = { kind: "chain", family: "ip", table: CT_LIMIT_TABLE, name: "forward" };
 
 /** vpcTx as nft script text. */
 export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0): string {

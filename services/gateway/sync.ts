@@ -112,6 +112,9 @@ export class GatewaySync {
       failedAt: () => (this.status.lastError ? this.status.lastApplyMs : undefined),
       // A failed VPC when its backoff is due.
       due: () => this.retryDue(),
+      reconciler: "gateway",
+      // A VPC failing (and backing off) is a failed pass too, though the others applied.
+      errorAfterPass: () => this.status.lastError || [...this.vpcFailures].map(([vpc, f]) => `${vpc}: ${f.error}`).join("; ") || undefined,
     });
   }
 
@@ -152,6 +155,8 @@ export class GatewaySync {
 
   async desired(): Promise<HostGw> {
     const d = await this.host.load();
+    // Host records the shared reader skipped: this reader skipped them too, and counts them.
+    for (const x of d.invalid ?? []) reportInvalid(OWNER, `host-${x.kind}`, x.key, x.reason, this.log, { field: x.field });
     const [nats, fips, pfs, hops] = await Promise.all([this.store.listNats(), this.store.listFips(), this.store.listPfs(), this.opts.hopLimits()]);
     const vpcs: GwVpc[] = [];
     for (const vpcId of d.vpcs.keys()) {
@@ -371,6 +376,11 @@ export class GatewaySync {
 
   stop(): void {
     this.loop.stop();
+  }
+
+  /** The loop's reconcile health (readiness: first whole pass applied, the last one recent). */
+  get health() {
+    return this.loop.health!;
   }
 
   /** vpcId of a host-side transit address, for the metadata server. */

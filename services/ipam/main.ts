@@ -4,6 +4,7 @@ import { MANAGEMENT_AUTO, parseManagementCidrs } from "../common/management.js";
 import { DnsApi } from "../dns/service.js";
 import { Peerings } from "../peering/service.js";
 import { PeeringStore } from "../peering/store.js";
+import { DEFAULT_MAX_SUBNET_SERIES, registerIpamMetrics } from "./metrics.js";
 import { ipamRoutes } from "./routes.js";
 import { Ipam } from "./service.js";
 import { IpamStore } from "./store.js";
@@ -19,6 +20,9 @@ export const ipamDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_MANAGEMENT_CIDRS")
       .default(""),
+    new Option("--metrics-max-subnets <n>", "most subnets with address-usage series on /metrics (the lowest subnet ids)")
+      .env("MICROVPC_METRICS_MAX_SUBNETS")
+      .default(String(DEFAULT_MAX_SUBNET_SERIES)),
   ],
   async build({ flags, redis }) {
     const mgmt = parseManagementCidrs("--management-cidrs", String(flags.managementCidrs ?? ""));
@@ -26,6 +30,9 @@ export const ipamDefinition: ServiceDefinition = {
     if (mgmt === MANAGEMENT_AUTO) throw new Error('--management-cidrs "auto" is for the gateway; give the ipam daemon the CIDRs (e.g. 10.20.0.0/16)');
     const store = new IpamStore(redis);
     const ipam = new Ipam(store);
+    if (!/^[0-9]{1,6}$/.test(String(flags.metricsMaxSubnets)))
+      throw new Error(`--metrics-max-subnets ${JSON.stringify(flags.metricsMaxSubnets)}: use 0–999999`);
+    registerIpamMetrics(store, Number(flags.metricsMaxSubnets));
     return {
       services: ipamRoutes(ipam, new Peerings(ipam, new PeeringStore(redis)), new DnsApi(store, mgmt)),
     };

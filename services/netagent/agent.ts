@@ -5,6 +5,7 @@
 import { existsSync } from "node:fs";
 import type { Logger } from "pino";
 import { Counter, Gauge } from "prom-client";
+import { ReconcileHealth } from "../common/health.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { failClosedTx } from "../common/nft/fail-closed.js";
 import type { Kernel } from "./kernel.js";
@@ -92,6 +93,8 @@ export class Agent {
     return { ...d, vpcs: new TrackedMap(d.vpcs, bump), subnets: new TrackedMap(d.subnets, bump), nics: new TrackedMap(d.nics, bump) };
   }
   status: AgentStatus = { lastReconcileMs: 0, lastError: "", lastChanges: [], reconciles: 0 };
+  /** microvpc_reconcile_*{reconciler="netagent"} and readiness: the first whole pass succeeded, and recently. */
+  readonly health = new ReconcileHealth("netagent", 10_000);
   readonly startedMs = Date.now();
   private locks = new Map<string, Promise<unknown>>();
   private timer?: NodeJS.Timeout;
@@ -197,8 +200,10 @@ export class Agent {
   /**
    * One full pass. If Redis cannot be read, the last known desired state is
    * used and nothing is removed: a host keeps forwarding while Redis is away.
+   * Returns what failed ("" if nothing did): a pass that could not read the
+   * desired state has not converged either.
    */
-  async reconcileAll(): Promise<void> {
+  async reconcileAll(): Promise<string> {
     let fresh = true;
     try {
       // Read again while an API call changed the in-memory state during the
@@ -275,6 +280,7 @@ export class Agent {
       // Acknowledged once the overlay carries the peers' NICs too.
       void Promise.resolve(this.overlay?.syncAll(false)).then(() => peering.ack());
     } else if (this.overlay) void this.overlay.syncAll(false);
+    return [fresh ? "" : "cannot read the desired state from Redis", this.status.lastError].filter(Boolean).join("; ");
   }
 
   private passing?: Promise<void>;
@@ -289,13 +295,22 @@ export class Agent {
     this.passing = (async () => {
       do {
         this.again = false;
-        await this.reconcileAll().catch((err: Error) => this.log.error({ err: err.message }, "reconcile pass failed"));
+        const t0 = process.hrtime.bigint();
+        let error: string | undefined;
+        try {
+          error = (await this.reconcileAll()) || undefined;
+        } catch (err) {
+          error = (err as Error).message;
+          this.log.error({ err: error }, "reconcile pass failed");
+        }
+        this.health.observe({ whole: true, seconds: Number(process.hrtime.bigint() - t0) / 1e9, error });
       } while (this.again);
     })().finally(() => (this.passing = undefined));
     return this.passing;
   }
 
   start(intervalMs: number): void {
+    this.health.periodMs = intervalMs;
     const loop = async () => {
       await this.kick();
       this.timer = setTimeout(loop, intervalMs);

@@ -1,12 +1,14 @@
 // microvpcd netagent: the data plane of one hypervisor.
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
+import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, redisReachable } from "../common/health.js";
 import { checkHostId, hostIdOption } from "../common/host.js";
 import { IpamReader } from "../ipam/schema.js";
 import { Agent } from "./agent.js";
 import { LinuxKernel } from "./kernel.js";
 import { NetAgent } from "./service.js";
 import { addressProblem } from "./overlay/registry.js";
+import { DEFAULT_MAX_PEER_SERIES, registerWireguardMetrics } from "./overlay/metrics.js";
 import { Overlay } from "./overlay/sync.js";
 import type { WgMode } from "./overlay/wg.js";
 import { PeeringSync } from "./peering.js";
@@ -26,6 +28,12 @@ export const netagentDefinition: ServiceDefinition = {
     new Option("--reconcile-interval-ms <ms>", "how often the kernel is compared with the desired state")
       .env("MICROVPC_RECONCILE_INTERVAL_MS")
       .default("10000"),
+    new Option(
+      "--ready-stale-periods <n>",
+      "not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many reconcile intervals (--reconcile-interval-ms)",
+    )
+      .env("MICROVPC_READY_STALE_PERIODS")
+      .default(String(READY_STALE_PERIODS)),
     new Option("--overlay", "join VPCs across hypervisors with a WireGuard interface per VPC (full mesh between the hosts of the VPC)")
       .env("MICROVPC_OVERLAY")
       .default(false),
@@ -62,8 +70,10 @@ export const netagentDefinition: ServiceDefinition = {
     checkHostId("--host-id", hostId);
     let mtu = Number(flags.mtu);
     if (!Number.isInteger(mtu) || mtu < 576 || mtu > 9000) throw new Error(`--mtu ${flags.mtu}: use 576–9000`);
+    const stalePeriods = parseStalePeriods(flags.readyStalePeriods);
     const kernel = new LinuxKernel();
     const agent = new Agent(kernel, new HostStore(redis, hostId), hostId, logger);
+    agent.health.stalePeriods = stalePeriods;
     agent.failClosed = !flags.openUntilFirewall;
     let overlay: Overlay | undefined;
     if (flags.overlay) {
@@ -100,6 +110,7 @@ export const netagentDefinition: ServiceDefinition = {
         logger,
       );
       await overlay.init();
+      registerWireguardMetrics(overlay, DEFAULT_MAX_PEER_SERIES);
       // Nothing may be bigger than the tunnel carries: bridges and NICs get the overlay MTU.
       mtu = Math.min(mtu, overlay.mtu);
       agent.overlay = overlay;
@@ -125,6 +136,8 @@ export const netagentDefinition: ServiceDefinition = {
     peering.start();
     return {
       services: netagentRoutes(svc),
+      // Ready once a whole reconcile has succeeded, and while the last one is recent.
+      ready: new ReadyChecks([agent.health.condition, redisReachable(redis)]),
       close: async () => {
         agent.stop();
         peering.stop();

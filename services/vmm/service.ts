@@ -11,7 +11,7 @@
 // connectivity probes). The other daemons are typed clients (Clients):
 // grpc-js in main.ts, in-memory fakes in test/unit/vmm-saga.test.ts, which
 // fails every step there (this file has no fault injection of its own).
-import { randomBytes } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client, type ServiceImpl } from "@connectrpc/connect";
@@ -21,6 +21,7 @@ import { Counter, Histogram } from "prom-client";
 import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { followEvents } from "../common/events.js";
 import { metricsRegistry } from "../common/metrics.js";
+import { runInScope, withSpan } from "../common/tracing.js";
 import * as V from "../common/validate.js";
 import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
@@ -45,6 +46,7 @@ import {
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { kernelNetns, type NetnsAdapter, type TcpProbeResult } from "./netns.js";
 import { LEASE_MS, nameEntry, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
+import { VmWatchHub, watchVms } from "./watch.js";
 
 /** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
 const LEASE_WAIT_MS = 20_000;
@@ -192,9 +194,25 @@ export class Vmm {
     return value;
   }
 
-  /** Drops every cached lookup when a VPC, subnet or security group changes anywhere. */
+  /** The open WatchVms streams (watch.ts), woken by vm.* events. */
+  readonly watchHub = new VmWatchHub();
+
+  /**
+   * Drops every cached lookup when a VPC, subnet or security group changes
+   * anywhere, and wakes the WatchVms streams when a VM record changes; one
+   * connection for both.
+   */
   followInvalidations(redis: Redis, stopped: () => boolean): void {
-    void followEvents(redis, /^(vpc\.|subnet\.|fw\.sg\.)/, () => this.lookups.clear(), stopped);
+    void followEvents(
+      redis,
+      /^(vpc\.|subnet\.|fw\.sg\.|vm\.)/,
+      (events) => {
+        const vms = events.filter((e) => e.kind.startsWith("vm.")).map((e) => e.vm ?? "");
+        if (vms.length < events.length) this.lookups.clear();
+        if (vms.length) this.watchHub.notify(vms);
+      },
+      stopped,
+    );
   }
 
   owner(v: VmRec): string {
@@ -344,7 +362,7 @@ export class Vmm {
     for (let i = last; i >= 0; i--) {
       const step = STEPS[i];
       const t0 = Date.now();
-      await this.undoStep(v, step);
+      await withSpan(`undo ${step}`, stepAttrs(v, step, "undo"), () => this.undoStep(v, step));
       stepSeconds.observe({ step, op: "undo" }, (Date.now() - t0) / 1000);
       this.journal(v, "rollback", step, "undone");
     }
@@ -367,7 +385,7 @@ export class Vmm {
       const results = await Promise.allSettled(
         phase.map(async (step) => {
           const t0 = Date.now();
-          const detail = await this.doStep(v, step);
+          const detail = await withSpan(`step ${step}`, stepAttrs(v, step, "create"), () => this.doStep(v, step));
           v.done.push({ step, startMs: t0, endMs: Date.now(), detail });
           stepSeconds.observe({ step, op: "create" }, (Date.now() - t0) / 1000);
           this.journal(v, "create", step, "done", detail);
@@ -409,7 +427,7 @@ export class Vmm {
       const results = await Promise.allSettled(
         phase.map(async (step) => {
           const t0 = Date.now();
-          await this.undoStep(v, step);
+          await withSpan(`undo ${step}`, stepAttrs(v, step, "delete"), () => this.undoStep(v, step));
           stepSeconds.observe({ step, op: "delete" }, (Date.now() - t0) / 1000);
         }),
       );
@@ -449,7 +467,8 @@ export class Vmm {
         if (!(await this.store.acquireLease(v0.id, token, this.leasePrefix))) continue;
         const release = this.hold(v0.id, token);
         try {
-          await this.recoverOne(v0.id, f);
+          // A request id of its own (on the vmm's lines and every daemon's it calls), and a trace of its own.
+          await runInScope({ reqId: `recover-${randomUUID()}` }, () => withSpan("recover", { "microvpc.vm.id": v0.id }, () => this.recoverOne(v0.id, f)));
         } finally {
           await release();
         }
@@ -663,37 +682,41 @@ export class Vmm {
   }
 
   readonly impl: ServiceImpl<typeof VmService> = {
-    createVm: async (req) => {
-      const hits = { cached: false };
-      try {
-        return await this.createVmOnce(req, hits);
-      } catch (err) {
-        // A lookup served from the cache may be stale (a group deleted and
-        // made again a moment ago, before its event arrived): everything was
-        // undone, so forget the cache and try once more with fresh lookups.
-        const stale = err instanceof ConnectError && [Code.NotFound, Code.InvalidArgument, Code.FailedPrecondition].includes(err.code);
-        if (!hits.cached || !stale) throw err;
-        this.lookups.clear();
-        return await this.createVmOnce(req, { cached: false });
-      }
-    },
+    // CreateVm and DeleteVm are spans of their own (when tracing is on:
+    // tracing.ts), the steps' spans under them, the daemons' RPC spans under those.
+    createVm: (req) =>
+      withSpan("CreateVm", { "microvpc.vm.name": req.name, "microvpc.vpc": req.vpc, "microvpc.subnet": req.subnet }, async () => {
+        const hits = { cached: false };
+        try {
+          return await this.createVmOnce(req, hits);
+        } catch (err) {
+          // A lookup served from the cache may be stale (a group deleted and
+          // made again a moment ago, before its event arrived): everything was
+          // undone, so forget the cache and try once more with fresh lookups.
+          const stale = err instanceof ConnectError && [Code.NotFound, Code.InvalidArgument, Code.FailedPrecondition].includes(err.code);
+          if (!hits.cached || !stale) throw err;
+          this.lookups.clear();
+          return await this.createVmOnce(req, { cached: false });
+        }
+      }),
 
-    deleteVm: async (req) => {
-      const v = await this.resolve(req.ref, req.vpc);
-      if (!v) return { deleted: false };
-      if (v.hostId !== this.opts.hostId) throw new FailedPreconditionError(`VM ${v.id} runs on hypervisor ${v.hostId}; ask its vmm`);
-      // Never interleaved with a CreateVm (or another DeleteVm) of the same
-      // VM: wait for its lease, then act on the record as it is now.
-      const release = await this.lease(v.id, LEASE_WAIT_MS);
-      try {
-        const now = await this.store.getOwn(v.id);
-        if (!now) return { deleted: false };
-        await this.delete(now);
-        return { deleted: true };
-      } finally {
-        await release();
-      }
-    },
+    deleteVm: (req) =>
+      withSpan("DeleteVm", { "microvpc.vm.ref": req.ref, "microvpc.vpc": req.vpc }, async () => {
+        const v = await this.resolve(req.ref, req.vpc);
+        if (!v) return { deleted: false };
+        if (v.hostId !== this.opts.hostId) throw new FailedPreconditionError(`VM ${v.id} runs on hypervisor ${v.hostId}; ask its vmm`);
+        // Never interleaved with a CreateVm (or another DeleteVm) of the same
+        // VM: wait for its lease, then act on the record as it is now.
+        const release = await this.lease(v.id, LEASE_WAIT_MS);
+        try {
+          const now = await this.store.getOwn(v.id);
+          if (!now) return { deleted: false };
+          await this.delete(now);
+          return { deleted: true };
+        } finally {
+          await release();
+        }
+      }),
 
     getVm: async (req) => {
       const v = await this.resolve(req.ref, req.vpc);
@@ -741,6 +764,19 @@ export class Vmm {
       };
     },
 
+    watchVms: (req, ctx) =>
+      watchVms(
+        {
+          store: this.store,
+          resolve: (ref, vpc) => this.resolve(ref, vpc),
+          vpcId: async (ref) => (await this.c.vpc.getVpc({ ref })).vpc!.id,
+          vmMsg: (v) => this.vmMsg(v),
+        },
+        this.watchHub,
+        req,
+        ctx.signal,
+      ),
+
     testConnectivity: async (req) => {
       const src = await this.resolve(req.source, req.vpc, "source");
       if (!src) throw new NotFoundError("vm", req.source);
@@ -778,6 +814,11 @@ export class Vmm {
       };
     },
   };
+}
+
+/** The attributes of a step's span. */
+function stepAttrs(v: VmRec, step: StepName, op: string): Record<string, string> {
+  return { "microvpc.step": step, "microvpc.op": op, "microvpc.vm.id": v.id, "microvpc.vm.kind": v.kind };
 }
 
 const PROBE_RESULT: Record<TcpProbeResult, ConnectivityResult> = {

@@ -211,9 +211,22 @@ export class VmStore {
     return (await this.redis.get(K.lease(this.hostId, id))) ?? "";
   }
 
+  /**
+   * Rewrites the VM's record, with a `vm.updated` event in the same script so
+   * that WatchVms streams (on any host's vmm) learn of the change: a state,
+   * a step done, a journal line.
+   */
   async put(v: VmRec): Promise<void> {
     if (v.hostId !== this.hostId) throw new Error(`vmm: host ${this.hostId} does not write VM ${v.id} of host ${v.hostId}`);
-    await this.redis.set(K.vm(this.hostId, v.id), storedVmText(v));
+    await this.redis.eval(
+      `redis.call('SET', KEYS[1], ARGV[1])
+       redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.updated', 'vm', ARGV[2])
+       return 1`,
+      1,
+      K.vm(this.hostId, v.id),
+      storedVmText(v),
+      v.id,
+    );
   }
 
   /** Parses a record read from host h's key; a refused one is reported (once) and skipped. */

@@ -778,7 +778,10 @@ test("help and completion cover the new command groups", async () => {
         (err, stdout, stderr) => (err ? reject(new Error(stderr)) : resolve(stdout.trim())),
       ),
     );
-  assert.match(await complete(["microvpc", ""]), /^vpc subnet ip sg acl nat fip pf dns vm test-connectivity status config version completion /);
+  assert.match(
+    await complete(["microvpc", ""]),
+    /^vpc subnet ip sg acl nat fip pf dns vm test-connectivity host nic metadata status config version completion /,
+  );
   assert.match(await complete(["microvpc", "vpc", "peer", ""]), /^create list get delete /);
   assert.match(await complete(["microvpc", "sg", "rule", ""]), /^add remove /);
   assert.equal(await complete(["microvpc", "vm", "create", "x", "--kind", ""]), "netns qemu firecracker");

@@ -3,16 +3,20 @@
 // no TypeScript. The daemon must start, serve health and reflection (its
 // commented descriptors come from dist/, not gen/), and the CLI must talk to
 // it. A service that imports a dev dependency, or a path that assumes the
-// source tree, fails here.
+// source tree, fails here; so does tracing's lazily imported SDK
+// (services/common/otel.ts), started with an OTLP endpoint.
 import assert from "node:assert/strict";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from "node:fs";
+import { createServer } from "node:http";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, test } from "vitest";
 import { grpcClient } from "../../services/common/client.js";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
+import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { ROOT } from "../lib/daemon.js";
 import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
 
@@ -125,4 +129,71 @@ test("microvpcd from dist/ with production dependencies serves health and commen
     (e: { stderr: string }) => e,
   );
   assert.match(bad.stderr, /invalid|name/i);
+});
+
+test("with an OTLP endpoint, the shipped layout loads the OpenTelemetry SDK from production dependencies and exports spans", async () => {
+  const bodies: string[] = [];
+  const receiver = createServer((req, res) => {
+    let b = "";
+    req.on("data", (c: Buffer) => (b += c.toString("utf8")));
+    req.on("end", () => {
+      bodies.push(`${req.url} ${b}`);
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end("{}");
+    });
+  });
+  await new Promise<void>((r) => receiver.listen(0, "127.0.0.1", r));
+  const rport = (receiver.address() as AddressInfo).port;
+  const port = await freePort();
+  const metrics = await freePort();
+  let out = "";
+  const traced = spawn(
+    process.execPath,
+    [
+      join(app, "bin", "microvpcd.js"),
+      "ipam",
+      "--listen",
+      `127.0.0.1:${port}`,
+      "--metrics-listen",
+      `127.0.0.1:${metrics}`,
+      "--redis",
+      redis.url,
+      "--otlp-endpoint",
+      `http://127.0.0.1:${rport}`,
+    ],
+    { cwd: app, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, OTEL_BSP_SCHEDULE_DELAY: "100" } },
+  );
+  traced.stdout!.on("data", (d) => (out += d));
+  traced.stderr!.on("data", (d) => (out += d));
+  try {
+    const vpc = grpcClient(VpcService, { address: `127.0.0.1:${port}`, timeoutMs: 1000 });
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      assert.equal(traced.exitCode, null, `microvpcd exited:\n${out}`);
+      if (
+        await vpc.listVpcs({}).then(
+          () => true,
+          () => false,
+        )
+      )
+        break;
+      assert.ok(Date.now() < deadline, `not serving after 15 s:\n${out}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    for (let i = 0; i < 50 && !bodies.some((b) => b.includes("microvpc.v1.VpcService/ListVpcs")); i++) await new Promise((r) => setTimeout(r, 100));
+    const got = bodies.find((b) => b.includes("microvpc.v1.VpcService/ListVpcs"));
+    assert.ok(got, `a span of ListVpcs reached the receiver:\n${bodies.join("\n").slice(0, 2000)}\n${out}`);
+    assert.ok(got.startsWith("/v1/traces "));
+    assert.match(got, /"microvpc-ipam"/);
+    assert.match(out, /tracing: exporting spans over OTLP\/HTTP/);
+  } finally {
+    if (traced.exitCode === null) {
+      const exited = new Promise((r) => traced.once("exit", r));
+      traced.kill("SIGTERM");
+      const t = setTimeout(() => traced.kill("SIGKILL"), 5000);
+      await exited;
+      clearTimeout(t);
+    }
+    receiver.close();
+  }
 });

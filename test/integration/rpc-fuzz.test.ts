@@ -210,7 +210,7 @@ function codeOf(e: unknown): { code: Code; message: string } {
 }
 
 /** Methods that only read: the kernel is compared once, before and after all their calls. */
-const READ_ONLY = /^(Get|List|NicStats|ParseRules|InspectVm|TestConnectivity)/;
+const READ_ONLY = /^(Get|List|NicStats|ParseRules|InspectVm|TestConnectivity|Watch)/;
 
 /**
  * Waits until two snapshots 250 ms apart agree (what an accepted call
@@ -245,9 +245,25 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
   const full = `${t.service.name}.${m.name}`;
   const seed = seedOf(full);
   test(full, async () => {
-    const client = createClient(t.service, transport()) as unknown as Record<string, (req: unknown, o: { timeoutMs: number }) => Promise<unknown>>;
-    const call = client[m.localName];
-    assert.ok(call, `client has ${m.localName}`);
+    const client = createClient(t.service, transport()) as unknown as Record<string, (req: unknown, o: { timeoutMs: number; signal?: AbortSignal }) => unknown>;
+    const method = client[m.localName];
+    assert.ok(method, `client has ${m.localName}`);
+    // A server stream (WatchVms) is judged by its opening: validation, then its first message; then the client hangs up.
+    const call = async (req: unknown, o: { timeoutMs: number }): Promise<void> => {
+      if (m.methodKind !== "server_streaming") {
+        await method(req, o);
+        return;
+      }
+      const ac = new AbortController();
+      try {
+        for await (const first of method(req, { ...o, signal: ac.signal }) as AsyncIterable<unknown>) {
+          void first;
+          break;
+        }
+      } finally {
+        ac.abort();
+      }
+    };
     const counts = new Map<string, number>();
     const readOnly = READ_ONLY.test(m.name);
     // Settled: a change the previous method accepted may still be on its way to the kernel.

@@ -14,7 +14,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
-import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
+import { GatewayService, type FloatingIp } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { names } from "../../services/gateway/plan.js";
@@ -366,7 +366,8 @@ const one = () => new Promise((r) => {
 `;
 
 describe("conntrack limit per VM (--conntrack-limit-per-vm)", () => {
-  test(`a VM past ${CT_LIMIT} flows through the host's NAT has the excess refused; another VM of the VPC still connects`, async () => {
+  test(`a VM past ${CT_LIMIT} flows through the host's NAT has the excess refused, also after the gateway replaced the VPC's NAT table; another VM of the VPC still connects`, async () => {
+    let fipC: FloatingIp | undefined;
     await eventually(async () => (await tcpConnect(c2.ns, inet.address, 80, 1500)) === "connected", "c2 reaches the internet (egress works)");
     const holder = trackChild(
       spawn("ip", ["netns", "exec", c1.ns, process.execPath, "-e", HOLDER, inet.address, "80", String(CT_LIMIT + 3)], { stdio: ["pipe", "pipe", "inherit"] }),
@@ -393,8 +394,23 @@ describe("conntrack limit per VM (--conntrack-limit-per-vm)", () => {
       // Metadata requests are host conntrack entries too: counted the same way.
       assert.equal(await tcpConnect(c1.ns, "169.254.169.254", 80, 2000), "unreachable", "c1 at its limit opens no metadata flow either");
       assert.equal(await tcpConnect(c2.ns, "169.254.169.254", 80, 2000), "connected", "c2 reaches the metadata server");
+      // The attack: make the gateway replace the VPC's NAT table (here a
+      // floating IP for c2; the drift pass does the same every interval).
+      // The counts used to live in that table, so each replacement let c1
+      // open CT_LIMIT flows more. They now survive it.
+      fipC = (await gw.allocateFloatingIp({})).floatingIp!;
+      await gw.associateFloatingIp({ floatingIp: fipC.id, vpc: c2.vpc.id, privateAddress: c2.address });
+      const fipAddr = fipC.address;
+      await eventually(
+        async () => (await nsExec(c2.vpcNs, "nft", ["list", "map", "ip", "microvpc_gw", "fip_in"], { check: false })).stdout.includes(fipAddr),
+        "the gateway replaced the VPC's NAT table (c2's floating IP is in it)",
+      );
+      assert.equal(await tcpConnect(c1.ns, inet.address, 80, 2000), "unreachable", "c1 is still at its limit after the NAT table was replaced");
+      assert.equal(await tcpConnect(c1.ns, "169.254.169.254", 80, 2000), "unreachable", "…for metadata flows too");
+      assert.equal(await tcpConnect(c2.ns, inet.address, 80, 2000), "connected", "c2 still connects");
     } finally {
       holder.stdin!.end();
+      if (fipC) await gw.releaseFloatingIp({ floatingIp: fipC.id, force: true }).catch(() => undefined);
     }
     // Flows closed: c1 connects again.
     await eventually(async () => (await tcpConnect(c1.ns, inet.address, 80, 1500)) === "connected", "c1 connects again once its flows are closed", 30_000);

@@ -438,12 +438,12 @@ export class Harness {
    */
   async hostServices(
     host: Hypervisor | number = 0,
-    o: { vmm?: boolean; driftMs?: number; gatewayArgs?: string[]; vmmArgs?: string[]; vmmEnv?: Record<string, string> } = {},
+    o: { vmm?: boolean; driftMs?: number; firewallArgs?: string[]; gatewayArgs?: string[]; vmmArgs?: string[]; vmmEnv?: Record<string, string> } = {},
   ): Promise<{ fwd: Daemon; gwd: Daemon; vmmd?: Daemon }> {
     const hv = this.host(host);
     const r = ["--redis", this.redis.url, "--host-id", hv.id, ...this.redisAuth(hostUser(hv.id))];
     const drift = o.driftMs === undefined ? [] : ["--drift-interval-ms", String(o.driftMs)];
-    const fwd = await startDaemon("firewall", [...r, ...drift]);
+    const fwd = await startDaemon("firewall", [...r, ...drift, ...(o.firewallArgs ?? [])]);
     trackChild(fwd.proc);
     const gwd = await startDaemon("gateway", [
       ...r,

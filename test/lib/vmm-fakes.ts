@@ -9,6 +9,7 @@
 // (test/unit/vmm-saga.test.ts).
 import { Code, ConnectError, createClient, createRouterTransport, type Transport } from "@connectrpc/connect";
 import { mapDomainErrors, NotFoundError } from "../../services/common/errors.js";
+import { currentScope } from "../../services/common/tracing.js";
 import type { Booter, Clients } from "../../services/vmm/service.js";
 import type { NetnsAdapter } from "../../services/vmm/netns.js";
 import type { StepName, VmRec } from "../../services/vmm/store.js";
@@ -50,6 +51,8 @@ export interface Call {
   key: string;
   /** "refused": the fake's own error (NOT_FOUND: nothing of that key to undo). */
   outcome: "ok" | "failed before" | "failed after" | "refused";
+  /** The request id of the call being served when this one was made (tracing.ts), if any. */
+  reqId?: string;
 }
 
 export class VmmFakes {
@@ -92,7 +95,7 @@ export class VmmFakes {
     const f = i >= 0 ? this.faults[i] : undefined;
     if (f) f.times--;
     if (f?.at === "before") {
-      this.calls.push({ svc, method, key, outcome: "failed before" });
+      this.calls.push({ svc, method, key, outcome: "failed before", reqId: currentScope()?.reqId });
       throw new ConnectError(faultMessage(svc, method, "before"), FAULT_CODE.before);
     }
     let r: T;
@@ -100,10 +103,10 @@ export class VmmFakes {
       r = work();
     } catch (e) {
       // The fake's own answer (NOT_FOUND for nothing to undo): recorded too.
-      this.calls.push({ svc, method, key, outcome: "refused" });
+      this.calls.push({ svc, method, key, outcome: "refused", reqId: currentScope()?.reqId });
       throw e;
     }
-    this.calls.push({ svc, method, key, outcome: f ? "failed after" : "ok" });
+    this.calls.push({ svc, method, key, outcome: f ? "failed after" : "ok", reqId: currentScope()?.reqId });
     if (f) throw new ConnectError(faultMessage(svc, method, "after"), FAULT_CODE.after);
     return r;
   }

@@ -118,18 +118,21 @@ function matches(selector: Record<string, string>, labels: Record<string, string
 }
 
 /** The image the overlay gives microvpc containers (kustomization `images:`). */
-function microvpcImage(overlay: Overlay): string {
+/** What every microvpc container runs: the image's ENTRYPOINT, tini as PID 1 in front of microvpcd. */
+const ENTRY = ["tini", "--", "microvpcd"];
+
+function microvpcImage(overlay: Overlay, base = "microvpc"): string {
   const k = parseYaml(readFileSync(join(K8S, "overlays", overlay, "kustomization.yaml"), "utf8")) as {
     images: { name: string; newName?: string; newTag?: string }[];
   };
-  const img = k.images.find((i) => i.name === "microvpc");
-  assert.ok(img, `${overlay} pins the microvpc image`);
-  return `${img.newName ?? "microvpc"}:${img.newTag}`;
+  const img = k.images.find((i) => i.name === base);
+  assert.ok(img, `${overlay} pins the ${base} image`);
+  return `${img.newName ?? base}:${img.newTag}`;
 }
 
 function microvpcContainers(objs: K8sObject[], image: string): { w: Workload; c: Container }[] {
   return workloads(objs).flatMap((w) =>
-    [...w.pod.containers, ...(w.pod.initContainers ?? [])].filter((c) => c.image === image || c.command?.[0] === "microvpcd").map((c) => ({ w, c })),
+    [...w.pod.containers, ...(w.pod.initContainers ?? [])].filter((c) => c.image === image || c.command?.includes("microvpcd")).map((c) => ({ w, c })),
   );
 }
 
@@ -224,14 +227,15 @@ test("kustomize subset: strategic merge as the API server does it for the fields
               name: "a",
               image: "x",
               args: ["three"],
+              // kyaml's order: the patch's elements first, then the base's others.
               env: [
-                { name: "A", value: "1" },
                 { name: "B", value: "20" },
                 { name: "C", value: "3" },
+                { name: "A", value: "1" },
               ],
               volumeMounts: [
-                { name: "v", mountPath: "/v" },
                 { name: "w", mountPath: "/w" },
+                { name: "v", mountPath: "/v" },
               ],
             },
             { name: "c", image: "z" },
@@ -244,10 +248,36 @@ test("kustomize subset: strategic merge as the API server does it for the fields
   assert.deepEqual(strategicMerge({ a: 1, b: { c: 2, d: 3 } }, { b: { c: null } }, ""), { a: 1, b: { d: 3 } });
   assert.deepEqual(strategicMerge({ ports: [{ port: 1, name: "a" }] }, { ports: [{ port: 2, name: "b" }] }, ""), {
     ports: [
-      { port: 1, name: "a" },
       { port: 2, name: "b" },
+      { port: 1, name: "a" },
     ],
   });
+  // Merge keys are the API's list-map keys: a spread constraint is topologyKey+whenUnsatisfiable,
+  // a port port+protocol, so a different second key adds an element instead of replacing one.
+  const spread = (k: string, w: string, skew = 1) => ({ topologyKey: k, whenUnsatisfiable: w, maxSkew: skew });
+  assert.deepEqual(
+    strategicMerge({ topologySpreadConstraints: [spread("h", "ScheduleAnyway")] }, { topologySpreadConstraints: [spread("h", "DoNotSchedule")] }, ""),
+    { topologySpreadConstraints: [spread("h", "DoNotSchedule"), spread("h", "ScheduleAnyway")] },
+  );
+  assert.deepEqual(
+    strategicMerge(
+      { topologySpreadConstraints: [spread("h", "ScheduleAnyway"), spread("z", "ScheduleAnyway")] },
+      { topologySpreadConstraints: [{ topologyKey: "h", whenUnsatisfiable: "ScheduleAnyway", $patch: "delete" }, spread("h", "DoNotSchedule", 2)] },
+      "",
+    ),
+    { topologySpreadConstraints: [spread("h", "DoNotSchedule", 2), spread("z", "ScheduleAnyway")] },
+  );
+  assert.deepEqual(strategicMerge({ ports: [{ port: 1, protocol: "TCP" }] }, { ports: [{ port: 1, protocol: "UDP" }] }, ""), {
+    ports: [
+      { port: 1, protocol: "UDP" },
+      { port: 1, protocol: "TCP" },
+    ],
+  });
+  // Leaving out a secondary key the base gives is refused: kustomize would drop the patch element.
+  assert.throws(
+    () => strategicMerge({ ports: [{ containerPort: 1, protocol: "TCP" }] }, { ports: [{ containerPort: 1, name: "n" }] }, ""),
+    /must give 'protocol'/,
+  );
   assert.throws(() => strategicMerge({ a: {} }, { a: { $patch: "replace" } }, ""), /not implemented/);
   assert.throws(() => strategicMerge({ containers: [{ name: "a" }] }, { containers: [{ image: "x" }] }, ""), /merge key 'name'/);
   assert.deepEqual(splitImage("reg.example:5000/a/b:1.2@sha256:ab"), { name: "reg.example:5000/a/b", tag: "1.2", digest: "sha256:ab" });
@@ -486,7 +516,8 @@ for (const overlay of OVERLAYS) {
         assert.match(ops, new RegExp(`kubectl[^\\n]*create secret generic ${s}\\b`), `docs/operations.md says how to create Secret ${s}`);
     }
     // microvpc-redis: Redis's default user; -control: ipam's user; -acl: the aclfile (docs/redis-acl.md).
-    assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-redis-acl", "microvpc-redis-control", "microvpc-token"]);
+    // microvpc-tls: the control plane's gRPC certificate (and the CA vmm trusts).
+    assert.deepEqual([...secretRefs].sort(), ["microvpc-redis", "microvpc-redis-acl", "microvpc-redis-control", "microvpc-tls", "microvpc-token"]);
   });
 }
 
@@ -515,8 +546,9 @@ for (const overlay of OVERLAYS) {
       // The mode as a flag, never as MICROVPC_API_ONLY (any value of which, "false" too, turns it on).
       assert.equal(envOf(c, "MICROVPC_API_ONLY"), undefined, `${cn}: no MICROVPC_API_ONLY`);
       if (apiOnly) assert.deepEqual(c.args, [svc, "--api-only"], `${cn}: \`microvpcd ${svc} --api-only\``);
-      assert.equal(c.image, image, `${cn}: the overlay's microvpc image`);
-      assert.deepEqual(c.command, ["microvpcd"], `${cn}: command is the image's ENTRYPOINT, microvpcd (bin/microvpcd.js, as in test/lib/daemon.ts)`);
+      // The control plane's pod runs the Dockerfile's control-plane target (no QEMU).
+      assert.equal(c.image, control ? microvpcImage(overlay, "microvpc-control-plane") : image, `${cn}: the overlay's microvpc image`);
+      assert.deepEqual(c.command, ENTRY, `${cn}: command is the image's ENTRYPOINT, tini then microvpcd (bin/microvpcd.js, as in test/lib/daemon.ts)`);
       assert.ok((SERVICES as readonly string[]).includes(svc), `${cn}: ${svc} is a microvpcd service`);
       assert.equal(c.name, svc, `${cn}: the container is named after its service`);
       for (const a of c.args!.slice(1)) {
@@ -624,7 +656,7 @@ test("the containers' entry point is the one the integration tests start", () =>
   assert.match(df, /ln -s \/app\/bin\/microvpcd\.js \/usr\/local\/bin\/microvpcd\b/, "microvpcd on PATH is bin/microvpcd.js");
   assert.match(df, /^WORKDIR \/app$/m);
   assert.match(df, /^COPY bin \.\/bin$/m);
-  assert.match(df, /^ENTRYPOINT \["microvpcd"\]$/m);
+  assert.match(df, /^ENTRYPOINT \["tini", "--", "microvpcd"\]$/m);
 });
 
 // ---------- what the overlays claim
@@ -680,7 +712,8 @@ for (const overlay of OVERLAYS) {
       wireguard: "/var/run/wireguard",
       state: "/var/lib/microvpc",
       // The node's own Redis password (docs/redis-acl.md); dev uses the shared Secret.
-      ...(overlay === "dev" ? {} : { "redis-password": "/etc/microvpc/redis" }),
+      // The node's own Redis password (docs/redis-acl.md) and gRPC certificate; dev uses the shared Secret and plaintext.
+      ...(overlay === "dev" ? {} : { "redis-password": "/etc/microvpc/redis", tls: "/etc/microvpc/tls" }),
     });
     // Privileges, exactly (deploy/k8s/README.md "Privileges").
     const [netagent, firewall, gateway, vmm] = pod.containers;
@@ -706,11 +739,33 @@ for (const overlay of OVERLAYS) {
     assert.equal(vmm.securityContext?.privileged, true, "vmm: ip netns add (Bidirectional) and ping in VPC namespaces");
     assert.equal(propagation(vmm), "Bidirectional", "vmm's guest namespaces reach the host (and the netagent)");
     // vmm drives the other services where they listen, with their token.
-    const listenOf = (c: Container) => envOf(c, "MICROVPC_LISTEN")?.value;
+    // Over https:// where the daemon serves TLS (production: a per-node certificate), else plaintext (dev).
+    const listenOf = (c: Container) => `${envOf(c, "MICROVPC_TLS_CERT") ? "https://" : ""}${envOf(c, "MICROVPC_LISTEN")?.value}`;
+    for (const c of [netagent, firewall, gateway, vmm]) {
+      const tls = !!envOf(c, "MICROVPC_TLS_CERT") && !!envOf(c, "MICROVPC_TLS_KEY");
+      assert.equal(tls, overlay !== "dev", `${c.name}: TLS on the node address${overlay === "dev" ? " (not in dev)" : ""}`);
+      assert.equal(envOf(c, "MICROVPC_INSECURE_PLAINTEXT")?.value, tls ? undefined : "true", `${c.name}: plaintext only where said`);
+      assert.equal(
+        c.volumeMounts!.some((m) => m.mountPath === "/etc/microvpc/tls"),
+        tls,
+      );
+    }
+    // The token goes in clear text nowhere but dev.
+    assert.equal(envOf(vmm, "MICROVPC_INSECURE_SEND_TOKEN")?.value, overlay === "dev" ? "true" : undefined);
     assert.equal(envOf(vmm, "MICROVPC_NETAGENT_ADDR")?.value, listenOf(netagent));
     assert.equal(envOf(vmm, "MICROVPC_FIREWALL_ADDR")?.value, listenOf(firewall));
     assert.equal(envOf(vmm, "MICROVPC_GATEWAY_ADDR")?.value, listenOf(gateway));
-    assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "microvpc-ipam:7401");
+    // ipam over TLS, through the headless Service, balanced over its replicas (dns:/// + round_robin).
+    assert.equal(envOf(vmm, "MICROVPC_IPAM_ADDR")?.value, "https://dns:///microvpc-ipam-headless:7401");
+    const caFile = envOf(vmm, "MICROVPC_CA_FILE")?.value;
+    const caMount = vmm.volumeMounts!.find((m) => caFile?.startsWith(`${m.mountPath}/`));
+    assert.ok(caMount, "vmm: the CA file is mounted");
+    const caVol = pod.volumes!.find((v) => v.name === caMount.name) as { secret?: { secretName: string; items: { key: string; path: string }[] } };
+    assert.deepEqual(caVol.secret?.secretName, "microvpc-tls", "vmm trusts the CA of ipam's certificate");
+    assert.deepEqual(caVol.secret?.items, [{ key: "ca.crt", path: "ca.crt" }], "vmm gets the CA only, never the key");
+    const headless = find(objs, "Service", "microvpc-ipam-headless").spec as { clusterIP: string; ports: { port: number }[]; selector: Record<string, string> };
+    assert.equal(headless.clusterIP, "None");
+    assert.ok(headless.ports.some((p) => p.port === 7401));
     // vmm's token for calls to the others: the mounted Secret file, not a variable.
     assert.equal(envOf(vmm, "MICROVPC_SERVICE_TOKEN"), undefined, "vmm: no token in an environment variable");
     assert.equal(
@@ -801,7 +856,7 @@ for (const [build, objs] of BUILDS) {
       const c = container(objs, "Deployment", "microvpc-ipam", svc);
       const cn = `${build} ${svc}`;
       const port = DEFAULT_PORT[svc];
-      assert.deepEqual(c.command, ["microvpcd"], `${cn}: the image's ENTRYPOINT`);
+      assert.deepEqual(c.command, ENTRY, `${cn}: the image's ENTRYPOINT`);
       assert.deepEqual(c.args, [svc, "--api-only"], `${cn}: the cluster-wide API alone`);
       assert.equal(c.image, ipam.image, `${cn}: ipam's image`);
       assert.equal(c.imagePullPolicy, ipam.imagePullPolicy, `${cn}: ipam's pull policy`);
@@ -809,26 +864,27 @@ for (const [build, objs] of BUILDS) {
       assert.equal(envOf(c, "MICROVPC_LISTEN")?.value, `0.0.0.0:${port}`);
       assert.equal(envOf(c, "MICROVPC_METRICS_LISTEN")?.value, `0.0.0.0:${port + 2000}`);
       assert.equal(envOf(c, "MICROVPC_HEALTH_LISTEN")?.value, `0.0.0.0:${port + 1000}`);
-      // Redis, token and plaintext: ipam's, value for value.
+      // Redis, token and TLS: ipam's, value for value.
       for (const n of [
         "MICROVPC_REDIS_URL",
         "MICROVPC_REDIS_USER",
         "MICROVPC_REDIS_PASSWORD_FILE",
         "MICROVPC_REDIS_TIMEOUT_MS",
         "MICROVPC_TOKEN_FILE",
-        "MICROVPC_INSECURE_PLAINTEXT",
+        "MICROVPC_TLS_CERT",
+        "MICROVPC_TLS_KEY",
       ]) {
         assert.ok(envOf(ipam, n), `ipam sets ${n}`);
         assert.deepEqual(envOf(c, n), envOf(ipam, n), `${cn}: ${n} as ipam's`);
       }
       assert.equal(envOf(c, "MICROVPC_REDIS_USER")?.value, "microvpc-control", `${cn}: the control plane's Redis user`);
-      assert.equal(envOf(c, "MICROVPC_INSECURE_PLAINTEXT")?.value, "true");
+      // The token crosses the network only over TLS: no plaintext escape hatch.
+      assert.equal(envOf(c, "MICROVPC_INSECURE_PLAINTEXT"), undefined, `${cn}: TLS, not plaintext`);
       // Nothing else: no host id (not a hypervisor), no MICROVPC_API_ONLY (the flag says it).
       assert.deepEqual(
         (c.env ?? []).map((e) => e.name).sort(),
         [
           "MICROVPC_HEALTH_LISTEN",
-          "MICROVPC_INSECURE_PLAINTEXT",
           "MICROVPC_LISTEN",
           "MICROVPC_LOG_LEVEL",
           "MICROVPC_METRICS_LISTEN",
@@ -837,6 +893,8 @@ for (const [build, objs] of BUILDS) {
           "MICROVPC_REDIS_TIMEOUT_MS",
           "MICROVPC_REDIS_URL",
           "MICROVPC_REDIS_USER",
+          "MICROVPC_TLS_CERT",
+          "MICROVPC_TLS_KEY",
           "MICROVPC_TOKEN_FILE",
         ],
         `${cn}: its variables`,
@@ -869,7 +927,21 @@ for (const [build, objs] of BUILDS) {
     assert.equal(envOf(gw, "MICROVPC_RESERVED_PORTS")?.value, envOf(dsGateway, "MICROVPC_RESERVED_PORTS")?.value, "the hypervisors' reserved ports");
     // The control user's password: ipam's Secret, one volume for all three.
     const vols = Object.fromEntries((w.pod.volumes ?? []).map((v) => [v.name, v]));
-    assert.deepEqual(Object.keys(vols).sort(), ["redis-password", "token"]);
+    assert.deepEqual(Object.keys(vols).sort(), ["redis-password", "tls", "token"]);
+    // The serving certificate and key, from the Secret cert-manager (or the operator) fills.
+    assert.deepEqual(vols.tls.secret, {
+      secretName: "microvpc-tls",
+      items: [
+        { key: "tls.crt", path: "tls.crt" },
+        { key: "tls.key", path: "tls.key" },
+      ],
+      defaultMode: 0o440,
+    });
+    for (const c of w.pod.containers) {
+      assert.equal(envOf(c, "MICROVPC_TLS_CERT")?.value, "/etc/microvpc/tls/tls.crt", `${c.name}: serves TLS`);
+      assert.equal(envOf(c, "MICROVPC_TLS_KEY")?.value, "/etc/microvpc/tls/tls.key");
+      assert.ok(c.volumeMounts?.some((m) => m.name === "tls" && m.mountPath === "/etc/microvpc/tls" && m.readOnly));
+    }
     assert.deepEqual(vols["redis-password"].secret, {
       secretName: "microvpc-redis-control",
       items: [{ key: "password", path: "password" }],
@@ -885,11 +957,11 @@ for (const [build, objs] of BUILDS) {
     assert.deepEqual(
       svc.ports.map((p) => `${p.name} ${p.port}->${p.targetPort}/${p.protocol}${p.appProtocol ? ` ${p.appProtocol}` : ""}`),
       [
-        "grpc 7401->7401/TCP kubernetes.io/h2c",
+        "grpc 7401->7401/TCP https",
         "metrics 9401->9401/TCP",
-        "grpc-firewall 7403->7403/TCP kubernetes.io/h2c",
+        "grpc-firewall 7403->7403/TCP https",
         "mx-firewall 9403->9403/TCP",
-        "grpc-gateway 7404->7404/TCP kubernetes.io/h2c",
+        "grpc-gateway 7404->7404/TCP https",
         "mx-gateway 9404->9404/TCP",
       ],
     );
@@ -954,8 +1026,8 @@ for (const [build, objs] of BUILDS) {
 test("dev: its own namespace, the local image, committed dev-only Secrets, a small Redis, debug logs", () => {
   const objs = rendered.dev;
   assert.ok(objs.every((o) => o.kind === "Namespace" || o.metadata.namespace === "microvpc-dev"));
-  for (const { c } of microvpcContainers(objs, "microvpc:dev")) {
-    assert.equal(c.image, "microvpc:dev");
+  for (const { w, c } of microvpcContainers(objs, "microvpc:dev")) {
+    assert.equal(c.image, w.obj.kind === "Deployment" ? "microvpc-control-plane:dev" : "microvpc:dev");
     assert.equal(c.imagePullPolicy, "IfNotPresent");
   }
   for (const s of objs.filter((o) => o.kind === "Secret")) assert.equal(s.metadata.labels?.["microvpc.io/dev-only"], "true");
@@ -1091,21 +1163,50 @@ function packageLists(): { all: string[]; leaveOut: string[] } {
   return { all, leaveOut };
 }
 
-/** What the Dockerfile's install step installs: its own commands, run by sh on the real file. */
-function imagePackages(): string[] {
-  const install = instructions.find((l) => l.startsWith("RUN ") && l.includes("apt-get install"));
-  assert.ok(install, "an apt-get install step");
+/** The instructions of one stage (FROM … AS name up to the next FROM). */
+function stage(name: string): string[] {
+  const i = instructions.findIndex((l) => l.startsWith("FROM ") && l.endsWith(` AS ${name}`));
+  assert.ok(i >= 0, `the Dockerfile has a stage (target) ${name}`);
+  const j = instructions.findIndex((l, k) => k > i && l.startsWith("FROM "));
+  return instructions.slice(i, j < 0 ? undefined : j);
+}
+
+/** The global ARGs (before the first FROM) with their defaults. */
+function globalArgs(): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const l of instructions.slice(
+    0,
+    instructions.findIndex((x) => x.startsWith("FROM ")),
+  )) {
+    const m = /^ARG (\w+)=(?:"([^"]*)"|(\S*))$/.exec(l);
+    if (m) out[m[1]] = m[2] ?? m[3];
+  }
+  return out;
+}
+
+/**
+ * What a target's install step installs: its own commands, run by sh on the
+ * real file with the global ARGs' defaults, plus the packages it names after
+ * the list (tini). A stage built FROM another adds to that one's packages.
+ */
+function imagePackages(target = "hypervisor"): string[] {
+  const lines = stage(target);
+  const parent = /^FROM (\S+) AS/.exec(lines[0])![1];
+  const inherited = parent === "${NODE_IMAGE}" ? [] : imagePackages(parent);
+  const install = lines.find((l) => l.startsWith("RUN ") && l.includes("apt-get install"));
+  assert.ok(install, `${target}: an apt-get install step`);
   const m =
-    /^RUN (printf '%s\\n' \$LEAVE_OUT > \/tmp\/leave-out)\s+&& apt-get update\s+&& (grep -v '\^#' \/tmp\/packages\.txt \| grep -vxF -f \/tmp\/leave-out)\s+\|\s+xargs --no-run-if-empty apt-get install -y --no-install-recommends\s+&& rm -rf /.exec(
+    /^RUN (printf '%s\\n' (?:\$[A-Z_]+ ?)+ > \/tmp\/leave-out)\s+&& apt-get update\s+&& (grep -v '\^#' \/tmp\/packages\.txt \| grep -vxF -f \/tmp\/leave-out)\s+\|\s+xargs apt-get install -y --no-install-recommends ([a-z0-9 -]*?)\s+&& rm -rf /.exec(
       install,
     );
-  assert.ok(m, `the package names come from the file, less LEAVE_OUT, into apt-get install:\n${install}`);
+  assert.ok(m, `${target}: the package names come from the file, less what it leaves out, into apt-get install:\n${install}`);
+  for (const v of m[1].match(/\$[A-Z_]+/g)!) assert.ok(lines.includes(`ARG ${v.slice(1)}`), `${target}: ${v} is declared in the stage (ARG)`);
   const dir = mkdtempSync(join(tmpdir(), "mvpc-pkgs-"));
   try {
     writeFileSync(join(dir, "packages.txt"), readFileSync(join(ROOT, "deploy", "packages.txt")));
     const script = `${m[1]}\n${m[2]}\n`.replaceAll("/tmp/", `${dir}/`);
-    const out = execFileSync("sh", ["-c", script], { encoding: "utf8", env: { ...process.env, LEAVE_OUT: packageLists().leaveOut.join(" ") } });
-    return out.split(/\s+/).filter(Boolean);
+    const out = execFileSync("sh", ["-c", script], { encoding: "utf8", env: { ...process.env, ...globalArgs() } });
+    return [...new Set([...inherited, ...m[3].split(/\s+/).filter(Boolean), ...out.split(/\s+/).filter(Boolean)])];
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -1117,15 +1218,17 @@ test("Dockerfile: build stage (esbuild), node:24-bookworm-slim, npm ci --omit=de
   assert.match(PKG.engines.node, new RegExp(`^>=${readFileSync(join(ROOT, ".nvmrc"), "utf8").trim()}$`), "engines says the same major");
   const froms = instructions.filter((l) => l.startsWith("FROM "));
   assert.deepEqual(
-    froms.map((f) => /^FROM \$\{NODE_IMAGE\} AS (\w+)$/.exec(f)?.[1]),
-    ["build", "deps", "runtime"],
-    "three stages on the one base",
+    froms.map((f) => /^FROM (\S+) AS ([\w-]+)$/.exec(f)?.slice(1).join(" ")),
+    ["${NODE_IMAGE} build", "${NODE_IMAGE} deps", "${NODE_IMAGE} control-plane", "control-plane hypervisor"],
+    "build, deps, the control plane's image and the hypervisor's on top of it (the default target, last)",
   );
   assert.ok(
     instructions.some((l) => /^RUN npm ci --no-audit --no-fund$/.test(l)),
     "the build stage installs every dependency with npm ci",
   );
-  assert.ok(instructions.includes("RUN npm run build"), "the build stage runs npm run build");
+  // The commit, a build argument (no .git in the context), reaches build.mjs.
+  assert.ok(stage("build").includes("ARG MICROVPC_COMMIT"), "the build stage takes MICROVPC_COMMIT");
+  assert.ok(stage("build").includes('RUN MICROVPC_COMMIT="$MICROVPC_COMMIT" npm run build'), "the build stage runs npm run build with the commit");
   assert.ok(
     instructions.some((l) => /^RUN npm ci --omit=dev\b/.test(l)),
     "npm ci --omit=dev for the runtime's node_modules",
@@ -1137,18 +1240,38 @@ test("Dockerfile: build stage (esbuild), node:24-bookworm-slim, npm ci --omit=de
   );
   assert.ok(instructions.includes("COPY --from=build /app/dist ./dist"), "the runtime stage takes the build's dist/");
   assert.ok(instructions.includes("COPY bin ./bin"));
-  const runtime = instructions.slice(instructions.findIndex((l) => / AS runtime$/.test(l)));
+  const runtime = [...stage("control-plane"), ...stage("hypervisor")];
   for (const dir of ["cli", "services", "gen"]) assert.ok(!runtime.includes(`COPY ${dir} ./${dir}`), `the runtime ships no TypeScript sources (${dir}/)`);
-  assert.deepEqual(
-    instructions.filter((l) => l.startsWith("ENTRYPOINT")),
-    ['ENTRYPOINT ["microvpcd"]'],
-  );
+  for (const target of ["control-plane", "hypervisor"]) {
+    const lines = stage(target);
+    // tini is PID 1: it forwards SIGTERM to microvpcd and reaps the ip/nft/wg children.
+    assert.deepEqual(
+      lines.filter((l) => l.startsWith("ENTRYPOINT")),
+      ['ENTRYPOINT ["tini", "--", "microvpcd"]'],
+      `${target}: tini runs microvpcd`,
+    );
+    assert.ok(imagePackages(target).includes("tini"), `${target}: installs tini`);
+    assert.match(lines.filter((l) => l.startsWith("USER")).at(-1) ?? "", /^USER 1000(:1000)?$/, `${target}: non-root unless the manifest says otherwise`);
+    // OCI labels: where it comes from, which commit and version, the licence.
+    const labels = Object.fromEntries(
+      lines.filter((l) => l.startsWith("LABEL ")).flatMap((l) => [...l.matchAll(/(org\.opencontainers\.image\.[a-z]+)="([^"]*)"/g)].map((m) => [m[1], m[2]])),
+    );
+    assert.equal(labels["org.opencontainers.image.revision"], "$MICROVPC_COMMIT", `${target}: revision label from MICROVPC_COMMIT`);
+    assert.equal(labels["org.opencontainers.image.version"], "$MICROVPC_VERSION", `${target}: version label`);
+    assert.equal(labels["org.opencontainers.image.source"], "$MICROVPC_SOURCE", `${target}: source label`);
+    assert.equal(labels["org.opencontainers.image.licenses"], (PKG as unknown as { license: string }).license, `${target}: package.json's licence`);
+    for (const a of ["MICROVPC_COMMIT", "MICROVPC_VERSION", "MICROVPC_SOURCE"]) assert.ok(lines.includes(`ARG ${a}`), `${target}: ARG ${a} in the stage`);
+  }
+  assert.equal(globalArgs().MICROVPC_VERSION, PKG.version, "the version label's default is package.json's version");
+  // No QEMU in the control plane's image; the hypervisor's has it.
+  assert.ok(!imagePackages("control-plane").some((p) => p.startsWith("qemu")), "control-plane: no QEMU");
+  for (const p of ["cpio", "kmod", "busybox-static"]) assert.ok(!imagePackages("control-plane").includes(p), `control-plane: no guest tool ${p}`);
+  assert.ok(imagePackages("hypervisor").includes("qemu-system-x86"), "hypervisor: QEMU for kind=qemu guests");
   const cmd = instructions.filter((l) => l.startsWith("CMD"));
   assert.ok(
     cmd.every((l) => !/npm|tsc|build|install/.test(l)),
     "nothing is built or installed when a container starts",
   );
-  assert.match(instructions.filter((l) => l.startsWith("USER")).at(-1) ?? "", /^USER 1000(:1000)?$/, "non-root unless the manifest says otherwise");
   // The build context keeps node_modules (and the rest) out.
   const ignore = readFileSync(join(ROOT, ".dockerignore"), "utf8");
   assert.match(ignore, /^\*\*$/m);
@@ -1169,11 +1292,18 @@ test("Dockerfile installs deploy/packages.txt — the file .ci/run installs — 
   const { all, leaveOut } = packageLists();
   assert.ok(instructions.includes("COPY deploy/packages.txt /tmp/packages.txt"));
   const image = imagePackages();
+  const hypervisorOnly = globalArgs().HYPERVISOR_ONLY.split(/\s+/).filter(Boolean);
   assert.deepEqual(
-    image,
-    all.filter((p) => !leaveOut.includes(p)),
-    "the image installs every listed package but LEAVE_OUT",
+    [...image].sort(),
+    [...all.filter((p) => !leaveOut.includes(p)), "tini"].sort(),
+    "the hypervisor image installs every listed package but LEAVE_OUT, and tini",
   );
+  assert.deepEqual(
+    [...imagePackages("control-plane")].sort(),
+    [...all.filter((p) => !leaveOut.includes(p) && !hypervisorOnly.includes(p)), "tini"].sort(),
+    "the control plane's image installs those but HYPERVISOR_ONLY",
+  );
+  for (const p of hypervisorOnly) assert.ok(all.includes(p) && !leaveOut.includes(p), `HYPERVISOR_ONLY names ${p}, a listed package the hypervisor installs`);
   for (const p of leaveOut) assert.ok(all.includes(p), `LEAVE_OUT names ${p}, which deploy/packages.txt does not list (stale?)`);
   for (const p of ["iproute2", "nftables", "wireguard-tools", "wireguard-go", "conntrack"]) assert.ok(image.includes(p), `the image has ${p}`);
   for (const p of ["redis-server", "iperf3"]) assert.ok(leaveOut.includes(p), `${p} stays out of the image`);
@@ -1186,7 +1316,7 @@ test("Dockerfile installs deploy/packages.txt — the file .ci/run installs — 
   const comments = DOCKERFILE.split("\n")
     .filter((l) => l.startsWith("#"))
     .join("\n");
-  for (const p of leaveOut) assert.ok(comments.includes(p), `the Dockerfile's comment says why ${p} is left out`);
+  for (const p of [...leaveOut, ...hypervisorOnly]) assert.ok(comments.includes(p), `the Dockerfile's comment says why ${p} is left out`);
 });
 
 test("the image's packages provide every program the services run", () => {

@@ -117,16 +117,26 @@ describe("management network", () => {
 });
 
 describe("VPC table", () => {
-  test("the conntrack limit counts a VM's new flows out of the transit link", () => {
+  test("the conntrack limit counts a VM's new flows out of the transit link, in a table a re-apply does not reset", () => {
     const text = vpcNft(vpc(), 8775, 53, 100);
-    assert.match(text, /set ct_per_vm \{ type ipv4_addr; size 65535; flags dynamic; \}/);
-    assert.match(text, /oifname "gv111111111111" ct state new add @ct_per_vm \{ ip saddr ct count over 100 \} counter reject/);
-    // First in the chain: metadata and resolver flows are host conntrack entries too.
-    const lines = text.split("\n");
-    const at = (re: RegExp) => lines.findIndex((l) => re.test(l));
-    assert.ok(at(/add @ct_per_vm/) > at(/chain forward/));
-    for (const later of [/tcp dport 8775 accept/, /th dport 53 accept/, /@egress_ok accept/]) assert.ok(at(/add @ct_per_vm/) < at(later), `before ${later}`);
-    assert.doesNotMatch(vpcNft(vpc(), 8775, 53, 0), /ct_per_vm/, "0: no limit");
+    const [nat, limit] = text.split("table ip microvpc_gw_ctlimit {");
+    // The counts live in their own table, never deleted: the NAT table is
+    // replaced on every change of the VPC, and a set in it would forget them.
+    assert.doesNotMatch(nat, /ct_per_vm/);
+    assert.match(nat, /delete table ip microvpc_gw\n/);
+    assert.doesNotMatch(text, /delete table ip microvpc_gw_ctlimit/);
+    assert.match(limit, /set ct_per_vm \{ type ipv4_addr; size 65535; flags dynamic; \}/);
+    // Before the NAT table's forward chain (-10): metadata and resolver flows are host conntrack entries too.
+    assert.match(limit, /type filter hook forward priority -20; policy accept;/);
+    assert.match(nat, /type filter hook forward priority -10; policy accept;/);
+    // Each apply replaces only the chain's rule.
+    assert.match(
+      limit,
+      /flush chain ip microvpc_gw_ctlimit forward\nadd rule ip microvpc_gw_ctlimit forward oifname "gv111111111111" ct state new add @ct_per_vm \{ ip saddr ct count over 100 \} counter reject/,
+    );
+    const off = vpcNft(vpc(), 8775, 53, 0);
+    assert.match(off, /flush chain ip microvpc_gw_ctlimit forward\n?$/, "0: no limit, and a limit set before is removed");
+    assert.doesNotMatch(off, /add @ct_per_vm/);
   });
 
   test("nft loads both tables (in a throwaway network namespace)", () => {

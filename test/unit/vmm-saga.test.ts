@@ -164,8 +164,13 @@ describe("DeleteVm failing at each step", () => {
         if (at === "before") {
           assert.equal((await x.api.deleteVm({ ref: name, vpc: "app" })).deleted, true, "DeleteVm again finishes it");
         } else {
+          const from = x.fakes.calls.length;
           await x.vmm.recover();
           await rejectsWith(x.api.getVm({ ref: vm.id }), Code.NotFound);
+          // The recovery's calls carry one request id of its own.
+          const ids = new Set(x.fakes.calls.slice(from).map((c) => c.reqId));
+          assert.equal(ids.size, 1, `one request id for the recovery: ${[...ids].join()}`);
+          assert.match([...ids][0] ?? "", /^recover-[0-9a-f-]{36}$/);
         }
         const undos = x.fakes.calls.filter((c) => c.method === call.undo);
         assert.equal(undos.length, 2, "the failed undo was tried again");

@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file microvpc/v1/vm.proto.
  */
 export const file_microvpc_v1_vm: GenFile = /*@__PURE__*/
-  fileDesc("ChRtaWNyb3ZwYy92MS92bS5wcm90bxILbWljcm92cGMudjEimwUKAlZtEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDgoGdnBjX2lkGAMgASgJEhEKCXN1Ym5ldF9pZBgEIAEoCRIhCgRraW5kGAUgASgOMhMubWljcm92cGMudjEuVm1LaW5kEiMKBXN0YXRlGAYgASgOMhQubWljcm92cGMudjEuVm1TdGF0ZRIWCg5zdGF0dXNfbWVzc2FnZRgHIAEoCRIPCgdob3N0X2lkGAggASgJEh4KBG5pY3MYCSADKAsyEC5taWNyb3ZwYy52MS5OaWMSGgoSc2VjdXJpdHlfZ3JvdXBfaWRzGAogAygJEhYKDnB1YmxpY19hZGRyZXNzGAsgASgJEhAKCGhvc3RuYW1lGAwgASgJEg0KBXZjcHVzGA0gASgNEhIKCm1lbW9yeV9taWIYDiABKA0SEwoLa2VybmVsX3BhdGgYDyABKAkSEwoLaW5pdHJkX3BhdGgYECABKAkSEwoLcm9vdGZzX3BhdGgYESABKAkSFgoOa2VybmVsX2NtZGxpbmUYEiABKAkSEwoLYWNjZWxlcmF0b3IYEyABKAkSCwoDcGlkGBQgASgNEhEKCW5hbWVzcGFjZRgVIAEoCRIYChBjb25zb2xlX2xvZ19wYXRoGBYgASgJEhcKD2FwaV9zb2NrZXRfcGF0aBgXIAEoCRIiCgZsYWJlbHMYGCADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBIvCgtjcmVhdGVfdGltZRgZIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgaIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSYWNjZWxlcmF0b3JfcmVhc29uGBsgASgJIo8ECg9DcmVhdGVWbVJlcXVlc3QSDAoEbmFtZRgBIAEoCRILCgN2cGMYAiABKAkSDgoGc3VibmV0GAMgASgJEhcKD3NlY3VyaXR5X2dyb3VwcxgEIAMoCRIPCgdhZGRyZXNzGAUgASgJEiEKBGtpbmQYBiABKA4yEy5taWNyb3ZwYy52MS5WbUtpbmQSEgoFdmNwdXMYByABKA1IAIgBARIXCgptZW1vcnlfbWliGAggASgNSAGIAQESEwoLa2VybmVsX3BhdGgYCSABKAkSEwoLaW5pdHJkX3BhdGgYCiABKAkSEwoLcm9vdGZzX3BhdGgYCyABKAkSEwoLa2VybmVsX2FyZ3MYDCABKAkSLgoJYmFuZHdpZHRoGA0gASgLMhsubWljcm92cGMudjEuQmFuZHdpZHRoTGltaXQSKwoIc3NoX2tleXMYDiADKAsyGS5taWNyb3ZwYy52MS5Tc2hQdWJsaWNLZXkSEQoJdXNlcl9kYXRhGA8gASgMEiIKBmxhYmVscxgQIAMoCzISLm1pY3JvdnBjLnYxLkxhYmVsEi4KDGltZHNfb3B0aW9ucxgRIAEoCzIYLm1pY3JvdnBjLnYxLkltZHNPcHRpb25zEhAKCGhvc3RuYW1lGBIgASgJEhQKDGNsaWVudF90b2tlbhgTIAEoCUIICgZfdmNwdXNCDQoLX21lbW9yeV9taWIiQAoQQ3JlYXRlVm1SZXNwb25zZRIbCgJ2bRgBIAEoCzIPLm1pY3JvdnBjLnYxLlZtEg8KB2NyZWF0ZWQYAiABKAgiKwoPRGVsZXRlVm1SZXF1ZXN0EgsKA3JlZhgBIAEoCRILCgN2cGMYAiABKAkiIwoQRGVsZXRlVm1SZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIigKDEdldFZtUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJIiwKDUdldFZtUmVzcG9uc2USGwoCdm0YASABKAsyDy5taWNyb3ZwYy52MS5WbSJ5Cg5MaXN0Vm1zUmVxdWVzdBILCgN2cGMYASABKAkSDgoGc3VibmV0GAIgASgJEiMKBXN0YXRlGAMgASgOMhQubWljcm92cGMudjEuVm1TdGF0ZRIRCglwYWdlX3NpemUYBCABKA0SEgoKcGFnZV90b2tlbhgFIAEoCSJICg9MaXN0Vm1zUmVzcG9uc2USHAoDdm1zGAEgAygLMg8ubWljcm92cGMudjEuVm0SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiwKEEluc3BlY3RWbVJlcXVlc3QSCwoDcmVmGAEgASgJEgsKA3ZwYxgCIAEoCSLsAQoMVm1TdGVwUmVwb3J0EiEKBHN0ZXAYASABKA4yEy5taWNyb3ZwYy52MS5WbVN0ZXASJwoFc3RhdGUYAiABKA4yGC5taWNyb3ZwYy52MS5WbVN0ZXBTdGF0ZRIOCgZkZXRhaWwYAyABKAkSDQoFZXJyb3IYBCABKAkSLgoKc3RhcnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2R1cmF0aW9uX3VzGAcgASgEIsQBCg5WbUpvdXJuYWxFbnRyeRIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCglvcGVyYXRpb24YAiABKA4yGC5taWNyb3ZwYy52MS5WbU9wZXJhdGlvbhIhCgRzdGVwGAMgASgOMhMubWljcm92cGMudjEuVm1TdGVwEicKBXN0YXRlGAQgASgOMhgubWljcm92cGMudjEuVm1TdGVwU3RhdGUSDwoHbWVzc2FnZRgFIAEoCSK1AQoRSW5zcGVjdFZtUmVzcG9uc2USGwoCdm0YASABKAsyDy5taWNyb3ZwYy52MS5WbRIoCgVzdGVwcxgCIAMoCzIZLm1pY3JvdnBjLnYxLlZtU3RlcFJlcG9ydBIrCglvcGVyYXRpb24YAyABKA4yGC5taWNyb3ZwYy52MS5WbU9wZXJhdGlvbhIsCgdqb3VybmFsGAQgAygLMhsubWljcm92cGMudjEuVm1Kb3VybmFsRW50cnkiswEKF1Rlc3RDb25uZWN0aXZpdHlSZXF1ZXN0Eg4KBnNvdXJjZRgBIAEoCRILCgN2cGMYAiABKAkSDgoGdGFyZ2V0GAMgASgJEhEKBHBvcnQYBCABKA1IAIgBARInCghwcm90b2NvbBgFIAEoDjIVLm1pY3JvdnBjLnYxLlByb3RvY29sEhcKCnRpbWVvdXRfbXMYBiABKA1IAYgBAUIHCgVfcG9ydEINCgtfdGltZW91dF9tcyLYAQoYVGVzdENvbm5lY3Rpdml0eVJlc3BvbnNlEhEKCXJlYWNoYWJsZRgBIAEoCBIvCgZyZXN1bHQYAiABKA4yHy5taWNyb3ZwYy52MS5Db25uZWN0aXZpdHlSZXN1bHQSEgoKbGF0ZW5jeV91cxgDIAEoDRIWCg5zb3VyY2VfYWRkcmVzcxgEIAEoCRIWCg50YXJnZXRfYWRkcmVzcxgFIAEoCRIUCgx0YXJnZXRfdm1faWQYBiABKAkSDgoGbWV0aG9kGAcgASgJEg4KBmRldGFpbBgIIAEoCSpfCgZWbUtpbmQSFwoTVk1fS0lORF9VTlNQRUNJRklFRBAAEhEKDVZNX0tJTkRfTkVUTlMQARIQCgxWTV9LSU5EX1FFTVUQAhIXChNWTV9LSU5EX0ZJUkVDUkFDS0VSEAMqkQEKB1ZtU3RhdGUSGAoUVk1fU1RBVEVfVU5TUEVDSUZJRUQQABIUChBWTV9TVEFURV9QRU5ESU5HEAESFAoQVk1fU1RBVEVfUlVOTklORxACEhQKEFZNX1NUQVRFX1NUT1BQRUQQAxIVChFWTV9TVEFURV9ERUxFVElORxAEEhMKD1ZNX1NUQVRFX0ZBSUxFRBAFKpcBCgZWbVN0ZXASFwoTVk1fU1RFUF9VTlNQRUNJRklFRBAAEhAKDFZNX1NURVBfSVBBTRABEhQKEFZNX1NURVBfTkVUQUdFTlQQAhIUChBWTV9TVEVQX0ZJUkVXQUxMEAMSEwoPVk1fU1RFUF9HQVRFV0FZEAQSDwoLVk1fU1RFUF9ETlMQBRIQCgxWTV9TVEVQX0JPT1QQBirJAQoLVm1TdGVwU3RhdGUSHQoZVk1fU1RFUF9TVEFURV9VTlNQRUNJRklFRBAAEhkKFVZNX1NURVBfU1RBVEVfUEVORElORxABEhkKFVZNX1NURVBfU1RBVEVfUlVOTklORxACEhYKElZNX1NURVBfU1RBVEVfRE9ORRADEhgKFFZNX1NURVBfU1RBVEVfRkFJTEVEEAQSGAoUVk1fU1RFUF9TVEFURV9VTkRPTkUQBRIZChVWTV9TVEVQX1NUQVRFX1NLSVBQRUQQBiqUAQoLVm1PcGVyYXRpb24SHAoYVk1fT1BFUkFUSU9OX1VOU1BFQ0lGSUVEEAASFwoTVk1fT1BFUkFUSU9OX0NSRUFURRABEhcKE1ZNX09QRVJBVElPTl9ERUxFVEUQAhIZChVWTV9PUEVSQVRJT05fUk9MTEJBQ0sQAxIaChZWTV9PUEVSQVRJT05fUkVDT05DSUxFEAQq4gEKEkNvbm5lY3Rpdml0eVJlc3VsdBIjCh9DT05ORUNUSVZJVFlfUkVTVUxUX1VOU1BFQ0lGSUVEEAASIQodQ09OTkVDVElWSVRZX1JFU1VMVF9SRUFDSEFCTEUQARIfChtDT05ORUNUSVZJVFlfUkVTVUxUX1RJTUVPVVQQAhIfChtDT05ORUNUSVZJVFlfUkVTVUxUX1JFRlVTRUQQAxIjCh9DT05ORUNUSVZJVFlfUkVTVUxUX1VOUkVBQ0hBQkxFEAQSHQoZQ09OTkVDVElWSVRZX1JFU1VMVF9FUlJPUhAFMtADCglWbVNlcnZpY2USRwoIQ3JlYXRlVm0SHC5taWNyb3ZwYy52MS5DcmVhdGVWbVJlcXVlc3QaHS5taWNyb3ZwYy52MS5DcmVhdGVWbVJlc3BvbnNlEkcKCERlbGV0ZVZtEhwubWljcm92cGMudjEuRGVsZXRlVm1SZXF1ZXN0Gh0ubWljcm92cGMudjEuRGVsZXRlVm1SZXNwb25zZRI+CgVHZXRWbRIZLm1pY3JvdnBjLnYxLkdldFZtUmVxdWVzdBoaLm1pY3JvdnBjLnYxLkdldFZtUmVzcG9uc2USRAoHTGlzdFZtcxIbLm1pY3JvdnBjLnYxLkxpc3RWbXNSZXF1ZXN0GhwubWljcm92cGMudjEuTGlzdFZtc1Jlc3BvbnNlEkoKCUluc3BlY3RWbRIdLm1pY3JvdnBjLnYxLkluc3BlY3RWbVJlcXVlc3QaHi5taWNyb3ZwYy52MS5JbnNwZWN0Vm1SZXNwb25zZRJfChBUZXN0Q29ubmVjdGl2aXR5EiQubWljcm92cGMudjEuVGVzdENvbm5lY3Rpdml0eVJlcXVlc3QaJS5taWNyb3ZwYy52MS5UZXN0Q29ubmVjdGl2aXR5UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_microvpc_v1_common, file_microvpc_v1_firewall, file_microvpc_v1_gateway, file_microvpc_v1_netagent]);
+  fileDesc("ChRtaWNyb3ZwYy92MS92bS5wcm90bxILbWljcm92cGMudjEimwUKAlZtEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDgoGdnBjX2lkGAMgASgJEhEKCXN1Ym5ldF9pZBgEIAEoCRIhCgRraW5kGAUgASgOMhMubWljcm92cGMudjEuVm1LaW5kEiMKBXN0YXRlGAYgASgOMhQubWljcm92cGMudjEuVm1TdGF0ZRIWCg5zdGF0dXNfbWVzc2FnZRgHIAEoCRIPCgdob3N0X2lkGAggASgJEh4KBG5pY3MYCSADKAsyEC5taWNyb3ZwYy52MS5OaWMSGgoSc2VjdXJpdHlfZ3JvdXBfaWRzGAogAygJEhYKDnB1YmxpY19hZGRyZXNzGAsgASgJEhAKCGhvc3RuYW1lGAwgASgJEg0KBXZjcHVzGA0gASgNEhIKCm1lbW9yeV9taWIYDiABKA0SEwoLa2VybmVsX3BhdGgYDyABKAkSEwoLaW5pdHJkX3BhdGgYECABKAkSEwoLcm9vdGZzX3BhdGgYESABKAkSFgoOa2VybmVsX2NtZGxpbmUYEiABKAkSEwoLYWNjZWxlcmF0b3IYEyABKAkSCwoDcGlkGBQgASgNEhEKCW5hbWVzcGFjZRgVIAEoCRIYChBjb25zb2xlX2xvZ19wYXRoGBYgASgJEhcKD2FwaV9zb2NrZXRfcGF0aBgXIAEoCRIiCgZsYWJlbHMYGCADKAsyEi5taWNyb3ZwYy52MS5MYWJlbBIvCgtjcmVhdGVfdGltZRgZIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgaIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSYWNjZWxlcmF0b3JfcmVhc29uGBsgASgJIo8ECg9DcmVhdGVWbVJlcXVlc3QSDAoEbmFtZRgBIAEoCRILCgN2cGMYAiABKAkSDgoGc3VibmV0GAMgASgJEhcKD3NlY3VyaXR5X2dyb3VwcxgEIAMoCRIPCgdhZGRyZXNzGAUgASgJEiEKBGtpbmQYBiABKA4yEy5taWNyb3ZwYy52MS5WbUtpbmQSEgoFdmNwdXMYByABKA1IAIgBARIXCgptZW1vcnlfbWliGAggASgNSAGIAQESEwoLa2VybmVsX3BhdGgYCSABKAkSEwoLaW5pdHJkX3BhdGgYCiABKAkSEwoLcm9vdGZzX3BhdGgYCyABKAkSEwoLa2VybmVsX2FyZ3MYDCABKAkSLgoJYmFuZHdpZHRoGA0gASgLMhsubWljcm92cGMudjEuQmFuZHdpZHRoTGltaXQSKwoIc3NoX2tleXMYDiADKAsyGS5taWNyb3ZwYy52MS5Tc2hQdWJsaWNLZXkSEQoJdXNlcl9kYXRhGA8gASgMEiIKBmxhYmVscxgQIAMoCzISLm1pY3JvdnBjLnYxLkxhYmVsEi4KDGltZHNfb3B0aW9ucxgRIAEoCzIYLm1pY3JvdnBjLnYxLkltZHNPcHRpb25zEhAKCGhvc3RuYW1lGBIgASgJEhQKDGNsaWVudF90b2tlbhgTIAEoCUIICgZfdmNwdXNCDQoLX21lbW9yeV9taWIiQAoQQ3JlYXRlVm1SZXNwb25zZRIbCgJ2bRgBIAEoCzIPLm1pY3JvdnBjLnYxLlZtEg8KB2NyZWF0ZWQYAiABKAgiKwoPRGVsZXRlVm1SZXF1ZXN0EgsKA3JlZhgBIAEoCRILCgN2cGMYAiABKAkiIwoQRGVsZXRlVm1SZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIigKDEdldFZtUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJIiwKDUdldFZtUmVzcG9uc2USGwoCdm0YASABKAsyDy5taWNyb3ZwYy52MS5WbSJ5Cg5MaXN0Vm1zUmVxdWVzdBILCgN2cGMYASABKAkSDgoGc3VibmV0GAIgASgJEiMKBXN0YXRlGAMgASgOMhQubWljcm92cGMudjEuVm1TdGF0ZRIRCglwYWdlX3NpemUYBCABKA0SEgoKcGFnZV90b2tlbhgFIAEoCSJICg9MaXN0Vm1zUmVzcG9uc2USHAoDdm1zGAEgAygLMg8ubWljcm92cGMudjEuVm0SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjsKD1dhdGNoVm1zUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJEg4KBnN1Ym5ldBgDIAEoCSJcChBXYXRjaFZtc1Jlc3BvbnNlEisKBHR5cGUYASABKA4yHS5taWNyb3ZwYy52MS5WbVdhdGNoRXZlbnRUeXBlEhsKAnZtGAIgASgLMg8ubWljcm92cGMudjEuVm0iLAoQSW5zcGVjdFZtUmVxdWVzdBILCgNyZWYYASABKAkSCwoDdnBjGAIgASgJIuwBCgxWbVN0ZXBSZXBvcnQSIQoEc3RlcBgBIAEoDjITLm1pY3JvdnBjLnYxLlZtU3RlcBInCgVzdGF0ZRgCIAEoDjIYLm1pY3JvdnBjLnYxLlZtU3RlcFN0YXRlEg4KBmRldGFpbBgDIAEoCRINCgVlcnJvchgEIAEoCRIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZHVyYXRpb25fdXMYByABKAQixAEKDlZtSm91cm5hbEVudHJ5EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCW9wZXJhdGlvbhgCIAEoDjIYLm1pY3JvdnBjLnYxLlZtT3BlcmF0aW9uEiEKBHN0ZXAYAyABKA4yEy5taWNyb3ZwYy52MS5WbVN0ZXASJwoFc3RhdGUYBCABKA4yGC5taWNyb3ZwYy52MS5WbVN0ZXBTdGF0ZRIPCgdtZXNzYWdlGAUgASgJIrUBChFJbnNwZWN0Vm1SZXNwb25zZRIbCgJ2bRgBIAEoCzIPLm1pY3JvdnBjLnYxLlZtEigKBXN0ZXBzGAIgAygLMhkubWljcm92cGMudjEuVm1TdGVwUmVwb3J0EisKCW9wZXJhdGlvbhgDIAEoDjIYLm1pY3JvdnBjLnYxLlZtT3BlcmF0aW9uEiwKB2pvdXJuYWwYBCADKAsyGy5taWNyb3ZwYy52MS5WbUpvdXJuYWxFbnRyeSKzAQoXVGVzdENvbm5lY3Rpdml0eVJlcXVlc3QSDgoGc291cmNlGAEgASgJEgsKA3ZwYxgCIAEoCRIOCgZ0YXJnZXQYAyABKAkSEQoEcG9ydBgEIAEoDUgAiAEBEicKCHByb3RvY29sGAUgASgOMhUubWljcm92cGMudjEuUHJvdG9jb2wSFwoKdGltZW91dF9tcxgGIAEoDUgBiAEBQgcKBV9wb3J0Qg0KC190aW1lb3V0X21zItgBChhUZXN0Q29ubmVjdGl2aXR5UmVzcG9uc2USEQoJcmVhY2hhYmxlGAEgASgIEi8KBnJlc3VsdBgCIAEoDjIfLm1pY3JvdnBjLnYxLkNvbm5lY3Rpdml0eVJlc3VsdBISCgpsYXRlbmN5X3VzGAMgASgNEhYKDnNvdXJjZV9hZGRyZXNzGAQgASgJEhYKDnRhcmdldF9hZGRyZXNzGAUgASgJEhQKDHRhcmdldF92bV9pZBgGIAEoCRIOCgZtZXRob2QYByABKAkSDgoGZGV0YWlsGAggASgJKl8KBlZtS2luZBIXChNWTV9LSU5EX1VOU1BFQ0lGSUVEEAASEQoNVk1fS0lORF9ORVROUxABEhAKDFZNX0tJTkRfUUVNVRACEhcKE1ZNX0tJTkRfRklSRUNSQUNLRVIQAyqRAQoHVm1TdGF0ZRIYChRWTV9TVEFURV9VTlNQRUNJRklFRBAAEhQKEFZNX1NUQVRFX1BFTkRJTkcQARIUChBWTV9TVEFURV9SVU5OSU5HEAISFAoQVk1fU1RBVEVfU1RPUFBFRBADEhUKEVZNX1NUQVRFX0RFTEVUSU5HEAQSEwoPVk1fU1RBVEVfRkFJTEVEEAUqlwEKBlZtU3RlcBIXChNWTV9TVEVQX1VOU1BFQ0lGSUVEEAASEAoMVk1fU1RFUF9JUEFNEAESFAoQVk1fU1RFUF9ORVRBR0VOVBACEhQKEFZNX1NURVBfRklSRVdBTEwQAxITCg9WTV9TVEVQX0dBVEVXQVkQBBIPCgtWTV9TVEVQX0ROUxAFEhAKDFZNX1NURVBfQk9PVBAGKskBCgtWbVN0ZXBTdGF0ZRIdChlWTV9TVEVQX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVVk1fU1RFUF9TVEFURV9QRU5ESU5HEAESGQoVVk1fU1RFUF9TVEFURV9SVU5OSU5HEAISFgoSVk1fU1RFUF9TVEFURV9ET05FEAMSGAoUVk1fU1RFUF9TVEFURV9GQUlMRUQQBBIYChRWTV9TVEVQX1NUQVRFX1VORE9ORRAFEhkKFVZNX1NURVBfU1RBVEVfU0tJUFBFRBAGKpQBCgtWbU9wZXJhdGlvbhIcChhWTV9PUEVSQVRJT05fVU5TUEVDSUZJRUQQABIXChNWTV9PUEVSQVRJT05fQ1JFQVRFEAESFwoTVk1fT1BFUkFUSU9OX0RFTEVURRACEhkKFVZNX09QRVJBVElPTl9ST0xMQkFDSxADEhoKFlZNX09QRVJBVElPTl9SRUNPTkNJTEUQBCriAQoSQ29ubmVjdGl2aXR5UmVzdWx0EiMKH0NPTk5FQ1RJVklUWV9SRVNVTFRfVU5TUEVDSUZJRUQQABIhCh1DT05ORUNUSVZJVFlfUkVTVUxUX1JFQUNIQUJMRRABEh8KG0NPTk5FQ1RJVklUWV9SRVNVTFRfVElNRU9VVBACEh8KG0NPTk5FQ1RJVklUWV9SRVNVTFRfUkVGVVNFRBADEiMKH0NPTk5FQ1RJVklUWV9SRVNVTFRfVU5SRUFDSEFCTEUQBBIdChlDT05ORUNUSVZJVFlfUkVTVUxUX0VSUk9SEAUq2gEKEFZtV2F0Y2hFdmVudFR5cGUSIwofVk1fV0FUQ0hfRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEh8KG1ZNX1dBVENIX0VWRU5UX1RZUEVfSU5JVElBTBABEh4KGlZNX1dBVENIX0VWRU5UX1RZUEVfU1lOQ0VEEAISHQoZVk1fV0FUQ0hfRVZFTlRfVFlQRV9BRERFRBADEiAKHFZNX1dBVENIX0VWRU5UX1RZUEVfTU9ESUZJRUQQBBIfChtWTV9XQVRDSF9FVkVOVF9UWVBFX0RFTEVURUQQBTKbBAoJVm1TZXJ2aWNlEkcKCENyZWF0ZVZtEhwubWljcm92cGMudjEuQ3JlYXRlVm1SZXF1ZXN0Gh0ubWljcm92cGMudjEuQ3JlYXRlVm1SZXNwb25zZRJHCghEZWxldGVWbRIcLm1pY3JvdnBjLnYxLkRlbGV0ZVZtUmVxdWVzdBodLm1pY3JvdnBjLnYxLkRlbGV0ZVZtUmVzcG9uc2USPgoFR2V0Vm0SGS5taWNyb3ZwYy52MS5HZXRWbVJlcXVlc3QaGi5taWNyb3ZwYy52MS5HZXRWbVJlc3BvbnNlEkQKB0xpc3RWbXMSGy5taWNyb3ZwYy52MS5MaXN0Vm1zUmVxdWVzdBocLm1pY3JvdnBjLnYxLkxpc3RWbXNSZXNwb25zZRJKCglJbnNwZWN0Vm0SHS5taWNyb3ZwYy52MS5JbnNwZWN0Vm1SZXF1ZXN0Gh4ubWljcm92cGMudjEuSW5zcGVjdFZtUmVzcG9uc2USXwoQVGVzdENvbm5lY3Rpdml0eRIkLm1pY3JvdnBjLnYxLlRlc3RDb25uZWN0aXZpdHlSZXF1ZXN0GiUubWljcm92cGMudjEuVGVzdENvbm5lY3Rpdml0eVJlc3BvbnNlEkkKCFdhdGNoVm1zEhwubWljcm92cGMudjEuV2F0Y2hWbXNSZXF1ZXN0Gh0ubWljcm92cGMudjEuV2F0Y2hWbXNSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp, file_microvpc_v1_common, file_microvpc_v1_firewall, file_microvpc_v1_gateway, file_microvpc_v1_netagent]);
 
 /**
  * A VM on this hypervisor.
@@ -591,6 +591,70 @@ export const ListVmsResponseSchema: GenMessage<ListVmsResponse> = /*@__PURE__*/
   messageDesc(file_microvpc_v1_vm, 8);
 
 /**
+ * Request of WatchVms.
+ *
+ * @generated from message microvpc.v1.WatchVmsRequest
+ */
+export type WatchVmsRequest = Message<"microvpc.v1.WatchVmsRequest"> & {
+  /**
+   * Only this VM: its id, or its name together with vpc. Empty: every VM
+   * matching vpc and subnet.
+   *
+   * @generated from field: string ref = 1;
+   */
+  ref: string;
+
+  /**
+   * Only VMs of this VPC (id or name); empty for every VPC.
+   *
+   * @generated from field: string vpc = 2;
+   */
+  vpc: string;
+
+  /**
+   * Only VMs of this subnet (id); empty for all.
+   *
+   * @generated from field: string subnet = 3;
+   */
+  subnet: string;
+};
+
+/**
+ * Describes the message microvpc.v1.WatchVmsRequest.
+ * Use `create(WatchVmsRequestSchema)` to create a new message.
+ */
+export const WatchVmsRequestSchema: GenMessage<WatchVmsRequest> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_vm, 9);
+
+/**
+ * One message of WatchVms.
+ *
+ * @generated from message microvpc.v1.WatchVmsResponse
+ */
+export type WatchVmsResponse = Message<"microvpc.v1.WatchVmsResponse"> & {
+  /**
+   * What happened.
+   *
+   * @generated from field: microvpc.v1.VmWatchEventType type = 1;
+   */
+  type: VmWatchEventType;
+
+  /**
+   * The VM as it is now (DELETED: as it was last sent); unset for SYNCED.
+   *
+   * @generated from field: microvpc.v1.Vm vm = 2;
+   */
+  vm?: Vm | undefined;
+};
+
+/**
+ * Describes the message microvpc.v1.WatchVmsResponse.
+ * Use `create(WatchVmsResponseSchema)` to create a new message.
+ */
+export const WatchVmsResponseSchema: GenMessage<WatchVmsResponse> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_vm, 10);
+
+/**
  * Request of InspectVm.
  *
  * @generated from message microvpc.v1.InspectVmRequest
@@ -616,7 +680,7 @@ export type InspectVmRequest = Message<"microvpc.v1.InspectVmRequest"> & {
  * Use `create(InspectVmRequestSchema)` to create a new message.
  */
 export const InspectVmRequestSchema: GenMessage<InspectVmRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vm, 9);
+  messageDesc(file_microvpc_v1_vm, 11);
 
 /**
  * State of one step of a VM.
@@ -680,7 +744,7 @@ export type VmStepReport = Message<"microvpc.v1.VmStepReport"> & {
  * Use `create(VmStepReportSchema)` to create a new message.
  */
 export const VmStepReportSchema: GenMessage<VmStepReport> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vm, 10);
+  messageDesc(file_microvpc_v1_vm, 12);
 
 /**
  * One journal entry of a VM, as written to Redis.
@@ -729,7 +793,7 @@ export type VmJournalEntry = Message<"microvpc.v1.VmJournalEntry"> & {
  * Use `create(VmJournalEntrySchema)` to create a new message.
  */
 export const VmJournalEntrySchema: GenMessage<VmJournalEntry> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vm, 11);
+  messageDesc(file_microvpc_v1_vm, 13);
 
 /**
  * Response of InspectVm.
@@ -771,7 +835,7 @@ export type InspectVmResponse = Message<"microvpc.v1.InspectVmResponse"> & {
  * Use `create(InspectVmResponseSchema)` to create a new message.
  */
 export const InspectVmResponseSchema: GenMessage<InspectVmResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vm, 12);
+  messageDesc(file_microvpc_v1_vm, 14);
 
 /**
  * Request of TestConnectivity.
@@ -829,7 +893,7 @@ export type TestConnectivityRequest = Message<"microvpc.v1.TestConnectivityReque
  * Use `create(TestConnectivityRequestSchema)` to create a new message.
  */
 export const TestConnectivityRequestSchema: GenMessage<TestConnectivityRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vm, 13);
+  messageDesc(file_microvpc_v1_vm, 15);
 
 /**
  * Response of TestConnectivity.
@@ -900,7 +964,7 @@ export type TestConnectivityResponse = Message<"microvpc.v1.TestConnectivityResp
  * Use `create(TestConnectivityResponseSchema)` to create a new message.
  */
 export const TestConnectivityResponseSchema: GenMessage<TestConnectivityResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vm, 14);
+  messageDesc(file_microvpc_v1_vm, 16);
 
 /**
  * What kind of machine a VM is.
@@ -1235,6 +1299,62 @@ export const ConnectivityResultSchema: GenEnum<ConnectivityResult> = /*@__PURE__
   enumDesc(file_microvpc_v1_vm, 5);
 
 /**
+ * What a WatchVmsResponse reports.
+ *
+ * @generated from enum microvpc.v1.VmWatchEventType
+ */
+export enum VmWatchEventType {
+  /**
+   * Not set; never returned by a server.
+   *
+   * @generated from enum value: VM_WATCH_EVENT_TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A VM that existed when the watch began.
+   *
+   * @generated from enum value: VM_WATCH_EVENT_TYPE_INITIAL = 1;
+   */
+  INITIAL = 1,
+
+  /**
+   * Every INITIAL message has been sent; what follows are changes. Carries
+   * no vm.
+   *
+   * @generated from enum value: VM_WATCH_EVENT_TYPE_SYNCED = 2;
+   */
+  SYNCED = 2,
+
+  /**
+   * A VM appeared (created, or came to match).
+   *
+   * @generated from enum value: VM_WATCH_EVENT_TYPE_ADDED = 3;
+   */
+  ADDED = 3,
+
+  /**
+   * A VM changed (state, status message, address, …).
+   *
+   * @generated from enum value: VM_WATCH_EVENT_TYPE_MODIFIED = 4;
+   */
+  MODIFIED = 4,
+
+  /**
+   * A VM was removed; vm is the last state sent.
+   *
+   * @generated from enum value: VM_WATCH_EVENT_TYPE_DELETED = 5;
+   */
+  DELETED = 5,
+}
+
+/**
+ * Describes the enum microvpc.v1.VmWatchEventType.
+ */
+export const VmWatchEventTypeSchema: GenEnum<VmWatchEventType> = /*@__PURE__*/
+  enumDesc(file_microvpc_v1_vm, 6);
+
+/**
  * VmService is the metald-style VM manager of one hypervisor. CreateVm runs
  * the steps ipam (allocate the address) → netagent (attach the NIC) →
  * firewall (bind the security groups) → gateway (instance metadata) → dns
@@ -1317,6 +1437,26 @@ export const VmService: GenService<{
     methodKind: "unary";
     input: typeof TestConnectivityRequestSchema;
     output: typeof TestConnectivityResponseSchema;
+  },
+  /**
+   * Streams the VMs ListVms (or GetVm, with ref) would return, and then
+   * every change to them, until the client cancels: first one INITIAL
+   * message per VM that matches, then one SYNCED message (no vm), then
+   * ADDED, MODIFIED and DELETED as VMs are created, change state or are
+   * removed on any hypervisor. Changes are learned from the vm.* events of
+   * the change-event stream and each VM is re-read (and validated) from its
+   * record, so several quick changes may arrive as one message with the
+   * latest state, and a message is sent only when the VM as returned
+   * differs from the last one sent. With ref, the stream ends after that
+   * VM's DELETED. NOT_FOUND if ref names no VM; INVALID_ARGUMENT or
+   * NOT_FOUND for a bad vpc, as ListVms.
+   *
+   * @generated from rpc microvpc.v1.VmService.WatchVms
+   */
+  watchVms: {
+    methodKind: "server_streaming";
+    input: typeof WatchVmsRequestSchema;
+    output: typeof WatchVmsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_microvpc_v1_vm, 0);

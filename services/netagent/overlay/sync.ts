@@ -26,6 +26,7 @@ import type { Agent } from "../agent.js";
 import { names } from "../plan.js";
 import type { InvalidRecord } from "../schema.js";
 import { overlayKeys } from "../store.js";
+import { reportInvalid } from "../../common/invalid-records.js";
 import * as V from "../../common/validate.js";
 import { verifyClaims, type RejectedClaim } from "./claims.js";
 import { keyFileIn, loadOrCreateKey, newKey } from "./keyfile.js";
@@ -411,6 +412,8 @@ export class Overlay {
       if (this.loggedSkips.has(k)) continue;
       if (this.loggedSkips.size > 10_000) this.loggedSkips.clear();
       this.loggedSkips.add(k);
+      // Counted in microvpc_invalid_records_total too (logged below, once, as before).
+      reportInvalid("netagent", "overlay-host", `mvpc:hosts:${x.hostId}`, x.reason, undefined, { vpcId });
       this.log.warn(
         { vpc: vpcId, host: x.hostId, reason: x.reason },
         "skipping a malformed host registry entry: that host gets no peer until it publishes a valid record",
