@@ -76,7 +76,7 @@ async function main(): Promise<void> {
     rules: [{ direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: 5432, portTo: 5432, peer: { case: "securityGroupId", value: web.id } }],
   });
   say("NAT gateway in web, for the private db subnet");
-  await c.gw.createNatGateway({ vpc: "blog", subnet: "web", clientToken: "demo-nat" });
+  const nat = (await c.gw.createNatGateway({ vpc: "blog", subnet: "web", clientToken: "demo-nat" })).natGateway!;
   say("two VMs (kind=netns): web-1 in web, db-1 in db");
   const w = (await c.vmm.createVm({ name: "web-1", vpc: "blog", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
   const d = (await c.vmm.createVm({ name: "db-1", vpc: "blog", subnet: "db", securityGroups: ["db"], kind: VmKind.NETNS })).vm!;
@@ -123,7 +123,9 @@ async function main(): Promise<void> {
     ]);
   }
   console.log(seen.toString());
-  console.log(`web-1 leaves as its floating IP ${fip.address}; db-1 (private) leaves through the NAT gateway as the hypervisor ${HOST_ADDR}.`);
+  console.log(
+    `web-1 leaves as its floating IP ${fip.address}; db-1 (private) leaves as the NAT gateway's own address ${nat.address} (held by ${(await c.gw.getNatGateway({ vpc: "blog" })).natGateway!.holderHostId || "no host yet"}), not as the hypervisor ${HOST_ADDR}.`,
+  );
   if (rows.some((r) => r[3].includes("UNEXPECTED"))) process.exit(1);
 }
 

@@ -26,6 +26,8 @@ function natDetails(n: NatGateway): string {
     ["id", n.id],
     ["vpc", n.vpcId],
     ["subnet", n.subnetId],
+    ["address", n.address || "none (an older gateway: each VM leaves as its hypervisor)"],
+    ["holder", n.holderHostId || (n.address ? "none yet" : "")],
     ["serves", n.sourceSubnetIds.join(" ") || "every private subnet of the VPC"],
     ["state", enumLabel(ResourceStateSchema, n.state) + (n.statusMessage ? ` (${n.statusMessage})` : "")],
     ["description", n.description],
@@ -51,6 +53,7 @@ export function register(program: Command): void {
     .addOption(vpcOption("", true))
     .requiredOption("--subnet <ref>", "public subnet of the VPC to place it in (id or name)")
     .addOption(listOption("--source-subnet <ref>", "private subnet to serve (default: every private subnet, also later ones)"))
+    .option("--address <ip>", "public address to take from the floating IP pool (default: the lowest free one)", "")
     .addOption(descriptionOption())
     .addOption(labelOption())
     .addOption(clientTokenOption())
@@ -60,6 +63,7 @@ export function register(program: Command): void {
         vpc: o.vpc,
         subnet: o.subnet,
         sourceSubnets: o.sourceSubnet,
+        address: o.address,
         description: o.description,
         labels: o.label,
         clientToken: o.clientToken,
@@ -68,6 +72,7 @@ export function register(program: Command): void {
         V.ref("vpc", req.vpc, "vpc");
         V.ref("subnet", req.subnet, "subnet");
         req.sourceSubnets.forEach((s, i) => V.ref(`source_subnets[${i}]`, s, "subnet"));
+        if (req.address) V.ipv4("address", req.address);
         V.text("description", req.description);
         V.labels("labels", req.labels);
         V.token("client_token", req.clientToken, { optional: true });
@@ -98,6 +103,8 @@ export function register(program: Command): void {
           { head: "ID", get: (n) => n.id },
           { head: "VPC", get: (n) => n.vpcId },
           { head: "SUBNET", get: (n) => n.subnetId },
+          { head: "ADDRESS", get: (n) => n.address || "-" },
+          { head: "HOLDER", get: (n) => n.holderHostId || "-" },
           { head: "SERVES", get: (n) => n.sourceSubnetIds.join(",") || "all private" },
           { head: "STATE", get: (n) => enumLabel(ResourceStateSchema, n.state) },
           { head: "CREATED", get: (n) => time(n.createTime) },

@@ -27,6 +27,11 @@ export function bridgeMac(subnetId: string): string {
   return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
 }
 
+/** The WireGuard interface of a VPC on a host (netagent overlay): unique per machine, 15 bytes. */
+export function wgName(hostId: string, vpcId: string): string {
+  return `wg${createHash("sha256").update(`${hostId}/${vpcId}`).digest("hex").slice(0, 13)}`;
+}
+
 /** The gateway's transit link of a VPC (host side, VPC side) and its routing table and rule. */
 export const gatewayNames = {
   hostSide: (vpcId: string) => `gh${hex(vpcId)}`,

@@ -27,6 +27,8 @@
 //     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
 //                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership
 //     mvpc:gw:mdhosts      set of host ids with instance metadata (the control plane's listing)
+//     mvpc:gw:lease:nat:*   which host of a VPC holds its NAT gateway's address (a lease the VPC's
+//                          hosts compete for; readers accept only a registered member host)
 //     mvpc:vm:vpc:*:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates)
 //     mvpc:vm:hosts        vmm: host ids with VMs (a listing; each host's VMs are under its prefix)
 // Everything else is the control plane's (ipam, dns, peering, and the
@@ -87,6 +89,7 @@ export const SHARED_WRITE_PATTERNS = [
   "mvpc:fw:sg:*:members",
   "mvpc:fw:gen",
   "mvpc:gw:mdhosts",
+  "mvpc:gw:lease:nat:*",
   // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>:*.
   // VM records and leases are host-scoped (above); these two only nominate.
   "mvpc:vm:vpc:*:byname",

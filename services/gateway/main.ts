@@ -31,7 +31,7 @@ import { gatewayRoutes } from "./routes.js";
 import { GatewayApi } from "./service.js";
 import { GatewayStatusApi } from "./status-api.js";
 import { GatewayStore } from "./store.js";
-import { GatewaySync } from "./sync.js";
+import { DEFAULT_NAT_LEASE_MS, GatewaySync } from "./sync.js";
 import { BUILD } from "../common/version.js";
 
 /**
@@ -288,7 +288,12 @@ export const gatewayDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_READY_STALE_PERIODS")
       .default(String(READY_STALE_PERIODS)),
-
+    new Option(
+      "--nat-lease-ms <ms>",
+      "TTL of the lease by which one host of a VPC holds its NAT gateway's address; the holder renews it every third, the others take it when it runs out (failover within about 4/3 of it)",
+    )
+      .env("MICROVPC_NAT_LEASE_MS")
+      .default(String(DEFAULT_NAT_LEASE_MS)),
     new Option(
       "--api-only",
       "serve the cluster-wide API alone (NAT gateways, floating IPs from --public-pool, port forwards; instance metadata of every host: Get and Delete, not Set), no data plane, metadata server or resolver: an instance running as the control plane's Redis user (docs/redis-acl.md)",
@@ -326,6 +331,9 @@ export const gatewayDefinition: ServiceDefinition = {
     if (!/^[0-9]{1,10}$/.test(String(flags.conntrackLimitPerVm)) || ctLimit > 4_000_000) {
       throw new Error(`--conntrack-limit-per-vm ${JSON.stringify(flags.conntrackLimitPerVm)}: use 1–4000000 flows, or 0 for no limit`);
     }
+    const natLeaseMs = Number(flags.natLeaseMs);
+    if (!/^[0-9]{1,7}$/.test(String(flags.natLeaseMs)) || natLeaseMs < 600 || natLeaseMs > 600_000)
+      throw new Error(`--nat-lease-ms ${JSON.stringify(flags.natLeaseMs)}: use 600–600000 ms`);
     if (flags.apiOnly) {
       // With per-host Redis users a hypervisor's gateway may not write NAT
       // gateways, floating IPs or port forwards; this instance does.
@@ -377,6 +385,7 @@ export const gatewayDefinition: ServiceDefinition = {
         reservedPorts,
         conntrackLimitPerVm: ctLimit,
         managementCidrs: management,
+        natLeaseMs,
       },
       logger,
     );
@@ -434,6 +443,8 @@ export const gatewayDefinition: ServiceDefinition = {
       ready: new ReadyChecks([sync.health.condition, () => childProblem(), redisReachable(redis)]),
       close: async () => {
         sync.stop();
+        // Another host of each VPC takes the NAT addresses held here at once.
+        await sync.releaseNatLeases();
         await stopImds();
       },
     };

@@ -52,6 +52,22 @@ export interface GwVpc {
   /** True while the VPC has a NAT gateway; natSources limits which private subnets use it (empty: all). */
   nat: boolean;
   natSources: string[];
+  /**
+   * The NAT gateway's public address ("" or unset: none, or a gateway of an
+   * older version without one, whose sources are masqueraded by each host).
+   */
+  natAddress?: string;
+  /**
+   * With natAddress: "holder" — this host holds the address (proxy ARP, /32
+   * route, SNAT of natCidrs to it); "steer" — another host does, and the
+   * sources' egress goes to it over the overlay (natSteerLines); "none" —
+   * nobody holds it yet: the sources have no egress.
+   */
+  natRole?: "holder" | "steer" | "none";
+  /** CIDRs of the NAT's source subnets in the whole VPC (not only those on this host). */
+  natCidrs?: string[];
+  /** The VPC's WireGuard interface in its namespace (netagent/overlay/wg.ts wgName), for "steer". */
+  overlayIf?: string;
   /** Floating IPs of NICs on this host: public → private. */
   fips: { address: string; private: string }[];
   /** Port forwards to NICs on this host. */
@@ -163,7 +179,8 @@ export function hostRouteLines(v: GwVpc, uplink: string): string[] {
   const t = transitAddrs(v.transit);
   const h = names.hostSide(v.vpcId);
   const lines = [`route replace default via ${t.vpc} dev ${h} table ${names.table(v.transit)}`];
-  for (const f of v.fips) {
+  const held = v.natAddress && v.natRole === "holder" ? [{ address: v.natAddress }] : [];
+  for (const f of [...v.fips, ...held]) {
     lines.push(`route replace ${f.address}/32 via ${t.vpc} dev ${h}`);
     lines.push(`neigh replace proxy ${f.address} dev ${uplink}`);
   }
@@ -223,6 +240,53 @@ export function transitReleaseLines(applied: readonly string[], transit: number 
   return lines;
 }
 
+/** Policy-routing preferences and table of the NAT steering in a VPC namespace (natSteerLines). */
+export const NAT_STEER_PREF = 1000;
+export const NAT_STEER_TABLE = 1000;
+
+/** A policy rule of a VPC namespace as `ip -j rule show` lists it. */
+export interface RuleInfo {
+  priority: number;
+  src?: string;
+  srclen?: number;
+}
+
+/**
+ * The NAT steering of a VPC namespace where another host holds the NAT
+ * gateway's address: traffic from the NAT's source subnets that no route of
+ * the main table but its default takes (other subnets, remote NICs over the
+ * overlay, the transit link, peerings) goes out the VPC's WireGuard
+ * interface, whose peer for the holder has 0.0.0.0/0 among its allowed-ips
+ * (netagent/overlay/plan.ts). Per source CIDR:
+ *   pref 1000: from CIDR lookup main suppress_prefixlength 0
+ *   pref 1001: from CIDR lookup 1000   (table 1000: default dev wgX)
+ * Given the rules present at those preferences, returns the removals (run
+ * with -force) and the additions (which must succeed). Not steering: every
+ * such rule goes, and the table with them.
+ */
+export function natSteerLines(present: readonly RuleInfo[], v: GwVpc): { del: string[]; add: string[] } {
+  const steer = !!v.natAddress && v.natRole === "steer" && !!v.overlayIf;
+  const cidrs = steer ? [...new Set(v.natCidrs ?? [])].sort() : [];
+  const want = new Set(cidrs.flatMap((c) => [`${NAT_STEER_PREF} ${c}`, `${NAT_STEER_PREF + 1} ${c}`]));
+  const have = new Set(
+    present
+      .filter((r) => (r.priority === NAT_STEER_PREF || r.priority === NAT_STEER_PREF + 1) && r.src !== undefined)
+      .map((r) => `${r.priority} ${r.src}/${r.srclen ?? 32}`),
+  );
+  const del = [...have].filter((k) => !want.has(k)).map((k) => `rule del from ${k.split(" ")[1]} pref ${k.split(" ")[0]}`);
+  const add: string[] = [];
+  if (!steer) {
+    if (have.size) del.push(`route flush table ${NAT_STEER_TABLE}`);
+    return { del, add };
+  }
+  add.push(`route replace default dev ${v.overlayIf} table ${NAT_STEER_TABLE}`);
+  for (const c of cidrs) {
+    if (!have.has(`${NAT_STEER_PREF} ${c}`)) add.push(`rule add from ${c} lookup main suppress_prefixlength 0 pref ${NAT_STEER_PREF}`);
+    if (!have.has(`${NAT_STEER_PREF + 1} ${c}`)) add.push(`rule add from ${c} lookup ${NAT_STEER_TABLE} pref ${NAT_STEER_PREF + 1}`);
+  }
+  return { del, add };
+}
+
 /**
  * The VPC namespace's NAT table. ctLimitPerVm > 0: a VM may hold at most that
  * many flows through the transit link (new ones past it are refused).
@@ -231,10 +295,14 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
   const t = transitAddrs(v.transit);
   const dns = dnsPort > 0 && v.resolver !== undefined;
   const g = names.vpcSide(v.vpcId);
+  // A NAT gateway with an address: its sources leave as that address from
+  // the holder only (nat_src); without one (older records), as this host.
+  const legacyNat = v.nat && !v.natAddress;
   const egress = v.subnets
-    .filter((s) => s.public || (v.nat && (v.natSources.length === 0 || v.natSources.includes(s.subnetId))))
+    .filter((s) => s.public || (legacyNat && (v.natSources.length === 0 || v.natSources.includes(s.subnetId))))
     .map((s) => s.cidr)
     .sort();
+  const natSrc = v.natAddress && v.natRole === "holder" ? [...(v.natCidrs ?? [])].sort() : [];
   const fipIn = v.fips.map((f) => `${f.address} : ${f.private}`).sort();
   const fipOut = v.fips.map((f) => `${f.private} : ${f.address}`).sort();
   const fipPriv = v.fips.map((f) => f.private).sort();
@@ -247,6 +315,9 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
       ...table,
       content: [
         { kind: "set", name: "egress_ok", type: "ipv4_addr", flags: ["interval"], elements: egress },
+        // Sources translated to the NAT gateway's address (this host holds it):
+        // its own VMs' and, arriving over the overlay, the other hosts'.
+        { kind: "set", name: "nat_src", type: "ipv4_addr", flags: ["interval"], autoMerge: true, elements: natSrc },
         { kind: "set", name: "fip_private", type: "ipv4_addr", elements: fipPriv },
         { kind: "map", name: "fip_in", type: "ipv4_addr : ipv4_addr", elements: fipIn },
         { kind: "map", name: "fip_out", type: "ipv4_addr : ipv4_addr", elements: fipOut },
@@ -271,6 +342,7 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
           rules: [
             `oifname "${g}" ip daddr ${t.host} return`,
             `oifname "${g}" ip saddr @fip_private snat to ip saddr map @fip_out`,
+            ...(natSrc.length ? [`oifname "${g}" ip saddr @nat_src snat to ${v.natAddress}`] : []),
             `oifname "${g}" ip saddr @egress_ok masquerade`,
           ],
         },
@@ -286,6 +358,7 @@ export function vpcTx(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0)
             `oifname "${g}" ct state established,related accept`,
             `oifname "${g}" ip saddr @fip_private accept`,
             `oifname "${g}" ip saddr @egress_ok accept`,
+            `oifname "${g}" ip saddr @nat_src accept`,
             `oifname "${g}" counter drop comment "private subnet without NAT gateway"`,
           ],
         },

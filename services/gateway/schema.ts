@@ -15,6 +15,8 @@ export const OWNER = "gateway";
 
 export const GK = {
   nat: (id: string) => `mvpc:gw:nat:${id}`,
+  /** Which host holds a VPC's NAT gateway address (a string: the host id, with a TTL). */
+  natLease: (vpcId: string) => `mvpc:gw:lease:nat:${vpcId}`,
   nats: "mvpc:gw:nats",
   vpcNat: "mvpc:gw:vpcnat",
   fip: (id: string) => `mvpc:gw:fip:${id}`,
@@ -35,6 +37,12 @@ export interface NatRec {
   vpcId: string;
   subnetId: string;
   sources: string[];
+  /**
+   * The gateway's public address, from the floating pool (kept out of it in
+   * fip:byaddr while the gateway lives). "": a record of an older version,
+   * whose private egress leaves as each VM's own host (masquerade).
+   */
+  address: string;
   description: string;
   createdMs: number;
 }
@@ -78,6 +86,7 @@ export function checkNat(n: NatRec): NatRec {
   V.id("vpc", n.vpcId, "vpc");
   V.id("subnet", n.subnetId, "subnet");
   V.jsonArray("sources", n.sources, MAX_NAT_SOURCES).forEach((s, i) => V.id(`sources[${i}]`, V.jsonString(`sources[${i}]`, s), "subnet"));
+  if (n.address !== "") V.ipv4("address", n.address);
   V.text("description", n.description);
   return n;
 }
@@ -131,6 +140,7 @@ export function parseNat(h: Record<string, string>, id?: string): V.Parsed<NatRe
       vpcId: V.field(h, "vpc"),
       subnetId: V.field(h, "subnet"),
       sources: V.storedJson("sources", h.sources ?? "[]") as string[],
+      address: h.address ?? "",
       description: h.description ?? "",
       createdMs: time("created", h.created),
     });
@@ -170,6 +180,15 @@ export function parsePf(h: Record<string, string>, id?: string): V.Parsed<PfRec>
       createdMs: time("created", h.created),
     });
   });
+}
+
+/**
+ * The value of a NAT lease key: a host id, checked as the API checks one.
+ * Whether that host may hold the address (a registered member of the VPC's
+ * overlay) is the reader's second check (GatewayStore.natHolder).
+ */
+export function parseNatHolder(value: string): V.Parsed<string> {
+  return V.attempt(() => V.hostId("holder", value));
 }
 
 /** One entry of a host's transit hash: VPC id → index of its /30. */

@@ -31,16 +31,25 @@ export interface GatewayOptions {
   reservedPorts?: PortRanges;
 }
 
-const natMsg = (n: NatRec): NatGateway =>
+/** holder: the host holding the address now ("" none: no gateway of the VPC's hosts has taken it yet, or it is failing over). */
+const natMsg = (n: NatRec, holder = ""): NatGateway =>
   create(NatGatewaySchema, {
     id: n.id,
     vpcId: n.vpcId,
     subnetId: n.subnetId,
     sourceSubnetIds: n.sources,
     description: n.description,
-    state: ResourceState.AVAILABLE,
+    state: n.address && !holder ? ResourceState.PENDING : ResourceState.AVAILABLE,
+    statusMessage: n.address && !holder ? "no host of the VPC holds the address yet (a host of the VPC with a running gateway takes it)" : "",
     createTime: timestampFromMs(n.createdMs),
+    address: n.address,
+    holderHostId: holder,
   });
+
+/** The usable addresses of the floating pool (network and broadcast left out of a pool wider than /31). */
+export function poolRange(pool: V.Cidr): { first: number; last: number } {
+  return { first: pool.base + (pool.size > 2 ? 1 : 0), last: pool.base + pool.size - (pool.size > 2 ? 2 : 1) };
+}
 
 const fipMsg = (f: FipRec): FloatingIp =>
   create(FloatingIpSchema, {
@@ -108,6 +117,20 @@ export class GatewayApi {
     return /^fip-[0-9a-f]{12}$/.test(ref) ? this.store.getFip(ref) : (V.ipv4(field, ref), this.store.fipByAddress(ref));
   }
 
+  /** A NAT gateway as the API shows it: with the host holding its address (validated, GatewayStore.natHolder). */
+  private async natOut(n: NatRec): Promise<NatGateway> {
+    return natMsg(n, n.address ? ((await this.store.natHolder(n.vpcId)).holder ?? "") : "");
+  }
+
+  /** Checks a wanted address ("" none) against the pool: INVALID_ARGUMENT outside it. */
+  private inPool(field: string, address: string): void {
+    if (!address) return;
+    const { first, last } = poolRange(this.opts.pool);
+    const n = V.ipv4(field, address);
+    if (n < first || n > last)
+      throw new InvalidArgumentError(field, `${address} is outside the floating IP pool ${this.opts.pool.text}; pick one in it or leave it empty`);
+  }
+
   /** Every GatewayService call but the instance metadata ones (MetadataApi). */
   readonly impl: Omit<ServiceImpl<typeof GatewayService>, MetadataRpc | "getGatewayStatus"> = {
     createNatGateway: async (req) => {
@@ -116,21 +139,24 @@ export class GatewayApi {
       if (s.type !== "public") throw new FailedPreconditionError(`subnet ${s.name} is private; a NAT gateway lives in a public subnet (as in AWS)`);
       const sources: string[] = [];
       for (const [i, ref] of req.sourceSubnets.entries()) sources.push((await this.subnet(ref, v, `source_subnets[${i}]`)).id);
+      this.inPool("address", req.address);
       const n = await this.store.createNat(
         { vpcId: v.id, subnetId: s.id, sources, description: V.text("description", req.description) },
         V.token("client_token", req.clientToken, { optional: true }),
+        poolRange(this.opts.pool),
+        req.address,
       );
-      return { natGateway: natMsg(n) };
+      return { natGateway: await this.natOut(n) };
     },
     getNatGateway: async (req) => {
       const n = /^nat-[0-9a-f]{12}$/.test(req.ref) ? await this.store.getNat(req.ref) : await this.store.natOfVpc((await this.vpc(req.vpc || req.ref)).id);
       if (!n) throw new NotFoundError("nat gateway", req.ref || req.vpc);
-      return { natGateway: natMsg(n) };
+      return { natGateway: await this.natOut(n) };
     },
     listNatGateways: async (req) => {
       const vpcId = req.vpc ? (await this.vpc(req.vpc)).id : "";
       const all = (await this.store.listNats()).filter((n) => !vpcId || n.vpcId === vpcId);
-      return { natGateways: all.map(natMsg), nextPageToken: "" };
+      return { natGateways: await Promise.all(all.map((n) => this.natOut(n))), nextPageToken: "" };
     },
     deleteNatGateway: async (req) => {
       let n: NatRec | null;
@@ -144,15 +170,8 @@ export class GatewayApi {
     },
 
     allocateFloatingIp: async (req) => {
-      const pool = this.opts.pool;
-      const first = pool.base + (pool.size > 2 ? 1 : 0);
-      const last = pool.base + pool.size - (pool.size > 2 ? 2 : 1);
-      if (req.address) {
-        const n = V.ipv4("address", req.address);
-        if (n < first || n > last)
-          throw new InvalidArgumentError("address", `${req.address} is outside the floating IP pool ${pool.text}; pick one in it or leave it empty`);
-      }
-      const f = await this.store.allocateFip({ first, last }, req.address, V.text("description", req.description));
+      this.inPool("address", req.address);
+      const f = await this.store.allocateFip(poolRange(this.opts.pool), req.address, V.text("description", req.description));
       return { floatingIp: fipMsg(f) };
     },
     associateFloatingIp: async (req) => {
@@ -196,11 +215,13 @@ export class GatewayApi {
       const vpcId = req.vpc ? (await this.vpc(req.vpc)).id : "";
       const all = await this.store.listFips();
       const pool = this.opts.pool;
+      // NAT gateways' addresses come from the same pool.
+      const nats = (await this.store.listNats()).filter((n) => n.address).length;
       return {
         floatingIps: all.filter((f) => !vpcId || f.vpcId === vpcId).map(fipMsg),
         nextPageToken: "",
         pool: [pool.text],
-        poolFree: Math.max(0, pool.size - 2 - all.length),
+        poolFree: Math.max(0, pool.size - 2 - all.length - nats),
       };
     },
 

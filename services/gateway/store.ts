@@ -7,6 +7,7 @@ import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExh
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
+import { hostKeys, overlayKeys } from "../netagent/schema.js";
 import {
   checkFip,
   checkNat,
@@ -17,6 +18,7 @@ import {
   OWNER,
   parseFip,
   parseNat,
+  parseNatHolder,
   parsePf,
   parseTransit,
   vpcIdOf,
@@ -96,6 +98,80 @@ ${EVENT}
 return 1
 `;
 
+// Creates a NAT gateway and takes its address out of the floating pool, in
+// one step. KEYS: 1 record, 2 vpcnat, 3 nats zset, 4 tokens, 5 fip byaddr;
+// ARGV: 1 kind, 2 id, 3 vpc, 4 client token, 5 first, 6 last, 7 wanted
+// address ('' = lowest free), then hash fields (without address).
+// {1,id} created, {0,id} token seen, {-1,id} VPC has one, {-2,''} pool
+// exhausted, {-3,holder} wanted address taken.
+const CREATE_NAT = `
+if ARGV[4] ~= '' then
+  local prev = redis.call('HGET', KEYS[4], ARGV[4])
+  if prev and redis.call('EXISTS', (string.gsub(KEYS[1], '[^:]+$', prev))) == 1 then return {0, prev} end
+end
+local held = redis.call('HGET', KEYS[2], ARGV[3])
+if held then return {-1, held} end
+local function ip(n) return string.format('%d.%d.%d.%d', math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256, math.floor(n / 256) % 256, n % 256) end
+local addr
+if ARGV[7] ~= '' then
+  local by = redis.call('HGET', KEYS[5], ARGV[7])
+  if by then return {-3, by} end
+  addr = ARGV[7]
+else
+  for n = tonumber(ARGV[5]), tonumber(ARGV[6]) do
+    local a = ip(n)
+    if redis.call('HEXISTS', KEYS[5], a) == 0 then addr = a break end
+  end
+  if not addr then return {-2, ''} end
+end
+local f = {'address', addr}
+for i = 8, #ARGV do f[#f + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(f))
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[5], addr, ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], ARGV[2]) end
+${EVENT}
+return {1, ARGV[2]}
+`;
+
+// Deletes a NAT gateway, gives its address back to the pool and ends its
+// lease. KEYS: 1 record, 2 vpcnat, 3 nats zset, 4 fip byaddr, 5 lease;
+// ARGV: 1 kind, 2 id, 3 vpc, 4 address ('' none).
+const DELETE_NAT = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[3]) end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[4], ARGV[4]) == ARGV[2] then redis.call('HDEL', KEYS[4], ARGV[4]) end
+redis.call('DEL', KEYS[5])
+redis.call('ZREM', KEYS[3], ARGV[2])
+${EVENT}
+return 1
+`;
+
+// Takes or renews the lease on a VPC's NAT address. KEYS: 1 lease; ARGV:
+// 1 this host, 2 ttl ms, 3 vpc, 4 a holder to replace ('' none: only a free
+// lease is taken). {1,me} renewed, {2,me} taken (and announced), {0,holder}
+// held by another host.
+const NAT_LEASE = `
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return {1, cur} end
+if (not cur) or (ARGV[4] ~= '' and cur == ARGV[4]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'gw.nat.holder', 'id', ARGV[3], 'host', ARGV[1])
+  return {2, ARGV[1]}
+end
+return {0, cur}
+`;
+
+// Gives up this host's lease. KEYS: 1 lease; ARGV: 1 this host, 2 vpc.
+const NAT_UNLEASE = `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'gw.nat.holder', 'id', ARGV[2], 'host', '')
+return 1
+`;
+
 type R = [number, string];
 
 /**
@@ -120,6 +196,10 @@ export class GatewayStore extends GatewayReader {
       redis.defineCommand("mvpcGwDelete", { numberOfKeys: 3, lua: DELETE });
       redis.defineCommand("mvpcGwAllocFip", { numberOfKeys: 3, lua: ALLOC_FIP });
       redis.defineCommand("mvpcGwUpdate", { numberOfKeys: 1, lua: UPDATE });
+      redis.defineCommand("mvpcGwCreateNat", { numberOfKeys: 5, lua: CREATE_NAT });
+      redis.defineCommand("mvpcGwDeleteNat", { numberOfKeys: 5, lua: DELETE_NAT });
+      redis.defineCommand("mvpcGwNatLease", { numberOfKeys: 1, lua: NAT_LEASE });
+      redis.defineCommand("mvpcGwNatUnlease", { numberOfKeys: 1, lua: NAT_UNLEASE });
     }
   }
 
@@ -149,19 +229,28 @@ export class GatewayStore extends GatewayReader {
 
   // ---- NAT gateways: at most one per VPC ----
 
-  async createNat(n: Omit<NatRec, "id" | "createdMs">, clientToken: string): Promise<NatRec> {
+  /**
+   * Creates the VPC's NAT gateway with an address of the pool: `wanted`, or
+   * the lowest free one ("" wanted). The address is held in fip:byaddr, so no
+   * floating IP takes it, until deleteNat.
+   */
+  async createNat(n: Omit<NatRec, "id" | "createdMs" | "address">, clientToken: string, pool: { first: number; last: number }, wanted = ""): Promise<NatRec> {
     const id = newId("nat");
-    checkNat({ ...n, id, createdMs: 0 });
+    checkNat({ ...n, id, address: wanted, createdMs: 0 });
     const [code, ref] = (await this.cmd(
-      "mvpcGwCreate",
+      "mvpcGwCreateNat",
       K.nat(id),
       K.vpcNat,
-      "mvpc:gw:nats",
+      K.nats,
       K.tokens,
+      K.fipByAddr,
       "gw.nat.created",
       id,
       n.vpcId,
       clientToken ? `nat\n${clientToken}` : "",
+      pool.first,
+      pool.last,
+      wanted,
       "id",
       id,
       "vpc",
@@ -177,6 +266,9 @@ export class GatewayStore extends GatewayReader {
     )) as R;
     if (code === -1)
       throw new AlreadyExistsError(`VPC ${n.vpcId} already has NAT gateway ${ref}; a VPC has one (it serves every private subnet, or those in source_subnets)`);
+    if (code === -3) throw new AlreadyExistsError(`${wanted} is already allocated (${ref}); leave address empty for the lowest free one`);
+    if (code === -2)
+      throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
     return (await this.getNat(String(ref)))!;
   }
 
@@ -195,7 +287,58 @@ export class GatewayStore extends GatewayReader {
   }
 
   async deleteNat(n: NatRec): Promise<boolean> {
-    return (await this.cmd("mvpcGwDelete", K.nat(n.id), K.vpcNat, "mvpc:gw:nats", "gw.nat.deleted", n.id, n.vpcId)) === 1;
+    return (
+      (await this.cmd("mvpcGwDeleteNat", K.nat(n.id), K.vpcNat, K.nats, K.fipByAddr, K.natLease(n.vpcId), "gw.nat.deleted", n.id, n.vpcId, n.address)) === 1
+    );
+  }
+
+  // ---- NAT leases: which host of the VPC holds its NAT gateway's address ----
+
+  /**
+   * The host holding the VPC's NAT address, or undefined: none, or a value
+   * that is not a host id, or a host that is not a registered host of the
+   * VPC — its own (host-scoped) VPC records must list the VPC and, where the
+   * VPC has an overlay, its registry record `mvpc:hosts:H` must be live and
+   * it a member of the VPC's overlay. `bad` is set to such a refused value
+   * (reported), so that a host competing for the lease may replace it.
+   */
+  async natHolder(vpcId: string): Promise<{ holder?: string; bad?: string }> {
+    const key = K.natLease(vpcId);
+    const v = await this.redis.get(key);
+    if (v === null) return {};
+    const p = parseNatHolder(v);
+    if (!p.ok) {
+      reportInvalid(OWNER, "nat-lease", key, p.reason, this.log, { vpcId: vpcIdOf(vpcId) });
+      return { bad: v };
+    }
+    const [hasVpc, overlay, registered, member] = await Promise.all([
+      this.redis.hexists(hostKeys.vpcs(p.value), vpcId),
+      this.redis.exists(overlayKeys.members(vpcId)),
+      this.redis.exists(overlayKeys.host(p.value)),
+      this.redis.hexists(overlayKeys.members(vpcId), p.value),
+    ]);
+    const why =
+      hasVpc !== 1
+        ? `holder: ${p.value} has no namespace of the VPC`
+        : overlay === 1 && (registered !== 1 || member !== 1)
+          ? `holder: ${p.value} is not a registered host of the VPC's overlay`
+          : "";
+    if (why) {
+      reportInvalid(OWNER, "nat-lease", key, why, this.log, { vpcId: vpcIdOf(vpcId) });
+      return { bad: v };
+    }
+    return { holder: p.value };
+  }
+
+  /** Takes the VPC's NAT lease if it is free (or held by `replace`), or renews it if held by hostId. */
+  async natLease(vpcId: string, hostId: string, ttlMs: number, replace = ""): Promise<{ held: boolean; taken: boolean; holder: string }> {
+    const [code, holder] = (await this.cmd("mvpcGwNatLease", K.natLease(vpcId), hostId, ttlMs, vpcId, replace)) as R;
+    return { held: code > 0, taken: code === 2, holder: String(holder) };
+  }
+
+  /** Gives the lease up if hostId holds it (a stopping gateway, a VPC leaving this host). */
+  async natUnlease(vpcId: string, hostId: string): Promise<boolean> {
+    return (await this.cmd("mvpcGwNatUnlease", K.natLease(vpcId), hostId, vpcId)) === 1;
   }
 
   // ---- floating IPs ----

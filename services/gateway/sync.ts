@@ -17,13 +17,14 @@ import { metricsRegistry } from "../common/metrics.js";
 import { SyncLoop } from "../common/sync-loop.js";
 import { defaultResolver, DnsReader } from "../dns/schema.js";
 import type { IpamReader } from "../ipam/schema.js";
-import { netagentNames as naNames } from "../common/names.js";
+import { netagentNames as naNames, wgName } from "../common/names.js";
 import { hostKeys, type HostReader } from "../netagent/schema.js";
 import { LinuxGatewayKernel, type GatewayKernel } from "./kernel.js";
 import {
   hostRouteDiff,
   hostTx,
   names,
+  natSteerLines,
   RESOLVER_LABEL,
   resolverAddrLines,
   transitAddrs,
@@ -67,7 +68,16 @@ export interface GatewaySyncOptions {
   conntrackLimitPerVm?: number;
   /** The management CIDRs now (read each pass: "auto" follows the host's addresses); unset: none. */
   managementCidrs?: () => Promise<string[]>;
+  /**
+   * TTL of the lease on a NAT gateway's address (default 6000 ms), renewed
+   * every third of it by the holder; the other hosts of the VPC check it as
+   * often and take it when it has run out.
+   */
+  natLeaseMs?: number;
 }
+
+/** Default TTL of a NAT gateway's address lease. */
+export const DEFAULT_NAT_LEASE_MS = 6000;
 
 /** What GatewaySync runs and reads beside its stores; each defaults to the real one. */
 export interface GatewaySyncDeps {
@@ -82,6 +92,8 @@ export class GatewaySync {
   private lastVpc = new Map<string, string>();
   private lastRoutes = new Map<string, string[]>();
   private lastResolver = new Map<string, string | undefined>();
+  /** NAT steering applied per VPC (natSteerLines' inputs). */
+  private lastSteer = new Map<string, string>();
   /** VPCs that left this host and whose transit index is not freed yet. */
   private readonly leaving = new Set<string>();
   private readonly dns: Pick<DnsReader, "getConfig">;
@@ -93,8 +105,9 @@ export class GatewaySync {
   private readonly loop: SyncLoop<void>;
 
   constructor(
-    readonly store: Pick<GatewayStore, "listNats" | "listFips" | "listPfs" | "transitIndex" | "transitMap" | "releaseTransit">,
-    readonly ipam: Pick<IpamReader, "getVpc" | "getSubnet"> & Partial<Pick<IpamReader, "redis">>,
+    readonly store: Pick<GatewayStore, "listNats" | "listFips" | "listPfs" | "transitIndex" | "transitMap" | "releaseTransit"> &
+      Partial<Pick<GatewayStore, "natHolder" | "natLease" | "natUnlease">>,
+    readonly ipam: Pick<IpamReader, "getVpc" | "getSubnet"> & Partial<Pick<IpamReader, "redis" | "listSubnets">>,
     readonly host: Pick<HostReader, "load">,
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
@@ -153,6 +166,92 @@ export class GatewaySync {
     }
   }
 
+  /** VPCs here whose NAT gateway has an address (their leases are this host's concern). */
+  private natVpcs = new Set<string>();
+  private natAddrs = new Map<string, string>();
+  /** The holder of each such VPC's address as last read (undefined: none). */
+  private readonly natHolders = new Map<string, string | undefined>();
+  private leaseTimer?: NodeJS.Timeout;
+  private leaseStopped = false;
+  get natLeaseMs(): number {
+    return this.opts.natLeaseMs ?? DEFAULT_NAT_LEASE_MS;
+  }
+
+  /**
+   * The host holding the VPC's NAT address, after taking the lease if it was
+   * free (or held by a value that is no registered host of the VPC) and
+   * renewing it if this host holds it. A change of holder is an event
+   * (gw.nat.holder) when this host takes the lease; a lease that ran out
+   * makes none, and the hosts that check it find out themselves.
+   */
+  private async claimNat(vpcId: string): Promise<string | undefined> {
+    if (!this.store.natHolder || !this.store.natLease) return undefined;
+    const cur = await this.store.natHolder(vpcId);
+    let holder = cur.holder;
+    if (holder === undefined || holder === this.opts.hostId) {
+      const r = await this.store.natLease(vpcId, this.opts.hostId, this.natLeaseMs, cur.bad ?? "");
+      // Another host won the race: it is the holder once the registry vouches for it.
+      holder = r.held ? this.opts.hostId : (await this.store.natHolder(vpcId)).holder;
+      if (r.taken) this.log.info({ vpc: vpcId }, "gateway: this host took the NAT gateway's address");
+    }
+    const before = this.natHolders.get(vpcId);
+    if (this.natHolders.has(vpcId) && before !== holder)
+      this.log.info({ vpc: vpcId, from: before ?? "none", to: holder ?? "none" }, "gateway: NAT holder changed");
+    this.natHolders.set(vpcId, holder);
+    return holder;
+  }
+
+  private async unleaseNat(vpcId: string): Promise<void> {
+    this.natHolders.delete(vpcId);
+    try {
+      if (await this.store.natUnlease?.(vpcId, this.opts.hostId)) this.log.info({ vpc: vpcId }, "gateway: gave up the NAT gateway's address");
+    } catch (err) {
+      this.log.warn({ vpc: vpcId, err: (err as Error).message }, "gateway: cannot give up the NAT lease; it runs out by itself");
+    }
+  }
+
+  /**
+   * The lease pass, every natLeaseMs/3 between the sync passes: renews this
+   * host's leases, takes those that ran out, and starts a sync pass when a
+   * holder changed.
+   */
+  async leaseTick(): Promise<void> {
+    let changed = false;
+    for (const vpcId of this.natVpcs) {
+      const before = this.natHolders.get(vpcId);
+      try {
+        if ((await this.claimNat(vpcId)) !== before) changed = true;
+      } catch (err) {
+        this.log.warn({ vpc: vpcId, err: (err as Error).message }, "gateway: NAT lease check failed");
+      }
+    }
+    if (changed) this.kick();
+  }
+
+  /** Gives up every lease this host holds (a stopping gateway): the next host takes over at once, not after the TTL. */
+  async releaseNatLeases(): Promise<void> {
+    for (const id of [...this.natVpcs]) {
+      if (this.natHolders.get(id) !== this.opts.hostId) continue;
+      await this.unleaseNat(id);
+      // Its proxy entry would answer ARP beside the next holder's.
+      const a = this.natAddrs.get(id);
+      if (a) await this.kernel.hostBatch([`neigh del proxy ${a} dev ${this.opts.uplink}`], true).catch(() => undefined);
+    }
+  }
+
+  /** CIDRs of the NAT gateway's source subnets in the whole VPC: its private subnets, or `sources` of them. */
+  private async natCidrs(vpcId: string, sources: string[]): Promise<string[]> {
+    if (!this.ipam.listSubnets) return [];
+    const out: string[] = [];
+    for (const s of await this.ipam.listSubnets(vpcId, "", 10_000)) {
+      if (s.vpcId !== vpcId || s.type === "public" || (sources.length > 0 && !sources.includes(s.id))) continue;
+      const p = parseGwSubnet({ subnetId: s.id, cidr: s.cidr });
+      if (p.ok) out.push(p.value.cidr);
+      else reportInvalid(OWNER, "subnet", `mvpc:subnet:${s.id}`, p.reason, this.log, { vpcId });
+    }
+    return out.sort();
+  }
+
   async desired(): Promise<HostGw> {
     const d = await this.host.load();
     // Host records the shared reader skipped: this reader skipped them too, and counts them.
@@ -181,6 +280,8 @@ export class GatewaySync {
         subnets.push({ ...p.value, public: await this.subnetPublic(s.subnetId, vpcId) });
       }
       const nat = nats.find((n) => n.vpcId === vpcId);
+      const natAddress = nat?.address ?? "";
+      const holder = natAddress ? await this.claimNat(vpcId) : undefined;
       const localAddrs = new Set([...d.nics.values()].filter((n) => n.vpcId === vpcId && ipaddr.IPv4.isValidFourPartDecimal(n.address)).map((n) => n.address));
       const hopLimits = new Map<string, number>();
       for (const a of localAddrs) hopLimits.set(a, hops.get(`${vpcId}/${a}`) ?? 1);
@@ -190,6 +291,10 @@ export class GatewaySync {
         subnets,
         nat: !!nat,
         natSources: nat?.sources ?? [],
+        natAddress,
+        natRole: !natAddress ? undefined : holder === this.opts.hostId ? "holder" : holder ? "steer" : "none",
+        natCidrs: nat && natAddress ? await this.natCidrs(vpcId, nat.sources) : [],
+        overlayIf: wgName(this.opts.hostId, vpcId),
         fips: fips
           .filter((f) => f.vpcId === vpcId && f.hostId === this.opts.hostId && localAddrs.has(f.private))
           .map((f) => ({ address: f.address, private: f.private })),
@@ -200,6 +305,11 @@ export class GatewaySync {
         resolver: await this.resolverOf(vpcId),
       });
     }
+    // Leases of VPCs no longer here (or no longer with a NAT address) are given up.
+    const natHere = new Set(vpcs.filter((v) => v.natAddress).map((v) => v.vpcId));
+    this.natAddrs = new Map(vpcs.filter((v) => v.natAddress).map((v) => [v.vpcId, v.natAddress!]));
+    for (const id of [...this.natVpcs]) if (!natHere.has(id)) await this.unleaseNat(id);
+    this.natVpcs = natHere;
     return {
       hostId: this.opts.hostId,
       uplink: this.opts.uplink,
@@ -226,6 +336,7 @@ export class GatewaySync {
     this.lastVpc.delete(vpcId);
     this.lastRoutes.delete(vpcId);
     this.lastResolver.delete(vpcId);
+    this.lastSteer.delete(vpcId);
   }
 
   /**
@@ -269,6 +380,11 @@ export class GatewaySync {
       this.lastResolver.set(v.vpcId, v.resolver);
     }
     const routes = vpcHostLines(v, this.opts.uplink);
+    const wasHolder = (this.lastRoutes.get(v.vpcId) ?? []).some((l) => v.natAddress && l === `neigh replace proxy ${v.natAddress} dev ${this.opts.uplink}`);
+    // Not the holder, and nothing known applied (a restart): a proxy entry
+    // or route this host left for the address when it held it goes.
+    if (!known && v.natAddress && v.natRole !== "holder")
+      await this.kernel.hostBatch([`neigh del proxy ${v.natAddress} dev ${this.opts.uplink}`, `route del ${v.natAddress}/32`], true);
     // Known applied: only the difference. Otherwise (start, after an error,
     // the drift pass) all of it again, so a route or proxy entry deleted
     // behind our back comes back.
@@ -278,12 +394,30 @@ export class GatewaySync {
       await this.kernel.hostBatch(lines, true);
       this.lastRoutes.set(v.vpcId, routes);
     }
+    const steerKey = JSON.stringify([v.natAddress, v.natRole, v.natCidrs, v.overlayIf]);
+    if (!known || this.lastSteer.get(v.vpcId) !== steerKey) {
+      const { del, add } = natSteerLines(v.natAddress || this.lastSteer.has(v.vpcId) || !known ? await this.kernel.vpcRules(vns) : [], v);
+      if (del.length) await this.kernel.vpcBatch(vns, del, true);
+      if (add.length) await this.kernel.vpcBatch(vns, add);
+      if (v.natAddress) this.lastSteer.set(v.vpcId, steerKey);
+      else this.lastSteer.delete(v.vpcId);
+    }
     const tx = vpcTx(v, this.opts.imdsPort, this.opts.dnsPort ?? 0, this.opts.conntrackLimitPerVm ?? 0);
     const text = render(tx);
     if (this.lastVpc.get(v.vpcId) !== text) {
       await this.kernel.apply(vns, tx);
       applies.inc({ where: "vpc", result: "ok" });
       this.lastVpc.set(v.vpcId, text);
+    }
+    // Just took the address: the uplink's neighbours learn it moved here.
+    if (v.natAddress && v.natRole === "holder" && !wasHolder && this.kernel.announce) {
+      const err = await this.kernel.announce(this.opts.uplink, v.natAddress);
+      if (!err) this.log.info({ vpc: v.vpcId, address: v.natAddress }, "gateway: announced the NAT gateway's address on the uplink (unsolicited ARP)");
+      else
+        this.log.warn(
+          { vpc: v.vpcId, address: v.natAddress, err },
+          "gateway: cannot announce the NAT gateway's address (arping -U needs iputils-arping and net.ipv4.ip_nonlocal_bind=1 in the uplink's namespace); neighbours learn it at their next ARP request",
+        );
     }
   }
 
@@ -372,10 +506,20 @@ export class GatewaySync {
   /** The first pass, then a pass on each change event; every driftMs a pass that checks the kernel afresh. */
   start(redis: Redis, driftMs: number): void {
     this.loop.start(redis, driftMs);
+    this.leaseStopped = false;
+    const tick = () => {
+      if (this.leaseStopped) return;
+      this.leaseTimer = setTimeout(() => void this.leaseTick().finally(tick), Math.max(100, Math.floor(this.natLeaseMs / 3)));
+      this.leaseTimer.unref();
+    };
+    tick();
   }
 
   stop(): void {
     this.loop.stop();
+    this.leaseStopped = true;
+    clearTimeout(this.leaseTimer);
+    this.leaseTimer = undefined;
   }
 
   /** The loop's reconcile health (readiness: first whole pass applied, the last one recent). */

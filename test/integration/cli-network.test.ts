@@ -413,12 +413,19 @@ describe("gateway", () => {
     assert.match(r.stderr, /^error: .*private.*public subnet/);
     assert.equal((await json(["nat", "list"])).natGateways.length, 0);
 
-    const n = (await json(["nat", "create", "--vpc", "prod", "--subnet", "web"])).natGateway;
+    r = await expect(7, ["nat", "create", "--vpc", "prod", "--subnet", "web", "--address", "198.51.100.1"]);
+    assert.match(r.stderr, /outside the floating IP pool/);
+    const n = (await json(["nat", "create", "--vpc", "prod", "--subnet", "web", "--address", "203.0.113.6"])).natGateway;
     assert.match(n.id, /^nat-[0-9a-f]{12}$/);
     assert.deepEqual(n.sourceSubnetIds, []);
+    assert.equal(n.address, "203.0.113.6", "its own address, from the pool");
     r = await expect(0, ["nat", "list", "--vpc", "prod"]);
     assert.ok(r.stdout.includes(n.id));
     assert.match(r.stdout, /all private/);
+    assert.match(r.stdout, /ADDRESS/);
+    assert.match(r.stdout, /HOLDER/);
+    assert.ok(r.stdout.includes("203.0.113.6"));
+    assert.match((await expect(0, ["nat", "get", "--vpc", "prod"])).stdout, /address\W+203\.0\.113\.6/);
     assert.equal((await json(["nat", "get", "--vpc", "prod"])).natGateway.id, n.id);
     await expect(4, ["nat", "create", "--vpc", "prod", "--subnet", "web"]);
     await expect(2, ["nat", "delete"]);

@@ -119,11 +119,15 @@ describe("NAT", () => {
     await eventually(async () => (await whoami(pub)) === hostAddr, true, "pub reaches the internet as the host");
   });
 
-  test("private subnet: no egress without a NAT gateway; with one, egress as the host; deleting it stops it", async () => {
+  test("private subnet: no egress without a NAT gateway; with one, egress as its own address (not the host's); deleting it stops it", async () => {
     await eventually(async () => (await whoami(pub)) !== null, true, "the gateway is up");
     assert.equal(await whoami(priv), null, "no NAT gateway: no egress");
     const nat = (await gw.createNatGateway({ vpc: "blog", subnet: "web" })).natGateway!;
-    await eventually(async () => (await whoami(priv)) === hostAddr, true, "through the NAT gateway, seen as the host");
+    const last = Number(/^192\.168\.100\.([0-9]+)$/.exec(nat.address)?.[1]);
+    assert.ok(last >= 129 && last <= 190, `${nat.address}: an address of the floating pool`);
+    await eventually(async () => (await whoami(priv)) === nat.address, true, "through the NAT gateway, seen as its address");
+    // One host, no overlay: it holds the address itself.
+    assert.equal((await gw.getNatGateway({ ref: nat.id })).natGateway!.holderHostId, h.hosts[0].id);
     await gw.deleteNatGateway({ ref: nat.id });
     await eventually(async () => (await whoami(priv)) === null, true, "NAT gateway deleted: no egress");
   });

@@ -198,12 +198,16 @@ test("the agentmetal networking guide, as written, with packets", { timeout: 300
   // … the guide's NAT gateway …
   r = await expect(0, ["nat", "create", "--vpc", "prod", "--subnet", "web"]);
   assert.match(r.stdout, /nat-[0-9a-f]{12}/);
-  assert.equal(await httpFrom(data1.ns, url, (b) => b !== null), hostAddr, "data1 (private) reaches the internet through NAT, as the hypervisor");
+  // The NAT gateway's own address (issue 16), not the hypervisor's.
+  let natAddr: string = (await json(["nat", "get", "--vpc", "prod"])).natGateway.address;
+  assert.notEqual(natAddr, hostAddr);
+  assert.equal(await httpFrom(data1.ns, url, (b) => b !== null), natAddr, "data1 (private) reaches the internet through NAT, as the NAT gateway's address");
   // … and without it, again nothing (blocked after reachable on the same path).
   await expect(0, ["nat", "delete", "--vpc", "prod"]);
   assert.equal(await httpFrom(data1.ns, url, (b) => b === null), null, "data1 stops reaching the internet once the NAT gateway is deleted");
   await expect(0, ["nat", "create", "--vpc", "prod", "--subnet", "web"]);
-  assert.equal(await httpFrom(data1.ns, url, (b) => b !== null), hostAddr, "data1 through NAT again");
+  natAddr = (await json(["nat", "get", "--vpc", "prod"])).natGateway.address;
+  assert.equal(await httpFrom(data1.ns, url, (b) => b !== null), natAddr, "data1 through NAT again");
 
   // From outside the VPC (the internet, through a floating IP): 80 and 443 yes, 22 (10.0.0.0/16 only) no.
   const fip = (await json(["fip", "allocate"])).floatingIp;
@@ -301,7 +305,8 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   assert.equal(await httpGet(db.ns, url, 2000), null, "database (private) must not reach the internet before nat create");
   // sudo vpcctl enable-nat blog --interface eth0
   await expect(0, ["nat", "create", "--vpc", "blog", "--subnet", "webserver"]);
-  assert.equal(await httpFrom(db.ns, url, (b) => b !== null), hostAddr, "database reaches the internet through NAT");
+  const natAddr: string = (await json(["nat", "get", "--vpc", "blog"])).natGateway.address;
+  assert.equal(await httpFrom(db.ns, url, (b) => b !== null), natAddr, "database reaches the internet through NAT, as the NAT gateway's address");
 
   // Step 8: apply-policy blog database_policy.json
   const policy = join(tmp, "database_policy.json");
@@ -331,7 +336,7 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   await blocked("webserver", "10.20.2.4:22", "blog");
   await reachable("webserver", "10.20.2.4:3000", "blog");
   assert.equal(await httpFrom(web.ns, "http://10.20.2.4:5432/", (b) => b !== null), "database:5432");
-  assert.equal(await httpFrom(db.ns, url, (b) => b !== null), hostAddr, "database → internet:80 (egress allow 80) under the ACL");
+  assert.equal(await httpFrom(db.ns, url, (b) => b !== null), natAddr, "database → internet:80 (egress allow 80) under the ACL");
   await reachable("database", "10.20.1.4:8080", "blog");
   await expect(0, ["acl", "disassociate", "--subnet", "database", "--vpc", "blog"]);
   await reachable("webserver", "10.20.2.4:22", "blog");
@@ -350,7 +355,7 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   await reachable("webserver", "10.20.2.4:5432", "blog");
   await blocked("webserver", "10.20.2.4:22", "blog");
   await blocked("webserver", "10.20.2.4:3000", "blog");
-  assert.equal(await httpFrom(db.ns, url, (b) => b !== null), hostAddr, "database → internet:80 (egress allow 80) under the group");
+  assert.equal(await httpFrom(db.ns, url, (b) => b !== null), natAddr, "database → internet:80 (egress allow 80) under the group");
   // Egress to a port the policy does not allow: database → webserver:8080 (reachable above) is dropped.
   await blocked("database", "10.20.1.4:8080", "blog");
   // Back to the open group: 22 and 3000 answer again.

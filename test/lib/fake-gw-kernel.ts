@@ -96,6 +96,11 @@ export class FakeGwKernel implements GatewayKernel {
     this.batch(ns, lines, false);
   }
 
+  /** No policy rules are modelled: the NAT steering (plan.ts natSteerLines) is tested on real namespaces. */
+  async vpcRules(): Promise<[]> {
+    return [];
+  }
+
   async vpcLoAddrs(ns: string, label: string): Promise<string[]> {
     return [...(this.nss.get(ns)?.links.get("lo")?.addrs ?? [])].filter(([a, l]) => l === label && !a.includes(":")).map(([a]) => a.split("/")[0]);
   }

@@ -1329,6 +1329,7 @@ test("the image's packages provide every program the services run", () => {
     nsenter: "util-linux",
     sysctl: "procps",
     ping: "iputils-ping",
+    arping: "iputils-arping",
     wg: "wireguard-tools",
     "wireguard-go": "wireguard-go",
     "qemu-system-x86_64": "qemu-system-x86",

@@ -127,7 +127,9 @@ class Sources {
 
   store = {
     listNats: async (): Promise<NatRec[]> =>
-      this.each((vpcId, w) => (w.nat ? [{ id: `nat-${vpcId.slice(-12)}`, vpcId, subnetId: "", sources: w.nat, description: "", createdMs: 0 }] : [])),
+      this.each((vpcId, w) =>
+        w.nat ? [{ id: `nat-${vpcId.slice(-12)}`, vpcId, subnetId: "", sources: w.nat, address: "", description: "", createdMs: 0 }] : [],
+      ),
     listFips: async (): Promise<FipRec[]> =>
       this.each((vpcId, w) =>
         (w.fips ?? []).map((f) => ({

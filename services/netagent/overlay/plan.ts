@@ -101,6 +101,21 @@ export function peersOf(hosts: PeerHost[], ownKey: string, addrs: Record<string,
     }));
 }
 
+/** What a NAT gateway's holder gets beside its NICs (gateway/plan.ts natSteerLines sends the egress there). */
+export const NAT_ALLOWED = "0.0.0.0/0";
+
+/**
+ * The peer of the host holding the VPC's NAT gateway address also gets
+ * 0.0.0.0/0: WireGuard sends it what the VPC namespace steers to the
+ * interface for the outside, and takes the answers (any source) from it. The
+ * other peers keep their /32s, which win by longest prefix. A holder that is
+ * no peer (not a registered member host) gets nothing.
+ */
+export function withNatHolder(peers: PeerWant[], holder: string | undefined): PeerWant[] {
+  if (!holder) return peers;
+  return peers.map((p) => (p.hostId === holder ? { ...p, allowedIps: [...p.allowedIps, NAT_ALLOWED].sort() } : p));
+}
+
 /**
  * Just after a Redis outage every lease may have run out while nobody could
  * renew it: the hosts applied before stay until they had time to register
@@ -129,9 +144,12 @@ export function peerArgs(dump: Dump, want: PeerWant[]): string[] {
 /** `ip -batch` lines that leave one /32 route through the interface per remote NIC (`have`: the routes' dst as listed). */
 export function routeLines(ifname: string, have: string[], want: PeerWant[]): string[] {
   const cur = new Set(have.map((dst) => (dst.includes("/") ? dst : `${dst}/32`)));
-  const wantR = new Set(want.flatMap((p) => p.allowedIps));
+  // The NAT holder's 0.0.0.0/0 is no route of the main table: the default
+  // stays the transit link, and only the NAT's sources are steered (policy
+  // routing, gateway/plan.ts natSteerLines).
+  const wantR = new Set(want.flatMap((p) => p.allowedIps).filter((a) => a !== NAT_ALLOWED));
   const lines: string[] = [];
-  for (const r of cur) if (!wantR.has(r)) lines.push(`route del ${r} dev ${ifname}`);
+  for (const r of cur) if (!wantR.has(r) && r !== "default" && r !== NAT_ALLOWED) lines.push(`route del ${r} dev ${ifname}`);
   for (const r of wantR) if (!cur.has(r)) lines.push(`route replace ${r} dev ${ifname}`);
   return lines;
 }

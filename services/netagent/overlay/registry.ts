@@ -265,7 +265,8 @@ export class OverlayRegistry {
             last = id;
             const kind = fields[fields.indexOf("kind") + 1] ?? "";
             const host = fields[fields.indexOf("host") + 1] ?? "";
-            if (/^(nic|overlay|host)\./.test(kind) && !(kind.startsWith("host.") && host === this.hostId)) changed = true;
+            // gw.nat.*: a NAT gateway's holder changed, or the gateway came or went (its peer's 0.0.0.0/0).
+            if (/^(nic|overlay|host|gw\.nat)\./.test(kind) && !(kind.startsWith("host.") && host === this.hostId)) changed = true;
           }
         }
         if (changed) kick();

@@ -30,7 +30,8 @@ import { reportInvalid } from "../../common/invalid-records.js";
 import * as V from "../../common/validate.js";
 import { verifyClaims, type RejectedClaim } from "./claims.js";
 import { keyFileIn, loadOrCreateKey, newKey } from "./keyfile.js";
-import { allowedWithin, evidenceHosts, keepDuringOutage, nominate, overlayMtu, peerArgs, peersOf, routeLines, type PeerWant } from "./plan.js";
+import { GK, parseNat, parseNatHolder } from "../../gateway/schema.js";
+import { allowedWithin, evidenceHosts, keepDuringOutage, nominate, overlayMtu, peerArgs, peersOf, routeLines, withNatHolder, type PeerWant } from "./plan.js";
 import { OverlayRegistry, type HostRecord, type SkippedHost } from "./registry.js";
 import { WgInterfaces, selectImplementation, wgName, type Dump, type WgImpl, type WgMode } from "./wg.js";
 import { WgKernel, type WgCommands, type WgProbe } from "./wgkernel.js";
@@ -380,7 +381,24 @@ export class Overlay {
     if (others.length === 0) return [];
     const { hosts, skipped } = await this.registry.peerHosts(others, members);
     this.noteSkipped(vpcId, skipped);
-    return peersOf(hosts, this.publicKey, addrs);
+    return withNatHolder(peersOf(hosts, this.publicKey, addrs), await this.natHolder(vpcId));
+  }
+
+  /**
+   * The host holding the VPC's NAT gateway address (gateway/sync.ts), if
+   * another: the VPC has a NAT gateway with an address (its record checked
+   * as the gateway API checks it) and the lease names a host id. Only a
+   * registered member host has a peer at all, so a lease naming anything
+   * else gets no route (withNatHolder).
+   */
+  async natHolder(vpcId: string): Promise<string | undefined> {
+    const [natId, lease] = await Promise.all([this.redis.hget(GK.vpcNat, vpcId), this.redis.get(GK.natLease(vpcId))]);
+    if (!natId || lease === null || lease === this.hostId) return undefined;
+    const holder = parseNatHolder(lease);
+    if (!holder.ok) return undefined;
+    const nat = parseNat(await this.redis.hgetall(GK.nat(natId)), natId);
+    if (!nat.ok || nat.value.vpcId !== vpcId || !nat.value.address) return undefined;
+    return holder.value;
   }
 
   /**

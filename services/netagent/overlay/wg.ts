@@ -13,7 +13,6 @@
 //   (wireguard-go) the PID, so that a restarted agent adopts the interface
 //   (traffic keeps flowing) and a deleted VPC ends exactly that process or
 //   deletes exactly that device.
-import { createHash } from "node:crypto";
 import { existsSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join } from "node:path";
@@ -78,10 +77,8 @@ export async function selectImplementation(mode: WgMode, probe: WgProbe): Promis
   return { impl: "wireguard-go", why: probe.moduleLoaded() ? "kernel device creation failed" : "no wireguard kernel module" };
 }
 
-/** The WireGuard interface of a VPC on a host: unique per machine, 15 bytes. */
-export function wgName(hostId: string, vpcId: string): string {
-  return `wg${createHash("sha256").update(`${hostId}/${vpcId}`).digest("hex").slice(0, 13)}`;
-}
+/** The WireGuard interface of a VPC on a host (common/names.ts: the gateway steers NAT egress into it). */
+export { wgName } from "../../common/names.js";
 
 /** Parses `wg show NAME dump`. The first line's private key is dropped here and never kept. */
 export function parseDump(out: string): Dump {
