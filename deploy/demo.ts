@@ -136,11 +136,12 @@ async function main(): Promise<void> {
   });
   say("NAT gateway in web, with its own public address, for the private db subnet");
   const nat = (await c.gw.createNatGateway({ vpc: "blog", subnet: "web", clientToken: "demo-nat" })).natGateway!;
-  say(`VMs (kind=netns) spread over ${HOSTS.length} hypervisors: web-1 on ${h1.id}, db-1 on ${h2.id}, db-2 on ${h3.id}`);
-  const [w, d, d2] = await Promise.all([
+  say(`VMs (kind=netns) spread over ${HOSTS.length} hypervisors: web-1 and db-3 on ${h1.id}, db-1 on ${h2.id}, db-2 on ${h3.id}`);
+  const [w, d, d2, d3] = await Promise.all([
     h1.vmm.createVm({ name: "web-1", vpc: "blog", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS }),
     h2.vmm.createVm({ name: "db-1", vpc: "blog", subnet: "db", securityGroups: ["db"], kind: VmKind.NETNS }),
     h3.vmm.createVm({ name: "db-2", vpc: "blog", subnet: "db", securityGroups: ["db"], kind: VmKind.NETNS }),
+    h1.vmm.createVm({ name: "db-3", vpc: "blog", subnet: "db", securityGroups: ["db"], kind: VmKind.NETNS }),
   ]).then((r) => r.map((x) => x.vm!));
   say(`VPC shop, the same 10.0.0.0/16 as blog, with one VM on ${h1.id} (web-1's host): isolated from blog`);
   const shop = (await c.vpc.createVpc({ name: "shop", cidr: "10.0.0.0/16", clientToken: "demo-shop" })).vpc!;
@@ -161,7 +162,7 @@ async function main(): Promise<void> {
   // the first cross-host flow and for the NAT path rather than a fixed time.
   const meshed = await until(async () => (await inNs(w.namespace, PROBE, addr(d), "5432")) === "open", 30_000);
   if (!meshed) console.log("(the overlay did not carry web-1 → db-1 within 30 s)");
-  await until(async () => (await Promise.all([d, d2].map((v) => inNs(v.namespace, GET, INET_ADDR, "80", "/")))).every((x) => x === nat.address), 20_000);
+  await until(async () => (await Promise.all([d, d2, d3].map((v) => inNs(v.namespace, GET, INET_ADDR, "80", "/")))).every((x) => x === nat.address), 20_000);
 
   type Check = [from: string, ns: string, to: string, host: string, port: number, expect: "reachable" | "blocked"];
   const checks: Check[] = [
@@ -193,8 +194,9 @@ async function main(): Promise<void> {
   for (const h of HOSTS) ov.push([h.id, await overlayTraffic(h.id, vpc.id)]);
   console.log(ov.toString());
 
+  const twin = [d, d2, d3].find((v) => addr(v) === addr(s1)) ?? d;
   console.log(
-    `\nOverlapping CIDRs: shop-1 (shop, ${addr(s1)}) and db-1 (blog, ${addr(d)}) both live in 10.0.0.0/16${addr(s1) === addr(d) ? ", with the very same address" : ""}; shop-1 reaches nothing of blog, not even web-1:80, which blog opens to 0.0.0.0/0.`,
+    `\nOverlapping CIDRs: shop-1 (VPC shop) is ${addr(s1)} and ${twin.name} (VPC blog) is ${addr(twin)}, both in 10.0.0.0/16; shop-1 reaches nothing of blog, not even web-1:80, which blog opens to 0.0.0.0/0.`,
   );
 
   const seen = new Table({
@@ -202,7 +204,7 @@ async function main(): Promise<void> {
     style: { head: [], border: [] },
   });
   const seenAs: string[] = [];
-  for (const v of [w, d, d2]) {
+  for (const v of [w, d, d2, d3]) {
     const s = await inNs(v.namespace, GET, INET_ADDR, "80", "/");
     if (v !== w) seenAs.push(s);
     seen.push([
@@ -218,7 +220,7 @@ async function main(): Promise<void> {
   const one = seenAs.every((x) => x === nat.address);
   console.log(
     one
-      ? `NAT gateway: the private VMs on ${d.hostId} and ${d2.hostId} leave as one address, the NAT gateway's own ${nat.address} (held by ${holder}), not as their hypervisors; web-1 as its floating IP ${fip.address}.`
+      ? `NAT gateway: the private VMs on ${[d3, d, d2].map((v) => v.hostId).join(", ")} leave as one address, the NAT gateway's own ${nat.address} (held by ${holder}), not as their hypervisors; web-1 as its floating IP ${fip.address}.`
       : `NAT gateway ${nat.address} (held by ${holder}): the private VMs were seen as ${seenAs.join(", ")} — ✗ UNEXPECTED (the hypervisor is ${HOST_ADDR})`,
   );
   for (const extra of [await vpnClientDemo(), await flowLogExcerpt()]) if (extra) console.log(`\n${extra}`);
