@@ -127,7 +127,11 @@ up() {
     local b=${PORTS[$i]}
     echo "  hypervisor $((i + 1)) ${HOSTNS[$i]} (${HOST_IDS[$i]}, uplink ${UPLINKS[$i]}): netagent :$((b + 2)) · firewall :$((b + 3)) · gateway :$((b + 4)) · vmm :$((b + 5)) (metrics: port+2000)"
   done
-  node dist/demo.js
+  if ! node dist/demo.js; then
+    trap - INT TERM
+    echo "the demo failed; the stack is left up to look at (logs: $RUN/*.log). stop: bash deploy/quickstart.sh down" >&2
+    return 1
+  fi
   trap - INT TERM
   echo
   echo "up and demo took $((SECONDS - t0)) s"
