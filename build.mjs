@@ -22,9 +22,9 @@ const ENTRIES = { microvpcd: "cli/microvpcd.ts", microvpc: "cli/microvpc.ts", de
  * version, and the commit from MICROVPC_COMMIT (the image's build argument)
  * or `git rev-parse HEAD` (a checkout), else "unknown".
  */
-function buildInfo() {
+function buildInfo(commitOverride) {
   const { version } = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"));
-  let commit = process.env.MICROVPC_COMMIT;
+  let commit = commitOverride ?? process.env.MICROVPC_COMMIT;
   if (!commit) {
     try {
       commit = execFileSync("git", ["rev-parse", "HEAD"], { cwd: ROOT, encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim();
@@ -35,14 +35,19 @@ function buildInfo() {
   return { version, commit };
 }
 
-export async function build({ quiet = false } = {}) {
+/**
+ * outdir and commit are for tests that need a second, different build (the
+ * CLI's version skew check): outdir must be inside this checkout, so that
+ * the build finds node_modules.
+ */
+export async function build({ quiet = false, outdir = DIST, commit = undefined } = {}) {
   const t0 = performance.now();
-  rmSync(DIST, { recursive: true, force: true });
-  mkdirSync(DIST, { recursive: true });
+  rmSync(outdir, { recursive: true, force: true });
+  mkdirSync(outdir, { recursive: true });
   await esbuild({
     absWorkingDir: ROOT,
     entryPoints: ENTRIES,
-    outdir: DIST,
+    outdir,
     bundle: true,
     packages: "external",
     platform: "node",
@@ -54,10 +59,10 @@ export async function build({ quiet = false } = {}) {
     splitting: true,
     chunkNames: "chunks/[name]-[hash]",
     logLevel: "warning",
-    define: { __MICROVPC_BUILD__: JSON.stringify(buildInfo()) },
+    define: { __MICROVPC_BUILD__: JSON.stringify(buildInfo(commit)) },
   });
   // Reflection serves the commented descriptors from this buf image.
-  copyFileSync(join(ROOT, "gen", "descriptors.binpb"), join(DIST, "descriptors.binpb"));
+  copyFileSync(join(ROOT, "gen", "descriptors.binpb"), join(outdir, "descriptors.binpb"));
   if (!quiet) console.log(`dist/ built in ${Math.round(performance.now() - t0)} ms`);
 }
 

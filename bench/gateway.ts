@@ -1,8 +1,8 @@
 // Gateway benchmark (`npm run bench:gateway`; not a timed test). From one run
 // it prints, and writes as JSON to bench/results/gateway-<date>.json:
 //   1. TCP throughput (iperf3, one stream) VM → internet: a VM of a private
-//      subnet through its VPC's NAT gateway (masquerade in the VPC namespace,
-//      again on the host's uplink), against the baseline of a VM whose VPC
+//      subnet through its VPC's NAT gateway (SNAT to the gateway's own public
+//      address in the VPC namespace, which this host holds), against the baseline of a VM whose VPC
 //      namespace routes without NAT: a VM of another VPC on a second simulated
 //      hypervisor that runs no gateway, whose VPC namespace the bench joins to
 //      that hypervisor's namespace with a veth and plain routes — the same
@@ -642,7 +642,7 @@ async function main(): Promise<number> {
   await h.subnet(natVpc, "pub", "10.61.0.0/24", SubnetType.PUBLIC);
   const natPriv = await h.subnet(natVpc, "priv", "10.61.1.0/24", SubnetType.PRIVATE);
   const natVm = await h.vm(0, natVpc, natPriv, "natvm");
-  await gw.createNatGateway({ vpc: natVpc.id, subnet: "pub" });
+  const natAddress = (await gw.createNatGateway({ vpc: natVpc.id, subnet: "pub" })).natGateway!.address;
   const dirVpc = await h.vpc("direct", "10.63.0.0/16");
   const dirSub = await h.subnet(dirVpc, "s", "10.63.1.0/24", SubnetType.PUBLIC);
   const dirVm = await h.vm(1, dirVpc, dirSub, "dirvm");
@@ -674,7 +674,8 @@ async function main(): Promise<number> {
     });
   }
   const whoami = (ns: string) => httpGet(ns, `http://${INTERNET_ADDRESS}/`, 1500);
-  const natOk = await waitFor(async () => (await whoami(natVm.ns)) === hv0.underlayAddress, { timeoutMs: 20_000, intervalMs: 300 });
+  // A NAT gateway has its own public address from the pool (held here by hypervisor 0).
+  const natOk = await waitFor(async () => (await whoami(natVm.ns)) === natAddress, { timeoutMs: 20_000, intervalMs: 300 });
   const seen = { nat: await whoami(natVm.ns), direct: await whoami(dirVm.ns), underlay: await whoami(ulx) };
   const imdsOk = await waitFor(async () => (await httpGet(imdsVms[0].ns, `http://169.254.169.254${IMDS_PATH}`, 1500)) === "i-bench000", {
     timeoutMs: 20_000,
@@ -686,7 +687,7 @@ async function main(): Promise<number> {
   // ---- 1. throughput
   progress(`part 1: iperf3 to the internet, 3 paths × ${IPERF_RUNS} rounds × ${IPERF_S} s (+${TRAFFIC_WARMUP} warm-up round)`);
   const paths = [
-    { name: "nat", label: "VM, private subnet → NAT gateway → uplink (2× masquerade)", client: natVm.ns },
+    { name: "nat", label: "VM, private subnet → NAT gateway (SNAT to its address) → uplink", client: natVm.ns },
     { name: "direct", label: "VM, VPC namespace routing without NAT (hypervisor 1, no gateway)", client: dirVm.ns },
     { name: "underlay", label: "plain namespace on the underlay (one bridge hop)", client: ulx },
   ];

@@ -1,63 +1,8 @@
 // microvpc: the operator CLI. Global options come first; each command group
-// lives in its own file under commands/.
-import { Command, Option } from "commander";
-import { groups } from "./commands/index.js";
-import { address, DAEMON_NAMES, DAEMONS, parseHost } from "./lib/context.js";
-import { EXIT_HELP, report } from "./lib/errors.js";
-import { integer } from "./lib/options.js";
-
-export function buildProgram(): Command {
-  const program = new Command("microvpc").description(
-    "Operate microvpc: VPCs, subnets, addresses, security groups, network ACLs, NAT, floating IPs, port forwards, peering and VMs.\n" +
-      "Every global option can also be set by the environment variable shown.",
-  );
-  program
-    .addOption(new Option("--host <host>", "hypervisor whose daemons to use: every daemon defaults to HOST:its port").env("MICROVPC_HOST").argParser(parseHost))
-    .addOption(
-      new Option("--server <host:port>", `address of microvpcd ipam (${DAEMONS.ipam.serves}); default HOST:7401 (http:// or https:// URL also accepted)`).env(
-        "MICROVPC_SERVER",
-      ),
-    );
-  for (const d of DAEMON_NAMES.filter((n) => n !== "ipam")) {
-    const { option, env, port, serves } = DAEMONS[d];
-    program.addOption(new Option(`${option} <host:port>`, `address of microvpcd ${d} (${serves}); default HOST:${port}`).env(env));
-  }
-  program
-    .addOption(new Option("--token <token>", "bearer token, if the daemons require one").env("MICROVPC_TOKEN"))
-    .addOption(
-      new Option(
-        "--insecure-send-token",
-        "send --token over plaintext (http://) to a non-loopback address too; by default only https:// or loopback addresses get it",
-      ).env("MICROVPC_INSECURE_SEND_TOKEN"),
-    )
-    .addOption(new Option("--ca-file <path>", "CA certificate(s) (PEM) to trust for https:// daemons, besides the system's").env("MICROVPC_CA_FILE"))
-    .addOption(new Option("--client-cert <path>", "client certificate (PEM) for daemons that require mutual TLS (--tls-client-ca)").env("MICROVPC_CLIENT_CERT"))
-    .addOption(new Option("--client-key <path>", "private key (PEM) of --client-cert").env("MICROVPC_CLIENT_KEY"))
-    .addOption(new Option("-o, --output <format>", "output format").choices(["table", "json"]).env("MICROVPC_OUTPUT").default("table"))
-    .addOption(
-      new Option("--timeout-ms <ms>", "deadline of each call (VM calls: 120000 unless given)")
-        .env("MICROVPC_TIMEOUT_MS")
-        .argParser(integer(1, 3_600_000))
-        .default(10_000),
-    )
-    .addHelpText(
-      "after",
-      `
-Daemons and their addresses:
-  Each daemon's address is its own option (or variable) if given, else
-  --host (MICROVPC_HOST) with the daemon's port, else 127.0.0.1 with that port:
-    ipam 7401 (--server)    netagent 7402    firewall 7403    gateway 7404    vmm 7405
-  e.g. \`microvpc --host 10.0.0.5 status\` checks every daemon of hypervisor 10.0.0.5.
-
-${EXIT_HELP}`,
-    )
-    .showHelpAfterError("(add --help for usage)")
-    // Commander exits by itself with code 1; we need 2 for usage errors, so
-    // it throws instead and main() picks the code. Subcommands inherit this.
-    .exitOverride();
-  for (const g of groups) g.register(program);
-  return program;
-}
+// lives in its own file under commands/ (the tree: program.ts).
+import { buildProgram } from "./program.js";
+import { address } from "./lib/context.js";
+import { report } from "./lib/errors.js";
 
 async function main(argv: string[]): Promise<number> {
   const program = buildProgram();

@@ -28,9 +28,21 @@ import {
 import { SubnetService, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { client } from "../lib/context.js";
 import { EXIT, notFoundIsNull } from "../lib/errors.js";
-import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption, listOption, repeatableOption, vpcOption } from "../lib/options.js";
-import { details, dryRun, dryRunMany, emit, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import {
+  clientTokenOption,
+  createName,
+  descriptionOption,
+  dryRunOption,
+  labelOption,
+  limitOption,
+  listOption,
+  nameOption,
+  repeatableOption,
+  vpcOption,
+} from "../lib/options.js";
+import { details, dryRun, dryRunMany, emit, emitList, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
+import { collect, collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 import { aclActionWord, aclEntryText, aclMatchText, dirWord, parseAclEntry, parseAclKey, readPolicyFile } from "../lib/rules.js";
 
 const ENTRY_HELP = `
@@ -80,7 +92,7 @@ export function register(program: Command): void {
     .addHelpText("after", ENTRY_HELP);
 
   acl
-    .command("create <name>")
+    .command("create [name]")
     .description("create a network ACL, optionally associating subnets (each loses its previous ACL)")
     .addOption(vpcOption("", true))
     .addOption(listOption("--subnet <ref>", "subnet id or name of the VPC to associate"))
@@ -90,7 +102,9 @@ export function register(program: Command): void {
     .addOption(clientTokenOption())
     .addOption(dryRunOption())
     .addHelpText("after", ENTRY_HELP)
-    .action(async (name: string, o, cmd: Command) => {
+    .addOption(nameOption())
+    .action(async (nameArg: string | undefined, o, cmd: Command) => {
+      const name = createName(cmd, nameArg, o.name);
       const req = create(CreateNetworkAclRequestSchema, {
         vpc: o.vpc,
         name,
@@ -118,18 +132,30 @@ export function register(program: Command): void {
     .command("list")
     .description("list network ACLs, of one VPC or of all, ordered by name")
     .addOption(vpcOption("; default: every VPC"))
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, FirewallService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<NetworkAcl>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listNetworkAcls({ vpc: o.vpc, pageSize, pageToken });
         return { items: r.networkAcls, next: r.nextPageToken };
       });
-      emit(cmd, ListNetworkAclsResponseSchema, create(ListNetworkAclsResponseSchema, { networkAcls: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "VPC", "NAME", "ENTRIES", "SUBNETS", "DESCRIPTION"],
-          items.map((a) => [a.id, a.vpcId, a.name, a.entries.map(aclEntryText).join("\n"), a.subnetIds.join("\n"), a.description]),
-        ),
+      emitList(
+        cmd,
+        ListNetworkAclsResponseSchema,
+        create(ListNetworkAclsResponseSchema, { networkAcls: items, nextPageToken: next }),
+        items,
+        [
+          { head: "ID", get: (a) => a.id },
+          { head: "VPC", get: (a) => a.vpcId },
+          { head: "NAME", get: (a) => a.name },
+          { head: "ENTRIES", get: (a) => a.entries.map(aclEntryText).join(",") },
+          { head: "SUBNETS", get: (a) => a.subnetIds.join(",") },
+          { head: "DESCRIPTION", get: (a) => a.description },
+          { head: "LABELS", get: (a) => labels(a.labels), wide: true },
+          { head: "CREATED", get: (a) => time(a.createTime), wide: true },
+        ],
+        (a) => `acl/${a.id}`,
       );
     });
 

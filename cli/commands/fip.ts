@@ -21,7 +21,8 @@ import {
 import { client } from "../lib/context.js";
 import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption, vpcOption } from "../lib/options.js";
 import { details, dryRun, emit, enumLabel, labels, table, time } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import { collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 
 function fipDetails(f: FloatingIp, extra: [string, string][] = []): string {
   return details([
@@ -134,24 +135,31 @@ export function register(program: Command): void {
     .command("list")
     .description("list allocated floating IPs, ordered by address, with the pool")
     .addOption(vpcOption(": only IPs associated with NICs of this VPC"))
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, GatewayService);
       let pool: string[] = [];
       let poolFree = 0;
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<FloatingIp>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listFloatingIps({ vpc: o.vpc, pageSize, pageToken });
         pool = r.pool;
         poolFree = r.poolFree;
         return { items: r.floatingIps, next: r.nextPageToken };
       });
       const res = create(ListFloatingIpsResponseSchema, { floatingIps: items, nextPageToken: next, pool, poolFree });
-      emit(cmd, ListFloatingIpsResponseSchema, res, () => {
-        const t = table(
-          ["ID", "ADDRESS", "VPC", "PRIVATE ADDRESS", "NIC", "HOST", "DESCRIPTION"],
-          items.map((f) => [f.id, f.address, f.vpcId, f.privateAddress, f.nicId, f.hostId, f.description]),
-        );
-        return `${t}\npool ${pool.join(", ") || "(none configured)"}: ${poolFree} free`;
-      });
+      emit(
+        cmd,
+        ListFloatingIpsResponseSchema,
+        res,
+        () => {
+          const t = table(
+            ["ID", "ADDRESS", "VPC", "PRIVATE ADDRESS", "NIC", "HOST", "DESCRIPTION"],
+            items.map((f) => [f.id, f.address, f.vpcId, f.privateAddress, f.nicId, f.hostId, f.description]),
+          );
+          return `${t}\npool ${pool.join(", ") || "(none configured)"}: ${poolFree} free`;
+        },
+        () => items.map((f) => `fip/${f.id}`),
+      );
     });
 }

@@ -4,6 +4,7 @@
 import type { Command } from "commander";
 import * as acl from "./acl.js";
 import * as completion from "./completion.js";
+import * as config from "./config.js";
 import * as connectivity from "./connectivity.js";
 import * as dns from "./dns.js";
 import * as fip from "./fip.js";
@@ -18,6 +19,7 @@ import * as sg from "./sg.js";
 import * as status from "./status.js";
 import * as subnet from "./subnet.js";
 import * as vm from "./vm.js";
+import * as version from "./version.js";
 import * as vpc from "./vpc.js";
 
 export const groups: { register(program: Command): void }[] = [
@@ -37,5 +39,7 @@ export const groups: { register(program: Command): void }[] = [
   flowLogs,
   metadata,
   status,
+  config,
+  version,
   completion,
 ];

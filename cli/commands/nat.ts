@@ -17,8 +17,9 @@ import {
 import { client } from "../lib/context.js";
 import { EXIT } from "../lib/errors.js";
 import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption, listOption, vpcOption } from "../lib/options.js";
-import { details, dryRun, emit, enumLabel, labels, table, time } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import { details, dryRun, emit, emitList, enumLabel, labels, time } from "../lib/output.js";
+import { collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 
 function natDetails(n: NatGateway): string {
   return details([
@@ -85,27 +86,31 @@ export function register(program: Command): void {
     .command("list")
     .description("list NAT gateways, ordered by VPC name")
     .addOption(vpcOption("; default: every VPC"))
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, GatewayService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<NatGateway>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listNatGateways({ vpc: o.vpc, pageSize, pageToken });
         return { items: r.natGateways, next: r.nextPageToken };
       });
-      emit(cmd, ListNatGatewaysResponseSchema, create(ListNatGatewaysResponseSchema, { natGateways: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "VPC", "SUBNET", "ADDRESS", "HOLDER", "SERVES", "STATE", "CREATED"],
-          items.map((n) => [
-            n.id,
-            n.vpcId,
-            n.subnetId,
-            n.address || "-",
-            n.holderHostId || "-",
-            n.sourceSubnetIds.join("\n") || "all private",
-            enumLabel(ResourceStateSchema, n.state),
-            time(n.createTime),
-          ]),
-        ),
+      emitList(
+        cmd,
+        ListNatGatewaysResponseSchema,
+        create(ListNatGatewaysResponseSchema, { natGateways: items, nextPageToken: next }),
+        items,
+        [
+          { head: "ID", get: (n) => n.id },
+          { head: "VPC", get: (n) => n.vpcId },
+          { head: "SUBNET", get: (n) => n.subnetId },
+          { head: "ADDRESS", get: (n) => n.address || "-" },
+          { head: "HOLDER", get: (n) => n.holderHostId || "-" },
+          { head: "SERVES", get: (n) => n.sourceSubnetIds.join(",") || "all private" },
+          { head: "STATE", get: (n) => enumLabel(ResourceStateSchema, n.state) },
+          { head: "CREATED", get: (n) => time(n.createTime) },
+          { head: "LABELS", get: (n) => labels(n.labels), wide: true },
+        ],
+        (n) => `nat/${n.id}`,
       );
     });
 

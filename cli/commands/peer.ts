@@ -19,8 +19,9 @@ import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { client } from "../lib/context.js";
 import { EXIT } from "../lib/errors.js";
 import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption, listOption } from "../lib/options.js";
-import { details, dryRun, emit, enumLabel, labels, table, time } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import { details, dryRun, emit, emitList, enumLabel, labels, time } from "../lib/output.js";
+import { collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 
 function peeringDetails(p: Peering): string {
   return details([
@@ -104,25 +105,30 @@ export function register(vpc: Command): void {
     .command("list")
     .description("list peerings, ordered by name")
     .option("--vpc <ref>", "only peerings with this VPC on either side", "")
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, PeeringService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<Peering>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listPeerings({ vpc: o.vpc, pageSize, pageToken });
         return { items: r.peerings, next: r.nextPageToken };
       });
-      emit(cmd, ListPeeringsResponseSchema, create(ListPeeringsResponseSchema, { peerings: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "NAME", "VPC1", "VPC2", "ALLOWED", "STATE"],
-          items.map((p) => [
-            p.id,
-            p.name,
-            p.vpc1Id,
-            p.vpc2Id,
-            [...p.vpc1AllowedCidrs, ...p.vpc2AllowedCidrs].join("\n") || "whole VPCs",
-            enumLabel(ResourceStateSchema, p.state),
-          ]),
-        ),
+      emitList(
+        cmd,
+        ListPeeringsResponseSchema,
+        create(ListPeeringsResponseSchema, { peerings: items, nextPageToken: next }),
+        items,
+        [
+          { head: "ID", get: (p) => p.id },
+          { head: "NAME", get: (p) => p.name },
+          { head: "VPC1", get: (p) => p.vpc1Id },
+          { head: "VPC2", get: (p) => p.vpc2Id },
+          { head: "ALLOWED", get: (p) => [...p.vpc1AllowedCidrs, ...p.vpc2AllowedCidrs].join(",") || "whole VPCs" },
+          { head: "STATE", get: (p) => enumLabel(ResourceStateSchema, p.state) },
+          { head: "LABELS", get: (p) => labels(p.labels), wide: true },
+          { head: "CREATED", get: (p) => time(p.createTime), wide: true },
+        ],
+        (p) => `peering/${p.id}`,
       );
     });
 

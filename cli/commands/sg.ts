@@ -34,9 +34,21 @@ import {
 import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { client } from "../lib/context.js";
 import { EXIT, notFoundIsNull } from "../lib/errors.js";
-import { descriptionOption, dryRunOption, labelOption, limitOption, listOption, repeatableOption, vpcOption, clientTokenOption } from "../lib/options.js";
-import { details, dryRun, emit, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import {
+  clientTokenOption,
+  createName,
+  descriptionOption,
+  dryRunOption,
+  labelOption,
+  limitOption,
+  listOption,
+  nameOption,
+  repeatableOption,
+  vpcOption,
+} from "../lib/options.js";
+import { details, dryRun, emit, emitList, emitValue, labels, msgJson, table, time, warn } from "../lib/output.js";
+import { collect, collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 import { dirWord, parseInOut, readPolicyFile, ruleText } from "../lib/rules.js";
 
 const IFNAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,14}$/;
@@ -104,7 +116,7 @@ const refVpcOption = () => vpcOption("; needed when REF is a name");
 export function register(program: Command): void {
   const sg = program.command("sg").description("security groups: stateful allow rules for NICs (firewall daemon)").addHelpText("after", RULE_HELP);
 
-  sg.command("create <name>")
+  sg.command("create [name]")
     .description("create a security group")
     .addOption(vpcOption("", true))
     .addOption(repeatableOption("--inbound <rule>", 'ingress rule, e.g. "tcp:80:0.0.0.0/0"'))
@@ -116,7 +128,9 @@ export function register(program: Command): void {
     .addOption(clientTokenOption())
     .addOption(dryRunOption())
     .addHelpText("after", RULE_HELP)
-    .action(async (name: string, o, cmd: Command) => {
+    .addOption(nameOption())
+    .action(async (nameArg: string | undefined, o, cmd: Command) => {
+      const name = createName(cmd, nameArg, o.name);
       // Parsed here, by the server's parser: a bad text stops before anything is sent.
       const { rules, warnings } = parseInOut(o.inbound, o.outbound);
       printWarnings(warnings);
@@ -146,32 +160,36 @@ export function register(program: Command): void {
   sg.command("list")
     .description("list security groups, of one VPC or of all, ordered by name")
     .addOption(vpcOption("; default: every VPC"))
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, FirewallService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<SecurityGroup>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listSecurityGroups({ vpc: o.vpc, pageSize, pageToken });
         return { items: r.securityGroups, next: r.nextPageToken };
       });
-      emit(cmd, ListSecurityGroupsResponseSchema, create(ListSecurityGroupsResponseSchema, { securityGroups: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "VPC", "NAME", "INBOUND", "OUTBOUND", "MEMBERS", "DESCRIPTION"],
-          items.map((g) => [
-            g.id,
-            g.vpcId,
-            g.name,
-            g.rules
-              .filter((r) => r.direction === Direction.INGRESS)
-              .map(ruleText)
-              .join("\n"),
-            g.rules
-              .filter((r) => r.direction === Direction.EGRESS)
-              .map(ruleText)
-              .join("\n"),
-            String(g.memberCount),
-            g.description,
-          ]),
-        ),
+      const rules = (g: SecurityGroup, d: Direction) =>
+        g.rules
+          .filter((r) => r.direction === d)
+          .map(ruleText)
+          .join(",");
+      emitList(
+        cmd,
+        ListSecurityGroupsResponseSchema,
+        create(ListSecurityGroupsResponseSchema, { securityGroups: items, nextPageToken: next }),
+        items,
+        [
+          { head: "ID", get: (g) => g.id },
+          { head: "VPC", get: (g) => g.vpcId },
+          { head: "NAME", get: (g) => g.name },
+          { head: "INBOUND", get: (g) => rules(g, Direction.INGRESS) },
+          { head: "OUTBOUND", get: (g) => rules(g, Direction.EGRESS) },
+          { head: "MEMBERS", get: (g) => String(g.memberCount) },
+          { head: "DESCRIPTION", get: (g) => g.description },
+          { head: "LABELS", get: (g) => labels(g.labels), wide: true },
+          { head: "CREATED", get: (g) => time(g.createTime), wide: true },
+        ],
+        (g) => `sg/${g.id}`,
       );
     });
 

@@ -15,9 +15,10 @@ import {
   type SubnetUsage,
 } from "../../gen/microvpc/v1/subnet_pb.js";
 import { client } from "../lib/context.js";
-import { clientTokenOption, descriptionOption, dryRunOption, integer, labelOption, limitOption } from "../lib/options.js";
-import { details, dryRun, emit, labels, table, time } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import { clientTokenOption, createName, descriptionOption, dryRunOption, integer, labelOption, limitOption, nameOption } from "../lib/options.js";
+import { details, dryRun, emit, emitList, labels, time, type Column } from "../lib/output.js";
+import { collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 
 const TYPES: Record<string, SubnetType> = { public: SubnetType.PUBLIC, private: SubnetType.PRIVATE };
 
@@ -32,6 +33,20 @@ export function usageLine(u: SubnetUsage | undefined): string {
   const pct = usable === 0n ? 0 : (Number(u.used) * 100) / Number(usable);
   return `${u.used} used, ${u.free} free of ${u.total} (${u.reserved} reserved), ${pct.toFixed(1)}% full`;
 }
+
+const SUBNET_COLUMNS: Column<Subnet>[] = [
+  { head: "ID", get: (s) => s.id },
+  { head: "VPC", get: (s) => s.vpcId },
+  { head: "NAME", get: (s) => s.name },
+  { head: "CIDR", get: (s) => s.cidr },
+  { head: "TYPE", get: (s) => typeName(s.type) },
+  { head: "GATEWAY", get: (s) => s.gateway },
+  { head: "USED", get: (s) => String(s.usage?.used ?? "") },
+  { head: "FREE", get: (s) => String(s.usage?.free ?? "") },
+  { head: "RESERVED", get: (s) => String(s.usage?.reserved ?? ""), wide: true },
+  { head: "LABELS", get: (s) => labels(s.labels), wide: true },
+  { head: "CREATED", get: (s) => time(s.createTime), wide: true },
+];
 
 function subnetDetails(s: Subnet): string {
   return details([
@@ -55,7 +70,7 @@ export function register(program: Command): void {
   const subnet = program.command("subnet").description("subnets: slices of a VPC's CIDR, one L2 segment each");
 
   subnet
-    .command("create <name>")
+    .command("create [name]")
     .description("create a subnet inside a VPC")
     .requiredOption("--vpc <ref>", "VPC id or name")
     .requiredOption("--cidr <cidr>", "IPv4 CIDR inside the VPC, at most /28, e.g. 10.0.1.0/24")
@@ -67,7 +82,9 @@ export function register(program: Command): void {
     .addOption(labelOption())
     .addOption(clientTokenOption())
     .addOption(dryRunOption())
-    .action(async (name: string, o, cmd: Command) => {
+    .addOption(nameOption())
+    .action(async (nameArg: string | undefined, o, cmd: Command) => {
+      const name = createName(cmd, nameArg, o.name);
       const req = create(CreateSubnetRequestSchema, {
         vpc: o.vpc,
         name,
@@ -88,26 +105,29 @@ export function register(program: Command): void {
         return dryRun(cmd, SubnetService.method.createSubnet, req);
       }
       const res = await client(cmd, SubnetService).createSubnet(req);
-      emit(cmd, CreateSubnetResponseSchema, res, () => subnetDetails(res.subnet!));
+      emit(
+        cmd,
+        CreateSubnetResponseSchema,
+        res,
+        () => subnetDetails(res.subnet!),
+        () => [`subnet/${res.subnet!.id}`],
+      );
     });
 
   subnet
     .command("list")
     .description("list subnets, of one VPC or of all")
     .addOption(vpcOption("; default: every VPC"))
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, SubnetService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<Subnet>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listSubnets({ vpc: o.vpc, pageSize, pageToken });
         return { items: r.subnets, next: r.nextPageToken };
       });
-      emit(cmd, ListSubnetsResponseSchema, create(ListSubnetsResponseSchema, { subnets: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "VPC", "NAME", "CIDR", "TYPE", "GATEWAY", "USED", "FREE"],
-          items.map((s) => [s.id, s.vpcId, s.name, s.cidr, typeName(s.type), s.gateway, String(s.usage?.used ?? ""), String(s.usage?.free ?? "")]),
-        ),
-      );
+      const res = create(ListSubnetsResponseSchema, { subnets: items, nextPageToken: next });
+      emitList(cmd, ListSubnetsResponseSchema, res, items, SUBNET_COLUMNS, (s) => `subnet/${s.id}`);
     });
 
   subnet
@@ -116,7 +136,13 @@ export function register(program: Command): void {
     .addOption(vpcOption("; needed when REF is a name"))
     .action(async (ref: string, o, cmd: Command) => {
       const res = await client(cmd, SubnetService).getSubnet({ ref, vpc: o.vpc });
-      emit(cmd, GetSubnetResponseSchema, res, () => subnetDetails(res.subnet!));
+      emit(
+        cmd,
+        GetSubnetResponseSchema,
+        res,
+        () => subnetDetails(res.subnet!),
+        () => [`subnet/${res.subnet!.id}`],
+      );
     });
 
   subnet

@@ -29,9 +29,10 @@ import {
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { client, globals, timeoutGiven } from "../lib/context.js";
 import { EXIT } from "../lib/errors.js";
-import { dryRunOption, integer, labelOption, limitOption, listOption, repeatableOption, vpcOption } from "../lib/options.js";
-import { dryRun, emit, enumLabel, labels, someDetails, table, time } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import { createName, dryRunOption, integer, labelOption, limitOption, listOption, nameOption, repeatableOption, vpcOption } from "../lib/options.js";
+import { dryRun, emit, emitList, enumLabel, labels, listTable, someDetails, table, time, type Column } from "../lib/output.js";
+import { collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 import { setActivity } from "../lib/progress.js";
 import { watchVm, watchVmList } from "./vm-watch.js";
 
@@ -135,21 +136,23 @@ function absPath(field: string, v: string): void {
   if (v !== "" && (!v.startsWith("/") || /[\u0000-\u001f]/.test(v))) throw new InvalidArgumentError(field, `${V.show(v)} must be an absolute path`);
 }
 
-export function vmTable(items: Vm[]): string {
-  return table(
-    ["ID", "NAME", "VPC", "SUBNET", "KIND", "STATE", "ADDRESS", "PUBLIC", "HOST"],
-    items.map((v) => [
-      v.id,
-      v.name,
-      v.vpcId,
-      v.subnetId,
-      enumLabel(VmKindSchema, v.kind),
-      enumLabel(VmStateSchema, v.state),
-      address(v),
-      v.publicAddress,
-      v.hostId,
-    ]),
-  );
+const VM_COLUMNS: Column<Vm>[] = [
+  { head: "ID", get: (v) => v.id },
+  { head: "NAME", get: (v) => v.name },
+  { head: "VPC", get: (v) => v.vpcId },
+  { head: "SUBNET", get: (v) => v.subnetId },
+  { head: "KIND", get: (v) => enumLabel(VmKindSchema, v.kind) },
+  { head: "STATE", get: (v) => enumLabel(VmStateSchema, v.state) },
+  { head: "ADDRESS", get: (v) => address(v) },
+  { head: "PUBLIC", get: (v) => v.publicAddress },
+  { head: "HOST", get: (v) => v.hostId },
+  { head: "LABELS", get: (v) => labels(v.labels), wide: true },
+  { head: "CREATED", get: (v) => time(v.createTime), wide: true },
+];
+
+/** The VM list as `vm list` prints it (and `vm list --watch` redraws it); wide: with labels and creation time. */
+export function vmTable(items: Vm[], wide = false): string {
+  return listTable(VM_COLUMNS, items, wide);
 }
 
 const refVpcOption = () => vpcOption("; needed when REF is a name");
@@ -157,7 +160,7 @@ const refVpcOption = () => vpcOption("; needed when REF is a name");
 export function register(program: Command): void {
   const vm = program.command("vm").description("VMs: create, list, inspect, delete (vmm daemon of the hypervisor)");
 
-  vm.command("create <name>")
+  vm.command("create [name]")
     .description("create a VM: address, NIC, security groups, metadata, DNS name, then boot; undone as a whole if a step fails")
     .addOption(vpcOption("", true))
     .requiredOption("--subnet <ref>", "subnet id, or a name of the VPC")
@@ -191,7 +194,9 @@ export function register(program: Command): void {
       "idempotency token: a retry with it resumes or returns the same VM (default: a new random UUID, printed if the call fails)",
     )
     .addOption(dryRunOption())
-    .action(async (name: string, o, cmd: Command) => {
+    .addOption(nameOption())
+    .action(async (nameArg: string | undefined, o, cmd: Command) => {
+      const name = createName(cmd, nameArg, o.name);
       const token: string = o.clientToken ?? randomUUID();
       const rate = (mbps: number | undefined) => (mbps === undefined ? undefined : { rateMbps: mbps });
       const req = create(CreateVmRequestSchema, {
@@ -251,16 +256,17 @@ export function register(program: Command): void {
     .addOption(vpcOption("; default: every VPC"))
     .option("--subnet <ref>", "only VMs of this subnet (a name needs --vpc)", "")
     .addOption(new Option("--state <state>", "only VMs in this state").choices(Object.keys(STATES)))
+    .addOption(selectorOption())
     .addOption(limitOption())
     .option("--watch", "keep the list on screen and redraw it when a VM changes (a WatchVms stream; -o json: one line per change); Ctrl-C stops")
     .action(async (o, cmd: Command) => {
       if (o.watch) return watchVmList(cmd, { vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : undefined });
       const c = client(cmd, VmService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<Vm>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listVms({ vpc: o.vpc, subnet: o.subnet, state: o.state ? STATES[o.state] : VmState.UNSPECIFIED, pageSize, pageToken });
         return { items: r.vms, next: r.nextPageToken };
       });
-      emit(cmd, ListVmsResponseSchema, create(ListVmsResponseSchema, { vms: items, nextPageToken: next }), () => vmTable(items));
+      emitList(cmd, ListVmsResponseSchema, create(ListVmsResponseSchema, { vms: items, nextPageToken: next }), items, VM_COLUMNS, (v) => `vm/${v.id}`);
     });
 
   vm.command("get <ref>")

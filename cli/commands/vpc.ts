@@ -14,10 +14,22 @@ import {
   type Vpc,
 } from "../../gen/microvpc/v1/vpc_pb.js";
 import { client } from "../lib/context.js";
-import { clientTokenOption, descriptionOption, dryRunOption, labelOption, limitOption } from "../lib/options.js";
-import { details, dryRun, emit, labels, table, time } from "../lib/output.js";
-import { collect } from "../lib/paging.js";
+import { clientTokenOption, createName, descriptionOption, dryRunOption, labelOption, limitOption, nameOption } from "../lib/options.js";
+import { details, dryRun, emit, emitList, labels, time, type Column } from "../lib/output.js";
+import { collectSelected } from "../lib/paging.js";
+import { selectorFilter, selectorOption } from "../lib/selector.js";
 import * as peer from "./peer.js";
+
+export const VPC_COLUMNS: Column<Vpc>[] = [
+  { head: "ID", get: (v) => v.id },
+  { head: "NAME", get: (v) => v.name },
+  { head: "CIDR", get: (v) => v.cidr },
+  { head: "SUBNETS", get: (v) => String(v.subnetCount) },
+  { head: "LABELS", get: (v) => labels(v.labels) },
+  { head: "CREATED", get: (v) => time(v.createTime) },
+  { head: "PUBLIC CIDR", get: (v) => (v.publicCidr ? "yes" : "no"), wide: true },
+  { head: "DESCRIPTION", get: (v) => v.description, wide: true },
+];
 
 function vpcDetails(v: Vpc): string {
   return details([
@@ -35,7 +47,7 @@ export function register(program: Command): void {
   const vpc = program.command("vpc").description("VPCs: isolated private IPv4 address spaces");
 
   vpc
-    .command("create <name>")
+    .command("create [name]")
     .description("create a VPC")
     .requiredOption("--cidr <cidr>", "IPv4 CIDR from /8 to /28, e.g. 10.0.0.0/16")
     .addOption(descriptionOption())
@@ -43,7 +55,9 @@ export function register(program: Command): void {
     .option("--allow-public-cidr", "permit a CIDR outside the private ranges", false)
     .addOption(clientTokenOption())
     .addOption(dryRunOption())
-    .action(async (name: string, o, cmd: Command) => {
+    .addOption(nameOption())
+    .action(async (nameArg: string | undefined, o, cmd: Command) => {
+      const name = createName(cmd, nameArg, o.name);
       const req = create(CreateVpcRequestSchema, {
         name,
         cidr: o.cidr,
@@ -63,25 +77,28 @@ export function register(program: Command): void {
         return dryRun(cmd, VpcService.method.createVpc, req);
       }
       const res = await client(cmd, VpcService).createVpc(req);
-      emit(cmd, CreateVpcResponseSchema, res, () => vpcDetails(res.vpc!));
+      emit(
+        cmd,
+        CreateVpcResponseSchema,
+        res,
+        () => vpcDetails(res.vpc!),
+        () => [`vpc/${res.vpc!.name}`],
+      );
     });
 
   vpc
     .command("list")
     .description("list VPCs, ordered by name")
+    .addOption(selectorOption())
     .addOption(limitOption())
     .action(async (o, cmd: Command) => {
       const c = client(cmd, VpcService);
-      const { items, next } = await collect(o.limit, async (pageSize, pageToken) => {
+      const { items, next } = await collectSelected(o.limit, selectorFilter<Vpc>(o.selector), async (pageSize, pageToken) => {
         const r = await c.listVpcs({ pageSize, pageToken });
         return { items: r.vpcs, next: r.nextPageToken };
       });
-      emit(cmd, ListVpcsResponseSchema, create(ListVpcsResponseSchema, { vpcs: items, nextPageToken: next }), () =>
-        table(
-          ["ID", "NAME", "CIDR", "SUBNETS", "LABELS", "CREATED"],
-          items.map((v) => [v.id, v.name, v.cidr, String(v.subnetCount), labels(v.labels), time(v.createTime)]),
-        ),
-      );
+      const res = create(ListVpcsResponseSchema, { vpcs: items, nextPageToken: next });
+      emitList(cmd, ListVpcsResponseSchema, res, items, VPC_COLUMNS, (v) => `vpc/${v.name}`);
     });
 
   vpc
@@ -89,7 +106,13 @@ export function register(program: Command): void {
     .description("show one VPC (by id or name)")
     .action(async (ref: string, _o, cmd: Command) => {
       const res = await client(cmd, VpcService).getVpc({ ref });
-      emit(cmd, GetVpcResponseSchema, res, () => vpcDetails(res.vpc!));
+      emit(
+        cmd,
+        GetVpcResponseSchema,
+        res,
+        () => vpcDetails(res.vpc!),
+        () => [`vpc/${res.vpc!.name}`],
+      );
     });
 
   vpc

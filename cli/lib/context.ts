@@ -7,7 +7,7 @@
 // (--server/MICROVPC_SERVER for ipam, --netagent/MICROVPC_NETAGENT, …), then
 // --host/MICROVPC_HOST with the daemon's default port, then 127.0.0.1 with
 // that port.
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 import type { DescService } from "@bufbuild/protobuf";
 import { ConnectError, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { InvalidArgumentError, type Command } from "commander";
@@ -35,12 +35,16 @@ export interface Globals {
   vmm?: string;
   host?: string;
   token?: string;
+  tokenFile?: string;
   insecureSendToken?: boolean;
+  caCert?: string;
   caFile?: string;
   clientCert?: string;
   clientKey?: string;
-  output: "table" | "json";
+  output: "table" | "wide" | "json" | "yaml" | "name";
+  headers?: boolean;
   timeoutMs?: number;
+  context?: string;
 }
 
 export function globals(cmd: Command): Globals {
@@ -120,13 +124,33 @@ function originInterceptor(daemon: Daemon, addr: string): Interceptor {
   };
 }
 
-/** --ca-file, --client-cert/--client-key: whom to trust over https://, and the certificate for mutual TLS. */
-export function tlsOptions(g: Pick<Globals, "caFile" | "clientCert" | "clientKey">): { ca?: Buffer; cert?: Buffer; key?: Buffer } {
+/** --ca-cert (or --ca-file), --client-cert/--client-key: whom to trust over https://, and the certificate for mutual TLS. */
+export function tlsOptions(g: Pick<Globals, "caCert" | "caFile" | "clientCert" | "clientKey">): { ca?: Buffer; cert?: Buffer; key?: Buffer } {
   if (!!g.clientCert !== !!g.clientKey) throw new Error("--client-cert and --client-key go together");
+  if (g.caCert && g.caFile && g.caCert !== g.caFile) throw new Error("--ca-cert and --ca-file are the same option; give one");
+  const ca = g.caCert ?? g.caFile;
   return {
-    ...(g.caFile ? { ca: readFileSync(g.caFile) } : {}),
+    ...(ca ? { ca: readFileSync(ca) } : {}),
     ...(g.clientCert ? { cert: readFileSync(g.clientCert), key: readFileSync(g.clientKey!) } : {}),
   };
+}
+
+/**
+ * The bearer token: --token, or the first line of --token-file. A token file
+ * every user of the machine may read is refused: the token is a credential.
+ */
+export function tokenOf(g: Pick<Globals, "token" | "tokenFile">): string | undefined {
+  if (g.token && g.tokenFile) throw new Error("--token and --token-file both given; give one (--token-file keeps the token out of ps and shell history)");
+  if (!g.tokenFile) return g.token || undefined;
+  const st = statSync(g.tokenFile);
+  if ((st.mode & 0o004) !== 0) {
+    throw new Error(
+      `--token-file ${g.tokenFile} is readable by every user of this machine (mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}); refusing to use a token anyone could read: chmod 600 it`,
+    );
+  }
+  const token = readFileSync(g.tokenFile, "utf8").split("\n")[0].trim();
+  if (token === "") throw new Error(`--token-file ${g.tokenFile} is empty`);
+  return token;
 }
 
 // One transport per daemon and process, so a command that makes several
@@ -143,10 +167,11 @@ export function transportFor(cmd: Command, daemon: Daemon): Transport {
   let t = transports.get(key);
   if (!t) {
     const interceptors: Interceptor[] = [originInterceptor(daemon, addr), progressInterceptor()];
-    const refusal = tokenRefusal(addr, g.token, !!g.insecureSendToken);
+    const token = tokenOf(g);
+    const refusal = tokenRefusal(addr, token, !!g.insecureSendToken);
     if (refusal) throw new Error(refusal);
-    if (g.token) {
-      const value = `Bearer ${g.token}`;
+    if (token) {
+      const value = `Bearer ${token}`;
       interceptors.push((next) => (req) => {
         req.header.set("authorization", value);
         return next(req);

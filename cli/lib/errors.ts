@@ -77,6 +77,19 @@ export function isConnRefused(err: ConnectError): boolean {
   return false;
 }
 
+/**
+ * The request id the daemon gave the failed call (its x-request-id response
+ * header, repeated in the trailers of an error), or undefined if none came
+ * back (the call never reached a daemon). Every daemon log line about the
+ * call carries it as reqId.
+ */
+export function requestIdOf(err: ConnectError): string | undefined {
+  const v = err.metadata.get("x-request-id");
+  if (!v) return undefined;
+  const id = v.split(",")[0].trim();
+  return /^[A-Za-z0-9_.:-]{1,64}$/.test(id) ? id : undefined;
+}
+
 /** How to point the CLI at a daemon, for messages. */
 function howToSet(o: CallOrigin): string {
   const d = DAEMONS[o.daemon];
@@ -114,7 +127,11 @@ export function report(err: unknown, fallback: CallOrigin): number {
   } else if (e.code === Code.Unimplemented) {
     msg = `${o.method.replace(/^microvpc\.v1\./, "")} is not available on this server yet: microvpcd ${o.daemon} at ${at} answers UNIMPLEMENTED (it needs a newer microvpcd, or ${DAEMONS[o.daemon].option} points at another daemon)`;
   }
-  process.stderr.write(`error: ${msg} (${codeName(e.code)})\n`);
+  // An internal error is a bug or a broken dependency behind the daemon: the
+  // request id is what finds its log line (and stack) there.
+  const reqId = e.code === Code.Internal || e.code === Code.Unknown || e.code === Code.DataLoss ? requestIdOf(e) : undefined;
+  const ref = reqId ? `\n  request id ${reqId}: the daemon's log line for this call has reqId=${reqId} (microvpcd ${o.daemon} at ${at})` : "";
+  process.stderr.write(`error: ${msg} (${codeName(e.code)})${ref}\n`);
   return exitFor(e.code);
 }
 

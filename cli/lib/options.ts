@@ -1,6 +1,6 @@
 // Options shared by several commands, so they read and parse the same way
 // in every group.
-import { InvalidArgumentError, Option } from "commander";
+import { InvalidArgumentError, Option, type Command } from "commander";
 
 export function integer(min: number, max: number) {
   return (value: string): number => {
@@ -50,3 +50,21 @@ export const vpcOption = (what = "", required = false) => {
 };
 
 export const port = (value: string): number => integer(1, 65535)(value);
+
+/** --name, the reference guides' spelling of a create command's NAME argument. */
+export const nameOption = () => new Option("--name <name>", "the name, as NAME gives it (either form; the same if both)");
+
+/**
+ * The name of a `create [name]` command: the argument or --name. Both is
+ * fine when they agree; neither, or two different names, is a usage error.
+ */
+export function createName(cmd: Command, positional: string | undefined, option: string | undefined): string {
+  if (positional !== undefined && option !== undefined && positional !== option) {
+    cmd.error(`error: the name is given twice and differs: NAME ${JSON.stringify(positional)} and --name ${JSON.stringify(option)}; give one of them`, {
+      exitCode: 2,
+    });
+  }
+  const name = positional ?? option;
+  if (name === undefined) cmd.error("error: missing the name: give it as the argument NAME or with --name", { exitCode: 2 });
+  return name;
+}

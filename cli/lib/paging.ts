@@ -22,3 +22,19 @@ export async function collect<T>(limit: number | undefined, fetch: (pageSize: nu
     if (token === "" || (limit !== undefined && items.length >= limit)) return { items, next: token };
   }
 }
+
+/**
+ * collect() for a list filtered by a label selector on this side: every page
+ * is fetched, the items that match are kept, and --limit counts those. No
+ * page token is handed back then (the filtered list has none to resume at).
+ */
+export async function collectSelected<T>(
+  limit: number | undefined,
+  select: ((item: T) => boolean) | undefined,
+  fetch: (pageSize: number, pageToken: string) => Promise<Page<T>>,
+): Promise<Page<T>> {
+  if (!select) return collect(limit, fetch);
+  const all = await collect(undefined, fetch);
+  const items = all.items.filter(select);
+  return { items: limit === undefined ? items : items.slice(0, limit), next: "" };
+}

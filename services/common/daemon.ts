@@ -13,7 +13,7 @@ import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./re
 import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 import { logMixin, startTracing, stopTracing, tracingConfig } from "./tracing.js";
-import { BUILD } from "./version.js";
+import { BUILD, versionLine } from "./version.js";
 
 export interface CommonFlags {
   listen: string;
@@ -60,6 +60,7 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
   const cmd = program
     .command(def.name)
     .description(def.summary)
+    .version(versionLine(), "--version", "print the version (package, commit, node) and exit")
     .addOption(new Option("--listen <host:port>", "gRPC listen address").env(env("LISTEN")).default(`127.0.0.1:${def.defaultPort}`))
     .addOption(
       new Option("--metrics-listen <host:port>", "Prometheus /metrics listen address")

@@ -11,6 +11,7 @@
 // someone must keep setting (setStatus), so readiness would be probed on a
 // timer whether anyone asks or not, and its Watch has no shared probe.
 import { Code, ConnectError } from "@connectrpc/connect";
+import { Option } from "commander";
 import type { Redis } from "ioredis";
 import { route, type ServiceBinding } from "./grpc-adapter.js";
 import { reconcileDuration, reconcileErrors, reconcileLastSuccess } from "./metrics.js";
@@ -230,6 +231,16 @@ export class ReconcileHealth {
 
   /** As a ReadyCondition. */
   readonly condition: ReadyCondition = () => this.problem();
+}
+
+/** --ready-stale-periods, counted in `periods` (the flag whose interval a whole pass runs at least as often as). */
+export function readyStalePeriodsOption(periods: string): Option {
+  return new Option(
+    "--ready-stale-periods <n>",
+    `not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many ${periods}`,
+  )
+    .env("MICROVPC_READY_STALE_PERIODS")
+    .default(String(READY_STALE_PERIODS));
 }
 
 /** Parses --ready-stale-periods. */

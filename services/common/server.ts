@@ -20,6 +20,7 @@ import { healthService, SharedReadiness, type ReadyCheck } from "./health.js";
 import { rpcDuration, rpcRequests } from "./metrics.js";
 import { reflectionServices } from "./reflection.js";
 import { serverCall } from "./tracing.js";
+import { buildHeader } from "./version.js";
 
 export type { ServiceBinding } from "./grpc-adapter.js";
 
@@ -204,7 +205,10 @@ function countCall(service: string, method: string, code: string, seconds: numbe
  */
 function observer(logger: Logger, token: string | undefined): CallObserver {
   const want = token ? Buffer.from(`Bearer ${token}`) : undefined;
+  const build = buildHeader();
   return (ctx) => {
+    // Which build answered (`microvpc version` reads it from a health check).
+    ctx.addResponseHeader("x-microvpc-build", build);
     const service = ctx.service.typeName;
     const method = ctx.method.name;
     const call = serverCall((name) => ctx.header(name), service, method);

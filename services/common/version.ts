@@ -65,3 +65,28 @@ export const BUILD: BuildInfo = { version: src.version, commit: src.commit, node
 export function versionLine(b: BuildInfo = BUILD): string {
   return `${b.version} (commit ${b.commit.slice(0, 12)}, node ${b.node})`;
 }
+
+/**
+ * The x-microvpc-build response header every RPC carries:
+ * "version=0.1.0; commit=28a7f49…; node=v24.1.0". Header-safe: anything
+ * outside printable ASCII (or ";" "=") in a field becomes "_".
+ */
+export function buildHeader(b: BuildInfo = BUILD): string {
+  const clean = (s: string) => s.replace(/[^\x21-\x7e]|[;=,]/g, "_").slice(0, 128);
+  return `version=${clean(b.version)}; commit=${clean(b.commit)}; node=${clean(b.node)}`;
+}
+
+/** Reads an x-microvpc-build header back; undefined if it is absent or not of that form. */
+export function parseBuildHeader(value: string | null | undefined): BuildInfo | undefined {
+  if (!value) return undefined;
+  const fields = new Map<string, string>();
+  for (const part of value.split(";")) {
+    const m = /^\s*(version|commit|node)=([\x21-\x7e]{1,128})\s*$/.exec(part);
+    if (!m || fields.has(m[1])) return undefined;
+    fields.set(m[1], m[2]);
+  }
+  const version = fields.get("version");
+  const commit = fields.get("commit");
+  const node = fields.get("node");
+  return version && commit && node ? { version, commit, node } : undefined;
+}

@@ -7,7 +7,7 @@ import type { ServiceImpl } from "@connectrpc/connect";
 import { Option } from "commander";
 import { hostIdOption } from "../common/host.js";
 import type { ServiceDefinition } from "../common/daemon.js";
-import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, redisReachable } from "../common/health.js";
+import { parseStalePeriods, readyStalePeriodsOption, ReadyChecks, redisReachable } from "../common/health.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import { invalidRecords } from "../common/invalid-records.js";
 import {
@@ -36,12 +36,7 @@ export const firewallDefinition: ServiceDefinition = {
   options: [
     hostIdOption(),
     new Option("--drift-interval-ms <ms>", "how often the kernel is checked against the desired firewall").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
-    new Option(
-      "--ready-stale-periods <n>",
-      "not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many drift intervals (--drift-interval-ms; a pass runs at least that often)",
-    )
-      .env("MICROVPC_READY_STALE_PERIODS")
-      .default(String(READY_STALE_PERIODS)),
+    readyStalePeriodsOption("drift intervals (--drift-interval-ms; a pass runs at least that often)"),
     new Option(
       "--metrics-max-nic-series <n>",
       "most NICs with their own drop series on /metrics (the lowest NIC ids); the others count in their VPC's series only",

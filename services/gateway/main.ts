@@ -14,7 +14,7 @@ import { pino, type Logger } from "pino";
 import { checkRedisUser, type ServiceDefinition } from "../common/daemon.js";
 import { startDaemon } from "../common/exec.js";
 import { FailedPreconditionError } from "../common/errors.js";
-import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, readinessChanged, redisReachable } from "../common/health.js";
+import { parseStalePeriods, readyStalePeriodsOption, ReadyChecks, readinessChanged, redisReachable } from "../common/health.js";
 import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
 import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
@@ -265,7 +265,11 @@ export const gatewayDefinition: ServiceDefinition = {
   options: [
     hostIdOption(),
     new Option("--uplink <ifname>", "the hypervisor's interface to the outside").env("MICROVPC_UPLINK").default("eth0"),
-    new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)").env("MICROVPC_HOST_NETNS").default(""),
+    // Simulated hypervisors only (the tests, the quickstart): not in --help.
+    new Option("--host-netns <name>", "namespace holding the uplink, if not the daemon's own (simulated hypervisors)")
+      .env("MICROVPC_HOST_NETNS")
+      .default("")
+      .hideHelp(),
     new Option("--public-pool <cidr>", "floating IP pool, e.g. 203.0.113.0/24 (empty: no floating IPs)").env("MICROVPC_PUBLIC_POOL").default(""),
     new Option("--imds-port <port>", "port of the metadata server on the host").env("MICROVPC_IMDS_PORT").default("8775"),
     new Option(
@@ -274,14 +278,11 @@ export const gatewayDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_DNS_PORT")
       .default("53"),
-    new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns").env("MICROVPC_IMDS_REDIS"),
+    new Option("--imds-redis <url>", "Redis URL (or unix socket path) for the metadata server when it runs in --host-netns")
+      .env("MICROVPC_IMDS_REDIS")
+      .hideHelp(),
     new Option("--drift-interval-ms <ms>", "how often the kernel is re-checked").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),
-    new Option(
-      "--ready-stale-periods <n>",
-      "not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many drift intervals (--drift-interval-ms; a pass runs at least that often)",
-    )
-      .env("MICROVPC_READY_STALE_PERIODS")
-      .default(String(READY_STALE_PERIODS)),
+    readyStalePeriodsOption("drift intervals (--drift-interval-ms; a pass runs at least that often)"),
     new Option(
       "--nat-lease-ms <ms>",
       "TTL of the lease by which one host of a VPC holds its NAT gateway's address; the holder renews it every third, the others take it when it runs out (failover within about 4/3 of it)",

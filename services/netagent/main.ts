@@ -1,7 +1,7 @@
 // microvpcd netagent: the data plane of one hypervisor.
 import { Option } from "commander";
 import type { ServiceDefinition } from "../common/daemon.js";
-import { parseStalePeriods, READY_STALE_PERIODS, ReadyChecks, redisReachable } from "../common/health.js";
+import { parseStalePeriods, readyStalePeriodsOption, ReadyChecks, redisReachable } from "../common/health.js";
 import { checkHostId, hostIdOption } from "../common/host.js";
 import { IpamReader } from "../ipam/schema.js";
 import { Agent } from "./agent.js";
@@ -28,12 +28,7 @@ export const netagentDefinition: ServiceDefinition = {
     new Option("--reconcile-interval-ms <ms>", "how often the kernel is compared with the desired state")
       .env("MICROVPC_RECONCILE_INTERVAL_MS")
       .default("10000"),
-    new Option(
-      "--ready-stale-periods <n>",
-      "not ready (grpc.health NOT_SERVING, /readyz 503) when no whole reconcile pass has succeeded for this many reconcile intervals (--reconcile-interval-ms)",
-    )
-      .env("MICROVPC_READY_STALE_PERIODS")
-      .default(String(READY_STALE_PERIODS)),
+    readyStalePeriodsOption("reconcile intervals (--reconcile-interval-ms)"),
     new Option("--overlay", "join VPCs across hypervisors with a WireGuard interface per VPC (full mesh between the hosts of the VPC)")
       .env("MICROVPC_OVERLAY")
       .default(false),

@@ -147,8 +147,10 @@ afterAll(async () => {
 describe("security groups", () => {
   test("sg create with the agentmetal guide's rule texts; get, list, rule add/remove; -o json", async () => {
     let r = await expect(0, [
+      // The agentmetal guide's form, verbatim: --name rather than NAME.
       "sg",
       "create",
+      "--name",
       "web-sg",
       "--vpc",
       "prod",
@@ -327,7 +329,7 @@ describe("network ACLs", () => {
       "100:egress:allow:all:all:0.0.0.0/0",
     ]);
     assert.match(r.stdout, /data-acl/);
-    assert.match(r.stdout, /100\s*│ ingress\s*│ deny\s*│ tcp:22:0\.0\.0\.0\/0/);
+    assert.match(r.stdout, /100\s+ingress\s+deny\s+tcp:22:0\.0\.0\.0\/0/);
     const data = (await json(["subnet", "get", "data", "--vpc", "prod"])).subnet.id;
     const a = (await json(["acl", "get", "data-acl", "--vpc", "prod"])).networkAcl;
     assert.deepEqual(a.subnetIds, [data]);
@@ -344,7 +346,7 @@ describe("network ACLs", () => {
     assert.ok(r.stdout.includes(data));
 
     r = await expect(0, ["acl", "entry", "add", "data-acl", "--vpc", "prod", "--entry", "150:ingress:allow:tcp:5432:10.0.1.0/24"]);
-    assert.match(r.stdout, /150\s*│ ingress\s*│ allow\s*│ tcp:5432:10\.0\.1\.0\/24/);
+    assert.match(r.stdout, /150\s+ingress\s+allow\s+tcp:5432:10\.0\.1\.0\/24/);
     r = await expect(0, ["acl", "entry", "remove", a.id, "--entry", "ingress:200"]);
     assert.doesNotMatch(r.stdout, /10\.0\.0\.0\/16/);
 
@@ -483,7 +485,7 @@ describe("VMs", () => {
     const app = (await json(["vm", "get", "app1", "--vpc", "prod"])).vm;
     r = await expect(0, ["vm", "inspect", app.id]);
     assert.match(r.stdout, /steps:/);
-    assert.match(r.stdout, /ipam\s*│ done/);
+    assert.match(r.stdout, /ipam\s+done/);
     await expect(4, ["vm", "create", "app1", "--vpc", "prod", "--subnet", "web"]);
     r = await expect(3, ["vm", "get", "nosuch", "--vpc", "prod"]);
     assert.match(r.stderr, /not found/);
@@ -501,7 +503,7 @@ describe("VMs", () => {
     // sg attach with only the NIC id: the rest comes from the netagent.
     const nic = app.nics[0].id;
     r = await expect(0, ["sg", "attach", nic, "--group", "app-sg,pg-sg"]);
-    assert.match(r.stdout, /changed\s*│ yes/);
+    assert.match(r.stdout, /changed:\s+yes/);
     const binding = (await json(["sg", "bindings", "--group", "pg-sg", "--vpc", "prod"])).bindings;
     assert.deepEqual(
       binding.map((b: Record<string, unknown>) => [b.nicId, b.address, b.hostInterface]),
@@ -677,7 +679,7 @@ test("status reports each daemon; exit 0 only when all are healthy", async () =>
     await waitFor(async () => (r = await run(["status"])).code === 0, { timeoutMs: 15_000, intervalMs: 500 }),
     `status never healthy:\n${r.stdout}\n${r.stderr}`,
   );
-  for (const d of ["ipam", "netagent", "firewall", "gateway", "vmm"]) assert.match(r.stdout, new RegExp(`${d}\\s*│ 127\\.0\\.0\\.1:\\d+\\s*│ serving`));
+  for (const d of ["ipam", "netagent", "firewall", "gateway", "vmm"]) assert.match(r.stdout, new RegExp(`${d}\\s+127\\.0\\.0\\.1:\\d+\\s+serving`));
   assert.match(r.stdout, new RegExp(`host ${HOST_ID}`));
   assert.match(r.stdout, /^firewall: healthy/m);
   assert.match(r.stdout, /^gateway: \d+ NAT gateway\(s\); \d+ floating IP\(s\)/m);
@@ -707,8 +709,8 @@ test("status reports each daemon; exit 0 only when all are healthy", async () =>
   // One daemon down: the others still reported, exit 6, the down one named.
   const gone = `127.0.0.1:${await freePort()}`;
   r = await expect(6, ["status", "--gateway", gone]);
-  assert.match(r.stdout, new RegExp(`gateway\\s*│ ${gone}\\s*│ unreachable: connection refused`));
-  assert.match(r.stdout, /firewall\s*│ 127\.0\.0\.1:\d+\s*│ serving/);
+  assert.match(r.stdout, new RegExp(`gateway\\s+${gone}\\s+unreachable: connection refused`));
+  assert.match(r.stdout, /firewall\s+127\.0\.0\.1:\d+\s+serving/);
   assert.match(r.stdout, /^gateway: skipped/m);
   assert.match(r.stdout, /NOT healthy:\n {2}- gateway at/);
 
@@ -783,9 +785,12 @@ test("help and completion cover the new command groups", async () => {
         (err, stdout, stderr) => (err ? reject(new Error(stderr)) : resolve(stdout.trim())),
       ),
     );
-  assert.match(await complete(["microvpc", ""]), /^vpc subnet ip sg acl nat fip pf dns vm test-connectivity host nic metadata status completion /);
+  assert.match(
+    await complete(["microvpc", ""]),
+    /^vpc subnet ip sg acl nat fip pf dns vm test-connectivity host nic metadata status config version completion /,
+  );
   assert.match(await complete(["microvpc", "vpc", "peer", ""]), /^create list get delete /);
   assert.match(await complete(["microvpc", "sg", "rule", ""]), /^add remove /);
   assert.equal(await complete(["microvpc", "vm", "create", "x", "--kind", ""]), "netns qemu firecracker");
-  assert.equal(await complete(["microvpc", "acl", "list", "-o", ""]), "table json");
+  assert.equal(await complete(["microvpc", "acl", "list", "-o", ""]), "table wide json yaml name");
 });

@@ -64,7 +64,7 @@ test("vpcctl/agentmetal flow: vpc, two subnets, allocate, list, usage, release, 
   // A retry returns the same address.
   r = await expect(0, ["ip", "allocate", "--subnet", web, "--owner", "vm-b", "--request-id", "req-b"]);
   assert.match(r.stdout, /10\.0\.1\.5\/24/);
-  assert.match(r.stdout, /created\s*│\s*no/);
+  assert.match(r.stdout, /^created:\s+no/m);
 
   r = await expect(0, ["ip", "list", "--subnet", web]);
   assert.match(r.stdout, /10\.0\.1\.4\/24.*vm-a/);
@@ -292,7 +292,7 @@ test("dns: records and resolver configuration, with exit codes, -o json and --dr
   assert.equal((await json(["dns", "record", "list", "--vpc", "dnsv"])).records.length, 1);
 
   r = await expect(0, ["dns", "config", "get", "--vpc", "dnsv"]);
-  assert.match(r.stdout, /resolver\s*│\s*10\.7\.0\.2/);
+  assert.match(r.stdout, /^resolver:\s+10\.7\.0\.2/m);
   assert.match(r.stdout, /inherited/);
   await expect(0, ["dns", "config", "update", "--forwarder", "192.0.2.53"]);
   r = await expect(0, ["dns", "config", "update", "--vpc", "dnsv", "--forwarder", "192.0.2.54:5353", "--resolver", "10.7.0.53"]);

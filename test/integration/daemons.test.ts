@@ -22,10 +22,12 @@ for (const svc of ["ipam", "netagent", "firewall", "gateway", "vmm"]) {
     const r = await pexec(process.execPath, [join(ROOT, "bin", "microvpcd.js"), svc, "--help"]);
     assert.match(r.stdout.replace(/\s+/g, " "), /--listen <host:port> .*env: MICROVPC_LISTEN/);
     assert.match(r.stdout, /MICROVPC_REDIS_URL/);
-    // Every option but --help names the variable that sets it.
-    const options = r.stdout.split("\n").filter((l) => /^\s+--[a-z]/.test(l) && !l.includes("--help"));
+    // Every option but --help and --version names the variable that sets it.
+    const meta = (l: string) => l.includes("--help") || /^\s+--version\b/.test(l);
+    const options = r.stdout.split("\n").filter((l) => /^\s+--[a-z]/.test(l) && !meta(l));
     assert.ok(options.length >= 8);
-    const blocks = r.stdout.split(/\n(?=\s+--)/).filter((b) => /^\s+--[a-z]/.test(b) && !b.includes("--help"));
+    assert.match(r.stdout, /^\s+--version\s+print the version/m, "--version is listed");
+    const blocks = r.stdout.split(/\n(?=\s+--)/).filter((b) => /^\s+--[a-z]/.test(b) && !meta(b));
     for (const b of blocks) assert.match(b.replace(/\s+/g, " "), /env: MICROVPC_/, b);
   });
 }

@@ -1,16 +1,25 @@
-// The README's first command, as a user runs it: `up` builds the stack and
-// the demo in namespaces and every reachability check holds; `down` and
-// Ctrl-C leave no process and no namespace behind.
+// The README's first command, as a user runs it: `up` starts three simulated
+// hypervisors joined by the WireGuard overlay and runs the demo, whose key
+// lines must hold — cross-host reach through the overlay, isolation between
+// two VPCs with the same CIDR, every host's private VMs seen by the internet
+// as the NAT gateway's one address, the reachability matrix with allowed and
+// denied pairs — within a time bound; `down` and Ctrl-C leave no namespace,
+// no process and no wireguard-go socket behind.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "vitest";
 import { ROOT } from "../lib/daemon.js";
 import { listNetns } from "../lib/netns.js";
 
 const SCRIPT = join(ROOT, "deploy", "quickstart.sh");
+const RUN = join(ROOT, ".run");
+/** What `up` (package check, build, three hypervisors, demo) may take here: "about a minute", with room for a loaded machine. */
+const UP_BOUND_MS = 90_000;
 
-function runScript(arg: string, onOutput?: (all: string, child: ReturnType<typeof spawn>) => void): Promise<{ code: number | null; out: string }> {
+function runScript(arg: string, onOutput?: (all: string, child: ReturnType<typeof spawn>) => void): Promise<{ code: number | null; out: string; ms: number }> {
+  const t0 = Date.now();
   return new Promise((resolve) => {
     const child = spawn("bash", [SCRIPT, arg], { cwd: ROOT, detached: true, stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
@@ -23,34 +32,111 @@ function runScript(arg: string, onOutput?: (all: string, child: ReturnType<typeo
     const t = setTimeout(() => process.kill(-child.pid!, "SIGKILL"), 240_000);
     child.on("exit", (code) => {
       clearTimeout(t);
-      resolve({ code, out });
+      resolve({ code, out, ms: Date.now() - t0 });
     });
   });
 }
 
-const leftovers = async () => (await listNetns()).filter((n) => /^(mvpcqs-|mvpc-qs-|mvpcvm-qs-)/.test(n));
+const leftovers = async () => (await listNetns()).filter((n) => /^(mvpcqs-|mvpc-qs[23]?-|mvpcvm-qs[23]?-)/.test(n));
 
-test("quickstart up: the demo's reachability matrix holds; down leaves nothing", { timeout: 300_000 }, async () => {
+/** What `up` started, read from its run directory: the daemons' PIDs and the netagents' wireguard-go interfaces and PIDs. */
+function started(): { pids: number[]; wg: { ifname: string; pid: number }[] } {
+  const pids: number[] = [];
+  const wg: { ifname: string; pid: number }[] = [];
+  if (!existsSync(RUN)) return { pids, wg };
+  for (const f of readdirSync(RUN).filter((x) => x.endsWith(".pid"))) pids.push(Number(readFileSync(join(RUN, f), "utf8").trim()));
+  const state = join(RUN, "state");
+  for (const host of existsSync(state) ? readdirSync(state) : []) {
+    const dir = join(state, host, "wg");
+    for (const f of existsSync(dir) ? readdirSync(dir) : []) {
+      const m = /^(wg[0-9a-f]+)\.pid$/.exec(f);
+      if (m) wg.push({ ifname: m[1], pid: (JSON.parse(readFileSync(join(dir, f), "utf8")) as { pid: number }).pid });
+    }
+  }
+  return { pids, wg };
+}
+
+/** Whether pid is a running process (a zombie, ended but not yet reaped by whoever inherited it, is not). */
+const alive = (pid: number) => {
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return false;
+  }
+};
+
+/** Nothing of `up` is left: no namespace, none of the PIDs, no wireguard-go process or socket. */
+async function assertNothingLeft(s: ReturnType<typeof started>): Promise<void> {
+  assert.deepEqual(await leftovers(), []);
+  assert.deepEqual(
+    s.pids.filter((p) => p > 0 && alive(p)),
+    [],
+    "no daemon of up is alive",
+  );
+  for (const { ifname, pid } of s.wg) {
+    assert.ok(!(pid > 0 && alive(pid)), `wireguard-go ${pid} (${ifname}) is gone`);
+    assert.ok(!existsSync(`/var/run/wireguard/${ifname}.sock`), `no socket of ${ifname}`);
+  }
+  assert.ok(!existsSync(RUN), "no state directory");
+}
+
+test("quickstart up: three hypervisors, the demo's key lines hold within the bound; down leaves nothing", { timeout: 300_000 }, async () => {
   const up = await runScript("up");
-  assert.equal(up.code, 0, up.out.slice(-3000));
-  assert.equal((up.out.match(/✓ as designed/g) ?? []).length, 7, up.out.slice(-3000));
+  const tail = up.out.slice(-6000);
+  assert.equal(up.code, 0, tail);
+  console.log(`quickstart up took ${up.ms} ms`);
+  assert.ok(up.ms <= UP_BOUND_MS, `up took ${up.ms} ms, bound ${UP_BOUND_MS} ms`);
+  // Host 1 keeps its names, addresses and ports; hosts 2 and 3 are new.
+  assert.match(up.out, /hypervisor 1 mvpcqs-host \(qs, uplink 192\.168\.250\.10\): netagent :7402 · firewall :7403 · gateway :7404 · vmm :7405/);
+  assert.match(up.out, /hypervisor 2 mvpcqs-host2 \(qs2, uplink 192\.168\.250\.11\): netagent :7412/);
+  assert.match(up.out, /hypervisor 3 mvpcqs-host3 \(qs3, uplink 192\.168\.250\.12\): netagent :7422/);
+  // The matrix: every check as designed, both allowed and denied pairs.
+  assert.equal((up.out.match(/✓ as designed/g) ?? []).length, 10, tail);
   assert.doesNotMatch(up.out, /UNEXPECTED/);
+  const counts = /(\d+) allowed, (\d+) denied/.exec(up.out);
+  assert.ok(counts && Number(counts[1]) > 0 && Number(counts[2]) > 0, `allowed and denied pairs: ${counts?.[0]}`);
+  // Cross-host reach, and traffic on every host's WireGuard interface of the VPC.
+  assert.match(up.out, /web-1@qs\s+│ db-1@qs2 10\.0\.2\.\d+:5432\s+│ allowed/);
+  assert.match(up.out, /db-1@qs2\s+│ web-1@qs 10\.0\.1\.\d+:80\s+│ allowed/);
+  assert.match(up.out, /db-2@qs3\s+│ db-1@qs2 10\.0\.2\.\d+:5432\s+│ denied/);
+  for (const id of ["qs", "qs2", "qs3"])
+    assert.match(up.out, new RegExp(`│ ${id}\\s+│ 2 peers, [1-9]\\d* B sent, [1-9]\\d* B received`), `${id}'s overlay carried traffic`);
+  // Two VPCs with the same CIDR: the other VPC's VM reaches nothing of blog.
+  assert.match(up.out, /shop-1@qs \(shop\)\s+│ web-1@qs 10\.0\.1\.\d+:80\s+│ denied/);
+  assert.match(up.out, /Overlapping CIDRs: shop-1 \(VPC shop\) is 10\.0\.2\.\d+ and db-\d \(VPC blog\) is 10\.0\.2\.\d+, both in 10\.0\.0\.0\/16/);
+  // The NAT gateway's one address, from private VMs on every host.
+  const nat = /private VMs on qs, qs2, qs3 leave as one address, the NAT gateway's own (192\.168\.250\.\d+) \(held by (qs[23]?)\)/.exec(up.out);
+  assert.ok(nat, tail);
+  const last = Number(nat[1].split(".")[3]);
+  assert.ok(last >= 128 && last < 192, `${nat[1]} is from the pool`);
+  for (const [vm, host] of [
+    ["db-1", "qs2"],
+    ["db-2", "qs3"],
+    ["db-3", "qs"],
+  ])
+    assert.match(up.out, new RegExp(`│ ${vm}\\s+│ ${host}\\s+│ ${nat[1].replace(/\./g, "\\.")}\\s+│`), `the internet sees ${vm} as ${nat[1]}`);
   assert.match(up.out, /instance-id from 169\.254\.169\.254/);
+  const s = started();
+  assert.ok(s.wg.length >= 3, `a wireguard-go per VPC and host, blog's on all three (${s.wg.map((w) => w.ifname).join(", ")})`);
   const down = await runScript("down");
   assert.equal(down.code, 0);
-  assert.deepEqual(await leftovers(), []);
+  await assertNothingLeft(s);
 });
 
 test("Ctrl-C during up leaves nothing behind", { timeout: 300_000 }, async () => {
   let sent = false;
+  let s: ReturnType<typeof started> = { pids: [], wg: [] };
   const r = await runScript("up", (out, child) => {
-    if (!sent && out.includes("stack up")) {
+    // Interrupted mid-demo: the VMs and the overlay's wireguard-go exist.
+    if (!sent && out.includes("a floating IP for web-1")) {
       sent = true;
+      s = started();
       process.kill(-child.pid!, "SIGINT");
     }
   });
-  assert.ok(sent, "the stack came up before the interrupt");
+  assert.ok(sent, `the demo was running before the interrupt: ${r.out.slice(-3000)}`);
   assert.notEqual(r.code, 0);
+  assert.ok(s.pids.length >= 14, `up had started its processes (${s.pids.length})`);
   await new Promise((res) => setTimeout(res, 1500));
-  assert.deepEqual(await leftovers(), []);
+  await assertNothingLeft(s);
 });

@@ -133,15 +133,16 @@ afterAll(async () => {
 });
 
 test("the agentmetal networking guide, as written, with packets", { timeout: 300_000 }, async () => {
-  // Create a VPC; add subnets.
-  await expect(0, ["vpc", "create", "prod", "--cidr", "10.0.0.0/16"]);
-  await expect(0, ["subnet", "create", "web", "--vpc", "prod", "--cidr", "10.0.1.0/24", "--type", "public"]);
-  await expect(0, ["subnet", "create", "data", "--vpc", "prod", "--cidr", "10.0.2.0/24", "--type", "private"]);
+  // Create a VPC; add subnets: the guide's commands word for word (--name).
+  await expect(0, ["vpc", "create", "--name", "prod", "--cidr", "10.0.0.0/16"]);
+  await expect(0, ["subnet", "create", "--vpc", "prod", "--name", "web", "--cidr", "10.0.1.0/24", "--type", "public"]);
+  await expect(0, ["subnet", "create", "--vpc", "prod", "--name", "data", "--cidr", "10.0.2.0/24", "--type", "private"]);
 
-  // Security groups, the guide's rule texts.
+  // Security groups, the guide's command and rule texts.
   let r = await expect(0, [
     "sg",
     "create",
+    "--name",
     "web-sg",
     "--vpc",
     "prod",

@@ -18,16 +18,17 @@ export const cliEnv = Object.fromEntries(Object.entries(process.env).filter(([k]
 
 /** run / expect / json bound to the global options `globals()` gives (daemon addresses), unless a call gives its own. */
 export function cliRunner(globals: () => string[], timeoutMs: number) {
-  const run = (args: string[], g: string[] = globals()): Promise<CliRun> =>
+  /** `env` adds variables (MICROVPC_CONFIG, …) to the cleaned environment. */
+  const run = (args: string[], g: string[] = globals(), env: Record<string, string> = {}): Promise<CliRun> =>
     new Promise((resolve) => {
-      execFile(process.execPath, [BIN, ...g, ...args], { cwd: ROOT, env: cliEnv, timeout: timeoutMs }, (err, stdout, stderr) => {
+      execFile(process.execPath, [BIN, ...g, ...args], { cwd: ROOT, env: { ...cliEnv, ...env }, timeout: timeoutMs }, (err, stdout, stderr) => {
         const code = err ? (typeof err.code === "number" ? err.code : -1) : 0;
         resolve({ code, stdout, stderr });
       });
     });
   /** Runs and asserts the exit code, showing the output if it differs. */
-  const expect = async (code: number, args: string[], g?: string[]): Promise<CliRun> => {
-    const r = await run(args, g);
+  const expect = async (code: number, args: string[], g?: string[], env?: Record<string, string>): Promise<CliRun> => {
+    const r = await run(args, g, env);
     assert.equal(r.code, code, `microvpc ${args.join(" ")} exited ${r.code}, wanted ${code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
     return r;
   };

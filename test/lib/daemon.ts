@@ -23,6 +23,8 @@ export interface DaemonOptions {
   nodeArgs?: string[];
   /** How long stop() waits after its signal before SIGKILL (default 5 s). */
   stopGraceMs?: number;
+  /** The entry script to run instead of bin/microvpcd.js (another build's microvpcd.js). */
+  script?: string;
 }
 
 class PortTaken extends Error {}
@@ -51,7 +53,7 @@ async function startDaemonOnce(service: string, extra: string[], env: Record<str
   const metricsPort = await freePort();
   const args = [
     ...(o.nodeArgs ?? []),
-    join(ROOT, "bin", "microvpcd.js"),
+    o.script ?? join(ROOT, "bin", "microvpcd.js"),
     service,
     "--listen",
     `127.0.0.1:${port}`,
