@@ -163,6 +163,9 @@ async function main(): Promise<void> {
   const meshed = await until(async () => (await inNs(w.namespace, PROBE, addr(d), "5432")) === "open", 30_000);
   if (!meshed) console.log("(the overlay did not carry web-1 → db-1 within 30 s)");
   await until(async () => (await Promise.all([d, d2, d3].map((v) => inNs(v.namespace, GET, INET_ADDR, "80", "/")))).every((x) => x === nat.address), 20_000);
+  // And for the floating IP: its association reaches web-1's host at that
+  // gateway's next pass, which may come after the checks start.
+  await until(async () => (await inNs(INET_NS, PROBE, fip.address, "80")) === "open", 20_000);
 
   type Check = [from: string, ns: string, to: string, host: string, port: number, expect: "reachable" | "blocked"];
   const checks: Check[] = [
