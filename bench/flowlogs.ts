@@ -22,7 +22,7 @@ import { join } from "node:path";
 import { Direction, FirewallService, Protocol } from "../gen/microvpc/v1/firewall_pb.js";
 import { grpcClient } from "../services/common/client.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
-import { Harness, type Vm } from "../test/lib/harness.js";
+import { Harness, type Vm, bindRequest } from "../test/lib/harness.js";
 import { nsExec, sleep, startTcpServer, tempDir, trackChild } from "../test/lib/netns.js";
 import { machineEnv } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
@@ -97,16 +97,7 @@ async function main(): Promise<number> {
           rules: [{ direction: Direction.INGRESS, protocol: Protocol.TCP, peer: { case: "cidr", value: "10.0.0.0/16" } }],
         })
       ).securityGroup!.id;
-      for (const vm of [client, server])
-        await fw.bindNic({
-          nicId: vm.nicId,
-          vpc: vm.vpc.id,
-          subnet: vm.subnet.id,
-          address: vm.address,
-          mac: vm.mac,
-          hostInterface: vm.hostInterface,
-          securityGroups: vm === server ? [sg] : [],
-        });
+      for (const vm of [client, server]) await fw.bindNic(bindRequest(vm, vm === server ? [sg] : []));
     }
     progress(`${ROUNDS} interleaved rounds: iperf3 ${SECS} s, then ${CONNS} short connections, flow logs on vs off`);
     results = await interleaved(

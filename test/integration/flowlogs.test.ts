@@ -13,7 +13,7 @@ import type { FlowRecord } from "../../services/firewall/flowlogs.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { Harness, type Vm } from "../lib/harness.js";
+import { Harness, type Vm, bindRequest } from "../lib/harness.js";
 import { nsExec, sleep, startTcpServer, tcpConnect, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -78,15 +78,7 @@ beforeAll(async () => {
     })
   ).securityGroup!.id;
   for (const vm of [client, web1, quiet]) {
-    await fw.bindNic({
-      nicId: vm.nicId,
-      vpc: vm.vpc.id,
-      subnet: vm.subnet.id,
-      address: vm.address,
-      mac: vm.mac,
-      hostInterface: vm.hostInterface,
-      securityGroups: vm === client ? [] : [webSg],
-    });
+    await fw.bindNic(bindRequest(vm, vm === client ? [] : [webSg]));
   }
   // The readers start after the pass that applied the bindings.
   // (Probed through quiet, which logs nothing, so the test's records are the test's alone.)

@@ -20,7 +20,7 @@ import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { ROOT, type Daemon } from "../lib/daemon.js";
-import { Harness, type Vm } from "../lib/harness.js";
+import { Harness, type Vm, bindRequest } from "../lib/harness.js";
 import { probe, scrape } from "../lib/metrics.js";
 import { nsExec, ping, run, sleep, startTcpServer, tcpProbe, waitFor } from "../lib/netns.js";
 import { metricNamesOfMonitoring } from "../lib/monitoring.js";
@@ -51,15 +51,7 @@ beforeAll(async () => {
     })
   ).securityGroup!.id;
   for (const vm of [a, b]) {
-    await fw.bindNic({
-      nicId: vm.nicId,
-      vpc: vm.vpc.id,
-      subnet: vm.subnet.id,
-      address: vm.address,
-      mac: vm.mac,
-      hostInterface: vm.hostInterface,
-      securityGroups: vm === b ? [sg] : [],
-    });
+    await fw.bindNic(bindRequest(vm, vm === b ? [sg] : []));
   }
   for (const port of [22, 80]) await startTcpServer(b.ns, port, "mb");
   assert.ok(await waitFor(async () => !(await tcpProbe(a.ns, b.address, 22, 800)), { timeoutMs: 15_000, intervalMs: 300 }), "the group is in force");

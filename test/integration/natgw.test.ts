@@ -22,7 +22,7 @@ import type { Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, UNDERLAY_GATEWAY, type Hypervisor, type Vm } from "../lib/harness.js";
+import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, UNDERLAY_GATEWAY, type Hypervisor, type Vm, bindRequest } from "../lib/harness.js";
 import { httpGet, ipn, nsExec, startHttpServer, trackChild, waitFor } from "../lib/netns.js";
 
 /** The lease TTL the gateways run with here (production default 6000 ms). */
@@ -80,15 +80,7 @@ const seenAs = (vm: Vm, timeoutMs = 1500) => httpGet(vm.ns, inetUrl, timeoutMs);
 
 async function bind(vm: Vm): Promise<void> {
   const fw = grpcClient(FirewallService, { address: fwds[h.hosts.indexOf(vm.host)].address, timeoutMs: 20_000 });
-  await fw.bindNic({
-    nicId: vm.nicId,
-    vpc: vm.vpc.id,
-    subnet: vm.subnet.id,
-    address: vm.address,
-    mac: vm.mac,
-    hostInterface: vm.hostInterface,
-    securityGroups: [],
-  });
+  await fw.bindNic(bindRequest(vm, []));
 }
 
 /** The holder as GetNatGateway shows it, asked of a running gateway (not `except`'s). */

@@ -182,6 +182,19 @@ export interface Vm {
   nic: Nic;
 }
 
+/** The BindNic request that binds a harness VM's NIC to `securityGroups` on its host's firewall. */
+export function bindRequest(vm: Vm, securityGroups: string[]) {
+  return {
+    nicId: vm.nicId,
+    vpc: vm.vpc.id,
+    subnet: vm.subnet.id,
+    address: vm.address,
+    mac: vm.mac,
+    hostInterface: vm.hostInterface,
+    securityGroups,
+  };
+}
+
 export interface VmOptions {
   /** Wanted address (allocated in IPAM with it). */
   address?: string;
