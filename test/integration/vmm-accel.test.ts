@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { test } from "vitest";
 import { bootKvmProbe, machineDeps, probeAccel } from "../../services/vmm/accel.js";
 import { guestImage, QEMU_BIN } from "../../services/vmm/qemu.js";
-import { tempDir } from "../lib/netns.js";
+import { processesWith, tempDir } from "../lib/netns.js";
 
 const guest = guestImage();
 const hasQemu = (() => {
@@ -39,13 +39,8 @@ function wrapper(name: string, body: string): string {
 }
 
 const probeDirs = () => readdirSync(tmpdir()).filter((n) => n.startsWith("microvpc-kvm-probe-"));
-function probeProcs(): string[] {
-  try {
-    return execFileSync("pgrep", ["-f", "-name microvpc-kvm-probe"], { encoding: "utf8" }).trim().split("\n").filter(Boolean);
-  } catch {
-    return [];
-  }
-}
+/** This process's probe VMs: their console log is in a folder named after our PID. */
+const probeProcs = () => processesWith(`microvpc-kvm-probe-${process.pid}-`);
 
 test.skipIf(skip)("a probe guest that never reaches init: timeout at the limit, QEMU stopped by PID, nothing left", { timeout: 30_000 }, async () => {
   // What a vmm SIGKILLed mid-probe leaves (its PID is in the name, and dead): the next probe removes it.

@@ -233,6 +233,29 @@ function pidAlive(pid: number): boolean {
   }
 }
 
+/**
+ * PIDs of the running processes (zombies excluded) whose command line, its
+ * arguments joined by spaces, contains `fragment`: a plain substring, not a
+ * pattern (pgrep took "-name x" for options and found nothing, ever). Give a
+ * fragment only this test's processes have (a path under its own temp
+ * folder, its PID): the machine is shared.
+ */
+export function processesWith(fragment: string): number[] {
+  const found: number[] = [];
+  for (const d of readdirSync("/proc")) {
+    const pid = Number(d);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    let cmd: string;
+    try {
+      cmd = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").join(" ");
+    } catch {
+      continue;
+    }
+    if (cmd.includes(fragment) && pidAlive(pid)) found.push(pid);
+  }
+  return found;
+}
+
 /** Names of every named network namespace (ip netns list). */
 export function listNetnsSync(): string[] {
   let out;
