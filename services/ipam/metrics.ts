@@ -8,9 +8,8 @@
 import { Gauge } from "prom-client";
 import { reportInvalid } from "../common/invalid-records.js";
 import { metricsRegistry } from "../common/metrics.js";
-import { storedInt } from "../common/validate.js";
 import { K } from "./keys.js";
-import { OWNER, reservedCount, type IpamReader, type SubnetRec } from "./schema.js";
+import { OWNER, subnetUsage, type IpamReader, type SubnetRec, type Usage } from "./schema.js";
 
 /** How long one reading of every subnet's usage is reused. */
 export const IPAM_USAGE_CACHE_MS = 5000;
@@ -40,16 +39,15 @@ export async function readUsage(reader: IpamReader, max: number): Promise<{ subn
     const page = (await Promise.all(ids.map((id) => reader.getSubnet(id)))).filter((s): s is SubnetRec => !!s);
     const used = await Promise.all(page.map((s) => redis.get(K.used(s.id))));
     page.forEach((s, i) => {
-      const reserved = reservedCount(s.extraReserved);
-      let u: number;
+      let u: Usage;
       try {
-        // The allocator's counter: never more than the subnet's free addresses.
-        u = storedInt("used", used[i] ?? "0", 0, s.size - reserved);
+        // The allocator's counter, validated as the API reads it.
+        u = subnetUsage(s, used[i]);
       } catch (err) {
         reportInvalid(OWNER, "subnet-used", K.used(s.id), (err as Error).message, undefined, { vpcId: s.vpcId });
         return;
       }
-      out.push({ vpc: s.vpcId, subnet: s.id, cidr: s.cidr, used: u, free: s.size - reserved - u, reserved });
+      out.push({ vpc: s.vpcId, subnet: s.id, cidr: s.cidr, used: u.used, free: u.free, reserved: u.reserved });
     });
     if (ids.length < 200) break;
   }

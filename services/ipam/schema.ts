@@ -2,7 +2,7 @@
 // back, and the reads other services make (IpamReader). Other services
 // import IPAM only through this file; ipam/store.ts builds its writes on it.
 import type { Redis } from "ioredis";
-import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { K } from "./keys.js";
@@ -87,14 +87,6 @@ export function reservedIndexes(size: number, extra: number): number[] {
   return r;
 }
 
-/** A stored integer field: digits only, within [min, max]. */
-function storedInt(field: string, value: string | undefined, min: number, max: number): number {
-  if (value === undefined || !/^[0-9]{1,16}$/.test(value) || Number(value) < min || Number(value) > max) {
-    throw new InvalidArgumentError(field, `${V.show(String(value))} is not an integer from ${min} to ${max}`);
-  }
-  return Number(value);
-}
-
 /** A stored CIDR with its base and prefix fields, which must agree with it. */
 function storedCidr(h: Record<string, string>): V.Cidr {
   const c = V.cidr("cidr", V.jsonString("cidr", h.cidr), { min: 8, max: 28 });
@@ -119,7 +111,7 @@ export function parseVpc(h: Record<string, string>, subnetCount: number): VpcRec
     prefix: c.prefix,
     description: V.text("description", h.description ?? ""),
     labels: V.storedLabels("labels", h.labels),
-    createdMs: storedInt("created", h.created, 0, Number.MAX_SAFE_INTEGER),
+    createdMs: V.storedInt("created", h.created, 0, Number.MAX_SAFE_INTEGER),
     publicCidr: h.public === "1",
     subnetCount,
   };
@@ -139,10 +131,10 @@ export function parseSubnet(h: Record<string, string>): SubnetRec {
     prefix: c.prefix,
     size: c.size,
     type: h.type,
-    extraReserved: storedInt("extra", h.extra, 0, Math.min(MAX_EXTRA_RESERVED, c.size - 4)),
+    extraReserved: V.storedInt("extra", h.extra, 0, Math.min(MAX_EXTRA_RESERVED, c.size - 4)),
     description: V.text("description", h.description ?? ""),
     labels: V.storedLabels("labels", h.labels),
-    createdMs: storedInt("created", h.created, 0, Number.MAX_SAFE_INTEGER),
+    createdMs: V.storedInt("created", h.created, 0, Number.MAX_SAFE_INTEGER),
   };
 }
 
@@ -155,8 +147,15 @@ export function parseAlloc(subnetId: string, index: number, rec: string): AllocR
     index,
     owner: V.token("owner", owner ?? ""),
     requestId: V.token("request_id", requestId ?? "", { optional: true }),
-    timeMs: storedInt("time", time, 0, Number.MAX_SAFE_INTEGER),
+    timeMs: V.storedInt("time", time, 0, Number.MAX_SAFE_INTEGER),
   };
+}
+
+/** A subnet's counts from its stored used counter (absent: 0), which may never exceed the subnet's allocatable addresses. */
+export function subnetUsage(s: SubnetRec, rawUsed: string | null | undefined): Usage {
+  const reserved = reservedCount(s.extraReserved);
+  const used = V.storedInt("used", rawUsed ?? "0", 0, s.size - reserved);
+  return { total: s.size, reserved, used, free: s.size - reserved - used };
 }
 
 /** Parses with `parse`; a record that does not validate is reported (once per key and reason) and read as absent. */
@@ -224,10 +223,19 @@ export class IpamReader {
     return subnets.filter((x): x is SubnetRec => !!x);
   }
 
+  /**
+   * The subnet's address counts. Its used counter is validated like every
+   * record read back (another host may have written it); an invalid one is
+   * reported and refused, never shown as a negative or impossible count.
+   */
   async usage(s: SubnetRec): Promise<Usage> {
-    const used = Number((await this.redis.get(K.used(s.id))) ?? 0);
-    const reserved = reservedCount(s.extraReserved);
-    return { total: s.size, reserved, used, free: s.size - reserved - used };
+    const raw = await this.redis.get(K.used(s.id));
+    const u = V.attempt(() => subnetUsage(s, raw));
+    if (u.ok) return u.value;
+    reportInvalid(OWNER, "subnet-used", K.used(s.id), u.reason, undefined, { vpcId: s.vpcId });
+    throw new FailedPreconditionError(
+      `subnet ${s.id}: its used-address counter in Redis (${K.used(s.id)}) is invalid: ${u.reason}; it is counted in microvpc_invalid_records`,
+    );
   }
 
   // ---- Allocations ----

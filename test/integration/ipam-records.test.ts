@@ -10,6 +10,7 @@ import { Code } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
+import { K } from "../../services/ipam/keys.js";
 import { rejectsWith } from "../lib/clients.js";
 import { Harness } from "../lib/harness.js";
 import { links } from "../lib/netns.js";
@@ -62,5 +63,24 @@ describe("hostile IPAM records", () => {
 
     await hv.agent.ensureSubnet({ subnet: sn.id, vpc: vpc.id });
     assert.equal(await bridges(), 1, "the record as the API wrote it is built");
+  });
+
+  test("a subnet's used counter beyond its size or not a number is refused by GetSubnet (FAILED_PRECONDITION, counted), not shown as negative free addresses; restored, it reads", async () => {
+    const vpc = await h.vpc("ipamused", "10.46.0.0/16");
+    const sn = await h.subnet(vpc, "app", "10.46.1.0/24", SubnetType.PRIVATE);
+    await h.allocate(sn, "used-1");
+    const key = K.used(sn.id);
+    assert.equal(await redis.get(key), "1", "the counter as the allocator keeps it");
+    const ok = (await h.ipam.subnet.getSubnet({ ref: sn.id })).subnet!.usage!;
+    assert.deepEqual([ok.used, ok.free], [1n, ok.total - ok.reserved - 1n]);
+    const before = await invalidCount(h.ipamDaemon.metricsPort, "subnet-used");
+    for (const bad of ["100000", "-5", "1e3"]) {
+      await redis.set(key, bad);
+      await rejectsWith(h.ipam.subnet.getSubnet({ ref: sn.id }), Code.FailedPrecondition, new RegExp(`^subnet ${sn.id}: its used-address counter`));
+      await rejectsWith(h.ipam.subnet.listSubnets({ vpc: vpc.id }), Code.FailedPrecondition, /used-address counter/);
+    }
+    assert.ok((await invalidCount(h.ipamDaemon.metricsPort, "subnet-used")) > before, "counted under owner ipam, kind subnet-used");
+    await redis.set(key, "1");
+    assert.deepEqual((await h.ipam.subnet.getSubnet({ ref: sn.id })).subnet!.usage, ok);
   });
 });
