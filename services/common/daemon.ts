@@ -13,6 +13,7 @@ import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./re
 import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 import { logMixin, startTracing, stopTracing, tracingConfig } from "./tracing.js";
+import { storedInt } from "./validate.js";
 import { BUILD, versionLine } from "./version.js";
 
 export interface CommonFlags {
@@ -24,6 +25,7 @@ export interface CommonFlags {
   tlsCert?: string;
   tlsKey?: string;
   tlsClientCa?: string;
+  tlsReloadIntervalMs: string;
   healthListen?: string;
   insecurePlaintext?: boolean;
   redisPasswordFile?: string;
@@ -97,6 +99,14 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
       new Option("--tls-client-ca <path>", "mutual TLS: require a client certificate signed by this CA (PEM); needs --tls-cert/--tls-key").env(
         env("TLS_CLIENT_CA"),
       ),
+    )
+    .addOption(
+      new Option(
+        "--tls-reload-interval-ms <ms>",
+        "how often --tls-cert, --tls-key and --tls-client-ca are read again; a renewed set that fits is served to new connections without a restart (0: never)",
+      )
+        .env(env("TLS_RELOAD_INTERVAL_MS"))
+        .default("60000"),
     )
     .addOption(
       new Option(
@@ -218,6 +228,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     tlsCert: flags.tlsCert,
     tlsKey: flags.tlsKey,
     tlsClientCa: flags.tlsClientCa,
+    tlsReloadMs: storedInt("--tls-reload-interval-ms", flags.tlsReloadIntervalMs, 0, 86_400_000),
     healthListen: flags.healthListen,
     insecurePlaintext: !!flags.insecurePlaintext,
   });

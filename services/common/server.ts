@@ -7,7 +7,6 @@
 // grpc.health.v1 alone on its own plaintext listener (for kubelet probes
 // while the gRPC port wants TLS and credentials).
 import { timingSafeEqual } from "node:crypto";
-import { readFileSync } from "node:fs";
 import { isIP } from "node:net";
 import { Code, ConnectError } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
@@ -19,6 +18,7 @@ import { isLoopback } from "./client.js";
 import { healthService, SharedReadiness, type ReadyCheck } from "./health.js";
 import { rpcDuration, rpcRequests } from "./metrics.js";
 import { reflectionServices } from "./reflection.js";
+import { ReloadingTlsFiles } from "./tls-reload.js";
 import { serverCall } from "./tracing.js";
 import { buildHeader } from "./version.js";
 
@@ -34,6 +34,8 @@ export interface GrpcServerOptions {
   tlsKey?: string;
   /** CA (PEM file) that must have signed every client's certificate: mutual TLS. */
   tlsClientCa?: string;
+  /** How often the TLS files are read again (a renewed certificate is served without a restart); 0: never. Default 60 s. */
+  tlsReloadMs?: number;
   token?: string;
   /** host:port of a plaintext (h2c) listener serving grpc.health.v1 only, without auth. */
   healthListen?: string;
@@ -308,13 +310,15 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
   // One readiness answer for both listeners' health services.
   const readiness = opts.ready instanceof SharedReadiness ? opts.ready : new SharedReadiness(opts.ready);
   const names = opts.services.map((s) => s.desc.typeName);
-  const creds = tls
-    ? grpc.ServerCredentials.createSsl(
-        // Mutual TLS: the handshake fails for a client without a certificate signed by this CA.
-        opts.tlsClientCa ? readFileSync(opts.tlsClientCa) : null,
-        [{ cert_chain: readFileSync(opts.tlsCert!), private_key: readFileSync(opts.tlsKey!) }],
-        !!opts.tlsClientCa,
-      )
+  // Read (and checked) now, so bad files stop the start; read again every tlsReloadMs.
+  const tlsFiles = tls
+    ? new ReloadingTlsFiles({ cert: opts.tlsCert!, key: opts.tlsKey!, ca: opts.tlsClientCa }, opts.tlsReloadMs ?? 60_000, opts.logger)
+    : undefined;
+  const creds = tlsFiles
+    ? // grpc-js's declaration names its parameters (ca, identity), but its code takes the first as
+      // the identity (certificate and key) and the second as the CA: one provider serves both, and
+      // with --tls-client-ca (mutual TLS) the handshake fails for a client without a certificate that CA signed.
+      grpc.experimental.createCertificateProviderServerCredentials(tlsFiles, opts.tlsClientCa ? tlsFiles : null, !!opts.tlsClientCa)
     : grpc.ServerCredentials.createInsecure();
   const main = await serve(
     [...opts.services, ...reflectionServices([...opts.services.map((s) => s.desc), Health]), healthService(names, readiness)],
@@ -349,6 +353,7 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
     port: main.port,
     healthPort,
     close: async () => {
+      tlsFiles?.close();
       await Promise.all([shutdown(main.server), healthServer && shutdown(healthServer)]);
     },
   };

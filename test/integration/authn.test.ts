@@ -6,8 +6,10 @@
 // "non-loopback" refusals happen before anything binds.
 import assert from "node:assert/strict";
 import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { X509Certificate } from "node:crypto";
 import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { connect as tlsConnect } from "node:tls";
 import { promisify } from "node:util";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -72,6 +74,7 @@ interface Running {
   proc: ChildProcess;
   port: number;
   healthPort: number;
+  metricsPort: number;
   output(): string;
 }
 
@@ -79,13 +82,14 @@ interface Running {
 async function start(service: string, extra: string[]): Promise<Running> {
   const port = await freePort();
   const healthPort = await freePort();
+  const metricsPort = await freePort();
   const args = [
     MICROVPCD,
     service,
     "--listen",
     `127.0.0.1:${port}`,
     "--metrics-listen",
-    `127.0.0.1:${await freePort()}`,
+    `127.0.0.1:${metricsPort}`,
     "--health-listen",
     `127.0.0.1:${healthPort}`,
     "--log-level",
@@ -106,7 +110,7 @@ async function start(service: string, extra: string[]): Promise<Running> {
     if (Date.now() > deadline) throw new Error(`microvpcd ${service} not SERVING on its health port after 20 s:\n${out}`);
     await new Promise((r) => setTimeout(r, 100));
   }
-  return { proc, port, healthPort, output: () => out };
+  return { proc, port, healthPort, metricsPort, output: () => out };
 }
 
 async function stop(d: Running): Promise<void> {
@@ -321,6 +325,90 @@ describe("mutual TLS", () => {
     }
     const half = await refuses(["vmm", "--listen", "127.0.0.1:0", ...redisArgs(), ...ipam, "--client-cert", f("client.pem")]);
     assert.match(half, /--client-cert and --client-key go together/);
+  }, 60_000);
+});
+
+describe("certificate renewal", () => {
+  test("a renewed certificate written over the files is served to new connections without a restart; a key that does not fit it is refused and the last good pair kept; mutual TLS holds throughout", async () => {
+    const rot = tempDir("authn-renew");
+    const put = (from: string, to: string) => writeFileSync(join(rot, to), readFileSync(f(from)));
+    put("server.pem", "tls.crt");
+    put("server.key", "tls.key");
+    // What a renewal brings: a new key and certificate for 127.0.0.1 from the same CA.
+    execFileSync(
+      "sh",
+      [
+        "-ec",
+        `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out renewed.key
+         openssl req -new -key renewed.key -out renewed.csr -subj /CN=127.0.0.1
+         openssl x509 -req -in renewed.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out renewed.pem -days 2 -extfile server.ext`,
+      ],
+      { cwd: dir, stdio: ["ignore", "ignore", "pipe"] },
+    );
+    const serialOf = (pem: string) => new X509Certificate(readFileSync(f(pem))).serialNumber;
+    const d = await start("ipam", [
+      ...redisArgs(),
+      ...["--tls-cert", join(rot, "tls.crt"), "--tls-key", join(rot, "tls.key"), "--tls-client-ca", f("ca.pem")],
+      ...["--tls-reload-interval-ms", "200"],
+    ]);
+    try {
+      const addr = `127.0.0.1:${d.port}`;
+      const ca = f("ca.pem");
+      /** The serial of the certificate a new TLS connection is shown. */
+      const served = () =>
+        new Promise<string>((resolve, reject) => {
+          const sock = tlsConnect(
+            {
+              host: "127.0.0.1",
+              port: d.port,
+              ca: readFileSync(ca),
+              cert: readFileSync(f("client.pem")),
+              key: readFileSync(f("client.key")),
+              ALPNProtocols: ["h2"],
+            },
+            () => {
+              resolve(sock.getPeerCertificate().serialNumber);
+              sock.destroy();
+            },
+          );
+          sock.on("error", reject);
+        });
+      const metric = async (name: string) => {
+        const text = await (await fetch(`http://127.0.0.1:${d.metricsPort}/metrics`)).text();
+        return Number(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "m").exec(text)?.[1] ?? NaN);
+      };
+      const until = async (what: string, ok: () => Promise<boolean>) => {
+        for (const t0 = Date.now(); !(await ok()); await new Promise((r) => setTimeout(r, 100)))
+          if (Date.now() - t0 > 15_000) assert.fail(`not within 15 s: ${what}\n${d.output().slice(-1500)}`);
+      };
+      const expiry = (pem: string) => Date.parse(new X509Certificate(readFileSync(f(pem))).validTo) / 1000;
+      assert.equal(await served(), serialOf("server.pem"));
+      assert.equal(await metric("microvpc_tls_certificate_expiry_timestamp_seconds"), expiry("server.pem"));
+
+      // The key lands first: for a moment it does not fit the certificate. Refused (counted), the old pair still served.
+      put("renewed.key", "tls.key");
+      await until("the mismatched pair is refused", async () => (await metric("microvpc_tls_reload_errors_total")) >= 1);
+      assert.equal(await served(), serialOf("server.pem"), "the last good certificate, not a broken listener");
+      await vpcs(addr, { ca, cert: f("client.pem"), key: f("client.key") }).listVpcs({});
+      assert.match(d.output(), /does not fit .*keeping the last good certificate|keeping the last good certificate/s);
+
+      // Then the certificate: the pair fits, and new connections get it.
+      put("renewed.pem", "tls.crt");
+      await until("the renewed certificate is served", async () => (await served()) === serialOf("renewed.pem"));
+      assert.equal(await metric("microvpc_tls_certificate_expiry_timestamp_seconds"), expiry("renewed.pem"));
+      await vpcs(addr, { ca, cert: f("client.pem"), key: f("client.key") }).listVpcs({});
+      await rejects(vpcs(addr, { ca, cert: f("rogue.pem"), key: f("rogue.key") }).listVpcs({}));
+      await rejects(vpcs(addr, { ca }).listVpcs({}));
+
+      // A file that is not a key at all: refused the same way.
+      const errors = await metric("microvpc_tls_reload_errors_total");
+      writeFileSync(join(rot, "tls.key"), "not a key\n");
+      await until("the garbage key is refused", async () => (await metric("microvpc_tls_reload_errors_total")) > errors);
+      assert.equal(await served(), serialOf("renewed.pem"));
+      await vpcs(addr, { ca, cert: f("client.pem"), key: f("client.key") }).listVpcs({});
+    } finally {
+      await stop(d);
+    }
   }, 60_000);
 });
 
