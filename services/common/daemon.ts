@@ -9,7 +9,7 @@ import type { Redis } from "ioredis";
 import { ReadyChecks, redisReachable, SharedReadiness } from "./health.js";
 import { defaultHostId } from "./host.js";
 import { serveMetrics, setDefaultLabels, watchRedis } from "./metrics.js";
-import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser } from "./redis.js";
+import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser, waitReady } from "./redis.js";
 import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 import { logMixin, startTracing, stopTracing, tracingConfig } from "./tracing.js";
@@ -215,6 +215,10 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     ...redisSecrets,
   });
   watchRedis(redis);
+  // The first passes of the sync loops start as the services are built: give the connection a
+  // moment (commands are not queued while it connects), but start without Redis too (a host keeps
+  // forwarding; readiness says Redis is unreachable).
+  await waitReady(redis, 3000).catch((err: Error) => logger.warn({ err: err.message }, "redis not reachable yet; starting anyway"));
   const built = await def.build({ flags, logger, redis });
   // One answer for grpc.health.v1 (both listeners) and /readyz.
   const checks = built.ready ?? new ReadyChecks([redisReachable(redis)]);

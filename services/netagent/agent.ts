@@ -313,7 +313,10 @@ export class Agent {
     this.health.periodMs = intervalMs;
     const loop = async () => {
       await this.kick();
-      this.timer = setTimeout(loop, intervalMs);
+      // After a failed pass (Redis not reachable yet, say) try again soon, backing off to the interval:
+      // a host whose first pass failed is not left unready for a whole interval.
+      const failures = this.health.failuresInRow;
+      this.timer = setTimeout(loop, failures ? Math.min(intervalMs, 250 * 2 ** Math.min(failures, 10)) : intervalMs);
       this.timer.unref();
     };
     void loop();
