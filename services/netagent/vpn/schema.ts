@@ -50,7 +50,7 @@ export function parseEndpoint(h: Record<string, string>, vpcCidr: string, public
 export function parseClient(raw: string, vpcId: string, cidr: V.Cidr): V.Parsed<VpnClientRec> {
   return V.attempt(() => {
     const o = V.jsonObject("client", V.storedJson("client", raw, 64 * 1024));
-    const groups = V.jsonArray("groups", o.groups, 16).map((g, i) => V.id(`groups[${i}]`, V.jsonString(`groups[${i}]`, g), "sg"));
+    const groups = V.jsonArray("groupIds", o.groupIds, 16).map((g, i) => V.id(`groups[${i}]`, V.jsonString(`groups[${i}]`, g), "sg"));
     return checkClient(
       {
         id: V.jsonString("id", o.id),
