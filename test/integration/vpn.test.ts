@@ -15,7 +15,7 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, test } from "vitest";
@@ -23,6 +23,7 @@ import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/fire
 import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon } from "../lib/daemon.js";
@@ -97,6 +98,21 @@ async function addClient(name: string, groups: string[]): Promise<string> {
 beforeAll(async () => {
   h = await Harness.start({ hosts: 2, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   inet = (await h.internet()).ns;
+  // The endpoint's wireguard-go keeps its state beside the overlay's (DIR/<host>/vpn/wg): ended by PID, its global socket removed.
+  const stateDir = h.stateDir!;
+  const ids = h.hosts.map((hv) => hv.id);
+  onCleanup(() => {
+    for (const id of ids) {
+      for (const { ifname, pid } of interfacesIn(join(stateDir, id), "vpn")) {
+        try {
+          if (pid > 0 && readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").includes(ifname)) process.kill(pid, "SIGKILL");
+        } catch {
+          // gone
+        }
+        rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
+      }
+    }
+  });
   const fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--api-only"]);
   trackChild(fwd.proc);
   fwAddr = fwd.address;
