@@ -21,6 +21,7 @@ import * as subnet from "./subnet.js";
 import * as vm from "./vm.js";
 import * as version from "./version.js";
 import * as vpc from "./vpc.js";
+import * as vpn from "./vpn.js";
 
 export const groups: { register(program: Command): void }[] = [
   vpc,
@@ -31,6 +32,7 @@ export const groups: { register(program: Command): void }[] = [
   nat,
   fip,
   pf,
+  vpn,
   dns,
   vm,
   connectivity,

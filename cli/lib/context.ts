@@ -88,6 +88,7 @@ export function address(cmd: Command, daemon: Daemon): string {
 export function daemonOf(service: DescService): Daemon {
   switch (service.typeName) {
     case "microvpc.v1.NetAgentService":
+    case "microvpc.v1.VpnService":
       return "netagent";
     case "microvpc.v1.FirewallService":
       return "firewall";

@@ -14,6 +14,10 @@ import type { WgMode } from "./overlay/wg.js";
 import { PeeringSync } from "./peering.js";
 import { netagentRoutes } from "./routes.js";
 import { HostStore } from "./store.js";
+import { Vpn } from "./vpn/service.js";
+import { VpnStore } from "./vpn/store.js";
+import { VpnSync } from "./vpn/sync.js";
+import { WgKernel } from "./overlay/wgkernel.js";
 
 const AGENT_VERSION = "0.1.0";
 const WG_MODES = ["auto", "kernel", "wireguard-go"];
@@ -123,19 +127,41 @@ export const netagentDefinition: ServiceDefinition = {
     }
     const peering = new PeeringSync(agent, redis, logger);
     agent.peering = peering;
-    const svc = new NetAgent(agent, kernel, new IpamReader(redis), { hostId, mtu, overlay });
+    const ipam = new IpamReader(redis);
+    const svc = new NetAgent(agent, kernel, ipam, { hostId, mtu, overlay });
+    // The VPN endpoints this host runs (vpn/sync.ts): WireGuard, so only with the overlay.
+    const vpnStore = new VpnStore(redis);
+    const vpnSync = overlay
+      ? new VpnSync(
+          agent,
+          vpnStore,
+          ipam,
+          new WgKernel(),
+          {
+            hostId,
+            stateDir: String(flags.stateDir),
+            hostNetns: String(flags.hostNetns ?? ""),
+            mtu: overlay.mtu,
+            ensureVpc: async (vpcId) => void (await svc.impl.ensureVpc!({ vpc: vpcId } as never, undefined as never)),
+          },
+          logger,
+        )
+      : undefined;
+    const vpn = new Vpn(vpnStore, ipam, { kick: vpnSync ? () => vpnSync.kick() : undefined });
     // Adopt what the kernel has before answering: the first pass only
     // changes what differs from the desired state.
     agent.start(Number(flags.reconcileIntervalMs));
     overlay?.start();
     peering.start();
+    vpnSync?.start();
     return {
-      services: netagentRoutes(svc),
+      services: netagentRoutes(svc, vpn),
       // Ready once a whole reconcile has succeeded, and while the last one is recent.
       ready: new ReadyChecks([agent.health.condition, redisReachable(redis)]),
       close: async () => {
         agent.stop();
         peering.stop();
+        await vpnSync?.stop();
         await overlay?.stop();
       },
     };

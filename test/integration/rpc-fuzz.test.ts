@@ -35,6 +35,7 @@ import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js"
 import { GatewayService, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
 import { NetAgentService, NicKind } from "../../gen/microvpc/v1/netagent_pb.js";
+import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import { PeeringService } from "../../gen/microvpc/v1/peering_pb.js";
 import { SubnetService, SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService } from "../../gen/microvpc/v1/vm_pb.js";
@@ -89,6 +90,7 @@ const TARGETS: Target[] = [
   { service: FirewallService, daemon: () => fwd, kernel: true },
   { service: GatewayService, daemon: () => gwd, kernel: true },
   { service: VmService, daemon: () => vmmd, kernel: true },
+  { service: VpnService, daemon: () => h.hosts[0].daemon, kernel: true },
 ];
 
 const DESTRUCTIVE = /^(Delete|Release|Detach|Unbind|Disassociate|Reclaim|RotateHostKey)/;

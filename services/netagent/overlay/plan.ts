@@ -117,6 +117,17 @@ export function withNatHolder(peers: PeerWant[], holder: string | undefined): Pe
 }
 
 /**
+ * The peer of the host running the VPC's VPN endpoint (vpn/sync.ts) also
+ * gets the client range: answers to VPN clients go there through the
+ * tunnel, and the clients' packets (their sources) are taken from it. Like
+ * the NAT holder, a host that is no peer gets nothing.
+ */
+export function withVpnRange(peers: PeerWant[], vpn: { hostId: string; cidr: string } | null): PeerWant[] {
+  if (!vpn) return peers;
+  return peers.map((p) => (p.hostId === vpn.hostId ? { ...p, allowedIps: [...new Set([...p.allowedIps, vpn.cidr])].sort() } : p));
+}
+
+/**
  * Just after a Redis outage every lease may have run out while nobody could
  * renew it: the hosts applied before stay until they had time to register
  * again.

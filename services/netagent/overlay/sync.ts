@@ -31,9 +31,22 @@ import * as V from "../../common/validate.js";
 import { verifyClaims, type RejectedClaim } from "./claims.js";
 import { keyFileIn, loadOrCreateKey, newKey } from "./keyfile.js";
 import { GK, parseNat, parseNatHolder } from "../../gateway/schema.js";
-import { allowedWithin, evidenceHosts, keepDuringOutage, nominate, overlayMtu, peerArgs, peersOf, routeLines, withNatHolder, type PeerWant } from "./plan.js";
+import {
+  allowedWithin,
+  evidenceHosts,
+  keepDuringOutage,
+  nominate,
+  overlayMtu,
+  peerArgs,
+  peersOf,
+  routeLines,
+  withNatHolder,
+  withVpnRange,
+  type PeerWant,
+} from "./plan.js";
 import { OverlayRegistry, type HostRecord, type SkippedHost } from "./registry.js";
 import { WgInterfaces, selectImplementation, wgName, type Dump, type WgImpl, type WgMode } from "./wg.js";
+import { vpnRoute } from "../vpn/schema.js";
 import { WgKernel, type WgCommands, type WgProbe } from "./wgkernel.js";
 
 export interface OverlayOptions {
@@ -381,7 +394,8 @@ export class Overlay {
     if (others.length === 0) return [];
     const { hosts, skipped } = await this.registry.peerHosts(others, members);
     this.noteSkipped(vpcId, skipped);
-    return withNatHolder(peersOf(hosts, this.publicKey, addrs), await this.natHolder(vpcId));
+    const vpn = mine ? await vpnRoute(this.redis, vpcId, mine.text) : null;
+    return withVpnRange(withNatHolder(peersOf(hosts, this.publicKey, addrs), await this.natHolder(vpcId)), vpn);
   }
 
   /**

@@ -1,0 +1,76 @@
+// VPN records in Redis: the contract between the VpnService (any netagent),
+// the endpoint host's sync (vpn/sync.ts) and the overlay of the other hosts
+// (which routes the client range to the endpoint host). Every record read
+// back is parsed with the validators the API uses (plan.ts).
+//
+// Key layout (all under "mvpc:vpn:"):
+//   gen                     counter raised by every VPN change
+//   eps                     set of VPC ids with an endpoint
+//   ep:<vpc>                hash: vpc host addr port cidr updated (written by the API)
+//   ep:<vpc>:key            the endpoint interface's public key (written by its host)
+//   ep:<vpc>:applied        the gen the endpoint host last applied
+//   vpc:<vpc>:clients       hash name → JSON VpnClientRec
+//   vpc:<vpc>:keys          hash public key → name
+//   vpc:<vpc>:addrs         hash address → name
+//   client:<id>             "<vpc>/<name>": the id index
+import type { Redis } from "ioredis";
+import * as V from "../../common/validate.js";
+import { checkEndpoint, checkClient, type VpnClientRec, type VpnEndpointRec } from "./plan.js";
+
+export const P = "mvpc:vpn:";
+export const VK = {
+  gen: `${P}gen`,
+  eps: `${P}eps`,
+  ep: (vpc: string) => `${P}ep:${vpc}`,
+  epKey: (vpc: string) => `${P}ep:${vpc}:key`,
+  epApplied: (vpc: string) => `${P}ep:${vpc}:applied`,
+  clients: (vpc: string) => `${P}vpc:${vpc}:clients`,
+  keys: (vpc: string) => `${P}vpc:${vpc}:keys`,
+  addrs: (vpc: string) => `${P}vpc:${vpc}:addrs`,
+  client: (id: string) => `${P}client:${id}`,
+};
+
+export function parseEndpoint(h: Record<string, string>, vpcCidr: string, publicKey: string | null): V.Parsed<VpnEndpointRec> {
+  return V.attempt(() => ({
+    ...checkEndpoint(
+      {
+        vpcId: V.id("vpc", V.field(h, "vpc"), "vpc"),
+        hostId: V.field(h, "host"),
+        publicAddress: V.field(h, "addr"),
+        listenPort: V.storedInt("port", h.port, 1, 65535),
+        clientCidr: V.field(h, "cidr"),
+      },
+      vpcCidr,
+    ),
+    publicKey: publicKey ?? "",
+    updatedMs: V.storedInt("updated", h.updated),
+  }));
+}
+
+export function parseClient(raw: string, vpcId: string, cidr: V.Cidr): V.Parsed<VpnClientRec> {
+  return V.attempt(() => {
+    const o = V.jsonObject("client", V.storedJson("client", raw, 64 * 1024));
+    const groups = V.jsonArray("groupIds", o.groupIds, 16).map((g, i) => V.id(`groups[${i}]`, V.jsonString(`groups[${i}]`, g), "sg"));
+    return checkClient(
+      {
+        id: V.jsonString("id", o.id),
+        name: V.jsonString("name", o.name),
+        vpcId: V.jsonString("vpc", o.vpcId),
+        publicKey: V.jsonString("publicKey", o.publicKey),
+        address: V.jsonString("address", o.address),
+        groupIds: groups,
+        createdMs: V.jsonInt("createdMs", o.createdMs, 0, Number.MAX_SAFE_INTEGER),
+      },
+      vpcId,
+      cidr,
+    );
+  });
+}
+
+/** Which host serves each VPC's VPN and its client range: what the overlay of the other hosts routes there. */
+export async function vpnRoute(redis: Redis, vpcId: string, vpcCidr: string): Promise<{ hostId: string; cidr: string } | null> {
+  const h = await redis.hgetall(VK.ep(vpcId));
+  if (!h.vpc) return null;
+  const p = parseEndpoint(h, vpcCidr, null);
+  return p.ok ? { hostId: p.value.hostId, cidr: p.value.clientCidr } : null;
+}

@@ -1,0 +1,236 @@
+// Issue 16 part 2: remote access into a VPC. Two simulated hypervisors
+// joined by the WireGuard overlay, real Redis, wireguard-go, real packets.
+// The VPN endpoint of VPC prod runs on hv0; its VM web-1 lives on hv1, so
+// every client packet crosses the overlay. A wireguard-go client in the
+// "internet" namespace uses the wg-quick file `microvpc vpn client add`
+// printed (key pair made by the CLI):
+//   * it reaches web-1:22, which its group allows, and not web-1:80, which
+//     it does not — in the same test;
+//   * widening its own AllowedIPs to VPC other (a VM of other runs on the
+//     endpoint host itself), it still reaches nothing of other;
+//   * deleted, it is cut: new connections fail and its open flow's
+//     conntrack entry on the endpoint is gone when DeleteVpnClient returns;
+//   * the endpoint's netagent restarted (by PID), a client registered before
+//     reaches web-1 again (the records are in Redis, the interface is adopted).
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { Code } from "@connectrpc/connect";
+import { afterAll, beforeAll, test } from "vitest";
+import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
+import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
+import { grpcClient } from "../../services/common/client.js";
+import { interfacesIn } from "../../services/netagent/overlay/wg.js";
+import { cliRunner } from "../lib/cli.js";
+import { rejectsWith } from "../lib/clients.js";
+import { startDaemon } from "../lib/daemon.js";
+import { Harness, type Vm } from "../lib/harness.js";
+import { ipn, nsExec, onCleanup, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
+
+let h: Harness;
+let prod: Vpc;
+let web1: Vm;
+let other1: Vm;
+let inet: string;
+let fwAddr: string;
+const dir = tempDir("vpn");
+const clients: { ifname: string; proc: ChildProcess }[] = [];
+
+const vpn = () => grpcClient(VpnService, { address: h.hosts[1].daemon.address, timeoutMs: 20_000 });
+const cli = () => cliRunner(() => ["--server", h.ipamDaemon.address, "--netagent", h.hosts[1].daemon.address, "--firewall", fwAddr], 30_000);
+
+/** A wireguard-go client in the internet namespace from a wg-quick file: Address and AllowedIPs routes as wg-quick sets them. */
+async function startClient(config: string, extraAllowed: string[] = []): Promise<{ ifname: string; address: string }> {
+  const ifname = `wgc${randomBytes(5).toString("hex")}`;
+  const proc = trackChild(
+    spawn("ip", ["netns", "exec", inet, "wireguard-go", "-f", ifname], {
+      stdio: "ignore",
+      env: { ...process.env, WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" },
+    }),
+  );
+  clients.push({ ifname, proc });
+  onCleanup(() => rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true }));
+  assert.ok(
+    await waitFor(async () => (await ipn(inet, ["link", "show", ifname], { check: false })).code === 0, { timeoutMs: 10_000, intervalMs: 50 }),
+    "wireguard-go did not start",
+  );
+  const address = /^Address = ([0-9.]+)\/32$/m.exec(config)![1];
+  const allowed = [/^AllowedIPs = (.+)$/m.exec(config)![1], ...extraAllowed];
+  // `wg-quick strip`: what wg setconf reads is the file less wg-quick's own keys.
+  const file = join(dir, `${ifname}.conf`);
+  writeFileSync(file, config.replace(/^Address = .*\n/m, "").replace(/^AllowedIPs = .*$/m, `AllowedIPs = ${allowed.join(", ")}`), { mode: 0o600 });
+  await nsExec(inet, "wg", ["setconf", ifname, file]);
+  await ipn(inet, ["addr", "add", `${address}/32`, "dev", ifname]);
+  await ipn(inet, ["link", "set", ifname, "up"]);
+  for (const a of allowed) await ipn(inet, ["route", "replace", a, "dev", ifname]);
+  return { ifname, address };
+}
+
+/** What the endpoint, the VM's host and the client have, when a check fails. */
+async function diagnose(): Promise<string> {
+  const q = async (ns: string, cmd: string, args: string[]) =>
+    `$ ${cmd} ${args.join(" ")} (${ns})\n${(await nsExec(ns, cmd, args, { check: false })).stdout.trim()}`;
+  const out = [await q(inet, "wg", ["show", "all"]), await q(inet, "ip", ["route"])];
+  for (const hv of h.hosts) {
+    const vns = hv.vpcNamespace(prod.id);
+    out.push(await q(vns, "ip", ["route"]), await q(vns, "ip", ["link"]), await q(vns, "nft", ["list", "ruleset"]));
+  }
+  out.push((await nsExec(h.hosts[0].ns, "wg", ["show", "all"], { check: false })).stdout);
+  out.push(
+    await vpn()
+      .getVpnEndpoint({ vpc: "prod" })
+      .then(
+        (r) => `${r.endpoint?.hostId} ${r.endpoint?.publicKey}`,
+        (e: Error) => e.message,
+      ),
+  );
+  return out.join("\n");
+}
+
+async function addClient(name: string, groups: string[]): Promise<string> {
+  const r = await cli().expect(0, ["vpn", "client", "add", "--vpc", "prod", "--name", name, ...groups.flatMap((g) => ["--security-group", g])]);
+  return r.stdout;
+}
+
+beforeAll(async () => {
+  h = await Harness.start({ hosts: 2, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
+  inet = (await h.internet()).ns;
+  // The endpoint's wireguard-go keeps its state beside the overlay's (DIR/<host>/vpn/wg): ended by PID, its global socket removed.
+  const stateDir = h.stateDir!;
+  const ids = h.hosts.map((hv) => hv.id);
+  onCleanup(() => {
+    for (const id of ids) {
+      for (const { ifname, pid } of interfacesIn(join(stateDir, id), "vpn")) {
+        try {
+          if (pid > 0 && readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").includes(ifname)) process.kill(pid, "SIGKILL");
+        } catch {
+          // gone
+        }
+        rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
+      }
+    }
+  });
+  const fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--api-only"]);
+  trackChild(fwd.proc);
+  fwAddr = fwd.address;
+  prod = await h.vpc("prod", "10.0.0.0/16");
+  const web = await h.subnet(prod, "web", "10.0.1.0/24");
+  const other = await h.vpc("other", "10.1.0.0/16");
+  const osub = await h.subnet(other, "app", "10.1.1.0/24");
+  web1 = await h.vm(1, prod, web, "web-1");
+  other1 = await h.vm(0, other, osub, "other-1");
+  for (const vm of [web1, other1]) {
+    await startTcpServer(vm.ns, 22);
+    await startTcpServer(vm.ns, 80);
+  }
+  const fw = grpcClient(FirewallService, { address: fwAddr, timeoutMs: 20_000 });
+  await fw.createSecurityGroup({
+    vpc: prod.id,
+    name: "ssh-only",
+    rules: [{ direction: Direction.EGRESS, protocol: Protocol.TCP, portFrom: 22, portTo: 22, peer: { case: "cidr", value: "10.0.0.0/16" } }],
+  });
+  await cli().expect(0, [
+    "vpn",
+    "endpoint",
+    "set",
+    "--vpc",
+    "prod",
+    "--host-id",
+    h.hosts[0].id,
+    "--address",
+    h.hosts[0].underlayAddress,
+    "--port",
+    "51820",
+    "--client-cidr",
+    "10.0.250.0/24",
+  ]);
+}, 120_000);
+
+afterAll(async () => {
+  for (const c of clients) if (c.proc.exitCode === null) c.proc.kill("SIGKILL");
+  const left = await h?.close();
+  assert.deepEqual(left ?? [], []);
+});
+
+test("bad input is refused with the field named, and nothing is stored", async () => {
+  await rejectsWith(
+    vpn().setVpnEndpoint({ vpc: "prod", hostId: h.hosts[0].id, publicAddress: "192.168.100.10", listenPort: 51820, clientCidr: "10.0.1.0/24" }),
+    Code.InvalidArgument,
+    /client_cidr: .*overlaps subnet web/,
+  );
+  await rejectsWith(
+    vpn().setVpnEndpoint({ vpc: "prod", hostId: h.hosts[0].id, publicAddress: "192.168.100.10", listenPort: 51820, clientCidr: "10.9.0.0/24" }),
+    Code.InvalidArgument,
+    /outside the VPC CIDR/,
+  );
+  await rejectsWith(
+    vpn().createVpnClient({ vpc: "prod", name: "x", publicKey: "not-a-key" }),
+    Code.InvalidArgument,
+    /public_key: .* is not a WireGuard public key/,
+  );
+  await rejectsWith(
+    vpn().createVpnClient({ vpc: "prod", name: "x", publicKey: "A".repeat(43) + "=", securityGroups: ["nope"] }),
+    Code.NotFound,
+    /security group/,
+  );
+  assert.equal((await vpn().listVpnClients({ vpc: "prod" })).clients.length, 0);
+});
+
+test("a client reaches the VM port its group allows and not the one it does not; it reaches nothing of another VPC", async () => {
+  const config = await addClient("laptop", ["ssh-only"]);
+  assert.match(config, /^\[Interface\]\nPrivateKey = [A-Za-z0-9+/]{43}=\nAddress = 10\.0\.250\.1\/32$/m);
+  assert.match(config, /^AllowedIPs = 10\.0\.0\.0\/16$/m);
+  assert.match(config, new RegExp(`^Endpoint = ${h.hosts[0].underlayAddress.replace(/\./g, "\\.")}:51820$`, "m"));
+  // The attack: its own AllowedIPs widened to VPC other, routes to it through the tunnel.
+  await startClient(config, ["10.1.0.0/16"]);
+  assert.ok(
+    await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 20_000, intervalMs: 200 }),
+    `the client never reached web-1:22\n${await diagnose()}`,
+  );
+  assert.equal(await tcpProbe(inet, web1.address, 80, 1500), false, "web-1:80 is not in the client's group");
+  assert.equal(await tcpProbe(inet, other1.address, 22, 1500), false, "VPC other reached through prod's VPN");
+  assert.equal(await tcpProbe(inet, other1.address, 80, 1500), false);
+  // Both reachable otherwise: the VMs do listen.
+  assert.equal(await tcpProbe(web1.ns, web1.address, 80, 1500), true);
+  const list = await cli().json(["vpn", "client", "list", "--vpc", "prod"]);
+  assert.deepEqual(
+    list.clients.map((c: { name: string; address: string }) => [c.name, c.address]),
+    [["laptop", "10.0.250.1"]],
+  );
+}, 60_000);
+
+test("a client survives its endpoint's netagent restart; a deleted client is cut, its open flow too", async () => {
+  const c = await vpn().getVpnClient({ client: "laptop", vpc: "prod" });
+  const ep = h.hosts[0];
+  await ep.kill();
+  await ep.start();
+  assert.ok(await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 20_000, intervalMs: 200 }), "not reachable after the restart");
+  // An open flow: a connection held by a child in the internet namespace.
+  const holder = trackChild(
+    spawn(
+      "ip",
+      [
+        "netns",
+        "exec",
+        inet,
+        process.execPath,
+        "-e",
+        `const s=require("net").connect(22,"${web1.address}");s.on("data",()=>{});setInterval(()=>s.write("x"),100);setTimeout(()=>process.exit(0),30000)`,
+      ],
+      { stdio: "ignore" },
+    ),
+  );
+  const vns = ep.vpcNamespace(prod.id);
+  const entries = async () => (await nsExec(vns, "conntrack", ["-L", "-s", c.client!.address], { check: false })).stdout.trim();
+  assert.ok(await waitFor(async () => (await entries()) !== "", { timeoutMs: 10_000, intervalMs: 100 }), "no flow of the client on the endpoint");
+  await cli().expect(0, ["vpn", "client", "delete", c.client!.id]);
+  assert.equal(await entries(), "", "the deleted client's flow is still tracked on the endpoint");
+  assert.equal(await tcpProbe(inet, web1.address, 22, 1500), false, "a deleted client still connects");
+  const wg = (await nsExec(ep.ns, "wg", ["show", "all", "peers"], { check: false })).stdout;
+  assert.doesNotMatch(wg, new RegExp(c.client!.publicKey.replace(/[+/]/g, "\\$&")));
+  holder.kill("SIGKILL");
+  await rejectsWith(vpn().getVpnClient({ client: c.client!.id }), Code.NotFound, /VPN client/);
+}, 90_000);
