@@ -11,7 +11,7 @@ import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "vitest";
 import { ROOT } from "../lib/daemon.js";
-import { listNetns } from "../lib/netns.js";
+import { listNetns, waitFor } from "../lib/netns.js";
 
 const SCRIPT = join(ROOT, "deploy", "quickstart.sh");
 const RUN = join(ROOT, ".run");
@@ -137,6 +137,14 @@ test("Ctrl-C during up leaves nothing behind", { timeout: 300_000 }, async () =>
   assert.ok(sent, `the demo was running before the interrupt: ${r.out.slice(-3000)}`);
   assert.notEqual(r.code, 0);
   assert.ok(s.pids.length >= 14, `up had started its processes (${s.pids.length})`);
-  await new Promise((res) => setTimeout(res, 1500));
+  // up's trap has ended everything when it exits; its last processes may still be reaped (was a fixed 1.5 s).
+  await waitFor(
+    () =>
+      assertNothingLeft(s).then(
+        () => true,
+        () => false,
+      ),
+    { timeoutMs: 10_000, intervalMs: 100 },
+  );
   await assertNothingLeft(s);
 });

@@ -29,6 +29,9 @@ export interface DaemonOptions {
 
 class PortTaken extends Error {}
 
+/** How long a daemon may take to answer SERVING. */
+const START_DEADLINE_MS = 60_000;
+
 export async function startDaemon(
   service: string,
   extra: string[] = [],
@@ -71,7 +74,11 @@ async function startDaemonOnce(service: string, extra: string[], env: Record<str
   proc.stderr!.on("data", (d) => (out += d));
   const address = `127.0.0.1:${port}`;
   const health = grpcClient(Health, { address, timeoutMs: 1000 });
-  const deadline = Date.now() + 20_000;
+  // 60 s, not 20: on a loaded machine a netagent's first pass can run before
+  // its Redis connection is up ("Stream isn't writeable"), and it is ready
+  // only after the next pass, --reconcile-interval-ms (10 s) later. A healthy
+  // start still returns as soon as the check says SERVING.
+  const deadline = Date.now() + START_DEADLINE_MS;
   for (;;) {
     if (proc.exitCode !== null) {
       const taken = new RegExp(`EADDRINUSE[^\\n]*127\\.0\\.0\\.1:(${port}|${metricsPort})\\b`).test(out);
@@ -85,7 +92,7 @@ async function startDaemonOnce(service: string, extra: string[], env: Record<str
     }
     if (Date.now() > deadline) {
       proc.kill("SIGKILL");
-      throw new Error(`microvpcd ${service} not healthy after 20 s:\n${out}`);
+      throw new Error(`microvpcd ${service} not healthy after ${START_DEADLINE_MS / 1000} s:\n${out}`);
     }
     await new Promise((r) => setTimeout(r, 100));
   }

@@ -9,6 +9,8 @@
 // - an error outside any test (unhandled rejection, uncaught exception).
 // Each of these is named above the line. vitest's exit code is not changed
 // (non-zero on any of them).
+// Above the notes: the slowest files with their wall time (queued to end:
+// worker start, import, hooks and tests), to see where a run's time goes.
 import type { Reporter, SerializedError, TestCase, TestModule, TestSuite, Vitest } from "vitest/node";
 
 type Parent = TestSuite | TestModule;
@@ -29,8 +31,24 @@ function failedAncestor(t: TestCase): Parent | undefined {
   return undefined;
 }
 
+/** How many of the slowest files the summary lists. */
+const SLOWEST = 15;
+
+/** The table of the slowest files, one "  12.3 s  test/x.test.ts" line each. */
+export function slowestFiles(wallMs: ReadonlyMap<string, number>, n = SLOWEST): string[] {
+  const rows = [...wallMs].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1)).slice(0, n);
+  if (rows.length === 0) return [];
+  const total = [...wallMs.values()].reduce((a, b) => a + b, 0);
+  return [
+    `slowest ${rows.length} of ${wallMs.size} files (wall time; all files ${(total / 1000).toFixed(1)} s):\n`,
+    ...rows.map(([f, ms]) => `${(ms / 1000).toFixed(1).padStart(8)} s  ${f}\n`),
+  ];
+}
+
 export class SummaryReporter implements Reporter {
   private lines: string[] | undefined;
+  private readonly queued = new Map<string, number>();
+  private readonly wallMs = new Map<string, number>();
 
   // Printed when vitest closes, after its workers are stopped: a worker's
   // output as it exits would otherwise come after the line.
@@ -39,6 +57,19 @@ export class SummaryReporter implements Reporter {
       if (this.lines) process.stdout.write(this.lines.join(""));
       this.lines = undefined;
     });
+  }
+
+  onTestModuleQueued(m: TestModule): void {
+    this.queued.set(m.moduleId, performance.now());
+  }
+
+  onTestModuleEnd(m: TestModule): void {
+    const start = this.queued.get(m.moduleId);
+    const d = m.diagnostic();
+    // Without a queued time (a reporter added late), the parts vitest measured.
+    const ms =
+      start !== undefined ? performance.now() - start : d.environmentSetupDuration + d.prepareDuration + d.collectDuration + d.setupDuration + d.duration;
+    this.wallMs.set(m.relativeModuleId, ms);
   }
 
   onTestRunEnd(modules: ReadonlyArray<TestModule>, unhandled: ReadonlyArray<SerializedError>): void {
@@ -79,6 +110,10 @@ export class SummaryReporter implements Reporter {
       failed++;
       notes.push(`failed (unhandled error outside any test): ${firstLine(e)}`);
     }
-    this.lines = [...notes.map((n) => `${n}\n`), `${passed} passed, ${failed} failed${skipped > 0 ? `, ${skipped} skipped` : ""}\n`];
+    this.lines = [
+      ...slowestFiles(this.wallMs),
+      ...notes.map((n) => `${n}\n`),
+      `${passed} passed, ${failed} failed${skipped > 0 ? `, ${skipped} skipped` : ""}\n`,
+    ];
   }
 }
