@@ -291,7 +291,8 @@ export type ListFlowLogsRequest = Message<"microvpc.v1.ListFlowLogsRequest"> & {
   limit: number;
 
   /**
-   * Only the flows of NICs these VMs own (the NIC's owner, "vm-…"); empty for all.
+   * Only the flows of NICs these VMs own (the record's vm_id); with nic_ids,
+   * a record of either a listed NIC or a listed VM passes. Empty for all.
    *
    * @generated from field: repeated string vm_ids = 5;
    */
