@@ -220,7 +220,10 @@ describe("flow logs", () => {
     assert.ok(rejects.records.length >= 1);
     assert.ok(rejects.records.every((r) => r.action === "reject" && r.nicId === web1.nicId));
     const byVm = await fw.listFlowLogs({ vmIds: [db.owner] });
-    assert.ok(byVm.records.length >= 2 && byVm.records.every((r) => r.vmId === db.owner && r.nicId === db.nicId), JSON.stringify(byVm.records.map((r) => [r.nicId, r.vmId, r.dstPort, r.action])));
+    assert.ok(
+      byVm.records.length >= 2 && byVm.records.every((r) => r.vmId === db.owner && r.nicId === db.nicId),
+      JSON.stringify(byVm.records.map((r) => [r.nicId, r.vmId, r.dstPort, r.action])),
+    );
     assert.deepEqual((await fw.listFlowLogs({ nicIds: [quiet.nicId] })).records, []);
     assert.equal((await fw.listFlowLogs({ limit: 1 })).records.length, 1);
     const out = await cli.json(["flow-logs", "--nic", web1.nicId, "--action", "accept", "--since", "5m"]);
