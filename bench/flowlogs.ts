@@ -21,6 +21,7 @@ import { loadavg } from "node:os";
 import { join } from "node:path";
 import { Direction, FirewallService, Protocol } from "../gen/microvpc/v1/firewall_pb.js";
 import { grpcClient } from "../services/common/client.js";
+import { FLOW_LOG_GROUP } from "../services/firewall/flowlogs.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../test/lib/harness.js";
 import { nsExec, sleep, startTcpServer, tempDir, trackChild } from "../test/lib/netns.js";
@@ -104,7 +105,7 @@ async function main(): Promise<number> {
     const chain = `nic_${pairs.on.server.nicId.slice(-12)}_in`;
     for (let i = 0; i < 100; i++) {
       const r = await nsExec(pairs.on.server.vpcNs, "nft", ["list", "chain", "inet", "microvpc", chain], { check: false });
-      if (r.stdout.includes("log group")) break;
+      if (r.stdout.includes(`group ${FLOW_LOG_GROUP}`)) break;
       if (i === 99) throw new Error(`the flow-log config of VPC "on" was not applied within 20 s:\n${r.stdout}${r.stderr}`);
       await sleep(200);
     }

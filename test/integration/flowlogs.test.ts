@@ -16,7 +16,7 @@ import { AclAction, Direction, FirewallService, NetworkAclEntrySchema, Protocol 
 import { Redis } from "ioredis";
 import { grpcClient } from "../../services/common/client.js";
 import { FlowLogConfigStore } from "../../services/firewall/flowlog-config.js";
-import type { FlowRecord } from "../../services/firewall/flowlogs.js";
+import { FLOW_LOG_GROUP, type FlowRecord } from "../../services/firewall/flowlogs.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
@@ -279,7 +279,10 @@ describe("flow logs", () => {
     assert.equal(gone.deleted, true);
     assert.equal((await fw.deleteFlowLogConfig({ id: cfg.id })).deleted, false);
     const off = await waitFor(
-      async () => !(await nsExec(quiet.vpcNs, "nft", ["list", "chain", "inet", "microvpc", quietChain], { check: false })).stdout.includes("log group"),
+      async () => {
+        const chain = (await nsExec(quiet.vpcNs, "nft", ["list", "chain", "inet", "microvpc", quietChain], { check: false })).stdout;
+        return chain.includes("_in_drop") && !chain.includes(`group ${FLOW_LOG_GROUP}`);
+      },
       { timeoutMs: 15_000, intervalMs: 300 },
     );
     assert.ok(off, "deleting the config stops quiet's logging");
