@@ -115,8 +115,9 @@ async function vpnClientDemo(): Promise<string | null> {
 
 /** Flow logs on for web-1's NIC (a FlowLogConfig; the quickstart's firewalls run with --flow-logs). A re-run finds it made. */
 async function logFlowsOf(v: Vm): Promise<void> {
+  // The demo's subject is the matrix: a failure here is said, not fatal.
   await c.fw.createFlowLogConfig({ resourceId: v.nics[0].id, description: "demo" }).catch((e: Error) => {
-    if (!/already has flow-log config/.test(e.message)) throw e;
+    if (!/already has flow-log config/.test(e.message)) console.log(`(flow logs for ${v.name} not turned on: ${e.message})`);
   });
 }
 
