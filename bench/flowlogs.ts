@@ -2,8 +2,8 @@
 // logs cost the traffic of a NIC. One simulated hypervisor, two VPCs of the
 // same shape (a client and a server VM, the server's group allowing TCP from
 // the VPC); `microvpcd firewall --flow-logs` logs the flows of VPC "on" only
-// (--flow-logs-scope), so VPC "off" has no conntrack accounting, no event
-// reader, no log rule. In the same run, interleaved rounds (order rotating):
+// (a FlowLogConfig of that VPC, made through the API), so VPC "off" has no
+// conntrack accounting, no event reader, no log rule. In the same run, interleaved rounds (order rotating):
 //   1. iperf3, one TCP stream client → server: throughput and CPU ms per GB
 //      (both iperf3 ends, bench/lib/netns.ts);
 //   2. short TCP connections (one per flow record): connections per second.
@@ -21,6 +21,7 @@ import { loadavg } from "node:os";
 import { join } from "node:path";
 import { Direction, FirewallService, Protocol } from "../gen/microvpc/v1/firewall_pb.js";
 import { grpcClient } from "../services/common/client.js";
+import { FLOW_LOG_GROUP } from "../services/firewall/flowlogs.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../test/lib/harness.js";
 import { nsExec, sleep, startTcpServer, tempDir, trackChild } from "../test/lib/netns.js";
@@ -85,7 +86,7 @@ async function main(): Promise<number> {
         "net.netfilter.nf_conntrack_tcp_timeout_close=1",
       ]);
     }
-    fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--flow-logs", dir, "--flow-logs-scope", pairs.on.server.vpc.id]);
+    fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--flow-logs", dir]);
     trackChild(fwd.proc);
     const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
     for (const name of ["on", "off"] as const) {
@@ -98,6 +99,15 @@ async function main(): Promise<number> {
         })
       ).securityGroup!.id;
       for (const vm of [client, server]) await fw.bindNic(bindRequest(vm, vm === server ? [sg] : []));
+    }
+    await fw.createFlowLogConfig({ resourceId: pairs.on.server.vpc.id });
+    // Applied by the firewall's next pass: its drop rule then logs (bounded wait).
+    const chain = `nic_${pairs.on.server.nicId.slice(-12)}_in`;
+    for (let i = 0; i < 100; i++) {
+      const r = await nsExec(pairs.on.server.vpcNs, "nft", ["list", "chain", "inet", "microvpc", chain], { check: false });
+      if (r.stdout.includes(`group ${FLOW_LOG_GROUP}`)) break;
+      if (i === 99) throw new Error(`the flow-log config of VPC "on" was not applied within 20 s:\n${r.stdout}${r.stderr}`);
+      await sleep(200);
     }
     progress(`${ROUNDS} interleaved rounds: iperf3 ${SECS} s, then ${CONNS} short connections, flow logs on vs off`);
     results = await interleaved(

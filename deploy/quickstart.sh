@@ -99,7 +99,8 @@ hypervisor() { # index (0..2): its netagent, firewall, gateway and vmm
   local on="--host-id $id"
   start "netagent$n" $d netagent --listen 127.0.0.1:$((b + 2)) --metrics-listen 127.0.0.1:$((b + 2002)) $on \
     --overlay --host-netns "$ns" --underlay-interface up0 --wireguard wireguard-go --state-dir "$RUN/state"
-  start "firewall$n" $d firewall --listen 127.0.0.1:$((b + 3)) --metrics-listen 127.0.0.1:$((b + 2003)) $on
+  start "firewall$n" $d firewall --listen 127.0.0.1:$((b + 3)) --metrics-listen 127.0.0.1:$((b + 2003)) $on \
+    --flow-logs "$RUN/flow-logs"
   start "gateway$n" $d gateway --listen 127.0.0.1:$((b + 4)) --metrics-listen 127.0.0.1:$((b + 2004)) $on \
     --host-netns "$ns" --uplink up0 --public-pool "$POOL" --imds-redis "$RUN/redis.sock" --management-cidrs "$MANAGEMENT"
   start "vmm$n" $d vmm --listen 127.0.0.1:$((b + 5)) --metrics-listen 127.0.0.1:$((b + 2005)) $on \

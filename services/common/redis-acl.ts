@@ -35,7 +35,7 @@
 // cluster-wide RPCs of firewall and gateway: security groups, network ACLs,
 // NAT gateways, floating IPs, port forwards): IPAM (mvpc:vpc*, mvpc:subnet*,
 // mvpc:sn:*, mvpc:owner:*), mvpc:tokens, mvpc:fw:sg:<id>, mvpc:fw:acl*,
-// mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*, mvpc:gw:nat*/fip*/pf*/vpcnat,
+// mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*/flowlogs, mvpc:fw:flowlog*, mvpc:gw:nat*/fip*/pf*/vpcnat,
 // mvpc:pcx*, mvpc:dns:*. The control user also reads and writes every host's
 // mvpc-md:* (gateway --api-only: Get/Delete of instance metadata across hosts),
 // and the legacy mvpc:gw:md:* (records of versions before mvpc-md:, which

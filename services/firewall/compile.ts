@@ -105,7 +105,7 @@ function uniq(xs: string[]): string[] {
   return [...new Set(xs)].sort();
 }
 
-function aclRule(e: AclEntry, peer: "saddr" | "daddr"): string {
+function aclRule(e: AclEntry, peer: "saddr" | "daddr", logged?: (decider: string) => string): string[] {
   const m = [`ip ${peer} ${e.cidr}`];
   if (e.proto === "tcp" || e.proto === "udp") {
     m.push(`meta l4proto ${e.proto}`);
@@ -115,8 +115,19 @@ function aclRule(e: AclEntry, peer: "saddr" | "daddr"): string {
     if (e.icmpType !== undefined) m.push(`icmp type ${e.icmpType}`);
     if (e.icmpCode !== undefined) m.push(`icmp code ${e.icmpCode}`);
   }
-  // Allow continues to the security groups; deny ends here.
-  return `${m.join(" ")} ${e.action === "allow" ? "return" : "counter drop"} comment "rule ${e.ruleNumber}"`;
+  // Allow continues to the security groups; deny ends here (logged first, in a rule of its own, for flow logs).
+  const rule = `${m.join(" ")} ${e.action === "allow" ? "return" : "counter drop"} comment "rule ${e.ruleNumber}"`;
+  return logged && e.action === "deny" ? [`${m.join(" ")} ${logged(`#${e.ruleNumber}`)}`, rule] : [rule];
+}
+
+/**
+ * Flow logs: a logged drop goes to the NFLOG group in a rule of its own
+ * before the drop, sampled (numgen) and rate-limited in the kernel, so a
+ * flood cannot swamp the reader and the drop happens whatever the limit says.
+ */
+function flowLogStmt(rate: number, nicHex: string, dir: "in" | "out", decider: string): string {
+  const sample = rate >= 1 ? "" : `numgen random mod 1000 < ${Math.max(1, Math.round(rate * 1000))} `;
+  return `${sample}limit rate ${DROP_LOG_RATE}/second burst ${DROP_LOG_RATE} packets log group ${FLOW_LOG_GROUP} prefix "${dropPrefix(nicHex, dir, decider)}"`;
 }
 
 /** nft type with "; flags interval" → the set's type and whether it holds intervals. */
@@ -183,16 +194,10 @@ export function compile(st: VpcFirewallState): { model: FwModel; tx: NftTransact
     const l = n.dropLogging ?? [...n.groupIds].map((g) => st.groups.get(g)?.dropLogging).find((x) => x);
     return l ? `log prefix "microvpc-drop ${hex(n.nicId)} ${d} " limit rate ${l.ratePerSecond}/second burst ${l.burst} packets ` : "";
   };
-  // Flow logs: the drops of a NIC that logs flows go to an NFLOG group first,
-  // sampled (numgen) and rate-limited in the kernel, so a flood cannot swamp
-  // the reader; the drop itself is the next rule, whatever happens here.
+  // Flow logs: the security groups' drops of a NIC that logs flows.
   const flowLog = (n: BindingRec, d: "in" | "out"): string[] => {
-    const f = st.flowLogs;
-    if (!f?.nics.has(n.nicId)) return [];
-    const sample = f.sampleRate >= 1 ? "" : `numgen random mod 1000 < ${Math.max(1, Math.round(f.sampleRate * 1000))} `;
-    return [
-      `${sample}limit rate ${DROP_LOG_RATE}/second burst ${DROP_LOG_RATE} packets log group ${FLOW_LOG_GROUP} prefix "${dropPrefix(hex(n.nicId), d, "sg-default-deny")}"`,
-    ];
+    const rate = st.flowLogs?.nics.get(n.nicId);
+    return rate === undefined ? [] : [flowLogStmt(rate, hex(n.nicId), d, "sg-default-deny")];
   };
   for (const n of [...st.nics].sort((a, b) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0))) {
     const h = hex(n.nicId);
@@ -219,10 +224,16 @@ export function compile(st: VpcFirewallState): { model: FwModel; tx: NftTransact
     if (!acl) continue;
     const h = hex(s.subnetId);
     const ordered = [...acl.entries].sort((a, b) => a.ruleNumber - b.ruleNumber);
-    const inR = ordered.filter((e) => e.dir === "ingress").map((e) => aclRule(e, "saddr"));
-    const outR = ordered.filter((e) => e.dir === "egress").map((e) => aclRule(e, "daddr"));
-    chains.set(`acl_${h}_in`, [...inR, `counter drop comment "default deny"`]);
-    chains.set(`acl_${h}_out`, [...outR, `counter drop comment "default deny"`]);
+    // Flow logs: the ACL's drops are logged if a NIC of the subnet logs (the
+    // collector keeps those of logging NICs), at the highest of their rates.
+    const rates = st.nics.filter((n) => n.subnetId === s.subnetId).map((n) => st.flowLogs?.nics.get(n.nicId) ?? 0);
+    const rate = Math.max(0, ...rates);
+    const logged = (d: "in" | "out") => (rate > 0 ? (decider: string) => flowLogStmt(rate, "-", d, `${acl.id}${decider}`) : undefined);
+    const tail = (d: "in" | "out") => [...(rate > 0 ? [logged(d)!("#default-deny")] : []), `counter drop comment "default deny"`];
+    const inR = ordered.filter((e) => e.dir === "ingress").flatMap((e) => aclRule(e, "saddr", logged("in")));
+    const outR = ordered.filter((e) => e.dir === "egress").flatMap((e) => aclRule(e, "daddr", logged("out")));
+    chains.set(`acl_${h}_in`, [...inR, ...tail("in")]);
+    chains.set(`acl_${h}_out`, [...outR, ...tail("out")]);
     aclIn.push(`${s.cidr} : jump acl_${h}_in`);
     aclOut.push(`${s.cidr} : jump acl_${h}_out`);
   }
@@ -296,6 +307,12 @@ export function compile(st: VpcFirewallState): { model: FwModel; tx: NftTransact
           // the ARP payload. Only well-formed Ethernet/IPv4 requests and replies
           // (the fixed offsets of the checks above hold only for those).
           `ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp operation { request, reply } iifname . ether saddr . arp saddr ip @nic_ok iifname . arp saddr ether . arp saddr ip @nic_ok accept`,
+          // Flow logs: a spoofed IPv4 packet of a NIC that logs flows (only
+          // frames that failed the checks above get here, never the allowed path).
+          ...st.nics
+            .filter((n) => st.flowLogs?.nics.has(n.nicId))
+            .sort((a, b) => (a.nicId < b.nicId ? -1 : 1))
+            .map((n) => `ether type ip iifname "${n.hostIf}" ${flowLogStmt(st.flowLogs!.nics.get(n.nicId)!, hex(n.nicId), "out", "antispoof")}`),
           `counter name spoofed drop`,
         ],
       },

@@ -4,11 +4,14 @@
 //     (`conntrack -E`), with the namespace's own nf_conntrack_acct and
 //     nf_conntrack_timestamp on, so the event carries packets, bytes and the
 //     flow's lifetime; one event per flow, sampled here by the rate;
-//   * rejected flows: the compiled drop rules of the NIC chains log to an
-//     NFLOG group (sampled and rate-limited in nft, see compile.ts) and one
-//     ulogd2 per namespace turns those packets into JSON on its stdout; the
-//     drops of one 5-tuple within the aggregation window are one record.
-// Records go to <dir>/<host>.jsonl, rotated by size.
+//   * rejected flows: the compiled drop rules (a NIC's security groups, its
+//     subnet's network ACL, anti-spoofing) log to an NFLOG group (sampled
+//     and rate-limited in nft, see compile.ts) and one ulogd2 per namespace
+//     turns those packets into JSON on its stdout; the drops of one 5-tuple
+//     within the aggregation window are one record.
+// Which NICs log, and the share sampled, is the FlowLogConfig resource
+// (flowlog-config.ts), resolved per VPC in each firewall pass into
+// VpcFirewallState.flowLogs. Records go to <dir>/<host>.jsonl, rotated by size.
 import { spawn, type ChildProcess } from "node:child_process";
 import { appendFileSync, closeSync, existsSync, mkdirSync, openSync, readSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -16,6 +19,8 @@ import { createInterface } from "node:readline";
 import type { Logger } from "pino";
 import { run } from "../common/exec.js";
 import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "./model.js";
+
+export { checkSampleRate } from "./flowlog-config.js";
 
 /** The NFLOG group the drop rules log to; each VPC namespace has its own NFLOG instance, so one number serves all. */
 export const FLOW_LOG_GROUP = 7461;
@@ -30,6 +35,8 @@ export interface FlowRecord {
   time: string;
   vpc: string;
   nic: string;
+  /** The NIC's owner (its VM): "<host>/<vm id>" as vmm attaches NICs becomes the VM id. */
+  vm: string;
   src: string;
   dst: string;
   sport: number;
@@ -46,22 +53,12 @@ export interface FlowRecord {
 export interface FlowLogOptions {
   dir: string;
   hostId: string;
-  /** 0 < rate ≤ 1: the share of flows recorded. */
-  sampleRate: number;
   /** Rotate once the file passes this many bytes. */
   maxBytes?: number;
   /** Keep this many rotated files (<host>.jsonl.1 … .N). */
   keep?: number;
   /** Drops of one 5-tuple with gaps shorter than this are one record (at most ten windows long). */
   aggregateMs?: number;
-}
-
-/** Checks a sample rate as the flag or API gives it: a number with 0 < r ≤ 1. */
-export function checkSampleRate(field: string, v: unknown): number {
-  const r = typeof v === "string" && /^[0-9]*\.?[0-9]+$/.test(v) ? Number(v) : v;
-  if (typeof r !== "number" || !Number.isFinite(r) || r <= 0 || r > 1)
-    throw new Error(`${field}: a sample rate is a number with 0 < rate ≤ 1, got ${JSON.stringify(v)}`);
-  return r;
 }
 
 const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}$/;
@@ -167,9 +164,21 @@ export function parseUlogDrop(line: string): UlogDrop | null {
   };
 }
 
-/** The nft prefix of a NIC chain's drop: "<nic hex> <in|out> <decider>" (the decider has no spaces). */
+/**
+ * The nft prefix of a logged drop: "<nic hex> <in|out> <decider>" (the
+ * decider has no spaces); "-" for the NIC where the rule is a subnet's (an
+ * ACL): the collector then finds it by address (in: the destination, out:
+ * the source).
+ */
 export function dropPrefix(nicHex: string, dir: "in" | "out", decider: string): string {
   return `${nicHex} ${dir} ${decider}`;
+}
+
+/** The VM of a NIC owner: vmm attaches a VM's NICs for "<host>/<vm id>"; any other owner is itself. */
+export function vmOfOwner(owner: string | undefined): string {
+  if (!owner) return "";
+  const i = owner.lastIndexOf("/");
+  return i >= 0 ? owner.slice(i + 1) : owner;
 }
 
 /** The security group (and rule index) that let a flow in or out, as `sg-…#n`, or the default that did. */
@@ -234,11 +243,14 @@ export class RotatingJsonl {
   }
 }
 
-/** What the collector needs of the firewall: the applied state of a namespace, and whether a NIC logs flows. */
+/** What the collector needs of the firewall: the applied state of a namespace (with its NICs that log, and their rates) and a NIC's owner. */
 export interface FlowLogSource {
   stateOf(ns: string): VpcFirewallState | undefined;
-  logs(nic: BindingRec): boolean;
+  ownerOf(nicId: string): string | undefined;
 }
+
+/** The sample rate of a NIC that logs flows; undefined if it does not. */
+const rateOf = (st: VpcFirewallState, n: BindingRec | undefined) => (n ? st.flowLogs?.nics.get(n.nicId) : undefined);
 
 interface NsReaders {
   startedMs: number;
@@ -269,7 +281,7 @@ export class FlowLogCollector {
   /** Makes the readers match the namespaces that need them (called after each firewall pass). */
   async ensure(namespaces: string[]): Promise<void> {
     if (this.stopped) return;
-    const want = new Set(namespaces.filter((ns) => this.source.stateOf(ns)?.nics.some((n) => this.source.logs(n))));
+    const want = new Set(namespaces.filter((ns) => (this.source.stateOf(ns)?.flowLogs?.nics.size ?? 0) > 0));
     for (const [ns, r] of this.readers) {
       const alive = r.ct.exitCode === null && (r.ulogd === undefined || r.ulogd.exitCode === null);
       // A reader that died is restarted, but not more often than every 10 s.
@@ -322,8 +334,8 @@ export class FlowLogCollector {
     this.log.info({ ns }, "flow logs: reading conntrack events and drop logs");
   }
 
-  private sampled(): boolean {
-    return this.opts.sampleRate >= 1 || this.random() < this.opts.sampleRate;
+  private sampled(rate: number): boolean {
+    return rate >= 1 || this.random() < rate;
   }
 
   onCt(ns: string, line: string): void {
@@ -341,12 +353,13 @@ export class FlowLogCollector {
     this.starts.delete(key);
     if (started !== undefined) e.startMs = started;
     // The NIC of the flow: the sender's if it is local and logs, else the receiver's.
-    const nic = [e.src, e.dst].map((a) => st.nics.find((n) => n.address === a)).find((n) => n && this.source.logs(n));
-    if (!nic || !this.sampled()) return;
+    const nic = [e.src, e.dst].map((a) => st.nics.find((n) => n.address === a)).find((n) => rateOf(st, n) !== undefined);
+    if (!nic || !this.sampled(rateOf(st, nic)!)) return;
     this.out.write({
       time: new Date(e.endMs).toISOString(),
       vpc: st.vpcId,
       nic: nic.nicId,
+      vm: vmOfOwner(this.source.ownerOf(nic.nicId)),
       src: e.src,
       dst: e.dst,
       sport: e.sport,
@@ -365,9 +378,9 @@ export class FlowLogCollector {
     const d = parseUlogDrop(line);
     const st = this.source.stateOf(ns);
     if (!d || !st) return;
-    const [hex, , decider] = d.prefix.trim().split(" ");
-    const nic = st.nics.find((n) => n.nicId.endsWith(hex ?? "-") && hex?.length === 12);
-    if (!nic || !this.source.logs(nic)) return;
+    const [hex, dir, decider] = d.prefix.trim().split(" ");
+    const nic = hex?.length === 12 ? st.nics.find((n) => n.nicId.endsWith(hex)) : st.nics.find((n) => n.address === (dir === "in" ? d.dst : d.src));
+    if (!nic || rateOf(st, nic) === undefined) return;
     const key = `${ns} ${nic.nicId} ${d.proto} ${d.src}:${d.sport} ${d.dst}:${d.dport}`;
     const p = this.pending.get(key);
     if (p) {
@@ -384,6 +397,7 @@ export class FlowLogCollector {
         time: "",
         vpc: st.vpcId,
         nic: nic.nicId,
+        vm: vmOfOwner(this.source.ownerOf(nic.nicId)),
         src: d.src,
         dst: d.dst,
         sport: d.sport,
@@ -450,6 +464,9 @@ export function ulogdConf(logfile: string): string {
 
 export interface FlowLogFilter {
   nic?: string;
+  /** Any of these NICs or VMs (either matches); none: all. */
+  nics?: ReadonlySet<string>;
+  vms?: ReadonlySet<string>;
   vpc?: string;
   action?: "accept" | "reject";
   sinceMs?: number;
@@ -468,6 +485,7 @@ export function filterFlowLogs(lines: string[], f: FlowLogFilter): FlowRecord[] 
     }
     if (typeof r !== "object" || r === null) continue;
     if (f.nic && r.nic !== f.nic) continue;
+    if ((f.nics?.size || f.vms?.size) && !(f.nics?.has(r.nic) || f.vms?.has(r.vm))) continue;
     if (f.vpc && r.vpc !== f.vpc) continue;
     if (f.action && r.action !== f.action) continue;
     if (f.sinceMs && !(Date.parse(r.end) >= f.sinceMs)) continue;

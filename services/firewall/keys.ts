@@ -28,6 +28,10 @@
 //                                docs/redis-acl.md); only the NIC's host writes this one, and
 //                                the host's sync refuses (fails closed on) a binding whose sig
 //                                differs from it
+//   flowlog:<id>                 hash: id vpc resource rate description created (flowlog-config.ts)
+//   flowlogs                     lex zset of flow-log config ids
+//   flowlog-byres                hash resource id (vpc, subnet or nic) → flow-log config id
+//   vpc:<vpc>:flowlogs           set of the flow-log config ids of a VPC
 // Client tokens share IPAM's "mvpc:tokens" hash ("sg\n<token>", "acl\n<token>").
 //
 // Keys derived from stored records (a NIC's old host, a group's peers) are
@@ -59,6 +63,10 @@ export const FK = {
   hostVpcNics: (host: string, vpc: string) => `${F}host:${host}:vpc:${vpc}:nics`,
   hostVpcs: (host: string) => `${F}host:${host}:vpcs`,
   hostSigs: (host: string) => `${F}host:${host}:sig`,
+  flowLog: (id: string) => `${F}flowlog:${id}`,
+  allFlowLogs: `${F}flowlogs`,
+  flowLogByRes: `${F}flowlog-byres`,
+  vpcFlowLogs: (vpc: string) => `${F}vpc:${vpc}:flowlogs`,
 };
 
 /** Kinds of the events appended to "mvpc:events" (field "kind"). */
@@ -73,4 +81,6 @@ export const EVENT_KINDS = [
   "fw.acl.deleted",
   "fw.acl.associated",
   "fw.acl.disassociated",
+  "fw.flowlog.created",
+  "fw.flowlog.deleted",
 ] as const;

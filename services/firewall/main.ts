@@ -10,6 +10,7 @@ import type { ServiceDefinition } from "../common/daemon.js";
 import { parseStalePeriods, readyStalePeriodsOption, ReadyChecks, redisReachable } from "../common/health.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
 import { invalidRecords } from "../common/invalid-records.js";
+import * as V from "../common/validate.js";
 import {
   FirewallCountersSchema,
   FirewallHealth,
@@ -28,6 +29,8 @@ import { OWNER } from "./schema.js";
 import { FirewallStore } from "./store.js";
 import { FirewallSync } from "./sync.js";
 import { checkSampleRate, filterFlowLogs, FlowLogCollector, tailLines } from "./flowlogs.js";
+import { FlowLogConfigStore, flowLogNics, RESOURCE_RE } from "./flowlog-config.js";
+import { FlowLogConfigApi } from "./flowlog-service.js";
 
 export const firewallDefinition: ServiceDefinition = {
   name: "firewall",
@@ -47,10 +50,13 @@ export const firewallDefinition: ServiceDefinition = {
       "--flow-logs <dir>",
       "log the flows of this host's NICs (accepted: conntrack events; rejected: nft log group + ulogd2) as JSON lines to DIR/<host-id>.jsonl, rotated by size (docs/flow-logs.md)",
     ).env("MICROVPC_FLOW_LOGS"),
-    new Option("--flow-logs-scope <ids>", "comma-separated VPC, subnet or NIC ids whose NICs log flows (default: every NIC of this host)").env(
-      "MICROVPC_FLOW_LOGS_SCOPE",
-    ),
-    new Option("--flow-logs-sample-rate <r>", "the share of flows logged, 0 < r ≤ 1").env("MICROVPC_FLOW_LOGS_SAMPLE_RATE").default("1"),
+    new Option(
+      "--flow-logs-scope <ids>",
+      "comma-separated VPC, subnet or NIC ids whose NICs log flows on this host besides those of the FlowLogConfigs (`microvpc flow-logs config create`)",
+    ).env("MICROVPC_FLOW_LOGS_SCOPE"),
+    new Option("--flow-logs-sample-rate <r>", "the share of the flows of --flow-logs-scope logged, 0 < r ≤ 1")
+      .env("MICROVPC_FLOW_LOGS_SAMPLE_RATE")
+      .default("1"),
     new Option("--flow-logs-max-bytes <n>", "rotate the flow log past this size; 5 rotated files are kept")
       .env("MICROVPC_FLOW_LOGS_MAX_BYTES")
       .default("67108864"),
@@ -65,6 +71,8 @@ export const firewallDefinition: ServiceDefinition = {
   async build({ flags, redis, logger }) {
     const hostId = String(flags.hostId);
     const store = new FirewallStore(redis, logger);
+    const configStore = new FlowLogConfigStore(redis);
+    const flowLogConfigs = new FlowLogConfigApi(configStore, store, new IpamReader(redis));
     // With per-host Redis users a hypervisor's firewall may not write groups or
     // ACLs; this instance does, and compiles nothing (no nft, no namespaces).
     if (flags.apiOnly) {
@@ -76,7 +84,7 @@ export const firewallDefinition: ServiceDefinition = {
           throw new FailedPreconditionError("this firewall runs with --api-only: it logs no flows; ask a hypervisor's firewall");
         },
       };
-      return { services: firewallRoutes(new FirewallApi(store, new IpamReader(redis), { hostId }), noDataPlane) };
+      return { services: firewallRoutes(new FirewallApi(store, new IpamReader(redis), { hostId }), noDataPlane, flowLogConfigs) };
     }
     const nft = new LinuxNft({ timeoutMs: 60_000 });
     const host = new HostReader(redis, hostId);
@@ -95,24 +103,27 @@ export const firewallDefinition: ServiceDefinition = {
           .map((x) => x.trim())
           .filter(Boolean),
       );
-      for (const id of scope)
-        if (!/^(vpc|subnet|nic)-[0-9a-f]{12}$/.test(id)) throw new Error(`--flow-logs-scope: ${JSON.stringify(id)} is not a VPC, subnet or NIC id`);
+      for (const id of scope) if (!RESOURCE_RE.test(id)) throw new Error(`--flow-logs-scope: ${JSON.stringify(id)} is not a VPC, subnet or NIC id`);
       const int = (flag: string, v: unknown) => {
         if (!/^[0-9]{1,12}$/.test(String(v)) || Number(v) < 1) throw new Error(`${flag} ${JSON.stringify(v)}: a positive integer`);
         return Number(v);
       };
       const maxBytes = int("--flow-logs-max-bytes", flags.flowLogsMaxBytes);
       const aggregateMs = int("--flow-logs-aggregate-ms", flags.flowLogsAggregateMs);
-      sync.flowLogs = { scope, sampleRate };
+      // Read in every pass (a config made while this daemon was down, or whose
+      // event it missed, is applied by the next pass).
+      sync.flowLogs = async (st) => ({ nics: flowLogNics(st.nics, await configStore.list(st.vpcId), { scope, sampleRate }) });
+      // The NICs' owners (their VMs), for the records: the netagent's NIC records, re-read after each pass.
+      let owners = new Map<string, string>();
       const collector = new FlowLogCollector(
-        { dir: String(flags.flowLogs), hostId, sampleRate, maxBytes, aggregateMs },
-        {
-          stateOf: (ns) => sync.applied.get(ns)?.state,
-          logs: (n) => scope.size === 0 || scope.has(n.nicId) || scope.has(n.subnetId) || scope.has(n.vpcId),
-        },
+        { dir: String(flags.flowLogs), hostId, maxBytes, aggregateMs },
+        { stateOf: (ns) => sync.applied.get(ns)?.state, ownerOf: (nic) => owners.get(nic) },
         logger,
       );
-      sync.onPass = (namespaces) => collector.ensure(namespaces);
+      sync.onPass = async (namespaces) => {
+        owners = new Map([...(await host.load()).nics.values()].map((n) => [n.nicId, n.owner]));
+        await collector.ensure(namespaces);
+      };
       flowLogs = collector;
     }
     const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId) => sync.enforce(vpcId) });
@@ -142,14 +153,18 @@ export const firewallDefinition: ServiceDefinition = {
         for (const [i, id] of req.nicIds.entries())
           if (!/^nic-[0-9a-f]{12}$/.test(id))
             throw new InvalidArgumentError(`nic_ids[${i}]`, `${JSON.stringify(id.slice(0, 40))} is not a NIC id (nic-<12 hex>)`);
+        if (req.nicIds.length > 1000) throw new InvalidArgumentError("nic_ids", `${req.nicIds.length} ids: at most 1000`);
+        if (req.vmIds.length > 1000) throw new InvalidArgumentError("vm_ids", `${req.vmIds.length} ids: at most 1000`);
+        for (const [i, id] of req.vmIds.entries()) V.token(`vm_ids[${i}]`, id);
         if (req.action !== "" && req.action !== "accept" && req.action !== "reject")
           throw new InvalidArgumentError("action", `${JSON.stringify(req.action.slice(0, 40))}: use "accept", "reject" or leave it empty`);
         if (req.limit > 1000) throw new InvalidArgumentError("limit", `${req.limit}: at most 1000`);
-        const nics = new Set(req.nicIds);
         const recs = filterFlowLogs(tailLines(flowLogs.out.path), {
           action: req.action === "" ? undefined : req.action,
           sinceMs: req.since ? Number(timestampMs(req.since)) : undefined,
-        }).filter((r) => nics.size === 0 || nics.has(r.nic));
+          nics: new Set(req.nicIds),
+          vms: new Set(req.vmIds),
+        });
         const ms = (t: string) => {
           const v = Date.parse(t);
           return Number.isFinite(v) ? timestampFromMs(v) : undefined;
@@ -173,6 +188,7 @@ export const firewallDefinition: ServiceDefinition = {
               endTime: ms(r.end),
               action: str(r.action),
               decidedBy: str(r.decided_by),
+              vmId: str(r.vm),
             }),
           ),
         };
@@ -247,7 +263,7 @@ export const firewallDefinition: ServiceDefinition = {
       },
     };
     return {
-      services: firewallRoutes(api, status),
+      services: firewallRoutes(api, status, flowLogConfigs),
       // Ready once every local VPC's tables are applied (a whole pass without
       // an error), while the last such pass is recent, bridged traffic reaches
       // nft, and Redis answers.

@@ -88,8 +88,8 @@ export interface VpcFirewallState {
   members: Map<string, string[]>;
   /** ACL of each local subnet that has one. */
   acls: Map<string, NetworkAclRec>;
-  /** Flow logs (flowlogs.ts): the local NICs whose flows are logged, and the share sampled (0 < r ≤ 1). Not stored: the daemon's configuration. */
-  flowLogs?: { nics: ReadonlySet<string>; sampleRate: number };
+  /** Flow logs (flowlogs.ts): the local NICs whose flows are logged → the share sampled (0 < r ≤ 1), from the FlowLogConfigs (flowlog-config.ts). */
+  flowLogs?: { nics: ReadonlyMap<string, number> };
 }
 
 export const MAX_GROUPS_PER_NIC = 16;

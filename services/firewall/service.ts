@@ -27,6 +27,7 @@ import {
   type SecurityGroupRule,
 } from "../../gen/microvpc/v1/firewall_pb.js";
 import type { IpamReader, SubnetRec, VpcRec } from "../ipam/schema.js";
+import type { FlowLogConfigRpcs } from "./flowlog-service.js";
 import { HostReader } from "../netagent/schema.js";
 import { MAX_GROUPS_PER_NIC, type BindingRec, type NetworkAclRec, type SecurityGroupRec, type SgRule } from "./model.js";
 import {
@@ -313,8 +314,8 @@ export class FirewallApi {
 
   // ---------- handlers ----------
 
-  /** Every FirewallService call but GetFirewallStatus and ListFlowLogs, which read the sync half (main.ts). */
-  readonly impl: Omit<ServiceImpl<typeof FirewallService>, "getFirewallStatus" | "listFlowLogs"> = {
+  /** Every FirewallService call but GetFirewallStatus and ListFlowLogs, which read the sync half (main.ts), and the flow-log configs' (flowlog-service.ts). */
+  readonly impl: Omit<ServiceImpl<typeof FirewallService>, "getFirewallStatus" | "listFlowLogs" | FlowLogConfigRpcs> = {
     createSecurityGroup: async (req) => {
       const vpc = await this.vpc("vpc", req.vpc);
       const name = V.name("name", req.name);

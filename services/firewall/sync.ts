@@ -71,11 +71,11 @@ export class FirewallSync {
   /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
   private readonly errors = new Map<string, string>();
   /**
-   * Flow logs (flowlogs.ts), if the daemon has them on: which NICs log (by
-   * NIC, subnet or VPC id; empty = every NIC of this host) and the sample
-   * rate. Compiled into the NIC chains' drop rules.
+   * Flow logs (flowlogs.ts), if the daemon has them on: which NICs of a VPC
+   * log, and at what sample rate (read in each pass from the FlowLogConfigs,
+   * flowlog-config.ts). Compiled into the drop rules.
    */
-  flowLogs?: { scope: ReadonlySet<string>; sampleRate: number };
+  flowLogs?: (st: VpcFirewallState) => Promise<VpcFirewallState["flowLogs"]>;
   /** Called after each pass with the namespaces applied (the flow-log collector follows them). */
   onPass?: (namespaces: string[]) => Promise<void>;
   /**
@@ -199,11 +199,7 @@ export class FirewallSync {
         }
         try {
           const st = await this.source.loadVpcState(this.hostId, vpcId, l.subnets, l.nics);
-          if (this.flowLogs) {
-            const { scope, sampleRate } = this.flowLogs;
-            const on = st.nics.filter((n) => scope.size === 0 || scope.has(n.nicId) || scope.has(n.subnetId) || scope.has(n.vpcId));
-            st.flowLogs = { nics: new Set(on.map((n) => n.nicId)), sampleRate };
-          }
+          if (this.flowLogs) st.flowLogs = await this.flowLogs(st);
           const cleanup = await this.syncVpc(ns, st, full, checkDrift, true);
           if (cleanup) cleanups.push(cleanup);
           this.errors.delete(vpcId);

@@ -172,6 +172,8 @@ const base: BaseValues = (method: string, f: DescField, path: string) => {
     guest_interface: "eth1",
     key: "k",
     value: "v",
+    resource_id: fx.subnet,
+    sample_rate: 0.5,
   };
   return values[n];
 };

@@ -17,7 +17,9 @@ import {
   parseCtEvent,
   parseUlogDrop,
   RotatingJsonl,
+  vmOfOwner,
 } from "../../services/firewall/flowlogs.js";
+import { flowLogNics, parseFlowLogConfig } from "../../services/firewall/flowlog-config.js";
 import type { VpcFirewallState } from "../../services/firewall/model.js";
 
 const dirs: string[] = [];
@@ -153,13 +155,13 @@ test("the writer rotates by size and keeps N files", () => {
 test("compile: a NIC whose flows are logged sends its drops to the NFLOG group first, sampled and rate-limited; others are unchanged", () => {
   const off = compile(state()).model.chains.get("nic_0123456789ab_in")!;
   assert.ok(!off.join("\n").includes("log group"));
-  const all = compile(state({ nics: new Set([NIC]), sampleRate: 1 })).model.chains.get("nic_0123456789ab_in")!;
+  const all = compile(state({ nics: new Map([[NIC, 1]]) })).model.chains.get("nic_0123456789ab_in")!;
   const log = all[all.length - 2];
   assert.equal(log, `limit rate 50/second burst 50 packets log group ${FLOW_LOG_GROUP} prefix "0123456789ab in sg-default-deny"`);
   assert.match(all[all.length - 1], /counter name nic_0123456789ab_in_drop drop$/);
-  const some = compile(state({ nics: new Set([NIC]), sampleRate: 0.1 })).model.chains.get("nic_0123456789ab_in")!;
+  const some = compile(state({ nics: new Map([[NIC, 0.1]]) })).model.chains.get("nic_0123456789ab_in")!;
   assert.match(some[some.length - 2], /^numgen random mod 1000 < 100 limit rate/);
-  const other = compile(state({ nics: new Set(["nic-ffffffffffff"]), sampleRate: 1 })).model.chains.get("nic_0123456789ab_in")!;
+  const other = compile(state({ nics: new Map([["nic-ffffffffffff", 1]]) })).model.chains.get("nic_0123456789ab_in")!;
   assert.deepEqual(other, off);
 });
 
@@ -175,15 +177,25 @@ test("reading back: filters by NIC, action and time, newest last, bounded", () =
   assert.equal(filterFlowLogs(lines, { nic: "nic-a", action: "reject" }).length, 2);
   assert.equal(filterFlowLogs(lines, { sinceMs: Date.parse("2026-01-01T00:01:30Z") }).length, 2);
   assert.equal(filterFlowLogs(lines, { action: "reject", limit: 1 })[0].end, "2026-01-01T00:03:00Z");
+  const vm = (nic: string, v: string) => JSON.stringify({ nic, vm: v, action: "accept", end: "2026-01-01T00:00:00Z" });
+  const byVm = [vm("nic-a", "vm-1"), vm("nic-b", "vm-2"), vm("nic-c", "vm-1")];
+  assert.deepEqual(
+    filterFlowLogs(byVm, { vms: new Set(["vm-1"]) }).map((r) => r.nic),
+    ["nic-a", "nic-c"],
+  );
+  assert.deepEqual(
+    filterFlowLogs(byVm, { vms: new Set(["vm-1"]), nics: new Set(["nic-b"]) }).map((r) => r.nic),
+    ["nic-a", "nic-b", "nic-c"],
+  );
 });
 
 test("the collector: a flow's NEW gives its start, DESTROY writes it once, of a logging NIC only, sampled by the rate", () => {
   const dir = mkdtempSync(join(tmpdir(), "flowlogs-"));
   dirs.push(dir);
-  const st = state();
+  const st = state({ nics: new Map([[NIC, 0.25]]) });
   const log = { info() {}, warn() {} } as unknown as Logger;
   let dice = 0;
-  const c = new FlowLogCollector({ dir, hostId: "h1", sampleRate: 0.25 }, { stateOf: () => st, logs: (n) => n.nicId === NIC }, log, () => dice);
+  const c = new FlowLogCollector({ dir, hostId: "h1" }, { stateOf: () => st, ownerOf: () => "h1/vm-00000000000a" }, log, () => dice);
   const flow = (id: number, dst: string, t: number) => {
     c.onCt(
       "ns",
@@ -204,9 +216,10 @@ test("the collector: a flow's NEW gives its start, DESTROY writes it once, of a 
   assert.equal(lines.length, 1);
   const r = JSON.parse(lines[0]);
   assert.deepEqual(
-    { nic: r.nic, sport: r.sport, packets: r.packets, bytes: r.bytes, start: r.start, end: r.end, action: r.action, decided_by: r.decided_by },
+    { nic: r.nic, vm: r.vm, sport: r.sport, packets: r.packets, bytes: r.bytes, start: r.start, end: r.end, action: r.action, decided_by: r.decided_by },
     {
       nic: NIC,
+      vm: "vm-00000000000a",
       sport: 40001,
       packets: 9,
       bytes: 500,
@@ -221,8 +234,8 @@ test("the collector: a flow's NEW gives its start, DESTROY writes it once, of a 
 test("the collector: a blocked probe's logged drops (SYN and retransmissions) are one rejected record", () => {
   const dir = mkdtempSync(join(tmpdir(), "flowlogs-"));
   dirs.push(dir);
-  const st = state();
-  const c = new FlowLogCollector({ dir, hostId: "h1", sampleRate: 1, aggregateMs: 60_000 }, { stateOf: () => st, logs: () => true }, {
+  const st = state({ nics: new Map([[NIC, 1]]) });
+  const c = new FlowLogCollector({ dir, hostId: "h1", aggregateMs: 60_000 }, { stateOf: () => st, ownerOf: () => "vm-web1" }, {
     info() {},
     warn() {},
   } as unknown as Logger);
@@ -240,9 +253,14 @@ test("the collector: a blocked probe's logged drops (SYN and retransmissions) ar
     });
   for (const sec of [1796226957, 1796226958, 1796226960]) c.onDrop("ns", drop(sec));
   c.onDrop("ns", drop(1796226961).replace("0123456789ab", "ffffffffffff")); // not a NIC of this namespace
+  // An ACL's drop names no NIC: found by address (in: the destination); one toward an address no NIC has is not kept.
+  c.onDrop("ns", drop(1796226962).replace("0123456789ab in sg-default-deny", "- in acl-00000000000c#100").replace("41596", "41597"));
+  c.onDrop("ns", drop(1796226962).replace("0123456789ab in sg-default-deny", "- in acl-00000000000c#100").replace('"10.0.1.5"', '"10.0.1.77"'));
   c.stop();
   const lines = readFileSync(c.out.path, "utf8").trim().split("\n");
-  assert.equal(lines.length, 1);
+  assert.equal(lines.length, 2, lines.join("\n"));
+  const acl = JSON.parse(lines[1]);
+  assert.deepEqual([acl.nic, acl.vm, acl.decided_by, acl.sport, acl.packets], [NIC, "vm-web1", "acl-00000000000c#100", 41597, 1]);
   const r = JSON.parse(lines[0]);
   assert.equal(r.action, "reject");
   assert.equal(r.packets, 3);
@@ -250,4 +268,97 @@ test("the collector: a blocked probe's logged drops (SYN and retransmissions) ar
   assert.equal(r.decided_by, "sg-default-deny");
   assert.equal(r.start, new Date(1796226957_000).toISOString());
   assert.equal(r.end, new Date(1796226960_000).toISOString());
+});
+
+test("compile: a logging NIC's subnet ACL logs its deny entries and default deny (by subnet: the NIC is found by address), and its spoofed packets are logged", () => {
+  const ACL = "acl-00000000000c";
+  const withAcl = (flowLogs?: VpcFirewallState["flowLogs"]): VpcFirewallState => ({
+    ...state(flowLogs),
+    acls: new Map([
+      [
+        "subnet-000000000001",
+        {
+          id: ACL,
+          vpcId: "vpc-000000000001",
+          name: "a",
+          description: "",
+          labels: [],
+          entries: [
+            { ruleNumber: 100, dir: "ingress", action: "deny", proto: "tcp", portFrom: 23, portTo: 23, cidr: "0.0.0.0/0", description: "" },
+            { ruleNumber: 200, dir: "ingress", action: "allow", proto: "all", portFrom: 0, portTo: 0, cidr: "0.0.0.0/0", description: "" },
+          ],
+          subnetIds: ["subnet-000000000001"],
+          generation: 1,
+          createdMs: 0,
+          updatedMs: 0,
+        },
+      ],
+    ]),
+  });
+  const off = compile(withAcl());
+  assert.ok(!off.script.includes("log group"));
+  const on = compile(withAcl({ nics: new Map([[NIC, 0.5]]) }));
+  const inChain = on.model.chains.get("acl_000000000001_in")!;
+  const L = `numgen random mod 1000 < 500 limit rate 50/second burst 50 packets log group ${FLOW_LOG_GROUP}`;
+  assert.deepEqual(inChain, [
+    `ip saddr 0.0.0.0/0 meta l4proto tcp th dport 23 ${L} prefix "- in ${ACL}#100"`,
+    `ip saddr 0.0.0.0/0 meta l4proto tcp th dport 23 counter drop comment "rule 100"`,
+    `ip saddr 0.0.0.0/0 return comment "rule 200"`,
+    `${L} prefix "- in ${ACL}#default-deny"`,
+    `counter drop comment "default deny"`,
+  ]);
+  assert.ok(on.script.includes(`ether type ip iifname "tap5" ${L} prefix "0123456789ab out antispoof"`), on.script);
+  // The anti-spoofing log comes after the checks that accept a NIC's own frames, right before the drop.
+  assert.match(on.script, /@nic_ok accept\n\s*ether type ip iifname "tap5" .* antispoof"\n\s*counter name spoofed drop/);
+});
+
+test("flow-log configs: the most specific covering a NIC decides its rate; a stored record is checked as a request", () => {
+  const nics = [
+    { ...state().nics[0] },
+    { ...state().nics[0], nicId: "nic-0000000000b2", subnetId: "subnet-000000000002" },
+    { ...state().nics[0], nicId: "nic-0000000000b3", subnetId: "subnet-000000000002" },
+  ];
+  const cfg = (resourceId: string, sampleRate: number) => ({
+    id: "fl-000000000001",
+    vpcId: "vpc-000000000001",
+    resourceId,
+    sampleRate,
+    description: "",
+    createdMs: 0,
+  });
+  assert.deepEqual(flowLogNics(nics, []), new Map());
+  assert.deepEqual(
+    flowLogNics(nics, [cfg("vpc-000000000001", 0.1), cfg("subnet-000000000002", 0.5), cfg("nic-0000000000b3", 1)]),
+    new Map([
+      [NIC, 0.1],
+      ["nic-0000000000b2", 0.5],
+      ["nic-0000000000b3", 1],
+    ]),
+  );
+  assert.deepEqual(
+    flowLogNics(nics, [cfg("nic-0000000000b2", 0.2)], { scope: new Set([NIC]), sampleRate: 1 }),
+    new Map([
+      ["nic-0000000000b2", 0.2],
+      [NIC, 1],
+    ]),
+  );
+  const good = { id: "fl-000000000001", vpc: "vpc-000000000001", resource: "subnet-000000000002", rate: "0.5", description: "", created: "1" };
+  assert.deepEqual(parseFlowLogConfig(good, "fl-000000000001"), {
+    ok: true,
+    value: { id: "fl-000000000001", vpcId: "vpc-000000000001", resourceId: "subnet-000000000002", sampleRate: 0.5, description: "", createdMs: 1 },
+  });
+  for (const [bad, why] of [
+    [{ ...good, rate: "2" }, /^rate: a sample rate/],
+    [{ ...good, rate: "NaN" }, /^rate: a sample rate/],
+    [{ ...good, resource: "sg-000000000001" }, /^resource: "sg-000000000001" is not a VPC, subnet or NIC id/],
+    [{ ...good, resource: "vpc-000000000009" }, /^resource: .* is a VPC other than the record's/],
+    [{ ...good, id: "fl-000000000002" }, /^id: .* is not the id of its key/],
+    [{ ...good, extra: "x" }, /^extra: is not a field/],
+  ] as const) {
+    const p = parseFlowLogConfig(bad as Record<string, string>, "fl-000000000001");
+    assert.ok(!p.ok && why.test(p.reason), JSON.stringify(p));
+  }
+  assert.equal(vmOfOwner("h1/vm-00000000000a"), "vm-00000000000a");
+  assert.equal(vmOfOwner("vm-web1"), "vm-web1");
+  assert.equal(vmOfOwner(undefined), "");
 });

@@ -1,0 +1,190 @@
+// Flow-log configurations: which NICs log their flows (those of a VPC, a
+// subnet or one NIC) and the share sampled. Stored in Redis by the
+// cluster-wide API (one Lua script per change, its event in the same step);
+// every hypervisor's firewall reads its VPCs' configurations in each pass
+// (sync.ts), so a configuration made or deleted anywhere, or while a
+// firewall was down, is applied by the next pass. Where the output goes
+// (directory, rotation) stays the daemon's flags: it is the host's disk.
+import type { Redis } from "ioredis";
+import { AlreadyExistsError, InvalidArgumentError } from "../common/errors.js";
+import { newId } from "../common/ids.js";
+import { reportInvalid } from "../common/invalid-records.js";
+import * as V from "../common/validate.js";
+import { K } from "../ipam/schema.js";
+import { F, FK } from "./keys.js";
+import type { BindingRec } from "./model.js";
+
+export interface FlowLogConfigRec {
+  id: string;
+  vpcId: string;
+  /** A VPC, subnet or NIC id. */
+  resourceId: string;
+  sampleRate: number;
+  description: string;
+  createdMs: number;
+}
+
+export const RESOURCE_RE = /^(vpc|subnet|nic)-[0-9a-f]{12}$/;
+
+/** Checks a sample rate as the flag, the API or a stored record gives it: a number with 0 < r ≤ 1. */
+export function checkSampleRate(field: string, v: unknown): number {
+  const r = typeof v === "string" && /^[0-9]{0,3}\.?[0-9]{1,17}$/.test(v) ? Number(v) : v;
+  if (typeof r !== "number" || !Number.isFinite(r) || r <= 0 || r > 1)
+    throw new InvalidArgumentError(field, `a sample rate is a number with 0 < rate ≤ 1, got ${V.show(String(v))}`);
+  return r;
+}
+
+/** The resource id of a request or record: a VPC, subnet or NIC id. */
+export function checkResource(field: string, v: string): string {
+  if (!RESOURCE_RE.test(v))
+    throw new InvalidArgumentError(field, `${V.show(v)} is not a VPC, subnet or NIC id ("vpc-…", "subnet-…" or "nic-…" and 12 hex digits)`);
+  return v;
+}
+
+/** A configuration hash as HGETALL returns it, checked as CreateFlowLogConfig checks a request. */
+export function parseFlowLogConfig(h: Record<string, string>, id?: string): V.Parsed<FlowLogConfigRec> {
+  return V.attempt(() => {
+    const rec: FlowLogConfigRec = {
+      id: V.id("id", V.field(h, "id"), "fl"),
+      vpcId: V.id("vpc", V.field(h, "vpc"), "vpc"),
+      resourceId: checkResource("resource", V.field(h, "resource")),
+      sampleRate: checkSampleRate("rate", V.field(h, "rate")),
+      description: V.text("description", h.description ?? ""),
+      createdMs: V.storedInt("created", h.created ?? "0", 0),
+    };
+    if (id !== undefined && rec.id !== id) throw new InvalidArgumentError("id", `${V.show(rec.id)} is not the id of its key (${V.show(id)})`);
+    if (rec.resourceId.startsWith("vpc-") && rec.resourceId !== rec.vpcId)
+      throw new InvalidArgumentError("resource", `${V.show(rec.resourceId)} is a VPC other than the record's (${rec.vpcId})`);
+    for (const k of Object.keys(h))
+      if (!["id", "vpc", "resource", "rate", "description", "created"].includes(k)) throw new InvalidArgumentError(k, "is not a field of a flow-log config");
+    return rec;
+  });
+}
+
+/**
+ * The NICs of `nics` that log, and each one's sample rate: the most
+ * specific configuration covering it decides (NIC, then subnet, then VPC).
+ * `extra` (the daemon's --flow-logs-scope, kept for hosts configured by
+ * flag) counts as configurations of its own.
+ */
+export function flowLogNics(nics: BindingRec[], configs: FlowLogConfigRec[], extra?: { scope: ReadonlySet<string>; sampleRate: number }): Map<string, number> {
+  const byRes = new Map<string, number>();
+  for (const c of configs) byRes.set(c.resourceId, Math.max(byRes.get(c.resourceId) ?? 0, c.sampleRate));
+  for (const id of extra?.scope ?? []) byRes.set(id, Math.max(byRes.get(id) ?? 0, extra!.sampleRate));
+  const out = new Map<string, number>();
+  for (const n of nics) {
+    const r = byRes.get(n.nicId) ?? byRes.get(n.subnetId) ?? byRes.get(n.vpcId);
+    if (r !== undefined) out.set(n.nicId, r);
+  }
+  return out;
+}
+
+// KEYS: 1 config hash, 2 all ids, 3 by resource, 4 VPC's ids, 5 the VPC's IPAM hash.
+// ARGV: 1 id, 2 resource, 3 vpc, then the hash's field/value pairs.
+// Returns {1, id} created, {-1, id} the resource has one, {-2, vpc} the VPC is gone.
+const CREATE = `
+local F = '${F}'
+local id, res, vpc = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', KEYS[5]) == 0 then return {-2, vpc} end
+local prev = redis.call('HGET', KEYS[3], res)
+if prev and redis.call('EXISTS', F .. 'flowlog:' .. prev) == 1 then return {-1, prev} end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], 0, id)
+redis.call('HSET', KEYS[3], res, id)
+redis.call('SADD', KEYS[4], id)
+local g = redis.call('INCR', F .. 'gen')
+redis.call('XADD', '${K.events}', 'MAXLEN', '~', 100000, '*', 'kind', 'fw.flowlog.created', 'vpc', vpc, 'gen', g, 'flowlog', id)
+return {1, id}
+`;
+
+// KEYS: 1 config hash, 2 all ids, 3 by resource. ARGV: 1 id. Returns {1} deleted, {0} absent.
+const DELETE = `
+local F = '${F}'
+local id = ARGV[1]
+local vpc = redis.call('HGET', KEYS[1], 'vpc')
+local res = redis.call('HGET', KEYS[1], 'resource')
+redis.call('ZREM', KEYS[2], id)
+if not vpc then return {0} end
+redis.call('DEL', KEYS[1])
+if res and redis.call('HGET', KEYS[3], res) == id then redis.call('HDEL', KEYS[3], res) end
+redis.call('SREM', F .. 'vpc:' .. vpc .. ':flowlogs', id)
+local g = redis.call('INCR', F .. 'gen')
+redis.call('XADD', '${K.events}', 'MAXLEN', '~', 100000, '*', 'kind', 'fw.flowlog.deleted', 'vpc', vpc, 'gen', g, 'flowlog', id)
+return {1}
+`;
+
+declare module "ioredis" {
+  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
+  interface RedisCommander<Context> {
+    mvpcCreateFlowLog(...args: (string | number)[]): Promise<[number, string]>;
+    mvpcDeleteFlowLog(...args: (string | number)[]): Promise<[number]>;
+  }
+}
+
+/** At most this many configurations are listed (one a resource; far more than a VPC has subnets). */
+export const MAX_FLOW_LOG_CONFIGS = 10_000;
+
+export class FlowLogConfigStore {
+  constructor(readonly redis: Redis) {
+    if (!(redis as unknown as { mvpcCreateFlowLog?: unknown }).mvpcCreateFlowLog) {
+      redis.defineCommand("mvpcCreateFlowLog", { numberOfKeys: 5, lua: CREATE });
+      redis.defineCommand("mvpcDeleteFlowLog", { numberOfKeys: 3, lua: DELETE });
+    }
+  }
+
+  async create(c: Omit<FlowLogConfigRec, "id" | "createdMs">): Promise<FlowLogConfigRec> {
+    const id = newId("fl");
+    const fields: Record<string, string> = {
+      id,
+      vpc: c.vpcId,
+      resource: c.resourceId,
+      rate: String(c.sampleRate),
+      description: c.description,
+      created: String(Date.now()),
+    };
+    // The writer applies the readers' check: what it stores reads back.
+    const check = parseFlowLogConfig(fields, id);
+    if (!check.ok) throw new InvalidArgumentError("config", `refusing to store an invalid flow-log config: ${check.reason}`);
+    const [code, ref] = await this.redis.mvpcCreateFlowLog(
+      FK.flowLog(id),
+      FK.allFlowLogs,
+      FK.flowLogByRes,
+      FK.vpcFlowLogs(c.vpcId),
+      K.vpc(c.vpcId),
+      id,
+      c.resourceId,
+      c.vpcId,
+      ...Object.entries(fields).flat(),
+    );
+    if (code === -1) throw new AlreadyExistsError(`${c.resourceId} already has flow-log config ${ref}; delete it first to change its sample rate`);
+    if (code === -2) throw new InvalidArgumentError("resource_id", `the VPC ${ref} was deleted`);
+    return check.value;
+  }
+
+  /** One configuration; null if absent. A record that fails its check is reported and treated as absent. */
+  async get(id: string): Promise<FlowLogConfigRec | null> {
+    const h = await this.redis.hgetall(FK.flowLog(id));
+    if (Object.keys(h).length === 0) return null;
+    const p = parseFlowLogConfig(h, id);
+    if (!p.ok) {
+      reportInvalid("firewall", "flowlog", FK.flowLog(id), p.reason);
+      return null;
+    }
+    return p.value;
+  }
+
+  async list(vpcId?: string): Promise<FlowLogConfigRec[]> {
+    const ids = vpcId
+      ? (await this.redis.smembers(FK.vpcFlowLogs(vpcId))).sort()
+      : await this.redis.zrangebylex(FK.allFlowLogs, "-", "+", "LIMIT", 0, MAX_FLOW_LOG_CONFIGS);
+    const recs = await Promise.all(ids.slice(0, MAX_FLOW_LOG_CONFIGS).map((id) => (/^fl-[0-9a-f]{12}$/.test(id) ? this.get(id) : null)));
+    return recs.filter((r): r is FlowLogConfigRec => r !== null && (!vpcId || r.vpcId === vpcId));
+  }
+
+  async delete(id: string): Promise<boolean> {
+    const [code] = await this.redis.mvpcDeleteFlowLog(FK.flowLog(id), FK.allFlowLogs, FK.flowLogByRes, id);
+    return code === 1;
+  }
+}
