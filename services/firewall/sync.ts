@@ -468,12 +468,27 @@ export class FirewallSync {
       // The part of the VPC the change touches, compiled before and after:
       // the changed NICs, with the other NICs' groups that they share or
       // that name a group whose members moved (so those compile whole on both sides).
-      const mine = new Set([...before, ...mini.nics].flatMap((n) => n.groupIds));
-      const peers = new Set(moved);
-      for (const g of mine) for (const r of groups.get(g)?.rules ?? []) if (r.group) peers.add(r.group);
-      const alsoUsed = [...usedByOthers].filter((g) => mine.has(g) || (groups.get(g)?.rules ?? []).some((r) => r.group && peers.has(r.group)));
-      const a = compile({ ...st0, nics: before }, alsoUsed).model;
-      const b = compile({ ...st1, nics: mini.nics }, alsoUsed).model;
+      let a: FwModel;
+      let b: FwModel;
+      if (before.length === 0 && mini.nics.length === 0) {
+        // Only members moved (a NIC of another host): their sets alone, whatever the size of the groups naming them.
+        a = { ...cur.model, sets: new Map(), chains: new Map(), counters: [] };
+        b = { ...a, sets: new Map() };
+        for (const g of moved) {
+          const key = `inet members_${g.slice(-12)}`;
+          const set = cur.model.sets.get(key);
+          if (!set) continue;
+          a.sets.set(key, { ...set, elements: [...new Set(st0.members.get(g))].sort() });
+          b.sets.set(key, { ...set, elements: [...new Set(st1.members.get(g))].sort() });
+        }
+      } else {
+        const mine = new Set([...before, ...mini.nics].flatMap((n) => n.groupIds));
+        const peers = new Set(moved);
+        for (const g of mine) for (const r of groups.get(g)?.rules ?? []) if (r.group) peers.add(r.group);
+        const alsoUsed = [...usedByOthers].filter((g) => mine.has(g) || (groups.get(g)?.rules ?? []).some((r) => r.group && peers.has(r.group)));
+        a = compile({ ...st0, nics: before }, alsoUsed).model;
+        b = compile({ ...st1, nics: mini.nics }, alsoUsed).model;
+      }
       const model = patchModel(cur.model, a, b);
       const d = elementDiff(a, b, true);
       if (!model || !d || d.deletions > MAX_ELEMENT_DELETIONS) return false;
