@@ -439,13 +439,8 @@ export function elementDiff(
 }
 
 const COUNTER_ORDER = ["in_new", "in_drop", "out_new", "out_drop"];
-/** Counters in compile()'s order: by NIC, then in, in drop, out, out drop. */
-function counterOrder(a: string, b: string): number {
-  const [, ha, ra] = /^nic_([0-9a-f]+)_(.*)$/.exec(a) ?? ["", a, ""];
-  const [, hb, rb] = /^nic_([0-9a-f]+)_(.*)$/.exec(b) ?? ["", b, ""];
-  return ha < hb ? -1 : ha > hb ? 1 : COUNTER_ORDER.indexOf(ra) - COUNTER_ORDER.indexOf(rb);
-}
-
+/** A counter's place in compile()'s order (by NIC, then in, in drop, out, out drop), without a regex: nic_<12 hex>_<suffix>. */
+const counterKey = (c: string) => `${c.slice(4, 16)}${COUNTER_ORDER.indexOf(c.slice(17))}`;
 /**
  * A delta: `model` (a whole VPC's) with the part `before` replaced by
  * `after`. `before` and `after` are compiles of the same VPC restricted to
@@ -469,10 +464,25 @@ export function patchModel(model: FwModel, before: FwModel, after: FwModel): FwM
   const chains = new Map(model.chains);
   for (const name of before.chains.keys()) if (!after.chains.has(name)) chains.delete(name);
   for (const [name, rules] of after.chains) chains.set(name, rules);
-  const counters = new Set(model.counters);
-  for (const c of before.counters) counters.delete(c);
-  for (const c of after.counters) counters.add(c);
-  return { skeleton: model.skeleton, sets, chains, counters: [...counters].sort(counterOrder) };
+  // model.counters is in order: drop the changed NICs', insert the new ones in place (binary search).
+  const gone = new Set(before.counters);
+  const counters = model.counters.filter((c) => !gone.has(c));
+  const keys = counters.map(counterKey);
+  for (const c of after.counters) {
+    const k = counterKey(c);
+    let lo = 0;
+    let hi = keys.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (keys[mid] < k) lo = mid + 1;
+      else hi = mid;
+    }
+    if (counters[lo] !== c) {
+      counters.splice(lo, 0, c);
+      keys.splice(lo, 0, k);
+    }
+  }
+  return { skeleton: model.skeleton, sets, chains, counters };
 }
 
 /**
