@@ -133,8 +133,13 @@ function flowLogStmt(rate: number, nicHex: string, dir: "in" | "out", decider: s
 /** nft type with "; flags interval" → the set's type and whether it holds intervals. */
 type Decl = [type: string, interval?: "interval"];
 
-/** Compiles one VPC namespace's firewall: returns its model and the full replace transaction (and its text). */
-export function compile(st: VpcFirewallState): { model: FwModel; tx: NftTransaction; script: string } {
+/**
+ * Compiles one VPC namespace's firewall: returns its model and the full
+ * replace transaction (and its text). `alsoUsed`: groups compiled as if a
+ * NIC used them (a delta's part of the VPC, see patchModel: the groups its
+ * NICs share with the NICs left out).
+ */
+export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { model: FwModel; tx: NftTransaction; script: string } {
   const sets = new Map<string, SetModel>();
   const addSet = (family: "inet" | "bridge", name: string, [type, interval]: Decl, elements: string[], dynamic = true) =>
     sets.set(`${family} ${name}`, {
@@ -152,7 +157,7 @@ export function compile(st: VpcFirewallState): { model: FwModel; tx: NftTransact
   const nicOut: string[] = [];
 
   // Groups used by local NICs, with their chains and rule sets.
-  const used = new Set<string>();
+  const used = new Set<string>(alsoUsed);
   for (const n of st.nics) n.groupIds.forEach((g) => used.add(g));
   const peerGroups = new Set<string>();
   for (const gid of [...used].sort()) {
@@ -387,7 +392,12 @@ export const MAX_ELEMENT_DELETIONS = 500;
  * counters nobody references any more. A new NIC is therefore two chains,
  * four counters and a few elements, not a new table.
  */
-export function elementDiff(prev: FwModel, next: FwModel): { tx: NftTransaction; script: string; deletions: number; revokes: boolean } | null {
+export function elementDiff(
+  prev: FwModel,
+  next: FwModel,
+  /** Flush a chain `prev` does not have before filling it (a delta: the kernel may hold a stale one). */
+  flushNew = false,
+): { tx: NftTransaction; script: string; deletions: number; revokes: boolean } | null {
   if (prev.skeleton !== next.skeleton) return null;
   const at = { family: "inet", table: TABLE } as const;
   const setOf = (s: SetModel) => ({
@@ -430,7 +440,7 @@ export function elementDiff(prev: FwModel, next: FwModel): { tx: NftTransaction;
     if (before) {
       body.flush({ kind: "chain", ...at, name });
       revokes = true;
-    }
+    } else if (flushNew) body.flush({ kind: "chain", ...at, name });
     for (const rule of rules) body.add({ kind: "rule", ...at, chain: name, rule });
   }
 
@@ -443,6 +453,53 @@ export function elementDiff(prev: FwModel, next: FwModel): { tx: NftTransaction;
 
   const tx = NftTransaction.concat(head, delElements, body, addElements, tail);
   return { tx, script: render(tx), deletions, revokes };
+}
+
+const COUNTER_ORDER = ["in_new", "in_drop", "out_new", "out_drop"];
+/** A counter's place in compile()'s order (by NIC, then in, in drop, out, out drop), without a regex: nic_<12 hex>_<suffix>. */
+const counterKey = (c: string) => `${c.slice(4, 16)}${COUNTER_ORDER.indexOf(c.slice(17))}`;
+/**
+ * A delta: `model` (a whole VPC's) with the part `before` replaced by
+ * `after`. `before` and `after` are compiles of the same VPC restricted to
+ * the NICs that changed (old and new records), with the groups those NICs
+ * share with the others as `alsoUsed`, so that every set, chain and counter
+ * either belongs to the changed NICs alone or is compiled whole on both
+ * sides. The result equals compile() of the whole new state; null if the
+ * skeleton differs (then the caller compiles the VPC whole).
+ */
+export function patchModel(model: FwModel, before: FwModel, after: FwModel): FwModel | null {
+  if (model.skeleton !== after.skeleton || before.skeleton !== after.skeleton) return null;
+  const sets = new Map(model.sets);
+  for (const key of before.sets.keys()) if (!after.sets.has(key)) sets.delete(key);
+  for (const [key, s] of after.sets) {
+    const old = before.sets.get(key)?.elements ?? [];
+    if (old.length === s.elements.length && old.every((e, i) => e === s.elements[i]) && sets.has(key)) continue;
+    const gone = new Set(old);
+    const base = (model.sets.get(key)?.elements ?? []).filter((e) => !gone.has(e));
+    sets.set(key, { ...s, elements: uniq([...base, ...s.elements]) });
+  }
+  const chains = new Map(model.chains);
+  for (const name of before.chains.keys()) if (!after.chains.has(name)) chains.delete(name);
+  for (const [name, rules] of after.chains) chains.set(name, rules);
+  // model.counters is in order: drop the changed NICs', insert the new ones in place (binary search).
+  const gone = new Set(before.counters);
+  const counters = model.counters.filter((c) => !gone.has(c));
+  const keys = counters.map(counterKey);
+  for (const c of after.counters) {
+    const k = counterKey(c);
+    let lo = 0;
+    let hi = keys.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (keys[mid] < k) lo = mid + 1;
+      else hi = mid;
+    }
+    if (counters[lo] !== c) {
+      counters.splice(lo, 0, c);
+      keys.splice(lo, 0, k);
+    }
+  }
+  return { skeleton: model.skeleton, sets, chains, counters };
 }
 
 /**

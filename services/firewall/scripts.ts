@@ -319,7 +319,9 @@ return {1, prev}
 /**
  * Read-only snapshot of one VPC for one host. KEYS: 1 host+vpc nic set.
  * ARGV: 1 nic ids (csv; "*" = the NICs bound on the host in the VPC),
- * 2 subnet ids (csv). Returns {nics, groups, members, acls}:
+ * 2 subnet ids (csv), 3 host, 4 VPC, and for a delta 5 the peer groups
+ * the caller holds members of, 6 groups it knows were joined or left (csv).
+ * Returns {nics, groups, members, acls}:
  *   nics    {nic, sig, bound, updated} per bound NIC
  *   groups  {group id, HGETALL…} of every group the NICs use and every group those name as peer
  *   members {group, nic, addr, nic, addr, …} per peer group
@@ -364,6 +366,13 @@ for g, _ in pairs(used) do
   local p = get('HGET', F .. 'sg:' .. g, 'peers')
   for _, x in ipairs(split(p or nil)) do peers[x] = true end
 end
+-- A delta (FirewallSync): ARGV[5] the peer groups the caller holds
+-- members of; those among ARGV[6] or the loaded NICs' groups are read too
+-- (a NIC that joins or leaves them changes their members).
+local touched = {}
+for _, g in ipairs(split(ARGV[6])) do touched[g] = true end
+for g, _ in pairs(used) do touched[g] = true end
+for _, p in ipairs(split(ARGV[5])) do if touched[p] then peers[p] = true end end
 -- A member entry (shared key: any host may write it) counts only if the
 -- NIC's own host vouches for it in keys only that host writes: its copy of
 -- the binding's sig, and netagent's NIC index listing the address for that

@@ -67,7 +67,7 @@ export interface FirewallApiOptions {
    * (FirewallSync.enforce): BindNic and UnbindNic return only then, so a
    * VM's network is closed or open as asked when the call returns.
    */
-  enforce?: (vpcId: string) => Promise<void>;
+  enforce?: (vpcId: string, nicId?: string) => Promise<void>;
 }
 
 type Logging = { ratePerSecond: number; burst: number };
@@ -176,7 +176,7 @@ export class FirewallApi {
   private async enforced(nicId: string, vpcId: string, what: "bind" | "unbind"): Promise<void> {
     if (!this.opts.enforce) return;
     try {
-      await this.opts.enforce(vpcId);
+      await this.opts.enforce(vpcId, nicId);
     } catch (err) {
       const meanwhile =
         what === "bind" ? "until it does, the NIC's traffic stays blocked" : "until it does, the kernel still applies the old binding's security groups";

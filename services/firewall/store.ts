@@ -472,6 +472,12 @@ export class FirewallStore {
     vpcId: string,
     subnets: { subnetId: string; cidr: string; bridge: string }[],
     nics?: LocalNic[],
+    /**
+     * A delta (FirewallSync): `nics` are only the NICs that changed; the
+     * members of the peer groups in `held` are read too where those NICs'
+     * groups or `touched` name them.
+     */
+    delta?: { held: string[]; touched: string[] },
   ): Promise<VpcFirewallState> {
     const subnetIds = [...new Set([...subnets.map((s) => s.subnetId), ...(nics ?? []).map((n) => n.subnetId)])];
     const raw = (await this.redis.mvpcFwLoadVpc(
@@ -480,6 +486,7 @@ export class FirewallStore {
       subnetIds.join(","),
       hostId,
       vpcId,
+      ...(delta ? [delta.held.join(","), delta.touched.join(",")] : []),
     )) as [
       [string, string, string, string, string | null][],
       string[][],

@@ -12,16 +12,16 @@ import { SyncLoop } from "../common/sync-loop.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { attempt } from "../common/validate.js";
 import { netagentNames as names } from "../common/names.js";
-import { hostKeys, type HostReader } from "../netagent/schema.js";
+import { hostKeys, nicSubnetProblem, type HostReader } from "../netagent/schema.js";
 import type { NftRunner } from "../common/nft/linux.js";
 import type { NftTransaction } from "../common/nft/tx.js";
-import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, type FwModel } from "./compile.js";
-import type { BindingRec, VpcFirewallState } from "./model.js";
+import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, patchModel, type FwModel } from "./compile.js";
+import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "./model.js";
 import { checkBinding, OWNER, parseLocalSubnet } from "./schema.js";
 
 const applies = new Counter({
   name: "microvpc_firewall_nft_applies_total",
-  help: "nft transactions by kind (full, elements) and result.",
+  help: "nft transactions by kind (full, elements, delta) and result.",
   labelNames: ["kind", "result"] as const,
   registers: [metricsRegistry],
 });
@@ -46,8 +46,18 @@ const ctCleared = new Counter({
 });
 
 export interface StateSource {
-  /** Firewall state of one VPC given its local subnets and NICs. */
-  loadVpcState(hostId: string, vpcId: string, subnets: { subnetId: string; cidr: string; bridge: string }[], nics: BindingRec[]): Promise<VpcFirewallState>;
+  /**
+   * Firewall state of one VPC given its local subnets and NICs; for a delta
+   * only the NICs that changed, plus the members `delta` names (see
+   * FirewallStore.loadVpcState).
+   */
+  loadVpcState(
+    hostId: string,
+    vpcId: string,
+    subnets: { subnetId: string; cidr: string; bridge: string }[],
+    nics: BindingRec[],
+    delta?: { held: string[]; touched: string[] },
+  ): Promise<VpcFirewallState>;
   /** Bindings (group ids) of the given NICs, by nic id. */
   bindingsOf(nicIds: string[]): Promise<Map<string, BindingRec>>;
 }
@@ -60,6 +70,23 @@ export interface FwStatus {
   generation: number;
   applied: number;
 }
+
+/**
+ * What the change events since the last pass over a VPC say changed there:
+ * the input of a delta (FirewallSync.delta).
+ */
+interface Hint {
+  /** NICs of this host whose record (netagent) or binding changed. */
+  nics: Set<string>;
+  /** Groups a NIC (of any host) joined or left: their members changed. */
+  groups: Set<string>;
+  /** Something else (a group's rules, an ACL, an event that does not read well): the VPC is compiled whole. */
+  whole: boolean;
+}
+
+const NIC_ID = /^nic-[0-9a-f]{12}$/;
+const SG_ID = /^sg-[0-9a-f]{12}$/;
+const csv = (v: string | undefined) => (v ? v.split(",").filter(Boolean) : []);
 
 /** A VPC id, if the (possibly bad) record's field holds one. */
 const vpcIdOr = (v: string) => (/^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined);
@@ -76,6 +103,8 @@ export class FirewallSync {
    * flowlog-config.ts). Compiled into the drop rules.
    */
   flowLogs?: (st: VpcFirewallState) => Promise<VpcFirewallState["flowLogs"]>;
+  /** Per VPC, what the events since its last pass say changed (a delta's input). */
+  private readonly hints = new Map<string, Hint>();
   /** Called after each pass with the namespaces applied (the flow-log collector follows them). */
   onPass?: (namespaces: string[]) => Promise<void>;
   /**
@@ -88,7 +117,8 @@ export class FirewallSync {
   constructor(
     readonly nft: NftRunner,
     readonly source: StateSource,
-    readonly host: Pick<HostReader, "load">,
+    /** nicRecord: a delta reads one NIC's record (without it, every pass compiles its VPCs whole). */
+    readonly host: Pick<HostReader, "load"> & Partial<Pick<HostReader, "nicRecord">>,
     readonly hostId: string,
     readonly log: Logger,
     /** Whether a VPC's namespace exists here (tests, with FakeNft, have none). */
@@ -103,7 +133,10 @@ export class FirewallSync {
       // deleted) asks for a whole pass.
       route: (e) => {
         if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) return undefined;
-        if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.")) && e.vpc) return { key: e.vpc };
+        if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.")) && e.vpc) {
+          this.noteEvent(e);
+          return { key: e.vpc };
+        }
         return "all";
       },
       pass: (r) => this.pass(r.first, r.drift, r.only),
@@ -185,12 +218,52 @@ export class FirewallSync {
     for (const c of cleanups) await c().catch((err: Error) => this.log.warn({ err: err.message }, "cannot clear conntrack entries"));
   }
 
+  /** The hint of a change event over a VPC (the loop's route; tests): which NICs and groups it touched, or that the VPC must be compiled whole. */
+  noteEvent(e: Record<string, string>): void {
+    const h = this.hintOf(e.vpc);
+    const binding = e.kind === "fw.binding.changed" || e.kind === "fw.binding.removed";
+    const groups = [...csv(e.groups), ...csv(e.prev_groups)];
+    // Fields of a record anyone may have written: anything unexpected compiles the VPC whole.
+    if ((!binding && e.kind !== "nic.attached" && e.kind !== "nic.detached") || !NIC_ID.test(e.nic ?? "") || !groups.every((g) => SG_ID.test(g))) {
+      h.whole = true;
+      return;
+    }
+    for (const g of groups) h.groups.add(g);
+    // nic.* events of other hosts were dropped (route); a binding names its host and the one it left.
+    if (!binding || e.host === this.hostId || e.prev_host === this.hostId) h.nics.add(e.nic);
+  }
+
+  private hintOf(vpcId: string): Hint {
+    let h = this.hints.get(vpcId);
+    if (!h) this.hints.set(vpcId, (h = { nics: new Set(), groups: new Set(), whole: false }));
+    return h;
+  }
+
+  /** Sets st.flowLogs from the VPC's flow-log configs (flowlog-config.ts), if the daemon has flow logs on. */
+  private async withFlowLogs(st: VpcFirewallState): Promise<VpcFirewallState> {
+    if (this.flowLogs) st.flowLogs = await this.flowLogs(st);
+    return st;
+  }
+
   /** One pass (see syncAll); returns the conntrack clean-ups it leaves to run. */
   private async pass(full: boolean, checkDrift: boolean, only?: ReadonlySet<string>): Promise<(() => Promise<unknown>)[]> {
     const t0 = Date.now();
     const cleanups: (() => Promise<unknown>)[] = [];
+    // A targeted pass applies each VPC's changes as a delta where the events
+    // say what changed; the others (and every whole pass) compile whole.
+    let whole = only;
+    if (!only) this.hints.clear();
+    else {
+      const rest = new Set<string>();
+      for (const vpcId of only) {
+        const hint = this.hints.get(vpcId);
+        this.hints.delete(vpcId);
+        if (full || checkDrift || !hint || hint.whole || !(await this.delta(vpcId, hint, cleanups))) rest.add(vpcId);
+      }
+      whole = rest;
+    }
     try {
-      const local = await this.localState(only);
+      const local = whole?.size === 0 ? new Map<string, never>() : await this.localState(whole);
       for (const [vpcId, l] of local) {
         const ns = names.netns(this.hostId, vpcId);
         if (!this.nsExists(ns)) {
@@ -198,8 +271,7 @@ export class FirewallSync {
           continue;
         }
         try {
-          const st = await this.source.loadVpcState(this.hostId, vpcId, l.subnets, l.nics);
-          if (this.flowLogs) st.flowLogs = await this.flowLogs(st);
+          const st = await this.withFlowLogs(await this.source.loadVpcState(this.hostId, vpcId, l.subnets, l.nics));
           const cleanup = await this.syncVpc(ns, st, full, checkDrift, true);
           if (cleanup) cleanups.push(cleanup);
           this.errors.delete(vpcId);
@@ -285,8 +357,10 @@ export class FirewallSync {
    * Rejects with the pass's error, or after `timeoutMs`. Calls made while a
    * pass runs share the next one, so 100 binds at once cost a few passes.
    */
-  enforce(vpcId: string, timeoutMs = 10_000): Promise<void> {
+  enforce(vpcId: string, timeoutMs = 10_000, nicId?: string): Promise<void> {
     const t0 = process.hrtime.bigint();
+    // The NIC whose binding changed: its pass can be a delta even before the event arrives.
+    if (nicId !== undefined && NIC_ID.test(nicId)) this.hintOf(vpcId).nics.add(nicId);
     return new Promise<void>((resolve, reject) => {
       let withdraw = () => {};
       const timer = setTimeout(() => {
@@ -301,6 +375,147 @@ export class FirewallSync {
         else resolve();
       });
     });
+  }
+
+  /**
+   * Applies what changed in one VPC (`hint`) as one nft transaction of
+   * element and chain updates over what is applied there, reading only the
+   * changed NICs' records and bindings, their groups and the members that
+   * moved: the cost of a NIC bound, unbound, attached or detached does not
+   * grow with the NICs of the host. False (nothing applied, the caller
+   * compiles the VPC whole) where a delta cannot be exact: nothing applied
+   * yet, a record that does not validate or clashes with another NIC, a group
+   * or ACL that changed meanwhile, a transaction the kernel refuses (a stale
+   * base: then the next apply replaces the table).
+   */
+  private async delta(vpcId: string, hint: Hint, cleanups: (() => Promise<unknown>)[]): Promise<boolean> {
+    const ns = names.netns(this.hostId, vpcId);
+    const cur = this.applied.get(ns);
+    const nicRecord = this.host.nicRecord?.bind(this.host);
+    if (!cur || !nicRecord || !this.nsExists(ns)) return false;
+    const t0 = process.hrtime.bigint();
+    const st0 = cur.state;
+    const byId = new Map(st0.nics.map((n) => [n.nicId, n]));
+    try {
+      // The changed NICs' records, checked as localState checks them.
+      const ids = [...hint.nics].sort();
+      const recs = await Promise.all(ids.map((id) => nicRecord(id)));
+      const now: BindingRec[] = [];
+      const taken = new Set<string>();
+      for (const n of st0.nics) if (!hint.nics.has(n.nicId)) taken.add(`if ${n.hostIf}`).add(`ip ${n.address}`);
+      for (const [i, r] of recs.entries()) {
+        if (r === "invalid") return false;
+        if (r === "absent" || r.nic.vpcId !== vpcId) {
+          if (r !== "absent" && byId.has(ids[i])) return false;
+          continue;
+        }
+        const n = r.nic;
+        const sub = st0.subnets.find((x) => x.subnetId === n.subnetId);
+        if (!sub || nicSubnetProblem(n, { subnetId: sub.subnetId, vpcId, cidr: sub.cidr, gatewayCidr: "", mtu: 0 })) return false;
+        if (taken.has(`if ${n.hostIf}`) || taken.has(`ip ${n.address}`)) return false;
+        taken.add(`if ${n.hostIf}`).add(`ip ${n.address}`);
+        const rec: BindingRec = {
+          nicId: n.nicId,
+          vpcId,
+          subnetId: n.subnetId,
+          address: n.address,
+          mac: n.mac,
+          hostId: this.hostId,
+          hostIf: n.hostIf,
+          groupIds: [],
+          boundMs: 0,
+          updatedMs: 0,
+        };
+        if (!attempt(() => checkBinding(rec)).ok) return false;
+        now.push(rec);
+      }
+      const before = ids.flatMap((id) => byId.get(id) ?? []);
+      const touched = new Set(hint.groups);
+      for (const b of before) for (const g of b.groupIds) touched.add(g);
+      const held = [...st0.members.keys()];
+      if (now.length === 0 && before.length === 0 && !held.some((g) => touched.has(g))) return true;
+      const mini = await this.source.loadVpcState(this.hostId, vpcId, st0.subnets, now, { held, touched: held.filter((g) => touched.has(g)) });
+
+      // Only NICs and members may have moved: a group or ACL that differs from what is applied compiles the VPC whole.
+      const others = st0.nics.filter((n) => !hint.nics.has(n.nicId));
+      const usedByOthers = new Set(others.flatMap((n) => n.groupIds));
+      for (const [gid, g] of mini.groups) {
+        const old = st0.groups.get(gid);
+        if (old ? !sameGroup(old, g) : usedByOthers.has(gid)) return false;
+      }
+      for (const n of mini.nics) for (const g of n.groupIds) if (!mini.groups.has(g) && st0.groups.has(g)) return false;
+      for (const sid of new Set([...st0.acls.keys(), ...mini.acls.keys()])) {
+        const a = st0.acls.get(sid);
+        const b = mini.acls.get(sid);
+        if (!a || !b ? a !== b : a.id !== b.id || a.generation !== b.generation || a.entries.length !== b.entries.length) return false;
+      }
+
+      const groups = new Map(st0.groups);
+      for (const [gid, g] of mini.groups) if (!groups.has(gid)) groups.set(gid, g);
+      const members = new Map(st0.members);
+      const moved = new Set<string>();
+      for (const [gid, m] of mini.members) {
+        const old = st0.members.get(gid) ?? [];
+        if (old.length !== m.length || old.some((x, i) => x !== m[i])) moved.add(gid);
+        members.set(gid, m);
+      }
+      const st1 = await this.withFlowLogs({ ...st0, nics: [...others, ...mini.nics].sort(byNicId), groups, members });
+      // Flow logs add subnet-wide rules (an ACL's log rules follow every logging NIC of its subnet),
+      // which a NIC's part alone does not compile exactly: a VPC that logs is compiled whole.
+      if ((st0.flowLogs?.nics.size ?? 0) > 0 || (st1.flowLogs?.nics.size ?? 0) > 0) return false;
+
+      // The part of the VPC the change touches, compiled before and after:
+      // the changed NICs, with the other NICs' groups that they share or
+      // that name a group whose members moved (so those compile whole on both sides).
+      let a: FwModel;
+      let b: FwModel;
+      if (before.length === 0 && mini.nics.length === 0) {
+        // Only members moved (a NIC of another host): their sets alone, whatever the size of the groups naming them.
+        a = { ...cur.model, sets: new Map(), chains: new Map(), counters: [] };
+        b = { ...a, sets: new Map() };
+        for (const g of moved) {
+          const key = `inet members_${g.slice(-12)}`;
+          const set = cur.model.sets.get(key);
+          if (!set) continue;
+          a.sets.set(key, { ...set, elements: [...new Set(st0.members.get(g))].sort() });
+          b.sets.set(key, { ...set, elements: [...new Set(st1.members.get(g))].sort() });
+        }
+      } else {
+        const mine = new Set([...before, ...mini.nics].flatMap((n) => n.groupIds));
+        const peers = new Set(moved);
+        for (const g of mine) for (const r of groups.get(g)?.rules ?? []) if (r.group) peers.add(r.group);
+        const alsoUsed = [...usedByOthers].filter((g) => mine.has(g) || (groups.get(g)?.rules ?? []).some((r) => r.group && peers.has(r.group)));
+        a = compile({ ...st0, nics: before }, alsoUsed).model;
+        b = compile({ ...st1, nics: mini.nics }, alsoUsed).model;
+      }
+      const model = patchModel(cur.model, a, b);
+      const d = elementDiff(a, b, true);
+      if (!model || !d || d.deletions > MAX_ELEMENT_DELETIONS) return false;
+      if (!d.tx.empty) {
+        try {
+          await this.nft.apply(ns, d.tx);
+          applies.inc({ kind: "delta", result: "ok" });
+        } catch (err) {
+          applies.inc({ kind: "delta", result: "error" });
+          this.log.warn(
+            { vpc: vpcId, err: (err as Error).message },
+            "firewall delta refused (the kernel's table is not what was applied); replacing the table",
+          );
+          this.applied.delete(ns);
+          return false;
+        }
+        this.status.applied++;
+        if (d.revokes) cleanups.push(() => this.clearDisallowed(ns, st1));
+      }
+      this.applied.set(ns, { model, state: st1 });
+      this.errors.delete(vpcId);
+      applySeconds.observe({ kind: "delta" }, Number(process.hrtime.bigint() - t0) / 1e9);
+      return true;
+    } catch (err) {
+      // Reading failed (Redis): the whole pass says why.
+      this.log.debug({ vpc: vpcId, err: (err as Error).message }, "firewall delta not possible; compiling the VPC whole");
+      return false;
+    }
   }
 
   /** Removes conntrack entries of local NICs that the new policy would not allow. */
@@ -343,4 +558,17 @@ export class FirewallSync {
   get health() {
     return this.loop.health!;
   }
+}
+
+const byNicId = (a: BindingRec, b: BindingRec) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0);
+
+/** The same version of a group (a change raises its generation; a refused record's stand-in has none). */
+function sameGroup(a: SecurityGroupRec, b: SecurityGroupRec): boolean {
+  return (
+    a.generation === b.generation &&
+    a.updatedMs === b.updatedMs &&
+    a.name === b.name &&
+    a.rules.length === b.rules.length &&
+    JSON.stringify(a.dropLogging) === JSON.stringify(b.dropLogging)
+  );
 }

@@ -512,6 +512,14 @@ export class HostReader {
     return (await this.redis.hexists(hostKey(this.hostId, "vpcs"), vpcId)) === 1;
   }
 
+  /** One NIC's record as load() would read it alone: absent, invalid (not used), or the NIC. */
+  async nicRecord(nicId: string): Promise<{ nic: NicSpec } | "absent" | "invalid"> {
+    const j = await this.redis.hget(hostKey(this.hostId, "nics"), nicId);
+    if (j === null) return "absent";
+    const p = parseNicSpec(nicId, j);
+    return p.ok ? { nic: p.value } : "invalid";
+  }
+
   async getNic(nicId: string): Promise<NicSpec | null> {
     const j = await this.redis.hget(hostKey(this.hostId, "nics"), nicId);
     if (!j) return null;

@@ -11,15 +11,16 @@ import { join } from "node:path";
 import { pino } from "pino";
 import { test } from "vitest";
 import { FakeNft } from "../../services/common/nft/fake.js";
-import { render, type NftTransaction } from "../../services/common/nft/tx.js";
-import { removeTx } from "../../services/firewall/compile.js";
-import type { BindingRec, VpcFirewallState } from "../../services/firewall/model.js";
+import { NftTransaction as NftTransactionOf, render, type NftTransaction } from "../../services/common/nft/tx.js";
+import { removeTx, type FwModel } from "../../services/firewall/compile.js";
+import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "../../services/firewall/model.js";
 import { FirewallSync, type StateSource } from "../../services/firewall/sync.js";
 import { names } from "../../services/netagent/plan.js";
 import type { HostDesired } from "../../services/netagent/store.js";
+import type { NicSpec } from "../../services/netagent/plan.js";
 import { ROOT } from "../lib/daemon.js";
 import { assertGolden, replayOrders } from "../lib/state-table.js";
-import { fw, WEB } from "../lib/nft-fixtures.js";
+import { DB, fw, nic, OPS, WEB } from "../lib/nft-fixtures.js";
 
 const FILE = join(ROOT, "test", "unit", "golden", "firewall-sync.txt");
 const HOST = "hv1";
@@ -160,3 +161,197 @@ test("a table removed behind the daemon's back is found by the drift check and p
   await sync.syncAll(false, true);
   assert.equal(nft.dump(NS), want);
 });
+
+// ---- the delta path: a NIC's change applied as elements and chains of that NIC alone ----
+
+const SUBNET = { a: "subnet-aaaaaaaaaaaa", b: "subnet-bbbbbbbbbbbb" } as const;
+
+/**
+ * A world that changes one NIC at a time, served as the real sources serve
+ * it: the netagent's NIC records one by one (nicRecord), and loadVpcState
+ * reading only the NICs it is given and the members a delta names (as
+ * LOAD_VPC does). Members of a group: its local NICs' addresses and the
+ * remote ones.
+ */
+class NicWorld implements StateSource {
+  base = fw(0);
+  records = new Map<string, BindingRec>();
+  bindings = new Map<string, string[]>();
+  remote = new Map<string, string[]>([[WEB, ["10.0.3.9"]]]);
+  loads = 0;
+
+  host = {
+    load: async (): Promise<HostDesired> => {
+      this.loads++;
+      return {
+        vpcs: new Map([[VPC, { vpcId: VPC, ns: NS, createdMs: 0 }]]),
+        subnets: new Map(this.base.subnets.map((s) => [s.subnetId, { subnetId: s.subnetId, vpcId: VPC, cidr: s.cidr, gatewayCidr: "", mtu: 1500 }])),
+        nics: new Map([...this.records.values()].map((n) => [n.nicId, this.spec(n)])) as unknown as HostDesired["nics"],
+      };
+    },
+    nicRecord: async (nicId: string) => {
+      const n = this.records.get(nicId);
+      return n ? { nic: this.spec(n) as unknown as NicSpec } : ("absent" as const);
+    },
+  };
+
+  spec(n: BindingRec) {
+    const gateway = n.subnetId === SUBNET.a ? "10.0.1.1" : "10.0.2.1";
+    return { ...n, owner: "", kind: "veth", prefix: 24, gateway, mtu: 1500, hostname: "", guestIf: "" };
+  }
+
+  members(g: string): string[] {
+    const local = [...this.records.values()].filter((n) => this.bindings.get(n.nicId)?.includes(g)).map((n) => n.address);
+    return [...new Set([...local, ...(this.remote.get(g) ?? [])])].sort();
+  }
+
+  async bindingsOf(nicIds: string[]): Promise<Map<string, BindingRec>> {
+    return new Map(nicIds.filter((id) => this.bindings.has(id)).map((id) => [id, { ...this.records.get(id)!, groupIds: this.bindings.get(id)! }]));
+  }
+
+  async loadVpcState(
+    _host: string,
+    vpcId: string,
+    subnets: VpcFirewallState["subnets"],
+    nics: BindingRec[],
+    delta?: { held: string[]; touched: string[] },
+  ): Promise<VpcFirewallState> {
+    const out = nics.map((n) => ({ ...n, groupIds: this.bindings.get(n.nicId) ?? [] }));
+    const used = new Set(out.flatMap((n) => n.groupIds));
+    const groups = new Map<string, SecurityGroupRec>();
+    const peers = new Set<string>();
+    for (const g of used) {
+      const rec = this.base.groups.get(g);
+      if (!rec) continue;
+      groups.set(g, rec);
+      for (const r of rec.rules) if (r.group) peers.add(r.group);
+    }
+    for (const p of delta?.held ?? []) if (used.has(p) || delta!.touched.includes(p)) peers.add(p);
+    for (const p of peers) if (this.base.groups.has(p)) groups.set(p, this.base.groups.get(p)!);
+    return { vpcId, subnets, nics: out, groups, members: new Map([...peers].map((p) => [p, this.members(p)])), acls: this.base.acls };
+  }
+}
+
+/** A model as comparable data (sets and chains sorted by name). */
+const modelData = (m: FwModel) => ({
+  skeleton: m.skeleton,
+  sets: [...m.sets].sort(([a], [b]) => (a < b ? -1 : 1)),
+  chains: [...m.chains].sort(([a], [b]) => (a < b ? -1 : 1)),
+  counters: m.counters,
+});
+
+/** What a whole pass over the world makes of it: the ruleset and the model. */
+async function fromScratch(world: NicWorld) {
+  const nft = new FakeNft();
+  const sync = new FirewallSync(nft, world, { load: world.host.load }, HOST, pino({ level: "silent" }), () => true);
+  await sync.syncAll(true);
+  return { dump: nft.dump(NS), model: sync.applied.get(NS)!.model };
+}
+
+test("NIC changes are deltas: only the changed NIC is read, one transaction of its elements and chains, landing exactly where a whole pass lands", async () => {
+  for (let seed = 1; seed <= 12; seed++) {
+    const rnd = mulberry(seed);
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)];
+    const world = new NicWorld();
+    const nft = new FakeNft();
+    const sync = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
+    await sync.syncAll(true);
+    for (let step = 0; step < 30; step++) {
+      const n = 1 + Math.floor(rnd() * 8);
+      const id = `nic-00000000000${n}`;
+      const rec = world.records.get(id);
+      const op = pick(["attach", "bind", "bind", "unbind", "detach", "remote"] as const);
+      let event: Record<string, string>;
+      if (op === "remote") {
+        const g = pick([WEB, OPS, DB]);
+        const addrs = world.remote.get(g) ?? [];
+        const addr = `10.0.3.${20 + n}`;
+        world.remote.set(g, addrs.includes(addr) ? addrs.filter((a) => a !== addr) : [...addrs, addr]);
+        event = { kind: "fw.binding.changed", vpc: VPC, nic: "nic-0000000000ff", host: "hv2", groups: g };
+      } else if (op === "attach" || (op === "bind" && !rec)) {
+        if (rec) continue;
+        const sub = n % 2 ? SUBNET.a : SUBNET.b;
+        world.records.set(id, nic(n, sub, `10.0.${sub === SUBNET.a ? 1 : 2}.${10 + n}`, []));
+        event = { kind: "nic.attached", vpc: VPC, nic: id, host: HOST };
+      } else if (op === "bind") {
+        const prev = world.bindings.get(id) ?? [];
+        const groups = [WEB, DB, OPS].filter(() => rnd() < 0.4);
+        world.bindings.set(id, groups);
+        event = { kind: "fw.binding.changed", vpc: VPC, nic: id, host: HOST, groups: groups.join(","), prev_groups: prev.join(",") };
+      } else if (op === "unbind") {
+        const prev = world.bindings.get(id);
+        if (!prev) continue;
+        world.bindings.delete(id);
+        event = { kind: "fw.binding.removed", vpc: VPC, nic: id, host: HOST, groups: prev.join(",") };
+      } else {
+        if (!rec) continue;
+        world.records.delete(id);
+        event = { kind: "nic.detached", vpc: VPC, nic: id, host: HOST };
+      }
+      const at = `seed ${seed} step ${step}: ${op} ${id}`;
+      const before = nft.applied.length;
+      const loads = world.loads;
+      sync.noteEvent(event);
+      await sync.syncAll(false, false, new Set([VPC]));
+      assert.equal(sync.status.lastError, "", at);
+      assert.equal(world.loads, loads, `${at}: the host's NICs are not read`);
+      const want = await fromScratch(world);
+      assert.equal(nft.dump(NS), want.dump, at);
+      assert.deepEqual(modelData(sync.applied.get(NS)!.model), modelData(want.model), `${at}: the patched model is the whole compile's`);
+      const txs = nft.applied.slice(before);
+      assert.ok(txs.length <= 1 && txs.every((t) => !isReplace(t.tx)), `${at}: one transaction, no new table`);
+    }
+  }
+});
+
+test("a delta on a stale base (the kernel's table changed behind the daemon) falls back to a whole replace; no NIC is left open", async () => {
+  const world = new NicWorld();
+  world.records.set("nic-000000000001", nic(1, SUBNET.a, "10.0.1.11", []));
+  world.bindings.set("nic-000000000001", [WEB]);
+  const nft = new FakeNft();
+  const sync = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
+  await sync.syncAll(true);
+
+  // A stale chain of the NIC about to come, accepting everything: the delta flushes it before filling it.
+  await nft.apply(NS, new NftTransactionOf().add({ kind: "chain", family: "inet", table: "microvpc", name: "nic_000000000002_in" }));
+  await nft.apply(NS, new NftTransactionOf().add({ kind: "rule", family: "inet", table: "microvpc", chain: "nic_000000000002_in", rule: "accept" }));
+  world.records.set("nic-000000000002", nic(2, SUBNET.b, "10.0.2.12", []));
+  sync.noteEvent({ kind: "nic.attached", vpc: VPC, nic: "nic-000000000002", host: HOST });
+  await sync.syncAll(false, false, new Set([VPC]));
+  assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
+  assert.doesNotMatch(nft.dump(NS), /chain nic_000000000002_in \{\n\s*accept/);
+
+  // The table gone: the delta's transaction is refused, and the same pass replaces the table whole.
+  await nft.apply(NS, removeTx());
+  world.bindings.set("nic-000000000002", [DB]);
+  const before = nft.applied.length;
+  sync.noteEvent({ kind: "fw.binding.changed", vpc: VPC, nic: "nic-000000000002", host: HOST, groups: DB });
+  await sync.syncAll(false, false, new Set([VPC]));
+  assert.equal(sync.status.lastError, "");
+  assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
+  assert.ok(
+    nft.applied.slice(before).some((t) => isReplace(t.tx)),
+    "replaced whole",
+  );
+
+  // A group that changed since it was applied: not a delta (the whole VPC is compiled).
+  const web = world.base.groups.get(WEB)!;
+  world.base.groups.set(WEB, { ...web, generation: 2, rules: web.rules.slice(2) });
+  world.bindings.set("nic-000000000002", [WEB]);
+  const loads = world.loads;
+  sync.noteEvent({ kind: "fw.binding.changed", vpc: VPC, nic: "nic-000000000002", host: HOST, groups: WEB, prev_groups: DB });
+  await sync.syncAll(false, false, new Set([VPC]));
+  assert.equal(world.loads, loads + 1, "compiled whole");
+  assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
+});
+
+function mulberry(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
