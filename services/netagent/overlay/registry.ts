@@ -13,6 +13,7 @@ import { isIP } from "node:net";
 import ipaddr from "ipaddr.js";
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
+import { emit } from "../../common/events.js";
 import { K } from "../../ipam/schema.js";
 import { hostKeys, parseNicSpec } from "../schema.js";
 import { overlayKeys } from "../store.js";
@@ -96,8 +97,10 @@ function show(v: unknown): string {
   return s.length > 60 ? `${s.slice(0, 60)}…` : s;
 }
 
+/** host.* go to the registry's stream too, overlay.* to the VPC's (common/events.ts). */
 function event(redis: Redis, ...fields: string[]): Promise<unknown> {
-  return redis.xadd("mvpc:events", "MAXLEN", "~", "100000", "*", ...fields);
+  const vpc = fields[fields.indexOf("vpc") + 1];
+  return emit(redis, { registry: fields[1].startsWith("host."), vpcs: fields.includes("vpc") && vpc ? [vpc] : [] }, fields);
 }
 
 export class OverlayRegistry {
