@@ -9,7 +9,9 @@
 //   - mvpc:{host:<host>}:events, one stream per host the event names (a NIC
 //     attached or detached there, a binding moved to or from it): how a host
 //     learns that a VPC arrived on it or left;
-//   - mvpc:{hosts}:events, the host registry's (host.*; braces: no host id can make it).
+//   - mvpc:{hosts}:events, the fleet stream: the host registry's events (host.*)
+//     and any event that names no VPC and no host (the default DNS
+//     configuration); braces, so that no host id can make this name.
 // A host's EventFeed reads only its own: its host stream, the registry if it
 // asks, and the streams of the VPCs it holds. Per-VPC streams rather than
 // keyspace notifications (pub/sub): a stream keeps a position, so a host that
@@ -36,7 +38,8 @@ const STREAM_ID_RE = /^\d{1,20}-\d{1,20}$/;
 /**
  * Lua, put at the top of a script: mvpc_emit(vpcs, hosts, field, value, …)
  * appends one event to the global stream, to each named VPC's stream and to
- * each named host's stream ('' and false entries are skipped);
+ * each named host's stream ('' and false entries are skipped; an event that
+ * names neither concerns the whole fleet and goes to the fleet stream);
  * mvpc_scoped(…) only to the scoped ones (a script that already appends to
  * the global stream through a KEYS entry). The stream
  * names are derived from the event's data, as the scripts' other keys are
@@ -44,13 +47,14 @@ const STREAM_ID_RE = /^\d{1,20}-\d{1,20}$/;
  */
 export const LUA_EMIT = `
 local function mvpc_scoped(vpcs, hosts, ...)
-  local seen = {}
+  local seen, n = {}, 0
   for _, v in pairs(vpcs) do
-    if v and v ~= '' and not seen[v] then seen[v] = true redis.call('XADD', 'mvpc:{' .. v .. '}:events', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
+    if v and v ~= '' and not seen[v] then seen[v] = true n = n + 1 redis.call('XADD', 'mvpc:{' .. v .. '}:events', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
   end
   for _, h in pairs(hosts) do
-    if h and h ~= '' and not seen['host:' .. h] then seen['host:' .. h] = true redis.call('XADD', 'mvpc:{host:' .. h .. '}:events', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
+    if h and h ~= '' and not seen['host:' .. h] then seen['host:' .. h] = true n = n + 1 redis.call('XADD', 'mvpc:{host:' .. h .. '}:events', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
   end
+  if n == 0 then redis.call('XADD', '${REGISTRY_EVENTS}', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
 end
 local function mvpc_emit(vpcs, hosts, ...)
   redis.call('XADD', '${EVENTS}', 'MAXLEN', '~', 100000, '*', ...)
@@ -206,6 +210,8 @@ export interface FeedSpec {
   blockMs?: number;
   /** Called once per XREAD that woke with entries (the fleet bench counts wake-ups). */
   onWake?: () => void;
+  /** Ends the feed as stop() does, checked between reads. */
+  stopped?: () => boolean;
 }
 
 /**
@@ -253,7 +259,7 @@ export class EventFeed {
     const saved = spec.positions?.load() ?? new Map<string, string>();
     const fixed = [hostEvents(spec.host), ...(spec.registry ? [REGISTRY_EVENTS] : [])];
     try {
-      while (!this.stopped) {
+      while (!this.stopped && !spec.stopped?.()) {
         try {
           const out: EventFields[] = [];
           for (const s of fixed) if (!this.pos.has(s)) this.pos.set(s, saved.get(s) ?? (await this.lastId(s)));
@@ -371,4 +377,32 @@ export class EventFeed {
       out.push(m ? { kind: "feed.resync", vpc: m[1] } : { kind: "feed.resync", stream: s });
     }
   }
+}
+
+/** Where a daemon's scoped feed reads: its host, the VPCs it holds, and the fleet stream if it asks. */
+export interface FeedScope {
+  host: string;
+  vpcs: (redis: Redis) => Promise<Iterable<string>>;
+  registry?: boolean;
+}
+
+/**
+ * followEvents over a host's scoped streams (EventFeed): the same callback,
+ * which also gets the feed.* events; stop() ends it and its connection at once. MICROVPC_EVENTS=global reads the
+ * global stream instead (a fleet part-way through a rolling upgrade whose
+ * writers do not all write the scoped streams yet: docs/operations.md).
+ */
+export function followScoped(
+  redis: Redis,
+  scope: FeedScope,
+  kinds: RegExp,
+  onMatch: (events: EventFields[]) => void,
+  stopped: () => boolean,
+): { done: Promise<void>; stop: () => void } {
+  if (process.env.MICROVPC_EVENTS === "global") {
+    let ended = false;
+    return { done: followEvents(redis, kinds, onMatch, () => ended || stopped()), stop: () => (ended = true) };
+  }
+  const feed = new EventFeed(redis, { host: scope.host, vpcs: () => scope.vpcs(redis), registry: scope.registry, kinds, onEvents: onMatch, stopped });
+  return { done: feed.run(), stop: () => feed.stop() };
 }
