@@ -114,14 +114,16 @@ interface PhaseResult {
 
 function waitMsg<T extends FromWorker["op"]>(c: ChildProcess, op: T): Promise<Extract<FromWorker, { op: T }>> {
   return new Promise((resolve, reject) => {
+    const exit = (code: number | null) => reject(new Error(`fleet worker exited with ${code}`));
     const on = (m: FromWorker) => {
       if (m.op === op) {
         c.off("message", on);
+        c.off("exit", exit);
         resolve(m as Extract<FromWorker, { op: T }>);
       }
     };
     c.on("message", on);
-    c.once("exit", (code) => reject(new Error(`fleet worker exited with ${code}`)));
+    c.once("exit", exit);
   });
 }
 

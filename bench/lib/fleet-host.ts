@@ -33,6 +33,8 @@ class SimHost {
   readonly kernel = new Map<string, Map<string, string>>();
   held = new Set<string>();
   private chain: Promise<unknown> = Promise.resolve();
+  /** The changes applied here. */
+  private readonly done_ = new Set<string>();
   stop?: () => void;
   done?: Promise<void>;
 
@@ -55,13 +57,24 @@ class SimHost {
       }
     }
     if (!vpcs.size) return;
-    this.chain = this.chain.then(() => this.pass(vpcs)).catch(() => undefined);
+    this.chain = this.chain.then(() => this.pass(vpcs));
   }
 
+  /** A failed read is retried, as a sync loop retries a failed pass (bounded: 20 tries, 100 ms apart). */
   private async pass(vpcs: Map<string, string[]>): Promise<void> {
-    const p = this.redis.pipeline();
-    for (const v of vpcs.keys()) p.hgetall(simKeys.state(v));
-    const rs = (await p.exec()) ?? [];
+    let rs: [Error | null, unknown][];
+    for (let i = 0; ; i++) {
+      try {
+        const p = this.redis.pipeline();
+        for (const v of vpcs.keys()) p.hgetall(simKeys.state(v));
+        rs = (await p.exec()) ?? [];
+        if (rs.every(([err]) => !err)) break;
+      } catch {
+        // retried below
+      }
+      if (i >= 20) return;
+      await new Promise((res) => setTimeout(res, 100));
+    }
     this.w.reads += vpcs.size;
     let i = 0;
     for (const [v, cids] of vpcs) {
@@ -83,6 +96,9 @@ class SimHost {
       this.kernel.set(v, have);
       const t = now();
       for (const c of cids) {
+        // A peering reaches a host holding both VPCs twice: it counts once.
+        if (this.done_.has(c)) continue;
+        this.done_.add(c);
         const a = this.w.applied.get(c);
         if (a) {
           a[0]++;
