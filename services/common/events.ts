@@ -25,8 +25,8 @@ import { HOST_ID_RE } from "./host.js";
 export const EVENTS = "mvpc:events";
 /** The host registry's stream (host.registered, host.rotated, host.left). */
 export const REGISTRY_EVENTS = "mvpc:{hosts}:events";
-/** How many entries a scoped stream keeps (approximately: MAXLEN ~). */
-export const SCOPED_MAXLEN = 10000;
+/** How many entries a scoped stream keeps (approximately: MAXLEN ~): ~110 KB for a busy VPC; a host away for more of one VPC's changes resyncs that VPC once. */
+export const SCOPED_MAXLEN = 1000;
 /** A VPC's change stream; `{vpc}` is the Redis Cluster hash tag it shares with the VPC's other keys. */
 export const vpcEvents = (vpc: string) => `mvpc:{${vpc}}:events`;
 /** A host's change stream: its NICs and bindings coming and going. */
