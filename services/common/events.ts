@@ -1,17 +1,92 @@
-// Following the change-event stream (mvpc:events) that every Lua script
-// appends to: how each hypervisor's loops learn that something changed
-// without anyone calling them.
+// Change events: how each hypervisor's loops learn that something changed
+// without anyone calling them. Every Lua script that changes state appends
+// its event in the same step, to
+//   - mvpc:events, the global stream every host used to read (kept, written
+//     beside the scoped ones, so that daemons of the previous release keep
+//     working during a rolling upgrade; followEvents reads it);
+//   - mvpc:{<vpc>}:events, one stream per VPC the event names (a peering:
+//     both), hash-tagged so that on Redis Cluster it lives in the VPC's slot;
+//   - mvpc:{host:<host>}:events, one stream per host the event names (a NIC
+//     attached or detached there, a binding moved to or from it): how a host
+//     learns that a VPC arrived on it or left;
+//   - mvpc:{hosts}:events, the fleet stream: the host registry's events (host.*)
+//     and any event that names no VPC and no host (the default DNS
+//     configuration); braces, so that no host id can make this name.
+// A host's EventFeed reads only its own: its host stream, the registry if it
+// asks, and the streams of the VPCs it holds. Per-VPC streams rather than
+// keyspace notifications (pub/sub): a stream keeps a position, so a host that
+// was away reads on from the last id it saw, and XREAD on a few dozen keys is
+// one command, where notifications are lost to a disconnected subscriber and
+// would need a resync after every blip. See docs/operations.md "Sizing".
+import { readFileSync, renameSync, writeFileSync } from "node:fs";
 import type { Redis } from "ioredis";
+import { HOST_ID_RE } from "./host.js";
 
 export const EVENTS = "mvpc:events";
+/** The host registry's stream (host.registered, host.rotated, host.left). */
+export const REGISTRY_EVENTS = "mvpc:{hosts}:events";
+/** How many entries a scoped stream keeps (approximately: MAXLEN ~): ~110 KB for a busy VPC; a host away for more of one VPC's changes resyncs that VPC once. */
+export const SCOPED_MAXLEN = 1000;
+/** A VPC's change stream; `{vpc}` is the Redis Cluster hash tag it shares with the VPC's other keys. */
+export const vpcEvents = (vpc: string) => `mvpc:{${vpc}}:events`;
+/** A host's change stream: its NICs and bindings coming and going. */
+export const hostEvents = (host: string) => `mvpc:{host:${host}}:events`;
+
+const VPC_ID_RE = /^vpc-[0-9a-f]{12}$/;
+const STREAM_ID_RE = /^\d{1,20}-\d{1,20}$/;
+
+/**
+ * Lua, put at the top of a script: mvpc_emit(vpcs, hosts, field, value, …)
+ * appends one event to the global stream, to each named VPC's stream and to
+ * each named host's stream ('' and false entries are skipped; an event that
+ * names neither concerns the whole fleet and goes to the fleet stream);
+ * mvpc_scoped(…) only to the scoped ones (a script that already appends to
+ * the global stream through a KEYS entry). The stream
+ * names are derived from the event's data, as the scripts' other keys are
+ * today; declaring them as KEYS is the Redis Cluster step (docs/operations.md).
+ */
+export const LUA_EMIT = `
+local function mvpc_scoped(vpcs, hosts, ...)
+  local seen, n = {}, 0
+  for _, v in pairs(vpcs) do
+    if v and v ~= '' and not seen[v] then seen[v] = true n = n + 1 redis.call('XADD', 'mvpc:{' .. v .. '}:events', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
+  end
+  for _, h in pairs(hosts) do
+    if h and h ~= '' and not seen['host:' .. h] then seen['host:' .. h] = true n = n + 1 redis.call('XADD', 'mvpc:{host:' .. h .. '}:events', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
+  end
+  if n == 0 then redis.call('XADD', '${REGISTRY_EVENTS}', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...) end
+end
+local function mvpc_emit(vpcs, hosts, ...)
+  redis.call('XADD', '${EVENTS}', 'MAXLEN', '~', 100000, '*', ...)
+  mvpc_scoped(vpcs, hosts, ...)
+end
+`;
+
+/** The same from TypeScript (one MULTI): for the few writers that are not scripts. */
+export function emit(redis: Redis, scope: { vpcs?: string[]; hosts?: string[]; registry?: boolean }, fields: string[]): Promise<unknown> {
+  const m = redis.multi().xadd(EVENTS, "MAXLEN", "~", "100000", "*", ...fields);
+  for (const v of new Set(scope.vpcs ?? [])) if (v) m.xadd(vpcEvents(v), "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields);
+  for (const h of new Set(scope.hosts ?? [])) if (h) m.xadd(hostEvents(h), "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields);
+  if (scope.registry) m.xadd(REGISTRY_EVENTS, "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields);
+  return m.exec();
+}
 
 /** One event's fields (kind, and what the writer added: vpc, host, nic…). */
 export type EventFields = Record<string, string>;
 
+type XReadReply = [string, [string, string[]][]][] | null;
+
+function fieldsOf(f: string[]): EventFields {
+  const fields: EventFields = {};
+  for (let i = 0; i + 1 < f.length; i += 2) fields[f[i]] = f[i + 1];
+  return fields;
+}
+
 /**
- * Calls onMatch with the events whose kind matches `kinds` whenever some
- * arrive, until stopped() is true. Uses its own connection (XREAD BLOCK holds
- * it) and keeps retrying while Redis is away.
+ * Calls onMatch with the events of the global stream whose kind matches
+ * `kinds` whenever some arrive, until stopped() is true. Uses its own
+ * connection (XREAD BLOCK holds it) and keeps retrying while Redis is away.
+ * For what is not scoped to a host (the vmm's WatchVms).
  */
 export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events: EventFields[]) => void, stopped: () => boolean): Promise<void> {
   const sub = redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
@@ -19,20 +94,315 @@ export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events
   let last = "$";
   while (!stopped()) {
     try {
-      const r = (await sub.xread("COUNT", 1000, "BLOCK", 5000, "STREAMS", EVENTS, last)) as [string, [string, string[]][]][] | null;
+      const r = (await sub.xread("COUNT", 1000, "BLOCK", 5000, "STREAMS", EVENTS, last)) as XReadReply;
       if (!r) continue;
       const entries = r[0][1];
       last = entries[entries.length - 1][0];
-      const matched: EventFields[] = [];
-      for (const [, f] of entries) {
-        const fields: EventFields = {};
-        for (let i = 0; i + 1 < f.length; i += 2) fields[f[i]] = f[i + 1];
-        if (kinds.test(fields.kind ?? "")) matched.push(fields);
-      }
+      const matched = entries.map(([, f]) => fieldsOf(f)).filter((e) => kinds.test(e.kind ?? ""));
       if (matched.length) onMatch(matched);
     } catch {
       await new Promise((res) => setTimeout(res, 1000));
     }
   }
   sub.disconnect();
+}
+
+// ---------- the scoped feed ----------
+
+/** Compares two stream ids ("ms-seq"). */
+export function cmpId(a: string, b: string): number {
+  const [am, as] = a.split("-").map(BigInt);
+  const [bm, bs] = b.split("-").map(BigInt);
+  return am !== bm ? (am < bm ? -1 : 1) : as === bs ? 0 : as < bs ? -1 : 1;
+}
+
+/** What a stream looks like now, for the trim check. */
+export interface StreamHead {
+  /** Id of its oldest entry; undefined when it has none. */
+  first?: string;
+  /** The last id it ever gave out ("0-0" for a stream that does not exist). */
+  lastGenerated: string;
+}
+
+/**
+ * Whether entries after `seen` may have been trimmed before this reader got
+ * them: the oldest entry left is newer than `seen` (or none is left and
+ * newer ones were made). May answer yes when the entry right after `seen`
+ * was the one kept (a needless resync); never no when one was lost.
+ */
+export function lostSince(seen: string, head: StreamHead): boolean {
+  if (head.first !== undefined) return cmpId(head.first, seen) > 0 && !isNext(seen, head.first);
+  return cmpId(head.lastGenerated, seen) > 0;
+}
+
+/** Ids Redis hands out are increasing; "next" is only certain within one millisecond's sequence. */
+function isNext(a: string, b: string): boolean {
+  const [am, as] = a.split("-").map(BigInt);
+  const [bm, bs] = b.split("-").map(BigInt);
+  return am === bm && bs === as + 1n;
+}
+
+/** Where a feed keeps its last-seen ids between runs (a host that was away reads on from them). */
+export interface PositionStore {
+  load(): Map<string, string>;
+  save(positions: ReadonlyMap<string, string>): void;
+}
+
+/** Positions in memory (tests, the fleet bench: a "restart" hands the same store to a new feed). */
+export class MemoryPositions implements PositionStore {
+  private saved = new Map<string, string>();
+  load(): Map<string, string> {
+    return new Map(this.saved);
+  }
+  save(p: ReadonlyMap<string, string>): void {
+    this.saved = new Map(p);
+  }
+}
+
+/** Positions in a JSON file, written whole and renamed; a bad file or entry is ignored (a resync, never a wrong read). */
+export class FilePositions implements PositionStore {
+  constructor(readonly path: string) {}
+  load(): Map<string, string> {
+    const out = new Map<string, string>();
+    try {
+      const j = JSON.parse(readFileSync(this.path, "utf8")) as unknown;
+      if (j && typeof j === "object" && !Array.isArray(j)) {
+        for (const [k, v] of Object.entries(j as Record<string, unknown>)) if (streamOk(k) && typeof v === "string" && STREAM_ID_RE.test(v)) out.set(k, v);
+      }
+    } catch {
+      // none yet, or unreadable: every stream starts with a resync
+    }
+    return out;
+  }
+  save(p: ReadonlyMap<string, string>): void {
+    writeFileSync(`${this.path}.tmp`, JSON.stringify(Object.fromEntries(p)));
+    renameSync(`${this.path}.tmp`, this.path);
+  }
+}
+
+function streamOk(s: string): boolean {
+  const v = /^mvpc:\{(vpc-[0-9a-f]{12})\}:events$/.exec(s);
+  const h = /^mvpc:\{host:([a-z0-9]{1,24})\}:events$/.exec(s);
+  return Boolean(v) || Boolean(h) || s === REGISTRY_EVENTS;
+}
+
+export interface FeedSpec {
+  /** This host (its stream tells it when a VPC arrives or leaves). */
+  host: string;
+  /** The VPCs this host holds now (read at start, after each host-stream event and every rescanMs). */
+  vpcs: () => Promise<Iterable<string>>;
+  /** Whether to read the host registry's stream too. */
+  registry?: boolean;
+  /** The kinds handed on; feed.* events (below) are always handed on. */
+  kinds: RegExp;
+  /**
+   * Called with each batch. Besides the stored events, the feed makes
+   * `feed.joined` (vpc: a VPC arrived; its stream is read from a position
+   * taken before this event, so a pass that reads the VPC's state now
+   * misses nothing), `feed.left` (vpc) and `feed.resync` (vpc, or no vpc:
+   * the host or registry stream; entries were trimmed before this host read
+   * them: read the state again).
+   */
+  onEvents: (events: EventFields[]) => void;
+  /** Last-seen ids kept across runs; default: none (every start is a fresh read of the state). */
+  positions?: PositionStore;
+  rescanMs?: number;
+  blockMs?: number;
+  /** Called once per XREAD that woke with entries (the fleet bench counts wake-ups). */
+  onWake?: () => void;
+  /** Ends the feed as stop() does, checked between reads. */
+  stopped?: () => boolean;
+}
+
+/**
+ * Follows a host's scoped streams until stop(): one connection, one XREAD
+ * BLOCK over all of them. The set of VPCs is re-read when the host stream
+ * says something changed, on hold(), and every rescanMs as a drift check.
+ */
+export class EventFeed {
+  private readonly pos = new Map<string, string>();
+  private readonly held = new Set<string>();
+  private stopped = false;
+  private rescan = true;
+  private sub?: Redis;
+  private lastScan = 0;
+  private checkAll = true;
+  private firstScan = true;
+  private lastSave = 0;
+  /** Resolves once the first read of the VPC set is done and every stream has its position. */
+  readonly ready: Promise<void>;
+  private markReady!: () => void;
+
+  constructor(
+    private readonly redis: Redis,
+    readonly spec: FeedSpec,
+  ) {
+    if (!HOST_ID_RE.test(spec.host)) throw new Error(`EventFeed: host ${JSON.stringify(spec.host)} is not a hypervisor id`);
+    this.ready = new Promise((r) => (this.markReady = r));
+  }
+
+  /** The VPCs whose streams are read now. */
+  vpcs(): string[] {
+    return [...this.held].sort();
+  }
+
+  /** Asks for the VPC set to be read again before the next XREAD (a caller that knows a VPC arrives). */
+  refresh(): void {
+    this.rescan = true;
+  }
+
+  /** Runs until stop(). */
+  async run(): Promise<void> {
+    const { spec } = this;
+    this.sub = this.redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
+    this.sub.on("error", () => {});
+    const saved = spec.positions?.load() ?? new Map<string, string>();
+    const fixed = [hostEvents(spec.host), ...(spec.registry ? [REGISTRY_EVENTS] : [])];
+    try {
+      while (!this.stopped && !spec.stopped?.()) {
+        try {
+          const out: EventFields[] = [];
+          for (const s of fixed) if (!this.pos.has(s)) this.pos.set(s, saved.get(s) ?? (await this.lastId(s)));
+          if (this.rescan || Date.now() - this.lastScan > (spec.rescanMs ?? 30_000)) await this.scan(saved, out);
+          if (this.checkAll) await this.checkTrims([...this.pos.keys()], out);
+          this.checkAll = false;
+          this.markReady();
+          if (out.length) spec.onEvents(out);
+          const streams = [...this.pos.keys()];
+          const r = (await this.sub.xread(
+            "COUNT",
+            1000,
+            "BLOCK",
+            spec.blockMs ?? 5000,
+            "STREAMS",
+            ...streams,
+            ...streams.map((s) => this.pos.get(s)!),
+          )) as XReadReply;
+          if (!r || this.stopped) continue;
+          spec.onWake?.();
+          const events: EventFields[] = [];
+          const full: string[] = [];
+          for (const [stream, entries] of r) {
+            if (!this.pos.has(stream) || !entries.length) continue;
+            this.pos.set(stream, entries[entries.length - 1][0]);
+            if (entries.length >= 1000) full.push(stream);
+            for (const [, f] of entries) {
+              const e = fieldsOf(f);
+              if (stream === fixed[0]) this.rescan = true;
+              if (spec.kinds.test(e.kind ?? "")) events.push(e);
+            }
+          }
+          // A full batch: this reader may be far enough behind for a trim to pass it.
+          if (full.length) await this.checkTrims(full, events);
+          if (events.length) spec.onEvents(events);
+          this.persist(false);
+        } catch {
+          if (this.stopped) break;
+          // Redis away or the connection dropped: on return, check every position against trimming.
+          this.checkAll = true;
+          await new Promise((res) => setTimeout(res, 500));
+        }
+      }
+    } finally {
+      this.persist(true);
+      this.sub.disconnect();
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.sub?.disconnect();
+  }
+
+  private persist(now: boolean): void {
+    if (!this.spec.positions || (!now && Date.now() - this.lastSave < 1000)) return;
+    this.lastSave = Date.now();
+    this.spec.positions.save(this.pos);
+  }
+
+  /** The id a reader starting now reads after: the stream's last generated id. */
+  private async lastId(stream: string): Promise<string> {
+    return (await this.head(stream)).lastGenerated;
+  }
+
+  private async head(stream: string): Promise<StreamHead> {
+    let info: unknown[];
+    try {
+      info = (await this.redis.xinfo("STREAM", stream)) as unknown[];
+    } catch (err) {
+      if (/no such key/i.test((err as Error).message)) return { lastGenerated: "0-0" };
+      throw err;
+    }
+    const get = (k: string) => info[info.indexOf(k) + 1];
+    const first = get("first-entry") as [string, string[]] | null;
+    return { first: first ? first[0] : undefined, lastGenerated: String(get("last-generated-id")) };
+  }
+
+  /** Reads the VPC set; a VPC that arrived gets its position (taken now, before feed.joined asks for its state), one that left is dropped. */
+  private async scan(saved: ReadonlyMap<string, string>, out: EventFields[]): Promise<void> {
+    this.rescan = false;
+    this.lastScan = Date.now();
+    const now = new Set([...(await this.spec.vpcs())].filter((v) => VPC_ID_RE.test(v)));
+    for (const v of now) {
+      if (this.held.has(v)) continue;
+      const s = vpcEvents(v);
+      const was = this.firstScan ? saved.get(s) : undefined;
+      if (was) {
+        // A restart with a saved position: read on from it (checkTrims says whether that is still possible).
+        this.pos.set(s, was);
+      } else {
+        this.pos.set(s, await this.lastId(s));
+        out.push({ kind: "feed.joined", vpc: v });
+      }
+      this.held.add(v);
+    }
+    this.firstScan = false;
+    for (const v of [...this.held]) {
+      if (now.has(v)) continue;
+      this.held.delete(v);
+      this.pos.delete(vpcEvents(v));
+      out.push({ kind: "feed.left", vpc: v });
+    }
+  }
+
+  private async checkTrims(streams: string[], out: EventFields[]): Promise<void> {
+    for (const s of streams) {
+      const seen = this.pos.get(s);
+      if (!seen) continue;
+      const head = await this.head(s);
+      if (!lostSince(seen, head)) continue;
+      // Resync from what is there now: the state is read again after this event.
+      this.pos.set(s, head.lastGenerated);
+      const m = /^mvpc:\{(vpc-[0-9a-f]{12})\}:events$/.exec(s);
+      out.push(m ? { kind: "feed.resync", vpc: m[1] } : { kind: "feed.resync", stream: s });
+    }
+  }
+}
+
+/** Where a daemon's scoped feed reads: its host, the VPCs it holds, and the fleet stream if it asks. */
+export interface FeedScope {
+  host: string;
+  vpcs: (redis: Redis) => Promise<Iterable<string>>;
+  registry?: boolean;
+}
+
+/**
+ * followEvents over a host's scoped streams (EventFeed): the same callback,
+ * which also gets the feed.* events; stop() ends it and its connection at once. MICROVPC_EVENTS=global reads the
+ * global stream instead (a fleet part-way through a rolling upgrade whose
+ * writers do not all write the scoped streams yet: docs/operations.md).
+ */
+export function followScoped(
+  redis: Redis,
+  scope: FeedScope,
+  kinds: RegExp,
+  onMatch: (events: EventFields[]) => void,
+  stopped: () => boolean,
+): { done: Promise<void>; stop: () => void } {
+  if (process.env.MICROVPC_EVENTS === "global") {
+    let ended = false;
+    return { done: followEvents(redis, kinds, onMatch, () => ended || stopped()), stop: () => (ended = true) };
+  }
+  const feed = new EventFeed(redis, { host: scope.host, vpcs: () => scope.vpcs(redis), registry: scope.registry, kinds, onEvents: onMatch, stopped });
+  return { done: feed.run(), stop: () => feed.stop() };
 }

@@ -15,12 +15,14 @@
 //   host-scoped (contain the host id; only host H may write them):
 //     mvpc:host:H:*        netagent: VPC/subnet/NIC records, NIC address index, NIC client tokens
 //     mvpc:hosts:H         netagent overlay: registry record (lease)
+//     mvpc:{host:H}:events the host's scoped change stream (its NICs attached and detached)
 //     mvpc:fw:host:H:*     firewall: binding indexes of this host
 //     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index)
 //     mvpc:vm:host:H       vmm: VM ids of this host
 //     mvpc:vm:host:H:*     vmm: VM records (:vm:<id>, with their journals) and leases (:lease:<id>)
 //   shared (any host writes them; readers validate, see docs/redis-acl.md):
 //     mvpc:events          change-event stream (XADD; events only wake readers, who re-read state)
+//     mvpc:{vpc-*}:events, mvpc:{hosts}:events  the scoped streams: a VPC's, the host registry's
 //     mvpc:nicaddr         global NIC address claims ("<vpc>/<addr>" → "<host>/<nic>")
 //     mvpc:hostindex       set of host ids with an overlay record
 //     mvpc:overlay:*       per-VPC overlay members (host id field) and addresses (address → host)
@@ -57,6 +59,8 @@ export function hostScopedWritePatterns(hostId: string): string[] {
   return [
     `mvpc:host:${hostId}:*`,
     `mvpc:hosts:${hostId}`,
+    // Its scoped change stream (common/events.ts): its NICs coming and going.
+    `mvpc:{host:${hostId}}:events`,
     `mvpc:fw:host:${hostId}:*`,
     `mvpc:gw:host:${hostId}:*`,
     `mvpc:vm:host:${hostId}`,
@@ -80,6 +84,9 @@ export const CONTROL_PATTERNS = ["mvpc:*", "mvpc-md:*"] as const;
 /** Shared keys every host's agents write (the residual risk docs/redis-acl.md describes). */
 export const SHARED_WRITE_PATTERNS = [
   "mvpc:events",
+  // The scoped change streams (common/events.ts): a VPC's, the host registry's.
+  "mvpc:{vpc-*}:events",
+  "mvpc:{hosts}:events",
   "mvpc:nicaddr",
   "mvpc:hostindex",
   "mvpc:overlay:*",

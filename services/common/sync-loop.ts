@@ -7,7 +7,7 @@
 // and what runs after one stay with each sync.
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
-import { followEvents, type EventFields } from "./events.js";
+import { followEvents, followScoped, type EventFields, type FeedScope } from "./events.js";
 import { ReconcileHealth } from "./health.js";
 import { withSpan } from "./tracing.js";
 
@@ -33,6 +33,8 @@ export interface SyncLoopSpec<R> {
   log: Logger;
   /** The change events (their kind) that wake the loop. */
   events: RegExp;
+  /** The host's scoped streams to follow (common/events.ts); unset: the global stream. */
+  scope?: FeedScope;
   /** What one matching event asks for (default: a whole pass). */
   route?: (e: EventFields) => EventRoute;
   /** One pass; its result goes to after(). */
@@ -123,12 +125,9 @@ export class SyncLoop<R> {
   /** Runs the loop and follows the change events until stop(). */
   start(redis: Redis, driftMs: number, prepare?: () => Promise<unknown>): void {
     void this.run(driftMs, prepare);
-    void followEvents(
-      redis,
-      this.spec.events,
-      (events) => this.onEvents(events),
-      () => this.stopped,
-    );
+    const onEvents = (events: EventFields[]) => this.onEvents(events);
+    if (this.spec.scope) void followScoped(redis, this.spec.scope, this.spec.events, onEvents, () => this.stopped);
+    else void followEvents(redis, this.spec.events, onEvents, () => this.stopped);
   }
 
   /**

@@ -4,12 +4,13 @@
 // each VPC's zone in memory, reloaded on dns.* / vpc.* events and every
 // reloadMs as a safety net.
 import type { Redis } from "ioredis";
-import { followEvents } from "../common/events.js";
+import { followScoped } from "../common/events.js";
 import { managementHolding } from "../common/management.js";
 import type { ServerLogger } from "../common/net.js";
 import { transitAddrs } from "../common/names.js";
 import { GatewayReader } from "../gateway/schema.js";
 import { IpamReader } from "../ipam/schema.js";
+import { hostKeys } from "../netagent/schema.js";
 import { Resolver, type ResolverOptions } from "./resolver.js";
 import { DnsStore } from "./store.js";
 import type { Zone } from "./zone.js";
@@ -119,8 +120,10 @@ export async function runResolver(
   bindTimer.unref();
   const reloadTimer = setInterval(() => void reload().then(rebind), o.reloadMs ?? 10_000);
   reloadTimer.unref();
-  void followEvents(
+  // The streams of the VPCs held here, and the fleet's (the default DNS configuration): common/events.ts.
+  void followScoped(
     redis,
+    { host: hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(hostId)), registry: true },
     /^(dns\.|vpc\.|subnet\.)/,
     () => void reload().then(rebind),
     () => stopped,

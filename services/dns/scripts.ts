@@ -10,8 +10,9 @@
 // lex zset of names gives ordered pages, a lex zset of "owner\nname" finds an
 // owner's records. All keys of a VPC are fixed per VPC, so DeleteVpc can
 // remove them in its own script (see ipam/scripts.ts DELETE_VPC).
+import { LUA_EMIT } from "../common/events.js";
 
-const EVENT = (kind: string, vpc: string) => `redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', '${kind}', 'vpc', ${vpc})`;
+const EVENT = (kind: string, vpc: string) => `mvpc_emit({${vpc}}, {}, 'kind', '${kind}', 'vpc', ${vpc})`;
 
 /**
  * KEYS: 1 vpc hash, 2 records hash, 3 names zset, 4 owners zset
@@ -19,7 +20,7 @@ const EVENT = (kind: string, vpc: string) => `redis.call('XADD', 'mvpc:events', 
  * Returns {1, ''} created, {0, ''} replaced (or unchanged), {-1, holder}
  * held by another owner, {-4, ''} no such VPC.
  */
-export const SET_RECORD = `
+export const SET_RECORD = `${LUA_EMIT}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 local vpc, name, owner, addr, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local prev = redis.call('HGET', KEYS[2], name)
@@ -42,7 +43,7 @@ return {1, ''}
  * Returns {1, names...} deleted, {0} nothing to delete, {-1, holder} the
  * name is held by another owner than the one given.
  */
-export const DELETE_RECORDS = `
+export const DELETE_RECORDS = `${LUA_EMIT}
 local vpc, name, owner = ARGV[1], ARGV[2], ARGV[3]
 local names = {}
 if name ~= '' then
@@ -80,7 +81,7 @@ return out
  * resolver address, {-3, subnet} it is a subnet's network or broadcast
  * address, {-4, ''} no such VPC.
  */
-export const UPDATE_CONFIG = `
+export const UPDATE_CONFIG = `${LUA_EMIT}
 local vpc, resolver, rint, fmode, fjson, ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if vpc ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 if resolver ~= '' then

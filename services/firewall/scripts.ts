@@ -5,11 +5,12 @@
 import type { Redis } from "ioredis";
 import { K } from "../ipam/schema.js";
 import { F, NICADDR } from "./keys.js";
+import { LUA_EMIT } from "../common/events.js";
 
 // ---------- Lua ----------
 
 // Shared by every script. Names here must match FK.
-const LUA_COMMON = `
+const LUA_COMMON = `${LUA_EMIT}
 local F = '${F}'
 local EV = '${K.events}'
 local TOKENS = '${K.tokens}'
@@ -23,6 +24,7 @@ end
 local function emit(kind, vpc, ...)
   local g = redis.call('INCR', F .. 'gen')
   redis.call('XADD', EV, 'MAXLEN', '~', 100000, '*', 'kind', kind, 'vpc', vpc, 'gen', g, ...)
+  mvpc_scoped({vpc}, {}, 'kind', kind, 'vpc', vpc, 'gen', g, ...)
   return g
 end
 -- Every id must be a group of the VPC ('self' is the group being written).

@@ -127,6 +127,8 @@ export class FirewallSync {
     this.loop = new SyncLoop({
       log,
       events: /^(fw\.|nic\.|subnet\.|vpc\.)/,
+      // Only the streams of the VPCs held here (and this host's): common/events.ts.
+      scope: { host: hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(hostId)) },
       // Firewall and NIC events name their VPC: a pass over that VPC only. A
       // NIC attached or detached on another host changes nothing here (its
       // binding's fw event does). Anything else (a VPC or subnet made or

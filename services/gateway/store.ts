@@ -4,6 +4,7 @@
 import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
+import { LUA_EMIT } from "../common/events.js";
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
@@ -31,12 +32,13 @@ export { GatewayReader, vpcIdOf } from "./schema.js";
 export type { FipRec, NatRec, PfRec } from "./schema.js";
 const K = GK;
 
-const EVENT = `redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', ARGV[1], 'id', ARGV[2])`;
+// The record's VPC (read before a delete removes it) names the scoped stream (common/events.ts).
+const EVENT = `mvpc_emit({ev_vpc}, {}, 'kind', ARGV[1], 'id', ARGV[2])`;
 
 // KEYS: 1 record, 2 unique index hash, 3 list zset, 4 tokens; ARGV: 1 event kind,
 // 2 id, 3 unique key, 4 client token, then hash fields. {1,id} created,
 // {0,id} token seen, {-1,id} unique key taken.
-const CREATE = `
+const CREATE = `${LUA_EMIT}
 if ARGV[4] ~= '' then
   local prev = redis.call('HGET', KEYS[4], ARGV[4])
   if prev and redis.call('EXISTS', (string.gsub(KEYS[1], '[^:]+$', prev))) == 1 then return {0, prev} end
@@ -49,13 +51,15 @@ redis.call('HSET', KEYS[1], unpack(f))
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], ARGV[2]) end
+local ev_vpc = redis.call('HGET', KEYS[1], 'vpc')
 ${EVENT}
 return {1, ARGV[2]}
 `;
 
 // KEYS: 1 record, 2 unique index hash, 3 list zset; ARGV: 1 kind, 2 id, 3 unique key.
-const DELETE = `
+const DELETE = `${LUA_EMIT}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ev_vpc = redis.call('HGET', KEYS[1], 'vpc')
 redis.call('DEL', KEYS[1])
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
@@ -66,7 +70,7 @@ return 1
 // Allocates the lowest free address of the pool. KEYS: 1 byaddr, 2 fips zset,
 // 3 record prefix; ARGV: 1 kind, 2 id, 3 first, 4 last (as integers),
 // 5 wanted ('' = lowest), then hash fields (without address).
-const ALLOC_FIP = `
+const ALLOC_FIP = `${LUA_EMIT}
 local addr
 local function ip(n) return string.format('%d.%d.%d.%d', math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256, math.floor(n / 256) % 256, n % 256) end
 if ARGV[5] ~= '' then
@@ -84,16 +88,18 @@ for i = 6, #ARGV do f[#f + 1] = ARGV[i] end
 redis.call('HSET', KEYS[3] .. ARGV[2], unpack(f))
 redis.call('HSET', KEYS[1], addr, ARGV[2])
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
+local ev_vpc = redis.call('HGET', KEYS[3] .. ARGV[2], 'vpc')
 ${EVENT}
 return {1, addr}
 `;
 
 // Sets fields of an existing record. KEYS: 1 record; ARGV: 1 kind, 2 id, then fields.
-const UPDATE = `
+const UPDATE = `${LUA_EMIT}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local f = {}
 for i = 3, #ARGV do f[#f + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(f))
+local ev_vpc = redis.call('HGET', KEYS[1], 'vpc')
 ${EVENT}
 return 1
 `;
@@ -104,7 +110,7 @@ return 1
 // address ('' = lowest free), then hash fields (without address).
 // {1,id} created, {0,id} token seen, {-1,id} VPC has one, {-2,''} pool
 // exhausted, {-3,holder} wanted address taken.
-const CREATE_NAT = `
+const CREATE_NAT = `${LUA_EMIT}
 if ARGV[4] ~= '' then
   local prev = redis.call('HGET', KEYS[4], ARGV[4])
   if prev and redis.call('EXISTS', (string.gsub(KEYS[1], '[^:]+$', prev))) == 1 then return {0, prev} end
@@ -131,6 +137,7 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 redis.call('HSET', KEYS[5], addr, ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], ARGV[2]) end
+local ev_vpc = ARGV[3]
 ${EVENT}
 return {1, ARGV[2]}
 `;
@@ -138,13 +145,14 @@ return {1, ARGV[2]}
 // Deletes a NAT gateway, gives its address back to the pool and ends its
 // lease. KEYS: 1 record, 2 vpcnat, 3 nats zset, 4 fip byaddr, 5 lease;
 // ARGV: 1 kind, 2 id, 3 vpc, 4 address ('' none).
-const DELETE_NAT = `
+const DELETE_NAT = `${LUA_EMIT}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[1])
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[4], ARGV[4]) == ARGV[2] then redis.call('HDEL', KEYS[4], ARGV[4]) end
 redis.call('DEL', KEYS[5])
 redis.call('ZREM', KEYS[3], ARGV[2])
+local ev_vpc = ARGV[3]
 ${EVENT}
 return 1
 `;
@@ -153,22 +161,22 @@ return 1
 // 1 this host, 2 ttl ms, 3 vpc, 4 a holder to replace ('' none: only a free
 // lease is taken). {1,me} renewed, {2,me} taken (and announced), {0,holder}
 // held by another host.
-const NAT_LEASE = `
+const NAT_LEASE = `${LUA_EMIT}
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return {1, cur} end
 if (not cur) or (ARGV[4] ~= '' and cur == ARGV[4]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'gw.nat.holder', 'id', ARGV[3], 'host', ARGV[1])
+  mvpc_emit({ARGV[3]}, {}, 'kind', 'gw.nat.holder', 'id', ARGV[3], 'host', ARGV[1])
   return {2, ARGV[1]}
 end
 return {0, cur}
 `;
 
 // Gives up this host's lease. KEYS: 1 lease; ARGV: 1 this host, 2 vpc.
-const NAT_UNLEASE = `
+const NAT_UNLEASE = `${LUA_EMIT}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'gw.nat.holder', 'id', ARGV[2], 'host', '')
+mvpc_emit({ARGV[2]}, {}, 'kind', 'gw.nat.holder', 'id', ARGV[2], 'host', '')
 return 1
 `;
 

@@ -121,6 +121,8 @@ export class GatewaySync {
     this.loop = new SyncLoop({
       log,
       events: /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/,
+      // The streams of the VPCs held here, this host's, and the fleet's (the default DNS configuration): common/events.ts.
+      scope: { host: opts.hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(opts.hostId)), registry: true },
       pass: (r) => this.syncOnce(r.drift),
       failedAt: () => (this.status.lastError ? this.status.lastApplyMs : undefined),
       // A failed VPC when its backoff is due.

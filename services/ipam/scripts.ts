@@ -11,6 +11,7 @@
 //
 // Error replies are tables {code, detail}: negative codes are domain errors
 // the TypeScript side turns into gRPC statuses.
+import { LUA_EMIT } from "../common/events.js";
 
 export const CHUNK_BITS = 4096;
 
@@ -213,7 +214,7 @@ return {1, idx}
  * ARGV: 1 id, 2 name, 3 client token, then field/value pairs of the hash.
  * Returns {1, id} created, {0, id} found by client token, {-1, id} name taken.
  */
-export const CREATE_VPC = `
+export const CREATE_VPC = `${LUA_EMIT}
 local id, name, tok = ARGV[1], ARGV[2], ARGV[3]
 if tok ~= '' then
   local prev = redis.call('HGET', KEYS[4], 'vpc\\n' .. tok)
@@ -228,6 +229,7 @@ redis.call('HSET', KEYS[2], name, id)
 redis.call('ZADD', KEYS[3], 0, name)
 if tok ~= '' then redis.call('HSET', KEYS[4], 'vpc\\n' .. tok, id) end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.created', 'vpc', id)
+mvpc_scoped({id}, {}, 'kind', 'vpc.created', 'vpc', id)
 return {1, id}
 `;
 
@@ -243,7 +245,7 @@ return {1, id}
  * still has n peerings, {-3, what} still has groups, ACLs or a NAT gateway
  * (deleting it would leave them dangling).
  */
-export const DELETE_VPC = `
+export const DELETE_VPC = `${LUA_EMIT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 local p = redis.call('SCARD', KEYS[6])
@@ -262,6 +264,7 @@ for i = 10, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('HDEL', KEYS[2], name)
 redis.call('ZREM', KEYS[3], name)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.deleted', 'vpc', ARGV[1])
+mvpc_scoped({ARGV[1]}, {}, 'kind', 'vpc.deleted', 'vpc', ARGV[1])
 return {1, ''}
 `;
 
@@ -280,7 +283,7 @@ return {1, ''}
  * {-2, id} overlaps subnet id, {-4} VPC gone, {-5} extra reserved out of
  * range (the service checks it first; this keeps the script bounded anyway).
  */
-export const CREATE_SUBNET = `${chunkHelpers}
+export const CREATE_SUBNET = `${LUA_EMIT}${chunkHelpers}
 local id, name, base, size, tok = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 -- Reserved run: network, gateway and the extra addresses after it.
 local run = tonumber(ARGV[6]) + 2
@@ -317,7 +320,9 @@ for c = 0, math.floor((run - 1) / CHUNK_BITS) do
 end
 refresh_chunk(KEYS[5], KEYS[6], size - 1, size)
 if tok ~= '' then redis.call('HSET', KEYS[8], 'subnet\\n' .. tok, id) end
-redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', redis.call('HGET', KEYS[4], 'vpc'), 'subnet', id)
+local ev_vpc = redis.call('HGET', KEYS[4], 'vpc')
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
+mvpc_scoped({ev_vpc}, {}, 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
 return {1, id}
 `;
 
@@ -329,7 +334,7 @@ return {1, id}
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
  * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it.
  */
-export const DELETE_SUBNET = `
+export const DELETE_SUBNET = `${LUA_EMIT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 local used = tonumber(redis.call('GET', KEYS[6]) or '0')
@@ -346,5 +351,6 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], name)
 redis.call('ZREM', KEYS[11], ARGV[1])
 redis.call('XADD', KEYS[10], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
+mvpc_scoped({vpc}, {}, 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
 return {1, ''}
 `;

@@ -11,11 +11,12 @@ import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
-import { followEvents } from "../common/events.js";
+import { followScoped } from "../common/events.js";
 import { ackPeering, peeringsOf, PK, pruneAcks, type PeeringRec } from "../peering/schema.js";
 import type { Agent, AgentPeering } from "./agent.js";
 import { desiredPeering, planPeering, routedPeers, spanOf, PEERING_NEXTHOP, PEERING_PROTO, type NsObserved } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";
+import { hostKeys } from "./schema.js";
 
 const FULL_EVERY = 6;
 
@@ -73,8 +74,10 @@ export class PeeringSync implements AgentPeering {
 
   /** Follows peering.* events: each one runs a reconcile pass (which ends in sync()). */
   start(): void {
-    void followEvents(
+    // A peering names both VPCs: each one's stream has it (common/events.ts).
+    void followScoped(
       this.redis,
+      { host: this.agent.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.agent.hostId)) },
       /^peering\./,
       () => this.agent.kick(),
       () => this.stopped,

@@ -7,6 +7,7 @@
 // `invalid`, the rest is used. The writer checks with the same parsers.
 import type { Redis } from "ioredis";
 import { InvalidArgumentError } from "../common/errors.js";
+import { EVENTS, hostEvents, LUA_EMIT, SCOPED_MAXLEN, vpcEvents } from "../common/events.js";
 import type { NicSpec, SubnetSpec } from "./plan.js";
 import { HostReader, hostKeys, overlayKeys, parseNicSpec, parseSubnetSpec, parseVpcSpec, type Parsed, type VpcSpec } from "./schema.js";
 
@@ -28,7 +29,7 @@ function mustParse<T>(what: string, p: Parsed<T>): void {
 // attach a VPC address a NIC elsewhere still holds. The global index
 // (mvpc:nicaddr) only names the holder; it counts when the holder's own
 // host index and NIC record agree (a stale or forged entry blocks nobody).
-const ADD_NIC = `
+const ADD_NIC = `${LUA_EMIT}
 local tok = ARGV[3]
 if tok ~= '' then
   local prev = redis.call('HGET', KEYS[3], tok)
@@ -50,7 +51,7 @@ if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
 redis.call('HSET', 'mvpc:nicaddr', ARGV[2], ARGV[5] .. '/' .. ARGV[1])
 local vpc, addr = string.match(ARGV[2], '^([^/]+)/(.+)$')
 if vpc then redis.call('HSET', 'mvpc:overlay:' .. vpc .. ':addrs', addr, ARGV[5]) end
-redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1], 'vpc', vpc or '')
+mvpc_emit({vpc}, {ARGV[5]}, 'kind', 'nic.attached', 'host', ARGV[5], 'nic', ARGV[1], 'vpc', vpc or '')
 return {1, ARGV[1]}
 `;
 
@@ -108,6 +109,7 @@ export class HostStore extends HostReader {
 
   async delNic(n: NicSpec): Promise<void> {
     this.lastValid.nics.delete(n.nicId);
+    const ev = ["kind", "nic.detached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId];
     await this.redis
       .multi()
       .hdel(key(this.hostId, "nics"), n.nicId)
@@ -123,7 +125,9 @@ export class HostStore extends HostReader {
         n.address,
         this.hostId,
       )
-      .xadd("mvpc:events", "MAXLEN", "~", "100000", "*", "kind", "nic.detached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId)
+      .xadd(EVENTS, "MAXLEN", "~", "100000", "*", ...ev)
+      .xadd(vpcEvents(n.vpcId), "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...ev)
+      .xadd(hostEvents(this.hostId), "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...ev)
       .exec();
   }
 }

@@ -9,6 +9,7 @@ import { HOST_ID_RE } from "../common/host.js";
 import { newId } from "../common/ids.js";
 import { K } from "../ipam/schema.js";
 import { pairKey, parsePeering, parsePeeringRecord, peeringsOf, PK, type PeeringRec } from "./schema.js";
+import { LUA_EMIT } from "../common/events.js";
 
 export { ackPeering, pairKey, parsePeering, peeringsOf, PK } from "./schema.js";
 export type { PeeringRec } from "./schema.js";
@@ -22,7 +23,7 @@ export type { PeeringRec } from "./schema.js";
  *   {-1, id} name taken, {-2, id} pair already peered, {-3, peering, vpc}
  *   a peer of one side overlaps the other side, {-4, vpc} VPC gone.
  */
-const CREATE = `
+const CREATE = `${LUA_EMIT}
 local id, name, tok, pair, v1, v2 = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('EXISTS', KEYS[9]) == 0 then return {-4, v1} end
 if redis.call('EXISTS', KEYS[10]) == 0 then return {-4, v2} end
@@ -67,6 +68,7 @@ redis.call('SADD', KEYS[5], id)
 redis.call('SADD', KEYS[6], id)
 if tok ~= '' then redis.call('HSET', KEYS[7], 'pcx\\n' .. tok, id) end
 redis.call('XADD', KEYS[8], 'MAXLEN', '~', 100000, '*', 'kind', 'peering.created', 'peering', id, 'vpc1', v1, 'vpc2', v2)
+mvpc_scoped({v1, v2}, {}, 'kind', 'peering.created', 'peering', id, 'vpc1', v1, 'vpc2', v2)
 return {1, id}
 `;
 
@@ -74,7 +76,7 @@ return {1, id}
  * KEYS: 1 pcx hash, 2 byname, 3 names zset, 4 bypair, 5 events, 6 acks
  * Returns {1} deleted, {0} absent.
  */
-const DELETE = `
+const DELETE = `${LUA_EMIT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 local v1 = redis.call('HGET', KEYS[1], 'vpc1')
@@ -87,6 +89,7 @@ if redis.call('HGET', KEYS[4], ARGV[1]) == id then redis.call('HDEL', KEYS[4], A
 redis.call('SREM', 'mvpc:vpc:' .. v1 .. ':peerings', id)
 redis.call('SREM', 'mvpc:vpc:' .. v2 .. ':peerings', id)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'peering.deleted', 'peering', id, 'vpc1', v1, 'vpc2', v2)
+mvpc_scoped({v1, v2}, {}, 'kind', 'peering.deleted', 'peering', id, 'vpc1', v1, 'vpc2', v2)
 return {1, ''}
 `;
 

@@ -95,12 +95,13 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     assert.throws(() => redisAclUser({ hostId: bad }, PW, "commands"), /host id/, JSON.stringify(bad));
   }
   // hv1's patterns end at a separator: they do not match hv10's keys.
-  for (const p of [...hostScopedWritePatterns("hv1"), ...hostPrivatePatterns("hv1")]) assert.match(p, /hv1(:\*)?$/);
+  for (const p of [...hostScopedWritePatterns("hv1"), ...hostPrivatePatterns("hv1")]) assert.match(p, /hv1(:\*|\}:events)?$/);
   // No shared pattern reaches a host-scoped key of another host.
   const glob = (p: string) => new RegExp(`^${p.replace(/[.+?^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`);
   const otherHostKeys = (h: string) => [
     `mvpc:host:${h}:nics`,
     `mvpc:hosts:${h}`,
+    `mvpc:{host:${h}}:events`,
     `mvpc:fw:host:${h}:vpcs`,
     `mvpc:gw:host:${h}:transit`,
     `mvpc:vm:host:${h}`,

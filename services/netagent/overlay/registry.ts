@@ -13,6 +13,7 @@ import { isIP } from "node:net";
 import ipaddr from "ipaddr.js";
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
+import { emit, followScoped } from "../../common/events.js";
 import { K } from "../../ipam/schema.js";
 import { hostKeys, parseNicSpec } from "../schema.js";
 import { overlayKeys } from "../store.js";
@@ -96,12 +97,14 @@ function show(v: unknown): string {
   return s.length > 60 ? `${s.slice(0, 60)}…` : s;
 }
 
+/** host.* go to the registry's stream too, overlay.* to the VPC's (common/events.ts). */
 function event(redis: Redis, ...fields: string[]): Promise<unknown> {
-  return redis.xadd("mvpc:events", "MAXLEN", "~", "100000", "*", ...fields);
+  const vpc = fields[fields.indexOf("vpc") + 1];
+  return emit(redis, { registry: fields[1].startsWith("host."), vpcs: fields.includes("vpc") && vpc ? [vpc] : [] }, fields);
 }
 
 export class OverlayRegistry {
-  private sub?: Redis;
+  private stopWatch?: () => void;
 
   constructor(
     readonly redis: Redis,
@@ -247,37 +250,28 @@ export class OverlayRegistry {
   }
 
   /**
-   * Follows mvpc:events on its own connection until stopped() and calls
-   * kick() for a change of NICs, of an overlay's membership or of another
-   * host.
+   * Follows this host's scoped streams (common/events.ts: the VPCs held here,
+   * its own, the fleet's for host.*) until stopped() and calls kick() for a
+   * change of NICs, of an overlay's membership or of another host.
    */
   async watch(kick: () => void, stopped: () => boolean): Promise<void> {
-    this.sub = this.redis.duplicate();
-    this.sub.on("error", () => undefined);
-    let last = "$";
-    while (!stopped()) {
-      try {
-        const r = (await this.sub.xread("COUNT", 1000, "BLOCK", 1000, "STREAMS", "mvpc:events", last)) as [string, [string, string[]][]][] | null;
-        if (!r) continue;
-        let changed = false;
-        for (const [, entries] of r) {
-          for (const [id, fields] of entries) {
-            last = id;
-            const kind = fields[fields.indexOf("kind") + 1] ?? "";
-            const host = fields[fields.indexOf("host") + 1] ?? "";
-            // gw.nat.*: a NAT gateway's holder changed, or the gateway came or went (its peer's 0.0.0.0/0).
-            if (/^(nic|overlay|host|gw\.nat)\./.test(kind) && !(kind.startsWith("host.") && host === this.hostId)) changed = true;
-          }
-        }
-        if (changed) kick();
-      } catch {
-        if (!stopped()) await new Promise((r) => setTimeout(r, 500));
-      }
-    }
+    const w = followScoped(
+      this.redis,
+      { host: this.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.hostId)), registry: true },
+      // gw.nat.*: a NAT gateway's holder changed, or the gateway came or went (its peer's 0.0.0.0/0).
+      /^(nic|overlay|host|gw\.nat)\./,
+      (events) => {
+        // feed.*: a VPC arrived or left, or a stream was trimmed past this host: a pass.
+        if (events.some((e) => !(e.kind.startsWith("host.") && e.host === this.hostId))) kick();
+      },
+      stopped,
+    );
+    this.stopWatch = w.stop;
+    await w.done;
   }
 
-  /** Ends watch()'s connection. */
+  /** Ends watch() and its connection. */
   closeWatch(): void {
-    this.sub?.disconnect();
+    this.stopWatch?.();
   }
 }

@@ -1,0 +1,221 @@
+// The scoped change feed (services/common/events.ts) against a real
+// redis-server: a host hears its VPCs and nothing else, a VPC arriving or
+// leaving changes what it reads without losing a change, and a host that was
+// away reads on from its last position, or resyncs once when trimming took
+// that position. The consumer here is the smallest honest one: it applies
+// events as deltas and reads a VPC's state again on feed.joined and
+// feed.resync; convergence means its view equals Redis.
+import assert from "node:assert/strict";
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, test } from "vitest";
+import { emit, EventFeed, hostEvents, lostSince, MemoryPositions, vpcEvents, type EventFields } from "../../services/common/events.js";
+import { startRedis, type TestRedis } from "../lib/redis.js";
+
+let server: TestRedis;
+let r: Redis;
+
+beforeAll(async () => {
+  server = await startRedis({ persistence: false });
+  r = new Redis(server.url);
+});
+
+afterAll(async () => {
+  r.disconnect();
+  await server.stop();
+});
+
+let seq = 0;
+const vpc = () => `vpc-${(0xa00000000000 + ++seq).toString(16)}`;
+const items = (v: string) => `t:${v}:items`;
+const held = (h: string) => `t:host:${h}:vpcs`;
+
+/** A change: the item's new value (or its removal) and its event, in one MULTI, as the Lua scripts do. */
+async function change(v: string, item: string, value: string | null): Promise<void> {
+  const m = r.multi();
+  if (value === null) m.hdel(items(v), item);
+  else m.hset(items(v), item, value);
+  await m.exec();
+  await emit(r, { vpcs: [v] }, ["kind", "t.item", "vpc", v, "item", item, "value", value ?? ""]);
+}
+
+/** A VPC arrives on a host: its record, then the event on the host's stream (as netagent's ADD_NIC). */
+async function arrive(h: string, v: string): Promise<void> {
+  await r.hset(held(h), v, "1");
+  await emit(r, { vpcs: [v], hosts: [h] }, ["kind", "nic.attached", "host", h, "vpc", v]);
+}
+
+async function leave(h: string, v: string): Promise<void> {
+  await r.hdel(held(h), v);
+  await emit(r, { vpcs: [v], hosts: [h] }, ["kind", "nic.detached", "host", h, "vpc", v]);
+}
+
+class Consumer {
+  readonly view = new Map<string, Map<string, string>>();
+  readonly seen: EventFields[] = [];
+  pending: Promise<unknown> = Promise.resolve();
+  feed: EventFeed;
+  running?: Promise<void>;
+  constructor(
+    readonly host: string,
+    positions = new MemoryPositions(),
+  ) {
+    this.feed = new EventFeed(r, {
+      host,
+      vpcs: async () => Object.keys(await r.hgetall(held(host))),
+      kinds: /^t\./,
+      positions,
+      blockMs: 200,
+      onEvents: (evs) => {
+        this.seen.push(...evs);
+        // Applied in order, as a sync loop would: a state read is awaited before later deltas.
+        for (const e of evs) this.pending = this.pending.then(() => this.apply(e));
+      },
+    });
+  }
+  async apply(e: EventFields): Promise<void> {
+    if (e.kind === "feed.joined" || e.kind === "feed.resync") {
+      this.view.set(e.vpc, new Map(Object.entries(await r.hgetall(items(e.vpc)))));
+    } else if (e.kind === "feed.left") this.view.delete(e.vpc);
+    else if (e.kind === "t.item") {
+      const m = this.view.get(e.vpc);
+      if (!m) return;
+      if (e.value === "") m.delete(e.item);
+      else m.set(e.item, e.value);
+    }
+  }
+  start(): this {
+    this.running = this.feed.run();
+    return this;
+  }
+  async stop(): Promise<void> {
+    this.feed.stop();
+    await this.running;
+    await this.pending;
+  }
+}
+
+async function until(what: string, ok: () => boolean | Promise<boolean>, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await ok())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((res) => setTimeout(res, 20));
+  }
+}
+
+async function converged(c: Consumer, vs: string[]): Promise<boolean> {
+  await c.pending;
+  for (const v of vs) {
+    const want = JSON.stringify(Object.entries(await r.hgetall(items(v))).sort());
+    const have = JSON.stringify([...(c.view.get(v) ?? new Map<string, string>())].sort());
+    if (want !== have) return false;
+  }
+  return true;
+}
+
+test("lostSince: a position still in the stream, or right before its first entry, lost nothing", () => {
+  assert.equal(lostSince("5-0", { first: "3-0", lastGenerated: "9-0" }), false);
+  assert.equal(lostSince("5-0", { first: "5-0", lastGenerated: "9-0" }), false);
+  assert.equal(lostSince("5-0", { first: "5-1", lastGenerated: "9-0" }), false);
+  assert.equal(lostSince("5-0", { first: "5-2", lastGenerated: "9-0" }), true);
+  assert.equal(lostSince("5-0", { first: "7-0", lastGenerated: "9-0" }), true);
+  assert.equal(lostSince("9-0", { lastGenerated: "9-0" }), false);
+  assert.equal(lostSince("5-0", { lastGenerated: "9-0" }), true);
+  assert.equal(lostSince("0-0", { lastGenerated: "0-0" }), false);
+});
+
+test("a host hears the VPCs it holds and is not woken by others; a VPC arriving or leaving loses no change", async () => {
+  const [mine, other, later] = [vpc(), vpc(), vpc()];
+  await arrive("fa", mine);
+  await change(mine, "x", "1");
+  let wakes = 0;
+  const c = new Consumer("fa");
+  c.feed.spec.onWake = () => wakes++;
+  c.start();
+  await c.feed.ready;
+  assert.deepEqual(c.feed.vpcs(), [mine]);
+  await until("the first read", () => converged(c, [mine]));
+
+  // Another VPC's changes: not one wake-up, not one event.
+  const before = wakes;
+  for (let i = 0; i < 20; i++) await change(other, `o${i}`, "1");
+  await change(mine, "y", "2");
+  await until("mine's change", () => converged(c, [mine]));
+  assert.equal(wakes - before, 1, "woken once, by its own VPC's change");
+  assert.ok(!c.seen.some((e) => e.vpc === other), "an event of a VPC it does not hold reached it");
+
+  // A VPC arrives while it is being changed: every change made from then on shows.
+  await change(later, "a", "1");
+  const writer = (async () => {
+    for (let i = 0; i < 50; i++) await change(later, `k${i % 7}`, String(i));
+  })();
+  await arrive("fa", later);
+  await writer;
+  await until("the arrived VPC's state", () => converged(c, [mine, later]));
+  assert.ok(c.seen.some((e) => e.kind === "feed.joined" && e.vpc === later));
+
+  // It leaves: its stream is no longer read, its view is dropped.
+  await leave("fa", later);
+  await until("feed.left", () => c.seen.some((e) => e.kind === "feed.left" && e.vpc === later));
+  assert.deepEqual(c.feed.vpcs(), [mine]);
+  const n = c.seen.length;
+  await change(later, "z", "1");
+  await change(mine, "w", "3");
+  await until("mine's change", () => converged(c, [mine]));
+  assert.ok(!c.seen.slice(n).some((e) => e.vpc === later));
+  await c.stop();
+});
+
+test("a host that was away reads on from its last position: the changes it missed, no resync", async () => {
+  const v = vpc();
+  await arrive("fb", v);
+  const positions = new MemoryPositions();
+  const c1 = new Consumer("fb", positions).start();
+  await c1.feed.ready;
+  await until("the first read", () => converged(c1, [v]));
+  await change(v, "a", "1");
+  await until("the first change", () => converged(c1, [v]));
+  const view = c1.view;
+  await c1.stop();
+
+  for (let i = 0; i < 30; i++) await change(v, `m${i % 5}`, String(i));
+  await change(v, "a", null);
+  const c2 = new Consumer("fb", positions);
+  for (const [k, m] of view) c2.view.set(k, new Map(m)); // what the host had applied before it went away
+  c2.start();
+  await until("the catch-up", () => converged(c2, [v]));
+  assert.ok(
+    !c2.seen.some((e) => e.kind.startsWith("feed.")),
+    `caught up without a resync: ${JSON.stringify(c2.seen.filter((e) => e.kind.startsWith("feed.")))}`,
+  );
+  assert.equal(c2.seen.filter((e) => e.kind === "t.item").length, 31);
+  await c2.stop();
+});
+
+test("a host that was away past a trim resyncs once and converges", async () => {
+  const v = vpc();
+  await arrive("fc", v);
+  const positions = new MemoryPositions();
+  const c1 = new Consumer("fc", positions).start();
+  await c1.feed.ready;
+  await change(v, "a", "1");
+  await until("the first change", () => converged(c1, [v]));
+  const view = c1.view;
+  await c1.stop();
+
+  // Away: changes, then trimming takes the stream past its position (MAXLEN, as a busy VPC's would).
+  for (let i = 0; i < 40; i++) await change(v, `t${i % 9}`, String(i));
+  await change(v, "a", null);
+  await r.xtrim(vpcEvents(v), "MAXLEN", 5);
+  await r.xtrim(hostEvents("fc"), "MAXLEN", 0);
+  const c2 = new Consumer("fc", positions);
+  for (const [k, m] of view) c2.view.set(k, new Map(m));
+  c2.start();
+  await until("the resync", () => converged(c2, [v]));
+  const resyncs = c2.seen.filter((e) => e.kind === "feed.resync");
+  assert.equal(resyncs.filter((e) => e.vpc === v).length, 1, JSON.stringify(resyncs));
+  // A change after the resync arrives as a delta.
+  await change(v, "b", "2");
+  await until("the next change", () => converged(c2, [v]));
+  assert.equal(c2.seen.filter((e) => e.kind === "feed.resync" && e.vpc === v).length, 1);
+  await c2.stop();
+});
