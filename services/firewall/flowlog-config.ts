@@ -6,6 +6,7 @@
 // firewall was down, is applied by the next pass. Where the output goes
 // (directory, rotation) stays the daemon's flags: it is the host's disk.
 import type { Redis } from "ioredis";
+import { LUA_EMIT } from "../common/events.js";
 import { AlreadyExistsError, InvalidArgumentError } from "../common/errors.js";
 import { newId } from "../common/ids.js";
 import { reportInvalid } from "../common/invalid-records.js";
@@ -82,7 +83,7 @@ export function flowLogNics(nics: BindingRec[], configs: FlowLogConfigRec[], ext
 // KEYS: 1 config hash, 2 all ids, 3 by resource, 4 VPC's ids, 5 the VPC's IPAM hash.
 // ARGV: 1 id, 2 resource, 3 vpc, then the hash's field/value pairs.
 // Returns {1, id} created, {-1, id} the resource has one, {-2, vpc} the VPC is gone.
-const CREATE = `
+const CREATE = `${LUA_EMIT}
 local F = '${F}'
 local id, res, vpc = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', KEYS[5]) == 0 then return {-2, vpc} end
@@ -95,12 +96,12 @@ redis.call('ZADD', KEYS[2], 0, id)
 redis.call('HSET', KEYS[3], res, id)
 redis.call('SADD', KEYS[4], id)
 local g = redis.call('INCR', F .. 'gen')
-redis.call('XADD', '${K.events}', 'MAXLEN', '~', 100000, '*', 'kind', 'fw.flowlog.created', 'vpc', vpc, 'gen', g, 'flowlog', id)
+mvpc_emit({vpc}, {}, 'kind', 'fw.flowlog.created', 'vpc', vpc, 'gen', g, 'flowlog', id)
 return {1, id}
 `;
 
 // KEYS: 1 config hash, 2 all ids, 3 by resource. ARGV: 1 id. Returns {1} deleted, {0} absent.
-const DELETE = `
+const DELETE = `${LUA_EMIT}
 local F = '${F}'
 local id = ARGV[1]
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
@@ -111,7 +112,7 @@ redis.call('DEL', KEYS[1])
 if res and redis.call('HGET', KEYS[3], res) == id then redis.call('HDEL', KEYS[3], res) end
 redis.call('SREM', F .. 'vpc:' .. vpc .. ':flowlogs', id)
 local g = redis.call('INCR', F .. 'gen')
-redis.call('XADD', '${K.events}', 'MAXLEN', '~', 100000, '*', 'kind', 'fw.flowlog.deleted', 'vpc', vpc, 'gen', g, 'flowlog', id)
+mvpc_emit({vpc}, {}, 'kind', 'fw.flowlog.deleted', 'vpc', vpc, 'gen', g, 'flowlog', id)
 return {1}
 `;
 
