@@ -472,13 +472,16 @@ interface DaemonApply {
 }
 
 /** Counts of the host-0 daemon's successful applies and its apply timer, by kind. */
-async function fwCounters(port: number): Promise<{ full: number; elements: number; sumFull: number; sumEl: number }> {
+/** The daemon's applies: whole (full) and partial — an element diff of a pass, or a NIC's delta (kind "delta", sync.ts). */
+async function fwCounters(port: number): Promise<{ full: number; elements: number; delta: number; sumFull: number; sumEl: number }> {
   const s = await scrape(port);
+  const delta = sum(s, "microvpc_firewall_nft_applies_total", { kind: "delta", result: "ok" });
   return {
     full: sum(s, "microvpc_firewall_nft_applies_total", { kind: "full", result: "ok" }),
-    elements: sum(s, "microvpc_firewall_nft_applies_total", { kind: "elements", result: "ok" }),
+    elements: sum(s, "microvpc_firewall_nft_applies_total", { kind: "elements", result: "ok" }) + delta,
+    delta,
     sumFull: sum(s, "microvpc_firewall_apply_seconds_sum", { kind: "full" }),
-    sumEl: sum(s, "microvpc_firewall_apply_seconds_sum", { kind: "elements" }),
+    sumEl: sum(s, "microvpc_firewall_apply_seconds_sum", { kind: "elements" }) + sum(s, "microvpc_firewall_apply_seconds_sum", { kind: "delta" }),
   };
 }
 
@@ -511,7 +514,7 @@ async function timedApply(fw0: FwClient, metricsPort: number, change: () => Prom
   if (!inKernel) e2eMs = msSince(s);
   if (after.full + after.elements <= before.full + before.elements || (inKernel && !seen))
     throw new Error(`the firewall daemon applied nothing within ${APPLY_WAIT_MS / 1000} s`);
-  const kind = after.full > before.full ? "full" : "elements";
+  const kind = after.full > before.full ? "full" : after.delta > before.delta ? "delta" : "elements";
   const daemonMs = (after.sumFull - before.sumFull + (after.sumEl - before.sumEl)) * 1000;
   // The whole pass: wait for the status generation to move past the pass (bounded; each call runs an nft exec in the daemon).
   let passMs = Number.NaN;
