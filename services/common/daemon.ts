@@ -103,7 +103,7 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
     .addOption(
       new Option(
         "--tls-reload-interval-ms <ms>",
-        "how often --tls-cert, --tls-key and --tls-client-ca are read again; a renewed set that fits is served to new connections without a restart (0: never)",
+        "how often the TLS certificate, key and client CA files are read again; a renewed set that fits is served to new connections without a restart (0: never)",
       )
         .env(env("TLS_RELOAD_INTERVAL_MS"))
         .default("60000"),

@@ -45,7 +45,7 @@ export const netagentDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_UNDERLAY_INTERFACE")
       .default("auto"),
-    new Option("--underlay-address <ip>", "this host's WireGuard endpoint address (default: the first global IPv4 of --underlay-interface)").env(
+    new Option("--underlay-address <ip>", "this host's WireGuard endpoint address (default: the first global IPv4 of the underlay interface)").env(
       "MICROVPC_UNDERLAY_ADDRESS",
     ),
     new Option(

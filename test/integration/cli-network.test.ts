@@ -787,7 +787,7 @@ test("help and completion cover the new command groups", async () => {
     );
   assert.match(
     await complete(["microvpc", ""]),
-    /^vpc subnet ip sg acl nat fip pf dns vm test-connectivity host nic flow-logs metadata status config version completion /,
+    /^vpc subnet ip sg acl nat fip pf vpn dns vm test-connectivity host nic flow-logs metadata status config version completion /,
   );
   assert.match(await complete(["microvpc", "vpc", "peer", ""]), /^create list get delete /);
   assert.match(await complete(["microvpc", "sg", "rule", ""]), /^add remove /);

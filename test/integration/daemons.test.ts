@@ -27,7 +27,8 @@ for (const svc of ["ipam", "netagent", "firewall", "gateway", "vmm"]) {
     const options = r.stdout.split("\n").filter((l) => /^\s+--[a-z]/.test(l) && !meta(l));
     assert.ok(options.length >= 8);
     assert.match(r.stdout, /^\s+--version\s+print the version/m, "--version is listed");
-    const blocks = r.stdout.split(/\n(?=\s+--)/).filter((b) => /^\s+--[a-z]/.test(b) && !meta(b));
+    // An option's line is indented two spaces; its wrapped description deeper (and may start with "--another-flag").
+    const blocks = r.stdout.split(/\n(?= {2}--)/).filter((b) => /^ {2}--[a-z]/.test(b) && !meta(b));
     for (const b of blocks) assert.match(b.replace(/\s+/g, " "), /env: MICROVPC_/, b);
   });
 }
