@@ -32,6 +32,11 @@ redis.call('DEL', KEYS[4])
 return tostring(redis.call('INCR', KEYS[5]))
 `;
 
+/** CREATE's and DELETE's KEYS (the VPC's name, key and address indexes, the record, the generation) and first ARGV. */
+function clientKeysAndArgs(c: VpnClientRec): string[] {
+  return [VK.clients(c.vpcId), VK.keys(c.vpcId), VK.addrs(c.vpcId), VK.client(c.id), VK.gen, c.name, c.publicKey, c.address];
+}
+
 export class VpnStore {
   constructor(readonly redis: Redis) {}
 
@@ -100,39 +105,14 @@ export class VpnStore {
     return new Set(await this.redis.hkeys(VK.addrs(vpcId)));
   }
 
-  /** "" when written (the new gen), else which of name/key/addr was taken. */
+  /** The new generation when written, else which of name/key/addr was taken. */
   async create(c: VpnClientRec): Promise<{ gen: number } | { taken: "name" | "key" | "addr" }> {
-    const r = (await this.redis.eval(
-      CREATE,
-      5,
-      VK.clients(c.vpcId),
-      VK.keys(c.vpcId),
-      VK.addrs(c.vpcId),
-      VK.client(c.id),
-      VK.gen,
-      c.name,
-      c.publicKey,
-      c.address,
-      c.id,
-      JSON.stringify(c),
-      `${c.vpcId}/${c.name}`,
-    )) as string;
+    const r = (await this.redis.eval(CREATE, 5, ...clientKeysAndArgs(c), c.id, JSON.stringify(c), `${c.vpcId}/${c.name}`)) as string;
     return r === "name" || r === "key" || r === "addr" ? { taken: r } : { gen: Number(r) };
   }
 
   async delete(c: VpnClientRec): Promise<number | null> {
-    const r = (await this.redis.eval(
-      DELETE,
-      5,
-      VK.clients(c.vpcId),
-      VK.keys(c.vpcId),
-      VK.addrs(c.vpcId),
-      VK.client(c.id),
-      VK.gen,
-      c.name,
-      c.publicKey,
-      c.address,
-    )) as string;
+    const r = (await this.redis.eval(DELETE, 5, ...clientKeysAndArgs(c))) as string;
     return r === "0" ? null : Number(r);
   }
 
