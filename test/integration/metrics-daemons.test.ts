@@ -12,6 +12,7 @@
 import assert from "node:assert/strict";
 import { readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { parse as parseYaml } from "yaml";
 import { FirewallService, Direction, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
@@ -19,6 +20,7 @@ import { Health, HealthCheckResponse_ServingStatus as Serving } from "../../gen/
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { K } from "../../services/ipam/keys.js";
 import { ROOT, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../lib/harness.js";
 import { probe, scrape } from "../lib/metrics.js";
@@ -30,12 +32,14 @@ let fwd: Daemon, gwd: Daemon, vmmd: Daemon;
 let vpc: Vpc;
 let web: Subnet;
 let a: Vm, b: Vm, c: Vm;
+let redis: Redis;
 
 const health = (d: { address: string }) => grpcClient(Health, { address: d.address, timeoutMs: 3000 });
 const serving = async (d: { address: string }) => (await health(d).check({})).status === Serving.SERVING;
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 2, overlay: true, agentArgs: ["--reconcile-interval-ms", "1000"] });
+  redis = new Redis(h.redis.url);
   ({ fwd, gwd, vmmd } = (await h.hostServices(0, { driftMs: 1000, vmm: true })) as { fwd: Daemon; gwd: Daemon; vmmd: Daemon });
   vpc = await h.vpc("metrics", "10.40.0.0/16");
   web = await h.subnet(vpc, "web", "10.40.1.0/24", SubnetType.PUBLIC);
@@ -58,6 +62,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  redis?.disconnect();
   for (const d of [vmmd, gwd, fwd]) await d?.stop();
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);
@@ -101,16 +106,27 @@ describe("data-plane metrics", () => {
   test("a NIC's drop counter rises after a blocked probe and not after an allowed one; its VPC's too", async () => {
     const nicDrops = async () => (await scrape(fwd.metricsPort)).get("microvpc_firewall_nic_dropped_packets_total", { nic: b.nicId, direction: "ingress" });
     const vpcDrops = async () => (await scrape(fwd.metricsPort)).get("microvpc_firewall_vpc_dropped_packets_total", { vpc: vpc.id, reason: "policy" });
-    // The reading is cached for 5 s: start from a fresh one.
-    await sleep(5200);
-    const before = await nicDrops();
-    assert.ok(before !== undefined, "b has its own series");
-    assert.ok(await tcpProbe(a.ns, b.address, 80, 1500), "80 is allowed");
-    await sleep(5200);
-    assert.equal(await nicDrops(), before, "an allowed connection drops nothing");
+    // The kernel's own counter, which the series reports (read at most every 5 s).
+    const vpcNs = h.hosts[0].vpcNamespace(vpc.id);
+    const kernelDrops = async () => {
+      const r = await nsExec(vpcNs, "nft", ["-j", "list", "counter", "inet", "microvpc", `nic_${b.nicId.slice(-12)}_in_drop`]);
+      const c = (JSON.parse(r.stdout) as { nftables: { counter?: { packets: number } }[] }).nftables.find((x) => x.counter)?.counter;
+      assert.ok(c, `b's ingress drop counter in ${vpcNs}`);
+      return c.packets;
+    };
+    // Instead of waiting out the cache: a reading that shows the kernel's counter (nothing drops meanwhile).
+    const before = await kernelDrops();
+    assert.ok(await waitFor(async () => (await nicDrops()) === before, { timeoutMs: 8000, intervalMs: 250 }), "b has its own series, the kernel's count");
     const vpcBefore = (await vpcDrops())!;
+    assert.ok(await tcpProbe(a.ns, b.address, 80, 1500), "80 is allowed");
+    assert.equal(await kernelDrops(), before, "an allowed connection drops nothing");
     assert.equal(await tcpProbe(a.ns, b.address, 22, 800), false);
-    assert.ok(await waitFor(async () => ((await nicDrops()) ?? 0) > before!, { timeoutMs: 8000, intervalMs: 500 }), "the blocked SYN is counted");
+    // Counted, and the series shows the kernel's count, which the allowed connection did not move.
+    let now: number | undefined;
+    assert.ok(
+      await waitFor(async () => (now = await nicDrops()) !== undefined && now > before && now === (await kernelDrops()), { timeoutMs: 8000, intervalMs: 250 }),
+      `the blocked SYN is counted: ${before} -> ${now}`,
+    );
     assert.ok(((await vpcDrops()) ?? 0) > vpcBefore, "and in the VPC's series");
   });
 
@@ -122,7 +138,9 @@ describe("data-plane metrics", () => {
         free: m.get("microvpc_ipam_subnet_addresses", { subnet: web.id, state: "free" }),
       };
     };
-    await sleep(5200);
+    // Instead of waiting out the 5 s cache: a reading that shows the allocator's counter (nothing allocates meanwhile).
+    const counter = Number((await redis.get(K.used(web.id))) ?? 0);
+    assert.ok(await waitFor(async () => (await usage()).used === counter, { timeoutMs: 8000, intervalMs: 250 }), `used ${counter}, the allocator's count`);
     const before = await usage();
     assert.ok(before.used !== undefined && before.free !== undefined);
     await h.allocate(web, "metrics-test");
