@@ -24,6 +24,7 @@
 // failure; FUZZ_SEED=<n> and FUZZ_RUNS=<n> (default 10 runs per method, about
 // 2.5 minutes for the file) change them.
 import assert from "node:assert/strict";
+import { readdirSync } from "node:fs";
 import type { DescField, DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import fc from "fast-check";
@@ -45,7 +46,7 @@ import { EVENTS } from "../../services/common/events.js";
 import type { Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
 import { rejectsWith } from "../lib/clients.js";
-import { ipn, listNetns, run, tempDir } from "../lib/netns.js";
+import { ipn, run, tempDir } from "../lib/netns.js";
 import { brief, build, diffSnapshots, judge, kernelLines, redisSnapshot, requestArb, type BaseValues, type Snapshot } from "../lib/rpc-fuzz.js";
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20261313);
@@ -181,26 +182,21 @@ const base: BaseValues = (method: string, f: DescField, path: string) => {
 /** Kernel state of the host's namespaces: its host namespace, and every namespace netagent and vmm made for it. */
 async function kernelSnapshot(): Promise<Snapshot> {
   const hv = h.hosts[0];
-  const names = [hv.ns, ...(await listNetns()).filter((n) => n.startsWith(`mvpc-${hv.id}-`) || n.startsWith(`mvpcvm-${hv.id}-`))].sort();
-  // One shell for all of it: the names are ours (run prefix, ids of [a-z0-9-]).
-  const script = names
-    .map(
-      (n) =>
-        `echo "@@@ ${n} link"; ip -n ${n} -o link; echo "@@@ ${n} addr"; ip -n ${n} -o addr; echo "@@@ ${n} route"; ip -n ${n} route; echo "@@@ ${n} nft"; ip netns exec ${n} nft list ruleset`,
-    )
-    .join("\n");
-  const r = await run("sh", ["-c", script], { timeoutMs: 20_000, check: false });
-  const per = new Map<string, { link: string; addr: string; route: string; nft: string }>();
-  let cur: { ns: string; part: string } | undefined;
-  for (const line of r.stdout.split("\n")) {
-    const m = /^@@@ (\S+) (link|addr|route|nft)$/.exec(line);
-    if (m) {
-      cur = { ns: m[1], part: m[2] };
-      if (!per.has(m[1])) per.set(m[1], { link: "", addr: "", route: "", nft: "" });
-      continue;
-    }
-    if (cur) (per.get(cur.ns) as Record<string, string>)[cur.part] += line + "\n";
-  }
+  // /run/netns read directly: `ip netns list` is a process, and asks the kernel for every namespace's id on the machine.
+  const names = [hv.ns, ...readdirSync("/run/netns").filter((n) => n.startsWith(`mvpc-${hv.id}-`) || n.startsWith(`mvpcvm-${hv.id}-`))].sort();
+  // Two processes per namespace, every namespace at once (a snapshot is taken about twice per call): one
+  // `ip -batch` for links, addresses and routes, and nft in the namespace through nsenter, which (unlike
+  // `ip netns exec`) makes no mount namespace. The names are ours (run prefix, ids of [a-z0-9-]).
+  const per = new Map<string, Record<string, string>>();
+  await Promise.all(
+    names.map(async (n) => {
+      const [ip, nft] = await Promise.all([
+        ipn(n, ["-o", "-batch", "-"], { input: "link show\naddr show\nroute show\n", timeoutMs: 20_000, check: false }),
+        run("nsenter", [`--net=/run/netns/${n}`, "nft", "list", "ruleset"], { timeoutMs: 20_000, check: false }),
+      ]);
+      per.set(n, { ip: ip.stdout, nft: nft.stdout });
+    }),
+  );
   const snap = kernelLines(per);
   snap.set("namespaces", names.join(" "));
   return snap;
@@ -254,11 +250,19 @@ interface KernelState {
   /** passCount() read just before the snapshot. */
   passes: number;
   snap: Snapshot;
+  /**
+   * passCount() read just after it: a pass that changed the kernel while the
+   * snapshot was taken may end only then (seen in a run: the firewall's drift
+   * pass removing an ACL's chains, 30 s after the NetAgent DeleteSubnet that
+   * removed its bridge, inside a rejected call's before/after).
+   */
+  passesAfter: number;
 }
 
 async function kernelState(): Promise<KernelState> {
   const passes = await passCount();
-  return { passes, snap: await kernelSnapshot() };
+  const snap = await kernelSnapshot();
+  return { passes, snap, passesAfter: await passCount() };
 }
 
 /** As settle(), and no reconciler pass ended in the last 250 ms either. */
@@ -267,7 +271,35 @@ async function settleKernel(): Promise<KernelState> {
   for (let i = 0; i < 20; i++) {
     await new Promise((r) => setTimeout(r, 250));
     const next = await kernelState();
-    if (next.passes === prev.passes && diffSnapshots(prev.snap, next.snap).length === 0) return next;
+    if (next.passesAfter === prev.passes && diffSnapshots(prev.snap, next.snap).length === 0) return next;
+    prev = next;
+  }
+  return prev;
+}
+
+/**
+ * After an accepted call to a kernel-side service: as settle() and
+ * settleKernel() at once, Redis and the kernel both unchanged over the same
+ * 250 ms and no reconciler pass ended in it (each 250 ms window costs one
+ * Redis and one kernel snapshot, taken at once, not a window each). Redis's
+ * "before" of the next call is so taken after the kernel settled too, not
+ * ahead of it: a late Redis write of a reconciler is not blamed on that call.
+ */
+async function settleBoth(): Promise<{ redis: Snapshot; kernel: KernelState }> {
+  const take = async () => {
+    const [redisSnap, kernel] = await Promise.all([redisSnapshot(redis, skip), kernelState()]);
+    return { redis: redisSnap, kernel };
+  };
+  let prev = await take();
+  for (let i = 0; i < 20; i++) {
+    await new Promise((r) => setTimeout(r, 250));
+    const next = await take();
+    if (
+      next.kernel.passesAfter === prev.kernel.passes &&
+      diffSnapshots(prev.kernel.snap, next.kernel.snap).length === 0 &&
+      diffSnapshots(prev.redis, next.redis).length === 0
+    )
+      return next;
     prev = next;
   }
   return prev;
@@ -338,8 +370,8 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
             problems.push(`the daemon exited (${d.proc.exitCode ?? d.proc.signalCode}):\n${d.output().slice(-2000)}`);
           if (outcome.code === "OK" && !readOnly) {
             // Accepted: it may change things, now or shortly (events the daemons follow). Start again from there.
-            redisNow = await settle(() => redisSnapshot(redis, skip));
-            if (kernelBefore) kernelNow = await settleKernel();
+            if (kernelBefore) ({ redis: redisNow, kernel: kernelNow } = await settleBoth());
+            else redisNow = await settle(() => redisSnapshot(redis, skip));
           } else {
             redisNow = await redisSnapshot(redis, skip);
             // CreateVm is a saga with a durable record: one that ran and was rolled back ("every step done
@@ -353,7 +385,7 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
             if (kernelBefore) {
               kernelNow = await kernelState();
               const kd = diffSnapshots(kernelBefore.snap, kernelNow.snap);
-              if (kd.length && kernelNow.passes !== kernelBefore.passes) {
+              if (kd.length && kernelNow.passesAfter !== kernelBefore.passes) {
                 // A reconciler's pass ended meanwhile: the change may be its (what an earlier call set off), not this call's.
                 console.log(`${m.name}: the kernel changed while a reconciler pass ended; not blamed on the call: ${kd.slice(0, 5).join(", ")}`);
                 kernelNow = await settleKernel();

@@ -137,10 +137,10 @@ export async function redisSnapshot(r: Redis, skip: (key: string) => boolean): P
 /**
  * Kernel state that matters, one entry per line (so a difference shows the
  * very line): for each namespace its links, addresses, routes and nftables
- * ruleset, without what changes by itself (packet counters, address
- * lifetimes, set element expiry).
+ * ruleset (each part a dump, named as the caller likes), without what
+ * changes by itself (packet counters, address lifetimes, set element expiry).
  */
-export function kernelLines(perNs: Map<string, { link: string; addr: string; route: string; nft: string }>): Snapshot {
+export function kernelLines(perNs: Map<string, Record<string, string>>): Snapshot {
   const snap: Snapshot = new Map();
   const add = (key: string) => snap.set(key, String(Number(snap.get(key) ?? 0) + 1));
   for (const [ns, s] of perNs) {
