@@ -6,8 +6,9 @@
 # (mvpcqs-host, mvpcqs-host2, mvpcqs-host3), with its own netagent (WireGuard
 # overlay), firewall, gateway and vmm on 127.0.0.1; one ipam and one Redis
 # serve all three. The uplinks and the "internet" namespace (mvpcqs-inet) share
-# one underlay, a bridge in mvpcqs-ul. This machine's own network is never
-# touched. Ctrl-C during `up` leaves nothing behind.
+# one underlay, a bridge in mvpcqs-ul. The demo's VPN client is a
+# wireguard-go interface (mvpcqs-laptop) in mvpcqs-inet. This machine's own
+# network is never touched. Ctrl-C during `up` leaves nothing behind.
 #
 #   host   namespace      uplink          host id  gRPC (metrics: +2000)
 #   1      mvpcqs-host    192.168.250.10  qs       ipam 7401, netagent 7402, firewall 7403, gateway 7404, vmm 7405
@@ -39,7 +40,8 @@ export MICROVPC_DEMO_HOSTS="qs=127.0.0.1:7405,qs2=127.0.0.1:7415,qs3=127.0.0.1:7
 # The demo's VPN: blog's endpoint on host 2's uplink; the client is a
 # wireguard-go interface in the internet namespace, its PID in $RUN/vpn.
 VPN_IF=mvpcqs-laptop
-export MICROVPC_DEMO_VPN_ENDPOINT="qs2=192.168.250.11:51820" MICROVPC_DEMO_VPN_IFNAME=$VPN_IF MICROVPC_DEMO_RUN_DIR="$RUN"
+export MICROVPC_DEMO_VPN_ENDPOINT="qs2=192.168.250.11:51820" MICROVPC_DEMO_VPN_NETAGENT=127.0.0.1:7412
+export MICROVPC_DEMO_VPN_IFNAME=$VPN_IF MICROVPC_DEMO_RUN_DIR="$RUN"
 
 install_missing() {
   local missing=()
