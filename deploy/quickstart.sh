@@ -6,8 +6,9 @@
 # (mvpcqs-host, mvpcqs-host2, mvpcqs-host3), with its own netagent (WireGuard
 # overlay), firewall, gateway and vmm on 127.0.0.1; one ipam and one Redis
 # serve all three. The uplinks and the "internet" namespace (mvpcqs-inet) share
-# one underlay, a bridge in mvpcqs-ul. This machine's own network is never
-# touched. Ctrl-C during `up` leaves nothing behind.
+# one underlay, a bridge in mvpcqs-ul. The demo's VPN client is a
+# wireguard-go interface (mvpcqs-laptop) in mvpcqs-inet. This machine's own
+# network is never touched. Ctrl-C during `up` leaves nothing behind.
 #
 #   host   namespace      uplink          host id  gRPC (metrics: +2000)
 #   1      mvpcqs-host    192.168.250.10  qs       ipam 7401, netagent 7402, firewall 7403, gateway 7404, vmm 7405
@@ -36,6 +37,11 @@ export MICROVPC_SERVER=127.0.0.1:7401 MICROVPC_FIREWALL=127.0.0.1:7403 MICROVPC_
 export MICROVPC_DEMO_INTERNET_NS=$INETNS MICROVPC_DEMO_INTERNET_ADDR=192.168.250.200 MICROVPC_DEMO_HOST_ADDR=192.168.250.10
 # What the demo needs of hosts 2 and 3 (host 1's are the variables above).
 export MICROVPC_DEMO_HOSTS="qs=127.0.0.1:7405,qs2=127.0.0.1:7415,qs3=127.0.0.1:7425"
+# The demo's VPN: blog's endpoint on host 2's uplink; the client is a
+# wireguard-go interface in the internet namespace, its PID in $RUN/vpn.
+VPN_IF=mvpcqs-laptop
+export MICROVPC_DEMO_VPN_ENDPOINT="qs2=192.168.250.11:51820" MICROVPC_DEMO_VPN_NETAGENT=127.0.0.1:7412
+export MICROVPC_DEMO_VPN_IFNAME=$VPN_IF MICROVPC_DEMO_RUN_DIR="$RUN"
 
 install_missing() {
   local missing=()
@@ -143,16 +149,21 @@ up() {
 
 # wireguard-go runs in a host namespace, but its control socket
 # /var/run/wireguard/<if>.sock is global: end each one the netagents
-# recorded (by PID, if it still is that wireguard-go) and remove its socket.
+# recorded — the overlay's (state/HOST/wg) and the VPN endpoints'
+# (state/HOST/vpn/wg) — and the demo's VPN client (vpn/IF.pid), by PID if it
+# still is that wireguard-go, and remove its socket.
 stop_wireguard() {
   local f ifname pid
-  for f in "$RUN"/state/*/wg/wg*.pid; do
+  for f in "$RUN"/state/*/wg/wg*.pid "$RUN"/state/*/vpn/wg/wg*.pid "$RUN"/vpn/*.pid; do
     [ -e "$f" ] || continue
     ifname=$(basename "$f" .pid)
-    pid=$(grep -o '"pid": *[0-9]*' "$f" | grep -o '[0-9]*$' || true)
+    pid=$(grep -o '"pid": *[0-9]*' "$f" | grep -o '[0-9]*$' || grep -xo '[0-9]*' "$f" || true)
     if [ -n "$pid" ] && tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qx "$ifname"; then kill -9 "$pid" 2>/dev/null || true; fi
     rm -f "/var/run/wireguard/$ifname.sock"
   done
+  # The client's socket even if up was interrupted before its PID was written.
+  rm -f "/var/run/wireguard/$VPN_IF.sock"
+  ip -n "$INETNS" link del "$VPN_IF" 2>/dev/null || true
 }
 
 down() {

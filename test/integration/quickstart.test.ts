@@ -2,9 +2,12 @@
 // hypervisors joined by the WireGuard overlay and runs the demo, whose key
 // lines must hold — cross-host reach through the overlay, isolation between
 // two VPCs with the same CIDR, every host's private VMs seen by the internet
-// as the NAT gateway's one address, the reachability matrix with allowed and
-// denied pairs — within a time bound; `down` and Ctrl-C leave no namespace,
-// no process and no wireguard-go socket behind.
+// as the NAT gateway's one address, a VPN client (wireguard-go in the
+// internet namespace, from the wg-quick file the CLI printed) reaching
+// web-1:80 and neither web-1:22 nor the other VPC, the reachability matrix
+// with allowed and denied pairs — within a time bound; `down` and Ctrl-C
+// leave no namespace (so no interface), no process and no wireguard-go
+// socket behind.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
@@ -39,7 +42,14 @@ function runScript(arg: string, onOutput?: (all: string, child: ReturnType<typeo
 
 const leftovers = async () => (await listNetns()).filter((n) => /^(mvpcqs-|mvpc-qs[23]?-|mvpcvm-qs[23]?-)/.test(n));
 
-/** What `up` started, read from its run directory: the daemons' PIDs and the netagents' wireguard-go interfaces and PIDs. */
+/** The VPN client's wireguard-go interface in mvpcqs-inet (deploy/quickstart.sh VPN_IF). */
+const VPN_IF = "mvpcqs-laptop";
+
+/**
+ * What `up` started, read from its run directory: the daemons' PIDs, and the
+ * wireguard-go interfaces and PIDs of the netagents (overlay, VPN endpoint)
+ * and of the demo's VPN client.
+ */
 function started(): { pids: number[]; wg: { ifname: string; pid: number }[] } {
   const pids: number[] = [];
   const wg: { ifname: string; pid: number }[] = [];
@@ -47,12 +57,15 @@ function started(): { pids: number[]; wg: { ifname: string; pid: number }[] } {
   for (const f of readdirSync(RUN).filter((x) => x.endsWith(".pid"))) pids.push(Number(readFileSync(join(RUN, f), "utf8").trim()));
   const state = join(RUN, "state");
   for (const host of existsSync(state) ? readdirSync(state) : []) {
-    const dir = join(state, host, "wg");
-    for (const f of existsSync(dir) ? readdirSync(dir) : []) {
-      const m = /^(wg[0-9a-f]+)\.pid$/.exec(f);
-      if (m) wg.push({ ifname: m[1], pid: (JSON.parse(readFileSync(join(dir, f), "utf8")) as { pid: number }).pid });
+    for (const dir of [join(state, host, "wg"), join(state, host, "vpn", "wg")]) {
+      for (const f of existsSync(dir) ? readdirSync(dir) : []) {
+        const m = /^(wg[0-9a-f]+)\.pid$/.exec(f);
+        if (m) wg.push({ ifname: m[1], pid: (JSON.parse(readFileSync(join(dir, f), "utf8")) as { pid: number }).pid });
+      }
     }
   }
+  const client = join(RUN, "vpn", `${VPN_IF}.pid`);
+  if (existsSync(client)) wg.push({ ifname: VPN_IF, pid: Number(readFileSync(client, "utf8").trim()) });
   return { pids, wg };
 }
 
@@ -91,7 +104,7 @@ test("quickstart up: three hypervisors, the demo's key lines hold within the bou
   assert.match(up.out, /hypervisor 2 mvpcqs-host2 \(qs2, uplink 192\.168\.250\.11\): netagent :7412/);
   assert.match(up.out, /hypervisor 3 mvpcqs-host3 \(qs3, uplink 192\.168\.250\.12\): netagent :7422/);
   // The matrix: every check as designed, both allowed and denied pairs.
-  assert.equal((up.out.match(/✓ as designed/g) ?? []).length, 10, tail);
+  assert.equal((up.out.match(/✓ as designed/g) ?? []).length, 13, tail);
   assert.doesNotMatch(up.out, /UNEXPECTED/);
   const counts = /(\d+) allowed, (\d+) denied/.exec(up.out);
   assert.ok(counts && Number(counts[1]) > 0 && Number(counts[2]) > 0, `allowed and denied pairs: ${counts?.[0]}`);
@@ -116,8 +129,22 @@ test("quickstart up: three hypervisors, the demo's key lines hold within the bou
   ])
     assert.match(up.out, new RegExp(`│ ${vm}\\s+│ ${host}\\s+│ ${nat[1].replace(/\./g, "\\.")}\\s+│`), `the internet sees ${vm} as ${nat[1]}`);
   assert.match(up.out, /instance-id from 169\.254\.169\.254/);
+  // The VPN client: web-1:80 (its group's one port) through the endpoint on qs2; not web-1:22, which web opens to the VPC; not shop.
+  assert.match(up.out, /VPN laptop 10\.0\.250\.1\s+│ web-1@qs 10\.0\.1\.\d+:80\s+│ allowed\s+│ ✓/);
+  assert.match(up.out, /VPN laptop 10\.0\.250\.1\s+│ web-1@qs 10\.0\.1\.\d+:22\s+│ denied\s+│ ✓/);
+  assert.match(up.out, /VPN laptop 10\.0\.250\.1\s+│ shop-1@qs \(shop\) 10\.0\.2\.\d+:80\s+│ denied\s+│ ✓/);
+  assert.match(
+    up.out,
+    /`microvpc vpn client add --vpc blog --name laptop --security-group vpn-web` printed a wg-quick file \(Address 10\.0\.250\.1\/32, AllowedIPs 10\.0\.0\.0\/16, Endpoint 192\.168\.250\.11:51820\); wireguard-go brought it up as mvpcqs-laptop in mvpcqs-inet: peer 192\.168\.250\.11:51820, handshake \d+ s ago, [1-9]\d* B sent, [1-9]\d* B received/,
+  );
+  assert.match(up.out, /laptop reached web-1:80 on qs through the endpoint on qs2 and the overlay; not web-1:22/);
   const s = started();
   assert.ok(s.wg.length >= 3, `a wireguard-go per VPC and host, blog's on all three (${s.wg.map((w) => w.ifname).join(", ")})`);
+  assert.ok(
+    s.wg.some((w) => w.ifname === VPN_IF && alive(w.pid)),
+    "the VPN client's wireguard-go runs after up",
+  );
+  assert.ok(existsSync(`/var/run/wireguard/${VPN_IF}.sock`));
   const down = await runScript("down");
   assert.equal(down.code, 0);
   await assertNothingLeft(s);
@@ -127,8 +154,8 @@ test("Ctrl-C during up leaves nothing behind", { timeout: 300_000 }, async () =>
   let sent = false;
   let s: ReturnType<typeof started> = { pids: [], wg: [] };
   const r = await runScript("up", (out, child) => {
-    // Interrupted mid-demo: the VMs and the overlay's wireguard-go exist.
-    if (!sent && out.includes("a floating IP for web-1")) {
+    // Interrupted mid-demo: the VMs, the overlay's, the VPN endpoint's and the VPN client's wireguard-go exist.
+    if (!sent && out.includes("VPN client laptop up")) {
       sent = true;
       s = started();
       process.kill(-child.pid!, "SIGINT");
@@ -137,6 +164,10 @@ test("Ctrl-C during up leaves nothing behind", { timeout: 300_000 }, async () =>
   assert.ok(sent, `the demo was running before the interrupt: ${r.out.slice(-3000)}`);
   assert.notEqual(r.code, 0);
   assert.ok(s.pids.length >= 14, `up had started its processes (${s.pids.length})`);
+  assert.ok(
+    s.wg.some((w) => w.ifname === VPN_IF),
+    "the VPN client was up",
+  );
   // up's trap has ended everything when it exits; its last processes may still be reaped (was a fixed 1.5 s).
   await waitFor(
     () =>

@@ -15,20 +15,21 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
+import { startVpnClient, wgSocket } from "../../deploy/vpn-client.js";
 import { grpcClient } from "../../services/common/client.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
-import { ipn, nsExec, onCleanup, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { nsExec, onCleanup, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let prod: Vpc;
@@ -42,31 +43,13 @@ const clients: { ifname: string; proc: ChildProcess }[] = [];
 const vpn = () => grpcClient(VpnService, { address: h.hosts[1].daemon.address, timeoutMs: 20_000 });
 const cli = () => cliRunner(() => ["--server", h.ipamDaemon.address, "--netagent", h.hosts[1].daemon.address, "--firewall", fwAddr], 30_000);
 
-/** A wireguard-go client in the internet namespace from a wg-quick file: Address and AllowedIPs routes as wg-quick sets them. */
+/** A wireguard-go client in the internet namespace from a wg-quick file, brought up as wg-quick would (deploy/vpn-client.ts, shared with the quickstart's demo). */
 async function startClient(config: string, extraAllowed: string[] = []): Promise<{ ifname: string; address: string }> {
   const ifname = `wgc${randomBytes(5).toString("hex")}`;
-  const proc = trackChild(
-    spawn("ip", ["netns", "exec", inet, "wireguard-go", "-f", ifname], {
-      stdio: "ignore",
-      env: { ...process.env, WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" },
-    }),
-  );
-  clients.push({ ifname, proc });
-  onCleanup(() => rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true }));
-  assert.ok(
-    await waitFor(async () => (await ipn(inet, ["link", "show", ifname], { check: false })).code === 0, { timeoutMs: 10_000, intervalMs: 50 }),
-    "wireguard-go did not start",
-  );
-  const address = /^Address = ([0-9.]+)\/32$/m.exec(config)![1];
-  const allowed = [/^AllowedIPs = (.+)$/m.exec(config)![1], ...extraAllowed];
-  // `wg-quick strip`: what wg setconf reads is the file less wg-quick's own keys.
-  const file = join(dir, `${ifname}.conf`);
-  writeFileSync(file, config.replace(/^Address = .*\n/m, "").replace(/^AllowedIPs = .*$/m, `AllowedIPs = ${allowed.join(", ")}`), { mode: 0o600 });
-  await nsExec(inet, "wg", ["setconf", ifname, file]);
-  await ipn(inet, ["addr", "add", `${address}/32`, "dev", ifname]);
-  await ipn(inet, ["link", "set", ifname, "up"]);
-  for (const a of allowed) await ipn(inet, ["route", "replace", a, "dev", ifname]);
-  return { ifname, address };
+  onCleanup(() => rmSync(wgSocket(ifname), { force: true }));
+  const c = await startVpnClient({ ns: inet, ifname, config, dir, extraAllowed });
+  clients.push({ ifname, proc: trackChild(c.proc) });
+  return { ifname, address: c.address };
 }
 
 /** What the endpoint, the VM's host and the client have, when a check fails. */
