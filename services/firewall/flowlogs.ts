@@ -318,6 +318,8 @@ export class FlowLogCollector {
   private readonly flushTimer: NodeJS.Timeout;
   private readonly interimTimer: NodeJS.Timeout;
   private listing = false;
+  /** The conntrack listing under way, ended with the collector. */
+  private lister?: ChildProcess;
   private stopped = false;
 
   constructor(
@@ -483,6 +485,7 @@ export class FlowLogCollector {
   private listNs(ns: string, each: (c: CtEntry) => void): Promise<void> {
     return new Promise((resolve) => {
       const p = spawn("ip", ["netns", "exec", ns, "conntrack", "-L", "-o", "extended,id"], { stdio: ["ignore", "pipe", "ignore"] });
+      this.lister = p;
       const timer = setTimeout(() => p.kill("SIGKILL"), this.intervalMs);
       createInterface({ input: p.stdout! }).on("line", (l) => {
         const c = parseCtEntry(l);
@@ -491,6 +494,7 @@ export class FlowLogCollector {
       p.on("error", (err) => this.log.warn({ ns, err: err.message }, "flow logs: cannot list conntrack for interim records"));
       p.on("close", () => {
         clearTimeout(timer);
+        this.lister = undefined;
         resolve();
       });
     });
@@ -562,6 +566,7 @@ export class FlowLogCollector {
     this.stopped = true;
     clearInterval(this.flushTimer);
     clearInterval(this.interimTimer);
+    if (this.lister?.exitCode === null) this.lister.kill("SIGTERM");
     for (const [ns, r] of [...this.readers]) this.kill(ns, r);
     this.flush(true);
   }
