@@ -86,7 +86,8 @@ async function main(): Promise<number> {
         "net.netfilter.nf_conntrack_tcp_timeout_close=1",
       ]);
     }
-    fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--flow-logs", dir]);
+    // Interim records every second (the shortest interval the daemon takes): each iperf3 flow of the "on" VPC gets some, at their highest cost.
+    fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--flow-logs", dir, "--flow-logs-interval-ms", "1000"]);
     trackChild(fwd.proc);
     const fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
     for (const name of ["on", "off"] as const) {

@@ -125,7 +125,7 @@ function aclRule(e: AclEntry, peer: "saddr" | "daddr", logged?: (decider: string
  * before the drop, sampled (numgen) and rate-limited in the kernel, so a
  * flood cannot swamp the reader and the drop happens whatever the limit says.
  */
-function flowLogStmt(rate: number, nicHex: string, dir: "in" | "out", decider: string): string {
+function flowLogStmt(rate: number, nicHex: string, dir: "in" | "out" | "any", decider: string): string {
   const sample = rate >= 1 ? "" : `numgen random mod 1000 < ${Math.max(1, Math.round(rate * 1000))} `;
   return `${sample}limit rate ${DROP_LOG_RATE}/second burst ${DROP_LOG_RATE} packets log group ${FLOW_LOG_GROUP} prefix "${dropPrefix(nicHex, dir, decider)}"`;
 }
@@ -248,6 +248,12 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
     .sort()
     .flatMap((h) => [`nic_${h}_in_new`, `nic_${h}_in_drop`, `nic_${h}_out_new`, `nic_${h}_out_drop`]);
 
+  // Flow logs: the VPC-wide drops (ct state invalid, toward a NIC not bound
+  // yet) are logged if anything of the VPC logs, at the highest rate; the
+  // collector keeps those of a logging NIC or subnet (prefix "- <dir> <decider>").
+  const vpcRate = Math.max(0, ...(st.flowLogs?.nics.values() ?? []), ...(st.flowLogs?.subnets?.values() ?? []));
+  const vpcLog = (d: "in" | "any", decider: string, match: string) => (vpcRate > 0 ? [`${match}${flowLogStmt(vpcRate, "-", d, decider)}`] : []);
+
   // Maps are part of the skeleton: their elements jump to chains that must exist.
   const fixedInet: TableItem[] = [
     { kind: "set", name: "intra_subnet", type: "ifname . ifname" },
@@ -261,6 +267,7 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
     name: "forward",
     base: { type: "filter", hook: "forward", priority: "filter", policy: "accept" },
     rules: [
+      ...vpcLog("any", "ct-invalid", "ct state invalid "),
       `ct state invalid counter drop`,
       // Link-local is the gateway's only where it is ours: a VM's request to
       // the metadata server or the resolver, which the gateway's prerouting
@@ -279,6 +286,7 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
       // Toward a VM port but not a NIC this table knows: a NIC attached a
       // moment ago whose binding is not applied yet. Closed until it is, so
       // "network ready" never means "open to everything" for those ~100 ms.
+      ...vpcLog("in", "unbound-nic", `oifname "br-*" `),
       `oifname "br-*" counter drop comment "NIC not bound yet"`,
     ],
   };

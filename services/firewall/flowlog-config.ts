@@ -6,12 +6,13 @@
 // firewall was down, is applied by the next pass. Where the output goes
 // (directory, rotation) stays the daemon's flags: it is the host's disk.
 import type { Redis } from "ioredis";
+import type { Logger } from "pino";
 import { LUA_EMIT } from "../common/events.js";
 import { AlreadyExistsError, InvalidArgumentError } from "../common/errors.js";
 import { newId } from "../common/ids.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
-import { K } from "../ipam/schema.js";
+import { K, P } from "../ipam/schema.js";
 import { F, FK } from "./keys.js";
 import type { BindingRec } from "./model.js";
 
@@ -23,6 +24,12 @@ export interface FlowLogConfigRec {
   sampleRate: number;
   description: string;
   createdMs: number;
+  /**
+   * A NIC's config: the bound time of the binding it was made for. It applies
+   * to that binding only: a NIC unbound and bound again (a new binding, a new
+   * bound time) does not inherit it, and the garbage collection deletes it.
+   */
+  nicBoundMs?: number;
 }
 
 export const RESOURCE_RE = /^(vpc|subnet|nic)-[0-9a-f]{12}$/;
@@ -52,12 +59,16 @@ export function parseFlowLogConfig(h: Record<string, string>, id?: string): V.Pa
       sampleRate: checkSampleRate("rate", V.field(h, "rate")),
       description: V.text("description", h.description ?? ""),
       createdMs: V.storedInt("created", h.created ?? "0", 0),
+      ...(h.bound !== undefined ? { nicBoundMs: V.storedInt("bound", h.bound, 0) } : {}),
     };
+    if (rec.nicBoundMs !== undefined && !rec.resourceId.startsWith("nic-"))
+      throw new InvalidArgumentError("bound", `only a NIC's config has a bound time (${V.show(rec.resourceId)} is not a NIC)`);
     if (id !== undefined && rec.id !== id) throw new InvalidArgumentError("id", `${V.show(rec.id)} is not the id of its key (${V.show(id)})`);
     if (rec.resourceId.startsWith("vpc-") && rec.resourceId !== rec.vpcId)
       throw new InvalidArgumentError("resource", `${V.show(rec.resourceId)} is a VPC other than the record's (${rec.vpcId})`);
     for (const k of Object.keys(h))
-      if (!["id", "vpc", "resource", "rate", "description", "created"].includes(k)) throw new InvalidArgumentError(k, "is not a field of a flow-log config");
+      if (!["id", "vpc", "resource", "rate", "description", "created", "bound"].includes(k))
+        throw new InvalidArgumentError(k, "is not a field of a flow-log config");
     return rec;
   });
 }
@@ -69,15 +80,42 @@ export function parseFlowLogConfig(h: Record<string, string>, id?: string): V.Pa
  * flag) counts as configurations of its own.
  */
 export function flowLogNics(nics: BindingRec[], configs: FlowLogConfigRec[], extra?: { scope: ReadonlySet<string>; sampleRate: number }): Map<string, number> {
+  return flowLogRates(nics, [], configs, extra).nics;
+}
+
+/**
+ * flowLogNics, and the rate of each subnet (its own configuration, else its
+ * VPC's) for the drops that name no bound NIC (toward an address whose NIC
+ * is not bound yet). A configuration of a resource that is not among them
+ * covers nothing; a NIC's made for another binding of the NIC (unbound and
+ * bound again since) neither: a stale record is ignored until the garbage
+ * collection (FlowLogConfigStore.collectGarbage) deletes it.
+ */
+export function flowLogRates(
+  nics: BindingRec[],
+  subnets: { subnetId: string; vpcId?: string }[],
+  configs: FlowLogConfigRec[],
+  extra?: { scope: ReadonlySet<string>; sampleRate: number },
+): { nics: Map<string, number>; subnets: Map<string, number> } {
   const byRes = new Map<string, number>();
-  for (const c of configs) byRes.set(c.resourceId, Math.max(byRes.get(c.resourceId) ?? 0, c.sampleRate));
+  const nicBound = new Map<string, number>();
+  for (const c of configs) {
+    byRes.set(c.resourceId, Math.max(byRes.get(c.resourceId) ?? 0, c.sampleRate));
+    if (c.nicBoundMs !== undefined) nicBound.set(c.resourceId, c.nicBoundMs);
+  }
   for (const id of extra?.scope ?? []) byRes.set(id, Math.max(byRes.get(id) ?? 0, extra!.sampleRate));
   const out = new Map<string, number>();
   for (const n of nics) {
-    const r = byRes.get(n.nicId) ?? byRes.get(n.subnetId) ?? byRes.get(n.vpcId);
+    const own = nicBound.has(n.nicId) && nicBound.get(n.nicId) !== n.boundMs && !extra?.scope.has(n.nicId) ? undefined : byRes.get(n.nicId);
+    const r = own ?? byRes.get(n.subnetId) ?? byRes.get(n.vpcId);
     if (r !== undefined) out.set(n.nicId, r);
   }
-  return out;
+  const subs = new Map<string, number>();
+  for (const s of subnets) {
+    const r = byRes.get(s.subnetId) ?? (s.vpcId !== undefined ? byRes.get(s.vpcId) : undefined);
+    if (r !== undefined) subs.set(s.subnetId, r);
+  }
+  return { nics: out, subnets: subs };
 }
 
 // KEYS: 1 config hash, 2 all ids, 3 by resource, 4 VPC's ids, 5 the VPC's IPAM hash.
@@ -116,11 +154,52 @@ mvpc_emit({vpc}, {}, 'kind', 'fw.flowlog.deleted', 'vpc', vpc, 'gen', g, 'flowlo
 return {1}
 `;
 
+// Deletes the configurations whose resource is gone: the VPC (IPAM's hash),
+// the subnet (IPAM's hash, in the config's VPC) or the NIC's binding (in the
+// config's VPC, the binding it was made for: same bound time). KEYS: 1 all
+// ids, 2 by resource. ARGV: 1 IPAM's key prefix, then config ids.
+// Returns the ids deleted.
+const GC = `${LUA_EMIT}
+local F = '${F}'
+local P = ARGV[1]
+local gone = {}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local key = F .. 'flowlog:' .. id
+  local c = redis.call('HMGET', key, 'vpc', 'resource', 'bound')
+  local vpc, res, bound = c[1], c[2], c[3]
+  local stale = false
+  if not vpc or not res then
+    stale = redis.call('EXISTS', key) == 0
+  elseif redis.call('EXISTS', P .. 'vpc:' .. vpc) == 0 then
+    stale = true
+  elseif string.sub(res, 1, 7) == 'subnet-' then
+    stale = redis.call('HGET', P .. 'subnet:' .. res, 'vpc') ~= vpc
+  elseif string.sub(res, 1, 4) == 'nic-' then
+    local b = redis.call('HMGET', F .. 'nic:' .. res, 'vpc', 'bound')
+    stale = b[1] ~= vpc or (bound ~= false and b[2] ~= bound)
+  end
+  if stale then
+    redis.call('ZREM', KEYS[1], id)
+    if vpc then
+      redis.call('DEL', key)
+      if res and redis.call('HGET', KEYS[2], res) == id then redis.call('HDEL', KEYS[2], res) end
+      redis.call('SREM', F .. 'vpc:' .. vpc .. ':flowlogs', id)
+      local g = redis.call('INCR', F .. 'gen')
+      mvpc_emit({vpc}, {}, 'kind', 'fw.flowlog.deleted', 'vpc', vpc, 'gen', g, 'flowlog', id, 'reason', 'resource-gone')
+    end
+    gone[#gone + 1] = id
+  end
+end
+return gone
+`;
+
 declare module "ioredis" {
   // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcCreateFlowLog(...args: (string | number)[]): Promise<[number, string]>;
     mvpcDeleteFlowLog(...args: (string | number)[]): Promise<[number]>;
+    mvpcGcFlowLogs(...args: (string | number)[]): Promise<string[]>;
   }
 }
 
@@ -132,6 +211,7 @@ export class FlowLogConfigStore {
     if (!(redis as unknown as { mvpcCreateFlowLog?: unknown }).mvpcCreateFlowLog) {
       redis.defineCommand("mvpcCreateFlowLog", { numberOfKeys: 5, lua: CREATE });
       redis.defineCommand("mvpcDeleteFlowLog", { numberOfKeys: 3, lua: DELETE });
+      redis.defineCommand("mvpcGcFlowLogs", { numberOfKeys: 2, lua: GC });
     }
   }
 
@@ -144,6 +224,7 @@ export class FlowLogConfigStore {
       rate: String(c.sampleRate),
       description: c.description,
       created: String(Date.now()),
+      ...(c.nicBoundMs !== undefined ? { bound: String(c.nicBoundMs) } : {}),
     };
     // The writer applies the readers' check: what it stores reads back.
     const check = parseFlowLogConfig(fields, id);
@@ -184,8 +265,54 @@ export class FlowLogConfigStore {
     return recs.filter((r): r is FlowLogConfigRec => r !== null && (!vpcId || r.vpcId === vpcId));
   }
 
+  /**
+   * Deletes the configurations (the given ids, else all, at most
+   * MAX_FLOW_LOG_CONFIGS) whose VPC, subnet or NIC binding is gone, each with
+   * its fw.flowlog.deleted event; returns their ids. Atomic per batch: a
+   * configuration is checked and deleted in one step, so it cannot race a
+   * re-creation of its resource.
+   */
+  async collectGarbage(ids?: string[]): Promise<string[]> {
+    const all = ids ?? (await this.redis.zrangebylex(FK.allFlowLogs, "-", "+", "LIMIT", 0, MAX_FLOW_LOG_CONFIGS));
+    const valid = all.filter((id) => /^fl-[0-9a-f]{12}$/.test(id));
+    const gone: string[] = [];
+    for (let i = 0; i < valid.length; i += 500) gone.push(...(await this.redis.mvpcGcFlowLogs(FK.allFlowLogs, FK.flowLogByRes, P, ...valid.slice(i, i + 500))));
+    return gone;
+  }
+
+  /** The id of the configuration stored for a resource, if any. */
+  async idOf(resourceId: string): Promise<string | null> {
+    return await this.redis.hget(FK.flowLogByRes, resourceId);
+  }
+
   async delete(id: string): Promise<boolean> {
     const [code] = await this.redis.mvpcDeleteFlowLog(FK.flowLog(id), FK.allFlowLogs, FK.flowLogByRes, id);
     return code === 1;
   }
+}
+
+/**
+ * Every `everyMs`, deletes the configurations whose VPC, subnet or NIC
+ * binding is gone (FlowLogConfigStore.collectGarbage). Every firewall runs
+ * it; one whose Redis user may not write the configurations (a hypervisor's,
+ * docs/redis-acl.md) says so once and leaves it to the control plane's.
+ */
+export function startFlowLogGc(store: FlowLogConfigStore, log: Logger, everyMs: number): { stop(): void } {
+  let warned = false;
+  const timer = setInterval(
+    () => {
+      store.collectGarbage().then(
+        (gone) => {
+          if (gone.length) log.info({ configs: gone }, "flow logs: deleted the configs whose VPC, subnet or NIC is gone");
+        },
+        (err: Error) => {
+          if (!warned) log.warn({ err: err.message }, "flow logs: cannot delete the configs whose resource is gone (the control plane's firewall does)");
+          warned = true;
+        },
+      );
+    },
+    Number.isFinite(everyMs) ? Math.max(1000, everyMs) : 30_000,
+  );
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
 }

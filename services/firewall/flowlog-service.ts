@@ -33,20 +33,30 @@ export class FlowLogConfigApi {
     readonly ipam: Pick<IpamReader, "getVpc" | "getSubnet" | "resolveVpc">,
   ) {}
 
-  /** The VPC a resource belongs to; NOT_FOUND if it is unknown (a NIC: not bound yet). */
-  private async vpcOf(field: string, id: string): Promise<string> {
+  /** The VPC a resource belongs to (and a NIC's bound time); NOT_FOUND if it is unknown (a NIC: not bound yet). */
+  private async vpcOf(field: string, id: string): Promise<{ vpcId: string; nicBoundMs?: number }> {
     if (id.startsWith("vpc-")) {
       if (!(await this.ipam.getVpc(id))) throw new NotFoundError("vpc", id, "list VPCs with `microvpc vpc list`");
-      return id;
+      return { vpcId: id };
     }
     if (id.startsWith("subnet-")) {
       const s = await this.ipam.getSubnet(id);
       if (!s) throw new NotFoundError("subnet", id, "list subnets with `microvpc subnet list`");
-      return s.vpcId;
+      return { vpcId: s.vpcId };
     }
     const b = await this.firewall.getBinding(id);
     if (!b) throw new NotFoundError("nic", id, `${field}: a NIC must be bound (BindNic) before its flows can be logged; or give its subnet or VPC`);
-    return b.vpcId;
+    return { vpcId: b.vpcId, nicBoundMs: b.boundMs };
+  }
+
+  /**
+   * Deletes the configurations among `ids` (all without) whose resource is
+   * gone, before an answer shows them; a caller that may not write them (a
+   * hypervisor's Redis user) shows them as stored, and the control plane's
+   * pass deletes them.
+   */
+  private async collect(ids?: string[]): Promise<void> {
+    await this.configs.collectGarbage(ids).catch(() => undefined);
   }
 
   readonly impl: Pick<ServiceImpl<typeof FirewallService>, FlowLogConfigRpcs> = {
@@ -54,12 +64,18 @@ export class FlowLogConfigApi {
       const resourceId = checkResource("resource_id", req.resourceId);
       const sampleRate = req.sampleRate === 0 ? 1 : checkSampleRate("sample_rate", req.sampleRate);
       const description = V.text("description", req.description);
-      const vpcId = await this.vpcOf("resource_id", resourceId);
-      return { config: configMsg(await this.configs.create({ vpcId, resourceId, sampleRate, description })) };
+      const { vpcId, nicBoundMs } = await this.vpcOf("resource_id", resourceId);
+      // A configuration left by a resource of the same id that is gone (a NIC unbound and bound again) is not in the way.
+      const prev = await this.configs.idOf(resourceId);
+      if (prev) await this.collect([prev]);
+      return {
+        config: configMsg(await this.configs.create({ vpcId, resourceId, sampleRate, description, ...(nicBoundMs !== undefined ? { nicBoundMs } : {}) })),
+      };
     },
 
     getFlowLogConfig: async (req) => {
       const id = configId("id", req.id);
+      await this.collect([id]);
       const c = await this.configs.get(id);
       if (!c) throw new NotFoundError("flow-log config", id, "list them with `microvpc flow-logs config list`");
       return { config: configMsg(c) };
@@ -72,6 +88,7 @@ export class FlowLogConfigApi {
         if (!id) throw new NotFoundError("vpc", req.vpc, "list VPCs with `microvpc vpc list`");
         vpcId = id;
       }
+      await this.collect(vpcId ? (await this.configs.list(vpcId)).map((c) => c.id) : undefined);
       return { configs: (await this.configs.list(vpcId)).map(configMsg) };
     },
 

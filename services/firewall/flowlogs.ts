@@ -28,6 +28,8 @@ export const FLOW_LOG_GROUP = 7461;
 const CT_BUFFER_BYTES = 8 * 1024 * 1024;
 /** Start times of open flows remembered, across namespaces. */
 const MAX_OPEN_FLOWS = 200_000;
+/** An accepted flow open this long gets an interim record every this often (--flow-logs-interval-ms). */
+export const DEFAULT_INTERVAL_MS = 60_000;
 /** Drop records: at most this many logged packets per second per NIC chain (a flood cannot swamp userspace). */
 export const DROP_LOG_RATE = 50;
 
@@ -48,6 +50,10 @@ export interface FlowRecord {
   end: string;
   action: "accept" | "reject";
   decided_by: string;
+  /** Accepted flows: when the flow began (`start`..`end` is the span this record counts). */
+  flow_start?: string;
+  /** Accepted flows: an interim record of a flow still open (the last record of a flow has none). */
+  interim?: true;
 }
 
 export interface FlowLogOptions {
@@ -59,6 +65,8 @@ export interface FlowLogOptions {
   keep?: number;
   /** Drops of one 5-tuple with gaps shorter than this are one record (at most ten windows long). */
   aggregateMs?: number;
+  /** An accepted flow open this long gets an interim record every interval (its counts since the last); default 60 s. */
+  intervalMs?: number;
 }
 
 const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}$/;
@@ -94,15 +102,42 @@ export function parseCtEvent(line: string): (CtDestroy & { type: "NEW" | "DESTRO
   const m = /^\[([0-9]{1,12})\.([0-9]{1,9})\]\s+\[(NEW|DESTROY)\]\s+ipv4\s+2\s+([a-z]+)\s+(.*)$/.exec(line.trim());
   if (!m || !PROTOS.has(m[4])) return null;
   const type = m[3] as "NEW" | "DESTROY";
-  m.splice(3, 1);
   const endMs = Number(m[1]) * 1000 + Math.floor(Number(`0.${m[2]}`) * 1000);
-  const kv = [...m[4].matchAll(/([a-z-]+)=([0-9.]+)/g)].map((x) => [x[1], x[2]] as const);
+  const body = parseCtBody(m[4], m[5], endMs);
+  return body && { type, ...body };
+}
+
+/** An entry of `conntrack -L -o extended,id`: the flow's id, tuple, TCP state and both directions' counts so far; null for any other line. */
+export interface CtEntry {
+  id: string;
+  proto: string;
+  /** TCP's conntrack state (ESTABLISHED, TIME_WAIT …); "" for other protocols. */
+  state: string;
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+  packets: number;
+  bytes: number;
+}
+
+export function parseCtEntry(line: string): CtEntry | null {
+  const m = /^ipv4\s+2\s+([a-z]+)\s+[0-9]+\s+[0-9]+\s+(?:([A-Z_]+)\s+)?(.*)$/.exec(line.trim());
+  if (!m || !PROTOS.has(m[1])) return null;
+  const b = parseCtBody(m[1], m[3], 0);
+  if (!b || b.id === "") return null;
+  return { id: b.id, proto: b.proto, state: m[2] ?? "", src: b.src, dst: b.dst, sport: b.sport, dport: b.dport, packets: b.packets, bytes: b.bytes };
+}
+
+/** The key=value part of a conntrack line (original tuple first): the flow's tuple, counts, id and delta-time. */
+function parseCtBody(proto: string, rest: string, endMs: number): (CtDestroy & { id: string }) | null {
+  const kv = [...rest.matchAll(/([a-z-]+)=([0-9.]+)/g)].map((x) => [x[1], x[2]] as const);
   const first = (k: string) => kv.find(([key]) => key === k)?.[1];
   const all = (k: string) => kv.filter(([key]) => key === k).map(([, v]) => Number(v));
   const src = first("src");
   const dst = first("dst");
   if (!src || !dst || !IPV4.test(src) || !IPV4.test(dst)) return null;
-  const icmp = m[3] === "icmp";
+  const icmp = proto === "icmp";
   const sport = icmp ? 0 : Number(first("sport") ?? NaN);
   const dport = icmp ? Number(first("type") ?? 0) : Number(first("dport") ?? NaN);
   if (![sport, dport].every((p) => Number.isInteger(p) && p >= 0 && p <= 65535)) return null;
@@ -110,10 +145,9 @@ export function parseCtEvent(line: string): (CtDestroy & { type: "NEW" | "DESTRO
   const delta = Number(first("delta-time") ?? 0);
   const ids = all("id");
   return {
-    type,
     id: String(ids[ids.length - 1] ?? ""),
     endMs,
-    proto: m[3],
+    proto,
     src,
     dst,
     sport,
@@ -170,7 +204,7 @@ export function parseUlogDrop(line: string): UlogDrop | null {
  * ACL): the collector then finds it by address (in: the destination, out:
  * the source).
  */
-export function dropPrefix(nicHex: string, dir: "in" | "out", decider: string): string {
+export function dropPrefix(nicHex: string, dir: "in" | "out" | "any", decider: string): string {
   return `${nicHex} ${dir} ${decider}`;
 }
 
@@ -252,6 +286,22 @@ export interface FlowLogSource {
 /** The sample rate of a NIC that logs flows; undefined if it does not. */
 const rateOf = (st: VpcFirewallState, n: BindingRec | undefined) => (n ? st.flowLogs?.nics.get(n.nicId) : undefined);
 
+/** Whether the local subnet holding an address logs the drops toward addresses with no bound NIC. */
+const subnetLogs = (st: VpcFirewallState, addr: string) => st.subnets.some((s) => st.flowLogs?.subnets?.has(s.subnetId) && inCidr(addr, s.cidr));
+
+/** What a record counts of a flow: its tuple and both directions' totals. */
+type CtCounts = Pick<CtEntry, "proto" | "src" | "dst" | "sport" | "dport" | "packets" | "bytes">;
+
+interface OpenFlow {
+  startMs: number;
+  /** Where the next record's span starts: the flow's start, then the last interim record's end. */
+  fromMs: number;
+  /** Counted by the records written so far. */
+  packets: number;
+  bytes: number;
+  sampled?: boolean;
+}
+
 interface NsReaders {
   startedMs: number;
   ct: ChildProcess;
@@ -261,10 +311,15 @@ interface NsReaders {
 /** Runs a conntrack event reader and a ulogd2 per VPC namespace with flow-logging NICs, and writes the records. */
 export class FlowLogCollector {
   private readonly readers = new Map<string, NsReaders>();
-  private readonly starts = new Map<string, number>();
+  /** Open flows seen NEW, by "<ns> <conntrack id>": their start, what the records so far counted, whether the flow is sampled. */
+  private readonly flows = new Map<string, OpenFlow>();
   private readonly pending = new Map<string, { rec: FlowRecord; startMs: number; endMs: number }>();
   readonly out: RotatingJsonl;
   private readonly flushTimer: NodeJS.Timeout;
+  private readonly interimTimer: NodeJS.Timeout;
+  private listing = false;
+  /** The conntrack listing under way, ended with the collector. */
+  private lister?: ChildProcess;
   private stopped = false;
 
   constructor(
@@ -276,12 +331,22 @@ export class FlowLogCollector {
     this.out = new RotatingJsonl(opts.dir, opts.hostId, opts.maxBytes, opts.keep);
     this.flushTimer = setInterval(() => this.flush(false), Math.max(200, (opts.aggregateMs ?? 5000) / 4));
     this.flushTimer.unref();
+    this.interimTimer = setInterval(() => void this.interim(), this.intervalMs);
+    this.interimTimer.unref();
+  }
+
+  get intervalMs(): number {
+    return this.opts.intervalMs ?? DEFAULT_INTERVAL_MS;
   }
 
   /** Makes the readers match the namespaces that need them (called after each firewall pass). */
   async ensure(namespaces: string[]): Promise<void> {
     if (this.stopped) return;
-    const want = new Set(namespaces.filter((ns) => (this.source.stateOf(ns)?.flowLogs?.nics.size ?? 0) > 0));
+    const logs = (ns: string) => {
+      const fl = this.source.stateOf(ns)?.flowLogs;
+      return (fl?.nics.size ?? 0) + (fl?.subnets?.size ?? 0) > 0;
+    };
+    const want = new Set(namespaces.filter(logs));
     for (const [ns, r] of this.readers) {
       const alive = r.ct.exitCode === null && (r.ulogd === undefined || r.ulogd.exitCode === null);
       // A reader that died is restarted, but not more often than every 10 s.
@@ -294,6 +359,7 @@ export class FlowLogCollector {
 
   private kill(ns: string, r: NsReaders): void {
     this.readers.delete(ns);
+    for (const key of this.flows.keys()) if (key.startsWith(`${ns} `)) this.flows.delete(key);
     if (r.ct.exitCode === null) r.ct.kill("SIGTERM");
     if (r.ulogd?.pid && r.ulogd.exitCode === null) {
       try {
@@ -345,18 +411,27 @@ export class FlowLogCollector {
     // NEW gives the flow's start (conntrack's delta-time is whole seconds); bounded, oldest forgotten first.
     const key = `${ns} ${e.id}`;
     if (e.type === "NEW") {
-      this.starts.set(key, e.endMs);
-      if (this.starts.size > MAX_OPEN_FLOWS) this.starts.delete(this.starts.keys().next().value!);
+      this.flows.set(key, { startMs: e.endMs, fromMs: e.endMs, packets: 0, bytes: 0 });
+      if (this.flows.size > MAX_OPEN_FLOWS) this.flows.delete(this.flows.keys().next().value!);
       return;
     }
-    const started = this.starts.get(key);
-    this.starts.delete(key);
-    if (started !== undefined) e.startMs = started;
+    const f = this.flows.get(key);
+    this.flows.delete(key);
+    // The last record of the flow: what the interim records have not counted.
+    const startMs = f?.startMs ?? e.startMs;
+    this.writeAccepted(st, e, f ?? { startMs, fromMs: startMs, packets: 0, bytes: 0 }, e.endMs, false);
+  }
+
+  /** Writes an accepted flow's record (if a NIC of it logs and the flow is sampled) counting what `f` has not yet; returns whether it did. */
+  private writeAccepted(st: VpcFirewallState, e: CtCounts, f: OpenFlow, endMs: number, interim: boolean): boolean {
     // The NIC of the flow: the sender's if it is local and logs, else the receiver's.
     const nic = [e.src, e.dst].map((a) => st.nics.find((n) => n.address === a)).find((n) => rateOf(st, n) !== undefined);
-    if (!nic || !this.sampled(rateOf(st, nic)!)) return;
+    if (!nic) return false;
+    // Sampling is per flow: decided at its first record, kept for the rest.
+    f.sampled ??= this.sampled(rateOf(st, nic)!);
+    if (!f.sampled) return false;
     this.out.write({
-      time: new Date(e.endMs).toISOString(),
+      time: new Date(endMs).toISOString(),
       vpc: st.vpcId,
       nic: nic.nicId,
       vm: vmOfOwner(this.source.ownerOf(nic.nicId)),
@@ -365,13 +440,64 @@ export class FlowLogCollector {
       sport: e.sport,
       dport: e.dport,
       proto: e.proto,
-      packets: e.packets,
-      bytes: e.bytes,
-      start: new Date(e.startMs).toISOString(),
-      end: new Date(e.endMs).toISOString(),
+      packets: Math.max(0, e.packets - f.packets),
+      bytes: Math.max(0, e.bytes - f.bytes),
+      start: new Date(Math.min(f.fromMs, endMs)).toISOString(),
+      end: new Date(endMs).toISOString(),
       action: "accept",
       decided_by: acceptedBy(st, e.src, e.dst, e.proto, e.dport),
+      flow_start: new Date(Math.min(f.startMs, endMs)).toISOString(),
+      ...(interim ? { interim: true as const } : {}),
     } satisfies FlowRecord);
+    return true;
+  }
+
+  /**
+   * Interim records (as AWS writes one per aggregation interval): every
+   * interval, each namespace's conntrack table is listed once (the kernel's
+   * own counters, conntrack accounting; nothing per packet) and every flow
+   * open at least an interval with packets since its last record gets one,
+   * counting those. Flows closing (TCP TIME_WAIT, CLOSE) are left to their
+   * last record, at DESTROY.
+   */
+  async interim(): Promise<void> {
+    if (this.stopped || this.listing) return;
+    this.listing = true;
+    try {
+      for (const ns of [...this.readers.keys()]) {
+        const now = Date.now();
+        await this.listNs(ns, (c) => this.onListed(ns, c, now));
+      }
+    } finally {
+      this.listing = false;
+    }
+  }
+
+  /** One entry of a namespace's conntrack listing at `now`: an interim record if the flow is due one. */
+  onListed(ns: string, c: CtEntry, now: number): void {
+    const f = this.flows.get(`${ns} ${c.id}`);
+    const st = this.source.stateOf(ns);
+    if (!f || !st || now - f.startMs < this.intervalMs || c.state === "TIME_WAIT" || c.state === "CLOSE" || c.packets <= f.packets) return;
+    if (this.writeAccepted(st, c, f, now, true)) Object.assign(f, { fromMs: now, packets: c.packets, bytes: c.bytes });
+  }
+
+  /** Streams `conntrack -L -o extended,id` of a namespace to `each`, bounded by the interval in time. */
+  private listNs(ns: string, each: (c: CtEntry) => void): Promise<void> {
+    return new Promise((resolve) => {
+      const p = spawn("ip", ["netns", "exec", ns, "conntrack", "-L", "-o", "extended,id"], { stdio: ["ignore", "pipe", "ignore"] });
+      this.lister = p;
+      const timer = setTimeout(() => p.kill("SIGKILL"), this.intervalMs);
+      createInterface({ input: p.stdout! }).on("line", (l) => {
+        const c = parseCtEntry(l);
+        if (c) each(c);
+      });
+      p.on("error", (err) => this.log.warn({ ns, err: err.message }, "flow logs: cannot list conntrack for interim records"));
+      p.on("close", () => {
+        clearTimeout(timer);
+        this.lister = undefined;
+        resolve();
+      });
+    });
   }
 
   onDrop(ns: string, line: string): void {
@@ -379,9 +505,20 @@ export class FlowLogCollector {
     const st = this.source.stateOf(ns);
     if (!d || !st) return;
     const [hex, dir, decider] = d.prefix.trim().split(" ");
-    const nic = hex?.length === 12 ? st.nics.find((n) => n.nicId.endsWith(hex)) : st.nics.find((n) => n.address === (dir === "in" ? d.dst : d.src));
-    if (!nic || rateOf(st, nic) === undefined) return;
-    const key = `${ns} ${nic.nicId} ${d.proto} ${d.src}:${d.sport} ${d.dst}:${d.dport}`;
+    const byAddr = (a: string) => st.nics.find((n) => n.address === a);
+    // A NIC's own rule names it; a subnet's or the VPC's ("-") is the NIC of the destination (in), the source (out) or either that logs (any).
+    let nic: BindingRec | undefined =
+      hex?.length === 12
+        ? st.nics.find((n) => n.nicId.endsWith(hex))
+        : dir === "any"
+          ? [byAddr(d.dst), byAddr(d.src)].find((n) => rateOf(st, n) !== undefined)
+          : byAddr(dir === "in" ? d.dst : d.src);
+    if (rateOf(st, nic) === undefined) {
+      // Toward an address whose NIC is not bound yet: no NIC to name; the subnet's (or VPC's) configuration decides.
+      if (decider !== "unbound-nic" || !subnetLogs(st, d.dst)) return;
+      nic = undefined;
+    }
+    const key = `${ns} ${nic?.nicId ?? "-"} ${d.proto} ${d.src}:${d.sport} ${d.dst}:${d.dport}`;
     const p = this.pending.get(key);
     if (p) {
       p.rec.packets++;
@@ -396,8 +533,8 @@ export class FlowLogCollector {
       rec: {
         time: "",
         vpc: st.vpcId,
-        nic: nic.nicId,
-        vm: vmOfOwner(this.source.ownerOf(nic.nicId)),
+        nic: nic?.nicId ?? "",
+        vm: nic ? vmOfOwner(this.source.ownerOf(nic.nicId)) : "",
         src: d.src,
         dst: d.dst,
         sport: d.sport,
@@ -428,6 +565,8 @@ export class FlowLogCollector {
   stop(): void {
     this.stopped = true;
     clearInterval(this.flushTimer);
+    clearInterval(this.interimTimer);
+    if (this.lister?.exitCode === null) this.lister.kill("SIGTERM");
     for (const [ns, r] of [...this.readers]) this.kill(ns, r);
     this.flush(true);
   }

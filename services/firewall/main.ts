@@ -29,7 +29,7 @@ import { OWNER } from "./schema.js";
 import { FirewallStore } from "./store.js";
 import { FirewallSync } from "./sync.js";
 import { checkSampleRate, filterFlowLogs, FlowLogCollector, tailLines } from "./flowlogs.js";
-import { FlowLogConfigStore, flowLogNics, RESOURCE_RE } from "./flowlog-config.js";
+import { FlowLogConfigStore, flowLogRates, RESOURCE_RE, startFlowLogGc } from "./flowlog-config.js";
 import { FlowLogConfigApi } from "./flowlog-service.js";
 
 export const firewallDefinition: ServiceDefinition = {
@@ -63,6 +63,9 @@ export const firewallDefinition: ServiceDefinition = {
     new Option("--flow-logs-aggregate-ms <ms>", "the logged drops of one 5-tuple with gaps shorter than this are one record (at most ten windows long)")
       .env("MICROVPC_FLOW_LOGS_AGGREGATE_MS")
       .default("5000"),
+    new Option("--flow-logs-interval-ms <ms>", "an accepted flow open this long gets an interim record every interval (its packets and bytes since the last)")
+      .env("MICROVPC_FLOW_LOGS_INTERVAL_MS")
+      .default("60000"),
     new Option(
       "--api-only",
       "serve the cluster-wide API alone (security groups, network ACLs), no data plane: an instance running as the control plane's Redis user (docs/redis-acl.md)",
@@ -73,6 +76,8 @@ export const firewallDefinition: ServiceDefinition = {
     const store = new FirewallStore(redis, logger);
     const configStore = new FlowLogConfigStore(redis);
     const flowLogConfigs = new FlowLogConfigApi(configStore, store, new IpamReader(redis));
+    // A config whose VPC, subnet or NIC binding is gone is deleted (a recreated resource does not inherit it).
+    const flowLogGc = startFlowLogGc(configStore, logger, Number(flags.driftIntervalMs));
     // With per-host Redis users a hypervisor's firewall may not write groups or
     // ACLs; this instance does, and compiles nothing (no nft, no namespaces).
     if (flags.apiOnly) {
@@ -84,7 +89,10 @@ export const firewallDefinition: ServiceDefinition = {
           throw new FailedPreconditionError("this firewall runs with --api-only: it logs no flows; ask a hypervisor's firewall");
         },
       };
-      return { services: firewallRoutes(new FirewallApi(store, new IpamReader(redis), { hostId }), noDataPlane, flowLogConfigs) };
+      return {
+        services: firewallRoutes(new FirewallApi(store, new IpamReader(redis), { hostId }), noDataPlane, flowLogConfigs),
+        close: async () => flowLogGc.stop(),
+      };
     }
     const nft = new LinuxNft({ timeoutMs: 60_000 });
     const host = new HostReader(redis, hostId);
@@ -110,13 +118,21 @@ export const firewallDefinition: ServiceDefinition = {
       };
       const maxBytes = int("--flow-logs-max-bytes", flags.flowLogsMaxBytes);
       const aggregateMs = int("--flow-logs-aggregate-ms", flags.flowLogsAggregateMs);
+      const intervalMs = int("--flow-logs-interval-ms", flags.flowLogsIntervalMs);
+      if (intervalMs < 1000) throw new Error(`--flow-logs-interval-ms ${intervalMs}: at least 1000 (each interval lists the conntrack table once)`);
       // Read in every pass (a config made while this daemon was down, or whose
       // event it missed, is applied by the next pass).
-      sync.flowLogs = async (st) => ({ nics: flowLogNics(st.nics, await configStore.list(st.vpcId), { scope, sampleRate }) });
+      sync.flowLogs = async (st) =>
+        flowLogRates(
+          st.nics,
+          st.subnets.map((s) => ({ subnetId: s.subnetId, vpcId: st.vpcId })),
+          await configStore.list(st.vpcId),
+          { scope, sampleRate },
+        );
       // The NICs' owners (their VMs), for the records: the netagent's NIC records, re-read after each pass.
       let owners = new Map<string, string>();
       const collector = new FlowLogCollector(
-        { dir: String(flags.flowLogs), hostId, maxBytes, aggregateMs },
+        { dir: String(flags.flowLogs), hostId, maxBytes, aggregateMs, intervalMs },
         { stateOf: (ns) => sync.applied.get(ns)?.state, ownerOf: (nic) => owners.get(nic) },
         logger,
       );
@@ -277,6 +293,7 @@ export const firewallDefinition: ServiceDefinition = {
       ]),
       close: async () => {
         clearInterval(brNfTimer);
+        flowLogGc.stop();
         sync.stop();
         flowLogs?.stop();
       },

@@ -88,8 +88,13 @@ export interface VpcFirewallState {
   members: Map<string, string[]>;
   /** ACL of each local subnet that has one. */
   acls: Map<string, NetworkAclRec>;
-  /** Flow logs (flowlogs.ts): the local NICs whose flows are logged → the share sampled (0 < r ≤ 1), from the FlowLogConfigs (flowlog-config.ts). */
-  flowLogs?: { nics: ReadonlyMap<string, number> };
+  /**
+   * Flow logs (flowlogs.ts): the local NICs whose flows are logged → the
+   * share sampled (0 < r ≤ 1), from the FlowLogConfigs (flowlog-config.ts);
+   * `subnets`: the local subnets whose configuration (or their VPC's) covers
+   * the drops toward an address with no bound NIC yet.
+   */
+  flowLogs?: { nics: ReadonlyMap<string, number>; subnets?: ReadonlyMap<string, number> };
 }
 
 export const MAX_GROUPS_PER_NIC = 16;

@@ -464,7 +464,8 @@ export class FirewallSync {
       const st1 = await this.withFlowLogs({ ...st0, nics: [...others, ...mini.nics].sort(byNicId), groups, members });
       // Flow logs add subnet-wide rules (an ACL's log rules follow every logging NIC of its subnet),
       // which a NIC's part alone does not compile exactly: a VPC that logs is compiled whole.
-      if ((st0.flowLogs?.nics.size ?? 0) > 0 || (st1.flowLogs?.nics.size ?? 0) > 0) return false;
+      const logs = (st: VpcFirewallState) => (st.flowLogs?.nics.size ?? 0) + (st.flowLogs?.subnets?.size ?? 0) > 0;
+      if (logs(st0) || logs(st1)) return false;
 
       // The part of the VPC the change touches, compiled before and after:
       // the changed NICs, with the other NICs' groups that they share or

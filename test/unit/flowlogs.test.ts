@@ -14,12 +14,14 @@ import {
   filterFlowLogs,
   FLOW_LOG_GROUP,
   FlowLogCollector,
+  type FlowRecord,
+  parseCtEntry,
   parseCtEvent,
   parseUlogDrop,
   RotatingJsonl,
   vmOfOwner,
 } from "../../services/firewall/flowlogs.js";
-import { flowLogNics, parseFlowLogConfig } from "../../services/firewall/flowlog-config.js";
+import { flowLogNics, flowLogRates, parseFlowLogConfig } from "../../services/firewall/flowlog-config.js";
 import type { VpcFirewallState } from "../../services/firewall/model.js";
 
 const dirs: string[] = [];
@@ -361,4 +363,164 @@ test("flow-log configs: the most specific covering a NIC decides its rate; a sto
   assert.equal(vmOfOwner("h1/vm-00000000000a"), "vm-00000000000a");
   assert.equal(vmOfOwner("vm-web1"), "vm-web1");
   assert.equal(vmOfOwner(undefined), "");
+});
+
+test("conntrack -L entries: id, TCP state, tuple and both directions' counts so far; anything else is ignored", () => {
+  const e = parseCtEntry(
+    "ipv4     2 tcp      6 431999 ESTABLISHED src=10.0.1.4 dst=10.0.1.5 sport=46852 dport=80 packets=40 bytes=2600000 src=10.0.1.5 dst=10.0.1.4 sport=80 dport=46852 packets=30 bytes=2000 [ASSURED] mark=0 use=1 id=197791212",
+  );
+  assert.deepEqual(e, {
+    id: "197791212",
+    proto: "tcp",
+    state: "ESTABLISHED",
+    src: "10.0.1.4",
+    dst: "10.0.1.5",
+    sport: 46852,
+    dport: 80,
+    packets: 70,
+    bytes: 2602000,
+  });
+  const u = parseCtEntry(
+    "ipv4     2 udp      17 29 src=10.0.1.4 dst=10.0.1.5 sport=5000 dport=53 packets=1 bytes=60 src=10.0.1.5 dst=10.0.1.4 sport=53 dport=5000 packets=1 bytes=80 mark=0 use=1 id=7",
+  );
+  assert.deepEqual([u?.state, u?.packets, u?.id], ["", 2, "7"]);
+  for (const bad of [
+    "",
+    "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.",
+    "ipv4     2 tcp      6 431999 ESTABLISHED src=10.0.1.4 dst=10.0.1.5 sport=1 dport=80 packets=1 bytes=1",
+    "ipv6     10 tcp      6 431999 ESTABLISHED src=::1 dst=::1 sport=1 dport=80 id=3",
+  ])
+    assert.equal(parseCtEntry(bad), null, bad);
+});
+
+test("the collector: a flow open past the interval gets interim records counting what is new; its last record the rest; a closing or young flow none", () => {
+  const dir = mkdtempSync(join(tmpdir(), "flowlogs-"));
+  dirs.push(dir);
+  const st = state({ nics: new Map([[NIC, 1]]) });
+  const c = new FlowLogCollector({ dir, hostId: "h1", intervalMs: 2000 }, { stateOf: () => st, ownerOf: () => "vm-web1" }, {
+    info() {},
+    warn() {},
+  } as unknown as Logger);
+  const t0 = 1796226900;
+  const tuple = (id: number) => `src=10.0.1.4 dst=10.0.1.5 sport=${40000 + id} dport=80`;
+  const entry = (id: number, state: string, pk: number, by: number) => ({
+    id: String(id),
+    proto: "tcp",
+    state,
+    src: "10.0.1.4",
+    dst: "10.0.1.5",
+    sport: 40000 + id,
+    dport: 80,
+    packets: pk,
+    bytes: by,
+  });
+  for (const id of [1, 2, 3]) c.onCt("ns", `[${t0}.000000]\t    [NEW] ipv4     2 tcp      6 120 SYN_SENT ${tuple(id)} [UNREPLIED] id=${id}`);
+  c.onListed("ns", entry(1, "ESTABLISHED", 10, 1000), t0 * 1000 + 1000); // younger than the interval
+  c.onListed("ns", entry(1, "ESTABLISHED", 20, 2000), t0 * 1000 + 2000);
+  c.onListed("ns", entry(1, "ESTABLISHED", 20, 2000), t0 * 1000 + 4000); // nothing new
+  c.onListed("ns", entry(1, "ESTABLISHED", 50, 5000), t0 * 1000 + 6000);
+  c.onListed("ns", entry(2, "TIME_WAIT", 9, 900), t0 * 1000 + 6000); // closing: its last record covers it
+  c.onListed("ns", entry(9, "ESTABLISHED", 9, 900), t0 * 1000 + 6000); // never seen NEW (or already ended)
+  const end = (id: number, sec: number, pk: number, by: number) =>
+    c.onCt("ns", `[${sec}.000000]\t[DESTROY] ipv4     2 tcp      6 CLOSE ${tuple(id)} packets=${pk} bytes=${by} delta-time=${sec - t0} id=${id}`);
+  end(1, t0 + 7, 60, 6000);
+  end(2, t0 + 7, 9, 900);
+  c.stop();
+  const recs = readFileSync(c.out.path, "utf8")
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l) as FlowRecord);
+  const iso = (s: number) => new Date(s).toISOString();
+  assert.deepEqual(
+    recs.map((r) => [r.sport, r.packets, r.bytes, r.start, r.end, r.flow_start, r.interim ?? false]),
+    [
+      [40001, 20, 2000, iso(t0 * 1000), iso(t0 * 1000 + 2000), iso(t0 * 1000), true],
+      [40001, 30, 3000, iso(t0 * 1000 + 2000), iso(t0 * 1000 + 6000), iso(t0 * 1000), true],
+      [40001, 10, 1000, iso(t0 * 1000 + 6000), iso(t0 * 1000 + 7000), iso(t0 * 1000), false],
+      [40002, 9, 900, iso(t0 * 1000), iso(t0 * 1000 + 7000), iso(t0 * 1000), false],
+    ],
+  );
+});
+
+test("compile: the VPC-wide drops (ct invalid, toward a NIC not bound yet) are logged, rate-limited, when anything of the VPC logs", () => {
+  const fwd = (st: VpcFirewallState) => {
+    const m = /chain forward \{[^}]*\}/.exec(compile(st).script);
+    return m ? m[0] : "";
+  };
+  assert.ok(!fwd(state()).includes("log group"), fwd(state()));
+  const L = `limit rate 50/second burst 50 packets log group ${FLOW_LOG_GROUP}`;
+  for (const on of [state({ nics: new Map([[NIC, 1]]) }), state({ nics: new Map(), subnets: new Map([["subnet-000000000001", 1]]) })]) {
+    const f = fwd(on);
+    assert.match(f, new RegExp(`ct state invalid ${L} prefix "- any ct-invalid"\\n\\s*ct state invalid counter drop`), f);
+    assert.match(f, new RegExp(`oifname "br-\\*" ${L} prefix "- in unbound-nic"\\n\\s*oifname "br-\\*" counter drop`), f);
+  }
+  assert.match(fwd(state({ nics: new Map([[NIC, 0.2]]) })), /numgen random mod 1000 < 200 limit rate 50\/second .* "- any ct-invalid"/);
+});
+
+test("the collector: a ct-invalid drop is kept for the logging NIC at either end; an unbound-nic drop for a logging subnet, naming no NIC", () => {
+  const dir = mkdtempSync(join(tmpdir(), "flowlogs-"));
+  dirs.push(dir);
+  const st = state({ nics: new Map([[NIC, 1]]), subnets: new Map([["subnet-000000000001", 1]]) });
+  const quietSt = state({ nics: new Map([[NIC, 1]]) });
+  const c = new FlowLogCollector({ dir, hostId: "h1", aggregateMs: 60_000 }, { stateOf: (ns) => (ns === "quiet" ? quietSt : st), ownerOf: () => "vm-web1" }, {
+    info() {},
+    warn() {},
+  } as unknown as Logger);
+  const drop = (prefix: string, src: string, dst: string, sport: number) =>
+    JSON.stringify({
+      "oob.prefix": prefix,
+      "oob.time.sec": 1796226957,
+      "oob.time.usec": 0,
+      "raw.pktlen": 40,
+      "ip.protocol": 6,
+      src_port: sport,
+      dest_port: 80,
+      src_ip: src,
+      dest_ip: dst,
+    });
+  c.onDrop("ns", drop("- any ct-invalid", "10.0.1.5", "10.0.9.9", 1)); // the NIC is the source
+  c.onDrop("ns", drop("- any ct-invalid", "10.0.9.8", "10.0.9.9", 2)); // no local NIC at either end
+  c.onDrop("ns", drop("- in unbound-nic", "10.0.1.5", "10.0.1.77", 3)); // subnet 1 logs
+  c.onDrop("ns", drop("- in unbound-nic", "10.0.1.5", "10.0.2.77", 4)); // not a local subnet
+  c.onDrop("quiet", drop("- in unbound-nic", "10.0.1.5", "10.0.1.78", 5)); // the subnet does not log
+  c.stop();
+  const recs = readFileSync(c.out.path, "utf8")
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l) as FlowRecord);
+  assert.deepEqual(
+    recs.map((r) => [r.sport, r.nic, r.vm, r.decided_by, r.action]),
+    [
+      [1, NIC, "vm-web1", "ct-invalid", "reject"],
+      [3, "", "", "unbound-nic", "reject"],
+    ],
+  );
+});
+
+test("flow-log configs: a NIC's applies to the binding it was made for only; subnets are covered by their own or their VPC's", () => {
+  const nic = { ...state().nics[0], boundMs: 1000 };
+  const cfg = { id: "fl-000000000001", vpcId: "vpc-000000000001", resourceId: NIC, sampleRate: 1, description: "", createdMs: 0, nicBoundMs: 1000 };
+  assert.deepEqual(flowLogRates([nic], [], [cfg]).nics, new Map([[NIC, 1]]));
+  assert.deepEqual(flowLogRates([{ ...nic, boundMs: 2000 }], [], [cfg]).nics, new Map(), "bound again: not inherited");
+  assert.deepEqual(flowLogRates([{ ...nic, boundMs: 0 }], [], [cfg]).nics, new Map(), "unbound");
+  const { nicBoundMs: _, ...old } = cfg;
+  assert.deepEqual(flowLogRates([{ ...nic, boundMs: 2000 }], [], [old]).nics, new Map([[NIC, 1]]), "a record from before bound times");
+  const subs = [
+    { subnetId: "subnet-000000000001", vpcId: "vpc-000000000001" },
+    { subnetId: "subnet-000000000002", vpcId: "vpc-000000000001" },
+  ];
+  const sub = { ...cfg, resourceId: "subnet-000000000001", sampleRate: 0.5, nicBoundMs: undefined };
+  assert.deepEqual(flowLogRates([], subs, [sub]).subnets, new Map([["subnet-000000000001", 0.5]]));
+  assert.deepEqual(
+    flowLogRates([], subs, [sub, { ...sub, resourceId: "vpc-000000000001", sampleRate: 0.1 }]).subnets,
+    new Map([
+      ["subnet-000000000001", 0.5],
+      ["subnet-000000000002", 0.1],
+    ]),
+  );
+  const good = { id: "fl-000000000001", vpc: "vpc-000000000001", resource: NIC, rate: "1", description: "", created: "1", bound: "1000" };
+  const p = parseFlowLogConfig(good, "fl-000000000001");
+  assert.ok(p.ok && p.value.nicBoundMs === 1000);
+  const q = parseFlowLogConfig({ ...good, resource: "subnet-000000000001" }, "fl-000000000001");
+  assert.ok(!q.ok && /^bound: only a NIC's config/.test(q.reason), JSON.stringify(q));
 });
