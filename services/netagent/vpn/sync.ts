@@ -165,8 +165,8 @@ export class VpnSync {
       const lines = routes.filter((r) => r.dst !== range.text).map((r) => `route del ${r.dst} dev ${ifname}`);
       if (!routes.some((r) => r.dst === range.text)) lines.push(`route replace ${range.text} dev ${ifname}`);
       if (lines.length) await this.agent.kernel.ipBatch(vns, lines);
-      if (ep.publicKey !== key.publicKey) await this.store.setEndpointKey(vpcId, key.publicKey);
-      await this.store.setApplied(vpcId, gen);
+      if (ep.publicKey !== key.publicKey) await this.store.setEndpointKey(this.opts.hostId, vpcId, key.publicKey);
+      await this.store.setApplied(this.opts.hostId, vpcId, gen);
       if (args.length) this.log.info({ vpc: vpcId, interface: ifname, clients: clients.length, flushed: gone.length }, "vpn endpoint applied");
     });
   }
@@ -194,6 +194,7 @@ export class VpnSync {
     await this.interfaces.remove(vpcId, ifname);
     const vns = this.agent.nsOf(vpcId);
     if (existsSync(`/run/netns/${vns}`)) await this.agent.kernel.nft(vns, deleteTx());
+    await this.store.forgetEndpoint(this.opts.hostId, vpcId);
     this.log.info({ vpc: vpcId, interface: ifname }, "vpn endpoint removed");
   }
 }
