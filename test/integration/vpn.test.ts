@@ -11,7 +11,14 @@
 //   * deleted, it is cut: new connections fail and its open flow's
 //     conntrack entry on the endpoint is gone when DeleteVpnClient returns;
 //   * the endpoint's netagent restarted (by PID), a client registered before
-//     reaches web-1 again (the records are in Redis, the interface is adopted).
+//     reaches web-1 again (the records are in Redis, the interface is adopted);
+//   * the client range is reserved in IPAM: a subnet inside it is refused,
+//     naming the range and the endpoint, and SetVpnEndpoint racing
+//     CreateSubnet over one range never lets both win;
+//   * a client is a member of its groups for other groups' rules: web-1's
+//     "22 from group ssh-only" (enforced by hv1's firewall) admits the
+//     ssh-only client and not a client of prod in another group; deleted,
+//     the client leaves hv1's member set.
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -20,14 +27,15 @@ import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon } from "../lib/daemon.js";
-import { Harness, type Vm } from "../lib/harness.js";
+import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { bindRequest, Harness, type Vm } from "../lib/harness.js";
 import { ipn, nsExec, onCleanup, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -36,10 +44,13 @@ let web1: Vm;
 let other1: Vm;
 let inet: string;
 let fwAddr: string;
+/** hv1's own firewall (web-1's host), started by the group-membership test. */
+let hv1fw: Daemon | undefined;
 const dir = tempDir("vpn");
 const clients: { ifname: string; proc: ChildProcess }[] = [];
 
 const vpn = () => grpcClient(VpnService, { address: h.hosts[1].daemon.address, timeoutMs: 20_000 });
+const subnets = () => grpcClient(SubnetService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });
 const cli = () => cliRunner(() => ["--server", h.ipamDaemon.address, "--netagent", h.hosts[1].daemon.address, "--firewall", fwAddr], 30_000);
 
 /** A wireguard-go client in the internet namespace from a wg-quick file: Address and AllowedIPs routes as wg-quick sets them. */
@@ -151,6 +162,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const c of clients) if (c.proc.exitCode === null) c.proc.kill("SIGKILL");
+  await hv1fw?.stop().catch(() => undefined);
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);
 });
@@ -202,6 +214,103 @@ test("a client reaches the VM port its group allows and not the one it does not;
   );
 }, 60_000);
 
+test("the client range is reserved in IPAM: a subnet in it is refused naming the range and the endpoint; racing SetVpnEndpoint never lets both win", async () => {
+  const ep = h.hosts[0].id;
+  for (const cidr of ["10.0.250.128/25", "10.0.240.0/20"]) {
+    await rejectsWith(
+      subnets().createSubnet({ vpc: "prod", name: "in-range", cidr }),
+      Code.FailedPrecondition,
+      new RegExp(`${cidr.replace(/\./g, "\\.")} overlaps 10\\.0\\.250\\.0/24, reserved for the VPN client range of VPC ${prod.id}'s endpoint on host ${ep} `),
+    );
+  }
+  // Beside the range: allowed.
+  const beside = (await subnets().createSubnet({ vpc: "prod", name: "beside", cidr: "10.0.251.0/24" })).subnet!;
+  assert.equal(beside.cidr, "10.0.251.0/24");
+  await subnets().deleteSubnet({ ref: beside.id });
+  assert.equal((await vpn().listVpnClients({ vpc: "prod" })).clients.length, 1, "nothing else changed");
+
+  // The race: each round, SetVpnEndpoint and CreateSubnet over the same /24
+  // at once. Exactly one wins; the loser is refused and wrote nothing.
+  const race = await h.vpc("race", "10.3.0.0/16");
+  const wins = { endpoint: 0, subnet: 0 };
+  for (let i = 0; i < 12; i++) {
+    const cidr = `10.3.${i}.0/24`;
+    const [e, sn] = await Promise.allSettled([
+      vpn().setVpnEndpoint({ vpc: race.id, hostId: "nohost", publicAddress: "192.0.2.1", listenPort: 51820, clientCidr: cidr }),
+      subnets().createSubnet({ vpc: race.id, name: `s${i}`, cidr }),
+    ]);
+    assert.equal([e, sn].filter((x) => x.status === "fulfilled").length, 1, `round ${i}: exactly one of them wins (${JSON.stringify([e.status, sn.status])})`);
+    if (e.status === "fulfilled") {
+      wins.endpoint++;
+      assert.match(String((sn as PromiseRejectedResult).reason), /overlaps .*reserved for the VPN client range/);
+    } else {
+      wins.subnet++;
+      assert.match(String(e.reason), /client_cidr: .*overlaps subnet s/);
+    }
+    const got = await vpn()
+      .getVpnEndpoint({ vpc: race.id })
+      .catch(() => null);
+    const have = (await subnets().listSubnets({ vpc: race.id })).subnets;
+    for (const s of have) assert.notEqual(s.cidr, got?.endpoint?.clientCidr, `subnet ${s.name} holds the client range ${s.cidr}`);
+  }
+  // Both orders happened, or the check proved nothing about the scripts.
+  console.log(`race: endpoint won ${wins.endpoint}, subnet won ${wins.subnet}`);
+  for (const s of (await subnets().listSubnets({ vpc: race.id })).subnets) await subnets().deleteSubnet({ ref: s.id });
+}, 60_000);
+
+test("a client is a member of its groups for other groups' rules: web-1's '22 from group ssh-only' admits the ssh-only client, not another client of the VPC", async () => {
+  // hv1 (web-1's host) enforces web-1's own groups from now on.
+  hv1fw = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[1].id, "--drift-interval-ms", "3000"]);
+  trackChild(hv1fw.proc);
+  const fw = grpcClient(FirewallService, { address: fwAddr, timeoutMs: 20_000 });
+  const sshOnly = (await fw.getSecurityGroup({ vpc: prod.id, ref: "ssh-only" })).securityGroup!;
+  await fw.createSecurityGroup({
+    vpc: prod.id,
+    name: "vm-ssh",
+    rules: [{ direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: 22, portTo: 22, peer: { case: "securityGroupId", value: "ssh-only" } }],
+  });
+  // "dev" lets its clients out to tcp/22 of the VPC too: only web-1's own group can stop them.
+  await fw.createSecurityGroup({
+    vpc: prod.id,
+    name: "dev",
+    rules: [{ direction: Direction.EGRESS, protocol: Protocol.TCP, portFrom: 22, portTo: 22, peer: { case: "cidr", value: "10.0.0.0/16" } }],
+  });
+  const hv1 = grpcClient(FirewallService, { address: hv1fw.address, timeoutMs: 20_000 });
+  await hv1.bindNic(bindRequest(web1, ["vm-ssh"]));
+  const set = `members_${sshOnly.id.slice(-12)}`;
+  const vns1 = h.hosts[1].vpcNamespace(prod.id);
+  const members = async () => (await nsExec(vns1, "nft", ["list", "ruleset"], { check: false })).stdout;
+  assert.ok(
+    await waitFor(async () => new RegExp(`set ${set} \\{[^}]*elements = \\{ 10\\.0\\.250\\.1 \\}`).test(await members()), {
+      timeoutMs: 15_000,
+      intervalMs: 100,
+    }),
+    `hv1's member set of ssh-only does not hold the laptop client\n${await members()}`,
+  );
+  assert.ok(
+    await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 15_000, intervalMs: 200 }),
+    "the ssh-only client no longer reaches web-1:22",
+  );
+
+  // Another client of prod, in group dev: its packets pass the endpoint, and web-1's group drops them.
+  const dev = await startClient(await addClient("dev", ["dev"]));
+  assert.equal(dev.address, "10.0.250.2");
+  const wg1 = clients[0].ifname;
+  try {
+    // Its route took 10.0.0.0/16: the internet namespace now speaks as dev (source 10.0.250.2).
+    const handshake = async () => /latest handshake/.test((await nsExec(inet, "wg", ["show", dev.ifname], { check: false })).stdout);
+    await tcpProbe(inet, web1.address, 22, 1000);
+    assert.ok(await waitFor(handshake, { timeoutMs: 10_000, intervalMs: 100 }), "the dev client never reached the endpoint");
+    assert.equal(await tcpProbe(inet, web1.address, 22, 1500), false, "a client outside ssh-only reached web-1:22");
+    assert.doesNotMatch(await members(), /10\.0\.250\.2/, "the dev client is in a member set");
+  } finally {
+    await ipn(inet, ["route", "replace", "10.0.0.0/16", "dev", wg1]);
+  }
+  // Back to the laptop: the same port, admitted.
+  assert.ok(await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 10_000, intervalMs: 200 }), "the ssh-only client was not admitted again");
+  await cli().expect(0, ["vpn", "client", "delete", "dev", "--vpc", "prod"]);
+}, 90_000);
+
 test("a client survives its endpoint's netagent restart; a deleted client is cut, its open flow too", async () => {
   const c = await vpn().getVpnClient({ client: "laptop", vpc: "prod" });
   const ep = h.hosts[0];
@@ -229,6 +338,13 @@ test("a client survives its endpoint's netagent restart; a deleted client is cut
   await cli().expect(0, ["vpn", "client", "delete", c.client!.id]);
   assert.equal(await entries(), "", "the deleted client's flow is still tracked on the endpoint");
   assert.equal(await tcpProbe(inet, web1.address, 22, 1500), false, "a deleted client still connects");
+  if (hv1fw) {
+    const ruleset = async () => (await nsExec(h.hosts[1].vpcNamespace(prod.id), "nft", ["list", "ruleset"], { check: false })).stdout;
+    assert.ok(
+      await waitFor(async () => !(await ruleset()).includes(c.client!.address), { timeoutMs: 10_000, intervalMs: 100 }),
+      "the deleted client is still in hv1's member set",
+    );
+  }
   const wg = (await nsExec(ep.ns, "wg", ["show", "all", "peers"], { check: false })).stdout;
   assert.doesNotMatch(wg, new RegExp(c.client!.publicKey.replace(/[+/]/g, "\\$&")));
   holder.kill("SIGKILL");
