@@ -15,6 +15,9 @@
 //   * the client range is reserved in IPAM: a subnet inside it is refused,
 //     naming the range and the endpoint, and SetVpnEndpoint racing
 //     CreateSubnet over one range never lets both win;
+//   * every host runs fail-closed with its own firewall, and the endpoint
+//     host hv0 holds no NIC of prod: its firewall compiles prod's namespace
+//     (no subnet there) and forwards the clients' packets;
 //   * a client is a member of its groups for other groups' rules: web-1's
 //     "22 from group ssh-only" (enforced by hv1's firewall) admits the
 //     ssh-only client and not a client of prod in another group; deleted,
@@ -44,8 +47,9 @@ let web1: Vm;
 let other1: Vm;
 let inet: string;
 let fwAddr: string;
-/** hv1's own firewall (web-1's host), started by the group-membership test. */
-let hv1fw: Daemon | undefined;
+/** Each host's own firewall (hv0: the endpoint, with no NIC of prod; hv1: web-1's host). */
+let hvfw: Daemon[] = [];
+const hostFw = (i: number) => grpcClient(FirewallService, { address: hvfw[i].address, timeoutMs: 20_000 });
 const dir = tempDir("vpn");
 const clients: { ifname: string; proc: ChildProcess }[] = [];
 
@@ -107,7 +111,8 @@ async function addClient(name: string, groups: string[]): Promise<string> {
 }
 
 beforeAll(async () => {
-  h = await Harness.start({ hosts: 2, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
+  // Fail closed, as in production: a VPC namespace forwards nothing until its host's firewall compiled it.
+  h = await Harness.start({ hosts: 2, overlay: true, failClosed: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   inet = (await h.internet()).ns;
   // The endpoint's wireguard-go keeps its state beside the overlay's (DIR/<host>/vpn/wg): ended by PID, its global socket removed.
   const stateDir = h.stateDir!;
@@ -131,6 +136,13 @@ beforeAll(async () => {
   const web = await h.subnet(prod, "web", "10.0.1.0/24");
   const other = await h.vpc("other", "10.1.0.0/16");
   const osub = await h.subnet(other, "app", "10.1.1.0/24");
+  // Each host's own firewall, at its default drift period (30 s): what happens sooner was driven by events.
+  hvfw = [];
+  for (const hv of h.hosts) {
+    const d = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id]);
+    trackChild(d.proc);
+    hvfw.push(d);
+  }
   web1 = await h.vm(1, prod, web, "web-1");
   other1 = await h.vm(0, other, osub, "other-1");
   for (const vm of [web1, other1]) {
@@ -138,6 +150,19 @@ beforeAll(async () => {
     await startTcpServer(vm.ns, 80);
   }
   const fw = grpcClient(FirewallService, { address: fwAddr, timeoutMs: 20_000 });
+  // The VMs' own groups let 22 and 80 in from their VPC (other-1: from anywhere): what stops a client is the VPN's doing.
+  const open = (cidr: string) =>
+    [22, 80].map((port) => ({
+      direction: Direction.INGRESS,
+      protocol: Protocol.TCP,
+      portFrom: port,
+      portTo: port,
+      peer: { case: "cidr" as const, value: cidr },
+    }));
+  await fw.createSecurityGroup({ vpc: prod.id, name: "vm-web", rules: open("10.0.0.0/16") });
+  await fw.createSecurityGroup({ vpc: other.id, name: "open", rules: open("0.0.0.0/0") });
+  await hostFw(1).bindNic(bindRequest(web1, ["vm-web"]));
+  await hostFw(0).bindNic(bindRequest(other1, ["open"]));
   await fw.createSecurityGroup({
     vpc: prod.id,
     name: "ssh-only",
@@ -162,7 +187,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const c of clients) if (c.proc.exitCode === null) c.proc.kill("SIGKILL");
-  await hv1fw?.stop().catch(() => undefined);
+  for (const d of hvfw) await d.stop().catch(() => undefined);
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);
 });
@@ -259,9 +284,6 @@ test("the client range is reserved in IPAM: a subnet in it is refused naming the
 }, 60_000);
 
 test("a client is a member of its groups for other groups' rules: web-1's '22 from group ssh-only' admits the ssh-only client, not another client of the VPC", async () => {
-  // hv1 (web-1's host) enforces web-1's own groups from now on.
-  hv1fw = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[1].id, "--drift-interval-ms", "3000"]);
-  trackChild(hv1fw.proc);
   const fw = grpcClient(FirewallService, { address: fwAddr, timeoutMs: 20_000 });
   const sshOnly = (await fw.getSecurityGroup({ vpc: prod.id, ref: "ssh-only" })).securityGroup!;
   await fw.createSecurityGroup({
@@ -275,8 +297,8 @@ test("a client is a member of its groups for other groups' rules: web-1's '22 fr
     name: "dev",
     rules: [{ direction: Direction.EGRESS, protocol: Protocol.TCP, portFrom: 22, portTo: 22, peer: { case: "cidr", value: "10.0.0.0/16" } }],
   });
-  const hv1 = grpcClient(FirewallService, { address: hv1fw.address, timeoutMs: 20_000 });
-  await hv1.bindNic(bindRequest(web1, ["vm-ssh"]));
+  // web-1 now lets tcp/22 in from group ssh-only alone.
+  await hostFw(1).bindNic(bindRequest(web1, ["vm-ssh"]));
   const set = `members_${sshOnly.id.slice(-12)}`;
   const vns1 = h.hosts[1].vpcNamespace(prod.id);
   const members = async () => (await nsExec(vns1, "nft", ["list", "ruleset"], { check: false })).stdout;
@@ -338,7 +360,7 @@ test("a client survives its endpoint's netagent restart; a deleted client is cut
   await cli().expect(0, ["vpn", "client", "delete", c.client!.id]);
   assert.equal(await entries(), "", "the deleted client's flow is still tracked on the endpoint");
   assert.equal(await tcpProbe(inet, web1.address, 22, 1500), false, "a deleted client still connects");
-  if (hv1fw) {
+  {
     const ruleset = async () => (await nsExec(h.hosts[1].vpcNamespace(prod.id), "nft", ["list", "ruleset"], { check: false })).stdout;
     assert.ok(
       await waitFor(async () => !(await ruleset()).includes(c.client!.address), { timeoutMs: 10_000, intervalMs: 100 }),

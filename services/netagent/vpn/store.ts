@@ -4,7 +4,7 @@
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
 import { reportInvalid } from "../../common/invalid-records.js";
-import { LUA_EMIT } from "../../common/events.js";
+import { emit, LUA_EMIT } from "../../common/events.js";
 import { FK, parseGroup, parseMember } from "../../firewall/schema.js";
 import { K, LUA_RANGE_CHECKS, reservationValue } from "../../ipam/schema.js";
 import { parseClient, parseEndpoint, VK } from "./schema.js";
@@ -155,6 +155,16 @@ export class VpnStore {
   async applied(hostId: string, vpcId: string): Promise<number> {
     const v = await this.redis.hget(VK.hostApplied(hostId), vpcId);
     return v !== null && /^[0-9]{1,15}$/.test(v) ? Number(v) : -1;
+  }
+
+  /**
+   * The VPC's namespace is new on this host for its VPN endpoint: said on the
+   * host's own stream, so that this host's firewall compiles the VPC now
+   * (replacing the netagent's fail-closed table) rather than at its next
+   * periodic pass; until it does, nothing is forwarded there, clients' packets neither.
+   */
+  async announceHeld(hostId: string, vpcId: string): Promise<void> {
+    await emit(this.redis, { hosts: [hostId] }, ["kind", "vpn.endpoint.held", "host", hostId, "vpc", vpcId]);
   }
 
   /** This host no longer serves the VPC: its key and applied gen go. */

@@ -135,7 +135,10 @@ export class VpnSync {
 
   private async apply(vpcCidr: string, ep: VpnEndpointRec, gen: number): Promise<void> {
     const vpcId = ep.vpcId;
-    if (!existsSync(`/run/netns/${this.agent.nsOf(vpcId)}`) || !this.agent.desired.vpcs.has(vpcId)) await this.opts.ensureVpc(vpcId);
+    if (!existsSync(`/run/netns/${this.agent.nsOf(vpcId)}`) || !this.agent.desired.vpcs.has(vpcId)) {
+      await this.opts.ensureVpc(vpcId);
+      await this.store.announceHeld(this.opts.hostId, vpcId);
+    }
     await this.agent.withLock(vpcId, async () => {
       const vns = this.agent.nsOf(vpcId);
       const ifname = vpnIfName(this.opts.hostId, vpcId);
