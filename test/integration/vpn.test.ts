@@ -217,6 +217,13 @@ test("bad input is refused with the field named, and nothing is stored", async (
 });
 
 test("a client reaches the VM port its group allows and not the one it does not; it reaches nothing of another VPC", async () => {
+  // The endpoint host holds no NIC of prod and runs fail-closed: its firewall has replaced the netagent's closed table there.
+  const vns0 = h.hosts[0].vpcNamespace(prod.id);
+  const ruleset0 = async () => (await nsExec(vns0, "nft", ["list", "ruleset"], { check: false })).stdout;
+  assert.ok(
+    await waitFor(async () => /table inet mvpc_vpn/.test(await ruleset0()) && !/chain closed/.test(await ruleset0()), { timeoutMs: 15_000, intervalMs: 100 }),
+    `the endpoint host's firewall did not compile prod (drift period 30 s)\n${await ruleset0()}`,
+  );
   const config = await addClient("laptop", ["ssh-only"]);
   assert.match(config, /^\[Interface\]\nPrivateKey = [A-Za-z0-9+/]{43}=\nAddress = 10\.0\.250\.1\/32$/m);
   assert.match(config, /^AllowedIPs = 10\.0\.0\.0\/16$/m);
