@@ -28,6 +28,7 @@ import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
+import { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -335,6 +336,36 @@ test("a client is a member of its groups for other groups' rules: web-1's '22 fr
   } finally {
     await ipn(inet, ["route", "replace", "10.0.0.0/16", "dev", wg1]);
   }
+  // Records written around the API (anyone with Redis's password): a "client"
+  // of ssh-only at an address outside the client range (web-1's subnet), one
+  // with a group list that is not one. The firewall parses each with the
+  // VPN's own validators: neither joins the member set; both are reported.
+  const redis = new Redis(h.redis.url);
+  try {
+    const forged = (name: string, address: string, groupIds: unknown) =>
+      JSON.stringify({ id: `vpnc-${"f".repeat(11)}${name.length}`, name, vpcId: prod.id, publicKey: "F".repeat(42) + "A=", address, groupIds, createdMs: 1 });
+    await redis.hset(
+      `mvpc:vpn:vpc:${prod.id}:clients`,
+      "forged",
+      forged("forged", "10.0.1.77", [sshOnly.id]),
+      "forged-two",
+      forged("forged-two", "10.0.250.77", sshOnly.id),
+    );
+    const ev = ["kind", "vpn.client.created", "vpc", prod.id, "client", "vpnc-ffffffffffff", "address", "10.0.1.77", "groups", sshOnly.id];
+    await redis.xadd(`mvpc:{${prod.id}}:events`, "*", ...ev);
+    await redis.xadd("mvpc:events", "*", ...ev);
+    const reported = async () => (await hostFw(1).getFirewallStatus({})).invalidRecords.filter((r) => r.kind === "vpn-client").map((r) => r.reason);
+    assert.ok(
+      await waitFor(async () => (await reported()).length >= 2, { timeoutMs: 15_000, intervalMs: 100 }),
+      `hv1's firewall did not report the forged clients: ${JSON.stringify(await reported())}`,
+    );
+    assert.match((await reported()).join("\n"), /10\.0\.1\.77 is not a client address of 10\.0\.250\.0\/24/);
+    assert.doesNotMatch(await members(), /10\.0\.1\.77|10\.0\.250\.77/, "a forged client joined a member set");
+  } finally {
+    await redis.hdel(`mvpc:vpn:vpc:${prod.id}:clients`, "forged", "forged-two");
+    redis.disconnect();
+  }
+
   // Back to the laptop: the same port, admitted.
   assert.ok(await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 10_000, intervalMs: 200 }), "the ssh-only client was not admitted again");
   await cli().expect(0, ["vpn", "client", "delete", "dev", "--vpc", "prod"]);
