@@ -107,7 +107,7 @@ export function toConnectError(err: unknown): ConnectError {
     // A hypervisor's agents run as microvpc-host-<id> (docs/redis-acl.md): they
     // may change their own host's records, not cluster-wide ones.
     return new ConnectError(
-      `this daemon's Redis user may not make this change (${(err as Error).message}); with per-host Redis users, cluster-wide changes (security groups, network ACLs, NAT gateways, floating IPs, port forwards) go to a daemon running as the control user: see docs/redis-acl.md`,
+      `this daemon's Redis user may not make this change (${(err as Error).message}); with per-host Redis users, cluster-wide changes (security groups, network ACLs, NAT gateways, floating IPs, port forwards, VPN endpoints and clients) go to a daemon running as the control user: see docs/redis-acl.md`,
       Code.PermissionDenied,
       undefined,
       undefined,

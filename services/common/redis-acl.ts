@@ -20,6 +20,7 @@
 //     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index)
 //     mvpc:vm:host:H       vmm: VM ids of this host
 //     mvpc:vm:host:H:*     vmm: VM records (:vm:<id>, with their journals) and leases (:lease:<id>)
+//     mvpc:vpn:host:H:*    netagent VPN endpoint: the public keys of H's endpoint interfaces, the gen applied
 //   shared (any host writes them; readers validate, see docs/redis-acl.md):
 //     mvpc:events          change-event stream (XADD; events only wake readers, who re-read state)
 //     mvpc:{vpc-*}:events, mvpc:{hosts}:events  the scoped streams: a VPC's, the host registry's
@@ -38,8 +39,11 @@
 // NAT gateways, floating IPs, port forwards): IPAM (mvpc:vpc*, mvpc:subnet*,
 // mvpc:sn:*, mvpc:owner:*), mvpc:tokens, mvpc:fw:sg:<id>, mvpc:fw:acl*,
 // mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*/flowlogs, mvpc:fw:flowlog*, mvpc:gw:nat*/fip*/pf*/vpcnat,
-// mvpc:pcx*, mvpc:dns:*. The control user also reads and writes every host's
-// mvpc-md:* (gateway --api-only: Get/Delete of instance metadata across hosts),
+// mvpc:pcx*, mvpc:dns:*, mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
+// endpoints and clients: SetVpnEndpoint, Create/DeleteVpnClient go to a
+// netagent running as the control user). The control user also reads and
+// writes every host's mvpc-md:* (gateway --api-only: Get/Delete of instance
+// metadata across hosts),
 // and the legacy mvpc:gw:md:* (records of versions before mvpc-md:, which
 // only the operator deletes, docs/redis-acl.md).
 import { createHash } from "node:crypto";
@@ -65,6 +69,9 @@ export function hostScopedWritePatterns(hostId: string): string[] {
     `mvpc:gw:host:${hostId}:*`,
     `mvpc:vm:host:${hostId}`,
     `mvpc:vm:host:${hostId}:*`,
+    // The VPN endpoints it serves: their public keys and the gen it applied
+    // (netagent/vpn/schema.ts); readers take them only from the endpoint's host.
+    `mvpc:vpn:host:${hostId}:*`,
   ];
 }
 

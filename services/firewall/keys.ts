@@ -37,11 +37,14 @@
 // Keys derived from stored records (a NIC's old host, a group's peers) are
 // built inside the scripts: like IPAM, this needs single-instance Redis or
 // Sentinel, not Cluster.
-import { hostKeys } from "../netagent/schema.js";
+import { hostKeys, vpnKeys } from "../netagent/schema.js";
 
 export const F = "mvpc:fw:";
 /** netagent's host-scoped NIC address index, "<vpc>/<address>" → nic id, as prefix and suffix around the host id (for LOAD_VPC). */
 export const NICADDR = hostKeys.nicaddr("\u0000").split("\u0000") as [string, string];
+/** The VPN's endpoint hash of a VPC (prefix) and its clients hash (around the VPC id), for LOAD_VPC. */
+export const VPN_EP = vpnKeys.ep("");
+export const VPN_CLIENTS = vpnKeys.clients("\u0000").split("\u0000") as [string, string];
 export const FK = {
   gen: `${F}gen`,
   sg: (id: string) => `${F}sg:${id}`,

@@ -4,7 +4,7 @@
 // defineScripts (ioredis defineCommand: EVALSHA, loaded on first use).
 import type { Redis } from "ioredis";
 import { K } from "../ipam/schema.js";
-import { F, NICADDR } from "./keys.js";
+import { F, NICADDR, VPN_CLIENTS, VPN_EP } from "./keys.js";
 import { LUA_EMIT } from "../common/events.js";
 
 // ---------- Lua ----------
@@ -328,6 +328,8 @@ return {1, prev}
  *   groups  {group id, HGETALL…} of every group the NICs use and every group those name as peer
  *   members {group, nic, addr, nic, addr, …} per peer group
  *   acls    {subnet, HGETALL of its ACL, subnet ids of the ACL} per subnet with one
+ *   vpn     false, or (when a peer group was loaded) {VPC cidr, HGETALL of its VPN
+ *           endpoint, HGETALL of its VPN clients}
  */
 const LOAD_VPC = `${LUA_COMMON}
 local NA1, NA2 = '${NICADDR[0]}', '${NICADDR[1]}'
@@ -408,6 +410,14 @@ for p, _ in pairs(peers) do
   end
   members[#members + 1] = ok
 end
+-- The VPC's VPN clients are members of their groups too: when a peer group
+-- is loaded, the VPC's CIDR, its VPN endpoint and its clients come along
+-- (raw: the caller parses them with the VPN's own validators).
+local vpn = false
+if next(peers) ~= nil and vpc ~= '' then
+  local vc = get('HGET', '${K.vpc("")}' .. vpc, 'cidr')
+  vpn = {vc or '', get('HGETALL', '${VPN_EP}' .. vpc) or {}, get('HGETALL', '${VPN_CLIENTS[0]}' .. vpc .. '${VPN_CLIENTS[1]}') or {}}
+end
 local acls = {}
 for _, s in ipairs(split(ARGV[2])) do
   local a = get('HGET', SUBNET_ACL, s)
@@ -416,7 +426,7 @@ for _, s in ipairs(split(ARGV[2])) do
     if h and #h > 0 then acls[#acls + 1] = {s, h, get('SMEMBERS', F .. 'acl:' .. a .. ':subnets') or {}} end
   end
 end
-return {nics, groups, members, acls, bad, refused}
+return {nics, groups, members, acls, bad, refused, vpn}
 `;
 
 /**

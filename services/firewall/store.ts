@@ -36,6 +36,7 @@ import {
   type BindingSpec,
 } from "./schema.js";
 
+import { parseVpnClient, parseVpnEndpoint, vpnKeys } from "../netagent/schema.js";
 import { FK } from "./keys.js";
 import { defineScripts } from "./scripts.js";
 
@@ -494,13 +495,14 @@ export class FirewallStore {
       [string, string[], string[]][],
       string[],
       [string, string, string, string][],
+      [string, string[], string[]] | null,
     ];
     // Fail closed: what a refused record governed is denied, not opened. A
     // NIC whose binding is refused, and a group that is refused, become the
     // empty group CLOSED_GROUP (nothing allowed either way); a refused ACL
     // becomes an ACL without entries (the subnet's default deny).
     const refusedBinding = new Set<string>();
-    const [rawNics, rawGroups, rawMembers, rawAcls, wrongType, refusedMembers] = raw;
+    const [rawNics, rawGroups, rawMembers, rawAcls, wrongType, refusedMembers, rawVpn] = raw;
     for (const key of wrongType ?? []) reportInvalid(OWNER, "key", key, "holds another Redis type than its schema says", this.log, { vpcId });
     // Member entries no host vouches for (docs/redis-acl.md): left out, so
     // "from group G" admits only addresses G's members' own hosts stand for.
@@ -565,12 +567,14 @@ export class FirewallStore {
       if (m && !groups.has(m[1])) groups.set(m[1], closedGroup(m[1], vpcId));
     }
     const members = new Map<string, string[]>();
+    const clients = this.vpnClientMembers(vpcId, rawVpn ?? null, subnets);
     for (const [gid, ...kv] of rawMembers) {
       const addrs = new Set<string>();
       for (let i = 1; i < kv.length; i += 2) {
         const a = this.ok("member", FK.sgMembers(gid), parseMember(kv[i - 1], kv[i]), () => ({ field: kv[i - 1], vpcId }));
         if (a !== null) addrs.add(a);
       }
+      for (const a of clients.get(gid) ?? []) addrs.add(a);
       members.set(gid, [...addrs].sort(compareIp));
     }
     const acls = new Map<string, NetworkAclRec>();
@@ -581,6 +585,47 @@ export class FirewallStore {
       acls.set(subnetId, a ?? closedAcl(subnetId, vpcId));
     }
     return { vpcId, subnets, nics: out, groups, members, acls };
+  }
+
+  /**
+   * The VPC's VPN clients by group id (a client is a member of its groups
+   * for other groups' rules, as a NIC is): each record parsed with the VPN's
+   * own validators against its endpoint's client range. A client that does
+   * not validate, or whose address falls in a subnet of this host, is left
+   * out (reported): it is admitted by no "from group" rule.
+   */
+  private vpnClientMembers(vpcId: string, raw: [string, string[], string[]] | null, subnets: { cidr: string }[]): Map<string, string[]> {
+    const out = new Map<string, string[]>();
+    if (!raw || raw[1].length === 0) return out;
+    const [vpcCidr, epKv, clientKv] = raw;
+    const ep = parseVpnEndpoint(pairs(epKv), vpcCidr, null);
+    if (!ep.ok || ep.value.vpcId !== vpcId) {
+      reportInvalid(OWNER, "vpn-endpoint", vpnKeys.ep(vpcId), ep.ok ? "names another VPC" : ep.reason, this.log, { vpcId });
+      return out;
+    }
+    const range = V.cidr("client_cidr", ep.value.clientCidr, { min: 0, max: 32 });
+    const local = subnets.flatMap((s) => {
+      const c = V.attempt(() => V.cidr("cidr", s.cidr, { min: 0, max: 32 }));
+      return c.ok ? [c.value] : [];
+    });
+    for (let i = 0; i + 1 < clientKv.length; i += 2) {
+      const p = parseVpnClient(clientKv[i + 1], vpcId, range);
+      const c = p.ok ? p.value : null;
+      const a = c ? V.ipToInt(c.address) : 0;
+      const why = !p.ok
+        ? p.reason
+        : c!.name !== clientKv[i]
+          ? `entry ${V.show(clientKv[i])} holds ${c!.name}`
+          : local.some((s) => a >= s.base && a < s.base + s.size)
+            ? `${c!.address} is in a subnet`
+            : "";
+      if (why) {
+        reportInvalid(OWNER, "vpn-client", vpnKeys.clients(vpcId), why, this.log, { field: clientKv[i], vpcId });
+        continue;
+      }
+      for (const g of c!.groupIds) out.set(g, [...(out.get(g) ?? []), c!.address]);
+    }
+    return out;
   }
 }
 

@@ -126,7 +126,7 @@ export class FirewallSync {
   ) {
     this.loop = new SyncLoop({
       log,
-      events: /^(fw\.|nic\.|subnet\.|vpc\.)/,
+      events: /^(fw\.|nic\.|subnet\.|vpc\.|vpn\.)/,
       // Only the streams of the VPCs held here (and this host's): common/events.ts.
       scope: { host: hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(hostId)) },
       // Firewall and NIC events name their VPC: a pass over that VPC only. A
@@ -135,7 +135,7 @@ export class FirewallSync {
       // deleted) asks for a whole pass.
       route: (e) => {
         if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) return undefined;
-        if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.")) && e.vpc) {
+        if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.") || e.kind.startsWith("vpn.")) && e.vpc) {
           this.noteEvent(e);
           return { key: e.vpc };
         }
@@ -225,6 +225,12 @@ export class FirewallSync {
     const h = this.hintOf(e.vpc);
     const binding = e.kind === "fw.binding.changed" || e.kind === "fw.binding.removed";
     const groups = [...csv(e.groups), ...csv(e.prev_groups)];
+    // A VPN client made or deleted: only the members of its groups moved (no NIC of this host).
+    if (e.kind === "vpn.client.created" || e.kind === "vpn.client.deleted") {
+      if (groups.every((g) => SG_ID.test(g))) for (const g of groups) h.groups.add(g);
+      else h.whole = true;
+      return;
+    }
     // Fields of a record anyone may have written: anything unexpected compiles the VPC whole.
     if ((!binding && e.kind !== "nic.attached" && e.kind !== "nic.detached") || !NIC_ID.test(e.nic ?? "") || !groups.every((g) => SG_ID.test(g))) {
       h.whole = true;

@@ -15,6 +15,12 @@ export const K = {
   /** Peering ids of a VPC (kept by services/peering/store.ts). */
   vpcPeerings: (vpc: string) => `${P}vpc:${vpc}:peerings`,
   vpcSubnetByName: (vpc: string) => `${P}vpc:${vpc}:subnet:byname`,
+  /**
+   * Ranges of a VPC no subnet may take: hash owner → JSON Reservation
+   * (schema.ts). The VPN client range ("vpn") is written by SetVpnEndpoint's
+   * script, which checks the subnets as CreateSubnet's checks this.
+   */
+  vpcReserved: (vpc: string) => `${P}vpc:${vpc}:reserved`,
   subnet: (id: string) => `${P}subnet:${id}`,
   allSubnets: `${P}subnets`,
   bits: (sn: string) => `${P}sn:${sn}:bits`,

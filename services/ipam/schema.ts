@@ -87,6 +87,71 @@ export function reservedIndexes(size: number, extra: number): number[] {
   return r;
 }
 
+/**
+ * A range of a VPC that no subnet may take (K.vpcReserved): the VPN client
+ * range. base and size are what the scripts compare (LUA_RANGE_CHECKS); the
+ * rest names it in CreateSubnet's refusal.
+ */
+export interface Reservation {
+  owner: string;
+  cidr: string;
+  base: number;
+  size: number;
+  /** What holds it, for messages: "the VPN client range of the endpoint on host hv0 (203.0.113.10:51820)". */
+  what: string;
+}
+
+const RESERVATION_OWNER_RE = /^[a-z]{1,16}$/;
+
+/** A reservation's stored value. */
+export function reservationValue(r: Omit<Reservation, "owner">): string {
+  return JSON.stringify({ cidr: r.cidr, base: r.base, size: r.size, what: r.what });
+}
+
+/** A reservation read back (a hash entry owner → value), checked like the request that made it: base and size must be its CIDR's. */
+export function parseReservation(owner: string, raw: string): Reservation {
+  if (!RESERVATION_OWNER_RE.test(owner)) throw new InvalidArgumentError("owner", `${V.show(owner)} is not a reservation owner`);
+  const o = V.jsonObject("reservation", V.storedJson("reservation", raw, 4096));
+  const c = V.cidr("cidr", V.jsonString("cidr", o.cidr), { min: 8, max: 32 });
+  if (o.base !== c.base || o.size !== c.size)
+    throw new InvalidArgumentError("base", `base/size ${V.show(String(o.base))}/${V.show(String(o.size))} are not those of ${c.text}`);
+  return { owner, cidr: c.text, base: c.base, size: c.size, what: V.text("what", V.jsonString("what", o.what)) };
+}
+
+/**
+ * Lua shared by IPAM's CreateSubnet and the VPN's SetVpnEndpoint scripts, so
+ * that a subnet and a reserved range never overlap whichever is written
+ * first: each checks the other's key in the same script that writes its own.
+ *   subnet_overlapping(subnets_zset, base, size) → the id of a subnet of the
+ *     VPC overlapping [base, base+size), or nil;
+ *   reservation_overlapping(reserved_hash, base, size, except) → owner, raw
+ *     value of an overlapping reservation (a value that does not read as one
+ *     overlaps everything: refused, never ignored), or nil.
+ */
+export const LUA_RANGE_CHECKS = `
+local function subnet_overlapping(zset, base, size)
+  local before = redis.call('ZREVRANGEBYSCORE', zset, base, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #before > 0 then
+    local psize = tonumber(redis.call('HGET', '${K.subnet("")}' .. before[1], 'size'))
+    if not psize or tonumber(before[2]) + psize > base then return before[1] end
+  end
+  local after = redis.call('ZRANGEBYSCORE', zset, base, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #after > 0 and tonumber(after[2]) < base + size then return after[1] end
+  return nil
+end
+local function reservation_overlapping(hash, base, size, except)
+  local all = redis.call('HGETALL', hash)
+  for i = 1, #all - 1, 2 do
+    if all[i] ~= except then
+      local ok, r = pcall(cjson.decode, all[i + 1])
+      if not ok or type(r) ~= 'table' or type(r.base) ~= 'number' or type(r.size) ~= 'number' then return all[i], all[i + 1] end
+      if r.base < base + size and base < r.base + r.size then return all[i], all[i + 1] end
+    end
+  end
+  return nil
+end
+`;
+
 /** A stored CIDR with its base and prefix fields, which must agree with it. */
 function storedCidr(h: Record<string, string>): V.Cidr {
   const c = V.cidr("cidr", V.jsonString("cidr", h.cidr), { min: 8, max: 28 });

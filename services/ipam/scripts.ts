@@ -12,6 +12,7 @@
 // Error replies are tables {code, detail}: negative codes are domain errors
 // the TypeScript side turns into gRPC statuses.
 import { LUA_EMIT } from "../common/events.js";
+import { LUA_RANGE_CHECKS } from "./schema.js";
 
 export const CHUNK_BITS = 4096;
 
@@ -238,8 +239,9 @@ return {1, id}
  *       6 vpc peerings set, 7 the firewall's security groups of the VPC
  *       (zset), 8 its network ACLs (zset), 9 the gateway's VPC → NAT
  *       gateway hash, 10.. the VPC's DNS keys (records, names, owners,
- *       config): a deleted VPC leaves no records behind, and a VPC created
- *       later with the same name starts with an empty zone.
+ *       config) and its reserved ranges: a deleted VPC leaves no records
+ *       behind, and a VPC created later with the same name starts with an
+ *       empty zone.
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} still has n subnets, {-2, n}
  * still has n peerings, {-3, what} still has groups, ACLs or a NAT gateway
@@ -271,7 +273,7 @@ return {1, ''}
 /**
  * KEYS: 1 vpc hash, 2 vpc subnets zset (score = base), 3 vpc subnet byname,
  *       4 subnet hash, 5 bits, 6 full, 7 used, 8 tokens, 9 events,
- *       10 all-subnets zset
+ *       10 all-subnets zset, 11 the VPC's reserved ranges (K.vpcReserved)
  * ARGV: 1 id, 2 name, 3 base, 4 size, 5 client token, 6 extra reserved
  *       (addresses after the gateway), then field/value pairs of the hash.
  * The reserved addresses are bits 0 .. extra+1 (network, gateway, extra) and
@@ -281,9 +283,10 @@ return {1, ''}
  * keep every other Redis client waiting for seconds).
  * Returns {1, id} created, {0, id} found by client token, {-1, id} name taken,
  * {-2, id} overlaps subnet id, {-4} VPC gone, {-5} extra reserved out of
- * range (the service checks it first; this keeps the script bounded anyway).
+ * range (the service checks it first; this keeps the script bounded anyway),
+ * {-6, owner, value} overlaps a reserved range (the VPN client range).
  */
-export const CREATE_SUBNET = `${LUA_EMIT}${chunkHelpers}
+export const CREATE_SUBNET = `${LUA_EMIT}${chunkHelpers}${LUA_RANGE_CHECKS}
 local id, name, base, size, tok = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 -- Reserved run: network, gateway and the extra addresses after it.
 local run = tonumber(ARGV[6]) + 2
@@ -295,13 +298,10 @@ if tok ~= '' then
 end
 local taken = redis.call('HGET', KEYS[3], name)
 if taken then return {-1, taken} end
-local before = redis.call('ZREVRANGEBYSCORE', KEYS[2], base, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
-if #before > 0 then
-  local psize = tonumber(redis.call('HGET', 'mvpc:subnet:' .. before[1], 'size'))
-  if tonumber(before[2]) + psize > base then return {-2, before[1]} end
-end
-local after = redis.call('ZRANGEBYSCORE', KEYS[2], base, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-if #after > 0 and tonumber(after[2]) < base + size then return {-2, after[1]} end
+local other = subnet_overlapping(KEYS[2], base, size)
+if other then return {-2, other} end
+local rowner, rvalue = reservation_overlapping(KEYS[11], base, size, nil)
+if rowner then return {-6, rowner, rvalue} end
 local fields = {}
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))

@@ -4,9 +4,9 @@
 // API messages.
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
-import { intToIp } from "../common/validate.js";
+import * as V from "../common/validate.js";
 import { vpcDnsKeys } from "../dns/schema.js";
-import { checked, IpamReader, K, MAX_EXTRA_RESERVED, parseAlloc, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
+import { checked, IpamReader, K, MAX_EXTRA_RESERVED, parseAlloc, parseReservation, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
 import { newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
@@ -35,8 +35,8 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcAllocateBatch", { numberOfKeys: 9, lua: S.ALLOCATE_BATCH });
   redis.defineCommand("mvpcRelease", { numberOfKeys: 8, lua: S.RELEASE });
   redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 5, lua: S.CREATE_VPC });
-  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 13, lua: S.DELETE_VPC });
-  redis.defineCommand("mvpcCreateSubnet", { numberOfKeys: 10, lua: S.CREATE_SUBNET });
+  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
+  redis.defineCommand("mvpcCreateSubnet", { numberOfKeys: 11, lua: S.CREATE_SUBNET });
   redis.defineCommand("mvpcDeleteSubnet", { numberOfKeys: 13, lua: S.DELETE_SUBNET });
 }
 
@@ -101,6 +101,7 @@ export class IpamStore extends IpamReader {
       K.fwVpcAcls(id),
       K.gwVpcNat,
       ...vpcDnsKeys(id),
+      K.vpcReserved(id),
       id,
     );
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
@@ -131,7 +132,7 @@ export class IpamStore extends IpamReader {
     if (!Number.isSafeInteger(s.extraReserved) || s.extraReserved < 0 || s.extraReserved > Math.min(MAX_EXTRA_RESERVED, s.size - 4)) {
       throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} is out of range for ${s.cidr}: 0 to ${Math.min(MAX_EXTRA_RESERVED, s.size - 4)}`);
     }
-    const [code, ref] = await this.redis.mvpcCreateSubnet(
+    const reply = await this.redis.mvpcCreateSubnet(
       K.vpc(s.vpcId),
       K.vpcSubnets(s.vpcId),
       K.vpcSubnetByName(s.vpcId),
@@ -142,6 +143,7 @@ export class IpamStore extends IpamReader {
       K.tokens,
       K.events,
       K.allSubnets,
+      K.vpcReserved(s.vpcId),
       id,
       s.name,
       s.base,
@@ -150,6 +152,7 @@ export class IpamStore extends IpamReader {
       s.extraReserved,
       ...flat(fields),
     );
+    const [code, ref] = reply;
     if (code === -4) throw new NotFoundError("vpc", s.vpcId);
     if (code === -5) throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} leaves no usable address in ${s.cidr}`);
     if (code === -1) throw new AlreadyExistsError(`VPC ${s.vpcId} already has a subnet named ${JSON.stringify(s.name)} (${ref})`);
@@ -157,6 +160,15 @@ export class IpamStore extends IpamReader {
       const other = await this.getSubnet(String(ref));
       throw new AlreadyExistsError(
         `${s.cidr} overlaps subnet ${other?.name ?? ref} (${other?.cidr ?? "?"}) of the same VPC; choose a CIDR that does not overlap`,
+      );
+    }
+    if (code === -6) {
+      const [, owner, raw] = reply as unknown as [number, string, string];
+      const r = checked(K.vpcReserved(s.vpcId), "reservation", () => parseReservation(owner, raw), s.vpcId);
+      throw new FailedPreconditionError(
+        r
+          ? `${s.cidr} overlaps ${r.cidr}, reserved for ${r.what}; choose a CIDR outside it (or move that range: microvpc vpn endpoint set --client-cidr)`
+          : `${s.cidr}: VPC ${s.vpcId} has a reserved range ${V.show(owner)} that does not read as one (${K.vpcReserved(s.vpcId)}, counted in microvpc_invalid_records); no subnet is created until it is fixed`,
       );
     }
     const subnet = await this.getSubnet(String(ref));
@@ -195,7 +207,7 @@ export class IpamStore extends IpamReader {
   async allocate(s: SubnetRec, owner: string, requestId: string, wanted: number): Promise<{ alloc: AllocRec; created: boolean }> {
     const now = Date.now();
     const [code, detail] = await this.redis.mvpcAllocate(...allocateKeys(s.id, owner), owner, requestId, wanted, now, s.id);
-    const addr = (i: number) => intToIp(s.base + i);
+    const addr = (i: number) => V.intToIp(s.base + i);
     switch (code) {
       case 1:
         return { alloc: { subnetId: s.id, index: Number(detail), owner, requestId, timeMs: now }, created: true };
@@ -285,7 +297,7 @@ export class IpamStore extends IpamReader {
     );
     if (code === 1) return Number(detail);
     if (code === 0 || code === -4 || code === -6) return null;
-    if (code === -1) throw new FailedPreconditionError(`${intToIp(s.base + index)} is held by ${detail}, not ${owner}; nothing was released`);
+    if (code === -1) throw new FailedPreconditionError(`${V.intToIp(s.base + index)} is held by ${detail}, not ${owner}; nothing was released`);
     throw new Error(`release script returned ${code}`);
   }
 }

@@ -21,6 +21,11 @@ import { invalidRecordsTotal } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import type { Bandwidth, NicSpec, SubnetSpec } from "./plan.js";
 
+// The VPN's records (vpn/schema.ts): the firewall reads a VPC's clients to
+// count them as members of their security groups.
+export { VK as vpnKeys, parseClient as parseVpnClient, parseEndpoint as parseVpnEndpoint } from "./vpn/schema.js";
+export type { VpnClientRec } from "./vpn/plan.js";
+
 export const hostKeys = {
   vpcs: (host: string) => `mvpc:host:${host}:vpcs`,
   subnets: (host: string) => `mvpc:host:${host}:subnets`,

@@ -10,9 +10,11 @@
 // leases, and a name-index entry B forges does not make A's vmm act on
 // anything; A keeps working afterwards. Instance metadata (user-data) is
 // A's alone: B's user can neither read nor write it, while A's metadata
-// server serves A's VM.
+// server serves A's VM. A VPN endpoint on A runs as A's user, which may
+// write only A's own VPN keys: no client, no endpoint, no reservation.
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { Redis } from "ioredis";
@@ -23,15 +25,19 @@ import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { GatewayService, InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
+import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import * as V from "../../services/common/validate.js";
 import { MetadataStore } from "../../services/gateway/metadata-store.js";
+import { interfacesIn } from "../../services/netagent/overlay/wg.js";
+import { VpnStore } from "../../services/netagent/vpn/store.js";
 import { VmStore, type VmRec } from "../../services/vmm/store.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { FLOATING_POOL, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
-import { httpGet, ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { httpGet, nsExec, onCleanup, ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let A: Hypervisor, B: Hypervisor;
@@ -467,6 +473,104 @@ describe("per-host Redis ACL users", () => {
     await gw.deleteInstanceMetadata({ instanceId: "i-acla" });
     for (const d of [gwd, ctlGwd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
   });
+
+  test("a VPN endpoint on A runs as A's user (its key and applied gen in A's own keys); A may not create clients nor rewrite an endpoint, and its key for another host's endpoint is not read", async () => {
+    // The endpoint's wireguard-go (DIR/<host>/vpn/wg): ended by PID if the test fails before A tears it down.
+    const stateDir = h.stateDir!;
+    onCleanup(() => {
+      for (const { ifname, pid } of interfacesIn(join(stateDir, A.id), "vpn")) {
+        try {
+          if (pid > 0 && readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").includes(ifname)) process.kill(pid, "SIGKILL");
+        } catch {
+          // gone
+        }
+        rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
+      }
+    });
+    const ctl = new Redis({
+      port: h.redis.port,
+      host: "127.0.0.1",
+      username: CONTROL_USER,
+      password: readFileSync(h.acl!.passwordFile(CONTROL_USER), "utf8").trim(),
+      maxRetriesPerRequest: 0,
+    });
+    const asB = asHost(B);
+    try {
+      const range = V.cidr("client_cidr", "10.41.250.0/24", { min: 20, max: 29 });
+      const spec = { vpcId: vpc.id, hostId: A.id, publicAddress: A.underlayAddress, listenPort: 51830, clientCidr: range.text, updatedMs: Date.now() };
+      // Through A's netagent, as A's user: refused, nothing written.
+      const vpnA = grpcClient(VpnService, { address: A.daemon.address, timeoutMs: 20_000 });
+      await rejectsWith(
+        vpnA.setVpnEndpoint({ vpc: vpc.id, hostId: A.id, publicAddress: A.underlayAddress, listenPort: 51830, clientCidr: range.text }),
+        Code.PermissionDenied,
+        /VPN endpoints and clients\) go to a daemon running as the control user/,
+      );
+      assert.equal(await admin.exists(`mvpc:vpn:ep:${vpc.id}`, `mvpc:vpc:${vpc.id}:reserved`), 0);
+      // As the control user (a netagent running as it would do the same).
+      const ctlVpn = new VpnStore(ctl);
+      const set = await ctlVpn.setEndpoint(spec, range);
+      assert.ok("gen" in set, JSON.stringify(set));
+      assert.ok(
+        await waitFor(async () => !!(await ctlVpn.endpoint(vpc.id, vpc.cidr))?.publicKey, { timeoutMs: 20_000, intervalMs: 100 }),
+        `A never wrote its endpoint key\n${A.daemon.output().slice(-2000)}`,
+      );
+      const key = (await ctlVpn.endpoint(vpc.id, vpc.cidr))!.publicKey;
+      assert.equal(await admin.hget(`mvpc:vpn:host:${A.id}:keys`, vpc.id), key, "in A's own key");
+      const client = {
+        id: "vpnc-0123456789ab",
+        name: "laptop",
+        vpcId: vpc.id,
+        publicKey: "B".repeat(42) + "A=",
+        address: "10.41.250.1",
+        groupIds: [],
+        createdMs: Date.now(),
+      };
+      const made = await ctlVpn.create(client);
+      assert.ok("gen" in made);
+      assert.ok(await waitFor(async () => (await ctlVpn.applied(A.id, vpc.id)) >= made.gen, { timeoutMs: 10_000, intervalMs: 50 }), "A applied the client");
+      assert.match((await nsExec(A.ns, "wg", ["show", "all", "peers"], { check: false })).stdout, /B{42}A=/, "A's endpoint has the client as a peer");
+
+      // The attacks, with A's credentials.
+      const asAVpn = new VpnStore(asA);
+      await refused(
+        "create a client",
+        asAVpn.create({ ...client, id: "vpnc-0123456789ac", name: "evil", publicKey: "C".repeat(42) + "A=", address: "10.41.250.9" }),
+      );
+      await refused("delete a client", asAVpn.delete(client));
+      await refused("move the endpoint", asAVpn.setEndpoint({ ...spec, publicAddress: "192.0.2.66" }, range));
+      await refused("rewrite the endpoint's range", asA.hset(`mvpc:vpn:ep:${vpc.id}`, "cidr", "10.41.1.0/24"));
+      await refused("write a client record", asA.hset(`mvpc:vpn:vpc:${vpc.id}:clients`, "evil", "{}"));
+      await refused("claim a client address", asA.hset(`mvpc:vpn:vpc:${vpc.id}:addrs`, "10.41.250.9", "evil"));
+      await refused("raise the VPN gen", asA.incr("mvpc:vpn:gen"));
+      await refused("drop IPAM's reservation of the range", asA.hdel(`mvpc:vpc:${vpc.id}:reserved`, "vpn"));
+      await refused("B forges A's endpoint key", asB.hset(`mvpc:vpn:host:${A.id}:keys`, vpc.id, "D".repeat(42) + "A="));
+      await refused("B forges A's applied gen", asB.hset(`mvpc:vpn:host:${A.id}:applied`, vpc.id, "999999"));
+      // A's own key for a VPC whose endpoint names another host: Redis lets A write it, no reader takes it.
+      const other = await h.vpc("aclvpn", "10.43.0.0/16");
+      const r2 = V.cidr("client_cidr", "10.43.250.0/24", { min: 20, max: 29 });
+      assert.ok("gen" in (await ctlVpn.setEndpoint({ ...spec, vpcId: other.id, hostId: "nohost", clientCidr: r2.text, listenPort: 51831 }, r2)));
+      await asA.hset(`mvpc:vpn:host:${A.id}:keys`, other.id, "E".repeat(42) + "A=");
+      const ep2 = await ctlVpn.endpoint(other.id, other.cidr);
+      assert.equal(ep2?.hostId, "nohost");
+      assert.equal(ep2?.publicKey, "", "A's key taken for another host's endpoint");
+      assert.ok(await ctlVpn.clientByName(vpc.id, "laptop", range), "the client is still there");
+      assert.equal(await ctlVpn.clientByName(vpc.id, "evil", range), null);
+      for (const d of [A.daemon, B.daemon]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
+
+      // The endpoint moved away: A removes its interface and its own key, as its user.
+      assert.ok("gen" in (await ctlVpn.setEndpoint({ ...spec, hostId: "nohost" }, range)));
+      assert.ok(
+        await waitFor(async () => (await admin.hget(`mvpc:vpn:host:${A.id}:keys`, vpc.id)) === null && interfacesIn(join(stateDir, A.id), "vpn").length === 0, {
+          timeoutMs: 20_000,
+          intervalMs: 100,
+        }),
+        "A did not tear its endpoint down",
+      );
+    } finally {
+      asB.disconnect();
+      ctl.disconnect();
+    }
+  }, 90_000);
 
   test("a peering converges with per-host users: A acknowledges it in its own key, which B may not forge", async () => {
     const other = await h.vpc("aclp", "10.42.0.0/16");

@@ -11,15 +11,27 @@
 //   * deleted, it is cut: new connections fail and its open flow's
 //     conntrack entry on the endpoint is gone when DeleteVpnClient returns;
 //   * the endpoint's netagent restarted (by PID), a client registered before
-//     reaches web-1 again (the records are in Redis, the interface is adopted).
+//     reaches web-1 again (the records are in Redis, the interface is adopted);
+//   * the client range is reserved in IPAM: a subnet inside it is refused,
+//     naming the range and the endpoint, and SetVpnEndpoint racing
+//     CreateSubnet over one range never lets both win;
+//   * every host runs fail-closed with its own firewall, and the endpoint
+//     host hv0 holds no NIC of prod: its firewall compiles prod's namespace
+//     (no subnet there) and forwards the clients' packets;
+//   * a client is a member of its groups for other groups' rules: web-1's
+//     "22 from group ssh-only" (enforced by hv1's firewall) admits the
+//     ssh-only client and not a client of prod in another group; deleted,
+//     the client leaves hv1's member set.
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
+import { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { startVpnClient, wgSocket } from "../../deploy/vpn-client.js";
@@ -27,9 +39,9 @@ import { grpcClient } from "../../services/common/client.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon } from "../lib/daemon.js";
-import { Harness, type Vm } from "../lib/harness.js";
-import { nsExec, onCleanup, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { bindRequest, Harness, type Vm } from "../lib/harness.js";
+import { ipn, nsExec, onCleanup, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let prod: Vpc;
@@ -37,10 +49,14 @@ let web1: Vm;
 let other1: Vm;
 let inet: string;
 let fwAddr: string;
+/** Each host's own firewall (hv0: the endpoint, with no NIC of prod; hv1: web-1's host). */
+let hvfw: Daemon[] = [];
+const hostFw = (i: number) => grpcClient(FirewallService, { address: hvfw[i].address, timeoutMs: 20_000 });
 const dir = tempDir("vpn");
 const clients: { ifname: string; proc: ChildProcess }[] = [];
 
 const vpn = () => grpcClient(VpnService, { address: h.hosts[1].daemon.address, timeoutMs: 20_000 });
+const subnets = () => grpcClient(SubnetService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });
 const cli = () => cliRunner(() => ["--server", h.ipamDaemon.address, "--netagent", h.hosts[1].daemon.address, "--firewall", fwAddr], 30_000);
 
 /** A wireguard-go client in the internet namespace from a wg-quick file, brought up as wg-quick would (deploy/vpn-client.ts, shared with the quickstart's demo). */
@@ -79,7 +95,8 @@ async function addClient(name: string, groups: string[]): Promise<string> {
 }
 
 beforeAll(async () => {
-  h = await Harness.start({ hosts: 2, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
+  // Fail closed, as in production: a VPC namespace forwards nothing until its host's firewall compiled it.
+  h = await Harness.start({ hosts: 2, overlay: true, failClosed: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   inet = (await h.internet()).ns;
   // The endpoint's wireguard-go keeps its state beside the overlay's (DIR/<host>/vpn/wg): ended by PID, its global socket removed.
   const stateDir = h.stateDir!;
@@ -103,6 +120,13 @@ beforeAll(async () => {
   const web = await h.subnet(prod, "web", "10.0.1.0/24");
   const other = await h.vpc("other", "10.1.0.0/16");
   const osub = await h.subnet(other, "app", "10.1.1.0/24");
+  // Each host's own firewall, at its default drift period (30 s): what happens sooner was driven by events.
+  hvfw = [];
+  for (const hv of h.hosts) {
+    const d = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id]);
+    trackChild(d.proc);
+    hvfw.push(d);
+  }
   web1 = await h.vm(1, prod, web, "web-1");
   other1 = await h.vm(0, other, osub, "other-1");
   for (const vm of [web1, other1]) {
@@ -110,6 +134,19 @@ beforeAll(async () => {
     await startTcpServer(vm.ns, 80);
   }
   const fw = grpcClient(FirewallService, { address: fwAddr, timeoutMs: 20_000 });
+  // The VMs' own groups let 22 and 80 in from their VPC (other-1: from anywhere): what stops a client is the VPN's doing.
+  const open = (cidr: string) =>
+    [22, 80].map((port) => ({
+      direction: Direction.INGRESS,
+      protocol: Protocol.TCP,
+      portFrom: port,
+      portTo: port,
+      peer: { case: "cidr" as const, value: cidr },
+    }));
+  await fw.createSecurityGroup({ vpc: prod.id, name: "vm-web", rules: open("10.0.0.0/16") });
+  await fw.createSecurityGroup({ vpc: other.id, name: "open", rules: open("0.0.0.0/0") });
+  await hostFw(1).bindNic(bindRequest(web1, ["vm-web"]));
+  await hostFw(0).bindNic(bindRequest(other1, ["open"]));
   await fw.createSecurityGroup({
     vpc: prod.id,
     name: "ssh-only",
@@ -134,6 +171,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const c of clients) if (c.proc.exitCode === null) c.proc.kill("SIGKILL");
+  for (const d of hvfw) await d.stop().catch(() => undefined);
   const left = await h?.close();
   assert.deepEqual(left ?? [], []);
 });
@@ -163,6 +201,13 @@ test("bad input is refused with the field named, and nothing is stored", async (
 });
 
 test("a client reaches the VM port its group allows and not the one it does not; it reaches nothing of another VPC", async () => {
+  // The endpoint host holds no NIC of prod and runs fail-closed: its firewall has replaced the netagent's closed table there.
+  const vns0 = h.hosts[0].vpcNamespace(prod.id);
+  const ruleset0 = async () => (await nsExec(vns0, "nft", ["list", "ruleset"], { check: false })).stdout;
+  assert.ok(
+    await waitFor(async () => /table inet mvpc_vpn/.test(await ruleset0()) && !/chain closed/.test(await ruleset0()), { timeoutMs: 15_000, intervalMs: 100 }),
+    `the endpoint host's firewall did not compile prod (drift period 30 s)\n${await ruleset0()}`,
+  );
   const config = await addClient("laptop", ["ssh-only"]);
   assert.match(config, /^\[Interface\]\nPrivateKey = [A-Za-z0-9+/]{43}=\nAddress = 10\.0\.250\.1\/32$/m);
   assert.match(config, /^AllowedIPs = 10\.0\.0\.0\/16$/m);
@@ -184,6 +229,130 @@ test("a client reaches the VM port its group allows and not the one it does not;
     [["laptop", "10.0.250.1"]],
   );
 }, 60_000);
+
+test("the client range is reserved in IPAM: a subnet in it is refused naming the range and the endpoint; racing SetVpnEndpoint never lets both win", async () => {
+  const ep = h.hosts[0].id;
+  for (const cidr of ["10.0.250.128/25", "10.0.240.0/20"]) {
+    await rejectsWith(
+      subnets().createSubnet({ vpc: "prod", name: "in-range", cidr }),
+      Code.FailedPrecondition,
+      new RegExp(`${cidr.replace(/\./g, "\\.")} overlaps 10\\.0\\.250\\.0/24, reserved for the VPN client range of VPC ${prod.id}'s endpoint on host ${ep} `),
+    );
+  }
+  // Beside the range: allowed.
+  const beside = (await subnets().createSubnet({ vpc: "prod", name: "beside", cidr: "10.0.251.0/24" })).subnet!;
+  assert.equal(beside.cidr, "10.0.251.0/24");
+  await subnets().deleteSubnet({ ref: beside.id });
+  assert.equal((await vpn().listVpnClients({ vpc: "prod" })).clients.length, 1, "nothing else changed");
+
+  // The race: each round, SetVpnEndpoint and CreateSubnet over the same /24
+  // at once. Exactly one wins; the loser is refused and wrote nothing.
+  const race = await h.vpc("race", "10.3.0.0/16");
+  const wins = { endpoint: 0, subnet: 0 };
+  for (let i = 0; i < 12; i++) {
+    const cidr = `10.3.${i}.0/24`;
+    const [e, sn] = await Promise.allSettled([
+      vpn().setVpnEndpoint({ vpc: race.id, hostId: "nohost", publicAddress: "192.0.2.1", listenPort: 51820, clientCidr: cidr }),
+      subnets().createSubnet({ vpc: race.id, name: `s${i}`, cidr }),
+    ]);
+    assert.equal([e, sn].filter((x) => x.status === "fulfilled").length, 1, `round ${i}: exactly one of them wins (${JSON.stringify([e.status, sn.status])})`);
+    if (e.status === "fulfilled") {
+      wins.endpoint++;
+      assert.match(String((sn as PromiseRejectedResult).reason), /overlaps .*reserved for the VPN client range/);
+    } else {
+      wins.subnet++;
+      assert.match(String(e.reason), /client_cidr: .*overlaps subnet s/);
+    }
+    const got = await vpn()
+      .getVpnEndpoint({ vpc: race.id })
+      .catch(() => null);
+    const have = (await subnets().listSubnets({ vpc: race.id })).subnets;
+    for (const s of have) assert.notEqual(s.cidr, got?.endpoint?.clientCidr, `subnet ${s.name} holds the client range ${s.cidr}`);
+  }
+  // Both orders happened, or the check proved nothing about the scripts.
+  console.log(`race: endpoint won ${wins.endpoint}, subnet won ${wins.subnet}`);
+  for (const s of (await subnets().listSubnets({ vpc: race.id })).subnets) await subnets().deleteSubnet({ ref: s.id });
+}, 60_000);
+
+test("a client is a member of its groups for other groups' rules: web-1's '22 from group ssh-only' admits the ssh-only client, not another client of the VPC", async () => {
+  const fw = grpcClient(FirewallService, { address: fwAddr, timeoutMs: 20_000 });
+  const sshOnly = (await fw.getSecurityGroup({ vpc: prod.id, ref: "ssh-only" })).securityGroup!;
+  await fw.createSecurityGroup({
+    vpc: prod.id,
+    name: "vm-ssh",
+    rules: [{ direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: 22, portTo: 22, peer: { case: "securityGroupId", value: "ssh-only" } }],
+  });
+  // "dev" lets its clients out to tcp/22 of the VPC too: only web-1's own group can stop them.
+  await fw.createSecurityGroup({
+    vpc: prod.id,
+    name: "dev",
+    rules: [{ direction: Direction.EGRESS, protocol: Protocol.TCP, portFrom: 22, portTo: 22, peer: { case: "cidr", value: "10.0.0.0/16" } }],
+  });
+  // web-1 now lets tcp/22 in from group ssh-only alone.
+  await hostFw(1).bindNic(bindRequest(web1, ["vm-ssh"]));
+  const set = `members_${sshOnly.id.slice(-12)}`;
+  const vns1 = h.hosts[1].vpcNamespace(prod.id);
+  const members = async () => (await nsExec(vns1, "nft", ["list", "ruleset"], { check: false })).stdout;
+  assert.ok(
+    await waitFor(async () => new RegExp(`set ${set} \\{[^}]*elements = \\{ 10\\.0\\.250\\.1 \\}`).test(await members()), {
+      timeoutMs: 15_000,
+      intervalMs: 100,
+    }),
+    `hv1's member set of ssh-only does not hold the laptop client\n${await members()}`,
+  );
+  assert.ok(
+    await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 15_000, intervalMs: 200 }),
+    "the ssh-only client no longer reaches web-1:22",
+  );
+
+  // Another client of prod, in group dev: its packets pass the endpoint, and web-1's group drops them.
+  const dev = await startClient(await addClient("dev", ["dev"]));
+  assert.equal(dev.address, "10.0.250.2");
+  const wg1 = clients[0].ifname;
+  try {
+    // Its route took 10.0.0.0/16: the internet namespace now speaks as dev (source 10.0.250.2).
+    const handshake = async () => /latest handshake/.test((await nsExec(inet, "wg", ["show", dev.ifname], { check: false })).stdout);
+    await tcpProbe(inet, web1.address, 22, 1000);
+    assert.ok(await waitFor(handshake, { timeoutMs: 10_000, intervalMs: 100 }), "the dev client never reached the endpoint");
+    assert.equal(await tcpProbe(inet, web1.address, 22, 1500), false, "a client outside ssh-only reached web-1:22");
+    assert.doesNotMatch(await members(), /10\.0\.250\.2/, "the dev client is in a member set");
+  } finally {
+    await ipn(inet, ["route", "replace", "10.0.0.0/16", "dev", wg1]);
+  }
+  // Records written around the API (anyone with Redis's password): a "client"
+  // of ssh-only at an address outside the client range (web-1's subnet), one
+  // with a group list that is not one. The firewall parses each with the
+  // VPN's own validators: neither joins the member set; both are reported.
+  const redis = new Redis(h.redis.url);
+  try {
+    const forged = (name: string, address: string, groupIds: unknown) =>
+      JSON.stringify({ id: `vpnc-${"f".repeat(11)}${name.length}`, name, vpcId: prod.id, publicKey: "F".repeat(42) + "A=", address, groupIds, createdMs: 1 });
+    await redis.hset(
+      `mvpc:vpn:vpc:${prod.id}:clients`,
+      "forged",
+      forged("forged", "10.0.1.77", [sshOnly.id]),
+      "forged-two",
+      forged("forged-two", "10.0.250.77", sshOnly.id),
+    );
+    const ev = ["kind", "vpn.client.created", "vpc", prod.id, "client", "vpnc-ffffffffffff", "address", "10.0.1.77", "groups", sshOnly.id];
+    await redis.xadd(`mvpc:{${prod.id}}:events`, "*", ...ev);
+    await redis.xadd("mvpc:events", "*", ...ev);
+    const reported = async () => (await hostFw(1).getFirewallStatus({})).invalidRecords.filter((r) => r.kind === "vpn-client").map((r) => r.reason);
+    assert.ok(
+      await waitFor(async () => (await reported()).length >= 2, { timeoutMs: 15_000, intervalMs: 100 }),
+      `hv1's firewall did not report the forged clients: ${JSON.stringify(await reported())}`,
+    );
+    assert.match((await reported()).join("\n"), /10\.0\.1\.77 is not a client address of 10\.0\.250\.0\/24/);
+    assert.doesNotMatch(await members(), /10\.0\.1\.77|10\.0\.250\.77/, "a forged client joined a member set");
+  } finally {
+    await redis.hdel(`mvpc:vpn:vpc:${prod.id}:clients`, "forged", "forged-two");
+    redis.disconnect();
+  }
+
+  // Back to the laptop: the same port, admitted.
+  assert.ok(await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 10_000, intervalMs: 200 }), "the ssh-only client was not admitted again");
+  await cli().expect(0, ["vpn", "client", "delete", "dev", "--vpc", "prod"]);
+}, 90_000);
 
 test("a client survives its endpoint's netagent restart; a deleted client is cut, its open flow too", async () => {
   const c = await vpn().getVpnClient({ client: "laptop", vpc: "prod" });
@@ -212,6 +381,13 @@ test("a client survives its endpoint's netagent restart; a deleted client is cut
   await cli().expect(0, ["vpn", "client", "delete", c.client!.id]);
   assert.equal(await entries(), "", "the deleted client's flow is still tracked on the endpoint");
   assert.equal(await tcpProbe(inet, web1.address, 22, 1500), false, "a deleted client still connects");
+  {
+    const ruleset = async () => (await nsExec(h.hosts[1].vpcNamespace(prod.id), "nft", ["list", "ruleset"], { check: false })).stdout;
+    assert.ok(
+      await waitFor(async () => !(await ruleset()).includes(c.client!.address), { timeoutMs: 10_000, intervalMs: 100 }),
+      "the deleted client is still in hv1's member set",
+    );
+  }
   const wg = (await nsExec(ep.ns, "wg", ["show", "all", "peers"], { check: false })).stdout;
   assert.doesNotMatch(wg, new RegExp(c.client!.publicKey.replace(/[+/]/g, "\\$&")));
   holder.kill("SIGKILL");

@@ -107,6 +107,8 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     `mvpc:vm:host:${h}`,
     `mvpc:vm:host:${h}:vm:vm-0123456789ab`,
     `mvpc:vm:host:${h}:lease:vm-0123456789ab`,
+    `mvpc:vpn:host:${h}:keys`,
+    `mvpc:vpn:host:${h}:applied`,
   ];
   for (const k of otherHostKeys("hv2")) {
     for (const p of SHARED_WRITE_PATTERNS) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
@@ -121,6 +123,24 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     for (const k of otherHostKeys(other)) {
       for (const p of hostScopedWritePatterns("hv1")) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
     }
+  }
+  // The VPN's control records (endpoints, clients, their indexes and gen) and
+  // IPAM's reservation of the client range: no host writes them.
+  const hostWrites = [...hostScopedWritePatterns("hv1"), ...SHARED_WRITE_PATTERNS, ...hostPrivatePatterns("hv1")];
+  for (const k of [
+    "mvpc:vpn:gen",
+    "mvpc:vpn:eps",
+    "mvpc:vpn:ep:vpc-0123456789ab",
+    "mvpc:vpn:vpc:vpc-0123456789ab:clients",
+    "mvpc:vpn:vpc:vpc-0123456789ab:addrs",
+    "mvpc:vpn:client:vpnc-0123456789ab",
+    "mvpc:vpc:vpc-0123456789ab:reserved",
+  ]) {
+    assert.deepEqual(
+      hostWrites.filter((p) => glob(p).test(k)),
+      [],
+      k,
+    );
   }
   // Another host's instance metadata: no pattern of hv1's user, read or write, reaches it.
   const patterns = aclRules({ hostId: "hv1" })

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { test } from "vitest";
 import { render } from "../../services/common/nft/tx.js";
 import * as V from "../../services/common/validate.js";
+import { parseReservation, reservationValue } from "../../services/ipam/schema.js";
 import { withVpnRange } from "../../services/netagent/overlay/plan.js";
 import { allocate, clientConfig, clientRange, publicAddress, publicKey, ruleLines, vpnTx } from "../../services/netagent/vpn/plan.js";
 import { parseClient, parseEndpoint } from "../../services/netagent/vpn/schema.js";
@@ -147,4 +148,16 @@ test("the overlay gives the endpoint host's peer the client range, and only that
     [["10.0.1.4/32"], ["10.0.1.5/32", "10.0.250.0/24"]],
   );
   assert.deepEqual(withVpnRange(peers, { hostId: "zz", cidr: "10.0.250.0/24" }), peers);
+});
+
+test("IPAM's reservation of a client range reads back only as written: base and size must be its CIDR's", () => {
+  const c = V.cidr("client_cidr", "10.0.250.0/24", { min: 20, max: 29 });
+  const raw = reservationValue({ cidr: c.text, base: c.base, size: c.size, what: "the VPN client range of VPC x's endpoint on host hv0 (192.0.2.1:51820)" });
+  assert.deepEqual(parseReservation("vpn", raw), { owner: "vpn", cidr: "10.0.250.0/24", base: c.base, size: 256, what: JSON.parse(raw).what });
+  // A base or size that disagrees with the CIDR (what the scripts compare) is refused, as is a bad owner or CIDR.
+  assert.throws(() => parseReservation("vpn", raw.replace(`"size":256`, `"size":1`)), /base\/size .* are not those of 10\.0\.250\.0\/24/);
+  assert.throws(() => parseReservation("vpn", raw.replace(`"base":${c.base}`, `"base":"${c.base}"`)), /are not those of/);
+  assert.throws(() => parseReservation("vpn", raw.replace("10.0.250.0/24", "10.0.250.1/24")), /cidr/);
+  assert.throws(() => parseReservation("VPN;x", raw), /owner/);
+  assert.throws(() => parseReservation("vpn", "{"), /reservation/);
 });

@@ -558,7 +558,8 @@ export type SecurityGroupRule = Message<"microvpc.v1.SecurityGroupRule"> & {
   } | {
     /**
      * A security group of the same VPC: the current addresses of its member
-     * NICs, on every hypervisor, kept current as NICs bind and unbind.
+     * NICs, on every hypervisor, and of its VPN clients (docs/vpn.md), kept
+     * current as NICs bind and unbind and clients are added and deleted.
      * Requests also accept the group's name (including the name of the group
      * being created, for members reaching each other); it is stored as the
      * id ("sg-…").

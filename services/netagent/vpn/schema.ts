@@ -6,9 +6,12 @@
 // Key layout (all under "mvpc:vpn:"):
 //   gen                     counter raised by every VPN change
 //   eps                     set of VPC ids with an endpoint
-//   ep:<vpc>                hash: vpc host addr port cidr updated (written by the API)
-//   ep:<vpc>:key            the endpoint interface's public key (written by its host)
-//   ep:<vpc>:applied        the gen the endpoint host last applied
+//   ep:<vpc>                hash: vpc host addr port cidr updated (written by the API, with
+//                           IPAM's reservation of the range, mvpc:vpc:<vpc>:reserved "vpn")
+//   host:<host>:keys        hash vpc → the public key of that host's endpoint interface of the VPC
+//   host:<host>:applied     hash vpc → the gen that host last applied for the VPC
+//                           (host-scoped: only <host>'s Redis user writes them, and a reader
+//                           takes them only from the host the endpoint names)
 //   vpc:<vpc>:clients       hash name → JSON VpnClientRec
 //   vpc:<vpc>:keys          hash public key → name
 //   vpc:<vpc>:addrs         hash address → name
@@ -22,8 +25,8 @@ export const VK = {
   gen: `${P}gen`,
   eps: `${P}eps`,
   ep: (vpc: string) => `${P}ep:${vpc}`,
-  epKey: (vpc: string) => `${P}ep:${vpc}:key`,
-  epApplied: (vpc: string) => `${P}ep:${vpc}:applied`,
+  hostKeys: (host: string) => `${P}host:${host}:keys`,
+  hostApplied: (host: string) => `${P}host:${host}:applied`,
   clients: (vpc: string) => `${P}vpc:${vpc}:clients`,
   keys: (vpc: string) => `${P}vpc:${vpc}:keys`,
   addrs: (vpc: string) => `${P}vpc:${vpc}:addrs`,

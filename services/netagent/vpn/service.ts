@@ -89,7 +89,7 @@ export class Vpn {
     void this.opts.kick?.();
     const until = Date.now() + (this.opts.applyWaitMs ?? 5000);
     for (let i = 0; i < 1000 && Date.now() < until; i++) {
-      if ((await this.store.applied(ep.vpcId)) >= gen) return true;
+      if ((await this.store.applied(ep.hostId, ep.vpcId)) >= gen) return true;
       await sleep(25);
     }
     return false;
@@ -119,7 +119,18 @@ export class Vpn {
           );
         }
       }
-      await this.store.setEndpoint({ ...spec, updatedMs: Date.now() });
+      const r = await this.store.setEndpoint({ ...spec, updatedMs: Date.now() }, cidr);
+      if ("noVpc" in r) throw new NotFoundError("vpc", req.vpc, "it was deleted meanwhile");
+      if ("overlapsSubnet" in r) {
+        // A subnet created since the check above: the script refused, nothing was written.
+        const s = await this.ipam.getSubnet(r.overlapsSubnet);
+        throw new InvalidArgumentError(
+          "client_cidr",
+          `${cidr.text} overlaps subnet ${s?.name ?? r.overlapsSubnet} (${s?.cidr ?? "?"}); pick a range of the VPC no subnet uses`,
+        );
+      }
+      if ("overlapsReservation" in r)
+        throw new FailedPreconditionError(`client_cidr: ${cidr.text} overlaps the VPC's reserved range ${V.show(r.overlapsReservation)}`);
       void this.opts.kick?.();
       return { endpoint: this.endpointMsg((await this.store.endpoint(vpc.id, vpc.cidr))!) };
     },

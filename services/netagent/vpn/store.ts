@@ -4,7 +4,9 @@
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
 import { reportInvalid } from "../../common/invalid-records.js";
+import { emit, LUA_EMIT } from "../../common/events.js";
 import { FK, parseGroup, parseMember } from "../../firewall/schema.js";
+import { K, LUA_RANGE_CHECKS, reservationValue } from "../../ipam/schema.js";
 import { parseClient, parseEndpoint, VK } from "./schema.js";
 import type { VpnClientRec, VpnEndpointRec } from "./plan.js";
 
@@ -12,29 +14,70 @@ const OWNER = "netagent";
 
 export type SecurityGroupRec = Extract<ReturnType<typeof parseGroup>, { ok: true }>["value"];
 
-// KEYS: clients keys addrs client-index gen; ARGV: name key address id json
-const CREATE = `
+// The event a client change appends to its VPC's stream: the firewall of
+// every host of the VPC puts the client's address in (or takes it out of)
+// the member sets of its groups (firewall/store.ts loadVpcState).
+// KEYS: clients keys addrs client-index gen; ARGV: name key address vpc id groups(csv) json index
+const CREATE = `${LUA_EMIT}
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'name' end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 'key' end
 if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return 'addr' end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[7])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[1])
-redis.call('SET', KEYS[4], ARGV[6])
-return tostring(redis.call('INCR', KEYS[5]))
+redis.call('SET', KEYS[4], ARGV[8])
+local g = redis.call('INCR', KEYS[5])
+mvpc_emit({ARGV[4]}, {}, 'kind', 'vpn.client.created', 'vpc', ARGV[4], 'client', ARGV[5], 'address', ARGV[3], 'groups', ARGV[6])
+return tostring(g)
 `;
-// KEYS: clients keys addrs client-index gen; ARGV: name key address
-const DELETE = `
+// KEYS: clients keys addrs client-index gen; ARGV: name key address vpc id groups(csv)
+const DELETE = `${LUA_EMIT}
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return '0' end
 if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[2]) end
 if redis.call('HGET', KEYS[3], ARGV[3]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[3]) end
 redis.call('DEL', KEYS[4])
-return tostring(redis.call('INCR', KEYS[5]))
+local g = redis.call('INCR', KEYS[5])
+mvpc_emit({ARGV[4]}, {}, 'kind', 'vpn.client.deleted', 'vpc', ARGV[4], 'client', ARGV[5], 'address', ARGV[3], 'groups', ARGV[6])
+return tostring(g)
+`;
+// The endpoint and IPAM's reservation of its client range, in one step with
+// the check that no subnet of the VPC overlaps the range: CreateSubnet's
+// script checks the reservation the same way (ipam/schema.ts
+// LUA_RANGE_CHECKS), so whichever runs second is refused.
+// KEYS: vpc, vpc subnets, vpc reserved, ep, eps, gen; ARGV: vpc base size reservation, then the ep's field/value pairs.
+// Returns {1, gen}, {-4} no VPC, {-2, subnet id} overlaps a subnet, {-6, owner} overlaps another reservation.
+const SET_ENDPOINT = `${LUA_EMIT}${LUA_RANGE_CHECKS}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
+local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
+local s = subnet_overlapping(KEYS[2], base, size)
+if s then return {-2, s} end
+local o = reservation_overlapping(KEYS[3], base, size, 'vpn')
+if o then return {-6, o} end
+redis.call('HSET', KEYS[3], 'vpn', ARGV[4])
+local f = {}
+for i = 5, #ARGV do f[#f + 1] = ARGV[i] end
+redis.call('HSET', KEYS[4], unpack(f))
+redis.call('SADD', KEYS[5], ARGV[1])
+local g = redis.call('INCR', KEYS[6])
+mvpc_emit({ARGV[1]}, {}, 'kind', 'vpn.endpoint.set', 'vpc', ARGV[1])
+return {1, g}
 `;
 
 /** CREATE's and DELETE's KEYS (the VPC's name, key and address indexes, the record, the generation) and first ARGV. */
 function clientKeysAndArgs(c: VpnClientRec): string[] {
-  return [VK.clients(c.vpcId), VK.keys(c.vpcId), VK.addrs(c.vpcId), VK.client(c.id), VK.gen, c.name, c.publicKey, c.address];
+  return [
+    VK.clients(c.vpcId),
+    VK.keys(c.vpcId),
+    VK.addrs(c.vpcId),
+    VK.client(c.id),
+    VK.gen,
+    c.name,
+    c.publicKey,
+    c.address,
+    c.vpcId,
+    c.id,
+    c.groupIds.join(","),
+  ];
 }
 
 export class VpnStore {
@@ -44,50 +87,89 @@ export class VpnStore {
     return Number((await this.redis.get(VK.gen)) ?? 0);
   }
 
-  /** Writes the endpoint; returns the new gen. The public key stays (the host keeps its key). */
-  async setEndpoint(e: Omit<VpnEndpointRec, "publicKey">): Promise<number> {
-    const r = await this.redis
-      .multi()
-      .hset(VK.ep(e.vpcId), {
+  /**
+   * Writes the endpoint and reserves its client range in IPAM, unless a
+   * subnet (or another reservation) overlaps the range by now: then which.
+   * The public key stays (the host keeps its key).
+   */
+  async setEndpoint(
+    e: Omit<VpnEndpointRec, "publicKey">,
+    range: V.Cidr,
+  ): Promise<{ gen: number } | { overlapsSubnet: string } | { overlapsReservation: string } | { noVpc: true }> {
+    const what = `the VPN client range of VPC ${e.vpcId}'s endpoint on host ${e.hostId} (${e.publicAddress}:${e.listenPort})`;
+    const [code, ref] = (await this.redis.eval(
+      SET_ENDPOINT,
+      6,
+      K.vpc(e.vpcId),
+      K.vpcSubnets(e.vpcId),
+      K.vpcReserved(e.vpcId),
+      VK.ep(e.vpcId),
+      VK.eps,
+      VK.gen,
+      e.vpcId,
+      range.base,
+      range.size,
+      reservationValue({ cidr: range.text, base: range.base, size: range.size, what }),
+      ...Object.entries({
         vpc: e.vpcId,
         host: e.hostId,
         addr: e.publicAddress,
         port: String(e.listenPort),
         cidr: e.clientCidr,
         updated: String(e.updatedMs),
-      })
-      .sadd(VK.eps, e.vpcId)
-      .incr(VK.gen)
-      .exec();
-    return Number(r?.[2]?.[1] ?? 0);
+      }).flat(),
+    )) as [number, string | number];
+    if (code === -4) return { noVpc: true };
+    if (code === -2) return { overlapsSubnet: String(ref) };
+    if (code === -6) return { overlapsReservation: String(ref) };
+    return { gen: Number(ref) };
   }
 
   async endpointVpcs(): Promise<string[]> {
     return (await this.redis.smembers(VK.eps)).filter((v) => /^vpc-[0-9a-f]{12}$/.test(v)).sort();
   }
 
-  /** The endpoint, parsed against the VPC CIDR; null if none or invalid (reported). */
+  /** The endpoint, parsed against the VPC CIDR, with the public key its host wrote; null if none or invalid (reported). */
   async endpoint(vpcId: string, vpcCidr: string): Promise<VpnEndpointRec | null> {
-    const [h, key] = await Promise.all([this.redis.hgetall(VK.ep(vpcId)), this.redis.get(VK.epKey(vpcId))]);
+    const h = await this.redis.hgetall(VK.ep(vpcId));
     if (!h.vpc) return null;
-    const p = parseEndpoint(h, vpcCidr, key && /^[A-Za-z0-9+/]{43}=$/.test(key) ? key : null);
+    const p = parseEndpoint(h, vpcCidr, null);
     if (!p.ok || p.value.vpcId !== vpcId) {
       reportInvalid(OWNER, "vpn endpoint", VK.ep(vpcId), p.ok ? "names another VPC" : p.reason, undefined, { vpcId });
       return null;
     }
-    return p.value;
+    // Only the host the endpoint names may stand for its key (its own, host-scoped hash).
+    const key = await this.redis.hget(VK.hostKeys(p.value.hostId), vpcId);
+    return { ...p.value, publicKey: key && /^[A-Za-z0-9+/]{43}=$/.test(key) ? key : "" };
   }
 
-  async setEndpointKey(vpcId: string, key: string): Promise<void> {
-    await this.redis.set(VK.epKey(vpcId), key);
+  async setEndpointKey(hostId: string, vpcId: string, key: string): Promise<void> {
+    await this.redis.hset(VK.hostKeys(hostId), vpcId, key);
   }
 
-  async setApplied(vpcId: string, gen: number): Promise<void> {
-    await this.redis.set(VK.epApplied(vpcId), String(gen));
+  async setApplied(hostId: string, vpcId: string, gen: number): Promise<void> {
+    await this.redis.hset(VK.hostApplied(hostId), vpcId, String(gen));
   }
 
-  async applied(vpcId: string): Promise<number> {
-    return Number((await this.redis.get(VK.epApplied(vpcId))) ?? -1);
+  /** The gen the endpoint's host applied for the VPC (-1: none, or not a number). */
+  async applied(hostId: string, vpcId: string): Promise<number> {
+    const v = await this.redis.hget(VK.hostApplied(hostId), vpcId);
+    return v !== null && /^[0-9]{1,15}$/.test(v) ? Number(v) : -1;
+  }
+
+  /**
+   * The VPC's namespace is new on this host for its VPN endpoint: said on the
+   * host's own stream, so that this host's firewall compiles the VPC now
+   * (replacing the netagent's fail-closed table) rather than at its next
+   * periodic pass; until it does, nothing is forwarded there, clients' packets neither.
+   */
+  async announceHeld(hostId: string, vpcId: string): Promise<void> {
+    await emit(this.redis, { hosts: [hostId] }, ["kind", "vpn.endpoint.held", "host", hostId, "vpc", vpcId]);
+  }
+
+  /** This host no longer serves the VPC: its key and applied gen go. */
+  async forgetEndpoint(hostId: string, vpcId: string): Promise<void> {
+    await this.redis.multi().hdel(VK.hostKeys(hostId), vpcId).hdel(VK.hostApplied(hostId), vpcId).exec();
   }
 
   async clients(vpcId: string, range: V.Cidr): Promise<VpnClientRec[]> {
@@ -107,7 +189,7 @@ export class VpnStore {
 
   /** The new generation when written, else which of name/key/addr was taken. */
   async create(c: VpnClientRec): Promise<{ gen: number } | { taken: "name" | "key" | "addr" }> {
-    const r = (await this.redis.eval(CREATE, 5, ...clientKeysAndArgs(c), c.id, JSON.stringify(c), `${c.vpcId}/${c.name}`)) as string;
+    const r = (await this.redis.eval(CREATE, 5, ...clientKeysAndArgs(c), JSON.stringify(c), `${c.vpcId}/${c.name}`)) as string;
     return r === "name" || r === "key" || r === "addr" ? { taken: r } : { gen: Number(r) };
   }
 

@@ -135,7 +135,10 @@ export class VpnSync {
 
   private async apply(vpcCidr: string, ep: VpnEndpointRec, gen: number): Promise<void> {
     const vpcId = ep.vpcId;
-    if (!existsSync(`/run/netns/${this.agent.nsOf(vpcId)}`) || !this.agent.desired.vpcs.has(vpcId)) await this.opts.ensureVpc(vpcId);
+    if (!existsSync(`/run/netns/${this.agent.nsOf(vpcId)}`) || !this.agent.desired.vpcs.has(vpcId)) {
+      await this.opts.ensureVpc(vpcId);
+      await this.store.announceHeld(this.opts.hostId, vpcId);
+    }
     await this.agent.withLock(vpcId, async () => {
       const vns = this.agent.nsOf(vpcId);
       const ifname = vpnIfName(this.opts.hostId, vpcId);
@@ -165,8 +168,8 @@ export class VpnSync {
       const lines = routes.filter((r) => r.dst !== range.text).map((r) => `route del ${r.dst} dev ${ifname}`);
       if (!routes.some((r) => r.dst === range.text)) lines.push(`route replace ${range.text} dev ${ifname}`);
       if (lines.length) await this.agent.kernel.ipBatch(vns, lines);
-      if (ep.publicKey !== key.publicKey) await this.store.setEndpointKey(vpcId, key.publicKey);
-      await this.store.setApplied(vpcId, gen);
+      if (ep.publicKey !== key.publicKey) await this.store.setEndpointKey(this.opts.hostId, vpcId, key.publicKey);
+      await this.store.setApplied(this.opts.hostId, vpcId, gen);
       if (args.length) this.log.info({ vpc: vpcId, interface: ifname, clients: clients.length, flushed: gone.length }, "vpn endpoint applied");
     });
   }
@@ -194,6 +197,7 @@ export class VpnSync {
     await this.interfaces.remove(vpcId, ifname);
     const vns = this.agent.nsOf(vpcId);
     if (existsSync(`/run/netns/${vns}`)) await this.agent.kernel.nft(vns, deleteTx());
+    await this.store.forgetEndpoint(this.opts.hostId, vpcId);
     this.log.info({ vpc: vpcId, interface: ifname }, "vpn endpoint removed");
   }
 }
