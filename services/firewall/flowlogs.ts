@@ -72,8 +72,8 @@ export interface FlowLogOptions {
 const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}$/;
 const PROTOS = new Set(["tcp", "udp", "icmp"]);
 
-export interface CtDestroy {
-  endMs: number;
+/** A flow's tuple and both directions' counts, as conntrack's events and listings give them. */
+interface CtFlow {
   proto: string;
   src: string;
   dst: string;
@@ -81,6 +81,10 @@ export interface CtDestroy {
   dport: number;
   packets: number;
   bytes: number;
+}
+
+export interface CtDestroy extends CtFlow {
+  endMs: number;
   startMs: number;
 }
 
@@ -108,17 +112,10 @@ export function parseCtEvent(line: string): (CtDestroy & { type: "NEW" | "DESTRO
 }
 
 /** An entry of `conntrack -L -o extended,id`: the flow's id, tuple, TCP state and both directions' counts so far; null for any other line. */
-export interface CtEntry {
+export interface CtEntry extends CtFlow {
   id: string;
-  proto: string;
   /** TCP's conntrack state (ESTABLISHED, TIME_WAIT …); "" for other protocols. */
   state: string;
-  src: string;
-  dst: string;
-  sport: number;
-  dport: number;
-  packets: number;
-  bytes: number;
 }
 
 export function parseCtEntry(line: string): CtEntry | null {
