@@ -1,0 +1,115 @@
+// nft transactions in-process (services/common/nft/libnftables.ts, through
+// LinuxNft): what lands where. The library switches this thread into the
+// target namespace for each run, so the checks a user would make are that
+// the rules land in that namespace and nowhere else (the root namespace's
+// ruleset and this process's own namespace are the same before and after,
+// also after refused scripts and a missing namespace), that a refused
+// script leaves nothing half-applied and says what nft said, and that a
+// large script still goes through an exec.
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { readlinkSync } from "node:fs";
+import { afterAll, beforeAll, describe, test } from "vitest";
+import { ExecError } from "../../services/common/exec.js";
+import { MAX_INPROCESS_BYTES, libnftablesStatus, runInProcess } from "../../services/common/nft/libnftables.js";
+import { LinuxNft } from "../../services/common/nft/linux.js";
+import { metricsRegistry } from "../../services/common/metrics.js";
+import { RUN_PREFIX, createNetns, deleteNetns, nsExec } from "../lib/netns.js";
+
+const A = `${RUN_PREFIX}-nftlib-a`;
+const B = `${RUN_PREFIX}-nftlib-b`;
+const nft = new LinuxNft({ inputInError: true });
+const rootRuleset = () => execFileSync("nft", ["list", "ruleset"]).toString();
+const ownNs = () => readlinkSync("/proc/thread-self/ns/net");
+const tables = async (ns: string) => (await nsExec(ns, "nft", ["list", "tables"])).stdout;
+
+async function metric(name: string, labels: Record<string, string>): Promise<number> {
+  const m = (await metricsRegistry.getMetricsAsJSON()).find((x) => x.name === name);
+  const v = (m?.values ?? []).find((x) => Object.entries(labels).every(([k, want]) => String((x.labels as Record<string, unknown>)[k]) === want));
+  return Number(v?.value ?? 0);
+}
+
+let root0 = "";
+let self0 = "";
+
+beforeAll(async () => {
+  root0 = rootRuleset();
+  self0 = ownNs();
+  await createNetns(A);
+  await createNetns(B);
+});
+
+afterAll(async () => {
+  await deleteNetns(A).catch(() => {});
+  await deleteNetns(B).catch(() => {});
+  // Whatever happened above, the root namespace and ours are as they were.
+  assert.equal(rootRuleset(), root0);
+  assert.equal(ownNs(), self0);
+});
+
+describe("libnftables in-process", () => {
+  test("the library is loaded here (else every daemon silently pays an exec per transaction)", () => {
+    assert.deepEqual(libnftablesStatus(), { available: true, reason: "libnftables.so.1 through koffi" });
+  });
+
+  test("a transaction lands in its namespace only, without an exec", async () => {
+    const execs0 = await metric("microvpc_exec_total", { command: "ip netns exec nft -f" });
+    const lib0 = await metric("microvpc_nft_library_runs_total", { result: "ok" });
+    await nft.applyText(A, "add table inet mt\nadd chain inet mt c\nadd rule inet mt c ip saddr 10.9.9.9 drop\n");
+    assert.match(await tables(A), /table inet mt/);
+    assert.doesNotMatch(await tables(B), /mt/, "the other namespace got nothing");
+    assert.equal(rootRuleset(), root0, "the root namespace got nothing");
+    assert.equal(ownNs(), self0, "this thread is back in its own namespace");
+    assert.equal(await metric("microvpc_exec_total", { command: "ip netns exec nft -f" }), execs0, "no exec");
+    assert.equal(await metric("microvpc_nft_library_runs_total", { result: "ok" }), lib0 + 1);
+  });
+
+  test("a refused script is one transaction: nothing of it applies, and the error is nft's own", async () => {
+    await assert.rejects(nft.applyText(B, "add table inet half\nadd chain inet half c\nadd rule inet half nochain accept\n"), (err: unknown) => {
+      assert.ok(err instanceof ExecError);
+      assert.match(err.message, new RegExp(`^ip netns exec ${B} nft -f -: exit code 1: .*No such file or directory`));
+      assert.match(err.message, /\(input: add table inet half; /, "inputInError quotes the script");
+      return true;
+    });
+    assert.doesNotMatch(await tables(B), /half/, "the table of the refused transaction is not there");
+    assert.equal(ownNs(), self0);
+    assert.equal(rootRuleset(), root0);
+  });
+
+  test("a namespace that is gone fails as `ip netns exec` does, in our own namespace", async () => {
+    await assert.rejects(
+      nft.applyText(`${RUN_PREFIX}-nftlib-gone`, "add table inet x\n"),
+      /Cannot open network namespace ".*-nftlib-gone": No such file or directory/,
+    );
+    assert.equal(ownNs(), self0);
+    assert.equal(rootRuleset(), root0);
+  });
+
+  test("a name that is not a namespace name cannot reach outside /run/netns", () => {
+    for (const bad of ["..", "../../proc/1/ns/net", "a/b", "x".repeat(65)]) {
+      assert.throws(() => runInProcess(bad, "add table inet x\n"), /not a network namespace name/);
+    }
+    assert.equal(rootRuleset(), root0);
+  });
+
+  test("a script over the in-process limit is exec'd (it would hold the event loop), with the same effect", async () => {
+    const execs0 = await metric("microvpc_exec_total", { command: "ip netns exec nft -f" });
+    let big = "add table inet big\nadd chain inet big c\n";
+    for (let i = 0; Buffer.byteLength(big) <= MAX_INPROCESS_BYTES; i++)
+      big += `add rule inet big c ip saddr 10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255} drop\n`;
+    await nft.applyText(A, big);
+    assert.equal(await metric("microvpc_exec_total", { command: "ip netns exec nft -f" }), execs0 + 1);
+    const rules = (await nsExec(A, "nft", ["list", "chain", "inet", "big", "c"])).stdout.split("\n").filter((l) => l.includes("drop")).length;
+    assert.equal(rules, big.split("\n").filter((l) => l.includes("drop")).length);
+    assert.equal(rootRuleset(), root0);
+  });
+
+  test("MICROVPC_NFT_EXEC=1 turns the library off (the exec path, as before)", () => {
+    const out = execFileSync(
+      process.execPath,
+      ["--import", "tsx", "-e", 'import("./services/common/nft/libnftables.ts").then((m) => console.log(JSON.stringify(m.libnftablesStatus())))'],
+      { env: { ...process.env, MICROVPC_NFT_EXEC: "1" } },
+    ).toString();
+    assert.deepEqual(JSON.parse(out), { available: false, reason: "MICROVPC_NFT_EXEC=1" });
+  });
+});
