@@ -1,9 +1,16 @@
 // The vmm's one adapter to the kernel for kind=netns VMs: the VM's own
 // network namespace (made before its NIC, removed after it) and the probes
-// TestConnectivity runs inside it. Every command goes through common/exec.ts
-// run() (argv arrays, LC_ALL=C, timeouts, microvpc_exec_* metrics). The
-// service takes this as an interface, so the saga tests run without root.
+// TestConnectivity runs inside it. The namespace is made and removed
+// in-process (common/ns-syscalls.ts: what `ip netns add|del` does, without a
+// ~15–20 ms exec on every CreateVm and DeleteVm), unless libc cannot be
+// loaded through koffi or MICROVPC_NETNS_EXEC=1 is set: then, like every
+// probe, through common/exec.ts run() (argv arrays, LC_ALL=C, timeouts,
+// microvpc_exec_* metrics). The service takes this as an interface, so the
+// saga tests run without root.
 import { run } from "../common/exec.js";
+import { NetnsError, namedNetnsAdd, namedNetnsDel } from "../common/ns-syscalls.js";
+
+const inProcess = process.env.MICROVPC_NETNS_EXEC !== "1";
 
 export type TcpProbeResult = "connected" | "refused" | "timeout" | "unreachable";
 
@@ -25,11 +32,18 @@ s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("er
 
 export const kernelNetns: NetnsAdapter = {
   async add(name) {
+    try {
+      if (inProcess && namedNetnsAdd(name)) return;
+    } catch (err) {
+      if (err instanceof NetnsError && err.code === "exists") return;
+      throw err;
+    }
     const r = await run("ip", ["netns", "add", name], { timeoutMs: 10_000, check: false });
     if (r.error && !/File exists/.test(r.stderr)) throw r.error;
   },
 
   async del(name) {
+    if (inProcess && namedNetnsDel(name)) return;
     const r = await run("ip", ["netns", "del", name], { timeoutMs: 10_000, check: false });
     if (r.error && !/No such file/.test(r.stderr)) throw r.error;
   },

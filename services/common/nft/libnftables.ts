@@ -35,19 +35,16 @@
 // everything when koffi or libnftables cannot be loaded or
 // MICROVPC_NFT_EXEC=1 is set (then the exec path is what ran before).
 import { closeSync, openSync } from "node:fs";
-import { createRequire } from "node:module";
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "../metrics.js";
+import { CLONE_NEWNET, NETNS_NAME, NETNS_RUN_DIR, libcLoadError, loadLibc, returnHome, type Libc } from "../ns-syscalls.js";
 
 /** Scripts up to this size run in-process; larger ones exec `nft -f -`. */
 export const MAX_INPROCESS_BYTES = 32 * 1024;
 
-const CLONE_NEWNET = 0x40000000;
 /** glibc mallopt(3) parameters. */
 const M_TRIM_THRESHOLD = -1;
 const M_MMAP_THRESHOLD = -3;
-/** A namespace name as `ip netns` keeps it under /run/netns (no slash, no dot-dot). */
-const NETNS_NAME = /^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$/;
 
 const runs = new Counter({
   name: "microvpc_nft_library_runs_total",
@@ -73,15 +70,13 @@ export class NftLibraryError extends Error {
 type Fn = (...args: unknown[]) => unknown;
 
 interface Lib {
-  setns: Fn;
+  c: Libc;
   ctxNew: Fn;
   ctxFree: Fn;
   bufferOutput: Fn;
   bufferError: Fn;
   errorBuffer: Fn;
   runCmd: Fn;
-  /** Our own thread's namespace, open for the whole life of the process. */
-  homeFd: number;
 }
 
 let lib: Lib | null | undefined;
@@ -94,22 +89,20 @@ function load(): Lib | null {
     return (lib = null);
   }
   try {
-    const koffi = createRequire(import.meta.url)("koffi") as typeof import("koffi");
-    const libc = koffi.load("libc.so.6");
-    const nft = koffi.load("libnftables.so.1");
+    const c = loadLibc();
+    if (!c) throw new Error(libcLoadError());
+    const nft = c.koffi.load("libnftables.so.1");
     lib = {
-      setns: libc.func("int setns(int fd, int nstype)") as Fn,
+      c,
       ctxNew: nft.func("void *nft_ctx_new(uint32_t flags)") as Fn,
       ctxFree: nft.func("void nft_ctx_free(void *ctx)") as Fn,
       bufferOutput: nft.func("int nft_ctx_buffer_output(void *ctx)") as Fn,
       bufferError: nft.func("int nft_ctx_buffer_error(void *ctx)") as Fn,
       errorBuffer: nft.func("const char *nft_ctx_get_error_buffer(void *ctx)") as Fn,
       runCmd: nft.func("int nft_run_cmd_from_buffer(void *ctx, const char *buf)") as Fn,
-      homeFd: openSync("/proc/thread-self/ns/net", "r"),
     };
-    const mallopt = libc.func("int mallopt(int param, int value)") as Fn;
-    mallopt(M_MMAP_THRESHOLD, 4 << 20);
-    mallopt(M_TRIM_THRESHOLD, 16 << 20);
+    c.mallopt(M_MMAP_THRESHOLD, 4 << 20);
+    c.mallopt(M_TRIM_THRESHOLD, 16 << 20);
   } catch (err) {
     loadError = (err as Error).message;
     lib = null;
@@ -135,11 +128,11 @@ export function runInProcess(ns: string, script: string): boolean {
   if (ns !== "" && !NETNS_NAME.test(ns)) throw new Error(`not a network namespace name: ${JSON.stringify(ns)}`);
   const t0 = process.hrtime.bigint();
   // Opened before the switch: a missing namespace fails here, in our own.
-  const target = ns === "" ? -1 : openSync(`/run/netns/${ns}`, "r");
+  const target = ns === "" ? -1 : openSync(`${NETNS_RUN_DIR}/${ns}`, "r");
   let rc: number;
   let error = "";
   try {
-    if (target >= 0 && l.setns(target, CLONE_NEWNET) !== 0) throw new Error(`setns into ${ns} failed`);
+    if (target >= 0 && l.c.setns(target, CLONE_NEWNET) !== 0) throw new Error(`setns into ${ns} failed`);
     try {
       const ctx = l.ctxNew(0);
       if (!ctx) throw new Error("nft_ctx_new failed");
@@ -152,10 +145,7 @@ export function runInProcess(ns: string, script: string): boolean {
         l.ctxFree(ctx);
       }
     } finally {
-      if (target >= 0 && l.setns(l.homeFd, CLONE_NEWNET) !== 0) {
-        process.stderr.write(`microvpc: cannot switch back to our own network namespace after nft in ${ns}; exiting\n`);
-        process.exit(70);
-      }
+      if (target >= 0) returnHome(l.c, ns);
     }
   } finally {
     if (target >= 0) closeSync(target);

@@ -1,0 +1,163 @@
+// The few libc calls microvpc makes in-process (through koffi, an FFI with
+// prebuilt binaries), and the one rule that makes them safe in a Node
+// daemon: a network namespace is per thread, so code that moves the main
+// thread (setns, unshare) does it synchronously and moves it back before it
+// returns; no other callback of this process can run in between, and
+// libuv's pool threads never move. If the way back fails the process exits
+// rather than open a socket in the wrong namespace.
+//
+// Users: common/nft/libnftables.ts (nft transactions in a namespace) and
+// namedNetnsAdd/Del below (what `ip netns add|del NAME` does, without the
+// ~15–20 ms exec: the vmm makes one namespace per kind=netns VM).
+import { closeSync, mkdirSync, openSync, unlinkSync } from "node:fs";
+import { createRequire } from "node:module";
+
+export const CLONE_NEWNET = 0x40000000;
+const MS_BIND = 0x1000;
+const MS_REC = 0x4000;
+const MS_SHARED = 1 << 20;
+const MNT_DETACH = 2;
+const EINVAL = 22;
+const ENOENT = 2;
+
+/** Where `ip netns` keeps named namespaces. */
+export const NETNS_RUN_DIR = "/run/netns";
+/** A namespace name as `ip netns` keeps it under /run/netns (no slash, no dot-dot). */
+export const NETNS_NAME = /^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$/;
+
+type Fn = (...args: unknown[]) => unknown;
+
+export interface Libc {
+  koffi: typeof import("koffi");
+  setns: Fn;
+  unshare: Fn;
+  mount: Fn;
+  umount2: Fn;
+  mallopt: Fn;
+  errno: () => number;
+  /** This thread's own network namespace, open for the life of the process. */
+  homeFd: number;
+}
+
+let libc: Libc | null | undefined;
+let loadError = "";
+
+/** libc through koffi, or null (with the reason in libcStatus) when it cannot be loaded. */
+export function loadLibc(): Libc | null {
+  if (libc !== undefined) return libc;
+  try {
+    const koffi = createRequire(import.meta.url)("koffi") as typeof import("koffi");
+    const c = koffi.load("libc.so.6");
+    libc = {
+      koffi,
+      setns: c.func("int setns(int fd, int nstype)") as Fn,
+      unshare: c.func("int unshare(int flags)") as Fn,
+      mount: c.func("int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data)") as Fn,
+      umount2: c.func("int umount2(const char *target, int flags)") as Fn,
+      mallopt: c.func("int mallopt(int param, int value)") as Fn,
+      errno: () => koffi.errno(),
+      homeFd: openSync("/proc/thread-self/ns/net", "r"),
+    };
+  } catch (err) {
+    loadError = (err as Error).message;
+    libc = null;
+  }
+  return libc;
+}
+
+export function libcLoadError(): string {
+  return loadError;
+}
+
+/** Moves this thread back to its own namespace, or ends the process (see the file's comment). */
+export function returnHome(c: Libc, from: string): void {
+  if (c.setns(c.homeFd, CLONE_NEWNET) !== 0) {
+    process.stderr.write(`microvpc: cannot switch back to our own network namespace after working in ${from}; exiting\n`);
+    process.exit(70);
+  }
+}
+
+/** Errors of the in-process namespace calls, worded as `ip netns` words them. */
+export class NetnsError extends Error {
+  override name = "NetnsError";
+  constructor(
+    message: string,
+    readonly code: "exists" | "failed",
+  ) {
+    super(message);
+  }
+}
+
+function errnoText(c: Libc): string {
+  const e = c.errno();
+  return `errno ${e}${e === ENOENT ? " (No such file or directory)" : e === EINVAL ? " (Invalid argument)" : ""}`;
+}
+
+/**
+ * `ip netns add NAME` in-process: /run/netns made a shared mount point (so
+ * the namespace file propagates to other mount namespaces, as ip does),
+ * the file created exclusively, a new network namespace unshared on this
+ * thread and bind-mounted onto the file, and the thread moved back.
+ * Throws NetnsError("exists") when the name is taken; nothing is left
+ * behind on any failure. Returns false when libc cannot be loaded (the
+ * caller execs `ip netns add`).
+ */
+export function namedNetnsAdd(name: string): boolean {
+  const c = loadLibc();
+  if (!c) return false;
+  if (!NETNS_NAME.test(name)) throw new NetnsError(`not a network namespace name: ${JSON.stringify(name)}`, "failed");
+  mkdirSync(NETNS_RUN_DIR, { recursive: true, mode: 0o755 });
+  let madeMountPoint = false;
+  while (c.mount("", NETNS_RUN_DIR, "none", MS_SHARED | MS_REC, null) !== 0) {
+    if (c.errno() !== EINVAL || madeMountPoint) throw new NetnsError(`mount --make-shared ${NETNS_RUN_DIR} failed: ${errnoText(c)}`, "failed");
+    if (c.mount(NETNS_RUN_DIR, NETNS_RUN_DIR, "none", MS_BIND | MS_REC, null) !== 0) {
+      throw new NetnsError(`mount --bind ${NETNS_RUN_DIR} ${NETNS_RUN_DIR} failed: ${errnoText(c)}`, "failed");
+    }
+    madeMountPoint = true;
+  }
+  const path = `${NETNS_RUN_DIR}/${name}`;
+  try {
+    closeSync(openSync(path, "wx", 0));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "EEXIST") throw new NetnsError(`Cannot create namespace file "${path}": File exists`, "exists");
+    throw err;
+  }
+  let mounted = false;
+  let why = "";
+  if (c.unshare(CLONE_NEWNET) !== 0) {
+    why = `unshare of a network namespace failed: ${errnoText(c)}`;
+  } else {
+    try {
+      mounted = c.mount("/proc/thread-self/ns/net", path, "none", MS_BIND, null) === 0;
+      if (!mounted) why = `bind ${path} -> /proc/thread-self/ns/net failed: ${errnoText(c)}`;
+    } finally {
+      returnHome(c, `the new namespace ${name}`);
+    }
+  }
+  if (!mounted) {
+    unlinkSync(path);
+    throw new NetnsError(why, "failed");
+  }
+  return true;
+}
+
+/**
+ * `ip netns del NAME` in-process: the bind mount detached and the file
+ * removed; a name that is not there is fine. Returns false when libc
+ * cannot be loaded (the caller execs `ip netns del`).
+ */
+export function namedNetnsDel(name: string): boolean {
+  const c = loadLibc();
+  if (!c) return false;
+  if (!NETNS_NAME.test(name)) throw new NetnsError(`not a network namespace name: ${JSON.stringify(name)}`, "failed");
+  const path = `${NETNS_RUN_DIR}/${name}`;
+  if (c.umount2(path, MNT_DETACH) !== 0 && c.errno() !== EINVAL && c.errno() !== ENOENT) {
+    throw new NetnsError(`Cannot remove namespace file "${path}": ${errnoText(c)}`, "failed");
+  }
+  try {
+    unlinkSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+  }
+  return true;
+}
