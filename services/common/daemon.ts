@@ -55,6 +55,8 @@ export interface ServiceDefinition {
    * Redis answers PING), served by grpc.health.v1 and /readyz alike.
    */
   build(ctx: ServiceContext): Promise<{ services: ServiceBinding[]; ready?: ReadyChecks; close?: () => Promise<void> }>;
+  /** Added to the "serving" log line (e.g. whether nft runs in-process). */
+  startInfo?: () => Record<string, unknown>;
 }
 
 export function addServiceCommand(program: Command, def: ServiceDefinition): void {
@@ -244,6 +246,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
       health: server.healthPort !== undefined ? `${parseListen(flags.healthListen!).host}:${server.healthPort}` : undefined,
       auth: [token && "token", flags.tlsClientCa && "mtls"].filter(Boolean).join("+") || "none",
       tls: !!flags.tlsCert,
+      ...def.startInfo?.(),
     },
     `${def.name} serving`,
   );

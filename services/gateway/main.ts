@@ -33,6 +33,7 @@ import { GatewayStatusApi } from "./status-api.js";
 import { GatewayStore } from "./store.js";
 import { DEFAULT_NAT_LEASE_MS, GatewaySync } from "./sync.js";
 import { BUILD } from "../common/version.js";
+import { nftStartInfo } from "../common/nft/libnftables.js";
 
 /**
  * Runs the metadata server in this process, on every address of this
@@ -262,6 +263,7 @@ export const gatewayDefinition: ServiceDefinition = {
   name: "gateway",
   summary: "NAT gateways, floating IPs, port forwards and the instance metadata service (169.254.169.254)",
   defaultPort: 7404,
+  startInfo: nftStartInfo,
   options: [
     hostIdOption(),
     new Option("--uplink <ifname>", "the hypervisor's interface to the outside").env("MICROVPC_UPLINK").default("eth0"),

@@ -16,11 +16,13 @@ import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { vmmRoutes } from "./routes.js";
 import { Vmm, type Booter } from "./service.js";
 import { VmStore } from "./store.js";
+import { netnsStartInfo } from "./netns.js";
 
 export const vmmDefinition: ServiceDefinition = {
   name: "vmm",
   summary: "metald-style VM manager: CreateVm/DeleteVm over ipam → netagent → firewall → gateway → dns → boot, undone on failure",
   defaultPort: 7405,
+  startInfo: netnsStartInfo,
   options: [
     hostIdOption(),
     new Option("--ipam <addr>", "ipam gRPC address").env("MICROVPC_IPAM_ADDR").default("127.0.0.1:7401"),

@@ -8,9 +8,15 @@
 // microvpc_exec_* metrics). The service takes this as an interface, so the
 // saga tests run without root.
 import { run } from "../common/exec.js";
-import { NetnsError, namedNetnsAdd, namedNetnsDel } from "../common/ns-syscalls.js";
+import { NetnsError, libcLoadError, loadLibc, namedNetnsAdd, namedNetnsDel } from "../common/ns-syscalls.js";
 
 const inProcess = process.env.MICROVPC_NETNS_EXEC !== "1";
+
+/** For the vmm's "serving" log line: how VM namespaces are made. */
+export function netnsStartInfo(): Record<string, unknown> {
+  if (!inProcess) return { netns: "exec (MICROVPC_NETNS_EXEC=1)" };
+  return { netns: loadLibc() ? "in-process" : `exec (${libcLoadError()})` };
+}
 
 export type TcpProbeResult = "connected" | "refused" | "timeout" | "unreachable";
 

@@ -116,6 +116,12 @@ export function libnftablesStatus(): { available: boolean; reason: string } {
   return { available: l !== null, reason: l ? "libnftables.so.1 through koffi" : loadError };
 }
 
+/** For a daemon's "serving" log line: how its nft transactions run. */
+export function nftStartInfo(): Record<string, unknown> {
+  const st = libnftablesStatus();
+  return { nft: st.available ? "in-process" : `exec (${st.reason})` };
+}
+
 /**
  * Runs an nft script as one transaction in the named namespace ("" = this
  * thread's own). Returns false when the library is not available (the
