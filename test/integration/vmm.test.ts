@@ -19,7 +19,7 @@ import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness } from "../lib/harness.js";
 import { readFileSync, existsSync } from "node:fs";
 import { guestImage } from "../../services/vmm/qemu.js";
-import { canPing, listNetns, nsExec, sleep, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { canPing, listNetns, listNetnsSync, nsExec, sleep, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let fwd: Daemon, gwd: Daemon, vmmd: Daemon;
@@ -224,7 +224,13 @@ describe("exec metrics", () => {
       ran.push(`${name} ${total(m) - total(was)} (${diff.join(", ")})`);
     }
     await t.annotate(`execs during one CreateVm (kind=netns), by daemon: ${ran.join("; ")}`);
-    assert.ok(((await execCounts(vmmd))!.get("ip netns") ?? 0) > (before.get("vmm")!.get("ip netns") ?? 0), "vmm's ip netns add was counted");
+    // The VM's namespace and the firewall's nft transactions are made in-process (no exec to count).
+    assert.equal((await execCounts(vmmd))!.get("ip netns") ?? 0, before.get("vmm")!.get("ip netns") ?? 0, "the vmm made the namespace without `ip netns add`");
+    assert.ok(listNetnsSync().includes(vm.namespace), `the VM's namespace ${vm.namespace} is there for ip netns`);
+    for (const [name, d] of Object.entries(daemons)) {
+      const nftExecs = ((await execCounts(d))!.get("ip netns exec nft -f") ?? 0) - (before.get(name)!.get("ip netns exec nft -f") ?? 0);
+      assert.equal(nftExecs, 0, `${name} ran its nft transactions in-process, not as \`nft -f\` execs`);
+    }
     assert.equal((await vmm.deleteVm({ ref: vm.id })).deleted, true);
   });
 });
