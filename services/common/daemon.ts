@@ -15,6 +15,7 @@ import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type Running
 import { logMixin, startTracing, stopTracing, tracingConfig } from "./tracing.js";
 import { storedInt } from "./validate.js";
 import { BUILD, versionLine } from "./version.js";
+import { useExecHelper } from "./exec.js";
 
 export interface CommonFlags {
   listen: string;
@@ -192,6 +193,8 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
   });
   if (refusal) throw new Error(refusal);
   if (flags.healthListen) parseListen(flags.healthListen);
+  // Commands start from a small helper process, never by forking this one (exec-helper.ts).
+  const execHelper = useExecHelper();
   const redisSecrets = readRedisSecrets({
     passwordFile: flags.redisPasswordFile,
     tlsCa: flags.redisTlsCa,
@@ -246,6 +249,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
       health: server.healthPort !== undefined ? `${parseListen(flags.healthListen!).host}:${server.healthPort}` : undefined,
       auth: [token && "token", flags.tlsClientCa && "mtls"].filter(Boolean).join("+") || "none",
       tls: !!flags.tlsCert,
+      exec: execHelper ? "helper process" : "execa in-process (MICROVPC_EXEC_HELPER=0)",
       ...def.startInfo?.(),
     },
     `${def.name} serving`,
@@ -264,6 +268,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     await built.close?.();
     await stopTracing().catch((err: unknown) => logger.warn({ err: (err as Error).message }, "cannot export the last spans"));
     redis.disconnect();
+    execHelper?.stop();
     process.exit(0);
   };
   process.on("SIGTERM", () => void stop("SIGTERM"));

@@ -32,6 +32,7 @@
 import { basename } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import { execa, execaSync, type Options, type Result, type SyncResult } from "execa";
+import { ExecHelper, type HelperResult } from "./exec-helper.js";
 import { execDuration, execTotal } from "./metrics.js";
 
 export const DEFAULT_TIMEOUT_MS = 30_000;
@@ -127,7 +128,7 @@ function execaOptions(o: RunOptions) {
   } as const;
 }
 
-function toResult(argv: string[], r: Result | SyncResult, o: RunOptions): RunResult {
+function toResult(argv: string[], r: Result | SyncResult | HelperResult, o: RunOptions): RunResult {
   const stdout = String(r.stdout ?? "");
   const stderr = String(r.stderr ?? "");
   const out: RunResult = { exitCode: r.exitCode, signal: r.signal, timedOut: r.timedOut, stdout, stderr };
@@ -146,11 +147,27 @@ function toResult(argv: string[], r: Result | SyncResult, o: RunOptions): RunRes
   return out;
 }
 
-function settle(argv: string[], label: string, t0: bigint, r: Result | SyncResult, o: RunOptions): RunResult {
+function settle(argv: string[], label: string, t0: bigint, r: Result | SyncResult | HelperResult, o: RunOptions): RunResult {
   execDuration.observe({ command: label }, Number(process.hrtime.bigint() - t0) / 1e9);
   const res = toResult(argv, r, o);
   if (res.error && o.check !== false) throw res.error;
   return res;
+}
+
+let helper: ExecHelper | undefined;
+
+/**
+ * From now on run() starts commands from a small helper process instead of
+ * this one (exec-helper.ts says why: a fork of a big daemon costs it
+ * hundreds of milliseconds in copy-on-write faults). Daemons call this at
+ * start; MICROVPC_EXEC_HELPER=0 keeps every command on execa in-process.
+ */
+export function useExecHelper(on = process.env.MICROVPC_EXEC_HELPER !== "0"): ExecHelper | undefined {
+  if (!on) {
+    helper?.stop();
+    helper = undefined;
+  } else helper ??= new ExecHelper();
+  return helper;
 }
 
 /**
@@ -163,6 +180,11 @@ export async function run(file: string, args: string[], o: RunOptions = {}): Pro
   const label = commandLabel(f, a);
   execTotal.inc({ command: label });
   const t0 = process.hrtime.bigint();
+  if (helper) {
+    const x = execaOptions(o);
+    const r = await helper.run(f, a, { input: x.input, timeout: x.timeout, killSignal: x.killSignal, env: x.env, maxBuffer: x.maxBuffer });
+    return settle(argv, label, t0, r, o);
+  }
   return settle(argv, label, t0, await execa(f, a, execaOptions(o)), o);
 }
 
