@@ -74,6 +74,7 @@ import { NicKind } from "../gen/microvpc/v1/netagent_pb.js";
 import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService, VmState, VmStep } from "../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../services/common/client.js";
+import { HELPER_MARK } from "../services/common/exec-helper.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, type Hypervisor } from "../test/lib/harness.js";
 import { RUN_PREFIX, canPing, listNetnsSync, nsExec, onCleanup, ownedNamespace, run, tempDir, trackChild } from "../test/lib/netns.js";
@@ -231,13 +232,44 @@ interface World {
   pids: Record<string, number>;
 }
 
-/** Per-process CPU ms (own threads) and, for the daemons that exec, their reaped children. */
+/** CPU ms of the daemon's exec helper (exec-helper.ts): its own threads and the commands it reaped. */
+function helperCpuMs(pid: number): number {
+  let ms = 0;
+  for (const t of (() => {
+    try {
+      return readdirSync(`/proc/${pid}/task`);
+    } catch {
+      return [];
+    }
+  })()) {
+    let kids: number[];
+    try {
+      kids = readFileSync(`/proc/${pid}/task/${t}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
+    } catch {
+      continue;
+    }
+    for (const k of kids) {
+      try {
+        if (readFileSync(`/proc/${k}/cmdline`, "utf8").includes(HELPER_MARK)) ms += cpuUs(k) / 1000 + childCpuMs(k);
+      } catch {
+        // gone
+      }
+    }
+  }
+  return ms;
+}
+
+/**
+ * Per-process CPU ms (own threads) and, for the daemons that exec, the
+ * commands' CPU: the children the daemon reaped itself plus its exec helper
+ * (its own CPU and the commands it reaped).
+ */
 const EXECS = ["vmm", "netagent", "firewall", "gateway"];
 function cpuSnap(w: World): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [name, pid] of Object.entries(w.pids)) {
     out[name] = cpuUs(pid) / 1000;
-    if (EXECS.includes(name)) out[`${name} execs`] = childCpuMs(pid);
+    if (EXECS.includes(name)) out[`${name} execs`] = childCpuMs(pid) + helperCpuMs(pid);
   }
   return out;
 }

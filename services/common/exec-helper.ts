@@ -23,8 +23,13 @@
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
 import { createInterface } from "node:readline";
 
-/** The helper's whole program (node -e): node:child_process only, so it starts in tens of milliseconds. */
-const HELPER = String.raw`"use strict";
+/**
+ * The helper's whole program (node -e): node:child_process only, so it
+ * starts in tens of milliseconds. Its first line names it in `ps` (and lets
+ * bench:vm count its CPU with the daemon's execs).
+ */
+export const HELPER_MARK = "microvpc exec helper";
+const HELPER = String.raw`"use strict"; // ${HELPER_MARK}
 const { spawn } = require("node:child_process");
 const send = (m) => process.stdout.write(JSON.stringify(m) + "\n");
 require("node:readline").createInterface({ input: process.stdin }).on("line", (line) => {
