@@ -234,26 +234,19 @@ interface World {
 
 /** CPU ms of the daemon's exec helper (exec-helper.ts): its own threads and the commands it reaped. */
 function helperCpuMs(pid: number): number {
+  let kids: number[];
+  try {
+    // Node spawns from its main thread, so the main thread's children are all of them.
+    kids = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    return 0;
+  }
   let ms = 0;
-  for (const t of (() => {
+  for (const k of kids) {
     try {
-      return readdirSync(`/proc/${pid}/task`);
+      if (readFileSync(`/proc/${k}/cmdline`, "utf8").includes(HELPER_MARK)) ms += cpuUs(k) / 1000 + childCpuMs(k);
     } catch {
-      return [];
-    }
-  })()) {
-    let kids: number[];
-    try {
-      kids = readFileSync(`/proc/${pid}/task/${t}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
-    } catch {
-      continue;
-    }
-    for (const k of kids) {
-      try {
-        if (readFileSync(`/proc/${k}/cmdline`, "utf8").includes(HELPER_MARK)) ms += cpuUs(k) / 1000 + childCpuMs(k);
-      } catch {
-        // gone
-      }
+      // gone
     }
   }
   return ms;

@@ -15,8 +15,9 @@
 // argv (an argument array: no shell, ever), writes `input` to its stdin and
 // closes it, kills it with killSignal at the timeout and with SIGKILL 5 s
 // later (execa's rule), and answers {id, exitCode, signal, timedOut,
-// stdout, stderr, failed, isMaxBuffer, originalMessage}: the fields of an
-// execa result that exec.ts reads, so errors and metrics do not change.
+// stdout, stderr, failed, isMaxBuffer, originalMessage} (absent ones left
+// out): the fields of an execa result that exec.ts reads, so errors and
+// metrics do not change.
 // If the helper dies, the calls in flight fail with a message saying so
 // and the next call starts a new helper. Long-lived children (wireguard-go,
 // QEMU) and runSync() keep using execa directly.
@@ -35,7 +36,7 @@ const send = (m) => process.stdout.write(JSON.stringify(m) + "\n");
 require("node:readline").createInterface({ input: process.stdin }).on("line", (line) => {
   let q;
   try { q = JSON.parse(line); } catch { return; }
-  const res = { id: q.id, exitCode: null, signal: null, timedOut: false, stdout: "", stderr: "", failed: false, isMaxBuffer: false, originalMessage: "" };
+  const res = { id: q.id, timedOut: false, stdout: "", stderr: "", failed: false, isMaxBuffer: false };
   let done = false, killTimer, timer;
   const finish = () => { if (done) return; done = true; clearTimeout(timer); clearTimeout(killTimer); send(res); };
   let p;
@@ -52,7 +53,8 @@ require("node:readline").createInterface({ input: process.stdin }).on("line", (l
   timer = setTimeout(() => { res.timedOut = true; p.kill(q.killSignal); killTimer = setTimeout(() => p.kill("SIGKILL"), 5000); }, q.timeout);
   p.on("error", (e) => { res.failed = true; res.originalMessage = String(e && e.message); if (p.pid === undefined) finish(); });
   p.on("close", (code, signal) => {
-    res.exitCode = code; res.signal = signal;
+    if (code !== null) res.exitCode = code;
+    if (signal !== null) res.signal = signal;
     res.stdout = Buffer.concat(out).toString(); res.stderr = Buffer.concat(err).toString();
     res.failed = res.failed || res.timedOut || res.isMaxBuffer || code !== 0;
     finish();
@@ -72,8 +74,8 @@ export interface HelperRequest {
 
 /** The fields of an execa result that exec.ts reads. */
 export interface HelperResult {
-  exitCode: number | undefined;
-  signal: string | undefined;
+  exitCode?: number;
+  signal?: string;
   timedOut: boolean;
   stdout: string;
   stderr: string;
@@ -81,18 +83,6 @@ export interface HelperResult {
   isMaxBuffer: boolean;
   originalMessage?: string;
   shortMessage?: string;
-}
-
-interface Wire {
-  id: number;
-  exitCode: number | null;
-  signal: string | null;
-  timedOut: boolean;
-  stdout: string;
-  stderr: string;
-  failed: boolean;
-  isMaxBuffer: boolean;
-  originalMessage: string;
 }
 
 export class ExecHelper {
@@ -117,9 +107,9 @@ export class ExecHelper {
     this.started++;
     const lines = createInterface({ input: p.stdout });
     lines.on("line", (line) => {
-      let w: Wire;
+      let w: HelperResult & { id: number };
       try {
-        w = JSON.parse(line) as Wire;
+        w = JSON.parse(line) as HelperResult & { id: number };
       } catch {
         return;
       }
@@ -127,16 +117,7 @@ export class ExecHelper {
       if (!resolve) return;
       this.pending.delete(w.id);
       this.refs();
-      resolve({
-        exitCode: w.exitCode ?? undefined,
-        signal: w.signal ?? undefined,
-        timedOut: w.timedOut,
-        stdout: w.stdout,
-        stderr: w.stderr,
-        failed: w.failed,
-        isMaxBuffer: w.isMaxBuffer,
-        ...(w.originalMessage ? { originalMessage: w.originalMessage } : {}),
-      });
+      resolve(w);
     });
     let stderr = "";
     p.stderr.on("data", (b: Buffer) => void (stderr = (stderr + b.toString()).slice(-2000)));
@@ -146,7 +127,7 @@ export class ExecHelper {
       const why = `the exec helper (pid ${p.pid}) exited (${signal ?? `code ${code}`})${stderr.trim() ? `: ${stderr.trim()}` : ""}`;
       for (const [id, resolve] of this.pending) {
         this.pending.delete(id);
-        resolve({ exitCode: undefined, signal: undefined, timedOut: false, stdout: "", stderr: "", failed: true, isMaxBuffer: false, originalMessage: why });
+        resolve({ timedOut: false, stdout: "", stderr: "", failed: true, isMaxBuffer: false, originalMessage: why });
       }
     });
     return p;

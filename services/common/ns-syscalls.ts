@@ -12,7 +12,7 @@
 import { closeSync, mkdirSync, openSync, unlinkSync } from "node:fs";
 import { createRequire } from "node:module";
 
-export const CLONE_NEWNET = 0x40000000;
+const CLONE_NEWNET = 0x40000000;
 const MS_BIND = 0x1000;
 const MS_REC = 0x4000;
 const MS_SHARED = 1 << 20;
@@ -21,9 +21,9 @@ const EINVAL = 22;
 const ENOENT = 2;
 
 /** Where `ip netns` keeps named namespaces. */
-export const NETNS_RUN_DIR = "/run/netns";
+const NETNS_RUN_DIR = "/run/netns";
 /** A namespace name as `ip netns` keeps it under /run/netns (no slash, no dot-dot). */
-export const NETNS_NAME = /^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$/;
+const NETNS_NAME = /^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$/;
 
 type Fn = (...args: unknown[]) => unknown;
 
@@ -42,7 +42,7 @@ export interface Libc {
 let libc: Libc | null | undefined;
 let loadError = "";
 
-/** libc through koffi, or null (with the reason in libcStatus) when it cannot be loaded. */
+/** libc through koffi, or null (with the reason in libcLoadError()) when it cannot be loaded. */
 export function loadLibc(): Libc | null {
   if (libc !== undefined) return libc;
   try {
@@ -70,7 +70,7 @@ export function libcLoadError(): string {
 }
 
 /** Moves this thread back to its own namespace, or ends the process (see the file's comment). */
-export function returnHome(c: Libc, from: string): void {
+function returnHome(c: Libc, from: string): void {
   if (c.setns(c.homeFd, CLONE_NEWNET) !== 0) {
     process.stderr.write(`microvpc: cannot switch back to our own network namespace after working in ${from}; exiting\n`);
     process.exit(70);
@@ -85,6 +85,32 @@ export class NetnsError extends Error {
     readonly code: "exists" | "failed",
   ) {
     super(message);
+  }
+}
+
+/** /run/netns/NAME, for a name that is one (never a path that leaves /run/netns). */
+function netnsPath(name: string): string {
+  if (!NETNS_NAME.test(name)) throw new NetnsError(`not a network namespace name: ${JSON.stringify(name)}`, "failed");
+  return `${NETNS_RUN_DIR}/${name}`;
+}
+
+/**
+ * Runs fn, synchronously, with this thread in the named namespace ("" = our
+ * own), and moves the thread back before returning or throwing. A missing
+ * namespace fails (ENOENT) before the thread moves.
+ */
+export function inNamedNetns<T>(c: Libc, name: string, fn: () => T): T {
+  if (name === "") return fn();
+  const fd = openSync(netnsPath(name), "r");
+  try {
+    if (c.setns(fd, CLONE_NEWNET) !== 0) throw new Error(`setns into ${name} failed: ${errnoText(c)}`);
+    try {
+      return fn();
+    } finally {
+      returnHome(c, name);
+    }
+  } finally {
+    closeSync(fd);
   }
 }
 
@@ -105,7 +131,7 @@ function errnoText(c: Libc): string {
 export function namedNetnsAdd(name: string): boolean {
   const c = loadLibc();
   if (!c) return false;
-  if (!NETNS_NAME.test(name)) throw new NetnsError(`not a network namespace name: ${JSON.stringify(name)}`, "failed");
+  const path = netnsPath(name);
   mkdirSync(NETNS_RUN_DIR, { recursive: true, mode: 0o755 });
   let madeMountPoint = false;
   while (c.mount("", NETNS_RUN_DIR, "none", MS_SHARED | MS_REC, null) !== 0) {
@@ -115,7 +141,6 @@ export function namedNetnsAdd(name: string): boolean {
     }
     madeMountPoint = true;
   }
-  const path = `${NETNS_RUN_DIR}/${name}`;
   try {
     closeSync(openSync(path, "wx", 0));
   } catch (err) {
@@ -149,8 +174,7 @@ export function namedNetnsAdd(name: string): boolean {
 export function namedNetnsDel(name: string): boolean {
   const c = loadLibc();
   if (!c) return false;
-  if (!NETNS_NAME.test(name)) throw new NetnsError(`not a network namespace name: ${JSON.stringify(name)}`, "failed");
-  const path = `${NETNS_RUN_DIR}/${name}`;
+  const path = netnsPath(name);
   if (c.umount2(path, MNT_DETACH) !== 0 && c.errno() !== EINVAL && c.errno() !== ENOENT) {
     throw new NetnsError(`Cannot remove namespace file "${path}": ${errnoText(c)}`, "failed");
   }

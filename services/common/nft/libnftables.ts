@@ -34,10 +34,9 @@
 // hold the event loop for tens of milliseconds; an exec does not), reads with output, and
 // everything when koffi or libnftables cannot be loaded or
 // MICROVPC_NFT_EXEC=1 is set (then the exec path is what ran before).
-import { closeSync, openSync } from "node:fs";
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "../metrics.js";
-import { CLONE_NEWNET, NETNS_NAME, NETNS_RUN_DIR, libcLoadError, loadLibc, returnHome, type Libc } from "../ns-syscalls.js";
+import { inNamedNetns, libcLoadError, loadLibc, type Libc } from "../ns-syscalls.js";
 
 /** Scripts up to this size run in-process; larger ones exec `nft -f -`. */
 export const MAX_INPROCESS_BYTES = 32 * 1024;
@@ -131,33 +130,24 @@ export function nftStartInfo(): Record<string, unknown> {
 export function runInProcess(ns: string, script: string): boolean {
   const l = load();
   if (!l) return false;
-  if (ns !== "" && !NETNS_NAME.test(ns)) throw new Error(`not a network namespace name: ${JSON.stringify(ns)}`);
   const t0 = process.hrtime.bigint();
-  // Opened before the switch: a missing namespace fails here, in our own.
-  const target = ns === "" ? -1 : openSync(`${NETNS_RUN_DIR}/${ns}`, "r");
-  let rc: number;
-  let error = "";
+  let refused: string | undefined;
   try {
-    if (target >= 0 && l.c.setns(target, CLONE_NEWNET) !== 0) throw new Error(`setns into ${ns} failed`);
-    try {
+    refused = inNamedNetns(l.c, ns, () => {
       const ctx = l.ctxNew(0);
       if (!ctx) throw new Error("nft_ctx_new failed");
       try {
         l.bufferOutput(ctx);
         l.bufferError(ctx);
-        rc = l.runCmd(ctx, script) as number;
-        if (rc !== 0) error = String(l.errorBuffer(ctx) ?? "");
+        return l.runCmd(ctx, script) === 0 ? undefined : String(l.errorBuffer(ctx) ?? "");
       } finally {
         l.ctxFree(ctx);
       }
-    } finally {
-      if (target >= 0) returnHome(l.c, ns);
-    }
+    });
   } finally {
-    if (target >= 0) closeSync(target);
     runSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
   }
-  runs.inc({ result: rc === 0 ? "ok" : "error" });
-  if (rc !== 0) throw new NftLibraryError(error);
+  runs.inc({ result: refused === undefined ? "ok" : "error" });
+  if (refused !== undefined) throw new NftLibraryError(refused);
   return true;
 }
