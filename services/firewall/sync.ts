@@ -112,7 +112,15 @@ export class FirewallSync {
    * pass), retries failed passes, answers enforce() after its pass and only
    * then clears conntrack entries.
    */
-  private readonly loop: SyncLoop<(() => Promise<unknown>)[]>;
+  private readonly loop: SyncLoop<Clear[]>;
+  /**
+   * Namespaces whose conntrack tables a revoke left to clear, with the local
+   * addresses to look at (undefined: every local NIC's). Cleared one at a
+   * time against the policy applied when the clear runs, beside the loop:
+   * a clear (a `conntrack -L` exec) never holds up the next pass.
+   */
+  private readonly toClear = new Map<string, Set<string> | undefined>();
+  private clearing: Promise<void> | undefined;
 
   constructor(
     readonly nft: NftRunner,
@@ -144,7 +152,9 @@ export class FirewallSync {
       pass: (r) => this.pass(r.first, r.drift, r.only),
       failedAt: () => (this.errors.size > 0 ? this.status.lastErrorMs : undefined),
       errorOf: (vpcId) => this.errors.get(vpcId) ?? this.errors.get(""),
-      after: (cleanups) => this.clearLater(cleanups),
+      after: async (clears) => {
+        void this.clearLater(clears);
+      },
       reconciler: "firewall",
       errorAfterPass: () => this.status.lastError || undefined,
     });
@@ -215,9 +225,35 @@ export class FirewallSync {
     await this.clearLater(await this.pass(full, checkDrift, only));
   }
 
-  /** Runs the conntrack clean-ups a pass left for after its waiters were answered. */
-  private async clearLater(cleanups: (() => Promise<unknown>)[]): Promise<void> {
-    for (const c of cleanups) await c().catch((err: Error) => this.log.warn({ err: err.message }, "cannot clear conntrack entries"));
+  /**
+   * Queues the conntrack clears a pass left for after its waiters were
+   * answered; resolves once the queue is empty. Clears of one namespace
+   * queued meanwhile merge into one.
+   */
+  clearLater(clears: Clear[]): Promise<void> {
+    for (const c of clears) {
+      if (!this.toClear.has(c.ns)) this.toClear.set(c.ns, c.addresses && new Set(c.addresses));
+      else {
+        const prev = this.toClear.get(c.ns);
+        this.toClear.set(c.ns, prev && c.addresses ? new Set([...prev, ...c.addresses]) : undefined);
+      }
+    }
+    if (this.toClear.size > 0) this.clearing ??= this.drainClears();
+    return this.clearing ?? Promise.resolve();
+  }
+
+  private async drainClears(): Promise<void> {
+    try {
+      for (let next = this.toClear.entries().next(); !next.done; next = this.toClear.entries().next()) {
+        const [ns, addresses] = next.value;
+        this.toClear.delete(ns);
+        // What the kernel enforces now, which may be newer than the pass that asked.
+        const st = this.applied.get(ns)?.state;
+        if (st) await this.clearDisallowed(ns, st, addresses).catch((err: Error) => this.log.warn({ ns, err: err.message }, "cannot clear conntrack entries"));
+      }
+    } finally {
+      this.clearing = undefined;
+    }
   }
 
   /** The hint of a change event over a VPC (the loop's route; tests): which NICs and groups it touched, or that the VPC must be compiled whole. */
@@ -253,10 +289,10 @@ export class FirewallSync {
     return st;
   }
 
-  /** One pass (see syncAll); returns the conntrack clean-ups it leaves to run. */
-  private async pass(full: boolean, checkDrift: boolean, only?: ReadonlySet<string>): Promise<(() => Promise<unknown>)[]> {
+  /** One pass (see syncAll); returns the conntrack clears it leaves to run. */
+  private async pass(full: boolean, checkDrift: boolean, only?: ReadonlySet<string>): Promise<Clear[]> {
     const t0 = Date.now();
-    const cleanups: (() => Promise<unknown>)[] = [];
+    const cleanups: Clear[] = [];
     // A targeted pass applies each VPC's changes as a delta where the events
     // say what changed; the others (and every whole pass) compile whole.
     let whole = only;
@@ -317,10 +353,10 @@ export class FirewallSync {
   /**
    * Makes one namespace's tables match `st`. A change that takes something
    * away also clears the conntrack entries the policy no longer allows: at
-   * once, or (deferClear) returned as a function to run once the callers
-   * waiting for the apply have their answer.
+   * once, or (deferClear) returned, to run once the callers waiting for the
+   * apply have their answer.
    */
-  async syncVpc(ns: string, st: VpcFirewallState, full: boolean, checkDrift = false, deferClear = false): Promise<(() => Promise<unknown>) | undefined> {
+  async syncVpc(ns: string, st: VpcFirewallState, full: boolean, checkDrift = false, deferClear = false): Promise<Clear | undefined> {
     const t0 = process.hrtime.bigint();
     const compiled = compile(st);
     const model = compiled.model;
@@ -354,7 +390,7 @@ export class FirewallSync {
     if (kind !== "none") this.status.applied++;
     if (kind !== "none" && prev && revokes) {
       if (!deferClear) await this.clearDisallowed(ns, st);
-      else return () => this.clearDisallowed(ns, st);
+      else return { ns };
     }
     return undefined;
   }
@@ -396,7 +432,7 @@ export class FirewallSync {
    * or ACL that changed meanwhile, a transaction the kernel refuses (a stale
    * base: then the next apply replaces the table).
    */
-  private async delta(vpcId: string, hint: Hint, cleanups: (() => Promise<unknown>)[]): Promise<boolean> {
+  private async delta(vpcId: string, hint: Hint, cleanups: Clear[]): Promise<boolean> {
     const ns = names.netns(this.hostId, vpcId);
     const cur = this.applied.get(ns);
     const nicRecord = this.host.nicRecord?.bind(this.host);
@@ -462,9 +498,15 @@ export class FirewallSync {
       for (const [gid, g] of mini.groups) if (!groups.has(gid)) groups.set(gid, g);
       const members = new Map(st0.members);
       const moved = new Set<string>();
+      // A group that lost a member narrows every rule naming it, on any local NIC.
+      let shrunk = false;
       for (const [gid, m] of mini.members) {
         const old = st0.members.get(gid) ?? [];
         if (old.length !== m.length || old.some((x, i) => x !== m[i])) moved.add(gid);
+        if (!shrunk && old.length > 0) {
+          const left = new Set(m);
+          shrunk = old.some((x) => !left.has(x));
+        }
         members.set(gid, m);
       }
       const st1 = await this.withFlowLogs({ ...st0, nics: [...others, ...mini.nics].sort(byNicId), groups, members });
@@ -514,7 +556,14 @@ export class FirewallSync {
           return false;
         }
         this.status.applied++;
-        if (d.revokes) cleanups.push(() => this.clearDisallowed(ns, st1));
+        // What this delta can take away is the changed NICs' own access, unless
+        // a group lost members. A NIC that left this host has nothing here to
+        // clear (the netagent's detach clears its address's flows).
+        if (d.revokes) {
+          const still = new Set(mini.nics.map((n) => n.address));
+          if (shrunk) cleanups.push({ ns });
+          else if (still.size > 0) cleanups.push({ ns, addresses: still });
+        }
       }
       this.applied.set(ns, { model, state: st1 });
       this.errors.delete(vpcId);
@@ -527,9 +576,10 @@ export class FirewallSync {
     }
   }
 
-  /** Removes conntrack entries of local NICs that the new policy would not allow. */
-  async clearDisallowed(ns: string, st: VpcFirewallState): Promise<number> {
-    const local = new Set(st.nics.map((n) => n.address));
+  /** Removes conntrack entries of local NICs (of those at `addresses`, if given) that the policy `st` does not allow. */
+  async clearDisallowed(ns: string, st: VpcFirewallState, addresses?: ReadonlySet<string>): Promise<number> {
+    const local = new Set(st.nics.map((n) => n.address).filter((a) => !addresses || addresses.has(a)));
+    if (local.size === 0) return 0;
     let n = 0;
     for (const e of await this.nft.conntrackList(ns)) {
       if (!local.has(e.src) && !local.has(e.dst)) continue;
@@ -559,6 +609,11 @@ export class FirewallSync {
     this.loop.start(redis, driftIntervalMs, prepare);
   }
 
+  /** The loop alone, without the change feed: passes as enforce() and kick() ask (tests). */
+  run(driftIntervalMs: number): Promise<void> {
+    return this.loop.run(driftIntervalMs);
+  }
+
   stop(): void {
     this.loop.stop();
   }
@@ -567,6 +622,12 @@ export class FirewallSync {
   get health() {
     return this.loop.health!;
   }
+}
+
+/** A conntrack clear a revoke leaves: the namespace, and the local addresses whose access narrowed (undefined: any). */
+interface Clear {
+  ns: string;
+  addresses?: ReadonlySet<string>;
 }
 
 const byNicId = (a: BindingRec, b: BindingRec) => (a.nicId < b.nicId ? -1 : a.nicId > b.nicId ? 1 : 0);

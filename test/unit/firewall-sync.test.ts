@@ -12,7 +12,8 @@ import { pino } from "pino";
 import { test } from "vitest";
 import { FakeNft } from "../../services/common/nft/fake.js";
 import { NftTransaction as NftTransactionOf, render, type NftTransaction } from "../../services/common/nft/tx.js";
-import { removeTx, type FwModel } from "../../services/firewall/compile.js";
+import type { CtEntry } from "../../services/common/nft/linux.js";
+import { flowAllowed, removeTx, type FwModel } from "../../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "../../services/firewall/model.js";
 import { FirewallSync, type StateSource } from "../../services/firewall/sync.js";
 import { names } from "../../services/netagent/plan.js";
@@ -248,6 +249,32 @@ async function fromScratch(world: NicWorld) {
   return { dump: nft.dump(NS), model: sync.applied.get(NS)!.model };
 }
 
+/** Flows the policy `st` allows between its NICs and a few peers (what the kernel's conntrack table could hold). */
+function allowedFlows(st: VpcFirewallState): CtEntry[] {
+  const peers = ["10.0.3.9", "10.0.3.21", "198.51.100.7", ...st.nics.map((n) => n.address)];
+  const out: CtEntry[] = [];
+  for (const n of st.nics) {
+    for (const p of peers) {
+      if (p === n.address) continue;
+      for (const [proto, dport] of [
+        ["tcp", 80],
+        ["tcp", 22],
+        ["icmp", 8],
+      ] as const) {
+        for (const [src, dst] of [
+          [n.address, p],
+          [p, n.address],
+        ]) {
+          if (flowAllowed(st, src, dst, proto, dport)) out.push({ proto, src, dst, sport: 40000 + out.length, dport });
+        }
+      }
+    }
+  }
+  return out;
+}
+
+const sortFlows = (xs: CtEntry[]) => xs.map((e) => `${e.proto} ${e.src}:${e.sport} > ${e.dst}:${e.dport}`).sort();
+
 test("NIC changes are deltas: only the changed NIC is read, one transaction of its elements and chains, landing exactly where a whole pass lands", async () => {
   for (let seed = 1; seed <= 12; seed++) {
     const rnd = mulberry(seed);
@@ -289,11 +316,19 @@ test("NIC changes are deltas: only the changed NIC is read, one transaction of i
         event = { kind: "nic.detached", vpc: VPC, nic: id, host: HOST };
       }
       const at = `seed ${seed} step ${step}: ${op} ${id}`;
+      const flows = allowedFlows(sync.applied.get(NS)!.state);
+      nft.conntrack.set(NS, flows);
       const before = nft.applied.length;
       const loads = world.loads;
       sync.noteEvent(event);
       await sync.syncAll(false, false, new Set([VPC]));
       assert.equal(sync.status.lastError, "", at);
+      // Conntrack: every flow of a local NIC the new policy refuses is gone, every one it allows is kept
+      // (a detached NIC's own flows are the netagent's to clear).
+      const st1 = sync.applied.get(NS)!.state;
+      const local = new Set(st1.nics.map((x) => x.address));
+      const keep = flows.filter((e) => (!local.has(e.src) && !local.has(e.dst)) || flowAllowed(st1, e.src, e.dst, e.proto, e.dport));
+      assert.deepEqual(sortFlows(await nft.conntrackList(NS)), sortFlows(keep), `${at}: conntrack`);
       assert.equal(world.loads, loads, `${at}: the host's NICs are not read`);
       const want = await fromScratch(world);
       assert.equal(nft.dump(NS), want.dump, at);
@@ -301,6 +336,51 @@ test("NIC changes are deltas: only the changed NIC is read, one transaction of i
       const txs = nft.applied.slice(before);
       assert.ok(txs.length <= 1 && txs.every((t) => !isReplace(t.tx)), `${at}: one transaction, no new table`);
     }
+  }
+});
+
+test("a conntrack clear left by a revoke does not hold up the next binding: it runs beside the loop, against the policy applied by then", async () => {
+  const world = new NicWorld();
+  const [a, b] = ["nic-000000000001", "nic-000000000002"];
+  world.records.set(a, nic(1, SUBNET.a, "10.0.1.11", []));
+  world.bindings.set(a, [WEB]);
+  const nft = new FakeNft();
+  const sync = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
+  let release = () => {};
+  const held = new Promise<void>((r) => (release = r));
+  const lists: string[] = [];
+  const list = nft.conntrackList.bind(nft);
+  nft.conntrackList = async (ns) => {
+    lists.push(ns);
+    await held;
+    return list(ns);
+  };
+  const done = sync.run(60_000);
+  try {
+    await sync.enforce(VPC, 5_000);
+    // Unbinding a takes access away: a clear is queued, and blocks in `conntrack -L`.
+    world.bindings.delete(a);
+    await sync.enforce(VPC, 5_000, a);
+    await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(lists, [NS], "the unbind left one clear, now running");
+    // b attached and bound meanwhile: enforced while the clear still waits on the kernel.
+    world.records.set(b, nic(2, SUBNET.b, "10.0.2.12", []));
+    world.bindings.set(b, [DB]);
+    await sync.enforce(VPC, 2_000, b);
+    assert.match(nft.dump(NS), /chain nic_000000000002_in \{/);
+    // a flow a no longer may have (its ingress is closed now), and one that b's group allows
+    nft.conntrack.set(NS, [
+      { proto: "tcp", src: "10.0.3.9", dst: "10.0.1.11", sport: 40000, dport: 80 },
+      { proto: "tcp", src: "10.0.1.11", dst: "198.51.100.7", sport: 40001, dport: 443 },
+    ]);
+    release();
+    await sync.clearLater([]);
+    await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(await list(NS), [{ proto: "tcp", src: "10.0.1.11", dst: "198.51.100.7", sport: 40001, dport: 443 }]);
+  } finally {
+    release();
+    sync.stop();
+    await done;
   }
 });
 
