@@ -101,13 +101,31 @@ function netnsPath(name: string): string {
  */
 export function inNamedNetns<T>(c: Libc, name: string, fn: () => T): T {
   if (name === "") return fn();
-  const fd = openSync(netnsPath(name), "r");
+  return inNetnsAt(c, netnsPath(name), fn);
+}
+
+/** A namespace file microvpc enters: a named one, or a process's (/proc/PID/ns/net). */
+const NETNS_FILE = /^(?:\/(?:var\/)?run\/netns\/(?!\.\.?$)[A-Za-z0-9_.-]{1,64}|\/proc\/[1-9][0-9]{0,9}\/ns\/net)$/;
+
+/** Opens a namespace file (read-only; the caller closes it), after checking the path is one (NETNS_FILE). */
+export function openNetnsFile(path: string): number {
+  if (!NETNS_FILE.test(path)) throw new NetnsError(`not a network namespace file: ${JSON.stringify(path)}`, "failed");
+  return openSync(path, "r");
+}
+
+/**
+ * inNamedNetns for a namespace file: /run/netns/NAME or /proc/PID/ns/net
+ * (a VM process's namespace), nothing else. fn gets the open file's fd
+ * (valid until fn returns), e.g. to move a device there.
+ */
+export function inNetnsAt<T>(c: Libc, path: string, fn: (fd: number) => T): T {
+  const fd = openNetnsFile(path);
   try {
-    if (c.setns(fd, CLONE_NEWNET) !== 0) throw new Error(`setns into ${name} failed: ${errnoText(c)}`);
+    if (c.setns(fd, CLONE_NEWNET) !== 0) throw new Error(`setns into ${path} failed: ${errnoText(c)}`);
     try {
-      return fn();
+      return fn(fd);
     } finally {
-      returnHome(c, name);
+      returnHome(c, path);
     }
   } finally {
     closeSync(fd);

@@ -25,6 +25,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run } from "../common/exec.js";
 import { LinuxNft } from "../common/nft/linux.js";
+import { attachVeth, type VethAttach } from "../common/rtnl.js";
 import { render, type NftTransaction } from "../common/nft/tx.js";
 
 export interface LinkInfo {
@@ -108,6 +109,46 @@ export interface Kernel {
 export interface GuestBatch {
   netnsPath: string;
   lines: string[];
+}
+
+/**
+ * The in-process form of an ip batch, when it is exactly a veth NIC's attach
+ * as nicCreateLines (plan.ts) writes it, without rate limits: the three
+ * host lines and the guest's address, links up and optional default route.
+ * Anything else (a tap, an ifb, other lines) runs as an exec.
+ */
+export function vethAttachOf(ns: string, lines: string[], guests: GuestBatch[]): VethAttach | null {
+  if (lines.length !== 3 || guests.length !== 1) return null;
+  const add = /^link add (\S+) mtu (\d+) type veth peer name (\S+) address (\S+) mtu (\d+) netns (\S+)$/.exec(lines[0]);
+  const alias = /^link set dev (\S+) alias (\S+)$/.exec(lines[1]);
+  const up = /^link set dev (\S+) mtu (\d+) master (\S+) up$/.exec(lines[2]);
+  if (!add || !alias || !up) return null;
+  const [, hostIf, mtu, guestIf, mac, peerMtu] = add;
+  if (alias[1] !== hostIf || up[1] !== hostIf || up[2] !== mtu || peerMtu !== mtu) return null;
+  // The peer's `netns` names the guest's namespace: its name, or the PID of /proc/PID/ns/net.
+  const target = namedNetns(guests[0].netnsPath) ?? /^\/proc\/(\d+)\/ns\/net$/.exec(guests[0].netnsPath)?.[1];
+  if (target !== add[6]) return null;
+  const g = guests[0].lines;
+  const addr = /^addr replace (\S+\/\d+) dev (\S+)$/.exec(g[0] ?? "");
+  if (!addr || addr[2] !== guestIf || g[1] !== `link set dev ${guestIf} up` || g[2] !== "link set dev lo up") return null;
+  let gateway: string | undefined;
+  if (g.length === 4) {
+    const route = /^route replace default via (\S+) dev (\S+)$/.exec(g[3]);
+    if (!route || route[2] !== guestIf) return null;
+    gateway = route[1];
+  } else if (g.length !== 3) return null;
+  return {
+    ns,
+    hostIf,
+    mtu: Number(mtu),
+    alias: alias[2],
+    bridge: up[3],
+    netnsPath: guests[0].netnsPath,
+    guestIf,
+    mac,
+    address: addr[1],
+    ...(gateway !== undefined ? { gateway } : {}),
+  };
 }
 
 /** The name `ip netns exec` takes for a namespace path, or null (a /proc/PID path). */
@@ -243,6 +284,17 @@ export class LinuxKernel implements Kernel {
 
   // Batches quote their first lines in the error: ip names only the failing line's number.
   async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []): Promise<void> {
+    // A veth NIC's attach (AttachNic's whole batch) runs in-process through
+    // libnl-route (common/rtnl.ts). If that fails it has undone itself, and
+    // the same batch runs as an exec: ip's own error is the answer.
+    const veth = vethAttachOf(ns, lines, guests);
+    if (veth) {
+      try {
+        if (attachVeth(veth)) return;
+      } catch {
+        // counted in microvpc_rtnl_runs_total{result="error"}
+      }
+    }
     const all = [...lines];
     // The guest lines also go in as comments, so an error quotes them.
     const notes: string[] = [];

@@ -651,12 +651,14 @@ describe("detach", () => {
 });
 
 describe("execs per NIC change", () => {
-  /** microvpc_exec_total of hv0's netagent, by command. */
+  /** microvpc_exec_total of hv0's netagent, by command, and its in-process link changes (microvpc_rtnl_runs_total) as "rtnl OP RESULT". */
   async function execCounts(): Promise<Map<string, number>> {
     const text = await (await fetch(`http://127.0.0.1:${hv0.daemon.metricsPort}/metrics`)).text();
     const m = new Map<string, number>();
     for (const [, command, n] of text.matchAll(/^microvpc_exec_total\{(?:[^}]*,)?command="([^"]*)"[^}]*\} (\d+)$/gm))
       m.set(command, (m.get(command) ?? 0) + Number(n));
+    for (const [, op, result, n] of text.matchAll(/^microvpc_rtnl_runs_total\{(?:[^}]*,)?op="([^"]*)",result="([^"]*)"[^}]*\} (\d+)$/gm))
+      m.set(`rtnl ${op} ${result}`, Number(n));
     return m;
   }
   /** What ran during fn, by command (the reconciler's periodic reads — ip addr, tc qdisc, ip netns, and its peering pass's ip route, ip neigh — are left out). */
@@ -671,7 +673,7 @@ describe("execs per NIC change", () => {
   }
   const ct = (ns: string, args: string[]) => run("ip", ["netns", "exec", ns, "conntrack", ...args], { check: false });
 
-  test("AttachNic and DetachNic are one ip -batch each (veth into a VM namespace, TAP); tc -batch only with limits; DetachNic clears the NIC's conntrack with one conntrack exec beside it", async (t) => {
+  test("AttachNic of a veth runs no exec (libnl-route in-process), of a TAP one ip -batch; tc -batch only with limits; DetachNic is one ip -batch and clears the NIC's conntrack with one conntrack exec beside it", async (t) => {
     const V = await newVpc("execs", "10.122.0.0/16", [["s", "10.122.1.0/24"]]);
     const sn = V.subnets[0];
     await hv0.agent.ensureVpc({ vpc: V.vpc.id });
@@ -692,7 +694,7 @@ describe("execs per NIC change", () => {
       });
       nicId = r.nic!.id;
     });
-    assert.deepEqual(attach, { "ip -batch": 1 }, "AttachNic (veth): one ip -batch, the VM side included");
+    assert.deepEqual(attach, { "rtnl attach-veth ok": 1 }, "AttachNic (veth): no exec, the VM side included");
     // The VM side is complete: address, route, up — and it works.
     assert.ok(
       (await addresses(ns)).some((a) => a.ifname === "eth0" && a.local === address && a.prefixlen === 24),
@@ -737,6 +739,36 @@ describe("execs per NIC change", () => {
     assert.match(left, /dport=80 .*sport=40003|sport=40003 /, "another VM's flow is kept");
     assert.doesNotMatch(left, /sport=4000[12] /, "none of the NIC's flows left");
     assert.ok(!(await links(ns)).some((l) => l.name === "eth0"), "the VM side gone");
+
+    // A VM namespace that already has the guest interface: the in-process attach fails and undoes
+    // itself, the same batch runs as an exec, and ip's "File exists" becomes ALREADY_EXISTS. Nothing is left.
+    const taken = await createNetns(`${h.prefix}-vm-exec4`);
+    await run("ip", ["-n", taken, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    const before = new Set((await links(vpcNs)).map((l) => l.name));
+    const takenAddr = await h.allocate(sn, "vm-exec4");
+    const refused = await counted(() =>
+      rejectsWith(
+        hv0.agent.attachNic({
+          vpc: V.vpc.id,
+          subnet: sn.id,
+          kind: NicKind.VETH,
+          options: { case: "veth", value: { netnsPath: netnsPath(taken) } },
+          address: takenAddr,
+          owner: "vm-exec4",
+          guestInterface: "eth0",
+        }),
+        Code.AlreadyExists,
+        /already has an interface eth0; pick another guest_interface/,
+      ),
+    );
+    assert.equal(refused["rtnl attach-veth error"], 1, "the in-process attach was tried and refused");
+    assert.equal(refused["ip -batch"] >= 1, true, "then the exec, whose error is the answer");
+    assert.deepEqual(
+      (await links(vpcNs)).map((l) => l.name).filter((n) => !before.has(n)),
+      [],
+      "no device of the refused NIC left in the VPC namespace",
+    );
+    assert.deepEqual((await links(taken)).map((l) => l.name).sort(), ["eth0", "eth0p", "lo"], "the VM namespace as it was");
 
     // TAP with limits each way: ip -batch for the devices (the ifb too), tc -batch for the qdiscs.
     const tapAddr = await h.allocate(sn, "vm-exec2");

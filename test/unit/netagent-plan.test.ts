@@ -1,13 +1,14 @@
 // The netagent planner: desired + observed in, ip/tc batch lines out.
 import assert from "node:assert/strict";
 import { test } from "vitest";
-import type { LinkInfo, QdiscInfo } from "../../services/netagent/kernel.js";
+import { vethAttachOf, type LinkInfo, type QdiscInfo } from "../../services/netagent/kernel.js";
 import {
   bandwidthLines,
   bridgeMac,
   kernelIpArg,
   names,
   netnsTarget,
+  nicCreateLines,
   planVpc,
   prefixToNetmask,
   type NicSpec,
@@ -173,4 +174,41 @@ test("a detach batch: ip -force output is split per failed line; conntrack -R's 
   assert.equal(namedNetns("/run/netns/vm1"), "vm1");
   assert.equal(namedNetns("/var/run/netns/vm1"), "vm1");
   assert.equal(namedNetns("/proc/42/ns/net"), null);
+});
+
+test("a veth NIC's attach batch is recognised for the in-process path exactly as nicCreateLines writes it; anything else stays an exec", () => {
+  const as = (n: NicSpec) => {
+    const l = nicCreateLines(H, n, "br-aaaaaaaaaaaa");
+    return vethAttachOf("vpcns", l.ip, l.guest.length ? [{ netnsPath: n.veth?.netnsPath ?? "", lines: l.guest }] : []);
+  };
+  assert.deepEqual(as(nic()), {
+    ns: "vpcns",
+    hostIf: "vbbbbbbbbbbbb",
+    mtu: 1500,
+    alias: "mvpc:hv1:nic-bbbbbbbbbbbb",
+    bridge: "br-aaaaaaaaaaaa",
+    netnsPath: "/run/netns/vm1",
+    guestIf: "eth0",
+    mac: "02:aa:0a:00:01:04",
+    address: "10.0.1.4/24",
+    gateway: "10.0.1.1",
+  });
+  assert.equal(as(nic({ veth: { netnsPath: "/proc/4242/ns/net", skipDefaultRoute: true } }))?.gateway, undefined, "no default route asked, none made");
+  assert.equal(as(nic({ veth: { netnsPath: "/proc/4242/ns/net", skipDefaultRoute: true } }))?.netnsPath, "/proc/4242/ns/net");
+  assert.equal(as(nic({ kind: "tap", tap: { multiQueue: false, queues: 1 }, veth: undefined })), null, "a TAP execs");
+  const l = nicCreateLines(H, nic(), "br-aaaaaaaaaaaa");
+  assert.equal(
+    vethAttachOf("vpcns", [...l.ip, "link add ifb0 type ifb"], [{ netnsPath: "/run/netns/vm1", lines: l.guest }]),
+    null,
+    "an extra line (limits) execs",
+  );
+  assert.equal(
+    vethAttachOf("vpcns", l.ip, [{ netnsPath: "/run/netns/vm2", lines: l.guest }]),
+    null,
+    "a guest batch for another namespace than the peer's execs",
+  );
+  assert.equal(
+    vethAttachOf("vpcns", l.ip, [{ netnsPath: "/run/netns/vm1", lines: [...l.guest.slice(0, 3), "route replace default via 10.0.1.1 dev eth1"] }]),
+    null,
+  );
 });
