@@ -5,9 +5,11 @@
 //      beforehand, with the address allocated in IPAM beforehand: only the
 //      netagent call is timed. At 10, 100 and 500 NICs already on the host,
 //      all in one VPC and one /22 subnet (so all on one bridge: the harsh
-//      case for the per-port cost), made through the same API. Then, from
-//      the bench, the same `ip`/`nsenter`/`conntrack` execs AttachNic and
-//      DetachNic run, timed one by one, at each level; the execs microvpcd
+//      case for the per-port cost), made through the same API (a veth's
+//      attach and every detach run in-process: libnl-route and
+//      libnetfilter_conntrack). Then, from the bench, the `ip`/`nsenter`/
+//      `conntrack` execs AttachNic and DetachNic fall back to, timed one by
+//      one, at each level; the execs microvpcd
 //      ran per call (its microvpc_exec_total); and, in the same run, the CNI
 //      reference bridge plugin's ADD/DEL (containernetworking-plugins, static
 //      IPAM) on a bridge with as many ports, in a namespace of the run;
@@ -290,8 +292,8 @@ interface LevelResult extends PassResult {
 
 const EXEC_NAMES = {
   floor: "ip -n VPC link show dev lo (floor of one exec)",
-  oneAttach: "AttachNic now: one ip -n VPC -batch (veth into VM, alias, master+up; VM side by netns exec VM ip -batch FILE)",
-  oneDetach: "DetachNic now: ip -n VPC -force -batch (link del) beside nsenter VPC conntrack -R (-D -s, -D -d)",
+  oneAttach: "AttachNic's exec fallback: one ip -n VPC -batch (veth into VM, alias, master+up; VM side by netns exec VM ip -batch FILE)",
+  oneDetach: "DetachNic's exec fallback: ip -n VPC -force -batch (link del) beside nsenter VPC conntrack -R (-D -s, -D -d)",
   hostBatch: "before: AttachNic ip -n VPC -batch (veth add, alias, master+up)",
   guestBatch: "before: AttachNic nsenter VM ip -batch (rename, mac, addr, up, route)",
   addOnly: "  split: veth add + alias only",

@@ -12,7 +12,8 @@
 // main thread and back), sends its requests there and closes them before
 // the thread moves back.
 //
-// Only what the netagent's AttachNic needs of a veth is here (attachVeth).
+// Only what the netagent needs is here: a veth NIC's attach (attachVeth)
+// and deleting devices (deleteLinks: DetachNic, TAPs and their ifbs too).
 // On any failure attachVeth deletes the device it made, if it made one,
 // and throws RtnlError: the caller then runs the same change as `ip
 // -batch`, whose error text (the one operators know, and the one the
@@ -31,6 +32,9 @@ const NLM_F_REPLACE = 0x100;
 const NLM_F_EXCL = 0x200;
 const NLM_F_CREATE = 0x400;
 const RTPROT_BOOT = 3;
+/** libnl's "object not found" and "no such device": a device already gone. */
+const NLE_OBJ_NOTFOUND = 12;
+const NLE_NODEV = 31;
 
 const runs = new Counter({
   name: "microvpc_rtnl_runs_total",
@@ -170,9 +174,9 @@ function load(): Lib | null {
   return lib;
 }
 
-/** Whether link changes run in-process ("" when they do, else why not: the daemon's start line says). */
-export function rtnlUnavailable(): string {
-  return load() ? "" : loadError || "libnl-route cannot be loaded";
+/** How link changes run, for a daemon's start-up line. */
+export function rtnlStartInfo(): Record<string, unknown> {
+  return { rtnl: load() ? "in-process" : `exec (${loadError || "libnl-route cannot be loaded"})` };
 }
 
 /** The libnl objects one operation allocates, freed together at its end. */
@@ -320,7 +324,7 @@ export function attachVeth(a: VethAttach): boolean {
         },
       );
     } catch (err) {
-      if (made) deleteLinks(l, a.ns, [a.hostIf]);
+      if (made) attempt(() => removeLinks(l, a.ns, [a.hostIf]));
       throw err;
     } finally {
       closeSync(peerNs);
@@ -329,8 +333,21 @@ export function attachVeth(a: VethAttach): boolean {
   });
 }
 
-/** Deletes devices by name in a namespace; one already gone is fine. Used to undo a failed attach. */
-function deleteLinks(l: Lib, ns: string, names: string[]): void {
+/**
+ * `ip -force -batch` of `link del dev NAME` lines in the named namespace
+ * ("" = ours), in-process: a device already gone is fine. Returns false
+ * when libnl-route is not loaded; throws RtnlError on any other refusal
+ * (after trying every device).
+ */
+export function deleteLinks(ns: string, names: string[]): boolean {
+  const l = load();
+  if (!l) return false;
+  timed("detach", () => removeLinks(l, ns, names));
+  return true;
+}
+
+function removeLinks(l: Lib, ns: string, names: string[]): void {
+  let first: RtnlError | undefined;
   session(
     l,
     (f) => inNamedNetns(l.c, ns, f),
@@ -338,10 +355,20 @@ function deleteLinks(l: Lib, ns: string, names: string[]): void {
       for (const name of names) {
         const link = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
         l.linkSetName(link, name);
-        l.linkDelete(sk, link);
+        const rc = l.linkDelete(sk, link) as number;
+        if (rc < 0 && -rc !== NLE_OBJ_NOTFOUND && -rc !== NLE_NODEV) first ??= new RtnlError(`link del dev ${name}`, -rc, String(l.geterror(rc)));
       }
     },
   );
+  if (first) throw first;
+}
+
+function attempt(fn: () => void): void {
+  try {
+    fn();
+  } catch {
+    // undoing a failed attach: the exec that follows reports what is wrong
+  }
 }
 
 /**

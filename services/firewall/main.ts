@@ -32,12 +32,13 @@ import { checkSampleRate, filterFlowLogs, FlowLogCollector, tailLines } from "./
 import { FlowLogConfigStore, flowLogRates, RESOURCE_RE, startFlowLogGc } from "./flowlog-config.js";
 import { FlowLogConfigApi } from "./flowlog-service.js";
 import { nftStartInfo } from "../common/nft/libnftables.js";
+import { conntrackStartInfo } from "../common/conntrack.js";
 
 export const firewallDefinition: ServiceDefinition = {
   name: "firewall",
   summary: "security groups and network ACLs, compiled into one nftables transaction per VPC namespace",
   defaultPort: 7403,
-  startInfo: nftStartInfo,
+  startInfo: () => ({ ...nftStartInfo(), ...conntrackStartInfo() }),
   options: [
     hostIdOption(),
     new Option("--drift-interval-ms <ms>", "how often the kernel is checked against the desired firewall").env("MICROVPC_DRIFT_INTERVAL_MS").default("30000"),

@@ -19,7 +19,8 @@ import { VpnStore } from "./vpn/store.js";
 import { VpnSync } from "./vpn/sync.js";
 import { WgKernel } from "./overlay/wgkernel.js";
 import { nftStartInfo } from "../common/nft/libnftables.js";
-import { rtnlUnavailable } from "../common/rtnl.js";
+import { rtnlStartInfo } from "../common/rtnl.js";
+import { conntrackStartInfo } from "../common/conntrack.js";
 
 const AGENT_VERSION = "0.1.0";
 const WG_MODES = ["auto", "kernel", "wireguard-go"];
@@ -28,7 +29,7 @@ export const netagentDefinition: ServiceDefinition = {
   name: "netagent",
   summary: "per-hypervisor data plane: a network namespace per VPC, a bridge per subnet, TAP/veth NICs, bandwidth limits",
   defaultPort: 7402,
-  startInfo: () => ({ ...nftStartInfo(), rtnl: rtnlUnavailable() ? `exec (${rtnlUnavailable()})` : "in-process" }),
+  startInfo: () => ({ ...nftStartInfo(), ...rtnlStartInfo(), ...conntrackStartInfo() }),
   options: [
     hostIdOption("this hypervisor's id (1–24 of [a-z0-9]); part of every namespace name, so unique per machine"),
     new Option("--mtu <bytes>", "MTU of subnet bridges and NICs").env("MICROVPC_MTU").default("1500"),

@@ -167,6 +167,15 @@ describe("security groups", () => {
     client.stdout!.on("data", (d) => (echoes += String(d).split("\n").filter(Boolean).length));
     try {
       assert.ok(await waitFor(() => echoes >= 5, { timeoutMs: 10_000 }), "the connection works while the rule exists");
+      const cleared = async () => {
+        const text = await (await fetch(`http://127.0.0.1:${fwd.metricsPort}/metrics`)).text();
+        const n = (re: RegExp) => [...text.matchAll(re)].reduce((a, m) => a + Number(m[1]), 0);
+        return {
+          inProcess: n(/^microvpc_conntrack_library_runs_total\{[^}]*op="delete",result="ok"[^}]*\} (\d+)$/gm),
+          execs: n(/^microvpc_exec_total\{[^}]*command="[^"]*conntrack"[^}]*\} (\d+)$/gm),
+        };
+      };
+      const before = await cleared();
       await fw.updateSecurityGroup({ ref: webSg, removeRules: [tcp(9090, "10.0.2.0/24")] });
       // After the firewall converges, no echo comes back any more.
       await sleep(2500);
@@ -174,6 +183,9 @@ describe("security groups", () => {
       await sleep(1500);
       assert.equal(echoes, at, "no echo after the rule was removed: the open connection was cut");
       assert.ok(!(await tcpProbe(db1.ns, web1.address, 9090, 800)), "and a new one is refused");
+      const after = await cleared();
+      assert.ok(after.inProcess > before.inProcess, "the entry was deleted in-process (libnetfilter_conntrack)");
+      assert.equal(after.execs, before.execs, "without a conntrack exec");
     } finally {
       client.kill("SIGKILL");
       echo.kill("SIGKILL");

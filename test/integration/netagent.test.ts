@@ -651,14 +651,19 @@ describe("detach", () => {
 });
 
 describe("execs per NIC change", () => {
-  /** microvpc_exec_total of hv0's netagent, by command, and its in-process link changes (microvpc_rtnl_runs_total) as "rtnl OP RESULT". */
+  /**
+   * microvpc_exec_total of hv0's netagent, by command, and what it did in-process: link changes
+   * (microvpc_rtnl_runs_total) as "rtnl OP RESULT", conntrack deletes (microvpc_conntrack_library_runs_total) as "conntrack OP RESULT".
+   */
   async function execCounts(): Promise<Map<string, number>> {
     const text = await (await fetch(`http://127.0.0.1:${hv0.daemon.metricsPort}/metrics`)).text();
     const m = new Map<string, number>();
     for (const [, command, n] of text.matchAll(/^microvpc_exec_total\{(?:[^}]*,)?command="([^"]*)"[^}]*\} (\d+)$/gm))
       m.set(command, (m.get(command) ?? 0) + Number(n));
-    for (const [, op, result, n] of text.matchAll(/^microvpc_rtnl_runs_total\{(?:[^}]*,)?op="([^"]*)",result="([^"]*)"[^}]*\} (\d+)$/gm))
-      m.set(`rtnl ${op} ${result}`, Number(n));
+    for (const [, lib, op, result, n] of text.matchAll(
+      /^microvpc_(rtnl|conntrack_library)_runs_total\{(?:[^}]*,)?op="([^"]*)",result="([^"]*)"[^}]*\} (\d+)$/gm,
+    ))
+      m.set(`${lib === "rtnl" ? "rtnl" : "conntrack"} ${op} ${result}`, Number(n));
     return m;
   }
   /** What ran during fn, by command (the reconciler's periodic reads — ip addr, tc qdisc, ip netns, and its peering pass's ip route, ip neigh — are left out). */
@@ -673,7 +678,7 @@ describe("execs per NIC change", () => {
   }
   const ct = (ns: string, args: string[]) => run("ip", ["netns", "exec", ns, "conntrack", ...args], { check: false });
 
-  test("AttachNic of a veth runs no exec (libnl-route in-process), of a TAP one ip -batch; tc -batch only with limits; DetachNic is one ip -batch and clears the NIC's conntrack with one conntrack exec beside it", async (t) => {
+  test("AttachNic of a veth and every DetachNic run no exec (libnl-route, libnetfilter_conntrack in-process); a TAP's attach is one ip -batch, tc -batch only with limits; DetachNic clears the NIC's conntrack entries and no others", async (t) => {
     const V = await newVpc("execs", "10.122.0.0/16", [["s", "10.122.1.0/24"]]);
     const sn = V.subnets[0];
     await hv0.agent.ensureVpc({ vpc: V.vpc.id });
@@ -732,7 +737,8 @@ describe("execs per NIC change", () => {
     await flow(other.address, "10.122.1.250", 40003);
     let detached = { detachedNicIds: [] as string[], conntrackEntriesCleared: 0 };
     const detach = await counted(async () => (detached = await hv0.agent.detachNic({ nic: nicId })));
-    assert.deepEqual(detach, { "ip -batch": 1, "nsenter conntrack": 1 }, "DetachNic: one ip -batch for the devices, one conntrack -R beside it");
+    const inProcessDetach = { "rtnl detach ok": 1, "conntrack delete ok": 1 };
+    assert.deepEqual(detach, inProcessDetach, "DetachNic: devices and conntrack entries in-process, no exec");
     assert.deepEqual(detached.detachedNicIds, [nicId]);
     assert.equal(detached.conntrackEntriesCleared, 2, "the NIC's two flows cleared");
     const left = (await ct(vpcNs, ["-L", "-p", "tcp"])).stdout;
@@ -789,9 +795,9 @@ describe("execs per NIC change", () => {
       const r = await hv0.agent.attachNic({ vpc: V.vpc.id, subnet: sn.id, kind: NicKind.TAP, address: await h.allocate(sn, "vm-exec3"), owner: "vm-exec3" });
       await hv0.agent.detachNic({ nic: r.nic!.id }).then(() => undefined);
     });
-    assert.deepEqual(tapNoLimit, { "ip -batch": 2, "nsenter conntrack": 1 }, "AttachNic + DetachNic (tap, no limit): one ip -batch each, no tc");
+    assert.deepEqual(tapNoLimit, { "ip -batch": 1, ...inProcessDetach }, "AttachNic + DetachNic (tap, no limit): one ip -batch to attach, no tc");
     const tapDetach = await counted(() => hv0.agent.detachNic({ nic: tapId }));
-    assert.deepEqual(tapDetach, { "ip -batch": 1, "nsenter conntrack": 1 }, "DetachNic (tap with its ifb): one ip -batch, one conntrack");
+    assert.deepEqual(tapDetach, inProcessDetach, "DetachNic (tap with its ifb): in-process");
     assert.ok(!(await links(vpcNs)).some((l) => l.name.endsWith(tapId.slice(-12))), "the tap and its ifb are gone");
     await t.annotate(`execs: attach veth ${JSON.stringify(attach)}, detach ${JSON.stringify(detach)}, attach tap+limits ${JSON.stringify(tap)}`);
   });

@@ -8,17 +8,12 @@
 // conntrack, which the firewall clears beside its nft changes. Everything
 // runs through services/common/exec.ts (argument arrays, LC_ALL=C, a
 // timeout, counted).
+import { conntrackDelete, conntrackList, type CtEntry } from "../conntrack.js";
 import { ExecError, inNetns, run, type RunOptions } from "../exec.js";
 import { MAX_INPROCESS_BYTES, NftLibraryError, runInProcess } from "./libnftables.js";
 import { render, type NftTransaction } from "./tx.js";
 
-export interface CtEntry {
-  proto: string;
-  src: string;
-  dst: string;
-  sport: number;
-  dport: number;
-}
+export type { CtEntry };
 
 export interface Counter {
   packets: bigint;
@@ -115,14 +110,29 @@ export class LinuxNft implements NftRunner {
     return m;
   }
 
+  // In-process through libnetfilter_conntrack (common/conntrack.ts) where it loads; the exec otherwise, or if it fails.
   async conntrackList(ns: string): Promise<CtEntry[]> {
+    const listed = attemptSync(() => conntrackList(ns));
+    if (listed) return listed;
     const r = await this.read(ns, ["conntrack", "-L"]);
     return parseConntrack(r.stdout);
   }
 
   async conntrackDelete(ns: string, e: CtEntry): Promise<void> {
+    const ports = e.proto === "tcp" || e.proto === "udp";
+    const same = (x: CtEntry) => x.proto === e.proto && x.src === e.src && x.dst === e.dst && (!ports || (x.sport === e.sport && x.dport === e.dport));
+    if (attemptSync(() => conntrackDelete(ns, same)) !== null) return;
     const args = ["conntrack", "-D", "-p", e.proto, "-s", e.src, "-d", e.dst];
     if (e.proto === "tcp" || e.proto === "udp") args.push("--sport", String(e.sport), "--dport", String(e.dport));
     await this.read(ns, args);
+  }
+}
+
+/** fn's result, or null when it throws (the caller then takes the exec path, whose error is the answer). */
+function attemptSync<T>(fn: () => T | null): T | null {
+  try {
+    return fn();
+  } catch {
+    return null;
   }
 }

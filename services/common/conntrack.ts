@@ -1,0 +1,207 @@
+// Conntrack tables in-process: libnetfilter_conntrack (the library the
+// `conntrack` tool is built on, Debian `libnetfilter-conntrack3`, which
+// `conntrack` depends on) through koffi, as common/nft/libnftables.ts calls
+// libnftables. Reading or clearing a namespace's table was a `conntrack`
+// exec (through `ip netns exec` or nsenter): ~10–20 ms here before it read
+// a single entry, once per DetachNic and once per firewall revoke. The same
+// dump from this process takes well under a millisecond for a VPC's table.
+//
+// A netlink socket belongs to the network namespace of the thread that
+// opened it: each call opens its handle inside the namespace
+// (ns-syscalls.ts inNamedNetns), dumps there, and closes it before the
+// thread moves back. The dump calls back into JavaScript for each entry
+// (one callback registered for the life of the process, pointed at the
+// current call's visitor); entries to delete are kept (NFCT_CB_STOLEN) and
+// deleted after the dump, on the same handle.
+//
+// Only IPv4 entries (microvpc's VPCs are IPv4), as `conntrack -L` and
+// `conntrack -D -s|-d ADDRESS` saw them: the original direction's tuple.
+// Callers fall back to those execs when this returns null (koffi or the
+// library cannot be loaded, or MICROVPC_CONNTRACK_EXEC=1) or throws.
+import { Counter, Histogram } from "prom-client";
+import { metricsRegistry } from "./metrics.js";
+import { inNamedNetns, libcLoadError, loadLibc, type Libc } from "./ns-syscalls.js";
+
+/** One conntrack entry: the original direction's tuple (ports 0 for protocols without them). */
+export interface CtEntry {
+  proto: string;
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+}
+
+const CONNTRACK = 1; // NFNL_SUBSYS_CTNETLINK
+const NFCT_T_ALL = 7;
+const NFCT_Q_DESTROY = 2;
+const NFCT_Q_DUMP = 5;
+const NFCT_CB_CONTINUE = 1;
+const NFCT_CB_STOLEN = 2;
+const ATTR_ORIG_IPV4_SRC = 0;
+const ATTR_ORIG_IPV4_DST = 1;
+const ATTR_ORIG_PORT_SRC = 8;
+const ATTR_ORIG_PORT_DST = 9;
+const ATTR_ORIG_L4PROTO = 17;
+const AF_INET = 2;
+const ENOENT = 2;
+/** Protocol numbers as `conntrack -L` names them; the ones with ports. */
+const PROTOS: Record<number, string> = { 1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 132: "sctp", 136: "udplite" };
+const WITH_PORTS = new Set([6, 17, 33, 132, 136]);
+
+const runs = new Counter({
+  name: "microvpc_conntrack_library_runs_total",
+  help: "Conntrack table dumps (and the deletes after them) run in-process through libnetfilter_conntrack (not counted in microvpc_exec_total), by operation and result; an error falls back to a conntrack exec.",
+  labelNames: ["op", "result"] as const,
+  registers: [metricsRegistry],
+});
+const runSeconds = new Histogram({
+  name: "microvpc_conntrack_library_run_seconds",
+  help: "Time of one in-process conntrack dump (with its deletes), namespace switches included (the event loop waits for it).",
+  labelNames: ["op"] as const,
+  buckets: [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1],
+  registers: [metricsRegistry],
+});
+
+type Fn = (...args: unknown[]) => unknown;
+
+interface Lib {
+  c: Libc;
+  open: Fn;
+  close: Fn;
+  register: Fn;
+  query: Fn;
+  destroy: Fn;
+  u8: Fn;
+  u16: Fn;
+  u32: Fn;
+  /** The one registered callback, and what it hands each entry to. */
+  cb: unknown;
+}
+
+let lib: Lib | null | undefined;
+let loadError = "";
+/** The running dump's visitor: what the registered callback calls (null between dumps). */
+let visitor: ((ct: unknown) => number) | null = null;
+
+function load(): Lib | null {
+  if (lib !== undefined) return lib;
+  lib = null;
+  if (process.env.MICROVPC_CONNTRACK_EXEC === "1") {
+    loadError = "MICROVPC_CONNTRACK_EXEC=1";
+    return lib;
+  }
+  const c = loadLibc();
+  if (!c) {
+    loadError = libcLoadError();
+    return lib;
+  }
+  try {
+    const k = c.koffi;
+    const n = k.load("libnetfilter_conntrack.so.3");
+    const cbType = k.pointer(k.proto("int", ["int", "void *", "void *"]));
+    lib = {
+      c,
+      open: n.func("void *nfct_open(uint8_t subsys, unsigned int subscriptions)") as Fn,
+      close: n.func("int nfct_close(void *h)") as Fn,
+      register: n.func("nfct_callback_register", "int", ["void *", "int", cbType, "void *"]) as Fn,
+      query: n.func("int nfct_query(void *h, int query, const void *data)") as Fn,
+      destroy: n.func("void nfct_destroy(void *ct)") as Fn,
+      u8: n.func("uint8_t nfct_get_attr_u8(void *ct, int attr)") as Fn,
+      u16: n.func("uint16_t nfct_get_attr_u16(void *ct, int attr)") as Fn,
+      u32: n.func("uint32_t nfct_get_attr_u32(void *ct, int attr)") as Fn,
+      cb: k.register((_type: number, ct: unknown) => (visitor ? visitor(ct) : NFCT_CB_CONTINUE), cbType),
+    };
+  } catch (err) {
+    loadError = (err as Error).message;
+    lib = null;
+  }
+  return lib;
+}
+
+/** How conntrack tables are read and cleared, for a daemon's start-up line. */
+export function conntrackStartInfo(): Record<string, unknown> {
+  return { conntrack: load() ? "in-process" : `exec (${loadError || "libnetfilter_conntrack cannot be loaded"})` };
+}
+
+/** An address the kernel gives in network byte order, read as a little-endian u32. */
+function ipv4(n: number): string {
+  return `${n & 255}.${(n >>> 8) & 255}.${(n >>> 16) & 255}.${n >>> 24}`;
+}
+
+const ntohs = (n: number) => ((n & 255) << 8) | (n >>> 8);
+
+function entryOf(l: Lib, ct: unknown): CtEntry {
+  const p = l.u8(ct, ATTR_ORIG_L4PROTO) as number;
+  const ports = WITH_PORTS.has(p);
+  return {
+    proto: PROTOS[p] ?? "unknown",
+    src: ipv4(l.u32(ct, ATTR_ORIG_IPV4_SRC) as number),
+    dst: ipv4(l.u32(ct, ATTR_ORIG_IPV4_DST) as number),
+    sport: ports ? ntohs(l.u16(ct, ATTR_ORIG_PORT_SRC) as number) : 0,
+    dport: ports ? ntohs(l.u16(ct, ATTR_ORIG_PORT_DST) as number) : 0,
+  };
+}
+
+/**
+ * Dumps the IPv4 conntrack table of the named namespace ("" = ours), hands
+ * each entry to `keep`, and deletes the entries it says to (true). Returns
+ * the entries (all of them) and how many were deleted, or null when the
+ * library is not loaded. Throws when the kernel refuses the dump.
+ */
+function dump(op: string, ns: string, del: (e: CtEntry) => boolean): { entries: CtEntry[]; deleted: number } | null {
+  const l = load();
+  if (!l) return null;
+  const t0 = process.hrtime.bigint();
+  try {
+    const r = inNamedNetns(l.c, ns, () => {
+      const h = l.open(CONNTRACK, 0);
+      if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
+      const doomed: unknown[] = [];
+      const entries: CtEntry[] = [];
+      try {
+        if ((l.register(h, NFCT_T_ALL, l.cb, null) as number) < 0) throw new Error(`nfct_callback_register failed: errno ${l.c.errno()}`);
+        const family = Buffer.alloc(4);
+        family.writeUInt32LE(AF_INET);
+        visitor = (ct) => {
+          const e = entryOf(l, ct);
+          entries.push(e);
+          if (!del(e)) return NFCT_CB_CONTINUE;
+          doomed.push(ct);
+          return NFCT_CB_STOLEN;
+        };
+        try {
+          if ((l.query(h, NFCT_Q_DUMP, family) as number) < 0) throw new Error(`conntrack dump failed: errno ${l.c.errno()}`);
+        } finally {
+          visitor = null;
+        }
+        let deleted = 0;
+        for (const ct of doomed) {
+          // One that expired meanwhile is gone already (ENOENT), as `conntrack -D` would find.
+          if ((l.query(h, NFCT_Q_DESTROY, ct) as number) === 0) deleted++;
+          else if (l.c.errno() !== ENOENT) throw new Error(`conntrack delete failed: errno ${l.c.errno()}`);
+        }
+        return { entries, deleted };
+      } finally {
+        for (const ct of doomed) l.destroy(ct);
+        l.close(h);
+      }
+    });
+    runs.inc({ op, result: "ok" });
+    return r;
+  } catch (err) {
+    runs.inc({ op, result: "error" });
+    throw err;
+  } finally {
+    runSeconds.observe({ op }, Number(process.hrtime.bigint() - t0) / 1e9);
+  }
+}
+
+/** `conntrack -L` of the named namespace, in-process; null when the library is not loaded. */
+export function conntrackList(ns: string): CtEntry[] | null {
+  return dump("list", ns, () => false)?.entries ?? null;
+}
+
+/** Deletes the entries `match` picks (`conntrack -D …`), in-process; how many, or null when the library is not loaded. */
+export function conntrackDelete(ns: string, match: (e: CtEntry) => boolean): number | null {
+  return dump("delete", ns, match)?.deleted ?? null;
+}
