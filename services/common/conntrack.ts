@@ -8,11 +8,11 @@
 //
 // A netlink socket belongs to the network namespace of the thread that
 // opened it: each call opens its handle inside the namespace
-// (ns-syscalls.ts inNamedNetns), dumps there, and closes it before the
-// thread moves back. The dump calls back into JavaScript for each entry
-// (one callback registered for the life of the process, pointed at the
-// current call's visitor); entries to delete are kept (NFCT_CB_STOLEN) and
-// deleted after the dump, on the same handle.
+// (ns-syscalls.ts inNamedNetns) and the thread moves back at once; the dump
+// itself runs on libuv's pool (see dump()). It calls back into JavaScript
+// for each entry (one callback registered for the life of the process,
+// pointed at the current dump's visitor); entries to delete are kept
+// (NFCT_CB_STOLEN) and deleted after the dump, on the same handle.
 //
 // Only IPv4 entries (microvpc's VPCs are IPv4), as `conntrack -L` and
 // `conntrack -D -s|-d ADDRESS` saw them: the original direction's tuple.
@@ -21,6 +21,7 @@
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "./metrics.js";
 import { inNamedNetns, libcLoadError, loadLibc, type Libc } from "./ns-syscalls.js";
+import { onPool } from "./rtnl.js";
 
 /** One conntrack entry: the original direction's tuple (ports 0 for protocols without them). */
 export interface CtEntry {
@@ -142,66 +143,74 @@ function entryOf(l: Lib, ct: unknown): CtEntry {
   };
 }
 
+/** Dumps run one at a time: the one registered callback serves one visitor. */
+let queue: Promise<unknown> = Promise.resolve();
+
 /**
  * Dumps the IPv4 conntrack table of the named namespace ("" = ours), hands
- * each entry to `keep`, and deletes the entries it says to (true). Returns
- * the entries (all of them) and how many were deleted, or null when the
- * library is not loaded. Throws when the kernel refuses the dump.
+ * each entry to `del`, and deletes the entries it picks. Resolves to the
+ * entries (all of them) and how many were deleted, or null when the
+ * library is not loaded; rejects when the kernel refuses. The handle is
+ * opened in the namespace on this thread; the dump runs on a pool thread
+ * (koffi's async call: the kernel walks the whole, host-wide conntrack
+ * hash for it, which must not hold the event loop), its callbacks come
+ * back to this thread, and the deletes (lookups by tuple) run here.
  */
-function dump(op: string, ns: string, del: (e: CtEntry) => boolean): { entries: CtEntry[]; deleted: number } | null {
+function dump(op: string, ns: string, del: (e: CtEntry) => boolean): Promise<{ entries: CtEntry[]; deleted: number } | null> {
   const l = load();
-  if (!l) return null;
+  if (!l) return Promise.resolve(null);
+  const next = queue.then(() => dumpNow(l, op, ns, del));
+  queue = next.catch(() => undefined);
+  return next;
+}
+
+async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => boolean): Promise<{ entries: CtEntry[]; deleted: number }> {
   const t0 = process.hrtime.bigint();
+  const doomed: unknown[] = [];
+  let h: unknown = null;
   try {
-    const r = inNamedNetns(l.c, ns, () => {
-      const h = l.open(CONNTRACK, 0);
-      if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
-      const doomed: unknown[] = [];
-      const entries: CtEntry[] = [];
-      try {
-        if ((l.register(h, NFCT_T_ALL, l.cb, null) as number) < 0) throw new Error(`nfct_callback_register failed: errno ${l.c.errno()}`);
-        const family = Buffer.alloc(4);
-        family.writeUInt32LE(AF_INET);
-        visitor = (ct) => {
-          const e = entryOf(l, ct);
-          entries.push(e);
-          if (!del(e)) return NFCT_CB_CONTINUE;
-          doomed.push(ct);
-          return NFCT_CB_STOLEN;
-        };
-        try {
-          if ((l.query(h, NFCT_Q_DUMP, family) as number) < 0) throw new Error(`conntrack dump failed: errno ${l.c.errno()}`);
-        } finally {
-          visitor = null;
-        }
-        let deleted = 0;
-        for (const ct of doomed) {
-          // One that expired meanwhile is gone already (ENOENT), as `conntrack -D` would find.
-          if ((l.query(h, NFCT_Q_DESTROY, ct) as number) === 0) deleted++;
-          else if (l.c.errno() !== ENOENT) throw new Error(`conntrack delete failed: errno ${l.c.errno()}`);
-        }
-        return { entries, deleted };
-      } finally {
-        for (const ct of doomed) l.destroy(ct);
-        l.close(h);
-      }
-    });
+    h = inNamedNetns(l.c, ns, () => l.open(CONNTRACK, 0));
+    if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
+    if ((l.register(h, NFCT_T_ALL, l.cb, null) as number) < 0) throw new Error(`nfct_callback_register failed: errno ${l.c.errno()}`);
+    const entries: CtEntry[] = [];
+    const family = Buffer.alloc(4);
+    family.writeUInt32LE(AF_INET);
+    visitor = (ct) => {
+      const e = entryOf(l, ct);
+      entries.push(e);
+      if (!del(e)) return NFCT_CB_CONTINUE;
+      doomed.push(ct);
+      return NFCT_CB_STOLEN;
+    };
+    try {
+      if ((await onPool<number>(l.query, h, NFCT_Q_DUMP, family)) < 0) throw new Error(`the conntrack dump of ${ns || "our namespace"} failed`);
+    } finally {
+      visitor = null;
+    }
+    let deleted = 0;
+    for (const ct of doomed) {
+      // One that expired meanwhile is gone already (ENOENT), as `conntrack -D` would find.
+      if ((l.query(h, NFCT_Q_DESTROY, ct) as number) === 0) deleted++;
+      else if (l.c.errno() !== ENOENT) throw new Error(`conntrack delete failed: errno ${l.c.errno()}`);
+    }
     runs.inc({ op, result: "ok" });
-    return r;
+    return { entries, deleted };
   } catch (err) {
     runs.inc({ op, result: "error" });
     throw err;
   } finally {
+    for (const ct of doomed) l.destroy(ct);
+    if (h) l.close(h);
     runSeconds.observe({ op }, Number(process.hrtime.bigint() - t0) / 1e9);
   }
 }
 
 /** `conntrack -L` of the named namespace, in-process; null when the library is not loaded. */
-export function conntrackList(ns: string): CtEntry[] | null {
-  return dump("list", ns, () => false)?.entries ?? null;
+export async function conntrackList(ns: string): Promise<CtEntry[] | null> {
+  return (await dump("list", ns, () => false))?.entries ?? null;
 }
 
 /** Deletes the entries `match` picks (`conntrack -D …`), in-process; how many, or null when the library is not loaded. */
-export function conntrackDelete(ns: string, match: (e: CtEntry) => boolean): number | null {
-  return dump("delete", ns, match)?.deleted ?? null;
+export async function conntrackDelete(ns: string, match: (e: CtEntry) => boolean): Promise<number | null> {
+  return (await dump("delete", ns, match))?.deleted ?? null;
 }

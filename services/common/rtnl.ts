@@ -335,17 +335,47 @@ export function attachVeth(a: VethAttach): boolean {
 
 /**
  * `ip -force -batch` of `link del dev NAME` lines in the named namespace
- * ("" = ours), in-process: a device already gone is fine. Returns false
- * when libnl-route is not loaded; throws RtnlError on any other refusal
- * (after trying every device).
+ * ("" = ours), in-process: a device already gone is fine. The socket is
+ * opened in the namespace on this thread; the deletes run on a pool thread
+ * (koffi's async calls), because the kernel answers a veth's delete only
+ * after an RCU grace period: 15–40 ms measured here, which would hold the
+ * event loop. Resolves false when libnl-route is not loaded; rejects with
+ * RtnlError on any other refusal (after trying every device).
  */
-export function deleteLinks(ns: string, names: string[]): boolean {
+export async function deleteLinks(ns: string, names: string[]): Promise<boolean> {
   const l = load();
   if (!l) return false;
-  timed("detach", () => removeLinks(l, ns, names));
-  return true;
+  const t0 = process.hrtime.bigint();
+  const s = new Scope(l);
+  try {
+    const sk = inNamedNetns(l.c, ns, () => s.socket());
+    let first: RtnlError | undefined;
+    for (const name of names) {
+      const link = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
+      l.linkSetName(link, name);
+      const rc = await onPool<number>(l.linkDelete, sk, link);
+      if (rc < 0 && -rc !== NLE_OBJ_NOTFOUND && -rc !== NLE_NODEV) first ??= new RtnlError(`link del dev ${name}`, -rc, String(l.geterror(rc)));
+    }
+    if (first) throw first;
+    runs.inc({ op: "detach", result: "ok" });
+    return true;
+  } catch (err) {
+    runs.inc({ op: "detach", result: "error" });
+    throw err;
+  } finally {
+    s.close();
+    runSeconds.observe({ op: "detach" }, Number(process.hrtime.bigint() - t0) / 1e9);
+  }
 }
 
+/** A koffi function called on libuv's pool (its `async` member): the event loop runs meanwhile. */
+export function onPool<T>(fn: Fn, ...args: unknown[]): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    (fn as unknown as { async: (...a: unknown[]) => void }).async(...args, (err: Error | null, res: T) => (err ? reject(err) : resolve(res)));
+  });
+}
+
+/** Undoes a failed attach (synchronously: a rare path, and the exec after it needs the name free). */
 function removeLinks(l: Lib, ns: string, names: string[]): void {
   let first: RtnlError | undefined;
   session(

@@ -114,10 +114,10 @@ export interface GuestBatch {
   lines: string[];
 }
 
-/** fn's result, or null when it throws (counted in its library's metric; the exec that follows gives the error). */
-function inProcess<T>(fn: () => T | null): T | null {
+/** fn's result, or null when it fails (counted in its library's metric; the exec that follows gives the error). */
+async function inProcess<T>(fn: () => Promise<T | null>): Promise<T | null> {
   try {
-    return fn();
+    return await fn();
   } catch {
     return null;
   }
@@ -336,8 +336,10 @@ export class LinuxKernel implements Kernel {
   }
 
   // In-process first: the devices deleted through libnl-route
-  // (common/rtnl.ts), then the conntrack entries from and to the address
-  // through libnetfilter_conntrack (common/conntrack.ts), together ~1 ms.
+  // (common/rtnl.ts; the kernel answers a veth's delete after an RCU grace
+  // period, 15–40 ms here, which the daemon awaits on a pool thread), then,
+  // once no new flow can come from the device, the conntrack entries from
+  // and to the address through libnetfilter_conntrack (common/conntrack.ts).
   // Whichever part cannot run in-process, or fails there, runs as before:
   // two execs side by side, the `ip -force -batch` that deletes the devices
   // and one `conntrack -R` (deletes from a file) entered with nsenter --net
@@ -350,8 +352,8 @@ export class LinuxKernel implements Kernel {
   // its device goes away may outlive the flush, as flows from other VMs to
   // the freed address always could.
   async detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }> {
-    const linksGone = inProcess(() => deleteLinks(ns, devices)) === true;
-    const cleared = inProcess(() => conntrackDelete(ns, (e) => e.src === address || e.dst === address));
+    const linksGone = (await inProcess(() => deleteLinks(ns, devices))) === true;
+    const cleared = await inProcess(() => conntrackDelete(ns, (e) => e.src === address || e.dst === address));
     if (linksGone && cleared !== null) return { conntrackCleared: cleared };
     const lines = devices.map((d) => `link del dev ${d}`);
     // conntrack -R opens its file by name (/dev/stdin fails on Node's stdin socket): a private file.

@@ -112,7 +112,7 @@ export class LinuxNft implements NftRunner {
 
   // In-process through libnetfilter_conntrack (common/conntrack.ts) where it loads; the exec otherwise, or if it fails.
   async conntrackList(ns: string): Promise<CtEntry[]> {
-    const listed = attemptSync(() => conntrackList(ns));
+    const listed = await attempt(() => conntrackList(ns));
     if (listed) return listed;
     const r = await this.read(ns, ["conntrack", "-L"]);
     return parseConntrack(r.stdout);
@@ -121,17 +121,17 @@ export class LinuxNft implements NftRunner {
   async conntrackDelete(ns: string, e: CtEntry): Promise<void> {
     const ports = e.proto === "tcp" || e.proto === "udp";
     const same = (x: CtEntry) => x.proto === e.proto && x.src === e.src && x.dst === e.dst && (!ports || (x.sport === e.sport && x.dport === e.dport));
-    if (attemptSync(() => conntrackDelete(ns, same)) !== null) return;
+    if ((await attempt(() => conntrackDelete(ns, same))) !== null) return;
     const args = ["conntrack", "-D", "-p", e.proto, "-s", e.src, "-d", e.dst];
     if (e.proto === "tcp" || e.proto === "udp") args.push("--sport", String(e.sport), "--dport", String(e.dport));
     await this.read(ns, args);
   }
 }
 
-/** fn's result, or null when it throws (the caller then takes the exec path, whose error is the answer). */
-function attemptSync<T>(fn: () => T | null): T | null {
+/** fn's result, or null when it fails (the caller then takes the exec path, whose error is the answer). */
+async function attempt<T>(fn: () => Promise<T | null>): Promise<T | null> {
   try {
-    return fn();
+    return await fn();
   } catch {
     return null;
   }
