@@ -20,7 +20,7 @@
 // library cannot be loaded, or MICROVPC_CONNTRACK_EXEC=1) or throws.
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "./metrics.js";
-import { inNamedNetns, libcLoadError, loadLibc, type Libc } from "./ns-syscalls.js";
+import { inNamedNetns, InProcessLibrary, type Libc } from "./ns-syscalls.js";
 import { onPool } from "./rtnl.js";
 
 /** One conntrack entry: the original direction's tuple (ports 0 for protocols without them). */
@@ -79,49 +79,31 @@ interface Lib {
   cb: unknown;
 }
 
-let lib: Lib | null | undefined;
-let loadError = "";
 /** The running dump's visitor: what the registered callback calls (null between dumps). */
 let visitor: ((ct: unknown) => number) | null = null;
 
-function load(): Lib | null {
-  if (lib !== undefined) return lib;
-  lib = null;
-  if (process.env.MICROVPC_CONNTRACK_EXEC === "1") {
-    loadError = "MICROVPC_CONNTRACK_EXEC=1";
-    return lib;
-  }
-  const c = loadLibc();
-  if (!c) {
-    loadError = libcLoadError();
-    return lib;
-  }
-  try {
-    const k = c.koffi;
-    const n = k.load("libnetfilter_conntrack.so.3");
-    const cbType = k.pointer(k.proto("int", ["int", "void *", "void *"]));
-    lib = {
-      c,
-      open: n.func("void *nfct_open(uint8_t subsys, unsigned int subscriptions)") as Fn,
-      close: n.func("int nfct_close(void *h)") as Fn,
-      register: n.func("nfct_callback_register", "int", ["void *", "int", cbType, "void *"]) as Fn,
-      query: n.func("int nfct_query(void *h, int query, const void *data)") as Fn,
-      destroy: n.func("void nfct_destroy(void *ct)") as Fn,
-      u8: n.func("uint8_t nfct_get_attr_u8(void *ct, int attr)") as Fn,
-      u16: n.func("uint16_t nfct_get_attr_u16(void *ct, int attr)") as Fn,
-      u32: n.func("uint32_t nfct_get_attr_u32(void *ct, int attr)") as Fn,
-      cb: k.register((_type: number, ct: unknown) => (visitor ? visitor(ct) : NFCT_CB_CONTINUE), cbType),
-    };
-  } catch (err) {
-    loadError = (err as Error).message;
-    lib = null;
-  }
-  return lib;
-}
+const library = new InProcessLibrary<Lib>("MICROVPC_CONNTRACK_EXEC", (c) => {
+  const k = c.koffi;
+  const n = k.load("libnetfilter_conntrack.so.3");
+  const cbType = k.pointer(k.proto("int", ["int", "void *", "void *"]));
+  return {
+    c,
+    open: n.func("void *nfct_open(uint8_t subsys, unsigned int subscriptions)") as Fn,
+    close: n.func("int nfct_close(void *h)") as Fn,
+    register: n.func("nfct_callback_register", "int", ["void *", "int", cbType, "void *"]) as Fn,
+    query: n.func("int nfct_query(void *h, int query, const void *data)") as Fn,
+    destroy: n.func("void nfct_destroy(void *ct)") as Fn,
+    u8: n.func("uint8_t nfct_get_attr_u8(void *ct, int attr)") as Fn,
+    u16: n.func("uint16_t nfct_get_attr_u16(void *ct, int attr)") as Fn,
+    u32: n.func("uint32_t nfct_get_attr_u32(void *ct, int attr)") as Fn,
+    cb: k.register((_type: number, ct: unknown) => (visitor ? visitor(ct) : NFCT_CB_CONTINUE), cbType),
+  };
+});
+const load = () => library.get();
 
 /** How conntrack tables are read and cleared, for a daemon's start-up line. */
 export function conntrackStartInfo(): Record<string, unknown> {
-  return { conntrack: load() ? "in-process" : `exec (${loadError || "libnetfilter_conntrack cannot be loaded"})` };
+  return { conntrack: library.mode() };
 }
 
 /** An address the kernel gives in network byte order, read as a little-endian u32. */

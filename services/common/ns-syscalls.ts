@@ -69,6 +69,41 @@ export function libcLoadError(): string {
   return loadError;
 }
 
+/**
+ * A library called in-process through koffi: opened on first use, once; or
+ * not (an env switch set to 1, libc or the library missing), with why.
+ */
+export class InProcessLibrary<T> {
+  private lib: T | null | undefined;
+  private why = "";
+
+  constructor(
+    /** The environment variable that, set to 1, keeps the exec path. */
+    private readonly envOff: string,
+    private readonly open: (c: Libc) => T,
+  ) {}
+
+  get(): T | null {
+    if (this.lib !== undefined) return this.lib;
+    this.lib = null;
+    const c = process.env[this.envOff] === "1" ? null : loadLibc();
+    if (!c) this.why = process.env[this.envOff] === "1" ? `${this.envOff}=1` : libcLoadError();
+    else {
+      try {
+        this.lib = this.open(c);
+      } catch (err) {
+        this.why = (err as Error).message;
+      }
+    }
+    return this.lib;
+  }
+
+  /** For a daemon's start-up line: "in-process", or "exec (why not)". */
+  mode(): string {
+    return this.get() ? "in-process" : `exec (${this.why || "the library cannot be loaded"})`;
+  }
+}
+
 /** Moves this thread back to its own namespace, or ends the process (see the file's comment). */
 function returnHome(c: Libc, from: string): void {
   if (c.setns(c.homeFd, CLONE_NEWNET) !== 0) {

@@ -22,7 +22,7 @@
 import { closeSync } from "node:fs";
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "./metrics.js";
-import { inNamedNetns, inNetnsAt, libcLoadError, loadLibc, openNetnsFile, type Libc } from "./ns-syscalls.js";
+import { inNamedNetns, inNetnsAt, InProcessLibrary, openNetnsFile, type Libc } from "./ns-syscalls.js";
 
 const NETLINK_ROUTE = 0;
 const AF_INET = 2;
@@ -107,76 +107,57 @@ interface Lib {
   routeAdd: Fn;
 }
 
-let lib: Lib | null | undefined;
-let loadError = "";
-
-function load(): Lib | null {
-  if (lib !== undefined) return lib;
-  lib = null;
-  if (process.env.MICROVPC_RTNL_EXEC === "1") {
-    loadError = "MICROVPC_RTNL_EXEC=1";
-    return lib;
-  }
-  const c = loadLibc();
-  if (!c) {
-    loadError = libcLoadError();
-    return lib;
-  }
-  try {
-    const k = c.koffi;
-    const nl = k.load("libnl-3.so.200");
-    const r = k.load("libnl-route-3.so.200");
-    lib = {
-      c,
-      geterror: nl.func("const char *nl_geterror(int error)") as Fn,
-      sockAlloc: nl.func("void *nl_socket_alloc(void)") as Fn,
-      sockFree: nl.func("void nl_socket_free(void *sk)") as Fn,
-      connect: nl.func("int nl_connect(void *sk, int protocol)") as Fn,
-      addrParse: nl.func("int nl_addr_parse(const char *addr, int hint, _Out_ void **result)") as Fn,
-      addrPut: nl.func("void nl_addr_put(void *addr)") as Fn,
-      linkAlloc: r.func("void *rtnl_link_alloc(void)") as Fn,
-      vethAlloc: r.func("void *rtnl_link_veth_alloc(void)") as Fn,
-      vethPeer: r.func("void *rtnl_link_veth_get_peer(void *link)") as Fn,
-      linkPut: r.func("void rtnl_link_put(void *link)") as Fn,
-      linkSetName: r.func("void rtnl_link_set_name(void *link, const char *name)") as Fn,
-      linkSetMtu: r.func("void rtnl_link_set_mtu(void *link, unsigned int mtu)") as Fn,
-      linkSetAddr: r.func("void rtnl_link_set_addr(void *link, void *addr)") as Fn,
-      linkSetNsFd: r.func("void rtnl_link_set_ns_fd(void *link, int fd)") as Fn,
-      linkSetIfalias: r.func("void rtnl_link_set_ifalias(void *link, const char *alias)") as Fn,
-      linkSetMaster: r.func("void rtnl_link_set_master(void *link, int ifindex)") as Fn,
-      linkSetFlags: r.func("void rtnl_link_set_flags(void *link, unsigned int flags)") as Fn,
-      linkAdd: r.func("int rtnl_link_add(void *sk, void *link, int flags)") as Fn,
-      linkChange: r.func("int rtnl_link_change(void *sk, void *orig, void *changes, int flags)") as Fn,
-      linkDelete: r.func("int rtnl_link_delete(void *sk, void *link)") as Fn,
-      linkGetKernel: r.func("int rtnl_link_get_kernel(void *sk, int ifindex, const char *name, _Out_ void **result)") as Fn,
-      linkIfindex: r.func("int rtnl_link_get_ifindex(void *link)") as Fn,
-      rAddrAlloc: r.func("void *rtnl_addr_alloc(void)") as Fn,
-      rAddrPut: r.func("void rtnl_addr_put(void *addr)") as Fn,
-      rAddrSetFamily: r.func("void rtnl_addr_set_family(void *addr, int family)") as Fn,
-      rAddrSetIfindex: r.func("void rtnl_addr_set_ifindex(void *addr, int ifindex)") as Fn,
-      rAddrSetLocal: r.func("int rtnl_addr_set_local(void *addr, void *local)") as Fn,
-      rAddrAdd: r.func("int rtnl_addr_add(void *sk, void *addr, int flags)") as Fn,
-      routeAlloc: r.func("void *rtnl_route_alloc(void)") as Fn,
-      routePut: r.func("void rtnl_route_put(void *route)") as Fn,
-      routeSetFamily: r.func("int rtnl_route_set_family(void *route, uint8_t family)") as Fn,
-      routeSetDst: r.func("int rtnl_route_set_dst(void *route, void *addr)") as Fn,
-      routeSetProtocol: r.func("void rtnl_route_set_protocol(void *route, uint8_t protocol)") as Fn,
-      nhAlloc: r.func("void *rtnl_route_nh_alloc(void)") as Fn,
-      nhSetIfindex: r.func("void rtnl_route_nh_set_ifindex(void *nh, int ifindex)") as Fn,
-      nhSetGateway: r.func("void rtnl_route_nh_set_gateway(void *nh, void *addr)") as Fn,
-      routeAddNexthop: r.func("void rtnl_route_add_nexthop(void *route, void *nh)") as Fn,
-      routeAdd: r.func("int rtnl_route_add(void *sk, void *route, int flags)") as Fn,
-    };
-  } catch (err) {
-    loadError = (err as Error).message;
-    lib = null;
-  }
-  return lib;
-}
+const library = new InProcessLibrary<Lib>("MICROVPC_RTNL_EXEC", (c) => {
+  const k = c.koffi;
+  const nl = k.load("libnl-3.so.200");
+  const r = k.load("libnl-route-3.so.200");
+  return {
+    c,
+    geterror: nl.func("const char *nl_geterror(int error)") as Fn,
+    sockAlloc: nl.func("void *nl_socket_alloc(void)") as Fn,
+    sockFree: nl.func("void nl_socket_free(void *sk)") as Fn,
+    connect: nl.func("int nl_connect(void *sk, int protocol)") as Fn,
+    addrParse: nl.func("int nl_addr_parse(const char *addr, int hint, _Out_ void **result)") as Fn,
+    addrPut: nl.func("void nl_addr_put(void *addr)") as Fn,
+    linkAlloc: r.func("void *rtnl_link_alloc(void)") as Fn,
+    vethAlloc: r.func("void *rtnl_link_veth_alloc(void)") as Fn,
+    vethPeer: r.func("void *rtnl_link_veth_get_peer(void *link)") as Fn,
+    linkPut: r.func("void rtnl_link_put(void *link)") as Fn,
+    linkSetName: r.func("void rtnl_link_set_name(void *link, const char *name)") as Fn,
+    linkSetMtu: r.func("void rtnl_link_set_mtu(void *link, unsigned int mtu)") as Fn,
+    linkSetAddr: r.func("void rtnl_link_set_addr(void *link, void *addr)") as Fn,
+    linkSetNsFd: r.func("void rtnl_link_set_ns_fd(void *link, int fd)") as Fn,
+    linkSetIfalias: r.func("void rtnl_link_set_ifalias(void *link, const char *alias)") as Fn,
+    linkSetMaster: r.func("void rtnl_link_set_master(void *link, int ifindex)") as Fn,
+    linkSetFlags: r.func("void rtnl_link_set_flags(void *link, unsigned int flags)") as Fn,
+    linkAdd: r.func("int rtnl_link_add(void *sk, void *link, int flags)") as Fn,
+    linkChange: r.func("int rtnl_link_change(void *sk, void *orig, void *changes, int flags)") as Fn,
+    linkDelete: r.func("int rtnl_link_delete(void *sk, void *link)") as Fn,
+    linkGetKernel: r.func("int rtnl_link_get_kernel(void *sk, int ifindex, const char *name, _Out_ void **result)") as Fn,
+    linkIfindex: r.func("int rtnl_link_get_ifindex(void *link)") as Fn,
+    rAddrAlloc: r.func("void *rtnl_addr_alloc(void)") as Fn,
+    rAddrPut: r.func("void rtnl_addr_put(void *addr)") as Fn,
+    rAddrSetFamily: r.func("void rtnl_addr_set_family(void *addr, int family)") as Fn,
+    rAddrSetIfindex: r.func("void rtnl_addr_set_ifindex(void *addr, int ifindex)") as Fn,
+    rAddrSetLocal: r.func("int rtnl_addr_set_local(void *addr, void *local)") as Fn,
+    rAddrAdd: r.func("int rtnl_addr_add(void *sk, void *addr, int flags)") as Fn,
+    routeAlloc: r.func("void *rtnl_route_alloc(void)") as Fn,
+    routePut: r.func("void rtnl_route_put(void *route)") as Fn,
+    routeSetFamily: r.func("int rtnl_route_set_family(void *route, uint8_t family)") as Fn,
+    routeSetDst: r.func("int rtnl_route_set_dst(void *route, void *addr)") as Fn,
+    routeSetProtocol: r.func("void rtnl_route_set_protocol(void *route, uint8_t protocol)") as Fn,
+    nhAlloc: r.func("void *rtnl_route_nh_alloc(void)") as Fn,
+    nhSetIfindex: r.func("void rtnl_route_nh_set_ifindex(void *nh, int ifindex)") as Fn,
+    nhSetGateway: r.func("void rtnl_route_nh_set_gateway(void *nh, void *addr)") as Fn,
+    routeAddNexthop: r.func("void rtnl_route_add_nexthop(void *route, void *nh)") as Fn,
+    routeAdd: r.func("int rtnl_route_add(void *sk, void *route, int flags)") as Fn,
+  };
+});
+const load = () => library.get();
 
 /** How link changes run, for a daemon's start-up line. */
 export function rtnlStartInfo(): Record<string, unknown> {
-  return { rtnl: load() ? "in-process" : `exec (${loadError || "libnl-route cannot be loaded"})` };
+  return { rtnl: library.mode() };
 }
 
 /** The libnl objects one operation allocates, freed together at its end. */
