@@ -117,7 +117,7 @@ async function main(): Promise<number> {
         counters: async () => new Map(),
         tableExists: async () => true,
         conntrackList: async () => [],
-        conntrackDelete: async () => {},
+        conntrackClear: async () => 0,
       };
       const sync = new FirewallSync(nft, store, host, HOST, log, () => true);
       // Fill the host to `level` NICs (beyond the previous level's).

@@ -349,11 +349,12 @@ test("a conntrack clear left by a revoke does not hold up the next binding: it r
   let release = () => {};
   const held = new Promise<void>((r) => (release = r));
   const lists: string[] = [];
+  const clear = nft.conntrackClear.bind(nft);
   const list = nft.conntrackList.bind(nft);
-  nft.conntrackList = async (ns) => {
+  nft.conntrackClear = async (ns, pick) => {
     lists.push(ns);
     await held;
-    return list(ns);
+    return clear(ns, pick);
   };
   const done = sync.run(60_000);
   try {

@@ -209,7 +209,7 @@ const byName = <T>(m: Map<string, T>) => [...m].sort(([a], [b]) => (a < b ? -1 :
 
 export class FakeNft implements NftRunner {
   private readonly states = new Map<string, State>();
-  /** Conntrack entries per namespace: tests put flows here; conntrackDelete removes them. */
+  /** Conntrack entries per namespace: tests put flows here; conntrackClear removes them. */
   readonly conntrack = new Map<string, CtEntry[]>();
   /** Every transaction applied (or refused), in order, with its namespace. */
   readonly applied: { ns: string; tx: NftTransaction; error?: string }[] = [];
@@ -267,11 +267,10 @@ export class FakeNft implements NftRunner {
     return [...(this.conntrack.get(ns) ?? [])];
   }
 
-  async conntrackDelete(ns: string, e: CtEntry): Promise<void> {
-    const same = (x: CtEntry) => x.proto === e.proto && x.src === e.src && x.dst === e.dst && x.sport === e.sport && x.dport === e.dport;
-    this.conntrack.set(
-      ns,
-      (this.conntrack.get(ns) ?? []).filter((x) => !same(x)),
-    );
+  async conntrackClear(ns: string, pick: (e: CtEntry) => boolean): Promise<number> {
+    const all = this.conntrack.get(ns) ?? [];
+    const kept = all.filter((x) => !pick(x));
+    this.conntrack.set(ns, kept);
+    return all.length - kept.length;
   }
 }

@@ -31,7 +31,8 @@ export interface NftRunner extends NftApplier {
   counters(ns: string): Promise<Map<string, Counter>>;
   tableExists(ns: string): Promise<boolean>;
   conntrackList(ns: string): Promise<CtEntry[]>;
-  conntrackDelete(ns: string, e: CtEntry): Promise<void>;
+  /** Deletes the entries `pick` chooses (one pass over the table); how many. */
+  conntrackClear(ns: string, pick: (e: CtEntry) => boolean): Promise<number>;
 }
 
 /** Parses `conntrack -L` lines: the original direction's tuple. */
@@ -118,10 +119,20 @@ export class LinuxNft implements NftRunner {
     return parseConntrack(r.stdout);
   }
 
-  async conntrackDelete(ns: string, e: CtEntry): Promise<void> {
-    const ports = e.proto === "tcp" || e.proto === "udp";
-    const same = (x: CtEntry) => x.proto === e.proto && x.src === e.src && x.dst === e.dst && (!ports || (x.sport === e.sport && x.dport === e.dport));
-    if ((await attempt(() => conntrackDelete(ns, same))) !== null) return;
+  async conntrackClear(ns: string, pick: (e: CtEntry) => boolean): Promise<number> {
+    const cleared = await attempt(() => conntrackDelete(ns, pick));
+    if (cleared !== null) return cleared;
+    let n = 0;
+    for (const e of await this.conntrackList(ns)) {
+      if (!pick(e)) continue;
+      await this.execDelete(ns, e);
+      n++;
+    }
+    return n;
+  }
+
+  /** `conntrack -D` of one entry's tuple (the exec path). */
+  private async execDelete(ns: string, e: CtEntry): Promise<void> {
     const args = ["conntrack", "-D", "-p", e.proto, "-s", e.src, "-d", e.dst];
     if (e.proto === "tcp" || e.proto === "udp") args.push("--sport", String(e.sport), "--dport", String(e.dport));
     await this.read(ns, args);
