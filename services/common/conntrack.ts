@@ -17,7 +17,7 @@
 // Only IPv4 entries (microvpc's VPCs are IPv4), as `conntrack -L` and
 // `conntrack -D -s|-d ADDRESS` saw them: the original direction's tuple.
 // Callers fall back to those execs when this returns null (koffi or the
-// library cannot be loaded, or MICROVPC_CONNTRACK_EXEC=1) or throws.
+// library cannot be loaded, MICROVPC_CONNTRACK_EXEC=1, or the kernel refused).
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "./metrics.js";
 import { inNamedNetns, InProcessLibrary, type Libc } from "./ns-syscalls.js";
@@ -132,7 +132,7 @@ let queue: Promise<unknown> = Promise.resolve();
  * Dumps the IPv4 conntrack table of the named namespace ("" = ours), hands
  * each entry to `del`, and deletes the entries it picks. Resolves to the
  * entries (all of them) and how many were deleted, or null when the
- * library is not loaded; rejects when the kernel refuses. The handle is
+ * library is not loaded or the kernel refused (counted). The handle is
  * opened in the namespace on this thread; the dump runs on a pool thread
  * (koffi's async call: the kernel walks the whole, host-wide conntrack
  * hash for it, which must not hold the event loop), its callbacks come
@@ -146,7 +146,7 @@ function dump(op: string, ns: string, del: (e: CtEntry) => boolean): Promise<{ e
   return next;
 }
 
-async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => boolean): Promise<{ entries: CtEntry[]; deleted: number }> {
+async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => boolean): Promise<{ entries: CtEntry[]; deleted: number } | null> {
   const t0 = process.hrtime.bigint();
   const doomed: unknown[] = [];
   let h: unknown = null;
@@ -177,9 +177,9 @@ async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => bool
     }
     runs.inc({ op, result: "ok" });
     return { entries, deleted };
-  } catch (err) {
+  } catch {
     runs.inc({ op, result: "error" });
-    throw err;
+    return null;
   } finally {
     for (const ct of doomed) l.destroy(ct);
     if (h) l.close(h);
@@ -187,12 +187,12 @@ async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => bool
   }
 }
 
-/** `conntrack -L` of the named namespace, in-process; null when the library is not loaded. */
+/** `conntrack -L` of the named namespace, in-process; null when that could not be done (the caller execs). */
 export async function conntrackList(ns: string): Promise<CtEntry[] | null> {
   return (await dump("list", ns, () => false))?.entries ?? null;
 }
 
-/** Deletes the entries `match` picks (`conntrack -D …`), in-process; how many, or null when the library is not loaded. */
+/** Deletes the entries `match` picks (`conntrack -D …`), in-process; how many, or null when that could not be done (the caller execs). */
 export async function conntrackDelete(ns: string, match: (e: CtEntry) => boolean): Promise<number | null> {
   return (await dump("delete", ns, match))?.deleted ?? null;
 }

@@ -14,9 +14,10 @@
 //
 // Only what the netagent needs is here: a veth NIC's attach (attachVeth)
 // and deleting devices (deleteLinks: DetachNic, TAPs and their ifbs too).
-// On any failure attachVeth deletes the device it made, if it made one,
-// and throws RtnlError: the caller then runs the same change as `ip
-// -batch`, whose error text (the one operators know, and the one the
+// Both answer false when they did not do it: the library not loaded, or a
+// refusal (counted in microvpc_rtnl_runs_total{result="error"}; a failed
+// attach first deletes the device it made). The caller then runs the same
+// change as `ip -batch`, whose error text (the one operators know, and the one the
 // netagent maps to gRPC codes) is the answer. A failure to load the
 // library, or MICROVPC_RTNL_EXEC=1, leaves the exec path as it was.
 import { closeSync } from "node:fs";
@@ -210,15 +211,16 @@ class Scope {
   }
 }
 
-function timed<T>(op: string, fn: () => T): T {
+/** fn's answer, or false when it throws: counted either way, and the caller runs the exec instead. */
+function counted(op: string, fn: () => boolean): boolean {
   const t0 = process.hrtime.bigint();
   try {
     const r = fn();
     runs.inc({ op, result: "ok" });
     return r;
-  } catch (err) {
+  } catch {
     runs.inc({ op, result: "error" });
-    throw err;
+    return false;
   } finally {
     runSeconds.observe({ op }, Number(process.hrtime.bigint() - t0) / 1e9);
   }
@@ -248,12 +250,12 @@ export interface VethAttach {
  * the VPC namespace, then `addr replace ADDRESS dev GUEST; link set dev
  * GUEST up; link set dev lo up; route replace default via GW dev GUEST` in
  * the VM's. Returns false when libnl-route is not loaded (the caller
- * execs). Throws RtnlError after removing the veth it made, if it made it.
+ * execs), or when a request failed, after removing the veth it made, if it made it.
  */
 export function attachVeth(a: VethAttach): boolean {
   const l = load();
   if (!l) return false;
-  return timed("attach-veth", () => {
+  return counted("attach-veth", () => {
     const peerNs = openNetnsFile(a.netnsPath);
     let made = false;
     try {
@@ -320,8 +322,8 @@ export function attachVeth(a: VethAttach): boolean {
  * opened in the namespace on this thread; the deletes run on a pool thread
  * (koffi's async calls), because the kernel answers a veth's delete only
  * after an RCU grace period: 15–40 ms measured here, which would hold the
- * event loop. Resolves false when libnl-route is not loaded; rejects with
- * RtnlError on any other refusal (after trying every device).
+ * event loop. Resolves false when libnl-route is not loaded or refused any
+ * other way (after trying every device): the caller execs.
  */
 export async function deleteLinks(ns: string, names: string[]): Promise<boolean> {
   const l = load();
@@ -340,9 +342,9 @@ export async function deleteLinks(ns: string, names: string[]): Promise<boolean>
     if (first) throw first;
     runs.inc({ op: "detach", result: "ok" });
     return true;
-  } catch (err) {
+  } catch {
     runs.inc({ op: "detach", result: "error" });
-    throw err;
+    return false;
   } finally {
     s.close();
     runSeconds.observe({ op: "detach" }, Number(process.hrtime.bigint() - t0) / 1e9);

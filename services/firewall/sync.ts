@@ -117,7 +117,7 @@ export class FirewallSync {
    * Namespaces whose conntrack tables a revoke left to clear, with the local
    * addresses to look at (undefined: every local NIC's). Cleared one at a
    * time against the policy applied when the clear runs, beside the loop:
-   * a clear (a `conntrack -L` exec) never holds up the next pass.
+   * a clear (a dump of the host-wide conntrack hash) never holds up the next pass.
    */
   private readonly toClear = new Map<string, Set<string> | undefined>();
   private clearing: Promise<void> | undefined;

@@ -114,15 +114,6 @@ export interface GuestBatch {
   lines: string[];
 }
 
-/** fn's result, or null when it fails (counted in its library's metric; the exec that follows gives the error). */
-async function inProcess<T>(fn: () => Promise<T | null>): Promise<T | null> {
-  try {
-    return await fn();
-  } catch {
-    return null;
-  }
-}
-
 /**
  * The in-process form of an ip batch, when it is exactly a veth NIC's attach
  * as nicCreateLines (plan.ts) writes it, without rate limits: the three
@@ -300,13 +291,7 @@ export class LinuxKernel implements Kernel {
     // libnl-route (common/rtnl.ts). If that fails it has undone itself, and
     // the same batch runs as an exec: ip's own error is the answer.
     const veth = vethAttachOf(ns, lines, guests);
-    if (veth) {
-      try {
-        if (attachVeth(veth)) return;
-      } catch {
-        // counted in microvpc_rtnl_runs_total{result="error"}
-      }
-    }
+    if (veth && attachVeth(veth)) return;
     const all = [...lines];
     // The guest lines also go in as comments, so an error quotes them.
     const notes: string[] = [];
@@ -352,8 +337,8 @@ export class LinuxKernel implements Kernel {
   // its device goes away may outlive the flush, as flows from other VMs to
   // the freed address always could.
   async detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }> {
-    const linksGone = (await inProcess(() => deleteLinks(ns, devices))) === true;
-    const cleared = await inProcess(() => conntrackDelete(ns, (e) => e.src === address || e.dst === address));
+    const linksGone = await deleteLinks(ns, devices);
+    const cleared = await conntrackDelete(ns, (e) => e.src === address || e.dst === address);
     if (linksGone && cleared !== null) return { conntrackCleared: cleared };
     const lines = devices.map((d) => `link del dev ${d}`);
     // conntrack -R opens its file by name (/dev/stdin fails on Node's stdin socket): a private file.

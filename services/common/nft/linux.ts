@@ -113,14 +113,14 @@ export class LinuxNft implements NftRunner {
 
   // In-process through libnetfilter_conntrack (common/conntrack.ts) where it loads; the exec otherwise, or if it fails.
   async conntrackList(ns: string): Promise<CtEntry[]> {
-    const listed = await attempt(() => conntrackList(ns));
+    const listed = await conntrackList(ns);
     if (listed) return listed;
     const r = await this.read(ns, ["conntrack", "-L"]);
     return parseConntrack(r.stdout);
   }
 
   async conntrackClear(ns: string, pick: (e: CtEntry) => boolean): Promise<number> {
-    const cleared = await attempt(() => conntrackDelete(ns, pick));
+    const cleared = await conntrackDelete(ns, pick);
     if (cleared !== null) return cleared;
     let n = 0;
     for (const e of await this.conntrackList(ns)) {
@@ -136,14 +136,5 @@ export class LinuxNft implements NftRunner {
     const args = ["conntrack", "-D", "-p", e.proto, "-s", e.src, "-d", e.dst];
     if (e.proto === "tcp" || e.proto === "udp") args.push("--sport", String(e.sport), "--dport", String(e.dport));
     await this.read(ns, args);
-  }
-}
-
-/** fn's result, or null when it fails (the caller then takes the exec path, whose error is the answer). */
-async function attempt<T>(fn: () => Promise<T | null>): Promise<T | null> {
-  try {
-    return await fn();
-  } catch {
-    return null;
   }
 }
