@@ -195,9 +195,11 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
   for (const pg of [...peerGroups].sort()) addSet("inet", `members_${hex(pg)}`, ["ipv4_addr"], st.members.get(pg) ?? []);
 
   // A chain per NIC and direction, reached through the address maps.
-  const logOf = (n: BindingRec, d: string) => {
+  // Its own rule, ahead of the drop: a limit that is exceeded ends the rule
+  // it is in, so "limit … drop" would let the packets over the rate through.
+  const logOf = (n: BindingRec, d: string): string[] => {
     const l = n.dropLogging ?? [...n.groupIds].map((g) => st.groups.get(g)?.dropLogging).find((x) => x);
-    return l ? `log prefix "microvpc-drop ${hex(n.nicId)} ${d} " limit rate ${l.ratePerSecond}/second burst ${l.burst} packets ` : "";
+    return l ? [`limit rate ${l.ratePerSecond}/second burst ${l.burst} packets log prefix "microvpc-drop ${hex(n.nicId)} ${d} "`] : [];
   };
   // Flow logs: the security groups' drops of a NIC that logs flows.
   const flowLog = (n: BindingRec, d: "in" | "out"): string[] => {
@@ -209,10 +211,10 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
     const groups = n.groupIds.filter((g) => st.groups.has(g));
     const jIn = groups.map((g) => `jump sg_${hex(g)}_in`);
     const jOut = groups.map((g) => `jump sg_${hex(g)}_out`);
-    chains.set(`nic_${h}_in`, [`counter name nic_${h}_in_new`, ...jIn, ...flowLog(n, "in"), `${logOf(n, "in")}counter name nic_${h}_in_drop drop`]);
+    chains.set(`nic_${h}_in`, [`counter name nic_${h}_in_new`, ...jIn, ...flowLog(n, "in"), ...logOf(n, "in"), `counter name nic_${h}_in_drop drop`]);
     // No groups: egress is open (the default); with groups, only what they allow.
     const outTail = groups.length
-      ? [`meta mark & ${EGRESS_OK} == ${EGRESS_OK} return`, ...flowLog(n, "out"), `${logOf(n, "out")}counter name nic_${h}_out_drop drop`]
+      ? [`meta mark & ${EGRESS_OK} == ${EGRESS_OK} return`, ...flowLog(n, "out"), ...logOf(n, "out"), `counter name nic_${h}_out_drop drop`]
       : ["return"];
     chains.set(`nic_${h}_out`, [`counter name nic_${h}_out_new`, ...jOut, ...outTail]);
     nicIn.push(`${n.address} : jump nic_${h}_in`);

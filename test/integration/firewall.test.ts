@@ -140,6 +140,35 @@ describe("security groups", () => {
     }
   });
 
+  test("drop logging past its rate still drops: a burst of refused connections gets none through", async () => {
+    // Egress closed, drops logged at 1/s. The log's limit once sat in the
+    // drop rule itself ("log … limit … drop"): past the rate the rule did not
+    // match, the packet fell out of the NIC's chain, and here web1 (80 open
+    // to anyone) took the connection.
+    const logged = (
+      await fw.createSecurityGroup({
+        vpc: web2.vpc.id,
+        name: "no-egress-logged",
+        omitDefaultEgress: true,
+        rules: [tcp(80, "0.0.0.0/0")],
+        dropLogging: { enabled: true, ratePerSecond: 1, burst: 1 },
+      })
+    ).securityGroup!.id;
+    await bind(web2, [logged]);
+    try {
+      await eventually(() => tcpProbe(web2.ns, web1.address, 80, 500), false, "web2 cannot open connections");
+      const before = (await fw.getFirewallStatus({ nicIds: [web2.nicId] })).nics[0].egress!.droppedPackets;
+      const through: number[] = [];
+      for (let i = 0; i < 8; i++) if (await tcpProbe(web2.ns, web1.address, 80, 300)) through.push(i);
+      assert.deepEqual(through, [], "no connection past the log's rate");
+      assert.ok(await tcpProbe(db1.ns, web2.address, 80), "what the group allows still flows (db1 → web2:80)");
+      const after = (await fw.getFirewallStatus({ nicIds: [web2.nicId] })).nics[0].egress!.droppedPackets;
+      assert.ok(after - before >= 8n, `every refused SYN counted as a drop (${before} → ${after})`);
+    } finally {
+      await bind(web2, [webSg]);
+    }
+  });
+
   test("a rule removed while a TCP connection it allowed is open: the connection stops", async () => {
     // A long-lived connection from db1 to web1:8080 that echoes every 100 ms.
     const echo = trackChild(
