@@ -49,8 +49,6 @@ export interface FwModel {
    * map elements, not a new table.
    */
   chains: Map<string, string[]>;
-  /** The inet table's named counters (four per NIC). */
-  counters: string[];
 }
 
 function portRange(r: { portFrom: number; portTo: number }): string {
@@ -100,6 +98,13 @@ function groupSets(rules: SgRule[], dir: "ingress" | "egress"): GroupSets {
   }
   return g;
 }
+
+/**
+ * The sets whose element counters count each NIC's new flows and drops per
+ * direction (element: the NIC's address): read by metrics.ts and
+ * GetFirewallStatus as "cnt_in_drop/<address>".
+ */
+export const CNT_SETS = ["cnt_in_new", "cnt_in_drop", "cnt_out_new", "cnt_out_drop"] as const;
 
 function uniq(xs: string[]): string[] {
   return [...new Set(xs)].sort();
@@ -155,6 +160,8 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
   const transit = gwNames.vpcSide(st.vpcId);
   const nicIn: string[] = [];
   const nicOut: string[] = [];
+  /** The NICs' addresses: the elements of the cnt_* sets. */
+  const counted: string[] = [];
 
   // Groups used by local NICs, with their chains and rule sets.
   const used = new Set<string>(alsoUsed);
@@ -211,12 +218,17 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
     const groups = n.groupIds.filter((g) => st.groups.has(g));
     const jIn = groups.map((g) => `jump sg_${hex(g)}_in`);
     const jOut = groups.map((g) => `jump sg_${hex(g)}_out`);
-    chains.set(`nic_${h}_in`, [`counter name nic_${h}_in_new`, ...jIn, ...flowLog(n, "in"), ...logOf(n, "in"), `counter name nic_${h}_in_drop drop`]);
+    // The NIC's counts are its address's element counters in the cnt_* sets
+    // (a lookup that matches counts): named counters, four per NIC, made nft
+    // load every one of them before each change. The count and the drop are
+    // separate rules, so the drop never depends on the lookup.
+    chains.set(`nic_${h}_in`, [`ip daddr @cnt_in_new`, ...jIn, ...flowLog(n, "in"), ...logOf(n, "in"), `ip daddr @cnt_in_drop`, `drop`]);
     // No groups: egress is open (the default); with groups, only what they allow.
     const outTail = groups.length
-      ? [`meta mark & ${EGRESS_OK} == ${EGRESS_OK} return`, ...flowLog(n, "out"), ...logOf(n, "out"), `counter name nic_${h}_out_drop drop`]
+      ? [`meta mark & ${EGRESS_OK} == ${EGRESS_OK} return`, ...flowLog(n, "out"), ...logOf(n, "out"), `ip saddr @cnt_out_drop`, `drop`]
       : ["return"];
-    chains.set(`nic_${h}_out`, [`counter name nic_${h}_out_new`, ...jOut, ...outTail]);
+    chains.set(`nic_${h}_out`, [`ip saddr @cnt_out_new`, ...jOut, ...outTail]);
+    counted.push(n.address);
     nicIn.push(`${n.address} : jump nic_${h}_in`);
     nicOut.push(`${n.address} : jump nic_${h}_out`);
   }
@@ -245,11 +257,6 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
     aclOut.push(`${s.cidr} : jump acl_${h}_out`);
   }
 
-  const counters = st.nics
-    .map((n) => hex(n.nicId))
-    .sort()
-    .flatMap((h) => [`nic_${h}_in_new`, `nic_${h}_in_drop`, `nic_${h}_out_new`, `nic_${h}_out_drop`]);
-
   // Flow logs: the VPC-wide drops (ct state invalid, toward a NIC not bound
   // yet) are logged if anything of the VPC logs, at the highest rate; the
   // collector keeps those of a logging NIC or subnet (prefix "- <dir> <decider>").
@@ -263,6 +270,7 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
     { kind: "map", name: "nic_out", type: "ipv4_addr : verdict" },
     { kind: "map", name: "acl_in", type: "ipv4_addr : verdict", flags: ["interval"] },
     { kind: "map", name: "acl_out", type: "ipv4_addr : verdict", flags: ["interval"] },
+    ...CNT_SETS.map((name): TableItem => ({ kind: "set", name, type: "ipv4_addr", counter: true })),
   ];
   const forward: TableItem = {
     kind: "chain",
@@ -292,7 +300,14 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
       `oifname "br-*" counter drop comment "NIC not bound yet"`,
     ],
   };
-  const mapElems = { nic_in: uniq(nicIn), nic_out: uniq(nicOut), acl_in: uniq(aclIn), acl_out: uniq(aclOut), intra_subnet: uniq(intra) };
+  const mapElems: Record<string, string[]> = {
+    nic_in: uniq(nicIn),
+    nic_out: uniq(nicOut),
+    acl_in: uniq(aclIn),
+    acl_out: uniq(aclOut),
+    intra_subnet: uniq(intra),
+  };
+  for (const name of CNT_SETS) mapElems[name] = uniq(counted);
 
   // Anti-spoofing: a VM port may only send from its own MAC and address.
   const ports = st.nics.map((n) => `"${n.hostIf}"`);
@@ -340,7 +355,7 @@ export function compile(st: VpcFirewallState, alsoUsed?: Iterable<string>): { mo
     if (it?.kind !== "set" && it?.kind !== "map") throw new Error(`no fixed set ${name}`);
     sets.set(`inet ${name}`, { family: "inet", name, kind: it.kind, type: it.type, ...(it.flags ? { interval: true } : {}), elements });
   }
-  const model: FwModel = { skeleton, sets, chains, counters };
+  const model: FwModel = { skeleton, sets, chains };
   // The full script is rendered only when asked for (a table replace): an
   // incremental change needs the model alone, and at 1 000 NICs rendering
   // every chain is most of a compile.
@@ -368,13 +383,7 @@ function fullTx(m: FwModel, fixedInet: TableItem[], forward: TableItem, bridge: 
   const tx = new NftTransaction().add(inet).delete(inet).add(bridge0).delete(bridge0);
   tx.add({
     ...inet,
-    content: [
-      ...m.counters.map((name): TableItem => ({ kind: "counter", name })),
-      ...dynamicInet.map(setItem),
-      ...fixedInet,
-      ...[...m.chains].map(([name, rules]): TableItem => ({ kind: "chain", name, rules })),
-      forward,
-    ],
+    content: [...dynamicInet.map(setItem), ...fixedInet, ...[...m.chains].map(([name, rules]): TableItem => ({ kind: "chain", name, rules })), forward],
   });
   tx.add(bridge);
   for (const s of m.sets.values()) if (s.elements.length) tx.add({ kind: "element", family: s.family, table: TABLE, set: s.name, elements: s.elements });
@@ -395,12 +404,12 @@ export const MAX_ELEMENT_DELETIONS = 500;
  * takes anything away (an element or a chain's rule: then established flows
  * may need their conntrack entries cleared); null if the skeleton changed.
  *
- * Order matters inside the one transaction: new counters, sets and (empty)
+ * Order matters inside the one transaction: new sets and (empty)
  * chains first, so every rule and map element can name them; then element
  * deletions (a map element jumping to a chain that goes); then the new and
  * changed chains' rules; then element additions; last the chains, sets and
- * counters nobody references any more. A new NIC is therefore two chains,
- * four counters and a few elements, not a new table.
+ * sets nobody references any more. A new NIC is therefore two chains and a
+ * few elements, not a new table.
  */
 export function elementDiff(
   prev: FwModel,
@@ -426,9 +435,6 @@ export function elementDiff(
   let deletions = 0;
   let revokes = false;
 
-  const prevCounters = new Set(prev.counters);
-  const nextCounters = new Set(next.counters);
-  for (const c of next.counters) if (!prevCounters.has(c)) head.add({ kind: "counter", ...at, name: c });
   for (const s of next.sets.values()) if (s.dynamic && !prev.sets.has(`${s.family} ${s.name}`)) head.add(setOf(s));
   for (const name of next.chains.keys()) if (!prev.chains.has(name)) head.add({ kind: "chain", ...at, name });
 
@@ -459,20 +465,16 @@ export function elementDiff(
   for (const name of gone) tail.flush({ kind: "chain", ...at, name });
   for (const name of gone) tail.delete({ kind: "chain", ...at, name });
   for (const [key, s] of prev.sets) if (s.dynamic && !next.sets.has(key)) tail.delete(setOf(s));
-  for (const c of prev.counters) if (!nextCounters.has(c)) tail.delete({ kind: "counter", ...at, name: c });
 
   const tx = NftTransaction.concat(head, delElements, body, addElements, tail);
   return { tx, script: render(tx), deletions, revokes };
 }
 
-const COUNTER_ORDER = ["in_new", "in_drop", "out_new", "out_drop"];
-/** A counter's place in compile()'s order (by NIC, then in, in drop, out, out drop), without a regex: nic_<12 hex>_<suffix>. */
-const counterKey = (c: string) => `${c.slice(4, 16)}${COUNTER_ORDER.indexOf(c.slice(17))}`;
 /**
  * A delta: `model` (a whole VPC's) with the part `before` replaced by
  * `after`. `before` and `after` are compiles of the same VPC restricted to
  * the NICs that changed (old and new records), with the groups those NICs
- * share with the others as `alsoUsed`, so that every set, chain and counter
+ * share with the others as `alsoUsed`, so that every set and chain
  * either belongs to the changed NICs alone or is compiled whole on both
  * sides. The result equals compile() of the whole new state; null if the
  * skeleton differs (then the caller compiles the VPC whole).
@@ -491,25 +493,7 @@ export function patchModel(model: FwModel, before: FwModel, after: FwModel): FwM
   const chains = new Map(model.chains);
   for (const name of before.chains.keys()) if (!after.chains.has(name)) chains.delete(name);
   for (const [name, rules] of after.chains) chains.set(name, rules);
-  // model.counters is in order: drop the changed NICs', insert the new ones in place (binary search).
-  const gone = new Set(before.counters);
-  const counters = model.counters.filter((c) => !gone.has(c));
-  const keys = counters.map(counterKey);
-  for (const c of after.counters) {
-    const k = counterKey(c);
-    let lo = 0;
-    let hi = keys.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (keys[mid] < k) lo = mid + 1;
-      else hi = mid;
-    }
-    if (counters[lo] !== c) {
-      counters.splice(lo, 0, c);
-      keys.splice(lo, 0, k);
-    }
-  }
-  return { skeleton: model.skeleton, sets, chains, counters };
+  return { skeleton: model.skeleton, sets, chains };
 }
 
 /**

@@ -225,11 +225,10 @@ export const firewallDefinition: ServiceDefinition = {
           const c = (name: string) => counters.get(name) ?? { packets: 0n, bytes: 0n };
           for (const n of applied.state.nics) {
             if (wanted.size && !wanted.has(n.nicId)) continue;
-            const h = n.nicId.slice(-12);
-            const inNew = c(`nic_${h}_in_new`);
-            const inDrop = c(`nic_${h}_in_drop`);
-            const outNew = c(`nic_${h}_out_new`);
-            const outDrop = c(`nic_${h}_out_drop`);
+            const inNew = c(`cnt_in_new/${n.address}`);
+            const inDrop = c(`cnt_in_drop/${n.address}`);
+            const outNew = c(`cnt_out_new/${n.address}`);
+            const outDrop = c(`cnt_out_drop/${n.address}`);
             nics.push(
               create(NicFirewallStatusSchema, {
                 nicId: n.nicId,

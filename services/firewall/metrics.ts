@@ -1,8 +1,9 @@
 // The firewall's drop counters on /metrics. They already exist in nft: every
-// NIC's chains count into the named counters nic_<hex>_in_drop and
-// nic_<hex>_out_drop, and anti-spoofing into "spoofed", in each VPC
-// namespace's `inet microvpc` table. They are read at scrape time, one
-// `nft -j list counters` per VPC namespace, at most once per
+// NIC's chains count into its address's element counters in the sets
+// cnt_in_drop and cnt_out_drop of each VPC namespace's `inet microvpc`
+// table, and anti-spoofing into the named counter "spoofed" of its
+// `bridge microvpc` table. They are read at scrape time (LinuxNft.counters:
+// two `nft -j list` per VPC namespace), at most once per
 // NFT_COUNTERS_CACHE_MS however often Prometheus (or several) scrapes.
 //
 // Cardinality: the VPC series are one per local VPC namespace; the NIC
@@ -47,10 +48,9 @@ export async function readDrops(source: DropSource, nft: Pick<NftRunner, "counte
     const get = (name: string) => Number(counters.get(name)?.packets ?? 0n);
     let policy = 0;
     for (const n of applied.state.nics) {
-      const h = n.nicId.slice(-12);
       for (const [direction, name] of [
-        ["ingress", `nic_${h}_in_drop`],
-        ["egress", `nic_${h}_out_drop`],
+        ["ingress", `cnt_in_drop/${n.address}`],
+        ["egress", `cnt_out_drop/${n.address}`],
       ] as const) {
         const packets = get(name);
         policy += packets;
@@ -84,7 +84,7 @@ export function registerDropMetrics(source: DropSource, nft: Pick<NftRunner, "co
   }
   new Counter({
     name: "microvpc_firewall_nic_dropped_packets_total",
-    help: `Packets the security groups dropped, per NIC and direction (nft counters nic_*_in_drop/nic_*_out_drop, read at most every ${NFT_COUNTERS_CACHE_MS / 1000} s; at most --metrics-max-nic-series NICs, the lowest NIC ids; reset when the VPC's table is replaced whole).`,
+    help: `Packets the security groups dropped, per NIC and direction (the element counters of the NIC's address in the nft sets cnt_in_drop/cnt_out_drop, read at most every ${NFT_COUNTERS_CACHE_MS / 1000} s; at most --metrics-max-nic-series NICs, the lowest NIC ids; reset when the VPC's table is replaced whole).`,
     labelNames: ["vpc", "nic", "direction"] as const,
     registers: [metricsRegistry],
     async collect() {

@@ -522,7 +522,7 @@ export class FirewallSync {
       let b: FwModel;
       if (before.length === 0 && mini.nics.length === 0) {
         // Only members moved (a NIC of another host): their sets alone, whatever the size of the groups naming them.
-        a = { ...cur.model, sets: new Map(), chains: new Map(), counters: [] };
+        a = { ...cur.model, sets: new Map(), chains: new Map() };
         b = { ...a, sets: new Map() };
         for (const g of moved) {
           const key = `inet members_${g.slice(-12)}`;

@@ -246,6 +246,15 @@ describe("anti-spoofing", () => {
       await ipn(db1.ns, ["neigh", "flush", "all"]);
     }
     assert.ok(await canPing(db1.ns, web1.address), "honest traffic flows again");
+    // Counted: the bridge table's "spoofed" counter, as the VPC's series (read at most every 5 s).
+    const spoofed = async () => {
+      const text = await (await fetch(`http://127.0.0.1:${fwd.metricsPort}/metrics`)).text();
+      const line = text
+        .split("\n")
+        .find((l) => l.startsWith("microvpc_firewall_vpc_dropped_packets_total{") && l.includes('reason="spoofed"') && l.includes(`vpc="${db1.vpc.id}"`));
+      return Number(line?.split(" ").pop() ?? 0);
+    };
+    assert.ok(await waitFor(async () => (await spoofed()) >= 6, { timeoutMs: 8000, intervalMs: 500 }), `the forged packets are counted (${await spoofed()})`);
   });
 });
 

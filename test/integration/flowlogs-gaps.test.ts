@@ -303,7 +303,7 @@ describe("flow logs: the gaps", () => {
       await waitFor(
         async () =>
           (await nsExec(tmp2.vpcNs, "nft", ["list", "chain", "inet", "microvpc", `nic_${tmp2.nicId.slice(-12)}_in`], { check: false })).stdout.includes(
-            "_in_drop",
+            "@cnt_in_drop",
           ),
         { timeoutMs: 15_000, intervalMs: 300 },
       ),

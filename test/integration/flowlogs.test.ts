@@ -281,7 +281,7 @@ describe("flow logs", () => {
     const off = await waitFor(
       async () => {
         const chain = (await nsExec(quiet.vpcNs, "nft", ["list", "chain", "inet", "microvpc", quietChain], { check: false })).stdout;
-        return chain.includes("_in_drop") && !chain.includes(`group ${FLOW_LOG_GROUP}`);
+        return chain.includes("@cnt_in_drop") && !chain.includes(`group ${FLOW_LOG_GROUP}`);
       },
       { timeoutMs: 15_000, intervalMs: 300 },
     );

@@ -109,8 +109,10 @@ describe("data-plane metrics", () => {
     // The kernel's own counter, which the series reports (read at most every 5 s).
     const vpcNs = h.hosts[0].vpcNamespace(vpc.id);
     const kernelDrops = async () => {
-      const r = await nsExec(vpcNs, "nft", ["-j", "list", "counter", "inet", "microvpc", `nic_${b.nicId.slice(-12)}_in_drop`]);
-      const c = (JSON.parse(r.stdout) as { nftables: { counter?: { packets: number } }[] }).nftables.find((x) => x.counter)?.counter;
+      const r = await nsExec(vpcNs, "nft", ["-j", "list", "set", "inet", "microvpc", "cnt_in_drop"]);
+      type Elem = { elem?: { val: string; counter?: { packets: number } } };
+      const set = (JSON.parse(r.stdout) as { nftables: { set?: { elem?: Elem[] } }[] }).nftables.find((x) => x.set)?.set;
+      const c = set?.elem?.find((e) => e.elem?.val === b.address)?.elem?.counter;
       assert.ok(c, `b's ingress drop counter in ${vpcNs}`);
       return c.packets;
     };

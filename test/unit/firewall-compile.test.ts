@@ -139,7 +139,7 @@ test("membership, rule, NIC and group changes are incremental; the skeleton neve
   const d4 = diff(a, compile(st4).model)!;
   assert.match(
     d4,
-    /^flush chain inet microvpc nic_000000000003_in\nadd rule inet microvpc nic_000000000003_in counter name nic_000000000003_in_new$/m,
+    /^flush chain inet microvpc nic_000000000003_in\nadd rule inet microvpc nic_000000000003_in ip daddr @cnt_in_new$/m,
     "a NIC's groups changed: its chain is rewritten in place",
   );
 });

@@ -238,7 +238,6 @@ const modelData = (m: FwModel) => ({
   skeleton: m.skeleton,
   sets: [...m.sets].sort(([a], [b]) => (a < b ? -1 : 1)),
   chains: [...m.chains].sort(([a], [b]) => (a < b ? -1 : 1)),
-  counters: m.counters,
 });
 
 /** What a whole pass over the world makes of it: the ruleset and the model. */

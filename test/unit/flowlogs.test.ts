@@ -158,11 +158,11 @@ test("compile: a NIC whose flows are logged sends its drops to the NFLOG group f
   const off = compile(state()).model.chains.get("nic_0123456789ab_in")!;
   assert.ok(!off.join("\n").includes("log group"));
   const all = compile(state({ nics: new Map([[NIC, 1]]) })).model.chains.get("nic_0123456789ab_in")!;
-  const log = all[all.length - 2];
+  const log = all[all.length - 3];
   assert.equal(log, `limit rate 50/second burst 50 packets log group ${FLOW_LOG_GROUP} prefix "0123456789ab in sg-default-deny"`);
-  assert.match(all[all.length - 1], /counter name nic_0123456789ab_in_drop drop$/);
+  assert.deepEqual(all.slice(-2), ["ip daddr @cnt_in_drop", "drop"], "then counted and dropped, whatever the limit did");
   const some = compile(state({ nics: new Map([[NIC, 0.1]]) })).model.chains.get("nic_0123456789ab_in")!;
-  assert.match(some[some.length - 2], /^numgen random mod 1000 < 100 limit rate/);
+  assert.match(some[some.length - 3], /^numgen random mod 1000 < 100 limit rate/);
   const other = compile(state({ nics: new Map([["nic-ffffffffffff", 1]]) })).model.chains.get("nic_0123456789ab_in")!;
   assert.deepEqual(other, off);
 });

@@ -83,15 +83,15 @@ test("SyncLoop: every pass timed; a whole pass that leaves an error is a failure
   await done;
 });
 
-test("drop series: per NIC and direction from the named counters, per VPC by reason; NICs past the cap only in their VPC's", async () => {
-  const nic = (i: number) => ({ nicId: `nic-00000000000${i}` });
+test("drop series: per NIC and direction from its address's element counters, per VPC by reason; NICs past the cap only in their VPC's", async () => {
+  const nic = (i: number) => ({ nicId: `nic-00000000000${i}`, address: `10.0.0.${i}` });
   const applied = new Map([
     ["ns-b", { state: { vpcId: "vpc-bbbbbbbbbbbb", nics: [nic(3)] } }],
     ["ns-a", { state: { vpcId: "vpc-aaaaaaaaaaaa", nics: [nic(2), nic(1)] } }],
   ]);
   const counters: Record<string, Record<string, number>> = {
-    "ns-a": { nic_000000000001_in_drop: 5, nic_000000000001_out_drop: 1, nic_000000000002_in_drop: 7, spoofed: 2 },
-    "ns-b": { nic_000000000003_in_drop: 11 },
+    "ns-a": { "cnt_in_drop/10.0.0.1": 5, "cnt_out_drop/10.0.0.1": 1, "cnt_in_drop/10.0.0.2": 7, "cnt_in_new/10.0.0.2": 9, spoofed: 2 },
+    "ns-b": { "cnt_in_drop/10.0.0.3": 11 },
   };
   const nft = {
     counters: async (ns: string) => new Map(Object.entries(counters[ns] ?? {}).map(([k, v]) => [k, { packets: BigInt(v), bytes: 0n }])),

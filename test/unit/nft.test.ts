@@ -263,7 +263,12 @@ describe("FakeNft", () => {
     assert.equal(await f.tableExists("n"), false, "the fail-closed skeleton is not the firewall's table");
     await f.apply("n", compile(fw(0)).tx);
     assert.equal(await f.tableExists("n"), true);
-    assert.deepEqual([...(await f.counters("n")).keys()].sort().slice(0, 2), ["nic_000000000001_in_drop", "nic_000000000001_in_new"]);
+    assert.deepEqual(
+      [...(await f.counters("n")).keys()].sort().slice(0, 4),
+      ["cnt_in_drop/10.0.1.4", "cnt_in_drop/10.0.2.4", "cnt_in_drop/10.0.2.5", "cnt_in_new/10.0.1.4"],
+      "a NIC's counts are its address's element counters",
+    );
+    assert.ok((await f.counters("n")).has("spoofed"), "and the bridge table's spoofed counter");
     f.conntrack.set("n", [{ proto: "tcp", src: "10.0.1.4", dst: "10.0.2.4", sport: 1000, dport: 5432 }]);
     assert.equal(await f.conntrackClear("n", (e) => e.dport === 5432), 1);
     assert.deepEqual(await f.conntrackList("n"), []);

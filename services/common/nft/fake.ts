@@ -93,7 +93,7 @@ class Applier {
   addSet(t: FakeTable, s: SetSpec & { kind: "set" | "map" }, create: boolean): void {
     const have = t.sets.get(s.name);
     if (have && create) this.fail("File exists");
-    const spec = { kind: s.kind, name: s.name, type: s.type, size: s.size, flags: s.flags, autoMerge: s.autoMerge };
+    const spec = { kind: s.kind, name: s.name, type: s.type, size: s.size, flags: s.flags, autoMerge: s.autoMerge, counter: s.counter };
     if (have && (have.spec.type !== s.type || have.spec.kind !== s.kind)) this.fail("File exists (with another type)");
     const set = have ?? { spec, elements: new Set<string>() };
     t.sets.set(s.name, set);
@@ -257,10 +257,14 @@ export class FakeNft implements NftRunner {
     return this.states.get(ns)?.get("inet microvpc")?.chains.has("forward") ?? false;
   }
 
-  /** Every named counter of table inet microvpc, at zero (no packets flow here). */
+  /** As LinuxNft.counters, at zero (no packets flow here): the element counters of table inet microvpc's sets ("set/element") and bridge microvpc's named counters. */
   async counters(ns: string): Promise<Map<string, Counter>> {
-    const t = this.states.get(ns)?.get("inet microvpc");
-    return new Map([...(t?.counters ?? [])].map((c) => [c, { packets: 0n, bytes: 0n }]));
+    const zero = () => ({ packets: 0n, bytes: 0n });
+    const m = new Map<string, Counter>();
+    for (const s of this.states.get(ns)?.get("inet microvpc")?.sets.values() ?? [])
+      if (s.spec.counter) for (const e of s.elements) m.set(`${s.spec.name}/${e}`, zero());
+    for (const c of this.states.get(ns)?.get("bridge microvpc")?.counters ?? []) m.set(c, zero());
+    return m;
   }
 
   async conntrackList(ns: string): Promise<CtEntry[]> {

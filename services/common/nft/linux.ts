@@ -28,6 +28,7 @@ export interface NftApplier {
 
 /** What the firewall needs of the kernel. */
 export interface NftRunner extends NftApplier {
+  /** The per-NIC element counters ("cnt_in_drop/10.0.1.5") and bridge microvpc's named counters ("spoofed"). */
   counters(ns: string): Promise<Map<string, Counter>>;
   tableExists(ns: string): Promise<boolean>;
   conntrackList(ns: string): Promise<CtEntry[]>;
@@ -101,11 +102,31 @@ export class LinuxNft implements NftRunner {
     return r.exitCode === 0;
   }
 
+  /**
+   * The firewall's counters: every element counter of the sets of table
+   * inet microvpc, as "set/element" (the per-NIC counts: compile.ts keeps
+   * them in sets, not named counters, so that a NIC's change does not make
+   * nft load thousands of objects), and the named counters of table bridge
+   * microvpc ("spoofed"). Two reads, at scrape time only.
+   */
   async counters(ns: string): Promise<Map<string, Counter>> {
-    const r = await this.read(ns, ["nft", "-j", "list", "counters", "table", "inet", "microvpc"]);
     const m = new Map<string, Counter>();
-    if (r.exitCode !== 0) return m;
-    for (const o of (JSON.parse(r.stdout).nftables ?? []) as { counter?: { name: string; packets: number; bytes: number } }[]) {
+    type Listed = {
+      set?: { name: string; elem?: ({ elem?: { val: unknown; counter?: { packets: number; bytes: number } } } | string)[] };
+      counter?: { name: string; packets: number; bytes: number };
+    };
+    const listed = async (cmd: string[]): Promise<Listed[]> => {
+      const r = await this.read(ns, cmd);
+      return r.exitCode === 0 ? (((JSON.parse(r.stdout) as { nftables?: Listed[] }).nftables ?? []) as Listed[]) : [];
+    };
+    for (const o of await listed(["nft", "-j", "list", "sets", "table", "inet", "microvpc"])) {
+      for (const e of o.set?.elem ?? []) {
+        if (typeof e === "object" && e.elem?.counter && typeof e.elem.val === "string") {
+          m.set(`${o.set!.name}/${e.elem.val}`, { packets: BigInt(e.elem.counter.packets), bytes: BigInt(e.elem.counter.bytes) });
+        }
+      }
+    }
+    for (const o of await listed(["nft", "-j", "list", "counters", "table", "bridge", "microvpc"])) {
       if (o.counter) m.set(o.counter.name, { packets: BigInt(o.counter.packets), bytes: BigInt(o.counter.bytes) });
     }
     return m;

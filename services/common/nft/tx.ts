@@ -41,6 +41,8 @@ export interface SetSpec {
   size?: number;
   flags?: (typeof SET_FLAGS)[number][];
   autoMerge?: boolean;
+  /** A counter on every element, counting the packets a lookup matched (nft "counter;" in the set's declaration). */
+  counter?: boolean;
   /** Only inside a table block: the elements declared with the set. */
   elements?: string[];
   /**
@@ -319,6 +321,7 @@ function setBody(s: SetSpec): string {
   if (s.size !== undefined) parts.push(`size ${s.size}`);
   if (s.flags?.length) parts.push(`flags ${s.flags.join(", ")}`);
   if (s.autoMerge) parts.push("auto-merge");
+  if (s.counter) parts.push("counter");
   let text = parts.map((p) => `${p}; `).join("");
   if (s.elements?.length) text += s.bareElements ? `elements = { ${s.elements.join(", ")} } ` : `elements = { ${s.elements.join(", ")} }; `;
   return `{ ${text}}`;
