@@ -486,14 +486,41 @@ export function patchModel(model: FwModel, before: FwModel, after: FwModel): FwM
   for (const [key, s] of after.sets) {
     const old = before.sets.get(key)?.elements ?? [];
     if (old.length === s.elements.length && old.every((e, i) => e === s.elements[i]) && sets.has(key)) continue;
-    const gone = new Set(old);
-    const base = (model.sets.get(key)?.elements ?? []).filter((e) => !gone.has(e));
-    sets.set(key, { ...s, elements: uniq([...base, ...s.elements]) });
+    sets.set(key, { ...s, elements: patchSorted(model.sets.get(key)?.elements ?? [], old, s.elements) });
   }
   const chains = new Map(model.chains);
   for (const name of before.chains.keys()) if (!after.chains.has(name)) chains.delete(name);
   for (const [name, rules] of after.chains) chains.set(name, rules);
   return { skeleton: model.skeleton, sets, chains };
+}
+
+/**
+ * uniq([...base without `gone`, ...added]) for a sorted, duplicate-free
+ * `base` (every set's elements are: compile() sorts them), by binary search:
+ * a NIC's change touches a few elements of sets that hold one per NIC, and
+ * sorting those sets again cost most of a delta at 1 000 NICs.
+ */
+export function patchSorted(base: readonly string[], gone: readonly string[], added: readonly string[]): string[] {
+  const out = base.slice();
+  const at = (e: string) => {
+    let lo = 0;
+    let hi = out.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (out[mid] < e) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
+  for (const e of gone) {
+    const i = at(e);
+    if (out[i] === e) out.splice(i, 1);
+  }
+  for (const e of added) {
+    const i = at(e);
+    if (out[i] !== e) out.splice(i, 0, e);
+  }
+  return out;
 }
 
 /**

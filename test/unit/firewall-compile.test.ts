@@ -4,7 +4,8 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "vitest";
-import { compile, diff, flowAllowed } from "../../services/firewall/compile.js";
+import fc from "fast-check";
+import { compile, diff, flowAllowed, patchSorted } from "../../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "../../services/firewall/model.js";
 import { ROOT } from "../lib/daemon.js";
 
@@ -169,4 +170,18 @@ test("flowAllowed: what a change leaves allowed, for conntrack cleanup", () => {
   assert.ok(!flowAllowed(st, "10.0.1.4", "10.0.2.5", "tcp", 80), "no groups: ingress denied");
   st.members.set(WEB, []);
   assert.ok(!flowAllowed(st, "10.0.1.4", "10.0.2.4", "tcp", 5432), "after leaving web");
+});
+
+test("patchSorted: a sorted set's elements patched by binary search equal the set rebuilt and sorted", () => {
+  const uniq = (xs: string[]) => [...new Set(xs)].sort();
+  const elem = fc.oneof(fc.ipV4(), fc.constantFrom("10.0.0.1", "10.0.0.10", "10.0.0.2", '"v0001"', "a", "B"));
+  fc.assert(
+    fc.property(fc.array(elem, { maxLength: 40 }), fc.array(elem, { maxLength: 8 }), fc.array(elem, { maxLength: 8 }), (xs, gone, added) => {
+      const base = uniq(xs);
+      const want = uniq([...base.filter((e) => !gone.includes(e)), ...added]);
+      assert.deepEqual(patchSorted(base, gone, uniq(added)), want);
+      assert.deepEqual(base, uniq(xs), "the base is not changed");
+    }),
+    { numRuns: 500, seed: 14 },
+  );
 });
