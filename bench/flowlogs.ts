@@ -24,7 +24,7 @@ import { grpcClient } from "../services/common/client.js";
 import { FLOW_LOG_GROUP } from "../services/firewall/flowlogs.js";
 import { startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../test/lib/harness.js";
-import { nsExec, sleep, startTcpServer, tempDir, trackChild } from "../test/lib/netns.js";
+import { nicChainText, nsExec, sleep, startTcpServer, tempDir, trackChild } from "../test/lib/netns.js";
 import { machineEnv } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { heading, num, resultsFile, verdictTable, writeJson, type Verdict } from "./lib/report.js";
@@ -103,11 +103,10 @@ async function main(): Promise<number> {
     }
     await fw.createFlowLogConfig({ resourceId: pairs.on.server.vpc.id });
     // Applied by the firewall's next pass: its drop rule then logs (bounded wait).
-    const chain = `nic_${pairs.on.server.nicId.slice(-12)}_in`;
     for (let i = 0; i < 100; i++) {
-      const r = await nsExec(pairs.on.server.vpcNs, "nft", ["list", "chain", "inet", "microvpc", chain], { check: false });
-      if (r.stdout.includes(`group ${FLOW_LOG_GROUP}`)) break;
-      if (i === 99) throw new Error(`the flow-log config of VPC "on" was not applied within 20 s:\n${r.stdout}${r.stderr}`);
+      const text = await nicChainText(pairs.on.server, "in");
+      if (text.includes(`group ${FLOW_LOG_GROUP}`)) break;
+      if (i === 99) throw new Error(`the flow-log config of VPC "on" was not applied within 20 s:\n${text}`);
       await sleep(200);
     }
     progress(`${ROUNDS} interleaved rounds: iperf3 ${SECS} s, then ${CONNS} short connections, flow logs on vs off`);

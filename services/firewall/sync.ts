@@ -15,7 +15,7 @@ import { netagentNames as names } from "../common/names.js";
 import { hostKeys, nicSubnetProblem, type HostReader } from "../netagent/schema.js";
 import type { NftRunner } from "../common/nft/linux.js";
 import type { NftTransaction } from "../common/nft/tx.js";
-import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, patchModel, type FwModel } from "./compile.js";
+import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, patchModel, sharedChainKey, type FwModel } from "./compile.js";
 import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "./model.js";
 import { checkBinding, OWNER, parseLocalSubnet } from "./schema.js";
 
@@ -536,8 +536,12 @@ export class FirewallSync {
         const peers = new Set(moved);
         for (const g of mine) for (const r of groups.get(g)?.rules ?? []) if (r.group) peers.add(r.group);
         const alsoUsed = [...usedByOthers].filter((g) => mine.has(g) || (groups.get(g)?.rules ?? []).some((r) => r.group && peers.has(r.group)));
-        a = compile({ ...st0, nics: before }, alsoUsed).model;
-        b = compile({ ...st1, nics: mini.nics }, alsoUsed).model;
+        // The chains the changed NICs share with NICs left out stay on both sides.
+        const othersShare = new Set(others.map((n) => sharedChainKey(n, st0)));
+        const alsoShared = new Set([...before.map((n) => sharedChainKey(n, st0)), ...mini.nics.map((n) => sharedChainKey(n, st1))]);
+        const kept = [...alsoShared].filter((k): k is string => k !== undefined && othersShare.has(k));
+        a = compile({ ...st0, nics: before }, alsoUsed, kept).model;
+        b = compile({ ...st1, nics: mini.nics }, alsoUsed, kept).model;
       }
       const model = patchModel(cur.model, a, b);
       const d = elementDiff(a, b, true);

@@ -170,7 +170,7 @@ test("any sequence of changes applied incrementally equals a full replace, and n
   assert.ok(incremental >= 25, `${incremental} incremental steps of ${steps}`);
 }, 240_000);
 
-test("a new NIC whose groups are already in use adds chains and elements, and revokes nothing", () => {
+test("a new NIC whose groups are already in use adds elements only (it shares their chains), and revokes nothing", () => {
   const a = compile(state({ nics: [{ n: 1, groups: [0] }], rules: [{ g: 0, dir: "ingress", proto: "tcp", port: 80, peer: 0 }], acl: false })).model;
   const b = compile(
     state({
@@ -184,9 +184,10 @@ test("a new NIC whose groups are already in use adds chains and elements, and re
   ).model;
   const d = elementDiff(a, b)!;
   assert.equal(d.revokes, false);
-  assert.match(d.script, /^add chain inet microvpc nic_000000000002_in$/m);
-  assert.doesNotMatch(d.script, /delete|flush/);
+  assert.doesNotMatch(d.script, /chain|rule|delete|flush/, "no chain of its own");
+  assert.match(d.script, /^add element inet microvpc nic_in \{ \S+ : jump grp_[0-9a-f]{16}_in \}$/m);
   const back = elementDiff(b, a)!;
   assert.equal(back.revokes, true, "unbinding takes access away");
-  assert.match(back.script, /^delete chain inet microvpc nic_000000000002_in$/m);
+  assert.match(back.script, /^delete element inet microvpc nic_in /m);
+  assert.doesNotMatch(back.script, /chain/, "the chains stay: NIC 1 still uses them");
 });

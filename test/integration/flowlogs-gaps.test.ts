@@ -21,7 +21,7 @@ import { FK } from "../../services/firewall/keys.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../lib/harness.js";
-import { ipn, nsExec, sleep, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { ipn, nicChainText, nsExec, sleep, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
 import { spawn } from "node:child_process";
 
 const INTERVAL_MS = 2000;
@@ -67,10 +67,7 @@ const shortTimeouts = (ns: string) =>
   ]);
 
 /** Whether a chain of a VPC namespace logs to the flow-log group. */
-const chainLogs = async (vm: Vm, dirn: "in" | "out" = "in") =>
-  (await nsExec(vm.vpcNs, "nft", ["list", "chain", "inet", "microvpc", `nic_${vm.nicId.slice(-12)}_${dirn}`], { check: false })).stdout.includes(
-    `group ${FLOW_LOG_GROUP}`,
-  );
+const chainLogs = async (vm: Vm, dirn: "in" | "out" = "in") => (await nicChainText(vm, dirn)).includes(`group ${FLOW_LOG_GROUP}`);
 
 // A TCP segment with SYN and FIN both set (conntrack: "invalid tcp flag combination"), sent 3 times from a raw socket.
 const SYNFIN = `
@@ -299,15 +296,7 @@ describe("flow logs: the gaps", () => {
     const tmp2 = await h.vm(0, vpc2, g2, "tmp2");
     for (const vm of [gc2, tmp2]) await fw.bindNic(bindRequest(vm, []));
     assert.deepEqual((await fw.listFlowLogConfigs({ vpc: "gone" })).configs, []);
-    assert.ok(
-      await waitFor(
-        async () =>
-          (await nsExec(tmp2.vpcNs, "nft", ["list", "chain", "inet", "microvpc", `nic_${tmp2.nicId.slice(-12)}_in`], { check: false })).stdout.includes(
-            "@cnt_in_drop",
-          ),
-        { timeoutMs: 15_000, intervalMs: 300 },
-      ),
-    );
+    assert.ok(await waitFor(async () => (await nicChainText(tmp2, "in")).includes("@cnt_in_drop"), { timeoutMs: 15_000, intervalMs: 300 }));
     assert.equal(await chainLogs(tmp2), false);
     skip = records().length;
     await probe(gc2, tmp2);

@@ -21,7 +21,7 @@ import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../lib/harness.js";
-import { ipn, nsExec, sleep, startTcpServer, tcpConnect, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { ipn, nicChain, nicChainText, nsExec, sleep, startTcpServer, tcpConnect, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let fwd: Daemon;
@@ -268,20 +268,19 @@ describe("flow logs", () => {
     await startFirewall();
     const shown = await cli.json(["flow-logs", "config", "get", cfg.id]);
     assert.deepEqual([shown.config.resourceId, shown.config.sampleRate], [quiet.nicId, 0.5]);
-    const quietChain = `nic_${quiet.nicId.slice(-12)}_in`;
-    const applied = await waitFor(
-      async () =>
-        (await nsExec(quiet.vpcNs, "nft", ["list", "chain", "inet", "microvpc", quietChain], { check: false })).stdout.includes("numgen random mod 1000 < 500"),
-      { timeoutMs: 15_000, intervalMs: 300 },
-    );
+    const applied = await waitFor(async () => (await nicChainText(quiet, "in")).includes("numgen random mod 1000 < 500"), {
+      timeoutMs: 15_000,
+      intervalMs: 300,
+    });
     assert.ok(applied, "quiet's drops are logged at 1/2");
     const gone = await cli.json(["flow-logs", "config", "delete", cfg.id]);
     assert.equal(gone.deleted, true);
     assert.equal((await fw.deleteFlowLogConfig({ id: cfg.id })).deleted, false);
     const off = await waitFor(
       async () => {
-        const chain = (await nsExec(quiet.vpcNs, "nft", ["list", "chain", "inet", "microvpc", quietChain], { check: false })).stdout;
-        return chain.includes("@cnt_in_drop") && !chain.includes(`group ${FLOW_LOG_GROUP}`);
+        // Back on the chain it shares with the NICs in its groups.
+        const chain = await nicChainText(quiet, "in");
+        return chain.includes("@cnt_in_drop") && !chain.includes(`group ${FLOW_LOG_GROUP}`) && (await nicChain(quiet, "in")).startsWith("grp_");
       },
       { timeoutMs: 15_000, intervalMs: 300 },
     );

@@ -834,3 +834,21 @@ export function diffRoot(a: RootSnapshot, b: RootSnapshot): string[] {
   if (a.nftHash !== b.nftHash) out.push("nftables ruleset changed");
   return out;
 }
+
+/**
+ * The firewall chain a VM's traffic jumps to in its VPC namespace (through
+ * the nic_in / nic_out map): its own nic_<id>_* if its drops are logged,
+ * else the grp_* chain it shares with the NICs in the same groups; "" while
+ * its address has none.
+ */
+export async function nicChain(vm: { vpcNs: string; address: string }, dir: "in" | "out"): Promise<string> {
+  const r = await nsExec(vm.vpcNs, "nft", ["list", "map", "inet", "microvpc", `nic_${dir}`], { check: false });
+  const m = new RegExp(`(?:^|[\\s{,])${vm.address.replace(/\./g, "\\.")} : jump ([A-Za-z0-9_]+)`).exec(r.stdout);
+  return m?.[1] ?? "";
+}
+
+/** The rules of the chain nicChain names, as nft lists them ("" if none). */
+export async function nicChainText(vm: { vpcNs: string; address: string }, dir: "in" | "out"): Promise<string> {
+  const chain = await nicChain(vm, dir);
+  return chain ? (await nsExec(vm.vpcNs, "nft", ["list", "chain", "inet", "microvpc", chain], { check: false })).stdout : "";
+}

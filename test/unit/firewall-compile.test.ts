@@ -5,7 +5,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "vitest";
 import fc from "fast-check";
-import { compile, diff, flowAllowed, patchSorted } from "../../services/firewall/compile.js";
+import { compile, diff, flowAllowed, patchSorted, sharedChainName } from "../../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, SgRule, VpcFirewallState } from "../../services/firewall/model.js";
 import { ROOT } from "../lib/daemon.js";
 
@@ -131,18 +131,31 @@ test("membership, rule, NIC and group changes are incremental; the skeleton neve
   const st3 = state();
   st3.nics.push(nic(4, "subnet-aaaaaaaaaaaa", "10.0.1.5", [WEB]));
   const d3 = diff(a, compile(st3).model)!;
-  assert.ok(d3 !== null, "a new NIC is added chains and elements, not a new table");
-  assert.match(d3, /^add chain inet microvpc nic_000000000004_in$/m);
-  assert.match(d3, /^add element inet microvpc nic_in \{ 10\.0\.1\.5 : jump nic_000000000004_in \}$/m);
-  assert.doesNotMatch(d3, /^(delete|flush)/m, "binding a NIC takes nothing away");
+  assert.ok(d3 !== null, "a new NIC is added elements, not a new table");
+  const web = sharedChainName(WEB);
+  const none = sharedChainName("");
+  assert.deepEqual(
+    d3.trim().split("\n").sort(),
+    [
+      'add element bridge microvpc nic_ok { "v000000000004" . 02:00:0a:00:04:04 . 10.0.1.5 }',
+      'add element bridge microvpc nic_ports { "v000000000004" }',
+      ...["cnt_in_drop", "cnt_in_new", "cnt_out_drop", "cnt_out_new"].map((s) => `add element inet microvpc ${s} { 10.0.1.5 }`),
+      `add element inet microvpc nic_in { 10.0.1.5 : jump ${web}_in }`,
+      `add element inet microvpc nic_out { 10.0.1.5 : jump ${web}_out }`,
+    ],
+    "a NIC joining groups another NIC has: its elements only, into the chains they share (no chain of its own)",
+  );
   const st4 = state();
   st4.nics[2].groupIds = [WEB];
   const d4 = diff(a, compile(st4).model)!;
-  assert.match(
-    d4,
-    /^flush chain inet microvpc nic_000000000003_in\nadd rule inet microvpc nic_000000000003_in ip daddr @cnt_in_new$/m,
-    "a NIC's groups changed: its chain is rewritten in place",
-  );
+  assert.match(d4, new RegExp(`^delete element inet microvpc nic_in \\{ 10\\.0\\.2\\.5 : jump ${none}_in \\}$`, "m"));
+  assert.match(d4, new RegExp(`^add element inet microvpc nic_in \\{ 10\\.0\\.2\\.5 : jump ${web}_in \\}$`, "m"));
+  assert.match(d4, new RegExp(`^delete chain inet microvpc ${none}_in$`, "m"), "a NIC's groups changed: it moves to their chains; the chains nobody uses go");
+  const st5 = state();
+  st5.nics[0].dropLogging = { ratePerSecond: 5, burst: 5 };
+  const d5 = diff(a, compile(st5).model)!;
+  assert.match(d5, /^add chain inet microvpc nic_000000000001_in$/m, "a NIC whose drops are logged has chains of its own (the prefix names it)");
+  assert.match(d5, /^add rule inet microvpc nic_000000000001_in limit rate 5\/second burst 5 packets log prefix "microvpc-drop 000000000001 in "$/m);
 });
 
 test("10 000 rules compile to 10 000 elements behind a constant number of rules", () => {

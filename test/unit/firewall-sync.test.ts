@@ -13,7 +13,7 @@ import { test } from "vitest";
 import { FakeNft } from "../../services/common/nft/fake.js";
 import { NftTransaction as NftTransactionOf, render, type NftTransaction } from "../../services/common/nft/tx.js";
 import type { CtEntry } from "../../services/common/nft/linux.js";
-import { flowAllowed, removeTx, type FwModel } from "../../services/firewall/compile.js";
+import { flowAllowed, removeTx, sharedChainName, type FwModel } from "../../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "../../services/firewall/model.js";
 import { FirewallSync, type StateSource } from "../../services/firewall/sync.js";
 import { names } from "../../services/netagent/plan.js";
@@ -392,14 +392,15 @@ test("a delta on a stale base (the kernel's table changed behind the daemon) fal
   const sync = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
   await sync.syncAll(true);
 
-  // A stale chain of the NIC about to come, accepting everything: the delta flushes it before filling it.
-  await nft.apply(NS, new NftTransactionOf().add({ kind: "chain", family: "inet", table: "microvpc", name: "nic_000000000002_in" }));
-  await nft.apply(NS, new NftTransactionOf().add({ kind: "rule", family: "inet", table: "microvpc", chain: "nic_000000000002_in", rule: "accept" }));
+  // A stale chain the NIC about to come will use (that of NICs without groups), accepting everything: the delta flushes it before filling it.
+  const stale = `${sharedChainName("")}_in`;
+  await nft.apply(NS, new NftTransactionOf().add({ kind: "chain", family: "inet", table: "microvpc", name: stale }));
+  await nft.apply(NS, new NftTransactionOf().add({ kind: "rule", family: "inet", table: "microvpc", chain: stale, rule: "accept" }));
   world.records.set("nic-000000000002", nic(2, SUBNET.b, "10.0.2.12", []));
   sync.noteEvent({ kind: "nic.attached", vpc: VPC, nic: "nic-000000000002", host: HOST });
   await sync.syncAll(false, false, new Set([VPC]));
   assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
-  assert.doesNotMatch(nft.dump(NS), /chain nic_000000000002_in \{\n\s*accept/);
+  assert.doesNotMatch(nft.dump(NS), new RegExp(`chain ${stale} \\{\\n\\s*accept`));
 
   // The table gone: the delta's transaction is refused, and the same pass replaces the table whole.
   await nft.apply(NS, removeTx());
