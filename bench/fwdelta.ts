@@ -2,12 +2,12 @@
 // one NIC's change costs the firewall as the host fills up. In this process:
 // a real redis-server (test/lib/redis.ts) holding the firewall's records
 // (FirewallStore: groups, bindings, the real LOAD_VPC script), FirewallSync
-// with an nft runner that renders each transaction to its script text and
-// keeps nothing (the one `nft -f` exec per change, a few ms whatever the
-// table holds, is left out on both sides; FakeNft is not used: its checks
-// scan the whole table) and an in-memory netagent host reader (load()
-// costs no Redis here, so the whole pass is, if anything, cheaper than in
-// the daemon). Per level (0 and --nics NICs bound in one VPC, one security
+// applying to a real kernel namespace of this run through LinuxNft (the
+// daemon's in-process libnftables; `--nft render` only renders each
+// transaction to its text instead, as this bench did before the table's
+// size was found to cost libnftables a cache load per transaction), and an
+// in-memory netagent host reader (load() costs no Redis here, so the whole
+// pass is, if anything, cheaper than in the daemon). Per level (0 and --nics NICs bound in one VPC, one security
 // group), interleaved rounds of:
 //   * whole: bind a new NIC (FirewallStore.bind) and a targeted pass over its
 //     VPC without a hint — what every binding event cost before: the host's
@@ -15,32 +15,42 @@
 //     then unbind it and the same pass;
 //   * delta: the same, the pass told which NIC changed (the event's hint):
 //     that NIC's record, LOAD_VPC of that NIC, its part compiled, the patch.
-// Prints p50/p99 of bind+pass and unbind+pass per level and mode, the
+// Prints p50/p99 of bind+pass and unbind+pass per level and mode (and of
+// the nft apply alone inside them), the
 // ratio of the loaded level to the empty one (issue 14: within 1.2×), and
 // writes bench/results/fwdelta-<date>.json. Every loop is bounded; Redis is
-// stopped at the end, also on failure. No namespace or kernel state is made.
+// stopped at the end, also on failure; so is the one namespace (run prefix,
+// test/lib/netns.ts), the only kernel state made.
 //
 // Options (after `npm run bench:fwdelta --`): --nics N (default 1000),
-// --rounds N (default 40). --smoke: 50 NICs, 3 rounds.
+// --rounds N (default 40), --nft kernel|render (default kernel). --smoke:
+// 50 NICs, 3 rounds.
 import { performance } from "node:perf_hooks";
 import { Redis } from "ioredis";
 import { pino } from "pino";
-import type { NftRunner } from "../services/common/nft/linux.js";
+import { LinuxNft, type NftRunner } from "../services/common/nft/linux.js";
+import { netagentNames } from "../services/common/names.js";
 import { render } from "../services/common/nft/tx.js";
 import { FirewallStore } from "../services/firewall/store.js";
 import { FirewallSync } from "../services/firewall/sync.js";
 import type { HostDesired } from "../services/netagent/store.js";
 import type { NicSpec } from "../services/netagent/plan.js";
+import { deleteNetns, installCleanupHandlers, RUN_PREFIX, run } from "../test/lib/netns.js";
 import { startRedis } from "../test/lib/redis.js";
 import { check, heading, num, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, intOpt, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
 
-const opt = benchArgs({ nics: { type: "string", default: "1000" }, rounds: { type: "string", default: "40" } }, { nics: "50", rounds: "3" });
+const opt = benchArgs(
+  { nics: { type: "string", default: "1000" }, rounds: { type: "string", default: "40" }, nft: { type: "string", default: "kernel" } },
+  { nics: "50", rounds: "3" },
+);
+if (opt.nft !== "kernel" && opt.nft !== "render") throw new Error(`--nft ${String(opt.nft)}: kernel or render`);
+const KERNEL = opt.nft === "kernel";
 const NICS = intOpt("nics", opt.nics, 1, 4000);
 const ROUNDS = intOpt("rounds", opt.rounds, 1, 500);
 
-const HOST = "bench0";
+const HOST = `${RUN_PREFIX}hv0`;
 const VPC = "vpc-0000000000b1";
 const SUBNET = "subnet-0000000000b1";
 const hex12 = (i: number) => i.toString(16).padStart(12, "0");
@@ -60,6 +70,11 @@ const nicOf = (i: number): Nic => {
 };
 
 async function main(): Promise<number> {
+  const ns = netagentNames.netns(HOST, VPC);
+  if (KERNEL) {
+    installCleanupHandlers();
+    await run("ip", ["netns", "add", ns]);
+  }
   const redisSrv = await startRedis({ appendfsync: "no" });
   const redis = new Redis(redisSrv.url, { lazyConnect: false });
   try {
@@ -110,10 +125,18 @@ async function main(): Promise<number> {
     const results: Record<string, Record<string, number[]>> = {};
     const levels = [0, NICS];
     let next = 0;
+    /** Where the nft applies of the current pass are timed (the delta passes'; the others are dropped). */
+    let applyMs: number[] = [];
     for (const level of levels) {
-      /** What LinuxNft does before its one exec: the script text. */
+      /** LinuxNft in the namespace (or only the script text), timing each apply. */
+      const real = new LinuxNft();
       const nft: NftRunner = {
-        apply: async (_ns, tx) => void render(tx),
+        apply: async (n, tx) => {
+          const t = performance.now();
+          if (KERNEL) await real.apply(n, tx);
+          else render(tx);
+          applyMs.push(performance.now() - t);
+        },
         counters: async () => new Map(),
         tableExists: async () => true,
         conntrackList: async () => [],
@@ -128,9 +151,10 @@ async function main(): Promise<number> {
       }
       await sync.syncAll(true);
       const only = new Set([VPC]);
-      const r: Record<string, number[]> = { "whole bind": [], "delta bind": [], "whole unbind": [], "delta unbind": [] };
+      const r: Record<string, number[]> = { "whole bind": [], "delta bind": [], "whole unbind": [], "delta unbind": [], "delta apply": [] };
       for (let round = 0; round < ROUNDS * 2; round++) {
         const mode = round % 2 === 0 ? "whole" : "delta";
+        applyMs = mode === "delta" ? r["delta apply"] : [];
         const n = nicOf(next++);
         let t = performance.now();
         records.set(n.nicId, spec(n));
@@ -151,8 +175,8 @@ async function main(): Promise<number> {
     }
     const p = (xs: number[], q: number) => percentile(sorted(xs), q);
     const rows: string[][] = [];
-    for (const what of ["bind", "unbind"]) {
-      for (const mode of ["whole", "delta"]) {
+    for (const what of ["bind", "unbind", "apply"]) {
+      for (const mode of what === "apply" ? ["delta"] : ["whole", "delta"]) {
         const k = `${mode} ${what}`;
         const a = results["0"][k];
         const b = results[String(NICS)][k];
@@ -177,16 +201,18 @@ async function main(): Promise<number> {
       verdictTable([
         v("delta bind", "bind + delta pass"),
         v("delta unbind", "unbind + delta pass"),
+        { ...v("delta apply", `the delta's nft apply alone (${KERNEL ? "in the kernel" : "rendered only"})`), target: "", pass: undefined },
         { ...v("whole bind", "bind + whole-VPC pass (before)"), target: "", pass: undefined },
       ]),
     );
     const file = resultsFile("fwdelta");
-    writeJson(file, { nics: NICS, rounds: ROUNDS, results });
+    writeJson(file, { nics: NICS, rounds: ROUNDS, nft: opt.nft, results });
     console.log(`figures written to ${file}`);
     return 0;
   } finally {
     redis.disconnect();
     await redisSrv.stop();
+    if (KERNEL) await deleteNetns(ns);
   }
 }
 
