@@ -344,10 +344,22 @@ end
 local ids
 if ARGV[1] == '*' then ids = get('SMEMBERS', KEYS[1]) or {} else ids = split(ARGV[1]) end
 local nics, used = {}, {}
--- ARGV[3]: the host, whose own copy of each sig comes along (false if none).
-local own = ARGV[3] and ARGV[3] ~= '' and get('HGETALL', F .. 'host:' .. ARGV[3] .. ':sig') or {}
+-- ARGV[3]: the host, whose own copy of each sig comes along (false if none):
+-- only the listed NICs' (a delta names one or two; the hash has every NIC of the host).
 local mine = {}
-for i = 1, #own, 2 do mine[own[i]] = own[i + 1] end
+if ARGV[3] and ARGV[3] ~= '' and #ids > 0 then
+  local hk = F .. 'host:' .. ARGV[3] .. ':sig'
+  if ARGV[1] == '*' then
+    local own = get('HGETALL', hk) or {}
+    for i = 1, #own, 2 do mine[own[i]] = own[i + 1] end
+  else
+    for first = 1, #ids, 500 do
+      local last = math.min(first + 499, #ids)
+      local own = get('HMGET', hk, unpack(ids, first, last))
+      if own then for i = first, last do if own[i - first + 1] then mine[ids[i]] = own[i - first + 1] end end end
+    end
+  end
+end
 for _, nic in ipairs(ids) do
   local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated', 'groups')
   if b and b[1] then
