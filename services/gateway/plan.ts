@@ -408,20 +408,29 @@ export function vpcNft(v: GwVpc, imdsPort: number, dnsPort = 0, ctLimitPerVm = 0
   return render(vpcTx(v, imdsPort, dnsPort, ctLimitPerVm));
 }
 
+/** The IMDS hop limit of a VM whose metadata sets none (AWS's default for IMDSv2 tokens). */
+export const DEFAULT_HOP_LIMIT = 1;
+
 /** The host namespace's table: masquerade to the uplink, port forwards, what VPCs may reach. */
 export function hostTx(h: HostGw): NftTransaction {
   const dnsPort = h.dnsPort ?? 0;
   const transitIfs = h.vpcs.map((v) => `"${names.hostSide(v.vpcId)}"`).sort();
   const pf: string[] = [];
-  // nft cannot set the TTL from a map, so one set (and rule) per hop limit in use.
+  // nft cannot set the TTL from a map, so one set (and rule) per hop limit
+  // in use; the default (1) is the last rule, for every VPC's transit
+  // address, so that a VM coming or going with the default hop limit does
+  // not change this table (it was one element per VM, and every NIC event
+  // replaced the table).
   const ttl = new Map<number, string[]>();
+  const imdsSrc: string[] = [];
   for (const v of h.vpcs) {
     const t = transitAddrs(v.transit);
     // A forward on a port the hypervisor serves (made before the API checked,
     // or through another host's gateway with another list) is not applied.
     for (const f of v.forwards.filter((f) => !portReserved(h.reservedPorts, f.outsidePort)))
       pf.push(`${f.proto} . ${f.outsidePort} : ${t.vpc} . ${f.outsidePort}`);
-    for (const [addr, hop] of v.hopLimits) ttl.set(hop, [...(ttl.get(hop) ?? []), `${t.host} . ${addr}`]);
+    imdsSrc.push(t.host);
+    for (const [addr, hop] of v.hopLimits) if (hop !== DEFAULT_HOP_LIMIT) ttl.set(hop, [...(ttl.get(hop) ?? []), `${t.host} . ${addr}`]);
   }
   const hops = [...ttl.keys()].sort((a, b) => a - b);
   const table = { kind: "table", family: "ip", name: TABLE } as const;
@@ -438,6 +447,7 @@ export function hostTx(h: HostGw): NftTransaction {
         // IMDS answers leave with TTL = hop limit + 1: the VPC namespace is one
         // routed hop, so the VM receives the hop limit (1: a container behind a
         // NAT inside the VM cannot use them).
+        { kind: "set", name: "imds_src", type: "ipv4_addr", elements: imdsSrc.sort() },
         ...hops.map((n) => ({ kind: "set" as const, name: `imds_hop_${n}`, type: "ipv4_addr . ipv4_addr", elements: ttl.get(n)!.sort() })),
         {
           kind: "chain",
@@ -506,7 +516,10 @@ export function hostTx(h: HostGw): NftTransaction {
           kind: "chain",
           name: "output",
           base: { type: "route", hook: "output", priority: "mangle", policy: "accept" },
-          rules: hops.map((n) => `tcp sport ${h.imdsPort} ip saddr . ip daddr @imds_hop_${n} ip ttl set ${n + 1}`),
+          rules: [
+            ...hops.map((n) => `tcp sport ${h.imdsPort} ip saddr . ip daddr @imds_hop_${n} ip ttl set ${n + 1} accept`),
+            `tcp sport ${h.imdsPort} ip saddr @imds_src ip ttl set ${DEFAULT_HOP_LIMIT + 1}`,
+          ],
         },
       ],
     });

@@ -21,6 +21,7 @@ import { netagentNames as naNames, wgName } from "../common/names.js";
 import { hostKeys, type HostReader } from "../netagent/schema.js";
 import { LinuxGatewayKernel, type GatewayKernel } from "./kernel.js";
 import {
+  DEFAULT_HOP_LIMIT,
   hostRouteDiff,
   hostTx,
   names,
@@ -286,7 +287,7 @@ export class GatewaySync {
       const holder = natAddress ? await this.claimNat(vpcId) : undefined;
       const localAddrs = new Set([...d.nics.values()].filter((n) => n.vpcId === vpcId && ipaddr.IPv4.isValidFourPartDecimal(n.address)).map((n) => n.address));
       const hopLimits = new Map<string, number>();
-      for (const a of localAddrs) hopLimits.set(a, hops.get(`${vpcId}/${a}`) ?? 1);
+      for (const a of localAddrs) hopLimits.set(a, hops.get(`${vpcId}/${a}`) ?? DEFAULT_HOP_LIMIT);
       vpcs.push({
         vpcId,
         transit,

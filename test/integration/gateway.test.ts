@@ -251,26 +251,48 @@ describe("instance metadata", () => {
     assert.equal((await imds(priv, "/latest/meta-data/instance-id"))?.status, 404, "no record for this VM");
   });
 
-  test("token answers reach the VM with IP TTL 1 (hop limit): nothing behind a NAT inside the VM gets them", async () => {
-    // Count, inside the VM, metadata packets arriving with TTL 1 and with any other TTL.
-    const rules = `table ip ttlprobe {
+  test("token answers reach the VM with IP TTL 1 (hop limit): nothing behind a NAT inside the VM gets them; a VM given hop limit 3 gets 3", async () => {
+    // Count, inside the VM, metadata packets arriving with TTL 1, with TTL 3, and with any other TTL.
+    const ttls = async (vm: Vm) => {
+      const rules = `add table ip ttlprobe
+delete table ip ttlprobe
+table ip ttlprobe {
   counter ttl1 { }
+  counter ttl3 { }
   counter other { }
   chain input { type filter hook input priority 0; policy accept;
     ip saddr 169.254.169.254 ip ttl 1 counter name ttl1
-    ip saddr 169.254.169.254 ip ttl != 1 counter name other
+    ip saddr 169.254.169.254 ip ttl 3 counter name ttl3
+    ip saddr 169.254.169.254 ip ttl != 1 ip ttl != 3 counter name other
   }
 }`;
-    await nsExec(twinA.ns, "nft", ["-f", "-"], { input: rules });
-    const tok = await imds(twinA, "/latest/api/token", { method: "PUT", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "30" } });
-    assert.equal(tok?.status, 200);
-    const out = (await nsExec(twinA.ns, "nft", ["-j", "list", "counters", "table", "ip", "ttlprobe"])).stdout;
-    const c = Object.fromEntries(
-      (JSON.parse(out).nftables as { counter?: { name: string; packets: number } }[])
-        .filter((o) => o.counter)
-        .map((o) => [o.counter!.name, o.counter!.packets]),
-    );
-    assert.ok(c.ttl1 > 0, "answers arrive with TTL 1");
-    assert.equal(c.other, 0, "and none with a larger TTL");
+      await nsExec(vm.ns, "nft", ["-f", "-"], { input: rules });
+      const tok = await imds(vm, "/latest/api/token", { method: "PUT", headers: { "X-aws-ec2-metadata-token-ttl-seconds": "30" } });
+      assert.equal(tok?.status, 200);
+      const out = (await nsExec(vm.ns, "nft", ["-j", "list", "counters", "table", "ip", "ttlprobe"])).stdout;
+      const c = Object.fromEntries(
+        (JSON.parse(out).nftables as { counter?: { name: string; packets: number } }[])
+          .filter((o) => o.counter)
+          .map((o) => [o.counter!.name, o.counter!.packets]),
+      );
+      return { ttl1: c.ttl1 > 0, ttl3: c.ttl3 > 0, other: c.other };
+    };
+    assert.deepEqual(await ttls(twinA), { ttl1: true, ttl3: false, other: 0 }, "answers arrive with TTL 1, none with a larger TTL");
+    // twinB has twinA's address in another VPC: its hop limit is its own.
+    await gw.setInstanceMetadata({
+      metadata: {
+        instanceId: "i-twin-b",
+        vpcId: twinB.vpc.id,
+        subnetId: twinB.subnet.id,
+        localIpv4: twinB.address,
+        mac: twinB.mac,
+        hostname: twinB.name,
+        userData: new TextEncoder().encode("#cloud-config for i-twin-b"),
+        options: { httpPutResponseHopLimit: 3 },
+      },
+    });
+    await eventually(async () => (await ttls(twinB)).ttl3, true, "twinB's answers with TTL 3");
+    assert.deepEqual(await ttls(twinB), { ttl1: false, ttl3: true, other: 0 }, "only TTL 3 for twinB");
+    assert.deepEqual(await ttls(twinA), { ttl1: true, ttl3: false, other: 0 }, "twinA, same address in another VPC, keeps 1");
   });
 });

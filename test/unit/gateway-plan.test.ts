@@ -149,3 +149,18 @@ describe("VPC table", () => {
     assert.equal(r.status, 0, r.stderr);
   });
 });
+
+describe("IMDS hop limits", () => {
+  test("VMs with the default hop limit do not change the host's table; another limit gets its own set, ahead of the default", () => {
+    const one = hostNft(host());
+    const withMore = { ...vpc(), hopLimits: new Map([["10.0.1.4", 1], ...Array.from({ length: 50 }, (_, i) => [`10.0.1.${10 + i}`, 1] as [string, number])]) };
+    assert.equal(hostNft(host({ vpcs: [withMore] })), one, "50 more VMs at the default: the same table, nothing to apply");
+    const three = hostNft(host({ vpcs: [{ ...vpc(), hopLimits: new Map([["10.0.1.4", 3]]) }] }));
+    const out = /chain output \{[^}]*\}/.exec(three)![0];
+    assert.match(three, /set imds_hop_3 \{ type ipv4_addr \. ipv4_addr; elements = \{ 169\.254\.\d+\.\d+ \. 10\.0\.1\.4 \}; \}/);
+    assert.ok(
+      out.indexOf("@imds_hop_3 ip ttl set 4 accept") > 0 && out.indexOf("@imds_hop_3") < out.indexOf("@imds_src ip ttl set 2"),
+      `the VM's own limit, then accept, before the default:\n${out}`,
+    );
+  });
+});
