@@ -17,6 +17,7 @@ import type { NftRunner } from "../common/nft/linux.js";
 import type { NftTransaction } from "../common/nft/tx.js";
 import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, patchModel, sharedChainKey, type FwModel } from "./compile.js";
 import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "./model.js";
+import { NicIndex } from "./nic-index.js";
 import { checkBinding, OWNER, parseLocalSubnet } from "./schema.js";
 
 const applies = new Counter({
@@ -93,7 +94,7 @@ const vpcIdOr = (v: string) => (/^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined);
 
 export class FirewallSync {
   /** What was last applied per VPC namespace: diffing against it makes updates incremental. */
-  readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState }>();
+  readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState; index?: NicIndex }>();
   status: FwStatus = { lastApplyMs: 0, lastApplyDurationMs: 0, lastError: "", lastErrorMs: 0, generation: 0, applied: 0 };
   /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
   private readonly errors = new Map<string, string>();
@@ -382,7 +383,8 @@ export class FirewallSync {
         throw err;
       }
     }
-    this.applied.set(ns, { model, state: st });
+    // The deltas' index of the NICs, made here where the pass is whole anyway.
+    this.applied.set(ns, { model, state: st, index: NicIndex.of(st) });
     applySeconds.observe({ kind }, Number(process.hrtime.bigint() - t0) / 1e9);
     // Only a change that takes something away can leave a flow the policy no
     // longer allows; a NIC bound or a member added cannot (and listing the
@@ -439,14 +441,17 @@ export class FirewallSync {
     if (!cur || !nicRecord || !this.nsExists(ns)) return false;
     const t0 = process.hrtime.bigint();
     const st0 = cur.state;
-    const byId = new Map(st0.nics.map((n) => [n.nicId, n]));
+    // Made by the whole pass, then kept up to date by each delta.
+    const index = (cur.index ??= NicIndex.of(st0));
+    const byId = index.byId;
     try {
       // The changed NICs' records, checked as localState checks them.
       const ids = [...hint.nics].sort();
       const recs = await Promise.all(ids.map((id) => nicRecord(id)));
+      const before = ids.flatMap((id) => byId.get(id) ?? []);
       const now: BindingRec[] = [];
+      // The interfaces and addresses of the changed NICs' new records (the others' are in the index).
       const taken = new Set<string>();
-      for (const n of st0.nics) if (!hint.nics.has(n.nicId)) taken.add(`if ${n.hostIf}`).add(`ip ${n.address}`);
       for (const [i, r] of recs.entries()) {
         if (r === "invalid") return false;
         if (r === "absent" || r.nic.vpcId !== vpcId) {
@@ -456,7 +461,8 @@ export class FirewallSync {
         const n = r.nic;
         const sub = st0.subnets.find((x) => x.subnetId === n.subnetId);
         if (!sub || nicSubnetProblem(n, { subnetId: sub.subnetId, vpcId, cidr: sub.cidr, gatewayCidr: "", mtu: 0 })) return false;
-        if (taken.has(`if ${n.hostIf}`) || taken.has(`ip ${n.address}`)) return false;
+        if (taken.has(`if ${n.hostIf}`) || taken.has(`ip ${n.address}`) || index.ifTaken(n.hostIf, before) || index.addressTaken(n.address, before))
+          return false;
         taken.add(`if ${n.hostIf}`).add(`ip ${n.address}`);
         const rec: BindingRec = {
           nicId: n.nicId,
@@ -473,7 +479,6 @@ export class FirewallSync {
         if (!attempt(() => checkBinding(rec)).ok) return false;
         now.push(rec);
       }
-      const before = ids.flatMap((id) => byId.get(id) ?? []);
       const touched = new Set(hint.groups);
       for (const b of before) for (const g of b.groupIds) touched.add(g);
       const held = [...st0.members.keys()];
@@ -481,8 +486,7 @@ export class FirewallSync {
       const mini = await this.source.loadVpcState(this.hostId, vpcId, st0.subnets, now, { held, touched: held.filter((g) => touched.has(g)) });
 
       // Only NICs and members may have moved: a group or ACL that differs from what is applied compiles the VPC whole.
-      const others = st0.nics.filter((n) => !hint.nics.has(n.nicId));
-      const usedByOthers = new Set(others.flatMap((n) => n.groupIds));
+      const usedByOthers = index.groupsUsed(before);
       for (const [gid, g] of mini.groups) {
         const old = st0.groups.get(gid);
         if (old ? !sameGroup(old, g) : usedByOthers.has(gid)) return false;
@@ -509,6 +513,7 @@ export class FirewallSync {
         }
         members.set(gid, m);
       }
+      const others = st0.nics.filter((n) => !hint.nics.has(n.nicId));
       const st1 = await this.withFlowLogs({ ...st0, nics: [...others, ...mini.nics].sort(byNicId), groups, members });
       // Flow logs add subnet-wide rules (an ACL's log rules follow every logging NIC of its subnet),
       // which a NIC's part alone does not compile exactly: a VPC that logs is compiled whole.
@@ -537,9 +542,8 @@ export class FirewallSync {
         for (const g of mine) for (const r of groups.get(g)?.rules ?? []) if (r.group) peers.add(r.group);
         const alsoUsed = [...usedByOthers].filter((g) => mine.has(g) || (groups.get(g)?.rules ?? []).some((r) => r.group && peers.has(r.group)));
         // The chains the changed NICs share with NICs left out stay on both sides.
-        const othersShare = new Set(others.map((n) => sharedChainKey(n, st0)));
         const alsoShared = new Set([...before.map((n) => sharedChainKey(n, st0)), ...mini.nics.map((n) => sharedChainKey(n, st1))]);
-        const kept = [...alsoShared].filter((k): k is string => k !== undefined && othersShare.has(k));
+        const kept = [...alsoShared].filter((k): k is string => k !== undefined && index.sharedUsed(k, before));
         a = compile({ ...st0, nics: before }, alsoUsed, kept).model;
         b = compile({ ...st1, nics: mini.nics }, alsoUsed, kept).model;
       }
@@ -569,7 +573,9 @@ export class FirewallSync {
           else if (still.size > 0) cleanups.push({ ns, addresses: still });
         }
       }
-      this.applied.set(ns, { model, state: st1 });
+      for (const b of before) index.remove(b.nicId);
+      for (const n of mini.nics) index.add(n, st1);
+      this.applied.set(ns, { model, state: st1, index });
       this.errors.delete(vpcId);
       applySeconds.observe({ kind: "delta" }, Number(process.hrtime.bigint() - t0) / 1e9);
       return true;
