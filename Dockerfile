@@ -45,7 +45,7 @@ ARG HYPERVISOR_ONLY="qemu-system-x86"
 # `npm run build` compiles cli/ and services/ into dist/.
 FROM ${NODE_IMAGE} AS build
 WORKDIR /app
-COPY package.json package-lock.json ./
+COPY package.json package-lock.json .npmrc ./
 RUN npm ci --no-audit --no-fund
 COPY build.mjs tsconfig.json ./
 COPY cli ./cli
@@ -58,7 +58,7 @@ RUN MICROVPC_COMMIT="$MICROVPC_COMMIT" npm run build
 # --- stage 2: production node_modules only (no dev dependencies).
 FROM ${NODE_IMAGE} AS deps
 WORKDIR /app
-COPY package.json package-lock.json ./
+COPY package.json package-lock.json .npmrc ./
 RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
 
 # --- stage 3: the control plane's image (ipam, firewall --api-only, gateway

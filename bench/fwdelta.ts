@@ -7,8 +7,8 @@
 // transaction to its text instead, as this bench did before the table's
 // size was found to cost libnftables a cache load per transaction), and an
 // in-memory netagent host reader (load() costs no Redis here, so the whole
-// pass is, if anything, cheaper than in the daemon). Per level (0 and --nics NICs bound in one VPC, one security
-// group), interleaved rounds of:
+// pass is, if anything, cheaper than in the daemon). Per level (0 and
+// --nics NICs bound in one VPC, one security group), interleaved rounds of:
 //   * whole: bind a new NIC (FirewallStore.bind) and a targeted pass over its
 //     VPC without a hint — what every binding event cost before: the host's
 //     NICs, their bindings, LOAD_VPC of the VPC, a full compile, elementDiff;
@@ -16,8 +16,8 @@
 //   * delta: the same, the pass told which NIC changed (the event's hint):
 //     that NIC's record, LOAD_VPC of that NIC, its part compiled, the patch.
 // Prints p50/p99 of bind+pass and unbind+pass per level and mode (and of
-// the nft apply alone inside them), the
-// ratio of the loaded level to the empty one (issue 14: within 1.2×), and
+// the nft apply alone inside them), the ratio of the loaded level to the
+// empty one (issue 14: within 1.2×), and
 // writes bench/results/fwdelta-<date>.json. Every loop is bounded; Redis is
 // stopped at the end, also on failure; so is the one namespace (run prefix,
 // test/lib/netns.ts), the only kernel state made.

@@ -102,10 +102,12 @@ function groupSets(rules: SgRule[], dir: "ingress" | "egress"): GroupSets {
 
 /**
  * The sets whose element counters count each NIC's new flows and drops per
- * direction (element: the NIC's address): read by metrics.ts and
- * GetFirewallStatus as "cnt_in_drop/<address>".
+ * direction (element: the NIC's address).
  */
 export const CNT_SETS = ["cnt_in_new", "cnt_in_drop", "cnt_out_new", "cnt_out_drop"] as const;
+
+/** A NIC's counter as LinuxNft.counters names it ("cnt_in_drop/10.0.1.5"): for metrics.ts and GetFirewallStatus. */
+export const nicCounter = (set: (typeof CNT_SETS)[number], address: string) => `${set}/${address}`;
 
 function uniq(xs: string[]): string[] {
   return [...new Set(xs)].sort();
@@ -141,7 +143,7 @@ type Decl = [type: string, interval?: "interval"];
 
 /** The drop logging a NIC has: its binding's, else the first of its groups' that logs. */
 function dropLoggingOf(n: BindingRec, st: VpcFirewallState): { ratePerSecond: number; burst: number } | undefined {
-  return n.dropLogging ?? [...n.groupIds].map((g) => st.groups.get(g)?.dropLogging).find((x) => x);
+  return n.dropLogging ?? n.groupIds.map((g) => st.groups.get(g)?.dropLogging).find((x) => x);
 }
 
 /**

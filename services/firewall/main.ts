@@ -21,6 +21,7 @@ import {
 } from "../../gen/microvpc/v1/firewall_pb.js";
 import { IpamReader, OWNER as IPAM_OWNER } from "../ipam/schema.js";
 import { HostReader } from "../netagent/schema.js";
+import { nicCounter } from "./compile.js";
 import { bridgeNfProblems, LinuxNft } from "./apply.js";
 import { DEFAULT_MAX_NIC_SERIES, registerDropMetrics } from "./metrics.js";
 import { firewallRoutes } from "./routes.js";
@@ -225,10 +226,10 @@ export const firewallDefinition: ServiceDefinition = {
           const c = (name: string) => counters.get(name) ?? { packets: 0n, bytes: 0n };
           for (const n of applied.state.nics) {
             if (wanted.size && !wanted.has(n.nicId)) continue;
-            const inNew = c(`cnt_in_new/${n.address}`);
-            const inDrop = c(`cnt_in_drop/${n.address}`);
-            const outNew = c(`cnt_out_new/${n.address}`);
-            const outDrop = c(`cnt_out_drop/${n.address}`);
+            const inNew = c(nicCounter("cnt_in_new", n.address));
+            const inDrop = c(nicCounter("cnt_in_drop", n.address));
+            const outNew = c(nicCounter("cnt_out_new", n.address));
+            const outDrop = c(nicCounter("cnt_out_drop", n.address));
             nics.push(
               create(NicFirewallStatusSchema, {
                 nicId: n.nicId,

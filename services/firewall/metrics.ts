@@ -15,6 +15,7 @@
 import { Counter, Gauge } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
 import type { Counter as NftCounter, NftRunner } from "../common/nft/linux.js";
+import { nicCounter } from "./compile.js";
 import type { VpcFirewallState } from "./model.js";
 
 /** How long one reading of the kernel's counters is reused. */
@@ -49,8 +50,8 @@ export async function readDrops(source: DropSource, nft: Pick<NftRunner, "counte
     let policy = 0;
     for (const n of applied.state.nics) {
       for (const [direction, name] of [
-        ["ingress", `cnt_in_drop/${n.address}`],
-        ["egress", `cnt_out_drop/${n.address}`],
+        ["ingress", nicCounter("cnt_in_drop", n.address)],
+        ["egress", nicCounter("cnt_out_drop", n.address)],
       ] as const) {
         const packets = get(name);
         policy += packets;

@@ -94,7 +94,7 @@ const vpcIdOr = (v: string) => (/^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined);
 
 export class FirewallSync {
   /** What was last applied per VPC namespace: diffing against it makes updates incremental. */
-  readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState; index?: NicIndex }>();
+  readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState; index: NicIndex }>();
   status: FwStatus = { lastApplyMs: 0, lastApplyDurationMs: 0, lastError: "", lastErrorMs: 0, generation: 0, applied: 0 };
   /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
   private readonly errors = new Map<string, string>();
@@ -442,7 +442,7 @@ export class FirewallSync {
     const t0 = process.hrtime.bigint();
     const st0 = cur.state;
     // Made by the whole pass, then kept up to date by each delta.
-    const index = (cur.index ??= NicIndex.of(st0));
+    const { index } = cur;
     const byId = index.byId;
     try {
       // The changed NICs' records, checked as localState checks them.
