@@ -16,9 +16,12 @@
 //   exec of `ip` from `ip`, no Node child, no shell); it can only name a
 //   namespace under /run/netns, so a /proc/PID/ns/net path takes a second
 //   exec (nsenter) as before;
-// - DetachNic deletes the devices in one `ip -force -batch` and, at the same
-//   time, clears conntrack with one `conntrack -R` (nsenter --net): see
-//   detach() for why it is not a line of the batch.
+// - DetachNic sets the devices down and clears conntrack, then deletes the
+//   devices in the background (a veth's delete waits for an RCU grace
+//   period, 15–40 ms); without libnl-route it deletes them in one
+//   `ip -force -batch` and, at the same time, clears conntrack with one
+//   `conntrack -R` (nsenter --net): see detach() for why it is not a line of
+//   the batch.
 // `Kernel` is an interface so the planner and the service are tested against
 // RecordingKernel, which records what would run.
 import { randomBytes } from "node:crypto";
@@ -28,7 +31,9 @@ import { join } from "node:path";
 import { run } from "../common/exec.js";
 import { LinuxNft } from "../common/nft/linux.js";
 import { conntrackDelete } from "../common/conntrack.js";
-import { attachVeth, deleteLinks, type VethAttach } from "../common/rtnl.js";
+import { attachVeth, deleteLinks, downLinks, type VethAttach } from "../common/rtnl.js";
+import { Counter } from "prom-client";
+import { metricsRegistry } from "../common/metrics.js";
 import { render, type NftTransaction } from "../common/nft/tx.js";
 
 export interface LinkInfo {
@@ -95,6 +100,8 @@ export interface Kernel {
    * conntrack failures are ignored (counted as 0).
    */
   detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }>;
+  /** Resolves once every device deletion detach() left running in the background has ended (a daemon's stop). */
+  settle?(): Promise<void>;
   /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
   ipBatchAt(netnsPath: string, lines: string[]): Promise<void>;
   /** Runs `tc -n ns -batch -`. */
@@ -230,7 +237,63 @@ function parseLinks(json: string): LinkInfo[] {
   }));
 }
 
+const deferredDeletes = new Counter({
+  name: "microvpc_netagent_deferred_deletes_total",
+  help: "Devices DetachNic set down and left to delete in the background, by result (error: still there, down; the reconciler removes it as an orphan).",
+  labelNames: ["result"],
+  registers: [metricsRegistry],
+});
+
 export class LinuxKernel implements Kernel {
+  /**
+   * Devices DetachNic set down whose deletion is still running:
+   * "<ns> <name>" → the deletion. Nothing else sees them meanwhile: links()
+   * and link() leave them out (they are not the reconciler's orphans) and a
+   * batch or attach that names one waits for its deletion first (a NIC
+   * attached again under the same device name).
+   */
+  private readonly deleting = new Map<string, Promise<void>>();
+
+  /** Waits for the deletions of this namespace's devices that `text` names as a word. */
+  private async deletedFirst(ns: string, text: string): Promise<void> {
+    if (this.deleting.size === 0) return;
+    const waits: Promise<void>[] = [];
+    for (const [key, p] of this.deleting) {
+      const sp = key.indexOf(" ");
+      if (key.slice(0, sp) !== ns) continue;
+      const name = key.slice(sp + 1);
+      if (new RegExp(`(^|[\\s/])${name.replace(/[.]/g, "\\.")}($|[\\s/])`, "m").test(text)) waits.push(p);
+    }
+    await Promise.all(waits);
+  }
+
+  private pendingIn(ns: string): Set<string> {
+    const out = new Set<string>();
+    for (const key of this.deleting.keys()) if (key.startsWith(`${ns} `)) out.add(key.slice(ns.length + 1));
+    return out;
+  }
+
+  /** Deletes devices already down, without the caller waiting: in-process, else one `ip -force -batch`. */
+  private deleteInBackground(ns: string, devices: string[]): void {
+    const keys = devices.map((d) => `${ns} ${d}`);
+    const p = (async () => {
+      if (await deleteLinks(ns, devices)) return true;
+      const r = await run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: devices.map((d) => `link del dev ${d}`).join("\n") + "\n", check: false });
+      if (r.exitCode === undefined) return false;
+      return [...batchFailures(r.stderr).values()].every((text) => /Cannot find device|does not exist/.test(text));
+    })()
+      .catch(() => false)
+      .then((ok) => {
+        deferredDeletes.inc({ result: ok ? "ok" : "error" }, devices.length);
+        for (const k of keys) if (this.deleting.get(k) === p) this.deleting.delete(k);
+      });
+    for (const k of keys) this.deleting.set(k, p);
+  }
+
+  async settle(): Promise<void> {
+    while (this.deleting.size) await Promise.all([...this.deleting.values()]);
+  }
+
   async listNetns(): Promise<string[]> {
     const r = await run("ip", ["-j", "netns", "list"]);
     return (JSON.parse(r.stdout || "[]") as { name: string }[]).map((n) => n.name);
@@ -249,10 +312,13 @@ export class LinuxKernel implements Kernel {
 
   // `ip -d addr show` carries the link attributes too: one exec, not two.
   async links(ns: string): Promise<LinkInfo[]> {
-    return parseLinks((await run("ip", [...nsArgs(ns), "-j", "-d", "addr", "show"])).stdout);
+    const all = parseLinks((await run("ip", [...nsArgs(ns), "-j", "-d", "addr", "show"])).stdout);
+    const going = this.pendingIn(ns);
+    return going.size ? all.filter((l) => !going.has(l.ifname)) : all;
   }
 
   async link(ns: string, ifname: string): Promise<LinkInfo | null> {
+    if (this.deleting.has(`${ns} ${ifname}`)) return null;
     const r = await run("ip", [...nsArgs(ns), "-j", "-d", "addr", "show", "dev", ifname], { check: false });
     if (r.error) {
       if (/does not exist/.test(r.stderr)) return null;
@@ -287,6 +353,21 @@ export class LinuxKernel implements Kernel {
 
   // Batches quote their first lines in the error: ip names only the failing line's number.
   async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []): Promise<void> {
+    await this.deletedFirst(ns, lines.join("\n"));
+    try {
+      await this.ipBatchOnce(ns, lines, guests);
+    } catch (err) {
+      // A device still being deleted may hold a name in a VM's namespace
+      // (its eth0, attached again at once): once this namespace's deletions
+      // are done, once more.
+      const going = [...this.deleting].filter(([k]) => k.startsWith(`${ns} `)).map(([, p]) => p);
+      if (going.length === 0) throw err;
+      await Promise.all(going);
+      await this.ipBatchOnce(ns, lines, guests);
+    }
+  }
+
+  private async ipBatchOnce(ns: string, lines: string[], guests: GuestBatch[]): Promise<void> {
     // A veth NIC's attach (AttachNic's whole batch) runs in-process through
     // libnl-route (common/rtnl.ts). If that fails it has undone itself, and
     // the same batch runs as an exec: ip's own error is the answer.
@@ -337,6 +418,16 @@ export class LinuxKernel implements Kernel {
   // its device goes away may outlive the flush, as flows from other VMs to
   // the freed address always could.
   async detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }> {
+    await this.deletedFirst(ns, devices.join("\n"));
+    // Down, the devices carry nothing from here on; their deletion (the
+    // RCU wait) need not hold DetachNic, nor DeleteVm behind it.
+    if (await downLinks(ns, devices)) {
+      const ct = await conntrackDelete(ns, (e) => e.src === address || e.dst === address);
+      if (ct !== null) {
+        this.deleteInBackground(ns, devices);
+        return { conntrackCleared: ct };
+      }
+    }
     const linksGone = await deleteLinks(ns, devices);
     const cleared = await conntrackDelete(ns, (e) => e.src === address || e.dst === address);
     if (linksGone && cleared !== null) return { conntrackCleared: cleared };
@@ -375,6 +466,7 @@ export class LinuxKernel implements Kernel {
 
   async tcBatch(ns: string, lines: string[]): Promise<void> {
     if (lines.length === 0) return;
+    await this.deletedFirst(ns, lines.join("\n"));
     await run("tc", [...nsArgs(ns), "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true });
   }
 

@@ -167,6 +167,8 @@ export const netagentDefinition: ServiceDefinition = {
         peering.stop();
         await vpnSync?.stop();
         await overlay?.stop();
+        // Devices DetachNic left deleting finish before the process ends.
+        await kernel.settle();
       },
     };
   },

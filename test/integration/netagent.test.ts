@@ -15,6 +15,8 @@ import {
   addresses,
   canPing,
   createNetns,
+  detachedProblem,
+  goneWithin,
   httpGet,
   iperf3,
   ipn,
@@ -569,7 +571,7 @@ describe("idempotency", () => {
 
     const d1 = await hv0.agent.detachNic({ nic: nicId });
     assert.deepEqual(d1.detachedNicIds, [nicId]);
-    assert.ok(!(await links(vpcNs)).some((l) => l.name === hostIf), "the device is gone");
+    assert.equal(await detachedProblem(vpcNs, hostIf), "", "the device is down at once, then gone");
     const d2 = await hv0.agent.detachNic({ nic: nicId });
     assert.deepEqual(d2.detachedNicIds, [], "a second DetachNic succeeds and detaches nothing");
     assert.deepEqual((await hv0.agent.detachNic({ nic: "nic-000000000000" })).detachedNicIds, [], "DetachNic of an unknown NIC succeeds");
@@ -600,9 +602,10 @@ describe("detach", () => {
     await assertReaches(x2, x1);
     const r = await hv0.agent.detachNic({ nic: x1.nicId });
     assert.deepEqual(r.detachedNicIds, [x1.nicId]);
-    assert.ok(!(await links(x1.vpcNs)).some((l) => l.name === x1.hostInterface), "host device gone");
-    assert.ok(!(await links(x1.ns)).some((l) => l.name === "eth0"), "the VM's eth0 gone");
+    // Cut off when DetachNic returns (the device down), before its deletion ends.
+    assert.equal(await detachedProblem(x1.vpcNs, x1.hostInterface), "", "host device down at once, then gone");
     await assertNoReach(x2, x1.address, [80], "the detached VM");
+    assert.ok(await goneWithin(x1.ns, "eth0"), "the VM's eth0 gone");
     assert.equal((await ping(x1.ns, x2.address, { count: 2, deadlineS: 2 })).received, 0, "the detached VM reaches nothing");
     await rejectsWith(hv0.agent.getNic({ ref: x1.nicId }), Code.NotFound);
     assert.deepEqual(
@@ -625,7 +628,35 @@ describe("detach", () => {
     assert.ok(await waitFor(() => canPing(x2.ns, x1.address, { count: 1, deadlineS: 1 }), { timeoutMs: 5000, intervalMs: 200 }), "reattached VM reachable");
     assert.equal(await httpGet(x2.ns, `http://${x1.address}/`), "det1");
     await hv0.agent.detachNic({ nic: again.nic!.id });
-    assert.ok(!(await links(x1.ns)).some((l) => l.name === "eth0"), "DetachNic removed it again");
+    assert.ok(await goneWithin(x1.ns, "eth0"), "DetachNic removed it again");
+  });
+
+  test("a NIC attached again at once into the same VM namespace (its old eth0 still being deleted) attaches and works", async () => {
+    const V = await newVpc("detach-again", "10.123.0.0/16", [["s", "10.123.1.0/24"]]);
+    const sn = V.subnets[0];
+    const z1 = await h.vm(hv0, V.vpc, sn, "dag1");
+    const z2 = await h.vm(hv0, V.vpc, sn, "dag2");
+    assert.ok(await waitFor(() => canPing(z2.ns, z1.address, { count: 1, deadlineS: 1 }), { timeoutMs: 5000, intervalMs: 200 }), "reachable before");
+    const req = {
+      vpc: V.vpc.id,
+      subnet: sn.id,
+      kind: NicKind.VETH,
+      options: { case: "veth" as const, value: { netnsPath: z1.nsPath } },
+      address: z1.address,
+      owner: z1.owner,
+      guestInterface: "eth0",
+    };
+    const detached: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const nic = (await hv0.agent.listNics({ owner: z1.owner })).nics[0];
+      detached.push(nic.hostInterface);
+      await hv0.agent.detachNic({ nic: nic.id });
+      const again = await hv0.agent.attachNic(req);
+      assert.equal(again.nic!.guest!.address, z1.address, `attach ${i + 1} right after the detach`);
+    }
+    assert.ok(await waitFor(() => canPing(z2.ns, z1.address, { count: 1, deadlineS: 1 }), { timeoutMs: 5000, intervalMs: 200 }), "the NIC attached last works");
+    assert.equal((await hv0.agent.listNics({ owner: z1.owner })).nics.length, 1, "one NIC of the owner, no leftover");
+    for (const d of detached) assert.equal(await detachedProblem(z1.vpcNs, d), "", `the detached ${d} is gone`);
   });
 
   test("DetachNic by owner removes every NIC of that owner (and succeeds for an owner without NICs)", async () => {
@@ -638,7 +669,7 @@ describe("detach", () => {
     assert.deepEqual((await hv0.agent.detachNic({ owner: "vm-nobody" })).detachedNicIds, [], "an owner without NICs");
     const r = await hv0.agent.detachNic({ owner: y1.owner });
     assert.deepEqual(r.detachedNicIds, [y1.nicId]);
-    assert.ok(!(await links(y1.ns)).some((l) => l.name === "eth0"), "y1's NIC removed");
+    assert.ok(await goneWithin(y1.ns, "eth0"), "y1's NIC removed");
     assert.ok(
       (await links(y2.ns)).some((l) => l.name === "eth0"),
       "y2's NIC (another owner) kept",
@@ -670,7 +701,20 @@ describe("execs per NIC change", () => {
   async function counted(fn: () => Promise<unknown>): Promise<Record<string, number>> {
     const before = await execCounts();
     await fn();
-    const after = await execCounts();
+    let after = await execCounts();
+    // DetachNic sets its devices down and deletes them in the background: what that deletion runs counts too.
+    const delta = (k: string) => (after.get(k) ?? 0) - (before.get(k) ?? 0);
+    const downs = delta("rtnl down ok");
+    if (downs > 0) {
+      const done = await waitFor(
+        async () => {
+          after = await execCounts();
+          return delta("rtnl detach ok") + delta("rtnl detach error") >= downs;
+        },
+        { timeoutMs: 3000, intervalMs: 50 },
+      );
+      assert.ok(done, "the background deletion ran within 3 s");
+    }
     const out: Record<string, number> = {};
     for (const [c, n] of after)
       if (n > (before.get(c) ?? 0) && !["ip addr", "tc qdisc", "ip netns", "ip route", "ip neigh"].includes(c)) out[c] = n - (before.get(c) ?? 0);
@@ -737,8 +781,8 @@ describe("execs per NIC change", () => {
     await flow(other.address, "10.122.1.250", 40003);
     let detached = { detachedNicIds: [] as string[], conntrackEntriesCleared: 0 };
     const detach = await counted(async () => (detached = await hv0.agent.detachNic({ nic: nicId })));
-    const inProcessDetach = { "rtnl detach ok": 1, "conntrack delete ok": 1 };
-    assert.deepEqual(detach, inProcessDetach, "DetachNic: devices and conntrack entries in-process, no exec");
+    const inProcessDetach = { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete ok": 1 };
+    assert.deepEqual(detach, inProcessDetach, "DetachNic: devices down, conntrack entries cleared, devices deleted after: all in-process, no exec");
     assert.deepEqual(detached.detachedNicIds, [nicId]);
     assert.equal(detached.conntrackEntriesCleared, 2, "the NIC's two flows cleared");
     const left = (await ct(vpcNs, ["-L", "-p", "tcp"])).stdout;
@@ -798,7 +842,10 @@ describe("execs per NIC change", () => {
     assert.deepEqual(tapNoLimit, { "ip -batch": 1, ...inProcessDetach }, "AttachNic + DetachNic (tap, no limit): one ip -batch to attach, no tc");
     const tapDetach = await counted(() => hv0.agent.detachNic({ nic: tapId }));
     assert.deepEqual(tapDetach, inProcessDetach, "DetachNic (tap with its ifb): in-process");
-    assert.ok(!(await links(vpcNs)).some((l) => l.name.endsWith(tapId.slice(-12))), "the tap and its ifb are gone");
+    assert.ok(
+      await waitFor(async () => !(await links(vpcNs)).some((l) => l.name.endsWith(tapId.slice(-12))), { timeoutMs: 3000, intervalMs: 50 }),
+      "the tap and its ifb are gone",
+    );
     await t.annotate(`execs: attach veth ${JSON.stringify(attach)}, detach ${JSON.stringify(detach)}, attach tap+limits ${JSON.stringify(tap)}`);
   });
 });

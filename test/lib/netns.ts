@@ -458,6 +458,25 @@ export async function links(ns: string): Promise<LinkInfo[]> {
   });
 }
 
+/**
+ * After DetachNic: the device is down (it carries nothing) or already gone
+ * when the call returns, and gone within timeoutMs (the netagent deletes it
+ * in the background: a veth's delete waits for an RCU grace period).
+ * Returns why not, or "" when it was so.
+ */
+export async function detachedProblem(ns: string, name: string, timeoutMs = 3000): Promise<string> {
+  const l = (await links(ns)).find((x) => x.name === name);
+  if (l?.up) return `${name} in ${ns} is still up after DetachNic returned`;
+  if (!(await waitFor(async () => !(await links(ns)).some((x) => x.name === name), { timeoutMs, intervalMs: 50 })))
+    return `${name} in ${ns} is still there ${timeoutMs} ms after DetachNic returned`;
+  return "";
+}
+
+/** A VM's end of a detached veth (its state follows the host end): gone within timeoutMs. */
+export async function goneWithin(ns: string, name: string, timeoutMs = 3000): Promise<boolean> {
+  return waitFor(async () => !(await links(ns)).some((x) => x.name === name), { timeoutMs, intervalMs: 50 });
+}
+
 export async function linkNames(ns: string): Promise<string[]> {
   return (await links(ns)).map((l) => l.name).sort();
 }
