@@ -269,7 +269,7 @@ export class EventFeed {
           this.markReady();
           if (out.length) spec.onEvents(out);
           const streams = [...this.pos.keys()];
-          const r = (await this.sub.xread(
+          let r = (await this.sub.xread(
             "COUNT",
             1000,
             "BLOCK",
@@ -279,6 +279,23 @@ export class EventFeed {
             ...streams.map((s) => this.pos.get(s)!),
           )) as XReadReply;
           if (!r || this.stopped) continue;
+          // A blocked XREAD returns with the first stream that got an entry
+          // only. A script writes its event to every stream it names in one
+          // step (a NIC's: its VPC's and its host's), so the copies in the
+          // others are there already: read them now, without blocking, so
+          // that one change is one batch (one pass), not one per stream.
+          if (streams.length > 1) {
+            const got = new Map(r.map(([stream, entries]) => [stream, entries]));
+            const rest = (await this.sub.xread(
+              "COUNT",
+              1000,
+              "STREAMS",
+              ...streams,
+              ...streams.map((s) => (got.get(s)?.length ? got.get(s)![got.get(s)!.length - 1][0] : this.pos.get(s)!)),
+            )) as XReadReply | null;
+            for (const [stream, entries] of rest ?? []) if (entries.length) got.set(stream, [...(got.get(stream) ?? []), ...entries]);
+            r = [...got];
+          }
           spec.onWake?.();
           const events: EventFields[] = [];
           const full: string[] = [];

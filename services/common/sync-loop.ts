@@ -54,12 +54,22 @@ export interface SyncLoopSpec<R> {
   reconciler?: string;
   /** Why the pass just run failed ("" or undefined: it did not); default: failedAt() is set. */
   errorAfterPass?: (result: R) => string | undefined;
+  /**
+   * A change's own mark in its event (the firewall's generation): a caller
+   * that made the change and waits on its key (target's `token`) may be
+   * answered by any pass that started after the event arrived, since that
+   * pass read what the change wrote.
+   */
+  tokenOf?: (e: EventFields) => string | undefined;
 }
 
 interface Waiter {
   key: string;
   done: (err?: Error) => void;
 }
+
+/** How many event tokens the loop remembers (a caller asks within milliseconds of its change). */
+const TOKENS_KEPT = 1000;
 
 export class SyncLoop<R> {
   private stopped = false;
@@ -69,6 +79,15 @@ export class SyncLoop<R> {
   private readonly targets = new Set<string>();
   private waiters: Waiter[] = [];
   private wake?: () => void;
+  /** Passes started, passes ended (in order: passes never overlap). */
+  private started = 0;
+  private ended = 0;
+  /** Waiters the running pass answers (their change's event arrived before it started). */
+  private runningWaiters: Waiter[] = [];
+  /** Event token → how many passes had started when it arrived. */
+  private readonly seen = new Map<string, number>();
+  /** Token → how many passes had started when a caller, its change written, waited on it before its event came. */
+  private readonly awaited = new Map<string, number>();
   /** The pass metrics and the readiness condition (first whole pass succeeded, the last one recent). */
   readonly health?: ReconcileHealth;
 
@@ -96,10 +115,33 @@ export class SyncLoop<R> {
   /**
    * Asks for a pass over `key`; `done` (if given) is called with that pass's
    * error for `key` once a pass that started after this call has run.
+   * `token` (spec.tokenOf of the change's event), from a caller whose change
+   * is written: a pass that started after the event arrived answers it too,
+   * and once a pass has started after this call the event asks for none.
    * Returns a function that withdraws the waiter (a caller's timeout).
    */
-  target(key: string, done?: (err?: Error) => void): () => void {
+  target(key: string, done?: (err?: Error) => void, token?: string): () => void {
     let withdraw = () => {};
+    const at = token === undefined ? undefined : this.seen.get(token);
+    if (done && at !== undefined) {
+      // The change's event arrived before a pass that has ended since: that pass read it.
+      if (this.ended > at) {
+        this.answer([{ key, done }]);
+        return withdraw;
+      }
+      // Before the running pass started: it reads it; no pass more is needed.
+      if (this.started > at) {
+        const w = { key, done };
+        this.runningWaiters.push(w);
+        return () => {
+          this.runningWaiters = this.runningWaiters.filter((x) => x !== w);
+        };
+      }
+    }
+    if (token !== undefined && at === undefined) {
+      this.awaited.set(token, this.started);
+      if (this.awaited.size > TOKENS_KEPT) this.awaited.delete(this.awaited.keys().next().value!);
+    }
     if (done) {
       const w = { key, done };
       this.waiters.push(w);
@@ -116,8 +158,19 @@ export class SyncLoop<R> {
   onEvents(events: EventFields[]): void {
     for (const e of events) {
       const r = this.spec.route ? this.spec.route(e) : "all";
+      const token = r ? this.spec.tokenOf?.(e) : undefined;
+      // Its caller waited before it came, and a pass has started since: that pass read the change.
+      const read = token === undefined ? undefined : this.awaited.get(token);
+      if (read !== undefined && this.started > read) {
+        this.awaited.delete(token!);
+        continue;
+      }
       if (r === "all") this.pending = true;
       else if (r) this.targets.add(r.key);
+      if (token !== undefined) {
+        this.seen.set(token, this.started);
+        if (this.seen.size > TOKENS_KEPT) this.seen.delete(this.seen.keys().next().value!);
+      }
     }
     this.wake?.();
   }
@@ -148,7 +201,15 @@ export class SyncLoop<R> {
       }
     }
     if (this.stopped) return;
-    await this.after(await this.timed({ first: true, drift: false }));
+    this.started++;
+    let first: R;
+    try {
+      first = await this.timed({ first: true, drift: false });
+    } finally {
+      this.ended = this.started;
+    }
+    this.answer(this.runningWaiters.splice(0));
+    await this.after(first);
     let lastDrift = Date.now();
     while (!this.stopped) {
       if (!this.pending && this.targets.size === 0) {
@@ -170,17 +231,27 @@ export class SyncLoop<R> {
       const targets = new Set(this.targets);
       this.targets.clear();
       let result: R;
-      if (this.pending || drift || retry || due) {
-        this.pending = false;
-        if (drift) lastDrift = Date.now();
-        result = await this.timed({ first: false, drift });
-      } else result = await this.timed({ first: false, drift: false, only: targets });
-      // The kernel has the change: answer first, then what may wait.
-      for (const w of waiters) {
-        const err = spec.errorOf?.(w.key);
-        w.done(err === undefined ? undefined : new Error(err));
+      this.started++;
+      try {
+        if (this.pending || drift || retry || due) {
+          this.pending = false;
+          if (drift) lastDrift = Date.now();
+          result = await this.timed({ first: false, drift });
+        } else result = await this.timed({ first: false, drift: false, only: targets });
+      } finally {
+        this.ended = this.started;
       }
+      // The kernel has the change: answer first, then what may wait.
+      this.answer([...waiters, ...this.runningWaiters.splice(0)]);
       await this.after(result);
+    }
+  }
+
+  /** Answers waiters with the pass's result for their key. */
+  private answer(waiters: Waiter[]): void {
+    for (const w of waiters) {
+      const err = this.spec.errorOf?.(w.key);
+      w.done(err === undefined ? undefined : new Error(err));
     }
   }
 

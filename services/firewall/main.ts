@@ -146,7 +146,7 @@ export const firewallDefinition: ServiceDefinition = {
       };
       flowLogs = collector;
     }
-    const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId, nicId) => sync.enforce(vpcId, undefined, nicId) });
+    const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId, nicId, gen) => sync.enforce(vpcId, undefined, nicId, gen) });
     sync.start(redis, Number(flags.driftIntervalMs), async () => {
       const adopted = await store.adoptOwnSigs(hostId);
       if (adopted) logger.info({ adopted }, "kept this host's own copy of older bindings (group membership needs it)");

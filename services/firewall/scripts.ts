@@ -173,7 +173,7 @@ return {1, '', 0}
 
 /**
  * KEYS: 1 nic hash. ARGV: 1 nic, 2 sig, 3 host, 4 vpc, 5 subnet, 6 address,
- * 7 group ids (csv), 8 now. Returns {1} changed, {0} already so,
+ * 7 group ids (csv), 8 now. Returns {1, gen of its event} changed, {0} already so,
  * {-3}/{-5} as CREATE_SG.
  */
 const BIND = `${LUA_COMMON}${LUA_NIC}
@@ -199,11 +199,11 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'sig', sig, 'host', host, 'vpc', vpc, 'subnet', subnet, 'addr', addr, 'groups', gcsv, 'bound', bound, 'updated', now)
 index(nic, host, vpc, groups, addr)
 redis.call('HSET', F .. 'host:' .. host .. ':sig', nic, sig)
-emit('fw.binding.changed', vpc, 'nic', nic, 'host', host, 'address', addr, 'groups', gcsv, unpack(extra))
-return {1, ''}
+local g = emit('fw.binding.changed', vpc, 'nic', nic, 'host', host, 'address', addr, 'groups', gcsv, unpack(extra))
+return {1, tostring(g)}
 `;
 
-/** KEYS: 1 nic hash. ARGV: 1 nic. Returns {1, vpc} removed, {0} absent. */
+/** KEYS: 1 nic hash. ARGV: 1 nic. Returns {1, vpc, gen of its event} removed, {0} absent. */
 const UNBIND = `${LUA_COMMON}${LUA_NIC}
 local nic = ARGV[1]
 local old = redis.call('HMGET', KEYS[1], 'sig', 'host', 'vpc', 'groups', 'addr')
@@ -211,8 +211,8 @@ if not old[1] then return {0, ''} end
 unindex(nic, old[2], old[3], old[4])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', F .. 'nics', nic)
-emit('fw.binding.removed', old[3], 'nic', nic, 'host', old[2], 'address', old[5], 'groups', old[4] or '')
-return {1, old[3]}
+local g = emit('fw.binding.removed', old[3], 'nic', nic, 'host', old[2], 'address', old[5], 'groups', old[4] or '')
+return {1, old[3], tostring(g)}
 `;
 
 /**

@@ -67,7 +67,7 @@ export interface FirewallApiOptions {
    * (FirewallSync.enforce): BindNic and UnbindNic return only then, so a
    * VM's network is closed or open as asked when the call returns.
    */
-  enforce?: (vpcId: string, nicId?: string) => Promise<void>;
+  enforce?: (vpcId: string, nicId?: string, gen?: string) => Promise<void>;
 }
 
 type Logging = { ratePerSecond: number; burst: number };
@@ -173,10 +173,10 @@ export class FirewallApi {
    * nothing by that name exists: deletes of what is gone succeed.
    */
   /** Waits until this host's kernel has the binding change of nicId (see FirewallApiOptions.enforce). */
-  private async enforced(nicId: string, vpcId: string, what: "bind" | "unbind"): Promise<void> {
+  private async enforced(nicId: string, vpcId: string, what: "bind" | "unbind", gen?: string): Promise<void> {
     if (!this.opts.enforce) return;
     try {
-      await this.opts.enforce(vpcId, nicId);
+      await this.opts.enforce(vpcId, nicId, gen);
     } catch (err) {
       const meanwhile =
         what === "bind" ? "until it does, the NIC's traffic stays blocked" : "until it does, the kernel still applies the old binding's security groups";
@@ -473,17 +473,17 @@ export class FirewallApi {
         groupIds,
         ...(logging ? { dropLogging: logging } : {}),
       };
-      const { binding, changed } = await this.store.bind(spec);
-      await this.enforced(nicId, binding.vpcId, "bind");
+      const { binding, changed, gen } = await this.store.bind(spec);
+      await this.enforced(nicId, binding.vpcId, "bind", gen);
       return { binding: (await this.bindingMsgs([binding]))[0], changed };
     },
 
     unbindNic: async (req) => {
       const nicId = V.id("nic_id", req.nicId, "nic");
       const was = await this.store.getBinding(nicId);
-      const unbound = await this.store.unbind(nicId);
+      const { removed: unbound, gen } = await this.store.unbind(nicId);
       // Conntrack entries are the sync loop's to clear, on the host that had the NIC.
-      if (unbound && was && was.hostId === this.opts.hostId) await this.enforced(nicId, was.vpcId, "unbind");
+      if (unbound && was && was.hostId === this.opts.hostId) await this.enforced(nicId, was.vpcId, "unbind", gen);
       return { unbound, conntrackEntriesCleared: 0 };
     },
 

@@ -285,7 +285,8 @@ export class FirewallStore {
   }
 
   /** Binds (or rebinds) a NIC; changed=false if the binding was already exactly so. */
-  async bind(b: BindingSpec): Promise<{ binding: BindingRec; changed: boolean }> {
+  /** gen: the generation of the change's event, when there was one (FirewallSync.enforce waits on it). */
+  async bind(b: BindingSpec): Promise<{ binding: BindingRec; changed: boolean; gen?: string }> {
     if (b.groupIds.length > MAX_GROUPS_PER_NIC) {
       throw new InvalidArgumentError("security_groups", `has ${b.groupIds.length} groups; a NIC can be in at most ${MAX_GROUPS_PER_NIC}`);
     }
@@ -304,13 +305,13 @@ export class FirewallStore {
     if (code < 0) this.groupError(code, detail, "security_groups", b.vpcId);
     const binding = await this.getBinding(b.nicId);
     if (!binding) throw new NotFoundError("binding", b.nicId, "it was removed while being made");
-    return { binding, changed: code === 1 };
+    return { binding, changed: code === 1, ...(code === 1 ? { gen: String(detail) } : {}) };
   }
 
-  /** Returns false if the NIC had no binding. */
-  async unbind(nicId: string): Promise<boolean> {
-    const [code] = await this.redis.mvpcFwUnbind(FK.nic(nicId), nicId);
-    return code === 1;
+  /** removed=false if the NIC had no binding; gen: the generation of the removal's event. */
+  async unbind(nicId: string): Promise<{ removed: boolean; gen?: string }> {
+    const [code, , gen] = (await this.redis.mvpcFwUnbind(FK.nic(nicId), nicId)) as unknown as [number, string, string?];
+    return code === 1 ? { removed: true, gen: String(gen) } : { removed: false };
   }
 
   async getBinding(nicId: string): Promise<BindingRec | null> {

@@ -150,6 +150,8 @@ export class FirewallSync {
         }
         return "all";
       },
+      // A firewall change's event carries its generation (scripts.ts emit).
+      tokenOf: (e) => (e.gen && e.vpc ? `gen ${e.vpc} ${e.gen}` : undefined),
       pass: (r) => this.pass(r.first, r.drift, r.only),
       failedAt: () => (this.errors.size > 0 ? this.status.lastErrorMs : undefined),
       errorOf: (vpcId) => this.errors.get(vpcId) ?? this.errors.get(""),
@@ -403,7 +405,7 @@ export class FirewallSync {
    * Rejects with the pass's error, or after `timeoutMs`. Calls made while a
    * pass runs share the next one, so 100 binds at once cost a few passes.
    */
-  enforce(vpcId: string, timeoutMs = 10_000, nicId?: string): Promise<void> {
+  enforce(vpcId: string, timeoutMs = 10_000, nicId?: string, gen?: string): Promise<void> {
     const t0 = process.hrtime.bigint();
     // The NIC whose binding changed: its pass can be a delta even before the event arrives.
     if (nicId !== undefined && NIC_ID.test(nicId)) this.hintOf(vpcId).nics.add(nicId);
@@ -414,12 +416,17 @@ export class FirewallSync {
         enforceSeconds.observe({ result: "timeout" }, Number(process.hrtime.bigint() - t0) / 1e9);
         reject(new Error(`this host's firewall did not apply VPC ${vpcId} within ${timeoutMs} ms (last error: ${this.status.lastError || "none"})`));
       }, timeoutMs);
-      withdraw = this.loop.target(vpcId, (err?: Error) => {
-        clearTimeout(timer);
-        enforceSeconds.observe({ result: err ? "error" : "ok" }, Number(process.hrtime.bigint() - t0) / 1e9);
-        if (err) reject(err);
-        else resolve();
-      });
+      // With the change's generation, the pass its own event started answers (it read the change).
+      withdraw = this.loop.target(
+        vpcId,
+        (err?: Error) => {
+          clearTimeout(timer);
+          enforceSeconds.observe({ result: err ? "error" : "ok" }, Number(process.hrtime.bigint() - t0) / 1e9);
+          if (err) reject(err);
+          else resolve();
+        },
+        gen !== undefined && /^\d{1,20}$/.test(gen) ? `gen ${vpcId} ${gen}` : undefined,
+      );
     });
   }
 

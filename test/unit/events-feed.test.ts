@@ -219,3 +219,26 @@ test("a host that was away past a trim resyncs once and converges", async () => 
   assert.equal(c2.seen.filter((e) => e.kind === "feed.resync" && e.vpc === v).length, 1);
   await c2.stop();
 });
+
+test("an event written to its VPC's stream and to its host's arrives as one batch with both copies (one pass, not one per stream)", async () => {
+  const v = vpc();
+  await arrive("fc", v);
+  const c = new Consumer("fc");
+  const batches: EventFields[][] = [];
+  const onEvents = c.feed.spec.onEvents;
+  c.feed.spec.onEvents = (evs) => {
+    batches.push(evs);
+    onEvents(evs);
+  };
+  c.start();
+  await c.feed.ready;
+  await until("the first read", () => converged(c, [v]));
+  for (let i = 0; i < 10; i++) {
+    const n = batches.length;
+    await emit(r, { vpcs: [v], hosts: ["fc"] }, ["kind", "t.both", "vpc", v, "host", "fc", "n", String(i)]);
+    await until(`event ${i}`, () => batches.slice(n).flat().filter((e) => e.n === String(i)).length === 2);
+  }
+  const split = batches.filter((b) => b.filter((e) => e.kind === "t.both").length % 2 === 1);
+  assert.deepEqual(split, [], "a batch held one copy of an event, its twin came in another");
+  await c.stop();
+});

@@ -128,3 +128,87 @@ test("waiters: answered with their key's error after the pass, before the after-
   await t.tick(600);
   await t.done;
 });
+
+test("a waiter with its change's token: answered by the pass its event started (no pass more), at once if that pass ended, else by the next pass", async () => {
+  let gate: (() => void) | undefined;
+  const passes: PassRequest[] = [];
+  const loop = new SyncLoop<number>({
+    log: pino({ level: "silent" }),
+    events: /^fw\./,
+    route: (e) => (e.vpc ? { key: e.vpc } : "all"),
+    tokenOf: (e) => e.gen,
+    pass: async (r) => {
+      passes.push(r);
+      if (passes.length > 1) await new Promise<void>((res) => (gate = res));
+      return passes.length;
+    },
+    failedAt: () => undefined,
+  });
+  const done = loop.run(60_000);
+  const tick = (ms = 0) => vi.advanceTimersByTimeAsync(ms);
+  await tick();
+  assert.equal(passes.length, 1);
+  const answers: string[] = [];
+  // The change's event arrives, its pass starts (and holds); then its caller waits.
+  loop.onEvents([{ kind: "fw.binding.changed", vpc: "vpc-1", gen: "7" }]);
+  await tick();
+  assert.equal(passes.length, 2, "the event's pass runs");
+  loop.target("vpc-1", () => void answers.push("7"), "7");
+  // Another change whose event arrives during that pass: its pass has not started yet.
+  loop.onEvents([{ kind: "fw.binding.changed", vpc: "vpc-1", gen: "8" }]);
+  loop.target("vpc-1", () => void answers.push("8"), "8");
+  assert.deepEqual([...answers], []);
+  gate!();
+  await tick();
+  assert.deepEqual([...answers], ["7"], "7 answered by the pass its event started; 8 not yet");
+  assert.equal(passes.length, 3, "one pass for 8's event (and 8's waiter), none for 7's waiter");
+  gate!();
+  await tick();
+  assert.deepEqual([...answers], ["7", "8"]);
+  // The pass after 7's event has ended: a caller waiting on it now is answered at once.
+  loop.target("vpc-1", () => void answers.push("7 again"), "7");
+  assert.deepEqual([...answers], ["7", "8", "7 again"]);
+  await tick(600);
+  assert.equal(passes.length, 3, "no pass for it");
+  // A token no event brought: the next pass, as without one.
+  loop.target("vpc-1", () => void answers.push("99"), "99");
+  await tick();
+  assert.equal(passes.length, 4);
+  gate!();
+  await tick();
+  assert.deepEqual(answers.at(-1), "99");
+  loop.stop();
+  await tick(600);
+  await done;
+});
+
+test("the event of a change whose caller waited before it came asks for no pass once a pass has started since", async () => {
+  const passes: PassRequest[] = [];
+  const loop = new SyncLoop<number>({
+    log: pino({ level: "silent" }),
+    events: /^fw\./,
+    route: (e) => (e.vpc ? { key: e.vpc } : "all"),
+    tokenOf: (e) => e.gen,
+    pass: async (r) => passes.push(r),
+    failedAt: () => undefined,
+  });
+  const done = loop.run(60_000);
+  const tick = (ms = 0) => vi.advanceTimersByTimeAsync(ms);
+  await tick();
+  const answers: string[] = [];
+  loop.target("vpc-1", () => void answers.push("5"), "5");
+  await tick();
+  assert.deepEqual([...answers], ["5"]);
+  assert.equal(passes.length, 2);
+  // Its event, late: the pass that answered read the change already.
+  loop.onEvents([{ kind: "fw.binding.removed", vpc: "vpc-1", gen: "5" }]);
+  await tick(600);
+  assert.equal(passes.length, 2, "no pass for the late event");
+  // Another change's event still asks for one.
+  loop.onEvents([{ kind: "fw.binding.removed", vpc: "vpc-1", gen: "6" }]);
+  await tick();
+  assert.equal(passes.length, 3);
+  loop.stop();
+  await tick(600);
+  await done;
+});
