@@ -186,6 +186,22 @@ export class FirewallApi {
     }
   }
 
+  /** A BindNic group: its id, if it is a group of the VPC. */
+  private async bindGroup(ref: string, i: number, vpc: VpcRec): Promise<string> {
+    const f = `security_groups[${i}]`;
+    const r = V.ref(f, ref, "sg");
+    const id = r.id ?? (await this.store.resolveGroup(vpc.id, r.name!));
+    const g = id ? await this.store.getGroup(id) : null;
+    if (!g) throw new NotFoundError("security group", ref, `${f}: VPC ${vpc.name} has no such group`);
+    if (g.vpcId !== vpc.id) {
+      throw new InvalidArgumentError(
+        f,
+        `security group ${g.name} (${g.id}) belongs to VPC ${g.vpcId}, not ${vpc.name} (${vpc.id}); a NIC can only be in groups of its VPC`,
+      );
+    }
+    return g.id;
+  }
+
   private async idOfRef(
     ref: string,
     vpcRef: string,
@@ -409,8 +425,13 @@ export class FirewallApi {
     bindNic: async (req) => {
       const nicId = V.id("nic_id", req.nicId, "nic");
       // What netagent on this host knows of the NIC fills what the request
-      // leaves out, and must agree with what it gives.
-      const known = await this.host.getNic(nicId);
+      // leaves out, and must agree with what it gives. The lookups that do
+      // not depend on each other go out together; their errors are thrown in
+      // the order of the fields.
+      const knownP = this.host.getNic(nicId);
+      const vpcP = req.vpc ? this.vpc("vpc", req.vpc) : undefined;
+      vpcP?.catch(() => {});
+      const known = await knownP;
       const agree = (field: string, given: string, theirs: string | undefined, equal = (a: string, b: string) => a === b) => {
         if (theirs !== undefined && !equal(given, theirs)) {
           throw new InvalidArgumentError(
@@ -419,10 +440,13 @@ export class FirewallApi {
           );
         }
       };
-      const vpc = await this.vpc("vpc", req.vpc || known?.vpcId || "");
+      const vpc = await (vpcP ?? this.vpc("vpc", known?.vpcId || ""));
       agree("vpc", vpc.id, known?.vpcId);
       if (req.subnet === "" && !known) throw new InvalidArgumentError("subnet", "is required (a subnet id, or a subnet name of the VPC)");
-      const subnet = await this.subnet("subnet", req.subnet || known!.subnetId, vpc);
+      const subnetP = this.subnet("subnet", req.subnet || known!.subnetId, vpc);
+      const groupsP =
+        req.securityGroups.length <= MAX_GROUPS_PER_NIC ? Promise.allSettled(req.securityGroups.map((ref, i) => this.bindGroup(ref, i, vpc))) : undefined;
+      const subnet = await subnetP;
       agree("subnet", subnet.id, known?.subnetId);
       const addrText = req.address || known?.address || "";
       const addr = V.ipv4("address", addrText);
@@ -447,19 +471,9 @@ export class FirewallApi {
         throw new InvalidArgumentError("security_groups", `has ${req.securityGroups.length} groups; a NIC can be in at most ${MAX_GROUPS_PER_NIC}`);
       }
       const groupIds: string[] = [];
-      for (const [i, ref] of req.securityGroups.entries()) {
-        const f = `security_groups[${i}]`;
-        const r = V.ref(f, ref, "sg");
-        const id = r.id ?? (await this.store.resolveGroup(vpc.id, r.name!));
-        const g = id ? await this.store.getGroup(id) : null;
-        if (!g) throw new NotFoundError("security group", ref, `${f}: VPC ${vpc.name} has no such group`);
-        if (g.vpcId !== vpc.id) {
-          throw new InvalidArgumentError(
-            f,
-            `security group ${g.name} (${g.id}) belongs to VPC ${g.vpcId}, not ${vpc.name} (${vpc.id}); a NIC can only be in groups of its VPC`,
-          );
-        }
-        if (!groupIds.includes(g.id)) groupIds.push(g.id);
+      for (const r of await groupsP!) {
+        if (r.status === "rejected") throw r.reason;
+        if (!groupIds.includes(r.value)) groupIds.push(r.value);
       }
       const logging = dropLogging("drop_logging", req.dropLogging);
       const spec: BindingSpec = {

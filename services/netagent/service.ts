@@ -314,7 +314,9 @@ export class NetAgent {
         `${req.address} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); a NIC needs an allocated address`,
       );
     }
-    const alloc = await this.ipam.getAllocation(s.id, addr - s.base);
+    // The VPC's resolver (default VPC base + 2, DnsService config), which
+    // the gateway serves in every subnet of the VPC: read beside the allocation.
+    const [alloc, dnsConfig] = await Promise.all([this.ipam.getAllocation(s.id, addr - s.base), new DnsReader(this.ipam.redis).getConfig(v.id)]);
     if (!alloc)
       throw new FailedPreconditionError(`${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`);
     if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);
@@ -363,9 +365,7 @@ export class NetAgent {
     } else {
       throw new InvalidArgumentError("kind", "is required: NIC_KIND_TAP for a VM, NIC_KIND_VETH for a namespace");
     }
-    // The VPC's resolver (default VPC base + 2, DnsService config), which
-    // the gateway serves in every subnet of the VPC.
-    const resolver = (await new DnsReader(this.ipam.redis).getConfig(v.id)).resolver ?? defaultResolver(v.base);
+    const resolver = dnsConfig.resolver ?? defaultResolver(v.base);
     const spec: NicSpec = {
       nicId,
       owner: owner || alloc.owner,
