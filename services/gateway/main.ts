@@ -379,6 +379,7 @@ export const gatewayDefinition: ServiceDefinition = {
         dnsPort,
         pool: pool.text,
         hopLimits: () => meta.hopLimits(),
+        hopLimitOf: (vpcId, address) => meta.tokenHopLimitOf(vpcId, address),
         reservedPorts,
         conntrackLimitPerVm: ctLimit,
         managementCidrs: management,

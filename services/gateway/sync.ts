@@ -63,6 +63,8 @@ export interface GatewaySyncOptions {
   dnsPort?: number;
   pool: string;
   hopLimits: () => Promise<Map<string, number>>;
+  /** One instance's hop limit (its "vpcId/address" in hopLimits()), undefined if none; unset: every NIC or metadata event runs a whole pass. */
+  hopLimitOf?: (vpcId: string, address: string) => Promise<number | undefined>;
   /** Ports the hypervisor serves itself: never port-forwarded. */
   reservedPorts?: PortRanges;
   /** Flows a VM may hold through the host's NAT at once (0: no limit). */
@@ -76,6 +78,9 @@ export interface GatewaySyncOptions {
    */
   natLeaseMs?: number;
 }
+
+const VPC_ID = /^vpc-[0-9a-f]{12}$/;
+const NIC_ID = /^nic-[0-9a-f]{12}$/;
 
 /** Default TTL of a NAT gateway's address lease. */
 export const DEFAULT_NAT_LEASE_MS = 6000;
@@ -105,11 +110,20 @@ export class GatewaySync {
   /** Every matching event asks for a whole pass; a drift pass forgets what is known applied. */
   private readonly loop: SyncLoop<void>;
 
+  /**
+   * What the last whole pass that succeeded used of this host's NICs: their
+   * addresses, and the local addresses that have a floating IP, a port
+   * forward or a hop limit other than the default (the only things a NIC's
+   * coming or going changes here).
+   */
+  private seen?: { vpcs: Set<string>; nics: Map<string, { vpcId: string; address: string }>; special: Set<string> };
+  private pendingSeen?: GatewaySync["seen"];
+
   constructor(
     readonly store: Pick<GatewayStore, "listNats" | "listFips" | "listPfs" | "transitIndex" | "transitMap" | "releaseTransit"> &
       Partial<Pick<GatewayStore, "natHolder" | "natLease" | "natUnlease">>,
     readonly ipam: Pick<IpamReader, "getVpc" | "getSubnet"> & Partial<Pick<IpamReader, "redis" | "listSubnets">>,
-    readonly host: Pick<HostReader, "load">,
+    readonly host: Pick<HostReader, "load"> & Partial<Pick<HostReader, "nicRecord">>,
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
     deps: GatewaySyncDeps = {},
@@ -124,7 +138,23 @@ export class GatewaySync {
       events: /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/,
       // The streams of the VPCs held here, this host's, and the fleet's (the default DNS configuration): common/events.ts.
       scope: { host: opts.hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(opts.hostId)), registry: true },
-      pass: (r) => this.syncOnce(r.drift),
+      // A NIC of this host, or an instance's metadata, coming or going: a
+      // check of that one address first (eventKey); a whole pass only if it
+      // changes what the gateway applies. Another host's NIC changes nothing here.
+      route: (e) => {
+        if (e.kind === "nic.attached" || e.kind === "nic.detached") {
+          if (e.host !== opts.hostId) return undefined;
+          return VPC_ID.test(e.vpc ?? "") && NIC_ID.test(e.nic ?? "") ? { key: `nic ${e.vpc} ${e.nic}` } : "all";
+        }
+        if (e.kind === "gw.metadata.set" || e.kind === "gw.metadata.deleted") {
+          if (e.host !== opts.hostId) return undefined;
+          return VPC_ID.test(e.vpc ?? "") && ipaddr.IPv4.isValidFourPartDecimal(e.address ?? "") ? { key: `addr ${e.vpc} ${e.address}` } : "all";
+        }
+        return "all";
+      },
+      pass: async (r) => {
+        if (!r.only || (await this.changesApplied(r.only))) await this.syncOnce(r.drift);
+      },
       failedAt: () => (this.status.lastError ? this.status.lastApplyMs : undefined),
       // A failed VPC when its backoff is due.
       due: () => this.retryDue(),
@@ -132,6 +162,40 @@ export class GatewaySync {
       // A VPC failing (and backing off) is a failed pass too, though the others applied.
       errorAfterPass: () => this.status.lastError || [...this.vpcFailures].map(([vpc, f]) => `${vpc}: ${f.error}`).join("; ") || undefined,
     });
+  }
+
+  /**
+   * Whether NIC or metadata changes (route's keys) change what this gateway
+   * applies: a NIC's address, or an instance's, that has a floating IP, a
+   * port forward or a hop limit other than the default, now or at the last
+   * whole pass; a VPC new here; anything it cannot tell (true).
+   */
+  async changesApplied(keys: ReadonlySet<string>): Promise<boolean> {
+    const seen = this.seen;
+    if (!seen || !this.opts.hopLimitOf || !this.host.nicRecord || this.status.lastError) return true;
+    try {
+      for (const key of keys) {
+        const [what, vpcId, id] = key.split(" ");
+        if (!seen.vpcs.has(vpcId)) return true;
+        let address = id;
+        if (what === "nic") {
+          const r = await this.host.nicRecord(id);
+          if (r === "invalid") return true;
+          const before = seen.nics.get(id);
+          if (r !== "absent" && (r.nic.vpcId !== vpcId || (before && before.address !== r.nic.address))) return true;
+          const now = r === "absent" ? undefined : r.nic.address;
+          if (before && seen.special.has(`${vpcId}/${before.address}`)) return true;
+          if (!now) continue;
+          address = now;
+        }
+        if (seen.special.has(`${vpcId}/${address}`)) return true;
+        const hop = await this.opts.hopLimitOf(vpcId, address);
+        if (hop !== undefined && hop !== DEFAULT_HOP_LIMIT) return true;
+      }
+      return false;
+    } catch {
+      return true;
+    }
   }
 
   /** The VPC's resolver address, if the resolver is on. */
@@ -262,7 +326,7 @@ export class GatewaySync {
     const [nats, fips, pfs, hops] = await Promise.all([this.store.listNats(), this.store.listFips(), this.store.listPfs(), this.opts.hopLimits()]);
     const vpcs: GwVpc[] = [];
     for (const vpcId of d.vpcs.keys()) {
-      if (!/^vpc-[0-9a-f]{12}$/.test(vpcId) || !this.nsExists(naNames.netns(this.opts.hostId, vpcId))) continue;
+      if (!VPC_ID.test(vpcId) || !this.nsExists(naNames.netns(this.opts.hostId, vpcId))) continue;
       // One VPC whose records do not validate is left as it is; the others converge.
       let transit: number;
       try {
@@ -309,6 +373,15 @@ export class GatewaySync {
       });
     }
     // Leases of VPCs no longer here (or no longer with a NAT address) are given up.
+    this.pendingSeen = {
+      vpcs: new Set(d.vpcs.keys()),
+      nics: new Map([...d.nics].map(([id, n]) => [id, { vpcId: n.vpcId, address: n.address }])),
+      special: new Set([
+        ...fips.filter((f) => f.hostId === this.opts.hostId).map((f) => `${f.vpcId}/${f.private}`),
+        ...pfs.filter((p) => p.hostId === this.opts.hostId).map((p) => `${p.vpcId}/${p.private}`),
+        ...[...hops].filter(([, h]) => h !== DEFAULT_HOP_LIMIT).map(([k]) => k),
+      ]),
+    };
     const natHere = new Set(vpcs.filter((v) => v.natAddress).map((v) => v.vpcId));
     this.natAddrs = new Map(vpcs.filter((v) => v.natAddress).map((v) => [v.vpcId, v.natAddress!]));
     for (const id of [...this.natVpcs]) if (!natHere.has(id)) await this.unleaseNat(id);
@@ -493,7 +566,9 @@ export class GatewaySync {
         this.lastHost = text;
       }
       this.status = { lastApplyMs: Date.now(), lastError: "" };
+      this.seen = this.vpcFailures.size === 0 ? this.pendingSeen : undefined;
     } catch (err) {
+      this.seen = undefined;
       this.status = { lastApplyMs: Date.now(), lastError: (err as Error).message };
       this.log.error({ err: (err as Error).message }, "gateway sync failed; retrying");
       this.lastHost = "";

@@ -20,6 +20,7 @@ import type { FipRec, NatRec, PfRec } from "../../services/gateway/schema.js";
 import { GatewaySync } from "../../services/gateway/sync.js";
 import { names } from "../../services/netagent/plan.js";
 import type { HostDesired } from "../../services/netagent/store.js";
+import type { NicSpec } from "../../services/netagent/plan.js";
 import { FakeGwKernel } from "../lib/fake-gw-kernel.js";
 import { ROOT } from "../lib/daemon.js";
 import { assertGolden, replayOrders } from "../lib/state-table.js";
@@ -119,6 +120,13 @@ class Sources {
         ) as unknown as HostDesired["nics"],
       };
     },
+    nicRecord: async (id: string) => {
+      for (const [v, w] of this.now) {
+        const n = w.nics.find((x) => x.id === id);
+        if (n) return { nic: { nicId: n.id, vpcId: v, subnetId: n.subnet, address: n.address } as unknown as NicSpec };
+      }
+      return "absent" as const;
+    },
   };
 
   private each<T>(f: (vpcId: string, w: VpcWorld) => T[]): T[] {
@@ -164,6 +172,8 @@ class Sources {
 
   dns = { getConfig: async (vpcId: string): Promise<StoredConfig> => ({ resolver: this.now.get(vpcId)?.resolver }) };
 
+  hopOf = async (vpcId: string, address: string): Promise<number | undefined> => this.now.get(vpcId)?.hops?.[address];
+
   hops = async (): Promise<Map<string, number>> => new Map(this.each((v, w) => Object.entries(w.hops ?? {}).map(([a, n]) => [`${v}/${a}`, n] as const)));
 }
 
@@ -182,6 +192,7 @@ function setup() {
       dnsPort: 8053,
       pool: "203.0.113.0/24",
       hopLimits: src.hops,
+      hopLimitOf: src.hopOf,
       reservedPorts: [[22, 22]],
       conntrackLimitPerVm: 1000,
       managementCidrs: async () => ["192.0.2.0/24"],
@@ -304,4 +315,36 @@ test("a transit link whose VPC side failed half-way is finished by the VPC's nex
   await sync.syncOnce();
   assert.deepEqual([...sync.vpcFailures.keys()], []);
   assert.equal(dump(kernel, c.desired), (await wants()).get(c.name));
+});
+
+test("a NIC or an instance's metadata coming or going asks for a whole pass only when it changes what is applied, and skipping it changes nothing", async () => {
+  const { kernel, sync, to } = setup();
+  const base = new Map([[A, a2]]);
+  to(base);
+  await sync.syncOnce();
+  const nic = (id: string, address: string, subnet = "subnet-a00000000001") => ({ id, subnet, address });
+  /** The world moves to w; returns whether the gateway asks for a pass, after checking that a whole pass then changes nothing when it does not. */
+  const step = async (w: World, keys: string[]): Promise<boolean> => {
+    to(w);
+    const asks = await sync.changesApplied(new Set(keys));
+    const m = mark(kernel);
+    await sync.syncOnce();
+    if (!asks) assert.equal(changes(kernel, m), 0, `${keys.join(", ")}: skipped, but a whole pass changed the kernel`);
+    return asks;
+  };
+  const w1 = new Map([[A, { ...a2, nics: [...a2.nics, nic("nic-a00000000009", "10.0.1.9")] }]]);
+  assert.equal(await step(w1, ["nic vpc-aaaaaaaaaaaa nic-a00000000009"]), false, "a NIC with nothing of its own here");
+  const w2 = new Map([[A, { ...w1.get(A)!, hops: { ...a2.hops, "10.0.1.9": 3 } }]]);
+  assert.equal(await step(w2, ["addr vpc-aaaaaaaaaaaa 10.0.1.9"]), true, "its hop limit set to 3");
+  const w3 = new Map([[A, { ...w2.get(A)!, nics: [...w2.get(A)!.nics, nic("nic-a00000000010", "10.0.1.10")], hops: { ...w2.get(A)!.hops, "10.0.1.10": 3 } }]]);
+  assert.equal(await step(w3, ["nic vpc-aaaaaaaaaaaa nic-a00000000010"]), true, "a NIC whose instance has hop limit 3 already");
+  const w4 = new Map([[A, { ...w3.get(A)!, nics: w3.get(A)!.nics.filter((n) => n.address !== "10.0.2.5") }]]);
+  assert.equal(await step(w4, ["nic vpc-aaaaaaaaaaaa nic-a00000000002"]), true, "the NIC holding the floating IP leaves");
+  const w5 = new Map([[A, { ...w4.get(A)!, hops: { ...w4.get(A)!.hops, "10.0.1.20": 1 } }]]);
+  assert.equal(await step(w5, ["addr vpc-aaaaaaaaaaaa 10.0.1.20"]), false, "metadata with the default hop limit");
+  const w6 = new Map([[A, { ...w5.get(A)!, nics: w5.get(A)!.nics.filter((n) => n.address !== "10.0.1.9") }]]);
+  assert.equal(await step(w6, ["nic vpc-aaaaaaaaaaaa nic-a00000000009"]), true, "the NIC with hop limit 3 leaves");
+  const w7 = new Map([[A, { ...w6.get(A)!, nics: w6.get(A)!.nics.filter((n) => n.address !== "10.0.1.10") }], [B, b1]]);
+  assert.equal(await sync.changesApplied(new Set(["nic vpc-bbbbbbbbbbbb nic-b00000000001"])), true, "a VPC not here at the last pass");
+  to(w7);
 });
