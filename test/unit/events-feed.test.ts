@@ -236,7 +236,14 @@ test("an event written to its VPC's stream and to its host's arrives as one batc
   for (let i = 0; i < 10; i++) {
     const n = batches.length;
     await emit(r, { vpcs: [v], hosts: ["fc"] }, ["kind", "t.both", "vpc", v, "host", "fc", "n", String(i)]);
-    await until(`event ${i}`, () => batches.slice(n).flat().filter((e) => e.n === String(i)).length === 2);
+    await until(
+      `event ${i}`,
+      () =>
+        batches
+          .slice(n)
+          .flat()
+          .filter((e) => e.n === String(i)).length === 2,
+    );
   }
   const split = batches.filter((b) => b.filter((e) => e.kind === "t.both").length % 2 === 1);
   assert.deepEqual(split, [], "a batch held one copy of an event, its twin came in another");

@@ -344,7 +344,10 @@ test("a NIC or an instance's metadata coming or going asks for a whole pass only
   assert.equal(await step(w5, ["addr vpc-aaaaaaaaaaaa 10.0.1.20"]), false, "metadata with the default hop limit");
   const w6 = new Map([[A, { ...w5.get(A)!, nics: w5.get(A)!.nics.filter((n) => n.address !== "10.0.1.9") }]]);
   assert.equal(await step(w6, ["nic vpc-aaaaaaaaaaaa nic-a00000000009"]), true, "the NIC with hop limit 3 leaves");
-  const w7 = new Map([[A, { ...w6.get(A)!, nics: w6.get(A)!.nics.filter((n) => n.address !== "10.0.1.10") }], [B, b1]]);
+  const w7 = new Map([
+    [A, { ...w6.get(A)!, nics: w6.get(A)!.nics.filter((n) => n.address !== "10.0.1.10") }],
+    [B, b1],
+  ]);
   assert.equal(await sync.changesApplied(new Set(["nic vpc-bbbbbbbbbbbb nic-b00000000001"])), true, "a VPC not here at the last pass");
   to(w7);
 });
