@@ -327,30 +327,12 @@ export function attachVeth(a: VethAttach): boolean {
  * event loop. Resolves false when libnl-route is not loaded or refused any
  * other way (after trying every device): the caller execs.
  */
-export async function deleteLinks(ns: string, names: string[]): Promise<boolean> {
-  const l = load();
-  if (!l) return false;
-  const t0 = process.hrtime.bigint();
-  const s = new Scope(l);
-  try {
-    const sk = inNamedNetns(l.c, ns, () => s.socket());
-    let first: RtnlError | undefined;
-    for (const name of names) {
-      const link = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
-      l.linkSetName(link, name);
-      const rc = await onPool<number>(l.linkDelete, sk, link);
-      if (rc < 0 && -rc !== NLE_OBJ_NOTFOUND && -rc !== NLE_NODEV) first ??= new RtnlError(`link del dev ${name}`, -rc, String(l.geterror(rc)));
-    }
-    if (first) throw first;
-    runs.inc({ op: "detach", result: "ok" });
-    return true;
-  } catch {
-    runs.inc({ op: "detach", result: "error" });
-    return false;
-  } finally {
-    s.close();
-    runSeconds.observe({ op: "detach" }, Number(process.hrtime.bigint() - t0) / 1e9);
-  }
+export function deleteLinks(ns: string, names: string[]): Promise<boolean> {
+  return eachDevice("detach", ns, names, `link del dev`, (l, s, sk, name) => {
+    const link = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
+    l.linkSetName(link, name);
+    return onPool<number>(l.linkDelete, sk, link);
+  });
 }
 
 /**
@@ -361,29 +343,49 @@ export async function deleteLinks(ns: string, names: string[]): Promise<boolean>
  * same. Resolves false when libnl-route is not loaded or refused: the
  * caller then deletes the devices and waits for it.
  */
-export async function downLinks(ns: string, names: string[]): Promise<boolean> {
+export function downLinks(ns: string, names: string[]): Promise<boolean> {
+  return eachDevice("down", ns, names, "link set down dev", (l, s, sk, name) => {
+    const orig = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
+    const ch = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
+    l.linkSetName(ch, name);
+    l.linkUnsetFlags(ch, IFF_UP);
+    return onPool<number>(l.linkChange, sk, orig, ch, 0);
+  });
+}
+
+/**
+ * One netlink request per device of a namespace (made by `request`, awaited
+ * on the pool), counted in microvpc_rtnl_runs_total{op}. A device that is
+ * not there counts as done; every device is tried. False when the library
+ * is not loaded or refused one of them.
+ */
+async function eachDevice(
+  op: string,
+  ns: string,
+  names: string[],
+  what: string,
+  request: (l: Lib, s: Scope, sk: Ptr, name: string) => Promise<number>,
+): Promise<boolean> {
   const l = load();
   if (!l) return false;
   const t0 = process.hrtime.bigint();
   const s = new Scope(l);
   try {
     const sk = inNamedNetns(l.c, ns, () => s.socket());
+    let first: RtnlError | undefined;
     for (const name of names) {
-      const orig = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
-      const ch = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
-      l.linkSetName(ch, name);
-      l.linkUnsetFlags(ch, IFF_UP);
-      const rc = await onPool<number>(l.linkChange, sk, orig, ch, 0);
-      if (rc < 0 && -rc !== NLE_OBJ_NOTFOUND && -rc !== NLE_NODEV) throw new RtnlError(`link set dev ${name} down`, -rc, String(l.geterror(rc)));
+      const rc = await request(l, s, sk, name);
+      if (rc < 0 && -rc !== NLE_OBJ_NOTFOUND && -rc !== NLE_NODEV) first ??= new RtnlError(`${what} ${name}`, -rc, String(l.geterror(rc)));
     }
-    runs.inc({ op: "down", result: "ok" });
+    if (first) throw first;
+    runs.inc({ op, result: "ok" });
     return true;
   } catch {
-    runs.inc({ op: "down", result: "error" });
+    runs.inc({ op, result: "error" });
     return false;
   } finally {
     s.close();
-    runSeconds.observe({ op: "down" }, Number(process.hrtime.bigint() - t0) / 1e9);
+    runSeconds.observe({ op }, Number(process.hrtime.bigint() - t0) / 1e9);
   }
 }
 

@@ -129,9 +129,10 @@ test("waiters: answered with their key's error after the pass, before the after-
   await t.done;
 });
 
-test("a waiter with its change's token: answered by the pass its event started (no pass more), at once if that pass ended, else by the next pass", async () => {
-  let gate: (() => void) | undefined;
+/** A loop whose events carry a token (their "gen"); with `held`, every pass after the first waits for gate(). */
+function tokenLoop(held: boolean) {
   const passes: PassRequest[] = [];
+  const t = { passes, gate: undefined as (() => void) | undefined };
   const loop = new SyncLoop<number>({
     log: pino({ level: "silent" }),
     events: /^fw\./,
@@ -139,13 +140,17 @@ test("a waiter with its change's token: answered by the pass its event started (
     tokenOf: (e) => e.gen,
     pass: async (r) => {
       passes.push(r);
-      if (passes.length > 1) await new Promise<void>((res) => (gate = res));
+      if (held && passes.length > 1) await new Promise<void>((res) => (t.gate = res));
       return passes.length;
     },
     failedAt: () => undefined,
   });
-  const done = loop.run(60_000);
-  const tick = (ms = 0) => vi.advanceTimersByTimeAsync(ms);
+  return { passes, t, loop, done: loop.run(60_000), tick: (ms = 0) => vi.advanceTimersByTimeAsync(ms) };
+}
+
+test("a waiter with its change's token: answered by the pass its event started (no pass more), at once if that pass ended, else by the next pass", async () => {
+  const { passes, t, loop, done, tick } = tokenLoop(true);
+  const gate = () => t.gate!();
   await tick();
   assert.equal(passes.length, 1);
   const answers: string[] = [];
@@ -158,11 +163,11 @@ test("a waiter with its change's token: answered by the pass its event started (
   loop.onEvents([{ kind: "fw.binding.changed", vpc: "vpc-1", gen: "8" }]);
   loop.target("vpc-1", () => void answers.push("8"), "8");
   assert.deepEqual([...answers], []);
-  gate!();
+  gate();
   await tick();
   assert.deepEqual([...answers], ["7"], "7 answered by the pass its event started; 8 not yet");
   assert.equal(passes.length, 3, "one pass for 8's event (and 8's waiter), none for 7's waiter");
-  gate!();
+  gate();
   await tick();
   assert.deepEqual([...answers], ["7", "8"]);
   // The pass after 7's event has ended: a caller waiting on it now is answered at once.
@@ -174,7 +179,7 @@ test("a waiter with its change's token: answered by the pass its event started (
   loop.target("vpc-1", () => void answers.push("99"), "99");
   await tick();
   assert.equal(passes.length, 4);
-  gate!();
+  gate();
   await tick();
   assert.deepEqual(answers.at(-1), "99");
   loop.stop();
@@ -183,17 +188,7 @@ test("a waiter with its change's token: answered by the pass its event started (
 });
 
 test("the event of a change whose caller waited before it came asks for no pass once a pass has started since", async () => {
-  const passes: PassRequest[] = [];
-  const loop = new SyncLoop<number>({
-    log: pino({ level: "silent" }),
-    events: /^fw\./,
-    route: (e) => (e.vpc ? { key: e.vpc } : "all"),
-    tokenOf: (e) => e.gen,
-    pass: async (r) => passes.push(r),
-    failedAt: () => undefined,
-  });
-  const done = loop.run(60_000);
-  const tick = (ms = 0) => vi.advanceTimersByTimeAsync(ms);
+  const { passes, loop, done, tick } = tokenLoop(false);
   await tick();
   const answers: string[] = [];
   loop.target("vpc-1", () => void answers.push("5"), "5");
