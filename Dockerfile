@@ -14,7 +14,7 @@
 #   docker build --target control-plane --build-arg MICROVPC_COMMIT=$(git rev-parse HEAD) -t microvpc-control-plane:dev .
 #   docker run --rm microvpc:dev ipam --help
 #
-# Base: node:24-bookworm-slim. Node 24 LTS is what package.json's engines,
+# Base: node:24-bookworm-slim. Node 24 LTS is what package.json's devEngines,
 # .nvmrc and CI use; bookworm is the Debian release CI installs
 # deploy/packages.txt on, so the image gets the same nftables/iproute2/
 # wireguard versions the tests ran against.
@@ -45,7 +45,7 @@ ARG HYPERVISOR_ONLY="qemu-system-x86"
 # `npm run build` compiles cli/ and services/ into dist/.
 FROM ${NODE_IMAGE} AS build
 WORKDIR /app
-COPY package.json package-lock.json .npmrc ./
+COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY build.mjs tsconfig.json ./
 COPY cli ./cli
@@ -58,7 +58,7 @@ RUN MICROVPC_COMMIT="$MICROVPC_COMMIT" npm run build
 # --- stage 2: production node_modules only (no dev dependencies).
 FROM ${NODE_IMAGE} AS deps
 WORKDIR /app
-COPY package.json package-lock.json .npmrc ./
+COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
 
 # --- stage 3: the control plane's image (ipam, firewall --api-only, gateway

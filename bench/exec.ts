@@ -1,4 +1,4 @@
-// Per-call cost of starting a command: plain execFile, execa 10, and the
+// Per-call cost of starting a command: plain execFile, execa, and the
 // daemons' adapter (services/common/exec.ts's run(): execa plus the metrics).
 // `npm run bench:exec -- [--calls 100] [--rounds 7] [--file ip] [--smoke] [-- args…]`
 // Runs `ip -V` (default) --calls times per case, the cases interleaved round

@@ -17,7 +17,7 @@
 // child) start with startDaemon(): same environment, counted in
 // microvpc_exec_total (not timed: they run until stopped).
 //
-// Cost, measured with bench/exec.ts (npm run bench:exec) (Node 24, execa 10, `ip -V` ×100
+// Cost, measured with bench/exec.ts (npm run bench:exec) (Node 24, execa 10 then, `ip -V` ×100
 // per case, cases interleaved, median of 7 and of 11 rounds) on the shared
 // 2-core dev machine at load ~15 and ~25, so absolute times are inflated:
 //   execFile 14.4 / 37.6 ms wall, 2.2 / 3.0 ms of our own CPU per call;
@@ -228,7 +228,8 @@ export async function startDaemon(file: string, args: string[], o: DaemonOptions
   const opts: Options = { stdin, stdout, stderr, env: { ...o.env, LC_ALL: "C" }, detached: !!o.detached, cleanup: !o.detached, buffer: false, reject: false };
   const sub = execa(f, a, opts);
   const exited = sub.then((r) => toResult(argv, r, {}));
-  const proc = sub.nodeChildProcess;
+  // execa 9: the subprocess is the ChildProcess itself (with the promise methods added).
+  const proc = sub as unknown as ChildProcess;
   await new Promise<void>((resolve, reject) => {
     proc.once("spawn", resolve);
     exited.then((r) => reject(r.error ?? new ExecError(argv, r.exitCode, r.signal, false, "", "exited at once")));

@@ -33,7 +33,11 @@ const HYPERVISOR = ["netagent", "firewall", "gateway", "vmm"];
 const API_ONLY = ["firewall", "gateway"];
 /** What every microvpc container runs, by its args: ipam and the --api-only pair in ipam's pod, the agents in the DaemonSet. */
 const RUNS = ["firewall", "firewall --api-only", "gateway", "gateway --api-only", "ipam", "netagent", "vmm"];
-const PKG = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string; bin: Record<string, string>; engines: { node: string } };
+const PKG = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as {
+  version: string;
+  bin: Record<string, string>;
+  devEngines: { runtime: { name: string; version: string } };
+};
 
 const rendered: Record<Overlay, K8sObject[]> = { dev: build(join(K8S, "overlays", "dev")), production: build(join(K8S, "overlays", "production")) };
 const baseObjects = build(join(K8S, "base"));
@@ -1215,7 +1219,8 @@ function imagePackages(target = "hypervisor"): string[] {
 test("Dockerfile: build stage (esbuild), node:24-bookworm-slim, npm ci --omit=dev, dist/ shipped, microvpcd as ENTRYPOINT, no build at start", () => {
   const arg = /^ARG NODE_IMAGE=(\S+)$/m.exec(DOCKERFILE)?.[1];
   assert.equal(arg, `node:${readFileSync(join(ROOT, ".nvmrc"), "utf8").trim()}-bookworm-slim`, "the image's Node is .nvmrc's major");
-  assert.match(PKG.engines.node, new RegExp(`^>=${readFileSync(join(ROOT, ".nvmrc"), "utf8").trim()}$`), "engines says the same major");
+  assert.equal(PKG.devEngines.runtime.name, "node");
+  assert.match(PKG.devEngines.runtime.version, new RegExp(`^>=${readFileSync(join(ROOT, ".nvmrc"), "utf8").trim()}$`), "devEngines says the same major");
   const froms = instructions.filter((l) => l.startsWith("FROM "));
   assert.deepEqual(
     froms.map((f) => /^FROM (\S+) AS ([\w-]+)$/.exec(f)?.slice(1).join(" ")),
