@@ -71,6 +71,12 @@ interface Waiter {
 /** How many event tokens the loop remembers (a caller asks within milliseconds of its change). */
 const TOKENS_KEPT = 1000;
 
+/** Sets token → n, forgetting the oldest token past TOKENS_KEPT. */
+function remember(m: Map<string, number>, token: string, n: number): void {
+  m.set(token, n);
+  if (m.size > TOKENS_KEPT) m.delete(m.keys().next().value!);
+}
+
 export class SyncLoop<R> {
   private stopped = false;
   /** A whole pass is wanted (a change event, kick()). */
@@ -95,10 +101,16 @@ export class SyncLoop<R> {
     if (spec.reconciler) this.health = new ReconcileHealth(spec.reconciler, 30_000);
   }
 
-  /** One pass, timed and counted: a whole pass without an error is a success. */
+  /** One pass, timed and counted (started/ended: see target's tokens): a whole pass without an error is a success. */
   private async timed(req: PassRequest): Promise<R> {
     const t0 = process.hrtime.bigint();
-    const result = await this.pass(req);
+    this.started++;
+    let result: R;
+    try {
+      result = await this.pass(req);
+    } finally {
+      this.ended = this.started;
+    }
     if (this.health) {
       const error = this.spec.errorAfterPass ? this.spec.errorAfterPass(result) : this.spec.failedAt() !== undefined ? "the pass failed" : undefined;
       this.health.observe({ whole: !req.only, seconds: Number(process.hrtime.bigint() - t0) / 1e9, error });
@@ -138,10 +150,7 @@ export class SyncLoop<R> {
         };
       }
     }
-    if (token !== undefined && at === undefined) {
-      this.awaited.set(token, this.started);
-      if (this.awaited.size > TOKENS_KEPT) this.awaited.delete(this.awaited.keys().next().value!);
-    }
+    if (token !== undefined && at === undefined) remember(this.awaited, token, this.started);
     if (done) {
       const w = { key, done };
       this.waiters.push(w);
@@ -167,10 +176,7 @@ export class SyncLoop<R> {
       }
       if (r === "all") this.pending = true;
       else if (r) this.targets.add(r.key);
-      if (token !== undefined) {
-        this.seen.set(token, this.started);
-        if (this.seen.size > TOKENS_KEPT) this.seen.delete(this.seen.keys().next().value!);
-      }
+      if (token !== undefined) remember(this.seen, token, this.started);
     }
     this.wake?.();
   }
@@ -201,13 +207,7 @@ export class SyncLoop<R> {
       }
     }
     if (this.stopped) return;
-    this.started++;
-    let first: R;
-    try {
-      first = await this.timed({ first: true, drift: false });
-    } finally {
-      this.ended = this.started;
-    }
+    const first = await this.timed({ first: true, drift: false });
     this.answer(this.runningWaiters.splice(0));
     await this.after(first);
     let lastDrift = Date.now();
@@ -231,16 +231,11 @@ export class SyncLoop<R> {
       const targets = new Set(this.targets);
       this.targets.clear();
       let result: R;
-      this.started++;
-      try {
-        if (this.pending || drift || retry || due) {
-          this.pending = false;
-          if (drift) lastDrift = Date.now();
-          result = await this.timed({ first: false, drift });
-        } else result = await this.timed({ first: false, drift: false, only: targets });
-      } finally {
-        this.ended = this.started;
-      }
+      if (this.pending || drift || retry || due) {
+        this.pending = false;
+        if (drift) lastDrift = Date.now();
+        result = await this.timed({ first: false, drift });
+      } else result = await this.timed({ first: false, drift: false, only: targets });
       // The kernel has the change: answer first, then what may wait.
       this.answer([...waiters, ...this.runningWaiters.splice(0)]);
       await this.after(result);
