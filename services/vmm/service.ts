@@ -103,6 +103,15 @@ const STEP_ENUM: Record<StepName, VmStep> = {
   boot: VmStep.BOOT,
 };
 
+/**
+ * The pause between reads of the fleet's event stream (followEvents): a VM
+ * start appends a dozen events of every service, of which the vmm wants its
+ * own (vm.*, for WatchVms) and the rare vpc/subnet/group change (its lookup
+ * cache). Read in batches, they cost a few reads per VM instead of one per
+ * event; WatchVms hears of a change at most this much later.
+ */
+const EVENT_SETTLE_MS = 50;
+
 /** How long a cached VPC/subnet/group lookup may be used without an event. */
 const LOOKUP_TTL_MS = 30_000;
 
@@ -112,6 +121,24 @@ const LOOKUP_TTL_MS = 30_000;
  */
 const PHASES: StepName[][] = [["ipam"], ["netagent"], ["firewall", "gateway", "dns"], ["boot"]];
 if (PHASES.flat().join() !== STEPS.join()) throw new Error("vmm: PHASES must list STEPS in order");
+/**
+ * How many of the first PHASES the claim's record already names (so no
+ * write of their own precedes them): the address and the NIC, both undone
+ * by the VM's owner string and namespace name alone, which the claim holds,
+ * so a crash anywhere in them is rolled back from the NIC down.
+ */
+const CLAIMED_PHASES = 2;
+/**
+ * DeleteVm's undos: the guest stopped; then at once the DNS name, the
+ * metadata and the NIC (DetachNic takes its devices down, so nothing flows
+ * from here on, and clears the address's conntrack entries); then the
+ * firewall binding: of a NIC already gone, so the firewall has no flows
+ * left to clear (that is one walk of the host's whole conntrack hash per
+ * VM fewer than unbinding first); the address last, once nothing on the
+ * host has it, so no new VM gets it while it is in use.
+ */
+export const DELETE_PHASES: StepName[][] = [["boot"], ["dns", "gateway", "netagent"], ["firewall"], ["ipam"]];
+if ([...DELETE_PHASES.flat()].sort().join() !== [...STEPS].sort().join()) throw new Error("vmm: DELETE_PHASES must list every step once");
 
 export class Vmm {
   private readonly netns: NetnsAdapter;
@@ -134,8 +161,12 @@ export class Vmm {
     return `${this.leasePrefix}${randomBytes(6).toString("hex")}`;
   }
 
-  /** Renews a lease taken (by claim or acquireLease) until the returned release is called. */
-  private hold(id: string, token: string): () => Promise<void> {
+  /**
+   * Renews a lease taken (by claim or acquireLease) until the returned
+   * release is called; release(true) only stops renewing (the script that
+   * ended the operation has dropped the lease already).
+   */
+  private hold(id: string, token: string): (released?: boolean) => Promise<void> {
     const timer = setInterval(() => {
       this.store.renewLease(id, token).then(
         (ok) => {
@@ -145,21 +176,25 @@ export class Vmm {
       );
     }, LEASE_MS / 3);
     timer.unref();
-    return async () => {
+    return async (released = false) => {
       clearInterval(timer);
+      if (released) return;
       await this.store.releaseLease(id, token).catch((err) => this.log.warn({ vm: id, err: (err as Error).message }, "cannot release the VM's lease"));
     };
   }
 
   /**
-   * Waits (up to waitMs) for the VM's lease and holds it; ABORTED if another
-   * operation on the VM (a CreateVm in flight) keeps it longer.
+   * Waits (up to waitMs) for the VM's lease and holds it, with the VM's
+   * record as it is once held (null: gone); ABORTED if another operation on
+   * the VM (a CreateVm in flight) keeps it longer.
    */
-  private async lease(id: string, waitMs: number): Promise<() => Promise<void>> {
+  private async lease(id: string, waitMs: number): Promise<{ token: string; release: (released?: boolean) => Promise<void>; v: VmRec | null }> {
     const token = this.leaseToken();
     const deadline = Date.now() + waitMs;
     let pause = 20;
-    while (!(await this.store.acquireLease(id, token))) {
+    for (;;) {
+      const v = await this.store.acquireLeaseAndRead(id, token);
+      if (v !== false) return { token, release: this.hold(id, token), v };
       if (Date.now() >= deadline) {
         const holder = await this.store.leaseHolder(id);
         throw new ConnectError(
@@ -170,7 +205,6 @@ export class Vmm {
       await new Promise((r) => setTimeout(r, pause));
       pause = Math.min(pause * 2, 250);
     }
-    return this.hold(id, token);
   }
 
   /**
@@ -212,6 +246,7 @@ export class Vmm {
         if (vms.length) this.watchHub.notify(vms);
       },
       stopped,
+      EVENT_SETTLE_MS,
     );
   }
 
@@ -377,14 +412,14 @@ export class Vmm {
    * too): after a crash, recovery rolls back from the last step on record,
    * and every undo is idempotent, so a step that never ran costs nothing.
    */
-  async create(v: VmRec): Promise<VmRec> {
+  async create(v: VmRec, leaseToken: string): Promise<VmRec> {
     v.op = "create";
-    for (const phase of PHASES) {
-      for (const step of phase) this.journal(v, "create", step, "running");
-      // The attempts are on record before they start; except a netns VM's
-      // boot, which touches nothing (a crash there leaves nothing to undo):
-      // its record, one Redis write and one vm.updated event fewer, is the last one.
-      if (!(v.kind === "netns" && phase.every((s) => s === "boot"))) await this.store.put(v);
+    for (const [i, phase] of PHASES.entries()) {
+      for (const step of phase) if (i > 0) this.journal(v, "create", step, "running");
+      // The attempts are on record before they start: the first phases by the
+      // claim (CLAIMED_PHASES); a netns VM's boot touches nothing (a crash
+      // there leaves nothing to undo), so its record is the last one.
+      if (i >= CLAIMED_PHASES && !(v.kind === "netns" && phase.every((s) => s === "boot"))) await this.store.put(v);
       const results = await Promise.allSettled(
         phase.map(async (step) => {
           const t0 = Date.now();
@@ -416,16 +451,18 @@ export class Vmm {
     v.op = "";
     v.state = "running";
     v.startedMs = Date.now();
-    await this.store.put(v);
+    // The last write lets the VM's lease go.
+    await this.store.put(v, leaseToken);
     return v;
   }
 
-  async delete(v: VmRec): Promise<void> {
+  /** Deletes v; with `leaseToken` (the lease held for it), the record's removal drops the lease too. */
+  async delete(v: VmRec, leaseToken = ""): Promise<void> {
     v.op = "delete";
     v.state = "deleting";
     this.journal(v, "delete", "all", "running");
     await this.store.put(v);
-    for (const phase of [...PHASES].reverse()) {
+    for (const phase of DELETE_PHASES) {
       // All of a phase's undos are tried before the first failure is thrown.
       const results = await Promise.allSettled(
         phase.map(async (step) => {
@@ -437,7 +474,7 @@ export class Vmm {
       const failed = results.find((r) => r.status === "rejected");
       if (failed) throw (failed as PromiseRejectedResult).reason;
     }
-    await this.store.remove(v);
+    await this.store.remove(v, leaseToken);
   }
 
   /** VMs whose recovery failed: attempts so far, when the next is due, the last error. */
@@ -623,16 +660,6 @@ export class Vmm {
     if (kind !== "netns" && !this.opts.booters[kind])
       throw new FailedPreconditionError(`kind ${kind} is not available on this hypervisor; use NETNS${kind === "firecracker" ? " or QEMU" : ""}`);
     if (req.userData.length > 16384) throw new InvalidArgumentError("user_data", `is ${req.userData.length} bytes; at most 16384`);
-    const existing = await this.store.byName(vpc.id, name);
-    if (existing) {
-      if (existing.state === "running" && existing.subnetId === subnet.id && (req.clientToken === "" || existing.clientToken === req.clientToken)) {
-        return { vm: this.vmMsg(existing), created: false };
-      }
-      throw new ConnectError(
-        `VM ${name} already exists in VPC ${vpc.name} (${existing.id}, ${existing.state}); delete it or pick another name`,
-        Code.AlreadyExists,
-      );
-    }
     const v: VmRec = {
       id: `vm-${randomBytes(6).toString("hex")}`,
       name,
@@ -666,21 +693,37 @@ export class Vmm {
       op: "create",
       journal: [],
     };
+    // The claim's record names the first phases' steps (CLAIMED_PHASES), so
+    // that it is all a crash in them needs: one write fewer before the NIC.
+    this.journal(v, "create", PHASES[0][0], "running");
+    for (const step of PHASES.slice(0, CLAIMED_PHASES).flat().slice(1)) this.journal(v, "create", step, "queued");
     const token = this.leaseToken();
+    // The claim refuses a name some VM holds; only then is that VM read (the same request again gets it back).
     const held = await this.store.claim(v, token);
     if (held !== nameEntry(v)) {
-      const other = await this.store.byName(vpc.id, name);
+      const existing = await this.store.byName(vpc.id, name);
+      if (!existing) {
+        throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (index entry ${V.show(held)}); retry to get it`, Code.AlreadyExists);
+      }
+      if (existing.state === "running" && existing.subnetId === subnet.id && (req.clientToken === "" || existing.clientToken === req.clientToken)) {
+        return { vm: this.vmMsg(existing), created: false };
+      }
       throw new ConnectError(
-        `VM ${name} is being created in VPC ${vpc.name} (${other ? `${other.id} on ${other.hostId}, ${other.state}` : `index entry ${V.show(held)}`}); retry to get it`,
+        existing.state === "pending"
+          ? `VM ${name} is being created in VPC ${vpc.name} (${existing.id} on ${existing.hostId}, ${existing.state}); retry to get it`
+          : `VM ${name} already exists in VPC ${vpc.name} (${existing.id}, ${existing.state}); delete it or pick another name`,
         Code.AlreadyExists,
       );
     }
     // The VM's lease, taken with the claim: a DeleteVm waits for this create.
     const release = this.hold(v.id, token);
+    let released = false;
     try {
-      return { vm: this.vmMsg(await this.create(v)), created: true };
+      const done = await this.create(v, token);
+      released = true;
+      return { vm: this.vmMsg(done), created: true };
     } finally {
-      await release();
+      await release(released);
     }
   }
 
@@ -710,14 +753,16 @@ export class Vmm {
         if (v.hostId !== this.opts.hostId) throw new FailedPreconditionError(`VM ${v.id} runs on hypervisor ${v.hostId}; ask its vmm`);
         // Never interleaved with a CreateVm (or another DeleteVm) of the same
         // VM: wait for its lease, then act on the record as it is now.
-        const release = await this.lease(v.id, LEASE_WAIT_MS);
+        const { token, release, v: now } = await this.lease(v.id, LEASE_WAIT_MS);
+        let released = false;
         try {
-          const now = await this.store.getOwn(v.id);
           if (!now) return { deleted: false };
-          await this.delete(now);
+          // The record's removal drops the lease too.
+          await this.delete(now, token);
+          released = true;
           return { deleted: true };
         } finally {
-          await release();
+          await release(released);
         }
       }),
 

@@ -93,6 +93,14 @@ const BATCH = 500;
  * an older version wrote (just an id) counts if its old-layout record still
  * exists (a host not yet moved) or this host (ARGV[7]) has it.
  */
+/**
+ * Lua: deletes the lease at KEYS[k] if ARGV[a], its holder's token, still
+ * holds it ('' releases nothing): how a script that ends an operation
+ * (the last put of a create, the removal of a deleted VM) also lets the VM
+ * go, without a round trip of its own.
+ */
+const releaseLua = (k: number, a: number) => `if ARGV[${a}] ~= '' and redis.call('GET', KEYS[${k}]) == ARGV[${a}] then redis.call('DEL', KEYS[${k}]) end`;
+
 const NAME_HELD_LUA = `
 local taken = false
 if held then
@@ -177,17 +185,37 @@ export class VmStore {
    * per hypervisor: another holder on this host is a previous, dead run).
    */
   async acquireLease(id: string, token: string, takeOverUnless = ""): Promise<boolean> {
-    const r = await this.redis.eval(
+    return (await this.leaseScript(id, token, takeOverUnless, false)) === 1;
+  }
+
+  /**
+   * acquireLease, and the VM's own record as it is once the lease is held,
+   * in one script (the round trip DeleteVm would spend on getOwn after it):
+   * false when another holds the lease, null when the record is gone.
+   */
+  async acquireLeaseAndRead(id: string, token: string): Promise<false | VmRec | null> {
+    const r = await this.leaseScript(id, token, "", true);
+    if (r === 0) return false;
+    const [text, userData] = r as [string | null, string | null];
+    return this.own(id, text, userData);
+  }
+
+  private leaseScript(id: string, token: string, takeOverUnless: string, read: boolean): Promise<unknown> {
+    return this.redis.eval(
       `local cur = redis.call('GET', KEYS[1])
        if cur and (ARGV[3] == '' or string.sub(cur, 1, #ARGV[3]) == ARGV[3]) then return 0 end
-       redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1`,
-      1,
+       redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+       if ARGV[4] == '1' then return {redis.call('GET', KEYS[2]) or false, redis.call('GET', KEYS[3]) or false} end
+       return 1`,
+      3,
       K.lease(this.hostId, id),
+      K.vm(this.hostId, id),
+      K.userData(this.hostId, id),
       token,
       LEASE_MS,
       takeOverUnless,
+      read ? "1" : "0",
     );
-    return r === 1;
   }
 
   /** Extends the lease if it is still ours; false if it was lost. */
@@ -203,7 +231,7 @@ export class VmStore {
   }
 
   async releaseLease(id: string, token: string): Promise<void> {
-    await this.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0", 1, K.lease(this.hostId, id), token);
+    await this.redis.eval(`${releaseLua(1, 1)} return 0`, 1, K.lease(this.hostId, id), token);
   }
 
   /** Who holds the VM's lease ("" if nobody). */
@@ -216,16 +244,19 @@ export class VmStore {
    * that WatchVms streams (on any host's vmm) learn of the change: a state,
    * a step done, a journal line.
    */
-  async put(v: VmRec): Promise<void> {
+  async put(v: VmRec, releaseLease = ""): Promise<void> {
     if (v.hostId !== this.hostId) throw new Error(`vmm: host ${this.hostId} does not write VM ${v.id} of host ${v.hostId}`);
     await this.redis.eval(
       `redis.call('SET', KEYS[1], ARGV[1])
        redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.updated', 'vm', ARGV[2])
+       ${releaseLua(2, 3)}
        return 1`,
-      1,
+      2,
       K.vm(this.hostId, v.id),
+      K.lease(this.hostId, v.id),
       storedVmText(v),
       v.id,
+      releaseLease,
     );
   }
 
@@ -242,6 +273,11 @@ export class VmStore {
   async getOwn(id: string): Promise<VmRec | null> {
     if (!VM_ID_RE.test(id)) return null;
     const [text, userData] = await this.redis.mget(K.vm(this.hostId, id), K.userData(this.hostId, id));
+    return this.own(id, text, userData);
+  }
+
+  /** One of this host's records and its host-private user-data, as read. */
+  private own(id: string, text: string | null, userData: string | null): VmRec | null {
     const v = this.parse(this.hostId, id, text);
     if (v && userData && !v.userData) {
       // Host-private, so only this host wrote it; still input: checked as the API checks user-data.
@@ -252,7 +288,6 @@ export class VmStore {
     return v;
   }
 
-  /** A VM on any host (for views: GetVm, InspectVm): this host's first, then the others', in one round trip. */
   async get(id: string): Promise<VmRec | null> {
     if (!VM_ID_RE.test(id)) return null;
     const own = await this.getOwn(id);
@@ -321,21 +356,25 @@ export class VmStore {
     return (await Promise.all((await this.hostIds()).map((h) => this.ofHost(h)))).flat();
   }
 
-  async remove(v: VmRec): Promise<void> {
+  /** Removes the VM's record and name entry; with `releaseLease` (the holder's token), its lease too, in the same script. */
+  async remove(v: VmRec, releaseLease = ""): Promise<void> {
     await this.redis.eval(
       `local held = redis.call('HGET', KEYS[1], ARGV[1])
        if held == ARGV[2] or held == ARGV[3] then redis.call('HDEL', KEYS[1], ARGV[1]) end
        redis.call('DEL', KEYS[2], KEYS[4]) redis.call('SREM', KEYS[3], ARGV[3])
        redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.deleted', 'vm', ARGV[3])
+       ${releaseLua(5, 4)}
        return 1`,
-      4,
+      5,
       K.byName(v.vpcId),
       K.vm(this.hostId, v.id),
       K.host(this.hostId),
       K.userData(this.hostId, v.id),
+      K.lease(this.hostId, v.id),
       v.name,
       nameEntry(v),
       v.id,
+      releaseLease,
     );
   }
 

@@ -9,7 +9,7 @@ import { pino } from "pino";
 import { afterAll, beforeAll, beforeEach, describe, test } from "vitest";
 import { mapDomainErrors } from "../../services/common/errors.js";
 import { metricsRegistry } from "../../services/common/metrics.js";
-import { Vmm } from "../../services/vmm/service.js";
+import { DELETE_PHASES, Vmm } from "../../services/vmm/service.js";
 import { STEPS, VmStore, type StepName, type VmRec } from "../../services/vmm/store.js";
 import { VmKind, VmOperation, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
 import { rejectsWith } from "../lib/clients.js";
@@ -19,6 +19,8 @@ import { FAULT_CODE, faultMessage, STEP_CALLS, VmmFakes } from "../lib/vmm-fakes
 const HOST = "hv1";
 const PHASES: StepName[][] = [["ipam"], ["netagent"], ["firewall", "gateway", "dns"], ["boot"]];
 const phaseOf = (s: StepName) => PHASES.findIndex((p) => p.includes(s));
+/** When DeleteVm undoes a step (DELETE_PHASES: the guest, then the rest at once but the address, then the address). */
+const deletePhaseOf = (s: StepName) => DELETE_PHASES.findIndex((p) => p.includes(s));
 const NOTHING = { ipam: [], netagent: [], firewall: [], gateway: [], dns: [], booter: [], netns: [] };
 
 let redis: TestRedis;
@@ -51,9 +53,9 @@ function rig(): Rig {
   const store = new VmStore(r, HOST);
   const removed: VmRec[] = [];
   const remove = store.remove.bind(store);
-  store.remove = async (v) => {
+  store.remove = async (v, releaseLease) => {
     removed.push(structuredClone(v));
-    await remove(v);
+    await remove(v, releaseLease);
   };
   const vmm = new Vmm(store, fakes.clients(), { hostId: HOST, booters: { qemu: fakes.booter() }, netns: fakes.netns() }, pino({ level: "silent" }));
   const api = createClient(
@@ -152,12 +154,11 @@ describe("DeleteVm failing at each step", () => {
         assert.equal(i.vm!.state, VmState.DELETING, "the record stays, DELETING");
         assert.equal(i.operation, VmOperation.DELETE, "with the delete on record, for recovery to finish");
         assert.ok(i.journal.some((e) => e.message === "delete all running"));
-        // Undone: every later phase, and the failing step's phase-mates (a phase's undos are all tried); kept: earlier phases.
+        // Undone: every phase DeleteVm runs before the failing step's, and its phase-mates (a phase's undos are all tried); kept: the phases after.
         const held = x.fakes.held();
         const svcOf = (s: StepName) => STEP_CALLS[s].svc as keyof typeof held;
         for (const s of STEPS) {
-          const p = phaseOf(s);
-          const kept = p < phaseOf(step) || (s === step && at === "before");
+          const kept = deletePhaseOf(s) > deletePhaseOf(step) || (s === step && at === "before");
           assert.equal(held[svcOf(s)].length, kept ? 1 : 0, `${s} ${kept ? "kept" : "undone"} when ${step}'s undo fails ${at}`);
         }
 
@@ -222,5 +223,53 @@ describe("a rollback that fails", () => {
     assert.equal((await metric("ok")) - ok0, 1, "and the one that worked");
     assert.equal(x.fakes.calls.filter((c) => c.method === "unbindNic").length, 3, "the undo tried by the create, then by two recoveries");
     await assertNothingLeft(x, name, "after the retried recovery");
+  });
+});
+
+describe("a crash between the claim and the next write", () => {
+  test("the claim's record alone has recovery undo the NIC, its namespace and the address", async () => {
+    for (const kind of ["netns", "qemu"] as const) {
+      const x = rig();
+      // The first write after the claim (before the firewall, metadata and
+      // DNS steps) never happens: the process is gone, as far as Redis knows.
+      const put = x.vmm.store.put.bind(x.vmm.store);
+      let puts = 0;
+      x.vmm.store.put = async (v, releaseLease) => {
+        if (++puts === 1) throw new Error("crashed");
+        await put(v, releaseLease);
+      };
+      const name = `crash-${kind}`;
+      await rejectsWith(x.api.createVm({ name, vpc: "app", subnet: "web", securityGroups: ["web"], kind: kindEnum[kind] }), Code.Internal);
+      const held = x.fakes.held();
+      assert.equal(held.ipam.length, 1, "the address was allocated");
+      assert.equal(held.netagent.length, 1, "and the NIC attached");
+      assert.equal(held.firewall.length + held.gateway.length + held.dns.length, 0, "nothing after them ran");
+      const rec = (await x.api.inspectVm({ ref: name, vpc: "app" })).journal.map((e) => e.message);
+      assert.deepEqual(rec, ["create ipam running", "create netagent queued"], "what the claim wrote is all there is");
+
+      await x.vmm.recover();
+      assert.deepEqual(x.fakes.held(), NOTHING, `${kind}: recovery undid the NIC, the namespace and the address`);
+      const undid = x.fakes.calls.filter((c) => Object.values(STEP_CALLS).some((s) => s.undo === c.method)).map((c) => c.method);
+      assert.deepEqual(undid, ["detachNic", "release"], "from the NIC down, last first");
+      await assertNothingLeft(x, name, "after the recovery");
+    }
+  });
+});
+
+describe("a name taken", () => {
+  test("the same CreateVm again gets the running VM back and calls nobody; another client's gets ALREADY_EXISTS naming it", async () => {
+    const x = rig();
+    const req = { name: "dup", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS, clientToken: "t1" };
+    const vm = (await x.api.createVm(req)).vm!;
+    const calls = x.fakes.calls.length;
+    const again = (await x.api.createVm(req)).vm!;
+    assert.equal(again.id, vm.id, "the same VM");
+    assert.equal(again.state, VmState.RUNNING);
+    const err = await rejectsWith(x.api.createVm({ ...req, clientToken: "t2" }), Code.AlreadyExists);
+    assert.equal(err.rawMessage, `VM dup already exists in VPC app (${vm.id}, running); delete it or pick another name`);
+    assert.equal(x.fakes.calls.length, calls, "neither called a step");
+    assert.equal((await x.api.listVms({})).vms.length, 1, "and nothing was added");
+    assert.equal((await x.api.deleteVm({ ref: vm.id })).deleted, true);
+    await assertNothingLeft(x, "dup", "after the delete");
   });
 });
