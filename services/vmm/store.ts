@@ -88,12 +88,6 @@ export const LEASE_MS = 15_000;
 const BATCH = 500;
 
 /**
- * Lua: the name index entry HELD (of name ARGV[1] in VPC ARGV[6]) is taken
- * only if the host it names has a record that agrees. Sets `taken`. An entry
- * an older version wrote (just an id) counts if its old-layout record still
- * exists (a host not yet moved) or this host (ARGV[7]) has it.
- */
-/**
  * Lua: deletes the lease at KEYS[k] if ARGV[a], its holder's token, still
  * holds it ('' releases nothing): how a script that ends an operation
  * (the last put of a create, the removal of a deleted VM) also lets the VM
@@ -101,6 +95,12 @@ const BATCH = 500;
  */
 const releaseLua = (k: number, a: number) => `if ARGV[${a}] ~= '' and redis.call('GET', KEYS[${k}]) == ARGV[${a}] then redis.call('DEL', KEYS[${k}]) end`;
 
+/**
+ * Lua: the name index entry HELD (of name ARGV[1] in VPC ARGV[6]) is taken
+ * only if the host it names has a record that agrees. Sets `taken`. An entry
+ * an older version wrote (just an id) counts if its old-layout record still
+ * exists (a host not yet moved) or this host (ARGV[7]) has it.
+ */
 const NAME_HELD_LUA = `
 local taken = false
 if held then
