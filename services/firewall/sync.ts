@@ -8,6 +8,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
 import { reportInvalid } from "../common/invalid-records.js";
+import type { EventFields } from "../common/events.js";
 import { SyncLoop } from "../common/sync-loop.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { attempt } from "../common/validate.js";
@@ -86,6 +87,15 @@ interface Hint {
 }
 
 const NIC_ID = /^nic-[0-9a-f]{12}$/;
+/**
+ * How long a NIC attached here waits for a pass of its own. Until its pass,
+ * the new port sends nothing and nothing reaches it (compile.ts: nic_ok and
+ * "NIC not bound yet"); the pass opens what an unbound NIC may do. A
+ * CreateVm binds the NIC within milliseconds, and that BindNic's pass reads
+ * the attached NIC too (its hint is noted at once): so one delta per new
+ * NIC, not one for the attach and another for the bind.
+ */
+export const ATTACH_PASS_DELAY_MS = 100;
 const SG_ID = /^sg-[0-9a-f]{12}$/;
 const csv = (v: string | undefined) => (v ? v.split(",").filter(Boolean) : []);
 
@@ -106,6 +116,8 @@ export class FirewallSync {
   flowLogs?: (st: VpcFirewallState) => Promise<VpcFirewallState["flowLogs"]>;
   /** Per VPC, what the events since its last pass say changed (a delta's input). */
   private readonly hints = new Map<string, Hint>();
+  /** ATTACH_PASS_DELAY_MS (0: a NIC attached here is passed over at once). */
+  attachDelayMs = ATTACH_PASS_DELAY_MS;
   /** Called after each pass with the namespaces applied (the flow-log collector follows them). */
   onPass?: (namespaces: string[]) => Promise<void>;
   /**
@@ -146,6 +158,14 @@ export class FirewallSync {
         if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) return undefined;
         if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.") || e.kind.startsWith("vpn.")) && e.vpc) {
           this.noteEvent(e);
+          if (e.kind === "nic.attached" && this.attachDelayMs > 0) {
+            const vpc = e.vpc;
+            // Unless a pass has read the NIC meanwhile (a BindNic's): then nothing is left to do.
+            setTimeout(() => {
+              if (this.hints.has(vpc)) this.loop.target(vpc);
+            }, this.attachDelayMs).unref();
+            return undefined;
+          }
           return { key: e.vpc };
         }
         return "all";
@@ -617,6 +637,11 @@ export class FirewallSync {
    */
   start(redis: Redis, driftIntervalMs: number, prepare?: () => Promise<unknown>): void {
     this.loop.start(redis, driftIntervalMs, prepare);
+  }
+
+  /** Change events, as the feed start() follows hands them (tests hand them here). */
+  onEvents(events: Record<string, string>[]): void {
+    this.loop.onEvents(events as EventFields[]);
   }
 
   /** The loop alone, without the change feed: passes as enforce() and kick() ask (tests). */

@@ -15,7 +15,7 @@ import { NftTransaction as NftTransactionOf, render, type NftTransaction } from 
 import type { CtEntry } from "../../services/common/nft/linux.js";
 import { flowAllowed, removeTx, sharedChainName, type FwModel } from "../../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "../../services/firewall/model.js";
-import { FirewallSync, type StateSource } from "../../services/firewall/sync.js";
+import { ATTACH_PASS_DELAY_MS, FirewallSync, type StateSource } from "../../services/firewall/sync.js";
 import { names } from "../../services/netagent/plan.js";
 import type { HostDesired } from "../../services/netagent/store.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
@@ -436,3 +436,43 @@ function mulberry(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+test("a NIC attached and bound at once costs one delta; one attached and never bound is passed over after ATTACH_PASS_DELAY_MS", async () => {
+  const world = new NicWorld();
+  const nft = new FakeNft();
+  const sync = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
+  await sync.syncAll(true);
+  const loop = sync.run(60_000);
+  const settle = () => new Promise((r) => setTimeout(r, ATTACH_PASS_DELAY_MS + 100));
+  try {
+    await settle(); // the loop's own first pass
+    // CreateVm's order: the NIC attached (its event), then bound, BindNic waiting for enforcement.
+    const a = "nic-000000000001";
+    let before = nft.applied.length;
+    world.records.set(a, nic(1, SUBNET.a, "10.0.1.11", []));
+    sync.onEvents([{ kind: "nic.attached", vpc: VPC, nic: a, host: HOST }]);
+    // BindNic's lookups and script take a few milliseconds.
+    await new Promise((r) => setTimeout(r, 20));
+    world.bindings.set(a, [WEB]);
+    await sync.enforce(VPC, 5000, a);
+    assert.equal(nft.dump(NS), (await fromScratch(world)).dump, "enforced: the NIC with its group");
+    await settle();
+    assert.equal(nft.applied.length - before, 1, "one transaction for the attach and the bind together");
+    assert.equal(nft.dump(NS), (await fromScratch(world)).dump, "and nothing changed after it");
+
+    // Attached and left unbound (AttachNic alone): its port is closed until its pass, which comes after the delay.
+    const b = "nic-000000000002";
+    before = nft.applied.length;
+    world.records.set(b, nic(2, SUBNET.b, "10.0.2.12", []));
+    sync.onEvents([{ kind: "nic.attached", vpc: VPC, nic: b, host: HOST }]);
+    await new Promise((r) => setTimeout(r, 10));
+    assert.doesNotMatch(nft.dump(NS), /"veth2h"|10\.0\.2\.12/, "not applied yet: the port sends nothing, nothing reaches it");
+    await settle();
+    assert.equal(nft.applied.length - before, 1, "then one transaction");
+    assert.equal(nft.dump(NS), (await fromScratch(world)).dump, "the unbound NIC as a whole pass has it");
+    assert.match(nft.dump(NS), /10\.0\.2\.12/);
+  } finally {
+    sync.stop();
+    await loop;
+  }
+});
