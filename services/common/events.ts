@@ -86,9 +86,13 @@ function fieldsOf(f: string[]): EventFields {
  * Calls onMatch with the events of the global stream whose kind matches
  * `kinds` whenever some arrive, until stopped() is true. Uses its own
  * connection (XREAD BLOCK holds it) and keeps retrying while Redis is away.
- * For what is not scoped to a host (the vmm's WatchVms).
+ * For what is not scoped to a host (the vmm's WatchVms). `settleMs`: a
+ * pause after each batch, so that a reader that wants few of the fleet's
+ * events (the vmm wants a handful of kinds) reads them in a few batches
+ * rather than waking for each of the dozen every VM start appends; none is
+ * lost meanwhile (the next read goes on from the last id seen).
  */
-export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events: EventFields[]) => void, stopped: () => boolean): Promise<void> {
+export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events: EventFields[]) => void, stopped: () => boolean, settleMs = 0): Promise<void> {
   const sub = redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
   sub.on("error", () => {});
   let last = "$";
@@ -100,6 +104,7 @@ export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events
       last = entries[entries.length - 1][0];
       const matched = entries.map(([, f]) => fieldsOf(f)).filter((e) => kinds.test(e.kind ?? ""));
       if (matched.length) onMatch(matched);
+      if (settleMs > 0) await new Promise((res) => setTimeout(res, settleMs));
     } catch {
       await new Promise((res) => setTimeout(res, 1000));
     }
