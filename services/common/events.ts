@@ -215,6 +215,14 @@ export interface FeedSpec {
   blockMs?: number;
   /** Called once per XREAD that woke with entries (the fleet bench counts wake-ups). */
   onWake?: () => void;
+  /**
+   * A pause after each batch before the next read, for a reader that wants
+   * few of its VPCs' events or can take them a little later (a VM start
+   * appends a dozen, over some 30 ms, to its VPC's stream): they come in a
+   * few batches instead of one wake-up each. Nothing is lost (the next read
+   * continues from the last ids); each change arrives at most this much later.
+   */
+  settleMs?: number;
   /** Ends the feed as stop() does, checked between reads. */
   stopped?: () => boolean;
 }
@@ -318,6 +326,7 @@ export class EventFeed {
           if (full.length) await this.checkTrims(full, events);
           if (events.length) spec.onEvents(events);
           this.persist(false);
+          if (spec.settleMs) await new Promise((res) => setTimeout(res, spec.settleMs));
         } catch {
           if (this.stopped) break;
           // Redis away or the connection dropped: on return, check every position against trimming.
@@ -406,6 +415,8 @@ export interface FeedScope {
   host: string;
   vpcs: (redis: Redis) => Promise<Iterable<string>>;
   registry?: boolean;
+  /** FeedSpec.settleMs. */
+  settleMs?: number;
 }
 
 /**
@@ -423,8 +434,16 @@ export function followScoped(
 ): { done: Promise<void>; stop: () => void } {
   if (process.env.MICROVPC_EVENTS === "global") {
     let ended = false;
-    return { done: followEvents(redis, kinds, onMatch, () => ended || stopped()), stop: () => (ended = true) };
+    return { done: followEvents(redis, kinds, onMatch, () => ended || stopped(), scope.settleMs), stop: () => (ended = true) };
   }
-  const feed = new EventFeed(redis, { host: scope.host, vpcs: () => scope.vpcs(redis), registry: scope.registry, kinds, onEvents: onMatch, stopped });
+  const feed = new EventFeed(redis, {
+    host: scope.host,
+    vpcs: () => scope.vpcs(redis),
+    registry: scope.registry,
+    settleMs: scope.settleMs,
+    kinds,
+    onEvents: onMatch,
+    stopped,
+  });
   return { done: feed.run(), stop: () => feed.stop() };
 }

@@ -123,7 +123,8 @@ export async function runResolver(
   // The streams of the VPCs held here, and the fleet's (the default DNS configuration): common/events.ts.
   void followScoped(
     redis,
-    { host: hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(hostId)), registry: true },
+    // Each batch reloads the zones: a VM start's record and its neighbours' come in one (a name answers at most 50 ms later).
+    { host: hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(hostId)), registry: true, settleMs: 50 },
     /^(dns\.|vpc\.|subnet\.)/,
     () => void reload().then(rebind),
     () => stopped,

@@ -137,7 +137,8 @@ export class GatewaySync {
       log,
       events: /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/,
       // The streams of the VPCs held here, this host's, and the fleet's (the default DNS configuration): common/events.ts.
-      scope: { host: opts.hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(opts.hostId)), registry: true },
+      // A VM start's events (address, NIC, binding, metadata, name) in one or two batches, not one wake-up each.
+      scope: { host: opts.hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(opts.hostId)), registry: true, settleMs: 20 },
       // A NIC of this host, or an instance's metadata, coming or going: a
       // check of that one address first (eventKey); a whole pass only if it
       // changes what the gateway applies. Another host's NIC changes nothing here.

@@ -77,7 +77,8 @@ export class PeeringSync implements AgentPeering {
     // A peering names both VPCs: each one's stream has it (common/events.ts).
     void followScoped(
       this.redis,
-      { host: this.agent.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.agent.hostId)) },
+      // Every event of the VPCs held here arrives, for the rare peering.* among them: in batches.
+      { host: this.agent.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.agent.hostId)), settleMs: 100 },
       /^peering\./,
       () => this.agent.kick(),
       () => this.stopped,

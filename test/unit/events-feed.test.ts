@@ -55,17 +55,22 @@ class Consumer {
   pending: Promise<unknown> = Promise.resolve();
   feed: EventFeed;
   running?: Promise<void>;
+  /** Batches handed on (onEvents calls). */
+  batches = 0;
   constructor(
     readonly host: string,
     positions = new MemoryPositions(),
+    settleMs = 0,
   ) {
     this.feed = new EventFeed(r, {
       host,
+      settleMs,
       vpcs: async () => Object.keys(await r.hgetall(held(host))),
       kinds: /^t\./,
       positions,
       blockMs: 200,
       onEvents: (evs) => {
+        this.batches++;
         this.seen.push(...evs);
         // Applied in order, as a sync loop would: a state read is awaited before later deltas.
         for (const e of evs) this.pending = this.pending.then(() => this.apply(e));
@@ -248,4 +253,37 @@ test("an event written to its VPC's stream and to its host's arrives as one batc
   const split = batches.filter((b) => b.filter((e) => e.kind === "t.both").length % 2 === 1);
   assert.deepEqual(split, [], "a batch held one copy of an event, its twin came in another");
   await c.stop();
+});
+
+test("settleMs: a burst of changes spread over 80 ms comes in a few batches, every one of them, in order", async () => {
+  const v = vpc();
+  const runs: { settle: number; batches: number }[] = [];
+  for (const settle of [0, 50]) {
+    const h = `hs${settle}x${seq}`;
+    await arrive(h, v);
+    const c = new Consumer(h, new MemoryPositions(), settle).start();
+    await until("the VPC joined", () => c.view.has(v));
+    const from = c.batches;
+    const seenFrom = c.seen.length;
+    // About a VM start's pace: a change every 8 ms.
+    for (let i = 0; i < 10; i++) {
+      await change(v, `k${i}`, `${settle}-${i}`);
+      await new Promise((res) => setTimeout(res, 8));
+    }
+    await until("all ten arrived", () => c.seen.slice(seenFrom).filter((e) => e.kind === "t.item").length === 10);
+    assert.deepEqual(
+      c.seen
+        .slice(seenFrom)
+        .filter((e) => e.kind === "t.item")
+        .map((e) => e.value),
+      Array.from({ length: 10 }, (_, i) => `${settle}-${i}`),
+      "every change, in order",
+    );
+    assert.ok(await converged(c, [v]));
+    runs.push({ settle, batches: c.batches - from });
+    await c.stop();
+  }
+  const [none, settled] = runs;
+  assert.ok(settled.batches <= 3, `with settleMs 50: ${settled.batches} batches`);
+  assert.ok(none.batches >= 4, `without: about one per change (${none.batches})`);
 });

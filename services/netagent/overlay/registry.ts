@@ -257,7 +257,8 @@ export class OverlayRegistry {
   async watch(kick: () => void, stopped: () => boolean): Promise<void> {
     const w = followScoped(
       this.redis,
-      { host: this.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.hostId)), registry: true },
+      // Each batch is one pass: a VM start's events come in one or two (a peer learns of a NIC at most 20 ms later).
+      { host: this.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.hostId)), registry: true, settleMs: 20 },
       // gw.nat.*: a NAT gateway's holder changed, or the gateway came or went (its peer's 0.0.0.0/0).
       /^(nic|overlay|host|gw\.nat)\./,
       (events) => {
