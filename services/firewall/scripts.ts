@@ -212,7 +212,7 @@ unindex(nic, old[2], old[3], old[4])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', F .. 'nics', nic)
 local g = emit('fw.binding.removed', old[3], 'nic', nic, 'host', old[2], 'address', old[5], 'groups', old[4] or '')
-return {1, old[3], tostring(g)}
+return {1, old[3], tostring(g), old[2] or ''}
 `;
 
 /**

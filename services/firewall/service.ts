@@ -488,16 +488,18 @@ export class FirewallApi {
         ...(logging ? { dropLogging: logging } : {}),
       };
       const { binding, changed, gen } = await this.store.bind(spec);
+      // The reply's ACL is read while the kernel applies the binding, not after.
+      const msg = this.bindingMsgs([binding]);
+      msg.catch(() => {});
       await this.enforced(nicId, binding.vpcId, "bind", gen);
-      return { binding: (await this.bindingMsgs([binding]))[0], changed };
+      return { binding: (await msg)[0], changed };
     },
 
     unbindNic: async (req) => {
       const nicId = V.id("nic_id", req.nicId, "nic");
-      const was = await this.store.getBinding(nicId);
-      const { removed: unbound, gen } = await this.store.unbind(nicId);
+      const { removed: unbound, gen, vpcId, hostId } = await this.store.unbind(nicId);
       // Conntrack entries are the sync loop's to clear, on the host that had the NIC.
-      if (unbound && was && was.hostId === this.opts.hostId) await this.enforced(nicId, was.vpcId, "unbind", gen);
+      if (unbound && vpcId && hostId === this.opts.hostId) await this.enforced(nicId, vpcId, "unbind", gen);
       return { unbound, conntrackEntriesCleared: 0 };
     },
 

@@ -309,9 +309,22 @@ export class FirewallStore {
   }
 
   /** removed=false if the NIC had no binding; gen: the generation of the removal's event. */
-  async unbind(nicId: string): Promise<{ removed: boolean; gen?: string }> {
-    const [code, , gen] = (await this.redis.mvpcFwUnbind(FK.nic(nicId), nicId)) as unknown as [number, string, string?];
-    return code === 1 ? { removed: true, gen: String(gen) } : { removed: false };
+  /**
+   * Removes the binding; with it, the VPC and host it named (as the shared
+   * record held them: each checked for its form, else left out), so that
+   * UnbindNic knows whether to wait for this host's kernel without a read
+   * of its own.
+   */
+  async unbind(nicId: string): Promise<{ removed: boolean; gen?: string; vpcId?: string; hostId?: string }> {
+    const [code, vpc, gen, host] = (await this.redis.mvpcFwUnbind(FK.nic(nicId), nicId)) as unknown as [number, string, string?, string?];
+    if (code !== 1) return { removed: false };
+    const ok = (f: () => unknown) => V.attempt(f).ok;
+    return {
+      removed: true,
+      gen: String(gen),
+      ...(ok(() => V.id("vpc", vpc, "vpc")) ? { vpcId: vpc } : {}),
+      ...(host && ok(() => V.hostId("host", host)) ? { hostId: host } : {}),
+    };
   }
 
   async getBinding(nicId: string): Promise<BindingRec | null> {
