@@ -308,10 +308,10 @@ export class FirewallStore {
     return { binding, changed: code === 1, ...(code === 1 ? { gen: String(detail) } : {}) };
   }
 
-  /** removed=false if the NIC had no binding; gen: the generation of the removal's event. */
   /**
-   * Removes the binding; with it, the VPC and host it named (as the shared
-   * record held them: each checked for its form, else left out), so that
+   * Removes the binding. removed=false if the NIC had none; gen: the
+   * generation of the removal's event; vpcId and hostId: what the shared
+   * record named (each checked for its form, else left out), so that
    * UnbindNic knows whether to wait for this host's kernel without a read
    * of its own.
    */

@@ -116,8 +116,6 @@ export class FirewallSync {
   flowLogs?: (st: VpcFirewallState) => Promise<VpcFirewallState["flowLogs"]>;
   /** Per VPC, what the events since its last pass say changed (a delta's input). */
   private readonly hints = new Map<string, Hint>();
-  /** ATTACH_PASS_DELAY_MS (0: a NIC attached here is passed over at once). */
-  attachDelayMs = ATTACH_PASS_DELAY_MS;
   /** Called after each pass with the namespaces applied (the flow-log collector follows them). */
   onPass?: (namespaces: string[]) => Promise<void>;
   /**
@@ -158,12 +156,12 @@ export class FirewallSync {
         if (e.kind.startsWith("nic.") && e.host && e.host !== this.hostId) return undefined;
         if ((e.kind.startsWith("fw.") || e.kind.startsWith("nic.") || e.kind.startsWith("vpn.")) && e.vpc) {
           this.noteEvent(e);
-          if (e.kind === "nic.attached" && this.attachDelayMs > 0) {
+          if (e.kind === "nic.attached") {
             const vpc = e.vpc;
             // Unless a pass has read the NIC meanwhile (a BindNic's): then nothing is left to do.
             setTimeout(() => {
               if (this.hints.has(vpc)) this.loop.target(vpc);
-            }, this.attachDelayMs).unref();
+            }, ATTACH_PASS_DELAY_MS).unref();
             return undefined;
           }
           return { key: e.vpc };

@@ -415,7 +415,7 @@ export class Vmm {
   async create(v: VmRec, leaseToken: string): Promise<VmRec> {
     v.op = "create";
     for (const [i, phase] of PHASES.entries()) {
-      for (const step of phase) if (i > 0) this.journal(v, "create", step, "running");
+      for (const step of phase) this.journal(v, "create", step, "running");
       // The attempts are on record before they start: the first phases by the
       // claim (CLAIMED_PHASES); a netns VM's boot touches nothing (a crash
       // there leaves nothing to undo), so its record is the last one.
@@ -695,8 +695,7 @@ export class Vmm {
     };
     // The claim's record names the first phases' steps (CLAIMED_PHASES), so
     // that it is all a crash in them needs: one write fewer before the NIC.
-    this.journal(v, "create", PHASES[0][0], "running");
-    for (const step of PHASES.slice(0, CLAIMED_PHASES).flat().slice(1)) this.journal(v, "create", step, "queued");
+    for (const step of PHASES.slice(0, CLAIMED_PHASES).flat()) this.journal(v, "create", step, "queued");
     const token = this.leaseToken();
     // The claim refuses a name some VM holds; only then is that VM read (the same request again gets it back).
     const held = await this.store.claim(v, token);

@@ -288,6 +288,7 @@ export class VmStore {
     return v;
   }
 
+  /** A VM on any host (for views: GetVm, InspectVm): this host's first, then the others', in one round trip. */
   async get(id: string): Promise<VmRec | null> {
     if (!VM_ID_RE.test(id)) return null;
     const own = await this.getOwn(id);

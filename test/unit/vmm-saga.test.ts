@@ -245,7 +245,7 @@ describe("a crash between the claim and the next write", () => {
       assert.equal(held.netagent.length, 1, "and the NIC attached");
       assert.equal(held.firewall.length + held.gateway.length + held.dns.length, 0, "nothing after them ran");
       const rec = (await x.api.inspectVm({ ref: name, vpc: "app" })).journal.map((e) => e.message);
-      assert.deepEqual(rec, ["create ipam running", "create netagent queued"], "what the claim wrote is all there is");
+      assert.deepEqual(rec, ["create ipam queued", "create netagent queued"], "what the claim wrote is all there is");
 
       await x.vmm.recover();
       assert.deepEqual(x.fakes.held(), NOTHING, `${kind}: recovery undid the NIC, the namespace and the address`);
