@@ -99,7 +99,7 @@ network() {
 }
 
 hypervisor() { # index (0..2): its netagent, firewall, gateway and vmm
-  local i=$1 d="node bin/microvpcd.js"
+  local i=$1 d="bin/microvpcd.js" # executed as the image runs it: its #! line carries the node flags
   local ns=${HOSTNS[$i]} id=${HOST_IDS[$i]} b=${PORTS[$i]} n=$((i + 1))
   [ "$n" = 1 ] && n=""
   local on="--host-id $id"
@@ -125,7 +125,7 @@ up() {
   start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN/redis" --save "" \
     --appendonly yes --appendfsync always --daemonize no --unixsocket "$RUN/redis.sock" --unixsocketperm 700
   wait_port "$REDIS_PORT"
-  start ipam node bin/microvpcd.js ipam --listen 127.0.0.1:7401
+  start ipam bin/microvpcd.js ipam --listen 127.0.0.1:7401
   for i in 0 1 2; do hypervisor $i; done
   for b in "${PORTS[@]}"; do for k in 2 3 4 5; do wait_port $((b + k)); done; done
   wait_port 7401

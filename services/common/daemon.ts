@@ -250,6 +250,9 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
       auth: [token && "token", flags.tlsClientCa && "mtls"].filter(Boolean).join("+") || "none",
       tls: !!flags.tlsCert,
       exec: execHelper ? "helper process" : "execa in-process (MICROVPC_EXEC_HELPER=0)",
+      // bin/microvpcd.js's #! line sets the young generation's size; a daemon
+      // started another way (`node dist/microvpcd.js`) shows it lacks it here.
+      nodeFlags: [...process.execArgv, ...(process.env.NODE_OPTIONS ? [`NODE_OPTIONS=${process.env.NODE_OPTIONS}`] : [])].join(" ") || "none",
       ...def.startInfo?.(),
     },
     `${def.name} serving`,

@@ -61,23 +61,15 @@ test("microvpcd from dist/ with production dependencies serves health and commen
   const port = await freePort();
   const metrics = await freePort();
   let out = "";
+  // Executed as the image's ENTRYPOINT executes it (tini -- microvpcd, a
+  // link to bin/microvpcd.js): through its #! line, with the node on PATH.
   daemon = spawn(
-    process.execPath,
-    [
-      join(app, "bin", "microvpcd.js"),
-      "ipam",
-      "--listen",
-      `127.0.0.1:${port}`,
-      "--metrics-listen",
-      `127.0.0.1:${metrics}`,
-      "--redis",
-      redis.url,
-      "--log-level",
-      "warn",
-    ],
+    join(app, "bin", "microvpcd.js"),
+    ["ipam", "--listen", `127.0.0.1:${port}`, "--metrics-listen", `127.0.0.1:${metrics}`, "--redis", redis.url, "--log-level", "info"],
     {
       cwd: app,
       stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH ?? ""}` },
     },
   );
   daemon.stdout!.on("data", (d) => (out += d));
@@ -91,6 +83,13 @@ test("microvpcd from dist/ with production dependencies serves health and commen
     assert.ok(Date.now() < deadline, `not serving after 15 s:\n${out}`);
     await new Promise((r) => setTimeout(r, 100));
   }
+  // The #! line's node flags reached the daemon: a 4-MiB young generation,
+  // not Node 24's 64 MiB whose scavenges stopped it for ~20 ms at a time.
+  const servingLine = () => out.split("\n").find((l) => l.includes('"ipam serving"'));
+  for (let i = 0; i < 50 && !servingLine(); i++) await new Promise((r) => setTimeout(r, 100));
+  const serving = servingLine();
+  assert.ok(serving, `no start-up line:\n${out}`);
+  assert.match(JSON.parse(serving).nodeFlags, /(^| )--max-semi-space-size=2( |$)/, serving);
   // Reflection with the proto comments: grpcurl's `describe` reads them.
   const buf = join(ROOT, "node_modules", ".bin", "buf");
   const list = await pexec(buf, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-services", `http://127.0.0.1:${port}`]);

@@ -1,6 +1,7 @@
 // Starts a real `microvpcd <service>` process, as an operator would, and
 // waits until it answers health checks. Ended by PID only.
 import { spawn, type ChildProcess } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { grpcClient } from "../../services/common/client.js";
@@ -29,6 +30,17 @@ export interface DaemonOptions {
 
 class PortTaken extends Error {}
 
+/**
+ * The node flags on an entry script's `#!/usr/bin/env -S node …` line
+ * (bin/microvpcd.js: the young generation's size), so that a daemon started
+ * here as `node <script>` runs as the image, systemd and k8s run it.
+ */
+export function shebangNodeFlags(script: string): string[] {
+  const first = readFileSync(script, "utf8").split("\n", 1)[0];
+  const m = /^#!\S*env -S node((?: --?[\w-]+(?:=\S+)?)*)\s*$/.exec(first);
+  return m ? m[1].split(" ").filter(Boolean) : [];
+}
+
 /** How long a daemon may take to answer SERVING. */
 const START_DEADLINE_MS = 60_000;
 
@@ -54,9 +66,11 @@ export async function startDaemon(
 async function startDaemonOnce(service: string, extra: string[], env: Record<string, string>, netns: string | undefined, o: DaemonOptions): Promise<Daemon> {
   const port = await freePort();
   const metricsPort = await freePort();
+  const script = o.script ?? join(ROOT, "bin", "microvpcd.js");
   const args = [
+    ...shebangNodeFlags(script),
     ...(o.nodeArgs ?? []),
-    o.script ?? join(ROOT, "bin", "microvpcd.js"),
+    script,
     service,
     "--listen",
     `127.0.0.1:${port}`,

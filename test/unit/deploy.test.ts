@@ -21,6 +21,7 @@ import { test } from "vitest";
 import { parse as parseYaml } from "yaml";
 import { build, isObj, parseYamlDocs, resId, splitImage, strategicMerge, type K8sObject, type Obj } from "../../deploy/k8s/kustomize.js";
 import { isLoopback, parseListen } from "../../services/common/server.js";
+import { shebangNodeFlags } from "../lib/daemon.js";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const K8S = join(ROOT, "deploy", "k8s");
@@ -651,11 +652,11 @@ for (const overlay of OVERLAYS) {
 
 test("the containers' entry point is the one the integration tests start", () => {
   assert.equal(PKG.bin.microvpcd, "bin/microvpcd.js");
-  assert.match(
-    readFileSync(join(ROOT, "test", "lib", "daemon.ts"), "utf8"),
-    /join\(ROOT, "bin", "microvpcd\.js"\),\s*service\b/,
-    "test/lib/daemon.ts starts bin/microvpcd.js <service>",
-  );
+  const harness = readFileSync(join(ROOT, "test", "lib", "daemon.ts"), "utf8");
+  assert.match(harness, /const script = o\.script \?\? join\(ROOT, "bin", "microvpcd\.js"\);/, "test/lib/daemon.ts starts bin/microvpcd.js");
+  assert.match(harness, /\.\.\.shebangNodeFlags\(script\),[\s\S]{0,80}?\bscript,\s*service\b/, "…as node <its #! flags> bin/microvpcd.js <service>");
+  // The image, systemd and k8s execute the file: its #! line carries the heap flags.
+  assert.deepEqual(shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")), ["--max-semi-space-size=2"]);
   const df = readFileSync(join(ROOT, "Dockerfile"), "utf8");
   assert.match(df, /ln -s \/app\/bin\/microvpcd\.js \/usr\/local\/bin\/microvpcd\b/, "microvpcd on PATH is bin/microvpcd.js");
   assert.match(df, /^WORKDIR \/app$/m);
