@@ -22,7 +22,10 @@
 //      Also, around the CreateVm calls that grow the host, each daemon's
 //      /metrics (microvpc_exec_total{command}, microvpc_exec_duration_seconds)
 //      for the execs and exec seconds per CreateVm, by daemon and command
-//      ("n/a" where the daemons do not export them);
+//      ("n/a" where the daemons do not export them); the three slowest
+//      CreateVm calls of each pass with their steps (a p99 of 30 samples is
+//      the slowest one); and each daemon's GC pauses and event-loop delay
+//      (prom-client's default metrics), with the node flags they ran with;
 //   4. that "returned" means "enforced": BindNic returns once the host's
 //      firewall applied the binding, so after each of a few creates the
 //      bench polls the VPC namespace's nft verdict map nic_in for the new
@@ -78,7 +81,7 @@ import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService, VmState, VmStep } from "../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../services/common/client.js";
 import { HELPER_MARK } from "../services/common/exec-helper.js";
-import { startDaemon, type Daemon } from "../test/lib/daemon.js";
+import { ROOT, shebangNodeFlags, startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, type Hypervisor } from "../test/lib/harness.js";
 import { RUN_PREFIX, canPing, listNetnsSync, nsExec, onCleanup, ownedNamespace, run, tempDir, trackChild } from "../test/lib/netns.js";
 import { machineEnv, cpuUs } from "./lib/cpu.js";
@@ -920,6 +923,32 @@ async function main(): Promise<number> {
   const leftInVmm = (await vmm.listVms({})).vms.length;
 
   // ---- teardown (also done by the exit handlers if anything above threw)
+  // GC pauses and event-loop delay per daemon, from prom-client's default
+  // metrics: the GC histogram counts from the daemon's start; the loop delay
+  // since the daemon's previous scrape (prom-client resets it on each).
+  const pauses = await scrapeAll({ vmm: vmmd!, ipam: h.ipamDaemon, netagent: hv.daemon, firewall: fwd!, gateway: gwd! });
+  const pauseStats = Object.fromEntries(
+    Object.entries(pauses).map(([name, sm]) => {
+      if (!sm) return [name, undefined];
+      const g = (n: string, l: Record<string, string> = {}) => sum(sm, n, l);
+      const under10 = sum(
+        sm.filter((x) => x.labels.le === "0.01"),
+        "nodejs_gc_duration_seconds_bucket",
+      );
+      return [
+        name,
+        {
+          scavenges: g("nodejs_gc_duration_seconds_count", { kind: "minor" }),
+          scavengeMs: g("nodejs_gc_duration_seconds_sum", { kind: "minor" }) * 1000,
+          markCompacts: g("nodejs_gc_duration_seconds_count", { kind: "major" }),
+          markCompactMs: g("nodejs_gc_duration_seconds_sum", { kind: "major" }) * 1000,
+          over10ms: g("nodejs_gc_duration_seconds_count") - under10,
+          loopDelayMaxMs: g("nodejs_eventloop_lag_max_seconds") * 1000,
+          loopDelayP99Ms: g("nodejs_eventloop_lag_p99_seconds") * 1000,
+        },
+      ];
+    }),
+  );
   progress("done measuring; stopping the daemons and removing every namespace of the run");
   const tc0 = performance.now();
   for (const d of [vmmd, gwd, fwd]) await d.stop().catch(() => undefined);
@@ -1074,6 +1103,21 @@ async function main(): Promise<number> {
       ],
     ),
   );
+  // The tail: a p99 of 30 samples is the slowest call, so show what it waited on.
+  p(`The three slowest CreateVm calls of each pass (client ms; its steps' ms, "own" = the rest):`);
+  for (const { label, p: x } of stepPasses) {
+    const slow = [...x.vmm].sort((a, b) => b.createMs - a.createMs).slice(0, 3);
+    p(
+      `  ${label}: ${slow
+        .map(
+          (v) =>
+            `${num(v.createMs)} (${STEP_NAMES.filter((k) => k !== "boot")
+              .map((k) => `${k} ${num(v.steps[k])}`)
+              .join(", ")}, own ${num(v.ownMs)})`,
+        )
+        .join(" · ")}`,
+    );
+  }
   p(
     `The vmm's own timers (means over the measured pairs, /metrics): CreateVm server side ${stepPasses.map(({ label, p: x }) => `${fms(histMean(x.serverCreate))} at ${label}`).join(", ")},`,
   );
@@ -1161,6 +1205,30 @@ async function main(): Promise<number> {
   if (execs.unreadable.length) p(`(/metrics unreadable on: ${execs.unreadable.join(", ")})`);
 
   if (lag0 && lagN) {
+    p(heading("3c. Pauses: each daemon's GC and event-loop delay (prom-client's nodejs_gc_duration_seconds, nodejs_eventloop_lag_*)"));
+    p(`GC: the whole run, from each daemon's start. Loop delay: since the daemon's previous /metrics scrape (in the ${VMS}-VM pass) to the end.`);
+    p(
+      `Node flags of the daemons: ${shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")).join(" ") || "none"} (bin/microvpcd.js's #! line${process.env.NODE_OPTIONS ? `; NODE_OPTIONS=${process.env.NODE_OPTIONS}` : ""}).`,
+    );
+    p(
+      table(
+        ["daemon", "scavenges", "mean / total ms", "mark-compacts", "total ms", "GC pauses > 10 ms", "loop delay max / p99"],
+        Object.entries(pauseStats).map(([name, x]) =>
+          x
+            ? [
+                name,
+                String(x.scavenges),
+                `${num(x.scavenges ? x.scavengeMs / x.scavenges : 0)} / ${x.scavengeMs.toFixed(0)}`,
+                String(x.markCompacts),
+                x.markCompactMs.toFixed(0),
+                String(x.over10ms),
+                `${fms(x.loopDelayMaxMs)} / ${fms(x.loopDelayP99Ms)}`,
+              ]
+            : [name, "–", "/metrics unreadable", "", "", "", ""],
+        ),
+      ),
+    );
+
     p(heading("4. After CreateVm returns: firewall enforcement and first packet from a peer"));
     p(`BindNic returns once this host's firewall has applied the binding (FirewallSync.enforce), so CreateVm returns enforced. This checks`);
     p(`it from outside: "enforced": from the return until the address is seen in the nft verdict map nic_in (polled with \`nft -j list map\``);
@@ -1316,6 +1384,8 @@ async function main(): Promise<number> {
     profile,
     lag: { at1: lag0, atN: lagN },
     burst,
+    nodeFlags: shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")),
+    pauses: pauseStats,
     cleanup: { leftInVmm, vmNsLeftByVmm, leftovers, rootDiff },
     verdicts: v,
   });
