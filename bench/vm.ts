@@ -926,15 +926,12 @@ async function main(): Promise<number> {
   // GC pauses and event-loop delay per daemon, from prom-client's default
   // metrics: the GC histogram counts from the daemon's start; the loop delay
   // since the daemon's previous scrape (prom-client resets it on each).
+  const nodeFlags = shebangNodeFlags(join(ROOT, "bin", "microvpcd.js"));
   const pauses = await scrapeAll({ vmm: vmmd!, ipam: h.ipamDaemon, netagent: hv.daemon, firewall: fwd!, gateway: gwd! });
   const pauseStats = Object.fromEntries(
     Object.entries(pauses).map(([name, sm]) => {
       if (!sm) return [name, undefined];
       const g = (n: string, l: Record<string, string> = {}) => sum(sm, n, l);
-      const under10 = sum(
-        sm.filter((x) => x.labels.le === "0.01"),
-        "nodejs_gc_duration_seconds_bucket",
-      );
       return [
         name,
         {
@@ -942,7 +939,7 @@ async function main(): Promise<number> {
           scavengeMs: g("nodejs_gc_duration_seconds_sum", { kind: "minor" }) * 1000,
           markCompacts: g("nodejs_gc_duration_seconds_count", { kind: "major" }),
           markCompactMs: g("nodejs_gc_duration_seconds_sum", { kind: "major" }) * 1000,
-          over10ms: g("nodejs_gc_duration_seconds_count") - under10,
+          over10ms: g("nodejs_gc_duration_seconds_count") - g("nodejs_gc_duration_seconds_bucket", { le: "0.01" }),
           loopDelayMaxMs: g("nodejs_eventloop_lag_max_seconds") * 1000,
           loopDelayP99Ms: g("nodejs_eventloop_lag_p99_seconds") * 1000,
         },
@@ -1204,31 +1201,31 @@ async function main(): Promise<number> {
   }
   if (execs.unreadable.length) p(`(/metrics unreadable on: ${execs.unreadable.join(", ")})`);
 
-  if (lag0 && lagN) {
-    p(heading("3c. Pauses: each daemon's GC and event-loop delay (prom-client's nodejs_gc_duration_seconds, nodejs_eventloop_lag_*)"));
-    p(`GC: the whole run, from each daemon's start. Loop delay: since the daemon's previous /metrics scrape (in the ${VMS}-VM pass) to the end.`);
-    p(
-      `Node flags of the daemons: ${shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")).join(" ") || "none"} (bin/microvpcd.js's #! line${process.env.NODE_OPTIONS ? `; NODE_OPTIONS=${process.env.NODE_OPTIONS}` : ""}).`,
-    );
-    p(
-      table(
-        ["daemon", "scavenges", "mean / total ms", "mark-compacts", "total ms", "GC pauses > 10 ms", "loop delay max / p99"],
-        Object.entries(pauseStats).map(([name, x]) =>
-          x
-            ? [
-                name,
-                String(x.scavenges),
-                `${num(x.scavenges ? x.scavengeMs / x.scavenges : 0)} / ${x.scavengeMs.toFixed(0)}`,
-                String(x.markCompacts),
-                x.markCompactMs.toFixed(0),
-                String(x.over10ms),
-                `${fms(x.loopDelayMaxMs)} / ${fms(x.loopDelayP99Ms)}`,
-              ]
-            : [name, "–", "/metrics unreadable", "", "", "", ""],
-        ),
+  p(heading("3c. Pauses: each daemon's GC and event-loop delay (prom-client's nodejs_gc_duration_seconds, nodejs_eventloop_lag_*)"));
+  p(`GC: the whole run, from each daemon's start. Loop delay: since the daemon's previous /metrics scrape (in the ${VMS}-VM pass) to the end.`);
+  p(
+    `Node flags of the daemons: ${nodeFlags.join(" ") || "none"} (bin/microvpcd.js's #! line${process.env.NODE_OPTIONS ? `; NODE_OPTIONS=${process.env.NODE_OPTIONS}` : ""}).`,
+  );
+  p(
+    table(
+      ["daemon", "scavenges", "mean / total ms", "mark-compacts", "total ms", "GC pauses > 10 ms", "loop delay max / p99"],
+      Object.entries(pauseStats).map(([name, x]) =>
+        x
+          ? [
+              name,
+              String(x.scavenges),
+              `${num(x.scavenges ? x.scavengeMs / x.scavenges : 0)} / ${x.scavengeMs.toFixed(0)}`,
+              String(x.markCompacts),
+              x.markCompactMs.toFixed(0),
+              String(x.over10ms),
+              `${fms(x.loopDelayMaxMs)} / ${fms(x.loopDelayP99Ms)}`,
+            ]
+          : [name, "–", "/metrics unreadable", "", "", "", ""],
       ),
-    );
+    ),
+  );
 
+  if (lag0 && lagN) {
     p(heading("4. After CreateVm returns: firewall enforcement and first packet from a peer"));
     p(`BindNic returns once this host's firewall has applied the binding (FirewallSync.enforce), so CreateVm returns enforced. This checks`);
     p(`it from outside: "enforced": from the return until the address is seen in the nft verdict map nic_in (polled with \`nft -j list map\``);
@@ -1384,7 +1381,7 @@ async function main(): Promise<number> {
     profile,
     lag: { at1: lag0, atN: lagN },
     burst,
-    nodeFlags: shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")),
+    nodeFlags,
     pauses: pauseStats,
     cleanup: { leftInVmm, vmNsLeftByVmm, leftovers, rootDiff },
     verdicts: v,
