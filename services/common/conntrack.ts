@@ -36,6 +36,9 @@ const CONNTRACK = 1; // NFNL_SUBSYS_CTNETLINK
 const NFCT_T_ALL = 7;
 const NFCT_Q_DESTROY = 2;
 const NFCT_Q_DUMP = 5;
+const NFCT_Q_DUMP_FILTER = 8;
+const NFCT_FILTER_DUMP_MARK = 0;
+const NFCT_FILTER_DUMP_L3NUM = 1;
 const NFCT_CB_CONTINUE = 1;
 const NFCT_CB_STOLEN = 2;
 const ATTR_ORIG_IPV4_SRC = 0;
@@ -75,6 +78,10 @@ interface Lib {
   u8: Fn;
   u16: Fn;
   u32: Fn;
+  filterCreate: Fn;
+  filterDestroy: Fn;
+  filterSet: Fn;
+  filterSetU8: Fn;
   /** The one registered callback, and what it hands each entry to. */
   cb: unknown;
 }
@@ -96,6 +103,10 @@ const library = new InProcessLibrary<Lib>("MICROVPC_CONNTRACK_EXEC", (c) => {
     u8: n.func("uint8_t nfct_get_attr_u8(void *ct, int attr)") as Fn,
     u16: n.func("uint16_t nfct_get_attr_u16(void *ct, int attr)") as Fn,
     u32: n.func("uint32_t nfct_get_attr_u32(void *ct, int attr)") as Fn,
+    filterCreate: n.func("void *nfct_filter_dump_create(void)") as Fn,
+    filterDestroy: n.func("void nfct_filter_dump_destroy(void *f)") as Fn,
+    filterSet: n.func("void nfct_filter_dump_set_attr(void *f, int type, const void *data)") as Fn,
+    filterSetU8: n.func("void nfct_filter_dump_set_attr_u8(void *f, int type, uint8_t data)") as Fn,
     cb: k.register((_type: number, ct: unknown) => (visitor ? visitor(ct) : NFCT_CB_CONTINUE), cbType),
   };
 });
@@ -129,34 +140,69 @@ function entryOf(l: Lib, ct: unknown): CtEntry {
 let queue: Promise<unknown> = Promise.resolve();
 
 /**
- * Dumps the IPv4 conntrack table of the named namespace ("" = ours), hands
- * each entry to `del`, and deletes the entries it picks. Resolves to the
- * entries (all of them) and how many were deleted, or null when the
- * library is not loaded or the kernel refused (counted). The handle is
- * opened in the namespace on this thread; the dump runs on a pool thread
- * (koffi's async call: the kernel walks the whole, host-wide conntrack
- * hash for it, which must not hold the event loop), its callbacks come
- * back to this thread, and the deletes (lookups by tuple) run here.
+ * A kernel-side filter on the connection mark: the dump carries only the
+ * entries whose `mark & mask` is `value` (ctnetlink filters while it walks;
+ * libnetfilter_conntrack's NFCT_Q_DUMP_FILTER, as `conntrack -L -m V/M`).
  */
-function dump(op: string, ns: string, del: (e: CtEntry) => boolean): Promise<{ entries: CtEntry[]; deleted: number } | null> {
+export interface MarkFilter {
+  value: number;
+  mask: number;
+}
+
+/**
+ * Dumps the IPv4 conntrack table of the named namespace ("" = ours), hands
+ * each entry to `del`, and deletes the entries it picks. With mark filters,
+ * one dump per filter, each carrying only the entries with that mark (the
+ * kernel filters); without, one dump of the whole table. Resolves to the
+ * entries dumped and how many were deleted, or null when the library is
+ * not loaded or the kernel refused (counted). The handle is opened in the
+ * namespace on this thread; each dump runs on a pool thread (koffi's async
+ * call: the kernel walks the whole, host-wide conntrack hash for it, which
+ * must not hold the event loop), its callbacks come back to this thread,
+ * and the deletes (lookups by tuple) run here.
+ */
+function dump(op: string, ns: string, del: (e: CtEntry) => boolean, marks: MarkFilter[] = []): Promise<{ entries: CtEntry[]; deleted: number } | null> {
   const l = load();
   if (!l) return Promise.resolve(null);
-  const next = queue.then(() => dumpNow(l, op, ns, del));
+  const next = queue.then(() => dumpNow(l, op, ns, del, marks));
   queue = next.catch(() => undefined);
   return next;
 }
 
-async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => boolean): Promise<{ entries: CtEntry[]; deleted: number } | null> {
+async function dumpNow(
+  l: Lib,
+  op: string,
+  ns: string,
+  del: (e: CtEntry) => boolean,
+  marks: MarkFilter[],
+): Promise<{ entries: CtEntry[]; deleted: number } | null> {
   const t0 = process.hrtime.bigint();
   const doomed: unknown[] = [];
+  const filters: unknown[] = [];
   let h: unknown = null;
   try {
     h = inNamedNetns(l.c, ns, () => l.open(CONNTRACK, 0));
     if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
     if ((l.register(h, NFCT_T_ALL, l.cb, null) as number) < 0) throw new Error(`nfct_callback_register failed: errno ${l.c.errno()}`);
     const entries: CtEntry[] = [];
-    const family = Buffer.alloc(4);
-    family.writeUInt32LE(AF_INET);
+    const queries: [number, unknown][] = [];
+    if (marks.length === 0) {
+      const family = Buffer.alloc(4);
+      family.writeUInt32LE(AF_INET);
+      queries.push([NFCT_Q_DUMP, family]);
+    }
+    for (const m of marks) {
+      const f = l.filterCreate();
+      if (!f) throw new Error("nfct_filter_dump_create failed");
+      filters.push(f);
+      // struct nfct_filter_dump_mark { uint32_t val; uint32_t mask; }, in host order (the library converts); copied by the library.
+      const mark = Buffer.alloc(8);
+      mark.writeUInt32LE(m.value >>> 0, 0);
+      mark.writeUInt32LE(m.mask >>> 0, 4);
+      l.filterSet(f, NFCT_FILTER_DUMP_MARK, mark);
+      l.filterSetU8(f, NFCT_FILTER_DUMP_L3NUM, AF_INET);
+      queries.push([NFCT_Q_DUMP_FILTER, f]);
+    }
     visitor = (ct) => {
       const e = entryOf(l, ct);
       entries.push(e);
@@ -165,13 +211,16 @@ async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => bool
       return NFCT_CB_STOLEN;
     };
     try {
-      if ((await onPool<number>(l.query, h, NFCT_Q_DUMP, family)) < 0) throw new Error(`the conntrack dump of ${ns || "our namespace"} failed`);
+      for (const [query, data] of queries) {
+        if ((await onPool<number>(l.query, h, query, data)) < 0) throw new Error(`the conntrack dump of ${ns || "our namespace"} failed`);
+      }
     } finally {
       visitor = null;
     }
     let deleted = 0;
     for (const ct of doomed) {
-      // One that expired meanwhile is gone already (ENOENT), as `conntrack -D` would find.
+      // One that expired meanwhile is gone already (ENOENT), as `conntrack -D` would find;
+      // so is one two filters both carried (a flow between two of the marked NICs' fields).
       if ((l.query(h, NFCT_Q_DESTROY, ct) as number) === 0) deleted++;
       else if (l.c.errno() !== ENOENT) throw new Error(`conntrack delete failed: errno ${l.c.errno()}`);
     }
@@ -182,6 +231,7 @@ async function dumpNow(l: Lib, op: string, ns: string, del: (e: CtEntry) => bool
     return null;
   } finally {
     for (const ct of doomed) l.destroy(ct);
+    for (const f of filters) l.filterDestroy(f);
     if (h) l.close(h);
     runSeconds.observe({ op }, Number(process.hrtime.bigint() - t0) / 1e9);
   }
@@ -195,4 +245,15 @@ export async function conntrackList(ns: string): Promise<CtEntry[] | null> {
 /** Deletes the entries `match` picks (`conntrack -D …`), in-process; how many, or null when that could not be done (the caller execs). */
 export async function conntrackDelete(ns: string, match: (e: CtEntry) => boolean): Promise<number | null> {
   return (await dump("delete", ns, match))?.deleted ?? null;
+}
+
+/**
+ * Deletes every entry whose mark matches one of the filters (`conntrack -D
+ * -m V/M` for each), in-process: the kernel hands over only those entries,
+ * not the namespace's whole table. How many, or null when that could not
+ * be done (the caller execs).
+ */
+export async function conntrackDeleteByMark(ns: string, marks: MarkFilter[]): Promise<number | null> {
+  if (marks.length === 0) return 0;
+  return (await dump("delete-by-mark", ns, () => true, marks))?.deleted ?? null;
 }

@@ -8,6 +8,7 @@ import { Counter, Gauge } from "prom-client";
 import { ReconcileHealth } from "../common/health.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { failClosedTx } from "../common/nft/fail-closed.js";
+import { CtMarks } from "./ct-mark-state.js";
 import type { Kernel } from "./kernel.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
 import { InvalidRecordLog } from "./schema.js";
@@ -122,7 +123,11 @@ export class Agent {
     readonly log: Logger,
   ) {
     this.invalid = new InvalidRecordLog(log);
+    this.marks = new CtMarks(kernel, log);
   }
+
+  /** The NIC marks of each VPC namespace (ct-mark-state.ts). */
+  readonly marks: CtMarks;
 
   nsOf(vpcId: string): string {
     return names.netns(this.hostId, vpcId);
@@ -162,13 +167,14 @@ export class Agent {
     await this.kernel.addNetns(ns);
     // Before any bridge or NIC: nothing is forwarded until the firewall applies.
     // If this fails the namespace goes, so the next attempt starts afresh.
-    if (this.failClosed) {
-      try {
-        await this.kernel.nft(ns, failClosedTx());
-      } catch (err) {
-        await this.kernel.delNetns(ns).catch(() => {});
-        throw err;
-      }
+    // Its NIC-mark table too (ct-marks.ts), before any NIC.
+    try {
+      if (this.failClosed) await this.kernel.nft(ns, failClosedTx());
+      await this.marks.created(ns);
+    } catch (err) {
+      await this.kernel.delNetns(ns).catch(() => {});
+      this.marks.forget(ns);
+      throw err;
     }
     return true;
   }
@@ -182,12 +188,18 @@ export class Agent {
     // DetachNic rather than failing the whole namespace's batch.
     const nics = this.nicsOf(vpcId).filter((n) => n.kind !== "veth" || existsSync(n.veth!.netnsPath) || links.some((l) => l.ifname === n.hostIf));
     const subnets = this.subnetsOf(vpcId);
+    // Every desired NIC's mark (a missing one adopted), and no other, before any device is made.
+    const markChanges = await this.marks.reconcile(
+      ns,
+      this.nicsOf(vpcId).map((n) => n.address),
+      true,
+    );
     const plan = planVpc(this.hostId, subnets, nics, links, qdiscs);
     for (const s of subnets) this.readyBridges.delete(s.subnetId);
     await this.apply(ns, plan);
     for (const s of subnets) this.readyBridges.add(s.subnetId);
     if (created) this.overlay?.forgetBridges(vpcId);
-    const changes = created ? [`create namespace ${ns}`, ...plan.changes] : plan.changes;
+    const changes = [...(created ? [`create namespace ${ns}`] : []), ...markChanges, ...plan.changes];
     if (plan.ip.length || plan.tc.length || plan.guests.length) repairs.inc(plan.ip.length + plan.tc.length);
     return changes;
   }
@@ -260,6 +272,7 @@ export class Agent {
             const removed = await this.withLock(vpcId, async () => {
               if (this.desired.vpcs.has(vpcId) || (await this.store.hasVpc(vpcId))) return false;
               await this.kernel.delNetns(ns);
+              this.marks.forget(ns);
               return true;
             });
             if (removed) changes.push(`remove orphan namespace ${ns}`);

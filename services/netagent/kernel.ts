@@ -30,7 +30,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run } from "../common/exec.js";
 import { LinuxNft } from "../common/nft/linux.js";
-import { conntrackDelete } from "../common/conntrack.js";
+import { conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
+import { markCommands, markFilters } from "./ct-marks.js";
 import { attachVeth, deleteLinks, downLinks, type VethAttach } from "../common/rtnl.js";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
@@ -96,10 +97,13 @@ export interface Kernel {
   /**
    * Deletes these devices of the namespace and the conntrack entries from
    * and to the address (in-process, or one `ip -force -batch` and one
-   * `conntrack -R` at the same time). A device already gone is no error;
-   * conntrack failures are ignored (counted as 0).
+   * `conntrack -R` at the same time). With the NIC's mark index
+   * (ct-marks.ts), the entries are those with that mark, which the kernel
+   * picks out; without, the namespace's table is dumped and read for the
+   * address. A device already gone is no error; conntrack failures are
+   * ignored (counted as 0).
    */
-  detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }>;
+  detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }>;
   /** Resolves once every device deletion detach() left running in the background has ended (a daemon's stop). */
   settle?(): Promise<void>;
   /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
@@ -111,6 +115,8 @@ export interface Kernel {
   sysctls(ns: string, settings: [key: string, value: string][]): Promise<void>;
   /** Runs the transaction inside the namespace (one `nft -f -`, through LinuxNft). */
   nft(ns: string, tx: NftTransaction): Promise<void>;
+  /** `nft -j list table FAMILY NAME` in the namespace, parsed; null when there is no such table. */
+  nftTable(ns: string, family: string, table: string): Promise<unknown[] | null>;
   /** Link counters from /sys via `ip -s -j link`. */
   stats(ns: string, ifname: string): Promise<LinkStats | null>;
   linksAt(netnsPath: string): Promise<LinkInfo[]>;
@@ -417,24 +423,26 @@ export class LinuxKernel implements Kernel {
   // the host (one per named network namespace). Flows the VM opens while
   // its device goes away may outlive the flush, as flows from other VMs to
   // the freed address always could.
-  async detach(ns: string, devices: string[], address: string): Promise<{ conntrackCleared: number }> {
+  async detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }> {
+    // By mark, the kernel hands over only the NIC's entries; by address, the namespace's whole table.
+    const clear = () => (markIndex ? conntrackDeleteByMark(ns, markFilters(markIndex)) : conntrackDelete(ns, (e) => e.src === address || e.dst === address));
     await this.deletedFirst(ns, devices.join("\n"));
     // Down, the devices carry nothing from here on; their deletion (the
     // RCU wait) need not hold DetachNic, nor DeleteVm behind it.
     if (await downLinks(ns, devices)) {
-      const ct = await conntrackDelete(ns, (e) => e.src === address || e.dst === address);
+      const ct = await clear();
       if (ct !== null) {
         this.deleteInBackground(ns, devices);
         return { conntrackCleared: ct };
       }
     }
     const linksGone = await deleteLinks(ns, devices);
-    const cleared = await conntrackDelete(ns, (e) => e.src === address || e.dst === address);
+    const cleared = await clear();
     if (linksGone && cleared !== null) return { conntrackCleared: cleared };
     const lines = devices.map((d) => `link del dev ${d}`);
     // conntrack -R opens its file by name (/dev/stdin fails on Node's stdin socket): a private file.
     const file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.ct`);
-    if (cleared === null) writeFileSync(file, conntrackCommands(address).join("\n") + "\n", { mode: 0o600 });
+    if (cleared === null) writeFileSync(file, (markIndex ? markCommands(markIndex) : conntrackCommands(address)).join("\n") + "\n", { mode: 0o600 });
     try {
       const [r, ct] = await Promise.all([
         linksGone ? null : run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false }),
@@ -482,6 +490,10 @@ export class LinuxKernel implements Kernel {
 
   async nft(ns: string, tx: NftTransaction): Promise<void> {
     await this.nftApplier.apply(ns, tx);
+  }
+
+  nftTable(ns: string, family: string, table: string): Promise<unknown[] | null> {
+    return this.nftApplier.listTable(ns, family, table);
   }
 
   async stats(ns: string, ifname: string): Promise<LinkStats | null> {
@@ -540,9 +552,9 @@ export class RecordingKernel implements Kernel {
     const g = guests.filter((x) => x.lines.length).map((x) => `netns exec ${namedNetns(x.netnsPath) ?? x.netnsPath} ip -batch:\n    ${x.lines.join("\n    ")}`);
     if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
   }
-  async detach(ns: string, devices: string[], address: string) {
+  async detach(ns: string, devices: string[], address: string, markIndex?: number | null) {
     this.calls.push(`ip -n ${ns} -force -batch:\n  ${devices.map((d) => `link del dev ${d}`).join("\n  ")}`);
-    this.calls.push(`nsenter ${ns} conntrack -R: ${conntrackCommands(address).join("; ")}`);
+    this.calls.push(`nsenter ${ns} conntrack -R: ${(markIndex ? markCommands(markIndex) : conntrackCommands(address)).join("; ")}`);
     return { conntrackCleared: 0 };
   }
   async ipBatchAt(path: string, lines: string[]) {
@@ -559,6 +571,11 @@ export class RecordingKernel implements Kernel {
   }
   async nft(ns: string, tx: NftTransaction) {
     this.calls.push(`nft ${ns}:\n  ${render(tx).trimEnd().split("\n").join("\n  ")}`);
+  }
+  /** Listings nftTable answers with (none: no table). */
+  tables = new Map<string, unknown[]>();
+  async nftTable(ns: string, family: string, table: string) {
+    return this.tables.get(`${ns} ${family} ${table}`) ?? null;
   }
   async stats() {
     return null;

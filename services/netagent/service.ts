@@ -225,21 +225,27 @@ export class NetAgent {
     const links = [br, have].filter((x): x is NonNullable<typeof x> => !!x);
     const qdiscs = have ? await this.kernel.qdiscs(ns) : [];
     const plan = planVpc(this.opts.hostId, [subnet], [n], links, qdiscs, { removeOrphans: false });
+    // A NIC that has lived before may have flows older than a mark it gets now: adopted.
+    await this.agent.marks.attach(ns, n.address, { adopted: true });
     await this.agent.apply(ns, plan);
     return plan.ip.length > 0;
   }
 
   /**
-   * One ip -batch: the NIC's devices go (by the names this agent gave them in its
-   * own VPC namespace; the ifb only where egress is limited, the reconciler
-   * removes a stray one) and, at the same time, the conntrack entries from
-   * and to its address (one conntrack exec): stale ones would let a reused
-   * address inherit flows.
+   * The NIC's devices go (by the names this agent gave them in its own VPC
+   * namespace; the ifb only where egress is limited, the reconciler removes
+   * a stray one) and so do the conntrack entries from and to its address:
+   * stale ones would let a reused address inherit flows. Its mark leaves the
+   * table first, so no new flow gets it, and its entries are found by mark;
+   * a NIC without a mark of its own (adopted, or none) has them found by a
+   * dump of the table (ct-marks.ts).
    */
   private async detachLocked(n: NicSpec): Promise<number> {
     const ns = this.agent.nsOf(n.vpcId);
     const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
-    const { conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address);
+    const mark = await this.agent.marks.detach(ns, n.address);
+    const { conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address, mark && !mark.adopted ? mark.index : null);
+    if (mark) this.agent.marks.release(ns, mark);
     await this.agent.store.delNic(n);
     this.agent.desired.nics.delete(n.nicId);
     return cleared;
@@ -431,6 +437,8 @@ export class NetAgent {
       // One `ip -batch` (the VM side included); `tc -batch` only for limits.
       const lines = nicCreateLines(this.opts.hostId, spec, names.bridge(s.id));
       const bw = bandwidthLines(this.opts.hostId, spec, [], []);
+      // Its flows' mark first: every packet the NIC ever carries finds it (ct-marks.ts).
+      await this.agent.marks.attach(ns, address);
       await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip], lines.guest.length ? [{ netnsPath: veth!.netnsPath, lines: lines.guest }] : []);
       await this.kernel.tcBatch(ns, bw.tc);
     } catch (err) {
@@ -481,6 +489,7 @@ export class NetAgent {
         await this.opts.overlay?.teardown(id);
         const ns = this.agent.nsOf(id);
         if ((await this.kernel.listNetns()).includes(ns)) await this.kernel.delNetns(ns);
+        this.agent.marks.forget(ns);
         return { deleted: existed, detachedNicIds: nics.map((n) => n.nicId) };
       });
     },

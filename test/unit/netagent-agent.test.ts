@@ -6,6 +6,8 @@ import { test } from "vitest";
 import { compile, failClosedScript } from "../../services/firewall/compile.js";
 import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel } from "../../services/netagent/kernel.js";
+import { tableTx } from "../../services/netagent/ct-marks.js";
+import { render } from "../../services/common/nft/tx.js";
 import type { HostStore } from "../../services/netagent/store.js";
 
 const emptyStore = (vpcs: string[] = []) =>
@@ -76,11 +78,15 @@ test("fail closed: a namespace the agent creates gets the firewall's tables with
   assert.equal(await a.ensureNetns("vpc-dddddddddddd"), true);
   assert.equal(k.calls[0], "netns add mvpc-hv1-vpc-dddddddddddd");
   assert.equal(k.calls[1], `nft mvpc-hv1-vpc-dddddddddddd:\n  ${failClosedScript().trimEnd().split("\n").join("\n  ")}`);
+  // Then the NIC-mark table (ct-marks.ts), empty, before any NIC.
+  const marks = `nft mvpc-hv1-vpc-dddddddddddd:\n  ${render(tableTx()).trimEnd().split("\n").join("\n  ")}`;
+  assert.equal(k.calls[2], marks);
+  assert.equal(k.calls.length, 3);
   const open = new RecordingKernel();
   const b = new Agent(open, emptyStore(), "hv1", pino({ level: "silent" }));
   b.failClosed = false;
   await b.ensureNetns("vpc-dddddddddddd");
-  assert.deepEqual(open.calls, ["netns add mvpc-hv1-vpc-dddddddddddd"]);
+  assert.deepEqual(open.calls, ["netns add mvpc-hv1-vpc-dddddddddddd", marks], "no firewall skeleton; the NIC marks all the same");
 });
 
 test("the skeleton drops forwarded and bridged traffic, and the firewall's one transaction replaces it (in a throwaway namespace)", () => {

@@ -47,7 +47,7 @@ const M_MMAP_THRESHOLD = -3;
 
 const runs = new Counter({
   name: "microvpc_nft_library_runs_total",
-  help: "nft transactions run in-process through libnftables (not counted in microvpc_exec_total), by result.",
+  help: "nft transactions (and the netagent's table reads) run in-process through libnftables (not counted in microvpc_exec_total), by result.",
   labelNames: ["result"] as const,
   registers: [metricsRegistry],
 });
@@ -75,8 +75,13 @@ interface Lib {
   bufferOutput: Fn;
   bufferError: Fn;
   errorBuffer: Fn;
+  outputBuffer: Fn;
+  setOutputFlags: Fn;
   runCmd: Fn;
 }
+
+/** nft_ctx_output_set_flags: NFT_CTX_OUTPUT_JSON (`nft -j`). */
+const NFT_CTX_OUTPUT_JSON = 1 << 4;
 
 let lib: Lib | null | undefined;
 let loadError = "";
@@ -98,6 +103,8 @@ function load(): Lib | null {
       bufferOutput: nft.func("int nft_ctx_buffer_output(void *ctx)") as Fn,
       bufferError: nft.func("int nft_ctx_buffer_error(void *ctx)") as Fn,
       errorBuffer: nft.func("const char *nft_ctx_get_error_buffer(void *ctx)") as Fn,
+      outputBuffer: nft.func("const char *nft_ctx_get_output_buffer(void *ctx)") as Fn,
+      setOutputFlags: nft.func("void nft_ctx_output_set_flags(void *ctx, unsigned int flags)") as Fn,
       runCmd: nft.func("int nft_run_cmd_from_buffer(void *ctx, const char *buf)") as Fn,
     };
     c.mallopt(M_MMAP_THRESHOLD, 4 << 20);
@@ -128,18 +135,35 @@ export function nftStartInfo(): Record<string, unknown> {
  * nft refuses the script (nothing of it is applied: one transaction).
  */
 export function runInProcess(ns: string, script: string): boolean {
+  return runIn(ns, script, false) !== null;
+}
+
+/**
+ * Runs a read (`list …`) in the named namespace and returns what `nft -j`
+ * would print, or null when the library is not available (the caller execs
+ * `nft -j`). Throws NftLibraryError with nft's message when nft refuses it
+ * (e.g. the table does not exist).
+ */
+export function listInProcess(ns: string, command: string): string | null {
+  return runIn(ns, command, true);
+}
+
+function runIn(ns: string, script: string, json: boolean): string | null {
   const l = load();
-  if (!l) return false;
+  if (!l) return null;
   const t0 = process.hrtime.bigint();
-  let refused: string | undefined;
+  let result: { ok: true; out: string } | { ok: false; err: string };
   try {
-    refused = inNamedNetns(l.c, ns, () => {
+    result = inNamedNetns(l.c, ns, () => {
       const ctx = l.ctxNew(0);
       if (!ctx) throw new Error("nft_ctx_new failed");
       try {
+        if (json) l.setOutputFlags(ctx, NFT_CTX_OUTPUT_JSON);
         l.bufferOutput(ctx);
         l.bufferError(ctx);
-        return l.runCmd(ctx, script) === 0 ? undefined : String(l.errorBuffer(ctx) ?? "");
+        return l.runCmd(ctx, script) === 0
+          ? { ok: true as const, out: json ? String(l.outputBuffer(ctx) ?? "") : "" }
+          : { ok: false as const, err: String(l.errorBuffer(ctx) ?? "") };
       } finally {
         l.ctxFree(ctx);
       }
@@ -147,7 +171,7 @@ export function runInProcess(ns: string, script: string): boolean {
   } finally {
     runSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
   }
-  runs.inc({ result: refused === undefined ? "ok" : "error" });
-  if (refused !== undefined) throw new NftLibraryError(refused);
-  return true;
+  runs.inc({ result: result.ok ? "ok" : "error" });
+  if (!result.ok) throw new NftLibraryError(result.err);
+  return result.out;
 }

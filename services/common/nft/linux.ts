@@ -10,7 +10,7 @@
 // timeout, counted).
 import { conntrackDelete, conntrackList, type CtEntry } from "../conntrack.js";
 import { ExecError, inNetns, run, type RunOptions } from "../exec.js";
-import { MAX_INPROCESS_BYTES, NftLibraryError, runInProcess } from "./libnftables.js";
+import { listInProcess, MAX_INPROCESS_BYTES, NftLibraryError, runInProcess } from "./libnftables.js";
 import { render, type NftTransaction } from "./tx.js";
 
 export type { CtEntry };
@@ -89,6 +89,32 @@ export class LinuxNft implements NftRunner {
       ...(this.opts.timeoutMs ? { timeoutMs: this.opts.timeoutMs } : {}),
       ...(this.opts.inputInError ? { inputInError: true } : {}),
     });
+  }
+
+  /**
+   * What `nft -j list TABLE` prints for a table of the namespace, parsed (the
+   * "nftables" array), or null when the table does not exist. In-process
+   * where libnftables loads, else one exec.
+   */
+  async listTable(ns: string, family: string, table: string): Promise<unknown[] | null> {
+    const cmd = `list table ${family} ${table}`;
+    let text: string | null;
+    try {
+      text = listInProcess(ns, cmd);
+    } catch (err) {
+      if (err instanceof NftLibraryError && /No such file or directory/.test(err.nftError)) return null;
+      throw err;
+    }
+    if (text === null) {
+      const r = await this.read(ns, ["nft", "-j", ...cmd.split(" ")]);
+      if (r.exitCode !== 0) {
+        if (/No such file or directory/.test(r.stderr)) return null;
+        throw r.error ?? new Error(`nft ${cmd} failed: ${r.stderr.trim()}`);
+      }
+      text = r.stdout;
+    }
+    const parsed = JSON.parse(text) as { nftables?: unknown };
+    return Array.isArray(parsed.nftables) ? parsed.nftables : [];
   }
 
   /** Reads: the caller looks at the exit code (no table yet, no conntrack entries). */

@@ -1,0 +1,212 @@
+// Connection marks per NIC, so that DetachNic clears a NIC's conntrack
+// entries by mark instead of dumping the VPC namespace's whole table.
+//
+// The netagent keeps one table in each VPC namespace, inet microvpc_ct: at
+// mangle priority (after conntrack has looked the packet up), a new flow
+// gets a 32-bit ct mark of two 16-bit NIC indexes,
+//   (index of the NIC whose address is the source) << 16 | (index of the NIC whose address is the destination),
+// 0 for an end that is no NIC of this host (the gateway, a peer host, a
+// peered VPC). The source half is a map lookup (nic_src: address → index
+// << 16); the destination half cannot be a second lookup (nft ORs only
+// constants into a mark), so nic_dst maps the address to a chain of the NIC
+// that ORs its index in. A flow between two NICs of the host carries both.
+// Clearing a NIC is then two mark-filtered dumps (mark & 0xffff0000 and
+// mark & 0xffff), which the kernel filters: only that NIC's entries come
+// to user space, and only those are deleted.
+//
+// The index lives only in this table: the chain's name carries it
+// ("nic7"). A NIC whose mark this agent installed before its devices
+// existed is "nicN": every flow it ever had is marked. A NIC found without a
+// mark (the table was missing or damaged, or the NIC predates this table)
+// gets "adoptedN": its older flows carry no mark, so its detach dumps the
+// table as before. An index is reused only after its NIC's entries were
+// cleared. This module is pure: the transactions and the reading of `nft -j
+// list table`; ct-mark-state.ts applies them.
+import { isIPv4 } from "node:net";
+import { NftTransaction, type TableItem } from "../common/nft/tx.js";
+
+export const CT_TABLE = "microvpc_ct";
+const FAMILY = "inet" as const;
+/** Indexes 1..65535; 0 is "no NIC of this host". */
+export const MAX_INDEX = 0xffff;
+
+export interface NicMark {
+  address: string;
+  index: number;
+  /** Found without a mark: flows older than the mark may carry none (their clear dumps the table). */
+  adopted: boolean;
+}
+
+export const chainOf = (m: Pick<NicMark, "index" | "adopted">) => `${m.adopted ? "adopted" : "nic"}${m.index}`;
+const hex = (n: number) => `0x${(n >>> 0).toString(16).padStart(8, "0")}`;
+
+const RULES = ["ct state new ct mark set ip saddr map @nic_src", "ct state new ip daddr vmap @nic_dst"];
+
+/** The table with no NIC: maps and the two base chains (forwarded and bridged flows, and the namespace's own). */
+export function tableTx(): NftTransaction {
+  const base = (name: "prerouting" | "output"): TableItem => ({
+    kind: "chain",
+    name,
+    base: { type: "filter", hook: name, priority: "mangle", policy: "accept" },
+    rules: RULES,
+  });
+  return new NftTransaction().add({
+    kind: "table",
+    family: FAMILY,
+    name: CT_TABLE,
+    content: [
+      { kind: "map", name: "nic_src", type: "ipv4_addr : mark" },
+      { kind: "map", name: "nic_dst", type: "ipv4_addr : verdict" },
+      base("prerouting"),
+      base("output"),
+    ],
+  });
+}
+
+/** Adds a NIC's mark: its chain, then the two elements. */
+export function addTx(m: NicMark, tx = new NftTransaction()): NftTransaction {
+  const at = { family: FAMILY, table: CT_TABLE } as const;
+  tx.add({ kind: "chain", ...at, name: chainOf(m) });
+  tx.add({ kind: "rule", ...at, chain: chainOf(m), rule: `ct mark set ct mark or ${hex(m.index)}` });
+  tx.add({ kind: "element", ...at, set: "nic_src", elements: [`${m.address} : ${hex(m.index << 16)}`] });
+  tx.add({ kind: "element", ...at, set: "nic_dst", elements: [`${m.address} : jump ${chainOf(m)}`] });
+  return tx;
+}
+
+/** Removes what addTx added (elements before the chain they jump to). */
+export function delTx(m: NicMark, tx = new NftTransaction()): NftTransaction {
+  const at = { family: FAMILY, table: CT_TABLE } as const;
+  tx.delete({ kind: "element", ...at, set: "nic_dst", elements: [m.address] });
+  tx.delete({ kind: "element", ...at, set: "nic_src", elements: [m.address] });
+  tx.delete({ kind: "chain", ...at, name: chainOf(m) });
+  return tx;
+}
+
+/** The two kernel-side filters that find a NIC's flows: it is the source, or the destination. */
+export function markFilters(index: number): { value: number; mask: number }[] {
+  return [
+    { value: (index << 16) >>> 0, mask: 0xffff0000 },
+    { value: index, mask: 0x0000ffff },
+  ];
+}
+
+/** `conntrack -R` lines doing what markFilters' in-process clear does. */
+export function markCommands(index: number): string[] {
+  return markFilters(index).map((f) => `-D -m ${hex(f.value)}/${hex(f.mask)}`);
+}
+
+/** The lowest index neither in use nor held back; 0 when all are taken. */
+export function freeIndex(taken: Set<number>): number {
+  for (let i = 1; i <= MAX_INDEX; i++) if (!taken.has(i)) return i;
+  return 0;
+}
+
+/** What a listing of the table holds, read as untrusted input: the well-formed marks, and what is not. */
+export interface Listed {
+  /** Whether the base chains hold exactly our rules (else the table is replaced). */
+  intact: boolean;
+  marks: Map<string, NicMark>;
+  /** Elements and chains that are not a whole, consistent mark: removed by the next pass. */
+  strays: { dst: string[]; src: string[]; chains: string[] };
+}
+
+type Json = Record<string, unknown>;
+const obj = (v: unknown): Json | undefined => (v && typeof v === "object" && !Array.isArray(v) ? (v as Json) : undefined);
+
+/** Reads `nft -j list table inet microvpc_ct` (its "nftables" array). */
+export function parseListing(items: unknown[]): Listed {
+  const src = new Map<string, unknown>();
+  const dst = new Map<string, unknown>();
+  const chains = new Set<string>();
+  const ruleCount = new Map<string, number>();
+  for (const it of items) {
+    const o = obj(it);
+    const map = obj(o?.map);
+    if (map && (map.name === "nic_src" || map.name === "nic_dst")) {
+      for (const e of Array.isArray(map.elem) ? map.elem : []) {
+        if (Array.isArray(e) && e.length === 2 && typeof e[0] === "string") (map.name === "nic_src" ? src : dst).set(e[0], e[1]);
+      }
+    }
+    const chain = obj(o?.chain);
+    if (chain && typeof chain.name === "string") chains.add(chain.name);
+    const rule = obj(o?.rule);
+    if (rule && typeof rule.chain === "string") ruleCount.set(rule.chain, (ruleCount.get(rule.chain) ?? 0) + 1);
+  }
+  // A key that is no address cannot be named in a delete: the table is replaced instead.
+  const intact =
+    ["prerouting", "output"].every((c) => chains.has(c) && ruleCount.get(c) === RULES.length) && [...src.keys(), ...dst.keys()].every((k) => isIPv4(k));
+  const marks = new Map<string, NicMark>();
+  const used = new Set<number>();
+  const strays = { dst: [] as string[], src: [] as string[], chains: [] as string[] };
+  for (const [address, v] of dst) {
+    const target = obj(obj(v)?.jump)?.target;
+    const m = typeof target === "string" ? /^(nic|adopted)([1-9][0-9]{0,4})$/.exec(target) : null;
+    const index = m ? Number(m[2]) : 0;
+    const ok =
+      isIPv4(address) &&
+      m !== null &&
+      index <= MAX_INDEX &&
+      !used.has(index) &&
+      chains.has(target as string) &&
+      ruleCount.get(target as string) === 1 &&
+      src.get(address) === (index << 16) >>> 0;
+    if (!ok) {
+      strays.dst.push(address);
+      if (src.has(address)) strays.src.push(address);
+      continue;
+    }
+    used.add(index);
+    marks.set(address, { address, index, adopted: m[1] === "adopted" });
+  }
+  for (const address of src.keys()) if (!marks.has(address) && !strays.src.includes(address)) strays.src.push(address);
+  const ours = new Set([...marks.values()].map(chainOf));
+  for (const c of chains) if (c !== "prerouting" && c !== "output" && !ours.has(c)) strays.chains.push(c);
+  return { intact, marks, strays };
+}
+
+/**
+ * One pass over a namespace's table: the transaction that makes it hold a
+ * mark for each desired address (new ones adopted: they may have flows
+ * older than their mark) and, with removeOrphans, none other; and the marks
+ * after it. `listing` null: the table does not exist.
+ */
+export function planMarks(
+  listing: Listed | null,
+  desired: string[],
+  opts: { removeOrphans: boolean; held?: Set<number> },
+): { tx: NftTransaction; marks: Map<string, NicMark>; added: NicMark[]; removed: NicMark[] } {
+  let tx = new NftTransaction();
+  const marks = new Map<string, NicMark>();
+  const removed: NicMark[] = [];
+  const at = { family: FAMILY, table: CT_TABLE } as const;
+  if (!listing || !listing.intact) {
+    if (listing) tx.delete({ kind: "table", family: FAMILY, name: CT_TABLE });
+    tx = NftTransaction.concat(tx, tableTx());
+  } else {
+    const { strays } = listing;
+    if (strays.dst.length) tx.delete({ kind: "element", ...at, set: "nic_dst", elements: strays.dst });
+    if (strays.src.length) tx.delete({ kind: "element", ...at, set: "nic_src", elements: strays.src });
+    for (const c of strays.chains) tx.delete({ kind: "chain", ...at, name: c });
+    const want = new Set(desired);
+    for (const m of listing.marks.values()) {
+      if (want.has(m.address) || !opts.removeOrphans) marks.set(m.address, m);
+      else {
+        delTx(m, tx);
+        removed.push(m);
+      }
+    }
+  }
+  const taken = new Set([...(opts.held ?? []), ...[...marks.values()].map((m) => m.index), ...removed.map((m) => m.index)]);
+  const added: NicMark[] = [];
+  for (const address of desired) {
+    if (marks.has(address)) continue;
+    const index = freeIndex(taken);
+    if (index === 0) break;
+    taken.add(index);
+    const m = { address, index, adopted: true };
+    addTx(m, tx);
+    marks.set(address, m);
+    added.push(m);
+  }
+  return { tx, marks, added, removed };
+}

@@ -1,0 +1,124 @@
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { test } from "vitest";
+import { render } from "../../services/common/nft/tx.js";
+import { addTx, delTx, freeIndex, markCommands, markFilters, parseListing, planMarks, tableTx, type NicMark } from "../../services/netagent/ct-marks.js";
+
+const a: NicMark = { address: "10.1.0.5", index: 5, adopted: false };
+const b: NicMark = { address: "10.1.0.7", index: 7, adopted: true };
+
+/** What `nft -j list table inet microvpc_ct` gives for these marks (the shape nft 1.0.6 prints). */
+function listing(marks: NicMark[], extra: unknown[] = [], rules = 2): unknown[] {
+  const chain = (name: string) => ({ chain: { family: "inet", table: "microvpc_ct", name } });
+  const rule = (c: string) => ({ rule: { family: "inet", table: "microvpc_ct", chain: c, expr: [] } });
+  return [
+    { metainfo: { version: "1.0.6" } },
+    { table: { family: "inet", name: "microvpc_ct" } },
+    { map: { name: "nic_src", map: "mark", elem: marks.map((m) => [m.address, m.index << 16]) } },
+    { map: { name: "nic_dst", map: "verdict", elem: marks.map((m) => [m.address, { jump: { target: `${m.adopted ? "adopted" : "nic"}${m.index}` } }]) } },
+    chain("prerouting"),
+    ...Array.from({ length: rules }, () => rule("prerouting")),
+    chain("output"),
+    rule("output"),
+    rule("output"),
+    ...marks.flatMap((m) => [chain(`${m.adopted ? "adopted" : "nic"}${m.index}`), rule(`${m.adopted ? "adopted" : "nic"}${m.index}`)]),
+    ...extra,
+  ];
+}
+
+test("a NIC's mark: source half by map, destination half by its chain; cleared by two kernel-side mark filters", () => {
+  assert.equal(
+    render(addTx(a)),
+    [
+      "add chain inet microvpc_ct nic5",
+      "add rule inet microvpc_ct nic5 ct mark set ct mark or 0x00000005",
+      "add element inet microvpc_ct nic_src { 10.1.0.5 : 0x00050000 }",
+      "add element inet microvpc_ct nic_dst { 10.1.0.5 : jump nic5 }",
+      "",
+    ].join("\n"),
+  );
+  assert.match(
+    render(delTx(b)),
+    /delete element inet microvpc_ct nic_dst \{ 10.1.0.7 \}\ndelete element inet microvpc_ct nic_src \{ 10.1.0.7 \}\ndelete chain inet microvpc_ct adopted7\n/,
+  );
+  assert.deepEqual(markFilters(5), [
+    { value: 0x50000, mask: 0xffff0000 },
+    { value: 5, mask: 0xffff },
+  ]);
+  assert.deepEqual(markFilters(0xffff), [
+    { value: 0xffff0000, mask: 0xffff0000 },
+    { value: 0xffff, mask: 0xffff },
+  ]);
+  assert.deepEqual(markCommands(5), ["-D -m 0x00050000/0xffff0000", "-D -m 0x00000005/0x0000ffff"]);
+  assert.equal(freeIndex(new Set([1, 2, 4])), 3);
+  assert.equal(freeIndex(new Set(Array.from({ length: 0xffff }, (_, i) => i + 1))), 0, "all taken");
+});
+
+test("reading the table back: whole marks kept, anything inconsistent is a stray, damaged base chains replace the table", () => {
+  const ok = parseListing(listing([a, b]));
+  assert.equal(ok.intact, true);
+  assert.deepEqual([...ok.marks.values()], [a, b]);
+  assert.deepEqual(ok.strays, { dst: [], src: [], chains: [] });
+
+  // A source value that disagrees with the chain, an address that is not one, a jump to a missing chain,
+  // an index out of range, a chain nobody jumps to: strays, never marks (the table is input too).
+  const bad = listing(
+    [a],
+    [
+      { map: { name: "nic_src", elem: [["10.1.0.9", 0x90000]] } },
+      {
+        map: {
+          name: "nic_dst",
+          elem: [
+            ["10.1.0.9", { jump: { target: "nic8" } }],
+            ["10.1.0.10; drop", { jump: { target: "nic9" } }],
+            ["10.1.0.11", { jump: { target: "nic70000" } }],
+          ],
+        },
+      },
+      { chain: { name: "nic8" } },
+      { chain: { name: "nic9" } },
+      { rule: { chain: "nic9" } },
+      { chain: { name: "stray3" } },
+    ],
+  );
+  const p = parseListing(bad);
+  assert.deepEqual([...p.marks.keys()], ["10.1.0.5"]);
+  assert.deepEqual(p.strays.dst.sort(), ["10.1.0.10; drop", "10.1.0.11", "10.1.0.9"]);
+  assert.deepEqual(p.strays.src, ["10.1.0.9"]);
+  assert.deepEqual(p.strays.chains.sort(), ["nic8", "nic9", "stray3"]);
+  assert.equal(p.intact, false, "a key that is no address cannot be deleted by name: the table is replaced");
+  assert.equal(parseListing(listing([a], [], 1)).intact, false, "a base chain lost a rule");
+  assert.equal(parseListing([{ table: { name: "microvpc_ct" } }]).intact, false, "no base chains");
+});
+
+test("a pass: desired NICs without a mark are adopted, orphans go (only with removeOrphans), held indexes are not reused", () => {
+  const p = planMarks(parseListing(listing([a, b])), ["10.1.0.5", "10.1.0.9"], { removeOrphans: true, held: new Set([1]) });
+  assert.deepEqual([...p.marks.values()], [a, { address: "10.1.0.9", index: 2, adopted: true }]);
+  assert.deepEqual(p.removed, [b]);
+  const text = render(p.tx);
+  assert.match(text, /delete element inet microvpc_ct nic_dst \{ 10.1.0.7 \}/);
+  assert.match(text, /add element inet microvpc_ct nic_dst \{ 10.1.0.9 : jump adopted2 \}/);
+  assert.doesNotMatch(text, /10\.1\.0\.5/, "a whole mark is left alone");
+
+  const keep = planMarks(parseListing(listing([a, b])), [], { removeOrphans: false });
+  assert.equal(keep.tx.empty, true, "without removeOrphans (a first read) nothing changes");
+
+  const none = planMarks(null, ["10.1.0.5"], { removeOrphans: true });
+  assert.match(render(none.tx), /^table inet microvpc_ct \{/, "no table: made, then the NIC adopted");
+  assert.deepEqual([...none.marks.values()], [{ address: "10.1.0.5", index: 1, adopted: true }]);
+  const damaged = planMarks(parseListing(listing([a], [], 0)), ["10.1.0.5"], { removeOrphans: true });
+  assert.match(render(damaged.tx), /^delete table inet microvpc_ct\ntable inet microvpc_ct \{/, "damaged: replaced");
+  assert.equal(damaged.marks.get("10.1.0.5")!.adopted, true, "its flows may have missed the mark meanwhile");
+});
+
+test("the table in a throwaway namespace: nft takes it, and its listing reads back as the marks put in", () => {
+  if (spawnSync("unshare", ["-n", "true"]).status !== 0) return; // not root
+  const script = render(tableTx()) + render(addTx(a)) + render(addTx(b));
+  const r = spawnSync("unshare", ["-n", "sh", "-c", `nft -f /dev/fd/3 3<<'A'\n${script}A\nnft -j list table inet microvpc_ct`], { encoding: "utf8" });
+  assert.equal(r.status, 0, r.stderr);
+  const back = parseListing((JSON.parse(r.stdout) as { nftables: unknown[] }).nftables);
+  assert.equal(back.intact, true);
+  assert.deepEqual([...back.marks.values()], [a, b]);
+  assert.deepEqual(back.strays, { dst: [], src: [], chains: [] });
+});
