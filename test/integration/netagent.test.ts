@@ -840,6 +840,72 @@ describe("execs per NIC change", () => {
     );
     await t.annotate(`execs: attach veth ${JSON.stringify(attach)}, detach ${JSON.stringify(detach)}, attach tap+limits ${JSON.stringify(tap)}`);
   });
+
+  test("a namespace without the NIC-mark table (an older netagent's, or deleted): the reconciler puts it back with the NICs adopted, and their detach still clears every flow, the unmarked ones too", async () => {
+    const V = await newVpc("marks", "10.123.0.0/16", [["s", "10.123.1.0/24"]]);
+    const sn = V.subnets[0];
+    const m1 = await h.vm(hv0, V.vpc, sn, "mark1");
+    const m2 = await h.vm(hv0, V.vpc, sn, "mark2");
+    const m3 = await h.vm(hv0, V.vpc, sn, "mark3");
+    const table = async () => (await run("ip", ["netns", "exec", m1.vpcNs, "nft", "list", "table", "inet", "microvpc_ct"], { check: false })).stdout;
+    const flows = async (sel = ["-p", "icmp"]) => (await run("ip", ["netns", "exec", m1.vpcNs, "conntrack", "-L", ...sel], { check: false })).stdout;
+    assert.match(await table(), new RegExp(`${m1.address.replace(/\./g, "\\.")} : jump nic\\d+`), "m1 was marked at its attach");
+    assert.ok(await canPing(m1.ns, m2.address, { count: 1, deadlineS: 2 }), "m1 → m2");
+    assert.match(await flows(), new RegExp(`src=${m1.address} dst=${m2.address} .* mark=[1-9]`), "a marked flow");
+
+    // An older netagent's namespace has no table, and its flows carry no mark (one put in as such;
+    // this test runs no firewall, so without the table nothing in the namespace tracks new flows).
+    await run("ip", ["netns", "exec", m1.vpcNs, "nft", "delete", "table", "inet", "microvpc_ct"]);
+    await run("ip", [
+      "netns",
+      "exec",
+      m1.vpcNs,
+      "conntrack",
+      "-I",
+      "-s",
+      m2.address,
+      "-d",
+      m1.address,
+      "-p",
+      "tcp",
+      "--sport",
+      "40100",
+      "--dport",
+      "22",
+      "--state",
+      "ESTABLISHED",
+      "-u",
+      "SEEN_REPLY",
+      "-t",
+      "120",
+    ]);
+    assert.match(await flows(["-p", "tcp"]), new RegExp(`src=${m2.address} dst=${m1.address} .* mark=0 `), "an unmarked flow of m1");
+    assert.ok(
+      await waitFor(async () => new RegExp(`${m1.address.replace(/\./g, "\\.")} : jump adopted\\d+`).test(await table()), {
+        timeoutMs: RECONCILE_MS * 10 + 5000,
+        intervalMs: 200,
+      }),
+      `the reconciler (every ${RECONCILE_MS} ms) put the table back, m1 adopted`,
+    );
+    assert.ok(await canPing(m2.ns, m3.address, { count: 1, deadlineS: 2 }), "m2 → m3, not m1's");
+
+    // Adopted: its flows may carry no mark, so the detach reads the table by address, and misses none.
+    let cleared = -1;
+    const detach = await counted(async () => (cleared = (await hv0.agent.detachNic({ nic: m1.nicId })).conntrackEntriesCleared));
+    assert.deepEqual(detach, { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete ok": 1 }, "an adopted NIC's flows are found by a dump of the table");
+    assert.ok(cleared >= 2, `both of m1's flows cleared (${cleared})`);
+    const left = await flows([]);
+    assert.doesNotMatch(left, new RegExp(`=${m1.address.replace(/\./g, "\\.")} `), "none of m1's flows left, marked or not");
+    assert.match(left, new RegExp(`src=${m2.address} dst=${m3.address} `), "m2 → m3 kept");
+    assert.doesNotMatch(await table(), new RegExp(`${m1.address.replace(/\./g, "\\.")} :`), "m1's mark is gone from the table");
+
+    // A NIC attached now is marked from the start again, and its detach goes by mark.
+    const m4 = await h.vm(hv0, V.vpc, sn, "mark4");
+    assert.match(await table(), new RegExp(`${m4.address.replace(/\./g, "\\.")} : jump nic\\d+`));
+    assert.ok(await canPing(m4.ns, m2.address, { count: 1, deadlineS: 2 }), "m4 → m2");
+    const byMark = await counted(() => hv0.agent.detachNic({ nic: m4.nicId }));
+    assert.deepEqual(byMark, { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete-by-mark ok": 1 });
+  });
 });
 
 describe("lookups", () => {
