@@ -30,6 +30,7 @@ const BENCHES: Record<string, RegExp[]> = {
   overlay: [/^Verdict$/m, /^figures written to /m],
   startup: [/^Verdict$/m, /^figures written to /m],
   rpc: [/^Verdict$/m, /^per-round ratios daemon\/bare: /m, /^figures written to /m],
+  conntrack: [/^Verdict$/m, /^figures written to /m],
   exec: [/^execFile +wall /m, /^execa +wall /m, /^run\(\) +wall /m],
   fleet: [/^Verdict$/m, /^N=\d+: changes not applied on every holder +0 /m, /^figures written to /m],
 };
