@@ -21,7 +21,7 @@
 // the end, also on failure. The flows count against the host-wide
 // nf_conntrack_max: the largest level is capped at a tenth of it.
 //
-// `npm run bench:conntrack -- [--levels 1000,10000,30000] [--rounds 9]`;
+// `npm run bench:conntrack -- [--levels 1000,10000,25000] [--rounds 9]`;
 // --smoke: levels 10,100, 2 rounds (bench/lib/run.ts).
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -33,7 +33,7 @@ import { createNetns, diffRoot, installCleanupHandlers, rootSnapshot, run, RUN_P
 import { heading, num, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
 
-const opt = benchArgs({ levels: { type: "string", default: "1000,10000,30000" }, rounds: { type: "string", default: "9" } }, { levels: "10,100", rounds: "2" });
+const opt = benchArgs({ levels: { type: "string", default: "1000,10000,25000" }, rounds: { type: "string", default: "9" } }, { levels: "10,100", rounds: "2" });
 const ROUNDS = intOpt("rounds", opt.rounds, 3, 50);
 const CT_MAX = Number(readFileSync("/proc/sys/net/netfilter/nf_conntrack_max", "utf8").trim());
 const LEVELS = (opt.levels ?? "")
