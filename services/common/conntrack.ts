@@ -18,6 +18,7 @@
 // `conntrack -D -s|-d ADDRESS` saw them: the original direction's tuple.
 // Callers fall back to those execs when this returns null (koffi or the
 // library cannot be loaded, MICROVPC_CONNTRACK_EXEC=1, or the kernel refused).
+import { readFileSync } from "node:fs";
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "./metrics.js";
 import { inNamedNetns, InProcessLibrary, type Libc } from "./ns-syscalls.js";
@@ -256,4 +257,20 @@ export async function conntrackDelete(ns: string, match: (e: CtEntry) => boolean
 export async function conntrackDeleteByMark(ns: string, marks: MarkFilter[]): Promise<number | null> {
   if (marks.length === 0) return 0;
   return (await dump("delete-by-mark", ns, () => true, marks))?.deleted ?? null;
+}
+
+/**
+ * How many entries the named namespace's conntrack table holds (its own
+ * nf_conntrack_count, read with this thread in the namespace), or null when
+ * that cannot be done in-process.
+ */
+export function conntrackCount(ns: string): number | null {
+  const l = load();
+  if (!l) return null;
+  try {
+    const n = Number(inNamedNetns(l.c, ns, () => readFileSync("/proc/sys/net/netfilter/nf_conntrack_count", "utf8")).trim());
+    return Number.isInteger(n) && n >= 0 ? n : null;
+  } catch {
+    return null;
+  }
 }

@@ -30,8 +30,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run } from "../common/exec.js";
 import { LinuxNft } from "../common/nft/linux.js";
-import { conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
-import { markCommands, markFilters } from "./ct-marks.js";
+import { conntrackCount, conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
+import { MARK_MIN_FLOWS, markCommands, markFilters } from "./ct-marks.js";
 import { attachVeth, deleteLinks, downLinks, type VethAttach } from "../common/rtnl.js";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
@@ -98,9 +98,9 @@ export interface Kernel {
    * Deletes these devices of the namespace and the conntrack entries from
    * and to the address (in-process, or one `ip -force -batch` and one
    * `conntrack -R` at the same time). With the NIC's mark index
-   * (ct-marks.ts), the entries are those with that mark, which the kernel
-   * picks out; without, the namespace's table is dumped and read for the
-   * address. A device already gone is no error; conntrack failures are
+   * (ct-marks.ts) and a table of MARK_MIN_FLOWS entries or more, the
+   * entries are those with that mark, which the kernel picks out;
+   * otherwise the namespace's table is dumped and read for the address. A device already gone is no error; conntrack failures are
    * ignored (counted as 0).
    */
   detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }>;
@@ -424,8 +424,12 @@ export class LinuxKernel implements Kernel {
   // its device goes away may outlive the flush, as flows from other VMs to
   // the freed address always could.
   async detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }> {
-    // By mark, the kernel hands over only the NIC's entries; by address, the namespace's whole table.
-    const clear = () => (markIndex ? conntrackDeleteByMark(ns, markFilters(markIndex)) : conntrackDelete(ns, (e) => e.src === address || e.dst === address));
+    // By mark, the kernel hands over only the NIC's entries; by address, the
+    // namespace's whole table, which is cheaper while that table is small.
+    const clear = () => {
+      const byMark = !!markIndex && (conntrackCount(ns) ?? MARK_MIN_FLOWS) >= MARK_MIN_FLOWS;
+      return byMark ? conntrackDeleteByMark(ns, markFilters(markIndex)) : conntrackDelete(ns, (e) => e.src === address || e.dst === address);
+    };
     await this.deletedFirst(ns, devices.join("\n"));
     // Down, the devices carry nothing from here on; their deletion (the
     // RCU wait) need not hold DetachNic, nor DeleteVm behind it.
