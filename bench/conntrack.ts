@@ -107,7 +107,8 @@ async function main(): Promise<number> {
           const deleted = await cases[name]();
           const dt = performance.now() - t0;
           const after = await count();
-          if (deleted !== 2 || before - after !== 2) throw new Error(`${name} at ${level} flows deleted ${deleted} (table ${before} → ${after}); expected the NIC's 2`);
+          if (deleted !== 2 || before - after !== 2)
+            throw new Error(`${name} at ${level} flows deleted ${deleted} (table ${before} → ${after}); expected the NIC's 2`);
           if (r >= 0) ms[name].push(dt);
         }
       }
@@ -120,7 +121,12 @@ async function main(): Promise<number> {
 
   const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
   console.log(heading(`Clearing one NIC's 2 flows, median of ${ROUNDS} rounds (ms per clear; ${JSON.stringify(conntrackStartInfo())})`));
-  console.log(table(["flows in the namespace", ...names], results.map((r) => [String(r.flows), ...names.map((n) => num(median(r.ms[n]), 2))])));
+  console.log(
+    table(
+      ["flows in the namespace", ...names],
+      results.map((r) => [String(r.flows), ...names.map((n) => num(median(r.ms[n]), 2))]),
+    ),
+  );
   const verdicts: Verdict[] = results.map((r) => {
     const mark = median(r.ms["by mark (in-process)"]);
     const dump = median(r.ms["dump (in-process)"]);
