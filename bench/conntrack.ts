@@ -28,7 +28,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { conntrackDelete, conntrackDeleteByMark, conntrackStartInfo } from "../services/common/conntrack.js";
-import { markCommands, markFilters } from "../services/netagent/ct-marks.js";
+import { MARK_MIN_FLOWS, markCommands, markFilters } from "../services/netagent/ct-marks.js";
 import { createNetns, diffRoot, installCleanupHandlers, rootSnapshot, run, RUN_PREFIX } from "../test/lib/netns.js";
 import { heading, num, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
@@ -130,13 +130,15 @@ async function main(): Promise<number> {
   const verdicts: Verdict[] = results.map((r) => {
     const mark = median(r.ms["by mark (in-process)"]);
     const dump = median(r.ms["dump (in-process)"]);
+    // Below MARK_MIN_FLOWS DetachNic reads the table whole (cheaper there): informative only.
+    const judged = r.flows >= MARK_MIN_FLOWS;
     return {
-      measure: `clear by mark, ${r.flows} flows`,
+      measure: `clear by mark, ${r.flows} flows${judged ? "" : ` (< ${MARK_MIN_FLOWS}: the dump is used)`}`,
       value: `${num(mark, 2)} ms`,
       baseline: `dump ${num(dump, 2)} ms`,
       ratio: mark / dump,
-      target: "≤ 1.00×",
-      pass: mark <= dump,
+      target: judged ? "≤ 1.00×" : "",
+      ...(judged ? { pass: mark <= dump } : {}),
     };
   });
   const first = results[0];
