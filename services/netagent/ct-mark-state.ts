@@ -2,27 +2,20 @@
 // what they are): read from the kernel's table once per namespace, then
 // kept here and changed with the table, one small nft transaction per NIC.
 // Callers hold the VPC's lock (Agent.withLock), so one namespace's marks
-// never change under two callers at once.
+// never change under two callers at once, and an index a detach took out
+// cannot be given out again before that detach has cleared its flows.
 import type { Logger } from "pino";
 import type { Kernel } from "./kernel.js";
-import { addTx, CT_TABLE, delTx, freeIndex, parseListing, planMarks, type NicMark } from "./ct-marks.js";
+import { addTx, CT_TABLE, delTx, freeIndex, parseListing, planMarks, tableTx, type NicMark } from "./ct-marks.js";
 
 export class CtMarks {
   /** Namespace → address → mark, as the table holds them. */
   private readonly byNs = new Map<string, Map<string, NicMark>>();
-  /** Indexes whose NIC's entries were not cleared: never given out again by this process. */
-  private readonly held = new Map<string, Set<number>>();
 
   constructor(
     private readonly kernel: Kernel,
     private readonly log: Logger,
   ) {}
-
-  private heldIn(ns: string): Set<number> {
-    let h = this.held.get(ns);
-    if (!h) this.held.set(ns, (h = new Set()));
-    return h;
-  }
 
   /** The namespace's marks, reading (and, where it is missing or damaged, repairing) the table the first time. */
   private async marksOf(ns: string): Promise<Map<string, NicMark>> {
@@ -35,10 +28,8 @@ export class CtMarks {
   /** A namespace this agent just created: an empty table, nothing to read. */
   async created(ns: string): Promise<void> {
     this.byNs.delete(ns);
-    this.held.delete(ns);
-    const plan = planMarks(null, [], { removeOrphans: true });
-    await this.kernel.nft(ns, plan.tx);
-    this.byNs.set(ns, plan.marks);
+    await this.kernel.nft(ns, tableTx());
+    this.byNs.set(ns, new Map());
   }
 
   /**
@@ -50,7 +41,7 @@ export class CtMarks {
     const marks = await this.marksOf(ns);
     const have = marks.get(address);
     if (have) return have;
-    const index = freeIndex(new Set([...this.heldIn(ns), ...[...marks.values()].map((m) => m.index)]));
+    const index = freeIndex(new Set([...marks.values()].map((m) => m.index)));
     if (index === 0) throw new Error(`${ns}: all ${CT_TABLE} NIC indexes are in use`);
     const m: NicMark = { address, index, adopted: opts.adopted ?? false };
     await this.kernel.nft(ns, addTx(m));
@@ -59,10 +50,10 @@ export class CtMarks {
   }
 
   /**
-   * Takes a NIC's mark out of the table, so no new flow gets it, and holds
-   * its index until release(). Returns the mark whose flows to clear; null
-   * when the NIC had none or the table could not be changed (the caller
-   * then clears by dumping the table).
+   * Takes a NIC's mark out of the table, so no new flow gets it. Returns
+   * the mark whose flows to clear (under the same lock, before its index can
+   * be given out again); null when the NIC had none or the table could not
+   * be changed (the caller then clears by dumping the table).
    */
   async detach(ns: string, address: string): Promise<NicMark | null> {
     let marks: Map<string, NicMark>;
@@ -74,7 +65,6 @@ export class CtMarks {
     }
     const m = marks.get(address);
     if (!m) return null;
-    this.heldIn(ns).add(m.index);
     marks.delete(address);
     try {
       await this.kernel.nft(ns, delTx(m));
@@ -87,11 +77,6 @@ export class CtMarks {
     return m;
   }
 
-  /** The mark's flows were cleared: its index may be given out again. */
-  release(ns: string, m: NicMark): void {
-    this.held.get(ns)?.delete(m.index);
-  }
-
   /**
    * The drift check of a reconcile pass: the table read back and made to
    * hold exactly the desired NICs' marks (a missing one is adopted; with
@@ -101,7 +86,7 @@ export class CtMarks {
   async reconcile(ns: string, desired: string[], removeOrphans: boolean): Promise<string[]> {
     const items = await this.kernel.nftTable(ns, "inet", CT_TABLE);
     const listing = items ? parseListing(items) : null;
-    const plan = planMarks(listing, desired, { removeOrphans, held: this.heldIn(ns) });
+    const plan = planMarks(listing, desired, { removeOrphans });
     if (!plan.tx.empty) await this.kernel.nft(ns, plan.tx);
     this.byNs.set(ns, plan.marks);
     const changes: string[] = [];
@@ -119,6 +104,5 @@ export class CtMarks {
   /** The namespace is gone. */
   forget(ns: string): void {
     this.byNs.delete(ns);
-    this.held.delete(ns);
   }
 }

@@ -103,7 +103,7 @@ export function markCommands(index: number): string[] {
   return markFilters(index).map((f) => `-D -m ${hex(f.value)}/${hex(f.mask)}`);
 }
 
-/** The lowest index neither in use nor held back; 0 when all are taken. */
+/** The lowest index not taken; 0 when all are. */
 export function freeIndex(taken: Set<number>): number {
   for (let i = 1; i <= MAX_INDEX; i++) if (!taken.has(i)) return i;
   return 0;
@@ -181,7 +181,7 @@ export function parseListing(items: unknown[]): Listed {
 export function planMarks(
   listing: Listed | null,
   desired: string[],
-  opts: { removeOrphans: boolean; held?: Set<number> },
+  opts: { removeOrphans: boolean },
 ): { tx: NftTransaction; marks: Map<string, NicMark>; added: NicMark[]; removed: NicMark[] } {
   let tx = new NftTransaction();
   const marks = new Map<string, NicMark>();
@@ -204,7 +204,8 @@ export function planMarks(
       }
     }
   }
-  const taken = new Set([...(opts.held ?? []), ...[...marks.values()].map((m) => m.index), ...removed.map((m) => m.index)]);
+  // An index removed in this pass is not given out in it: its flows were not cleared.
+  const taken = new Set([...[...marks.values()].map((m) => m.index), ...removed.map((m) => m.index)]);
   const added: NicMark[] = [];
   for (const address of desired) {
     if (marks.has(address)) continue;

@@ -100,8 +100,9 @@ export interface Kernel {
    * `conntrack -R` at the same time). With the NIC's mark index
    * (ct-marks.ts) and a table of MARK_MIN_FLOWS entries or more, the
    * entries are those with that mark, which the kernel picks out;
-   * otherwise the namespace's table is dumped and read for the address. A device already gone is no error; conntrack failures are
-   * ignored (counted as 0).
+   * otherwise the namespace's table is dumped and read for the address.
+   * A device already gone is no error; conntrack failures are ignored
+   * (counted as 0).
    */
   detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }>;
   /** Resolves once every device deletion detach() left running in the background has ended (a daemon's stop). */

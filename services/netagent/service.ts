@@ -245,7 +245,6 @@ export class NetAgent {
     const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
     const mark = await this.agent.marks.detach(ns, n.address);
     const { conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address, mark && !mark.adopted ? mark.index : null);
-    if (mark) this.agent.marks.release(ns, mark);
     await this.agent.store.delNic(n);
     this.agent.desired.nics.delete(n.nicId);
     return cleared;

@@ -92,10 +92,12 @@ test("reading the table back: whole marks kept, anything inconsistent is a stray
   assert.equal(parseListing([{ table: { name: "microvpc_ct" } }]).intact, false, "no base chains");
 });
 
-test("a pass: desired NICs without a mark are adopted, orphans go (only with removeOrphans), held indexes are not reused", () => {
-  const p = planMarks(parseListing(listing([a, b])), ["10.1.0.5", "10.1.0.9"], { removeOrphans: true, held: new Set([1]) });
+test("a pass: desired NICs without a mark are adopted, orphans go (only with removeOrphans), an index removed in the pass is not reused in it", () => {
+  // c holds index 1, the lowest: removed as an orphan (its flows not cleared), so the new NIC gets 2.
+  const c: NicMark = { address: "10.1.0.3", index: 1, adopted: false };
+  const p = planMarks(parseListing(listing([a, b, c])), ["10.1.0.5", "10.1.0.9"], { removeOrphans: true });
   assert.deepEqual([...p.marks.values()], [a, { address: "10.1.0.9", index: 2, adopted: true }]);
-  assert.deepEqual(p.removed, [b]);
+  assert.deepEqual(p.removed, [b, c]);
   const text = render(p.tx);
   assert.match(text, /delete element inet microvpc_ct nic_dst \{ 10.1.0.7 \}/);
   assert.match(text, /add element inet microvpc_ct nic_dst \{ 10.1.0.9 : jump adopted2 \}/);
