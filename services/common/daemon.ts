@@ -73,7 +73,10 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
         .default(`127.0.0.1:${def.defaultPort + 2000}`),
     )
     .addOption(
-      new Option("--redis <url>", "Redis URL holding shared state (no password in it: use --redis-password-file)")
+      new Option(
+        "--redis <url>",
+        "Redis URL holding shared state: redis://host:port/db, or a Redis Cluster as redis-cluster://host:port,host:port,... (its seeds; no password in either: use --redis-password-file)",
+      )
         .env(env("REDIS_URL"))
         .default("redis://127.0.0.1:6379/0"),
     )

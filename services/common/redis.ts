@@ -6,8 +6,12 @@
 // Secrets (the password, TLS keys) come from files, never from the URL: a URL
 // sits in an environment variable or on a command line, where ps, /proc and
 // crash reports show it.
+//
+// A Redis Cluster is named by redis-cluster://host:port,host:port,... (the
+// seeds; issue #18). connectRedis then returns an ioredis Cluster, typed as
+// Redis so that every caller compiles unchanged (see there).
 import { readFileSync } from "node:fs";
-import { Redis } from "ioredis";
+import { Cluster, Redis, type ClusterOptions, type RedisOptions as IoRedisOptions } from "ioredis";
 import type { Logger } from "pino";
 
 /** Files holding Redis credentials (--redis-password-file, --redis-tls-*). */
@@ -43,7 +47,76 @@ export function readRedisSecrets(f: RedisSecretFiles): RedisSecrets {
   return out;
 }
 
-/** True if the URL names an ACL user (redis://user:pw@host). */
+/** The scheme of a Redis Cluster URL: redis-cluster://host:port,host:port,... */
+export const CLUSTER_SCHEME = "redis-cluster://";
+
+/** At most this many seeds in a cluster URL (any one that answers gives the whole cluster's map). */
+export const MAX_CLUSTER_SEEDS = 32;
+
+/** True if the URL names a Redis Cluster (redis-cluster://...). */
+export function isClusterUrl(url: string): boolean {
+  return url.toLowerCase().startsWith(CLUSTER_SCHEME);
+}
+
+const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/;
+const HOST_LABEL = /^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$/;
+
+function validHost(host: string): boolean {
+  const labels = host.split(".");
+  // All digits and dots: an IPv4 address, so it must be a valid one (not a "hostname" 999.1.1.1).
+  if (/^[0-9.]+$/.test(host)) return IPV4.test(host);
+  return host.length <= 253 && labels.every((l) => HOST_LABEL.test(l));
+}
+
+/**
+ * The seeds of a redis-cluster:// URL: redis-cluster://h1:p1,h2:p2,... with
+ * 1–32 seeds, each an IPv4 address or a host name and a port 1–65535, and
+ * optionally "/" or "/0" after them (a cluster has database 0 only). No user
+ * or password in it: those come from --redis-user and --redis-password-file.
+ * Throws an Error saying what to change.
+ */
+export function parseClusterUrl(url: string): { host: string; port: number }[] {
+  const form = `use ${CLUSTER_SCHEME}host:port,host:port,...`;
+  if (!isClusterUrl(url)) throw new Error(`--redis ${JSON.stringify(url)} is not a cluster URL: ${form}`);
+  let rest = url.slice(CLUSTER_SCHEME.length);
+  if (/[?#]/.test(rest)) throw new Error(`--redis ${JSON.stringify(url)}: a cluster URL takes no query or fragment; ${form}`);
+  const slash = rest.indexOf("/");
+  if (slash !== -1) {
+    const db = rest.slice(slash);
+    if (db !== "/" && db !== "/0")
+      throw new Error(`--redis ${JSON.stringify(url)}: a Redis Cluster has database 0 only; leave ${JSON.stringify(db)} out (${form})`);
+    rest = rest.slice(0, slash);
+  }
+  if (rest.includes("@")) {
+    // The URL itself is not repeated: it may carry a password.
+    throw new Error(
+      `--redis: a ${CLUSTER_SCHEME} URL takes no user or password (ps and the environment show a URL); use --redis-user and --redis-password-file`,
+    );
+  }
+  if (rest === "") throw new Error(`--redis ${JSON.stringify(url)} names no node; ${form}`);
+  const parts = rest.split(",");
+  if (parts.length > MAX_CLUSTER_SEEDS)
+    throw new Error(`--redis names ${parts.length} cluster nodes: give at most ${MAX_CLUSTER_SEEDS} (a few primaries are enough, any one gives the whole map)`);
+  const seen = new Set<string>();
+  return parts.map((part) => {
+    const m = /^([^:]*):([0-9]{1,5})$/.exec(part);
+    if (!m) {
+      if (part.startsWith("[") || (part.match(/:/g) ?? []).length > 1)
+        throw new Error(`--redis: cluster node ${JSON.stringify(part)}: IPv6 addresses are not supported here; use an IPv4 address or a host name`);
+      throw new Error(`--redis: cluster node ${JSON.stringify(part)} is not host:port (the port is required); ${form}`);
+    }
+    const [, host, portText] = m;
+    const port = Number(portText);
+    if (!validHost(host)) throw new Error(`--redis: cluster node ${JSON.stringify(part)}: ${JSON.stringify(host)} is not an IPv4 address or a host name`);
+    if (port < 1 || port > 65535 || portText.startsWith("0")) throw new Error(`--redis: cluster node ${JSON.stringify(part)}: port ${portText} is not 1–65535`);
+    const key = `${host.toLowerCase()}:${port}`;
+    if (seen.has(key)) throw new Error(`--redis: cluster node ${JSON.stringify(part)} is listed twice`);
+    seen.add(key);
+    return { host, port };
+  });
+}
+
+/** True if the URL names an ACL user (redis://user:pw@host). Never for redis-cluster://, which refuses a user outright (parseClusterUrl). */
 export function urlHasUser(url: string): boolean {
   if (!/^rediss?:\/\//.test(url)) return false;
   try {
@@ -53,7 +126,7 @@ export function urlHasUser(url: string): boolean {
   }
 }
 
-/** True if the URL carries a password (redis://:pw@host or redis://user:pw@host). */
+/** True if the URL carries a password (redis://:pw@host or redis://user:pw@host). Never for redis-cluster:// (parseClusterUrl refuses one). */
 export function urlHasPassword(url: string): boolean {
   if (!/^rediss?:\/\//.test(url)) return false;
   try {
@@ -72,22 +145,19 @@ export interface RedisOptions extends RedisSecrets {
   logger?: Logger;
 }
 
+/** Reconnect delays of the client (single) and of the cluster's topology refresh: 100 ms doubling to 2 s. */
+const retryDelay = (times: number): number => Math.min(50 * 2 ** Math.min(times, 6), 2000);
+
+/**
+ * The client of every service: a single Redis (redis://, rediss://, a unix
+ * socket path) or, for redis-cluster://, an ioredis Cluster. Either way
+ * commands fail fast while Redis is unreachable (no offline queue, one retry,
+ * a per-command timeout) and the client reconnects in the background.
+ */
 export function connectRedis(opts: RedisOptions): Redis {
-  const client = new Redis(opts.url, {
-    ...(opts.username ? { username: opts.username } : {}),
-    ...(opts.password !== undefined ? { password: opts.password } : {}),
-    ...(opts.tls ? { tls: opts.tls } : {}),
-    enableOfflineQueue: false,
-    maxRetriesPerRequest: 1,
-    commandTimeout: opts.commandTimeoutMs ?? 2000,
-    enableAutoPipelining: true,
-    lazyConnect: false,
-    connectTimeout: 2000,
-    retryStrategy: (times) => Math.min(50 * 2 ** Math.min(times, 6), 2000),
-    reconnectOnError: () => false,
-  });
+  const client = isClusterUrl(opts.url) ? connectCluster(opts) : connectSingle(opts);
   let down = false;
-  client.on("error", (err) => {
+  client.on("error", (err: Error) => {
     if (!down) opts.logger?.warn({ err: err.message }, "redis connection lost; reconnecting");
     down = true;
   });
@@ -96,6 +166,103 @@ export function connectRedis(opts: RedisOptions): Redis {
     down = false;
   });
   return client;
+}
+
+/** What a connection to one Redis node carries, single or in a cluster. */
+function nodeOptions(opts: RedisOptions) {
+  return {
+    ...(opts.username ? { username: opts.username } : {}),
+    ...(opts.password !== undefined ? { password: opts.password } : {}),
+    ...(opts.tls ? { tls: opts.tls } : {}),
+    maxRetriesPerRequest: 1,
+    commandTimeout: opts.commandTimeoutMs ?? 2000,
+    connectTimeout: 2000,
+    reconnectOnError: () => false,
+  } satisfies IoRedisOptions;
+}
+
+function connectSingle(opts: RedisOptions): Redis {
+  return new Redis(opts.url, {
+    ...nodeOptions(opts),
+    enableOfflineQueue: false,
+    enableAutoPipelining: true,
+    lazyConnect: false,
+    retryStrategy: retryDelay,
+  });
+}
+
+function connectCluster(opts: RedisOptions): Redis {
+  const seeds = parseClusterUrl(opts.url);
+  const options: ClusterOptions = {
+    // Per node: credentials, TLS, the command timeout, one retry.
+    redisOptions: nodeOptions(opts),
+    enableOfflineQueue: false,
+    enableAutoPipelining: true,
+    lazyConnect: false,
+    clusterRetryStrategy: retryDelay,
+    // Reads on primaries: a replica may lag, and microvpc reads what it has just written.
+    scaleReads: "master",
+    // SSUBSCRIBE on the node that owns the channel's slot (wake-ups over sharded pub/sub).
+    shardedSubscribers: true,
+    // With TLS, keep host names as given: ioredis would resolve them to addresses,
+    // which a certificate naming the host does not match.
+    ...(opts.tls ? { dnsLookup: (address: string, callback: (err: null, address: string) => void) => callback(null, address) } : {}),
+  };
+  // Typed as Redis so that the callers compile unchanged: Cluster has the same
+  // command API (it is a Commander, as Redis is, with the same generated
+  // command methods, events and `status`). What differs is handled here:
+  // multi-key commands and scripts must keep their keys in one slot (the key
+  // schema's hash tags), and duplicate() takes (startupNodes, options), so
+  // callers use duplicateClient(); isCluster() tells the two apart.
+  return failFastUnmapped(new Cluster(seeds, options)) as unknown as Redis;
+}
+
+/**
+ * While a Cluster has no slot map (connecting, or every seed unreachable),
+ * ioredis parks auto-pipelined commands, pipelines and MULTIs until its next
+ * connection attempt ends, whatever enableOfflineQueue says: each would wait
+ * a retry delay plus a whole attempt (up to a second per unreachable seed).
+ * With the offline queue off they are refused at once instead, as the single
+ * client refuses commands while it is not connected.
+ */
+function failFastUnmapped(c: Cluster): Cluster {
+  const wait = c.delayUntilReady.bind(c);
+  c.delayUntilReady = (callback: Parameters<Cluster["delayUntilReady"]>[0]) => {
+    if (c.options.enableOfflineQueue) wait(callback);
+    else callback(new Error("Cluster isn't ready and enableOfflineQueue options is false"));
+  };
+  return c;
+}
+
+/** True if the client is an ioredis Cluster (connectRedis of a redis-cluster:// URL). */
+export function isCluster(client: Redis): boolean {
+  return (client as unknown as { isCluster?: boolean }).isCluster === true;
+}
+
+/**
+ * A new client like `client`, with these options changed: Redis#duplicate
+ * for a single client; for a Cluster, a duplicate with the same seeds whose
+ * per-node options (redisOptions) take the overrides, and whose cluster-wide
+ * options take those that are cluster-wide there (enableOfflineQueue,
+ * retryStrategy as clusterRetryStrategy, lazyConnect, enableAutoPipelining),
+ * then `clusterOverrides` (ignored for a single client).
+ */
+export function duplicateClient(client: Redis, overrides: Partial<IoRedisOptions> = {}, clusterOverrides: Partial<ClusterOptions> = {}): Redis {
+  if (!isCluster(client)) return client.duplicate(overrides);
+  const c = client as unknown as Cluster;
+  const { enableOfflineQueue, retryStrategy, lazyConnect, enableAutoPipelining, ...perNode } = overrides;
+  // Left out of ClusterOptions.redisOptions: the cluster decides them for its node connections.
+  const { port: _port, host: _host, path: _path, sentinels: _sentinels, readOnly: _readOnly, ...nodeOverrides } = perNode;
+  const next: ClusterOptions = {
+    redisOptions: { ...c.options.redisOptions, ...nodeOverrides },
+    ...("enableOfflineQueue" in overrides ? { enableOfflineQueue } : {}),
+    ...("retryStrategy" in overrides ? { clusterRetryStrategy: retryStrategy } : {}),
+    ...("lazyConnect" in overrides ? { lazyConnect } : {}),
+    ...("enableAutoPipelining" in overrides ? { enableAutoPipelining } : {}),
+    ...clusterOverrides,
+  };
+  // Cluster#duplicate(startupNodes, options): no startup nodes means the same seeds; options are merged over the original's.
+  return failFastUnmapped(c.duplicate(undefined, next)) as unknown as Redis;
 }
 
 /** Resolves once the client is connected (or rejects after timeoutMs). */
