@@ -18,9 +18,22 @@
 // was away reads on from the last id it saw, and XREAD on a few dozen keys is
 // one command, where notifications are lost to a disconnected subscriber and
 // would need a resync after every blip. See docs/operations.md "Sizing".
+//
+// On Redis Cluster a command may name keys of one slot only, and every VPC's
+// stream is a slot of its own, so the single XREAD BLOCK over all of a
+// host's streams is refused (CROSSSLOT). There the feed waits on sharded
+// pub/sub instead: a writer publishes to mvpc:{<vpc>}:wake (SPUBLISH, the
+// stream's own slot, so it costs the node that holds the VPC only) after
+// appending, the feed SSUBSCRIBEs to the wake channels of its streams and,
+// on a wake, reads the streams that woke (one non-blocking XREAD each, from
+// the last id it saw). A wake is only a hint: a lost one (a subscriber
+// reconnecting, a failover) is made good when the subscribers are back (the
+// feed then reads every stream) and, failing that, by a slow poll (pollMs); positions, trims and resyncs are the same as on
+// a single Redis.
 import { readFileSync, renameSync, writeFileSync } from "node:fs";
 import type { Redis } from "ioredis";
 import { HOST_ID_RE } from "./host.js";
+import { duplicateClient, isCluster } from "./redis.js";
 
 export const EVENTS = "mvpc:events";
 /** The host registry's stream (host.registered, host.rotated, host.left). */
@@ -31,6 +44,11 @@ export const SCOPED_MAXLEN = 1000;
 export const vpcEvents = (vpc: string) => `mvpc:{${vpc}}:events`;
 /** A host's change stream: its NICs and bindings coming and going. */
 export const hostEvents = (host: string) => `mvpc:{host:${host}}:events`;
+/** The sharded pub/sub channel a writer publishes to after appending to a scoped stream, in the stream's slot (Redis Cluster: the feed waits on it). */
+export const wakeChannel = (stream: string) => stream.replace(/:events$/, ":wake");
+
+/** Redis Cluster: how long a feed waits after a wake for the other streams one change was appended to. */
+const WAKE_COALESCE_MS = 2;
 
 const VPC_ID_RE = /^vpc-[0-9a-f]{12}$/;
 const STREAM_ID_RE = /^\d{1,20}-\d{1,20}$/;
@@ -62,13 +80,31 @@ local function mvpc_emit(vpcs, hosts, ...)
 end
 `;
 
-/** The same from TypeScript (one MULTI): for the few writers that are not scripts. */
-export function emit(redis: Redis, scope: { vpcs?: string[]; hosts?: string[]; registry?: boolean }, fields: string[]): Promise<unknown> {
-  const m = redis.multi().xadd(EVENTS, "MAXLEN", "~", "100000", "*", ...fields);
-  for (const v of new Set(scope.vpcs ?? [])) if (v) m.xadd(vpcEvents(v), "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields);
-  for (const h of new Set(scope.hosts ?? [])) if (h) m.xadd(hostEvents(h), "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields);
-  if (scope.registry) m.xadd(REGISTRY_EVENTS, "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields);
-  return m.exec();
+/**
+ * The same from TypeScript: for the few writers that are not scripts. One
+ * MULTI on a single Redis; on Redis Cluster one MULTI per stream (a MULTI may
+ * not span slots), each followed by the stream's wake (SPUBLISH, see above).
+ */
+export async function emit(redis: Redis, scope: { vpcs?: string[]; hosts?: string[]; registry?: boolean }, fields: string[]): Promise<unknown> {
+  const scoped: string[] = [];
+  for (const v of new Set(scope.vpcs ?? [])) if (v) scoped.push(vpcEvents(v));
+  for (const h of new Set(scope.hosts ?? [])) if (h) scoped.push(hostEvents(h));
+  if (scope.registry) scoped.push(REGISTRY_EVENTS);
+  if (!isCluster(redis)) {
+    const m = redis.multi().xadd(EVENTS, "MAXLEN", "~", "100000", "*", ...fields);
+    for (const s of scoped) m.xadd(s, "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields);
+    return m.exec();
+  }
+  return Promise.all([
+    redis.xadd(EVENTS, "MAXLEN", "~", "100000", "*", ...fields),
+    ...scoped.map((s) =>
+      redis
+        .multi()
+        .xadd(s, "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields)
+        .spublish(wakeChannel(s), "1")
+        .exec(),
+    ),
+  ]);
 }
 
 /** One event's fields (kind, and what the writer added: vpc, host, nic…). */
@@ -93,7 +129,7 @@ function fieldsOf(f: string[]): EventFields {
  * lost meanwhile (the next read goes on from the last id seen).
  */
 export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events: EventFields[]) => void, stopped: () => boolean, settleMs = 0): Promise<void> {
-  const sub = redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
+  const sub = duplicateClient(redis, { enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
   sub.on("error", () => {});
   let last = "$";
   while (!stopped()) {
@@ -212,7 +248,15 @@ export interface FeedSpec {
   /** Last-seen ids kept across runs; default: none (every start is a fresh read of the state). */
   positions?: PositionStore;
   rescanMs?: number;
+  /** Single Redis: how long one XREAD BLOCK waits before the loop goes round (a rescan may be due). */
   blockMs?: number;
+  /**
+   * Redis Cluster: how often the feed reads every stream although no wake
+   * came (±10 %, so that a fleet's hosts do not poll in step). A wake is lost
+   * only while a subscriber reconnects, and the feed reads every stream when
+   * its subscribers are back, so this is a drift check; default 30 s.
+   */
+  pollMs?: number;
   /** Called once per XREAD that woke with entries (the fleet bench counts wake-ups). */
   onWake?: () => void;
   /**
@@ -242,6 +286,12 @@ export class EventFeed {
   private checkAll = true;
   private firstScan = true;
   private lastSave = 0;
+  /** Redis Cluster: wait on wake channels instead of one XREAD BLOCK (see the top of this file). */
+  private readonly cluster: boolean;
+  /** Cluster: the wake channel → stream subscribed to, the streams woken since the last read, and who waits for one. */
+  private readonly wakes = new Map<string, string>();
+  private readonly dirty = new Set<string>();
+  private onWoken?: () => void;
   /** Resolves once the first read of the VPC set is done and every stream has its position. */
   readonly ready: Promise<void>;
   private markReady!: () => void;
@@ -251,6 +301,7 @@ export class EventFeed {
     readonly spec: FeedSpec,
   ) {
     if (!HOST_ID_RE.test(spec.host)) throw new Error(`EventFeed: host ${JSON.stringify(spec.host)} is not a hypervisor id`);
+    this.cluster = isCluster(redis);
     this.ready = new Promise((r) => (this.markReady = r));
   }
 
@@ -262,13 +313,20 @@ export class EventFeed {
   /** Asks for the VPC set to be read again before the next XREAD (a caller that knows a VPC arrives). */
   refresh(): void {
     this.rescan = true;
+    // Cluster: the loop may be waiting for a wake; go round now.
+    this.onWoken?.();
   }
 
   /** Runs until stop(). */
   async run(): Promise<void> {
     const { spec } = this;
-    this.sub = this.redis.duplicate({ enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
+    this.sub = duplicateClient(this.redis, { enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null }, { shardedSubscribers: true });
     this.sub.on("error", () => {});
+    if (this.cluster) {
+      this.sub.on("smessage", (channel: string) => this.woken(channel));
+      // Subscribers reconnected (a node failed over, a slot moved): wakes may have been lost meanwhile.
+      this.sub.on("subscribersReady", () => this.wakeAll());
+    }
     const saved = spec.positions?.load() ?? new Map<string, string>();
     const fixed = [hostEvents(spec.host), ...(spec.registry ? [REGISTRY_EVENTS] : [])];
     try {
@@ -282,40 +340,19 @@ export class EventFeed {
           this.markReady();
           if (out.length) spec.onEvents(out);
           const streams = [...this.pos.keys()];
-          let r = (await this.sub.xread(
-            "COUNT",
-            1000,
-            "BLOCK",
-            spec.blockMs ?? 5000,
-            "STREAMS",
-            ...streams,
-            ...streams.map((s) => this.pos.get(s)!),
-          )) as XReadReply;
+          const r = this.cluster ? await this.readWoken(streams) : await this.readBlocking(streams);
           if (!r || this.stopped) continue;
-          // A blocked XREAD returns with the first stream that got an entry
-          // only. A script writes its event to every stream it names in one
-          // step (a NIC's: its VPC's and its host's), so the copies in the
-          // others are there already: read them now, without blocking, so
-          // that one change is one batch (one pass), not one per stream.
-          if (streams.length > 1) {
-            const got = new Map(r.map(([stream, entries]) => [stream, entries]));
-            const rest = (await this.sub.xread(
-              "COUNT",
-              1000,
-              "STREAMS",
-              ...streams,
-              ...streams.map((s) => (got.get(s)?.length ? got.get(s)![got.get(s)!.length - 1][0] : this.pos.get(s)!)),
-            )) as XReadReply | null;
-            for (const [stream, entries] of rest ?? []) if (entries.length) got.set(stream, [...(got.get(stream) ?? []), ...entries]);
-            r = [...got];
-          }
           spec.onWake?.();
           const events: EventFields[] = [];
           const full: string[] = [];
           for (const [stream, entries] of r) {
             if (!this.pos.has(stream) || !entries.length) continue;
             this.pos.set(stream, entries[entries.length - 1][0]);
-            if (entries.length >= 1000) full.push(stream);
+            if (entries.length >= 1000) {
+              full.push(stream);
+              // Cluster: there may be more, and no wake is coming for them.
+              if (this.cluster) this.dirty.add(stream);
+            }
             for (const [, f] of entries) {
               const e = fieldsOf(f);
               if (stream === fixed[0]) this.rescan = true;
@@ -343,6 +380,100 @@ export class EventFeed {
   stop(): void {
     this.stopped = true;
     this.sub?.disconnect();
+    this.onWoken?.();
+  }
+
+  /** Single Redis: one XREAD BLOCK over every stream, then the others without blocking. */
+  private async readBlocking(streams: string[]): Promise<XReadReply> {
+    const spec = this.spec;
+    const sub = this.sub!;
+    const r = (await sub.xread("COUNT", 1000, "BLOCK", spec.blockMs ?? 5000, "STREAMS", ...streams, ...streams.map((s) => this.pos.get(s)!))) as XReadReply;
+    if (!r || this.stopped || streams.length === 1) return r;
+    // A blocked XREAD returns with the first stream that got an entry
+    // only. A script writes its event to every stream it names in one
+    // step (a NIC's: its VPC's and its host's), so the copies in the
+    // others are there already: read them now, without blocking, so
+    // that one change is one batch (one pass), not one per stream.
+    const got = new Map(r.map(([stream, entries]) => [stream, entries]));
+    const rest = (await sub.xread(
+      "COUNT",
+      1000,
+      "STREAMS",
+      ...streams,
+      ...streams.map((s) => (got.get(s)?.length ? got.get(s)![got.get(s)!.length - 1][0] : this.pos.get(s)!)),
+    )) as XReadReply | null;
+    for (const [stream, entries] of rest ?? []) if (entries.length) got.set(stream, [...(got.get(stream) ?? []), ...entries]);
+    return [...got];
+  }
+
+  private wakeAll(): void {
+    for (const s of this.wakes.values()) this.dirty.add(s);
+    this.onWoken?.();
+  }
+
+  private woken(channel: string): void {
+    const s = this.wakes.get(channel);
+    if (!s) return;
+    this.dirty.add(s);
+    this.onWoken?.();
+  }
+
+  /**
+   * Redis Cluster: subscribes to the wake channels of the streams read now
+   * (a stream just subscribed to is read once, for what came before its
+   * subscription), waits for a wake or pollMs (then reads every stream: a
+   * lost wake costs that long, never a change), and reads the woken streams,
+   * one XREAD each (each is its own slot; the client pipelines them per node).
+   */
+  private async readWoken(streams: string[]): Promise<XReadReply> {
+    const sub = this.sub!;
+    const want = new Set(streams);
+    for (const [ch, s] of [...this.wakes]) {
+      if (want.has(s)) continue;
+      this.wakes.delete(ch);
+      this.dirty.delete(s);
+      await sub.sunsubscribe(ch);
+    }
+    for (const s of streams) {
+      const ch = wakeChannel(s);
+      if (this.wakes.has(ch)) continue;
+      await sub.ssubscribe(ch);
+      this.wakes.set(ch, s);
+      this.dirty.add(s);
+    }
+    if (!this.dirty.size) {
+      await new Promise<void>((res) => {
+        const poll = this.spec.pollMs ?? 30_000;
+        const t = setTimeout(
+          () => {
+            for (const s of streams) this.dirty.add(s);
+            res();
+          },
+          poll * (0.9 + 0.2 * Math.random()),
+        );
+        this.onWoken = () => {
+          clearTimeout(t);
+          res();
+        };
+      });
+      this.onWoken = undefined;
+      // One change wakes each stream it was appended to (a NIC's VPC and its
+      // host, in two slots, written one after the other): let the others'
+      // wakes land so that it is usually one batch, not two.
+      await new Promise((res) => setTimeout(res, WAKE_COALESCE_MS));
+    }
+    if (this.stopped) return null;
+    const read = [...this.dirty].filter((s) => want.has(s));
+    this.dirty.clear();
+    let replies: XReadReply[];
+    try {
+      replies = await Promise.all(read.map((s) => this.redis.xread("COUNT", 1000, "STREAMS", s, this.pos.get(s)!) as Promise<XReadReply>));
+    } catch (err) {
+      for (const s of read) this.dirty.add(s);
+      throw err;
+    }
+    const out = replies.flatMap((r) => r ?? []);
+    return out.length ? out : null;
   }
 
   private persist(now: boolean): void {
