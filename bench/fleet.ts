@@ -9,6 +9,13 @@
 //   global   — the baseline, today's: writers append to mvpc:events only,
 //              every host reads it (followEvents) and drops what it does not
 //              hold.
+//   cluster  — the scoped feed on a Redis Cluster (3 primaries, 3 replicas,
+//              real redis-server processes): every VPC's keys and stream in
+//              its own slot; a writer appends to the VPC's stream and
+//              publishes its wake (SPUBLISH) in one script in that slot, and
+//              a VM change's copy for its host in the host's slot; each host
+//              waits on its streams' wakes (events.ts). Its commands and
+//              bytes are summed over the primaries, its CPU over all six.
 // Measured per change: Redis commands and bytes (INFO commandstats and stats
 // deltas), Redis CPU (INFO cpu), hosts woken, and the time from the write
 // until every host holding the VPC applied it (p50, p99).
@@ -20,9 +27,10 @@ import { loadavg } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Redis } from "ioredis";
-import { LUA_EMIT } from "../services/common/events.js";
-import { startRedis, type TestRedis } from "../test/lib/redis.js";
-import type { FromWorker, HostSpec, ToWorker } from "./lib/fleet-host.js";
+import { hostEvents, LUA_EMIT, SCOPED_MAXLEN, vpcEvents, wakeChannel } from "../services/common/events.js";
+import { connectRedis, waitReady } from "../services/common/redis.js";
+import { startRedis, startRedisCluster } from "../test/lib/redis.js";
+import type { FleetMode, FromWorker, HostSpec, ToWorker } from "./lib/fleet-host.js";
 import { simKeys } from "./lib/fleet-host.js";
 import { num, heading, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, runBench, SMOKE } from "./lib/run.js";
@@ -35,6 +43,7 @@ const args = benchArgs(
     rate: { type: "string", default: "50" },
     spread: { type: "string", default: "3" },
     workers: { type: "string", default: "4" },
+    modes: { type: "string", default: "scoped,global,cluster" },
   },
   { hosts: "4", changes: "20", rate: "20", workers: "2" },
 );
@@ -45,6 +54,12 @@ const CHANGES = intOpt("changes", args.changes, 10, 100_000);
 const RATE = intOpt("rate", args.rate, 1, 5000);
 const SPREAD = intOpt("spread", args.spread, 1, 50);
 const WORKERS = intOpt("workers", args.workers, 1, 64);
+const MODES = String(args.modes)
+  .split(",")
+  .map((m) => {
+    if (m !== "scoped" && m !== "global" && m !== "cluster") throw new Error(`--modes: ${JSON.stringify(m)} is not scoped, global or cluster`);
+    return m as FleetMode;
+  });
 const { progress } = benchClock(SMOKE ? undefined : 40 * 60_000);
 const p = (s: string) => process.stdout.write(`${s}\n`);
 
@@ -68,6 +83,27 @@ for i = 3, #ARGV do f[#f + 1] = ARGV[i] end
 redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', unpack(f))
 `;
 
+/**
+ * The cluster's writer: one VPC's change in its slot (KEYS: the VPC's state,
+ * its stream), its wake published after the append. ARGV as WRITE_SCOPED's
+ * (member, value, then the event's fields), then the wake channel.
+ */
+const WRITE_CLUSTER = `
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local f = {}
+for i = 3, #ARGV - 1 do f[#f + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', unpack(f))
+redis.call('SPUBLISH', ARGV[#ARGV], '1')
+`;
+
+/** Where a phase runs: one redis-server, or a cluster (its primaries and every node). */
+interface Target {
+  url: string;
+  r: Redis;
+  primaries: Redis[];
+  all: Redis[];
+}
+
 interface Info {
   calls: Map<string, number>;
   cpu: number;
@@ -75,35 +111,44 @@ interface Info {
   bytesOut: number;
 }
 
-async function info(r: Redis): Promise<Info> {
-  const text = (await r.info("all")) as string;
+/** INFO summed: commands and bytes over the primaries, CPU over every node (cpuMax: the busiest node's). */
+async function info(t: Target): Promise<Info & { cpuByNode: number[] }> {
   const calls = new Map<string, number>();
-  let cpu = 0;
   let bytesIn = 0;
   let bytesOut = 0;
-  for (const line of text.split("\r\n")) {
-    const m = /^cmdstat_([a-z_|]+):calls=(\d+)/.exec(line);
-    if (m) calls.set(m[1], Number(m[2]));
-    const c = /^used_cpu_(sys|user):([\d.]+)/.exec(line);
-    if (c) cpu += Number(c[2]);
-    const b = /^total_net_(input|output)_bytes:(\d+)/.exec(line);
-    if (b) {
-      if (b[1] === "input") bytesIn = Number(b[2]);
-      else bytesOut = Number(b[2]);
+  const cpuByNode: number[] = [];
+  for (const node of t.all) {
+    const text = (await node.info("all")) as string;
+    const primary = t.primaries.includes(node);
+    let cpu = 0;
+    for (const line of text.split("\r\n")) {
+      const c = /^used_cpu_(sys|user):([\d.]+)/.exec(line);
+      if (c) cpu += Number(c[2]);
+      if (!primary) continue;
+      const m = /^cmdstat_([a-z_|]+):calls=(\d+)/.exec(line);
+      if (m) calls.set(m[1], (calls.get(m[1]) ?? 0) + Number(m[2]));
+      const b = /^total_net_(input|output)_bytes:(\d+)/.exec(line);
+      if (b) {
+        if (b[1] === "input") bytesIn += Number(b[2]);
+        else bytesOut += Number(b[2]);
+      }
     }
+    cpuByNode.push(cpu);
   }
-  return { calls, cpu, bytesIn, bytesOut };
+  return { calls, cpu: cpuByNode.reduce((a, x) => a + x, 0), cpuByNode, bytesIn, bytesOut };
 }
 
 interface PhaseResult {
   n: number;
-  mode: "scoped" | "global";
+  mode: FleetMode;
   changes: number;
   seconds: number;
   commandsPerChange: number;
   byCommand: Record<string, number>;
   bytesPerChange: number;
   redisCpuPct: number;
+  /** The busiest node's CPU (one redis-server: the same figure). */
+  redisCpuMaxNodePct: number;
   wakesPerChange: number;
   eventsPerChange: number;
   readsPerChange: number;
@@ -127,17 +172,28 @@ function waitMsg<T extends FromWorker["op"]>(c: ChildProcess, op: T): Promise<Ex
   });
 }
 
-async function phase(server: TestRedis, r: Redis, n: number, mode: "scoped" | "global"): Promise<PhaseResult> {
-  await r.flushall();
+async function phase(t: Target, n: number, mode: FleetMode): Promise<PhaseResult> {
+  const { r } = t;
+  for (const node of t.primaries) await node.flushall();
   const spread = Math.min(SPREAD, n);
   // VPC v is held by hosts v … v+spread−1: every host holds `spread` VPCs.
   const holders = (v: number) => Array.from({ length: spread }, (_, j) => (v + j) % n);
-  const setup = r.pipeline();
-  for (let v = 0; v < n; v++) {
-    for (const h of holders(v)) setup.hset(simKeys.hostVpcs(hostId(h)), vpcId(v), "1");
-    for (let m = 0; m < 8; m++) setup.hset(simKeys.state(vpcId(v)), `m${m}`, "0");
+  if (mode === "cluster") {
+    // Keys of many slots: no pipeline across them (the client pipelines per node itself).
+    const writes: Promise<unknown>[] = [];
+    for (let v = 0; v < n; v++) {
+      for (const h of holders(v)) writes.push(r.hset(simKeys.hostVpcs(hostId(h)), vpcId(v), "1"));
+      for (let m = 0; m < 8; m++) writes.push(r.hset(simKeys.state(vpcId(v)), `m${m}`, "0"));
+    }
+    await Promise.all(writes);
+  } else {
+    const setup = r.pipeline();
+    for (let v = 0; v < n; v++) {
+      for (const h of holders(v)) setup.hset(simKeys.hostVpcs(hostId(h)), vpcId(v), "1");
+      for (let m = 0; m < 8; m++) setup.hset(simKeys.state(vpcId(v)), `m${m}`, "0");
+    }
+    await setup.exec();
   }
-  await setup.exec();
   const workers: ChildProcess[] = [];
   const nw = Math.min(WORKERS, n);
   const here = fileURLToPath(new URL(".", import.meta.url));
@@ -150,18 +206,21 @@ async function phase(server: TestRedis, r: Redis, n: number, mode: "scoped" | "g
     workers.forEach((c, i) => {
       const hosts: HostSpec[] = [];
       for (let h = i; h < n; h += nw) hosts.push({ id: hostId(h) });
-      c.send({ op: "start", url: server.url, mode, hosts } satisfies ToWorker);
+      c.send({ op: "start", url: t.url, mode, hosts } satisfies ToWorker);
     });
     await Promise.all(ready);
     // Every host blocked in its XREAD (the global readers start at "$": a change before that would be missed).
-    for (let i = 0; i < 600; i++) {
+    // Cluster: nothing blocks; a feed reads each stream once after subscribing to its wake, from the position it took before "ready".
+    for (let i = 0; i < (mode === "cluster" ? 0 : 600); i++) {
       const b = Number(/blocked_clients:(\d+)/.exec((await r.info("clients")) as string)?.[1] ?? 0);
       if (b >= n) break;
       await new Promise((res) => setTimeout(res, 50));
     }
-    const script = mode === "scoped" ? WRITE_SCOPED : WRITE_GLOBAL;
-    const sha = (await r.script("LOAD", script)) as string;
-    const before = await info(r);
+    const script = mode === "scoped" ? WRITE_SCOPED : mode === "cluster" ? WRITE_CLUSTER : WRITE_GLOBAL;
+    // On a cluster the script is loaded on every primary (EVALSHA runs where the keys' slot is).
+    let sha = "";
+    for (const node of t.primaries) sha = (await node.script("LOAD", script)) as string;
+    const before = await info(t);
     const t0 = performance.timeOrigin + performance.now();
     const written = new Map<string, { t: number; expect: number }>();
     let expectTotal = 0;
@@ -180,7 +239,22 @@ async function phase(server: TestRedis, r: Redis, n: number, mode: "scoped" | "g
       else fields.push("vpc", vpcId(v));
       const tw = performance.timeOrigin + performance.now();
       // ARGV: member, value, then the event's fields: ARGV[8] is the host field's value (a VM's host: its stream too).
-      await r.evalsha(sha, vpcs.length, ...vpcs.map((x) => simKeys.state(vpcId(x))), `m${i % 8}`, String(i), ...fields);
+      if (mode === "cluster") {
+        // One script per VPC, in its slot; a VM's copy for its host in the host's slot.
+        const wakes = vpcs.map((x) => wakeChannel(vpcEvents(vpcId(x))));
+        await Promise.all([
+          ...vpcs.map((x, j) => r.evalsha(sha, 2, simKeys.state(vpcId(x)), vpcEvents(vpcId(x)), `m${i % 8}`, String(i), ...fields, wakes[j])),
+          ...(kind === "vm"
+            ? [
+                r
+                  .multi()
+                  .xadd(hostEvents(host), "MAXLEN", "~", String(SCOPED_MAXLEN), "*", ...fields)
+                  .spublish(wakeChannel(hostEvents(host)), "1")
+                  .exec(),
+              ]
+            : []),
+        ]);
+      } else await r.evalsha(sha, vpcs.length, ...vpcs.map((x) => simKeys.state(vpcId(x))), `m${i % 8}`, String(i), ...fields);
       written.set(cid, { t: tw, expect: hostsOf.size });
       expectTotal += hostsOf.size;
     }
@@ -198,7 +272,7 @@ async function phase(server: TestRedis, r: Redis, n: number, mode: "scoped" | "g
       await new Promise((res) => setTimeout(res, 50));
     }
     const t1 = performance.timeOrigin + performance.now();
-    const after = await info(r);
+    const after = await info(t);
     const results = await Promise.all(
       workers.map((c) => {
         const m = waitMsg(c, "result");
@@ -241,6 +315,7 @@ async function phase(server: TestRedis, r: Redis, n: number, mode: "scoped" | "g
       byCommand,
       bytesPerChange: (after.bytesIn - before.bytesIn + after.bytesOut - before.bytesOut) / CHANGES,
       redisCpuPct: ((after.cpu - before.cpu) / secs) * 100,
+      redisCpuMaxNodePct: (Math.max(...after.cpuByNode.map((c, k) => c - before.cpuByNode[k])) / secs) * 100,
       wakesPerChange: sum((x) => x.wakes) / CHANGES,
       eventsPerChange: sum((x) => x.events) / CHANGES,
       readsPerChange: sum((x) => x.reads) / CHANGES,
@@ -256,18 +331,37 @@ async function phase(server: TestRedis, r: Redis, n: number, mode: "scoped" | "g
 async function main(): Promise<number> {
   const server = await startRedis({ persistence: false });
   const r = new Redis(server.url);
+  const single: Target = { url: server.url, r, primaries: [r], all: [r] };
+  let cluster: Target | undefined;
+  const stopCluster: (() => Promise<void>)[] = [];
   try {
     // The hosts' connections: two each, beside the bench's own.
     await r.config("SET", "maxclients", String(Math.max(10_000, Math.max(...NS) * 2 + 100)));
+    if (MODES.includes("cluster")) {
+      progress("starting a Redis Cluster (3 primaries, 3 replicas)");
+      const c = await startRedisCluster();
+      const cr = connectRedis({ url: c.url, commandTimeoutMs: 10_000 });
+      stopCluster.push(async () => {
+        cr.disconnect();
+        await c.stop();
+      });
+      await waitReady(cr, 30_000);
+      const ports = await c.primaries();
+      const all = c.nodes.map((nd) => new Redis(nd.port, "127.0.0.1"));
+      stopCluster.unshift(async () => all.forEach((x) => x.disconnect()));
+      // A host's cluster clients: commands and its feed's, a connection per primary each, and the feed's sharded subscribers.
+      for (const x of all) await x.config("SET", "maxclients", String(Math.max(10_000, Math.max(...NS) * 8 + 100)));
+      cluster = { url: c.url, r: cr, primaries: all.filter((_, k) => ports.includes(c.nodes[k].port)), all };
+    }
     const out: PhaseResult[] = [];
     for (const n of NS) {
-      for (const mode of ["scoped", "global"] as const) {
+      for (const mode of MODES) {
         progress(`N=${n} ${mode}: ${CHANGES} changes at ${RATE}/s`);
-        out.push(await phase(server, r, n, mode));
+        out.push(await phase(mode === "cluster" ? cluster! : single, n, mode));
       }
     }
     p(heading(`Fleet: ${CHANGES} changes at ${RATE}/s, each VPC on ${SPREAD} hosts, hosts in ${WORKERS} worker processes`));
-    const cmdCols = ["xread", "xadd", "hgetall", "xinfo", "hkeys", "evalsha"];
+    const cmdCols = ["xread", "xadd", "hgetall", "xinfo", "hkeys", "evalsha", "spublish"];
     p(
       table(
         [
@@ -277,6 +371,7 @@ async function main(): Promise<number> {
           ...cmdCols.map((c) => `${c}/chg`),
           "bytes/change",
           "Redis CPU %",
+          "busiest node %",
           "woken/change",
           "events/change",
           "p50 ms",
@@ -290,6 +385,7 @@ async function main(): Promise<number> {
           ...cmdCols.map((c) => num(x.byCommand[c] ?? 0, 1)),
           num(x.bytesPerChange, 0),
           num(x.redisCpuPct, 1),
+          num(x.redisCpuMaxNodePct, 1),
           num(x.wakesPerChange, 1),
           num(x.eventsPerChange, 1),
           num(x.p50ms, 1),
@@ -299,10 +395,48 @@ async function main(): Promise<number> {
       ),
     );
     p("(woken/change: XREAD replies the hosts got per change; a host holding a changed VPC wakes at least once, any other wake is waste.)");
+    p("(cluster: commands and bytes over the 3 primaries, Redis CPU over all 6 nodes, busiest node: the one that worked most.)");
     const v: Verdict[] = [];
     for (const n of NS) {
-      const s = out.find((x) => x.n === n && x.mode === "scoped")!;
-      const g = out.find((x) => x.n === n && x.mode === "global")!;
+      const s = out.find((x) => x.n === n && x.mode === "scoped");
+      const g = out.find((x) => x.n === n && x.mode === "global");
+      const cl = out.find((x) => x.n === n && x.mode === "cluster");
+      if (cl && s) {
+        // The cluster beside the scoped feed on one redis-server, same workload, same run.
+        v.push({
+          measure: `N=${n} cluster: hosts woken per change`,
+          value: num(cl.wakesPerChange, 1),
+          baseline: num(s.wakesPerChange, 1),
+          ratio: cl.wakesPerChange / s.wakesPerChange,
+          target: `≤ ${num(Math.min(SPREAD, n) * 1.1 * 2, 1)} (holders, each stream)`,
+          pass: cl.wakesPerChange <= Math.min(SPREAD, n) * 1.1 * 2,
+        });
+        v.push({
+          measure: `N=${n} cluster: busiest node's CPU %`,
+          value: num(cl.redisCpuMaxNodePct, 1),
+          baseline: num(s.redisCpuPct, 1),
+          ratio: cl.redisCpuMaxNodePct / s.redisCpuPct,
+          target: n >= 1000 ? "≤ 50 %" : "",
+          pass: n >= 1000 ? cl.redisCpuMaxNodePct <= 50 : undefined,
+        });
+        v.push({
+          measure: `N=${n} cluster: applied on every holder, p99 ms`,
+          value: num(cl.p99ms, 1),
+          baseline: num(s.p99ms, 1),
+          ratio: cl.p99ms / s.p99ms,
+          target: "≤ 2000 ms",
+          pass: cl.p99ms <= 2000,
+        });
+        v.push({
+          measure: `N=${n} cluster: changes not applied on every holder`,
+          value: String(cl.missing),
+          baseline: String(s.missing),
+          ratio: 0,
+          target: "0",
+          pass: cl.missing === 0,
+        });
+      }
+      if (!s || !g) continue;
       const holders = Math.min(SPREAD, n) * 1.1;
       v.push({
         measure: `N=${n}: hosts woken per change`,
@@ -348,9 +482,15 @@ async function main(): Promise<number> {
     p(verdictTable(v));
     const file = resultsFile("fleet");
     p(`figures written to ${file}`);
-    writeJson(file, { args: { hosts: NS, changes: CHANGES, rate: RATE, spread: SPREAD, workers: WORKERS }, loadavgAtEnd: loadavg(), phases: out, verdicts: v });
-    return out.some((x) => x.mode === "scoped" && x.missing > 0) ? 1 : 0;
+    writeJson(file, {
+      args: { hosts: NS, changes: CHANGES, rate: RATE, spread: SPREAD, workers: WORKERS, modes: MODES },
+      loadavgAtEnd: loadavg(),
+      phases: out,
+      verdicts: v,
+    });
+    return out.some((x) => x.mode !== "global" && x.missing > 0) ? 1 : 0;
   } finally {
+    for (const f of stopCluster) await f();
     r.disconnect();
     await server.stop();
   }

@@ -6,15 +6,19 @@
 // against what it applied, apply the plan to a fake kernel (firewall's
 // element diff against an in-memory element set, as FakeNft holds it).
 // Reports, per change id, how many of its hosts applied it and when the last
-// did.
+// did. Mode "cluster": the same scoped feed on a Redis Cluster, where it
+// waits on sharded pub/sub wakes (events.ts), through the services' own
+// client (connectRedis of a redis-cluster:// URL).
 import { Redis } from "ioredis";
 import { EventFeed, followEvents, type EventFields } from "../../services/common/events.js";
+import { connectRedis, isCluster, waitReady } from "../../services/common/redis.js";
 
 export interface HostSpec {
   id: string;
 }
 
-export type ToWorker = { op: "start"; url: string; mode: "scoped" | "global"; hosts: HostSpec[] } | { op: "status" } | { op: "finish" };
+export type FleetMode = "scoped" | "global" | "cluster";
+export type ToWorker = { op: "start"; url: string; mode: FleetMode; hosts: HostSpec[] } | { op: "status" } | { op: "finish" };
 export type FromWorker =
   | { op: "ready" }
   | { op: "status"; applied: number }
@@ -65,6 +69,11 @@ class SimHost {
     let rs: [Error | null, unknown][];
     for (let i = 0; ; i++) {
       try {
+        if (isCluster(this.redis)) {
+          // One slot per VPC: no pipeline across them; the client pipelines per node itself.
+          rs = await Promise.all([...vpcs.keys()].map((v) => this.redis.hgetall(simKeys.state(v)).then((x): [null, unknown] => [null, x])));
+          break;
+        }
         const p = this.redis.pipeline();
         for (const v of vpcs.keys()) p.hgetall(simKeys.state(v));
         rs = (await p.exec()) ?? [];
@@ -119,14 +128,18 @@ class Worker {
   kernelOps = 0;
   hosts: SimHost[] = [];
 
-  async start(url: string, mode: "scoped" | "global", specs: HostSpec[]): Promise<void> {
+  async start(url: string, mode: FleetMode, specs: HostSpec[]): Promise<void> {
     for (const s of specs) {
-      const redis = new Redis(url, { maxRetriesPerRequest: null });
+      let redis: Redis;
+      if (mode === "cluster") {
+        redis = connectRedis({ url, commandTimeoutMs: 10_000 });
+        await waitReady(redis, 30_000);
+      } else redis = new Redis(url, { maxRetriesPerRequest: null });
       redis.on("error", () => {});
       const h = new SimHost(s.id, redis, this);
       h.held = new Set(await redis.hkeys(simKeys.hostVpcs(s.id)));
       let stopped = false;
-      if (mode === "scoped") {
+      if (mode !== "global") {
         const feed = new EventFeed(redis, {
           host: s.id,
           vpcs: async () => (h.held = new Set(await redis.hkeys(simKeys.hostVpcs(s.id)))),
