@@ -135,10 +135,29 @@ const COMMANDS = [
   "-function",
   "-fcall",
   "-fcall_ro",
+  // Redis Cluster: the change feed waits on its streams' wakes (sharded
+  // pub/sub, services/common/events.ts), and writers publish them. Only
+  // these three pub/sub commands, and only on the wake channels (below).
+  "+ssubscribe",
+  "+sunsubscribe",
+  "+spublish",
+  // Redis Cluster: the client's slot map (CLUSTER SLOTS) and ready check
+  // (CLUSTER INFO); read-only, and no other CLUSTER subcommand.
+  "+cluster|slots",
+  "+cluster|info",
   "+info",
 ];
 
-/** The ACL rules (without the password) of a user. No pub/sub channel: no daemon uses one. */
+/**
+ * The wake channels of the change streams, mvpc:{<vpc>}:wake,
+ * mvpc:{host:<host>}:wake, mvpc:{hosts}:wake: the only channels any user
+ * gets. Every user may publish to every one, as every user may append to
+ * the shared streams: a forged wake costs a reader one XREAD, as a forged
+ * event costs it a pass.
+ */
+export const WAKE_CHANNELS = "mvpc:{*}:wake";
+
+/** The ACL rules (without the password) of a user. Pub/sub: the wake channels only (WAKE_CHANNELS). */
 export function aclRules(who: { control: true } | { hostId: string }): string[] {
   const keys =
     "control" in who
@@ -147,7 +166,7 @@ export function aclRules(who: { control: true } | { hostId: string }): string[] 
         // Redis wants one pattern granting both, so a `%R~` + `%W~` pair would refuse
         // a script on a key the host may write.
         ["%R~mvpc:*", ...[...hostScopedWritePatterns(who.hostId), ...SHARED_WRITE_PATTERNS, ...hostPrivatePatterns(who.hostId)].map((p) => `~${p}`)];
-  return ["reset", "on", ...keys, "resetchannels", ...COMMANDS];
+  return ["reset", "on", ...keys, "resetchannels", `&${WAKE_CHANNELS}`, ...COMMANDS];
 }
 
 /** SHA-256 of the password, as ACL's `#<hash>` rule takes it: the password itself is never printed. */

@@ -233,6 +233,21 @@ describe("per-host Redis ACL users", () => {
     await refused("REPLICAOF", asA.call("REPLICAOF", "127.0.0.1", "1"));
     await refused("CLIENT KILL", asA.call("CLIENT", "KILL", "USER", hostUser(B.id)));
     await refused("PUBLISH", asA.publish("mvpc:x", "1"));
+    // Of pub/sub, the change streams' wakes only (the Redis Cluster feed's, sharded).
+    await refused("SPUBLISH to a channel that is no wake", asA.spublish("mvpc:x", "1"));
+    assert.equal(await asA.spublish("mvpc:{vpc-000000000001}:wake", "1"), 0, "a wake may be published");
+    for (const [channel, allowed] of [
+      ["mvpc:x", false],
+      [`mvpc:{host:${B.id}}:wake`, true],
+    ] as const) {
+      const sub = asA.duplicate();
+      try {
+        if (allowed) assert.equal(await sub.ssubscribe(channel), 1, `SSUBSCRIBE ${channel}`);
+        else await refused(`SSUBSCRIBE ${channel}`, sub.ssubscribe(channel));
+      } finally {
+        sub.disconnect();
+      }
+    }
 
     // What A may do: read everything of mvpc:, write its own host's keys.
     assert.equal(await asA.hget(`mvpc:host:${B.id}:nics`, b.nicId), nicB, "reads B's record");

@@ -46,17 +46,31 @@ test("a host user: reads every mvpc: key, writes its own host's keys and the sha
     assert.ok(!/^~mvpc:(vpc|subnet|sn|owner|tokens|pcx|dns|fw:sg:\*$|fw:acl|fw:subnet-acl|gw:(nat|fip|pf|vpcnat))/.test(p), `${p}: control-plane keys`);
   }
   assert.ok(!w.includes("~*") && !w.includes("allkeys") && !w.includes("~mvpc:*"), "not every key");
-  assert.ok(!w.some((x) => x.startsWith("&") || x === "allchannels"), "no pub/sub channel");
-  assert.ok(w.includes("resetchannels"));
+  assert.deepEqual(
+    w.filter((x) => x.startsWith("&") || x === "allchannels"),
+    ["&mvpc:{*}:wake"],
+    "no pub/sub channel but the change streams' wakes",
+  );
+  assert.ok(w.indexOf("resetchannels") < w.indexOf("&mvpc:{*}:wake"));
 });
 
-test("commands: data, transactions and scripts; no administration, functions or pub/sub", () => {
+test("commands: data, transactions and scripts; no administration, functions or pub/sub but the sharded wakes", () => {
   const r = aclRules({ hostId: "hv1" });
   const cmds = r.filter((x) => /^[+-]/.test(x));
   assert.equal(cmds[0], "-@all", "starts from nothing");
   for (const x of ["+@read", "+@write", "+eval", "+evalsha", "+script|load", "+script|exists", "-@dangerous", "-@admin", "-function", "-fcall"])
     assert.ok(cmds.includes(x), x);
   assert.ok(!cmds.some((x) => x === "+@all" || x === "+@scripting" || x === "+@pubsub" || x === "+@dangerous" || x === "+@admin"), cmds.join(" "));
+  assert.deepEqual(
+    cmds.filter((x) => /^\+(p|s)?(publish|subscribe|unsubscribe)$/.test(x)),
+    ["+ssubscribe", "+sunsubscribe", "+spublish"],
+    "of pub/sub, the sharded commands the cluster feed uses",
+  );
+  assert.deepEqual(
+    cmds.filter((x) => /^\+cluster/.test(x)),
+    ["+cluster|slots", "+cluster|info"],
+    "of CLUSTER, what a cluster client reads: the slot map and the state",
+  );
   // Removals come after the grants they narrow (ACL rules apply left to right).
   assert.ok(cmds.indexOf("-@dangerous") > cmds.indexOf("+@write"));
   assert.ok(cmds.indexOf("-function") > cmds.indexOf("+@write"));
