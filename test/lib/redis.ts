@@ -104,27 +104,19 @@ async function waitPing(port: number, timeoutMs = 10_000, password?: string): Pr
   }
 }
 
+/** What every test redis-server gets: its port on loopback, its directory, no RDB snapshots, in the foreground. */
+function commonArgs(port: number, dir: string): string[] {
+  return ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"];
+}
+
 function launch(port: number, dir: string, o: RedisOptions): ChildProcess {
   const persist = o.persistence ?? true;
   const args = [
-    "--port",
-    String(port),
-    "--bind",
-    "127.0.0.1",
-    "--dir",
-    dir,
-    "--save",
-    "",
+    ...commonArgs(port, dir),
     "--appendonly",
     persist ? "yes" : "no",
     "--appendfsync",
     o.appendfsync ?? "always",
-    "--daemonize",
-    "no",
-    "--protected-mode",
-    "yes",
-    "--loglevel",
-    "warning",
     // Also a unix socket: processes inside test namespaces cannot reach 127.0.0.1 of the root namespace.
     "--unixsocket",
     join(dir, "redis.sock"),
@@ -206,12 +198,7 @@ const CLUSTER_STOP_GRACE_MS = 5_000;
 
 function launchClusterNode(port: number, busPort: number, dir: string, password: string | undefined): ChildProcess {
   const args = [
-    "--port",
-    String(port),
-    "--bind",
-    "127.0.0.1",
-    "--dir",
-    dir,
+    ...commonArgs(port, dir),
     "--cluster-enabled",
     "yes",
     "--cluster-config-file",
@@ -220,8 +207,6 @@ function launchClusterNode(port: number, busPort: number, dir: string, password:
     "2000",
     "--cluster-port",
     String(busPort),
-    "--save",
-    "",
     "--appendonly",
     "no",
     // A replica syncs at once (the default waits 5 s for more replicas), and
@@ -229,14 +214,8 @@ function launchClusterNode(port: number, busPort: number, dir: string, password:
     // need the replicas in sync first (startRedisCluster waits for it).
     "--repl-diskless-sync-delay",
     "0",
-    "--daemonize",
-    "no",
-    "--protected-mode",
-    "yes",
     "--enable-debug-command",
     "no",
-    "--loglevel",
-    "warning",
     // In the node's directory, so that a failed start can show it.
     "--logfile",
     join(dir, "redis.log"),
