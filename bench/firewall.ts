@@ -42,6 +42,7 @@ import { execFileSync } from "node:child_process";
 import { loadavg } from "node:os";
 import { performance } from "node:perf_hooks";
 import type { MessageInitShape } from "@bufbuild/protobuf";
+import { Redis } from "ioredis";
 import { Direction, FirewallService, Protocol, type SecurityGroupRuleSchema } from "../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../services/common/client.js";
@@ -56,6 +57,7 @@ import { machineEnv } from "./lib/cpu.js";
 import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
+import { memoryByFamily } from "./lib/redis-memory.js";
 import { check, heading, num, pct, resultsFile, spr, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread, type BenchCase } from "./lib/stats.js";
@@ -661,11 +663,26 @@ async function main(): Promise<number> {
   const member = { small: [] as DaemonApply[], big: [] as DaemonApply[] };
   const switches: { to: "big" | "small"; r: DaemonApply }[] = [];
   let bigNow = false;
+  // What a rule costs in Redis: the group's keys (MEMORY USAGE) before and after the first growth by extraCount rules.
+  const ruleMemory = { rules: extraCount, bytesPerRule: NaN, groupBytesSmall: NaN, groupBytesBig: NaN };
+  const groupBytes = async () => {
+    const rm = new Redis(h!.redis.url);
+    try {
+      return (await memoryByFamily(rm, [{ name: "group", match: new RegExp(`^mvpc:fw:sg:${recv}(:|$)`) }])).get("group")!.bytes;
+    } finally {
+      rm.disconnect();
+    }
+  };
   const setBig = async (on: boolean) => {
     if (on === bigNow) return;
+    if (on && Number.isNaN(ruleMemory.groupBytesSmall)) ruleMemory.groupBytesSmall = await groupBytes();
     const r = await timedApply(fw0, fwd0.metricsPort, () => fw0.updateSecurityGroup(on ? { ref: recv, addRules: extras } : { ref: recv, removeRules: extras }));
     switches.push({ to: on ? "big" : "small", r });
     bigNow = on;
+    if (on && Number.isNaN(ruleMemory.groupBytesBig)) {
+      ruleMemory.groupBytesBig = await groupBytes();
+      ruleMemory.bytesPerRule = (ruleMemory.groupBytesBig - ruleMemory.groupBytesSmall) / extraCount;
+    }
     progress(
       `  recv → ${on ? BIG : smallCount} rules: API ${fms(r.apiMs)}, applied (${r.kind}) after ${fms(r.e2eMs)}, daemon timer ${fms(r.daemonMs)}, whole pass ${fms(r.passMs)}`,
     );
@@ -885,6 +902,10 @@ async function main(): Promise<number> {
         s.r.kind,
       ]),
     ),
+  );
+
+  p(
+    `Redis: the group's keys take ${num(ruleMemory.groupBytesSmall, 0)} bytes with ${smallCount} rules and ${num(ruleMemory.groupBytesBig, 0)} with ${BIG}: ${num(ruleMemory.bytesPerRule, 0)} bytes per rule (MEMORY USAGE).`,
   );
 
   const rs = runs.get("small")!;
@@ -1109,6 +1130,7 @@ async function main(): Promise<number> {
   console.log(out.join("\n"));
   writeJson(file, {
     env: { ...env, loadAtEnd },
+    ruleMemory,
     elapsedMeasureS,
     teardownMs,
     applyDirect: p1,

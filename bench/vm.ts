@@ -67,6 +67,7 @@
 // bench still runs to its end (bench/lib/run.ts), not figures. Only kind=NETNS
 // VMs are made: nothing here starts QEMU.
 import { execFileSync } from "node:child_process";
+import { Redis } from "ioredis";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
 import { loadavg } from "node:os";
@@ -89,6 +90,7 @@ import { summarize, type ProfileSummary } from "./lib/profile.js";
 import { startProfiledDaemon } from "./lib/profiled-daemon.js";
 import { execCounts, scrape, sum, type Samples } from "./lib/prom.js";
 import { psiCpuUs } from "./lib/psi.js";
+import { memoryByFamily, perThing, usedMemory, type KeyFamily } from "./lib/redis-memory.js";
 import { check, heading, num, pct, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { SMOKE_LIMIT_MS, benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { percentile, sorted } from "./lib/stats.js";
@@ -266,6 +268,23 @@ function helperCpuMs(pid: number): number {
  * (its own CPU and the commands it reaped).
  */
 const EXECS = ["vmm", "netagent", "firewall", "gateway"];
+
+/**
+ * What a VM costs in Redis, by the key families of docs/redis-schema.md (the
+ * first match counts): measured around the growth to --vms VMs (section 3d,
+ * docs/operations.md "Sizing").
+ */
+const MEMORY_FAMILIES: KeyFamily[] = [
+  { name: "change streams (capped by MAXLEN)", match: /(^mvpc:events$|:events$)/ },
+  { name: "VM record (vmm)", match: /^mvpc:vm:/ },
+  { name: "NIC (netagent host records, address indexes, overlay)", match: /^mvpc:(host:[^:]+:(nics|nicaddr|nictoken|vpcs|subnets)$|nicaddr$|overlay:)/ },
+  { name: "binding and group members (firewall)", match: /^mvpc:fw:/ },
+  { name: "IP allocation (ipam)", match: /^mvpc:(sn|owner):/ },
+  { name: "DNS record", match: /^mvpc:dns:/ },
+  { name: "instance metadata (gateway)", match: /^(mvpc-md:|mvpc:gw:)/ },
+  { name: "client tokens", match: /^mvpc:tokens$/ },
+  { name: "VPC and subnet records (ipam)", match: /^mvpc:(vpc:|subnet:|vpcs$|subnets$)/ },
+];
 function cpuSnap(w: World): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [name, pid] of Object.entries(w.pids)) {
@@ -866,8 +885,20 @@ async function main(): Promise<number> {
   const execDaemons: Record<string, Daemon> = { vmm: vmmd, ipam: h.ipamDaemon, netagent: hv.daemon, firewall: fwd, gateway: gwd };
   const exec0 = await scrapeAll(execDaemons);
   const grown0 = bg.length;
+  const rm = new Redis(h.redis.url);
+  const [mem0, used0] = [await memoryByFamily(rm, MEMORY_FAMILIES), await usedMemory(rm)];
   await grow(VMS, growDeadline);
   const execs = execCounts(exec0, await scrapeAll(execDaemons), bg.length - grown0);
+  const grownBy = bg.length - grown0;
+  const memory = {
+    vms: grownBy,
+    /** Before the growth the run holds one VPC: its records and its subnets' (their bitmaps are under "IP allocation"). */
+    vpcRecordBytes: mem0.get("VPC and subnet records (ipam)")!.bytes,
+    vpcSubnets: (await h.ipam.subnet.listSubnets({ vpc: vpc.id })).subnets.length,
+    usedPerVm: ((await usedMemory(rm)) - used0) / grownBy,
+    byFamily: perThing(mem0, await memoryByFamily(rm, MEMORY_FAMILIES), grownBy),
+  };
+  rm.disconnect();
   progress(
     execs.present
       ? `  ${num(execs.rows.reduce((a, r) => a + r.execs, 0))} execs per CreateVm over ${execs.creates} creates`
@@ -1225,6 +1256,32 @@ async function main(): Promise<number> {
     ),
   );
 
+  p(heading(`3d. Redis memory per VM (MEMORY USAGE of every key, by family, around the growth by ${memory.vms} VMs)`));
+  p(
+    `Each VM: kind=NETNS, one NIC, one security group, instance metadata and a DNS record. A hash of many fields is a hashtable past 128 of them, as on a host with that many NICs.`,
+  );
+  p(
+    table(
+      ["key family", "bytes / VM", "keys / VM"],
+      [
+        ...memory.byFamily.filter((f) => f.bytes !== 0 || f.keys !== 0).map((f) => [f.name, num(f.bytes, 0), num(f.keys, 2)]),
+        [
+          "all keys",
+          num(
+            memory.byFamily.reduce((a, f) => a + f.bytes, 0),
+            0,
+          ),
+          num(
+            memory.byFamily.reduce((a, f) => a + f.keys, 0),
+            2,
+          ),
+        ],
+        ["used_memory (INFO)", num(memory.usedPerVm, 0), ""],
+      ],
+    ),
+  );
+  p(`The VPC's own records with its ${memory.vpcSubnets} subnet(s), before the growth: ${num(memory.vpcRecordBytes, 0)} bytes (its change stream aside).`);
+
   if (lag0 && lagN) {
     p(heading("4. After CreateVm returns: firewall enforcement and first packet from a peer"));
     p(`BindNic returns once this host's firewall has applied the binding (FirewallSync.enforce), so CreateVm returns enforced. This checks`);
@@ -1358,6 +1415,7 @@ async function main(): Promise<number> {
   p(`figures written to ${file}`);
   console.log(out.join("\n"));
   writeJson(file, {
+    memory,
     env: { ...env, loadAtEnd },
     elapsedMeasureS,
     teardownMs,
