@@ -271,6 +271,7 @@ export class Agent {
             // snapshot above may predate an EnsureVpc that just made it.
             const removed = await this.withLock(vpcId, async () => {
               if (this.desired.vpcs.has(vpcId) || (await this.store.hasVpc(vpcId))) return false;
+              await this.marks.settle(ns);
               await this.kernel.delNetns(ns);
               this.marks.forget(ns);
               return true;

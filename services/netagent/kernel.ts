@@ -105,6 +105,13 @@ export interface Kernel {
    * (counted as 0).
    */
   detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }>;
+  /**
+   * The conntrack part of detach() alone, as it chooses (by mark, or a dump
+   * of the table for the address; `conntrack -R` when the library is not
+   * there): the second clear once a retired NIC's mark is out of the table
+   * (ct-mark-state.ts). Failures clear nothing (0).
+   */
+  clearNic(ns: string, address: string, markIndex?: number | null): Promise<number>;
   /** Resolves once every device deletion detach() left running in the background has ended (a daemon's stop). */
   settle?(): Promise<void>;
   /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
@@ -424,13 +431,33 @@ export class LinuxKernel implements Kernel {
   // the host (one per named network namespace). Flows the VM opens while
   // its device goes away may outlive the flush, as flows from other VMs to
   // the freed address always could.
+  /** In-process: by mark, the kernel hands over only the NIC's entries; by address, the namespace's whole table, which is cheaper while that table is small. Null: no library. */
+  private clearInProcess(ns: string, address: string, markIndex?: number | null): Promise<number | null> {
+    const byMark = !!markIndex && (conntrackCount(ns) ?? MARK_MIN_FLOWS) >= MARK_MIN_FLOWS;
+    return byMark ? conntrackDeleteByMark(ns, markFilters(markIndex)) : conntrackDelete(ns, (e) => e.src === address || e.dst === address);
+  }
+
+  /** `conntrack -R` of the NIC's delete lines, in the namespace. */
+  private async clearByExec(ns: string, address: string, markIndex?: number | null): Promise<number> {
+    // conntrack -R opens its file by name (/dev/stdin fails on Node's stdin socket): a private file.
+    const file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.ct`);
+    writeFileSync(file, (markIndex ? markCommands(markIndex) : conntrackCommands(address)).join("\n") + "\n", { mode: 0o600 });
+    try {
+      const ct = await (
+        ns ? run("nsenter", [`--net=/run/netns/${ns}`, "conntrack", "-R", file], { check: false }) : run("conntrack", ["-R", file], { check: false })
+      ).catch(() => null);
+      return ct && ct.exitCode === 0 ? conntrackDeleted(ct.stdout) : 0;
+    } finally {
+      rmSync(file, { force: true });
+    }
+  }
+
+  async clearNic(ns: string, address: string, markIndex?: number | null): Promise<number> {
+    return (await this.clearInProcess(ns, address, markIndex)) ?? (await this.clearByExec(ns, address, markIndex));
+  }
+
   async detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }> {
-    // By mark, the kernel hands over only the NIC's entries; by address, the
-    // namespace's whole table, which is cheaper while that table is small.
-    const clear = () => {
-      const byMark = !!markIndex && (conntrackCount(ns) ?? MARK_MIN_FLOWS) >= MARK_MIN_FLOWS;
-      return byMark ? conntrackDeleteByMark(ns, markFilters(markIndex)) : conntrackDelete(ns, (e) => e.src === address || e.dst === address);
-    };
+    const clear = () => this.clearInProcess(ns, address, markIndex);
     await this.deletedFirst(ns, devices.join("\n"));
     // Down, the devices carry nothing from here on; their deletion (the
     // RCU wait) need not hold DetachNic, nor DeleteVm behind it.
@@ -445,31 +472,19 @@ export class LinuxKernel implements Kernel {
     const cleared = await clear();
     if (linksGone && cleared !== null) return { conntrackCleared: cleared };
     const lines = devices.map((d) => `link del dev ${d}`);
-    // conntrack -R opens its file by name (/dev/stdin fails on Node's stdin socket): a private file.
-    const file = join(guestBatchDir(), `${randomBytes(8).toString("hex")}.ct`);
-    if (cleared === null) writeFileSync(file, (markIndex ? markCommands(markIndex) : conntrackCommands(address)).join("\n") + "\n", { mode: 0o600 });
-    try {
-      const [r, ct] = await Promise.all([
-        linksGone ? null : run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false }),
-        // A failure (no module, no tool) clears nothing.
-        cleared !== null
-          ? null
-          : (ns
-              ? run("nsenter", [`--net=/run/netns/${ns}`, "conntrack", "-R", file], { check: false })
-              : run("conntrack", ["-R", file], { check: false })
-            ).catch(() => null),
-      ]);
-      if (r) {
-        if (r.exitCode === undefined) throw r.error!;
-        for (const [line, text] of batchFailures(r.stderr)) {
-          // A device already gone is what detaching wants.
-          if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
-        }
+    const [r, ct] = await Promise.all([
+      linksGone ? null : run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false }),
+      // A failure (no module, no tool) clears nothing.
+      cleared !== null ? cleared : this.clearByExec(ns, address, markIndex),
+    ]);
+    if (r) {
+      if (r.exitCode === undefined) throw r.error!;
+      for (const [line, text] of batchFailures(r.stderr)) {
+        // A device already gone is what detaching wants.
+        if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
       }
-      return { conntrackCleared: cleared ?? (ct && ct.exitCode === 0 ? conntrackDeleted(ct.stdout) : 0) };
-    } finally {
-      rmSync(file, { force: true });
     }
+    return { conntrackCleared: ct };
   }
 
   async ipBatchAt(netnsPath: string, lines: string[]): Promise<void> {
@@ -559,8 +574,11 @@ export class RecordingKernel implements Kernel {
   }
   async detach(ns: string, devices: string[], address: string, markIndex?: number | null) {
     this.calls.push(`ip -n ${ns} -force -batch:\n  ${devices.map((d) => `link del dev ${d}`).join("\n  ")}`);
+    return { conntrackCleared: await this.clearNic(ns, address, markIndex) };
+  }
+  async clearNic(ns: string, address: string, markIndex?: number | null) {
     this.calls.push(`nsenter ${ns} conntrack -R: ${(markIndex ? markCommands(markIndex) : conntrackCommands(address)).join("; ")}`);
-    return { conntrackCleared: 0 };
+    return 0;
   }
   async ipBatchAt(path: string, lines: string[]) {
     if (lines.length) this.calls.push(`nsenter ${path} ip -batch:\n  ${lines.join("\n  ")}`);

@@ -167,7 +167,8 @@ export const netagentDefinition: ServiceDefinition = {
         peering.stop();
         await vpnSync?.stop();
         await overlay?.stop();
-        // Devices DetachNic left deleting finish before the process ends.
+        // Devices DetachNic left deleting, and the marks it left retiring, finish before the process ends.
+        await agent.marks.settle();
         await kernel.settle();
       },
     };

@@ -235,16 +235,18 @@ export class NetAgent {
    * The NIC's devices go (by the names this agent gave them in its own VPC
    * namespace; the ifb only where egress is limited, the reconciler removes
    * a stray one) and so do the conntrack entries from and to its address:
-   * stale ones would let a reused address inherit flows. Its mark leaves the
-   * table first, so no new flow gets it, and its entries are found by mark;
-   * a NIC without a mark of its own (adopted, or none) has them found by a
-   * dump of the table (ct-marks.ts).
+   * stale ones would let a reused address inherit flows. Its entries are
+   * found by its mark; a NIC without a mark of its own (adopted, or none)
+   * has them found by a dump of the table (ct-marks.ts). The mark then
+   * leaves the table after the answer, and the flows that got it meanwhile
+   * are cleared again (ct-mark-state.ts, retire).
    */
   private async detachLocked(n: NicSpec): Promise<number> {
     const ns = this.agent.nsOf(n.vpcId);
     const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
     const mark = await this.agent.marks.detach(ns, n.address);
     const { conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address, mark && !mark.adopted ? mark.index : null);
+    if (mark) this.agent.marks.retire(ns, mark, (index) => this.kernel.clearNic(ns, n.address, index));
     await this.agent.store.delNic(n);
     this.agent.desired.nics.delete(n.nicId);
     return cleared;
@@ -487,6 +489,8 @@ export class NetAgent {
         this.agent.desired.vpcs.delete(id);
         await this.opts.overlay?.teardown(id);
         const ns = this.agent.nsOf(id);
+        // The NICs' marks out (and their flows cleared again) before the namespace goes.
+        await this.agent.marks.settle(ns);
         if ((await this.kernel.listNetns()).includes(ns)) await this.kernel.delNetns(ns);
         this.agent.marks.forget(ns);
         return { deleted: existed, detachedNicIds: nics.map((n) => n.nicId) };

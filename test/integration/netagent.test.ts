@@ -698,6 +698,8 @@ describe("execs per NIC change", () => {
       /^microvpc_(rtnl|conntrack_library)_runs_total\{(?:[^}]*,)?op="([^"]*)",result="([^"]*)"[^}]*\} (\d+)$/gm,
     ))
       m.set(`${lib === "rtnl" ? "rtnl" : "conntrack"} ${op} ${result}`, Number(n));
+    for (const [, result, n] of text.matchAll(/^microvpc_netagent_mark_retires_total\{(?:[^}]*,)?result="([^"]*)"[^}]*\} (\d+)$/gm))
+      m.set(`mark retire ${result}`, Number(n));
     return m;
   }
   /** What ran during fn, by command (the reconciler's periodic reads — ip addr, tc qdisc, ip netns, and its peering pass's ip route, ip neigh — are left out). */
@@ -708,11 +710,14 @@ describe("execs per NIC change", () => {
     // DetachNic sets its devices down and deletes them in the background: what that deletion runs counts too.
     const delta = (k: string) => (after.get(k) ?? 0) - (before.get(k) ?? 0);
     const downs = delta("rtnl down ok");
+    // Every NIC detached here has a mark (an adopted one too), which is retired after the answer.
+    const marked = downs;
     if (downs > 0) {
       const done = await waitFor(
         async () => {
           after = await execCounts();
-          return delta("rtnl detach ok") + delta("rtnl detach error") >= downs;
+          // And the NIC's mark, retired after the answer (ct-mark-state.ts): its flows cleared a second time.
+          return delta("rtnl detach ok") + delta("rtnl detach error") >= downs && delta("mark retire ok") + delta("mark retire error") >= marked;
         },
         { timeoutMs: 3000, intervalMs: 50 },
       );
@@ -778,11 +783,11 @@ describe("execs per NIC change", () => {
     await ct(vpcNs, ["-R", join(busy, "flows")]);
     rmSync(busy, { recursive: true, force: true });
     const detach = await counted(async () => (detached = await hv0.agent.detachNic({ nic: nicId })));
-    const inProcessDetach = { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete-by-mark ok": 1 };
+    const inProcessDetach = { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete-by-mark ok": 2, "mark retire ok": 1 };
     assert.deepEqual(
       detach,
       inProcessDetach,
-      "DetachNic: devices down, the NIC's entries found by mark and cleared, devices deleted after: all in-process, no exec",
+      "DetachNic: devices down, the NIC's entries found by mark and cleared, devices deleted after, its mark retired and its flows cleared once more: all in-process, no exec",
     );
     assert.deepEqual(detached.detachedNicIds, [nicId]);
     const ofNic = new RegExp(`=${address.replace(/\./g, "\\.")} `);
@@ -905,7 +910,11 @@ describe("execs per NIC change", () => {
     // Adopted: its flows may carry no mark, so the detach reads the table by address, and misses none.
     let cleared = -1;
     const detach = await counted(async () => (cleared = (await hv0.agent.detachNic({ nic: m1.nicId })).conntrackEntriesCleared));
-    assert.deepEqual(detach, { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete ok": 1 }, "an adopted NIC's flows are found by a dump of the table");
+    assert.deepEqual(
+      detach,
+      { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete ok": 2, "mark retire ok": 1 },
+      "an adopted NIC's flows are found by a dump of the table (twice: at the detach, and once its mark is out)",
+    );
     assert.ok(cleared >= 2, `both of m1's flows cleared (${cleared})`);
     const left = await flows([]);
     assert.doesNotMatch(left, new RegExp(`=${m1.address.replace(/\./g, "\\.")} `), "none of m1's flows left, marked or not");
@@ -918,7 +927,7 @@ describe("execs per NIC change", () => {
     assert.ok(await canPing(m4.ns, m2.address, { count: 1, deadlineS: 2 }), "m4 → m2");
     // (A table this small, under MARK_MIN_FLOWS entries, is read whole: one walk of the kernel's hash, not two.)
     const small = await counted(() => hv0.agent.detachNic({ nic: m4.nicId }));
-    assert.deepEqual(small, { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete ok": 1 });
+    assert.deepEqual(small, { "rtnl down ok": 1, "rtnl detach ok": 1, "conntrack delete ok": 2, "mark retire ok": 1 });
   });
 });
 

@@ -1,7 +1,10 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { test } from "vitest";
-import { render } from "../../services/common/nft/tx.js";
+import { pino } from "pino";
+import { render, type NftTransaction } from "../../services/common/nft/tx.js";
+import { CtMarks } from "../../services/netagent/ct-mark-state.js";
+import type { Kernel } from "../../services/netagent/kernel.js";
 import { addTx, delTx, freeIndex, markCommands, markFilters, parseListing, planMarks, tableTx, type NicMark } from "../../services/netagent/ct-marks.js";
 
 const a: NicMark = { address: "10.1.0.5", index: 5, adopted: false };
@@ -123,4 +126,46 @@ test("the table in a throwaway namespace: nft takes it, and its listing reads ba
   assert.equal(back.intact, true);
   assert.deepEqual([...back.marks.values()], [a, b]);
   assert.deepEqual(back.strays, { dst: [], src: [], chains: [] });
+});
+
+test("a detached NIC's mark retires after the answer: its index is not given out and its address waits until it is out and its flows cleared again", async () => {
+  // The kernel as CtMarks uses it: nft transactions (held until released) and the table's listing.
+  const applied: string[] = [];
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  const kernel = {
+    nft: async (_ns: string, tx: NftTransaction) => {
+      const text = render(tx);
+      if (text.startsWith("delete element")) await held;
+      applied.push(text);
+    },
+    nftTable: async () => null,
+  } as unknown as Kernel;
+  const log = pino({ level: "silent" });
+  const marks = new CtMarks(kernel, log);
+  await marks.created("ns1");
+  const x = await marks.attach("ns1", "10.1.0.5");
+  assert.equal(x.index, 1);
+  const m = await marks.detach("ns1", "10.1.0.5");
+  assert.deepEqual(m, x, "detach hands the mark over; the table is not touched yet");
+  assert.ok(!applied.some((t) => t.startsWith("delete")));
+  const cleared: (number | null)[] = [];
+  marks.retire("ns1", m!, async (index) => void cleared.push(index));
+
+  // While it is retiring: another NIC gets another index, the same address waits.
+  const y = await marks.attach("ns1", "10.1.0.6");
+  assert.equal(y.index, 2, "index 1 is not given out while its flows may still be marked");
+  let reattached: NicMark | undefined;
+  const again = marks.attach("ns1", "10.1.0.5").then((r) => (reattached = r));
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(reattached, undefined, "the address waits for its previous NIC's mark to be out");
+  assert.deepEqual(cleared, [], "the second clear comes after the mark is out");
+
+  release();
+  await again;
+  assert.deepEqual(cleared, [1], "then the flows that got index 1 meanwhile were cleared, by that index");
+  const lastAdd = applied.reduce((k, t, i) => (t.includes("10.1.0.5 : jump nic") ? i : k), -1);
+  assert.ok(applied.findIndex((t) => t.startsWith("delete element")) < lastAdd, "out before in again");
+  assert.equal(reattached!.index, 1, "the index is free again once cleared");
+  await marks.settle();
 });
