@@ -415,22 +415,6 @@ export class LinuxKernel implements Kernel {
     for (const g of later) await this.ipBatchAt(g.netnsPath, g.lines);
   }
 
-  // In-process first: the devices deleted through libnl-route
-  // (common/rtnl.ts; the kernel answers a veth's delete after an RCU grace
-  // period, 15–40 ms here, which the daemon awaits on a pool thread), then,
-  // once no new flow can come from the device, the conntrack entries from
-  // and to the address through libnetfilter_conntrack (common/conntrack.ts).
-  // Whichever part cannot run in-process, or fails there, runs as before:
-  // two execs side by side, the `ip -force -batch` that deletes the devices
-  // and one `conntrack -R` (deletes from a file) entered with nsenter --net
-  // only. Each conntrack delete is a dump of the namespace's table, which
-  // the kernel finds by walking the whole (global) conntrack hash: the
-  // dearest part of a detach, so the exec does not wait for the link
-  // deletion (a veth's unregister waits for RCU), nor is it forked from the
-  // batch by `netns exec`, whose new mount namespace copies every mount of
-  // the host (one per named network namespace). Flows the VM opens while
-  // its device goes away may outlive the flush, as flows from other VMs to
-  // the freed address always could.
   /** In-process: by mark, the kernel hands over only the NIC's entries; by address, the namespace's whole table, which is cheaper while that table is small. Null: no library. */
   private clearInProcess(ns: string, address: string, markIndex?: number | null): Promise<number | null> {
     const byMark = !!markIndex && (conntrackCount(ns) ?? MARK_MIN_FLOWS) >= MARK_MIN_FLOWS;
@@ -456,6 +440,24 @@ export class LinuxKernel implements Kernel {
     return (await this.clearInProcess(ns, address, markIndex)) ?? (await this.clearByExec(ns, address, markIndex));
   }
 
+  // In-process first: the devices deleted through libnl-route
+  // (common/rtnl.ts; the kernel answers a veth's delete after an RCU grace
+  // period, 15–40 ms here, which the daemon awaits on a pool thread), then,
+  // once no new flow can come from the device, the conntrack entries from
+  // and to the address through libnetfilter_conntrack (common/conntrack.ts).
+  // Whichever part cannot run in-process, or fails there, runs as before:
+  // two execs side by side, the `ip -force -batch` that deletes the devices
+  // and one `conntrack -R` (deletes from a file) entered with nsenter --net
+  // only. Each conntrack delete is a dump of the namespace's table, which
+  // the kernel finds by walking the whole (global) conntrack hash: the
+  // dearest part of a detach, so the exec does not wait for the link
+  // deletion (a veth's unregister waits for RCU), nor is it forked from the
+  // batch by `netns exec`, whose new mount namespace copies every mount of
+  // the host (one per named network namespace). The devices are down
+  // before the flush, so the VM opens no flow after it; a flow another VM
+  // begins toward the freed address meanwhile carries the NIC's mark, which
+  // is still in the table, and goes with the second clear once the mark is
+  // out (ct-mark-state.ts, retire).
   async detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }> {
     const clear = () => this.clearInProcess(ns, address, markIndex);
     await this.deletedFirst(ns, devices.join("\n"));
