@@ -3,10 +3,13 @@
 //   1. the allocate script called straight on Redis (the limit of this
 //      design): through ioredis at 1/16/64 callers, and from redis-benchmark;
 //   2. gRPC Allocate through a real `microvpcd ipam` at 1/16/64 clients, over
-//      one shared HTTP/2 connection and over one connection per client, as a
+//      one shared HTTP/2 connection and over one connection per client (the
+//      CLI's connect-node transport), and from a lean client (node:http2 with
+//      hand-framed requests, bench/lib/h2-unary.ts, 4 connections: what h2load
+//      is to bench:rpc, for a method whose every request must differ), as a
 //      ratio of the raw-script rate at the same concurrency, next to a bare
 //      connect-node server (bench/lib/grpc-floor-server.ts) as the floor of
-//      the gRPC stack itself;
+//      the CLI's gRPC stack;
 //   3. first-free vs last-free address of a /16;
 //   4. a /24 vs a /8 (empty and filled to all but the last address);
 //   5. batch allocation: AllocateBatch of 64 through microvpcd at 1 and 16
@@ -39,7 +42,9 @@ import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
 import type { Client } from "@connectrpc/connect";
 import type { Redis } from "ioredis";
-import { IpamService } from "../gen/microvpc/v1/ipam_pb.js";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { AllocateRequestSchema, AllocateResponseSchema, IpamService } from "../gen/microvpc/v1/ipam_pb.js";
+import { grpcFrame, h2Sessions, unaryCall } from "./lib/h2-unary.js";
 import { grpcClient, grpcTransport } from "../services/common/client.js";
 import { connectRedis, waitReady } from "../services/common/redis.js";
 import { cidr as parseCidr } from "../services/common/validate.js";
@@ -78,6 +83,8 @@ const MAX_OPS = 60_000;
 const CONCURRENCY = [1, 16, 64];
 const RB_CLIENTS = 50;
 const WARM_CALLS = pick(4_000, 200);
+/** Connections of the lean client (bench/lib/h2-unary.ts), as h2load's -c in bench:rpc. */
+const LEAN_CONNECTIONS = 4;
 const RB_REQUESTS = pick(20_000, 1_000);
 const PAIRS = intOpt("pairs", opt.pairs, 10);
 const PAIR_WARM = pick(200, 10);
@@ -534,6 +541,13 @@ async function measureAndReport(): Promise<number> {
   };
   const grpcSharedOp: OpFactory = (s) => (_w, seq) => shared.allocate({ subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` });
   const grpcConnOp: OpFactory = (s) => (w, seq) => perConn[w].allocate({ subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` });
+  const lean = await h2Sessions(daemon.address, LEAN_CONNECTIONS);
+  const ALLOCATE_PATH = `/${IpamService.typeName}/${IpamService.method.allocate.name}`;
+  const grpcLeanOp: OpFactory = (s) => async (w, seq) => {
+    const req = toBinary(AllocateRequestSchema, create(AllocateRequestSchema, { subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` }));
+    const res = fromBinary(AllocateResponseSchema, await unaryCall(lean[w % lean.length], ALLOCATE_PATH, grpcFrame(req)));
+    if (!res.created) throw new Error(`Allocate vm-${seq}/req-${seq} did not allocate`);
+  };
   const floor = grpcClient(Health, grpcTransport({ address: floorAddress }));
   const floorOp: OpFactory = () => () => floor.check({});
 
@@ -542,6 +556,7 @@ async function measureAndReport(): Promise<number> {
       { name: "raw", make: rawOp, allocates: true },
       { name: "grpc-shared", make: grpcSharedOp, allocates: true },
       { name: "grpc-per-conn", make: grpcConnOp, allocates: true },
+      { name: "grpc-lean", make: grpcLeanOp, allocates: true },
       { name: "grpc-floor", make: floorOp, allocates: false },
     ];
     // At one client both gRPC modes are one connection; the framework floor
@@ -568,7 +583,7 @@ async function measureAndReport(): Promise<number> {
   if (profileDir) process.kill(daemon.proc.pid!, "SIGUSR2");
 
   // ---- 1a + 2: raw script and gRPC, interleaved per concurrency level
-  const tput: Record<string, Record<number, TputSummary>> = { raw: {}, "grpc-shared": {}, "grpc-per-conn": {}, "grpc-floor": {} };
+  const tput: Record<string, Record<number, TputSummary>> = { raw: {}, "grpc-shared": {}, "grpc-per-conn": {}, "grpc-lean": {}, "grpc-floor": {} };
   for (const c of CONCURRENCY) {
     progress(`throughput at ${c} concurrent caller(s): raw script vs gRPC, ${RUNS} interleaved rounds of ${RUN_MS} ms`);
     const res = await interleaved(tputCases(c), { rounds: RUNS, warmupRounds: 1 });
@@ -769,17 +784,19 @@ async function measureAndReport(): Promise<number> {
   }
 
   p(heading("2. gRPC Allocate through microvpcd ipam"));
-  p("shared = every caller on one transport (one HTTP/2 connection, multiplexed); per-conn = one transport, so one connection, per caller.");
+  p("shared = every caller on one transport (one HTTP/2 connection, multiplexed); per-conn = one transport, so one connection, per caller;");
+  p(`both are connect-node's gRPC transport (the CLI's). lean = node:http2 with hand-framed requests over ${LEAN_CONNECTIONS} connections`);
+  p("(bench/lib/h2-unary.ts): the client's cost kept low, so that the row shows what the daemon costs.");
   const rows2: string[][] = [];
   for (const c of CONCURRENCY) {
-    for (const m of ["grpc-shared", "grpc-per-conn"]) {
+    for (const m of ["grpc-shared", "grpc-per-conn", "grpc-lean"]) {
       const t = tput[m][c];
       if (!t) continue;
       const raw = tput.raw[c];
       const pr = pairedRatios(t.runs, raw.runs);
       rows2.push([
         String(c),
-        c === 1 ? "single" : m.replace("grpc-", ""),
+        m === "grpc-lean" ? "lean" : c === 1 ? "single" : m.replace("grpc-", ""),
         spr(t.opsPerSec),
         spr(t.p50Us, dur),
         spr(t.p99Us, dur),
@@ -823,6 +840,13 @@ async function measureAndReport(): Promise<number> {
       `raw script: ioredis caller ${num(raw.cpuPerOp.bench)}, redis-server ${num(raw.cpuPerOp.redis)}.` +
         (fl ? ` Bare connect-node: client ${num(fl.cpuPerOp.bench)}, server ${num(fl.cpuPerOp.floor)}.` : ""),
     );
+    const l = tput["grpc-lean"][64];
+    if (l) {
+      p(
+        `Lean client at 64: client ${num(l.cpuPerOp.bench)}, microvpcd ${num(l.cpuPerOp.daemon)}, redis-server ${num(l.cpuPerOp.redis)} µs per Allocate, ` +
+          `${num(l.cores)} of the 2 cores busy: the three processes share the cores, so the client's share is taken from the daemon's.`,
+      );
+    }
     p(`One microvpcd core tops out near ${num(1e6 / d)} Allocate/s; with the clients on other machines, these 2 cores would carry`);
     p(
       `≈ ${num(2e6 / (d + g.cpuPerOp.redis))} Allocate/s through microvpcd vs ≈ ${num(2e6 / (raw.cpuPerOp.bench + raw.cpuPerOp.redis))}/s for the raw script (CPU arithmetic, not measured).`,
@@ -914,12 +938,12 @@ async function measureAndReport(): Promise<number> {
   // ---- verdicts
   const v: Verdict[] = [];
   for (const c of CONCURRENCY) {
-    for (const m of ["grpc-shared", "grpc-per-conn"]) {
+    for (const m of ["grpc-shared", "grpc-per-conn", "grpc-lean"]) {
       const t = tput[m][c];
       if (!t) continue;
       const raw = tput.raw[c];
       const r = t.opsPerSec.median / raw.opsPerSec.median;
-      const label = c === 1 ? "" : m === "grpc-shared" ? ", shared conn" : ", conn per client";
+      const label = m === "grpc-lean" ? ", lean client" : c === 1 ? "" : m === "grpc-shared" ? ", shared conn" : ", conn per client";
       const base = {
         measure: `gRPC Allocate ops/s, ${c} client${c > 1 ? "s" : ""}${label}`,
         value: num(t.opsPerSec.median),

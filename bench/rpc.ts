@@ -4,8 +4,12 @@
 // services/common/grpc-adapter.ts, with the request id, metrics, health's
 // shared readiness: at most one Redis PING a second), against a bare
 // node:http2 server answering the same bytes (HealthCheckResponse{SERVING},
-// gRPC-framed, grpc-status 0): what Node's HTTP/2 alone costs. Both run as
-// their own process, one core's worth each at most (Node is single-threaded).
+// gRPC-framed, grpc-status 0): what Node's HTTP/2 alone costs. Between the two,
+// a bare @grpc/grpc-js server with a handler that returns the prebuilt bytes
+// (no protobuf, no adapter, no request id, no metrics, grpc-js's default
+// options, microvpcd's node flags): what the library itself costs, so the
+// table shows which part of the gap is grpc-js and which is ours. Each runs as
+// its own process, one core's worth each at most (Node is single-threaded).
 //
 // The load: h2load (Debian nghttp2-client) when installed, else a Node
 // load generator in this process (a node:http2 client, the same prebuilt
@@ -26,13 +30,13 @@
 // --smoke: 1 round of 1 s, no warm-up (bench/lib/run.ts).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import http2 from "node:http2";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { startDaemon, type Daemon } from "../test/lib/daemon.js";
+import { ROOT, shebangNodeFlags, startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
 import { cpuUs, machineEnv } from "./lib/cpu.js";
+import { h2Sessions, unaryCall } from "./lib/h2-unary.js";
 import { check, heading, num, resultsFile, spr, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, spread, type BenchCase } from "./lib/stats.js";
@@ -85,6 +89,23 @@ s.listen(Number(process.argv[1]), "127.0.0.1", () => process.stdout.write("liste
 process.on("SIGTERM", () => process.exit(0));
 `;
 
+/** The library's own floor: grpc-js serving Health/Check with the same prebuilt answer, identity (de)serializers. */
+const BARE_GRPC = `
+const grpc = require("@grpc/grpc-js");
+const reply = Buffer.from([0x08, 0x01]);
+const id = (x) => x;
+const s = new grpc.Server();
+s.addService(
+  { Check: { path: "/grpc.health.v1.Health/Check", requestStream: false, responseStream: false, requestSerialize: id, requestDeserialize: id, responseSerialize: id, responseDeserialize: id } },
+  { Check: (_call, cb) => cb(null, reply) },
+);
+s.bindAsync("127.0.0.1:" + process.argv[1], grpc.ServerCredentials.createInsecure(), (err) => {
+  if (err) throw err;
+  process.stdout.write("listening\\n");
+});
+process.on("SIGTERM", () => process.exit(0));
+`;
+
 /** An empty HealthCheckRequest, gRPC-framed (uncompressed, length 0). */
 const REQUEST = Buffer.alloc(5);
 const PATH = "/grpc.health.v1.Health/Check";
@@ -96,44 +117,24 @@ interface Run {
   cpuMsPer1k: number;
 }
 
-/** One loaded run with the Node client: --streams calls in flight over --connections connections. */
+/** One loaded run with the Node client (bench/lib/h2-unary.ts): --streams calls in flight over --connections connections. */
 async function nodeLoad(port: number, ms: number): Promise<{ ok: number; errors: number; elapsedMs: number }> {
-  const sessions = await Promise.all(
-    Array.from(
-      { length: CONNECTIONS },
-      () =>
-        new Promise<http2.ClientHttp2Session>((resolve, reject) => {
-          const s = http2.connect(`http://127.0.0.1:${port}`);
-          s.once("connect", () => resolve(s));
-          s.once("error", reject);
-        }),
-    ),
-  );
+  const sessions = await h2Sessions(`127.0.0.1:${port}`, CONNECTIONS);
   let ok = 0;
   let errors = 0;
   const start = performance.now();
   const stopAt = start + ms;
-  const call = (s: http2.ClientHttp2Session) =>
-    new Promise<void>((resolve) => {
-      const req = s.request({ ":method": "POST", ":path": PATH, "content-type": "application/grpc", te: "trailers" });
-      let status = "";
-      let bytes = 0;
-      req.on("data", (d: Buffer) => (bytes += d.length));
-      req.on("trailers", (t) => (status = String(t["grpc-status"] ?? "")));
-      req.on("error", () => {
-        errors++;
-        resolve();
-      });
-      req.on("close", () => {
-        if (status === "0" && bytes >= 7) ok++;
-        else errors++;
-        resolve();
-      });
-      req.end(REQUEST);
-    });
   const worker = async (i: number) => {
     const s = sessions[i % sessions.length];
-    while (performance.now() < stopAt && errors < 1000) await call(s);
+    while (performance.now() < stopAt && errors < 1000) {
+      try {
+        const m = await unaryCall(s, PATH, REQUEST);
+        if (m.length >= 2) ok++;
+        else errors++;
+      } catch {
+        errors++;
+      }
+    }
   };
   await Promise.all(Array.from({ length: STREAMS }, (_, i) => worker(i)));
   const elapsedMs = performance.now() - start;
@@ -187,10 +188,12 @@ async function measure(port: number, pid: number): Promise<Run> {
 let redis: TestRedis | undefined;
 let daemon: Daemon | undefined;
 let bare: ChildProcess | undefined;
+let bareGrpc: ChildProcess | undefined;
 
-async function startBare(): Promise<{ proc: ChildProcess; port: number }> {
+/** A baseline server as its own process: `source` run by node -e (from the repo, so that it finds @grpc/grpc-js). */
+async function startBare(source: string, nodeFlags: string[] = []): Promise<{ proc: ChildProcess; port: number }> {
   const port = await freePort();
-  const proc = spawn(process.execPath, ["-e", BARE, String(port)], { stdio: ["ignore", "pipe", "inherit"] });
+  const proc = spawn(process.execPath, [...nodeFlags, "-e", source, String(port)], { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
   await new Promise<void>((resolve, reject) => {
     proc.stdout!.on("data", (d: Buffer) => d.toString().includes("listening") && resolve());
     proc.once("exit", (code) => reject(new Error(`the bare server exited with ${code}`)));
@@ -203,21 +206,29 @@ async function main(): Promise<number> {
   progress(`client: ${CLIENT}; ${ROUNDS} round(s) of ${SECONDS} s, ${STREAMS} calls in flight over ${CONNECTIONS} connection(s)`);
   redis = await startRedis({ persistence: false });
   daemon = await startDaemon("ipam", ["--redis", redis.url]);
-  const b = await startBare();
+  const b = await startBare(BARE);
   bare = b.proc;
+  const g = await startBare(BARE_GRPC, shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")));
+  bareGrpc = g.proc;
   const cases: BenchCase<Run>[] = [
     { name: "daemon", run: () => measure(daemon!.port, daemon!.proc.pid!) },
+    { name: "grpc", run: () => measure(g.port, g.proc.pid!) },
     { name: "bare", run: () => measure(b.port, b.proc.pid!) },
   ];
   const runs = await interleaved(cases, { rounds: ROUNDS, warmupRounds: WARMUP });
   const d = runs.get("daemon")!;
   const base = runs.get("bare")!;
+  const lib = runs.get("grpc")!;
   const ratios = d.map((r, i) => r.callsPerSec / base[i].callsPerSec);
+  const libRatios = lib.map((r, i) => r.callsPerSec / base[i].callsPerSec);
   const s = {
     daemon: spread(d.map((r) => r.callsPerSec)),
     bare: spread(base.map((r) => r.callsPerSec)),
     ratio: spread(ratios),
+    grpc: spread(lib.map((r) => r.callsPerSec)),
+    grpcRatio: spread(libRatios),
     daemonCpu: spread(d.map((r) => r.cpuMsPer1k)),
+    grpcCpu: spread(lib.map((r) => r.cpuMsPer1k)),
     bareCpu: spread(base.map((r) => r.cpuMsPer1k)),
   };
   const p = (x: string) => process.stdout.write(x + "\n");
@@ -233,11 +244,16 @@ async function main(): Promise<number> {
       ["target", "calls/s median (min–max)", "server CPU ms / 1000 calls", "errors"],
       [
         ["microvpcd ipam (grpc-js)", spr(s.daemon), spr(s.daemonCpu, (x) => num(x, 1)), String(d.reduce((a, r) => a + r.errors, 0))],
+        ["bare @grpc/grpc-js", spr(s.grpc), spr(s.grpcCpu, (x) => num(x, 1)), String(lib.reduce((a, r) => a + r.errors, 0))],
         ["bare node:http2", spr(s.bare), spr(s.bareCpu, (x) => num(x, 1)), String(base.reduce((a, r) => a + r.errors, 0))],
       ],
     ),
   );
-  p(`per-round ratios daemon/bare: ${ratios.map((r) => r.toFixed(2)).join(" ")}`);
+  p(`per-round ratios daemon/bare: ${ratios.map((r) => r.toFixed(2)).join(" ")}; bare grpc-js/bare: ${libRatios.map((r) => r.toFixed(2)).join(" ")}`);
+  p(
+    `server CPU per call: grpc-js itself adds ${num(s.grpcCpu.median - s.bareCpu.median, 1)} µs to node:http2's ${num(s.bareCpu.median, 1)} µs; ` +
+      `microvpcd (protobuf-es, the adapter, request id, trace scope, metrics, two response headers, health's readiness) adds ${num(s.daemonCpu.median - s.grpcCpu.median, 1)} µs more.`,
+  );
   const v: Verdict = {
     measure: "Health/Check calls/s, daemon vs bare node:http2",
     value: `${num(s.daemon.median)}/s`,
@@ -253,8 +269,16 @@ async function main(): Promise<number> {
     ratio: s.bareCpu.median / s.daemonCpu.median,
     target: "",
   };
+  // The library's own ratio: the most any daemon served by grpc-js could reach here.
+  const libV: Verdict = {
+    measure: "  bare @grpc/grpc-js vs bare node:http2 (info)",
+    value: `${num(s.grpc.median)}/s`,
+    baseline: `${num(s.bare.median)}/s bare`,
+    ratio: s.grpcRatio.median,
+    target: "",
+  };
   p(heading("Verdict"));
-  p(verdictTable([v, cpu]));
+  p(verdictTable([v, libV, cpu]));
   const file = resultsFile("rpc");
   writeJson(file, {
     env,
@@ -266,15 +290,17 @@ async function main(): Promise<number> {
     runs: Object.fromEntries(runs),
     summary: s,
     verdict: v,
+    library: libV,
   });
   p(`figures written to ${file}`);
   return 0;
 }
 
 async function cleanup(): Promise<void> {
-  if (bare && bare.exitCode === null) {
-    const exited = new Promise((r) => bare!.once("exit", r));
-    bare.kill("SIGTERM");
+  for (const p of [bare, bareGrpc]) {
+    if (!p || p.exitCode !== null) continue;
+    const exited = new Promise((r) => p.once("exit", r));
+    p.kill("SIGTERM");
     await exited;
   }
   await daemon?.stop();

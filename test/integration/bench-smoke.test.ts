@@ -19,7 +19,7 @@ const KILL_AFTER_MS = 120_000;
 
 /** The lines each bench prints at the end of a run that measured everything. */
 const BENCHES: Record<string, RegExp[]> = {
-  ipam: [/^Verdict$/m, /^figures written to /m],
+  ipam: [/^Verdict$/m, /^ +64 +lean +/m, /^figures written to /m],
   netagent: [/^Verdict$/m, /^figures written to /m],
   firewall: [/^Verdict$/m, /diff\(\) picks: /, /^figures written to /m],
   fwdelta: [/^Verdict$/m, /^figures written to /m],
@@ -29,7 +29,7 @@ const BENCHES: Record<string, RegExp[]> = {
   dns: [/^resolver \/ bare: /m, /^figures written to /m],
   overlay: [/^Verdict$/m, /^figures written to /m],
   startup: [/^Verdict$/m, /^figures written to /m],
-  rpc: [/^Verdict$/m, /^per-round ratios daemon\/bare: /m, /^figures written to /m],
+  rpc: [/^Verdict$/m, /^per-round ratios daemon\/bare: /m, /^server CPU per call: grpc-js itself adds /m, /^figures written to /m],
   conntrack: [/^Verdict$/m, /^figures written to /m],
   exec: [/^execFile +wall /m, /^execa +wall /m, /^run\(\) +wall /m],
   fleet: [
