@@ -124,7 +124,7 @@ export class NetnsError extends Error {
 }
 
 /** /run/netns/NAME, for a name that is one (never a path that leaves /run/netns). */
-function netnsPath(name: string): string {
+export function netnsPath(name: string): string {
   if (!NETNS_NAME.test(name)) throw new NetnsError(`not a network namespace name: ${JSON.stringify(name)}`, "failed");
   return `${NETNS_RUN_DIR}/${name}`;
 }

@@ -7,16 +7,24 @@
 // transaction through the library costs ~0.2 ms. A CreateVm applies two or
 // three of them (issue 14), and each firewall pass one per VPC.
 //
+// The thread: the kernel answers some transactions only after an RCU grace
+// period (deleting set elements: 10–15 ms per transaction on the 6.18
+// kernels here), and a run on the main thread held the event loop that
+// long: every other call of the daemon waited, and a DetachNic answered
+// 13 ms late behind its NIC mark's removal. So every run goes to one worker
+// thread (its own OS thread, started on first use), in order; the event
+// loop runs meanwhile.
+//
 // The namespace: a netlink socket belongs to the network namespace of the
 // thread that opened it, and libnftables opens (and, when a cache dump is
-// interrupted, re-opens) its socket inside nft_run_cmd_from_buffer. So every
-// run switches this thread into the target namespace first and back after,
-// with nothing else in between: setns(2) of a network namespace moves only
-// the calling thread, and the whole sequence is synchronous JavaScript, so
-// no other callback of this process runs while the main thread is away
-// (libuv's pool threads, where DNS lookups and file I/O run, never move).
-// If the way back fails the process cannot know where its sockets would go,
-// and it exits rather than touch the wrong namespace.
+// interrupted, re-opens) its socket inside nft_ctx_new and
+// nft_run_cmd_from_buffer. So the worker switches its own thread into the
+// target namespace before a run and back after it, with nothing else in
+// between: setns(2) of a network namespace moves only the calling thread,
+// and the worker does one run at a time, synchronously. The main thread and
+// libuv's pool threads never move. If the worker's way back fails, nothing
+// can know where its sockets would go: the whole process exits rather than
+// touch the wrong namespace.
 //
 // Memory: libnftables builds, per table in the namespace, hash tables of
 // 128 KiB and more for its cache, and frees them at the end of the run.
@@ -31,12 +39,15 @@
 //
 // What stays an exec (LinuxNft decides): scripts over MAX_INPROCESS_BYTES
 // (~0.35 ms per KiB here: a whole-table replace of thousands of rules would
-// hold the event loop for tens of milliseconds; an exec does not), reads with output, and
+// hold the worker, and every transaction queued behind it, for tens of
+// milliseconds; an exec does not), reads with output, and
 // everything when koffi or libnftables cannot be loaded or
 // MICROVPC_NFT_EXEC=1 is set (then the exec path is what ran before).
+import { createRequire } from "node:module";
+import { Worker } from "node:worker_threads";
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "../metrics.js";
-import { inNamedNetns, libcLoadError, loadLibc, type Libc } from "../ns-syscalls.js";
+import { libcLoadError, loadLibc, netnsPath, type Libc } from "../ns-syscalls.js";
 
 /** Scripts up to this size run in-process; larger ones exec `nft -f -`. */
 export const MAX_INPROCESS_BYTES = 32 * 1024;
@@ -53,7 +64,7 @@ const runs = new Counter({
 });
 const runSeconds = new Histogram({
   name: "microvpc_nft_library_run_seconds",
-  help: "Time of one in-process libnftables transaction, namespace switches included (the event loop waits for it).",
+  help: "Time of one in-process libnftables transaction, from the request to the nft worker thread to its answer (queueing and namespace switches included; the event loop runs meanwhile).",
   buckets: [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1],
   registers: [metricsRegistry],
 });
@@ -66,22 +77,10 @@ export class NftLibraryError extends Error {
   }
 }
 
-type Fn = (...args: unknown[]) => unknown;
-
+/** The library as the main thread holds it: loaded (so that its absence is known at start), never run here. */
 interface Lib {
   c: Libc;
-  ctxNew: Fn;
-  ctxFree: Fn;
-  bufferOutput: Fn;
-  bufferError: Fn;
-  errorBuffer: Fn;
-  outputBuffer: Fn;
-  setOutputFlags: Fn;
-  runCmd: Fn;
 }
-
-/** nft_ctx_output_set_flags: NFT_CTX_OUTPUT_JSON (`nft -j`). */
-const NFT_CTX_OUTPUT_JSON = 1 << 4;
 
 let lib: Lib | null | undefined;
 let loadError = "";
@@ -96,17 +95,10 @@ function load(): Lib | null {
     const c = loadLibc();
     if (!c) throw new Error(libcLoadError());
     const nft = c.koffi.load("libnftables.so.1");
-    lib = {
-      c,
-      ctxNew: nft.func("void *nft_ctx_new(uint32_t flags)") as Fn,
-      ctxFree: nft.func("void nft_ctx_free(void *ctx)") as Fn,
-      bufferOutput: nft.func("int nft_ctx_buffer_output(void *ctx)") as Fn,
-      bufferError: nft.func("int nft_ctx_buffer_error(void *ctx)") as Fn,
-      errorBuffer: nft.func("const char *nft_ctx_get_error_buffer(void *ctx)") as Fn,
-      outputBuffer: nft.func("const char *nft_ctx_get_output_buffer(void *ctx)") as Fn,
-      setOutputFlags: nft.func("void nft_ctx_output_set_flags(void *ctx, unsigned int flags)") as Fn,
-      runCmd: nft.func("int nft_run_cmd_from_buffer(void *ctx, const char *buf)") as Fn,
-    };
+    // The functions the worker calls: a library without them fails here, at start, not on the first run.
+    for (const f of WORKER_FUNCTIONS) nft.func(f);
+    lib = { c };
+    // Process-wide (glibc's thresholds hold for every thread's arena, the worker's too).
     c.mallopt(M_MMAP_THRESHOLD, 4 << 20);
     c.mallopt(M_TRIM_THRESHOLD, 16 << 20);
   } catch (err) {
@@ -128,50 +120,159 @@ export function nftStartInfo(): Record<string, unknown> {
   return { nft: st.available ? "in-process" : `exec (${st.reason})` };
 }
 
+/** The libnftables functions the worker binds, as koffi declares them. */
+const WORKER_FUNCTIONS = [
+  "void *nft_ctx_new(uint32_t flags)",
+  "void nft_ctx_free(void *ctx)",
+  "int nft_ctx_buffer_output(void *ctx)",
+  "int nft_ctx_buffer_error(void *ctx)",
+  "const char *nft_ctx_get_error_buffer(void *ctx)",
+  "const char *nft_ctx_get_output_buffer(void *ctx)",
+  "void nft_ctx_output_set_flags(void *ctx, unsigned int flags)",
+  "int nft_run_cmd_from_buffer(void *ctx, const char *buf)",
+] as const;
+
 /**
- * Runs an nft script as one transaction in the named namespace ("" = this
- * thread's own). Returns false when the library is not available (the
- * caller execs nft instead); throws NftLibraryError with nft's message when
- * nft refuses the script (nothing of it is applied: one transaction).
+ * The worker thread (CommonJS, evaluated as is: nothing of the bundle is
+ * needed there). One request at a time: into the namespace file (checked by
+ * the main thread: /run/netns/NAME), a context, the run, the context freed,
+ * back home. A failed way back posts `fatal` and ends the worker; the main
+ * thread then ends the process.
  */
-export function runInProcess(ns: string, script: string): boolean {
-  return runIn(ns, script, false) !== null;
+const WORKER_SOURCE = String.raw`
+"use strict";
+const { parentPort, workerData } = require("node:worker_threads");
+const fs = require("node:fs");
+const koffi = require(workerData.koffi);
+const CLONE_NEWNET = 0x40000000;
+const NFT_CTX_OUTPUT_JSON = 1 << 4;
+const libc = koffi.load("libc.so.6");
+const setns = libc.func("int setns(int fd, int nstype)");
+const nft = koffi.load("libnftables.so.1");
+const [ctxNew, ctxFree, bufferOutput, bufferError, errorBuffer, outputBuffer, setOutputFlags, runCmd] = workerData.functions.map((f) => nft.func(f));
+const home = fs.openSync("/proc/thread-self/ns/net", "r");
+parentPort.on("message", (m) => {
+  let answer;
+  let fd = -1;
+  let moved = false;
+  try {
+    if (m.path !== "") {
+      fd = fs.openSync(m.path, "r");
+      if (setns(fd, CLONE_NEWNET) !== 0) throw new Error("setns into " + m.path + " failed: errno " + koffi.errno());
+      moved = true;
+    }
+    const ctx = ctxNew(0);
+    if (!ctx) throw new Error("nft_ctx_new failed");
+    try {
+      if (m.json) setOutputFlags(ctx, NFT_CTX_OUTPUT_JSON);
+      bufferOutput(ctx);
+      bufferError(ctx);
+      answer = runCmd(ctx, m.script) === 0
+        ? { id: m.id, ok: true, out: m.json ? String(outputBuffer(ctx) ?? "") : "" }
+        : { id: m.id, ok: false, err: String(errorBuffer(ctx) ?? "") };
+    } finally {
+      ctxFree(ctx);
+    }
+  } catch (e) {
+    answer = { id: m.id, ok: false, failure: String(e && e.message), code: e && e.code };
+  } finally {
+    if (fd >= 0) fs.closeSync(fd);
+    if (moved && setns(home, CLONE_NEWNET) !== 0) {
+      parentPort.postMessage({ fatal: "cannot switch the nft worker back to our own network namespace after working in " + m.path });
+      process.exit(70);
+    }
+  }
+  parentPort.postMessage(answer);
+});
+`;
+
+type Answer = { id: number; ok: true; out: string } | { id: number; ok: false; err?: string; failure?: string; code?: string };
+
+let worker: Worker | undefined;
+let nextId = 0;
+const pending = new Map<number, { resolve: (a: Answer) => void; reject: (e: Error) => void }>();
+
+/** The worker, started on first use; referenced (keeps the process up) only while a run is pending. */
+function nftWorker(): Worker {
+  if (worker) return worker;
+  const w = new Worker(WORKER_SOURCE, {
+    eval: true,
+    workerData: { koffi: createRequire(import.meta.url).resolve("koffi"), functions: WORKER_FUNCTIONS },
+  });
+  w.unref();
+  w.on("message", (m: Answer | { fatal: string }) => {
+    if ("fatal" in m) {
+      process.stderr.write(`microvpc: ${m.fatal}; exiting\n`);
+      process.exit(70);
+    }
+    const p = pending.get(m.id);
+    pending.delete(m.id);
+    if (pending.size === 0) w.unref();
+    p?.resolve(m);
+  });
+  const fail = (err: Error) => {
+    if (worker === w) worker = undefined;
+    for (const p of pending.values()) p.reject(err);
+    pending.clear();
+  };
+  w.on("error", fail);
+  w.on("exit", (code) => fail(new Error(`the nft worker thread exited (code ${code})`)));
+  return (worker = w);
+}
+
+function onWorker(path: string, script: string, json: boolean): Promise<Answer> {
+  const w = nftWorker();
+  const id = nextId++;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject });
+    w.ref();
+    w.postMessage({ id, path, script, json });
+  });
 }
 
 /**
- * Runs a read (`list …`) in the named namespace and returns what `nft -j`
- * would print, or null when the library is not available (the caller execs
- * `nft -j`). Throws NftLibraryError with nft's message when nft refuses it
- * (e.g. the table does not exist).
+ * Runs an nft script as one transaction in the named namespace ("" = the
+ * process's own), on the nft worker thread. Resolves false when the library
+ * is not available (the caller execs nft instead); rejects with
+ * NftLibraryError and nft's message when nft refuses the script (nothing of
+ * it is applied: one transaction), with NetnsError for a name that is not a
+ * namespace's, and with code ENOENT when the namespace does not exist.
  */
-export function listInProcess(ns: string, command: string): string | null {
+export async function runInProcess(ns: string, script: string): Promise<boolean> {
+  return (await runIn(ns, script, false)) !== null;
+}
+
+/**
+ * Runs a read (`list …`) in the named namespace and resolves with what `nft
+ * -j` would print, or null when the library is not available (the caller
+ * execs `nft -j`). Rejects with NftLibraryError and nft's message when nft
+ * refuses it (e.g. the table does not exist).
+ */
+export function listInProcess(ns: string, command: string): Promise<string | null> {
   return runIn(ns, command, true);
 }
 
-function runIn(ns: string, script: string, json: boolean): string | null {
+async function runIn(ns: string, script: string, json: boolean): Promise<string | null> {
   const l = load();
   if (!l) return null;
+  const path = ns === "" ? "" : netnsPath(ns);
   const t0 = process.hrtime.bigint();
-  let result: { ok: true; out: string } | { ok: false; err: string };
+  let a: Answer;
   try {
-    result = inNamedNetns(l.c, ns, () => {
-      const ctx = l.ctxNew(0);
-      if (!ctx) throw new Error("nft_ctx_new failed");
-      try {
-        if (json) l.setOutputFlags(ctx, NFT_CTX_OUTPUT_JSON);
-        l.bufferOutput(ctx);
-        l.bufferError(ctx);
-        return l.runCmd(ctx, script) === 0
-          ? { ok: true as const, out: json ? String(l.outputBuffer(ctx) ?? "") : "" }
-          : { ok: false as const, err: String(l.errorBuffer(ctx) ?? "") };
-      } finally {
-        l.ctxFree(ctx);
-      }
-    });
+    a = await onWorker(path, script, json);
+  } catch (err) {
+    // The worker itself failed (it could not start, or died): from here on
+    // the exec path, as when the library is missing, and the start-up status says why.
+    lib = null;
+    loadError = `the nft worker thread failed: ${(err as Error).message}`;
+    process.stderr.write(`microvpc: ${loadError}; nft transactions exec nft from now on\n`);
+    return null;
   } finally {
     runSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
   }
-  runs.inc({ result: result.ok ? "ok" : "error" });
-  if (!result.ok) throw new NftLibraryError(result.err);
-  return result.out;
+  // Not run (no such namespace): not counted, as before the worker.
+  if (!a.ok && a.failure !== undefined) throw Object.assign(new Error(a.failure), a.code ? { code: a.code } : {});
+  runs.inc({ result: a.ok ? "ok" : "error" });
+  if (a.ok) return a.out;
+  throw new NftLibraryError(a.err ?? "");
 }

@@ -70,7 +70,7 @@ export class LinuxNft implements NftRunner {
   async applyText(ns: string, text: string): Promise<void> {
     if (Buffer.byteLength(text) <= MAX_INPROCESS_BYTES) {
       try {
-        if (runInProcess(ns, text)) return;
+        if (await runInProcess(ns, text)) return;
       } catch (err) {
         // The same error an exec of `nft -f -` gives, so callers and messages do not change.
         const [file, args] = inNetns(ns, ["nft", "-f", "-"]);
@@ -100,7 +100,7 @@ export class LinuxNft implements NftRunner {
     const cmd = `list table ${family} ${table}`;
     let text: string | null;
     try {
-      text = listInProcess(ns, cmd);
+      text = await listInProcess(ns, cmd);
     } catch (err) {
       if (err instanceof NftLibraryError && /No such file or directory/.test(err.nftError)) return null;
       throw err;
