@@ -3,7 +3,7 @@ import { spawnSync } from "node:child_process";
 import { test } from "vitest";
 import { pino } from "pino";
 import { render, type NftTransaction } from "../../services/common/nft/tx.js";
-import { CtMarks } from "../../services/netagent/ct-mark-state.js";
+import { CtMarks, RETIRE_DELAY_MS } from "../../services/netagent/ct-mark-state.js";
 import type { Kernel } from "../../services/netagent/kernel.js";
 import { addTx, delTx, freeIndex, markCommands, markFilters, parseListing, planMarks, tableTx, type NicMark } from "../../services/netagent/ct-marks.js";
 
@@ -128,8 +128,8 @@ test("the table in a throwaway namespace: nft takes it, and its listing reads ba
   assert.deepEqual(back.strays, { dst: [], src: [], chains: [] });
 });
 
-test("a detached NIC's mark retires after the answer: its index is not given out and its address waits until it is out and its flows cleared again", async () => {
-  // The kernel as CtMarks uses it: nft transactions (held until released) and the table's listing.
+/** The kernel as CtMarks uses it: nft transactions (deletions held until released) and the table's listing. */
+function heldKernel() {
   const applied: string[] = [];
   let release!: () => void;
   const held = new Promise<void>((r) => (release = r));
@@ -141,8 +141,12 @@ test("a detached NIC's mark retires after the answer: its index is not given out
     },
     nftTable: async () => null,
   } as unknown as Kernel;
-  const log = pino({ level: "silent" });
-  const marks = new CtMarks(kernel, log);
+  return { kernel, applied, release };
+}
+
+test("a detached NIC's mark retires after the answer: while it leaves, its index is not given out and its address waits until it is out and its flows cleared again", async () => {
+  const { kernel, applied, release } = heldKernel();
+  const marks = new CtMarks(kernel, pino({ level: "silent" }));
   await marks.created("ns1");
   const x = await marks.attach("ns1", "10.1.0.5");
   assert.equal(x.index, 1);
@@ -152,7 +156,10 @@ test("a detached NIC's mark retires after the answer: its index is not given out
   const cleared: (number | null)[] = [];
   marks.retire("ns1", m!, async (index) => void cleared.push(index));
 
-  // While it is retiring: another NIC gets another index, the same address waits.
+  // Its removal begins (settle takes it out now, not RETIRE_DELAY_MS later), and is held in the kernel.
+  const settled = marks.settle("ns1");
+  await new Promise((r) => setTimeout(r, 5));
+  // While it is leaving: another NIC gets another index, the same address waits.
   const y = await marks.attach("ns1", "10.1.0.6");
   assert.equal(y.index, 2, "index 1 is not given out while its flows may still be marked");
   let reattached: NicMark | undefined;
@@ -163,9 +170,43 @@ test("a detached NIC's mark retires after the answer: its index is not given out
 
   release();
   await again;
+  await settled;
   assert.deepEqual(cleared, [1], "then the flows that got index 1 meanwhile were cleared, by that index");
   const lastAdd = applied.reduce((k, t, i) => (t.includes("10.1.0.5 : jump nic") ? i : k), -1);
   assert.ok(applied.findIndex((t) => t.startsWith("delete element")) < lastAdd, "out before in again");
   assert.equal(reattached!.index, 1, "the index is free again once cleared");
   await marks.settle();
+});
+
+test("retiring marks wait RETIRE_DELAY_MS and leave together, in one transaction; the next NIC of a retiring address takes its mark over, flows cleared first", async () => {
+  const { kernel, applied, release } = heldKernel();
+  release();
+  const marks = new CtMarks(kernel, pino({ level: "silent" }));
+  await marks.created("ns1");
+  const cleared: (number | null)[] = [];
+  const clear = async (index: number | null) => void cleared.push(index);
+  const [a5, a6, a7] = [await marks.attach("ns1", "10.1.0.5"), await marks.attach("ns1", "10.1.0.6"), await marks.attach("ns1", "10.1.0.7")];
+  for (const a of [a5, a6, a7]) marks.retire("ns1", (await marks.detach("ns1", a.address))!, clear);
+
+  // The usual DeleteVm then CreateVm: the next NIC gets the lowest free address, the one just retired.
+  const t = await marks.attach("ns1", "10.1.0.5");
+  assert.deepEqual(t, a5, "the same mark, index and all");
+  assert.deepEqual(cleared, [1], "the flows that got it since the detach were cleared before it was handed over");
+  assert.ok(!applied.some((x) => x.startsWith("delete")), "nothing left the table for it, nothing was added again");
+  assert.equal(applied.filter((x) => x.includes("10.1.0.5 : jump")).length, 1);
+
+  // A NIC of another address: a fresh index (2 and 3 are still marked in the table).
+  assert.equal((await marks.attach("ns1", "10.1.0.9")).index, 4);
+
+  await new Promise((r) => setTimeout(r, RETIRE_DELAY_MS / 2));
+  assert.ok(!applied.some((x) => x.startsWith("delete")), "not before RETIRE_DELAY_MS");
+  await new Promise((r) => setTimeout(r, RETIRE_DELAY_MS / 2 + 100));
+  await marks.settle();
+  const deletions = applied.filter((x) => x.startsWith("delete"));
+  assert.equal(deletions.length, 1, "one transaction for both");
+  assert.match(deletions[0], /10\.1\.0\.6/);
+  assert.match(deletions[0], /10\.1\.0\.7/);
+  assert.doesNotMatch(deletions[0], /10\.1\.0\.5/, "the mark taken over stays");
+  assert.deepEqual([...cleared].sort(), [1, 2, 3], "each left mark's flows cleared again, by its index");
+  assert.equal((await marks.attach("ns1", "10.1.0.10")).index, 2, "their indexes are free again");
 });
