@@ -704,6 +704,17 @@ describe("execs per NIC change", () => {
   }
   /** What ran during fn, by command (the reconciler's periodic reads — ip addr, tc qdisc, ip netns, and its peering pass's ip route, ip neigh — are left out). */
   async function counted(fn: () => Promise<unknown>): Promise<Record<string, number>> {
+    // Earlier detaches' marks leave the table up to RETIRE_DELAY_MS after their answer (ct-mark-state.ts):
+    // wait until every NIC set down here has its mark retired, so that none of that lands in fn's counts.
+    const retired = (m: Map<string, number>) => ["ok", "error", "reused"].reduce((a, r) => a + (m.get(`mark retire ${r}`) ?? 0), 0);
+    const quiet = await waitFor(
+      async () => {
+        const m = await execCounts();
+        return retired(m) >= (m.get("rtnl down ok") ?? 0);
+      },
+      { timeoutMs: 3000, intervalMs: 50 },
+    );
+    assert.ok(quiet, "earlier detaches' marks retired within 3 s");
     const before = await execCounts();
     await fn();
     let after = await execCounts();
