@@ -6,9 +6,12 @@
 // libuv's pool threads never move. If the way back fails the process exits
 // rather than open a socket in the wrong namespace.
 //
-// Users: common/nft/libnftables.ts (nft transactions in a namespace) and
-// namedNetnsAdd/Del below (what `ip netns add|del NAME` does, without the
-// ~15–20 ms exec: the vmm makes one namespace per kind=netns VM).
+// Users: common/rtnl.ts and common/conntrack.ts (their netlink sockets,
+// opened inside a namespace), and namedNetnsAdd/Del below (what `ip netns
+// add|del NAME` does, without the ~15–20 ms exec: the vmm makes one
+// namespace per kind=netns VM). common/nft/libnftables.ts keeps the same
+// rule on a thread of its own (its worker), and takes only netnsPath and
+// loadLibc from here.
 import { closeSync, mkdirSync, openSync, unlinkSync } from "node:fs";
 import { createRequire } from "node:module";
 
