@@ -186,11 +186,15 @@ export class CtMarks {
       await r.clearAgain(r.mark.index);
     } catch (err) {
       this.log.warn({ ns, address: r.mark.address, err: (err as Error).message }, "cannot clear a detached NIC's flows again");
+    } finally {
+      // No longer retiring, whatever follows: marksOf below may read the
+      // table, and that read settles the namespace first (reconcile), which
+      // would wait for this very mark.
+      this.finishRetire(ns, r);
     }
     const marks = await this.marksOf(ns);
     marks.set(r.mark.address, r.mark);
     retires.inc({ result: "reused" });
-    this.finishRetire(ns, r);
     return r.mark;
   }
 

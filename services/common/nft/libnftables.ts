@@ -8,7 +8,7 @@
 // three of them (issue 14), and each firewall pass one per VPC.
 //
 // The thread: the kernel answers some transactions only after an RCU grace
-// period (deleting set elements: 10–15 ms per transaction on the 6.18
+// period (anything deleted: 7–12 ms per transaction on the 6.18
 // kernels here), and a run on the main thread held the event loop that
 // long: every other call of the daemon waited, and a DetachNic answered
 // 13 ms late behind its NIC mark's removal. So every run goes to one worker
