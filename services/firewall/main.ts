@@ -146,7 +146,10 @@ export const firewallDefinition: ServiceDefinition = {
       };
       flowLogs = collector;
     }
-    const api = new FirewallApi(store, new IpamReader(redis), { hostId, enforce: (vpcId, nicId, gen) => sync.enforce(vpcId, undefined, nicId, gen) });
+    const api = new FirewallApi(store, new IpamReader(redis), {
+      hostId,
+      enforce: (vpcId, nicId, gen, leaving) => sync.enforce(vpcId, undefined, nicId, gen, leaving),
+    });
     sync.start(redis, Number(flags.driftIntervalMs), async () => {
       const adopted = await store.adoptOwnSigs(hostId);
       if (adopted) logger.info({ adopted }, "kept this host's own copy of older bindings (group membership needs it)");

@@ -67,7 +67,7 @@ export interface FirewallApiOptions {
    * (FirewallSync.enforce): BindNic and UnbindNic return only then, so a
    * VM's network is closed or open as asked when the call returns.
    */
-  enforce?: (vpcId: string, nicId?: string, gen?: string) => Promise<void>;
+  enforce?: (vpcId: string, nicId?: string, gen?: string, leaving?: boolean) => Promise<void>;
 }
 
 type Logging = { ratePerSecond: number; burst: number };
@@ -173,10 +173,10 @@ export class FirewallApi {
    * nothing by that name exists: deletes of what is gone succeed.
    */
   /** Waits until this host's kernel has the binding change of nicId (see FirewallApiOptions.enforce). */
-  private async enforced(nicId: string, vpcId: string, what: "bind" | "unbind", gen?: string): Promise<void> {
+  private async enforced(nicId: string, vpcId: string, what: "bind" | "unbind", gen?: string, leaving = false): Promise<void> {
     if (!this.opts.enforce) return;
     try {
-      await this.opts.enforce(vpcId, nicId, gen);
+      await this.opts.enforce(vpcId, nicId, gen, leaving);
     } catch (err) {
       const meanwhile =
         what === "bind" ? "until it does, the NIC's traffic stays blocked" : "until it does, the kernel still applies the old binding's security groups";
@@ -498,8 +498,9 @@ export class FirewallApi {
     unbindNic: async (req) => {
       const nicId = V.id("nic_id", req.nicId, "nic");
       const { removed: unbound, gen, vpcId, hostId } = await this.store.unbind(nicId);
-      // Conntrack entries are the sync loop's to clear, on the host that had the NIC.
-      if (unbound && vpcId && hostId === this.opts.hostId) await this.enforced(nicId, vpcId, "unbind", gen);
+      // Conntrack entries are the sync loop's to clear, on the host that had the NIC
+      // (a detaching NIC's are its DetachNic's: the netagent clears them by mark).
+      if (unbound && vpcId && hostId === this.opts.hostId) await this.enforced(nicId, vpcId, "unbind", gen, req.detaching);
       return { unbound, conntrackEntriesCleared: 0 };
     },
 

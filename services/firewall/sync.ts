@@ -132,6 +132,17 @@ export class FirewallSync {
    */
   private readonly toClear = new Map<string, Set<string> | undefined>();
   private clearing: Promise<void> | undefined;
+  /**
+   * NICs still attached here that an UnbindNic with `detaching` took out of
+   * the tables (DeleteVm unbinds beside its DetachNic, so the firewall's
+   * deletions wait for the same kernel grace period as the netagent's):
+   * every pass leaves them out, as if detached already, so their ports send
+   * and receive nothing (nic_ok, "NIC not bound yet"). A NIC leaves the set
+   * when its netagent record is gone, or when a BindNic or a plain UnbindNic
+   * names it again. In memory only: after a restart such a NIC, if still
+   * attached, is an attached NIC without groups again.
+   */
+  private readonly leaving = new Set<string>();
 
   constructor(
     readonly nft: NftRunner,
@@ -186,6 +197,7 @@ export class FirewallSync {
     const d = await this.host.load();
     // Host records the shared reader skipped: this reader skipped them too, and counts them.
     for (const x of d.invalid ?? []) reportInvalid(OWNER, `host-${x.kind}`, x.key, x.reason, this.log, { field: x.field });
+    for (const id of this.leaving) if (!d.nics.has(id)) this.leaving.delete(id);
     const nicIds = [...d.nics.values()].filter((n) => !only || only.has(n.vpcId)).map((n) => n.nicId);
     const bindings = await this.source.bindingsOf(nicIds);
     const out = new Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>();
@@ -201,7 +213,7 @@ export class FirewallSync {
       out.get(s.vpcId)?.subnets.push({ ...p.value, bridge: names.bridge(p.value.subnetId) });
     }
     for (const n of d.nics.values()) {
-      if (!out.has(n.vpcId)) continue;
+      if (!out.has(n.vpcId) || this.leaving.has(n.nicId)) continue;
       const b = bindings.get(n.nicId);
       const bad = attempt(() =>
         checkBinding({
@@ -423,10 +435,15 @@ export class FirewallSync {
    * Rejects with the pass's error, or after `timeoutMs`. Calls made while a
    * pass runs share the next one, so 100 binds at once cost a few passes.
    */
-  enforce(vpcId: string, timeoutMs = 10_000, nicId?: string, gen?: string): Promise<void> {
+  enforce(vpcId: string, timeoutMs = 10_000, nicId?: string, gen?: string, leaving = false): Promise<void> {
     const t0 = process.hrtime.bigint();
     // The NIC whose binding changed: its pass can be a delta even before the event arrives.
-    if (nicId !== undefined && NIC_ID.test(nicId)) this.hintOf(vpcId).nics.add(nicId);
+    if (nicId !== undefined && NIC_ID.test(nicId)) {
+      this.hintOf(vpcId).nics.add(nicId);
+      // Unbound while it is being detached: out of the tables now (see `leaving`).
+      if (leaving) this.leaving.add(nicId);
+      else this.leaving.delete(nicId);
+    }
     return new Promise<void>((resolve, reject) => {
       let withdraw = () => {};
       const timer = setTimeout(() => {
@@ -434,7 +451,8 @@ export class FirewallSync {
         enforceSeconds.observe({ result: "timeout" }, Number(process.hrtime.bigint() - t0) / 1e9);
         reject(new Error(`this host's firewall did not apply VPC ${vpcId} within ${timeoutMs} ms (last error: ${this.status.lastError || "none"})`));
       }, timeoutMs);
-      // With the change's generation, the pass its own event started answers (it read the change).
+      // With the change's generation, the pass its own event started answers (it read the change);
+      // not for a leaving NIC: that pass may have started before the NIC was marked.
       withdraw = this.loop.target(
         vpcId,
         (err?: Error) => {
@@ -443,7 +461,7 @@ export class FirewallSync {
           if (err) reject(err);
           else resolve();
         },
-        gen !== undefined && /^\d{1,20}$/.test(gen) ? `gen ${vpcId} ${gen}` : undefined,
+        !leaving && gen !== undefined && /^\d{1,20}$/.test(gen) ? `gen ${vpcId} ${gen}` : undefined,
       );
     });
   }
@@ -479,6 +497,9 @@ export class FirewallSync {
       const taken = new Set<string>();
       for (const [i, r] of recs.entries()) {
         if (r === "invalid") return false;
+        if (r === "absent") this.leaving.delete(ids[i]);
+        // Leaving (see `leaving`): compiled as if detached already.
+        else if (r.nic.vpcId === vpcId && this.leaving.has(ids[i])) continue;
         if (r === "absent" || r.nic.vpcId !== vpcId) {
           if (r !== "absent" && byId.has(ids[i])) return false;
           continue;

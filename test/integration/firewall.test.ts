@@ -222,6 +222,45 @@ describe("security groups", () => {
   });
 });
 
+describe("UnbindNic", () => {
+  test("of an attached NIC: without detaching it keeps its egress; with detaching (DeleteVm's) nothing reaches it or leaves it when the call returns; bound again, it is back", async () => {
+    const vpc = web1.vpc;
+    const gone = await h.vm(0, vpc, web1.subnet, "gone");
+    try {
+      await startTcpServer(gone.ns, 80, gone.name);
+      await bind(gone, [webSg]);
+      await eventually(() => tcpProbe(web1.ns, gone.address, 80), true, "web1 → gone:80 once bound");
+      assert.ok(await tcpProbe(gone.ns, web1.address, 80), "gone → web1:80");
+
+      // A plain unbind: an attached NIC without groups (ingress closed, egress open), enforced at return.
+      assert.equal((await fw.unbindNic({ nicId: gone.nicId })).unbound, true);
+      assert.ok(!(await tcpProbe(web1.ns, gone.address, 80, 800)), "unbound: web1 → gone:80 blocked at return");
+      assert.ok(await tcpProbe(gone.ns, web1.address, 80), "unbound: gone → web1:80 still open");
+
+      // DeleteVm's unbind, the NIC still attached: it leaves the tables, so its port sends nothing either.
+      await bind(gone, [webSg]);
+      assert.ok(await tcpProbe(web1.ns, gone.address, 80), "bound again: web1 → gone:80");
+      assert.equal((await fw.unbindNic({ nicId: gone.nicId, detaching: true })).unbound, true);
+      assert.ok(!(await tcpProbe(gone.ns, web1.address, 80, 800)), "detaching: gone → web1:80 blocked at return");
+      assert.ok(!(await canPing(gone.ns, web1.address)), "detaching: gone → web1 ping blocked");
+      assert.ok(!(await tcpProbe(web1.ns, gone.address, 80, 800)), "detaching: web1 → gone:80 blocked");
+      assert.ok(await tcpProbe(web2.ns, web1.address, 80), "the other NICs are untouched: web2 → web1:80");
+      // A pass later (the drift check replaces nothing; a whole pass) does not put it back.
+      await sleep(2500);
+      assert.ok(!(await tcpProbe(gone.ns, web1.address, 80, 800)), "still blocked after the next drift check");
+
+      // Bound again before it was detached: back in the tables, with its group.
+      await bind(gone, [webSg]);
+      assert.ok(await tcpProbe(gone.ns, web1.address, 80), "bound again: gone → web1:80");
+      assert.ok(await tcpProbe(web1.ns, gone.address, 80), "bound again: web1 → gone:80");
+      assert.ok(!(await tcpProbe(db1.ns, gone.address, 22, 800)), "and only what its group allows: db1 → gone:22 blocked");
+    } finally {
+      await fw.unbindNic({ nicId: gone.nicId, detaching: true });
+      await h.removeVm(gone);
+    }
+  });
+});
+
 describe("anti-spoofing", () => {
   test("a VM sending from a forged source address or MAC gets nothing through", async () => {
     await eventually(() => canPing(db1.ns, web1.address), true, "honest ping");

@@ -58,6 +58,8 @@ export interface Call {
 export class VmmFakes {
   /** Every call of a step's method or its undo, in arrival order. */
   readonly calls: Call[] = [];
+  /** The `detaching` of each UnbindNic that reached the fake firewall's work. */
+  readonly unbindDetaching: boolean[] = [];
   readonly allocations = new Map<string, string>();
   readonly nics = new Map<string, { id: string; address: string }>();
   readonly bindings = new Map<string, string>();
@@ -203,6 +205,7 @@ export class VmmFakes {
           }),
         unbindNic: (req) =>
           this.call("firewall", "unbindNic", req.nicId, () => {
+            this.unbindDetaching.push(req.detaching);
             if (!this.bindings.delete(req.nicId)) throw new NotFoundError("binding", req.nicId);
             return {};
           }),

@@ -476,3 +476,73 @@ test("a NIC attached and bound at once costs one delta; one attached and never b
     await loop;
   }
 });
+
+test("UnbindNic with detaching takes a NIC still attached out of the tables in one delta of deletions; passes keep it out until its record goes or it is bound again", async () => {
+  const world = new NicWorld();
+  const nft = new FakeNft();
+  const sync = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
+  const a = "nic-000000000001";
+  const b = "nic-000000000002";
+  world.records.set(a, nic(1, SUBNET.a, "10.0.1.11", []));
+  world.records.set(b, nic(2, SUBNET.a, "10.0.1.12", []));
+  world.bindings.set(a, [WEB]);
+  world.bindings.set(b, [WEB]);
+  await sync.syncAll(true);
+  const loop = sync.run(60_000);
+  const settle = () => new Promise((r) => setTimeout(r, ATTACH_PASS_DELAY_MS + 100));
+  /** The world as a whole pass sees it with `id` detached already. */
+  const detached = async (id: string) => {
+    const rec = world.records.get(id)!;
+    world.records.delete(id);
+    const want = await fromScratch(world);
+    world.records.set(id, rec);
+    return want.dump;
+  };
+  try {
+    await settle();
+    // A plain UnbindNic keeps the attached NIC as one without groups: its address stays in the tables.
+    world.bindings.delete(b);
+    await sync.enforce(VPC, 5000, b, undefined, false);
+    assert.match(nft.dump(NS), /10\.0\.1\.12/, "a plain unbind: attached without groups");
+    assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
+
+    // DeleteVm's: the binding removed with `detaching`, the NIC's record still there (DetachNic runs beside it).
+    world.bindings.delete(a);
+    const before = nft.applied.length;
+    await sync.enforce(VPC, 5000, a, undefined, true);
+    assert.doesNotMatch(nft.dump(NS), /10\.0\.1\.11|"veth1h"/, "enforced: nothing of the NIC is left (its port sends nothing, nothing reaches it)");
+    assert.equal(nft.dump(NS), await detached(a), "exactly where the tables are once it is detached");
+    const txs = nft.applied.slice(before);
+    assert.equal(txs.length, 1, "one transaction");
+    assert.doesNotMatch(render(txs[0].tx), /^add element/m, "of deletions only: nothing re-added as an unbound NIC");
+
+    // Neither a whole pass nor the drift check puts it back while it is still attached.
+    await sync.syncAll(true);
+    assert.equal(nft.dump(NS), await detached(a), "a table replace leaves it out");
+    sync.noteEvent({ kind: "fw.binding.removed", vpc: VPC, nic: a, host: HOST, groups: WEB });
+    await sync.syncAll(false, false, new Set([VPC]));
+    assert.equal(nft.dump(NS), await detached(a), "its own late event's delta too");
+
+    // Bound again (a BindNic before the detach came): back in, with its group.
+    world.bindings.set(a, [WEB]);
+    await sync.enforce(VPC, 5000, a, undefined, false);
+    assert.match(nft.dump(NS), /10\.0\.1\.11/, "bound again: back in the tables");
+    assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
+
+    // Unbound with detaching, then detached: the mark goes with the record, and a NIC of that id attached later is an ordinary one.
+    world.bindings.delete(a);
+    await sync.enforce(VPC, 5000, a, undefined, true);
+    world.records.delete(a);
+    sync.onEvents([{ kind: "nic.detached", vpc: VPC, nic: a, host: HOST }]);
+    await settle();
+    assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
+    world.records.set(a, nic(1, SUBNET.a, "10.0.1.11", []));
+    sync.onEvents([{ kind: "nic.attached", vpc: VPC, nic: a, host: HOST }]);
+    await settle();
+    assert.match(nft.dump(NS), /10\.0\.1\.11/, "attached again: in the tables as an unbound NIC");
+    assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
+  } finally {
+    sync.stop();
+    await loop;
+  }
+});

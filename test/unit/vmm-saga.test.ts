@@ -273,3 +273,22 @@ describe("a name taken", () => {
     await assertNothingLeft(x, "dup", "after the delete");
   });
 });
+
+describe("DeleteVm's firewall undo", () => {
+  test("unbinds with detaching, in the phase that detaches the NIC, before the address is released; a rollback's unbind says detaching too", async () => {
+    assert.equal(deletePhaseOf("firewall"), deletePhaseOf("netagent"), "the binding goes beside the NIC");
+    assert.ok(deletePhaseOf("ipam") > deletePhaseOf("firewall"), "the address after both");
+    const x = rig();
+    const vm = (await x.api.createVm({ name: "u1", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
+    assert.equal((await x.api.deleteVm({ ref: vm.id })).deleted, true);
+    const order = x.fakes.calls.filter((c) => ["unbindNic", "detachNic", "release"].includes(c.method)).map((c) => c.method);
+    assert.equal(order.at(-1), "release", `the address last: ${order.join()}`);
+    assert.deepEqual(x.fakes.unbindDetaching, [true], "DeleteVm's UnbindNic says the NIC is going");
+
+    // A CreateVm that fails after its firewall step undoes the binding the same way (its NIC is detached next).
+    x.fakes.fail("setDnsRecord", "before");
+    await rejectsWith(x.api.createVm({ name: "u2", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS }), FAULT_CODE.before);
+    assert.deepEqual(x.fakes.unbindDetaching, [true, true]);
+    await assertNothingLeft(x, "u2", "after the rollback");
+  });
+});
