@@ -293,9 +293,13 @@ export function register(program: Command): void {
 
   sg.command("detach <nic>")
     .description("remove a NIC's binding: its rules, its anti-spoofing and its conntrack entries")
+    .option(
+      "--detaching",
+      "the NIC is being detached (as DeleteVm does): take it out of this host's tables altogether, closed both ways, instead of leaving it attached without groups",
+    )
     .addOption(dryRunOption())
     .action(async (nic: string, o, cmd: Command) => {
-      const req = create(UnbindNicRequestSchema, { nicId: nic });
+      const req = create(UnbindNicRequestSchema, { nicId: nic, detaching: o.detaching === true });
       if (o.dryRun) {
         V.id("nic_id", nic, "nic");
         return dryRun(cmd, FirewallService.method.unbindNic, req);

@@ -603,6 +603,7 @@ test("--dry-run validates, prints the request, and changes nothing", async () =>
     [["sg", "import", "dry-base", policy, "--vpc", "prod"], /FirewallService\/UpdateSecurityGroup/],
     [["sg", "import", "dry-new", policy, "--vpc", "prod"], /FirewallService\/CreateSecurityGroup/],
     [["sg", "detach", "nic-0123456789ab"], /FirewallService\/UnbindNic/],
+    [["sg", "detach", "nic-0123456789ab", "--detaching"], /FirewallService\/UnbindNic[\s\S]*"detaching": true/],
     [
       [
         "sg",
