@@ -138,8 +138,9 @@ export class FirewallSync {
    * deletions wait for the same kernel grace period as the netagent's):
    * every pass leaves them out, as if detached already, so their ports send
    * and receive nothing (nic_ok, "NIC not bound yet"). A NIC leaves the set
-   * when its netagent record is gone, or when a BindNic or a plain UnbindNic
-   * names it again. In memory only: after a restart such a NIC, if still
+   * with its nic.detached or nic.attached event, when a whole pass finds its
+   * netagent record gone, or when a BindNic or a plain UnbindNic names it
+   * again. In memory only: after a restart such a NIC, if still
    * attached, is an attached NIC without groups again.
    */
   private readonly leaving = new Set<string>();
@@ -308,6 +309,8 @@ export class FirewallSync {
     for (const g of groups) h.groups.add(g);
     // nic.* events of other hosts were dropped (route); a binding names its host and the one it left.
     if (!binding || e.host === this.hostId || e.prev_host === this.hostId) h.nics.add(e.nic);
+    // Detached (or attached anew after that): no longer leaving (see `leaving`).
+    if (!binding) this.leaving.delete(e.nic);
   }
 
   private hintOf(vpcId: string): Hint {
@@ -490,16 +493,17 @@ export class FirewallSync {
     try {
       // The changed NICs' records, checked as localState checks them.
       const ids = [...hint.nics].sort();
-      const recs = await Promise.all(ids.map((id) => nicRecord(id)));
+      // A leaving NIC is compiled as if detached whatever its record says: not read (its mark
+      // goes at the next whole pass that finds the record gone, see localState).
+      const recs = await Promise.all(ids.map((id) => (this.leaving.has(id) ? ("leaving" as const) : nicRecord(id))));
       const before = ids.flatMap((id) => byId.get(id) ?? []);
       const now: BindingRec[] = [];
       // The interfaces and addresses of the changed NICs' new records (the others' are in the index).
       const taken = new Set<string>();
       for (const [i, r] of recs.entries()) {
         if (r === "invalid") return false;
-        if (r === "absent") this.leaving.delete(ids[i]);
         // Leaving (see `leaving`): compiled as if detached already.
-        else if (r.nic.vpcId === vpcId && this.leaving.has(ids[i])) continue;
+        if (r === "leaving") continue;
         if (r === "absent" || r.nic.vpcId !== vpcId) {
           if (r !== "absent" && byId.has(ids[i])) return false;
           continue;
@@ -528,8 +532,14 @@ export class FirewallSync {
       const touched = new Set(hint.groups);
       for (const b of before) for (const g of b.groupIds) touched.add(g);
       const held = [...st0.members.keys()];
-      if (now.length === 0 && before.length === 0 && !held.some((g) => touched.has(g))) return true;
-      const mini = await this.source.loadVpcState(this.hostId, vpcId, st0.subnets, now, { held, touched: held.filter((g) => touched.has(g)) });
+      const heldTouched = held.filter((g) => touched.has(g));
+      if (now.length === 0 && before.length === 0 && heldTouched.length === 0) return true;
+      // NICs that only left, of groups no rule here names as a peer: nothing to read (an ACL
+      // changed meanwhile has its own event, which compiles the VPC whole).
+      const mini =
+        now.length === 0 && heldTouched.length === 0
+          ? { ...st0, nics: [], groups: new Map<string, SecurityGroupRec>(), members: new Map<string, string[]>() }
+          : await this.source.loadVpcState(this.hostId, vpcId, st0.subnets, now, { held, touched: heldTouched });
 
       // Only NICs and members may have moved: a group or ACL that differs from what is applied compiles the VPC whole.
       const usedByOthers = index.groupsUsed(before);

@@ -509,7 +509,13 @@ test("UnbindNic with detaching takes a NIC still attached out of the tables in o
     // DeleteVm's: the binding removed with `detaching`, the NIC's record still there (DetachNic runs beside it).
     world.bindings.delete(a);
     const before = nft.applied.length;
+    const reads: string[] = [];
+    const { nicRecord } = world.host;
+    const loadVpcState = world.loadVpcState.bind(world);
+    world.host.nicRecord = (id) => (reads.push(`record ${id}`), nicRecord(id));
+    world.loadVpcState = (...args) => (reads.push("vpc state"), loadVpcState(...args));
     await sync.enforce(VPC, 5000, a, undefined, true);
+    assert.deepEqual(reads, [], "nothing read: neither the NIC's record nor, its groups being no peer here, the VPC's state");
     assert.doesNotMatch(nft.dump(NS), /10\.0\.1\.11|"veth1h"/, "enforced: nothing of the NIC is left (its port sends nothing, nothing reaches it)");
     assert.equal(nft.dump(NS), await detached(a), "exactly where the tables are once it is detached");
     const txs = nft.applied.slice(before);
