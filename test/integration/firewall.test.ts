@@ -226,8 +226,9 @@ describe("UnbindNic", () => {
   test("of an attached NIC: without detaching it keeps its egress; with detaching (DeleteVm's) nothing reaches it or leaves it when the call returns; bound again, it is back", async () => {
     const vpc = web1.vpc;
     const gone = await h.vm(0, vpc, web1.subnet, "gone");
+    let server: Awaited<ReturnType<typeof startTcpServer>> | undefined;
     try {
-      await startTcpServer(gone.ns, 80, gone.name);
+      server = await startTcpServer(gone.ns, 80, gone.name);
       await bind(gone, [webSg]);
       await eventually(() => tcpProbe(web1.ns, gone.address, 80), true, "web1 → gone:80 once bound");
       assert.ok(await tcpProbe(gone.ns, web1.address, 80), "gone → web1:80");
@@ -255,6 +256,7 @@ describe("UnbindNic", () => {
       assert.ok(await tcpProbe(web1.ns, gone.address, 80), "bound again: web1 → gone:80");
       assert.ok(!(await tcpProbe(db1.ns, gone.address, 22, 800)), "and only what its group allows: db1 → gone:22 blocked");
     } finally {
+      await server?.stop();
       await fw.unbindNic({ nicId: gone.nicId, detaching: true });
       await h.removeVm(gone);
     }
