@@ -441,11 +441,12 @@ export class FirewallSync {
   enforce(vpcId: string, timeoutMs = 10_000, nicId?: string, gen?: string, leaving = false): Promise<void> {
     const t0 = process.hrtime.bigint();
     // The NIC whose binding changed: its pass can be a delta even before the event arrives.
+    let wasLeaving = false;
     if (nicId !== undefined && NIC_ID.test(nicId)) {
       this.hintOf(vpcId).nics.add(nicId);
       // Unbound while it is being detached: out of the tables now (see `leaving`).
       if (leaving) this.leaving.add(nicId);
-      else this.leaving.delete(nicId);
+      else wasLeaving = this.leaving.delete(nicId);
     }
     return new Promise<void>((resolve, reject) => {
       let withdraw = () => {};
@@ -455,7 +456,7 @@ export class FirewallSync {
         reject(new Error(`this host's firewall did not apply VPC ${vpcId} within ${timeoutMs} ms (last error: ${this.status.lastError || "none"})`));
       }, timeoutMs);
       // With the change's generation, the pass its own event started answers (it read the change);
-      // not for a leaving NIC: that pass may have started before the NIC was marked.
+      // not when this call marks or unmarks a leaving NIC: that pass may have started before.
       withdraw = this.loop.target(
         vpcId,
         (err?: Error) => {
@@ -464,7 +465,7 @@ export class FirewallSync {
           if (err) reject(err);
           else resolve();
         },
-        !leaving && gen !== undefined && /^\d{1,20}$/.test(gen) ? `gen ${vpcId} ${gen}` : undefined,
+        !leaving && !wasLeaving && gen !== undefined && /^\d{1,20}$/.test(gen) ? `gen ${vpcId} ${gen}` : undefined,
       );
     });
   }

@@ -529,10 +529,14 @@ test("UnbindNic with detaching takes a NIC still attached out of the tables in o
     await sync.syncAll(false, false, new Set([VPC]));
     assert.equal(nft.dump(NS), await detached(a), "its own late event's delta too");
 
-    // Bound again (a BindNic before the detach came): back in, with its group.
+    // Bound again (a BindNic before the detach came): back in, with its group. Its own
+    // event comes first and its pass runs while the NIC is still marked: the BindNic
+    // must not take that pass's answer (its generation) for its own.
     world.bindings.set(a, [WEB]);
-    await sync.enforce(VPC, 5000, a, undefined, false);
-    assert.match(nft.dump(NS), /10\.0\.1\.11/, "bound again: back in the tables");
+    sync.onEvents([{ kind: "fw.binding.changed", vpc: VPC, nic: a, host: HOST, groups: WEB, gen: "7" }]);
+    await new Promise((r) => setTimeout(r, 50));
+    await sync.enforce(VPC, 5000, a, "7", false);
+    assert.match(nft.dump(NS), /10\.0\.1\.11/, "bound again: back in the tables when BindNic returns");
     assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
 
     // Unbound with detaching, then detached: the mark goes with the record, and a NIC of that id attached later is an ordinary one.
