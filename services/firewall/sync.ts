@@ -494,8 +494,8 @@ export class FirewallSync {
     try {
       // The changed NICs' records, checked as localState checks them.
       const ids = [...hint.nics].sort();
-      // A leaving NIC is compiled as if detached whatever its record says: not read (its mark
-      // goes at the next whole pass that finds the record gone, see localState).
+      // A leaving NIC is compiled as if detached whatever its record says, so it is not read
+      // (its mark goes with its nic.* event, or at a whole pass that finds the record gone).
       const recs = await Promise.all(ids.map((id) => (this.leaving.has(id) ? ("leaving" as const) : nicRecord(id))));
       const before = ids.flatMap((id) => byId.get(id) ?? []);
       const now: BindingRec[] = [];
