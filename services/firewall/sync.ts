@@ -6,7 +6,7 @@
 import { existsSync } from "node:fs";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
-import { Counter, Histogram } from "prom-client";
+import { Counter, Gauge, Histogram } from "prom-client";
 import { reportInvalid } from "../common/invalid-records.js";
 import type { EventFields } from "../common/events.js";
 import { SyncLoop } from "../common/sync-loop.js";
@@ -39,6 +39,11 @@ const enforceSeconds = new Histogram({
   help: "From a BindNic/UnbindNic asking for its VPC to be applied until the kernel has it (or the apply failed).",
   labelNames: ["result"] as const,
   buckets: [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5],
+  registers: [metricsRegistry],
+});
+const leavingNics = new Gauge({
+  name: "microvpc_firewall_leaving_nics",
+  help: "NICs still attached here that an UnbindNic with detaching took out of the tables, waiting for their DetachNic (closed both ways until then); one that stays names a DetachNic that never came.",
   registers: [metricsRegistry],
 });
 const ctCleared = new Counter({
@@ -145,6 +150,13 @@ export class FirewallSync {
    */
   private readonly leaving = new Set<string>();
 
+  /** Takes `nicId` off `leaving`; whether it was on it. */
+  private unmark(nicId: string): boolean {
+    const was = this.leaving.delete(nicId);
+    if (was) leavingNics.set(this.leaving.size);
+    return was;
+  }
+
   constructor(
     readonly nft: NftRunner,
     readonly source: StateSource,
@@ -198,7 +210,7 @@ export class FirewallSync {
     const d = await this.host.load();
     // Host records the shared reader skipped: this reader skipped them too, and counts them.
     for (const x of d.invalid ?? []) reportInvalid(OWNER, `host-${x.kind}`, x.key, x.reason, this.log, { field: x.field });
-    for (const id of this.leaving) if (!d.nics.has(id)) this.leaving.delete(id);
+    for (const id of this.leaving) if (!d.nics.has(id)) this.unmark(id);
     const nicIds = [...d.nics.values()].filter((n) => !only || only.has(n.vpcId)).map((n) => n.nicId);
     const bindings = await this.source.bindingsOf(nicIds);
     const out = new Map<string, { subnets: { subnetId: string; cidr: string; bridge: string }[]; nics: BindingRec[] }>();
@@ -310,7 +322,7 @@ export class FirewallSync {
     // nic.* events of other hosts were dropped (route); a binding names its host and the one it left.
     if (!binding || e.host === this.hostId || e.prev_host === this.hostId) h.nics.add(e.nic);
     // Detached (or attached anew after that): no longer leaving (see `leaving`).
-    if (!binding) this.leaving.delete(e.nic);
+    if (!binding) this.unmark(e.nic);
   }
 
   private hintOf(vpcId: string): Hint {
@@ -445,8 +457,8 @@ export class FirewallSync {
     if (nicId !== undefined && NIC_ID.test(nicId)) {
       this.hintOf(vpcId).nics.add(nicId);
       // Unbound while it is being detached: out of the tables now (see `leaving`).
-      if (leaving) this.leaving.add(nicId);
-      else wasLeaving = this.leaving.delete(nicId);
+      if (leaving) leavingNics.set(this.leaving.add(nicId).size);
+      else wasLeaving = this.unmark(nicId);
     }
     return new Promise<void>((resolve, reject) => {
       let withdraw = () => {};

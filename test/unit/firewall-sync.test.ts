@@ -16,6 +16,7 @@ import type { CtEntry } from "../../services/common/nft/linux.js";
 import { flowAllowed, removeTx, sharedChainName, type FwModel } from "../../services/firewall/compile.js";
 import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "../../services/firewall/model.js";
 import { ATTACH_PASS_DELAY_MS, FirewallSync, type StateSource } from "../../services/firewall/sync.js";
+import { metricsRegistry } from "../../services/common/metrics.js";
 import { names } from "../../services/netagent/plan.js";
 import type { HostDesired } from "../../services/netagent/store.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
@@ -477,6 +478,8 @@ test("a NIC attached and bound at once costs one delta; one attached and never b
   }
 });
 
+const leavingGauge = async () => (await metricsRegistry.getSingleMetric("microvpc_firewall_leaving_nics")!.get()).values[0]?.value;
+
 test("UnbindNic with detaching takes a NIC still attached out of the tables in one delta of deletions; passes keep it out until its record goes or it is bound again", async () => {
   const world = new NicWorld();
   const nft = new FakeNft();
@@ -516,6 +519,7 @@ test("UnbindNic with detaching takes a NIC still attached out of the tables in o
     world.loadVpcState = (...args) => (reads.push("vpc state"), loadVpcState(...args));
     await sync.enforce(VPC, 5000, a, undefined, true);
     assert.deepEqual(reads, [], "nothing read: neither the NIC's record nor, its groups being no peer here, the VPC's state");
+    assert.equal(await leavingGauge(), 1, "microvpc_firewall_leaving_nics counts it");
     assert.doesNotMatch(nft.dump(NS), /10\.0\.1\.11|"veth1h"/, "enforced: nothing of the NIC is left (its port sends nothing, nothing reaches it)");
     assert.equal(nft.dump(NS), await detached(a), "exactly where the tables are once it is detached");
     const txs = nft.applied.slice(before);
@@ -542,9 +546,11 @@ test("UnbindNic with detaching takes a NIC still attached out of the tables in o
     // Unbound with detaching, then detached: the mark goes with the record, and a NIC of that id attached later is an ordinary one.
     world.bindings.delete(a);
     await sync.enforce(VPC, 5000, a, undefined, true);
+    assert.equal(await leavingGauge(), 1);
     world.records.delete(a);
     sync.onEvents([{ kind: "nic.detached", vpc: VPC, nic: a, host: HOST }]);
     await settle();
+    assert.equal(await leavingGauge(), 0, "detached: no longer leaving");
     assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
     world.records.set(a, nic(1, SUBNET.a, "10.0.1.11", []));
     sync.onEvents([{ kind: "nic.attached", vpc: VPC, nic: a, host: HOST }]);
