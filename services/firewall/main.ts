@@ -148,7 +148,7 @@ export const firewallDefinition: ServiceDefinition = {
     }
     const api = new FirewallApi(store, new IpamReader(redis), {
       hostId,
-      enforce: (vpcId, nicId, gen, leaving) => sync.enforce(vpcId, undefined, nicId, gen, leaving),
+      enforce: (vpcId, change) => sync.enforce(vpcId, undefined, change),
     });
     sync.start(redis, Number(flags.driftIntervalMs), async () => {
       const adopted = await store.adoptOwnSigs(hostId);

@@ -99,3 +99,13 @@ export interface VpcFirewallState {
 
 export const MAX_GROUPS_PER_NIC = 16;
 export const MAX_RULES_PER_GROUP = 10_000;
+
+/** The binding change a caller of FirewallSync.enforce waits for. */
+export interface EnforcedChange {
+  /** The NIC whose binding changed: its pass can be a delta even before the event arrives. */
+  nicId?: string;
+  /** The change's generation (its event's `gen`): the pass that event started answers. */
+  gen?: string;
+  /** An UnbindNic with `detaching`: the NIC leaves the tables while still attached (FirewallSync's `leaving`). */
+  leaving?: boolean;
+}

@@ -29,7 +29,7 @@ import {
 import type { IpamReader, SubnetRec, VpcRec } from "../ipam/schema.js";
 import type { FlowLogConfigRpcs } from "./flowlog-service.js";
 import { HostReader } from "../netagent/schema.js";
-import { MAX_GROUPS_PER_NIC, type BindingRec, type NetworkAclRec, type SecurityGroupRec, type SgRule } from "./model.js";
+import { MAX_GROUPS_PER_NIC, type BindingRec, type EnforcedChange, type NetworkAclRec, type SecurityGroupRec, type SgRule } from "./model.js";
 import {
   MAX_ACL_ENTRIES,
   MAX_ACL_RULE_NUMBER,
@@ -67,7 +67,7 @@ export interface FirewallApiOptions {
    * (FirewallSync.enforce): BindNic and UnbindNic return only then, so a
    * VM's network is closed or open as asked when the call returns.
    */
-  enforce?: (vpcId: string, nicId?: string, gen?: string, leaving?: boolean) => Promise<void>;
+  enforce?: (vpcId: string, change: EnforcedChange) => Promise<void>;
 }
 
 type Logging = { ratePerSecond: number; burst: number };
@@ -176,7 +176,7 @@ export class FirewallApi {
   private async enforced(nicId: string, vpcId: string, what: "bind" | "unbind", gen?: string, leaving = false): Promise<void> {
     if (!this.opts.enforce) return;
     try {
-      await this.opts.enforce(vpcId, nicId, gen, leaving);
+      await this.opts.enforce(vpcId, { nicId, gen, leaving });
     } catch (err) {
       const meanwhile =
         what === "bind" ? "until it does, the NIC's traffic stays blocked" : "until it does, the kernel still applies the old binding's security groups";

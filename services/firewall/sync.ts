@@ -17,7 +17,7 @@ import { hostKeys, nicSubnetProblem, type HostReader } from "../netagent/schema.
 import type { NftRunner } from "../common/nft/linux.js";
 import type { NftTransaction } from "../common/nft/tx.js";
 import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, patchModel, sharedChainKey, type FwModel } from "./compile.js";
-import type { BindingRec, SecurityGroupRec, VpcFirewallState } from "./model.js";
+import type { BindingRec, EnforcedChange, SecurityGroupRec, VpcFirewallState } from "./model.js";
 import { NicIndex } from "./nic-index.js";
 import { checkBinding, OWNER, parseLocalSubnet } from "./schema.js";
 
@@ -450,7 +450,8 @@ export class FirewallSync {
    * Rejects with the pass's error, or after `timeoutMs`. Calls made while a
    * pass runs share the next one, so 100 binds at once cost a few passes.
    */
-  enforce(vpcId: string, timeoutMs = 10_000, nicId?: string, gen?: string, leaving = false): Promise<void> {
+  enforce(vpcId: string, timeoutMs = 10_000, change: EnforcedChange = {}): Promise<void> {
+    const { nicId, gen, leaving = false } = change;
     const t0 = process.hrtime.bigint();
     // The NIC whose binding changed: its pass can be a delta even before the event arrives.
     let wasLeaving = false;

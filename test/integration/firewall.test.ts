@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { Code } from "@connectrpc/connect";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { AclAction, Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -242,12 +243,20 @@ describe("UnbindNic", () => {
       await bind(gone, [webSg]);
       assert.ok(await tcpProbe(web1.ns, gone.address, 80), "bound again: web1 → gone:80");
       assert.equal((await fw.unbindNic({ nicId: gone.nicId, detaching: true })).unbound, true);
+      const unboundAt = Date.now();
       assert.ok(!(await tcpProbe(gone.ns, web1.address, 80, 800)), "detaching: gone → web1:80 blocked at return");
       assert.ok(!(await canPing(gone.ns, web1.address)), "detaching: gone → web1 ping blocked");
       assert.ok(!(await tcpProbe(web1.ns, gone.address, 80, 800)), "detaching: web1 → gone:80 blocked");
       assert.ok(await tcpProbe(web2.ns, web1.address, 80), "the other NICs are untouched: web2 → web1:80");
-      // A pass later (the drift check replaces nothing; a whole pass) does not put it back.
-      await sleep(2500);
+      // A whole pass later (the drift check, every 2 s here; nothing else changes meanwhile) does not put it back.
+      const drift = await waitFor(
+        async () => {
+          const t = (await fw.getFirewallStatus({})).lastApplyTime;
+          return t !== undefined && timestampMs(t) > unboundAt + 1000;
+        },
+        { timeoutMs: 6000, intervalMs: 100 },
+      );
+      assert.ok(drift, "a pass ran a second or more after the unbind (the drift check)");
       assert.ok(!(await tcpProbe(gone.ns, web1.address, 80, 800)), "still blocked after the next drift check");
 
       // Bound again before it was detached: back in the tables, with its group.

@@ -361,13 +361,13 @@ test("a conntrack clear left by a revoke does not hold up the next binding: it r
     await sync.enforce(VPC, 5_000);
     // Unbinding a takes access away: a clear is queued, and blocks in `conntrack -L`.
     world.bindings.delete(a);
-    await sync.enforce(VPC, 5_000, a);
+    await sync.enforce(VPC, 5_000, { nicId: a });
     await new Promise((r) => setTimeout(r, 20));
     assert.deepEqual(lists, [NS], "the unbind left one clear, now running");
     // b attached and bound meanwhile: enforced while the clear still waits on the kernel.
     world.records.set(b, nic(2, SUBNET.b, "10.0.2.12", []));
     world.bindings.set(b, [DB]);
-    await sync.enforce(VPC, 2_000, b);
+    await sync.enforce(VPC, 2_000, { nicId: b });
     assert.match(nft.dump(NS), /chain nic_000000000002_in \{/);
     // a flow a no longer may have (its ingress is closed now), and one that b's group allows
     nft.conntrack.set(NS, [
@@ -455,7 +455,7 @@ test("a NIC attached and bound at once costs one delta; one attached and never b
     // BindNic's lookups and script take a few milliseconds.
     await new Promise((r) => setTimeout(r, 20));
     world.bindings.set(a, [WEB]);
-    await sync.enforce(VPC, 5000, a);
+    await sync.enforce(VPC, 5000, { nicId: a });
     assert.equal(nft.dump(NS), (await fromScratch(world)).dump, "enforced: the NIC with its group");
     await settle();
     assert.equal(nft.applied.length - before, 1, "one transaction for the attach and the bind together");
@@ -505,7 +505,7 @@ test("UnbindNic with detaching takes a NIC still attached out of the tables in o
     await settle();
     // A plain UnbindNic keeps the attached NIC as one without groups: its address stays in the tables.
     world.bindings.delete(b);
-    await sync.enforce(VPC, 5000, b, undefined, false);
+    await sync.enforce(VPC, 5000, { nicId: b });
     assert.match(nft.dump(NS), /10\.0\.1\.12/, "a plain unbind: attached without groups");
     assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
 
@@ -517,7 +517,7 @@ test("UnbindNic with detaching takes a NIC still attached out of the tables in o
     const loadVpcState = world.loadVpcState.bind(world);
     world.host.nicRecord = (id) => (reads.push(`record ${id}`), nicRecord(id));
     world.loadVpcState = (...args) => (reads.push("vpc state"), loadVpcState(...args));
-    await sync.enforce(VPC, 5000, a, undefined, true);
+    await sync.enforce(VPC, 5000, { nicId: a, leaving: true });
     assert.deepEqual(reads, [], "nothing read: neither the NIC's record nor, its groups being no peer here, the VPC's state");
     assert.equal(await leavingGauge(), 1, "microvpc_firewall_leaving_nics counts it");
     assert.doesNotMatch(nft.dump(NS), /10\.0\.1\.11|"veth1h"/, "enforced: nothing of the NIC is left (its port sends nothing, nothing reaches it)");
@@ -539,13 +539,13 @@ test("UnbindNic with detaching takes a NIC still attached out of the tables in o
     world.bindings.set(a, [WEB]);
     sync.onEvents([{ kind: "fw.binding.changed", vpc: VPC, nic: a, host: HOST, groups: WEB, gen: "7" }]);
     await new Promise((r) => setTimeout(r, 50));
-    await sync.enforce(VPC, 5000, a, "7", false);
+    await sync.enforce(VPC, 5000, { nicId: a, gen: "7" });
     assert.match(nft.dump(NS), /10\.0\.1\.11/, "bound again: back in the tables when BindNic returns");
     assert.equal(nft.dump(NS), (await fromScratch(world)).dump);
 
     // Unbound with detaching, then detached: the mark goes with the record, and a NIC of that id attached later is an ordinary one.
     world.bindings.delete(a);
-    await sync.enforce(VPC, 5000, a, undefined, true);
+    await sync.enforce(VPC, 5000, { nicId: a, leaving: true });
     assert.equal(await leavingGauge(), 1);
     world.records.delete(a);
     sync.onEvents([{ kind: "nic.detached", vpc: VPC, nic: a, host: HOST }]);
