@@ -29,6 +29,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run } from "../common/exec.js";
+import { forgetNamespace } from "../common/nft/libnftables.js";
 import { LinuxNft } from "../common/nft/linux.js";
 import { conntrackCount, conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
 import { MARK_MIN_FLOWS, markCommands, markFilters } from "./ct-marks.js";
@@ -321,6 +322,8 @@ export class LinuxKernel implements Kernel {
   }
 
   async delNetns(name: string): Promise<void> {
+    // Our nft worker's socket in it would keep it (and its devices) alive until the worker's next sweep.
+    await forgetNamespace(name);
     await run("ip", ["netns", "del", name]);
   }
 

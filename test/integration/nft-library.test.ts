@@ -11,10 +11,10 @@ import { execFileSync } from "node:child_process";
 import { readlinkSync } from "node:fs";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { ExecError } from "../../services/common/exec.js";
-import { MAX_INPROCESS_BYTES, libnftablesStatus, runInProcess } from "../../services/common/nft/libnftables.js";
+import { CONTEXT_IDLE_MS, MAX_INPROCESS_BYTES, forgetNamespace, libnftablesStatus, runInProcess } from "../../services/common/nft/libnftables.js";
 import { LinuxNft } from "../../services/common/nft/linux.js";
 import { metricsRegistry } from "../../services/common/metrics.js";
-import { RUN_PREFIX, createNetns, deleteNetns, nsExec } from "../lib/netns.js";
+import { RUN_PREFIX, createNetns, deleteNetns, goneWithin, links, nsExec, vethBetween } from "../lib/netns.js";
 
 const A = `${RUN_PREFIX}-nftlib-a`;
 const B = `${RUN_PREFIX}-nftlib-b`;
@@ -90,6 +90,49 @@ describe("libnftables in-process", () => {
     assert.match(listed, /10\.8\.3\.231/, "the last transaction landed");
     assert.equal(ownNs(), self0, "the main thread never left its namespace");
     assert.equal(rootRuleset(), root0);
+  });
+
+  test("a namespace's context is kept between runs, and never outlives its namespace", async () => {
+    // Kept: closing a context's socket right after a deletion waits for an
+    // RCU grace period in the kernel (libnftables.ts, "Contexts"), so four
+    // runs in one namespace, deletions among them, open one context.
+    const C = `${RUN_PREFIX}-nftlib-c`;
+    const E = `${RUN_PREFIX}-nftlib-e`;
+    try {
+      await createNetns(C);
+      await createNetns(E);
+      // A device of C's whose other end is in E: it lives exactly as long as C does.
+      await vethBetween({ ns: C, name: "c0" }, { ns: E, name: "e0" });
+      const opened0 = await metric("microvpc_nft_library_contexts_total", {});
+      await nft.applyText(C, "add table inet keep\nadd set inet keep s { type ipv4_addr; }\n");
+      await nft.applyText(C, "add element inet keep s { 10.1.1.1, 10.1.1.2 }\n");
+      await nft.applyText(C, "delete element inet keep s { 10.1.1.1 }\n");
+      await nft.applyText(C, "add element inet keep s { 10.1.1.3 }\n");
+      assert.equal(await metric("microvpc_nft_library_contexts_total", {}), opened0 + 1, "one context for the four runs");
+      assert.match((await nsExec(C, "nft", ["list", "set", "inet", "keep", "s"])).stdout, /10\.1\.1\.2, 10\.1\.1\.3 \}/);
+
+      // C deleted: the kept socket must not keep it (and the veth) alive. The
+      // worker lets go well before CONTEXT_IDLE_MS; without that, e0 stays.
+      await deleteNetns(C);
+      assert.ok(await goneWithin(E, "e0", CONTEXT_IDLE_MS / 2), "C went with its deletion: its veth's other end is gone");
+
+      // A new C under the same name: the next run opens a context in it, not in the old one.
+      await createNetns(C);
+      await nft.applyText(C, "add table inet again\n");
+      assert.match(await tables(C), /table inet again/, "the run landed in the new namespace");
+      assert.equal(await metric("microvpc_nft_library_contexts_total", {}), opened0 + 2);
+
+      // forgetNamespace lets go at once: the next run opens a new one.
+      await forgetNamespace(C);
+      await nft.applyText(C, "add table inet third\n");
+      assert.equal(await metric("microvpc_nft_library_contexts_total", {}), opened0 + 3);
+      assert.ok(!(await links(E)).some((l) => l.name === "e0"));
+      assert.equal(ownNs(), self0);
+      assert.equal(rootRuleset(), root0);
+    } finally {
+      await deleteNetns(C).catch(() => {});
+      await deleteNetns(E).catch(() => {});
+    }
   });
 
   test("a refused script is one transaction: nothing of it applies, and the error is nft's own", async () => {

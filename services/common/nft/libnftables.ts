@@ -37,6 +37,22 @@
 // to 16 MiB (mallopt), so those blocks come from the heap and stay mapped:
 // at most that much freed memory is kept. V8's heap does not use malloc.
 //
+// Contexts: one per namespace, kept between runs. Freeing a context closes
+// its netlink socket, and the kernel makes the close of a netfilter netlink
+// socket wait while any nft transaction's deletions (anyone's, in any
+// namespace) are still queued for release: it flushes that queue, which
+// waits for an RCU grace period (nf_tables' NETLINK_URELEASE handler). A
+// transaction that deleted anything thus cost 10–28 ms here, nearly all of
+// it in the close after the commit (strace: close(3) 5–12 ms, the commit
+// itself 0.05 ms); one that only added, ~1 ms. So the worker keeps each
+// namespace's context, and with it libnftables' cache, which nft itself
+// refreshes when the ruleset's generation moved. A context is let go when
+// its namespace is deleted or replaced under the same name (checked by the
+// namespace file's inode before each run and every CONTEXT_SWEEP_MS: our
+// socket would keep a deleted namespace, and every device in it, alive),
+// after CONTEXT_IDLE_MS without a run, after a run nft refused, and at
+// forgetNamespace().
+//
 // What stays an exec (LinuxNft decides): scripts over MAX_INPROCESS_BYTES
 // (~0.35 ms per KiB here: a whole-table replace of thousands of rules would
 // hold the worker, and every transaction queued behind it, for tens of
@@ -68,6 +84,17 @@ const runSeconds = new Histogram({
   buckets: [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1],
   registers: [metricsRegistry],
 });
+
+const contextsOpened = new Counter({
+  name: "microvpc_nft_library_contexts_total",
+  help: "libnftables contexts (each with its netlink socket) the nft worker thread opened: one per namespace while it is in use, again after it was idle, replaced, or a run was refused.",
+  registers: [metricsRegistry],
+});
+
+/** A namespace's context is let go after this long without a run. */
+export const CONTEXT_IDLE_MS = 5_000;
+/** How often the worker looks for idle contexts and namespaces deleted or replaced under their name. */
+export const CONTEXT_SWEEP_MS = 250;
 
 /** nft's refusal of a script: its own error text, as `nft -f` prints it on stderr. */
 export class NftLibraryError extends Error {
@@ -135,9 +162,9 @@ const WORKER_FUNCTIONS = [
 /**
  * The worker thread (CommonJS, evaluated as is: nothing of the bundle is
  * needed there). One request at a time: into the namespace file (checked by
- * the main thread: /run/netns/NAME), a context, the run, the context freed,
- * back home. A failed way back posts `fatal` and ends the worker; the main
- * thread then ends the process.
+ * the main thread: /run/netns/NAME), the namespace's context (kept, see
+ * "Contexts" above), the run, back home. A failed way back posts `fatal`
+ * and ends the worker; the main thread then ends the process.
  */
 const WORKER_SOURCE = String.raw`
 "use strict";
@@ -151,27 +178,73 @@ const setns = libc.func("int setns(int fd, int nstype)");
 const nft = koffi.load("libnftables.so.1");
 const [ctxNew, ctxFree, bufferOutput, bufferError, errorBuffer, outputBuffer, setOutputFlags, runCmd] = workerData.functions.map((f) => nft.func(f));
 const home = fs.openSync("/proc/thread-self/ns/net", "r");
+// Namespace file path ("" = our own) -> { ctx, dev, ino, used }: the context
+// whose socket was opened in that namespace, while it is the same one.
+const contexts = new Map();
+function drop(path) {
+  const c = contexts.get(path);
+  if (!c) return;
+  contexts.delete(path);
+  ctxFree(c.ctx);
+}
+// A namespace deleted (or replaced under its name) is let go at once: our
+// socket would keep it, and every device in it, alive. An idle one too.
+setInterval(() => {
+  const now = Date.now();
+  for (const [path, c] of contexts) {
+    let same = path === "";
+    if (!same) {
+      try {
+        const st = fs.statSync(path);
+        same = st.dev === c.dev && st.ino === c.ino;
+      } catch {}
+    }
+    if (!same || now - c.used > workerData.idleMs) drop(path);
+  }
+}, workerData.sweepMs);
 parentPort.on("message", (m) => {
   let answer;
   let fd = -1;
   let moved = false;
   try {
-    if (m.path !== "") {
-      fd = fs.openSync(m.path, "r");
-      if (setns(fd, CLONE_NEWNET) !== 0) throw new Error("setns into " + m.path + " failed: errno " + koffi.errno());
-      moved = true;
-    }
-    const ctx = ctxNew(0);
-    if (!ctx) throw new Error("nft_ctx_new failed");
-    try {
-      if (m.json) setOutputFlags(ctx, NFT_CTX_OUTPUT_JSON);
-      bufferOutput(ctx);
-      bufferError(ctx);
-      answer = runCmd(ctx, m.script) === 0
-        ? { id: m.id, ok: true, out: m.json ? String(outputBuffer(ctx) ?? "") : "" }
-        : { id: m.id, ok: false, err: String(errorBuffer(ctx) ?? "") };
-    } finally {
-      ctxFree(ctx);
+    if (m.drop !== undefined) {
+      drop(m.drop);
+      answer = { id: m.id, ok: true, out: "", opened: false };
+    } else {
+      let dev = 0;
+      let ino = 0;
+      if (m.path !== "") {
+        fd = fs.openSync(m.path, "r");
+        const st = fs.fstatSync(fd);
+        dev = st.dev;
+        ino = st.ino;
+        if (setns(fd, CLONE_NEWNET) !== 0) throw new Error("setns into " + m.path + " failed: errno " + koffi.errno());
+        moved = true;
+      }
+      let c = contexts.get(m.path);
+      if (c && (c.dev !== dev || c.ino !== ino)) {
+        drop(m.path);
+        c = undefined;
+      }
+      const opened = !c;
+      if (!c) {
+        // Opens its socket here, in the namespace this thread is in now.
+        const ctx = ctxNew(0);
+        if (!ctx) throw new Error("nft_ctx_new failed");
+        bufferOutput(ctx);
+        bufferError(ctx);
+        c = { ctx, dev, ino, used: 0 };
+        contexts.set(m.path, c);
+      }
+      c.used = Date.now();
+      setOutputFlags(c.ctx, m.json ? NFT_CTX_OUTPUT_JSON : 0);
+      const rc = runCmd(c.ctx, m.script);
+      // Both buffers read (and so emptied) after every run.
+      const out = String(outputBuffer(c.ctx) ?? "");
+      const err = String(errorBuffer(c.ctx) ?? "");
+      answer = rc === 0 ? { id: m.id, ok: true, out: m.json ? out : "", opened } : { id: m.id, ok: false, err, opened };
+      // After a refusal, the next run starts from a fresh context.
+      if (rc !== 0) drop(m.path);
     }
   } catch (e) {
     answer = { id: m.id, ok: false, failure: String(e && e.message), code: e && e.code };
@@ -186,7 +259,7 @@ parentPort.on("message", (m) => {
 });
 `;
 
-type Answer = { id: number; ok: true; out: string } | { id: number; ok: false; err?: string; failure?: string; code?: string };
+type Answer = { id: number; ok: true; out: string; opened?: boolean } | { id: number; ok: false; err?: string; failure?: string; code?: string; opened?: boolean };
 
 let worker: Worker | undefined;
 let nextId = 0;
@@ -197,7 +270,7 @@ function nftWorker(): Worker {
   if (worker) return worker;
   const w = new Worker(WORKER_SOURCE, {
     eval: true,
-    workerData: { koffi: createRequire(import.meta.url).resolve("koffi"), functions: WORKER_FUNCTIONS },
+    workerData: { koffi: createRequire(import.meta.url).resolve("koffi"), functions: WORKER_FUNCTIONS, idleMs: CONTEXT_IDLE_MS, sweepMs: CONTEXT_SWEEP_MS },
   });
   w.unref();
   w.on("message", (m: Answer | { fatal: string }) => {
@@ -220,14 +293,25 @@ function nftWorker(): Worker {
   return (worker = w);
 }
 
-function onWorker(path: string, script: string, json: boolean): Promise<Answer> {
+function onWorker(msg: { path: string; script: string; json: boolean } | { drop: string }): Promise<Answer> {
   const w = nftWorker();
   const id = nextId++;
   return new Promise((resolve, reject) => {
     pending.set(id, { resolve, reject });
     w.ref();
-    w.postMessage({ id, path, script, json });
+    w.postMessage({ id, ...msg });
   });
+}
+
+/**
+ * Lets go of the worker's context in the named namespace (its socket would
+ * keep the namespace alive), after the runs already queued: a daemon that
+ * is about to delete a namespace calls this first, so that the namespace
+ * and its devices go with the deletion rather than at the next sweep.
+ */
+export async function forgetNamespace(ns: string): Promise<void> {
+  if (!lib || !worker) return;
+  await onWorker({ drop: netnsPath(ns) }).catch(() => {});
 }
 
 /**
@@ -259,7 +343,7 @@ async function runIn(ns: string, script: string, json: boolean): Promise<string 
   const t0 = process.hrtime.bigint();
   let a: Answer;
   try {
-    a = await onWorker(path, script, json);
+    a = await onWorker({ path, script, json });
   } catch (err) {
     // The worker itself failed (it could not start, or died): from here on
     // the exec path, as when the library is missing, and the start-up status says why.
@@ -273,6 +357,7 @@ async function runIn(ns: string, script: string, json: boolean): Promise<string 
   // Not run (no such namespace): not counted, as before the worker.
   if (!a.ok && a.failure !== undefined) throw Object.assign(new Error(a.failure), a.code ? { code: a.code } : {});
   runs.inc({ result: a.ok ? "ok" : "error" });
+  if (a.opened) contextsOpened.inc();
   if (a.ok) return a.out;
   throw new NftLibraryError(a.err ?? "");
 }
