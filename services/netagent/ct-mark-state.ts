@@ -5,32 +5,45 @@
 // never change under two callers at once.
 //
 // A detached NIC's mark is retired after DetachNic has answered: taking
-// elements out of an nft map waits for an RCU grace period in the kernel
-// (7–12 ms per transaction on the 6.18 kernels here, and every other nft
-// transaction of the namespace, the firewall's too, waits behind it), which
-// DeleteVm need not wait for. Its flows are cleared before the answer (the
-// devices are down by then); a flow a peer starts toward the address while
-// the mark is still in the table gets the old index, so once the mark is
-// out its flows are cleared once more. Until then the mark is "retiring":
-// its index is not given out again, and an attach of its address either
-// takes the mark over (below) or waits for it, so that no NIC inherits a
-// flow its own detach would not find.
+// elements out of an nft map costs an RCU grace period in the kernel, which
+// DeleteVm need not wait for. A NIC marked from its start has every flow it
+// ever had carrying its index, so its flows are cleared then too, by that
+// index, once the mark is out of the table (a flow a peer starts toward the
+// address while the mark is still there gets the index as well): DetachNic
+// takes its devices down and answers without walking the kernel's
+// conntrack hash (service.ts). An adopted NIC's flows may carry no mark:
+// they are cleared by address before the answer, and again here. Until
+// then the mark is "retiring": its index is not given out again, and an
+// attach of its address either takes the mark over (below) or waits for
+// it, so that no NIC inherits a flow of its address's previous NIC.
 //
 // The retiring marks of a namespace leave together, in one transaction,
-// RETIRE_DELAY_MS after the first of them (or at once when something must
-// see the table settled: a reconcile pass, DeleteVpc, shutdown): a burst of
+// RETIRE_DELAY_MS after the first (or at once when something must see the
+// table settled: a reconcile pass, DeleteVpc, shutdown): a burst of
 // DeleteVms pays one grace period, not one each, and it does not land on
-// the firewall's UnbindNic that follows each DetachNic. An attach of an
-// address whose mark has not started to leave takes it over as it is (same
-// index, nothing changed in the table), after clearing the flows that got
-// it since the detach: the usual "VM deleted, next VM gets the lowest free
-// address" costs no deletion at all.
+// the firewall's UnbindNic beside each DetachNic. An attach of an address
+// whose mark has not started to leave takes it over as it is (same index,
+// nothing changed in the table), after clearing every flow that carries
+// it: the usual "VM deleted, next VM gets the lowest free address" costs no
+// deletion at all.
+//
+// A mark whose NIC is gone without this (the agent stopped between a
+// detach and its retire) is found in the table: a reconcile pass removes it
+// as an orphan and clears its flows, and a new NIC of its address, if it
+// comes first, has them cleared before it is handed the mark.
 import type { Logger } from "pino";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
 import { NftTransaction } from "../common/nft/tx.js";
 import type { Kernel } from "./kernel.js";
 import { addTx, CT_TABLE, delTx, freeIndex, parseListing, planMarks, tableTx, type NicMark } from "./ct-marks.js";
+
+const cleared = new Counter({
+  name: "microvpc_netagent_nic_flows_cleared_total",
+  help: "Conntrack entries of detached NICs cleared by their mark or address, by when: retire (the mark out of the table, after DetachNic answered), takeover (before the next NIC of the address got the mark), orphan (a mark left without its NIC, found by a reconcile pass or a new NIC of its address).",
+  labelNames: ["when"],
+  registers: [metricsRegistry],
+});
 
 const retires = new Counter({
   name: "microvpc_netagent_mark_retires_total",
@@ -44,7 +57,7 @@ export const RETIRE_DELAY_MS = 500;
 
 interface Retiring {
   mark: NicMark;
-  clearAgain: (markIndex: number | null) => Promise<unknown>;
+  clearAgain: (markIndex: number | null) => Promise<number>;
   /** Its removal from the table has begun (or it was taken over): no longer cancellable. */
   started: boolean;
   /** Resolves when it is out of the table and its flows cleared again, or taken over. */
@@ -85,13 +98,19 @@ export class CtMarks {
    * has is marked; `adopted` when the NIC may have lived without one (its
    * flows then may carry none). Present already: kept as it is.
    */
-  async attach(ns: string, address: string, opts: { adopted?: boolean } = {}): Promise<NicMark> {
+  async attach(ns: string, address: string, opts: { adopted?: boolean; fresh?: boolean } = {}): Promise<NicMark> {
     const prev = this.retiring.get(ns)?.get(address);
     if (prev && !prev.started && !prev.mark.adopted && !opts.adopted) return await this.takeOver(ns, prev);
     // The address's previous NIC: out of the table, and its flows cleared, first.
     await prev?.done;
     const marks = await this.marksOf(ns);
     const have = marks.get(address);
+    if (have && opts.fresh) {
+      // A new NIC finds a mark of its address: one left without its NIC (see the top). Its flows go first.
+      const n = await this.kernel.clearNic(ns, address, have.adopted ? null : have.index);
+      cleared.inc({ when: "orphan" }, n);
+      this.log.info({ ns, address, index: have.index, flows: n }, "a new NIC's address had a mark left in the table; its flows cleared first");
+    }
     if (have) return have;
     const retiring = [...(this.retiring.get(ns)?.values() ?? [])].map((r) => r.mark.index);
     const index = freeIndex(new Set([...marks.values()].map((m) => m.index).concat(retiring)));
@@ -119,16 +138,18 @@ export class CtMarks {
   }
 
   /**
-   * After the detached NIC's flows were cleared: its mark leaves the table
-   * in the background, with the namespace's other retiring marks
-   * (RETIRE_DELAY_MS), then `clearAgain` clears the flows that got the mark
-   * meanwhile (a table that cannot be changed: the next pass removes the
-   * mark, and `clearAgain` runs anyway). An attach of the address takes the
-   * mark over until its removal has begun, and waits for it after.
+   * After the detached NIC's devices are down: its mark leaves the table in
+   * the background, with the namespace's other retiring marks
+   * (RETIRE_DELAY_MS), then `clearAgain` clears the flows that carry it (a
+   * table that cannot be changed: by address, and the next pass removes
+   * the mark). An attach of the address takes the mark over until its
+   * removal has begun, and waits for it after. False when the mark is no
+   * longer this agent's to retire (the namespace's marks were dropped
+   * meanwhile, to be read again): the caller clears the flows itself.
    */
-  retire(ns: string, m: NicMark, clearAgain: (markIndex: number | null) => Promise<unknown>): void {
+  retire(ns: string, m: NicMark, clearAgain: (markIndex: number | null) => Promise<number>): boolean {
     const marks = this.byNs.get(ns);
-    if (marks?.get(m.address) !== m) return;
+    if (marks?.get(m.address) !== m) return false;
     marks.delete(m.address);
     const out = this.retiring.get(ns) ?? new Map<string, Retiring>();
     this.retiring.set(ns, out);
@@ -140,6 +161,7 @@ export class CtMarks {
       t.unref();
       this.flushTimers.set(ns, t);
     }
+    return true;
   }
 
   /** Takes every retiring mark of the namespace whose removal has not begun out of the table, in one transaction. */
@@ -166,6 +188,7 @@ export class CtMarks {
       batch.map((r) =>
         r
           .clearAgain(removed && !r.mark.adopted ? r.mark.index : null)
+          .then((n) => void cleared.inc({ when: "retire" }, n))
           .catch((err: Error) => this.log.warn({ ns, address: r.mark.address, err: err.message }, "cannot clear a detached NIC's flows again")),
       ),
     );
@@ -183,7 +206,7 @@ export class CtMarks {
   private async takeOver(ns: string, r: Retiring): Promise<NicMark> {
     r.started = true;
     try {
-      await r.clearAgain(r.mark.index);
+      cleared.inc({ when: "takeover" }, await r.clearAgain(r.mark.index));
     } catch (err) {
       this.log.warn({ ns, address: r.mark.address, err: (err as Error).message }, "cannot clear a detached NIC's flows again");
     } finally {
@@ -229,6 +252,8 @@ export class CtMarks {
     const plan = planMarks(listing, desired, { removeOrphans });
     if (!plan.tx.empty) await this.kernel.nft(ns, plan.tx);
     this.byNs.set(ns, plan.marks);
+    // An orphan's NIC is gone, and so must its flows be before its address has another NIC.
+    for (const m of plan.removed) cleared.inc({ when: "orphan" }, await this.kernel.clearNic(ns, m.address, m.adopted ? null : m.index));
     const changes: string[] = [];
     if (!listing) changes.push(`create table inet ${CT_TABLE}`);
     else if (!listing.intact) changes.push(`replace table inet ${CT_TABLE}`);

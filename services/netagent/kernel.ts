@@ -16,7 +16,8 @@
 //   exec of `ip` from `ip`, no Node child, no shell); it can only name a
 //   namespace under /run/netns, so a /proc/PID/ns/net path takes a second
 //   exec (nsenter) as before;
-// - DetachNic sets the devices down and clears conntrack, then deletes the
+// - DetachNic sets the devices down (and, for a NIC without a mark of its
+//   own, clears its conntrack entries: ct-mark-state.ts), then deletes the
 //   devices in the background (a veth's delete waits for an RCU grace
 //   period, 15–40 ms); without libnl-route it deletes them in one
 //   `ip -force -batch` and, at the same time, clears conntrack with one
@@ -106,6 +107,12 @@ export interface Kernel {
    * (counted as 0).
    */
   detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }>;
+  /**
+   * detach() without the conntrack part: the devices down (deleted after,
+   * in the background, where that can be done in-process). For a NIC whose
+   * flows all carry its mark and are cleared with it (ct-mark-state.ts).
+   */
+  unplug(ns: string, devices: string[]): Promise<void>;
   /**
    * The conntrack part of detach() alone, as it chooses (by mark, or a dump
    * of the table for the address; `conntrack -R` when the library is not
@@ -460,7 +467,8 @@ export class LinuxKernel implements Kernel {
   // before the flush, so the VM opens no flow after it; a flow another VM
   // begins toward the freed address meanwhile carries the NIC's mark, which
   // is still in the table, and goes with the second clear once the mark is
-  // out (ct-mark-state.ts, retire).
+  // out (ct-mark-state.ts, retire). A NIC marked from its start needs no
+  // clear here at all (unplug): all of its flows go with that second one.
   async detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }> {
     const clear = () => this.clearInProcess(ns, address, markIndex);
     await this.deletedFirst(ns, devices.join("\n"));
@@ -476,20 +484,28 @@ export class LinuxKernel implements Kernel {
     const linksGone = await deleteLinks(ns, devices);
     const cleared = await clear();
     if (linksGone && cleared !== null) return { conntrackCleared: cleared };
-    const lines = devices.map((d) => `link del dev ${d}`);
-    const [r, ct] = await Promise.all([
-      linksGone ? null : run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false }),
+    const [, ct] = await Promise.all([
+      linksGone ? null : this.deleteByExec(ns, devices),
       // A failure (no module, no tool) clears nothing.
       cleared !== null ? cleared : this.clearByExec(ns, address, markIndex),
     ]);
-    if (r) {
-      if (r.exitCode === undefined) throw r.error!;
-      for (const [line, text] of batchFailures(r.stderr)) {
-        // A device already gone is what detaching wants.
-        if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
-      }
-    }
     return { conntrackCleared: ct };
+  }
+
+  async unplug(ns: string, devices: string[]): Promise<void> {
+    await this.deletedFirst(ns, devices.join("\n"));
+    if (await downLinks(ns, devices)) return this.deleteInBackground(ns, devices);
+    if (!(await deleteLinks(ns, devices))) await this.deleteByExec(ns, devices);
+  }
+
+  /** `ip -force -batch` of the devices' deletion; a device already gone is what detaching wants. */
+  private async deleteByExec(ns: string, devices: string[]): Promise<void> {
+    const lines = devices.map((d) => `link del dev ${d}`);
+    const r = await run("ip", [...nsArgs(ns), "-force", "-batch", "-"], { input: lines.join("\n") + "\n", inputInError: true, check: false });
+    if (r.exitCode === undefined) throw r.error!;
+    for (const [line, text] of batchFailures(r.stderr)) {
+      if (line <= devices.length && !/Cannot find device|does not exist/.test(text)) throw r.error!;
+    }
   }
 
   async ipBatchAt(netnsPath: string, lines: string[]): Promise<void> {
@@ -578,8 +594,11 @@ export class RecordingKernel implements Kernel {
     if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
   }
   async detach(ns: string, devices: string[], address: string, markIndex?: number | null) {
-    this.calls.push(`ip -n ${ns} -force -batch:\n  ${devices.map((d) => `link del dev ${d}`).join("\n  ")}`);
+    await this.unplug(ns, devices);
     return { conntrackCleared: await this.clearNic(ns, address, markIndex) };
+  }
+  async unplug(ns: string, devices: string[]) {
+    this.calls.push(`ip -n ${ns} -force -batch:\n  ${devices.map((d) => `link del dev ${d}`).join("\n  ")}`);
   }
   async clearNic(ns: string, address: string, markIndex?: number | null) {
     this.calls.push(`nsenter ${ns} conntrack -R: ${(markIndex ? markCommands(markIndex) : conntrackCommands(address)).join("; ")}`);

@@ -235,18 +235,24 @@ export class NetAgent {
    * The NIC's devices go (by the names this agent gave them in its own VPC
    * namespace; the ifb only where egress is limited, the reconciler removes
    * a stray one) and so do the conntrack entries from and to its address:
-   * stale ones would let a reused address inherit flows. Its entries are
-   * found by its mark; a NIC without a mark of its own (adopted, or none)
-   * has them found by a dump of the table (ct-marks.ts). The mark then
-   * leaves the table after the answer, and the flows that got it meanwhile
-   * are cleared again (ct-mark-state.ts, retire).
+   * stale ones would let a reused address inherit flows. A NIC marked from
+   * its start has every flow carrying its mark: they are cleared with the
+   * mark, after the answer and before any NIC of this host can have the
+   * address (ct-mark-state.ts), so DetachNic only takes the devices down.
+   * A NIC without a mark of its own (adopted, or none) has its entries
+   * found now by a dump of the table, and again once its mark is out.
+   * Returns the entries cleared before the answer.
    */
   private async detachLocked(n: NicSpec): Promise<number> {
     const ns = this.agent.nsOf(n.vpcId);
     const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
     const mark = await this.agent.marks.detach(ns, n.address);
-    const { conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address, mark && !mark.adopted ? mark.index : null);
-    if (mark) this.agent.marks.retire(ns, mark, (index) => this.kernel.clearNic(ns, n.address, index));
+    const clearNic = (index: number | null) => this.kernel.clearNic(ns, n.address, index);
+    let cleared = 0;
+    if (mark && !mark.adopted) await this.kernel.unplug(ns, devices);
+    else ({ conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address, null));
+    // Not retired (the namespace's marks are being read again): its flows are cleared here, by address.
+    if (mark && !this.agent.marks.retire(ns, mark, clearNic)) cleared += await clearNic(null);
     await this.agent.store.delNic(n);
     this.agent.desired.nics.delete(n.nicId);
     return cleared;
@@ -439,7 +445,7 @@ export class NetAgent {
       const lines = nicCreateLines(this.opts.hostId, spec, names.bridge(s.id));
       const bw = bandwidthLines(this.opts.hostId, spec, [], []);
       // Its flows' mark first: every packet the NIC ever carries finds it (ct-marks.ts).
-      await this.agent.marks.attach(ns, address);
+      await this.agent.marks.attach(ns, address, { fresh: true });
       await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip], lines.guest.length ? [{ netnsPath: veth!.netnsPath, lines: lines.guest }] : []);
       await this.kernel.tcBatch(ns, bw.tc);
     } catch (err) {

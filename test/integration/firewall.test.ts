@@ -272,6 +272,75 @@ describe("UnbindNic", () => {
   });
 });
 
+describe("an address used again", () => {
+  test("a VM deleted while a connection to it is open: the next VM of its address gets nothing of that connection, only what its own group allows", async () => {
+    // The netagent clears a detached NIC's flows after DetachNic answers (by its mark,
+    // ct-mark-state.ts) and before another NIC can have the address: were the old
+    // connection's conntrack entry still there, its packets would pass as
+    // "established" to the new VM, whose kernel would answer them with a reset.
+    const vpc = web1.vpc;
+    const old = await h.vm(0, vpc, web1.subnet, "old");
+    let next: Vm | undefined;
+    const echo = (ns: string) =>
+      trackChild(
+        spawn("ip", ["netns", "exec", ns, process.execPath, "-e", `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(80)`], {
+          stdio: "ignore",
+        }),
+      );
+    const oldEcho = echo(old.ns);
+    let client: ReturnType<typeof spawn> | undefined;
+    let server: Awaited<ReturnType<typeof startTcpServer>> | undefined;
+    try {
+      await bind(old, [webSg]);
+      await eventually(() => tcpProbe(db1.ns, old.address, 80), true, "db1 → old:80 (the web group)");
+      // db1's long-lived connection to old:80, echoed every 100 ms; "R" when it is reset or closed.
+      client = trackChild(
+        spawn(
+          "ip",
+          [
+            "netns",
+            "exec",
+            db1.ns,
+            process.execPath,
+            "-e",
+            `const s=require("net").connect(80,"${old.address}");s.on("data",()=>process.stdout.write("e"));setInterval(()=>s.write("x"),100);const r=()=>process.stdout.write("R");s.on("error",r);s.on("close",r);setTimeout(()=>process.exit(0),20000)`,
+          ],
+          { stdio: ["ignore", "pipe", "ignore"] },
+        ),
+      );
+      let out = "";
+      client.stdout!.on("data", (d) => (out += String(d)));
+      assert.ok(await waitFor(() => out.length >= 5, { timeoutMs: 10_000 }), "the connection echoes");
+
+      // DeleteVm's teardown (the vmm runs the two side by side), then a new VM at once, at the same address.
+      await Promise.all([fw.unbindNic({ nicId: old.nicId, detaching: true }), h.removeVm(old)]);
+      oldEcho.kill("SIGKILL");
+      next = await h.vm(0, vpc, web1.subnet, "next", { address: old.address });
+      server = await startTcpServer(next.ns, 5432, next.name);
+      await bind(next, [dbSg]);
+      const at = out;
+      assert.doesNotMatch(at, /R/, "the old connection was not reset before the new VM existed");
+
+      // The client keeps sending on the old connection: nothing reaches the new VM (it would reset it), nothing comes back.
+      await sleep(2000);
+      assert.equal(out, at, "no echo and no reset from the new VM: the old connection's packets were dropped as new, unallowed flows");
+      // What the new VM's group allows works; the rest, new connections included, does not.
+      assert.ok(await tcpProbe(web1.ns, next.address, 5432), "web1 → next:5432 (the db group)");
+      assert.ok(!(await tcpProbe(db1.ns, next.address, 80, 800)), "db1 → next:80 blocked");
+      assert.ok(!(await tcpProbe(db1.ns, next.address, 5432, 800)), "db1 → next:5432 blocked (db1 is no web member)");
+    } finally {
+      client?.kill("SIGKILL");
+      oldEcho.kill("SIGKILL");
+      await server?.stop();
+      if (h.vms.has("old")) await h.removeVm(old).catch(() => {});
+      if (next) {
+        await fw.unbindNic({ nicId: next.nicId, detaching: true });
+        await h.removeVm(next);
+      }
+    }
+  });
+});
+
 describe("anti-spoofing", () => {
   test("a VM sending from a forged source address or MAC gets nothing through", async () => {
     await eventually(() => canPing(db1.ns, web1.address), true, "honest ping");

@@ -128,9 +128,10 @@ test("the table in a throwaway namespace: nft takes it, and its listing reads ba
   assert.deepEqual(back.strays, { dst: [], src: [], chains: [] });
 });
 
-/** The kernel as CtMarks uses it: nft transactions (deletions held until released) and the table's listing. */
-function heldKernel() {
+/** The kernel as CtMarks uses it: nft transactions (deletions held until released), the table's listing (`table`), and flows cleared. */
+function heldKernel(table: unknown[] | null = null) {
   const applied: string[] = [];
+  const clears: string[] = [];
   let release!: () => void;
   const held = new Promise<void>((r) => (release = r));
   const kernel = {
@@ -139,10 +140,33 @@ function heldKernel() {
       if (text.startsWith("delete element")) await held;
       applied.push(text);
     },
-    nftTable: async () => null,
+    nftTable: async () => table,
+    clearNic: async (_ns: string, address: string, index: number | null) => {
+      clears.push(`${address} ${index ?? "by address"}`);
+      return 2;
+    },
   } as unknown as Kernel;
-  return { kernel, applied, release };
+  return { kernel, applied, clears, release };
 }
+
+test("a mark left in the table without its NIC (the agent stopped before the retire): its flows go before its address has another NIC", async () => {
+  // After a restart the table still holds 10.1.0.5's mark (index 5) and an adopted one (index 7); no NIC has either.
+  const { kernel, applied, clears, release } = heldKernel(listing([a, b]));
+  release();
+  const marks = new CtMarks(kernel, pino({ level: "silent" }));
+  // A new NIC of 10.1.0.5 before any reconcile pass: handed the mark only after its flows were cleared, by its index.
+  const x = await marks.attach("ns1", a.address, { fresh: true });
+  assert.deepEqual(x, a);
+  assert.deepEqual(clears, ["10.1.0.5 5"], "the leftover mark's flows cleared first");
+  // The same NIC's mark asked for again (not a new NIC): nothing cleared.
+  await marks.attach("ns1", a.address);
+  assert.equal(clears.length, 1);
+  // A reconcile pass whose desired NICs are only 10.1.0.5: the adopted orphan goes, and its flows with it, by address.
+  const changes = await marks.reconcile("ns1", [a.address], true);
+  assert.deepEqual(changes, ["remove NIC mark 7 of 10.1.0.7"]);
+  assert.match(applied.at(-1)!, /delete element inet microvpc_ct nic_src \{ 10\.1\.0\.7 \}/);
+  assert.deepEqual(clears, ["10.1.0.5 5", "10.1.0.7 by address"], "its flows may carry no mark: found by address");
+});
 
 test("a detached NIC's mark retires after the answer: while it leaves, its index is not given out and its address waits until it is out and its flows cleared again", async () => {
   const { kernel, applied, release } = heldKernel();
@@ -154,7 +178,10 @@ test("a detached NIC's mark retires after the answer: while it leaves, its index
   assert.deepEqual(m, x, "detach hands the mark over; the table is not touched yet");
   assert.ok(!applied.some((t) => t.startsWith("delete")));
   const cleared: (number | null)[] = [];
-  marks.retire("ns1", m!, async (index) => void cleared.push(index));
+  assert.equal(
+    marks.retire("ns1", m!, async (index) => (cleared.push(index), 0)),
+    true,
+  );
 
   // Its removal begins (settle takes it out now, not RETIRE_DELAY_MS later), and is held in the kernel.
   const settled = marks.settle("ns1");
@@ -184,7 +211,7 @@ test("retiring marks wait RETIRE_DELAY_MS and leave together, in one transaction
   const marks = new CtMarks(kernel, pino({ level: "silent" }));
   await marks.created("ns1");
   const cleared: (number | null)[] = [];
-  const clear = async (index: number | null) => void cleared.push(index);
+  const clear = async (index: number | null) => (cleared.push(index), 0);
   const [a5, a6, a7] = [await marks.attach("ns1", "10.1.0.5"), await marks.attach("ns1", "10.1.0.6"), await marks.attach("ns1", "10.1.0.7")];
   for (const a of [a5, a6, a7]) marks.retire("ns1", (await marks.detach("ns1", a.address))!, clear);
 

@@ -1058,7 +1058,11 @@ export type DetachNicResponse = Message<"microvpc.v1.DetachNicResponse"> & {
   detachedNicIds: string[];
 
   /**
-   * Conntrack entries removed with them.
+   * Conntrack entries removed before the answer: those of a NIC without a
+   * connection mark of its own (adopted). A NIC marked from its start has
+   * its entries removed with its mark, after the answer and before another
+   * NIC of this host can have its address; the netagent counts them in
+   * microvpc_netagent_nic_flows_cleared_total.
    *
    * @generated from field: uint32 conntrack_entries_cleared = 2;
    */

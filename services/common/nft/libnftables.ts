@@ -259,7 +259,8 @@ parentPort.on("message", (m) => {
 });
 `;
 
-type Answer = { id: number; ok: true; out: string; opened?: boolean } | { id: number; ok: false; err?: string; failure?: string; code?: string; opened?: boolean };
+type Answer =
+  { id: number; ok: true; out: string; opened?: boolean } | { id: number; ok: false; err?: string; failure?: string; code?: string; opened?: boolean };
 
 let worker: Worker | undefined;
 let nextId = 0;
