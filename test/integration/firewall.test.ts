@@ -47,6 +47,11 @@ async function bind(vm: Vm, groups: string[]): Promise<void> {
   });
 }
 
+/** A Node one-liner in a namespace (tracked: ended with the run); its stdout piped when `out`. */
+function nodeIn(ns: string, script: string, out = false): ReturnType<typeof spawn> {
+  return trackChild(spawn("ip", ["netns", "exec", ns, process.execPath, "-e", script], { stdio: out ? ["ignore", "pipe", "ignore"] : "ignore" }));
+}
+
 /** Waits until the probe gives `want` (the firewall converges in the background), then returns it. */
 async function eventually(probe: () => Promise<boolean>, want: boolean, what: string): Promise<void> {
   const ok = await waitFor(async () => (await probe()) === want, { timeoutMs: 10_000, intervalMs: 200 });
@@ -172,26 +177,13 @@ describe("security groups", () => {
 
   test("a rule removed while a TCP connection it allowed is open: the connection stops", async () => {
     // A long-lived connection from db1 to web1:8080 that echoes every 100 ms.
-    const echo = trackChild(
-      spawn("ip", ["netns", "exec", web1.ns, process.execPath, "-e", `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(9090)`], {
-        stdio: "ignore",
-      }),
-    );
+    const echo = nodeIn(web1.ns, `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(9090)`);
     await sleep(300);
     await fw.updateSecurityGroup({ ref: webSg, addRules: [tcp(9090, "10.0.2.0/24")] });
-    const client = trackChild(
-      spawn(
-        "ip",
-        [
-          "netns",
-          "exec",
-          db1.ns,
-          process.execPath,
-          "-e",
-          `const s=require("net").connect(9090,"${web1.address}");let n=0;s.on("data",()=>{n++;process.stdout.write("e"+n+"\\n")});setInterval(()=>s.write("x"),100);s.on("error",()=>{});setTimeout(()=>process.exit(0),15000)`,
-        ],
-        { stdio: ["ignore", "pipe", "ignore"] },
-      ),
+    const client = nodeIn(
+      db1.ns,
+      `const s=require("net").connect(9090,"${web1.address}");let n=0;s.on("data",()=>{n++;process.stdout.write("e"+n+"\\n")});setInterval(()=>s.write("x"),100);s.on("error",()=>{});setTimeout(()=>process.exit(0),15000)`,
+      true,
     );
     let echoes = 0;
     client.stdout!.on("data", (d) => (echoes += String(d).split("\n").filter(Boolean).length));
@@ -281,12 +273,7 @@ describe("an address used again", () => {
     const vpc = web1.vpc;
     const old = await h.vm(0, vpc, web1.subnet, "old");
     let next: Vm | undefined;
-    const echo = (ns: string) =>
-      trackChild(
-        spawn("ip", ["netns", "exec", ns, process.execPath, "-e", `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(80)`], {
-          stdio: "ignore",
-        }),
-      );
+    const echo = (ns: string) => nodeIn(ns, `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(80)`);
     const oldEcho = echo(old.ns);
     let client: ReturnType<typeof spawn> | undefined;
     let server: Awaited<ReturnType<typeof startTcpServer>> | undefined;
@@ -294,19 +281,10 @@ describe("an address used again", () => {
       await bind(old, [webSg]);
       await eventually(() => tcpProbe(db1.ns, old.address, 80), true, "db1 → old:80 (the web group)");
       // db1's long-lived connection to old:80, echoed every 100 ms; "R" when it is reset or closed.
-      client = trackChild(
-        spawn(
-          "ip",
-          [
-            "netns",
-            "exec",
-            db1.ns,
-            process.execPath,
-            "-e",
-            `const s=require("net").connect(80,"${old.address}");s.on("data",()=>process.stdout.write("e"));setInterval(()=>s.write("x"),100);const r=()=>process.stdout.write("R");s.on("error",r);s.on("close",r);setTimeout(()=>process.exit(0),20000)`,
-          ],
-          { stdio: ["ignore", "pipe", "ignore"] },
-        ),
+      client = nodeIn(
+        db1.ns,
+        `const s=require("net").connect(80,"${old.address}");s.on("data",()=>process.stdout.write("e"));setInterval(()=>s.write("x"),100);const r=()=>process.stdout.write("R");s.on("error",r);s.on("close",r);setTimeout(()=>process.exit(0),20000)`,
+        true,
       );
       let out = "";
       client.stdout!.on("data", (d) => (out += String(d)));
