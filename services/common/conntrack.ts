@@ -21,7 +21,7 @@
 import { readFileSync } from "node:fs";
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "./metrics.js";
-import { inNamedNetns, InProcessLibrary, type Libc } from "./ns-syscalls.js";
+import { closeOnExec, inNamedNetns, InProcessLibrary, type Libc } from "./ns-syscalls.js";
 import { onPool } from "./rtnl.js";
 
 /** One conntrack entry: the original direction's tuple (ports 0 for protocols without them). */
@@ -73,6 +73,7 @@ interface Lib {
   c: Libc;
   open: Fn;
   close: Fn;
+  fd: Fn;
   register: Fn;
   query: Fn;
   destroy: Fn;
@@ -98,6 +99,7 @@ const library = new InProcessLibrary<Lib>("MICROVPC_CONNTRACK_EXEC", (c) => {
     c,
     open: n.func("void *nfct_open(uint8_t subsys, unsigned int subscriptions)") as Fn,
     close: n.func("int nfct_close(void *h)") as Fn,
+    fd: n.func("int nfct_fd(void *h)") as Fn,
     register: n.func("nfct_callback_register", "int", ["void *", "int", cbType, "void *"]) as Fn,
     query: n.func("int nfct_query(void *h, int query, const void *data)") as Fn,
     destroy: n.func("void nfct_destroy(void *ct)") as Fn,
@@ -184,6 +186,7 @@ async function dumpNow(
   try {
     h = inNamedNetns(l.c, ns, () => l.open(CONNTRACK, 0));
     if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
+    closeOnExec(l.c, l.fd(h) as number);
     if ((l.register(h, NFCT_T_ALL, l.cb, null) as number) < 0) throw new Error(`nfct_callback_register failed: errno ${l.c.errno()}`);
     const entries: CtEntry[] = [];
     const queries: [number, unknown][] = [];
@@ -233,7 +236,11 @@ async function dumpNow(
   } finally {
     for (const ct of doomed) l.destroy(ct);
     for (const f of filters) l.filterDestroy(f);
-    if (h) l.close(h);
+    // On the pool, not awaited: the kernel makes the close of a netfilter
+    // netlink socket wait while any nft deletion (anyone's) is queued for
+    // release, an RCU grace period (see nft/libnftables.ts, "Contexts"),
+    // which must hold neither the event loop nor the caller.
+    if (h) void onPool(l.close, h).catch(() => {});
     runSeconds.observe({ op }, Number(process.hrtime.bigint() - t0) / 1e9);
   }
 }

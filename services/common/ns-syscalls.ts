@@ -37,6 +37,7 @@ export interface Libc {
   mount: Fn;
   umount2: Fn;
   mallopt: Fn;
+  fcntl: Fn;
   errno: () => number;
   /** This thread's own network namespace, open for the life of the process. */
   homeFd: number;
@@ -58,6 +59,7 @@ export function loadLibc(): Libc | null {
       mount: c.func("int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data)") as Fn,
       umount2: c.func("int umount2(const char *target, int flags)") as Fn,
       mallopt: c.func("int mallopt(int param, int value)") as Fn,
+      fcntl: c.func("int fcntl(int fd, int cmd, ...)") as Fn,
       errno: () => koffi.errno(),
       homeFd: openSync("/proc/thread-self/ns/net", "r"),
     };
@@ -66,6 +68,24 @@ export function loadLibc(): Libc | null {
     libc = null;
   }
   return libc;
+}
+
+const F_GETFD = 1;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/**
+ * Marks a descriptor a C library opened (a netlink socket: libmnl and
+ * libnfnetlink open theirs without SOCK_CLOEXEC) close-on-exec, as Node
+ * opens all of its own. Without it every child the daemon starts while the
+ * socket is open (the exec helper, the metadata child, wireguard-go)
+ * inherits it for life, and a socket keeps its network namespace, and every
+ * device in it, alive after the namespace is deleted.
+ */
+export function closeOnExec(c: Libc, fd: number): void {
+  if (fd < 3) return;
+  const flags = c.fcntl(fd, F_GETFD) as number;
+  if (flags >= 0 && !(flags & FD_CLOEXEC)) c.fcntl(fd, F_SETFD, "int", flags | FD_CLOEXEC);
 }
 
 export function libcLoadError(): string {

@@ -7,14 +7,15 @@
 // script leaves nothing half-applied and says what nft said, and that a
 // large script still goes through an exec.
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { readlinkSync } from "node:fs";
+import { execFileSync, spawn } from "node:child_process";
+import { readdirSync, readlinkSync } from "node:fs";
 import { afterAll, beforeAll, describe, test } from "vitest";
+import { conntrackDelete, conntrackList } from "../../services/common/conntrack.js";
 import { ExecError } from "../../services/common/exec.js";
 import { CONTEXT_IDLE_MS, MAX_INPROCESS_BYTES, forgetNamespace, libnftablesStatus, runInProcess } from "../../services/common/nft/libnftables.js";
 import { LinuxNft } from "../../services/common/nft/linux.js";
 import { metricsRegistry } from "../../services/common/metrics.js";
-import { RUN_PREFIX, createNetns, deleteNetns, goneWithin, links, nsExec, vethBetween } from "../lib/netns.js";
+import { RUN_PREFIX, createNetns, deleteNetns, goneWithin, links, nsExec, vethBetween, waitFor } from "../lib/netns.js";
 
 const A = `${RUN_PREFIX}-nftlib-a`;
 const B = `${RUN_PREFIX}-nftlib-b`;
@@ -109,6 +110,15 @@ describe("libnftables in-process", () => {
       await nft.applyText(C, "delete element inet keep s { 10.1.1.1 }\n");
       await nft.applyText(C, "add element inet keep s { 10.1.1.3 }\n");
       assert.equal(await metric("microvpc_nft_library_contexts_total", {}), opened0 + 1, "one context for the four runs");
+      // A child started now (the exec helper, the metadata child, wireguard-go) must not inherit the
+      // kept context's socket: it would keep C alive for the child's life.
+      const child = spawn("sleep", ["5"], { stdio: "ignore" });
+      try {
+        const inherited = readdirSync(`/proc/${child.pid}/fd`).filter((fd) => /^socket:/.test(readlinkSync(`/proc/${child.pid}/fd/${fd}`)));
+        assert.deepEqual(inherited, [], "the child holds no socket of ours");
+      } finally {
+        child.kill("SIGKILL");
+      }
       assert.match((await nsExec(C, "nft", ["list", "set", "inet", "keep", "s"])).stdout, /10\.1\.1\.2, 10\.1\.1\.3 \}/);
 
       // C deleted: the kept socket must not keep it (and the veth) alive. The
@@ -133,6 +143,31 @@ describe("libnftables in-process", () => {
       await deleteNetns(C).catch(() => {});
       await deleteNetns(E).catch(() => {});
     }
+  });
+
+  test("conntrack dumps close their sockets (off the event loop: a close can wait out an RCU grace period)", async () => {
+    const sockets = () =>
+      readdirSync("/proc/self/fd").filter((fd) =>
+        /^socket:/.test(
+          (() => {
+            try {
+              return readlinkSync(`/proc/self/fd/${fd}`);
+            } catch {
+              return "";
+            }
+          })(),
+        ),
+      ).length;
+    // A deletion queued for release while the dumps run: the case whose close waits.
+    await nft.applyText(A, "add table inet ctclose\nadd set inet ctclose s { type ipv4_addr; }\nadd element inet ctclose s { 10.2.2.2 }\n");
+    assert.ok(Array.isArray(await conntrackList(A)), "the library is loaded here");
+    const before = sockets();
+    for (let i = 0; i < 20; i++) {
+      await nft.applyText(A, i % 2 ? "add element inet ctclose s { 10.2.2.2 }\n" : "delete element inet ctclose s { 10.2.2.2 }\n");
+      assert.equal(await conntrackDelete(A, () => false), 0);
+    }
+    assert.ok(await waitFor(() => sockets() <= before, { timeoutMs: 3000, intervalMs: 50 }), `20 dumps' sockets closed (${sockets()} open, ${before} before)`);
+    assert.equal(ownNs(), self0);
   });
 
   test("a refused script is one transaction: nothing of it applies, and the error is nft's own", async () => {

@@ -175,6 +175,19 @@ const CLONE_NEWNET = 0x40000000;
 const NFT_CTX_OUTPUT_JSON = 1 << 4;
 const libc = koffi.load("libc.so.6");
 const setns = libc.func("int setns(int fd, int nstype)");
+const fcntl = libc.func("int fcntl(int fd, int cmd, ...)");
+// libnftables opens its socket without SOCK_CLOEXEC: mark every descriptor
+// that lacks it (Node opens all of its own with it), so that no child the
+// daemon starts inherits a kept context's socket, which would keep its
+// namespace alive for the child's life (see closeOnExec, ns-syscalls.ts).
+function closeOnExecAll() {
+  for (const name of fs.readdirSync("/proc/self/fd")) {
+    const fd = Number(name);
+    if (!(fd > 2)) continue;
+    const flags = fcntl(fd, 1);
+    if (flags >= 0 && !(flags & 1)) fcntl(fd, 2, "int", flags | 1);
+  }
+}
 const nft = koffi.load("libnftables.so.1");
 const [ctxNew, ctxFree, bufferOutput, bufferError, errorBuffer, outputBuffer, setOutputFlags, runCmd] = workerData.functions.map((f) => nft.func(f));
 const home = fs.openSync("/proc/thread-self/ns/net", "r");
@@ -231,6 +244,7 @@ parentPort.on("message", (m) => {
         // Opens its socket here, in the namespace this thread is in now.
         const ctx = ctxNew(0);
         if (!ctx) throw new Error("nft_ctx_new failed");
+        closeOnExecAll();
         bufferOutput(ctx);
         bufferError(ctx);
         c = { ctx, dev, ino, used: 0 };
