@@ -22,6 +22,13 @@ const B = `${RUN_PREFIX}-nftlib-b`;
 const nft = new LinuxNft({ inputInError: true });
 const rootRuleset = () => execFileSync("nft", ["list", "ruleset"]).toString();
 const ownNs = () => readlinkSync("/proc/thread-self/ns/net");
+const linkOf = (path: string) => {
+  try {
+    return readlinkSync(path);
+  } catch {
+    return "";
+  }
+};
 const tables = async (ns: string) => (await nsExec(ns, "nft", ["list", "tables"])).stdout;
 
 async function metric(name: string, labels: Record<string, string>): Promise<number> {
@@ -114,7 +121,8 @@ describe("libnftables in-process", () => {
       // kept context's socket: it would keep C alive for the child's life.
       const child = spawn("sleep", ["5"], { stdio: "ignore" });
       try {
-        const inherited = readdirSync(`/proc/${child.pid}/fd`).filter((fd) => /^socket:/.test(readlinkSync(`/proc/${child.pid}/fd/${fd}`)));
+        // (Descriptors the child opens and closes meanwhile may vanish between the listing and the readlink.)
+        const inherited = readdirSync(`/proc/${child.pid}/fd`).filter((fd) => /^socket:/.test(linkOf(`/proc/${child.pid}/fd/${fd}`)));
         assert.deepEqual(inherited, [], "the child holds no socket of ours");
       } finally {
         child.kill("SIGKILL");
@@ -146,18 +154,7 @@ describe("libnftables in-process", () => {
   });
 
   test("conntrack dumps close their sockets (off the event loop: a close can wait out an RCU grace period)", async () => {
-    const sockets = () =>
-      readdirSync("/proc/self/fd").filter((fd) =>
-        /^socket:/.test(
-          (() => {
-            try {
-              return readlinkSync(`/proc/self/fd/${fd}`);
-            } catch {
-              return "";
-            }
-          })(),
-        ),
-      ).length;
+    const sockets = () => readdirSync("/proc/self/fd").filter((fd) => /^socket:/.test(linkOf(`/proc/self/fd/${fd}`))).length;
     // A deletion queued for release while the dumps run: the case whose close waits.
     await nft.applyText(A, "add table inet ctclose\nadd set inet ctclose s { type ipv4_addr; }\nadd element inet ctclose s { 10.2.2.2 }\n");
     assert.ok(Array.isArray(await conntrackList(A)), "the library is loaded here");

@@ -180,6 +180,8 @@ const fcntl = libc.func("int fcntl(int fd, int cmd, ...)");
 // that lacks it (Node opens all of its own with it), so that no child the
 // daemon starts inherits a kept context's socket, which would keep its
 // namespace alive for the child's life (see closeOnExec, ns-syscalls.ts).
+// Run after a context opens; a socket libnftables reopens inside a run (an
+// interrupted cache dump) stays unmarked until another context opens: a rare window.
 function closeOnExecAll() {
   for (const name of fs.readdirSync("/proc/self/fd")) {
     const fd = Number(name);
