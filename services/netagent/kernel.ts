@@ -16,13 +16,14 @@
 //   exec of `ip` from `ip`, no Node child, no shell); it can only name a
 //   namespace under /run/netns, so a /proc/PID/ns/net path takes a second
 //   exec (nsenter) as before;
-// - DetachNic sets the devices down (and, for a NIC without a mark of its
-//   own, clears its conntrack entries: ct-mark-state.ts), then deletes the
-//   devices in the background (a veth's delete waits for an RCU grace
-//   period, 15–40 ms); without libnl-route it deletes them in one
-//   `ip -force -batch` and, at the same time, clears conntrack with one
-//   `conntrack -R` (nsenter --net): see detach() for why it is not a line of
-//   the batch.
+// - DetachNic sets the devices down, then deletes them in the background
+//   (a veth's delete waits for an RCU grace period, 15–40 ms); without
+//   libnl-route it deletes them in one `ip -force -batch`. A NIC without a
+//   mark of its own has its conntrack entries cleared then (libnetfilter_
+//   conntrack, or one `conntrack -R` entered with nsenter --net, not a line
+//   of the batch: `netns exec` would fork it in a mount namespace that
+//   copies every mount of the host); a marked NIC's go with its mark
+//   (ct-mark-state.ts).
 // `Kernel` is an interface so the planner and the service are tested against
 // RecordingKernel, which records what would run.
 import { randomBytes } from "node:crypto";
@@ -97,30 +98,22 @@ export interface Kernel {
    */
   ipBatch(ns: string, lines: string[], guests?: GuestBatch[]): Promise<void>;
   /**
-   * Deletes these devices of the namespace and the conntrack entries from
-   * and to the address (in-process, or one `ip -force -batch` and one
-   * `conntrack -R` at the same time). With the NIC's mark index
-   * (ct-marks.ts) and a table of MARK_MIN_FLOWS entries or more, the
-   * entries are those with that mark, which the kernel picks out;
-   * otherwise the namespace's table is dumped and read for the address.
-   * A device already gone is no error; conntrack failures are ignored
-   * (counted as 0).
-   */
-  detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }>;
-  /**
-   * detach() without the conntrack part: the devices down (deleted after,
-   * in the background, where that can be done in-process). For a NIC whose
-   * flows all carry its mark and are cleared with it (ct-mark-state.ts).
+   * Takes these devices of the namespace down and deletes them (in-process,
+   * the deletion after, in the background; or one `ip -force -batch`). A
+   * device already gone is no error. The NIC's conntrack entries are
+   * clearNic's, once the devices carry nothing.
    */
   unplug(ns: string, devices: string[]): Promise<void>;
   /**
-   * The conntrack part of detach() alone, as it chooses (by mark, or a dump
-   * of the table for the address; `conntrack -R` when the library is not
-   * there): the second clear once a retired NIC's mark is out of the table
-   * (ct-mark-state.ts). Failures clear nothing (0).
+   * The conntrack entries from and to the address, cleared as it chooses:
+   * with the NIC's mark index (ct-marks.ts) and a table of MARK_MIN_FLOWS
+   * entries or more, those with that mark, which the kernel picks out;
+   * otherwise the namespace's table is dumped and read for the address
+   * (`conntrack -R` when the library is not there). Failures clear nothing
+   * (0).
    */
   clearNic(ns: string, address: string, markIndex?: number | null): Promise<number>;
-  /** Resolves once every device deletion detach() left running in the background has ended (a daemon's stop). */
+  /** Resolves once every device deletion unplug() left running in the background has ended (a daemon's stop). */
   settle?(): Promise<void>;
   /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
   ipBatchAt(netnsPath: string, lines: string[]): Promise<void>;
@@ -450,48 +443,16 @@ export class LinuxKernel implements Kernel {
     return (await this.clearInProcess(ns, address, markIndex)) ?? (await this.clearByExec(ns, address, markIndex));
   }
 
-  // In-process first: the devices deleted through libnl-route
-  // (common/rtnl.ts; the kernel answers a veth's delete after an RCU grace
-  // period, 15–40 ms here, which the daemon awaits on a pool thread), then,
-  // once no new flow can come from the device, the conntrack entries from
-  // and to the address through libnetfilter_conntrack (common/conntrack.ts).
-  // Whichever part cannot run in-process, or fails there, runs as before:
-  // two execs side by side, the `ip -force -batch` that deletes the devices
-  // and one `conntrack -R` (deletes from a file) entered with nsenter --net
-  // only. Each conntrack delete is a dump of the namespace's table, which
-  // the kernel finds by walking the whole (global) conntrack hash: the
-  // dearest part of a detach, so the exec does not wait for the link
-  // deletion (a veth's unregister waits for RCU), nor is it forked from the
-  // batch by `netns exec`, whose new mount namespace copies every mount of
-  // the host (one per named network namespace). The devices are down
-  // before the flush, so the VM opens no flow after it; a flow another VM
-  // begins toward the freed address meanwhile carries the NIC's mark, which
-  // is still in the table, and goes with the second clear once the mark is
-  // out (ct-mark-state.ts, retire). A NIC marked from its start needs no
-  // clear here at all (unplug): all of its flows go with that second one.
-  async detach(ns: string, devices: string[], address: string, markIndex?: number | null): Promise<{ conntrackCleared: number }> {
-    const clear = () => this.clearInProcess(ns, address, markIndex);
-    await this.deletedFirst(ns, devices.join("\n"));
-    // Down, the devices carry nothing from here on; their deletion (the
-    // RCU wait) need not hold DetachNic, nor DeleteVm behind it.
-    if (await downLinks(ns, devices)) {
-      const ct = await clear();
-      if (ct !== null) {
-        this.deleteInBackground(ns, devices);
-        return { conntrackCleared: ct };
-      }
-    }
-    const linksGone = await deleteLinks(ns, devices);
-    const cleared = await clear();
-    if (linksGone && cleared !== null) return { conntrackCleared: cleared };
-    const [, ct] = await Promise.all([
-      linksGone ? null : this.deleteByExec(ns, devices),
-      // A failure (no module, no tool) clears nothing.
-      cleared !== null ? cleared : this.clearByExec(ns, address, markIndex),
-    ]);
-    return { conntrackCleared: ct };
-  }
-
+  // In-process first: the devices set down, then deleted in the background
+  // through libnl-route (common/rtnl.ts; the kernel answers a veth's delete
+  // after an RCU grace period, 15–40 ms here, which the daemon awaits on a
+  // pool thread); down, they carry nothing, so neither DetachNic nor DeleteVm
+  // waits for that. Without the library, one `ip -force -batch`. The NIC's
+  // conntrack entries are cleared after (clearNic, by the caller): a NIC
+  // marked from its start has them all go with its mark once the mark is
+  // out of the table (ct-mark-state.ts, retire); an unmarked one's are read
+  // from the table by address at once, each dump a walk of the kernel's
+  // whole (global) conntrack hash.
   async unplug(ns: string, devices: string[]): Promise<void> {
     await this.deletedFirst(ns, devices.join("\n"));
     if (await downLinks(ns, devices)) return this.deleteInBackground(ns, devices);
@@ -592,10 +553,6 @@ export class RecordingKernel implements Kernel {
   async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []) {
     const g = guests.filter((x) => x.lines.length).map((x) => `netns exec ${namedNetns(x.netnsPath) ?? x.netnsPath} ip -batch:\n    ${x.lines.join("\n    ")}`);
     if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
-  }
-  async detach(ns: string, devices: string[], address: string, markIndex?: number | null) {
-    await this.unplug(ns, devices);
-    return { conntrackCleared: await this.clearNic(ns, address, markIndex) };
   }
   async unplug(ns: string, devices: string[]) {
     this.calls.push(`ip -n ${ns} -force -batch:\n  ${devices.map((d) => `link del dev ${d}`).join("\n  ")}`);

@@ -248,11 +248,11 @@ export class NetAgent {
     const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
     const mark = await this.agent.marks.detach(ns, n.address);
     const clearNic = (index: number | null) => this.kernel.clearNic(ns, n.address, index);
-    let cleared = 0;
-    if (mark && !mark.adopted) await this.kernel.unplug(ns, devices);
-    else ({ conntrackCleared: cleared } = await this.kernel.detach(ns, devices, n.address, null));
-    // Not retired (the namespace's marks are being read again): its flows are cleared here, by address.
-    if (mark && !this.agent.marks.retire(ns, mark, clearNic)) cleared += await clearNic(null);
+    await this.kernel.unplug(ns, devices);
+    // By address now: a NIC without a mark of its own, or one whose mark this agent can no
+    // longer retire (the namespace's marks are being read again).
+    const retired = mark !== null && this.agent.marks.retire(ns, mark, clearNic);
+    const cleared = mark && retired && !mark.adopted ? 0 : await clearNic(null);
     await this.agent.store.delNic(n);
     this.agent.desired.nics.delete(n.nicId);
     return cleared;
