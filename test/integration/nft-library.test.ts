@@ -8,7 +8,9 @@
 // large script still goes through an exec.
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
-import { readdirSync, readlinkSync } from "node:fs";
+import { mkdtempSync, readdirSync, readlinkSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { conntrackDelete, conntrackList } from "../../services/common/conntrack.js";
 import { ExecError } from "../../services/common/exec.js";
@@ -165,6 +167,47 @@ describe("libnftables in-process", () => {
     }
     assert.ok(await waitFor(() => sockets() <= before, { timeoutMs: 3000, intervalMs: 50 }), `20 dumps' sockets closed (${sockets()} open, ${before} before)`);
     assert.equal(ownNs(), self0);
+  });
+
+  test("a signal to the worker mid-run does not fail a transaction the kernel committed (V8's profiler signals every JS thread)", () => {
+    // A child daemon-like process under --cpu-prof, sampling every 100 µs:
+    // each sample is a SIGPROF to the nft worker thread. nft waits for the
+    // kernel's answer in select(), which a signal interrupts; without the
+    // signals held for the run, about 1 % of these runs failed with
+    // "Interrupted system call" while the kernel had applied them.
+    const dir = mkdtempSync(join(tmpdir(), "mvpc-nftsig-"));
+    const script = `(async () => {
+      const { runInProcess, libnftablesStatus } = await import("./services/common/nft/libnftables.ts");
+      const ns = ${JSON.stringify(A)};
+      const out = { ok: 0, failed: [] };
+      const run = (text) => runInProcess(ns, text + "\\n").then(() => true, (e) => (out.failed.push(String(e.message)), false));
+      await run("add table inet sig\\nadd set inet sig s { type ipv4_addr; }");
+      for (let i = 0; i < 1000; i++) {
+        const a = "10.9." + (i >> 8) + "." + (i & 255);
+        if ((await run("add element inet sig s { " + a + " }")) && (await run("delete element inet sig s { " + a + " }"))) out.ok++;
+      }
+      await run("delete table inet sig");
+      // In-process to the end: a worker that failed would have turned every run into an exec.
+      out.status = libnftablesStatus();
+      console.log(JSON.stringify(out));
+      process.exit(0);
+    })();`;
+    try {
+      const res = execFileSync(process.execPath, ["--cpu-prof", "--cpu-prof-interval", "100", "--cpu-prof-dir", dir, "--import", "tsx", "-e", script], {
+        timeout: 60_000,
+      }).toString();
+      const out = JSON.parse(res.trim().split("\n").at(-1)!) as { ok: number; failed: string[]; status: { available: boolean; reason: string } };
+      assert.equal(out.status.available, true, `the child ran without the library: ${out.status.reason}`);
+      assert.deepEqual(out.failed.slice(0, 3), [], `${out.failed.length} of 2 002 runs failed under the profiler`);
+      assert.equal(out.ok, 1000);
+      // The profiler did run (its profile is written at exit).
+      assert.ok(
+        readdirSync(dir).some((f) => f.endsWith(".cpuprofile")),
+        "no CPU profile written: the child ran without the profiler",
+      );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("a refused script is one transaction: nothing of it applies, and the error is nft's own", async () => {

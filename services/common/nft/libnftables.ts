@@ -190,6 +190,23 @@ function closeOnExecAll() {
     if (flags >= 0 && !(flags & 1)) fcntl(fd, 2, "int", flags | 1);
   }
 }
+// A signal handled on this thread while nft waits for the kernel's answer
+// in select(), which no handler restarts, fails the run with "Interrupted
+// system call" after the kernel may already have committed the transaction.
+// V8's sampling profiler (--cpu-prof, the inspector's) signals every JS
+// thread, this one too. Signals are held off for each run and delivered
+// after it (glibc's sigset_t: 128 bytes; SIG_BLOCK 0, SIG_SETMASK 2).
+const sigmask = libc.func("int pthread_sigmask(int how, void *set, void *old)");
+const ALL_SIGNALS = Buffer.alloc(128, 0xff);
+const savedMask = Buffer.alloc(128);
+function withSignalsHeld(f) {
+  if (sigmask(0, ALL_SIGNALS, savedMask) !== 0) return f();
+  try {
+    return f();
+  } finally {
+    sigmask(2, savedMask, null);
+  }
+}
 const nft = koffi.load("libnftables.so.1");
 const [ctxNew, ctxFree, bufferOutput, bufferError, errorBuffer, outputBuffer, setOutputFlags, runCmd] = workerData.functions.map((f) => nft.func(f));
 const home = fs.openSync("/proc/thread-self/ns/net", "r");
@@ -254,7 +271,7 @@ parentPort.on("message", (m) => {
       }
       c.used = Date.now();
       setOutputFlags(c.ctx, m.json ? NFT_CTX_OUTPUT_JSON : 0);
-      const rc = runCmd(c.ctx, m.script);
+      const rc = withSignalsHeld(() => runCmd(c.ctx, m.script));
       // Both buffers read (and so emptied) after every run.
       const out = String(outputBuffer(c.ctx) ?? "");
       const err = String(errorBuffer(c.ctx) ?? "");
