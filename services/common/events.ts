@@ -128,10 +128,18 @@ function fieldsOf(f: string[]): EventFields {
  * rather than waking for each of the dozen every VM start appends; none is
  * lost meanwhile (the next read goes on from the last id seen).
  */
-export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events: EventFields[]) => void, stopped: () => boolean, settleMs = 0): Promise<void> {
+export async function followEvents(
+  redis: Redis,
+  kinds: RegExp,
+  onMatch: (events: EventFields[]) => void,
+  stopped: () => boolean,
+  settleMs = 0,
+  /** The id to read after (streamHead's lastGenerated, taken before the caller's own read of the state); default: what comes after the first XREAD. */
+  from = "$",
+): Promise<void> {
   const sub = duplicateClient(redis, { enableOfflineQueue: true, commandTimeout: undefined, maxRetriesPerRequest: null });
   sub.on("error", () => {});
-  let last = "$";
+  let last = from;
   while (!stopped()) {
     try {
       const r = (await sub.xread("COUNT", 1000, "BLOCK", 5000, "STREAMS", EVENTS, last)) as XReadReply;
@@ -149,6 +157,20 @@ export async function followEvents(redis: Redis, kinds: RegExp, onMatch: (events
 }
 
 // ---------- the scoped feed ----------
+
+/** A stream's first entry and last generated id ("0-0" for a stream that does not exist). */
+export async function streamHead(redis: Redis, stream: string): Promise<StreamHead> {
+  let info: unknown[];
+  try {
+    info = (await redis.xinfo("STREAM", stream)) as unknown[];
+  } catch (err) {
+    if (/no such key/i.test((err as Error).message)) return { lastGenerated: "0-0" };
+    throw err;
+  }
+  const get = (k: string) => info[info.indexOf(k) + 1];
+  const first = get("first-entry") as [string, string[]] | null;
+  return { first: first ? first[0] : undefined, lastGenerated: String(get("last-generated-id")) };
+}
 
 /** Compares two stream ids ("ms-seq"). */
 export function cmpId(a: string, b: string): number {
@@ -484,20 +506,7 @@ export class EventFeed {
 
   /** The id a reader starting now reads after: the stream's last generated id. */
   private async lastId(stream: string): Promise<string> {
-    return (await this.head(stream)).lastGenerated;
-  }
-
-  private async head(stream: string): Promise<StreamHead> {
-    let info: unknown[];
-    try {
-      info = (await this.redis.xinfo("STREAM", stream)) as unknown[];
-    } catch (err) {
-      if (/no such key/i.test((err as Error).message)) return { lastGenerated: "0-0" };
-      throw err;
-    }
-    const get = (k: string) => info[info.indexOf(k) + 1];
-    const first = get("first-entry") as [string, string[]] | null;
-    return { first: first ? first[0] : undefined, lastGenerated: String(get("last-generated-id")) };
+    return (await streamHead(this.redis, stream)).lastGenerated;
   }
 
   /** Reads the VPC set; a VPC that arrived gets its position (taken now, before feed.joined asks for its state), one that left is dropped. */
@@ -531,7 +540,7 @@ export class EventFeed {
     for (const s of streams) {
       const seen = this.pos.get(s);
       if (!seen) continue;
-      const head = await this.head(s);
+      const head = await streamHead(this.redis, s);
       if (!lostSince(seen, head)) continue;
       // Resync from what is there now: the state is read again after this event.
       this.pos.set(s, head.lastGenerated);
@@ -548,13 +557,17 @@ export interface FeedScope {
   registry?: boolean;
   /** FeedSpec.settleMs. */
   settleMs?: number;
+  /** FeedSpec.blockMs: how soon a VPC asked for with refresh() is read on a single Redis. */
+  blockMs?: number;
 }
 
 /**
  * followEvents over a host's scoped streams (EventFeed): the same callback,
- * which also gets the feed.* events; stop() ends it and its connection at once. MICROVPC_EVENTS=global reads the
- * global stream instead (a fleet part-way through a rolling upgrade whose
- * writers do not all write the scoped streams yet: docs/operations.md).
+ * which also gets the feed.* events; stop() ends it and its connection at
+ * once; refresh() has the VPC set read again before the next read.
+ * MICROVPC_EVENTS=global reads the global stream instead (a fleet part-way
+ * through a rolling upgrade whose writers do not all write the scoped
+ * streams yet: docs/operations.md).
  */
 export function followScoped(
   redis: Redis,
@@ -562,19 +575,20 @@ export function followScoped(
   kinds: RegExp,
   onMatch: (events: EventFields[]) => void,
   stopped: () => boolean,
-): { done: Promise<void>; stop: () => void } {
+): { done: Promise<void>; stop: () => void; refresh: () => void } {
   if (process.env.MICROVPC_EVENTS === "global") {
     let ended = false;
-    return { done: followEvents(redis, kinds, onMatch, () => ended || stopped(), scope.settleMs), stop: () => (ended = true) };
+    return { done: followEvents(redis, kinds, onMatch, () => ended || stopped(), scope.settleMs), stop: () => (ended = true), refresh: () => {} };
   }
   const feed = new EventFeed(redis, {
     host: scope.host,
     vpcs: () => scope.vpcs(redis),
     registry: scope.registry,
     settleMs: scope.settleMs,
+    blockMs: scope.blockMs,
     kinds,
     onEvents: onMatch,
     stopped,
   });
-  return { done: feed.run(), stop: () => feed.stop() };
+  return { done: feed.run(), stop: () => feed.stop(), refresh: () => feed.refresh() };
 }

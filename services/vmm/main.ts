@@ -102,6 +102,7 @@ export const vmmDefinition: ServiceDefinition = {
       services: vmmRoutes(vmm),
       close: async () => {
         closed = true;
+        vmm.watchHub.close();
         stopRetries();
       },
     };

@@ -19,7 +19,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
 import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
-import { followEvents } from "../common/events.js";
+import { EVENTS, followEvents, followScoped, streamHead, type EventFields } from "../common/events.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { runInScope, withSpan } from "../common/tracing.js";
 import * as V from "../common/validate.js";
@@ -66,6 +66,13 @@ const recoveries = new Counter({
   registers: [metricsRegistry],
 });
 
+const eventBatches = new Counter({
+  name: "microvpc_vmm_event_batches_total",
+  help: "Batches of change events the vmm read, by feed: lookups (the VPCs whose lookups it has cached: their VPC, subnet and group changes), watch (the fleet's VM changes, read only while a WatchVms is open).",
+  labelNames: ["feed"] as const,
+  registers: [metricsRegistry],
+});
+
 /** Recovery of one VM: retried after 1 s, doubling to 60 s, at most this many attempts (then state FAILED until DeleteVm or a restart). */
 const RECOVERY_ATTEMPTS = 8;
 const RECOVERY_BASE_MS = 1000;
@@ -104,13 +111,19 @@ const STEP_ENUM: Record<StepName, VmStep> = {
 };
 
 /**
- * The pause between reads of the fleet's event stream (followEvents): a VM
- * start appends a dozen events of every service, of which the vmm wants its
- * own (vm.*, for WatchVms) and the rare vpc/subnet/group change (its lookup
- * cache). Read in batches, they cost a few reads per VM instead of one per
- * event; WatchVms hears of a change at most this much later.
+ * The pause between reads of a change feed: a VM start appends a dozen
+ * events, of which the vmm wants the rare vpc/subnet/group change (its
+ * lookup cache) and, while a WatchVms is open, its own vm.* ones. Read in
+ * batches, they cost a few reads per VM instead of one per event; a watch
+ * hears of a change at most this much later.
  */
 const EVENT_SETTLE_MS = 50;
+/**
+ * How long the lookup feed's blocked read waits (single Redis): a VPC whose
+ * lookups were just cached is followed at most this much later (until then
+ * a change in it is met by CreateVm's retry with fresh lookups).
+ */
+const LOOKUP_FEED_BLOCK_MS = 1000;
 
 /** How long a cached VPC/subnet/group lookup may be used without an event. */
 const LOOKUP_TTL_MS = 30_000;
@@ -218,9 +231,19 @@ export class Vmm {
    * LOOKUP_TTL_MS. A stale entry cannot create a VM where it should not:
    * the steps themselves (Allocate, AttachNic, BindNic) check again.
    */
-  private readonly lookups = new Map<string, { value: unknown; atMs: number }>();
+  private readonly lookups = new Map<string, { value: unknown; vpc: string; atMs: number }>();
+  /**
+   * The VPCs the lookup feed follows, each until LOOKUP_TTL_MS after its
+   * last lookup: so every cached entry's VPC is followed, and one whose
+   * entries a change just dropped stays followed for the lookups that come
+   * next (rather than leaving the feed and joining it again).
+   */
+  private readonly followed = new Map<string, number>();
+  /** Asks the lookup feed to read the VPC set again (followInvalidations). */
+  private refreshLookupFeed = () => {};
 
-  private async lookup<T>(hits: { cached: boolean }, key: string, load: () => Promise<T>): Promise<T> {
+  /** `vpcOf`: the VPC the looked-up value belongs to, whose change feed then drops it. */
+  private async lookup<T>(hits: { cached: boolean }, key: string, load: () => Promise<T>, vpcOf: (v: T) => string): Promise<T> {
     const hit = this.lookups.get(key);
     if (hit && Date.now() - hit.atMs < LOOKUP_TTL_MS) {
       hits.cached = true;
@@ -228,30 +251,74 @@ export class Vmm {
     }
     const value = await load();
     if (this.lookups.size >= 10_000) this.lookups.clear();
-    this.lookups.set(key, { value, atMs: Date.now() });
+    const vpc = vpcOf(value);
+    const known = this.lookupVpcs().has(vpc);
+    this.followed.set(vpc, Date.now() + LOOKUP_TTL_MS);
+    this.lookups.set(key, { value, vpc, atMs: Date.now() });
+    if (!known) this.refreshLookupFeed();
     return value;
+  }
+
+  /** The VPCs the lookup feed follows: every VPC looked up in the last LOOKUP_TTL_MS. */
+  lookupVpcs(): Set<string> {
+    const now = Date.now();
+    for (const [v, until] of this.followed) if (until <= now) this.followed.delete(v);
+    return new Set(this.followed.keys());
+  }
+
+  /** Drops the cached lookups of these VPCs (all, given null). */
+  private dropLookups(vpcs: Set<string> | null): void {
+    if (!vpcs) return this.lookups.clear();
+    for (const [k, e] of this.lookups) if (vpcs.has(e.vpc)) this.lookups.delete(k);
   }
 
   /** The open WatchVms streams (watch.ts), woken by vm.* events. */
   readonly watchHub = new VmWatchHub();
 
   /**
-   * Drops every cached lookup when a VPC, subnet or security group changes
-   * anywhere, and wakes the WatchVms streams when a VM record changes; one
-   * connection for both.
+   * What the vmm hears of the fleet, and only that:
+   * - its cached lookups: the change feed of each VPC they belong to (and
+   *   this host's stream, as every host feed), whose VPC, subnet and
+   *   security-group events drop that VPC's entries; a VPC nothing is
+   *   cached of is not read;
+   * - while a WatchVms is open (and WATCH_LINGER_MS after), the VM events
+   *   of the whole fleet, which such a watch asks for (`mvpc:events`).
    */
   followInvalidations(redis: Redis, stopped: () => boolean): void {
-    void followEvents(
+    const feed = followScoped(
       redis,
-      /^(vpc\.|subnet\.|fw\.sg\.|vm\.)/,
+      { host: this.opts.hostId, vpcs: async () => this.lookupVpcs(), settleMs: EVENT_SETTLE_MS, blockMs: LOOKUP_FEED_BLOCK_MS },
+      /^(vpc\.|subnet\.|fw\.sg\.)/,
       (events) => {
-        const vms = events.filter((e) => e.kind.startsWith("vm.")).map((e) => e.vm ?? "");
-        if (vms.length < events.length) this.lookups.clear();
-        if (vms.length) this.watchHub.notify(vms);
+        eventBatches.inc({ feed: "lookups" });
+        // Every event here names its VPC; one that does not (a resync of the host stream) drops them all.
+        const vpcs = new Set<string>();
+        for (const e of events) {
+          if (!e.vpc) return this.dropLookups(null);
+          vpcs.add(e.vpc);
+        }
+        this.dropLookups(vpcs);
       },
       stopped,
-      EVENT_SETTLE_MS,
     );
+    this.refreshLookupFeed = feed.refresh;
+    this.watchHub.setFollower(() => {
+      let ended = false;
+      // The position first: a watch reads the VMs after `ready`, so a change made meanwhile is read again, never missed.
+      const from = streamHead(redis, EVENTS).then(
+        (h) => h.lastGenerated,
+        () => "$",
+      );
+      const onMatch = (events: EventFields[]) => {
+        eventBatches.inc({ feed: "watch" });
+        this.watchHub.notify(events.map((e) => e.vm ?? ""));
+      };
+      void from.then((id) => followEvents(redis, /^vm\./, onMatch, () => ended || stopped(), EVENT_SETTLE_MS, id));
+      return {
+        ready: from.then(() => {}),
+        stop: () => (ended = true),
+      };
+    });
   }
 
   owner(v: VmRec): string {
@@ -633,11 +700,17 @@ export class Vmm {
     V.ref("vpc", req.vpc, "vpc");
     V.ref("subnet", req.subnet, "subnet");
     for (const [i, g] of req.securityGroups.entries()) V.ref(`security_groups[${i}]`, g, "sg");
-    const vpc = await this.lookup(hits, `vpc ${req.vpc}`, async () => (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!);
+    const vpc = await this.lookup(
+      hits,
+      `vpc ${req.vpc}`,
+      async () => (await this.c.vpc.getVpc({ ref: req.vpc })).vpc!,
+      (v) => v.id,
+    );
     const subnet = await this.lookup(
       hits,
       `subnet ${vpc.id} ${req.subnet}`,
       async () => (await this.c.subnet.getSubnet({ ref: req.subnet, vpc: vpc.id })).subnet!,
+      (s) => s.vpcId,
     );
     if (subnet.vpcId !== vpc.id) throw new InvalidArgumentError("subnet", `subnet ${subnet.name} is not in VPC ${vpc.name}`);
     if (req.address) V.ipv4("address", req.address);
@@ -646,7 +719,12 @@ export class Vmm {
     for (const [i, g] of req.securityGroups.entries()) {
       try {
         groups.push(
-          await this.lookup(hits, `sg ${vpc.id} ${g}`, async () => (await this.c.firewall.getSecurityGroup({ ref: g, vpc: vpc.id })).securityGroup!.id),
+          await this.lookup(
+            hits,
+            `sg ${vpc.id} ${g}`,
+            async () => (await this.c.firewall.getSecurityGroup({ ref: g, vpc: vpc.id })).securityGroup!.id,
+            () => vpc.id,
+          ),
         );
       } catch (e) {
         if (e instanceof ConnectError && e.code === Code.NotFound)

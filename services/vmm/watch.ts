@@ -1,8 +1,9 @@
 // WatchVms: the VMs ListVms (or GetVm) would return, then each change, as a
 // server stream. Nothing polls: every write of a VM record appends a vm.*
-// event to mvpc:events in the same script (store.ts), the vmm follows those
-// events on the one connection it already uses for its cache invalidations
-// (Vmm.followInvalidations), and the hub below wakes each open stream with
+// event to mvpc:events in the same script (store.ts); while a watch is open
+// the vmm follows those events (a watch asks for the fleet's VMs, so it
+// reads the fleet's stream; a vmm nobody watches reads none of it:
+// Vmm.followInvalidations), and the hub below wakes each open stream with
 // the ids that changed. An event only says "look again": the stream re-reads
 // the VM's record (validated by the store as every read is) and sends it
 // only if the VM as returned differs from what it sent last, so a forged or
@@ -17,9 +18,45 @@ import type { VmRec, VmStore } from "./store.js";
 /** Ids a stream has yet to look at beyond which it re-reads every VM instead (one listing, bounded memory). */
 const MAX_DIRTY = 1000;
 
-/** The open WatchVms streams of this vmm, woken with the VM ids events name. */
+/** How long the fleet's VM events are still read after the last watch closed (a client that reconnects finds them read). */
+export const WATCH_LINGER_MS = 30_000;
+
+/** Starts reading the fleet's VM events; `ready` once it has its position, taken before the watch's first read. */
+export type VmEventFollower = () => { ready: Promise<void>; stop: () => void };
+
+/**
+ * The open WatchVms streams of this vmm, woken with the VM ids events name.
+ * The follower runs from the first watch until WATCH_LINGER_MS after the last.
+ */
 export class VmWatchHub {
   private readonly listeners = new Set<(id: string | null) => void>();
+  private follower?: VmEventFollower;
+  private running?: ReturnType<VmEventFollower>;
+  private linger?: NodeJS.Timeout;
+
+  constructor(private readonly lingerMs = WATCH_LINGER_MS) {}
+
+  /** What reads the fleet's VM events for the watches (Vmm.followInvalidations); none: watches are woken by notify() alone. */
+  setFollower(f: VmEventFollower | undefined): void {
+    this.follower = f;
+  }
+
+  /** Whether the fleet's VM events are being read now. */
+  get following(): boolean {
+    return this.running !== undefined;
+  }
+
+  /** Resolves once the follower has its position: what a watch reads after this, and every change after, it hears of. */
+  ready(): Promise<void> {
+    return this.running?.ready ?? Promise.resolve();
+  }
+
+  /** Stops the follower now (the daemon is closing). */
+  close(): void {
+    clearTimeout(this.linger);
+    this.running?.stop();
+    this.running = undefined;
+  }
 
   /** Called with the vm field of each vm.* event; ids that are not VM ids are dropped here. */
   notify(ids: string[]): void {
@@ -40,7 +77,17 @@ export class VmWatchHub {
 
   subscribe(l: (id: string | null) => void): () => void {
     this.listeners.add(l);
-    return () => this.listeners.delete(l);
+    clearTimeout(this.linger);
+    if (!this.running && this.follower) this.running = this.follower();
+    return () => {
+      this.listeners.delete(l);
+      if (this.listeners.size > 0 || !this.running) return;
+      clearTimeout(this.linger);
+      this.linger = setTimeout(() => {
+        if (this.listeners.size === 0) this.close();
+      }, this.lingerMs);
+      this.linger.unref();
+    };
   }
 }
 
@@ -68,6 +115,7 @@ export async function* watchVms(deps: WatchDeps, hub: VmWatchHub, req: WatchVmsR
   const onAbort = () => wake?.();
   signal.addEventListener("abort", onAbort);
   try {
+    await hub.ready();
     let only: string | undefined;
     let vpcId: string | undefined;
     if (req.ref) {

@@ -138,3 +138,33 @@ test("more events than a stream keeps ids for: one re-listing, and every differe
   ac.abort();
   assert.equal((await it.next()).done, true);
 });
+
+test("the hub reads the fleet's VM events from the first watch until a linger after the last, and a watch waits for its position", async () => {
+  const hub = new VmWatchHub(50);
+  const log: string[] = [];
+  let position!: () => void;
+  hub.setFollower(() => {
+    log.push("start");
+    return { ready: new Promise<void>((r) => (position = r)), stop: () => log.push("stop") };
+  });
+  assert.equal(hub.following, false, "nobody watches: nothing is read");
+  const off1 = hub.subscribe(() => {});
+  const off2 = hub.subscribe(() => {});
+  assert.deepEqual(log, ["start"], "one follower for every watch");
+  let ready = false;
+  void hub.ready().then(() => (ready = true));
+  await new Promise((r) => setTimeout(r, 10));
+  assert.equal(ready, false, "a watch does not read before the follower has its position");
+  position();
+  await hub.ready();
+  off1();
+  off2();
+  assert.equal(hub.following, true, "still read for a while after the last watch");
+  const off3 = hub.subscribe(() => {});
+  await new Promise((r) => setTimeout(r, 80));
+  assert.deepEqual(log, ["start"], "a watch within the linger finds it running");
+  off3();
+  await new Promise((r) => setTimeout(r, 80));
+  assert.deepEqual(log, ["start", "stop"]);
+  assert.equal(hub.following, false);
+});
