@@ -207,15 +207,19 @@ export function planVpc(
       plan.changes.push(`bridge ${br} exists but is not ours; left alone`);
       continue;
     }
-    for (const a of have.addrs) {
-      if (a !== s.gatewayCidr) {
-        plan.ip.push(`addr del ${a} dev ${br}`);
-        plan.changes.push(`remove stray address ${a} from ${br}`);
-      }
+    const strays = have.addrs.filter((a) => a !== s.gatewayCidr);
+    for (const a of strays) {
+      plan.ip.push(`addr del ${a} dev ${br}`);
+      plan.changes.push(`remove stray address ${a} from ${br}`);
     }
     if (!have.addrs.includes(s.gatewayCidr)) {
       plan.ip.push(`addr add ${s.gatewayCidr} dev ${br}`);
       plan.changes.push(`restore gateway ${s.gatewayCidr} on ${br}`);
+    } else if (strays.length) {
+      // The gateway may be a secondary address of a stray's subnet, which
+      // the kernel deletes with that primary (promote_secondaries is off):
+      // put it back after the deletions, a no-op if it survived.
+      plan.ip.push(`addr replace ${s.gatewayCidr} dev ${br}`);
     }
     if (have.mtu !== s.mtu) plan.ip.push(`link set dev ${br} mtu ${s.mtu}`);
     if (have.mac !== bridgeMac(s.subnetId)) {

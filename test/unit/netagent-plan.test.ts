@@ -108,6 +108,13 @@ test("drift is repaired one device at a time, never by rebuilding", () => {
   assert.equal(p.guests.length, 0, "the guest side is left alone");
 });
 
+test("a stray address removed beside the gateway's puts the gateway back after it (the kernel deletes a primary's secondaries with it)", () => {
+  // 10.0.1.99/24 was there first (primary), the gateway was added after it (a secondary of the same /24).
+  const p = planVpc(H, [subnet], [], [link("lo"), { ...goodBridge, addrs: ["10.0.1.99/24", "10.0.1.1/24"] }], []);
+  assert.deepEqual(p.ip, ["addr del 10.0.1.99/24 dev br-aaaaaaaaaaaa", "addr replace 10.0.1.1/24 dev br-aaaaaaaaaaaa"]);
+  assert.deepEqual(p.changes, ["remove stray address 10.0.1.99/24 from br-aaaaaaaaaaaa"]);
+});
+
 test("orphans we own are removed; devices we do not own are never touched", () => {
   const orphan = link("vcccccccccccc", { alias: "mvpc:hv1:nic-cccccccccccc" });
   const otherHost = link("vdddddddddddd", { alias: "mvpc:hv2:nic-dddddddddddd" });
