@@ -244,6 +244,8 @@ export interface VethAttach {
   address: string;
   /** The default route's gateway; none when the VM gets no default route. */
   gateway?: string;
+  /** False: the host end is made down (on its bridge, carrying nothing) and set up later (upLink). */
+  up?: boolean;
 }
 
 /**
@@ -270,7 +272,7 @@ export function attachVeth(a: VethAttach): boolean {
           l.linkSetName(link, a.hostIf);
           l.linkSetMtu(link, a.mtu);
           l.linkSetMaster(link, master);
-          l.linkSetFlags(link, IFF_UP);
+          if (a.up !== false) l.linkSetFlags(link, IFF_UP);
           const peer = s.own(l.vethPeer(link), l.linkPut, "rtnl_link_veth_get_peer");
           l.linkSetName(peer, a.guestIf);
           l.linkSetMtu(peer, a.mtu);
@@ -344,20 +346,43 @@ export function deleteLinks(ns: string, names: string[]): Promise<boolean> {
  * caller then deletes the devices and waits for it.
  */
 export function downLinks(ns: string, names: string[]): Promise<boolean> {
-  return eachDevice("down", ns, names, "link set down dev", (l, s, sk, name) => {
-    const orig = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
-    const ch = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
-    l.linkSetName(ch, name);
-    l.linkUnsetFlags(ch, IFF_UP);
-    return onPool<number>(l.linkChange, sk, orig, ch, 0);
-  });
+  return setUp("down", ns, names, false);
+}
+
+/**
+ * Sets a device up, in-process (`ip link set dev X up`): a NIC made with its
+ * host end down (attachVeth's `up: false`) joins its bridge. Resolves false
+ * when libnl-route is not loaded or refused, or the device is not there: the
+ * caller then execs the same.
+ */
+export function upLink(ns: string, name: string): Promise<boolean> {
+  return setUp("up", ns, [name], true);
+}
+
+function setUp(op: "up" | "down", ns: string, names: string[], up: boolean): Promise<boolean> {
+  return eachDevice(
+    op,
+    ns,
+    names,
+    `link set ${op} dev`,
+    (l, s, sk, name) => {
+      const orig = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
+      const ch = s.own(l.linkAlloc(), l.linkPut, "rtnl_link_alloc");
+      l.linkSetName(ch, name);
+      if (up) l.linkSetFlags(ch, IFF_UP);
+      else l.linkUnsetFlags(ch, IFF_UP);
+      return onPool<number>(l.linkChange, sk, orig, ch, 0);
+    },
+    // Down: a device that is gone is as good; up: it is not.
+    !up,
+  );
 }
 
 /**
  * One netlink request per device of a namespace (made by `request`, awaited
  * on the pool), counted in microvpc_rtnl_runs_total{op}. A device that is
- * not there counts as done; every device is tried. False when the library
- * is not loaded or refused one of them.
+ * not there counts as done (unless `missingOk` is false); every device is
+ * tried. False when the library is not loaded or refused one of them.
  */
 async function eachDevice(
   op: string,
@@ -365,6 +390,7 @@ async function eachDevice(
   names: string[],
   what: string,
   request: (l: Lib, s: Scope, sk: Ptr, name: string) => Promise<number>,
+  missingOk = true,
 ): Promise<boolean> {
   const l = load();
   if (!l) return false;
@@ -375,7 +401,7 @@ async function eachDevice(
     let first: RtnlError | undefined;
     for (const name of names) {
       const rc = await request(l, s, sk, name);
-      if (rc < 0 && -rc !== NLE_OBJ_NOTFOUND && -rc !== NLE_NODEV) first ??= new RtnlError(`${what} ${name}`, -rc, String(l.geterror(rc)));
+      if (rc < 0 && !(missingOk && (-rc === NLE_OBJ_NOTFOUND || -rc === NLE_NODEV))) first ??= new RtnlError(`${what} ${name}`, -rc, String(l.geterror(rc)));
     }
     if (first) throw first;
     runs.inc({ op, result: "ok" });

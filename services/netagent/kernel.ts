@@ -35,7 +35,7 @@ import { forgetNamespace } from "../common/nft/libnftables.js";
 import { LinuxNft } from "../common/nft/linux.js";
 import { conntrackCount, conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
 import { MARK_MIN_FLOWS, markCommands, markFilters } from "./ct-marks.js";
-import { attachVeth, deleteLinks, downLinks, type VethAttach } from "../common/rtnl.js";
+import { attachVeth, deleteLinks, downLinks, upLink, type VethAttach } from "../common/rtnl.js";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
 import { render, type NftTransaction } from "../common/nft/tx.js";
@@ -95,8 +95,12 @@ export interface Kernel {
    * Runs `ip -n ns -batch -` (ns "" = the agent's own namespace). Each guest
    * batch runs after `lines`, inside its namespace: from the same exec when
    * the namespace is named (/run/netns/NAME), else by a second exec.
+   * `upAfter`: a NIC's batch (nicCreateLines) whose host end may carry
+   * nothing until this resolves. In-process the devices are made meanwhile,
+   * the host end down, and set up after; an exec waits for it first. If it
+   * rejects, that is thrown with the devices left down (the caller removes them).
    */
-  ipBatch(ns: string, lines: string[], guests?: GuestBatch[]): Promise<void>;
+  ipBatch(ns: string, lines: string[], guests?: GuestBatch[], upAfter?: Promise<unknown>): Promise<void>;
   /**
    * Takes these devices of the namespace down and deletes them (in-process,
    * the deletion after, in the background; or one `ip -force -batch`). A
@@ -369,10 +373,10 @@ export class LinuxKernel implements Kernel {
   }
 
   // Batches quote their first lines in the error: ip names only the failing line's number.
-  async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []): Promise<void> {
+  async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = [], upAfter?: Promise<unknown>): Promise<void> {
     await this.deletedFirst(ns, lines.join("\n"));
     try {
-      await this.ipBatchOnce(ns, lines, guests);
+      await this.ipBatchOnce(ns, lines, guests, upAfter);
     } catch (err) {
       // A device still being deleted may hold a name in a VM's namespace
       // (its eth0, attached again at once): once this namespace's deletions
@@ -380,16 +384,25 @@ export class LinuxKernel implements Kernel {
       const going = [...this.deleting].filter(([k]) => k.startsWith(`${ns} `)).map(([, p]) => p);
       if (going.length === 0) throw err;
       await Promise.all(going);
-      await this.ipBatchOnce(ns, lines, guests);
+      await this.ipBatchOnce(ns, lines, guests, upAfter);
     }
   }
 
-  private async ipBatchOnce(ns: string, lines: string[], guests: GuestBatch[]): Promise<void> {
+  private async ipBatchOnce(ns: string, lines: string[], guests: GuestBatch[], upAfter?: Promise<unknown>): Promise<void> {
     // A veth NIC's attach (AttachNic's whole batch) runs in-process through
     // libnl-route (common/rtnl.ts). If that fails it has undone itself, and
     // the same batch runs as an exec: ip's own error is the answer.
     const veth = vethAttachOf(ns, lines, guests);
-    if (veth && attachVeth(veth)) return;
+    if (veth && attachVeth({ ...veth, up: !upAfter })) {
+      if (!upAfter) return;
+      // Made while the caller's other work ran (AttachNic: the NIC's flow
+      // mark, which may first clear its address's previous flows); on its
+      // bridge, but down until that is done.
+      await upAfter;
+      if (!(await upLink(ns, veth.hostIf))) await run("ip", [...nsArgs(ns), "link", "set", "dev", veth.hostIf, "up"]);
+      return;
+    }
+    await upAfter;
     const all = [...lines];
     // The guest lines also go in as comments, so an error quotes them.
     const notes: string[] = [];
@@ -550,7 +563,8 @@ export class RecordingKernel implements Kernel {
   async neighbours() {
     return [];
   }
-  async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = []) {
+  async ipBatch(ns: string, lines: string[], guests: GuestBatch[] = [], upAfter?: Promise<unknown>) {
+    await upAfter;
     const g = guests.filter((x) => x.lines.length).map((x) => `netns exec ${namedNetns(x.netnsPath) ?? x.netnsPath} ip -batch:\n    ${x.lines.join("\n    ")}`);
     if (lines.length || g.length) this.calls.push(`ip -n ${ns} -batch:\n  ${[...lines, ...g].join("\n  ")}`);
   }

@@ -438,18 +438,25 @@ export class NetAgent {
       throw bridgeFull(s.name, this.opts.hostId);
     }
     this.agent.desired.nics.set(nicId, spec);
+    let marked: Promise<unknown> | undefined;
     try {
       // A new NIC has a fresh id, so its devices cannot exist yet: build
       // them without reading the kernel first.
       // One `ip -batch` (the VM side included); `tc -batch` only for limits.
       const lines = nicCreateLines(this.opts.hostId, spec, names.bridge(s.id));
       const bw = bandwidthLines(this.opts.hostId, spec, [], []);
-      // Its flows' mark first: every packet the NIC ever carries finds it (ct-marks.ts).
-      await this.agent.marks.attach(ns, address, { fresh: true });
-      await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip], lines.guest.length ? [{ netnsPath: veth!.netnsPath, lines: lines.guest }] : []);
+      // Its flows' mark before its first packet: every packet the NIC ever
+      // carries finds it (ct-marks.ts). Taking the mark over from the
+      // address's previous NIC first clears that NIC's flows (a walk of the
+      // host's conntrack hash, on the pool); the devices are made meanwhile,
+      // their host end down until the mark is ready.
+      marked = this.agent.marks.attach(ns, address, { fresh: true });
+      marked.catch(() => {});
+      await this.kernel.ipBatch(ns, [...lines.ip, ...bw.ip], lines.guest.length ? [{ netnsPath: veth!.netnsPath, lines: lines.guest }] : [], marked);
       await this.kernel.tcBatch(ns, bw.tc);
     } catch (err) {
-      // Undo: nothing half-applied stays behind.
+      // Undo: nothing half-applied stays behind (the mark's attach settled first: the undo retires it).
+      await marked?.catch(() => {});
       await this.detachLocked(spec).catch(() => {});
       this.agent.readyBridges.delete(s.id);
       const out = err instanceof ExecError ? err.stderr : "";

@@ -764,7 +764,11 @@ describe("execs per NIC change", () => {
       });
       nicId = r.nic!.id;
     });
-    assert.deepEqual(attach, { "rtnl attach-veth ok": 1 }, "AttachNic (veth): no exec, the VM side included");
+    assert.deepEqual(
+      attach,
+      { "rtnl attach-veth ok": 1, "rtnl up ok": 1 },
+      "AttachNic (veth): no exec, the VM side included; the host end set up once its flow mark is ready",
+    );
     // The VM side is complete: address, route, up — and it works.
     assert.ok(
       (await addresses(ns)).some((a) => a.ifname === "eth0" && a.local === address && a.prefixlen === 24),
