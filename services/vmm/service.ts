@@ -121,9 +121,11 @@ const EVENT_SETTLE_MS = 50;
 /**
  * How long the lookup feed's blocked read waits (single Redis): a VPC whose
  * lookups were just cached is followed at most this much later (until then
- * a change in it is met by CreateVm's retry with fresh lookups).
+ * a change in it is met by CreateVm's retry with fresh lookups). Each vmm
+ * pays one XREAD per this interval when nothing happens: 1 000 hosts at 5 s
+ * are 200 commands/s.
  */
-const LOOKUP_FEED_BLOCK_MS = 1000;
+const LOOKUP_FEED_BLOCK_MS = 5000;
 
 /** How long a cached VPC/subnet/group lookup may be used without an event. */
 const LOOKUP_TTL_MS = 30_000;

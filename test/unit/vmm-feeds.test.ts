@@ -63,10 +63,10 @@ describe("the vmm's change feeds", () => {
     assert.equal(vmm.lookupVpcs().size, 0);
     await create("a1");
     assert.deepEqual([...vmm.lookupVpcs()], [FAKE_VPC.id], "the lookups CreateVm cached belong to its VPC");
-    // The feed starts following the VPC within its block time (and drops
+    // The feed starts following the VPC within its block time, 5 s (and drops
     // what was cached before it had its position: a change in between
     // would be lost); from then on the lookups stay cached.
-    await new Promise((res) => setTimeout(res, 1500));
+    await new Promise((res) => setTimeout(res, 5500));
     await create("a2");
     const calls0 = getVpcCalls;
     await create("a3");
