@@ -208,7 +208,10 @@ export function planVpc(
       continue;
     }
     const strays = have.addrs.filter((a) => a !== s.gatewayCidr);
-    for (const a of strays) {
+    // Last first: the kernel lists a subnet's primary before its
+    // secondaries and deletes those with it, so a secondary deleted after
+    // its primary would fail the batch (ip -batch stops at an error).
+    for (const a of [...strays].reverse()) {
       plan.ip.push(`addr del ${a} dev ${br}`);
       plan.changes.push(`remove stray address ${a} from ${br}`);
     }

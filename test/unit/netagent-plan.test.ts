@@ -115,6 +115,15 @@ test("a stray address removed beside the gateway's puts the gateway back after i
   assert.deepEqual(p.changes, ["remove stray address 10.0.1.99/24 from br-aaaaaaaaaaaa"]);
 });
 
+test("two stray addresses of one subnet go secondary first (deleting the primary first would take the secondary with it and fail the batch)", () => {
+  const p = planVpc(H, [subnet], [], [link("lo"), { ...goodBridge, addrs: ["10.0.7.1/24", "10.0.7.2/24", "10.0.1.1/24"] }], []);
+  assert.deepEqual(p.ip, [
+    "addr del 10.0.7.2/24 dev br-aaaaaaaaaaaa",
+    "addr del 10.0.7.1/24 dev br-aaaaaaaaaaaa",
+    "addr replace 10.0.1.1/24 dev br-aaaaaaaaaaaa",
+  ]);
+});
+
 test("orphans we own are removed; devices we do not own are never touched", () => {
   const orphan = link("vcccccccccccc", { alias: "mvpc:hv1:nic-cccccccccccc" });
   const otherHost = link("vdddddddddddd", { alias: "mvpc:hv2:nic-dddddddddddd" });
