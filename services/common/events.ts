@@ -557,8 +557,6 @@ export interface FeedScope {
   registry?: boolean;
   /** FeedSpec.settleMs. */
   settleMs?: number;
-  /** FeedSpec.blockMs: how soon a VPC asked for with refresh() is read on a single Redis. */
-  blockMs?: number;
 }
 
 /**
@@ -585,7 +583,6 @@ export function followScoped(
     vpcs: () => scope.vpcs(redis),
     registry: scope.registry,
     settleMs: scope.settleMs,
-    blockMs: scope.blockMs,
     kinds,
     onEvents: onMatch,
     stopped,

@@ -346,7 +346,7 @@ export function deleteLinks(ns: string, names: string[]): Promise<boolean> {
  * caller then deletes the devices and waits for it.
  */
 export function downLinks(ns: string, names: string[]): Promise<boolean> {
-  return setUp("down", ns, names, false);
+  return setUp(ns, names, false);
 }
 
 /**
@@ -356,10 +356,11 @@ export function downLinks(ns: string, names: string[]): Promise<boolean> {
  * caller then execs the same.
  */
 export function upLink(ns: string, name: string): Promise<boolean> {
-  return setUp("up", ns, [name], true);
+  return setUp(ns, [name], true);
 }
 
-function setUp(op: "up" | "down", ns: string, names: string[], up: boolean): Promise<boolean> {
+function setUp(ns: string, names: string[], up: boolean): Promise<boolean> {
+  const op = up ? "up" : "down";
   return eachDevice(
     op,
     ns,
