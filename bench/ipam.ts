@@ -248,7 +248,7 @@ async function fillAllButLast(s: SubnetRec): Promise<void> {
   const lastChunk = Math.floor(last / CHUNK_BITS);
   for (let c = 0; c < nchunks; c++) if (c !== lastChunk) full[c >> 3] |= 0x80 >> (c & 7);
   const used = s.size - reservedIndexes(s.size, s.extraReserved).length - 1;
-  await conn!.multi().set(K.bits(s.id), bits).set(K.full(s.id), full).set(K.used(s.id), used).exec();
+  await conn!.multi().set(K.bits(s.vpcId, s.id), bits).set(K.full(s.vpcId, s.id), full).set(K.used(s.vpcId, s.id), used).exec();
 }
 
 const VERIFY = `
@@ -265,7 +265,7 @@ return {bad, redis.call('BITCOUNT', KEYS[1]), tonumber(redis.call('GET', KEYS[3]
 
 /** Checks summary vs bits and bits vs used counter; throws on a mismatch. */
 async function verifyInvariants(s: SubnetRec): Promise<void> {
-  const [bad, set, used] = (await conn!.eval(VERIFY, 3, K.bits(s.id), K.full(s.id), K.used(s.id), s.size)) as number[];
+  const [bad, set, used] = (await conn!.eval(VERIFY, 3, K.bits(s.vpcId, s.id), K.full(s.vpcId, s.id), K.used(s.vpcId, s.id), s.size)) as number[];
   const reserved = reservedIndexes(s.size, s.extraReserved).length;
   if (bad !== 0 || set - reserved !== used) {
     throw new Error(`subnet ${s.cidr}: ${bad} summary chunk(s) disagree with the bits, or ${set} bits set - ${reserved} reserved != used ${used}`);
@@ -307,7 +307,7 @@ async function throughputRun(workers: number, mode: Mode, durationMs: number, pi
   const before = cpuSnapshot(pids);
   const r = await closedLoop(op, { workers, durationMs, maxOps: MAX_OPS });
   const cpu = cpuDelta(before, cpuSnapshot(pids));
-  const created = mode.allocates ? Number((await conn!.get(K.used(s.id))) ?? 0) : r.ops;
+  const created = mode.allocates ? Number((await conn!.get(K.used(s.vpcId, s.id))) ?? 0) : r.ops;
   if (r.errors > 0) progress(`  ${r.errors} error(s), first: ${r.firstError}`);
   const cpuPerOp: Record<string, number> = {};
   let total = 0;
@@ -383,8 +383,9 @@ async function redisBenchmarkRun(sha: string, clients: number, requests: number,
   // zset key and the owner argument get different random values: the cost is
   // that of a real call (one new small zset per allocation), the owner index
   // is meaningless, and the subnet is thrown away after the run.
-  const keys = [K.subnet(s.id), K.bits(s.id), K.full(s.id), K.alloc(s.id), K.req(s.id), K.idx(s.id), K.used(s.id), K.owner("vm-__rand_int__"), K.events];
-  const argv = ["vm-__rand_int__", "req-__rand_int__", "-1", String(Date.now()), s.id];
+  const v = s.vpcId;
+  const keys = [K.used(v, s.id), K.bits(v, s.id), K.full(v, s.id), K.alloc(v, s.id), K.req(v, s.id), K.idx(v, s.id), K.owner(v, "vm-__rand_int__"), K.events];
+  const argv = ["vm-__rand_int__", "req-__rand_int__", "-1", String(Date.now()), s.id, String(s.size)];
   const args = [
     "-h",
     "127.0.0.1",
@@ -399,7 +400,7 @@ async function redisBenchmarkRun(sha: string, clients: number, requests: number,
     "--csv",
     "EVALSHA",
     sha,
-    "9",
+    String(keys.length),
     ...keys,
     ...argv,
   ];
@@ -433,7 +434,7 @@ async function redisBenchmarkRun(sha: string, clients: number, requests: number,
   const nums = line ? [...line.matchAll(/"([0-9.]+)"/g)].map((m) => Number(m[1])) : [];
   if (nums.length < 7) throw new Error(`cannot read redis-benchmark output: ${out.slice(0, 300)}`);
   const [rps, , , p50, , p99] = nums.slice(-7);
-  const created = Number((await conn!.get(K.used(s.id))) ?? 0);
+  const created = Number((await conn!.get(K.used(s.vpcId, s.id))) ?? 0);
   return { rps, p50Ms: p50, p99Ms: p99, requests, created, redisCpuPerOpUs: cpu.redis / requests };
 }
 
@@ -633,7 +634,7 @@ async function measureAndReport(): Promise<number> {
     const sn = await freshSlash16();
     // A /16 holds 1023 batches of 64: the run stops before it is full.
     const r = await closedLoop(make(sn), { workers, durationMs: ms, maxOps: Math.floor((sn.size - 8) / BATCH) - workers });
-    const used = Number((await conn!.get(K.used(sn.id))) ?? 0);
+    const used = Number((await conn!.get(K.used(sn.vpcId, sn.id))) ?? 0);
     if (r.errors > 0) progress(`  ${r.errors} error(s), first: ${r.firstError}`);
     return {
       calls: r.ops,
@@ -711,8 +712,8 @@ async function measureAndReport(): Promise<number> {
     for (const s of Object.values(subnets)) await verifyInvariants(s);
     // What the summary bitmap saves: BITPOS from bit 0 over the whole bitmap.
     naive = {
-      slash8Us: await commandUs(21, "BITPOS", K.bits(subnets["/8 last-free"].id), "0"),
-      slash16Us: await commandUs(21, "BITPOS", K.bits(subnets["/16 last-free"].id), "0"),
+      slash8Us: await commandUs(21, "BITPOS", K.bits(subnets["/8 last-free"].vpcId, subnets["/8 last-free"].id), "0"),
+      slash16Us: await commandUs(21, "BITPOS", K.bits(subnets["/16 last-free"].vpcId, subnets["/16 last-free"].id), "0"),
     };
   } finally {
     await conn.config("SET", "slowlog-log-slower-than", "10000");

@@ -37,7 +37,7 @@
 // Everything else is the control plane's (ipam, dns, peering, and the
 // cluster-wide RPCs of firewall and gateway: security groups, network ACLs,
 // NAT gateways, floating IPs, port forwards): IPAM (mvpc:vpc*, mvpc:subnet*,
-// mvpc:sn:*, mvpc:owner:*), mvpc:tokens, mvpc:fw:sg:<id>, mvpc:fw:acl*,
+// mvpc:{V}:sn:*, mvpc:{V}:owner:*), mvpc:tokens, mvpc:fw:sg:<id>, mvpc:fw:acl*,
 // mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*/flowlogs, mvpc:fw:flowlog*, mvpc:gw:nat*/fip*/pf*/vpcnat,
 // mvpc:pcx*, mvpc:dns:*, mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
 // endpoints and clients: SetVpnEndpoint, Create/DeleteVpnClient go to a

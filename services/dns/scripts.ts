@@ -92,7 +92,7 @@ if resolver ~= '' then
     if rint < base + size then
       local idx = rint - base
       if idx == 0 or idx == size - 1 then return {-3, sn[1]} end
-      local holder = redis.call('HGET', 'mvpc:sn:' .. sn[1] .. ':alloc', idx)
+      local holder = redis.call('HGET', 'mvpc:{' .. vpc .. '}:sn:' .. sn[1] .. ':alloc', idx)
       if holder then return {-2, string.match(holder, '^[^\\n]*')} end
     end
   end

@@ -23,12 +23,33 @@ export const K = {
   vpcReserved: (vpc: string) => `${P}vpc:${vpc}:reserved`,
   subnet: (id: string) => `${P}subnet:${id}`,
   allSubnets: `${P}subnets`,
-  bits: (sn: string) => `${P}sn:${sn}:bits`,
-  full: (sn: string) => `${P}sn:${sn}:full`,
-  used: (sn: string) => `${P}sn:${sn}:used`,
-  alloc: (sn: string) => `${P}sn:${sn}:alloc`,
-  req: (sn: string) => `${P}sn:${sn}:req`,
-  idx: (sn: string) => `${P}sn:${sn}:idx`,
-  ownerPrefix: `${P}owner:`,
-  owner: (owner: string) => `${P}owner:${owner}`,
+  // A subnet's allocation state and the owner index, under its VPC's hash tag
+  // ("mvpc:{<vpc>}:…", the slot of the VPC's change stream): Allocate,
+  // AllocateBatch and Release touch one slot of a Redis Cluster (issue 18,
+  // docs/redis-schema.md "Redis Cluster"). The subnet id names the VPC's
+  // subnet, so readers pass both.
+  bits: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:bits`,
+  full: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:full`,
+  used: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:used`,
+  alloc: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:alloc`,
+  req: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:req`,
+  idx: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:idx`,
+  /** An owner's allocations in one VPC: zset of "<subnet>/<index>". */
+  owner: (vpc: string, owner: string) => `${P}{${vpc}}:owner:${owner}`,
+  /**
+   * The names an earlier release kept a subnet's allocation state under
+   * ("mvpc:sn:<subnet>:…", "mvpc:owner:<owner>"). A single Redis moves them
+   * once (MIGRATE_SUBNET) and leaves a tombstone of another type at three of
+   * them, so that a replica of that release still running mid-upgrade fails
+   * its scripts instead of allocating from an empty bitmap.
+   */
+  legacy: {
+    bits: (sn: string) => `${P}sn:${sn}:bits`,
+    full: (sn: string) => `${P}sn:${sn}:full`,
+    used: (sn: string) => `${P}sn:${sn}:used`,
+    alloc: (sn: string) => `${P}sn:${sn}:alloc`,
+    req: (sn: string) => `${P}sn:${sn}:req`,
+    idx: (sn: string) => `${P}sn:${sn}:idx`,
+    ownerPrefix: `${P}owner:`,
+  },
 };

@@ -24,11 +24,15 @@ export const ipamDefinition: ServiceDefinition = {
       .env("MICROVPC_METRICS_MAX_SUBNETS")
       .default(String(DEFAULT_MAX_SUBNET_SERIES)),
   ],
-  async build({ flags, redis }) {
+  async build({ flags, logger, redis }) {
     const mgmt = parseManagementCidrs("--management-cidrs", String(flags.managementCidrs ?? ""));
     // "auto" is the gateway's view of its own host; the ipam daemon runs anywhere.
     if (mgmt === MANAGEMENT_AUTO) throw new Error('--management-cidrs "auto" is for the gateway; give the ipam daemon the CIDRs (e.g. 10.20.0.0/16)');
     const store = new IpamStore(redis);
+    // Before serving: subnets an earlier release kept under "mvpc:sn:<id>:…" move under their VPC's hash tag, once
+    // (docs/redis-schema.md "Redis Cluster"; a subnet a replica of that release makes later moves on first use).
+    const moved = await store.migrateAll();
+    if (moved > 0) logger.info({ subnets: moved }, "moved subnets' allocation state under their VPC's hash tag");
     const ipam = new Ipam(store);
     if (!/^[0-9]{1,6}$/.test(String(flags.metricsMaxSubnets)))
       throw new Error(`--metrics-max-subnets ${JSON.stringify(flags.metricsMaxSubnets)}: use 0–999999`);

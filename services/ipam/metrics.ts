@@ -37,14 +37,14 @@ export async function readUsage(reader: IpamReader, max: number): Promise<{ subn
     after = ids[ids.length - 1];
     // getSubnet validates each record (a bad one is reported and skipped).
     const page = (await Promise.all(ids.map((id) => reader.getSubnet(id)))).filter((s): s is SubnetRec => !!s);
-    const used = await Promise.all(page.map((s) => redis.get(K.used(s.id))));
+    const used = await Promise.all(page.map((s) => redis.get(K.used(s.vpcId, s.id))));
     page.forEach((s, i) => {
       let u: Usage;
       try {
         // The allocator's counter, validated as the API reads it.
         u = subnetUsage(s, used[i]);
       } catch (err) {
-        reportInvalid(OWNER, "subnet-used", K.used(s.id), (err as Error).message, undefined, { vpcId: s.vpcId });
+        reportInvalid(OWNER, "subnet-used", K.used(s.vpcId, s.id), (err as Error).message, undefined, { vpcId: s.vpcId });
         return;
       }
       out.push({ vpc: s.vpcId, subnet: s.id, cidr: s.cidr, used: u.used, free: u.free, reserved: u.reserved });

@@ -29,6 +29,9 @@ export interface VpcRec {
 
 export type SubnetKind = "public" | "private";
 
+/** What names a subnet's allocation keys: its id and its VPC's (K.alloc and the rest are under the VPC's hash tag). */
+export type SubnetRef = Pick<SubnetRec, "id" | "vpcId">;
+
 export interface SubnetRec {
   id: string;
   vpcId: string;
@@ -231,6 +234,24 @@ export function checked<T>(key: string, kind: string, parse: () => T, vpcId?: st
   return null;
 }
 
+/**
+ * The stored allocation record of one address ("owner\nrequest id\ntime"),
+ * unchecked, or null. The hosts' readers (AttachNic, the overlay's claim
+ * check) upgrade before the control plane: until the IPAM daemon has moved a
+ * subnet's state under its VPC's tag (IpamStore.migrateSubnet), a record not
+ * found there is read under the earlier name; once moved, that name holds a
+ * tombstone of another type, read as absent. Not on a cluster, which only
+ * ever has the tagged names.
+ */
+export async function allocRecord(redis: Redis, s: SubnetRef, index: number): Promise<string | null> {
+  const rec = await redis.hget(K.alloc(s.vpcId, s.id), String(index));
+  if (rec !== null || redis.isCluster) return rec;
+  return await redis.hget(K.legacy.alloc(s.id), String(index)).catch((err: Error) => {
+    if (err.message.startsWith("WRONGTYPE")) return null;
+    throw err;
+  });
+}
+
 /** What other services read of IPAM: VPCs, subnets and allocations, never a write. */
 export class IpamReader {
   constructor(readonly redis: Redis) {}
@@ -294,51 +315,73 @@ export class IpamReader {
    * reported and refused, never shown as a negative or impossible count.
    */
   async usage(s: SubnetRec): Promise<Usage> {
-    const raw = await this.redis.get(K.used(s.id));
+    const key = K.used(s.vpcId, s.id);
+    const raw = await this.redis.get(key);
     const u = V.attempt(() => subnetUsage(s, raw));
     if (u.ok) return u.value;
-    reportInvalid(OWNER, "subnet-used", K.used(s.id), u.reason, undefined, { vpcId: s.vpcId });
+    reportInvalid(OWNER, "subnet-used", key, u.reason, undefined, { vpcId: s.vpcId });
     throw new FailedPreconditionError(
-      `subnet ${s.id}: its used-address counter in Redis (${K.used(s.id)}) is invalid: ${u.reason}; it is counted in microvpc_invalid_records`,
+      `subnet ${s.id}: its used-address counter in Redis (${key}) is invalid: ${u.reason}; it is counted in microvpc_invalid_records`,
     );
   }
 
-  // ---- Allocations ----
+  // ---- Allocations (a subnet's are under its VPC's hash tag, so a read names both) ----
 
-  async getAllocation(subnetId: string, index: number): Promise<AllocRec | null> {
-    const rec = await this.redis.hget(K.alloc(subnetId), String(index));
-    return rec ? checked(K.alloc(subnetId), "allocation", () => parseAlloc(subnetId, index, rec)) : null;
+  async getAllocation(s: SubnetRef, index: number): Promise<AllocRec | null> {
+    const rec = await allocRecord(this.redis, s, index);
+    return rec ? checked(K.alloc(s.vpcId, s.id), "allocation", () => parseAlloc(s.id, index, rec), s.vpcId) : null;
   }
 
-  async listBySubnet(subnetId: string, afterIndex: number, limit: number): Promise<AllocRec[]> {
-    const idx = await this.redis.zrangebyscore(K.idx(subnetId), `(${afterIndex}`, "+inf", "LIMIT", 0, limit);
+  async listBySubnet(s: SubnetRef, afterIndex: number, limit: number): Promise<AllocRec[]> {
+    const idx = await this.redis.zrangebyscore(K.idx(s.vpcId, s.id), `(${afterIndex}`, "+inf", "LIMIT", 0, limit);
     if (idx.length === 0) return [];
-    const recs = await this.redis.hmget(K.alloc(subnetId), ...idx);
+    const key = K.alloc(s.vpcId, s.id);
+    const recs = await this.redis.hmget(key, ...idx);
     const out: AllocRec[] = [];
     idx.forEach((i, n) => {
-      const a = recs[n] ? checked(K.alloc(subnetId), "allocation", () => parseAlloc(subnetId, Number(i), recs[n]!)) : null;
+      const a = recs[n] ? checked(key, "allocation", () => parseAlloc(s.id, Number(i), recs[n]!), s.vpcId) : null;
       if (a) out.push(a);
     });
     return out;
   }
 
-  /** Allocations of one owner, ordered by "subnet/index" member. */
-  async listByOwner(owner: string, after: string, limit: number): Promise<{ allocs: AllocRec[]; last: string }> {
-    const members = await this.redis.zrangebylex(K.owner(owner), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
+  /**
+   * Allocations of one owner across VPCs, ordered by VPC id, then by
+   * "subnet/index" member: each VPC keeps its own owners' index in its slot
+   * (K.owner), so this reads one index per VPC, in pipelined rounds of 100.
+   * `after` is the last one's cursor ("<vpc>/<subnet>/<index>"). For the
+   * CLI and operators, not for a VM's path.
+   */
+  async listByOwner(owner: string, after: string, limit: number): Promise<{ vpcId: string; alloc: AllocRec; cursor: string }[]> {
+    const [afterVpc, ...rest] = after ? after.split("/") : [""];
+    const afterMember = rest.join("/");
+    const ids = [...new Set(await this.redis.hvals(K.vpcByName))].filter((id) => V.attempt(() => V.id("vpc", id, "vpc")).ok && id >= afterVpc).sort();
+    const found: { vpcId: string; member: string }[] = [];
+    for (let i = 0; i < ids.length && found.length < limit; i += 100) {
+      const round = ids.slice(i, i + 100);
+      const pages = await Promise.all(
+        round.map((v) => this.redis.zrangebylex(K.owner(v, owner), v === afterVpc && afterMember ? `(${afterMember}` : "-", "+", "LIMIT", 0, limit)),
+      );
+      round.forEach((v, n) => {
+        for (const m of pages[n]) found.push({ vpcId: v, member: m });
+      });
+    }
+    const page = found.slice(0, limit);
     const allocs = await Promise.all(
-      members.map(async (m) => {
-        const [sid, i] = m.split("/");
-        return this.getAllocation(sid, Number(i));
+      page.map(async ({ vpcId, member }) => {
+        const [sid, i] = member.split("/");
+        const a = V.attempt(() => V.id("subnet", sid, "subnet")).ok ? await this.getAllocation({ id: sid, vpcId }, Number(i)) : null;
+        return a ? { vpcId, alloc: a, cursor: `${vpcId}/${member}` } : null;
       }),
     );
-    return { allocs: allocs.filter((x): x is AllocRec => !!x), last: members.at(-1) ?? "" };
+    return allocs.filter((x): x is { vpcId: string; alloc: AllocRec; cursor: string } => !!x);
   }
 
   /** Every allocation of a subnet, streamed in pages. */
-  async *scanSubnet(subnetId: string): AsyncGenerator<AllocRec> {
+  async *scanSubnet(s: SubnetRef): AsyncGenerator<AllocRec> {
     let after = -1;
     for (;;) {
-      const page = await this.listBySubnet(subnetId, after, 1000);
+      const page = await this.listBySubnet(s, after, 1000);
       if (page.length === 0) return;
       yield* page;
       after = page[page.length - 1].index;

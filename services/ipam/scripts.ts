@@ -16,6 +16,25 @@ import { LUA_RANGE_CHECKS } from "./schema.js";
 
 export const CHUNK_BITS = 4096;
 
+/**
+ * What a tombstone holds: the string left at a subnet's req and alloc, and
+ * the field of the hash left at its used counter, under an earlier
+ * release's names. Each has the wrong type for that release's scripts (a
+ * hash read of a string, a GET of a hash), whose first command on it fails
+ * with WRONGTYPE before any write: a replica of that release still running
+ * during an upgrade can neither allocate from an empty bitmap nor delete a
+ * subnet whose addresses it cannot see.
+ */
+export const TOMBSTONE = "moved under the VPC hash tag mvpc:{<vpc>}:sn:<subnet>:* (docs/redis-schema.md)";
+
+const LUA_TOMBSTONES = `
+local function tombstone(req, alloc, used)
+  redis.call('SET', req, '${TOMBSTONE}')
+  redis.call('SET', alloc, '${TOMBSTONE}')
+  redis.call('HSET', used, 'moved', '${TOMBSTONE}')
+end
+`;
+
 const chunkHelpers = `
 local CHUNK_BITS = ${CHUNK_BITS}
 local CHUNK_BYTES = CHUNK_BITS / 8
@@ -37,19 +56,24 @@ end
 `;
 
 /**
- * KEYS: 1 subnet hash, 2 bits, 3 full, 4 alloc, 5 req, 6 idx zset, 7 used,
- *       8 owner zset, 9 events stream
+ * KEYS: 1 used counter, 2 bits, 3 full, 4 alloc, 5 req, 6 idx zset, 7 owner
+ *       zset, all under the VPC's hash tag (one slot); 8 the global events
+ *       stream, only on a single Redis (ALLOC_EVENTS_KEY)
  * ARGV: 1 owner, 2 request id, 3 wanted index (-1 = lowest free), 4 now ms,
- *       5 subnet id
+ *       5 subnet id, 6 subnet size
+ * The subnet's size comes from its record, read and validated by the caller
+ * (it never changes); the used counter, which CreateSubnet makes and
+ * DeleteSubnet removes with the bitmaps, stands for the subnet here.
  * Returns {1, idx} created, {0, idx} existing (retry), or an error table:
  *   {-1, holder} wanted address held by another, {-2} subnet full,
- *   {-3, idx} request id already used for another address, {-4} no subnet,
+ *   {-3, idx} request id already used for another address, {-4} no
+ *   allocation state under this name (the subnet was deleted, or its state
+ *   is still under an earlier release's names: IpamStore moves it),
  *   {-5} wanted address is reserved.
  */
 export const ALLOCATE = `${chunkHelpers}
-local owner, reqid, wanted, now, sid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
-if not size then return {-4, ''} end
+local owner, reqid, wanted, now, sid, size = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 local reqkey = owner .. '\\n' .. reqid
 local prev = redis.call('HGET', KEYS[5], reqkey)
 if prev then
@@ -81,9 +105,11 @@ refresh_chunk(KEYS[2], KEYS[3], idx, size)
 redis.call('HSET', KEYS[4], idx, owner .. '\\n' .. reqid .. '\\n' .. now)
 redis.call('HSET', KEYS[5], reqkey, idx)
 redis.call('ZADD', KEYS[6], idx, idx)
-redis.call('INCR', KEYS[7])
-redis.call('ZADD', KEYS[8], 0, sid .. '/' .. idx)
-redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.allocated', 'subnet', sid, 'index', idx, 'owner', owner)
+redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[7], 0, sid .. '/' .. idx)
+if KEYS[8] then
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.allocated', 'subnet', sid, 'index', idx, 'owner', owner)
+end
 return {1, idx}
 `;
 
@@ -93,18 +119,18 @@ export const MAX_BATCH = 1024;
 /**
  * AllocateBatch: count addresses, the lowest free ones, all or nothing.
  * Item i is held under request id "<request id>/<i>" (as if allocated alone).
- * KEYS: as ALLOCATE (1 subnet hash, 2 bits, 3 full, 4 alloc, 5 req, 6 idx
- *       zset, 7 used, 8 owner zset, 9 events stream)
- * ARGV: 1 owner, 2 batch request id, 3 count, 4 now ms, 5 subnet id
+ * KEYS: as ALLOCATE (1 used counter, 2 bits, 3 full, 4 alloc, 5 req, 6 idx
+ *       zset, 7 owner zset; 8 events stream on a single Redis)
+ * ARGV: 1 owner, 2 batch request id, 3 count, 4 now ms, 5 subnet id,
+ *       6 subnet size, 7 extra reserved addresses (both from its record)
  * Returns {1, idx…} created (item order = address order), {0, idx or -1…}
  * a retry (-1 = that item was released since), or an error table:
  *   {-2, free} fewer than count free, {-3} the request id was used for a
- *   larger batch, {-4} no subnet.
+ *   larger batch, {-4} no allocation state under this name (as ALLOCATE).
  */
 export const ALLOCATE_BATCH = `${chunkHelpers}
-local owner, reqid, count, now, sid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
-if not size then return {-4, ''} end
+local owner, reqid, count, now, sid, size = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 local base = owner .. '\\n' .. reqid .. '/'
 local fields = {}
 for i = 0, count - 1 do fields[i + 1] = base .. i end
@@ -117,8 +143,8 @@ if retry or redis.call('HEXISTS', KEYS[5], base .. count) == 1 then
   for i = 1, count do out[i + 1] = prev[i] and tonumber(prev[i]) or -1 end
   return out
 end
-local reserved = tonumber(redis.call('HGET', KEYS[1], 'extra') or '0') + 3
-local free = size - reserved - tonumber(redis.call('GET', KEYS[7]) or '0')
+local reserved = tonumber(ARGV[7]) + 3
+local free = size - reserved - tonumber(redis.call('GET', KEYS[1]) or '0')
 if free < count then return {-2, free} end
 local nchunks = math.ceil(size / CHUNK_BITS)
 local got = {}
@@ -160,10 +186,12 @@ end
 redis.call('HSET', KEYS[4], unpack(arec))
 redis.call('HSET', KEYS[5], unpack(areq))
 redis.call('ZADD', KEYS[6], unpack(aidx))
-redis.call('INCRBY', KEYS[7], count)
-redis.call('ZADD', KEYS[8], unpack(aown))
-for _, idx in ipairs(got) do
-  redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.allocated', 'subnet', sid, 'index', idx, 'owner', owner)
+redis.call('INCRBY', KEYS[1], count)
+redis.call('ZADD', KEYS[7], unpack(aown))
+if KEYS[8] then
+  for _, idx in ipairs(got) do
+    redis.call('XADD', KEYS[8], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.allocated', 'subnet', sid, 'index', idx, 'owner', owner)
+  end
 end
 local out = {1}
 for n, idx in ipairs(got) do out[n + 1] = idx end
@@ -171,18 +199,22 @@ return out
 `;
 
 /**
- * KEYS: 1 subnet hash, 2 bits, 3 full, 4 alloc, 5 req, 6 idx zset, 7 used,
- *       8 events stream
+ * KEYS: 1 used counter, 2 bits, 3 full, 4 alloc, 5 req, 6 idx zset, 7 the
+ *       owner zset of ARGV[7], all under the VPC's hash tag; 8 the events
+ *       stream on a single Redis
  * ARGV: 1 index (-1 = look up by owner+request id), 2 owner ('' = any),
- *       3 request id, 4 subnet id, 5 owner-key prefix, 6 expected alloc
- *       time ('' = any; Reclaim's compare-and-release)
+ *       3 request id, 4 subnet id, 5 subnet size, 6 expected alloc time
+ *       ('' = any; Reclaim's compare-and-release), 7 the holder KEYS[7] is
+ *       the owner index of
  * Returns {1, idx} released, {0, ''} nothing held, {-1, holder} held by
- * another owner, {-4} no subnet, {-6, record} changed since it was read.
+ * another owner, {-4} no allocation state under this name (as ALLOCATE),
+ * {-6, record} changed since it was read, {-7, holder} held by holder,
+ * whose owner index is not KEYS[7]: call again with it (the caller names
+ * the index it expects, so that every key is declared).
  */
 export const RELEASE = `${chunkHelpers}
-local idx, owner, reqid, sid, okp, expect = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
-if not size then return {-4, ''} end
+local idx, owner, reqid, sid, size, expect = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 if idx < 0 then
   local found = redis.call('HGET', KEYS[5], owner .. '\\n' .. reqid)
   if not found then return {0, ''} end
@@ -197,16 +229,17 @@ local hreq = string.sub(rec, nl1 + 1, nl2 - 1)
 local htime = string.sub(rec, nl2 + 1)
 if owner ~= '' and holder ~= owner then return {-1, holder} end
 if expect ~= '' and htime ~= expect then return {-6, rec} end
+if holder ~= ARGV[7] then return {-7, holder} end
 redis.call('SETBIT', KEYS[2], idx, 0)
 refresh_chunk(KEYS[2], KEYS[3], idx, size)
 redis.call('HDEL', KEYS[4], idx)
 redis.call('HDEL', KEYS[5], holder .. '\\n' .. hreq)
 redis.call('ZREM', KEYS[6], idx)
-redis.call('DECR', KEYS[7])
--- The owner index key is derived from the record, so it cannot be declared
--- up front: microvpc supports single-instance Redis and Sentinel, not Cluster.
-redis.call('ZREM', okp .. holder, sid .. '/' .. idx)
-redis.call('XADD', KEYS[8], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.released', 'subnet', sid, 'index', idx, 'owner', holder)
+redis.call('DECR', KEYS[1])
+redis.call('ZREM', KEYS[7], sid .. '/' .. idx)
+if KEYS[8] then
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.released', 'subnet', sid, 'index', idx, 'owner', holder)
+end
 return {1, idx}
 `;
 
@@ -273,7 +306,9 @@ return {1, ''}
 /**
  * KEYS: 1 vpc hash, 2 vpc subnets zset (score = base), 3 vpc subnet byname,
  *       4 subnet hash, 5 bits, 6 full, 7 used, 8 tokens, 9 events,
- *       10 all-subnets zset, 11 the VPC's reserved ranges (K.vpcReserved)
+ *       10 all-subnets zset, 11 the VPC's reserved ranges (K.vpcReserved);
+ *       on a single Redis 12, 13, 14 the subnet's req, alloc and used under
+ *       an earlier release's names (K.legacy), where tombstones go
  * ARGV: 1 id, 2 name, 3 base, 4 size, 5 client token, 6 extra reserved
  *       (addresses after the gateway), then field/value pairs of the hash.
  * The reserved addresses are bits 0 .. extra+1 (network, gateway, extra) and
@@ -320,6 +355,8 @@ for c = 0, math.floor((run - 1) / CHUNK_BITS) do
 end
 refresh_chunk(KEYS[5], KEYS[6], size - 1, size)
 if tok ~= '' then redis.call('HSET', KEYS[8], 'subnet\\n' .. tok, id) end
+${LUA_TOMBSTONES}
+if KEYS[14] then tombstone(KEYS[12], KEYS[13], KEYS[14]) end
 local ev_vpc = redis.call('HGET', KEYS[4], 'vpc')
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
 mvpc_scoped({ev_vpc}, {}, 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
@@ -329,14 +366,19 @@ return {1, id}
 /**
  * KEYS: 1 subnet hash, 2 vpc subnets zset, 3 vpc subnet byname, 4 bits,
  *       5 full, 6 used, 7 alloc, 8 req, 9 idx, 10 events, 11 all-subnets zset,
- *       12 the firewall's subnet → ACL hash, 13 the gateway's VPC → NAT hash
+ *       12 the firewall's subnet → ACL hash, 13 the gateway's VPC → NAT hash;
+ *       on a single Redis 14, 15, 16 the subnet's req, alloc and used under
+ *       an earlier release's names (its tombstones, deleted with it)
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
- * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it.
+ * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it,
+ * {-3} its allocation state is still under the earlier names (MIGRATE_SUBNET
+ * first: what it holds would not be counted).
  */
 export const DELETE_SUBNET = `${LUA_EMIT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
+if KEYS[16] and redis.call('TYPE', KEYS[16]).ok == 'string' then return {-3, ''} end
 local used = tonumber(redis.call('GET', KEYS[6]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
@@ -347,10 +389,50 @@ if nat and redis.call('HGET', 'mvpc:gw:nat:' .. nat, 'subnet') == ARGV[1] then
   return {-2, 'NAT gateway ' .. nat .. ' sits in it (microvpc nat delete)'}
 end
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+if KEYS[16] then redis.call('DEL', KEYS[14], KEYS[15], KEYS[16]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], name)
 redis.call('ZREM', KEYS[11], ARGV[1])
 redis.call('XADD', KEYS[10], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
 mvpc_scoped({vpc}, {}, 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
 return {1, ''}
+`;
+
+/**
+ * Moves one subnet's allocation state from an earlier release's names
+ * ("mvpc:sn:<subnet>:…", its holders' "mvpc:owner:<owner>" entries) to the
+ * names under its VPC's hash tag, and leaves tombstones (TOMBSTONE). Single
+ * Redis only: the earlier names are in other slots, so on a Redis Cluster
+ * the move is made before the data is imported (docs/redis-schema.md).
+ * KEYS: 1–6 the earlier used, bits, full, alloc, req, idx; 7–12 the same
+ *       under the VPC's tag
+ * ARGV: 1 subnet id, 2 the earlier owner index prefix ("mvpc:owner:"),
+ *       3 the tagged one ("mvpc:{<vpc>}:owner:")
+ * Returns 1 moved, 0 already under the tag, -1 nothing to move (no such
+ * subnet, or deleted).
+ * The owner index keys are built here from each allocation's holder, which
+ * is what the earlier layout did and why it could not run on a cluster; a
+ * holder that is not an owner token (V.token's alphabet and length) is
+ * left where it is and counted in the reply's second element.
+ */
+export const MIGRATE_SUBNET = `${LUA_TOMBSTONES}
+if redis.call('EXISTS', KEYS[7]) == 1 then return {0, 0} end
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return {-1, 0} end
+for i = 1, 6 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 6]) end
+end
+local skipped = 0
+local all = redis.call('HGETALL', KEYS[10])
+for i = 1, #all - 1, 2 do
+  local holder = string.match(all[i + 1], '^[^\\n]*')
+  if string.match(holder, '^[A-Za-z0-9_.:/-]+$') and #holder <= 128 then
+    local m = ARGV[1] .. '/' .. all[i]
+    redis.call('ZREM', ARGV[2] .. holder, m)
+    redis.call('ZADD', ARGV[3] .. holder, 0, m)
+  else
+    skipped = skipped + 1
+  end
+end
+tombstone(KEYS[5], KEYS[4], KEYS[1])
+return {1, skipped}
 `;

@@ -308,7 +308,7 @@ export class Ipam {
     getAllocation: async (req) => {
       const s = await this.subnetById("subnet_id", req.subnetId);
       const i = this.indexOf(s, "address", req.address);
-      const a = await this.store.getAllocation(s.id, i);
+      const a = await this.store.getAllocation(s, i);
       if (!a) throw new NotFoundError("allocation", req.address, `the address is free in subnet ${s.name}`);
       return { allocation: allocMsg(s, a) };
     },
@@ -324,7 +324,7 @@ export class Ipam {
         let cursor = after ?? -1;
         // Filtering by owner inside a subnet scans pages until one is full.
         while (out.length <= size) {
-          const page = await this.store.listBySubnet(s.id, cursor, 1000);
+          const page = await this.store.listBySubnet(s, cursor, 1000);
           if (page.length === 0) break;
           for (const a of page) if (owner === "" || a.owner === owner) out.push(a);
           cursor = page[page.length - 1].index;
@@ -335,19 +335,20 @@ export class Ipam {
           nextPageToken: out.length > size ? encodePageToken(page[page.length - 1].index) : "",
         };
       }
-      // By owner it is "subnet/index".
+      // By owner it is "vpc/subnet/index" (each VPC keeps its owners' index).
       const after = decodeNameToken(req.pageToken);
-      const { allocs } = await this.store.listByOwner(owner, after ?? "", size + 1);
-      const page = allocs.slice(0, size);
+      if (after && after.split("/").length !== 3)
+        throw new InvalidArgumentError("page_token", "is from an earlier release, which ordered by subnet alone; list again without it");
+      const found = await this.store.listByOwner(owner, after ?? "", size + 1);
+      const page = found.slice(0, size);
       const subnets = new Map<string, SubnetRec | null>();
       const msgs: Allocation[] = [];
-      for (const a of page) {
+      for (const { alloc: a } of page) {
         if (!subnets.has(a.subnetId)) subnets.set(a.subnetId, await this.store.getSubnet(a.subnetId));
         const s = subnets.get(a.subnetId);
         if (s) msgs.push(allocMsg(s, a));
       }
-      const last = page[page.length - 1];
-      return { allocations: msgs, nextPageToken: allocs.length > size ? encodePageToken(`${last.subnetId}/${last.index}`) : "" };
+      return { allocations: msgs, nextPageToken: found.length > size ? encodePageToken(page[page.length - 1].cursor) : "" };
     },
     getUtilization: async (req) => {
       const s = await this.subnetById("subnet_id", req.subnetId);
@@ -379,7 +380,7 @@ export class Ipam {
       const reclaimed: Allocation[] = [];
       let kept = 0;
       for (const s of subnets) {
-        for await (const a of this.store.scanSubnet(s.id)) {
+        for await (const a of this.store.scanSubnet(s)) {
           if (prefix !== "" && !a.owner.startsWith(prefix)) continue;
           if (live.has(a.owner) || a.timeMs > cutoff) {
             kept++;

@@ -6,7 +6,8 @@ import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { vpcDnsKeys } from "../dns/schema.js";
-import { checked, IpamReader, K, MAX_EXTRA_RESERVED, parseAlloc, parseReservation, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
+import { reportInvalid } from "../common/invalid-records.js";
+import { checked, IpamReader, K, MAX_EXTRA_RESERVED, OWNER, parseAlloc, parseReservation, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
 import { newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
@@ -26,37 +27,55 @@ declare module "ioredis" {
     mvpcDeleteVpc(...args: (string | number)[]): Promise<Reply>;
     mvpcCreateSubnet(...args: (string | number)[]): Promise<Reply>;
     mvpcDeleteSubnet(...args: (string | number)[]): Promise<Reply>;
+    mvpcMigrateSubnet(...args: (string | number)[]): Promise<[number, number]>;
   }
 }
 
 export function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcAllocate?: unknown }).mvpcAllocate) return;
-  redis.defineCommand("mvpcAllocate", { numberOfKeys: 9, lua: S.ALLOCATE });
-  redis.defineCommand("mvpcAllocateBatch", { numberOfKeys: 9, lua: S.ALLOCATE_BATCH });
-  redis.defineCommand("mvpcRelease", { numberOfKeys: 8, lua: S.RELEASE });
+  // These five take their key count first: the global events stream and the
+  // tombstones of the earlier layout are declared on a single Redis only.
+  redis.defineCommand("mvpcAllocate", { lua: S.ALLOCATE });
+  redis.defineCommand("mvpcAllocateBatch", { lua: S.ALLOCATE_BATCH });
+  redis.defineCommand("mvpcRelease", { lua: S.RELEASE });
   redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 5, lua: S.CREATE_VPC });
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
-  redis.defineCommand("mvpcCreateSubnet", { numberOfKeys: 11, lua: S.CREATE_SUBNET });
-  redis.defineCommand("mvpcDeleteSubnet", { numberOfKeys: 13, lua: S.DELETE_SUBNET });
+  redis.defineCommand("mvpcCreateSubnet", { lua: S.CREATE_SUBNET });
+  redis.defineCommand("mvpcDeleteSubnet", { lua: S.DELETE_SUBNET });
+  redis.defineCommand("mvpcMigrateSubnet", { numberOfKeys: 12, lua: S.MIGRATE_SUBNET });
 }
 
 function flat(obj: Record<string, string | number>): (string | number)[] {
   return Object.entries(obj).flat();
 }
 
-/** The nine KEYS of the allocate scripts (ALLOCATE and ALLOCATE_BATCH), in their order. */
-function allocateKeys(subnetId: string, owner: string): string[] {
-  return [
-    K.subnet(subnetId),
-    K.bits(subnetId),
-    K.full(subnetId),
-    K.alloc(subnetId),
-    K.req(subnetId),
-    K.idx(subnetId),
-    K.used(subnetId),
-    K.owner(owner),
-    K.events,
+/**
+ * The KEYS of ALLOCATE, ALLOCATE_BATCH and RELEASE, count first: the
+ * subnet's state and one owner index, in its VPC's slot, and on a single
+ * Redis the global events stream.
+ */
+function stateKeys(redis: Redis, s: SubnetRec, owner: string): (string | number)[] {
+  const keys = [
+    K.used(s.vpcId, s.id),
+    K.bits(s.vpcId, s.id),
+    K.full(s.vpcId, s.id),
+    K.alloc(s.vpcId, s.id),
+    K.req(s.vpcId, s.id),
+    K.idx(s.vpcId, s.id),
+    K.owner(s.vpcId, owner),
   ];
+  if (!redis.isCluster) keys.push(K.events);
+  return [keys.length, ...keys];
+}
+
+/** A subnet's req, alloc and used under the earlier names, where tombstones go: none on a cluster (K.legacy). */
+function tombstoneKeys(redis: Redis, subnetId: string): string[] {
+  return redis.isCluster ? [] : [K.legacy.req(subnetId), K.legacy.alloc(subnetId), K.legacy.used(subnetId)];
+}
+
+/** A call's KEYS, count first. */
+function counted(keys: string[]): (string | number)[] {
+  return [keys.length, ...keys];
 }
 
 /** The IPAM daemon's store: the reads of IpamReader (schema.ts) and every write (one Lua script each). */
@@ -133,17 +152,20 @@ export class IpamStore extends IpamReader {
       throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} is out of range for ${s.cidr}: 0 to ${Math.min(MAX_EXTRA_RESERVED, s.size - 4)}`);
     }
     const reply = await this.redis.mvpcCreateSubnet(
-      K.vpc(s.vpcId),
-      K.vpcSubnets(s.vpcId),
-      K.vpcSubnetByName(s.vpcId),
-      K.subnet(id),
-      K.bits(id),
-      K.full(id),
-      K.used(id),
-      K.tokens,
-      K.events,
-      K.allSubnets,
-      K.vpcReserved(s.vpcId),
+      ...counted([
+        K.vpc(s.vpcId),
+        K.vpcSubnets(s.vpcId),
+        K.vpcSubnetByName(s.vpcId),
+        K.subnet(id),
+        K.bits(s.vpcId, id),
+        K.full(s.vpcId, id),
+        K.used(s.vpcId, id),
+        K.tokens,
+        K.events,
+        K.allSubnets,
+        K.vpcReserved(s.vpcId),
+        ...tombstoneKeys(this.redis, id),
+      ]),
       id,
       s.name,
       s.base,
@@ -179,26 +201,93 @@ export class IpamStore extends IpamReader {
   async deleteSubnet(id: string): Promise<boolean> {
     const s = await this.getSubnet(id);
     if (!s) return false;
-    const [code, n] = await this.redis.mvpcDeleteSubnet(
-      K.subnet(id),
-      K.vpcSubnets(s.vpcId),
-      K.vpcSubnetByName(s.vpcId),
-      K.bits(id),
-      K.full(id),
-      K.used(id),
-      K.alloc(id),
-      K.req(id),
-      K.idx(id),
-      K.events,
-      K.allSubnets,
-      K.fwSubnetAcl,
-      K.gwVpcNat,
-      id,
-    );
+    const call = () =>
+      this.redis.mvpcDeleteSubnet(
+        ...counted([
+          K.subnet(id),
+          K.vpcSubnets(s.vpcId),
+          K.vpcSubnetByName(s.vpcId),
+          K.bits(s.vpcId, id),
+          K.full(s.vpcId, id),
+          K.used(s.vpcId, id),
+          K.alloc(s.vpcId, id),
+          K.req(s.vpcId, id),
+          K.idx(s.vpcId, id),
+          K.events,
+          K.allSubnets,
+          K.fwSubnetAcl,
+          K.gwVpcNat,
+          ...tombstoneKeys(this.redis, id),
+        ]),
+        id,
+      );
+    let [code, n] = await call();
+    // Made by a replica of the earlier release mid-upgrade: move its state first, so that its addresses are counted.
+    if (code === -3 && (await this.migrateSubnet(s))) [code, n] = await call();
     if (code === -1)
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
+    if (code === -3) throw new Error(`subnet ${id}: its allocation state could not be moved from the earlier layout`);
     return code === 1;
+  }
+
+  // ---- The layout move (docs/redis-schema.md "Redis Cluster") ----
+
+  /**
+   * Moves one subnet's allocation state from the earlier release's names to
+   * its VPC's hash tag (MIGRATE_SUBNET). True if it moved something. On a
+   * cluster there is nothing to move: the data was moved before its import.
+   */
+  async migrateSubnet(s: SubnetRec): Promise<boolean> {
+    if (this.redis.isCluster) return false;
+    const L = K.legacy;
+    const [code, skipped] = await this.redis.mvpcMigrateSubnet(
+      L.used(s.id),
+      L.bits(s.id),
+      L.full(s.id),
+      L.alloc(s.id),
+      L.req(s.id),
+      L.idx(s.id),
+      K.used(s.vpcId, s.id),
+      K.bits(s.vpcId, s.id),
+      K.full(s.vpcId, s.id),
+      K.alloc(s.vpcId, s.id),
+      K.req(s.vpcId, s.id),
+      K.idx(s.vpcId, s.id),
+      s.id,
+      L.ownerPrefix,
+      K.owner(s.vpcId, ""),
+    );
+    if (code === 1 && Number(skipped) > 0)
+      reportInvalid(
+        OWNER,
+        "allocation",
+        K.alloc(s.vpcId, s.id),
+        `${skipped} allocation(s) name a holder that is not an owner token; left out of the owner index`,
+        undefined,
+        {
+          vpcId: s.vpcId,
+        },
+      );
+    return code === 1;
+  }
+
+  /**
+   * Moves every subnet's allocation state still under the earlier names
+   * (the IPAM daemon's start, before it serves). Returns how many moved. A
+   * subnet a replica of the earlier release makes later is moved on its
+   * first allocation.
+   */
+  async migrateAll(): Promise<number> {
+    if (this.redis.isCluster) return 0;
+    let moved = 0;
+    let after = "";
+    for (;;) {
+      const page = await this.listSubnets(null, after, 500);
+      if (page.length === 0) return moved;
+      for (const s of page) if (await this.migrateSubnet(s)) moved++;
+      after = page[page.length - 1].id;
+    }
   }
 
   // ---- Allocations ----
@@ -206,13 +295,15 @@ export class IpamStore extends IpamReader {
   /** wanted = index inside the subnet, or -1 for the lowest free one. */
   async allocate(s: SubnetRec, owner: string, requestId: string, wanted: number): Promise<{ alloc: AllocRec; created: boolean }> {
     const now = Date.now();
-    const [code, detail] = await this.redis.mvpcAllocate(...allocateKeys(s.id, owner), owner, requestId, wanted, now, s.id);
+    const call = () => this.redis.mvpcAllocate(...stateKeys(this.redis, s, owner), owner, requestId, wanted, now, s.id, s.size);
+    let [code, detail] = await call();
+    if (code === -4 && (await this.migrateSubnet(s))) [code, detail] = await call();
     const addr = (i: number) => V.intToIp(s.base + i);
     switch (code) {
       case 1:
         return { alloc: { subnetId: s.id, index: Number(detail), owner, requestId, timeMs: now }, created: true };
       case 0: {
-        const a = await this.getAllocation(s.id, Number(detail));
+        const a = await this.getAllocation(s, Number(detail));
         return { alloc: a ?? { subnetId: s.id, index: Number(detail), owner, requestId, timeMs: now }, created: false };
       }
       case -1: {
@@ -243,7 +334,9 @@ export class IpamStore extends IpamReader {
    */
   async allocateBatch(s: SubnetRec, owner: string, requestId: string, count: number): Promise<{ allocs: AllocRec[]; created: boolean }> {
     const now = Date.now();
-    const r = await this.redis.mvpcAllocateBatch(...allocateKeys(s.id, owner), owner, requestId, count, now, s.id);
+    const call = () => this.redis.mvpcAllocateBatch(...stateKeys(this.redis, s, owner), owner, requestId, count, now, s.id, s.size, s.extraReserved);
+    let r = await call();
+    if (Number(r[0]) === -4 && (await this.migrateSubnet(s))) r = await call();
     const code = Number(r[0]);
     switch (code) {
       case 1:
@@ -254,10 +347,10 @@ export class IpamStore extends IpamReader {
       case 0: {
         const held = r.slice(1).map(Number);
         const live = held.filter((i) => i >= 0);
-        const recs = live.length ? await this.redis.hmget(K.alloc(s.id), ...live.map(String)) : [];
+        const recs = live.length ? await this.redis.hmget(K.alloc(s.vpcId, s.id), ...live.map(String)) : [];
         const allocs: AllocRec[] = [];
         live.forEach((idx, n) => {
-          const a = recs[n] ? checked(K.alloc(s.id), "allocation", () => parseAlloc(s.id, idx, recs[n]!), s.vpcId) : null;
+          const a = recs[n] ? checked(K.alloc(s.vpcId, s.id), "allocation", () => parseAlloc(s.id, idx, recs[n]!), s.vpcId) : null;
           if (a) allocs.push(a);
         });
         return { allocs, created: false };
@@ -277,27 +370,32 @@ export class IpamStore extends IpamReader {
     }
   }
 
-  /** index = -1 releases by owner+requestId. Returns the index freed, or null. */
+  /**
+   * index = -1 releases by owner+requestId. Returns the index freed, or null.
+   * The script names the owner index it changes (its KEYS): the owner's, or
+   * when any owner may hold it, the holder the script reports on a first try.
+   */
   async release(s: SubnetRec, index: number, owner: string, requestId: string, expectTime = ""): Promise<number | null> {
-    const [code, detail] = await this.redis.mvpcRelease(
-      K.subnet(s.id),
-      K.bits(s.id),
-      K.full(s.id),
-      K.alloc(s.id),
-      K.req(s.id),
-      K.idx(s.id),
-      K.used(s.id),
-      K.events,
-      index,
-      owner,
-      requestId,
-      s.id,
-      K.ownerPrefix,
-      expectTime,
-    );
-    if (code === 1) return Number(detail);
-    if (code === 0 || code === -4 || code === -6) return null;
-    if (code === -1) throw new FailedPreconditionError(`${V.intToIp(s.base + index)} is held by ${detail}, not ${owner}; nothing was released`);
-    throw new Error(`release script returned ${code}`);
+    let holder = owner;
+    for (let tries = 0; ; tries++) {
+      const [code, detail] = await this.redis.mvpcRelease(...stateKeys(this.redis, s, holder), index, owner, requestId, s.id, s.size, expectTime, holder);
+      if (code === -4 && (await this.migrateSubnet(s))) continue;
+      // Held by another than the index named: name that one (the address changed hands in between at most a few times).
+      if (code === -7 && tries < 4) {
+        const h = V.attempt(() => V.token("owner", String(detail)));
+        if (!h.ok) {
+          reportInvalid(OWNER, "allocation", K.alloc(s.vpcId, s.id), h.reason, undefined, { vpcId: s.vpcId });
+          throw new FailedPreconditionError(
+            `${V.intToIp(s.base + index)}: its allocation record names no valid owner (${h.reason}); it is counted in microvpc_invalid_records`,
+          );
+        }
+        holder = h.value;
+        continue;
+      }
+      if (code === 1) return Number(detail);
+      if (code === 0 || code === -4 || code === -6) return null;
+      if (code === -1) throw new FailedPreconditionError(`${V.intToIp(s.base + index)} is held by ${detail}, not ${owner}; nothing was released`);
+      throw new Error(`release script returned ${code}`);
+    }
   }
 }

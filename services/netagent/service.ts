@@ -329,7 +329,7 @@ export class NetAgent {
     }
     // The VPC's resolver (default VPC base + 2, DnsService config), which
     // the gateway serves in every subnet of the VPC: read beside the allocation.
-    const [alloc, dnsConfig] = await Promise.all([this.ipam.getAllocation(s.id, addr - s.base), new DnsReader(this.ipam.redis).getConfig(v.id)]);
+    const [alloc, dnsConfig] = await Promise.all([this.ipam.getAllocation(s, addr - s.base), new DnsReader(this.ipam.redis).getConfig(v.id)]);
     if (!alloc)
       throw new FailedPreconditionError(`${req.address} is not allocated in subnet ${s.name}; allocate it first (IpamService.Allocate / microvpc ip allocate)`);
     if (owner && alloc.owner !== owner) throw new FailedPreconditionError(`${req.address} is allocated to ${alloc.owner}, not ${owner}`);

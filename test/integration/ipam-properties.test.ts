@@ -117,11 +117,11 @@ test("random operation sequences keep every invariant", async () => {
         }
         // The store agrees with the model, and its bitmap with its records.
         const listed = new Map<number, string>();
-        for await (const a of store.scanSubnet(s.id)) listed.set(a.index, `${a.owner}\n${a.requestId}`);
+        for await (const a of store.scanSubnet(s)) listed.set(a.index, `${a.owner}\n${a.requestId}`);
         assert.deepEqual(new Map([...listed].sort()), new Map([...held].sort()));
         const u = await store.usage(s);
         assert.equal(u.used, held.size);
-        assert.equal(await client.bitcount(K.bits(s.id)), held.size + reserved.size);
+        assert.equal(await client.bitcount(K.bits(s.vpcId, s.id)), held.size + reserved.size);
         // Clean up so subnets can be deleted (keeps Redis small).
         for (const idx of held.keys()) await store.release(s, idx, "", "");
         await store.deleteSubnet(s.id);
@@ -171,16 +171,16 @@ test("a new subnet reserves exactly network, gateway, extra and broadcast, from 
         "",
       );
       const want = reservedIndexes(size, extra);
-      assert.equal(await client.bitcount(K.bits(s.id)), want.length, "as many bits set as addresses reserved");
+      assert.equal(await client.bitcount(K.bits(s.vpcId, s.id)), want.length, "as many bits set as addresses reserved");
       for (const i of [0, 1, extra, extra + 1, extra + 2, size - 2, size - 1]) {
-        assert.equal(await client.getbit(K.bits(s.id), i), want.includes(i) ? 1 : 0, `bit ${i} of /${prefix} with ${extra} extra`);
+        assert.equal(await client.getbit(K.bits(s.vpcId, s.id), i), want.includes(i) ? 1 : 0, `bit ${i} of /${prefix} with ${extra} extra`);
       }
-      assert.equal(await client.strlen(K.bits(s.id)), size / 8);
+      assert.equal(await client.strlen(K.bits(s.vpcId, s.id)), size / 8);
       const fullChunks = Array.from({ length: Math.ceil(size / CHUNK_BITS) }, (_, c) => {
         const n = Math.min(CHUNK_BITS, size - c * CHUNK_BITS);
         return want.filter((i) => i >= c * CHUNK_BITS && i < c * CHUNK_BITS + n).length === n;
       });
-      assert.equal(await client.bitcount(K.full(s.id)), fullChunks.filter(Boolean).length, "summary marks exactly the full chunks");
+      assert.equal(await client.bitcount(K.full(s.vpcId, s.id)), fullChunks.filter(Boolean).length, "summary marks exactly the full chunks");
       assert.equal((await store.allocate(s, "o", "r", -1)).alloc.index, extra + 2, "first free address follows the extra range");
       assert.equal((await store.usage(s)).reserved, want.length);
       await store.release(s, extra + 2, "", "");

@@ -69,7 +69,7 @@ describe("hostile IPAM records", () => {
     const vpc = await h.vpc("ipamused", "10.46.0.0/16");
     const sn = await h.subnet(vpc, "app", "10.46.1.0/24", SubnetType.PRIVATE);
     await h.allocate(sn, "used-1");
-    const key = K.used(sn.id);
+    const key = K.used(sn.vpcId, sn.id);
     assert.equal(await redis.get(key), "1", "the counter as the allocator keeps it");
     const ok = (await h.ipam.subnet.getSubnet({ ref: sn.id })).subnet!.usage!;
     assert.deepEqual([ok.used, ok.free], [1n, ok.total - ok.reserved - 1n]);

@@ -425,8 +425,8 @@ describe("allocation", () => {
     // Bitmap, counter and records agree.
     const r = new Redis(redis.url);
     try {
-      const bits = await r.bitcount(K.bits(sn.id));
-      const used = Number(await r.get(K.used(sn.id)));
+      const bits = await r.bitcount(K.bits(sn.vpcId, sn.id));
+      const used = Number(await r.get(K.used(sn.vpcId, sn.id)));
       assert.equal(used, acked.size);
       assert.equal(bits, used + 5);
     } finally {

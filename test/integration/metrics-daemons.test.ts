@@ -141,7 +141,7 @@ describe("data-plane metrics", () => {
       };
     };
     // Instead of waiting out the 5 s cache: a reading that shows the allocator's counter (nothing allocates meanwhile).
-    const counter = Number((await redis.get(K.used(web.id))) ?? 0);
+    const counter = Number((await redis.get(K.used(web.vpcId, web.id))) ?? 0);
     assert.ok(await waitFor(async () => (await usage()).used === counter, { timeoutMs: 8000, intervalMs: 250 }), `used ${counter}, the allocator's count`);
     const before = await usage();
     assert.ok(before.used !== undefined && before.free !== undefined);

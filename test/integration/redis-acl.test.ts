@@ -197,7 +197,11 @@ describe("per-host Redis ACL users", () => {
     // IPAM.
     await refused("a VPC record", asA.hset(`mvpc:vpc:${vpc.id}`, "cidr", "0.0.0.0/0"));
     await refused("a subnet record", asA.del(`mvpc:subnet:${sn.id}`));
-    await refused("an allocation", asA.hset(`mvpc:sn:${sn.id}:alloc`, "99", "evil"));
+    // A subnet's allocation state and owner index, under the VPC's hash tag, whose change stream hosts do write.
+    await refused("an allocation", asA.hset(`mvpc:{${vpc.id}}:sn:${sn.id}:alloc`, "99", "evil"));
+    await refused("a subnet's allocation bitmap", asA.setbit(`mvpc:{${vpc.id}}:sn:${sn.id}:bits`, 99, 0));
+    await refused("a subnet's used counter", asA.set(`mvpc:{${vpc.id}}:sn:${sn.id}:used`, "0"));
+    await refused("an owner's allocations", asA.zadd(`mvpc:{${vpc.id}}:owner:vm-evil`, 0, `${sn.id}/99`));
     await refused("the VPC index", asA.zadd("mvpc:vpcs", 0, "evil"));
     // Security groups, ACLs, NAT, peering, DNS, client tokens.
     await refused("a security group's rules", asA.hset(`mvpc:fw:sg:${sgId}`, "rules", "[]"));

@@ -18,7 +18,7 @@ import { builtKeys, tsFiles } from "../lib/lua-keys.js";
 
 const ROOT = join(import.meta.dirname, "..", "..");
 
-/** Built keys per script (file:constant), as of 4 December. Lower a figure when a script declares its keys. */
+/** Built keys per script (file:constant), as of 4 December (IPAM's Release declared its owner index on 5 December). Lower a figure when a script declares its keys. */
 const ALLOWED: Record<string, number> = {
   "services/common/events.ts:LUA_EMIT": 4,
   "services/dns/scripts.ts:UPDATE_CONFIG": 2,
@@ -48,11 +48,19 @@ const ALLOWED: Record<string, number> = {
   "services/ipam/scripts.ts:CREATE_SUBNET": 1,
   "services/ipam/scripts.ts:CREATE_VPC": 1,
   "services/ipam/scripts.ts:DELETE_SUBNET": 1,
-  "services/ipam/scripts.ts:RELEASE": 1,
   "services/netagent/store.ts:ADD_NIC": 5,
   "services/peering/store.ts:CREATE": 6,
   "services/peering/store.ts:DELETE": 2,
   "services/vmm/store.ts:NAME_HELD_LUA": 6,
+};
+
+/**
+ * Scripts that never run on a cluster, by design, with their built keys: the
+ * move of a single Redis's data from an earlier layout (IpamStore.migrateSubnet
+ * returns before it on a cluster, which only ever has the tagged names).
+ */
+const SINGLE_REDIS_ONLY: Record<string, number> = {
+  "services/ipam/scripts.ts:MIGRATE_SUBNET": 2,
 };
 
 test("every script's keys built inside Lua are the known ones (Redis Cluster: declare them in KEYS)", () => {
@@ -61,11 +69,12 @@ test("every script's keys built inside Lua are the known ones (Redis Cluster: de
   const more: string[] = [];
   const fewer: string[] = [];
   for (const [k, calls] of found) {
-    const allowed = ALLOWED[k] ?? 0;
+    const allowed = ALLOWED[k] ?? SINGLE_REDIS_ONLY[k] ?? 0;
     if (calls.length > allowed) more.push(`${k}: ${calls.length} (allowed ${allowed}): ${calls.join(" | ")}`);
     else if (calls.length < allowed) fewer.push(`${k}: ${calls.length}, allowance ${allowed}`);
   }
   for (const k of Object.keys(ALLOWED)) if (!found.has(k)) fewer.push(`${k}: 0, allowance ${ALLOWED[k]}`);
+  for (const k of Object.keys(SINGLE_REDIS_ONLY)) if (!found.has(k)) fewer.push(`${k}: 0, allowance ${SINGLE_REDIS_ONLY[k]}`);
   assert.deepEqual(more, [], "a script builds a key name from data instead of declaring it in KEYS, which Redis Cluster refuses; pass it as a KEYS entry");
   assert.deepEqual(fewer, [], "fewer keys built in Lua than allowed: lower ALLOWED in this test to the new count");
 });

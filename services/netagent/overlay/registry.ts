@@ -14,7 +14,7 @@ import ipaddr from "ipaddr.js";
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
 import { emit, followScoped } from "../../common/events.js";
-import { K } from "../../ipam/schema.js";
+import { allocRecord, K } from "../../ipam/schema.js";
 import { hostKeys, parseNicSpec } from "../schema.js";
 import { overlayKeys } from "../store.js";
 import { claimShapeProblem, type ClaimEvidence } from "./claims.js";
@@ -233,18 +233,19 @@ export class OverlayRegistry {
     const subnetIds = [...new Set(nics.map((n) => n.subnetId))];
     const subs = await Promise.all(subnetIds.map((id) => this.redis.hmget(K.subnet(id), "vpc", "cidr")));
     subnetIds.forEach((id, i) => ev.subnets.set(id, subs[i][0] && subs[i][1] ? { vpcId: subs[i][0]!, cidr: subs[i][1]! } : null));
-    const allocKeys: [string, number][] = [];
+    const allocKeys: [string, number, string][] = [];
     for (const n of nics) {
       const sn = ev.subnets.get(n.subnetId);
       if (!sn) continue;
       try {
         const idx = V.ipToInt(n.address) - V.cidr("cidr", sn.cidr, { min: 8, max: 28 }).base;
-        if (idx >= 0) allocKeys.push([n.subnetId, idx]);
+        // The allocation keys are under the subnet's VPC's hash tag; an id that is not one names no key (verifyClaims refuses the subnet).
+        if (idx >= 0 && V.attempt(() => V.id("vpc", sn.vpcId, "vpc")).ok) allocKeys.push([n.subnetId, idx, sn.vpcId]);
       } catch {
         // verifyClaims says why
       }
     }
-    const allocs = await Promise.all(allocKeys.map(([sid, idx]) => this.redis.hget(K.alloc(sid), String(idx))));
+    const allocs = await Promise.all(allocKeys.map(([sid, idx, vpc]) => allocRecord(this.redis, { id: sid, vpcId: vpc }, idx)));
     allocKeys.forEach(([sid, idx], i) => ev.allocOwners.set(`${sid}/${idx}`, allocs[i] === null ? null : allocs[i]!.split("\n")[0]));
     return ev;
   }

@@ -1,0 +1,293 @@
+// A subnet's allocation state under its VPC's hash tag (issue 18, docs/redis-schema.md
+// "Redis Cluster"), on a real Redis and a real 3+3 cluster:
+// - on a single Redis, state the previous release made (with that release's
+//   own scripts, test/lib/ipam-previous-scripts.ts) moves once, every
+//   allocation and owner entry with it; that release's scripts then fail with
+//   WRONGTYPE before writing, so a replica of it still running mid-upgrade
+//   hands out no address twice and deletes no subnet in use;
+// - on a cluster, Allocate, AllocateBatch and Release run (each script in one
+//   slot) from several clients at once, and the previous layout's Allocate is
+//   refused there (CROSSSLOT).
+import assert from "node:assert/strict";
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { FailedPreconditionError } from "../../services/common/errors.js";
+import { intToIp, ipToInt } from "../../services/common/validate.js";
+import { K } from "../../services/ipam/keys.js";
+import { allocRecord } from "../../services/ipam/schema.js";
+import { TOMBSTONE } from "../../services/ipam/scripts.js";
+import { IpamStore, type SubnetRec } from "../../services/ipam/store.js";
+import * as Previous from "../lib/ipam-previous-scripts.js";
+import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
+
+const STATE = ["used", "bits", "full", "alloc", "req", "idx"] as const;
+
+/** The keys of the previous release's ALLOCATE (its KEYS order) for a subnet and owner. */
+function previousAllocateKeys(s: SubnetRec, owner: string): string[] {
+  const L = K.legacy;
+  return [K.subnet(s.id), L.bits(s.id), L.full(s.id), L.alloc(s.id), L.req(s.id), L.idx(s.id), L.used(s.id), `${L.ownerPrefix}${owner}`, K.events];
+}
+
+/** Runs the previous release's ALLOCATE (lowest free address): what one of its replicas does on Allocate. */
+async function previousAllocate(r: Redis, s: SubnetRec, owner: string, req: string): Promise<[number, string | number]> {
+  return (await r.eval(Previous.ALLOCATE, 9, ...previousAllocateKeys(s, owner), owner, req, -1, Date.now(), s.id)) as [number, string | number];
+}
+
+describe("on a single Redis: the move from the previous layout", () => {
+  let redis: TestRedis;
+  let r: Redis;
+  let store: IpamStore;
+  let vpcId: string;
+  let n = 0;
+
+  beforeAll(async () => {
+    redis = await startRedis({ appendfsync: "no" });
+    r = new Redis(redis.url);
+    store = new IpamStore(r);
+    const { vpc } = await store.createVpc(
+      { name: "layout", cidr: "10.60.0.0/16", base: ipToInt("10.60.0.0"), prefix: 16, description: "", labels: [], publicCidr: false },
+      "",
+    );
+    vpcId = vpc.id;
+  });
+  afterAll(async () => {
+    r?.disconnect();
+    await redis?.stop();
+  });
+
+  async function subnet(): Promise<SubnetRec> {
+    const base = ipToInt("10.60.0.0") + 256 * ++n;
+    const { subnet: s } = await store.createSubnet(
+      { vpcId, name: `s${n}`, cidr: `${intToIp(base)}/24`, base, prefix: 24, size: 256, type: "private", extraReserved: 0, description: "", labels: [] },
+      "",
+    );
+    return s;
+  }
+
+  /**
+   * A subnet as the previous release left it: its state under "mvpc:sn:<id>:…"
+   * (the bitmaps its CreateSubnet wrote are the same bytes), no tombstones,
+   * and three addresses allocated by that release's own ALLOCATE.
+   */
+  async function previousSubnet(): Promise<{ s: SubnetRec; held: Map<number, string> }> {
+    const s = await subnet();
+    for (const k of ["req", "alloc", "used"] as const) await r.del(K.legacy[k](s.id));
+    for (const k of STATE) if (await r.exists(K[k](s.vpcId, s.id))) await r.rename(K[k](s.vpcId, s.id), K.legacy[k](s.id));
+    const held = new Map<number, string>();
+    for (const owner of ["vm-aaa", "vm-bbb", "vm-aaa"]) {
+      const [code, idx] = await previousAllocate(r, s, owner, `req-${held.size}`);
+      assert.equal(code, 1, "the previous release allocates in its own layout");
+      held.set(Number(idx), owner);
+    }
+    assert.equal(await r.exists(K.used(s.vpcId, s.id)), 0);
+    return { s, held };
+  }
+
+  test("state the previous release made moves once, with every allocation and owner entry; that release's scripts then fail before writing", async () => {
+    const { s, held } = await previousSubnet();
+    // The hosts' reader finds the allocation under the earlier name until the move (netagents upgrade first).
+    const [firstIdx, firstOwner] = [...held][0];
+    assert.match((await allocRecord(r, s, firstIdx))!, new RegExp(`^${firstOwner}\n`));
+
+    assert.equal(await store.migrateAll(), 1, "one subnet to move");
+    assert.equal(await store.migrateAll(), 0, "moved once");
+    assert.deepEqual(new Map((await store.listBySubnet(s, -1, 100)).map((a) => [a.index, a.owner])), held);
+    assert.equal((await store.usage(s)).used, 3);
+    const aaa = await store.listByOwner("vm-aaa", "", 10);
+    assert.deepEqual(
+      aaa.map((x) => x.alloc.index).sort(),
+      [...held]
+        .filter(([, o]) => o === "vm-aaa")
+        .map(([i]) => i)
+        .sort(),
+    );
+    assert.equal(await r.exists(`${K.legacy.ownerPrefix}vm-aaa`, `${K.legacy.ownerPrefix}vm-bbb`), 0, "the earlier owner index emptied");
+    assert.match((await allocRecord(r, s, firstIdx))!, new RegExp(`^${firstOwner}\n`), "read under the tag now");
+    assert.equal(await allocRecord(r, s, 200), null, "a free address reads as free, the tombstone as absent");
+
+    // Allowed: this release allocates past what was held.
+    const next = await store.allocate(s, "vm-ccc", "r1", -1);
+    assert.ok(!held.has(next.alloc.index), `a new address, not one held (${next.alloc.index})`);
+
+    // Forbidden: a replica of the previous release still running.
+    const before = await r.bitcount(K.bits(s.vpcId, s.id));
+    await assert.rejects(previousAllocate(r, s, "vm-evil", "x"), /WRONGTYPE/, "its Allocate fails");
+    await assert.rejects(
+      r.eval(
+        Previous.RELEASE,
+        8,
+        K.subnet(s.id),
+        K.legacy.bits(s.id),
+        K.legacy.full(s.id),
+        K.legacy.alloc(s.id),
+        K.legacy.req(s.id),
+        K.legacy.idx(s.id),
+        K.legacy.used(s.id),
+        K.events,
+        firstIdx,
+        "",
+        "",
+        s.id,
+        K.legacy.ownerPrefix,
+        "",
+      ),
+      /WRONGTYPE/,
+      "its Release fails",
+    );
+    await assert.rejects(
+      r.eval(
+        Previous.DELETE_SUBNET,
+        13,
+        K.subnet(s.id),
+        K.vpcSubnets(s.vpcId),
+        K.vpcSubnetByName(s.vpcId),
+        K.legacy.bits(s.id),
+        K.legacy.full(s.id),
+        K.legacy.used(s.id),
+        K.legacy.alloc(s.id),
+        K.legacy.req(s.id),
+        K.legacy.idx(s.id),
+        K.events,
+        K.allSubnets,
+        K.fwSubnetAcl,
+        K.gwVpcNat,
+        s.id,
+      ),
+      /WRONGTYPE/,
+      "its DeleteSubnet fails",
+    );
+    assert.equal(await r.bitcount(K.bits(s.vpcId, s.id)), before, "nothing allocated");
+    assert.equal(
+      await r.exists(K.legacy.bits(s.id), K.legacy.full(s.id), K.legacy.idx(s.id), `${K.legacy.ownerPrefix}vm-evil`),
+      0,
+      "no earlier-layout state made again",
+    );
+    assert.ok(await store.getSubnet(s.id), "the subnet is still there");
+    assert.equal((await store.usage(s)).used, 4);
+    assert.equal(await r.get(K.legacy.req(s.id)), TOMBSTONE);
+  });
+
+  test("a subnet this release makes refuses the previous release's Allocate as well; its own allocations work", async () => {
+    const s = await subnet();
+    await assert.rejects(previousAllocate(r, s, "vm-evil", "x"), /WRONGTYPE/);
+    const a = await store.allocate(s, "vm-ddd", "r1", -1);
+    assert.equal(a.alloc.index, 2, "the first address after network and gateway");
+    assert.equal(await r.exists(K.legacy.bits(s.id)), 0);
+  });
+
+  test("a subnet the previous release makes after this one started moves on its first allocation; DeleteSubnet counts what it held", async () => {
+    const { s, held } = await previousSubnet();
+    await assert.rejects(store.deleteSubnet(s.id), (e: Error) => e instanceof FailedPreconditionError && /still has 3 allocated/.test(e.message));
+    assert.ok(await store.getSubnet(s.id), "not deleted");
+    const { s: s2, held: held2 } = await previousSubnet();
+    const a = await store.allocate(s2, "vm-eee", "r1", -1);
+    assert.ok(!held2.has(a.alloc.index) && a.created);
+    assert.equal((await store.usage(s2)).used, 4);
+    assert.ok(held.size === 3);
+  });
+
+  test("Release without an owner names the holder's owner index (declared, not built in the script)", async () => {
+    const s = await subnet();
+    const a = await store.allocate(s, "vm-fff", "r1", -1);
+    assert.equal(await r.zcard(K.owner(s.vpcId, "vm-fff")), 1);
+    assert.equal(await store.release(s, a.alloc.index, "", ""), a.alloc.index);
+    assert.equal(await r.zcard(K.owner(s.vpcId, "vm-fff")), 0, "the holder's entry went with it");
+    assert.equal(await store.release(s, a.alloc.index, "", ""), null, "a second release frees nothing");
+  });
+});
+
+describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
+  let single: TestRedis;
+  let cluster: TestRedisCluster;
+  const clients: Redis[] = [];
+  let s: SubnetRec;
+
+  beforeAll(async () => {
+    [single, cluster] = await Promise.all([startRedis({ appendfsync: "no" }), startRedisCluster()]);
+    // The VPC and subnet are made on a single Redis and imported key by key
+    // (DUMP/RESTORE, what `redis-cli --cluster import` does): CreateSubnet still
+    // writes the catalog and the VPC's keys in one script (docs/redis-schema.md).
+    const src = new Redis(single.url);
+    try {
+      const st = new IpamStore(src);
+      const { vpc } = await st.createVpc(
+        { name: "cl", cidr: "10.61.0.0/16", base: ipToInt("10.61.0.0"), prefix: 16, description: "", labels: [], publicCidr: false },
+        "",
+      );
+      const { subnet } = await st.createSubnet(
+        {
+          vpcId: vpc.id,
+          name: "a",
+          cidr: "10.61.0.0/22",
+          base: ipToInt("10.61.0.0"),
+          prefix: 22,
+          size: 1024,
+          type: "private",
+          extraReserved: 0,
+          description: "",
+          labels: [],
+        },
+        "",
+      );
+      s = subnet;
+      const dst = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
+      clients.push(dst);
+      await waitReady(dst);
+      for (const key of [K.vpc(vpc.id), K.vpcByName, K.subnet(s.id), K.used(s.vpcId, s.id), K.bits(s.vpcId, s.id), K.full(s.vpcId, s.id)]) {
+        const dump = await src.dumpBuffer(key);
+        assert.ok(dump, `${key} exists`);
+        await dst.restore(key, 0, dump, "REPLACE");
+      }
+    } finally {
+      src.disconnect();
+    }
+    for (let i = 0; i < 3; i++) clients.push(connectRedis({ url: cluster.url, commandTimeoutMs: 2000 }));
+    await Promise.all(clients.map((c) => waitReady(c)));
+  }, 60_000);
+  afterAll(async () => {
+    for (const c of clients) c.disconnect();
+    await Promise.all([single?.stop(), cluster?.stop()]);
+  });
+
+  test("a subnet's state, its owner indexes and its VPC's change stream share one slot", async () => {
+    const c = clients[0];
+    const slot = (key: string) => c.cluster("KEYSLOT", key) as Promise<number>;
+    const want = await slot(`mvpc:{${s.vpcId}}:events`);
+    for (const key of [...STATE.map((k) => K[k](s.vpcId, s.id)), K.owner(s.vpcId, "vm-x")]) assert.equal(await slot(key), want, key);
+  });
+
+  test("Allocate, AllocateBatch and Release run, from four clients at once; no address twice", async () => {
+    const stores = clients.map((c) => new IpamStore(c));
+    const got = await Promise.all(Array.from({ length: 200 }, (_, i) => stores[i % 4].allocate(s, `vm-${i % 7}`, `r${i}`, -1)));
+    const idx = got.map((g) => g.alloc.index);
+    assert.equal(new Set(idx).size, 200, "200 distinct addresses");
+    assert.ok(idx.every((i) => i >= 2 && i < 1023));
+    const again = await stores[1].allocate(s, "vm-3", "r3", -1);
+    assert.deepEqual([again.created, again.alloc.index], [false, got[3].alloc.index], "a retry gets its address back");
+    const batch = await stores[2].allocateBatch(s, "vm-batch", "b1", 50);
+    assert.equal(new Set([...idx, ...batch.allocs.map((a) => a.index)]).size, 250);
+    assert.equal((await stores[0].usage(s)).used, 250);
+    // Release by owner, and without one (the holder's index is named on the second try).
+    assert.equal(await stores[3].release(s, got[0].alloc.index, "vm-0", ""), got[0].alloc.index);
+    assert.equal(await stores[3].release(s, got[1].alloc.index, "", ""), got[1].alloc.index);
+    await assert.rejects(stores[0].release(s, got[2].alloc.index, "vm-0", ""), FailedPreconditionError, "another owner's address is not released");
+    assert.equal((await stores[0].usage(s)).used, 248);
+    const mine = await stores[0].listByOwner("vm-batch", "", 100);
+    assert.equal(mine.length, 50);
+  });
+
+  test("the previous layout's Allocate is refused on a cluster (its keys are in several slots)", async () => {
+    const keys = previousAllocateKeys(s, "vm-x");
+    // ioredis refuses it before sending; the node that serves its first key refuses it too.
+    await assert.rejects(clients[0].eval(Previous.ALLOCATE, 9, ...keys, "vm-x", "x", -1, Date.now(), s.id), /same slot/);
+    const slot = (await clients[0].cluster("KEYSLOT", keys[0])) as number;
+    const port = (await clients[0].cluster("SLOTS")).find(([lo, hi]) => slot >= lo && slot <= hi)![2][1];
+    const node = new Redis({ port, host: "127.0.0.1", maxRetriesPerRequest: 1 });
+    try {
+      await assert.rejects(node.eval(Previous.ALLOCATE, 9, ...keys, "vm-x", "x", -1, Date.now(), s.id), /CROSSSLOT/);
+    } finally {
+      node.disconnect();
+    }
+  });
+});
