@@ -34,6 +34,8 @@ export const K = {
   alloc: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:alloc`,
   req: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:req`,
   idx: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:idx`,
+  /** While a subnet's owner entries move from the earlier names: the HSCAN cursor of the next step (MIGRATE_SUBNET). */
+  moving: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:moving`,
   /** An owner's allocations in one VPC: zset of "<subnet>/<index>". */
   owner: (vpc: string, owner: string) => `${P}{${vpc}}:owner:${owner}`,
   /**

@@ -240,16 +240,20 @@ export function checked<T>(key: string, kind: string, parse: () => T, vpcId?: st
  * check) upgrade before the control plane: until the IPAM daemon has moved a
  * subnet's state under its VPC's tag (IpamStore.migrateSubnet), a record not
  * found there is read under the earlier name; once moved, that name holds a
- * tombstone of another type, read as absent. Not on a cluster, which only
- * ever has the tagged names.
+ * tombstone of another type: the tagged name is read again (the move may
+ * have come between the two reads). Not on a cluster, which only ever has
+ * the tagged names.
  */
 export async function allocRecord(redis: Redis, s: SubnetRef, index: number): Promise<string | null> {
   const rec = await redis.hget(K.alloc(s.vpcId, s.id), String(index));
   if (rec !== null || redis.isCluster) return rec;
-  return await redis.hget(K.legacy.alloc(s.id), String(index)).catch((err: Error) => {
-    if (err.message.startsWith("WRONGTYPE")) return null;
-    throw err;
-  });
+  try {
+    return await redis.hget(K.legacy.alloc(s.id), String(index));
+  } catch (err) {
+    if (!(err as Error).message.startsWith("WRONGTYPE")) throw err;
+    // A tombstone: the subnet has moved, maybe since the first read. Its record, if any, is under the tag now.
+    return await redis.hget(K.alloc(s.vpcId, s.id), String(index));
+  }
 }
 
 /** What other services read of IPAM: VPCs, subnets and allocations, never a write. */

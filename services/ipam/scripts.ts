@@ -366,9 +366,10 @@ return {1, id}
 /**
  * KEYS: 1 subnet hash, 2 vpc subnets zset, 3 vpc subnet byname, 4 bits,
  *       5 full, 6 used, 7 alloc, 8 req, 9 idx, 10 events, 11 all-subnets zset,
- *       12 the firewall's subnet → ACL hash, 13 the gateway's VPC → NAT hash;
- *       on a single Redis 14, 15, 16 the subnet's req, alloc and used under
- *       an earlier release's names (its tombstones, deleted with it)
+ *       12 the firewall's subnet → ACL hash, 13 the gateway's VPC → NAT hash,
+ *       14 the cursor of a move of its owner entries (K.moving); on a single
+ *       Redis 15, 16, 17 the subnet's req, alloc and used under an earlier
+ *       release's names (its tombstones, deleted with it)
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
  * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it,
@@ -378,7 +379,7 @@ return {1, id}
 export const DELETE_SUBNET = `${LUA_EMIT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
-if KEYS[16] and redis.call('TYPE', KEYS[16]).ok == 'string' then return {-3, ''} end
+if KEYS[17] and redis.call('TYPE', KEYS[17]).ok == 'string' then return {-3, ''} end
 local used = tonumber(redis.call('GET', KEYS[6]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
@@ -388,8 +389,8 @@ local nat = redis.call('HGET', KEYS[13], vpc)
 if nat and redis.call('HGET', 'mvpc:gw:nat:' .. nat, 'subnet') == ARGV[1] then
   return {-2, 'NAT gateway ' .. nat .. ' sits in it (microvpc nat delete)'}
 end
-redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
-if KEYS[16] then redis.call('DEL', KEYS[14], KEYS[15], KEYS[16]) end
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[14])
+if KEYS[17] then redis.call('DEL', KEYS[15], KEYS[16], KEYS[17]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], name)
 redis.call('ZREM', KEYS[11], ARGV[1])
@@ -398,31 +399,53 @@ mvpc_scoped({vpc}, {}, 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
 return {1, ''}
 `;
 
+/** How many allocations' owner entries one MIGRATE_SUBNET call moves (about 10 ms of Redis time per call). */
+export const MIGRATE_BATCH = 1000;
+
 /**
  * Moves one subnet's allocation state from an earlier release's names
  * ("mvpc:sn:<subnet>:…", its holders' "mvpc:owner:<owner>" entries) to the
- * names under its VPC's hash tag, and leaves tombstones (TOMBSTONE). Single
- * Redis only: the earlier names are in other slots, so on a Redis Cluster
- * the move is made before the data is imported (docs/redis-schema.md).
+ * names under its VPC's hash tag. Single Redis only: the earlier names are in
+ * other slots, so on a Redis Cluster the move is made before the data is
+ * imported (docs/redis-schema.md).
+ *
+ * The first call RENAMEs the six keys and leaves tombstones (TOMBSTONE) at
+ * once, in one script: from then on the subnet is served under the tag and
+ * the earlier release's scripts fail on it. The owner entries follow in
+ * steps of ARGV[4] allocations (HSCAN of the moved alloc hash, its cursor
+ * kept in KEYS[13]), one call each, so that no call holds Redis for longer
+ * than about 10 ms (30 at worst, measured) whatever the subnet's size. A step takes each
+ * allocation as it is now: one released meanwhile is not seen (its entry in
+ * the earlier index stays, which nothing reads), one made meanwhile is
+ * already in the tagged index (a second ZADD changes nothing).
  * KEYS: 1–6 the earlier used, bits, full, alloc, req, idx; 7–12 the same
- *       under the VPC's tag
+ *       under the VPC's tag; 13 the step cursor (under the tag)
  * ARGV: 1 subnet id, 2 the earlier owner index prefix ("mvpc:owner:"),
- *       3 the tagged one ("mvpc:{<vpc>}:owner:")
- * Returns 1 moved, 0 already under the tag, -1 nothing to move (no such
- * subnet, or deleted).
- * The owner index keys are built here from each allocation's holder, which
- * is what the earlier layout did and why it could not run on a cluster; a
- * holder that is not an owner token (V.token's alphabet and length) is
- * left where it is and counted in the reply's second element.
+ *       3 the tagged one ("mvpc:{<vpc>}:owner:"), 4 allocations per step
+ * Returns {moved, more, skipped}: moved 1 if this call renamed, 0 if it was
+ * under the tag already, -1 if there is nothing to move (no such subnet, or
+ * deleted); more 1 while owner entries are left to move (call again);
+ * skipped, the allocations of this step whose holder is not an owner token
+ * (V.token's alphabet and length): left out of the owner index. The owner
+ * index keys are built here from each holder, which is what the earlier
+ * layout did and why it could not run on a cluster.
  */
 export const MIGRATE_SUBNET = `${LUA_TOMBSTONES}
-if redis.call('EXISTS', KEYS[7]) == 1 then return {0, 0} end
-if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return {-1, 0} end
-for i = 1, 6 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 6]) end
+local moved = 0
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return {-1, 0, 0} end
+  for i = 1, 6 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 6]) end
+  end
+  tombstone(KEYS[5], KEYS[4], KEYS[1])
+  if redis.call('EXISTS', KEYS[10]) == 1 then redis.call('SET', KEYS[13], '0') end
+  moved = 1
 end
+local cursor = redis.call('GET', KEYS[13])
+if not cursor then return {moved, 0, 0} end
+local r = redis.call('HSCAN', KEYS[10], cursor, 'COUNT', ARGV[4])
 local skipped = 0
-local all = redis.call('HGETALL', KEYS[10])
+local all = r[2]
 for i = 1, #all - 1, 2 do
   local holder = string.match(all[i + 1], '^[^\\n]*')
   if string.match(holder, '^[A-Za-z0-9_.:/-]+$') and #holder <= 128 then
@@ -433,6 +456,10 @@ for i = 1, #all - 1, 2 do
     skipped = skipped + 1
   end
 end
-tombstone(KEYS[5], KEYS[4], KEYS[1])
-return {1, skipped}
+if r[1] == '0' then
+  redis.call('DEL', KEYS[13])
+  return {moved, 0, skipped}
+end
+redis.call('SET', KEYS[13], r[1])
+return {moved, 1, skipped}
 `;

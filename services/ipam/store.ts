@@ -27,7 +27,7 @@ declare module "ioredis" {
     mvpcDeleteVpc(...args: (string | number)[]): Promise<Reply>;
     mvpcCreateSubnet(...args: (string | number)[]): Promise<Reply>;
     mvpcDeleteSubnet(...args: (string | number)[]): Promise<Reply>;
-    mvpcMigrateSubnet(...args: (string | number)[]): Promise<[number, number]>;
+    mvpcMigrateSubnet(...args: (string | number)[]): Promise<[number, number, number]>;
   }
 }
 
@@ -42,7 +42,7 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
   redis.defineCommand("mvpcCreateSubnet", { lua: S.CREATE_SUBNET });
   redis.defineCommand("mvpcDeleteSubnet", { lua: S.DELETE_SUBNET });
-  redis.defineCommand("mvpcMigrateSubnet", { numberOfKeys: 12, lua: S.MIGRATE_SUBNET });
+  redis.defineCommand("mvpcMigrateSubnet", { numberOfKeys: 13, lua: S.MIGRATE_SUBNET });
 }
 
 function flat(obj: Record<string, string | number>): (string | number)[] {
@@ -71,6 +71,11 @@ function stateKeys(redis: Redis, s: SubnetRec, owner: string): (string | number)
 /** A subnet's req, alloc and used under the earlier names, where tombstones go: none on a cluster (K.legacy). */
 function tombstoneKeys(redis: Redis, subnetId: string): string[] {
   return redis.isCluster ? [] : [K.legacy.req(subnetId), K.legacy.alloc(subnetId), K.legacy.used(subnetId)];
+}
+
+/** An owner read back from an allocation record, for a message: shown only if it is one (V.token). */
+function shownOwner(raw: string): string {
+  return V.attempt(() => V.token("owner", raw)).ok ? raw : "an owner whose allocation record does not validate";
 }
 
 /** A call's KEYS, count first. */
@@ -217,6 +222,7 @@ export class IpamStore extends IpamReader {
           K.allSubnets,
           K.fwSubnetAcl,
           K.gwVpcNat,
+          K.moving(s.vpcId, id),
           ...tombstoneKeys(this.redis, id),
         ]),
         id,
@@ -241,24 +247,34 @@ export class IpamStore extends IpamReader {
   async migrateSubnet(s: SubnetRec): Promise<boolean> {
     if (this.redis.isCluster) return false;
     const L = K.legacy;
-    const [code, skipped] = await this.redis.mvpcMigrateSubnet(
-      L.used(s.id),
-      L.bits(s.id),
-      L.full(s.id),
-      L.alloc(s.id),
-      L.req(s.id),
-      L.idx(s.id),
-      K.used(s.vpcId, s.id),
-      K.bits(s.vpcId, s.id),
-      K.full(s.vpcId, s.id),
-      K.alloc(s.vpcId, s.id),
-      K.req(s.vpcId, s.id),
-      K.idx(s.vpcId, s.id),
-      s.id,
-      L.ownerPrefix,
-      K.owner(s.vpcId, ""),
-    );
-    if (code === 1 && Number(skipped) > 0)
+    let renamed = false;
+    let skipped = 0;
+    // The first call renames (the subnet is served under the tag from then on); the owner entries follow in steps.
+    for (;;) {
+      const [code, more, n] = await this.redis.mvpcMigrateSubnet(
+        L.used(s.id),
+        L.bits(s.id),
+        L.full(s.id),
+        L.alloc(s.id),
+        L.req(s.id),
+        L.idx(s.id),
+        K.used(s.vpcId, s.id),
+        K.bits(s.vpcId, s.id),
+        K.full(s.vpcId, s.id),
+        K.alloc(s.vpcId, s.id),
+        K.req(s.vpcId, s.id),
+        K.idx(s.vpcId, s.id),
+        K.moving(s.vpcId, s.id),
+        s.id,
+        L.ownerPrefix,
+        K.owner(s.vpcId, ""),
+        S.MIGRATE_BATCH,
+      );
+      if (code === 1) renamed = true;
+      skipped += Number(n);
+      if (Number(more) !== 1) break;
+    }
+    if (skipped > 0)
       reportInvalid(
         OWNER,
         "allocation",
@@ -269,24 +285,28 @@ export class IpamStore extends IpamReader {
           vpcId: s.vpcId,
         },
       );
-    return code === 1;
+    return renamed;
   }
 
   /**
-   * Moves every subnet's allocation state still under the earlier names
-   * (the IPAM daemon's start, before it serves). Returns how many moved. A
-   * subnet a replica of the earlier release makes later is moved on its
-   * first allocation.
+   * Moves every subnet's allocation state still under the earlier names, and
+   * finishes a move a stopped daemon left half-way (the IPAM daemon's start,
+   * before it serves). Returns how many subnets it renamed. Pages over the
+   * raw ids, so that a page of records that do not validate does not end it.
+   * A subnet a replica of the earlier release makes later moves on its
+   * first Allocate, Release or DeleteSubnet.
    */
   async migrateAll(): Promise<number> {
     if (this.redis.isCluster) return 0;
     let moved = 0;
     let after = "";
     for (;;) {
-      const page = await this.listSubnets(null, after, 500);
-      if (page.length === 0) return moved;
-      for (const s of page) if (await this.migrateSubnet(s)) moved++;
-      after = page[page.length - 1].id;
+      const ids = await this.redis.zrangebylex(K.allSubnets, after ? `(${after}` : "-", "+", "LIMIT", 0, 200);
+      if (ids.length === 0) return moved;
+      const subnets = await Promise.all(ids.map((id) => (V.attempt(() => V.id("subnet", id, "subnet")).ok ? this.getSubnet(id) : null)));
+      const done = await Promise.all(subnets.map((s) => (s ? this.migrateSubnet(s) : false)));
+      moved += done.filter(Boolean).length;
+      after = ids[ids.length - 1];
     }
   }
 
@@ -308,7 +328,9 @@ export class IpamStore extends IpamReader {
       }
       case -1: {
         const holder = String(detail).split("\n")[0];
-        throw new AlreadyExistsError(`${addr(wanted)} is already allocated to ${holder}; ask for another address or leave it empty for the next free one`);
+        throw new AlreadyExistsError(
+          `${addr(wanted)} is already allocated to ${shownOwner(holder)}; ask for another address or leave it empty for the next free one`,
+        );
       }
       case -2:
         throw new ResourceExhaustedError(`subnet ${s.name} (${s.cidr}) has no free address; release addresses or create a larger subnet`);
@@ -394,7 +416,8 @@ export class IpamStore extends IpamReader {
       }
       if (code === 1) return Number(detail);
       if (code === 0 || code === -4 || code === -6) return null;
-      if (code === -1) throw new FailedPreconditionError(`${V.intToIp(s.base + index)} is held by ${detail}, not ${owner}; nothing was released`);
+      if (code === -1)
+        throw new FailedPreconditionError(`${V.intToIp(s.base + index)} is held by ${shownOwner(String(detail))}, not ${owner}; nothing was released`);
       throw new Error(`release script returned ${code}`);
     }
   }

@@ -16,7 +16,7 @@ import { FailedPreconditionError } from "../../services/common/errors.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
-import { TOMBSTONE } from "../../services/ipam/scripts.js";
+import { MIGRATE_BATCH, MIGRATE_SUBNET, TOMBSTONE } from "../../services/ipam/scripts.js";
 import { IpamStore, type SubnetRec } from "../../services/ipam/store.js";
 import * as Previous from "../lib/ipam-previous-scripts.js";
 import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
@@ -27,6 +27,34 @@ const STATE = ["used", "bits", "full", "alloc", "req", "idx"] as const;
 function previousAllocateKeys(s: SubnetRec, owner: string): string[] {
   const L = K.legacy;
   return [K.subnet(s.id), L.bits(s.id), L.full(s.id), L.alloc(s.id), L.req(s.id), L.idx(s.id), L.used(s.id), `${L.ownerPrefix}${owner}`, K.events];
+}
+
+/** Runs the previous release's ALLOCATE_BATCH: count addresses for one owner. */
+async function previousAllocateBatch(r: Redis, s: SubnetRec, owner: string, req: string, count: number): Promise<number[]> {
+  return (await r.eval(Previous.ALLOCATE_BATCH, 9, ...previousAllocateKeys(s, owner), owner, req, count, Date.now(), s.id)) as number[];
+}
+
+/** Runs the previous release's RELEASE (index -1: by owner and request id). */
+async function previousRelease(r: Redis, s: SubnetRec, index: number, owner: string, req: string): Promise<unknown> {
+  const L = K.legacy;
+  return await r.eval(
+    Previous.RELEASE,
+    8,
+    K.subnet(s.id),
+    L.bits(s.id),
+    L.full(s.id),
+    L.alloc(s.id),
+    L.req(s.id),
+    L.idx(s.id),
+    L.used(s.id),
+    K.events,
+    index,
+    owner,
+    req,
+    s.id,
+    L.ownerPrefix,
+    "",
+  );
 }
 
 /** Runs the previous release's ALLOCATE (lowest free address): what one of its replicas does on Allocate. */
@@ -56,10 +84,12 @@ describe("on a single Redis: the move from the previous layout", () => {
     await redis?.stop();
   });
 
-  async function subnet(): Promise<SubnetRec> {
-    const base = ipToInt("10.60.0.0") + 256 * ++n;
+  /** A new subnet (a /24, or a /22 for `big`), made by this release. */
+  async function subnet(big = false): Promise<SubnetRec> {
+    const base = ipToInt("10.60.0.0") + 1024 * ++n;
+    const [prefix, size] = big ? [22, 1024] : [24, 256];
     const { subnet: s } = await store.createSubnet(
-      { vpcId, name: `s${n}`, cidr: `${intToIp(base)}/24`, base, prefix: 24, size: 256, type: "private", extraReserved: 0, description: "", labels: [] },
+      { vpcId, name: `s${n}`, cidr: `${intToIp(base)}/${prefix}`, base, prefix, size, type: "private", extraReserved: 0, description: "", labels: [] },
       "",
     );
     return s;
@@ -113,28 +143,9 @@ describe("on a single Redis: the move from the previous layout", () => {
     // Forbidden: a replica of the previous release still running.
     const before = await r.bitcount(K.bits(s.vpcId, s.id));
     await assert.rejects(previousAllocate(r, s, "vm-evil", "x"), /WRONGTYPE/, "its Allocate fails");
-    await assert.rejects(
-      r.eval(
-        Previous.RELEASE,
-        8,
-        K.subnet(s.id),
-        K.legacy.bits(s.id),
-        K.legacy.full(s.id),
-        K.legacy.alloc(s.id),
-        K.legacy.req(s.id),
-        K.legacy.idx(s.id),
-        K.legacy.used(s.id),
-        K.events,
-        firstIdx,
-        "",
-        "",
-        s.id,
-        K.legacy.ownerPrefix,
-        "",
-      ),
-      /WRONGTYPE/,
-      "its Release fails",
-    );
+    await assert.rejects(previousAllocateBatch(r, s, "vm-evil", "b", 8), /WRONGTYPE/, "its AllocateBatch fails");
+    await assert.rejects(previousRelease(r, s, firstIdx, "", ""), /WRONGTYPE/, "its Release by address fails");
+    await assert.rejects(previousRelease(r, s, -1, firstOwner, "req-0"), /WRONGTYPE/, "its Release by request id fails");
     await assert.rejects(
       r.eval(
         Previous.DELETE_SUBNET,
@@ -165,6 +176,11 @@ describe("on a single Redis: the move from the previous layout", () => {
     );
     assert.ok(await store.getSubnet(s.id), "the subnet is still there");
     assert.equal((await store.usage(s)).used, 4);
+    assert.deepEqual(
+      new Map((await store.listBySubnet(s, -1, 100)).filter((a) => a.owner !== "vm-ccc").map((a) => [a.index, a.owner])),
+      held,
+      "every allocation kept",
+    );
     assert.equal(await r.get(K.legacy.req(s.id)), TOMBSTONE);
   });
 
@@ -177,14 +193,15 @@ describe("on a single Redis: the move from the previous layout", () => {
   });
 
   test("a subnet the previous release makes after this one started moves on its first allocation; DeleteSubnet counts what it held", async () => {
-    const { s, held } = await previousSubnet();
+    const { s } = await previousSubnet();
     await assert.rejects(store.deleteSubnet(s.id), (e: Error) => e instanceof FailedPreconditionError && /still has 3 allocated/.test(e.message));
     assert.ok(await store.getSubnet(s.id), "not deleted");
+    assert.equal(await r.get(K.legacy.req(s.id)), TOMBSTONE, "moved by the delete's check");
+    await assert.rejects(previousAllocate(r, s, "vm-evil", "x"), /WRONGTYPE/);
     const { s: s2, held: held2 } = await previousSubnet();
     const a = await store.allocate(s2, "vm-eee", "r1", -1);
     assert.ok(!held2.has(a.alloc.index) && a.created);
     assert.equal((await store.usage(s2)).used, 4);
-    assert.ok(held.size === 3);
   });
 
   test("Release without an owner names the holder's owner index (declared, not built in the script)", async () => {
@@ -194,6 +211,50 @@ describe("on a single Redis: the move from the previous layout", () => {
     assert.equal(await store.release(s, a.alloc.index, "", ""), a.alloc.index);
     assert.equal(await r.zcard(K.owner(s.vpcId, "vm-fff")), 0, "the holder's entry went with it");
     assert.equal(await store.release(s, a.alloc.index, "", ""), null, "a second release frees nothing");
+    // Forbidden: another owner's release of it.
+    const b = await store.allocate(s, "vm-ggg", "r1", -1);
+    await assert.rejects(store.release(s, b.alloc.index, "vm-fff", ""), FailedPreconditionError);
+    assert.equal((await store.getAllocation(s, b.alloc.index))?.owner, "vm-ggg", "still held");
+    assert.equal(await r.zcard(K.owner(s.vpcId, "vm-ggg")), 1);
+  });
+
+  test("a large subnet's owner entries move in steps; a move a stopped daemon left half-way is finished by the next start", async () => {
+    const s = await subnet(true);
+    for (const k of ["req", "alloc", "used"] as const) await r.del(K.legacy[k](s.id));
+    for (const k of STATE) if (await r.exists(K[k](s.vpcId, s.id))) await r.rename(K[k](s.vpcId, s.id), K.legacy[k](s.id));
+    const owners = ["vm-p", "vm-q", "vm-r"];
+    for (const [i, o] of owners.entries()) assert.equal((await previousAllocateBatch(r, s, o, `b${i}`, 300))[0], 1);
+    const total = 3 * 300;
+    assert.ok(total > MIGRATE_BATCH / 2, "enough for HSCAN to return it in parts");
+    // One step, as a daemon stopped after its first call would leave it: renamed, tombstoned, owner entries partly moved.
+    const L = K.legacy;
+    const step = async (count: number) =>
+      (await r.eval(
+        MIGRATE_SUBNET,
+        13,
+        ...[L.used(s.id), L.bits(s.id), L.full(s.id), L.alloc(s.id), L.req(s.id), L.idx(s.id)],
+        ...[K.used(s.vpcId, s.id), K.bits(s.vpcId, s.id), K.full(s.vpcId, s.id), K.alloc(s.vpcId, s.id), K.req(s.vpcId, s.id), K.idx(s.vpcId, s.id)],
+        K.moving(s.vpcId, s.id),
+        s.id,
+        L.ownerPrefix,
+        K.owner(s.vpcId, ""),
+        count,
+      )) as number[];
+    const one = await step(100);
+    assert.deepEqual(one.slice(0, 2), [1, 1], "renamed, more to move");
+    const movedSoFar = (await Promise.all(owners.map((o) => r.zcard(K.owner(s.vpcId, o))))).reduce((x, y) => x + y, 0);
+    assert.ok(movedSoFar > 0 && movedSoFar < total, `one step moved part of the entries (${movedSoFar} of ${total})`);
+    await assert.rejects(previousAllocate(r, s, "vm-evil", "x"), /WRONGTYPE/, "tombstoned from the first step");
+    // Served meanwhile.
+    const fresh = await store.allocate(s, "vm-p", "fresh", -1);
+    assert.ok(fresh.created);
+    // The next start finishes it.
+    assert.equal(await store.migrateAll(), 0, "nothing left to rename");
+    assert.equal(await r.exists(K.moving(s.vpcId, s.id)), 0, "the step cursor is gone");
+    for (const o of owners) assert.equal(await r.exists(`${L.ownerPrefix}${o}`), 0, `${o}'s earlier index emptied`);
+    const counts = await Promise.all(owners.map((o) => r.zcard(K.owner(s.vpcId, o))));
+    assert.deepEqual(counts, [301, 300, 300], "every entry in the tagged index, and the one made meanwhile");
+    assert.equal((await store.listByOwner("vm-p", "", 1000)).length, 301);
   });
 });
 

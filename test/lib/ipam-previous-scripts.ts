@@ -79,6 +79,86 @@ return {1, idx}
 `;
 
 /**
+ * AllocateBatch: count addresses, the lowest free ones, all or nothing.
+ * Item i is held under request id "<request id>/<i>" (as if allocated alone).
+ * KEYS: as ALLOCATE (1 subnet hash, 2 bits, 3 full, 4 alloc, 5 req, 6 idx
+ *       zset, 7 used, 8 owner zset, 9 events stream)
+ * ARGV: 1 owner, 2 batch request id, 3 count, 4 now ms, 5 subnet id
+ * Returns {1, idx…} created (item order = address order), {0, idx or -1…}
+ * a retry (-1 = that item was released since), or an error table:
+ *   {-2, free} fewer than count free, {-3} the request id was used for a
+ *   larger batch, {-4} no subnet.
+ */
+export const ALLOCATE_BATCH = `${chunkHelpers}
+local owner, reqid, count, now, sid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local size = tonumber(redis.call('HGET', KEYS[1], 'size'))
+if not size then return {-4, ''} end
+local base = owner .. '\\n' .. reqid .. '/'
+local fields = {}
+for i = 0, count - 1 do fields[i + 1] = base .. i end
+local prev = redis.call('HMGET', KEYS[5], unpack(fields))
+local retry = false
+for i = 1, count do if prev[i] then retry = true end end
+if retry or redis.call('HEXISTS', KEYS[5], base .. count) == 1 then
+  if redis.call('HEXISTS', KEYS[5], base .. count) == 1 then return {-3, ''} end
+  local out = {0}
+  for i = 1, count do out[i + 1] = prev[i] and tonumber(prev[i]) or -1 end
+  return out
+end
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'extra') or '0') + 3
+local free = size - reserved - tonumber(redis.call('GET', KEYS[7]) or '0')
+if free < count then return {-2, free} end
+local nchunks = math.ceil(size / CHUNK_BITS)
+local got = {}
+for n = 1, count do
+  local c = redis.call('BITPOS', KEYS[3], 0)
+  local idx = -1
+  if c >= 0 and c < nchunks then
+    local _, sb, eb = chunk_range(c * CHUNK_BITS, size)
+    idx = redis.call('BITPOS', KEYS[2], 0, sb, eb)
+    if idx < 0 or idx >= size then
+      redis.call('SETBIT', KEYS[3], c, 1)
+      idx = -1
+    end
+  end
+  if idx < 0 then
+    -- The used count and the bitmap disagree (edited by hand): undo, nothing allocated.
+    for _, j in ipairs(got) do
+      redis.call('SETBIT', KEYS[2], j, 0)
+      refresh_chunk(KEYS[2], KEYS[3], j, size)
+    end
+    return {-2, n - 1}
+  end
+  redis.call('SETBIT', KEYS[2], idx, 1)
+  refresh_chunk(KEYS[2], KEYS[3], idx, size)
+  got[n] = idx
+end
+local arec, areq, aidx, aown = {}, {}, {}, {}
+for n, idx in ipairs(got) do
+  local r = reqid .. '/' .. (n - 1)
+  arec[#arec + 1] = idx
+  arec[#arec + 1] = owner .. '\\n' .. r .. '\\n' .. now
+  areq[#areq + 1] = owner .. '\\n' .. r
+  areq[#areq + 1] = idx
+  aidx[#aidx + 1] = idx
+  aidx[#aidx + 1] = idx
+  aown[#aown + 1] = 0
+  aown[#aown + 1] = sid .. '/' .. idx
+end
+redis.call('HSET', KEYS[4], unpack(arec))
+redis.call('HSET', KEYS[5], unpack(areq))
+redis.call('ZADD', KEYS[6], unpack(aidx))
+redis.call('INCRBY', KEYS[7], count)
+redis.call('ZADD', KEYS[8], unpack(aown))
+for _, idx in ipairs(got) do
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'ipam.allocated', 'subnet', sid, 'index', idx, 'owner', owner)
+end
+local out = {1}
+for n, idx in ipairs(got) do out[n + 1] = idx end
+return out
+`;
+
+/**
  * KEYS: 1 subnet hash, 2 bits, 3 full, 4 alloc, 5 req, 6 idx zset, 7 used,
  *       8 events stream
  * ARGV: 1 index (-1 = look up by owner+request id), 2 owner ('' = any),
