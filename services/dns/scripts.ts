@@ -79,7 +79,8 @@ return out
  *       5 forwarders JSON, 6 ttl ('' = unchanged), 7 now ms
  * Returns {1, ''} changed, {-2, holder} a NIC (allocation) holds the
  * resolver address, {-3, subnet} it is a subnet's network or broadcast
- * address, {-4, ''} no such VPC.
+ * address, {-4, ''} no such VPC, {-5, ''} the VPC's subnet index holds an
+ * entry that is not a subnet id (nothing changed).
  */
 export const UPDATE_CONFIG = `${LUA_EMIT}
 local vpc, resolver, rint, fmode, fjson, ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -87,6 +88,8 @@ if vpc ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 if resolver ~= '' then
   local sn = redis.call('ZREVRANGEBYSCORE', KEYS[3], rint, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if #sn > 0 then
+    -- Read back from Redis, it names keys below only if it is a subnet id.
+    if not string.match(sn[1], '^subnet%-[0-9a-f]+$') then return {-5, ''} end
     local base = tonumber(sn[2])
     local size = tonumber(redis.call('HGET', 'mvpc:subnet:' .. sn[1], 'size') or '0')
     if rint < base + size then

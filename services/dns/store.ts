@@ -6,7 +6,9 @@ import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError } from "../common/errors.js";
 import { K as IK } from "../ipam/schema.js";
 import type { Logger } from "pino";
-import { checkRecord, DK, DnsReader, type RecordRec } from "./schema.js";
+import { reportInvalid } from "../common/invalid-records.js";
+import * as V from "../common/validate.js";
+import { checkRecord, DK, DnsReader, OWNER, type RecordRec } from "./schema.js";
 import * as S from "./scripts.js";
 
 export { DEFAULT_TTL, defaultResolver, DK, DnsReader, vpcDnsKeys } from "./schema.js";
@@ -78,10 +80,20 @@ export class DnsStore extends DnsReader {
       Date.now(),
     );
     if (code === -4) throw new NotFoundError("vpc", vpcId, "it was deleted");
-    if (code === -2)
+    if (code === -2) {
+      // The holder as read back from the allocation record: shown only if it is an owner.
+      const holder = V.attempt(() => V.token("owner", String(detail)));
       throw new FailedPreconditionError(
-        `resolver_address ${change.resolver?.text} is allocated to ${detail}; release it or pick a free address (the default subnet layout reserves base + 2 and + 3)`,
+        `resolver_address ${change.resolver?.text} is allocated to ${holder.ok ? holder.value : "an owner whose allocation record does not validate"}; release it or pick a free address (the default subnet layout reserves base + 2 and + 3)`,
       );
+    }
+    if (code === -5) {
+      const key = IK.vpcSubnets(vpcId);
+      reportInvalid(OWNER, "subnet-index", key, "holds an entry that is not a subnet id", undefined, { vpcId });
+      throw new FailedPreconditionError(
+        `VPC ${vpcId}: its subnet index in Redis (${key}) holds an entry that is not a subnet id; nothing was changed (it is counted in microvpc_invalid_records)`,
+      );
+    }
     if (code === -3)
       throw new FailedPreconditionError(
         `resolver_address ${change.resolver?.text} is the network or broadcast address of subnet ${detail}; pick a host address`,

@@ -18,6 +18,9 @@ import { K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
 import { MIGRATE_BATCH, MIGRATE_SUBNET, TOMBSTONE } from "../../services/ipam/scripts.js";
 import { IpamStore, type SubnetRec } from "../../services/ipam/store.js";
+import { DnsStore } from "../../services/dns/store.js";
+import { ipamClients } from "../lib/clients.js";
+import { startDaemon } from "../lib/daemon.js";
 import * as Previous from "../lib/ipam-previous-scripts.js";
 import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
 
@@ -216,6 +219,47 @@ describe("on a single Redis: the move from the previous layout", () => {
     await assert.rejects(store.release(s, b.alloc.index, "vm-fff", ""), FailedPreconditionError);
     assert.equal((await store.getAllocation(s, b.alloc.index))?.owner, "vm-ggg", "still held");
     assert.equal(await r.zcard(K.owner(s.vpcId, "vm-ggg")), 1);
+  });
+
+  test("DNS's resolver check reads the allocation under the tag: an allocated address is refused, a free one taken; a hostile subnet index entry names no key", async () => {
+    const s = await subnet();
+    const dns = new DnsStore(r);
+    const a = await store.allocate(s, "vm-dns", "r1", -1);
+    const at = (i: number) => ({ text: intToIp(s.base + i), int: s.base + i });
+    await assert.rejects(
+      dns.updateConfig(vpcId, { resolver: at(a.alloc.index) }),
+      (e: Error) => e instanceof FailedPreconditionError && /allocated to vm-dns/.test(e.message),
+    );
+    await dns.updateConfig(vpcId, { resolver: at(a.alloc.index + 1) });
+    assert.equal((await dns.getConfig(vpcId)).resolver, intToIp(s.base + a.alloc.index + 1));
+    // Forbidden: an entry of IPAM's subnet index that is not a subnet id reaches no key name.
+    const evil = ipToInt("10.60.250.0");
+    await r.zadd(K.vpcSubnets(vpcId), evil, "x}:evil");
+    try {
+      await assert.rejects(dns.updateConfig(vpcId, { resolver: { text: "10.60.250.5", int: evil + 5 } }), /not a subnet id/);
+      assert.equal((await dns.getConfig(vpcId)).resolver, intToIp(s.base + a.alloc.index + 1), "unchanged");
+    } finally {
+      await r.zrem(K.vpcSubnets(vpcId), "x}:evil");
+    }
+  });
+
+  test("microvpcd ipam moves them when it starts, before it answers; then Allocate and ListAllocations over gRPC see the moved allocations", async () => {
+    const { s, held } = await previousSubnet();
+    const d = await startDaemon("ipam", ["--redis", redis.url, "--log-level", "info"]);
+    try {
+      assert.match(d.output(), /moved subnets' allocation state under their VPC's hash tag/);
+      assert.equal(await r.get(K.legacy.req(s.id)), TOMBSTONE, "moved before SERVING");
+      const c = ipamClients(d.address);
+      const a = await c.ipam.allocate({ subnetId: s.id, owner: "vm-aaa", requestId: "over-grpc" });
+      const idx = ipToInt(a.allocation!.address) - s.base;
+      assert.ok(!held.has(idx), `a free address (${a.allocation!.address}), not one the earlier release handed out`);
+      const mine = await c.ipam.listAllocations({ owner: "vm-aaa", pageSize: 1 });
+      const second = await c.ipam.listAllocations({ owner: "vm-aaa", pageSize: 10, pageToken: mine.nextPageToken });
+      const listed = [...mine.allocations, ...second.allocations].filter((x) => x.subnetId === s.id).map((x) => ipToInt(x.address) - s.base);
+      assert.deepEqual(listed.sort(), [...[...held].filter(([, o]) => o === "vm-aaa").map(([i]) => i), idx].sort(), "paged by VPC, then subnet/index");
+    } finally {
+      await d.stop();
+    }
   });
 
   test("a large subnet's owner entries move in steps; a move a stopped daemon left half-way is finished by the next start", async () => {
