@@ -49,7 +49,8 @@ import { grpcClient, grpcTransport } from "../services/common/client.js";
 import { connectRedis, waitReady } from "../services/common/redis.js";
 import { cidr as parseCidr } from "../services/common/validate.js";
 import { K } from "../services/ipam/keys.js";
-import { ALLOCATE, CHUNK_BITS } from "../services/ipam/scripts.js";
+import { createHash } from "node:crypto";
+import { ALLOCATE, CHUNK_BITS, RELEASE } from "../services/ipam/scripts.js";
 import { DEFAULT_EXTRA_RESERVED } from "../services/ipam/service.js";
 import { IpamStore, reservedIndexes, type SubnetRec } from "../services/ipam/store.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
@@ -472,8 +473,9 @@ async function pairRun(s: SubnetRec, expectIndex: number, n: number, tag: string
   for (const e of log) {
     const a = e[3];
     if (!/^eval(sha)?$/i.test(a[0] ?? "")) continue;
-    if (a[2] === "9") allocUs.push(e[2]);
-    else if (a[2] === "8") releaseUs.push(e[2]);
+    // By the script's SHA1 (EVALSHA's first argument): both take the same keys.
+    if (a[1] === ALLOCATE_SHA) allocUs.push(e[2]);
+    else if (a[1] === RELEASE_SHA) releaseUs.push(e[2]);
   }
   const sl = sorted(lat.subarray(0, i));
   return {
@@ -485,6 +487,9 @@ async function pairRun(s: SubnetRec, expectIndex: number, n: number, tag: string
     releaseScriptP50Us: median(releaseUs),
   };
 }
+
+const ALLOCATE_SHA = createHash("sha1").update(ALLOCATE).digest("hex");
+const RELEASE_SHA = createHash("sha1").update(RELEASE).digest("hex");
 
 /** SLOWLOG time of a plain command, median of n calls, µs. */
 async function commandUs(n: number, ...cmd: string[]): Promise<number> {
