@@ -182,12 +182,15 @@ const fcntl = libc.func("int fcntl(int fd, int cmd, ...)");
 // namespace alive for the child's life (see closeOnExec, ns-syscalls.ts).
 // Run after a context opens; a socket libnftables reopens inside a run (an
 // interrupted cache dump) stays unmarked until another context opens: a rare window.
+const F_GETFD = 1;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
 function closeOnExecAll() {
   for (const name of fs.readdirSync("/proc/self/fd")) {
     const fd = Number(name);
     if (!(fd > 2)) continue;
-    const flags = fcntl(fd, 1);
-    if (flags >= 0 && !(flags & 1)) fcntl(fd, 2, "int", flags | 1);
+    const flags = fcntl(fd, F_GETFD);
+    if (flags >= 0 && !(flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, "int", flags | FD_CLOEXEC);
   }
 }
 // A signal handled on this thread while nft waits for the kernel's answer
@@ -292,8 +295,8 @@ parentPort.on("message", (m) => {
 });
 `;
 
-type Answer =
-  { id: number; ok: true; out: string; opened?: boolean } | { id: number; ok: false; err?: string; failure?: string; code?: string; opened?: boolean };
+/** The worker's answer to one run; `opened`: the run opened a new context. */
+type Answer = { id: number; opened?: boolean } & ({ ok: true; out: string } | { ok: false; err?: string; failure?: string; code?: string });
 
 let worker: Worker | undefined;
 let nextId = 0;
