@@ -34,6 +34,8 @@ export const K = {
   alloc: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:alloc`,
   req: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:req`,
   idx: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:idx`,
+  /** The six keys of a subnet's allocation state, in the order the allocation and move scripts take them. */
+  state: (vpc: string, sn: string) => [K.used(vpc, sn), K.bits(vpc, sn), K.full(vpc, sn), K.alloc(vpc, sn), K.req(vpc, sn), K.idx(vpc, sn)],
   /** While a subnet's owner entries move from the earlier names: the HSCAN cursor of the next step (MIGRATE_SUBNET). */
   moving: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:moving`,
   /** An owner's allocations in one VPC: zset of "<subnet>/<index>". */
@@ -52,6 +54,8 @@ export const K = {
     alloc: (sn: string) => `${P}sn:${sn}:alloc`,
     req: (sn: string) => `${P}sn:${sn}:req`,
     idx: (sn: string) => `${P}sn:${sn}:idx`,
+    /** As K.state, under the earlier names. */
+    state: (sn: string) => [K.legacy.used(sn), K.legacy.bits(sn), K.legacy.full(sn), K.legacy.alloc(sn), K.legacy.req(sn), K.legacy.idx(sn)],
     ownerPrefix: `${P}owner:`,
   },
 };

@@ -55,15 +55,7 @@ function flat(obj: Record<string, string | number>): (string | number)[] {
  * Redis the global events stream.
  */
 function stateKeys(redis: Redis, s: SubnetRec, owner: string): (string | number)[] {
-  const keys = [
-    K.used(s.vpcId, s.id),
-    K.bits(s.vpcId, s.id),
-    K.full(s.vpcId, s.id),
-    K.alloc(s.vpcId, s.id),
-    K.req(s.vpcId, s.id),
-    K.idx(s.vpcId, s.id),
-    K.owner(s.vpcId, owner),
-  ];
+  const keys = [...K.state(s.vpcId, s.id), K.owner(s.vpcId, owner)];
   if (!redis.isCluster) keys.push(K.events);
   return [keys.length, ...keys];
 }
@@ -246,30 +238,11 @@ export class IpamStore extends IpamReader {
    */
   async migrateSubnet(s: SubnetRec): Promise<boolean> {
     if (this.redis.isCluster) return false;
-    const L = K.legacy;
     let renamed = false;
     let skipped = 0;
     // The first call renames (the subnet is served under the tag from then on); the owner entries follow in steps.
     for (;;) {
-      const [code, more, n] = await this.redis.mvpcMigrateSubnet(
-        L.used(s.id),
-        L.bits(s.id),
-        L.full(s.id),
-        L.alloc(s.id),
-        L.req(s.id),
-        L.idx(s.id),
-        K.used(s.vpcId, s.id),
-        K.bits(s.vpcId, s.id),
-        K.full(s.vpcId, s.id),
-        K.alloc(s.vpcId, s.id),
-        K.req(s.vpcId, s.id),
-        K.idx(s.vpcId, s.id),
-        K.moving(s.vpcId, s.id),
-        s.id,
-        L.ownerPrefix,
-        K.owner(s.vpcId, ""),
-        S.MIGRATE_BATCH,
-      );
+      const [code, more, n] = await this.migrateStep(s);
       if (code === 1) renamed = true;
       skipped += Number(n);
       if (Number(more) !== 1) break;
@@ -286,6 +259,21 @@ export class IpamStore extends IpamReader {
         },
       );
     return renamed;
+  }
+
+  /** One call of MIGRATE_SUBNET (its reply: moved, more, skipped); single Redis only. */
+  async migrateStep(s: SubnetRec, batch = S.MIGRATE_BATCH): Promise<[number, number, number]> {
+    const L = K.legacy;
+    const r = await this.redis.mvpcMigrateSubnet(
+      ...L.state(s.id),
+      ...K.state(s.vpcId, s.id),
+      K.moving(s.vpcId, s.id),
+      s.id,
+      L.ownerPrefix,
+      K.owner(s.vpcId, ""),
+      batch,
+    );
+    return [Number(r[0]), Number(r[1]), Number(r[2])];
   }
 
   /**

@@ -16,15 +16,13 @@ import { FailedPreconditionError } from "../../services/common/errors.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
-import { MIGRATE_BATCH, MIGRATE_SUBNET, TOMBSTONE } from "../../services/ipam/scripts.js";
+import { MIGRATE_BATCH, TOMBSTONE } from "../../services/ipam/scripts.js";
 import { IpamStore, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { ipamClients } from "../lib/clients.js";
 import { startDaemon } from "../lib/daemon.js";
 import * as Previous from "../lib/ipam-previous-scripts.js";
 import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
-
-const STATE = ["used", "bits", "full", "alloc", "req", "idx"] as const;
 
 /** The keys of the previous release's ALLOCATE (its KEYS order) for a subnet and owner. */
 function previousAllocateKeys(s: SubnetRec, owner: string): string[] {
@@ -87,6 +85,13 @@ describe("on a single Redis: the move from the previous layout", () => {
     await redis?.stop();
   });
 
+  /** Puts a new subnet's state under the earlier names, as the previous release's CreateSubnet left it: no tombstones (the bitmaps are the same bytes). */
+  async function asPreviousLayout(s: SubnetRec): Promise<void> {
+    const [tagged, earlier] = [K.state(s.vpcId, s.id), K.legacy.state(s.id)];
+    await r.del(K.legacy.req(s.id), K.legacy.alloc(s.id), K.legacy.used(s.id));
+    for (const [i, k] of tagged.entries()) if (await r.exists(k)) await r.rename(k, earlier[i]);
+  }
+
   /** A new subnet (a /24, or a /22 for `big`), made by this release. */
   async function subnet(big = false): Promise<SubnetRec> {
     const base = ipToInt("10.60.0.0") + 1024 * ++n;
@@ -105,8 +110,7 @@ describe("on a single Redis: the move from the previous layout", () => {
    */
   async function previousSubnet(): Promise<{ s: SubnetRec; held: Map<number, string> }> {
     const s = await subnet();
-    for (const k of ["req", "alloc", "used"] as const) await r.del(K.legacy[k](s.id));
-    for (const k of STATE) if (await r.exists(K[k](s.vpcId, s.id))) await r.rename(K[k](s.vpcId, s.id), K.legacy[k](s.id));
+    await asPreviousLayout(s);
     const held = new Map<number, string>();
     for (const owner of ["vm-aaa", "vm-bbb", "vm-aaa"]) {
       const [code, idx] = await previousAllocate(r, s, owner, `req-${held.size}`);
@@ -264,27 +268,14 @@ describe("on a single Redis: the move from the previous layout", () => {
 
   test("a large subnet's owner entries move in steps; a move a stopped daemon left half-way is finished by the next start", async () => {
     const s = await subnet(true);
-    for (const k of ["req", "alloc", "used"] as const) await r.del(K.legacy[k](s.id));
-    for (const k of STATE) if (await r.exists(K[k](s.vpcId, s.id))) await r.rename(K[k](s.vpcId, s.id), K.legacy[k](s.id));
+    await asPreviousLayout(s);
     const owners = ["vm-p", "vm-q", "vm-r"];
     for (const [i, o] of owners.entries()) assert.equal((await previousAllocateBatch(r, s, o, `b${i}`, 300))[0], 1);
     const total = 3 * 300;
     assert.ok(total > MIGRATE_BATCH / 2, "enough for HSCAN to return it in parts");
     // One step, as a daemon stopped after its first call would leave it: renamed, tombstoned, owner entries partly moved.
     const L = K.legacy;
-    const step = async (count: number) =>
-      (await r.eval(
-        MIGRATE_SUBNET,
-        13,
-        ...[L.used(s.id), L.bits(s.id), L.full(s.id), L.alloc(s.id), L.req(s.id), L.idx(s.id)],
-        ...[K.used(s.vpcId, s.id), K.bits(s.vpcId, s.id), K.full(s.vpcId, s.id), K.alloc(s.vpcId, s.id), K.req(s.vpcId, s.id), K.idx(s.vpcId, s.id)],
-        K.moving(s.vpcId, s.id),
-        s.id,
-        L.ownerPrefix,
-        K.owner(s.vpcId, ""),
-        count,
-      )) as number[];
-    const one = await step(100);
+    const one = await store.migrateStep(s, 100);
     assert.deepEqual(one.slice(0, 2), [1, 1], "renamed, more to move");
     const movedSoFar = (await Promise.all(owners.map((o) => r.zcard(K.owner(s.vpcId, o))))).reduce((x, y) => x + y, 0);
     assert.ok(movedSoFar > 0 && movedSoFar < total, `one step moved part of the entries (${movedSoFar} of ${total})`);
@@ -359,7 +350,7 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     const c = clients[0];
     const slot = (key: string) => c.cluster("KEYSLOT", key) as Promise<number>;
     const want = await slot(`mvpc:{${s.vpcId}}:events`);
-    for (const key of [...STATE.map((k) => K[k](s.vpcId, s.id)), K.owner(s.vpcId, "vm-x")]) assert.equal(await slot(key), want, key);
+    for (const key of [...K.state(s.vpcId, s.id), K.owner(s.vpcId, "vm-x")]) assert.equal(await slot(key), want, key);
   });
 
   test("Allocate, AllocateBatch and Release run, from four clients at once; no address twice", async () => {
