@@ -68,7 +68,7 @@ return 1
 `;
 
 // Allocates the lowest free address of the pool. KEYS: 1 byaddr, 2 fips zset,
-// 3 record prefix; ARGV: 1 kind, 2 id, 3 first, 4 last (as integers),
+// 3 the new record; ARGV: 1 kind, 2 id, 3 first, 4 last (as integers),
 // 5 wanted ('' = lowest), then hash fields (without address).
 const ALLOC_FIP = `${LUA_EMIT}
 local addr
@@ -85,10 +85,10 @@ else
 end
 local f = {'address', addr}
 for i = 6, #ARGV do f[#f + 1] = ARGV[i] end
-redis.call('HSET', KEYS[3] .. ARGV[2], unpack(f))
+redis.call('HSET', KEYS[3], unpack(f))
 redis.call('HSET', KEYS[1], addr, ARGV[2])
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
-local ev_vpc = redis.call('HGET', KEYS[3] .. ARGV[2], 'vpc')
+local ev_vpc = redis.call('HGET', KEYS[3], 'vpc')
 ${EVENT}
 return {1, addr}
 `;
@@ -357,7 +357,7 @@ export class GatewayStore extends GatewayReader {
       "mvpcGwAllocFip",
       K.fipByAddr,
       K.fips,
-      "mvpc:gw:fip:",
+      K.fip(id),
       "gw.fip.allocated",
       id,
       pool.first,

@@ -18,7 +18,7 @@ import { builtKeys, tsFiles } from "../lib/lua-keys.js";
 
 const ROOT = join(import.meta.dirname, "..", "..");
 
-/** Built keys per script (file:constant), as of 4 December (IPAM's Release declared its owner index on 5 December). Lower a figure when a script declares its keys. */
+/** Built keys per script (file:constant), as of 4 December (on 5 December IPAM's Release declared its owner index, the gateway's ALLOC_FIP its record). Lower a figure when a script declares its keys. */
 const ALLOWED: Record<string, number> = {
   "services/common/events.ts:LUA_EMIT": 4,
   "services/dns/scripts.ts:UPDATE_CONFIG": 2,
@@ -41,7 +41,6 @@ const ALLOWED: Record<string, number> = {
   "services/gateway/metadata-store.ts:DELETE": 1,
   "services/gateway/metadata-store.ts:RESOLVE": 1,
   "services/gateway/metadata-store.ts:SET": 1,
-  "services/gateway/store.ts:ALLOC_FIP": 2,
   "services/gateway/store.ts:CREATE": 1,
   "services/gateway/store.ts:CREATE_NAT": 1,
   "services/ipam/schema.ts:LUA_RANGE_CHECKS": 1,
