@@ -98,5 +98,6 @@ export class DnsStore extends DnsReader {
       throw new FailedPreconditionError(
         `resolver_address ${change.resolver?.text} is the network or broadcast address of subnet ${detail}; pick a host address`,
       );
+    if (code !== 1) throw new Error(`dns config script returned ${code}`);
   }
 }

@@ -36,7 +36,7 @@ export const K = {
   idx: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:idx`,
   /** The six keys of a subnet's allocation state, in the order the allocation and move scripts take them. */
   state: (vpc: string, sn: string) => [K.used(vpc, sn), K.bits(vpc, sn), K.full(vpc, sn), K.alloc(vpc, sn), K.req(vpc, sn), K.idx(vpc, sn)],
-  /** While a subnet's owner entries move from the earlier names: the HSCAN cursor of the next step (MIGRATE_SUBNET). */
+  /** While a subnet's owner entries move from the earlier names: the last address index moved (MIGRATE_SUBNET). */
   moving: (vpc: string, sn: string) => `${P}{${vpc}}:sn:${sn}:moving`,
   /** An owner's allocations in one VPC: zset of "<subnet>/<index>". */
   owner: (vpc: string, owner: string) => `${P}{${vpc}}:owner:${owner}`,

@@ -56,7 +56,8 @@ function flat(obj: Record<string, string | number>): (string | number)[] {
  */
 function stateKeys(redis: Redis, s: SubnetRec, owner: string): (string | number)[] {
   const keys = [...K.state(s.vpcId, s.id), K.owner(s.vpcId, owner)];
-  if (!redis.isCluster) keys.push(K.events);
+  // On a single Redis: the global events stream, and the owner's index under the earlier name (Release: RELEASE's KEYS[9]).
+  if (!redis.isCluster) keys.push(K.events, `${K.legacy.ownerPrefix}${owner}`);
   return [keys.length, ...keys];
 }
 
@@ -69,6 +70,13 @@ function tombstoneKeys(redis: Redis, subnetId: string): string[] {
 function shownOwner(raw: string): string {
   return V.attempt(() => V.token("owner", raw)).ok ? raw : "an owner whose allocation record does not validate";
 }
+
+/**
+ * What IpamStore.migrateSubnet found: it moved the subnet's state, another
+ * caller had (a concurrent first use: call the script again either way), or
+ * there is none to move (no such subnet, deleted, or a cluster).
+ */
+export type Moved = "moved" | "already" | "none";
 
 /** A call's KEYS, count first. */
 function counted(keys: string[]): (string | number)[] {
@@ -221,7 +229,7 @@ export class IpamStore extends IpamReader {
       );
     let [code, n] = await call();
     // Made by a replica of the earlier release mid-upgrade: move its state first, so that its addresses are counted.
-    if (code === -3 && (await this.migrateSubnet(s))) [code, n] = await call();
+    if (code === -3 && (await this.migrateSubnet(s)) !== "none") [code, n] = await call();
     if (code === -1)
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
@@ -233,17 +241,18 @@ export class IpamStore extends IpamReader {
 
   /**
    * Moves one subnet's allocation state from the earlier release's names to
-   * its VPC's hash tag (MIGRATE_SUBNET). True if it moved something. On a
-   * cluster there is nothing to move: the data was moved before its import.
+   * its VPC's hash tag (MIGRATE_SUBNET), and finishes moving its owner
+   * entries if a move stopped half-way. On a cluster there is nothing to
+   * move: the data was moved before its import.
    */
-  async migrateSubnet(s: SubnetRec): Promise<boolean> {
-    if (this.redis.isCluster) return false;
-    let renamed = false;
+  async migrateSubnet(s: SubnetRec): Promise<Moved> {
+    if (this.redis.isCluster) return "none";
+    let moved: Moved | undefined;
     let skipped = 0;
     // The first call renames (the subnet is served under the tag from then on); the owner entries follow in steps.
     for (;;) {
       const [code, more, n] = await this.migrateStep(s);
-      if (code === 1) renamed = true;
+      moved ??= code === 1 ? "moved" : code === 0 ? "already" : "none";
       skipped += Number(n);
       if (Number(more) !== 1) break;
     }
@@ -258,7 +267,7 @@ export class IpamStore extends IpamReader {
           vpcId: s.vpcId,
         },
       );
-    return renamed;
+    return moved;
   }
 
   /** One call of MIGRATE_SUBNET (its reply: moved, more, skipped); single Redis only. */
@@ -292,8 +301,8 @@ export class IpamStore extends IpamReader {
       const ids = await this.redis.zrangebylex(K.allSubnets, after ? `(${after}` : "-", "+", "LIMIT", 0, 200);
       if (ids.length === 0) return moved;
       const subnets = await Promise.all(ids.map((id) => (V.attempt(() => V.id("subnet", id, "subnet")).ok ? this.getSubnet(id) : null)));
-      const done = await Promise.all(subnets.map((s) => (s ? this.migrateSubnet(s) : false)));
-      moved += done.filter(Boolean).length;
+      const done = await Promise.all(subnets.map((s) => (s ? this.migrateSubnet(s) : "none")));
+      moved += done.filter((m) => m === "moved").length;
       after = ids[ids.length - 1];
     }
   }
@@ -305,7 +314,7 @@ export class IpamStore extends IpamReader {
     const now = Date.now();
     const call = () => this.redis.mvpcAllocate(...stateKeys(this.redis, s, owner), owner, requestId, wanted, now, s.id, s.size);
     let [code, detail] = await call();
-    if (code === -4 && (await this.migrateSubnet(s))) [code, detail] = await call();
+    if (code === -4 && (await this.migrateSubnet(s)) !== "none") [code, detail] = await call();
     const addr = (i: number) => V.intToIp(s.base + i);
     switch (code) {
       case 1:
@@ -346,7 +355,7 @@ export class IpamStore extends IpamReader {
     const now = Date.now();
     const call = () => this.redis.mvpcAllocateBatch(...stateKeys(this.redis, s, owner), owner, requestId, count, now, s.id, s.size, s.extraReserved);
     let r = await call();
-    if (Number(r[0]) === -4 && (await this.migrateSubnet(s))) r = await call();
+    if (Number(r[0]) === -4 && (await this.migrateSubnet(s)) !== "none") r = await call();
     const code = Number(r[0]);
     switch (code) {
       case 1:
@@ -389,7 +398,7 @@ export class IpamStore extends IpamReader {
     let holder = owner;
     for (let tries = 0; ; tries++) {
       const [code, detail] = await this.redis.mvpcRelease(...stateKeys(this.redis, s, holder), index, owner, requestId, s.id, s.size, expectTime, holder);
-      if (code === -4 && (await this.migrateSubnet(s))) continue;
+      if (code === -4 && tries < 4 && (await this.migrateSubnet(s)) !== "none") continue;
       // Held by another than the index named: name that one (the address changed hands in between at most a few times).
       if (code === -7 && tries < 4) {
         const h = V.attempt(() => V.token("owner", String(detail)));

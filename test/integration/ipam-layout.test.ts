@@ -206,9 +206,11 @@ describe("on a single Redis: the move from the previous layout", () => {
     assert.equal(await r.get(K.legacy.req(s.id)), TOMBSTONE, "moved by the delete's check");
     await assert.rejects(previousAllocate(r, s, "vm-evil", "x"), /WRONGTYPE/);
     const { s: s2, held: held2 } = await previousSubnet();
-    const a = await store.allocate(s2, "vm-eee", "r1", -1);
-    assert.ok(!held2.has(a.alloc.index) && a.created);
-    assert.equal((await store.usage(s2)).used, 4);
+    // Two first uses at once: one moves it, the other finds it moved; both allocate.
+    const [a, b] = await Promise.all([store.allocate(s2, "vm-eee", "r1", -1), store.allocate(s2, "vm-eee", "r2", -1)]);
+    assert.ok(a.created && b.created && a.alloc.index !== b.alloc.index);
+    assert.ok(!held2.has(a.alloc.index) && !held2.has(b.alloc.index));
+    assert.equal((await store.usage(s2)).used, 5);
   });
 
   test("Release without an owner names the holder's owner index (declared, not built in the script)", async () => {
@@ -272,23 +274,27 @@ describe("on a single Redis: the move from the previous layout", () => {
     const owners = ["vm-p", "vm-q", "vm-r"];
     for (const [i, o] of owners.entries()) assert.equal((await previousAllocateBatch(r, s, o, `b${i}`, 300))[0], 1);
     const total = 3 * 300;
-    assert.ok(total > MIGRATE_BATCH / 2, "enough for HSCAN to return it in parts");
-    // One step, as a daemon stopped after its first call would leave it: renamed, tombstoned, owner entries partly moved.
+    assert.ok(total > MIGRATE_BATCH / 2);
+    // One step, as a daemon stopped after its first call would leave it: renamed, tombstoned, the first 100 owner entries
+    // (in address order) moved. The cursor is an address index, which means the same after a restart or a failover.
     const L = K.legacy;
     const one = await store.migrateStep(s, 100);
     assert.deepEqual(one.slice(0, 2), [1, 1], "renamed, more to move");
+    assert.equal(await r.get(K.moving(s.vpcId, s.id)), "101", "the last index moved: 2 (first after network and gateway) + 99");
     const movedSoFar = (await Promise.all(owners.map((o) => r.zcard(K.owner(s.vpcId, o))))).reduce((x, y) => x + y, 0);
-    assert.ok(movedSoFar > 0 && movedSoFar < total, `one step moved part of the entries (${movedSoFar} of ${total})`);
+    assert.equal(movedSoFar, 100, "one step moved 100 entries");
     await assert.rejects(previousAllocate(r, s, "vm-evil", "x"), /WRONGTYPE/, "tombstoned from the first step");
-    // Served meanwhile.
+    // Served meanwhile: an allocation, and the release of an entry the move has not reached (vm-r holds the highest).
     const fresh = await store.allocate(s, "vm-p", "fresh", -1);
     assert.ok(fresh.created);
+    const lastR = Math.max(...(await store.listBySubnet(s, -1, 2000)).filter((x) => x.owner === "vm-r").map((x) => x.index));
+    assert.equal(await store.release(s, lastR, "vm-r", ""), lastR);
     // The next start finishes it.
     assert.equal(await store.migrateAll(), 0, "nothing left to rename");
     assert.equal(await r.exists(K.moving(s.vpcId, s.id)), 0, "the step cursor is gone");
-    for (const o of owners) assert.equal(await r.exists(`${L.ownerPrefix}${o}`), 0, `${o}'s earlier index emptied`);
+    for (const o of owners) assert.equal(await r.exists(`${L.ownerPrefix}${o}`), 0, `${o}'s earlier index emptied, the released entry too`);
     const counts = await Promise.all(owners.map((o) => r.zcard(K.owner(s.vpcId, o))));
-    assert.deepEqual(counts, [301, 300, 300], "every entry in the tagged index, and the one made meanwhile");
+    assert.deepEqual(counts, [301, 300, 299], "every live entry in the tagged index, with the one made meanwhile, without the one released");
     assert.equal((await store.listByOwner("vm-p", "", 1000)).length, 301);
   });
 });
