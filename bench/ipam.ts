@@ -385,7 +385,7 @@ async function redisBenchmarkRun(sha: string, clients: number, requests: number,
   // that of a real call (one new small zset per allocation), the owner index
   // is meaningless, and the subnet is thrown away after the run.
   const v = s.vpcId;
-  const keys = [K.used(v, s.id), K.bits(v, s.id), K.full(v, s.id), K.alloc(v, s.id), K.req(v, s.id), K.idx(v, s.id), K.owner(v, "vm-__rand_int__"), K.events];
+  const keys = [...K.state(v, s.id), K.owner(v, "vm-__rand_int__"), K.events];
   const argv = ["vm-__rand_int__", "req-__rand_int__", "-1", String(Date.now()), s.id, String(s.size)];
   const args = [
     "-h",

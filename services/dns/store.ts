@@ -4,10 +4,9 @@
 // resolver reads it whole.
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError } from "../common/errors.js";
-import { K as IK } from "../ipam/schema.js";
+import { K as IK, shownOwner } from "../ipam/schema.js";
 import type { Logger } from "pino";
 import { reportInvalid } from "../common/invalid-records.js";
-import * as V from "../common/validate.js";
 import { checkRecord, DK, DnsReader, OWNER, type RecordRec } from "./schema.js";
 import * as S from "./scripts.js";
 
@@ -81,10 +80,8 @@ export class DnsStore extends DnsReader {
     );
     if (code === -4) throw new NotFoundError("vpc", vpcId, "it was deleted");
     if (code === -2) {
-      // The holder as read back from the allocation record: shown only if it is an owner.
-      const holder = V.attempt(() => V.token("owner", String(detail)));
       throw new FailedPreconditionError(
-        `resolver_address ${change.resolver?.text} is allocated to ${holder.ok ? holder.value : "an owner whose allocation record does not validate"}; release it or pick a free address (the default subnet layout reserves base + 2 and + 3)`,
+        `resolver_address ${change.resolver?.text} is allocated to ${shownOwner(String(detail))}; release it or pick a free address (the default subnet layout reserves base + 2 and + 3)`,
       );
     }
     if (code === -5) {

@@ -256,6 +256,11 @@ export async function allocRecord(redis: Redis, s: SubnetRef, index: number): Pr
   }
 }
 
+/** An owner read back from an allocation record, for a message: shown only if it is one (V.token). */
+export function shownOwner(raw: string): string {
+  return V.attempt(() => V.token("owner", raw)).ok ? raw : "an owner whose allocation record does not validate";
+}
+
 /** What other services read of IPAM: VPCs, subnets and allocations, never a write. */
 export class IpamReader {
   constructor(readonly redis: Redis) {}
@@ -356,7 +361,7 @@ export class IpamReader {
    * `after` is the last one's cursor ("<vpc>/<subnet>/<index>"). For the
    * CLI and operators, not for a VM's path.
    */
-  async listByOwner(owner: string, after: string, limit: number): Promise<{ vpcId: string; alloc: AllocRec; cursor: string }[]> {
+  async listByOwner(owner: string, after: string, limit: number): Promise<{ alloc: AllocRec; cursor: string }[]> {
     const [afterVpc, ...rest] = after ? after.split("/") : [""];
     const afterMember = rest.join("/");
     const ids = [...new Set(await this.redis.hvals(K.vpcByName))].filter((id) => V.attempt(() => V.id("vpc", id, "vpc")).ok && id >= afterVpc).sort();
@@ -375,10 +380,10 @@ export class IpamReader {
       page.map(async ({ vpcId, member }) => {
         const [sid, i] = member.split("/");
         const a = V.attempt(() => V.id("subnet", sid, "subnet")).ok ? await this.getAllocation({ id: sid, vpcId }, Number(i)) : null;
-        return a ? { vpcId, alloc: a, cursor: `${vpcId}/${member}` } : null;
+        return a ? { alloc: a, cursor: `${vpcId}/${member}` } : null;
       }),
     );
-    return allocs.filter((x): x is { vpcId: string; alloc: AllocRec; cursor: string } => !!x);
+    return allocs.filter((x): x is { alloc: AllocRec; cursor: string } => !!x);
   }
 
   /** Every allocation of a subnet, streamed in pages. */

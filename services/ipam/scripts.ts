@@ -367,8 +367,8 @@ return {1, id}
 `;
 
 /**
- * KEYS: 1 subnet hash, 2 vpc subnets zset, 3 vpc subnet byname, 4 bits,
- *       5 full, 6 used, 7 alloc, 8 req, 9 idx, 10 events, 11 all-subnets zset,
+ * KEYS: 1 subnet hash, 2 vpc subnets zset, 3 vpc subnet byname, 4–9 its
+ *       state (K.state: used, bits, full, alloc, req, idx), 10 events, 11 all-subnets zset,
  *       12 the firewall's subnet → ACL hash, 13 the gateway's VPC → NAT hash,
  *       14 the cursor of a move of its owner entries (K.moving); on a single
  *       Redis 15, 16, 17 the subnet's req, alloc and used under an earlier
@@ -383,7 +383,7 @@ export const DELETE_SUBNET = `${LUA_EMIT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 if KEYS[17] and redis.call('TYPE', KEYS[17]).ok == 'string' then return {-3, ''} end
-local used = tonumber(redis.call('GET', KEYS[6]) or '0')
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
 local acl = redis.call('HGET', KEYS[12], ARGV[1])

@@ -7,7 +7,19 @@ import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotF
 import * as V from "../common/validate.js";
 import { vpcDnsKeys } from "../dns/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
-import { checked, IpamReader, K, MAX_EXTRA_RESERVED, OWNER, parseAlloc, parseReservation, type AllocRec, type SubnetRec, type VpcRec } from "./schema.js";
+import {
+  checked,
+  IpamReader,
+  K,
+  MAX_EXTRA_RESERVED,
+  OWNER,
+  parseAlloc,
+  parseReservation,
+  shownOwner,
+  type AllocRec,
+  type SubnetRec,
+  type VpcRec,
+} from "./schema.js";
 import { newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
@@ -50,25 +62,19 @@ function flat(obj: Record<string, string | number>): (string | number)[] {
 }
 
 /**
- * The KEYS of ALLOCATE, ALLOCATE_BATCH and RELEASE, count first: the
- * subnet's state and one owner index, in its VPC's slot, and on a single
- * Redis the global events stream.
+ * The KEYS of ALLOCATE, ALLOCATE_BATCH and RELEASE: the subnet's state and
+ * one owner index, in its VPC's slot, and on a single Redis the global
+ * events stream.
  */
-function stateKeys(redis: Redis, s: SubnetRec, owner: string): (string | number)[] {
+function stateKeys(redis: Redis, s: SubnetRec, owner: string): string[] {
   const keys = [...K.state(s.vpcId, s.id), K.owner(s.vpcId, owner)];
-  // On a single Redis: the global events stream, and the owner's index under the earlier name (Release: RELEASE's KEYS[9]).
-  if (!redis.isCluster) keys.push(K.events, `${K.legacy.ownerPrefix}${owner}`);
-  return [keys.length, ...keys];
+  if (!redis.isCluster) keys.push(K.events);
+  return keys;
 }
 
 /** A subnet's req, alloc and used under the earlier names, where tombstones go: none on a cluster (K.legacy). */
 function tombstoneKeys(redis: Redis, subnetId: string): string[] {
   return redis.isCluster ? [] : [K.legacy.req(subnetId), K.legacy.alloc(subnetId), K.legacy.used(subnetId)];
-}
-
-/** An owner read back from an allocation record, for a message: shown only if it is one (V.token). */
-function shownOwner(raw: string): string {
-  return V.attempt(() => V.token("owner", raw)).ok ? raw : "an owner whose allocation record does not validate";
 }
 
 /**
@@ -212,12 +218,7 @@ export class IpamStore extends IpamReader {
           K.subnet(id),
           K.vpcSubnets(s.vpcId),
           K.vpcSubnetByName(s.vpcId),
-          K.bits(s.vpcId, id),
-          K.full(s.vpcId, id),
-          K.used(s.vpcId, id),
-          K.alloc(s.vpcId, id),
-          K.req(s.vpcId, id),
-          K.idx(s.vpcId, id),
+          ...K.state(s.vpcId, id),
           K.events,
           K.allSubnets,
           K.fwSubnetAcl,
@@ -227,9 +228,8 @@ export class IpamStore extends IpamReader {
         ]),
         id,
       );
-    let [code, n] = await call();
-    // Made by a replica of the earlier release mid-upgrade: move its state first, so that its addresses are counted.
-    if (code === -3 && (await this.migrateSubnet(s)) !== "none") [code, n] = await call();
+    // Made by a replica of the earlier release mid-upgrade: its state moves first, so that its addresses are counted.
+    const [code, n] = await this.movedFirst(s, call, (r) => r[0] === -3);
     if (code === -1)
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
@@ -268,6 +268,16 @@ export class IpamStore extends IpamReader {
         },
       );
     return moved;
+  }
+
+  /**
+   * A script's reply, called again once the subnet's state has moved if the
+   * first reply says it is not under the tag yet (`notMoved`): a subnet a
+   * replica of the earlier release made moves on its first use.
+   */
+  private async movedFirst<T>(s: SubnetRec, call: () => Promise<T>, notMoved: (reply: T) => boolean): Promise<T> {
+    const reply = await call();
+    return notMoved(reply) && (await this.migrateSubnet(s)) !== "none" ? await call() : reply;
   }
 
   /** One call of MIGRATE_SUBNET (its reply: moved, more, skipped); single Redis only. */
@@ -312,9 +322,8 @@ export class IpamStore extends IpamReader {
   /** wanted = index inside the subnet, or -1 for the lowest free one. */
   async allocate(s: SubnetRec, owner: string, requestId: string, wanted: number): Promise<{ alloc: AllocRec; created: boolean }> {
     const now = Date.now();
-    const call = () => this.redis.mvpcAllocate(...stateKeys(this.redis, s, owner), owner, requestId, wanted, now, s.id, s.size);
-    let [code, detail] = await call();
-    if (code === -4 && (await this.migrateSubnet(s)) !== "none") [code, detail] = await call();
+    const call = () => this.redis.mvpcAllocate(...counted(stateKeys(this.redis, s, owner)), owner, requestId, wanted, now, s.id, s.size);
+    const [code, detail] = await this.movedFirst(s, call, (r) => r[0] === -4);
     const addr = (i: number) => V.intToIp(s.base + i);
     switch (code) {
       case 1:
@@ -353,9 +362,8 @@ export class IpamStore extends IpamReader {
    */
   async allocateBatch(s: SubnetRec, owner: string, requestId: string, count: number): Promise<{ allocs: AllocRec[]; created: boolean }> {
     const now = Date.now();
-    const call = () => this.redis.mvpcAllocateBatch(...stateKeys(this.redis, s, owner), owner, requestId, count, now, s.id, s.size, s.extraReserved);
-    let r = await call();
-    if (Number(r[0]) === -4 && (await this.migrateSubnet(s)) !== "none") r = await call();
+    const call = () => this.redis.mvpcAllocateBatch(...counted(stateKeys(this.redis, s, owner)), owner, requestId, count, now, s.id, s.size, s.extraReserved);
+    const r = await this.movedFirst(s, call, (x) => Number(x[0]) === -4);
     const code = Number(r[0]);
     switch (code) {
       case 1:
@@ -397,7 +405,9 @@ export class IpamStore extends IpamReader {
   async release(s: SubnetRec, index: number, owner: string, requestId: string, expectTime = ""): Promise<number | null> {
     let holder = owner;
     for (let tries = 0; ; tries++) {
-      const [code, detail] = await this.redis.mvpcRelease(...stateKeys(this.redis, s, holder), index, owner, requestId, s.id, s.size, expectTime, holder);
+      // On a single Redis also the holder's index under the earlier name (RELEASE's KEYS[9]: a move not done yet).
+      const keys = [...stateKeys(this.redis, s, holder), ...(this.redis.isCluster ? [] : [`${K.legacy.ownerPrefix}${holder}`])];
+      const [code, detail] = await this.redis.mvpcRelease(...counted(keys), index, owner, requestId, s.id, s.size, expectTime, holder);
       if (code === -4 && tries < 4 && (await this.migrateSubnet(s)) !== "none") continue;
       // Held by another than the index named: name that one (the address changed hands in between at most a few times).
       if (code === -7 && tries < 4) {
