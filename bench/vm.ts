@@ -276,10 +276,10 @@ const EXECS = ["vmm", "netagent", "firewall", "gateway"];
  */
 const MEMORY_FAMILIES: KeyFamily[] = [
   { name: "change streams (capped by MAXLEN)", match: /(^mvpc:events$|:events$)/ },
-  { name: "VM record (vmm)", match: /^mvpc:vm:/ },
+  { name: "VM record (vmm)", match: /^mvpc:(vm:|\{[^}]+\}:vms?(:|$))/ },
   { name: "NIC (netagent host records, address indexes, overlay)", match: /^mvpc:(host:[^:]+:(nics|nicaddr|nictoken|vpcs|subnets)$|nicaddr$|overlay:)/ },
   { name: "binding and group members (firewall)", match: /^mvpc:fw:/ },
-  { name: "IP allocation (ipam)", match: /^mvpc:(sn|owner):/ },
+  { name: "IP allocation (ipam)", match: /^mvpc:(\{[^}]+\}:)?(sn|owner):/ },
   { name: "DNS record", match: /^mvpc:dns:/ },
   { name: "instance metadata (gateway)", match: /^(mvpc-md:|mvpc:gw:)/ },
   { name: "client tokens", match: /^mvpc:tokens$/ },

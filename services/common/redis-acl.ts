@@ -12,14 +12,17 @@
 //   host H's user, and the control user, may read or write them):
 //     mvpc-md:H:*          gateway: instance metadata (SetInstanceMetadata from vmm) with
 //                          user-data, its indexes, and the metadata child's IMDS session tokens
+//     mvpc-md:{host:H}:*   vmm: a VM's user-data (in its host's slot, with its record)
 //   host-scoped (contain the host id; only host H may write them):
 //     mvpc:host:H:*        netagent: VPC/subnet/NIC records, NIC address index, NIC client tokens
 //     mvpc:hosts:H         netagent overlay: registry record (lease)
-//     mvpc:{host:H}:events the host's scoped change stream (its NICs attached and detached)
+//     mvpc:{host:H}:*      the host's hash tag (one Redis Cluster slot): its scoped change stream
+//                          (its NICs attached and detached); vmm: VM ids (:vms), records (:vm:<id>,
+//                          with their journals) and leases (:vm:<id>:lease)
 //     mvpc:fw:host:H:*     firewall: binding indexes of this host
 //     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index)
-//     mvpc:vm:host:H       vmm: VM ids of this host
-//     mvpc:vm:host:H:*     vmm: VM records (:vm:<id>, with their journals) and leases (:lease:<id>)
+//     mvpc:vm:host:H, mvpc:vm:host:H:*  vmm: where an earlier release kept them (moved from at
+//                          start; a tombstone stays at each record's name, docs/redis-schema.md)
 //     mvpc:vpn:host:H:*    netagent VPN endpoint: the public keys of H's endpoint interfaces, the gen applied
 //   shared (any host writes them; readers validate, see docs/redis-acl.md):
 //     mvpc:events          change-event stream (XADD; events only wake readers, who re-read state)
@@ -32,7 +35,8 @@
 //     mvpc:gw:mdhosts      set of host ids with instance metadata (the control plane's listing)
 //     mvpc:gw:lease:nat:*   which host of a VPC holds its NAT gateway's address (a lease the VPC's
 //                          hosts compete for; readers accept only a registered member host)
-//     mvpc:vm:vpc:*:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates)
+//     mvpc:{vpc-*}:vm:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates),
+//                          and mvpc:vm:vpc:*:byname, the earlier release's, written too until it is gone
 //     mvpc:vm:hosts        vmm: host ids with VMs (a listing; each host's VMs are under its prefix)
 // Everything else is the control plane's (ipam, dns, peering, and the
 // cluster-wide RPCs of firewall and gateway: security groups, network ACLs,
@@ -63,8 +67,9 @@ export function hostScopedWritePatterns(hostId: string): string[] {
   return [
     `mvpc:host:${hostId}:*`,
     `mvpc:hosts:${hostId}`,
-    // Its scoped change stream (common/events.ts): its NICs coming and going.
-    `mvpc:{host:${hostId}}:events`,
+    // Its hash tag (one slot of a Redis Cluster): its scoped change stream
+    // (common/events.ts), its VMs' records, leases and id set (vmm/store.ts).
+    `mvpc:{host:${hostId}}:*`,
     `mvpc:fw:host:${hostId}:*`,
     `mvpc:gw:host:${hostId}:*`,
     `mvpc:vm:host:${hostId}`,
@@ -82,7 +87,8 @@ export function hostScopedWritePatterns(hostId: string): string[] {
  */
 export function hostPrivatePatterns(hostId: string): string[] {
   checkHostId(hostId);
-  return [`mvpc-md:${hostId}:*`];
+  // The second: a VM's user-data, under its host's hash tag (vmm/store.ts).
+  return [`mvpc-md:${hostId}:*`, `mvpc-md:{host:${hostId}}:*`];
 }
 
 /** The control user's keys: every mvpc: key and every host's private keys. */
@@ -105,7 +111,10 @@ export const SHARED_WRITE_PATTERNS = [
   "mvpc:gw:mdhosts",
   "mvpc:gw:lease:nat:*",
   // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>:*.
-  // VM records and leases are host-scoped (above); these two only nominate.
+  // VM records and leases are host-scoped (above); these only nominate (the
+  // second is the earlier release's name index, written too until every vmm
+  // runs this one).
+  "mvpc:{vpc-*}:vm:byname",
   "mvpc:vm:vpc:*:byname",
   "mvpc:vm:hosts",
 ] as const;

@@ -152,7 +152,7 @@ export function parseVmRec(text: string, expect: { id: string; hostId: string })
 /** The writer's check: what vmm stores reads back (a record the readers would refuse is never written). */
 export function storedVmText(v: VmRec): string {
   // User-data is the tenant's (often secrets): it lives in the host-private
-  // key VmStore keeps beside the record (mvpc-md:<host>:…), not in the
+  // key VmStore keeps beside the record (mvpc-md:{host:<host>}:…), not in the
   // record, which every host's Redis user may read.
   const text = JSON.stringify({ ...v, userData: "" });
   const p = parseVmRec(text, { id: v.id, hostId: v.hostId });

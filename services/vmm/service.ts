@@ -563,7 +563,7 @@ export class Vmm {
     if (this.recovering) return;
     this.recovering = true;
     try {
-      // First, once: records an older version wrote at mvpc:vm:<id> move to this host's own keys (VmStore.migrate).
+      // First, once: records earlier versions wrote under other names move under this host's hash tag (VmStore.migrate).
       if (!this.migrated) {
         await this.store.migrate();
         this.migrated = true;

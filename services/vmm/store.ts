@@ -5,6 +5,7 @@
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { reportInvalid } from "../common/invalid-records.js";
+import { isCluster } from "../common/redis.js";
 import * as V from "../common/validate.js";
 import { OWNER, parseVmRec, storedVmText, VM_ID_RE } from "./schema.js";
 
@@ -52,31 +53,56 @@ export interface VmRec {
 }
 
 /**
- * Keys. A VM's record and lease live under its host's prefix, which only
- * that host's Redis user may write (services/common/redis-acl.ts:
- * `mvpc:vm:host:H` and `mvpc:vm:host:H:*`), so no other hypervisor can
- * forge, rewrite or delete them. Two keys stay shared, and only nominate:
- *   byName  per-VPC name index, name → "<host>/<id>": names are unique per
- *           VPC across hosts, so one hash every host writes. A reader takes
- *           an entry only if that host's own record exists, parses and
- *           agrees (id, host, name, VPC): a forged entry can deny a name
- *           (or hide a name lookup), never make a vmm act on a record
- *           another host wrote.
+ * Keys. A VM's record, lease and user-data live under its host's hash tag
+ * `{host:H}` (one Redis Cluster slot per host, docs/redis-schema.md "Redis
+ * Cluster"), which only that host's Redis user may write
+ * (services/common/redis-acl.ts: `mvpc:{host:H}:*` and the host-private
+ * `mvpc-md:{host:H}:*`), so no other hypervisor can forge, rewrite or delete
+ * them. Two keys stay shared, and only nominate:
+ *   byName  per-VPC name index, name → "<host>/<id>", under the VPC's tag:
+ *           names are unique per VPC across hosts, so one hash every host
+ *           writes. A reader takes an entry only if that host's own record
+ *           exists, parses and agrees (id, host, name, VPC): a forged entry
+ *           can deny a name (or hide a name lookup), never make a vmm act on
+ *           a record another host wrote.
  *   hosts   the host ids that have VMs, for ListVms and GetVm of a VM on
- *           another host; each host's own set mvpc:vm:host:H lists its VMs.
- * Before this layout (up to the commit that moved them) records were
- * `mvpc:vm:<id>` and leases `mvpc:vmlease:<id>`, with `mvpc:vms` listing
- * every id: VmStore.migrate moves a host's own ones on vmm start.
+ *           another host (written once, when a vmm starts); each host's own
+ *           set lists its VMs.
+ * Creating a VM touches two slots (the host's, the VPC's), so it is two
+ * scripts: the host's keys first, then the name (compare-and-set), whose
+ * entry is therefore never written before the record it names (see claim()).
  */
-const K = {
-  host: (h: string) => `mvpc:vm:host:${h}`,
-  vm: (h: string, id: string) => `mvpc:vm:host:${h}:vm:${id}`,
-  lease: (h: string, id: string) => `mvpc:vm:host:${h}:lease:${id}`,
-  byName: (vpc: string) => `mvpc:vm:vpc:${vpc}:byname`,
-  hosts: "mvpc:vm:hosts",
+export const K = {
+  ids: (h: string) => `mvpc:{host:${h}}:vms`,
+  vm: (h: string, id: string) => `mvpc:{host:${h}}:vm:${id}`,
+  lease: (h: string, id: string) => `mvpc:{host:${h}}:vm:${id}:lease`,
   /** The VM's user-data (base64): host-private (docs/redis-acl.md), so no other host's user reads it. */
-  userData: (h: string, id: string) => `mvpc-md:${h}:vm:${id}:userdata`,
+  userData: (h: string, id: string) => `mvpc-md:{host:${h}}:vm:${id}:userdata`,
+  byName: (vpc: string) => `mvpc:{${vpc}}:vm:byname`,
+  hosts: "mvpc:vm:hosts",
+  /** The fleet's change stream, which WatchVms follows (watch.ts). */
+  events: "mvpc:events",
+  /**
+   * The names an earlier release kept them under (`mvpc:vm:host:H…`,
+   * `mvpc-md:H:…`, `mvpc:vm:vpc:V:byname`). On a single Redis a vmm moves its
+   * own host's VMs from there when it starts (VmStore.migrate) and leaves a
+   * hash at the old record name (TOMBSTONE), so that an earlier vmm still
+   * running on another host, whose name check GETs that key, fails before
+   * it writes instead of taking the name of a VM it cannot see. Until every
+   * vmm runs this release, this release also writes and checks the earlier
+   * name index, and reads other hosts' records at the earlier names.
+   */
+  previous: {
+    ids: (h: string) => `mvpc:vm:host:${h}`,
+    vm: (h: string, id: string) => `mvpc:vm:host:${h}:vm:${id}`,
+    lease: (h: string, id: string) => `mvpc:vm:host:${h}:lease:${id}`,
+    userData: (h: string, id: string) => `mvpc-md:${h}:vm:${id}:userdata`,
+    byName: (vpc: string) => `mvpc:vm:vpc:${vpc}:byname`,
+  },
 };
+
+/** What an earlier release's record name holds once its VM moved (a hash: that release's GET of it fails with WRONGTYPE). */
+export const TOMBSTONE = "moved under the host hash tag mvpc:{host:<host>}:vm:<id> (docs/redis-schema.md)";
 
 /** A name-index entry: the host and id of the VM holding the name. */
 export const nameEntry = (v: { hostId: string; id: string }) => `${v.hostId}/${v.id}`;
@@ -87,6 +113,9 @@ export const LEASE_MS = 15_000;
 /** Records read at once (MGET) when listing a host's VMs. */
 const BATCH = 500;
 
+/** A name-index entry: "<host>/<vm id>", or an id alone (written before records were host-scoped). */
+const ENTRY_RE = /^(?:([a-z0-9]{1,24})\/)?(vm-[0-9a-f]{12})$/;
+
 /**
  * Lua: deletes the lease at KEYS[k] if ARGV[a], its holder's token, still
  * holds it ('' releases nothing): how a script that ends an operation
@@ -95,31 +124,108 @@ const BATCH = 500;
  */
 const releaseLua = (k: number, a: number) => `if ARGV[${a}] ~= '' and redis.call('GET', KEYS[${k}]) == ARGV[${a}] then redis.call('DEL', KEYS[${k}]) end`;
 
+/** Lua: appends a VM event to KEYS[k] when it is declared (a single Redis; on a cluster the client appends it after: VmStore.event). */
+const eventLua = (k: number, kind: string, id: string) =>
+  `if KEYS[${k}] then redis.call('XADD', KEYS[${k}], 'MAXLEN', '~', 100000, '*', 'kind', '${kind}', 'vm', ${id}) end`;
+
 /**
- * Lua: the name index entry HELD (of name ARGV[1] in VPC ARGV[6]) is taken
- * only if the host it names has a record that agrees. Sets `taken`. An entry
- * an older version wrote (just an id) counts if its old-layout record still
- * exists (a host not yet moved) or this host (ARGV[7]) has it.
+ * The host's half of a create (host slot): record, id set, lease, user-data;
+ * on a single Redis also the tombstone at the earlier record name (KEYS[5]).
+ * 0 if the id is taken.
  */
-const NAME_HELD_LUA = `
-local taken = false
-if held then
-  local h, i = string.match(held, '^([a-z0-9]+)/(vm%-[0-9a-f]+)$')
-  local legacy = false
-  if not h then
-    i = string.match(held, '^(vm%-[0-9a-f]+)$')
-    h = ARGV[7]
-    legacy = true
+const CLAIM_HOST = `if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5]) else redis.call('DEL', KEYS[4]) end
+if KEYS[5] then redis.call('DEL', KEYS[5]) redis.call('HSET', KEYS[5], 'moved', '${TOMBSTONE}') end
+return 1`;
+
+/**
+ * The name's half (VPC slot): name ARGV[1] becomes entry ARGV[2] (VM ARGV[5])
+ * unless an entry other than ours or the one the caller judged stale (ARGV[3];
+ * ARGV[4] for the earlier index KEYS[2], single Redis only) holds it.
+ * Returns {1|0, entry, earlier entry}; KEYS[3]: the event stream (single Redis).
+ */
+const CLAIM_NAME = `local held = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+local prev = ''
+if KEYS[2] then prev = redis.call('HGET', KEYS[2], ARGV[1]) or '' end
+local mine = ARGV[2]
+if (held ~= '' and held ~= mine and held ~= ARGV[3]) or (prev ~= '' and prev ~= mine and prev ~= ARGV[4]) then return {0, held, prev} end
+redis.call('HSET', KEYS[1], ARGV[1], mine)
+if KEYS[2] then redis.call('HSET', KEYS[2], ARGV[1], mine) end
+if held ~= mine then ${eventLua(3, "vm.created", "ARGV[5]")} end
+return {1, held, prev}`;
+
+/** Rewrites the record (host slot); KEYS[3]: the event stream (single Redis). */
+const PUT = `redis.call('SET', KEYS[1], ARGV[1])
+${eventLua(3, "vm.updated", "ARGV[2]")}
+${releaseLua(2, 3)}
+return 1`;
+
+/** The host's half of a removal: record, user-data, id, lease (if ARGV[2] holds it); KEYS[5]: the tombstone (single Redis). */
+const REMOVE_HOST = `redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('SREM', KEYS[2], ARGV[1])
+${releaseLua(4, 2)}
+if KEYS[5] then redis.call('DEL', KEYS[5]) end
+return 1`;
+
+/** The name's half of a removal: the entry goes only if it is this VM's (ARGV[2], or ARGV[3], an id alone); KEYS[3]: the event stream. */
+const REMOVE_NAME = `for i = 1, 2 do
+  if KEYS[i] then
+    local held = redis.call('HGET', KEYS[i], ARGV[1])
+    if held == ARGV[2] or held == ARGV[3] then redis.call('HDEL', KEYS[i], ARGV[1]) end
   end
-  if i then
-    local rec = redis.call('GET', 'mvpc:vm:host:' .. h .. ':vm:' .. i)
-    if rec then
-      local ok, o = pcall(cjson.decode, rec)
-      if ok and type(o) == 'table' and o.id == i and o.hostId == h and o.name == ARGV[1] and o.vpcId == ARGV[6] then taken = true end
-    end
-    if legacy and not taken and redis.call('EXISTS', 'mvpc:vm:' .. i) == 1 then taken = true end
-  end
-end`;
+end
+${eventLua(3, "vm.deleted", "ARGV[3]")}
+return 1`;
+
+/**
+ * The move of one VM of this host from the earlier names (single Redis, at
+ * vmm start): record, lease (with its time left) and user-data renamed, the
+ * id to the new set, a tombstone left at the old record name, and the name
+ * entry copied to the new index if it names this VM and the new one has
+ * none. Only if the record is still the text the caller parsed (ARGV[2]).
+ * KEYS: old record, lease, user-data, ids; new record, lease, user-data, ids;
+ * old name index, new name index.
+ */
+const MOVE_VM = `if redis.call('TYPE', KEYS[1]).ok ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[5])
+for i = 2, 3 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 4]) end
+end
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[8], ARGV[1])
+redis.call('HSET', KEYS[1], 'moved', '${TOMBSTONE}')
+if redis.call('HGET', KEYS[9], ARGV[3]) == ARGV[4] then redis.call('HSETNX', KEYS[10], ARGV[3], ARGV[4]) end
+return 1`;
+
+/**
+ * The move from the layout before host-scoped records (`mvpc:vm:<id>`,
+ * `mvpc:vmlease:<id>`, `mvpc:vms`) to the earlier host-scoped names, which
+ * MOVE_VM then moves on. The old keys are built here rather than declared:
+ * a user made by `microvpcd redis-acl` may not write them, and a declared key
+ * it may not write fails the whole script, so they are deleted with
+ * redis.pcall (an administrator deletes what is left, docs/redis-acl.md).
+ */
+const MOVE_GLOBAL = `local old = 'mvpc:vm:' .. ARGV[2]
+if redis.call('GET', old) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[6])
+if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7]) end
+local oldLease = 'mvpc:vmlease:' .. ARGV[2]
+local holder = redis.call('GET', oldLease)
+if holder then
+  local ttl = redis.call('PTTL', oldLease)
+  if ttl > 0 then redis.call('SET', KEYS[2], holder, 'PX', ttl) elseif ttl == -1 then redis.call('SET', KEYS[2], holder) end
+end
+if redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[2] then redis.call('HSET', KEYS[3], ARGV[4], ARGV[3]) end
+redis.call('SADD', KEYS[4], ARGV[5])
+local d = redis.pcall('DEL', old, oldLease)
+local z = redis.pcall('ZREM', 'mvpc:vms', ARGV[2])
+if type(d) == 'table' and d.err or type(z) == 'table' and z.err then return 2 end
+return 1`;
 
 export class VmStore {
   /**
@@ -136,42 +242,66 @@ export class VmStore {
 
   /**
    * Claims the name in the VPC; returns the name-index entry holding it
-   * (nameEntry(v) if ours). A claim that succeeds also takes the VM's lease
-   * for `leaseToken`, in the same script: no DeleteVm can slip in between
-   * the record appearing and its create holding the VM.
+   * (nameEntry(v) if ours). Two scripts, one per slot:
+   * - the host's keys: the record, with the VM's lease for `leaseToken` (no
+   *   DeleteVm can slip in between the record appearing and its create
+   *   holding the VM) and its user-data;
+   * - then the name, compare-and-set: an entry is in the way only if its
+   *   host's own record agrees (holds()), and one judged stale is replaced
+   *   only while it is still the entry read. An entry is never written
+   *   before its record and ids are not reused, so a record missing at the
+   *   check is gone for good.
+   * A claim that loses takes its host keys back (no event was sent). A vmm
+   * killed between the two leaves a record whose create its recovery rolls
+   * back (op "create", no step done), like any create cut short.
    */
   async claim(v: VmRec, leaseToken: string): Promise<string> {
-    if (v.hostId !== this.hostId) throw new Error(`vmm: a VM of host ${v.hostId} cannot be claimed by host ${this.hostId}`);
-    const r = await this.redis.eval(
-      `local held = redis.call('HGET', KEYS[1], ARGV[1])
-       ${NAME_HELD_LUA}
-       if taken then return held end
-       redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-       redis.call('SET', KEYS[2], ARGV[3])
-       redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
-       redis.call('SADD', KEYS[3], ARGV[8])
-       redis.call('SADD', KEYS[4], ARGV[7])
-       if ARGV[9] ~= '' then redis.call('SET', KEYS[6], ARGV[9]) else redis.call('DEL', KEYS[6]) end
-       redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.created', 'vm', ARGV[8])
-       return ARGV[2]`,
-      6,
-      K.byName(v.vpcId),
-      K.vm(this.hostId, v.id),
-      K.host(this.hostId),
-      K.hosts,
-      K.lease(this.hostId, v.id),
-      K.userData(this.hostId, v.id),
-      v.name,
-      nameEntry(v),
-      storedVmText(v),
-      leaseToken,
-      LEASE_MS,
-      v.vpcId,
-      this.hostId,
-      v.id,
-      v.userData,
-    );
-    return String(r);
+    const h = this.hostId;
+    if (v.hostId !== h) throw new Error(`vmm: a VM of host ${v.hostId} cannot be claimed by host ${h}`);
+    const single = !isCluster(this.redis);
+    const hostKeys = [K.vm(h, v.id), K.ids(h), K.lease(h, v.id), K.userData(h, v.id), ...(single ? [K.previous.vm(h, v.id)] : [])];
+    const made = await this.redis.eval(CLAIM_HOST, hostKeys.length, ...hostKeys, storedVmText(v), v.id, leaseToken, LEASE_MS, v.userData);
+    if (made !== 1) throw new Error(`vmm: VM id ${v.id} is already taken on host ${h}`);
+    const mine = nameEntry(v);
+    const nameKeys = [K.byName(v.vpcId), ...(single ? [K.previous.byName(v.vpcId), K.events] : [])];
+    let stale: [string, string] = ["", ""];
+    let last = "";
+    for (let attempt = 0; attempt < 4; attempt++) {
+      const [won, held, prev] = (await this.redis.eval(CLAIM_NAME, nameKeys.length, ...nameKeys, v.name, mine, ...stale, v.id)) as [number, string, string];
+      if (won === 1) {
+        if (!single && held !== mine) await this.event("vm.created", v.id);
+        return mine;
+      }
+      for (const e of [held, prev]) {
+        if (e === "" || e === mine || !(await this.holds(e, v.name, v.vpcId))) continue;
+        await this.removeHost(v, leaseToken);
+        return e;
+      }
+      stale = [held, prev];
+      last = held || prev;
+    }
+    // The entries kept changing under us: another create of the name is racing this one.
+    await this.removeHost(v, leaseToken);
+    return last;
+  }
+
+  /**
+   * Whether a name-index entry holds the name: its host's own record exists,
+   * parses and agrees. An id alone (an entry written before records were
+   * host-scoped) names this host's VM, or, on a single Redis, a record still
+   * at `mvpc:vm:<id>` that its host has not moved yet.
+   */
+  private async holds(entry: string, name: string, vpcId: string): Promise<boolean> {
+    const m = ENTRY_RE.exec(entry);
+    if (!m) return false;
+    const v = await this.record(m[1] ?? this.hostId, m[2]);
+    if (v && v.name === name && v.vpcId === vpcId) return true;
+    return !m[1] && !isCluster(this.redis) && (await this.redis.exists(`mvpc:vm:${m[2]}`)) === 1;
+  }
+
+  /** Appends a VM event to the fleet's stream after a write (on a cluster; a single Redis appends it in the write's script). */
+  private async event(kind: string, id: string): Promise<void> {
+    await this.redis.xadd(K.events, "MAXLEN", "~", "100000", "*", "kind", kind, "vm", id);
   }
 
   // ---- per-VM lease: one operation (create, delete, recovery) at a time ----
@@ -240,24 +370,17 @@ export class VmStore {
   }
 
   /**
-   * Rewrites the VM's record, with a `vm.updated` event in the same script so
-   * that WatchVms streams (on any host's vmm) learn of the change: a state,
-   * a step done, a journal line.
+   * Rewrites the VM's record, with a `vm.updated` event so that WatchVms
+   * streams (on any host's vmm) learn of the change: a state, a step done, a
+   * journal line. In the same script on a single Redis; on a cluster the
+   * stream is in another slot, and the event follows the write.
    */
   async put(v: VmRec, releaseLease = ""): Promise<void> {
     if (v.hostId !== this.hostId) throw new Error(`vmm: host ${this.hostId} does not write VM ${v.id} of host ${v.hostId}`);
-    await this.redis.eval(
-      `redis.call('SET', KEYS[1], ARGV[1])
-       redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.updated', 'vm', ARGV[2])
-       ${releaseLua(2, 3)}
-       return 1`,
-      2,
-      K.vm(this.hostId, v.id),
-      K.lease(this.hostId, v.id),
-      storedVmText(v),
-      v.id,
-      releaseLease,
-    );
+    const single = !isCluster(this.redis);
+    const keys = [K.vm(this.hostId, v.id), K.lease(this.hostId, v.id), ...(single ? [K.events] : [])];
+    await this.redis.eval(PUT, keys.length, ...keys, storedVmText(v), v.id, releaseLease);
+    if (!single) await this.event("vm.updated", v.id);
   }
 
   /** Parses a record read from host h's key; a refused one is reported (once) and skipped. */
@@ -267,6 +390,38 @@ export class VmStore {
     if (p.ok) return p.value;
     reportInvalid(OWNER, "vm", K.vm(h, id), p.reason, this.log);
     return null;
+  }
+
+  /**
+   * Records as stored, by host and id. On a cluster one MGET per host (a
+   * host's slot). On a single Redis, other hosts' records are read at the
+   * earlier names first, then at these, and the later read wins: a VM whose
+   * host moves it between the two reads is seen by one of them (MGET gives
+   * nil for the tombstone a move leaves).
+   */
+  private async texts(keys: { h: string; id: string }[]): Promise<(string | null)[]> {
+    if (keys.length === 0) return [];
+    if (isCluster(this.redis)) {
+      const out: (string | null)[] = keys.map(() => null);
+      const byHost = new Map<string, number[]>();
+      keys.forEach((k, i) => byHost.set(k.h, [...(byHost.get(k.h) ?? []), i]));
+      await Promise.all(
+        [...byHost].map(async ([h, at]) => {
+          const t = await this.redis.mget(at.map((i) => K.vm(h, keys[i].id)));
+          at.forEach((i, j) => (out[i] = t[j]));
+        }),
+      );
+      return out;
+    }
+    const others = keys.some((k) => k.h !== this.hostId);
+    const before = others ? await this.redis.mget(keys.map((k) => (k.h === this.hostId ? K.vm(k.h, k.id) : K.previous.vm(k.h, k.id)))) : [];
+    const now = await this.redis.mget(keys.map((k) => K.vm(k.h, k.id)));
+    return now.map((t, i) => t ?? before[i] ?? null);
+  }
+
+  /** Host h's record of VM id, parsed (null if none or refused). */
+  private async record(h: string, id: string): Promise<VmRec | null> {
+    return this.parse(h, id, (await this.texts([{ h, id }]))[0]);
   }
 
   /** This host's VM (the only ones it acts on: deletes, recovery). */
@@ -288,14 +443,13 @@ export class VmStore {
     return v;
   }
 
-  /** A VM on any host (for views: GetVm, InspectVm): this host's first, then the others', in one round trip. */
+  /** A VM on any host (for views: GetVm, InspectVm): this host's first, then the others'. */
   async get(id: string): Promise<VmRec | null> {
     if (!VM_ID_RE.test(id)) return null;
     const own = await this.getOwn(id);
     if (own) return own;
     const others = (await this.hostIds()).filter((h) => h !== this.hostId);
-    if (others.length === 0) return null;
-    const texts = await this.redis.mget(others.map((h) => K.vm(h, id)));
+    const texts = await this.texts(others.map((h) => ({ h, id })));
     for (const [i, h] of others.entries()) {
       const v = this.parse(h, id, texts[i]);
       if (v) return v;
@@ -303,25 +457,28 @@ export class VmStore {
     return null;
   }
 
-  /** The VM holding a name in a VPC, if the index entry and that host's own record agree. */
+  /**
+   * The VM holding a name in a VPC, if the index entry and that host's own
+   * record agree. On a single Redis the earlier index is read too (a vmm of
+   * the earlier release writes only that one).
+   */
   async byName(vpcId: string, name: string): Promise<VmRec | null> {
-    const key = K.byName(vpcId);
-    const entry = await this.redis.hget(key, name);
-    if (entry === null) return null;
-    const m = /^(?:([a-z0-9]{1,24})\/)?(vm-[0-9a-f]{12})$/.exec(entry);
-    if (!m) {
-      reportInvalid(OWNER, "vm-name", key, `${V.show(entry)} is not "<host>/<vm id>"`, this.log, { field: name, vpcId });
-      return null;
-    }
-    // An entry an older version wrote (an id alone): this host's VM, once moved.
-    const h = m[1] ?? this.hostId;
-    const v = this.parse(h, m[2], await this.redis.get(K.vm(h, m[2])));
-    if (!v) return null;
-    if (v.name !== name || v.vpcId !== vpcId) {
+    const keys = [K.byName(vpcId), ...(isCluster(this.redis) ? [] : [K.previous.byName(vpcId)])];
+    for (const key of keys) {
+      const entry = await this.redis.hget(key, name);
+      if (entry === null) continue;
+      const m = ENTRY_RE.exec(entry);
+      if (!m) {
+        reportInvalid(OWNER, "vm-name", key, `${V.show(entry)} is not "<host>/<vm id>"`, this.log, { field: name, vpcId });
+        continue;
+      }
+      // An entry an older version wrote (an id alone): this host's VM, once moved.
+      const v = await this.record(m[1] ?? this.hostId, m[2]);
+      if (!v) continue;
+      if (v.name === name && v.vpcId === vpcId) return v;
       reportInvalid(OWNER, "vm-name", key, `names ${entry}, whose record is ${v.name} in ${v.vpcId}`, this.log, { field: name, vpcId });
-      return null;
     }
-    return v;
+    return null;
   }
 
   /** Host ids with VMs (shared index: validated, and each host's VMs come from its own keys). */
@@ -335,16 +492,21 @@ export class VmStore {
     return [...new Set([this.hostId, ...ok])].sort();
   }
 
+  /** Host h's VMs. Another host's on a single Redis: also those it has not moved from the earlier names (that set read first, as texts() reads). */
   async ofHost(hostId: string): Promise<VmRec[]> {
-    const ids = (await this.redis.smembers(K.host(hostId))).filter((id) => {
-      if (VM_ID_RE.test(id)) return true;
-      reportInvalid(OWNER, "vm-index", K.host(hostId), `${V.show(id)} is not a VM id`, this.log);
-      return false;
-    });
+    const sets = [...(hostId !== this.hostId && !isCluster(this.redis) ? [K.previous.ids(hostId)] : []), K.ids(hostId)];
+    const listed: string[] = [];
+    for (const key of sets) {
+      for (const id of await this.redis.smembers(key)) {
+        if (VM_ID_RE.test(id)) listed.push(id);
+        else reportInvalid(OWNER, "vm-index", key, `${V.show(id)} is not a VM id`, this.log);
+      }
+    }
+    const ids = [...new Set(listed)];
     const out: VmRec[] = [];
     for (let i = 0; i < ids.length; i += BATCH) {
       const chunk = ids.slice(i, i + BATCH);
-      const texts = await this.redis.mget(chunk.map((id) => K.vm(hostId, id)));
+      const texts = await this.texts(chunk.map((id) => ({ h: hostId, id })));
       chunk.forEach((id, j) => {
         const v = this.parse(hostId, id, texts[j]);
         if (v) out.push(v);
@@ -357,92 +519,118 @@ export class VmStore {
     return (await Promise.all((await this.hostIds()).map((h) => this.ofHost(h)))).flat();
   }
 
-  /** Removes the VM's record and name entry; with `releaseLease` (the holder's token), its lease too, in the same script. */
+  /**
+   * Removes the VM's record and name entry; with `releaseLease` (the
+   * holder's token), its lease too. The host's keys first, then the name
+   * (only if it is still this VM's): a vmm killed between leaves an entry
+   * whose record is gone, which the next claim of the name replaces.
+   */
   async remove(v: VmRec, releaseLease = ""): Promise<void> {
-    await this.redis.eval(
-      `local held = redis.call('HGET', KEYS[1], ARGV[1])
-       if held == ARGV[2] or held == ARGV[3] then redis.call('HDEL', KEYS[1], ARGV[1]) end
-       redis.call('DEL', KEYS[2], KEYS[4]) redis.call('SREM', KEYS[3], ARGV[3])
-       redis.call('XADD', 'mvpc:events', 'MAXLEN', '~', 100000, '*', 'kind', 'vm.deleted', 'vm', ARGV[3])
-       ${releaseLua(5, 4)}
-       return 1`,
-      5,
-      K.byName(v.vpcId),
-      K.vm(this.hostId, v.id),
-      K.host(this.hostId),
-      K.userData(this.hostId, v.id),
-      K.lease(this.hostId, v.id),
-      v.name,
-      nameEntry(v),
-      v.id,
-      releaseLease,
-    );
+    await this.removeHost(v, releaseLease);
+    const single = !isCluster(this.redis);
+    const keys = [K.byName(v.vpcId), ...(single ? [K.previous.byName(v.vpcId), K.events] : [])];
+    await this.redis.eval(REMOVE_NAME, keys.length, ...keys, v.name, nameEntry(v), v.id);
+    if (!single) await this.event("vm.deleted", v.id);
+  }
+
+  /** The host's half of remove(), and how a losing claim takes its keys back. */
+  private async removeHost(v: VmRec, releaseLease: string): Promise<void> {
+    const h = this.hostId;
+    const keys = [K.vm(h, v.id), K.ids(h), K.userData(h, v.id), K.lease(h, v.id), ...(isCluster(this.redis) ? [] : [K.previous.vm(h, v.id)])];
+    await this.redis.eval(REMOVE_HOST, keys.length, ...keys, v.id, releaseLease);
   }
 
   /**
-   * Migration from the old layout, run on vmm start before recovery: each
-   * VM of this host still at `mvpc:vm:<id>` (listed in this host's own
-   * `mvpc:vm:host:H` and recording hostId H; the record must parse) moves,
-   * one Lua script per record, to `mvpc:vm:host:H:vm:<id>`; its lease
-   * `mvpc:vmlease:<id>` moves with its remaining time; its name-index entry
-   * becomes "H/<id>"; H joins `mvpc:vm:hosts`. The script then deletes the
-   * old keys and the id's `mvpc:vms` entry with redis.pcall: a user made by
-   * this version's `microvpcd redis-acl` may not write them, so there they
-   * stay (never read again; an administrator may delete `mvpc:vm:vm-*`,
-   * `mvpc:vmlease:*` and `mvpc:vms`). A record that changed since it was
-   * read is left for the next start; one already moved is not overwritten.
-   * Returns how many records moved.
+   * Moves this host's VMs from the earlier layouts, on vmm start before
+   * recovery (a single Redis; a cluster only ever has these names). Returns
+   * how many records moved under the host's hash tag.
+   * 1. From the layout before host-scoped records: each VM of this host still
+   *    at `mvpc:vm:<id>` (listed in the host's `mvpc:vm:host:H` and recording
+   *    hostId H; the record must parse) moves to `mvpc:vm:host:H:vm:<id>`,
+   *    its lease `mvpc:vmlease:<id>` with its remaining time, its name-index
+   *    entry becoming "H/<id>" (MOVE_GLOBAL).
+   * 2. From there to the host's hash tag, one script per VM (MOVE_VM).
+   * A record that changed since it was read is left for the next start; one
+   * already moved is not overwritten.
    */
   async migrate(): Promise<number> {
     await this.redis.sadd(K.hosts, this.hostId);
-    const ids = (await this.redis.smembers(K.host(this.hostId))).filter((id) => VM_ID_RE.test(id));
+    if (isCluster(this.redis)) return 0;
+    await this.moveGlobal();
+    return this.moveHostScoped();
+  }
+
+  private async moveGlobal(): Promise<number> {
+    const h = this.hostId;
+    const P = K.previous;
+    const ids = (await this.redis.smembers(P.ids(h))).filter((id) => VM_ID_RE.test(id));
     let moved = 0;
     for (let i = 0; i < ids.length; i += BATCH) {
       const chunk = ids.slice(i, i + BATCH);
-      const [olds, news] = await Promise.all([this.redis.mget(chunk.map((id) => `mvpc:vm:${id}`)), this.redis.mget(chunk.map((id) => K.vm(this.hostId, id)))]);
+      const [olds, news] = await Promise.all([this.redis.mget(chunk.map((id) => `mvpc:vm:${id}`)), this.redis.mget(chunk.map((id) => P.vm(h, id)))]);
       for (const [j, id] of chunk.entries()) {
         const old = olds[j];
-        if (old === null || news[j] !== null) continue;
-        const p = parseVmRec(old, { id, hostId: this.hostId });
+        if (old === null || news[j] !== null || (await this.redis.exists(K.vm(h, id))) === 1) continue;
+        const p = parseVmRec(old, { id, hostId: h });
         if (!p.ok) {
-          reportInvalid(OWNER, "vm", `mvpc:vm:${id}`, `not moved to ${K.vm(this.hostId, id)}: ${p.reason}`, this.log);
+          reportInvalid(OWNER, "vm", `mvpc:vm:${id}`, `not moved to ${P.vm(h, id)}: ${p.reason}`, this.log);
           continue;
         }
         const r = await this.redis.eval(
-          `local old = 'mvpc:vm:' .. ARGV[2]
-           if redis.call('GET', old) ~= ARGV[1] then return 0 end
-           if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-           redis.call('SET', KEYS[1], ARGV[6])
-           if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7]) end
-           local oldLease = 'mvpc:vmlease:' .. ARGV[2]
-           local holder = redis.call('GET', oldLease)
-           if holder then
-             local ttl = redis.call('PTTL', oldLease)
-             if ttl > 0 then redis.call('SET', KEYS[2], holder, 'PX', ttl) elseif ttl == -1 then redis.call('SET', KEYS[2], holder) end
-           end
-           if redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[2] then redis.call('HSET', KEYS[3], ARGV[4], ARGV[3]) end
-           redis.call('SADD', KEYS[4], ARGV[5])
-           local d = redis.pcall('DEL', old, oldLease)
-           local z = redis.pcall('ZREM', 'mvpc:vms', ARGV[2])
-           if type(d) == 'table' and d.err or type(z) == 'table' and z.err then return 2 end
-           return 1`,
+          MOVE_GLOBAL,
           5,
-          K.vm(this.hostId, id),
-          K.lease(this.hostId, id),
-          K.byName(p.value.vpcId),
+          P.vm(h, id),
+          P.lease(h, id),
+          P.byName(p.value.vpcId),
           K.hosts,
-          K.userData(this.hostId, id),
+          P.userData(h, id),
           old,
           id,
           nameEntry(p.value),
           p.value.name,
-          this.hostId,
+          h,
           storedVmText(p.value),
           p.value.userData,
         );
         if (r === 0) continue;
         moved++;
         this.log?.info({ vm: id, oldKeysLeft: r === 2 }, "moved a VM record to this host's own keys");
+      }
+    }
+    return moved;
+  }
+
+  private async moveHostScoped(): Promise<number> {
+    const h = this.hostId;
+    const P = K.previous;
+    const ids = (await this.redis.smembers(P.ids(h))).filter((id) => VM_ID_RE.test(id));
+    let moved = 0;
+    for (let i = 0; i < ids.length; i += BATCH) {
+      const chunk = ids.slice(i, i + BATCH);
+      const texts = await this.redis.mget(chunk.map((id) => P.vm(h, id)));
+      for (const [j, id] of chunk.entries()) {
+        const text = texts[j];
+        if (text === null) continue;
+        const p = parseVmRec(text, { id, hostId: h });
+        if (!p.ok) {
+          reportInvalid(OWNER, "vm", P.vm(h, id), `not moved to ${K.vm(h, id)}: ${p.reason}`, this.log);
+          continue;
+        }
+        const keys = [
+          P.vm(h, id),
+          P.lease(h, id),
+          P.userData(h, id),
+          P.ids(h),
+          K.vm(h, id),
+          K.lease(h, id),
+          K.userData(h, id),
+          K.ids(h),
+          P.byName(p.value.vpcId),
+          K.byName(p.value.vpcId),
+        ];
+        if ((await this.redis.eval(MOVE_VM, keys.length, ...keys, id, text, p.value.name, nameEntry(p.value))) !== 1) continue;
+        moved++;
+        this.log?.info({ vm: id }, "moved a VM record under its host's hash tag");
       }
     }
     return moved;

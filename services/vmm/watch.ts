@@ -1,6 +1,7 @@
 // WatchVms: the VMs ListVms (or GetVm) would return, then each change, as a
 // server stream. Nothing polls: every write of a VM record appends a vm.*
-// event to mvpc:events in the same script (store.ts); while a watch is open
+// event to mvpc:events (store.ts: in the same script on a single Redis, right
+// after the write on a cluster, where the stream is in another slot); while a watch is open
 // the vmm follows those events (a watch asks for the fleet's VMs, so it
 // reads the fleet's stream; a vmm nobody watches reads none of it:
 // Vmm.followInvalidations), and the hub below wakes each open stream with

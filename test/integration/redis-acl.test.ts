@@ -192,7 +192,8 @@ describe("per-host Redis ACL users", () => {
     await refused("B's VPC records", asA.hset(`mvpc:host:${B.id}:vpcs`, vpc.id, "{}"));
     await refused("B's overlay registry record", asA.set(`mvpc:hosts:${B.id}`, "{}"));
     await refused("B's firewall bindings index", asA.sadd(`mvpc:fw:host:${B.id}:vpcs`, "vpc-000000000000"));
-    await refused("B's VM index", asA.sadd(`mvpc:vm:host:${B.id}`, "vm-000000000000"));
+    await refused("B's VM index", asA.sadd(`mvpc:{host:${B.id}}:vms`, "vm-000000000000"));
+    await refused("B's VM index where the earlier release kept it", asA.sadd(`mvpc:vm:host:${B.id}`, "vm-000000000000"));
     await refused("B's transit indexes", asA.hset(`mvpc:gw:host:${B.id}:transit`, vpc.id, "7"));
     // IPAM.
     await refused("a VPC record", asA.hset(`mvpc:vpc:${vpc.id}`, "cidr", "0.0.0.0/0"));
@@ -283,22 +284,24 @@ describe("per-host Redis ACL users", () => {
       // VM records, journals and leases are A's own keys: B may not forge, rewrite or delete them.
       const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
       const aclv = (await vmm.getVm({ ref: "aclv", vpc: "acl" })).vm!;
-      const recKey = `mvpc:vm:host:${A.id}:vm:${aclv.id}`;
-      const leaseKey = `mvpc:vm:host:${A.id}:lease:${aclv.id}`;
+      const recKey = `mvpc:{host:${A.id}}:vm:${aclv.id}`;
+      const leaseKey = `mvpc:{host:${A.id}}:vm:${aclv.id}:lease`;
       const recText = (await admin.get(recKey))!;
       assert.ok(recText, "A's VM record is there to attack");
       await refused("B rewrites A's VM record", asB.set(recKey, JSON.stringify({ ...(JSON.parse(recText) as object), op: "delete" })));
       await refused("B deletes A's VM record", asB.del(recKey));
       await refused("B takes A's VM lease", asB.set(leaseKey, `${B.id}/1/x`, "PX", 60_000));
       await refused("B deletes A's VM lease", asB.del(leaseKey));
-      await refused("B adds to A's VM index", asB.sadd(`mvpc:vm:host:${A.id}`, "vm-000000000000"));
+      await refused("B adds to A's VM index", asB.sadd(`mvpc:{host:${A.id}}:vms`, "vm-000000000000"));
+      await refused("B writes a record where the earlier release kept them", asB.set(`mvpc:vm:host:${A.id}:vm:${aclv.id}`, recText));
+      await refused("B replaces the tombstone A's earlier vmm would read", asB.del(`mvpc:vm:host:${A.id}:vm:${aclv.id}`));
       await refused("B's script on A's VM record", asB.eval("return redis.call('SET', KEYS[1], ARGV[1])", 1, recKey, "{}"));
       await refused("B writes a record where older versions kept them", asB.set(`mvpc:vm:${aclv.id}`, recText));
       await refused("B writes a lease where older versions kept them", asB.set(`mvpc:vmlease:${aclv.id}`, "x"));
       assert.equal(await admin.get(recKey), recText, "A's VM record untouched");
 
       // The per-VPC name index is shared, but its entries only nominate.
-      const byname = `mvpc:vm:vpc:${vpc.id}:byname`;
+      const byname = `mvpc:{${vpc.id}}:vm:byname`;
       // "evil" → A's real VM: its record is named aclv, so no VM is called evil, and nothing is deleted.
       await asB.hset(byname, "evil", `${A.id}/${aclv.id}`);
       await rejectsWith(vmm.getVm({ ref: "evil", vpc: "acl" }), Code.NotFound);
@@ -307,9 +310,9 @@ describe("per-host Redis ACL users", () => {
       // "ghost" → a record B wrote under its own prefix claiming to be A's VM, mid-delete:
       // refused (a record of host A under host B's key), never listed, never recovered or deleted by A.
       const ghost = "vm-00000000beef";
-      const ghostKey = `mvpc:vm:host:${B.id}:vm:${ghost}`;
+      const ghostKey = `mvpc:{host:${B.id}}:vm:${ghost}`;
       await asB.set(ghostKey, JSON.stringify({ ...(JSON.parse(recText) as object), id: ghost, name: "ghost", op: "delete", state: "deleting" }));
-      await asB.sadd(`mvpc:vm:host:${B.id}`, ghost);
+      await asB.sadd(`mvpc:{host:${B.id}}:vms`, ghost);
       await asB.sadd("mvpc:vm:hosts", B.id);
       await asB.hset(byname, "ghost", `${B.id}/${ghost}`);
       await rejectsWith(vmm.getVm({ ref: "ghost", vpc: "acl" }), Code.NotFound);
@@ -329,13 +332,14 @@ describe("per-host Redis ACL users", () => {
       assert.equal(await admin.hget(byname, "evil"), `${A.id}/${evil.id}`);
       const gwA = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
       assert.equal(new TextDecoder().decode((await gwA.getInstanceMetadata({ instanceId: evil.id })).metadata!.userData), secret, "A's metadata has it");
-      const evilRec = (await asB.get(`mvpc:vm:host:${A.id}:vm:${evil.id}`))!;
+      const evilRec = (await asB.get(`mvpc:{host:${A.id}}:vm:${evil.id}`))!;
       assert.ok(evilRec && !evilRec.includes(Buffer.from(secret).toString("base64")), "the VM record B may read holds no user-data");
-      await refused("B reads the VM's user-data", asB.get(`mvpc-md:${A.id}:vm:${evil.id}:userdata`));
+      assert.ok(await admin.exists(`mvpc-md:{host:${A.id}}:vm:${evil.id}:userdata`), "the user-data is under A's private keys");
+      await refused("B reads the VM's user-data", asB.get(`mvpc-md:{host:${A.id}}:vm:${evil.id}:userdata`));
       assert.equal((await vmm.deleteVm({ ref: "evil", vpc: "acl" })).deleted, true);
-      assert.equal(await admin.exists(`mvpc-md:${A.id}:vm:${evil.id}:userdata`), 0, "and it goes with the VM");
+      assert.equal(await admin.exists(`mvpc-md:{host:${A.id}}:vm:${evil.id}:userdata`), 0, "and it goes with the VM");
       assert.ok(await admin.exists(ghostKey), "B's own record is B's: A did not act on it");
-      await admin.del(ghostKey, `mvpc:vm:host:${B.id}`);
+      await admin.del(ghostKey, `mvpc:{host:${B.id}}:vms`);
       await admin.hdel(byname, "ghost");
     } finally {
       asB.disconnect();
@@ -353,7 +357,7 @@ describe("per-host Redis ACL users", () => {
     for (const d of [A.daemon, fwd, gwd, vmmd]) assert.doesNotMatch(d.output(), /NOPERM|can't access at least one of the keys/);
   });
 
-  test("as host A's user, vmm's migration moves A's old-layout record into A's keys; the old keys it may no longer delete stay", async () => {
+  test("as host A's user, vmm's migration moves A's oldest-layout record under A's hash tag; the old keys it may no longer delete stay", async () => {
     const id = "vm-00000000cafe";
     const rec: VmRec = {
       id,
@@ -396,21 +400,26 @@ describe("per-host Redis ACL users", () => {
     await admin.zadd("mvpc:vms", 0, id);
     await admin.hset(byname, "legacy", id);
     await admin.sadd(`mvpc:vm:host:${A.id}`, id);
-    const newKey = `mvpc:vm:host:${A.id}:vm:${id}`;
+    const newKey = `mvpc:{host:${A.id}}:vm:${id}`;
+    const newByname = `mvpc:{${vpc.id}}:vm:byname`;
     try {
       assert.equal(await new VmStore(asA, A.id).migrate(), 1);
       assert.equal(await admin.get(newKey), text, "moved into A's keys");
-      assert.equal(await admin.get(`mvpc:vm:host:${A.id}:lease:${id}`), `${A.id}/1/dead`, "with its lease");
+      assert.equal(await admin.get(`mvpc:{host:${A.id}}:vm:${id}:lease`), `${A.id}/1/dead`, "with its lease");
       assert.equal(await admin.hget(byname, "legacy"), `${A.id}/${id}`);
+      assert.equal(await admin.hget(newByname, "legacy"), `${A.id}/${id}`);
+      assert.equal(await admin.type(`mvpc:vm:host:${A.id}:vm:${id}`), "hash", "a tombstone at the earlier host-scoped name");
       assert.equal(await admin.get(`mvpc:vm:${id}`), text, "the old record stays: A's user may not delete it");
       assert.equal(await new VmStore(asA, A.id).migrate(), 0, "once");
       const vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
       assert.equal((await vmm.getVm({ ref: "legacy", vpc: "acl" })).vm!.id, id, "A's vmm finds it by name");
     } finally {
-      await admin.del(newKey, `mvpc:vm:host:${A.id}:lease:${id}`, `mvpc:vm:${id}`, `mvpc:vmlease:${id}`);
+      await admin.del(newKey, `mvpc:{host:${A.id}}:vm:${id}:lease`, `mvpc:vm:host:${A.id}:vm:${id}`, `mvpc:vm:${id}`, `mvpc:vmlease:${id}`);
       await admin.zrem("mvpc:vms", id);
       await admin.hdel(byname, "legacy");
+      await admin.hdel(newByname, "legacy");
       await admin.srem(`mvpc:vm:host:${A.id}`, id);
+      await admin.srem(`mvpc:{host:${A.id}}:vms`, id);
     }
   });
 

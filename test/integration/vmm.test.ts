@@ -296,17 +296,19 @@ describe("failures", () => {
     assert.ok(deleted >= 3, `deletes that met a create in flight waited for it and deleted the VM (${deleted})`);
     for (const v of (await vmm.listVms({})).vms) await vmm.deleteVm({ ref: v.id });
     assertConsistent(await holdings(), "after the races");
-    assert.equal((await redis.keys("mvpc:vm:host:*:lease:*")).length, 0, "no lease left behind");
+    assert.equal((await redis.keys("mvpc:{host:*}:vm:*:lease")).length, 0, "no lease left behind");
   });
 
-  test("records an older version wrote (mvpc:vm:<id>, mvpc:vmlease:<id>) move to the host's own keys on start; malformed records are skipped", async () => {
+  test("records an older version wrote (mvpc:vm:<id>, mvpc:vmlease:<id>) move under the host's hash tag on start; malformed records are skipped", async () => {
     const hv = h.hosts[0];
     const v = (await vmm.createVm({ name: "old", vpc: "app", subnet: "web", securityGroups: ["web"] })).vm!;
     await vmmd.stop();
-    // Back to the old layout, as the previous version left it (with a lease its dead run held).
-    const rec = `mvpc:vm:host:${hv.id}:vm:${v.id}`;
+    // Back to the oldest layout, as that version left it (with a lease its dead run held).
+    const rec = `mvpc:{host:${hv.id}}:vm:${v.id}`;
     const text = (await redis.get(rec))!;
-    await redis.del(rec);
+    await redis.del(rec, `mvpc:vm:host:${hv.id}:vm:${v.id}`, `mvpc:{${v.vpcId}}:vm:byname`);
+    await redis.srem(`mvpc:{host:${hv.id}}:vms`, v.id);
+    await redis.sadd(`mvpc:vm:host:${hv.id}`, v.id);
     await redis.set(`mvpc:vm:${v.id}`, text);
     await redis.set(`mvpc:vmlease:${v.id}`, `${hv.id}/1/dead`, "PX", 10_000);
     await redis.zadd("mvpc:vms", 0, v.id);
@@ -319,9 +321,12 @@ describe("failures", () => {
     try {
       assert.equal(await redis.get(rec), text, "moved as it was");
       assert.equal(await redis.exists(`mvpc:vm:${v.id}`, `mvpc:vmlease:${v.id}`), 0, "the old keys are gone");
+      assert.equal(await redis.type(`mvpc:vm:host:${hv.id}:vm:${v.id}`), "hash", "a tombstone where the earlier release looks");
       assert.equal(await redis.zscore("mvpc:vms", v.id), null);
-      assert.equal(await redis.get(`mvpc:vm:host:${hv.id}:lease:${v.id}`), `${hv.id}/1/dead`, "the lease moved, with its time left");
-      assert.equal(await redis.hget(`mvpc:vm:vpc:${v.vpcId}:byname`, "old"), `${hv.id}/${v.id}`, "the name entry names host and id");
+      assert.equal(await redis.get(`mvpc:{host:${hv.id}}:vm:${v.id}:lease`), `${hv.id}/1/dead`, "the lease moved, with its time left");
+      assert.ok((await redis.pttl(`mvpc:{host:${hv.id}}:vm:${v.id}:lease`)) > 0);
+      assert.equal(await redis.hget(`mvpc:{${v.vpcId}}:vm:byname`, "old"), `${hv.id}/${v.id}`, "the name entry names host and id");
+      assert.equal(await redis.hget(`mvpc:vm:vpc:${v.vpcId}:byname`, "old"), `${hv.id}/${v.id}`, "in the earlier index too, which earlier vmms read");
       assert.ok(await redis.sismember("mvpc:vm:hosts", hv.id));
       assert.equal((await vmm.getVm({ ref: "old", vpc: "app" })).vm!.state, VmState.RUNNING);
       assert.ok(!(await vmm.listVms({})).vms.some((x) => x.id === bad), "the malformed record is not listed");
@@ -331,6 +336,12 @@ describe("failures", () => {
       // The moved lease is honoured: DeleteVm waits until it expires.
       assert.equal((await vmm.deleteVm({ ref: "old", vpc: "app" })).deleted, true);
       assertConsistent(await holdings(), "after deleting the moved VM");
+      assert.equal(await redis.exists(`mvpc:vm:host:${hv.id}:vm:${v.id}`), 0, "the delete takes the tombstone");
+      assert.deepEqual(
+        [await redis.hget(`mvpc:vm:vpc:${v.vpcId}:byname`, "old"), await redis.hget(`mvpc:{${v.vpcId}}:vm:byname`, "old")],
+        [null, null],
+        "and both name entries",
+      );
     } finally {
       await redis.del(`mvpc:vm:host:${hv.id}:vm:${bad}`);
       await redis.srem(`mvpc:vm:host:${hv.id}`, bad);

@@ -18,7 +18,7 @@ import { builtKeys, tsFiles } from "../lib/lua-keys.js";
 
 const ROOT = join(import.meta.dirname, "..", "..");
 
-/** Built keys per script (file:constant), as of 4 December (on 5 December IPAM's Release declared its owner index, the gateway's ALLOC_FIP its record). Lower a figure when a script declares its keys. */
+/** Built keys per script (file:constant), as of 4 December (on 5 December IPAM's Release declared its owner index, the gateway's ALLOC_FIP its record, and the vmm's scripts their keys, under the host's and the VPC's hash tags). Lower a figure when a script declares its keys. */
 const ALLOWED: Record<string, number> = {
   "services/common/events.ts:LUA_EMIT": 4,
   "services/dns/scripts.ts:UPDATE_CONFIG": 2,
@@ -50,16 +50,19 @@ const ALLOWED: Record<string, number> = {
   "services/netagent/store.ts:ADD_NIC": 5,
   "services/peering/store.ts:CREATE": 6,
   "services/peering/store.ts:DELETE": 2,
-  "services/vmm/store.ts:NAME_HELD_LUA": 6,
 };
 
 /**
  * Scripts that never run on a cluster, by design, with their built keys: the
- * move of a single Redis's data from an earlier layout (IpamStore.migrateSubnet
- * returns before it on a cluster, which only ever has the tagged names).
+ * moves of a single Redis's data from an earlier layout (IpamStore.migrateSubnet
+ * and VmStore.migrate return before them on a cluster, which only ever has the
+ * tagged names). MOVE_GLOBAL builds the oldest layout's keys on purpose: a
+ * host's ACL user may not write them, and a declared key it may not write
+ * fails the whole script (it deletes them with redis.pcall).
  */
 const SINGLE_REDIS_ONLY: Record<string, number> = {
   "services/ipam/scripts.ts:MIGRATE_SUBNET": 2,
+  "services/vmm/store.ts:MOVE_GLOBAL": 1,
 };
 
 test("every script's keys built inside Lua are the known ones (Redis Cluster: declare them in KEYS)", () => {

@@ -30,7 +30,7 @@ test("a host user: reads every mvpc: key, writes its own host's keys and the sha
   for (const k of ["~mvpc:vm:vm-*", "~mvpc:vmlease:*", "~mvpc:vms"]) assert.ok(!w.includes(k), k);
   for (const k of SHARED_WRITE_PATTERNS) assert.ok(w.includes(`~${k}`), k);
   // Its instance metadata: read and write, outside mvpc: (which every host reads).
-  assert.deepEqual(hostPrivatePatterns("hv7"), ["mvpc-md:hv7:*"]);
+  assert.deepEqual(hostPrivatePatterns("hv7"), ["mvpc-md:hv7:*", "mvpc-md:{host:hv7}:*"]);
   assert.ok(w.includes("~mvpc-md:hv7:*"));
   assert.ok(!w.some((x) => /mvpc:gw:md:|mvpc-md:\*|^%R~mvpc-md/.test(x)), "no other host's metadata, nor the old shared layout");
   // Writable patterns are all either this host's or the listed shared ones.
@@ -109,13 +109,16 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     assert.throws(() => redisAclUser({ hostId: bad }, PW, "commands"), /host id/, JSON.stringify(bad));
   }
   // hv1's patterns end at a separator: they do not match hv10's keys.
-  for (const p of [...hostScopedWritePatterns("hv1"), ...hostPrivatePatterns("hv1")]) assert.match(p, /hv1(:\*|\}:events)?$/);
+  for (const p of [...hostScopedWritePatterns("hv1"), ...hostPrivatePatterns("hv1")]) assert.match(p, /hv1\}?(:\*)?$/);
   // No shared pattern reaches a host-scoped key of another host.
   const glob = (p: string) => new RegExp(`^${p.replace(/[.+?^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`);
   const otherHostKeys = (h: string) => [
     `mvpc:host:${h}:nics`,
     `mvpc:hosts:${h}`,
     `mvpc:{host:${h}}:events`,
+    `mvpc:{host:${h}}:vms`,
+    `mvpc:{host:${h}}:vm:vm-0123456789ab`,
+    `mvpc:{host:${h}}:vm:vm-0123456789ab:lease`,
     `mvpc:fw:host:${h}:vpcs`,
     `mvpc:gw:host:${h}:transit`,
     `mvpc:vm:host:${h}`,
@@ -160,7 +163,13 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
   const patterns = aclRules({ hostId: "hv1" })
     .filter((x) => x.startsWith("~") || x.startsWith("%"))
     .map((x) => x.replace(/^%R~|^~/, ""));
-  for (const k of ["mvpc-md:hv2:inst:vm-1", "mvpc-md:hv10:byaddr", "mvpc-md:hv2:tokens:vm-1"]) {
+  for (const k of [
+    "mvpc-md:hv2:inst:vm-1",
+    "mvpc-md:hv10:byaddr",
+    "mvpc-md:hv2:tokens:vm-1",
+    "mvpc-md:{host:hv2}:vm:vm-1:userdata",
+    "mvpc-md:{host:hv10}:vm:vm-1:userdata",
+  ]) {
     assert.deepEqual(
       patterns.filter((p) => glob(p).test(k)),
       [],

@@ -65,9 +65,10 @@ function rig(): Rig {
   return { fakes, vmm, api, removed };
 }
 
-/** The vmm's keys left in Redis (the shared hosts index aside). */
+/** The vmm's keys left in Redis (the shared hosts index aside): under the host's and the VPC's tags, user-data, and the earlier names (tombstones). */
 async function vmKeys(): Promise<string[]> {
-  return (await r.keys("mvpc:vm:*")).filter((k) => k !== "mvpc:vm:hosts").sort();
+  const keys = (await Promise.all(["mvpc:vm:*", "mvpc:{*}:vm*", "mvpc-md:*"].map((p) => r.keys(p)))).flat();
+  return keys.filter((k) => k !== "mvpc:vm:hosts").sort();
 }
 
 const kindEnum = { netns: VmKind.NETNS, qemu: VmKind.QEMU } as const;

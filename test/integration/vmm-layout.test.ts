@@ -1,0 +1,249 @@
+// The vmm's keys under its host's hash tag and the name index under its VPC's
+// (issue 18, docs/redis-schema.md "Redis Cluster"), on a real Redis and a
+// real 3+3 cluster:
+// - on a single Redis, a host's VMs move once from the previous release's
+//   names (written here by that release's own claim script,
+//   test/lib/vmm-previous-scripts.ts), lease time, user-data and name entry
+//   with them; a vmm of that release still running on another host can
+//   neither take the name of a VM it can no longer see (its claim fails
+//   before it writes) nor hide its own VMs from this release's reads;
+// - on a cluster, claims of the same names from two hosts at once leave
+//   exactly one holder each and nothing of the loser, each script in one slot.
+import assert from "node:assert/strict";
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, beforeEach, describe, test } from "vitest";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { storedVmText } from "../../services/vmm/schema.js";
+import { K, nameEntry, VmStore, type VmRec } from "../../services/vmm/store.js";
+import { previousClaim, previousKeys as P } from "../lib/vmm-previous-scripts.js";
+import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
+
+const VPC = "vpc-0000000000a1";
+let seq = 0;
+
+/** A VM record as CreateVm claims it (op "create", nothing done yet). */
+function vmRec(hostId: string, name: string, userData = ""): VmRec {
+  const id = `vm-${(0x1000 + seq++).toString(16).padStart(12, "0")}`;
+  return {
+    id,
+    name,
+    hostId,
+    vpcId: VPC,
+    subnetId: "subnet-0000000000b1",
+    kind: "netns",
+    state: "pending",
+    statusMessage: "",
+    groups: [],
+    wantedAddress: "",
+    hostname: name,
+    vcpus: 1,
+    memoryMib: 256,
+    userData,
+    sshKeys: [],
+    labels: [],
+    imds: { tokens: 0, endpoint: 0 },
+    clientToken: "",
+    createdMs: Date.now(),
+    startedMs: 0,
+    address: "",
+    nicId: "",
+    hostIf: "",
+    mac: "",
+    netns: "",
+    pid: 0,
+    kernelIpArg: "",
+    consoleLog: "",
+    done: [],
+    op: "create",
+    journal: [],
+  };
+}
+
+/** Kinds of the fleet stream's VM events, oldest first. */
+async function vmEvents(r: Redis): Promise<string[]> {
+  return (await r.xrange(K.events, "-", "+")).map(([, f]) => `${f[1]} ${f[3]}`);
+}
+
+describe("on a single Redis: the move from the previous layout", () => {
+  let redis: TestRedis;
+  let r: Redis;
+
+  beforeAll(async () => {
+    redis = await startRedis({ persistence: false });
+    r = new Redis(redis.url);
+  });
+  afterAll(async () => {
+    r?.disconnect();
+    await redis?.stop();
+  });
+  beforeEach(async () => {
+    await r.flushall();
+  });
+
+  test("a host's VMs move under its hash tag with their lease time, user-data and name entry; a tombstone stays; once", async () => {
+    const a = vmRec("hva", "web", "I2Nsb3VkLWNvbmZpZwo=");
+    const b = vmRec("hva", "db");
+    const other = vmRec("hvb", "cache");
+    for (const v of [a, b, other]) assert.equal(await previousClaim(r, v, `${v.hostId}/1/dead`), nameEntry(v), "the previous release claims");
+    const store = new VmStore(r, "hva");
+    assert.equal(await store.migrate(), 2, "hva's two VMs, not hvb's");
+    for (const v of [a, b]) {
+      assert.equal(await r.get(K.vm("hva", v.id)), storedVmText(v), "the record, as it was");
+      assert.equal(await r.get(K.lease("hva", v.id)), "hva/1/dead", "the lease");
+      const ttl = await r.pttl(K.lease("hva", v.id));
+      assert.ok(ttl > 0 && ttl <= 15_000, `with its time left (${ttl} ms)`);
+      assert.equal(await r.hget(K.byName(VPC), v.name), nameEntry(v), "the name entry, in the VPC's index");
+      assert.equal(await r.hget(P.byName(VPC), v.name), nameEntry(v), "and still in the earlier one, which earlier vmms read");
+      assert.equal(await r.type(P.vm("hva", v.id)), "hash", "a tombstone at the earlier record name");
+      assert.equal(await r.exists(P.lease("hva", v.id), P.userData("hva", v.id)), 0);
+    }
+    assert.equal(await r.get(K.userData("hva", a.id)), a.userData, "user-data, host-private");
+    assert.deepEqual((await r.smembers(K.ids("hva"))).sort(), [a.id, b.id].sort());
+    assert.equal(await r.exists(P.host("hva")), 0, "the earlier id set is empty");
+    assert.equal(await r.get(P.vm("hvb", other.id)), storedVmText(other), "hvb's VM is hvb's vmm to move");
+    assert.equal(await store.migrate(), 0, "once");
+    assert.equal((await store.getOwn(a.id))?.userData, a.userData);
+    assert.equal((await store.byName(VPC, "web"))?.id, a.id);
+    // The moved lease still holds: another token does not take it; its holder's prefix does (recovery's rule).
+    assert.equal(await store.acquireLease(a.id, "hva/2/x", "hva/2/"), true, "a dead run's lease is taken over by recovery");
+    assert.equal(await store.acquireLease(b.id, "hva/2/x"), false, "a live holder's is not");
+  });
+
+  test("an earlier vmm on another host cannot take the name of a VM it can no longer see: its claim fails before it writes", async () => {
+    const old = vmRec("hva", "moved");
+    await previousClaim(r, old, "t");
+    const a = new VmStore(r, "hva");
+    await a.migrate();
+    const fresh = vmRec("hva", "fresh");
+    assert.equal(await a.claim(fresh, "t"), nameEntry(fresh));
+    for (const name of ["moved", "fresh"]) {
+      const rival = vmRec("hvb", name);
+      await assert.rejects(previousClaim(r, rival, "t"), /WRONGTYPE/, `the earlier release's claim of ${name}`);
+      assert.equal(await r.exists(P.vm("hvb", rival.id), P.lease("hvb", rival.id), P.host("hvb")), 0, "nothing of the rival written");
+      assert.equal(await r.hget(P.byName(VPC), name), nameEntry(name === "moved" ? old : fresh), "the entry unchanged");
+    }
+    // A name no VM of this release holds: the earlier vmm still creates.
+    const elsewhere = vmRec("hvb", "elsewhere");
+    assert.equal(await previousClaim(r, elsewhere, "t"), nameEntry(elsewhere));
+  });
+
+  test("this release reads what an earlier vmm on another host holds, and does not take its names", async () => {
+    const theirs = vmRec("hvb", "theirs");
+    await previousClaim(r, theirs, "t");
+    const a = new VmStore(r, "hva");
+    await a.migrate();
+    assert.equal((await a.get(theirs.id))?.name, "theirs", "GetVm of hvb's VM");
+    assert.deepEqual(
+      (await a.ofHost("hvb")).map((v) => v.id),
+      [theirs.id],
+      "ListVms of hvb",
+    );
+    assert.equal((await a.byName(VPC, "theirs"))?.id, theirs.id, "by name, from the earlier index");
+    const mine = vmRec("hva", "theirs");
+    assert.equal(await a.claim(mine, "t"), nameEntry(theirs), "the name is taken");
+    assert.equal(await a.getOwn(mine.id), null, "the losing claim took its record back");
+    assert.equal(await r.exists(K.lease("hva", mine.id), P.vm("hva", mine.id)), 0, "and its lease and tombstone");
+    assert.equal(await r.sismember(K.ids("hva"), mine.id), 0);
+    assert.deepEqual(await vmEvents(r), ["vm.created " + theirs.id], "no event for a claim that lost");
+    // hvb's earlier vmm deletes it (its remove: record, id, entry); the name is free.
+    await r.del(P.vm("hvb", theirs.id));
+    await r.srem(P.host("hvb"), theirs.id);
+    const again = vmRec("hva", "theirs");
+    assert.equal(await a.claim(again, "t"), nameEntry(again), "a stale entry of the earlier index is replaced");
+    assert.deepEqual([await r.hget(K.byName(VPC), "theirs"), await r.hget(P.byName(VPC), "theirs")], [nameEntry(again), nameEntry(again)], "in both indexes");
+  });
+});
+
+describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
+  let cluster: TestRedisCluster;
+  let ca: Redis;
+  let cb: Redis;
+  let A: VmStore;
+  let B: VmStore;
+
+  beforeAll(async () => {
+    cluster = await startRedisCluster();
+    ca = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
+    cb = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
+    await Promise.all([waitReady(ca), waitReady(cb)]);
+    A = new VmStore(ca, "hva");
+    B = new VmStore(cb, "hvb");
+    assert.equal(await A.migrate(), 0, "nothing to move on a cluster");
+    await B.migrate();
+  }, 60_000);
+  afterAll(async () => {
+    ca?.disconnect();
+    cb?.disconnect();
+    await cluster?.stop();
+  });
+
+  test("a host's VM keys share its slot (its change stream's); the name index is in the VPC's", async () => {
+    const slot = (key: string) => ca.cluster("KEYSLOT", key) as Promise<number>;
+    const host = await slot("mvpc:{host:hva}:events");
+    for (const key of [K.ids("hva"), K.vm("hva", "vm-000000000001"), K.lease("hva", "vm-000000000001"), K.userData("hva", "vm-000000000001")]) {
+      assert.equal(await slot(key), host, key);
+    }
+    assert.equal(await slot(K.byName(VPC)), await slot(`mvpc:{${VPC}}:events`));
+    assert.notEqual(await slot(K.vm("hvb", "vm-000000000001")), host, "another host's are elsewhere (here)");
+  });
+
+  test("two hosts claim the same 12 names at once: one holder each, the loser leaves nothing; a delete frees the name", async () => {
+    const before = (await vmEvents(ca)).length;
+    const winners: VmRec[] = [];
+    for (let i = 0; i < 12; i++) {
+      const va = vmRec("hva", `race${i}`, "dXNlcg==");
+      const vb = vmRec("hvb", `race${i}`);
+      const [ea, eb] = await Promise.all([A.claim(va, "ta"), B.claim(vb, "tb")]);
+      assert.equal(ea, eb, `both see one holder of race${i}`);
+      const [won, lost, loser] = ea === nameEntry(va) ? [va, vb, B] : [vb, va, A];
+      assert.equal(ea, nameEntry(won));
+      winners.push(won);
+      assert.equal(await loser.getOwn(lost.id), null, "the loser's record is gone");
+      assert.equal(await ca.exists(K.lease(lost.hostId, lost.id), K.userData(lost.hostId, lost.id)), 0, "its lease and user-data too");
+      assert.equal(await ca.sismember(K.ids(lost.hostId), lost.id), 0, "and its id");
+      for (const s of [A, B]) assert.equal((await s.byName(VPC, `race${i}`))?.id, won.id, "both read the winner by name");
+    }
+    const created = (await vmEvents(ca)).slice(before);
+    assert.deepEqual(created.sort(), winners.map((w) => `vm.created ${w.id}`).sort(), "one vm.created per winner, none for a loser");
+    for (const w of winners) await (w.hostId === "hva" ? A : B).remove(w, w.hostId === "hva" ? "ta" : "tb");
+    assert.equal(await ca.hlen(K.byName(VPC)), 0, "every name is free");
+    assert.equal((await vmEvents(ca)).filter((e) => e.startsWith("vm.deleted")).length, 12);
+    const again = vmRec("hvb", "race0");
+    assert.equal(await B.claim(again, "tb"), nameEntry(again), "and taken again");
+    await B.remove(again, "tb");
+  });
+
+  test("an entry whose record is gone (a vmm killed between a removal's two steps) is taken by the next claim; one that agrees is not", async () => {
+    const a = vmRec("hva", "half");
+    assert.equal(await A.claim(a, "ta"), nameEntry(a));
+    const b = vmRec("hvb", "half");
+    assert.equal(await B.claim(b, "tb"), nameEntry(a), "held while hva's record agrees");
+    await ca.del(K.vm("hva", a.id));
+    assert.equal(await B.claim(b, "tb"), nameEntry(b), "taken once the record is gone");
+    assert.equal((await A.byName(VPC, "half"))?.hostId, "hvb");
+    // A forged entry (any host writes the index) names a record that does not agree: the name is free.
+    await ca.hset(K.byName(VPC), "forged", nameEntry(b));
+    const f = vmRec("hva", "forged");
+    assert.equal(await A.claim(f, "ta"), nameEntry(f));
+    await A.remove(f, "ta");
+    await B.remove(b, "tb");
+  });
+
+  test("get, ofHost, all and put read and write each host's slot; user-data stays with its record", async () => {
+    const a = vmRec("hva", "ga", "YQ==");
+    const b = vmRec("hvb", "gb");
+    await A.claim(a, "ta");
+    await B.claim(b, "tb");
+    a.state = "running";
+    await A.put(a, "ta");
+    assert.equal(await ca.exists(K.lease("hva", a.id)), 0, "the last put of a create lets the lease go");
+    assert.equal((await B.get(a.id))?.state, "running", "hvb reads hva's VM");
+    assert.equal((await B.get(a.id))?.userData, "", "but not its user-data");
+    assert.equal((await A.getOwn(a.id))?.userData, "YQ==");
+    assert.deepEqual((await A.all()).map((v) => v.name).sort(), ["ga", "gb"]);
+    assert.ok((await vmEvents(ca)).includes(`vm.updated ${a.id}`));
+    await A.remove(a);
+    await B.remove(b, "tb");
+    assert.deepEqual(await A.all(), []);
+  });
+});
