@@ -358,6 +358,15 @@ export const gatewayDefinition: ServiceDefinition = {
     const store = new GatewayStore(redis, logger);
     const ipam = new IpamReader(redis);
     const meta = new MetadataStore(redis, hostId, logger);
+    // This host's records under the earlier release's names move under its
+    // hash tag before its API, data plane and metadata child run. A failure
+    // (e.g. the Redis user not yet given mvpc-md:{host:H}:*) is logged; they
+    // stay where they are, unserved, until a start moves them.
+    try {
+      await meta.moveFromPrevious();
+    } catch (err) {
+      logger.error({ err: (err as Error).message }, "instance metadata: cannot move this host's records under its hash tag; retried at the next start");
+    }
     // Records an older version kept in the shared layout: this host's move
     // to its own keys before its API serves. A failure (e.g. the Redis user
     // not yet updated for mvpc-md:) is logged; the next start tries again.

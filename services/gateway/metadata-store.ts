@@ -1,13 +1,17 @@
 // Instance metadata records (what IMDS serves) and their IMDSv2 session
 // tokens, in Redis. The only metadata module that talks to Redis. Every
-// change is one Lua script, which appends its event to "mvpc:events" in the
-// same step; the IMDS hot path is one read script per request.
+// change is one Lua script, which appends its event to the host's change
+// stream (which the host's gateway follows) in the same step; the IMDS hot
+// path is one read script per request.
 //
 // Records belong to the hypervisor whose metadata server serves them (the
 // gateway its vmm called SetInstanceMetadata on), under a prefix of that
-// host alone, "mvpc-md:<host id>:" (see mdKeys) — outside "mvpc:", which
-// every host's Redis user may read: only that host's user (and the control
-// user) may read or write them (docs/redis-acl.md). Per host:
+// host alone, "mvpc-md:{host:<host id>}:" (see mdKeys) — outside "mvpc:",
+// which every host's Redis user may read: only that host's user (and the
+// control user) may read or write them (docs/redis-acl.md). The braces are
+// the host's Redis Cluster hash tag: every key below, the host's change
+// stream and the vmm's keys of the host are in one slot, and every script
+// declares the keys it uses. Per host:
 //   inst:<instance id>     hash: id vpc addr hop rev updated pb (base64 of the
 //                          InstanceMetadata protobuf, update_time set)
 //   byaddr                 hash "vpc/address" → instance id: who a caller is
@@ -24,19 +28,19 @@
 // the control plane's gateway (--api-only, FleetMetadataStore) finds them.
 // It only lists; the records it leads to are host-scoped.
 //
-// Versions before this kept every host's records under "mvpc:gw:md:"; a
-// host's gateway copies the ones of its own NICs at start
-// (MetadataStore.adoptLegacy).
-//
-// Keys derived from stored records (an instance's old VPC) are built inside
-// the scripts: like IPAM, this needs single-instance Redis or Sentinel, not
-// Cluster.
+// The release before 5 December kept them under "mvpc-md:<host id>:"; a
+// host's gateway moves its own when it starts (MetadataStore.moveFromPrevious),
+// before it serves. Versions before host-scoped metadata kept every host's
+// records under "mvpc:gw:md:"; a host's gateway copies the ones of its own
+// NICs at start (MetadataStore.adoptLegacy).
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
+import { hostEvents, SCOPED_MAXLEN, wakeChannel } from "../common/events.js";
 import { reportInvalid } from "../common/invalid-records.js";
-import { FailedPreconditionError, InvalidArgumentError } from "../common/errors.js";
+import { isCluster } from "../common/redis.js";
+import { FailedPreconditionError, InvalidArgumentError, UnavailableError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { MAX_GROUPS_PER_NIC } from "../firewall/schema.js";
 import { K } from "../ipam/schema.js";
@@ -54,22 +58,38 @@ import {
 /** The shared set of host ids that have metadata records (a listing for the control plane). */
 export const MD_HOSTS = "mvpc:gw:mdhosts";
 
-/** The keys of one host's metadata; the host id is checked, as it becomes part of every key. */
-export function mdKeys(hostId: string) {
-  const M = `mvpc-md:${V.hostId("host id", hostId)}:`;
+/** One host's metadata keys under a prefix (this release's, or the earlier one's). */
+function keysUnder(M: string) {
   return {
     prefix: M,
     inst: (id: string) => `${M}inst:${id}`,
     byAddr: `${M}byaddr`,
     hop: `${M}hop`,
     all: `${M}insts`,
-    vpcPrefix: `${M}vpc:`,
     vpc: (vpc: string) => `${M}vpc:${vpc}:insts`,
-    tokensPrefix: `${M}tokens:`,
     tokens: (id: string) => `${M}tokens:${id}`,
     rev: `${M}rev`,
+  };
+}
+export type MdKeyset = ReturnType<typeof keysUnder>;
+
+/**
+ * The keys of one host's metadata; the host id is checked, as it becomes part
+ * of every key. `events`: the host's change stream (same slot); `global`: the
+ * fleet's stream and `hosts` the shared listing, written in the scripts on a
+ * single Redis only (on a cluster they are in other slots: the client writes
+ * `hosts` after, and the fleet stream is not written there).
+ */
+export function mdKeys(hostId: string) {
+  const h = V.hostId("host id", hostId);
+  return {
+    ...keysUnder(`mvpc-md:{host:${h}}:`),
+    events: hostEvents(h),
+    wake: wakeChannel(hostEvents(h)),
+    global: K.events,
     hosts: MD_HOSTS,
-    events: K.events,
+    /** The earlier release's names (until 5 December): moved from by MetadataStore.moveFromPrevious. */
+    previous: keysUnder(`mvpc-md:${h}:`),
   };
 }
 export type MdKeys = ReturnType<typeof mdKeys>;
@@ -281,19 +301,40 @@ export function hopLimitOf(md: InstanceMetadata): number {
 // ---- scripts ----
 
 /**
- * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 vpc zset, 6 events,
- *       7 rev counter, 8 tokens zset, 9 hosts set (shared)
- * ARGV: 1 id, 2 vpc, 3 address, 4 pb (base64), 5 hop limit, 6 now ms,
- *       7 vpc-zset key prefix, 8 host id
- * Returns {1, rev} created, {0, rev} replaced, {-1, holder} another instance
- * holds the VPC and address.
+ * Lua: appends a metadata event to the host's stream (KEYS[e]) and wakes its
+ * readers (Redis Cluster: common/events.ts); on a single Redis also to the
+ * fleet's stream KEYS[e + 1], with the host added to (`SADD`) or, when it has
+ * no record left, taken out of (`SREM`) the shared listing KEYS[e + 2].
  */
-const SET = `
-local id, vpc, addr, pb, hop, now, vpfx, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+const mdEmit = (e: number) => `
+local function md_emit(listing, ...)
+  redis.call('XADD', KEYS[${e}], 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...)
+  redis.call('SPUBLISH', ARGV[#ARGV], '1')
+  if KEYS[${e + 1}] then
+    redis.call('XADD', KEYS[${e + 1}], 'MAXLEN', '~', 100000, '*', ...)
+    redis.call(listing, KEYS[${e + 2}], ARGV[#ARGV - 1])
+  end
+end
+`;
+
+/**
+ * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 vpc zset, 6 the zset of
+ *       the VPC the caller read as the record's (5 if none), 7 rev counter,
+ *       8 tokens zset, 9 host stream; single Redis: 10 fleet stream,
+ *       11 hosts set (shared)
+ * ARGV: 1 id, 2 vpc, 3 address, 4 pb (base64), 5 hop limit, 6 now ms,
+ *       7 the record's VPC the caller read ('' none), 8 host id, 9 wake channel
+ * Returns {1, rev} created, {0, rev} replaced, {-1, holder} another instance
+ * holds the VPC and address, {-2, vpc} the record's VPC is not ARGV[7] (read
+ * again and retry).
+ */
+const SET = `${mdEmit(9)}
+local id, vpc, addr, pb, hop, now, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[8]
+local oldvpc = redis.call('HGET', KEYS[1], 'vpc')
+if (oldvpc or '') ~= ARGV[7] then return {-2, oldvpc or ''} end
 local key = vpc .. '/' .. addr
 local holder = redis.call('HGET', KEYS[2], key)
 if holder and holder ~= id then return {-1, holder} end
-local oldvpc = redis.call('HGET', KEYS[1], 'vpc')
 local oldaddr = redis.call('HGET', KEYS[1], 'addr')
 local created = 0
 local moved = false
@@ -306,7 +347,7 @@ elseif oldvpc ~= vpc or oldaddr ~= addr then
     redis.call('HDEL', KEYS[2], oldkey)
     redis.call('HDEL', KEYS[3], oldkey)
   end
-  if oldvpc ~= vpc then redis.call('ZREM', vpfx .. oldvpc .. ':insts', id) end
+  if oldvpc ~= vpc then redis.call('ZREM', KEYS[6], id) end
   -- Tokens are bound to the old VPC and address; they can never verify again.
   redis.call('DEL', KEYS[8])
 end
@@ -316,27 +357,30 @@ redis.call('HSET', KEYS[2], key, id)
 redis.call('HSET', KEYS[3], key, hop)
 redis.call('ZADD', KEYS[4], 0, id)
 redis.call('ZADD', KEYS[5], 0, id)
-redis.call('SADD', KEYS[9], host)
 if moved then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr,
+  md_emit('SADD', 'kind', 'gw.metadata.set', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr,
     'hop_limit', hop, 'created', created, 'old_vpc', oldvpc, 'old_address', oldaddr)
 else
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.set', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr,
+  md_emit('SADD', 'kind', 'gw.metadata.set', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr,
     'hop_limit', hop, 'created', created)
 end
 return {created, rev}
 `;
 
 /**
- * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 tokens zset, 6 events,
- *       7 hosts set (shared)
- * ARGV: 1 id, 2 now ms, 3 vpc-zset key prefix, 4 host id
- * Returns {1, live tokens revoked} deleted, {0, 0} absent.
+ * KEYS: 1 inst hash, 2 byaddr, 3 hop, 4 all zset, 5 tokens zset, 6 the zset
+ *       of the VPC the caller read as the record's, 7 host stream; single
+ *       Redis: 8 fleet stream, 9 hosts set (shared)
+ * ARGV: 1 id, 2 now ms, 3 the record's VPC the caller read, 4 host id,
+ *       5 wake channel
+ * Returns {1, live tokens revoked} deleted, {0, 0} absent, {-2, vpc} the
+ * record's VPC is not ARGV[3] (read again and retry).
  */
-const DELETE = `
-local id, now, vpfx, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+const DELETE = `${mdEmit(7)}
+local id, now, host = ARGV[1], ARGV[2], ARGV[4]
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
 if not vpc then return {0, 0} end
+if vpc ~= ARGV[3] then return {-2, vpc} end
 local addr = redis.call('HGET', KEYS[1], 'addr')
 local key = vpc .. '/' .. addr
 if redis.call('HGET', KEYS[2], key) == id then
@@ -344,37 +388,75 @@ if redis.call('HGET', KEYS[2], key) == id then
   redis.call('HDEL', KEYS[3], key)
 end
 redis.call('ZREM', KEYS[4], id)
-redis.call('ZREM', vpfx .. vpc .. ':insts', id)
+redis.call('ZREM', KEYS[6], id)
 local n = redis.call('ZCOUNT', KEYS[5], '(' .. now, '+inf')
 redis.call('DEL', KEYS[1], KEYS[5])
-if redis.call('ZCARD', KEYS[4]) == 0 then redis.call('SREM', KEYS[7], host) end
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'kind', 'gw.metadata.deleted', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr, 'tokens_revoked', n)
+local listing = 'SADD'
+if redis.call('ZCARD', KEYS[4]) == 0 then listing = 'SREM' end
+md_emit(listing, 'kind', 'gw.metadata.deleted', 'host', host, 'instance', id, 'vpc', vpc, 'address', addr, 'tokens_revoked', n)
 return {1, n}
 `;
 
 /**
  * The IMDS hot path, read-only: who is the caller, has their record changed
  * since the rev IMDS has cached, and is the presented token's nonce live.
- * KEYS: 1 byaddr
+ * KEYS: 1 byaddr, 2 the record of the instance the caller expects there
+ *       (ARGV[5]), 3 its tokens zset
  * ARGV: 1 "vpc/address", 2 cached rev ('' = none), 3 token nonce ('' = no
- *       token), 4 now ms, 5 the host's key prefix ("mvpc-md:<host id>:")
- * Returns {0} unknown caller, or {1, id, rev, pb ('' = unchanged), token}
- * with token -1 none presented, 0 not live, 1 live.
+ *       token), 4 now ms, 5 the instance id expected ('' = none known)
+ * Returns {0} unknown caller, {2, id} another instance than ARGV[5] is
+ * there (call again with its keys), or {1, id, rev, pb ('' = unchanged),
+ * token} with token -1 none presented, 0 not live, 1 live.
  */
 const RESOLVE = `
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 if not id then return {0} end
-local h = ARGV[5] .. 'inst:' .. id
-local rev = redis.call('HGET', h, 'rev')
+if id ~= ARGV[5] then return {2, id} end
+local rev = redis.call('HGET', KEYS[2], 'rev')
 if not rev then return {0} end
 local pb = ''
-if rev ~= ARGV[2] then pb = redis.call('HGET', h, 'pb') end
+if rev ~= ARGV[2] then pb = redis.call('HGET', KEYS[2], 'pb') end
 local tok = -1
 if ARGV[3] ~= '' then
-  local exp = redis.call('ZSCORE', ARGV[5] .. 'tokens:' .. id, ARGV[3])
+  local exp = redis.call('ZSCORE', KEYS[3], ARGV[3])
   if exp and tonumber(exp) > tonumber(ARGV[4]) then tok = 1 else tok = 0 end
 end
 return {1, id, rev, pb, tok}
+`;
+
+/**
+ * The move of one instance from the earlier release's names (single Redis,
+ * when the host's gateway starts): its record and tokens RENAMEd (the
+ * tokens keep their expiry), its address and hop-limit entries and index
+ * entries moved, the rev counter carried over so that revs keep rising.
+ * Only if the record still has the VPC and address the caller read.
+ * KEYS: earlier inst, tokens, byaddr, hop, all, vpc zset, rev; then the same
+ *       seven under this release's names
+ * ARGV: 1 id, 2 vpc, 3 "vpc/address"
+ * Returns 1 moved, 0 not (gone, changed, or already there).
+ */
+const MOVE = `
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' or redis.call('HGET', KEYS[1], 'vpc') ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[1], 'vpc') .. '/' .. redis.call('HGET', KEYS[1], 'addr') ~= ARGV[3] then return 0 end
+if redis.call('EXISTS', KEYS[8]) == 1 then return 0 end
+local rev = tonumber(redis.call('GET', KEYS[7]) or '0')
+if tonumber(redis.call('GET', KEYS[14]) or '0') < rev then redis.call('SET', KEYS[14], rev) end
+redis.call('RENAME', KEYS[1], KEYS[8])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[9]) end
+if redis.call('HGET', KEYS[3], ARGV[3]) == ARGV[1] then
+  redis.call('HDEL', KEYS[3], ARGV[3])
+  redis.call('HSET', KEYS[10], ARGV[3], ARGV[1])
+  local hop = redis.call('HGET', KEYS[4], ARGV[3])
+  if hop then
+    redis.call('HDEL', KEYS[4], ARGV[3])
+    redis.call('HSET', KEYS[11], ARGV[3], hop)
+  end
+end
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[12], 0, ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZADD', KEYS[13], 0, ARGV[1])
+return 1
 `;
 
 /**
@@ -403,17 +485,20 @@ declare module "ioredis" {
   interface RedisCommander<Context> {
     mvpcMdSet(...args: (string | number)[]): Promise<Reply>;
     mvpcMdDelete(...args: (string | number)[]): Promise<Reply>;
-    mvpcMdResolve(...args: (string | number)[]): Promise<[0] | [1, string, string, string, number]>;
+    mvpcMdResolve(...args: (string | number)[]): Promise<[0] | [2, string] | [1, string, string, string, number]>;
     mvpcMdMint(...args: (string | number)[]): Promise<number>;
+    mvpcMdMove(...args: (string | number)[]): Promise<number>;
   }
 }
 
 function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcMdSet?: unknown }).mvpcMdSet) return;
-  redis.defineCommand("mvpcMdSet", { numberOfKeys: 9, lua: SET });
-  redis.defineCommand("mvpcMdDelete", { numberOfKeys: 7, lua: DELETE });
-  redis.defineCommand("mvpcMdResolve", { numberOfKeys: 1, lua: RESOLVE });
+  // Set and Delete declare two keys more on a single Redis (the fleet's stream and the hosts listing): the count is the first argument.
+  redis.defineCommand("mvpcMdSet", { lua: SET });
+  redis.defineCommand("mvpcMdDelete", { lua: DELETE });
+  redis.defineCommand("mvpcMdResolve", { numberOfKeys: 3, lua: RESOLVE });
   redis.defineCommand("mvpcMdMint", { numberOfKeys: 2, lua: MINT });
+  redis.defineCommand("mvpcMdMove", { numberOfKeys: 14, lua: MOVE });
 }
 
 function decode(pb: string): InstanceMetadata {
@@ -471,21 +556,57 @@ function checkedRecord(log: Pick<Logger, "warn"> | undefined, key: string, pb: s
   return null;
 }
 
+/** How many callers' instance ids IMDS remembers (resolveCaller's key guess); past it, it starts afresh. */
+const CALLER_IDS_MAX = 65_536;
+/** How often a script that found its record changed under it (SET, DELETE: -2) is tried again. */
+const RETRIES = 4;
+
 /**
  * The metadata of one hypervisor: what its metadata server serves, its data
  * plane's hop limits, and the metadata calls of its gateway. Reads and
- * writes only that host's keys (mdKeys(hostId)).
+ * writes only that host's keys (mdKeys(hostId)); `previous`: under the
+ * earlier release's names instead (FleetMetadataStore, for a host whose
+ * gateway has not moved them yet).
  */
 export class MetadataStore implements MetadataView {
   readonly keys: MdKeys;
+  /** The names used: this release's, or with `previous` the earlier release's. */
+  private readonly at: MdKeyset;
+  /** The names this store reads and writes (this.keys, or the earlier release's). */
+  get names(): MdKeyset {
+    return this.at;
+  }
+  /** IMDS: the instance id last found at each caller, so that its keys can be declared (RESOLVE). */
+  private readonly callerIds = new Map<string, string>();
 
   constructor(
     readonly redis: Redis,
     readonly hostId: string,
-    readonly log?: Pick<Logger, "warn">,
+    readonly log?: Pick<Logger, "warn" | "info">,
+    previous = false,
   ) {
     this.keys = mdKeys(hostId);
+    this.at = previous ? this.keys.previous : this.keys;
     defineScripts(redis);
+  }
+
+  /** The keys a single Redis declares in SET and DELETE besides the host's own (none on a cluster). */
+  private fleetKeys(): string[] {
+    return isCluster(this.redis) ? [] : [this.keys.global, this.keys.hosts];
+  }
+
+  /**
+   * On a cluster, the shared listing is written after the script: the host
+   * in it while it has a record. Added again if a set raced the removal.
+   */
+  private async listing(add: boolean): Promise<void> {
+    if (!isCluster(this.redis)) return;
+    if (add) {
+      await this.redis.sadd(this.keys.hosts, this.hostId);
+      return;
+    }
+    await this.redis.srem(this.keys.hosts, this.hostId);
+    if ((await this.redis.zcard(this.at.all)) > 0) await this.redis.sadd(this.keys.hosts, this.hostId);
   }
 
   /**
@@ -499,32 +620,46 @@ export class MetadataStore implements MetadataView {
     md.updateTime = timestampFromMs(now);
     const pb = Buffer.from(toBinary(InstanceMetadataSchema, md)).toString("base64");
     const hop = hopLimitOf(md);
-    const MK = this.keys;
-    const [code, detail] = await this.redis.mvpcMdSet(
-      MK.inst(md.instanceId),
-      MK.byAddr,
-      MK.hop,
-      MK.all,
-      MK.vpc(md.vpcId),
-      MK.events,
-      MK.rev,
-      MK.tokens(md.instanceId),
-      MK.hosts,
-      md.instanceId,
-      md.vpcId,
-      md.localIpv4,
-      pb,
-      hop,
-      now,
-      MK.vpcPrefix,
-      this.hostId,
-    );
+    const MK = this.at;
+    let [code, detail]: Reply = [-2, ""];
+    for (let attempt = 0; attempt < RETRIES && code === -2; attempt++) {
+      // The record's VPC now, whose index the script takes the instance out of if it moves VPC.
+      const oldVpc = (await this.redis.hget(MK.inst(md.instanceId), "vpc")) ?? "";
+      if (oldVpc !== "") V.id("vpc", oldVpc, "vpc");
+      const keys = [
+        MK.inst(md.instanceId),
+        MK.byAddr,
+        MK.hop,
+        MK.all,
+        MK.vpc(md.vpcId),
+        MK.vpc(oldVpc || md.vpcId),
+        MK.rev,
+        MK.tokens(md.instanceId),
+        this.keys.events,
+        ...this.fleetKeys(),
+      ];
+      [code, detail] = await this.redis.mvpcMdSet(
+        keys.length,
+        ...keys,
+        md.instanceId,
+        md.vpcId,
+        md.localIpv4,
+        pb,
+        hop,
+        now,
+        oldVpc,
+        this.hostId,
+        this.keys.wake,
+      );
+    }
     if (code === -1) {
       throw new FailedPreconditionError(
         `instance ${detail} already holds ${md.localIpv4} in ${md.vpcId}; delete its metadata first (DeleteInstanceMetadata instance_id=${detail}) or give ${md.instanceId} another address`,
       );
     }
+    if (code === -2) throw new UnavailableError(`the metadata of ${md.instanceId} kept changing while it was written; retry`);
     if (code !== 0 && code !== 1) throw new Error(`metadata set script returned ${code}`);
+    await this.listing(true);
     return { metadata: md, created: code === 1 };
   }
 
@@ -533,46 +668,48 @@ export class MetadataStore implements MetadataView {
   }
 
   async get(instanceId: string): Promise<InstanceMetadata | null> {
-    const pb = await this.redis.hget(this.keys.inst(instanceId), "pb");
-    return pb ? this.checked(this.keys.inst(instanceId), pb) : null;
+    const pb = await this.redis.hget(this.at.inst(instanceId), "pb");
+    return pb ? this.checked(this.at.inst(instanceId), pb) : null;
   }
 
   async getByAddress(vpcId: string, address: string): Promise<InstanceMetadata | null> {
-    const id = await this.redis.hget(this.keys.byAddr, callerKey(vpcId, address));
-    return id ? this.get(id) : null;
+    const id = await this.redis.hget(this.at.byAddr, callerKey(vpcId, address));
+    if (!id) return null;
+    const ok = V.attempt(() => instanceId("id", id));
+    if (ok.ok) return this.get(ok.value);
+    reportInvalid("gateway", "imds-byaddr", this.at.byAddr, ok.reason, this.log, { field: callerKey(vpcId, address), vpcId });
+    return null;
   }
 
   /** Deletes a record and revokes its session tokens. */
-  async delete(instanceId: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
-    const MK = this.keys;
-    const [code, n] = await this.redis.mvpcMdDelete(
-      MK.inst(instanceId),
-      MK.byAddr,
-      MK.hop,
-      MK.all,
-      MK.tokens(instanceId),
-      MK.events,
-      MK.hosts,
-      instanceId,
-      Date.now(),
-      MK.vpcPrefix,
-      this.hostId,
-    );
-    return { deleted: code === 1, tokensRevoked: Number(n) };
+  async delete(id: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
+    const MK = this.at;
+    for (let attempt = 0; attempt < RETRIES; attempt++) {
+      const vpc = await this.redis.hget(MK.inst(id), "vpc");
+      if (vpc === null) return { deleted: false, tokensRevoked: 0 };
+      V.id("vpc", vpc, "vpc");
+      const keys = [MK.inst(id), MK.byAddr, MK.hop, MK.all, MK.tokens(id), MK.vpc(vpc), this.keys.events, ...this.fleetKeys()];
+      const [code, n] = await this.redis.mvpcMdDelete(keys.length, ...keys, id, Date.now(), vpc, this.hostId, this.keys.wake);
+      if (code === -2) continue;
+      if (code === 1) await this.listing(false);
+      return { deleted: code === 1, tokensRevoked: Number(n) };
+    }
+    throw new UnavailableError(`the metadata of ${id} kept changing while it was deleted; retry`);
   }
 
   /** Records ordered by instance id, after `after` (exclusive), optionally of one VPC. */
   async list(opts: { vpcId?: string; after?: string; limit: number }): Promise<InstanceMetadata[]> {
-    const key = opts.vpcId ? this.keys.vpc(opts.vpcId) : this.keys.all;
+    const key = opts.vpcId ? this.at.vpc(opts.vpcId) : this.at.all;
     const ids = await this.redis.zrangebylex(key, opts.after ? `(${opts.after}` : "-", "+", "LIMIT", 0, opts.limit);
     if (ids.length === 0) return [];
+    // One host's keys: one slot, so one pipeline also on a cluster.
     const p = this.redis.pipeline();
-    for (const id of ids) p.hget(this.keys.inst(id), "pb");
+    for (const id of ids) p.hget(this.at.inst(id), "pb");
     const res = (await p.exec()) ?? [];
     const out: InstanceMetadata[] = [];
     for (const [i, [err, pb]] of res.entries()) {
       if (err) throw err;
-      const md = typeof pb === "string" && pb !== "" ? this.checked(this.keys.inst(ids[i]), pb, opts.vpcId) : null;
+      const md = typeof pb === "string" && pb !== "" ? this.checked(this.at.inst(ids[i]), pb, opts.vpcId) : null;
       if (md) out.push(md);
     }
     return out;
@@ -590,18 +727,36 @@ export class MetadataStore implements MetadataView {
    * presented token ("" = none). null: no instance holds the address.
    */
   async resolveCaller(vpcId: string, address: string, cachedRev: string, tokenNonce: string): Promise<CallerState | null> {
-    const r = await this.redis.mvpcMdResolve(this.keys.byAddr, callerKey(vpcId, address), cachedRev, tokenNonce, Date.now(), this.keys.prefix);
-    if (r[0] !== 1) return null;
-    const [, instanceId, rev, pb, tok] = r;
+    const caller = callerKey(vpcId, address);
+    let guess = this.callerIds.get(caller) ?? "";
+    let r: Awaited<ReturnType<Redis["mvpcMdResolve"]>> = [0];
+    // The keys of the instance last found there; another there now costs one more round trip.
+    for (let attempt = 0; attempt < 3; attempt++) {
+      r = await this.redis.mvpcMdResolve(this.at.byAddr, this.at.inst(guess), this.at.tokens(guess), caller, cachedRev, tokenNonce, Date.now(), guess);
+      if (r[0] !== 2) break;
+      const id = V.attempt(() => instanceId("id", r[1] as string));
+      if (!id.ok) {
+        reportInvalid("gateway", "imds-byaddr", this.at.byAddr, id.reason, this.log, { field: caller, vpcId });
+        return null;
+      }
+      if (this.callerIds.size >= CALLER_IDS_MAX) this.callerIds.clear();
+      this.callerIds.set(caller, id.value);
+      guess = id.value;
+    }
+    if (r[0] !== 1) {
+      if (r[0] === 0) this.callerIds.delete(caller);
+      return null;
+    }
+    const [, foundId, rev, pb, tok] = r;
     let metadata: InstanceMetadata | undefined;
     if (pb) {
-      const md = this.checked(this.keys.inst(instanceId), pb, vpcId);
+      const md = this.checked(this.at.inst(foundId), pb, vpcId);
       // A caller whose record does not validate is served as one without a record.
       if (!md) return null;
       metadata = md;
     }
     return {
-      instanceId,
+      instanceId: foundId,
       rev: String(rev),
       metadata,
       token: tok === 1 ? "live" : tok === 0 ? "dead" : "none",
@@ -611,8 +766,8 @@ export class MetadataStore implements MetadataView {
   /** Records a session token of an instance; false if the instance left (vpcId, address). */
   async recordToken(instanceId: string, vpcId: string, address: string, nonce: string, expiresMs: number): Promise<boolean> {
     const ok = await this.redis.mvpcMdMint(
-      this.keys.inst(instanceId),
-      this.keys.tokens(instanceId),
+      this.at.inst(instanceId),
+      this.at.tokens(instanceId),
       vpcId,
       address,
       nonce,
@@ -630,25 +785,70 @@ export class MetadataStore implements MetadataView {
    * on mvpc:events to know when to read it again.
    */
   async hopLimits(): Promise<Map<string, number>> {
-    const h = await this.redis.hgetall(this.keys.hop);
+    const h = await this.redis.hgetall(this.at.hop);
     const out = new Map<string, number>();
     for (const [k, v] of Object.entries(h)) {
       // The value becomes an nft set name and TTL: checked as the API checks it.
       const p = parseHopLimit(k, v);
       if (p.ok) out.set(k, p.value);
-      else reportInvalid("gateway", "imds-hop", this.keys.hop, p.reason, this.log, { field: k, vpcId: vpcOfCaller(k) });
+      else reportInvalid("gateway", "imds-hop", this.at.hop, p.reason, this.log, { field: k, vpcId: vpcOfCaller(k) });
     }
     return out;
   }
 
   /** The hop limit of one caller, or undefined if no instance holds the address. */
   async tokenHopLimitOf(vpcId: string, address: string): Promise<number | undefined> {
-    const v = await this.redis.hget(this.keys.hop, callerKey(vpcId, address));
+    const v = await this.redis.hget(this.at.hop, callerKey(vpcId, address));
     if (v === null) return undefined;
     const p = parseHopLimit(callerKey(vpcId, address), v);
     if (p.ok) return p.value;
-    reportInvalid("gateway", "imds-hop", this.keys.hop, p.reason, this.log, { field: callerKey(vpcId, address), vpcId: vpcOfCaller(vpcId) });
+    reportInvalid("gateway", "imds-hop", this.at.hop, p.reason, this.log, { field: callerKey(vpcId, address), vpcId: vpcOfCaller(vpcId) });
     return DEFAULT_HOP_LIMIT;
+  }
+
+  /**
+   * Moves this host's records from the earlier release's names
+   * (`mvpc-md:<host>:`) under its hash tag, one script per instance (MOVE):
+   * on a single Redis, when the host's gateway starts, before its API, its
+   * data plane's passes and its metadata child run, so that nothing of this
+   * host writes them meanwhile. A record another writer changed between the
+   * read and the script (the control plane's delete) is left for the next
+   * start. On a cluster there is nothing to move. Returns how many moved.
+   */
+  async moveFromPrevious(): Promise<number> {
+    if (isCluster(this.redis)) return 0;
+    const P = this.keys.previous;
+    const ids = await this.redis.zrange(P.all, 0, -1);
+    let moved = 0;
+    for (const raw of ids) {
+      const id = V.attempt(() => instanceId("id", raw));
+      if (!id.ok) {
+        reportInvalid("gateway", "imds-index", P.all, id.reason, this.log, { field: raw });
+        continue;
+      }
+      const [vpc, addr] = await this.redis.hmget(P.inst(id.value), "vpc", "addr");
+      const vpcOk = V.attempt(() => V.id("vpc", vpc ?? "", "vpc"));
+      const addrOk = V.attempt(() => {
+        V.ipv4("address", addr ?? "");
+        return addr ?? "";
+      });
+      if (!vpcOk.ok || !addrOk.ok) {
+        reportInvalid(
+          "gateway",
+          "imds-metadata",
+          P.inst(id.value),
+          `not moved to ${this.keys.inst(id.value)}: ${vpcOk.ok ? "" : vpcOk.reason}${addrOk.ok ? "" : addrOk.reason}`,
+          this.log,
+        );
+        continue;
+      }
+      const K7 = (k: MdKeyset) => [k.inst(id.value), k.tokens(id.value), k.byAddr, k.hop, k.all, k.vpc(vpcOk.value), k.rev];
+      if ((await this.redis.mvpcMdMove(...K7(P), ...K7(this.keys), id.value, vpcOk.value, callerKey(vpcOk.value, addrOk.value))) === 1) moved++;
+    }
+    // The earlier counter, once nothing is left to carry it over for.
+    if ((await this.redis.exists(P.all)) === 0) await this.redis.del(P.rev);
+    if (moved > 0) this.log?.info({ moved }, "instance metadata moved under this host's hash tag");
+    return moved;
   }
 
   /**
@@ -676,7 +876,7 @@ export class MetadataStore implements MetadataView {
         reportInvalid("gateway", "imds-legacy", LEGACY_MK.byAddr, id.reason, this.log, { field: k, vpcId: vpcOfCaller(k) });
         continue;
       }
-      if (await this.redis.exists(this.keys.inst(id.value))) continue;
+      if (await this.redis.exists(this.at.inst(id.value))) continue;
       const pb = await this.redis.hget(LEGACY_MK.inst(id.value), "pb");
       const md = pb ? this.checked(LEGACY_MK.inst(id.value), pb, k) : null;
       if (!md) {
@@ -708,7 +908,7 @@ export class MetadataStore implements MetadataView {
 export class FleetMetadataStore implements MetadataView {
   constructor(
     readonly redis: Redis,
-    readonly log?: Pick<Logger, "warn">,
+    readonly log?: Pick<Logger, "warn" | "info">,
   ) {
     defineScripts(redis);
   }
@@ -732,17 +932,24 @@ export class FleetMetadataStore implements MetadataView {
     );
   }
 
-  /** One record of each host in `hosts` whose key `keyOf(host)` holds `field`: [host, value]. */
-  private async perHost(hosts: string[], keyOf: (k: MdKeys) => string, field: string): Promise<[string, string][]> {
-    if (hosts.length === 0) return [];
-    const p = this.redis.pipeline();
-    for (const h of hosts) p.hget(keyOf(mdKeys(h)), field);
-    const res = (await p.exec()) ?? [];
-    const out: [string, string][] = [];
-    for (const [i, [err, v]] of res.entries()) {
-      if (err) throw err;
-      if (typeof v === "string" && v !== "") out.push([hosts[i], v]);
-    }
+  /**
+   * Host h's store. On a single Redis, under the earlier release's names while
+   * h's gateway has not moved them (it has an index there and none here).
+   */
+  private async storeOf(h: string): Promise<MetadataStore> {
+    const k = mdKeys(h);
+    const previous = !isCluster(this.redis) && (await this.redis.exists(k.all)) === 0 && (await this.redis.exists(k.previous.all)) === 1;
+    return new MetadataStore(this.redis, h, this.log, previous);
+  }
+
+  /** One record of each host in `hosts` whose key `keyOf(host)` holds `field`: [host, value]. Each host's keys are a slot of their own on a cluster: one read each. */
+  private async perHost(hosts: string[], keyOf: (k: MdKeyset) => string, field: string): Promise<[string, string, MetadataStore][]> {
+    const stores = await Promise.all(hosts.map((h) => this.storeOf(h)));
+    const values = await Promise.all(stores.map((st) => this.redis.hget(keyOf(st.names), field)));
+    const out: [string, string, MetadataStore][] = [];
+    values.forEach((v, i) => {
+      if (typeof v === "string" && v !== "") out.push([hosts[i], v, stores[i]]);
+    });
     return out;
   }
 
@@ -761,17 +968,14 @@ export class FleetMetadataStore implements MetadataView {
     const found = await this.perHost(await this.hosts(), (k) => k.inst(instanceId), "pb");
     return this.one(
       `instance ${instanceId}`,
-      found.map(([h, pb]) => [h, checkedRecord(this.log, mdKeys(h).inst(instanceId), pb)]),
+      found.map(([h, pb, st]) => [h, checkedRecord(this.log, st.names.inst(instanceId), pb)]),
     );
   }
 
   async getByAddress(vpcId: string, address: string): Promise<InstanceMetadata | null> {
     const ids = await this.perHost(await this.hosts(), (k) => k.byAddr, callerKey(vpcId, address));
     const found: [string, InstanceMetadata | null][] = [];
-    for (const [h, id] of ids) {
-      const pb = await this.redis.hget(mdKeys(h).inst(id), "pb");
-      found.push([h, pb ? checkedRecord(this.log, mdKeys(h).inst(id), pb, vpcId) : null]);
-    }
+    for (const [h, , st] of ids) found.push([h, await st.getByAddress(vpcId, address)]);
     return this.one(`${vpcId}/${address}`, found);
   }
 
@@ -780,8 +984,8 @@ export class FleetMetadataStore implements MetadataView {
     const found = await this.perHost(await this.hosts(), (k) => k.inst(instanceId), "vpc");
     let deleted = false;
     let tokensRevoked = 0;
-    for (const [h] of found) {
-      const r = await new MetadataStore(this.redis, h, this.log).delete(instanceId);
+    for (const [, , st] of found) {
+      const r = await st.delete(instanceId);
       deleted ||= r.deleted;
       tokensRevoked += r.tokensRevoked;
     }
@@ -795,7 +999,7 @@ export class FleetMetadataStore implements MetadataView {
    */
   async list(opts: { vpcId?: string; after?: string; limit: number }): Promise<InstanceMetadata[]> {
     const all: InstanceMetadata[] = [];
-    for (const h of await this.hosts()) all.push(...(await new MetadataStore(this.redis, h, this.log).list(opts)));
+    for (const h of await this.hosts()) all.push(...(await (await this.storeOf(h)).list(opts)));
     all.sort((a, b) => (a.instanceId < b.instanceId ? -1 : a.instanceId > b.instanceId ? 1 : 0));
     let n = Math.min(opts.limit, all.length);
     while (n > 0 && n < all.length && all[n].instanceId === all[n - 1].instanceId) n++;

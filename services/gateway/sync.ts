@@ -85,6 +85,9 @@ const NIC_ID = /^nic-[0-9a-f]{12}$/;
 /** Default TTL of a NAT gateway's address lease. */
 export const DEFAULT_NAT_LEASE_MS = 6000;
 
+/** The change events a hypervisor's gateway follows (on its host's stream, its VPCs' and the fleet's). */
+export const GATEWAY_EVENTS = /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/;
+
 /** What GatewaySync runs and reads beside its stores; each defaults to the real one. */
 export interface GatewaySyncDeps {
   kernel?: GatewayKernel;
@@ -135,7 +138,7 @@ export class GatewaySync {
     else throw new Error("GatewaySync: no DnsStore and no Redis to make one");
     this.loop = new SyncLoop({
       log,
-      events: /^(gw\.|nic\.|subnet\.|vpc\.|dns\.config)/,
+      events: GATEWAY_EVENTS,
       // The streams of the VPCs held here, this host's, and the fleet's (the default DNS configuration): common/events.ts.
       // A VM start's events (address, NIC, binding, metadata, name) in one or two batches, not one wake-up each.
       scope: { host: opts.hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(opts.hostId)), registry: true, settleMs: 20 },

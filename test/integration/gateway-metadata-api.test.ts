@@ -170,10 +170,10 @@ describe("CRUD", () => {
 });
 
 describe("keys of one host; the control plane's view of every host", () => {
-  test("records are under mvpc-md:<host>:, the host is in the index, and another host's store does not see them", async () => {
+  test("records are under mvpc-md:{host:<host>}:, the host is in the index, and another host's store does not see them", async () => {
     await gw.setInstanceMetadata({ metadata: md({ instanceId: "vm-k" }) });
-    assert.ok(await r.exists(`mvpc-md:${HOST}:inst:vm-k`));
-    assert.equal(await r.hget(`mvpc-md:${HOST}:byaddr`, `${VPC}/10.0.1.5`), "vm-k");
+    assert.ok(await r.exists(`mvpc-md:{host:${HOST}}:inst:vm-k`));
+    assert.equal(await r.hget(`mvpc-md:{host:${HOST}}:byaddr`, `${VPC}/10.0.1.5`), "vm-k");
     assert.deepEqual(await r.smembers(MD_HOSTS), [HOST]);
     assert.equal((await r.keys("mvpc:gw:md:*")).length, 0, "nothing in the old shared layout");
     const other = new MetadataStore(r, "hv2");

@@ -164,7 +164,7 @@ describe("hostile records written straight into Redis", () => {
         created: now,
       })
       .zadd("mvpc:gw:pfs", 0, "pf-aaaaaaaaaaa3")
-      .hset(`mvpc-md:${hvId}:hop`, `${vpcId}/${pub.address}`, "1 }; add table ip pwned_hop { }; #")
+      .hset(`mvpc-md:{host:${hvId}}:hop`, `${vpcId}/${pub.address}`, "1 }; add table ip pwned_hop { }; #")
       .exec();
     // DNS: a resolver address that reaches `ip addr` and nft in the VPC namespace.
     await redis.hset(`mvpc:dns:vpc:${vpcId}:cfg`, "resolver", `10.0.0.2/32 dev lo\n${touch(markers[1])}\naddr replace 10.0.0.3`);
@@ -277,7 +277,7 @@ describe("hostile records written straight into Redis", () => {
     assert.ok(pf, show);
     assert.equal(pf.vpc, vpcId);
     assert.match(pf.reason, /private_port/);
-    const hop = rec("imds-hop", `mvpc-md:${hvId}:hop`);
+    const hop = rec("imds-hop", `mvpc-md:{host:${hvId}}:hop`);
     assert.ok(hop, show);
     assert.deepEqual([hop.field, hop.vpc], [`${vpcId}/${pub.address}`, vpcId], show);
     await eventually(async () => {
@@ -327,12 +327,12 @@ describe("hostile records written straight into Redis", () => {
       metadata: { instanceId: "i-hostile-pub", vpcId, subnetId: pub.subnet.id, localIpv4: pub.address, mac: pub.mac, hostname: "pub" },
     });
     await eventually(async () => (await imds()) === "i-hostile-pub", "pub reads its metadata");
-    await redis.hset(`mvpc-md:${hvId}:inst:i-hostile-pub`, "pb", "not base64 \n }");
-    await redis.hincrby(`mvpc-md:${hvId}:inst:i-hostile-pub`, "rev", 1);
+    await redis.hset(`mvpc-md:{host:${hvId}}:inst:i-hostile-pub`, "pb", "not base64 \n }");
+    await redis.hincrby(`mvpc-md:{host:${hvId}}:inst:i-hostile-pub`, "rev", 1);
     await eventually(async () => (await imds()) === null, "a refused metadata record is served as none");
     await eventually(async () => {
       const r = (await gw.getGatewayStatus({ vpc: vpcId })).invalidRecords.find((x) => x.kind === "imds-metadata");
-      return r?.key === `mvpc-md:${hvId}:inst:i-hostile-pub` && r.field === "pb" && r.vpc === vpcId && /^pb: /.test(r.reason);
+      return r?.key === `mvpc-md:{host:${hvId}}:inst:i-hostile-pub` && r.field === "pb" && r.vpc === vpcId && /^pb: /.test(r.reason);
     }, "the metadata child's refused record, in the gateway's status");
   }, 60_000);
 });

@@ -439,7 +439,7 @@ describe("per-host Redis ACL users", () => {
     });
     const userData = () => httpGet(a.ns, "http://169.254.169.254/latest/user-data", 1500);
     assert.ok(await waitFor(async () => (await userData()) === secret, { timeoutMs: 20_000, intervalMs: 250 }), "A's VM reads its user-data");
-    const key = `mvpc-md:${A.id}:inst:i-acla`;
+    const key = `mvpc-md:{host:${A.id}}:inst:i-acla`;
     assert.ok(await asA.exists(key), "stored under A's own prefix");
 
     const asB = asHost(B);
@@ -447,19 +447,20 @@ describe("per-host Redis ACL users", () => {
       // The attack: B reads A's tenants' user-data, or rewrites what A's VM reads at boot.
       await refused("B reads A's record (user-data)", asB.hget(key, "pb"));
       await refused("B reads A's whole record", asB.hgetall(key));
-      await refused("B reads A's address index", asB.hgetall(`mvpc-md:${A.id}:byaddr`));
-      await refused("B lists A's instances", asB.zrange(`mvpc-md:${A.id}:insts`, 0, -1));
-      await refused("B reads A's session tokens", asB.zrange(`mvpc-md:${A.id}:tokens:i-acla`, 0, -1));
+      await refused("B reads A's address index", asB.hgetall(`mvpc-md:{host:${A.id}}:byaddr`));
+      await refused("B lists A's instances", asB.zrange(`mvpc-md:{host:${A.id}}:insts`, 0, -1));
+      await refused("B reads A's session tokens", asB.zrange(`mvpc-md:{host:${A.id}}:tokens:i-acla`, 0, -1));
       const forged = Buffer.from(
         toBinary(InstanceMetadataSchema, create(InstanceMetadataSchema, { instanceId: "i-acla", userData: new TextEncoder().encode("#!/bin/sh\nevil\n") })),
       ).toString("base64");
       await refused("B rewrites A's record", asB.hset(key, "pb", forged));
       await refused("B deletes A's record", asB.del(key));
-      await refused("B points A's VM's address elsewhere", asB.hset(`mvpc-md:${A.id}:byaddr`, `${vpc.id}/${a.address}`, "i-evil"));
-      await refused("B mints a session token on A", asB.zadd(`mvpc-md:${A.id}:tokens:i-acla`, Date.now() + 3_600_000, "00".repeat(12)));
-      await refused("B bumps A's rev", asB.incr(`mvpc-md:${A.id}:rev`));
+      await refused("B points A's VM's address elsewhere", asB.hset(`mvpc-md:{host:${A.id}}:byaddr`, `${vpc.id}/${a.address}`, "i-evil"));
+      await refused("B mints a session token on A", asB.zadd(`mvpc-md:{host:${A.id}}:tokens:i-acla`, Date.now() + 3_600_000, "00".repeat(12)));
+      await refused("B bumps A's rev", asB.incr(`mvpc-md:{host:${A.id}}:rev`));
       await refused("a script declaring A's record", asB.eval("return redis.call('HGET', KEYS[1], 'pb')", 1, key));
       await refused("a script naming A's record", asB.eval(`return redis.call('HSET', '${key}', 'pb', 'x')`, 0));
+      await refused("B writes A's record under the earlier names", asB.hset(`mvpc-md:${A.id}:inst:i-acla`, "pb", forged));
       // The old shared layout is no longer writable by any host either.
       await refused("B writes the old shared layout", asB.hset("mvpc:gw:md:byaddr", `${vpc.id}/${a.address}`, "i-evil"));
       await refused("B writes an old shared record", asB.hset("mvpc:gw:md:inst:i-acla", "pb", forged));
@@ -483,7 +484,7 @@ describe("per-host Redis ACL users", () => {
       assert.equal(await userData(), secret, "A's VM still reads its own user-data");
       assert.equal(await httpGet(a.ns, "http://169.254.169.254/latest/meta-data/hostname", 1500), "acla");
       assert.equal(await asA.hget(key, "pb"), await admin.hget(key, "pb"), "A reads its own record");
-      await refused("A reads B's record", asA.hget(`mvpc-md:${B.id}:inst:i-acla`, "pb"));
+      await refused("A reads B's record", asA.hget(`mvpc-md:{host:${B.id}}:inst:i-acla`, "pb"));
 
       // The control plane's gateway sees both hosts' records: a Get by id names the two hosts.
       const ctlGw = grpcClient(GatewayService, { address: ctlGwd.address, timeoutMs: 20_000 });
