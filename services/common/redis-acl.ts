@@ -26,7 +26,7 @@
 //     mvpc:vpn:host:H:*    netagent VPN endpoint: the public keys of H's endpoint interfaces, the gen applied
 //   shared (any host writes them; readers validate, see docs/redis-acl.md):
 //     mvpc:events          change-event stream (XADD; events only wake readers, who re-read state)
-//     mvpc:{vpc-*}:events, mvpc:{hosts}:events  the scoped streams: a VPC's, the host registry's
+//     mvpc:{vpc-…}:events, mvpc:{hosts}:events  the scoped streams: a VPC's, the host registry's
 //     mvpc:nicaddr         global NIC address claims ("<vpc>/<addr>" → "<host>/<nic>")
 //     mvpc:hostindex       set of host ids with an overlay record
 //     mvpc:overlay:*       per-VPC overlay members (host id field) and addresses (address → host)
@@ -35,7 +35,7 @@
 //     mvpc:gw:mdhosts      set of host ids with instance metadata (the control plane's listing)
 //     mvpc:gw:lease:nat:*   which host of a VPC holds its NAT gateway's address (a lease the VPC's
 //                          hosts compete for; readers accept only a registered member host)
-//     mvpc:{vpc-*}:vm:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates),
+//     mvpc:{vpc-…}:vm:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates),
 //                          and mvpc:vm:vpc:*:byname, the earlier release's, written too until it is gone
 //     mvpc:vm:hosts        vmm: host ids with VMs (a listing; each host's VMs are under its prefix)
 // Everything else is the control plane's (ipam, dns, peering, and the
@@ -94,11 +94,17 @@ export function hostPrivatePatterns(hostId: string): string[] {
 /** The control user's keys: every mvpc: key and every host's private keys. */
 export const CONTROL_PATTERNS = ["mvpc:*", "mvpc-md:*"] as const;
 
+/** A VPC's hash tag in a key pattern: "vpc-" and its id's 12 hex digits, each one character. */
+const VPC_TAG = `vpc-${"?".repeat(12)}`;
+
 /** Shared keys every host's agents write (the residual risk docs/redis-acl.md describes). */
 export const SHARED_WRITE_PATTERNS = [
   "mvpc:events",
   // The scoped change streams (common/events.ts): a VPC's, the host registry's.
-  "mvpc:{vpc-*}:events",
+  // Twelve "?" (a VPC id's hex), not "*": a glob's "*" also matches "}" and
+  // ":", and so would take in IPAM's owner index of an owner ending in
+  // ":events" (mvpc:{<vpc>}:owner:<owner>), which no host may write.
+  `mvpc:{${VPC_TAG}}:events`,
   "mvpc:{hosts}:events",
   "mvpc:nicaddr",
   "mvpc:hostindex",
@@ -114,7 +120,7 @@ export const SHARED_WRITE_PATTERNS = [
   // VM records and leases are host-scoped (above); these only nominate (the
   // second is the earlier release's name index, written too until every vmm
   // runs this one).
-  "mvpc:{vpc-*}:vm:byname",
+  `mvpc:{${VPC_TAG}}:vm:byname`,
   "mvpc:vm:vpc:*:byname",
   "mvpc:vm:hosts",
 ] as const;

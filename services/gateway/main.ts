@@ -360,12 +360,16 @@ export const gatewayDefinition: ServiceDefinition = {
     const meta = new MetadataStore(redis, hostId, logger);
     // This host's records under the earlier release's names move under its
     // hash tag before its API, data plane and metadata child run. A failure
-    // (e.g. the Redis user not yet given mvpc-md:{host:H}:*) is logged; they
-    // stay where they are, unserved, until a start moves them.
+    // (e.g. the Redis user not yet given mvpc-md:{host:H}:*) fails the start:
+    // serving without them would leave their VMs without metadata, and an
+    // address they held could be given to another instance meanwhile.
     try {
       await meta.moveFromPrevious();
     } catch (err) {
-      logger.error({ err: (err as Error).message }, "instance metadata: cannot move this host's records under its hash tag; retried at the next start");
+      throw new Error(
+        `instance metadata: cannot move this host's records from mvpc-md:${hostId}: under its hash tag mvpc-md:{host:${hostId}}: (${(err as Error).message}); if it is NOPERM, load the ACL lines of \`microvpcd redis-acl\` first (docs/redis-acl.md)`,
+        { cause: err },
+      );
     }
     // Records an older version kept in the shared layout: this host's move
     // to its own keys before its API serves. A failure (e.g. the Redis user

@@ -429,16 +429,22 @@ return {1, id, rev, pb, tok}
  * when the host's gateway starts): its record and tokens RENAMEd (the
  * tokens keep their expiry), its address and hop-limit entries and index
  * entries moved, the rev counter carried over so that revs keep rising.
- * Only if the record still has the VPC and address the caller read.
+ * Only if the record still has the VPC and address the caller read, and
+ * no other instance holds that address under this release's names (one
+ * made since, e.g. after a start whose move failed: the earlier record
+ * stays where it is, never served, for Delete to remove).
  * KEYS: earlier inst, tokens, byaddr, hop, all, vpc zset, rev; then the same
  *       seven under this release's names
  * ARGV: 1 id, 2 vpc, 3 "vpc/address"
- * Returns 1 moved, 0 not (gone, changed, or already there).
+ * Returns 1 moved, 0 not (gone, changed, or already there), {-1, holder}
+ * another instance holds the address.
  */
 const MOVE = `
 if redis.call('TYPE', KEYS[1]).ok ~= 'hash' or redis.call('HGET', KEYS[1], 'vpc') ~= ARGV[2] then return 0 end
 if redis.call('HGET', KEYS[1], 'vpc') .. '/' .. redis.call('HGET', KEYS[1], 'addr') ~= ARGV[3] then return 0 end
 if redis.call('EXISTS', KEYS[8]) == 1 then return 0 end
+local holder = redis.call('HGET', KEYS[10], ARGV[3])
+if holder and holder ~= ARGV[1] then return {-1, holder} end
 local rev = tonumber(redis.call('GET', KEYS[7]) or '0')
 if tonumber(redis.call('GET', KEYS[14]) or '0') < rev then redis.call('SET', KEYS[14], rev) end
 redis.call('RENAME', KEYS[1], KEYS[8])
@@ -487,7 +493,7 @@ declare module "ioredis" {
     mvpcMdDelete(...args: (string | number)[]): Promise<Reply>;
     mvpcMdResolve(...args: (string | number)[]): Promise<[0] | [2, string] | [1, string, string, string, number]>;
     mvpcMdMint(...args: (string | number)[]): Promise<number>;
-    mvpcMdMove(...args: (string | number)[]): Promise<number>;
+    mvpcMdMove(...args: (string | number)[]): Promise<number | [number, string]>;
   }
 }
 
@@ -681,8 +687,19 @@ export class MetadataStore implements MetadataView {
     return null;
   }
 
-  /** Deletes a record and revokes its session tokens. */
+  /**
+   * Deletes a record and revokes its session tokens; on a single Redis also
+   * one still under the earlier release's names (a record the host's move
+   * left there: never served, but its VM's deletion removes it).
+   */
   async delete(id: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
+    const r = await this.deleteAt(id);
+    if (this.at === this.keys.previous || isCluster(this.redis) || (await this.redis.exists(this.keys.previous.inst(id))) === 0) return r;
+    const earlier = await new MetadataStore(this.redis, this.hostId, this.log, true).deleteAt(id);
+    return { deleted: r.deleted || earlier.deleted, tokensRevoked: r.tokensRevoked + earlier.tokensRevoked };
+  }
+
+  private async deleteAt(id: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
     const MK = this.at;
     for (let attempt = 0; attempt < RETRIES; attempt++) {
       const vpc = await this.redis.hget(MK.inst(id), "vpc");
@@ -820,6 +837,7 @@ export class MetadataStore implements MetadataView {
     const P = this.keys.previous;
     const ids = await this.redis.zrange(P.all, 0, -1);
     let moved = 0;
+    const failed: string[] = [];
     for (const raw of ids) {
       const id = V.attempt(() => instanceId("id", raw));
       if (!id.ok) {
@@ -843,11 +861,33 @@ export class MetadataStore implements MetadataView {
         continue;
       }
       const K7 = (k: MdKeyset) => [k.inst(id.value), k.tokens(id.value), k.byAddr, k.hop, k.all, k.vpc(vpcOk.value), k.rev];
-      if ((await this.redis.mvpcMdMove(...K7(P), ...K7(this.keys), id.value, vpcOk.value, callerKey(vpcOk.value, addrOk.value))) === 1) moved++;
+      const caller = callerKey(vpcOk.value, addrOk.value);
+      let r: Awaited<ReturnType<Redis["mvpcMdMove"]>>;
+      try {
+        r = await this.redis.mvpcMdMove(...K7(P), ...K7(this.keys), id.value, vpcOk.value, caller);
+      } catch (err) {
+        // The others still move; the start fails at the end, and the next one tries again.
+        failed.push(`${id.value}: ${(err as Error).message}`);
+        continue;
+      }
+      if (r === 1) moved++;
+      else if (Array.isArray(r)) {
+        reportInvalid(
+          "gateway",
+          "imds-metadata",
+          P.inst(id.value),
+          `not moved to ${this.keys.inst(id.value)}: ${caller} is ${V.show(r[1])}'s now; DeleteInstanceMetadata removes it`,
+          this.log,
+          {
+            vpcId: vpcOk.value,
+          },
+        );
+      }
     }
     // The earlier counter, once nothing is left to carry it over for.
     if ((await this.redis.exists(P.all)) === 0) await this.redis.del(P.rev);
     if (moved > 0) this.log?.info({ moved }, "instance metadata moved under this host's hash tag");
+    if (failed.length) throw new Error(`${failed.length} instance metadata record(s) not moved under this host's hash tag: ${failed.slice(0, 3).join("; ")}`);
     return moved;
   }
 

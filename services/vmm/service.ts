@@ -550,7 +550,26 @@ export class Vmm {
   /** VMs whose recovery failed: attempts so far, when the next is due, the last error. */
   readonly recoveryFailures = new Map<string, { attempts: number; nextMs: number; error: string }>();
   private recovering = false;
-  private migrated = false;
+  /** The move of this host's VMs from earlier layouts (VmStore.migrate), once it succeeded. */
+  private migration?: Promise<void>;
+
+  /**
+   * Resolves once this host's VMs are under the names this release reads
+   * (VmStore.migrate, run once per process; a failure is tried again on the
+   * next call). Until then a CreateVm or DeleteVm would not see this host's
+   * earlier VMs (and could take the name of one), so they wait for it, and
+   * fail with UNAVAILABLE while it cannot be done.
+   */
+  private migrated(): Promise<void> {
+    this.migration ??= this.store.migrate().then(
+      () => undefined,
+      (err: unknown) => {
+        this.migration = undefined;
+        throw new ConnectError(`this vmm has not yet moved its host's VMs from the earlier Redis layout (${errorText(err)}); retry`, Code.Unavailable);
+      },
+    );
+    return this.migration;
+  }
 
   /**
    * Rolls back creates and finishes deletes that a crash (or a failed
@@ -564,10 +583,7 @@ export class Vmm {
     this.recovering = true;
     try {
       // First, once: records earlier versions wrote under other names move under this host's hash tag (VmStore.migrate).
-      if (!this.migrated) {
-        await this.store.migrate();
-        this.migrated = true;
-      }
+      await this.migrated();
       for (const v0 of await this.store.ofHost(this.opts.hostId)) {
         if (!needsRecovery(v0)) continue;
         const f = this.recoveryFailures.get(v0.id);
@@ -812,6 +828,7 @@ export class Vmm {
     // tracing.ts), the steps' spans under them, the daemons' RPC spans under those.
     createVm: (req) =>
       withSpan("CreateVm", { "microvpc.vm.name": req.name, "microvpc.vpc": req.vpc, "microvpc.subnet": req.subnet }, async () => {
+        await this.migrated();
         const hits = { cached: false };
         try {
           return await this.createVmOnce(req, hits);
@@ -828,6 +845,7 @@ export class Vmm {
 
     deleteVm: (req) =>
       withSpan("DeleteVm", { "microvpc.vm.ref": req.ref, "microvpc.vpc": req.vpc }, async () => {
+        await this.migrated();
         const v = await this.resolve(req.ref, req.vpc);
         if (!v) return { deleted: false };
         if (v.hostId !== this.opts.hostId) throw new FailedPreconditionError(`VM ${v.id} runs on hypervisor ${v.hostId}; ask its vmm`);

@@ -66,7 +66,7 @@ export interface VmRec {
  *           can deny a name (or hide a name lookup), never make a vmm act on
  *           a record another host wrote.
  *   hosts   the host ids that have VMs, for ListVms and GetVm of a VM on
- *           another host (written once, when a vmm starts); each host's own
+ *           another host (written when a vmm starts and on each create); each host's own
  *           set lists its VMs.
  * Creating a VM touches two slots (the host's, the VPC's), so it is two
  * scripts: the host's keys first, then the name (compare-and-set), whose
@@ -185,7 +185,8 @@ return 1`;
  * vmm start): record, lease (with its time left) and user-data renamed, the
  * id to the new set, a tombstone left at the old record name, and the name
  * entry copied to the new index if it names this VM and the new one has
- * none. Only if the record is still the text the caller parsed (ARGV[2]).
+ * none (best effort: the indexes are shared). Only if the record is still
+ * the text the caller parsed (ARGV[2]).
  * KEYS: old record, lease, user-data, ids; new record, lease, user-data, ids;
  * old name index, new name index.
  */
@@ -198,7 +199,8 @@ end
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('SADD', KEYS[8], ARGV[1])
 redis.call('HSET', KEYS[1], 'moved', '${TOMBSTONE}')
-if redis.call('HGET', KEYS[9], ARGV[3]) == ARGV[4] then redis.call('HSETNX', KEYS[10], ARGV[3], ARGV[4]) end
+-- The name indexes are shared (any host writes them): a damaged one must not stop the move.
+if redis.pcall('HGET', KEYS[9], ARGV[3]) == ARGV[4] then redis.pcall('HSETNX', KEYS[10], ARGV[3], ARGV[4]) end
 return 1`;
 
 /**
@@ -270,6 +272,9 @@ export class VmStore {
       const [won, held, prev] = (await this.redis.eval(CLAIM_NAME, nameKeys.length, ...nameKeys, v.name, mine, ...stale, v.id)) as [number, string, string];
       if (won === 1) {
         if (!single && held !== mine) await this.event("vm.created", v.id);
+        // The shared listing other hosts find this host's VMs by: any host may
+        // write it, so each create puts this host back (migrate() does at start).
+        await this.redis.sadd(K.hosts, h);
         return mine;
       }
       for (const e of [held, prev]) {
@@ -294,8 +299,19 @@ export class VmStore {
   private async holds(entry: string, name: string, vpcId: string): Promise<boolean> {
     const m = ENTRY_RE.exec(entry);
     if (!m) return false;
-    const v = await this.record(m[1] ?? this.hostId, m[2]);
-    if (v && v.name === name && v.vpcId === vpcId) return true;
+    const h = m[1] ?? this.hostId;
+    // Only what holding a name needs (as the earlier release's Lua check): a
+    // record this release would refuse on other grounds still holds its name,
+    // so no second VM takes it while that record exists.
+    const text = (await this.texts([{ h, id: m[2] }]))[0];
+    let o: unknown;
+    try {
+      o = text === null ? null : JSON.parse(text);
+    } catch {
+      o = null;
+    }
+    const r = (o ?? {}) as Record<string, unknown>;
+    if (r.id === m[2] && r.hostId === h && r.name === name && r.vpcId === vpcId) return true;
     return !m[1] && !isCluster(this.redis) && (await this.redis.exists(`mvpc:vm:${m[2]}`)) === 1;
   }
 
@@ -413,8 +429,8 @@ export class VmStore {
       );
       return out;
     }
-    const others = keys.some((k) => k.h !== this.hostId);
-    const before = others ? await this.redis.mget(keys.map((k) => (k.h === this.hostId ? K.vm(k.h, k.id) : K.previous.vm(k.h, k.id)))) : [];
+    // (This host's too: a claim's check may run before migrate() moved them.)
+    const before = await this.redis.mget(keys.map((k) => K.previous.vm(k.h, k.id)));
     const now = await this.redis.mget(keys.map((k) => K.vm(k.h, k.id)));
     return now.map((t, i) => t ?? before[i] ?? null);
   }
@@ -492,9 +508,9 @@ export class VmStore {
     return [...new Set([this.hostId, ...ok])].sort();
   }
 
-  /** Host h's VMs. Another host's on a single Redis: also those it has not moved from the earlier names (that set read first, as texts() reads). */
+  /** Host h's VMs; on a single Redis also those not yet moved from the earlier names (that set read first, as texts() reads). */
   async ofHost(hostId: string): Promise<VmRec[]> {
-    const sets = [...(hostId !== this.hostId && !isCluster(this.redis) ? [K.previous.ids(hostId)] : []), K.ids(hostId)];
+    const sets = [...(!isCluster(this.redis) ? [K.previous.ids(hostId)] : []), K.ids(hostId)];
     const listed: string[] = [];
     for (const key of sets) {
       for (const id of await this.redis.smembers(key)) {
@@ -605,6 +621,7 @@ export class VmStore {
     const P = K.previous;
     const ids = (await this.redis.smembers(P.ids(h))).filter((id) => VM_ID_RE.test(id));
     let moved = 0;
+    const failed: string[] = [];
     for (let i = 0; i < ids.length; i += BATCH) {
       const chunk = ids.slice(i, i + BATCH);
       const texts = await this.redis.mget(chunk.map((id) => P.vm(h, id)));
@@ -628,11 +645,18 @@ export class VmStore {
           P.byName(p.value.vpcId),
           K.byName(p.value.vpcId),
         ];
-        if ((await this.redis.eval(MOVE_VM, keys.length, ...keys, id, text, p.value.name, nameEntry(p.value))) !== 1) continue;
+        try {
+          if ((await this.redis.eval(MOVE_VM, keys.length, ...keys, id, text, p.value.name, nameEntry(p.value))) !== 1) continue;
+        } catch (err) {
+          // The others still move; migrate() fails at the end, and the next call tries again.
+          failed.push(`${id}: ${(err as Error).message}`);
+          continue;
+        }
         moved++;
         this.log?.info({ vm: id }, "moved a VM record under its host's hash tag");
       }
     }
+    if (failed.length) throw new Error(`${failed.length} VM record(s) not moved under this host's hash tag: ${failed.slice(0, 3).join("; ")}`);
     return moved;
   }
 }

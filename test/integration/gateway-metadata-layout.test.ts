@@ -126,6 +126,21 @@ describe("on a single Redis: the move from the previous layout", () => {
     assert.ok(Number(await r.hget(K.inst("vm-b"), "rev")) > oldRev, "revs keep rising");
   });
 
+  test("a record whose address another instance holds now stays where it is, never served, and goes with its instance's delete", async () => {
+    // hv1's move failed once; meanwhile vm-a's address went to vm-c under this release's names.
+    await previousSet(r, "hv1", "vm-a", VPC, "10.0.1.5", pbOf(md({ instanceId: "vm-a", hostname: "stale" })), 1);
+    const store = new MetadataStore(r, "hv1");
+    await store.set(md({ instanceId: "vm-c", hostname: "current" }));
+    assert.equal(await store.moveFromPrevious(), 0);
+    assert.equal(await r.hget(mdKeys("hv1").byAddr, `${VPC}/10.0.1.5`), "vm-c", "the address stays vm-c's");
+    assert.equal((await store.resolveCaller(VPC, "10.0.1.5", "", ""))?.metadata?.hostname, "current", "IMDS serves vm-c");
+    assert.equal(await store.get("vm-a"), null, "vm-a is not served");
+    assert.equal(await r.hget(P("hv1").inst("vm-a"), "id"), "vm-a", "but stays under the earlier names");
+    assert.equal((await store.delete("vm-a")).deleted, true, "its VM's delete removes it");
+    assert.equal(await r.exists(P("hv1").inst("vm-a")), 0);
+    assert.equal(await r.hget(mdKeys("hv1").byAddr, `${VPC}/10.0.1.5`), "vm-c", "and leaves vm-c's entry");
+  });
+
   test("the control plane reads, lists and deletes a host's records where they are, moved or not", async () => {
     await previousSet(r, "hv2", "vm-c", VPC, "10.0.1.7", pbOf(md({ instanceId: "vm-c", localIpv4: "10.0.1.7" })), 1);
     await new MetadataStore(r, "hv1").set(md({ instanceId: "vm-a" }));

@@ -12,7 +12,14 @@
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, beforeEach, describe, test } from "vitest";
+import { Code, createClient, createRouterTransport } from "@connectrpc/connect";
+import { pino } from "pino";
+import { mapDomainErrors } from "../../services/common/errors.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { Vmm } from "../../services/vmm/service.js";
+import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
+import { rejectsWith } from "../lib/clients.js";
+import { FAKE_VPC, VmmFakes } from "../lib/vmm-fakes.js";
 import { storedVmText } from "../../services/vmm/schema.js";
 import { K, nameEntry, VmStore, type VmRec } from "../../services/vmm/store.js";
 import { previousClaim, previousKeys as P } from "../lib/vmm-previous-scripts.js";
@@ -125,6 +132,43 @@ describe("on a single Redis: the move from the previous layout", () => {
     // A name no VM of this release holds: the earlier vmm still creates.
     const elsewhere = vmRec("hvb", "elsewhere");
     assert.equal(await previousClaim(r, elsewhere, "t"), nameEntry(elsewhere));
+  });
+
+  test("a vmm serves no CreateVm or DeleteVm until its host's VMs have moved: UNAVAILABLE while the move fails, then the moved VM's name is held", async () => {
+    const old = { ...vmRec("hv1", "old"), state: "running" as const, op: "" as const };
+    assert.equal(old.vpcId, FAKE_VPC.id);
+    await previousClaim(r, old, "");
+    const fakes = new VmmFakes("hv1");
+    const store = new VmStore(r, "hv1");
+    const migrate = store.migrate.bind(store);
+    let failures = 1;
+    store.migrate = async () => {
+      if (failures-- > 0) throw new Error("NOPERM this user has no permissions to access one of the keys");
+      return migrate();
+    };
+    const vmm = new Vmm(store, fakes.clients(), { hostId: "hv1", booters: { qemu: fakes.booter() }, netns: fakes.netns() }, pino({ level: "silent" }));
+    const api = createClient(
+      VmService,
+      createRouterTransport((router) => router.service(VmService, vmm.impl), { router: { interceptors: [mapDomainErrors] } }),
+    );
+    const e = await rejectsWith(api.createVm({ name: "old", vpc: "app", subnet: "web" }), Code.Unavailable);
+    assert.match(e.rawMessage, /not yet moved its host's VMs.*NOPERM.*retry/);
+    assert.equal(await r.hget(K.byName(VPC), "old"), null, "nothing claimed meanwhile");
+    assert.equal(fakes.calls.length, 0, "no step ran");
+    // The next call moves them first; the name is the moved VM's.
+    const again = await api.createVm({ name: "old", vpc: "app", subnet: "web" });
+    assert.deepEqual([again.created, again.vm?.id], [false, old.id], "the same request gets the running VM back, not a second one");
+    assert.equal(await r.get(K.vm("hv1", old.id)), storedVmText(old), "moved");
+    assert.equal((await api.deleteVm({ ref: "old", vpc: "app" })).deleted, true, "and DeleteVm finds it");
+  });
+
+  test("a shared name index another host damaged does not stop a host's move", async () => {
+    const v = vmRec("hva", "dmg");
+    await previousClaim(r, v, "t");
+    await r.del(P.byName(VPC));
+    await r.set(P.byName(VPC), "not a hash");
+    assert.equal(await new VmStore(r, "hva").migrate(), 1);
+    assert.equal(await r.get(K.vm("hva", v.id)), storedVmText(v));
   });
 
   test("this release reads what an earlier vmm on another host holds, and does not take its names", async () => {

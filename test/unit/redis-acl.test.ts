@@ -111,7 +111,14 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
   // hv1's patterns end at a separator: they do not match hv10's keys.
   for (const p of [...hostScopedWritePatterns("hv1"), ...hostPrivatePatterns("hv1")]) assert.match(p, /hv1\}?(:\*)?$/);
   // No shared pattern reaches a host-scoped key of another host.
-  const glob = (p: string) => new RegExp(`^${p.replace(/[.+?^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`);
+  // Redis's glob: "*" any run of characters (also "}" and ":"), "?" one character.
+  const glob = (p: string) =>
+    new RegExp(
+      `^${p
+        .replace(/[.+^${}()|[\]\\]/g, "\\$&")
+        .replace(/\*/g, ".*")
+        .replace(/\?/g, ".")}$`,
+    );
   const otherHostKeys = (h: string) => [
     `mvpc:host:${h}:nics`,
     `mvpc:hosts:${h}`,
@@ -129,6 +136,26 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
   ];
   for (const k of otherHostKeys("hv2")) {
     for (const p of SHARED_WRITE_PATTERNS) assert.ok(!glob(p).test(k), `${p} matches ${k}`);
+  }
+  // The VPC-tagged shared patterns take a VPC's stream and VM name index, and
+  // none of the control plane's keys in the VPC's slot, whatever an owner's name.
+  const V = "vpc-0123456789ab";
+  for (const k of [`mvpc:{${V}}:events`, `mvpc:{${V}}:vm:byname`])
+    assert.ok(
+      SHARED_WRITE_PATTERNS.some((p) => glob(p).test(k)),
+      `a host writes ${k}`,
+    );
+  for (const k of [
+    `mvpc:{${V}}:owner:lb:vm:byname`,
+    `mvpc:{${V}}:owner:x:events`,
+    `mvpc:{${V}}:sn:subnet-0123456789ab:used`,
+    `mvpc:{vpc-0123456789abc}:events`,
+  ]) {
+    assert.deepEqual(
+      SHARED_WRITE_PATTERNS.filter((p) => glob(p).test(k)),
+      [],
+      k,
+    );
   }
   // Host "hv1"'s patterns cover its own keys and none of host "hv10"'s (nor "hv"'s).
   for (const k of otherHostKeys("hv1"))
