@@ -15,7 +15,7 @@
 import assert from "node:assert/strict";
 import { create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { Redis } from "ioredis";
-import { afterAll, beforeAll, beforeEach, describe, test } from "vitest";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { followScoped, hostEvents, type EventFields } from "../../services/common/events.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
@@ -23,7 +23,8 @@ import { FleetMetadataStore, MD_HOSTS, mdKeys, MetadataStore } from "../../servi
 import { GATEWAY_EVENTS } from "../../services/gateway/sync.js";
 import { waitFor } from "../lib/netns.js";
 import { previousMdKeys as P, previousMint, previousSet } from "../lib/gateway-previous-scripts.js";
-import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
+import { startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
+import { scratchRedis } from "../lib/scratch-redis.js";
 
 const VPC = "vpc-0123456789ab";
 
@@ -79,20 +80,7 @@ async function events(r: Redis, stream: string): Promise<string[]> {
 }
 
 describe("on a single Redis: the move from the previous layout", () => {
-  let redis: TestRedis;
-  let r: Redis;
-
-  beforeAll(async () => {
-    redis = await startRedis({ persistence: false });
-    r = new Redis(redis.url);
-  });
-  afterAll(async () => {
-    r?.disconnect();
-    await redis?.stop();
-  });
-  beforeEach(async () => {
-    await r.flushall();
-  });
+  const db = scratchRedis();
 
   test("a host's records move under its hash tag with tokens, entries and indexes; revs keep rising; once", async () => {
     const expires = Date.now() + 60_000;
@@ -100,22 +88,22 @@ describe("on a single Redis: the move from the previous layout", () => {
       ["vm-a", "10.0.1.5", 1],
       ["vm-b", "10.0.1.6", 3],
     ] as const) {
-      assert.equal((await previousSet(r, "hv1", id, VPC, addr, pbOf(md({ instanceId: id, localIpv4: addr })), hop))[0], 1);
+      assert.equal((await previousSet(db.r, "hv1", id, VPC, addr, pbOf(md({ instanceId: id, localIpv4: addr })), hop))[0], 1);
     }
-    assert.equal(await previousMint(r, "hv1", "vm-a", VPC, "10.0.1.5", "ab".repeat(12), expires), 1);
-    await previousSet(r, "hv2", "vm-c", VPC, "10.0.1.7", pbOf(md({ instanceId: "vm-c", localIpv4: "10.0.1.7" })), 1);
-    const oldRev = Number(await r.get(P("hv1").rev));
-    const store = new MetadataStore(r, "hv1");
+    assert.equal(await previousMint(db.r, "hv1", "vm-a", VPC, "10.0.1.5", "ab".repeat(12), expires), 1);
+    await previousSet(db.r, "hv2", "vm-c", VPC, "10.0.1.7", pbOf(md({ instanceId: "vm-c", localIpv4: "10.0.1.7" })), 1);
+    const oldRev = Number(await db.r.get(P("hv1").rev));
+    const store = new MetadataStore(db.r, "hv1");
     const K = mdKeys("hv1");
     assert.equal(await store.moveFromPrevious(), 2);
-    assert.equal(await r.hget(K.inst("vm-b"), "id"), "vm-b", "the record");
-    assert.deepEqual(await r.hgetall(K.byAddr), { [`${VPC}/10.0.1.5`]: "vm-a", [`${VPC}/10.0.1.6`]: "vm-b" }, "who each caller is");
-    assert.deepEqual(await r.hgetall(K.hop), { [`${VPC}/10.0.1.5`]: "1", [`${VPC}/10.0.1.6`]: "3" }, "the hop limits");
-    assert.deepEqual(await r.zrange(K.all, 0, -1), ["vm-a", "vm-b"]);
-    assert.deepEqual(await r.zrange(K.vpc(VPC), 0, -1), ["vm-a", "vm-b"]);
-    assert.ok((await r.pttl(K.tokens("vm-a"))) > 0, "the tokens, with their expiry");
-    assert.equal((await r.keys("mvpc-md:hv1:*")).length, 0, "nothing left under the earlier names but the counter");
-    assert.equal(await r.hget(P("hv2").inst("vm-c"), "id"), "vm-c", "hv2's records are hv2's gateway's to move");
+    assert.equal(await db.r.hget(K.inst("vm-b"), "id"), "vm-b", "the record");
+    assert.deepEqual(await db.r.hgetall(K.byAddr), { [`${VPC}/10.0.1.5`]: "vm-a", [`${VPC}/10.0.1.6`]: "vm-b" }, "who each caller is");
+    assert.deepEqual(await db.r.hgetall(K.hop), { [`${VPC}/10.0.1.5`]: "1", [`${VPC}/10.0.1.6`]: "3" }, "the hop limits");
+    assert.deepEqual(await db.r.zrange(K.all, 0, -1), ["vm-a", "vm-b"]);
+    assert.deepEqual(await db.r.zrange(K.vpc(VPC), 0, -1), ["vm-a", "vm-b"]);
+    assert.ok((await db.r.pttl(K.tokens("vm-a"))) > 0, "the tokens, with their expiry");
+    assert.equal((await db.r.keys("mvpc-md:hv1:*")).length, 0, "nothing left under the earlier names but the counter");
+    assert.equal(await db.r.hget(P("hv2").inst("vm-c"), "id"), "vm-c", "hv2's records are hv2's gateway's to move");
     assert.equal(await store.moveFromPrevious(), 0, "once");
     // IMDS serves them, the token still verifies, and a write gives a higher rev than any before.
     const st = await store.resolveCaller(VPC, "10.0.1.5", "", "ab".repeat(12));
@@ -123,28 +111,28 @@ describe("on a single Redis: the move from the previous layout", () => {
     assert.equal(st?.token, "live");
     assert.equal((await store.hopLimits()).get(`${VPC}/10.0.1.6`), 3);
     await store.set(md({ instanceId: "vm-b", localIpv4: "10.0.1.6", hostname: "renamed" }));
-    assert.ok(Number(await r.hget(K.inst("vm-b"), "rev")) > oldRev, "revs keep rising");
+    assert.ok(Number(await db.r.hget(K.inst("vm-b"), "rev")) > oldRev, "revs keep rising");
   });
 
   test("a record whose address another instance holds now stays where it is, never served, and goes with its instance's delete", async () => {
     // hv1's move failed once; meanwhile vm-a's address went to vm-c under this release's names.
-    await previousSet(r, "hv1", "vm-a", VPC, "10.0.1.5", pbOf(md({ instanceId: "vm-a", hostname: "stale" })), 1);
-    const store = new MetadataStore(r, "hv1");
+    await previousSet(db.r, "hv1", "vm-a", VPC, "10.0.1.5", pbOf(md({ instanceId: "vm-a", hostname: "stale" })), 1);
+    const store = new MetadataStore(db.r, "hv1");
     await store.set(md({ instanceId: "vm-c", hostname: "current" }));
     assert.equal(await store.moveFromPrevious(), 0);
-    assert.equal(await r.hget(mdKeys("hv1").byAddr, `${VPC}/10.0.1.5`), "vm-c", "the address stays vm-c's");
+    assert.equal(await db.r.hget(mdKeys("hv1").byAddr, `${VPC}/10.0.1.5`), "vm-c", "the address stays vm-c's");
     assert.equal((await store.resolveCaller(VPC, "10.0.1.5", "", ""))?.metadata?.hostname, "current", "IMDS serves vm-c");
     assert.equal(await store.get("vm-a"), null, "vm-a is not served");
-    assert.equal(await r.hget(P("hv1").inst("vm-a"), "id"), "vm-a", "but stays under the earlier names");
+    assert.equal(await db.r.hget(P("hv1").inst("vm-a"), "id"), "vm-a", "but stays under the earlier names");
     assert.equal((await store.delete("vm-a")).deleted, true, "its VM's delete removes it");
-    assert.equal(await r.exists(P("hv1").inst("vm-a")), 0);
-    assert.equal(await r.hget(mdKeys("hv1").byAddr, `${VPC}/10.0.1.5`), "vm-c", "and leaves vm-c's entry");
+    assert.equal(await db.r.exists(P("hv1").inst("vm-a")), 0);
+    assert.equal(await db.r.hget(mdKeys("hv1").byAddr, `${VPC}/10.0.1.5`), "vm-c", "and leaves vm-c's entry");
   });
 
   test("the control plane reads, lists and deletes a host's records where they are, moved or not", async () => {
-    await previousSet(r, "hv2", "vm-c", VPC, "10.0.1.7", pbOf(md({ instanceId: "vm-c", localIpv4: "10.0.1.7" })), 1);
-    await new MetadataStore(r, "hv1").set(md({ instanceId: "vm-a" }));
-    const fleet = new FleetMetadataStore(r);
+    await previousSet(db.r, "hv2", "vm-c", VPC, "10.0.1.7", pbOf(md({ instanceId: "vm-c", localIpv4: "10.0.1.7" })), 1);
+    await new MetadataStore(db.r, "hv1").set(md({ instanceId: "vm-a" }));
+    const fleet = new FleetMetadataStore(db.r);
     assert.deepEqual(await fleet.hosts(), ["hv1", "hv2"]);
     assert.equal((await fleet.get("vm-c"))?.localIpv4, "10.0.1.7", "hv2, not moved yet");
     assert.equal((await fleet.getByAddress(VPC, "10.0.1.5"))?.instanceId, "vm-a", "hv1");
@@ -153,44 +141,44 @@ describe("on a single Redis: the move from the previous layout", () => {
       ["vm-a", "vm-c"],
     );
     assert.equal((await fleet.delete("vm-c")).deleted, true);
-    assert.equal(await r.exists(P("hv2").inst("vm-c")), 0, "deleted where it was");
-    assert.deepEqual(await r.smembers(MD_HOSTS), ["hv1"], "hv2 has no record left");
+    assert.equal(await db.r.exists(P("hv2").inst("vm-c")), 0, "deleted where it was");
+    assert.deepEqual(await db.r.smembers(MD_HOSTS), ["hv1"], "hv2 has no record left");
   });
 
   test("every change appends its event to the host's stream (which its gateway follows), and the fleet's", async () => {
-    const store = new MetadataStore(r, "hv1");
+    const store = new MetadataStore(db.r, "hv1");
     await store.set(md({ instanceId: "vm-e", options: { httpPutResponseHopLimit: 2 } }));
     await store.set(md({ instanceId: "vm-e", localIpv4: "10.0.1.8" }));
     await store.delete("vm-e");
     const want = ["gw.metadata.set vm-e", "gw.metadata.set vm-e", "gw.metadata.deleted vm-e"];
-    assert.deepEqual(await events(r, hostEvents("hv1")), want);
-    assert.deepEqual(await events(r, "mvpc:events"), want);
-    assert.deepEqual(await events(r, hostEvents("hv2")), [], "another host's stream hears nothing");
+    assert.deepEqual(await events(db.r, hostEvents("hv1")), want);
+    assert.deepEqual(await events(db.r, "mvpc:events"), want);
+    assert.deepEqual(await events(db.r, hostEvents("hv2")), [], "another host's stream hears nothing");
   });
 
   test("the host's gateway hears a hop-limit change at once (its feed), not at its next drift pass", async () => {
-    const store = new MetadataStore(r, "hv1");
-    assert.deepEqual(await gatewayHears(r, () => store.set(md({ instanceId: "vm-h", options: { httpPutResponseHopLimit: 3 } }))), [
+    const store = new MetadataStore(db.r, "hv1");
+    assert.deepEqual(await gatewayHears(db.r, () => store.set(md({ instanceId: "vm-h", options: { httpPutResponseHopLimit: 3 } }))), [
       "gw.metadata.set vm-h hop 3",
     ]);
   });
 
   test("a record moved to another VPC leaves the old VPC's index, also when the VPC its writer read was stale", async () => {
-    const store = new MetadataStore(r, "hv1");
+    const store = new MetadataStore(db.r, "hv1");
     const K = mdKeys("hv1");
     await store.set(md({ instanceId: "vm-m" }));
     // The writer reads the record's VPC, then the script checks it: a stale read is refused and read again.
-    const hget = r.hget.bind(r);
+    const hget = db.r.hget.bind(db.r);
     let reads = 0;
-    r.hget = ((...a: Parameters<typeof hget>) => (reads++ === 0 ? Promise.resolve("vpc-ffffffffffff") : hget(...a))) as typeof r.hget;
+    db.r.hget = ((...a: Parameters<typeof hget>) => (reads++ === 0 ? Promise.resolve("vpc-ffffffffffff") : hget(...a))) as typeof db.r.hget;
     try {
       await store.set(md({ instanceId: "vm-m", vpcId: "vpc-ba9876543210", localIpv4: "10.9.0.5" }));
     } finally {
-      r.hget = hget;
+      db.r.hget = hget;
     }
     assert.equal(reads, 2, "read again after the script refused the stale VPC");
-    assert.deepEqual(await r.zrange(K.vpc(VPC), 0, -1), []);
-    assert.deepEqual(await r.zrange(K.vpc("vpc-ba9876543210"), 0, -1), ["vm-m"]);
+    assert.deepEqual(await db.r.zrange(K.vpc(VPC), 0, -1), []);
+    assert.deepEqual(await db.r.zrange(K.vpc("vpc-ba9876543210"), 0, -1), ["vm-m"]);
     assert.deepEqual(
       (await store.list({ vpcId: VPC, limit: 10 })).map((m) => m.instanceId),
       [],

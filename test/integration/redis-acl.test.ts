@@ -38,6 +38,7 @@ import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { FLOATING_POOL, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
 import { httpGet, nsExec, onCleanup, ping, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { vmRecord } from "../lib/vmm-fakes.js";
 
 let h: Harness;
 let A: Hypervisor, B: Hypervisor;
@@ -359,39 +360,7 @@ describe("per-host Redis ACL users", () => {
 
   test("as host A's user, vmm's migration moves A's oldest-layout record under A's hash tag; the old keys it may no longer delete stay", async () => {
     const id = "vm-00000000cafe";
-    const rec: VmRec = {
-      id,
-      name: "legacy",
-      hostId: A.id,
-      vpcId: vpc.id,
-      subnetId: sn.id,
-      kind: "netns",
-      state: "running",
-      statusMessage: "",
-      groups: [],
-      wantedAddress: "",
-      hostname: "legacy",
-      vcpus: 1,
-      memoryMib: 256,
-      userData: "",
-      sshKeys: [],
-      labels: [],
-      imds: { tokens: 0, endpoint: 0 },
-      clientToken: "",
-      createdMs: Date.now(),
-      startedMs: Date.now(),
-      address: "",
-      nicId: "",
-      hostIf: "",
-      mac: "",
-      netns: "",
-      pid: 0,
-      kernelIpArg: "",
-      consoleLog: "",
-      done: [],
-      op: "",
-      journal: [],
-    };
+    const rec: VmRec = vmRecord(A.id, id, "legacy", { vpcId: vpc.id, subnetId: sn.id, state: "running", startedMs: Date.now(), op: "" });
     const text = JSON.stringify(rec);
     const byname = `mvpc:vm:vpc:${vpc.id}:byname`;
     // As the previous version left it (written here by the admin: A's user no longer may).

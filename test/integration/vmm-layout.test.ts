@@ -11,7 +11,7 @@
 //   exactly one holder each and nothing of the loser, each script in one slot.
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
-import { afterAll, beforeAll, beforeEach, describe, test } from "vitest";
+import { afterAll, beforeAll, describe, test } from "vitest";
 import { Code, createClient, createRouterTransport } from "@connectrpc/connect";
 import { pino } from "pino";
 import { mapDomainErrors } from "../../services/common/errors.js";
@@ -19,51 +19,19 @@ import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { Vmm } from "../../services/vmm/service.js";
 import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { rejectsWith } from "../lib/clients.js";
-import { FAKE_VPC, VmmFakes } from "../lib/vmm-fakes.js";
+import { FAKE_VPC, vmRecord, VmmFakes } from "../lib/vmm-fakes.js";
+import { scratchRedis } from "../lib/scratch-redis.js";
 import { storedVmText } from "../../services/vmm/schema.js";
 import { K, nameEntry, VmStore, type VmRec } from "../../services/vmm/store.js";
 import { previousClaim, previousKeys as P } from "../lib/vmm-previous-scripts.js";
-import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
+import { startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
 
-const VPC = "vpc-0000000000a1";
+const VPC = FAKE_VPC.id;
 let seq = 0;
 
-/** A VM record as CreateVm claims it (op "create", nothing done yet). */
+/** A VM record as CreateVm claims it, with a fresh id. */
 function vmRec(hostId: string, name: string, userData = ""): VmRec {
-  const id = `vm-${(0x1000 + seq++).toString(16).padStart(12, "0")}`;
-  return {
-    id,
-    name,
-    hostId,
-    vpcId: VPC,
-    subnetId: "subnet-0000000000b1",
-    kind: "netns",
-    state: "pending",
-    statusMessage: "",
-    groups: [],
-    wantedAddress: "",
-    hostname: name,
-    vcpus: 1,
-    memoryMib: 256,
-    userData,
-    sshKeys: [],
-    labels: [],
-    imds: { tokens: 0, endpoint: 0 },
-    clientToken: "",
-    createdMs: Date.now(),
-    startedMs: 0,
-    address: "",
-    nicId: "",
-    hostIf: "",
-    mac: "",
-    netns: "",
-    pid: 0,
-    kernelIpArg: "",
-    consoleLog: "",
-    done: [],
-    op: "create",
-    journal: [],
-  };
+  return vmRecord(hostId, `vm-${(0x1000 + seq++).toString(16).padStart(12, "0")}`, name, { userData });
 }
 
 /** Kinds of the fleet stream's VM events, oldest first. */
@@ -72,42 +40,29 @@ async function vmEvents(r: Redis): Promise<string[]> {
 }
 
 describe("on a single Redis: the move from the previous layout", () => {
-  let redis: TestRedis;
-  let r: Redis;
-
-  beforeAll(async () => {
-    redis = await startRedis({ persistence: false });
-    r = new Redis(redis.url);
-  });
-  afterAll(async () => {
-    r?.disconnect();
-    await redis?.stop();
-  });
-  beforeEach(async () => {
-    await r.flushall();
-  });
+  const db = scratchRedis();
 
   test("a host's VMs move under its hash tag with their lease time, user-data and name entry; a tombstone stays; once", async () => {
     const a = vmRec("hva", "web", "I2Nsb3VkLWNvbmZpZwo=");
     const b = vmRec("hva", "db");
     const other = vmRec("hvb", "cache");
-    for (const v of [a, b, other]) assert.equal(await previousClaim(r, v, `${v.hostId}/1/dead`), nameEntry(v), "the previous release claims");
-    const store = new VmStore(r, "hva");
+    for (const v of [a, b, other]) assert.equal(await previousClaim(db.r, v, `${v.hostId}/1/dead`), nameEntry(v), "the previous release claims");
+    const store = new VmStore(db.r, "hva");
     assert.equal(await store.migrate(), 2, "hva's two VMs, not hvb's");
     for (const v of [a, b]) {
-      assert.equal(await r.get(K.vm("hva", v.id)), storedVmText(v), "the record, as it was");
-      assert.equal(await r.get(K.lease("hva", v.id)), "hva/1/dead", "the lease");
-      const ttl = await r.pttl(K.lease("hva", v.id));
+      assert.equal(await db.r.get(K.vm("hva", v.id)), storedVmText(v), "the record, as it was");
+      assert.equal(await db.r.get(K.lease("hva", v.id)), "hva/1/dead", "the lease");
+      const ttl = await db.r.pttl(K.lease("hva", v.id));
       assert.ok(ttl > 0 && ttl <= 15_000, `with its time left (${ttl} ms)`);
-      assert.equal(await r.hget(K.byName(VPC), v.name), nameEntry(v), "the name entry, in the VPC's index");
-      assert.equal(await r.hget(P.byName(VPC), v.name), nameEntry(v), "and still in the earlier one, which earlier vmms read");
-      assert.equal(await r.type(P.vm("hva", v.id)), "hash", "a tombstone at the earlier record name");
-      assert.equal(await r.exists(P.lease("hva", v.id), P.userData("hva", v.id)), 0);
+      assert.equal(await db.r.hget(K.byName(VPC), v.name), nameEntry(v), "the name entry, in the VPC's index");
+      assert.equal(await db.r.hget(P.byName(VPC), v.name), nameEntry(v), "and still in the earlier one, which earlier vmms read");
+      assert.equal(await db.r.type(P.vm("hva", v.id)), "hash", "a tombstone at the earlier record name");
+      assert.equal(await db.r.exists(P.lease("hva", v.id), P.userData("hva", v.id)), 0);
     }
-    assert.equal(await r.get(K.userData("hva", a.id)), a.userData, "user-data, host-private");
-    assert.deepEqual((await r.smembers(K.ids("hva"))).sort(), [a.id, b.id].sort());
-    assert.equal(await r.exists(P.host("hva")), 0, "the earlier id set is empty");
-    assert.equal(await r.get(P.vm("hvb", other.id)), storedVmText(other), "hvb's VM is hvb's vmm to move");
+    assert.equal(await db.r.get(K.userData("hva", a.id)), a.userData, "user-data, host-private");
+    assert.deepEqual((await db.r.smembers(K.ids("hva"))).sort(), [a.id, b.id].sort());
+    assert.equal(await db.r.exists(P.host("hva")), 0, "the earlier id set is empty");
+    assert.equal(await db.r.get(P.vm("hvb", other.id)), storedVmText(other), "hvb's VM is hvb's vmm to move");
     assert.equal(await store.migrate(), 0, "once");
     assert.equal((await store.getOwn(a.id))?.userData, a.userData);
     assert.equal((await store.byName(VPC, "web"))?.id, a.id);
@@ -118,28 +73,27 @@ describe("on a single Redis: the move from the previous layout", () => {
 
   test("an earlier vmm on another host cannot take the name of a VM it can no longer see: its claim fails before it writes", async () => {
     const old = vmRec("hva", "moved");
-    await previousClaim(r, old, "t");
-    const a = new VmStore(r, "hva");
+    await previousClaim(db.r, old, "t");
+    const a = new VmStore(db.r, "hva");
     await a.migrate();
     const fresh = vmRec("hva", "fresh");
     assert.equal(await a.claim(fresh, "t"), nameEntry(fresh));
     for (const name of ["moved", "fresh"]) {
       const rival = vmRec("hvb", name);
-      await assert.rejects(previousClaim(r, rival, "t"), /WRONGTYPE/, `the earlier release's claim of ${name}`);
-      assert.equal(await r.exists(P.vm("hvb", rival.id), P.lease("hvb", rival.id), P.host("hvb")), 0, "nothing of the rival written");
-      assert.equal(await r.hget(P.byName(VPC), name), nameEntry(name === "moved" ? old : fresh), "the entry unchanged");
+      await assert.rejects(previousClaim(db.r, rival, "t"), /WRONGTYPE/, `the earlier release's claim of ${name}`);
+      assert.equal(await db.r.exists(P.vm("hvb", rival.id), P.lease("hvb", rival.id), P.host("hvb")), 0, "nothing of the rival written");
+      assert.equal(await db.r.hget(P.byName(VPC), name), nameEntry(name === "moved" ? old : fresh), "the entry unchanged");
     }
     // A name no VM of this release holds: the earlier vmm still creates.
     const elsewhere = vmRec("hvb", "elsewhere");
-    assert.equal(await previousClaim(r, elsewhere, "t"), nameEntry(elsewhere));
+    assert.equal(await previousClaim(db.r, elsewhere, "t"), nameEntry(elsewhere));
   });
 
   test("a vmm serves no CreateVm or DeleteVm until its host's VMs have moved: UNAVAILABLE while the move fails, then the moved VM's name is held", async () => {
     const old = { ...vmRec("hv1", "old"), state: "running" as const, op: "" as const };
-    assert.equal(old.vpcId, FAKE_VPC.id);
-    await previousClaim(r, old, "");
+    await previousClaim(db.r, old, "");
     const fakes = new VmmFakes("hv1");
-    const store = new VmStore(r, "hv1");
+    const store = new VmStore(db.r, "hv1");
     const migrate = store.migrate.bind(store);
     let failures = 1;
     store.migrate = async () => {
@@ -153,28 +107,28 @@ describe("on a single Redis: the move from the previous layout", () => {
     );
     const e = await rejectsWith(api.createVm({ name: "old", vpc: "app", subnet: "web" }), Code.Unavailable);
     assert.match(e.rawMessage, /not yet moved its host's VMs.*NOPERM.*retry/);
-    assert.equal(await r.hget(K.byName(VPC), "old"), null, "nothing claimed meanwhile");
+    assert.equal(await db.r.hget(K.byName(VPC), "old"), null, "nothing claimed meanwhile");
     assert.equal(fakes.calls.length, 0, "no step ran");
     // The next call moves them first; the name is the moved VM's.
     const again = await api.createVm({ name: "old", vpc: "app", subnet: "web" });
     assert.deepEqual([again.created, again.vm?.id], [false, old.id], "the same request gets the running VM back, not a second one");
-    assert.equal(await r.get(K.vm("hv1", old.id)), storedVmText(old), "moved");
+    assert.equal(await db.r.get(K.vm("hv1", old.id)), storedVmText(old), "moved");
     assert.equal((await api.deleteVm({ ref: "old", vpc: "app" })).deleted, true, "and DeleteVm finds it");
   });
 
   test("a shared name index another host damaged does not stop a host's move", async () => {
     const v = vmRec("hva", "dmg");
-    await previousClaim(r, v, "t");
-    await r.del(P.byName(VPC));
-    await r.set(P.byName(VPC), "not a hash");
-    assert.equal(await new VmStore(r, "hva").migrate(), 1);
-    assert.equal(await r.get(K.vm("hva", v.id)), storedVmText(v));
+    await previousClaim(db.r, v, "t");
+    await db.r.del(P.byName(VPC));
+    await db.r.set(P.byName(VPC), "not a hash");
+    assert.equal(await new VmStore(db.r, "hva").migrate(), 1);
+    assert.equal(await db.r.get(K.vm("hva", v.id)), storedVmText(v));
   });
 
   test("this release reads what an earlier vmm on another host holds, and does not take its names", async () => {
     const theirs = vmRec("hvb", "theirs");
-    await previousClaim(r, theirs, "t");
-    const a = new VmStore(r, "hva");
+    await previousClaim(db.r, theirs, "t");
+    const a = new VmStore(db.r, "hva");
     await a.migrate();
     assert.equal((await a.get(theirs.id))?.name, "theirs", "GetVm of hvb's VM");
     assert.deepEqual(
@@ -186,15 +140,19 @@ describe("on a single Redis: the move from the previous layout", () => {
     const mine = vmRec("hva", "theirs");
     assert.equal(await a.claim(mine, "t"), nameEntry(theirs), "the name is taken");
     assert.equal(await a.getOwn(mine.id), null, "the losing claim took its record back");
-    assert.equal(await r.exists(K.lease("hva", mine.id), P.vm("hva", mine.id)), 0, "and its lease and tombstone");
-    assert.equal(await r.sismember(K.ids("hva"), mine.id), 0);
-    assert.deepEqual(await vmEvents(r), ["vm.created " + theirs.id], "no event for a claim that lost");
+    assert.equal(await db.r.exists(K.lease("hva", mine.id), P.vm("hva", mine.id)), 0, "and its lease and tombstone");
+    assert.equal(await db.r.sismember(K.ids("hva"), mine.id), 0);
+    assert.deepEqual(await vmEvents(db.r), ["vm.created " + theirs.id], "no event for a claim that lost");
     // hvb's earlier vmm deletes it (its remove: record, id, entry); the name is free.
-    await r.del(P.vm("hvb", theirs.id));
-    await r.srem(P.host("hvb"), theirs.id);
+    await db.r.del(P.vm("hvb", theirs.id));
+    await db.r.srem(P.host("hvb"), theirs.id);
     const again = vmRec("hva", "theirs");
     assert.equal(await a.claim(again, "t"), nameEntry(again), "a stale entry of the earlier index is replaced");
-    assert.deepEqual([await r.hget(K.byName(VPC), "theirs"), await r.hget(P.byName(VPC), "theirs")], [nameEntry(again), nameEntry(again)], "in both indexes");
+    assert.deepEqual(
+      [await db.r.hget(K.byName(VPC), "theirs"), await db.r.hget(P.byName(VPC), "theirs")],
+      [nameEntry(again), nameEntry(again)],
+      "in both indexes",
+    );
   });
 });
 

@@ -266,3 +266,41 @@ export class VmmFakes {
     };
   }
 }
+
+/** A VM record as CreateVm claims it (op "create", nothing done yet), in FAKE_VPC and FAKE_SUBNET; `over` changes fields. */
+export function vmRecord(hostId: string, id: string, name: string, over: Partial<VmRec> = {}): VmRec {
+  return {
+    id,
+    name,
+    hostId,
+    vpcId: FAKE_VPC.id,
+    subnetId: FAKE_SUBNET.id,
+    kind: "netns",
+    state: "pending",
+    statusMessage: "",
+    groups: [],
+    wantedAddress: "",
+    hostname: name,
+    vcpus: 1,
+    memoryMib: 256,
+    userData: "",
+    sshKeys: [],
+    labels: [],
+    imds: { tokens: 0, endpoint: 0 },
+    clientToken: "",
+    createdMs: Date.now(),
+    startedMs: 0,
+    address: "",
+    nicId: "",
+    hostIf: "",
+    mac: "",
+    netns: "",
+    pid: 0,
+    kernelIpArg: "",
+    consoleLog: "",
+    done: [],
+    op: "create",
+    journal: [],
+    ...over,
+  };
+}

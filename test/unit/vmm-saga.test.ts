@@ -4,16 +4,15 @@
 // work and after it (the reply lost). No root, no kernel.
 import assert from "node:assert/strict";
 import { Code, ConnectError, createClient, createRouterTransport, type Client } from "@connectrpc/connect";
-import { Redis } from "ioredis";
 import { pino } from "pino";
-import { afterAll, beforeAll, beforeEach, describe, test } from "vitest";
+import { describe, test } from "vitest";
 import { mapDomainErrors } from "../../services/common/errors.js";
 import { metricsRegistry } from "../../services/common/metrics.js";
 import { DELETE_PHASES, Vmm } from "../../services/vmm/service.js";
 import { STEPS, VmStore, type StepName, type VmRec } from "../../services/vmm/store.js";
 import { VmKind, VmOperation, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startRedis, type TestRedis } from "../lib/redis.js";
+import { scratchRedis } from "../lib/scratch-redis.js";
 import { FAULT_CODE, faultMessage, STEP_CALLS, VmmFakes } from "../lib/vmm-fakes.js";
 
 const HOST = "hv1";
@@ -23,22 +22,7 @@ const phaseOf = (s: StepName) => PHASES.findIndex((p) => p.includes(s));
 const deletePhaseOf = (s: StepName) => DELETE_PHASES.findIndex((p) => p.includes(s));
 const NOTHING = { ipam: [], netagent: [], firewall: [], gateway: [], dns: [], booter: [], netns: [] };
 
-let redis: TestRedis;
-let r: Redis;
-
-beforeAll(async () => {
-  redis = await startRedis({ persistence: false });
-  r = new Redis(redis.url);
-});
-
-afterAll(async () => {
-  r?.disconnect();
-  await redis?.stop();
-});
-
-beforeEach(async () => {
-  await r.flushall();
-});
+const db = scratchRedis();
 
 interface Rig {
   fakes: VmmFakes;
@@ -50,7 +34,7 @@ interface Rig {
 
 function rig(): Rig {
   const fakes = new VmmFakes(HOST);
-  const store = new VmStore(r, HOST);
+  const store = new VmStore(db.r, HOST);
   const removed: VmRec[] = [];
   const remove = store.remove.bind(store);
   store.remove = async (v, releaseLease) => {
@@ -67,7 +51,7 @@ function rig(): Rig {
 
 /** The vmm's keys left in Redis (the shared hosts index aside): under the host's and the VPC's tags, user-data, and the earlier names (tombstones). */
 async function vmKeys(): Promise<string[]> {
-  const keys = (await Promise.all(["mvpc:vm:*", "mvpc:{*}:vm*", "mvpc-md:*"].map((p) => r.keys(p)))).flat();
+  const keys = (await Promise.all(["mvpc:vm:*", "mvpc:{*}:vm*", "mvpc-md:*"].map((p) => db.r.keys(p)))).flat();
   return keys.filter((k) => k !== "mvpc:vm:hosts").sort();
 }
 
