@@ -4,3 +4,8 @@ import { randomBytes } from "node:crypto";
 export function newId(kind: string): string {
   return `${kind}-${randomBytes(6).toString("hex")}`;
 }
+
+/** Whether s is an id of that kind, as newId makes them. */
+export function isId(kind: string, s: string): boolean {
+  return s.length === kind.length + 13 && s.startsWith(`${kind}-`) && /^[0-9a-f]{12}$/.test(s.slice(kind.length + 1));
+}

@@ -4,6 +4,7 @@
 import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
+import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { LUA_EMIT } from "../common/events.js";
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
@@ -35,18 +36,21 @@ const K = GK;
 // The record's VPC (read before a delete removes it) names the scoped stream (common/events.ts).
 const EVENT = `mvpc_emit({ev_vpc}, {}, 'kind', ARGV[1], 'id', ARGV[2])`;
 
-// KEYS: 1 record, 2 unique index hash, 3 list zset, 4 tokens; ARGV: 1 event kind,
-// 2 id, 3 unique key, 4 client token, then hash fields. {1,id} created,
-// {0,id} token seen, {-1,id} unique key taken.
-const CREATE = `${LUA_EMIT}
+// KEYS: 1 record, 2 unique index hash, 3 list zset, 4 tokens, 5 the record
+// the client token named when read (withClientToken); ARGV: 1 event kind,
+// 2 id, 3 unique key, 4 client token field ('' none), 5 the id it named
+// ('' none), then hash fields. {1,id} created, {0,id} token seen, {-1,id}
+// unique key taken, {TOKEN_MOVED} the token names another record now.
+const CREATE = `${LUA_EMIT}${LUA_TOKEN}
 if ARGV[4] ~= '' then
-  local prev = redis.call('HGET', KEYS[4], ARGV[4])
-  if prev and redis.call('EXISTS', (string.gsub(KEYS[1], '[^:]+$', prev))) == 1 then return {0, prev} end
+  local prev = token_held(KEYS[4], ARGV[4], ARGV[5], KEYS[5])
+  if prev == false then return {${TOKEN_MOVED}, ''} end
+  if prev then return {0, prev} end
 end
 local held = redis.call('HGET', KEYS[2], ARGV[3])
 if held then return {-1, held} end
 local f = {}
-for i = 5, #ARGV do f[#f + 1] = ARGV[i] end
+for i = 6, #ARGV do f[#f + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(f))
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[2])
@@ -110,10 +114,11 @@ return 1
 // address ('' = lowest free), then hash fields (without address).
 // {1,id} created, {0,id} token seen, {-1,id} VPC has one, {-2,''} pool
 // exhausted, {-3,holder} wanted address taken.
-const CREATE_NAT = `${LUA_EMIT}
+const CREATE_NAT = `${LUA_EMIT}${LUA_TOKEN}
 if ARGV[4] ~= '' then
-  local prev = redis.call('HGET', KEYS[4], ARGV[4])
-  if prev and redis.call('EXISTS', (string.gsub(KEYS[1], '[^:]+$', prev))) == 1 then return {0, prev} end
+  local prev = token_held(KEYS[4], ARGV[4], ARGV[8], KEYS[6])
+  if prev == false then return {${TOKEN_MOVED}, ''} end
+  if prev then return {0, prev} end
 end
 local held = redis.call('HGET', KEYS[2], ARGV[3])
 if held then return {-1, held} end
@@ -131,7 +136,7 @@ else
   if not addr then return {-2, ''} end
 end
 local f = {'address', addr}
-for i = 8, #ARGV do f[#f + 1] = ARGV[i] end
+for i = 9, #ARGV do f[#f + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(f))
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
 redis.call('HSET', KEYS[5], addr, ARGV[2])
@@ -200,11 +205,11 @@ export class GatewayStore extends GatewayReader {
     super(redis, log);
     const r = redis as unknown as Record<string, unknown>;
     if (!r.mvpcGwCreate) {
-      redis.defineCommand("mvpcGwCreate", { numberOfKeys: 4, lua: CREATE });
+      redis.defineCommand("mvpcGwCreate", { numberOfKeys: 5, lua: CREATE });
       redis.defineCommand("mvpcGwDelete", { numberOfKeys: 3, lua: DELETE });
       redis.defineCommand("mvpcGwAllocFip", { numberOfKeys: 3, lua: ALLOC_FIP });
       redis.defineCommand("mvpcGwUpdate", { numberOfKeys: 1, lua: UPDATE });
-      redis.defineCommand("mvpcGwCreateNat", { numberOfKeys: 5, lua: CREATE_NAT });
+      redis.defineCommand("mvpcGwCreateNat", { numberOfKeys: 6, lua: CREATE_NAT });
       redis.defineCommand("mvpcGwDeleteNat", { numberOfKeys: 5, lua: DELETE_NAT });
       redis.defineCommand("mvpcGwNatLease", { numberOfKeys: 1, lua: NAT_LEASE });
       redis.defineCommand("mvpcGwNatUnlease", { numberOfKeys: 1, lua: NAT_UNLEASE });
@@ -245,33 +250,43 @@ export class GatewayStore extends GatewayReader {
   async createNat(n: Omit<NatRec, "id" | "createdMs" | "address">, clientToken: string, pool: { first: number; last: number }, wanted = ""): Promise<NatRec> {
     const id = newId("nat");
     checkNat({ ...n, id, address: wanted, createdMs: 0 });
-    const [code, ref] = (await this.cmd(
-      "mvpcGwCreateNat",
-      K.nat(id),
-      K.vpcNat,
-      K.nats,
+    const field = clientToken ? `nat\n${clientToken}` : null;
+    const [code, ref] = await withClientToken(
+      this.redis,
       K.tokens,
-      K.fipByAddr,
-      "gw.nat.created",
-      id,
-      n.vpcId,
-      clientToken ? `nat\n${clientToken}` : "",
-      pool.first,
-      pool.last,
-      wanted,
-      "id",
-      id,
-      "vpc",
-      n.vpcId,
-      "subnet",
-      n.subnetId,
-      "sources",
-      JSON.stringify(n.sources),
-      "description",
-      n.description,
-      "created",
-      Date.now(),
-    )) as R;
+      field,
+      { kind: "nat", recordOf: K.nat, fresh: K.nat(id) },
+      async (seen, rec) =>
+        (await this.cmd(
+          "mvpcGwCreateNat",
+          K.nat(id),
+          K.vpcNat,
+          K.nats,
+          K.tokens,
+          K.fipByAddr,
+          rec,
+          "gw.nat.created",
+          id,
+          n.vpcId,
+          field ?? "",
+          pool.first,
+          pool.last,
+          wanted,
+          seen,
+          "id",
+          id,
+          "vpc",
+          n.vpcId,
+          "subnet",
+          n.subnetId,
+          "sources",
+          JSON.stringify(n.sources),
+          "description",
+          n.description,
+          "created",
+          Date.now(),
+        )) as R,
+    );
     if (code === -1)
       throw new AlreadyExistsError(`VPC ${n.vpcId} already has NAT gateway ${ref}; a VPC has one (it serves every private subnet, or those in source_subnets)`);
     if (code === -3) throw new AlreadyExistsError(`${wanted} is already allocated (${ref}); leave address empty for the lowest free one`);
@@ -431,37 +446,47 @@ export class GatewayStore extends GatewayReader {
   async createPf(p: Omit<PfRec, "id" | "createdMs">, clientToken: string): Promise<PfRec> {
     const id = newId("pf");
     checkPf({ ...p, id, createdMs: 0 });
-    const [code, ref] = (await this.cmd(
-      "mvpcGwCreate",
-      K.pf(id),
-      K.hostPorts(p.hostId),
-      K.pfs,
+    const field = clientToken ? `pf\n${clientToken}` : null;
+    const [code, ref] = await withClientToken(
+      this.redis,
       K.tokens,
-      "gw.pf.created",
-      id,
-      `${p.proto}/${p.outsidePort}`,
-      clientToken ? `pf\n${clientToken}` : "",
-      "id",
-      id,
-      "vpc",
-      p.vpcId,
-      "proto",
-      p.proto,
-      "host",
-      p.hostId,
-      "outside",
-      p.outsidePort,
-      "private",
-      p.private,
-      "private_port",
-      p.privatePort,
-      "nic",
-      p.nicId,
-      "description",
-      p.description,
-      "created",
-      Date.now(),
-    )) as R;
+      field,
+      { kind: "pf", recordOf: K.pf, fresh: K.pf(id) },
+      async (seen, rec) =>
+        (await this.cmd(
+          "mvpcGwCreate",
+          K.pf(id),
+          K.hostPorts(p.hostId),
+          K.pfs,
+          K.tokens,
+          rec,
+          "gw.pf.created",
+          id,
+          `${p.proto}/${p.outsidePort}`,
+          field ?? "",
+          seen,
+          "id",
+          id,
+          "vpc",
+          p.vpcId,
+          "proto",
+          p.proto,
+          "host",
+          p.hostId,
+          "outside",
+          p.outsidePort,
+          "private",
+          p.private,
+          "private_port",
+          p.privatePort,
+          "nic",
+          p.nicId,
+          "description",
+          p.description,
+          "created",
+          Date.now(),
+        )) as R,
+    );
     if (code === -1)
       throw new AlreadyExistsError(`${p.proto} port ${p.outsidePort} of hypervisor ${p.hostId} is already forwarded (${ref}); pick another outside port`);
     return (await this.getPf(String(ref)))!;

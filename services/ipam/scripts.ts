@@ -11,6 +11,7 @@
 //
 // Error replies are tables {code, detail}: negative codes are domain errors
 // the TypeScript side turns into gRPC statuses.
+import { LUA_TOKEN, TOKEN_MOVED } from "../common/client-token.js";
 import { LUA_EMIT } from "../common/events.js";
 import { LUA_RANGE_CHECKS } from "./schema.js";
 
@@ -247,20 +248,24 @@ return {1, idx}
 `;
 
 /**
- * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 tokens hash, 5 events
- * ARGV: 1 id, 2 name, 3 client token, then field/value pairs of the hash.
- * Returns {1, id} created, {0, id} found by client token, {-1, id} name taken.
+ * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 tokens hash, 5 events,
+ *       6 the record of the VPC the client token named when read (withClientToken)
+ * ARGV: 1 id, 2 name, 3 client token, 4 the id it named ('' none), then
+ *       field/value pairs of the hash.
+ * Returns {1, id} created, {0, id} found by client token, {-1, id} name
+ * taken, {TOKEN_MOVED} the token names another VPC now.
  */
-export const CREATE_VPC = `${LUA_EMIT}
+export const CREATE_VPC = `${LUA_EMIT}${LUA_TOKEN}
 local id, name, tok = ARGV[1], ARGV[2], ARGV[3]
 if tok ~= '' then
-  local prev = redis.call('HGET', KEYS[4], 'vpc\\n' .. tok)
-  if prev and redis.call('EXISTS', 'mvpc:vpc:' .. prev) == 1 then return {0, prev} end
+  local prev = token_held(KEYS[4], 'vpc\\n' .. tok, ARGV[4], KEYS[6])
+  if prev == false then return {${TOKEN_MOVED}, ''} end
+  if prev then return {0, prev} end
 end
 local taken = redis.call('HGET', KEYS[2], name)
 if taken then return {-1, taken} end
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('HSET', KEYS[2], name, id)
 redis.call('ZADD', KEYS[3], 0, name)
@@ -309,11 +314,14 @@ return {1, ''}
 /**
  * KEYS: 1 vpc hash, 2 vpc subnets zset (score = base), 3 vpc subnet byname,
  *       4 subnet hash, 5 bits, 6 full, 7 used, 8 tokens, 9 events,
- *       10 all-subnets zset, 11 the VPC's reserved ranges (K.vpcReserved);
- *       on a single Redis 12, 13, 14 the subnet's req, alloc and used under
- *       an earlier release's names (K.legacy), where tombstones go
+ *       10 all-subnets zset, 11 the VPC's reserved ranges (K.vpcReserved),
+ *       12 the record of the subnet the client token named when read
+ *       (withClientToken); on a single Redis 13, 14, 15 the subnet's req,
+ *       alloc and used under an earlier release's names (K.legacy), where
+ *       tombstones go
  * ARGV: 1 id, 2 name, 3 base, 4 size, 5 client token, 6 extra reserved
- *       (addresses after the gateway), then field/value pairs of the hash.
+ *       (addresses after the gateway), 7 the id the token named ('' none),
+ *       then field/value pairs of the hash.
  * The reserved addresses are bits 0 .. extra+1 (network, gateway, extra) and
  * size-1 (broadcast): one SETRANGE of a run of 0xff bytes built here plus a
  * partial byte, one SETBIT, and a BITCOUNT per chunk touched — a handful of
@@ -324,15 +332,16 @@ return {1, ''}
  * range (the service checks it first; this keeps the script bounded anyway),
  * {-6, owner, value} overlaps a reserved range (the VPN client range).
  */
-export const CREATE_SUBNET = `${LUA_EMIT}${chunkHelpers}${LUA_RANGE_CHECKS}
+export const CREATE_SUBNET = `${LUA_EMIT}${chunkHelpers}${LUA_RANGE_CHECKS}${LUA_TOKEN}
 local id, name, base, size, tok = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 -- Reserved run: network, gateway and the extra addresses after it.
 local run = tonumber(ARGV[6]) + 2
 if run < 2 or run > size - 2 or run % 1 ~= 0 then return {-5, ''} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 if tok ~= '' then
-  local prev = redis.call('HGET', KEYS[8], 'subnet\\n' .. tok)
-  if prev and redis.call('EXISTS', 'mvpc:subnet:' .. prev) == 1 then return {0, prev} end
+  local prev = token_held(KEYS[8], 'subnet\\n' .. tok, ARGV[7], KEYS[12])
+  if prev == false then return {${TOKEN_MOVED}, ''} end
+  if prev then return {0, prev} end
 end
 local taken = redis.call('HGET', KEYS[3], name)
 if taken then return {-1, taken} end
@@ -341,7 +350,7 @@ if other then return {-2, other} end
 local rowner, rvalue = reservation_overlapping(KEYS[11], base, size, nil)
 if rowner then return {-6, rowner, rvalue} end
 local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))
 redis.call('ZADD', KEYS[2], base, id)
 redis.call('HSET', KEYS[3], name, id)
@@ -359,7 +368,7 @@ end
 refresh_chunk(KEYS[5], KEYS[6], size - 1, size)
 if tok ~= '' then redis.call('HSET', KEYS[8], 'subnet\\n' .. tok, id) end
 ${LUA_TOMBSTONES}
-if KEYS[14] then tombstone(KEYS[12], KEYS[13], KEYS[14]) end
+if KEYS[15] then tombstone(KEYS[13], KEYS[14], KEYS[15]) end
 local ev_vpc = redis.call('HGET', KEYS[4], 'vpc')
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
 mvpc_scoped({ev_vpc}, {}, 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)

@@ -20,6 +20,7 @@ import {
   type SubnetRec,
   type VpcRec,
 } from "./schema.js";
+import { withClientToken } from "../common/client-token.js";
 import { newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
@@ -50,7 +51,7 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcAllocate", { lua: S.ALLOCATE });
   redis.defineCommand("mvpcAllocateBatch", { lua: S.ALLOCATE_BATCH });
   redis.defineCommand("mvpcRelease", { lua: S.RELEASE });
-  redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 5, lua: S.CREATE_VPC });
+  redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 6, lua: S.CREATE_VPC });
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
   redis.defineCommand("mvpcCreateSubnet", { lua: S.CREATE_SUBNET });
   redis.defineCommand("mvpcDeleteSubnet", { lua: S.DELETE_SUBNET });
@@ -112,7 +113,13 @@ export class IpamStore extends IpamReader {
       created: createdMs,
       public: v.publicCidr ? "1" : "0",
     };
-    const [code, ref] = await this.redis.mvpcCreateVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.tokens, K.events, id, v.name, clientToken, ...flat(fields));
+    const [code, ref] = await withClientToken(
+      this.redis,
+      K.tokens,
+      clientToken ? `vpc\n${clientToken}` : null,
+      { kind: "vpc", recordOf: K.vpc, fresh: K.vpc(id) },
+      (seen, rec) => this.redis.mvpcCreateVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.tokens, K.events, rec, id, v.name, clientToken, seen, ...flat(fields)),
+    );
     if (code === -1) throw new AlreadyExistsError(`a VPC named ${JSON.stringify(v.name)} already exists (${ref}); pick another name or use it`);
     const vpc = await this.getVpc(String(ref));
     if (!vpc) throw new NotFoundError("vpc", String(ref), "it was deleted while being created");
@@ -162,28 +169,37 @@ export class IpamStore extends IpamReader {
     if (!Number.isSafeInteger(s.extraReserved) || s.extraReserved < 0 || s.extraReserved > Math.min(MAX_EXTRA_RESERVED, s.size - 4)) {
       throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} is out of range for ${s.cidr}: 0 to ${Math.min(MAX_EXTRA_RESERVED, s.size - 4)}`);
     }
-    const reply = await this.redis.mvpcCreateSubnet(
-      ...counted([
-        K.vpc(s.vpcId),
-        K.vpcSubnets(s.vpcId),
-        K.vpcSubnetByName(s.vpcId),
-        K.subnet(id),
-        K.bits(s.vpcId, id),
-        K.full(s.vpcId, id),
-        K.used(s.vpcId, id),
-        K.tokens,
-        K.events,
-        K.allSubnets,
-        K.vpcReserved(s.vpcId),
-        ...tombstoneKeys(this.redis, id),
-      ]),
-      id,
-      s.name,
-      s.base,
-      s.size,
-      clientToken,
-      s.extraReserved,
-      ...flat(fields),
+    const reply = await withClientToken(
+      this.redis,
+      K.tokens,
+      clientToken ? `subnet\n${clientToken}` : null,
+      { kind: "subnet", recordOf: K.subnet, fresh: K.subnet(id) },
+      (seen, rec) =>
+        this.redis.mvpcCreateSubnet(
+          ...counted([
+            K.vpc(s.vpcId),
+            K.vpcSubnets(s.vpcId),
+            K.vpcSubnetByName(s.vpcId),
+            K.subnet(id),
+            K.bits(s.vpcId, id),
+            K.full(s.vpcId, id),
+            K.used(s.vpcId, id),
+            K.tokens,
+            K.events,
+            K.allSubnets,
+            K.vpcReserved(s.vpcId),
+            rec,
+            ...tombstoneKeys(this.redis, id),
+          ]),
+          id,
+          s.name,
+          s.base,
+          s.size,
+          clientToken,
+          s.extraReserved,
+          seen,
+          ...flat(fields),
+        ),
     );
     const [code, ref] = reply;
     if (code === -4) throw new NotFoundError("vpc", s.vpcId);

@@ -9,6 +9,7 @@ import { HOST_ID_RE } from "../common/host.js";
 import { newId } from "../common/ids.js";
 import { K } from "../ipam/schema.js";
 import { pairKey, parsePeering, parsePeeringRecord, peeringsOf, PK, type PeeringRec } from "./schema.js";
+import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { LUA_EMIT } from "../common/events.js";
 
 export { ackPeering, pairKey, parsePeering, peeringsOf, PK } from "./schema.js";
@@ -16,20 +17,24 @@ export type { PeeringRec } from "./schema.js";
 
 /**
  * KEYS: 1 pcx hash, 2 byname, 3 names zset, 4 bypair, 5 vpc1 peerings,
- *       6 vpc2 peerings, 7 tokens, 8 events, 9 vpc1 hash, 10 vpc2 hash
+ *       6 vpc2 peerings, 7 tokens, 8 events, 9 vpc1 hash, 10 vpc2 hash,
+ *       11 the record of the peering the client token named when read
+ *       (withClientToken)
  * ARGV: 1 id, 2 name, 3 client token, 4 pair key, 5 vpc1 id, 6 vpc2 id,
- *       then field/value pairs of the hash.
- * Returns {1, id} created, {0, id} found by client token, or an error:
+ *       7 the id the token named ('' none), then field/value pairs of the hash.
+ * Returns {1, id} created, {0, id} found by client token, {TOKEN_MOVED}
+ * the token names another peering now (read again), or an error:
  *   {-1, id} name taken, {-2, id} pair already peered, {-3, peering, vpc}
  *   a peer of one side overlaps the other side, {-4, vpc} VPC gone.
  */
-const CREATE = `${LUA_EMIT}
+const CREATE = `${LUA_EMIT}${LUA_TOKEN}
 local id, name, tok, pair, v1, v2 = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('EXISTS', KEYS[9]) == 0 then return {-4, v1} end
 if redis.call('EXISTS', KEYS[10]) == 0 then return {-4, v2} end
 if tok ~= '' then
-  local prev = redis.call('HGET', KEYS[7], 'pcx\\n' .. tok)
-  if prev and redis.call('EXISTS', 'mvpc:pcx:' .. prev) == 1 then return {0, prev} end
+  local prev = token_held(KEYS[7], 'pcx\\n' .. tok, ARGV[7], KEYS[11])
+  if prev == false then return {${TOKEN_MOVED}, ''} end
+  if prev then return {0, prev} end
 end
 local taken = redis.call('HGET', KEYS[2], name)
 if taken then return {-1, taken} end
@@ -59,7 +64,7 @@ end
 local bad = check(v1, v2) or check(v2, v1)
 if bad then return bad end
 local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('HSET', KEYS[2], name, id)
 redis.call('ZADD', KEYS[3], 0, name)
@@ -106,7 +111,7 @@ declare module "ioredis" {
 export class PeeringStore {
   constructor(readonly redis: Redis) {
     if (!(redis as unknown as { mvpcCreatePeering?: unknown }).mvpcCreatePeering) {
-      redis.defineCommand("mvpcCreatePeering", { numberOfKeys: 10, lua: CREATE });
+      redis.defineCommand("mvpcCreatePeering", { numberOfKeys: 11, lua: CREATE });
       redis.defineCommand("mvpcDeletePeering", { numberOfKeys: 6, lua: DELETE });
     }
   }
@@ -134,24 +139,33 @@ export class PeeringStore {
     // The writer applies the readers' rules: what it stores reads back.
     const check = parsePeeringRecord(id, Object.fromEntries(Object.entries(fields).map(([k, v]) => [k, String(v)])));
     if (!check.ok) throw new InvalidArgumentError(check.field, `refusing to store an invalid peering: ${check.reason}`);
-    const [code, ref, other] = await this.redis.mvpcCreatePeering(
-      PK.pcx(id),
-      PK.byName,
-      PK.names,
-      PK.byPair,
-      PK.vpcPeerings(p.vpc1Id),
-      PK.vpcPeerings(p.vpc2Id),
+    const [code, ref, other] = await withClientToken(
+      this.redis,
       K.tokens,
-      K.events,
-      K.vpc(p.vpc1Id),
-      K.vpc(p.vpc2Id),
-      id,
-      nm,
-      clientToken,
-      pairKey(p.vpc1Id, p.vpc2Id),
-      p.vpc1Id,
-      p.vpc2Id,
-      ...Object.entries(fields).flat(),
+      clientToken ? `pcx\n${clientToken}` : null,
+      { kind: "pcx", recordOf: PK.pcx, fresh: PK.pcx(id) },
+      (seen, rec) =>
+        this.redis.mvpcCreatePeering(
+          PK.pcx(id),
+          PK.byName,
+          PK.names,
+          PK.byPair,
+          PK.vpcPeerings(p.vpc1Id),
+          PK.vpcPeerings(p.vpc2Id),
+          K.tokens,
+          K.events,
+          K.vpc(p.vpc1Id),
+          K.vpc(p.vpc2Id),
+          rec,
+          id,
+          nm,
+          clientToken,
+          pairKey(p.vpc1Id, p.vpc2Id),
+          p.vpc1Id,
+          p.vpc2Id,
+          seen,
+          ...Object.entries(fields).flat(),
+        ),
     );
     if (code === -1) throw new AlreadyExistsError(`a peering named ${JSON.stringify(nm)} already exists (${ref}); pick another name`);
     if (code === -2) throw new AlreadyExistsError(`VPCs ${p.vpc1Id} and ${p.vpc2Id} are already peered (${ref}); change that peering or delete it first`);

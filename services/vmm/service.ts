@@ -794,9 +794,22 @@ export class Vmm {
     // that it is all a crash in them needs: one write fewer before the NIC.
     for (const step of PHASES.slice(0, CLAIMED_PHASES).flat()) this.journal(v, "create", step, "queued");
     const token = this.leaseToken();
-    // The claim refuses a name some VM holds; only then is that VM read (the same request again gets it back).
-    const held = await this.store.claim(v, token);
+    // The VM's lease, taken with the claim's first step: a DeleteVm waits for
+    // this create. Renewed from now on, since the claim's second step (the
+    // name) may take a while when Redis does.
+    const release = this.hold(v.id, token);
+    let held: string;
+    try {
+      // The claim refuses a name some VM holds; only then is that VM read (the same request again gets it back).
+      held = await this.store.claim(v, token);
+    } catch (err) {
+      // A record left by a claim cut short is recovery's (op create): let the lease go for it.
+      await release();
+      throw err;
+    }
     if (held !== nameEntry(v)) {
+      // The claim took its record and lease back.
+      await release(true);
       const existing = await this.store.byName(vpc.id, name);
       if (!existing) {
         throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (index entry ${V.show(held)}); retry to get it`, Code.AlreadyExists);
@@ -811,8 +824,6 @@ export class Vmm {
         Code.AlreadyExists,
       );
     }
-    // The VM's lease, taken with the claim: a DeleteVm waits for this create.
-    const release = this.hold(v.id, token);
     let released = false;
     try {
       const done = await this.create(v, token);

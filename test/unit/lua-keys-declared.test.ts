@@ -40,14 +40,10 @@ const ALLOWED: Record<string, number> = {
   "services/firewall/scripts.ts:UNBIND": 1,
   "services/firewall/scripts.ts:UPDATE_ACL": 1,
   "services/firewall/scripts.ts:UPDATE_SG": 2,
-  "services/gateway/store.ts:CREATE": 1,
-  "services/gateway/store.ts:CREATE_NAT": 1,
   "services/ipam/schema.ts:LUA_RANGE_CHECKS": 1,
-  "services/ipam/scripts.ts:CREATE_SUBNET": 1,
-  "services/ipam/scripts.ts:CREATE_VPC": 1,
   "services/ipam/scripts.ts:DELETE_SUBNET": 1,
   "services/netagent/store.ts:ADD_NIC": 5,
-  "services/peering/store.ts:CREATE": 6,
+  "services/peering/store.ts:CREATE": 5,
   "services/peering/store.ts:DELETE": 2,
 };
 
