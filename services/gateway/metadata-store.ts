@@ -310,10 +310,8 @@ const mdEmit = (e: number) => `
 local function md_emit(listing, ...)
   redis.call('XADD', KEYS[${e}], 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', ...)
   redis.call('SPUBLISH', ARGV[#ARGV], '1')
-  if KEYS[${e + 1}] then
-    redis.call('XADD', KEYS[${e + 1}], 'MAXLEN', '~', 100000, '*', ...)
-    redis.call(listing, KEYS[${e + 2}], ARGV[#ARGV - 1])
-  end
+  if KEYS[${e + 1}] then redis.call('XADD', KEYS[${e + 1}], 'MAXLEN', '~', 100000, '*', ...) end
+  if KEYS[${e + 2}] then redis.call(listing, KEYS[${e + 2}], ARGV[#ARGV - 1]) end
 end
 `;
 
@@ -695,20 +693,22 @@ export class MetadataStore implements MetadataView {
   async delete(id: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
     const r = await this.deleteAt(id);
     if (this.at === this.keys.previous || isCluster(this.redis) || (await this.redis.exists(this.keys.previous.inst(id))) === 0) return r;
-    const earlier = await new MetadataStore(this.redis, this.hostId, this.log, true).deleteAt(id);
+    // Not the host listing: the host's records are the ones under this release's names.
+    const earlier = await new MetadataStore(this.redis, this.hostId, this.log, true).deleteAt(id, false);
     return { deleted: r.deleted || earlier.deleted, tokensRevoked: r.tokensRevoked + earlier.tokensRevoked };
   }
 
-  private async deleteAt(id: string): Promise<{ deleted: boolean; tokensRevoked: number }> {
+  /** delete() under this store's names; `listing`: whether the shared host listing follows (false for a record left under the earlier names). */
+  private async deleteAt(id: string, listing = true): Promise<{ deleted: boolean; tokensRevoked: number }> {
     const MK = this.at;
     for (let attempt = 0; attempt < RETRIES; attempt++) {
       const vpc = await this.redis.hget(MK.inst(id), "vpc");
       if (vpc === null) return { deleted: false, tokensRevoked: 0 };
       V.id("vpc", vpc, "vpc");
-      const keys = [MK.inst(id), MK.byAddr, MK.hop, MK.all, MK.tokens(id), MK.vpc(vpc), this.keys.events, ...this.fleetKeys()];
+      const keys = [MK.inst(id), MK.byAddr, MK.hop, MK.all, MK.tokens(id), MK.vpc(vpc), this.keys.events, ...this.fleetKeys().slice(0, listing ? 2 : 1)];
       const [code, n] = await this.redis.mvpcMdDelete(keys.length, ...keys, id, Date.now(), vpc, this.hostId, this.keys.wake);
       if (code === -2) continue;
-      if (code === 1) await this.listing(false);
+      if (code === 1 && listing) await this.listing(false);
       return { deleted: code === 1, tokensRevoked: Number(n) };
     }
     throw new UnavailableError(`the metadata of ${id} kept changing while it was deleted; retry`);

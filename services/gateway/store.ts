@@ -109,11 +109,14 @@ return 1
 `;
 
 // Creates a NAT gateway and takes its address out of the floating pool, in
-// one step. KEYS: 1 record, 2 vpcnat, 3 nats zset, 4 tokens, 5 fip byaddr;
-// ARGV: 1 kind, 2 id, 3 vpc, 4 client token, 5 first, 6 last, 7 wanted
-// address ('' = lowest free), then hash fields (without address).
+// one step. KEYS: 1 record, 2 vpcnat, 3 nats zset, 4 tokens, 5 fip byaddr,
+// 6 the record the client token named when read (withClientToken);
+// ARGV: 1 kind, 2 id, 3 vpc, 4 client token field ('' none), 5 first,
+// 6 last, 7 wanted address ('' = lowest free), 8 the id the token named
+// ('' none), then hash fields (without address).
 // {1,id} created, {0,id} token seen, {-1,id} VPC has one, {-2,''} pool
-// exhausted, {-3,holder} wanted address taken.
+// exhausted, {-3,holder} wanted address taken, {TOKEN_MOVED} the token names
+// another NAT gateway now.
 const CREATE_NAT = `${LUA_EMIT}${LUA_TOKEN}
 if ARGV[4] ~= '' then
   local prev = token_held(KEYS[4], ARGV[4], ARGV[8], KEYS[6])

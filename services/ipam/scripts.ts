@@ -330,7 +330,8 @@ return {1, ''}
  * Returns {1, id} created, {0, id} found by client token, {-1, id} name taken,
  * {-2, id} overlaps subnet id, {-4} VPC gone, {-5} extra reserved out of
  * range (the service checks it first; this keeps the script bounded anyway),
- * {-6, owner, value} overlaps a reserved range (the VPN client range).
+ * {-6, owner, value} overlaps a reserved range (the VPN client range),
+ * {TOKEN_MOVED} the client token names another subnet now (read again).
  */
 export const CREATE_SUBNET = `${LUA_EMIT}${chunkHelpers}${LUA_RANGE_CHECKS}${LUA_TOKEN}
 local id, name, base, size, tok = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]

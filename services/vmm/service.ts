@@ -151,6 +151,9 @@ const CLAIMED_PHASES = 2;
 export const DELETE_PHASES: StepName[][] = [["boot"], ["dns", "gateway", "netagent", "firewall"], ["ipam"]];
 if ([...DELETE_PHASES.flat()].sort().join() !== [...STEPS].sort().join()) throw new Error("vmm: DELETE_PHASES must list every step once");
 
+/** How long a failed move of the host's VMs (VmStore.migrate) is answered as is before it is tried again. */
+const MIGRATION_RETRY_MS = 5_000;
+
 export class Vmm {
   private readonly netns: NetnsAdapter;
 
@@ -560,16 +563,23 @@ export class Vmm {
    * earlier VMs (and could take the name of one), so they wait for it, and
    * fail with UNAVAILABLE while it cannot be done.
    */
-  private migrated(): Promise<void> {
+  private migrated(background = false): Promise<void> {
+    // The recovery loop (every second) tries again only every MIGRATION_RETRY_MS after a failure; a call does at once.
+    if (background && this.migrationFailure && Date.now() - this.migrationFailure.atMs < MIGRATION_RETRY_MS) return Promise.reject(this.migrationFailure.err);
     this.migration ??= this.store.migrate().then(
-      () => undefined,
+      () => {
+        this.migrationFailure = undefined;
+      },
       (err: unknown) => {
         this.migration = undefined;
-        throw new ConnectError(`this vmm has not yet moved its host's VMs from the earlier Redis layout (${errorText(err)}); retry`, Code.Unavailable);
+        const e = new ConnectError(`this vmm has not yet moved its host's VMs from the earlier Redis layout (${errorText(err)}); retry`, Code.Unavailable);
+        this.migrationFailure = { atMs: Date.now(), err: e };
+        throw e;
       },
     );
     return this.migration;
   }
+  private migrationFailure?: { atMs: number; err: ConnectError };
 
   /**
    * Rolls back creates and finishes deletes that a crash (or a failed
@@ -583,7 +593,7 @@ export class Vmm {
     this.recovering = true;
     try {
       // First, once: records earlier versions wrote under other names move under this host's hash tag (VmStore.migrate).
-      await this.migrated();
+      await this.migrated(true);
       for (const v0 of await this.store.ofHost(this.opts.hostId)) {
         if (!needsRecovery(v0)) continue;
         const f = this.recoveryFailures.get(v0.id);
@@ -795,21 +805,21 @@ export class Vmm {
     for (const step of PHASES.slice(0, CLAIMED_PHASES).flat()) this.journal(v, "create", step, "queued");
     const token = this.leaseToken();
     // The VM's lease, taken with the claim's first step: a DeleteVm waits for
-    // this create. Renewed from now on, since the claim's second step (the
+    // this create. Renewed from then on, since the claim's second step (the
     // name) may take a while when Redis does.
-    const release = this.hold(v.id, token);
+    let holding: ((released?: boolean) => Promise<void>) | undefined;
     let held: string;
     try {
       // The claim refuses a name some VM holds; only then is that VM read (the same request again gets it back).
-      held = await this.store.claim(v, token);
+      held = await this.store.claim(v, token, () => (holding = this.hold(v.id, token)));
     } catch (err) {
       // A record left by a claim cut short is recovery's (op create): let the lease go for it.
-      await release();
+      await holding?.();
       throw err;
     }
     if (held !== nameEntry(v)) {
       // The claim took its record and lease back.
-      await release(true);
+      await holding?.(true);
       const existing = await this.store.byName(vpc.id, name);
       if (!existing) {
         throw new ConnectError(`VM ${name} is being created in VPC ${vpc.name} (index entry ${V.show(held)}); retry to get it`, Code.AlreadyExists);
@@ -824,6 +834,8 @@ export class Vmm {
         Code.AlreadyExists,
       );
     }
+    // A claim that won holds the lease (onLeased ran).
+    const release = holding ?? this.hold(v.id, token);
     let released = false;
     try {
       const done = await this.create(v, token);

@@ -253,17 +253,19 @@ export class VmStore {
    *   only while it is still the entry read. An entry is never written
    *   before its record and ids are not reused, so a record missing at the
    *   check is gone for good.
-   * A claim that loses takes its host keys back (no event was sent). A vmm
+   * `onLeased` runs once the first holds the lease (its holder renews it from
+   * then on). A claim that loses takes its host keys back (no event was sent). A vmm
    * killed between the two leaves a record whose create its recovery rolls
    * back (op "create", no step done), like any create cut short.
    */
-  async claim(v: VmRec, leaseToken: string): Promise<string> {
+  async claim(v: VmRec, leaseToken: string, onLeased?: () => void): Promise<string> {
     const h = this.hostId;
     if (v.hostId !== h) throw new Error(`vmm: a VM of host ${v.hostId} cannot be claimed by host ${h}`);
     const single = !isCluster(this.redis);
     const hostKeys = [K.vm(h, v.id), K.ids(h), K.lease(h, v.id), K.userData(h, v.id), ...(single ? [K.previous.vm(h, v.id)] : [])];
     const made = await this.redis.eval(CLAIM_HOST, hostKeys.length, ...hostKeys, storedVmText(v), v.id, leaseToken, LEASE_MS, v.userData);
     if (made !== 1) throw new Error(`vmm: VM id ${v.id} is already taken on host ${h}`);
+    onLeased?.();
     const mine = nameEntry(v);
     const nameKeys = [K.byName(v.vpcId), ...(single ? [K.previous.byName(v.vpcId), K.events] : [])];
     let stale: [string, string] = ["", ""];
@@ -273,8 +275,9 @@ export class VmStore {
       if (won === 1) {
         if (!single && held !== mine) await this.event("vm.created", v.id);
         // The shared listing other hosts find this host's VMs by: any host may
-        // write it, so each create puts this host back (migrate() does at start).
-        await this.redis.sadd(K.hosts, h);
+        // write it, so each create puts this host back (migrate() does at
+        // start). Best effort: the create has succeeded.
+        await this.redis.sadd(K.hosts, h).catch((err: Error) => this.log?.warn({ err: err.message }, "cannot add this host to mvpc:vm:hosts"));
         return mine;
       }
       for (const e of [held, prev]) {

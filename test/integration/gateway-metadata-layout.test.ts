@@ -127,6 +127,7 @@ describe("on a single Redis: the move from the previous layout", () => {
     assert.equal((await store.delete("vm-a")).deleted, true, "its VM's delete removes it");
     assert.equal(await db.r.exists(P("hv1").inst("vm-a")), 0);
     assert.equal(await db.r.hget(mdKeys("hv1").byAddr, `${VPC}/10.0.1.5`), "vm-c", "and leaves vm-c's entry");
+    assert.deepEqual(await db.r.smembers(MD_HOSTS), ["hv1"], "and hv1 in the host listing, which vm-c keeps it in");
   });
 
   test("the control plane reads, lists and deletes a host's records where they are, moved or not", async () => {
