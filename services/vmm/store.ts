@@ -4,6 +4,7 @@
 // on restart exactly what to undo or finish.
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
+import { emit, EVENTS } from "../common/events.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import { isCluster } from "../common/redis.js";
 import * as V from "../common/validate.js";
@@ -81,7 +82,7 @@ export const K = {
   byName: (vpc: string) => `mvpc:{${vpc}}:vm:byname`,
   hosts: "mvpc:vm:hosts",
   /** The fleet's change stream, which WatchVms follows (watch.ts). */
-  events: "mvpc:events",
+  events: EVENTS,
   /**
    * The names an earlier release kept them under (`mvpc:vm:host:H…`,
    * `mvpc-md:H:…`, `mvpc:vm:vpc:V:byname`). On a single Redis a vmm moves its
@@ -320,7 +321,7 @@ export class VmStore {
 
   /** Appends a VM event to the fleet's stream after a write (on a cluster; a single Redis appends it in the write's script). */
   private async event(kind: string, id: string): Promise<void> {
-    await this.redis.xadd(K.events, "MAXLEN", "~", "100000", "*", "kind", kind, "vm", id);
+    await emit(this.redis, {}, ["kind", kind, "vm", id]);
   }
 
   // ---- per-VM lease: one operation (create, delete, recovery) at a time ----
