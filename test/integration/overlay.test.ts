@@ -59,13 +59,33 @@ async function reaches(from: Vm, to: Vm): Promise<boolean> {
 }
 
 async function meshUp(vms: Vm[], timeoutMs = 15_000): Promise<boolean> {
-  return waitFor(
+  const up = await waitFor(
     async () => {
       for (const x of vms) for (const y of vms) if (x !== y && !(await reaches(x, y))) return false;
       return true;
     },
     { timeoutMs, intervalMs: 300 },
   );
+  if (!up) console.log(await meshReport(vms));
+  return up;
+}
+
+/** What a failed meshUp prints: the pairs that do not reach, and each host's overlay status and member entry for the VPC. */
+async function meshReport(vms: Vm[]): Promise<string> {
+  const lines: string[] = [];
+  for (const x of vms) for (const y of vms) if (x !== y && !(await reaches(x, y))) lines.push(`# mesh: ${x.name} → ${y.name} does not reach`);
+  const vpc = vms[0].vpc;
+  const r = new Redis(h.redis.url);
+  try {
+    lines.push(`# mesh: members of ${vpc.id}: ${JSON.stringify(await r.hgetall(`mvpc:overlay:${vpc.id}:members`))}`);
+  } finally {
+    r.disconnect();
+  }
+  for (const x of hv) {
+    const st = (await x.agent.getOverlayStatus({ vpc: vpc.id }).catch((e: Error) => ({ vpcs: [], error: e.message }))) as { vpcs: unknown[] };
+    lines.push(`# mesh: ${x.id}: ${JSON.stringify(st, (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v))}`);
+  }
+  return lines.join("\n");
 }
 
 async function peerHosts(x: Hypervisor, vpc: Vpc): Promise<string[]> {

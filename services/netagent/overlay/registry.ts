@@ -142,6 +142,9 @@ export class OverlayRegistry {
    * rewrote is put back here.
    */
   async join(vpcId: string, port: number): Promise<boolean> {
+    // The writer applies the readers' rule: an entry every other host would skip as malformed is never written.
+    const problem = memberProblem(JSON.stringify({ port }));
+    if (problem) throw new Error(`not joining the overlay of ${vpcId}: ${problem}`);
     if ((await this.member(vpcId)) === JSON.stringify({ port })) return false;
     await this.redis.hset(overlayKeys.members(vpcId), this.hostId, JSON.stringify({ port }));
     await event(this.redis, "kind", "overlay.joined", "host", this.hostId, "vpc", vpcId);

@@ -58,6 +58,9 @@ interface WgState {
 
 /** How long wireguard-go gets to read an MTU change (a netlink event) before its device leaves its namespace. */
 const WG_MTU_SETTLE_MS = 150;
+/** How long ensure() waits for a device's UDP port after bringing it up (wireguard-go polls the link state once a second), and how often it looks. */
+const WG_PORT_WAIT_MS = 3000;
+const WG_PORT_POLL_MS = 25;
 const WG_IF_RE = /^wg[0-9a-f]{13}$/;
 
 /**
@@ -279,6 +282,16 @@ export class WgInterfaces {
     if (!inVpc.up || inVpc.mtu !== want.mtu) await kernel.ipBatch(vns, [`link set dev ${ifname} mtu ${want.mtu} up`]);
     await this.spreadReceive(vpcId, ifname);
     if (dump.publicKey !== want.publicKey || !inVpc.up) dump = (await this.dump(ifname)) ?? dump;
+    // wireguard-go opens its UDP socket only once it sees the link up, and in
+    // the VPC namespace (its netlink listener stayed in the host's) it learns
+    // that by polling once a second: until then it reports port 0. Published,
+    // that 0 made every other host skip this one as malformed, and nothing
+    // looked again before the next full pass, 30 s later.
+    for (const t0 = Date.now(); !dump.listenPort && Date.now() - t0 < WG_PORT_WAIT_MS;) {
+      await sleep(WG_PORT_POLL_MS);
+      dump = (await this.dump(ifname)) ?? dump;
+    }
+    if (!dump.listenPort) throw new Error(`${ifname} has no UDP listen port ${WG_PORT_WAIT_MS} ms after it was set up`);
     return { port: dump.listenPort, dump };
   }
 
