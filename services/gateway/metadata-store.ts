@@ -43,7 +43,7 @@ import { isCluster } from "../common/redis.js";
 import { FailedPreconditionError, InvalidArgumentError, UnavailableError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { MAX_GROUPS_PER_NIC } from "../firewall/schema.js";
-import { K } from "../ipam/schema.js";
+import { ipamKeys, K } from "../ipam/schema.js";
 import { hostKeys } from "../netagent/schema.js";
 import {
   ImdsHttpEndpoint,
@@ -734,7 +734,7 @@ export class MetadataStore implements MetadataView {
 
   /** The VPC id of a VPC name (IPAM's index), or null. */
   async resolveVpcName(name: string): Promise<string | null> {
-    return await this.redis.hget(K.vpcByName, name);
+    return await this.redis.hget(ipamKeys(this.redis).vpcByName, name);
   }
 
   /**
@@ -1047,6 +1047,6 @@ export class FleetMetadataStore implements MetadataView {
   }
 
   async resolveVpcName(name: string): Promise<string | null> {
-    return await this.redis.hget(K.vpcByName, name);
+    return await this.redis.hget(ipamKeys(this.redis).vpcByName, name);
   }
 }

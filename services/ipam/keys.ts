@@ -1,4 +1,6 @@
 // Every Redis key IPAM uses, in one place. All start with "mvpc:".
+import type { Redis } from "ioredis";
+
 export const P = "mvpc:";
 export const K = {
   events: `${P}events`,
@@ -12,6 +14,8 @@ export const K = {
   fwVpcAcls: (vpc: string) => `${P}fw:vpc:${vpc}:acls`,
   fwSubnetAcl: `${P}fw:subnet-acl`,
   gwVpcNat: `${P}gw:vpcnat`,
+  /** A NAT gateway's record (kept by gateway/store.ts): DeleteSubnet reads the subnet it sits in. */
+  gwNat: (nat: string) => `${P}gw:nat:${nat}`,
   /** Peering ids of a VPC (kept by services/peering/store.ts). */
   vpcPeerings: (vpc: string) => `${P}vpc:${vpc}:peerings`,
   vpcSubnetByName: (vpc: string) => `${P}vpc:${vpc}:subnet:byname`,
@@ -59,3 +63,81 @@ export const K = {
     ownerPrefix: `${P}owner:`,
   },
 };
+
+/**
+ * Where a VPC's record, IPAM's indexes of its subnets and the VPC catalog
+ * live: IpamKeys.single or IpamKeys.cluster, by the client (ipamKeys).
+ *
+ * On a single Redis they keep the names they have always had: the scripts of
+ * five other services (peering, DNS, firewall, flow logs, the VPN) read them
+ * there in the same step as their own writes, and a rename would need each
+ * of them changed first. A Redis Cluster, where none of those runs yet, has
+ * them under hash tags from the start, so that each of IPAM's scripts
+ * touches one slot:
+ * - a VPC's record and its subnets' indexes, reserved ranges, in-VPC subnet
+ *   records and subnet client tokens under the VPC's tag "{<vpc>}" (the slot
+ *   of its allocation state and change stream);
+ * - the catalog (VPC names, their listing, VPC client tokens) under
+ *   "{catalog}".
+ * A subnet's record by id (K.subnet) and the listing of every subnet
+ * (K.allSubnets) are single keys, read and written alone, under the same
+ * names in both. Moving a single Redis to a cluster renames the keys that
+ * differ first (docs/redis-schema.md "Redis Cluster").
+ */
+export interface IpamKeys {
+  /** The VPC's record (hash). */
+  vpc(vpc: string): string;
+  /** The VPC's subnets (zset, score = base). */
+  vpcSubnets(vpc: string): string;
+  /** The VPC's subnet names → ids (hash). */
+  vpcSubnetByName(vpc: string): string;
+  /** Ranges of the VPC no subnet may take (hash owner → JSON Reservation). */
+  vpcReserved(vpc: string): string;
+  /** A subnet's record in its VPC's slot (on a single Redis: K.subnet, the one record). */
+  subnetIn(vpc: string, subnet: string): string;
+  /** Client tokens of the VPC's subnet creates ("subnet\n<token>" → id). */
+  subnetTokens(vpc: string): string;
+  /** VPC names → ids (hash). */
+  vpcByName: string;
+  /** VPC names (zset, score 0: listed by name). */
+  vpcNames: string;
+  /** Client tokens of VPC creates ("vpc\n<token>" → id). */
+  vpcTokens: string;
+  /** Whether the keys of a VPC and of the catalog are in different slots (a create or a delete then takes steps). */
+  cluster: boolean;
+}
+
+const T = (vpc: string) => `${P}{${vpc}}:`;
+const CATALOG = `${P}{catalog}:`;
+
+export const IPAM_KEYS: { single: IpamKeys; cluster: IpamKeys } = {
+  single: {
+    vpc: K.vpc,
+    vpcSubnets: K.vpcSubnets,
+    vpcSubnetByName: K.vpcSubnetByName,
+    vpcReserved: K.vpcReserved,
+    subnetIn: (_vpc, sn) => K.subnet(sn),
+    subnetTokens: () => K.tokens,
+    vpcByName: K.vpcByName,
+    vpcNames: K.vpcNames,
+    vpcTokens: K.tokens,
+    cluster: false,
+  },
+  cluster: {
+    vpc: (v) => `${T(v)}vpc`,
+    vpcSubnets: (v) => `${T(v)}subnets`,
+    vpcSubnetByName: (v) => `${T(v)}subnet:byname`,
+    vpcReserved: (v) => `${T(v)}reserved`,
+    subnetIn: (v, sn) => `${T(v)}subnet:${sn}`,
+    subnetTokens: (v) => `${T(v)}tokens`,
+    vpcByName: `${CATALOG}vpc:byname`,
+    vpcNames: `${CATALOG}vpcs`,
+    vpcTokens: `${CATALOG}tokens`,
+    cluster: true,
+  },
+};
+
+/** The layout of the Redis `redis` is (IpamKeys). */
+export function ipamKeys(redis: Redis): IpamKeys {
+  return redis.isCluster ? IPAM_KEYS.cluster : IPAM_KEYS.single;
+}

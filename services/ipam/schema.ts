@@ -5,9 +5,9 @@ import type { Redis } from "ioredis";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
-import { K } from "./keys.js";
+import { ipamKeys, K, type IpamKeys } from "./keys.js";
 
-export { K, P } from "./keys.js";
+export { IPAM_KEYS, ipamKeys, K, P, type IpamKeys } from "./keys.js";
 
 export interface Label {
   key: string;
@@ -125,17 +125,19 @@ export function parseReservation(owner: string, raw: string): Reservation {
  * Lua shared by IPAM's CreateSubnet and the VPN's SetVpnEndpoint scripts, so
  * that a subnet and a reserved range never overlap whichever is written
  * first: each checks the other's key in the same script that writes its own.
- *   subnet_overlapping(subnets_zset, base, size) → the id of a subnet of the
- *     VPC overlapping [base, base+size), or nil;
+ *   subnet_overlapping(subnets_zset, base, size, records) → the id of a
+ *     subnet of the VPC overlapping [base, base+size), or nil; `records` is
+ *     the name of its subnets' records less the id (IpamKeys.subnetIn(vpc,
+ *     "")), in the VPC's slot;
  *   reservation_overlapping(reserved_hash, base, size, except) → owner, raw
  *     value of an overlapping reservation (a value that does not read as one
  *     overlaps everything: refused, never ignored), or nil.
  */
 export const LUA_RANGE_CHECKS = `
-local function subnet_overlapping(zset, base, size)
+local function subnet_overlapping(zset, base, size, records)
   local before = redis.call('ZREVRANGEBYSCORE', zset, base, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if #before > 0 then
-    local psize = tonumber(redis.call('HGET', '${K.subnet("")}' .. before[1], 'size'))
+    local psize = tonumber(redis.call('HGET', records .. before[1], 'size'))
     if not psize or tonumber(before[2]) + psize > base then return before[1] end
   end
   local after = redis.call('ZRANGEBYSCORE', zset, base, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
@@ -263,24 +265,29 @@ export function shownOwner(raw: string): string {
 
 /** What other services read of IPAM: VPCs, subnets and allocations, never a write. */
 export class IpamReader {
-  constructor(readonly redis: Redis) {}
+  /** Where the VPC records, subnet indexes and catalog are on this Redis (keys.ts IpamKeys). */
+  readonly L: IpamKeys;
+
+  constructor(readonly redis: Redis) {
+    this.L = ipamKeys(redis);
+  }
 
   // ---- VPCs ----
 
   async resolveVpc(ref: { id?: string; name?: string }): Promise<string | null> {
     if (ref.id) return ref.id;
-    return await this.redis.hget(K.vpcByName, ref.name!);
+    return await this.redis.hget(this.L.vpcByName, ref.name!);
   }
 
   async getVpc(id: string): Promise<VpcRec | null> {
-    const [h, n] = await Promise.all([this.redis.hgetall(K.vpc(id)), this.redis.zcard(K.vpcSubnets(id))]);
-    return h.id ? checked(K.vpc(id), "vpc", () => parseVpc(h, n), id) : null;
+    const [h, n] = await Promise.all([this.redis.hgetall(this.L.vpc(id)), this.redis.zcard(this.L.vpcSubnets(id))]);
+    return h.id ? checked(this.L.vpc(id), "vpc", () => parseVpc(h, n), id) : null;
   }
 
   async listVpcs(afterName: string, limit: number): Promise<VpcRec[]> {
-    const names = await this.redis.zrangebylex(K.vpcNames, afterName ? `(${afterName}` : "-", "+", "LIMIT", 0, limit);
+    const names = await this.redis.zrangebylex(this.L.vpcNames, afterName ? `(${afterName}` : "-", "+", "LIMIT", 0, limit);
     if (names.length === 0) return [];
-    const ids = await this.redis.hmget(K.vpcByName, ...names);
+    const ids = await this.redis.hmget(this.L.vpcByName, ...names);
     const vpcs = await Promise.all(ids.filter((x): x is string => !!x).map((id) => this.getVpc(id)));
     return vpcs.filter((x): x is VpcRec => !!x);
   }
@@ -299,7 +306,7 @@ export class IpamReader {
   async resolveSubnet(ref: { id?: string; name?: string }, vpcId: string | null): Promise<string | null> {
     if (ref.id) return ref.id;
     if (!vpcId) throw new InvalidArgumentError("vpc", "is required when the subnet is named rather than given by id");
-    return await this.redis.hget(K.vpcSubnetByName(vpcId), ref.name!);
+    return await this.redis.hget(this.L.vpcSubnetByName(vpcId), ref.name!);
   }
 
   async getSubnet(id: string): Promise<SubnetRec | null> {
@@ -310,7 +317,7 @@ export class IpamReader {
   async listSubnets(vpcId: string | null, after: string, limit: number): Promise<SubnetRec[]> {
     let ids: string[];
     if (vpcId) {
-      ids = await this.redis.zrangebyscore(K.vpcSubnets(vpcId), after ? `(${after}` : "-inf", "+inf", "LIMIT", 0, limit);
+      ids = await this.redis.zrangebyscore(this.L.vpcSubnets(vpcId), after ? `(${after}` : "-inf", "+inf", "LIMIT", 0, limit);
     } else {
       ids = await this.redis.zrangebylex(K.allSubnets, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
     }
@@ -364,7 +371,7 @@ export class IpamReader {
   async listByOwner(owner: string, after: string, limit: number): Promise<{ alloc: AllocRec; cursor: string }[]> {
     const [afterVpc, ...rest] = after ? after.split("/") : [""];
     const afterMember = rest.join("/");
-    const ids = [...new Set(await this.redis.hvals(K.vpcByName))].filter((id) => V.attempt(() => V.id("vpc", id, "vpc")).ok && id >= afterVpc).sort();
+    const ids = [...new Set(await this.redis.hvals(this.L.vpcByName))].filter((id) => V.attempt(() => V.id("vpc", id, "vpc")).ok && id >= afterVpc).sort();
     const found: { vpcId: string; member: string }[] = [];
     for (let i = 0; i < ids.length && found.length < limit; i += 100) {
       const round = ids.slice(i, i + 100);

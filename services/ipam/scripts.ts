@@ -248,31 +248,63 @@ return {1, idx}
 `;
 
 /**
- * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 tokens hash, 5 events,
- *       6 the record of the VPC the client token named when read (withClientToken)
- * ARGV: 1 id, 2 name, 3 client token, 4 the id it named ('' none), then
- *       field/value pairs of the hash.
- * Returns {1, id} created, {0, id} found by client token, {-1, id} name
- * taken, {TOKEN_MOVED} the token names another VPC now.
+ * A VPC's name (and client token) in the catalog, the second step of
+ * CreateVpc: its record is written first, in its own slot, so that a name
+ * never names a VPC that was not made (IpamStore.createVpc).
+ * KEYS: 1 byname hash, 2 names zset, 3 tokens hash (IpamKeys: one slot)
+ * ARGV: 1 id, 2 name, 3 client token field ('' none), 4 the id the token
+ *       named when read ('' none), 5 '1' if that id's record existed then,
+ *       6 the holder of the name when read if its record was gone then ('':
+ *       none, or alive; a name a deleted VPC left, or a forged one, is taken
+ *       over, never a live one)
+ * Returns {1, id} claimed, {0, id} the token names a live VPC (this create
+ * is a retry), {-1, holder} the name is taken, {TOKEN_MOVED} the token names
+ * another VPC than was read (read again).
  */
-export const CREATE_VPC = `${LUA_EMIT}${LUA_TOKEN}
-local id, name, tok = ARGV[1], ARGV[2], ARGV[3]
-if tok ~= '' then
-  local prev = token_held(KEYS[4], 'vpc\\n' .. tok, ARGV[4], KEYS[6])
-  if prev == false then return {${TOKEN_MOVED}, ''} end
-  if prev then return {0, prev} end
+export const CLAIM_VPC = `
+local id, name, field, seen, alive, stale = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if field ~= '' then
+  local prev = redis.call('HGET', KEYS[3], field) or ''
+  if prev ~= seen then return {${TOKEN_MOVED}, ''} end
+  if prev ~= '' and alive == '1' then return {0, prev} end
 end
-local taken = redis.call('HGET', KEYS[2], name)
-if taken then return {-1, taken} end
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('HSET', KEYS[2], name, id)
-redis.call('ZADD', KEYS[3], 0, name)
-if tok ~= '' then redis.call('HSET', KEYS[4], 'vpc\\n' .. tok, id) end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.created', 'vpc', id)
-mvpc_scoped({id}, {}, 'kind', 'vpc.created', 'vpc', id)
+local holder = redis.call('HGET', KEYS[1], name)
+if holder and holder ~= stale then return {-1, holder} end
+redis.call('HSET', KEYS[1], name, id)
+redis.call('ZADD', KEYS[2], 0, name)
+if field ~= '' then redis.call('HSET', KEYS[3], field, id) end
 return {1, id}
+`;
+
+/**
+ * Frees a VPC's name in the catalog if it still names that VPC: the last
+ * step of DeleteVpc on a cluster, and what a CreateVpc that lost does not
+ * need (it never claimed).
+ * KEYS: 1 byname hash, 2 names zset; ARGV: 1 name, 2 id. Returns 1 freed, 0 not held.
+ */
+export const UNCLAIM_VPC = `
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+`;
+
+/**
+ * DeleteVpc on a cluster, in the VPC's slot: the record and IPAM's indexes
+ * of the VPC, if it has no subnet. The other services' indexes (peerings,
+ * groups, ACLs, NAT gateway) are checked by the caller first: they are in
+ * other slots (docs/redis-schema.md "Redis Cluster": the check moves in
+ * here when they move under the VPC's tag).
+ * KEYS: 1 vpc hash, 2 subnets zset, 3 subnet byname, 4 reserved, 5 subnet tokens
+ * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets.
+ */
+export const DROP_VPC = `
+local name = redis.call('HGET', KEYS[1], 'name')
+if not name then return {0, ''} end
+local n = redis.call('ZCARD', KEYS[2])
+if n > 0 then return {-1, n} end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+return {1, name}
 `;
 
 /**
@@ -312,15 +344,18 @@ return {1, ''}
 `;
 
 /**
- * KEYS: 1 vpc hash, 2 vpc subnets zset (score = base), 3 vpc subnet byname,
- *       4 subnet hash, 5 bits, 6 full, 7 used, 8 tokens, 9 events,
- *       10 all-subnets zset, 11 the VPC's reserved ranges (K.vpcReserved),
- *       12 the record of the subnet the client token named when read
- *       (withClientToken); on a single Redis 13, 14, 15 the subnet's req,
- *       alloc and used under an earlier release's names (K.legacy), where
- *       tombstones go
+ * KEYS (IpamKeys; 1–10 in the VPC's slot): 1 vpc hash, 2 vpc subnets zset
+ *       (score = base), 3 vpc subnet byname, 4 the subnet's record in its
+ *       VPC, 5 bits, 6 full, 7 used, 8 subnet tokens, 9 the VPC's reserved
+ *       ranges, 10 the record of the subnet the client token named when
+ *       read (withClientToken); on a single Redis also 11 the global events
+ *       stream, 12 the all-subnets zset, 13, 14, 15 the subnet's req, alloc
+ *       and used under an earlier release's names (K.legacy), where
+ *       tombstones go. On a cluster the caller writes the subnet's record by
+ *       id and the all-subnets entry before and after, and the event.
  * ARGV: 1 id, 2 name, 3 base, 4 size, 5 client token, 6 extra reserved
  *       (addresses after the gateway), 7 the id the token named ('' none),
+ *       8 the VPC's subnet records' name less the id (IpamKeys.subnetIn(vpc, "")),
  *       then field/value pairs of the hash.
  * The reserved addresses are bits 0 .. extra+1 (network, gateway, extra) and
  * size-1 (broadcast): one SETRANGE of a run of 0xff bytes built here plus a
@@ -340,22 +375,21 @@ local run = tonumber(ARGV[6]) + 2
 if run < 2 or run > size - 2 or run % 1 ~= 0 then return {-5, ''} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 if tok ~= '' then
-  local prev = token_held(KEYS[8], 'subnet\\n' .. tok, ARGV[7], KEYS[12])
+  local prev = token_held(KEYS[8], 'subnet\\n' .. tok, ARGV[7], KEYS[10])
   if prev == false then return {${TOKEN_MOVED}, ''} end
   if prev then return {0, prev} end
 end
 local taken = redis.call('HGET', KEYS[3], name)
 if taken then return {-1, taken} end
-local other = subnet_overlapping(KEYS[2], base, size)
+local other = subnet_overlapping(KEYS[2], base, size, ARGV[8])
 if other then return {-2, other} end
-local rowner, rvalue = reservation_overlapping(KEYS[11], base, size, nil)
+local rowner, rvalue = reservation_overlapping(KEYS[9], base, size, nil)
 if rowner then return {-6, rowner, rvalue} end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))
 redis.call('ZADD', KEYS[2], base, id)
 redis.call('HSET', KEYS[3], name, id)
-redis.call('ZADD', KEYS[10], 0, id)
 redis.call('SET', KEYS[7], 0)
 redis.call('DEL', KEYS[5], KEYS[6])
 local whole = math.floor(run / 8)
@@ -368,21 +402,28 @@ for c = 0, math.floor((run - 1) / CHUNK_BITS) do
 end
 refresh_chunk(KEYS[5], KEYS[6], size - 1, size)
 if tok ~= '' then redis.call('HSET', KEYS[8], 'subnet\\n' .. tok, id) end
-${LUA_TOMBSTONES}
-if KEYS[15] then tombstone(KEYS[13], KEYS[14], KEYS[15]) end
-local ev_vpc = redis.call('HGET', KEYS[4], 'vpc')
-redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
-mvpc_scoped({ev_vpc}, {}, 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
+if KEYS[11] then
+  ${LUA_TOMBSTONES}
+  redis.call('ZADD', KEYS[12], 0, id)
+  if KEYS[15] then tombstone(KEYS[13], KEYS[14], KEYS[15]) end
+  local ev_vpc = redis.call('HGET', KEYS[4], 'vpc')
+  redis.call('XADD', KEYS[11], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
+  mvpc_scoped({ev_vpc}, {}, 'kind', 'subnet.created', 'vpc', ev_vpc, 'subnet', id)
+end
 return {1, id}
 `;
 
 /**
- * KEYS: 1 subnet hash, 2 vpc subnets zset, 3 vpc subnet byname, 4–9 its
- *       state (K.state: used, bits, full, alloc, req, idx), 10 events, 11 all-subnets zset,
- *       12 the firewall's subnet → ACL hash, 13 the gateway's VPC → NAT hash,
- *       14 the cursor of a move of its owner entries (K.moving); on a single
- *       Redis 15, 16, 17 the subnet's req, alloc and used under an earlier
- *       release's names (its tombstones, deleted with it)
+ * KEYS (1–10 in the VPC's slot): 1 the subnet's record in its VPC, 2 vpc
+ *       subnets zset, 3 vpc subnet byname, 4–9 its state (K.state: used,
+ *       bits, full, alloc, req, idx), 10 the cursor of a move of its owner
+ *       entries (K.moving); on a single Redis also 11 events, 12 all-subnets
+ *       zset, 13 the firewall's subnet → ACL hash, 14 the gateway's VPC →
+ *       NAT hash, 15, 16, 17 the subnet's req, alloc and used under an
+ *       earlier release's names (its tombstones, deleted with it). On a
+ *       cluster the caller checks the ACL and NAT gateway first (other
+ *       slots), and removes the record by id, the all-subnets entry and
+ *       sends the event after.
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
  * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it,
@@ -396,19 +437,23 @@ if KEYS[17] and redis.call('TYPE', KEYS[17]).ok == 'string' then return {-3, ''}
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
-local acl = redis.call('HGET', KEYS[12], ARGV[1])
-if acl then return {-2, 'network ACL ' .. acl .. ' is associated with it (microvpc acl disassociate)'} end
-local nat = redis.call('HGET', KEYS[13], vpc)
-if nat and redis.call('HGET', 'mvpc:gw:nat:' .. nat, 'subnet') == ARGV[1] then
-  return {-2, 'NAT gateway ' .. nat .. ' sits in it (microvpc nat delete)'}
+if KEYS[11] then
+  local acl = redis.call('HGET', KEYS[13], ARGV[1])
+  if acl then return {-2, 'network ACL ' .. acl .. ' is associated with it (microvpc acl disassociate)'} end
+  local nat = redis.call('HGET', KEYS[14], vpc)
+  if nat and redis.call('HGET', 'mvpc:gw:nat:' .. nat, 'subnet') == ARGV[1] then
+    return {-2, 'NAT gateway ' .. nat .. ' sits in it (microvpc nat delete)'}
+  end
 end
-redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[14])
-if KEYS[17] then redis.call('DEL', KEYS[15], KEYS[16], KEYS[17]) end
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], name)
-redis.call('ZREM', KEYS[11], ARGV[1])
-redis.call('XADD', KEYS[10], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
-mvpc_scoped({vpc}, {}, 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
+if KEYS[11] then
+  if KEYS[17] then redis.call('DEL', KEYS[15], KEYS[16], KEYS[17]) end
+  redis.call('ZREM', KEYS[12], ARGV[1])
+  redis.call('XADD', KEYS[11], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
+  mvpc_scoped({vpc}, {}, 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])
+end
 return {1, ''}
 `;
 

@@ -20,8 +20,10 @@ import {
   type SubnetRec,
   type VpcRec,
 } from "./schema.js";
-import { withClientToken } from "../common/client-token.js";
-import { newId } from "../common/ids.js";
+import { TOKEN_MOVED, withClientToken } from "../common/client-token.js";
+import { UnavailableError } from "../common/errors.js";
+import { emit } from "../common/events.js";
+import { isId, newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
 export { newId };
@@ -36,7 +38,9 @@ declare module "ioredis" {
     mvpcAllocate(...args: (string | number)[]): Promise<Reply>;
     mvpcAllocateBatch(...args: (string | number)[]): Promise<number[]>;
     mvpcRelease(...args: (string | number)[]): Promise<Reply>;
-    mvpcCreateVpc(...args: (string | number)[]): Promise<Reply>;
+    mvpcClaimVpc(...args: (string | number)[]): Promise<Reply>;
+    mvpcUnclaimVpc(...args: (string | number)[]): Promise<number>;
+    mvpcDropVpc(...args: (string | number)[]): Promise<Reply>;
     mvpcDeleteVpc(...args: (string | number)[]): Promise<Reply>;
     mvpcCreateSubnet(...args: (string | number)[]): Promise<Reply>;
     mvpcDeleteSubnet(...args: (string | number)[]): Promise<Reply>;
@@ -51,7 +55,9 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcAllocate", { lua: S.ALLOCATE });
   redis.defineCommand("mvpcAllocateBatch", { lua: S.ALLOCATE_BATCH });
   redis.defineCommand("mvpcRelease", { lua: S.RELEASE });
-  redis.defineCommand("mvpcCreateVpc", { numberOfKeys: 6, lua: S.CREATE_VPC });
+  redis.defineCommand("mvpcClaimVpc", { numberOfKeys: 3, lua: S.CLAIM_VPC });
+  redis.defineCommand("mvpcUnclaimVpc", { numberOfKeys: 2, lua: S.UNCLAIM_VPC });
+  redis.defineCommand("mvpcDropVpc", { numberOfKeys: 5, lua: S.DROP_VPC });
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
   redis.defineCommand("mvpcCreateSubnet", { lua: S.CREATE_SUBNET });
   redis.defineCommand("mvpcDeleteSubnet", { lua: S.DELETE_SUBNET });
@@ -90,7 +96,24 @@ function counted(keys: string[]): (string | number)[] {
   return [keys.length, ...keys];
 }
 
-/** The IPAM daemon's store: the reads of IpamReader (schema.ts) and every write (one Lua script each). */
+/**
+ * How long a record written ahead of the step that makes it count (a VPC's
+ * before its name, a subnet's record by id before its VPC's script) lives
+ * unless that step succeeds: what a daemon killed between the two leaves
+ * behind goes away by itself.
+ */
+export const PENDING_TTL_MS = 60_000;
+
+/** How often a create runs its claim again when its client token moved under it. */
+const CLAIM_ATTEMPTS = 4;
+
+/**
+ * The IPAM daemon's store: the reads of IpamReader (schema.ts) and every
+ * write. A write is one Lua script where its keys share a slot; a VPC's
+ * create and delete, and on a cluster a subnet's, take steps in a stated
+ * order (below) so that no state between them is one a reader could act on
+ * wrongly.
+ */
 export class IpamStore extends IpamReader {
   constructor(redis: Redis) {
     super(redis);
@@ -99,7 +122,14 @@ export class IpamStore extends IpamReader {
 
   // ---- VPCs ----
 
+  /**
+   * Two steps, each in one slot: the record (held for PENDING_TTL_MS until
+   * claimed), then the name and client token in the catalog (CLAIM_VPC).
+   * A name therefore never names a VPC that was not made; a create that
+   * loses the name removes its record. The event follows from the client.
+   */
   async createVpc(v: Omit<VpcRec, "id" | "createdMs" | "subnetCount">, clientToken: string): Promise<{ vpc: VpcRec; created: boolean }> {
+    const L = this.L;
     const id = newId("vpc");
     const createdMs = Date.now();
     const fields = {
@@ -113,20 +143,50 @@ export class IpamStore extends IpamReader {
       created: createdMs,
       public: v.publicCidr ? "1" : "0",
     };
-    const [code, ref] = await withClientToken(
-      this.redis,
-      K.tokens,
-      clientToken ? `vpc\n${clientToken}` : null,
-      { kind: "vpc", recordOf: K.vpc, fresh: K.vpc(id) },
-      (seen, rec) => this.redis.mvpcCreateVpc(K.vpc(id), K.vpcByName, K.vpcNames, K.tokens, K.events, rec, id, v.name, clientToken, seen, ...flat(fields)),
-    );
-    if (code === -1) throw new AlreadyExistsError(`a VPC named ${JSON.stringify(v.name)} already exists (${ref}); pick another name or use it`);
-    const vpc = await this.getVpc(String(ref));
-    if (!vpc) throw new NotFoundError("vpc", String(ref), "it was deleted while being created");
-    return { vpc, created: code === 1 };
+    const field = clientToken ? `vpc\n${clientToken}` : "";
+    const alive = async (x: string | null) => !!x && isId("vpc", x) && (await this.redis.exists(L.vpc(x))) === 1;
+    let wrote = false;
+    const found = async (ref: string) => {
+      if (wrote) await this.redis.del(L.vpc(id));
+      return ref;
+    };
+    let claimed: { ref: string; created: boolean } | undefined;
+    for (let attempt = 0; attempt < CLAIM_ATTEMPTS && !claimed; attempt++) {
+      const seen = field ? ((await this.redis.hget(L.vpcTokens, field)) ?? "") : "";
+      const seenAlive = await alive(seen);
+      if (!seenAlive && !wrote) {
+        await this.redis.multi().hset(L.vpc(id), fields).pexpire(L.vpc(id), PENDING_TTL_MS).exec();
+        wrote = true;
+      }
+      const holder = await this.redis.hget(L.vpcByName, v.name);
+      const stale = holder && holder !== id && !(await alive(holder)) ? holder : "";
+      const [code, ref] = await this.redis.mvpcClaimVpc(L.vpcByName, L.vpcNames, L.vpcTokens, id, v.name, field, seen, seenAlive ? "1" : "0", stale);
+      if (code === TOKEN_MOVED) continue;
+      if (code === -1) {
+        await found(String(ref));
+        throw new AlreadyExistsError(`a VPC named ${JSON.stringify(v.name)} already exists (${ref}); pick another name or use it`);
+      }
+      if (code === 1) {
+        await this.redis.persist(L.vpc(id));
+        await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.created", "vpc", id]);
+        claimed = { ref: id, created: true };
+      } else {
+        claimed = { ref: await found(String(ref)), created: false };
+        // A retry of a create that stopped between its claim and keeping its record.
+        await this.redis.persist(L.vpc(claimed.ref));
+      }
+    }
+    if (!claimed) {
+      await found("");
+      throw new UnavailableError(`other creates with the same client token kept landing while this one ran; retry`);
+    }
+    const vpc = await this.getVpc(claimed.ref);
+    if (!vpc) throw new NotFoundError("vpc", claimed.ref, "it was deleted while being created");
+    return { vpc, created: claimed.created };
   }
 
   async deleteVpc(id: string): Promise<boolean> {
+    if (this.L.cluster) return this.deleteVpcInSteps(id);
     const [code, n] = await this.redis.mvpcDeleteVpc(
       K.vpc(id),
       K.vpcByName,
@@ -145,6 +205,38 @@ export class IpamStore extends IpamReader {
     if (code === -2) throw new FailedPreconditionError(`VPC ${id} is still peered (${n} peering(s)); delete them first (microvpc vpc peer list --vpc ${id})`);
     if (code === -3) throw new FailedPreconditionError(`VPC ${id} still has ${n}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
     return code === 1;
+  }
+
+  /**
+   * DeleteVpc on a cluster, where the other services' indexes of the VPC are
+   * in other slots: they are checked first, from here (a peering, group, ACL
+   * or NAT gateway made in the VPC while it is being deleted is not seen:
+   * docs/redis-schema.md "Redis Cluster", until those move under the VPC's
+   * tag); then the record goes if the VPC has no subnet (DROP_VPC, its
+   * slot), then the name if it still names it, then the DNS zone. A delete
+   * stopped half-way leaves a name whose record is gone, which lists skip
+   * and the next create of that name takes over.
+   */
+  private async deleteVpcInSteps(id: string): Promise<boolean> {
+    const L = this.L;
+    const [peerings, sgs, acls, nat] = await Promise.all([
+      this.redis.scard(K.vpcPeerings(id)),
+      this.redis.zcard(K.fwVpcSgs(id)),
+      this.redis.zcard(K.fwVpcAcls(id)),
+      this.redis.hexists(K.gwVpcNat, id),
+    ]);
+    if (peerings > 0)
+      throw new FailedPreconditionError(`VPC ${id} is still peered (${peerings} peering(s)); delete them first (microvpc vpc peer list --vpc ${id})`);
+    const left = [sgs > 0 ? `${sgs} security group(s)` : "", acls > 0 ? `${acls} network ACL(s)` : "", nat ? "a NAT gateway" : ""].filter(Boolean);
+    if (left.length)
+      throw new FailedPreconditionError(`VPC ${id} still has ${left.join(", ")}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
+    const [code, n] = await this.redis.mvpcDropVpc(L.vpc(id), L.vpcSubnets(id), L.vpcSubnetByName(id), L.vpcReserved(id), L.subnetTokens(id));
+    if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
+    if (code !== 1) return false;
+    await this.redis.mvpcUnclaimVpc(L.vpcByName, L.vpcNames, String(n), id);
+    await Promise.all(vpcDnsKeys(id).map((k) => this.redis.del(k)));
+    await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.deleted", "vpc", id]);
+    return true;
   }
 
   // ---- Subnets ----
@@ -169,27 +261,31 @@ export class IpamStore extends IpamReader {
     if (!Number.isSafeInteger(s.extraReserved) || s.extraReserved < 0 || s.extraReserved > Math.min(MAX_EXTRA_RESERVED, s.size - 4)) {
       throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} is out of range for ${s.cidr}: 0 to ${Math.min(MAX_EXTRA_RESERVED, s.size - 4)}`);
     }
+    const L = this.L;
+    const V_ = s.vpcId;
+    // On a cluster the record by id comes first (held for PENDING_TTL_MS until
+    // the VPC's script has made the subnet), so that no subnet of a VPC is
+    // ever without it: readers that start from a subnet id find its VPC there.
+    if (L.cluster) await this.redis.multi().hset(K.subnet(id), fields).pexpire(K.subnet(id), PENDING_TTL_MS).exec();
     const reply = await withClientToken(
       this.redis,
-      K.tokens,
+      L.subnetTokens(V_),
       clientToken ? `subnet\n${clientToken}` : null,
-      { kind: "subnet", recordOf: K.subnet, fresh: K.subnet(id) },
+      { kind: "subnet", recordOf: (x) => L.subnetIn(V_, x), fresh: L.subnetIn(V_, id) },
       (seen, rec) =>
         this.redis.mvpcCreateSubnet(
           ...counted([
-            K.vpc(s.vpcId),
-            K.vpcSubnets(s.vpcId),
-            K.vpcSubnetByName(s.vpcId),
-            K.subnet(id),
-            K.bits(s.vpcId, id),
-            K.full(s.vpcId, id),
-            K.used(s.vpcId, id),
-            K.tokens,
-            K.events,
-            K.allSubnets,
-            K.vpcReserved(s.vpcId),
+            L.vpc(V_),
+            L.vpcSubnets(V_),
+            L.vpcSubnetByName(V_),
+            L.subnetIn(V_, id),
+            K.bits(V_, id),
+            K.full(V_, id),
+            K.used(V_, id),
+            L.subnetTokens(V_),
+            L.vpcReserved(V_),
             rec,
-            ...tombstoneKeys(this.redis, id),
+            ...(L.cluster ? [] : [K.events, K.allSubnets, ...tombstoneKeys(this.redis, id)]),
           ]),
           id,
           s.name,
@@ -198,9 +294,11 @@ export class IpamStore extends IpamReader {
           clientToken,
           s.extraReserved,
           seen,
+          L.subnetIn(V_, ""),
           ...flat(fields),
         ),
     );
+    if (L.cluster) await this.finishSubnetCreate(V_, id, reply);
     const [code, ref] = reply;
     if (code === -4) throw new NotFoundError("vpc", s.vpcId);
     if (code === -5) throw new InvalidArgumentError("extra_reserved", `${s.extraReserved} leaves no usable address in ${s.cidr}`);
@@ -213,11 +311,11 @@ export class IpamStore extends IpamReader {
     }
     if (code === -6) {
       const [, owner, raw] = reply as unknown as [number, string, string];
-      const r = checked(K.vpcReserved(s.vpcId), "reservation", () => parseReservation(owner, raw), s.vpcId);
+      const r = checked(L.vpcReserved(s.vpcId), "reservation", () => parseReservation(owner, raw), s.vpcId);
       throw new FailedPreconditionError(
         r
           ? `${s.cidr} overlaps ${r.cidr}, reserved for ${r.what}; choose a CIDR outside it (or move that range: microvpc vpn endpoint set --client-cidr)`
-          : `${s.cidr}: VPC ${s.vpcId} has a reserved range ${V.show(owner)} that does not read as one (${K.vpcReserved(s.vpcId)}, counted in microvpc_invalid_records); no subnet is created until it is fixed`,
+          : `${s.cidr}: VPC ${s.vpcId} has a reserved range ${V.show(owner)} that does not read as one (${L.vpcReserved(s.vpcId)}, counted in microvpc_invalid_records); no subnet is created until it is fixed`,
       );
     }
     const subnet = await this.getSubnet(String(ref));
@@ -225,22 +323,40 @@ export class IpamStore extends IpamReader {
     return { subnet, created: code === 1 };
   }
 
+  /**
+   * A cluster's steps after CreateSubnet's script (reply): a created subnet
+   * keeps its record by id and joins the listing of every subnet, then the
+   * event; a retry of a create that stopped before those finishes them from
+   * the record in the VPC; a refused create removes the record it wrote.
+   */
+  private async finishSubnetCreate(vpcId: string, id: string, reply: Reply): Promise<void> {
+    const [code, ref] = reply;
+    if (code !== 1) await this.redis.del(K.subnet(id));
+    if (code !== 1 && code !== 0) return;
+    const sid = String(ref);
+    if (code === 0) {
+      const h = await this.redis.hgetall(this.L.subnetIn(vpcId, sid));
+      if (!h.id) return;
+      await this.redis.multi().hset(K.subnet(sid), h).persist(K.subnet(sid)).exec();
+    } else await this.redis.persist(K.subnet(sid));
+    await this.redis.zadd(K.allSubnets, 0, sid);
+    if (code === 1) await emit(this.redis, { vpcs: [vpcId] }, ["kind", "subnet.created", "vpc", vpcId, "subnet", sid]);
+  }
+
   async deleteSubnet(id: string): Promise<boolean> {
     const s = await this.getSubnet(id);
     if (!s) return false;
+    const L = this.L;
+    if (L.cluster) await this.subnetUnused(s);
     const call = () =>
       this.redis.mvpcDeleteSubnet(
         ...counted([
-          K.subnet(id),
-          K.vpcSubnets(s.vpcId),
-          K.vpcSubnetByName(s.vpcId),
+          L.subnetIn(s.vpcId, id),
+          L.vpcSubnets(s.vpcId),
+          L.vpcSubnetByName(s.vpcId),
           ...K.state(s.vpcId, id),
-          K.events,
-          K.allSubnets,
-          K.fwSubnetAcl,
-          K.gwVpcNat,
           K.moving(s.vpcId, id),
-          ...tombstoneKeys(this.redis, id),
+          ...(L.cluster ? [] : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
         ]),
         id,
       );
@@ -250,7 +366,29 @@ export class IpamStore extends IpamReader {
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
     if (code === -3) throw new Error(`subnet ${id}: its allocation state could not be moved from the earlier layout`);
+    if (L.cluster) {
+      // The record by id goes last: until then a delete stopped half-way can be run again.
+      await this.redis.zrem(K.allSubnets, id);
+      await this.redis.del(K.subnet(id));
+      if (code === 1) await emit(this.redis, { vpcs: [s.vpcId] }, ["kind", "subnet.deleted", "vpc", s.vpcId, "subnet", id]);
+    }
     return code === 1;
+  }
+
+  /**
+   * On a cluster, DeleteSubnet's checks of other services' indexes, which
+   * are in other slots: no network ACL associated with the subnet, and the
+   * VPC's NAT gateway not in it (on a single Redis DELETE_SUBNET checks them
+   * in the same step).
+   */
+  private async subnetUnused(s: SubnetRec): Promise<void> {
+    const [acl, nat] = await Promise.all([this.redis.hget(K.fwSubnetAcl, s.id), this.redis.hget(K.gwVpcNat, s.vpcId)]);
+    if (acl)
+      throw new FailedPreconditionError(
+        `subnet ${s.name} (${s.id}): network ACL ${V.show(acl)} is associated with it (microvpc acl disassociate); remove that first`,
+      );
+    if (nat && (await this.redis.hget(K.gwNat(nat), "subnet")) === s.id)
+      throw new FailedPreconditionError(`subnet ${s.name} (${s.id}): NAT gateway ${V.show(nat)} sits in it (microvpc nat delete); remove that first`);
   }
 
   // ---- The layout move (docs/redis-schema.md "Redis Cluster") ----

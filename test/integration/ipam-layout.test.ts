@@ -9,15 +9,15 @@
 //   slot) from several clients at once, and the previous layout's Allocate is
 //   refused there (CROSSSLOT).
 import assert from "node:assert/strict";
-import { Redis } from "ioredis";
+import { Redis, type Cluster } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
-import { FailedPreconditionError } from "../../services/common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError } from "../../services/common/errors.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
-import { K } from "../../services/ipam/keys.js";
+import { IPAM_KEYS, K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
 import { TOMBSTONE } from "../../services/ipam/scripts.js";
-import { IpamStore, type SubnetRec } from "../../services/ipam/store.js";
+import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { ipamClients } from "../lib/clients.js";
 import { startDaemon } from "../lib/daemon.js";
@@ -61,6 +61,13 @@ async function previousRelease(r: Redis, s: SubnetRec, index: number, owner: str
 /** Runs the previous release's ALLOCATE (lowest free address): what one of its replicas does on Allocate. */
 async function previousAllocate(r: Redis, s: SubnetRec, owner: string, req: string): Promise<[number, string | number]> {
   return (await r.eval(Previous.ALLOCATE, 9, ...previousAllocateKeys(s, owner), owner, req, -1, Date.now(), s.id)) as [number, string | number];
+}
+
+/** CreateSubnet's input for a private subnet of `cidr` (a /16 to /28). */
+function subnetSpec(vpcId: string, name: string, cidr: string): Omit<SubnetRec, "id" | "createdMs"> {
+  const [net, bits] = cidr.split("/");
+  const prefix = Number(bits);
+  return { vpcId, name, cidr, base: ipToInt(net), prefix, size: 2 ** (32 - prefix), type: "private", extraReserved: 0, description: "", labels: [] };
 }
 
 describe("on a single Redis: the move from the previous layout", () => {
@@ -300,56 +307,27 @@ describe("on a single Redis: the move from the previous layout", () => {
 });
 
 describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
-  let single: TestRedis;
   let cluster: TestRedisCluster;
   const clients: Redis[] = [];
   let s: SubnetRec;
+  let vpcId: string;
 
   beforeAll(async () => {
-    [single, cluster] = await Promise.all([startRedis({ appendfsync: "no" }), startRedisCluster()]);
-    // The VPC and subnet are made on a single Redis and imported key by key
-    // (DUMP/RESTORE, what `redis-cli --cluster import` does): CreateSubnet still
-    // writes the catalog and the VPC's keys in one script (docs/redis-schema.md).
-    const src = new Redis(single.url);
-    try {
-      const st = new IpamStore(src);
-      const { vpc } = await st.createVpc(
-        { name: "cl", cidr: "10.61.0.0/16", base: ipToInt("10.61.0.0"), prefix: 16, description: "", labels: [], publicCidr: false },
-        "",
-      );
-      const { subnet } = await st.createSubnet(
-        {
-          vpcId: vpc.id,
-          name: "a",
-          cidr: "10.61.0.0/22",
-          base: ipToInt("10.61.0.0"),
-          prefix: 22,
-          size: 1024,
-          type: "private",
-          extraReserved: 0,
-          description: "",
-          labels: [],
-        },
-        "",
-      );
-      s = subnet;
-      const dst = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
-      clients.push(dst);
-      await waitReady(dst);
-      for (const key of [K.vpc(vpc.id), K.vpcByName, K.subnet(s.id), K.used(s.vpcId, s.id), K.bits(s.vpcId, s.id), K.full(s.vpcId, s.id)]) {
-        const dump = await src.dumpBuffer(key);
-        assert.ok(dump, `${key} exists`);
-        await dst.restore(key, 0, dump, "REPLACE");
-      }
-    } finally {
-      src.disconnect();
-    }
-    for (let i = 0; i < 3; i++) clients.push(connectRedis({ url: cluster.url, commandTimeoutMs: 2000 }));
+    cluster = await startRedisCluster();
+    for (let i = 0; i < 4; i++) clients.push(connectRedis({ url: cluster.url, commandTimeoutMs: 2000 }));
     await Promise.all(clients.map((c) => waitReady(c)));
+    // Made on the cluster itself: the VPC's record and indexes under its tag, the catalog under {catalog} (IpamKeys).
+    const st = new IpamStore(clients[0]);
+    const { vpc } = await st.createVpc(
+      { name: "cl", cidr: "10.61.0.0/16", base: ipToInt("10.61.0.0"), prefix: 16, description: "", labels: [], publicCidr: false },
+      "",
+    );
+    vpcId = vpc.id;
+    s = (await st.createSubnet(subnetSpec(vpc.id, "a", "10.61.0.0/22"), "")).subnet;
   }, 60_000);
   afterAll(async () => {
     for (const c of clients) c.disconnect();
-    await Promise.all([single?.stop(), cluster?.stop()]);
+    await cluster?.stop();
   });
 
   test("a subnet's state, its owner indexes and its VPC's change stream share one slot", async () => {
@@ -377,6 +355,116 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     assert.equal((await stores[0].usage(s)).used, 248);
     const mine = await stores[0].listByOwner("vm-batch", "", 100);
     assert.equal(mine.length, 50);
+  });
+
+  /** Every key matching `pattern` on the cluster's primaries. */
+  async function keysLike(pattern: string): Promise<string[]> {
+    const nodes = (clients[0] as unknown as Cluster).nodes("master");
+    return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
+  }
+
+  const vpcSpec = (name: string) => ({ name, cidr: "10.70.0.0/16", base: ipToInt("10.70.0.0"), prefix: 16, description: "", labels: [], publicCidr: false });
+
+  test("a VPC's record and IPAM's indexes of it share its slot; the catalog has one slot; what counts keeps no expiry", async () => {
+    const c = clients[0];
+    const L = IPAM_KEYS.cluster;
+    const slot = (key: string) => c.cluster("KEYSLOT", key) as Promise<number>;
+    const want = await slot(K.used(vpcId, s.id));
+    for (const key of [L.vpc(vpcId), L.vpcSubnets(vpcId), L.vpcSubnetByName(vpcId), L.vpcReserved(vpcId), L.subnetIn(vpcId, s.id), L.subnetTokens(vpcId)])
+      assert.equal(await slot(key), want, key);
+    const cat = await slot(L.vpcByName);
+    for (const key of [L.vpcNames, L.vpcTokens]) assert.equal(await slot(key), cat, key);
+    assert.equal(await c.exists(K.vpc(vpcId)), 0, "the single-Redis name is not written on a cluster");
+    // Written ahead of the step that makes them count, they expire unless it succeeded.
+    assert.equal(await c.pttl(L.vpc(vpcId)), -1, "the VPC's record");
+    assert.equal(await c.pttl(K.subnet(s.id)), -1, "the subnet's record by id");
+    assert.equal(await c.zscore(K.allSubnets, s.id), "0");
+    const ev = await c.xrange(`mvpc:{${vpcId}}:events`, "-", "+");
+    assert.deepEqual(
+      ev.map(([, f]) => f[1]),
+      ["vpc.created", "subnet.created"],
+      "each step's event on the VPC's stream",
+    );
+  });
+
+  test("CreateVpc of 8 names, each from four clients at once: one VPC per name, the losers' records removed", async () => {
+    const stores = clients.map((c) => new IpamStore(c));
+    const before = await keysLike("mvpc:{vpc-*}:vpc");
+    const results = await Promise.allSettled(Array.from({ length: 32 }, (_, i) => stores[i % 4].createVpc(vpcSpec(`race-${i % 8}`), "")));
+    const won = results.flatMap((r) => (r.status === "fulfilled" ? [r.value.vpc] : []));
+    for (const r of results) if (r.status === "rejected") assert.ok(r.reason instanceof AlreadyExistsError, String(r.reason));
+    assert.deepEqual(
+      won.map((v) => v.name).sort(),
+      [0, 1, 2, 3, 4, 5, 6, 7].map((i) => `race-${i}`),
+    );
+    const added = (await keysLike("mvpc:{vpc-*}:vpc")).filter((k) => !before.includes(k));
+    assert.deepEqual(added, won.map((v) => IPAM_KEYS.cluster.vpc(v.id)).sort(), "only the winners' records");
+    for (const v of won) assert.equal(await clients[0].hget(IPAM_KEYS.cluster.vpcByName, v.name), v.id);
+  });
+
+  test("one client token from four clients at once: one VPC, every call answered with it", async () => {
+    const stores = clients.map((c) => new IpamStore(c));
+    const before = await keysLike("mvpc:{vpc-*}:vpc");
+    const got = await Promise.all(Array.from({ length: 8 }, (_, i) => stores[i % 4].createVpc(vpcSpec("tok-race"), "orch-7")));
+    assert.equal(new Set(got.map((g) => g.vpc.id)).size, 1);
+    assert.equal(got.filter((g) => g.created).length, 1);
+    assert.equal((await keysLike("mvpc:{vpc-*}:vpc")).filter((k) => !before.includes(k)).length, 1);
+  });
+
+  test("a name whose VPC record is gone (a delete stopped half-way, a forged entry) is taken over; a live one is not", async () => {
+    const c = clients[0];
+    const L = IPAM_KEYS.cluster;
+    const st = new IpamStore(c);
+    await c.hset(L.vpcByName, "ghost", "vpc-000000000000", "junk", "not an id");
+    await c.zadd(L.vpcNames, 0, "ghost", 0, "junk");
+    const listed = (await st.listVpcs("", 1000)).map((v) => v.name);
+    assert.ok(!listed.includes("ghost") && !listed.includes("junk"), "lists skip them");
+    const g = await st.createVpc(vpcSpec("ghost"), "");
+    assert.equal(g.created, true);
+    assert.equal(await c.hget(L.vpcByName, "ghost"), g.vpc.id);
+    assert.equal((await st.createVpc(vpcSpec("junk"), "")).created, true);
+    await assert.rejects(st.createVpc(vpcSpec("ghost"), ""), AlreadyExistsError);
+  });
+
+  test("DeleteVpc and DeleteSubnet in steps: refused while another service holds the VPC or subnet, then every key goes", async () => {
+    const c = clients[0];
+    const L = IPAM_KEYS.cluster;
+    const st = new IpamStore(c);
+    const { vpc } = await st.createVpc(vpcSpec("del"), "");
+    await c.sadd(K.vpcPeerings(vpc.id), "pcx-000000000001");
+    await assert.rejects(st.deleteVpc(vpc.id), /is still peered \(1 peering/);
+    await c.del(K.vpcPeerings(vpc.id));
+    await c.zadd(K.fwVpcSgs(vpc.id), 0, "sg-000000000001");
+    await assert.rejects(st.deleteVpc(vpc.id), /still has 1 security group/);
+    await c.del(K.fwVpcSgs(vpc.id));
+    const sn = (await st.createSubnet(subnetSpec(vpc.id, "x", "10.70.1.0/24"), "")).subnet;
+    // A refused create leaves no record by id behind.
+    const byId = await keysLike("mvpc:subnet:*");
+    await assert.rejects(st.createSubnet(subnetSpec(vpc.id, "y", "10.70.1.0/25"), ""), /overlaps subnet x/);
+    await assert.rejects(st.createSubnet(subnetSpec(vpc.id, "x", "10.70.2.0/24"), ""), /already has a subnet named "x"/);
+    assert.deepEqual(await keysLike("mvpc:subnet:*"), byId);
+    await c.hset(K.fwSubnetAcl, sn.id, "acl-000000000001");
+    await assert.rejects(st.deleteSubnet(sn.id), /network ACL "acl-000000000001" is associated/);
+    await c.hdel(K.fwSubnetAcl, sn.id);
+    await assert.rejects(st.deleteVpc(vpc.id), /still has 1 subnet/);
+    assert.equal(await st.deleteSubnet(sn.id), true);
+    for (const key of [K.subnet(sn.id), L.subnetIn(vpc.id, sn.id), K.used(vpc.id, sn.id)]) assert.equal(await c.exists(key), 0, key);
+    assert.equal(await c.zscore(K.allSubnets, sn.id), null);
+    assert.equal(await st.deleteVpc(vpc.id), true);
+    assert.deepEqual([await c.exists(L.vpc(vpc.id)), await c.hget(L.vpcByName, "del"), await c.zscore(L.vpcNames, "del")], [0, null, null]);
+    assert.equal(await st.deleteVpc(vpc.id), false, "a second delete is a no-op");
+  });
+
+  test("a subnet record by id a create left before its VPC's script is not a subnet: DeleteSubnet removes it and says absent", async () => {
+    const c = clients[0];
+    const st = new IpamStore(c);
+    const ghost = "subnet-0000000000aa";
+    await c.hset(K.subnet(ghost), { ...(await c.hgetall(K.subnet(s.id))), id: ghost, name: "ghost" });
+    await c.pexpire(K.subnet(ghost), PENDING_TTL_MS);
+    assert.ok((await st.getSubnet(ghost))?.id === ghost);
+    await assert.rejects(st.allocate((await st.getSubnet(ghost))!, "vm-g", "g1", -1), /not found|deleted/i, "no address from it");
+    assert.equal(await st.deleteSubnet(ghost), false);
+    assert.equal(await c.exists(K.subnet(ghost)), 0);
   });
 
   test("the previous layout's Allocate is refused on a cluster (its keys are in several slots)", async () => {

@@ -1,5 +1,8 @@
 // IPAM end to end: a real redis-server (AOF, fsync always) and a real
-// `microvpcd ipam` process, called over gRPC.
+// `microvpcd ipam` process, called over gRPC. ipam-on-cluster.test.ts runs
+// the same cases against a real 3+3 Redis Cluster (ON_CLUSTER), all but those
+// about one redis-server (killed, down, its command statistics) and the
+// daemon's flags.
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { join } from "node:path";
@@ -13,24 +16,35 @@ import { K } from "../../services/ipam/keys.js";
 import { MAX_EXTRA_RESERVED } from "../../services/ipam/store.js";
 import { ipamClients, rejectsWith } from "../lib/clients.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
-import { startRedis, type TestRedis } from "../lib/redis.js";
+import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
+import { ON_CLUSTER } from "../lib/on-cluster.js";
 
 const pexec = promisify(execFile);
 
 let redis: TestRedis;
+let cluster: TestRedisCluster | undefined;
 let daemon: Daemon;
 let c: ReturnType<typeof ipamClients>;
 
 beforeAll(async () => {
-  redis = await startRedis();
-  daemon = await startDaemon("ipam", ["--redis", redis.url, "--redis-timeout-ms", "500"]);
+  if (ON_CLUSTER) {
+    cluster = await startRedisCluster();
+    daemon = await startDaemon("ipam", ["--redis", cluster.url, "--redis-timeout-ms", "2000"], { MICROVPC_EXPERIMENTAL_CLUSTER: "1" });
+  } else {
+    redis = await startRedis();
+    daemon = await startDaemon("ipam", ["--redis", redis.url, "--redis-timeout-ms", "500"]);
+  }
   c = ipamClients(daemon.address);
-});
+}, 60_000);
 
 afterAll(async () => {
   await daemon?.stop();
   await redis?.stop();
+  await cluster?.stop();
 });
+
+/** A test about one redis-server or the daemon itself: not run again on a cluster. */
+const singleOnly = ON_CLUSTER ? test.skip : test;
 
 async function newVpc(name: string, cidr: string) {
   return (await c.vpc.createVpc({ name, cidr })).vpc!;
@@ -204,7 +218,7 @@ describe("bad input gets the right code, a message that says what to fix, and ch
 });
 
 describe("bounds", () => {
-  test("a /8 with the most extra_reserved is created fast; one more is INVALID_ARGUMENT and creates nothing", async () => {
+  singleOnly("a /8 with the most extra_reserved is created fast; one more is INVALID_ARGUMENT and creates nothing", async () => {
     const vpc = await newVpc("bounds-8", "10.0.0.0/8");
     const r = new Redis(redis.url);
     try {
@@ -374,7 +388,7 @@ describe("allocation", () => {
     assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.free, 0n);
   });
 
-  test("Redis killed and restarted during allocation: no address is held twice, acknowledged ones survive", async () => {
+  singleOnly("Redis killed and restarted during allocation: no address is held twice, acknowledged ones survive", async () => {
     await newVpc("crash", "10.90.0.0/16");
     const sn = await newSubnet("crash", "s", "10.90.0.0/22");
     const acked = new Map<string, string>(); // request id -> address
@@ -434,7 +448,7 @@ describe("allocation", () => {
     }
   });
 
-  test("Redis down: UNAVAILABLE at once with a clear message, then recovery by itself", async () => {
+  singleOnly("Redis down: UNAVAILABLE at once with a clear message, then recovery by itself", async () => {
     await newVpc("down", "10.100.0.0/16");
     const sn = await newSubnet("down", "s", "10.100.0.0/24");
     await redis.kill();
@@ -575,7 +589,7 @@ describe("batch allocation (AllocateBatch)", () => {
   });
 });
 
-describe("operability", () => {
+describe.skipIf(ON_CLUSTER)("operability", () => {
   test("reflection lists the services and a method is called from JSON, as grpcurl does (buf curl)", async () => {
     const buf = join(ROOT, "node_modules", ".bin", "buf");
     const url = `http://${daemon.address}`;

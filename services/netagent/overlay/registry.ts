@@ -14,7 +14,7 @@ import ipaddr from "ipaddr.js";
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
 import { emit, followScoped } from "../../common/events.js";
-import { allocRecord, K } from "../../ipam/schema.js";
+import { allocRecord, ipamKeys, K } from "../../ipam/schema.js";
 import { hostKeys, parseNicSpec } from "../schema.js";
 import { overlayKeys } from "../store.js";
 import { claimShapeProblem, type ClaimEvidence } from "./claims.js";
@@ -169,7 +169,7 @@ export class OverlayRegistry {
 
   /** The VPC's CIDR from IPAM's record (null if missing or malformed). */
   async vpcCidr(vpcId: string): Promise<V.Cidr | null> {
-    const c = await this.redis.hget(K.vpc(vpcId), "cidr");
+    const c = await this.redis.hget(ipamKeys(this.redis).vpc(vpcId), "cidr");
     try {
       return c ? V.cidr("cidr", c, { min: 8, max: 28 }) : null;
     } catch {

@@ -49,7 +49,7 @@ return tostring(g)
 const SET_ENDPOINT = `${LUA_EMIT}${LUA_RANGE_CHECKS}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
-local s = subnet_overlapping(KEYS[2], base, size)
+local s = subnet_overlapping(KEYS[2], base, size, '${K.subnet("")}')
 if s then return {-2, s} end
 local o = reservation_overlapping(KEYS[3], base, size, 'vpn')
 if o then return {-6, o} end
