@@ -81,6 +81,40 @@ end
 `;
 
 /**
+ * LUA_EMIT as a script that runs on a Redis Cluster uses it (scriptFor): the
+ * same mvpc_emit and mvpc_scoped, appending to each named stream and
+ * publishing its wake (the feed on a cluster waits on the wakes), and not to
+ * the global stream, which is in another slot (no release before this one
+ * ran on a cluster, so none reads it there). A script on a cluster names
+ * only the streams of its own slot: its VPC, or the fleet stream with keys
+ * under "{hosts}".
+ */
+export const LUA_EMIT_CLUSTER = `
+local function mvpc_scoped(vpcs, hosts, ...)
+  local f, seen, tags = {...}, {}, {}
+  for _, v in pairs(vpcs) do
+    if v and v ~= '' and not seen[v] then seen[v] = true tags[#tags + 1] = 'mvpc:{' .. v .. '}' end
+  end
+  for _, h in pairs(hosts) do
+    if h and h ~= '' and not seen['host:' .. h] then seen['host:' .. h] = true tags[#tags + 1] = 'mvpc:{host:' .. h .. '}' end
+  end
+  if #tags == 0 then tags[1] = '${REGISTRY_EVENTS.replace(/:events$/, "")}' end
+  for _, t in ipairs(tags) do
+    redis.call('XADD', t .. ':events', 'MAXLEN', '~', ${SCOPED_MAXLEN}, '*', unpack(f))
+    redis.call('SPUBLISH', t .. ':wake', '1')
+  end
+end
+local function mvpc_emit(vpcs, hosts, ...)
+  mvpc_scoped(vpcs, hosts, ...)
+end
+`;
+
+/** A script's text for this client: on a Redis Cluster, with LUA_EMIT_CLUSTER in place of LUA_EMIT. */
+export function scriptFor(redis: Redis, lua: string): string {
+  return isCluster(redis) && lua.includes(LUA_EMIT) ? lua.replace(LUA_EMIT, LUA_EMIT_CLUSTER) : lua;
+}
+
+/**
  * The same from TypeScript: for the few writers that are not scripts. One
  * MULTI on a single Redis; on Redis Cluster one MULTI per stream (a MULTI may
  * not span slots), each followed by the stream's wake (SPUBLISH, see above).

@@ -14,13 +14,42 @@ import { parseForwarder } from "./zone.js";
 
 export const OWNER = "dns";
 
-export const DK = {
+/** Where a VPC's DNS state and the defaults live: DK on a single Redis, DK_CLUSTER on a cluster (dnsKeys). */
+export interface DnsKeys {
+  records(vpc: string): string;
+  names(vpc: string): string;
+  owners(vpc: string): string;
+  config(vpc: string): string;
+  defaults: string;
+}
+
+export const DK: DnsKeys = {
   records: (vpc: string) => `mvpc:dns:vpc:${vpc}:rec`,
   names: (vpc: string) => `mvpc:dns:vpc:${vpc}:names`,
   owners: (vpc: string) => `mvpc:dns:vpc:${vpc}:own`,
   config: (vpc: string) => `mvpc:dns:vpc:${vpc}:cfg`,
   defaults: "mvpc:dns:defaults",
 };
+
+/**
+ * On a Redis Cluster: a VPC's DNS state under its hash tag, beside IPAM's
+ * record of the VPC (ipam/keys.ts IpamKeys), so that each script checks the
+ * VPC and writes in one slot; the defaults under "{hosts}", the slot of the
+ * fleet stream their change is announced on. A single Redis keeps DK, as
+ * IPAM keeps its names there.
+ */
+export const DK_CLUSTER: DnsKeys = {
+  records: (vpc: string) => `mvpc:{${vpc}}:dns:rec`,
+  names: (vpc: string) => `mvpc:{${vpc}}:dns:names`,
+  owners: (vpc: string) => `mvpc:{${vpc}}:dns:own`,
+  config: (vpc: string) => `mvpc:{${vpc}}:dns:cfg`,
+  defaults: "mvpc:{hosts}:dns:defaults",
+};
+
+/** The DNS keys of the Redis `redis` is. */
+export function dnsKeys(redis: Redis): DnsKeys {
+  return redis.isCluster ? DK_CLUSTER : DK;
+}
 
 export interface RecordRec {
   vpcId: string;
@@ -148,17 +177,17 @@ export function parseRecord(vpcId: string, name: string, v: string): V.Parsed<Re
 }
 
 /** Every key of a VPC's DNS state (what DeleteVpc removes). */
-export function vpcDnsKeys(vpc: string): string[] {
-  return [DK.records(vpc), DK.names(vpc), DK.owners(vpc), DK.config(vpc)];
+export function vpcDnsKeys(vpc: string, keys: DnsKeys = DK): string[] {
+  return [keys.records(vpc), keys.names(vpc), keys.owners(vpc), keys.config(vpc)];
 }
 
 export const DEFAULT_TTL = 60;
 
-/** A record that does not validate is reported and skipped. */
-function checkedRecord(vpcId: string, name: string, v: string, log?: Pick<Logger, "warn">): RecordRec | null {
+/** A record that does not validate is reported (under its key) and skipped. */
+function checkedRecord(key: string, vpcId: string, name: string, v: string, log?: Pick<Logger, "warn">): RecordRec | null {
   const p = parseRecord(vpcId, name, v);
   if (p.ok) return p.value;
-  reportInvalid(OWNER, "record", DK.records(vpcId), p.reason, log, { field: name, vpcId });
+  reportInvalid(OWNER, "record", key, p.reason, log, { field: name, vpcId });
   return null;
 }
 
@@ -169,40 +198,45 @@ export function defaultResolver(vpcBase: number): string {
 
 /** What other services read of DNS (the resolver's zone, a VPC's config), never a write. */
 export class DnsReader {
+  /** Where the DNS state is on this Redis (DnsKeys). */
+  readonly DK: DnsKeys;
+
   /** log: where skipped records are reported (once per key and reason). */
   constructor(
     readonly redis: Redis,
     readonly log?: Pick<Logger, "warn">,
-  ) {}
+  ) {
+    this.DK = dnsKeys(redis);
+  }
 
   async getRecord(vpcId: string, name: string): Promise<RecordRec | null> {
-    const v = await this.redis.hget(DK.records(vpcId), name);
-    return v ? checkedRecord(vpcId, name, v, this.log) : null;
+    const v = await this.redis.hget(this.DK.records(vpcId), name);
+    return v ? checkedRecord(this.DK.records(vpcId), vpcId, name, v, this.log) : null;
   }
 
   /** Records ordered by name, after `after` (exclusive), at most limit. */
   async listRecords(vpcId: string, after: string, limit: number): Promise<RecordRec[]> {
-    const names = await this.redis.zrangebylex(DK.names(vpcId), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
+    const names = await this.redis.zrangebylex(this.DK.names(vpcId), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
     if (names.length === 0) return [];
-    const vals = await this.redis.hmget(DK.records(vpcId), ...names);
+    const vals = await this.redis.hmget(this.DK.records(vpcId), ...names);
     return names.flatMap((n, i) => {
-      const r = vals[i] ? checkedRecord(vpcId, n, vals[i]!, this.log) : null;
+      const r = vals[i] ? checkedRecord(this.DK.records(vpcId), vpcId, n, vals[i]!, this.log) : null;
       return r ? [r] : [];
     });
   }
 
   /** Every record of the VPC (the resolver's zone). */
   async allRecords(vpcId: string): Promise<RecordRec[]> {
-    const h = await this.redis.hgetall(DK.records(vpcId));
+    const h = await this.redis.hgetall(this.DK.records(vpcId));
     return Object.entries(h).flatMap(([n, v]) => {
-      const r = checkedRecord(vpcId, n, v, this.log);
+      const r = checkedRecord(this.DK.records(vpcId), vpcId, n, v, this.log);
       return r ? [r] : [];
     });
   }
 
   /** The stored config; one that does not validate is reported and read as unset (defaults apply). */
   async getConfig(vpcId: string): Promise<StoredConfig> {
-    const key = vpcId ? DK.config(vpcId) : DK.defaults;
+    const key = vpcId ? this.DK.config(vpcId) : this.DK.defaults;
     let h: Record<string, string>;
     try {
       h = await this.redis.hgetall(key);

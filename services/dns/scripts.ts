@@ -9,7 +9,10 @@
 // A record is one hash field, name → "address\nttl\nowner\nupdated_ms"; a
 // lex zset of names gives ordered pages, a lex zset of "owner\nname" finds an
 // owner's records. All keys of a VPC are fixed per VPC, so DeleteVpc can
-// remove them in its own script (see ipam/scripts.ts DELETE_VPC).
+// remove them in its own script (see ipam/scripts.ts DELETE_VPC, DROP_VPC).
+// On a Redis Cluster the keys are under the VPC's hash tag (schema.ts
+// DK_CLUSTER), beside IPAM's record of it, and each script announces its
+// change on its own slot's stream (common/events.ts scriptFor).
 import { LUA_EMIT } from "../common/events.js";
 
 const EVENT = (kind: string, vpc: string) => `mvpc_emit({${vpc}}, {}, 'kind', '${kind}', 'vpc', ${vpc})`;
@@ -76,7 +79,8 @@ return out
  *       3 vpc subnets zset (score = base)
  * ARGV: 1 vpc id ('' = defaults), 2 resolver ('' = unchanged),
  *       3 resolver as integer, 4 forwarders: 'keep' | 'set' | 'inherit',
- *       5 forwarders JSON, 6 ttl ('' = unchanged), 7 now ms
+ *       5 forwarders JSON, 6 ttl ('' = unchanged), 7 now ms, 8 the VPC's
+ *       subnet records' name less the id (ipam IpamKeys.subnetIn(vpc, ""))
  * Returns {1, ''} changed, {-2, holder} a NIC (allocation) holds the
  * resolver address, {-3, subnet} it is a subnet's network or broadcast
  * address, {-4, ''} no such VPC, {-5, ''} the VPC's subnet index holds an
@@ -91,7 +95,7 @@ if resolver ~= '' then
     -- Read back from Redis, it names keys below only if it is a subnet id.
     if not string.match(sn[1], '^subnet%-[0-9a-f]+$') then return {-5, ''} end
     local base = tonumber(sn[2])
-    local size = tonumber(redis.call('HGET', 'mvpc:subnet:' .. sn[1], 'size') or '0')
+    local size = tonumber(redis.call('HGET', ARGV[8] .. sn[1], 'size') or '0')
     if rint < base + size then
       local idx = rint - base
       if idx == 0 or idx == size - 1 then return {-3, sn[1]} end

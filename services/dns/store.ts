@@ -4,13 +4,14 @@
 // resolver reads it whole.
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError } from "../common/errors.js";
-import { K as IK, shownOwner } from "../ipam/schema.js";
+import { ipamKeys, shownOwner, type IpamKeys } from "../ipam/schema.js";
+import { scriptFor } from "../common/events.js";
 import type { Logger } from "pino";
 import { reportInvalid } from "../common/invalid-records.js";
-import { checkRecord, DK, DnsReader, OWNER, type RecordRec } from "./schema.js";
+import { checkRecord, DnsReader, OWNER, type RecordRec } from "./schema.js";
 import * as S from "./scripts.js";
 
-export { DEFAULT_TTL, defaultResolver, DK, DnsReader, vpcDnsKeys } from "./schema.js";
+export { DEFAULT_TTL, defaultResolver, DK, DK_CLUSTER, dnsKeys, DnsReader, vpcDnsKeys } from "./schema.js";
 export type { RecordRec, StoredConfig } from "./schema.js";
 
 type Reply = (string | number)[];
@@ -26,13 +27,17 @@ declare module "ioredis" {
 
 /** The DNS API's store: the reads of DnsReader (schema.ts) and every write (one Lua script each). */
 export class DnsStore extends DnsReader {
+  /** Where IPAM's VPC records and subnet indexes are, which the scripts check (ipam/keys.ts). */
+  private readonly IK: IpamKeys;
+
   /** log: where skipped records are reported (once per key and reason). */
   constructor(redis: Redis, log?: Pick<Logger, "warn">) {
     super(redis, log);
+    this.IK = ipamKeys(redis);
     if (!(redis as unknown as { mvpcDnsSet?: unknown }).mvpcDnsSet) {
-      redis.defineCommand("mvpcDnsSet", { numberOfKeys: 4, lua: S.SET_RECORD });
-      redis.defineCommand("mvpcDnsDelete", { numberOfKeys: 3, lua: S.DELETE_RECORDS });
-      redis.defineCommand("mvpcDnsConfig", { numberOfKeys: 3, lua: S.UPDATE_CONFIG });
+      redis.defineCommand("mvpcDnsSet", { numberOfKeys: 4, lua: scriptFor(redis, S.SET_RECORD) });
+      redis.defineCommand("mvpcDnsDelete", { numberOfKeys: 3, lua: scriptFor(redis, S.DELETE_RECORDS) });
+      redis.defineCommand("mvpcDnsConfig", { numberOfKeys: 3, lua: scriptFor(redis, S.UPDATE_CONFIG) });
     }
   }
 
@@ -40,10 +45,10 @@ export class DnsStore extends DnsReader {
     checkRecord(r);
     const now = Date.now();
     const [code, detail] = await this.redis.mvpcDnsSet(
-      IK.vpc(r.vpcId),
-      DK.records(r.vpcId),
-      DK.names(r.vpcId),
-      DK.owners(r.vpcId),
+      this.IK.vpc(r.vpcId),
+      this.DK.records(r.vpcId),
+      this.DK.names(r.vpcId),
+      this.DK.owners(r.vpcId),
       r.vpcId,
       r.name,
       r.owner,
@@ -59,7 +64,7 @@ export class DnsStore extends DnsReader {
 
   /** name "" deletes every record of owner. Returns the names deleted. */
   async deleteRecords(vpcId: string, name: string, owner: string): Promise<string[]> {
-    const out = await this.redis.mvpcDnsDelete(DK.records(vpcId), DK.names(vpcId), DK.owners(vpcId), vpcId, name, owner);
+    const out = await this.redis.mvpcDnsDelete(this.DK.records(vpcId), this.DK.names(vpcId), this.DK.owners(vpcId), vpcId, name, owner);
     if (out[0] === -1) throw new FailedPreconditionError(`${name} is held by ${out[1]}, not ${owner}; nothing was deleted`);
     return out.slice(1).map(String);
   }
@@ -67,9 +72,9 @@ export class DnsStore extends DnsReader {
   async updateConfig(vpcId: string, change: { resolver?: { text: string; int: number }; forwarders?: string[] | "inherit"; ttl?: number }): Promise<void> {
     const fmode = change.forwarders === undefined ? "keep" : change.forwarders === "inherit" ? "inherit" : "set";
     const [code, detail] = await this.redis.mvpcDnsConfig(
-      vpcId ? IK.vpc(vpcId) : DK.defaults,
-      vpcId ? DK.config(vpcId) : DK.defaults,
-      vpcId ? IK.vpcSubnets(vpcId) : DK.defaults,
+      vpcId ? this.IK.vpc(vpcId) : this.DK.defaults,
+      vpcId ? this.DK.config(vpcId) : this.DK.defaults,
+      vpcId ? this.IK.vpcSubnets(vpcId) : this.DK.defaults,
       vpcId,
       change.resolver?.text ?? "",
       change.resolver?.int ?? 0,
@@ -77,6 +82,7 @@ export class DnsStore extends DnsReader {
       Array.isArray(change.forwarders) ? JSON.stringify(change.forwarders) : "",
       change.ttl ?? "",
       Date.now(),
+      this.IK.subnetIn(vpcId, ""),
     );
     if (code === -4) throw new NotFoundError("vpc", vpcId, "it was deleted");
     if (code === -2) {
@@ -85,7 +91,7 @@ export class DnsStore extends DnsReader {
       );
     }
     if (code === -5) {
-      const key = IK.vpcSubnets(vpcId);
+      const key = this.IK.vpcSubnets(vpcId);
       reportInvalid(OWNER, "subnet-index", key, "holds an entry that is not a subnet id", undefined, { vpcId });
       throw new FailedPreconditionError(
         `VPC ${vpcId}: its subnet index in Redis (${key}) holds an entry that is not a subnet id; nothing was changed (it is counted in microvpc_invalid_records)`,

@@ -295,7 +295,10 @@ return 1
  * groups, ACLs, NAT gateway) are checked by the caller first: they are in
  * other slots (docs/redis-schema.md "Redis Cluster": the check moves in
  * here when they move under the VPC's tag).
- * KEYS: 1 vpc hash, 2 subnets zset, 3 subnet byname, 4 reserved, 5 subnet tokens
+ * KEYS: 1 vpc hash, 2 subnets zset, 3 subnet byname, 4 reserved, 5 subnet
+ *       tokens, 6.. the VPC's other keys that go with it (its DNS zone and
+ *       configuration, under its tag on a cluster: a VPC made later with the
+ *       same name starts with an empty zone)
  * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets.
  */
 export const DROP_VPC = `
@@ -303,7 +306,9 @@ local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 local n = redis.call('ZCARD', KEYS[2])
 if n > 0 then return {-1, n} end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+for i = 1, #KEYS do
+  if i ~= 2 then redis.call('DEL', KEYS[i]) end
+end
 return {1, name}
 `;
 

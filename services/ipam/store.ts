@@ -5,7 +5,7 @@
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import * as V from "../common/validate.js";
-import { vpcDnsKeys } from "../dns/schema.js";
+import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import {
   checked,
@@ -50,14 +50,15 @@ declare module "ioredis" {
 
 export function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcAllocate?: unknown }).mvpcAllocate) return;
-  // These five take their key count first: the global events stream and the
-  // tombstones of the earlier layout are declared on a single Redis only.
+  // Those without numberOfKeys take their key count first: the global events
+  // stream, the tombstones of the earlier layout and what only one layout
+  // has (DROP_VPC's DNS keys) are declared where they exist.
   redis.defineCommand("mvpcAllocate", { lua: S.ALLOCATE });
   redis.defineCommand("mvpcAllocateBatch", { lua: S.ALLOCATE_BATCH });
   redis.defineCommand("mvpcRelease", { lua: S.RELEASE });
   redis.defineCommand("mvpcClaimVpc", { numberOfKeys: 3, lua: S.CLAIM_VPC });
   redis.defineCommand("mvpcUnclaimVpc", { numberOfKeys: 2, lua: S.UNCLAIM_VPC });
-  redis.defineCommand("mvpcDropVpc", { numberOfKeys: 5, lua: S.DROP_VPC });
+  redis.defineCommand("mvpcDropVpc", { lua: S.DROP_VPC });
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
   redis.defineCommand("mvpcCreateSubnet", { lua: S.CREATE_SUBNET });
   redis.defineCommand("mvpcDeleteSubnet", { lua: S.DELETE_SUBNET });
@@ -213,7 +214,7 @@ export class IpamStore extends IpamReader {
    * or NAT gateway made in the VPC while it is being deleted is not seen:
    * docs/redis-schema.md "Redis Cluster", until those move under the VPC's
    * tag); then the record goes if the VPC has no subnet (DROP_VPC, its
-   * slot), then the name if it still names it, then the DNS zone. A delete
+   * slot, with its DNS zone), then the name if it still names it. A delete
    * stopped half-way leaves a name whose record is gone, which lists skip
    * and the next create of that name takes over.
    */
@@ -230,11 +231,11 @@ export class IpamStore extends IpamReader {
     const left = [sgs > 0 ? `${sgs} security group(s)` : "", acls > 0 ? `${acls} network ACL(s)` : "", nat ? "a NAT gateway" : ""].filter(Boolean);
     if (left.length)
       throw new FailedPreconditionError(`VPC ${id} still has ${left.join(", ")}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
-    const [code, n] = await this.redis.mvpcDropVpc(L.vpc(id), L.vpcSubnets(id), L.vpcSubnetByName(id), L.vpcReserved(id), L.subnetTokens(id));
+    const keys = [L.vpc(id), L.vpcSubnets(id), L.vpcSubnetByName(id), L.vpcReserved(id), L.subnetTokens(id), ...vpcDnsKeys(id, dnsKeys(this.redis))];
+    const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
     if (code !== 1) return false;
     await this.redis.mvpcUnclaimVpc(L.vpcByName, L.vpcNames, String(n), id);
-    await Promise.all(vpcDnsKeys(id).map((k) => this.redis.del(k)));
     await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.deleted", "vpc", id]);
     return true;
   }
