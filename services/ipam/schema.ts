@@ -263,6 +263,24 @@ export function shownOwner(raw: string): string {
   return V.attempt(() => V.token("owner", raw)).ok ? raw : "an owner whose allocation record does not validate";
 }
 
+/**
+ * Up to `limit` items of a listing read in rounds from `after`: each round
+ * (`read(cursor)`) gives the items it found (null: gone, skipped) and the
+ * cursor of each, in order; a round shorter than `limit` is the last.
+ */
+async function pageOver<T>(after: string, limit: number, read: (cursor: string) => Promise<{ items: (T | null)[]; cursors: string[] }>): Promise<T[]> {
+  const out: T[] = [];
+  for (let cursor = after; ;) {
+    const { items, cursors } = await read(cursor);
+    for (const x of items) {
+      if (x) out.push(x);
+      if (out.length >= limit) return out;
+    }
+    if (cursors.length < limit) return out;
+    cursor = cursors[cursors.length - 1];
+  }
+}
+
 /** What other services read of IPAM: VPCs, subnets and allocations, never a write. */
 export class IpamReader {
   /** Where the VPC records, subnet indexes and catalog are on this Redis (keys.ts IpamKeys). */
@@ -284,12 +302,18 @@ export class IpamReader {
     return h.id ? checked(this.L.vpc(id), "vpc", () => parseVpc(h, n), id) : null;
   }
 
+  /**
+   * VPCs by name after `afterName`, at most `limit`. A name whose VPC is gone
+   * (a create or delete stopped between its steps, or a forged entry) is
+   * skipped and the next names read, so that a page is short only at the end.
+   */
   async listVpcs(afterName: string, limit: number): Promise<VpcRec[]> {
-    const names = await this.redis.zrangebylex(this.L.vpcNames, afterName ? `(${afterName}` : "-", "+", "LIMIT", 0, limit);
-    if (names.length === 0) return [];
-    const ids = await this.redis.hmget(this.L.vpcByName, ...names);
-    const vpcs = await Promise.all(ids.filter((x): x is string => !!x).map((id) => this.getVpc(id)));
-    return vpcs.filter((x): x is VpcRec => !!x);
+    return pageOver(afterName, limit, async (after) => {
+      const names = await this.redis.zrangebylex(this.L.vpcNames, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
+      const ids = names.length ? await this.redis.hmget(this.L.vpcByName, ...names) : [];
+      const vpcs = await Promise.all(ids.map((id) => (id ? this.getVpc(id) : null)));
+      return { items: vpcs, cursors: names };
+    });
   }
 
   /** The VPC a request names (id or name), validated; NotFoundError if there is none. */
@@ -309,20 +333,32 @@ export class IpamReader {
     return await this.redis.hget(this.L.vpcSubnetByName(vpcId), ref.name!);
   }
 
+  /**
+   * A subnet by id. On a cluster its record by id is written before the
+   * VPC's script makes the subnet (IpamStore.createSubnet), so it counts only
+   * while the VPC holds the subnet's record too.
+   */
   async getSubnet(id: string): Promise<SubnetRec | null> {
     const h = await this.redis.hgetall(K.subnet(id));
-    return h.id ? checked(K.subnet(id), "subnet", () => parseSubnet(h), h.vpc) : null;
+    const s = h.id ? checked(K.subnet(id), "subnet", () => parseSubnet(h), h.vpc) : null;
+    if (s && this.L.cluster && (await this.redis.exists(this.L.subnetIn(s.vpcId, s.id))) === 0) return null;
+    return s;
   }
 
+  /** A VPC's subnets by base address after `after` (a base), or every subnet by id after `after` (an id); skips what is gone, as listVpcs. */
   async listSubnets(vpcId: string | null, after: string, limit: number): Promise<SubnetRec[]> {
-    let ids: string[];
-    if (vpcId) {
-      ids = await this.redis.zrangebyscore(this.L.vpcSubnets(vpcId), after ? `(${after}` : "-inf", "+inf", "LIMIT", 0, limit);
-    } else {
-      ids = await this.redis.zrangebylex(K.allSubnets, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    }
-    const subnets = await Promise.all(ids.map((id) => this.getSubnet(id)));
-    return subnets.filter((x): x is SubnetRec => !!x);
+    return pageOver(after, limit, async (cursor) => {
+      let ids: string[];
+      let cursors: string[];
+      if (vpcId) {
+        const flat = await this.redis.zrangebyscore(this.L.vpcSubnets(vpcId), cursor ? `(${cursor}` : "-inf", "+inf", "WITHSCORES", "LIMIT", 0, limit);
+        ids = flat.filter((_, i) => i % 2 === 0);
+        cursors = flat.filter((_, i) => i % 2 === 1);
+      } else {
+        ids = cursors = await this.redis.zrangebylex(K.allSubnets, cursor ? `(${cursor}` : "-", "+", "LIMIT", 0, limit);
+      }
+      return { items: await Promise.all(ids.map((id) => this.getSubnet(id))), cursors };
+    });
   }
 
   /**

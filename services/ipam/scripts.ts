@@ -379,6 +379,9 @@ local id, name, base, size, tok = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(
 local run = tonumber(ARGV[6]) + 2
 if run < 2 or run > size - 2 or run % 1 ~= 0 then return {-5, ''} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
+-- A VPC whose name was claimed but whose create stopped before keeping its
+-- record (IpamStore.createVpc): a subnet in it keeps it.
+redis.call('PERSIST', KEYS[1])
 if tok ~= '' then
   local prev = token_held(KEYS[8], 'subnet\\n' .. tok, ARGV[7], KEYS[10])
   if prev == false then return {${TOKEN_MOVED}, ''} end

@@ -98,10 +98,10 @@ function counted(keys: string[]): (string | number)[] {
 }
 
 /**
- * How long a record written ahead of the step that makes it count (a VPC's
- * before its name, a subnet's record by id before its VPC's script) lives
- * unless that step succeeds: what a daemon killed between the two leaves
- * behind goes away by itself.
+ * How long a VPC's record, written before its name is claimed, lives unless
+ * the claim succeeds: what a daemon killed between the two leaves behind
+ * goes away by itself. On a cluster also the age from which DeleteSubnet
+ * removes a subnet's record by id that its VPC does not hold.
  */
 export const PENDING_TTL_MS = 60_000;
 
@@ -161,7 +161,9 @@ export class IpamStore extends IpamReader {
       }
       const holder = await this.redis.hget(L.vpcByName, v.name);
       const stale = holder && holder !== id && !(await alive(holder)) ? holder : "";
-      const [code, ref] = await this.redis.mvpcClaimVpc(L.vpcByName, L.vpcNames, L.vpcTokens, id, v.name, field, seen, seenAlive ? "1" : "0", stale);
+      const reply = await this.redis.mvpcClaimVpc(L.vpcByName, L.vpcNames, L.vpcTokens, id, v.name, field, seen, seenAlive ? "1" : "0", stale);
+      // A claim run twice (ioredis sends a command again after a reconnect) finds its own first run: that is this create's success.
+      const [code, ref] = String(reply[1]) === id ? [1, id] : reply;
       if (code === TOKEN_MOVED) continue;
       if (code === -1) {
         await found(String(ref));
@@ -264,11 +266,11 @@ export class IpamStore extends IpamReader {
     }
     const L = this.L;
     const V_ = s.vpcId;
-    // On a cluster the record by id comes first (held for PENDING_TTL_MS until
-    // the VPC's script has made the subnet), so that no subnet of a VPC is
-    // ever without it: readers that start from a subnet id find its VPC there.
-    if (L.cluster) await this.redis.multi().hset(K.subnet(id), fields).pexpire(K.subnet(id), PENDING_TTL_MS).exec();
-    const reply = await withClientToken(
+    // On a cluster the record by id comes first, so that no subnet of a VPC
+    // is ever without it: readers that start from a subnet id find its VPC
+    // there (and count it only while the VPC holds the subnet: getSubnet).
+    if (L.cluster) await this.redis.hset(K.subnet(id), fields);
+    const sent = await withClientToken(
       this.redis,
       L.subnetTokens(V_),
       clientToken ? `subnet\n${clientToken}` : null,
@@ -299,6 +301,8 @@ export class IpamStore extends IpamReader {
           ...flat(fields),
         ),
     );
+    // A script run twice (ioredis sends a command again after a reconnect) finds its own first run (name, overlap or token): this create's success.
+    const reply: Reply = sent[0] !== 1 && String(sent[1]) === id ? [1, id] : sent;
     if (L.cluster) await this.finishSubnetCreate(V_, id, reply);
     const [code, ref] = reply;
     if (code === -4) throw new NotFoundError("vpc", s.vpcId);
@@ -335,19 +339,27 @@ export class IpamStore extends IpamReader {
     if (code !== 1) await this.redis.del(K.subnet(id));
     if (code !== 1 && code !== 0) return;
     const sid = String(ref);
-    if (code === 0) {
+    if (code === 0 && (await this.redis.exists(K.subnet(sid))) === 0) {
       const h = await this.redis.hgetall(this.L.subnetIn(vpcId, sid));
       if (!h.id) return;
-      await this.redis.multi().hset(K.subnet(sid), h).persist(K.subnet(sid)).exec();
-    } else await this.redis.persist(K.subnet(sid));
+      await this.redis.hset(K.subnet(sid), h);
+      // A DeleteSubnet may have run meanwhile: what it removed stays removed.
+      if ((await this.redis.exists(this.L.subnetIn(vpcId, sid))) === 0) {
+        await this.redis.del(K.subnet(sid));
+        return;
+      }
+    }
     await this.redis.zadd(K.allSubnets, 0, sid);
     if (code === 1) await emit(this.redis, { vpcs: [vpcId] }, ["kind", "subnet.created", "vpc", vpcId, "subnet", sid]);
   }
 
   async deleteSubnet(id: string): Promise<boolean> {
     const s = await this.getSubnet(id);
-    if (!s) return false;
     const L = this.L;
+    if (!s) {
+      if (L.cluster) await this.dropLeftover(id);
+      return false;
+    }
     if (L.cluster) await this.subnetUnused(s);
     const call = () =>
       this.redis.mvpcDeleteSubnet(
@@ -374,6 +386,19 @@ export class IpamStore extends IpamReader {
       if (code === 1) await emit(this.redis, { vpcs: [s.vpcId] }, ["kind", "subnet.deleted", "vpc", s.vpcId, "subnet", id]);
     }
     return code === 1;
+  }
+
+  /**
+   * On a cluster, a subnet's record by id that its VPC does not hold, left by
+   * a create killed before its VPC's script: removed once it is older than
+   * PENDING_TTL_MS (a younger one may be a create still under way).
+   */
+  private async dropLeftover(id: string): Promise<void> {
+    const h = await this.redis.hgetall(K.subnet(id));
+    if (!h.id || !isId("vpc", h.vpc ?? "") || !(Number(h.created) < Date.now() - PENDING_TTL_MS)) return;
+    if ((await this.redis.exists(this.L.subnetIn(h.vpc, id))) === 1) return;
+    await this.redis.zrem(K.allSubnets, id);
+    await this.redis.del(K.subnet(id));
   }
 
   /**

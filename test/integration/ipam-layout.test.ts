@@ -455,16 +455,64 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     assert.equal(await st.deleteVpc(vpc.id), false, "a second delete is a no-op");
   });
 
-  test("a subnet record by id a create left before its VPC's script is not a subnet: DeleteSubnet removes it and says absent", async () => {
+  test("a subnet record by id a create left before its VPC's script is not a subnet; DeleteSubnet removes it once it is old", async () => {
     const c = clients[0];
     const st = new IpamStore(c);
-    const ghost = "subnet-0000000000aa";
-    await c.hset(K.subnet(ghost), { ...(await c.hgetall(K.subnet(s.id))), id: ghost, name: "ghost" });
-    await c.pexpire(K.subnet(ghost), PENDING_TTL_MS);
-    assert.ok((await st.getSubnet(ghost))?.id === ghost);
-    await assert.rejects(st.allocate((await st.getSubnet(ghost))!, "vm-g", "g1", -1), /not found|deleted/i, "no address from it");
-    assert.equal(await st.deleteSubnet(ghost), false);
-    assert.equal(await c.exists(K.subnet(ghost)), 0);
+    const rec = await c.hgetall(K.subnet(s.id));
+    const [young, old] = ["subnet-0000000000aa", "subnet-0000000000bb"];
+    await c.hset(K.subnet(young), { ...rec, id: young, name: "young" });
+    await c.hset(K.subnet(old), { ...rec, id: old, name: "old", created: String(Date.now() - 2 * PENDING_TTL_MS) });
+    for (const x of [young, old]) assert.equal(await st.getSubnet(x), null, `${x}: not a subnet`);
+    assert.equal(await st.deleteSubnet(young), false);
+    assert.equal(await c.exists(K.subnet(young)), 1, "a young one may be a create under way: left");
+    assert.equal(await st.deleteSubnet(old), false);
+    assert.equal(await c.exists(K.subnet(old)), 0, "an old one is removed");
+    await c.del(K.subnet(young));
+  });
+
+  test("a create whose script runs twice (ioredis resends after a reconnect) is answered as created, its records kept", async () => {
+    const c = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
+    try {
+      await waitReady(c);
+      const st = new IpamStore(c);
+      // The script itself, run twice per call (ioredis's Script, not the
+      // client's method: its auto-pipelining would call the wrapper again).
+      const scripts = (c as unknown as { scriptsSet: Record<string, { execute(c: unknown, a: unknown[], o: object): Promise<unknown> }> }).scriptsSet;
+      const twice = (name: "mvpcClaimVpc" | "mvpcCreateSubnet") => {
+        const run = (a: (string | number)[]) => scripts[name].execute(c, [...a], { replyEncoding: "utf8" });
+        c[name] = (async (...a: (string | number)[]) => {
+          await run(a);
+          return run(a);
+        }) as never;
+      };
+      twice("mvpcClaimVpc");
+      twice("mvpcCreateSubnet");
+      const { vpc, created } = await st.createVpc(vpcSpec("twice"), "");
+      assert.equal(created, true);
+      assert.equal(await c.exists(IPAM_KEYS.cluster.vpc(vpc.id)), 1);
+      const sn = await st.createSubnet(subnetSpec(vpc.id, "t", "10.70.9.0/24"), "");
+      assert.equal(sn.created, true);
+      assert.ok(await st.getSubnet(sn.subnet.id), "its record by id is kept");
+    } finally {
+      c.disconnect();
+    }
+  });
+
+  test("lists skip names and entries whose record is gone, and still fill their pages", async () => {
+    const c = clients[0];
+    const L = IPAM_KEYS.cluster;
+    const st = new IpamStore(c);
+    for (let i = 0; i < 4; i++) await st.createVpc(vpcSpec(`pg-${i}`), "");
+    // Stale names between the live ones (a delete or create stopped between its steps).
+    for (const n of ["pg-0a", "pg-0b", "pg-0c", "pg-1a", "pg-1b"]) {
+      await c.hset(L.vpcByName, n, "vpc-00000000beef");
+      await c.zadd(L.vpcNames, 0, n);
+    }
+    const page = await st.listVpcs("pg-", 3);
+    assert.deepEqual(
+      page.map((v) => v.name),
+      ["pg-0", "pg-1", "pg-2"],
+    );
   });
 
   test("the previous layout's Allocate is refused on a cluster (its keys are in several slots)", async () => {
