@@ -16,6 +16,10 @@
 //      clients next to the batch script straight through ioredis, in
 //      addresses per second (beside single Allocate's calls per second,
 //      which are addresses per second too);
+//   6. the catalog: CreateVpc, CreateSubnet, DeleteSubnet and DeleteVpc
+//      through the store (each a few one-slot steps since 5 December, so that
+//      they run on a Redis Cluster), latency and Redis commands per call,
+//      beside one write round trip (HSET) in the same rounds;
 // then a verdict table against the targets of issue 2.
 //
 // Everything runs against the durable Redis microvpc ships (AOF, appendfsync
@@ -93,6 +97,8 @@ const PAIR_MAX_MS = 2_500;
 /** Soft budget: optional passes are skipped once past it (the brief: < ~4 min). */
 const BUDGET_MS = 200_000;
 const EXTRA = DEFAULT_EXTRA_RESERVED;
+/** Section 6: VPC + subnet life cycles measured (interleaved with the raw round trip). */
+const LIFECYCLES = pick(200, 5);
 
 const { t0, progress } = benchClock();
 
@@ -180,6 +186,45 @@ async function startFloorServer(): Promise<string> {
 }
 
 // ------------------------------------------------------------- Redis state
+
+/**
+ * Section 6: `n` rounds of one HSET round trip (the baseline) and a VPC and
+ * subnet life cycle through the store; each call's latency, and in a second,
+ * shorter pass the Redis commands each kind of call costs (INFO stats).
+ */
+async function catalogLifecycles(n: number): Promise<{ rows: { call: string; p50Us: number; p99Us: number; commands: number }[] }> {
+  await resetDb();
+  const st = store();
+  const calls = ["HSET (baseline)", "CreateVpc", "CreateSubnet", "DeleteSubnet", "DeleteVpc"] as const;
+  const us: Record<string, number[]> = Object.fromEntries(calls.map((c) => [c, []]));
+  const commands: Record<string, number> = Object.fromEntries(calls.map((c) => [c, 0]));
+  const processed = async () => Number((await info("stats")).total_commands_processed);
+  const countN = Math.min(n, 20);
+  for (let i = 0; i < n; i++) {
+    const counting = i < countN;
+    const timed = async (call: (typeof calls)[number], f: () => Promise<unknown>) => {
+      const c0 = counting ? await processed() : 0;
+      const t = performance.now();
+      await f();
+      us[call].push((performance.now() - t) * 1000);
+      // INFO itself is one command: not the call's.
+      if (counting) commands[call] += (await processed()) - c0 - 1;
+    };
+    await timed("HSET (baseline)", () => conn!.hset("bench:rt", "f", String(i)));
+    let vpcId = "";
+    await timed("CreateVpc", async () => (vpcId = await newVpc(`cat-${i}`, "10.20.0.0/16")));
+    let sn: SubnetRec | undefined;
+    await timed("CreateSubnet", async () => (sn = await newSubnet(vpcId, "s", "10.20.1.0/24")));
+    await timed("DeleteSubnet", () => st.deleteSubnet(sn!.id));
+    await timed("DeleteVpc", () => st.deleteVpc(vpcId));
+  }
+  return {
+    rows: calls.map((call) => {
+      const s = sorted(us[call]);
+      return { call, p50Us: percentile(s, 50), p99Us: percentile(s, 99), commands: commands[call] / countN };
+    }),
+  };
+}
 
 function store(): IpamStore {
   return new IpamStore(conn!);
@@ -739,6 +784,9 @@ async function measureAndReport(): Promise<number> {
     };
   }
 
+  progress(`6. the catalog: ${LIFECYCLES} VPC and subnet life cycles`);
+  const catalog = await catalogLifecycles(LIFECYCLES);
+
   const elapsedS = (Date.now() - t0) / 1000;
   const loadAtEnd = loadavg().map((x) => Number(x.toFixed(2)));
   progress("done measuring; stopping processes");
@@ -941,6 +989,23 @@ async function measureAndReport(): Promise<number> {
     `for scale, a plain BITPOS from bit 0 (what the summary avoids): ${us1(naive.slash8Us)} on the nearly full /8 (2 MiB), ${us1(naive.slash16Us)} on the nearly full /16 (8 KiB).`,
   );
 
+  p(heading("6. The catalog: VPC and subnet creates and deletes through the store (durable Redis)"));
+  p(
+    `${num(LIFECYCLES, 0)} life cycles (CreateVpc, CreateSubnet, DeleteSubnet, DeleteVpc), each beside one HSET round trip; commands = Redis commands per call (INFO).`,
+  );
+  p(
+    table(
+      ["call", "p50", "p99", "p50 ÷ one HSET round trip", "Redis commands / call"],
+      catalog.rows.map((r) => [
+        r.call,
+        dur(r.p50Us),
+        dur(r.p99Us),
+        r.call === "HSET (baseline)" ? "1" : num(r.p50Us / catalog.rows[0].p50Us, 1),
+        num(r.commands, 1),
+      ]),
+    ),
+  );
+
   // ---- verdicts
   const v: Verdict[] = [];
   for (const c of CONCURRENCY) {
@@ -1057,6 +1122,7 @@ async function measureAndReport(): Promise<number> {
     batch: { size: BATCH, byMode: batch },
     cpuOnly64: cpuOnly,
     latency: { fillMs, pairs, naiveBitposUs: naive },
+    catalog,
     verdicts: v,
     profile,
   });
