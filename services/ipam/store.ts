@@ -152,6 +152,10 @@ export class IpamStore extends IpamReader {
       return ref;
     };
     let claimed: { ref: string; created: boolean } | undefined;
+    // The holder of the name the claim may take over: none at first (the
+    // usual case costs no read); a holder the claim reports is looked at, and
+    // the claim runs again if its record is gone.
+    let stale = "";
     for (let attempt = 0; attempt < CLAIM_ATTEMPTS && !claimed; attempt++) {
       const seen = field ? ((await this.redis.hget(L.vpcTokens, field)) ?? "") : "";
       const seenAlive = await alive(seen);
@@ -159,19 +163,20 @@ export class IpamStore extends IpamReader {
         await this.redis.multi().hset(L.vpc(id), fields).pexpire(L.vpc(id), PENDING_TTL_MS).exec();
         wrote = true;
       }
-      const holder = await this.redis.hget(L.vpcByName, v.name);
-      const stale = holder && holder !== id && !(await alive(holder)) ? holder : "";
       const reply = await this.redis.mvpcClaimVpc(L.vpcByName, L.vpcNames, L.vpcTokens, id, v.name, field, seen, seenAlive ? "1" : "0", stale);
       // A claim run twice (ioredis sends a command again after a reconnect) finds its own first run: that is this create's success.
       const [code, ref] = String(reply[1]) === id ? [1, id] : reply;
       if (code === TOKEN_MOVED) continue;
+      if (code === -1 && String(ref) !== stale && !(await alive(String(ref)))) {
+        stale = String(ref);
+        continue;
+      }
       if (code === -1) {
         await found(String(ref));
         throw new AlreadyExistsError(`a VPC named ${JSON.stringify(v.name)} already exists (${ref}); pick another name or use it`);
       }
       if (code === 1) {
-        await this.redis.persist(L.vpc(id));
-        await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.created", "vpc", id]);
+        await Promise.all([this.redis.persist(L.vpc(id)), emit(this.redis, { vpcs: [id] }, ["kind", "vpc.created", "vpc", id])]);
         claimed = { ref: id, created: true };
       } else {
         claimed = { ref: await found(String(ref)), created: false };
