@@ -6,6 +6,7 @@ import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
+import { peeringsOf } from "../peering/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import {
   checked,
@@ -228,7 +229,8 @@ export class IpamStore extends IpamReader {
   private async deleteVpcInSteps(id: string): Promise<boolean> {
     const L = this.L;
     const [peerings, sgs, acls, nat] = await Promise.all([
-      this.redis.scard(K.vpcPeerings(id)),
+      // Those with a record: a reservation of a create under way or stopped is not a peering.
+      peeringsOf(this.redis, [id]).then((x) => x.length),
       this.redis.zcard(K.fwVpcSgs(id)),
       this.redis.zcard(K.fwVpcAcls(id)),
       this.redis.hexists(K.gwVpcNat, id),

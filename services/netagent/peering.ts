@@ -12,7 +12,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { LinuxNft, type NftApplier } from "../common/nft/linux.js";
 import { followScoped } from "../common/events.js";
-import { ackPeering, peeringsOf, PK, pruneAcks, type PeeringRec } from "../peering/schema.js";
+import { ackPeering, peeringIdsOf, peeringKeys, peeringsOf, pruneAcks, type PeeringRec } from "../peering/schema.js";
 import type { Agent, AgentPeering } from "./agent.js";
 import { desiredPeering, planPeering, routedPeers, spanOf, PEERING_NEXTHOP, PEERING_PROTO, type NsObserved } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";
@@ -57,7 +57,7 @@ export class PeeringSync implements AgentPeering {
       this.peerings = span.length ? await peeringsOf(this.redis, [...real, ...span], onInvalid) : first;
       this.agent.invalid.report(
         "peering",
-        [...bad].map(([id, reason]) => ({ kind: "peering", key: PK.pcx(id), field: "", reason })),
+        [...bad].map(([id, reason]) => ({ kind: "peering", key: peeringKeys(this.redis).pcx(id), field: "", reason })),
       );
     } catch (err) {
       this.log.warn({ err: (err as Error).message }, "cannot read peerings; keeping the last known ones");
@@ -88,7 +88,7 @@ export class PeeringSync implements AgentPeering {
   /** A pass soon if the VPC has peerings (called when a VPC becomes held here). */
   async kickIfPeered(vpcId: string): Promise<void> {
     try {
-      if ((await this.redis.scard(PK.vpcPeerings(vpcId))) > 0) void this.agent.kick();
+      if ((await peeringIdsOf(this.redis, vpcId)).length > 0) void this.agent.kick();
     } catch {
       // the periodic pass catches up
     }

@@ -47,6 +47,51 @@ export const PK = {
   hostAcks: (hostId: string) => `mvpc:host:${hostId}:pcxacks`,
 };
 
+/**
+ * Where peerings live: PEERING_KEYS.single (PK's names) or .cluster, by the
+ * client (peeringKeys). On a Redis Cluster the records and their name, pair
+ * and client-token indexes share one slot ("{peerings}"), and each VPC lists
+ * its peerings in its own slot ("{<vpc>}:peers", beside IPAM's record of
+ * it) as a hash id → the peer's range ({base, size, ms}), so that the check
+ * that a VPC's peers do not overlap runs there: a create reserves both sides
+ * first, then claims the name and pair with the record (the commit point;
+ * store.ts). A single Redis keeps PK: one script does all of it.
+ */
+export interface PeeringKeys {
+  pcx(id: string): string;
+  byName: string;
+  names: string;
+  byPair: string;
+  tokens: string;
+  /** A VPC's peerings: a set of ids (single Redis) or a hash id → reserved peer range (cluster). */
+  peers(vpc: string): string;
+  cluster: boolean;
+}
+
+export const PEERING_KEYS: { single: PeeringKeys; cluster: PeeringKeys } = {
+  single: { pcx: PK.pcx, byName: PK.byName, names: PK.names, byPair: PK.byPair, tokens: K.tokens, peers: PK.vpcPeerings, cluster: false },
+  cluster: {
+    pcx: (id) => `mvpc:{peerings}:pcx:${id}`,
+    byName: "mvpc:{peerings}:byname",
+    names: "mvpc:{peerings}:names",
+    byPair: "mvpc:{peerings}:bypair",
+    tokens: "mvpc:{peerings}:tokens",
+    peers: (vpc) => `mvpc:{${vpc}}:peers`,
+    cluster: true,
+  },
+};
+
+/** The peering keys of the Redis `redis` is. */
+export function peeringKeys(redis: Redis): PeeringKeys {
+  return redis.isCluster ? PEERING_KEYS.cluster : PEERING_KEYS.single;
+}
+
+/** The peering ids a VPC lists (on a cluster also reservations of creates under way or stopped: a reader keeps those whose record exists). */
+export async function peeringIdsOf(redis: Redis, vpcId: string): Promise<string[]> {
+  const L = peeringKeys(redis);
+  return L.cluster ? redis.hkeys(L.peers(vpcId)) : redis.smembers(L.peers(vpcId));
+}
+
 export function pairKey(a: string, b: string): string {
   return a < b ? `${a}|${b}` : `${b}|${a}`;
 }
@@ -158,9 +203,11 @@ export function parsePeering(h: Record<string, string>, key = h.id ?? "", onInva
 /** The peerings of some VPCs (what a netagent reads for the VPCs it holds). */
 export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id: string, reason: string) => void): Promise<PeeringRec[]> {
   if (vpcIds.length === 0) return [];
-  const sets = await Promise.all(vpcIds.map((v) => redis.smembers(PK.vpcPeerings(v))));
-  const ids = [...new Set(sets.flat())].sort();
-  const recs = await Promise.all(ids.map((id) => redis.hgetall(PK.pcx(id))));
+  const L = peeringKeys(redis);
+  const sets = await Promise.all(vpcIds.map((v) => peeringIdsOf(redis, v)));
+  // Read back from Redis, an entry names a key only if it is a peering id.
+  const ids = [...new Set(sets.flat())].filter((id) => V.attempt(() => V.id("id", id, "pcx")).ok).sort();
+  const recs = await Promise.all(ids.map((id) => redis.hgetall(L.pcx(id))));
   return (
     recs
       .map((h, i) => parsePeering(h, ids[i], (_, reason) => onInvalid?.(ids[i], reason)))
@@ -177,6 +224,13 @@ export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id
 export async function ackPeering(redis: Redis, p: PeeringRec, hostId: string): Promise<void> {
   const key = PK.hostAcks(hostId);
   if ((await redis.hget(key, p.id)) === String(p.createdMs)) return;
+  const L = peeringKeys(redis);
+  if (L.cluster) {
+    // The record is in another slot: checked first, then written (an ack
+    // that lands just after a delete is pruned by the host's next pass).
+    if (await redis.exists(L.pcx(p.id))) await redis.hset(key, p.id, String(p.createdMs));
+    return;
+  }
   // Only while the peering exists: a late ack must not outlive it.
   // The peering's key is named in ARGV, not KEYS: Redis ACL takes declared
   // keys as read-write, and a host may only read the peering.
@@ -186,7 +240,7 @@ export async function ackPeering(redis: Redis, p: PeeringRec, hostId: string): P
     key,
     p.id,
     String(p.createdMs),
-    PK.pcx(p.id),
+    peeringKeys(redis).pcx(p.id),
   );
 }
 

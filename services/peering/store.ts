@@ -6,13 +6,14 @@
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { HOST_ID_RE } from "../common/host.js";
-import { newId } from "../common/ids.js";
-import { K } from "../ipam/schema.js";
-import { pairKey, parsePeering, parsePeeringRecord, peeringsOf, PK, type PeeringRec } from "./schema.js";
+import { isId, newId } from "../common/ids.js";
+import { ipamKeys, K } from "../ipam/schema.js";
+import * as V from "../common/validate.js";
+import { pairKey, parsePeering, parsePeeringRecord, peeringKeys, peeringsOf, PK, type PeeringKeys, type PeeringRec } from "./schema.js";
 import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
-import { LUA_EMIT } from "../common/events.js";
+import { emit, LUA_EMIT } from "../common/events.js";
 
-export { ackPeering, pairKey, parsePeering, peeringsOf, PK } from "./schema.js";
+export { ackPeering, pairKey, parsePeering, PEERING_KEYS, peeringKeys, peeringsOf, PK } from "./schema.js";
 export type { PeeringRec } from "./schema.js";
 
 /**
@@ -98,6 +99,84 @@ mvpc_scoped({v1, v2}, {}, 'kind', 'peering.deleted', 'peering', id, 'vpc1', v1, 
 return {1, ''}
 `;
 
+/**
+ * On a cluster, the first step of a create, in one VPC's slot: that VPC
+ * exists and none of its peers overlaps the new peer's range; then the
+ * reservation (peers hash: id → {base, size, ms}).
+ * KEYS: 1 the VPC's record (IPAM), 2 its peers hash
+ * ARGV: 1 id, 2 peer base, 3 peer size, 4 now ms, 5 ids of reservations the
+ *       caller found stale (no record, older than PENDING_MS), removed here
+ * Returns {1, id}, {-4, ''} VPC gone, {-3, peering} overlaps that peering's
+ * range, {-5, entry} an entry that does not read as a range (refused, never
+ * ignored).
+ */
+const RESERVE = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
+for sid in string.gmatch(ARGV[5], '[^,]+') do redis.call('HDEL', KEYS[2], sid) end
+local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all - 1, 2 do
+  if all[i] ~= ARGV[1] then
+    local ok, r = pcall(cjson.decode, all[i + 1])
+    if not ok or type(r) ~= 'table' or type(r.base) ~= 'number' or type(r.size) ~= 'number' then return {-5, all[i]} end
+    if r.base < base + size and base < r.base + r.size then return {-3, all[i]} end
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({base = base, size = size, ms = tonumber(ARGV[4])}))
+return {1, ARGV[1]}
+`;
+
+/**
+ * On a cluster, the commit point of a create, in the peerings' slot: the
+ * client token, the name and the pair, then the record and its indexes.
+ * KEYS: 1 pcx hash, 2 byname, 3 names zset, 4 bypair, 5 tokens, 6 the record
+ *       of the peering the client token named when read (withClientToken)
+ * ARGV: 1 id, 2 name, 3 client token, 4 pair key, 5 the id the token named
+ *       ('' none), then field/value pairs of the hash.
+ * Returns {1, id}, {0, id} found by client token, {-1, id} name taken, {-2,
+ * id} pair already peered, {TOKEN_MOVED}.
+ */
+const CLAIM = `${LUA_TOKEN}
+local id, name, tok, pair = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if tok ~= '' then
+  local prev = token_held(KEYS[5], 'pcx\\n' .. tok, ARGV[5], KEYS[6])
+  if prev == false then return {${TOKEN_MOVED}, ''} end
+  if prev then return {0, prev} end
+end
+local taken = redis.call('HGET', KEYS[2], name)
+if taken then return {-1, taken} end
+local same = redis.call('HGET', KEYS[4], pair)
+if same then return {-2, same} end
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('HSET', KEYS[2], name, id)
+redis.call('ZADD', KEYS[3], 0, name)
+redis.call('HSET', KEYS[4], pair, id)
+if tok ~= '' then redis.call('HSET', KEYS[5], 'pcx\\n' .. tok, id) end
+return {1, id}
+`;
+
+/**
+ * On a cluster, the first step of a delete (its commit point), in the
+ * peerings' slot; the VPCs' entries go after it.
+ * KEYS: 1 pcx hash, 2 byname, 3 names zset, 4 bypair; ARGV: 1 pair key
+ * Returns {1} deleted, {0} absent.
+ */
+const DROP = `
+local name = redis.call('HGET', KEYS[1], 'name')
+if not name then return {0} end
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], name)
+redis.call('ZREM', KEYS[3], name)
+if redis.call('HGET', KEYS[4], ARGV[1]) == id then redis.call('HDEL', KEYS[4], ARGV[1]) end
+return {1}
+`;
+
+/** How old a VPC's reservation of a peer without a record must be before a create counts it stale (a create under way takes well under this). */
+export const PENDING_MS = 60_000;
+
 type Reply = [number, string, string?];
 
 declare module "ioredis" {
@@ -105,14 +184,24 @@ declare module "ioredis" {
   interface RedisCommander<Context> {
     mvpcCreatePeering(...args: (string | number)[]): Promise<Reply>;
     mvpcDeletePeering(...args: (string | number)[]): Promise<Reply>;
+    mvpcReservePeer(...args: (string | number)[]): Promise<Reply>;
+    mvpcClaimPeering(...args: (string | number)[]): Promise<Reply>;
+    mvpcDropPeering(...args: (string | number)[]): Promise<Reply>;
   }
 }
 
 export class PeeringStore {
+  /** Where peerings are on this Redis (schema.ts PeeringKeys). */
+  readonly L: PeeringKeys;
+
   constructor(readonly redis: Redis) {
+    this.L = peeringKeys(redis);
     if (!(redis as unknown as { mvpcCreatePeering?: unknown }).mvpcCreatePeering) {
       redis.defineCommand("mvpcCreatePeering", { numberOfKeys: 11, lua: CREATE });
       redis.defineCommand("mvpcDeletePeering", { numberOfKeys: 6, lua: DELETE });
+      redis.defineCommand("mvpcReservePeer", { numberOfKeys: 2, lua: RESERVE });
+      redis.defineCommand("mvpcClaimPeering", { numberOfKeys: 6, lua: CLAIM });
+      redis.defineCommand("mvpcDropPeering", { numberOfKeys: 4, lua: DROP });
     }
   }
 
@@ -139,6 +228,7 @@ export class PeeringStore {
     // The writer applies the readers' rules: what it stores reads back.
     const check = parsePeeringRecord(id, Object.fromEntries(Object.entries(fields).map(([k, v]) => [k, String(v)])));
     if (!check.ok) throw new InvalidArgumentError(check.field, `refusing to store an invalid peering: ${check.reason}`);
+    if (this.L.cluster) return this.createInSteps(check.value, fields, clientToken);
     const [code, ref, other] = await withClientToken(
       this.redis,
       K.tokens,
@@ -167,29 +257,124 @@ export class PeeringStore {
           ...Object.entries(fields).flat(),
         ),
     );
-    if (code === -1) throw new AlreadyExistsError(`a peering named ${JSON.stringify(nm)} already exists (${ref}); pick another name`);
+    return this.answer(code, String(ref), String(other ?? ""), { ...p, name: nm });
+  }
+
+  /** A create's reply as its result or the error a person can act on. */
+  private async answer(
+    code: number,
+    ref: string,
+    other: string,
+    p: { vpc1Id: string; vpc2Id: string; name: string },
+  ): Promise<{ peering: PeeringRec; created: boolean }> {
+    if (code === -1) throw new AlreadyExistsError(`a peering named ${JSON.stringify(p.name)} already exists (${ref}); pick another name`);
     if (code === -2) throw new AlreadyExistsError(`VPCs ${p.vpc1Id} and ${p.vpc2Id} are already peered (${ref}); change that peering or delete it first`);
     if (code === -3) {
       throw new FailedPreconditionError(
         `peering ${ref} already connects one of these VPCs to ${other}, whose CIDR overlaps the other side: a VPC's peers must not overlap each other (its routes to them would be ambiguous)`,
       );
     }
-    if (code === -4) throw new NotFoundError("vpc", String(ref), "it was deleted; list VPCs with `microvpc vpc list`");
-    const peering = await this.get(String(ref));
-    if (!peering) throw new NotFoundError("peering", String(ref), "it was deleted while being created");
+    if (code === -4) throw new NotFoundError("vpc", ref, "it was deleted; list VPCs with `microvpc vpc list`");
+    if (code === -5)
+      throw new FailedPreconditionError(`a VPC's peering index holds an entry (${V.show(ref)}) that does not read as a peer range; nothing was created`);
+    const peering = await this.get(ref);
+    if (!peering) throw new NotFoundError("peering", ref, "it was deleted while being created");
     return { peering, created: code === 1 };
   }
 
+  /**
+   * A create on a cluster, in steps of one slot each: each VPC reserves the
+   * peer's range (RESERVE: it exists, its peers do not overlap), then the
+   * record is written with its name, pair and token (CLAIM, the commit
+   * point); a refusal at any step takes the reservations back. A retry with
+   * the same client token is answered before anything is reserved. A
+   * reservation left by a create that stopped has no record: readers skip
+   * it, and a create in that VPC removes it once it is PENDING_MS old.
+   */
+  private async createInSteps(p: PeeringRec, fields: Record<string, string | number>, clientToken: string): Promise<{ peering: PeeringRec; created: boolean }> {
+    const L = this.L;
+    const field = clientToken ? `pcx\n${clientToken}` : null;
+    if (field) {
+      const seen = await this.redis.hget(L.tokens, field);
+      if (seen && isId("pcx", seen) && (await this.get(seen))) return this.answer(0, seen, "", p);
+    }
+    // Answered before reserving, for the message: the claim checks them again.
+    const [byName, byPair] = await Promise.all([this.redis.hget(L.byName, p.name), this.redis.hget(L.byPair, pairKey(p.vpc1Id, p.vpc2Id))]);
+    if (byName) return this.answer(-1, byName, "", p);
+    if (byPair) return this.answer(-2, byPair, "", p);
+    const reserved: string[] = [];
+    let done = false;
+    try {
+      // In VPC id order: two creates that share a VPC reserve it first, so that they cannot each hold what the other needs.
+      const sides = [
+        [p.vpc1Id, p.vpc2Cidr],
+        [p.vpc2Id, p.vpc1Cidr],
+      ].sort((x, y) => (x[0] < y[0] ? -1 : 1));
+      for (const [vpc, peer] of sides) {
+        const c = V.cidr("cidr", peer, { min: 0, max: 32 });
+        const stale = await this.staleReservations(vpc);
+        const [code, ref] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), L.peers(vpc), p.id, c.base, c.size, Date.now(), stale.join(","));
+        if (code !== 1) {
+          const holder = code === -3 ? await this.get(String(ref)) : null;
+          const other = holder ? (holder.vpc1Id === vpc ? holder.vpc2Id : holder.vpc1Id) : "another VPC";
+          return await this.answer(code, code === -4 ? vpc : String(ref), other, p);
+        }
+        reserved.push(vpc);
+      }
+      const reply = await withClientToken(this.redis, L.tokens, field, { kind: "pcx", recordOf: L.pcx, fresh: L.pcx(p.id) }, (seen, rec) =>
+        this.redis.mvpcClaimPeering(
+          L.pcx(p.id),
+          L.byName,
+          L.names,
+          L.byPair,
+          L.tokens,
+          rec,
+          p.id,
+          p.name,
+          clientToken,
+          pairKey(p.vpc1Id, p.vpc2Id),
+          seen,
+          ...Object.entries(fields).flat(),
+        ),
+      );
+      // A claim run twice (ioredis sends a command again after a reconnect) finds its own first run: this create's success.
+      const [code, ref] = String(reply[1]) === p.id ? [1, p.id] : reply;
+      if (code !== 1) return await this.answer(code, String(ref), "", p);
+      done = true;
+      await emit(this.redis, { vpcs: [p.vpc1Id, p.vpc2Id] }, ["kind", "peering.created", "peering", p.id, "vpc1", p.vpc1Id, "vpc2", p.vpc2Id]);
+      return await this.answer(1, p.id, "", p);
+    } finally {
+      if (!done) await Promise.all(reserved.map((vpc) => this.redis.hdel(L.peers(vpc), p.id)));
+    }
+  }
+
+  /** A VPC's reservations with no record that are PENDING_MS old: what a create that stopped between its steps left. */
+  private async staleReservations(vpc: string): Promise<string[]> {
+    const all = await this.redis.hgetall(this.L.peers(vpc));
+    const old = Object.entries(all).filter(([id, raw]) => {
+      if (!isId("pcx", id)) return false;
+      let ms: unknown;
+      try {
+        ms = (JSON.parse(raw) as { ms?: unknown }).ms;
+      } catch {
+        return false;
+      }
+      return typeof ms === "number" && ms < Date.now() - PENDING_MS;
+    });
+    const alive = await Promise.all(old.map(([id]) => this.redis.exists(this.L.pcx(id))));
+    return old.filter((_, i) => alive[i] === 0).map(([id]) => id);
+  }
+
   async get(id: string): Promise<PeeringRec | null> {
-    return parsePeering(await this.redis.hgetall(PK.pcx(id)), id);
+    return parsePeering(await this.redis.hgetall(this.L.pcx(id)), id);
   }
 
   async idByName(name: string): Promise<string | null> {
-    return this.redis.hget(PK.byName, name);
+    return this.redis.hget(this.L.byName, name);
   }
 
   async idByPair(a: string, b: string): Promise<string | null> {
-    return this.redis.hget(PK.byPair, pairKey(a, b));
+    return this.redis.hget(this.L.byPair, pairKey(a, b));
   }
 
   async list(afterName: string, limit: number, vpcId: string): Promise<PeeringRec[]> {
@@ -200,14 +385,22 @@ export class PeeringStore {
         .filter((p) => p.name > afterName)
         .slice(0, limit);
     }
-    const names = await this.redis.zrangebylex(PK.names, afterName ? `(${afterName}` : "-", "+", "LIMIT", 0, limit);
+    const names = await this.redis.zrangebylex(this.L.names, afterName ? `(${afterName}` : "-", "+", "LIMIT", 0, limit);
     if (names.length === 0) return [];
-    const ids = await this.redis.hmget(PK.byName, ...names);
+    const ids = await this.redis.hmget(this.L.byName, ...names);
     const recs = await Promise.all(ids.filter((x): x is string => !!x).map((id) => this.get(id)));
     return recs.filter((x): x is PeeringRec => !!x);
   }
 
   async delete(p: PeeringRec): Promise<boolean> {
+    if (this.L.cluster) {
+      // The record first (the commit point), then each VPC's entry.
+      const L = this.L;
+      const [code] = await this.redis.mvpcDropPeering(L.pcx(p.id), L.byName, L.names, L.byPair, pairKey(p.vpc1Id, p.vpc2Id));
+      await Promise.all([this.redis.hdel(L.peers(p.vpc1Id), p.id), this.redis.hdel(L.peers(p.vpc2Id), p.id)]);
+      if (code === 1) await emit(this.redis, { vpcs: [p.vpc1Id, p.vpc2Id] }, ["kind", "peering.deleted", "peering", p.id, "vpc1", p.vpc1Id, "vpc2", p.vpc2Id]);
+      return code === 1;
+    }
     const [code] = await this.redis.mvpcDeletePeering(PK.pcx(p.id), PK.byName, PK.names, PK.byPair, K.events, PK.acks(p.id), pairKey(p.vpc1Id, p.vpc2Id));
     return code === 1;
   }
@@ -224,9 +417,8 @@ export class PeeringStore {
     ]);
     // Host ids come from a shared hash: only well-formed ones name a key.
     const hosts = [...new Set([...a1, ...a2])].filter((h) => HOST_ID_RE.test(h)).sort();
-    const p2 = this.redis.pipeline();
-    for (const h of hosts) p2.hget(PK.hostAcks(h), p.id);
-    const acks = ((await p2.exec()) ?? []).map(([, v]) => v);
+    // One read per host (its own key; on a cluster each in its own slot).
+    const acks = await Promise.all(hosts.map((h) => this.redis.hget(PK.hostAcks(h), p.id)));
     const pending = hosts.filter((h, i) => Number(acks[i] ?? legacy[h] ?? 0) !== p.createdMs);
     return { hosts, pending };
   }

@@ -19,6 +19,7 @@ import { allocRecord } from "../../services/ipam/schema.js";
 import { TOMBSTONE } from "../../services/ipam/scripts.js";
 import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
+import { PeeringStore } from "../../services/peering/store.js";
 import { ipamClients } from "../lib/clients.js";
 import { startDaemon } from "../lib/daemon.js";
 import * as Previous from "../lib/ipam-previous-scripts.js";
@@ -431,9 +432,15 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     const L = IPAM_KEYS.cluster;
     const st = new IpamStore(c);
     const { vpc } = await st.createVpc(vpcSpec("del"), "");
-    await c.sadd(K.vpcPeerings(vpc.id), "pcx-000000000001");
+    const other = (await st.createVpc({ ...vpcSpec("del-peer"), cidr: "10.71.0.0/16", base: ipToInt("10.71.0.0") }, "")).vpc;
+    const pcx = new PeeringStore(c);
+    const { peering } = await pcx.create(
+      { vpc1Id: vpc.id, vpc2Id: other.id, vpc1Cidr: vpc.cidr, vpc2Cidr: other.cidr, vpc1Allowed: [], vpc2Allowed: [], description: "", labels: [] },
+      () => "del-peer",
+      "",
+    );
     await assert.rejects(st.deleteVpc(vpc.id), /is still peered \(1 peering/);
-    await c.del(K.vpcPeerings(vpc.id));
+    await pcx.delete(peering);
     await c.zadd(K.fwVpcSgs(vpc.id), 0, "sg-000000000001");
     await assert.rejects(st.deleteVpc(vpc.id), /still has 1 security group/);
     await c.del(K.fwVpcSgs(vpc.id));

@@ -1,0 +1,123 @@
+// Peerings on a single Redis and on a real 3+3 Redis Cluster (issue 18,
+// docs/redis-schema.md "Redis Cluster"): the same store calls on both. On a
+// cluster a create reserves the peer's range in each VPC's slot (the VPC
+// exists, its peers do not overlap), then claims name, pair and token with
+// the record in the peerings' slot; a refusal takes the reservations back, a
+// stopped create's reservation is skipped by readers and cleared once old.
+import assert from "node:assert/strict";
+import type { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, test } from "vitest";
+import { AlreadyExistsError, FailedPreconditionError } from "../../services/common/errors.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { cidr, ipToInt } from "../../services/common/validate.js";
+import { IpamStore, type VpcRec } from "../../services/ipam/store.js";
+import { PEERING_KEYS, peeringsOf } from "../../services/peering/schema.js";
+import { PeeringStore, PENDING_MS, type PeeringRec } from "../../services/peering/store.js";
+import { startRedis, startRedisCluster } from "../lib/redis.js";
+
+describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]])("on %s", (where) => {
+  const onCluster = where.includes("Cluster");
+  let stop: () => Promise<void>;
+  const clients: Redis[] = [];
+  let ipam: IpamStore;
+  let pcx: PeeringStore;
+  let n = 0;
+
+  beforeAll(async () => {
+    let url: string;
+    if (onCluster) {
+      const c = await startRedisCluster();
+      stop = () => c.stop();
+      url = c.url;
+    } else {
+      const s = await startRedis({ persistence: false });
+      stop = () => s.stop();
+      url = s.url;
+    }
+    for (let i = 0; i < 3; i++) clients.push(connectRedis({ url, commandTimeoutMs: 2000 }));
+    await Promise.all(clients.map((c) => waitReady(c)));
+    ipam = new IpamStore(clients[0]);
+    pcx = new PeeringStore(clients[0]);
+  }, 60_000);
+  afterAll(async () => {
+    for (const c of clients) c.disconnect();
+    await stop?.();
+  });
+
+  async function vpc(cidrText: string): Promise<VpcRec> {
+    const c = cidr("cidr", cidrText, { min: 8, max: 28 });
+    return (await ipam.createVpc({ name: `v${n++}`, cidr: c.text, base: c.base, prefix: c.prefix, description: "", labels: [], publicCidr: false }, "")).vpc;
+  }
+  const spec = (a: VpcRec, b: VpcRec) => ({
+    vpc1Id: a.id,
+    vpc2Id: b.id,
+    vpc1Cidr: a.cidr,
+    vpc2Cidr: b.cidr,
+    vpc1Allowed: [],
+    vpc2Allowed: [],
+    description: "",
+    labels: [],
+  });
+  const peer = (st: PeeringStore, a: VpcRec, b: VpcRec, name: string, token = "") => st.create(spec(a, b), () => name, token);
+
+  test("create, retry by token, name and pair taken, a peer overlapping another peer refused, delete; readers see it", async () => {
+    const [a, b, c] = [await vpc("10.1.0.0/16"), await vpc("10.2.0.0/16"), await vpc("10.2.128.0/17")];
+    const first = await peer(pcx, a, b, "a-b", "orch-1");
+    assert.equal(first.created, true);
+    const again = await peer(pcx, a, b, "a-b", "orch-1");
+    assert.deepEqual([again.created, again.peering.id], [false, first.peering.id], "a retry by client token");
+    await assert.rejects(peer(pcx, a, c, "a-b"), AlreadyExistsError, "the name");
+    await assert.rejects(peer(pcx, b, a, "b-a"), /already peered/);
+    await assert.rejects(
+      peer(pcx, a, c, "a-c"),
+      (e: Error) => e instanceof FailedPreconditionError && e.message.includes(`peering ${first.peering.id} already connects`),
+    );
+    assert.deepEqual(
+      (await peeringsOf(clients[1], [a.id])).map((p) => p.id),
+      [first.peering.id],
+    );
+    assert.deepEqual(
+      (await pcx.list("", 10, b.id)).map((p) => p.name),
+      ["a-b"],
+    );
+    await assert.rejects(ipam.deleteVpc(b.id), /is still peered/);
+    assert.equal(await pcx.delete(first.peering), true);
+    assert.deepEqual(await peeringsOf(clients[1], [a.id, b.id]), []);
+    assert.equal((await peer(pcx, a, c, "a-c")).created, true, "c's range is free once a-b is gone");
+    if (onCluster) assert.deepEqual(await clients[0].hkeys(PEERING_KEYS.cluster.peers(b.id)), [], "no entry of the deleted peering is left");
+  });
+
+  test("two creates whose peers overlap, from two clients at once: one wins each time, the loser leaves nothing", async () => {
+    const stores = clients.map((c) => new PeeringStore(c));
+    for (let i = 0; i < 6; i++) {
+      const [a, b, c] = [await vpc(`10.${10 + i}.0.0/16`), await vpc("10.50.0.0/16"), await vpc("10.50.0.0/17")];
+      const r = await Promise.allSettled([peer(stores[0], a, b, `r${i}-ab`), peer(stores[1], a, c, `r${i}-ac`)]);
+      const won = r.flatMap((x) => (x.status === "fulfilled" ? [x.value.peering] : []));
+      assert.equal(won.length, 1, `trial ${i}: ${r.map((x) => (x.status === "rejected" ? String(x.reason) : "ok")).join(" / ")}`);
+      for (const x of r) if (x.status === "rejected") assert.ok(x.reason instanceof FailedPreconditionError, String(x.reason));
+      assert.deepEqual(
+        (await peeringsOf(clients[2], [a.id])).map((p: PeeringRec) => p.id),
+        won.map((p) => p.id),
+      );
+      if (onCluster) {
+        const loser = won[0].vpc2Id === b.id ? c : b;
+        assert.deepEqual(await clients[0].hkeys(PEERING_KEYS.cluster.peers(loser.id)), [], `trial ${i}: the loser's reservation is gone`);
+        assert.deepEqual(await clients[0].hkeys(PEERING_KEYS.cluster.peers(a.id)), [won[0].id]);
+      }
+    }
+  });
+
+  test.runIf(onCluster)("a stopped create's reservation: readers skip it; it blocks while young, and is cleared once old", async () => {
+    const L = PEERING_KEYS.cluster;
+    const [a, b, c] = [await vpc("10.60.0.0/16"), await vpc("10.61.0.0/16"), await vpc("10.61.0.0/16")];
+    const ghost = "pcx-00000000dead";
+    const entry = (ms: number) => JSON.stringify({ base: ipToInt("10.61.0.0"), size: 65536, ms });
+    await clients[0].hset(L.peers(a.id), ghost, entry(Date.now()));
+    assert.deepEqual(await peeringsOf(clients[0], [a.id]), [], "no record: not a peering");
+    await assert.rejects(peer(pcx, a, b, "young"), /already connects/, "a young reservation may be a create under way");
+    await clients[0].hset(L.peers(a.id), ghost, entry(Date.now() - 2 * PENDING_MS));
+    assert.equal((await peer(pcx, a, c, "old")).created, true);
+    assert.equal(await clients[0].hexists(L.peers(a.id), ghost), 0, "the old one was cleared");
+    assert.ok(ipToInt("10.61.0.0") > 0 && b.id !== c.id);
+  });
+});
