@@ -14,6 +14,7 @@
 import { LUA_TOKEN, TOKEN_MOVED } from "../common/client-token.js";
 import { LUA_EMIT } from "../common/events.js";
 import { LUA_RANGE_CHECKS } from "./schema.js";
+import { LUA_SWEEP } from "../peering/schema.js";
 
 export const CHUNK_BITS = 4096;
 
@@ -296,16 +297,24 @@ return 1
  * other slots (docs/redis-schema.md "Redis Cluster": the check moves in
  * here when they move under the VPC's tag).
  * KEYS: 1 vpc hash, 2 subnets zset, 3 subnet byname, 4 reserved, 5 subnet
- *       tokens, 6.. the VPC's other keys that go with it (its DNS zone and
- *       configuration, under its tag on a cluster: a VPC made later with the
- *       same name starts with an empty zone)
- * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets.
+ *       tokens, 6 the VPC's peers (peering/schema.ts: a peering create
+ *       reserves its range there first, so a delete and a create of a
+ *       peering of this VPC each see the other), 7.. the VPC's other keys
+ *       that go with it (its DNS zone and configuration, under its tag on a
+ *       cluster)
+ * ARGV: 1 the peers entries found without a record (swept here if old:
+ *       LUA_SWEEP), 2 PENDING_MS
+ * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets,
+ * {-2, n} still has n peerings (or creates of one under way).
  */
-export const DROP_VPC = `
+export const DROP_VPC = `${LUA_SWEEP}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 local n = redis.call('ZCARD', KEYS[2])
 if n > 0 then return {-1, n} end
+sweep(KEYS[6], ARGV[1], tonumber(ARGV[2]))
+local p = redis.call('HLEN', KEYS[6])
+if p > 0 then return {-2, p} end
 for i = 1, #KEYS do
   if i ~= 2 then redis.call('DEL', KEYS[i]) end
 end

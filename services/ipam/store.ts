@@ -6,7 +6,7 @@ import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
-import { peeringsOf } from "../peering/schema.js";
+import { PEERING_KEYS, PENDING_MS, staleReservations } from "../peering/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import {
   checked,
@@ -217,32 +217,42 @@ export class IpamStore extends IpamReader {
   }
 
   /**
-   * DeleteVpc on a cluster, where the other services' indexes of the VPC are
-   * in other slots: they are checked first, from here (a peering, group, ACL
+   * DeleteVpc on a cluster, where the firewall's and gateway's indexes of the
+   * VPC are in other slots: they are checked first, from here (a group, ACL
    * or NAT gateway made in the VPC while it is being deleted is not seen:
    * docs/redis-schema.md "Redis Cluster", until those move under the VPC's
-   * tag); then the record goes if the VPC has no subnet (DROP_VPC, its
-   * slot, with its DNS zone), then the name if it still names it. A delete
+   * tag); then the record goes if the VPC has no subnet and no peering or
+   * peering create under way (DROP_VPC, its slot, with its DNS zone), then
+   * the name if it still names it. A delete
    * stopped half-way leaves a name whose record is gone, which lists skip
    * and the next create of that name takes over.
    */
   private async deleteVpcInSteps(id: string): Promise<boolean> {
     const L = this.L;
-    const [peerings, sgs, acls, nat] = await Promise.all([
-      // Those with a record: a reservation of a create under way or stopped is not a peering.
-      peeringsOf(this.redis, [id]).then((x) => x.length),
+    const [sgs, acls, nat, stale] = await Promise.all([
       this.redis.zcard(K.fwVpcSgs(id)),
       this.redis.zcard(K.fwVpcAcls(id)),
       this.redis.hexists(K.gwVpcNat, id),
+      staleReservations(this.redis, id),
     ]);
-    if (peerings > 0)
-      throw new FailedPreconditionError(`VPC ${id} is still peered (${peerings} peering(s)); delete them first (microvpc vpc peer list --vpc ${id})`);
     const left = [sgs > 0 ? `${sgs} security group(s)` : "", acls > 0 ? `${acls} network ACL(s)` : "", nat ? "a NAT gateway" : ""].filter(Boolean);
     if (left.length)
       throw new FailedPreconditionError(`VPC ${id} still has ${left.join(", ")}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
-    const keys = [L.vpc(id), L.vpcSubnets(id), L.vpcSubnetByName(id), L.vpcReserved(id), L.subnetTokens(id), ...vpcDnsKeys(id, dnsKeys(this.redis))];
-    const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys);
+    const keys = [
+      L.vpc(id),
+      L.vpcSubnets(id),
+      L.vpcSubnetByName(id),
+      L.vpcReserved(id),
+      L.subnetTokens(id),
+      PEERING_KEYS.cluster.peers(id),
+      ...vpcDnsKeys(id, dnsKeys(this.redis)),
+    ];
+    const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys, stale.join(","), PENDING_MS);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
+    if (code === -2)
+      throw new FailedPreconditionError(
+        `VPC ${id} is still peered (${n} peering(s), or creates of one under way); delete them first (microvpc vpc peer list --vpc ${id})`,
+      );
     if (code !== 1) return false;
     await this.redis.mvpcUnclaimVpc(L.vpcByName, L.vpcNames, String(n), id);
     await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.deleted", "vpc", id]);

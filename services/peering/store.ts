@@ -4,16 +4,28 @@
 // written; a VPC being deleted at the same time either sees the peering and
 // refuses, or the peering sees the VPC gone.
 import type { Redis } from "ioredis";
-import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError } from "../common/errors.js";
 import { HOST_ID_RE } from "../common/host.js";
 import { isId, newId } from "../common/ids.js";
 import { ipamKeys, K } from "../ipam/schema.js";
 import * as V from "../common/validate.js";
-import { pairKey, parsePeering, parsePeeringRecord, peeringKeys, peeringsOf, PK, type PeeringKeys, type PeeringRec } from "./schema.js";
+import {
+  LUA_SWEEP,
+  pairKey,
+  parsePeering,
+  parsePeeringRecord,
+  peeringKeys,
+  peeringsOf,
+  PENDING_MS,
+  PK,
+  staleReservations,
+  type PeeringKeys,
+  type PeeringRec,
+} from "./schema.js";
 import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { emit, LUA_EMIT } from "../common/events.js";
 
-export { ackPeering, pairKey, parsePeering, PEERING_KEYS, peeringKeys, peeringsOf, PK } from "./schema.js";
+export { ackPeering, pairKey, parsePeering, PEERING_KEYS, peeringKeys, peeringsOf, PENDING_MS, PK } from "./schema.js";
 export type { PeeringRec } from "./schema.js";
 
 /**
@@ -104,15 +116,18 @@ return {1, ''}
  * exists and none of its peers overlaps the new peer's range; then the
  * reservation (peers hash: id → {base, size, ms}).
  * KEYS: 1 the VPC's record (IPAM), 2 its peers hash
- * ARGV: 1 id, 2 peer base, 3 peer size, 4 now ms, 5 ids of reservations the
- *       caller found stale (no record, older than PENDING_MS), removed here
+ * ARGV: 1 id, 2 peer base, 3 peer size, 4 PENDING_MS, 5 ids of reservations
+ *       the caller found without a record, removed here if they are
+ *       PENDING_MS old by this server's clock (the time each was made)
  * Returns {1, id}, {-4, ''} VPC gone, {-3, peering} overlaps that peering's
  * range, {-5, entry} an entry that does not read as a range (refused, never
  * ignored).
  */
-const RESERVE = `
+const RESERVE = `${LUA_SWEEP}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
-for sid in string.gmatch(ARGV[5], '[^,]+') do redis.call('HDEL', KEYS[2], sid) end
+sweep(KEYS[2], ARGV[5], tonumber(ARGV[4]))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all - 1, 2 do
@@ -122,7 +137,7 @@ for i = 1, #all - 1, 2 do
     if r.base < base + size and base < r.base + r.size then return {-3, all[i]} end
   end
 end
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({base = base, size = size, ms = tonumber(ARGV[4])}))
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({base = base, size = size, ms = now}))
 return {1, ARGV[1]}
 `;
 
@@ -173,9 +188,6 @@ redis.call('ZREM', KEYS[3], name)
 if redis.call('HGET', KEYS[4], ARGV[1]) == id then redis.call('HDEL', KEYS[4], ARGV[1]) end
 return {1}
 `;
-
-/** How old a VPC's reservation of a peer without a record must be before a create counts it stale (a create under way takes well under this). */
-export const PENDING_MS = 60_000;
 
 type Reply = [number, string, string?];
 
@@ -289,7 +301,8 @@ export class PeeringStore {
    * point); a refusal at any step takes the reservations back. A retry with
    * the same client token is answered before anything is reserved. A
    * reservation left by a create that stopped has no record: readers skip
-   * it, and a create in that VPC removes it once it is PENDING_MS old.
+   * it, and a create in that VPC or its DeleteVpc removes it once it is
+   * PENDING_MS old (by the server's clock).
    */
   private async createInSteps(p: PeeringRec, fields: Record<string, string | number>, clientToken: string): Promise<{ peering: PeeringRec; created: boolean }> {
     const L = this.L;
@@ -303,7 +316,12 @@ export class PeeringStore {
     if (byName) return this.answer(-1, byName, "", p);
     if (byPair) return this.answer(-2, byPair, "", p);
     const reserved: string[] = [];
-    let done = false;
+    // Taken back only after a refusal: a step whose reply was lost (a timeout,
+    // a failover) may have been applied, and a peering whose record was
+    // written must keep its entries. What is left then has no record, and is
+    // swept once old (staleReservations).
+    let refused = false;
+    const t0 = performance.now();
     try {
       // In VPC id order: two creates that share a VPC reserve it first, so that they cannot each hold what the other needs.
       const sides = [
@@ -312,14 +330,22 @@ export class PeeringStore {
       ].sort((x, y) => (x[0] < y[0] ? -1 : 1));
       for (const [vpc, peer] of sides) {
         const c = V.cidr("cidr", peer, { min: 0, max: 32 });
-        const stale = await this.staleReservations(vpc);
-        const [code, ref] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), L.peers(vpc), p.id, c.base, c.size, Date.now(), stale.join(","));
+        const stale = await staleReservations(this.redis, vpc);
+        const [code, ref] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), L.peers(vpc), p.id, c.base, c.size, PENDING_MS, stale.join(","));
         if (code !== 1) {
-          const holder = code === -3 ? await this.get(String(ref)) : null;
+          refused = true;
+          const holder = code === -3 && isId("pcx", String(ref)) ? await this.get(String(ref)) : null;
+          if (code === -3 && !holder)
+            throw new UnavailableError(`a create of a peering whose range overlaps this one (${V.show(String(ref))}) is under way in VPC ${vpc}; retry`);
           const other = holder ? (holder.vpc1Id === vpc ? holder.vpc2Id : holder.vpc1Id) : "another VPC";
           return await this.answer(code, code === -4 ? vpc : String(ref), other, p);
         }
         reserved.push(vpc);
+      }
+      // A create that stalled (a failover, a long pause) so long that its reservations could count as stale stops here.
+      if (performance.now() - t0 > PENDING_MS / 2) {
+        refused = true;
+        throw new UnavailableError(`creating the peering took over ${PENDING_MS / 2000} s between its steps; nothing was created, retry`);
       }
       const reply = await withClientToken(this.redis, L.tokens, field, { kind: "pcx", recordOf: L.pcx, fresh: L.pcx(p.id) }, (seen, rec) =>
         this.redis.mvpcClaimPeering(
@@ -339,30 +365,15 @@ export class PeeringStore {
       );
       // A claim run twice (ioredis sends a command again after a reconnect) finds its own first run: this create's success.
       const [code, ref] = String(reply[1]) === p.id ? [1, p.id] : reply;
-      if (code !== 1) return await this.answer(code, String(ref), "", p);
-      done = true;
+      if (code !== 1) {
+        refused = true;
+        return await this.answer(code, String(ref), "", p);
+      }
       await emit(this.redis, { vpcs: [p.vpc1Id, p.vpc2Id] }, ["kind", "peering.created", "peering", p.id, "vpc1", p.vpc1Id, "vpc2", p.vpc2Id]);
       return await this.answer(1, p.id, "", p);
     } finally {
-      if (!done) await Promise.all(reserved.map((vpc) => this.redis.hdel(L.peers(vpc), p.id)));
+      if (refused) await Promise.all(reserved.map((vpc) => this.redis.hdel(L.peers(vpc), p.id)));
     }
-  }
-
-  /** A VPC's reservations with no record that are PENDING_MS old: what a create that stopped between its steps left. */
-  private async staleReservations(vpc: string): Promise<string[]> {
-    const all = await this.redis.hgetall(this.L.peers(vpc));
-    const old = Object.entries(all).filter(([id, raw]) => {
-      if (!isId("pcx", id)) return false;
-      let ms: unknown;
-      try {
-        ms = (JSON.parse(raw) as { ms?: unknown }).ms;
-      } catch {
-        return false;
-      }
-      return typeof ms === "number" && ms < Date.now() - PENDING_MS;
-    });
-    const alive = await Promise.all(old.map(([id]) => this.redis.exists(this.L.pcx(id))));
-    return old.filter((_, i) => alive[i] === 0).map(([id]) => id);
   }
 
   async get(id: string): Promise<PeeringRec | null> {
