@@ -29,6 +29,27 @@ export { ackPeering, pairKey, parsePeering, PEERING_KEYS, peeringKeys, peeringsO
 export type { PeeringRec } from "./schema.js";
 
 /**
+ * Lua shared by the single Redis's CREATE and the cluster's CLAIM:
+ * claim_checks(tokens, token, seen, seen_record, byname, name, bypair, pair)
+ * → the reply that ends the create ({0, id} the client token's peering,
+ * {TOKEN_MOVED}, {-1, id} name taken, {-2, id} pair peered), or nil.
+ */
+const LUA_CLAIM_CHECKS = `${LUA_TOKEN}
+local function claim_checks(tokens, tok, seen, seen_record, byname, name, bypair, pair)
+  if tok ~= '' then
+    local prev = token_held(tokens, 'pcx\\n' .. tok, seen, seen_record)
+    if prev == false then return {${TOKEN_MOVED}, ''} end
+    if prev then return {0, prev} end
+  end
+  local taken = redis.call('HGET', byname, name)
+  if taken then return {-1, taken} end
+  local same = redis.call('HGET', bypair, pair)
+  if same then return {-2, same} end
+  return nil
+end
+`;
+
+/**
  * KEYS: 1 pcx hash, 2 byname, 3 names zset, 4 bypair, 5 vpc1 peerings,
  *       6 vpc2 peerings, 7 tokens, 8 events, 9 vpc1 hash, 10 vpc2 hash,
  *       11 the record of the peering the client token named when read
@@ -40,19 +61,12 @@ export type { PeeringRec } from "./schema.js";
  *   {-1, id} name taken, {-2, id} pair already peered, {-3, peering, vpc}
  *   a peer of one side overlaps the other side, {-4, vpc} VPC gone.
  */
-const CREATE = `${LUA_EMIT}${LUA_TOKEN}
+const CREATE = `${LUA_EMIT}${LUA_CLAIM_CHECKS}
 local id, name, tok, pair, v1, v2 = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('EXISTS', KEYS[9]) == 0 then return {-4, v1} end
 if redis.call('EXISTS', KEYS[10]) == 0 then return {-4, v2} end
-if tok ~= '' then
-  local prev = token_held(KEYS[7], 'pcx\\n' .. tok, ARGV[7], KEYS[11])
-  if prev == false then return {${TOKEN_MOVED}, ''} end
-  if prev then return {0, prev} end
-end
-local taken = redis.call('HGET', KEYS[2], name)
-if taken then return {-1, taken} end
-local same = redis.call('HGET', KEYS[4], pair)
-if same then return {-2, same} end
+local claimed = claim_checks(KEYS[7], tok, ARGV[7], KEYS[11], KEYS[2], name, KEYS[4], pair)
+if claimed then return claimed end
 -- A VPC's peers must not overlap each other: its routes to them would.
 local function span(vpc)
   local b = tonumber(redis.call('HGET', 'mvpc:vpc:' .. vpc, 'base'))
@@ -151,17 +165,10 @@ return {1, ARGV[1]}
  * Returns {1, id}, {0, id} found by client token, {-1, id} name taken, {-2,
  * id} pair already peered, {TOKEN_MOVED}.
  */
-const CLAIM = `${LUA_TOKEN}
+const CLAIM = `${LUA_CLAIM_CHECKS}
 local id, name, tok, pair = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if tok ~= '' then
-  local prev = token_held(KEYS[5], 'pcx\\n' .. tok, ARGV[5], KEYS[6])
-  if prev == false then return {${TOKEN_MOVED}, ''} end
-  if prev then return {0, prev} end
-end
-local taken = redis.call('HGET', KEYS[2], name)
-if taken then return {-1, taken} end
-local same = redis.call('HGET', KEYS[4], pair)
-if same then return {-2, same} end
+local claimed = claim_checks(KEYS[5], tok, ARGV[5], KEYS[6], KEYS[2], name, KEYS[4], pair)
+if claimed then return claimed end
 local fields = {}
 for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))

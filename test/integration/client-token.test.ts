@@ -9,6 +9,7 @@ import { test } from "vitest";
 import { K } from "../../services/ipam/keys.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { ipToInt } from "../../services/common/validate.js";
+import { subnetSpec } from "../lib/ipam-specs.js";
 import { scratchRedis } from "../lib/scratch-redis.js";
 
 const db = scratchRedis();
@@ -58,18 +59,7 @@ test("a token naming a VPC that is gone, or holding no id at all, is taken over 
 test("a subnet's client token works the same way", async () => {
   const s = new IpamStore(db.r);
   const { vpc: v } = await s.createVpc(vpc("sn"), "");
-  const spec = {
-    vpcId: v.id,
-    name: "a",
-    cidr: "10.70.1.0/24",
-    base: ipToInt("10.70.1.0"),
-    prefix: 24,
-    size: 256,
-    type: "private" as const,
-    extraReserved: 0,
-    description: "",
-    labels: [],
-  };
+  const spec = subnetSpec(v.id, "a", "10.70.1.0/24");
   const a = await s.createSubnet(spec, "tok-s");
   const again = await s.createSubnet(spec, "tok-s");
   assert.deepEqual([a.created, again.created, again.subnet.id], [true, false, a.subnet.id]);

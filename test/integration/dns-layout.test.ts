@@ -14,6 +14,7 @@ import { connectRedis, duplicateClient, waitReady } from "../../services/common/
 import { ipToInt } from "../../services/common/validate.js";
 import { DK, DK_CLUSTER, DnsStore } from "../../services/dns/store.js";
 import { IpamStore, type SubnetRec, type VpcRec } from "../../services/ipam/store.js";
+import { subnetSpec } from "../lib/ipam-specs.js";
 import { startRedis, startRedisCluster } from "../lib/redis.js";
 
 describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]])("on %s", (where) => {
@@ -41,19 +42,7 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
     vpc = (
       await ipam.createVpc({ name: "zone", cidr: "10.80.0.0/16", base: ipToInt("10.80.0.0"), prefix: 16, description: "", labels: [], publicCidr: false }, "")
     ).vpc;
-    const spec = {
-      vpcId: vpc.id,
-      name: "a",
-      cidr: "10.80.1.0/24",
-      base: ipToInt("10.80.1.0"),
-      prefix: 24,
-      size: 256,
-      type: "private" as const,
-      extraReserved: 0,
-      description: "",
-      labels: [],
-    };
-    sn = (await ipam.createSubnet(spec, "")).subnet;
+    sn = (await ipam.createSubnet(subnetSpec(vpc.id, "a", "10.80.1.0/24"), "")).subnet;
   }, 60_000);
   afterAll(async () => {
     r?.disconnect();

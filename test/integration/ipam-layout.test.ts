@@ -21,6 +21,7 @@ import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/s
 import { DnsStore } from "../../services/dns/store.js";
 import { PeeringStore } from "../../services/peering/store.js";
 import { ipamClients } from "../lib/clients.js";
+import { subnetSpec } from "../lib/ipam-specs.js";
 import { startDaemon } from "../lib/daemon.js";
 import * as Previous from "../lib/ipam-previous-scripts.js";
 import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
@@ -62,13 +63,6 @@ async function previousRelease(r: Redis, s: SubnetRec, index: number, owner: str
 /** Runs the previous release's ALLOCATE (lowest free address): what one of its replicas does on Allocate. */
 async function previousAllocate(r: Redis, s: SubnetRec, owner: string, req: string): Promise<[number, string | number]> {
   return (await r.eval(Previous.ALLOCATE, 9, ...previousAllocateKeys(s, owner), owner, req, -1, Date.now(), s.id)) as [number, string | number];
-}
-
-/** CreateSubnet's input for a private subnet of `cidr` (a /16 to /28). */
-function subnetSpec(vpcId: string, name: string, cidr: string): Omit<SubnetRec, "id" | "createdMs"> {
-  const [net, bits] = cidr.split("/");
-  const prefix = Number(bits);
-  return { vpcId, name, cidr, base: ipToInt(net), prefix, size: 2 ** (32 - prefix), type: "private", extraReserved: 0, description: "", labels: [] };
 }
 
 describe("on a single Redis: the move from the previous layout", () => {
