@@ -235,6 +235,22 @@ function failFastUnmapped(c: Cluster): Cluster {
 }
 
 /** True if the client is an ioredis Cluster (connectRedis of a redis-cluster:// URL). */
+/**
+ * Defines a script command whose key count varies per call (the count is its
+ * first argument: extra keys on one layout). On a Redis Cluster the command
+ * is kept out of ioredis's auto-pipelining: that groups a call by the slot of
+ * its first argument, here the count, and so batched it with other commands
+ * for that slot's node, which ioredis then refused whole ("All keys in the
+ * pipeline should belong to the same slots allocation group") once calls of
+ * other slots met in one tick. Sent alone, a call is routed by its keys.
+ */
+export function defineVariadicCommand(client: Redis, name: string, lua: string): void {
+  client.defineCommand(name, { lua });
+  if (!isCluster(client)) return;
+  const o = client.options as { autoPipeliningIgnoredCommands?: string[] };
+  if (!o.autoPipeliningIgnoredCommands?.includes(name)) o.autoPipeliningIgnoredCommands = [...(o.autoPipeliningIgnoredCommands ?? []), name];
+}
+
 export function isCluster(client: Redis): boolean {
   return (client as unknown as { isCluster?: boolean }).isCluster === true;
 }

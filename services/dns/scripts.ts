@@ -25,6 +25,9 @@ const EVENT = (kind: string, vpc: string) => `mvpc_emit({${vpc}}, {}, 'kind', '$
  */
 export const SET_RECORD = `${LUA_EMIT}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
+-- On a cluster a VPC is named a moment before its create keeps its record
+-- (ipam/store.ts createVpc): what is made in it keeps it.
+redis.call('PERSIST', KEYS[1])
 local vpc, name, owner, addr, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local prev = redis.call('HGET', KEYS[2], name)
 if prev then
@@ -89,6 +92,7 @@ return out
 export const UPDATE_CONFIG = `${LUA_EMIT}
 local vpc, resolver, rint, fmode, fjson, ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if vpc ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
+if vpc ~= '' then redis.call('PERSIST', KEYS[1]) end
 if resolver ~= '' then
   local sn = redis.call('ZREVRANGEBYSCORE', KEYS[3], rint, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
   if #sn > 0 then

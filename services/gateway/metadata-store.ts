@@ -39,7 +39,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { hostEvents, SCOPED_MAXLEN, wakeChannel } from "../common/events.js";
 import { reportInvalid } from "../common/invalid-records.js";
-import { isCluster } from "../common/redis.js";
+import { defineVariadicCommand, isCluster } from "../common/redis.js";
 import { FailedPreconditionError, InvalidArgumentError, UnavailableError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { MAX_GROUPS_PER_NIC } from "../firewall/schema.js";
@@ -498,8 +498,8 @@ declare module "ioredis" {
 function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcMdSet?: unknown }).mvpcMdSet) return;
   // Set and Delete declare two keys more on a single Redis (the fleet's stream and the hosts listing): the count is the first argument.
-  redis.defineCommand("mvpcMdSet", { lua: SET });
-  redis.defineCommand("mvpcMdDelete", { lua: DELETE });
+  defineVariadicCommand(redis, "mvpcMdSet", SET);
+  defineVariadicCommand(redis, "mvpcMdDelete", DELETE);
   redis.defineCommand("mvpcMdResolve", { numberOfKeys: 3, lua: RESOLVE });
   redis.defineCommand("mvpcMdMint", { numberOfKeys: 2, lua: MINT });
   redis.defineCommand("mvpcMdMove", { numberOfKeys: 14, lua: MOVE });

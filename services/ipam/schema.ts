@@ -263,6 +263,17 @@ export function shownOwner(raw: string): string {
   return V.attempt(() => V.token("owner", raw)).ok ? raw : "an owner whose allocation record does not validate";
 }
 
+/** `raw` (read back from Redis) if it is an id of `kind`, else null: only then may it name a key. */
+function idOrNull(kind: "vpc" | "subnet", raw: string | null): string | null {
+  return raw !== null && V.attempt(() => V.id("id", raw, kind)).ok ? raw : null;
+}
+
+/** A record read under one id must say that id: a record copied or forged under another key is refused. */
+function sameId<T extends { id: string }>(rec: T, id: string): T {
+  if (rec.id !== id) throw new InvalidArgumentError("id", `${V.show(rec.id)} is not the id it is stored under (${V.show(id)})`);
+  return rec;
+}
+
 /**
  * Up to `limit` items of a listing read in rounds from `after`: each round
  * (`read(cursor)`) gives the items it found (null: gone, skipped) and the
@@ -294,12 +305,14 @@ export class IpamReader {
 
   async resolveVpc(ref: { id?: string; name?: string }): Promise<string | null> {
     if (ref.id) return ref.id;
-    return await this.redis.hget(this.L.vpcByName, ref.name!);
+    // Read back from Redis: it names keys only if it is a VPC id.
+    return idOrNull("vpc", await this.redis.hget(this.L.vpcByName, ref.name!));
   }
 
   async getVpc(id: string): Promise<VpcRec | null> {
+    if (!idOrNull("vpc", id)) return null;
     const [h, n] = await Promise.all([this.redis.hgetall(this.L.vpc(id)), this.redis.zcard(this.L.vpcSubnets(id))]);
-    return h.id ? checked(this.L.vpc(id), "vpc", () => parseVpc(h, n), id) : null;
+    return h.id ? checked(this.L.vpc(id), "vpc", () => sameId(parseVpc(h, n), id), id) : null;
   }
 
   /**
@@ -310,7 +323,7 @@ export class IpamReader {
   async listVpcs(afterName: string, limit: number): Promise<VpcRec[]> {
     return pageOver(afterName, limit, async (after) => {
       const names = await this.redis.zrangebylex(this.L.vpcNames, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-      const ids = names.length ? await this.redis.hmget(this.L.vpcByName, ...names) : [];
+      const ids = (names.length ? await this.redis.hmget(this.L.vpcByName, ...names) : []).map((x) => idOrNull("vpc", x));
       const vpcs = await Promise.all(ids.map((id) => (id ? this.getVpc(id) : null)));
       return { items: vpcs, cursors: names };
     });
@@ -330,7 +343,7 @@ export class IpamReader {
   async resolveSubnet(ref: { id?: string; name?: string }, vpcId: string | null): Promise<string | null> {
     if (ref.id) return ref.id;
     if (!vpcId) throw new InvalidArgumentError("vpc", "is required when the subnet is named rather than given by id");
-    return await this.redis.hget(this.L.vpcSubnetByName(vpcId), ref.name!);
+    return idOrNull("subnet", await this.redis.hget(this.L.vpcSubnetByName(vpcId), ref.name!));
   }
 
   /**
@@ -339,8 +352,9 @@ export class IpamReader {
    * while the VPC holds the subnet's record too.
    */
   async getSubnet(id: string): Promise<SubnetRec | null> {
+    if (!idOrNull("subnet", id)) return null;
     const h = await this.redis.hgetall(K.subnet(id));
-    const s = h.id ? checked(K.subnet(id), "subnet", () => parseSubnet(h), h.vpc) : null;
+    const s = h.id ? checked(K.subnet(id), "subnet", () => sameId(parseSubnet(h), id), h.vpc) : null;
     if (s && this.L.cluster && (await this.redis.exists(this.L.subnetIn(s.vpcId, s.id))) === 0) return null;
     return s;
   }

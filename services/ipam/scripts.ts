@@ -252,7 +252,10 @@ return {1, idx}
  * A VPC's name (and client token) in the catalog, the second step of
  * CreateVpc: its record is written first, in its own slot, so that a name
  * never names a VPC that was not made (IpamStore.createVpc).
- * KEYS: 1 byname hash, 2 names zset, 3 tokens hash (IpamKeys: one slot)
+ * KEYS: 1 byname hash, 2 names zset, 3 tokens hash (IpamKeys: one slot);
+ *       on a single Redis 4 the VPC's record, whose expiry goes in the same
+ *       step (on a cluster it is in another slot: the caller removes it next,
+ *       and the creates that take the VPC remove it too)
  * ARGV: 1 id, 2 name, 3 client token field ('' none), 4 the id the token
  *       named when read ('' none), 5 '1' if that id's record existed then,
  *       6 the holder of the name when read if its record was gone then ('':
@@ -274,6 +277,7 @@ if holder and holder ~= stale then return {-1, holder} end
 redis.call('HSET', KEYS[1], name, id)
 redis.call('ZADD', KEYS[2], 0, name)
 if field ~= '' then redis.call('HSET', KEYS[3], field, id) end
+if KEYS[4] then redis.call('PERSIST', KEYS[4]) end
 return {1, id}
 `;
 

@@ -24,6 +24,7 @@ import {
 import { TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { UnavailableError } from "../common/errors.js";
 import { emit } from "../common/events.js";
+import { defineVariadicCommand } from "../common/redis.js";
 import { isId, newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
@@ -51,18 +52,18 @@ declare module "ioredis" {
 
 export function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcAllocate?: unknown }).mvpcAllocate) return;
-  // Those without numberOfKeys take their key count first: the global events
-  // stream, the tombstones of the earlier layout and what only one layout
-  // has (DROP_VPC's DNS keys) are declared where they exist.
-  redis.defineCommand("mvpcAllocate", { lua: S.ALLOCATE });
-  redis.defineCommand("mvpcAllocateBatch", { lua: S.ALLOCATE_BATCH });
-  redis.defineCommand("mvpcRelease", { lua: S.RELEASE });
-  redis.defineCommand("mvpcClaimVpc", { numberOfKeys: 3, lua: S.CLAIM_VPC });
+  // The variadic ones take their key count first: the global events stream,
+  // the tombstones of the earlier layout and what only one layout has are
+  // declared where they exist (common/redis.ts defineVariadicCommand).
+  defineVariadicCommand(redis, "mvpcAllocate", S.ALLOCATE);
+  defineVariadicCommand(redis, "mvpcAllocateBatch", S.ALLOCATE_BATCH);
+  defineVariadicCommand(redis, "mvpcRelease", S.RELEASE);
+  defineVariadicCommand(redis, "mvpcClaimVpc", S.CLAIM_VPC);
   redis.defineCommand("mvpcUnclaimVpc", { numberOfKeys: 2, lua: S.UNCLAIM_VPC });
-  redis.defineCommand("mvpcDropVpc", { lua: S.DROP_VPC });
+  defineVariadicCommand(redis, "mvpcDropVpc", S.DROP_VPC);
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
-  redis.defineCommand("mvpcCreateSubnet", { lua: S.CREATE_SUBNET });
-  redis.defineCommand("mvpcDeleteSubnet", { lua: S.DELETE_SUBNET });
+  defineVariadicCommand(redis, "mvpcCreateSubnet", S.CREATE_SUBNET);
+  defineVariadicCommand(redis, "mvpcDeleteSubnet", S.DELETE_SUBNET);
   redis.defineCommand("mvpcMigrateSubnet", { numberOfKeys: 13, lua: S.MIGRATE_SUBNET });
 }
 
@@ -164,7 +165,8 @@ export class IpamStore extends IpamReader {
         await this.redis.multi().hset(L.vpc(id), fields).pexpire(L.vpc(id), PENDING_TTL_MS).exec();
         wrote = true;
       }
-      const reply = await this.redis.mvpcClaimVpc(L.vpcByName, L.vpcNames, L.vpcTokens, id, v.name, field, seen, seenAlive ? "1" : "0", stale);
+      const keys = [L.vpcByName, L.vpcNames, L.vpcTokens, ...(L.cluster ? [] : [L.vpc(id)])];
+      const reply = await this.redis.mvpcClaimVpc(keys.length, ...keys, id, v.name, field, seen, seenAlive ? "1" : "0", stale);
       // A claim run twice (ioredis sends a command again after a reconnect) finds its own first run: that is this create's success.
       const [code, ref] = String(reply[1]) === id ? [1, id] : reply;
       if (code === TOKEN_MOVED) continue;
@@ -367,6 +369,12 @@ export class IpamStore extends IpamReader {
       }
     }
     await this.redis.zadd(K.allSubnets, 0, sid);
+    // A DeleteSubnet between the VPC's script and here removed the entry before it was added: what it removed stays removed.
+    if ((await this.redis.exists(this.L.subnetIn(vpcId, sid))) === 0) {
+      await this.redis.zrem(K.allSubnets, sid);
+      await this.redis.del(K.subnet(sid));
+      return;
+    }
     if (code === 1) await emit(this.redis, { vpcs: [vpcId] }, ["kind", "subnet.created", "vpc", vpcId, "subnet", sid]);
   }
 
@@ -412,7 +420,11 @@ export class IpamStore extends IpamReader {
    */
   private async dropLeftover(id: string): Promise<void> {
     const h = await this.redis.hgetall(K.subnet(id));
-    if (!h.id || !isId("vpc", h.vpc ?? "") || !(Number(h.created) < Date.now() - PENDING_TTL_MS)) return;
+    if (!h.id) {
+      await this.redis.zrem(K.allSubnets, id);
+      return;
+    }
+    if (!isId("vpc", h.vpc ?? "") || !(Number(h.created) < Date.now() - PENDING_TTL_MS)) return;
     if ((await this.redis.exists(this.L.subnetIn(h.vpc, id))) === 1) return;
     await this.redis.zrem(K.allSubnets, id);
     await this.redis.del(K.subnet(id));

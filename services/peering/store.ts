@@ -139,6 +139,8 @@ return {1, ''}
  */
 const RESERVE = `${LUA_SWEEP}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
+-- A VPC named a moment before its create kept its record (ipam/store.ts createVpc): a peering of it keeps it.
+redis.call('PERSIST', KEYS[1])
 sweep(KEYS[2], ARGV[5], tonumber(ARGV[4]))
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -197,6 +199,11 @@ return {1}
 `;
 
 type Reply = [number, string, string?];
+
+/** `raw` (read back from Redis) if it is a peering id, else null: only then may it name a key. */
+function pcxOrNull(raw: string | null): string | null {
+  return raw !== null && isId("pcx", raw) ? raw : null;
+}
 
 declare module "ioredis" {
   // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
@@ -341,6 +348,10 @@ export class PeeringStore {
         const [code, ref] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), L.peers(vpc), p.id, c.base, c.size, PENDING_MS, stale.join(","));
         if (code !== 1) {
           refused = true;
+          // A create with the same client token that committed meanwhile (its range is the one met here) answers this one.
+          const prev = field ? await this.redis.hget(L.tokens, field) : null;
+          const mine = prev && isId("pcx", prev) ? await this.get(prev) : null;
+          if (mine) return { peering: mine, created: false };
           const holder = code === -3 && isId("pcx", String(ref)) ? await this.get(String(ref)) : null;
           if (code === -3 && !holder)
             throw new UnavailableError(`a create of a peering whose range overlaps this one (${V.show(String(ref))}) is under way in VPC ${vpc}; retry`);
@@ -384,15 +395,16 @@ export class PeeringStore {
   }
 
   async get(id: string): Promise<PeeringRec | null> {
+    if (!pcxOrNull(id)) return null;
     return parsePeering(await this.redis.hgetall(this.L.pcx(id)), id);
   }
 
   async idByName(name: string): Promise<string | null> {
-    return this.redis.hget(this.L.byName, name);
+    return pcxOrNull(await this.redis.hget(this.L.byName, name));
   }
 
   async idByPair(a: string, b: string): Promise<string | null> {
-    return this.redis.hget(this.L.byPair, pairKey(a, b));
+    return pcxOrNull(await this.redis.hget(this.L.byPair, pairKey(a, b)));
   }
 
   async list(afterName: string, limit: number, vpcId: string): Promise<PeeringRec[]> {

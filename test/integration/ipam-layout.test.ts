@@ -21,7 +21,8 @@ import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/s
 import { DnsStore } from "../../services/dns/store.js";
 import { PeeringStore } from "../../services/peering/store.js";
 import { ipamClients } from "../lib/clients.js";
-import { subnetSpec } from "../lib/ipam-specs.js";
+import { subnetSpec, vpcSpec as vpcOf } from "../lib/ipam-specs.js";
+import { scratchRedis } from "../lib/scratch-redis.js";
 import { startDaemon } from "../lib/daemon.js";
 import * as Previous from "../lib/ipam-previous-scripts.js";
 import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
@@ -301,6 +302,39 @@ describe("on a single Redis: the move from the previous layout", () => {
   });
 });
 
+describe("on a single Redis: a VPC's two steps", () => {
+  const db = scratchRedis();
+
+  test("the claim keeps the record in the same step: a create stopped right after it leaves no VPC that expires", async () => {
+    const st = new IpamStore(db.r);
+    const L = IPAM_KEYS.single;
+    const id = "vpc-00000000c0de";
+    const spec = vpcOf("stopped", "10.77.0.0/16");
+    await db.r
+      .multi()
+      .hset(L.vpc(id), { ...spec, id, labels: "[]", created: Date.now(), public: "0" })
+      .pexpire(L.vpc(id), PENDING_TTL_MS)
+      .exec();
+    // What createVpc sends next; the daemon is taken to die right after it.
+    assert.deepEqual(await db.r.mvpcClaimVpc(4, L.vpcByName, L.vpcNames, L.vpcTokens, L.vpc(id), id, "stopped", "", "", "0", ""), [1, id]);
+    assert.equal(await db.r.pttl(L.vpc(id)), -1);
+    assert.equal((await st.vpcByRef("vpc", "stopped")).id, id);
+  });
+
+  test("a record copied under another id, and a name or subnet index naming something that is not an id, are no VPC or subnet", async () => {
+    const st = new IpamStore(db.r);
+    const { vpc } = await st.createVpc(vpcOf("real", "10.78.0.0/16"), "");
+    const copy = "vpc-0000000000aa";
+    await db.r.hset(IPAM_KEYS.single.vpc(copy), await db.r.hgetall(IPAM_KEYS.single.vpc(vpc.id)));
+    assert.equal(await st.getVpc(copy), null, "its record says another id");
+    await db.r.hset(IPAM_KEYS.single.vpcByName, "forged", "mvpc:vpc:../x");
+    assert.equal(await st.resolveVpc({ name: "forged" }), null);
+    await db.r.hset(IPAM_KEYS.single.vpcSubnetByName(vpc.id), "forged", "subnet-x}{");
+    assert.equal(await st.resolveSubnet({ name: "forged" }, vpc.id), null);
+    assert.equal(await st.getSubnet("not-an-id"), null);
+  });
+});
+
 describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
   let cluster: TestRedisCluster;
   const clients: Redis[] = [];
@@ -358,7 +392,7 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
   }
 
-  const vpcSpec = (name: string) => ({ name, cidr: "10.70.0.0/16", base: ipToInt("10.70.0.0"), prefix: 16, description: "", labels: [], publicCidr: false });
+  const vpcSpec = (name: string) => vpcOf(name, "10.70.0.0/16");
 
   test("a VPC's record and IPAM's indexes of it share its slot; the catalog has one slot; what counts keeps no expiry", async () => {
     const c = clients[0];
@@ -513,6 +547,36 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     assert.deepEqual(
       page.map((v) => v.name),
       ["pg-0", "pg-1", "pg-2"],
+    );
+  });
+
+  test("Allocate calls and reads of every node's keys in one tick from one client: none refused by the client's batching", async () => {
+    // ioredis's auto-pipelining grouped a script call whose key count comes
+    // first by the slot of that count, beside other commands for that node,
+    // and refused the batch when the call's keys were on another node.
+    const c = clients[1];
+    const st = new IpamStore(c);
+    const nodeOf = async (key: string) => {
+      const slot = (await c.cluster("KEYSLOT", key)) as number;
+      return (await c.cluster("SLOTS")).find(([lo, hi]) => slot >= lo && slot <= hi)![2][1];
+    };
+    // A subnet whose keys are on another node than the slot of Allocate's key count (7 on a cluster).
+    let sub: SubnetRec | undefined;
+    for (let i = 0; i < 20 && !sub; i++) {
+      const { vpc } = await st.createVpc(vpcSpec(`mix-${i}`), "");
+      const sn = (await st.createSubnet(subnetSpec(vpc.id, "m", "10.70.0.0/24"), "")).subnet;
+      if ((await nodeOf(K.used(vpc.id, sn.id))) !== (await nodeOf("7"))) sub = sn;
+    }
+    assert.ok(sub, "a subnet on another node than slot('7')");
+    const calls: Promise<unknown>[] = [];
+    for (let i = 0; i < 60; i++) {
+      calls.push(st.allocate(sub, `vm-mix-${i}`, "r", -1));
+      calls.push(c.hgetall(`mvpc:{probe-${i}}:x`));
+    }
+    const r = await Promise.allSettled(calls);
+    assert.deepEqual(
+      r.flatMap((x) => (x.status === "rejected" ? [String(x.reason)] : [])),
+      [],
     );
   });
 
