@@ -84,8 +84,9 @@ end
  * LUA_EMIT as a script that runs on a Redis Cluster uses it (scriptFor): the
  * same mvpc_emit and mvpc_scoped, appending to each named stream and
  * publishing its wake (the feed on a cluster waits on the wakes), and not to
- * the global stream, which is in another slot (no release before this one
- * ran on a cluster, so none reads it there). A script on a cluster names
+ * the global stream, which is in another slot (what reads it there, the
+ * vmm's fleet WatchVms, wants the vm.* events emit() appends from the
+ * client). A script on a cluster names
  * only the streams of its own slot: its VPC, or the fleet stream with keys
  * under "{hosts}".
  */

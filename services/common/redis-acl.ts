@@ -43,7 +43,10 @@
 // NAT gateways, floating IPs, port forwards): IPAM (mvpc:vpc*, mvpc:subnet*,
 // mvpc:{V}:sn:*, mvpc:{V}:owner:*), mvpc:tokens, mvpc:fw:sg:<id>, mvpc:fw:acl*,
 // mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*/flowlogs, mvpc:fw:flowlog*, mvpc:gw:nat*/fip*/pf*/vpcnat,
-// mvpc:pcx*, mvpc:dns:*, mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
+// mvpc:pcx*, mvpc:dns:*, and on a Redis Cluster their tagged names (IPAM's and
+// DNS's mvpc:{V}:vpc|subnets|subnet:*|reserved|tokens|peers|dns:*,
+// mvpc:{catalog}:*, mvpc:{peerings}:*, mvpc:{hosts}:dns:defaults),
+// mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
 // endpoints and clients: SetVpnEndpoint, Create/DeleteVpnClient go to a
 // netagent running as the control user). The control user also reads and
 // writes every host's mvpc-md:* (gateway --api-only: Get/Delete of instance
