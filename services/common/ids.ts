@@ -9,3 +9,8 @@ export function newId(kind: string): string {
 export function isId(kind: string, s: string): boolean {
   return s.length === kind.length + 13 && s.startsWith(`${kind}-`) && /^[0-9a-f]{12}$/.test(s.slice(kind.length + 1));
 }
+
+/** `raw` (read back from Redis) if it is an id of `kind`, else null: only then may it name a key. */
+export function idOrNull(kind: string, raw: string | null): string | null {
+  return raw !== null && isId(kind, raw) ? raw : null;
+}

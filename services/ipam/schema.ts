@@ -4,6 +4,7 @@
 import type { Redis } from "ioredis";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
+import { idOrNull, isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
 import { ipamKeys, K, type IpamKeys } from "./keys.js";
 
@@ -263,11 +264,6 @@ export function shownOwner(raw: string): string {
   return V.attempt(() => V.token("owner", raw)).ok ? raw : "an owner whose allocation record does not validate";
 }
 
-/** `raw` (read back from Redis) if it is an id of `kind`, else null: only then may it name a key. */
-function idOrNull(kind: "vpc" | "subnet", raw: string | null): string | null {
-  return raw !== null && V.attempt(() => V.id("id", raw, kind)).ok ? raw : null;
-}
-
 /** A record read under one id must say that id: a record copied or forged under another key is refused. */
 function sameId<T extends { id: string }>(rec: T, id: string): T {
   if (rec.id !== id) throw new InvalidArgumentError("id", `${V.show(rec.id)} is not the id it is stored under (${V.show(id)})`);
@@ -310,7 +306,7 @@ export class IpamReader {
   }
 
   async getVpc(id: string): Promise<VpcRec | null> {
-    if (!idOrNull("vpc", id)) return null;
+    if (!isId("vpc", id)) return null;
     const [h, n] = await Promise.all([this.redis.hgetall(this.L.vpc(id)), this.redis.zcard(this.L.vpcSubnets(id))]);
     return h.id ? checked(this.L.vpc(id), "vpc", () => sameId(parseVpc(h, n), id), id) : null;
   }
@@ -352,7 +348,7 @@ export class IpamReader {
    * while the VPC holds the subnet's record too.
    */
   async getSubnet(id: string): Promise<SubnetRec | null> {
-    if (!idOrNull("subnet", id)) return null;
+    if (!isId("subnet", id)) return null;
     const h = await this.redis.hgetall(K.subnet(id));
     const s = h.id ? checked(K.subnet(id), "subnet", () => sameId(parseSubnet(h), id), h.vpc) : null;
     if (s && this.L.cluster && (await this.redis.exists(this.L.subnetIn(s.vpcId, s.id))) === 0) return null;

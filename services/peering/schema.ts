@@ -15,6 +15,7 @@
 //   mvpc:host:<host>:pcxacks   peering id → create time: what that host applied; written
 //                        by its netagent under its own Redis user (docs/redis-acl.md)
 import { InvalidArgumentError } from "../common/errors.js";
+import { isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
 import type { Redis } from "ioredis";
 import { K } from "../ipam/schema.js";
@@ -126,7 +127,7 @@ export async function staleReservations(redis: Redis, vpc: string): Promise<stri
   if (!L.cluster) return [];
   const all = await redis.hkeys(L.peers(vpc));
   // An entry that is not a peering id has no record: a candidate as it is (it names no key).
-  const ids = all.filter((id) => V.attempt(() => V.id("id", id, "pcx")).ok);
+  const ids = all.filter((id) => isId("pcx", id));
   const alive = await Promise.all(ids.map((id) => redis.exists(L.pcx(id))));
   return [...all.filter((id) => !ids.includes(id) && !id.includes(",")), ...ids.filter((_, i) => alive[i] === 0)];
 }
@@ -245,7 +246,7 @@ export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id
   const L = peeringKeys(redis);
   const sets = await Promise.all(vpcIds.map((v) => peeringIdsOf(redis, v)));
   // Read back from Redis, an entry names a key only if it is a peering id.
-  const ids = [...new Set(sets.flat())].filter((id) => V.attempt(() => V.id("id", id, "pcx")).ok).sort();
+  const ids = [...new Set(sets.flat())].filter((id) => isId("pcx", id)).sort();
   const recs = await Promise.all(ids.map((id) => redis.hgetall(L.pcx(id))));
   return (
     recs

@@ -6,7 +6,7 @@
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError } from "../common/errors.js";
 import { HOST_ID_RE } from "../common/host.js";
-import { isId, newId } from "../common/ids.js";
+import { idOrNull, isId, newId } from "../common/ids.js";
 import { ipamKeys, K } from "../ipam/schema.js";
 import * as V from "../common/validate.js";
 import {
@@ -200,11 +200,6 @@ return {1}
 
 type Reply = [number, string, string?];
 
-/** `raw` (read back from Redis) if it is a peering id, else null: only then may it name a key. */
-function pcxOrNull(raw: string | null): string | null {
-  return raw !== null && isId("pcx", raw) ? raw : null;
-}
-
 declare module "ioredis" {
   // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
@@ -323,7 +318,7 @@ export class PeeringStore {
     const field = clientToken ? `pcx\n${clientToken}` : null;
     if (field) {
       const seen = await this.redis.hget(L.tokens, field);
-      if (seen && isId("pcx", seen) && (await this.get(seen))) return this.answer(0, seen, "", p);
+      if (seen && (await this.get(seen))) return this.answer(0, seen, "", p);
     }
     // Answered before reserving, for the message: the claim checks them again.
     const [byName, byPair] = await Promise.all([this.redis.hget(L.byName, p.name), this.redis.hget(L.byPair, pairKey(p.vpc1Id, p.vpc2Id))]);
@@ -350,9 +345,9 @@ export class PeeringStore {
           refused = true;
           // A create with the same client token that committed meanwhile (its range is the one met here) answers this one.
           const prev = field ? await this.redis.hget(L.tokens, field) : null;
-          const mine = prev && isId("pcx", prev) ? await this.get(prev) : null;
+          const mine = prev ? await this.get(prev) : null;
           if (mine) return { peering: mine, created: false };
-          const holder = code === -3 && isId("pcx", String(ref)) ? await this.get(String(ref)) : null;
+          const holder = code === -3 ? await this.get(String(ref)) : null;
           if (code === -3 && !holder)
             throw new UnavailableError(`a create of a peering whose range overlaps this one (${V.show(String(ref))}) is under way in VPC ${vpc}; retry`);
           const other = holder ? (holder.vpc1Id === vpc ? holder.vpc2Id : holder.vpc1Id) : "another VPC";
@@ -395,16 +390,17 @@ export class PeeringStore {
   }
 
   async get(id: string): Promise<PeeringRec | null> {
-    if (!pcxOrNull(id)) return null;
+    // Also what other code read back from Redis: only an id names a key.
+    if (!isId("pcx", id)) return null;
     return parsePeering(await this.redis.hgetall(this.L.pcx(id)), id);
   }
 
   async idByName(name: string): Promise<string | null> {
-    return pcxOrNull(await this.redis.hget(this.L.byName, name));
+    return idOrNull("pcx", await this.redis.hget(this.L.byName, name));
   }
 
   async idByPair(a: string, b: string): Promise<string | null> {
-    return pcxOrNull(await this.redis.hget(this.L.byPair, pairKey(a, b)));
+    return idOrNull("pcx", await this.redis.hget(this.L.byPair, pairKey(a, b)));
   }
 
   async list(afterName: string, limit: number, vpcId: string): Promise<PeeringRec[]> {

@@ -20,6 +20,7 @@ import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
 import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { EVENTS, followEvents, followScoped, streamHead, type EventFields } from "../common/events.js";
+import { newId } from "../common/ids.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { runInScope, withSpan } from "../common/tracing.js";
 import * as V from "../common/validate.js";
@@ -45,7 +46,7 @@ import {
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { kernelNetns, type NetnsAdapter, type TcpProbeResult } from "./netns.js";
-import { LEASE_MS, nameEntry, STEPS, type StepName, type VmRec, type VmStore } from "./store.js";
+import { LEASE_MS, nameEntry, STEPS, unstarted, type StepName, type VmRec, type VmStore } from "./store.js";
 import { VmWatchHub, watchVms } from "./watch.js";
 
 /** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
@@ -768,7 +769,7 @@ export class Vmm {
       throw new FailedPreconditionError(`kind ${kind} is not available on this hypervisor; use NETNS${kind === "firecracker" ? " or QEMU" : ""}`);
     if (req.userData.length > 16384) throw new InvalidArgumentError("user_data", `is ${req.userData.length} bytes; at most 16384`);
     const v: VmRec = {
-      id: `vm-${randomBytes(6).toString("hex")}`,
+      id: newId("vm"),
       name,
       hostId: this.opts.hostId,
       vpcId: vpc.id,
@@ -786,19 +787,7 @@ export class Vmm {
       labels: V.labels("labels", req.labels),
       imds: { tokens: req.imdsOptions?.httpTokens ?? 0, endpoint: req.imdsOptions?.httpEndpoint ?? 0, hopLimit: req.imdsOptions?.httpPutResponseHopLimit },
       clientToken: V.token("client_token", req.clientToken, { optional: true }),
-      createdMs: Date.now(),
-      startedMs: 0,
-      address: "",
-      nicId: "",
-      hostIf: "",
-      mac: "",
-      netns: "",
-      pid: 0,
-      kernelIpArg: "",
-      consoleLog: "",
-      done: [],
-      op: "create",
-      journal: [],
+      ...unstarted(),
     };
     // The claim's record names the first phases' steps (CLAIMED_PHASES), so
     // that it is all a crash in them needs: one write fewer before the NIC.

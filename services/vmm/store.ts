@@ -53,6 +53,28 @@ export interface VmRec {
   journal: { t: number; op: string; step: string; state: string; msg: string }[];
 }
 
+/** What a VM record holds before any step of its create ran (CreateVm's claim): nothing made, the create in flight. */
+export function unstarted(): Pick<
+  VmRec,
+  "createdMs" | "startedMs" | "address" | "nicId" | "hostIf" | "mac" | "netns" | "pid" | "kernelIpArg" | "consoleLog" | "done" | "op" | "journal"
+> {
+  return {
+    createdMs: Date.now(),
+    startedMs: 0,
+    address: "",
+    nicId: "",
+    hostIf: "",
+    mac: "",
+    netns: "",
+    pid: 0,
+    kernelIpArg: "",
+    consoleLog: "",
+    done: [],
+    op: "create",
+    journal: [],
+  };
+}
+
 /**
  * Keys. A VM's record, lease and user-data live under its host's hash tag
  * `{host:H}` (one Redis Cluster slot per host, docs/redis-schema.md "Redis

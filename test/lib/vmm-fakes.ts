@@ -12,7 +12,7 @@ import { mapDomainErrors, NotFoundError } from "../../services/common/errors.js"
 import { currentScope } from "../../services/common/tracing.js";
 import type { Booter, Clients } from "../../services/vmm/service.js";
 import type { NetnsAdapter } from "../../services/vmm/netns.js";
-import type { StepName, VmRec } from "../../services/vmm/store.js";
+import { unstarted, type StepName, type VmRec } from "../../services/vmm/store.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
@@ -288,19 +288,7 @@ export function vmRecord(hostId: string, id: string, name: string, over: Partial
     labels: [],
     imds: { tokens: 0, endpoint: 0 },
     clientToken: "",
-    createdMs: Date.now(),
-    startedMs: 0,
-    address: "",
-    nicId: "",
-    hostIf: "",
-    mac: "",
-    netns: "",
-    pid: 0,
-    kernelIpArg: "",
-    consoleLog: "",
-    done: [],
-    op: "create",
-    journal: [],
+    ...unstarted(),
     ...over,
   };
 }
