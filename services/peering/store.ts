@@ -343,11 +343,14 @@ export class PeeringStore {
         const [code, ref] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), L.peers(vpc), p.id, c.base, c.size, PENDING_MS, stale.join(","));
         if (code !== 1) {
           refused = true;
-          // A create with the same client token that committed meanwhile (its range is the one met here) answers this one.
+          // The holder first: CLAIM writes a record and its client token in
+          // one step, so once the holder's record is read, a create with the
+          // same token that committed meanwhile is seen by the token and
+          // answers this one.
+          const holder = code === -3 ? await this.get(String(ref)) : null;
           const prev = field ? await this.redis.hget(L.tokens, field) : null;
           const mine = prev ? await this.get(prev) : null;
           if (mine) return { peering: mine, created: false };
-          const holder = code === -3 ? await this.get(String(ref)) : null;
           if (code === -3 && !holder)
             throw new UnavailableError(`a create of a peering whose range overlaps this one (${V.show(String(ref))}) is under way in VPC ${vpc}; retry`);
           const other = holder ? (holder.vpc1Id === vpc ? holder.vpc2Id : holder.vpc1Id) : "another VPC";
