@@ -34,9 +34,12 @@
 //   vpc:<vpc>:flowlogs           set of the flow-log config ids of a VPC
 // Client tokens share IPAM's "mvpc:tokens" hash ("sg\n<token>", "acl\n<token>").
 //
-// Keys derived from stored records (a NIC's old host, a group's peers) are
-// built inside the scripts: like IPAM, this needs single-instance Redis or
-// Sentinel, not Cluster.
+// Groups' and ACLs' keys on a Redis Cluster: FirewallKeys below. The
+// bindings' scripts (BIND, UNBIND, LOAD_VPC, ADOPT_SIGS) still build the
+// single Redis's names in Lua from stored records (a NIC's old host, a
+// group's members on every host): they run on one Redis or Sentinel only.
+import type { Redis } from "ioredis";
+import { IPAM_KEYS, K } from "../ipam/schema.js";
 import { hostKeys, vpnKeys } from "../netagent/schema.js";
 
 export const F = "mvpc:fw:";
@@ -71,6 +74,95 @@ export const FK = {
   flowLogByRes: `${F}flowlog-byres`,
   vpcFlowLogs: (vpc: string) => `${F}vpc:${vpc}:flowlogs`,
 };
+
+/**
+ * Where a VPC's security groups and network ACLs live: FW_KEYS.single or
+ * FW_KEYS.cluster, by the client (fwKeys). Every script that writes them
+ * declares each key it touches, on both layouts.
+ *
+ * A single Redis keeps the names above (FK): the bindings' scripts read the
+ * groups there. On a Redis Cluster a VPC's groups, ACLs, their indexes, the
+ * subnet → ACL associations, the change counter and the client tokens are
+ * under the VPC's tag, "mvpc:{<vpc>}:fw:…" (the slot of IPAM's record of the
+ * VPC and of its subnets, which the creates check, and of the VPC's change
+ * stream); a group is in one VPC, so its create, update and delete each
+ * touch one slot. What is read by id alone (GetSecurityGroup, DeleteNetworkAcl
+ * by id) finds the VPC in the catalog under "{fw}" (id → VPC), written
+ * before the VPC's step and removed after it, with the listing of every
+ * group and ACL, written after.
+ */
+export interface FirewallKeys {
+  sg(vpc: string, id: string): string;
+  sgMembers(vpc: string, id: string): string;
+  sgRefBy(vpc: string, id: string): string;
+  sgByName(vpc: string): string;
+  vpcSgs(vpc: string): string;
+  acl(vpc: string, id: string): string;
+  aclSubnets(vpc: string, id: string): string;
+  aclByName(vpc: string): string;
+  vpcAcls(vpc: string): string;
+  /** Subnet id → ACL id (a subnet has at most one): the VPC's on a cluster. */
+  subnetAcl(vpc: string): string;
+  /** The change counter every firewall event carries ("gen"): the VPC's on a cluster. */
+  gen(vpc: string): string;
+  /** Client tokens of the creates ("sg\n<token>", "acl\n<token>" → id). */
+  tokens(vpc: string): string;
+  allSgs: string;
+  allAcls: string;
+  /** Group id → VPC id, and ACL id → VPC id (a cluster's catalog; null on a single Redis, whose keys do not name the VPC). */
+  sgVpc: string | null;
+  aclVpc: string | null;
+  cluster: boolean;
+}
+
+const T = (vpc: string) => `mvpc:{${vpc}}:fw:`;
+const CATALOG = "mvpc:{fw}:";
+
+export const FW_KEYS: { single: FirewallKeys; cluster: FirewallKeys } = {
+  single: {
+    sg: (_v, id) => FK.sg(id),
+    sgMembers: (_v, id) => FK.sgMembers(id),
+    sgRefBy: (_v, id) => FK.sgRefBy(id),
+    sgByName: FK.sgByName,
+    vpcSgs: FK.vpcSgs,
+    acl: (_v, id) => FK.acl(id),
+    aclSubnets: (_v, id) => FK.aclSubnets(id),
+    aclByName: FK.aclByName,
+    vpcAcls: FK.vpcAcls,
+    subnetAcl: () => FK.subnetAcl,
+    gen: () => FK.gen,
+    tokens: () => K.tokens,
+    allSgs: FK.allSgs,
+    allAcls: FK.allAcls,
+    sgVpc: null,
+    aclVpc: null,
+    cluster: false,
+  },
+  cluster: {
+    sg: (v, id) => `${T(v)}sg:${id}`,
+    sgMembers: (v, id) => `${T(v)}sg:${id}:members`,
+    sgRefBy: (v, id) => `${T(v)}sg:${id}:refby`,
+    sgByName: (v) => `${T(v)}sg:byname`,
+    vpcSgs: (v) => `${T(v)}sgs`,
+    acl: (v, id) => `${T(v)}acl:${id}`,
+    aclSubnets: (v, id) => `${T(v)}acl:${id}:subnets`,
+    aclByName: (v) => `${T(v)}acl:byname`,
+    vpcAcls: (v) => `${T(v)}acls`,
+    subnetAcl: (v) => `${T(v)}subnet-acl`,
+    gen: (v) => `${T(v)}gen`,
+    tokens: IPAM_KEYS.cluster.subnetTokens,
+    allSgs: `${CATALOG}sgs`,
+    allAcls: `${CATALOG}acls`,
+    sgVpc: `${CATALOG}sg:vpc`,
+    aclVpc: `${CATALOG}acl:vpc`,
+    cluster: true,
+  },
+};
+
+/** The layout of the Redis `redis` is (FirewallKeys). */
+export function fwKeys(redis: Redis): FirewallKeys {
+  return redis.isCluster ? FW_KEYS.cluster : FW_KEYS.single;
+}
 
 /** Kinds of the events appended to "mvpc:events" (field "kind"). */
 export const EVENT_KINDS = [

@@ -13,7 +13,7 @@ import { MAX_ACL_ENTRIES, storedAclEntry, storedSgRule } from "./rules.js";
 
 // The firewall's public module: its keys (keys.ts holds them with the layout),
 // the limits other services apply to its records, and the record checks.
-export { EVENT_KINDS, F, FK, NICADDR } from "./keys.js";
+export { EVENT_KINDS, F, FK, FW_KEYS, fwKeys, NICADDR, type FirewallKeys } from "./keys.js";
 export { MAX_GROUPS_PER_NIC } from "./model.js";
 
 export const OWNER = "firewall";

@@ -1,25 +1,36 @@
 // The firewall's Lua scripts: every change is one script, which appends
-// its event to "mvpc:events" in the same step; LOAD_VPC is the read-only
+// its event to the VPC's stream (and on a single Redis "mvpc:events") in the
+// same step; the groups' and ACLs' declare every key (a Redis Cluster runs
+// them, each in its VPC's slot; keys.ts FirewallKeys); LOAD_VPC is the read-only
 // snapshot a hypervisor compiles from. Registered on a connection by
 // defineScripts (ioredis defineCommand: EVALSHA, loaded on first use).
 import type { Redis } from "ioredis";
 import { K } from "../ipam/schema.js";
 import { F, NICADDR, VPN_CLIENTS, VPN_EP } from "./keys.js";
-import { LUA_EMIT } from "../common/events.js";
+import { LUA_EMIT, scriptFor } from "../common/events.js";
+import { defineVariadicCommand } from "../common/redis.js";
 
 // ---------- Lua ----------
 
-// Shared by every script. Names here must match FK.
-const LUA_COMMON = `${LUA_EMIT}
-local F = '${F}'
-local EV = '${K.events}'
-local TOKENS = '${K.tokens}'
-local SUBNET_ACL = F .. 'subnet-acl'
+const LUA_UTIL = `
 local function split(s)
   local t = {}
   if s then for x in string.gmatch(s, '[^,]+') do t[#t + 1] = x end end
   return t
 end
+local function fields_from(first)
+  local f = {}
+  for i = first, #ARGV do f[#f + 1] = ARGV[i] end
+  return f
+end
+`;
+
+// Shared by the bindings' scripts (single Redis names). Names here must match FK.
+const LUA_COMMON = `${LUA_EMIT}
+local F = '${F}'
+local EV = '${K.events}'
+local SUBNET_ACL = F .. 'subnet-acl'
+${LUA_UTIL}
 -- Appends one event; every firewall event carries kind, vpc and gen.
 local function emit(kind, vpc, ...)
   local g = redis.call('INCR', F .. 'gen')
@@ -37,11 +48,6 @@ local function check_groups(ids, vpc, self)
     end
   end
   return nil
-end
-local function fields_from(first)
-  local f = {}
-  for i = first, #ARGV do f[#f + 1] = ARGV[i] end
-  return f
 end
 `;
 
@@ -65,110 +71,139 @@ local function index(nic, host, vpc, groups, addr)
 end
 `;
 
-const LUA_ACL = `
--- Points a subnet at an ACL, taking it from its previous one (whose
--- generation rises). Returns the previous ACL id or ''.
-local function associate(id, s, now)
-  local prev = redis.call('HGET', SUBNET_ACL, s)
-  if prev == id then return '' end
-  if prev then
-    redis.call('SREM', F .. 'acl:' .. prev .. ':subnets', s)
-    redis.call('HINCRBY', F .. 'acl:' .. prev, 'gen', 1)
-    redis.call('HSET', F .. 'acl:' .. prev, 'updated', now)
-  end
-  redis.call('HSET', SUBNET_ACL, s, id)
-  redis.call('SADD', F .. 'acl:' .. id .. ':subnets', s)
-  return prev or ''
+// ---- groups and ACLs: every key declared (FirewallKeys, keys.ts) ----
+
+// The prelude of the declared-key scripts. A script takes the keys of the
+// groups or ACLs its change names (peers, an ACL a subnet leaves) from the
+// caller, who read them first, and refuses with {-8, …} (or {-2, gen}) when
+// what it finds differs from what the caller read: the caller reads again
+// and retries.
+const LUA_DECLARED = `${LUA_EMIT}${LUA_UTIL}
+-- Appends one event, with the VPC's next change count (gk: its counter).
+local function emit(gk, kind, vpc, ...)
+  local g = redis.call('INCR', gk)
+  mvpc_emit({vpc}, {}, 'kind', kind, 'vpc', vpc, 'gen', g, ...)
+  return g
 end
--- Every subnet must exist (in IPAM) and belong to the VPC.
-local function check_subnets(subnets, vpc)
-  for _, s in ipairs(subnets) do
-    local v = redis.call('HGET', 'mvpc:subnet:' .. s, 'vpc')
-    if not v then return {-7, s} end
-    if v ~= vpc then return {-6, s .. ',' .. v} end
+-- Every peer (KEYS[first + i - 1] its record) must be a group of the VPC ('self' is the group being written).
+local function check_peers(ids, first, vpc, self)
+  for i, g in ipairs(ids) do
+    if g ~= self then
+      local v = redis.call('HGET', KEYS[first + i - 1], 'vpc')
+      if not v then return {-3, g} end
+      if v ~= vpc then return {-5, g .. ',' .. v} end
+    end
   end
   return nil
+end
+-- A client token's earlier create (KEYS[k] the record of the id the caller
+-- found for it, ARGV[a] that id or ''): the id if its record is there; {-9}
+-- if the token names another id now (the caller reads it again).
+local function by_token(tokens, field, k, a)
+  local prev = redis.call('HGET', tokens, field)
+  if (prev or '') ~= ARGV[a] then return nil, {-9, prev or ''} end
+  if prev and redis.call('EXISTS', KEYS[k]) == 1 then return prev, nil end
+  return nil, nil
 end
 `;
 
 /**
- * KEYS: 1 group hash. ARGV: 1 id, 2 vpc, 3 name, 4 client token, 5 peer ids
- * (csv), then field/value pairs. Returns {1, id} created, {0, id} found by
- * token, {-1, id} name taken, {-3, g} peer missing, {-5, "g,vpc"} peer of
- * another VPC, {-4} VPC gone.
+ * KEYS: 1 group hash, 2 the VPC's record (IPAM), 3 client tokens, 4 the
+ * VPC's names → ids, 5 the VPC's listing, 6 its change counter, 7 the
+ * record of the group the client token names (ARGV[6]; else KEYS[1]), then
+ * per peer (ARGV[5], in order) its record, then per peer its refby set,
+ * and on a single Redis last the listing of every group.
+ * ARGV: 1 id, 2 vpc, 3 name, 4 client token, 5 peer ids (csv), 6 the group
+ * the token named when the caller read it (''), then field/value pairs.
+ * Returns {1, id} created, {0, id} found by token, {-1, id} name taken,
+ * {-3, g} peer missing, {-5, "g,vpc"} peer of another VPC, {-4} VPC gone,
+ * {-9, id} the token names another group now.
  */
-const CREATE_SG = `${LUA_COMMON}
+const CREATE_SG = `${LUA_DECLARED}
 local id, vpc, name, tok = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('EXISTS', 'mvpc:vpc:' .. vpc) == 0 then return {-4, vpc} end
-if tok ~= '' then
-  local prev = redis.call('HGET', TOKENS, 'sg\\n' .. tok)
-  if prev and redis.call('EXISTS', F .. 'sg:' .. prev) == 1 then return {0, prev} end
-end
-local taken = redis.call('HGET', F .. 'vpc:' .. vpc .. ':sg:byname', name)
-if taken then return {-1, taken} end
 local peers = split(ARGV[5])
-local bad = check_groups(peers, vpc, id)
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-4, vpc} end
+if tok ~= '' then
+  local prev, changed = by_token(KEYS[3], 'sg\\n' .. tok, 7, 6)
+  if changed then return changed end
+  if prev then return {0, prev} end
+end
+local taken = redis.call('HGET', KEYS[4], name)
+if taken then return {-1, taken} end
+local bad = check_peers(peers, 8, vpc, id)
 if bad then return bad end
-redis.call('HSET', KEYS[1], unpack(fields_from(6)))
-redis.call('HSET', F .. 'vpc:' .. vpc .. ':sg:byname', name, id)
-redis.call('ZADD', F .. 'vpc:' .. vpc .. ':sgs', 0, name .. '/' .. id)
-redis.call('ZADD', F .. 'sgs', 0, name .. '/' .. id)
-for _, p in ipairs(peers) do redis.call('SADD', F .. 'sg:' .. p .. ':refby', id) end
-if tok ~= '' then redis.call('HSET', TOKENS, 'sg\\n' .. tok, id) end
-emit('fw.sg.created', vpc, 'sg', id, 'name', name)
+redis.call('PERSIST', KEYS[2])
+redis.call('HSET', KEYS[1], unpack(fields_from(7)))
+redis.call('HSET', KEYS[4], name, id)
+redis.call('ZADD', KEYS[5], 0, name .. '/' .. id)
+if #KEYS > 7 + 2 * #peers then redis.call('ZADD', KEYS[#KEYS], 0, name .. '/' .. id) end
+for i = 1, #peers do redis.call('SADD', KEYS[7 + #peers + i], id) end
+if tok ~= '' then redis.call('HSET', KEYS[3], 'sg\\n' .. tok, id) end
+emit(KEYS[6], 'fw.sg.created', vpc, 'sg', id, 'name', name)
 return {1, id}
 `;
 
 /**
- * KEYS: 1 group hash. ARGV: 1 id, 2 generation the change was computed
- * from, 3 new peer ids (csv), then field/value pairs. Returns {1, gen},
- * {-2, current gen} changed meanwhile, {-4} gone, {-3}/{-5} as CREATE_SG.
+ * KEYS: 1 group hash, 2 the VPC's change counter, then per old peer
+ * (ARGV[3]) its refby set, then per new peer (ARGV[4]) its record, then per
+ * new peer its refby set.
+ * ARGV: 1 id, 2 vpc, 3 the old peer ids (csv) and 4 the generation the
+ * change was computed from, 5 new peer ids (csv), then field/value pairs.
+ * Returns {1, gen}, {-2, current gen} changed meanwhile (or its peers are
+ * not those read at that generation), {-4} gone, {-3}/{-5} as CREATE_SG.
  */
-const UPDATE_SG = `${LUA_COMMON}
-local id = ARGV[1]
-local vpc = redis.call('HGET', KEYS[1], 'vpc')
-if not vpc then return {-4, ''} end
-local gen = tonumber(redis.call('HGET', KEYS[1], 'gen'))
-if gen ~= tonumber(ARGV[2]) then return {-2, gen} end
-local peers = split(ARGV[3])
-local bad = check_groups(peers, vpc, id)
+const UPDATE_SG = `${LUA_DECLARED}
+local id, vpc = ARGV[1], ARGV[2]
+local cur = redis.call('HMGET', KEYS[1], 'vpc', 'gen', 'peers')
+if cur[1] ~= vpc then return {-4, ''} end
+local gen = tonumber(cur[2])
+if gen ~= tonumber(ARGV[4]) or (cur[3] or '') ~= ARGV[3] then return {-2, gen or 0} end
+local old, peers = split(ARGV[3]), split(ARGV[5])
+local first = 3 + #old
+local bad = check_peers(peers, first, vpc, id)
 if bad then return bad end
-for _, p in ipairs(split(redis.call('HGET', KEYS[1], 'peers'))) do redis.call('SREM', F .. 'sg:' .. p .. ':refby', id) end
-for _, p in ipairs(peers) do redis.call('SADD', F .. 'sg:' .. p .. ':refby', id) end
-redis.call('HSET', KEYS[1], 'gen', gen + 1, unpack(fields_from(4)))
-emit('fw.sg.updated', vpc, 'sg', id, 'sg_gen', gen + 1)
+for i = 1, #old do redis.call('SREM', KEYS[2 + i], id) end
+for i = 1, #peers do redis.call('SADD', KEYS[first + #peers + i - 1], id) end
+redis.call('HSET', KEYS[1], 'gen', gen + 1, unpack(fields_from(6)))
+emit(KEYS[2], 'fw.sg.updated', vpc, 'sg', id, 'sg_gen', gen + 1)
 return {1, gen + 1}
 `;
 
 /**
- * KEYS: 1 group hash. ARGV: 1 id. Returns {1} deleted, {0} absent,
- * {-1, nics, n} bound NICs, {-2, groups, n} groups naming it as peer.
+ * KEYS: 1 group hash, 2 its members, 3 its refby set, 4 the VPC's names →
+ * ids, 5 the VPC's listing, 6 its change counter, then per peer (ARGV[3])
+ * its refby set, and on a single Redis last the listing of every group.
+ * ARGV: 1 id, 2 vpc, 3 the peer ids the caller read (csv).
+ * Returns {1, name} deleted, {0} absent, {-1, nics, n} bound NICs, {-2,
+ * groups, n} groups naming it as peer, {-8} its peers are not those read.
  */
-const DELETE_SG = `${LUA_COMMON}
-local id = ARGV[1]
-local vpc = redis.call('HGET', KEYS[1], 'vpc')
-if not vpc then return {0, '', 0} end
-local nics = redis.call('HKEYS', F .. 'sg:' .. id .. ':members')
+const DELETE_SG = `${LUA_DECLARED}
+local id, vpc = ARGV[1], ARGV[2]
+local cur = redis.call('HMGET', KEYS[1], 'vpc', 'name', 'peers')
+if cur[1] ~= vpc then return {0, '', 0} end
+if (cur[3] or '') ~= ARGV[3] then return {-8, '', 0} end
+local nics = redis.call('HKEYS', KEYS[2])
 if #nics > 0 then
   table.sort(nics)
   return {-1, table.concat(nics, ',', 1, math.min(#nics, 10)), #nics}
 end
 local refs = {}
-for _, g in ipairs(redis.call('SMEMBERS', F .. 'sg:' .. id .. ':refby')) do
+for _, g in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   if g ~= id then refs[#refs + 1] = g end
 end
 if #refs > 0 then
   table.sort(refs)
   return {-2, table.concat(refs, ',', 1, math.min(#refs, 10)), #refs}
 end
-for _, p in ipairs(split(redis.call('HGET', KEYS[1], 'peers'))) do redis.call('SREM', F .. 'sg:' .. p .. ':refby', id) end
-local name = redis.call('HGET', KEYS[1], 'name')
-redis.call('DEL', KEYS[1], F .. 'sg:' .. id .. ':members', F .. 'sg:' .. id .. ':refby')
-redis.call('HDEL', F .. 'vpc:' .. vpc .. ':sg:byname', name)
-redis.call('ZREM', F .. 'vpc:' .. vpc .. ':sgs', name .. '/' .. id)
-redis.call('ZREM', F .. 'sgs', name .. '/' .. id)
-emit('fw.sg.deleted', vpc, 'sg', id, 'name', name)
-return {1, '', 0}
+local peers = split(ARGV[3])
+for i = 1, #peers do redis.call('SREM', KEYS[6 + i], id) end
+local name = cur[2]
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('HDEL', KEYS[4], name)
+redis.call('ZREM', KEYS[5], name .. '/' .. id)
+if #KEYS > 6 + #peers then redis.call('ZREM', KEYS[#KEYS], name .. '/' .. id) end
+emit(KEYS[6], 'fw.sg.deleted', vpc, 'sg', id, 'name', name)
+return {1, name, 0}
 `;
 
 /**
@@ -215,106 +250,178 @@ local g = emit('fw.binding.removed', old[3], 'nic', nic, 'host', old[2], 'addres
 return {1, old[3], tostring(g), old[2] or ''}
 `;
 
-/**
- * KEYS: 1 acl hash. ARGV: 1 id, 2 vpc, 3 name, 4 client token, 5 subnet ids
- * (csv), 6 now, then field/value pairs. Returns {1, id}, {0, id} found by
- * token, {-1, id} name taken, {-4} VPC gone, {-6, "subnet,vpc"} subnet of
- * another VPC, {-7, subnet} no such subnet.
- */
-const CREATE_ACL = `${LUA_COMMON}${LUA_ACL}
-local id, vpc, name, tok, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
-if redis.call('EXISTS', 'mvpc:vpc:' .. vpc) == 0 then return {-4, vpc} end
-if tok ~= '' then
-  local prev = redis.call('HGET', TOKENS, 'acl\\n' .. tok)
-  if prev and redis.call('EXISTS', F .. 'acl:' .. prev) == 1 then return {0, prev} end
+// Subnets and their previous ACLs, for CREATE_ACL and ASSOCIATE: ARGV[sa]
+// the subnet ids (csv), KEYS[sk + i - 1] their records in the VPC (IPAM),
+// ARGV[pa] the ACL each subnet had when the caller read (csv, aligned, ''
+// for none), and from KEYS[pk] a hash and a subnets set per ACL named there
+// (in order of first appearance).
+const LUA_ACL = `
+local function subnets_ok(subnets, sk, vpc)
+  for i, s in ipairs(subnets) do
+    local v = redis.call('HGET', KEYS[sk + i - 1], 'vpc')
+    if not v then return {-7, s} end
+    if v ~= vpc then return {-6, s .. ',' .. v} end
+  end
+  return nil
 end
-local taken = redis.call('HGET', F .. 'vpc:' .. vpc .. ':acl:byname', name)
+-- The keys of each previous ACL, or {-8} if a subnet's ACL is not the one read.
+local function previous(subnets, sacl, pa, pk)
+  local was, keys, n = {}, {}, 0
+  local i = 0
+  for x in string.gmatch(ARGV[pa] .. ',', '([^,]*),') do
+    i = i + 1
+    if subnets[i] then
+      if (redis.call('HGET', sacl, subnets[i]) or '') ~= x then return nil, {-8, subnets[i]} end
+      was[i] = x
+      if x ~= '' and not keys[x] then keys[x] = {KEYS[pk + 2 * n], KEYS[pk + 2 * n + 1]} n = n + 1 end
+    end
+  end
+  return {was, keys}, nil
+end
+-- Points subnet i at the ACL (id, its subnets set), taking it from its
+-- previous one (whose generation rises). Returns the previous ACL id or ''.
+local function associate(id, subnets_key, sacl, s, prev, pkeys, now)
+  if prev == id then return '' end
+  if prev ~= '' then
+    redis.call('SREM', pkeys[prev][2], s)
+    redis.call('HINCRBY', pkeys[prev][1], 'gen', 1)
+    redis.call('HSET', pkeys[prev][1], 'updated', now)
+  end
+  redis.call('HSET', sacl, s, id)
+  redis.call('SADD', subnets_key, s)
+  return prev
+end
+`;
+
+/**
+ * KEYS: 1 acl hash, 2 its subnets set, 3 the VPC's record (IPAM), 4 client
+ * tokens, 5 the VPC's names → ids, 6 its listing, 7 its change counter, 8
+ * the VPC's subnet → ACL hash, 9 the record of the ACL the client token
+ * names (ARGV[7]; else KEYS[1]), then per subnet (ARGV[5]) its record in the
+ * VPC, then per previous ACL (ARGV[8], LUA_ACL) its hash and subnets set,
+ * and on a single Redis last the listing of every ACL.
+ * ARGV: 1 id, 2 vpc, 3 name, 4 client token, 5 subnet ids (csv), 6 now, 7
+ * the ACL the token named when read (''), 8 each subnet's ACL when read,
+ * 9 how many previous ACLs, then field/value pairs.
+ * Returns {1, id}, {0, id} found by token, {-1, id} name taken, {-4} VPC
+ * gone, {-6, "subnet,vpc"} subnet of another VPC, {-7, subnet} no such
+ * subnet, {-8, subnet} its ACL changed since read, {-9} the token names
+ * another ACL now.
+ */
+const CREATE_ACL = `${LUA_DECLARED}${LUA_ACL}
+local id, vpc, name, tok, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+if redis.call('EXISTS', KEYS[3]) == 0 then return {-4, vpc} end
+if tok ~= '' then
+  local prev, changed = by_token(KEYS[4], 'acl\\n' .. tok, 9, 7)
+  if changed then return changed end
+  if prev then return {0, prev} end
+end
+local taken = redis.call('HGET', KEYS[5], name)
 if taken then return {-1, taken} end
 local subnets = split(ARGV[5])
-local bad = check_subnets(subnets, vpc)
+local bad = subnets_ok(subnets, 10, vpc)
 if bad then return bad end
-redis.call('HSET', KEYS[1], unpack(fields_from(7)))
-redis.call('HSET', F .. 'vpc:' .. vpc .. ':acl:byname', name, id)
-redis.call('ZADD', F .. 'vpc:' .. vpc .. ':acls', 0, name .. '/' .. id)
-redis.call('ZADD', F .. 'acls', 0, name .. '/' .. id)
+local pk = 10 + #subnets
+local prev, changed = previous(subnets, KEYS[8], 8, pk)
+if changed then return changed end
+redis.call('PERSIST', KEYS[3])
+redis.call('HSET', KEYS[1], unpack(fields_from(10)))
+redis.call('HSET', KEYS[5], name, id)
+redis.call('ZADD', KEYS[6], 0, name .. '/' .. id)
+if #KEYS > pk + 2 * tonumber(ARGV[9]) - 1 then redis.call('ZADD', KEYS[#KEYS], 0, name .. '/' .. id) end
 local prevs = {}
-for _, s in ipairs(subnets) do
-  local p = associate(id, s, now)
+for i, s in ipairs(subnets) do
+  local p = associate(id, KEYS[2], KEYS[8], s, prev[1][i], prev[2], now)
   if p ~= '' then prevs[#prevs + 1] = p end
 end
-if tok ~= '' then redis.call('HSET', TOKENS, 'acl\\n' .. tok, id) end
-emit('fw.acl.created', vpc, 'acl', id, 'name', name, 'subnets', ARGV[5], 'prev_acls', table.concat(prevs, ','))
+if tok ~= '' then redis.call('HSET', KEYS[4], 'acl\\n' .. tok, id) end
+emit(KEYS[7], 'fw.acl.created', vpc, 'acl', id, 'name', name, 'subnets', ARGV[5], 'prev_acls', table.concat(prevs, ','))
 return {1, id}
 `;
 
 /**
- * KEYS: 1 acl hash. ARGV: 1 id, 2 generation the change was computed
- * from, then field/value pairs. Returns {1, gen}, {-2, gen}, {-4}.
+ * KEYS: 1 acl hash, 2 its subnets set, 3 the VPC's change counter.
+ * ARGV: 1 id, 2 vpc, 3 generation the change was computed from, then
+ * field/value pairs. Returns {1, gen}, {-2, gen}, {-4}.
  */
-const UPDATE_ACL = `${LUA_COMMON}
-local id = ARGV[1]
-local vpc = redis.call('HGET', KEYS[1], 'vpc')
-if not vpc then return {-4, ''} end
-local gen = tonumber(redis.call('HGET', KEYS[1], 'gen'))
-if gen ~= tonumber(ARGV[2]) then return {-2, gen} end
-redis.call('HSET', KEYS[1], 'gen', gen + 1, unpack(fields_from(3)))
-local subnets = redis.call('SMEMBERS', F .. 'acl:' .. id .. ':subnets')
+const UPDATE_ACL = `${LUA_DECLARED}
+local id, vpc = ARGV[1], ARGV[2]
+local cur = redis.call('HMGET', KEYS[1], 'vpc', 'gen')
+if cur[1] ~= vpc then return {-4, ''} end
+local gen = tonumber(cur[2])
+if gen ~= tonumber(ARGV[3]) then return {-2, gen or 0} end
+redis.call('HSET', KEYS[1], 'gen', gen + 1, unpack(fields_from(4)))
+local subnets = redis.call('SMEMBERS', KEYS[2])
 table.sort(subnets)
-emit('fw.acl.updated', vpc, 'acl', id, 'acl_gen', gen + 1, 'subnets', table.concat(subnets, ','))
+emit(KEYS[3], 'fw.acl.updated', vpc, 'acl', id, 'acl_gen', gen + 1, 'subnets', table.concat(subnets, ','))
 return {1, gen + 1}
 `;
 
-/** KEYS: 1 acl hash. ARGV: 1 id. Returns {1} deleted, {0} absent, {-1, subnets, n}. */
-const DELETE_ACL = `${LUA_COMMON}
-local id = ARGV[1]
-local vpc = redis.call('HGET', KEYS[1], 'vpc')
-if not vpc then return {0, '', 0} end
-local subnets = redis.call('SMEMBERS', F .. 'acl:' .. id .. ':subnets')
+/**
+ * KEYS: 1 acl hash, 2 its subnets set, 3 the VPC's names → ids, 4 its
+ * listing, 5 its change counter, and on a single Redis last the listing of
+ * every ACL. ARGV: 1 id, 2 vpc.
+ * Returns {1, name} deleted, {0} absent, {-1, subnets, n}.
+ */
+const DELETE_ACL = `${LUA_DECLARED}
+local id, vpc = ARGV[1], ARGV[2]
+local cur = redis.call('HMGET', KEYS[1], 'vpc', 'name')
+if cur[1] ~= vpc then return {0, '', 0} end
+local subnets = redis.call('SMEMBERS', KEYS[2])
 if #subnets > 0 then
   table.sort(subnets)
   return {-1, table.concat(subnets, ',', 1, math.min(#subnets, 10)), #subnets}
 end
-local name = redis.call('HGET', KEYS[1], 'name')
-redis.call('DEL', KEYS[1], F .. 'acl:' .. id .. ':subnets')
-redis.call('HDEL', F .. 'vpc:' .. vpc .. ':acl:byname', name)
-redis.call('ZREM', F .. 'vpc:' .. vpc .. ':acls', name .. '/' .. id)
-redis.call('ZREM', F .. 'acls', name .. '/' .. id)
-emit('fw.acl.deleted', vpc, 'acl', id, 'name', name)
-return {1, '', 0}
+local name = cur[2]
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HDEL', KEYS[3], name)
+redis.call('ZREM', KEYS[4], name .. '/' .. id)
+if KEYS[6] then redis.call('ZREM', KEYS[6], name .. '/' .. id) end
+emit(KEYS[5], 'fw.acl.deleted', vpc, 'acl', id, 'name', name)
+return {1, name, 0}
 `;
 
 /**
- * KEYS: 1 acl hash. ARGV: 1 acl id, 2 subnet id, 3 now. Returns {1, prev}
- * associated (prev = previous ACL or ''), {0, ''} already so, {-4} no
- * ACL, {-6}/{-7} as CREATE_ACL.
+ * KEYS: 1 acl hash, 2 its subnets set, 3 the VPC's subnet → ACL hash, 4 its
+ * change counter, 5 the subnet's record in the VPC (IPAM), then the
+ * previous ACL's hash and subnets set if the subnet had one (LUA_ACL).
+ * ARGV: 1 acl id, 2 vpc, 3 subnet id, 4 now, 5 the subnet's ACL when read ('').
+ * Returns {1, prev} associated (prev = previous ACL or ''), {0, ''} already
+ * so, {-4} no ACL, {-6}/{-7}/{-8} as CREATE_ACL.
  */
-const ASSOCIATE = `${LUA_COMMON}${LUA_ACL}
-local id, s, now = ARGV[1], ARGV[2], ARGV[3]
-local vpc = redis.call('HGET', KEYS[1], 'vpc')
-if not vpc then return {-4, ''} end
-local bad = check_subnets({s}, vpc)
+const ASSOCIATE = `${LUA_DECLARED}${LUA_ACL}
+local id, vpc, s, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('HGET', KEYS[1], 'vpc') ~= vpc then return {-4, ''} end
+local bad = subnets_ok({s}, 5, vpc)
 if bad then return bad end
-if redis.call('HGET', SUBNET_ACL, s) == id then return {0, ''} end
-local prev = associate(id, s, now)
+if redis.call('HGET', KEYS[3], s) == id then return {0, ''} end
+local prev, changed = previous({s}, KEYS[3], 5, 6)
+if changed then return changed end
+local p = associate(id, KEYS[2], KEYS[3], s, prev[1][1], prev[2], now)
 redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('HSET', KEYS[1], 'updated', now)
-emit('fw.acl.associated', vpc, 'acl', id, 'subnet', s, 'prev_acl', prev)
-return {1, prev}
+emit(KEYS[4], 'fw.acl.associated', vpc, 'acl', id, 'subnet', s, 'prev_acl', p)
+return {1, p}
 `;
 
-/** KEYS: 1 subnet→acl hash. ARGV: 1 subnet, 2 now. Returns {1, prev} or {0, ''}. */
-const DISASSOCIATE = `${LUA_COMMON}
-local s, now = ARGV[1], ARGV[2]
+/**
+ * KEYS: 1 the VPC's subnet → ACL hash, 2 its change counter, 3 and 4 the
+ * hash and subnets set of the ACL the subnet had when read (ARGV[4]).
+ * ARGV: 1 subnet, 2 now, 3 vpc, 4 the subnet's ACL when read.
+ * Returns {1, prev}, {0, ''} none, {-8} another ACL now.
+ */
+const DISASSOCIATE = `${LUA_DECLARED}
+local s, now, vpc = ARGV[1], ARGV[2], ARGV[3]
 local prev = redis.call('HGET', KEYS[1], s)
 if not prev then return {0, ''} end
+if prev ~= ARGV[4] then return {-8, prev} end
 redis.call('HDEL', KEYS[1], s)
-redis.call('SREM', F .. 'acl:' .. prev .. ':subnets', s)
-local vpc = redis.call('HGET', F .. 'acl:' .. prev, 'vpc')
-if vpc then
-  redis.call('HINCRBY', F .. 'acl:' .. prev, 'gen', 1)
-  redis.call('HSET', F .. 'acl:' .. prev, 'updated', now)
+redis.call('SREM', KEYS[4], s)
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'gen', 1)
+  redis.call('HSET', KEYS[3], 'updated', now)
 end
-emit('fw.acl.disassociated', vpc or '', 'acl', prev, 'subnet', s)
+emit(KEYS[2], 'fw.acl.disassociated', vpc, 'acl', prev, 'subnet', s)
 return {1, prev}
 `;
 
@@ -482,16 +589,18 @@ declare module "ioredis" {
 export function defineScripts(redis: Redis): void {
   if ((redis as unknown as { mvpcFwCreateSg?: unknown }).mvpcFwCreateSg) return;
   const def = (name: string, lua: string) => redis.defineCommand(name, { numberOfKeys: 1, lua });
-  def("mvpcFwCreateSg", CREATE_SG);
-  def("mvpcFwUpdateSg", UPDATE_SG);
-  def("mvpcFwDeleteSg", DELETE_SG);
+  // The groups' and ACLs' scripts: the key count first, then the keys (FirewallKeys).
+  const declared = (name: string, lua: string) => defineVariadicCommand(redis, name, scriptFor(redis, lua));
+  declared("mvpcFwCreateSg", CREATE_SG);
+  declared("mvpcFwUpdateSg", UPDATE_SG);
+  declared("mvpcFwDeleteSg", DELETE_SG);
+  declared("mvpcFwCreateAcl", CREATE_ACL);
+  declared("mvpcFwUpdateAcl", UPDATE_ACL);
+  declared("mvpcFwDeleteAcl", DELETE_ACL);
+  declared("mvpcFwAssociate", ASSOCIATE);
+  declared("mvpcFwDisassociate", DISASSOCIATE);
   def("mvpcFwBind", BIND);
   def("mvpcFwUnbind", UNBIND);
-  def("mvpcFwCreateAcl", CREATE_ACL);
-  def("mvpcFwUpdateAcl", UPDATE_ACL);
-  def("mvpcFwDeleteAcl", DELETE_ACL);
-  def("mvpcFwAssociate", ASSOCIATE);
-  def("mvpcFwDisassociate", DISASSOCIATE);
   def("mvpcFwLoadVpc", LOAD_VPC);
   def("mvpcFwAdoptSigs", ADOPT_SIGS);
 }

@@ -319,12 +319,12 @@ export class FirewallApi {
   }
 
   private async groupMsgs(groups: SecurityGroupRec[]): Promise<SecurityGroup[]> {
-    const counts = await this.store.memberCounts(groups.map((g) => g.id));
+    const counts = await this.store.memberCounts(groups);
     return groups.map((g, i) => groupMsg(g, counts[i]));
   }
 
   private async bindingMsgs(bindings: BindingRec[]): Promise<NicBinding[]> {
-    const acls = await this.store.aclsOfSubnets(bindings.map((b) => b.subnetId));
+    const acls = await this.store.aclsOfSubnets(bindings);
     return bindings.map((b, i) => bindingMsg(b, acls[i]));
   }
 

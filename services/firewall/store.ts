@@ -37,8 +37,10 @@ import {
 } from "./schema.js";
 
 import { parseVpnClient, parseVpnEndpoint, vpnKeys } from "../netagent/schema.js";
-import { FK } from "./keys.js";
-import { defineScripts } from "./scripts.js";
+import { idOrNull, isId } from "../common/ids.js";
+import { ipamKeys, K, type IpamKeys } from "../ipam/schema.js";
+import { FK, fwKeys, type FirewallKeys } from "./keys.js";
+import { defineScripts, type Reply } from "./scripts.js";
 
 /** The resource changed since it was read (expected_generation no longer matches). */
 export class AbortedError extends DomainError {
@@ -120,13 +122,23 @@ function bindingWhere(sig: string): InvalidWhere {
   return { field: "sig", vpcId: typeof vpcId === "string" && /^vpc-[0-9a-f]{12}$/.test(vpcId) ? vpcId : undefined };
 }
 
+/** How many times a change is tried again when what it read changed before its script ran (a client token, a subnet's ACL, a group's peers). */
+const TOKEN_ATTEMPTS = 5;
+
 export class FirewallStore {
+  /** Where the groups' and ACLs' keys are (keys.ts FirewallKeys). */
+  private readonly L: FirewallKeys;
+  /** IPAM's keys the creates check (a VPC's record, its subnets'). */
+  private readonly I: IpamKeys;
+
   /** log: where skipped records are reported (once per key and reason). */
   constructor(
     readonly redis: Redis,
     readonly log?: Pick<Logger, "warn">,
   ) {
     defineScripts(redis);
+    this.L = fwKeys(redis);
+    this.I = ipamKeys(redis);
   }
 
   /** The value of a record that parsed; otherwise reports it (logged and counted once) and gives null. */
@@ -157,6 +169,19 @@ export class FirewallStore {
 
   // ---- security groups ----
 
+  /** The VPC of a group or ACL: on a cluster from the catalog (null if not there); on a single Redis "" (its keys do not name the VPC). */
+  private async vpcOf(kind: "sg" | "acl", id: string): Promise<string | null> {
+    const catalog = kind === "sg" ? this.L.sgVpc : this.L.aclVpc;
+    if (!catalog) return "";
+    return idOrNull("vpc", await this.redis.hget(catalog, id));
+  }
+
+  /** The id the client token names now in the VPC (null if none, or if what is there is no id of this kind). */
+  private async tokenHolder(vpcId: string, kind: "sg" | "acl", clientToken: string): Promise<string> {
+    if (!clientToken) return "";
+    return (await this.redis.hget(this.L.tokens(vpcId), `${kind}\n${clientToken}`)) ?? "";
+  }
+
   /** Creates a group; rules must be normalized and their peers resolved to ids. */
   async createGroup(
     g: Omit<SecurityGroupRec, "generation" | "createdMs" | "updatedMs" | "id"> & { id?: string },
@@ -180,53 +205,70 @@ export class FirewallStore {
       created: now,
       updated: now,
     };
-    const [code, ref] = await this.redis.mvpcFwCreateSg(FK.sg(id), id, g.vpcId, g.name, clientToken, peers.join(","), ...flat(fields));
+    const L = this.L;
+    const v = g.vpcId;
+    // On a cluster the catalog names the group's VPC before the group exists, so that it is found by id once it does.
+    if (L.sgVpc) await this.redis.hset(L.sgVpc, id, v);
+    let reply: Reply | undefined;
+    for (let attempt = 0; attempt < TOKEN_ATTEMPTS && (!reply || reply[0] === -9); attempt++) {
+      const held = await this.tokenHolder(v, "sg", clientToken);
+      const keys = [
+        L.sg(v, id),
+        this.I.vpc(v),
+        L.tokens(v),
+        L.sgByName(v),
+        L.vpcSgs(v),
+        L.gen(v),
+        isId("sg", held) ? L.sg(v, held) : L.sg(v, id),
+        ...peers.map((p) => L.sg(v, p)),
+        ...peers.map((p) => L.sgRefBy(v, p)),
+        ...(L.cluster ? [] : [L.allSgs]),
+      ];
+      reply = await this.redis.mvpcFwCreateSg(keys.length, ...keys, id, v, g.name, clientToken, peers.join(","), held, ...flat(fields));
+    }
+    const [code, ref] = reply!;
+    if (code !== 1 && L.sgVpc) await this.redis.hdel(L.sgVpc, id);
+    if (code === -9) throw new AbortedError(`client token ${JSON.stringify(clientToken)} is being used by another create at the same time; retry`);
     if (code === -1)
       throw new AlreadyExistsError(
         `VPC ${g.vpcId} already has a security group named ${JSON.stringify(g.name)} (${ref}); pick another name or update that group`,
       );
     if (code < 0) this.groupError(code, ref, "rules", g.vpcId);
-    const group = await this.getGroup(String(ref));
+    const group = await this.getGroup(String(ref), v);
     if (!group) throw new NotFoundError("security group", String(ref), "it was deleted while being created");
+    if (L.cluster) await this.redis.zadd(L.allSgs, 0, `${group.name}/${group.id}`);
     return { group, created: code === 1 };
   }
 
-  async getGroup(id: string): Promise<SecurityGroupRec | null> {
-    const h = await this.hash("security-group", FK.sg(id));
-    return h && Object.keys(h).length ? this.ok("security-group", FK.sg(id), parseGroup(h, id)) : null;
+  /** A group by id; vpcId when the caller knows it (on a cluster the catalog is read otherwise). */
+  async getGroup(id: string, vpcId?: string): Promise<SecurityGroupRec | null> {
+    const v = vpcId ?? (await this.vpcOf("sg", id));
+    if (v === null) return null;
+    const key = this.L.sg(v, id);
+    const h = await this.hash("security-group", key);
+    if (!h || !Object.keys(h).length) return null;
+    const g = this.ok("security-group", key, parseGroup(h, id));
+    if (g && this.L.cluster && g.vpcId !== v) {
+      reportInvalid(OWNER, "security-group", key, `names VPC ${g.vpcId}, but is kept under ${v}`, this.log, { field: "vpc", vpcId: v });
+      return null;
+    }
+    return g;
   }
 
   async resolveGroup(vpcId: string, name: string): Promise<string | null> {
-    return await this.redis.hget(FK.sgByName(vpcId), name);
+    return idOrNull("sg", await this.redis.hget(this.L.sgByName(vpcId), name));
   }
 
   /** NICs bound to each group, on every host. */
-  async memberCounts(ids: string[]): Promise<number[]> {
-    if (ids.length === 0) return [];
-    const p = this.redis.pipeline();
-    for (const id of ids) p.hlen(FK.sgMembers(id));
-    const r = (await p.exec()) ?? [];
-    return r.map(([err, n]) => {
-      if (err) throw err;
-      return Number(n);
-    });
-  }
-
-  /** Members of a group: nic id → address. */
-  async groupMembers(id: string): Promise<Map<string, string>> {
-    const out = new Map<string, string>();
-    for (const [nic, addr] of Object.entries((await this.hash("member", FK.sgMembers(id))) ?? {})) {
-      const a = this.ok("member", FK.sgMembers(id), parseMember(nic, addr), () => ({ field: nic }));
-      if (a !== null) out.set(nic, a);
-    }
-    return out;
+  async memberCounts(groups: { id: string; vpcId: string }[]): Promise<number[]> {
+    return Promise.all(groups.map((g) => this.redis.hlen(this.L.sgMembers(g.vpcId, g.id))));
   }
 
   /** Groups ordered by name (then id), after the cursor "name/id". */
   async listGroups(vpcId: string | null, after: string, limit: number): Promise<SecurityGroupRec[]> {
-    const key = vpcId ? FK.vpcSgs(vpcId) : FK.allSgs;
+    const key = vpcId ? this.L.vpcSgs(vpcId) : this.L.allSgs;
     const members = await this.redis.zrangebylex(key, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    const groups = await Promise.all(members.map((m) => this.getGroup(m.slice(m.lastIndexOf("/") + 1))));
+    const groups = await Promise.all(members.map((m) => this.getGroup(m.slice(m.lastIndexOf("/") + 1), vpcId ?? undefined)));
     return groups.filter((x): x is SecurityGroupRec => !!x);
   }
 
@@ -237,7 +279,8 @@ export class FirewallStore {
    */
   async updateGroup(g: SecurityGroupRec, fromGeneration: number, change: GroupChange): Promise<SecurityGroupRec> {
     const fields: Record<string, string | number> = { updated: Date.now() };
-    let peers = peersOf(g.rules);
+    const old = peersOf(g.rules);
+    let peers = old;
     if (change.rules) {
       if (change.rules.length > MAX_RULES_PER_GROUP)
         throw new InvalidArgumentError("rules", `the group would have ${change.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
@@ -247,7 +290,10 @@ export class FirewallStore {
     }
     if (change.description !== undefined) fields.description = change.description;
     if (change.dropLogging !== undefined) fields.logging = storedLoggingText(change.dropLogging);
-    const [code, detail] = await this.redis.mvpcFwUpdateSg(FK.sg(g.id), g.id, fromGeneration, peers.join(","), ...flat(fields));
+    const L = this.L;
+    const v = g.vpcId;
+    const keys = [L.sg(v, g.id), L.gen(v), ...old.map((p) => L.sgRefBy(v, p)), ...peers.map((p) => L.sg(v, p)), ...peers.map((p) => L.sgRefBy(v, p))];
+    const [code, detail] = await this.redis.mvpcFwUpdateSg(keys.length, ...keys, g.id, v, old.join(","), fromGeneration, peers.join(","), ...flat(fields));
     if (code === -2) {
       throw new AbortedError(
         `security group ${g.name} (${g.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`,
@@ -255,26 +301,54 @@ export class FirewallStore {
     }
     if (code === -4) throw new NotFoundError("security group", g.id, "it was deleted");
     if (code < 0) this.groupError(code, detail, "rules", g.vpcId);
-    const after = await this.getGroup(g.id);
+    const after = await this.getGroup(g.id, v);
     if (!after) throw new NotFoundError("security group", g.id, "it was deleted");
     return after;
   }
 
   /** FailedPreconditionError while NICs are bound to it or other groups name it. */
   async deleteGroup(id: string): Promise<boolean> {
-    const [code, list, n] = await this.redis.mvpcFwDeleteSg(FK.sg(id), id);
-    const more = (n ?? 0) > 10 ? ` and ${(n ?? 0) - 10} more` : "";
-    if (code === -1) {
-      throw new FailedPreconditionError(
-        `security group ${id} is still bound to ${n} NIC(s): ${String(list).split(",").join(", ")}${more}; unbind them or bind them to other groups first (microvpc sg bindings --group ${id})`,
-      );
+    const L = this.L;
+    for (let attempt = 0; attempt < TOKEN_ATTEMPTS; attempt++) {
+      const v = await this.vpcOf("sg", id);
+      if (v === null) return false;
+      const [vpc, peersCsv] = await this.redis.hmget(L.sg(v, id), "vpc", "peers");
+      if (vpc === null || !isId("vpc", vpc) || (L.cluster && vpc !== v)) return false;
+      const peers = (peersCsv ?? "").split(",").filter(Boolean);
+      if (!peers.every((p) => isId("sg", p))) {
+        throw new FailedPreconditionError(`security group ${id}: its stored peers (${V.show(peersCsv ?? "")}) are not group ids; the record is damaged`);
+      }
+      const keys = [
+        L.sg(vpc, id),
+        L.sgMembers(vpc, id),
+        L.sgRefBy(vpc, id),
+        L.sgByName(vpc),
+        L.vpcSgs(vpc),
+        L.gen(vpc),
+        ...peers.map((p) => L.sgRefBy(vpc, p)),
+        ...(L.cluster ? [] : [L.allSgs]),
+      ];
+      const [code, list, n] = await this.redis.mvpcFwDeleteSg(keys.length, ...keys, id, vpc, peersCsv ?? "");
+      if (code === -8) continue;
+      const more = (n ?? 0) > 10 ? ` and ${(n ?? 0) - 10} more` : "";
+      if (code === -1) {
+        throw new FailedPreconditionError(
+          `security group ${id} is still bound to ${n} NIC(s): ${String(list).split(",").join(", ")}${more}; unbind them or bind them to other groups first (microvpc sg bindings --group ${id})`,
+        );
+      }
+      if (code === -2) {
+        throw new FailedPreconditionError(
+          `security group ${id} is named as peer by the rules of ${n} other group(s): ${String(list).split(",").join(", ")}${more}; remove those rules first`,
+        );
+      }
+      // On a cluster the catalog goes after the VPC's step: a delete stopped between them is run again by id.
+      if (code === 1 && L.sgVpc) {
+        await this.redis.zrem(L.allSgs, `${list}/${id}`);
+        await this.redis.hdel(L.sgVpc, id);
+      }
+      return code === 1;
     }
-    if (code === -2) {
-      throw new FailedPreconditionError(
-        `security group ${id} is named as peer by the rules of ${n} other group(s): ${String(list).split(",").join(", ")}${more}; remove those rules first`,
-      );
-    }
-    return code === 1;
+    throw new AbortedError(`security group ${id} kept changing while being deleted; retry`);
   }
 
   // ---- NIC bindings ----
@@ -383,36 +457,105 @@ export class FirewallStore {
       updated: now,
     };
     const subnets = [...new Set(a.subnetIds)];
-    const [code, ref] = await this.redis.mvpcFwCreateAcl(FK.acl(id), id, a.vpcId, a.name, clientToken, subnets.join(","), now, ...flat(fields));
+    const L = this.L;
+    const v = a.vpcId;
+    if (L.aclVpc) await this.redis.hset(L.aclVpc, id, v);
+    let reply: Reply | undefined;
+    for (let attempt = 0; attempt < TOKEN_ATTEMPTS && (!reply || reply[0] === -9 || reply[0] === -8); attempt++) {
+      const [held, prev] = await Promise.all([this.tokenHolder(v, "acl", clientToken), this.previousAcls(v, subnets)]);
+      const keys = [
+        L.acl(v, id),
+        L.aclSubnets(v, id),
+        this.I.vpc(v),
+        L.tokens(v),
+        L.aclByName(v),
+        L.vpcAcls(v),
+        L.gen(v),
+        L.subnetAcl(v),
+        isId("acl", held) ? L.acl(v, held) : L.acl(v, id),
+        ...subnets.map((s) => this.I.subnetIn(v, s)),
+        ...prev.keys,
+        ...(L.cluster ? [] : [L.allAcls]),
+      ];
+      reply = await this.redis.mvpcFwCreateAcl(
+        keys.length,
+        ...keys,
+        id,
+        v,
+        a.name,
+        clientToken,
+        subnets.join(","),
+        now,
+        held,
+        prev.was.join(","),
+        prev.keys.length / 2,
+        ...flat(fields),
+      );
+    }
+    const [code, ref] = reply!;
+    if (code !== 1 && L.aclVpc) await this.redis.hdel(L.aclVpc, id);
+    if (code === -9 || code === -8)
+      throw new AbortedError(`network ACL ${a.name}: its subnets' ACLs or its client token kept changing while it was created; retry`);
     if (code === -1)
       throw new AlreadyExistsError(`VPC ${a.vpcId} already has a network ACL named ${JSON.stringify(a.name)} (${ref}); pick another name or update that ACL`);
-    if (code < 0) this.subnetError(code, ref, "subnets", a.vpcId);
-    const acl = await this.getAcl(String(ref));
+    if (code < 0) await this.subnetError(code, ref, "subnets", a.vpcId);
+    const acl = await this.getAcl(String(ref), v);
     if (!acl) throw new NotFoundError("network ACL", String(ref), "it was deleted while being created");
+    if (L.cluster) await this.redis.zadd(L.allAcls, 0, `${acl.name}/${acl.id}`);
     return { acl, created: code === 1 };
   }
 
-  private subnetError(code: number, detail: string | number, field: string, vpcId: string): never {
+  /**
+   * What CREATE_ACL and ASSOCIATE take for the subnets' current ACLs: the
+   * ACL each has now ('' for none; a value that is no ACL id counts as
+   * none, and the script, finding it, refuses with {-8}), and a hash and a
+   * subnets set per ACL, in order of first appearance.
+   */
+  private async previousAcls(vpcId: string, subnetIds: string[]): Promise<{ was: string[]; keys: string[] }> {
+    const now = subnetIds.length ? await this.redis.hmget(this.L.subnetAcl(vpcId), ...subnetIds) : [];
+    const was = now.map((x) => x ?? "");
+    const keys: string[] = [];
+    for (const x of new Set(was)) if (isId("acl", x)) keys.push(this.L.acl(vpcId, x), this.L.aclSubnets(vpcId, x));
+    return { was: was.map((x) => (x === "" || isId("acl", x) ? x : "")), keys };
+  }
+
+  private async subnetError(code: number, detail: string | number, field: string, vpcId: string): Promise<never> {
     const [s, other] = String(detail).split(",");
     if (code === -4) throw new NotFoundError("vpc", vpcId, "it was deleted");
-    if (code === -7) throw new NotFoundError("subnet", s, "it was deleted");
     if (code === -6) throw new InvalidArgumentError(field, `subnet ${s} belongs to VPC ${other}, not ${vpcId}; an ACL only applies to subnets of its VPC`);
+    if (code === -7) {
+      // On a cluster the script sees the VPC's subnets only: the record by id says whether it is another VPC's.
+      const elsewhere = this.L.cluster ? idOrNull("vpc", await this.redis.hget(K.subnet(s), "vpc")) : null;
+      if (elsewhere && elsewhere !== vpcId)
+        throw new InvalidArgumentError(field, `subnet ${s} belongs to VPC ${elsewhere}, not ${vpcId}; an ACL only applies to subnets of its VPC`);
+      throw new NotFoundError("subnet", s, "it was deleted");
+    }
     throw new Error(`firewall script returned ${code} ${detail}`);
   }
 
-  async getAcl(id: string): Promise<NetworkAclRec | null> {
-    const [h, subnets] = await Promise.all([this.hash("network-acl", FK.acl(id)), this.redis.smembers(FK.aclSubnets(id)).catch(() => [] as string[])]);
-    return h && Object.keys(h).length ? this.ok("network-acl", FK.acl(id), parseAcl(h, subnets, id)) : null;
+  /** An ACL by id; vpcId when the caller knows it (on a cluster the catalog is read otherwise). */
+  async getAcl(id: string, vpcId?: string): Promise<NetworkAclRec | null> {
+    const v = vpcId ?? (await this.vpcOf("acl", id));
+    if (v === null) return null;
+    const key = this.L.acl(v, id);
+    const [h, subnets] = await Promise.all([this.hash("network-acl", key), this.redis.smembers(this.L.aclSubnets(v, id)).catch(() => [] as string[])]);
+    if (!h || !Object.keys(h).length) return null;
+    const a = this.ok("network-acl", key, parseAcl(h, subnets, id));
+    if (a && this.L.cluster && a.vpcId !== v) {
+      reportInvalid(OWNER, "network-acl", key, `names VPC ${a.vpcId}, but is kept under ${v}`, this.log, { field: "vpc", vpcId: v });
+      return null;
+    }
+    return a;
   }
 
   async resolveAcl(vpcId: string, name: string): Promise<string | null> {
-    return await this.redis.hget(FK.aclByName(vpcId), name);
+    return idOrNull("acl", await this.redis.hget(this.L.aclByName(vpcId), name));
   }
 
   async listAcls(vpcId: string | null, after: string, limit: number): Promise<NetworkAclRec[]> {
-    const key = vpcId ? FK.vpcAcls(vpcId) : FK.allAcls;
+    const key = vpcId ? this.L.vpcAcls(vpcId) : this.L.allAcls;
     const members = await this.redis.zrangebylex(key, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    const acls = await Promise.all(members.map((m) => this.getAcl(m.slice(m.lastIndexOf("/") + 1))));
+    const acls = await Promise.all(members.map((m) => this.getAcl(m.slice(m.lastIndexOf("/") + 1), vpcId ?? undefined)));
     return acls.filter((x): x is NetworkAclRec => !!x);
   }
 
@@ -421,48 +564,79 @@ export class FirewallStore {
     const fields: Record<string, string | number> = { updated: Date.now() };
     if (change.entries) fields.entries = storedEntriesText(change.entries);
     if (change.description !== undefined) fields.description = change.description;
-    const [code, detail] = await this.redis.mvpcFwUpdateAcl(FK.acl(a.id), a.id, fromGeneration, ...flat(fields));
+    const L = this.L;
+    const v = a.vpcId;
+    const keys = [L.acl(v, a.id), L.aclSubnets(v, a.id), L.gen(v)];
+    const [code, detail] = await this.redis.mvpcFwUpdateAcl(keys.length, ...keys, a.id, v, fromGeneration, ...flat(fields));
     if (code === -2)
       throw new AbortedError(`network ACL ${a.name} (${a.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`);
     if (code === -4) throw new NotFoundError("network ACL", a.id, "it was deleted");
-    const after = await this.getAcl(a.id);
+    const after = await this.getAcl(a.id, v);
     if (!after) throw new NotFoundError("network ACL", a.id, "it was deleted");
     return after;
   }
 
   /** FailedPreconditionError while subnets are associated. */
   async deleteAcl(id: string): Promise<boolean> {
-    const [code, list, n] = await this.redis.mvpcFwDeleteAcl(FK.acl(id), id);
+    const L = this.L;
+    const v = await this.vpcOf("acl", id);
+    if (v === null) return false;
+    const vpc = idOrNull("vpc", await this.redis.hget(L.acl(v, id), "vpc"));
+    if (vpc === null || (L.cluster && vpc !== v)) return false;
+    const keys = [L.acl(vpc, id), L.aclSubnets(vpc, id), L.aclByName(vpc), L.vpcAcls(vpc), L.gen(vpc), ...(L.cluster ? [] : [L.allAcls])];
+    const [code, list, n] = await this.redis.mvpcFwDeleteAcl(keys.length, ...keys, id, vpc);
     if (code === -1) {
       const more = (n ?? 0) > 10 ? ` and ${(n ?? 0) - 10} more` : "";
       throw new FailedPreconditionError(
         `network ACL ${id} is still associated with ${n} subnet(s): ${String(list).split(",").join(", ")}${more}; disassociate them (or associate them with another ACL) first`,
       );
     }
+    if (code === 1 && L.aclVpc) {
+      await this.redis.zrem(L.allAcls, `${list}/${id}`);
+      await this.redis.hdel(L.aclVpc, id);
+    }
     return code === 1;
   }
 
   /** Associates; returns whether anything changed and the subnet's previous ACL ('' if none). */
   async associate(aclId: string, vpcId: string, subnetId: string): Promise<{ changed: boolean; previous: string }> {
-    const [code, prev] = await this.redis.mvpcFwAssociate(FK.acl(aclId), aclId, subnetId, Date.now());
-    if (code === -4) throw new NotFoundError("network ACL", aclId, "it was deleted");
-    if (code < 0) this.subnetError(code, prev, "subnet", vpcId);
-    return { changed: code === 1, previous: String(prev) };
+    const L = this.L;
+    const v = vpcId;
+    for (let attempt = 0; attempt < TOKEN_ATTEMPTS; attempt++) {
+      const prev = await this.previousAcls(v, [subnetId]);
+      const keys = [L.acl(v, aclId), L.aclSubnets(v, aclId), L.subnetAcl(v), L.gen(v), this.I.subnetIn(v, subnetId), ...prev.keys];
+      const [code, p] = await this.redis.mvpcFwAssociate(keys.length, ...keys, aclId, v, subnetId, Date.now(), prev.was[0]);
+      if (code === -8) continue;
+      if (code === -4) throw new NotFoundError("network ACL", aclId, "it was deleted");
+      if (code < 0) await this.subnetError(code, p, "subnet", vpcId);
+      return { changed: code === 1, previous: String(p) };
+    }
+    throw new AbortedError(`subnet ${subnetId}: its network ACL kept changing while it was associated; retry`);
   }
 
   /** Returns the ACL the subnet had, or ''. */
   async disassociate(subnetId: string): Promise<string> {
-    const [, prev] = await this.redis.mvpcFwDisassociate(FK.subnetAcl, subnetId, Date.now());
-    return String(prev);
+    const L = this.L;
+    // On a cluster the association is in the subnet's VPC, which its record by id names.
+    const v = L.cluster ? idOrNull("vpc", await this.redis.hget(K.subnet(subnetId), "vpc")) : "";
+    if (v === null) return "";
+    for (let attempt = 0; attempt < TOKEN_ATTEMPTS; attempt++) {
+      const raw = await this.redis.hget(L.subnetAcl(v), subnetId);
+      if (raw === null) return "";
+      // A value that is no ACL id is removed all the same; no ACL's keys are built from it.
+      const prev = isId("acl", raw) ? raw : CLOSED_ACL;
+      const vpc = L.cluster ? v : prev === CLOSED_ACL ? "" : (idOrNull("vpc", await this.redis.hget(L.acl(v, prev), "vpc")) ?? "");
+      const keys = [L.subnetAcl(v), L.gen(vpc), L.acl(v, prev), L.aclSubnets(v, prev)];
+      const [code, p] = await this.redis.mvpcFwDisassociate(keys.length, ...keys, subnetId, Date.now(), vpc, raw);
+      if (code === -8) continue;
+      return code === 1 ? String(p) : "";
+    }
+    throw new AbortedError(`subnet ${subnetId}: its network ACL kept changing while it was disassociated; retry`);
   }
 
-  async aclOfSubnet(subnetId: string): Promise<string | null> {
-    return await this.redis.hget(FK.subnetAcl, subnetId);
-  }
-
-  async aclsOfSubnets(subnetIds: string[]): Promise<(string | null)[]> {
-    if (subnetIds.length === 0) return [];
-    return await this.redis.hmget(FK.subnetAcl, ...subnetIds);
+  /** The ACL of each subnet (null if none), by the VPC each is in. */
+  async aclsOfSubnets(subnets: { vpcId: string; subnetId: string }[]): Promise<(string | null)[]> {
+    return Promise.all(subnets.map((s) => this.redis.hget(this.L.subnetAcl(s.vpcId), s.subnetId)));
   }
 
   // ---- what a hypervisor compiles ----
@@ -646,6 +820,8 @@ export class FirewallStore {
 const SG_ID = /^sg-[0-9a-f]{12}$/;
 /** The group a NIC whose binding was refused is put in: no rules, so nothing passes. */
 export const CLOSED_GROUP = "sg-000000000000";
+/** The id of the ACL a refused ACL record stands as (denies everything); no ACL is made with it. */
+const CLOSED_ACL = "acl-000000000000";
 
 function closedGroup(id: string, vpcId: string): SecurityGroupRec {
   return {
@@ -663,7 +839,7 @@ function closedGroup(id: string, vpcId: string): SecurityGroupRec {
 
 function closedAcl(subnetId: string, vpcId: string): NetworkAclRec {
   return {
-    id: "acl-000000000000",
+    id: CLOSED_ACL,
     vpcId,
     name: "refused-record",
     description: "stands for a record that did not validate: denies everything",

@@ -296,20 +296,22 @@ return 1
 
 /**
  * DeleteVpc on a cluster, in the VPC's slot: the record and IPAM's indexes
- * of the VPC, if it has no subnet. The other services' indexes (peerings,
- * groups, ACLs, NAT gateway) are checked by the caller first: they are in
- * other slots (docs/redis-schema.md "Redis Cluster": the check moves in
- * here when they move under the VPC's tag).
+ * of the VPC, if it has no subnet, no peering and no security group or
+ * network ACL (the firewall keeps those under the VPC's tag there). The
+ * gateway's NAT gateway index is in another slot: the caller checks it
+ * first (docs/redis-schema.md "Redis Cluster").
  * KEYS: 1 vpc hash, 2 subnets zset, 3 subnet byname, 4 reserved, 5 subnet
  *       tokens, 6 the VPC's peers (peering/schema.ts: a peering create
  *       reserves its range there first, so a delete and a create of a
- *       peering of this VPC each see the other), 7.. the VPC's other keys
- *       that go with it (its DNS zone and configuration, under its tag on a
- *       cluster)
+ *       peering of this VPC each see the other), 7 the VPC's security
+ *       groups and 8 its network ACLs (the firewall's listings), 9.. the
+ *       VPC's other keys that go with it (its DNS zone and configuration,
+ *       the firewall's change counter and names, under its tag on a cluster)
  * ARGV: 1 the peers entries found without a record (swept here if old:
  *       LUA_SWEEP), 2 PENDING_MS
  * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets,
- * {-2, n} still has n peerings (or creates of one under way).
+ * {-2, n} still has n peerings (or creates of one under way), {-3, what}
+ * still has groups or ACLs.
  */
 export const DROP_VPC = `${LUA_SWEEP}
 local name = redis.call('HGET', KEYS[1], 'name')
@@ -319,6 +321,12 @@ if n > 0 then return {-1, n} end
 sweep(KEYS[6], ARGV[1], tonumber(ARGV[2]))
 local p = redis.call('HLEN', KEYS[6])
 if p > 0 then return {-2, p} end
+local left = {}
+local sgs = redis.call('ZCARD', KEYS[7])
+if sgs > 0 then left[#left + 1] = sgs .. ' security group(s)' end
+local acls = redis.call('ZCARD', KEYS[8])
+if acls > 0 then left[#left + 1] = acls .. ' network ACL(s)' end
+if #left > 0 then return {-3, table.concat(left, ', ')} end
 for i = 1, #KEYS do
   if i ~= 2 then redis.call('DEL', KEYS[i]) end
 end
@@ -441,10 +449,11 @@ return {1, id}
  *       entries (K.moving); on a single Redis also 11 events, 12 all-subnets
  *       zset, 13 the firewall's subnet → ACL hash, 14 the gateway's VPC →
  *       NAT hash, 15, 16, 17 the subnet's req, alloc and used under an
- *       earlier release's names (its tombstones, deleted with it). On a
- *       cluster the caller checks the ACL and NAT gateway first (other
- *       slots), and removes the record by id, the all-subnets entry and
- *       sends the event after.
+ *       earlier release's names (its tombstones, deleted with it); on a
+ *       cluster 11 the firewall's subnet → ACL hash of the VPC (under its
+ *       tag there). On a cluster the caller checks the NAT gateway first
+ *       (another slot), and removes the record by id, the all-subnets entry
+ *       and sends the event after.
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
  * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it,
@@ -458,9 +467,12 @@ if KEYS[17] and redis.call('TYPE', KEYS[17]).ok == 'string' then return {-3, ''}
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
+local single = #KEYS > 11
 if KEYS[11] then
-  local acl = redis.call('HGET', KEYS[13], ARGV[1])
+  local acl = redis.call('HGET', single and KEYS[13] or KEYS[11], ARGV[1])
   if acl then return {-2, 'network ACL ' .. acl .. ' is associated with it (microvpc acl disassociate)'} end
+end
+if single then
   local nat = redis.call('HGET', KEYS[14], vpc)
   if nat and redis.call('HGET', 'mvpc:gw:nat:' .. nat, 'subnet') == ARGV[1] then
     return {-2, 'NAT gateway ' .. nat .. ' sits in it (microvpc nat delete)'}
@@ -469,7 +481,7 @@ end
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], name)
-if KEYS[11] then
+if single then
   if KEYS[17] then redis.call('DEL', KEYS[15], KEYS[16], KEYS[17]) end
   redis.call('ZREM', KEYS[12], ARGV[1])
   redis.call('XADD', KEYS[11], 'MAXLEN', '~', 100000, '*', 'kind', 'subnet.deleted', 'vpc', vpc, 'subnet', ARGV[1])

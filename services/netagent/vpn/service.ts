@@ -154,7 +154,7 @@ export class Vpn {
         const f = `security_groups[${i}]`;
         const r = V.ref(f, ref, "sg");
         const id = r.id ?? (await this.store.groupIdByName(vpc.id, r.name!));
-        const g = id && /^sg-[0-9a-f]{12}$/.test(id) ? await this.store.group(id) : null;
+        const g = id && /^sg-[0-9a-f]{12}$/.test(id) ? await this.store.group(vpc.id, id) : null;
         if (!g) throw new NotFoundError("security group", ref, `${f}: VPC ${vpc.name} has no such group`);
         if (g.vpcId !== vpc.id)
           throw new InvalidArgumentError(

@@ -5,7 +5,7 @@ import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
 import { reportInvalid } from "../../common/invalid-records.js";
 import { emit, LUA_EMIT } from "../../common/events.js";
-import { FK, parseGroup, parseMember } from "../../firewall/schema.js";
+import { fwKeys, parseGroup, parseMember } from "../../firewall/schema.js";
 import { K, LUA_RANGE_CHECKS, reservationValue } from "../../ipam/schema.js";
 import { parseClient, parseEndpoint, VK } from "./schema.js";
 import type { VpnClientRec, VpnEndpointRec } from "./plan.js";
@@ -219,22 +219,23 @@ export class VpnStore {
   // ---- the firewall's security groups, read through its schema ----
 
   async groupIdByName(vpcId: string, name: string): Promise<string | null> {
-    return await this.redis.hget(FK.sgByName(vpcId), name);
+    return await this.redis.hget(fwKeys(this.redis).sgByName(vpcId), name);
   }
 
-  async group(id: string): Promise<SecurityGroupRec | null> {
-    const h = await this.redis.hgetall(FK.sg(id));
+  async group(vpcId: string, id: string): Promise<SecurityGroupRec | null> {
+    const key = fwKeys(this.redis).sg(vpcId, id);
+    const h = await this.redis.hgetall(key);
     if (!h.id) return null;
     const p = parseGroup(h, id);
     if (!p.ok) {
-      reportInvalid(OWNER, "security group", FK.sg(id), p.reason);
+      reportInvalid(OWNER, "security group", key, p.reason);
       return null;
     }
     return p.value;
   }
 
-  async members(groupId: string): Promise<string[]> {
-    const h = await this.redis.hgetall(FK.sgMembers(groupId));
+  async members(vpcId: string, groupId: string): Promise<string[]> {
+    const h = await this.redis.hgetall(fwKeys(this.redis).sgMembers(vpcId, groupId));
     return Object.entries(h).flatMap(([nic, a]) => {
       const p = parseMember(nic, a);
       return p.ok ? [p.value] : [];

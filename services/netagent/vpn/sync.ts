@@ -160,7 +160,7 @@ export class VpnSync {
       const have = new Map(dump.peers.map((p) => [p.publicKey, p.allowedIps.join(",")]));
       for (const [k, a] of want) if (have.get(k) !== a) args.push("peer", k, "allowed-ips", a);
       // The table first: a new client is confined before its peer exists.
-      const withRules = await Promise.all(clients.map(async (c) => ({ id: c.id, address: c.address, rules: await this.egress(c.groupIds) })));
+      const withRules = await Promise.all(clients.map(async (c) => ({ id: c.id, address: c.address, rules: await this.egress(vpcId, c.groupIds) })));
       await this.agent.kernel.nft(vns, vpnTx(ifname, vpcCidr, withRules));
       if (args.length) await this.interfaces.wg(ifname, ["set", ifname, ...args]);
       for (const a of new Set(gone)) await this.flush(vns, V.intToIp(V.ipv4("address", a)));
@@ -175,13 +175,13 @@ export class VpnSync {
   }
 
   /** The egress rules of a client's groups; a group rule through its peer group's member addresses. */
-  private async egress(groupIds: string[]): Promise<EgressRule[]> {
+  private async egress(vpcId: string, groupIds: string[]): Promise<EgressRule[]> {
     const out: EgressRule[] = [];
     for (const id of groupIds) {
-      const g = await this.store.group(id);
+      const g = await this.store.group(vpcId, id);
       for (const r of g?.rules ?? []) {
         if (r.dir !== "egress") continue;
-        const peers = r.cidr ? [r.cidr] : r.group ? await this.store.members(r.group) : [];
+        const peers = r.cidr ? [r.cidr] : r.group ? await this.store.members(vpcId, r.group) : [];
         out.push({ proto: r.proto, portFrom: r.portFrom, portTo: r.portTo, icmpType: r.icmpType, icmpCode: r.icmpCode, peers });
       }
     }
