@@ -467,11 +467,22 @@ if ARGV[3] and ARGV[3] ~= '' and #ids > 0 then
     end
   end
 end
+-- A binding's sig (JSON), or nil: what its host's copy vouches for. The
+-- record's other fields (host, vpc, addr, groups) are anyone's to rewrite.
+local function sig_of(raw)
+  local ok, s = pcall(cjson.decode, raw)
+  if ok and type(s) == 'table' then return s end
+  return nil
+end
+local function groups_of(s)
+  if s and type(s.groupIds) == 'table' then return s.groupIds end
+  return {}
+end
 for _, nic in ipairs(ids) do
-  local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated', 'groups')
+  local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated')
   if b and b[1] then
     nics[#nics + 1] = {nic, b[1], b[2], b[3], mine[nic] or false}
-    for _, g in ipairs(split(b[4] or nil)) do used[g] = true end
+    for _, g in ipairs(groups_of(sig_of(b[1]))) do if type(g) == 'string' then used[g] = true end end
   end
 end
 local groups, loaded, peers = {}, {}, {}
@@ -498,22 +509,27 @@ for g, _ in pairs(used) do touched[g] = true end
 for _, p in ipairs(split(ARGV[5])) do if touched[p] then peers[p] = true end end
 -- A member entry (shared key: any host may write it) counts only if the
 -- NIC's own host vouches for it in keys only that host writes: its copy of
--- the binding's sig, and netagent's NIC index listing the address for that
--- NIC. And an address that is a NIC of this host counts only as that NIC.
+-- the binding's sig (whose VPC, address and groups are read from the sig,
+-- not from the record's other fields, which any host may rewrite), and
+-- netagent's NIC index listing the address for that NIC. And an address that is a NIC of this host counts only as that NIC.
 -- Refused entries come back in {group, nic, addr, reason} for reporting.
 local vpc, refused = ARGV[4] or '', {}
 local myidx = (ARGV[3] and ARGV[3] ~= '') and (NA1 .. ARGV[3] .. NA2) or nil
 local function member_problem(p, nic, addr)
-  local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'host', 'vpc', 'addr', 'groups')
+  local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'host')
   if not b or not b[1] then return 'has no binding' end
-  if b[3] ~= vpc then return 'is bound in another VPC' end
-  if b[4] ~= addr then return 'is bound with another address' end
-  local inside = false
-  for _, g in ipairs(split(b[5] or nil)) do if g == p then inside = true end end
-  if not inside then return 'is not bound to this group' end
   local h = b[2]
   if type(h) ~= 'string' or not string.match(h, '^[a-z0-9-]+$') then return 'names no valid host' end
   if get('HGET', F .. 'host:' .. h .. ':sig', nic) ~= b[1] then return 'its host ' .. h .. ' holds no such binding' end
+  -- The sig, which that copy vouches for, says where and in which groups the NIC is.
+  local s = sig_of(b[1])
+  if not s then return 'has a sig that is not JSON' end
+  if s.hostId ~= h then return 'its sig names another host' end
+  if s.vpcId ~= vpc then return 'is bound in another VPC' end
+  if s.address ~= addr then return 'is bound with another address' end
+  local inside = false
+  for _, g in ipairs(groups_of(s)) do if g == p then inside = true end end
+  if not inside then return 'is not bound to this group' end
   if get('HGET', NA1 .. h .. NA2, vpc .. '/' .. addr) ~= nic then return 'its host ' .. h .. ' lists no such NIC at that address' end
   if myidx and h ~= ARGV[3] and get('HGET', myidx, vpc .. '/' .. addr) then return 'the address is a NIC of this host' end
   return nil

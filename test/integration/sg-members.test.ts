@@ -4,7 +4,9 @@
 // that host writes. The attack: host B, with its own Redis user, tries to
 // give a VM on host A the access of group "clients" — by adding that VM's
 // NIC to the member list, and by inventing a NIC of its own at that VM's
-// address with a binding, a sig copy and a NIC-index entry it may write. A's
+// address with a binding, a sig copy and a NIC-index entry it may write, and
+// by rewriting the fields of that VM's shared binding record beside the sig
+// A's copy vouches for (until 5 December that gave the VM the access). A's
 // firewall refuses both entries (reported in GetFirewallStatus) and the VM
 // stays locked out, while the real member still gets through: same test.
 import assert from "node:assert/strict";
@@ -73,6 +75,8 @@ describe("security-group members another host wrote", () => {
     // Host B's user may write the shared member list and its own host keys.
     const members = `mvpc:fw:sg:${clients.id}:members`;
     await asB.hset(members, outsider.nicId, outsider.address);
+    // …and the outsider's shared record, to name the group (its sig, which A's copy vouches for, is left as A wrote it).
+    await asB.hset(`mvpc:fw:nic:${outsider.nicId}`, "groups", clients.id);
     const fake = "nic-0badc0ffee00";
     const sig = JSON.stringify({ nicId: fake, vpcId: vpc.id, subnetId: sn.id, address: outsider.address, hostId: B.id, groupIds: [clients.id] });
     await asB.hset(`mvpc:fw:nic:${fake}`, "sig", sig, "host", B.id, "vpc", vpc.id, "subnet", sn.id, "addr", outsider.address, "groups", clients.id);
