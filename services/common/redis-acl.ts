@@ -31,7 +31,9 @@
 //     mvpc:hostindex       set of host ids with an overlay record
 //     mvpc:overlay:*       per-VPC overlay members (host id field) and addresses (address → host)
 //     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
-//                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership
+//                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership;
+//                          on a Redis Cluster mvpc:{V}:fw:nics, mvpc:{V}:fw:sg:<id>:members,
+//                          mvpc:{V}:fw:gen (a host's own binding indexes are under mvpc:{host:H}:)
 //     mvpc:gw:mdhosts      set of host ids with instance metadata (the control plane's listing)
 //     mvpc:gw:lease:nat:*   which host of a VPC holds its NAT gateway's address (a lease the VPC's
 //                          hosts compete for; readers accept only a registered member host)
@@ -45,7 +47,9 @@
 // mvpc:fw:subnet-acl, mvpc:fw:vpc:*:sg*/acl*/flowlogs, mvpc:fw:flowlog*, mvpc:gw:nat*/fip*/pf*/vpcnat,
 // mvpc:pcx*, mvpc:dns:*, and on a Redis Cluster their tagged names (IPAM's and
 // DNS's mvpc:{V}:vpc|subnets|subnet:*|reserved|tokens|peers|dns:*,
-// mvpc:{catalog}:*, mvpc:{peerings}:*, mvpc:{hosts}:dns:defaults),
+// mvpc:{catalog}:*, mvpc:{peerings}:*, mvpc:{hosts}:dns:defaults, the
+// firewall's mvpc:{V}:fw:sg:<id>|acl*|sgs|acls|subnet-acl|sg:byname and
+// mvpc:{fw}:*),
 // mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
 // endpoints and clients: SetVpnEndpoint, Create/DeleteVpnClient go to a
 // netagent running as the control user). The control user also reads and
@@ -117,6 +121,11 @@ export const SHARED_WRITE_PATTERNS = [
   "mvpc:fw:vpc:*:nics",
   "mvpc:fw:sg:*:members",
   "mvpc:fw:gen",
+  // The same on a Redis Cluster, in the VPC's slot (firewall/keys.ts FW_KEYS.cluster):
+  // its listing of bound NICs, its groups' member indexes, its change counter.
+  `mvpc:{${VPC_TAG}}:fw:nics`,
+  `mvpc:{${VPC_TAG}}:fw:sg:sg-${"?".repeat(12)}:members`,
+  `mvpc:{${VPC_TAG}}:fw:gen`,
   "mvpc:gw:mdhosts",
   "mvpc:gw:lease:nat:*",
   // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>:*.

@@ -107,6 +107,17 @@ export interface FirewallKeys {
   gen(vpc: string): string;
   /** Client tokens of the creates ("sg\n<token>", "acl\n<token>" → id). */
   tokens(vpc: string): string;
+  /** A NIC's binding (hash, the shared record: every host's user may write it): the same name on both, alone in its slot on a cluster. */
+  nic(id: string): string;
+  /** Every bound NIC (lex zset): the same name on both, written alone on a cluster. */
+  allNics: string;
+  /** The VPC's bound NICs (lex zset). */
+  vpcNics(vpc: string): string;
+  /** A host's bound NICs (lex zset), its NICs of one VPC (set), its VPCs with bindings (set), and its own copy of each binding's sig (hash): under the host's tag on a cluster. */
+  hostNics(host: string): string;
+  hostVpcNics(host: string, vpc: string): string;
+  hostVpcs(host: string): string;
+  hostSigs(host: string): string;
   allSgs: string;
   allAcls: string;
   /** Group id → VPC id, and ACL id → VPC id (a cluster's catalog; null on a single Redis, whose keys do not name the VPC). */
@@ -116,6 +127,7 @@ export interface FirewallKeys {
 }
 
 const T = (vpc: string) => `mvpc:{${vpc}}:fw:`;
+const H = (host: string) => `mvpc:{host:${host}}:fw:`;
 const CATALOG = "mvpc:{fw}:";
 
 export const FW_KEYS: { single: FirewallKeys; cluster: FirewallKeys } = {
@@ -132,6 +144,13 @@ export const FW_KEYS: { single: FirewallKeys; cluster: FirewallKeys } = {
     subnetAcl: () => FK.subnetAcl,
     gen: () => FK.gen,
     tokens: () => K.tokens,
+    nic: FK.nic,
+    allNics: FK.allNics,
+    vpcNics: FK.vpcNics,
+    hostNics: FK.hostNics,
+    hostVpcNics: FK.hostVpcNics,
+    hostVpcs: FK.hostVpcs,
+    hostSigs: FK.hostSigs,
     allSgs: FK.allSgs,
     allAcls: FK.allAcls,
     sgVpc: null,
@@ -151,6 +170,13 @@ export const FW_KEYS: { single: FirewallKeys; cluster: FirewallKeys } = {
     subnetAcl: (v) => `${T(v)}subnet-acl`,
     gen: (v) => `${T(v)}gen`,
     tokens: IPAM_KEYS.cluster.subnetTokens,
+    nic: FK.nic,
+    allNics: FK.allNics,
+    vpcNics: (v) => `${T(v)}nics`,
+    hostNics: (h) => `${H(h)}nics`,
+    hostVpcNics: (h, v) => `${H(h)}vpc:${v}:nics`,
+    hostVpcs: (h) => `${H(h)}vpcs`,
+    hostSigs: (h) => `${H(h)}sig`,
     allSgs: `${CATALOG}sgs`,
     allAcls: `${CATALOG}acls`,
     sgVpc: `${CATALOG}sg:vpc`,

@@ -425,6 +425,83 @@ emit(KEYS[2], 'fw.acl.disassociated', vpc, 'acl', prev, 'subnet', s)
 return {1, prev}
 `;
 
+// ---- bindings on a Redis Cluster, in steps of one slot each (store.ts bindInSteps, unbindInSteps) ----
+
+/**
+ * The NIC in its VPC's slot: its entries in the member indexes of the groups
+ * it leaves and joins, and the VPC's listing of bound NICs.
+ * KEYS: 1 the VPC's bound NICs, then the member hashes of the groups the NIC
+ *       leaves (ARGV[3] of them), then of those it joins (ARGV[7]).
+ * ARGV: 1 nic, 2 address, 3 how many groups it leaves, 4 "1" to list the NIC
+ *       in the VPC or "0" to unlist it, 5 the VPC, 6 the prefix of the VPC's
+ *       group records, 7 the groups it joins (csv).
+ * The groups it joins must be groups of the VPC. Their records are read in
+ * this slot without being declared: the hosts' users run this, and Redis
+ * checks a script's declared keys as writable, which a host's user may not
+ * write (docs/redis-acl.md).
+ * Returns {1}, {-3, g} no such group, {-5, "g,vpc"} a group of another VPC.
+ */
+const VPC_MEMBERS = `${LUA_UTIL}
+local nic, addr, nl, vpc = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
+local join = split(ARGV[7])
+for _, g in ipairs(join) do
+  local v = redis.call('HGET', ARGV[6] .. g, 'vpc')
+  if not v then return {-3, g} end
+  if v ~= vpc then return {-5, g .. ',' .. v} end
+end
+for i = 1, nl do redis.call('HDEL', KEYS[1 + i], nic) end
+for i = 1, #join do redis.call('HSET', KEYS[1 + nl + i], nic, addr) end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[1], 0, nic) else redis.call('ZREM', KEYS[1], nic) end
+return {1}
+`;
+
+/**
+ * The NIC in its host's slot: the host's indexes and its own copy of the
+ * binding's sig.
+ * KEYS: 1 the host's bound NICs, 2 its VPCs with bindings, 3 its sig copies,
+ *       4 its NICs of the VPC, 5 its NICs of the VPC the NIC leaves (else
+ *       KEYS[4] again).
+ * ARGV: 1 nic, 2 the sig ('' when the NIC leaves the host), 3 the VPC, 4 the
+ *       VPC the NIC leaves on this host ('' none).
+ */
+const HOST_INDEX = `
+local nic, sig, vpc, left = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local function leave(k, v)
+  redis.call('SREM', k, nic)
+  if redis.call('SCARD', k) == 0 then redis.call('SREM', KEYS[2], v) end
+end
+if left ~= '' and left ~= vpc then leave(KEYS[5], left) end
+if sig == '' then
+  redis.call('ZREM', KEYS[1], nic)
+  redis.call('HDEL', KEYS[3], nic)
+  leave(KEYS[4], vpc)
+else
+  redis.call('ZADD', KEYS[1], 0, nic)
+  redis.call('SADD', KEYS[4], nic)
+  redis.call('SADD', KEYS[2], vpc)
+  redis.call('HSET', KEYS[3], nic, sig)
+end
+return {1}
+`;
+
+/**
+ * The shared record, written or deleted only if it is still what the caller
+ * read. KEYS: 1 the record. ARGV: 1 its sig when read ('' none), then the
+ * field/value pairs to write (none: delete). Returns {1}, or {-8} changed
+ * meanwhile (the caller reads again).
+ */
+const RECORD = `${LUA_UTIL}
+if (redis.call('HGET', KEYS[1], 'sig') or '') ~= ARGV[1] then return {-8} end
+redis.call('DEL', KEYS[1])
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(fields_from(2))) end
+return {1}
+`;
+
+/** One firewall event in a VPC's slot. KEYS: 1 the VPC's change counter. ARGV: 1 kind, 2 vpc, then field/value pairs. Returns its gen. */
+const VPC_EVENT = `${LUA_DECLARED}
+return emit(KEYS[1], ARGV[1], ARGV[2], unpack(fields_from(3)))
+`;
+
 /**
  * Read-only snapshot of one VPC for one host. KEYS: 1 host+vpc nic set.
  * ARGV: 1 nic ids (csv; "*" = the NICs bound on the host in the VPC),
@@ -598,6 +675,10 @@ declare module "ioredis" {
     mvpcFwAssociate(...args: (string | number)[]): Promise<Reply>;
     mvpcFwDisassociate(...args: (string | number)[]): Promise<Reply>;
     mvpcFwLoadVpc(...args: (string | number)[]): Promise<unknown>;
+    mvpcFwVpcMembers(...args: (string | number)[]): Promise<Reply>;
+    mvpcFwHostIndex(...args: (string | number)[]): Promise<Reply>;
+    mvpcFwRecord(...args: (string | number)[]): Promise<Reply>;
+    mvpcFwVpcEvent(...args: (string | number)[]): Promise<number>;
     mvpcFwAdoptSigs(...args: (string | number)[]): Promise<number>;
   }
 }
@@ -615,6 +696,10 @@ export function defineScripts(redis: Redis): void {
   declared("mvpcFwDeleteAcl", DELETE_ACL);
   declared("mvpcFwAssociate", ASSOCIATE);
   declared("mvpcFwDisassociate", DISASSOCIATE);
+  declared("mvpcFwVpcMembers", VPC_MEMBERS);
+  declared("mvpcFwHostIndex", HOST_INDEX);
+  declared("mvpcFwRecord", RECORD);
+  declared("mvpcFwVpcEvent", VPC_EVENT);
   def("mvpcFwBind", BIND);
   def("mvpcFwUnbind", UNBIND);
   def("mvpcFwLoadVpc", LOAD_VPC);

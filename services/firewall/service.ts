@@ -508,7 +508,8 @@ export class FirewallApi {
       const size = V.pageSize("page_size", req.pageSize);
       const after = decodeNameToken(req.pageToken);
       const vpcId = req.vpc ? (await this.vpc("vpc", req.vpc)).id : null;
-      const groupId = req.securityGroup ? (await this.group("security_group", req.securityGroup, req.vpc)).id : null;
+      const group = req.securityGroup ? await this.group("security_group", req.securityGroup, req.vpc) : null;
+      const groupId = group?.id ?? null;
       if (req.hostId !== "") V.hostId("host_id", req.hostId);
       const nicId = req.nicId ? V.id("nic_id", req.nicId, "nic") : null;
       const keep = (b: BindingRec) =>
@@ -523,8 +524,8 @@ export class FirewallApi {
         const b = nicId > cursor ? await this.store.getBinding(nicId) : null;
         if (b && keep(b)) found.push(b);
       } else {
-        const index: BindingIndex = groupId
-          ? { kind: "group", groupId }
+        const index: BindingIndex = group
+          ? { kind: "group", groupId: group.id, vpcId: group.vpcId }
           : req.hostId
             ? { kind: "host", hostId: req.hostId }
             : vpcId

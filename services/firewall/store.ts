@@ -39,7 +39,7 @@ import {
 import { parseVpnClient, parseVpnEndpoint, vpnKeys } from "../netagent/schema.js";
 import { idOrNull, isId } from "../common/ids.js";
 import { ipamKeys, K, type IpamKeys } from "../ipam/schema.js";
-import { FK, fwKeys, type FirewallKeys } from "./keys.js";
+import { FK, fwKeys, NICADDR, type FirewallKeys } from "./keys.js";
 import { defineScripts, type Reply } from "./scripts.js";
 
 /** The resource changed since it was read (expected_generation no longer matches). */
@@ -54,6 +54,47 @@ export function newId(kind: "sg" | "acl"): string {
 }
 
 type Logging = { ratePerSecond: number; burst: number } | undefined;
+
+/** What LOAD_VPC returns (scripts.ts), and loadInSteps on a cluster. */
+type RawVpcState = [
+  [string, string, string, string, string | null][],
+  string[][],
+  string[][],
+  [string, string[], string[]][],
+  string[],
+  [string, string, string, string][],
+  [string, string[], string[]] | null,
+];
+
+/** The fields of a binding's sig (JSON of its BindingSpec) that say where it is, as far as they have the right types; null if it is not a JSON object. */
+function sigOf(raw: string): { hostId?: string; vpcId?: string; address?: string; groupIds: string[] } | null {
+  let s: unknown;
+  try {
+    s = JSON.parse(raw);
+  } catch {
+    return null;
+  }
+  if (typeof s !== "object" || s === null || Array.isArray(s)) return null;
+  const o = s as Record<string, unknown>;
+  const str = (x: unknown) => (typeof x === "string" ? x : undefined);
+  return {
+    hostId: str(o.hostId),
+    vpcId: str(o.vpcId),
+    address: str(o.address),
+    groupIds: Array.isArray(o.groupIds) ? o.groupIds.filter((g): g is string => typeof g === "string") : [],
+  };
+}
+
+/** A binding's shared record as bindInSteps and unbindInSteps read it: what names other keys, checked for its form. */
+interface StoredBinding {
+  sig: string;
+  host: string | null;
+  vpc: string | null;
+  groups: string[];
+  groupsText: string;
+  addr: string;
+  bound: string;
+}
 
 function flat(obj: Record<string, string | number>): (string | number)[] {
   return Object.entries(obj).flat();
@@ -99,7 +140,8 @@ export interface AclChange {
   description?: string;
 }
 
-export type BindingIndex = { kind: "all" } | { kind: "host"; hostId: string } | { kind: "vpc"; vpcId: string } | { kind: "group"; groupId: string };
+export type BindingIndex =
+  { kind: "all" } | { kind: "host"; hostId: string } | { kind: "vpc"; vpcId: string } | { kind: "group"; groupId: string; vpcId: string };
 
 /** The subset of a NIC loadVpcState needs when the caller lists the local NICs. */
 export type LocalNic = Pick<BindingRec, "nicId" | "vpcId" | "subnetId" | "address" | "mac" | "hostIf"> & Partial<BindingRec>;
@@ -355,6 +397,8 @@ export class FirewallStore {
 
   /** Upgrade step at start (ADOPT_SIGS): this host's copy of each of its older bindings' sig; the number copied. */
   async adoptOwnSigs(hostId: string): Promise<number> {
+    // A cluster has no binding older than the copies (it starts with this layout).
+    if (this.L.cluster) return 0;
     return this.redis.mvpcFwAdoptSigs(FK.hostNics(hostId), hostId, FK.hostSigs(hostId));
   }
 
@@ -365,21 +409,140 @@ export class FirewallStore {
       throw new InvalidArgumentError("security_groups", `has ${b.groupIds.length} groups; a NIC can be in at most ${MAX_GROUPS_PER_NIC}`);
     }
     checkBinding(b);
-    const [code, detail] = await this.redis.mvpcFwBind(
-      FK.nic(b.nicId),
-      b.nicId,
-      bindingSig(b),
-      b.hostId,
-      b.vpcId,
-      b.subnetId,
-      b.address,
-      b.groupIds.join(","),
-      Date.now(),
-    );
-    if (code < 0) this.groupError(code, detail, "security_groups", b.vpcId);
+    let changed: boolean;
+    let gen: string | undefined;
+    if (this.L.cluster) {
+      ({ changed, gen } = await this.bindInSteps(b, bindingSig(b)));
+    } else {
+      const [code, detail] = await this.redis.mvpcFwBind(
+        FK.nic(b.nicId),
+        b.nicId,
+        bindingSig(b),
+        b.hostId,
+        b.vpcId,
+        b.subnetId,
+        b.address,
+        b.groupIds.join(","),
+        Date.now(),
+      );
+      if (code < 0) this.groupError(code, detail, "security_groups", b.vpcId);
+      changed = code === 1;
+      if (changed) gen = String(detail);
+    }
     const binding = await this.getBinding(b.nicId);
     if (!binding) throw new NotFoundError("binding", b.nicId, "it was removed while being made");
-    return { binding, changed: code === 1, ...(code === 1 ? { gen: String(detail) } : {}) };
+    return { binding, changed, ...(gen !== undefined ? { gen } : {}) };
+  }
+
+  /**
+   * The shared record's fields that name other keys (its host, VPC and
+   * groups), each checked for its form: a field that is not is left out, and
+   * no key is built from it.
+   */
+  private async storedBinding(nicId: string): Promise<StoredBinding | null> {
+    const [sig, host, vpc, groups, addr, bound] = await this.redis.hmget(this.L.nic(nicId), "sig", "host", "vpc", "groups", "addr", "bound");
+    if (sig === null) return null;
+    const gs = (groups ?? "").split(",").filter(Boolean);
+    return {
+      sig,
+      host: host !== null && V.attempt(() => V.hostId("host", host)).ok ? host : null,
+      vpc: idOrNull("vpc", vpc),
+      groups: gs.every((g) => isId("sg", g)) ? gs : [],
+      groupsText: groups ?? "",
+      addr: addr ?? "",
+      bound: bound ?? "",
+    };
+  }
+
+  /**
+   * BindNic on a cluster, one slot per step: the VPC's member indexes (and
+   * the check that the groups are the VPC's), the host's indexes and sig
+   * copy, then the shared record if it is still what was read (else all
+   * again), then what the NIC left in another VPC or host, then the event.
+   * Readers take a member entry or an index entry only where the record
+   * vouches for it (LOAD_VPC's rules), so a step that is not yet followed by
+   * the others opens nothing; until the record is written this host's sync
+   * sees its copy differ and holds the NIC closed.
+   */
+  private async bindInSteps(b: BindingSpec, sig: string): Promise<{ changed: boolean; gen?: string }> {
+    const L = this.L;
+    const { nicId: nic, vpcId: v, hostId: h } = b;
+    for (let attempt = 0; attempt < TOKEN_ATTEMPTS; attempt++) {
+      const old = await this.storedBinding(nic);
+      if (old?.sig === sig) {
+        await this.redis.hset(L.hostSigs(h), nic, sig);
+        return { changed: false };
+      }
+      // A NIC moving from another host: that host's indexes first (under per-host users, NOPERM here stops the bind before it writes).
+      if (old?.host && old.host !== h && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
+      const leave = old?.vpc === v ? old.groups : [];
+      await this.vpcMembers(v, nic, b.address, leave, b.groupIds, true);
+      const left = old?.host === h && old.vpc && old.vpc !== v ? old.vpc : "";
+      await this.hostIndex(h, nic, sig, v, left);
+      const now = Date.now();
+      const fields = {
+        sig,
+        host: h,
+        vpc: v,
+        subnet: b.subnetId,
+        addr: b.address,
+        groups: b.groupIds.join(","),
+        bound: old?.bound || now,
+        updated: now,
+      };
+      const [code] = await this.redis.mvpcFwRecord(1, L.nic(nic), old?.sig ?? "", ...flat(fields));
+      if (code === -8) continue;
+      await this.redis.zadd(L.allNics, 0, nic);
+      const extra: string[] = [];
+      if (old) {
+        extra.push("prev_groups", old.groupsText);
+        if (old.host !== h && old.host) extra.push("prev_host", old.host);
+        if (old.vpc && old.vpc !== v) {
+          await this.vpcMembers(old.vpc, nic, "", old.groups, [], false);
+          await this.redis.mvpcFwVpcEvent(1, L.gen(old.vpc), "fw.binding.removed", old.vpc, "nic", nic, "host", old.host ?? "", "groups", old.groupsText);
+        }
+      }
+      const gen = await this.redis.mvpcFwVpcEvent(
+        1,
+        L.gen(v),
+        "fw.binding.changed",
+        v,
+        "nic",
+        nic,
+        "host",
+        h,
+        "address",
+        b.address,
+        "groups",
+        b.groupIds.join(","),
+        ...extra,
+      );
+      return { changed: true, gen: String(gen) };
+    }
+    throw new AbortedError(`the binding of ${nic} kept changing while it was being made; retry`);
+  }
+
+  private async vpcMembers(vpc: string, nic: string, addr: string, leave: string[], join: string[], list: boolean): Promise<void> {
+    const L = this.L;
+    const keys = [L.vpcNics(vpc), ...leave.map((g) => L.sgMembers(vpc, g)), ...join.map((g) => L.sgMembers(vpc, g))];
+    const [code, detail] = await this.redis.mvpcFwVpcMembers(
+      keys.length,
+      ...keys,
+      nic,
+      addr,
+      leave.length,
+      list ? "1" : "0",
+      vpc,
+      L.sg(vpc, ""),
+      join.join(","),
+    );
+    if (code < 0) this.groupError(code, detail, "security_groups", vpc);
+  }
+
+  private async hostIndex(host: string, nic: string, sig: string, vpc: string, left: string): Promise<void> {
+    const L = this.L;
+    const keys = [L.hostNics(host), L.hostVpcs(host), L.hostSigs(host), L.hostVpcNics(host, vpc), L.hostVpcNics(host, left || vpc)];
+    await this.redis.mvpcFwHostIndex(keys.length, ...keys, nic, sig, vpc, left);
   }
 
   /**
@@ -390,6 +553,7 @@ export class FirewallStore {
    * of its own.
    */
   async unbind(nicId: string): Promise<{ removed: boolean; gen?: string; vpcId?: string; hostId?: string }> {
+    if (this.L.cluster) return this.unbindInSteps(nicId);
     const [code, vpc, gen, host] = (await this.redis.mvpcFwUnbind(FK.nic(nicId), nicId)) as unknown as [number, string, string?, string?];
     if (code !== 1) return { removed: false };
     const ok = (f: () => unknown) => V.attempt(f).ok;
@@ -401,21 +565,51 @@ export class FirewallStore {
     };
   }
 
+  /**
+   * UnbindNic on a cluster: the VPC's and the host's indexes first (a retry
+   * after a stop half-way finds the record and does them again), then the
+   * record if it is still what was read, then the event.
+   */
+  private async unbindInSteps(nic: string): Promise<{ removed: boolean; gen?: string; vpcId?: string; hostId?: string }> {
+    const L = this.L;
+    for (let attempt = 0; attempt < TOKEN_ATTEMPTS; attempt++) {
+      const old = await this.storedBinding(nic);
+      if (!old) return { removed: false };
+      if (old.vpc) await this.vpcMembers(old.vpc, nic, "", old.groups, [], false);
+      if (old.host && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
+      const [code] = await this.redis.mvpcFwRecord(1, L.nic(nic), old.sig);
+      if (code === -8) continue;
+      await this.redis.zrem(L.allNics, nic);
+      if (!old.vpc) return { removed: true, ...(old.host ? { hostId: old.host } : {}) };
+      const gen = await this.redis.mvpcFwVpcEvent(
+        1,
+        L.gen(old.vpc),
+        "fw.binding.removed",
+        old.vpc,
+        "nic",
+        nic,
+        "host",
+        old.host ?? "",
+        "address",
+        old.addr,
+        "groups",
+        old.groupsText,
+      );
+      return { removed: true, gen: String(gen), vpcId: old.vpc, ...(old.host ? { hostId: old.host } : {}) };
+    }
+    throw new AbortedError(`the binding of ${nic} kept changing while it was being removed; retry`);
+  }
+
   async getBinding(nicId: string): Promise<BindingRec | null> {
-    const [sig, bound, updated] = await this.redis.hmget(FK.nic(nicId), "sig", "bound", "updated");
+    const [sig, bound, updated] = await this.redis.hmget(this.L.nic(nicId), "sig", "bound", "updated");
     return sig ? this.ok("binding", FK.nic(nicId), parseBinding(sig, bound, updated, nicId), () => bindingWhere(sig)) : null;
   }
 
-  /** Bindings of the given NICs that exist, by nic id (one round trip). */
+  /** Bindings of the given NICs that exist, by nic id (one round trip on a single Redis; one per node on a cluster). */
   async bindingsOf(nicIds: string[]): Promise<Map<string, BindingRec>> {
     const out = new Map<string, BindingRec>();
-    if (nicIds.length === 0) return out;
-    const p = this.redis.pipeline();
-    for (const id of nicIds) p.hmget(FK.nic(id), "sig", "bound", "updated");
-    const r = (await p.exec()) ?? [];
-    r.forEach(([err, v], i) => {
-      if (err) throw err;
-      const [sig, bound, updated] = v as (string | null)[];
+    const rows = await Promise.all(nicIds.map((id) => this.redis.hmget(this.L.nic(id), "sig", "bound", "updated")));
+    rows.forEach(([sig, bound, updated], i) => {
       const b = sig ? this.ok("binding", FK.nic(nicIds[i]), parseBinding(sig, bound, updated, nicIds[i]), () => bindingWhere(sig)) : null;
       if (b) out.set(nicIds[i], b);
     });
@@ -424,17 +618,18 @@ export class FirewallStore {
 
   /** Nic ids of one index, ordered, after the cursor. */
   async listBindingIds(index: BindingIndex, after: string, limit: number): Promise<string[]> {
+    const L = this.L;
     if (index.kind === "group") {
-      const ids = (await this.redis.hkeys(FK.sgMembers(index.groupId))).sort();
+      const ids = (await this.redis.hkeys(L.sgMembers(index.vpcId, index.groupId))).sort();
       return ids.filter((id) => id > after).slice(0, limit);
     }
-    const key = index.kind === "host" ? FK.hostNics(index.hostId) : index.kind === "vpc" ? FK.vpcNics(index.vpcId) : FK.allNics;
+    const key = index.kind === "host" ? L.hostNics(index.hostId) : index.kind === "vpc" ? L.vpcNics(index.vpcId) : L.allNics;
     return await this.redis.zrangebylex(key, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
   }
 
   /** VPC ids with at least one NIC bound on the host, sorted. */
   async vpcsWithBindingsOnHost(hostId: string): Promise<string[]> {
-    return (await this.redis.smembers(FK.hostVpcs(hostId))).sort();
+    return (await this.redis.smembers(this.L.hostVpcs(hostId))).sort();
   }
 
   // ---- network ACLs ----
@@ -669,22 +864,17 @@ export class FirewallStore {
     delta?: { held: string[]; touched: string[] },
   ): Promise<VpcFirewallState> {
     const subnetIds = [...new Set([...subnets.map((s) => s.subnetId), ...(nics ?? []).map((n) => n.subnetId)])];
-    const raw = (await this.redis.mvpcFwLoadVpc(
-      FK.hostVpcNics(hostId, vpcId),
-      nics ? nics.map((n) => n.nicId).join(",") : "*",
-      subnetIds.join(","),
-      hostId,
-      vpcId,
-      ...(delta ? [delta.held.join(","), delta.touched.join(",")] : []),
-    )) as [
-      [string, string, string, string, string | null][],
-      string[][],
-      string[][],
-      [string, string[], string[]][],
-      string[],
-      [string, string, string, string][],
-      [string, string[], string[]] | null,
-    ];
+    const nicIds = nics ? nics.map((n) => n.nicId) : "*";
+    const raw: RawVpcState = this.L.cluster
+      ? await this.loadInSteps(hostId, vpcId, nicIds, subnetIds, delta)
+      : ((await this.redis.mvpcFwLoadVpc(
+          FK.hostVpcNics(hostId, vpcId),
+          nicIds === "*" ? "*" : nicIds.join(","),
+          subnetIds.join(","),
+          hostId,
+          vpcId,
+          ...(delta ? [delta.held.join(","), delta.touched.join(",")] : []),
+        )) as RawVpcState);
     // Fail closed: what a refused record governed is denied, not opened. A
     // NIC whose binding is refused, and a group that is refused, become the
     // empty group CLOSED_GROUP (nothing allowed either way); a refused ACL
@@ -751,7 +941,7 @@ export class FirewallStore {
     }
     if (refusedBinding.size) groups.set(CLOSED_GROUP, closedGroup(CLOSED_GROUP, vpcId));
     for (const key of wrongType ?? []) {
-      const m = /^mvpc:fw:sg:(sg-[0-9a-f]{12})$/.exec(key);
+      const m = /^mvpc:(?:\{vpc-[0-9a-f]{12}\}:)?fw:sg:(sg-[0-9a-f]{12})$/.exec(key);
       if (m && !groups.has(m[1])) groups.set(m[1], closedGroup(m[1], vpcId));
     }
     const members = new Map<string, string[]>();
@@ -773,6 +963,126 @@ export class FirewallStore {
       acls.set(subnetId, a ?? closedAcl(subnetId, vpcId));
     }
     return { vpcId, subnets, nics: out, groups, members, acls };
+  }
+
+  /**
+   * LOAD_VPC's snapshot on a cluster, where the keys it reads are in several
+   * slots (the host's, the VPC's, each NIC's record, each member's host):
+   * the same reads and the same rules for member entries, from here, one
+   * round of commands per step. It is not one atomic snapshot: a change
+   * between two steps is followed by its event, and the pass it starts reads
+   * again. A key of another type than its schema is named in `bad`, as the
+   * script's.
+   */
+  private async loadInSteps(
+    hostId: string,
+    vpcId: string,
+    nicIds: string[] | "*",
+    subnetIds: string[],
+    delta?: { held: string[]; touched: string[] },
+  ): Promise<RawVpcState> {
+    const L = this.L;
+    const bad: string[] = [];
+    const get = async <T>(key: string, f: (k: string) => Promise<T>): Promise<T | null> => {
+      try {
+        return await f(key);
+      } catch (err) {
+        if (!/WRONGTYPE/.test((err as Error).message)) throw err;
+        bad.push(key);
+        return null;
+      }
+    };
+    const ids = nicIds === "*" ? ((await get(L.hostVpcNics(hostId, vpcId), (k) => this.redis.smembers(k))) ?? []) : nicIds;
+    const mine = new Map<string, string>();
+    if (ids.length) {
+      const own = await get(L.hostSigs(hostId), (k) => this.redis.hmget(k, ...ids));
+      own?.forEach((x, i) => x !== null && mine.set(ids[i], x));
+    }
+    const recs = await Promise.all(ids.map((nic) => get(L.nic(nic), (k) => this.redis.hmget(k, "sig", "bound", "updated"))));
+    const rawNics: RawVpcState[0] = [];
+    const used = new Set<string>();
+    recs.forEach((b, i) => {
+      if (!b?.[0]) return;
+      rawNics.push([ids[i], b[0], b[1] ?? "", b[2] ?? "", mine.get(ids[i]) ?? null]);
+      for (const g of sigOf(b[0])?.groupIds ?? []) used.add(g);
+    });
+    // Group ids come from records any host may write: only ids build keys.
+    const groupIds = (xs: Iterable<string>) => [...xs].filter((g) => isId("sg", g));
+    const groups = new Map<string, Record<string, string> | null>();
+    const load = async (gs: string[]) => {
+      const todo = gs.filter((g) => !groups.has(g));
+      const hs = await Promise.all(todo.map((g) => get(L.sg(vpcId, g), (k) => this.redis.hgetall(k))));
+      todo.forEach((g, i) => groups.set(g, hs[i]));
+    };
+    await load(groupIds(used));
+    const peers = new Set<string>();
+    for (const g of groupIds(used)) for (const p of (groups.get(g)?.peers ?? "").split(",").filter(Boolean)) peers.add(p);
+    const touched = new Set([...(delta?.touched ?? []), ...used]);
+    for (const p of delta?.held ?? []) if (touched.has(p)) peers.add(p);
+    const peerIds = groupIds(peers);
+    await load(peerIds);
+    const memberHashes = await Promise.all(peerIds.map((p) => get(L.sgMembers(vpcId, p), (k) => this.redis.hgetall(k))));
+    // A member entry (shared: any host may write it) counts only where the NIC's own host vouches for it (LOAD_VPC's member_problem).
+    const entries = peerIds.flatMap((p, i) => Object.entries(memberHashes[i] ?? {}).map(([nic, addr]) => ({ p, nic, addr })));
+    const memberNics = [...new Set(entries.map((e) => e.nic))];
+    const bindings = new Map<string, (string | null)[] | null>();
+    const rows = await Promise.all(memberNics.map((nic) => get(L.nic(nic), (k) => this.redis.hmget(k, "sig", "host"))));
+    memberNics.forEach((nic, i) => bindings.set(nic, rows[i]));
+    const validHost = (h: string | null | undefined): h is string => typeof h === "string" && /^[a-z0-9-]+$/.test(h);
+    const [nicaddr1, nicaddr2] = NICADDR;
+    const vouched = await Promise.all(
+      entries.map(async ({ p, nic, addr }) => {
+        const b = bindings.get(nic);
+        if (!b?.[0]) return "has no binding";
+        const h = b[1];
+        if (!validHost(h)) return "names no valid host";
+        const [copy, listed, local] = await Promise.all([
+          get(L.hostSigs(h), (k) => this.redis.hget(k, nic)),
+          get(nicaddr1 + h + nicaddr2, (k) => this.redis.hget(k, `${vpcId}/${addr}`)),
+          hostId && h !== hostId ? get(nicaddr1 + hostId + nicaddr2, (k) => this.redis.hget(k, `${vpcId}/${addr}`)) : null,
+        ]);
+        if (copy !== b[0]) return `its host ${h} holds no such binding`;
+        // The sig, which that copy vouches for, says where and in which groups the NIC is (the record's other fields are anyone's).
+        const sig = sigOf(b[0]);
+        if (!sig) return "has a sig that is not JSON";
+        if (sig.hostId !== h) return "its sig names another host";
+        if (sig.vpcId !== vpcId) return "is bound in another VPC";
+        if (sig.address !== addr) return "is bound with another address";
+        if (!sig.groupIds.includes(p)) return "is not bound to this group";
+        if (listed !== nic) return `its host ${h} lists no such NIC at that address`;
+        if (local) return "the address is a NIC of this host";
+        return null;
+      }),
+    );
+    const rawMembers: RawVpcState[2] = peerIds.map((p) => [p]);
+    const refused: RawVpcState[5] = [];
+    entries.forEach((e, i) => {
+      const why = vouched[i];
+      if (why) refused.push([e.p, e.nic, e.addr, why]);
+      else rawMembers[peerIds.indexOf(e.p)].push(e.nic, e.addr);
+    });
+    let vpn: RawVpcState[6] = null;
+    if (peerIds.length && vpcId) {
+      const [cidr, ep, clients] = await Promise.all([
+        get(this.I.vpc(vpcId), (k) => this.redis.hget(k, "cidr")),
+        get(vpnKeys.ep(vpcId), (k) => this.redis.hgetall(k)),
+        get(vpnKeys.clients(vpcId), (k) => this.redis.hgetall(k)),
+      ]);
+      vpn = [cidr ?? "", Object.entries(ep ?? {}).flat(), Object.entries(clients ?? {}).flat()];
+    }
+    const aclOf = subnetIds.length ? ((await get(L.subnetAcl(vpcId), (k) => this.redis.hmget(k, ...subnetIds))) ?? []) : [];
+    const rawAcls: RawVpcState[3] = [];
+    await Promise.all(
+      subnetIds.map(async (s, i) => {
+        const a = aclOf[i];
+        if (!a || !isId("acl", a)) return;
+        const [h, subs] = await Promise.all([get(L.acl(vpcId, a), (k) => this.redis.hgetall(k)), get(L.aclSubnets(vpcId, a), (k) => this.redis.smembers(k))]);
+        if (h && Object.keys(h).length) rawAcls.push([s, Object.entries(h).flat(), subs ?? []]);
+      }),
+    );
+    const rawGroups: RawVpcState[1] = [];
+    for (const [g, h] of groups) if (h && Object.keys(h).length) rawGroups.push([g, ...Object.entries(h).flat()]);
+    return [rawNics, rawGroups, rawMembers, rawAcls, bad, refused, vpn];
   }
 
   /**

@@ -27,6 +27,7 @@ import { FirewallStore } from "../../services/firewall/store.js";
 import { Ipam } from "../../services/ipam/service.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { HostStore } from "../../services/netagent/store.js";
+import { hostKeys } from "../../services/netagent/schema.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
 import { rejectsWith } from "../lib/clients.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
@@ -337,8 +338,7 @@ describe("security groups", () => {
   });
 });
 
-// The bindings' scripts still build the single Redis's names (firewall/keys.ts).
-describe.skipIf(ON_CLUSTER)("NIC bindings", () => {
+describe("NIC bindings", () => {
   let v: { id: string; subnets: Record<string, string> };
   let other: { id: string; subnets: Record<string, string> };
   let web: string;
@@ -416,6 +416,27 @@ describe.skipIf(ON_CLUSTER)("NIC bindings", () => {
     );
     assert.ok(ev.every((e) => e.vpc === v.id));
     await fw2.unbindNic({ nicId: n2 });
+  });
+
+  test("a member entry counts only where the NIC's own host vouches for it, and for the groups its sig names", async () => {
+    const [real, out, ghost, peer] = [nicId(), nicId(), nicId(), nicId()];
+    await fw.bindNic(bindReq(real, "10.50.1.60", ["web"]));
+    await fw.bindNic(bindReq(out, "10.50.1.61", []));
+    await fw2.bindNic(bindReq(peer, "10.50.1.62", ["db"]));
+    for (const [n, a] of [
+      [real, "10.50.1.60"],
+      [out, "10.50.1.61"],
+    ])
+      await r.hset(hostKeys.nicaddr("hv1"), `${v.id}/${a}`, n);
+    // What any host's user may write: the member list, and the shared record's fields beside the sig hv1's copy vouches for.
+    await r.hset(L.sgMembers(v.id, web), out, "10.50.1.61", ghost, "10.50.1.63");
+    await r.hset(L.nic(out), "groups", web);
+    const subnets = [{ subnetId: v.subnets.a, cidr: "10.50.1.0/24", bridge: "br-x" }];
+    const st = await store.loadVpcState("hv2", v.id, subnets);
+    assert.deepEqual(st.members.get(web), ["10.50.1.60"], "only the member its host vouches for");
+    for (const n of [real, out, peer]) await (n === peer ? fw2 : fw).unbindNic({ nicId: n });
+    await r.hdel(L.sgMembers(v.id, web), ghost);
+    await r.hdel(hostKeys.nicaddr("hv1"), `${v.id}/10.50.1.60`, `${v.id}/10.50.1.61`);
   });
 
   test("delete refused while a NIC is bound or another group names it", async () => {
@@ -632,15 +653,13 @@ describe("network ACLs", () => {
     const cleared = (await fw.updateNetworkAcl({ ref: a1.id, setEntries: { entries: [] } })).networkAcl!;
     assert.equal(cleared.entries.length, 0);
 
-    // The sync loop sees each local subnet's ACL, keyed by subnet id (LOAD_VPC: single Redis names yet).
-    if (!ON_CLUSTER) {
-      const st = await store.loadVpcState("hv1", v.id, [
-        { subnetId: v.subnets.a, cidr: "10.60.1.0/24", bridge: "br-a" },
-        { subnetId: v.subnets.b, cidr: "10.60.2.0/24", bridge: "br-b" },
-      ]);
-      assert.equal(st.acls.get(v.subnets.a)?.id, a2.id);
-      assert.equal(st.acls.get(v.subnets.b)?.id, a1.id);
-    }
+    // The sync loop sees each local subnet's ACL, keyed by subnet id.
+    const st = await store.loadVpcState("hv1", v.id, [
+      { subnetId: v.subnets.a, cidr: "10.60.1.0/24", bridge: "br-a" },
+      { subnetId: v.subnets.b, cidr: "10.60.2.0/24", bridge: "br-b" },
+    ]);
+    assert.equal(st.acls.get(v.subnets.a)?.id, a2.id);
+    assert.equal(st.acls.get(v.subnets.b)?.id, a1.id);
 
     assert.deepEqual(
       (await fw.listNetworkAcls({ vpc: "acl" })).networkAcls.map((x) => x.name),

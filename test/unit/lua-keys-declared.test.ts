@@ -33,6 +33,8 @@ const ALLOWED: Record<string, number> = {
   "services/firewall/scripts.ts:LUA_COMMON": 3,
   "services/firewall/scripts.ts:LUA_NIC": 13,
   "services/firewall/scripts.ts:UNBIND": 1,
+  // BindNic's step in the VPC's slot on a cluster reads the groups it joins there without declaring them: the hosts' users run it, and may not write them (docs/redis-acl.md).
+  "services/firewall/scripts.ts:VPC_MEMBERS": 1,
   "services/ipam/schema.ts:LUA_RANGE_CHECKS": 1,
   // Its built key (a NAT gateway's record) is read on a single Redis only; a cluster checks it from the client.
   "services/ipam/scripts.ts:DELETE_SUBNET": 1,

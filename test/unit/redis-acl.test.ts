@@ -140,7 +140,7 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
   // The VPC-tagged shared patterns take a VPC's stream and VM name index, and
   // none of the control plane's keys in the VPC's slot, whatever an owner's name.
   const V = "vpc-0123456789ab";
-  for (const k of [`mvpc:{${V}}:events`, `mvpc:{${V}}:vm:byname`])
+  for (const k of [`mvpc:{${V}}:events`, `mvpc:{${V}}:vm:byname`, `mvpc:{${V}}:fw:nics`, `mvpc:{${V}}:fw:sg:sg-0123456789ab:members`, `mvpc:{${V}}:fw:gen`])
     assert.ok(
       SHARED_WRITE_PATTERNS.some((p) => glob(p).test(k)),
       `a host writes ${k}`,
@@ -150,6 +150,15 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     `mvpc:{${V}}:owner:x:events`,
     `mvpc:{${V}}:sn:subnet-0123456789ab:used`,
     `mvpc:{vpc-0123456789abc}:events`,
+    // The firewall's control-plane keys in the VPC's slot: groups, their peer indexes, ACLs, names, associations.
+    `mvpc:{${V}}:fw:sg:sg-0123456789ab`,
+    `mvpc:{${V}}:fw:sg:sg-0123456789ab:refby`,
+    `mvpc:{${V}}:fw:sg:byname`,
+    `mvpc:{${V}}:fw:sgs`,
+    `mvpc:{${V}}:fw:acl:acl-0123456789ab`,
+    `mvpc:{${V}}:fw:subnet-acl`,
+    `mvpc:{${V}}:fw:sg:x:y:members`,
+    "mvpc:{fw}:sg:vpc",
   ]) {
     assert.deepEqual(
       SHARED_WRITE_PATTERNS.filter((p) => glob(p).test(k)),
