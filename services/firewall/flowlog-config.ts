@@ -7,14 +7,16 @@
 // (directory, rotation) stays the daemon's flags: it is the host's disk.
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
-import { LUA_EMIT } from "../common/events.js";
+import { LUA_EMIT, scriptFor } from "../common/events.js";
 import { AlreadyExistsError, InvalidArgumentError } from "../common/errors.js";
-import { newId } from "../common/ids.js";
+import { idOrNull, isId, newId } from "../common/ids.js";
+import { defineVariadicCommand } from "../common/redis.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
-import { K, P } from "../ipam/schema.js";
-import { F, FK } from "./keys.js";
+import { ipamKeys, P, type IpamKeys } from "../ipam/schema.js";
+import { F, FK, fwKeys, type FirewallKeys } from "./keys.js";
 import type { BindingRec } from "./model.js";
+import { AbortedError } from "./store.js";
 
 export interface FlowLogConfigRec {
   id: string;
@@ -118,43 +120,49 @@ export function flowLogRates(
   return { nics: out, subnets: subs };
 }
 
-// KEYS: 1 config hash, 2 all ids, 3 by resource, 4 VPC's ids, 5 the VPC's IPAM hash.
-// ARGV: 1 id, 2 resource, 3 vpc, then the hash's field/value pairs.
-// Returns {1, id} created, {-1, id} the resource has one, {-2, vpc} the VPC is gone.
+// Every key declared (FirewallKeys, keys.ts): a cluster runs these in the VPC's slot.
+// KEYS: 1 config hash, 2 the VPC's resource → id hash, 3 the VPC's ids, 4 the
+// VPC's IPAM record, 5 its change counter, 6 the config the resource named
+// when the caller read (ARGV[4]; else KEYS[1]), and on a single Redis 7 all ids.
+// ARGV: 1 id, 2 resource, 3 vpc, 4 that config's id (''), then the hash's field/value pairs.
+// Returns {1, id} created, {-1, id} the resource has one, {-2, vpc} the VPC
+// is gone, {-8} the resource names another config now (the caller reads again).
 const CREATE = `${LUA_EMIT}
-local F = '${F}'
 local id, res, vpc = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', KEYS[5]) == 0 then return {-2, vpc} end
-local prev = redis.call('HGET', KEYS[3], res)
-if prev and redis.call('EXISTS', F .. 'flowlog:' .. prev) == 1 then return {-1, prev} end
+if redis.call('EXISTS', KEYS[4]) == 0 then return {-2, vpc} end
+local prev = redis.call('HGET', KEYS[2], res)
+if (prev or '') ~= ARGV[4] then return {-8, ''} end
+if prev and redis.call('EXISTS', KEYS[6]) == 1 then return {-1, prev} end
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('PERSIST', KEYS[4])
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZADD', KEYS[2], 0, id)
-redis.call('HSET', KEYS[3], res, id)
-redis.call('SADD', KEYS[4], id)
-local g = redis.call('INCR', F .. 'gen')
+if KEYS[7] then redis.call('ZADD', KEYS[7], 0, id) end
+redis.call('HSET', KEYS[2], res, id)
+redis.call('SADD', KEYS[3], id)
+local g = redis.call('INCR', KEYS[5])
 mvpc_emit({vpc}, {}, 'kind', 'fw.flowlog.created', 'vpc', vpc, 'gen', g, 'flowlog', id)
 return {1, id}
 `;
 
-// KEYS: 1 config hash, 2 all ids, 3 by resource. ARGV: 1 id. Returns {1} deleted, {0} absent.
+// KEYS: 1 config hash, 2 the VPC's resource → id hash, 3 the VPC's ids, 4
+// its change counter, and on a single Redis 5 all ids. ARGV: 1 id, 2 the VPC
+// the caller read. Returns {1} deleted, {0} absent.
 const DELETE = `${LUA_EMIT}
-local F = '${F}'
 local id = ARGV[1]
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
 local res = redis.call('HGET', KEYS[1], 'resource')
-redis.call('ZREM', KEYS[2], id)
-if not vpc then return {0} end
+if KEYS[5] then redis.call('ZREM', KEYS[5], id) end
+if vpc ~= ARGV[2] then return {0} end
 redis.call('DEL', KEYS[1])
-if res and redis.call('HGET', KEYS[3], res) == id then redis.call('HDEL', KEYS[3], res) end
-redis.call('SREM', F .. 'vpc:' .. vpc .. ':flowlogs', id)
-local g = redis.call('INCR', F .. 'gen')
-mvpc_emit({vpc}, {}, 'kind', 'fw.flowlog.deleted', 'vpc', vpc, 'gen', g, 'flowlog', id)
+if res and redis.call('HGET', KEYS[2], res) == id then redis.call('HDEL', KEYS[2], res) end
+redis.call('SREM', KEYS[3], id)
+local g = redis.call('INCR', KEYS[4])
+mvpc_emit({vpc}, {}, 'kind', 'fw.flowlog.deleted', 'vpc', vpc, 'gen', g, 'flowlog', id, unpack(ARGV, 3))
 return {1}
 `;
 
-// Deletes the configurations whose resource is gone: the VPC (IPAM's hash),
+// On a single Redis: deletes the configurations whose resource is gone: the VPC (IPAM's hash),
 // the subnet (IPAM's hash, in the config's VPC) or the NIC's binding (in the
 // config's VPC, the binding it was made for: same bound time). KEYS: 1 all
 // ids, 2 by resource. ARGV: 1 IPAM's key prefix, then config ids.
@@ -207,12 +215,17 @@ declare module "ioredis" {
 export const MAX_FLOW_LOG_CONFIGS = 10_000;
 
 export class FlowLogConfigStore {
+  private readonly L: FirewallKeys;
+  private readonly I: IpamKeys;
+
   constructor(readonly redis: Redis) {
     if (!(redis as unknown as { mvpcCreateFlowLog?: unknown }).mvpcCreateFlowLog) {
-      redis.defineCommand("mvpcCreateFlowLog", { numberOfKeys: 5, lua: CREATE });
-      redis.defineCommand("mvpcDeleteFlowLog", { numberOfKeys: 3, lua: DELETE });
+      defineVariadicCommand(redis, "mvpcCreateFlowLog", scriptFor(redis, CREATE));
+      defineVariadicCommand(redis, "mvpcDeleteFlowLog", scriptFor(redis, DELETE));
       redis.defineCommand("mvpcGcFlowLogs", { numberOfKeys: 2, lua: GC });
     }
+    this.L = fwKeys(redis);
+    this.I = ipamKeys(redis);
   }
 
   async create(c: Omit<FlowLogConfigRec, "id" | "createdMs">): Promise<FlowLogConfigRec> {
@@ -229,29 +242,48 @@ export class FlowLogConfigStore {
     // The writer applies the readers' check: what it stores reads back.
     const check = parseFlowLogConfig(fields, id);
     if (!check.ok) throw new InvalidArgumentError("config", `refusing to store an invalid flow-log config: ${check.reason}`);
-    const [code, ref] = await this.redis.mvpcCreateFlowLog(
-      FK.flowLog(id),
-      FK.allFlowLogs,
-      FK.flowLogByRes,
-      FK.vpcFlowLogs(c.vpcId),
-      K.vpc(c.vpcId),
-      id,
-      c.resourceId,
-      c.vpcId,
-      ...Object.entries(fields).flat(),
-    );
+    const L = this.L;
+    const v = c.vpcId;
+    if (L.flowLogVpc) await this.redis.hset(L.flowLogVpc, id, v);
+    let reply: [number, string] = [-8, ""];
+    for (let attempt = 0; attempt < 5 && reply[0] === -8; attempt++) {
+      const prev = (await this.redis.hget(L.flowLogByRes(v), c.resourceId)) ?? "";
+      const keys = [
+        L.flowLog(v, id),
+        L.flowLogByRes(v),
+        L.vpcFlowLogs(v),
+        this.I.vpc(v),
+        L.gen(v),
+        isId("fl", prev) ? L.flowLog(v, prev) : L.flowLog(v, id),
+        ...(L.cluster ? [] : [L.allFlowLogs]),
+      ];
+      reply = await this.redis.mvpcCreateFlowLog(keys.length, ...keys, id, c.resourceId, v, prev, ...Object.entries(fields).flat());
+    }
+    const [code, ref] = reply;
+    if (code !== 1 && L.flowLogVpc) await this.redis.hdel(L.flowLogVpc, id);
+    if (code === -8) throw new AbortedError(`${c.resourceId}: its flow-log config kept changing while this one was created; retry`);
     if (code === -1) throw new AlreadyExistsError(`${c.resourceId} already has flow-log config ${ref}; delete it first to change its sample rate`);
     if (code === -2) throw new InvalidArgumentError("resource_id", `the VPC ${ref} was deleted`);
+    if (L.cluster) await this.redis.zadd(L.allFlowLogs, 0, id);
     return check.value;
   }
 
+  /** The VPC a configuration is in: on a cluster from the catalog (null if not there); on a single Redis "" (its keys do not name it). */
+  private async vpcOf(id: string): Promise<string | null> {
+    if (!this.L.flowLogVpc) return "";
+    return idOrNull("vpc", await this.redis.hget(this.L.flowLogVpc, id));
+  }
+
   /** One configuration; null if absent. A record that fails its check is reported and treated as absent. */
-  async get(id: string): Promise<FlowLogConfigRec | null> {
-    const h = await this.redis.hgetall(FK.flowLog(id));
+  async get(id: string, vpcId?: string): Promise<FlowLogConfigRec | null> {
+    const v = vpcId ?? (await this.vpcOf(id));
+    if (v === null) return null;
+    const key = this.L.flowLog(v, id);
+    const h = await this.redis.hgetall(key);
     if (Object.keys(h).length === 0) return null;
     const p = parseFlowLogConfig(h, id);
-    if (!p.ok) {
-      reportInvalid("firewall", "flowlog", FK.flowLog(id), p.reason);
+    if (!p.ok || (this.L.cluster && p.value.vpcId !== v)) {
+      reportInvalid("firewall", "flowlog", key, p.ok ? `names VPC ${p.value.vpcId}, but is kept under ${v}` : p.reason);
       return null;
     }
     return p.value;
@@ -259,35 +291,86 @@ export class FlowLogConfigStore {
 
   async list(vpcId?: string): Promise<FlowLogConfigRec[]> {
     const ids = vpcId
-      ? (await this.redis.smembers(FK.vpcFlowLogs(vpcId))).sort()
-      : await this.redis.zrangebylex(FK.allFlowLogs, "-", "+", "LIMIT", 0, MAX_FLOW_LOG_CONFIGS);
-    const recs = await Promise.all(ids.slice(0, MAX_FLOW_LOG_CONFIGS).map((id) => (/^fl-[0-9a-f]{12}$/.test(id) ? this.get(id) : null)));
+      ? (await this.redis.smembers(this.L.vpcFlowLogs(vpcId))).sort()
+      : await this.redis.zrangebylex(this.L.allFlowLogs, "-", "+", "LIMIT", 0, MAX_FLOW_LOG_CONFIGS);
+    const recs = await Promise.all(ids.slice(0, MAX_FLOW_LOG_CONFIGS).map((id) => (isId("fl", id) ? this.get(id, vpcId) : null)));
     return recs.filter((r): r is FlowLogConfigRec => r !== null && (!vpcId || r.vpcId === vpcId));
   }
 
   /**
    * Deletes the configurations (the given ids, else all, at most
    * MAX_FLOW_LOG_CONFIGS) whose VPC, subnet or NIC binding is gone, each with
-   * its fw.flowlog.deleted event; returns their ids. Atomic per batch: a
-   * configuration is checked and deleted in one step, so it cannot race a
-   * re-creation of its resource.
+   * its fw.flowlog.deleted event; returns their ids. On a single Redis atomic
+   * per batch: a configuration is checked and deleted in one step. On a
+   * cluster its resource is in other slots: it is checked from here, then
+   * deleted by id (a resource made again has another id, or for a NIC
+   * another bound time, so what was found stale stays stale).
    */
   async collectGarbage(ids?: string[]): Promise<string[]> {
-    const all = ids ?? (await this.redis.zrangebylex(FK.allFlowLogs, "-", "+", "LIMIT", 0, MAX_FLOW_LOG_CONFIGS));
-    const valid = all.filter((id) => /^fl-[0-9a-f]{12}$/.test(id));
+    const all = ids ?? (await this.redis.zrangebylex(this.L.allFlowLogs, "-", "+", "LIMIT", 0, MAX_FLOW_LOG_CONFIGS));
+    const valid = all.filter((id) => isId("fl", id));
+    if (this.L.cluster) return this.collectInSteps(valid);
     const gone: string[] = [];
     for (let i = 0; i < valid.length; i += 500) gone.push(...(await this.redis.mvpcGcFlowLogs(FK.allFlowLogs, FK.flowLogByRes, P, ...valid.slice(i, i + 500))));
     return gone;
   }
 
-  /** The id of the configuration stored for a resource, if any. */
-  async idOf(resourceId: string): Promise<string | null> {
-    return await this.redis.hget(FK.flowLogByRes, resourceId);
+  private async collectInSteps(ids: string[]): Promise<string[]> {
+    const L = this.L;
+    const gone: string[] = [];
+    for (const id of ids) {
+      const v = await this.vpcOf(id);
+      const c = v === null ? null : await this.redis.hmget(L.flowLog(v, id), "vpc", "resource", "bound");
+      if (v === null || c?.[0] === null || c?.[1] === null) {
+        // No record: only its listing entries are left.
+        if (v === null || (await this.redis.exists(L.flowLog(v, id))) === 0) {
+          await this.redis.zrem(L.allFlowLogs, id);
+          if (L.flowLogVpc) await this.redis.hdel(L.flowLogVpc, id);
+          gone.push(id);
+        }
+        continue;
+      }
+      const [, res, bound] = c!;
+      let stale = (await this.redis.exists(this.I.vpc(v))) === 0;
+      if (!stale && res!.startsWith("subnet-")) stale = (await this.redis.hget(this.I.subnetIn(v, res!), "vpc")) !== v;
+      else if (!stale && res!.startsWith("nic-")) {
+        const [bv, bb] = await this.redis.hmget(L.nic(res!), "vpc", "bound");
+        stale = bv !== v || (bound !== null && bb !== bound);
+      }
+      if (!stale) continue;
+      await this.deleteIn(v, id, ["reason", "resource-gone"]);
+      gone.push(id);
+    }
+    return gone;
+  }
+
+  private async deleteIn(v: string, id: string, extra: string[] = []): Promise<boolean> {
+    const L = this.L;
+    const keys = [L.flowLog(v, id), L.flowLogByRes(v), L.vpcFlowLogs(v), L.gen(v), ...(L.cluster ? [] : [L.allFlowLogs])];
+    const [code] = await this.redis.mvpcDeleteFlowLog(keys.length, ...keys, id, v, ...extra);
+    if (L.cluster) {
+      await this.redis.zrem(L.allFlowLogs, id);
+      if (L.flowLogVpc) await this.redis.hdel(L.flowLogVpc, id);
+    }
+    return code === 1;
+  }
+
+  /** The id of the configuration stored for a resource of the VPC, if any. */
+  async idOf(resourceId: string, vpcId: string): Promise<string | null> {
+    return await this.redis.hget(this.L.flowLogByRes(vpcId), resourceId);
   }
 
   async delete(id: string): Promise<boolean> {
-    const [code] = await this.redis.mvpcDeleteFlowLog(FK.flowLog(id), FK.allFlowLogs, FK.flowLogByRes, id);
-    return code === 1;
+    const L = this.L;
+    const at = await this.vpcOf(id);
+    if (at === null) return false;
+    // On a single Redis the record names its VPC (its set of ids is named by it).
+    const raw = await this.redis.hget(L.flowLog(at, id), "vpc");
+    if (raw === null) {
+      if (!L.cluster) await this.redis.zrem(L.allFlowLogs, id);
+      return false;
+    }
+    return this.deleteIn(L.cluster ? at : raw, id);
   }
 }
 

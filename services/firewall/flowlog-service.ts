@@ -66,7 +66,7 @@ export class FlowLogConfigApi {
       const description = V.text("description", req.description);
       const { vpcId, nicBoundMs } = await this.vpcOf("resource_id", resourceId);
       // A configuration left by a resource of the same id that is gone (a NIC unbound and bound again) is not in the way.
-      const prev = await this.configs.idOf(resourceId);
+      const prev = await this.configs.idOf(resourceId, vpcId);
       if (prev) await this.collect([prev]);
       return {
         config: configMsg(await this.configs.create({ vpcId, resourceId, sampleRate, description, ...(nicBoundMs !== undefined ? { nicBoundMs } : {}) })),

@@ -118,6 +118,14 @@ export interface FirewallKeys {
   hostVpcNics(host: string, vpc: string): string;
   hostVpcs(host: string): string;
   hostSigs(host: string): string;
+  /** A flow-log configuration (hash), the VPC's configurations (set), resource → configuration id (the VPC's on a cluster: a resource is in one VPC). */
+  flowLog(vpc: string, id: string): string;
+  vpcFlowLogs(vpc: string): string;
+  flowLogByRes(vpc: string): string;
+  /** Every configuration id (lex zset): the same name on both, written alone on a cluster. */
+  allFlowLogs: string;
+  /** Configuration id → VPC id (a cluster's catalog; null on a single Redis). */
+  flowLogVpc: string | null;
   allSgs: string;
   allAcls: string;
   /** Group id → VPC id, and ACL id → VPC id (a cluster's catalog; null on a single Redis, whose keys do not name the VPC). */
@@ -151,6 +159,11 @@ export const FW_KEYS: { single: FirewallKeys; cluster: FirewallKeys } = {
     hostVpcNics: FK.hostVpcNics,
     hostVpcs: FK.hostVpcs,
     hostSigs: FK.hostSigs,
+    flowLog: (_v, id) => FK.flowLog(id),
+    vpcFlowLogs: FK.vpcFlowLogs,
+    flowLogByRes: () => FK.flowLogByRes,
+    allFlowLogs: FK.allFlowLogs,
+    flowLogVpc: null,
     allSgs: FK.allSgs,
     allAcls: FK.allAcls,
     sgVpc: null,
@@ -177,6 +190,11 @@ export const FW_KEYS: { single: FirewallKeys; cluster: FirewallKeys } = {
     hostVpcNics: (h, v) => `${H(h)}vpc:${v}:nics`,
     hostVpcs: (h) => `${H(h)}vpcs`,
     hostSigs: (h) => `${H(h)}sig`,
+    flowLog: (v, id) => `${T(v)}flowlog:${id}`,
+    vpcFlowLogs: (v) => `${T(v)}flowlogs`,
+    flowLogByRes: (v) => `${T(v)}flowlog-byres`,
+    allFlowLogs: FK.allFlowLogs,
+    flowLogVpc: `${CATALOG}flowlog:vpc`,
     allSgs: `${CATALOG}sgs`,
     allAcls: `${CATALOG}acls`,
     sgVpc: `${CATALOG}sg:vpc`,

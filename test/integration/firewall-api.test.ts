@@ -24,6 +24,8 @@ import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { FirewallApi } from "../../services/firewall/service.js";
 import { fwKeys, type FirewallKeys } from "../../services/firewall/keys.js";
 import { FirewallStore } from "../../services/firewall/store.js";
+import { FlowLogConfigStore } from "../../services/firewall/flowlog-config.js";
+import { FlowLogConfigApi } from "../../services/firewall/flowlog-service.js";
 import { Ipam } from "../../services/ipam/service.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { HostStore } from "../../services/netagent/store.js";
@@ -39,6 +41,7 @@ let stop: (() => Promise<void>) | undefined;
 let r: Redis;
 let L: FirewallKeys;
 let store: FirewallStore;
+let flowLogs: FlowLogConfigStore;
 let vpcs: Client<typeof VpcService>;
 let subnets: Client<typeof SubnetService>;
 let fw: Client<typeof FirewallService>;
@@ -53,12 +56,13 @@ beforeAll(async () => {
   const ipamStore = new IpamStore(r);
   const ipam = new Ipam(ipamStore);
   store = new FirewallStore(r);
+  flowLogs = new FlowLogConfigStore(r);
   const transport = (hostId: string) =>
     createRouterTransport(
       (router) => {
         router.service(VpcService, ipam.vpcService);
         router.service(SubnetService, ipam.subnetService);
-        router.service(FirewallService, new FirewallApi(store, ipamStore, { hostId }).impl);
+        router.service(FirewallService, { ...new FirewallApi(store, ipamStore, { hostId }).impl, ...new FlowLogConfigApi(flowLogs, store, ipamStore).impl });
       },
       { router: { interceptors: [mapDomainErrors] } },
     );
@@ -768,6 +772,60 @@ describe("with IPAM and other clients", () => {
       new RegExp(`subnet ${o.subnets.x} belongs to VPC ${o.id}, not ${v.id}`),
     );
     assert.equal(await fwSnapshot(), before, "no key and no event changed");
+  });
+});
+
+describe("flow-log configurations", () => {
+  test("per VPC, subnet and bound NIC; one per resource; deleted with their resource; each change on the VPC's stream", async () => {
+    const v = await newVpc("flows", "10.67.0.0/16", { a: "10.67.1.0/24", b: "10.67.2.0/24" });
+    const n = nicId();
+    await fw.bindNic({
+      nicId: n,
+      vpc: v.id,
+      subnet: "a",
+      address: "10.67.1.10",
+      mac: "02:00:0a:43:01:0a",
+      hostInterface: `t${n.slice(-12)}`,
+      securityGroups: [],
+    });
+    const since = await lastEventId(v.id);
+    const cv = (await fw.createFlowLogConfig({ resourceId: v.id, sampleRate: 0.5 })).config!;
+    const cs = (await fw.createFlowLogConfig({ resourceId: v.subnets.b })).config!;
+    const cn = (await fw2.createFlowLogConfig({ resourceId: n, description: "one NIC" })).config!;
+    assert.deepEqual([cv.vpcId, cs.vpcId, cn.vpcId], [v.id, v.id, v.id]);
+    await rejectsWith(fw.createFlowLogConfig({ resourceId: v.subnets.b }), Code.AlreadyExists, new RegExp(`already has flow-log config ${cs.id}`));
+    await rejectsWith(fw.createFlowLogConfig({ resourceId: "nic-00000000abcd" }), Code.NotFound, /must be bound/);
+    assert.equal((await fw2.getFlowLogConfig({ id: cn.id })).config!.description, "one NIC");
+    assert.deepEqual((await fw.listFlowLogConfigs({ vpc: v.id })).configs.map((c) => c.id).sort(), [cv.id, cs.id, cn.id].sort());
+    assert.ok((await fw.listFlowLogConfigs({})).configs.some((c) => c.id === cn.id));
+
+    // Their resources go: the NIC's binding, then the subnet; the next read deletes their configurations.
+    await fw.unbindNic({ nicId: n });
+    await subnets.deleteSubnet({ ref: v.subnets.b });
+    assert.deepEqual(
+      (await fw.listFlowLogConfigs({ vpc: v.id })).configs.map((c) => c.id),
+      [cv.id],
+    );
+    await rejectsWith(fw.getFlowLogConfig({ id: cn.id }), Code.NotFound);
+    assert.equal((await fw.deleteFlowLogConfig({ id: cv.id })).deleted, true);
+    assert.equal((await fw.deleteFlowLogConfig({ id: cv.id })).deleted, false, "deleting twice succeeds");
+    assert.equal((await fw.listFlowLogConfigs({})).configs.filter((c) => c.vpcId === v.id).length, 0);
+    assert.deepEqual(await keysLike(`mvpc:*${v.id}*flowlog*`), [], "nothing of them is left in the VPC");
+
+    const ev = (await events(v.id, since)).filter((e) => e.kind.startsWith("fw.flowlog.")).map((e) => [e.kind, e.flowlog, e.reason]);
+    assert.deepEqual(ev.slice(0, 3), [
+      ["fw.flowlog.created", cv.id, undefined],
+      ["fw.flowlog.created", cs.id, undefined],
+      ["fw.flowlog.created", cn.id, undefined],
+    ]);
+    assert.deepEqual(
+      ev.slice(3, 5).sort(),
+      [
+        ["fw.flowlog.deleted", cs.id, "resource-gone"],
+        ["fw.flowlog.deleted", cn.id, "resource-gone"],
+      ].sort(),
+    );
+    assert.deepEqual(ev.slice(5), [["fw.flowlog.deleted", cv.id, undefined]]);
   });
 });
 

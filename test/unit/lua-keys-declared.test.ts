@@ -24,15 +24,6 @@ const ALLOWED: Record<string, number> = {
   // The cluster's variant (scriptFor): the streams of the script's own slot, one loop.
   "services/common/events.ts:LUA_EMIT_CLUSTER": 1,
   "services/dns/scripts.ts:UPDATE_CONFIG": 2,
-  "services/firewall/flowlog-config.ts:CREATE": 2,
-  "services/firewall/flowlog-config.ts:DELETE": 2,
-  "services/firewall/flowlog-config.ts:GC": 8,
-  "services/firewall/scripts.ts:ADOPT_SIGS": 1,
-  "services/firewall/scripts.ts:BIND": 2,
-  "services/firewall/scripts.ts:LOAD_VPC": 16,
-  "services/firewall/scripts.ts:LUA_COMMON": 3,
-  "services/firewall/scripts.ts:LUA_NIC": 13,
-  "services/firewall/scripts.ts:UNBIND": 1,
   // BindNic's step in the VPC's slot on a cluster reads the groups it joins there without declaring them: the hosts' users run it, and may not write them (docs/redis-acl.md).
   "services/firewall/scripts.ts:VPC_MEMBERS": 1,
   "services/ipam/schema.ts:LUA_RANGE_CHECKS": 1,
@@ -49,13 +40,24 @@ const ALLOWED: Record<string, number> = {
  * host's ACL user may not write them, and a declared key it may not write
  * fails the whole script (it deletes them with redis.pcall). And a single
  * Redis's one-script form of a change that a cluster runs in declared
- * steps (peering/store.ts: RESERVE, CLAIM and DROP there).
+ * steps (peering/store.ts: RESERVE, CLAIM and DROP there; the firewall's
+ * bindings below).
  */
 const SINGLE_REDIS_ONLY: Record<string, number> = {
   "services/ipam/scripts.ts:MIGRATE_SUBNET": 2,
   "services/vmm/store.ts:MOVE_GLOBAL": 5,
   "services/peering/store.ts:CREATE": 5,
   "services/peering/store.ts:DELETE": 2,
+  // The firewall's bindings, hosts' snapshot and flow-log collection: a
+  // cluster runs them in declared steps or reads from the client
+  // (firewall/store.ts bindInSteps, unbindInSteps, loadInSteps; flowlog-config.ts collectInSteps).
+  "services/firewall/flowlog-config.ts:GC": 8,
+  "services/firewall/scripts.ts:ADOPT_SIGS": 1,
+  "services/firewall/scripts.ts:BIND": 2,
+  "services/firewall/scripts.ts:LOAD_VPC": 16,
+  "services/firewall/scripts.ts:LUA_COMMON": 3,
+  "services/firewall/scripts.ts:LUA_NIC": 13,
+  "services/firewall/scripts.ts:UNBIND": 1,
 };
 
 test("every script's keys built inside Lua are the known ones (Redis Cluster: declare them in KEYS)", () => {
