@@ -61,3 +61,21 @@ export function decodeNameToken(token: string): string | null {
   if (c !== null && typeof c !== "string") refuse("this listing pages by name");
   return c;
 }
+
+/**
+ * Up to `limit` items of a listing read in rounds from `after`: each round
+ * (`read(cursor)`) gives the items it found (null: gone, skipped) and the
+ * cursor of each, in order; a round shorter than `limit` is the last.
+ */
+export async function pageOver<T>(after: string, limit: number, read: (cursor: string) => Promise<{ items: (T | null)[]; cursors: string[] }>): Promise<T[]> {
+  const out: T[] = [];
+  for (let cursor = after; ;) {
+    const { items, cursors } = await read(cursor);
+    for (const x of items) {
+      if (x) out.push(x);
+      if (out.length >= limit) return out;
+    }
+    if (cursors.length < limit) return out;
+    cursor = cursors[cursors.length - 1];
+  }
+}

@@ -128,6 +128,8 @@ export function flowLogRates(
 // Returns {1, id} created, {-1, id} the resource has one, {-2, vpc} the VPC
 // is gone, {-8} the resource names another config now (the caller reads again).
 const CREATE = `${LUA_EMIT}
+local c = redis.call('GET', KEYS[5])
+if c and not string.match(c, '^%-?%d+$') then return redis.error_reply('the firewall change counter ' .. KEYS[5] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, res, vpc = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', KEYS[4]) == 0 then return {-2, vpc} end
 local prev = redis.call('HGET', KEYS[2], res)
@@ -149,6 +151,8 @@ return {1, id}
 // its change counter, and on a single Redis 5 all ids. ARGV: 1 id, 2 the VPC
 // the caller read. Returns {1} deleted, {0} absent.
 const DELETE = `${LUA_EMIT}
+local c = redis.call('GET', KEYS[4])
+if c and not string.match(c, '^%-?%d+$') then return redis.error_reply('the firewall change counter ' .. KEYS[4] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id = ARGV[1]
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
 local res = redis.call('HGET', KEYS[1], 'resource')

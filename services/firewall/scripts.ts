@@ -79,6 +79,12 @@ end
 // what it finds differs from what the caller read: the caller reads again
 // and retries.
 const LUA_DECLARED = `${LUA_EMIT}${LUA_UTIL}
+-- A change counter any host may write (docs/redis-acl.md) that holds no
+-- integer would fail the script's INCR after its writes: checked first.
+local function counter_bad(gk)
+  local c = redis.call('GET', gk)
+  return c and not string.match(c, '^%-?%d+$')
+end
 -- Appends one event, with the VPC's next change count (gk: its counter).
 local function emit(gk, kind, vpc, ...)
   local g = redis.call('INCR', gk)
@@ -120,6 +126,7 @@ end
  * {-9, id} the token names another group now.
  */
 const CREATE_SG = `${LUA_DECLARED}
+if counter_bad(KEYS[6]) then return redis.error_reply('the firewall change counter ' .. KEYS[6] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, vpc, name, tok = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local peers = split(ARGV[5])
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-4, vpc} end
@@ -153,6 +160,7 @@ return {1, id}
  * not those read at that generation), {-4} gone, {-3}/{-5} as CREATE_SG.
  */
 const UPDATE_SG = `${LUA_DECLARED}
+if counter_bad(KEYS[2]) then return redis.error_reply('the firewall change counter ' .. KEYS[2] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'gen', 'peers')
 if cur[1] ~= vpc then return {-4, ''} end
@@ -178,6 +186,7 @@ return {1, gen + 1}
  * groups, n} groups naming it as peer, {-8} its peers are not those read.
  */
 const DELETE_SG = `${LUA_DECLARED}
+if counter_bad(KEYS[6]) then return redis.error_reply('the firewall change counter ' .. KEYS[6] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'name', 'peers')
 if cur[1] ~= vpc then return {0, '', 0} end
@@ -272,6 +281,8 @@ local function previous(subnets, sacl, pa, pk)
     i = i + 1
     if subnets[i] then
       if (redis.call('HGET', sacl, subnets[i]) or '') ~= x then return nil, {-8, subnets[i]} end
+      -- A value that is no ACL id is replaced as none (the caller passed no keys for it).
+      if not string.match(x, '^acl%-%x%x%x%x%x%x%x%x%x%x%x%x$') then x = '' end
       was[i] = x
       if x ~= '' and not keys[x] then keys[x] = {KEYS[pk + 2 * n], KEYS[pk + 2 * n + 1]} n = n + 1 end
     end
@@ -309,6 +320,7 @@ end
  * another ACL now.
  */
 const CREATE_ACL = `${LUA_DECLARED}${LUA_ACL}
+if counter_bad(KEYS[7]) then return redis.error_reply('the firewall change counter ' .. KEYS[7] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, vpc, name, tok, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if redis.call('EXISTS', KEYS[3]) == 0 then return {-4, vpc} end
 if tok ~= '' then
@@ -345,6 +357,7 @@ return {1, id}
  * field/value pairs. Returns {1, gen}, {-2, gen}, {-4}.
  */
 const UPDATE_ACL = `${LUA_DECLARED}
+if counter_bad(KEYS[3]) then return redis.error_reply('the firewall change counter ' .. KEYS[3] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'gen')
 if cur[1] ~= vpc then return {-4, ''} end
@@ -364,6 +377,7 @@ return {1, gen + 1}
  * Returns {1, name} deleted, {0} absent, {-1, subnets, n}.
  */
 const DELETE_ACL = `${LUA_DECLARED}
+if counter_bad(KEYS[5]) then return redis.error_reply('the firewall change counter ' .. KEYS[5] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'name')
 if cur[1] ~= vpc then return {0, '', 0} end
@@ -390,6 +404,7 @@ return {1, name, 0}
  * so, {-4} no ACL, {-6}/{-7}/{-8} as CREATE_ACL.
  */
 const ASSOCIATE = `${LUA_DECLARED}${LUA_ACL}
+if counter_bad(KEYS[4]) then return redis.error_reply('the firewall change counter ' .. KEYS[4] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local id, vpc, s, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('HGET', KEYS[1], 'vpc') ~= vpc then return {-4, ''} end
 local bad = subnets_ok({s}, 5, vpc)
@@ -411,6 +426,7 @@ return {1, p}
  * Returns {1, prev}, {0, ''} none, {-8} another ACL now.
  */
 const DISASSOCIATE = `${LUA_DECLARED}
+if counter_bad(KEYS[2]) then return redis.error_reply('the firewall change counter ' .. KEYS[2] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
 local s, now, vpc = ARGV[1], ARGV[2], ARGV[3]
 local prev = redis.call('HGET', KEYS[1], s)
 if not prev then return {0, ''} end
@@ -635,7 +651,8 @@ for _, s in ipairs(split(ARGV[2])) do
   local a = get('HGET', SUBNET_ACL, s)
   if a then
     local h = get('HGETALL', F .. 'acl:' .. a)
-    if h and #h > 0 then acls[#acls + 1] = {s, h, get('SMEMBERS', F .. 'acl:' .. a .. ':subnets') or {}} end
+    -- Named but not there: the subnet's ACL denies everything (the caller stands a closed ACL in for it).
+    if h and #h > 0 then acls[#acls + 1] = {s, h, get('SMEMBERS', F .. 'acl:' .. a .. ':subnets') or {}} else acls[#acls + 1] = {s, {}, {}} end
   end
 end
 return {nics, groups, members, acls, bad, refused, vpn}

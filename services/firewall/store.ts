@@ -38,6 +38,7 @@ import {
 
 import { parseVpnClient, parseVpnEndpoint, vpnKeys } from "../netagent/schema.js";
 import { idOrNull, isId } from "../common/ids.js";
+import { pageOver } from "../common/paging.js";
 import { ipamKeys, K, type IpamKeys } from "../ipam/schema.js";
 import { FK, fwKeys, NICADDR, type FirewallKeys } from "./keys.js";
 import { defineScripts, type Reply } from "./scripts.js";
@@ -57,7 +58,7 @@ type Logging = { ratePerSecond: number; burst: number } | undefined;
 
 /** What LOAD_VPC returns (scripts.ts), and loadInSteps on a cluster. */
 type RawVpcState = [
-  [string, string, string, string, string | null][],
+  [string, string, string | null, string | null, string | null][],
   string[][],
   string[][],
   [string, string[], string[]][],
@@ -213,9 +214,41 @@ export class FirewallStore {
 
   /** The VPC of a group or ACL: on a cluster from the catalog (null if not there); on a single Redis "" (its keys do not name the VPC). */
   private async vpcOf(kind: "sg" | "acl", id: string): Promise<string | null> {
+    return (await this.catalogEntry(kind, id))?.vpc ?? null;
+  }
+
+  /**
+   * A cluster's catalog entry of a group or ACL, "<vpc>/<name>" (the name:
+   * so that a delete stopped before its last step can remove the listing
+   * entry when it is run again). On a single Redis {vpc: ""}.
+   */
+  private async catalogEntry(kind: "sg" | "acl", id: string): Promise<{ vpc: string; name: string } | null> {
     const catalog = kind === "sg" ? this.L.sgVpc : this.L.aclVpc;
-    if (!catalog) return "";
-    return idOrNull("vpc", await this.redis.hget(catalog, id));
+    if (!catalog) return { vpc: "", name: "" };
+    const raw = await this.redis.hget(catalog, id);
+    const cut = raw?.indexOf("/") ?? -1;
+    const vpc = idOrNull("vpc", cut > 0 ? raw!.slice(0, cut) : null);
+    return vpc ? { vpc, name: raw!.slice(cut + 1) } : null;
+  }
+
+  /**
+   * On a cluster: a group's or ACL's catalog entry and its listing entry,
+   * written before the VPC's step (a create refused or stopped leaves entries
+   * whose record is not there, which lists skip and a delete of the id
+   * removes), and removed after a delete.
+   */
+  private async catalogPut(kind: "sg" | "acl", id: string, vpc: string, name: string): Promise<void> {
+    const [catalog, all] = kind === "sg" ? [this.L.sgVpc, this.L.allSgs] : [this.L.aclVpc, this.L.allAcls];
+    if (!catalog) return;
+    await this.redis.hset(catalog, id, `${vpc}/${name}`);
+    await this.redis.zadd(all, 0, `${name}/${id}`);
+  }
+
+  private async catalogDrop(kind: "sg" | "acl", id: string, name: string): Promise<void> {
+    const [catalog, all] = kind === "sg" ? [this.L.sgVpc, this.L.allSgs] : [this.L.aclVpc, this.L.allAcls];
+    if (!catalog) return;
+    await this.redis.zrem(all, `${name}/${id}`);
+    await this.redis.hdel(catalog, id);
   }
 
   /** The id the client token names now in the VPC (null if none, or if what is there is no id of this kind). */
@@ -250,7 +283,7 @@ export class FirewallStore {
     const L = this.L;
     const v = g.vpcId;
     // On a cluster the catalog names the group's VPC before the group exists, so that it is found by id once it does.
-    if (L.sgVpc) await this.redis.hset(L.sgVpc, id, v);
+    await this.catalogPut("sg", id, v, g.name);
     let reply: Reply | undefined;
     for (let attempt = 0; attempt < TOKEN_ATTEMPTS && (!reply || reply[0] === -9); attempt++) {
       const held = await this.tokenHolder(v, "sg", clientToken);
@@ -269,7 +302,7 @@ export class FirewallStore {
       reply = await this.redis.mvpcFwCreateSg(keys.length, ...keys, id, v, g.name, clientToken, peers.join(","), held, ...flat(fields));
     }
     const [code, ref] = reply!;
-    if (code !== 1 && L.sgVpc) await this.redis.hdel(L.sgVpc, id);
+    if (code !== 1) await this.catalogDrop("sg", id, g.name);
     if (code === -9) throw new AbortedError(`client token ${JSON.stringify(clientToken)} is being used by another create at the same time; retry`);
     if (code === -1)
       throw new AlreadyExistsError(
@@ -278,7 +311,6 @@ export class FirewallStore {
     if (code < 0) this.groupError(code, ref, "rules", g.vpcId);
     const group = await this.getGroup(String(ref), v);
     if (!group) throw new NotFoundError("security group", String(ref), "it was deleted while being created");
-    if (L.cluster) await this.redis.zadd(L.allSgs, 0, `${group.name}/${group.id}`);
     return { group, created: code === 1 };
   }
 
@@ -309,9 +341,11 @@ export class FirewallStore {
   /** Groups ordered by name (then id), after the cursor "name/id". */
   async listGroups(vpcId: string | null, after: string, limit: number): Promise<SecurityGroupRec[]> {
     const key = vpcId ? this.L.vpcSgs(vpcId) : this.L.allSgs;
-    const members = await this.redis.zrangebylex(key, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    const groups = await Promise.all(members.map((m) => this.getGroup(m.slice(m.lastIndexOf("/") + 1), vpcId ?? undefined)));
-    return groups.filter((x): x is SecurityGroupRec => !!x);
+    // Reads on past entries whose record is gone (a create or delete stopped half-way on a cluster), so that a page is short only at the end.
+    return pageOver(after, limit, async (cursor) => {
+      const members = await this.redis.zrangebylex(key, cursor ? `(${cursor}` : "-", "+", "LIMIT", 0, limit);
+      return { items: await Promise.all(members.map((m) => this.getGroup(m.slice(m.lastIndexOf("/") + 1), vpcId ?? undefined))), cursors: members };
+    });
   }
 
   /**
@@ -321,8 +355,7 @@ export class FirewallStore {
    */
   async updateGroup(g: SecurityGroupRec, fromGeneration: number, change: GroupChange): Promise<SecurityGroupRec> {
     const fields: Record<string, string | number> = { updated: Date.now() };
-    const old = peersOf(g.rules);
-    let peers = old;
+    let peers = peersOf(g.rules);
     if (change.rules) {
       if (change.rules.length > MAX_RULES_PER_GROUP)
         throw new InvalidArgumentError("rules", `the group would have ${change.rules.length} rules; a group holds at most ${MAX_RULES_PER_GROUP}`);
@@ -334,8 +367,13 @@ export class FirewallStore {
     if (change.dropLogging !== undefined) fields.logging = storedLoggingText(change.dropLogging);
     const L = this.L;
     const v = g.vpcId;
+    // The peers as stored (their refby sets are left): the script refuses if they changed since.
+    const storedPeers = (await this.redis.hget(L.sg(v, g.id), "peers")) ?? "";
+    const old = storedPeers.split(",").filter(Boolean);
+    if (!old.every((p) => isId("sg", p)))
+      throw new FailedPreconditionError(`security group ${g.id}: its stored peers (${V.show(storedPeers)}) are not group ids; the record is damaged`);
     const keys = [L.sg(v, g.id), L.gen(v), ...old.map((p) => L.sgRefBy(v, p)), ...peers.map((p) => L.sg(v, p)), ...peers.map((p) => L.sgRefBy(v, p))];
-    const [code, detail] = await this.redis.mvpcFwUpdateSg(keys.length, ...keys, g.id, v, old.join(","), fromGeneration, peers.join(","), ...flat(fields));
+    const [code, detail] = await this.redis.mvpcFwUpdateSg(keys.length, ...keys, g.id, v, storedPeers, fromGeneration, peers.join(","), ...flat(fields));
     if (code === -2) {
       throw new AbortedError(
         `security group ${g.name} (${g.id}) is at generation ${detail}, not ${fromGeneration}; it changed meanwhile: get it again and retry`,
@@ -352,10 +390,15 @@ export class FirewallStore {
   async deleteGroup(id: string): Promise<boolean> {
     const L = this.L;
     for (let attempt = 0; attempt < TOKEN_ATTEMPTS; attempt++) {
-      const v = await this.vpcOf("sg", id);
-      if (v === null) return false;
+      const at = await this.catalogEntry("sg", id);
+      if (at === null) return false;
+      const v = at.vpc;
       const [vpc, peersCsv] = await this.redis.hmget(L.sg(v, id), "vpc", "peers");
-      if (vpc === null || !isId("vpc", vpc) || (L.cluster && vpc !== v)) return false;
+      if (vpc === null || !isId("vpc", vpc) || (L.cluster && vpc !== v)) {
+        // No record: a delete stopped before its last step on a cluster (or a create refused) left the catalog's entries.
+        if (vpc === null) await this.catalogDrop("sg", id, at.name);
+        return false;
+      }
       const peers = (peersCsv ?? "").split(",").filter(Boolean);
       if (!peers.every((p) => isId("sg", p))) {
         throw new FailedPreconditionError(`security group ${id}: its stored peers (${V.show(peersCsv ?? "")}) are not group ids; the record is damaged`);
@@ -372,6 +415,8 @@ export class FirewallStore {
       ];
       const [code, list, n] = await this.redis.mvpcFwDeleteSg(keys.length, ...keys, id, vpc, peersCsv ?? "");
       if (code === -8) continue;
+      // Member entries no binding backs (a bind stopped between its steps on a cluster, or written by another host) do not hold the group.
+      if (code === -1 && (await this.dropUnbackedMembers(vpc, id)) > 0) continue;
       const more = (n ?? 0) > 10 ? ` and ${(n ?? 0) - 10} more` : "";
       if (code === -1) {
         throw new FailedPreconditionError(
@@ -384,13 +429,36 @@ export class FirewallStore {
         );
       }
       // On a cluster the catalog goes after the VPC's step: a delete stopped between them is run again by id.
-      if (code === 1 && L.sgVpc) {
-        await this.redis.zrem(L.allSgs, `${list}/${id}`);
-        await this.redis.hdel(L.sgVpc, id);
-      }
+      if (code === 1) await this.catalogDrop("sg", id, String(list));
       return code === 1;
     }
     throw new AbortedError(`security group ${id} kept changing while being deleted; retry`);
+  }
+
+  /**
+   * Removes the group's member entries whose NIC's binding does not name the
+   * group in this VPC (its sig, as LOAD_VPC reads it); the number removed.
+   * An entry is removed only if it still holds the address that was checked.
+   */
+  private async dropUnbackedMembers(vpc: string, id: string): Promise<number> {
+    const key = this.L.sgMembers(vpc, id);
+    const entries = Object.entries((await this.hash("member", key)) ?? {});
+    const sigs = await Promise.all(entries.map(([nic]) => (isId("nic", nic) ? this.redis.hget(this.L.nic(nic), "sig") : null)));
+    let n = 0;
+    for (const [i, [nic, addr]] of entries.entries()) {
+      const s = sigs[i] ? sigOf(sigs[i]) : null;
+      if (s && s.vpcId === vpc && s.groupIds.includes(id)) continue;
+      n += Number(
+        await this.redis.eval(
+          "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
+          1,
+          key,
+          nic,
+          addr,
+        ),
+      );
+    }
+    return n;
   }
 
   // ---- NIC bindings ----
@@ -499,27 +567,18 @@ export class FirewallStore {
         if (old.host !== h && old.host) extra.push("prev_host", old.host);
         if (old.vpc && old.vpc !== v) {
           await this.vpcMembers(old.vpc, nic, "", old.groups, [], false);
-          await this.redis.mvpcFwVpcEvent(1, L.gen(old.vpc), "fw.binding.removed", old.vpc, "nic", nic, "host", old.host ?? "", "groups", old.groupsText);
+          await this.bindingEvent("fw.binding.removed", old.vpc, nic, old.host ?? "", old.addr, old.groupsText);
         }
       }
-      const gen = await this.redis.mvpcFwVpcEvent(
-        1,
-        L.gen(v),
-        "fw.binding.changed",
-        v,
-        "nic",
-        nic,
-        "host",
-        h,
-        "address",
-        b.address,
-        "groups",
-        b.groupIds.join(","),
-        ...extra,
-      );
-      return { changed: true, gen: String(gen) };
+      const gen = await this.bindingEvent("fw.binding.changed", v, nic, h, b.address, b.groupIds.join(","), extra);
+      return { changed: true, gen };
     }
     throw new AbortedError(`the binding of ${nic} kept changing while it was being made; retry`);
+  }
+
+  /** A binding's event in its VPC's slot (cluster), with the VPC's next change count; the count. */
+  private async bindingEvent(kind: string, vpc: string, nic: string, host: string, address: string, groups: string, extra: string[] = []): Promise<string> {
+    return String(await this.redis.mvpcFwVpcEvent(1, this.L.gen(vpc), kind, vpc, "nic", nic, "host", host, "address", address, "groups", groups, ...extra));
   }
 
   private async vpcMembers(vpc: string, nic: string, addr: string, leave: string[], join: string[], list: boolean): Promise<void> {
@@ -576,26 +635,14 @@ export class FirewallStore {
       const old = await this.storedBinding(nic);
       if (!old) return { removed: false };
       if (old.vpc) await this.vpcMembers(old.vpc, nic, "", old.groups, [], false);
-      if (old.host && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
       const [code] = await this.redis.mvpcFwRecord(1, L.nic(nic), old.sig);
       if (code === -8) continue;
+      // The host's copy goes after the record: a record without its host's copy is refused there (fails closed), never taken as it is.
+      if (old.host && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
       await this.redis.zrem(L.allNics, nic);
       if (!old.vpc) return { removed: true, ...(old.host ? { hostId: old.host } : {}) };
-      const gen = await this.redis.mvpcFwVpcEvent(
-        1,
-        L.gen(old.vpc),
-        "fw.binding.removed",
-        old.vpc,
-        "nic",
-        nic,
-        "host",
-        old.host ?? "",
-        "address",
-        old.addr,
-        "groups",
-        old.groupsText,
-      );
-      return { removed: true, gen: String(gen), vpcId: old.vpc, ...(old.host ? { hostId: old.host } : {}) };
+      const gen = await this.bindingEvent("fw.binding.removed", old.vpc, nic, old.host ?? "", old.addr, old.groupsText);
+      return { removed: true, gen, vpcId: old.vpc, ...(old.host ? { hostId: old.host } : {}) };
     }
     throw new AbortedError(`the binding of ${nic} kept changing while it was being removed; retry`);
   }
@@ -654,7 +701,7 @@ export class FirewallStore {
     const subnets = [...new Set(a.subnetIds)];
     const L = this.L;
     const v = a.vpcId;
-    if (L.aclVpc) await this.redis.hset(L.aclVpc, id, v);
+    await this.catalogPut("acl", id, v, a.name);
     let reply: Reply | undefined;
     for (let attempt = 0; attempt < TOKEN_ATTEMPTS && (!reply || reply[0] === -9 || reply[0] === -8); attempt++) {
       const [held, prev] = await Promise.all([this.tokenHolder(v, "acl", clientToken), this.previousAcls(v, subnets)]);
@@ -688,7 +735,7 @@ export class FirewallStore {
       );
     }
     const [code, ref] = reply!;
-    if (code !== 1 && L.aclVpc) await this.redis.hdel(L.aclVpc, id);
+    if (code !== 1) await this.catalogDrop("acl", id, a.name);
     if (code === -9 || code === -8)
       throw new AbortedError(`network ACL ${a.name}: its subnets' ACLs or its client token kept changing while it was created; retry`);
     if (code === -1)
@@ -696,7 +743,6 @@ export class FirewallStore {
     if (code < 0) await this.subnetError(code, ref, "subnets", a.vpcId);
     const acl = await this.getAcl(String(ref), v);
     if (!acl) throw new NotFoundError("network ACL", String(ref), "it was deleted while being created");
-    if (L.cluster) await this.redis.zadd(L.allAcls, 0, `${acl.name}/${acl.id}`);
     return { acl, created: code === 1 };
   }
 
@@ -711,7 +757,7 @@ export class FirewallStore {
     const was = now.map((x) => x ?? "");
     const keys: string[] = [];
     for (const x of new Set(was)) if (isId("acl", x)) keys.push(this.L.acl(vpcId, x), this.L.aclSubnets(vpcId, x));
-    return { was: was.map((x) => (x === "" || isId("acl", x) ? x : "")), keys };
+    return { was, keys };
   }
 
   private async subnetError(code: number, detail: string | number, field: string, vpcId: string): Promise<never> {
@@ -749,9 +795,10 @@ export class FirewallStore {
 
   async listAcls(vpcId: string | null, after: string, limit: number): Promise<NetworkAclRec[]> {
     const key = vpcId ? this.L.vpcAcls(vpcId) : this.L.allAcls;
-    const members = await this.redis.zrangebylex(key, after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    const acls = await Promise.all(members.map((m) => this.getAcl(m.slice(m.lastIndexOf("/") + 1), vpcId ?? undefined)));
-    return acls.filter((x): x is NetworkAclRec => !!x);
+    return pageOver(after, limit, async (cursor) => {
+      const members = await this.redis.zrangebylex(key, cursor ? `(${cursor}` : "-", "+", "LIMIT", 0, limit);
+      return { items: await Promise.all(members.map((m) => this.getAcl(m.slice(m.lastIndexOf("/") + 1), vpcId ?? undefined))), cursors: members };
+    });
   }
 
   /** As updateGroup: AbortedError if the ACL changed since fromGeneration. */
@@ -774,10 +821,14 @@ export class FirewallStore {
   /** FailedPreconditionError while subnets are associated. */
   async deleteAcl(id: string): Promise<boolean> {
     const L = this.L;
-    const v = await this.vpcOf("acl", id);
-    if (v === null) return false;
-    const vpc = idOrNull("vpc", await this.redis.hget(L.acl(v, id), "vpc"));
-    if (vpc === null || (L.cluster && vpc !== v)) return false;
+    const at = await this.catalogEntry("acl", id);
+    if (at === null) return false;
+    const raw = await this.redis.hget(L.acl(at.vpc, id), "vpc");
+    const vpc = idOrNull("vpc", raw);
+    if (vpc === null || (L.cluster && vpc !== at.vpc)) {
+      if (raw === null) await this.catalogDrop("acl", id, at.name);
+      return false;
+    }
     const keys = [L.acl(vpc, id), L.aclSubnets(vpc, id), L.aclByName(vpc), L.vpcAcls(vpc), L.gen(vpc), ...(L.cluster ? [] : [L.allAcls])];
     const [code, list, n] = await this.redis.mvpcFwDeleteAcl(keys.length, ...keys, id, vpc);
     if (code === -1) {
@@ -786,10 +837,7 @@ export class FirewallStore {
         `network ACL ${id} is still associated with ${n} subnet(s): ${String(list).split(",").join(", ")}${more}; disassociate them (or associate them with another ACL) first`,
       );
     }
-    if (code === 1 && L.aclVpc) {
-      await this.redis.zrem(L.allAcls, `${list}/${id}`);
-      await this.redis.hdel(L.aclVpc, id);
-    }
+    if (code === 1) await this.catalogDrop("acl", id, String(list));
     return code === 1;
   }
 
@@ -895,7 +943,8 @@ export class FirewallStore {
       // Another host may have rewritten the shared record (docs/redis-acl.md):
       // refused unless it is what this host bound. No copy: a binding from
       // before the copy existed, taken as it is (BindNic makes the copy).
-      if (own !== null && own !== sig) {
+      // On a cluster there is no binding from before the copies: no copy is refused too (a step of BindNic or UnbindNic not yet followed by the next).
+      if ((own !== null || this.L.cluster) && own !== sig) {
         reportInvalid(OWNER, "binding", FK.nic(nic), `differs from this host's own copy in ${FK.hostSigs(hostId)}: rewritten by someone else`, this.log, {
           field: "sig",
           vpcId: bindingWhere(sig).vpcId ?? vpcId,
@@ -957,6 +1006,21 @@ export class FirewallStore {
     }
     const acls = new Map<string, NetworkAclRec>();
     for (const [subnetId, h, subs] of rawAcls) {
+      if (h.length === 0) {
+        reportInvalid(
+          OWNER,
+          "network-acl",
+          this.L.subnetAcl(vpcId),
+          "names an ACL that is not there: the subnet denies everything until it is disassociated",
+          this.log,
+          {
+            field: subnetId,
+            vpcId,
+          },
+        );
+        acls.set(subnetId, closedAcl(subnetId, vpcId));
+        continue;
+      }
       const hh = pairs(h);
       const pa = parseAcl(hh, subs);
       const a = this.ok("network-acl", FK.acl(String(hh.id)), pa, () => ({ field: namedField(hh, pa), vpcId }));
@@ -1003,7 +1067,7 @@ export class FirewallStore {
     const used = new Set<string>();
     recs.forEach((b, i) => {
       if (!b?.[0]) return;
-      rawNics.push([ids[i], b[0], b[1] ?? "", b[2] ?? "", mine.get(ids[i]) ?? null]);
+      rawNics.push([ids[i], b[0], b[1], b[2], mine.get(ids[i]) ?? null]);
       for (const g of sigOf(b[0])?.groupIds ?? []) used.add(g);
     });
     // Group ids come from records any host may write: only ids build keys.
@@ -1050,7 +1114,7 @@ export class FirewallStore {
         if (sig.address !== addr) return "is bound with another address";
         if (!sig.groupIds.includes(p)) return "is not bound to this group";
         if (listed !== nic) return `its host ${h} lists no such NIC at that address`;
-        if (local) return "the address is a NIC of this host";
+        if (local !== null) return "the address is a NIC of this host";
         return null;
       }),
     );
@@ -1075,9 +1139,11 @@ export class FirewallStore {
     await Promise.all(
       subnetIds.map(async (s, i) => {
         const a = aclOf[i];
-        if (!a || !isId("acl", a)) return;
+        if (!a) return;
+        // Named but not there (not an id, or deleted between this read and the last): the subnet's ACL denies everything until the next pass.
+        if (!isId("acl", a)) return void rawAcls.push([s, [], []]);
         const [h, subs] = await Promise.all([get(L.acl(vpcId, a), (k) => this.redis.hgetall(k)), get(L.aclSubnets(vpcId, a), (k) => this.redis.smembers(k))]);
-        if (h && Object.keys(h).length) rawAcls.push([s, Object.entries(h).flat(), subs ?? []]);
+        rawAcls.push([s, h && Object.keys(h).length ? Object.entries(h).flat() : [], subs ?? []]);
       }),
     );
     const rawGroups: RawVpcState[1] = [];

@@ -2,6 +2,7 @@
 // back, and the reads other services make (IpamReader). Other services
 // import IPAM only through this file; ipam/store.ts builds its writes on it.
 import type { Redis } from "ioredis";
+import { pageOver } from "../common/paging.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import { idOrNull, isId } from "../common/ids.js";
@@ -268,24 +269,6 @@ export function shownOwner(raw: string): string {
 function sameId<T extends { id: string }>(rec: T, id: string): T {
   if (rec.id !== id) throw new InvalidArgumentError("id", `${V.show(rec.id)} is not the id it is stored under (${V.show(id)})`);
   return rec;
-}
-
-/**
- * Up to `limit` items of a listing read in rounds from `after`: each round
- * (`read(cursor)`) gives the items it found (null: gone, skipped) and the
- * cursor of each, in order; a round shorter than `limit` is the last.
- */
-async function pageOver<T>(after: string, limit: number, read: (cursor: string) => Promise<{ items: (T | null)[]; cursors: string[] }>): Promise<T[]> {
-  const out: T[] = [];
-  for (let cursor = after; ;) {
-    const { items, cursors } = await read(cursor);
-    for (const x of items) {
-      if (x) out.push(x);
-      if (out.length >= limit) return out;
-    }
-    if (cursors.length < limit) return out;
-    cursor = cursors[cursors.length - 1];
-  }
 }
 
 /** What other services read of IPAM: VPCs, subnets and allocations, never a write. */

@@ -23,7 +23,7 @@ import { SubnetService, SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { FirewallApi } from "../../services/firewall/service.js";
 import { fwKeys, type FirewallKeys } from "../../services/firewall/keys.js";
-import { FirewallStore } from "../../services/firewall/store.js";
+import { CLOSED_GROUP, FirewallStore } from "../../services/firewall/store.js";
 import { FlowLogConfigStore } from "../../services/firewall/flowlog-config.js";
 import { FlowLogConfigApi } from "../../services/firewall/flowlog-service.js";
 import { Ipam } from "../../services/ipam/service.js";
@@ -438,6 +438,29 @@ describe("NIC bindings", () => {
     const subnets = [{ subnetId: v.subnets.a, cidr: "10.50.1.0/24", bridge: "br-x" }];
     const st = await store.loadVpcState("hv2", v.id, subnets);
     assert.deepEqual(st.members.get(web), ["10.50.1.60"], "only the member its host vouches for");
+    // A record rewritten beside its sig (another group named in the sig itself): its host's copy differs, so neither its host nor a peer takes it.
+    const forgedSig = JSON.stringify({ ...JSON.parse((await r.hget(L.nic(out), "sig"))!), groupIds: [web] });
+    const realSig = (await r.hget(L.nic(out), "sig"))!;
+    await r.hset(L.nic(out), "sig", forgedSig);
+    assert.deepEqual((await store.loadVpcState("hv2", v.id, subnets)).members.get(web), ["10.50.1.60"], "a sig its host holds no copy of vouches for nothing");
+    // The sync passes its host's NICs (netagent's desired state).
+    const local = (nic: string, address: string) => ({
+      nicId: nic,
+      vpcId: v.id,
+      subnetId: v.subnets.a,
+      address,
+      mac: "02:00:0a:32:01:3c",
+      hostIf: `t${nic.slice(-12)}`,
+    });
+    const mine = [local(real, "10.50.1.60"), local(out, "10.50.1.61")];
+    const own = await store.loadVpcState("hv1", v.id, subnets, mine);
+    assert.deepEqual(own.nics.find((x) => x.nicId === out)?.groupIds, [CLOSED_GROUP], "its own host holds the NIC closed");
+    await r.hset(L.nic(out), "sig", realSig);
+    // A record whose host holds no copy: before the copies existed (single Redis) it is taken as it is; a cluster has no such bindings, and refuses it.
+    await r.hdel(L.hostSigs("hv1"), real);
+    const noCopy = (await store.loadVpcState("hv1", v.id, subnets, mine)).nics.find((x) => x.nicId === real)?.groupIds;
+    assert.deepEqual(noCopy, ON_CLUSTER ? [CLOSED_GROUP] : [web]);
+    await r.hset(L.hostSigs("hv1"), real, (await r.hget(L.nic(real), "sig"))!);
     for (const n of [real, out, peer]) await (n === peer ? fw2 : fw).unbindNic({ nicId: n });
     await r.hdel(L.sgMembers(v.id, web), ghost);
     await r.hdel(hostKeys.nicaddr("hv1"), `${v.id}/10.50.1.60`, `${v.id}/10.50.1.61`);
@@ -728,7 +751,11 @@ describe("with IPAM and other clients", () => {
     await rejectsWith(vpcs.deleteVpc({ ref: v.id }), Code.FailedPrecondition, /still has 1 network ACL\(s\)/);
     await fw.deleteNetworkAcl({ ref: a.id });
     assert.equal((await vpcs.deleteVpc({ ref: v.id })).deleted, true);
-    assert.deepEqual(await keysLike(`mvpc:*${v.id}*fw:*`), [], "the VPC's firewall keys went with it");
+    assert.deepEqual(
+      (await keysLike(`mvpc:*${v.id}*`)).filter((k) => k.includes("fw")),
+      [],
+      "the VPC's firewall keys went with it",
+    );
     assert.equal(await r.zscore(L.allSgs, `g/${g.id}`), null, "the listing of every group forgot it");
     if (L.sgVpc) assert.equal(await r.hget(L.sgVpc, g.id), null, "the catalog forgot the group");
     if (L.aclVpc) assert.equal(await r.hget(L.aclVpc, a.id), null, "and the ACL");
@@ -826,6 +853,38 @@ describe("flow-log configurations", () => {
       ].sort(),
     );
     assert.deepEqual(ev.slice(5), [["fw.flowlog.deleted", cv.id, undefined]]);
+  });
+});
+
+describe("what a change stopped half-way, or another host, leaves behind", () => {
+  test("a group is deleted past member entries no binding backs; a listing fills its pages past entries whose record is gone", async () => {
+    const v = await newVpc("fw-left", "10.68.0.0/16", { a: "10.68.1.0/24" });
+    const ids: string[] = [];
+    for (const name of ["b", "c", "d"]) ids.push((await fw.createSecurityGroup({ vpc: v.id, name })).securityGroup!.id);
+    // A member entry of a NIC that has no binding (a bind stopped before its record, or written by another host).
+    await r.hset(L.sgMembers(v.id, ids[2]), "nic-00000000dead", "10.68.1.99");
+    // Listing entries whose record is gone, before and between the live ones.
+    await r.zadd(L.vpcSgs(v.id), 0, "a/sg-00000000dea1", 0, "bb/sg-00000000dea2");
+    const names: string[] = [];
+    let pageToken = "";
+    do {
+      const page = await fw.listSecurityGroups({ vpc: v.id, pageSize: 1, pageToken });
+      names.push(...page.securityGroups.map((g) => g.name));
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+    assert.deepEqual(names, ["b", "c", "d"], "every live group, one a page, the dead entries skipped");
+    assert.equal((await fw.deleteSecurityGroup({ ref: ids[2] })).deleted, true, "the unbacked member entry does not hold the group");
+    await r.zrem(L.vpcSgs(v.id), "a/sg-00000000dea1", "bb/sg-00000000dea2");
+  });
+
+  test("a subnet whose association names an ACL that is not there denies everything", async () => {
+    const v = await newVpc("fw-noacl", "10.69.0.0/16", { a: "10.69.1.0/24" });
+    await r.hset(L.subnetAcl(v.id), v.subnets.a, "acl-00000000dead");
+    const st = await store.loadVpcState("hv1", v.id, [{ subnetId: v.subnets.a, cidr: "10.69.1.0/24", bridge: "br-a" }]);
+    const acl = st.acls.get(v.subnets.a);
+    assert.ok(acl, "the subnet has an ACL");
+    assert.deepEqual([acl.name, acl.entries], ["refused-record", []], "one that allows nothing");
+    await r.hdel(L.subnetAcl(v.id), v.subnets.a);
   });
 });
 
