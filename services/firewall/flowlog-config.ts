@@ -17,6 +17,7 @@ import { ipamKeys, P, type IpamKeys } from "../ipam/schema.js";
 import { F, FK, fwKeys, type FirewallKeys } from "./keys.js";
 import type { BindingRec } from "./model.js";
 import { AbortedError } from "./store.js";
+import { LUA_UTIL } from "./scripts.js";
 
 export interface FlowLogConfigRec {
   id: string;
@@ -127,9 +128,8 @@ export function flowLogRates(
 // ARGV: 1 id, 2 resource, 3 vpc, 4 that config's id (''), then the hash's field/value pairs.
 // Returns {1, id} created, {-1, id} the resource has one, {-2, vpc} the VPC
 // is gone, {-8} the resource names another config now (the caller reads again).
-const CREATE = `${LUA_EMIT}
-local c = redis.call('GET', KEYS[5])
-if c and not string.match(c, '^%-?%d+$') then return redis.error_reply('the firewall change counter ' .. KEYS[5] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+const CREATE = `${LUA_EMIT}${LUA_UTIL}
+if counter_bad(KEYS[5]) then return counter_refused(KEYS[5]) end
 local id, res, vpc = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', KEYS[4]) == 0 then return {-2, vpc} end
 local prev = redis.call('HGET', KEYS[2], res)
@@ -150,9 +150,8 @@ return {1, id}
 // KEYS: 1 config hash, 2 the VPC's resource → id hash, 3 the VPC's ids, 4
 // its change counter, and on a single Redis 5 all ids. ARGV: 1 id, 2 the VPC
 // the caller read. Returns {1} deleted, {0} absent.
-const DELETE = `${LUA_EMIT}
-local c = redis.call('GET', KEYS[4])
-if c and not string.match(c, '^%-?%d+$') then return redis.error_reply('the firewall change counter ' .. KEYS[4] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+const DELETE = `${LUA_EMIT}${LUA_UTIL}
+if counter_bad(KEYS[4]) then return counter_refused(KEYS[4]) end
 local id = ARGV[1]
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
 local res = redis.call('HGET', KEYS[1], 'resource')
@@ -171,8 +170,9 @@ return {1}
 // config's VPC, the binding it was made for: same bound time). KEYS: 1 all
 // ids, 2 by resource. ARGV: 1 IPAM's key prefix, then config ids.
 // Returns the ids deleted.
-const GC = `${LUA_EMIT}
+const GC = `${LUA_EMIT}${LUA_UTIL}
 local F = '${F}'
+if counter_bad(F .. 'gen') then return counter_refused(F .. 'gen') end
 local P = ARGV[1]
 local gone = {}
 for i = 2, #ARGV do

@@ -12,7 +12,18 @@ import { defineVariadicCommand } from "../common/redis.js";
 
 // ---------- Lua ----------
 
-const LUA_UTIL = `
+export const LUA_UTIL = `
+-- A change counter any host may write (docs/redis-acl.md) that INCR would
+-- refuse: checked before a script writes anything, so that it does not
+-- fail half-way at its INCR.
+local function counter_bad(gk)
+  local c = redis.call('GET', gk)
+  if not c then return false end
+  return not (c == '0' or (string.match(c, '^%-?[1-9]%d*$') and #c <= 18))
+end
+local function counter_refused(gk)
+  return redis.error_reply('the firewall change counter ' .. gk .. ' holds no integer (another host wrote it); set it to a number above the last event gen')
+end
 local function split(s)
   local t = {}
   if s then for x in string.gmatch(s, '[^,]+') do t[#t + 1] = x end end
@@ -79,12 +90,6 @@ end
 // what it finds differs from what the caller read: the caller reads again
 // and retries.
 const LUA_DECLARED = `${LUA_EMIT}${LUA_UTIL}
--- A change counter any host may write (docs/redis-acl.md) that holds no
--- integer would fail the script's INCR after its writes: checked first.
-local function counter_bad(gk)
-  local c = redis.call('GET', gk)
-  return c and not string.match(c, '^%-?%d+$')
-end
 -- Appends one event, with the VPC's next change count (gk: its counter).
 local function emit(gk, kind, vpc, ...)
   local g = redis.call('INCR', gk)
@@ -126,7 +131,7 @@ end
  * {-9, id} the token names another group now.
  */
 const CREATE_SG = `${LUA_DECLARED}
-if counter_bad(KEYS[6]) then return redis.error_reply('the firewall change counter ' .. KEYS[6] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[6]) then return counter_refused(KEYS[6]) end
 local id, vpc, name, tok = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local peers = split(ARGV[5])
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-4, vpc} end
@@ -160,7 +165,7 @@ return {1, id}
  * not those read at that generation), {-4} gone, {-3}/{-5} as CREATE_SG.
  */
 const UPDATE_SG = `${LUA_DECLARED}
-if counter_bad(KEYS[2]) then return redis.error_reply('the firewall change counter ' .. KEYS[2] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[2]) then return counter_refused(KEYS[2]) end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'gen', 'peers')
 if cur[1] ~= vpc then return {-4, ''} end
@@ -186,7 +191,7 @@ return {1, gen + 1}
  * groups, n} groups naming it as peer, {-8} its peers are not those read.
  */
 const DELETE_SG = `${LUA_DECLARED}
-if counter_bad(KEYS[6]) then return redis.error_reply('the firewall change counter ' .. KEYS[6] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[6]) then return counter_refused(KEYS[6]) end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'name', 'peers')
 if cur[1] ~= vpc then return {0, '', 0} end
@@ -221,6 +226,7 @@ return {1, name, 0}
  * {-3}/{-5} as CREATE_SG.
  */
 const BIND = `${LUA_COMMON}${LUA_NIC}
+if counter_bad(F .. 'gen') then return counter_refused(F .. 'gen') end
 local nic, sig, host, vpc, subnet, addr, gcsv, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local groups = split(gcsv)
 local bad = check_groups(groups, vpc, '')
@@ -249,6 +255,7 @@ return {1, tostring(g)}
 
 /** KEYS: 1 nic hash. ARGV: 1 nic. Returns {1, vpc, gen of its event} removed, {0} absent. */
 const UNBIND = `${LUA_COMMON}${LUA_NIC}
+if counter_bad(F .. 'gen') then return counter_refused(F .. 'gen') end
 local nic = ARGV[1]
 local old = redis.call('HMGET', KEYS[1], 'sig', 'host', 'vpc', 'groups', 'addr')
 if not old[1] then return {0, ''} end
@@ -280,9 +287,10 @@ local function previous(subnets, sacl, pa, pk)
   for x in string.gmatch(ARGV[pa] .. ',', '([^,]*),') do
     i = i + 1
     if subnets[i] then
-      if (redis.call('HGET', sacl, subnets[i]) or '') ~= x then return nil, {-8, subnets[i]} end
-      -- A value that is no ACL id is replaced as none (the caller passed no keys for it).
-      if not string.match(x, '^acl%-%x%x%x%x%x%x%x%x%x%x%x%x$') then x = '' end
+      -- A value that is no ACL id counts as none, here as for the caller (who passes '' and no keys for it).
+      local cur = redis.call('HGET', sacl, subnets[i]) or ''
+      if not string.match(cur, '^acl%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]$') then cur = '' end
+      if cur ~= x then return nil, {-8, subnets[i]} end
       was[i] = x
       if x ~= '' and not keys[x] then keys[x] = {KEYS[pk + 2 * n], KEYS[pk + 2 * n + 1]} n = n + 1 end
     end
@@ -320,7 +328,7 @@ end
  * another ACL now.
  */
 const CREATE_ACL = `${LUA_DECLARED}${LUA_ACL}
-if counter_bad(KEYS[7]) then return redis.error_reply('the firewall change counter ' .. KEYS[7] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[7]) then return counter_refused(KEYS[7]) end
 local id, vpc, name, tok, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if redis.call('EXISTS', KEYS[3]) == 0 then return {-4, vpc} end
 if tok ~= '' then
@@ -357,7 +365,7 @@ return {1, id}
  * field/value pairs. Returns {1, gen}, {-2, gen}, {-4}.
  */
 const UPDATE_ACL = `${LUA_DECLARED}
-if counter_bad(KEYS[3]) then return redis.error_reply('the firewall change counter ' .. KEYS[3] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[3]) then return counter_refused(KEYS[3]) end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'gen')
 if cur[1] ~= vpc then return {-4, ''} end
@@ -377,7 +385,7 @@ return {1, gen + 1}
  * Returns {1, name} deleted, {0} absent, {-1, subnets, n}.
  */
 const DELETE_ACL = `${LUA_DECLARED}
-if counter_bad(KEYS[5]) then return redis.error_reply('the firewall change counter ' .. KEYS[5] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[5]) then return counter_refused(KEYS[5]) end
 local id, vpc = ARGV[1], ARGV[2]
 local cur = redis.call('HMGET', KEYS[1], 'vpc', 'name')
 if cur[1] ~= vpc then return {0, '', 0} end
@@ -404,7 +412,7 @@ return {1, name, 0}
  * so, {-4} no ACL, {-6}/{-7}/{-8} as CREATE_ACL.
  */
 const ASSOCIATE = `${LUA_DECLARED}${LUA_ACL}
-if counter_bad(KEYS[4]) then return redis.error_reply('the firewall change counter ' .. KEYS[4] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[4]) then return counter_refused(KEYS[4]) end
 local id, vpc, s, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('HGET', KEYS[1], 'vpc') ~= vpc then return {-4, ''} end
 local bad = subnets_ok({s}, 5, vpc)
@@ -426,7 +434,7 @@ return {1, p}
  * Returns {1, prev}, {0, ''} none, {-8} another ACL now.
  */
 const DISASSOCIATE = `${LUA_DECLARED}
-if counter_bad(KEYS[2]) then return redis.error_reply('the firewall change counter ' .. KEYS[2] .. ' holds no integer (another host wrote it); set it to a number above the last event gen') end
+if counter_bad(KEYS[2]) then return counter_refused(KEYS[2]) end
 local s, now, vpc = ARGV[1], ARGV[2], ARGV[3]
 local prev = redis.call('HGET', KEYS[1], s)
 if not prev then return {0, ''} end
@@ -446,8 +454,10 @@ return {1, prev}
 /**
  * The NIC in its VPC's slot: its entries in the member indexes of the groups
  * it leaves and joins, and the VPC's listing of bound NICs.
- * KEYS: 1 the VPC's bound NICs, then the member hashes of the groups the NIC
- *       leaves (ARGV[3] of them), then of those it joins (ARGV[7]).
+ * KEYS: 1 the VPC's bound NICs, 2 its change counter (checked first: the
+ *       event that ends the bind raises it), then the member hashes of the
+ *       groups the NIC leaves (ARGV[3] of them), then of those it joins
+ *       (ARGV[7]).
  * ARGV: 1 nic, 2 address, 3 how many groups it leaves, 4 "1" to list the NIC
  *       in the VPC or "0" to unlist it, 5 the VPC, 6 the prefix of the VPC's
  *       group records, 7 the groups it joins (csv).
@@ -458,6 +468,7 @@ return {1, prev}
  * Returns {1}, {-3, g} no such group, {-5, "g,vpc"} a group of another VPC.
  */
 const VPC_MEMBERS = `${LUA_UTIL}
+if counter_bad(KEYS[2]) then return counter_refused(KEYS[2]) end
 local nic, addr, nl, vpc = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
 local join = split(ARGV[7])
 for _, g in ipairs(join) do
@@ -465,8 +476,8 @@ for _, g in ipairs(join) do
   if not v then return {-3, g} end
   if v ~= vpc then return {-5, g .. ',' .. v} end
 end
-for i = 1, nl do redis.call('HDEL', KEYS[1 + i], nic) end
-for i = 1, #join do redis.call('HSET', KEYS[1 + nl + i], nic, addr) end
+for i = 1, nl do redis.call('HDEL', KEYS[2 + i], nic) end
+for i = 1, #join do redis.call('HSET', KEYS[2 + nl + i], nic, addr) end
 if ARGV[4] == '1' then redis.call('ZADD', KEYS[1], 0, nic) else redis.call('ZREM', KEYS[1], nic) end
 return {1}
 `;
@@ -573,7 +584,10 @@ local function groups_of(s)
 end
 for _, nic in ipairs(ids) do
   local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated')
-  if b and b[1] then
+  if b and not b[1] and mine[nic] then
+    -- No record, but this host holds a copy: removed by someone else (an UnbindNic removes the copy first). Held closed.
+    nics[#nics + 1] = {nic, '', false, false, mine[nic]}
+  elseif b and b[1] then
     nics[#nics + 1] = {nic, b[1], b[2], b[3], mine[nic] or false}
     for _, g in ipairs(groups_of(sig_of(b[1]))) do if type(g) == 'string' then used[g] = true end end
   end

@@ -167,6 +167,8 @@ function bindingWhere(sig: string): InvalidWhere {
 
 /** How many times a change is tried again when what it read changed before its script ran (a client token, a subnet's ACL, a group's peers). */
 const TOKEN_ATTEMPTS = 5;
+/** How long a member entry must stay unbacked before DeleteSecurityGroup removes it (a BindNic's steps take milliseconds). */
+const UNBACKED_GRACE_MS = 1000;
 
 export class FirewallStore {
   /** Where the groups' and ACLs' keys are (keys.ts FirewallKeys). */
@@ -299,7 +301,12 @@ export class FirewallStore {
         ...peers.map((p) => L.sgRefBy(v, p)),
         ...(L.cluster ? [] : [L.allSgs]),
       ];
-      reply = await this.redis.mvpcFwCreateSg(keys.length, ...keys, id, v, g.name, clientToken, peers.join(","), held, ...flat(fields));
+      reply = await this.redis
+        .mvpcFwCreateSg(keys.length, ...keys, id, v, g.name, clientToken, peers.join(","), held, ...flat(fields))
+        .catch(async (err: unknown) => {
+          await this.catalogDrop("sg", id, g.name);
+          throw err;
+        });
     }
     const [code, ref] = reply!;
     if (code !== 1) await this.catalogDrop("sg", id, g.name);
@@ -396,7 +403,7 @@ export class FirewallStore {
       const [vpc, peersCsv] = await this.redis.hmget(L.sg(v, id), "vpc", "peers");
       if (vpc === null || !isId("vpc", vpc) || (L.cluster && vpc !== v)) {
         // No record: a delete stopped before its last step on a cluster (or a create refused) left the catalog's entries.
-        if (vpc === null) await this.catalogDrop("sg", id, at.name);
+        if ((await this.redis.exists(L.sg(v, id))) === 0) await this.catalogDrop("sg", id, at.name);
         return false;
       }
       const peers = (peersCsv ?? "").split(",").filter(Boolean);
@@ -442,12 +449,24 @@ export class FirewallStore {
    */
   private async dropUnbackedMembers(vpc: string, id: string): Promise<number> {
     const key = this.L.sgMembers(vpc, id);
-    const entries = Object.entries((await this.hash("member", key)) ?? {});
-    const sigs = await Promise.all(entries.map(([nic]) => (isId("nic", nic) ? this.redis.hget(this.L.nic(nic), "sig") : null)));
+    const unbacked = async (): Promise<Map<string, string>> => {
+      const entries = Object.entries((await this.hash("member", key)) ?? {});
+      const sigs = await Promise.all(entries.map(([nic]) => (isId("nic", nic) ? this.redis.hget(this.L.nic(nic), "sig") : null)));
+      const out = new Map<string, string>();
+      entries.forEach(([nic, addr], i) => {
+        const s = sigs[i] !== null ? sigOf(sigs[i]) : null;
+        if (!(s && s.vpcId === vpc && s.groupIds.includes(id))) out.set(nic, addr);
+      });
+      return out;
+    };
+    const first = await unbacked();
+    if (first.size === 0) return 0;
+    // A BindNic under way writes the entry before the record that backs it (on a cluster): only an entry still unbacked a while later goes.
+    await new Promise((r) => setTimeout(r, UNBACKED_GRACE_MS));
+    const again = await unbacked();
     let n = 0;
-    for (const [i, [nic, addr]] of entries.entries()) {
-      const s = sigs[i] ? sigOf(sigs[i]) : null;
-      if (s && s.vpcId === vpc && s.groupIds.includes(id)) continue;
+    for (const [nic, addr] of again) {
+      if (first.get(nic) !== addr) continue;
       n += Number(
         await this.redis.eval(
           "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
@@ -583,7 +602,7 @@ export class FirewallStore {
 
   private async vpcMembers(vpc: string, nic: string, addr: string, leave: string[], join: string[], list: boolean): Promise<void> {
     const L = this.L;
-    const keys = [L.vpcNics(vpc), ...leave.map((g) => L.sgMembers(vpc, g)), ...join.map((g) => L.sgMembers(vpc, g))];
+    const keys = [L.vpcNics(vpc), L.gen(vpc), ...leave.map((g) => L.sgMembers(vpc, g)), ...join.map((g) => L.sgMembers(vpc, g))];
     const [code, detail] = await this.redis.mvpcFwVpcMembers(
       keys.length,
       ...keys,
@@ -635,10 +654,10 @@ export class FirewallStore {
       const old = await this.storedBinding(nic);
       if (!old) return { removed: false };
       if (old.vpc) await this.vpcMembers(old.vpc, nic, "", old.groups, [], false);
+      // The host's copy before the record: a record without its copy is held closed on a cluster, and a retry after a stop here finds the record and does all again.
+      if (old.host && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
       const [code] = await this.redis.mvpcFwRecord(1, L.nic(nic), old.sig);
       if (code === -8) continue;
-      // The host's copy goes after the record: a record without its host's copy is refused there (fails closed), never taken as it is.
-      if (old.host && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
       await this.redis.zrem(L.allNics, nic);
       if (!old.vpc) return { removed: true, ...(old.host ? { hostId: old.host } : {}) };
       const gen = await this.bindingEvent("fw.binding.removed", old.vpc, nic, old.host ?? "", old.addr, old.groupsText);
@@ -719,20 +738,25 @@ export class FirewallStore {
         ...prev.keys,
         ...(L.cluster ? [] : [L.allAcls]),
       ];
-      reply = await this.redis.mvpcFwCreateAcl(
-        keys.length,
-        ...keys,
-        id,
-        v,
-        a.name,
-        clientToken,
-        subnets.join(","),
-        now,
-        held,
-        prev.was.join(","),
-        prev.keys.length / 2,
-        ...flat(fields),
-      );
+      reply = await this.redis
+        .mvpcFwCreateAcl(
+          keys.length,
+          ...keys,
+          id,
+          v,
+          a.name,
+          clientToken,
+          subnets.join(","),
+          now,
+          held,
+          prev.was.join(","),
+          prev.keys.length / 2,
+          ...flat(fields),
+        )
+        .catch(async (err: unknown) => {
+          await this.catalogDrop("acl", id, a.name);
+          throw err;
+        });
     }
     const [code, ref] = reply!;
     if (code !== 1) await this.catalogDrop("acl", id, a.name);
@@ -757,7 +781,8 @@ export class FirewallStore {
     const was = now.map((x) => x ?? "");
     const keys: string[] = [];
     for (const x of new Set(was)) if (isId("acl", x)) keys.push(this.L.acl(vpcId, x), this.L.aclSubnets(vpcId, x));
-    return { was, keys };
+    // A value that is no ACL id counts as none (the script reads it so too).
+    return { was: was.map((x) => (isId("acl", x) ? x : "")), keys };
   }
 
   private async subnetError(code: number, detail: string | number, field: string, vpcId: string): Promise<never> {
@@ -826,7 +851,7 @@ export class FirewallStore {
     const raw = await this.redis.hget(L.acl(at.vpc, id), "vpc");
     const vpc = idOrNull("vpc", raw);
     if (vpc === null || (L.cluster && vpc !== at.vpc)) {
-      if (raw === null) await this.catalogDrop("acl", id, at.name);
+      if ((await this.redis.exists(L.acl(at.vpc, id))) === 0) await this.catalogDrop("acl", id, at.name);
       return false;
     }
     const keys = [L.acl(vpc, id), L.aclSubnets(vpc, id), L.aclByName(vpc), L.vpcAcls(vpc), L.gen(vpc), ...(L.cluster ? [] : [L.allAcls])];
@@ -993,6 +1018,15 @@ export class FirewallStore {
       const m = /^mvpc:(?:\{vpc-[0-9a-f]{12}\}:)?fw:sg:(sg-[0-9a-f]{12})$/.exec(key);
       if (m && !groups.has(m[1])) groups.set(m[1], closedGroup(m[1], vpcId));
     }
+    // A group a binding names that is not there (deleted while a bind was under way on a cluster, or damaged) allows
+    // nothing: the NIC is not left in fewer groups (with none, its egress would be open).
+    for (const b of out) {
+      for (const g of b.groupIds) {
+        if (groups.has(g)) continue;
+        reportInvalid(OWNER, "binding", FK.nic(b.nicId), `names security group ${g}, which is not there: it allows nothing`, this.log, { field: "sig", vpcId });
+        groups.set(g, closedGroup(g, vpcId));
+      }
+    }
     const members = new Map<string, string[]>();
     const clients = this.vpnClientMembers(vpcId, rawVpn ?? null, subnets);
     for (const [gid, ...kv] of rawMembers) {
@@ -1066,7 +1100,12 @@ export class FirewallStore {
     const rawNics: RawVpcState[0] = [];
     const used = new Set<string>();
     recs.forEach((b, i) => {
-      if (!b?.[0]) return;
+      if (b?.[0] == null) {
+        // No record, but this host holds a copy: removed by someone else (UnbindNic removes the copy first). Held closed, as LOAD_VPC does.
+        const own = mine.get(ids[i]);
+        if (own !== undefined) rawNics.push([ids[i], "", null, null, own]);
+        return;
+      }
       rawNics.push([ids[i], b[0], b[1], b[2], mine.get(ids[i]) ?? null]);
       for (const g of sigOf(b[0])?.groupIds ?? []) used.add(g);
     });
@@ -1139,7 +1178,7 @@ export class FirewallStore {
     await Promise.all(
       subnetIds.map(async (s, i) => {
         const a = aclOf[i];
-        if (!a) return;
+        if (a === null) return;
         // Named but not there (not an id, or deleted between this read and the last): the subnet's ACL denies everything until the next pass.
         if (!isId("acl", a)) return void rawAcls.push([s, [], []]);
         const [h, subs] = await Promise.all([get(L.acl(vpcId, a), (k) => this.redis.hgetall(k)), get(L.aclSubnets(vpcId, a), (k) => this.redis.smembers(k))]);

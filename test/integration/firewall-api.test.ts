@@ -877,6 +877,82 @@ describe("what a change stopped half-way, or another host, leaves behind", () =>
     await r.zrem(L.vpcSgs(v.id), "a/sg-00000000dea1", "bb/sg-00000000dea2");
   });
 
+  test("a binding whose group, record or sig is gone holds its NIC closed; a counter another host broke refuses changes before writing", async () => {
+    const v = await newVpc("fw-gone", "10.70.0.0/16", { a: "10.70.1.0/24" });
+    const g = (await fw.createSecurityGroup({ vpc: v.id, name: "g", rules: [tcpIn(22, "0.0.0.0/0")] })).securityGroup!;
+    const [n1, n2, n3] = [nicId(), nicId(), nicId()];
+    const nics = [n1, n2, n3].map((n, i) => ({
+      nicId: n,
+      vpcId: v.id,
+      subnetId: v.subnets.a,
+      address: `10.70.1.${10 + i}`,
+      mac: `02:00:0a:46:01:${10 + i}`,
+      hostIf: `t${n.slice(-12)}`,
+    }));
+    for (const n of nics)
+      await fw.bindNic({ nicId: n.nicId, vpc: v.id, subnet: "a", address: n.address, mac: n.mac, hostInterface: n.hostIf, securityGroups: [g.id] });
+    const subnetsOf = [{ subnetId: v.subnets.a, cidr: "10.70.1.0/24", bridge: "br-a" }];
+    const groupsOf = async () => new Map((await store.loadVpcState("hv1", v.id, subnetsOf, nics)).nics.map((x) => [x.nicId, x.groupIds]));
+    assert.deepEqual([...(await groupsOf()).values()], [[g.id], [g.id], [g.id]]);
+    // Another host empties one record's sig and deletes another record (this host keeps its copies).
+    const sig1 = (await r.hget(L.nic(n1), "sig"))!;
+    const rec2 = await r.hgetall(L.nic(n2));
+    await r.hset(L.nic(n1), "sig", "");
+    await r.del(L.nic(n2));
+    const held = await groupsOf();
+    assert.deepEqual([held.get(n1), held.get(n2), held.get(n3)], [[CLOSED_GROUP], [CLOSED_GROUP], [g.id]], "both held closed, not unbound");
+    await r.hset(L.nic(n1), "sig", sig1);
+    await r.hset(L.nic(n2), rec2);
+    // The group goes from under its bindings (a delete that raced a bind): the bindings still name it, and it allows nothing.
+    const rec = await r.hgetall(L.sg(v.id, g.id));
+    await r.del(L.sg(v.id, g.id));
+    const st = await store.loadVpcState("hv1", v.id, subnetsOf, nics);
+    assert.deepEqual(st.groups.get(g.id)?.rules, [], "a group that is not there has no rules");
+    await r.hset(L.sg(v.id, g.id), rec);
+    // The VPC's change counter, which every host's user may write, holds no integer: a change is refused before it writes.
+    await r.set(L.gen(v.id), "x");
+    const before = await fwSnapshot();
+    await rejectsWith(fw.createSecurityGroup({ vpc: v.id, name: "h" }), Code.Internal, /change counter .* holds no integer/);
+    await rejectsWith(
+      fw.bindNic({
+        nicId: nicId(),
+        vpc: v.id,
+        subnet: "a",
+        address: "10.70.1.20",
+        mac: "02:00:0a:46:01:20",
+        hostInterface: "tb00000000020",
+        securityGroups: [],
+      }),
+      Code.Internal,
+      /holds no integer/,
+    );
+    assert.equal(await fwSnapshot(), before, "nothing written");
+    await r.set(L.gen(v.id), "1000");
+    for (const n of nics) await fw.unbindNic({ nicId: n.nicId });
+  });
+
+  test("a group's update reads its peers as stored; a subnet's ACL entry that is no id counts as none", async () => {
+    const v = await newVpc("fw-stored", "10.71.0.0/16", { a: "10.71.1.0/24" });
+    const p = (await fw.createSecurityGroup({ vpc: v.id, name: "p" })).securityGroup!;
+    const g = (await fw.createSecurityGroup({ vpc: v.id, name: "g", rules: [tcpIn(80, p.id)] })).securityGroup!;
+    // The stored peers differ from the rules' (damaged, or written by an earlier release).
+    await r.hset(L.sg(v.id, g.id), "peers", "");
+    const u = (await fw.updateSecurityGroup({ ref: g.id, setRules: { rules: [tcpIn(443, "0.0.0.0/0")] } })).securityGroup!;
+    assert.equal(u.generation, 2n, "the update lands");
+    await r.hset(L.subnetAcl(v.id), v.subnets.a, "acl-ABCDEF012345");
+    const a = (await fw.createNetworkAcl({ vpc: v.id, name: "n" })).networkAcl!;
+    assert.equal(
+      (await fw.associateNetworkAcl({ networkAcl: a.id, subnet: v.subnets.a })).previousNetworkAclId,
+      "",
+      "the entry that was no id counted as none",
+    );
+    assert.equal(await r.hget(L.subnetAcl(v.id), v.subnets.a), a.id);
+    await r.hset(L.subnetAcl(v.id), v.subnets.a, "");
+    const st = await store.loadVpcState("hv1", v.id, [{ subnetId: v.subnets.a, cidr: "10.71.1.0/24", bridge: "br-a" }]);
+    assert.equal(st.acls.get(v.subnets.a)?.name, "refused-record", "an empty entry names an ACL that is not there: it denies everything");
+    await r.hdel(L.subnetAcl(v.id), v.subnets.a);
+  });
+
   test("a subnet whose association names an ACL that is not there denies everything", async () => {
     const v = await newVpc("fw-noacl", "10.69.0.0/16", { a: "10.69.1.0/24" });
     await r.hset(L.subnetAcl(v.id), v.subnets.a, "acl-00000000dead");
