@@ -184,7 +184,8 @@ async function main(): Promise<number> {
         value: dur(p50(many, "snapshot (LOAD_VPC)")),
         baseline: dur(p50(many, "HSET (baseline)")),
         ratio: snapRt,
-        ...check(snapRt, { max: 20 }),
+        // Informative: its rounds are few and fixed, but each member costs three reads (record, copy, NIC index), so the ratio grows with --members.
+        target: "",
       },
       {
         measure: "BindNic, cluster / single",
