@@ -5,7 +5,7 @@
 // (sync.ts), so a configuration made or deleted anywhere, or while a
 // firewall was down, is applied by the next pass. Where the output goes
 // (directory, rotation) stays the daemon's flags: it is the host's disk.
-import type { Redis } from "ioredis";
+import { ReplyError, type Redis } from "ioredis";
 import type { Logger } from "pino";
 import { LUA_EMIT, scriptFor } from "../common/events.js";
 import { AlreadyExistsError, InvalidArgumentError } from "../common/errors.js";
@@ -261,7 +261,14 @@ export class FlowLogConfigStore {
         isId("fl", prev) ? L.flowLog(v, prev) : L.flowLog(v, id),
         ...(L.cluster ? [] : [L.allFlowLogs]),
       ];
-      reply = await this.redis.mvpcCreateFlowLog(keys.length, ...keys, id, c.resourceId, v, prev, ...Object.entries(fields).flat());
+      reply = await this.redis
+        .mvpcCreateFlowLog(keys.length, ...keys, id, c.resourceId, v, prev, ...Object.entries(fields).flat())
+        .catch(async (err: unknown) => {
+          // Refused by Redis and not made: its catalog entry goes (after a timeout the script may have run, and it stays).
+          if (L.flowLogVpc && err instanceof ReplyError && (await this.redis.exists(L.flowLog(v, id)).catch(() => 1)) === 0)
+            await this.redis.hdel(L.flowLogVpc, id).catch(() => undefined);
+          throw err;
+        });
     }
     const [code, ref] = reply;
     if (code !== 1 && L.flowLogVpc) await this.redis.hdel(L.flowLogVpc, id);

@@ -584,8 +584,8 @@ local function groups_of(s)
 end
 for _, nic in ipairs(ids) do
   local b = get('HMGET', F .. 'nic:' .. nic, 'sig', 'bound', 'updated')
-  if b and not b[1] and mine[nic] then
-    -- No record, but this host holds a copy: removed by someone else (an UnbindNic removes the copy first). Held closed.
+  if (not b or not b[1]) and mine[nic] then
+    -- No record (or a key of another type), but this host holds a copy: removed by someone else (an UnbindNic removes the copy first). Held closed.
     nics[#nics + 1] = {nic, '', false, false, mine[nic]}
   elseif b and b[1] then
     nics[#nics + 1] = {nic, b[1], b[2], b[3], mine[nic] or false}

@@ -8,7 +8,7 @@
 // Keys: keys.ts (and docs/redis-schema.md); scripts: scripts.ts.
 import { randomBytes } from "node:crypto";
 import { Code } from "@connectrpc/connect";
-import type { Redis } from "ioredis";
+import { ReplyError, type Redis } from "ioredis";
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
@@ -84,6 +84,11 @@ function sigOf(raw: string): { hostId?: string; vpcId?: string; address?: string
     address: str(o.address),
     groupIds: Array.isArray(o.groupIds) ? o.groupIds.filter((g): g is string => typeof g === "string") : [],
   };
+}
+
+/** Whether a change counter holds what INCR takes (as the scripts' counter_bad checks). */
+function counterOk(c: string): boolean {
+  return c === "0" || (/^-?[1-9][0-9]*$/.test(c) && c.length <= 18);
 }
 
 /** A binding's shared record as bindInSteps and unbindInSteps read it: what names other keys, checked for its form. */
@@ -246,6 +251,17 @@ export class FirewallStore {
     await this.redis.zadd(all, 0, `${name}/${id}`);
   }
 
+  /**
+   * A create's script failed: its catalog entries go only if Redis refused
+   * the script (a reply error) and the record is not there. A timeout or a
+   * lost connection may follow a script that ran: its entries stay (an
+   * entry without a record is skipped and removed by a delete of the id).
+   */
+  private async dropIfRefused(err: unknown, kind: "sg" | "acl", id: string, name: string, record: string): Promise<never> {
+    if (err instanceof ReplyError && (await this.redis.exists(record).catch(() => 1)) === 0) await this.catalogDrop(kind, id, name).catch(() => undefined);
+    throw err;
+  }
+
   private async catalogDrop(kind: "sg" | "acl", id: string, name: string): Promise<void> {
     const [catalog, all] = kind === "sg" ? [this.L.sgVpc, this.L.allSgs] : [this.L.aclVpc, this.L.allAcls];
     if (!catalog) return;
@@ -303,10 +319,7 @@ export class FirewallStore {
       ];
       reply = await this.redis
         .mvpcFwCreateSg(keys.length, ...keys, id, v, g.name, clientToken, peers.join(","), held, ...flat(fields))
-        .catch(async (err: unknown) => {
-          await this.catalogDrop("sg", id, g.name);
-          throw err;
-        });
+        .catch((err: unknown) => this.dropIfRefused(err, "sg", id, g.name, L.sg(v, id)));
     }
     const [code, ref] = reply!;
     if (code !== 1) await this.catalogDrop("sg", id, g.name);
@@ -560,6 +573,12 @@ export class FirewallStore {
         await this.redis.hset(L.hostSigs(h), nic, sig);
         return { changed: false };
       }
+      // Every change counter the steps end with raises, checked before the first step writes (VPC_MEMBERS checks the new VPC's again).
+      for (const vpc of new Set([v, ...(old?.vpc && old.vpc !== v ? [old.vpc] : [])])) {
+        const c = await this.redis.get(L.gen(vpc));
+        if (c !== null && !counterOk(c))
+          throw new Error(`the firewall change counter ${L.gen(vpc)} holds no integer (another host wrote it); set it to a number above the last event gen`);
+      }
       // A NIC moving from another host: that host's indexes first (under per-host users, NOPERM here stops the bind before it writes).
       if (old?.host && old.host !== h && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
       const leave = old?.vpc === v ? old.groups : [];
@@ -753,10 +772,7 @@ export class FirewallStore {
           prev.keys.length / 2,
           ...flat(fields),
         )
-        .catch(async (err: unknown) => {
-          await this.catalogDrop("acl", id, a.name);
-          throw err;
-        });
+        .catch((err: unknown) => this.dropIfRefused(err, "acl", id, a.name, L.acl(v, id)));
     }
     const [code, ref] = reply!;
     if (code !== 1) await this.catalogDrop("acl", id, a.name);

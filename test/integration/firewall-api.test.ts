@@ -897,12 +897,16 @@ describe("what a change stopped half-way, or another host, leaves behind", () =>
     // Another host empties one record's sig and deletes another record (this host keeps its copies).
     const sig1 = (await r.hget(L.nic(n1), "sig"))!;
     const rec2 = await r.hgetall(L.nic(n2));
+    const rec3 = await r.hgetall(L.nic(n3));
     await r.hset(L.nic(n1), "sig", "");
     await r.del(L.nic(n2));
+    await r.set(L.nic(n3), "not a hash");
     const held = await groupsOf();
-    assert.deepEqual([held.get(n1), held.get(n2), held.get(n3)], [[CLOSED_GROUP], [CLOSED_GROUP], [g.id]], "both held closed, not unbound");
+    assert.deepEqual([held.get(n1), held.get(n2), held.get(n3)], [[CLOSED_GROUP], [CLOSED_GROUP], [CLOSED_GROUP]], "each held closed, not unbound");
     await r.hset(L.nic(n1), "sig", sig1);
     await r.hset(L.nic(n2), rec2);
+    await r.del(L.nic(n3));
+    await r.hset(L.nic(n3), rec3);
     // The group goes from under its bindings (a delete that raced a bind): the bindings still name it, and it allows nothing.
     const rec = await r.hgetall(L.sg(v.id, g.id));
     await r.del(L.sg(v.id, g.id));
@@ -910,6 +914,9 @@ describe("what a change stopped half-way, or another host, leaves behind", () =>
     assert.deepEqual(st.groups.get(g.id)?.rules, [], "a group that is not there has no rules");
     await r.hset(L.sg(v.id, g.id), rec);
     // The VPC's change counter, which every host's user may write, holds no integer: a change is refused before it writes.
+    const gen = (await r.get(L.gen(v.id)))!;
+    await r.set(L.gen(v.id), `0${gen}`);
+    await rejectsWith(fw.createSecurityGroup({ vpc: v.id, name: "h" }), Code.Internal, /holds no integer/);
     await r.set(L.gen(v.id), "x");
     const before = await fwSnapshot();
     await rejectsWith(fw.createSecurityGroup({ vpc: v.id, name: "h" }), Code.Internal, /change counter .* holds no integer/);
@@ -927,7 +934,7 @@ describe("what a change stopped half-way, or another host, leaves behind", () =>
       /holds no integer/,
     );
     assert.equal(await fwSnapshot(), before, "nothing written");
-    await r.set(L.gen(v.id), "1000");
+    await r.set(L.gen(v.id), gen);
     for (const n of nics) await fw.unbindNic({ nicId: n.nicId });
   });
 
@@ -939,6 +946,10 @@ describe("what a change stopped half-way, or another host, leaves behind", () =>
     await r.hset(L.sg(v.id, g.id), "peers", "");
     const u = (await fw.updateSecurityGroup({ ref: g.id, setRules: { rules: [tcpIn(443, "0.0.0.0/0")] } })).securityGroup!;
     assert.equal(u.generation, 2n, "the update lands");
+    await r.hset(L.subnetAcl(v.id), v.subnets.a, "acl-ABCDEF012345");
+    const a0 = (await fw.createNetworkAcl({ vpc: v.id, name: "n0", subnets: ["a"] })).networkAcl!;
+    assert.deepEqual(a0.subnetIds, [v.subnets.a], "a create takes the subnet: the entry that was no id counted as none");
+    await fw.disassociateNetworkAcl({ subnet: v.subnets.a });
     await r.hset(L.subnetAcl(v.id), v.subnets.a, "acl-ABCDEF012345");
     const a = (await fw.createNetworkAcl({ vpc: v.id, name: "n" })).networkAcl!;
     assert.equal(
