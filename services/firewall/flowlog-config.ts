@@ -135,10 +135,8 @@ if redis.call('EXISTS', KEYS[4]) == 0 then return {-2, vpc} end
 local prev = redis.call('HGET', KEYS[2], res)
 if (prev or '') ~= ARGV[4] then return {-8, ''} end
 if prev and redis.call('EXISTS', KEYS[6]) == 1 then return {-1, prev} end
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('PERSIST', KEYS[4])
-redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('HSET', KEYS[1], unpack(fields_from(5)))
 if KEYS[7] then redis.call('ZADD', KEYS[7], 0, id) end
 redis.call('HSET', KEYS[2], res, id)
 redis.call('SADD', KEYS[3], id)

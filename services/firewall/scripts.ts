@@ -524,6 +524,12 @@ if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(fields_from(2))) end
 return {1}
 `;
 
+/** KEYS: 1 a change counter. Refuses (an error) if it holds what INCR would refuse: BindNic's check before its first step on a cluster. */
+const COUNTER_OK = `${LUA_UTIL}
+if counter_bad(KEYS[1]) then return counter_refused(KEYS[1]) end
+return 1
+`;
+
 /** One firewall event in a VPC's slot. KEYS: 1 the VPC's change counter. ARGV: 1 kind, 2 vpc, then field/value pairs. Returns its gen. */
 const VPC_EVENT = `${LUA_DECLARED}
 return emit(KEYS[1], ARGV[1], ARGV[2], unpack(fields_from(3)))
@@ -710,6 +716,7 @@ declare module "ioredis" {
     mvpcFwHostIndex(...args: (string | number)[]): Promise<Reply>;
     mvpcFwRecord(...args: (string | number)[]): Promise<Reply>;
     mvpcFwVpcEvent(...args: (string | number)[]): Promise<number>;
+    mvpcFwCounterOk(...args: (string | number)[]): Promise<number>;
     mvpcFwAdoptSigs(...args: (string | number)[]): Promise<number>;
   }
 }
@@ -731,6 +738,7 @@ export function defineScripts(redis: Redis): void {
   declared("mvpcFwHostIndex", HOST_INDEX);
   declared("mvpcFwRecord", RECORD);
   declared("mvpcFwVpcEvent", VPC_EVENT);
+  declared("mvpcFwCounterOk", COUNTER_OK);
   def("mvpcFwBind", BIND);
   def("mvpcFwUnbind", UNBIND);
   def("mvpcFwLoadVpc", LOAD_VPC);

@@ -86,11 +86,6 @@ function sigOf(raw: string): { hostId?: string; vpcId?: string; address?: string
   };
 }
 
-/** Whether a change counter holds what INCR takes (as the scripts' counter_bad checks). */
-function counterOk(c: string): boolean {
-  return c === "0" || (/^-?[1-9][0-9]*$/.test(c) && c.length <= 18);
-}
-
 /** A binding's shared record as bindInSteps and unbindInSteps read it: what names other keys, checked for its form. */
 interface StoredBinding {
   sig: string;
@@ -161,13 +156,8 @@ function namedField(h: Record<string, string>, p: V.Parsed<unknown>): string | u
 
 /** Where a binding is: its "sig" field, and the VPC it names if that reads as a VPC id. */
 function bindingWhere(sig: string): InvalidWhere {
-  let vpcId: unknown;
-  try {
-    vpcId = (JSON.parse(sig) as { vpcId?: unknown } | null)?.vpcId;
-  } catch {
-    vpcId = undefined;
-  }
-  return { field: "sig", vpcId: typeof vpcId === "string" && /^vpc-[0-9a-f]{12}$/.test(vpcId) ? vpcId : undefined };
+  const vpcId = sigOf(sig)?.vpcId;
+  return { field: "sig", vpcId: vpcId !== undefined && isId("vpc", vpcId) ? vpcId : undefined };
 }
 
 /** How many times a change is tried again when what it read changed before its script ran (a client token, a subnet's ACL, a group's peers). */
@@ -229,8 +219,13 @@ export class FirewallStore {
    * so that a delete stopped before its last step can remove the listing
    * entry when it is run again). On a single Redis {vpc: ""}.
    */
+  /** A cluster's catalog (id → "<vpc>/<name>") and the listing of every VPC's, of groups or ACLs; [null, …] on a single Redis. */
+  private catalogKeys(kind: "sg" | "acl"): [string | null, string] {
+    return kind === "sg" ? [this.L.sgVpc, this.L.allSgs] : [this.L.aclVpc, this.L.allAcls];
+  }
+
   private async catalogEntry(kind: "sg" | "acl", id: string): Promise<{ vpc: string; name: string } | null> {
-    const catalog = kind === "sg" ? this.L.sgVpc : this.L.aclVpc;
+    const [catalog] = this.catalogKeys(kind);
     if (!catalog) return { vpc: "", name: "" };
     const raw = await this.redis.hget(catalog, id);
     const cut = raw?.indexOf("/") ?? -1;
@@ -245,7 +240,7 @@ export class FirewallStore {
    * removes), and removed after a delete.
    */
   private async catalogPut(kind: "sg" | "acl", id: string, vpc: string, name: string): Promise<void> {
-    const [catalog, all] = kind === "sg" ? [this.L.sgVpc, this.L.allSgs] : [this.L.aclVpc, this.L.allAcls];
+    const [catalog, all] = this.catalogKeys(kind);
     if (!catalog) return;
     await this.redis.hset(catalog, id, `${vpc}/${name}`);
     await this.redis.zadd(all, 0, `${name}/${id}`);
@@ -263,13 +258,13 @@ export class FirewallStore {
   }
 
   private async catalogDrop(kind: "sg" | "acl", id: string, name: string): Promise<void> {
-    const [catalog, all] = kind === "sg" ? [this.L.sgVpc, this.L.allSgs] : [this.L.aclVpc, this.L.allAcls];
+    const [catalog, all] = this.catalogKeys(kind);
     if (!catalog) return;
     await this.redis.zrem(all, `${name}/${id}`);
     await this.redis.hdel(catalog, id);
   }
 
-  /** The id the client token names now in the VPC (null if none, or if what is there is no id of this kind). */
+  /** What the client token names now in the VPC, as stored ("" if nothing; the caller builds a key from it only if it is an id). */
   private async tokenHolder(vpcId: string, kind: "sg" | "acl", clientToken: string): Promise<string> {
     if (!clientToken) return "";
     return (await this.redis.hget(this.L.tokens(vpcId), `${kind}\n${clientToken}`)) ?? "";
@@ -574,11 +569,7 @@ export class FirewallStore {
         return { changed: false };
       }
       // Every change counter the steps end with raises, checked before the first step writes (VPC_MEMBERS checks the new VPC's again).
-      for (const vpc of new Set([v, ...(old?.vpc && old.vpc !== v ? [old.vpc] : [])])) {
-        const c = await this.redis.get(L.gen(vpc));
-        if (c !== null && !counterOk(c))
-          throw new Error(`the firewall change counter ${L.gen(vpc)} holds no integer (another host wrote it); set it to a number above the last event gen`);
-      }
+      for (const vpc of new Set([v, ...(old?.vpc && old.vpc !== v ? [old.vpc] : [])])) await this.redis.mvpcFwCounterOk(1, L.gen(vpc));
       // A NIC moving from another host: that host's indexes first (under per-host users, NOPERM here stops the bind before it writes).
       if (old?.host && old.host !== h && old.vpc) await this.hostIndex(old.host, nic, "", old.vpc, "");
       const leave = old?.vpc === v ? old.groups : [];
@@ -789,16 +780,14 @@ export class FirewallStore {
   /**
    * What CREATE_ACL and ASSOCIATE take for the subnets' current ACLs: the
    * ACL each has now ('' for none; a value that is no ACL id counts as
-   * none, and the script, finding it, refuses with {-8}), and a hash and a
-   * subnets set per ACL, in order of first appearance.
+   * none, as the script reads it too), and a hash and a subnets set per
+   * ACL, in order of first appearance.
    */
   private async previousAcls(vpcId: string, subnetIds: string[]): Promise<{ was: string[]; keys: string[] }> {
     const now = subnetIds.length ? await this.redis.hmget(this.L.subnetAcl(vpcId), ...subnetIds) : [];
-    const was = now.map((x) => x ?? "");
-    const keys: string[] = [];
-    for (const x of new Set(was)) if (isId("acl", x)) keys.push(this.L.acl(vpcId, x), this.L.aclSubnets(vpcId, x));
-    // A value that is no ACL id counts as none (the script reads it so too).
-    return { was: was.map((x) => (isId("acl", x) ? x : "")), keys };
+    const was = now.map((x) => (x !== null && isId("acl", x) ? x : ""));
+    const keys = [...new Set(was)].filter(Boolean).flatMap((x) => [this.L.acl(vpcId, x), this.L.aclSubnets(vpcId, x)]);
+    return { was, keys };
   }
 
   private async subnetError(code: number, detail: string | number, field: string, vpcId: string): Promise<never> {
@@ -1173,13 +1162,14 @@ export class FirewallStore {
         return null;
       }),
     );
-    const rawMembers: RawVpcState[2] = peerIds.map((p) => [p]);
+    const byGroup = new Map(peerIds.map((p) => [p, [p]]));
     const refused: RawVpcState[5] = [];
     entries.forEach((e, i) => {
       const why = vouched[i];
       if (why) refused.push([e.p, e.nic, e.addr, why]);
-      else rawMembers[peerIds.indexOf(e.p)].push(e.nic, e.addr);
+      else byGroup.get(e.p)!.push(e.nic, e.addr);
     });
+    const rawMembers: RawVpcState[2] = [...byGroup.values()];
     let vpn: RawVpcState[6] = null;
     if (peerIds.length && vpcId) {
       const [cidr, ep, clients] = await Promise.all([

@@ -294,6 +294,18 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 `;
 
+/** What of the firewall a VPC still has (its security groups' and network ACLs' listings): DeleteVpc refuses while any is left. */
+const LUA_FIREWALL_LEFT = `
+local function firewall_left(sgs_key, acls_key)
+  local left = {}
+  local sgs = redis.call('ZCARD', sgs_key)
+  if sgs > 0 then left[#left + 1] = sgs .. ' security group(s)' end
+  local acls = redis.call('ZCARD', acls_key)
+  if acls > 0 then left[#left + 1] = acls .. ' network ACL(s)' end
+  return left
+end
+`;
+
 /**
  * DeleteVpc on a cluster, in the VPC's slot: the record and IPAM's indexes
  * of the VPC, if it has no subnet, no peering and no security group or
@@ -313,7 +325,7 @@ return 1
  * {-2, n} still has n peerings (or creates of one under way), {-3, what}
  * still has groups or ACLs.
  */
-export const DROP_VPC = `${LUA_SWEEP}
+export const DROP_VPC = `${LUA_SWEEP}${LUA_FIREWALL_LEFT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 local n = redis.call('ZCARD', KEYS[2])
@@ -321,11 +333,7 @@ if n > 0 then return {-1, n} end
 sweep(KEYS[6], ARGV[1], tonumber(ARGV[2]))
 local p = redis.call('HLEN', KEYS[6])
 if p > 0 then return {-2, p} end
-local left = {}
-local sgs = redis.call('ZCARD', KEYS[7])
-if sgs > 0 then left[#left + 1] = sgs .. ' security group(s)' end
-local acls = redis.call('ZCARD', KEYS[8])
-if acls > 0 then left[#left + 1] = acls .. ' network ACL(s)' end
+local left = firewall_left(KEYS[7], KEYS[8])
 if #left > 0 then return {-3, table.concat(left, ', ')} end
 for i = 1, #KEYS do
   if i ~= 2 then redis.call('DEL', KEYS[i]) end
@@ -346,18 +354,14 @@ return {1, name}
  * still has n peerings, {-3, what} still has groups, ACLs or a NAT gateway
  * (deleting it would leave them dangling).
  */
-export const DELETE_VPC = `${LUA_EMIT}
+export const DELETE_VPC = `${LUA_EMIT}${LUA_FIREWALL_LEFT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
 local p = redis.call('SCARD', KEYS[6])
 if p > 0 then return {-2, p} end
 local n = redis.call('ZCARD', KEYS[4])
 if n > 0 then return {-1, n} end
-local left = {}
-local sgs = redis.call('ZCARD', KEYS[7])
-if sgs > 0 then left[#left + 1] = sgs .. ' security group(s)' end
-local acls = redis.call('ZCARD', KEYS[8])
-if acls > 0 then left[#left + 1] = acls .. ' network ACL(s)' end
+local left = firewall_left(KEYS[7], KEYS[8])
 if redis.call('HEXISTS', KEYS[9], ARGV[1]) == 1 then left[#left + 1] = 'a NAT gateway' end
 if #left > 0 then return {-3, table.concat(left, ', ')} end
 redis.call('DEL', KEYS[1])
