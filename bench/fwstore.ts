@@ -26,7 +26,7 @@ import { connectRedis, waitReady } from "../services/common/redis.js";
 import { ipToInt } from "../services/common/validate.js";
 import { FirewallStore, type BindingSpec } from "../services/firewall/store.js";
 import { IpamStore } from "../services/ipam/store.js";
-import { hostKeys } from "../services/netagent/schema.js";
+import { naKeys } from "../services/netagent/schema.js";
 import { subnetSpec } from "../test/lib/ipam-specs.js";
 import { startRedis, startRedisCluster } from "../test/lib/redis.js";
 import { check, dur, heading, num, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
@@ -104,7 +104,7 @@ async function setUp(name: Layout["name"], redis: Redis): Promise<Layout> {
   // The peer group's members, on host "hb", each vouched for by that host's keys.
   for (let i = 0; i < MEMBERS; i++) {
     await fw.bind(binding(l, nicOf(i), addrOf(i), "hb", [peer.id]));
-    await redis.hset(hostKeys.nicaddr("hb"), `${vpc.id}/${addrOf(i)}`, nicOf(i));
+    await redis.hset(naKeys(redis).nicaddr("hb"), `${vpc.id}/${addrOf(i)}`, nicOf(i));
   }
   return l;
 }

@@ -15,7 +15,8 @@
 //     mvpc-md:{host:H}:*   vmm: a VM's user-data (in its host's slot, with its record)
 //   host-scoped (contain the host id; only host H may write them):
 //     mvpc:host:H:*        netagent: VPC/subnet/NIC records, NIC address index, NIC client tokens
-//     mvpc:hosts:H         netagent overlay: registry record (lease)
+//                          (on a Redis Cluster under mvpc:{host:H}:, below)
+//     mvpc:hosts:H         netagent overlay: registry record (lease); mvpc:{hosts}:host:H on a cluster
 //     mvpc:{host:H}:*      the host's hash tag (one Redis Cluster slot): its scoped change stream
 //                          (its NICs attached and detached); vmm: VM ids (:vms), records (:vm:<id>,
 //                          with their journals) and leases (:vm:<id>:lease)
@@ -30,6 +31,8 @@
 //     mvpc:nicaddr         global NIC address claims ("<vpc>/<addr>" → "<host>/<nic>")
 //     mvpc:hostindex       set of host ids with an overlay record
 //     mvpc:overlay:*       per-VPC overlay members (host id field) and addresses (address → host)
+//                          on a Redis Cluster: mvpc:{V}:nicaddr (with :at, the claims' times),
+//                          mvpc:{V}:overlay:members|addrs, mvpc:{hosts}:index
 //     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
 //                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership;
 //                          on a Redis Cluster mvpc:{V}:fw:nics, mvpc:{V}:fw:sg:<id>:members,
@@ -74,6 +77,9 @@ export function hostScopedWritePatterns(hostId: string): string[] {
   return [
     `mvpc:host:${hostId}:*`,
     `mvpc:hosts:${hostId}`,
+    // The same on a Redis Cluster (netagent/schema.ts NA_KEYS.cluster): its
+    // records under its hash tag (below), its registry record under "{hosts}".
+    `mvpc:{hosts}:host:${hostId}`,
     // Its hash tag (one slot of a Redis Cluster): its scoped change stream
     // (common/events.ts), its VMs' records, leases and id set (vmm/store.ts).
     `mvpc:{host:${hostId}}:*`,
@@ -126,6 +132,14 @@ export const SHARED_WRITE_PATTERNS = [
   `mvpc:{${VPC_TAG}}:fw:nics`,
   `mvpc:{${VPC_TAG}}:fw:sg:sg-${"?".repeat(12)}:members`,
   `mvpc:{${VPC_TAG}}:fw:gen`,
+  // The netagent's on a Redis Cluster (netagent/schema.ts NA_KEYS.cluster): a
+  // VPC's address claims and their times, its overlay members and
+  // nominations, and the set of registered host ids.
+  `mvpc:{${VPC_TAG}}:nicaddr`,
+  `mvpc:{${VPC_TAG}}:nicaddr:at`,
+  `mvpc:{${VPC_TAG}}:overlay:members`,
+  `mvpc:{${VPC_TAG}}:overlay:addrs`,
+  "mvpc:{hosts}:index",
   "mvpc:gw:mdhosts",
   "mvpc:gw:lease:nat:*",
   // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>:*.

@@ -10,7 +10,7 @@ import type { ServerLogger } from "../common/net.js";
 import { transitAddrs } from "../common/names.js";
 import { GatewayReader } from "../gateway/schema.js";
 import { IpamReader } from "../ipam/schema.js";
-import { hostKeys } from "../netagent/schema.js";
+import { naKeys } from "../netagent/schema.js";
 import { Resolver, type ResolverOptions } from "./resolver.js";
 import { DnsStore } from "./store.js";
 import type { Zone } from "./zone.js";
@@ -124,7 +124,7 @@ export async function runResolver(
   void followScoped(
     redis,
     // Each batch reloads the zones: a VM start's record and its neighbours' come in one (a name answers at most 50 ms later).
-    { host: hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(hostId)), registry: true, settleMs: 50 },
+    { host: hostId, vpcs: (r) => r.hkeys(naKeys(r).vpcs(hostId)), registry: true, settleMs: 50 },
     /^(dns\.|vpc\.|subnet\.)/,
     () => void reload().then(rebind),
     () => stopped,

@@ -36,11 +36,11 @@ import {
   type BindingSpec,
 } from "./schema.js";
 
-import { parseVpnClient, parseVpnEndpoint, vpnKeys } from "../netagent/schema.js";
+import { naKeys, parseVpnClient, parseVpnEndpoint, vpnKeys } from "../netagent/schema.js";
 import { idOrNull, isId } from "../common/ids.js";
 import { pageOver } from "../common/paging.js";
 import { ipamKeys, K, type IpamKeys } from "../ipam/schema.js";
-import { FK, fwKeys, NICADDR, type FirewallKeys } from "./keys.js";
+import { FK, fwKeys, type FirewallKeys } from "./keys.js";
 import { defineScripts, type Reply } from "./scripts.js";
 
 /** The resource changed since it was read (expected_generation no longer matches). */
@@ -1137,7 +1137,7 @@ export class FirewallStore {
     const rows = await Promise.all(memberNics.map((nic) => get(L.nic(nic), (k) => this.redis.hmget(k, "sig", "host"))));
     memberNics.forEach((nic, i) => bindings.set(nic, rows[i]));
     const validHost = (h: string | null | undefined): h is string => typeof h === "string" && /^[a-z0-9-]+$/.test(h);
-    const [nicaddr1, nicaddr2] = NICADDR;
+    const na = naKeys(this.redis);
     const vouched = await Promise.all(
       entries.map(async ({ p, nic, addr }) => {
         const b = bindings.get(nic);
@@ -1146,8 +1146,8 @@ export class FirewallStore {
         if (!validHost(h)) return "names no valid host";
         const [copy, listed, local] = await Promise.all([
           get(L.hostSigs(h), (k) => this.redis.hget(k, nic)),
-          get(nicaddr1 + h + nicaddr2, (k) => this.redis.hget(k, `${vpcId}/${addr}`)),
-          hostId && h !== hostId ? get(nicaddr1 + hostId + nicaddr2, (k) => this.redis.hget(k, `${vpcId}/${addr}`)) : null,
+          get(na.nicaddr(h), (k) => this.redis.hget(k, `${vpcId}/${addr}`)),
+          hostId && h !== hostId ? get(na.nicaddr(hostId), (k) => this.redis.hget(k, `${vpcId}/${addr}`)) : null,
         ]);
         if (copy !== b[0]) return `its host ${h} holds no such binding`;
         // The sig, which that copy vouches for, says where and in which groups the NIC is (the record's other fields are anyone's).

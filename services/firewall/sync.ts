@@ -13,7 +13,7 @@ import { SyncLoop } from "../common/sync-loop.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { attempt } from "../common/validate.js";
 import { netagentNames as names } from "../common/names.js";
-import { hostKeys, nicSubnetProblem, type HostReader } from "../netagent/schema.js";
+import { NA_KEYS, naKeys, nicSubnetProblem, type HostReader } from "../netagent/schema.js";
 import type { NftRunner } from "../common/nft/linux.js";
 import type { NftTransaction } from "../common/nft/tx.js";
 import { compile, elementDiff, flowAllowed, MAX_ELEMENT_DELETIONS, patchModel, sharedChainKey, type FwModel } from "./compile.js";
@@ -161,7 +161,7 @@ export class FirewallSync {
     readonly nft: NftRunner,
     readonly source: StateSource,
     /** nicRecord: a delta reads one NIC's record (without it, every pass compiles its VPCs whole). */
-    readonly host: Pick<HostReader, "load"> & Partial<Pick<HostReader, "nicRecord">>,
+    readonly host: Pick<HostReader, "load"> & Partial<Pick<HostReader, "nicRecord" | "keys">>,
     readonly hostId: string,
     readonly log: Logger,
     /** Whether a VPC's namespace exists here (tests, with FakeNft, have none). */
@@ -171,7 +171,7 @@ export class FirewallSync {
       log,
       events: /^(fw\.|nic\.|subnet\.|vpc\.|vpn\.)/,
       // Only the streams of the VPCs held here (and this host's): common/events.ts.
-      scope: { host: hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(hostId)) },
+      scope: { host: hostId, vpcs: (redis) => redis.hkeys(naKeys(redis).vpcs(hostId)) },
       // Firewall and NIC events name their VPC: a pass over that VPC only. A
       // NIC attached or detached on another host changes nothing here (its
       // binding's fw event does). Anything else (a VPC or subnet made or
@@ -220,7 +220,10 @@ export class FirewallSync {
     for (const s of d.subnets.values()) {
       const p = parseLocalSubnet(s);
       if (!p.ok) {
-        reportInvalid(OWNER, "local-subnet", hostKeys.subnets(this.hostId), p.reason, this.log, { field: s.subnetId, vpcId: vpcIdOr(s.vpcId) });
+        reportInvalid(OWNER, "local-subnet", (this.host.keys ?? NA_KEYS.single).subnets(this.hostId), p.reason, this.log, {
+          field: s.subnetId,
+          vpcId: vpcIdOr(s.vpcId),
+        });
         continue;
       }
       out.get(s.vpcId)?.subnets.push({ ...p.value, bridge: names.bridge(p.value.subnetId) });
@@ -241,7 +244,10 @@ export class FirewallSync {
         }),
       );
       if (!bad.ok) {
-        reportInvalid(OWNER, "local-nic", hostKeys.nics(this.hostId), bad.reason, this.log, { field: n.nicId, vpcId: vpcIdOr(n.vpcId) });
+        reportInvalid(OWNER, "local-nic", (this.host.keys ?? NA_KEYS.single).nics(this.hostId), bad.reason, this.log, {
+          field: n.nicId,
+          vpcId: vpcIdOr(n.vpcId),
+        });
         continue;
       }
       out.get(n.vpcId)?.nics.push({

@@ -44,7 +44,7 @@ import { FailedPreconditionError, InvalidArgumentError, UnavailableError } from 
 import * as V from "../common/validate.js";
 import { MAX_GROUPS_PER_NIC } from "../firewall/schema.js";
 import { ipamKeys, K } from "../ipam/schema.js";
-import { hostKeys } from "../netagent/schema.js";
+import { naKeys } from "../netagent/schema.js";
 import {
   ImdsHttpEndpoint,
   ImdsHttpTokens,
@@ -908,7 +908,7 @@ export class MetadataStore implements MetadataView {
     const skipped: { instanceId: string; reason: string }[] = [];
     const legacy = await this.redis.hgetall(LEGACY_MK.byAddr);
     if (Object.keys(legacy).length === 0) return { adopted, skipped };
-    const local = new Set(await this.redis.hkeys(hostKeys.nicaddr(this.hostId)));
+    const local = new Set(await this.redis.hkeys(naKeys(this.redis).nicaddr(this.hostId)));
     const mine = Object.entries(legacy).filter(([k]) => local.has(k));
     for (const [k, rawId] of mine) {
       const id = V.attempt(() => instanceId("id", rawId));

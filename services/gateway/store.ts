@@ -9,7 +9,7 @@ import { LUA_EMIT } from "../common/events.js";
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
-import { hostKeys, overlayKeys } from "../netagent/schema.js";
+import { naKeys } from "../netagent/schema.js";
 import {
   checkFip,
   checkNat,
@@ -337,11 +337,12 @@ export class GatewayStore extends GatewayReader {
       reportInvalid(OWNER, "nat-lease", key, p.reason, this.log, { vpcId: vpcIdOf(vpcId) });
       return { bad: v };
     }
+    const na = naKeys(this.redis);
     const [hasVpc, overlay, registered, member] = await Promise.all([
-      this.redis.hexists(hostKeys.vpcs(p.value), vpcId),
-      this.redis.exists(overlayKeys.members(vpcId)),
-      this.redis.exists(overlayKeys.host(p.value)),
-      this.redis.hexists(overlayKeys.members(vpcId), p.value),
+      this.redis.hexists(na.vpcs(p.value), vpcId),
+      this.redis.exists(na.overlayMembers(vpcId)),
+      this.redis.exists(na.overlayHost(p.value)),
+      this.redis.hexists(na.overlayMembers(vpcId), p.value),
     ]);
     const why =
       hasVpc !== 1

@@ -18,7 +18,7 @@ import { SyncLoop } from "../common/sync-loop.js";
 import { defaultResolver, DnsReader } from "../dns/schema.js";
 import type { IpamReader } from "../ipam/schema.js";
 import { netagentNames as naNames, wgName } from "../common/names.js";
-import { hostKeys, type HostReader } from "../netagent/schema.js";
+import { NA_KEYS, naKeys, type HostReader } from "../netagent/schema.js";
 import { LinuxGatewayKernel, type GatewayKernel } from "./kernel.js";
 import {
   DEFAULT_HOP_LIMIT,
@@ -126,7 +126,7 @@ export class GatewaySync {
     readonly store: Pick<GatewayStore, "listNats" | "listFips" | "listPfs" | "transitIndex" | "transitMap" | "releaseTransit"> &
       Partial<Pick<GatewayStore, "natHolder" | "natLease" | "natUnlease">>,
     readonly ipam: Pick<IpamReader, "getVpc" | "getSubnet"> & Partial<Pick<IpamReader, "redis" | "listSubnets">>,
-    readonly host: Pick<HostReader, "load"> & Partial<Pick<HostReader, "nicRecord">>,
+    readonly host: Pick<HostReader, "load"> & Partial<Pick<HostReader, "nicRecord" | "keys">>,
     readonly opts: GatewaySyncOptions,
     readonly log: Logger,
     deps: GatewaySyncDeps = {},
@@ -141,7 +141,7 @@ export class GatewaySync {
       events: GATEWAY_EVENTS,
       // The streams of the VPCs held here, this host's, and the fleet's (the default DNS configuration): common/events.ts.
       // A VM start's events (address, NIC, binding, metadata, name) in one or two batches, not one wake-up each.
-      scope: { host: opts.hostId, vpcs: (redis) => redis.hkeys(hostKeys.vpcs(opts.hostId)), registry: true, settleMs: 20 },
+      scope: { host: opts.hostId, vpcs: (redis) => redis.hkeys(naKeys(redis).vpcs(opts.hostId)), registry: true, settleMs: 20 },
       // A NIC of this host, or an instance's metadata, coming or going: a
       // check of that one address first (eventKey); a whole pass only if it
       // changes what the gateway applies. Another host's NIC changes nothing here.
@@ -345,7 +345,7 @@ export class GatewaySync {
         // cidr reaches nft: checked even though the netagent wrote it.
         const p = parseGwSubnet(s);
         if (!p.ok) {
-          reportInvalid(OWNER, "subnet", hostKeys.subnets(this.opts.hostId), p.reason, this.log, { field: s.subnetId, vpcId });
+          reportInvalid(OWNER, "subnet", (this.host.keys ?? NA_KEYS.single).subnets(this.opts.hostId), p.reason, this.log, { field: s.subnetId, vpcId });
           continue;
         }
         subnets.push({ ...p.value, public: await this.subnetPublic(s.subnetId, vpcId) });

@@ -16,7 +16,7 @@ import { ackPeering, peeringIdsOf, peeringKeys, peeringsOf, pruneAcks, type Peer
 import type { Agent, AgentPeering } from "./agent.js";
 import { desiredPeering, planPeering, routedPeers, spanOf, PEERING_NEXTHOP, PEERING_PROTO, type NsObserved } from "./peering-plan.js";
 import type { HostDesired } from "./store.js";
-import { hostKeys } from "./schema.js";
+import { naKeys } from "./schema.js";
 
 const FULL_EVERY = 6;
 
@@ -78,7 +78,7 @@ export class PeeringSync implements AgentPeering {
     void followScoped(
       this.redis,
       // Every event of the VPCs held here arrives, for the rare peering.* among them: in batches.
-      { host: this.agent.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.agent.hostId)), settleMs: 100 },
+      { host: this.agent.hostId, vpcs: (r) => r.hkeys(naKeys(r).vpcs(this.agent.hostId)), settleMs: 100 },
       /^peering\./,
       () => this.agent.kick(),
       () => this.stopped,

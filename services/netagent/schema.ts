@@ -18,6 +18,7 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { InvalidArgumentError } from "../common/errors.js";
 import { invalidRecordsTotal } from "../common/invalid-records.js";
+import { isCluster } from "../common/redis.js";
 import * as V from "../common/validate.js";
 import type { Bandwidth, NicSpec, SubnetSpec } from "./plan.js";
 
@@ -34,6 +35,66 @@ export const hostKeys = {
   nictoken: (host: string) => `mvpc:host:${host}:nictoken`,
   allNicAddrs: "mvpc:nicaddr",
 };
+
+/**
+ * Where the netagent's records live: NA_KEYS.single or NA_KEYS.cluster, by
+ * the client (naKeys). A single Redis keeps the names above (hostKeys,
+ * overlayKeys). On a Redis Cluster a host's records are under its hash tag
+ * (`mvpc:{host:H}:…`, the slot of its change stream, its VMs and its
+ * firewall indexes); the address claims, split per VPC, and the VPC's
+ * overlay hashes under the VPC's (`mvpc:{V}:…`); the host registry under
+ * `{hosts}` (one slot: a pass reads every member's record in one MGET).
+ */
+export interface NetagentKeys {
+  vpcs(host: string): string;
+  subnets(host: string): string;
+  nics(host: string): string;
+  /** The host's own index, "<vpc>/<address>" → NIC id. */
+  nicaddr(host: string): string;
+  nictoken(host: string): string;
+  /** Address claims "<vpc>/<address>" → "<host>/<nic>": every VPC's in one hash on a single Redis, the VPC's on a cluster. */
+  claims(vpc: string): string;
+  /** Cluster: when each claim was written (ms by the slot's clock), "<vpc>/<address>" → ms; null on a single Redis, whose one script needs none. */
+  claimedAt(vpc: string): string | null;
+  /** The overlay: a host's registry record (lease), the set of host ids, and a VPC's members and address nominations. */
+  overlayHost(host: string): string;
+  hostIndex: string;
+  overlayMembers(vpc: string): string;
+  overlayAddrs(vpc: string): string;
+  cluster: boolean;
+}
+
+export const NA_KEYS: { single: NetagentKeys; cluster: NetagentKeys } = {
+  single: {
+    ...hostKeys,
+    claims: () => hostKeys.allNicAddrs,
+    claimedAt: () => null,
+    overlayHost: (h) => `mvpc:hosts:${h}`,
+    hostIndex: "mvpc:hostindex",
+    overlayMembers: (v) => `mvpc:overlay:${v}:members`,
+    overlayAddrs: (v) => `mvpc:overlay:${v}:addrs`,
+    cluster: false,
+  },
+  cluster: {
+    vpcs: (h) => `mvpc:{host:${h}}:vpcs`,
+    subnets: (h) => `mvpc:{host:${h}}:subnets`,
+    nics: (h) => `mvpc:{host:${h}}:nics`,
+    nicaddr: (h) => `mvpc:{host:${h}}:nicaddr`,
+    nictoken: (h) => `mvpc:{host:${h}}:nictoken`,
+    claims: (v) => `mvpc:{${v}}:nicaddr`,
+    claimedAt: (v) => `mvpc:{${v}}:nicaddr:at`,
+    overlayHost: (h) => `mvpc:{hosts}:host:${h}`,
+    hostIndex: "mvpc:{hosts}:index",
+    overlayMembers: (v) => `mvpc:{${v}}:overlay:members`,
+    overlayAddrs: (v) => `mvpc:{${v}}:overlay:addrs`,
+    cluster: true,
+  },
+};
+
+/** The layout of the Redis `redis` is (NetagentKeys). */
+export function naKeys(redis: Redis): NetagentKeys {
+  return isCluster(redis) ? NA_KEYS.cluster : NA_KEYS.single;
+}
 
 export interface VpcSpec {
   vpcId: string;
@@ -387,26 +448,29 @@ export interface HostDesired {
   invalid?: InvalidRecord[];
 }
 
-const hostKey = (host: string, what: "vpcs" | "subnets" | "nics" | "nicaddr" | "nictoken") => hostKeys[what](host);
-
 /**
- * Overlay keys. `addrs` (NIC address → host id, per VPC) is kept by the NIC
- * scripts of netagent/store.ts; `members` (host id → {"port"}) by each host's overlay; a
- * host's registry record (`host`) carries a lease and disappears with it.
+ * Overlay keys of a single Redis (NA_KEYS.single; naKeys for the client's
+ * layout). `addrs` (NIC address → host id, per VPC) is kept by the NIC
+ * scripts of netagent/store.ts; `members` (host id → {"port"}) by each
+ * host's overlay; a host's registry record (`host`) carries a lease and
+ * disappears with it.
  */
 export const overlayKeys = {
-  host: (hostId: string) => `mvpc:hosts:${hostId}`,
-  hostIndex: "mvpc:hostindex",
-  members: (vpcId: string) => `mvpc:overlay:${vpcId}:members`,
-  addrs: (vpcId: string) => `mvpc:overlay:${vpcId}:addrs`,
+  host: NA_KEYS.single.overlayHost,
+  hostIndex: NA_KEYS.single.hostIndex,
+  members: NA_KEYS.single.overlayMembers,
+  addrs: NA_KEYS.single.overlayAddrs,
 };
 
 /** Where a NIC with this address lives, across every host: "host/nic-…", or null. */
 export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
-  const v = await redis.hget("mvpc:nicaddr", `${vpcId}/${address}`);
+  return parseClaim(await redis.hget(naKeys(redis).claims(vpcId), `${vpcId}/${address}`));
+}
+
+/** An address claim's value, "<host>/<nic>" (written by the NIC's host; anything else is no location). */
+export function parseClaim(v: string | null | undefined): { hostId: string; nicId: string } | null {
   if (!v) return null;
   const [hostId, nicId, ...rest] = v.split("/");
-  // Written by the NIC's host; anything else is no location.
   if (rest.length || !/^[a-z0-9-]{1,63}$/.test(hostId) || !/^nic-[0-9a-f]{12}$/.test(nicId ?? "")) return null;
   return { hostId, nicId };
 }
@@ -438,16 +502,21 @@ class ParseMemo<T> {
  * Every record is parsed on read (a bad one is left out and reported).
  */
 export class HostReader {
+  /** The layout of this client's Redis. */
+  readonly keys: NetagentKeys;
+
   constructor(
     readonly redis: Redis,
     readonly hostId: string,
-  ) {}
+  ) {
+    this.keys = naKeys(redis);
+  }
 
   async load(): Promise<HostDesired> {
     const [v, s, n] = await Promise.all([
-      this.redis.hgetall(hostKey(this.hostId, "vpcs")),
-      this.redis.hgetall(hostKey(this.hostId, "subnets")),
-      this.redis.hgetall(hostKey(this.hostId, "nics")),
+      this.redis.hgetall(this.keys.vpcs(this.hostId)),
+      this.redis.hgetall(this.keys.subnets(this.hostId)),
+      this.redis.hgetall(this.keys.nics(this.hostId)),
     ]);
     const invalid: InvalidRecord[] = [];
     const parse = <T>(kind: InvalidRecord["kind"], k: string, h: Record<string, string>, fn: (field: string, raw: string) => Parsed<T>) => {
@@ -461,12 +530,12 @@ export class HostReader {
     };
     const vpcs = parse(
       "vpc",
-      hostKey(this.hostId, "vpcs"),
+      this.keys.vpcs(this.hostId),
       v,
       this.memo.vpcs.parse((f, raw) => parseVpcSpec(this.hostId, f, raw)),
     );
-    const subnets = parse("subnet", hostKey(this.hostId, "subnets"), s, this.memo.subnets.parse(parseSubnetSpec));
-    const nics = parse("nic", hostKey(this.hostId, "nics"), n, this.memo.nics.parse(parseNicSpec));
+    const subnets = parse("subnet", this.keys.subnets(this.hostId), s, this.memo.subnets.parse(parseSubnetSpec));
+    const nics = parse("nic", this.keys.nics(this.hostId), n, this.memo.nics.parse(parseNicSpec));
     // Across records: a NIC must fit its subnet, and two NICs of a VPC
     // cannot share a device or an address (the first by id wins).
     const seen = new Set<string>();
@@ -479,7 +548,7 @@ export class HostReader {
         reason = `hostIf/address: ${nic.hostIf} or ${nic.address} is already used by another NIC of ${nic.vpcId} on this host`;
       if (reason) {
         nics.delete(id);
-        invalid.push({ kind: "nic", key: hostKey(this.hostId, "nics"), field: id, reason });
+        invalid.push({ kind: "nic", key: this.keys.nics(this.hostId), field: id, reason });
         continue;
       }
       seen.add(`${nic.vpcId}/if/${nic.hostIf}`);
@@ -514,19 +583,19 @@ export class HostReader {
 
   /** Read now from Redis: a pass's snapshot may predate an EnsureVpc that just finished. */
   async hasVpc(vpcId: string): Promise<boolean> {
-    return (await this.redis.hexists(hostKey(this.hostId, "vpcs"), vpcId)) === 1;
+    return (await this.redis.hexists(this.keys.vpcs(this.hostId), vpcId)) === 1;
   }
 
   /** One NIC's record as load() would read it alone: absent, invalid (not used), or the NIC. */
   async nicRecord(nicId: string): Promise<{ nic: NicSpec } | "absent" | "invalid"> {
-    const j = await this.redis.hget(hostKey(this.hostId, "nics"), nicId);
+    const j = await this.redis.hget(this.keys.nics(this.hostId), nicId);
     if (j === null) return "absent";
     const p = parseNicSpec(nicId, j);
     return p.ok ? { nic: p.value } : "invalid";
   }
 
   async getNic(nicId: string): Promise<NicSpec | null> {
-    const j = await this.redis.hget(hostKey(this.hostId, "nics"), nicId);
+    const j = await this.redis.hget(this.keys.nics(this.hostId), nicId);
     if (!j) return null;
     // An invalid record is treated as absent (load() reports it).
     const p = parseNicSpec(nicId, j);

@@ -39,7 +39,6 @@ import type { Agent } from "./agent.js";
 import { recordProblem, type HostRecord } from "./overlay/registry.js";
 import type { Overlay } from "./overlay/sync.js";
 import { wgName } from "./overlay/wg.js";
-import { overlayKeys } from "./store.js";
 import * as S from "./schema.js";
 import type { Kernel } from "./kernel.js";
 import { bandwidthLines, kernelIpArg, names, nicCreateLines, planVpc, prefixToNetmask, type Bandwidth, type NicSpec, type SubnetSpec } from "./plan.js";
@@ -288,7 +287,7 @@ export class NetAgent {
   private async liveHosts(ids: string[]): Promise<Host[]> {
     if (ids.length === 0) return [];
     const p = this.agent.store.redis.pipeline();
-    for (const id of ids) p.get(overlayKeys.host(id)).pttl(overlayKeys.host(id));
+    for (const id of ids) p.get(this.agent.store.keys.overlayHost(id)).pttl(this.agent.store.keys.overlayHost(id));
     const res = (await p.exec()) ?? [];
     const out: Host[] = [];
     ids.forEach((_, i) => {
@@ -680,9 +679,9 @@ export class NetAgent {
       let ids: string[];
       if (req.vpc) {
         const v = await this.vpc(req.vpc);
-        ids = await this.agent.store.redis.hkeys(overlayKeys.members(v.id));
+        ids = await this.agent.store.redis.hkeys(this.agent.store.keys.overlayMembers(v.id));
       } else {
-        ids = await this.agent.store.redis.smembers(overlayKeys.hostIndex);
+        ids = await this.agent.store.redis.smembers(this.agent.store.keys.hostIndex);
       }
       ids = ids.filter((id) => HOST_REF_RE.test(id)).sort();
       if (req.pageToken) {

@@ -8,6 +8,7 @@ import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotF
 import { HOST_ID_RE } from "../common/host.js";
 import { idOrNull, isId, newId } from "../common/ids.js";
 import { ipamKeys, K } from "../ipam/schema.js";
+import { naKeys } from "../netagent/schema.js";
 import * as V from "../common/validate.js";
 import {
   LUA_SWEEP,
@@ -440,8 +441,8 @@ export class PeeringStore {
    */
   async convergence(p: PeeringRec): Promise<{ hosts: string[]; pending: string[] }> {
     const [a1, a2, legacy] = await Promise.all([
-      this.redis.hvals(`mvpc:overlay:${p.vpc1Id}:addrs`),
-      this.redis.hvals(`mvpc:overlay:${p.vpc2Id}:addrs`),
+      this.redis.hvals(naKeys(this.redis).overlayAddrs(p.vpc1Id)),
+      this.redis.hvals(naKeys(this.redis).overlayAddrs(p.vpc2Id)),
       this.redis.hgetall(PK.acks(p.id)),
     ]);
     // Host ids come from a shared hash: only well-formed ones name a key.

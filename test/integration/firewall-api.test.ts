@@ -29,7 +29,7 @@ import { FlowLogConfigApi } from "../../services/firewall/flowlog-service.js";
 import { Ipam } from "../../services/ipam/service.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { HostStore } from "../../services/netagent/store.js";
-import { hostKeys } from "../../services/netagent/schema.js";
+import { naKeys } from "../../services/netagent/schema.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
 import { rejectsWith } from "../lib/clients.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
@@ -392,7 +392,7 @@ describe("NIC bindings", () => {
     // it); a member its host does not vouch for counts for nothing.
     const subnets = [{ subnetId: v.subnets.a, cidr: "10.50.1.0/24", bridge: "br-x" }];
     assert.deepEqual((await store.loadVpcState("hv2", v.id, subnets)).members.get(web), [], "no NIC index entry on hv1: not a member");
-    await r.hset("mvpc:host:hv1:nicaddr", `${v.id}/10.50.1.10`, n1);
+    await r.hset(naKeys(r).nicaddr("hv1"), `${v.id}/10.50.1.10`, n1);
     const st = await store.loadVpcState("hv2", v.id, subnets);
     assert.deepEqual(
       st.nics.map((n) => [n.nicId, n.groupIds, n.hostId]),
@@ -431,7 +431,7 @@ describe("NIC bindings", () => {
       [real, "10.50.1.60"],
       [out, "10.50.1.61"],
     ])
-      await r.hset(hostKeys.nicaddr("hv1"), `${v.id}/${a}`, n);
+      await r.hset(naKeys(r).nicaddr("hv1"), `${v.id}/${a}`, n);
     // What any host's user may write: the member list, and the shared record's fields beside the sig hv1's copy vouches for.
     await r.hset(L.sgMembers(v.id, web), out, "10.50.1.61", ghost, "10.50.1.63");
     await r.hset(L.nic(out), "groups", web);
@@ -463,7 +463,7 @@ describe("NIC bindings", () => {
     await r.hset(L.hostSigs("hv1"), real, (await r.hget(L.nic(real), "sig"))!);
     for (const n of [real, out, peer]) await (n === peer ? fw2 : fw).unbindNic({ nicId: n });
     await r.hdel(L.sgMembers(v.id, web), ghost);
-    await r.hdel(hostKeys.nicaddr("hv1"), `${v.id}/10.50.1.60`, `${v.id}/10.50.1.61`);
+    await r.hdel(naKeys(r).nicaddr("hv1"), `${v.id}/10.50.1.60`, `${v.id}/10.50.1.61`);
   });
 
   test("delete refused while a NIC is bound or another group names it", async () => {

@@ -1,19 +1,26 @@
 // HostStore against a real redis-server: the writer refuses what would not
 // read back, the reader skips an invalid record (and says why), keeps the last
-// valid value of a record that turns invalid, and uses the rest. No namespaces.
+// valid value of a record that turns invalid, and uses the rest; an address
+// of a VPC is attached on one host at a time, also when two hosts race for
+// it. No namespaces. host-store-on-cluster.test.ts runs the same cases on a
+// Redis Cluster, where AttachNic's claim is a series of one-slot steps
+// (netagent/store.ts CLAIM).
 import assert from "node:assert/strict";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { InvalidArgumentError } from "../../services/common/errors.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
 import type { NicSpec, SubnetSpec } from "../../services/netagent/plan.js";
-import { hostKeys } from "../../services/netagent/schema.js";
+import { naKeys, type NetagentKeys } from "../../services/netagent/schema.js";
 import { HostStore, locateNic } from "../../services/netagent/store.js";
-import { startRedis, type TestRedis } from "../lib/redis.js";
+import { ON_CLUSTER } from "../lib/on-cluster.js";
+import { startRedis, startRedisCluster } from "../lib/redis.js";
 
 const HOST = "hsthv1";
 const VPC = "vpc-0123456789ab";
-let srv: TestRedis;
+let stop: () => Promise<void>;
 let redis: Redis;
+let hostKeys: NetagentKeys;
 
 const subnet: SubnetSpec = { subnetId: "subnet-0123456789ab", vpcId: VPC, cidr: "10.5.1.0/24", gatewayCidr: "10.5.1.1/24", mtu: 1500 };
 const nic = (n: number): NicSpec => ({
@@ -38,13 +45,16 @@ const nic = (n: number): NicSpec => ({
 });
 
 beforeAll(async () => {
-  srv = await startRedis({ appendfsync: "no" });
-  redis = new Redis(srv.url);
-}, 30_000);
+  const srv = ON_CLUSTER ? await startRedisCluster() : await startRedis({ appendfsync: "no" });
+  stop = () => srv.stop();
+  redis = connectRedis({ url: srv.url, commandTimeoutMs: 5000 });
+  await waitReady(redis);
+  hostKeys = naKeys(redis);
+}, 60_000);
 
 afterAll(async () => {
   redis?.disconnect();
-  await srv?.stop();
+  await stop?.();
 });
 
 describe("HostStore", () => {
@@ -91,11 +101,169 @@ describe("HostStore", () => {
   });
 
   test("locateNic refuses a malformed location", async () => {
-    await redis.hset("mvpc:nicaddr", `${VPC}/10.5.1.50`, "hv1/nic-000000000001/extra");
-    await redis.hset("mvpc:nicaddr", `${VPC}/10.5.1.51`, "hv 1/nic-000000000001");
-    await redis.hset("mvpc:nicaddr", `${VPC}/10.5.1.52`, "hv1/nic-000000000001");
+    await redis.hset(hostKeys.claims(VPC), `${VPC}/10.5.1.50`, "hv1/nic-000000000001/extra");
+    await redis.hset(hostKeys.claims(VPC), `${VPC}/10.5.1.51`, "hv 1/nic-000000000001");
+    await redis.hset(hostKeys.claims(VPC), `${VPC}/10.5.1.52`, "hv1/nic-000000000001");
     assert.equal(await locateNic(redis, VPC, "10.5.1.50"), null);
     assert.equal(await locateNic(redis, VPC, "10.5.1.51"), null);
     assert.deepEqual(await locateNic(redis, VPC, "10.5.1.52"), { hostId: "hv1", nicId: "nic-000000000001" });
   });
 });
+
+describe("an address of a VPC is attached on one host at a time", () => {
+  const A = "hsta";
+  const B = "hstb";
+  const addr = (n: NicSpec, address: string, id: string): NicSpec => ({ ...n, nicId: id, address, hostIf: `v${id.slice(4)}`, clientToken: "" });
+  const field = (a: string) => `${VPC}/${a}`;
+
+  test("another host's live NIC refuses it; once it is detached, or its claim is stale or forged, it is free", async () => {
+    const [a, b] = [new HostStore(redis, A), new HostStore(redis, B)];
+    const x = "10.5.1.100";
+    const na = addr(nic(1), x, "nic-0000000a0001");
+    assert.deepEqual(await a.addNic(na), { code: 1, id: na.nicId });
+    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: na.nicId });
+    assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), A, "the overlay's nomination");
+    const nb = addr(nic(2), x, "nic-0000000b0001");
+    assert.deepEqual(await b.addNic(nb), { code: -2, id: `${A}/${na.nicId}` }, "held by A");
+    assert.equal(await redis.hexists(hostKeys.nics(B), nb.nicId), 0, "the refused NIC left nothing on B");
+    assert.equal(await redis.hexists(hostKeys.nicaddr(B), field(x)), 0);
+    await a.delNic(na);
+    assert.equal(await locateNic(redis, VPC, x), null, "the claim went with the NIC");
+    assert.equal(await redis.hexists(hostKeys.overlayAddrs(VPC), x), 0);
+    assert.equal((await b.addNic(nb)).code, 1, "free once detached");
+    await b.delNic(nb);
+    // A claim whose host does not hold that NIC (left by a stop, or written by a hostile host) blocks nobody.
+    await redis.hset(hostKeys.claims(VPC), field(x), `${A}/nic-0000000a0009`);
+    assert.equal((await b.addNic(nb)).code, 1, "a stale or forged claim blocks nobody");
+    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: B, nicId: nb.nicId });
+    await b.delNic(nb);
+  });
+
+  test("this host's own NIC at the address refuses it, and keeps its claim", async () => {
+    const a = new HostStore(redis, A);
+    const x = "10.5.1.101";
+    const n1 = addr(nic(1), x, "nic-0000000a0011");
+    const n2 = addr(nic(2), x, "nic-0000000a0012");
+    assert.equal((await a.addNic(n1)).code, 1);
+    assert.deepEqual(await a.addNic(n2), { code: -1, id: n1.nicId });
+    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: n1.nicId }, "the claim names the NIC that holds it");
+    assert.equal(await redis.hexists(hostKeys.nics(A), n2.nicId), 0);
+    await a.delNic(n1);
+  });
+
+  test("a client token answers the first NIC, and finishes its claim", async () => {
+    const a = new HostStore(redis, A);
+    const x = "10.5.1.102";
+    const n1 = { ...addr(nic(1), x, "nic-0000000a0021"), clientToken: "tok-102" };
+    assert.equal((await a.addNic(n1)).code, 1);
+    if (hostKeys.cluster) {
+      // A first call that stopped after writing its record, before confirming its claim: no nomination yet.
+      await redis.hdel(hostKeys.overlayAddrs(VPC), x);
+    }
+    assert.deepEqual(await a.addNic({ ...addr(nic(1), x, "nic-0000000a0022"), clientToken: "tok-102" }), { code: 0, id: n1.nicId });
+    assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), A, "the retry finished what the first call left");
+    await a.delNic(n1);
+  });
+
+  test("two hosts racing for one address: exactly one gets it, the other leaves nothing", async () => {
+    const stores = [A, B, "hstc"].map((h) => new HostStore(redis, h));
+    for (let round = 0; round < 15; round++) {
+      const x = `10.5.1.${120 + round}`;
+      const nics = stores.map((_, i) => addr(nic(i + 1), x, `nic-00000${round.toString(16).padStart(2, "0")}0c00${i}`));
+      const got = await Promise.all(stores.map((s, i) => s.addNic(nics[i])));
+      const won = got.flatMap((g, i) => (g.code === 1 ? [i] : []));
+      assert.equal(won.length, 1, `round ${round}: one winner, got ${JSON.stringify(got)}`);
+      const w = won[0];
+      for (const [i, g] of got.entries()) if (i !== w) assert.equal(g.code, -2, `round ${round}: host ${i} is refused (${JSON.stringify(g)})`);
+      assert.deepEqual(await locateNic(redis, VPC, x), { hostId: stores[w].hostId, nicId: nics[w].nicId });
+      for (const [i, s] of stores.entries()) {
+        assert.equal(await redis.hexists(hostKeys.nics(s.hostId), nics[i].nicId), i === w ? 1 : 0, `round ${round}: host ${i}'s record`);
+        assert.equal(await redis.hexists(hostKeys.nicaddr(s.hostId), field(x)), i === w ? 1 : 0, `round ${round}: host ${i}'s index`);
+      }
+      await stores[w].delNic(nics[w]);
+    }
+  });
+
+  // A cluster's steps, made to interleave as they may when two hypervisors
+  // are slow at the wrong moment. A single Redis runs one script.
+  test.skipIf(!ON_CLUSTER)("a claim replaced between another host's claim and its record: the slower host undoes its record", async () => {
+    const x = "10.5.1.140";
+    const na = addr(nic(1), x, "nic-0000000a0041");
+    const nb = addr(nic(2), x, "nic-0000000b0041");
+    const hostStep = gate();
+    // A stops after its claim, before its record (HOST declares its host's records first).
+    const a = new HostStore(
+      gated(redis, (args) => args[2] === hostKeys.nics(A), hostStep.wait),
+      A,
+    );
+    const pa = a.addNic(na);
+    await until(async () => (await locateNic(redis, VPC, x))?.hostId === A);
+    // B finds A's claim with no record behind it (stale, as far as B can tell), replaces it and attaches.
+    assert.deepEqual(await new HostStore(redis, B).addNic(nb), { code: 1, id: nb.nicId });
+    hostStep.open();
+    assert.deepEqual(await pa, { code: -2, id: `${B}/${nb.nicId}` }, "A lost its claim, and says to whom");
+    assert.equal(await redis.hexists(hostKeys.nics(A), na.nicId), 0, "A's record is undone");
+    assert.equal(await redis.hexists(hostKeys.nicaddr(A), field(x)), 0);
+    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: B, nicId: nb.nicId });
+    assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), B);
+    await new HostStore(redis, B).delNic(nb);
+  });
+
+  test.skipIf(!ON_CLUSTER)("a replacement checked before the holder confirmed: it fails, and the holder keeps the address", async () => {
+    const x = "10.5.1.141";
+    const na = addr(nic(1), x, "nic-0000000a0042");
+    const nb = addr(nic(2), x, "nic-0000000b0042");
+    const hostStep = gate();
+    const replace = gate();
+    const a = new HostStore(
+      gated(redis, (args) => args[2] === hostKeys.nics(A), hostStep.wait),
+      A,
+    );
+    // B's replacement (CLAIM given the entry it checked: ARGV[3]) waits until A has confirmed.
+    let checked = false;
+    const b = new HostStore(
+      gated(redis, (args) => args[2] === hostKeys.claims(VPC) && args[1] === 2 && args[6] !== "" && (checked = true), replace.wait),
+      B,
+    );
+    const pa = a.addNic(na);
+    await until(async () => (await locateNic(redis, VPC, x))?.hostId === A);
+    const pb = b.addNic(nb);
+    await until(async () => checked);
+    hostStep.open();
+    assert.deepEqual(await pa, { code: 1, id: na.nicId });
+    replace.open();
+    assert.deepEqual(await pb, { code: -2, id: `${A}/${na.nicId}` }, "B's check was out of date: it looks again, and finds A live");
+    assert.equal(await redis.hexists(hostKeys.nics(B), nb.nicId), 0);
+    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: na.nicId });
+    await a.delNic(na);
+  });
+});
+
+function gate(): { wait: Promise<void>; open: () => void } {
+  let open!: () => void;
+  const wait = new Promise<void>((r) => (open = r));
+  return { wait, open };
+}
+
+/** `redis`, whose EVALs for which `when(args)` holds wait for `wait` first. */
+function gated(redis: Redis, when: (args: unknown[]) => boolean, wait: Promise<void>): Redis {
+  return new Proxy(redis, {
+    get(t, p) {
+      if (p === "eval")
+        return async (...args: unknown[]) => {
+          if (when(args)) await wait;
+          return (t.eval as (...a: unknown[]) => Promise<unknown>)(...args);
+        };
+      const v = Reflect.get(t, p, t) as unknown;
+      return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+    },
+  });
+}
+
+async function until(ok: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    if (await ok()) return;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error("timed out waiting");
+}

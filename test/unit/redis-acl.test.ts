@@ -122,6 +122,9 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
   const otherHostKeys = (h: string) => [
     `mvpc:host:${h}:nics`,
     `mvpc:hosts:${h}`,
+    `mvpc:{hosts}:host:${h}`,
+    `mvpc:{host:${h}}:nics`,
+    `mvpc:{host:${h}}:nicaddr`,
     `mvpc:{host:${h}}:events`,
     `mvpc:{host:${h}}:vms`,
     `mvpc:{host:${h}}:vm:vm-0123456789ab`,
@@ -140,7 +143,18 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
   // The VPC-tagged shared patterns take a VPC's stream and VM name index, and
   // none of the control plane's keys in the VPC's slot, whatever an owner's name.
   const V = "vpc-0123456789ab";
-  for (const k of [`mvpc:{${V}}:events`, `mvpc:{${V}}:vm:byname`, `mvpc:{${V}}:fw:nics`, `mvpc:{${V}}:fw:sg:sg-0123456789ab:members`, `mvpc:{${V}}:fw:gen`])
+  for (const k of [
+    `mvpc:{${V}}:events`,
+    `mvpc:{${V}}:vm:byname`,
+    `mvpc:{${V}}:fw:nics`,
+    `mvpc:{${V}}:fw:sg:sg-0123456789ab:members`,
+    `mvpc:{${V}}:fw:gen`,
+    `mvpc:{${V}}:nicaddr`,
+    `mvpc:{${V}}:nicaddr:at`,
+    `mvpc:{${V}}:overlay:members`,
+    `mvpc:{${V}}:overlay:addrs`,
+    "mvpc:{hosts}:index",
+  ])
     assert.ok(
       SHARED_WRITE_PATTERNS.some((p) => glob(p).test(k)),
       `a host writes ${k}`,
@@ -159,6 +173,11 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     `mvpc:{${V}}:fw:subnet-acl`,
     `mvpc:{${V}}:fw:sg:x:y:members`,
     "mvpc:{fw}:sg:vpc",
+    // IPAM's owner index of an owner named like the netagent's keys; the host registry's neighbours.
+    `mvpc:{${V}}:owner:nicaddr`,
+    `mvpc:{${V}}:owner:x:overlay:addrs`,
+    "mvpc:{hosts}:dns:defaults",
+    "mvpc:{hosts}:host:hv1",
   ]) {
     assert.deepEqual(
       SHARED_WRITE_PATTERNS.filter((p) => glob(p).test(k)),
