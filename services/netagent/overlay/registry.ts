@@ -15,8 +15,7 @@ import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
 import { emit, followScoped } from "../../common/events.js";
 import { allocRecord, ipamKeys, K } from "../../ipam/schema.js";
-import { hostKeys, parseNicSpec } from "../schema.js";
-import { overlayKeys } from "../store.js";
+import { naKeys, parseNicSpec, type NetagentKeys } from "../schema.js";
 import { claimShapeProblem, type ClaimEvidence } from "./claims.js";
 import { WG_KEY_RE } from "./keyfile.js";
 
@@ -105,34 +104,38 @@ function event(redis: Redis, ...fields: string[]): Promise<unknown> {
 
 export class OverlayRegistry {
   private stopWatch?: () => void;
+  /** The layout of this client's Redis. */
+  readonly keys: NetagentKeys;
 
   constructor(
     readonly redis: Redis,
     readonly hostId: string,
-  ) {}
+  ) {
+    this.keys = naKeys(redis);
+  }
 
   /** Renews this host's lease; announces the host when the record was missing or changed key (or as `kind`). */
   async publish(rec: HostRecord, leaseMs: number, kind?: string): Promise<void> {
-    const key = overlayKeys.host(this.hostId);
+    const key = this.keys.overlayHost(this.hostId);
     const prev = (await this.redis.call("SET", key, JSON.stringify(rec), "PX", String(leaseMs), "GET")) as string | null;
     let announce = kind;
     if (!announce) {
       if (!prev) announce = "host.registered";
       else if ((JSON.parse(prev) as HostRecord).publicKey !== rec.publicKey) announce = "host.rotated";
     }
-    if (!prev) await this.redis.sadd(overlayKeys.hostIndex, this.hostId);
+    if (!prev) await this.redis.sadd(this.keys.hostIndex, this.hostId);
     if (announce) await event(this.redis, "kind", announce, "host", this.hostId);
   }
 
   /** Drops this host's record: peers drop it at once instead of after the lease. */
   async leaveHost(): Promise<void> {
-    await this.redis.del(overlayKeys.host(this.hostId));
+    await this.redis.del(this.keys.overlayHost(this.hostId));
     await event(this.redis, "kind", "host.left", "host", this.hostId);
   }
 
   /** This host's member entry of the VPC, as stored. */
   member(vpcId: string): Promise<string | null> {
-    return this.redis.hget(overlayKeys.members(vpcId), this.hostId);
+    return this.redis.hget(this.keys.overlayMembers(vpcId), this.hostId);
   }
 
   /**
@@ -146,25 +149,25 @@ export class OverlayRegistry {
     const problem = memberProblem(JSON.stringify({ port }));
     if (problem) throw new Error(`not joining the overlay of ${vpcId}: ${problem}`);
     if ((await this.member(vpcId)) === JSON.stringify({ port })) return false;
-    await this.redis.hset(overlayKeys.members(vpcId), this.hostId, JSON.stringify({ port }));
+    await this.redis.hset(this.keys.overlayMembers(vpcId), this.hostId, JSON.stringify({ port }));
     await event(this.redis, "kind", "overlay.joined", "host", this.hostId, "vpc", vpcId);
     return true;
   }
 
   async leave(vpcId: string): Promise<void> {
-    if (await this.redis.hdel(overlayKeys.members(vpcId), this.hostId)) {
+    if (await this.redis.hdel(this.keys.overlayMembers(vpcId), this.hostId)) {
       await event(this.redis, "kind", "overlay.left", "host", this.hostId, "vpc", vpcId);
     }
   }
 
   /** The VPC's members hash as stored (host → member entry, unchecked). */
   members(vpcId: string): Promise<Record<string, string>> {
-    return this.redis.hgetall(overlayKeys.members(vpcId));
+    return this.redis.hgetall(this.keys.overlayMembers(vpcId));
   }
 
   /** The VPC's address claims as stored (address → host, unchecked). */
   claims(vpcId: string): Promise<Record<string, string>> {
-    return this.redis.hgetall(overlayKeys.addrs(vpcId));
+    return this.redis.hgetall(this.keys.overlayAddrs(vpcId));
   }
 
   /** The VPC's CIDR from IPAM's record (null if missing or malformed). */
@@ -184,7 +187,7 @@ export class OverlayRegistry {
    * lease expired is left out and is not a fault.
    */
   async peerHosts(ids: string[], members: Record<string, string>): Promise<{ hosts: PeerHost[]; skipped: SkippedHost[] }> {
-    const recs = await this.redis.mget(...ids.map((h) => overlayKeys.host(h)));
+    const recs = await this.redis.mget(...ids.map((h) => this.keys.overlayHost(h)));
     const hosts: PeerHost[] = [];
     const skipped: SkippedHost[] = [];
     ids.forEach((h, i) => {
@@ -211,7 +214,7 @@ export class OverlayRegistry {
     keep: (a: string) => boolean,
     claimed: Iterable<string>,
   ): Promise<ClaimEvidence | null> {
-    const indexes = await Promise.all(hosts.map((h) => this.redis.hgetall(hostKeys.nicaddr(h))));
+    const indexes = await Promise.all(hosts.map((h) => this.redis.hgetall(this.keys.nicaddr(h))));
     const ev: ClaimEvidence = { indexed: new Map(), nicRecords: new Map(), subnets: new Map(), allocOwners: new Map() };
     const prefix = `${vpcId}/`;
     hosts.forEach((h, i) => {
@@ -227,7 +230,7 @@ export class OverlayRegistry {
     if (ev.indexed.size === 0 && [...claimed].length === 0) return null;
     // Only unambiguous entries need their NIC record, subnet and allocation.
     const single = [...ev.indexed.values()].filter((l) => l.length === 1 && /^nic-[0-9a-f]{12}$/.test(l[0].nicId)).map((l) => l[0]);
-    const nicRaw = await Promise.all(single.map((x) => this.redis.hget(hostKeys.nics(x.hostId), x.nicId)));
+    const nicRaw = await Promise.all(single.map((x) => this.redis.hget(this.keys.nics(x.hostId), x.nicId)));
     single.forEach((x, i) => ev.nicRecords.set(`${x.hostId}/${x.nicId}`, nicRaw[i]));
     const nics = single.flatMap((x, i) => {
       const p = nicRaw[i] ? parseNicSpec(x.nicId, nicRaw[i]!) : null;
@@ -262,7 +265,7 @@ export class OverlayRegistry {
     const w = followScoped(
       this.redis,
       // Each batch is one pass: a VM start's events come in one or two (a peer learns of a NIC at most 20 ms later).
-      { host: this.hostId, vpcs: (r) => r.hkeys(hostKeys.vpcs(this.hostId)), registry: true, settleMs: 20 },
+      { host: this.hostId, vpcs: (r) => r.hkeys(naKeys(r).vpcs(this.hostId)), registry: true, settleMs: 20 },
       // gw.nat.*: a NAT gateway's holder changed, or the gateway came or went (its peer's 0.0.0.0/0).
       /^(nic|overlay|host|gw\.nat)\./,
       (events) => {

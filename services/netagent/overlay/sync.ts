@@ -25,7 +25,6 @@ import type { Logger } from "pino";
 import type { Agent } from "../agent.js";
 import { names } from "../plan.js";
 import type { InvalidRecord } from "../schema.js";
-import { overlayKeys } from "../store.js";
 import { reportInvalid } from "../../common/invalid-records.js";
 import * as V from "../../common/validate.js";
 import { verifyClaims, type RejectedClaim } from "./claims.js";
@@ -381,7 +380,12 @@ export class Overlay {
       for (const [a, h] of r.accepted) addrs[a] = h;
       rejected.push(...r.rejected);
       for (const x of r.rejected)
-        invalid.push({ kind: "overlay-addr", key: overlayKeys.addrs(src.vpcId), field: x.address, reason: `claimed by ${x.hostId}: ${x.reason}` });
+        invalid.push({
+          kind: "overlay-addr",
+          key: this.registry.keys.overlayAddrs(src.vpcId),
+          field: x.address,
+          reason: `claimed by ${x.hostId}: ${x.reason}`,
+        });
     }
     if (rejected.length)
       this.rejected.set(
@@ -445,7 +449,7 @@ export class Overlay {
       if (this.loggedSkips.size > 10_000) this.loggedSkips.clear();
       this.loggedSkips.add(k);
       // Counted in microvpc_invalid_records_total too (logged below, once, as before).
-      reportInvalid("netagent", "overlay-host", `mvpc:hosts:${x.hostId}`, x.reason, undefined, { vpcId });
+      reportInvalid("netagent", "overlay-host", this.registry.keys.overlayHost(x.hostId), x.reason, undefined, { vpcId });
       this.log.warn(
         { vpc: vpcId, host: x.hostId, reason: x.reason },
         "skipping a malformed host registry entry: that host gets no peer until it publishes a valid record",
