@@ -1,7 +1,8 @@
 // Security groups and network ACLs with real packets: VMs are namespaces on a
 // simulated hypervisor, the firewall daemon compiles nftables into the VPC's
 // namespace, and every expectation is checked both ways: what is allowed
-// flows, what is forbidden does not.
+// flows, what is forbidden does not. firewall-on-cluster.test.ts runs the
+// same with the ipam, netagent and firewall daemons on a Redis Cluster.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { Code } from "@connectrpc/connect";
@@ -13,6 +14,7 @@ import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
+import { ON_CLUSTER } from "../lib/on-cluster.js";
 import { canPing, ipn, nsExec, run, sleep, startTcpServer, tcpProbe, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -22,7 +24,11 @@ let web1: Vm, web2: Vm, db1: Vm, other: Vm;
 let webSg: string, dbSg: string;
 
 async function startFirewall(): Promise<void> {
-  fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--drift-interval-ms", "2000"]);
+  fwd = await startDaemon(
+    "firewall",
+    ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--drift-interval-ms", "2000"],
+    ON_CLUSTER ? { MICROVPC_EXPERIMENTAL_CLUSTER: "1" } : {},
+  );
   trackChild(fwd.proc);
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
 }
