@@ -24,6 +24,7 @@ const BENCHES: Record<string, RegExp[]> = {
   firewall: [/^Verdict$/m, /diff\(\) picks: /, /^figures written to /m],
   fwdelta: [/^Verdict$/m, /^figures written to /m],
   fwstore: [/^Verdict$/m, /^BindNic on a cluster/m, /^figures written to /m],
+  hoststore: [/^Verdict$/m, /^AttachNic on a cluster/m, /^figures written to /m],
   flowlogs: [/^Verdict$/m, /^flow records written during the run: [1-9]/m, /^figures written to /m],
   gateway: [/^Summary$/m, /^figures written to /m],
   vm: [/^Verdict$/m, /^(exec counts: n\/a|3b\. Execs per CreateVm)/m, /^figures written to /m],
