@@ -36,7 +36,7 @@ import {
   type BindingSpec,
 } from "./schema.js";
 
-import { naKeys, parseVpnClient, parseVpnEndpoint, vpnKeys } from "../netagent/schema.js";
+import { naKeys, parseVpnClient, parseVpnEndpoint, vpnKeysOf } from "../netagent/schema.js";
 import { idOrNull, isId } from "../common/ids.js";
 import { pageOver } from "../common/paging.js";
 import { ipamKeys, K, type IpamKeys } from "../ipam/schema.js";
@@ -1174,8 +1174,8 @@ export class FirewallStore {
     if (peerIds.length && vpcId) {
       const [cidr, ep, clients] = await Promise.all([
         get(this.I.vpc(vpcId), (k) => this.redis.hget(k, "cidr")),
-        get(vpnKeys.ep(vpcId), (k) => this.redis.hgetall(k)),
-        get(vpnKeys.clients(vpcId), (k) => this.redis.hgetall(k)),
+        get(vpnKeysOf(this.redis).ep(vpcId), (k) => this.redis.hgetall(k)),
+        get(vpnKeysOf(this.redis).clients(vpcId), (k) => this.redis.hgetall(k)),
       ]);
       vpn = [cidr ?? "", Object.entries(ep ?? {}).flat(), Object.entries(clients ?? {}).flat()];
     }
@@ -1209,7 +1209,7 @@ export class FirewallStore {
     const [vpcCidr, epKv, clientKv] = raw;
     const ep = parseVpnEndpoint(pairs(epKv), vpcCidr, null);
     if (!ep.ok || ep.value.vpcId !== vpcId) {
-      reportInvalid(OWNER, "vpn-endpoint", vpnKeys.ep(vpcId), ep.ok ? "names another VPC" : ep.reason, this.log, { vpcId });
+      reportInvalid(OWNER, "vpn-endpoint", vpnKeysOf(this.redis).ep(vpcId), ep.ok ? "names another VPC" : ep.reason, this.log, { vpcId });
       return out;
     }
     const range = V.cidr("client_cidr", ep.value.clientCidr, { min: 0, max: 32 });
@@ -1229,7 +1229,7 @@ export class FirewallStore {
             ? `${c!.address} is in a subnet`
             : "";
       if (why) {
-        reportInvalid(OWNER, "vpn-client", vpnKeys.clients(vpcId), why, this.log, { field: clientKv[i], vpcId });
+        reportInvalid(OWNER, "vpn-client", vpnKeysOf(this.redis).clients(vpcId), why, this.log, { field: clientKv[i], vpcId });
         continue;
       }
       for (const g of c!.groupIds) out.set(g, [...(out.get(g) ?? []), c!.address]);

@@ -14,7 +14,6 @@ import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
-import { ON_CLUSTER } from "../lib/on-cluster.js";
 import { canPing, ipn, nsExec, run, sleep, startTcpServer, tcpProbe, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -24,11 +23,7 @@ let web1: Vm, web2: Vm, db1: Vm, other: Vm;
 let webSg: string, dbSg: string;
 
 async function startFirewall(): Promise<void> {
-  fwd = await startDaemon(
-    "firewall",
-    ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--drift-interval-ms", "2000"],
-    ON_CLUSTER ? { MICROVPC_EXPERIMENTAL_CLUSTER: "1" } : {},
-  );
+  fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--drift-interval-ms", "2000"], h.daemonEnv);
   trackChild(fwd.proc);
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
 }

@@ -335,7 +335,7 @@ describe("bad input", () => {
         state,
         ...flags,
       ];
-      await assert.rejects(startDaemon("netagent", args, ON_CLUSTER ? { MICROVPC_EXPERIMENTAL_CLUSTER: "1" } : {}), (err: Error) => {
+      await assert.rejects(startDaemon("netagent", args, h.daemonEnv), (err: Error) => {
         assert.match(err.message, /exited with [1-9]/, flags.join(" "));
         // The log line is JSON: read its quotes back.
         assert.match(err.message.replaceAll('\\"', '"'), want, flags.join(" "));

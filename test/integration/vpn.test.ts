@@ -22,13 +22,14 @@
 //     "22 from group ssh-only" (enforced by hv1's firewall) admits the
 //     ssh-only client and not a client of prod in another group; deleted,
 //     the client leaves hv1's member set.
+// vpn-on-cluster.test.ts runs the same on a Redis Cluster, where a VPC's VPN
+// records and change counter are under its hash tag (vpn/schema.ts VpnKeys).
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
-import { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetService } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -36,6 +37,9 @@ import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { startVpnClient, wgSocket } from "../../deploy/vpn-client.js";
 import { grpcClient } from "../../services/common/client.js";
+import { emit } from "../../services/common/events.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { vpnKeysOf } from "../../services/netagent/schema.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
@@ -113,7 +117,7 @@ beforeAll(async () => {
       }
     }
   });
-  const fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[0].id, "--api-only"]);
+  const fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--api-only"], h.daemonEnv);
   trackChild(fwd.proc);
   fwAddr = fwd.address;
   prod = await h.vpc("prod", "10.0.0.0/16");
@@ -123,7 +127,7 @@ beforeAll(async () => {
   // Each host's own firewall, at its default drift period (30 s): what happens sooner was driven by events.
   hvfw = [];
   for (const hv of h.hosts) {
-    const d = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id]);
+    const d = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", hv.id], h.daemonEnv);
     trackChild(d.proc);
     hvfw.push(d);
   }
@@ -323,20 +327,15 @@ test("a client is a member of its groups for other groups' rules: web-1's '22 fr
   // of ssh-only at an address outside the client range (web-1's subnet), one
   // with a group list that is not one. The firewall parses each with the
   // VPN's own validators: neither joins the member set; both are reported.
-  const redis = new Redis(h.redis.url);
+  const redis = connectRedis({ url: h.redisUrl, commandTimeoutMs: 5000 });
+  await waitReady(redis);
+  const clientsKey = vpnKeysOf(redis).clients(prod.id);
   try {
     const forged = (name: string, address: string, groupIds: unknown) =>
       JSON.stringify({ id: `vpnc-${"f".repeat(11)}${name.length}`, name, vpcId: prod.id, publicKey: "F".repeat(42) + "A=", address, groupIds, createdMs: 1 });
-    await redis.hset(
-      `mvpc:vpn:vpc:${prod.id}:clients`,
-      "forged",
-      forged("forged", "10.0.1.77", [sshOnly.id]),
-      "forged-two",
-      forged("forged-two", "10.0.250.77", sshOnly.id),
-    );
+    await redis.hset(clientsKey, "forged", forged("forged", "10.0.1.77", [sshOnly.id]), "forged-two", forged("forged-two", "10.0.250.77", sshOnly.id));
     const ev = ["kind", "vpn.client.created", "vpc", prod.id, "client", "vpnc-ffffffffffff", "address", "10.0.1.77", "groups", sshOnly.id];
-    await redis.xadd(`mvpc:{${prod.id}}:events`, "*", ...ev);
-    await redis.xadd("mvpc:events", "*", ...ev);
+    await emit(redis, { vpcs: [prod.id] }, ev);
     const reported = async () => (await hostFw(1).getFirewallStatus({})).invalidRecords.filter((r) => r.kind === "vpn-client").map((r) => r.reason);
     assert.ok(
       await waitFor(async () => (await reported()).length >= 2, { timeoutMs: 15_000, intervalMs: 100 }),
@@ -345,7 +344,7 @@ test("a client is a member of its groups for other groups' rules: web-1's '22 fr
     assert.match((await reported()).join("\n"), /10\.0\.1\.77 is not a client address of 10\.0\.250\.0\/24/);
     assert.doesNotMatch(await members(), /10\.0\.1\.77|10\.0\.250\.77/, "a forged client joined a member set");
   } finally {
-    await redis.hdel(`mvpc:vpn:vpc:${prod.id}:clients`, "forged", "forged-two");
+    await redis.hdel(clientsKey, "forged", "forged-two");
     redis.disconnect();
   }
 

@@ -246,8 +246,8 @@ export class Harness {
     return this.redisCluster?.url ?? this.redis.url;
   }
 
-  /** The environment of every daemon: on a cluster, the switch that lets them start there. */
-  private get daemonEnv(): Record<string, string> {
+  /** The environment of every daemon (and of those a test starts itself): on a cluster, the switch that lets them start there. */
+  get daemonEnv(): Record<string, string> {
     return this.onCluster ? { MICROVPC_EXPERIMENTAL_CLUSTER: "1" } : {};
   }
 

@@ -16,7 +16,9 @@
 //   vpc:<vpc>:keys          hash public key → name
 //   vpc:<vpc>:addrs         hash address → name
 //   client:<id>             "<vpc>/<name>": the id index
+// On a Redis Cluster: VpnKeys below.
 import type { Redis } from "ioredis";
+import { isCluster } from "../../common/redis.js";
 import * as V from "../../common/validate.js";
 import { checkEndpoint, checkClient, type VpnClientRec, type VpnEndpointRec } from "./plan.js";
 
@@ -32,6 +34,66 @@ export const VK = {
   addrs: (vpc: string) => `${P}vpc:${vpc}:addrs`,
   client: (id: string) => `${P}client:${id}`,
 };
+
+/**
+ * Where the VPN's records live: VPN_KEYS.single (VK's names) or
+ * VPN_KEYS.cluster, by the client (vpnKeysOf). On a Redis Cluster a VPC's
+ * endpoint, clients, their indexes and its change counter are under the
+ * VPC's tag, beside IPAM's record of the VPC and its reserved ranges (the
+ * endpoint's script checks and writes them); a host's keys and applied
+ * counters under the host's; the listing of endpoints and the id → VPC
+ * catalog under "{vpn}", written beside the VPC's step.
+ */
+export interface VpnKeys {
+  /** The counter every change of the VPC's VPN raises: one for every VPC on a single Redis, the VPC's on a cluster. */
+  gen(vpc: string): string;
+  eps: string;
+  ep(vpc: string): string;
+  hostKeys(host: string): string;
+  hostApplied(host: string): string;
+  clients(vpc: string): string;
+  keys(vpc: string): string;
+  addrs(vpc: string): string;
+  /** "<vpc>/<name>" of a client: in the VPC's slot (the scripts' copy) … */
+  client(vpc: string, id: string): string;
+  /** … and, on a cluster, in the catalog, which a call that gives only the id reads (null on a single Redis: client() is the catalog). */
+  clientCatalog(id: string): string | null;
+  cluster: boolean;
+}
+
+export const VPN_KEYS: { single: VpnKeys; cluster: VpnKeys } = {
+  single: {
+    gen: () => VK.gen,
+    eps: VK.eps,
+    ep: VK.ep,
+    hostKeys: VK.hostKeys,
+    hostApplied: VK.hostApplied,
+    clients: VK.clients,
+    keys: VK.keys,
+    addrs: VK.addrs,
+    client: (_v, id) => VK.client(id),
+    clientCatalog: () => null,
+    cluster: false,
+  },
+  cluster: {
+    gen: (v) => `mvpc:{${v}}:vpn:gen`,
+    eps: "mvpc:{vpn}:eps",
+    ep: (v) => `mvpc:{${v}}:vpn:ep`,
+    hostKeys: (h) => `mvpc:{host:${h}}:vpn:keys`,
+    hostApplied: (h) => `mvpc:{host:${h}}:vpn:applied`,
+    clients: (v) => `mvpc:{${v}}:vpn:clients`,
+    keys: (v) => `mvpc:{${v}}:vpn:keys`,
+    addrs: (v) => `mvpc:{${v}}:vpn:addrs`,
+    client: (v, id) => `mvpc:{${v}}:vpn:client:${id}`,
+    clientCatalog: (id) => `mvpc:{vpn}:client:${id}`,
+    cluster: true,
+  },
+};
+
+/** The layout of the Redis `redis` is (VpnKeys). */
+export function vpnKeysOf(redis: Redis): VpnKeys {
+  return isCluster(redis) ? VPN_KEYS.cluster : VPN_KEYS.single;
+}
 
 export function parseEndpoint(h: Record<string, string>, vpcCidr: string, publicKey: string | null): V.Parsed<VpnEndpointRec> {
   return V.attempt(() => ({
@@ -72,7 +134,7 @@ export function parseClient(raw: string, vpcId: string, cidr: V.Cidr): V.Parsed<
 
 /** Which host serves each VPC's VPN and its client range: what the overlay of the other hosts routes there. */
 export async function vpnRoute(redis: Redis, vpcId: string, vpcCidr: string): Promise<{ hostId: string; cidr: string } | null> {
-  const h = await redis.hgetall(VK.ep(vpcId));
+  const h = await redis.hgetall(vpnKeysOf(redis).ep(vpcId));
   if (!h.vpc) return null;
   const p = parseEndpoint(h, vpcCidr, null);
   return p.ok ? { hostId: p.value.hostId, cidr: p.value.clientCidr } : null;

@@ -4,10 +4,10 @@
 import type { Redis } from "ioredis";
 import * as V from "../../common/validate.js";
 import { reportInvalid } from "../../common/invalid-records.js";
-import { emit, LUA_EMIT } from "../../common/events.js";
+import { emit, LUA_EMIT, scriptFor } from "../../common/events.js";
 import { fwKeys, parseGroup, parseMember } from "../../firewall/schema.js";
-import { K, LUA_RANGE_CHECKS, reservationValue } from "../../ipam/schema.js";
-import { parseClient, parseEndpoint, VK } from "./schema.js";
+import { ipamKeys, LUA_RANGE_CHECKS, reservationValue } from "../../ipam/schema.js";
+import { parseClient, parseEndpoint, vpnKeysOf, type VpnKeys } from "./schema.js";
 import type { VpnClientRec, VpnEndpointRec } from "./plan.js";
 
 const OWNER = "netagent";
@@ -44,33 +44,34 @@ return tostring(g)
 // the check that no subnet of the VPC overlaps the range: CreateSubnet's
 // script checks the reservation the same way (ipam/schema.ts
 // LUA_RANGE_CHECKS), so whichever runs second is refused.
-// KEYS: vpc, vpc subnets, vpc reserved, ep, eps, gen; ARGV: vpc base size reservation, then the ep's field/value pairs.
+// KEYS: vpc, vpc subnets, vpc reserved, ep, gen; ARGV: vpc base size
+// reservation, the prefix of the subnets' records (IpamKeys.subnetIn), then the ep's field/value pairs.
 // Returns {1, gen}, {-4} no VPC, {-2, subnet id} overlaps a subnet, {-6, owner} overlaps another reservation.
+// The listing of endpoints (eps) is written after it: on a cluster it is in another slot.
 const SET_ENDPOINT = `${LUA_EMIT}${LUA_RANGE_CHECKS}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
-local s = subnet_overlapping(KEYS[2], base, size, '${K.subnet("")}')
+local s = subnet_overlapping(KEYS[2], base, size, ARGV[5])
 if s then return {-2, s} end
 local o = reservation_overlapping(KEYS[3], base, size, 'vpn')
 if o then return {-6, o} end
 redis.call('HSET', KEYS[3], 'vpn', ARGV[4])
 local f = {}
-for i = 5, #ARGV do f[#f + 1] = ARGV[i] end
+for i = 6, #ARGV do f[#f + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(f))
-redis.call('SADD', KEYS[5], ARGV[1])
-local g = redis.call('INCR', KEYS[6])
+local g = redis.call('INCR', KEYS[5])
 mvpc_emit({ARGV[1]}, {}, 'kind', 'vpn.endpoint.set', 'vpc', ARGV[1])
 return {1, g}
 `;
 
 /** CREATE's and DELETE's KEYS (the VPC's name, key and address indexes, the record, the generation) and first ARGV. */
-function clientKeysAndArgs(c: VpnClientRec): string[] {
+function clientKeysAndArgs(k: VpnKeys, c: VpnClientRec): string[] {
   return [
-    VK.clients(c.vpcId),
-    VK.keys(c.vpcId),
-    VK.addrs(c.vpcId),
-    VK.client(c.id),
-    VK.gen,
+    k.clients(c.vpcId),
+    k.keys(c.vpcId),
+    k.addrs(c.vpcId),
+    k.client(c.vpcId, c.id),
+    k.gen(c.vpcId),
     c.name,
     c.publicKey,
     c.address,
@@ -81,10 +82,16 @@ function clientKeysAndArgs(c: VpnClientRec): string[] {
 }
 
 export class VpnStore {
-  constructor(readonly redis: Redis) {}
+  /** The layout of this client's Redis. */
+  readonly keys: VpnKeys;
 
-  async gen(): Promise<number> {
-    return Number((await this.redis.get(VK.gen)) ?? 0);
+  constructor(readonly redis: Redis) {
+    this.keys = vpnKeysOf(redis);
+  }
+
+  /** The VPC's VPN change counter (on a single Redis one counter for every VPC). */
+  async gen(vpcId: string): Promise<number> {
+    return Number((await this.redis.get(this.keys.gen(vpcId))) ?? 0);
   }
 
   /**
@@ -97,19 +104,20 @@ export class VpnStore {
     range: V.Cidr,
   ): Promise<{ gen: number } | { overlapsSubnet: string } | { overlapsReservation: string } | { noVpc: true }> {
     const what = `the VPN client range of VPC ${e.vpcId}'s endpoint on host ${e.hostId} (${e.publicAddress}:${e.listenPort})`;
+    const L = ipamKeys(this.redis);
     const [code, ref] = (await this.redis.eval(
-      SET_ENDPOINT,
-      6,
-      K.vpc(e.vpcId),
-      K.vpcSubnets(e.vpcId),
-      K.vpcReserved(e.vpcId),
-      VK.ep(e.vpcId),
-      VK.eps,
-      VK.gen,
+      scriptFor(this.redis, SET_ENDPOINT),
+      5,
+      L.vpc(e.vpcId),
+      L.vpcSubnets(e.vpcId),
+      L.vpcReserved(e.vpcId),
+      this.keys.ep(e.vpcId),
+      this.keys.gen(e.vpcId),
       e.vpcId,
       range.base,
       range.size,
       reservationValue({ cidr: range.text, base: range.base, size: range.size, what }),
+      L.subnetIn(e.vpcId, ""),
       ...Object.entries({
         vpc: e.vpcId,
         host: e.hostId,
@@ -122,38 +130,39 @@ export class VpnStore {
     if (code === -4) return { noVpc: true };
     if (code === -2) return { overlapsSubnet: String(ref) };
     if (code === -6) return { overlapsReservation: String(ref) };
+    await this.redis.sadd(this.keys.eps, e.vpcId);
     return { gen: Number(ref) };
   }
 
   async endpointVpcs(): Promise<string[]> {
-    return (await this.redis.smembers(VK.eps)).filter((v) => /^vpc-[0-9a-f]{12}$/.test(v)).sort();
+    return (await this.redis.smembers(this.keys.eps)).filter((v) => /^vpc-[0-9a-f]{12}$/.test(v)).sort();
   }
 
   /** The endpoint, parsed against the VPC CIDR, with the public key its host wrote; null if none or invalid (reported). */
   async endpoint(vpcId: string, vpcCidr: string): Promise<VpnEndpointRec | null> {
-    const h = await this.redis.hgetall(VK.ep(vpcId));
+    const h = await this.redis.hgetall(this.keys.ep(vpcId));
     if (!h.vpc) return null;
     const p = parseEndpoint(h, vpcCidr, null);
     if (!p.ok || p.value.vpcId !== vpcId) {
-      reportInvalid(OWNER, "vpn endpoint", VK.ep(vpcId), p.ok ? "names another VPC" : p.reason, undefined, { vpcId });
+      reportInvalid(OWNER, "vpn endpoint", this.keys.ep(vpcId), p.ok ? "names another VPC" : p.reason, undefined, { vpcId });
       return null;
     }
     // Only the host the endpoint names may stand for its key (its own, host-scoped hash).
-    const key = await this.redis.hget(VK.hostKeys(p.value.hostId), vpcId);
+    const key = await this.redis.hget(this.keys.hostKeys(p.value.hostId), vpcId);
     return { ...p.value, publicKey: key && /^[A-Za-z0-9+/]{43}=$/.test(key) ? key : "" };
   }
 
   async setEndpointKey(hostId: string, vpcId: string, key: string): Promise<void> {
-    await this.redis.hset(VK.hostKeys(hostId), vpcId, key);
+    await this.redis.hset(this.keys.hostKeys(hostId), vpcId, key);
   }
 
   async setApplied(hostId: string, vpcId: string, gen: number): Promise<void> {
-    await this.redis.hset(VK.hostApplied(hostId), vpcId, String(gen));
+    await this.redis.hset(this.keys.hostApplied(hostId), vpcId, String(gen));
   }
 
   /** The gen the endpoint's host applied for the VPC (-1: none, or not a number). */
   async applied(hostId: string, vpcId: string): Promise<number> {
-    const v = await this.redis.hget(VK.hostApplied(hostId), vpcId);
+    const v = await this.redis.hget(this.keys.hostApplied(hostId), vpcId);
     return v !== null && /^[0-9]{1,15}$/.test(v) ? Number(v) : -1;
   }
 
@@ -169,48 +178,63 @@ export class VpnStore {
 
   /** This host no longer serves the VPC: its key and applied gen go. */
   async forgetEndpoint(hostId: string, vpcId: string): Promise<void> {
-    await this.redis.multi().hdel(VK.hostKeys(hostId), vpcId).hdel(VK.hostApplied(hostId), vpcId).exec();
+    await this.redis.multi().hdel(this.keys.hostKeys(hostId), vpcId).hdel(this.keys.hostApplied(hostId), vpcId).exec();
   }
 
   async clients(vpcId: string, range: V.Cidr): Promise<VpnClientRec[]> {
-    const h = await this.redis.hgetall(VK.clients(vpcId));
+    const h = await this.redis.hgetall(this.keys.clients(vpcId));
     const out: VpnClientRec[] = [];
     for (const [name, raw] of Object.entries(h)) {
       const p = parseClient(raw, vpcId, range);
       if (p.ok && p.value.name === name) out.push(p.value);
-      else reportInvalid(OWNER, "vpn client", VK.clients(vpcId), p.ok ? `entry ${V.show(name)} holds ${p.value.name}` : p.reason, undefined, { vpcId });
+      else reportInvalid(OWNER, "vpn client", this.keys.clients(vpcId), p.ok ? `entry ${V.show(name)} holds ${p.value.name}` : p.reason, undefined, { vpcId });
     }
     return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
   async usedAddresses(vpcId: string): Promise<Set<string>> {
-    return new Set(await this.redis.hkeys(VK.addrs(vpcId)));
+    return new Set(await this.redis.hkeys(this.keys.addrs(vpcId)));
   }
 
   /** The new generation when written, else which of name/key/addr was taken. */
   async create(c: VpnClientRec): Promise<{ gen: number } | { taken: "name" | "key" | "addr" }> {
-    const r = (await this.redis.eval(CREATE, 5, ...clientKeysAndArgs(c), JSON.stringify(c), `${c.vpcId}/${c.name}`)) as string;
-    return r === "name" || r === "key" || r === "addr" ? { taken: r } : { gen: Number(r) };
+    // Cluster: the id's catalog entry first (the id is new), so that no client exists that its id does not find; dropped if refused.
+    const catalog = this.keys.clientCatalog(c.id);
+    if (catalog) await this.redis.set(catalog, `${c.vpcId}/${c.name}`);
+    const r = (await this.redis.eval(
+      scriptFor(this.redis, CREATE),
+      5,
+      ...clientKeysAndArgs(this.keys, c),
+      JSON.stringify(c),
+      `${c.vpcId}/${c.name}`,
+    )) as string;
+    if (r === "name" || r === "key" || r === "addr") {
+      if (catalog) await this.redis.del(catalog);
+      return { taken: r };
+    }
+    return { gen: Number(r) };
   }
 
   async delete(c: VpnClientRec): Promise<number | null> {
-    const r = (await this.redis.eval(DELETE, 5, ...clientKeysAndArgs(c))) as string;
+    const r = (await this.redis.eval(scriptFor(this.redis, DELETE), 5, ...clientKeysAndArgs(this.keys, c))) as string;
+    const catalog = this.keys.clientCatalog(c.id);
+    if (catalog) await this.redis.del(catalog);
     return r === "0" ? null : Number(r);
   }
 
   /** "<vpc>/<name>" of a client id, checked. */
   async locate(id: string): Promise<{ vpcId: string; name: string } | null> {
-    const v = await this.redis.get(VK.client(id));
+    const v = await this.redis.get(this.keys.clientCatalog(id) ?? this.keys.client("", id));
     const m = v ? /^(vpc-[0-9a-f]{12})\/([a-z][a-z0-9-]{0,62})$/.exec(v) : null;
     return m ? { vpcId: m[1], name: m[2] } : null;
   }
 
   async clientByName(vpcId: string, name: string, range: V.Cidr): Promise<VpnClientRec | null> {
-    const raw = await this.redis.hget(VK.clients(vpcId), name);
+    const raw = await this.redis.hget(this.keys.clients(vpcId), name);
     if (!raw) return null;
     const p = parseClient(raw, vpcId, range);
     if (!p.ok || p.value.name !== name) {
-      reportInvalid(OWNER, "vpn client", VK.clients(vpcId), p.ok ? "name mismatch" : p.reason, undefined, { vpcId });
+      reportInvalid(OWNER, "vpn client", this.keys.clients(vpcId), p.ok ? "name mismatch" : p.reason, undefined, { vpcId });
       return null;
     }
     return p.value;

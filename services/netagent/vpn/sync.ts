@@ -49,7 +49,8 @@ export class VpnSync {
   private stopped = false;
   private running?: Promise<void>;
   private again = false;
-  private lastGen = -1;
+  /** What the last pass saw of the change counters (counters().seen). */
+  private lastGen = "";
   private lastFullMs = 0;
   lastError = "";
 
@@ -106,20 +107,35 @@ export class VpnSync {
     return this.running;
   }
 
+  /**
+   * The VPN's change counters as a pass compares them: on a single Redis the
+   * one counter of every VPC (one GET a poll; the endpoints are listed only
+   * when it moved), on a cluster each endpoint VPC's (VpnKeys.gen).
+   */
+  private async counters(): Promise<{ seen: string; vpcs?: string[]; gen: (vpcId: string) => number }> {
+    if (!this.store.keys.cluster) {
+      const g = await this.store.gen("");
+      return { seen: String(g), gen: () => g };
+    }
+    const vpcs = await this.store.endpointVpcs();
+    const gens = new Map(await Promise.all(vpcs.map(async (v) => [v, await this.store.gen(v)] as const)));
+    return { seen: [...gens].map(([v, g]) => `${v}=${g}`).join(","), vpcs, gen: (v) => gens.get(v) ?? 0 };
+  }
+
   private async pass(full: boolean): Promise<void> {
-    const gen = await this.store.gen();
+    const c = await this.counters();
     const due = Date.now() - this.lastFullMs > (this.opts.fullEveryMs ?? 10_000);
-    if (!full && !due && gen === this.lastGen) return;
+    if (!full && !due && c.seen === this.lastGen) return;
     const served = new Set<string>();
     const errors: string[] = [];
-    for (const vpcId of await this.store.endpointVpcs()) {
+    for (const vpcId of c.vpcs ?? (await this.store.endpointVpcs())) {
       const vpc = await this.ipam.getVpc(vpcId);
       if (!vpc) continue;
       const ep = await this.store.endpoint(vpcId, vpc.cidr);
       if (!ep || ep.hostId !== this.opts.hostId) continue;
       served.add(vpcId);
       try {
-        await this.apply(vpc.cidr, ep, gen);
+        await this.apply(vpc.cidr, ep, c.gen(vpcId));
       } catch (err) {
         errors.push(`${vpcId}: ${(err as Error).message}`);
       }
@@ -128,7 +144,7 @@ export class VpnSync {
       if (served.has(f.vpcId)) continue;
       await this.teardown(f.vpcId, f.ifname).catch((err: Error) => errors.push(`${f.vpcId}: ${err.message}`));
     }
-    this.lastGen = gen;
+    this.lastGen = c.seen;
     this.lastFullMs = Date.now();
     if (errors.length) throw new Error(errors.join("; "));
   }
