@@ -31,7 +31,7 @@
 //     mvpc:nicaddr         global NIC address claims ("<vpc>/<addr>" → "<host>/<nic>")
 //     mvpc:hostindex       set of host ids with an overlay record
 //     mvpc:overlay:*       per-VPC overlay members (host id field) and addresses (address → host)
-//                          on a Redis Cluster: mvpc:{V}:nicaddr (with :at, the claims' times),
+//                          on a Redis Cluster: mvpc:{V}:nicaddr (with :ver, the claims' versions),
 //                          mvpc:{V}:overlay:members|addrs, mvpc:{hosts}:index
 //     mvpc:fw:nic:*, mvpc:fw:nics, mvpc:fw:vpc:*:nics, mvpc:fw:sg:*:members, mvpc:fw:gen
 //                          firewall bindings of NICs (BindNic/UnbindNic) and their group membership;
@@ -133,10 +133,10 @@ export const SHARED_WRITE_PATTERNS = [
   `mvpc:{${VPC_TAG}}:fw:sg:sg-${"?".repeat(12)}:members`,
   `mvpc:{${VPC_TAG}}:fw:gen`,
   // The netagent's on a Redis Cluster (netagent/schema.ts NA_KEYS.cluster): a
-  // VPC's address claims and their times, its overlay members and
+  // VPC's address claims and their versions, its overlay members and
   // nominations, and the set of registered host ids.
   `mvpc:{${VPC_TAG}}:nicaddr`,
-  `mvpc:{${VPC_TAG}}:nicaddr:at`,
+  `mvpc:{${VPC_TAG}}:nicaddr:ver`,
   `mvpc:{${VPC_TAG}}:overlay:members`,
   `mvpc:{${VPC_TAG}}:overlay:addrs`,
   "mvpc:{hosts}:index",

@@ -240,6 +240,17 @@ export class Agent {
       fresh = false;
       this.log.warn({ err: (err as Error).message }, "cannot read desired state; keeping the last known one");
     }
+    if (fresh && this.store.keys.cluster) {
+      // Redis Cluster: NICs whose AttachNic stopped before confirming their address claim (HostStore.finishPending).
+      try {
+        for (const l of await this.store.finishPending()) {
+          this.desired.nics.delete(l.nicId);
+          this.log.warn({ nic: l.nicId, heldBy: l.heldBy }, "a NIC whose attach did not finish is removed: another host's NIC holds its address");
+        }
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, "cannot finish the pending NIC attaches; the next pass tries again");
+      }
+    }
     nicsGauge.set(this.desired.nics.size);
     const changes: string[] = [];
     let error = "";

@@ -52,10 +52,12 @@ export interface NetagentKeys {
   /** The host's own index, "<vpc>/<address>" → NIC id. */
   nicaddr(host: string): string;
   nictoken(host: string): string;
+  /** Cluster: NICs whose AttachNic has written the record but not yet confirmed the claim (nic id → "<vpc>/<address>"); null on a single Redis (one script). */
+  nicPending(host: string): string | null;
   /** Address claims "<vpc>/<address>" → "<host>/<nic>": every VPC's in one hash on a single Redis, the VPC's on a cluster. */
   claims(vpc: string): string;
-  /** Cluster: when each claim was written (ms by the slot's clock), "<vpc>/<address>" → ms; null on a single Redis, whose one script needs none. */
-  claimedAt(vpc: string): string | null;
+  /** Cluster: each claim's version, "<vpc>/<address>" → a counter every write of the claim raises (never reset); null on a single Redis, whose one script needs none. */
+  claimVersions(vpc: string): string | null;
   /** The overlay: a host's registry record (lease), the set of host ids, and a VPC's members and address nominations. */
   overlayHost(host: string): string;
   hostIndex: string;
@@ -68,7 +70,8 @@ export const NA_KEYS: { single: NetagentKeys; cluster: NetagentKeys } = {
   single: {
     ...hostKeys,
     claims: () => hostKeys.allNicAddrs,
-    claimedAt: () => null,
+    claimVersions: () => null,
+    nicPending: () => null,
     overlayHost: (h) => `mvpc:hosts:${h}`,
     hostIndex: "mvpc:hostindex",
     overlayMembers: (v) => `mvpc:overlay:${v}:members`,
@@ -82,7 +85,8 @@ export const NA_KEYS: { single: NetagentKeys; cluster: NetagentKeys } = {
     nicaddr: (h) => `mvpc:{host:${h}}:nicaddr`,
     nictoken: (h) => `mvpc:{host:${h}}:nictoken`,
     claims: (v) => `mvpc:{${v}}:nicaddr`,
-    claimedAt: (v) => `mvpc:{${v}}:nicaddr:at`,
+    claimVersions: (v) => `mvpc:{${v}}:nicaddr:ver`,
+    nicPending: (h) => `mvpc:{host:${h}}:nicpending`,
     overlayHost: (h) => `mvpc:{hosts}:host:${h}`,
     hostIndex: "mvpc:{hosts}:index",
     overlayMembers: (v) => `mvpc:{${v}}:overlay:members`,
@@ -462,9 +466,29 @@ export const overlayKeys = {
   addrs: NA_KEYS.single.overlayAddrs,
 };
 
-/** Where a NIC with this address lives, across every host: "host/nic-…", or null. */
+/**
+ * Where a NIC with this address lives, across every host, or null. The
+ * claims are shared (any host's Redis user may write them): a claim counts
+ * only where its host's own index and record say so (claimHolder).
+ */
 export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
-  return parseClaim(await redis.hget(naKeys(redis).claims(vpcId), `${vpcId}/${address}`));
+  const field = `${vpcId}/${address}`;
+  return parseClaim(await claimHolder(redis, await redis.hget(naKeys(redis).claims(vpcId), field), field));
+}
+
+/**
+ * The NIC that holds the address `field` ("<vpc>/<address>") on the host a
+ * claim names: "<host>/<nic>" when that host's own index lists a NIC there
+ * and its record exists (the NIC the claim names, or a later one of that
+ * host), else "" (a stale, forged or malformed claim holds nothing).
+ */
+export async function claimHolder(redis: Redis, claim: string | null, field: string): Promise<string> {
+  const c = parseClaim(claim);
+  if (!c) return "";
+  const k = naKeys(redis);
+  const nicId = await redis.hget(k.nicaddr(c.hostId), field);
+  if (!nicId || !/^nic-[0-9a-f]{12}$/.test(nicId)) return "";
+  return (await redis.hexists(k.nics(c.hostId), nicId)) === 1 ? `${c.hostId}/${nicId}` : "";
 }
 
 /** An address claim's value, "<host>/<nic>" (written by the NIC's host; anything else is no location). */

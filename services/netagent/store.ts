@@ -9,7 +9,7 @@ import type { Redis } from "ioredis";
 import { InvalidArgumentError, UnavailableError } from "../common/errors.js";
 import { emit, EVENTS, hostEvents, LUA_EMIT, SCOPED_MAXLEN, vpcEvents } from "../common/events.js";
 import type { NicSpec, SubnetSpec } from "./plan.js";
-import { HostReader, parseClaim, parseNicSpec, parseSubnetSpec, parseVpcSpec, type Parsed, type VpcSpec } from "./schema.js";
+import { claimHolder, HostReader, parseClaim, parseNicSpec, parseSubnetSpec, parseVpcSpec, type Parsed, type VpcSpec } from "./schema.js";
 
 export { HostReader, locateNic, NA_KEYS, naKeys, overlayKeys, type NetagentKeys } from "./schema.js";
 export type { HostDesired, VpcSpec } from "./schema.js";
@@ -58,32 +58,39 @@ return {1, ARGV[1]}
 // ---- a Redis Cluster: AttachNic's address claim in one-slot steps ----
 //
 // 1. CLAIM, in the VPC's slot: the claim "<vpc>/<address>" → "<host>/<nic>"
-//    is written, stamped with the slot's clock, unless another host's entry
-//    is there: then {-3, entry, stamp} and the client reads that host's own
-//    index and NIC record (what ADD_NIC reads in Lua). A live holder refuses
-//    (-2); a stale or forged entry is replaced by CLAIM again, given the
-//    entry and stamp it checked (compare-and-set: if the holder confirmed
-//    in between, the stamp changed and the client looks again).
+//    is written and its version (a counter, never reset) raised, unless an
+//    entry is there. This host's own entry is left alone ({2}): its own
+//    index decides in step 2, and step 3 takes the entry over. Another
+//    host's gives {-3, entry, version}, and the client reads that host's own
+//    index and NIC record (what ADD_NIC reads in Lua, claimHolder): a live
+//    NIC refuses (-2); a stale or forged entry is replaced by CLAIM again,
+//    given the entry and version it checked (compare-and-set).
 // 2. HOST, in the host's slot: the client token and the host's own index,
-//    then the record, as ADD_NIC's first half.
-// 3. CONFIRM, in the VPC's slot: the claim still names this host, so no
-//    other host replaced it since step 1: it is stamped again (a replacer
-//    that checked before this host's record existed now fails its CAS), and
-//    the overlay's nomination written. Otherwise the host's record is
-//    removed again (UNDO_HOST) and the call answers as for a live holder.
-// The entry of this host's own other NIC (same host) is replaced in step
-// 1: the host's index decides in step 2, and a refusal there puts the entry
-// back (RESTORE).
+//    then the record, marked pending (nicpending) until step 3 is done.
+// 3. CONFIRM, in the VPC's slot: the claim names this NIC, another NIC of
+//    this host, or nothing, so no other host replaced it since step 1: it is
+//    written as this NIC's, its version raised again, and the overlay's
+//    nomination written; then the pending mark goes. Otherwise the record
+//    is removed again (UNDO_HOST) and the call answers as for a live holder.
+// Why two hosts cannot both hold an address: a replacer's check of the
+// holder's records came either before the holder's record existed, and then
+// its replacement (a CAS on the version step 1 raised) lands before the
+// holder's CONFIRM, which fails; or after the holder's CONFIRM, which raised
+// the version, so the replacement's CAS fails and its next check finds the
+// holder live. A call that stops after step 2 leaves a pending record: a
+// retry with its client token, or the agent's next pass, finishes step 3 or,
+// if another host's live NIC holds the address by then, removes it (a
+// pending NIC was never reported attached).
 const CLAIM = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and cur ~= ARGV[2] and string.sub(cur, 1, #ARGV[5] + 1) ~= ARGV[5] .. '/' then
-  local at = redis.call('HGET', KEYS[2], ARGV[1]) or ''
-  if cur ~= ARGV[3] or at ~= ARGV[4] then return {-3, cur, at} end
+if cur == ARGV[2] then return {1, cur, ''} end
+if cur and string.sub(cur, 1, #ARGV[5] + 1) == ARGV[5] .. '/' then return {2, cur, ''} end
+if cur then
+  local ver = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+  if cur ~= ARGV[3] or ver ~= ARGV[4] then return {-3, cur, ver} end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], tostring(now))
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 return {1, cur or '', ''}
 `;
 
@@ -97,34 +104,33 @@ local holder = redis.call('HGET', KEYS[2], ARGV[2])
 if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holder} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
 if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
 return {1, ARGV[1]}
 `;
 
 const CONFIRM = `
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur ~= ARGV[2] and (not cur or string.sub(cur, 1, #ARGV[3] + 1) ~= ARGV[3] .. '/') then return {-2, cur or ''} end
-local t = redis.call('TIME')
+if cur and cur ~= ARGV[2] and string.sub(cur, 1, #ARGV[3] + 1) ~= ARGV[3] .. '/' then return {-2, cur, redis.call('HGET', KEYS[2], ARGV[1]) or ''} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
-return {1, ARGV[2]}
+return {1, ARGV[2], ''}
 `;
 
+/** Removes a record HOST wrote (if it is still that record), its index entry, client token and pending mark. */
 const UNDO_HOST = `
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[4]) end
+redis.call('HDEL', KEYS[4], ARGV[1])
 return 0
 `;
 
-/** Puts back (RESTORE) or drops (ARGV[3] = '') a claim if it still names ARGV[2]; and the overlay's nomination if it still names the host. */
+/** Drops a claim if it still names ARGV[2] (its version stays: a CAS that read it before never matches a later claim), and the overlay's nomination (ARGV[3], '' none) if it still names the host. */
 const UNCLAIM = `
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) redis.call('HDEL', KEYS[2], ARGV[1])
-  else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
-end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[5] then redis.call('HDEL', KEYS[3], ARGV[4]) end
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[4] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 return 0
 `;
 
@@ -179,66 +185,143 @@ export class HostStore extends HostReader {
     return { code: r[0], id: r[1] };
   }
 
-  /** Whether `claim` ("<host>/<nic>") names a NIC its host holds at this address: its own index and record agree (ADD_NIC's rule). */
-  private async claimHeld(claim: string, field: string): Promise<boolean> {
-    const c = parseClaim(claim);
-    if (!c || c.hostId === this.hostId) return false;
-    const [listed, exists] = await Promise.all([this.redis.hget(this.keys.nicaddr(c.hostId), field), this.redis.hexists(this.keys.nics(c.hostId), c.nicId)]);
-    return listed === c.nicId && exists === 1;
+  /** The cluster's host keys HOST, UNDO_HOST declare: records, index, client tokens, pending marks. */
+  private hostKeys(): string[] {
+    return [this.keys.nics(this.hostId), this.keys.nicaddr(this.hostId), this.keys.nictoken(this.hostId), this.keys.nicPending(this.hostId)!];
   }
 
-  /** Step 3 of addNicInSteps (CONFIRM). */
-  private async confirm(n: NicSpec): Promise<[number, string]> {
-    const k = [this.keys.claims(n.vpcId), this.keys.claimedAt(n.vpcId)!, this.keys.overlayAddrs(n.vpcId)];
-    return (await this.redis.eval(CONFIRM, 3, ...k, `${n.vpcId}/${n.address}`, `${this.hostId}/${n.nicId}`, this.hostId, n.address)) as [number, string];
+  /**
+   * Step 1 (CLAIM), with the check of another host's entry: "" when the
+   * claim is this NIC's or this host's, else the live holder ("<host>/<nic>").
+   */
+  private async claim(n: NicSpec): Promise<string> {
+    const field = `${n.vpcId}/${n.address}`;
+    let expect = ["", ""];
+    for (let attempt = 0; ; attempt++) {
+      const [code, cur, ver] = (await this.redis.eval(
+        CLAIM,
+        2,
+        this.keys.claims(n.vpcId),
+        this.keys.claimVersions(n.vpcId)!,
+        field,
+        `${this.hostId}/${n.nicId}`,
+        expect[0],
+        expect[1],
+        this.hostId,
+      )) as [number, string, string];
+      if (code > 0) return "";
+      const holder = await claimHolder(this.redis, cur, field);
+      if (holder) return holder;
+      if (attempt + 1 >= CLAIM_ATTEMPTS)
+        throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} changed ${CLAIM_ATTEMPTS} times while this host checked it; try again`);
+      expect = [cur, ver];
+    }
+  }
+
+  /** Step 3 (CONFIRM); "" when done, else the entry that replaced the claim. */
+  private async confirm(n: NicSpec): Promise<string> {
+    const k = [this.keys.claims(n.vpcId), this.keys.claimVersions(n.vpcId)!, this.keys.overlayAddrs(n.vpcId)];
+    const [ok, cur] = (await this.redis.eval(CONFIRM, 3, ...k, `${n.vpcId}/${n.address}`, `${this.hostId}/${n.nicId}`, this.hostId, n.address)) as [
+      number,
+      string,
+    ];
+    if (ok !== 1) return cur;
+    await this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId);
+    await emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]);
+    return "";
+  }
+
+  /** Removes the record `raw` of NIC `n` HOST wrote, and what goes with it. */
+  private async undoHost(n: NicSpec, raw: string): Promise<void> {
+    await this.redis.eval(UNDO_HOST, 4, ...this.hostKeys(), n.nicId, raw, `${n.vpcId}/${n.address}`, n.clientToken);
+  }
+
+  /**
+   * Finishes a pending NIC (a call stopped between steps 2 and 3): step 3,
+   * taking over a stale or forged claim on the way. Returns "" when the NIC
+   * holds its address, or the other host's live NIC that does, after this
+   * record was removed (a pending NIC was never reported attached).
+   */
+  private async finish(n: NicSpec, raw: string): Promise<string> {
+    for (let attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
+      const replaced = await this.confirm(n);
+      if (!replaced) return "";
+      const holder = await this.claim(n);
+      if (holder) {
+        await this.undoHost(n, raw);
+        return holder;
+      }
+    }
+    throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} changed ${CLAIM_ATTEMPTS} times while this host confirmed it; try again`);
+  }
+
+  /**
+   * Cluster: finishes every NIC of this host left pending (the agent's full
+   * pass). Returns the NICs removed because another host's live NIC holds
+   * their address.
+   */
+  async finishPending(): Promise<{ nicId: string; heldBy: string }[]> {
+    const pending = this.keys.nicPending(this.hostId);
+    if (!pending) return [];
+    const lost: { nicId: string; heldBy: string }[] = [];
+    for (const nicId of await this.redis.hkeys(pending)) {
+      const raw = await this.redis.hget(this.keys.nics(this.hostId), nicId);
+      const p = raw === null ? null : parseNicSpec(nicId, raw);
+      if (!p?.ok) {
+        // No record (undone, detached) or one that is not used: nothing to finish.
+        await this.redis.hdel(pending, nicId);
+        continue;
+      }
+      const heldBy = await this.finish(p.value, raw!);
+      if (heldBy) {
+        this.lastValid.nics.delete(nicId);
+        lost.push({ nicId, heldBy });
+      }
+    }
+    return lost;
   }
 
   private async addNicInSteps(n: NicSpec): Promise<[number, string]> {
     const field = `${n.vpcId}/${n.address}`;
-    const me = `${this.hostId}/${n.nicId}`;
-    const claims = this.keys.claims(n.vpcId);
-    const at = this.keys.claimedAt(n.vpcId)!;
-    const addrs = this.keys.overlayAddrs(n.vpcId);
-    const hostKeys = [this.keys.nics(this.hostId), this.keys.nicaddr(this.hostId), this.keys.nictoken(this.hostId)];
-    // The token first (read-only here; HOST checks it again): a retried call answers without touching the claim.
+    const hk = this.hostKeys();
+    // The token first (read-only here; HOST checks it again): a retried call answers without a new claim.
     if (n.clientToken) {
-      const prev = await this.redis.hget(hostKeys[2], n.clientToken);
-      const rec = prev ? await this.nicRecord(prev) : "absent";
-      if (rec !== "absent") {
-        // A first call stopped between its steps 2 and 3 left the claim unconfirmed: the retry finishes it.
-        if (rec !== "invalid") await this.confirm(rec.nic);
-        return [0, prev!];
+      const prev = await this.redis.hget(hk[2], n.clientToken);
+      const raw = prev ? await this.redis.hget(hk[0], prev) : null;
+      if (prev && raw !== null) {
+        const p = parseNicSpec(prev, raw);
+        // A first call stopped between its steps 2 and 3 left it pending: the retry finishes it.
+        if (p.ok && (await this.redis.hexists(hk[3], prev))) {
+          const heldBy = await this.finish(p.value, raw);
+          if (heldBy) return [-2, heldBy];
+        }
+        return [0, prev];
       }
     }
-    // 1. The claim.
-    let before: string;
-    let expect = ["", ""];
-    for (let attempt = 0; ; attempt++) {
-      const [code, cur, stamp] = (await this.redis.eval(CLAIM, 2, claims, at, field, me, expect[0], expect[1], this.hostId)) as [number, string, string];
-      if (code === 1) {
-        before = cur;
-        break;
-      }
-      if (await this.claimHeld(cur, field)) return [-2, cur];
-      if (attempt + 1 >= CLAIM_ATTEMPTS)
-        throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} changed ${CLAIM_ATTEMPTS} times while this host checked it; try again`);
-      expect = [cur, stamp];
-    }
-    // 2. The host's record. A refusal puts back what step 1 replaced (this host's own entry).
-    const [code, id] = (await this.redis.eval(HOST, 3, ...hostKeys, n.nicId, field, n.clientToken, JSON.stringify(n))) as [number, string];
+    const holder = await this.claim(n);
+    if (holder) return [-2, holder];
+    const raw = JSON.stringify(n);
+    const [code, id] = (await this.redis.eval(HOST, 4, ...hk, n.nicId, field, n.clientToken, raw)) as [number, string];
     if (code !== 1) {
-      await this.redis.eval(UNCLAIM, 3, claims, at, addrs, field, me, before, "", "");
+      // Refused by this host's own index or token: the claim this call wrote (if any) goes.
+      await this.redis.eval(UNCLAIM, 2, this.keys.claims(n.vpcId), this.keys.overlayAddrs(n.vpcId), field, `${this.hostId}/${n.nicId}`, "", "");
       return [code, id];
     }
-    // 3. Still ours: stamped again, and nominated to the overlay; or another host replaced it, and this record goes.
-    const [ok, holder] = await this.confirm(n);
-    if (ok !== 1) {
-      await this.redis.eval(UNDO_HOST, 3, ...hostKeys, n.nicId, JSON.stringify(n), field, n.clientToken);
-      // Replaced by another host's claim; or removed or garbled (by a hostile host: a claim is shared), which names nobody to detach.
-      if (parseClaim(holder)) return [-2, holder];
-      throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} was removed while this host attached it; try again`);
+    let replaced: string;
+    try {
+      replaced = await this.confirm(n);
+    } catch (err) {
+      // Left pending (the next pass or a retry finishes it) unless it can be taken back now.
+      await this.undoHost(n, raw).catch(() => undefined);
+      throw err;
     }
-    await emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]);
+    if (replaced) {
+      await this.undoHost(n, raw);
+      // Replaced by another host's claim (its NIC live, or being attached); or garbled (by a hostile host: a claim is shared), which names nobody.
+      const holder = (await claimHolder(this.redis, replaced, field)) || (parseClaim(replaced) ? replaced : "");
+      if (holder) return [-2, holder];
+      throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} was taken while this host attached it; try again`);
+    }
     return [1, n.nicId];
   }
 
@@ -257,6 +340,7 @@ export class HostStore extends HostReader {
       await this.redis
         .multi()
         .hdel(this.keys.nics(this.hostId), n.nicId)
+        .hdel(this.keys.nicPending(this.hostId)!, n.nicId)
         .eval(
           "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
           1,
@@ -265,8 +349,7 @@ export class HostStore extends HostReader {
           n.nicId,
         )
         .exec();
-      const [claims, at, addrs] = [this.keys.claims(n.vpcId), this.keys.claimedAt(n.vpcId)!, this.keys.overlayAddrs(n.vpcId)];
-      await this.redis.eval(UNCLAIM, 3, claims, at, addrs, field, `${this.hostId}/${n.nicId}`, "", n.address, this.hostId);
+      await this.redis.eval(UNCLAIM, 2, this.keys.claims(n.vpcId), this.keys.overlayAddrs(n.vpcId), field, `${this.hostId}/${n.nicId}`, n.address, this.hostId);
       await emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ev);
       return;
     }

@@ -7,7 +7,7 @@
 // (netagent/store.ts CLAIM).
 import assert from "node:assert/strict";
 import type { Redis } from "ioredis";
-import { afterAll, beforeAll, describe, test } from "vitest";
+import { afterAll, beforeAll, describe, onTestFinished, test } from "vitest";
 import { InvalidArgumentError } from "../../services/common/errors.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import type { NicSpec, SubnetSpec } from "../../services/netagent/plan.js";
@@ -20,6 +20,7 @@ const HOST = "hsthv1";
 const VPC = "vpc-0123456789ab";
 let stop: () => Promise<void>;
 let redis: Redis;
+let redisUrl: string;
 let hostKeys: NetagentKeys;
 
 const subnet: SubnetSpec = { subnetId: "subnet-0123456789ab", vpcId: VPC, cidr: "10.5.1.0/24", gatewayCidr: "10.5.1.1/24", mtu: 1500 };
@@ -47,6 +48,7 @@ const nic = (n: number): NicSpec => ({
 beforeAll(async () => {
   const srv = ON_CLUSTER ? await startRedisCluster() : await startRedis({ appendfsync: "no" });
   stop = () => srv.stop();
+  redisUrl = srv.url;
   redis = connectRedis({ url: srv.url, commandTimeoutMs: 5000 });
   await waitReady(redis);
   hostKeys = naKeys(redis);
@@ -100,13 +102,18 @@ describe("HostStore", () => {
     assert.ok(!(await s.load()).nics.has(nic(2).nicId));
   });
 
-  test("locateNic refuses a malformed location", async () => {
+  test("locateNic refuses a malformed location, and a claim its host does not back", async () => {
     await redis.hset(hostKeys.claims(VPC), `${VPC}/10.5.1.50`, "hv1/nic-000000000001/extra");
     await redis.hset(hostKeys.claims(VPC), `${VPC}/10.5.1.51`, "hv 1/nic-000000000001");
     await redis.hset(hostKeys.claims(VPC), `${VPC}/10.5.1.52`, "hv1/nic-000000000001");
     assert.equal(await locateNic(redis, VPC, "10.5.1.50"), null);
     assert.equal(await locateNic(redis, VPC, "10.5.1.51"), null);
+    // Well formed, but the claims are anyone's: it counts only where hv1's own index and record say so.
+    assert.equal(await locateNic(redis, VPC, "10.5.1.52"), null, "a claim its host does not back locates nothing");
+    await redis.hset(hostKeys.nicaddr("hv1"), `${VPC}/10.5.1.52`, "nic-000000000001");
+    await redis.hset(hostKeys.nics("hv1"), "nic-000000000001", "{}");
     assert.deepEqual(await locateNic(redis, VPC, "10.5.1.52"), { hostId: "hv1", nicId: "nic-000000000001" });
+    await redis.del(hostKeys.nicaddr("hv1"), hostKeys.nics("hv1"));
   });
 });
 
@@ -157,17 +164,23 @@ describe("an address of a VPC is attached on one host at a time", () => {
     const n1 = { ...addr(nic(1), x, "nic-0000000a0021"), clientToken: "tok-102" };
     assert.equal((await a.addNic(n1)).code, 1);
     if (hostKeys.cluster) {
-      // A first call that stopped after writing its record, before confirming its claim: no nomination yet.
+      // A first call that stopped after writing its record, before confirming its claim: pending, no nomination yet.
       await redis.hdel(hostKeys.overlayAddrs(VPC), x);
+      await redis.hset(hostKeys.nicPending(A)!, n1.nicId, field(x));
     }
     assert.deepEqual(await a.addNic({ ...addr(nic(1), x, "nic-0000000a0022"), clientToken: "tok-102" }), { code: 0, id: n1.nicId });
     assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), A, "the retry finished what the first call left");
+    if (hostKeys.cluster) assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n1.nicId), 0, "no longer pending");
     await a.delNic(n1);
   });
 
-  test("two hosts racing for one address: exactly one gets it, the other leaves nothing", async () => {
-    const stores = [A, B, "hstc"].map((h) => new HostStore(redis, h));
-    for (let round = 0; round < 15; round++) {
+  test("three hosts racing for one address: exactly one gets it, the others leave nothing", async () => {
+    // Each host its own connection, and each of its scripts sent 0–3 ms late: the steps interleave differently every round.
+    const conns = [A, B, "hstc"].map(() => connectRedis({ url: redisUrl, commandTimeoutMs: 5000 }));
+    onTestFinished(() => conns.forEach((c) => c.disconnect()));
+    await Promise.all(conns.map((c) => waitReady(c)));
+    const stores = [A, B, "hstc"].map((h, i) => new HostStore(jittered(conns[i]), h));
+    for (let round = 0; round < 20; round++) {
       const x = `10.5.1.${120 + round}`;
       const nics = stores.map((_, i) => addr(nic(i + 1), x, `nic-00000${round.toString(16).padStart(2, "0")}0c00${i}`));
       const got = await Promise.all(stores.map((s, i) => s.addNic(nics[i])));
@@ -197,7 +210,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
       A,
     );
     const pa = a.addNic(na);
-    await until(async () => (await locateNic(redis, VPC, x))?.hostId === A);
+    await until(async () => (await redis.hget(hostKeys.claims(VPC), field(x))) === `${A}/${na.nicId}`);
     // B finds A's claim with no record behind it (stale, as far as B can tell), replaces it and attaches.
     assert.deepEqual(await new HostStore(redis, B).addNic(nb), { code: 1, id: nb.nicId });
     hostStep.open();
@@ -222,11 +235,11 @@ describe("an address of a VPC is attached on one host at a time", () => {
     // B's replacement (CLAIM given the entry it checked: ARGV[3]) waits until A has confirmed.
     let checked = false;
     const b = new HostStore(
-      gated(redis, (args) => args[2] === hostKeys.claims(VPC) && args[1] === 2 && args[6] !== "" && (checked = true), replace.wait),
+      gated(redis, (args) => args[1] === 2 && args[3] === hostKeys.claimVersions(VPC) && args[6] !== "" && (checked = true), replace.wait),
       B,
     );
     const pa = a.addNic(na);
-    await until(async () => (await locateNic(redis, VPC, x))?.hostId === A);
+    await until(async () => (await redis.hget(hostKeys.claims(VPC), field(x))) === `${A}/${na.nicId}`);
     const pb = b.addNic(nb);
     await until(async () => checked);
     hostStep.open();
@@ -237,7 +250,96 @@ describe("an address of a VPC is attached on one host at a time", () => {
     assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: na.nicId });
     await a.delNic(na);
   });
+
+  test.skipIf(!ON_CLUSTER)("an AttachNic again on the holding host while another host attaches: the claim stays with the live NIC", async () => {
+    const x = "10.5.1.142";
+    const n1 = addr(nic(1), x, "nic-0000000a0051");
+    const n2 = addr(nic(2), x, "nic-0000000a0052");
+    const nb = addr(nic(3), x, "nic-0000000b0051");
+    const plain = new HostStore(redis, A);
+    assert.equal((await plain.addNic(n1)).code, 1);
+    // The same address again on A (no client token: a new NIC id), stopped before A's index refuses it.
+    const hostStep = gate();
+    const again = new HostStore(
+      gated(redis, (args) => args[2] === hostKeys.nics(A), hostStep.wait),
+      A,
+    ).addNic(n2);
+    await sleep(50);
+    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: n1.nicId }, "the claim still names the live NIC");
+    assert.deepEqual(await new HostStore(redis, B).addNic(nb), { code: -2, id: `${A}/${n1.nicId}` }, "B is refused meanwhile");
+    hostStep.open();
+    assert.deepEqual(await again, { code: -1, id: n1.nicId });
+    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: n1.nicId });
+    assert.equal(await redis.hexists(hostKeys.nics(B), nb.nicId), 0);
+    await plain.delNic(n1);
+  });
+
+  test.skipIf(!ON_CLUSTER)(
+    "a NIC left pending (stopped before confirming): a retry or the next pass finishes it, or removes it if another host's NIC holds the address",
+    async () => {
+      // (a) Nobody else wants the address: the next pass confirms it.
+      const x = "10.5.1.143";
+      const n1 = { ...addr(nic(1), x, "nic-0000000a0061"), clientToken: "tok-143" };
+      const stuck = gate();
+      const first = new HostStore(
+        gated(redis, (args) => args[1] === 3 && args[2] === hostKeys.claims(VPC), stuck.wait),
+        A,
+      ).addNic(n1);
+      await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, n1.nicId)) === 1);
+      assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), null, "not confirmed: no nomination yet");
+      assert.deepEqual(await new HostStore(redis, A).finishPending(), []);
+      assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n1.nicId), 0);
+      assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), A, "confirmed by the pass");
+      assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: n1.nicId });
+      stuck.open();
+      assert.deepEqual(await first, { code: 1, id: n1.nicId }, "the stopped call, once it goes on, finds its claim its own");
+      await new HostStore(redis, A).delNic(n1);
+
+      // (b) B took the address while A's record did not exist yet; A then wrote it and stopped before confirming.
+      for (const how of ["retry", "pass"] as const) {
+        const y = how === "retry" ? "10.5.1.144" : "10.5.1.145";
+        const na = { ...addr(nic(1), y, how === "retry" ? "nic-0000000a0071" : "nic-0000000a0072"), clientToken: `tok-${how}` };
+        const nb = addr(nic(2), y, how === "retry" ? "nic-0000000b0071" : "nic-0000000b0072");
+        const hostStep = gate();
+        const confirmStep = gate();
+        // A's HOST waits for hostStep, then its CONFIRM for confirmStep.
+        let calls = 0;
+        const pa = new HostStore(
+          gated(
+            redis,
+            (args) => (args[1] === 4 && args[2] === hostKeys.nics(A)) || (args[1] === 3 && args[2] === hostKeys.claims(VPC)),
+            () => (++calls === 1 ? hostStep.wait : confirmStep.wait),
+          ),
+          A,
+        ).addNic(na);
+        await until(async () => (await locateNic(redis, VPC, y)) === null && (await redis.hget(hostKeys.claims(VPC), field(y))) === `${A}/${na.nicId}`);
+        assert.equal((await new HostStore(redis, B).addNic(nb)).code, 1, "B found A's claim unbacked and took it");
+        hostStep.open();
+        await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, na.nicId)) === 1);
+        const got =
+          how === "retry"
+            ? await new HostStore(redis, A).addNic({ ...addr(nic(1), y, "nic-0000000a0079"), clientToken: na.clientToken })
+            : (await new HostStore(redis, A).finishPending()).map((l) => ({ code: -2, id: l.heldBy }))[0];
+        assert.deepEqual(got, { code: -2, id: `${B}/${nb.nicId}` }, `${how}: A's pending NIC is refused, naming B's`);
+        assert.equal(await redis.hexists(hostKeys.nics(A), na.nicId), 0, `${how}: A's pending record is removed`);
+        assert.equal(await redis.hexists(hostKeys.nicPending(A)!, na.nicId), 0);
+        assert.deepEqual(await locateNic(redis, VPC, y), { hostId: B, nicId: nb.nicId }, `${how}: B keeps the address`);
+        confirmStep.open();
+        assert.equal((await pa).code, -2, "the stopped call, once it goes on, is refused too");
+        await new HostStore(redis, B).delNic(nb);
+      }
+    },
+  );
 });
+
+/** `redis`, each of whose EVALs waits 0–3 ms first. */
+function jittered(redis: Redis): Redis {
+  return gated(
+    redis,
+    () => true,
+    () => new Promise((r) => setTimeout(r, Math.random() * 3)),
+  );
+}
 
 function gate(): { wait: Promise<void>; open: () => void } {
   let open!: () => void;
@@ -246,12 +348,12 @@ function gate(): { wait: Promise<void>; open: () => void } {
 }
 
 /** `redis`, whose EVALs for which `when(args)` holds wait for `wait` first. */
-function gated(redis: Redis, when: (args: unknown[]) => boolean, wait: Promise<void>): Redis {
+function gated(redis: Redis, when: (args: unknown[]) => boolean, wait: Promise<void> | (() => Promise<void>)): Redis {
   return new Proxy(redis, {
     get(t, p) {
       if (p === "eval")
         return async (...args: unknown[]) => {
-          if (when(args)) await wait;
+          if (when(args)) await (typeof wait === "function" ? wait() : wait);
           return (t.eval as (...a: unknown[]) => Promise<unknown>)(...args);
         };
       const v = Reflect.get(t, p, t) as unknown;
@@ -259,6 +361,8 @@ function gated(redis: Redis, when: (args: unknown[]) => boolean, wait: Promise<v
     },
   });
 }
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function until(ok: () => Promise<boolean>): Promise<void> {
   for (let i = 0; i < 200; i++) {

@@ -8,12 +8,13 @@ import { Agent } from "../../services/netagent/agent.js";
 import { RecordingKernel } from "../../services/netagent/kernel.js";
 import { tableTx } from "../../services/netagent/ct-marks.js";
 import { render } from "../../services/common/nft/tx.js";
-import type { HostStore } from "../../services/netagent/store.js";
+import { NA_KEYS, type HostStore } from "../../services/netagent/store.js";
 
 const emptyStore = (vpcs: string[] = []) =>
   ({
     load: async () => ({ vpcs: new Map(vpcs.map((v) => [v, { vpcId: v, ns: `mvpc-hv1-${v}`, createdMs: 0 }])), subnets: new Map(), nics: new Map() }),
     hasVpc: async () => false,
+    keys: NA_KEYS.single,
   }) as unknown as HostStore;
 
 test("an empty desired state never tears down existing VPC namespaces (wiped or wrong Redis)", async () => {
@@ -54,6 +55,7 @@ test("a NIC attached while a pass reads Redis is not forgotten when the pass's o
       return snapshot;
     },
     hasVpc: async () => true,
+    keys: NA_KEYS.single,
   } as unknown as HostStore;
   const a = new Agent(k, store, "hv1", pino({ level: "silent" }));
   const pass = a.reconcileAll();

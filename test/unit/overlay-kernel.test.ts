@@ -17,7 +17,7 @@ import { Overlay } from "../../services/netagent/overlay/sync.js";
 import { wgName, type WgImpl } from "../../services/netagent/overlay/wg.js";
 import { WgKernel, type WgCommands } from "../../services/netagent/overlay/wgkernel.js";
 import type { RunOptions, RunResult } from "../../services/common/exec.js";
-import type { HostStore } from "../../services/netagent/store.js";
+import { NA_KEYS, type HostStore } from "../../services/netagent/store.js";
 
 const HOST = "hv1";
 const VPC = "vpc-aaaaaaaaaaaa";
@@ -71,7 +71,11 @@ function fakeCommands(k: RecordingKernel): WgCommands & { log: string[] } {
 }
 
 function overlayWith(k: RecordingKernel, impl: WgImpl): { o: Overlay; cmd: ReturnType<typeof fakeCommands> } {
-  const store = { load: async () => ({ vpcs: new Map(), subnets: new Map(), nics: new Map() }), hasVpc: async () => true } as unknown as HostStore;
+  const store = {
+    load: async () => ({ vpcs: new Map(), subnets: new Map(), nics: new Map() }),
+    hasVpc: async () => true,
+    keys: NA_KEYS.single,
+  } as unknown as HostStore;
   const agent = new Agent(k, store, HOST, pino({ level: "silent" }));
   const cmd = fakeCommands(k);
   const redis = { hdel: async () => 0, xadd: async () => "0-0" } as unknown as Redis;

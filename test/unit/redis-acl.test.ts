@@ -150,7 +150,7 @@ test("host ids as the agents accept them, so a pattern cannot reach another host
     `mvpc:{${V}}:fw:sg:sg-0123456789ab:members`,
     `mvpc:{${V}}:fw:gen`,
     `mvpc:{${V}}:nicaddr`,
-    `mvpc:{${V}}:nicaddr:at`,
+    `mvpc:{${V}}:nicaddr:ver`,
     `mvpc:{${V}}:overlay:members`,
     `mvpc:{${V}}:overlay:addrs`,
     "mvpc:{hosts}:index",
