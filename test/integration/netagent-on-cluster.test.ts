@@ -2,7 +2,8 @@
 // cases of netagent.test.ts, with the ipam and netagent daemons started on
 // the cluster. A host's records are under its hash tag, a VPC's address
 // claims under the VPC's (netagent/schema.ts NetagentKeys), and AttachNic's
-// claim runs in one-slot steps; the cases attach, detach, move and reuse
-// addresses across two hypervisors and pass real packets.
+// claim runs in one-slot steps; the cases attach, detach and reuse
+// addresses, restart an agent and pass real packets between VMs of two
+// hypervisors.
 import "../lib/set-on-cluster.js";
 import "./netagent.test.js";
