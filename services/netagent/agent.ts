@@ -217,6 +217,20 @@ export class Agent {
    */
   async reconcileAll(): Promise<string> {
     let fresh = true;
+    if (this.store.keys.cluster) {
+      // Redis Cluster: NICs whose AttachNic stopped before confirming their address claim (HostStore.finishPending),
+      // before the read below, which leaves out those still pending.
+      try {
+        const { lost, failed } = await this.store.finishPending((vpcId, f) => this.withLock(vpcId, f));
+        for (const l of lost) {
+          this.desired.nics.delete(l.nicId);
+          this.log.warn({ nic: l.nicId, heldBy: l.heldBy }, "a NIC whose attach did not finish is removed: another host's NIC holds its address");
+        }
+        for (const f of failed) this.log.warn({ nic: f.nicId, err: f.error }, "cannot finish a NIC's attach now; the next pass tries again");
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, "cannot read the pending NIC attaches; the next pass tries again");
+      }
+    }
     try {
       // Read again while an API call changed the in-memory state during the
       // read: the snapshot may predate its write. After a few tries (a
@@ -239,17 +253,6 @@ export class Agent {
     } catch (err) {
       fresh = false;
       this.log.warn({ err: (err as Error).message }, "cannot read desired state; keeping the last known one");
-    }
-    if (fresh && this.store.keys.cluster) {
-      // Redis Cluster: NICs whose AttachNic stopped before confirming their address claim (HostStore.finishPending).
-      try {
-        for (const l of await this.store.finishPending()) {
-          this.desired.nics.delete(l.nicId);
-          this.log.warn({ nic: l.nicId, heldBy: l.heldBy }, "a NIC whose attach did not finish is removed: another host's NIC holds its address");
-        }
-      } catch (err) {
-        this.log.warn({ err: (err as Error).message }, "cannot finish the pending NIC attaches; the next pass tries again");
-      }
     }
     nicsGauge.set(this.desired.nics.size);
     const changes: string[] = [];

@@ -537,11 +537,15 @@ export class HostReader {
   }
 
   async load(): Promise<HostDesired> {
-    const [v, s, n] = await Promise.all([
+    const pendingKey = this.keys.nicPending(this.hostId);
+    const [v, s, n, pending] = await Promise.all([
       this.redis.hgetall(this.keys.vpcs(this.hostId)),
       this.redis.hgetall(this.keys.subnets(this.hostId)),
       this.redis.hgetall(this.keys.nics(this.hostId)),
+      pendingKey ? this.redis.hkeys(pendingKey) : [],
     ]);
+    // Redis Cluster: a NIC whose AttachNic has not confirmed its address claim yet is not there (HostStore.finishPending).
+    for (const id of pending) delete n[id];
     const invalid: InvalidRecord[] = [];
     const parse = <T>(kind: InvalidRecord["kind"], k: string, h: Record<string, string>, fn: (field: string, raw: string) => Parsed<T>) => {
       const out = new Map<string, T>();

@@ -81,7 +81,18 @@ return {1, ARGV[1]}
 // retry with its client token, or the agent's next pass, finishes step 3 or,
 // if another host's live NIC holds the address by then, removes it (a
 // pending NIC was never reported attached).
-const CLAIM = `
+// A claim's next version: its stored one plus one, or 1 where the stored one
+// is not a plain counter (the hash is shared: a garbled value must not wedge
+// the address). Written before the claim.
+const LUA_NEXT_VERSION = `
+local function next_version(key, field)
+  local v = tonumber(redis.call('HGET', key, field) or '0')
+  if not v or v < 0 or v >= 1e13 or v % 1 ~= 0 then v = 0 end
+  redis.call('HSET', key, field, string.format('%d', v + 1))
+end
+`;
+
+const CLAIM = `${LUA_NEXT_VERSION}
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur == ARGV[2] then return {1, cur, ''} end
 if cur and string.sub(cur, 1, #ARGV[5] + 1) == ARGV[5] .. '/' then return {2, cur, ''} end
@@ -89,8 +100,8 @@ if cur then
   local ver = redis.call('HGET', KEYS[2], ARGV[1]) or ''
   if cur ~= ARGV[3] or ver ~= ARGV[4] then return {-3, cur, ver} end
 end
+next_version(KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 return {1, cur or '', ''}
 `;
 
@@ -109,17 +120,18 @@ if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end
 return {1, ARGV[1]}
 `;
 
-const CONFIRM = `
+const CONFIRM = `${LUA_NEXT_VERSION}
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and cur ~= ARGV[2] and string.sub(cur, 1, #ARGV[3] + 1) ~= ARGV[3] .. '/' then return {-2, cur, redis.call('HGET', KEYS[2], ARGV[1]) or ''} end
+next_version(KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
 return {1, ARGV[2], ''}
 `;
 
-/** Removes a record HOST wrote (if it is still that record), its index entry, client token and pending mark. */
+/** Removes a record HOST wrote (if it is still that record and still pending: a confirmed NIC is never undone), its index entry, client token and pending mark. */
 const UNDO_HOST = `
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[4]) end
@@ -127,10 +139,12 @@ redis.call('HDEL', KEYS[4], ARGV[1])
 return 0
 `;
 
-/** Drops a claim if it still names ARGV[2] (its version stays: a CAS that read it before never matches a later claim), and the overlay's nomination (ARGV[3], '' none) if it still names the host. */
+/** DetachNic: drops a claim if it still names ARGV[2] (its version stays: a CAS that read it before never matches a later claim), and then the overlay's nomination of the address ARGV[3] if it still names the host ARGV[4]. */
 const UNCLAIM = `
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[4] then redis.call('HDEL', KEYS[2], ARGV[3]) end
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[4] then redis.call('HDEL', KEYS[2], ARGV[3]) end
+end
 return 0
 `;
 
@@ -226,8 +240,13 @@ export class HostStore extends HostReader {
       string,
     ];
     if (ok !== 1) return cur;
-    await this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId);
-    await emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]);
+    // The NIC holds its address now. The mark and the event after it are
+    // best effort: a mark left makes the next pass confirm again (it
+    // succeeds), a lost event is made up by the readers' periodic passes.
+    await Promise.all([
+      this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId),
+      emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]),
+    ]).catch(() => undefined);
     return "";
   }
 
@@ -257,28 +276,40 @@ export class HostStore extends HostReader {
 
   /**
    * Cluster: finishes every NIC of this host left pending (the agent's full
-   * pass). Returns the NICs removed because another host's live NIC holds
-   * their address.
+   * pass), each under `lock` (the agent's VPC lock, which AttachNic and
+   * DetachNic hold). Returns the NICs removed because another host's live
+   * NIC holds their address, and those it could not finish now (tried
+   * again at the next pass).
    */
-  async finishPending(): Promise<{ nicId: string; heldBy: string }[]> {
+  async finishPending(
+    lock: <T>(vpcId: string, f: () => Promise<T>) => Promise<T> = (_v, f) => f(),
+  ): Promise<{ lost: { nicId: string; heldBy: string }[]; failed: { nicId: string; error: string }[] }> {
     const pending = this.keys.nicPending(this.hostId);
-    if (!pending) return [];
-    const lost: { nicId: string; heldBy: string }[] = [];
+    const out = { lost: [] as { nicId: string; heldBy: string }[], failed: [] as { nicId: string; error: string }[] };
+    if (!pending) return out;
     for (const nicId of await this.redis.hkeys(pending)) {
-      const raw = await this.redis.hget(this.keys.nics(this.hostId), nicId);
-      const p = raw === null ? null : parseNicSpec(nicId, raw);
-      if (!p?.ok) {
-        // No record (undone, detached) or one that is not used: nothing to finish.
-        await this.redis.hdel(pending, nicId);
-        continue;
-      }
-      const heldBy = await this.finish(p.value, raw!);
-      if (heldBy) {
-        this.lastValid.nics.delete(nicId);
-        lost.push({ nicId, heldBy });
+      try {
+        const raw = await this.redis.hget(this.keys.nics(this.hostId), nicId);
+        const p = raw === null ? null : parseNicSpec(nicId, raw);
+        if (!p?.ok) {
+          // No record (undone, detached) or one that is not used: nothing to finish.
+          await this.redis.hdel(pending, nicId);
+          continue;
+        }
+        const heldBy = await lock(p.value.vpcId, async () => {
+          // An AttachNic or DetachNic may have finished it while this waited for the lock.
+          if (!(await this.redis.hexists(pending, nicId)) || (await this.redis.hget(this.keys.nics(this.hostId), nicId)) !== raw) return "";
+          return this.finish(p.value, raw!);
+        });
+        if (heldBy) {
+          this.lastValid.nics.delete(nicId);
+          out.lost.push({ nicId, heldBy });
+        }
+      } catch (err) {
+        out.failed.push({ nicId, error: (err as Error).message });
       }
     }
-    return lost;
+    return out;
   }
 
   private async addNicInSteps(n: NicSpec): Promise<[number, string]> {
@@ -302,16 +333,23 @@ export class HostStore extends HostReader {
     if (holder) return [-2, holder];
     const raw = JSON.stringify(n);
     const [code, id] = (await this.redis.eval(HOST, 4, ...hk, n.nicId, field, n.clientToken, raw)) as [number, string];
-    if (code !== 1) {
-      // Refused by this host's own index or token: the claim this call wrote (if any) goes.
-      await this.redis.eval(UNCLAIM, 2, this.keys.claims(n.vpcId), this.keys.overlayAddrs(n.vpcId), field, `${this.hostId}/${n.nicId}`, "", "");
+    // Refused by this host's own index or client token, unless by this very NIC (HOST sent again after a reconnect).
+    // The claim may name this call's NIC: it stays, and counts for this host's NIC at the address (claimHolder reads the index).
+    if (code !== 1 && id !== n.nicId) {
+      const other = await this.redis.hget(hk[0], id);
+      const p = other === null ? null : parseNicSpec(id, other);
+      // That NIC's own attach stopped before confirming: finished here, or gone if another host's NIC holds the address by now.
+      if (p?.ok && (await this.redis.hexists(hk[3], id))) {
+        const heldBy = await this.finish(p.value, other!);
+        if (heldBy) return [-2, heldBy];
+      }
       return [code, id];
     }
     let replaced: string;
     try {
       replaced = await this.confirm(n);
     } catch (err) {
-      // Left pending (the next pass or a retry finishes it) unless it can be taken back now.
+      // CONFIRM's outcome is unknown: the record goes if it can (still pending), else the next pass finishes it.
       await this.undoHost(n, raw).catch(() => undefined);
       throw err;
     }

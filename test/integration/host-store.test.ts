@@ -260,16 +260,21 @@ describe("an address of a VPC is attached on one host at a time", () => {
     assert.equal((await plain.addNic(n1)).code, 1);
     // The same address again on A (no client token: a new NIC id), stopped before A's index refuses it.
     const hostStep = gate();
+    let atHost = false;
     const again = new HostStore(
-      gated(redis, (args) => args[2] === hostKeys.nics(A), hostStep.wait),
+      gated(redis, (args) => args[2] === hostKeys.nics(A) && (atHost = true), hostStep.wait),
       A,
     ).addNic(n2);
-    await sleep(50);
-    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: n1.nicId }, "the claim still names the live NIC");
+    await until(async () => atHost);
+    assert.equal(
+      await redis.hget(hostKeys.claims(VPC), field(x)),
+      `${A}/${n1.nicId}`,
+      "the claim itself still names the live NIC (CLAIM leaves this host's entry)",
+    );
     assert.deepEqual(await new HostStore(redis, B).addNic(nb), { code: -2, id: `${A}/${n1.nicId}` }, "B is refused meanwhile");
     hostStep.open();
     assert.deepEqual(await again, { code: -1, id: n1.nicId });
-    assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: n1.nicId });
+    assert.equal(await redis.hget(hostKeys.claims(VPC), field(x)), `${A}/${n1.nicId}`);
     assert.equal(await redis.hexists(hostKeys.nics(B), nb.nicId), 0);
     await plain.delNic(n1);
   });
@@ -287,7 +292,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
       ).addNic(n1);
       await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, n1.nicId)) === 1);
       assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), null, "not confirmed: no nomination yet");
-      assert.deepEqual(await new HostStore(redis, A).finishPending(), []);
+      assert.deepEqual(await new HostStore(redis, A).finishPending(), { lost: [], failed: [] });
       assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n1.nicId), 0);
       assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), A, "confirmed by the pass");
       assert.deepEqual(await locateNic(redis, VPC, x), { hostId: A, nicId: n1.nicId });
@@ -319,7 +324,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
         const got =
           how === "retry"
             ? await new HostStore(redis, A).addNic({ ...addr(nic(1), y, "nic-0000000a0079"), clientToken: na.clientToken })
-            : (await new HostStore(redis, A).finishPending()).map((l) => ({ code: -2, id: l.heldBy }))[0];
+            : (await new HostStore(redis, A).finishPending()).lost.map((l) => ({ code: -2, id: l.heldBy }))[0];
         assert.deepEqual(got, { code: -2, id: `${B}/${nb.nicId}` }, `${how}: A's pending NIC is refused, naming B's`);
         assert.equal(await redis.hexists(hostKeys.nics(A), na.nicId), 0, `${how}: A's pending record is removed`);
         assert.equal(await redis.hexists(hostKeys.nicPending(A)!, na.nicId), 0);
@@ -330,6 +335,57 @@ describe("an address of a VPC is attached on one host at a time", () => {
       }
     },
   );
+
+  test.skipIf(!ON_CLUSTER)("HOST sent twice (a reconnect) is this NIC's own success; a pending NIC that refuses a new attach is finished first", async () => {
+    // HOST run twice: the second answer names this very NIC, which is not a refusal.
+    const x = "10.5.1.146";
+    const n1 = { ...addr(nic(1), x, "nic-0000000a0081"), clientToken: "tok-146" };
+    const twice = new Proxy(redis, {
+      get(t, p) {
+        if (p === "eval")
+          return async (...args: unknown[]) => {
+            const ev = (...a: unknown[]) => (t.eval as (...b: unknown[]) => Promise<unknown>).apply(t, a);
+            if (args[1] === 4 && args[2] === hostKeys.nics(A) && args[4] === hostKeys.nictoken(A)) await ev(...args);
+            return ev(...args);
+          };
+        const v = Reflect.get(t, p, t) as unknown;
+        return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+      },
+    });
+    assert.deepEqual(await new HostStore(twice, A).addNic(n1), { code: 1, id: n1.nicId });
+    assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), A, "confirmed");
+    assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n1.nicId), 0);
+    await new HostStore(redis, A).delNic(n1);
+
+    // A NIC left pending, whose claim is gone: the next attach of its address on this host finishes it and answers with it.
+    const y = "10.5.1.147";
+    const n2 = addr(nic(2), y, "nic-0000000a0082");
+    const stuck = gate();
+    const first = new HostStore(
+      gated(redis, (args) => args[1] === 3 && args[2] === hostKeys.claims(VPC), stuck.wait),
+      A,
+    ).addNic(n2);
+    await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, n2.nicId)) === 1);
+    await redis.hdel(hostKeys.claims(VPC), field(y));
+    assert.deepEqual(await new HostStore(redis, A).addNic(addr(nic(3), y, "nic-0000000a0083")), { code: -1, id: n2.nicId });
+    assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n2.nicId), 0, "finished on the way");
+    assert.equal(await redis.hget(hostKeys.claims(VPC), field(y)), `${A}/${n2.nicId}`);
+    stuck.open();
+    assert.equal((await first).code, 1);
+    await new HostStore(redis, A).delNic(n2);
+  });
+
+  test.skipIf(!ON_CLUSTER)("a garbled claim version (the hash is shared) wedges nothing", async () => {
+    const x = "10.5.1.148";
+    const a = new HostStore(redis, A);
+    const n1 = addr(nic(1), x, "nic-0000000a0091");
+    for (const bad of ["garbage", "-5", "1.5", "99999999999999999999"]) {
+      await redis.hset(hostKeys.claimVersions(VPC)!, field(x), bad);
+      assert.deepEqual(await a.addNic(n1), { code: 1, id: n1.nicId }, `version ${bad}`);
+      assert.match((await redis.hget(hostKeys.claimVersions(VPC)!, field(x)))!, /^[0-9]+$/, `version ${bad} replaced by a counter`);
+      await a.delNic(n1);
+    }
+  });
 });
 
 /** `redis`, each of whose EVALs waits 0–3 ms first. */
@@ -361,8 +417,6 @@ function gated(redis: Redis, when: (args: unknown[]) => boolean, wait: Promise<v
     },
   });
 }
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function until(ok: () => Promise<boolean>): Promise<void> {
   for (let i = 0; i < 200; i++) {

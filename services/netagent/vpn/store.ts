@@ -105,6 +105,8 @@ export class VpnStore {
   ): Promise<{ gen: number } | { overlapsSubnet: string } | { overlapsReservation: string } | { noVpc: true }> {
     const what = `the VPN client range of VPC ${e.vpcId}'s endpoint on host ${e.hostId} (${e.publicAddress}:${e.listenPort})`;
     const L = ipamKeys(this.redis);
+    // Listed first: a sync that reads the counter this script raises then lists the VPC (a listed VPC without an endpoint record is skipped).
+    await this.redis.sadd(this.keys.eps, e.vpcId);
     const [code, ref] = (await this.redis.eval(
       scriptFor(this.redis, SET_ENDPOINT),
       5,
@@ -130,7 +132,6 @@ export class VpnStore {
     if (code === -4) return { noVpc: true };
     if (code === -2) return { overlapsSubnet: String(ref) };
     if (code === -6) return { overlapsReservation: String(ref) };
-    await this.redis.sadd(this.keys.eps, e.vpcId);
     return { gen: Number(ref) };
   }
 
