@@ -1,0 +1,141 @@
+// The per-host Redis ACL users (`microvpcd redis-acl`, services/common/redis-acl.ts)
+// on a real Redis Cluster (3 primaries, 3 replicas; ACL rules are per node,
+// so every node gets them, as docs/redis-acl.md says to apply them). The
+// netagent's cluster layout (netagent/schema.ts NA_KEYS.cluster, the VPN's
+// VPN_KEYS.cluster) puts a host's records under its hash tag and a VPC's
+// shared claims and overlay hashes under the VPC's: as host A's user, A's
+// AttachNic in one-slot steps, its finishing pass, DetachNic, its overlay
+// registry record and membership and its VPN keys are all allowed, while B's
+// records, B's registry record, IPAM's records, the VPN's endpoints and the
+// firewall's groups in the same slots are refused with NOPERM. Redis only:
+// no namespace.
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, test } from "vitest";
+import { aclRules, CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { FW_KEYS } from "../../services/firewall/keys.js";
+import { IPAM_KEYS } from "../../services/ipam/keys.js";
+import { OverlayRegistry, type HostRecord } from "../../services/netagent/overlay/registry.js";
+import type { NicSpec } from "../../services/netagent/plan.js";
+import { HostStore, NA_KEYS } from "../../services/netagent/store.js";
+import { VPN_KEYS } from "../../services/netagent/vpn/schema.js";
+import { VpnStore } from "../../services/netagent/vpn/store.js";
+import { startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
+
+const VPC = "vpc-0a0c0a0c0a0c";
+const [A, B] = ["aclhva", "aclhvb"];
+const K = NA_KEYS.cluster;
+let cluster: TestRedisCluster;
+const pw = randomBytes(12).toString("hex");
+const clients: Redis[] = [];
+let a: Redis;
+let b: Redis;
+
+const nic = (id: string, address: string): NicSpec => ({
+  nicId: id,
+  owner: `vm-${id.slice(-4)}`,
+  vpcId: VPC,
+  subnetId: "subnet-0a0c0a0c0a0c",
+  kind: "veth",
+  hostIf: `v${id.slice(4)}`,
+  mac: "02:00:0a:0c:00:01",
+  address,
+  prefix: 24,
+  gateway: "10.12.1.1",
+  mtu: 1500,
+  hostname: "",
+  guestIf: "eth0",
+  dns: [],
+  veth: { netnsPath: "/run/netns/aclvm", skipDefaultRoute: false },
+  bandwidth: { ingressMbps: 0, egressMbps: 0 },
+  createdMs: 1,
+  clientToken: "",
+});
+
+async function as(user: string): Promise<Redis> {
+  const c = connectRedis({ url: cluster.url, username: user, password: pw, commandTimeoutMs: 5000 });
+  clients.push(c);
+  await waitReady(c);
+  return c;
+}
+
+beforeAll(async () => {
+  const admin = randomBytes(12).toString("hex");
+  cluster = await startRedisCluster({ password: admin });
+  // The rules `microvpcd redis-acl` prints, on every node (ACLs are not replicated).
+  for (const n of cluster.nodes) {
+    const c = new Redis({ port: n.port, host: "127.0.0.1", password: admin, lazyConnect: true, maxRetriesPerRequest: 0 });
+    await c.connect();
+    for (const [user, who] of [
+      [CONTROL_USER, { control: true as const }],
+      [hostUser(A), { hostId: A }],
+      [hostUser(B), { hostId: B }],
+    ] as const)
+      await c.call("ACL", "SETUSER", user, ...aclRules(who), `>${pw}`);
+    c.disconnect();
+  }
+  a = await as(hostUser(A));
+  b = await as(hostUser(B));
+}, 60_000);
+
+afterAll(async () => {
+  for (const c of clients) c.disconnect();
+  await cluster?.stop();
+});
+
+const refused = (p: Promise<unknown>, what: string) => assert.rejects(p, /NOPERM/, `${what} should be refused`);
+
+test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay and VPN keys are allowed; B's, IPAM's, the VPN's and the firewall's keys are refused", async () => {
+  const sa = new HostStore(a, A);
+  const sb = new HostStore(b, B);
+  await sa.putVpc({ vpcId: VPC, ns: `mvpc-${A}-${VPC}`, createdMs: 1 });
+  await sa.putSubnet({ subnetId: "subnet-0a0c0a0c0a0c", vpcId: VPC, cidr: "10.12.1.0/24", gatewayCidr: "10.12.1.1/24", mtu: 1500 });
+  // Every step of A's attach, as A.
+  const na = nic("nic-0000000aac01", "10.12.1.10");
+  assert.deepEqual(await sa.addNic(na), { code: 1, id: na.nicId });
+  assert.deepEqual(await sa.finishPending(), { lost: [], failed: [] });
+  // B, as B, is refused A's address (it reads A's keys, which every host may read) and replaces a claim A does not back.
+  assert.deepEqual(await sb.addNic(nic("nic-0000000bac01", "10.12.1.10")), { code: -2, id: `${A}/${na.nicId}` });
+  await b.hset(K.claims(VPC), `${VPC}/10.12.1.11`, `${A}/nic-0000000aac09`);
+  assert.equal((await sb.addNic(nic("nic-0000000bac02", "10.12.1.11"))).code, 1, "B replaces a claim A does not back");
+  await sa.delNic(na);
+  assert.equal((await sb.addNic(nic("nic-0000000bac01", "10.12.1.10"))).code, 1, "free once A detached it");
+
+  // A's overlay registry record, its membership of the VPC, and its VPN keys.
+  const reg = new OverlayRegistry(a, A);
+  const rec: HostRecord = {
+    id: A,
+    publicKey: `${"A".repeat(42)}A=`,
+    address: "127.0.0.9",
+    mtu: 1420,
+    underlayMtu: 1500,
+    vpcIds: [VPC],
+    registeredMs: 1,
+    keyCreatedMs: 1,
+    agentVersion: "test",
+  };
+  await reg.publish(rec, 60_000);
+  assert.equal(await reg.join(VPC, 51820), true);
+  const vpn = new VpnStore(a);
+  await vpn.setEndpointKey(A, VPC, `${"B".repeat(42)}A=`);
+  await vpn.setApplied(A, VPC, 3);
+
+  // What A's user may not write, each in a slot A's scripts also use.
+  await refused(a.hset(K.nics(B), "nic-0000000bac09", "{}"), "B's NIC records");
+  await refused(a.hset(K.nicaddr(B), `${VPC}/10.12.1.99`, "nic-0000000bac09"), "B's NIC index");
+  await refused(a.hset(K.nicPending(B)!, "nic-0000000bac01", "x"), "B's pending marks");
+  await refused(a.set(K.overlayHost(B), JSON.stringify({ ...rec, id: B })), "B's registry record");
+  await refused(a.hset(VPN_KEYS.cluster.hostKeys(B), VPC, "x"), "B's VPN keys");
+  await refused(a.hset(IPAM_KEYS.cluster.vpc(VPC), "cidr", "0.0.0.0/0"), "IPAM's record of the VPC");
+  await refused(a.hset(IPAM_KEYS.cluster.vpcReserved(VPC), "vpn", "{}"), "IPAM's reserved ranges");
+  await refused(a.hset(VPN_KEYS.cluster.ep(VPC), "host", A), "the VPC's VPN endpoint");
+  await refused(a.hset(VPN_KEYS.cluster.clients(VPC), "x", "{}"), "the VPC's VPN clients");
+  await refused(a.hset(FW_KEYS.cluster.sg(VPC, "sg-0a0c0a0c0a0c"), "rules", "[]"), "a security group of the VPC");
+  // …and the same through a script: a declared key A may not write fails the whole script, before any write.
+  await refused(a.eval("redis.call('HSET', KEYS[1], 'x', '1') return 0", 1, K.nics(B)), "a script declaring B's records");
+  assert.equal(await b.hexists(K.nics(B), "x"), 0);
+  await sb.delNic(nic("nic-0000000bac01", "10.12.1.10"));
+  await sb.delNic(nic("nic-0000000bac02", "10.12.1.11"));
+});
