@@ -20,18 +20,14 @@
 // loop is bounded in count and time. Options (after `npm run bench:fwstore
 // --`): --rounds N (default 200), --members N (default 50). --smoke: 5
 // rounds, 5 members.
-import { performance } from "node:perf_hooks";
 import type { Redis } from "ioredis";
-import { connectRedis, waitReady } from "../services/common/redis.js";
 import { ipToInt } from "../services/common/validate.js";
 import { FirewallStore, type BindingSpec } from "../services/firewall/store.js";
 import { IpamStore } from "../services/ipam/store.js";
 import { naKeys } from "../services/netagent/schema.js";
 import { subnetSpec } from "../test/lib/ipam-specs.js";
-import { startRedis, startRedisCluster } from "../test/lib/redis.js";
-import { check, dur, heading, num, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
+import { alternate, clusterOverSingle, inRoundTrips, onBothLayouts, reportLayouts, timer, type LayoutTimings } from "./lib/layouts.js";
 import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
-import { percentile, sorted } from "./lib/stats.js";
 
 const args = benchArgs({ rounds: { type: "string", default: "200" }, members: { type: "string", default: "50" } }, { rounds: "5", members: "5" });
 const ROUNDS = intOpt("rounds", args.rounds, 20, 10_000);
@@ -50,8 +46,7 @@ const CALLS = [
 ] as const;
 type Call = (typeof CALLS)[number];
 
-interface Layout {
-  name: "single" | "cluster";
+interface Layout extends LayoutTimings<Call> {
   redis: Redis;
   fw: FirewallStore;
   vpcId: string;
@@ -59,7 +54,6 @@ interface Layout {
   /** The group a bound NIC joins, whose rules name `peer`; `peer` has MEMBERS members on host "hb". */
   web: string;
   peer: string;
-  us: Record<Call, number[]>;
 }
 
 const nicOf = (i: number) => `nic-${(0xb00000000000 + i).toString(16)}`;
@@ -79,7 +73,6 @@ function binding(l: Layout, nic: string, address: string, host: string, groups: 
 }
 
 async function setUp(name: Layout["name"], redis: Redis): Promise<Layout> {
-  await waitReady(redis);
   const ipam = new IpamStore(redis);
   const fw = new FirewallStore(redis);
   const vpc = (
@@ -110,12 +103,7 @@ async function setUp(name: Layout["name"], redis: Redis): Promise<Layout> {
 }
 
 async function round(l: Layout, i: number): Promise<void> {
-  const timed = async <T>(call: Call, f: () => Promise<T>): Promise<T> => {
-    const t = performance.now();
-    const out = await f();
-    l.us[call].push((performance.now() - t) * 1000);
-    return out;
-  };
+  const timed = timer(l);
   const rt = l.name === "cluster" ? `mvpc:{${l.vpcId}}:bench` : "mvpc:bench";
   await timed("HSET (baseline)", () => l.redis.hset(rt, "f", String(i)));
   const base = { vpcId: l.vpcId, description: "", labels: [], dropLogging: undefined };
@@ -133,88 +121,28 @@ async function round(l: Layout, i: number): Promise<void> {
 }
 
 async function main(): Promise<number> {
-  progress("starting one redis-server and a 3+3 Redis Cluster");
-  const single = await startRedis({ persistence: false });
-  const cluster = await startRedisCluster();
-  const conns: Redis[] = [];
-  try {
-    const s = connectRedis({ url: single.url, commandTimeoutMs: 5000 });
-    const c = connectRedis({ url: cluster.url, commandTimeoutMs: 5000 });
-    conns.push(s, c);
+  return onBothLayouts(progress, async (s, c) => {
     const layouts = [await setUp("single", s), await setUp("cluster", c)];
-    // One round each first, not counted: scripts loaded on every node, connections to every primary open.
-    for (const l of layouts) {
-      await round(l, -1);
-      for (const c of CALLS) l.us[c] = [];
-    }
     progress(`${ROUNDS} rounds, ${MEMBERS} members in the peer group`);
-    for (let i = 0; i < ROUNDS; i++) for (const l of i % 2 ? [...layouts].reverse() : layouts) await round(l, i);
-
-    const p50 = (l: Layout, call: Call) => percentile(sorted(l.us[call]), 50);
-    const p99 = (l: Layout, call: Call) => percentile(sorted(l.us[call]), 99);
+    await alternate(layouts, CALLS, ROUNDS, round);
     const [one, many] = layouts;
-    console.log(heading(`The firewall's store: one redis-server vs a 3+3 Redis Cluster (${ROUNDS} rounds, ${MEMBERS} peer members)`));
-    console.log(
-      table(
-        ["call", "single p50", "p99", "× HSET", "cluster p50", "p99", "× HSET"],
-        CALLS.map((call) => [
-          call,
-          dur(p50(one, call)),
-          dur(p99(one, call)),
-          num(p50(one, call) / p50(one, "HSET (baseline)"), 1),
-          dur(p50(many, call)),
-          dur(p99(many, call)),
-          num(p50(many, call) / p50(many, "HSET (baseline)"), 1),
-        ]),
-      ),
-    );
-    // The cluster's steps, in round trips of its own baseline: BindNic reads the record and writes four steps (VPC, host, record, event).
-    const bindRt = p50(many, "BindNic") / p50(many, "HSET (baseline)");
-    const snapRt = p50(many, "snapshot (LOAD_VPC)") / p50(many, "HSET (baseline)");
-    const verdicts: Verdict[] = [
-      {
-        measure: "BindNic on a cluster, in HSET round trips",
-        value: dur(p50(many, "BindNic")),
-        baseline: dur(p50(many, "HSET (baseline)")),
-        ratio: bindRt,
-        ...check(bindRt, { max: 10 }),
-      },
-      {
-        measure: `host snapshot on a cluster (${MEMBERS} members), in HSET round trips`,
-        value: dur(p50(many, "snapshot (LOAD_VPC)")),
-        baseline: dur(p50(many, "HSET (baseline)")),
-        ratio: snapRt,
+    return reportLayouts({
+      title: `The firewall's store: one redis-server vs a 3+3 Redis Cluster (${ROUNDS} rounds, ${MEMBERS} peer members)`,
+      kind: "fwstore",
+      calls: CALLS,
+      baseline: "HSET (baseline)",
+      one,
+      many,
+      verdicts: [
+        // The cluster's steps, in round trips of its own baseline: BindNic reads the record and writes four steps (VPC, host, record, event).
+        inRoundTrips(many, "BindNic", "HSET (baseline)", "BindNic on a cluster, in HSET round trips", 10),
         // Informative: its rounds are few and fixed, but each member costs three reads (record, copy, NIC index), so the ratio grows with --members.
-        target: "",
-      },
-      {
-        measure: "BindNic, cluster / single",
-        value: dur(p50(many, "BindNic")),
-        baseline: dur(p50(one, "BindNic")),
-        ratio: p50(many, "BindNic") / p50(one, "BindNic"),
-        target: "",
-      },
-    ];
-    console.log("\nVerdict");
-    console.log(verdictTable(verdicts));
-    const file = resultsFile("fwstore");
-    writeJson(file, {
-      rounds: ROUNDS,
-      members: MEMBERS,
-      rows: CALLS.map((call) => ({
-        call,
-        single: { p50Us: p50(one, call), p99Us: p99(one, call) },
-        cluster: { p50Us: p50(many, call), p99Us: p99(many, call) },
-      })),
-      verdicts,
+        inRoundTrips(many, "snapshot (LOAD_VPC)", "HSET (baseline)", `host snapshot on a cluster (${MEMBERS} members), in HSET round trips`),
+        clusterOverSingle(one, many, "BindNic"),
+      ],
+      extra: { rounds: ROUNDS, members: MEMBERS },
     });
-    console.log(`figures written to ${file}`);
-    return verdicts.every((v) => v.pass !== false) ? 0 : 2;
-  } finally {
-    for (const r of conns) r.disconnect();
-    await cluster.stop();
-    await single.stop();
-  }
+  });
 }
 
 runBench(main);

@@ -19,6 +19,21 @@ function mustParse<T>(what: string, p: Parsed<T>): void {
   if (!p.ok) throw new InvalidArgumentError(p.field || what, `refusing to store an invalid ${what} record: ${p.reason}`);
 }
 
+// This host's side of AttachNic, in ADD_NIC and in a cluster's HOST: KEYS 1
+// the host's NIC records, 2 its address index, 3 its client tokens; ARGV 1
+// the NIC id, 2 "<vpc>/<address>", 3 the client token ('' none). Answers
+// {0, id} for a token whose NIC exists, {-1, id} for an address a NIC of
+// this host holds.
+const LUA_HOST_CHECKS = `
+local tok = ARGV[3]
+if tok ~= '' then
+  local prev = redis.call('HGET', KEYS[3], tok)
+  if prev and redis.call('HEXISTS', KEYS[1], prev) == 1 then return {0, prev} end
+end
+local holder = redis.call('HGET', KEYS[2], ARGV[2])
+if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holder} end
+`;
+
 // Adds a NIC unless its address is taken in that VPC on this host or on
 // any other, or its client token was used: {1, id} added, {0, id} token
 // seen, {-1, id} address held by that NIC of this host, {-2, "host/nic"}
@@ -29,15 +44,7 @@ function mustParse<T>(what: string, p: Parsed<T>): void {
 // host index and NIC record agree (a stale or forged entry blocks nobody).
 // A single Redis only: it reads another host's keys, named from data. A
 // Redis Cluster runs the same rules in steps (HostStore.addNicInSteps).
-const ADD_NIC = `${LUA_EMIT}
-local tok = ARGV[3]
-if tok ~= '' then
-  local prev = redis.call('HGET', KEYS[3], tok)
-  if prev and redis.call('HEXISTS', KEYS[1], prev) == 1 then return {0, prev} end
-end
-local holder = redis.call('HGET', KEYS[2], ARGV[2])
-if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holder} end
-local g = redis.call('HGET', 'mvpc:nicaddr', ARGV[2])
+const ADD_NIC = `${LUA_EMIT}${LUA_HOST_CHECKS}local g = redis.call('HGET', 'mvpc:nicaddr', ARGV[2])
 if g then
   local gh, gn = string.match(g, '^([a-z0-9-]+)/(nic%-[0-9a-f]+)$')
   if gh and gh ~= ARGV[5] and redis.call('HGET', 'mvpc:host:' .. gh .. ':nicaddr', ARGV[2]) == gn
@@ -105,15 +112,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {1, cur or '', ''}
 `;
 
-const HOST = `
-local tok = ARGV[3]
-if tok ~= '' then
-  local prev = redis.call('HGET', KEYS[3], tok)
-  if prev and redis.call('HEXISTS', KEYS[1], prev) == 1 then return {0, prev} end
-end
-local holder = redis.call('HGET', KEYS[2], ARGV[2])
-if holder and redis.call('HEXISTS', KEYS[1], holder) == 1 then return {-1, holder} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+const HOST = `${LUA_HOST_CHECKS}redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
 if tok ~= '' then redis.call('HSET', KEYS[3], tok, ARGV[1]) end

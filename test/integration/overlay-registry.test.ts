@@ -13,8 +13,9 @@ import type { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { vpcEvents } from "../../services/common/events.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
-import { OverlayRegistry, type HostRecord } from "../../services/netagent/overlay/registry.js";
+import { OverlayRegistry } from "../../services/netagent/overlay/registry.js";
 import { naKeys } from "../../services/netagent/schema.js";
+import { hostRecord } from "../lib/netagent-fixtures.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
 import { startRedis, startRedisCluster } from "../lib/redis.js";
 
@@ -51,17 +52,7 @@ test("join: port 0 is refused and writes nothing; a real port is written once an
 });
 
 test("peers: every member's record in one read; a bad record costs only its host, an expired one is no fault", async () => {
-  const rec = (id: string, last: number): HostRecord => ({
-    id,
-    publicKey: `${"A".repeat(41)}${last}A=`,
-    address: `127.0.0.${last}`,
-    mtu: 1420,
-    underlayMtu: 1500,
-    vpcIds: [VPC],
-    registeredMs: 1,
-    keyCreatedMs: 1,
-    agentVersion: "test",
-  });
+  const rec = (id: string, last: number) => hostRecord(id, `127.0.0.${last}`, [VPC], last);
   const regs = ["hv1", "hv2", "hv3"].map((h) => new OverlayRegistry(redis, h));
   for (const [i, r] of regs.entries()) {
     await r.publish(rec(r.hostId, i + 1), 60_000);

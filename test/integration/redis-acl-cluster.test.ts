@@ -17,11 +17,12 @@ import { aclRules, CONTROL_USER, hostUser } from "../../services/common/redis-ac
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { FW_KEYS } from "../../services/firewall/keys.js";
 import { IPAM_KEYS } from "../../services/ipam/keys.js";
-import { OverlayRegistry, type HostRecord } from "../../services/netagent/overlay/registry.js";
+import { OverlayRegistry } from "../../services/netagent/overlay/registry.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
 import { HostStore, NA_KEYS } from "../../services/netagent/store.js";
 import { VPN_KEYS } from "../../services/netagent/vpn/schema.js";
 import { VpnStore } from "../../services/netagent/vpn/store.js";
+import { hostRecord } from "../lib/netagent-fixtures.js";
 import { startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
 
 const VPC = "vpc-0a0c0a0c0a0c";
@@ -105,17 +106,7 @@ test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay 
 
   // A's overlay registry record, its membership of the VPC, and its VPN keys.
   const reg = new OverlayRegistry(a, A);
-  const rec: HostRecord = {
-    id: A,
-    publicKey: `${"A".repeat(42)}A=`,
-    address: "127.0.0.9",
-    mtu: 1420,
-    underlayMtu: 1500,
-    vpcIds: [VPC],
-    registeredMs: 1,
-    keyCreatedMs: 1,
-    agentVersion: "test",
-  };
+  const rec = hostRecord(A, "127.0.0.9", [VPC]);
   await reg.publish(rec, 60_000);
   assert.equal(await reg.join(VPC, 51820), true);
   const vpn = new VpnStore(a);
