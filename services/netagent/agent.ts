@@ -218,15 +218,15 @@ export class Agent {
   async reconcileAll(): Promise<string> {
     let fresh = true;
     if (this.store.keys.cluster) {
-      // Redis Cluster: NICs whose AttachNic stopped before confirming their address claim (HostStore.finishPending),
+      // Redis Cluster: NICs whose AttachNic ended before confirming their address claim (HostStore.discardPending),
       // before the read below, which leaves out those still pending.
       try {
-        const { lost, failed } = await this.store.finishPending((vpcId, f) => this.withLock(vpcId, f));
-        for (const l of lost) {
-          this.desired.nics.delete(l.nicId);
-          this.log.warn({ nic: l.nicId, heldBy: l.heldBy }, "a NIC whose attach did not finish is removed: another host's NIC holds its address");
+        const { removed, failed } = await this.store.discardPending((vpcId, f) => this.withLock(vpcId, f));
+        for (const nic of removed) {
+          this.desired.nics.delete(nic);
+          this.log.warn({ nic }, "a NIC whose attach did not finish is removed; its caller was answered with an error");
         }
-        for (const f of failed) this.log.warn({ nic: f.nicId, err: f.error }, "cannot finish a NIC's attach now; the next pass tries again");
+        for (const f of failed) this.log.warn({ nic: f.nicId, err: f.error }, "cannot remove a NIC whose attach did not finish; the next pass tries again");
       } catch (err) {
         this.log.warn({ err: (err as Error).message }, "cannot read the pending NIC attaches; the next pass tries again");
       }

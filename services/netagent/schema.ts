@@ -56,7 +56,7 @@ export interface NetagentKeys {
   nicPending(host: string): string | null;
   /** Address claims "<vpc>/<address>" → "<host>/<nic>": every VPC's in one hash on a single Redis, the VPC's on a cluster. */
   claims(vpc: string): string;
-  /** Cluster: each claim's version, "<vpc>/<address>" → a counter every write of the claim raises (never reset); null on a single Redis, whose one script needs none. */
+  /** Cluster: each claim's version, "<vpc>/<address>" → a counter every write of the claim raises (never lowered by a writer of ours; a value that is not a counter starts again at 1); null on a single Redis, whose one script needs none. */
   claimVersions(vpc: string): string | null;
   /** The overlay: a host's registry record (lease), the set of host ids, and a VPC's members and address nominations. */
   overlayHost(host: string): string;
@@ -537,15 +537,15 @@ export class HostReader {
   }
 
   async load(): Promise<HostDesired> {
+    // One transaction (the keys share the host's slot on a cluster): the NICs and which of them are pending, at one moment.
     const pendingKey = this.keys.nicPending(this.hostId);
-    const [v, s, n, pending] = await Promise.all([
-      this.redis.hgetall(this.keys.vpcs(this.hostId)),
-      this.redis.hgetall(this.keys.subnets(this.hostId)),
-      this.redis.hgetall(this.keys.nics(this.hostId)),
-      pendingKey ? this.redis.hkeys(pendingKey) : [],
-    ]);
-    // Redis Cluster: a NIC whose AttachNic has not confirmed its address claim yet is not there (HostStore.finishPending).
-    for (const id of pending) delete n[id];
+    const m = this.redis.multi().hgetall(this.keys.vpcs(this.hostId)).hgetall(this.keys.subnets(this.hostId)).hgetall(this.keys.nics(this.hostId));
+    if (pendingKey) m.hkeys(pendingKey);
+    const res = (await m.exec()) ?? [];
+    for (const [err] of res) if (err) throw err;
+    const [v, s, n, pending] = res.map(([, r]) => r) as [Record<string, string>, Record<string, string>, Record<string, string>, string[] | undefined];
+    // Redis Cluster: a NIC whose AttachNic has not confirmed its address claim is not there yet (HostStore.discardPending).
+    for (const id of pending ?? []) delete n[id];
     const invalid: InvalidRecord[] = [];
     const parse = <T>(kind: InvalidRecord["kind"], k: string, h: Record<string, string>, fn: (field: string, raw: string) => Parsed<T>) => {
       const out = new Map<string, T>();
@@ -614,16 +614,23 @@ export class HostReader {
     return (await this.redis.hexists(this.keys.vpcs(this.hostId), vpcId)) === 1;
   }
 
+  /** A NIC's record, or null if there is none or it is pending (a cluster's AttachNic not confirmed: load() leaves it out too). */
+  private async rawNic(nicId: string): Promise<string | null> {
+    const pendingKey = this.keys.nicPending(this.hostId);
+    const [j, pending] = await Promise.all([this.redis.hget(this.keys.nics(this.hostId), nicId), pendingKey ? this.redis.hexists(pendingKey, nicId) : 0]);
+    return pending ? null : j;
+  }
+
   /** One NIC's record as load() would read it alone: absent, invalid (not used), or the NIC. */
   async nicRecord(nicId: string): Promise<{ nic: NicSpec } | "absent" | "invalid"> {
-    const j = await this.redis.hget(this.keys.nics(this.hostId), nicId);
+    const j = await this.rawNic(nicId);
     if (j === null) return "absent";
     const p = parseNicSpec(nicId, j);
     return p.ok ? { nic: p.value } : "invalid";
   }
 
   async getNic(nicId: string): Promise<NicSpec | null> {
-    const j = await this.redis.hget(this.keys.nics(this.hostId), nicId);
+    const j = await this.rawNic(nicId);
     if (!j) return null;
     // An invalid record is treated as absent (load() reports it).
     const p = parseNicSpec(nicId, j);

@@ -65,7 +65,7 @@ return {1, ARGV[1]}
 // ---- a Redis Cluster: AttachNic's address claim in one-slot steps ----
 //
 // 1. CLAIM, in the VPC's slot: the claim "<vpc>/<address>" → "<host>/<nic>"
-//    is written and its version (a counter, never reset) raised, unless an
+//    is written and its version (a counter) raised, unless an
 //    entry is there. This host's own entry is left alone ({2}): its own
 //    index decides in step 2, and step 3 takes the entry over. Another
 //    host's gives {-3, entry, version}, and the client reads that host's own
@@ -84,10 +84,11 @@ return {1, ARGV[1]}
 // its replacement (a CAS on the version step 1 raised) lands before the
 // holder's CONFIRM, which fails; or after the holder's CONFIRM, which raised
 // the version, so the replacement's CAS fails and its next check finds the
-// holder live. A call that stops after step 2 leaves a pending record: a
-// retry with its client token, or the agent's next pass, finishes step 3 or,
-// if another host's live NIC holds the address by then, removes it (a
-// pending NIC was never reported attached).
+// holder live. A call that ends after step 2 without confirming leaves a
+// pending record, which no reader uses (HostReader.load): a retry with its
+// client token finishes step 3, or removes it if another host's live NIC
+// holds the address by then; otherwise the agent's next pass removes it
+// (discardPending: its caller was answered with an error, or not at all).
 // A claim's next version: its stored one plus one, or 1 where the stored one
 // is not a plain counter (the hash is shared: a garbled value must not wedge
 // the address). Written before the claim.
@@ -128,10 +129,12 @@ redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
 return {1, ARGV[2], ''}
 `;
 
-/** Removes a record HOST wrote (if it is still that record and still pending: a confirmed NIC is never undone), its index entry, client token and pending mark. */
+/** Removes a record HOST wrote, its index entry, client token and pending mark: all of it, or nothing if the NIC is no longer pending (a confirmed NIC is never undone) or its record was rewritten since. */
 const UNDO_HOST = `
 if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local rec = redis.call('HGET', KEYS[1], ARGV[1])
+if rec and rec ~= ARGV[2] then return 0 end
+if rec then redis.call('HDEL', KEYS[1], ARGV[1]) end
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[4]) end
 redis.call('HDEL', KEYS[4], ARGV[1])
@@ -239,13 +242,15 @@ export class HostStore extends HostReader {
       string,
     ];
     if (ok !== 1) return cur;
-    // The NIC holds its address now. The mark and the event after it are
-    // best effort: a mark left makes the next pass confirm again (it
-    // succeeds), a lost event is made up by the readers' periodic passes.
+    // The NIC holds its address; it is attached once its mark is gone (an
+    // error here fails the call, whose record is then undone). The event is
+    // best effort: a lost one is made up by the readers' periodic passes.
     await Promise.all([
       this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId),
-      emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]),
-    ]).catch(() => undefined);
+      emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]).catch(
+        () => undefined,
+      ),
+    ]);
     return "";
   }
 
@@ -274,35 +279,58 @@ export class HostStore extends HostReader {
   }
 
   /**
-   * Cluster: finishes every NIC of this host left pending (the agent's full
-   * pass), each under `lock` (the agent's VPC lock, which AttachNic and
-   * DetachNic hold). Returns the NICs removed because another host's live
-   * NIC holds their address, and those it could not finish now (tried
-   * again at the next pass).
+   * Removes a pending NIC whose call ended (its caller got an error, or its
+   * agent stopped): the record and what goes with it (UNDO_HOST), then its
+   * claim and nomination if they name it.
    */
-  async finishPending(
+  private async discard(n: NicSpec, raw: string): Promise<void> {
+    await this.undoHost(n, raw);
+    if (await this.redis.hexists(this.keys.nics(this.hostId), n.nicId)) return;
+    await this.redis.eval(
+      UNCLAIM,
+      2,
+      this.keys.claims(n.vpcId),
+      this.keys.overlayAddrs(n.vpcId),
+      `${n.vpcId}/${n.address}`,
+      `${this.hostId}/${n.nicId}`,
+      n.address,
+      this.hostId,
+    );
+  }
+
+  /**
+   * Cluster: removes every NIC of this host still pending once its VPC's
+   * `lock` is free (the agent's VPC lock, which AttachNic and DetachNic
+   * hold throughout): its AttachNic ended without confirming, so its caller
+   * got an error (or no answer) and will attach again; until then the NIC
+   * is in no desired state, so DetachNic by owner would not find it. The
+   * agent's full pass. Returns the NICs removed, and those it could not
+   * remove now (tried again at the next pass).
+   */
+  async discardPending(
     lock: <T>(vpcId: string, f: () => Promise<T>) => Promise<T> = (_v, f) => f(),
-  ): Promise<{ lost: { nicId: string; heldBy: string }[]; failed: { nicId: string; error: string }[] }> {
+  ): Promise<{ removed: string[]; failed: { nicId: string; error: string }[] }> {
     const pending = this.keys.nicPending(this.hostId);
-    const out = { lost: [] as { nicId: string; heldBy: string }[], failed: [] as { nicId: string; error: string }[] };
+    const out = { removed: [] as string[], failed: [] as { nicId: string; error: string }[] };
     if (!pending) return out;
     for (const nicId of await this.redis.hkeys(pending)) {
       try {
         const raw = await this.redis.hget(this.keys.nics(this.hostId), nicId);
         const p = raw === null ? null : parseNicSpec(nicId, raw);
         if (!p?.ok) {
-          // No record (undone, detached) or one that is not used: nothing to finish.
+          // No record (undone, detached) or one that is not used: only the mark is left.
           await this.redis.hdel(pending, nicId);
           continue;
         }
-        const heldBy = await lock(p.value.vpcId, async () => {
-          // An AttachNic or DetachNic may have finished it while this waited for the lock.
-          if (!(await this.redis.hexists(pending, nicId)) || (await this.redis.hget(this.keys.nics(this.hostId), nicId)) !== raw) return "";
-          return this.finish(p.value, raw!);
+        const gone = await lock(p.value.vpcId, async () => {
+          // A retry with the client token may have finished it while this waited for the lock.
+          if (!(await this.redis.hexists(pending, nicId)) || (await this.redis.hget(this.keys.nics(this.hostId), nicId)) !== raw) return false;
+          await this.discard(p.value, raw!);
+          return true;
         });
-        if (heldBy) {
+        if (gone) {
           this.lastValid.nics.delete(nicId);
-          out.lost.push({ nicId, heldBy });
+          out.removed.push(nicId);
         }
       } catch (err) {
         out.failed.push({ nicId, error: (err as Error).message });
@@ -320,8 +348,9 @@ export class HostStore extends HostReader {
       const raw = prev ? await this.redis.hget(hk[0], prev) : null;
       if (prev && raw !== null) {
         const p = parseNicSpec(prev, raw);
-        // A first call stopped between its steps 2 and 3 left it pending: the retry finishes it.
-        if (p.ok && (await this.redis.hexists(hk[3], prev))) {
+        // A first call stopped between its steps 2 and 3 left it pending: the retry finishes it (under this
+        // VPC's lock, which the service holds: a token's NIC of another VPC is left to that VPC's calls and the pass).
+        if (p.ok && p.value.vpcId === n.vpcId && (await this.redis.hexists(hk[3], prev))) {
           const heldBy = await this.finish(p.value, raw);
           if (heldBy) return [-2, heldBy];
         }
@@ -331,24 +360,26 @@ export class HostStore extends HostReader {
     const holder = await this.claim(n);
     if (holder) return [-2, holder];
     const raw = JSON.stringify(n);
-    const [code, id] = (await this.redis.eval(HOST, 4, ...hk, n.nicId, field, n.clientToken, raw)) as [number, string];
+    const host = async () => (await this.redis.eval(HOST, 4, ...hk, n.nicId, field, n.clientToken, raw)) as [number, string];
+    let [code, id] = await host();
     // Refused by this host's own index or client token, unless by this very NIC (HOST sent again after a reconnect).
     // The claim may name this call's NIC: it stays, and counts for this host's NIC at the address (claimHolder reads the index).
-    if (code !== 1 && id !== n.nicId) {
+    if (code === -1 && id !== n.nicId) {
+      // A NIC of this address whose own attach ended without confirming (it is in this VPC, whose lock the service holds): it goes, and HOST again.
       const other = await this.redis.hget(hk[0], id);
       const p = other === null ? null : parseNicSpec(id, other);
-      // That NIC's own attach stopped before confirming: finished here, or gone if another host's NIC holds the address by now.
       if (p?.ok && (await this.redis.hexists(hk[3], id))) {
-        const heldBy = await this.finish(p.value, other!);
-        if (heldBy) return [-2, heldBy];
+        await this.discard(p.value, other!);
+        [code, id] = await host();
       }
-      return [code, id];
     }
+    if (code !== 1 && id !== n.nicId) return [code, id];
     let replaced: string;
     try {
       replaced = await this.confirm(n);
     } catch (err) {
-      // CONFIRM's outcome is unknown: the record goes if it can (still pending), else the next pass finishes it.
+      // Not attached as far as the caller knows: the record goes (if CONFIRM did apply, its claim is left naming a NIC
+      // with no record: stale, it blocks nobody); if even that fails, the next pass removes it.
       await this.undoHost(n, raw).catch(() => undefined);
       throw err;
     }

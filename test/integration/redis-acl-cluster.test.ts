@@ -14,6 +14,7 @@ import { randomBytes } from "node:crypto";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { aclRules, CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import { vpcEvents } from "../../services/common/events.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { FW_KEYS } from "../../services/firewall/keys.js";
 import { IPAM_KEYS } from "../../services/ipam/keys.js";
@@ -96,7 +97,28 @@ test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay 
   // Every step of A's attach, as A.
   const na = nic("nic-0000000aac01", "10.12.1.10");
   assert.deepEqual(await sa.addNic(na), { code: 1, id: na.nicId });
-  assert.deepEqual(await sa.finishPending(), { lost: [], failed: [] });
+  assert.equal(await a.hexists(K.nicPending(A)!, na.nicId), 0, "its pending mark removed as A");
+  assert.ok(
+    (await a.xrange(vpcEvents(VPC), "-", "+")).some(([, f]) => f.includes("nic.attached") && f.includes(na.nicId)),
+    "its event appended as A",
+  );
+  // A NIC left pending (its CONFIRM never sent), removed by A's pass as A.
+  const stuck = nic("nic-0000000aac05", "10.12.1.15");
+  const never = new Proxy(a, {
+    get(t, p) {
+      if (p === "eval")
+        return async (...args: unknown[]) => {
+          if (args[1] === 3 && args[2] === K.claims(VPC)) await new Promise<void>(() => {});
+          return (t.eval as (...b: unknown[]) => Promise<unknown>).apply(t, args);
+        };
+      const v = Reflect.get(t, p, t) as unknown;
+      return typeof v === "function" ? (v as (...x: unknown[]) => unknown).bind(t) : v;
+    },
+  });
+  void new HostStore(never, A).addNic(stuck);
+  for (let i = 0; i < 200 && !(await a.hexists(K.nicPending(A)!, stuck.nicId)); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(await sa.discardPending(), { removed: [stuck.nicId], failed: [] });
+  assert.equal(await a.hexists(K.nics(A), stuck.nicId), 0);
   // B, as B, is refused A's address (it reads A's keys, which every host may read) and replaces a claim A does not back.
   assert.deepEqual(await sb.addNic(nic("nic-0000000bac01", "10.12.1.10")), { code: -2, id: `${A}/${na.nicId}` });
   await b.hset(K.claims(VPC), `${VPC}/10.12.1.11`, `${A}/nic-0000000aac09`);
@@ -126,6 +148,7 @@ test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay 
   await refused(a.hset(FW_KEYS.cluster.sg(VPC, "sg-0a0c0a0c0a0c"), "rules", "[]"), "a security group of the VPC");
   // …and the same through a script: a declared key A may not write fails the whole script, before any write.
   await refused(a.eval("redis.call('HSET', KEYS[1], 'x', '1') return 0", 1, K.nics(B)), "a script declaring B's records");
+  await refused(a.eval("return 0", 1, IPAM_KEYS.cluster.vpc(VPC)), "a script declaring IPAM's record of the VPC");
   assert.equal(await b.hexists(K.nics(B), "x"), 0);
   await sb.delNic(nic("nic-0000000bac01", "10.12.1.10"));
   await sb.delNic(nic("nic-0000000bac02", "10.12.1.11"));

@@ -47,7 +47,7 @@ return tostring(g)
 // KEYS: vpc, vpc subnets, vpc reserved, ep, gen; ARGV: vpc base size
 // reservation, the prefix of the subnets' records (IpamKeys.subnetIn), then the ep's field/value pairs.
 // Returns {1, gen}, {-4} no VPC, {-2, subnet id} overlaps a subnet, {-6, owner} overlaps another reservation.
-// The listing of endpoints (eps) is written after it: on a cluster it is in another slot.
+// The listing of endpoints (eps) is written before it, apart: on a cluster it is in another slot.
 const SET_ENDPOINT = `${LUA_EMIT}${LUA_RANGE_CHECKS}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
