@@ -242,6 +242,19 @@ export class NetAgent {
    * found now by a dump of the table, and again once its mark is out.
    * Returns the entries cleared before the answer.
    */
+  /**
+   * Undoes a NIC whose attach failed after its record was written. If that
+   * fails too, on a Redis Cluster the NIC is marked so that the agent's next
+   * pass removes it (HostStore.abandon): its caller is told the attach failed.
+   */
+  private async undoAttach(spec: NicSpec): Promise<void> {
+    await this.detachLocked(spec).catch(async () => {
+      if (!this.agent.store.keys.cluster) return;
+      this.agent.desired.nics.delete(spec.nicId);
+      await this.agent.store.abandon(spec).catch(() => {});
+    });
+  }
+
   private async detachLocked(n: NicSpec): Promise<number> {
     const ns = this.agent.nsOf(n.vpcId);
     const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
@@ -433,7 +446,7 @@ export class NetAgent {
     // the ip batch. Say so before touching the kernel.
     const onBridge = [...this.agent.desired.nics.values()].filter((n) => n.subnetId === s.id).length;
     if (onBridge >= BRIDGE_MAX_PORTS) {
-      await this.detachLocked(spec).catch(() => {});
+      await this.undoAttach(spec);
       throw bridgeFull(s.name, this.opts.hostId);
     }
     this.agent.desired.nics.set(nicId, spec);
@@ -456,7 +469,7 @@ export class NetAgent {
     } catch (err) {
       // Undo: nothing half-applied stays behind (the mark's attach settled first: the undo retires it).
       await marked?.catch(() => {});
-      await this.detachLocked(spec).catch(() => {});
+      await this.undoAttach(spec);
       this.agent.readyBridges.delete(s.id);
       const out = err instanceof ExecError ? err.stderr : "";
       if (kind === "veth" && /File exists/.test(out))

@@ -64,31 +64,33 @@ return {1, ARGV[1]}
 
 // ---- a Redis Cluster: AttachNic's address claim in one-slot steps ----
 //
+// 0. The NIC is marked pending (nicpending, the host's slot): no reader uses
+//    it (HostReader.load) until the mark goes, which it does last.
 // 1. CLAIM, in the VPC's slot: the claim "<vpc>/<address>" → "<host>/<nic>"
-//    is written and its version (a counter) raised, unless an
-//    entry is there. This host's own entry is left alone ({2}): its own
-//    index decides in step 2, and step 3 takes the entry over. Another
-//    host's gives {-3, entry, version}, and the client reads that host's own
-//    index and NIC record (what ADD_NIC reads in Lua, claimHolder): a live
-//    NIC refuses (-2); a stale or forged entry is replaced by CLAIM again,
-//    given the entry and version it checked (compare-and-set).
+//    is written and its version (a counter) raised, unless an entry is
+//    there. This host's own entry is left alone ({2}): its own index decides
+//    in step 2, and step 3 takes the entry over. Another host's gives {-3,
+//    entry, version}, and the client reads that host's own index and NIC
+//    record (what ADD_NIC reads in Lua, claimHolder): a live NIC refuses
+//    (-2); a stale or forged entry is replaced by CLAIM again, given the
+//    entry and version it checked (compare-and-set).
 // 2. HOST, in the host's slot: the client token and the host's own index,
-//    then the record, marked pending (nicpending) until step 3 is done.
+//    then the record.
 // 3. CONFIRM, in the VPC's slot: the claim names this NIC, another NIC of
 //    this host, or nothing, so no other host replaced it since step 1: it is
 //    written as this NIC's, its version raised again, and the overlay's
-//    nomination written; then the pending mark goes. Otherwise the record
-//    is removed again (UNDO_HOST) and the call answers as for a live holder.
+//    nomination written; then the mark goes. Otherwise, or on any error,
+//    the call removes what it wrote, the mark last (HostStore.remove).
 // Why two hosts cannot both hold an address: a replacer's check of the
 // holder's records came either before the holder's record existed, and then
 // its replacement (a CAS on the version step 1 raised) lands before the
 // holder's CONFIRM, which fails; or after the holder's CONFIRM, which raised
 // the version, so the replacement's CAS fails and its next check finds the
-// holder live. A call that ends after step 2 without confirming leaves a
-// pending record, which no reader uses (HostReader.load): a retry with its
-// client token finishes step 3, or removes it if another host's live NIC
-// holds the address by then; otherwise the agent's next pass removes it
-// (discardPending: its caller was answered with an error, or not at all).
+// holder live. A call that stops with its NIC marked leaves it to a retry
+// with its client token (which finishes it, or removes it if another host's
+// live NIC holds the address by then) or to the agent's next pass, which
+// removes it (discardPending: its caller was answered with an error, or not
+// at all).
 // A claim's next version: its stored one plus one, or 1 where the stored one
 // is not a plain counter (the hash is shared: a garbled value must not wedge
 // the address). Written before the claim.
@@ -129,23 +131,28 @@ redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
 return {1, ARGV[2], ''}
 `;
 
-/** Removes a record HOST wrote, its index entry, client token and pending mark: all of it, or nothing if the NIC is no longer pending (a confirmed NIC is never undone) or its record was rewritten since. */
+/**
+ * Removes a record HOST wrote, its index entry and client token: all of it,
+ * or nothing if its record was rewritten since, or (unless ARGV[5] is '1':
+ * the failing call's own undo, under its VPC's lock) if the NIC is not
+ * pending (a NIC reported attached is never undone). The pending mark stays:
+ * it goes last, once the claim is dropped too (HostStore.remove).
+ */
 const UNDO_HOST = `
-if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return 0 end
+if ARGV[5] ~= '1' and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return 0 end
 local rec = redis.call('HGET', KEYS[1], ARGV[1])
 if rec and rec ~= ARGV[2] then return 0 end
 if rec then redis.call('HDEL', KEYS[1], ARGV[1]) end
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[4]) end
-redis.call('HDEL', KEYS[4], ARGV[1])
 return 0
 `;
 
-/** DetachNic: drops a claim if it still names ARGV[2] (its version stays: a CAS that read it before never matches a later claim), and then the overlay's nomination of the address ARGV[3] if it still names the host ARGV[4]. */
+/** Drops a claim if it still names ARGV[2] (its version stays: a CAS that read it before never matches a later claim), and then the overlay's nomination of the address ARGV[3] ('' leaves it) if it still names the host ARGV[4]. */
 const UNCLAIM = `
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[4] then redis.call('HDEL', KEYS[2], ARGV[3]) end
+  if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[4] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 end
 return 0
 `;
@@ -234,68 +241,82 @@ export class HostStore extends HostReader {
     }
   }
 
-  /** Step 3 (CONFIRM); "" when done, else the entry that replaced the claim. */
+  /** Step 3 (CONFIRM); "" when the claim is this NIC's, else the entry that replaced it. */
   private async confirm(n: NicSpec): Promise<string> {
     const k = [this.keys.claims(n.vpcId), this.keys.claimVersions(n.vpcId)!, this.keys.overlayAddrs(n.vpcId)];
     const [ok, cur] = (await this.redis.eval(CONFIRM, 3, ...k, `${n.vpcId}/${n.address}`, `${this.hostId}/${n.nicId}`, this.hostId, n.address)) as [
       number,
       string,
     ];
-    if (ok !== 1) return cur;
-    // The NIC holds its address; it is attached once its mark is gone (an
-    // error here fails the call, whose record is then undone). The event is
-    // best effort: a lost one is made up by the readers' periodic passes.
-    await Promise.all([
-      this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId),
-      emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]).catch(
-        () => undefined,
-      ),
-    ]);
-    return "";
-  }
-
-  /** Removes the record `raw` of NIC `n` HOST wrote, and what goes with it. */
-  private async undoHost(n: NicSpec, raw: string): Promise<void> {
-    await this.redis.eval(UNDO_HOST, 4, ...this.hostKeys(), n.nicId, raw, `${n.vpcId}/${n.address}`, n.clientToken);
+    return ok === 1 ? "" : cur;
   }
 
   /**
-   * Finishes a pending NIC (a call stopped between steps 2 and 3): step 3,
-   * taking over a stale or forged claim on the way. Returns "" when the NIC
-   * holds its address, or the other host's live NIC that does, after this
-   * record was removed (a pending NIC was never reported attached).
+   * The NIC is attached once its pending mark is gone; the event after it
+   * is best effort (a lost one is made up by the readers' periodic passes).
+   * If the mark's removal fails, the caller removes the NIC (remove, forced).
    */
-  private async finish(n: NicSpec, raw: string): Promise<string> {
-    for (let attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
-      const replaced = await this.confirm(n);
-      if (!replaced) return "";
-      const holder = await this.claim(n);
-      if (holder) {
-        await this.undoHost(n, raw);
-        return holder;
-      }
-    }
-    throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} changed ${CLAIM_ATTEMPTS} times while this host confirmed it; try again`);
+  private async attached(n: NicSpec): Promise<void> {
+    await this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId);
+    await emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]).catch(
+      () => undefined,
+    );
   }
 
   /**
-   * Removes a pending NIC whose call ended (its caller got an error, or its
-   * agent stopped): the record and what goes with it (UNDO_HOST), then its
-   * claim and nomination if they name it.
+   * Removes a NIC whose attach did not finish, in this order: its record,
+   * index entry and token (UNDO_HOST; `force`: the failing call's own undo,
+   * even if its mark is gone), its claim and nomination if they name it,
+   * then its pending mark. Whatever step fails, the mark is still there and
+   * the next pass (discardPending) goes on from it.
    */
-  private async discard(n: NicSpec, raw: string): Promise<void> {
-    await this.undoHost(n, raw);
+  private async remove(n: NicSpec, raw: string, force = false): Promise<void> {
+    await this.redis.eval(UNDO_HOST, 4, ...this.hostKeys(), n.nicId, raw, `${n.vpcId}/${n.address}`, n.clientToken, force ? "1" : "");
     if (await this.redis.hexists(this.keys.nics(this.hostId), n.nicId)) return;
+    await this.unclaim(n.vpcId, n.address, n.nicId);
+    await this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId);
+  }
+
+  /** Drops the claim of `address` in `vpcId` if it names this host's `nicId`, and then its nomination. */
+  private async unclaim(vpcId: string, address: string, nicId: string, nomination = true): Promise<void> {
     await this.redis.eval(
       UNCLAIM,
       2,
-      this.keys.claims(n.vpcId),
-      this.keys.overlayAddrs(n.vpcId),
-      `${n.vpcId}/${n.address}`,
-      `${this.hostId}/${n.nicId}`,
-      n.address,
+      this.keys.claims(vpcId),
+      this.keys.overlayAddrs(vpcId),
+      `${vpcId}/${address}`,
+      `${this.hostId}/${nicId}`,
+      nomination ? address : "",
       this.hostId,
     );
+  }
+
+  /**
+   * Finishes a pending NIC of this VPC (a retry with its client token, under
+   * the VPC's lock): step 3, taking over a stale or forged claim on the
+   * way. Returns "" when the NIC holds its address, or the other host's
+   * live NIC that does, after this NIC was removed (it was never reported
+   * attached).
+   */
+  private async finish(n: NicSpec, raw: string): Promise<string> {
+    try {
+      for (let attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
+        const replaced = await this.confirm(n);
+        if (!replaced) {
+          await this.attached(n);
+          return "";
+        }
+        const holder = await this.claim(n);
+        if (holder) {
+          await this.remove(n, raw, true);
+          return holder;
+        }
+      }
+      throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} changed ${CLAIM_ATTEMPTS} times while this host confirmed it; try again`);
+    } catch (err) {
+      await this.remove(n, raw, true).catch(() => undefined);
+      throw err;
+    }
   }
 
   /**
@@ -313,25 +334,28 @@ export class HostStore extends HostReader {
     const pending = this.keys.nicPending(this.hostId);
     const out = { removed: [] as string[], failed: [] as { nicId: string; error: string }[] };
     if (!pending) return out;
-    for (const nicId of await this.redis.hkeys(pending)) {
+    for (const [nicId, mark] of Object.entries(await this.redis.hgetall(pending))) {
       try {
+        // The mark holds "<vpc>/<address>": what a removal stopped half-way still has to drop.
+        const m = /^(vpc-[0-9a-f]{12})\/([0-9.]{7,15})$/.exec(mark);
         const raw = await this.redis.hget(this.keys.nics(this.hostId), nicId);
         const p = raw === null ? null : parseNicSpec(nicId, raw);
-        if (!p?.ok) {
-          // No record (undone, detached) or one that is not used: only the mark is left.
-          await this.redis.hdel(pending, nicId);
+        if (!m || (p && !p.ok)) {
+          // Not a mark this host writes, or a record that is not used (reported by load): nothing of ours to drop.
+          if (!m) await this.redis.hdel(pending, nicId);
           continue;
         }
-        const gone = await lock(p.value.vpcId, async () => {
-          // A retry with the client token may have finished it while this waited for the lock.
-          if (!(await this.redis.hexists(pending, nicId)) || (await this.redis.hget(this.keys.nics(this.hostId), nicId)) !== raw) return false;
-          await this.discard(p.value, raw!);
-          return true;
-        });
-        if (gone) {
+        await lock(m[1], async () => {
+          // Its call may have finished it (a retry with the client token) while this waited for the lock.
+          if ((await this.redis.hget(pending, nicId)) !== mark || (await this.redis.hget(this.keys.nics(this.hostId), nicId)) !== raw) return;
+          if (p?.ok) await this.remove(p.value, raw!);
+          else {
+            await this.unclaim(m[1], m[2], nicId);
+            await this.redis.hdel(pending, nicId);
+          }
           this.lastValid.nics.delete(nicId);
           out.removed.push(nicId);
-        }
+        });
       } catch (err) {
         out.failed.push({ nicId, error: (err as Error).message });
       }
@@ -357,40 +381,60 @@ export class HostStore extends HostReader {
         return [0, prev];
       }
     }
-    const holder = await this.claim(n);
-    if (holder) return [-2, holder];
+    // Marked first, removed last: whatever happens from here, a NIC whose attach did not finish can be found and removed.
     const raw = JSON.stringify(n);
-    const host = async () => (await this.redis.eval(HOST, 4, ...hk, n.nicId, field, n.clientToken, raw)) as [number, string];
-    let [code, id] = await host();
-    // Refused by this host's own index or client token, unless by this very NIC (HOST sent again after a reconnect).
-    // The claim may name this call's NIC: it stays, and counts for this host's NIC at the address (claimHolder reads the index).
-    if (code === -1 && id !== n.nicId) {
-      // A NIC of this address whose own attach ended without confirming (it is in this VPC, whose lock the service holds): it goes, and HOST again.
-      const other = await this.redis.hget(hk[0], id);
-      const p = other === null ? null : parseNicSpec(id, other);
-      if (p?.ok && (await this.redis.hexists(hk[3], id))) {
-        await this.discard(p.value, other!);
-        [code, id] = await host();
-      }
-    }
-    if (code !== 1 && id !== n.nicId) return [code, id];
-    let replaced: string;
+    await this.redis.hset(hk[3], n.nicId, field);
     try {
-      replaced = await this.confirm(n);
+      const holder = await this.claim(n);
+      if (holder) {
+        await this.redis.hdel(hk[3], n.nicId);
+        return [-2, holder];
+      }
+      const host = async () => (await this.redis.eval(HOST, 4, ...hk, n.nicId, field, n.clientToken, raw)) as [number, string];
+      let [code, id] = await host();
+      // Refused by this host's own index or client token, unless by this very NIC (HOST sent again after a reconnect).
+      if (code === -1 && id !== n.nicId) {
+        // A NIC of this address whose own attach ended without finishing (in this VPC, whose lock the service holds): it goes, and HOST again.
+        const other = await this.redis.hget(hk[0], id);
+        const p = other === null ? null : parseNicSpec(id, other);
+        if (p?.ok && (await this.redis.hexists(hk[3], id))) {
+          await this.remove(p.value, other!);
+          [code, id] = await host();
+        }
+      }
+      if (code !== 1 && id !== n.nicId) {
+        // The claim this call wrote (if any) goes; a nomination it did not write stays.
+        await this.unclaim(n.vpcId, n.address, n.nicId, false);
+        await this.redis.hdel(hk[3], n.nicId);
+        return [code, id];
+      }
+      const replaced = await this.confirm(n);
+      if (replaced) {
+        await this.remove(n, raw, true);
+        // Replaced by another host's claim (its NIC live, or being attached); or garbled (by a hostile host: a claim is shared), which names nobody.
+        const holder = (await claimHolder(this.redis, replaced, field)) || (parseClaim(replaced) ? replaced : "");
+        if (holder) return [-2, holder];
+        throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} was taken while this host attached it; try again`);
+      }
+      await this.attached(n);
     } catch (err) {
-      // Not attached as far as the caller knows: the record goes (if CONFIRM did apply, its claim is left naming a NIC
-      // with no record: stale, it blocks nobody); if even that fails, the next pass removes it.
-      await this.undoHost(n, raw).catch(() => undefined);
+      // Not attached as far as the caller knows: everything of it goes (a reply lost after CONFIRM or the mark's removal
+      // applied included); if even that fails, its mark is still there and the next pass removes it.
+      await this.remove(n, raw, true).catch(() => undefined);
       throw err;
     }
-    if (replaced) {
-      await this.undoHost(n, raw);
-      // Replaced by another host's claim (its NIC live, or being attached); or garbled (by a hostile host: a claim is shared), which names nobody.
-      const holder = (await claimHolder(this.redis, replaced, field)) || (parseClaim(replaced) ? replaced : "");
-      if (holder) return [-2, holder];
-      throw new UnavailableError(`the claim of ${n.address} in ${n.vpcId} was taken while this host attached it; try again`);
-    }
     return [1, n.nicId];
+  }
+
+  /**
+   * A Redis Cluster: marks a NIC whose AttachNic failed after its record was
+   * confirmed, and whose undo (DetachNic's) failed too, so that the agent's
+   * next pass removes it (discardPending). A single Redis keeps the record,
+   * as before.
+   */
+  async abandon(n: NicSpec): Promise<void> {
+    const pending = this.keys.nicPending(this.hostId);
+    if (pending) await this.redis.hset(pending, n.nicId, `${n.vpcId}/${n.address}`);
   }
 
   async putNic(n: NicSpec): Promise<void> {

@@ -290,7 +290,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
     const x = "10.5.1.143";
     const n1 = { ...addr(nic(1), x, "nic-0000000a0061"), clientToken: "tok-143" };
     stopAfterHost(n1);
-    await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, n1.nicId)) === 1);
+    await until(async () => (await redis.hexists(hostKeys.nics(A), n1.nicId)) === 1); // HOST done: the record is there, still marked
     const reader = new HostStore(redis, A);
     assert.ok(!(await reader.load()).nics.has(n1.nicId), "load() leaves a pending NIC out: no device, no binding");
     assert.equal(await reader.getNic(n1.nicId), null);
@@ -314,7 +314,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
     const x = "10.5.1.144";
     const n1 = { ...addr(nic(1), x, "nic-0000000a0071"), clientToken: "tok-144" };
     stopAfterHost(n1);
-    await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, n1.nicId)) === 1);
+    await until(async () => (await redis.hexists(hostKeys.nics(A), n1.nicId)) === 1); // HOST done: the record is there, still marked
     const a = new HostStore(redis, A);
     assert.deepEqual(await a.addNic({ ...addr(nic(1), x, "nic-0000000a0072"), clientToken: n1.clientToken }), { code: 0, id: n1.nicId });
     assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n1.nicId), 0);
@@ -340,7 +340,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
     await until(async () => (await redis.hget(hostKeys.claims(VPC), field(y))) === `${A}/${na.nicId}`);
     assert.equal((await new HostStore(redis, B).addNic(nb)).code, 1, "B found A's claim unbacked and took it");
     hostStep.open();
-    await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, na.nicId)) === 1);
+    await until(async () => (await redis.hexists(hostKeys.nics(A), na.nicId)) === 1); // HOST done: the record is there, still marked
     assert.deepEqual(
       await a.addNic({ ...addr(nic(1), y, "nic-0000000a0079"), clientToken: na.clientToken }),
       { code: -2, id: `${B}/${nb.nicId}` },
@@ -381,12 +381,37 @@ describe("an address of a VPC is attached on one host at a time", () => {
     const y = "10.5.1.148";
     const n2 = addr(nic(2), y, "nic-0000000a0083");
     stopAfterHost(n2);
-    await until(async () => (await redis.hexists(hostKeys.nicPending(A)!, n2.nicId)) === 1);
+    await until(async () => (await redis.hexists(hostKeys.nics(A), n2.nicId)) === 1); // HOST done: the record is there, still marked
     const n3 = addr(nic(3), y, "nic-0000000a0084");
     assert.deepEqual(await new HostStore(redis, A).addNic(n3), { code: 1, id: n3.nicId });
     assert.equal(await redis.hexists(hostKeys.nics(A), n2.nicId), 0, "the pending NIC is gone");
     assert.deepEqual(await locateNic(redis, VPC, y), { hostId: A, nicId: n3.nicId });
     await new HostStore(redis, A).delNic(n3);
+  });
+
+  test.skipIf(!ON_CLUSTER)("an attach whose last step's reply is lost fails and leaves nothing: no record, no claim, no mark", async () => {
+    const x = "10.5.1.150";
+    const n1 = addr(nic(1), x, "nic-0000000a00a1");
+    // The pending mark's removal applies, and its reply is lost (a timeout): the call cannot know it was attached.
+    const lossy = new Proxy(redis, {
+      get(t, p) {
+        if (p === "hdel")
+          return async (...args: unknown[]) => {
+            const r = await (t.hdel as (...b: unknown[]) => Promise<number>).apply(t, args);
+            if (args[0] === hostKeys.nicPending(A) && args[1] === n1.nicId) throw new Error("Command timed out");
+            return r;
+          };
+        const v = Reflect.get(t, p, t) as unknown;
+        return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+      },
+    });
+    await assert.rejects(new HostStore(lossy, A).addNic(n1), /timed out/);
+    assert.equal(await redis.hexists(hostKeys.nics(A), n1.nicId), 0, "no record: the caller was told it failed");
+    assert.equal(await redis.hexists(hostKeys.nicaddr(A), field(x)), 0);
+    assert.equal(await redis.hexists(hostKeys.claims(VPC), field(x)), 0, "no claim");
+    assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n1.nicId), 0, "no mark");
+    assert.equal((await new HostStore(redis, B).addNic(addr(nic(2), x, "nic-0000000b00a1"))).code, 1, "the address is free");
+    await new HostStore(redis, B).delNic(addr(nic(2), x, "nic-0000000b00a1"));
   });
 
   test.skipIf(!ON_CLUSTER)("a garbled claim version (the hash is shared) wedges nothing", async () => {

@@ -116,7 +116,7 @@ test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay 
     },
   });
   void new HostStore(never, A).addNic(stuck);
-  for (let i = 0; i < 200 && !(await a.hexists(K.nicPending(A)!, stuck.nicId)); i++) await new Promise((r) => setTimeout(r, 10));
+  for (let i = 0; i < 200 && !(await a.hexists(K.nics(A), stuck.nicId)); i++) await new Promise((r) => setTimeout(r, 10));
   assert.deepEqual(await sa.discardPending(), { removed: [stuck.nicId], failed: [] });
   assert.equal(await a.hexists(K.nics(A), stuck.nicId), 0);
   // B, as B, is refused A's address (it reads A's keys, which every host may read) and replaces a claim A does not back.
