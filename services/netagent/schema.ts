@@ -466,13 +466,16 @@ export const overlayKeys = {
   addrs: NA_KEYS.single.overlayAddrs,
 };
 
+/** The field of an address in the claims, a host's address index and a pending mark: "<vpc>/<address>". */
+export const claimField = (vpcId: string, address: string): string => `${vpcId}/${address}`;
+
 /**
  * Where a NIC with this address lives, across every host, or null. The
  * claims are shared (any host's Redis user may write them): a claim counts
  * only where its host's own index and record say so (claimHolder).
  */
 export async function locateNic(redis: Redis, vpcId: string, address: string): Promise<{ hostId: string; nicId: string } | null> {
-  const field = `${vpcId}/${address}`;
+  const field = claimField(vpcId, address);
   return parseClaim(await claimHolder(redis, await redis.hget(naKeys(redis).claims(vpcId), field), field));
 }
 

@@ -9,7 +9,7 @@ import type { Redis } from "ioredis";
 import { InvalidArgumentError, UnavailableError } from "../common/errors.js";
 import { emit, EVENTS, hostEvents, LUA_EMIT, SCOPED_MAXLEN, vpcEvents } from "../common/events.js";
 import type { NicSpec, SubnetSpec } from "./plan.js";
-import { claimHolder, HostReader, parseClaim, parseNicSpec, parseSubnetSpec, parseVpcSpec, type Parsed, type VpcSpec } from "./schema.js";
+import { claimField, claimHolder, HostReader, parseClaim, parseNicSpec, parseSubnetSpec, parseVpcSpec, type Parsed, type VpcSpec } from "./schema.js";
 
 export { HostReader, locateNic, NA_KEYS, naKeys, overlayKeys, type NetagentKeys } from "./schema.js";
 export type { HostDesired, VpcSpec } from "./schema.js";
@@ -64,8 +64,9 @@ return {1, ARGV[1]}
 
 // ---- a Redis Cluster: AttachNic's address claim in one-slot steps ----
 //
-// 0. The NIC is marked pending (nicpending, the host's slot): no reader uses
-//    it (HostReader.load) until the mark goes, which it does last.
+// 0. The NIC is marked pending (nicpending, the host's slot), beside step 1
+//    and before its record: no reader uses it (HostReader.load) until the
+//    mark goes, which it does last.
 // 1. CLAIM, in the VPC's slot: the claim "<vpc>/<address>" → "<host>/<nic>"
 //    is written and its version (a counter) raised, unless an entry is
 //    there. This host's own entry is left alone ({2}): its own index decides
@@ -135,17 +136,18 @@ return {1, ARGV[2], ''}
  * Removes a record HOST wrote, its index entry and client token: all of it,
  * or nothing if its record was rewritten since, or (unless ARGV[5] is '1':
  * the failing call's own undo, under its VPC's lock) if the NIC is not
- * pending (a NIC reported attached is never undone). The pending mark stays:
- * it goes last, once the claim is dropped too (HostStore.remove).
+ * pending (a NIC reported attached is never undone). Returns 1 when the NIC
+ * has no record now, 0 when it keeps one. The pending mark stays: it goes
+ * last, once the claim is dropped too (HostStore.remove).
  */
 const UNDO_HOST = `
-if ARGV[5] ~= '1' and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return 0 end
 local rec = redis.call('HGET', KEYS[1], ARGV[1])
+if rec and ARGV[5] ~= '1' and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return 0 end
 if rec and rec ~= ARGV[2] then return 0 end
 if rec then redis.call('HDEL', KEYS[1], ARGV[1]) end
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[4]) end
-return 0
+return 1
 `;
 
 /** Drops a claim if it still names ARGV[2] (its version stays: a CAS that read it before never matches a later claim), and then the overlay's nomination of the address ARGV[3] ('' leaves it) if it still names the host ARGV[4]. */
@@ -199,7 +201,7 @@ export class HostStore extends HostReader {
           this.keys.nicaddr(this.hostId),
           this.keys.nictoken(this.hostId),
           n.nicId,
-          `${n.vpcId}/${n.address}`,
+          claimField(n.vpcId, n.address),
           n.clientToken,
           JSON.stringify(n),
           this.hostId,
@@ -218,7 +220,7 @@ export class HostStore extends HostReader {
    * claim is this NIC's or this host's, else the live holder ("<host>/<nic>").
    */
   private async claim(n: NicSpec): Promise<string> {
-    const field = `${n.vpcId}/${n.address}`;
+    const field = claimField(n.vpcId, n.address);
     let expect = ["", ""];
     for (let attempt = 0; ; attempt++) {
       const [code, cur, ver] = (await this.redis.eval(
@@ -244,7 +246,7 @@ export class HostStore extends HostReader {
   /** Step 3 (CONFIRM); "" when the claim is this NIC's, else the entry that replaced it. */
   private async confirm(n: NicSpec): Promise<string> {
     const k = [this.keys.claims(n.vpcId), this.keys.claimVersions(n.vpcId)!, this.keys.overlayAddrs(n.vpcId)];
-    const [ok, cur] = (await this.redis.eval(CONFIRM, 3, ...k, `${n.vpcId}/${n.address}`, `${this.hostId}/${n.nicId}`, this.hostId, n.address)) as [
+    const [ok, cur] = (await this.redis.eval(CONFIRM, 3, ...k, claimField(n.vpcId, n.address), `${this.hostId}/${n.nicId}`, this.hostId, n.address)) as [
       number,
       string,
     ];
@@ -257,10 +259,11 @@ export class HostStore extends HostReader {
    * If the mark's removal fails, the caller removes the NIC (remove, forced).
    */
   private async attached(n: NicSpec): Promise<void> {
-    await this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId);
-    await emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId]).catch(
-      () => undefined,
-    );
+    const event = ["kind", "nic.attached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId];
+    await Promise.all([
+      this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId),
+      emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, event).catch(() => undefined),
+    ]);
   }
 
   /**
@@ -271,8 +274,8 @@ export class HostStore extends HostReader {
    * the next pass (discardPending) goes on from it.
    */
   private async remove(n: NicSpec, raw: string, force = false): Promise<void> {
-    await this.redis.eval(UNDO_HOST, 4, ...this.hostKeys(), n.nicId, raw, `${n.vpcId}/${n.address}`, n.clientToken, force ? "1" : "");
-    if (await this.redis.hexists(this.keys.nics(this.hostId), n.nicId)) return;
+    const gone = await this.redis.eval(UNDO_HOST, 4, ...this.hostKeys(), n.nicId, raw, claimField(n.vpcId, n.address), n.clientToken, force ? "1" : "");
+    if (gone !== 1) return;
     await this.unclaim(n.vpcId, n.address, n.nicId);
     await this.redis.hdel(this.keys.nicPending(this.hostId)!, n.nicId);
   }
@@ -284,7 +287,7 @@ export class HostStore extends HostReader {
       2,
       this.keys.claims(vpcId),
       this.keys.overlayAddrs(vpcId),
-      `${vpcId}/${address}`,
+      claimField(vpcId, address),
       `${this.hostId}/${nicId}`,
       nomination ? address : "",
       this.hostId,
@@ -364,7 +367,7 @@ export class HostStore extends HostReader {
   }
 
   private async addNicInSteps(n: NicSpec): Promise<[number, string]> {
-    const field = `${n.vpcId}/${n.address}`;
+    const field = claimField(n.vpcId, n.address);
     const hk = this.hostKeys();
     // The token first (read-only here; HOST checks it again): a retried call answers without a new claim.
     if (n.clientToken) {
@@ -381,11 +384,11 @@ export class HostStore extends HostReader {
         return [0, prev];
       }
     }
-    // Marked first, removed last: whatever happens from here, a NIC whose attach did not finish can be found and removed.
+    // Marked before its record, removed last: whatever happens from here, a NIC whose attach did not finish can be
+    // found and removed. The mark goes out beside the claim (a claim without a record blocks nobody), HOST after both.
     const raw = JSON.stringify(n);
-    await this.redis.hset(hk[3], n.nicId, field);
     try {
-      const holder = await this.claim(n);
+      const [, holder] = await Promise.all([this.redis.hset(hk[3], n.nicId, field), this.claim(n)]);
       if (holder) {
         await this.redis.hdel(hk[3], n.nicId);
         return [-2, holder];
@@ -434,7 +437,7 @@ export class HostStore extends HostReader {
    */
   async abandon(n: NicSpec): Promise<void> {
     const pending = this.keys.nicPending(this.hostId);
-    if (pending) await this.redis.hset(pending, n.nicId, `${n.vpcId}/${n.address}`);
+    if (pending) await this.redis.hset(pending, n.nicId, claimField(n.vpcId, n.address));
   }
 
   async putNic(n: NicSpec): Promise<void> {
@@ -446,7 +449,7 @@ export class HostStore extends HostReader {
   async delNic(n: NicSpec): Promise<void> {
     this.lastValid.nics.delete(n.nicId);
     const ev = ["kind", "nic.detached", "host", this.hostId, "nic", n.nicId, "vpc", n.vpcId];
-    const field = `${n.vpcId}/${n.address}`;
+    const field = claimField(n.vpcId, n.address);
     if (this.keys.cluster) {
       // The host's record first: a claim left behind by a stop in between is stale, and blocks nobody.
       await this.redis
@@ -461,7 +464,7 @@ export class HostStore extends HostReader {
           n.nicId,
         )
         .exec();
-      await this.redis.eval(UNCLAIM, 2, this.keys.claims(n.vpcId), this.keys.overlayAddrs(n.vpcId), field, `${this.hostId}/${n.nicId}`, n.address, this.hostId);
+      await this.unclaim(n.vpcId, n.address, n.nicId);
       await emit(this.redis, { vpcs: [n.vpcId], hosts: [this.hostId] }, ev);
       return;
     }

@@ -15,6 +15,7 @@ import { naKeys, type NetagentKeys } from "../../services/netagent/schema.js";
 import { HostStore, locateNic } from "../../services/netagent/store.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
 import { startRedis, startRedisCluster } from "../lib/redis.js";
+import { gated, intercepted } from "../lib/redis-intercept.js";
 
 const HOST = "hsthv1";
 const VPC = "vpc-0123456789ab";
@@ -359,17 +360,9 @@ describe("an address of a VPC is attached on one host at a time", () => {
       ["10.5.1.147", "nic-0000000a0082", ""],
     ] as const) {
       const n1 = { ...addr(nic(1), x, id), clientToken: token };
-      const twice = new Proxy(redis, {
-        get(t, p) {
-          if (p === "eval")
-            return async (...args: unknown[]) => {
-              const ev = (...a: unknown[]) => (t.eval as (...b: unknown[]) => Promise<unknown>).apply(t, a);
-              if (args[1] === 4 && args[2] === hostKeys.nics(A) && args[6] === id) await ev(...args);
-              return ev(...args);
-            };
-          const v = Reflect.get(t, p, t) as unknown;
-          return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(t) : v;
-        },
+      const twice = intercepted(redis, "eval", async (call, args) => {
+        if (args[1] === 4 && args[2] === hostKeys.nics(A) && args[6] === id) await call(...args);
+        return call(...args);
       });
       assert.deepEqual(await new HostStore(twice, A).addNic(n1), { code: 1, id }, `token ${JSON.stringify(token)}`);
       assert.equal(await redis.hget(hostKeys.overlayAddrs(VPC), x), A, "confirmed");
@@ -393,17 +386,10 @@ describe("an address of a VPC is attached on one host at a time", () => {
     const x = "10.5.1.150";
     const n1 = addr(nic(1), x, "nic-0000000a00a1");
     // The pending mark's removal applies, and its reply is lost (a timeout): the call cannot know it was attached.
-    const lossy = new Proxy(redis, {
-      get(t, p) {
-        if (p === "hdel")
-          return async (...args: unknown[]) => {
-            const r = await (t.hdel as (...b: unknown[]) => Promise<number>).apply(t, args);
-            if (args[0] === hostKeys.nicPending(A) && args[1] === n1.nicId) throw new Error("Command timed out");
-            return r;
-          };
-        const v = Reflect.get(t, p, t) as unknown;
-        return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(t) : v;
-      },
+    const lossy = intercepted(redis, "hdel", async (call, args) => {
+      const r = await call(...args);
+      if (args[0] === hostKeys.nicPending(A) && args[1] === n1.nicId) throw new Error("Command timed out");
+      return r;
     });
     await assert.rejects(new HostStore(lossy, A).addNic(n1), /timed out/);
     assert.equal(await redis.hexists(hostKeys.nics(A), n1.nicId), 0, "no record: the caller was told it failed");
@@ -442,21 +428,6 @@ function gate(): { wait: Promise<void>; open: () => void } {
   let open!: () => void;
   const wait = new Promise<void>((r) => (open = r));
   return { wait, open };
-}
-
-/** `redis`, whose EVALs for which `when(args)` holds wait for `wait` first. */
-function gated(redis: Redis, when: (args: unknown[]) => boolean, wait: Promise<void> | (() => Promise<void>)): Redis {
-  return new Proxy(redis, {
-    get(t, p) {
-      if (p === "eval")
-        return async (...args: unknown[]) => {
-          if (when(args)) await (typeof wait === "function" ? wait() : wait);
-          return (t.eval as (...a: unknown[]) => Promise<unknown>)(...args);
-        };
-      const v = Reflect.get(t, p, t) as unknown;
-      return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(t) : v;
-    },
-  });
 }
 
 async function until(ok: () => Promise<boolean>): Promise<void> {

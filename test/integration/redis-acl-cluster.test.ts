@@ -25,6 +25,7 @@ import { VPN_KEYS } from "../../services/netagent/vpn/schema.js";
 import { VpnStore } from "../../services/netagent/vpn/store.js";
 import { hostRecord } from "../lib/netagent-fixtures.js";
 import { startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
+import { gated } from "../lib/redis-intercept.js";
 
 const VPC = "vpc-0a0c0a0c0a0c";
 const [A, B] = ["aclhva", "aclhvb"];
@@ -104,17 +105,7 @@ test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay 
   );
   // A NIC left pending (its CONFIRM never sent), removed by A's pass as A.
   const stuck = nic("nic-0000000aac05", "10.12.1.15");
-  const never = new Proxy(a, {
-    get(t, p) {
-      if (p === "eval")
-        return async (...args: unknown[]) => {
-          if (args[1] === 3 && args[2] === K.claims(VPC)) await new Promise<void>(() => {});
-          return (t.eval as (...b: unknown[]) => Promise<unknown>).apply(t, args);
-        };
-      const v = Reflect.get(t, p, t) as unknown;
-      return typeof v === "function" ? (v as (...x: unknown[]) => unknown).bind(t) : v;
-    },
-  });
+  const never = gated(a, (args) => args[1] === 3 && args[2] === K.claims(VPC), new Promise<void>(() => {}));
   void new HostStore(never, A).addNic(stuck);
   for (let i = 0; i < 200 && !(await a.hexists(K.nics(A), stuck.nicId)); i++) await new Promise((r) => setTimeout(r, 10));
   assert.deepEqual(await sa.discardPending(), { removed: [stuck.nicId], failed: [] });
