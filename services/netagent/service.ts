@@ -231,18 +231,6 @@ export class NetAgent {
   }
 
   /**
-   * The NIC's devices go (by the names this agent gave them in its own VPC
-   * namespace; the ifb only where egress is limited, the reconciler removes
-   * a stray one) and so do the conntrack entries from and to its address:
-   * stale ones would let a reused address inherit flows. A NIC marked from
-   * its start has every flow carrying its mark: they are cleared with the
-   * mark, after the answer and before any NIC of this host can have the
-   * address (ct-mark-state.ts), so DetachNic only takes the devices down.
-   * A NIC without a mark of its own (adopted, or none) has its entries
-   * found now by a dump of the table, and again once its mark is out.
-   * Returns the entries cleared before the answer.
-   */
-  /**
    * Undoes a NIC whose attach failed after its record was written. If that
    * fails too, on a Redis Cluster the NIC is marked so that the agent's next
    * pass removes it (HostStore.abandon): its caller is told the attach failed.
@@ -255,6 +243,18 @@ export class NetAgent {
     });
   }
 
+  /**
+   * The NIC's devices go (by the names this agent gave them in its own VPC
+   * namespace; the ifb only where egress is limited, the reconciler removes
+   * a stray one) and so do the conntrack entries from and to its address:
+   * stale ones would let a reused address inherit flows. A NIC marked from
+   * its start has every flow carrying its mark: they are cleared with the
+   * mark, after the answer and before any NIC of this host can have the
+   * address (ct-mark-state.ts), so DetachNic only takes the devices down.
+   * A NIC without a mark of its own (adopted, or none) has its entries
+   * found now by a dump of the table, and again once its mark is out.
+   * Returns the entries cleared before the answer.
+   */
   private async detachLocked(n: NicSpec): Promise<number> {
     const ns = this.agent.nsOf(n.vpcId);
     const devices = n.bandwidth.egressMbps > 0 ? [n.hostIf, names.ifb(n.nicId)] : [n.hostIf];
