@@ -767,6 +767,7 @@ export class NetAgent {
             implementation,
             skippedHosts,
             rejectedAddresses,
+            syncError: o.syncError(vpcId),
           }),
         );
       }
@@ -780,16 +781,18 @@ export class NetAgent {
         const v = await this.ipam.getVpc(id).catch(() => null);
         if (v) vpcs.push(this.hostVpc(v));
       }
+      // A stuck overlay (a VPC whose peers cannot be read or set) degrades the host as a failed reconcile does.
+      const overlayError = this.opts.overlay?.lastError ? `overlay: ${this.opts.overlay.lastError}` : "";
       return {
         hostId: this.opts.hostId,
-        health: st.lastError ? HostHealth.DEGRADED : HostHealth.HEALTHY,
+        health: st.lastError || overlayError ? HostHealth.DEGRADED : HostHealth.HEALTHY,
         datapath: Datapath.BRIDGED,
         startTime: timestampFromMs(this.agent.startedMs),
         lastReconcileTime: st.lastReconcileMs ? timestampFromMs(st.lastReconcileMs) : undefined,
         lastReconcileChanges: st.lastChanges.length,
         redisConnected: this.agent.store.redis.status === "ready",
         vpcs,
-        errors: st.lastError ? [{ message: st.lastError }] : [],
+        errors: [st.lastError, overlayError].filter(Boolean).map((message) => ({ message })),
         invalidRecords: this.agent.invalid.all().map((x) => create(InvalidRecordSchema, x)),
       };
     },

@@ -420,6 +420,16 @@ describe("hosts leaving and coming back", () => {
         assert.ok(await reaches(a[1], a[0]), "a1 → a0 with Redis down");
         await new Promise((r) => setTimeout(r, 1000));
       }
+      // The outage is visible: the VPC's overlay says its registry was not read, and the host is degraded.
+      // (Every VPC's, by no name: naming one would have it looked up in Redis.)
+      const st = (await hv[0].agent.getOverlayStatus({})).vpcs.find((v) => v.vpcId === vpcA.id)!;
+      assert.match(st.syncError, /host registry not read, the peers applied before kept/);
+      assert.equal(st.peers.length, 2, "the peers applied before are kept");
+      const hs = await hv[0].agent.getHostStatus({});
+      assert.ok(
+        hs.errors.some((e) => e.message.startsWith("overlay: ")),
+        JSON.stringify(hs.errors),
+      );
     } finally {
       await h.redis.restart();
     }
@@ -430,6 +440,10 @@ describe("hosts leaving and coming back", () => {
     }
     assert.ok(await waitFor(async () => (await hv[0].agent.listHosts({})).hosts.length === 3, { timeoutMs: 5000 }), "every host registered again");
     assert.ok(await meshUp(a, 10_000));
+    assert.ok(
+      await waitFor(async () => (await hv[0].agent.getOverlayStatus({ vpc: vpcA.id })).vpcs[0].syncError === "", { timeoutMs: 5000 }),
+      "the sync error is gone once the registry is read again",
+    );
   });
 });
 

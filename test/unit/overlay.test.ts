@@ -165,12 +165,12 @@ test("peersOf: one peer per other host with its addresses as /32s; a host holdin
   ]);
 });
 
-test("keepDuringOutage: fresh peers first, then the applied hosts Redis no longer lists", () => {
+test("keepDuringOutage: fresh peers first, then the applied hosts Redis no longer lists that are still members", () => {
   const p = (hostId: string, ip: string): PeerWant => ({ hostId, publicKey: hostId, endpoint: "", allowedIps: [ip] });
-  assert.deepEqual(keepDuringOutage([p("hv1", "10.0.0.9/32")], [p("hv1", "10.0.0.1/32"), p("hv2", "10.0.0.2/32")]), [
-    p("hv1", "10.0.0.9/32"),
-    p("hv2", "10.0.0.2/32"),
-  ]);
+  const applied = [p("hv1", "10.0.0.1/32"), p("hv2", "10.0.0.2/32"), p("hv3", "10.0.0.3/32")];
+  // hv2's lease ran out during the outage (still a member); hv3 left the VPC (its member entry is gone).
+  assert.deepEqual(keepDuringOutage([p("hv1", "10.0.0.9/32")], applied, ["hv0", "hv1", "hv2"]), [p("hv1", "10.0.0.9/32"), p("hv2", "10.0.0.2/32")]);
+  assert.deepEqual(keepDuringOutage([], applied, []), [], "no member left: nothing kept");
 });
 
 test("routeLines: deletes routes no peer wants (a bare dst is a /32), adds the missing ones", () => {

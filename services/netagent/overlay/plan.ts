@@ -130,11 +130,14 @@ export function withVpnRange(peers: PeerWant[], vpn: { hostId: string; cidr: str
 /**
  * Just after a Redis outage every lease may have run out while nobody could
  * renew it: the hosts applied before stay until they had time to register
- * again.
+ * again. Only those still members of the VPC (`members`, read with `fresh`):
+ * a host whose member entry is gone left the VPC (DeleteVpc on it), and is
+ * dropped at once, outage or not.
  */
-export function keepDuringOutage(fresh: PeerWant[], applied: PeerWant[]): PeerWant[] {
+export function keepDuringOutage(fresh: PeerWant[], applied: PeerWant[], members: Iterable<string>): PeerWant[] {
   const ids = new Set(fresh.map((p) => p.hostId));
-  return [...fresh, ...applied.filter((p) => !ids.has(p.hostId))];
+  const still = new Set(members);
+  return [...fresh, ...applied.filter((p) => !ids.has(p.hostId) && still.has(p.hostId))];
 }
 
 /** `wg set` arguments that turn the dump into the wanted peers; [] when nothing differs. */

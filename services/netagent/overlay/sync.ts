@@ -95,6 +95,10 @@ export class Overlay {
   private readonly loggedSkips = new Set<string>();
   /** When a Redis read last failed (0 = never). */
   private redisFailMs = 0;
+  /** Per VPC, why its last read of the registry failed (the applied peers were kept), until a read succeeds. */
+  private readonly readFailures = new Map<string, string>();
+  /** Per VPC, why its last pass failed. */
+  private readonly failures = new Map<string, string>();
   private stopped = false;
   private timers: NodeJS.Timeout[] = [];
   private running?: Promise<void>;
@@ -265,9 +269,16 @@ export class Overlay {
       if (!existsSync(`/run/netns/${this.agent.nsOf(vpcId)}`)) continue;
       try {
         await this.agent.withLock(vpcId, () => this.syncVpc(vpcId, full));
+        this.failures.delete(vpcId);
       } catch (err) {
-        errors.push(`${vpcId}: ${(err as Error).message}`);
+        this.failures.set(vpcId, (err as Error).message);
       }
+    }
+    for (const vpc of new Set([...this.failures.keys(), ...this.readFailures.keys()])) {
+      if (!this.agent.desired.vpcs.has(vpc)) {
+        this.failures.delete(vpc);
+        this.readFailures.delete(vpc);
+      } else errors.push(`${vpc}: ${this.syncError(vpc)}`);
     }
     // Interfaces of VPCs this host no longer has (only judged on a state read from Redis).
     for (const f of this.agent.loaded ? this.interfaces.list() : []) {
@@ -293,9 +304,10 @@ export class Overlay {
       // Cheap pass: Redis only, no exec, unless something changed.
       try {
         const [mine, fresh] = await Promise.all([this.registry.member(vpcId), this.wantedPeers(vpcId)]);
+        this.readFailures.delete(vpcId);
         if (mine === JSON.stringify({ port: last.port }) && JSON.stringify(fresh) === JSON.stringify(this.applied.get(vpcId))) return changes;
-      } catch {
-        this.redisFailMs = Date.now();
+      } catch (err) {
+        this.readFailed(vpcId, err);
         return changes;
       }
     }
@@ -305,11 +317,12 @@ export class Overlay {
       // Checked on every full pass, not only when the port changed (registry.join says why).
       if (await this.registry.join(vpcId, port)) changes.push(`joined overlay of ${vpcId} on port ${port}`);
       this.ports.set(vpcId, port);
-      const fresh = await this.wantedPeers(vpcId);
-      want = want && Date.now() - this.redisFailMs < this.refreshMs + 2000 ? keepDuringOutage(fresh, want) : fresh;
+      const fresh = await this.wanted(vpcId);
+      this.readFailures.delete(vpcId);
+      want = want && Date.now() - this.redisFailMs < this.refreshMs + 2000 ? keepDuringOutage(fresh.peers, want, fresh.members) : fresh.peers;
     } catch (err) {
       // Redis away: keep what was applied last.
-      this.redisFailMs = Date.now();
+      this.readFailed(vpcId, err);
       if (!want) throw err;
     }
     if (!want) return changes;
@@ -357,6 +370,11 @@ export class Overlay {
 
   /** Desired peers of one VPC from Redis; throws if Redis cannot be read. */
   async wantedPeers(vpcId: string): Promise<PeerWant[]> {
+    return (await this.wanted(vpcId)).peers;
+  }
+
+  /** wantedPeers, and the VPC's member hosts read with them (keepDuringOutage keeps members only). */
+  private async wanted(vpcId: string): Promise<{ peers: PeerWant[]; members: string[] }> {
     // A peered VPC's NICs ride this VPC's tunnel to their host (peering-plan.ts): they join that host's allowed-ips.
     const routed = this.agent.peering?.routedPeers(vpcId) ?? [];
     const [members, own, ...peerAddrs] = await Promise.all([
@@ -395,11 +413,11 @@ export class Overlay {
     else this.rejected.delete(vpcId);
     this.agent.invalid.report(`overlay:${vpcId}`, invalid);
     const others = memberHosts.filter((h) => h !== this.hostId).sort();
-    if (others.length === 0) return [];
+    if (others.length === 0) return { peers: [], members: memberHosts };
     const { hosts, skipped } = await this.registry.peerHosts(others, members);
     this.noteSkipped(vpcId, skipped);
     const vpn = mine ? await vpnRoute(this.redis, vpcId, mine.text) : null;
-    return withVpnRange(withNatHolder(peersOf(hosts, this.publicKey, addrs), await this.natHolder(vpcId)), vpn);
+    return { peers: withVpnRange(withNatHolder(peersOf(hosts, this.publicKey, addrs), await this.natHolder(vpcId)), vpn), members: memberHosts };
   }
 
   /**
@@ -437,6 +455,18 @@ export class Overlay {
     const local = new Set(this.agent.nicsOf(vpcId).map((n) => n.address));
     const r = verifyClaims(vpcId, addresses, claims, ev, local);
     return { accepted: r.accepted, rejected: [...rejected, ...r.rejected] };
+  }
+
+  /** Why the VPC's last pass did not finish, or its registry was not read (GetOverlayStatus sync_error); "" if neither. */
+  syncError(vpcId: string): string {
+    const read = this.readFailures.get(vpcId);
+    return [this.failures.get(vpcId), read !== undefined ? `host registry not read, the peers applied before kept: ${read}` : undefined].filter(Boolean).join("; ");
+  }
+
+  /** A read of the registry failed: the grace of keepDuringOutage starts, and the reason stays visible (syncError) until a read succeeds. */
+  private readFailed(vpcId: string, err: unknown): void {
+    this.redisFailMs = Date.now();
+    this.readFailures.set(vpcId, (err as Error).message ?? String(err));
   }
 
   /** Keeps the skipped hosts for GetOverlayStatus and logs each (host, reason) once. */
