@@ -460,7 +460,9 @@ export class Overlay {
   /** Why the VPC's last pass did not finish, or its registry was not read (GetOverlayStatus sync_error); "" if neither. */
   syncError(vpcId: string): string {
     const read = this.readFailures.get(vpcId);
-    return [this.failures.get(vpcId), read !== undefined ? `host registry not read, the peers applied before kept: ${read}` : undefined].filter(Boolean).join("; ");
+    return [this.failures.get(vpcId), read !== undefined ? `host registry not read, the peers applied before kept: ${read}` : undefined]
+      .filter(Boolean)
+      .join("; ");
   }
 
   /** A read of the registry failed: the grace of keepDuringOutage starts, and the reason stays visible (syncError) until a read succeeds. */
