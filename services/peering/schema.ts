@@ -12,8 +12,9 @@
 //   pcx:bypair          "<lower vpc id>|<higher vpc id>" → id
 //   vpc:<vpc>:peerings  set of peering ids of a VPC (read by every netagent)
 //   pcx:<id>:acks       host id → create time of the peering it applied (legacy, read only)
-//   mvpc:host:<host>:pcxacks   peering id → create time: what that host applied; written
-//                        by its netagent under its own Redis user (docs/redis-acl.md)
+//   mvpc:host:<host>:pcxacks   (mvpc:{host:<host>}:pcxacks on a Redis Cluster)
+//                              peering id → create time: what that host applied; written
+//                              by its netagent under its own Redis user (docs/redis-acl.md)
 import { InvalidArgumentError } from "../common/errors.js";
 import { isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
@@ -66,11 +67,22 @@ export interface PeeringKeys {
   tokens: string;
   /** A VPC's peerings: a set of ids (single Redis) or a hash id → reserved peer range (cluster). */
   peers(vpc: string): string;
+  /** A host's own acks (PK.hostAcks; on a cluster under the host's tag, with its other records). */
+  hostAcks(hostId: string): string;
   cluster: boolean;
 }
 
 export const PEERING_KEYS: { single: PeeringKeys; cluster: PeeringKeys } = {
-  single: { pcx: PK.pcx, byName: PK.byName, names: PK.names, byPair: PK.byPair, tokens: K.tokens, peers: PK.vpcPeerings, cluster: false },
+  single: {
+    pcx: PK.pcx,
+    byName: PK.byName,
+    names: PK.names,
+    byPair: PK.byPair,
+    tokens: K.tokens,
+    peers: PK.vpcPeerings,
+    hostAcks: PK.hostAcks,
+    cluster: false,
+  },
   cluster: {
     pcx: (id) => `mvpc:{peerings}:pcx:${id}`,
     byName: "mvpc:{peerings}:byname",
@@ -78,6 +90,7 @@ export const PEERING_KEYS: { single: PeeringKeys; cluster: PeeringKeys } = {
     byPair: "mvpc:{peerings}:bypair",
     tokens: "mvpc:{peerings}:tokens",
     peers: (vpc) => `mvpc:{${vpc}}:peers`,
+    hostAcks: (h) => `mvpc:{host:${h}}:pcxacks`,
     cluster: true,
   },
 };
@@ -262,9 +275,9 @@ export async function peeringsOf(redis: Redis, vpcIds: string[], onInvalid?: (id
  * users a host may write nothing shared for this.
  */
 export async function ackPeering(redis: Redis, p: PeeringRec, hostId: string): Promise<void> {
-  const key = PK.hostAcks(hostId);
-  if ((await redis.hget(key, p.id)) === String(p.createdMs)) return;
   const L = peeringKeys(redis);
+  const key = L.hostAcks(hostId);
+  if ((await redis.hget(key, p.id)) === String(p.createdMs)) return;
   if (L.cluster) {
     // The record is in another slot: checked first, then written (an ack
     // that lands just after a delete is pruned by the host's next pass).
@@ -286,6 +299,7 @@ export async function ackPeering(redis: Redis, p: PeeringRec, hostId: string): P
 
 /** Drops a host's acks of peerings it no longer has (deleted ones): keeps its key from growing. */
 export async function pruneAcks(redis: Redis, hostId: string, current: ReadonlySet<string>): Promise<void> {
-  const stale = (await redis.hkeys(PK.hostAcks(hostId))).filter((id) => !current.has(id));
-  if (stale.length) await redis.hdel(PK.hostAcks(hostId), ...stale);
+  const key = peeringKeys(redis).hostAcks(hostId);
+  const stale = (await redis.hkeys(key)).filter((id) => !current.has(id));
+  if (stale.length) await redis.hdel(key, ...stale);
 }

@@ -11,7 +11,8 @@ import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from ".
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { cidr, ipToInt } from "../../services/common/validate.js";
 import { IpamStore, type VpcRec } from "../../services/ipam/store.js";
-import { PEERING_KEYS, peeringsOf } from "../../services/peering/schema.js";
+import { naKeys } from "../../services/netagent/schema.js";
+import { ackPeering, PEERING_KEYS, peeringKeys, peeringsOf, pruneAcks } from "../../services/peering/schema.js";
 import { PeeringStore, PENDING_MS, type PeeringRec } from "../../services/peering/store.js";
 import { startRedis, startRedisCluster } from "../lib/redis.js";
 
@@ -85,6 +86,27 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
     assert.deepEqual(await peeringsOf(clients[1], [a.id, b.id]), []);
     assert.equal((await peer(pcx, a, c, "a-c")).created, true, "c's range is free once a-b is gone");
     if (onCluster) assert.deepEqual(await clients[0].hkeys(PEERING_KEYS.cluster.peers(b.id)), [], "no entry of the deleted peering is left");
+  });
+
+  test("a host's ack: in its own key (its tag on a cluster), counted by convergence; none for a deleted peering; pruned", async () => {
+    const [a, b] = [await vpc("10.31.0.0/16"), await vpc("10.32.0.0/16")];
+    const { peering: p } = await peer(pcx, a, b, "acks");
+    const r = clients[1];
+    // Two hosts hold NICs of the pair (their overlay nominations name them).
+    await r.hset(naKeys(r).overlayAddrs(a.id), "10.31.0.5", "ackhv1");
+    await r.hset(naKeys(r).overlayAddrs(b.id), "10.32.0.5", "ackhv2");
+    await ackPeering(r, p, "ackhv1");
+    const key = peeringKeys(r).hostAcks("ackhv1");
+    assert.equal(key, onCluster ? "mvpc:{host:ackhv1}:pcxacks" : "mvpc:host:ackhv1:pcxacks");
+    assert.equal(await r.hget(key, p.id), String(p.createdMs));
+    assert.deepEqual(await pcx.convergence(p), { hosts: ["ackhv1", "ackhv2"], pending: ["ackhv2"] }, "ackhv1 applied it, ackhv2 not yet");
+    await ackPeering(r, p, "ackhv2");
+    assert.deepEqual((await pcx.convergence(p)).pending, []);
+    assert.equal(await pcx.delete(p), true);
+    await ackPeering(r, p, "ackhv3");
+    assert.equal(await r.hexists(peeringKeys(r).hostAcks("ackhv3"), p.id), 0, "no ack of a deleted peering");
+    await pruneAcks(r, "ackhv1", new Set());
+    assert.equal(await r.hexists(key, p.id), 0, "pruned once the host no longer has it");
   });
 
   test("two creates whose peers overlap, from two clients at once: one wins each time, the loser leaves nothing", async () => {
