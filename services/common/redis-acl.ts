@@ -21,7 +21,9 @@
 //                          (its NICs attached and detached); vmm: VM ids (:vms), records (:vm:<id>,
 //                          with their journals) and leases (:vm:<id>:lease)
 //     mvpc:fw:host:H:*     firewall: binding indexes of this host
-//     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index)
+//     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index); on a
+//                          Redis Cluster the transit indexes are under mvpc:{host:H}:gw:, and the
+//                          port index is the control plane's mvpc:{gw}:host:H:ports
 //     mvpc:vm:host:H, mvpc:vm:host:H:*  vmm: where an earlier release kept them (moved from at
 //                          start; a tombstone stays at each record's name, docs/redis-schema.md)
 //     mvpc:vpn:host:H:*    netagent VPN endpoint: the public keys of H's endpoint interfaces, the gen applied
@@ -39,7 +41,8 @@
 //                          mvpc:{V}:fw:gen (a host's own binding indexes are under mvpc:{host:H}:)
 //     mvpc:gw:mdhosts      set of host ids with instance metadata (the control plane's listing)
 //     mvpc:gw:lease:nat:*   which host of a VPC holds its NAT gateway's address (a lease the VPC's
-//                          hosts compete for; readers accept only a registered member host)
+//                          hosts compete for; readers accept only a registered member host);
+//                          mvpc:{V}:gw:natlease on a Redis Cluster
 //     mvpc:{vpc-…}:vm:byname vmm: per-VPC VM name index (name → "<host>/<id>"; only nominates),
 //                          and mvpc:vm:vpc:*:byname, the earlier release's, written too until it is gone
 //     mvpc:vm:hosts        vmm: host ids with VMs (a listing; each host's VMs are under its prefix)
@@ -52,7 +55,7 @@
 // DNS's mvpc:{V}:vpc|subnets|subnet:*|reserved|tokens|peers|dns:*,
 // mvpc:{catalog}:*, mvpc:{peerings}:*, mvpc:{hosts}:dns:defaults, the
 // firewall's mvpc:{V}:fw:sg:<id>|acl*|sgs|acls|subnet-acl|sg:byname and
-// mvpc:{fw}:*),
+// mvpc:{fw}:*, and the gateway's mvpc:{gw}:*),
 // mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
 // endpoints and clients: SetVpnEndpoint, Create/DeleteVpnClient go to a
 // netagent running as the control user). The control user also reads and
@@ -142,6 +145,8 @@ export const SHARED_WRITE_PATTERNS = [
   "mvpc:{hosts}:index",
   "mvpc:gw:mdhosts",
   "mvpc:gw:lease:nat:*",
+  // The same on a Redis Cluster, in the VPC's slot (gateway/schema.ts GW_KEYS.cluster).
+  `mvpc:{${VPC_TAG}}:gw:natlease`,
   // Not mvpc:vm:*, which would take in other hosts' mvpc:vm:host:<id>:*.
   // VM records and leases are host-scoped (above); these only nominate (the
   // second is the earlier release's name index, written too until every vmm

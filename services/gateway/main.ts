@@ -17,7 +17,7 @@ import { FailedPreconditionError } from "../common/errors.js";
 import { parseStalePeriods, readyStalePeriodsOption, ReadyChecks, readinessChanged, redisReachable } from "../common/health.js";
 import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
-import { connectRedis, readRedisSecrets, urlHasPassword } from "../common/redis.js";
+import { connectRedis, isClusterUrl, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { runResolver } from "../dns/host.js";
 import { IpamReader } from "../ipam/schema.js";
@@ -412,6 +412,11 @@ export const gatewayDefinition: ServiceDefinition = {
         await closeImds();
       };
     } else {
+      // Both one Redis or both the cluster: the child reads the parent's records under the parent's layout (GatewayKeys).
+      if (flags.imdsRedis !== undefined && isClusterUrl(String(flags.imdsRedis)) !== isClusterUrl(String(flags.redis)))
+        throw new Error(
+          `--imds-redis and --redis must name the same Redis: ${isClusterUrl(String(flags.redis)) ? "--redis names a Redis Cluster and --imds-redis does not" : "--imds-redis names a Redis Cluster and --redis does not"}, and the metadata server would look for the records where they are not`,
+        );
       const redisArgs = imdsRedisArgs(String(flags.imdsRedis ?? flags.redis), {
         user: flags.redisUser,
         passwordFile: flags.redisPasswordFile,

@@ -10,6 +10,7 @@ import type { Logger } from "pino";
 import { InvalidArgumentError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
+import { isCluster } from "../common/redis.js";
 
 export const OWNER = "gateway";
 
@@ -31,6 +32,79 @@ export const GK = {
   tokens: "mvpc:tokens",
   events: "mvpc:events",
 };
+
+/**
+ * Where the gateway's records live: GW_KEYS.single or GW_KEYS.cluster, by
+ * the client (gwKeys). A single Redis keeps the names of GK. On a Redis
+ * Cluster every script's keys share a slot:
+ * - NAT gateways, floating IPs, port forwards, their indexes, the floating
+ *   pool's address index and the client tokens of their creates under
+ *   `{gw}` (`mvpc:{gw}:…`): a NAT gateway's address comes out of the pool
+ *   that floating IPs allocate from, in one step, and an outside port is
+ *   unique per hypervisor across the fleet's port forwards;
+ * - a VPC's NAT lease under the VPC's tag (`mvpc:{V}:gw:natlease`), with the
+ *   VPC's change stream, so that taking it and announcing it stay one step;
+ * - a host's transit indexes under the host's tag (`mvpc:{host:H}:gw:…`).
+ * The {gw} scripts append no event there (the VPC's stream is another
+ * slot): the store appends it after the script (common/events.ts emit).
+ */
+export interface GatewayKeys {
+  cluster: boolean;
+  nat(id: string): string;
+  natLease(vpcId: string): string;
+  nats: string;
+  vpcNat: string;
+  fip(id: string): string;
+  fipByAddr: string;
+  fips: string;
+  pf(id: string): string;
+  pfs: string;
+  hostPorts(h: string): string;
+  transit(h: string): string;
+  transitFree(h: string): string;
+  tokens: string;
+}
+
+const GW = "mvpc:{gw}:";
+export const GW_KEYS: { single: GatewayKeys; cluster: GatewayKeys } = {
+  single: {
+    cluster: false,
+    nat: GK.nat,
+    natLease: GK.natLease,
+    nats: GK.nats,
+    vpcNat: GK.vpcNat,
+    fip: GK.fip,
+    fipByAddr: GK.fipByAddr,
+    fips: GK.fips,
+    pf: GK.pf,
+    pfs: GK.pfs,
+    hostPorts: GK.hostPorts,
+    transit: GK.transit,
+    transitFree: GK.transitFree,
+    tokens: GK.tokens,
+  },
+  cluster: {
+    cluster: true,
+    nat: (id) => `${GW}nat:${id}`,
+    natLease: (v) => `mvpc:{${v}}:gw:natlease`,
+    nats: `${GW}nats`,
+    vpcNat: `${GW}vpcnat`,
+    fip: (id) => `${GW}fip:${id}`,
+    fipByAddr: `${GW}fip:byaddr`,
+    fips: `${GW}fips`,
+    pf: (id) => `${GW}pf:${id}`,
+    pfs: `${GW}pfs`,
+    hostPorts: (h) => `${GW}host:${h}:ports`,
+    transit: (h) => `mvpc:{host:${h}}:gw:transit`,
+    transitFree: (h) => `mvpc:{host:${h}}:gw:transitfree`,
+    tokens: `${GW}tokens`,
+  },
+};
+
+/** The gateway's key layout for this client (a Redis Cluster's or a single Redis's). */
+export function gwKeys(redis: Redis): GatewayKeys {
+  return isCluster(redis) ? GW_KEYS.cluster : GW_KEYS.single;
+}
 
 export interface NatRec {
   id: string;
@@ -214,21 +288,27 @@ export function vpcIdOf(v: string | undefined): string | undefined {
 
 /** What other services read of the gateway: this host's transit indexes (the VPC resolver's addresses). */
 export class GatewayReader {
+  /** The layout of this client's Redis. */
+  readonly keys: GatewayKeys;
+
   /** log: where skipped records are reported (once per key and reason). */
   constructor(
     readonly redis: Redis,
     readonly log?: Pick<Logger, "warn">,
-  ) {}
+  ) {
+    this.keys = gwKeys(redis);
+  }
 
   /** vpcId → transit index of every VPC holding one on this host. */
   async transitMap(hostId: string): Promise<Map<string, number>> {
-    const h = await this.redis.hgetall(GK.transit(hostId));
+    const key = this.keys.transit(hostId);
+    const h = await this.redis.hgetall(key);
     delete h["#next"];
     const out = new Map<string, number>();
     for (const [k, v] of Object.entries(h)) {
       const t = parseTransit(k, v);
       if (t.ok) out.set(k, t.value);
-      else reportInvalid(OWNER, "transit", GK.transit(hostId), t.reason, this.log, { field: k, vpcId: vpcIdOf(k) });
+      else reportInvalid(OWNER, "transit", key, t.reason, this.log, { field: k, vpcId: vpcIdOf(k) });
     }
     return out;
   }

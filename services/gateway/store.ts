@@ -1,11 +1,12 @@
 // NAT gateways, floating IPs and port forwards in Redis. Each change is one
-// Lua script that also appends a change event, so every hypervisor's gateway
-// loop converges by itself.
+// Lua script that also appends a change event (on a Redis Cluster the store
+// appends it right after: GatewayKeys), so every hypervisor's gateway loop
+// converges by itself.
 import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
-import { LUA_EMIT } from "../common/events.js";
+import { emit, LUA_EMIT, scriptFor } from "../common/events.js";
 import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
@@ -15,7 +16,6 @@ import {
   checkNat,
   checkPf,
   GatewayReader,
-  GK,
   MAX_TRANSIT,
   OWNER,
   parseFip,
@@ -31,7 +31,16 @@ import {
 
 export { GatewayReader, vpcIdOf } from "./schema.js";
 export type { FipRec, NatRec, PfRec } from "./schema.js";
-const K = GK;
+
+/**
+ * LUA_EMIT's functions as no-ops: on a Redis Cluster the scripts whose keys
+ * are under {gw} may not append to a VPC's stream (another slot); the store
+ * appends the event after the script (GatewayStore.emitted).
+ */
+const LUA_NO_EMIT = `
+local function mvpc_scoped(vpcs, hosts, ...) end
+local function mvpc_emit(vpcs, hosts, ...) end
+`;
 
 // The record's VPC (read before a delete removes it) names the scoped stream (common/events.ts).
 const EVENT = `mvpc_emit({ev_vpc}, {}, 'kind', ARGV[1], 'id', ARGV[2])`;
@@ -60,15 +69,23 @@ ${EVENT}
 return {1, ARGV[2]}
 `;
 
-// KEYS: 1 record, 2 unique index hash, 3 list zset; ARGV: 1 kind, 2 id, 3 unique key.
+// KEYS: 1 record, 2 unique index hash, 3 list zset; ARGV: 1 kind, 2 id,
+// 3 unique key, 4 '1': only if the stored record is unassociated (a
+// floating IP: the caller's copy may be older than an AssociateFloatingIp).
+// {1,vpc} deleted (vpc: the record's, its event's stream), {0,''} none,
+// {-1,private} associated.
 const DELETE = `${LUA_EMIT}
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
 local ev_vpc = redis.call('HGET', KEYS[1], 'vpc')
+if ARGV[4] == '1' then
+  local private = redis.call('HGET', KEYS[1], 'private')
+  if private and private ~= '' then return {-1, private} end
+end
 redis.call('DEL', KEYS[1])
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
 ${EVENT}
-return 1
+return {1, ev_vpc or ''}
 `;
 
 // Allocates the lowest free address of the pool. KEYS: 1 byaddr, 2 fips zset,
@@ -97,15 +114,20 @@ ${EVENT}
 return {1, addr}
 `;
 
-// Sets fields of an existing record. KEYS: 1 record; ARGV: 1 kind, 2 id, then fields.
+// Sets fields of an existing record (a floating IP's target). KEYS: 1
+// record; ARGV: 1 kind, 2 id, then fields. The event goes to the VPC the
+// record named before and to the one it names now (a floating IP moved from
+// one VPC to another: both VPCs' hosts have rules to change), to the fleet's
+// stream if neither. {1, the VPC before} set, {0,''} no such record.
 const UPDATE = `${LUA_EMIT}
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local old = redis.call('HGET', KEYS[1], 'vpc') or ''
 local f = {}
 for i = 3, #ARGV do f[#f + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(f))
-local ev_vpc = redis.call('HGET', KEYS[1], 'vpc')
-${EVENT}
-return 1
+local ev_vpc = redis.call('HGET', KEYS[1], 'vpc') or ''
+mvpc_emit({old, ev_vpc}, {}, 'kind', ARGV[1], 'id', ARGV[2])
+return {1, old}
 `;
 
 // Creates a NAT gateway and takes its address out of the floating pool, in
@@ -151,14 +173,15 @@ return {1, ARGV[2]}
 `;
 
 // Deletes a NAT gateway, gives its address back to the pool and ends its
-// lease. KEYS: 1 record, 2 vpcnat, 3 nats zset, 4 fip byaddr, 5 lease;
-// ARGV: 1 kind, 2 id, 3 vpc, 4 address ('' none).
+// lease. KEYS: 1 record, 2 vpcnat, 3 nats zset, 4 fip byaddr, 5 lease (a
+// single Redis; a cluster's is in the VPC's slot, and the store deletes it
+// after); ARGV: 1 kind, 2 id, 3 vpc, 4 address ('' none).
 const DELETE_NAT = `${LUA_EMIT}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[1])
 if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[4], ARGV[4]) == ARGV[2] then redis.call('HDEL', KEYS[4], ARGV[4]) end
-redis.call('DEL', KEYS[5])
+if KEYS[5] then redis.call('DEL', KEYS[5]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
 local ev_vpc = ARGV[3]
 ${EVENT}
@@ -201,26 +224,48 @@ export function invalidWhere(h: Record<string, string>, reason: string): Invalid
 }
 const newId = (kind: string) => `${kind}-${randomBytes(6).toString("hex")}`;
 
-/** The gateway API's store: the reads of GatewayReader (schema.ts) and every write (one Lua script each). */
+/**
+ * The gateway API's store: the reads of GatewayReader (schema.ts) and every
+ * write (one Lua script each, in one slot on a Redis Cluster: see
+ * GatewayKeys).
+ */
 export class GatewayStore extends GatewayReader {
   /** log: where skipped records are reported (once per key and reason). */
   constructor(redis: Redis, log?: Pick<Logger, "warn">) {
     super(redis, log);
     const r = redis as unknown as Record<string, unknown>;
     if (!r.mvpcGwCreate) {
-      redis.defineCommand("mvpcGwCreate", { numberOfKeys: 5, lua: CREATE });
-      redis.defineCommand("mvpcGwDelete", { numberOfKeys: 3, lua: DELETE });
-      redis.defineCommand("mvpcGwAllocFip", { numberOfKeys: 3, lua: ALLOC_FIP });
-      redis.defineCommand("mvpcGwUpdate", { numberOfKeys: 1, lua: UPDATE });
-      redis.defineCommand("mvpcGwCreateNat", { numberOfKeys: 6, lua: CREATE_NAT });
-      redis.defineCommand("mvpcGwDeleteNat", { numberOfKeys: 5, lua: DELETE_NAT });
-      redis.defineCommand("mvpcGwNatLease", { numberOfKeys: 1, lua: NAT_LEASE });
-      redis.defineCommand("mvpcGwNatUnlease", { numberOfKeys: 1, lua: NAT_UNLEASE });
+      // {gw}'s scripts: their event from the client on a cluster; the leases' in their VPC's slot.
+      const gw = (lua: string) => (this.keys.cluster ? lua.replace(LUA_EMIT, LUA_NO_EMIT) : lua);
+      redis.defineCommand("mvpcGwCreate", { numberOfKeys: 5, lua: gw(CREATE) });
+      redis.defineCommand("mvpcGwDelete", { numberOfKeys: 3, lua: gw(DELETE) });
+      redis.defineCommand("mvpcGwAllocFip", { numberOfKeys: 3, lua: gw(ALLOC_FIP) });
+      redis.defineCommand("mvpcGwUpdate", { numberOfKeys: 1, lua: gw(UPDATE) });
+      redis.defineCommand("mvpcGwCreateNat", { numberOfKeys: 6, lua: gw(CREATE_NAT) });
+      redis.defineCommand("mvpcGwDeleteNat", { numberOfKeys: this.keys.cluster ? 4 : 5, lua: gw(DELETE_NAT) });
+      redis.defineCommand("mvpcGwNatLease", { numberOfKeys: 1, lua: scriptFor(redis, NAT_LEASE) });
+      redis.defineCommand("mvpcGwNatUnlease", { numberOfKeys: 1, lua: scriptFor(redis, NAT_UNLEASE) });
     }
   }
 
   private cmd(name: string, ...args: (string | number)[]): Promise<unknown> {
     return (this.redis as unknown as Record<string, (...a: (string | number)[]) => Promise<unknown>>)[name](...args);
+  }
+
+  /**
+   * On a Redis Cluster, the event a {gw} script appends on a single Redis:
+   * to the VPC's stream, or the fleet's for a record of no VPC (an
+   * unassociated floating IP), as mvpc_emit does. The change is made by
+   * then: an event lost (a crash, Redis failing in between) costs the hosts
+   * their next periodic pass (--drift-interval-ms), not the change, so it
+   * does not fail the call.
+   */
+  private async emitted(done: boolean, kind: string, id: string, ...vpcIds: string[]): Promise<void> {
+    if (!done || !this.keys.cluster) return;
+    const vpcs = vpcIds.filter(Boolean);
+    await emit(this.redis, vpcs.length ? { vpcs } : { registry: true }, ["kind", kind, "id", id]).catch((err: Error) =>
+      this.log?.warn({ kind, id, vpcs, err: err.message }, "change made, its event not appended: the hosts apply it at their next periodic pass"),
+    );
   }
 
   /**
@@ -256,17 +301,17 @@ export class GatewayStore extends GatewayReader {
     const field = clientToken ? `nat\n${clientToken}` : null;
     const [code, ref] = await withClientToken(
       this.redis,
-      K.tokens,
+      this.keys.tokens,
       field,
-      { kind: "nat", recordOf: K.nat, fresh: K.nat(id) },
+      { kind: "nat", recordOf: this.keys.nat, fresh: this.keys.nat(id) },
       async (seen, rec) =>
         (await this.cmd(
           "mvpcGwCreateNat",
-          K.nat(id),
-          K.vpcNat,
-          K.nats,
-          K.tokens,
-          K.fipByAddr,
+          this.keys.nat(id),
+          this.keys.vpcNat,
+          this.keys.nats,
+          this.keys.tokens,
+          this.keys.fipByAddr,
           rec,
           "gw.nat.created",
           id,
@@ -295,27 +340,37 @@ export class GatewayStore extends GatewayReader {
     if (code === -3) throw new AlreadyExistsError(`${wanted} is already allocated (${ref}); leave address empty for the lowest free one`);
     if (code === -2)
       throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
+    await this.emitted(code === 1, "gw.nat.created", id, n.vpcId);
     return (await this.getNat(String(ref)))!;
   }
 
   async getNat(id: string): Promise<NatRec | null> {
-    return this.read("nat", K.nat(id), (h) => parseNat(h, id));
+    return this.read("nat", this.keys.nat(id), (h) => parseNat(h, id));
   }
 
   async natOfVpc(vpcId: string): Promise<NatRec | null> {
-    const id = await this.redis.hget(K.vpcNat, vpcId);
+    const id = await this.redis.hget(this.keys.vpcNat, vpcId);
     return id ? this.getNat(id) : null;
   }
 
   async listNats(): Promise<NatRec[]> {
-    const ids = await this.redis.zrange("mvpc:gw:nats", 0, -1);
+    const ids = await this.redis.zrange(this.keys.nats, 0, -1);
     return (await Promise.all(ids.map((id) => this.getNat(id)))).filter((x): x is NatRec => !!x);
   }
 
   async deleteNat(n: NatRec): Promise<boolean> {
-    return (
-      (await this.cmd("mvpcGwDeleteNat", K.nat(n.id), K.vpcNat, K.nats, K.fipByAddr, K.natLease(n.vpcId), "gw.nat.deleted", n.id, n.vpcId, n.address)) === 1
-    );
+    const K = this.keys;
+    const lease = K.cluster ? [] : [K.natLease(n.vpcId)];
+    const done = (await this.cmd("mvpcGwDeleteNat", K.nat(n.id), K.vpcNat, K.nats, K.fipByAddr, ...lease, "gw.nat.deleted", n.id, n.vpcId, n.address)) === 1;
+    // A cluster: the lease, in the VPC's slot, after the record (a lease left by a crash names a host for no NAT gateway, which every reader ignores, and the next CreateNat's holder replaces).
+    if (done && K.cluster)
+      await this.redis
+        .del(K.natLease(n.vpcId))
+        .catch((err: Error) =>
+          this.log?.warn({ vpc: n.vpcId, err: err.message }, "NAT gateway deleted, its lease not: it runs out by itself (--nat-lease-ms)"),
+        );
+    await this.emitted(done, "gw.nat.deleted", n.id, n.vpcId);
+    return done;
   }
 
   // ---- NAT leases: which host of the VPC holds its NAT gateway's address ----
@@ -329,7 +384,7 @@ export class GatewayStore extends GatewayReader {
    * (reported), so that a host competing for the lease may replace it.
    */
   async natHolder(vpcId: string): Promise<{ holder?: string; bad?: string }> {
-    const key = K.natLease(vpcId);
+    const key = this.keys.natLease(vpcId);
     const v = await this.redis.get(key);
     if (v === null) return {};
     const p = parseNatHolder(v);
@@ -359,13 +414,13 @@ export class GatewayStore extends GatewayReader {
 
   /** Takes the VPC's NAT lease if it is free (or held by `replace`), or renews it if held by hostId. */
   async natLease(vpcId: string, hostId: string, ttlMs: number, replace = ""): Promise<{ held: boolean; taken: boolean; holder: string }> {
-    const [code, holder] = (await this.cmd("mvpcGwNatLease", K.natLease(vpcId), hostId, ttlMs, vpcId, replace)) as R;
+    const [code, holder] = (await this.cmd("mvpcGwNatLease", this.keys.natLease(vpcId), hostId, ttlMs, vpcId, replace)) as R;
     return { held: code > 0, taken: code === 2, holder: String(holder) };
   }
 
   /** Gives the lease up if hostId holds it (a stopping gateway, a VPC leaving this host). */
   async natUnlease(vpcId: string, hostId: string): Promise<boolean> {
-    return (await this.cmd("mvpcGwNatUnlease", K.natLease(vpcId), hostId, vpcId)) === 1;
+    return (await this.cmd("mvpcGwNatUnlease", this.keys.natLease(vpcId), hostId, vpcId)) === 1;
   }
 
   // ---- floating IPs ----
@@ -374,9 +429,9 @@ export class GatewayStore extends GatewayReader {
     const id = newId("fip");
     const [code, detail] = (await this.cmd(
       "mvpcGwAllocFip",
-      K.fipByAddr,
-      K.fips,
-      K.fip(id),
+      this.keys.fipByAddr,
+      this.keys.fips,
+      this.keys.fip(id),
       "gw.fip.allocated",
       id,
       pool.first,
@@ -402,28 +457,29 @@ export class GatewayStore extends GatewayReader {
     if (code === -1) throw new AlreadyExistsError(`${wanted} is already allocated (${detail}); leave address empty for the next free one`);
     if (code === -2)
       throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
+    await this.emitted(code === 1, "gw.fip.allocated", id, "");
     return (await this.getFip(id))!;
   }
 
   async getFip(id: string): Promise<FipRec | null> {
-    return this.read("fip", K.fip(id), (h) => parseFip(h, id));
+    return this.read("fip", this.keys.fip(id), (h) => parseFip(h, id));
   }
 
   async fipByAddress(address: string): Promise<FipRec | null> {
-    const id = await this.redis.hget(K.fipByAddr, address);
+    const id = await this.redis.hget(this.keys.fipByAddr, address);
     return id ? this.getFip(id) : null;
   }
 
   async listFips(): Promise<FipRec[]> {
-    const ids = await this.redis.zrange(K.fips, 0, -1);
+    const ids = await this.redis.zrange(this.keys.fips, 0, -1);
     return (await Promise.all(ids.map((id) => this.getFip(id)))).filter((x): x is FipRec => !!x);
   }
 
   async setFipTarget(f: FipRec, t: { vpcId: string; private: string; nicId: string; hostId: string } | null): Promise<void> {
     checkFip({ ...f, vpcId: t?.vpcId ?? "", private: t?.private ?? "", nicId: t?.nicId ?? "", hostId: t?.hostId ?? "" });
-    const ok = await this.cmd(
+    const [ok, old] = (await this.cmd(
       "mvpcGwUpdate",
-      K.fip(f.id),
+      this.keys.fip(f.id),
       t ? "gw.fip.associated" : "gw.fip.disassociated",
       f.id,
       "vpc",
@@ -436,13 +492,27 @@ export class GatewayStore extends GatewayReader {
       t?.hostId ?? "",
       "associated",
       t ? Date.now() : 0,
-    );
+    )) as R;
     if (ok !== 1) throw new NotFoundError("floating ip", f.id);
+    await this.emitted(true, t ? "gw.fip.associated" : "gw.fip.disassociated", f.id, String(old), t?.vpcId ?? "");
   }
 
   async releaseFip(f: FipRec): Promise<boolean> {
     if (f.private) throw new FailedPreconditionError(`${f.address} is associated with ${f.private}; disassociate it first (or pass force)`);
-    return (await this.cmd("mvpcGwDelete", K.fip(f.id), K.fipByAddr, K.fips, "gw.fip.released", f.id, f.address)) === 1;
+    const [code, detail] = (await this.cmd(
+      "mvpcGwDelete",
+      this.keys.fip(f.id),
+      this.keys.fipByAddr,
+      this.keys.fips,
+      "gw.fip.released",
+      f.id,
+      f.address,
+      "1",
+    )) as R;
+    // Associated since the caller read it: nothing is released.
+    if (code === -1) throw new FailedPreconditionError(`${f.address} is associated with ${detail} now; disassociate it first (or pass force)`);
+    await this.emitted(code === 1, "gw.fip.released", f.id, String(detail));
+    return code === 1;
   }
 
   // ---- port forwards: an outside port is unique per hypervisor ----
@@ -453,16 +523,16 @@ export class GatewayStore extends GatewayReader {
     const field = clientToken ? `pf\n${clientToken}` : null;
     const [code, ref] = await withClientToken(
       this.redis,
-      K.tokens,
+      this.keys.tokens,
       field,
-      { kind: "pf", recordOf: K.pf, fresh: K.pf(id) },
+      { kind: "pf", recordOf: this.keys.pf, fresh: this.keys.pf(id) },
       async (seen, rec) =>
         (await this.cmd(
           "mvpcGwCreate",
-          K.pf(id),
-          K.hostPorts(p.hostId),
-          K.pfs,
-          K.tokens,
+          this.keys.pf(id),
+          this.keys.hostPorts(p.hostId),
+          this.keys.pfs,
+          this.keys.tokens,
           rec,
           "gw.pf.created",
           id,
@@ -493,20 +563,33 @@ export class GatewayStore extends GatewayReader {
     );
     if (code === -1)
       throw new AlreadyExistsError(`${p.proto} port ${p.outsidePort} of hypervisor ${p.hostId} is already forwarded (${ref}); pick another outside port`);
+    await this.emitted(code === 1, "gw.pf.created", id, p.vpcId);
     return (await this.getPf(String(ref)))!;
   }
 
   async getPf(id: string): Promise<PfRec | null> {
-    return this.read("pf", K.pf(id), (h) => parsePf(h, id));
+    return this.read("pf", this.keys.pf(id), (h) => parsePf(h, id));
   }
 
   async listPfs(): Promise<PfRec[]> {
-    const ids = await this.redis.zrange(K.pfs, 0, -1);
+    const ids = await this.redis.zrange(this.keys.pfs, 0, -1);
     return (await Promise.all(ids.map((id) => this.getPf(id)))).filter((x): x is PfRec => !!x);
   }
 
   async deletePf(p: PfRec): Promise<boolean> {
-    return (await this.cmd("mvpcGwDelete", K.pf(p.id), K.hostPorts(p.hostId), K.pfs, "gw.pf.deleted", p.id, `${p.proto}/${p.outsidePort}`)) === 1;
+    const K = this.keys;
+    const [code, vpc] = (await this.cmd(
+      "mvpcGwDelete",
+      K.pf(p.id),
+      K.hostPorts(p.hostId),
+      K.pfs,
+      "gw.pf.deleted",
+      p.id,
+      `${p.proto}/${p.outsidePort}`,
+      "",
+    )) as R;
+    await this.emitted(code === 1, "gw.pf.deleted", p.id, String(vpc));
+    return code === 1;
   }
 
   // ---- transit indexes: one /30 per VPC per hypervisor ----
@@ -530,15 +613,15 @@ export class GatewayStore extends GatewayReader {
        end
        redis.call('HSET', KEYS[1], ARGV[1], n) return n`,
       2,
-      K.transit(hostId),
-      K.transitFree(hostId),
+      this.keys.transit(hostId),
+      this.keys.transitFree(hostId),
       vpcId,
       MAX_TRANSIT,
     );
     if (got === -1) throw new Error(`all ${MAX_TRANSIT} transit indexes of ${hostId} are in use; ${vpcId} is skipped until one is freed`);
     const t = parseTransit(vpcId, String(got));
     if (!t.ok) {
-      reportInvalid(OWNER, "transit", K.transit(hostId), t.reason, this.log, { field: vpcId, vpcId: vpcIdOf(vpcId) });
+      reportInvalid(OWNER, "transit", this.keys.transit(hostId), t.reason, this.log, { field: vpcId, vpcId: vpcIdOf(vpcId) });
       throw new Error(`the transit index of ${vpcId} on ${hostId} is not valid (${t.reason}); the VPC is skipped`);
     }
     return t.value;
@@ -557,8 +640,8 @@ export class GatewayStore extends GatewayReader {
        if n and n >= 0 and n < tonumber(ARGV[2]) and n == math.floor(n) then redis.call('ZADD', KEYS[2], n, n) return n end
        return -1`,
       2,
-      K.transit(hostId),
-      K.transitFree(hostId),
+      this.keys.transit(hostId),
+      this.keys.transitFree(hostId),
       vpcId,
       MAX_TRANSIT,
     );

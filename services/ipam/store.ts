@@ -8,6 +8,7 @@ import * as V from "../common/validate.js";
 import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
 import { PEERING_KEYS, PENDING_MS, staleReservations } from "../peering/schema.js";
 import { FW_KEYS } from "../firewall/schema.js";
+import { GW_KEYS } from "../gateway/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import {
   checked,
@@ -233,7 +234,7 @@ export class IpamStore extends IpamReader {
   private async deleteVpcInSteps(id: string): Promise<boolean> {
     const L = this.L;
     const FW = FW_KEYS.cluster;
-    const [nat, stale] = await Promise.all([this.redis.hexists(K.gwVpcNat, id), staleReservations(this.redis, id)]);
+    const [nat, stale] = await Promise.all([this.redis.hexists(GW_KEYS.cluster.vpcNat, id), staleReservations(this.redis, id)]);
     if (nat) throw new FailedPreconditionError(`VPC ${id} still has a NAT gateway; delete it first (microvpc nat delete --vpc ${id})`);
     const keys = [
       L.vpc(id),
@@ -438,8 +439,8 @@ export class IpamStore extends IpamReader {
    * DELETE_SUBNET checks it in the same step, and on both the network ACL).
    */
   private async subnetUnused(s: SubnetRec): Promise<void> {
-    const nat = await this.redis.hget(K.gwVpcNat, s.vpcId);
-    if (nat && (await this.redis.hget(K.gwNat(nat), "subnet")) === s.id)
+    const nat = await this.redis.hget(GW_KEYS.cluster.vpcNat, s.vpcId);
+    if (nat && (await this.redis.hget(GW_KEYS.cluster.nat(nat), "subnet")) === s.id)
       throw new FailedPreconditionError(`subnet ${s.name} (${s.id}): NAT gateway ${V.show(nat)} sits in it (microvpc nat delete); remove that first`);
   }
 

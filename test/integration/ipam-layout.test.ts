@@ -18,6 +18,7 @@ import { IPAM_KEYS, K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
 import { TOMBSTONE } from "../../services/ipam/scripts.js";
 import { FW_KEYS } from "../../services/firewall/keys.js";
+import { GW_KEYS } from "../../services/gateway/schema.js";
 import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { PeeringStore } from "../../services/peering/store.js";
@@ -475,10 +476,10 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     await c.zadd(FW_KEYS.cluster.vpcAcls(vpc.id), 0, "a/acl-000000000001");
     await assert.rejects(st.deleteVpc(vpc.id), /still has 1 security group\(s\), 1 network ACL\(s\)/);
     await c.del(FW_KEYS.cluster.vpcSgs(vpc.id), FW_KEYS.cluster.vpcAcls(vpc.id));
-    // The gateway's NAT gateway index is in another slot: checked from the client first.
-    await c.hset(K.gwVpcNat, vpc.id, "nat-000000000001");
+    // The gateway's NAT gateway index is in another slot ({gw}): checked from the client first.
+    const GW = GW_KEYS.cluster;
+    await c.hset(GW.vpcNat, vpc.id, "nat-000000000001");
     await assert.rejects(st.deleteVpc(vpc.id), /still has a NAT gateway/);
-    await c.hdel(K.gwVpcNat, vpc.id);
     const sn = (await st.createSubnet(subnetSpec(vpc.id, "x", "10.70.1.0/24"), "")).subnet;
     // A refused create leaves no record by id behind.
     const byId = await keysLike("mvpc:subnet:*");
@@ -488,8 +489,16 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     await c.hset(FW_KEYS.cluster.subnetAcl(vpc.id), sn.id, "acl-000000000001");
     await assert.rejects(st.deleteSubnet(sn.id), /network ACL acl-000000000001 is associated/);
     await c.hdel(FW_KEYS.cluster.subnetAcl(vpc.id), sn.id);
+    // The VPC's NAT gateway sitting in the subnet (its record under {gw}); the single Redis's names count for nothing here.
+    await c.hset(GW.nat("nat-000000000001"), "subnet", sn.id);
+    await assert.rejects(st.deleteSubnet(sn.id), /NAT gateway "nat-000000000001" sits in it/);
+    await c.hdel(GW.vpcNat, vpc.id);
+    // The single Redis's names hold no NAT gateway on a cluster, for DeleteVpc and DeleteSubnet (below).
+    await c.hset(K.gwVpcNat, vpc.id, "nat-000000000001");
+    await c.hset(K.gwNat("nat-000000000001"), "subnet", sn.id);
     await assert.rejects(st.deleteVpc(vpc.id), /still has 1 subnet/);
     assert.equal(await st.deleteSubnet(sn.id), true);
+    for (const key of [GW.nat("nat-000000000001"), K.gwNat("nat-000000000001"), K.gwVpcNat]) await c.del(key);
     for (const key of [K.subnet(sn.id), L.subnetIn(vpc.id, sn.id), K.used(vpc.id, sn.id)]) assert.equal(await c.exists(key), 0, key);
     assert.equal(await c.zscore(K.allSubnets, sn.id), null);
     assert.equal(await st.deleteVpc(vpc.id), true);

@@ -17,6 +17,8 @@ import { aclRules, CONTROL_USER, hostUser } from "../../services/common/redis-ac
 import { vpcEvents } from "../../services/common/events.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { FW_KEYS } from "../../services/firewall/keys.js";
+import { GW_KEYS } from "../../services/gateway/schema.js";
+import { GatewayStore } from "../../services/gateway/store.js";
 import { IPAM_KEYS } from "../../services/ipam/keys.js";
 import { OverlayRegistry } from "../../services/netagent/overlay/registry.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
@@ -143,4 +145,29 @@ test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay 
   assert.equal(await b.hexists(K.nics(B), "x"), 0);
   await sb.delNic(nic("nic-0000000bac01", "10.12.1.10"));
   await sb.delNic(nic("nic-0000000bac02", "10.12.1.11"));
+});
+
+test("as host A's user: the gateway's host steps (NAT lease, transit indexes) are allowed; NAT gateways, floating IPs, port forwards and B's transit are refused", async () => {
+  const G = GW_KEYS.cluster;
+  const ga = new GatewayStore(a);
+  // The lease of the VPC's NAT address (its slot, with the VPC's stream): taken and announced as A.
+  assert.deepEqual(await ga.natLease(VPC, A, 60_000), { held: true, taken: true, holder: A });
+  assert.ok(
+    (await a.xrange(vpcEvents(VPC), "-", "+")).some(([, f]) => f.includes("gw.nat.holder") && f.includes(A)),
+    "its event appended as A",
+  );
+  assert.deepEqual(await new GatewayStore(b).natLease(VPC, B, 60_000), { held: false, taken: false, holder: A }, "B may compete for it, and loses to A");
+  assert.equal(await ga.natUnlease(VPC, A), true);
+  // A's transit indexes, under its own tag.
+  assert.equal(await ga.transitIndex(A, VPC), 0);
+  assert.equal(await ga.releaseTransit(A, VPC), 0);
+  // The control plane's records under {gw}, and B's transit, are not A's to write.
+  await refused(a.hset(G.nat("nat-0a0c0a0c0a0c"), "vpc", VPC), "a NAT gateway's record");
+  await refused(a.hset(G.vpcNat, VPC, "nat-0a0c0a0c0a0c"), "the VPC → NAT gateway index");
+  await refused(a.hset(G.fipByAddr, "203.0.113.9", "fip-0a0c0a0c0a0c"), "the floating pool's address index");
+  await refused(a.hset(G.fip("fip-0a0c0a0c0a0c"), "host", A), "a floating IP's record");
+  await refused(a.hset(G.hostPorts(A), "tcp/22", "pf-0a0c0a0c0a0c"), "the port-forward index, even of A's own ports");
+  await refused(a.hset(G.tokens, "nat\nx", "nat-0a0c0a0c0a0c"), "the gateway's client tokens");
+  await refused(a.hset(G.transit(B), VPC, "7"), "B's transit indexes");
+  await refused(new GatewayStore(a).allocateFip({ first: 3405803777, last: 3405803778 }, "", "x"), "AllocateFloatingIp's script");
 });

@@ -74,8 +74,10 @@ export interface HarnessOptions {
    * Run on a Redis Cluster (3 primaries, 3 replicas) instead of one
    * redis-server, the daemons with MICROVPC_EXPERIMENTAL_CLUSTER=1. Default:
    * ON_CLUSTER (a test file that imports set-on-cluster.ts first). Not with
-   * redisAcl or hostServices yet: the gateway's and the VPN's scripts do not
-   * run on a cluster.
+   * redisAcl (redis-acl-cluster.test.ts runs the rules on a cluster itself)
+   * or hostServices yet: the gateway's metadata server runs in the host
+   * namespace and reaches Redis by the redis-server's unix socket, which a
+   * cluster's nodes, on loopback ports of the root namespace, do not offer.
    */
   cluster?: boolean;
   /**
@@ -498,7 +500,7 @@ export class Harness {
     o: { vmm?: boolean; driftMs?: number; firewallArgs?: string[]; gatewayArgs?: string[]; vmmArgs?: string[]; vmmEnv?: Record<string, string> } = {},
   ): Promise<{ fwd: Daemon; gwd: Daemon; vmmd?: Daemon }> {
     const hv = this.host(host);
-    if (this.onCluster) throw new Error("Harness: hostServices on a cluster is not supported yet (the gateway's scripts)");
+    if (this.onCluster) throw new Error("Harness: hostServices on a cluster is not supported yet (the metadata server's unix socket to Redis)");
     const r = ["--redis", this.redis.url, "--host-id", hv.id, ...this.redisAuth(hostUser(hv.id))];
     const drift = o.driftMs === undefined ? [] : ["--drift-interval-ms", String(o.driftMs)];
     const fwd = await startDaemon("firewall", [...r, ...drift, ...(o.firewallArgs ?? [])]);

@@ -29,7 +29,7 @@ import { reportInvalid } from "../../common/invalid-records.js";
 import * as V from "../../common/validate.js";
 import { verifyClaims, type RejectedClaim } from "./claims.js";
 import { keyFileIn, loadOrCreateKey, newKey } from "./keyfile.js";
-import { GK, parseNat, parseNatHolder } from "../../gateway/schema.js";
+import { gwKeys, parseNat, parseNatHolder } from "../../gateway/schema.js";
 import {
   allowedWithin,
   evidenceHosts,
@@ -428,11 +428,12 @@ export class Overlay {
    * else gets no route (withNatHolder).
    */
   async natHolder(vpcId: string): Promise<string | undefined> {
-    const [natId, lease] = await Promise.all([this.redis.hget(GK.vpcNat, vpcId), this.redis.get(GK.natLease(vpcId))]);
+    const gw = gwKeys(this.redis);
+    const [natId, lease] = await Promise.all([this.redis.hget(gw.vpcNat, vpcId), this.redis.get(gw.natLease(vpcId))]);
     if (!natId || lease === null || lease === this.hostId) return undefined;
     const holder = parseNatHolder(lease);
     if (!holder.ok) return undefined;
-    const nat = parseNat(await this.redis.hgetall(GK.nat(natId)), natId);
+    const nat = parseNat(await this.redis.hgetall(gw.nat(natId)), natId);
     if (!nat.ok || nat.value.vpcId !== vpcId || !nat.value.address) return undefined;
     return holder.value;
   }
