@@ -25,6 +25,7 @@ const BENCHES: Record<string, RegExp[]> = {
   fwdelta: [/^Verdict$/m, /^figures written to /m],
   fwstore: [/^Verdict$/m, /^BindNic on a cluster/m, /^figures written to /m],
   hoststore: [/^Verdict$/m, /^AttachNic on a cluster/m, /^figures written to /m],
+  gwstore: [/^Verdict$/m, /^CreateNatGateway on a cluster/m, /^figures written to /m],
   flowlogs: [/^Verdict$/m, /^flow records written during the run: [1-9]/m, /^figures written to /m],
   gateway: [/^Summary$/m, /^figures written to /m],
   vm: [/^Verdict$/m, /^(exec counts: n\/a|3b\. Execs per CreateVm)/m, /^figures written to /m],
