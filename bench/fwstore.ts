@@ -26,7 +26,7 @@ import { FirewallStore, type BindingSpec } from "../services/firewall/store.js";
 import { IpamStore } from "../services/ipam/store.js";
 import { naKeys } from "../services/netagent/schema.js";
 import { subnetSpec } from "../test/lib/ipam-specs.js";
-import { alternate, clusterOverSingle, inRoundTrips, onBothLayouts, reportLayouts, timer, type LayoutTimings } from "./lib/layouts.js";
+import { clusterOverSingle, compareLayouts, inRoundTrips, noTimings, timer, type LayoutTimings } from "./lib/layouts.js";
 import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
 
 const args = benchArgs({ rounds: { type: "string", default: "200" }, members: { type: "string", default: "50" } }, { rounds: "5", members: "5" });
@@ -92,7 +92,7 @@ async function setUp(name: Layout["name"], redis: Redis): Promise<Layout> {
     subnetId: subnet.id,
     web: web.id,
     peer: peer.id,
-    us: Object.fromEntries(CALLS.map((c) => [c, []])) as never,
+    us: noTimings(CALLS),
   };
   // The peer group's members, on host "hb", each vouched for by that host's keys.
   for (let i = 0; i < MEMBERS; i++) {
@@ -120,19 +120,17 @@ async function round(l: Layout, i: number): Promise<void> {
   if (!(await timed("DeleteSecurityGroup", () => l.fw.deleteGroup(g.group.id)))) throw new Error(`${l.name}: group ${g.group.id} was not deleted`);
 }
 
-async function main(): Promise<number> {
-  return onBothLayouts(progress, async (s, c) => {
-    const layouts = [await setUp("single", s), await setUp("cluster", c)];
-    progress(`${ROUNDS} rounds, ${MEMBERS} members in the peer group`);
-    await alternate(layouts, CALLS, ROUNDS, round);
-    const [one, many] = layouts;
-    return reportLayouts({
+const main = (): Promise<number> =>
+  compareLayouts<Call, Layout>({
+    progress,
+    calls: CALLS,
+    rounds: ROUNDS,
+    roundsNote: `, ${MEMBERS} members in the peer group`,
+    setUp,
+    round,
+    report: (one, many) => ({
       title: `The firewall's store: one redis-server vs a 3+3 Redis Cluster (${ROUNDS} rounds, ${MEMBERS} peer members)`,
       kind: "fwstore",
-      calls: CALLS,
-      baseline: "HSET (baseline)",
-      one,
-      many,
       verdicts: [
         // The cluster's steps, in round trips of its own baseline: BindNic reads the record and writes four steps (VPC, host, record, event).
         inRoundTrips(many, "BindNic", "HSET (baseline)", "BindNic on a cluster, in HSET round trips", 10),
@@ -141,8 +139,7 @@ async function main(): Promise<number> {
         clusterOverSingle(one, many, "BindNic"),
       ],
       extra: { rounds: ROUNDS, members: MEMBERS },
-    });
+    }),
   });
-}
 
 runBench(main);

@@ -20,7 +20,7 @@
 import type { Redis } from "ioredis";
 import { ipToInt } from "../services/common/validate.js";
 import { GatewayStore } from "../services/gateway/store.js";
-import { alternate, clusterOverSingle, inRoundTrips, onBothLayouts, reportLayouts, timer, type LayoutTimings } from "./lib/layouts.js";
+import { clusterOverSingle, compareLayouts, inRoundTrips, noTimings, timer, type LayoutTimings } from "./lib/layouts.js";
 import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
 
 const args = benchArgs({ rounds: { type: "string", default: "300" } }, { rounds: "5" });
@@ -65,24 +65,16 @@ async function round(l: Layout, i: number): Promise<void> {
   if (!deleted) throw new Error(`${l.name}: DeleteNatGateway deleted nothing`);
 }
 
-async function main(): Promise<number> {
-  return onBothLayouts(progress, async (...clients) => {
-    const layouts: Layout[] = clients.map((redis, i) => ({
-      name: i ? "cluster" : "single",
-      redis,
-      gw: new GatewayStore(redis),
-      us: Object.fromEntries(CALLS.map((c) => [c, []])) as never,
-    }));
-    progress(`${ROUNDS} rounds`);
-    await alternate(layouts, CALLS, ROUNDS, round);
-    const [one, many] = layouts;
-    return reportLayouts({
+const main = (): Promise<number> =>
+  compareLayouts<Call, Layout>({
+    progress,
+    calls: CALLS,
+    rounds: ROUNDS,
+    setUp: (name, redis) => ({ name, redis, gw: new GatewayStore(redis), us: noTimings(CALLS) }),
+    round,
+    report: (one, many) => ({
       title: `The gateway's store: one redis-server vs a 3+3 Redis Cluster (${ROUNDS} rounds)`,
       kind: "gwstore",
-      calls: CALLS,
-      baseline: "HSET (baseline)",
-      one,
-      many,
       verdicts: [
         // The token read, the script, the record read back, and the event (a MULTI to the VPC's stream with its wake, plus the rolling-upgrade copy).
         inRoundTrips(many, "CreateNatGateway", "HSET (baseline)", "CreateNatGateway on a cluster, in HSET round trips", 6),
@@ -91,8 +83,7 @@ async function main(): Promise<number> {
         clusterOverSingle(one, many, "DeleteNatGateway"),
       ],
       extra: { rounds: ROUNDS },
-    });
+    }),
   });
-}
 
 runBench(main);

@@ -20,7 +20,7 @@
 import type { Redis } from "ioredis";
 import type { NicSpec } from "../services/netagent/plan.js";
 import { HostStore, naKeys } from "../services/netagent/store.js";
-import { alternate, clusterOverSingle, inRoundTrips, onBothLayouts, reportLayouts, timer, type LayoutTimings } from "./lib/layouts.js";
+import { clusterOverSingle, compareLayouts, inRoundTrips, noTimings, timer, type LayoutTimings } from "./lib/layouts.js";
 import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
 
 const args = benchArgs({ rounds: { type: "string", default: "300" } }, { rounds: "5" });
@@ -77,24 +77,16 @@ async function round(l: Layout, i: number): Promise<void> {
   await l.a.delNic(stale);
 }
 
-async function main(): Promise<number> {
-  return onBothLayouts(progress, async (...clients) => {
-    const layouts: Layout[] = clients.map((redis, i) => ({
-      name: i ? "cluster" : "single",
-      redis,
-      a: new HostStore(redis, "ha"),
-      us: Object.fromEntries(CALLS.map((c) => [c, []])) as never,
-    }));
-    progress(`${ROUNDS} rounds`);
-    await alternate(layouts, CALLS, ROUNDS, round);
-    const [one, many] = layouts;
-    return reportLayouts({
+const main = (): Promise<number> =>
+  compareLayouts<Call, Layout>({
+    progress,
+    calls: CALLS,
+    rounds: ROUNDS,
+    setUp: (name, redis) => ({ name, redis, a: new HostStore(redis, "ha"), us: noTimings(CALLS) }),
+    round,
+    report: (one, many) => ({
       title: `The netagent's store: one redis-server vs a 3+3 Redis Cluster (${ROUNDS} rounds)`,
       kind: "hoststore",
-      calls: CALLS,
-      baseline: "HSET (baseline)",
-      one,
-      many,
       verdicts: [
         // A token read, three steps and the events (one MULTI per stream, sent together).
         inRoundTrips(many, "AttachNic", "HSET (baseline)", "AttachNic on a cluster, in HSET round trips", 10),
@@ -102,8 +94,7 @@ async function main(): Promise<number> {
         clusterOverSingle(one, many, "DetachNic"),
       ],
       extra: { rounds: ROUNDS },
-    });
+    }),
   });
-}
 
 runBench(main);

@@ -1,5 +1,6 @@
-// The report of a bench that times the same calls through a service's store
-// on one redis-server and on a Redis Cluster (bench:fwstore, bench:hoststore):
+// A bench that times the same calls through a service's store
+// on one redis-server and on a Redis Cluster (bench:fwstore, bench:hoststore,
+// bench:gwstore):
 // each call's p50 and p99 on both, in round trips of that Redis's own
 // baseline call, then the verdicts, and the figures as JSON.
 import { performance } from "node:perf_hooks";
@@ -23,7 +24,7 @@ export const p99 = <C extends string>(l: LayoutTimings<C>, call: C): number => p
  * Starts one redis-server and a 3+3 Redis Cluster on loopback, connects to
  * both (ready), runs `f` with the two clients, then ends both by PID.
  */
-export async function onBothLayouts<T>(progress: (msg: string) => void, f: (single: Redis, cluster: Redis) => Promise<T>): Promise<T> {
+async function onBothLayouts<T>(progress: (msg: string) => void, f: (single: Redis, cluster: Redis) => Promise<T>): Promise<T> {
   progress("starting one redis-server and a 3+3 Redis Cluster");
   const single = await startRedis({ persistence: false });
   const cluster = await startRedisCluster().catch(async (e: unknown) => {
@@ -63,7 +64,7 @@ export function timer<C extends string>(l: LayoutTimings<C>): <T>(call: C, f: ()
  * node, connections to every primary open), then `rounds` rounds, which
  * layout goes first alternating, so that a noisy moment weighs on both.
  */
-export async function alternate<C extends string, L extends LayoutTimings<C>>(
+async function alternate<C extends string, L extends LayoutTimings<C>>(
   layouts: L[],
   calls: readonly C[],
   rounds: number,
@@ -88,7 +89,7 @@ export function clusterOverSingle<C extends string>(one: LayoutTimings<C>, many:
 }
 
 /** Prints the table and the verdicts, writes the JSON (with `extra`), and returns the exit code: 2 if a verdict failed, but 0 in a smoke run, whose figures mean nothing (bench-smoke checks that it runs to its end). */
-export function reportLayouts<C extends string>(o: {
+function reportLayouts<C extends string>(o: {
   title: string;
   kind: string;
   calls: readonly C[];
@@ -128,4 +129,33 @@ export function reportLayouts<C extends string>(o: {
   });
   console.log(`figures written to ${file}`);
   return SMOKE || o.verdicts.every((v) => v.pass !== false) ? 0 : 2;
+}
+
+/** The timings of `calls`, none measured yet (a layout's `us` to start with). */
+export function noTimings<C extends string>(calls: readonly C[]): Record<C, number[]> {
+  return Object.fromEntries(calls.map((c) => [c, []])) as unknown as Record<C, number[]>;
+}
+
+/**
+ * A store bench's whole run: one redis-server and a 3+3 cluster
+ * (onBothLayouts), a layout set up on each (`setUp`, its timings empty),
+ * `rounds` alternating rounds (alternate), then the report of `calls`
+ * against "HSET (baseline)" with what `report` says of the two.
+ */
+export function compareLayouts<C extends string, L extends LayoutTimings<C>>(o: {
+  progress: (msg: string) => void;
+  calls: readonly C[];
+  rounds: number;
+  /** What the progress line says of a round besides the count, e.g. ", 50 members in the peer group". */
+  roundsNote?: string;
+  setUp: (name: LayoutTimings<C>["name"], redis: Redis) => Promise<L> | L;
+  round: (l: L, i: number) => Promise<void>;
+  report: (one: L, many: L) => { title: string; kind: string; verdicts: Verdict[]; extra: Record<string, unknown> };
+}): Promise<number> {
+  return onBothLayouts(o.progress, async (single, cluster) => {
+    const [one, many] = [await o.setUp("single", single), await o.setUp("cluster", cluster)];
+    o.progress(`${o.rounds} rounds${o.roundsNote ?? ""}`);
+    await alternate([one, many], o.calls, o.rounds, o.round);
+    return reportLayouts({ ...o.report(one, many), calls: o.calls, baseline: "HSET (baseline)" as C, one, many });
+  });
 }

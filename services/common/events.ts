@@ -147,7 +147,8 @@ export type EventFields = Record<string, string>;
 
 type XReadReply = [string, [string, string[]][]][] | null;
 
-function fieldsOf(f: string[]): EventFields {
+/** A stream entry's flat [field, value, …] list as its fields. */
+export function fieldsOf(f: string[]): EventFields {
   const fields: EventFields = {};
   for (let i = 0; i + 1 < f.length; i += 2) fields[f[i]] = f[i + 1];
   return fields;

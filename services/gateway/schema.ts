@@ -67,22 +67,7 @@ export interface GatewayKeys {
 
 const GW = "mvpc:{gw}:";
 export const GW_KEYS: { single: GatewayKeys; cluster: GatewayKeys } = {
-  single: {
-    cluster: false,
-    nat: GK.nat,
-    natLease: GK.natLease,
-    nats: GK.nats,
-    vpcNat: GK.vpcNat,
-    fip: GK.fip,
-    fipByAddr: GK.fipByAddr,
-    fips: GK.fips,
-    pf: GK.pf,
-    pfs: GK.pfs,
-    hostPorts: GK.hostPorts,
-    transit: GK.transit,
-    transitFree: GK.transitFree,
-    tokens: GK.tokens,
-  },
+  single: { ...GK, cluster: false },
   cluster: {
     cluster: true,
     nat: (id) => `${GW}nat:${id}`,

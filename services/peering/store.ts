@@ -448,7 +448,8 @@ export class PeeringStore {
     // Host ids come from a shared hash: only well-formed ones name a key.
     const hosts = [...new Set([...a1, ...a2])].filter((h) => HOST_ID_RE.test(h)).sort();
     // One read per host (its own key; on a cluster each in its own slot).
-    const acks = await Promise.all(hosts.map((h) => this.redis.hget(peeringKeys(this.redis).hostAcks(h), p.id)));
+    const L = peeringKeys(this.redis);
+    const acks = await Promise.all(hosts.map((h) => this.redis.hget(L.hostAcks(h), p.id)));
     const pending = hosts.filter((h, i) => Number(acks[i] ?? legacy[h] ?? 0) !== p.createdMs);
     return { hosts, pending };
   }

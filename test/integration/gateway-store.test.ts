@@ -11,7 +11,7 @@ import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { AlreadyExistsError, FailedPreconditionError, ResourceExhaustedError } from "../../services/common/errors.js";
-import { REGISTRY_EVENTS, vpcEvents } from "../../services/common/events.js";
+import { fieldsOf, REGISTRY_EVENTS, vpcEvents, type EventFields } from "../../services/common/events.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { GK, GW_KEYS, gwKeys, type GatewayKeys, type NatRec, type PfRec } from "../../services/gateway/schema.js";
@@ -69,13 +69,8 @@ async function taken(pool: Pool): Promise<string[]> {
 }
 
 /** A stream's entries as field maps, oldest first. */
-async function entries(stream: string): Promise<Record<string, string>[]> {
-  const rows = await redis.xrange(stream, "-", "+");
-  return rows.map(([, flat]) => {
-    const m: Record<string, string> = {};
-    for (let i = 0; i + 1 < flat.length; i += 2) m[flat[i]] = flat[i + 1];
-    return m;
-  });
+async function entries(stream: string): Promise<EventFields[]> {
+  return (await redis.xrange(stream, "-", "+")).map(([, flat]) => fieldsOf(flat));
 }
 
 beforeAll(async () => {

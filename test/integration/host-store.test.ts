@@ -280,18 +280,22 @@ describe("an address of a VPC is attached on one host at a time", () => {
     await plain.delNic(n1);
   });
 
-  // A call whose CONFIRM never comes (its agent stopped, or Redis failed it): gated forever, as a stopped call.
-  const stopAfterHost = (n: NicSpec) =>
+  /** Waits until HOST is done for NIC `n` of host A: its record is there (still marked, unless confirmed since). */
+  const hostDone = (n: NicSpec) => until(async () => (await redis.hexists(hostKeys.nics(A), n.nicId)) === 1);
+
+  // A call whose CONFIRM never comes (its agent stopped, or Redis failed it): gated forever, as a stopped call. Returns once its HOST is done.
+  const stopAfterHost = (n: NicSpec) => {
     void new HostStore(
       gated(redis, (args) => args[1] === 3 && args[2] === hostKeys.claims(VPC), new Promise<void>(() => {})),
       A,
     ).addNic(n);
+    return hostDone(n);
+  };
 
   test.skipIf(!ON_CLUSTER)("a NIC left pending is in no desired state; the next pass removes it, and its address is free again", async () => {
     const x = "10.5.1.143";
     const n1 = { ...addr(nic(1), x, "nic-0000000a0061"), clientToken: "tok-143" };
-    stopAfterHost(n1);
-    await until(async () => (await redis.hexists(hostKeys.nics(A), n1.nicId)) === 1); // HOST done: the record is there, still marked
+    await stopAfterHost(n1);
     const reader = new HostStore(redis, A);
     assert.ok(!(await reader.load()).nics.has(n1.nicId), "load() leaves a pending NIC out: no device, no binding");
     assert.equal(await reader.getNic(n1.nicId), null);
@@ -314,8 +318,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
     // (a) Nobody else wants the address: the retry answers with the first NIC, now confirmed.
     const x = "10.5.1.144";
     const n1 = { ...addr(nic(1), x, "nic-0000000a0071"), clientToken: "tok-144" };
-    stopAfterHost(n1);
-    await until(async () => (await redis.hexists(hostKeys.nics(A), n1.nicId)) === 1); // HOST done: the record is there, still marked
+    await stopAfterHost(n1);
     const a = new HostStore(redis, A);
     assert.deepEqual(await a.addNic({ ...addr(nic(1), x, "nic-0000000a0072"), clientToken: n1.clientToken }), { code: 0, id: n1.nicId });
     assert.equal(await redis.hexists(hostKeys.nicPending(A)!, n1.nicId), 0);
@@ -341,7 +344,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
     await until(async () => (await redis.hget(hostKeys.claims(VPC), field(y))) === `${A}/${na.nicId}`);
     assert.equal((await new HostStore(redis, B).addNic(nb)).code, 1, "B found A's claim unbacked and took it");
     hostStep.open();
-    await until(async () => (await redis.hexists(hostKeys.nics(A), na.nicId)) === 1); // HOST done: the record is there, still marked
+    await hostDone(na);
     assert.deepEqual(
       await a.addNic({ ...addr(nic(1), y, "nic-0000000a0079"), clientToken: na.clientToken }),
       { code: -2, id: `${B}/${nb.nicId}` },
@@ -373,8 +376,7 @@ describe("an address of a VPC is attached on one host at a time", () => {
     // A NIC left pending at an address: the next attach of that address on this host removes it, and attaches.
     const y = "10.5.1.148";
     const n2 = addr(nic(2), y, "nic-0000000a0083");
-    stopAfterHost(n2);
-    await until(async () => (await redis.hexists(hostKeys.nics(A), n2.nicId)) === 1); // HOST done: the record is there, still marked
+    await stopAfterHost(n2);
     const n3 = addr(nic(3), y, "nic-0000000a0084");
     assert.deepEqual(await new HostStore(redis, A).addNic(n3), { code: 1, id: n3.nicId });
     assert.equal(await redis.hexists(hostKeys.nics(A), n2.nicId), 0, "the pending NIC is gone");
