@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { create } from "@bufbuild/protobuf";
 import { Code, createClient, createRouterTransport, type Client } from "@connectrpc/connect";
-import type { Cluster, Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { mapDomainErrors } from "../../services/common/errors.js";
 import {
@@ -33,7 +33,7 @@ import { naKeys } from "../../services/netagent/schema.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
 import { rejectsWith } from "../lib/clients.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
-import { startRedis, startRedisCluster } from "../lib/redis.js";
+import { keysLike as keysOfAll, startRedis, startRedisCluster } from "../lib/redis.js";
 import { vpcEvents } from "../../services/common/events.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 
@@ -131,9 +131,8 @@ async function lastEventId(vpcId: string): Promise<string> {
 }
 
 /** Every key matching `pattern`, on every primary of a cluster. */
-async function keysLike(pattern: string): Promise<string[]> {
-  const nodes = r.isCluster ? (r as unknown as Cluster).nodes("master") : [r];
-  return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
+function keysLike(pattern: string): Promise<string[]> {
+  return keysOfAll(r, pattern);
 }
 
 /** Every firewall key with its content and the length of every event stream, for "nothing changed" checks (both layouts). */

@@ -98,6 +98,7 @@ async function meshReport(vms: Vm[]): Promise<string> {
     const st = (await x.agent.getOverlayStatus({ vpc: vpc.id }).catch((e: Error) => ({ vpcs: [], error: e.message }))) as { vpcs: unknown[] };
     lines.push(`# mesh: ${x.id}: ${JSON.stringify(st, (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v))}`);
   }
+  for (const x of hv) lines.push(`# daemon ${x.id}:\n${x.daemon.output()}`);
   return lines.join("\n");
 }
 

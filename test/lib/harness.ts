@@ -43,6 +43,7 @@ import {
   ownedNamespace,
   rootSnapshot,
   RUN_PREFIX,
+  startUnixForward,
   sweepStale,
   tempDir,
   trackChild,
@@ -74,10 +75,10 @@ export interface HarnessOptions {
    * Run on a Redis Cluster (3 primaries, 3 replicas) instead of one
    * redis-server, the daemons with MICROVPC_EXPERIMENTAL_CLUSTER=1. Default:
    * ON_CLUSTER (a test file that imports set-on-cluster.ts first). Not with
-   * redisAcl (redis-acl-cluster.test.ts runs the rules on a cluster itself)
-   * or hostServices yet: the gateway's metadata server runs in the host
-   * namespace and reaches Redis by the redis-server's unix socket, which a
-   * cluster's nodes, on loopback ports of the root namespace, do not offer.
+   * redisAcl (redis-acl-cluster.test.ts runs the rules on a cluster itself).
+   * hostServices works: the gateway's metadata server, in the hypervisor's
+   * namespace, reaches the nodes' loopback ports through forwards to their
+   * unix sockets (redisFrom).
    */
   cluster?: boolean;
   /**
@@ -500,35 +501,56 @@ export class Harness {
     o: { vmm?: boolean; driftMs?: number; firewallArgs?: string[]; gatewayArgs?: string[]; vmmArgs?: string[]; vmmEnv?: Record<string, string> } = {},
   ): Promise<{ fwd: Daemon; gwd: Daemon; vmmd?: Daemon }> {
     const hv = this.host(host);
-    if (this.onCluster) throw new Error("Harness: hostServices on a cluster is not supported yet (the metadata server's unix socket to Redis)");
-    const r = ["--redis", this.redis.url, "--host-id", hv.id, ...this.redisAuth(hostUser(hv.id))];
+    const r = ["--redis", this.redisUrl, "--host-id", hv.id, ...this.redisAuth(hostUser(hv.id))];
     const drift = o.driftMs === undefined ? [] : ["--drift-interval-ms", String(o.driftMs)];
-    const fwd = await startDaemon("firewall", [...r, ...drift, ...(o.firewallArgs ?? [])]);
+    const env = this.daemonEnv;
+    const fwd = await startDaemon("firewall", [...r, ...drift, ...(o.firewallArgs ?? [])], env);
     trackChild(fwd.proc);
-    const gwd = await startDaemon("gateway", [
-      ...r,
-      "--host-netns",
-      hv.ns,
-      "--uplink",
-      "ul0",
-      "--public-pool",
-      FLOATING_POOL,
-      "--imds-redis",
-      this.redis.socket,
-      "--management-cidrs",
-      MANAGEMENT_CIDRS,
-      ...drift,
-      ...(o.gatewayArgs ?? []),
-    ]);
+    const gwd = await startDaemon(
+      "gateway",
+      [
+        ...r,
+        "--host-netns",
+        hv.ns,
+        "--uplink",
+        "ul0",
+        "--public-pool",
+        FLOATING_POOL,
+        "--imds-redis",
+        await this.redisFrom(hv),
+        "--management-cidrs",
+        MANAGEMENT_CIDRS,
+        ...drift,
+        ...(o.gatewayArgs ?? []),
+      ],
+      env,
+    );
     trackChild(gwd.proc);
     if (!o.vmm) return { fwd, gwd };
     const vmmd = await startDaemon(
       "vmm",
       [...r, "--ipam", this.ipamDaemon.address, "--netagent", hv.daemon.address, "--firewall", fwd.address, "--gateway", gwd.address, ...(o.vmmArgs ?? [])],
-      o.vmmEnv ?? {},
+      { ...env, ...o.vmmEnv },
     );
     trackChild(vmmd.proc);
     return { fwd, gwd, vmmd };
+  }
+
+  private readonly forwards = new Map<string, Promise<unknown>>();
+
+  /**
+   * The Redis URL for a process inside the hypervisor's namespace (the
+   * gateway's metadata server), where 127.0.0.1 of the root namespace is out
+   * of reach: one redis-server's unix socket, or the cluster's URL with each
+   * node's 127.0.0.1:port forwarded to that node's unix socket in the
+   * namespace (started once per hypervisor, ended with the run).
+   */
+  private async redisFrom(hv: Hypervisor): Promise<string> {
+    const c = this.redisCluster;
+    if (!c) return this.redis.socket;
+    if (!this.forwards.has(hv.ns)) this.forwards.set(hv.ns, startUnixForward(hv.ns, c.nodes));
+    await this.forwards.get(hv.ns);
+    return c.url;
   }
 
   /** Links of a VPC's namespace on a hypervisor. */

@@ -713,6 +713,35 @@ srv.listen(Number(process.argv[1]), "0.0.0.0");
 process.on("SIGTERM", () => process.exit(0));
 `;
 
+const UNIX_FORWARD_SCRIPT = `
+const net = require("node:net");
+for (const pair of process.argv.slice(1)) {
+  const i = pair.indexOf("=");
+  const port = Number(pair.slice(0, i)), path = pair.slice(i + 1);
+  net.createServer((c) => {
+    const u = net.connect(path);
+    const end = () => { c.destroy(); u.destroy(); };
+    c.on("error", end); u.on("error", end); c.on("close", end); u.on("close", end);
+    c.pipe(u); u.pipe(c);
+  }).listen(port, "127.0.0.1");
+}
+process.on("SIGTERM", () => process.exit(0));
+`;
+
+/**
+ * Inside ns, 127.0.0.1:port of each pair forwards to a unix socket of the
+ * filesystem (node one-liner). A Redis Cluster's nodes announce
+ * 127.0.0.1:port of the root namespace; with this a client in ns (the
+ * gateway's metadata server) reaches them by the same addresses.
+ */
+export async function startUnixForward(ns: string, pairs: { port: number; socket: string }[]): Promise<NsServer> {
+  checkNsName(ns);
+  const args = pairs.map((p) => `${p.port}=${p.socket}`);
+  const child = trackChild(spawn("ip", ["netns", "exec", ns, process.execPath, "-e", UNIX_FORWARD_SCRIPT, ...args], { env: ENV, stdio: "ignore" }));
+  for (const p of pairs) await waitListening(ns, p.port, child, "unix forwarder");
+  return { ns, port: pairs[0]?.port ?? 0, pid: child.pid!, stop: () => stopChild(child) };
+}
+
 /** A TCP server inside ns (node one-liner) that writes `banner` to each client and closes. */
 export async function startTcpServer(ns: string, port: number, banner = "hello"): Promise<NsServer> {
   checkNsName(ns);

@@ -8,7 +8,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { Redis } from "ioredis";
+import { Redis, type Cluster } from "ioredis";
 
 const pexecFile = promisify(execFile);
 
@@ -170,6 +170,8 @@ export interface TestRedisClusterNode {
   busPort: number;
   proc: ChildProcess;
   dir: string;
+  /** Its unix socket, reachable from any network namespace (Harness forwards the port to it inside a hypervisor's namespace). */
+  socket: string;
 }
 
 export interface TestRedisCluster {
@@ -209,6 +211,11 @@ function launchClusterNode(port: number, busPort: number, dir: string, password:
     String(busPort),
     "--appendonly",
     "no",
+    // As the single redis-server's: 127.0.0.1 of the root namespace is out of reach from a test namespace.
+    "--unixsocket",
+    join(dir, "redis.sock"),
+    "--unixsocketperm",
+    "700",
     // A replica syncs at once (the default waits 5 s for more replicas), and
     // one that never synced refuses to fail over: tests that kill a primary
     // need the replicas in sync first (startRedisCluster waits for it).
@@ -314,7 +321,7 @@ export async function startRedisCluster(o: RedisClusterOptions = {}): Promise<Te
       const busPort = await freePort();
       const dir = join(root, `node-${port}`);
       mkdirSync(dir);
-      nodes.push({ port, busPort, dir, proc: launchClusterNode(port, busPort, dir, o.password) });
+      nodes.push({ port, busPort, dir, socket: join(dir, "redis.sock"), proc: launchClusterNode(port, busPort, dir, o.password) });
     }
     await Promise.all(
       nodes.map((n) =>
@@ -375,4 +382,10 @@ export async function startRedisCluster(o: RedisClusterOptions = {}): Promise<Te
     await cluster.stop();
     throw e;
   }
+}
+
+/** Every key matching `pattern`: KEYS on each primary of a cluster (a cluster client sends KEYS to one node), or on the one Redis. */
+export async function keysLike(r: Redis, pattern: string): Promise<string[]> {
+  const nodes = r.isCluster ? (r as unknown as Cluster).nodes("master") : [r];
+  return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
 }
