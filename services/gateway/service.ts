@@ -146,6 +146,14 @@ export class GatewayApi {
         poolRange(this.opts.pool),
         req.address,
       );
+      // A DeleteSubnet or DeleteVpc may have passed its check of the NAT index
+      // since this.subnet() above: read after the write, it is seen here, and
+      // the gateway goes again (never one in a subnet or VPC that is gone).
+      const gone = await this.ipam.natSiteProblem(v.id, s.id);
+      if (gone) {
+        await this.store.deleteNat(n);
+        throw new FailedPreconditionError(`${gone} while its NAT gateway was being made; nothing was kept`);
+      }
       return { natGateway: await this.natOut(n) };
     },
     getNatGateway: async (req) => {

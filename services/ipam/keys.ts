@@ -103,6 +103,14 @@ export interface IpamKeys {
   vpcNames: string;
   /** Client tokens of VPC creates ("vpc\n<token>" → id). */
   vpcTokens: string;
+  /**
+   * On a cluster, the mark a DeleteVpc (`what` "vpc") or DeleteSubnet (the
+   * subnet id) sets, with a TTL, before it checks the gateway's NAT index in
+   * another slot: a CreateNatGateway that wrote its record meanwhile sees it
+   * and takes its gateway back (IpamReader.natSiteProblem). Never written on
+   * a single Redis, where the deletes check that index in their script.
+   */
+  deleting(vpc: string, what: string): string;
   /** Whether the keys of a VPC and of the catalog are in different slots (a create or a delete then takes steps). */
   cluster: boolean;
 }
@@ -121,6 +129,7 @@ export const IPAM_KEYS: { single: IpamKeys; cluster: IpamKeys } = {
     vpcByName: K.vpcByName,
     vpcNames: K.vpcNames,
     vpcTokens: K.tokens,
+    deleting: (v, what) => `${P}vpc:${v}:deleting:${what}`,
     cluster: false,
   },
   cluster: {
@@ -133,6 +142,7 @@ export const IPAM_KEYS: { single: IpamKeys; cluster: IpamKeys } = {
     vpcByName: `${CATALOG}vpc:byname`,
     vpcNames: `${CATALOG}vpcs`,
     vpcTokens: `${CATALOG}tokens`,
+    deleting: (v, what) => `${T(v)}deleting:${what}`,
     cluster: true,
   },
 };

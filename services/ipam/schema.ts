@@ -338,6 +338,26 @@ export class IpamReader {
     return s;
   }
 
+  /**
+   * Why a NAT gateway just written in (vpcId, subnetId) cannot stay, or null:
+   * the VPC or the subnet is gone, or (a cluster) a DeleteVpc or
+   * DeleteSubnet of it is under way (IpamKeys.deleting). Read after the
+   * gateway's record is written: a delete either sees that record in the
+   * gateway's index and refuses, or its mark or its result is seen here.
+   */
+  async natSiteProblem(vpcId: string, subnetId: string): Promise<string | null> {
+    const L = this.L;
+    const [vpc, subnet, marked] = await Promise.all([
+      this.getVpc(vpcId),
+      this.getSubnet(subnetId),
+      L.cluster ? this.redis.exists(L.deleting(vpcId, "vpc"), L.deleting(vpcId, subnetId)) : Promise.resolve(0),
+    ]);
+    if (!vpc) return `VPC ${vpcId} was deleted`;
+    if (!subnet || subnet.vpcId !== vpcId) return `subnet ${subnetId} was deleted`;
+    if (marked > 0) return `VPC ${vpc.name} or its subnet ${subnet.name} is being deleted`;
+    return null;
+  }
+
   /** A VPC's subnets by base address after `after` (a base), or every subnet by id after `after` (an id); skips what is gone, as listVpcs. */
   async listSubnets(vpcId: string | null, after: string, limit: number): Promise<SubnetRec[]> {
     return pageOver(after, limit, async (cursor) => {

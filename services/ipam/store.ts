@@ -109,6 +109,9 @@ function counted(keys: string[]): (string | number)[] {
  */
 export const PENDING_TTL_MS = 60_000;
 
+/** How long a delete's mark (IpamKeys.deleting) outlives a delete that crashed before removing it. */
+const DELETE_MARK_MS = 30_000;
+
 /** How often a create runs its claim again when its client token moved under it. */
 const CLAIM_ATTEMPTS = 4;
 
@@ -222,20 +225,45 @@ export class IpamStore extends IpamReader {
 
   /**
    * DeleteVpc on a cluster, where the gateway's index of NAT gateways is in
-   * another slot: it is checked first, from here (a NAT gateway made in the
-   * VPC while it is being deleted is not seen: docs/redis-schema.md "Redis
-   * Cluster", until it moves under the VPC's tag); then the record goes if
-   * the VPC has no subnet, no peering or peering create under way, and no
-   * security group or network ACL (DROP_VPC, its slot, with its DNS zone and
-   * the firewall's counter and names), then the name if it still names it.
-   * A delete stopped half-way leaves a name whose record is gone, which
-   * lists skip and the next create of that name takes over.
+   * another slot: under the VPC's deleting mark (marked), that index is
+   * checked from here; then the record goes if the VPC has no subnet, no
+   * peering or peering create under way, and no security group or network
+   * ACL (DROP_VPC, its slot, with its DNS zone and the firewall's counter
+   * and names), then the name if it still names it. A NAT gateway written
+   * between the check and DROP_VPC sees the mark and is taken back
+   * (IpamReader.natSiteProblem). A delete stopped half-way leaves a name
+   * whose record is gone, which lists skip and the next create of that name
+   * takes over.
    */
   private async deleteVpcInSteps(id: string): Promise<boolean> {
     const L = this.L;
+    return this.marked(L.deleting(id, "vpc"), async () => {
+      const [nat, stale] = await Promise.all([this.redis.hexists(GW_KEYS.cluster.vpcNat, id), staleReservations(this.redis, id)]);
+      if (nat) throw new FailedPreconditionError(`VPC ${id} still has a NAT gateway; delete it first (microvpc nat delete --vpc ${id})`);
+      return this.dropVpc(id, stale);
+    });
+  }
+
+  /**
+   * On a cluster, `fn` (a delete that checks the gateway's NAT index, in
+   * another slot, from here) runs under the delete's mark (IpamKeys.deleting):
+   * a CreateNatGateway that writes its record after the mark is set sees it
+   * and takes its gateway back. The mark goes when fn ends; its TTL ends a
+   * mark a crashed delete left.
+   */
+  private async marked<T>(mark: string, fn: () => Promise<T>): Promise<T> {
+    await this.redis.set(mark, String(Date.now()), "PX", DELETE_MARK_MS);
+    try {
+      return await fn();
+    } finally {
+      await this.redis.del(mark).catch(() => undefined);
+    }
+  }
+
+  /** deleteVpcInSteps after the NAT check: DROP_VPC in the VPC's slot, then the name. */
+  private async dropVpc(id: string, stale: string[]): Promise<boolean> {
+    const L = this.L;
     const FW = FW_KEYS.cluster;
-    const [nat, stale] = await Promise.all([this.redis.hexists(GW_KEYS.cluster.vpcNat, id), staleReservations(this.redis, id)]);
-    if (nat) throw new FailedPreconditionError(`VPC ${id} still has a NAT gateway; delete it first (microvpc nat delete --vpc ${id})`);
     const keys = [
       L.vpc(id),
       L.vpcSubnets(id),
@@ -388,7 +416,13 @@ export class IpamStore extends IpamReader {
       if (L.cluster) await this.dropLeftover(id);
       return false;
     }
-    if (L.cluster) await this.subnetUnused(s);
+    return L.cluster ? this.marked(L.deleting(s.vpcId, id), () => this.subnetUnused(s).then(() => this.dropSubnet(s))) : this.dropSubnet(s);
+  }
+
+  /** deleteSubnet once the subnet is known (and, on a cluster, its NAT check passed): DELETE_SUBNET, then on a cluster its record by id. */
+  private async dropSubnet(s: SubnetRec): Promise<boolean> {
+    const L = this.L;
+    const id = s.id;
     const call = () =>
       this.redis.mvpcDeleteSubnet(
         ...counted([
@@ -435,8 +469,9 @@ export class IpamStore extends IpamReader {
 
   /**
    * On a cluster, DeleteSubnet's check of the gateway's index, which is in
-   * another slot: the VPC's NAT gateway not in the subnet (on a single Redis
-   * DELETE_SUBNET checks it in the same step, and on both the network ACL).
+   * another slot, under the subnet's deleting mark (marked): the VPC's NAT
+   * gateway not in the subnet (on a single Redis DELETE_SUBNET checks it in
+   * the same step, and on both the network ACL).
    */
   private async subnetUnused(s: SubnetRec): Promise<void> {
     const nat = await this.redis.hget(GW_KEYS.cluster.vpcNat, s.vpcId);

@@ -3,15 +3,18 @@
 // instance metadata service reached at 169.254.169.254 from inside VMs,
 // including two VMs with the same address in two VPCs.
 import assert from "node:assert/strict";
-import { Code } from "@connectrpc/connect";
+import { Code, type ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { IPAM_KEYS } from "../../services/ipam/schema.js";
 import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
+import { ON_CLUSTER } from "../lib/on-cluster.js";
 import { httpGet, nsExec, startHttpServer, tcpProbe, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -131,6 +134,70 @@ describe("NAT", () => {
     await gw.deleteNatGateway({ ref: nat.id });
     await eventually(async () => (await whoami(priv)) === null, true, "NAT gateway deleted: no egress");
   });
+
+  test("CreateNatGateway racing DeleteSubnet of its subnet, 10 times: never a NAT gateway left in a subnet that is gone", async () => {
+    const vpc = await h.vpc("natrace", "10.77.0.0/16");
+    const won = { nat: 0, delete: 0, takenBack: 0 };
+    for (let i = 0; i < 10; i++) {
+      const s = await h.subnet(vpc, `r${i}`, `10.77.${i}.0/24`, SubnetType.PUBLIC);
+      const [c, d] = await Promise.allSettled([gw.createNatGateway({ vpc: vpc.id, subnet: s.id }), h.ipam.subnet.deleteSubnet({ ref: s.id })]);
+      // A create after the whole delete: NOT_FOUND; one that met it half-way (its check after the write): FAILED_PRECONDITION.
+      if (c.status === "rejected") {
+        const code = (c.reason as ConnectError).code;
+        assert.ok(code === Code.NotFound || code === Code.FailedPrecondition, `a create that lost: NOT_FOUND or FAILED_PRECONDITION, ${c.reason}`);
+        if (code === Code.FailedPrecondition) won.takenBack++;
+      }
+      if (d.status === "rejected") assert.equal(Code[(d.reason as ConnectError).code], Code[Code.FailedPrecondition], `a delete that lost: ${d.reason}`);
+      const subnetLeft = await h.ipam.subnet.getSubnet({ ref: s.id }).then(
+        () => true,
+        () => false,
+      );
+      const nats = (await gw.listNatGateways({ vpc: vpc.id })).natGateways;
+      if (!subnetLeft) {
+        assert.deepEqual(nats, [], `round ${i}: the subnet is gone, and so is any NAT gateway in it`);
+        won.delete++;
+        continue;
+      }
+      assert.equal(d.status, "rejected", `round ${i}: the subnet stands, so its delete failed`);
+      assert.deepEqual(
+        nats.map((n) => n.subnetId),
+        [s.id],
+        `round ${i}: the subnet stands because its NAT gateway does`,
+      );
+      won.nat++;
+      await gw.deleteNatGateway({ ref: nats[0].id });
+      await h.ipam.subnet.deleteSubnet({ ref: s.id });
+    }
+    console.log(
+      `# gateway: CreateNatGateway vs DeleteSubnet: the gateway won ${won.nat}, the delete ${won.delete} (${won.takenBack} gateway(s) taken back after the write)`,
+    );
+    await h.ipam.vpc.deleteVpc({ ref: vpc.id });
+  });
+
+  test.skipIf(!ON_CLUSTER)(
+    "a cluster: CreateNatGateway while a DeleteSubnet of its subnet is under way (the delete's mark) is refused and keeps nothing",
+    async () => {
+      const vpc = await h.vpc("natmark", "10.78.0.0/16");
+      const s = await h.subnet(vpc, "s", "10.78.1.0/24", SubnetType.PUBLIC);
+      // The mark a DeleteSubnet sets before it checks the NAT index (IpamStore.marked), as if it were between that check and its script.
+      const r = connectRedis({ url: h.redisUrl });
+      try {
+        await waitReady(r);
+        await r.set(IPAM_KEYS.cluster.deleting(vpc.id, s.id), "1", "PX", 10_000);
+        await rejectsWith(gw.createNatGateway({ vpc: vpc.id, subnet: s.id }), Code.FailedPrecondition, /being deleted.*nothing was kept/);
+        assert.deepEqual((await gw.listNatGateways({ vpc: vpc.id })).natGateways, [], "nothing kept");
+        await r.del(IPAM_KEYS.cluster.deleting(vpc.id, s.id));
+        const nat = (await gw.createNatGateway({ vpc: vpc.id, subnet: s.id })).natGateway!;
+        await rejectsWith(h.ipam.subnet.deleteSubnet({ ref: s.id }), Code.FailedPrecondition, /NAT gateway/);
+        assert.equal(await r.exists(IPAM_KEYS.cluster.deleting(vpc.id, s.id)), 0, "a refused delete removes its mark");
+        await gw.deleteNatGateway({ ref: nat.id });
+        await h.ipam.subnet.deleteSubnet({ ref: s.id });
+        await h.ipam.vpc.deleteVpc({ ref: vpc.id });
+      } finally {
+        r.disconnect();
+      }
+    },
+  );
 
   test("VMs with the same address in two VPCs both get out, each on its own NAT state", async () => {
     const [a, b] = await Promise.all([whoami(twinA), whoami(twinB)]);
