@@ -83,7 +83,7 @@ import { VmKind, VmService, VmState, VmStep } from "../gen/microvpc/v1/vm_pb.js"
 import { grpcClient } from "../services/common/client.js";
 import { HELPER_MARK } from "../services/common/exec-helper.js";
 import { ROOT, shebangNodeFlags, startDaemon, type Daemon } from "../test/lib/daemon.js";
-import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, type Hypervisor } from "../test/lib/harness.js";
+import { Harness, type Hypervisor } from "../test/lib/harness.js";
 import { RUN_PREFIX, canPing, listNetnsSync, nsExec, onCleanup, ownedNamespace, run, tempDir, trackChild } from "../test/lib/netns.js";
 import { machineEnv, cpuUs } from "./lib/cpu.js";
 import { summarize, type ProfileSummary } from "./lib/profile.js";
@@ -768,22 +768,7 @@ async function main(): Promise<number> {
   onCleanup(() => void removeVmNamespacesSync(hv.id));
   fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id]);
   trackChild(fwd.proc);
-  gwd = await startDaemon("gateway", [
-    "--redis",
-    h.redis.url,
-    "--host-id",
-    hv.id,
-    "--host-netns",
-    hv.ns,
-    "--uplink",
-    "ul0",
-    "--public-pool",
-    FLOATING_POOL,
-    "--imds-redis",
-    h.redis.socket,
-    "--management-cidrs",
-    MANAGEMENT_CIDRS,
-  ]);
+  gwd = await startDaemon("gateway", await h.gatewayFlags(hv));
   trackChild(gwd.proc);
   const profDir = PROFILE ? tempDir("vmmprof") : "";
   const vmmArgs = [

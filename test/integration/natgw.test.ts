@@ -22,7 +22,7 @@ import type { Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, UNDERLAY_GATEWAY, type Hypervisor, type Vm, bindRequest } from "../lib/harness.js";
+import { Harness, UNDERLAY_GATEWAY, type Hypervisor, type Vm, bindRequest } from "../lib/harness.js";
 import { httpGet, ipn, nsExec, startHttpServer, trackChild, waitFor } from "../lib/netns.js";
 
 /** The lease TTL the gateways run with here (production default 6000 ms). */
@@ -45,22 +45,9 @@ let natAddress = "";
 
 const gwClient = (d: Daemon) => grpcClient(GatewayService, { address: d.address, timeoutMs: 20_000 });
 
-function gatewayArgs(hv: Hypervisor): string[] {
+async function gatewayArgs(hv: Hypervisor): Promise<string[]> {
   return [
-    "--redis",
-    h.redis.url,
-    "--host-id",
-    hv.id,
-    "--host-netns",
-    hv.ns,
-    "--uplink",
-    "ul0",
-    "--public-pool",
-    FLOATING_POOL,
-    "--imds-redis",
-    h.redis.socket,
-    "--management-cidrs",
-    MANAGEMENT_CIDRS,
+    ...(await h.gatewayFlags(hv)),
     "--drift-interval-ms",
     "3000",
     "--nat-lease-ms",
@@ -70,7 +57,7 @@ function gatewayArgs(hv: Hypervisor): string[] {
 }
 
 async function startGateway(i: number): Promise<void> {
-  const d = await startDaemon("gateway", gatewayArgs(h.hosts[i]));
+  const d = await startDaemon("gateway", await gatewayArgs(h.hosts[i]));
   trackChild(d.proc);
   gwds[i] = d;
 }

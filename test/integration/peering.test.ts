@@ -12,7 +12,7 @@ import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import type { Peering } from "../../gen/microvpc/v1/peering_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { rejectsWith } from "../lib/clients.js";
-import { FLOATING_POOL, Harness, MANAGEMENT_CIDRS, type Vm } from "../lib/harness.js";
+import { Harness, type Vm } from "../lib/harness.js";
 import { createRequire } from "node:module";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { grpcClient } from "../../services/common/client.js";
@@ -211,22 +211,7 @@ describe("VPC-internal DNS across hosts", () => {
     // A gateway (the resolver) on every host; records as the vmm writes them.
     // Gateways only: no firewall here, so the harness's unbound NICs stay open.
     for (const hv of h.hosts) {
-      const d = await startDaemon("gateway", [
-        "--redis",
-        h.redis.url,
-        "--host-id",
-        hv.id,
-        "--host-netns",
-        hv.ns,
-        "--uplink",
-        "ul0",
-        "--public-pool",
-        FLOATING_POOL,
-        "--imds-redis",
-        h.redis.socket,
-        "--management-cidrs",
-        MANAGEMENT_CIDRS,
-      ]);
+      const d = await startDaemon("gateway", await h.gatewayFlags(hv));
       trackChild(d.proc);
     }
     const dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });

@@ -506,25 +506,7 @@ export class Harness {
     const env = this.daemonEnv;
     const fwd = await startDaemon("firewall", [...r, ...drift, ...(o.firewallArgs ?? [])], env);
     trackChild(fwd.proc);
-    const gwd = await startDaemon(
-      "gateway",
-      [
-        ...r,
-        "--host-netns",
-        hv.ns,
-        "--uplink",
-        "ul0",
-        "--public-pool",
-        FLOATING_POOL,
-        "--imds-redis",
-        await this.redisFrom(hv),
-        "--management-cidrs",
-        MANAGEMENT_CIDRS,
-        ...drift,
-        ...(o.gatewayArgs ?? []),
-      ],
-      env,
-    );
+    const gwd = await startDaemon("gateway", [...(await this.gatewayFlags(hv)), ...drift, ...(o.gatewayArgs ?? [])], env);
     trackChild(gwd.proc);
     if (!o.vmm) return { fwd, gwd };
     const vmmd = await startDaemon(
@@ -534,6 +516,32 @@ export class Harness {
     );
     trackChild(vmmd.proc);
     return { fwd, gwd, vmmd };
+  }
+
+  /**
+   * A hypervisor's gateway flags as hostServices starts it: its Redis, host
+   * id and namespace, uplink ul0, the floating pool, the metadata server's
+   * way to Redis from that namespace (redisFrom) and the management CIDRs.
+   */
+  async gatewayFlags(host: Hypervisor | number): Promise<string[]> {
+    const hv = this.host(host);
+    return [
+      "--redis",
+      this.redisUrl,
+      "--host-id",
+      hv.id,
+      ...this.redisAuth(hostUser(hv.id)),
+      "--host-netns",
+      hv.ns,
+      "--uplink",
+      "ul0",
+      "--public-pool",
+      FLOATING_POOL,
+      "--imds-redis",
+      await this.redisFrom(hv),
+      "--management-cidrs",
+      MANAGEMENT_CIDRS,
+    ];
   }
 
   private readonly forwards = new Map<string, Promise<unknown>>();
