@@ -9,6 +9,7 @@ import type { Command } from "commander";
 import {
   CreateVpnClientResponseSchema,
   DeleteVpnClientResponseSchema,
+  DeleteVpnEndpointResponseSchema,
   GetVpnClientResponseSchema,
   GetVpnEndpointResponseSchema,
   ListVpnClientsResponseSchema,
@@ -82,6 +83,16 @@ export function register(program: Command): void {
     .action(async (o, cmd: Command) => {
       const res = await client(cmd, VpnService).getVpnEndpoint({ vpc: o.vpc });
       emit(cmd, GetVpnEndpointResponseSchema, res, () => endpointDetails(res.endpoint!));
+    });
+
+  ep.command("delete")
+    .description("delete the VPC's VPN endpoint and free its client range (refused while it has clients)")
+    .addOption(vpcOption("", true))
+    .action(async (o, cmd: Command) => {
+      const res = await client(cmd, VpnService).deleteVpnEndpoint({ vpc: o.vpc });
+      emit(cmd, DeleteVpnEndpointResponseSchema, res, () =>
+        res.deleted ? `deleted the VPN endpoint of VPC ${o.vpc}` : `VPC ${o.vpc} has no VPN endpoint; nothing to delete`,
+      );
     });
 
   const cl = vpn.command("client").description("VPN clients of a VPC");

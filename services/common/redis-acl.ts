@@ -57,7 +57,7 @@
 // firewall's mvpc:{V}:fw:sg:<id>|acl*|sgs|acls|subnet-acl|sg:byname and
 // mvpc:{fw}:*, and the gateway's mvpc:{gw}:*),
 // mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
-// endpoints and clients: SetVpnEndpoint, Create/DeleteVpnClient go to a
+// endpoints and clients: Set/DeleteVpnEndpoint, Create/DeleteVpnClient go to a
 // netagent running as the control user). The control user also reads and
 // writes every host's mvpc-md:* (gateway --api-only: Get/Delete of instance
 // metadata across hosts),

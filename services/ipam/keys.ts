@@ -22,7 +22,8 @@ export const K = {
   /**
    * Ranges of a VPC no subnet may take: hash owner → JSON Reservation
    * (schema.ts). The VPN client range ("vpn") is written by SetVpnEndpoint's
-   * script, which checks the subnets as CreateSubnet's checks this.
+   * script, which checks the subnets as CreateSubnet's checks this, and
+   * deleted by DeleteVpnEndpoint's.
    */
   vpcReserved: (vpc: string) => `${P}vpc:${vpc}:reserved`,
   subnet: (id: string) => `${P}subnet:${id}`,

@@ -369,7 +369,7 @@ export class IpamStore extends IpamReader {
       const r = checked(L.vpcReserved(s.vpcId), "reservation", () => parseReservation(owner, raw), s.vpcId);
       throw new FailedPreconditionError(
         r
-          ? `${s.cidr} overlaps ${r.cidr}, reserved for ${r.what}; choose a CIDR outside it (or move that range: microvpc vpn endpoint set --client-cidr)`
+          ? `${s.cidr} overlaps ${r.cidr}, reserved for ${r.what}; choose a CIDR outside it (or move that range: microvpc vpn endpoint set --client-cidr; or free it: microvpc vpn endpoint delete --vpc ${s.vpcId})`
           : `${s.cidr}: VPC ${s.vpcId} has a reserved range ${V.show(owner)} that does not read as one (${L.vpcReserved(s.vpcId)}, counted in microvpc_invalid_records); no subnet is created until it is fixed`,
       );
     }

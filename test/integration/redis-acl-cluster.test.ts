@@ -142,6 +142,7 @@ test("as host A's user: A's AttachNic steps, finishing pass, DetachNic, overlay 
   // …and the same through a script: a declared key A may not write fails the whole script, before any write.
   await refused(a.eval("redis.call('HSET', KEYS[1], 'x', '1') return 0", 1, K.nics(B)), "a script declaring B's records");
   await refused(a.eval("return 0", 1, IPAM_KEYS.cluster.vpc(VPC)), "a script declaring IPAM's record of the VPC");
+  await refused(vpn.deleteEndpoint(VPC), "DeleteVpnEndpoint's script (the VPC's endpoint, its reserved ranges)");
   assert.equal(await b.hexists(K.nics(B), "x"), 0);
   await sb.delNic(nic("nic-0000000bac01", "10.12.1.10"));
   await sb.delNic(nic("nic-0000000bac02", "10.12.1.11"));

@@ -536,6 +536,7 @@ describe("per-host Redis ACL users", () => {
       );
       await refused("delete a client", asAVpn.delete(client));
       await refused("move the endpoint", asAVpn.setEndpoint({ ...spec, publicAddress: "192.0.2.66" }, range));
+      await refused("delete the endpoint (and the range's reservation)", asAVpn.deleteEndpoint(vpc.id));
       await refused("rewrite the endpoint's range", asA.hset(`mvpc:vpn:ep:${vpc.id}`, "cidr", "10.41.1.0/24"));
       await refused("write a client record", asA.hset(`mvpc:vpn:vpc:${vpc.id}:clients`, "evil", "{}"));
       await refused("claim a client address", asA.hset(`mvpc:vpn:vpc:${vpc.id}:addrs`, "10.41.250.9", "evil"));

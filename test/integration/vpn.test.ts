@@ -21,7 +21,11 @@
 //   * a client is a member of its groups for other groups' rules: web-1's
 //     "22 from group ssh-only" (enforced by hv1's firewall) admits the
 //     ssh-only client and not a client of prod in another group; deleted,
-//     the client leaves hv1's member set.
+//     the client leaves hv1's member set;
+//   * the endpoint deleted (DeleteVpnEndpoint): refused while a client is
+//     left, which still gets through; once the clients are gone it cuts
+//     them, its host tears its interface down, the other host stops routing
+//     the range, and a subnet may take the range.
 // vpn-on-cluster.test.ts runs the same on a Redis Cluster, where a VPC's VPN
 // records and change counter are under its hash tag (vpn/schema.ts VpnKeys).
 import assert from "node:assert/strict";
@@ -39,7 +43,11 @@ import { startVpnClient, wgSocket } from "../../deploy/vpn-client.js";
 import { grpcClient } from "../../services/common/client.js";
 import { emit } from "../../services/common/events.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { ipamKeys } from "../../services/ipam/schema.js";
 import { vpnKeysOf } from "../../services/netagent/schema.js";
+import { vpnRoute } from "../../services/netagent/vpn/schema.js";
+import { VpnStore } from "../../services/netagent/vpn/store.js";
+import { vpnIfName } from "../../services/netagent/vpn/sync.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
@@ -392,3 +400,73 @@ test("a client survives its endpoint's netagent restart; a deleted client is cut
   holder.kill("SIGKILL");
   await rejectsWith(vpn().getVpnClient({ client: c.client!.id }), Code.NotFound, /VPN client/);
 }, 90_000);
+
+test("DeleteVpnEndpoint is refused while a client is left (which still reaches web-1); then it cuts the clients, tears the interface down and frees the range; a bad VPC reference is refused", async () => {
+  // (c) Bad references: malformed, and well-formed but unknown (an id, a name).
+  await rejectsWith(vpn().deleteVpnEndpoint({ vpc: "Not a VPC!" }), Code.InvalidArgument, /^vpc: /);
+  await rejectsWith(vpn().deleteVpnEndpoint({ vpc: "vpc-0123456789ab" }), Code.NotFound, /vpc "vpc-0123456789ab" not found/);
+  await rejectsWith(vpn().deleteVpnEndpoint({ vpc: "no-such-vpc" }), Code.NotFound, /vpc "no-such-vpc" not found/);
+
+  // (a) A client is left: refused, naming how many and how to list them; the client still gets through.
+  const ep = h.hosts[0];
+  const vns0 = ep.vpcNamespace(prod.id);
+  const vns1 = h.hosts[1].vpcNamespace(prod.id);
+  await startClient(await addClient("last", ["ssh-only"]));
+  assert.ok(
+    await waitFor(() => tcpProbe(inet, web1.address, 22, 1000), { timeoutMs: 15_000, intervalMs: 200 }),
+    `the client never reached web-1:22\n${await diagnose()}`,
+  );
+  await rejectsWith(
+    vpn().deleteVpnEndpoint({ vpc: "prod" }),
+    Code.FailedPrecondition,
+    /the VPN endpoint of VPC prod still has 1 client; list them with `microvpc vpn client list --vpc prod`/,
+  );
+  assert.equal(await tcpProbe(inet, web1.address, 22, 1500), true, "the refused delete cut the client");
+  const range = "10.0.250.0/24";
+  const hv1Route = async () => (await nsExec(vns1, "ip", ["route", "show", range], { check: false })).stdout.trim();
+  assert.notEqual(await hv1Route(), "", "hv1's overlay does not route the client range to the endpoint host");
+
+  // (b) The client deleted, the endpoint goes; the call returns once the endpoint host tore it down.
+  assert.equal((await vpn().deleteVpnClient({ client: "last", vpc: "prod" })).deleted, true);
+  const ifname = vpnIfName(ep.id, prod.id);
+  assert.deepEqual(
+    interfacesIn(join(h.stateDir!, ep.id), "vpn").map((i) => i.ifname),
+    [ifname],
+    "the endpoint's interface before the delete",
+  );
+  assert.equal((await vpn().deleteVpnEndpoint({ vpc: "prod" })).deleted, true);
+  assert.deepEqual(interfacesIn(join(h.stateDir!, ep.id), "vpn"), [], "the endpoint's wireguard-go state is still there");
+  assert.notEqual((await nsExec(vns0, "ip", ["link", "show", ifname], { check: false })).code, 0, `${ifname} is still in ${vns0}`);
+  assert.doesNotMatch((await nsExec(vns0, "nft", ["list", "ruleset"], { check: false })).stdout, /table inet mvpc_vpn/);
+  assert.equal((await nsExec(vns0, "ip", ["route", "show", range], { check: false })).stdout.trim(), "", "the endpoint host still routes the range");
+  const redis = connectRedis({ url: h.redisUrl, commandTimeoutMs: 5000 });
+  await waitReady(redis);
+  try {
+    const k = vpnKeysOf(redis);
+    assert.equal(await redis.exists(k.ep(prod.id)), 0, "the endpoint record is still there");
+    assert.equal(await redis.sismember(k.eps, prod.id), 0, "the VPC is still listed");
+    assert.equal(await redis.hget(ipamKeys(redis).vpcReserved(prod.id), "vpn"), null, "IPAM still reserves the range");
+    assert.equal(await redis.hget(k.hostKeys(ep.id), prod.id), null, "the endpoint host still has a key entry");
+    assert.equal(await redis.hget(k.hostApplied(ep.id), prod.id), null, "the endpoint host still has an applied entry");
+    assert.equal(await vpnRoute(redis, prod.id, prod.cidr), null, "the other hosts' overlay still reads a route");
+    // A CreateVpnClient that read the endpoint before it went: its script refuses, so no client outlives the endpoint.
+    const late = { id: "vpnc-0123456789ab", name: "late", vpcId: prod.id, publicKey: "G".repeat(42) + "A=", address: "10.0.250.9", groupIds: [], createdMs: 1 };
+    assert.deepEqual(await new VpnStore(redis).create(late), { taken: "endpoint" });
+    assert.equal(await redis.hlen(k.clients(prod.id)), 0);
+  } finally {
+    redis.disconnect();
+  }
+  await rejectsWith(vpn().getVpnEndpoint({ vpc: "prod" }), Code.NotFound, /VPN endpoint of VPC "prod" not found/);
+  assert.equal(await tcpProbe(inet, web1.address, 22, 1500), false, "a client of the deleted endpoint still connects");
+  assert.ok(await waitFor(async () => (await hv1Route()) === "", { timeoutMs: 10_000, intervalMs: 100 }), `hv1 still routes ${range}: ${await hv1Route()}`);
+
+  // The range is free: a subnet in it, refused before, is made.
+  const inRange = (await subnets().createSubnet({ vpc: "prod", name: "in-range", cidr: "10.0.250.128/25" })).subnet!;
+  assert.equal(inRange.cidr, "10.0.250.128/25");
+  await subnets().deleteSubnet({ ref: inRange.id });
+
+  // Again: nothing to delete (through the CLI).
+  const again = await cli().expect(0, ["vpn", "endpoint", "delete", "--vpc", "prod"]);
+  assert.match(again.stdout, /VPC prod has no VPN endpoint; nothing to delete/);
+  assert.equal((await vpn().deleteVpnEndpoint({ vpc: prod.id })).deleted, false);
+}, 60_000);

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file microvpc/v1/vpn.proto.
  */
 export const file_microvpc_v1_vpn: GenFile = /*@__PURE__*/
-  fileDesc("ChVtaWNyb3ZwYy92MS92cG4ucHJvdG8SC21pY3JvdnBjLnYxIrUBCgtWcG5FbmRwb2ludBIOCgZ2cGNfaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIWCg5wdWJsaWNfYWRkcmVzcxgDIAEoCRITCgtsaXN0ZW5fcG9ydBgEIAEoDRITCgtjbGllbnRfY2lkchgFIAEoCRISCgpwdWJsaWNfa2V5GAYgASgJEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJ3ChVTZXRWcG5FbmRwb2ludFJlcXVlc3QSCwoDdnBjGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSFgoOcHVibGljX2FkZHJlc3MYAyABKAkSEwoLbGlzdGVuX3BvcnQYBCABKA0SEwoLY2xpZW50X2NpZHIYBSABKAkiRAoWU2V0VnBuRW5kcG9pbnRSZXNwb25zZRIqCghlbmRwb2ludBgBIAEoCzIYLm1pY3JvdnBjLnYxLlZwbkVuZHBvaW50IiQKFUdldFZwbkVuZHBvaW50UmVxdWVzdBILCgN2cGMYASABKAkiRAoWR2V0VnBuRW5kcG9pbnRSZXNwb25zZRIqCghlbmRwb2ludBgBIAEoCzIYLm1pY3JvdnBjLnYxLlZwbkVuZHBvaW50IqcBCglWcG5DbGllbnQSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIOCgZ2cGNfaWQYAyABKAkSEgoKcHVibGljX2tleRgEIAEoCRIPCgdhZGRyZXNzGAUgASgJEhoKEnNlY3VyaXR5X2dyb3VwX2lkcxgGIAMoCRIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYAoWQ3JlYXRlVnBuQ2xpZW50UmVxdWVzdBILCgN2cGMYASABKAkSDAoEbmFtZRgCIAEoCRISCgpwdWJsaWNfa2V5GAMgASgJEhcKD3NlY3VyaXR5X2dyb3VwcxgEIAMoCSJ/ChdDcmVhdGVWcG5DbGllbnRSZXNwb25zZRImCgZjbGllbnQYASABKAsyFi5taWNyb3ZwYy52MS5WcG5DbGllbnQSKgoIZW5kcG9pbnQYAiABKAsyGC5taWNyb3ZwYy52MS5WcG5FbmRwb2ludBIQCgh2cGNfY2lkchgDIAEoCSIyChNHZXRWcG5DbGllbnRSZXF1ZXN0Eg4KBmNsaWVudBgBIAEoCRILCgN2cGMYAiABKAkiPgoUR2V0VnBuQ2xpZW50UmVzcG9uc2USJgoGY2xpZW50GAEgASgLMhYubWljcm92cGMudjEuVnBuQ2xpZW50IksKFUxpc3RWcG5DbGllbnRzUmVxdWVzdBILCgN2cGMYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWgoWTGlzdFZwbkNsaWVudHNSZXNwb25zZRInCgdjbGllbnRzGAEgAygLMhYubWljcm92cGMudjEuVnBuQ2xpZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI1ChZEZWxldGVWcG5DbGllbnRSZXF1ZXN0Eg4KBmNsaWVudBgBIAEoCRILCgN2cGMYAiABKAkiKgoXRGVsZXRlVnBuQ2xpZW50UmVzcG9uc2USDwoHZGVsZXRlZBgBIAEoCDKuBAoKVnBuU2VydmljZRJZCg5TZXRWcG5FbmRwb2ludBIiLm1pY3JvdnBjLnYxLlNldFZwbkVuZHBvaW50UmVxdWVzdBojLm1pY3JvdnBjLnYxLlNldFZwbkVuZHBvaW50UmVzcG9uc2USWQoOR2V0VnBuRW5kcG9pbnQSIi5taWNyb3ZwYy52MS5HZXRWcG5FbmRwb2ludFJlcXVlc3QaIy5taWNyb3ZwYy52MS5HZXRWcG5FbmRwb2ludFJlc3BvbnNlElwKD0NyZWF0ZVZwbkNsaWVudBIjLm1pY3JvdnBjLnYxLkNyZWF0ZVZwbkNsaWVudFJlcXVlc3QaJC5taWNyb3ZwYy52MS5DcmVhdGVWcG5DbGllbnRSZXNwb25zZRJTCgxHZXRWcG5DbGllbnQSIC5taWNyb3ZwYy52MS5HZXRWcG5DbGllbnRSZXF1ZXN0GiEubWljcm92cGMudjEuR2V0VnBuQ2xpZW50UmVzcG9uc2USWQoOTGlzdFZwbkNsaWVudHMSIi5taWNyb3ZwYy52MS5MaXN0VnBuQ2xpZW50c1JlcXVlc3QaIy5taWNyb3ZwYy52MS5MaXN0VnBuQ2xpZW50c1Jlc3BvbnNlElwKD0RlbGV0ZVZwbkNsaWVudBIjLm1pY3JvdnBjLnYxLkRlbGV0ZVZwbkNsaWVudFJlcXVlc3QaJC5taWNyb3ZwYy52MS5EZWxldGVWcG5DbGllbnRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChVtaWNyb3ZwYy92MS92cG4ucHJvdG8SC21pY3JvdnBjLnYxIrUBCgtWcG5FbmRwb2ludBIOCgZ2cGNfaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIWCg5wdWJsaWNfYWRkcmVzcxgDIAEoCRITCgtsaXN0ZW5fcG9ydBgEIAEoDRITCgtjbGllbnRfY2lkchgFIAEoCRISCgpwdWJsaWNfa2V5GAYgASgJEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJ3ChVTZXRWcG5FbmRwb2ludFJlcXVlc3QSCwoDdnBjGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSFgoOcHVibGljX2FkZHJlc3MYAyABKAkSEwoLbGlzdGVuX3BvcnQYBCABKA0SEwoLY2xpZW50X2NpZHIYBSABKAkiRAoWU2V0VnBuRW5kcG9pbnRSZXNwb25zZRIqCghlbmRwb2ludBgBIAEoCzIYLm1pY3JvdnBjLnYxLlZwbkVuZHBvaW50IiQKFUdldFZwbkVuZHBvaW50UmVxdWVzdBILCgN2cGMYASABKAkiRAoWR2V0VnBuRW5kcG9pbnRSZXNwb25zZRIqCghlbmRwb2ludBgBIAEoCzIYLm1pY3JvdnBjLnYxLlZwbkVuZHBvaW50IicKGERlbGV0ZVZwbkVuZHBvaW50UmVxdWVzdBILCgN2cGMYASABKAkiLAoZRGVsZXRlVnBuRW5kcG9pbnRSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIqcBCglWcG5DbGllbnQSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIOCgZ2cGNfaWQYAyABKAkSEgoKcHVibGljX2tleRgEIAEoCRIPCgdhZGRyZXNzGAUgASgJEhoKEnNlY3VyaXR5X2dyb3VwX2lkcxgGIAMoCRIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYAoWQ3JlYXRlVnBuQ2xpZW50UmVxdWVzdBILCgN2cGMYASABKAkSDAoEbmFtZRgCIAEoCRISCgpwdWJsaWNfa2V5GAMgASgJEhcKD3NlY3VyaXR5X2dyb3VwcxgEIAMoCSJ/ChdDcmVhdGVWcG5DbGllbnRSZXNwb25zZRImCgZjbGllbnQYASABKAsyFi5taWNyb3ZwYy52MS5WcG5DbGllbnQSKgoIZW5kcG9pbnQYAiABKAsyGC5taWNyb3ZwYy52MS5WcG5FbmRwb2ludBIQCgh2cGNfY2lkchgDIAEoCSIyChNHZXRWcG5DbGllbnRSZXF1ZXN0Eg4KBmNsaWVudBgBIAEoCRILCgN2cGMYAiABKAkiPgoUR2V0VnBuQ2xpZW50UmVzcG9uc2USJgoGY2xpZW50GAEgASgLMhYubWljcm92cGMudjEuVnBuQ2xpZW50IksKFUxpc3RWcG5DbGllbnRzUmVxdWVzdBILCgN2cGMYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWgoWTGlzdFZwbkNsaWVudHNSZXNwb25zZRInCgdjbGllbnRzGAEgAygLMhYubWljcm92cGMudjEuVnBuQ2xpZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI1ChZEZWxldGVWcG5DbGllbnRSZXF1ZXN0Eg4KBmNsaWVudBgBIAEoCRILCgN2cGMYAiABKAkiKgoXRGVsZXRlVnBuQ2xpZW50UmVzcG9uc2USDwoHZGVsZXRlZBgBIAEoCDKSBQoKVnBuU2VydmljZRJZCg5TZXRWcG5FbmRwb2ludBIiLm1pY3JvdnBjLnYxLlNldFZwbkVuZHBvaW50UmVxdWVzdBojLm1pY3JvdnBjLnYxLlNldFZwbkVuZHBvaW50UmVzcG9uc2USWQoOR2V0VnBuRW5kcG9pbnQSIi5taWNyb3ZwYy52MS5HZXRWcG5FbmRwb2ludFJlcXVlc3QaIy5taWNyb3ZwYy52MS5HZXRWcG5FbmRwb2ludFJlc3BvbnNlEmIKEURlbGV0ZVZwbkVuZHBvaW50EiUubWljcm92cGMudjEuRGVsZXRlVnBuRW5kcG9pbnRSZXF1ZXN0GiYubWljcm92cGMudjEuRGVsZXRlVnBuRW5kcG9pbnRSZXNwb25zZRJcCg9DcmVhdGVWcG5DbGllbnQSIy5taWNyb3ZwYy52MS5DcmVhdGVWcG5DbGllbnRSZXF1ZXN0GiQubWljcm92cGMudjEuQ3JlYXRlVnBuQ2xpZW50UmVzcG9uc2USUwoMR2V0VnBuQ2xpZW50EiAubWljcm92cGMudjEuR2V0VnBuQ2xpZW50UmVxdWVzdBohLm1pY3JvdnBjLnYxLkdldFZwbkNsaWVudFJlc3BvbnNlElkKDkxpc3RWcG5DbGllbnRzEiIubWljcm92cGMudjEuTGlzdFZwbkNsaWVudHNSZXF1ZXN0GiMubWljcm92cGMudjEuTGlzdFZwbkNsaWVudHNSZXNwb25zZRJcCg9EZWxldGVWcG5DbGllbnQSIy5taWNyb3ZwYy52MS5EZWxldGVWcG5DbGllbnRSZXF1ZXN0GiQubWljcm92cGMudjEuRGVsZXRlVnBuQ2xpZW50UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * A VPC's VPN endpoint.
@@ -191,6 +191,48 @@ export const GetVpnEndpointResponseSchema: GenMessage<GetVpnEndpointResponse> = 
   messageDesc(file_microvpc_v1_vpn, 4);
 
 /**
+ * Request of DeleteVpnEndpoint.
+ *
+ * @generated from message microvpc.v1.DeleteVpnEndpointRequest
+ */
+export type DeleteVpnEndpointRequest = Message<"microvpc.v1.DeleteVpnEndpointRequest"> & {
+  /**
+   * VPC id or name.
+   *
+   * @generated from field: string vpc = 1;
+   */
+  vpc: string;
+};
+
+/**
+ * Describes the message microvpc.v1.DeleteVpnEndpointRequest.
+ * Use `create(DeleteVpnEndpointRequestSchema)` to create a new message.
+ */
+export const DeleteVpnEndpointRequestSchema: GenMessage<DeleteVpnEndpointRequest> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_vpn, 5);
+
+/**
+ * Response of DeleteVpnEndpoint.
+ *
+ * @generated from message microvpc.v1.DeleteVpnEndpointResponse
+ */
+export type DeleteVpnEndpointResponse = Message<"microvpc.v1.DeleteVpnEndpointResponse"> & {
+  /**
+   * False if the VPC had no VPN endpoint.
+   *
+   * @generated from field: bool deleted = 1;
+   */
+  deleted: boolean;
+};
+
+/**
+ * Describes the message microvpc.v1.DeleteVpnEndpointResponse.
+ * Use `create(DeleteVpnEndpointResponseSchema)` to create a new message.
+ */
+export const DeleteVpnEndpointResponseSchema: GenMessage<DeleteVpnEndpointResponse> = /*@__PURE__*/
+  messageDesc(file_microvpc_v1_vpn, 6);
+
+/**
  * A VPN client of a VPC.
  *
  * @generated from message microvpc.v1.VpnClient
@@ -251,7 +293,7 @@ export type VpnClient = Message<"microvpc.v1.VpnClient"> & {
  * Use `create(VpnClientSchema)` to create a new message.
  */
 export const VpnClientSchema: GenMessage<VpnClient> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 5);
+  messageDesc(file_microvpc_v1_vpn, 7);
 
 /**
  * Request of CreateVpnClient.
@@ -294,7 +336,7 @@ export type CreateVpnClientRequest = Message<"microvpc.v1.CreateVpnClientRequest
  * Use `create(CreateVpnClientRequestSchema)` to create a new message.
  */
 export const CreateVpnClientRequestSchema: GenMessage<CreateVpnClientRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 6);
+  messageDesc(file_microvpc_v1_vpn, 8);
 
 /**
  * Response of CreateVpnClient.
@@ -329,7 +371,7 @@ export type CreateVpnClientResponse = Message<"microvpc.v1.CreateVpnClientRespon
  * Use `create(CreateVpnClientResponseSchema)` to create a new message.
  */
 export const CreateVpnClientResponseSchema: GenMessage<CreateVpnClientResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 7);
+  messageDesc(file_microvpc_v1_vpn, 9);
 
 /**
  * Request of GetVpnClient.
@@ -357,7 +399,7 @@ export type GetVpnClientRequest = Message<"microvpc.v1.GetVpnClientRequest"> & {
  * Use `create(GetVpnClientRequestSchema)` to create a new message.
  */
 export const GetVpnClientRequestSchema: GenMessage<GetVpnClientRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 8);
+  messageDesc(file_microvpc_v1_vpn, 10);
 
 /**
  * Response of GetVpnClient.
@@ -378,7 +420,7 @@ export type GetVpnClientResponse = Message<"microvpc.v1.GetVpnClientResponse"> &
  * Use `create(GetVpnClientResponseSchema)` to create a new message.
  */
 export const GetVpnClientResponseSchema: GenMessage<GetVpnClientResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 9);
+  messageDesc(file_microvpc_v1_vpn, 11);
 
 /**
  * Request of ListVpnClients.
@@ -413,7 +455,7 @@ export type ListVpnClientsRequest = Message<"microvpc.v1.ListVpnClientsRequest">
  * Use `create(ListVpnClientsRequestSchema)` to create a new message.
  */
 export const ListVpnClientsRequestSchema: GenMessage<ListVpnClientsRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 10);
+  messageDesc(file_microvpc_v1_vpn, 12);
 
 /**
  * Response of ListVpnClients.
@@ -441,7 +483,7 @@ export type ListVpnClientsResponse = Message<"microvpc.v1.ListVpnClientsResponse
  * Use `create(ListVpnClientsResponseSchema)` to create a new message.
  */
 export const ListVpnClientsResponseSchema: GenMessage<ListVpnClientsResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 11);
+  messageDesc(file_microvpc_v1_vpn, 13);
 
 /**
  * Request of DeleteVpnClient.
@@ -469,7 +511,7 @@ export type DeleteVpnClientRequest = Message<"microvpc.v1.DeleteVpnClientRequest
  * Use `create(DeleteVpnClientRequestSchema)` to create a new message.
  */
 export const DeleteVpnClientRequestSchema: GenMessage<DeleteVpnClientRequest> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 12);
+  messageDesc(file_microvpc_v1_vpn, 14);
 
 /**
  * Response of DeleteVpnClient.
@@ -490,7 +532,7 @@ export type DeleteVpnClientResponse = Message<"microvpc.v1.DeleteVpnClientRespon
  * Use `create(DeleteVpnClientResponseSchema)` to create a new message.
  */
 export const DeleteVpnClientResponseSchema: GenMessage<DeleteVpnClientResponse> = /*@__PURE__*/
-  messageDesc(file_microvpc_v1_vpn, 13);
+  messageDesc(file_microvpc_v1_vpn, 15);
 
 /**
  * VpnService gives operators remote access into a VPC: a WireGuard endpoint
@@ -527,6 +569,23 @@ export const VpnService: GenService<{
     methodKind: "unary";
     input: typeof GetVpnEndpointRequestSchema;
     output: typeof GetVpnEndpointResponseSchema;
+  },
+  /**
+   * Deletes the VPC's VPN endpoint: its record, IPAM's reservation of the
+   * client range (subnets may then use it) and, on its host's next sync
+   * (within a second), the WireGuard interface and its nft table; the other
+   * hosts stop routing the range. INVALID_ARGUMENT if the VPC reference is
+   * malformed; NOT_FOUND if there is no such VPC; FAILED_PRECONDITION while
+   * the endpoint still has clients (the message says how many: list them
+   * with `microvpc vpn client list --vpc VPC` and delete each first).
+   * deleted is false if the VPC has no endpoint.
+   *
+   * @generated from rpc microvpc.v1.VpnService.DeleteVpnEndpoint
+   */
+  deleteVpnEndpoint: {
+    methodKind: "unary";
+    input: typeof DeleteVpnEndpointRequestSchema;
+    output: typeof DeleteVpnEndpointResponseSchema;
   },
   /**
    * Registers a client: an address from the VPN range, its public key and

@@ -5,9 +5,11 @@
 //
 // Key layout (all under "mvpc:vpn:"):
 //   gen                     counter raised by every VPN change
-//   eps                     set of VPC ids with an endpoint
+//   eps                     set of VPC ids with an endpoint (a listed VPC without an ep is skipped)
 //   ep:<vpc>                hash: vpc host addr port cidr updated (written by the API, with
-//                           IPAM's reservation of the range, mvpc:vpc:<vpc>:reserved "vpn")
+//                           IPAM's reservation of the range, mvpc:vpc:<vpc>:reserved "vpn";
+//                           DeleteVpnEndpoint deletes both in one script, refused while the VPC
+//                           has clients, then takes the VPC out of eps)
 //   host:<host>:keys        hash vpc → the public key of that host's endpoint interface of the VPC
 //   host:<host>:applied     hash vpc → the gen that host last applied for the VPC
 //                           (host-scoped: only <host>'s Redis user writes them, and a reader
@@ -40,7 +42,7 @@ export const VK = {
  * VPN_KEYS.cluster, by the client (vpnKeysOf). On a Redis Cluster a VPC's
  * endpoint, clients, their indexes and its change counter are under the
  * VPC's tag, beside IPAM's record of the VPC and its reserved ranges (the
- * endpoint's script checks and writes them); a host's keys and applied
+ * endpoint's scripts check, write and delete them); a host's keys and applied
  * counters under the host's; the listing of endpoints and the id → VPC
  * catalog under "{vpn}", written beside the VPC's step.
  */
@@ -132,7 +134,7 @@ export function parseClient(raw: string, vpcId: string, cidr: V.Cidr): V.Parsed<
   });
 }
 
-/** Which host serves each VPC's VPN and its client range: what the overlay of the other hosts routes there. */
+/** Which host serves each VPC's VPN and its client range: what the overlay of the other hosts routes there (null once the endpoint is deleted). */
 export async function vpnRoute(redis: Redis, vpcId: string, vpcCidr: string): Promise<{ hostId: string; cidr: string } | null> {
   const h = await redis.hgetall(vpnKeysOf(redis).ep(vpcId));
   if (!h.vpc) return null;

@@ -1,7 +1,7 @@
-// VpnService: validates, records in Redis, and (DeleteVpnClient) waits until
-// the endpoint host has applied the change. Any netagent serves it; the
-// endpoint host's sync (sync.ts) turns the records into a WireGuard
-// interface, peers and an nft table.
+// VpnService: validates, records in Redis, and (DeleteVpnClient,
+// DeleteVpnEndpoint) waits until the endpoint host has applied the change.
+// Any netagent serves it; the endpoint host's sync (sync.ts) turns the
+// records into a WireGuard interface, peers and an nft table.
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
@@ -15,7 +15,7 @@ import { allocate, checkEndpoint, clientRange, MAX_CLIENT_GROUPS, publicKey, typ
 import type { VpnStore } from "./store.js";
 
 export interface VpnServiceOptions {
-  /** How long DeleteVpnClient waits for the endpoint host to apply (ms). */
+  /** How long DeleteVpnClient and DeleteVpnEndpoint wait for the endpoint host to apply (ms). */
   applyWaitMs?: number;
   /** Asks this host's sync to run now (and resolves when it ran). */
   kick?: () => Promise<void>;
@@ -95,6 +95,17 @@ export class Vpn {
     return false;
   }
 
+  /** Waits (bounded) until the endpoint host tore the endpoint down (its applied entry is gone); false if it did not in time. */
+  private async gone(ep: VpnEndpointRec): Promise<boolean> {
+    void this.opts.kick?.();
+    const until = Date.now() + (this.opts.applyWaitMs ?? 5000);
+    for (let i = 0; i < 1000 && Date.now() < until; i++) {
+      if ((await this.store.applied(ep.hostId, ep.vpcId)) < 0) return true;
+      await sleep(25);
+    }
+    return false;
+  }
+
   readonly impl: ServiceImpl<typeof VpnService> = {
     setVpnEndpoint: async (req) => {
       const vpc = await this.ipam.vpcByRef("vpc", req.vpc);
@@ -142,6 +153,22 @@ export class Vpn {
       return { endpoint: this.endpointMsg(e) };
     },
 
+    deleteVpnEndpoint: async (req) => {
+      const vpc = await this.ipam.vpcByRef("vpc", req.vpc);
+      const ep = await this.store.endpoint(vpc.id, vpc.cidr);
+      const r = await this.store.deleteEndpoint(vpc.id);
+      if (r === null) return { deleted: false };
+      if ("clients" in r) {
+        const n = r.clients;
+        throw new FailedPreconditionError(
+          `the VPN endpoint of VPC ${vpc.name} still has ${n} client${n === 1 ? "" : "s"}; list them with \`microvpc vpn client list --vpc ${vpc.name}\` and delete each with \`microvpc vpn client delete NAME --vpc ${vpc.name}\` first`,
+        );
+      }
+      // Bounded: the endpoint host forgets its applied gen when it has torn the interface down (sync.ts teardown).
+      if (ep) await this.gone(ep);
+      return { deleted: true };
+    },
+
     createVpnClient: async (req) => {
       const vpc = await this.ipam.vpcByRef("vpc", req.vpc);
       const name = V.name("name", req.name);
@@ -174,6 +201,10 @@ export class Vpn {
           void this.opts.kick?.();
           return { client: this.clientMsg(rec), endpoint: this.endpointMsg(ep), vpcCidr: vpc.cidr };
         }
+        if (r.taken === "endpoint")
+          throw new FailedPreconditionError(
+            `VPC ${vpc.name}'s VPN endpoint was deleted meanwhile; set one with \`microvpc vpn endpoint set --vpc ${vpc.name} …\``,
+          );
         if (r.taken === "name") throw new AlreadyExistsError(`VPC ${vpc.name} already has a VPN client named ${name}`);
         if (r.taken === "key") throw new AlreadyExistsError(`public_key: another VPN client of VPC ${vpc.name} has this key; make a new key pair per client`);
       }

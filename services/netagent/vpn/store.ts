@@ -17,8 +17,11 @@ export type SecurityGroupRec = Extract<ReturnType<typeof parseGroup>, { ok: true
 // The event a client change appends to its VPC's stream: the firewall of
 // every host of the VPC puts the client's address in (or takes it out of)
 // the member sets of its groups (firewall/store.ts loadVpcState).
-// KEYS: clients keys addrs client-index gen; ARGV: name key address vpc id groups(csv) json index
+// Refused if the endpoint is gone by now: DeleteVpnEndpoint's script
+// deletes it only while the VPC has no client, so no client outlives it.
+// KEYS: clients keys addrs client-index gen ep; ARGV: name key address vpc id groups(csv) json index
 const CREATE = `${LUA_EMIT}
+if redis.call('EXISTS', KEYS[6]) == 0 then return 'endpoint' end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'name' end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 'key' end
 if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return 'addr' end
@@ -47,7 +50,7 @@ return tostring(g)
 // KEYS: vpc, vpc subnets, vpc reserved, ep, gen; ARGV: vpc base size
 // reservation, the prefix of the subnets' records (IpamKeys.subnetIn), then the ep's field/value pairs.
 // Returns {1, gen}, {-4} no VPC, {-2, subnet id} overlaps a subnet, {-6, owner} overlaps another reservation.
-// The listing of endpoints (eps) is written before it, apart: on a cluster it is in another slot.
+// The listing of endpoints (eps) is written before it and again after it, apart: on a cluster it is in another slot.
 const SET_ENDPOINT = `${LUA_EMIT}${LUA_RANGE_CHECKS}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -64,21 +67,30 @@ mvpc_emit({ARGV[1]}, {}, 'kind', 'vpn.endpoint.set', 'vpc', ARGV[1])
 return {1, g}
 `;
 
-/** CREATE's and DELETE's KEYS (the VPC's name, key and address indexes, the record, the generation) and first ARGV. */
-function clientKeysAndArgs(k: VpnKeys, c: VpnClientRec): string[] {
-  return [
-    k.clients(c.vpcId),
-    k.keys(c.vpcId),
-    k.addrs(c.vpcId),
-    k.client(c.vpcId, c.id),
-    k.gen(c.vpcId),
-    c.name,
-    c.publicKey,
-    c.address,
-    c.vpcId,
-    c.id,
-    c.groupIds.join(","),
-  ];
+// The endpoint and IPAM's reservation of its client range go together, and
+// only while the VPC has no client (a client's address is from the range).
+// KEYS: ep, clients, vpc reserved, gen; ARGV: vpc.
+// Returns {1, gen}, {0, ''} no endpoint, {-1, number of clients} the VPC still has clients.
+// The listing of endpoints (eps) is taken out after it, apart: on a cluster it is in another slot.
+const DELETE_ENDPOINT = `${LUA_EMIT}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local n = redis.call('HLEN', KEYS[2])
+if n > 0 then return {-1, n} end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[3], 'vpn')
+local g = redis.call('INCR', KEYS[4])
+mvpc_emit({ARGV[1]}, {}, 'kind', 'vpn.endpoint.deleted', 'vpc', ARGV[1])
+return {1, g}
+`;
+
+/** CREATE's and DELETE's first KEYS (the VPC's name, key and address indexes, the record, the generation). */
+function clientKeys(k: VpnKeys, c: VpnClientRec): string[] {
+  return [k.clients(c.vpcId), k.keys(c.vpcId), k.addrs(c.vpcId), k.client(c.vpcId, c.id), k.gen(c.vpcId)];
+}
+
+/** CREATE's and DELETE's first ARGV. */
+function clientArgs(c: VpnClientRec): string[] {
+  return [c.name, c.publicKey, c.address, c.vpcId, c.id, c.groupIds.join(",")];
 }
 
 export class VpnStore {
@@ -132,7 +144,37 @@ export class VpnStore {
     if (code === -4) return { noVpc: true };
     if (code === -2) return { overlapsSubnet: String(ref) };
     if (code === -6) return { overlapsReservation: String(ref) };
+    // Listed again after: a DeleteVpnEndpoint that ran between the first SADD and the script took the VPC out (deleteEndpoint says why this is enough).
+    await this.redis.sadd(this.keys.eps, e.vpcId);
     return { gen: Number(ref) };
+  }
+
+  /**
+   * Deletes the endpoint and IPAM's reservation of its client range (in the
+   * VPC's slot, one script), unless the VPC still has clients: then how
+   * many. null if the VPC has no endpoint. The endpoint host's sync tears
+   * its interface down on its next pass (it no longer serves the VPC).
+   */
+  async deleteEndpoint(vpcId: string): Promise<{ gen: number } | { clients: number } | null> {
+    const L = ipamKeys(this.redis);
+    const [code, n] = (await this.redis.eval(
+      scriptFor(this.redis, DELETE_ENDPOINT),
+      4,
+      this.keys.ep(vpcId),
+      this.keys.clients(vpcId),
+      L.vpcReserved(vpcId),
+      this.keys.gen(vpcId),
+      vpcId,
+    )) as [number, string | number];
+    if (code === 0) return null;
+    if (code === -1) return { clients: Number(n) };
+    // Unlisted after the script (a listed VPC without an endpoint is skipped). A
+    // SetEndpoint racing this one lists the VPC before and after its script: if
+    // its script ran after ours and before the check below, the check lists the
+    // VPC again; if after the check, its own second SADD comes after our SREM.
+    await this.redis.srem(this.keys.eps, vpcId);
+    if (await this.redis.exists(this.keys.ep(vpcId))) await this.redis.sadd(this.keys.eps, vpcId);
+    return { gen: Number(n) };
   }
 
   async endpointVpcs(): Promise<string[]> {
@@ -197,19 +239,21 @@ export class VpnStore {
     return new Set(await this.redis.hkeys(this.keys.addrs(vpcId)));
   }
 
-  /** The new generation when written, else which of name/key/addr was taken. */
-  async create(c: VpnClientRec): Promise<{ gen: number } | { taken: "name" | "key" | "addr" }> {
+  /** The new generation when written, else which of name/key/addr was taken ("endpoint": the VPC has no endpoint any more). */
+  async create(c: VpnClientRec): Promise<{ gen: number } | { taken: "name" | "key" | "addr" | "endpoint" }> {
     // Cluster: the id's catalog entry first (the id is new), so that no client exists that its id does not find; dropped if refused.
     const catalog = this.keys.clientCatalog(c.id);
     if (catalog) await this.redis.set(catalog, `${c.vpcId}/${c.name}`);
     const r = (await this.redis.eval(
       scriptFor(this.redis, CREATE),
-      5,
-      ...clientKeysAndArgs(this.keys, c),
+      6,
+      ...clientKeys(this.keys, c),
+      this.keys.ep(c.vpcId),
+      ...clientArgs(c),
       JSON.stringify(c),
       `${c.vpcId}/${c.name}`,
     )) as string;
-    if (r === "name" || r === "key" || r === "addr") {
+    if (r === "name" || r === "key" || r === "addr" || r === "endpoint") {
       if (catalog) await this.redis.del(catalog);
       return { taken: r };
     }
@@ -217,7 +261,7 @@ export class VpnStore {
   }
 
   async delete(c: VpnClientRec): Promise<number | null> {
-    const r = (await this.redis.eval(scriptFor(this.redis, DELETE), 5, ...clientKeysAndArgs(this.keys, c))) as string;
+    const r = (await this.redis.eval(scriptFor(this.redis, DELETE), 5, ...clientKeys(this.keys, c), ...clientArgs(c))) as string;
     const catalog = this.keys.clientCatalog(c.id);
     if (catalog) await this.redis.del(catalog);
     return r === "0" ? null : Number(r);

@@ -4,6 +4,10 @@
 // wg.ts), one peer per client (allowed-ips its /32), a route for the client
 // range, and the nft table plan.ts compiles. A peer that goes has its
 // conntrack entries flushed in the VPC namespace, so its flows end at once.
+// An endpoint that names another host now, or is gone (DeleteVpnEndpoint,
+// or its VPC deleted), is no longer served here: the pass tears its
+// interface and table down and forgets this host's key and applied entries
+// for it (teardown), which DeleteVpnEndpoint waits for.
 // Other hosts only route the range here (overlay/sync.ts, schema.ts
 // vpnRoute). Polls the VPN gen every pollMs and compares the kernel in full
 // every fullEveryMs; an API call on this host kicks it at once.
