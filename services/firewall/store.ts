@@ -914,11 +914,6 @@ export class FirewallStore {
 
   // ---- what a hypervisor compiles ----
 
-  /** The firewall change counter; every event carries its value as "gen". */
-  async generation(): Promise<number> {
-    return Number((await this.redis.get(FK.gen)) ?? 0);
-  }
-
   /**
    * Everything one hypervisor needs to compile one VPC, read in one atomic
    * snapshot. `nics` are the VPC's NICs on this host (e.g. from netagent's

@@ -113,6 +113,10 @@ export class FirewallSync {
   status: FwStatus = { lastApplyMs: 0, lastApplyDurationMs: 0, lastError: "", lastErrorMs: 0, generation: 0, applied: 0 };
   /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
   private readonly errors = new Map<string, string>();
+  /** Per VPC, the newest change generation its events carried (`gen`: the VPC's counter on a cluster, the shared one on a single Redis). */
+  private readonly seenGen = new Map<string, number>();
+  /** Per VPC, what seenGen said when its last pass that applied without an error started. */
+  private readonly appliedGen = new Map<string, number>();
   /**
    * Flow logs (flowlogs.ts), if the daemon has them on: which NICs of a VPC
    * log, and at what sample rate (read in each pass from the FlowLogConfigs,
@@ -308,8 +312,26 @@ export class FirewallSync {
     }
   }
 
+  /**
+   * GetFirewallStatus's generations: `desired` sums, over this host's VPCs,
+   * the newest change generation their events carried; `applied` the same
+   * as far as a pass that started after it applied without an error. Equal
+   * when every change this host heard of is in its tables; lower while one
+   * waits for its pass or its VPC keeps failing (a stuck reconciler shows).
+   */
+  generations(): { desired: number; applied: number } {
+    let desired = 0;
+    let applied = 0;
+    for (const [vpcId, g] of this.seenGen) {
+      desired += g;
+      applied += Math.min(g, this.appliedGen.get(vpcId) ?? 0);
+    }
+    return { desired, applied };
+  }
+
   /** The hint of a change event over a VPC (the loop's route; tests): which NICs and groups it touched, or that the VPC must be compiled whole. */
   noteEvent(e: Record<string, string>): void {
+    if (/^[0-9]{1,15}$/.test(e.gen ?? "")) this.seenGen.set(e.vpc, Math.max(this.seenGen.get(e.vpc) ?? 0, Number(e.gen)));
     const h = this.hintOf(e.vpc);
     const binding = e.kind === "fw.binding.changed" || e.kind === "fw.binding.removed";
     const groups = [...csv(e.groups), ...csv(e.prev_groups)];
@@ -347,6 +369,12 @@ export class FirewallSync {
   private async pass(full: boolean, checkDrift: boolean, only?: ReadonlySet<string>): Promise<Clear[]> {
     const t0 = Date.now();
     const cleanups: Clear[] = [];
+    // What each VPC's events had said when this pass started: what it applies at least (it reads the state after).
+    const seen = new Map(this.seenGen);
+    const caughtUp = (vpcId: string) => {
+      const g = seen.get(vpcId);
+      if (g !== undefined && g > (this.appliedGen.get(vpcId) ?? 0)) this.appliedGen.set(vpcId, g);
+    };
     // A targeted pass applies each VPC's changes as a delta where the events
     // say what changed; the others (and every whole pass) compile whole.
     let whole = only;
@@ -357,6 +385,7 @@ export class FirewallSync {
         const hint = this.hints.get(vpcId);
         this.hints.delete(vpcId);
         if (full || checkDrift || !hint || hint.whole || !(await this.delta(vpcId, hint, cleanups))) rest.add(vpcId);
+        else caughtUp(vpcId);
       }
       whole = rest;
     }
@@ -373,6 +402,7 @@ export class FirewallSync {
           const cleanup = await this.syncVpc(ns, st, full, checkDrift, true);
           if (cleanup) cleanups.push(cleanup);
           this.errors.delete(vpcId);
+          caughtUp(vpcId);
         } catch (err) {
           this.errors.set(vpcId, (err as Error).message);
           this.log.error({ vpc: vpcId, err: (err as Error).message }, "firewall sync failed; will retry with a full replace");
@@ -385,6 +415,7 @@ export class FirewallSync {
           if (![...local.keys()].some((v) => names.netns(this.hostId, v) === ns)) this.applied.delete(ns);
         }
         for (const vpcId of this.errors.keys()) if (vpcId !== "" && !local.has(vpcId)) this.errors.delete(vpcId);
+        for (const m of [this.seenGen, this.appliedGen]) for (const vpcId of m.keys()) if (!local.has(vpcId)) m.delete(vpcId);
       }
       this.errors.delete("");
     } catch (err) {

@@ -399,6 +399,13 @@ describe("robustness", () => {
     await tcpProbe(db1.ns, web1.address, 8080, 500);
     const st = await fw.getFirewallStatus({ nicIds: [web1.nicId] });
     assert.equal(st.lastError, "");
+    // Every change this firewall heard of (the groups and bindings above) is in its tables (a pass may still be finishing).
+    assert.ok(st.desiredGeneration > 0n, "the changes' generations were heard");
+    const caughtUp = async () => {
+      const g = await fw.getFirewallStatus({ nicIds: [] });
+      return g.appliedGeneration === g.desiredGeneration;
+    };
+    assert.ok(await waitFor(caughtUp, { timeoutMs: 5000, intervalMs: 100 }), "and applied");
     const n = st.nics.find((x) => x.nicId === web1.nicId)!;
     assert.ok(n.ingress!.droppedPackets > 0n, "the blocked probe is counted as a drop");
     assert.ok(n.ingress!.acceptedPackets > 0n);

@@ -141,12 +141,18 @@ test("a refused transaction is reported, and the next pass replaces the table wh
     throw new Error("Error: Could not process rule: No buffer space available");
   };
   world.now = cases[1].desired;
-  await sync.syncAll();
+  // The change's event (its generation), as the loop hears it.
+  sync.noteEvent({ kind: "fw.sg.updated", vpc: VPC, gen: "41" });
+  await sync.syncAll(false, false, new Set([VPC]));
   assert.match(sync.status.lastError, /^vpc-111111111111: Error: Could not process rule: No buffer space available$/);
   assert.equal(sync.applied.has(NS), false, "forgotten: the next pass starts from scratch");
+  assert.deepEqual(sync.generations(), { desired: 41, applied: 0 }, "the change is heard, not applied: the status shows the lag");
+  await sync.syncAll();
+  assert.deepEqual(sync.generations(), { desired: 41, applied: 0 }, "still failing: still behind");
   nft.apply = real;
   const before = nft.applied.length;
   await sync.syncAll();
+  assert.deepEqual(sync.generations(), { desired: 41, applied: 41 }, "applied: caught up");
   assert.equal(sync.status.lastError, "");
   assert.ok(isReplace(nft.applied[before].tx));
   assert.equal(nft.dump(NS), (await wants()).get(cases[1].name));

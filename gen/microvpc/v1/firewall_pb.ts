@@ -2379,16 +2379,20 @@ export type GetFirewallStatusResponse = Message<"microvpc.v1.GetFirewallStatusRe
   lastApplyDurationMs: number;
 
   /**
-   * Generation of the desired state the agent has seen (raised by every
-   * change of a group, ACL or binding that concerns this hypervisor).
+   * The desired state this firewall has heard of: over the VPCs this
+   * hypervisor holds, the sum of the newest change generation each VPC's
+   * events carried (every change of a group, ACL, binding or flow-log
+   * setting raises it), since the daemon started.
    *
    * @generated from field: uint64 desired_generation = 7;
    */
   desiredGeneration: bigint;
 
   /**
-   * Generation the kernel table carries (read back from the table); lower
-   * than desired_generation while a change is being applied or failed.
+   * The same sum, each VPC counted as far as its last pass that applied
+   * without an error had heard. Equal to desired_generation when every
+   * change heard of is in the kernel tables; lower while one waits for its
+   * pass, or stays lower while a VPC keeps failing (see last_error).
    *
    * @generated from field: uint64 applied_generation = 8;
    */
