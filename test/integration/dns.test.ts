@@ -8,17 +8,19 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createRequire } from "node:module";
 import { Code } from "@connectrpc/connect";
-import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmService, type Vm } from "../../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { dnsKeys, vpcDnsKeys } from "../../services/dns/schema.js";
 import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
 import { Harness } from "../lib/harness.js";
 import { addresses, nsExec, sleep, trackChild, waitFor } from "../lib/netns.js";
+import { keysLike } from "../lib/redis.js";
 
 const DNS_PACKET = createRequire(import.meta.url).resolve("dns-packet");
 
@@ -295,9 +297,13 @@ describe("bad input", () => {
     await h.ipam.vpc.deleteVpc({ ref: tmp.id });
     await h.vpc("tmp", "10.5.0.0/16");
     assert.deepEqual((await dns.listDnsRecords({ vpc: "tmp" })).records, []);
-    const r = new Redis(h.redis.url);
+    const r = connectRedis({ url: h.redisUrl });
     try {
-      assert.deepEqual(await r.keys(`mvpc:dns:vpc:${tmp.id}:*`), [], "no DNS key of the deleted VPC");
+      await waitReady(r);
+      // Where this Redis keeps a VPC's DNS state (under the VPC's hash tag on a cluster).
+      assert.equal(await r.exists(...vpcDnsKeys(tmp.id, dnsKeys(r))), 0, "no DNS key of the deleted VPC");
+      assert.deepEqual(await keysLike(r, `mvpc:dns:vpc:${tmp.id}:*`), [], "no DNS key of the deleted VPC (single layout)");
+      assert.deepEqual(await keysLike(r, `mvpc:{${tmp.id}}:dns:*`), [], "no DNS key of the deleted VPC (cluster layout)");
     } finally {
       r.disconnect();
     }
