@@ -7,14 +7,15 @@
 // next one. The metadata/DNS child, killed, is restarted while the gateway's
 // health says NOT_SERVING.
 import assert from "node:assert/strict";
-import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { readdirSync, readFileSync } from "node:fs";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { names } from "../../services/gateway/plan.js";
+import { gwKeys } from "../../services/gateway/schema.js";
 import { type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
 import { httpGet, ipn, waitFor } from "../lib/netns.js";
@@ -87,9 +88,10 @@ describe("gateway: one VPC's failure does not freeze the others", () => {
   });
 
   test("a VPC that leaves the host frees its transit index; the next VPC to arrive reuses it and works", async () => {
-    const redis = new Redis(h.redis.url);
+    const redis = connectRedis({ url: h.redisUrl });
     try {
-      const key = `mvpc:gw:host:${a.host.id}:transit`;
+      await waitReady(redis);
+      const key = gwKeys(redis).transit(a.host.id);
       const old = Number(await redis.hget(key, a.vpc.id));
       assert.ok(Number.isInteger(old), "A holds a transit index");
       await h.removeVm(a);
