@@ -13,8 +13,8 @@ import { create } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { AclAction, Direction, FirewallService, NetworkAclEntrySchema, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
-import { Redis } from "ioredis";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { FlowLogConfigStore } from "../../services/firewall/flowlog-config.js";
 import { FLOW_LOG_GROUP, type FlowRecord } from "../../services/firewall/flowlogs.js";
 import { cliRunner } from "../lib/cli.js";
@@ -46,18 +46,11 @@ const records = (): FlowRecord[] => {
 const mine = () => records().slice(skip);
 
 const startFirewall = async () => {
-  fwd = await startDaemon("firewall", [
-    "--redis",
-    h.redis.url,
-    "--host-id",
-    h.hosts[0].id,
-    "--drift-interval-ms",
-    "2000",
-    "--flow-logs",
-    dir,
-    "--flow-logs-aggregate-ms",
-    "3000",
-  ]);
+  fwd = await startDaemon(
+    "firewall",
+    ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--drift-interval-ms", "2000", "--flow-logs", dir, "--flow-logs-aggregate-ms", "3000"],
+    h.daemonEnv,
+  );
   trackChild(fwd.proc);
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
 };
@@ -258,9 +251,10 @@ describe("flow logs", () => {
 
     // quiet, while this firewall is down: stored as any firewall's API stores it (another host's answered).
     await fwd.stop();
-    const redis = new Redis(h.redis.url, { maxRetriesPerRequest: 2 });
+    const redis = connectRedis({ url: h.redisUrl });
     let cfg;
     try {
+      await waitReady(redis);
       cfg = await new FlowLogConfigStore(redis).create({ vpcId: quiet.vpc.id, resourceId: quiet.nicId, sampleRate: 0.5, description: "" });
     } finally {
       redis.disconnect();
