@@ -6,9 +6,12 @@
 import assert from "node:assert/strict";
 import { existsSync, rmSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { naKeys } from "../../services/netagent/schema.js";
+import { peeringKeys } from "../../services/peering/schema.js";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
@@ -27,9 +30,10 @@ const markers = [0, 1, 2, 3, 4].map((i) => `/tmp/mvpc-hostile-${tag}-${i}`);
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1, agentArgs: ["--reconcile-interval-ms", "1000"] });
   hv = h.hosts[0];
-  fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv.id, "--drift-interval-ms", "2000"]);
+  fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", hv.id, "--drift-interval-ms", "2000"], h.daemonEnv);
   trackChild(fwd.proc);
-  redis = new Redis(h.redis.url, { lazyConnect: false });
+  redis = connectRedis({ url: h.redisUrl });
+  await waitReady(redis);
   const vpc = await h.vpc("hostile", "10.77.0.0/16");
   const sn = await h.subnet(vpc, "s1", "10.77.1.0/24");
   vm0 = await h.vm(hv, vpc, sn, "h0");
@@ -89,7 +93,7 @@ describe("hostile records written straight into Redis", () => {
       ),
       "the firewall has both NICs",
     );
-    const nicsKey = `mvpc:host:${hv.id}:nics`;
+    const nicsKey = naKeys(redis).nics(hv.id);
     const good = JSON.parse((await redis.hget(nicsKey, vm0.nicId))!) as Record<string, unknown>;
     const ns = vm0.vpcNs;
     const nic = (n: number, over: Record<string, unknown>) => {
@@ -125,7 +129,7 @@ describe("hostile records written straight into Redis", () => {
       }),
     );
     // Subnet and VPC records.
-    const subnetsKey = `mvpc:host:${hv.id}:subnets`;
+    const subnetsKey = naKeys(redis).subnets(hv.id);
     const goodSn = JSON.parse((await redis.hget(subnetsKey, vm0.subnet.id))!) as Record<string, unknown>;
     const snId = `subnet-${tag}0001`;
     await redis.hset(
@@ -143,12 +147,13 @@ describe("hostile records written straight into Redis", () => {
       `subnet-${tag}0002`,
       JSON.stringify({ ...goodSn, subnetId: `subnet-${tag}0002`, cidr: "0.0.0.0/0", gatewayCidr: "0.0.0.1/0" }),
     );
-    const vpcsKey = `mvpc:host:${hv.id}:vpcs`;
+    const vpcsKey = naKeys(redis).vpcs(hv.id);
     await redis.hset(vpcsKey, `vpc-${tag}0001`, JSON.stringify({ vpcId: `vpc-${tag}0001`, ns: `x\nnetns exec ${ns} /bin/touch ${markers[4]}`, createdMs: 1 }));
     await redis.hset(vpcsKey, `vpc-x;touch ${markers[4]}`, JSON.stringify({ vpcId: `vpc-x;touch ${markers[4]}`, ns: "mvpc-x", createdMs: 1 }));
     // A peering of the VPC whose allowed CIDRs claim the internet.
     const pcx = `pcx-${tag}0001`;
-    await redis.hset(`mvpc:pcx:${pcx}`, {
+    const PL = peeringKeys(redis);
+    await redis.hset(PL.pcx(pcx), {
       id: pcx,
       name: "evil",
       vpc1: vm0.vpc.id,
@@ -161,7 +166,9 @@ describe("hostile records written straight into Redis", () => {
       labels: "[]",
       created: "1",
     });
-    await redis.sadd(`mvpc:vpc:${vm0.vpc.id}:peerings`, pcx);
+    // The VPC's list of peerings: a set on a single Redis, on a cluster a hash of reservations of the peer's range (as CreateVpcPeering's script writes them).
+    if (PL.cluster) await redis.hset(PL.peers(vm0.vpc.id), pcx, JSON.stringify({ base: 0x0a4e0000, size: 65536, ms: Date.now() }));
+    else await redis.sadd(PL.peers(vm0.vpc.id), pcx);
 
     const expected = hostile.length + 1 + 2 + 2 + 1;
     assert.ok(
