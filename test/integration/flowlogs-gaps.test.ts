@@ -12,12 +12,13 @@ import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { FLOW_LOG_GROUP, type FlowRecord } from "../../services/firewall/flowlogs.js";
-import { FK } from "../../services/firewall/keys.js";
+import { fwKeys } from "../../services/firewall/keys.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../lib/harness.js";
@@ -102,7 +103,8 @@ const startSink = async (vm: Vm, port: number) => {
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1, underlay: false });
-  redis = new Redis(h.redis.url, { maxRetriesPerRequest: 2 });
+  redis = connectRedis({ url: h.redisUrl });
+  await waitReady(redis);
   const vpc = await h.vpc("gaps", "10.0.0.0/16");
   const a = await h.subnet(vpc, "a", "10.0.1.0/24");
   const b = await h.subnet(vpc, "b", "10.0.2.0/24");
@@ -116,20 +118,24 @@ beforeAll(async () => {
   await startSink(quiet, 80);
   await shortTimeouts(client.vpcNs);
   dir = tempDir("flowlogs-gaps");
-  fwd = await startDaemon("firewall", [
-    "--redis",
-    h.redis.url,
-    "--host-id",
-    h.hosts[0].id,
-    "--drift-interval-ms",
-    "2000",
-    "--flow-logs",
-    dir,
-    "--flow-logs-aggregate-ms",
-    "3000",
-    "--flow-logs-interval-ms",
-    String(INTERVAL_MS),
-  ]);
+  fwd = await startDaemon(
+    "firewall",
+    [
+      "--redis",
+      h.redisUrl,
+      "--host-id",
+      h.hosts[0].id,
+      "--drift-interval-ms",
+      "2000",
+      "--flow-logs",
+      dir,
+      "--flow-logs-aggregate-ms",
+      "3000",
+      "--flow-logs-interval-ms",
+      String(INTERVAL_MS),
+    ],
+    h.daemonEnv,
+  );
   trackChild(fwd.proc);
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
   const sg = (
@@ -265,10 +271,10 @@ describe("flow logs: the gaps", () => {
     await fw.unbindNic({ nicId: tmp.nicId });
     await fw.bindNic(bindRequest(tmp, []));
     assert.ok(
-      await waitFor(async () => (await redis.exists(FK.flowLog(nicCfg.id))) === 0, { timeoutMs: 15_000, intervalMs: 300 }),
+      await waitFor(async () => (await redis.exists(fwKeys(redis).flowLog(tmp.vpc.id, nicCfg.id))) === 0, { timeoutMs: 15_000, intervalMs: 300 }),
       "the NIC's config is deleted",
     );
-    assert.equal(await redis.hget(FK.flowLogByRes, tmp.nicId), null);
+    assert.equal(await redis.hget(fwKeys(redis).flowLogByRes(tmp.vpc.id), tmp.nicId), null);
     assert.ok(await waitFor(async () => !(await chainLogs(tmp)), { timeoutMs: 15_000, intervalMs: 300 }), "tmp logs nothing");
     skip = records().length;
     await probe(gc, tmp);
@@ -285,9 +291,12 @@ describe("flow logs: the gaps", () => {
     await h.ipam.subnet.deleteSubnet({ ref: g.id });
     await h.ipam.vpc.deleteVpc({ ref: vpc.id });
     for (const id of [vpcCfg.id, subCfg.id])
-      assert.ok(await waitFor(async () => (await redis.exists(FK.flowLog(id))) === 0, { timeoutMs: 15_000, intervalMs: 300 }), `${id} is deleted`);
+      assert.ok(
+        await waitFor(async () => (await redis.exists(fwKeys(redis).flowLog(vpc.id, id))) === 0, { timeoutMs: 15_000, intervalMs: 300 }),
+        `${id} is deleted`,
+      );
     await rejectsWith(fw.getFlowLogConfig({ id: vpcCfg.id }), Code.NotFound, /flow-log config/);
-    assert.equal(await redis.sismember(FK.vpcFlowLogs(vpc.id), vpcCfg.id), 0);
+    assert.equal(await redis.sismember(fwKeys(redis).vpcFlowLogs(vpc.id), vpcCfg.id), 0);
 
     // Made again under the same names: nothing logs.
     const vpc2 = await h.vpc("gone", "10.1.0.0/16");
