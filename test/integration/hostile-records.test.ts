@@ -16,12 +16,17 @@
 import assert from "node:assert/strict";
 import { existsSync, rmSync } from "node:fs";
 import { Code } from "@connectrpc/connect";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { emit } from "../../services/common/events.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { dnsKeys } from "../../services/dns/schema.js";
+import { fwKeys } from "../../services/firewall/keys.js";
+import { gwKeys } from "../../services/gateway/schema.js";
 import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
@@ -68,7 +73,8 @@ beforeAll(async () => {
   ({ fwd, gwd } = await h.hostServices(hv, { driftMs: 3000 }));
   gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
-  redis = new Redis(h.redis.url, { lazyConnect: false, maxRetriesPerRequest: 2 });
+  redis = connectRedis({ url: h.redisUrl });
+  await waitReady(redis);
 
   const vpc = await h.vpc("hostile", "10.0.0.0/16");
   const web = await h.subnet(vpc, "web", "10.0.1.0/24", SubnetType.PUBLIC);
@@ -124,7 +130,12 @@ describe("hostile records written straight into Redis", () => {
     // checked `ip -force -batch` ran them all (the route line, then the neigh line).
     const touch = (m: string) => `netns exec ${hvNs} /bin/touch ${m}`;
     const now = String(Date.now());
-    const ev = (kind: string) => redis.xadd("mvpc:events", "*", "kind", kind, "vpc", vpcId, "gen", "0");
+    // Where this Redis keeps each record (a single Redis's names, or a cluster's hash-tagged ones).
+    const G = gwKeys(redis);
+    const F = fwKeys(redis);
+    const D = dnsKeys(redis);
+    // To the streams the VPC's and the host's daemons follow (and the global one).
+    const ev = (kind: string) => emit(redis, { vpcs: [vpcId], hosts: [hvId] }, ["kind", kind, "vpc", vpcId, "gen", "0"]);
 
     // Gateway: floating IPs whose address carries ip -batch lines (the route
     // and neigh lines of the host namespace), a port forward whose port
@@ -132,7 +143,7 @@ describe("hostile records written straight into Redis", () => {
     const fipRec = (id: string, address: string) =>
       redis
         .multi()
-        .hset(`mvpc:gw:fip:${id}`, {
+        .hset(G.fip(id), {
           id,
           address,
           vpc: vpcId,
@@ -143,15 +154,15 @@ describe("hostile records written straight into Redis", () => {
           allocated: now,
           associated: now,
         })
-        .zadd("mvpc:gw:fips", 0, id)
+        .zadd(G.fips, 0, id)
         .exec();
     await fipRec("fip-aaaaaaaaaaa1", "192.168.100.141 dev ul0\nroute replace default via 6.6.6.6 onlink dev ul0\nroute replace 192.168.100.143");
     await fipRec("fip-aaaaaaaaaaa2", `192.168.100.142 dev ul0\n${touch(markers[0])}\nroute replace 192.168.100.144`);
     // A key of the wrong Redis type: it used to fail every read of the list.
-    await redis.multi().set("mvpc:gw:fip:fip-aaaaaaaaaaa5", "not a hash").zadd("mvpc:gw:fips", 0, "fip-aaaaaaaaaaa5").exec();
+    await redis.multi().set(G.fip("fip-aaaaaaaaaaa5"), "not a hash").zadd(G.fips, 0, "fip-aaaaaaaaaaa5").exec();
     await redis
       .multi()
-      .hset("mvpc:gw:pf:pf-aaaaaaaaaaa3", {
+      .hset(G.pf("pf-aaaaaaaaaaa3"), {
         id: "pf-aaaaaaaaaaa3",
         vpc: vpcId,
         proto: "tcp",
@@ -163,17 +174,18 @@ describe("hostile records written straight into Redis", () => {
         description: "",
         created: now,
       })
-      .zadd("mvpc:gw:pfs", 0, "pf-aaaaaaaaaaa3")
-      .hset(`mvpc-md:{host:${hvId}}:hop`, `${vpcId}/${pub.address}`, "1 }; add table ip pwned_hop { }; #")
+      .zadd(G.pfs, 0, "pf-aaaaaaaaaaa3")
       .exec();
+    // The host's slot, not the port forwards' (one MULTI names one slot on a cluster).
+    await redis.hset(`mvpc-md:{host:${hvId}}:hop`, `${vpcId}/${pub.address}`, "1 }; add table ip pwned_hop { }; #");
     // DNS: a resolver address that reaches `ip addr` and nft in the VPC namespace.
-    await redis.hset(`mvpc:dns:vpc:${vpcId}:cfg`, "resolver", `10.0.0.2/32 dev lo\n${touch(markers[1])}\naddr replace 10.0.0.3`);
+    await redis.hset(D.config(vpcId), "resolver", `10.0.0.2/32 dev lo\n${touch(markers[1])}\naddr replace 10.0.0.3`);
     await ev("gw.fip.associated");
 
     // Firewall: pub's binding names a second group whose rules carry nft
     // syntax in a port and a CIDR; other's binding carries it in its interface name.
     const bad = "sg-bbbbbbbbbbb1";
-    await redis.hset(`mvpc:fw:sg:${bad}`, {
+    await redis.hset(F.sg(vpcId, bad), {
       id: bad,
       vpc: vpcId,
       name: "bad",
@@ -204,16 +216,16 @@ describe("hostile records written straight into Redis", () => {
       created: now,
       updated: now,
     });
-    const pubSig = JSON.parse((await redis.hget(`mvpc:fw:nic:${pub.nicId}`, "sig"))!);
+    const pubSig = JSON.parse((await redis.hget(F.nic(pub.nicId), "sig"))!);
     const wrongType = "sg-bbbbbbbbbbb2";
-    await redis.set(`mvpc:fw:sg:${wrongType}`, "not a hash");
-    await redis.hset(`mvpc:fw:nic:${pub.nicId}`, {
+    await redis.set(F.sg(vpcId, wrongType), "not a hash");
+    await redis.hset(F.nic(pub.nicId), {
       sig: JSON.stringify({ ...pubSig, groupIds: [sgWeb, bad, wrongType] }),
       groups: `${sgWeb},${bad},${wrongType}`,
     });
-    const otherSig = JSON.parse((await redis.hget(`mvpc:fw:nic:${other.nicId}`, "sig"))!);
+    const otherSig = JSON.parse((await redis.hget(F.nic(other.nicId), "sig"))!);
     await redis.hset(
-      `mvpc:fw:nic:${other.nicId}`,
+      F.nic(other.nicId),
       "sig",
       JSON.stringify({ ...otherSig, hostIf: `${other.hostInterface}\n${touch(markers[2])}`, mac: `${other.mac}" } ; add table bridge pwned_bind { } ; #` }),
     );
@@ -221,7 +233,7 @@ describe("hostile records written straight into Redis", () => {
     // that the parser meets them; a binding rewritten by another host is
     // refused before parsing (redis-acl.test.ts).
     for (const vm of [pub, other]) {
-      await redis.hset(`mvpc:fw:host:${vm.host.id}:sig`, vm.nicId, (await redis.hget(`mvpc:fw:nic:${vm.nicId}`, "sig"))!);
+      await redis.hset(F.hostSigs(vm.host.id), vm.nicId, (await redis.hget(F.nic(vm.nicId), "sig"))!);
     }
     await ev("fw.binding.changed");
 
@@ -264,16 +276,16 @@ describe("hostile records written straight into Redis", () => {
     assert.equal(gs.invalidRecordCount, gs.invalidRecords.length, show);
     const rec = (kind: string, key: string) => gs.invalidRecords.find((r) => r.kind === kind && r.key === key);
     for (const id of ["fip-aaaaaaaaaaa1", "fip-aaaaaaaaaaa2"]) {
-      const r = rec("fip", `mvpc:gw:fip:${id}`);
+      const r = rec("fip", G.fip(id));
       assert.ok(r, `${id} in ${show}`);
       assert.deepEqual([r.owner, r.field, r.vpc], ["gateway", "address", vpcId], show);
       assert.match(r.reason, /^address: /);
       assert.ok(r.firstSeenTime && r.lastSeenTime);
     }
-    const wrong = rec("fip", "mvpc:gw:fip:fip-aaaaaaaaaaa5");
+    const wrong = rec("fip", G.fip("fip-aaaaaaaaaaa5"));
     assert.ok(wrong, show);
     assert.deepEqual([wrong.field, wrong.vpc, wrong.reason], ["", "", "is not a hash"], "a key of the wrong type: no field, no VPC known");
-    const pf = rec("pf", "mvpc:gw:pf:pf-aaaaaaaaaaa3");
+    const pf = rec("pf", G.pf("pf-aaaaaaaaaaa3"));
     assert.ok(pf, show);
     assert.equal(pf.vpc, vpcId);
     assert.match(pf.reason, /private_port/);
@@ -282,7 +294,7 @@ describe("hostile records written straight into Redis", () => {
     assert.deepEqual([hop.field, hop.vpc], [`${vpcId}/${pub.address}`, vpcId], show);
     await eventually(async () => {
       const d = (await gw.getGatewayStatus({})).invalidRecords.find((r) => r.owner === "dns" && r.kind === "config");
-      return d?.vpc === vpcId && d.key === `mvpc:dns:vpc:${vpcId}:cfg` && d.field === "resolver";
+      return d?.vpc === vpcId && d.key === D.config(vpcId) && d.field === "resolver";
     }, "the bad DNS config, with its VPC and field");
     // One VPC's records only; another VPC has none.
     const only = await gw.getGatewayStatus({ vpc: vpcId });
