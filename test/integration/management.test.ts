@@ -15,7 +15,6 @@ import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { join } from "node:path";
 import { Code } from "@connectrpc/connect";
-import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
@@ -23,6 +22,7 @@ import { Direction, FirewallHealth, FirewallService, Protocol } from "../../gen/
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { rejectsWith } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
@@ -142,8 +142,9 @@ describe("the management network", () => {
     // nothing: SERVFAIL). Then one on a management address: the resolver
     // leaves it out, so with none left the answer turns REFUSED, and the
     // management address never sees a packet.
-    const redis = new Redis(h.redis.url);
+    const redis = connectRedis({ url: h.redisUrl });
     try {
+      await waitReady(redis);
       await new DnsStore(redis).updateConfig(pub.vpc.id, { forwarders: [`${inet.address}:5353`] });
       assert.ok(await waitFor(async () => (await ask(), seen(logs.inet) > 0), { timeoutMs: 15_000, intervalMs: 500 }), "the internet forwarder gets the query");
       assert.equal(await ask(), "SERVFAIL");
@@ -176,7 +177,7 @@ describe("fail closed", () => {
     assert.equal(await canPing(a.ns, b.address, { count: 2, deadlineS: 3 }), false, "same subnet, bridged: nothing");
     assert.equal(await canPing(a.ns, c.address, { count: 2, deadlineS: 3 }), false, "another subnet, routed: nothing");
 
-    const fwd1 = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", hv1.id, "--drift-interval-ms", "2000"]);
+    const fwd1 = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", hv1.id, "--drift-interval-ms", "2000"], h.daemonEnv);
     trackChild(fwd1.proc);
     try {
       const fw = grpcClient(FirewallService, { address: fwd1.address, timeoutMs: 20_000 });
