@@ -4,10 +4,13 @@
 // address and the whole internet; neither A nor C installs any of it, and
 // A's VM keeps talking to C's. Needs root; the root namespace is only read.
 import assert from "node:assert/strict";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
+import { emit } from "../../services/common/events.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { wgName } from "../../services/netagent/overlay/wg.js";
+import { naKeys, type NetagentKeys } from "../../services/netagent/schema.js";
 import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
 import { ping, routes, waitFor } from "../lib/netns.js";
 
@@ -16,11 +19,15 @@ let A: Hypervisor, B: Hypervisor, C: Hypervisor;
 let vpc: Vpc;
 let a0: Vm, b0: Vm, c0: Vm;
 let r: Redis;
+/** Where this Redis keeps the netagent's records (per host and per VPC hash tag on a cluster). */
+let K: NetagentKeys;
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   [A, B, C] = h.hosts;
-  r = new Redis(h.redis.url, { lazyConnect: false });
+  r = connectRedis({ url: h.redisUrl });
+  await waitReady(r);
+  K = naKeys(r);
   vpc = await h.vpc("claims", "10.81.0.0/16");
   const sn = await h.subnet(vpc, "s1", "10.81.1.0/24");
   a0 = await h.vm(A, vpc, sn, "ca0");
@@ -57,7 +64,8 @@ async function rejected(x: Hypervisor): Promise<{ address: string; hostId: strin
   return (await x.agent.getOverlayStatus({ vpc: vpc.id })).vpcs[0]?.rejectedAddresses ?? [];
 }
 
-const kick = () => r.xadd("mvpc:events", "*", "kind", "nic.attached", "host", B.id, "nic", "nic-000000000000");
+// To the VPC's change stream (and the global one), as a writer of the layout would: the hosts of the VPC look again at once.
+const kick = () => emit(r, { vpcs: [vpc.id] }, ["kind", "nic.attached", "vpc", vpc.id, "host", B.id, "nic", "nic-000000000000"]);
 
 describe("overlay address claims", () => {
   test("host B claims A's VM and 0.0.0.0/1: A and C install neither, A's VM still reaches C's, B gets nothing of A's", async () => {
@@ -72,12 +80,12 @@ describe("overlay address claims", () => {
       ),
       "baseline: the mesh is up",
     );
-    const addrs = `mvpc:overlay:${vpc.id}:addrs`;
+    const addrs = K.overlayAddrs(vpc.id);
     // B rewrites the claim and the global location of A's VM, and adds
     // claims for half the internet each, an address outside the VPC, an
     // unallocated one and a malformed entry (a newline in the field).
     await r.hset(addrs, a0.address, B.id);
-    await r.hset("mvpc:nicaddr", `${vpc.id}/${a0.address}`, `${B.id}/${b0.nicId}`);
+    await r.hset(K.claims(vpc.id), `${vpc.id}/${a0.address}`, `${B.id}/${b0.nicId}`);
     const hostile: Record<string, string> = {
       "0.0.0.0/1": B.id,
       "128.0.0.0/1": B.id,
@@ -133,10 +141,10 @@ describe("overlay address claims", () => {
     // now the address is contested and goes to nobody (a visible denial of
     // service, never a hijack); A still keeps it local.
     const forged = `nic-${"f".repeat(12)}`;
-    const rec = JSON.parse((await r.hget(`mvpc:host:${A.id}:nics`, a0.nicId))!) as Record<string, unknown>;
+    const rec = JSON.parse((await r.hget(K.nics(A.id), a0.nicId))!) as Record<string, unknown>;
     const copy = { ...rec, nicId: forged, kind: "tap", hostIf: `t${"f".repeat(12)}`, veth: undefined, tap: { multiQueue: false, queues: 1 }, clientToken: "" };
-    await r.hset(`mvpc:host:${B.id}:nics`, forged, JSON.stringify(copy));
-    await r.hset(`mvpc:host:${B.id}:nicaddr`, `${vpc.id}/${a0.address}`, forged);
+    await r.hset(K.nics(B.id), forged, JSON.stringify(copy));
+    await r.hset(K.nicaddr(B.id), `${vpc.id}/${a0.address}`, forged);
     await kick();
     assert.ok(
       await waitFor(async () => (await rejected(C)).some((x) => x.address === a0.address && /contested/.test(x.reason)), {
@@ -150,8 +158,8 @@ describe("overlay address claims", () => {
     assert.deepEqual((await allowedIps(A)).get(B.id), [`${b0.address}/32`]);
 
     // B's forgeries go: A's VM is reachable from C again.
-    await r.hdel(`mvpc:host:${B.id}:nicaddr`, `${vpc.id}/${a0.address}`);
-    await r.hdel(`mvpc:host:${B.id}:nics`, forged);
+    await r.hdel(K.nicaddr(B.id), `${vpc.id}/${a0.address}`);
+    await r.hdel(K.nics(B.id), forged);
     await r.hset(addrs, a0.address, A.id);
     await r.hdel(addrs, ...Object.keys(hostile));
     await kick();
