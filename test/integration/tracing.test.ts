@@ -107,7 +107,7 @@ async function startVmm(extra: string[], env: Record<string, string> = {}): Prom
     "vmm",
     [
       "--redis",
-      h.redis.url,
+      h.redisUrl,
       "--host-id",
       hv.id,
       "--ipam",
@@ -121,7 +121,7 @@ async function startVmm(extra: string[], env: Record<string, string> = {}): Prom
       ...DEBUG,
       ...extra,
     ],
-    { MICROVPC_STATE_DIR: stateDir, ...env },
+    { ...h.daemonEnv, MICROVPC_STATE_DIR: stateDir, ...env },
     undefined,
     { nodeArgs: ["--import", HOOK] },
   );
