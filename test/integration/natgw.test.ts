@@ -57,7 +57,7 @@ async function gatewayArgs(hv: Hypervisor): Promise<string[]> {
 }
 
 async function startGateway(i: number): Promise<void> {
-  const d = await startDaemon("gateway", await gatewayArgs(h.hosts[i]));
+  const d = await startDaemon("gateway", await gatewayArgs(h.hosts[i]), h.daemonEnv);
   trackChild(d.proc);
   gwds[i] = d;
 }
@@ -115,7 +115,7 @@ beforeAll(async () => {
   for (let i = 0; i < 3; i++) {
     // What docs/dataplane.md asks of a hypervisor for the announcement at failover (arping -U binds the NAT address).
     await nsExec(h.hosts[i].ns, "sysctl", ["-qw", "net.ipv4.ip_nonlocal_bind=1"]);
-    const fwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", h.hosts[i].id, "--drift-interval-ms", "3000"]);
+    const fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", h.hosts[i].id, "--drift-interval-ms", "3000"], h.daemonEnv);
     trackChild(fwd.proc);
     fwds[i] = fwd;
     await startGateway(i);
