@@ -14,8 +14,8 @@
 // AllocateFloatingIp, AssociateFloatingIp, DisassociateFloatingIp,
 // ReleaseFloatingIp, DeleteNatGateway, each for a VPC of its own; and the
 // read CreateNatGateway's API makes after the write (the VPC, the subnet and,
-// on a cluster, the marks of a DeleteVpc or DeleteSubnet under way: here of
-// a VPC and subnet that have no records, which costs the same reads).
+// on a cluster, the marks of a DeleteSubnet under way: here of a VPC and
+// subnet that have no records, which costs the same reads).
 //
 // Redis only: no namespace, no kernel. Processes are ended by PID; every
 // loop is bounded in count and time. Options (after `npm run bench:gwstore
@@ -69,8 +69,8 @@ async function round(l: Layout, i: number): Promise<void> {
   if (!released) throw new Error(`${l.name}: ReleaseFloatingIp released nothing`);
   const deleted = await timed("DeleteNatGateway", () => l.gw.deleteNat(nat));
   if (!deleted) throw new Error(`${l.name}: DeleteNatGateway deleted nothing`);
-  // What the API adds after the store's write: the VPC, the subnet and (a cluster) the deletes' marks read back (IpamReader.natSiteProblem).
-  await timed("CreateNatGateway: site check", () => l.ipam.natSiteProblem(vpcId, `subnet-${hex12(r)}`));
+  // What the API adds after the store's write: the VPC, the subnet and (a cluster) the deletes' marks read back (IpamReader.natSite).
+  await timed("CreateNatGateway: site check", () => l.ipam.natSite(vpcId, `subnet-${hex12(r)}`));
 }
 
 const main = (): Promise<number> =>

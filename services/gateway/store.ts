@@ -296,6 +296,16 @@ export class GatewayStore extends GatewayReader {
    * floating IP takes it, until deleteNat.
    */
   async createNat(n: Omit<NatRec, "id" | "createdMs" | "address">, clientToken: string, pool: { first: number; last: number }, wanted = ""): Promise<NatRec> {
+    return (await this.createNatOutcome(n, clientToken, pool, wanted)).nat;
+  }
+
+  /** createNat, and whether this call made the gateway (false: its client token's earlier create did). */
+  async createNatOutcome(
+    n: Omit<NatRec, "id" | "createdMs" | "address">,
+    clientToken: string,
+    pool: { first: number; last: number },
+    wanted = "",
+  ): Promise<{ nat: NatRec; created: boolean }> {
     const id = newId("nat");
     checkNat({ ...n, id, address: wanted, createdMs: 0 });
     const field = clientToken ? `nat\n${clientToken}` : null;
@@ -341,7 +351,7 @@ export class GatewayStore extends GatewayReader {
     if (code === -2)
       throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
     await this.emitted(code === 1, "gw.nat.created", id, n.vpcId);
-    return (await this.getNat(String(ref)))!;
+    return { nat: (await this.getNat(String(ref)))!, created: code === 1 };
   }
 
   async getNat(id: string): Promise<NatRec | null> {

@@ -105,13 +105,15 @@ export interface IpamKeys {
   /** Client tokens of VPC creates ("vpc\n<token>" → id). */
   vpcTokens: string;
   /**
-   * On a cluster, the mark a DeleteVpc (`what` "vpc") or DeleteSubnet (the
-   * subnet id) sets, with a TTL, before it checks the gateway's NAT index in
-   * another slot: a CreateNatGateway that wrote its record meanwhile sees it
-   * and takes its gateway back (IpamReader.natSiteProblem). Never written on
-   * a single Redis, where the deletes check that index in their script.
+   * On a cluster, the marks of the DeleteSubnets of `subnet` under way (zset:
+   * one random token per delete, score = when it lapses, in ms), set before
+   * the delete checks the gateway's NAT index in another slot and removed
+   * after its script: a CreateNatGateway that wrote its record meanwhile
+   * waits for them to go, then keeps its gateway only if the subnet stands
+   * (IpamReader.natSite). Never written on a single Redis, where
+   * DELETE_SUBNET checks that index in its script.
    */
-  deleting(vpc: string, what: string): string;
+  deleting(vpc: string, subnet: string): string;
   /** Whether the keys of a VPC and of the catalog are in different slots (a create or a delete then takes steps). */
   cluster: boolean;
 }
@@ -130,7 +132,7 @@ export const IPAM_KEYS: { single: IpamKeys; cluster: IpamKeys } = {
     vpcByName: K.vpcByName,
     vpcNames: K.vpcNames,
     vpcTokens: K.tokens,
-    deleting: (v, what) => `${P}vpc:${v}:deleting:${what}`,
+    deleting: (v, sn) => `${P}vpc:${v}:deleting:${sn}`,
     cluster: false,
   },
   cluster: {
@@ -143,7 +145,7 @@ export const IPAM_KEYS: { single: IpamKeys; cluster: IpamKeys } = {
     vpcByName: `${CATALOG}vpc:byname`,
     vpcNames: `${CATALOG}vpcs`,
     vpcTokens: `${CATALOG}tokens`,
-    deleting: (v, what) => `${T(v)}deleting:${what}`,
+    deleting: (v, sn) => `${T(v)}deleting:${sn}`,
     cluster: true,
   },
 };

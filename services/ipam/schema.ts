@@ -339,23 +339,23 @@ export class IpamReader {
   }
 
   /**
-   * Why a NAT gateway just written in (vpcId, subnetId) cannot stay, or null:
-   * the VPC or the subnet is gone, or (a cluster) a DeleteVpc or
-   * DeleteSubnet of it is under way (IpamKeys.deleting). Read after the
-   * gateway's record is written: a delete either sees that record in the
-   * gateway's index and refuses, or its mark or its result is seen here.
+   * Where a NAT gateway just written in (vpcId, subnetId) stands: `gone`
+   * says why it cannot stay (the VPC or the subnet is gone); `marked`: on a
+   * cluster, a DeleteSubnet of the subnet is under way (IpamKeys.deleting,
+   * its live tokens). Read after the gateway's record is written: a delete
+   * either sees that record in the gateway's index and refuses, or its mark
+   * or its result is seen here.
    */
-  async natSiteProblem(vpcId: string, subnetId: string): Promise<string | null> {
+  async natSite(vpcId: string, subnetId: string): Promise<{ gone?: string; marked: boolean }> {
     const L = this.L;
-    const [vpc, subnet, marked] = await Promise.all([
+    const [vpc, subnet, marks] = await Promise.all([
       this.getVpc(vpcId),
       this.getSubnet(subnetId),
-      L.cluster ? this.redis.exists(L.deleting(vpcId, "vpc"), L.deleting(vpcId, subnetId)) : Promise.resolve(0),
+      L.cluster ? this.redis.zcount(L.deleting(vpcId, subnetId), Date.now(), "+inf") : Promise.resolve(0),
     ]);
-    if (!vpc) return `VPC ${vpcId} was deleted`;
-    if (!subnet || subnet.vpcId !== vpcId) return `subnet ${subnetId} was deleted`;
-    if (marked > 0) return `VPC ${vpc.name} or its subnet ${subnet.name} is being deleted`;
-    return null;
+    if (!vpc) return { gone: `VPC ${vpcId} was deleted`, marked: false };
+    if (!subnet || subnet.vpcId !== vpcId) return { gone: `subnet ${subnetId} was deleted`, marked: false };
+    return { marked: marks > 0 };
   }
 
   /** A VPC's subnets by base address after `after` (a base), or every subnet by id after `after` (an id); skips what is gone, as listVpcs. */

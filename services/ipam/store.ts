@@ -2,6 +2,7 @@
 // are plain commands, in IpamReader (schema.ts), which other services use and
 // IpamStore extends. Returns plain records; the service layer turns them into
 // API messages.
+import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import * as V from "../common/validate.js";
@@ -225,38 +226,42 @@ export class IpamStore extends IpamReader {
 
   /**
    * DeleteVpc on a cluster, where the gateway's index of NAT gateways is in
-   * another slot: under the VPC's deleting mark (marked), that index is
-   * checked from here; then the record goes if the VPC has no subnet, no
-   * peering or peering create under way, and no security group or network
-   * ACL (DROP_VPC, its slot, with its DNS zone and the firewall's counter
-   * and names), then the name if it still names it. A NAT gateway written
-   * between the check and DROP_VPC sees the mark and is taken back
-   * (IpamReader.natSiteProblem). A delete stopped half-way leaves a name
-   * whose record is gone, which lists skip and the next create of that name
-   * takes over.
+   * another slot: that index is checked from here (a NAT gateway needs a
+   * subnet, and DROP_VPC refuses while the VPC has one: no gateway can be
+   * made in the VPC once this passes); then the record goes if the VPC has
+   * no subnet, no peering or peering create under way, and no security group
+   * or network ACL (DROP_VPC, its slot, with its DNS zone and the firewall's
+   * counter and names), then the name if it still names it. A delete stopped
+   * half-way leaves a name whose record is gone, which lists skip and the
+   * next create of that name takes over.
    */
   private async deleteVpcInSteps(id: string): Promise<boolean> {
-    const L = this.L;
-    return this.marked(L.deleting(id, "vpc"), async () => {
-      const [nat, stale] = await Promise.all([this.redis.hexists(GW_KEYS.cluster.vpcNat, id), staleReservations(this.redis, id)]);
-      if (nat) throw new FailedPreconditionError(`VPC ${id} still has a NAT gateway; delete it first (microvpc nat delete --vpc ${id})`);
-      return this.dropVpc(id, stale);
-    });
+    const [nat, stale] = await Promise.all([this.redis.hexists(GW_KEYS.cluster.vpcNat, id), staleReservations(this.redis, id)]);
+    if (nat) throw new FailedPreconditionError(`VPC ${id} still has a NAT gateway; delete it first (microvpc nat delete --vpc ${id})`);
+    return this.dropVpc(id, stale);
   }
 
   /**
-   * On a cluster, `fn` (a delete that checks the gateway's NAT index, in
-   * another slot, from here) runs under the delete's mark (IpamKeys.deleting):
-   * a CreateNatGateway that writes its record after the mark is set sees it
-   * and takes its gateway back. The mark goes when fn ends; its TTL ends a
-   * mark a crashed delete left.
+   * On a cluster, `fn` (a DeleteSubnet, which checks the gateway's NAT index
+   * in another slot from here) runs under a mark of its own, a random token
+   * in the subnet's marks (IpamKeys.deleting) that lapses after
+   * DELETE_MARK_MS if this delete crashes: a CreateNatGateway that writes
+   * its record after the mark is set waits for the marks to go, then sees
+   * whether the subnet stands. Removed (this token only) when fn ends.
    */
   private async marked<T>(mark: string, fn: () => Promise<T>): Promise<T> {
-    await this.redis.set(mark, String(Date.now()), "PX", DELETE_MARK_MS);
+    const token = randomBytes(8).toString("hex");
+    const now = Date.now();
+    await this.redis
+      .multi()
+      .zremrangebyscore(mark, "-inf", now)
+      .zadd(mark, now + DELETE_MARK_MS, token)
+      .pexpire(mark, DELETE_MARK_MS)
+      .exec();
     try {
       return await fn();
     } finally {
-      await this.redis.del(mark).catch(() => undefined);
+      await this.redis.zrem(mark, token).catch(() => undefined);
     }
   }
 

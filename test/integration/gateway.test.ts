@@ -175,21 +175,40 @@ describe("NAT", () => {
   });
 
   test.skipIf(!ON_CLUSTER)(
-    "a cluster: CreateNatGateway while a DeleteSubnet of its subnet is under way (the delete's mark) is refused and keeps nothing",
+    "a cluster: CreateNatGateway while a DeleteSubnet of its subnet is under way (its mark) waits for it: kept if the subnet stands, taken back if the delete never ends; a retry's replay is never taken back",
     async () => {
       const vpc = await h.vpc("natmark", "10.78.0.0/16");
       const s = await h.subnet(vpc, "s", "10.78.1.0/24", SubnetType.PUBLIC);
+      const mark = IPAM_KEYS.cluster.deleting(vpc.id, s.id);
       // The mark a DeleteSubnet sets before it checks the NAT index (IpamStore.marked), as if it were between that check and its script.
       const r = connectRedis({ url: h.redisUrl });
       try {
         await waitReady(r);
-        await r.set(IPAM_KEYS.cluster.deleting(vpc.id, s.id), "1", "PX", 10_000);
-        await rejectsWith(gw.createNatGateway({ vpc: vpc.id, subnet: s.id }), Code.FailedPrecondition, /being deleted.*nothing was kept/);
+        // A delete that does not end within the create's wait: the gateway goes back.
+        await r.zadd(mark, Date.now() + 10_000, "stuck-delete");
+        await rejectsWith(gw.createNatGateway({ vpc: vpc.id, subnet: s.id }), Code.FailedPrecondition, /still being deleted.*nothing was kept/);
         assert.deepEqual((await gw.listNatGateways({ vpc: vpc.id })).natGateways, [], "nothing kept");
-        await r.del(IPAM_KEYS.cluster.deleting(vpc.id, s.id));
-        const nat = (await gw.createNatGateway({ vpc: vpc.id, subnet: s.id })).natGateway!;
+        // A delete that ends (refused: it saw the gateway) while the create waits: the subnet stands, the gateway stays.
+        await r.zadd(mark, Date.now() + 10_000, "refused-delete");
+        const ending = new Promise((res) => setTimeout(res, 500)).then(() => r.del(mark));
+        const nat = (await gw.createNatGateway({ vpc: vpc.id, subnet: s.id, clientToken: "natmark-1" })).natGateway!;
+        await ending;
+        assert.deepEqual(
+          (await gw.listNatGateways({ vpc: vpc.id })).natGateways.map((n) => n.id),
+          [nat.id],
+          "kept",
+        );
+        // A retry with the same client token while a delete is marked: its replay is answered, and the gateway stays.
+        await r.zadd(mark, Date.now() + 10_000, "another-delete");
+        assert.equal((await gw.createNatGateway({ vpc: vpc.id, subnet: s.id, clientToken: "natmark-1" })).natGateway!.id, nat.id);
+        assert.deepEqual(
+          (await gw.listNatGateways({ vpc: vpc.id })).natGateways.map((n) => n.id),
+          [nat.id],
+          "a replay is not taken back",
+        );
+        await r.del(mark);
         await rejectsWith(h.ipam.subnet.deleteSubnet({ ref: s.id }), Code.FailedPrecondition, /NAT gateway/);
-        assert.equal(await r.exists(IPAM_KEYS.cluster.deleting(vpc.id, s.id)), 0, "a refused delete removes its mark");
+        assert.equal(await r.zcard(mark), 0, "a refused delete removes its mark");
         await gw.deleteNatGateway({ ref: nat.id });
         await h.ipam.subnet.deleteSubnet({ ref: s.id });
         await h.ipam.vpc.deleteVpc({ ref: vpc.id });
