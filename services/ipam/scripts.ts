@@ -328,11 +328,12 @@ end
 export const DROP_VPC = `${LUA_SWEEP}${LUA_FIREWALL_LEFT}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
-local n = redis.call('ZCARD', KEYS[2])
-if n > 0 then return {-1, n} end
+-- Peerings before subnets, as DELETE_VPC on a single Redis: the same refusal on both layouts.
 sweep(KEYS[6], ARGV[1], tonumber(ARGV[2]))
 local p = redis.call('HLEN', KEYS[6])
 if p > 0 then return {-2, p} end
+local n = redis.call('ZCARD', KEYS[2])
+if n > 0 then return {-1, n} end
 local left = firewall_left(KEYS[7], KEYS[8])
 if #left > 0 then return {-3, table.concat(left, ', ')} end
 for i = 1, #KEYS do
