@@ -394,7 +394,9 @@ export class FirewallSync {
       for (const [vpcId, l] of local) {
         const ns = names.netns(this.hostId, vpcId);
         if (!this.nsExists(ns)) {
+          // No namespace here yet: nothing of the VPC forwards here, nothing to apply (its netagent's status says why).
           this.errors.delete(vpcId);
+          caughtUp(vpcId);
           continue;
         }
         try {

@@ -2390,9 +2390,10 @@ export type GetFirewallStatusResponse = Message<"microvpc.v1.GetFirewallStatusRe
 
   /**
    * The same sum, each VPC counted as far as its last pass that applied
-   * without an error had heard. Equal to desired_generation when every
-   * change heard of is in the kernel tables; lower while one waits for its
-   * pass, or stays lower while a VPC keeps failing (see last_error).
+   * without an error had heard. Equal to desired_generation when every such
+   * change heard of is in the kernel tables (a NIC attached or detached
+   * carries no generation); lower while one waits for its pass, or stays
+   * lower while a VPC keeps failing (see last_error).
    *
    * @generated from field: uint64 applied_generation = 8;
    */
