@@ -523,7 +523,7 @@ describe("per-host Redis ACL users", () => {
         groupIds: [],
         createdMs: Date.now(),
       };
-      const made = await ctlVpn.create(client);
+      const made = await ctlVpn.create(client, range.text);
       assert.ok("gen" in made);
       assert.ok(await waitFor(async () => (await ctlVpn.applied(A.id, vpc.id)) >= made.gen, { timeoutMs: 10_000, intervalMs: 50 }), "A applied the client");
       assert.match((await nsExec(A.ns, "wg", ["show", "all", "peers"], { check: false })).stdout, /B{42}A=/, "A's endpoint has the client as a peer");
@@ -532,7 +532,7 @@ describe("per-host Redis ACL users", () => {
       const asAVpn = new VpnStore(asA);
       await refused(
         "create a client",
-        asAVpn.create({ ...client, id: "vpnc-0123456789ac", name: "evil", publicKey: "C".repeat(42) + "A=", address: "10.41.250.9" }),
+        asAVpn.create({ ...client, id: "vpnc-0123456789ac", name: "evil", publicKey: "C".repeat(42) + "A=", address: "10.41.250.9" }, range.text),
       );
       await refused("delete a client", asAVpn.delete(client));
       await refused("move the endpoint", asAVpn.setEndpoint({ ...spec, publicAddress: "192.0.2.66" }, range));

@@ -451,7 +451,7 @@ test("DeleteVpnEndpoint is refused while a client is left (which still reaches w
     assert.equal(await vpnRoute(redis, prod.id, prod.cidr), null, "the other hosts' overlay still reads a route");
     // A CreateVpnClient that read the endpoint before it went: its script refuses, so no client outlives the endpoint.
     const late = { id: "vpnc-0123456789ab", name: "late", vpcId: prod.id, publicKey: "G".repeat(42) + "A=", address: "10.0.250.9", groupIds: [], createdMs: 1 };
-    assert.deepEqual(await new VpnStore(redis).create(late), { taken: "endpoint" });
+    assert.deepEqual(await new VpnStore(redis).create(late, "10.0.250.0/24"), { taken: "endpoint" });
     assert.equal(await redis.hlen(k.clients(prod.id)), 0);
   } finally {
     redis.disconnect();

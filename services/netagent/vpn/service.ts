@@ -196,14 +196,14 @@ export class Vpn {
         const address = allocate(range, await this.store.usedAddresses(vpc.id));
         if (!address) throw new ResourceExhaustedError(`the VPN range ${range.text} of VPC ${vpc.name} is full; delete clients or set a larger range`);
         const rec: VpnClientRec = { id: newId("vpnc"), name, vpcId: vpc.id, publicKey: key, address, groupIds, createdMs: Date.now() };
-        const r = await this.store.create(rec);
+        const r = await this.store.create(rec, ep.clientCidr);
         if ("gen" in r) {
           void this.opts.kick?.();
           return { client: this.clientMsg(rec), endpoint: this.endpointMsg(ep), vpcCidr: vpc.cidr };
         }
         if (r.taken === "endpoint")
           throw new FailedPreconditionError(
-            `VPC ${vpc.name}'s VPN endpoint was deleted meanwhile; set one with \`microvpc vpn endpoint set --vpc ${vpc.name} …\``,
+            `VPC ${vpc.name}'s VPN endpoint was deleted or given another client range meanwhile; retry, or set one with \`microvpc vpn endpoint set --vpc ${vpc.name} …\``,
           );
         if (r.taken === "name") throw new AlreadyExistsError(`VPC ${vpc.name} already has a VPN client named ${name}`);
         if (r.taken === "key") throw new AlreadyExistsError(`public_key: another VPN client of VPC ${vpc.name} has this key; make a new key pair per client`);

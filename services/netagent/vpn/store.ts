@@ -17,11 +17,13 @@ export type SecurityGroupRec = Extract<ReturnType<typeof parseGroup>, { ok: true
 // The event a client change appends to its VPC's stream: the firewall of
 // every host of the VPC puts the client's address in (or takes it out of)
 // the member sets of its groups (firewall/store.ts loadVpcState).
-// Refused if the endpoint is gone by now: DeleteVpnEndpoint's script
-// deletes it only while the VPC has no client, so no client outlives it.
-// KEYS: clients keys addrs client-index gen ep; ARGV: name key address vpc id groups(csv) json index
+// Refused if the endpoint is gone by now, or its client range is no longer
+// the one the address was taken from (ARGV[9]): DeleteVpnEndpoint's script
+// deletes it only while the VPC has no client, so no client outlives it, and
+// none holds an address outside the range IPAM reserves.
+// KEYS: clients keys addrs client-index gen ep; ARGV: name key address vpc id groups(csv) json index range
 const CREATE = `${LUA_EMIT}
-if redis.call('EXISTS', KEYS[6]) == 0 then return 'endpoint' end
+if redis.call('HGET', KEYS[6], 'cidr') ~= ARGV[9] then return 'endpoint' end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'name' end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 'key' end
 if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return 'addr' end
@@ -240,7 +242,8 @@ export class VpnStore {
   }
 
   /** The new generation when written, else which of name/key/addr was taken ("endpoint": the VPC has no endpoint any more). */
-  async create(c: VpnClientRec): Promise<{ gen: number } | { taken: "name" | "key" | "addr" | "endpoint" }> {
+  /** A new client, its address taken from `clientCidr`, the endpoint's range as read ("endpoint": gone or moved to another range since). */
+  async create(c: VpnClientRec, clientCidr: string): Promise<{ gen: number } | { taken: "name" | "key" | "addr" | "endpoint" }> {
     // Cluster: the id's catalog entry first (the id is new), so that no client exists that its id does not find; dropped if refused.
     const catalog = this.keys.clientCatalog(c.id);
     if (catalog) await this.redis.set(catalog, `${c.vpcId}/${c.name}`);
@@ -252,6 +255,7 @@ export class VpnStore {
       ...clientArgs(c),
       JSON.stringify(c),
       `${c.vpcId}/${c.name}`,
+      clientCidr,
     )) as string;
     if (r === "name" || r === "key" || r === "addr" || r === "endpoint") {
       if (catalog) await this.redis.del(catalog);
