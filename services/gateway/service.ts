@@ -142,20 +142,25 @@ export class GatewayApi {
    * SITE_WAIT_MS) before looking again: a delete that saw this gateway and
    * refused leaves the subnet, and the gateway, standing. Taken back also
    * when the check cannot be read: never a gateway in a subnet that is gone.
-   * A retry's replay of an earlier create is not taken back here.
+   * A retry's replay of an earlier create (`created` false) is taken back
+   * only if its subnet is gone (a create that crashed before its check),
+   * never for a delete under way, which then sees that gateway and refuses.
    */
-  private async keepOrTakeBack(n: NatRec, s: SubnetRec): Promise<void> {
+  private async keepOrTakeBack(n: NatRec, s: SubnetRec, created: boolean): Promise<void> {
     let why: string | undefined;
     try {
-      let site = await this.ipam.natSite(n.vpcId, s.id);
-      for (const t0 = Date.now(); !site.gone && site.marked && Date.now() - t0 < SITE_WAIT_MS;) {
+      let site = await this.ipam.natSite(n.vpcId, n.subnetId);
+      for (const t0 = Date.now(); created && !site.gone && site.marked && Date.now() - t0 < SITE_WAIT_MS;) {
         await new Promise((r) => setTimeout(r, 50));
-        site = await this.ipam.natSite(n.vpcId, s.id);
+        site = await this.ipam.natSite(n.vpcId, n.subnetId);
       }
-      why = site.gone ?? (site.marked ? `subnet ${s.name} is still being deleted` : undefined);
+      why = site.gone ?? (created && site.marked ? `subnet ${s.name} is still being deleted` : undefined);
     } catch (err) {
-      await this.store.deleteNat(n).catch(() => undefined);
-      throw new UnavailableError(`cannot check subnet ${s.name} after making its NAT gateway (${(err as Error).message}); nothing was kept, retry`);
+      const back = await this.store.deleteNat(n).then(
+        () => "nothing was kept",
+        (e: Error) => `and taking it back failed too (${e.message}): delete NAT gateway ${n.id} once Redis answers`,
+      );
+      throw new UnavailableError(`cannot check subnet ${s.name} after making its NAT gateway (${(err as Error).message}); ${back}; retry`);
     }
     if (!why) return;
     await this.store.deleteNat(n);
@@ -177,7 +182,7 @@ export class GatewayApi {
         poolRange(this.opts.pool),
         req.address,
       );
-      if (created) await this.keepOrTakeBack(n, s);
+      await this.keepOrTakeBack(n, s, created);
       return { natGateway: await this.natOut(n) };
     },
     getNatGateway: async (req) => {

@@ -4,7 +4,7 @@
 // converges by itself.
 import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
-import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, NotFoundError, ResourceExhaustedError, UnavailableError } from "../common/errors.js";
 import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { emit, LUA_EMIT, scriptFor } from "../common/events.js";
 import type { Logger } from "pino";
@@ -345,13 +345,17 @@ export class GatewayStore extends GatewayReader {
           Date.now(),
         )) as R,
     );
-    if (code === -1)
+    // A script run twice (ioredis sends it again after a reconnect) finds its own first run: this call's gateway, made.
+    const own = String(ref) === id;
+    if (code === -1 && !own)
       throw new AlreadyExistsError(`VPC ${n.vpcId} already has NAT gateway ${ref}; a VPC has one (it serves every private subnet, or those in source_subnets)`);
     if (code === -3) throw new AlreadyExistsError(`${wanted} is already allocated (${ref}); leave address empty for the lowest free one`);
     if (code === -2)
       throw new ResourceExhaustedError(`the floating IP pool ${intToIp(pool.first)}–${intToIp(pool.last)} is exhausted; release unused floating IPs`);
     await this.emitted(code === 1, "gw.nat.created", id, n.vpcId);
-    return { nat: (await this.getNat(String(ref)))!, created: code === 1 };
+    const nat = await this.getNat(String(ref));
+    if (!nat) throw new UnavailableError(`NAT gateway ${String(ref)} was deleted while being made or replayed; retry`);
+    return { nat, created: code === 1 || own };
   }
 
   async getNat(id: string): Promise<NatRec | null> {

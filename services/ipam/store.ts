@@ -252,12 +252,15 @@ export class IpamStore extends IpamReader {
   private async marked<T>(mark: string, fn: () => Promise<T>): Promise<T> {
     const token = randomBytes(8).toString("hex");
     const now = Date.now();
-    await this.redis
+    const set = await this.redis
       .multi()
       .zremrangebyscore(mark, "-inf", now)
       .zadd(mark, now + DELETE_MARK_MS, token)
       .pexpire(mark, DELETE_MARK_MS)
       .exec();
+    // exec() resolves with each command's error: without its mark the delete must not run.
+    const failed = (set ?? []).find(([err]) => err)?.[0];
+    if (!set || failed) throw new UnavailableError(`cannot mark the delete under way (${failed?.message ?? "transaction aborted"}); retry`);
     try {
       return await fn();
     } finally {

@@ -19,8 +19,10 @@ export type SecurityGroupRec = Extract<ReturnType<typeof parseGroup>, { ok: true
 // the member sets of its groups (firewall/store.ts loadVpcState).
 // Refused if the endpoint is gone by now, or its client range is no longer
 // the one the address was taken from (ARGV[9]): DeleteVpnEndpoint's script
-// deletes it only while the VPC has no client, so no client outlives it, and
-// none holds an address outside the range IPAM reserves.
+// deletes it only while the VPC has no client, so no client outlives it.
+// (A SetVpnEndpoint that narrows the range checks the clients from the
+// client, before its script: a create racing it can still land outside the
+// new range.)
 // KEYS: clients keys addrs client-index gen ep; ARGV: name key address vpc id groups(csv) json index range
 const CREATE = `${LUA_EMIT}
 if redis.call('HGET', KEYS[6], 'cidr') ~= ARGV[9] then return 'endpoint' end
