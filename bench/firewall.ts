@@ -518,7 +518,7 @@ async function timedApply(fw0: FwClient, metricsPort: number, change: () => Prom
     throw new Error(`the firewall daemon applied nothing within ${APPLY_WAIT_MS / 1000} s`);
   const kind = after.full > before.full ? "full" : after.delta > before.delta ? "delta" : "elements";
   const daemonMs = (after.sumFull - before.sumFull + (after.sumEl - before.sumEl)) * 1000;
-  // The whole pass: wait for the status generation to move past the pass (bounded; each call runs an nft exec in the daemon).
+  // The whole pass: wait for the status's applied generation to move past the change's (bounded; each call runs an nft exec in the daemon).
   let passMs = Number.NaN;
   for (let i = 0; i < 100; i++) {
     const st = await fw0.getFirewallStatus({ nicIds: ["-"] });

@@ -218,6 +218,7 @@ export const firewallDefinition: ServiceDefinition = {
       },
       getFirewallStatus: async (req) => {
         const st = { ...sync.status };
+        const gens = sync.generations();
         if (brNf.length) {
           st.lastError = [st.lastError, ...brNf].filter(Boolean).join("; ");
           st.lastErrorMs ||= Date.now();
@@ -263,8 +264,8 @@ export const firewallDefinition: ServiceDefinition = {
           lastErrorTime: st.lastErrorMs ? timestampFromMs(st.lastErrorMs) : undefined,
           lastApplyTime: st.lastApplyMs ? timestampFromMs(st.lastApplyMs) : undefined,
           lastApplyDurationMs: st.lastApplyDurationMs,
-          desiredGeneration: BigInt(sync.generations().desired),
-          appliedGeneration: BigInt(sync.generations().applied),
+          desiredGeneration: BigInt(gens.desired),
+          appliedGeneration: BigInt(gens.applied),
           table: "inet microvpc",
           nicCount: nics.length,
           nics,

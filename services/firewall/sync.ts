@@ -74,8 +74,6 @@ export interface FwStatus {
   lastApplyDurationMs: number;
   lastError: string;
   lastErrorMs: number;
-  generation: number;
-  applied: number;
 }
 
 /**
@@ -110,7 +108,7 @@ const vpcIdOr = (v: string) => (/^vpc-[0-9a-f]{12}$/.test(v) ? v : undefined);
 export class FirewallSync {
   /** What was last applied per VPC namespace: diffing against it makes updates incremental. */
   readonly applied = new Map<string, { model: FwModel; state: VpcFirewallState; index: NicIndex }>();
-  status: FwStatus = { lastApplyMs: 0, lastApplyDurationMs: 0, lastError: "", lastErrorMs: 0, generation: 0, applied: 0 };
+  status: FwStatus = { lastApplyMs: 0, lastApplyDurationMs: 0, lastError: "", lastErrorMs: 0 };
   /** The last error of each VPC's pass; a VPC that applies cleanly is removed. */
   private readonly errors = new Map<string, string>();
   /** Per VPC, the newest change generation its events carried (`gen`: the VPC's counter on a cluster, the shared one on a single Redis). */
@@ -432,7 +430,6 @@ export class FirewallSync {
       lastApplyDurationMs: Date.now() - t0,
       lastError: error,
       lastErrorMs: error ? Date.now() : this.status.lastErrorMs,
-      generation: this.status.generation + 1,
     };
     return cleanups;
   }
@@ -475,7 +472,6 @@ export class FirewallSync {
     // Only a change that takes something away can leave a flow the policy no
     // longer allows; a NIC bound or a member added cannot (and listing the
     // conntrack table is the costliest command of a pass).
-    if (kind !== "none") this.status.applied++;
     if (kind !== "none" && prev && revokes) {
       if (!deferClear) await this.clearDisallowed(ns, st);
       else return { ns };
@@ -672,7 +668,6 @@ export class FirewallSync {
           this.applied.delete(ns);
           return false;
         }
-        this.status.applied++;
         // What this delta can take away is the changed NICs' own access, unless
         // a group lost members. A NIC that left this host has nothing here to
         // clear (the netagent's detach clears its address's flows).

@@ -31,10 +31,10 @@ export interface GatewayOptions {
   reservedPorts?: PortRanges;
 }
 
-/** holder: the host holding the address now ("" none: no gateway of the VPC's hosts has taken it yet, or it is failing over). */
 /** How long CreateNatGateway waits for a DeleteSubnet of its subnet under way to end (keepOrTakeBack). */
 const SITE_WAIT_MS = 3000;
 
+/** holder: the host holding the address now ("" none: no gateway of the VPC's hosts has taken it yet, or it is failing over). */
 const natMsg = (n: NatRec, holder = ""): NatGateway =>
   create(NatGatewaySchema, {
     id: n.id,

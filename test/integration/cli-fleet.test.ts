@@ -17,13 +17,11 @@ import { afterAll, beforeAll, describe, test } from "vitest";
 import { cliEnv, cliRunner } from "../lib/cli.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness } from "../lib/harness.js";
-import { createNetns, deleteNetns, nsExec, RUN_PREFIX, startUnixForward, tempDir, trackChild, waitFor, type NsServer } from "../lib/netns.js";
+import { createNetns, deleteNetns, nsExec, RUN_PREFIX, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 const extra: Partial<Record<"firewall" | "gateway" | "vmm", Daemon>> = {};
 let gwNs: string | undefined;
-/** On a cluster: the nodes' ports inside gwNs, forwarded to their unix sockets (as Harness does for a hypervisor's gateway). */
-let imdsForward: NsServer | undefined;
 let tmp: string;
 
 function addresses(): string[] {
@@ -52,12 +50,8 @@ beforeAll(async () => {
   const r = ["--redis", h.redisUrl];
   const env = h.daemonEnv;
   gwNs = await createNetns(`${RUN_PREFIX}-flgw`);
-  // The metadata server runs inside gwNs, where 127.0.0.1 of the root namespace is out of reach: one redis-server's unix socket, or the cluster through forwards.
-  let imdsRedis: string;
-  if (h.redisCluster) {
-    imdsForward = await startUnixForward(gwNs, h.redisCluster.nodes);
-    imdsRedis = h.redisCluster.url;
-  } else imdsRedis = h.redis.socket;
+  // The metadata server runs inside gwNs, where 127.0.0.1 of the root namespace is out of reach.
+  const imdsRedis = await h.redisFrom(gwNs);
   extra.firewall = await startDaemon("firewall", [...r, "--host-id", hv0.id, "--drift-interval-ms", "1000"], env);
   extra.gateway = await startDaemon("gateway", [...r, "--host-id", hv0.id, "--host-netns", gwNs, "--uplink", "lo", "--imds-redis", imdsRedis], env);
   extra.vmm = await startDaemon(
@@ -89,7 +83,6 @@ afterAll(async () => {
     if (vms.code === 0) for (const v of JSON.parse(vms.stdout).vms) await quiet(run(["vm", "delete", v.id]));
   }
   for (const d of ["vmm", "gateway", "firewall"] as const) await quiet(extra[d]?.stop());
-  await quiet(imdsForward?.stop());
   if (gwNs) await quiet(deleteNetns(gwNs));
   const left = await h?.close();
   assert.deepEqual(left ?? [], [], "every namespace of the run is gone");

@@ -538,7 +538,7 @@ export class Harness {
       "--public-pool",
       FLOATING_POOL,
       "--imds-redis",
-      await this.redisFrom(hv),
+      await this.redisFrom(hv.ns),
       "--management-cidrs",
       MANAGEMENT_CIDRS,
     ];
@@ -547,17 +547,17 @@ export class Harness {
   private readonly forwards = new Map<string, Promise<unknown>>();
 
   /**
-   * The Redis URL for a process inside the hypervisor's namespace (the
+   * The Redis URL for a process inside namespace `ns` of the run (a
    * gateway's metadata server), where 127.0.0.1 of the root namespace is out
    * of reach: one redis-server's unix socket, or the cluster's URL with each
    * node's 127.0.0.1:port forwarded to that node's unix socket in the
-   * namespace (started once per hypervisor, ended with the run).
+   * namespace (started once per namespace, ended with the run).
    */
-  private async redisFrom(hv: Hypervisor): Promise<string> {
+  async redisFrom(ns: string): Promise<string> {
     const c = this.redisCluster;
     if (!c) return this.redis.socket;
-    if (!this.forwards.has(hv.ns)) this.forwards.set(hv.ns, startUnixForward(hv.ns, c.nodes));
-    await this.forwards.get(hv.ns);
+    if (!this.forwards.has(ns)) this.forwards.set(ns, startUnixForward(ns, c.nodes));
+    await this.forwards.get(ns);
     return c.url;
   }
 

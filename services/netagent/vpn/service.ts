@@ -84,23 +84,16 @@ export class Vpn {
     return { vpc, ep, client: client && (!r.id || client.id === r.id) ? client : null };
   }
 
-  /** Waits (bounded) until the endpoint host applied gen; false if it did not in time. */
-  private async applied(ep: VpnEndpointRec, gen: number): Promise<boolean> {
+  /**
+   * Waits (bounded) until the endpoint host's applied gen for the VPC passes
+   * `done`: at least a change's gen, or -1 (none: it tore the endpoint
+   * down); false if it did not in time.
+   */
+  private async applied(ep: VpnEndpointRec, done: (appliedGen: number) => boolean): Promise<boolean> {
     void this.opts.kick?.();
     const until = Date.now() + (this.opts.applyWaitMs ?? 5000);
     for (let i = 0; i < 1000 && Date.now() < until; i++) {
-      if ((await this.store.applied(ep.hostId, ep.vpcId)) >= gen) return true;
-      await sleep(25);
-    }
-    return false;
-  }
-
-  /** Waits (bounded) until the endpoint host tore the endpoint down (its applied entry is gone); false if it did not in time. */
-  private async gone(ep: VpnEndpointRec): Promise<boolean> {
-    void this.opts.kick?.();
-    const until = Date.now() + (this.opts.applyWaitMs ?? 5000);
-    for (let i = 0; i < 1000 && Date.now() < until; i++) {
-      if ((await this.store.applied(ep.hostId, ep.vpcId)) < 0) return true;
+      if (done(await this.store.applied(ep.hostId, ep.vpcId))) return true;
       await sleep(25);
     }
     return false;
@@ -165,7 +158,7 @@ export class Vpn {
         );
       }
       // Bounded: the endpoint host forgets its applied gen when it has torn the interface down (sync.ts teardown).
-      if (ep) await this.gone(ep);
+      if (ep) await this.applied(ep, (g) => g < 0);
       return { deleted: true };
     },
 
@@ -239,7 +232,7 @@ export class Vpn {
       if (!found.client) return { deleted: false };
       const gen = await this.store.delete(found.client);
       if (gen === null) return { deleted: false };
-      await this.applied(found.ep, gen);
+      await this.applied(found.ep, (g) => g >= gen);
       return { deleted: true };
     },
   };

@@ -243,7 +243,6 @@ export class VpnStore {
     return new Set(await this.redis.hkeys(this.keys.addrs(vpcId)));
   }
 
-  /** The new generation when written, else which of name/key/addr was taken ("endpoint": the VPC has no endpoint any more). */
   /** A new client, its address taken from `clientCidr`, the endpoint's range as read ("endpoint": gone or moved to another range since). */
   async create(c: VpnClientRec, clientCidr: string): Promise<{ gen: number } | { taken: "name" | "key" | "addr" | "endpoint" }> {
     // Cluster: the id's catalog entry first (the id is new), so that no client exists that its id does not find; dropped if refused.
