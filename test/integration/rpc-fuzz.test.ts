@@ -12,13 +12,17 @@
 //       running (and healthy after each method);
 //   (b) an INVALID_ARGUMENT message starts with a field path of the request
 //       (proto or JSON name: "labels[0].key", "veth.netns_path");
-//   (c) a rejected call changed nothing: Redis (every key, read by type;
-//       none left out, see SKIP_RE) and, for netagent, firewall, gateway and
+//   (c) a rejected call changed nothing: Redis (every key, read by type,
+//       on a Redis Cluster every primary's; none left out but the host's
+//       transit indexes, see skip) and, for netagent, firewall, gateway and
 //       vmm, the kernel state of the host's namespaces (links, addresses,
 //       routes, nft ruleset without counters) are as before. A read-only
 //       method (Get*, List*, ...) changes neither, even when it succeeds.
 // Methods that remove things (Delete*, Release*, Detach*, ...) run last, so
 // the fixture they may remove serves every other method first.
+//
+// On a Redis Cluster too (rpc-fuzz-on-cluster.test.ts: every daemon on a 3+3
+// cluster, the keys in its layout), with the same checks.
 //
 // Each method has its own seed, derived from FUZZ_SEED and printed with a
 // failure; FUZZ_SEED=<n> and FUZZ_RUNS=<n> (default 10 runs per method, about
@@ -28,7 +32,7 @@ import { readdirSync } from "node:fs";
 import type { DescField, DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import fc from "fast-check";
-import { Redis } from "ioredis";
+import type { Cluster, Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
@@ -43,10 +47,13 @@ import { VmKind, VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient, grpcTransport } from "../../services/common/client.js";
 import { EVENTS } from "../../services/common/events.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { gwKeys } from "../../services/gateway/schema.js";
 import type { Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
 import { rejectsWith } from "../lib/clients.js";
 import { ipn, run, tempDir } from "../lib/netns.js";
+import { keysLike } from "../lib/redis.js";
 import { brief, build, diffSnapshots, judge, kernelLines, redisSnapshot, requestArb, type BaseValues, type Snapshot } from "../lib/rpc-fuzz.js";
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20261313);
@@ -56,17 +63,20 @@ const CALL_TIMEOUT_MS = 15_000;
 
 /**
  * Keys left out of the Redis snapshot because they change on their own,
- * whatever the call being checked. Snapshots of the idle stack (every daemon
- * running, fixture applied) taken 8 s apart were identical: the daemons keep
- * no heartbeat, lease or counter there that ticks by itself. One key does
- * change later than any call: the gateway's transit indexes of the host
- * (`mvpc:gw:host:<id>:transit` and `…:transitfree`), freed by the gateway's
- * own periodic sync some time after a VPC left the host (after an accepted
- * NetAgent DeleteVpc, say) — seen in a run with FUZZ_SEED=99, during an
- * unrelated firewall call. What an accepted call sets off otherwise (events
- * the other daemons follow) is waited out by settle() before the next call.
+ * whatever the call being checked (set in beforeAll). Snapshots of the idle
+ * stack (every daemon running, fixture applied) taken 8 s apart were
+ * identical, on one redis-server and on a cluster: the daemons keep no
+ * heartbeat, lease or counter there that ticks by itself. Two keys do change
+ * later than any call: the gateway's transit indexes of the host (gwKeys:
+ * `mvpc:gw:host:<id>:transit` and `…:transitfree` on one redis-server,
+ * `mvpc:{host:<id>}:gw:transit` and `…:transitfree` on a cluster), freed by
+ * the gateway's own periodic sync some time after a VPC left the host (after
+ * an accepted NetAgent DeleteVpc, say) — seen in a run with FUZZ_SEED=99,
+ * during an unrelated firewall call. What an accepted call sets off
+ * otherwise (events the other daemons follow) is waited out by settle()
+ * before the next call.
  */
-const SKIP_RE: RegExp[] = [/^mvpc:gw:host:[^:]+:transit(free)?$/];
+const SKIPPED = new Set<string>();
 
 let h: Harness;
 let redis: Redis;
@@ -202,7 +212,7 @@ async function kernelSnapshot(): Promise<Snapshot> {
   return snap;
 }
 
-const skip = (k: string) => SKIP_RE.some((re) => re.test(k));
+const skip = (k: string) => SKIPPED.has(k);
 
 function codeOf(e: unknown): { code: Code; message: string } {
   const ce = ConnectError.from(e);
@@ -375,7 +385,8 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
           } else {
             redisNow = await redisSnapshot(redis, skip);
             // CreateVm is a saga with a durable record: one that ran and was rolled back ("every step done
-            // before it was undone") leaves its claim-and-release in the change-event log, nothing else.
+            // before it was undone") leaves its claim-and-release in the fleet's change-event log, nothing
+            // else (on a cluster too: the vmm appends its vm.* events there, VmStore.event).
             const rolledBack = m.name === "CreateVm" && /was undone|were undone/.test(outcome.message);
             const rd = diffSnapshots(redisBefore, redisNow).filter((k) => !(rolledBack && k === `~ ${EVENTS}`));
             if (rd.length)
@@ -418,7 +429,10 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
-  redis = new Redis(h.redis.url);
+  redis = connectRedis({ url: h.redisUrl, commandTimeoutMs: 10_000 });
+  await waitReady(redis);
+  const gk = gwKeys(redis);
+  for (const k of [gk.transit(h.hosts[0].id), gk.transitFree(h.hosts[0].id)]) SKIPPED.add(k);
   const s = await h.hostServices(0, { vmm: true, vmmEnv: { MICROVPC_STATE_DIR: tempDir("fuzz-vmm") } });
   fwd = s.fwd;
   gwd = s.gwd;
@@ -465,10 +479,18 @@ const transportOf = (t: Target) => () => {
 
 describe("the checks, on the real stack", () => {
   test("a change to Redis or to the host's kernel state between two snapshots is seen; a wrong code or field is judged", async () => {
+    // Keys in 16 slots: on a cluster, on every primary (checked), each seen in the snapshot.
+    const probes = Array.from({ length: 16 }, (_, i) => `fuzz:selfcheck:{${i}}`).sort();
     const before = await redisSnapshot(redis, skip);
-    await redis.set("fuzz:selfcheck", "x");
-    assert.deepEqual(diffSnapshots(before, await redisSnapshot(redis, skip)), ["+ fuzz:selfcheck"]);
-    await redis.del("fuzz:selfcheck");
+    for (const k of probes) await redis.set(k, "x");
+    if (redis.isCluster)
+      for (const n of (redis as unknown as Cluster).nodes("master"))
+        assert.notDeepEqual(await keysLike(n, "fuzz:selfcheck:*"), [], `a probe key on the primary ${n.options.port}`);
+    assert.deepEqual(
+      diffSnapshots(before, await redisSnapshot(redis, skip)),
+      probes.map((k) => `+ ${k}`),
+    );
+    for (const k of probes) await redis.del(k);
     assert.deepEqual(diffSnapshots(before, await redisSnapshot(redis, skip)), []);
     assert.ok((await passCount()) > 0, "the reconcilers' pass counts are read from /metrics");
     const k = await kernelSnapshot();

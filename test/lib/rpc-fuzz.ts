@@ -6,7 +6,7 @@
 import { create, type DescField, type DescMessage, ScalarType } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import fc from "fast-check";
-import type { Redis } from "ioredis";
+import type { Cluster, Redis } from "ioredis";
 
 // ---------------------------------------------------------------------------
 // The judge
@@ -93,9 +93,36 @@ export function diffSnapshots(a: Snapshot, b: Snapshot): string[] {
 /**
  * Every key of a Redis database and its value, read by type (hash fields
  * and set members sorted, so encodings do not matter), except the keys
- * `skip` matches.
+ * `skip` matches. On a Redis Cluster, every primary's keys: each primary is
+ * scanned and read on its own connection (a SCAN through the cluster client
+ * would see one node's keys only, and a pipeline through it may not span
+ * slots; one node answers for any key of its own slots).
  */
 export async function redisSnapshot(r: Redis, skip: (key: string) => boolean): Promise<Snapshot> {
+  const parts = await Promise.all((r.isCluster ? primaries(r as unknown as Cluster) : [r]).map((n) => nodeSnapshot(n, skip)));
+  const snap: Snapshot = new Map();
+  for (const part of parts)
+    for (const [k, v] of part) {
+      if (snap.has(k)) throw new Error(`redisSnapshot: key ${k} read from two primaries`);
+      snap.set(k, v);
+    }
+  return snap;
+}
+
+/** A Redis Cluster's primaries, checked to serve every slot between them (a client that has not learnt the slots yet would scan nothing). */
+function primaries(c: Cluster): Redis[] {
+  const nodes = c.nodes("master");
+  const keys = new Set(nodes.map((n) => `${n.options.host}:${n.options.port}`));
+  for (let slot = 0; slot < 16384; slot++) {
+    const owner = c.slots[slot]?.[0];
+    if (!owner || !keys.has(owner))
+      throw new Error(`redisSnapshot: slot ${slot} is served by ${owner ?? "no node"}, not one of the primaries ${[...keys].join(", ")}`);
+  }
+  return nodes;
+}
+
+/** redisSnapshot of one server (a single Redis, or one primary of a cluster). */
+async function nodeSnapshot(r: Redis, skip: (key: string) => boolean): Promise<Snapshot> {
   const keys: string[] = [];
   let cursor = "0";
   do {
@@ -108,8 +135,9 @@ export async function redisSnapshot(r: Redis, skip: (key: string) => boolean): P
   const p = r.pipeline();
   const kinds: string[] = [];
   for (const [i, k] of keys.entries()) {
-    const t = String(types[i]?.[1]);
-    kinds.push(t);
+    const [err, t] = types[i] ?? [null, null];
+    if (err) throw err;
+    kinds.push(String(t));
     if (t === "string") p.getBuffer(k);
     else if (t === "hash") p.hgetall(k);
     else if (t === "set") p.smembers(k);
