@@ -3,6 +3,7 @@
 import { Command } from "commander";
 import { addServiceCommand } from "../services/common/daemon.js";
 import { addRedisAclCommand } from "../services/common/redis-acl.js";
+import { addMoveToClusterCommand } from "../services/migrate/move.js";
 import { versionLine } from "../services/common/version.js";
 import { ipamDefinition } from "../services/ipam/main.js";
 import { firewallDefinition } from "../services/firewall/main.js";
@@ -20,4 +21,5 @@ addServiceCommand(program, ipamDefinition);
 for (const def of [netagentDefinition, firewallDefinition, gatewayDefinition, vmmDefinition]) addServiceCommand(program, def);
 addImdsCommand(program);
 addRedisAclCommand(program);
+addMoveToClusterCommand(program);
 await program.parseAsync(process.argv);

@@ -24,7 +24,7 @@ import type { Bandwidth, NicSpec, SubnetSpec } from "./plan.js";
 
 // The VPN's records (vpn/schema.ts): the firewall reads a VPC's clients to
 // count them as members of their security groups.
-export { VK as vpnKeys, vpnKeysOf, parseClient as parseVpnClient, parseEndpoint as parseVpnEndpoint, type VpnKeys } from "./vpn/schema.js";
+export { VK as vpnKeys, VPN_KEYS, vpnKeysOf, parseClient as parseVpnClient, parseEndpoint as parseVpnEndpoint, type VpnKeys } from "./vpn/schema.js";
 export type { VpnClientRec } from "./vpn/plan.js";
 
 export const hostKeys = {

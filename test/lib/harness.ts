@@ -136,9 +136,9 @@ export class Hypervisor {
     readonly id: string,
     /** The host namespace: `<prefix>-hv<i>` (underlay side of this hypervisor). */
     readonly ns: string,
-    private readonly redisUrl: string,
+    private redisUrl: string,
     private readonly agentArgs: string[],
-    private readonly env: Record<string, string> = {},
+    private env: Record<string, string> = {},
   ) {
     this.underlayAddress = `192.168.100.${10 + index}`;
   }
@@ -148,6 +148,12 @@ export class Hypervisor {
     this.daemon = await startDaemon("netagent", ["--redis", this.redisUrl, "--host-id", this.id, ...this.agentArgs], this.env);
     trackChild(this.daemon.proc);
     this.agent = grpcClient(NetAgentService, { address: this.daemon.address, timeoutMs: 30_000 });
+  }
+
+  /** The Redis the next start() gives the agent (Harness.moveToCluster). */
+  useRedis(url: string, env: Record<string, string>): void {
+    this.redisUrl = url;
+    this.env = env;
   }
 
   /** SIGKILLs the agent (a crash) and waits until it is gone. */
@@ -241,7 +247,7 @@ export class Harness {
   private constructor(private readonly opts: HarnessOptions) {}
 
   private get onCluster(): boolean {
-    return this.opts.cluster ?? ON_CLUSTER;
+    return this.redisCluster !== undefined || (this.opts.cluster ?? ON_CLUSTER);
   }
 
   /** The URL every daemon of the run gets: the redis-server's, or the cluster's. */
@@ -559,6 +565,37 @@ export class Harness {
     if (!this.forwards.has(ns)) this.forwards.set(ns, startUnixForward(ns, c.nodes));
     await this.forwards.get(ns);
     return c.url;
+  }
+
+  /**
+   * Moves a run on one redis-server to a Redis Cluster, as an operator
+   * would: stops the agents and the ipam daemon (the caller stops the
+   * daemons it started itself first), runs `move` (the copy, from the
+   * redis-server's URL to the cluster's), then starts ipam and the agents
+   * again on the cluster. From then on redisUrl, daemonEnv, hostServices and
+   * redisFrom give the cluster; the redis-server keeps running (this.redis)
+   * for the test to compare with.
+   */
+  async moveToCluster(move: (from: string, to: string) => Promise<void>, cluster?: TestRedisCluster): Promise<void> {
+    if (this.redisCluster) throw new Error("moveToCluster: the run is on a cluster already");
+    if (this.acl) throw new Error("moveToCluster: not with redisAcl");
+    await Promise.all(this.hosts.map((hv) => hv.stop()));
+    await this.ipamDaemon.stop();
+    const c = cluster ?? (await startRedisCluster());
+    for (const node of c.nodes) {
+      trackChild(node.proc);
+      onCleanup(() => {
+        if (node.proc.exitCode === null && node.proc.signalCode === null) node.proc.kill("SIGKILL");
+        rmSync(node.dir, { recursive: true, force: true });
+      });
+    }
+    await move(this.redis.url, c.url);
+    this.redisCluster = c;
+    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redisUrl, ...(this.opts.ipamArgs ?? [])], this.daemonEnv);
+    trackChild(this.ipamDaemon.proc);
+    this.ipam = ipamClients(this.ipamDaemon.address);
+    for (const hv of this.hosts) hv.useRedis(this.redisUrl, this.daemonEnv);
+    await Promise.all(this.hosts.map((hv) => hv.start()));
   }
 
   /** Links of a VPC's namespace on a hypervisor. */
