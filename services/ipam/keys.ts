@@ -106,12 +106,13 @@ export interface IpamKeys {
   vpcTokens: string;
   /**
    * On a cluster, the marks of the DeleteSubnets of `subnet` under way (zset:
-   * one random token per delete, score = when it lapses, in ms), set before
-   * the delete checks the gateway's NAT index in another slot and removed
-   * after its script: a CreateNatGateway that wrote its record meanwhile
-   * waits for them to go, then keeps its gateway only if the subnet stands
-   * (IpamReader.natSite). Never written on a single Redis, where
-   * DELETE_SUBNET checks that index in its script.
+   * one random token per delete, score = when it lapses, in ms by the Redis
+   * server's clock: MARK_DELETE, LIVE_MARKS), set before the delete checks
+   * the gateway's NAT index in another slot and removed after its script,
+   * which refuses if its token lapsed meanwhile: a CreateNatGateway that
+   * wrote its record meanwhile waits for them to go, then keeps its gateway
+   * only if the subnet stands (IpamReader.natSite). Never written on a
+   * single Redis, where DELETE_SUBNET checks that index in its script.
    */
   deleting(vpc: string, subnet: string): string;
   /** Whether the keys of a VPC and of the catalog are in different slots (a create or a delete then takes steps). */

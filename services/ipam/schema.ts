@@ -159,6 +159,29 @@ local function reservation_overlapping(hash, base, size, except)
 end
 `;
 
+/**
+ * Lua: server_ms(), the Redis server's clock in ms (TIME). A subnet's delete
+ * marks (IpamKeys.deleting) are scored and read by it alone: the daemons
+ * that set and read them run on hosts whose clocks may disagree, while the
+ * mark's slot has one clock.
+ */
+export const LUA_SERVER_MS = `
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+`;
+
+/**
+ * How many of a subnet's delete marks are live by the Redis server's clock
+ * (score after its now). KEYS: 1 the marks (IpamKeys.deleting). Reads only
+ * (run with EVAL_RO, on the slot's primary: the clock the marks were
+ * scored by).
+ */
+export const LIVE_MARKS = `${LUA_SERVER_MS}
+return redis.call('ZCOUNT', KEYS[1], '(' .. server_ms(), '+inf')
+`;
+
 /** A stored CIDR with its base and prefix fields, which must agree with it. */
 function storedCidr(h: Record<string, string>): V.Cidr {
   const c = V.cidr("cidr", V.jsonString("cidr", h.cidr), { min: 8, max: 28 });
@@ -342,16 +365,20 @@ export class IpamReader {
    * Where a NAT gateway just written in (vpcId, subnetId) stands: `gone`
    * says why it cannot stay (the VPC or the subnet is gone); `marked`: on a
    * cluster, a DeleteSubnet of the subnet is under way (IpamKeys.deleting,
-   * its live tokens). Read after the gateway's record is written: a delete
-   * either sees that record in the gateway's index and refuses, or its mark
-   * or its result is seen here.
+   * its tokens live by the Redis server's clock, LIVE_MARKS). Read after
+   * the gateway's record is written: a delete either sees that record in
+   * the gateway's index and refuses, or its mark or its result is seen
+   * here; a delete stalled past its mark refuses at its last step
+   * (DELETE_SUBNET), so a gateway kept once the mark lapsed stays valid.
    */
   async natSite(vpcId: string, subnetId: string): Promise<{ gone?: string; marked: boolean }> {
     const L = this.L;
     const [vpc, subnet, marks] = await Promise.all([
       this.getVpc(vpcId),
       this.getSubnet(subnetId),
-      L.cluster ? this.redis.zcount(L.deleting(vpcId, subnetId), Date.now(), "+inf") : Promise.resolve(0),
+      // Counted by the server's clock, as the marks are scored (LIVE_MARKS): this host's may be skewed.
+      // EVAL_RO: it declares its key read-only (a host's Redis user may read IPAM's keys, never write them).
+      L.cluster ? (this.redis.eval_ro(LIVE_MARKS, 1, L.deleting(vpcId, subnetId)) as Promise<number>) : Promise.resolve(0),
     ]);
     if (!vpc) return { gone: `VPC ${vpcId} was deleted`, marked: false };
     if (!subnet || subnet.vpcId !== vpcId) return { gone: `subnet ${subnetId} was deleted`, marked: false };

@@ -13,7 +13,7 @@
 // the TypeScript side turns into gRPC statuses.
 import { LUA_TOKEN, TOKEN_MOVED } from "../common/client-token.js";
 import { LUA_EMIT } from "../common/events.js";
-import { LUA_RANGE_CHECKS } from "./schema.js";
+import { LUA_RANGE_CHECKS, LUA_SERVER_MS } from "./schema.js";
 import { LUA_SWEEP } from "../peering/schema.js";
 
 export const CHUNK_BITS = 4096;
@@ -316,14 +316,16 @@ end
  *       tokens, 6 the VPC's peers (peering/schema.ts: a peering create
  *       reserves its range there first, so a delete and a create of a
  *       peering of this VPC each see the other), 7 the VPC's security
- *       groups and 8 its network ACLs (the firewall's listings), 9.. the
- *       VPC's other keys that go with it (its DNS zone and configuration,
- *       the firewall's change counter and names, under its tag on a cluster)
+ *       groups and 8 its network ACLs (the firewall's listings), 9 its VPN
+ *       endpoint (netagent/vpn/schema.ts VpnKeys.ep, under its tag), 10..
+ *       the VPC's other keys that go with it (its DNS zone and
+ *       configuration, the firewall's change counter and names, the VPN's
+ *       change counter, under its tag on a cluster)
  * ARGV: 1 the peers entries found without a record (swept here if old:
  *       LUA_SWEEP), 2 PENDING_MS
  * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets,
  * {-2, n} still has n peerings (or creates of one under way), {-3, what}
- * still has groups or ACLs.
+ * still has groups or ACLs, {-4} still has a VPN endpoint (as DELETE_VPC).
  */
 export const DROP_VPC = `${LUA_SWEEP}${LUA_FIREWALL_LEFT}
 local name = redis.call('HGET', KEYS[1], 'name')
@@ -334,10 +336,11 @@ local p = redis.call('HLEN', KEYS[6])
 if p > 0 then return {-2, p} end
 local n = redis.call('ZCARD', KEYS[2])
 if n > 0 then return {-1, n} end
+if redis.call('EXISTS', KEYS[9]) == 1 then return {-4, ''} end
 local left = firewall_left(KEYS[7], KEYS[8])
 if #left > 0 then return {-3, table.concat(left, ', ')} end
 for i = 1, #KEYS do
-  if i ~= 2 then redis.call('DEL', KEYS[i]) end
+  if i ~= 2 and i ~= 9 then redis.call('DEL', KEYS[i]) end
 end
 return {1, name}
 `;
@@ -346,14 +349,18 @@ return {1, name}
  * KEYS: 1 vpc hash, 2 byname hash, 3 names zset, 4 vpc subnets zset, 5 events,
  *       6 vpc peerings set, 7 the firewall's security groups of the VPC
  *       (zset), 8 its network ACLs (zset), 9 the gateway's VPC → NAT
- *       gateway hash, 10.. the VPC's DNS keys (records, names, owners,
+ *       gateway hash, 10 the VPC's VPN endpoint (netagent/vpn/schema.ts
+ *       VpnKeys.ep), 11.. the VPC's DNS keys (records, names, owners,
  *       config) and its reserved ranges: a deleted VPC leaves no records
  *       behind, and a VPC created later with the same name starts with an
  *       empty zone.
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} still has n subnets, {-2, n}
  * still has n peerings, {-3, what} still has groups, ACLs or a NAT gateway
- * (deleting it would leave them dangling).
+ * (deleting it would leave them dangling), {-4} still has a VPN endpoint
+ * (its clients, its host's interface and its reserved range would be left:
+ * DeleteVpnEndpoint takes them down; SetVpnEndpoint's script writes the
+ * endpoint only while the VPC's record stands, so one of the two is refused).
  */
 export const DELETE_VPC = `${LUA_EMIT}${LUA_FIREWALL_LEFT}
 local name = redis.call('HGET', KEYS[1], 'name')
@@ -362,11 +369,12 @@ local p = redis.call('SCARD', KEYS[6])
 if p > 0 then return {-2, p} end
 local n = redis.call('ZCARD', KEYS[4])
 if n > 0 then return {-1, n} end
+if redis.call('EXISTS', KEYS[10]) == 1 then return {-4, ''} end
 local left = firewall_left(KEYS[7], KEYS[8])
 if redis.call('HEXISTS', KEYS[9], ARGV[1]) == 1 then left[#left + 1] = 'a NAT gateway' end
 if #left > 0 then return {-3, table.concat(left, ', ')} end
 redis.call('DEL', KEYS[1])
-for i = 10, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 11, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('HDEL', KEYS[2], name)
 redis.call('ZREM', KEYS[3], name)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.deleted', 'vpc', ARGV[1])
@@ -448,6 +456,24 @@ return {1, id}
 `;
 
 /**
+ * A DeleteSubnet's mark on a cluster (IpamStore.marked): its token in the
+ * subnet's marks, scored with when it lapses by the Redis server's clock,
+ * as IpamReader.natSite reads them (LIVE_MARKS) and DELETE_SUBNET checks
+ * its own: daemons on hosts with skewed clocks agree on a mark's life. The
+ * lapsed marks go, and the zset expires with the newest.
+ * KEYS: 1 the marks (IpamKeys.deleting); ARGV: 1 token, 2 its life in ms.
+ * Returns when it lapses (server ms).
+ */
+export const MARK_DELETE = `${LUA_SERVER_MS}
+local now = server_ms()
+local ms = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ms)
+return now + ms
+`;
+
+/**
  * KEYS (1–10 in the VPC's slot): 1 the subnet's record in its VPC, 2 vpc
  *       subnets zset, 3 vpc subnet byname, 4–9 its state (K.state: used,
  *       bits, full, alloc, req, idx), 10 the cursor of a move of its owner
@@ -456,23 +482,33 @@ return {1, id}
  *       NAT hash, 15, 16, 17 the subnet's req, alloc and used under an
  *       earlier release's names (its tombstones, deleted with it); on a
  *       cluster 11 the firewall's subnet → ACL hash of the VPC (under its
- *       tag there). On a cluster the caller checks the NAT gateway first
- *       (another slot), and removes the record by id, the all-subnets entry
- *       and sends the event after.
- * ARGV: 1 id
+ *       tag there) and 12 the subnet's delete marks (IpamKeys.deleting).
+ *       On a cluster the caller checks the NAT gateway first (another
+ *       slot), under its mark (IpamStore.marked), and removes the record by
+ *       id, the all-subnets entry and sends the event after.
+ * ARGV: 1 id; on a cluster 2 this delete's mark token
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
  * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it,
  * {-3} its allocation state is still under the earlier names (MIGRATE_SUBNET
- * first: what it holds would not be counted).
+ * first: what it holds would not be counted), {-4} on a cluster, this
+ * delete's mark is no longer live by the server's clock (it lapsed while the
+ * delete stalled between its NAT check and here: a CreateNatGateway may
+ * since have kept a gateway in the subnet, IpamReader.natSite), nothing
+ * deleted.
  */
-export const DELETE_SUBNET = `${LUA_EMIT}
+export const DELETE_SUBNET = `${LUA_EMIT}${LUA_SERVER_MS}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
+local mark = ARGV[2]
+if mark then
+  local live_until = tonumber(redis.call('ZSCORE', KEYS[12], mark))
+  if not live_until or live_until <= server_ms() then return {-4, ''} end
+end
 if KEYS[17] and redis.call('TYPE', KEYS[17]).ok == 'string' then return {-3, ''} end
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
-local single = #KEYS > 11
+local single = not mark
 if KEYS[11] then
   local acl = redis.call('HGET', single and KEYS[13] or KEYS[11], ARGV[1])
   if acl then return {-2, 'network ACL ' .. acl .. ' is associated with it (microvpc acl disassociate)'} end

@@ -10,6 +10,7 @@ import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
 import { PEERING_KEYS, PENDING_MS, staleReservations } from "../peering/schema.js";
 import { FW_KEYS } from "../firewall/schema.js";
 import { GW_KEYS } from "../gateway/schema.js";
+import { vpnKeysOf } from "../netagent/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import {
   checked,
@@ -49,6 +50,7 @@ declare module "ioredis" {
     mvpcDeleteVpc(...args: (string | number)[]): Promise<Reply>;
     mvpcCreateSubnet(...args: (string | number)[]): Promise<Reply>;
     mvpcDeleteSubnet(...args: (string | number)[]): Promise<Reply>;
+    mvpcMarkDelete(mark: string, token: string, ms: number): Promise<number>;
     mvpcMigrateSubnet(...args: (string | number)[]): Promise<[number, number, number]>;
   }
 }
@@ -64,9 +66,10 @@ export function defineScripts(redis: Redis): void {
   defineVariadicCommand(redis, "mvpcClaimVpc", S.CLAIM_VPC);
   redis.defineCommand("mvpcUnclaimVpc", { numberOfKeys: 2, lua: S.UNCLAIM_VPC });
   defineVariadicCommand(redis, "mvpcDropVpc", S.DROP_VPC);
-  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 14, lua: S.DELETE_VPC });
+  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 15, lua: S.DELETE_VPC });
   defineVariadicCommand(redis, "mvpcCreateSubnet", S.CREATE_SUBNET);
   defineVariadicCommand(redis, "mvpcDeleteSubnet", S.DELETE_SUBNET);
+  redis.defineCommand("mvpcMarkDelete", { numberOfKeys: 1, lua: S.MARK_DELETE });
   redis.defineCommand("mvpcMigrateSubnet", { numberOfKeys: 13, lua: S.MIGRATE_SUBNET });
 }
 
@@ -112,6 +115,13 @@ export const PENDING_TTL_MS = 60_000;
 
 /** How long a delete's mark (IpamKeys.deleting) outlives a delete that crashed before removing it. */
 const DELETE_MARK_MS = 30_000;
+
+/** DeleteVpc's refusal while the VPC has a VPN endpoint (DELETE_VPC, DROP_VPC): its clients and its host's interface go with DeleteVpnEndpoint. */
+function vpnLeft(id: string): FailedPreconditionError {
+  return new FailedPreconditionError(
+    `VPC ${id} still has a VPN endpoint; delete it first (microvpc vpn endpoint delete --vpc ${id}, once its clients are deleted: microvpc vpn client list --vpc ${id})`,
+  );
+}
 
 /** How often a create runs its claim again when its client token moved under it. */
 const CLAIM_ATTEMPTS = 4;
@@ -214,6 +224,7 @@ export class IpamStore extends IpamReader {
       K.fwVpcSgs(id),
       K.fwVpcAcls(id),
       K.gwVpcNat,
+      vpnKeysOf(this.redis).ep(id),
       ...vpcDnsKeys(id),
       K.vpcReserved(id),
       id,
@@ -221,6 +232,7 @@ export class IpamStore extends IpamReader {
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
     if (code === -2) throw new FailedPreconditionError(`VPC ${id} is still peered (${n} peering(s)); delete them first (microvpc vpc peer list --vpc ${id})`);
     if (code === -3) throw new FailedPreconditionError(`VPC ${id} still has ${n}; delete them first (microvpc sg list / acl list / nat delete --vpc ${id})`);
+    if (code === -4) throw vpnLeft(id);
     return code === 1;
   }
 
@@ -245,24 +257,20 @@ export class IpamStore extends IpamReader {
    * On a cluster, `fn` (a DeleteSubnet, which checks the gateway's NAT index
    * in another slot from here) runs under a mark of its own, a random token
    * in the subnet's marks (IpamKeys.deleting) that lapses after
-   * DELETE_MARK_MS if this delete crashes: a CreateNatGateway that writes
-   * its record after the mark is set waits for the marks to go, then sees
-   * whether the subnet stands. Removed (this token only) when fn ends.
+   * DELETE_MARK_MS by the Redis server's clock (MARK_DELETE) if this delete
+   * crashes: a CreateNatGateway that writes its record after the mark is
+   * set waits for the marks to go, then sees whether the subnet stands; and
+   * fn's last step (DELETE_SUBNET, passed the token) refuses if the mark
+   * lapsed meanwhile. Removed (this token only) when fn ends.
    */
-  private async marked<T>(mark: string, fn: () => Promise<T>): Promise<T> {
+  private async marked<T>(mark: string, fn: (token: string) => Promise<T>): Promise<T> {
     const token = randomBytes(8).toString("hex");
-    const now = Date.now();
-    const set = await this.redis
-      .multi()
-      .zremrangebyscore(mark, "-inf", now)
-      .zadd(mark, now + DELETE_MARK_MS, token)
-      .pexpire(mark, DELETE_MARK_MS)
-      .exec();
-    // exec() resolves with each command's error: without its mark the delete must not run.
-    const failed = (set ?? []).find(([err]) => err)?.[0];
-    if (!set || failed) throw new UnavailableError(`cannot mark the delete under way (${failed?.message ?? "transaction aborted"}); retry`);
+    // Without its mark the delete must not run: a failure here ends it.
+    await this.redis.mvpcMarkDelete(mark, token, DELETE_MARK_MS).catch((err: Error) => {
+      throw new UnavailableError(`cannot mark the delete under way (${err.message}); retry`);
+    });
     try {
-      return await fn();
+      return await fn(token);
     } finally {
       await this.redis.zrem(mark, token).catch(() => undefined);
     }
@@ -272,6 +280,7 @@ export class IpamStore extends IpamReader {
   private async dropVpc(id: string, stale: string[]): Promise<boolean> {
     const L = this.L;
     const FW = FW_KEYS.cluster;
+    const VPN = vpnKeysOf(this.redis);
     const keys = [
       L.vpc(id),
       L.vpcSubnets(id),
@@ -281,11 +290,14 @@ export class IpamStore extends IpamReader {
       PEERING_KEYS.cluster.peers(id),
       FW.vpcSgs(id),
       FW.vpcAcls(id),
+      VPN.ep(id),
       ...vpcDnsKeys(id, dnsKeys(this.redis)),
       FW.gen(id),
       FW.sgByName(id),
       FW.aclByName(id),
       FW.subnetAcl(id),
+      // The VPN's change counter of the VPC (its own on a cluster), which DeleteVpnEndpoint leaves.
+      VPN.gen(id),
     ];
     const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys, stale.join(","), PENDING_MS);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
@@ -294,6 +306,7 @@ export class IpamStore extends IpamReader {
         `VPC ${id} is still peered (${n} peering(s), or creates of one under way); delete them first (microvpc vpc peer list --vpc ${id})`,
       );
     if (code === -3) throw new FailedPreconditionError(`VPC ${id} still has ${n}; delete them first (microvpc sg list / acl list --vpc ${id})`);
+    if (code === -4) throw vpnLeft(id);
     if (code !== 1) return false;
     await this.redis.mvpcUnclaimVpc(L.vpcByName, L.vpcNames, String(n), id);
     await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.deleted", "vpc", id]);
@@ -424,11 +437,15 @@ export class IpamStore extends IpamReader {
       if (L.cluster) await this.dropLeftover(id);
       return false;
     }
-    return L.cluster ? this.marked(L.deleting(s.vpcId, id), () => this.subnetUnused(s).then(() => this.dropSubnet(s))) : this.dropSubnet(s);
+    return L.cluster ? this.marked(L.deleting(s.vpcId, id), (token) => this.subnetUnused(s).then(() => this.dropSubnet(s, token))) : this.dropSubnet(s);
   }
 
-  /** deleteSubnet once the subnet is known (and, on a cluster, its NAT check passed): DELETE_SUBNET, then on a cluster its record by id. */
-  private async dropSubnet(s: SubnetRec): Promise<boolean> {
+  /**
+   * deleteSubnet once the subnet is known (and, on a cluster, its NAT check
+   * passed under the mark `token`, which DELETE_SUBNET checks is still
+   * live): DELETE_SUBNET, then on a cluster its record by id.
+   */
+  private async dropSubnet(s: SubnetRec, token?: string): Promise<boolean> {
     const L = this.L;
     const id = s.id;
     const call = () =>
@@ -439,9 +456,12 @@ export class IpamStore extends IpamReader {
           L.vpcSubnetByName(s.vpcId),
           ...K.state(s.vpcId, id),
           K.moving(s.vpcId, id),
-          ...(L.cluster ? [FW_KEYS.cluster.subnetAcl(s.vpcId)] : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
+          ...(L.cluster
+            ? [FW_KEYS.cluster.subnetAcl(s.vpcId), L.deleting(s.vpcId, id)]
+            : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
         ]),
         id,
+        ...(L.cluster ? [token ?? ""] : []),
       );
     // Made by a replica of the earlier release mid-upgrade: its state moves first, so that its addresses are counted.
     const [code, n] = await this.movedFirst(s, call, (r) => r[0] === -3);
@@ -449,6 +469,10 @@ export class IpamStore extends IpamReader {
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
     if (code === -3) throw new Error(`subnet ${id}: its allocation state could not be moved from the earlier layout`);
+    if (code === -4)
+      throw new UnavailableError(
+        `subnet ${s.name} (${id}): this delete stalled past its ${DELETE_MARK_MS / 1000} s mark (between its NAT gateway check and its last step), so a NAT gateway may have been made in the subnet meanwhile; nothing was deleted; retry the delete`,
+      );
     if (L.cluster) {
       // The record by id goes last: until then a delete stopped half-way can be run again.
       await this.redis.zrem(K.allSubnets, id);

@@ -10,9 +10,9 @@
 //   refused there (CROSSSLOT).
 import assert from "node:assert/strict";
 import { Redis, type Cluster } from "ioredis";
-import { afterAll, beforeAll, describe, test } from "vitest";
+import { afterAll, beforeAll, describe, test, vi } from "vitest";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
-import { AlreadyExistsError, FailedPreconditionError } from "../../services/common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { IPAM_KEYS, K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
@@ -504,6 +504,131 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     assert.equal(await st.deleteVpc(vpc.id), true);
     assert.deepEqual([await c.exists(L.vpc(vpc.id)), await c.hget(L.vpcByName, "del"), await c.zscore(L.vpcNames, "del")], [0, null, null]);
     assert.equal(await st.deleteVpc(vpc.id), false, "a second delete is a no-op");
+  });
+
+  /**
+   * A client of its own whose DeleteSubnet scripts (DELETE_SUBNET, its last
+   * step, after the NAT check under its mark) each run `before` first: a
+   * delete stalled there.
+   */
+  async function stalledDeletes(before: () => Promise<void>): Promise<{ c: Redis; st: IpamStore }> {
+    const c = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
+    await waitReady(c);
+    const st = new IpamStore(c);
+    const script = c.mvpcDeleteSubnet.bind(c);
+    c.mvpcDeleteSubnet = async (...a) => {
+      await before();
+      return script(...a);
+    };
+    return { c, st };
+  }
+
+  /** The Redis server's clock in ms (the mark's slot has one clock). */
+  async function serverMs(): Promise<number> {
+    const [sec, usec] = await clients[0].time();
+    return Number(sec) * 1000 + Math.floor(Number(usec) / 1000);
+  }
+
+  /** Date.now() of this process `ms` off (another host's clock), until the returned restore. */
+  function skewed(ms: number): () => void {
+    const now = Date.now.bind(Date);
+    const spy = vi.spyOn(Date, "now").mockImplementation(() => now() + ms);
+    return () => spy.mockRestore();
+  }
+
+  test("a DeleteSubnet's mark goes by the Redis server's clock: a deleter 60 s behind or ahead, and a gateway 60 s ahead, all see it live for its 30 s", async () => {
+    let open!: () => void;
+    const gate = new Promise<void>((r) => (open = r));
+    const { c, st } = await stalledDeletes(() => gate);
+    // What the gateway reads (IpamReader.natSite), on another client.
+    const gw = new IpamStore(clients[1]);
+    const other = clients[2];
+    try {
+      const { vpc } = await st.createVpc(vpcSpec("skew"), "");
+      const sn = (await st.createSubnet(subnetSpec(vpc.id, "k", "10.70.3.0/24"), "")).subnet;
+      const mark = IPAM_KEYS.cluster.deleting(vpc.id, sn.id);
+      const marks = async (n: number) => {
+        for (let i = 0; i < 200 && (await other.zcard(mark)) < n; i++) await new Promise((r) => setTimeout(r, 10));
+        assert.equal(await other.zcard(mark), n, `${n} mark(s) set`);
+      };
+      // A deleting daemon whose clock is 60 s behind the server's: its mark lives its 30 s by the server's clock, not -30 s.
+      let restore = skewed(-60_000);
+      const first = st.deleteSubnet(sn.id);
+      try {
+        await marks(1);
+      } finally {
+        restore();
+      }
+      const [, score] = await other.zrange(mark, 0, -1, "WITHSCORES");
+      const life = Number(score) - (await serverMs());
+      assert.ok(life > 25_000 && life <= 30_000, `the mark lapses in ${life} ms by the server's clock, not in 30 s by the deleter's`);
+      assert.equal((await gw.natSite(vpc.id, sn.id)).marked, true, "a gateway sees the mark of a deleter whose clock is behind");
+      // A gateway whose clock is 60 s ahead: the mark is still live (by the server's clock).
+      restore = skewed(60_000);
+      let marked: boolean;
+      try {
+        marked = (await gw.natSite(vpc.id, sn.id)).marked;
+      } finally {
+        restore();
+      }
+      assert.equal(marked, true, "a gateway whose clock is ahead sees the mark as live");
+      // A second delete from a daemon 60 s ahead: its mark sweeps only lapsed marks (by the server's clock), not the first's.
+      restore = skewed(60_000);
+      const second = st.deleteSubnet(sn.id);
+      try {
+        await marks(2);
+      } finally {
+        restore();
+      }
+      open();
+      assert.deepEqual((await Promise.all([first, second])).sort(), [false, true], "one delete ran, the other found nothing");
+      assert.equal(await other.exists(mark), 0, "each delete removed its mark");
+      assert.equal(await st.deleteVpc(vpc.id), true);
+    } finally {
+      open();
+      c.disconnect();
+    }
+  });
+
+  test("a DeleteSubnet stalled past its mark refuses at its last step (UNAVAILABLE, nothing deleted): a NAT gateway kept meanwhile stays, and a retry sees it", async () => {
+    const GW = GW_KEYS.cluster;
+    const nat = "nat-0000000000a1";
+    const other = clients[2];
+    const gw = new IpamStore(clients[1]);
+    let stall = async () => {};
+    const { c, st } = await stalledDeletes(() => stall());
+    try {
+      const { vpc } = await st.createVpc(vpcSpec("stall"), "");
+      const sn = (await st.createSubnet(subnetSpec(vpc.id, "p", "10.70.4.0/24"), "")).subnet;
+      const mark = IPAM_KEYS.cluster.deleting(vpc.id, sn.id);
+      stall = async () => {
+        // Its NAT check passed; it stalls past its mark's 30 s: by the server's clock the mark lapsed (its score now behind).
+        const [token] = await other.zrange(mark, 0, -1);
+        assert.ok(token, "the delete's mark is set");
+        await other.zadd(mark, "XX", (await serverMs()) - 1, token);
+        // Meanwhile a CreateNatGateway in the subnet found no live mark and the subnet standing: it kept its gateway.
+        await other.hset(GW.nat(nat), "subnet", sn.id);
+        await other.hset(GW.vpcNat, vpc.id, nat);
+        assert.deepEqual(await gw.natSite(vpc.id, sn.id), { marked: false }, "the gateway keeps its gateway");
+      };
+      await assert.rejects(
+        st.deleteSubnet(sn.id),
+        (e: Error) => e instanceof UnavailableError && /stalled past its 30 s mark.*nothing was deleted; retry the delete/.test(e.message),
+      );
+      stall = async () => {};
+      assert.equal((await st.getSubnet(sn.id))?.id, sn.id, "the subnet stands, with the gateway in it");
+      assert.equal(await other.exists(mark), 0, "the refused delete removed its mark");
+      await assert.rejects(
+        st.deleteSubnet(sn.id),
+        (e: Error) => e instanceof FailedPreconditionError && /NAT gateway "nat-0000000000a1" sits in it/.test(e.message),
+      );
+      await other.del(GW.nat(nat));
+      await other.hdel(GW.vpcNat, vpc.id);
+      assert.equal(await st.deleteSubnet(sn.id), true);
+      assert.equal(await st.deleteVpc(vpc.id), true);
+    } finally {
+      c.disconnect();
+    }
   });
 
   test("a subnet record by id a create left before its VPC's script is not a subnet; DeleteSubnet removes it once it is old", async () => {

@@ -11,8 +11,11 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
-import { ipToInt } from "../../services/common/validate.js";
-import { K } from "../../services/ipam/keys.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { cidr as parseCidr, ipToInt } from "../../services/common/validate.js";
+import { ipamKeys, K } from "../../services/ipam/keys.js";
+import { vpnKeysOf } from "../../services/netagent/schema.js";
+import { VpnStore } from "../../services/netagent/vpn/store.js";
 import { MAX_EXTRA_RESERVED } from "../../services/ipam/store.js";
 import { ipamClients, rejectsWith } from "../lib/clients.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
@@ -91,6 +94,36 @@ describe("catalog", () => {
     const b = await c.vpc.createVpc({ name: "tok", cidr: "10.30.0.0/16", clientToken: "orch-42" });
     assert.equal(a.vpc!.id, b.vpc!.id);
     await rejectsWith(c.vpc.createVpc({ name: "tok", cidr: "10.30.0.0/16" }), Code.AlreadyExists, /already exists/);
+  });
+
+  test("DeleteVpc is refused while the VPC has a VPN endpoint, naming the command that deletes it; then the VPC goes and leaves no VPN record", async () => {
+    // The endpoint as a VpnService writes it (netagent/vpn/store.ts), on this file's Redis or cluster.
+    const r = connectRedis({ url: ON_CLUSTER ? cluster!.url : redis.url, commandTimeoutMs: 5000 });
+    try {
+      await waitReady(r);
+      const vpc = await newVpc("vpn-left", "10.44.0.0/16");
+      const vpn = new VpnStore(r);
+      const range = parseCidr("client_cidr", "10.44.250.0/24", { min: 8, max: 30 });
+      const ep = { vpcId: vpc.id, hostId: "nohost", publicAddress: "192.0.2.1", listenPort: 51820, clientCidr: range.text, updatedMs: Date.now() };
+      assert.ok("gen" in (await vpn.setEndpoint(ep, range)));
+      await rejectsWith(
+        c.vpc.deleteVpc({ ref: vpc.id }),
+        Code.FailedPrecondition,
+        new RegExp(`VPC ${vpc.id} still has a VPN endpoint; delete it first \\(microvpc vpn endpoint delete --vpc ${vpc.id}`),
+      );
+      const k = vpnKeysOf(r);
+      assert.equal((await c.vpc.getVpc({ ref: vpc.id })).vpc!.id, vpc.id, "the refused delete left the VPC");
+      assert.equal(await r.exists(k.ep(vpc.id)), 1, "and its endpoint");
+      assert.notEqual(await r.hget(ipamKeys(r).vpcReserved(vpc.id), "vpn"), null, "and the endpoint's reserved range");
+      assert.ok("gen" in ((await vpn.deleteEndpoint(vpc.id)) ?? {}));
+      assert.equal((await c.vpc.deleteVpc({ ref: vpc.id })).deleted, true);
+      // The VPC's VPN keys (on a cluster also its change counter, under its tag; a single Redis has one counter for every VPC).
+      const left = [k.ep(vpc.id), k.clients(vpc.id), k.keys(vpc.id), k.addrs(vpc.id), ipamKeys(r).vpcReserved(vpc.id), ...(k.cluster ? [k.gen(vpc.id)] : [])];
+      for (const key of left) assert.equal(await r.exists(key), 0, `${key} is left behind`);
+      assert.equal(await r.sismember(k.eps, vpc.id), 0, "the VPC is still listed as an endpoint's");
+    } finally {
+      r.disconnect();
+    }
   });
 
   test("lists page through everything exactly once", async () => {

@@ -9,7 +9,8 @@
 //   ep:<vpc>                hash: vpc host addr port cidr updated (written by the API, with
 //                           IPAM's reservation of the range, mvpc:vpc:<vpc>:reserved "vpn";
 //                           DeleteVpnEndpoint deletes both in one script, refused while the VPC
-//                           has clients, then takes the VPC out of eps)
+//                           has clients, then takes the VPC out of eps; DeleteVpc is refused
+//                           while it exists)
 //   host:<host>:keys        hash vpc → the public key of that host's endpoint interface of the VPC
 //   host:<host>:applied     hash vpc → the gen that host last applied for the VPC
 //                           (host-scoped: only <host>'s Redis user writes them, and a reader
