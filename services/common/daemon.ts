@@ -9,7 +9,7 @@ import type { Redis } from "ioredis";
 import { ReadyChecks, redisReachable, SharedReadiness } from "./health.js";
 import { defaultHostId } from "./host.js";
 import { serveMetrics, setDefaultLabels, watchRedis } from "./metrics.js";
-import { connectRedis, isClusterUrl, readRedisSecrets, urlHasPassword, urlHasUser, waitReady } from "./redis.js";
+import { connectRedis, readRedisSecrets, urlHasPassword, urlHasUser, waitReady } from "./redis.js";
 import { notifyReadyWhen } from "./sd-notify.js";
 import { isLoopback, listenerRefusal, parseListen, startGrpcServer, type RunningServer, type ServiceBinding } from "./server.js";
 import { logMixin, startTracing, stopTracing, tracingConfig } from "./tracing.js";
@@ -181,23 +181,6 @@ export function checkRedisUser(url: string, user: string | undefined, passwordFi
   if (urlHasUser(url)) throw new Error("--redis names a user and --redis-user gives one too: keep the user in --redis-user only");
 }
 
-/**
- * Redis Cluster is groundwork so far (issue 18): the client and the change
- * feed run on it, but most services' Lua scripts still reach keys of other
- * slots, and on a cluster such a script fails part-way, after its first
- * writes, with nothing rolled back. A daemon therefore refuses a
- * redis-cluster:// URL unless MICROVPC_EXPERIMENTAL_CLUSTER=1 (tests and
- * benches of the parts that are ready). Returns the refusal, or undefined.
- */
-export function clusterUrlRefusal(url: string, env: NodeJS.ProcessEnv): string | undefined {
-  if (!isClusterUrl(url) || env.MICROVPC_EXPERIMENTAL_CLUSTER === "1") return undefined;
-  return (
-    "--redis names a Redis Cluster, which microvpc does not support yet: its change feed and client run on one, " +
-    'but the services\' scripts still touch keys of several slots and would fail part-way (docs/redis-schema.md "Redis Cluster"). ' +
-    "Use one Redis or Sentinel; MICROVPC_EXPERIMENTAL_CLUSTER=1 starts anyway, for tests only"
-  );
-}
-
 async function runService(def: ServiceDefinition, flags: CommonFlags & Record<string, unknown>, logger: Logger, hostId: string): Promise<void> {
   const token = readToken(flags);
   // A bad --otlp-endpoint is refused before anything starts.
@@ -227,8 +210,6 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     logger.warn("the Redis URL carries a password, which ps and the environment show; move it to --redis-password-file");
   }
   checkRedisUser(flags.redis, flags.redisUser, flags.redisPasswordFile);
-  const clusterRefusal = clusterUrlRefusal(flags.redis, process.env);
-  if (clusterRefusal) throw new Error(clusterRefusal);
   const m = parseListen(flags.metricsListen);
   if (!isLoopback(m.host)) logger.warn({ metrics: flags.metricsListen }, "metrics listener is not on loopback; it has no authentication");
   setDefaultLabels({ service: def.name });

@@ -61,9 +61,13 @@ export async function moveToCluster(o: MoveOptions): Promise<MoveReport> {
       for (const op of p.ops) o.say(describe(op));
       return report;
     }
+    const t0 = performance.now();
     report.written = await execute(src, dst, p.ops, snap);
+    const t1 = performance.now();
     await verify(src, dst, p.ops, snap);
-    o.say(`wrote ${report.written} keys on the cluster; each checked against its source`);
+    o.say(
+      `wrote ${report.written} keys on the cluster in ${Math.round(t1 - t0)} ms; each checked against its source in ${Math.round(performance.now() - t1)} ms`,
+    );
     return report;
   } finally {
     src.disconnect();

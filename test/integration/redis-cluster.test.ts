@@ -332,17 +332,9 @@ describe("microvpcd ipam on the cluster", () => {
     await daemon?.stop();
   });
 
-  test("refuses a cluster URL without MICROVPC_EXPERIMENTAL_CLUSTER=1: its scripts would fail part-way there", async () => {
-    const err = await startDaemon("ipam", ["--redis", cluster.url]).then(
-      () => assert.fail("started"),
-      (e: Error) => e,
-    );
-    assert.match(err.message, /does not support yet.*MICROVPC_EXPERIMENTAL_CLUSTER=1/s);
-  });
-
-  test("starts with --redis redis-cluster://..., answers SERVING and reports microvpc_redis_up 1", async () => {
+  test("starts with --redis redis-cluster://... (no switch: every service runs there, and move-to-cluster moves a deployment), answers SERVING and reports microvpc_redis_up 1", async () => {
     // startDaemon returns once grpc.health says SERVING (its readiness: a PING through the Cluster client).
-    daemon = await startDaemon("ipam", ["--redis", cluster.url, "--redis-timeout-ms", "500"], { MICROVPC_EXPERIMENTAL_CLUSTER: "1" });
+    daemon = await startDaemon("ipam", ["--redis", cluster.url, "--redis-timeout-ms", "500"]);
     const text = await (await fetch(`http://127.0.0.1:${daemon.metricsPort}/metrics`)).text();
     assert.match(text, /^microvpc_redis_up(\{[^}]*\})? 1$/m);
     const ready = await fetch(`http://127.0.0.1:${daemon.metricsPort}/readyz`);
@@ -350,9 +342,7 @@ describe("microvpcd ipam on the cluster", () => {
   });
 
   test("a user or password in the cluster URL stops the daemon with a message, without showing the password", async () => {
-    const err = await startDaemon("ipam", ["--redis", cluster.url.replace("redis-cluster://", "redis-cluster://:hunter2@")], {
-      MICROVPC_EXPERIMENTAL_CLUSTER: "1",
-    }).then(
+    const err = await startDaemon("ipam", ["--redis", cluster.url.replace("redis-cluster://", "redis-cluster://:hunter2@")]).then(
       () => assert.fail("started"),
       (e: Error) => e,
     );

@@ -73,7 +73,7 @@ export interface HarnessOptions {
   underlay?: boolean;
   /**
    * Run on a Redis Cluster (3 primaries, 3 replicas) instead of one
-   * redis-server, the daemons with MICROVPC_EXPERIMENTAL_CLUSTER=1. Default:
+   * redis-server. Default:
    * ON_CLUSTER (a test file that imports set-on-cluster.ts first). Not with
    * redisAcl (redis-acl-cluster.test.ts runs the rules on a cluster itself).
    * hostServices works: the gateway's metadata server, in the hypervisor's
@@ -255,9 +255,9 @@ export class Harness {
     return this.redisCluster?.url ?? this.redis.url;
   }
 
-  /** The environment of every daemon (and of those a test starts itself): on a cluster, the switch that lets them start there. */
+  /** The environment of every daemon of the run (and of those a test starts itself); none is needed on either layout since daemons start on a cluster without a switch. */
   get daemonEnv(): Record<string, string> {
-    return this.onCluster ? { MICROVPC_EXPERIMENTAL_CLUSTER: "1" } : {};
+    return {};
   }
 
   static async start(opts: HarnessOptions = {}): Promise<Harness> {
