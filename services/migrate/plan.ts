@@ -123,6 +123,8 @@ export function plan(snap: Snapshot): Plan {
   const vpcOf = new Map<string, string>();
   /** Group and ACL ids → their names: a cluster's catalog entry is "<vpc>/<name>". */
   const nameOf = new Map<string, string>();
+  /** Ids whose own record was refused: their other keys are not refused again. */
+  const refusedIds = new Set<string>();
   const unplaced = (key: string, reason: string) =>
     refuse(`${key}: ${reason}; its VPC, and so its name on the cluster, cannot be known: fix or delete it, then run the move again`);
   for (const [key, h] of snap.hashes) {
@@ -131,7 +133,10 @@ export function plan(snap: Snapshot): Plan {
     if (sn) {
       const p = V.attempt(() => parseSubnet(h));
       if (p.ok && p.value.id === sn[1]) vpcOf.set(sn[1], p.value.vpcId);
-      else unplaced(key, p.ok ? `its id is ${p.value.id}` : p.reason);
+      else {
+        refusedIds.add(sn[1]);
+        unplaced(key, p.ok ? `its id is ${p.value.id}` : p.reason);
+      }
     } else if (fw) {
       // A flow-log configuration's VPC with the validator its parser (firewall/flowlog-config.ts) applies to the field.
       const p =
@@ -146,7 +151,10 @@ export function plan(snap: Snapshot): Plan {
       if (p.ok) {
         vpcOf.set(fw[2], p.value.vpcId);
         nameOf.set(fw[2], p.value.name);
-      } else unplaced(key, p.reason);
+      } else {
+        refusedIds.add(fw[2]);
+        unplaced(key, p.reason);
+      }
     }
   }
   const peerings = new Map<string, { vpc1Id: string; vpc2Id: string; vpc1Cidr: string; vpc2Cidr: string; createdMs: number }>();
@@ -160,7 +168,7 @@ export function plan(snap: Snapshot): Plan {
   /** The VPC of record `id` (a subnet, group, ACL or flow-log configuration), for key `key`; refuses when unknown. */
   const vpcFor = (id: string, key: string): string | undefined => {
     const v = vpcOf.get(id);
-    if (!v) refuse(`${key}: no record of ${id} says which VPC it is in; delete the key if ${id} is gone, then run the move again`);
+    if (!v && !refusedIds.has(id)) refuse(`${key}: no record of ${id} says which VPC it is in; delete the key if ${id} is gone, then run the move again`);
     return v;
   };
   const vpcs = new Set<string>();

@@ -35,6 +35,7 @@ const BENCHES: Record<string, RegExp[]> = {
   rpc: [/^Verdict$/m, /^per-round ratios daemon\/bare: /m, /^server CPU per call: grpc-js itself adds /m, /^figures written to /m],
   conntrack: [/^Verdict$/m, /^figures written to /m],
   exec: [/^execFile +wall /m, /^execa +wall /m, /^run\(\) +wall /m],
+  move: [/^Verdict$/m, /^move of \d+ VMs/m, /^figures written to /m],
   fleet: [
     /^Verdict$/m,
     /^N=\d+: changes not applied on every holder +0 /m,

@@ -158,6 +158,7 @@ describe("move-to-cluster plan", () => {
         {
           [`mvpc:fw:sg:${SG}`]: "hash",
           [`mvpc:fw:sg:${SG}:refby`]: "set",
+          "mvpc:fw:sg:sg-888888888888:refby": "set",
           "mvpc:something:else": "string",
           [`mvpc:{${V1}}:sn:${SN}:moving`]: "string",
           [`mvpc:vpc:${V1}}:x`]: "hash",
@@ -169,7 +170,8 @@ describe("move-to-cluster plan", () => {
     );
     const said = p.refusals.join("\n");
     assert.match(said, new RegExp(`mvpc:fw:sg:${SG}: vpc: .* its VPC, and so its name on the cluster, cannot be known`));
-    assert.match(said, new RegExp(`mvpc:fw:sg:${SG}:refby: no record of ${SG} says which VPC`));
+    assert.match(said, /mvpc:fw:sg:sg-888888888888:refby: no record of sg-888888888888 says which VPC/);
+    assert.doesNotMatch(said, new RegExp(`mvpc:fw:sg:${SG}:refby`), "the keys of a refused record are not refused again");
     assert.match(said, /mvpc:something:else: not a key this release knows/);
     assert.match(said, /:moving: .* start the ipam daemon once/);
     assert.match(said, new RegExp(`mvpc:vpc:${V1}\\}:x: not a key this release knows`), "a name that would land in another slot matches no rule");
