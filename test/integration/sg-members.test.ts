@@ -10,13 +10,14 @@
 // firewall refuses both entries (reported in GetFirewallStatus) and the VM
 // stays locked out, while the real member still gets through: same test.
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallHealth, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
+import { fwKeys } from "../../services/firewall/keys.js";
+import { naKeys } from "../../services/netagent/schema.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Hypervisor } from "../lib/harness.js";
 import { canPing, trackChild, waitFor } from "../lib/netns.js";
@@ -30,16 +31,9 @@ beforeAll(async () => {
   h = await Harness.start({ hosts: 2, redisAcl: true, failClosed: true });
   [A, B] = h.hosts;
   ({ fwd, gwd } = await h.hostServices(A, { driftMs: 1000 }));
-  ctlFwd = await startDaemon("firewall", ["--redis", h.redis.url, "--host-id", `${h.prefix}ctl`, "--api-only", ...h.acl!.args(CONTROL_USER)]);
+  ctlFwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", `${h.prefix}ctl`, "--api-only", ...h.acl!.args(CONTROL_USER)]);
   trackChild(ctlFwd.proc);
-  const user = hostUser(B.id);
-  asB = new Redis({
-    port: h.redis.port,
-    host: "127.0.0.1",
-    username: user,
-    password: readFileSync(h.acl!.passwordFile(user), "utf8").trim(),
-    maxRetriesPerRequest: 0,
-  });
+  asB = h.connect(hostUser(B.id));
 }, 120_000);
 
 afterAll(async () => {
@@ -72,19 +66,21 @@ describe("security-group members another host wrote", () => {
     assert.ok(await canPing(member.ns, server.address), "a member of clients reaches db");
     assert.ok(!(await canPing(outsider.ns, server.address)), "a NIC in no group does not");
 
-    // Host B's user may write the shared member list and its own host keys.
-    const members = `mvpc:fw:sg:${clients.id}:members`;
+    // Host B's user may write the shared member list and its own host keys
+    // (their names in the run's layout: one redis-server's, or a cluster's).
+    const F = fwKeys(asB);
+    const members = F.sgMembers(vpc.id, clients.id);
     await asB.hset(members, outsider.nicId, outsider.address);
     // …and the outsider's shared record, to name the group (its sig, which A's copy vouches for, is left as A wrote it).
-    await asB.hset(`mvpc:fw:nic:${outsider.nicId}`, "groups", clients.id);
+    await asB.hset(F.nic(outsider.nicId), "groups", clients.id);
     const fake = "nic-0badc0ffee00";
     const sig = JSON.stringify({ nicId: fake, vpcId: vpc.id, subnetId: sn.id, address: outsider.address, hostId: B.id, groupIds: [clients.id] });
-    await asB.hset(`mvpc:fw:nic:${fake}`, "sig", sig, "host", B.id, "vpc", vpc.id, "subnet", sn.id, "addr", outsider.address, "groups", clients.id);
-    await asB.hset(`mvpc:fw:host:${B.id}:sig`, fake, sig);
-    await asB.hset(`mvpc:host:${B.id}:nicaddr`, `${vpc.id}/${outsider.address}`, fake);
+    await asB.hset(F.nic(fake), "sig", sig, "host", B.id, "vpc", vpc.id, "subnet", sn.id, "addr", outsider.address, "groups", clients.id);
+    await asB.hset(F.hostSigs(B.id), fake, sig);
+    await asB.hset(naKeys(asB).nicaddr(B.id), `${vpc.id}/${outsider.address}`, fake);
     await asB.hset(members, fake, outsider.address);
     // …but not A's copy of the outsider's binding, which would put it in the group.
-    await assert.rejects(asB.hset(`mvpc:fw:host:${A.id}:sig`, outsider.nicId, sig), /NOPERM|can't access/);
+    await assert.rejects(asB.hset(F.hostSigs(A.id), outsider.nicId, sig), /NOPERM|can't access/);
 
     // Several firewall passes (drift every second) with the forged entries in Redis.
     const leaked = await waitFor(() => canPing(outsider.ns, server.address), { timeoutMs: 6000, intervalMs: 500 });

@@ -24,6 +24,7 @@ import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { NetAgentService, NicKind, type BandwidthLimitSchema, type Nic } from "../../gen/microvpc/v1/netagent_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { connectRedis } from "../../services/common/redis.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { ipamClients } from "./clients.js";
 import { ROOT, startDaemon, type Daemon } from "./daemon.js";
@@ -74,11 +75,12 @@ export interface HarnessOptions {
   /**
    * Run on a Redis Cluster (3 primaries, 3 replicas) instead of one
    * redis-server. Default:
-   * ON_CLUSTER (a test file that imports set-on-cluster.ts first). Not with
-   * redisAcl (redis-acl-cluster.test.ts runs the rules on a cluster itself).
-   * hostServices works: the gateway's metadata server, in the hypervisor's
-   * namespace, reaches the nodes' loopback ports through forwards to their
-   * unix sockets (redisFrom).
+   * ON_CLUSTER (a test file that imports set-on-cluster.ts first). With
+   * redisAcl, every node (replicas too: ACLs are not replicated) gets the
+   * users, and the nodes' default user the admin password (requirepass, and
+   * masterauth for the replicas). hostServices works: the gateway's metadata
+   * server, in the hypervisor's namespace, reaches the nodes' loopback ports
+   * through forwards to their unix sockets (redisFrom).
    */
   cluster?: boolean;
   /**
@@ -92,7 +94,8 @@ export interface HarnessOptions {
    * default user gets a password only the test knows (`redisAcl.admin`), the
    * users come from `microvpcd redis-acl` (its output applied as is), ipam
    * runs as microvpc-control and every host's daemons as
-   * microvpc-host-<host id>, each with its own password file.
+   * microvpc-host-<host id>, each with its own password file. On a cluster
+   * too (every node gets the users). The test's own connections: connect().
    */
   redisAcl?: boolean;
 }
@@ -276,10 +279,9 @@ export class Harness {
   private async init(): Promise<void> {
     this.rootBefore = await rootSnapshot();
     const admin = this.opts.redisAcl ? randomBytes(16).toString("hex") : undefined;
-    if (this.onCluster && admin) throw new Error("Harness: redisAcl on a cluster is not supported yet");
     const procs: Pick<TestRedisClusterNode, "proc" | "dir">[] = [];
     if (this.onCluster) {
-      this.redisCluster = await startRedisCluster();
+      this.redisCluster = await startRedisCluster({ password: admin });
       procs.push(...this.redisCluster.nodes);
     } else {
       this.redis = await startRedis({ appendfsync: "no", password: admin });
@@ -451,11 +453,37 @@ export class Harness {
     return this.acl ? this.acl.args(user) : [];
   }
 
-  /** Creates the control user and one user per host with `microvpcd redis-acl`, each with its own password. */
+  /**
+   * A client of the run's Redis (the redis-server or the cluster, in its
+   * layout: connectRedis), as `user` with redisAcl (its password file), or
+   * as Redis's default user (with redisAcl, the admin password). The caller
+   * disconnects it.
+   */
+  connect(user?: string, o: { commandTimeoutMs?: number } = {}): Redis {
+    const auth = user
+      ? { username: user, password: readFileSync(this.requireAcl().passwordFile(user), "utf8").replace(/\r?\n$/, "") }
+      : this.acl
+        ? { password: this.acl.admin }
+        : {};
+    return connectRedis({ url: this.redisUrl, commandTimeoutMs: o.commandTimeoutMs ?? 5000, ...auth });
+  }
+
+  private requireAcl(): RedisAclSetup {
+    if (!this.acl) throw new Error("Harness: Redis users need redisAcl");
+    return this.acl;
+  }
+
+  /**
+   * Creates the control user and one user per host with `microvpcd redis-acl`,
+   * each with its own password, on the redis-server or on every node of the
+   * cluster (ACL rules are per node: a replica promoted by a failover must
+   * know the users too).
+   */
   private async aclUsers(admin: string, n: number): Promise<RedisAclSetup> {
     const dir = tempDir("redis-acl");
     const files = new Map<string, string>();
-    const c = new Redis({ port: this.redis.port, host: "127.0.0.1", password: admin });
+    const ports = this.redisCluster ? this.redisCluster.nodes.map((node) => node.port) : [this.redis.port];
+    const conns = ports.map((port) => new Redis({ port, host: "127.0.0.1", password: admin, maxRetriesPerRequest: 0 }));
     try {
       const who = [["--control"], ...Array.from({ length: n }, (_, i) => ["--host-id", `${this.prefix}hv${i}`])];
       for (const w of who) {
@@ -468,10 +496,10 @@ export class Harness {
         }).trim();
         const [acl, setuser, ...rest] = line.split(" ");
         if (acl !== "ACL" || setuser !== "SETUSER") throw new Error(`microvpcd redis-acl printed ${JSON.stringify(line)}`);
-        await c.call("ACL", "SETUSER", ...rest);
+        await Promise.all(conns.map((c) => c.call("ACL", "SETUSER", ...rest)));
       }
     } finally {
-      c.disconnect();
+      for (const c of conns) c.disconnect();
     }
     const passwordFile = (user: string) => {
       const f = files.get(user);
