@@ -17,7 +17,7 @@ import { HostStore } from "./store.js";
 import { Vpn } from "./vpn/service.js";
 import { VpnStore } from "./vpn/store.js";
 import { VpnSync } from "./vpn/sync.js";
-import { WgKernel } from "./overlay/wgkernel.js";
+import { WG_LOG_LEVELS, WgKernel, type WgLogLevel } from "./overlay/wgkernel.js";
 import { nftStartInfo } from "../common/nft/libnftables.js";
 import { rtnlStartInfo } from "../common/rtnl.js";
 import { conntrackStartInfo } from "../common/conntrack.js";
@@ -58,6 +58,12 @@ export const netagentDefinition: ServiceDefinition = {
     )
       .env("MICROVPC_WIREGUARD")
       .default("auto"),
+    new Option(
+      "--wireguard-log <level>",
+      "wireguard-go's log, to STATE_DIR/<host-id>/wg/<interface>.log (the previous process's as .log.1): off, error, or verbose (every handshake and keepalive: for debugging a tunnel, it grows)",
+    )
+      .env("MICROVPC_WIREGUARD_LOG")
+      .default("error"),
     new Option("--state-dir <dir>", "where the WireGuard private key lives (DIR/<host-id>/wg.key, mode 0600)")
       .env("MICROVPC_STATE_DIR")
       .default("/var/lib/microvpc"),
@@ -78,6 +84,8 @@ export const netagentDefinition: ServiceDefinition = {
     const agent = new Agent(kernel, new HostStore(redis, hostId), hostId, logger);
     agent.health.stalePeriods = stalePeriods;
     agent.failClosed = !flags.openUntilFirewall;
+    const wireguardLog = String(flags.wireguardLog ?? "error") as WgLogLevel;
+    if (!WG_LOG_LEVELS.includes(wireguardLog)) throw new Error(`--wireguard-log ${JSON.stringify(wireguardLog)}: use one of ${WG_LOG_LEVELS.join(", ")}`);
     let overlay: Overlay | undefined;
     if (flags.overlay) {
       const hostNetns = String(flags.hostNetns ?? "");
@@ -109,6 +117,7 @@ export const netagentDefinition: ServiceDefinition = {
           stateDir: String(flags.stateDir),
           agentVersion: AGENT_VERSION,
           wireguard: wireguard as WgMode,
+          wireguardLog,
         },
         logger,
       );
@@ -140,7 +149,7 @@ export const netagentDefinition: ServiceDefinition = {
           agent,
           vpnStore,
           ipam,
-          new WgKernel(),
+          new WgKernel(undefined, wireguardLog),
           {
             hostId,
             stateDir: String(flags.stateDir),

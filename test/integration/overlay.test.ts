@@ -35,7 +35,8 @@ const a: Vm[] = [];
 const b: Vm[] = [];
 
 beforeAll(async () => {
-  h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
+  // wireguard-go's verbose log (its handshakes), which a failed meshUp prints.
+  h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000", "--wireguard-log", "verbose"] });
   hv = h.hosts;
 });
 
@@ -56,6 +57,23 @@ function wgSockets(): string[] {
     const d = join(h.stateDir!, x.id, "wg");
     if (!existsSync(d)) continue;
     for (const f of readdirSync(d)) if (f.endsWith(".pid")) out.push(f.slice(0, -4));
+  }
+  return out;
+}
+
+/** Each host's wireguard-go log for a VPC's interface (--wireguard-log, DIR/<host>/wg/<interface>.log): host id → its text ("" if none). */
+function wgLogs(vpcId: string): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const x of h.hosts) {
+    const d = join(h.stateDir!, x.id, "wg");
+    let text = "";
+    for (const f of existsSync(d) ? readdirSync(d) : []) {
+      if (!f.endsWith(".pid")) continue;
+      const st = JSON.parse(readFileSync(join(d, f), "utf8")) as { vpcId?: string };
+      const log = join(d, `${f.slice(0, -4)}.log`);
+      if (st.vpcId === vpcId && existsSync(log)) text += readFileSync(log, "utf8");
+    }
+    out.set(x.id, text);
   }
   return out;
 }
@@ -110,6 +128,7 @@ async function meshReport(vms: Vm[]): Promise<string> {
     lines.push(`# mesh: ${x.id}: ${JSON.stringify(st, (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v))}`);
   }
   for (const x of hv) lines.push(`# daemon ${x.id}:\n${x.daemon.output()}`);
+  for (const [id, log] of wgLogs(vpc.id)) lines.push(`# wireguard-go ${id} (last 40 lines):\n${log.split("\n").slice(-40).join("\n")}`);
   return lines.join("\n");
 }
 
@@ -177,6 +196,13 @@ describe("overlay mesh", () => {
     const t0 = Date.now();
     assert.ok(await meshUp(a), "VPC A: full mesh");
     const convergedMs = Date.now() - t0;
+    for (const [id, log] of wgLogs(vpcA.id)) {
+      assert.match(log, /handshake/i, `${id}: wireguard-go's verbose log (--wireguard-log verbose) shows its handshakes`);
+    }
+    for (const x of hv) {
+      const d = join(h.stateDir!, x.id, "wg");
+      for (const f of readdirSync(d).filter((f) => f.endsWith(".log"))) assert.equal(statSync(join(d, f)).mode & 0o777, 0o600, `${x.id}: ${f} is 0600`);
+    }
     const t1 = Date.now();
     assert.ok(await meshUp(b), "VPC B: full mesh");
     console.log(`# overlay: VPC B mesh converged ${Date.now() - t1} ms after VPC A's`);
@@ -330,6 +356,7 @@ describe("bad input", () => {
       [["--underlay-interface", "ul0;reboot"], /--underlay-interface "ul0;reboot": not an interface name/],
       [["--underlay-interface", "nosuchdev"], /--underlay-interface nosuchdev: no such device in namespace/],
       [["--wireguard", "boringtun"], /--wireguard "boringtun": use one of auto, kernel, wireguard-go/],
+      [["--wireguard-log", "loud"], /--wireguard-log "loud": use one of off, error, verbose/],
     ];
     // Where the module is missing (as here), asking for it must fail at start, not fall back silently.
     if (!existsSync("/sys/module/wireguard")) cases.push([["--wireguard", "kernel"], /--wireguard kernel: cannot create a kernel WireGuard device/]);

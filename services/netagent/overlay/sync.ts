@@ -46,7 +46,7 @@ import {
 import { OverlayRegistry, type HostRecord, type SkippedHost } from "./registry.js";
 import { WgInterfaces, selectImplementation, wgName, type Dump, type WgImpl, type WgMode } from "./wg.js";
 import { vpnRoute } from "../vpn/schema.js";
-import { WgKernel, type WgCommands, type WgProbe } from "./wgkernel.js";
+import { WgKernel, type WgCommands, type WgLogLevel, type WgProbe } from "./wgkernel.js";
 
 export interface OverlayOptions {
   hostId: string;
@@ -66,6 +66,8 @@ export interface OverlayOptions {
   probe?: WgProbe;
   /** For tests: replaces the commands that make, move, configure and read WireGuard interfaces. */
   commands?: WgCommands;
+  /** wireguard-go's log level (--wireguard-log; default "error"), to DIR/wg/<interface>.log. */
+  wireguardLog?: WgLogLevel;
 }
 
 export class Overlay {
@@ -122,7 +124,7 @@ export class Overlay {
     this.syncMs = opts.syncMs ?? 2_000;
     this.dir = join(opts.stateDir, opts.hostId);
     this.keyFile = keyFileIn(this.dir);
-    this.wgk = new WgKernel(opts.commands);
+    this.wgk = new WgKernel(opts.commands, opts.wireguardLog);
     this.interfaces = new WgInterfaces(agent, this.wgk, this.dir, opts.hostNetns, log);
     this.registry = new OverlayRegistry(redis, opts.hostId);
   }

@@ -324,7 +324,7 @@ export class WgInterfaces {
     rmSync(`/var/run/wireguard/${ifname}.sock`, { force: true });
     const stale = await kernel.link(vns, ifname);
     if (stale) await kernel.ipBatch(vns, [`link del dev ${ifname}`]);
-    const { proc: child, pid: childPid } = await this.wgk.startUserspace(hns, ifname);
+    const { proc: child, pid: childPid } = await this.wgk.startUserspace(hns, ifname, join(this.stateDir, `${ifname}.log`));
     this.writeState(ifname, { pid: childPid, vpcId, impl: "wireguard-go" });
     let ok = false;
     for (let i = 0; i < 200 && !ok; i++) {

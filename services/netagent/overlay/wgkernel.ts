@@ -5,7 +5,7 @@
 // (routes, proxy ARP, batches) goes through ../kernel.ts like the rest of
 // netagent. Tests replace the commands (WgCommands) with a fake.
 import { randomBytes } from "node:crypto";
-import { existsSync } from "node:fs";
+import { closeSync, existsSync, openSync, renameSync } from "node:fs";
 import { run, startDaemon, type Daemon, type RunOptions, type RunResult } from "../../common/exec.js";
 
 /** The commands behind an interface's life cycle: services/common/exec.ts's run. */
@@ -30,8 +30,16 @@ function nsArgs(ns: string): string[] {
   return ns ? ["-n", ns] : [];
 }
 
+/** How much wireguard-go logs (--wireguard-log): nothing, its errors, or every handshake and keepalive (for debugging a tunnel). */
+export type WgLogLevel = "off" | "error" | "verbose";
+export const WG_LOG_LEVELS: readonly WgLogLevel[] = ["off", "error", "verbose"];
+
 export class WgKernel {
-  constructor(private readonly cmd: WgCommands = { run }) {}
+  constructor(
+    private readonly cmd: WgCommands = { run },
+    /** wireguard-go's log level; its log goes to the file startUserspace is given. */
+    readonly logLevel: WgLogLevel = "error",
+  ) {}
 
   /** The real probe: a throwaway kernel WireGuard device in the namespace ("" = our own). */
   probe(ns: string): WgProbe {
@@ -106,8 +114,22 @@ export class WgKernel {
     await this.cmd.run("ip", ["netns", "exec", vpcNs, "tee", `/sys/class/net/${ifname}/queues/rx-0/rps_cpus`], { input: mask });
   }
 
-  /** Starts `wireguard-go -f IFNAME` in the namespace, detached: it outlives this agent, and the next one adopts it. */
-  startUserspace(ns: string, ifname: string): Promise<Daemon> {
-    return startDaemon("wireguard-go", ["-f", ifname], { netns: ns, detached: true, env: { WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: "error" } });
+  /**
+   * Starts `wireguard-go -f IFNAME` in the namespace, detached: it outlives
+   * this agent, and the next one adopts it. Its output goes to `logFile`
+   * (mode 0600; the previous process's log kept as `logFile`.1, so a log
+   * holds at most one process's life), at this.logLevel; nowhere with "off".
+   */
+  async startUserspace(ns: string, ifname: string, logFile: string): Promise<Daemon> {
+    const env = { WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: this.logLevel === "off" ? "silent" : this.logLevel };
+    if (this.logLevel === "off") return startDaemon("wireguard-go", ["-f", ifname], { netns: ns, detached: true, env });
+    if (existsSync(logFile)) renameSync(logFile, `${logFile}.1`);
+    const fd = openSync(logFile, "a", 0o600);
+    try {
+      return await startDaemon("wireguard-go", ["-f", ifname], { netns: ns, detached: true, env, stdio: ["ignore", fd, fd] });
+    } finally {
+      // The child holds its own copy.
+      closeSync(fd);
+    }
   }
 }
