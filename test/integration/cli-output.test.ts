@@ -13,9 +13,9 @@ import { parse as yamlParse } from "yaml";
 import { build, DIST } from "../../build.mjs";
 import { cliEnv, cliRunner } from "../lib/cli.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
-import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
+import { freePort, startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 
-let redis: TestRedis | undefined;
+let redis: DaemonsRedis | undefined;
 let ipam: Daemon | undefined;
 let skewed: Daemon | undefined;
 let tmp: string;
@@ -27,7 +27,7 @@ const { expect, json } = cli;
 
 beforeAll(async () => {
   tmp = mkdtempSync(join(tmpdir(), "mvpc-cli-out-"));
-  redis = await startRedis();
+  redis = await startDaemonsRedis();
   ipam = await startDaemon("ipam", ["--redis", redis.url]);
 }, 60_000);
 

@@ -8,11 +8,11 @@ import assert from "node:assert/strict";
 import { afterAll, beforeAll, test } from "vitest";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { cliRunner } from "../lib/cli.js";
-import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
+import { freePort, startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 
 const UUID = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/;
 
-let redis: TestRedis | undefined;
+let redis: DaemonsRedis | undefined;
 let daemon: Daemon | undefined;
 let tmp: string;
 
@@ -32,7 +32,7 @@ async function snapshot(): Promise<string> {
 
 beforeAll(async () => {
   tmp = mkdtempSync(join(tmpdir(), "mvpc-cli-"));
-  redis = await startRedis();
+  redis = await startDaemonsRedis();
   daemon = await startDaemon("ipam", ["--redis", redis.url]);
 });
 

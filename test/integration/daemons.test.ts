@@ -6,12 +6,12 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, test } from "vitest";
 import { ROOT, startDaemon } from "../lib/daemon.js";
-import { startRedis, type TestRedis } from "../lib/redis.js";
+import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 
 const pexec = promisify(execFile);
-let redis: TestRedis;
+let redis: DaemonsRedis;
 beforeAll(async () => {
-  redis = await startRedis({ persistence: false });
+  redis = await startDaemonsRedis({ persistence: false });
 });
 afterAll(async () => {
   await redis?.stop();

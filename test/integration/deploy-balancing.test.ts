@@ -15,13 +15,13 @@ import { grpcJsTransport } from "../../services/common/grpc-adapter.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
 import { tempDir } from "../lib/netns.js";
-import { freePort, startRedis, type TestRedis } from "../lib/redis.js";
+import { freePort, startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 
-let redis: TestRedis;
+let redis: DaemonsRedis;
 const daemons: Daemon[] = [];
 
 beforeAll(async () => {
-  redis = await startRedis();
+  redis = await startDaemonsRedis();
   for (let i = 0; i < 2; i++) daemons.push(await startDaemon("ipam", ["--redis", redis.url]));
 }, 120_000);
 

@@ -389,3 +389,31 @@ export async function keysLike(r: Redis, pattern: string): Promise<string[]> {
   const nodes = r.isCluster ? (r as unknown as Cluster).nodes("master") : [r];
   return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
 }
+
+/** The Redis of a test file that starts its own daemons (startDaemonsRedis): what they take is its URL. */
+export interface DaemonsRedis {
+  /** redis://… of the redis-server, or redis-cluster://… of the cluster (every daemon takes either). */
+  url: string;
+  /** The redis-server (undefined on a cluster). */
+  server?: TestRedis;
+  /** The cluster (with MICROVPC_TEST_ON_CLUSTER=1). */
+  cluster?: TestRedisCluster;
+  /** Its processes (to track: trackChild). */
+  procs: ChildProcess[];
+  stop(): Promise<void>;
+}
+
+/**
+ * For a test file that starts daemons on a Redis of its own (not through the
+ * Harness): one redis-server, or with MICROVPC_TEST_ON_CLUSTER=1 a 3+3 Redis
+ * Cluster, as the Harness does (test/lib/on-cluster.ts). `o` is the
+ * redis-server's (a cluster keeps no data on disk).
+ */
+export async function startDaemonsRedis(o: RedisOptions = {}): Promise<DaemonsRedis> {
+  if (process.env.MICROVPC_TEST_ON_CLUSTER === "1") {
+    const cluster = await startRedisCluster({ password: o.password });
+    return { url: cluster.url, cluster, procs: cluster.nodes.map((n) => n.proc), stop: () => cluster.stop() };
+  }
+  const server = await startRedis(o);
+  return { url: server.url, server, procs: [server.proc], stop: () => server.stop() };
+}
