@@ -49,6 +49,7 @@ export async function moveToCluster(o: MoveOptions): Promise<MoveReport> {
     await Promise.all([waitReady(src, 10_000), waitReady(dst, 10_000)]);
     if (!o.ignoreClients) await noOtherClients(src);
     await clusterEmpty(dst);
+    await versionsMatch(src, dst);
     const snap = await snapshot(src);
     const p = plan(snap);
     const report: MoveReport = { plan: p, read: snap.types.size, written: 0 };
@@ -62,11 +63,25 @@ export async function moveToCluster(o: MoveOptions): Promise<MoveReport> {
       return report;
     }
     const t0 = performance.now();
-    report.written = await execute(src, dst, p.ops, snap);
-    const t1 = performance.now();
-    await verify(src, dst, p.ops, snap);
+    const lapsed = new Set<string>();
+    let t1 = t0;
+    try {
+      report.written = await execute(src, dst, p.ops, snap, lapsed);
+      t1 = performance.now();
+      await verify(src, dst, p.ops, snap, lapsed);
+      await unchanged(src, snap, lapsed);
+    } catch (err) {
+      throw new Error(
+        `${(err as Error).message}\nThe cluster holds part of the copy: empty it (FLUSHALL on each primary) and run the move again. The single Redis was only read.`,
+        { cause: err },
+      );
+    }
+    if (lapsed.size)
+      o.say(
+        `left behind, ${lapsed.size} key(s) whose time to live ran out during the move (leases, tokens: their daemons make them again): ${[...lapsed].slice(0, 3).join(", ")}`,
+      );
     o.say(
-      `wrote ${report.written} keys on the cluster in ${Math.round(t1 - t0)} ms; each checked against its source in ${Math.round(performance.now() - t1)} ms`,
+      `wrote ${report.written} keys on the cluster in ${Math.round(t1 - t0)} ms; each checked against its source, and the source against what was read, in ${Math.round(performance.now() - t1)} ms`,
     );
     return report;
   } finally {
@@ -97,8 +112,14 @@ async function noOtherClients(src: Redis): Promise<void> {
             .map((kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)]),
         ) as Record<string, string>,
     )
-    // Replicas and Sentinels are not writers.
-    .filter((c) => c.id !== me && !/[SM]/.test(c.flags ?? "") && !["sync", "psync", "replconf"].includes(c.cmd ?? ""));
+    // Replicas and Sentinels (their two connections, named sentinel-<id>-cmd and -pubsub) are not writers.
+    .filter(
+      (c) =>
+        c.id !== me &&
+        !/[SM]/.test(c.flags ?? "") &&
+        !["sync", "psync", "replconf"].includes(c.cmd ?? "") &&
+        !/^sentinel-[0-9a-f]{8}-(cmd|pubsub)$/.test(c.name ?? ""),
+    );
   if (others.length)
     throw new MoveRefused(
       `${others.length} other client(s) are connected to the source (${others
@@ -127,7 +148,27 @@ async function clusterEmpty(dst: Redis): Promise<void> {
   }
 }
 
-async function snapshot(src: Redis): Promise<Snapshot> {
+/** RESTORE takes only payloads of its own RDB version or older: every primary runs the source's Redis version or a later one. */
+async function versionsMatch(src: Redis, dst: Redis): Promise<void> {
+  const version = async (r: Redis) =>
+    /redis_version:([0-9]+)\.([0-9]+)/
+      .exec(String(await r.info("server")))
+      ?.slice(1)
+      .map(Number) ?? [0, 0];
+  const [sm, sn] = await version(src);
+  for (const node of (dst as unknown as Cluster).nodes("master")) {
+    const [m, n] = await version(node);
+    if (m < sm || (m === sm && n < sn))
+      throw new MoveRefused(
+        `${node.options.host}:${node.options.port} runs Redis ${m}.${n}, older than the source's ${sm}.${sn}: its RESTORE refuses the source's DUMP payloads; upgrade the cluster first`,
+      );
+  }
+}
+
+/** The source as read: the plan's snapshot, and which keys had a time to live (they may lapse during the move). */
+type Read = Snapshot & { expiring: Set<string> };
+
+async function snapshot(src: Redis): Promise<Read> {
   const names = new Set<string>();
   let cursor = "0";
   do {
@@ -135,15 +176,22 @@ async function snapshot(src: Redis): Promise<Snapshot> {
     cursor = next;
     for (const k of keys) if (k.startsWith("mvpc:") || k.startsWith("mvpc-md:")) names.add(k);
   } while (cursor !== "0");
-  const snap: Snapshot = { types: new Map(), hashes: new Map(), strings: new Map(), sets: new Map() };
+  const snap: Read = { types: new Map(), hashes: new Map(), strings: new Map(), sets: new Map(), expiring: new Set() };
   const all = [...names];
   for (let i = 0; i < all.length; i += BATCH) {
     const chunk = all.slice(i, i + BATCH);
-    const types = await pipe(
+    const r = await pipe(
       src,
-      chunk.map((k) => ["type", k]),
+      chunk.flatMap((k) => [
+        ["type", k],
+        ["pttl", k],
+      ]),
     );
-    chunk.forEach((k, j) => types[j] !== "none" && snap.types.set(k, String(types[j])));
+    chunk.forEach((k, j) => {
+      if (r[2 * j] === "none") return;
+      snap.types.set(k, String(r[2 * j]));
+      if ((r[2 * j + 1] as number) > 0) snap.expiring.add(k);
+    });
   }
   const want = [...snap.types].filter(([k, t]) => wanted(k, t));
   for (let i = 0; i < want.length; i += BATCH) {
@@ -178,7 +226,7 @@ async function pipe(r: Redis, cmds: (string | Buffer | number)[][]): Promise<unk
   });
 }
 
-async function execute(src: Redis, dst: Redis, ops: Op[], snap: Snapshot): Promise<number> {
+async function execute(src: Redis, dst: Redis, ops: Op[], snap: Read, lapsed: Set<string>): Promise<number> {
   let written = 0;
   const copies = ops.filter((o): o is Extract<Op, { op: "copy" }> => o.op === "copy");
   for (let i = 0; i < copies.length; i += BATCH) {
@@ -190,8 +238,10 @@ async function execute(src: Redis, dst: Redis, ops: Op[], snap: Snapshot): Promi
     chunk.forEach((c, j) => {
       const [[e1, dump], [e2, ttl]] = [res[2 * j], res[2 * j + 1]];
       if (e1 || e2) throw e1 ?? e2;
-      if (dump === null || (ttl as number) === -2)
-        throw new Error(`${c.from} went away during the move (${snap.types.get(c.from)}): is a daemon still running? Empty the cluster and run the move again`);
+      if (dump === null || (ttl as number) === -2) {
+        if (snap.expiring.has(c.from)) return void lapsed.add(c.from);
+        throw new Error(`${c.from} went away during the move (a ${snap.types.get(c.from)} without a time to live): is a daemon still running?`);
+      }
       for (const to of c.to) {
         writes.push(dst.restore(to, Math.max(0, ttl as number), dump as Buffer));
         written++;
@@ -215,10 +265,10 @@ async function execute(src: Redis, dst: Redis, ops: Op[], snap: Snapshot): Promi
   return written;
 }
 
-/** Every key written has its source's type and length (a copy) or the fields the plan built; the source still has what was snapshot. */
-async function verify(src: Redis, dst: Redis, ops: Op[], snap: Snapshot): Promise<void> {
+/** Every key written has its source's type and length (a copy) or the fields the plan built. */
+async function verify(src: Redis, dst: Redis, ops: Op[], snap: Read, lapsed: Set<string>): Promise<void> {
   const wrong: string[] = [];
-  const copies = ops.filter((o): o is Extract<Op, { op: "copy" }> => o.op === "copy");
+  const copies = ops.filter((o): o is Extract<Op, { op: "copy" }> => o.op === "copy" && !lapsed.has(o.from));
   for (let i = 0; i < copies.length; i += BATCH) {
     const chunk = copies.slice(i, i + BATCH);
     const lens = await pipe(
@@ -230,6 +280,8 @@ async function verify(src: Redis, dst: Redis, ops: Op[], snap: Snapshot): Promis
         c.to.map(async (to) => {
           const t = snap.types.get(c.from)!;
           const [type, len] = await Promise.all([dst.type(to), dst.call(LENGTH[t] ?? "exists", to)]);
+          // A lease copied with its time to live may lapse on either side meanwhile.
+          if (snap.expiring.has(c.from) && (type === "none" || lens[j] === 0)) return;
           if (type !== t || len !== lens[j]) wrong.push(`${to}: ${type}/${String(len)} on the cluster, ${t}/${String(lens[j])} at ${c.from}`);
         }),
       ),
@@ -243,10 +295,25 @@ async function verify(src: Redis, dst: Redis, ops: Op[], snap: Snapshot): Promis
       } else if (op.op === "string" && (await dst.get(op.to)) !== op.value) wrong.push(`${op.to}: not ${op.value}`);
     }),
   );
-  if (wrong.length)
-    throw new Error(
-      `the copy does not match its source (a daemon still running?); empty the cluster and run the move again:\n  ${wrong.slice(0, 20).join("\n  ")}`,
-    );
+  if (wrong.length) throw new Error(`the copy does not match its source (a daemon still running?):\n  ${wrong.slice(0, 20).join("\n  ")}`);
+}
+
+/** The source still holds what was read: the same keys of the same types (less leases that lapsed), and the same contents of those the plan read. */
+async function unchanged(src: Redis, snap: Read, lapsed: Set<string>): Promise<void> {
+  const now = await snapshot(src);
+  const wrong: string[] = [];
+  for (const k of now.types.keys()) if (!snap.types.has(k)) wrong.push(`${k}: written during the move`);
+  for (const [k, t] of snap.types) {
+    const n = now.types.get(k);
+    if (n === undefined && !snap.expiring.has(k) && !lapsed.has(k)) wrong.push(`${k}: deleted during the move`);
+    else if (n !== undefined && n !== t) wrong.push(`${k}: a ${t} when read, a ${n} now`);
+  }
+  const same = (a: unknown, b: unknown) => JSON.stringify(a) === JSON.stringify(b);
+  for (const [k, h] of snap.hashes) if (now.types.has(k) && !same(h, now.hashes.get(k))) wrong.push(`${k}: changed during the move`);
+  for (const [k, v] of snap.strings) if (now.types.has(k) && v !== now.strings.get(k)) wrong.push(`${k}: changed during the move`);
+  for (const [k, v] of snap.sets)
+    if (now.types.has(k) && !same([...v].sort(), [...(now.sets.get(k) ?? [])].sort())) wrong.push(`${k}: changed during the move`);
+  if (wrong.length) throw new Error(`the single Redis changed during the move (a daemon still running?):\n  ${wrong.slice(0, 20).join("\n  ")}`);
 }
 
 export function addMoveToClusterCommand(program: Command): void {

@@ -90,7 +90,8 @@ export function wanted(key: string, type: string): boolean {
   if (type === "hash") {
     return (
       new RegExp(`^mvpc:subnet:${ID}$`).test(key) ||
-      new RegExp(`^mvpc:fw:(sg|acl|flowlog):${ID}$`).test(key) ||
+      new RegExp(`^mvpc:fw:(sg|acl|flowlog|nic):${ID}$`).test(key) ||
+      new RegExp(`^mvpc:fw:host:${HOST}:sig$`).test(key) ||
       new RegExp(`^mvpc:pcx:${ID}(:acks)?$`).test(key) ||
       new RegExp(`^mvpc:host:${HOST}:pcxacks$`).test(key)
     );
@@ -263,8 +264,10 @@ export function plan(snap: Snapshot): Plan {
     [/^mvpc:fw:gen$/, () => undefined],
     [/^mvpc:tokens$/, () => undefined],
     [
-      new RegExp(`^mvpc:fw:(sg|acl|flowlog):(${ID})(:members|:refby|:subnets)?$`),
-      (m, k) => {
+      new RegExp(`^mvpc:fw:(?:(sg):(${ID})(:members|:refby)?|(acl):(${ID})(:subnets)?|(flowlog):(${ID}))$`),
+      (g, k) => {
+        // One kind per alternative: [kind, id, part].
+        const m = ["", g[1] ?? g[4] ?? g[7], g[2] ?? g[5] ?? g[8], g[3] ?? g[6]];
         const v = vpcFor(m[2], k);
         if (!v) return;
         vpcs.add(v);
@@ -275,10 +278,10 @@ export function plan(snap: Snapshot): Plan {
         } else if (m[1] === "acl") {
           copy(k, m[3] === ":subnets" ? C.fw.aclSubnets(v, id) : C.fw.acl(v, id));
           if (!m[3]) add(C.fw.aclVpc!, id, `${v}/${nameOf.get(id)}`);
-        } else if (!m[3]) {
+        } else {
           copy(k, C.fw.flowLog(v, id));
           add(C.fw.flowLogVpc!, id, v);
-        } else refuse(`${k}: not a key of this release`);
+        }
       },
     ],
     [new RegExp(`^mvpc:fw:vpc:(${VPC}):(sg:byname|sgs|acl:byname|acls|nics|flowlogs)$`), (m, k) => (vpcs.add(m[1]), copy(k, fwVpcKey(m[2], m[1])))],
@@ -316,7 +319,10 @@ export function plan(snap: Snapshot): Plan {
           ? skip(k, "a tombstone of the vmm's move under its host's tag")
           : refuse(`${k}: a VM record under an earlier release's names; start that host's vmm once on this release, then run the move again`),
     ],
-    [new RegExp(`^mvpc:vm:vpc:${VPC}:byname$`), (_m, k) => skip(k, "an earlier release's name index, rebuilt under the VPC's tag by each vmm's start")],
+    [
+      new RegExp(`^mvpc:vm:vpc:${VPC}:byname$`),
+      (_m, k) => skip(k, "an earlier release's name index; this release keeps the one under the VPC's tag beside it"),
+    ],
     [
       new RegExp(`^mvpc:(vm:${ID}|vmlease:${ID}|vms)$`),
       (_m, k) => refuse(`${k}: a VM record of a release before host-scoped records; start every vmm once on this release, then run the move again`),
@@ -343,10 +349,25 @@ export function plan(snap: Snapshot): Plan {
       add(C.na.claimVersions(v)!, field, "1");
     }
   }
+  // By the subnet's VPC, where a cluster looks an association up, and the ACL id as it is: an association whose ACL has no record closes its subnet on both layouts, and must go on doing so.
   for (const [subnet, acl] of Object.entries(hash(SHARED.subnetAcl))) {
-    const v = vpcOf.get(acl);
+    const v = vpcOf.get(subnet);
     if (v) add(C.fw.subnetAcl(v), subnet, acl);
-    else skip(`${SHARED.subnetAcl} ${subnet}`, `its ACL ${acl} has no record`);
+    else
+      refuse(
+        `${SHARED.subnetAcl} field ${V.show(subnet)}: no subnet record says which VPC it is in; delete the field if the subnet is gone, then run the move again`,
+      );
+  }
+  // A binding without its host's copy of the signature (made before the copies existed) is trusted by a single Redis and held closed by a cluster.
+  for (const [key, h] of snap.hashes) {
+    const m = new RegExp(`^mvpc:fw:nic:(${ID})$`).exec(key);
+    if (!m || h.sig === undefined) continue;
+    const host = h.host ?? "";
+    if (!HOST_ID_RE.test(host)) refuse(`${key}: host ${V.show(host)} is not a host id; fix or delete the binding, then run the move again`);
+    else if (hash(S.fw.hostSigs(host))[m[1]] !== h.sig)
+      refuse(
+        `${key}: its host's copy of the binding (${S.fw.hostSigs(host)}) is missing or differs: start ${host}'s firewall once on this release (it copies its bindings'), or unbind the NIC, then run the move again`,
+      );
   }
   for (const [res, cfg] of Object.entries(hash(SHARED.flowLogByRes))) {
     const v = vpcOf.get(cfg);
@@ -373,6 +394,16 @@ export function plan(snap: Snapshot): Plan {
     else for (const v of [...vpcs].sort()) ops.push({ op: "string", to: each(v), value: g });
   }
   for (const [to, fields] of built) ops.push({ op: "hash", to, fields });
+  // Two sources on one cluster key (a tagged key already there under a name the move builds, or two rules meeting): one would overwrite or merge into the other.
+  const targets = new Map<string, string>();
+  for (const op of ops)
+    for (const to of op.op === "copy" ? op.to : [op.to]) {
+      const from = op.op === "copy" ? op.from : `(built ${op.op})`;
+      const prev = targets.get(to);
+      if (prev !== undefined)
+        refuse(`${to}: both ${prev} and ${from} would be written there; delete the one that is not this release's, then run the move again`);
+      else targets.set(to, from);
+    }
   return { ops, skipped, refusals };
 }
 

@@ -179,4 +179,53 @@ describe("move-to-cluster plan", () => {
     assert.match(said, /mvpc-md:hv1:insts: .* start that host's gateway once/);
     assert.ok(!p.ops.some((o) => o.op !== "copy" && o.to.includes("evil")), "nothing built from the hostile field");
   });
+
+  test("a subnet's ACL association goes under the subnet's VPC as it is, also when its ACL has no record (it keeps the subnet closed)", () => {
+    const p = plan(
+      snap(
+        { [`mvpc:subnet:${SN}`]: "hash", "mvpc:fw:subnet-acl": "hash" },
+        {
+          hashes: new Map<string, Record<string, string>>([
+            [`mvpc:subnet:${SN}`, subnet],
+            ["mvpc:fw:subnet-acl", { [SN]: "acl-999999999999" }],
+          ]),
+        },
+      ),
+    );
+    assert.deepEqual(p.refusals, []);
+    assert.deepEqual(built(p.ops)[`mvpc:{${V1}}:fw:subnet-acl`], { [SN]: "acl-999999999999" });
+  });
+
+  test("refuses two sources for one cluster key, a key of one kind under another's name, and a binding without its host's copy", () => {
+    const sig = '{"nic":"x"}';
+    const p = plan(
+      snap(
+        {
+          [`mvpc:subnet:${SN}`]: "hash",
+          "mvpc:tokens": "hash",
+          [`mvpc:{${V1}}:tokens`]: "hash",
+          [`mvpc:fw:sg:${SG}`]: "hash",
+          [`mvpc:fw:sg:${SG}:subnets`]: "set",
+          "mvpc:fw:nic:nic-555555555555": "hash",
+          "mvpc:fw:host:hv1:sig": "hash",
+        },
+        {
+          hashes: new Map<string, Record<string, string>>([
+            [`mvpc:subnet:${SN}`, subnet],
+            ["mvpc:tokens", { "subnet\nt2": SN }],
+            [`mvpc:fw:sg:${SG}`, group],
+            ["mvpc:fw:nic:nic-555555555555", { sig, host: "hv1" }],
+            ["mvpc:fw:host:hv1:sig", { "nic-555555555555": '{"nic":"other"}' }],
+          ]),
+        },
+      ),
+    );
+    const said = p.refusals.join("\n");
+    assert.match(said, new RegExp(`mvpc:\\{${V1}\\}:tokens: both mvpc:\\{${V1}\\}:tokens and \\(built hash\\) would be written there`));
+    assert.match(said, new RegExp(`mvpc:fw:sg:${SG}:subnets: not a key this release knows`), "a group has no :subnets");
+    assert.match(
+      said,
+      /mvpc:fw:nic:nic-555555555555: its host's copy of the binding \(mvpc:fw:host:hv1:sig\) is missing or differs: start hv1's firewall once/,
+    );
+  });
 });
