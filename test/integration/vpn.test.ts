@@ -46,6 +46,7 @@ import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { ipamKeys } from "../../services/ipam/schema.js";
 import { vpnKeysOf } from "../../services/netagent/schema.js";
 import { vpnRoute } from "../../services/netagent/vpn/schema.js";
+import * as V from "../../services/common/validate.js";
 import { VpnStore } from "../../services/netagent/vpn/store.js";
 import { vpnIfName } from "../../services/netagent/vpn/sync.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
@@ -284,6 +285,59 @@ test("the client range is reserved in IPAM: a subnet in it is refused naming the
   // Both orders happened, or the check proved nothing about the scripts.
   console.log(`race: endpoint won ${wins.endpoint}, subnet won ${wins.subnet}`);
   for (const s of (await subnets().listSubnets({ vpc: race.id })).subnets) await subnets().deleteSubnet({ ref: s.id });
+}, 60_000);
+
+test("narrowing the client range is refused while clients hold addresses outside it, naming them; racing CreateVpnClient never leaves a client outside the range", async () => {
+  const v = await h.vpc("narrow", "10.4.0.0/16");
+  const key = () => randomBytes(32).toString("base64");
+  const set = (clientCidr: string) =>
+    vpn().setVpnEndpoint({ vpc: v.id, hostId: h.hosts[0].id, publicAddress: "192.168.100.10", listenPort: 51821, clientCidr });
+  await set("10.4.250.0/24");
+  // Six clients fill the hosts of 10.4.250.0/29 (.1–.6).
+  const six = [];
+  for (let i = 0; i < 6; i++) six.push((await vpn().createVpnClient({ vpc: v.id, name: `c${i}`, publicKey: key() })).client!);
+  assert.deepEqual(
+    six.map((c) => c.address),
+    ["10.4.250.1", "10.4.250.2", "10.4.250.3", "10.4.250.4", "10.4.250.5", "10.4.250.6"],
+  );
+  await rejectsWith(
+    set("10.4.250.128/25"),
+    Code.FailedPrecondition,
+    /clients c0 \(10\.4\.250\.1\), c1 \(10\.4\.250\.2\), c2 \(10\.4\.250\.3\) hold addresses outside 10\.4\.250\.128\/25/,
+  );
+  assert.equal((await vpn().getVpnEndpoint({ vpc: v.id })).endpoint!.clientCidr, "10.4.250.0/24", "refused: the range is as it was");
+  // The race: a seventh client (it would get .7, the /29's broadcast) against the narrowing to the /29. One wins; no client is ever outside.
+  const won = { client: 0, narrowing: 0 };
+  for (let i = 0; i < 8; i++) {
+    // The narrowing a little later each round: a create reads before its script, so at once the narrowing always lands first.
+    const [c, e] = await Promise.allSettled([
+      vpn().createVpnClient({ vpc: v.id, name: `late${i}`, publicKey: key() }),
+      new Promise((r) => setTimeout(r, i * 3)).then(() => set("10.4.250.0/29")),
+    ]);
+    const range = (await vpn().getVpnEndpoint({ vpc: v.id })).endpoint!.clientCidr;
+    const [net, bits] = range.split("/");
+    const base = V.ipToInt(net);
+    const size = 2 ** (32 - Number(bits));
+    for (const x of (await vpn().listVpnClients({ vpc: v.id })).clients) {
+      const a = V.ipToInt(x.address);
+      assert.ok(a > base && a < base + size - 1, `round ${i}: client ${x.name} (${x.address}) is a host of the endpoint's range ${range}`);
+    }
+    if (c.status === "fulfilled") {
+      won.client++;
+      assert.equal(e.status, "rejected", `round ${i}: the narrowing after the client is refused`);
+      assert.match(
+        String((e as PromiseRejectedResult).reason),
+        new RegExp(`late${i} \\(10\\.4\\.250\\.7\\) holds? addresses outside|clients late${i} \\(10\\.4\\.250\\.7\\) hold addresses outside`),
+      );
+      await vpn().deleteVpnClient({ client: c.value.client!.id });
+    } else {
+      won.narrowing++;
+      await set("10.4.250.0/24");
+    }
+  }
+  console.log(`narrowing race: client won ${won.client}, narrowing won ${won.narrowing}`);
+  for (const c of (await vpn().listVpnClients({ vpc: v.id })).clients) await vpn().deleteVpnClient({ client: c.id });
+  await vpn().deleteVpnEndpoint({ vpc: v.id });
 }, 60_000);
 
 test("a client is a member of its groups for other groups' rules: web-1's '22 from group ssh-only' admits the ssh-only client, not another client of the VPC", async () => {

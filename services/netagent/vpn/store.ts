@@ -20,9 +20,9 @@ export type SecurityGroupRec = Extract<ReturnType<typeof parseGroup>, { ok: true
 // Refused if the endpoint is gone by now, or its client range is no longer
 // the one the address was taken from (ARGV[9]): DeleteVpnEndpoint's script
 // deletes it only while the VPC has no client, so no client outlives it.
-// (A SetVpnEndpoint that narrows the range checks the clients from the
-// client, before its script: a create racing it can still land outside the
-// new range.)
+// A SetVpnEndpoint that narrows the range checks the clients' addresses in
+// its script (the addrs hash, same slot): whichever of the two runs second
+// is refused.
 // KEYS: clients keys addrs client-index gen ep; ARGV: name key address vpc id groups(csv) json index range
 const CREATE = `${LUA_EMIT}
 if redis.call('HGET', KEYS[6], 'cidr') ~= ARGV[9] then return 'endpoint' end
@@ -51,9 +51,10 @@ return tostring(g)
 // the check that no subnet of the VPC overlaps the range: CreateSubnet's
 // script checks the reservation the same way (ipam/schema.ts
 // LUA_RANGE_CHECKS), so whichever runs second is refused.
-// KEYS: vpc, vpc subnets, vpc reserved, ep, gen; ARGV: vpc base size
+// KEYS: vpc, vpc subnets, vpc reserved, ep, gen, the VPC's client addresses; ARGV: vpc base size
 // reservation, the prefix of the subnets' records (IpamKeys.subnetIn), then the ep's field/value pairs.
-// Returns {1, gen}, {-4} no VPC, {-2, subnet id} overlaps a subnet, {-6, owner} overlaps another reservation.
+// Returns {1, gen}, {-4} no VPC, {-2, subnet id} overlaps a subnet, {-6, owner} overlaps another reservation,
+// {-7, "name (address), …"} clients (up to 3 named) hold addresses that are not hosts of the new range.
 // The listing of endpoints (eps) is written before it and again after it, apart: on a cluster it is in another slot.
 const SET_ENDPOINT = `${LUA_EMIT}${LUA_RANGE_CHECKS}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
@@ -62,6 +63,16 @@ local s = subnet_overlapping(KEYS[2], base, size, ARGV[5])
 if s then return {-2, s} end
 local o = reservation_overlapping(KEYS[3], base, size, 'vpn')
 if o then return {-6, o} end
+local held, outside = redis.call('HGETALL', KEYS[6]), {}
+for i = 1, #held - 1, 2 do
+  local o1, o2, o3, o4 = string.match(held[i], '^(%d+)%.(%d+)%.(%d+)%.(%d+)$')
+  local a = o1 and ((tonumber(o1) * 256 + tonumber(o2)) * 256 + tonumber(o3)) * 256 + tonumber(o4)
+  if not a or a <= base or a >= base + size - 1 then
+    outside[#outside + 1] = held[i + 1] .. ' (' .. held[i] .. ')'
+    if #outside == 3 then break end
+  end
+end
+if #outside > 0 then return {-7, table.concat(outside, ', ')} end
 redis.call('HSET', KEYS[3], 'vpn', ARGV[4])
 local f = {}
 for i = 6, #ARGV do f[#f + 1] = ARGV[i] end
@@ -118,19 +129,20 @@ export class VpnStore {
   async setEndpoint(
     e: Omit<VpnEndpointRec, "publicKey">,
     range: V.Cidr,
-  ): Promise<{ gen: number } | { overlapsSubnet: string } | { overlapsReservation: string } | { noVpc: true }> {
+  ): Promise<{ gen: number } | { overlapsSubnet: string } | { overlapsReservation: string } | { clientsOutside: string } | { noVpc: true }> {
     const what = `the VPN client range of VPC ${e.vpcId}'s endpoint on host ${e.hostId} (${e.publicAddress}:${e.listenPort})`;
     const L = ipamKeys(this.redis);
     // Listed first: a sync that reads the counter this script raises then lists the VPC (a listed VPC without an endpoint record is skipped).
     await this.redis.sadd(this.keys.eps, e.vpcId);
     const [code, ref] = (await this.redis.eval(
       scriptFor(this.redis, SET_ENDPOINT),
-      5,
+      6,
       L.vpc(e.vpcId),
       L.vpcSubnets(e.vpcId),
       L.vpcReserved(e.vpcId),
       this.keys.ep(e.vpcId),
       this.keys.gen(e.vpcId),
+      this.keys.addrs(e.vpcId),
       e.vpcId,
       range.base,
       range.size,
@@ -148,6 +160,7 @@ export class VpnStore {
     if (code === -4) return { noVpc: true };
     if (code === -2) return { overlapsSubnet: String(ref) };
     if (code === -6) return { overlapsReservation: String(ref) };
+    if (code === -7) return { clientsOutside: String(ref) };
     // Listed again after: a DeleteVpnEndpoint that ran between the first SADD and the script took the VPC out (deleteEndpoint says why this is enough).
     await this.redis.sadd(this.keys.eps, e.vpcId);
     return { gen: Number(ref) };
