@@ -71,6 +71,7 @@ const S = {
 };
 
 const ID = "[a-z]+-[0-9a-f]{12}";
+const VPN_ORPHAN = "a VPN record of a deleted VPC (DeleteVpc did not check for an endpoint before 5 December)";
 const VPC = "vpc-[0-9a-f]{12}";
 const HOST = "[a-z0-9]{1,24}";
 
@@ -173,6 +174,14 @@ export function plan(snap: Snapshot): Plan {
     return v;
   };
   const vpcs = new Set<string>();
+  /** Whether VPC `v` has no record (deleted). */
+  const gone = (v: string) => !snap.types.has(S.ipam.vpc(v));
+  const vpnKey = (m: RegExpExecArray, k: string) => {
+    if (m[2]) {
+      vpcs.add(m[2]);
+      copy(k, C.vpn.ep(m[2]));
+    } else copy(k, C.vpn[m[4] as "clients" | "keys" | "addrs"](m[3]));
+  };
 
   const rules: Rule[] = [
     // Under the same name on both: already tagged (IPAM's allocation state, the vmm's records, the change streams, host metadata) or alone in their slot.
@@ -248,15 +257,17 @@ export function plan(snap: Snapshot): Plan {
     // VPN
     [/^mvpc:vpn:gen$/, () => undefined],
     [/^mvpc:vpn:eps$/, (_m, k) => copy(k, C.vpn.eps)],
-    [new RegExp(`^mvpc:vpn:ep:(${VPC})$`), (m, k) => (vpcs.add(m[1]), copy(k, C.vpn.ep(m[1])))],
+    // A VPC's VPN keys whose VPC is gone: what a DeleteVpc before 5 December left (it did not check for an endpoint).
+    [new RegExp(`^mvpc:vpn:(ep:(${VPC})|vpc:(${VPC}):(clients|keys|addrs))$`), (m, k) => (gone(m[2] ?? m[3]) ? skip(k, VPN_ORPHAN) : vpnKey(m, k))],
     [new RegExp(`^mvpc:vpn:host:(${HOST}):keys$`), (m, k) => copy(k, C.vpn.hostKeys(m[1]))],
     [new RegExp(`^mvpc:vpn:host:(${HOST}):applied$`), (m, k) => copy(k, C.vpn.hostApplied(m[1]))],
-    [new RegExp(`^mvpc:vpn:vpc:(${VPC}):(clients|keys|addrs)$`), (m, k) => copy(k, C.vpn[m[2] as "clients" | "keys" | "addrs"](m[1]))],
+
     [
       new RegExp(`^mvpc:vpn:client:(${ID})$`),
       (m, k) => {
         const v = /^(vpc-[0-9a-f]{12})\/[^/]+$/.exec(snap.strings.get(k) ?? "")?.[1];
-        if (v) copy(k, C.vpn.client(v, m[1]), C.vpn.clientCatalog(m[1])!);
+        if (v && gone(v)) skip(k, VPN_ORPHAN);
+        else if (v) copy(k, C.vpn.client(v, m[1]), C.vpn.clientCatalog(m[1])!);
         else refuse(`${k}: ${V.show(snap.strings.get(k) ?? "")} is not "<vpc>/<name>"; fix or delete it, then run the move again`);
       },
     ],

@@ -228,4 +228,30 @@ describe("move-to-cluster plan", () => {
       /mvpc:fw:nic:nic-555555555555: its host's copy of the binding \(mvpc:fw:host:hv1:sig\) is missing or differs: start hv1's firewall once/,
     );
   });
+
+  test("a deleted VPC's VPN records (left by DeleteVpc before it checked for an endpoint) are left behind; a living VPC's move", () => {
+    const p = plan(
+      snap(
+        {
+          [`mvpc:vpc:${V1}`]: "hash",
+          [`mvpc:vpn:ep:${V1}`]: "hash",
+          [`mvpc:vpn:ep:${V2}`]: "hash",
+          [`mvpc:vpn:vpc:${V2}:clients`]: "hash",
+          "mvpc:vpn:client:vpnc-111111111111": "string",
+          "mvpc:vpn:client:vpnc-222222222222": "string",
+        },
+        {
+          strings: new Map([
+            ["mvpc:vpn:client:vpnc-111111111111", `${V1}/laptop`],
+            ["mvpc:vpn:client:vpnc-222222222222", `${V2}/old`],
+          ]),
+        },
+      ),
+    );
+    assert.deepEqual(p.refusals, []);
+    const c = copies(p.ops);
+    assert.deepEqual(c[`mvpc:vpn:ep:${V1}`], [`mvpc:{${V1}}:vpn:ep`]);
+    assert.deepEqual(c["mvpc:vpn:client:vpnc-111111111111"], [`mvpc:{${V1}}:vpn:client:vpnc-111111111111`, "mvpc:{vpn}:client:vpnc-111111111111"]);
+    assert.deepEqual(p.skipped.map((s) => s.key).sort(), [`mvpc:vpn:ep:${V2}`, "mvpc:vpn:client:vpnc-222222222222", `mvpc:vpn:vpc:${V2}:clients`].sort());
+  });
 });
