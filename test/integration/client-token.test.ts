@@ -1,18 +1,41 @@
 // A create's client token (services/common/client-token.ts) against a real
-// redis-server: the id the token names is read from the client and its
-// record declared to the script, which checks that the token still names
-// it. A retry gets the first create's record; a token that moved between
-// the read and the script is read again; one naming a record that is gone,
-// or holding something that is not an id, is taken over by the next create.
+// redis-server, or with MICROVPC_TEST_ON_CLUSTER=1 a 3+3 Redis Cluster
+// (test/lib/on-cluster.ts), where a VPC create's tokens are in the catalog's
+// slot (IpamKeys.vpcTokens): the id the token names is read from the client
+// and its record declared to the script, which checks that the token still
+// names it. A retry gets the first create's record; a token that moved
+// between the read and the script is read again; one naming a record that is
+// gone, or holding something that is not an id, is taken over by the next
+// create.
 import assert from "node:assert/strict";
-import { test } from "vitest";
-import { K } from "../../services/ipam/keys.js";
+import type { Cluster, Redis } from "ioredis";
+import { afterAll, beforeAll, beforeEach, test } from "vitest";
+import { connectRedis, isCluster, waitReady } from "../../services/common/redis.js";
+import { ipamKeys, type IpamKeys } from "../../services/ipam/schema.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { ipToInt } from "../../services/common/validate.js";
 import { subnetSpec } from "../lib/ipam-specs.js";
-import { scratchRedis } from "../lib/scratch-redis.js";
+import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 
-const db = scratchRedis();
+let server: DaemonsRedis | undefined;
+const db = {} as { r: Redis; keys: IpamKeys };
+
+beforeAll(async () => {
+  server = await startDaemonsRedis({ persistence: false });
+  db.r = connectRedis({ url: server.url, commandTimeoutMs: 5000 });
+  await waitReady(db.r);
+  db.keys = ipamKeys(db.r);
+});
+
+afterAll(async () => {
+  db.r?.disconnect();
+  await server?.stop();
+});
+
+// Each test on an empty Redis: every primary of a cluster.
+beforeEach(async () => {
+  await Promise.all((isCluster(db.r) ? (db.r as unknown as Cluster).nodes("master") : [db.r]).map((n) => n.flushall()));
+});
 
 const vpc = (name: string) => ({ name, cidr: "10.70.0.0/16", base: ipToInt("10.70.0.0"), prefix: 16, description: "", labels: [], publicCidr: false });
 
@@ -31,7 +54,8 @@ test("a token that moves between the client's read and the script is read again"
   // The client reads an id the token no longer names (another create of it landed in between).
   const hget = db.r.hget.bind(db.r);
   let reads = 0;
-  db.r.hget = ((...a: Parameters<typeof hget>) => (a[0] === K.tokens && reads++ === 0 ? Promise.resolve("vpc-ffffffffffff") : hget(...a))) as typeof db.r.hget;
+  db.r.hget = ((...a: Parameters<typeof hget>) =>
+    a[0] === db.keys.vpcTokens && reads++ === 0 ? Promise.resolve("vpc-ffffffffffff") : hget(...a)) as typeof db.r.hget;
   try {
     const again = await s.createVpc(vpc("moving"), "tok-m");
     assert.deepEqual([again.created, again.vpc.id], [false, first.vpc.id]);
@@ -48,12 +72,12 @@ test("a token naming a VPC that is gone, or holding no id at all, is taken over 
   const next = await s.createVpc(vpc("gone"), "tok-g");
   assert.equal(next.created, true);
   assert.notEqual(next.vpc.id, gone.vpc.id);
-  assert.equal(await db.r.hget(K.tokens, "vpc\ntok-g"), next.vpc.id, "the token names the new one");
+  assert.equal(await db.r.hget(db.keys.vpcTokens, "vpc\ntok-g"), next.vpc.id, "the token names the new one");
   // Another host's (or a bug's) write: the field holds something that is not a VPC id. No key is made of it.
-  await db.r.hset(K.tokens, "vpc\ntok-x", "vpc-../../mvpc:tokens");
+  await db.r.hset(db.keys.vpcTokens, "vpc\ntok-x", "vpc-../../mvpc:tokens");
   const x = await s.createVpc(vpc("x"), "tok-x");
   assert.equal(x.created, true);
-  assert.equal(await db.r.hget(K.tokens, "vpc\ntok-x"), x.vpc.id);
+  assert.equal(await db.r.hget(db.keys.vpcTokens, "vpc\ntok-x"), x.vpc.id);
 });
 
 test("a subnet's client token works the same way", async () => {
@@ -63,4 +87,9 @@ test("a subnet's client token works the same way", async () => {
   const a = await s.createSubnet(spec, "tok-s");
   const again = await s.createSubnet(spec, "tok-s");
   assert.deepEqual([a.created, again.created, again.subnet.id], [true, false, a.subnet.id]);
+  assert.equal(
+    await db.r.hget(db.keys.subnetTokens(v.id), "subnet\ntok-s"),
+    a.subnet.id,
+    "the token is in the VPC's tokens (the shared mvpc:tokens on one Redis)",
+  );
 });

@@ -1,24 +1,31 @@
 // Transit indexes (one /30 per VPC per hypervisor, 16 000 per host) are
 // reused: a VPC that leaves frees its index for the next one, so a host that
 // sees VPCs come and go never runs out (it used to, and then the metadata
-// server answered 404 to every new VPC). Against a real redis-server.
+// server answered 404 to every new VPC). Against a real redis-server, or with
+// MICROVPC_TEST_ON_CLUSTER=1 a 3+3 Redis Cluster (test/lib/on-cluster.ts),
+// where a host's indexes are under its hash tag (GatewayKeys.transit).
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
-import { MAX_TRANSIT } from "../../services/gateway/schema.js";
+import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { gwKeys, MAX_TRANSIT, type GatewayKeys } from "../../services/gateway/schema.js";
 import { GatewayStore } from "../../services/gateway/store.js";
-import { startRedis, type TestRedis } from "../lib/redis.js";
+import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 
-let server: TestRedis;
+let server: DaemonsRedis;
 let redis: Redis;
+let keys: GatewayKeys;
 let store: GatewayStore;
 const HOST = "hv-transit";
 const vpcId = () => `vpc-${randomBytes(6).toString("hex")}`;
 
 beforeAll(async () => {
-  server = await startRedis({ appendfsync: "no" });
-  redis = new Redis(server.url);
+  server = await startDaemonsRedis({ appendfsync: "no" });
+  // 1000 scripts at once (the second case): room over the services' 2 s per command for a machine the suite shares.
+  redis = connectRedis({ url: server.url, commandTimeoutMs: 10_000 });
+  await waitReady(redis);
+  keys = gwKeys(redis);
   store = new GatewayStore(redis);
 });
 
@@ -52,6 +59,8 @@ describe("transit indexes", () => {
     await assert.rejects(store.transitIndex(HOST, late), /transit indexes of hv-transit are in use/);
     const k = await store.releaseTransit(HOST, ids[1234]);
     assert.equal(await store.transitIndex(HOST, late), k, "the freed index goes to the waiting VPC");
-    await redis.del(`mvpc:gw:host:${HOST}:transit`, `mvpc:gw:host:${HOST}:transitfree`);
+    // Every VPC's index, and the next never used, in the host's transit hash of this layout (one slot: the host's).
+    assert.equal(await redis.hlen(keys.transit(HOST)), MAX_TRANSIT + 1);
+    await redis.del(keys.transit(HOST), keys.transitFree(HOST));
   });
 });
