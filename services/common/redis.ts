@@ -154,6 +154,18 @@ const retryDelay = (times: number): number => Math.min(50 * 2 ** Math.min(times,
  * commands fail fast while Redis is unreachable (no offline queue, one retry,
  * a per-command timeout) and the client reconnects in the background.
  */
+/**
+ * Lua: server_ms(), the Redis server's clock in ms (TIME): what a script
+ * compares times by when the daemons that write and read them run on hosts
+ * whose clocks may disagree.
+ */
+export const LUA_SERVER_MS = `
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+`;
+
 export function connectRedis(opts: RedisOptions): Redis {
   const client = isClusterUrl(opts.url) ? connectCluster(opts) : connectSingle(opts);
   let down = false;

@@ -12,69 +12,15 @@ import { AlreadyExistsError, InvalidArgumentError } from "../common/errors.js";
 import { idOrNull, isId, newId } from "../common/ids.js";
 import { defineVariadicCommand } from "../common/redis.js";
 import { reportInvalid } from "../common/invalid-records.js";
-import * as V from "../common/validate.js";
 import { ipamKeys, P, type IpamKeys } from "../ipam/schema.js";
 import { F, FK, fwKeys, type FirewallKeys } from "./keys.js";
 import type { BindingRec } from "./model.js";
 import { AbortedError } from "./store.js";
 import { LUA_UTIL } from "./scripts.js";
+import { parseFlowLogConfig, type FlowLogConfigRec } from "./schema.js";
 
-export interface FlowLogConfigRec {
-  id: string;
-  vpcId: string;
-  /** A VPC, subnet or NIC id. */
-  resourceId: string;
-  sampleRate: number;
-  description: string;
-  createdMs: number;
-  /**
-   * A NIC's config: the bound time of the binding it was made for. It applies
-   * to that binding only: a NIC unbound and bound again (a new binding, a new
-   * bound time) does not inherit it, and the garbage collection deletes it.
-   */
-  nicBoundMs?: number;
-}
-
-export const RESOURCE_RE = /^(vpc|subnet|nic)-[0-9a-f]{12}$/;
-
-/** Checks a sample rate as the flag, the API or a stored record gives it: a number with 0 < r ≤ 1. */
-export function checkSampleRate(field: string, v: unknown): number {
-  const r = typeof v === "string" && /^[0-9]{0,3}\.?[0-9]{1,17}$/.test(v) ? Number(v) : v;
-  if (typeof r !== "number" || !Number.isFinite(r) || r <= 0 || r > 1)
-    throw new InvalidArgumentError(field, `a sample rate is a number with 0 < rate ≤ 1, got ${V.show(String(v))}`);
-  return r;
-}
-
-/** The resource id of a request or record: a VPC, subnet or NIC id. */
-export function checkResource(field: string, v: string): string {
-  if (!RESOURCE_RE.test(v))
-    throw new InvalidArgumentError(field, `${V.show(v)} is not a VPC, subnet or NIC id ("vpc-…", "subnet-…" or "nic-…" and 12 hex digits)`);
-  return v;
-}
-
-/** A configuration hash as HGETALL returns it, checked as CreateFlowLogConfig checks a request. */
-export function parseFlowLogConfig(h: Record<string, string>, id?: string): V.Parsed<FlowLogConfigRec> {
-  return V.attempt(() => {
-    const rec: FlowLogConfigRec = {
-      id: V.id("id", V.field(h, "id"), "fl"),
-      vpcId: V.id("vpc", V.field(h, "vpc"), "vpc"),
-      resourceId: checkResource("resource", V.field(h, "resource")),
-      sampleRate: checkSampleRate("rate", V.field(h, "rate")),
-      description: V.text("description", h.description ?? ""),
-      createdMs: V.storedInt("created", h.created ?? "0", 0),
-      ...(h.bound !== undefined ? { nicBoundMs: V.storedInt("bound", h.bound, 0) } : {}),
-    };
-    if (rec.nicBoundMs !== undefined && !rec.resourceId.startsWith("nic-"))
-      throw new InvalidArgumentError("bound", `only a NIC's config has a bound time (${V.show(rec.resourceId)} is not a NIC)`);
-    if (id !== undefined && rec.id !== id) throw new InvalidArgumentError("id", `${V.show(rec.id)} is not the id of its key (${V.show(id)})`);
-    if (rec.resourceId.startsWith("vpc-") && rec.resourceId !== rec.vpcId)
-      throw new InvalidArgumentError("resource", `${V.show(rec.resourceId)} is a VPC other than the record's (${rec.vpcId})`);
-    for (const k of Object.keys(h))
-      if (!["id", "vpc", "resource", "rate", "description", "created", "bound"].includes(k))
-        throw new InvalidArgumentError(k, "is not a field of a flow-log config");
-    return rec;
-  });
-}
+// The record and its checks are the firewall's contract with its readers (schema.ts).
+export { checkResource, checkSampleRate, parseFlowLogConfig, RESOURCE_RE, type FlowLogConfigRec } from "./schema.js";
 
 /**
  * The NICs of `nics` that log, and each one's sample rate: the most

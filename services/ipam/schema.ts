@@ -7,9 +7,11 @@ import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "..
 import { reportInvalid } from "../common/invalid-records.js";
 import { idOrNull, isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
+import { LUA_SERVER_MS } from "../common/redis.js";
 import { ipamKeys, K, type IpamKeys } from "./keys.js";
 
 export { IPAM_KEYS, ipamKeys, K, P, type IpamKeys } from "./keys.js";
+export { LUA_SERVER_MS };
 
 export interface Label {
   key: string;
@@ -159,18 +161,9 @@ local function reservation_overlapping(hash, base, size, except)
 end
 `;
 
-/**
- * Lua: server_ms(), the Redis server's clock in ms (TIME). A subnet's delete
- * marks (IpamKeys.deleting) are scored and read by it alone: the daemons
- * that set and read them run on hosts whose clocks may disagree, while the
- * mark's slot has one clock.
- */
-export const LUA_SERVER_MS = `
-local function server_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-`;
+// A subnet's delete marks (IpamKeys.deleting) are scored and read by the
+// Redis server's clock alone (LUA_SERVER_MS): the daemons that set and read
+// them run on hosts whose clocks may disagree, while the mark's slot has one.
 
 /**
  * How many of a subnet's delete marks are live by the Redis server's clock

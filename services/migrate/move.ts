@@ -131,16 +131,13 @@ async function noOtherClients(src: Redis): Promise<void> {
 
 async function clusterEmpty(dst: Redis): Promise<void> {
   for (const node of (dst as unknown as Cluster).nodes("master")) {
-    const [, keys] = await node.scan("0", "MATCH", "mvpc*", "COUNT", 1000);
-    let found = keys[0];
-    if (!found) {
-      let cursor = "0";
-      do {
-        const r = await node.scan(cursor, "MATCH", "mvpc*", "COUNT", 1000);
-        cursor = r[0];
-        found = r[1][0];
-      } while (!found && cursor !== "0");
-    }
+    let cursor = "0";
+    let found: string | undefined;
+    do {
+      const r = await node.scan(cursor, "MATCH", "mvpc*", "COUNT", 1000);
+      cursor = r[0];
+      found = r[1][0];
+    } while (!found && cursor !== "0");
     if (found)
       throw new MoveRefused(
         `the cluster already holds microvpc keys (${found} on ${node.options.host}:${node.options.port}): the move copies into an empty cluster; empty it (FLUSHALL on each primary) if it holds a move that failed part-way`,

@@ -18,7 +18,7 @@ import { isId } from "../common/ids.js";
 import { HOST_ID_RE } from "../common/host.js";
 import * as V from "../common/validate.js";
 import { DK_CLUSTER } from "../dns/schema.js";
-import { FW_KEYS, parseAcl, parseGroup } from "../firewall/schema.js";
+import { FW_KEYS, parseAcl, parseFlowLogConfig, parseGroup } from "../firewall/schema.js";
 import { GW_KEYS } from "../gateway/schema.js";
 import { IPAM_KEYS, parseSubnet } from "../ipam/schema.js";
 import { NA_KEYS, VPN_KEYS } from "../netagent/schema.js";
@@ -75,6 +75,20 @@ const VPN_ORPHAN = "a VPN record of a deleted VPC (DeleteVpc did not check for a
 const VPC = "vpc-[0-9a-f]{12}";
 const HOST = "[a-z0-9]{1,24}";
 
+/** The records and indexes the plan reads (compiled once: the plan and wanted() meet every key of the source). */
+const RE = {
+  subnet: new RegExp(`^mvpc:subnet:(${ID})$`),
+  fwRecord: new RegExp(`^mvpc:fw:(sg|acl|flowlog):(${ID})$`),
+  fwWanted: new RegExp(`^mvpc:fw:(sg|acl|flowlog|nic):${ID}$`),
+  fwNic: new RegExp(`^mvpc:fw:nic:(${ID})$`),
+  hostSigs: new RegExp(`^mvpc:fw:host:${HOST}:sig$`),
+  pcx: new RegExp(`^mvpc:pcx:(${ID})$`),
+  pcxAcks: new RegExp(`^mvpc:pcx:(${ID}):acks$`),
+  hostAcks: new RegExp(`^mvpc:host:${HOST}:pcxacks$`),
+  vpnClient: new RegExp(`^mvpc:vpn:client:${ID}$`),
+  peerings: new RegExp(`^mvpc:vpc:${VPC}:peerings$`),
+};
+
 /** The single Redis's shared keys whose contents the plan needs (split by owner, or read for a VPC). */
 const SHARED = {
   tokens: S.ipam.vpcTokens,
@@ -89,16 +103,10 @@ const SHARED = {
 export function wanted(key: string, type: string): boolean {
   if (Object.values(SHARED).includes(key)) return true;
   if (type === "hash") {
-    return (
-      new RegExp(`^mvpc:subnet:${ID}$`).test(key) ||
-      new RegExp(`^mvpc:fw:(sg|acl|flowlog|nic):${ID}$`).test(key) ||
-      new RegExp(`^mvpc:fw:host:${HOST}:sig$`).test(key) ||
-      new RegExp(`^mvpc:pcx:${ID}(:acks)?$`).test(key) ||
-      new RegExp(`^mvpc:host:${HOST}:pcxacks$`).test(key)
-    );
+    return [RE.subnet, RE.fwWanted, RE.hostSigs, RE.pcx, RE.pcxAcks, RE.hostAcks].some((re) => re.test(key));
   }
-  if (type === "string") return new RegExp(`^mvpc:vpn:client:${ID}$`).test(key);
-  if (type === "set") return new RegExp(`^mvpc:vpc:${VPC}:peerings$`).test(key);
+  if (type === "string") return RE.vpnClient.test(key);
+  if (type === "set") return RE.peerings.test(key);
   return false;
 }
 
@@ -130,8 +138,8 @@ export function plan(snap: Snapshot): Plan {
   const unplaced = (key: string, reason: string) =>
     refuse(`${key}: ${reason}; its VPC, and so its name on the cluster, cannot be known: fix or delete it, then run the move again`);
   for (const [key, h] of snap.hashes) {
-    const sn = new RegExp(`^mvpc:subnet:(${ID})$`).exec(key);
-    const fw = new RegExp(`^mvpc:fw:(sg|acl|flowlog):(${ID})$`).exec(key);
+    const sn = RE.subnet.exec(key);
+    const fw = RE.fwRecord.exec(key);
     if (sn) {
       const p = V.attempt(() => parseSubnet(h));
       if (p.ok && p.value.id === sn[1]) vpcOf.set(sn[1], p.value.vpcId);
@@ -140,19 +148,10 @@ export function plan(snap: Snapshot): Plan {
         unplaced(key, p.ok ? `its id is ${p.value.id}` : p.reason);
       }
     } else if (fw) {
-      // A flow-log configuration's VPC with the validator its parser (firewall/flowlog-config.ts) applies to the field.
-      const p =
-        fw[1] === "sg"
-          ? parseGroup(h, fw[2])
-          : fw[1] === "acl"
-            ? parseAcl(h, [], fw[2])
-            : V.attempt(() => {
-                if (h.id !== fw[2]) throw new Error(`its id is ${V.show(h.id ?? "")}`);
-                return { vpcId: V.id("vpc", V.field(h, "vpc"), "vpc"), name: "" };
-              });
+      const p = fw[1] === "sg" ? parseGroup(h, fw[2]) : fw[1] === "acl" ? parseAcl(h, [], fw[2]) : parseFlowLogConfig(h, fw[2]);
       if (p.ok) {
         vpcOf.set(fw[2], p.value.vpcId);
-        nameOf.set(fw[2], p.value.name);
+        if ("name" in p.value) nameOf.set(fw[2], p.value.name);
       } else {
         refusedIds.add(fw[2]);
         unplaced(key, p.reason);
@@ -161,7 +160,7 @@ export function plan(snap: Snapshot): Plan {
   }
   const peerings = new Map<string, { vpc1Id: string; vpc2Id: string; vpc1Cidr: string; vpc2Cidr: string; createdMs: number }>();
   for (const [key, h] of snap.hashes) {
-    const m = new RegExp(`^mvpc:pcx:(${ID})$`).exec(key);
+    const m = RE.pcx.exec(key);
     if (!m) continue;
     const p = parsePeeringRecord(m[1], h);
     if (p.ok) peerings.set(m[1], p.value);
@@ -371,7 +370,7 @@ export function plan(snap: Snapshot): Plan {
   }
   // A binding without its host's copy of the signature (made before the copies existed) is trusted by a single Redis and held closed by a cluster.
   for (const [key, h] of snap.hashes) {
-    const m = new RegExp(`^mvpc:fw:nic:(${ID})$`).exec(key);
+    const m = RE.fwNic.exec(key);
     if (!m || h.sig === undefined) continue;
     const host = h.host ?? "";
     if (!HOST_ID_RE.test(host)) refuse(`${key}: host ${V.show(host)} is not a host id; fix or delete the binding, then run the move again`);
@@ -387,7 +386,7 @@ export function plan(snap: Snapshot): Plan {
   }
   // Legacy acks: host → time of one peering; a host's own ack of it wins.
   for (const [key, h] of snap.hashes) {
-    const m = new RegExp(`^mvpc:pcx:(${ID}):acks$`).exec(key);
+    const m = RE.pcxAcks.exec(key);
     if (!m) continue;
     for (const [host, t] of Object.entries(h)) {
       if (!HOST_ID_RE.test(host)) refuse(`${key} field ${V.show(host)}: not a host id; fix or delete it, then run the move again`);

@@ -18,6 +18,7 @@
 import { InvalidArgumentError } from "../common/errors.js";
 import { isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
+import { LUA_SERVER_MS } from "../common/redis.js";
 import type { Redis } from "ioredis";
 import { K } from "../ipam/schema.js";
 
@@ -120,10 +121,9 @@ export const PENDING_MS = 60_000;
  * are pending_ms old by the server's clock; an entry that does not read as a
  * reservation is left (RESERVE refuses it, and it is reported).
  */
-export const LUA_SWEEP = `
+export const LUA_SWEEP = `${LUA_SERVER_MS}
 local function sweep(peers, ids, pending_ms)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = server_ms()
   for sid in string.gmatch(ids, '[^,]+') do
     local raw = redis.call('HGET', peers, sid)
     if raw then

@@ -143,8 +143,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 -- A VPC named a moment before its create kept its record (ipam/store.ts createVpc): a peering of it keeps it.
 redis.call('PERSIST', KEYS[1])
 sweep(KEYS[2], ARGV[5], tonumber(ARGV[4]))
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = server_ms()
 local base, size = tonumber(ARGV[2]), tonumber(ARGV[3])
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all - 1, 2 do

@@ -16,6 +16,7 @@ import { IpamStore } from "../../services/ipam/store.js";
 import { ipToInt } from "../../services/common/validate.js";
 import { subnetSpec } from "../lib/ipam-specs.js";
 import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
+import { ON_CLUSTER } from "../lib/on-cluster.js";
 
 let server: DaemonsRedis | undefined;
 const db = {} as { r: Redis; keys: IpamKeys };
@@ -87,6 +88,8 @@ test("a subnet's client token works the same way", async () => {
   const a = await s.createSubnet(spec, "tok-s");
   const again = await s.createSubnet(spec, "tok-s");
   assert.deepEqual([a.created, again.created, again.subnet.id], [true, false, a.subnet.id]);
+  // Named here, not through ipamKeys: a wrong layout in ipamKeys must fail this.
+  assert.equal(db.keys.subnetTokens(v.id), ON_CLUSTER ? `mvpc:{${v.id}}:tokens` : "mvpc:tokens");
   assert.equal(
     await db.r.hget(db.keys.subnetTokens(v.id), "subnet\ntok-s"),
     a.subnet.id,

@@ -12,6 +12,7 @@ import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { gwKeys, MAX_TRANSIT, type GatewayKeys } from "../../services/gateway/schema.js";
 import { GatewayStore } from "../../services/gateway/store.js";
 import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
+import { ON_CLUSTER } from "../lib/on-cluster.js";
 
 let server: DaemonsRedis;
 let redis: Redis;
@@ -60,6 +61,8 @@ describe("transit indexes", () => {
     const k = await store.releaseTransit(HOST, ids[1234]);
     assert.equal(await store.transitIndex(HOST, late), k, "the freed index goes to the waiting VPC");
     // Every VPC's index, and the next never used, in the host's transit hash of this layout (one slot: the host's).
+    // Named here, not through gwKeys: a wrong layout in gwKeys must fail this.
+    assert.equal(keys.transit(HOST), ON_CLUSTER ? `mvpc:{host:${HOST}}:gw:transit` : `mvpc:gw:host:${HOST}:transit`);
     assert.equal(await redis.hlen(keys.transit(HOST)), MAX_TRANSIT + 1);
     await redis.del(keys.transit(HOST), keys.transitFree(HOST));
   });

@@ -32,7 +32,7 @@ let c: ReturnType<typeof ipamClients>;
 beforeAll(async () => {
   if (ON_CLUSTER) {
     cluster = await startRedisCluster();
-    daemon = await startDaemon("ipam", ["--redis", cluster.url, "--redis-timeout-ms", "2000"], { MICROVPC_EXPERIMENTAL_CLUSTER: "1" });
+    daemon = await startDaemon("ipam", ["--redis", cluster.url, "--redis-timeout-ms", "2000"]);
   } else {
     redis = await startRedis();
     daemon = await startDaemon("ipam", ["--redis", redis.url, "--redis-timeout-ms", "500"]);

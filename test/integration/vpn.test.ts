@@ -315,9 +315,7 @@ test("narrowing the client range is refused while clients hold addresses outside
       new Promise((r) => setTimeout(r, i * 3)).then(() => set("10.4.250.0/29")),
     ]);
     const range = (await vpn().getVpnEndpoint({ vpc: v.id })).endpoint!.clientCidr;
-    const [net, bits] = range.split("/");
-    const base = V.ipToInt(net);
-    const size = 2 ** (32 - Number(bits));
+    const { base, size } = V.cidr("range", range, { min: 0, max: 32 });
     for (const x of (await vpn().listVpnClients({ vpc: v.id })).clients) {
       const a = V.ipToInt(x.address);
       assert.ok(a > base && a < base + size - 1, `round ${i}: client ${x.name} (${x.address}) is a host of the endpoint's range ${range}`);

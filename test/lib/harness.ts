@@ -230,6 +230,17 @@ export interface VmOptions {
 
 const VM_NAME_RE = /^[a-z0-9][a-z0-9-]{0,30}$/;
 
+/** Redis processes of a run: ended (SIGKILL) and their directories removed with the run, also on failure. */
+function trackRedisNodes(nodes: Pick<TestRedisClusterNode, "proc" | "dir">[]): void {
+  for (const node of nodes) {
+    trackChild(node.proc);
+    onCleanup(() => {
+      if (node.proc.exitCode === null && node.proc.signalCode === null) node.proc.kill("SIGKILL");
+      rmSync(node.dir, { recursive: true, force: true });
+    });
+  }
+}
+
 export class Harness {
   readonly prefix = RUN_PREFIX;
   redis!: TestRedis;
@@ -287,13 +298,7 @@ export class Harness {
       this.redis = await startRedis({ appendfsync: "no", password: admin });
       procs.push(this.redis);
     }
-    for (const node of procs) {
-      trackChild(node.proc);
-      onCleanup(() => {
-        if (node.proc.exitCode === null && node.proc.signalCode === null) node.proc.kill("SIGKILL");
-        rmSync(node.dir, { recursive: true, force: true });
-      });
-    }
+    trackRedisNodes(procs);
     const n = this.opts.hosts ?? 1;
     if (n < 1 || n > 20) throw new Error(`hosts: ${n}; use 1–20`);
     if (admin) this.acl = await this.aclUsers(admin, n);
@@ -610,13 +615,7 @@ export class Harness {
     await Promise.all(this.hosts.map((hv) => hv.stop()));
     await this.ipamDaemon.stop();
     const c = cluster ?? (await startRedisCluster());
-    for (const node of c.nodes) {
-      trackChild(node.proc);
-      onCleanup(() => {
-        if (node.proc.exitCode === null && node.proc.signalCode === null) node.proc.kill("SIGKILL");
-        rmSync(node.dir, { recursive: true, force: true });
-      });
-    }
+    trackRedisNodes(c.nodes);
     await move(this.redis.url, c.url);
     this.redisCluster = c;
     this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redisUrl, ...(this.opts.ipamArgs ?? [])], this.daemonEnv);

@@ -122,14 +122,16 @@ export class WgKernel {
    */
   async startUserspace(ns: string, ifname: string, logFile: string): Promise<Daemon> {
     const env = { WG_PROCESS_FOREGROUND: "1", LOG_LEVEL: this.logLevel === "off" ? "silent" : this.logLevel };
-    if (this.logLevel === "off") return startDaemon("wireguard-go", ["-f", ifname], { netns: ns, detached: true, env });
-    if (existsSync(logFile)) renameSync(logFile, `${logFile}.1`);
-    const fd = openSync(logFile, "a", 0o600);
+    let fd: number | undefined;
+    if (this.logLevel !== "off") {
+      if (existsSync(logFile)) renameSync(logFile, `${logFile}.1`);
+      fd = openSync(logFile, "a", 0o600);
+    }
     try {
-      return await startDaemon("wireguard-go", ["-f", ifname], { netns: ns, detached: true, env, stdio: ["ignore", fd, fd] });
+      return await startDaemon("wireguard-go", ["-f", ifname], { netns: ns, detached: true, env, ...(fd !== undefined && { stdio: ["ignore", fd, fd] }) });
     } finally {
       // The child holds its own copy.
-      closeSync(fd);
+      if (fd !== undefined) closeSync(fd);
     }
   }
 }
