@@ -18,7 +18,7 @@
 import { InvalidArgumentError } from "../common/errors.js";
 import { isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
-import { LUA_SERVER_MS } from "../common/redis.js";
+import { staleHolds } from "../common/pending.js";
 import type { Redis } from "ioredis";
 import { K } from "../ipam/schema.js";
 
@@ -107,42 +107,14 @@ export async function peeringIdsOf(redis: Redis, vpcId: string): Promise<string[
   return L.cluster ? redis.hkeys(L.peers(vpcId)) : redis.smembers(L.peers(vpcId));
 }
 
-/**
- * How old a VPC's reservation of a peer without a record must be, by the
- * Redis server's clock, before it counts as stale: what a create that
- * stopped between its steps left (one under way takes well under this, and
- * gives up past half of it).
- */
-export const PENDING_MS = 60_000;
+// A VPC's reservations are holds (common/pending.ts): a create that stopped
+// between its steps leaves one without a record, swept once PENDING_MS old.
+export { LUA_SWEEP, PENDING_MS } from "../common/pending.js";
 
-/**
- * Lua: sweep(peers, ids, pending_ms) removes from a VPC's peers hash the
- * entries `ids` (comma-separated, found without a record by the caller) that
- * are pending_ms old by the server's clock; an entry that does not read as a
- * reservation is left (RESERVE refuses it, and it is reported).
- */
-export const LUA_SWEEP = `${LUA_SERVER_MS}
-local function sweep(peers, ids, pending_ms)
-  local now = server_ms()
-  for sid in string.gmatch(ids, '[^,]+') do
-    local raw = redis.call('HGET', peers, sid)
-    if raw then
-      local ok, r = pcall(cjson.decode, raw)
-      if ok and type(r) == 'table' and type(r.ms) == 'number' and r.ms < now - pending_ms then redis.call('HDEL', peers, sid) end
-    end
-  end
-end
-`;
-
-/** On a cluster, a VPC's reservations whose peering has no record (the candidates the sweep removes if old); an id is validated before it names a key. */
+/** On a cluster, a VPC's reservations whose peering has no record (the candidates the sweep removes if old). */
 export async function staleReservations(redis: Redis, vpc: string): Promise<string[]> {
   const L = peeringKeys(redis);
-  if (!L.cluster) return [];
-  const all = await redis.hkeys(L.peers(vpc));
-  // An entry that is not a peering id has no record: a candidate as it is (it names no key).
-  const ids = all.filter((id) => isId("pcx", id));
-  const alive = await Promise.all(ids.map((id) => redis.exists(L.pcx(id))));
-  return [...all.filter((id) => !ids.includes(id) && !id.includes(",")), ...ids.filter((_, i) => alive[i] === 0)];
+  return L.cluster ? staleHolds(redis, L.peers(vpc), "pcx", L.pcx) : [];
 }
 
 export function pairKey(a: string, b: string): string {
