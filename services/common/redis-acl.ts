@@ -55,7 +55,7 @@
 // DNS's mvpc:{V}:vpc|subnets|subnet:*|reserved|tokens|peers|dns:*,
 // mvpc:{catalog}:*, mvpc:{peerings}:*, mvpc:{hosts}:dns:defaults, the
 // firewall's mvpc:{V}:fw:sg:<id>|acl*|sgs|acls|subnet-acl|sg:byname and
-// mvpc:{fw}:*, and the gateway's mvpc:{gw}:*),
+// mvpc:{fw}:*, and the gateway's mvpc:{gw}:* and mvpc:{V}:gw:nat-holds),
 // mvpc:vpn:* but the host-scoped mvpc:vpn:host:H:* (VPN
 // endpoints and clients: Set/DeleteVpnEndpoint, Create/DeleteVpnClient go to a
 // netagent running as the control user). The control user also reads and

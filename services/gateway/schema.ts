@@ -11,6 +11,7 @@ import { InvalidArgumentError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { isCluster } from "../common/redis.js";
+import { staleHolds } from "../common/pending.js";
 
 export const OWNER = "gateway";
 
@@ -44,6 +45,9 @@ export const GK = {
  *   unique per hypervisor across the fleet's port forwards;
  * - a VPC's NAT lease under the VPC's tag (`mvpc:{V}:gw:natlease`), with the
  *   VPC's change stream, so that taking it and announcing it stay one step;
+ * - a VPC's NAT gateway holds under the VPC's tag (`mvpc:{V}:gw:nat-holds`,
+ *   natHolds), beside IPAM's subnet records, so that a CreateNatGateway and
+ *   a DeleteSubnet of its subnet each see the other (GatewayStore.createNatInSubnet);
  * - a host's transit indexes under the host's tag (`mvpc:{host:H}:gw:…`).
  * The {gw} scripts append no event there (the VPC's stream is another
  * slot): the store appends it after the script (common/events.ts emit).
@@ -52,6 +56,17 @@ export interface GatewayKeys {
   cluster: boolean;
   nat(id: string): string;
   natLease(vpcId: string): string;
+  /**
+   * On a Redis Cluster only (a single Redis's DELETE_SUBNET reads the NAT
+   * index in its own script): a VPC's NAT gateway holds, a hash NAT id →
+   * JSON {subnet, ms}, in the VPC's slot. CreateNatGateway writes its hold
+   * (HOLD_NAT: only while the subnet's record stands) before its record in
+   * {gw}, DeleteNatGateway removes it after the record, and DeleteSubnet
+   * refuses while a hold names the subnet, but for holds without a record
+   * that are PENDING_MS old by the server's clock (common/pending.ts), which
+   * it sweeps: what a create that stopped between its steps left.
+   */
+  natHolds?(vpcId: string): string;
   nats: string;
   vpcNat: string;
   fip(id: string): string;
@@ -72,6 +87,7 @@ export const GW_KEYS: { single: GatewayKeys; cluster: GatewayKeys } = {
     cluster: true,
     nat: (id) => `${GW}nat:${id}`,
     natLease: (v) => `mvpc:{${v}}:gw:natlease`,
+    natHolds: (v) => `mvpc:{${v}}:gw:nat-holds`,
     nats: `${GW}nats`,
     vpcNat: `${GW}vpcnat`,
     fip: (id) => `${GW}fip:${id}`,
@@ -85,6 +101,12 @@ export const GW_KEYS: { single: GatewayKeys; cluster: GatewayKeys } = {
     tokens: `${GW}tokens`,
   },
 };
+
+/** On a cluster, the VPC's NAT gateway holds whose gateway has no record (the candidates DeleteSubnet sweeps if old: common/pending.ts). */
+export function staleNatHolds(redis: Redis, vpcId: string): Promise<string[]> {
+  const C = GW_KEYS.cluster;
+  return staleHolds(redis, C.natHolds!(vpcId), "nat", C.nat);
+}
 
 /** The gateway's key layout for this client (a Redis Cluster's or a single Redis's). */
 export function gwKeys(redis: Redis): GatewayKeys {

@@ -6,7 +6,7 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import type { MetadataRpc } from "./metadata-api.js";
 import type { Redis } from "ioredis";
-import { FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError } from "../common/errors.js";
+import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
 import { Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
@@ -30,9 +30,6 @@ export interface GatewayOptions {
   /** Ports the hypervisor serves itself (SSH, the daemons): no port forward may take them. */
   reservedPorts?: PortRanges;
 }
-
-/** How long CreateNatGateway waits for a DeleteSubnet of its subnet under way to end (keepOrTakeBack). */
-const SITE_WAIT_MS = 3000;
 
 /** holder: the host holding the address now ("" none: no gateway of the VPC's hosts has taken it yet, or it is failing over). */
 const natMsg = (n: NatRec, holder = ""): NatGateway =>
@@ -134,39 +131,6 @@ export class GatewayApi {
       throw new InvalidArgumentError(field, `${address} is outside the floating IP pool ${this.opts.pool.text}; pick one in it or leave it empty`);
   }
 
-  /**
-   * A NAT gateway this call just wrote stays only where its subnet stands. A
-   * DeleteSubnet (or DeleteVpc) may have passed its check of the NAT index
-   * since this.subnet(): read after the write, its result is seen here, and
-   * on a cluster its mark while it runs, whose end this waits for (up to
-   * SITE_WAIT_MS) before looking again: a delete that saw this gateway and
-   * refused leaves the subnet, and the gateway, standing. Taken back also
-   * when the check cannot be read: never a gateway in a subnet that is gone.
-   * A retry's replay of an earlier create (`created` false) is taken back
-   * only if its subnet is gone (a create that crashed before its check),
-   * never for a delete under way, which then sees that gateway and refuses.
-   */
-  private async keepOrTakeBack(n: NatRec, s: SubnetRec, created: boolean): Promise<void> {
-    let why: string | undefined;
-    try {
-      let site = await this.ipam.natSite(n.vpcId, n.subnetId);
-      for (const t0 = Date.now(); created && !site.gone && site.marked && Date.now() - t0 < SITE_WAIT_MS;) {
-        await new Promise((r) => setTimeout(r, 50));
-        site = await this.ipam.natSite(n.vpcId, n.subnetId);
-      }
-      why = site.gone ?? (created && site.marked ? `subnet ${s.name} is still being deleted` : undefined);
-    } catch (err) {
-      const back = await this.store.deleteNat(n).then(
-        () => "nothing was kept",
-        (e: Error) => `and taking it back failed too (${e.message}): delete NAT gateway ${n.id} once Redis answers`,
-      );
-      throw new UnavailableError(`cannot check subnet ${s.name} after making its NAT gateway (${(err as Error).message}); ${back}; retry`);
-    }
-    if (!why) return;
-    await this.store.deleteNat(n);
-    throw new FailedPreconditionError(`${why} while its NAT gateway was being made; nothing was kept`);
-  }
-
   /** Every GatewayService call but the instance metadata ones (MetadataApi). */
   readonly impl: Omit<ServiceImpl<typeof GatewayService>, MetadataRpc | "getGatewayStatus"> = {
     createNatGateway: async (req) => {
@@ -176,13 +140,13 @@ export class GatewayApi {
       const sources: string[] = [];
       for (const [i, ref] of req.sourceSubnets.entries()) sources.push((await this.subnet(ref, v, `source_subnets[${i}]`)).id);
       this.inPool("address", req.address);
-      const { nat: n, created } = await this.store.createNatOutcome(
+      // Made only while the subnet stands, whatever DeleteSubnet runs meanwhile (its hold on a cluster).
+      const n = await this.store.createNatInSubnet(
         { vpcId: v.id, subnetId: s.id, sources, description: V.text("description", req.description) },
         V.token("client_token", req.clientToken, { optional: true }),
         poolRange(this.opts.pool),
         req.address,
       );
-      await this.keepOrTakeBack(n, s, created);
       return { natGateway: await this.natOut(n) };
     },
     getNatGateway: async (req) => {

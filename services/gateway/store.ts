@@ -11,6 +11,10 @@ import type { Logger } from "pino";
 import { reportInvalid, type InvalidWhere } from "../common/invalid-records.js";
 import { intToIp, type Parsed } from "../common/validate.js";
 import { naKeys } from "../netagent/schema.js";
+import { IPAM_KEYS } from "../ipam/schema.js";
+import { isId } from "../common/ids.js";
+import { PENDING_MS } from "../common/pending.js";
+import { LUA_SERVER_MS } from "../common/redis.js";
 import {
   checkFip,
   checkNat,
@@ -188,6 +192,21 @@ ${EVENT}
 return 1
 `;
 
+// On a Redis Cluster, a NAT gateway's hold on its subnet (GatewayKeys.natHolds,
+// in the VPC's slot), written before its record and only while the subnet's
+// record stands there: DELETE_SUBNET removes that record in the same slot
+// and refuses while a hold names the subnet, so one of the two is refused.
+// The time is the Redis server's (its age decides when a hold left by a
+// stopped create is stale: common/pending.ts). A gateway's hold written
+// again (a replay) keeps its place with a new time.
+// KEYS: 1 the subnet's record in its VPC (IPAM_KEYS.cluster.subnetIn),
+// 2 the VPC's NAT holds; ARGV: 1 NAT id, 2 subnet id. 1 held, 0 no subnet.
+const HOLD_NAT = `${LUA_SERVER_MS}
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({subnet = ARGV[2], ms = server_ms()}))
+return 1
+`;
+
 // Takes or renews the lease on a VPC's NAT address. KEYS: 1 lease; ARGV:
 // 1 this host, 2 ttl ms, 3 vpc, 4 a holder to replace ('' none: only a free
 // lease is taken). {1,me} renewed, {2,me} taken (and announced), {0,holder}
@@ -243,6 +262,7 @@ export class GatewayStore extends GatewayReader {
       redis.defineCommand("mvpcGwUpdate", { numberOfKeys: 1, lua: gw(UPDATE) });
       redis.defineCommand("mvpcGwCreateNat", { numberOfKeys: 6, lua: gw(CREATE_NAT) });
       redis.defineCommand("mvpcGwDeleteNat", { numberOfKeys: this.keys.cluster ? 4 : 5, lua: gw(DELETE_NAT) });
+      redis.defineCommand("mvpcGwHoldNat", { numberOfKeys: 2, lua: HOLD_NAT });
       redis.defineCommand("mvpcGwNatLease", { numberOfKeys: 1, lua: scriptFor(redis, NAT_LEASE) });
       redis.defineCommand("mvpcGwNatUnlease", { numberOfKeys: 1, lua: scriptFor(redis, NAT_UNLEASE) });
     }
@@ -291,22 +311,130 @@ export class GatewayStore extends GatewayReader {
   // ---- NAT gateways: at most one per VPC ----
 
   /**
-   * Creates the VPC's NAT gateway with an address of the pool: `wanted`, or
-   * the lowest free one ("" wanted). The address is held in fip:byaddr, so no
-   * floating IP takes it, until deleteNat.
+   * CreateNatGateway: the VPC's NAT gateway in subnet `n.subnetId`, made
+   * only while that subnet stands, whatever DeleteSubnet runs meanwhile.
+   * On a Redis Cluster the subnet is in its VPC's slot and the gateway in
+   * {gw}, so it takes two steps, as a peering create does
+   * (common/pending.ts): a hold on the subnet in the VPC's slot (HOLD_NAT,
+   * refused once the subnet's record is gone), then the record (createNat);
+   * DeleteSubnet refuses while a hold names the subnet. A create that took
+   * over PENDING_MS/2 between the steps gives up and takes back what it
+   * wrote: its hold could pass for stale by then. On a single Redis the
+   * record is written first and the subnet read after it: a DeleteSubnet
+   * either saw the record (DELETE_SUBNET reads the NAT index) and refused,
+   * or its result is seen here and the gateway goes back.
+   * A retry with the same client token is answered with the gateway its
+   * create made, which keeps (or gets) its hold.
    */
-  async createNat(n: Omit<NatRec, "id" | "createdMs" | "address">, clientToken: string, pool: { first: number; last: number }, wanted = ""): Promise<NatRec> {
-    return (await this.createNatOutcome(n, clientToken, pool, wanted)).nat;
-  }
-
-  /** createNat, and whether this call made the gateway (false: its client token's earlier create did). */
-  async createNatOutcome(
+  async createNatInSubnet(
     n: Omit<NatRec, "id" | "createdMs" | "address">,
     clientToken: string,
     pool: { first: number; last: number },
     wanted = "",
-  ): Promise<{ nat: NatRec; created: boolean }> {
+  ): Promise<NatRec> {
     const id = newId("nat");
+    checkNat({ ...n, id, address: wanted, createdMs: 0 });
+    if (!this.keys.cluster) return this.keptIfSubnetStands(await this.createNat(n, clientToken, pool, wanted, id));
+    const K = this.keys;
+    if (clientToken) {
+      // Answered before anything is held: the gateway its create made keeps its subnet held.
+      const seen = await this.redis.hget(K.tokens, `nat\n${clientToken}`);
+      const prev = seen && isId("nat", seen) ? await this.getNat(seen) : null;
+      if (prev) return this.replayed(prev);
+    }
+    const t0 = performance.now();
+    if (!(await this.holdSubnet(id, n))) throw this.subnetGone(n);
+    // The hold goes again only after a refusal: a step whose reply was lost
+    // (a timeout, a failover) may have been applied, and a gateway whose
+    // record was written must keep its hold. One left without a record is
+    // swept by the next DeleteSubnet once PENDING_MS old.
+    let refused = true;
+    try {
+      if (performance.now() - t0 > PENDING_MS / 2) throw this.tooSlow();
+      let nat: NatRec;
+      try {
+        nat = await this.createNat(n, clientToken, pool, wanted, id);
+      } catch (err) {
+        refused = err instanceof AlreadyExistsError || err instanceof ResourceExhaustedError || err instanceof UnavailableError;
+        throw err;
+      }
+      // Another create with the same client token made its gateway meanwhile: that one is the answer, with its own hold.
+      if (nat.id !== id) return await this.replayed(nat);
+      refused = false;
+      if (performance.now() - t0 > PENDING_MS / 2) {
+        // The record first, then its hold (deleteNat): if that fails, the hold stays with the record.
+        await this.deleteNat(nat);
+        throw this.tooSlow();
+      }
+      return nat;
+    } finally {
+      // A hold that cannot be removed now has no record: the next DeleteSubnet sweeps it once old.
+      if (refused) await this.redis.hdel(K.natHolds!(n.vpcId), id).catch(() => undefined);
+    }
+  }
+
+  /**
+   * On a cluster, HOLD_NAT: the NAT gateway `id`'s hold on its subnet, in
+   * the VPC's slot; false if the subnet's record is gone (deleted, or being
+   * deleted: DELETE_SUBNET removes it in the same slot).
+   */
+  private async holdSubnet(id: string, n: { vpcId: string; subnetId: string }): Promise<boolean> {
+    const K = this.keys;
+    return (await this.cmd("mvpcGwHoldNat", IPAM_KEYS.cluster.subnetIn(n.vpcId, n.subnetId), K.natHolds!(n.vpcId), id, n.subnetId)) === 1;
+  }
+
+  /** On a cluster, a gateway an earlier create made (a replay by client token): it keeps its hold, or goes if its subnet is gone. */
+  private async replayed(nat: NatRec): Promise<NatRec> {
+    if (await this.holdSubnet(nat.id, nat)) return nat;
+    await this.deleteNat(nat);
+    throw this.subnetGone(nat, "; its NAT gateway was taken back");
+  }
+
+  /**
+   * On a single Redis, the gateway just written (or replayed) stays only
+   * where its subnet stands: read after the write, a DeleteSubnet's result
+   * is seen here. Taken back also when the subnet cannot be read: never a
+   * gateway in a subnet that is gone.
+   */
+  private async keptIfSubnetStands(nat: NatRec): Promise<NatRec> {
+    let vpc: string | null;
+    try {
+      vpc = await this.redis.hget(IPAM_KEYS.single.subnetIn(nat.vpcId, nat.subnetId), "vpc");
+    } catch (err) {
+      const back = await this.deleteNat(nat).then(
+        () => "nothing was kept",
+        (e: Error) => `and taking it back failed too (${e.message}): delete NAT gateway ${nat.id} once Redis answers`,
+      );
+      throw new UnavailableError(`cannot check subnet ${nat.subnetId} after making its NAT gateway (${(err as Error).message}); ${back}; retry`);
+    }
+    if (vpc === nat.vpcId) return nat;
+    await this.deleteNat(nat);
+    throw this.subnetGone(nat, "; nothing was kept");
+  }
+
+  private subnetGone(n: { vpcId: string; subnetId: string }, after = ""): FailedPreconditionError {
+    return new FailedPreconditionError(`subnet ${n.subnetId} of VPC ${n.vpcId} is gone or being deleted${after}; a NAT gateway needs a subnet that stands`);
+  }
+
+  private tooSlow(): UnavailableError {
+    return new UnavailableError(`creating the NAT gateway took over ${PENDING_MS / 2000} s between its steps; nothing was kept, retry`);
+  }
+
+  /**
+   * The NAT gateway's record, in one script: the VPC's gateway with an
+   * address of the pool, `wanted` or the lowest free one ("" wanted), held
+   * in fip:byaddr, so that no floating IP takes it, until deleteNat. Its
+   * subnet is not checked here (CreateNatGateway goes through
+   * createNatInSubnet). Returns the gateway with id `id`, or the one an
+   * earlier create with the same client token made (another id).
+   */
+  async createNat(
+    n: Omit<NatRec, "id" | "createdMs" | "address">,
+    clientToken: string,
+    pool: { first: number; last: number },
+    wanted = "",
+    id = newId("nat"),
+  ): Promise<NatRec> {
     checkNat({ ...n, id, address: wanted, createdMs: 0 });
     const field = clientToken ? `nat\n${clientToken}` : null;
     const [code, ref] = await withClientToken(
@@ -355,7 +483,7 @@ export class GatewayStore extends GatewayReader {
     await this.emitted(code === 1, "gw.nat.created", id, n.vpcId);
     const nat = await this.getNat(String(ref));
     if (!nat) throw new UnavailableError(`NAT gateway ${String(ref)} was deleted while being made or replayed; retry`);
-    return { nat, created: code === 1 || own };
+    return nat;
   }
 
   async getNat(id: string): Promise<NatRec | null> {
@@ -382,6 +510,16 @@ export class GatewayStore extends GatewayReader {
         .del(K.natLease(n.vpcId))
         .catch((err: Error) =>
           this.log?.warn({ vpc: n.vpcId, err: err.message }, "NAT gateway deleted, its lease not: it runs out by itself (--nat-lease-ms)"),
+        );
+    // And its hold on the subnet, after the record too: one left by a crash has no record, and the next DeleteSubnet sweeps it once PENDING_MS old.
+    if (K.cluster)
+      await this.redis
+        .hdel(K.natHolds!(n.vpcId), n.id)
+        .catch((err: Error) =>
+          this.log?.warn(
+            { vpc: n.vpcId, nat: n.id, err: err.message },
+            `NAT gateway deleted, its hold on subnet ${n.subnetId} not: DeleteSubnet sweeps it once ${PENDING_MS / 1000} s old`,
+          ),
         );
     await this.emitted(done, "gw.nat.deleted", n.id, n.vpcId);
     return done;

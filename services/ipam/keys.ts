@@ -104,17 +104,6 @@ export interface IpamKeys {
   vpcNames: string;
   /** Client tokens of VPC creates ("vpc\n<token>" → id). */
   vpcTokens: string;
-  /**
-   * On a cluster, the marks of the DeleteSubnets of `subnet` under way (zset:
-   * one random token per delete, score = when it lapses, in ms by the Redis
-   * server's clock: MARK_DELETE, LIVE_MARKS), set before the delete checks
-   * the gateway's NAT index in another slot and removed after its script,
-   * which refuses if its token lapsed meanwhile: a CreateNatGateway that
-   * wrote its record meanwhile waits for them to go, then keeps its gateway
-   * only if the subnet stands (IpamReader.natSite). Never written on a
-   * single Redis, where DELETE_SUBNET checks that index in its script.
-   */
-  deleting(vpc: string, subnet: string): string;
   /** Whether the keys of a VPC and of the catalog are in different slots (a create or a delete then takes steps). */
   cluster: boolean;
 }
@@ -133,7 +122,6 @@ export const IPAM_KEYS: { single: IpamKeys; cluster: IpamKeys } = {
     vpcByName: K.vpcByName,
     vpcNames: K.vpcNames,
     vpcTokens: K.tokens,
-    deleting: (v, sn) => `${P}vpc:${v}:deleting:${sn}`,
     cluster: false,
   },
   cluster: {
@@ -146,7 +134,6 @@ export const IPAM_KEYS: { single: IpamKeys; cluster: IpamKeys } = {
     vpcByName: `${CATALOG}vpc:byname`,
     vpcNames: `${CATALOG}vpcs`,
     vpcTokens: `${CATALOG}tokens`,
-    deleting: (v, sn) => `${T(v)}deleting:${sn}`,
     cluster: true,
   },
 };

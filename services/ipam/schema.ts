@@ -7,11 +7,9 @@ import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "..
 import { reportInvalid } from "../common/invalid-records.js";
 import { idOrNull, isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
-import { LUA_SERVER_MS } from "../common/redis.js";
 import { ipamKeys, K, type IpamKeys } from "./keys.js";
 
 export { IPAM_KEYS, ipamKeys, K, P, type IpamKeys } from "./keys.js";
-export { LUA_SERVER_MS };
 
 export interface Label {
   key: string;
@@ -159,20 +157,6 @@ local function reservation_overlapping(hash, base, size, except)
   end
   return nil
 end
-`;
-
-// A subnet's delete marks (IpamKeys.deleting) are scored and read by the
-// Redis server's clock alone (LUA_SERVER_MS): the daemons that set and read
-// them run on hosts whose clocks may disagree, while the mark's slot has one.
-
-/**
- * How many of a subnet's delete marks are live by the Redis server's clock
- * (score after its now). KEYS: 1 the marks (IpamKeys.deleting). Reads only
- * (run with EVAL_RO, on the slot's primary: the clock the marks were
- * scored by).
- */
-export const LIVE_MARKS = `${LUA_SERVER_MS}
-return redis.call('ZCOUNT', KEYS[1], '(' .. server_ms(), '+inf')
 `;
 
 /** A stored CIDR with its base and prefix fields, which must agree with it. */
@@ -352,30 +336,6 @@ export class IpamReader {
     const s = h.id ? checked(K.subnet(id), "subnet", () => sameId(parseSubnet(h), id), h.vpc) : null;
     if (s && this.L.cluster && (await this.redis.exists(this.L.subnetIn(s.vpcId, s.id))) === 0) return null;
     return s;
-  }
-
-  /**
-   * Where a NAT gateway just written in (vpcId, subnetId) stands: `gone`
-   * says why it cannot stay (the VPC or the subnet is gone); `marked`: on a
-   * cluster, a DeleteSubnet of the subnet is under way (IpamKeys.deleting,
-   * its tokens live by the Redis server's clock, LIVE_MARKS). Read after
-   * the gateway's record is written: a delete either sees that record in
-   * the gateway's index and refuses, or its mark or its result is seen
-   * here; a delete stalled past its mark refuses at its last step
-   * (DELETE_SUBNET), so a gateway kept once the mark lapsed stays valid.
-   */
-  async natSite(vpcId: string, subnetId: string): Promise<{ gone?: string; marked: boolean }> {
-    const L = this.L;
-    const [vpc, subnet, marks] = await Promise.all([
-      this.getVpc(vpcId),
-      this.getSubnet(subnetId),
-      // Counted by the server's clock, as the marks are scored (LIVE_MARKS): this host's may be skewed.
-      // EVAL_RO: it declares its key read-only (a host's Redis user may read IPAM's keys, never write them).
-      L.cluster ? (this.redis.eval_ro(LIVE_MARKS, 1, L.deleting(vpcId, subnetId)) as Promise<number>) : Promise.resolve(0),
-    ]);
-    if (!vpc) return { gone: `VPC ${vpcId} was deleted`, marked: false };
-    if (!subnet || subnet.vpcId !== vpcId) return { gone: `subnet ${subnetId} was deleted`, marked: false };
-    return { marked: marks > 0 };
   }
 
   /** A VPC's subnets by base address after `after` (a base), or every subnet by id after `after` (an id); skips what is gone, as listVpcs. */

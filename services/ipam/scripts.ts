@@ -13,8 +13,8 @@
 // the TypeScript side turns into gRPC statuses.
 import { LUA_TOKEN, TOKEN_MOVED } from "../common/client-token.js";
 import { LUA_EMIT } from "../common/events.js";
-import { LUA_RANGE_CHECKS, LUA_SERVER_MS } from "./schema.js";
-import { LUA_SWEEP } from "../peering/schema.js";
+import { LUA_RANGE_CHECKS } from "./schema.js";
+import { LUA_SWEEP } from "../common/pending.js";
 
 export const CHUNK_BITS = 4096;
 
@@ -311,7 +311,11 @@ end
  * of the VPC, if it has no subnet, no peering and no security group or
  * network ACL (the firewall keeps those under the VPC's tag there). The
  * gateway's NAT gateway index is in another slot: the caller checks it
- * first (docs/redis-schema.md "Redis Cluster").
+ * first (docs/redis-schema.md "Redis Cluster"). That check is enough: a
+ * CreateNatGateway holds its subnet in this slot before it writes its
+ * record, only while the subnet stands, and DELETE_SUBNET refuses while the
+ * hold is there, so a gateway made after the check has a subnet, which
+ * this refuses on.
  * KEYS: 1 vpc hash, 2 subnets zset, 3 subnet byname, 4 reserved, 5 subnet
  *       tokens, 6 the VPC's peers (peering/schema.ts: a peering create
  *       reserves its range there first, so a delete and a create of a
@@ -320,7 +324,8 @@ end
  *       endpoint (netagent/vpn/schema.ts VpnKeys.ep, under its tag), 10..
  *       the VPC's other keys that go with it (its DNS zone and
  *       configuration, the firewall's change counter and names, the VPN's
- *       change counter, under its tag on a cluster)
+ *       change counter, the gateway's NAT gateway holds, under its tag on a
+ *       cluster)
  * ARGV: 1 the peers entries found without a record (swept here if old:
  *       LUA_SWEEP), 2 PENDING_MS
  * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets,
@@ -456,24 +461,6 @@ return {1, id}
 `;
 
 /**
- * A DeleteSubnet's mark on a cluster (IpamStore.marked): its token in the
- * subnet's marks, scored with when it lapses by the Redis server's clock,
- * as IpamReader.natSite reads them (LIVE_MARKS) and DELETE_SUBNET checks
- * its own: daemons on hosts with skewed clocks agree on a mark's life. The
- * lapsed marks go, and the zset expires with the newest.
- * KEYS: 1 the marks (IpamKeys.deleting); ARGV: 1 token, 2 its life in ms.
- * Returns when it lapses (server ms).
- */
-export const MARK_DELETE = `${LUA_SERVER_MS}
-local now = server_ms()
-local ms = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ms)
-return now + ms
-`;
-
-/**
  * KEYS (1–10 in the VPC's slot): 1 the subnet's record in its VPC, 2 vpc
  *       subnets zset, 3 vpc subnet byname, 4–9 its state (K.state: used,
  *       bits, full, alloc, req, idx), 10 the cursor of a move of its owner
@@ -482,33 +469,32 @@ return now + ms
  *       NAT hash, 15, 16, 17 the subnet's req, alloc and used under an
  *       earlier release's names (its tombstones, deleted with it); on a
  *       cluster 11 the firewall's subnet → ACL hash of the VPC (under its
- *       tag there) and 12 the subnet's delete marks (IpamKeys.deleting).
- *       On a cluster the caller checks the NAT gateway first (another
- *       slot), under its mark (IpamStore.marked), and removes the record by
- *       id, the all-subnets entry and sends the event after.
- * ARGV: 1 id; on a cluster 2 this delete's mark token
+ *       tag there) and 12 the gateway's NAT gateway holds of the VPC
+ *       (gateway/schema.ts GatewayKeys.natHolds, under its tag: the
+ *       gateway's records are in another slot, so a CreateNatGateway holds
+ *       the subnet here before it writes its record, only while the
+ *       subnet's record stands). On a cluster the caller removes the record
+ *       by id and the all-subnets entry and sends the event after.
+ * ARGV: 1 id; on a cluster 2 the holds the caller found without a NAT
+ *       gateway record (comma-separated, staleNatHolds), removed here if
+ *       PENDING_MS old by this server's clock (LUA_SWEEP: what a create that
+ *       stopped between its hold and its record left), 3 PENDING_MS
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
- * {-2, what} a network ACL is associated or the VPC's NAT gateway sits in it,
- * {-3} its allocation state is still under the earlier names (MIGRATE_SUBNET
- * first: what it holds would not be counted), {-4} on a cluster, this
- * delete's mark is no longer live by the server's clock (it lapsed while the
- * delete stalled between its NAT check and here: a CreateNatGateway may
- * since have kept a gateway in the subnet, IpamReader.natSite), nothing
- * deleted.
+ * {-2, what} a network ACL is associated or a NAT gateway sits in it (on a
+ * cluster: a hold names it, of a gateway with a record, or of a create under
+ * way), {-3} its allocation state is still under the earlier names
+ * (MIGRATE_SUBNET first: what it holds would not be counted), {-5, field} on
+ * a cluster, a NAT gateway hold that does not read as one (read back from
+ * Redis: it might name this subnet, so nothing is deleted while it is there).
  */
-export const DELETE_SUBNET = `${LUA_EMIT}${LUA_SERVER_MS}
+export const DELETE_SUBNET = `${LUA_EMIT}${LUA_SWEEP}
 local name = redis.call('HGET', KEYS[1], 'name')
 if not name then return {0, ''} end
-local mark = ARGV[2]
-if mark then
-  local live_until = tonumber(redis.call('ZSCORE', KEYS[12], mark))
-  if not live_until or live_until <= server_ms() then return {-4, ''} end
-end
 if KEYS[17] and redis.call('TYPE', KEYS[17]).ok == 'string' then return {-3, ''} end
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 if used > 0 then return {-1, used} end
 local vpc = redis.call('HGET', KEYS[1], 'vpc')
-local single = not mark
+local single = #KEYS > 12
 if KEYS[11] then
   local acl = redis.call('HGET', single and KEYS[13] or KEYS[11], ARGV[1])
   if acl then return {-2, 'network ACL ' .. acl .. ' is associated with it (microvpc acl disassociate)'} end
@@ -517,6 +503,20 @@ if single then
   local nat = redis.call('HGET', KEYS[14], vpc)
   if nat and redis.call('HGET', 'mvpc:gw:nat:' .. nat, 'subnet') == ARGV[1] then
     return {-2, 'NAT gateway ' .. nat .. ' sits in it (microvpc nat delete)'}
+  end
+else
+  sweep(KEYS[12], ARGV[2], tonumber(ARGV[3]))
+  local pending = {}
+  for sid in string.gmatch(ARGV[2], '[^,]+') do pending[sid] = true end
+  local holds = redis.call('HGETALL', KEYS[12])
+  for i = 1, #holds - 1, 2 do
+    local ok, h = pcall(cjson.decode, holds[i + 1])
+    if not ok or type(h) ~= 'table' or type(h.subnet) ~= 'string' or type(h.ms) ~= 'number' then return {-5, holds[i]} end
+    if h.subnet == ARGV[1] then
+      if not string.match(holds[i], '^nat%-[0-9a-f]+$') then return {-5, holds[i]} end
+      if pending[holds[i]] then return {-2, 'a NAT gateway is being created in it (' .. holds[i] .. '); retry'} end
+      return {-2, 'NAT gateway ' .. holds[i] .. ' sits in it (microvpc nat delete)'}
+    end
   end
 end
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10])

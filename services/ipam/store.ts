@@ -2,14 +2,14 @@
 // are plain commands, in IpamReader (schema.ts), which other services use and
 // IpamStore extends. Returns plain records; the service layer turns them into
 // API messages.
-import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
-import { PEERING_KEYS, PENDING_MS, staleReservations } from "../peering/schema.js";
+import { PEERING_KEYS, staleReservations } from "../peering/schema.js";
+import { PENDING_MS } from "../common/pending.js";
 import { FW_KEYS } from "../firewall/schema.js";
-import { GW_KEYS } from "../gateway/schema.js";
+import { GW_KEYS, staleNatHolds } from "../gateway/schema.js";
 import { vpnKeysOf } from "../netagent/schema.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import {
@@ -50,7 +50,6 @@ declare module "ioredis" {
     mvpcDeleteVpc(...args: (string | number)[]): Promise<Reply>;
     mvpcCreateSubnet(...args: (string | number)[]): Promise<Reply>;
     mvpcDeleteSubnet(...args: (string | number)[]): Promise<Reply>;
-    mvpcMarkDelete(mark: string, token: string, ms: number): Promise<number>;
     mvpcMigrateSubnet(...args: (string | number)[]): Promise<[number, number, number]>;
   }
 }
@@ -69,7 +68,6 @@ export function defineScripts(redis: Redis): void {
   redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 15, lua: S.DELETE_VPC });
   defineVariadicCommand(redis, "mvpcCreateSubnet", S.CREATE_SUBNET);
   defineVariadicCommand(redis, "mvpcDeleteSubnet", S.DELETE_SUBNET);
-  redis.defineCommand("mvpcMarkDelete", { numberOfKeys: 1, lua: S.MARK_DELETE });
   redis.defineCommand("mvpcMigrateSubnet", { numberOfKeys: 13, lua: S.MIGRATE_SUBNET });
 }
 
@@ -112,9 +110,6 @@ function counted(keys: string[]): (string | number)[] {
  * removes a subnet's record by id that its VPC does not hold.
  */
 export const PENDING_TTL_MS = 60_000;
-
-/** How long a delete's mark (IpamKeys.deleting) outlives a delete that crashed before removing it. */
-const DELETE_MARK_MS = 30_000;
 
 /** DeleteVpc's refusal while the VPC has a VPN endpoint (DELETE_VPC, DROP_VPC): its clients and its host's interface go with DeleteVpnEndpoint. */
 function vpnLeft(id: string): FailedPreconditionError {
@@ -239,7 +234,8 @@ export class IpamStore extends IpamReader {
   /**
    * DeleteVpc on a cluster, where the gateway's index of NAT gateways is in
    * another slot: that index is checked from here (a NAT gateway needs a
-   * subnet, and DROP_VPC refuses while the VPC has one: no gateway can be
+   * subnet, which its create holds in the VPC's slot before it writes its
+   * record, and DROP_VPC refuses while the VPC has one: no gateway can be
    * made in the VPC once this passes); then the record goes if the VPC has
    * no subnet, no peering or peering create under way, and no security group
    * or network ACL (DROP_VPC, its slot, with its DNS zone and the firewall's
@@ -251,29 +247,6 @@ export class IpamStore extends IpamReader {
     const [nat, stale] = await Promise.all([this.redis.hexists(GW_KEYS.cluster.vpcNat, id), staleReservations(this.redis, id)]);
     if (nat) throw new FailedPreconditionError(`VPC ${id} still has a NAT gateway; delete it first (microvpc nat delete --vpc ${id})`);
     return this.dropVpc(id, stale);
-  }
-
-  /**
-   * On a cluster, `fn` (a DeleteSubnet, which checks the gateway's NAT index
-   * in another slot from here) runs under a mark of its own, a random token
-   * in the subnet's marks (IpamKeys.deleting) that lapses after
-   * DELETE_MARK_MS by the Redis server's clock (MARK_DELETE) if this delete
-   * crashes: a CreateNatGateway that writes its record after the mark is
-   * set waits for the marks to go, then sees whether the subnet stands; and
-   * fn's last step (DELETE_SUBNET, passed the token) refuses if the mark
-   * lapsed meanwhile. Removed (this token only) when fn ends.
-   */
-  private async marked<T>(mark: string, fn: (token: string) => Promise<T>): Promise<T> {
-    const token = randomBytes(8).toString("hex");
-    // Without its mark the delete must not run: a failure here ends it.
-    await this.redis.mvpcMarkDelete(mark, token, DELETE_MARK_MS).catch((err: Error) => {
-      throw new UnavailableError(`cannot mark the delete under way (${err.message}); retry`);
-    });
-    try {
-      return await fn(token);
-    } finally {
-      await this.redis.zrem(mark, token).catch(() => undefined);
-    }
   }
 
   /** deleteVpcInSteps after the NAT check: DROP_VPC in the VPC's slot, then the name. */
@@ -298,6 +271,8 @@ export class IpamStore extends IpamReader {
       FW.subnetAcl(id),
       // The VPN's change counter of the VPC (its own on a cluster), which DeleteVpnEndpoint leaves.
       VPN.gen(id),
+      // The gateway's NAT gateway holds: none is left once no subnet is (DELETE_SUBNET refuses while one names its subnet), but for entries that never read as one.
+      GW_KEYS.cluster.natHolds!(id),
     ];
     const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys, stale.join(","), PENDING_MS);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
@@ -437,17 +412,20 @@ export class IpamStore extends IpamReader {
       if (L.cluster) await this.dropLeftover(id);
       return false;
     }
-    return L.cluster ? this.marked(L.deleting(s.vpcId, id), (token) => this.subnetUnused(s).then(() => this.dropSubnet(s, token))) : this.dropSubnet(s);
+    return this.dropSubnet(s, L.cluster ? await staleNatHolds(this.redis, s.vpcId) : []);
   }
 
   /**
-   * deleteSubnet once the subnet is known (and, on a cluster, its NAT check
-   * passed under the mark `token`, which DELETE_SUBNET checks is still
-   * live): DELETE_SUBNET, then on a cluster its record by id.
+   * deleteSubnet once the subnet is known: DELETE_SUBNET, then on a cluster
+   * its record by id. On a cluster the script reads the gateway's NAT
+   * gateway holds of the VPC, in its slot (a NAT gateway's record is in
+   * another), and sweeps those in `stale` (found without a record) once
+   * PENDING_MS old.
    */
-  private async dropSubnet(s: SubnetRec, token?: string): Promise<boolean> {
+  private async dropSubnet(s: SubnetRec, stale: string[]): Promise<boolean> {
     const L = this.L;
     const id = s.id;
+    const holds = GW_KEYS.cluster.natHolds!(s.vpcId);
     const call = () =>
       this.redis.mvpcDeleteSubnet(
         ...counted([
@@ -456,12 +434,10 @@ export class IpamStore extends IpamReader {
           L.vpcSubnetByName(s.vpcId),
           ...K.state(s.vpcId, id),
           K.moving(s.vpcId, id),
-          ...(L.cluster
-            ? [FW_KEYS.cluster.subnetAcl(s.vpcId), L.deleting(s.vpcId, id)]
-            : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
+          ...(L.cluster ? [FW_KEYS.cluster.subnetAcl(s.vpcId), holds] : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
         ]),
         id,
-        ...(L.cluster ? [token ?? ""] : []),
+        ...(L.cluster ? [stale.join(","), PENDING_MS] : []),
       );
     // Made by a replica of the earlier release mid-upgrade: its state moves first, so that its addresses are counted.
     const [code, n] = await this.movedFirst(s, call, (r) => r[0] === -3);
@@ -469,10 +445,13 @@ export class IpamStore extends IpamReader {
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
     if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
     if (code === -3) throw new Error(`subnet ${id}: its allocation state could not be moved from the earlier layout`);
-    if (code === -4)
-      throw new UnavailableError(
-        `subnet ${s.name} (${id}): this delete stalled past its ${DELETE_MARK_MS / 1000} s mark (between its NAT gateway check and its last step), so a NAT gateway may have been made in the subnet meanwhile; nothing was deleted; retry the delete`,
+    if (code === -5) {
+      const why = `${V.show(String(n))} does not read as a NAT gateway hold ({"subnet": <subnet id>, "ms": <server ms>}, field a NAT id)`;
+      reportInvalid("gateway", "nat-hold", holds, why, undefined, { field: String(n), vpcId: s.vpcId });
+      throw new FailedPreconditionError(
+        `subnet ${s.name} (${id}): the VPC's NAT gateway holds (${holds}) have an entry ${why}; it might name this subnet, so nothing was deleted: remove that field (HDEL) once no CreateNatGateway of VPC ${s.vpcId} is under way, then retry`,
       );
+    }
     if (L.cluster) {
       // The record by id goes last: until then a delete stopped half-way can be run again.
       await this.redis.zrem(K.allSubnets, id);
@@ -497,18 +476,6 @@ export class IpamStore extends IpamReader {
     if ((await this.redis.exists(this.L.subnetIn(h.vpc, id))) === 1) return;
     await this.redis.zrem(K.allSubnets, id);
     await this.redis.del(K.subnet(id));
-  }
-
-  /**
-   * On a cluster, DeleteSubnet's check of the gateway's index, which is in
-   * another slot, under the subnet's deleting mark (marked): the VPC's NAT
-   * gateway not in the subnet (on a single Redis DELETE_SUBNET checks it in
-   * the same step, and on both the network ACL).
-   */
-  private async subnetUnused(s: SubnetRec): Promise<void> {
-    const nat = await this.redis.hget(GW_KEYS.cluster.vpcNat, s.vpcId);
-    if (nat && (await this.redis.hget(GW_KEYS.cluster.nat(nat), "subnet")) === s.id)
-      throw new FailedPreconditionError(`subnet ${s.name} (${s.id}): NAT gateway ${V.show(nat)} sits in it (microvpc nat delete); remove that first`);
   }
 
   // ---- The layout move (docs/redis-schema.md "Redis Cluster") ----

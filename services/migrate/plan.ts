@@ -19,7 +19,7 @@ import { HOST_ID_RE } from "../common/host.js";
 import * as V from "../common/validate.js";
 import { DK_CLUSTER } from "../dns/schema.js";
 import { FW_KEYS, parseAcl, parseFlowLogConfig, parseGroup } from "../firewall/schema.js";
-import { GW_KEYS } from "../gateway/schema.js";
+import { GW_KEYS, parseNat } from "../gateway/schema.js";
 import { IPAM_KEYS, parseSubnet } from "../ipam/schema.js";
 import { NA_KEYS, VPN_KEYS } from "../netagent/schema.js";
 import { PEERING_KEYS, parsePeeringRecord } from "../peering/schema.js";
@@ -83,6 +83,7 @@ const RE = {
   fwNic: new RegExp(`^mvpc:fw:nic:(${ID})$`),
   hostSigs: new RegExp(`^mvpc:fw:host:${HOST}:sig$`),
   pcx: new RegExp(`^mvpc:pcx:(${ID})$`),
+  nat: new RegExp(`^mvpc:gw:nat:(${ID})$`),
   pcxAcks: new RegExp(`^mvpc:pcx:(${ID}):acks$`),
   hostAcks: new RegExp(`^mvpc:host:${HOST}:pcxacks$`),
   vpnClient: new RegExp(`^mvpc:vpn:client:${ID}$`),
@@ -103,7 +104,7 @@ const SHARED = {
 export function wanted(key: string, type: string): boolean {
   if (Object.values(SHARED).includes(key)) return true;
   if (type === "hash") {
-    return [RE.subnet, RE.fwWanted, RE.hostSigs, RE.pcx, RE.pcxAcks, RE.hostAcks].some((re) => re.test(key));
+    return [RE.subnet, RE.fwWanted, RE.hostSigs, RE.pcx, RE.pcxAcks, RE.hostAcks, RE.nat].some((re) => re.test(key));
   }
   if (type === "string") return RE.vpnClient.test(key);
   if (type === "set") return RE.peerings.test(key);
@@ -206,7 +207,6 @@ export function plan(snap: Snapshot): Plan {
     [new RegExp(`^mvpc:vpc:(${VPC}):subnets$`), (m, k) => copy(k, C.ipam.vpcSubnets(m[1]))],
     [new RegExp(`^mvpc:vpc:(${VPC}):subnet:byname$`), (m, k) => copy(k, C.ipam.vpcSubnetByName(m[1]))],
     [new RegExp(`^mvpc:vpc:(${VPC}):reserved$`), (m, k) => copy(k, C.ipam.vpcReserved(m[1]))],
-    [new RegExp(`^mvpc:vpc:(${VPC}):deleting:${ID}$`), (_m, k) => skip(k, "a single Redis never uses it")],
     // A VPC's set of peering ids becomes the hash id → the peer's range that a cluster's creates check overlaps in.
     [
       new RegExp(`^mvpc:vpc:(${VPC}):peerings$`),
@@ -302,8 +302,22 @@ export function plan(snap: Snapshot): Plan {
     [new RegExp(`^mvpc:fw:host:(${HOST}):vpcs$`), (m, k) => copy(k, C.fw.hostVpcs(m[1]))],
     [new RegExp(`^mvpc:fw:host:(${HOST}):sig$`), (m, k) => copy(k, C.fw.hostSigs(m[1]))],
     [new RegExp(`^mvpc:fw:host:(${HOST}):vpc:(${VPC}):nics$`), (m, k) => copy(k, C.fw.hostVpcNics(m[1], m[2]))],
-    // Gateway
-    [new RegExp(`^mvpc:gw:(nat|fip|pf):(${ID})$`), (m, k) => copy(k, C.gw[m[1] as "nat" | "fip" | "pf"](m[2]))],
+    // Gateway. A NAT gateway also holds its subnet in its VPC's slot, where a cluster's DeleteSubnet looks (GatewayKeys.natHolds): a hold with a record is never stale.
+    [
+      RE.nat,
+      (m, k) => {
+        const p = parseNat(hash(k), m[1]);
+        if (!p.ok) {
+          refuse(
+            `${k}: ${p.reason}; its hold on its subnet cannot be made on the cluster (a DeleteSubnet there could delete the subnet under it): fix or delete it, then run the move again`,
+          );
+          return;
+        }
+        copy(k, C.gw.nat(m[1]));
+        add(C.gw.natHolds!(p.value.vpcId), m[1], JSON.stringify({ subnet: p.value.subnetId, ms: p.value.createdMs }));
+      },
+    ],
+    [new RegExp(`^mvpc:gw:(fip|pf):(${ID})$`), (m, k) => copy(k, C.gw[m[1] as "fip" | "pf"](m[2]))],
     [/^mvpc:gw:(nats|vpcnat|fips|pfs)$/, (m, k) => copy(k, { nats: C.gw.nats, vpcnat: C.gw.vpcNat, fips: C.gw.fips, pfs: C.gw.pfs }[m[1]]!)],
     [/^mvpc:gw:fip:byaddr$/, (_m, k) => copy(k, C.gw.fipByAddr)],
     [new RegExp(`^mvpc:gw:lease:nat:(${VPC})$`), (m, k) => copy(k, C.gw.natLease(m[1]))],

@@ -10,7 +10,8 @@ import { GatewayService, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
-import { IPAM_KEYS } from "../../services/ipam/schema.js";
+import { PENDING_MS } from "../../services/common/pending.js";
+import { GW_KEYS } from "../../services/gateway/schema.js";
 import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
@@ -175,42 +176,62 @@ describe("NAT", () => {
   });
 
   test.skipIf(!ON_CLUSTER)(
-    "a cluster: CreateNatGateway while a DeleteSubnet of its subnet is under way (its mark) waits for it: kept if the subnet stands, taken back if the delete never ends; a retry's replay is never taken back",
+    "a cluster: CreateNatGateway holds its subnet in the VPC's slot before its record; DeleteSubnet refuses while a hold names the subnet (a gateway: nat delete; a create under way: retry), sweeps a stopped create's hold once PENDING_MS old, and refuses a hold that does not read as one; a retry's replay gets its hold back",
     async () => {
-      const vpc = await h.vpc("natmark", "10.78.0.0/16");
+      const vpc = await h.vpc("nathold", "10.78.0.0/16");
       const s = await h.subnet(vpc, "s", "10.78.1.0/24", SubnetType.PUBLIC);
-      const mark = IPAM_KEYS.cluster.deleting(vpc.id, s.id);
-      // The mark a DeleteSubnet sets before it checks the NAT index (IpamStore.marked), as if it were between that check and its script.
+      const t = await h.subnet(vpc, "t", "10.78.2.0/24", SubnetType.PUBLIC);
+      const holds = GW_KEYS.cluster.natHolds!(vpc.id);
       const r = connectRedis({ url: h.redisUrl });
+      /** A hold as HOLD_NAT writes it, `age` ms before now by the Redis server's clock. */
+      const hold = (nat: string, subnet: string, age: number) =>
+        r.eval(
+          `local t = redis.call('TIME') redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({subnet = ARGV[2], ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])}))`,
+          1,
+          holds,
+          nat,
+          subnet,
+          age,
+        );
       try {
         await waitReady(r);
-        // A delete that does not end within the create's wait: the gateway goes back.
-        await r.zadd(mark, Date.now() + 10_000, "stuck-delete");
-        await rejectsWith(gw.createNatGateway({ vpc: vpc.id, subnet: s.id }), Code.FailedPrecondition, /still being deleted.*nothing was kept/);
-        assert.deepEqual((await gw.listNatGateways({ vpc: vpc.id })).natGateways, [], "nothing kept");
-        // A delete that ends (refused: it saw the gateway) while the create waits: the subnet stands, the gateway stays.
-        await r.zadd(mark, Date.now() + 10_000, "refused-delete");
-        const ending = new Promise((res) => setTimeout(res, 500)).then(() => r.del(mark));
-        const nat = (await gw.createNatGateway({ vpc: vpc.id, subnet: s.id, clientToken: "natmark-1" })).natGateway!;
-        await ending;
+        const nat = (await gw.createNatGateway({ vpc: vpc.id, subnet: s.id, clientToken: "nathold-1" })).natGateway!;
+        assert.equal((JSON.parse((await r.hget(holds, nat.id)) ?? "{}") as { subnet?: string }).subnet, s.id, "the gateway's hold names its subnet");
+        await rejectsWith(
+          h.ipam.subnet.deleteSubnet({ ref: s.id }),
+          Code.FailedPrecondition,
+          new RegExp(`NAT gateway ${nat.id} sits in it \\(microvpc nat delete\\)`),
+        );
+        // A hold lost (by hand): a retry with the same client token answers the same gateway and holds its subnet again.
+        await r.hdel(holds, nat.id);
+        assert.equal((await gw.createNatGateway({ vpc: vpc.id, subnet: s.id, clientToken: "nathold-1" })).natGateway!.id, nat.id);
+        assert.equal(await r.hexists(holds, nat.id), 1, "the replay made sure of its hold");
         assert.deepEqual(
           (await gw.listNatGateways({ vpc: vpc.id })).natGateways.map((n) => n.id),
           [nat.id],
-          "kept",
+          "one gateway, no hold of a fresh id left",
         );
-        // A retry with the same client token while a delete is marked: its replay is answered, and the gateway stays.
-        await r.zadd(mark, Date.now() + 10_000, "another-delete");
-        assert.equal((await gw.createNatGateway({ vpc: vpc.id, subnet: s.id, clientToken: "natmark-1" })).natGateway!.id, nat.id);
-        assert.deepEqual(
-          (await gw.listNatGateways({ vpc: vpc.id })).natGateways.map((n) => n.id),
-          [nat.id],
-          "a replay is not taken back",
+        assert.deepEqual(await r.hkeys(holds), [nat.id]);
+        // What a create that stopped between its hold and its record leaves: young, it refuses (retry); PENDING_MS old by the server's clock, it is swept.
+        await hold("nat-0000000000c1", t.id, 0);
+        await rejectsWith(
+          h.ipam.subnet.deleteSubnet({ ref: t.id }),
+          Code.FailedPrecondition,
+          /a NAT gateway is being created in it \(nat-0000000000c1\); retry/,
         );
-        await r.del(mark);
-        await rejectsWith(h.ipam.subnet.deleteSubnet({ ref: s.id }), Code.FailedPrecondition, /NAT gateway/);
-        assert.equal(await r.zcard(mark), 0, "a refused delete removes its mark");
+        await hold("nat-0000000000c1", t.id, PENDING_MS + 1000);
+        // A hold that does not read as one: refused, naming it, and the daemon answers on.
+        await r.hset(holds, "junk", "{not json");
+        await rejectsWith(h.ipam.subnet.deleteSubnet({ ref: t.id }), Code.FailedPrecondition, /"junk" does not read as a NAT gateway hold/);
+        await r.hdel(holds, "junk");
+        assert.equal((await h.ipam.subnet.deleteSubnet({ ref: t.id })).deleted, true, "the stopped create's hold, old, was swept");
+        assert.deepEqual(await r.hkeys(holds), [nat.id]);
+        // DeleteNatGateway takes the record, then its hold; DeleteSubnet then succeeds.
         await gw.deleteNatGateway({ ref: nat.id });
-        await h.ipam.subnet.deleteSubnet({ ref: s.id });
+        assert.equal(await r.exists(holds), 0, "DeleteNatGateway removed its hold");
+        assert.equal((await h.ipam.subnet.deleteSubnet({ ref: s.id })).deleted, true);
+        // A subnet that is gone: the create's hold is refused, nothing is made.
+        await rejectsWith(gw.createNatGateway({ vpc: vpc.id, subnet: s.id }), Code.NotFound);
         await h.ipam.vpc.deleteVpc({ ref: vpc.id });
       } finally {
         r.disconnect();

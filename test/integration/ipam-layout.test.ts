@@ -12,13 +12,15 @@ import assert from "node:assert/strict";
 import { Redis, type Cluster } from "ioredis";
 import { afterAll, beforeAll, describe, test, vi } from "vitest";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
-import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError } from "../../services/common/errors.js";
+import { PENDING_MS } from "../../services/common/pending.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { IPAM_KEYS, K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
 import { TOMBSTONE } from "../../services/ipam/scripts.js";
 import { FW_KEYS } from "../../services/firewall/keys.js";
 import { GW_KEYS } from "../../services/gateway/schema.js";
+import { GatewayStore } from "../../services/gateway/store.js";
 import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { PeeringStore } from "../../services/peering/store.js";
@@ -489,10 +491,12 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     await c.hset(FW_KEYS.cluster.subnetAcl(vpc.id), sn.id, "acl-000000000001");
     await assert.rejects(st.deleteSubnet(sn.id), /network ACL acl-000000000001 is associated/);
     await c.hdel(FW_KEYS.cluster.subnetAcl(vpc.id), sn.id);
-    // The VPC's NAT gateway sitting in the subnet (its record under {gw}); the single Redis's names count for nothing here.
+    // The VPC's NAT gateway sitting in the subnet: its record under {gw}, its hold on the subnet in the VPC's slot; the single Redis's names count for nothing here.
     await c.hset(GW.nat("nat-000000000001"), "subnet", sn.id);
-    await assert.rejects(st.deleteSubnet(sn.id), /NAT gateway "nat-000000000001" sits in it/);
+    await c.hset(GW.natHolds!(vpc.id), "nat-000000000001", JSON.stringify({ subnet: sn.id, ms: 0 }));
+    await assert.rejects(st.deleteSubnet(sn.id), /NAT gateway nat-000000000001 sits in it \(microvpc nat delete\)/);
     await c.hdel(GW.vpcNat, vpc.id);
+    await c.hdel(GW.natHolds!(vpc.id), "nat-000000000001");
     // The single Redis's names hold no NAT gateway on a cluster, for DeleteVpc and DeleteSubnet (below).
     await c.hset(K.gwVpcNat, vpc.id, "nat-000000000001");
     await c.hset(K.gwNat("nat-000000000001"), "subnet", sn.id);
@@ -508,8 +512,8 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
 
   /**
    * A client of its own whose DeleteSubnet scripts (DELETE_SUBNET, its last
-   * step, after the NAT check under its mark) each run `before` first: a
-   * delete stalled there.
+   * step, after it read which NAT gateway holds have no record) each run
+   * `before` first: a delete stalled there.
    */
   async function stalledDeletes(before: () => Promise<void>): Promise<{ c: Redis; st: IpamStore }> {
     const c = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
@@ -523,10 +527,19 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     return { c, st };
   }
 
-  /** The Redis server's clock in ms (the mark's slot has one clock). */
-  async function serverMs(): Promise<number> {
-    const [sec, usec] = await clients[0].time();
-    return Number(sec) * 1000 + Math.floor(Number(usec) / 1000);
+  /**
+   * A GatewayStore whose CreateNatGateway runs `between` after its hold on
+   * the subnet and before its record (createNat): a create stalled, or
+   * stopped if `between` throws, between its two steps.
+   */
+  function stalledCreates(c: Redis, between: () => Promise<void>): GatewayStore {
+    const gs = new GatewayStore(c);
+    const record = gs.createNat.bind(gs);
+    gs.createNat = async (...a) => {
+      await between();
+      return record(...a);
+    };
+    return gs;
   }
 
   /** Date.now() of this process `ms` off (another host's clock), until the returned restore. */
@@ -536,99 +549,242 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     return () => spy.mockRestore();
   }
 
-  test("a DeleteSubnet's mark goes by the Redis server's clock: a deleter 60 s behind or ahead, and a gateway 60 s ahead, all see it live for its 30 s", async () => {
-    let open!: () => void;
-    const gate = new Promise<void>((r) => (open = r));
-    const { c, st } = await stalledDeletes(() => gate);
-    // What the gateway reads (IpamReader.natSite), on another client.
-    const gw = new IpamStore(clients[1]);
-    const other = clients[2];
+  const natPool = { first: ipToInt("198.18.9.1"), last: ipToInt("198.18.9.62") };
+  const natIn = (sn: SubnetRec) => ({ vpcId: sn.vpcId, subnetId: sn.id, sources: [], description: "" });
+  /** Writes a hold as HOLD_NAT does, `age` ms before now by the Redis server's clock (the clock the sweep goes by). */
+  const AGED_HOLD = `local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({subnet = ARGV[2], ms = now - tonumber(ARGV[3])}))
+return now`;
+  const agedHold = (c: Redis, vpc: string, nat: string, subnet: string, age: number) => c.eval(AGED_HOLD, 1, GW_KEYS.cluster.natHolds!(vpc), nat, subnet, age);
+
+  /** The NAT gateways of a VPC (its index entry, read back) and whether its subnet `sn` stands. */
+  async function site(gs: GatewayStore, sn: SubnetRec): Promise<{ nat: string | null; subnet: boolean }> {
+    const nat = await gs.natOfVpc(sn.vpcId);
+    return { nat: nat?.id ?? null, subnet: (await new IpamStore(clients[0]).getSubnet(sn.id)) !== null };
+  }
+
+  test("CreateNatGateway against DeleteSubnet of its subnet, each interleaving of their steps: the subnet gone and no NAT gateway, or both standing, never a NAT gateway in a deleted subnet", async () => {
+    const st = new IpamStore(clients[0]);
+    const { vpc } = await st.createVpc(vpcSpec("natsteps"), "");
+    const holds = GW_KEYS.cluster.natHolds!(vpc.id);
+    const plain = new GatewayStore(clients[1]);
+    let n = 0;
+    const fresh = async () => (await st.createSubnet({ ...subnetSpec(vpc.id, `n${n}`, `10.70.${10 + n++}.0/24`), type: "public" }, "")).subnet;
+    /** After a round: one of the two outcomes, then cleaned up. */
+    const outcome = async (sn: SubnetRec, want: "deleted" | "nat") => {
+      const got = await site(plain, sn);
+      if (want === "deleted") assert.deepEqual(got, { nat: null, subnet: false }, "the subnet is gone and no NAT gateway was kept");
+      else {
+        assert.equal(got.subnet, true, "the NAT gateway stands, and so does its subnet");
+        const nat = (await plain.natOfVpc(vpc.id))!;
+        assert.equal(nat.subnetId, sn.id);
+        assert.deepEqual(JSON.parse((await clients[2].hget(holds, nat.id))!).subnet, sn.id, "its hold names its subnet");
+        assert.equal(await plain.deleteNat(nat), true);
+        assert.equal(await st.deleteSubnet(sn.id), true, "DeleteNatGateway, then DeleteSubnet succeeds");
+      }
+      assert.equal(await clients[2].hlen(holds), 0, "no hold left");
+    };
+
+    // 1. The whole delete first: the create's hold finds no subnet.
+    let sn = await fresh();
+    assert.equal(await st.deleteSubnet(sn.id), true);
+    await assert.rejects(
+      plain.createNatInSubnet(natIn(sn), "", natPool),
+      (e: Error) => e instanceof FailedPreconditionError && /is gone or being deleted/.test(e.message),
+    );
+    await outcome(sn, "deleted");
+
+    // 2. The create holds, and stalls before its record while a whole delete runs: refused, a create is under way.
+    sn = await fresh();
+    let deleted: Promise<boolean> | undefined;
+    const s2 = sn;
+    const gs2 = stalledCreates(clients[1], async () => {
+      deleted = st.deleteSubnet(s2.id);
+      await assert.rejects(
+        deleted,
+        (e: Error) => e instanceof FailedPreconditionError && /a NAT gateway is being created in it \(nat-[0-9a-f]{12}\); retry/.test(e.message),
+      );
+    });
+    await gs2.createNatInSubnet(natIn(sn), "", natPool);
+    assert.ok(deleted, "the delete ran between the create's steps");
+    await outcome(sn, "nat");
+
+    // 3. The delete reads the holds' records, then stalls before its script while a whole create runs: its script sees the hold.
+    sn = await fresh();
+    let created: Promise<unknown> | undefined;
+    const s3 = sn;
+    let once = true;
+    const stalled3 = await stalledDeletes(async () => {
+      if (!once) return;
+      once = false;
+      created = plain.createNatInSubnet(natIn(s3), "", natPool);
+      await created;
+    });
     try {
-      const { vpc } = await st.createVpc(vpcSpec("skew"), "");
-      const sn = (await st.createSubnet(subnetSpec(vpc.id, "k", "10.70.3.0/24"), "")).subnet;
-      const mark = IPAM_KEYS.cluster.deleting(vpc.id, sn.id);
-      const marks = async (n: number) => {
-        for (let i = 0; i < 200 && (await other.zcard(mark)) < n; i++) await new Promise((r) => setTimeout(r, 10));
-        assert.equal(await other.zcard(mark), n, `${n} mark(s) set`);
-      };
-      // A deleting daemon whose clock is 60 s behind the server's: its mark lives its 30 s by the server's clock, not -30 s.
-      let restore = skewed(-60_000);
-      const first = st.deleteSubnet(sn.id);
-      try {
-        await marks(1);
-      } finally {
-        restore();
-      }
-      const [, score] = await other.zrange(mark, 0, -1, "WITHSCORES");
-      const life = Number(score) - (await serverMs());
-      assert.ok(life > 25_000 && life <= 30_000, `the mark lapses in ${life} ms by the server's clock, not in 30 s by the deleter's`);
-      assert.equal((await gw.natSite(vpc.id, sn.id)).marked, true, "a gateway sees the mark of a deleter whose clock is behind");
-      // A gateway whose clock is 60 s ahead: the mark is still live (by the server's clock).
-      restore = skewed(60_000);
-      let marked: boolean;
-      try {
-        marked = (await gw.natSite(vpc.id, sn.id)).marked;
-      } finally {
-        restore();
-      }
-      assert.equal(marked, true, "a gateway whose clock is ahead sees the mark as live");
-      // A second delete from a daemon 60 s ahead: its mark sweeps only lapsed marks (by the server's clock), not the first's.
-      restore = skewed(60_000);
-      const second = st.deleteSubnet(sn.id);
-      try {
-        await marks(2);
-      } finally {
-        restore();
-      }
-      open();
-      assert.deepEqual((await Promise.all([first, second])).sort(), [false, true], "one delete ran, the other found nothing");
-      assert.equal(await other.exists(mark), 0, "each delete removed its mark");
-      assert.equal(await st.deleteVpc(vpc.id), true);
+      await assert.rejects(
+        stalled3.st.deleteSubnet(sn.id),
+        (e: Error) => e instanceof FailedPreconditionError && /NAT gateway nat-[0-9a-f]{12} sits in it \(microvpc nat delete\)/.test(e.message),
+      );
     } finally {
-      open();
-      c.disconnect();
+      stalled3.c.disconnect();
     }
+    assert.ok(created, "the create ran inside the delete");
+    await outcome(sn, "nat");
+
+    // 4. The create holds and stalls; the delete finds that hold without a record and stalls; the record lands; the script: a young hold, refused.
+    sn = await fresh();
+    let recordNow!: () => void;
+    const recordGate = new Promise<void>((r) => (recordNow = r));
+    let held!: () => void;
+    const holdSeen = new Promise<void>((r) => (held = r));
+    const gs4 = stalledCreates(clients[1], async () => {
+      held();
+      await recordGate;
+    });
+    const creating = gs4.createNatInSubnet(natIn(sn), "", natPool);
+    await holdSeen;
+    const stalled4 = await stalledDeletes(async () => {
+      recordNow();
+      await creating;
+    });
+    try {
+      await assert.rejects(
+        stalled4.st.deleteSubnet(sn.id),
+        (e: Error) => e instanceof FailedPreconditionError && /a NAT gateway is being created in it.*; retry/.test(e.message),
+      );
+    } finally {
+      stalled4.c.disconnect();
+    }
+    await outcome(sn, "nat");
+
+    // 5. The delete reads (nothing held), stalls; the create holds and stalls before its record; the script sees the hold and refuses; the record lands.
+    sn = await fresh();
+    let go!: () => void;
+    const recordGate5 = new Promise<void>((r) => (go = r));
+    let held5!: () => void;
+    const holdSeen5 = new Promise<void>((r) => (held5 = r));
+    const gs5 = stalledCreates(clients[1], async () => {
+      held5();
+      await recordGate5;
+    });
+    let creating5: Promise<unknown> | undefined;
+    const s5 = sn;
+    const stalled5 = await stalledDeletes(async () => {
+      creating5 ??= gs5.createNatInSubnet(natIn(s5), "", natPool);
+      await holdSeen5;
+    });
+    try {
+      await assert.rejects(
+        stalled5.st.deleteSubnet(sn.id),
+        (e: Error) => e instanceof FailedPreconditionError && /NAT gateway nat-[0-9a-f]{12} sits in it/.test(e.message),
+      );
+    } finally {
+      stalled5.c.disconnect();
+    }
+    go();
+    await creating5;
+    await outcome(sn, "nat");
+
+    // 6. Ten rounds of the two at once, from two clients: either outcome, never a NAT gateway in a deleted subnet.
+    const won = { deleted: 0, nat: 0 };
+    for (let i = 0; i < 10; i++) {
+      sn = await fresh();
+      const [c, d] = await Promise.allSettled([plain.createNatInSubnet(natIn(sn), "", natPool), new IpamStore(clients[3]).deleteSubnet(sn.id)]);
+      if (c.status === "rejected") assert.ok(c.reason instanceof FailedPreconditionError, `a create that lost: ${c.reason}`);
+      if (d.status === "rejected") assert.ok(d.reason instanceof FailedPreconditionError, `a delete that lost: ${d.reason}`);
+      assert.notEqual(c.status === "fulfilled", d.status === "fulfilled" && d.value, `round ${i}: exactly one of the two won`);
+      const w = c.status === "fulfilled" ? "nat" : "deleted";
+      won[w]++;
+      await outcome(sn, w);
+    }
+    console.log(`# ipam-layout: CreateNatGateway vs DeleteSubnet at once, 10 rounds: the gateway won ${won.nat}, the delete ${won.deleted}`);
+    assert.equal(await st.deleteVpc(vpc.id), true);
   });
 
-  test("a DeleteSubnet stalled past its mark refuses at its last step (UNAVAILABLE, nothing deleted): a NAT gateway kept meanwhile stays, and a retry sees it", async () => {
-    const GW = GW_KEYS.cluster;
-    const nat = "nat-0000000000a1";
-    const other = clients[2];
-    const gw = new IpamStore(clients[1]);
-    let stall = async () => {};
-    const { c, st } = await stalledDeletes(() => stall());
+  test("a hold a create left between its steps: a young one refuses DeleteSubnet (retry), whatever the deleter's clock says; swept once PENDING_MS old by the server's clock; a hold with a record never is", async () => {
+    const c = clients[2];
+    const st = new IpamStore(clients[0]);
+    const { vpc } = await st.createVpc(vpcSpec("natstale"), "");
+    const holds = GW_KEYS.cluster.natHolds!(vpc.id);
+    const a = (await st.createSubnet({ ...subnetSpec(vpc.id, "a", "10.70.30.0/24"), type: "public" }, "")).subnet;
+    const b = (await st.createSubnet({ ...subnetSpec(vpc.id, "b", "10.70.31.0/24"), type: "public" }, "")).subnet;
+    // A create that stopped between its hold and its record (its reply lost: the hold stays, as its record might have been written).
+    const crashed = stalledCreates(clients[1], () => Promise.reject(new Error("connection lost")));
+    await assert.rejects(crashed.createNatInSubnet(natIn(a), "", natPool), /connection lost/);
+    const [ghost] = await c.hkeys(holds);
+    assert.match(ghost ?? "", /^nat-[0-9a-f]{12}$/, "the stopped create's hold is there");
+    const [sec] = await c.time();
+    const hold = JSON.parse((await c.hget(holds, ghost))!) as { subnet: string; ms: number };
+    assert.equal(hold.subnet, a.id);
+    assert.ok(Math.abs(hold.ms - Number(sec) * 1000) < 5000, "made at the server's time");
+    // A deleter whose clock is two PENDING_MS ahead: the hold is young by the server's clock, so it stays and refuses.
+    const restore = skewed(2 * PENDING_MS);
     try {
-      const { vpc } = await st.createVpc(vpcSpec("stall"), "");
-      const sn = (await st.createSubnet(subnetSpec(vpc.id, "p", "10.70.4.0/24"), "")).subnet;
-      const mark = IPAM_KEYS.cluster.deleting(vpc.id, sn.id);
-      stall = async () => {
-        // Its NAT check passed; it stalls past its mark's 30 s: by the server's clock the mark lapsed (its score now behind).
-        const [token] = await other.zrange(mark, 0, -1);
-        assert.ok(token, "the delete's mark is set");
-        await other.zadd(mark, "XX", (await serverMs()) - 1, token);
-        // Meanwhile a CreateNatGateway in the subnet found no live mark and the subnet standing: it kept its gateway.
-        await other.hset(GW.nat(nat), "subnet", sn.id);
-        await other.hset(GW.vpcNat, vpc.id, nat);
-        assert.deepEqual(await gw.natSite(vpc.id, sn.id), { marked: false }, "the gateway keeps its gateway");
-      };
       await assert.rejects(
-        st.deleteSubnet(sn.id),
-        (e: Error) => e instanceof UnavailableError && /stalled past its 30 s mark.*nothing was deleted; retry the delete/.test(e.message),
+        st.deleteSubnet(a.id),
+        (e: Error) => e instanceof FailedPreconditionError && new RegExp(`a NAT gateway is being created in it \\(${ghost}\\); retry`).test(e.message),
       );
-      stall = async () => {};
-      assert.equal((await st.getSubnet(sn.id))?.id, sn.id, "the subnet stands, with the gateway in it");
-      assert.equal(await other.exists(mark), 0, "the refused delete removed its mark");
-      await assert.rejects(
-        st.deleteSubnet(sn.id),
-        (e: Error) => e instanceof FailedPreconditionError && /NAT gateway "nat-0000000000a1" sits in it/.test(e.message),
-      );
-      await other.del(GW.nat(nat));
-      await other.hdel(GW.vpcNat, vpc.id);
-      assert.equal(await st.deleteSubnet(sn.id), true);
-      assert.equal(await st.deleteVpc(vpc.id), true);
     } finally {
-      c.disconnect();
+      restore();
     }
+    assert.equal(await c.hexists(holds, ghost), 1);
+    // A real gateway in b whose hold is as old: it has a record, so it is never stale.
+    const nat = await new GatewayStore(clients[1]).createNatInSubnet(natIn(b), "", natPool);
+    await agedHold(c, vpc.id, nat.id, b.id, 2 * PENDING_MS);
+    await agedHold(c, vpc.id, ghost, a.id, PENDING_MS + 1000);
+    await assert.rejects(
+      st.deleteSubnet(b.id),
+      (e: Error) => e instanceof FailedPreconditionError && new RegExp(`NAT gateway ${nat.id} sits in it \\(microvpc nat delete\\)`).test(e.message),
+    );
+    assert.equal(await c.hexists(holds, nat.id), 1, "a hold with a record is not swept");
+    // The stopped create's hold, old now: swept by the next DeleteSubnet, which goes ahead.
+    assert.equal(await st.deleteSubnet(a.id), true);
+    assert.equal(await c.hexists(holds, ghost), 0, "swept");
+    // DeleteNatGateway removes the record, then its hold; DeleteSubnet then succeeds.
+    assert.equal(await new GatewayStore(clients[1]).deleteNat(nat), true);
+    assert.equal(await c.hexists(holds, nat.id), 0, "DeleteNatGateway removed its hold");
+    assert.equal(await st.deleteSubnet(b.id), true);
+    // A hold left in a VPC without subnets (only an entry that never read as one can be) goes with it.
+    await c.hset(holds, "junk", "{");
+    assert.equal(await st.deleteVpc(vpc.id), true);
+    assert.equal(await c.exists(holds), 0, "DeleteVpc leaves no holds behind");
+  });
+
+  test("NAT gateway holds read back from Redis are input: one that does not read as a hold refuses DeleteSubnet, naming it, and breaks no script; a field that is not a NAT id is swept like any stale hold", async () => {
+    const c = clients[2];
+    const st = new IpamStore(clients[0]);
+    const { vpc } = await st.createVpc(vpcSpec("natbad"), "");
+    const holds = GW_KEYS.cluster.natHolds!(vpc.id);
+    const x = (await st.createSubnet({ ...subnetSpec(vpc.id, "x", "10.70.40.0/24"), type: "public" }, "")).subnet;
+    const bad: [string, string][] = [
+      ["nat-0000000000f1", "not json"],
+      ["nat-0000000000f2", "[]"],
+      ["nat-0000000000f3", JSON.stringify({ subnet: x.id })],
+      // Young: an old one without a record is swept whatever else it says (it is stale).
+      ["nat-0000000000f4", JSON.stringify({ subnet: 7, ms: Date.now() })],
+      ["nat-0000000000f5", '"a string"'],
+      ["junk\nfield", "{"],
+      ["not-a-nat", JSON.stringify({ subnet: x.id, ms: Date.now() })],
+    ];
+    for (const [field, value] of bad) {
+      await c.hset(holds, field, value);
+      await assert.rejects(
+        st.deleteSubnet(x.id),
+        (e: Error) =>
+          e instanceof FailedPreconditionError && /does not read as a NAT gateway hold/.test(e.message) && e.message.includes(JSON.stringify(field)),
+        `${JSON.stringify(field)} → ${value}`,
+      );
+      assert.equal((await st.getSubnet(x.id))?.id, x.id, "nothing deleted");
+      await c.hdel(holds, field);
+    }
+    // A field that is no NAT id has no record: once old it is swept as a stopped create's hold is.
+    await agedHold(c, vpc.id, "not-a-nat", x.id, PENDING_MS + 1000);
+    // A hold of another subnet that reads as one is no business of this delete.
+    await c.hset(holds, "nat-0000000000f6", JSON.stringify({ subnet: "subnet-0000000000f6", ms: Date.now() }));
+    assert.equal(await st.deleteSubnet(x.id), true);
+    assert.deepEqual(await c.hkeys(holds), ["nat-0000000000f6"]);
+    assert.equal(await st.deleteVpc(vpc.id), true);
   });
 
   test("a subnet record by id a create left before its VPC's script is not a subnet; DeleteSubnet removes it once it is old", async () => {

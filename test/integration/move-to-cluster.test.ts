@@ -13,6 +13,7 @@ import { execFile } from "node:child_process";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, test } from "vitest";
+import { Code } from "@connectrpc/connect";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { AclAction, Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
@@ -22,6 +23,8 @@ import { VpnService } from "../../gen/microvpc/v1/vpn_pb.js";
 import { NetAgentService } from "../../gen/microvpc/v1/netagent_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { GW_KEYS } from "../../services/gateway/schema.js";
+import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
 import { Harness } from "../lib/harness.js";
 import { waitFor } from "../lib/netns.js";
@@ -163,7 +166,7 @@ describe("microvpcd move-to-cluster", () => {
     await dns.updateDnsConfig({ vpc: "app", forwarders: { addresses: ["192.168.100.200"] } });
     const a = (await vmm.createVm({ name: "a", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
     const b = (await vmm.createVm({ name: "b", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS })).vm!;
-    await gw.createNatGateway({ vpc: app.id, subnet: web.id, clientToken: "t-nat" });
+    const nat = (await gw.createNatGateway({ vpc: app.id, subnet: web.id, clientToken: "t-nat" })).natGateway!;
     const fip = (await gw.allocateFloatingIp({})).floatingIp!;
     await gw.associateFloatingIp({ floatingIp: fip.id, vpc: app.id, privateAddress: a.nics[0].guest!.address });
     await gw.createPortForward({
@@ -237,6 +240,14 @@ describe("microvpcd move-to-cluster", () => {
       const toC = await c.vmm.testConnectivity({ source: "a", vpc: "app", target: "c", protocol: Protocol.ICMP });
       assert.equal(toC.result, ConnectivityResult.REACHABLE, "a → c (made on the cluster)");
       await c.vmm.deleteVm({ ref: cvm.id });
+      // The NAT gateway holds its subnet in the VPC's slot, as one made on the cluster does: a retry replays it, and its subnet, once nothing else holds it, is not deleted under it.
+      assert.deepEqual(JSON.parse((await on.hget(GW_KEYS.cluster.natHolds!(app.id), nat.id)) ?? "{}").subnet, web.id, "the move built the NAT gateway's hold");
+      assert.equal((await c.gw.createNatGateway({ vpc: app.id, subnet: web.id, clientToken: "t-nat" })).natGateway!.id, nat.id);
+      for (const v of [a, b]) await c.vmm.deleteVm({ ref: v.id });
+      await c.fw.disassociateNetworkAcl({ subnet: web.id });
+      await rejectsWith(h.ipam.subnet.deleteSubnet({ ref: web.id }), Code.FailedPrecondition, new RegExp(`NAT gateway ${nat.id} sits in it`));
+      await c.gw.deleteNatGateway({ ref: nat.id });
+      assert.equal(await on.hexists(GW_KEYS.cluster.natHolds!(app.id), nat.id), 0, "DeleteNatGateway removed its hold");
     } finally {
       on.disconnect();
     }

@@ -9,7 +9,8 @@
 //     VM of another VPC on the holder gets nothing through the gateway;
 //   * the holder's gateway killed (by its PID): new flows from every
 //     surviving host work again within the stated bound (measured, 3 runs);
-//   * deleting the gateway stops private egress and gives the address back.
+//   * deleting the gateway stops private egress and gives the address back;
+//   * a subnet with a NAT gateway is not deleted until the gateway is.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, test } from "vitest";
@@ -245,5 +246,13 @@ describe("a NAT gateway's own address", () => {
     const f = (await gw.allocateFloatingIp({ address: natAddress })).floatingIp!;
     assert.equal(f.address, natAddress);
     await gw.releaseFloatingIp({ floatingIp: f.id });
+  });
+
+  test("a subnet with a NAT gateway in it is not deleted (on a Redis Cluster, by the gateway's hold in the VPC's slot); DeleteNatGateway, then DeleteSubnet succeeds", async () => {
+    const nat = (await gw.createNatGateway({ vpc: "other", subnet: "web" })).natGateway!;
+    await rejectsWith(h.ipam.subnet.deleteSubnet({ ref: nat.subnetId }), Code.FailedPrecondition, new RegExp(`NAT gateway ${nat.id} sits in it`));
+    assert.equal((await gw.deleteNatGateway({ ref: nat.id })).deleted, true);
+    assert.equal((await h.ipam.subnet.deleteSubnet({ ref: nat.subnetId })).deleted, true);
+    await rejectsWith(gw.createNatGateway({ vpc: "other", subnet: nat.subnetId }), Code.NotFound);
   });
 });

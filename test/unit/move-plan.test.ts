@@ -152,6 +152,40 @@ describe("move-to-cluster plan", () => {
     );
   });
 
+  test("every NAT gateway gets its hold on its subnet in its VPC's slot, where a cluster's DeleteSubnet looks; a NAT record that does not parse stops the move", () => {
+    const N1 = "nat-444444444444";
+    const N2 = "nat-555555555555";
+    const nat = (id: string, vpc: string, sn: string) => ({ id, vpc, subnet: sn, sources: "[]", address: "203.0.113.7", description: "", created: "1800" });
+    assert.equal(wanted(`mvpc:gw:nat:${N1}`, "hash"), true, "the plan reads NAT records");
+    const p = plan(
+      snap(
+        { [`mvpc:gw:nat:${N1}`]: "hash", [`mvpc:gw:nat:${N2}`]: "hash", "mvpc:gw:vpcnat": "hash", "mvpc:gw:nats": "zset" },
+        {
+          hashes: new Map<string, Record<string, string>>([
+            [`mvpc:gw:nat:${N1}`, nat(N1, V1, SN)],
+            [`mvpc:gw:nat:${N2}`, nat(N2, V2, "subnet-666666666666")],
+          ]),
+        },
+      ),
+    );
+    assert.deepEqual(p.refusals, []);
+    assert.deepEqual(copies(p.ops)[`mvpc:gw:nat:${N1}`], [`mvpc:{gw}:nat:${N1}`]);
+    const b = built(p.ops);
+    assert.deepEqual(b[`mvpc:{${V1}}:gw:nat-holds`], { [N1]: JSON.stringify({ subnet: SN, ms: 1800 }) });
+    assert.deepEqual(b[`mvpc:{${V2}}:gw:nat-holds`], { [N2]: JSON.stringify({ subnet: "subnet-666666666666", ms: 1800 }) });
+    // A record whose VPC or subnet cannot be read: no hold can be made for it, so nothing moves.
+    const bad = plan(
+      snap(
+        { [`mvpc:gw:nat:${N1}`]: "hash" },
+        { hashes: new Map<string, Record<string, string>>([[`mvpc:gw:nat:${N1}`, { ...nat(N1, V1, SN), subnet: "web" }]]) },
+      ),
+    );
+    assert.equal(bad.refusals.length, 1);
+    assert.match(bad.refusals[0], new RegExp(`^mvpc:gw:nat:${N1}: .*its hold on its subnet cannot be made`));
+    // The single Redis never had delete marks: a key under that name is one no release knows.
+    assert.equal(plan(snap({ [`mvpc:vpc:${V1}:deleting:${SN}`]: "zset" })).refusals.length, 1);
+  });
+
   test("stops, writing nothing, on what it cannot place: a record that does not parse, an unknown key, an unfinished move, a name escaping its tag", () => {
     const p = plan(
       snap(
