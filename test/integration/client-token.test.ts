@@ -8,35 +8,17 @@
 // gone, or holding something that is not an id, is taken over by the next
 // create.
 import assert from "node:assert/strict";
-import type { Cluster, Redis } from "ioredis";
-import { afterAll, beforeAll, beforeEach, test } from "vitest";
-import { connectRedis, isCluster, waitReady } from "../../services/common/redis.js";
-import { ipamKeys, type IpamKeys } from "../../services/ipam/schema.js";
+import { test } from "vitest";
+import { ipamKeys } from "../../services/ipam/schema.js";
 import { IpamStore } from "../../services/ipam/store.js";
 import { ipToInt } from "../../services/common/validate.js";
 import { subnetSpec } from "../lib/ipam-specs.js";
-import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
+import { scratchRedis } from "../lib/scratch-redis.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
 
-let server: DaemonsRedis | undefined;
-const db = {} as { r: Redis; keys: IpamKeys };
-
-beforeAll(async () => {
-  server = await startDaemonsRedis({ persistence: false });
-  db.r = connectRedis({ url: server.url, commandTimeoutMs: 5000 });
-  await waitReady(db.r);
-  db.keys = ipamKeys(db.r);
-});
-
-afterAll(async () => {
-  db.r?.disconnect();
-  await server?.stop();
-});
-
-// Each test on an empty Redis: every primary of a cluster.
-beforeEach(async () => {
-  await Promise.all((isCluster(db.r) ? (db.r as unknown as Cluster).nodes("master") : [db.r]).map((n) => n.flushall()));
-});
+// Each test on an empty Redis (every primary of a cluster).
+const db = scratchRedis({ followSwitch: true });
+const keys = () => ipamKeys(db.r);
 
 const vpc = (name: string) => ({ name, cidr: "10.70.0.0/16", base: ipToInt("10.70.0.0"), prefix: 16, description: "", labels: [], publicCidr: false });
 
@@ -56,7 +38,7 @@ test("a token that moves between the client's read and the script is read again"
   const hget = db.r.hget.bind(db.r);
   let reads = 0;
   db.r.hget = ((...a: Parameters<typeof hget>) =>
-    a[0] === db.keys.vpcTokens && reads++ === 0 ? Promise.resolve("vpc-ffffffffffff") : hget(...a)) as typeof db.r.hget;
+    a[0] === keys().vpcTokens && reads++ === 0 ? Promise.resolve("vpc-ffffffffffff") : hget(...a)) as typeof db.r.hget;
   try {
     const again = await s.createVpc(vpc("moving"), "tok-m");
     assert.deepEqual([again.created, again.vpc.id], [false, first.vpc.id]);
@@ -73,12 +55,12 @@ test("a token naming a VPC that is gone, or holding no id at all, is taken over 
   const next = await s.createVpc(vpc("gone"), "tok-g");
   assert.equal(next.created, true);
   assert.notEqual(next.vpc.id, gone.vpc.id);
-  assert.equal(await db.r.hget(db.keys.vpcTokens, "vpc\ntok-g"), next.vpc.id, "the token names the new one");
+  assert.equal(await db.r.hget(keys().vpcTokens, "vpc\ntok-g"), next.vpc.id, "the token names the new one");
   // Another host's (or a bug's) write: the field holds something that is not a VPC id. No key is made of it.
-  await db.r.hset(db.keys.vpcTokens, "vpc\ntok-x", "vpc-../../mvpc:tokens");
+  await db.r.hset(keys().vpcTokens, "vpc\ntok-x", "vpc-../../mvpc:tokens");
   const x = await s.createVpc(vpc("x"), "tok-x");
   assert.equal(x.created, true);
-  assert.equal(await db.r.hget(db.keys.vpcTokens, "vpc\ntok-x"), x.vpc.id);
+  assert.equal(await db.r.hget(keys().vpcTokens, "vpc\ntok-x"), x.vpc.id);
 });
 
 test("a subnet's client token works the same way", async () => {
@@ -89,9 +71,9 @@ test("a subnet's client token works the same way", async () => {
   const again = await s.createSubnet(spec, "tok-s");
   assert.deepEqual([a.created, again.created, again.subnet.id], [true, false, a.subnet.id]);
   // Named here, not through ipamKeys: a wrong layout in ipamKeys must fail this.
-  assert.equal(db.keys.subnetTokens(v.id), ON_CLUSTER ? `mvpc:{${v.id}}:tokens` : "mvpc:tokens");
+  assert.equal(keys().subnetTokens(v.id), ON_CLUSTER ? `mvpc:{${v.id}}:tokens` : "mvpc:tokens");
   assert.equal(
-    await db.r.hget(db.keys.subnetTokens(v.id), "subnet\ntok-s"),
+    await db.r.hget(keys().subnetTokens(v.id), "subnet\ntok-s"),
     a.subnet.id,
     "the token is in the VPC's tokens (the shared mvpc:tokens on one Redis)",
   );

@@ -27,6 +27,8 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
   let sn: SubnetRec;
 
   beforeAll(async () => {
+    // Both layouts in every run, whatever MICROVPC_TEST_ON_CLUSTER says: the
+    // point is comparing them, so no startDaemonsRedis/scratchRedis here.
     if (onCluster) {
       const c = await startRedisCluster();
       stop = () => c.stop();

@@ -33,9 +33,8 @@ import { naKeys } from "../../services/netagent/schema.js";
 import type { NicSpec } from "../../services/netagent/plan.js";
 import { rejectsWith } from "../lib/clients.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
-import { keysLike as keysOfAll, startRedis, startRedisCluster } from "../lib/redis.js";
+import { connectReady, keysLike as keysOfAll, startRedis, startRedisCluster } from "../lib/redis.js";
 import { vpcEvents } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 
 let stop: (() => Promise<void>) | undefined;
 let r: Redis;
@@ -50,8 +49,7 @@ let fw2: Client<typeof FirewallService>;
 beforeAll(async () => {
   const redis = ON_CLUSTER ? await startRedisCluster() : await startRedis({ persistence: false });
   stop = () => redis.stop();
-  r = connectRedis({ url: redis.url, commandTimeoutMs: 5000 });
-  await waitReady(r);
+  r = await connectReady({ url: redis.url });
   L = fwKeys(r);
   const ipamStore = new IpamStore(r);
   const ipam = new Ipam(ipamStore);

@@ -17,13 +17,12 @@ import { create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { followScoped, hostEvents, type EventFields } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { InstanceMetadataSchema } from "../../gen/microvpc/v1/gateway_pb.js";
 import { FleetMetadataStore, MD_HOSTS, mdKeys, MetadataStore } from "../../services/gateway/metadata-store.js";
 import { GATEWAY_EVENTS } from "../../services/gateway/sync.js";
 import { waitFor } from "../lib/netns.js";
 import { previousMdKeys as P, previousMint, previousSet } from "../lib/gateway-previous-scripts.js";
-import { startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
+import { connectReady, startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
 import { scratchRedis } from "../lib/scratch-redis.js";
 
 const VPC = "vpc-0123456789ab";
@@ -193,8 +192,7 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
 
   beforeAll(async () => {
     cluster = await startRedisCluster();
-    c = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
-    await waitReady(c);
+    c = await connectReady({ url: cluster.url, commandTimeoutMs: 2000 });
   }, 60_000);
   afterAll(async () => {
     c?.disconnect();

@@ -12,12 +12,11 @@ import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { AlreadyExistsError, FailedPreconditionError, ResourceExhaustedError } from "../../services/common/errors.js";
 import { fieldsOf, REGISTRY_EVENTS, vpcEvents, type EventFields } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { GK, GW_KEYS, gwKeys, type GatewayKeys, type NatRec, type PfRec } from "../../services/gateway/schema.js";
 import { GatewayStore } from "../../services/gateway/store.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
-import { startRedis, startRedisCluster } from "../lib/redis.js";
+import { connectReady, startRedis, startRedisCluster } from "../lib/redis.js";
 
 type Pool = { first: number; last: number };
 
@@ -76,9 +75,7 @@ async function entries(stream: string): Promise<EventFields[]> {
 beforeAll(async () => {
   const srv = ON_CLUSTER ? await startRedisCluster() : await startRedis({ appendfsync: "no" });
   stop = () => srv.stop();
-  redis = connectRedis({ url: srv.url, commandTimeoutMs: 5000 });
-  redis2 = connectRedis({ url: srv.url, commandTimeoutMs: 5000 });
-  await Promise.all([waitReady(redis), waitReady(redis2)]);
+  [redis, redis2] = await Promise.all([connectReady({ url: srv.url }), connectReady({ url: srv.url })]);
   keys = gwKeys(redis);
   store = new GatewayStore(redis);
 }, 60_000);

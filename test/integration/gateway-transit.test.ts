@@ -8,10 +8,9 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { gwKeys, MAX_TRANSIT, type GatewayKeys } from "../../services/gateway/schema.js";
 import { GatewayStore } from "../../services/gateway/store.js";
-import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
+import { connectReady, startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
 
 let server: DaemonsRedis;
@@ -24,8 +23,7 @@ const vpcId = () => `vpc-${randomBytes(6).toString("hex")}`;
 beforeAll(async () => {
   server = await startDaemonsRedis({ appendfsync: "no" });
   // 1000 scripts at once (the second case): room over the services' 2 s per command for a machine the suite shares.
-  redis = connectRedis({ url: server.url, commandTimeoutMs: 10_000 });
-  await waitReady(redis);
+  redis = await connectReady({ url: server.url, commandTimeoutMs: 10_000 });
   keys = gwKeys(redis);
   store = new GatewayStore(redis);
 });

@@ -9,12 +9,11 @@ import assert from "node:assert/strict";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, onTestFinished, test } from "vitest";
 import { InvalidArgumentError } from "../../services/common/errors.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import type { NicSpec, SubnetSpec } from "../../services/netagent/plan.js";
 import { naKeys, type NetagentKeys } from "../../services/netagent/schema.js";
 import { HostStore, locateNic } from "../../services/netagent/store.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
-import { startRedis, startRedisCluster } from "../lib/redis.js";
+import { connectReady, startRedis, startRedisCluster } from "../lib/redis.js";
 import { gated, intercepted } from "../lib/redis-intercept.js";
 
 const HOST = "hsthv1";
@@ -50,8 +49,7 @@ beforeAll(async () => {
   const srv = ON_CLUSTER ? await startRedisCluster() : await startRedis({ appendfsync: "no" });
   stop = () => srv.stop();
   redisUrl = srv.url;
-  redis = connectRedis({ url: srv.url, commandTimeoutMs: 5000 });
-  await waitReady(redis);
+  redis = await connectReady({ url: srv.url });
   hostKeys = naKeys(redis);
 }, 60_000);
 
@@ -177,9 +175,8 @@ describe("an address of a VPC is attached on one host at a time", () => {
 
   test("three hosts racing for one address: exactly one gets it, the others leave nothing", async () => {
     // Each host its own connection, and each of its scripts sent 0–3 ms late: the steps interleave differently every round.
-    const conns = [A, B, "hstc"].map(() => connectRedis({ url: redisUrl, commandTimeoutMs: 5000 }));
+    const conns = await Promise.all([A, B, "hstc"].map(() => connectReady({ url: redisUrl })));
     onTestFinished(() => conns.forEach((c) => c.disconnect()));
-    await Promise.all(conns.map((c) => waitReady(c)));
     const stores = [A, B, "hstc"].map((h, i) => new HostStore(jittered(conns[i]), h));
     for (let round = 0; round < 20; round++) {
       const x = `10.5.1.${120 + round}`;

@@ -9,12 +9,11 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { K } from "../../services/ipam/keys.js";
 import { IpamStore, MAX_EXTRA_RESERVED, reservedIndexes, type SubnetRec } from "../../services/ipam/store.js";
 import { CHUNK_BITS } from "../../services/ipam/scripts.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
-import { startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
+import { connectReady, startDaemonsRedis, type DaemonsRedis } from "../lib/redis.js";
 
 let redis: DaemonsRedis;
 let client: Redis;
@@ -29,8 +28,7 @@ beforeAll(async () => {
   // cluster: connectRedis says why). Filling a /19 sends 8 187 allocations
   // at once (under a second here): room over the services' 2 s per command
   // for a machine the suite shares.
-  client = connectRedis({ url: redis.url, commandTimeoutMs: 10_000 });
-  await waitReady(client);
+  client = await connectReady({ url: redis.url, commandTimeoutMs: 10_000 });
   store = new IpamStore(client);
   const { vpc } = await store.createVpc(
     { name: "prop", cidr: "10.0.0.0/8", base: ipToInt("10.0.0.0"), prefix: 8, description: "", labels: [], publicCidr: false },

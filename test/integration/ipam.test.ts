@@ -11,7 +11,6 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { cidr as parseCidr, ipToInt } from "../../services/common/validate.js";
 import { ipamKeys, K } from "../../services/ipam/keys.js";
 import { vpnKeysOf } from "../../services/netagent/schema.js";
@@ -19,7 +18,7 @@ import { VpnStore } from "../../services/netagent/vpn/store.js";
 import { MAX_EXTRA_RESERVED } from "../../services/ipam/store.js";
 import { ipamClients, rejectsWith } from "../lib/clients.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
-import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
+import { connectReady, startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
 
 const pexec = promisify(execFile);
@@ -98,9 +97,8 @@ describe("catalog", () => {
 
   test("DeleteVpc is refused while the VPC has a VPN endpoint, naming the command that deletes it; then the VPC goes and leaves no VPN record", async () => {
     // The endpoint as a VpnService writes it (netagent/vpn/store.ts), on this file's Redis or cluster.
-    const r = connectRedis({ url: ON_CLUSTER ? cluster!.url : redis.url, commandTimeoutMs: 5000 });
+    const r = await connectReady({ url: ON_CLUSTER ? cluster!.url : redis.url });
     try {
-      await waitReady(r);
       const vpc = await newVpc("vpn-left", "10.44.0.0/16");
       const vpn = new VpnStore(r);
       const range = parseCidr("client_cidr", "10.44.250.0/24", { min: 8, max: 30 });

@@ -12,12 +12,11 @@ import assert from "node:assert/strict";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, test } from "vitest";
 import { vpcEvents } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { OverlayRegistry } from "../../services/netagent/overlay/registry.js";
 import { naKeys } from "../../services/netagent/schema.js";
 import { hostRecord } from "../lib/netagent-fixtures.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
-import { startRedis, startRedisCluster } from "../lib/redis.js";
+import { connectReady, startRedis, startRedisCluster } from "../lib/redis.js";
 
 const VPC = "vpc-0123456789ab";
 let redis: Redis;
@@ -26,8 +25,7 @@ let stop: () => Promise<void>;
 beforeAll(async () => {
   const srv = ON_CLUSTER ? await startRedisCluster() : await startRedis({ persistence: false });
   stop = () => srv.stop();
-  redis = connectRedis({ url: srv.url, commandTimeoutMs: 5000 });
-  await waitReady(redis);
+  redis = await connectReady({ url: srv.url });
 }, 60_000);
 
 afterAll(async () => {

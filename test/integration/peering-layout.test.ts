@@ -8,13 +8,12 @@ import assert from "node:assert/strict";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { cidr, ipToInt } from "../../services/common/validate.js";
 import { IpamStore, type VpcRec } from "../../services/ipam/store.js";
 import { naKeys } from "../../services/netagent/schema.js";
 import { ackPeering, PEERING_KEYS, peeringKeys, peeringsOf, pruneAcks } from "../../services/peering/schema.js";
 import { PeeringStore, PENDING_MS, type PeeringRec } from "../../services/peering/store.js";
-import { startRedis, startRedisCluster } from "../lib/redis.js";
+import { connectReady, startRedis, startRedisCluster } from "../lib/redis.js";
 
 describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]])("on %s", (where) => {
   const onCluster = where.includes("Cluster");
@@ -35,8 +34,7 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
       stop = () => s.stop();
       url = s.url;
     }
-    for (let i = 0; i < 3; i++) clients.push(connectRedis({ url, commandTimeoutMs: 2000 }));
-    await Promise.all(clients.map((c) => waitReady(c)));
+    clients.push(...(await Promise.all([0, 1, 2].map(() => connectReady({ url, commandTimeoutMs: 2000 })))));
     ipam = new IpamStore(clients[0]);
     pcx = new PeeringStore(clients[0]);
   }, 60_000);
@@ -163,12 +161,11 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
 
   test.runIf(onCluster)("a claim whose reply is lost keeps its reservations: the peering it wrote is whole", async () => {
     const L = PEERING_KEYS.cluster;
-    const c = connectRedis({
+    const c = await connectReady({
       url: (clients[0] as unknown as { startupNodes: { host: string; port: number }[] }).startupNodes.map((x) => `redis-cluster://${x.host}:${x.port}`)[0],
       commandTimeoutMs: 2000,
     });
     try {
-      await waitReady(c);
       const st = new PeeringStore(c);
       const scripts = (c as unknown as { scriptsSet: Record<string, { execute(c: unknown, a: unknown[], o: object): Promise<unknown> }> }).scriptsSet;
       c.mvpcClaimPeering = (async (...a: (string | number)[]) => {

@@ -59,6 +59,7 @@ const nic = (id: string, address: string): NicSpec => ({
   clientToken: "",
 });
 
+/** A client as `user` (an ACL user of the test's own, not a harness's): what its rules allow is the subject here. */
 async function as(user: string): Promise<Redis> {
   const c = connectRedis({ url: cluster.url, username: user, password: pw, commandTimeoutMs: 5000 });
   clients.push(c);

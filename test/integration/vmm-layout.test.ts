@@ -15,7 +15,6 @@ import { afterAll, beforeAll, describe, test } from "vitest";
 import { Code, createClient, createRouterTransport } from "@connectrpc/connect";
 import { pino } from "pino";
 import { mapDomainErrors } from "../../services/common/errors.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { Vmm } from "../../services/vmm/service.js";
 import { VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { rejectsWith } from "../lib/clients.js";
@@ -24,7 +23,7 @@ import { scratchRedis } from "../lib/scratch-redis.js";
 import { storedVmText } from "../../services/vmm/schema.js";
 import { K, nameEntry, VmStore, type VmRec } from "../../services/vmm/store.js";
 import { previousClaim, previousKeys as P } from "../lib/vmm-previous-scripts.js";
-import { startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
+import { connectReady, startRedisCluster, type TestRedisCluster } from "../lib/redis.js";
 
 const VPC = FAKE_VPC.id;
 let seq = 0;
@@ -165,9 +164,7 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
 
   beforeAll(async () => {
     cluster = await startRedisCluster();
-    ca = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
-    cb = connectRedis({ url: cluster.url, commandTimeoutMs: 2000 });
-    await Promise.all([waitReady(ca), waitReady(cb)]);
+    [ca, cb] = await Promise.all([connectReady({ url: cluster.url, commandTimeoutMs: 2000 }), connectReady({ url: cluster.url, commandTimeoutMs: 2000 })]);
     A = new VmStore(ca, "hva");
     B = new VmStore(cb, "hvb");
     assert.equal(await A.migrate(), 0, "nothing to move on a cluster");

@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { Redis, type Cluster } from "ioredis";
+import { connectRedis, waitReady, type RedisOptions as ClientOptions } from "../../services/common/redis.js";
 
 const pexecFile = promisify(execFile);
 
@@ -386,8 +387,31 @@ export async function startRedisCluster(o: RedisClusterOptions = {}): Promise<Te
 
 /** Every key matching `pattern`: KEYS on each primary of a cluster (a cluster client sends KEYS to one node), or on the one Redis. */
 export async function keysLike(r: Redis, pattern: string): Promise<string[]> {
-  const nodes = r.isCluster ? (r as unknown as Cluster).nodes("master") : [r];
-  return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
+  return (await Promise.all(primaryNodes(r).map((n) => n.keys(pattern)))).flat().sort();
+}
+
+/** The primaries of a cluster client (what holds the keys), or the one Redis. */
+export function primaryNodes(r: Redis): Redis[] {
+  return r.isCluster ? (r as unknown as Cluster).nodes("master") : [r];
+}
+
+/**
+ * microvpc's client (connectRedis: a redis:// or a redis-cluster:// URL),
+ * once it is ready; 5 s per command unless told. The caller disconnects it.
+ */
+export function connectReady(o: ClientOptions): Promise<Redis> {
+  return whenReady(connectRedis({ commandTimeoutMs: 5000, ...o }));
+}
+
+/** The client once it is ready (waitReady); disconnected if it does not become so. */
+export async function whenReady(c: Redis): Promise<Redis> {
+  try {
+    await waitReady(c);
+  } catch (e) {
+    c.disconnect();
+    throw e;
+  }
+  return c;
 }
 
 /** The Redis of a test file that starts its own daemons (startDaemonsRedis): what they take is its URL. */
