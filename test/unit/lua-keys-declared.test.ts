@@ -27,7 +27,7 @@ const ALLOWED: Record<string, number> = {
   // BindNic's step in the VPC's slot on a cluster reads the groups it joins there without declaring them: the hosts' users run it, and may not write them (docs/redis-acl.md).
   "services/firewall/scripts.ts:VPC_MEMBERS": 1,
   "services/ipam/schema.ts:LUA_RANGE_CHECKS": 1,
-  // Its built key (a NAT gateway's record) is read on a single Redis only; a cluster checks it from the client.
+  // Its built key (a NAT gateway's record) is read on a single Redis only; on a cluster the NAT holds its subnet in the VPC's slot (gw nat-holds), a declared key.
   "services/ipam/scripts.ts:DELETE_SUBNET": 1,
 };
 
