@@ -48,30 +48,13 @@ beforeAll(async () => {
   h = await Harness.start({ hosts: 2, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   const hv0 = h.hosts[0];
   const r = ["--redis", h.redisUrl];
-  const env = h.daemonEnv;
   gwNs = await createNetns(`${RUN_PREFIX}-flgw`);
   // The metadata server runs inside gwNs, where 127.0.0.1 of the root namespace is out of reach.
   const imdsRedis = await h.redisFrom(gwNs);
-  extra.firewall = await startDaemon("firewall", [...r, "--host-id", hv0.id, "--drift-interval-ms", "1000"], env);
-  extra.gateway = await startDaemon("gateway", [...r, "--host-id", hv0.id, "--host-netns", gwNs, "--uplink", "lo", "--imds-redis", imdsRedis], env);
-  extra.vmm = await startDaemon(
-    "vmm",
-    [
-      ...r,
-      "--host-id",
-      hv0.id,
-      "--ipam",
-      h.ipamDaemon.address,
-      "--netagent",
-      hv0.daemon.address,
-      "--firewall",
-      extra.firewall.address,
-      "--gateway",
-      extra.gateway.address,
-    ],
-    env,
-  );
-  for (const d of Object.values(extra)) trackChild(d!.proc);
+  extra.firewall = await h.firewall(hv0, { driftMs: 1000 });
+  extra.gateway = await startDaemon("gateway", [...r, "--host-id", hv0.id, "--host-netns", gwNs, "--uplink", "lo", "--imds-redis", imdsRedis]);
+  trackChild(extra.gateway.proc);
+  extra.vmm = await h.vmm(hv0, { fwd: extra.firewall, gwd: extra.gateway });
   await expect(0, ["vpc", "create", "fleet", "--cidr", "10.70.0.0/16"]);
   await expect(0, ["subnet", "create", "web", "--vpc", "fleet", "--cidr", "10.70.1.0/24"]);
   await expect(0, ["sg", "create", "open", "--vpc", "fleet", "--inbound", "all:all:10.70.0.0/16"]);

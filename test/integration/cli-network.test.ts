@@ -25,7 +25,7 @@ import {
   rootSnapshot,
   run as runCmd,
   RUN_PREFIX,
-  startUnixForward,
+  redisUrlIn,
   tempDir,
   trackChild,
   waitFor,
@@ -89,11 +89,8 @@ beforeAll(async () => {
   redis = await startDaemonsRedis({ persistence: false });
   for (const p of redis.procs) trackChild(p);
   hostNs = await createNetns(`${RUN_PREFIX}-clihost`);
-  // The metadata server runs in hostNs: one redis-server by its unix socket;
-  // a cluster by its URL, each node's port there forwarded to the node's
-  // socket (as Harness.redisFrom does; the forwarder ends with the run).
-  const { cluster } = redis;
-  if (cluster) await startUnixForward(hostNs, cluster.nodes);
+  // The metadata server runs in hostNs, where 127.0.0.1 of the root namespace is out of reach.
+  const imdsRedis = await redisUrlIn(hostNs, redis);
   const r = ["--redis", redis.url];
   daemons.ipam = await startDaemon("ipam", r);
   daemons.netagent = await startDaemon("netagent", [...r, "--host-id", HOST_ID]);
@@ -110,7 +107,7 @@ beforeAll(async () => {
     "--public-pool",
     POOL,
     "--imds-redis",
-    cluster ? redis.url : redis.server!.socket,
+    imdsRedis,
   ]);
   daemons.vmm = await startDaemon("vmm", [
     ...r,

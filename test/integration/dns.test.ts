@@ -14,7 +14,6 @@ import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmService, type Vm } from "../../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { dnsKeys, vpcDnsKeys } from "../../services/dns/schema.js";
 import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
@@ -297,9 +296,8 @@ describe("bad input", () => {
     await h.ipam.vpc.deleteVpc({ ref: tmp.id });
     await h.vpc("tmp", "10.5.0.0/16");
     assert.deepEqual((await dns.listDnsRecords({ vpc: "tmp" })).records, []);
-    const r = connectRedis({ url: h.redisUrl });
+    const r = await h.connectReady();
     try {
-      await waitReady(r);
       // Where this Redis keeps a VPC's DNS state (under the VPC's hash tag on a cluster).
       assert.equal(await r.exists(...vpcDnsKeys(tmp.id, dnsKeys(r))), 0, "no DNS key of the deleted VPC");
       assert.deepEqual(await keysLike(r, `mvpc:dns:vpc:${tmp.id}:*`), [], "no DNS key of the deleted VPC (single layout)");

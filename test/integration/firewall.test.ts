@@ -12,8 +12,8 @@ import { AclAction, Direction, FirewallService, Protocol } from "../../gen/micro
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { Harness, type Vm } from "../lib/harness.js";
+import type { Daemon } from "../lib/daemon.js";
+import { bindRequest, Harness, type Vm } from "../lib/harness.js";
 import { canPing, ipn, nsExec, run, sleep, startTcpServer, tcpProbe, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -23,8 +23,7 @@ let web1: Vm, web2: Vm, db1: Vm, other: Vm;
 let webSg: string, dbSg: string;
 
 async function startFirewall(): Promise<void> {
-  fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--drift-interval-ms", "2000"], h.daemonEnv);
-  trackChild(fwd.proc);
+  fwd = await h.firewall(0, { driftMs: 2000 });
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
 }
 
@@ -37,15 +36,7 @@ const tcp = (port: number, cidr: string) => ({
 });
 
 async function bind(vm: Vm, groups: string[]): Promise<void> {
-  await fw.bindNic({
-    nicId: vm.nicId,
-    vpc: vm.vpc.id,
-    subnet: vm.subnet.id,
-    address: vm.address,
-    mac: vm.mac,
-    hostInterface: vm.hostInterface,
-    securityGroups: groups,
-  });
+  await fw.bindNic(bindRequest(vm, groups));
 }
 
 /** A Node one-liner in a namespace (tracked: ended with the run); its stdout piped when `out`. */

@@ -16,11 +16,10 @@ import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { FLOW_LOG_GROUP, type FlowRecord } from "../../services/firewall/flowlogs.js";
 import { fwKeys } from "../../services/firewall/keys.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
+import type { Daemon } from "../lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../lib/harness.js";
 import { ipn, nicChainText, nsExec, sleep, tcpConnect, tempDir, trackChild, waitFor } from "../lib/netns.js";
 import { spawn } from "node:child_process";
@@ -103,8 +102,7 @@ const startSink = async (vm: Vm, port: number) => {
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1, underlay: false });
-  redis = connectRedis({ url: h.redisUrl });
-  await waitReady(redis);
+  redis = await h.connectReady();
   const vpc = await h.vpc("gaps", "10.0.0.0/16");
   const a = await h.subnet(vpc, "a", "10.0.1.0/24");
   const b = await h.subnet(vpc, "b", "10.0.2.0/24");
@@ -118,25 +116,7 @@ beforeAll(async () => {
   await startSink(quiet, 80);
   await shortTimeouts(client.vpcNs);
   dir = tempDir("flowlogs-gaps");
-  fwd = await startDaemon(
-    "firewall",
-    [
-      "--redis",
-      h.redisUrl,
-      "--host-id",
-      h.hosts[0].id,
-      "--drift-interval-ms",
-      "2000",
-      "--flow-logs",
-      dir,
-      "--flow-logs-aggregate-ms",
-      "3000",
-      "--flow-logs-interval-ms",
-      String(INTERVAL_MS),
-    ],
-    h.daemonEnv,
-  );
-  trackChild(fwd.proc);
+  fwd = await h.firewall(0, { driftMs: 2000, args: ["--flow-logs", dir, "--flow-logs-aggregate-ms", "3000", "--flow-logs-interval-ms", String(INTERVAL_MS)] });
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
   const sg = (
     await fw.createSecurityGroup({

@@ -14,14 +14,13 @@ import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { AclAction, Direction, FirewallService, NetworkAclEntrySchema, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { FlowLogConfigStore } from "../../services/firewall/flowlog-config.js";
 import { FLOW_LOG_GROUP, type FlowRecord } from "../../services/firewall/flowlogs.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
+import type { Daemon } from "../lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../lib/harness.js";
-import { ipn, nicChain, nicChainText, nsExec, sleep, startTcpServer, tcpConnect, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { ipn, nicChain, nicChainText, nsExec, sleep, startTcpServer, tcpConnect, tcpProbe, tempDir, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let fwd: Daemon;
@@ -46,12 +45,7 @@ const records = (): FlowRecord[] => {
 const mine = () => records().slice(skip);
 
 const startFirewall = async () => {
-  fwd = await startDaemon(
-    "firewall",
-    ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--drift-interval-ms", "2000", "--flow-logs", dir, "--flow-logs-aggregate-ms", "3000"],
-    h.daemonEnv,
-  );
-  trackChild(fwd.proc);
+  fwd = await h.firewall(0, { driftMs: 2000, args: ["--flow-logs", dir, "--flow-logs-aggregate-ms", "3000"] });
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
 };
 
@@ -251,10 +245,9 @@ describe("flow logs", () => {
 
     // quiet, while this firewall is down: stored as any firewall's API stores it (another host's answered).
     await fwd.stop();
-    const redis = connectRedis({ url: h.redisUrl });
+    const redis = await h.connectReady();
     let cfg;
     try {
-      await waitReady(redis);
       cfg = await new FlowLogConfigStore(redis).create({ vpcId: quiet.vpc.id, resourceId: quiet.nicId, sampleRate: 0.5, description: "" });
     } finally {
       redis.disconnect();

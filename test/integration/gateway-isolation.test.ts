@@ -13,7 +13,6 @@ import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/g
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { names } from "../../services/gateway/plan.js";
 import { gwKeys } from "../../services/gateway/schema.js";
 import { type Daemon } from "../lib/daemon.js";
@@ -88,9 +87,8 @@ describe("gateway: one VPC's failure does not freeze the others", () => {
   });
 
   test("a VPC that leaves the host frees its transit index; the next VPC to arrive reuses it and works", async () => {
-    const redis = connectRedis({ url: h.redisUrl });
+    const redis = await h.connectReady();
     try {
-      await waitReady(redis);
       const key = gwKeys(redis).transit(a.host.id);
       const old = Number(await redis.hget(key, a.vpc.id));
       assert.ok(Number.isInteger(old), "A holds a transit index");

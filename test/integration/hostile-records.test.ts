@@ -23,13 +23,12 @@ import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { emit } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { dnsKeys } from "../../services/dns/schema.js";
 import { fwKeys } from "../../services/firewall/keys.js";
 import { gwKeys } from "../../services/gateway/schema.js";
 import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
-import { Harness, type Vm } from "../lib/harness.js";
+import { bindRequest, Harness, type Vm } from "../lib/harness.js";
 import { httpGet, nsExec, startHttpServer, tcpProbe, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -73,8 +72,7 @@ beforeAll(async () => {
   ({ fwd, gwd } = await h.hostServices(hv, { driftMs: 3000 }));
   gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
-  redis = connectRedis({ url: h.redisUrl });
-  await waitReady(redis);
+  redis = await h.connectReady();
 
   const vpc = await h.vpc("hostile", "10.0.0.0/16");
   const web = await h.subnet(vpc, "web", "10.0.1.0/24", SubnetType.PUBLIC);
@@ -88,15 +86,7 @@ beforeAll(async () => {
     })
   ).securityGroup!.id;
   for (const vm of [pub, other]) {
-    await fw.bindNic({
-      nicId: vm.nicId,
-      vpc: vm.vpc.id,
-      subnet: vm.subnet.id,
-      address: vm.address,
-      mac: vm.mac,
-      hostInterface: vm.hostInterface,
-      securityGroups: [sgWeb],
-    });
+    await fw.bindNic(bindRequest(vm, [sgWeb]));
   }
   await startHttpServer(pub.ns, "web of pub", 80);
   await startHttpServer(pub.ns, "ssh-ish", 22);

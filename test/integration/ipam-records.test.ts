@@ -10,7 +10,6 @@ import { Code } from "@connectrpc/connect";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { K } from "../../services/ipam/keys.js";
 import { rejectsWith } from "../lib/clients.js";
 import { Harness } from "../lib/harness.js";
@@ -21,8 +20,7 @@ let redis: Redis;
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
-  redis = connectRedis({ url: h.redisUrl });
-  await waitReady(redis);
+  redis = await h.connectReady();
 }, 120_000);
 
 afterAll(async () => {

@@ -22,11 +22,10 @@ import { Direction, FirewallHealth, FirewallService, Protocol } from "../../gen/
 import { GatewayService } from "../../gen/microvpc/v1/gateway_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { Harness, MANAGEMENT_CIDRS, type Vm } from "../lib/harness.js";
+import type { Daemon } from "../lib/daemon.js";
+import { bindRequest, Harness, MANAGEMENT_CIDRS, type Vm } from "../lib/harness.js";
 import { canPing, httpGet, nsExec, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
@@ -67,7 +66,7 @@ beforeAll(async () => {
   fipVm = await h.vm(0, vpc, web, "mfip");
   natVm = await h.vm(0, vpc, db, "mnat");
   for (const vm of [pub, fipVm, natVm]) {
-    await fw.bindNic({ nicId: vm.nicId, vpc: vm.vpc.id, subnet: vm.subnet.id, address: vm.address, mac: vm.mac, hostInterface: vm.hostInterface });
+    await fw.bindNic(bindRequest(vm, []));
   }
   const gw = grpcClient(GatewayService, { address: gwd.address, timeoutMs: 20_000 });
   const fip = (await gw.allocateFloatingIp({})).floatingIp!;
@@ -142,9 +141,8 @@ describe("the management network", () => {
     // nothing: SERVFAIL). Then one on a management address: the resolver
     // leaves it out, so with none left the answer turns REFUSED, and the
     // management address never sees a packet.
-    const redis = connectRedis({ url: h.redisUrl });
+    const redis = await h.connectReady();
     try {
-      await waitReady(redis);
       await new DnsStore(redis).updateConfig(pub.vpc.id, { forwarders: [`${inet.address}:5353`] });
       assert.ok(await waitFor(async () => (await ask(), seen(logs.inet) > 0), { timeoutMs: 15_000, intervalMs: 500 }), "the internet forwarder gets the query");
       assert.equal(await ask(), "SERVFAIL");
@@ -177,8 +175,7 @@ describe("fail closed", () => {
     assert.equal(await canPing(a.ns, b.address, { count: 2, deadlineS: 3 }), false, "same subnet, bridged: nothing");
     assert.equal(await canPing(a.ns, c.address, { count: 2, deadlineS: 3 }), false, "another subnet, routed: nothing");
 
-    const fwd1 = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", hv1.id, "--drift-interval-ms", "2000"], h.daemonEnv);
-    trackChild(fwd1.proc);
+    const fwd1 = await h.firewall(hv1, { driftMs: 2000 });
     try {
       const fw = grpcClient(FirewallService, { address: fwd1.address, timeoutMs: 20_000 });
       const sg = (
@@ -189,15 +186,7 @@ describe("fail closed", () => {
         })
       ).securityGroup!.id;
       for (const vm of [a, b, c]) {
-        await fw.bindNic({
-          nicId: vm.nicId,
-          vpc: vm.vpc.id,
-          subnet: vm.subnet.id,
-          address: vm.address,
-          mac: vm.mac,
-          hostInterface: vm.hostInterface,
-          securityGroups: [sg],
-        });
+        await fw.bindNic(bindRequest(vm, [sg]));
       }
       const opens = (to: Vm) => waitFor(() => canPing(a.ns, to.address, { count: 1, deadlineS: 1 }), { timeoutMs: 15_000, intervalMs: 300 });
       assert.ok(await opens(b), "bridged: forwards once the firewall applied");

@@ -20,7 +20,6 @@ import { Health, HealthCheckResponse_ServingStatus as Serving } from "../../gen/
 import { SubnetType, type Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { K } from "../../services/ipam/keys.js";
 import { ROOT, type Daemon } from "../lib/daemon.js";
 import { Harness, type Vm, bindRequest } from "../lib/harness.js";
@@ -40,8 +39,7 @@ const serving = async (d: { address: string }) => (await health(d).check({})).st
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 2, overlay: true, agentArgs: ["--reconcile-interval-ms", "1000"] });
-  redis = connectRedis({ url: h.redisUrl });
-  await waitReady(redis);
+  redis = await h.connectReady();
   ({ fwd, gwd, vmmd } = (await h.hostServices(0, { driftMs: 1000, vmm: true })) as { fwd: Daemon; gwd: Daemon; vmmd: Daemon });
   vpc = await h.vpc("metrics", "10.40.0.0/16");
   web = await h.subnet(vpc, "web", "10.40.1.0/24", SubnetType.PUBLIC);

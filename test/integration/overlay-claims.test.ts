@@ -8,7 +8,6 @@ import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { emit } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { wgName } from "../../services/netagent/overlay/wg.js";
 import { naKeys, type NetagentKeys } from "../../services/netagent/schema.js";
 import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
@@ -25,8 +24,7 @@ let K: NetagentKeys;
 beforeAll(async () => {
   h = await Harness.start({ hosts: 3, overlay: true, agentArgs: ["--reconcile-interval-ms", "2000"] });
   [A, B, C] = h.hosts;
-  r = connectRedis({ url: h.redisUrl });
-  await waitReady(r);
+  r = await h.connectReady();
   K = naKeys(r);
   vpc = await h.vpc("claims", "10.81.0.0/16");
   const sn = await h.subnet(vpc, "s1", "10.81.1.0/24");

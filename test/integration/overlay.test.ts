@@ -14,10 +14,9 @@ import { afterAll, beforeAll, describe, test } from "vitest";
 import type { Subnet } from "../../gen/microvpc/v1/subnet_pb.js";
 import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { rejectsWith } from "../lib/clients.js";
-import type { Redis } from "ioredis";
 import { emit } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { naKeys } from "../../services/netagent/schema.js";
+import { interfacesIn, wgName } from "../../services/netagent/overlay/wg.js";
 import { WireGuardImplementation } from "../../gen/microvpc/v1/netagent_pb.js";
 import { startDaemon } from "../lib/daemon.js";
 import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
@@ -52,37 +51,24 @@ afterAll(async () => {
 
 /** The wireguard-go interfaces of this run (from the agents' state directories). */
 function wgSockets(): string[] {
-  const out: string[] = [];
-  for (const x of h.hosts) {
-    const d = join(h.stateDir!, x.id, "wg");
-    if (!existsSync(d)) continue;
-    for (const f of readdirSync(d)) if (f.endsWith(".pid")) out.push(f.slice(0, -4));
-  }
-  return out;
+  return h.hosts.flatMap((x) => interfacesIn(h.stateDir!, x.id).map((i) => i.ifname));
 }
 
-/** Each host's wireguard-go log for a VPC's interface (--wireguard-log, DIR/<host>/wg/<interface>.log): host id → its text ("" if none). */
+/** A host's WireGuard state directory (the agent's --state-dir/<host>/wg). */
+const wgDir = (x: Hypervisor): string => join(h.stateDir!, x.id, "wg");
+
+/**
+ * Each host's wireguard-go log for a VPC's interface (--wireguard-log), by
+ * the name the netagent gives it, <wg dir>/<wgName(host, VPC)>.log: host
+ * id → its text ("" if none).
+ */
 function wgLogs(vpcId: string): Map<string, string> {
-  const out = new Map<string, string>();
-  for (const x of h.hosts) {
-    const d = join(h.stateDir!, x.id, "wg");
-    let text = "";
-    for (const f of existsSync(d) ? readdirSync(d) : []) {
-      if (!f.endsWith(".pid")) continue;
-      const st = JSON.parse(readFileSync(join(d, f), "utf8")) as { vpcId?: string };
-      const log = join(d, `${f.slice(0, -4)}.log`);
-      if (st.vpcId === vpcId && existsSync(log)) text += readFileSync(log, "utf8");
-    }
-    out.set(x.id, text);
-  }
-  return out;
-}
-
-/** A client of the run's Redis (one redis-server, or the cluster). */
-async function redisOf(x: Harness): Promise<Redis> {
-  const r = connectRedis({ url: x.redisUrl, commandTimeoutMs: 5000 });
-  await waitReady(r);
-  return r;
+  return new Map(
+    h.hosts.map((x) => {
+      const log = join(wgDir(x), `${wgName(x.id, vpcId)}.log`);
+      return [x.id, existsSync(log) ? readFileSync(log, "utf8") : ""];
+    }),
+  );
 }
 
 async function reaches(from: Vm, to: Vm): Promise<boolean> {
@@ -117,7 +103,7 @@ async function meshReport(vms: Vm[]): Promise<string> {
   const lines: string[] = [];
   for (const x of vms) for (const y of vms) if (x !== y && !(await reaches(x, y))) lines.push(`# mesh: ${x.name} → ${y.name} does not reach`);
   const vpc = vms[0].vpc;
-  const r = await redisOf(h);
+  const r = await h.connectReady();
   try {
     lines.push(`# mesh: members of ${vpc.id}: ${JSON.stringify(await r.hgetall(naKeys(r).overlayMembers(vpc.id)))}`);
   } finally {
@@ -200,7 +186,7 @@ describe("overlay mesh", () => {
       assert.match(log, /handshake/i, `${id}: wireguard-go's verbose log (--wireguard-log verbose) shows its handshakes`);
     }
     for (const x of hv) {
-      const d = join(h.stateDir!, x.id, "wg");
+      const d = wgDir(x);
       for (const f of readdirSync(d).filter((f) => f.endsWith(".log"))) assert.equal(statSync(join(d, f)).mode & 0o777, 0o600, `${x.id}: ${f} is 0600`);
     }
     const t1 = Date.now();
@@ -255,7 +241,7 @@ describe("overlay mesh", () => {
 
 describe("bad input", () => {
   test("malformed registry records of other hosts are skipped and reported; the good hosts still converge and pass traffic", async () => {
-    const r = await redisOf(h);
+    const r = await h.connectReady();
     const K = naKeys(r);
     const good = (await hv[0].agent.getHost({})).host!;
     const base = { mtu: OVERLAY_MTU, underlayMtu: UNDERLAY_MTU, vpcIds: [vpcA.id], registeredMs: Date.now(), keyCreatedMs: Date.now(), agentVersion: "evil" };
@@ -376,7 +362,7 @@ describe("bad input", () => {
         state,
         ...flags,
       ];
-      await assert.rejects(startDaemon("netagent", args, h.daemonEnv), (err: Error) => {
+      await assert.rejects(startDaemon("netagent", args), (err: Error) => {
         assert.match(err.message, /exited with [1-9]/, flags.join(" "));
         // The log line is JSON: read its quotes back.
         assert.match(err.message.replaceAll('\\"', '"'), want, flags.join(" "));

@@ -211,7 +211,7 @@ describe("VPC-internal DNS across hosts", () => {
     // A gateway (the resolver) on every host; records as the vmm writes them.
     // Gateways only: no firewall here, so the harness's unbound NICs stay open.
     for (const hv of h.hosts) {
-      const d = await startDaemon("gateway", await h.gatewayFlags(hv), h.daemonEnv);
+      const d = await startDaemon("gateway", await h.gatewayFlags(hv));
       trackChild(d.proc);
     }
     const dns = grpcClient(DnsService, { address: h.ipamDaemon.address, timeoutMs: 20_000 });

@@ -9,13 +9,12 @@ import { randomBytes } from "node:crypto";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { naKeys } from "../../services/netagent/schema.js";
 import { peeringKeys } from "../../services/peering/schema.js";
 import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
-import { Harness, type Hypervisor, type Vm } from "../lib/harness.js";
-import { links, nsExec, ping, routes, trackChild, waitFor } from "../lib/netns.js";
+import type { Daemon } from "../lib/daemon.js";
+import { bindRequest, Harness, type Hypervisor, type Vm } from "../lib/harness.js";
+import { links, nsExec, ping, routes, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let hv: Hypervisor;
@@ -30,10 +29,8 @@ const markers = [0, 1, 2, 3, 4].map((i) => `/tmp/mvpc-hostile-${tag}-${i}`);
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1, agentArgs: ["--reconcile-interval-ms", "1000"] });
   hv = h.hosts[0];
-  fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", hv.id, "--drift-interval-ms", "2000"], h.daemonEnv);
-  trackChild(fwd.proc);
-  redis = connectRedis({ url: h.redisUrl });
-  await waitReady(redis);
+  fwd = await h.firewall(hv, { driftMs: 2000 });
+  redis = await h.connectReady();
   const vpc = await h.vpc("hostile", "10.77.0.0/16");
   const sn = await h.subnet(vpc, "s1", "10.77.1.0/24");
   vm0 = await h.vm(hv, vpc, sn, "h0");
@@ -47,16 +44,7 @@ beforeAll(async () => {
       rules: [{ direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr", value: "10.77.0.0/16" } }],
     })
   ).securityGroup!.id;
-  for (const vm of [vm0, vm1])
-    await fw.bindNic({
-      nicId: vm.nicId,
-      vpc: vm.vpc.id,
-      subnet: vm.subnet.id,
-      address: vm.address,
-      mac: vm.mac,
-      hostInterface: vm.hostInterface,
-      securityGroups: [sg],
-    });
+  for (const vm of [vm0, vm1]) await fw.bindNic(bindRequest(vm, [sg]));
 }, 120_000);
 
 afterAll(async () => {

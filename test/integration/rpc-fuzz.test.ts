@@ -47,7 +47,6 @@ import { VmKind, VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { grpcClient, grpcTransport } from "../../services/common/client.js";
 import { EVENTS } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { gwKeys } from "../../services/gateway/schema.js";
 import type { Daemon } from "../lib/daemon.js";
 import { Harness, type Vm } from "../lib/harness.js";
@@ -433,8 +432,7 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
 
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
-  redis = connectRedis({ url: h.redisUrl, commandTimeoutMs: 10_000 });
-  await waitReady(redis);
+  redis = await h.connectReady(undefined, { commandTimeoutMs: 10_000 });
   const gk = gwKeys(redis);
   for (const k of [gk.transit(h.hosts[0].id), gk.transitFree(h.hosts[0].id)]) SKIPPED.add(k);
   const s = await h.hostServices(0, { vmm: true, vmmEnv: { MICROVPC_STATE_DIR: tempDir("fuzz-vmm") } });

@@ -14,9 +14,9 @@ import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmKind, VmService } from "../../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../../services/common/client.js";
 import { BUILD } from "../../services/common/version.js";
-import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
+import { ROOT, type Daemon } from "../lib/daemon.js";
 import { Harness, type Hypervisor } from "../lib/harness.js";
-import { tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { tempDir, waitFor } from "../lib/netns.js";
 
 interface Span {
   path: string;
@@ -103,30 +103,7 @@ const stateDir = tempDir("trace-vmm-state");
 const saved: Record<string, string | undefined> = {};
 
 async function startVmm(extra: string[], env: Record<string, string> = {}): Promise<Daemon> {
-  const d = await startDaemon(
-    "vmm",
-    [
-      "--redis",
-      h.redisUrl,
-      "--host-id",
-      hv.id,
-      "--ipam",
-      h.ipamDaemon.address,
-      "--netagent",
-      hv.daemon.address,
-      "--firewall",
-      fwd.address,
-      "--gateway",
-      gwd.address,
-      ...DEBUG,
-      ...extra,
-    ],
-    { ...h.daemonEnv, MICROVPC_STATE_DIR: stateDir, ...env },
-    undefined,
-    { nodeArgs: ["--import", HOOK] },
-  );
-  trackChild(d.proc);
-  return d;
+  return h.vmm(hv, { fwd, gwd, args: [...DEBUG, ...extra], env: { MICROVPC_STATE_DIR: stateDir, ...env }, daemon: { nodeArgs: ["--import", HOOK] } });
 }
 
 /** The JSON log lines of a daemon that carry this request id. */

@@ -13,16 +13,15 @@ import { Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/fire
 import { ConnectivityResult, VmKind, VmService, VmState } from "../../gen/microvpc/v1/vm_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { MetadataStore } from "../../services/gateway/metadata-store.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
+import type { Daemon } from "../lib/daemon.js";
 import { Harness } from "../lib/harness.js";
 import { ON_CLUSTER } from "../lib/on-cluster.js";
 import { keysLike } from "../lib/redis.js";
 import { readFileSync, existsSync } from "node:fs";
 import { guestImage } from "../../services/vmm/qemu.js";
-import { canPing, listNetns, listNetnsSync, nsExec, sleep, tempDir, trackChild, waitFor } from "../lib/netns.js";
+import { canPing, listNetns, listNetnsSync, nsExec, sleep, tempDir, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let fwd: Daemon, gwd: Daemon, vmmd: Daemon;
@@ -33,27 +32,7 @@ let redis: Redis;
 const stateDir = tempDir("vmm-state");
 
 async function startVmm(extra: string[] = []): Promise<void> {
-  const hv = h.hosts[0];
-  vmmd = await startDaemon(
-    "vmm",
-    [
-      "--redis",
-      h.redisUrl,
-      "--host-id",
-      hv.id,
-      "--ipam",
-      h.ipamDaemon.address,
-      "--netagent",
-      hv.daemon.address,
-      "--firewall",
-      fwd.address,
-      "--gateway",
-      gwd.address,
-      ...extra,
-    ],
-    { ...h.daemonEnv, MICROVPC_STATE_DIR: stateDir },
-  );
-  trackChild(vmmd.proc);
+  vmmd = await h.vmm(0, { fwd, gwd, args: extra, env: { MICROVPC_STATE_DIR: stateDir } });
   vmm = grpcClient(VmService, { address: vmmd.address, timeoutMs: 30_000 });
 }
 
@@ -87,8 +66,7 @@ function assertConsistent(x: Awaited<ReturnType<typeof holdings>>, what: string)
 beforeAll(async () => {
   h = await Harness.start({ hosts: 1 });
   const hv = h.hosts[0];
-  redis = connectRedis({ url: h.redisUrl });
-  await waitReady(redis);
+  redis = await h.connectReady();
   ({ fwd, gwd } = await h.hostServices(hv, { driftMs: 3000 }));
   fw = grpcClient(FirewallService, { address: fwd.address, timeoutMs: 20_000 });
   const vpc = await h.vpc("app", "10.0.0.0/16");

@@ -42,7 +42,6 @@ import type { Vpc } from "../../gen/microvpc/v1/vpc_pb.js";
 import { startVpnClient, wgSocket } from "../../deploy/vpn-client.js";
 import { grpcClient } from "../../services/common/client.js";
 import { emit } from "../../services/common/events.js";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { ipamKeys } from "../../services/ipam/schema.js";
 import { vpnKeysOf } from "../../services/netagent/schema.js";
 import { vpnRoute } from "../../services/netagent/vpn/schema.js";
@@ -52,7 +51,7 @@ import { vpnIfName } from "../../services/netagent/vpn/sync.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { cliRunner } from "../lib/cli.js";
 import { rejectsWith } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
+import type { Daemon } from "../lib/daemon.js";
 import { bindRequest, Harness, type Vm } from "../lib/harness.js";
 import { ipn, nsExec, onCleanup, startTcpServer, tcpProbe, tempDir, trackChild, waitFor } from "../lib/netns.js";
 
@@ -126,8 +125,7 @@ beforeAll(async () => {
       }
     }
   });
-  const fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", h.hosts[0].id, "--api-only"], h.daemonEnv);
-  trackChild(fwd.proc);
+  const fwd = await h.firewall(0, { args: ["--api-only"] });
   fwAddr = fwd.address;
   prod = await h.vpc("prod", "10.0.0.0/16");
   const web = await h.subnet(prod, "web", "10.0.1.0/24");
@@ -136,9 +134,7 @@ beforeAll(async () => {
   // Each host's own firewall, at its default drift period (30 s): what happens sooner was driven by events.
   hvfw = [];
   for (const hv of h.hosts) {
-    const d = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", hv.id], h.daemonEnv);
-    trackChild(d.proc);
-    hvfw.push(d);
+    hvfw.push(await h.firewall(hv));
   }
   web1 = await h.vm(1, prod, web, "web-1");
   other1 = await h.vm(0, other, osub, "other-1");
@@ -387,8 +383,7 @@ test("a client is a member of its groups for other groups' rules: web-1's '22 fr
   // of ssh-only at an address outside the client range (web-1's subnet), one
   // with a group list that is not one. The firewall parses each with the
   // VPN's own validators: neither joins the member set; both are reported.
-  const redis = connectRedis({ url: h.redisUrl, commandTimeoutMs: 5000 });
-  await waitReady(redis);
+  const redis = await h.connectReady();
   const clientsKey = vpnKeysOf(redis).clients(prod.id);
   try {
     const forged = (name: string, address: string, groupIds: unknown) =>
@@ -491,8 +486,7 @@ test("DeleteVpnEndpoint is refused while a client is left (which still reaches w
   assert.notEqual((await nsExec(vns0, "ip", ["link", "show", ifname], { check: false })).code, 0, `${ifname} is still in ${vns0}`);
   assert.doesNotMatch((await nsExec(vns0, "nft", ["list", "ruleset"], { check: false })).stdout, /table inet mvpc_vpn/);
   assert.equal((await nsExec(vns0, "ip", ["route", "show", range], { check: false })).stdout.trim(), "", "the endpoint host still routes the range");
-  const redis = connectRedis({ url: h.redisUrl, commandTimeoutMs: 5000 });
-  await waitReady(redis);
+  const redis = await h.connectReady();
   try {
     const k = vpnKeysOf(redis);
     assert.equal(await redis.exists(k.ep(prod.id)), 0, "the endpoint record is still there");

@@ -27,7 +27,7 @@ import { grpcClient } from "../../services/common/client.js";
 import { connectRedis } from "../../services/common/redis.js";
 import { interfacesIn } from "../../services/netagent/overlay/wg.js";
 import { ipamClients } from "./clients.js";
-import { ROOT, startDaemon, type Daemon } from "./daemon.js";
+import { ROOT, startDaemon, type Daemon, type DaemonOptions } from "./daemon.js";
 import { CONTROL_USER, hostUser } from "../../services/common/redis-acl.js";
 import {
   cleanupSync,
@@ -42,9 +42,9 @@ import {
   netnsPath,
   onCleanup,
   ownedNamespace,
+  redisUrlIn,
   rootSnapshot,
   RUN_PREFIX,
-  startUnixForward,
   sweepStale,
   tempDir,
   trackChild,
@@ -53,7 +53,7 @@ import {
   type RootSnapshot,
 } from "./netns.js";
 import { ON_CLUSTER } from "./on-cluster.js";
-import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster, type TestRedisClusterNode } from "./redis.js";
+import { startRedis, startRedisCluster, whenReady, type TestRedis, type TestRedisCluster, type TestRedisClusterNode } from "./redis.js";
 
 export type NetAgentClient = Client<typeof NetAgentService>;
 
@@ -141,22 +141,20 @@ export class Hypervisor {
     readonly ns: string,
     private redisUrl: string,
     private readonly agentArgs: string[],
-    private env: Record<string, string> = {},
   ) {
     this.underlayAddress = `192.168.100.${10 + index}`;
   }
 
   /** Starts (or starts again, e.g. after kill()) this hypervisor's netagent. */
   async start(): Promise<void> {
-    this.daemon = await startDaemon("netagent", ["--redis", this.redisUrl, "--host-id", this.id, ...this.agentArgs], this.env);
+    this.daemon = await startDaemon("netagent", ["--redis", this.redisUrl, "--host-id", this.id, ...this.agentArgs]);
     trackChild(this.daemon.proc);
     this.agent = grpcClient(NetAgentService, { address: this.daemon.address, timeoutMs: 30_000 });
   }
 
   /** The Redis the next start() gives the agent (Harness.moveToCluster). */
-  useRedis(url: string, env: Record<string, string>): void {
+  useRedis(url: string): void {
     this.redisUrl = url;
-    this.env = env;
   }
 
   /** SIGKILLs the agent (a crash) and waits until it is gone. */
@@ -230,6 +228,9 @@ export interface VmOptions {
 
 const VM_NAME_RE = /^[a-z0-9][a-z0-9-]{0,30}$/;
 
+/** --drift-interval-ms of a firewall or gateway, if given. */
+const driftArgs = (ms: number | undefined): string[] => (ms === undefined ? [] : ["--drift-interval-ms", String(ms)]);
+
 /** Redis processes of a run: ended (SIGKILL) and their directories removed with the run, also on failure. */
 function trackRedisNodes(nodes: Pick<TestRedisClusterNode, "proc" | "dir">[]): void {
   for (const node of nodes) {
@@ -269,7 +270,11 @@ export class Harness {
     return this.redisCluster?.url ?? this.redis.url;
   }
 
-  /** The environment of every daemon of the run (and of those a test starts itself); none is needed on either layout since daemons start on a cluster without a switch. */
+  /**
+   * Always empty: daemons start on a Redis Cluster without a switch, so
+   * nothing needs passing. Kept only for natgw.test.ts, which still passes it.
+   * @deprecated pass no environment to startDaemon.
+   */
   get daemonEnv(): Record<string, string> {
     return {};
   }
@@ -302,7 +307,7 @@ export class Harness {
     const n = this.opts.hosts ?? 1;
     if (n < 1 || n > 20) throw new Error(`hosts: ${n}; use 1–20`);
     if (admin) this.acl = await this.aclUsers(admin, n);
-    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redisUrl, ...this.redisAuth(CONTROL_USER), ...(this.opts.ipamArgs ?? [])], this.daemonEnv);
+    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redisUrl, ...this.redisAuth(CONTROL_USER), ...(this.opts.ipamArgs ?? [])]);
     trackChild(this.ipamDaemon.proc);
     this.ipam = ipamClients(this.ipamDaemon.address);
     if (this.opts.overlay && this.opts.underlay === false) throw new Error("overlay needs the underlay");
@@ -337,14 +342,7 @@ export class Harness {
         // Odd hosts find their underlay interface themselves (auto: the default route's, ul0).
         const ulIf = i % 2 === 1 ? "auto" : "ul0";
         const overlayArgs = this.opts.overlay ? ["--overlay", "--host-netns", hostNs, "--underlay-interface", ulIf, "--state-dir", this.stateDir!] : [];
-        const hv = new Hypervisor(
-          i,
-          `${this.prefix}hv${i}`,
-          hostNs,
-          this.redisUrl,
-          [...overlayArgs, ...this.agentArgs(`${this.prefix}hv${i}`)],
-          this.daemonEnv,
-        );
+        const hv = new Hypervisor(i, `${this.prefix}hv${i}`, hostNs, this.redisUrl, [...overlayArgs, ...this.agentArgs(`${this.prefix}hv${i}`)]);
         await vethBetween({ ns: hostNs, name: "ul0", address: `${hv.underlayAddress}/24` }, { ns: ul, name: `hv${i}` });
         await ipn(ul, ["link", "set", `hv${i}`, "master", "ul0"]);
         await ipn(hostNs, ["route", "add", "default", "via", UNDERLAY_GATEWAY]);
@@ -352,9 +350,7 @@ export class Harness {
       }
     } else {
       for (let i = 0; i < n; i++)
-        this.hosts.push(
-          new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redisUrl, this.agentArgs(`${this.prefix}hv${i}`), this.daemonEnv),
-        );
+        this.hosts.push(new Hypervisor(i, `${this.prefix}hv${i}`, `${this.prefix}-hv${i}`, this.redisUrl, this.agentArgs(`${this.prefix}hv${i}`)));
     }
     await Promise.all(this.hosts.map((hv) => hv.start()));
   }
@@ -473,6 +469,11 @@ export class Harness {
     return connectRedis({ url: this.redisUrl, commandTimeoutMs: o.commandTimeoutMs ?? 5000, ...auth });
   }
 
+  /** connect(), once the client is ready (its first command would not fail for a connection still under way). */
+  connectReady(user?: string, o: { commandTimeoutMs?: number } = {}): Promise<Redis> {
+    return whenReady(this.connect(user, o));
+  }
+
   private requireAcl(): RedisAclSetup {
     if (!this.acl) throw new Error("Harness: Redis users need redisAcl");
     return this.acl;
@@ -540,21 +541,58 @@ export class Harness {
     o: { vmm?: boolean; driftMs?: number; firewallArgs?: string[]; gatewayArgs?: string[]; vmmArgs?: string[]; vmmEnv?: Record<string, string> } = {},
   ): Promise<{ fwd: Daemon; gwd: Daemon; vmmd?: Daemon }> {
     const hv = this.host(host);
-    const r = ["--redis", this.redisUrl, "--host-id", hv.id, ...this.redisAuth(hostUser(hv.id))];
-    const drift = o.driftMs === undefined ? [] : ["--drift-interval-ms", String(o.driftMs)];
-    const env = this.daemonEnv;
-    const fwd = await startDaemon("firewall", [...r, ...drift, ...(o.firewallArgs ?? [])], env);
-    trackChild(fwd.proc);
-    const gwd = await startDaemon("gateway", [...(await this.gatewayFlags(hv)), ...drift, ...(o.gatewayArgs ?? [])], env);
+    const fwd = await this.firewall(hv, { driftMs: o.driftMs, args: o.firewallArgs });
+    const gwd = await startDaemon("gateway", [...(await this.gatewayFlags(hv)), ...driftArgs(o.driftMs), ...(o.gatewayArgs ?? [])]);
     trackChild(gwd.proc);
     if (!o.vmm) return { fwd, gwd };
+    const vmmd = await this.vmm(hv, { fwd, gwd, args: o.vmmArgs, env: o.vmmEnv });
+    return { fwd, gwd, vmmd };
+  }
+
+  /**
+   * Starts a vmm for a hypervisor, as hostServices does: its Redis, host id
+   * and Redis user, wired to ipam, the hypervisor's netagent and the given
+   * firewall and gateway; then `args`, with `env` and the daemon options `daemon`
+   * (node flags). Tracked: ended with the run.
+   */
+  async vmm(
+    host: Hypervisor | number,
+    o: { fwd: Daemon; gwd: Daemon; args?: string[]; env?: Record<string, string>; daemon?: DaemonOptions },
+  ): Promise<Daemon> {
+    const hv = this.host(host);
     const vmmd = await startDaemon(
       "vmm",
-      [...r, "--ipam", this.ipamDaemon.address, "--netagent", hv.daemon.address, "--firewall", fwd.address, "--gateway", gwd.address, ...(o.vmmArgs ?? [])],
-      { ...env, ...o.vmmEnv },
+      [
+        ...["--redis", this.redisUrl, "--host-id", hv.id, ...this.redisAuth(hostUser(hv.id))],
+        ...["--ipam", this.ipamDaemon.address, "--netagent", hv.daemon.address, "--firewall", o.fwd.address, "--gateway", o.gwd.address],
+        ...(o.args ?? []),
+      ],
+      o.env,
+      undefined,
+      o.daemon,
     );
     trackChild(vmmd.proc);
-    return { fwd, gwd, vmmd };
+    return vmmd;
+  }
+
+  /**
+   * Starts a firewall daemon for a hypervisor, as hostServices does (its
+   * Redis, host id and Redis user; --drift-interval-ms driftMs if given; then
+   * `args`), without the other daemons. Tracked: ended with the run.
+   */
+  async firewall(host: Hypervisor | number, o: { driftMs?: number; args?: string[] } = {}): Promise<Daemon> {
+    const hv = this.host(host);
+    const fwd = await startDaemon("firewall", [
+      "--redis",
+      this.redisUrl,
+      "--host-id",
+      hv.id,
+      ...this.redisAuth(hostUser(hv.id)),
+      ...driftArgs(o.driftMs),
+      ...(o.args ?? []),
+    ]);
+    trackChild(fwd.proc);
+    return fwd;
   }
 
   /**
@@ -583,21 +621,15 @@ export class Harness {
     ];
   }
 
-  private readonly forwards = new Map<string, Promise<unknown>>();
+  /** redisFrom's answers by namespace and Redis URL (a cluster's forwarders start once per namespace). */
+  private readonly forwards = new Map<string, Promise<string>>();
 
-  /**
-   * The Redis URL for a process inside namespace `ns` of the run (a
-   * gateway's metadata server), where 127.0.0.1 of the root namespace is out
-   * of reach: one redis-server's unix socket, or the cluster's URL with each
-   * node's 127.0.0.1:port forwarded to that node's unix socket in the
-   * namespace (started once per namespace, ended with the run).
-   */
-  async redisFrom(ns: string): Promise<string> {
-    const c = this.redisCluster;
-    if (!c) return this.redis.socket;
-    if (!this.forwards.has(ns)) this.forwards.set(ns, startUnixForward(ns, c.nodes));
-    await this.forwards.get(ns);
-    return c.url;
+  /** The Redis URL for a process inside namespace `ns` of the run (a gateway's metadata server): redisUrlIn, once per namespace. */
+  redisFrom(ns: string): Promise<string> {
+    const key = `${ns} ${this.redisUrl}`;
+    let url = this.forwards.get(key);
+    if (!url) this.forwards.set(key, (url = redisUrlIn(ns, { server: this.redis, cluster: this.redisCluster })));
+    return url;
   }
 
   /**
@@ -605,7 +637,7 @@ export class Harness {
    * would: stops the agents and the ipam daemon (the caller stops the
    * daemons it started itself first), runs `move` (the copy, from the
    * redis-server's URL to the cluster's), then starts ipam and the agents
-   * again on the cluster. From then on redisUrl, daemonEnv, hostServices and
+   * again on the cluster. From then on redisUrl, hostServices and
    * redisFrom give the cluster; the redis-server keeps running (this.redis)
    * for the test to compare with.
    */
@@ -618,10 +650,10 @@ export class Harness {
     trackRedisNodes(c.nodes);
     await move(this.redis.url, c.url);
     this.redisCluster = c;
-    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redisUrl, ...(this.opts.ipamArgs ?? [])], this.daemonEnv);
+    this.ipamDaemon = await startDaemon("ipam", ["--redis", this.redisUrl, ...(this.opts.ipamArgs ?? [])]);
     trackChild(this.ipamDaemon.proc);
     this.ipam = ipamClients(this.ipamDaemon.address);
-    for (const hv of this.hosts) hv.useRedis(this.redisUrl, this.daemonEnv);
+    for (const hv of this.hosts) hv.useRedis(this.redisUrl);
     await Promise.all(this.hosts.map((hv) => hv.start()));
   }
 

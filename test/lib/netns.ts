@@ -742,6 +742,26 @@ export async function startUnixForward(ns: string, pairs: { port: number; socket
   return { ns, port: pairs[0]?.port ?? 0, pid: child.pid!, stop: () => stopChild(child) };
 }
 
+/**
+ * The Redis URL for a process inside namespace `ns` of the run (a gateway's
+ * metadata server), where 127.0.0.1 of the root namespace is out of reach:
+ * the cluster's URL with each node's 127.0.0.1:port forwarded to that node's
+ * unix socket in the namespace (startUnixForward, ended with the run), or
+ * else the redis-server's unix socket. Each call with a cluster starts a
+ * forwarder: once per namespace (Harness.redisFrom keeps them).
+ */
+export async function redisUrlIn(
+  ns: string,
+  r: { server?: { socket: string }; cluster?: { url: string; nodes: { port: number; socket: string }[] } },
+): Promise<string> {
+  if (r.cluster) {
+    await startUnixForward(ns, r.cluster.nodes);
+    return r.cluster.url;
+  }
+  if (!r.server) throw new Error("redisUrlIn: neither a redis-server nor a cluster");
+  return r.server.socket;
+}
+
 /** A TCP server inside ns (node one-liner) that writes `banner` to each client and closes. */
 export async function startTcpServer(ns: string, port: number, banner = "hello"): Promise<NsServer> {
   checkNsName(ns);
