@@ -58,7 +58,7 @@ async function gatewayArgs(hv: Hypervisor): Promise<string[]> {
 }
 
 async function startGateway(i: number): Promise<void> {
-  const d = await startDaemon("gateway", await gatewayArgs(h.hosts[i]), h.daemonEnv);
+  const d = await startDaemon("gateway", await gatewayArgs(h.hosts[i]));
   trackChild(d.proc);
   gwds[i] = d;
 }
@@ -116,9 +116,7 @@ beforeAll(async () => {
   for (let i = 0; i < 3; i++) {
     // What docs/dataplane.md asks of a hypervisor for the announcement at failover (arping -U binds the NAT address).
     await nsExec(h.hosts[i].ns, "sysctl", ["-qw", "net.ipv4.ip_nonlocal_bind=1"]);
-    const fwd = await startDaemon("firewall", ["--redis", h.redisUrl, "--host-id", h.hosts[i].id, "--drift-interval-ms", "3000"], h.daemonEnv);
-    trackChild(fwd.proc);
-    fwds[i] = fwd;
+    fwds[i] = await h.firewall(i, { driftMs: 3000 });
     await startGateway(i);
   }
   gw = gwClient(gwds[0]);

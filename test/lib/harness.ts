@@ -270,15 +270,6 @@ export class Harness {
     return this.redisCluster?.url ?? this.redis.url;
   }
 
-  /**
-   * Always empty: daemons start on a Redis Cluster without a switch, so
-   * nothing needs passing. Kept only for natgw.test.ts, which still passes it.
-   * @deprecated pass no environment to startDaemon.
-   */
-  get daemonEnv(): Record<string, string> {
-    return {};
-  }
-
   static async start(opts: HarnessOptions = {}): Promise<Harness> {
     installCleanupHandlers();
     sweepStale();
