@@ -19,24 +19,41 @@ import { LUA_SERVER_MS } from "./redis.js";
 export const PENDING_MS = 60_000;
 
 /**
- * Lua: sweep(hash, ids, pending_ms) removes from a hash of holds the entries
- * `ids` (comma-separated, found without a record by the caller) that are
- * pending_ms old by the server's clock (their JSON's `ms`); an entry that
- * does not read as a hold is left (the script reading the hash refuses it,
- * and it is reported).
+ * Lua: sweep(hash, ids, cutoff) removes from a hash of holds the entries
+ * `ids` (comma-separated, found without a record by the caller) made before
+ * `cutoff` (server ms; staleHolds: PENDING_MS before the moment the caller
+ * read the hash, by the server's clock). So a hold goes only if it was
+ * already PENDING_MS old when its record was seen missing, however long the
+ * caller took since: its create had then given up (it gives up past
+ * PENDING_MS/2), and a record written after that read is taken back by it.
+ * Judged by the time of the sweep instead, a delete that stalled after its
+ * read could remove the hold of a create that wrote its record meanwhile.
+ * An entry that does not read as a hold is left (the script reading the
+ * hash refuses it, and it is reported).
  */
-export const LUA_SWEEP = `${LUA_SERVER_MS}
-local function sweep(hash, ids, pending_ms)
-  local now = server_ms()
+export const LUA_SWEEP = `
+local function sweep(hash, ids, cutoff)
   for sid in string.gmatch(ids, '[^,]+') do
     local raw = redis.call('HGET', hash, sid)
     if raw then
       local ok, r = pcall(cjson.decode, raw)
-      if ok and type(r) == 'table' and type(r.ms) == 'number' and r.ms < now - pending_ms then redis.call('HDEL', hash, sid) end
+      if ok and type(r) == 'table' and type(r.ms) == 'number' and r.ms == r.ms and r.ms < cutoff then redis.call('HDEL', hash, sid) end
     end
   end
 end
 `;
+
+/** The hash's fields and the server's time, read together (read-only: per-host ACL users may run it). */
+const READ_HOLDS = `${LUA_SERVER_MS}
+return {server_ms(), redis.call('HKEYS', KEYS[1])}
+`;
+
+/** What staleHolds found: the candidates, and the cutoff LUA_SWEEP judges them by. */
+export interface StaleHolds {
+  ids: string[];
+  /** PENDING_MS before the hash was read, by the server's clock. */
+  cutoff: number;
+}
 
 /**
  * The fields of a hash of holds whose record is missing: the candidates
@@ -44,9 +61,16 @@ end
  * names a record key only if it is an id of `kind`; any other field has no
  * record and is a candidate as it is (one with a comma could not be passed).
  */
-export async function staleHolds(redis: Redis, hash: string, kind: string, recordOf: (id: string) => string): Promise<string[]> {
-  const all = await redis.hkeys(hash);
+export async function staleHolds(redis: Redis, hash: string, kind: string, recordOf: (id: string) => string): Promise<StaleHolds> {
+  // The time first, with the fields: a record missing now was missing at that time.
+  const [readMs, all] = (await redis.eval_ro(READ_HOLDS, 1, hash)) as [number, string[]];
   const ids = all.filter((id) => isId(kind, id));
   const alive = await Promise.all(ids.map((id) => redis.exists(recordOf(id))));
-  return [...all.filter((id) => !ids.includes(id) && !id.includes(",")), ...ids.filter((_, i) => alive[i] === 0)];
+  return {
+    ids: [...all.filter((id) => !ids.includes(id) && !id.includes(",")), ...ids.filter((_, i) => alive[i] === 0)],
+    cutoff: readMs - PENDING_MS,
+  };
 }
+
+/** No hold to sweep (a single Redis has none): a cutoff before any hold. */
+export const NO_STALE_HOLDS: StaleHolds = { ids: [], cutoff: 0 };

@@ -11,7 +11,7 @@ import { InvalidArgumentError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { isCluster } from "../common/redis.js";
-import { staleHolds } from "../common/pending.js";
+import { staleHolds, type StaleHolds } from "../common/pending.js";
 
 export const OWNER = "gateway";
 
@@ -103,7 +103,7 @@ export const GW_KEYS: { single: GatewayKeys; cluster: GatewayKeys } = {
 };
 
 /** On a cluster, the VPC's NAT gateway holds whose gateway has no record (the candidates DeleteSubnet sweeps if old: common/pending.ts). */
-export function staleNatHolds(redis: Redis, vpcId: string): Promise<string[]> {
+export function staleNatHolds(redis: Redis, vpcId: string): Promise<StaleHolds> {
   const C = GW_KEYS.cluster;
   return staleHolds(redis, C.natHolds!(vpcId), "nat", C.nat);
 }

@@ -356,16 +356,14 @@ export class GatewayStore extends GatewayReader {
         nat = await this.createNat(n, clientToken, pool, wanted, id);
       } catch (err) {
         refused = err instanceof AlreadyExistsError || err instanceof ResourceExhaustedError || err instanceof UnavailableError;
+        // A reply lost this late: the record may have been written after its hold could pass for stale.
+        if (!refused && performance.now() - t0 > PENDING_MS / 2) await this.takeBack(id, `creating it failed (${(err as Error).message})`);
         throw err;
       }
       // Another create with the same client token made its gateway meanwhile: that one is the answer, with its own hold.
       if (nat.id !== id) return await this.replayed(nat);
       refused = false;
-      if (performance.now() - t0 > PENDING_MS / 2) {
-        // The record first, then its hold (deleteNat): if that fails, the hold stays with the record.
-        await this.deleteNat(nat);
-        throw this.tooSlow();
-      }
+      if (performance.now() - t0 > PENDING_MS / 2) await this.takeBack(id, "");
       return nat;
     } finally {
       // A hold that cannot be removed now has no record: the next DeleteSubnet sweeps it once old.
@@ -414,6 +412,25 @@ export class GatewayStore extends GatewayReader {
 
   private subnetGone(n: { vpcId: string; subnetId: string }, after = ""): FailedPreconditionError {
     return new FailedPreconditionError(`subnet ${n.subnetId} of VPC ${n.vpcId} is gone or being deleted${after}; a NAT gateway needs a subnet that stands`);
+  }
+
+  /**
+   * A create that took over PENDING_MS/2 between its hold and its record:
+   * its hold may have been swept (a DeleteSubnet that found no record yet),
+   * so the record it wrote, or may have written, goes (then its hold, in
+   * deleteNat). Throws tooSlow, or UNAVAILABLE naming the gateway to
+   * delete if that cannot be done now.
+   */
+  private async takeBack(id: string, failed: string): Promise<never> {
+    try {
+      const nat = await this.getNat(id);
+      if (nat) await this.deleteNat(nat);
+    } catch (err) {
+      throw new UnavailableError(
+        `creating NAT gateway ${id} took over ${PENDING_MS / 2000} s between its steps${failed ? ` and ${failed}` : ""}, and taking back what it may have written failed (${(err as Error).message}): delete it once Redis answers (microvpc nat delete ${id}), then retry`,
+      );
+    }
+    throw this.tooSlow();
   }
 
   private tooSlow(): UnavailableError {

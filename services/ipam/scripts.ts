@@ -14,7 +14,7 @@
 import { LUA_TOKEN, TOKEN_MOVED } from "../common/client-token.js";
 import { LUA_EMIT } from "../common/events.js";
 import { LUA_RANGE_CHECKS } from "./schema.js";
-import { LUA_SWEEP } from "../common/pending.js";
+import { LUA_SWEEP, PENDING_MS } from "../common/pending.js";
 
 export const CHUNK_BITS = 4096;
 
@@ -326,8 +326,8 @@ end
  *       configuration, the firewall's change counter and names, the VPN's
  *       change counter, the gateway's NAT gateway holds, under its tag on a
  *       cluster)
- * ARGV: 1 the peers entries found without a record (swept here if old:
- *       LUA_SWEEP), 2 PENDING_MS
+ * ARGV: 1 the peers entries found without a record (swept here if made
+ *       before the cutoff: LUA_SWEEP, staleReservations), 2 the cutoff
  * Returns {1, name} deleted, {0, ''} absent, {-1, n} still has n subnets,
  * {-2, n} still has n peerings (or creates of one under way), {-3, what}
  * still has groups or ACLs, {-4} still has a VPN endpoint (as DELETE_VPC).
@@ -477,8 +477,9 @@ return {1, id}
  *       by id and the all-subnets entry and sends the event after.
  * ARGV: 1 id; on a cluster 2 the holds the caller found without a NAT
  *       gateway record (comma-separated, staleNatHolds), removed here if
- *       PENDING_MS old by this server's clock (LUA_SWEEP: what a create that
- *       stopped between its hold and its record left), 3 PENDING_MS
+ *       made before the cutoff (LUA_SWEEP: what a create that stopped
+ *       between its hold and its record left), 3 the cutoff (PENDING_MS
+ *       before the caller read the holds, by this server's clock)
  * Returns {1} deleted, {0} absent, {-1, n} n addresses still allocated,
  * {-2, what} a network ACL is associated or a NAT gateway sits in it (on a
  * cluster: a hold names it, of a gateway with a record, or of a create under
@@ -511,9 +512,10 @@ else
   local holds = redis.call('HGETALL', KEYS[12])
   for i = 1, #holds - 1, 2 do
     local ok, h = pcall(cjson.decode, holds[i + 1])
-    if not ok or type(h) ~= 'table' or type(h.subnet) ~= 'string' or type(h.ms) ~= 'number' then return {-5, holds[i]} end
+    -- A time that is not one (NaN, inf) or lies past the read by more than a hold can live would keep it young forever: refused as unreadable.
+    if not ok or type(h) ~= 'table' or type(h.subnet) ~= 'string' or type(h.ms) ~= 'number' or h.ms ~= h.ms or h.ms > tonumber(ARGV[3]) + ${3 * PENDING_MS} then return {-5, holds[i]} end
     if h.subnet == ARGV[1] then
-      if not string.match(holds[i], '^nat%-[0-9a-f]+$') then return {-5, holds[i]} end
+      if not string.match(holds[i], '^nat%-' .. string.rep('[0-9a-f]', 12) .. '$') then return {-5, holds[i]} end
       if pending[holds[i]] then return {-2, 'a NAT gateway is being created in it (' .. holds[i] .. '); retry'} end
       return {-2, 'NAT gateway ' .. holds[i] .. ' sits in it (microvpc nat delete)'}
     end

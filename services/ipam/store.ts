@@ -7,7 +7,7 @@ import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotF
 import * as V from "../common/validate.js";
 import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
 import { PEERING_KEYS, staleReservations } from "../peering/schema.js";
-import { PENDING_MS } from "../common/pending.js";
+import { NO_STALE_HOLDS, type StaleHolds } from "../common/pending.js";
 import { FW_KEYS } from "../firewall/schema.js";
 import { GW_KEYS, staleNatHolds } from "../gateway/schema.js";
 import { vpnKeysOf } from "../netagent/schema.js";
@@ -250,7 +250,7 @@ export class IpamStore extends IpamReader {
   }
 
   /** deleteVpcInSteps after the NAT check: DROP_VPC in the VPC's slot, then the name. */
-  private async dropVpc(id: string, stale: string[]): Promise<boolean> {
+  private async dropVpc(id: string, stale: StaleHolds): Promise<boolean> {
     const L = this.L;
     const FW = FW_KEYS.cluster;
     const VPN = vpnKeysOf(this.redis);
@@ -274,7 +274,7 @@ export class IpamStore extends IpamReader {
       // The gateway's NAT gateway holds: none is left once no subnet is (DELETE_SUBNET refuses while one names its subnet), but for entries that never read as one.
       GW_KEYS.cluster.natHolds!(id),
     ];
-    const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys, stale.join(","), PENDING_MS);
+    const [code, n] = await this.redis.mvpcDropVpc(keys.length, ...keys, stale.ids.join(","), stale.cutoff);
     if (code === -1) throw new FailedPreconditionError(`VPC ${id} still has ${n} subnet(s); delete them first (microvpc subnet list --vpc ${id})`);
     if (code === -2)
       throw new FailedPreconditionError(
@@ -412,17 +412,34 @@ export class IpamStore extends IpamReader {
       if (L.cluster) await this.dropLeftover(id);
       return false;
     }
-    return this.dropSubnet(s, L.cluster ? await staleNatHolds(this.redis, s.vpcId) : []);
+    if (!L.cluster) return this.dropSubnet(s, NO_STALE_HOLDS);
+    const [stale, nat] = await Promise.all([staleNatHolds(this.redis, s.vpcId), this.natIn(s)]);
+    if (nat) throw new FailedPreconditionError(`subnet ${s.name} (${id}): NAT gateway ${nat} sits in it (microvpc nat delete); remove that first`);
+    return this.dropSubnet(s, stale);
+  }
+
+  /**
+   * On a cluster, the VPC's NAT gateway if its record names subnet `s`: read
+   * from the client, in the gateway's slot. The hold DELETE_SUBNET checks is
+   * what makes the delete safe against a create under way; this catches a
+   * gateway whose hold was lost (a failover before the hold was copied to a
+   * replica, a hand-edited hash).
+   */
+  private async natIn(s: SubnetRec): Promise<string | null> {
+    const G = GW_KEYS.cluster;
+    const natId = await this.redis.hget(G.vpcNat, s.vpcId);
+    if (natId === null || !isId("nat", natId)) return null;
+    return (await this.redis.hget(G.nat(natId), "subnet")) === s.id ? natId : null;
   }
 
   /**
    * deleteSubnet once the subnet is known: DELETE_SUBNET, then on a cluster
    * its record by id. On a cluster the script reads the gateway's NAT
    * gateway holds of the VPC, in its slot (a NAT gateway's record is in
-   * another), and sweeps those in `stale` (found without a record) once
-   * PENDING_MS old.
+   * another), and sweeps those in `stale` (found without a record) that
+   * were already PENDING_MS old when they were read (LUA_SWEEP).
    */
-  private async dropSubnet(s: SubnetRec, stale: string[]): Promise<boolean> {
+  private async dropSubnet(s: SubnetRec, stale: StaleHolds): Promise<boolean> {
     const L = this.L;
     const id = s.id;
     const holds = GW_KEYS.cluster.natHolds!(s.vpcId);
@@ -437,13 +454,14 @@ export class IpamStore extends IpamReader {
           ...(L.cluster ? [FW_KEYS.cluster.subnetAcl(s.vpcId), holds] : [K.events, K.allSubnets, K.fwSubnetAcl, K.gwVpcNat, ...tombstoneKeys(this.redis, id)]),
         ]),
         id,
-        ...(L.cluster ? [stale.join(","), PENDING_MS] : []),
+        ...(L.cluster ? [stale.ids.join(","), stale.cutoff] : []),
       );
     // Made by a replica of the earlier release mid-upgrade: its state moves first, so that its addresses are counted.
     const [code, n] = await this.movedFirst(s, call, (r) => r[0] === -3);
     if (code === -1)
       throw new FailedPreconditionError(`subnet ${s.name} (${id}) still has ${n} allocated address(es); release them first (microvpc ip list --subnet ${id})`);
-    if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}; remove that first`);
+    // A create under way says retry itself; what stands (an ACL, a NAT gateway) is to be removed.
+    if (code === -2) throw new FailedPreconditionError(`subnet ${s.name} (${id}): ${n}${/; retry$/.test(String(n)) ? "" : "; remove that first"}`);
     if (code === -3) throw new Error(`subnet ${id}: its allocation state could not be moved from the earlier layout`);
     if (code === -5) {
       const why = `${V.show(String(n))} does not read as a NAT gateway hold ({"subnet": <subnet id>, "ms": <server ms>}, field a NAT id)`;

@@ -18,7 +18,7 @@
 import { InvalidArgumentError } from "../common/errors.js";
 import { isId } from "../common/ids.js";
 import * as V from "../common/validate.js";
-import { staleHolds } from "../common/pending.js";
+import { NO_STALE_HOLDS, staleHolds, type StaleHolds } from "../common/pending.js";
 import type { Redis } from "ioredis";
 import { K } from "../ipam/schema.js";
 
@@ -112,9 +112,9 @@ export async function peeringIdsOf(redis: Redis, vpcId: string): Promise<string[
 export { LUA_SWEEP, PENDING_MS } from "../common/pending.js";
 
 /** On a cluster, a VPC's reservations whose peering has no record (the candidates the sweep removes if old). */
-export async function staleReservations(redis: Redis, vpc: string): Promise<string[]> {
+export async function staleReservations(redis: Redis, vpc: string): Promise<StaleHolds> {
   const L = peeringKeys(redis);
-  return L.cluster ? staleHolds(redis, L.peers(vpc), "pcx", L.pcx) : [];
+  return L.cluster ? staleHolds(redis, L.peers(vpc), "pcx", L.pcx) : NO_STALE_HOLDS;
 }
 
 export function pairKey(a: string, b: string): string {

@@ -25,6 +25,7 @@ import {
 } from "./schema.js";
 import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { emit, LUA_EMIT } from "../common/events.js";
+import { LUA_SERVER_MS } from "../common/redis.js";
 
 export { ackPeering, pairKey, parsePeering, PEERING_KEYS, peeringKeys, peeringsOf, PENDING_MS, PK } from "./schema.js";
 export type { PeeringRec } from "./schema.js";
@@ -131,14 +132,15 @@ return {1, ''}
  * exists and none of its peers overlaps the new peer's range; then the
  * reservation (peers hash: id → {base, size, ms}).
  * KEYS: 1 the VPC's record (IPAM), 2 its peers hash
- * ARGV: 1 id, 2 peer base, 3 peer size, 4 PENDING_MS, 5 ids of reservations
- *       the caller found without a record, removed here if they are
- *       PENDING_MS old by this server's clock (the time each was made)
+ * ARGV: 1 id, 2 peer base, 3 peer size, 4 the sweep's cutoff, 5 ids of
+ *       reservations the caller found without a record, removed here if made
+ *       before the cutoff (staleReservations: PENDING_MS before the caller
+ *       read them, by this server's clock; LUA_SWEEP)
  * Returns {1, id}, {-4, ''} VPC gone, {-3, peering} overlaps that peering's
  * range, {-5, entry} an entry that does not read as a range (refused, never
  * ignored).
  */
-const RESERVE = `${LUA_SWEEP}
+const RESERVE = `${LUA_SERVER_MS}${LUA_SWEEP}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end
 -- A VPC named a moment before its create kept its record (ipam/store.ts createVpc): a peering of it keeps it.
 redis.call('PERSIST', KEYS[1])
@@ -340,7 +342,15 @@ export class PeeringStore {
       for (const [vpc, peer] of sides) {
         const c = V.cidr("cidr", peer, { min: 0, max: 32 });
         const stale = await staleReservations(this.redis, vpc);
-        const [code, ref] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), L.peers(vpc), p.id, c.base, c.size, PENDING_MS, stale.join(","));
+        const [code, ref] = await this.redis.mvpcReservePeer(
+          ipamKeys(this.redis).vpc(vpc),
+          L.peers(vpc),
+          p.id,
+          c.base,
+          c.size,
+          stale.cutoff,
+          stale.ids.join(","),
+        );
         if (code !== 1) {
           refused = true;
           // The holder first: CLAIM writes a record and its client token in

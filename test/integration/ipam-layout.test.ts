@@ -495,8 +495,10 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     await c.hset(GW.nat("nat-000000000001"), "subnet", sn.id);
     await c.hset(GW.natHolds!(vpc.id), "nat-000000000001", JSON.stringify({ subnet: sn.id, ms: 0 }));
     await assert.rejects(st.deleteSubnet(sn.id), /NAT gateway nat-000000000001 sits in it \(microvpc nat delete\)/);
-    await c.hdel(GW.vpcNat, vpc.id);
+    // Its hold lost (a failover before the hold reached a replica): the VPC's gateway, read from the client, still refuses.
     await c.hdel(GW.natHolds!(vpc.id), "nat-000000000001");
+    await assert.rejects(st.deleteSubnet(sn.id), /NAT gateway nat-000000000001 sits in it \(microvpc nat delete\)/);
+    await c.hdel(GW.vpcNat, vpc.id);
     // The single Redis's names hold no NAT gateway on a cluster, for DeleteVpc and DeleteSubnet (below).
     await c.hset(K.gwVpcNat, vpc.id, "nat-000000000001");
     await c.hset(K.gwNat("nat-000000000001"), "subnet", sn.id);
@@ -751,6 +753,33 @@ return now`;
     assert.equal(await c.exists(holds), 0, "DeleteVpc leaves no holds behind");
   });
 
+  test("a DeleteSubnet that stalls after reading the holds judges a hold's age at that read: a create that wrote its record meanwhile keeps its hold, however long the delete took", async () => {
+    const c = clients[2];
+    const st0 = new IpamStore(clients[0]);
+    const { vpc } = await st0.createVpc(vpcSpec("natstall"), "");
+    const sn = (await st0.createSubnet({ ...subnetSpec(vpc.id, "s", "10.70.50.0/24"), type: "public" }, "")).subnet;
+    const holds = GW_KEYS.cluster.natHolds!(vpc.id);
+    const nat = "nat-0000000000e1";
+    // A create's hold, young when the delete reads it (no record yet: a candidate), PENDING_MS old 2 s later.
+    await agedHold(c, vpc.id, nat, sn.id, PENDING_MS - 1500);
+    // Between the delete's read and its script, the create writes its record, and the delete stalls for 2 s.
+    const { c: dc, st } = await stalledDeletes(async () => {
+      await c.hset(GW_KEYS.cluster.nat(nat), "subnet", sn.id);
+      await new Promise((r) => setTimeout(r, 2000));
+    });
+    try {
+      await assert.rejects(st.deleteSubnet(sn.id), (e: Error) => e instanceof FailedPreconditionError && e.message.includes(nat));
+    } finally {
+      dc.disconnect();
+    }
+    assert.equal(await c.hexists(holds, nat), 1, "the hold of a gateway with a record stays");
+    assert.equal((await st0.getSubnet(sn.id))?.id, sn.id, "the subnet stands under its gateway");
+    await c.del(GW_KEYS.cluster.nat(nat));
+    await c.del(holds);
+    assert.equal(await st0.deleteSubnet(sn.id), true);
+    assert.equal(await st0.deleteVpc(vpc.id), true);
+  });
+
   test("NAT gateway holds read back from Redis are input: one that does not read as a hold refuses DeleteSubnet, naming it, and breaks no script; a field that is not a NAT id is swept like any stale hold", async () => {
     const c = clients[2];
     const st = new IpamStore(clients[0]);
@@ -764,6 +793,9 @@ return now`;
       // Young: an old one without a record is swept whatever else it says (it is stale).
       ["nat-0000000000f4", JSON.stringify({ subnet: 7, ms: Date.now() })],
       ["nat-0000000000f5", '"a string"'],
+      // A time no hold can have (past the read by more than a hold lives, or infinite) would keep it young forever.
+      ["nat-0000000000f7", JSON.stringify({ subnet: x.id, ms: 9e15 })],
+      ["nat-0000000000f8", `{"subnet":${JSON.stringify(x.id)},"ms":1e999}`],
       ["junk\nfield", "{"],
       ["not-a-nat", JSON.stringify({ subnet: x.id, ms: Date.now() })],
     ];
