@@ -544,6 +544,13 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     return gs;
   }
 
+  /** A step of an interleaving: `passed` settles once `open` is called. */
+  function gate(): { open: () => void; passed: Promise<void> } {
+    let open!: () => void;
+    const passed = new Promise<void>((r) => (open = r));
+    return { open, passed };
+  }
+
   /** Date.now() of this process `ms` off (another host's clock), until the returned restore. */
   function skewed(ms: number): () => void {
     const now = Date.now.bind(Date);
@@ -636,18 +643,16 @@ return now`;
 
     // 4. The create holds and stalls; the delete finds that hold without a record and stalls; the record lands; the script: a young hold, refused.
     sn = await fresh();
-    let recordNow!: () => void;
-    const recordGate = new Promise<void>((r) => (recordNow = r));
-    let held!: () => void;
-    const holdSeen = new Promise<void>((r) => (held = r));
+    const record4 = gate();
+    const held4 = gate();
     const gs4 = stalledCreates(clients[1], async () => {
-      held();
-      await recordGate;
+      held4.open();
+      await record4.passed;
     });
     const creating = gs4.createNatInSubnet(natIn(sn), "", natPool);
-    await holdSeen;
+    await held4.passed;
     const stalled4 = await stalledDeletes(async () => {
-      recordNow();
+      record4.open();
       await creating;
     });
     try {
@@ -662,19 +667,17 @@ return now`;
 
     // 5. The delete reads (nothing held), stalls; the create holds and stalls before its record; the script sees the hold and refuses; the record lands.
     sn = await fresh();
-    let go!: () => void;
-    const recordGate5 = new Promise<void>((r) => (go = r));
-    let held5!: () => void;
-    const holdSeen5 = new Promise<void>((r) => (held5 = r));
+    const record5 = gate();
+    const held5 = gate();
     const gs5 = stalledCreates(clients[1], async () => {
-      held5();
-      await recordGate5;
+      held5.open();
+      await record5.passed;
     });
     let creating5: Promise<unknown> | undefined;
     const s5 = sn;
     const stalled5 = await stalledDeletes(async () => {
       creating5 ??= gs5.createNatInSubnet(natIn(s5), "", natPool);
-      await holdSeen5;
+      await held5.passed;
     });
     try {
       await assert.rejects(
@@ -684,7 +687,7 @@ return now`;
     } finally {
       stalled5.c.disconnect();
     }
-    go();
+    record5.open();
     await creating5;
     await outcome(sn, "nat");
 
