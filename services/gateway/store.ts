@@ -343,6 +343,8 @@ export class GatewayStore extends GatewayReader {
       if (prev) return this.replayed(prev);
     }
     const t0 = performance.now();
+    /** Past half of PENDING_MS since the hold: it could pass for stale by now. */
+    const late = () => performance.now() - t0 > PENDING_MS / 2;
     if (!(await this.holdSubnet(id, n))) throw this.subnetGone(n);
     // The hold goes again only after a refusal: a step whose reply was lost
     // (a timeout, a failover) may have been applied, and a gateway whose
@@ -350,20 +352,20 @@ export class GatewayStore extends GatewayReader {
     // swept by the next DeleteSubnet once PENDING_MS old.
     let refused = true;
     try {
-      if (performance.now() - t0 > PENDING_MS / 2) throw this.tooSlow();
+      if (late()) throw this.tooSlow();
       let nat: NatRec;
       try {
         nat = await this.createNat(n, clientToken, pool, wanted, id);
       } catch (err) {
         refused = err instanceof AlreadyExistsError || err instanceof ResourceExhaustedError || err instanceof UnavailableError;
         // A reply lost this late: the record may have been written after its hold could pass for stale.
-        if (!refused && performance.now() - t0 > PENDING_MS / 2) await this.takeBack(id, `creating it failed (${(err as Error).message})`);
+        if (!refused && late()) await this.takeBack(id, `creating it failed (${(err as Error).message})`);
         throw err;
       }
       // Another create with the same client token made its gateway meanwhile: that one is the answer, with its own hold.
       if (nat.id !== id) return await this.replayed(nat);
       refused = false;
-      if (performance.now() - t0 > PENDING_MS / 2) await this.takeBack(id, "");
+      if (late()) await this.takeBack(id, "");
       return nat;
     } finally {
       // A hold that cannot be removed now has no record: the next DeleteSubnet sweeps it once old.
