@@ -8,6 +8,7 @@
 // range this way (peering/store.ts), NAT gateways their subnet
 // (gateway/store.ts); the hashes are theirs, the rule is this one.
 import type { Redis } from "ioredis";
+import { DomainError, UnavailableError } from "./errors.js";
 import { isId } from "./ids.js";
 import { LUA_SERVER_MS } from "./redis.js";
 
@@ -74,3 +75,89 @@ export async function staleHolds(redis: Redis, hash: string, kind: string, recor
 
 /** No hold to sweep (a single Redis has none): a cutoff before any hold. */
 export const NO_STALE_HOLDS: StaleHolds = { ids: [], cutoff: 0 };
+
+/** What recordUnderHold needs of a create besides its record step. */
+export interface UnderHold<T> {
+  /** What is being created, for the messages: "the NAT gateway", "peering pcx-…". */
+  what: string;
+  /** performance.now() taken before the create wrote its first hold. */
+  heldAt: number;
+  /** Whether the step's result is a record this create wrote (not a refusal, nor another create's record answered by client token). */
+  wrote: (result: T) => boolean;
+  /** Removes this create's holds; nothing of it was written. A failure is ignored: a hold without a record is swept once PENDING_MS old. */
+  release: () => Promise<void>;
+  /** Removes the record this create wrote or may have written, if it is there, then its holds. */
+  takeBack: () => Promise<void>;
+  /** The command a person runs to remove the record when takeBack failed: "microvpc nat delete nat-…". */
+  undo: string;
+}
+
+/**
+ * The second step of a create that holds in one slot and writes its record
+ * in another: `step` writes the record, and its outcome is judged by the
+ * hold's deadline, PENDING_MS/2 after `heldAt` (past it, another client may
+ * find the hold PENDING_MS old by the server's clock with no record yet,
+ * and sweep it, then make what the hold kept out). The rule, for every
+ * such create (peerings, NAT gateways):
+ * - past the deadline before the step: nothing is written, the holds go,
+ *   UNAVAILABLE "retry";
+ * - the step refused (a DomainError: it answered, nothing of this create
+ *   was written) or answered with what is not this create's record: the
+ *   holds go, and the error or result is the caller's;
+ * - the step wrote the record within the deadline: the result;
+ * - the step wrote the record past the deadline, or failed without an
+ *   answer (a timeout, a lost connection: the record may have been
+ *   written) past it: what it may have written is taken back (record, then
+ *   holds), and UNAVAILABLE "nothing was kept, retry"; if that fails too,
+ *   UNAVAILABLE naming the command that removes it (`undo`);
+ * - the step failed without an answer within the deadline: the error, and
+ *   the holds stay (a record written must keep them; without one they are
+ *   swept once old).
+ * The deadline is measured on this process's monotonic clock from before
+ * the hold was written, so it passes no later than the hold's age by the
+ * server's clock (which counts from when the hold was written) reaches
+ * PENDING_MS/2, whatever the two clocks say.
+ */
+export async function recordUnderHold<T>(step: () => Promise<T>, o: UnderHold<T>): Promise<T> {
+  const late = () => performance.now() - o.heldAt > PENDING_MS / 2;
+  const release = () => o.release().catch(() => undefined);
+  const s = PENDING_MS / 2000;
+  if (late()) {
+    await release();
+    throw new UnavailableError(`creating ${o.what} took over ${s} s between its steps; nothing was created, retry`);
+  }
+  let result: T;
+  let failed = "";
+  try {
+    result = await step();
+  } catch (err) {
+    if (err instanceof DomainError) {
+      await release();
+      throw err;
+    }
+    if (!late()) throw err;
+    failed = ` and its record's step failed without an answer (${errorMessage(err)})`;
+  }
+  if (!failed) {
+    if (!o.wrote(result!)) {
+      await release();
+      return result!;
+    }
+    if (!late()) return result!;
+  }
+  // The hold could pass for stale by now: what was written may have been made while it was gone.
+  try {
+    await o.takeBack();
+  } catch (err) {
+    throw new UnavailableError(
+      `creating ${o.what} took over ${s} s between its steps${failed}, and taking back what it may have written failed (${errorMessage(err)}): remove it once Redis answers (${o.undo}), then retry`,
+    );
+  }
+  throw new UnavailableError(
+    `creating ${o.what} took over ${s} s between its steps${failed}: its hold could have passed for stale meanwhile, so what it wrote was taken back; nothing was kept, retry`,
+  );
+}
+
+function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

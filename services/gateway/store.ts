@@ -13,7 +13,7 @@ import { intToIp, type Parsed } from "../common/validate.js";
 import { naKeys } from "../netagent/schema.js";
 import { IPAM_KEYS } from "../ipam/schema.js";
 import { isId } from "../common/ids.js";
-import { PENDING_MS } from "../common/pending.js";
+import { PENDING_MS, recordUnderHold } from "../common/pending.js";
 import { LUA_SERVER_MS } from "../common/redis.js";
 import {
   checkFip,
@@ -319,7 +319,8 @@ export class GatewayStore extends GatewayReader {
    * refused once the subnet's record is gone), then the record (createNat);
    * DeleteSubnet refuses while a hold names the subnet. A create that took
    * over PENDING_MS/2 between the steps gives up and takes back what it
-   * wrote: its hold could pass for stale by then. On a single Redis the
+   * wrote, or may have written: its hold could pass for stale by then
+   * (recordUnderHold, the rule the peerings' creates keep too). On a single Redis the
    * record is written first and the subnet read after it: a DeleteSubnet
    * either saw the record (DELETE_SUBNET reads the NAT index) and refused,
    * or its result is seen here and the gateway goes back.
@@ -342,35 +343,22 @@ export class GatewayStore extends GatewayReader {
       const prev = seen && isId("nat", seen) ? await this.getNat(seen) : null;
       if (prev) return this.replayed(prev);
     }
-    const t0 = performance.now();
-    /** Past half of PENDING_MS since the hold: it could pass for stale by now. */
-    const late = () => performance.now() - t0 > PENDING_MS / 2;
+    const heldAt = performance.now();
     if (!(await this.holdSubnet(id, n))) throw this.subnetGone(n);
-    // The hold goes again only after a refusal: a step whose reply was lost
-    // (a timeout, a failover) may have been applied, and a gateway whose
-    // record was written must keep its hold. One left without a record is
-    // swept by the next DeleteSubnet once PENDING_MS old.
-    let refused = true;
-    try {
-      if (late()) throw this.tooSlow();
-      let nat: NatRec;
-      try {
-        nat = await this.createNat(n, clientToken, pool, wanted, id);
-      } catch (err) {
-        refused = err instanceof AlreadyExistsError || err instanceof ResourceExhaustedError || err instanceof UnavailableError;
-        // A reply lost this late: the record may have been written after its hold could pass for stale.
-        if (!refused && late()) await this.takeBack(id, `creating it failed (${(err as Error).message})`);
-        throw err;
-      }
+    const nat = await recordUnderHold(() => this.createNat(n, clientToken, pool, wanted, id), {
+      what: "the NAT gateway",
+      heldAt,
       // Another create with the same client token made its gateway meanwhile: that one is the answer, with its own hold.
-      if (nat.id !== id) return await this.replayed(nat);
-      refused = false;
-      if (late()) await this.takeBack(id, "");
-      return nat;
-    } finally {
-      // A hold that cannot be removed now has no record: the next DeleteSubnet sweeps it once old.
-      if (refused) await this.redis.hdel(K.natHolds!(n.vpcId), id).catch(() => undefined);
-    }
+      wrote: (nat) => nat.id === id,
+      release: () => this.redis.hdel(K.natHolds!(n.vpcId), id).then(() => undefined),
+      // deleteNat removes the hold after the record.
+      takeBack: async () => {
+        const nat = await this.getNat(id);
+        if (nat) await this.deleteNat(nat);
+      },
+      undo: `microvpc nat delete ${id}`,
+    });
+    return nat.id === id ? nat : await this.replayed(nat);
   }
 
   /**
@@ -414,29 +402,6 @@ export class GatewayStore extends GatewayReader {
 
   private subnetGone(n: { vpcId: string; subnetId: string }, after = ""): FailedPreconditionError {
     return new FailedPreconditionError(`subnet ${n.subnetId} of VPC ${n.vpcId} is gone or being deleted${after}; a NAT gateway needs a subnet that stands`);
-  }
-
-  /**
-   * A create that took over PENDING_MS/2 between its hold and its record:
-   * its hold may have been swept (a DeleteSubnet that found no record yet),
-   * so the record it wrote, or may have written, goes (then its hold, in
-   * deleteNat). Throws tooSlow, or UNAVAILABLE naming the gateway to
-   * delete if that cannot be done now.
-   */
-  private async takeBack(id: string, failed: string): Promise<never> {
-    try {
-      const nat = await this.getNat(id);
-      if (nat) await this.deleteNat(nat);
-    } catch (err) {
-      throw new UnavailableError(
-        `creating NAT gateway ${id} took over ${PENDING_MS / 2000} s between its steps${failed ? ` and ${failed}` : ""}, and taking back what it may have written failed (${(err as Error).message}): delete it once Redis answers (microvpc nat delete ${id}), then retry`,
-      );
-    }
-    throw this.tooSlow();
-  }
-
-  private tooSlow(): UnavailableError {
-    return new UnavailableError(`creating the NAT gateway took over ${PENDING_MS / 2000} s between its steps; nothing was kept, retry`);
   }
 
   /**

@@ -17,7 +17,6 @@ import {
   parsePeeringRecord,
   peeringKeys,
   peeringsOf,
-  PENDING_MS,
   PK,
   staleReservations,
   type PeeringKeys,
@@ -26,6 +25,7 @@ import {
 import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { emit, LUA_EMIT } from "../common/events.js";
 import { LUA_SERVER_MS } from "../common/redis.js";
+import { recordUnderHold } from "../common/pending.js";
 
 export { ackPeering, pairKey, parsePeering, PEERING_KEYS, peeringKeys, peeringsOf, PENDING_MS, PK } from "./schema.js";
 export type { PeeringRec } from "./schema.js";
@@ -313,7 +313,11 @@ export class PeeringStore {
    * the same client token is answered before anything is reserved. A
    * reservation left by a create that stopped has no record: readers skip
    * it, and a create in that VPC or its DeleteVpc removes it once it is
-   * PENDING_MS old (by the server's clock).
+   * PENDING_MS old (by the server's clock). So the claim runs under the
+   * reservations' deadline (recordUnderHold, common/pending.ts): a record
+   * written, or perhaps written, over PENDING_MS/2 after they were made is
+   * taken back, since one of them could have been swept meanwhile and an
+   * overlapping peer reserved in its place.
    */
   private async createInSteps(p: PeeringRec, fields: Record<string, string | number>, clientToken: string): Promise<{ peering: PeeringRec; created: boolean }> {
     const L = this.L;
@@ -327,32 +331,33 @@ export class PeeringStore {
     if (byName) return this.answer(-1, byName, "", p);
     if (byPair) return this.answer(-2, byPair, "", p);
     const reserved: string[] = [];
-    // Taken back only after a refusal: a step whose reply was lost (a timeout,
-    // a failover) may have been applied, and a peering whose record was
-    // written must keep its entries. What is left then has no record, and is
-    // swept once old (staleReservations).
-    let refused = false;
-    const t0 = performance.now();
-    try {
-      // In VPC id order: two creates that share a VPC reserve it first, so that they cannot each hold what the other needs.
-      const sides = [
-        [p.vpc1Id, p.vpc2Cidr],
-        [p.vpc2Id, p.vpc1Cidr],
-      ].sort((x, y) => (x[0] < y[0] ? -1 : 1));
-      for (const [vpc, peer] of sides) {
-        const c = V.cidr("cidr", peer, { min: 0, max: 32 });
-        const stale = await staleReservations(this.redis, vpc);
-        const [code, ref] = await this.redis.mvpcReservePeer(
-          ipamKeys(this.redis).vpc(vpc),
-          L.peers(vpc),
-          p.id,
-          c.base,
-          c.size,
-          stale.cutoff,
-          stale.ids.join(","),
-        );
-        if (code !== 1) {
-          refused = true;
+    // Without their record, reservations that cannot be removed now are swept once old.
+    const release = () =>
+      Promise.all(reserved.map((vpc) => this.redis.hdel(L.peers(vpc), p.id))).then(
+        () => undefined,
+        () => undefined,
+      );
+    const heldAt = performance.now();
+    // In VPC id order: two creates that share a VPC reserve it first, so that they cannot each hold what the other needs.
+    const sides = [
+      [p.vpc1Id, p.vpc2Cidr],
+      [p.vpc2Id, p.vpc1Cidr],
+    ].sort((x, y) => (x[0] < y[0] ? -1 : 1));
+    for (const [vpc, peer] of sides) {
+      const c = V.cidr("cidr", peer, { min: 0, max: 32 });
+      // A reservation whose reply was lost (a timeout, a failover) stays: without a record it is swept once old (staleReservations).
+      const stale = await staleReservations(this.redis, vpc);
+      const [code, ref] = await this.redis.mvpcReservePeer(
+        ipamKeys(this.redis).vpc(vpc),
+        L.peers(vpc),
+        p.id,
+        c.base,
+        c.size,
+        stale.cutoff,
+        stale.ids.join(","),
+      );
+      if (code !== 1) {
+        try {
           // The holder first: CLAIM writes a record and its client token in
           // one step, so once the holder's record is read, a create with the
           // same token that committed meanwhile is seen by the token and
@@ -365,41 +370,66 @@ export class PeeringStore {
             throw new UnavailableError(`a create of a peering whose range overlaps this one (${V.show(String(ref))}) is under way in VPC ${vpc}; retry`);
           const other = holder ? (holder.vpc1Id === vpc ? holder.vpc2Id : holder.vpc1Id) : "another VPC";
           return await this.answer(code, code === -4 ? vpc : String(ref), other, p);
+        } finally {
+          await release();
         }
-        reserved.push(vpc);
       }
-      // A create that stalled (a failover, a long pause) so long that its reservations could count as stale stops here.
-      if (performance.now() - t0 > PENDING_MS / 2) {
-        refused = true;
-        throw new UnavailableError(`creating the peering took over ${PENDING_MS / 2000} s between its steps; nothing was created, retry`);
-      }
-      const reply = await withClientToken(this.redis, L.tokens, field, { kind: "pcx", recordOf: L.pcx, fresh: L.pcx(p.id) }, (seen, rec) =>
-        this.redis.mvpcClaimPeering(
-          L.pcx(p.id),
-          L.byName,
-          L.names,
-          L.byPair,
-          L.tokens,
-          rec,
-          p.id,
-          p.name,
-          clientToken,
-          pairKey(p.vpc1Id, p.vpc2Id),
-          seen,
-          ...Object.entries(fields).flat(),
-        ),
-      );
-      // A claim run twice (ioredis sends a command again after a reconnect) finds its own first run: this create's success.
-      const [code, ref] = String(reply[1]) === p.id ? [1, p.id] : reply;
-      if (code !== 1) {
-        refused = true;
-        return await this.answer(code, String(ref), "", p);
-      }
-      await emit(this.redis, { vpcs: [p.vpc1Id, p.vpc2Id] }, ["kind", "peering.created", "peering", p.id, "vpc1", p.vpc1Id, "vpc2", p.vpc2Id]);
-      return await this.answer(1, p.id, "", p);
-    } finally {
-      if (refused) await Promise.all(reserved.map((vpc) => this.redis.hdel(L.peers(vpc), p.id)));
+      reserved.push(vpc);
     }
+    // The commit point, under the reservations' deadline.
+    const reply = await recordUnderHold(
+      async () => {
+        const r = await withClientToken(this.redis, L.tokens, field, { kind: "pcx", recordOf: L.pcx, fresh: L.pcx(p.id) }, (seen, rec) =>
+          this.redis.mvpcClaimPeering(
+            L.pcx(p.id),
+            L.byName,
+            L.names,
+            L.byPair,
+            L.tokens,
+            rec,
+            p.id,
+            p.name,
+            clientToken,
+            pairKey(p.vpc1Id, p.vpc2Id),
+            seen,
+            ...Object.entries(fields).flat(),
+          ),
+        );
+        // A claim run twice (ioredis sends a command again after a reconnect) finds its own first run: this create's success.
+        return String(r[1]) === p.id ? ([1, p.id] as Reply) : r;
+      },
+      {
+        what: `peering ${p.id}`,
+        heldAt,
+        wrote: ([code]) => code === 1,
+        release,
+        takeBack: () => this.takeBack(p),
+        undo: `microvpc vpc peer delete ${p.id}`,
+      },
+    );
+    const [code, ref] = reply;
+    if (code !== 1) return await this.answer(code, String(ref), "", p);
+    await emit(this.redis, { vpcs: [p.vpc1Id, p.vpc2Id] }, ["kind", "peering.created", "peering", p.id, "vpc1", p.vpc1Id, "vpc2", p.vpc2Id]);
+    return await this.answer(1, p.id, "", p);
+  }
+
+  /**
+   * On a cluster, what a create past its deadline may have written: its
+   * record with its name and pair entries (DROP; absent if the claim never
+   * ran or was refused; its client token's field is left naming a record
+   * that is gone, which a retry takes over), then its reservations. An
+   * event if there was a record (readers may have seen it); like any
+   * event, one lost costs the hosts a periodic pass, not the change.
+   */
+  private async takeBack(p: PeeringRec): Promise<void> {
+    const L = this.L;
+    const [code] = await this.redis.mvpcDropPeering(L.pcx(p.id), L.byName, L.names, L.byPair, pairKey(p.vpc1Id, p.vpc2Id));
+    // Without their record, reservations left here are swept once old.
+    await Promise.all([this.redis.hdel(L.peers(p.vpc1Id), p.id), this.redis.hdel(L.peers(p.vpc2Id), p.id)]).catch(() => undefined);
+    if (code === 1)
+      await emit(this.redis, { vpcs: [p.vpc1Id, p.vpc2Id] }, ["kind", "peering.deleted", "peering", p.id, "vpc1", p.vpc1Id, "vpc2", p.vpc2Id]).catch(
+        () => undefined,
+      );
   }
 
   async get(id: string): Promise<PeeringRec | null> {

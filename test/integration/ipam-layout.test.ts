@@ -12,7 +12,7 @@ import assert from "node:assert/strict";
 import { Redis, type Cluster } from "ioredis";
 import { afterAll, beforeAll, describe, test, vi } from "vitest";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
-import { AlreadyExistsError, FailedPreconditionError } from "../../services/common/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
 import { PENDING_MS } from "../../services/common/pending.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
 import { IPAM_KEYS, K } from "../../services/ipam/keys.js";
@@ -558,6 +558,13 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     return () => spy.mockRestore();
   }
 
+  /** performance.now() of this process `ms` ahead (as if a step had taken that long), until the returned restore. */
+  function later(ms: number): () => void {
+    const now = performance.now.bind(performance);
+    const spy = vi.spyOn(performance, "now").mockImplementation(() => now() + ms);
+    return () => spy.mockRestore();
+  }
+
   const natPool = { first: ipToInt("198.18.9.1"), last: ipToInt("198.18.9.62") };
   const natIn = (sn: SubnetRec) => ({ vpcId: sn.vpcId, subnetId: sn.id, sources: [], description: "" });
   /** Writes a hold as HOLD_NAT does, `age` ms before now by the Redis server's clock (the clock the sweep goes by). */
@@ -781,6 +788,43 @@ return now`;
     await c.del(holds);
     assert.equal(await st0.deleteSubnet(sn.id), true);
     assert.equal(await st0.deleteVpc(vpc.id), true);
+  });
+
+  test("a NAT gateway record that lands past PENDING_MS/2 after its hold, or whose reply is lost past it, is taken back: a DeleteSubnet that swept the hold meanwhile leaves no gateway in a deleted subnet", async () => {
+    const c = clients[2];
+    const st = new IpamStore(clients[0]);
+    for (const way of ["written", "reply lost"] as const) {
+      const { vpc } = await st.createVpc(vpcSpec(`natlate${way === "written" ? 1 : 2}`), "");
+      const sn = (await st.createSubnet({ ...subnetSpec(vpc.id, "s", "10.70.60.0/24"), type: "public" }, "")).subnet;
+      const holds = GW_KEYS.cluster.natHolds!(vpc.id);
+      const gs = new GatewayStore(clients[1]);
+      const record = gs.createNat.bind(gs);
+      let restore = () => {};
+      // The record step stalls: meanwhile the hold grows PENDING_MS old by the server's clock, and a DeleteSubnet finds it without a record, sweeps it and deletes the subnet; then the record lands.
+      gs.createNat = async (...a) => {
+        const [held] = await c.hkeys(holds);
+        await agedHold(c, vpc.id, held, sn.id, PENDING_MS + 1000);
+        assert.equal(await st.deleteSubnet(sn.id), true, "the stale hold swept, the subnet deleted");
+        const nat = await record(...a);
+        restore = later(PENDING_MS);
+        if (way === "reply lost") throw new Error("Command timed out");
+        return nat;
+      };
+      try {
+        await assert.rejects(
+          gs.createNatInSubnet(natIn(sn), "", natPool),
+          (e: Error) =>
+            e instanceof UnavailableError &&
+            e.message.includes(way === "reply lost" ? "failed without an answer (Command timed out)" : "took over 30 s between its steps:") &&
+            /what it wrote was taken back; nothing was kept, retry/.test(e.message),
+        );
+      } finally {
+        restore();
+      }
+      assert.deepEqual(await site(gs, sn), { nat: null, subnet: false }, `${way}: no NAT gateway in the deleted subnet`);
+      assert.deepEqual(await keysLike(`*${vpc.id}*nat*`), [], `${way}: no hold or lease left`);
+      assert.equal(await st.deleteVpc(vpc.id), true);
+    }
   });
 
   test("NAT gateway holds read back from Redis are input: one that does not read as a hold refuses DeleteSubnet, naming it, and breaks no script; a field that is not a NAT id is swept like any stale hold", async () => {

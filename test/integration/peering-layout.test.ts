@@ -6,7 +6,7 @@
 // stopped create's reservation is skipped by readers and cleared once old.
 import assert from "node:assert/strict";
 import type { Redis } from "ioredis";
-import { afterAll, beforeAll, describe, test } from "vitest";
+import { afterAll, beforeAll, describe, test, vi } from "vitest";
 import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
 import { cidr, ipToInt } from "../../services/common/validate.js";
 import { IpamStore, type VpcRec } from "../../services/ipam/store.js";
@@ -22,9 +22,9 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
   let ipam: IpamStore;
   let pcx: PeeringStore;
   let n = 0;
+  let url: string;
 
   beforeAll(async () => {
-    let url: string;
     if (onCluster) {
       const c = await startRedisCluster();
       stop = () => c.stop();
@@ -185,6 +185,87 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
       c.disconnect();
     }
   });
+
+  /** performance.now() of this process `ms` ahead (as if a step had taken that long), until the returned restore. */
+  function later(ms: number): () => void {
+    const now = performance.now.bind(performance);
+    const spy = vi.spyOn(performance, "now").mockImplementation(() => now() + ms);
+    return () => spy.mockRestore();
+  }
+
+  test.runIf(onCluster)(
+    "a claim that ends past PENDING_MS/2 after the reservations, written or its reply lost, is taken back: another create that swept a reservation meanwhile is the only peer of that range",
+    async () => {
+      const L = PEERING_KEYS.cluster;
+      const c = await connectReady({ url, commandTimeoutMs: 2000 });
+      const st = new PeeringStore(c);
+      const claim = c.mvpcClaimPeering.bind(c);
+      const drop = c.mvpcDropPeering.bind(c);
+      try {
+        for (const way of ["written", "reply lost", "take-back failed"] as const) {
+          // b and c overlap: a VPC may be peered with one of them, never both.
+          const [a, b, other] = [await vpc("10.100.0.0/16"), await vpc("10.101.0.0/16"), await vpc("10.101.0.0/17")];
+          let swept: PeeringRec | undefined;
+          let restore = () => {};
+          // The claim stalls: meanwhile its reservations grow PENDING_MS old by the server's clock, and a create of a-other finds a's without a record, sweeps it and reserves an overlapping range in its place.
+          c.mvpcClaimPeering = (async (...args: (string | number)[]) => {
+            const [id] = await clients[1].hkeys(L.peers(b.id));
+            for (const v of [a, b]) {
+              const e = JSON.parse((await clients[1].hget(L.peers(v.id), id))!) as { ms: number };
+              await clients[1].hset(L.peers(v.id), id, JSON.stringify({ ...e, ms: Date.now() - 2 * PENDING_MS }));
+            }
+            swept = (await peer(pcx, a, other, `swept-${n}`)).peering;
+            const reply = await claim(...args);
+            restore = later(PENDING_MS);
+            if (way === "reply lost") throw new Error("Command timed out");
+            return reply;
+          }) as never;
+          if (way === "take-back failed")
+            c.mvpcDropPeering = (async () => {
+              throw new Error("Connection is closed.");
+            }) as never;
+          const name = `late-${n}`;
+          try {
+            const late = peer(st, a, b, name);
+            if (way === "take-back failed") {
+              let named = "";
+              await assert.rejects(late, (e: Error) => {
+                named = /\(microvpc vpc peer delete (pcx-[0-9a-f]+)\), then retry$/.exec(e.message)?.[1] ?? "";
+                return e instanceof UnavailableError && named !== "";
+              });
+              // What the message names is there to delete.
+              const left = await pcx.get(named);
+              assert.equal(left?.name, name);
+              assert.equal(await pcx.delete(left!), true);
+              continue;
+            }
+            await assert.rejects(
+              late,
+              (e: Error) =>
+                e instanceof UnavailableError &&
+                e.message.includes(way === "reply lost" ? "failed without an answer (Command timed out)" : "took over 30 s between its steps:") &&
+                /what it wrote was taken back; nothing was kept, retry/.test(e.message),
+            );
+          } finally {
+            restore();
+            c.mvpcDropPeering = drop;
+          }
+          assert.ok(swept, "the other create ran while the claim stalled");
+          assert.deepEqual(
+            (await peeringsOf(clients[2], [a.id, b.id])).map((p) => p.id),
+            [swept.id],
+            `${way}: the late peering is gone, the one that swept its reservation stands`,
+          );
+          assert.equal(await pcx.idByName(name), null, `${way}: its name is free`);
+          assert.equal(await pcx.idByPair(a.id, b.id), null, `${way}: a and b are not peered`);
+          assert.deepEqual(await clients[0].hkeys(L.peers(a.id)), [swept.id], `${way}: a reserves one peer range`);
+          assert.deepEqual(await clients[0].hkeys(L.peers(b.id)), [], `${way}: nothing of the late create is left in b`);
+        }
+      } finally {
+        c.disconnect();
+      }
+    },
+  );
 
   test.runIf(onCluster)("DeleteVpc is refused while a peering create is under way in it, and sweeps what a stopped one left", async () => {
     const L = PEERING_KEYS.cluster;

@@ -1,0 +1,119 @@
+// recordUnderHold (common/pending.ts): the rule a create that holds in one
+// slot and writes its record in another keeps about its hold's deadline
+// (PENDING_MS/2 after the hold), the same for peerings and NAT gateways.
+import assert from "node:assert/strict";
+import { afterEach, describe, test, vi } from "vitest";
+import { FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
+import { PENDING_MS, recordUnderHold, type UnderHold } from "../../services/common/pending.js";
+
+/** A create whose hold was written at 0 on a clock that reads `at()`: what it was asked to do, in order. */
+function create(at: () => number, o: Partial<UnderHold<string>> = {}) {
+  const did: string[] = [];
+  vi.spyOn(performance, "now").mockImplementation(at);
+  const opts: UnderHold<string> = {
+    what: "the thing",
+    heldAt: 0,
+    wrote: (r) => r === "mine",
+    release: async () => void did.push("release"),
+    takeBack: async () => void did.push("takeBack"),
+    undo: "microvpc thing delete t-1",
+    ...o,
+  };
+  return { did, opts };
+}
+
+const IN_TIME = PENDING_MS / 2 - 1;
+const LATE = PENDING_MS / 2 + 1;
+
+describe("recordUnderHold", () => {
+  afterEach(() => void vi.restoreAllMocks());
+
+  test("within the deadline: the record, holds kept; a refusal or another create's record: the holds go", async () => {
+    const { did, opts } = create(() => IN_TIME);
+    assert.equal(await recordUnderHold(async () => "mine", opts), "mine");
+    assert.deepEqual(did, []);
+    assert.equal(await recordUnderHold(async () => "replayed", opts), "replayed", "another create's record is the caller's to answer");
+    assert.deepEqual(did, ["release"]);
+    const refused = new FailedPreconditionError("name taken");
+    await assert.rejects(
+      recordUnderHold<string>(() => Promise.reject(refused), opts),
+      (e) => e === refused,
+    );
+    assert.deepEqual(did, ["release", "release"]);
+  });
+
+  test("a step without an answer within the deadline: its error, and the holds stay (its record may have been written)", async () => {
+    const { did, opts } = create(() => IN_TIME);
+    await assert.rejects(
+      recordUnderHold<string>(() => Promise.reject(new Error("Command timed out")), opts),
+      /^Error: Command timed out$/,
+    );
+    assert.deepEqual(did, []);
+  });
+
+  test("past the deadline before the step: the step does not run, the holds go, UNAVAILABLE retry", async () => {
+    const { did, opts } = create(() => LATE);
+    let ran = false;
+    await assert.rejects(
+      recordUnderHold(async () => ((ran = true), "mine"), opts),
+      (e: Error) => e instanceof UnavailableError && /^creating the thing took over 30 s between its steps; nothing was created, retry$/.test(e.message),
+    );
+    assert.deepEqual([ran, did], [false, ["release"]]);
+  });
+
+  test("a record written past the deadline, or a step without an answer past it: taken back, UNAVAILABLE retry", async () => {
+    let t = 0;
+    const { did, opts } = create(() => t);
+    const slow = (end: () => Promise<string>) => async () => {
+      t = LATE;
+      return end();
+    };
+    await assert.rejects(
+      recordUnderHold(
+        slow(async () => "mine"),
+        opts,
+      ),
+      (e: Error) =>
+        e instanceof UnavailableError && /took over 30 s between its steps: .*what it wrote was taken back; nothing was kept, retry$/.test(e.message),
+    );
+    assert.deepEqual(did, ["takeBack"]);
+    t = 0;
+    await assert.rejects(
+      recordUnderHold(
+        slow(() => Promise.reject(new Error("Connection is closed."))),
+        opts,
+      ),
+      (e: Error) =>
+        e instanceof UnavailableError && /failed without an answer \(Connection is closed\.\).*taken back; nothing was kept, retry$/.test(e.message),
+    );
+    assert.deepEqual(did, ["takeBack", "takeBack"]);
+    // A refusal past the deadline wrote nothing: the holds go, the refusal stands.
+    t = 0;
+    await assert.rejects(
+      recordUnderHold(
+        slow(() => Promise.reject(new FailedPreconditionError("name taken"))),
+        opts,
+      ),
+      FailedPreconditionError,
+    );
+    assert.deepEqual(did, ["takeBack", "takeBack", "release"]);
+  });
+
+  test("a take-back that fails names what to remove; a release that fails is not the caller's error", async () => {
+    let t = 0;
+    const { opts } = create(() => t, {
+      takeBack: () => Promise.reject(new Error("Connection is closed.")),
+      release: () => Promise.reject(new Error("Connection is closed.")),
+    });
+    await assert.rejects(
+      recordUnderHold(async () => ((t = LATE), "mine"), opts),
+      (e: Error) =>
+        e instanceof UnavailableError &&
+        /taking back what it may have written failed \(Connection is closed\.\): remove it once Redis answers \(microvpc thing delete t-1\), then retry$/.test(
+          e.message,
+        ),
+    );
+    t = 0;
+    assert.equal(await recordUnderHold(async () => "replayed", opts), "replayed");
+  });
+});
