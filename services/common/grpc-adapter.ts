@@ -13,7 +13,16 @@
 // Client: a connect Transport over a grpc-js Client, so createClient(desc,
 // transport) gives the usual typed client (Client<typeof Service>) while the
 // calls go through grpc-js.
-import { create, fromBinary, toBinary, type DescMessage, type DescMethod, type DescService } from "@bufbuild/protobuf";
+import {
+  create,
+  fromBinary,
+  toBinary,
+  type DescMessage,
+  type DescMethod,
+  type DescService,
+  type MessageInitShape,
+  type MessageShape,
+} from "@bufbuild/protobuf";
 import {
   Code,
   ConnectError,
@@ -49,8 +58,10 @@ type ServerCall = grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerReadableSt
  */
 export type CallObserver = (ctx: CallContext) => (err: ConnectError | undefined) => void;
 
-type Runner = <T>(fn: () => T) => T;
-const direct: Runner = (fn) => fn();
+/** Runs the handler inside the call's scope (tracing.ts's ServerCall). */
+interface CallScopeRunner {
+  run<T>(fn: () => T): T;
+}
 
 const cancelledError = () => new ConnectError("the client cancelled the call", Code.Canceled);
 
@@ -69,26 +80,18 @@ export class CallContext implements HandlerContext {
   private resHeader?: Headers;
   private resTrailer?: Headers;
   private ctxValues?: ContextValues;
-  private extra?: [string, string][];
-  private readonly deadlineAt: number;
-  private cancelled = false;
+  private extra?: ResponseMetadata;
   /** Set by the observer: runs the handler (inside the call's request-id and trace scope, tracing.ts). */
-  scope?: Runner;
-  private readonly onCancel = () => {
-    this.cancelled = true;
-    this.ac?.abort(cancelledError());
-  };
+  scope?: CallScopeRunner;
+  /** Listens for the client's cancel once the signal exists (grpc-js keeps call.cancelled itself). */
+  private onCancel?: () => void;
 
   constructor(
     readonly service: DescService,
     readonly method: DescMethod,
     readonly url: string,
     private readonly call: ServerCall,
-  ) {
-    const d = call.getDeadline();
-    this.deadlineAt = d instanceof Date ? d.getTime() : d;
-    (call as unknown as NodeJS.EventEmitter).once("cancelled", this.onCancel);
-  }
+  ) {}
 
   /** The first value of a request header (metadata), without building Headers. */
   header(name: string): string | undefined {
@@ -96,15 +99,23 @@ export class CallContext implements HandlerContext {
     return v === undefined ? undefined : Buffer.isBuffer(v) ? v.toString("base64") : v;
   }
 
-  /** Adds a response header without building Headers. */
+  /**
+   * Adds a response header without building Headers. The name must be a
+   * lower-case gRPC metadata key and the value printable ASCII: both are
+   * passed on unchecked (the observer's build and request id are made so).
+   */
   addResponseHeader(name: string, value: string): void {
-    (this.extra ??= []).push([name, value]);
+    (this.extra ??= new ResponseMetadata()).addChecked(name, value);
   }
 
   get signal(): AbortSignal {
     if (!this.ac) {
-      this.ac = new AbortController();
-      if (this.cancelled || this.call.cancelled) this.ac.abort(cancelledError());
+      const ac = (this.ac = new AbortController());
+      if (this.call.cancelled) ac.abort(cancelledError());
+      else {
+        this.onCancel = () => ac.abort(cancelledError());
+        (this.call as unknown as NodeJS.EventEmitter).once("cancelled", this.onCancel);
+      }
     }
     return this.ac.signal;
   }
@@ -121,26 +132,43 @@ export class CallContext implements HandlerContext {
     return (this.ctxValues ??= createContextValues());
   }
   timeoutMs(): number | undefined {
-    return Number.isFinite(this.deadlineAt) ? Math.max(0, this.deadlineAt - Date.now()) : undefined;
+    const d = this.call.getDeadline();
+    const at = d instanceof Date ? d.getTime() : d;
+    return Number.isFinite(at) ? Math.max(0, at - Date.now()) : undefined;
   }
 
   responseMetadata(): grpc.Metadata {
-    const md = this.resHeader ? headersToMetadata(this.resHeader) : new grpc.Metadata();
-    for (const [k, v] of this.extra ?? []) md.add(k, v);
+    if (!this.resHeader) return this.extra ?? new grpc.Metadata();
+    const md = headersToMetadata(this.resHeader);
+    if (this.extra) md.merge(this.extra);
     return md;
   }
-  trailerMetadata(): grpc.Metadata {
-    return this.resTrailer ? headersToMetadata(this.resTrailer) : new grpc.Metadata();
+  /** The trailers a handler set, if any (grpc-js sends none of its own then). */
+  trailerMetadata(): grpc.Metadata | undefined {
+    return this.resTrailer ? headersToMetadata(this.resTrailer) : undefined;
   }
 
   /** The call is over: stop listening, and abort the signal if anyone holds it (a stream handler still waiting). */
   finish(): void {
-    (this.call as unknown as NodeJS.EventEmitter).removeListener("cancelled", this.onCancel);
+    if (this.onCancel) (this.call as unknown as NodeJS.EventEmitter).removeListener("cancelled", this.onCancel);
     if (this.ac && !this.ac.signal.aborted) this.ac.abort(CALL_OVER);
   }
 }
 
 const CALL_OVER = new ConnectError("the call is over", Code.Canceled);
+
+/**
+ * Metadata whose entries are added without grpc-js's per-value check (two
+ * regular expressions per add(), a few per cent of a unary call's CPU): for
+ * names and values that are legal by construction (addResponseHeader).
+ */
+class ResponseMetadata extends grpc.Metadata {
+  addChecked(key: string, value: string): void {
+    const vs = this.internalRepr.get(key);
+    if (vs) vs.push(value);
+    else this.internalRepr.set(key, [value]);
+  }
+}
 
 const HEADER_SKIP = new Set(["content-type", "te", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding", "grpc-status", "grpc-message"]);
 
@@ -167,7 +195,23 @@ function headersToMetadata(h: Headers, md = new grpc.Metadata()): grpc.Metadata 
 }
 
 const bytes = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
-const serializer = (schema: DescMessage) => (m: object) => bytes(toBinary(schema, create(schema, m as never)));
+
+/** The bytes of the messages made by constantMessage(). grpc-js copies them into each frame, never changes them. */
+const constantBytes = new WeakMap<object, Buffer>();
+
+/**
+ * A message that never changes (health's SERVING and NOT_SERVING answers),
+ * frozen, and serialized once: a handler that returns it costs no
+ * protobuf encoding per call.
+ */
+export function constantMessage<D extends DescMessage>(schema: D, init: MessageInitShape<D>): MessageShape<D> {
+  const m = create(schema, init);
+  constantBytes.set(m, bytes(toBinary(schema, m)));
+  Object.freeze(m);
+  return m;
+}
+
+const serializer = (schema: DescMessage) => (m: object) => constantBytes.get(m) ?? bytes(toBinary(schema, create(schema, m as never)));
 const deserializer = (schema: DescMessage) => (b: Buffer) => fromBinary(schema, b);
 
 /** The grpc-js status of an error: same code and message, metadata and details in the trailers. */
@@ -225,31 +269,46 @@ export function grpcService(
         done?.(call.cancelled && !err ? cancelledError() : err);
         ctx.finish();
       };
-      return { ctx, refused, end, run: ctx.scope ?? direct };
+      return { ctx, refused, end, scope: ctx.scope };
     };
     const sendHeader = (call: ServerCall, ctx: CallContext) => {
       call.sendMetadata(ctx.responseMetadata());
     };
 
     if (!clientStreams && !serverStreams) {
+      // The hot path (every unary call): no promise of its own unless the
+      // handler returns one, and the observer's end and the reply in one step.
       handlers[method.name] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
-        const { ctx, refused, end, run } = begin(call);
-        if (refused) return callback(toStatus(refused, ctx.responseTrailer));
-        Promise.resolve()
-          .then(() => run(() => fn.call(impl, call.request, ctx)))
-          .then(
-            (res) => {
-              end(undefined);
-              sendHeader(call, ctx);
-              callback(null, res, ctx.trailerMetadata());
-            },
-            (e: unknown) => {
-              const err = toConnectError(e);
-              end(err);
-              sendHeader(call, ctx);
-              callback(toStatus(err, ctx.responseTrailer));
-            },
-          );
+        const ctx = new CallContext(service, method, url, call);
+        let done: ReturnType<CallObserver>;
+        try {
+          done = observe(ctx);
+        } catch (e) {
+          return callback(toStatus(toConnectError(e), ctx.responseTrailer));
+        }
+        const ok = (res: unknown) => {
+          // A call the client gave up on is CANCELED, whatever the handler made of it.
+          done(call.cancelled ? cancelledError() : undefined);
+          ctx.finish();
+          sendHeader(call, ctx);
+          callback(null, res, ctx.trailerMetadata());
+        };
+        const fail = (e: unknown) => {
+          const err = toConnectError(e);
+          done(err);
+          ctx.finish();
+          sendHeader(call, ctx);
+          callback(toStatus(err, ctx.responseTrailer));
+        };
+        let res: unknown;
+        try {
+          const scope = ctx.scope;
+          res = scope ? scope.run(() => fn.call(impl, call.request, ctx)) : fn.call(impl, call.request, ctx);
+        } catch (e) {
+          return fail(e);
+        }
+        if (typeof (res as PromiseLike<unknown> | undefined)?.then === "function") (res as PromiseLike<unknown>).then(ok, fail);
+        else ok(res);
       };
       continue;
     }
@@ -258,10 +317,11 @@ export function grpcService(
 
     if (!serverStreams) {
       handlers[method.name] = (call: grpc.ServerReadableStream<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
-        const { ctx, refused, end, run } = begin(call);
+        const { ctx, refused, end, scope } = begin(call);
         if (refused) return callback(toStatus(refused, ctx.responseTrailer));
+        const run = () => fn.call(impl, input(call), ctx);
         Promise.resolve()
-          .then(() => run(() => fn.call(impl, input(call), ctx)))
+          .then(() => (scope ? scope.run(run) : run()))
           .then(
             (res) => {
               end(undefined);
@@ -280,12 +340,12 @@ export function grpcService(
     }
 
     handlers[method.name] = (call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>) => {
-      const { ctx, refused, end, run } = begin(call);
+      const { ctx, refused, end, scope } = begin(call);
       if (refused) {
         call.emit("error", toStatus(refused, ctx.responseTrailer));
         return;
       }
-      void run(async () => {
+      const serve = async () => {
         let headerSent = false;
         try {
           const out = fn.call(impl, input(call), ctx) as AsyncIterable<unknown>;
@@ -318,7 +378,8 @@ export function grpcService(
           if (!headerSent) sendHeader(call, ctx);
           call.emit("error", toStatus(err, ctx.responseTrailer));
         }
-      });
+      };
+      void (scope ? scope.run(serve) : serve());
     };
   }
   return { definition: definition as grpc.ServiceDefinition, handlers };

@@ -13,9 +13,9 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Option } from "commander";
 import type { Redis } from "ioredis";
-import { route, type ServiceBinding } from "./grpc-adapter.js";
+import { constantMessage, route, type ServiceBinding } from "./grpc-adapter.js";
 import { reconcileDuration, reconcileErrors, reconcileLastSuccess } from "./metrics.js";
-import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
+import { Health, HealthCheckResponse_ServingStatus as Status, HealthCheckResponseSchema } from "../../gen/grpc/health/v1/health_pb.js";
 
 export type ReadyCheck = () => Promise<boolean>;
 
@@ -68,9 +68,14 @@ export class SharedReadiness {
 
   /** The last answer if it is fresh, else the answer of one probe shared by all who ask now. */
   get(): Promise<boolean> {
+    const v = this.fresh();
+    return v === undefined ? this.probe() : Promise.resolve(v);
+  }
+
+  /** The last answer if it is still fresh (get() would reuse it), else undefined. */
+  fresh(): boolean | undefined {
     const reuse = this.value ? this.intervalMs : Math.min(this.intervalMs, NOT_READY_REUSE_MS);
-    if (this.value !== undefined && Date.now() - this.at < reuse) return Promise.resolve(this.value);
-    return this.probe();
+    return this.value !== undefined && Date.now() - this.at < reuse ? this.value : undefined;
   }
 
   private probe(): Promise<boolean> {
@@ -250,6 +255,9 @@ export function parseStalePeriods(text: unknown): number {
   return n;
 }
 
+const SERVING_REPLY = constantMessage(HealthCheckResponseSchema, { status: Status.SERVING });
+const NOT_SERVING_REPLY = constantMessage(HealthCheckResponseSchema, { status: Status.NOT_SERVING });
+
 /** grpc.health.v1 for these services, answering from one shared readiness. */
 export function healthService(serviceNames: string[], ready: ReadyCheck | SharedReadiness): ServiceBinding {
   const known = new Set(["", ...serviceNames]);
@@ -259,7 +267,14 @@ export function healthService(serviceNames: string[], ready: ReadyCheck | Shared
     return (await shared.get()) ? Status.SERVING : Status.NOT_SERVING;
   };
   return route(Health, {
-    check: async (req) => ({ status: await status(req.service) }),
+    // A probe flood is most of what a daemon may serve: a fresh answer is
+    // given at once, as one of two messages serialized once, with no promise.
+    check: (req) => {
+      if (!known.has(req.service)) throw new ConnectError(`unknown service ${JSON.stringify(req.service)}`, Code.NotFound);
+      const v = shared.fresh();
+      if (v !== undefined) return v ? SERVING_REPLY : NOT_SERVING_REPLY;
+      return shared.get().then((ok) => (ok ? SERVING_REPLY : NOT_SERVING_REPLY));
+    },
     list: async () => {
       const s = await status("");
       return { statuses: Object.fromEntries([...known].map((n) => [n, { status: s }])) };

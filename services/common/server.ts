@@ -11,12 +11,13 @@ import { isIP } from "node:net";
 import { Code, ConnectError } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
-import type { Counter, Histogram } from "prom-client";
+import { performance } from "node:perf_hooks";
+import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { grpcService, type CallObserver, type ServiceBinding } from "./grpc-adapter.js";
 import { isLoopback } from "./client.js";
 import { healthService, SharedReadiness, type ReadyCheck } from "./health.js";
-import { rpcDuration, rpcRequests } from "./metrics.js";
+import { codeName as codeLabel, RpcStats } from "./metrics.js";
 import { reflectionServices } from "./reflection.js";
 import { ReloadingTlsFiles } from "./tls-reload.js";
 import { serverCall } from "./tracing.js";
@@ -179,22 +180,28 @@ export function listenerRefusal(l: ListenerSecurity, loopback: (host: string) =>
   );
 }
 
-/**
- * The RPC metrics' children per service, method and code, made once: with
- * labels given as an object, prom-client hashes them on every call, a
- * measurable share of a unary call's CPU.
- */
-const requestCounters = new Map<string, Counter.Internal>();
-const durationHistograms = new Map<string, Histogram.Internal<"service" | "method">>();
-function countCall(service: string, method: string, code: string, seconds: number): void {
-  const rk = `${service}/${method}/${code}`;
-  let r = requestCounters.get(rk);
-  if (!r) requestCounters.set(rk, (r = rpcRequests.labels(service, method, code)));
-  r.inc();
-  const dk = `${service}/${method}`;
-  let d = durationHistograms.get(dk);
-  if (!d) durationHistograms.set(dk, (d = rpcDuration.labels(service, method)));
-  d.observe(seconds);
+/** What every call of one method shares: its RPC metrics, and its name in the log. */
+interface MethodInfo {
+  readonly stats: RpcStats;
+  readonly rpc: string;
+  /** grpc.* (health, reflection): no "rpc ok" debug line. */
+  readonly grpcOwn: boolean;
+  /** grpc.health.v1.Health: served without the bearer token. */
+  readonly health: boolean;
+}
+
+/** By method descriptor (one lookup per call), and by name (one RpcStats per series). */
+const methodInfos = new Map<DescMethod, MethodInfo>();
+const statsByName = new Map<string, RpcStats>();
+function methodInfo(service: DescService, method: DescMethod): MethodInfo {
+  let m = methodInfos.get(method);
+  if (m) return m;
+  const rpc = `${service.typeName}/${method.name}`;
+  let stats = statsByName.get(rpc);
+  if (!stats) statsByName.set(rpc, (stats = new RpcStats(service.typeName, method.name)));
+  m = { stats, rpc, grpcOwn: service.typeName.startsWith("grpc."), health: service.typeName === "grpc.health.v1.Health" };
+  methodInfos.set(method, m);
+  return m;
 }
 
 /**
@@ -211,25 +218,24 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
   return (ctx) => {
     // Which build answered (`microvpc version` reads it from a health check).
     ctx.addResponseHeader("x-microvpc-build", build);
-    const service = ctx.service.typeName;
-    const method = ctx.method.name;
-    const call = serverCall((name) => ctx.header(name), service, method);
+    const m = methodInfo(ctx.service, ctx.method);
+    const call = serverCall((name) => ctx.header(name), ctx.service.typeName, ctx.method.name);
     const { reqId, traceId } = call;
     ctx.addResponseHeader("x-request-id", reqId);
-    ctx.scope = call.run;
-    const start = process.hrtime.bigint();
+    ctx.scope = call;
+    const start = performance.now();
     const done = (err: ConnectError | undefined) => {
-      const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+      const seconds = (performance.now() - start) / 1000;
       const code = err ? err.code : 0;
-      const codeName = code === 0 ? "OK" : Code[code];
-      countCall(service, method, codeName, seconds);
+      m.stats.record(code, seconds);
+      const codeName = codeLabel(code);
       call.end(code, codeName, err?.rawMessage);
       if (err) {
         ctx.responseTrailer.set("x-request-id", reqId);
         const level = code === Code.Internal || code === Code.Unknown ? "error" : code === Code.Unavailable ? "warn" : "info";
         if (!logger.isLevelEnabled(level)) return;
         // reqId and traceId in the line's own fields: done() runs outside the call's scope (these win over logMixin's).
-        logger.child({ rpc: `${service}/${method}` })[level](
+        logger.child({ rpc: m.rpc })[level](
           {
             reqId,
             traceId,
@@ -240,11 +246,11 @@ function observer(logger: Logger, token: string | undefined): CallObserver {
           },
           "rpc failed",
         );
-      } else if (!service.startsWith("grpc.") && logger.isLevelEnabled("debug")) {
-        logger.child({ rpc: `${service}/${method}` }).debug({ reqId, traceId, ms: seconds * 1000 }, "rpc ok");
+      } else if (!m.grpcOwn && logger.isLevelEnabled("debug")) {
+        logger.child({ rpc: m.rpc }).debug({ reqId, traceId, ms: seconds * 1000 }, "rpc ok");
       }
     };
-    if (want && service !== "grpc.health.v1.Health") {
+    if (want && !m.health) {
       const got = Buffer.from(ctx.header("authorization") ?? "");
       if (got.length !== want.length || !timingSafeEqual(got, want)) {
         const err = new ConnectError("missing or wrong bearer token: send the header 'authorization: Bearer <token>'", Code.Unauthenticated);
