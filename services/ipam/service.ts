@@ -15,11 +15,28 @@ import { VpcSchema, VpcService, type Vpc } from "../../gen/microvpc/v1/vpc_pb.js
 import { MAX_BATCH } from "./scripts.js";
 import { IpamStore, MAX_EXTRA_RESERVED, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
 
-const allocations = new Counter({
+/**
+ * Allocate results since the counter was last read, handed to it when it is
+ * (a scrape): prom-client hashes the labels on every inc(), and Allocate is
+ * IPAM's hot path.
+ */
+const allocResults = new Map<string, number>();
+function countAllocation(result: "created" | "existing" | "conflict" | "exhausted" | "error"): void {
+  allocResults.set(result, (allocResults.get(result) ?? 0) + 1);
+}
+// Registered in metricsRegistry, fed by its collect() from allocResults.
+new Counter({
   name: "microvpc_ipam_allocations_total",
   help: "Allocate calls by result (created, existing, conflict, exhausted, error).",
   labelNames: ["result"] as const,
   registers: [metricsRegistry],
+  collect() {
+    for (const [result, n] of allocResults) {
+      if (n === 0) continue;
+      allocResults.set(result, 0);
+      this.inc({ result }, n);
+    }
+  },
 });
 const releases = new Counter({
   name: "microvpc_ipam_releases_total",
@@ -259,11 +276,11 @@ export class Ipam {
       const wanted = req.address === "" ? -1 : this.indexOf(s, "address", req.address);
       try {
         const { alloc, created } = await this.store.allocate(s, owner, requestId, wanted);
-        allocations.inc({ result: created ? "created" : "existing" });
+        countAllocation(created ? "created" : "existing");
         return { allocation: allocMsg(s, alloc), created };
       } catch (err) {
         const name = (err as Error).name;
-        allocations.inc({ result: name === "AlreadyExistsError" ? "conflict" : name === "ResourceExhaustedError" ? "exhausted" : "error" });
+        countAllocation(name === "AlreadyExistsError" ? "conflict" : name === "ResourceExhaustedError" ? "exhausted" : "error");
         throw err;
       }
     },
@@ -280,10 +297,10 @@ export class Ipam {
         );
       try {
         const { allocs, created } = await this.store.allocateBatch(s, owner, requestId, req.count);
-        allocations.inc({ result: created ? "created" : "existing" });
+        countAllocation(created ? "created" : "existing");
         return { allocations: allocs.map((a) => allocMsg(s, a)), created };
       } catch (err) {
-        allocations.inc({ result: (err as Error).name === "ResourceExhaustedError" ? "exhausted" : "error" });
+        countAllocation((err as Error).name === "ResourceExhaustedError" ? "exhausted" : "error");
         throw err;
       }
     },
