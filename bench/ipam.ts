@@ -9,7 +9,10 @@
 //      is to bench:rpc, for a method whose every request must differ), as a
 //      ratio of the raw-script rate at the same concurrency, next to a bare
 //      connect-node server (bench/lib/grpc-floor-server.ts) as the floor of
-//      the CLI's gRPC stack;
+//      the CLI's gRPC stack, and at 64 the ceiling of the daemon's stack: the
+//      lean client against a bare @grpc/grpc-js server that runs the same
+//      script through ioredis with nothing of microvpc's per call
+//      (bench/lib/grpc-ipam-ceiling-server.ts);
 //   3. first-free vs last-free address of a /16;
 //   4. a /24 vs a /8 (empty and filled to all but the last address);
 //   5. batch allocation: AllocateBatch of 64 through microvpcd at 1 and 16
@@ -58,7 +61,7 @@ import { ALLOCATE, CHUNK_BITS, RELEASE } from "../services/ipam/scripts.js";
 import { DEFAULT_EXTRA_RESERVED } from "../services/ipam/service.js";
 import { IpamStore, reservedIndexes, type SubnetRec } from "../services/ipam/store.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
-import { ROOT, startDaemon, type Daemon } from "../test/lib/daemon.js";
+import { ROOT, shebangNodeFlags, startDaemon, type Daemon } from "../test/lib/daemon.js";
 import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
 import { cpuDelta, machineEnv, cpuSnapshot } from "./lib/cpu.js";
 import { closedLoop } from "./lib/load.js";
@@ -109,13 +112,14 @@ let daemon: Daemon | undefined;
 let conn: Redis | undefined;
 let benchChild: ChildProcess | undefined;
 let floorProc: ChildProcess | undefined;
+let ceilingProc: ChildProcess | undefined;
 let profileDir: string | undefined;
 let cleaned = false;
 
 async function cleanup(): Promise<void> {
   if (cleaned) return;
   cleaned = true;
-  for (const c of [benchChild, floorProc]) if (c && c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
+  for (const c of [benchChild, floorProc, ceilingProc]) if (c && c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
   conn?.disconnect();
   await daemon?.stop().catch(() => {});
   await redis?.stop().catch(() => {});
@@ -125,7 +129,7 @@ async function cleanup(): Promise<void> {
 // cleanup() ran: end every process of the run by PID, synchronously.
 process.on("exit", () => {
   if (cleaned) return;
-  for (const c of [benchChild, floorProc, daemon?.proc, redis?.proc]) if (c && c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
+  for (const c of [benchChild, floorProc, ceilingProc, daemon?.proc, redis?.proc]) if (c && c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
 });
 
 process.on("SIGINT", () => {
@@ -159,18 +163,17 @@ process.on("exit", () => {
 });
 `;
 
-/** Starts bench/lib/grpc-floor-server.ts as its own process; returns its address. */
-async function startFloorServer(): Promise<string> {
+/** Starts a bench/lib server (grpc-floor-server.ts, grpc-ipam-ceiling-server.ts) as its own process; returns it and its address. */
+async function startLibServer(file: string, args: string[] = [], nodeFlags: string[] = []): Promise<{ proc: ChildProcess; address: string }> {
   const port = await freePort();
-  const p = spawn(process.execPath, ["--import", "tsx", join(HERE, "lib", "grpc-floor-server.ts"), String(port)], {
+  const p = spawn(process.execPath, [...nodeFlags, "--import", "tsx", join(HERE, "lib", file), String(port), ...args], {
     cwd: ROOT,
     stdio: ["ignore", "pipe", "pipe"],
   });
-  floorProc = p;
   let out = "";
   p.stderr!.on("data", (d) => (out += d));
   await new Promise<void>((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`grpc floor server not up after 20 s: ${out}`)), 20_000);
+    const t = setTimeout(() => reject(new Error(`${file} not up after 20 s: ${out}`)), 20_000);
     p.stdout!.on("data", (d) => {
       if (String(d).includes("listening")) {
         clearTimeout(t);
@@ -179,10 +182,10 @@ async function startFloorServer(): Promise<string> {
     });
     p.once("exit", (code) => {
       clearTimeout(t);
-      reject(new Error(`grpc floor server exited with ${code}: ${out}`));
+      reject(new Error(`${file} exited with ${code}: ${out}`));
     });
   });
-  return `127.0.0.1:${port}`;
+  return { proc: p, address: `127.0.0.1:${port}` };
 }
 
 // ------------------------------------------------------------- Redis state
@@ -567,10 +570,15 @@ async function measureAndReport(): Promise<number> {
   progress("starting redis-server (AOF, appendfsync always) and microvpcd ipam");
   redis = await startRedis();
   daemon = await startDaemon("ipam", ["--redis", redis.url], daemonEnv);
-  const floorAddress = await startFloorServer();
+  const fl0 = await startLibServer("grpc-floor-server.ts");
+  floorProc = fl0.proc;
+  const floorAddress = fl0.address;
+  // With microvpcd's node flags (its #! line: the young generation's size), as bench:rpc's bare grpc-js server.
+  const ce0 = await startLibServer("grpc-ipam-ceiling-server.ts", [redis.url], shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")));
+  ceilingProc = ce0.proc;
   conn = connectRedis({ url: redis.url, commandTimeoutMs: 10_000 });
   await waitReady(conn);
-  const pids: Pids = { bench: process.pid, daemon: daemon.proc.pid, redis: redis.proc.pid, floor: floorProc!.pid };
+  const pids: Pids = { bench: process.pid, daemon: daemon.proc.pid, redis: redis.proc.pid, floor: floorProc.pid, ceiling: ceilingProc.pid };
   const redisInfo = await info("server");
   const persistence = await conn.config("GET", "appendfsync");
   const env = {
@@ -593,12 +601,18 @@ async function measureAndReport(): Promise<number> {
   const grpcSharedOp: OpFactory = (s) => (_w, seq) => shared.allocate({ subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` });
   const grpcConnOp: OpFactory = (s) => (w, seq) => perConn[w].allocate({ subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` });
   const lean = await h2Sessions(daemon.address, LEAN_CONNECTIONS);
+  const ceilingLean = await h2Sessions(ce0.address, LEAN_CONNECTIONS);
   const ALLOCATE_PATH = `/${IpamService.typeName}/${IpamService.method.allocate.name}`;
-  const grpcLeanOp: OpFactory = (s) => async (w, seq) => {
-    const req = toBinary(AllocateRequestSchema, create(AllocateRequestSchema, { subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` }));
-    const res = fromBinary(AllocateResponseSchema, await unaryCall(lean[w % lean.length], ALLOCATE_PATH, grpcFrame(req)));
-    if (!res.created) throw new Error(`Allocate vm-${seq}/req-${seq} did not allocate`);
-  };
+  const leanOp =
+    (sessions: typeof lean): OpFactory =>
+    (s) =>
+    async (w, seq) => {
+      const req = toBinary(AllocateRequestSchema, create(AllocateRequestSchema, { subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` }));
+      const res = fromBinary(AllocateResponseSchema, await unaryCall(sessions[w % sessions.length], ALLOCATE_PATH, grpcFrame(req)));
+      if (!res.created) throw new Error(`Allocate vm-${seq}/req-${seq} did not allocate`);
+    };
+  const grpcLeanOp = leanOp(lean);
+  const ceilingOp = leanOp(ceilingLean);
   const floor = grpcClient(Health, grpcTransport({ address: floorAddress }));
   const floorOp: OpFactory = () => () => floor.check({});
 
@@ -609,10 +623,12 @@ async function measureAndReport(): Promise<number> {
       { name: "grpc-per-conn", make: grpcConnOp, allocates: true },
       { name: "grpc-lean", make: grpcLeanOp, allocates: true },
       { name: "grpc-floor", make: floorOp, allocates: false },
+      { name: "grpc-ceiling", make: ceilingOp, allocates: true },
     ];
     // At one client both gRPC modes are one connection; the framework floor
-    // is measured at the concurrency of the target only.
-    return all.filter((m) => (c > 1 || m.name !== "grpc-per-conn") && (c === 64 || m.name !== "grpc-floor") && (!only || only.includes(m.name)));
+    // and the stack's ceiling are measured at the concurrency of the target only.
+    const at64 = ["grpc-floor", "grpc-ceiling"];
+    return all.filter((m) => (c > 1 || m.name !== "grpc-per-conn") && (c === 64 || !at64.includes(m.name)) && (!only || only.includes(m.name)));
   };
   const tputCases = (c: number, only?: string[]): BenchCase<TputRun>[] =>
     modes(c, only).map((m) => ({
@@ -634,7 +650,14 @@ async function measureAndReport(): Promise<number> {
   if (profileDir) process.kill(daemon.proc.pid!, "SIGUSR2");
 
   // ---- 1a + 2: raw script and gRPC, interleaved per concurrency level
-  const tput: Record<string, Record<number, TputSummary>> = { raw: {}, "grpc-shared": {}, "grpc-per-conn": {}, "grpc-lean": {}, "grpc-floor": {} };
+  const tput: Record<string, Record<number, TputSummary>> = {
+    raw: {},
+    "grpc-shared": {},
+    "grpc-per-conn": {},
+    "grpc-lean": {},
+    "grpc-floor": {},
+    "grpc-ceiling": {},
+  };
   for (const c of CONCURRENCY) {
     progress(`throughput at ${c} concurrent caller(s): raw script vs gRPC, ${RUNS} interleaved rounds of ${RUN_MS} ms`);
     const res = await interleaved(tputCases(c), { rounds: RUNS, warmupRounds: 1 });
@@ -875,9 +898,27 @@ async function measureAndReport(): Promise<number> {
       num(fl.cores),
     ]);
   }
+  const ce = tput["grpc-ceiling"][64];
+  if (ce) {
+    const raw = tput.raw[64];
+    const pr = pairedRatios(ce.runs, raw.runs);
+    rows2.push([
+      "64",
+      "ceiling†",
+      spr(ce.opsPerSec),
+      spr(ce.p50Us, dur),
+      spr(ce.p99Us, dur),
+      `${pct(ce.opsPerSec.median / raw.opsPerSec.median)} (${pct(pr.min)}–${pct(pr.max)})`,
+      `${num(ce.cpuPerOp.bench)} + ${num(ce.cpuPerOp.ceiling)} + ${num(ce.cpuPerOp.redis)}`,
+      num(ce.cores),
+    ]);
+  }
   p(table(["clients", "transport", "ops/s", "p50", "p99", "of raw (paired)", "CPU µs/op client+server+redis", "cores busy"], rows2));
   p("* floor: a bare connect-node server (bench/lib/grpc-floor-server.ts: no interceptors, no Redis) answering Health/Check, shared");
   p("  transport: the most any service on this gRPC stack could do here.");
+  p("† ceiling: the lean client against a bare @grpc/grpc-js server (bench/lib/grpc-ipam-ceiling-server.ts) whose Allocate decodes the");
+  p("  request, runs the same script through ioredis and answers, with nothing of microvpc's per call (no request id, metrics,");
+  p("  validation, logging, adapter): the most microvpcd could do here on grpc-js + protobuf-es + ioredis.");
   const errs = Object.values(tput)
     .flatMap((x) => Object.values(x))
     .reduce((a, t) => a + t.errors + t.lost, 0);
@@ -900,6 +941,13 @@ async function measureAndReport(): Promise<number> {
         `Lean client at 64: client ${num(l.cpuPerOp.bench)}, microvpcd ${num(l.cpuPerOp.daemon)}, redis-server ${num(l.cpuPerOp.redis)} µs per Allocate, ` +
           `${num(l.cores)} of the 2 cores busy: the three processes share the cores, so the client's share is taken from the daemon's.`,
       );
+      if (ce) {
+        p(
+          `The bare grpc-js + ioredis ceiling from the same client: server ${num(ce.cpuPerOp.ceiling)} µs per Allocate against microvpcd's ${num(l.cpuPerOp.daemon)}; ` +
+            `the difference, ${num(l.cpuPerOp.daemon - ce.cpuPerOp.ceiling)} µs, is what microvpc's own per-call work costs (adapter, request id and scope, metrics, ` +
+            `validation, subnet cache, the store's reply handling; noise when near 0).`,
+        );
+      }
     }
     p(`One microvpcd core tops out near ${num(1e6 / d)} Allocate/s; with the clients on other machines, these 2 cores would carry`);
     p(
@@ -1041,6 +1089,27 @@ async function measureAndReport(): Promise<number> {
       ratio: g.opsPerSec.median / fl.opsPerSec.median,
       target: "",
     });
+  }
+  const ceil = tput["grpc-ceiling"][64];
+  if (ceil) {
+    const raw = tput.raw[64];
+    v.push({
+      measure: "bare grpc-js + ioredis ceiling, 64 lean clients",
+      value: num(ceil.opsPerSec.median),
+      baseline: `${num(raw.opsPerSec.median)} raw@64`,
+      ratio: ceil.opsPerSec.median / raw.opsPerSec.median,
+      target: "",
+    });
+    const l = tput["grpc-lean"][64];
+    if (l) {
+      v.push({
+        measure: "gRPC Allocate vs that ceiling, 64 lean clients",
+        value: num(l.opsPerSec.median),
+        baseline: `${num(ceil.opsPerSec.median)} ceiling`,
+        ratio: l.opsPerSec.median / ceil.opsPerSec.median,
+        target: "",
+      });
+    }
   }
   if (!("skipped" in rb)) {
     const t = tput["grpc-shared"][64];
