@@ -8,7 +8,7 @@
 // range this way (peering/store.ts), NAT gateways their subnet
 // (gateway/store.ts); the hashes are theirs, the rule is this one.
 import type { Redis } from "ioredis";
-import { DomainError, UnavailableError } from "./errors.js";
+import { DomainError, FailedPreconditionError, UnavailableError } from "./errors.js";
 import { isId } from "./ids.js";
 import { LUA_SERVER_MS } from "./redis.js";
 
@@ -56,15 +56,39 @@ export interface StaleHolds {
   cutoff: number;
 }
 
+/** A hash of holds, for a person: what it is ("the VPC's NAT gateway holds") and how to repair it if it holds another Redis type. */
+export interface HoldsName {
+  what: string;
+  repair: string;
+}
+
+/**
+ * For a command on a hash of holds (`.catch(wrongTypeOf(hash, name))`): a
+ * WRONGTYPE reply (the key holds another Redis type than a hash) as
+ * FAILED_PRECONDITION naming the key and its repair, instead of the raw
+ * reply; any other error as it is.
+ */
+export function wrongTypeOf(hash: string, name: HoldsName): (err: unknown) => never {
+  return (err) => {
+    if (err instanceof Error && /WRONGTYPE/.test(err.message))
+      throw new FailedPreconditionError(
+        `${name.what} (${hash}) holds another Redis type than its schema says (a hash); nothing was changed: ${name.repair}, then retry`,
+        { cause: err },
+      );
+    throw err;
+  };
+}
+
 /**
  * The fields of a hash of holds whose record is missing: the candidates
  * LUA_SWEEP removes if they are old. A field is read back from Redis, so it
  * names a record key only if it is an id of `kind`; any other field has no
  * record and is a candidate as it is (one with a comma could not be passed).
+ * A key of another type is refused, naming it (wrongTypeOf).
  */
-export async function staleHolds(redis: Redis, hash: string, kind: string, recordOf: (id: string) => string): Promise<StaleHolds> {
+export async function staleHolds(redis: Redis, hash: string, kind: string, recordOf: (id: string) => string, name: HoldsName): Promise<StaleHolds> {
   // The time first, with the fields: a record missing now was missing at that time.
-  const [readMs, all] = (await redis.eval_ro(READ_HOLDS, 1, hash)) as [number, string[]];
+  const [readMs, all] = (await redis.eval_ro(READ_HOLDS, 1, hash).catch(wrongTypeOf(hash, name))) as [number, string[]];
   const ids = all.filter((id) => isId(kind, id));
   const alive = await Promise.all(ids.map((id) => redis.exists(recordOf(id))));
   return {

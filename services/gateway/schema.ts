@@ -11,7 +11,7 @@ import { InvalidArgumentError } from "../common/errors.js";
 import { reportInvalid } from "../common/invalid-records.js";
 import * as V from "../common/validate.js";
 import { isCluster } from "../common/redis.js";
-import { staleHolds, type StaleHolds } from "../common/pending.js";
+import { staleHolds, type HoldsName, type StaleHolds } from "../common/pending.js";
 
 export const OWNER = "gateway";
 
@@ -102,10 +102,22 @@ export const GW_KEYS: { single: GatewayKeys; cluster: GatewayKeys } = {
   },
 };
 
+/**
+ * A VPC's NAT gateway holds, for a message. Of another Redis type, the key
+ * can go: no hold in it reads, DeleteSubnet also finds the VPC's NAT gateway
+ * by its record, and a create or a retry of one writes its hold again.
+ */
+export function natHoldsName(vpcId: string): HoldsName {
+  return {
+    what: `the NAT gateway holds of VPC ${vpcId}`,
+    repair: `remove that key (DEL ${GW_KEYS.cluster.natHolds!(vpcId)}); DeleteSubnet still finds the VPC's NAT gateway by its record`,
+  };
+}
+
 /** On a cluster, the VPC's NAT gateway holds whose gateway has no record (the candidates DeleteSubnet sweeps if old: common/pending.ts). */
 export function staleNatHolds(redis: Redis, vpcId: string): Promise<StaleHolds> {
   const C = GW_KEYS.cluster;
-  return staleHolds(redis, C.natHolds!(vpcId), "nat", C.nat);
+  return staleHolds(redis, C.natHolds!(vpcId), "nat", C.nat, natHoldsName(vpcId));
 }
 
 /** The gateway's key layout for this client (a Redis Cluster's or a single Redis's). */

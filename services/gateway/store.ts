@@ -13,7 +13,7 @@ import { intToIp, type Parsed } from "../common/validate.js";
 import { naKeys } from "../netagent/schema.js";
 import { IPAM_KEYS } from "../ipam/schema.js";
 import { isId } from "../common/ids.js";
-import { PENDING_MS, recordUnderHold } from "../common/pending.js";
+import { PENDING_MS, recordUnderHold, wrongTypeOf } from "../common/pending.js";
 import { LUA_SERVER_MS } from "../common/redis.js";
 import {
   checkFip,
@@ -21,6 +21,7 @@ import {
   checkPf,
   GatewayReader,
   MAX_TRANSIT,
+  natHoldsName,
   OWNER,
   parseFip,
   parseNat,
@@ -368,7 +369,12 @@ export class GatewayStore extends GatewayReader {
    */
   private async holdSubnet(id: string, n: { vpcId: string; subnetId: string }): Promise<boolean> {
     const K = this.keys;
-    return (await this.cmd("mvpcGwHoldNat", IPAM_KEYS.cluster.subnetIn(n.vpcId, n.subnetId), K.natHolds!(n.vpcId), id, n.subnetId)) === 1;
+    const holds = K.natHolds!(n.vpcId);
+    return (
+      (await this.cmd("mvpcGwHoldNat", IPAM_KEYS.cluster.subnetIn(n.vpcId, n.subnetId), holds, id, n.subnetId).catch(
+        wrongTypeOf(holds, natHoldsName(n.vpcId)),
+      )) === 1
+    );
   }
 
   /** On a cluster, a gateway an earlier create made (a replay by client token): it keeps its hold, or goes if its subnet is gone. */

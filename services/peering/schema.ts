@@ -114,7 +114,12 @@ export { LUA_SWEEP, PENDING_MS } from "../common/pending.js";
 /** On a cluster, a VPC's reservations whose peering has no record (the candidates the sweep removes if old). */
 export async function staleReservations(redis: Redis, vpc: string): Promise<StaleHolds> {
   const L = peeringKeys(redis);
-  return L.cluster ? staleHolds(redis, L.peers(vpc), "pcx", L.pcx) : NO_STALE_HOLDS;
+  if (!L.cluster) return NO_STALE_HOLDS;
+  return staleHolds(redis, L.peers(vpc), "pcx", L.pcx, {
+    what: `the peerings of VPC ${vpc}`,
+    // Its entries list the VPC's peerings: removing it would hide them, and let overlapping ones in.
+    repair: `rebuild that key from the peering records naming the VPC (a hash: peering id → {"base", "size", "ms"} of its peer's range; docs/redis-schema.md)`,
+  });
 }
 
 export function pairKey(a: string, b: string): string {

@@ -345,8 +345,12 @@ export class PeeringStore {
     ].sort((x, y) => (x[0] < y[0] ? -1 : 1));
     for (const [vpc, peer] of sides) {
       const c = V.cidr("cidr", peer, { min: 0, max: 32 });
+      // A read that fails (a key of another type, Redis gone) leaves nothing of this VPC's: what the others reserved goes back.
+      const stale = await staleReservations(this.redis, vpc).catch(async (err: unknown) => {
+        await release();
+        throw err;
+      });
       // A reservation whose reply was lost (a timeout, a failover) stays: without a record it is swept once old (staleReservations).
-      const stale = await staleReservations(this.redis, vpc);
       const [code, ref] = await this.redis.mvpcReservePeer(
         ipamKeys(this.redis).vpc(vpc),
         L.peers(vpc),

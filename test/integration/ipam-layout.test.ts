@@ -866,6 +866,34 @@ return now`;
     assert.equal(await st.deleteVpc(vpc.id), true);
   });
 
+  test("NAT gateway holds of another Redis type refuse DeleteSubnet and CreateNatGateway as FAILED_PRECONDITION naming the key and its repair, not a raw WRONGTYPE; removed, both go ahead", async () => {
+    const c = clients[2];
+    const st = new IpamStore(clients[0]);
+    const gs = new GatewayStore(clients[1]);
+    const { vpc } = await st.createVpc(vpcSpec("natwrongtype"), "");
+    const holds = GW_KEYS.cluster.natHolds!(vpc.id);
+    const [x, y] = [
+      (await st.createSubnet({ ...subnetSpec(vpc.id, "x", "10.70.41.0/24"), type: "public" }, "")).subnet,
+      (await st.createSubnet({ ...subnetSpec(vpc.id, "y", "10.70.42.0/24"), type: "public" }, "")).subnet,
+    ];
+    await c.set(holds, "not a hash");
+    const named = (e: Error) =>
+      e instanceof FailedPreconditionError &&
+      !e.message.startsWith("WRONGTYPE") &&
+      e.message.includes(`(${holds}) holds another Redis type than its schema says (a hash); nothing was changed: remove that key (DEL ${holds})`);
+    await assert.rejects(st.deleteSubnet(x.id), named, "DeleteSubnet");
+    await assert.rejects(gs.createNatInSubnet(natIn(y), "", natPool), named, "CreateNatGateway");
+    assert.equal((await st.getSubnet(x.id))?.id, x.id, "nothing deleted");
+    assert.equal(await gs.natOfVpc(vpc.id), null, "nothing created");
+    assert.equal(await c.get(holds), "not a hash", "the key is left for a person to look at");
+    await c.del(holds);
+    assert.equal(await st.deleteSubnet(x.id), true);
+    const nat = await gs.createNatInSubnet(natIn(y), "", natPool);
+    assert.equal(await gs.deleteNat(nat), true);
+    assert.equal(await st.deleteSubnet(y.id), true);
+    assert.equal(await st.deleteVpc(vpc.id), true);
+  });
+
   test("a subnet record by id a create left before its VPC's script is not a subnet; DeleteSubnet removes it once it is old", async () => {
     const c = clients[0];
     const st = new IpamStore(c);

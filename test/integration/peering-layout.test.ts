@@ -147,6 +147,19 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
     assert.equal(await clients[0].hexists(L.peers(a.id), ghost), 0, "the old one was cleared");
   });
 
+  test.runIf(onCluster)("a VPC's peerings key of another Redis type refuses a create as FAILED_PRECONDITION naming it, not a raw WRONGTYPE", async () => {
+    const L = PEERING_KEYS.cluster;
+    const [a, b] = [await vpc("10.62.0.0/16"), await vpc("10.63.0.0/16")];
+    await clients[0].set(L.peers(a.id), "not a hash");
+    await assert.rejects(
+      peer(pcx, a, b, "wrongtype"),
+      (e: Error) => e instanceof FailedPreconditionError && e.message.includes(`(${L.peers(a.id)}) holds another Redis type than its schema says`),
+    );
+    assert.deepEqual(await clients[0].hkeys(L.peers(b.id)), [], "nothing reserved in b");
+    await clients[0].del(L.peers(a.id));
+    assert.equal((await peer(pcx, a, b, "wrongtype")).created, true);
+  });
+
   test.runIf(onCluster)("two creates of one name on other pairs at once: the claim refuses one, whose reservations go back", async () => {
     const L = PEERING_KEYS.cluster;
     const stores = clients.map((c) => new PeeringStore(c));
