@@ -20,7 +20,7 @@ import { fwKeys } from "../../services/firewall/keys.js";
 import { naKeys } from "../../services/netagent/schema.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
 import { Harness, type Hypervisor } from "../lib/harness.js";
-import { canPing, trackChild, waitFor } from "../lib/netns.js";
+import { canPing, nsExec, trackChild, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let A: Hypervisor, B: Hypervisor;
@@ -63,7 +63,16 @@ describe("security-group members another host wrote", () => {
     await fw.bindNic({ nicId: server.nicId, securityGroups: [db.id] });
     await fw.bindNic({ nicId: member.nicId, securityGroups: [clients.id] });
     await fw.bindNic({ nicId: outsider.nicId, securityGroups: [] });
-    assert.ok(await canPing(member.ns, server.address), "a member of clients reaches db");
+    if (!(await canPing(member.ns, server.address))) {
+      // What the kernel held when the first packets were refused, and whether a later pass opened it (late, or never).
+      const ruleset = (await nsExec(server.vpcNs, "nft", ["list", "ruleset"], { check: false })).stdout;
+      const st = await fw.getFirewallStatus({});
+      const later = await canPing(member.ns, server.address);
+      assert.fail(
+        `a member of clients (${member.nicId} at ${member.address}) does not reach db (${server.address}) after BindNic returned; ` +
+          `${later ? "it does a moment later" : "nor a moment later"}. Firewall: ${st.health}, generations ${st.appliedGeneration}/${st.desiredGeneration}, last error ${JSON.stringify(st.lastError)}\n${ruleset}\nThe firewall's log:\n${fwd.output().slice(-8000)}`,
+      );
+    }
     assert.ok(!(await canPing(outsider.ns, server.address)), "a NIC in no group does not");
 
     // Host B's user may write the shared member list and its own host keys

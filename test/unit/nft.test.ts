@@ -263,6 +263,24 @@ describe("FakeNft", () => {
     assert.equal(await f.tableExists("n"), false, "the fail-closed skeleton is not the firewall's table");
     await f.apply("n", compile(fw(0)).tx);
     assert.equal(await f.tableExists("n"), true);
+    // The skeleton after the firewall's pass: created, it fails whole and adds nothing.
+    const before = f.dump("n");
+    await assert.rejects(f.apply("n", failClosedTx()), /File exists/);
+    assert.equal(f.dump("n"), before);
+    // Merged all the same (added): drift, for the next pass to replace.
+    const merged = new FakeNft();
+    merged.applySync("n", compile(fw(0)).tx);
+    merged.applySync(
+      "n",
+      new NftTransaction().add({
+        kind: "chain",
+        family: "bridge",
+        table: "microvpc",
+        name: "closed",
+        base: { type: "filter", hook: "forward", priority: "filter", policy: "drop" },
+      }),
+    );
+    assert.equal(await merged.tableExists("n"), false, "a skeleton chain in the firewall's tables is drift");
     assert.deepEqual(
       [...(await f.counters("n")).keys()].sort().slice(0, 4),
       ["cnt_in_drop/10.0.1.4", "cnt_in_drop/10.0.2.4", "cnt_in_drop/10.0.2.5", "cnt_in_new/10.0.1.4"],

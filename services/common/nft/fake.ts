@@ -7,6 +7,7 @@
 // chains and counters that exist. A transaction that fails changes nothing
 // (nft's atomicity). dump() prints the state as sorted nft text, so tests
 // compare golden text.
+import { CLOSED_CHAIN } from "./fail-closed.js";
 import type { Counter, CtEntry, NftRunner } from "./linux.js";
 import { renderOp, renderTable, type BaseChainSpec, type NftObject, type NftTransaction, type Op, type SetSpec, type TableItem } from "./tx.js";
 
@@ -254,7 +255,10 @@ export class FakeNft implements NftRunner {
   }
 
   async tableExists(ns: string): Promise<boolean> {
-    return this.states.get(ns)?.get("inet microvpc")?.chains.has("forward") ?? false;
+    // As LinuxNft's: the firewall's forward chain, and no skeleton chain merged into its tables.
+    const st = this.states.get(ns);
+    const merged = ["inet microvpc", "bridge microvpc"].some((t) => st?.get(t)?.chains.has(CLOSED_CHAIN));
+    return !merged && (st?.get("inet microvpc")?.chains.has("forward") ?? false);
   }
 
   /** As LinuxNft.counters, at zero (no packets flow here): the element counters of table inet microvpc's sets ("set/element") and bridge microvpc's named counters. */
