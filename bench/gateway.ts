@@ -44,8 +44,9 @@
 // Options (after `npm run bench:gateway --`): --iperf-seconds S (default 2),
 // --iperf-runs N (default 5), --imds-seconds S (default 3), --imds-rounds N
 // (default 3), --imds-vms N (default 20), --fip-levels 0,100,1000,
-// --fip-samples N (per level, default 5). --smoke: 1 round of 1 s each, IMDS in 2 VMs,
-// FIP levels 0,3 with 1 sample (bench/lib/run.ts).
+// --fip-samples N (per level, default 5). --smoke: 1 round of 1 s each (IMDS runs of
+// 0.5 s without the refill wait between the limited ones), IMDS in 2 VMs, FIP
+// levels 0,3 with 1 sample (bench/lib/run.ts).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
 import { loadavg } from "node:os";
@@ -80,7 +81,7 @@ import { iperf3WithCpu, type IperfCpuResult } from "./lib/netns.js";
 import { scrape, sum } from "./lib/prom.js";
 import { pressureWindow } from "./lib/psi.js";
 import { check, heading, num, pct, spr, resultsFile, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
-import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
+import { SMOKE, benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, percentile, sorted, spread } from "./lib/stats.js";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -102,10 +103,19 @@ const IPERF_RUNS = intOpt("iperf-runs", opt["iperf-runs"], 1, 10);
 /** Warm-up rounds of the iperf3 and unthrottled IMDS cases (a smoke run has none: each costs a run per case). */
 const TRAFFIC_WARMUP = pick(1, 0);
 const IMDS_S = intOpt("imds-seconds", opt["imds-seconds"], 1, 10);
+/**
+ * One IMDS run, in ms: --imds-seconds, but half a second in a smoke run that
+ * does not give it (the same code path and report rows; a smoke's figures mean
+ * nothing, and its six runs are most of part 2).
+ */
+const IMDS_MS = SMOKE && !process.argv.slice(2).some((a) => a.startsWith("--imds-seconds")) ? 500 : IMDS_S * 1000;
 const IMDS_ROUNDS = intOpt("imds-rounds", opt["imds-rounds"], 1, 10);
 const IMDS_VMS = intOpt("imds-vms", opt["imds-vms"], 2, 40);
 const FIP_LEVELS = [...new Set((opt["fip-levels"] ?? "").split(",").map((x) => intOpt("fip-levels", x, 0, 1500)))].sort((a, b) => a - b);
 const FIP_SAMPLES = intOpt("fip-samples", opt["fip-samples"], 1, 20);
+/** Quiet the gateway keeps (no VPC apply) before part 3 measures: after its restart, and at each level (a smoke run's: just past one apply). */
+const RESTART_QUIET_MS = pick(800, 300);
+const LEVEL_QUIET_MS = pick(600, 300);
 /** On-link (proxy ARP) samples at the lowest and the highest level. */
 const ONLINK_SAMPLES = pick(2, 1);
 /** Pairs of associations 40 ms apart, at the lowest level. */
@@ -407,7 +417,7 @@ interface ImdsRun {
   cpuSharePct: { server: number; redis: number; clients: number };
 }
 
-async function imdsRun(agents: ImdsAgent[], serverPid: number | undefined, redisPid: number | undefined, durMs = IMDS_S * 1000): Promise<ImdsRun> {
+async function imdsRun(agents: ImdsAgent[], serverPid: number | undefined, redisPid: number | undefined, durMs = IMDS_MS): Promise<ImdsRun> {
   const startAt = epochNow() + 400 + 20 * agents.length;
   const s0 = serverPid ? cpuUs(serverPid) : Number.NaN;
   const r0 = redisPid ? cpuUs(redisPid) : Number.NaN;
@@ -582,7 +592,7 @@ async function main(): Promise<number> {
     pool: POOL,
     iperfSeconds: IPERF_S,
     iperfRuns: IPERF_RUNS,
-    imdsSeconds: IMDS_S,
+    imdsSeconds: IMDS_MS / 1000,
     imdsRounds: IMDS_ROUNDS,
     imdsVms: IMDS_VMS,
     fipLevels: FIP_LEVELS,
@@ -713,9 +723,10 @@ async function main(): Promise<number> {
   const imds: Record<string, ImdsRun[]> = {};
   const rec = (k: string, r: ImdsRun) => (imds[k] ??= []).push(r);
   const gwImdsPid = imdsChildPid();
-  progress(`  rate-limited (the gateway's server, pid ${gwImdsPid ?? "?"}): ${IMDS_ROUNDS} rounds of 1 VM and ${IMDS_VMS} VMs, ${IMDS_S} s each`);
+  progress(`  rate-limited (the gateway's server, pid ${gwImdsPid ?? "?"}): ${IMDS_ROUNDS} rounds of 1 VM and ${IMDS_VMS} VMs, ${IMDS_MS / 1000} s each`);
   // Each throttled run starts with full buckets: the previous run's callers refill in burst / rate seconds.
-  const refillMs = (IMDS_BURST / IMDS_RATE) * 1000 + 300;
+  // Not in a smoke run: its figures mean nothing, and the wait is a third of part 2 there.
+  const refillMs = pick((IMDS_BURST / IMDS_RATE) * 1000 + 300, 0);
   await interleaved<void>(
     [1, IMDS_VMS].map((n) => ({
       name: `limited-${n}`,
@@ -777,14 +788,14 @@ async function main(): Promise<number> {
     intervalMs: 200,
   });
   if (!benchOk) throw new Error("the bench IMDS server does not answer through the data plane");
-  progress(`  unthrottled: ${IMDS_ROUNDS} rounds of {1, ${IMDS_VMS}} VMs × {IMDS, floor}, ${IMDS_S} s each`);
+  progress(`  unthrottled: ${IMDS_ROUNDS} rounds of {1, ${IMDS_VMS}} VMs × {IMDS, floor}, ${IMDS_MS / 1000} s each`);
   await interleaved<void>(
     (["imds", "floor"] as const).flatMap((m) =>
       [1, IMDS_VMS].map((n) => ({
         name: `${m}-${n}`,
         async run(round: number, warm: boolean) {
           await setMode(m);
-          const r = await imdsRun(warm ? agents.slice(0, 1) : agents.slice(0, n), srv.pid, redisPid, warm ? 600 : IMDS_S * 1000);
+          const r = await imdsRun(warm ? agents.slice(0, 1) : agents.slice(0, n), srv.pid, redisPid, warm ? 600 : IMDS_MS);
           if (warm) return;
           rec(`${m === "imds" ? "unlimited" : "floor"}-${n}`, r);
           progress(`  round ${round + 1}: ${m} ${n} VM${n > 1 ? "s" : ""}: ${num(r.okPerSec, 0)} OK/s, p50 ${num(r.okP50Ms, 3)} ms, p99 ${num(r.okP99Ms)} ms`);
@@ -808,7 +819,7 @@ async function main(): Promise<number> {
   progress("  starting the gateway again");
   const gwStart = performance.now();
   await startGateway();
-  await waitQuiet(800, 30_000);
+  await waitQuiet(RESTART_QUIET_MS, 30_000);
   const gwRestartMs = msSince(gwStart);
   const levels: FipLevel[] = [];
   const backToBack: number[] = [];
@@ -844,7 +855,7 @@ async function main(): Promise<number> {
       progress(`  level ${level}: only ${associated} FIPs associated within the budget; skipped`);
       break;
     }
-    await waitQuiet(600, 30_000);
+    await waitQuiet(LEVEL_QUIET_MS, 30_000);
     // Sanity: two background FIPs answer from the internet.
     let backgroundOk = true;
     if (level > 0) {
@@ -975,7 +986,7 @@ async function main(): Promise<number> {
       .join(" · ")}`,
   );
 
-  p(heading(`2. IMDS: GET ${IMDS_PATH} over keep-alive, 1 connection per VM, closed loop, ${IMDS_S} s, ${IMDS_ROUNDS} rounds, median (min–max)`));
+  p(heading(`2. IMDS: GET ${IMDS_PATH} over keep-alive, 1 connection per VM, closed loop, ${IMDS_MS / 1000} s, ${IMDS_ROUNDS} rounds, median (min–max)`));
   p(`"limited": the gateway's own server (per-VM token bucket ${IMDS_RATE}/s, burst ${IMDS_BURST}; no daemon flag changes it), each run starting`);
   p(`with full buckets; "steady": each VM's 200s per second from its first 429 on (burst spent, only the refill left), summed.`);
   p(`"unlimited": the same createImdsServer() (bench/lib/imds-server.ts) in the gateway's place, limit raised to 10⁹; "floor": that`);
