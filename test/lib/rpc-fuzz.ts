@@ -308,6 +308,23 @@ export function requestArb(
   return fc.record(parts).map((r) => Object.fromEntries(Object.entries(r).filter(([, v]) => v !== undefined)));
 }
 
+/**
+ * The request requestArb gives when it changes nothing: every field its
+ * base value, a oneof its first case that has one. Valid-looking through
+ * and through, so (unlike most random requests) it gets past the
+ * validators to the store for nearly every method.
+ */
+export function baseRequest(method: string, desc: DescMessage, base: BaseValues): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const f of desc.fields) {
+    const v = base(method, f, f.name);
+    if (v === undefined) continue;
+    if (!f.oneof) out[f.localName] = v;
+    else out[f.oneof.localName] ??= { case: f.localName, value: v };
+  }
+  return out;
+}
+
 function fieldArb(method: string, f: DescField, base: BaseValues, weights: { base: number; wild: number }, depth: number, path: string): fc.Arbitrary<unknown> {
   switch (f.fieldKind) {
     case "scalar":
