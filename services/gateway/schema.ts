@@ -103,6 +103,22 @@ export const GW_KEYS: { single: GatewayKeys; cluster: GatewayKeys } = {
 };
 
 /**
+ * A NAT gateway's hold on subnet `subnetId` as GatewayKeys.natHolds keeps
+ * it (the value DELETE_SUBNET reads): made at `ms`, by the Redis server's
+ * clock. Every writer builds it here or with LUA_NAT_HOLD.
+ */
+export function natHold(subnetId: string, ms: number): string {
+  return JSON.stringify({ subnet: subnetId, ms });
+}
+
+/** Lua: nat_hold(subnet, ms), natHold's value, for a script (HOLD_NAT). */
+export const LUA_NAT_HOLD = `
+local function nat_hold(subnet, ms)
+  return cjson.encode({subnet = subnet, ms = ms})
+end
+`;
+
+/**
  * A VPC's NAT gateway holds, for a message. Of another Redis type, the key
  * can go: no hold in it reads, DeleteSubnet also finds the VPC's NAT gateway
  * by its record, and a create or a retry of one writes its hold again.

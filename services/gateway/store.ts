@@ -20,6 +20,7 @@ import {
   checkNat,
   checkPf,
   GatewayReader,
+  LUA_NAT_HOLD,
   MAX_TRANSIT,
   natHoldsName,
   OWNER,
@@ -202,9 +203,9 @@ return 1
 // again (a replay) keeps its place with a new time.
 // KEYS: 1 the subnet's record in its VPC (IPAM_KEYS.cluster.subnetIn),
 // 2 the VPC's NAT holds; ARGV: 1 NAT id, 2 subnet id. 1 held, 0 no subnet.
-const HOLD_NAT = `${LUA_SERVER_MS}
+const HOLD_NAT = `${LUA_SERVER_MS}${LUA_NAT_HOLD}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({subnet = ARGV[2], ms = server_ms()}))
+redis.call('HSET', KEYS[2], ARGV[1], nat_hold(ARGV[2], server_ms()))
 return 1
 `;
 
@@ -338,15 +339,16 @@ export class GatewayStore extends GatewayReader {
     checkNat({ ...n, id, address: wanted, createdMs: 0 });
     if (!this.keys.cluster) return this.keptIfSubnetStands(await this.createNat(n, clientToken, pool, wanted, id));
     const K = this.keys;
+    // The client token, read once: answered before anything is held (the gateway its create made keeps its subnet held), else passed to the record's step.
+    let seen: string | undefined;
     if (clientToken) {
-      // Answered before anything is held: the gateway its create made keeps its subnet held.
-      const seen = await this.redis.hget(K.tokens, `nat\n${clientToken}`);
-      const prev = seen && isId("nat", seen) ? await this.getNat(seen) : null;
+      seen = (await this.redis.hget(K.tokens, `nat\n${clientToken}`)) ?? "";
+      const prev = isId("nat", seen) ? await this.getNat(seen) : null;
       if (prev) return this.replayed(prev);
     }
     const heldAt = performance.now();
     if (!(await this.holdSubnet(id, n))) throw this.subnetGone(n);
-    const nat = await recordUnderHold(() => this.createNat(n, clientToken, pool, wanted, id), {
+    const nat = await recordUnderHold(() => this.createNat(n, clientToken, pool, wanted, id, seen), {
       what: "the NAT gateway",
       heldAt,
       // Another create with the same client token made its gateway meanwhile: that one is the answer, with its own hold.
@@ -424,45 +426,45 @@ export class GatewayStore extends GatewayReader {
     pool: { first: number; last: number },
     wanted = "",
     id = newId("nat"),
+    seen?: string,
   ): Promise<NatRec> {
     checkNat({ ...n, id, address: wanted, createdMs: 0 });
     const field = clientToken ? `nat\n${clientToken}` : null;
-    const [code, ref] = await withClientToken(
-      this.redis,
-      this.keys.tokens,
-      field,
-      { kind: "nat", recordOf: this.keys.nat, fresh: this.keys.nat(id) },
-      async (seen, rec) =>
-        (await this.cmd(
-          "mvpcGwCreateNat",
-          this.keys.nat(id),
-          this.keys.vpcNat,
-          this.keys.nats,
-          this.keys.tokens,
-          this.keys.fipByAddr,
-          rec,
-          "gw.nat.created",
-          id,
-          n.vpcId,
-          field ?? "",
-          pool.first,
-          pool.last,
-          wanted,
-          seen,
-          "id",
-          id,
-          "vpc",
-          n.vpcId,
-          "subnet",
-          n.subnetId,
-          "sources",
-          JSON.stringify(n.sources),
-          "description",
-          n.description,
-          "created",
-          Date.now(),
-        )) as R,
-    );
+    const tokenIds = { kind: "nat", recordOf: this.keys.nat, fresh: this.keys.nat(id) };
+    const script = async (seen: string, rec: string) =>
+      (await this.cmd(
+        "mvpcGwCreateNat",
+        this.keys.nat(id),
+        this.keys.vpcNat,
+        this.keys.nats,
+        this.keys.tokens,
+        this.keys.fipByAddr,
+        rec,
+        "gw.nat.created",
+        id,
+        n.vpcId,
+        field ?? "",
+        pool.first,
+        pool.last,
+        wanted,
+        seen,
+        "id",
+        id,
+        "vpc",
+        n.vpcId,
+        "subnet",
+        n.subnetId,
+        "sources",
+        JSON.stringify(n.sources),
+        "description",
+        n.description,
+        "created",
+        Date.now(),
+      )) as R;
+    // The id the client token named when the caller read it (`seen`, with a token only) goes to the first try
+    // unread again: the script checks the token still names it, and answers TOKEN_MOVED (read again) otherwise.
+    const first = field && seen !== undefined ? await script(seen, isId("nat", seen) ? tokenIds.recordOf(seen) : tokenIds.fresh) : null;
+    const [code, ref] = first && first[0] !== TOKEN_MOVED ? first : await withClientToken(this.redis, this.keys.tokens, field, tokenIds, script);
     // A script run twice (ioredis sends it again after a reconnect) finds its own first run: this call's gateway, made.
     const own = String(ref) === id;
     if (code === -1 && !own)

@@ -19,7 +19,7 @@ import { HOST_ID_RE } from "../common/host.js";
 import * as V from "../common/validate.js";
 import { DK_CLUSTER } from "../dns/schema.js";
 import { FW_KEYS, parseAcl, parseFlowLogConfig, parseGroup } from "../firewall/schema.js";
-import { GW_KEYS, parseNat } from "../gateway/schema.js";
+import { GW_KEYS, natHold, parseNat } from "../gateway/schema.js";
 import { IPAM_KEYS, parseSubnet } from "../ipam/schema.js";
 import { NA_KEYS, VPN_KEYS } from "../netagent/schema.js";
 import { PEERING_KEYS, parsePeeringRecord } from "../peering/schema.js";
@@ -314,7 +314,7 @@ export function plan(snap: Snapshot): Plan {
           return;
         }
         copy(k, C.gw.nat(m[1]));
-        add(C.gw.natHolds!(p.value.vpcId), m[1], JSON.stringify({ subnet: p.value.subnetId, ms: p.value.createdMs }));
+        add(C.gw.natHolds!(p.value.vpcId), m[1], natHold(p.value.subnetId, p.value.createdMs));
       },
     ],
     [new RegExp(`^mvpc:gw:(fip|pf):(${ID})$`), (m, k) => copy(k, C.gw[m[1] as "fip" | "pf"](m[2]))],

@@ -11,7 +11,7 @@
 import assert from "node:assert/strict";
 import { Redis, type Cluster } from "ioredis";
 import { afterAll, beforeAll, describe, test, vi } from "vitest";
-import { connectRedis, waitReady } from "../../services/common/redis.js";
+import { connectRedis, LUA_SERVER_MS, waitReady } from "../../services/common/redis.js";
 import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
 import { PENDING_MS } from "../../services/common/pending.js";
 import { intToIp, ipToInt } from "../../services/common/validate.js";
@@ -19,7 +19,7 @@ import { IPAM_KEYS, K } from "../../services/ipam/keys.js";
 import { allocRecord } from "../../services/ipam/schema.js";
 import { TOMBSTONE } from "../../services/ipam/scripts.js";
 import { FW_KEYS } from "../../services/firewall/keys.js";
-import { GW_KEYS } from "../../services/gateway/schema.js";
+import { GW_KEYS, LUA_NAT_HOLD, natHold } from "../../services/gateway/schema.js";
 import { GatewayStore } from "../../services/gateway/store.js";
 import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
@@ -493,7 +493,7 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     await c.hdel(FW_KEYS.cluster.subnetAcl(vpc.id), sn.id);
     // The VPC's NAT gateway sitting in the subnet: its record under {gw}, its hold on the subnet in the VPC's slot; the single Redis's names count for nothing here.
     await c.hset(GW.nat("nat-000000000001"), "subnet", sn.id);
-    await c.hset(GW.natHolds!(vpc.id), "nat-000000000001", JSON.stringify({ subnet: sn.id, ms: 0 }));
+    await c.hset(GW.natHolds!(vpc.id), "nat-000000000001", natHold(sn.id, 0));
     await assert.rejects(st.deleteSubnet(sn.id), /NAT gateway nat-000000000001 sits in it \(microvpc nat delete\)/);
     // Its hold lost (a failover before the hold reached a replica): the VPC's gateway, read from the client, still refuses.
     await c.hdel(GW.natHolds!(vpc.id), "nat-000000000001");
@@ -568,9 +568,9 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
   const natPool = { first: ipToInt("198.18.9.1"), last: ipToInt("198.18.9.62") };
   const natIn = (sn: SubnetRec) => ({ vpcId: sn.vpcId, subnetId: sn.id, sources: [], description: "" });
   /** Writes a hold as HOLD_NAT does, `age` ms before now by the Redis server's clock (the clock the sweep goes by). */
-  const AGED_HOLD = `local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({subnet = ARGV[2], ms = now - tonumber(ARGV[3])}))
+  const AGED_HOLD = `${LUA_SERVER_MS}${LUA_NAT_HOLD}
+local now = server_ms()
+redis.call('HSET', KEYS[1], ARGV[1], nat_hold(ARGV[2], now - tonumber(ARGV[3])))
 return now`;
   const agedHold = (c: Redis, vpc: string, nat: string, subnet: string, age: number) => c.eval(AGED_HOLD, 1, GW_KEYS.cluster.natHolds!(vpc), nat, subnet, age);
 
@@ -863,6 +863,28 @@ return now`;
     await c.hset(holds, "nat-0000000000f6", JSON.stringify({ subnet: "subnet-0000000000f6", ms: Date.now() }));
     assert.equal(await st.deleteSubnet(x.id), true);
     assert.deepEqual(await c.hkeys(holds), ["nat-0000000000f6"]);
+    assert.equal(await st.deleteVpc(vpc.id), true);
+  });
+
+  test("CreateNatGateway with a client token reads the token once; a retry answers with the same gateway, which keeps its hold", async () => {
+    const st = new IpamStore(clients[0]);
+    const gs = new GatewayStore(clients[1]);
+    const { vpc } = await st.createVpc(vpcSpec("nattoken"), "");
+    const sn = (await st.createSubnet({ ...subnetSpec(vpc.id, "t", "10.70.43.0/24"), type: "public" }, "")).subnet;
+    const hget = vi.spyOn(clients[1], "hget");
+    const tokenReads = () => hget.mock.calls.filter(([key]) => key === GW_KEYS.cluster.tokens).length;
+    try {
+      const nat = await gs.createNatInSubnet(natIn(sn), "orch-nat-1", natPool);
+      assert.equal(tokenReads(), 1, "one read of the client token");
+      assert.equal((await gs.createNatInSubnet(natIn(sn), "orch-nat-1", natPool)).id, nat.id, "a retry by client token");
+      assert.equal(tokenReads(), 2);
+      assert.equal(JSON.parse((await clients[2].hget(GW_KEYS.cluster.natHolds!(vpc.id), nat.id))!).subnet, sn.id, "its hold names its subnet");
+      assert.equal(await clients[2].hlen(GW_KEYS.cluster.natHolds!(vpc.id)), 1, "no other hold");
+      assert.equal(await gs.deleteNat(nat), true);
+    } finally {
+      hget.mockRestore();
+    }
+    assert.equal(await st.deleteSubnet(sn.id), true);
     assert.equal(await st.deleteVpc(vpc.id), true);
   });
 
