@@ -9,7 +9,7 @@
 //   slot) from several clients at once, and the previous layout's Allocate is
 //   refused there (CROSSSLOT).
 import assert from "node:assert/strict";
-import { Redis, type Cluster } from "ioredis";
+import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test, vi } from "vitest";
 import { connectRedis, LUA_SERVER_MS, waitReady } from "../../services/common/redis.js";
 import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
@@ -29,7 +29,7 @@ import { subnetSpec, vpcSpec as vpcOf } from "../lib/ipam-specs.js";
 import { scratchRedis } from "../lib/scratch-redis.js";
 import { startDaemon } from "../lib/daemon.js";
 import * as Previous from "../lib/ipam-previous-scripts.js";
-import { startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
+import { primaryNodes, startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
 
 /** The keys of the previous release's ALLOCATE (its KEYS order) for a subnet and owner. */
 function previousAllocateKeys(s: SubnetRec, owner: string): string[] {
@@ -392,8 +392,7 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
 
   /** Every key matching `pattern` on the cluster's primaries. */
   async function keysLike(pattern: string): Promise<string[]> {
-    const nodes = (clients[0] as unknown as Cluster).nodes("master");
-    return (await Promise.all(nodes.map((n) => n.keys(pattern)))).flat().sort();
+    return (await Promise.all(primaryNodes(clients[0]).map((n) => n.keys(pattern)))).flat().sort();
   }
 
   const vpcSpec = (name: string) => vpcOf(name, "10.70.0.0/16");
