@@ -13,11 +13,12 @@
 // two. A round: CreateNatGateway (with a client token, read first),
 // AllocateFloatingIp, AssociateFloatingIp, DisassociateFloatingIp,
 // ReleaseFloatingIp, DeleteNatGateway, each for a VPC of its own.
-// CreateNatGateway here is the store's record step (createNat): these VPCs
-// and subnets have no records, so the API's check that the subnet stands is
-// not timed (one more round trip: on a single Redis the subnet read after the
-// record, on a cluster the hold on the subnet in the VPC's slot before it,
-// GatewayStore.createNatInSubnet).
+// CreateNatGateway is what the API's store path does
+// (GatewayStore.createNatInSubnet): on a single Redis the record's script and
+// the read that the subnet still stands; on a cluster the hold on the subnet
+// in the VPC's slot, then the record's script (docs/redis-schema.md "NAT
+// gateway holds"). Each round's VPC and subnet are made by the real
+// IpamStore beforehand and removed after, untimed.
 //
 // Redis only: no namespace, no kernel. Processes are ended by PID; every
 // loop is bounded in count and time. Options (after `npm run bench:gwstore
@@ -25,6 +26,8 @@
 import type { Redis } from "ioredis";
 import { ipToInt } from "../services/common/validate.js";
 import { GatewayStore } from "../services/gateway/store.js";
+import { IpamStore } from "../services/ipam/store.js";
+import { subnetSpec, vpcSpec } from "../test/lib/ipam-specs.js";
 import { clusterOverSingle, compareLayouts, inRoundTrips, noTimings, timer, type LayoutTimings } from "./lib/layouts.js";
 import { benchArgs, benchClock, intOpt, runBench } from "./lib/run.js";
 
@@ -46,6 +49,7 @@ type Call = (typeof CALLS)[number];
 interface Layout extends LayoutTimings<Call> {
   redis: Redis;
   gw: GatewayStore;
+  ipam: IpamStore;
 }
 
 /** Every round gives back what it took: two addresses of the pool at a time. */
@@ -55,10 +59,13 @@ const hex12 = (n: number) => (0xc00000000000 + n).toString(16);
 async function round(l: Layout, i: number): Promise<void> {
   const timed = timer(l);
   const r = i + 1;
-  const vpcId = `vpc-${hex12(r)}`;
+  // The round's VPC and public subnet, untimed: CreateNatGateway holds (or checks) the subnet.
+  const { vpc } = await l.ipam.createVpc(vpcSpec(`gwbench-${r}`, "10.92.0.0/16"), "");
+  const { subnet } = await l.ipam.createSubnet({ ...subnetSpec(vpc.id, "pub", "10.92.0.0/24"), type: "public" }, "");
+  const vpcId = vpc.id;
   await timed("HSET (baseline)", () => l.redis.hset(`${l.gw.keys.nats}:bench`, "f", String(i)));
   const nat = await timed("CreateNatGateway", () =>
-    l.gw.createNat({ vpcId, subnetId: `subnet-${hex12(r)}`, sources: [], description: "bench" }, `tok-${l.name}-${r}`, POOL),
+    l.gw.createNatInSubnet({ vpcId, subnetId: subnet.id, sources: [], description: "bench" }, `tok-${l.name}-${r}`, POOL),
   );
   const fip = await timed("AllocateFloatingIp", () => l.gw.allocateFip(POOL, "", "bench"));
   const target = { vpcId, private: "10.92.0.10", nicId: `nic-${hex12(r)}`, hostId: "hbench" };
@@ -68,6 +75,7 @@ async function round(l: Layout, i: number): Promise<void> {
   if (!released) throw new Error(`${l.name}: ReleaseFloatingIp released nothing`);
   const deleted = await timed("DeleteNatGateway", () => l.gw.deleteNat(nat));
   if (!deleted) throw new Error(`${l.name}: DeleteNatGateway deleted nothing`);
+  if (!(await l.ipam.deleteSubnet(subnet.id)) || !(await l.ipam.deleteVpc(vpc.id))) throw new Error(`${l.name}: the round's subnet or VPC was not removed`);
 }
 
 const main = (): Promise<number> =>
@@ -75,14 +83,14 @@ const main = (): Promise<number> =>
     progress,
     calls: CALLS,
     rounds: ROUNDS,
-    setUp: (name, redis) => ({ name, redis, gw: new GatewayStore(redis), us: noTimings(CALLS) }),
+    setUp: (name, redis) => ({ name, redis, gw: new GatewayStore(redis), ipam: new IpamStore(redis), us: noTimings(CALLS) }),
     round,
     report: (one, many) => ({
       title: `The gateway's store: one redis-server vs a 3+3 Redis Cluster (${ROUNDS} rounds)`,
       kind: "gwstore",
       verdicts: [
-        // The token read, the script, the record read back, and the event (a MULTI to the VPC's stream with its wake, plus the rolling-upgrade copy).
-        inRoundTrips(many, "CreateNatGateway", "HSET (baseline)", "CreateNatGateway on a cluster, in HSET round trips", 6),
+        // The token read, the hold, the record's script, the record read back, and the event (a MULTI to the VPC's stream with its wake, plus the rolling-upgrade copy).
+        inRoundTrips(many, "CreateNatGateway", "HSET (baseline)", "CreateNatGateway on a cluster, in HSET round trips", 7),
         clusterOverSingle(one, many, "CreateNatGateway"),
         clusterOverSingle(one, many, "AssociateFloatingIp"),
         clusterOverSingle(one, many, "DeleteNatGateway"),
