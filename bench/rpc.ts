@@ -7,7 +7,8 @@
 // gRPC-framed, grpc-status 0): what Node's HTTP/2 alone costs. Between the two,
 // a bare @grpc/grpc-js server with a handler that returns the prebuilt bytes
 // (no protobuf, no adapter, no request id, no metrics, grpc-js's default
-// options, microvpcd's node flags): what the library itself costs, so the
+// options but channelz off, as microvpcd runs it; microvpcd's node flags):
+// what the library itself costs, so the
 // table shows which part of the gap is grpc-js and which is ours. Each runs as
 // its own process, one core's worth each at most (Node is single-threaded).
 //
@@ -94,7 +95,8 @@ const BARE_GRPC = `
 const grpc = require("@grpc/grpc-js");
 const reply = Buffer.from([0x08, 0x01]);
 const id = (x) => x;
-const s = new grpc.Server();
+// Channelz off, as services/common/server.ts runs grpc-js: the library's floor as a daemon could reach it.
+const s = new grpc.Server({ "grpc.enable_channelz": 0 });
 s.addService(
   { Check: { path: "/grpc.health.v1.Health/Check", requestStream: false, responseStream: false, requestSerialize: id, requestDeserialize: id, responseSerialize: id, responseDeserialize: id } },
   { Check: (_call, cb) => cb(null, reply) },
