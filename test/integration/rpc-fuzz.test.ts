@@ -26,7 +26,7 @@
 //
 // Each method has its own seed, derived from FUZZ_SEED and printed with a
 // failure; FUZZ_SEED=<n> and FUZZ_RUNS=<n> (default 10 runs per method, about
-// 1¾ minutes for the file; on a cluster 3, the base request and 2 random
+// 2 minutes for the file; on a cluster 3, the base request and 2 random
 // ones) change them.
 import assert from "node:assert/strict";
 import { readdirSync } from "node:fs";
