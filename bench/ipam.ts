@@ -883,34 +883,25 @@ async function measureAndReport(): Promise<number> {
       ]);
     }
   }
+  // The 64-client rows of the two bare servers, each beside the raw script of the same runs.
   const fl = tput["grpc-floor"][64];
-  if (fl) {
-    const raw = tput.raw[64];
-    const pr = pairedRatios(fl.runs, raw.runs);
-    rows2.push([
-      "64",
-      "floor*",
-      spr(fl.opsPerSec),
-      spr(fl.p50Us, dur),
-      spr(fl.p99Us, dur),
-      `${pct(fl.opsPerSec.median / raw.opsPerSec.median)} (${pct(pr.min)}–${pct(pr.max)})`,
-      `${num(fl.cpuPerOp.bench)} + ${num(fl.cpuPerOp.floor)} + ${num(fl.cpuPerOp.redis)}`,
-      num(fl.cores),
-    ]);
-  }
   const ce = tput["grpc-ceiling"][64];
-  if (ce) {
+  for (const [t, label, server] of [
+    [fl, "floor*", fl?.cpuPerOp.floor],
+    [ce, "ceiling†", ce?.cpuPerOp.ceiling],
+  ] as const) {
+    if (!t) continue;
     const raw = tput.raw[64];
-    const pr = pairedRatios(ce.runs, raw.runs);
+    const pr = pairedRatios(t.runs, raw.runs);
     rows2.push([
       "64",
-      "ceiling†",
-      spr(ce.opsPerSec),
-      spr(ce.p50Us, dur),
-      spr(ce.p99Us, dur),
-      `${pct(ce.opsPerSec.median / raw.opsPerSec.median)} (${pct(pr.min)}–${pct(pr.max)})`,
-      `${num(ce.cpuPerOp.bench)} + ${num(ce.cpuPerOp.ceiling)} + ${num(ce.cpuPerOp.redis)}`,
-      num(ce.cores),
+      label,
+      spr(t.opsPerSec),
+      spr(t.p50Us, dur),
+      spr(t.p99Us, dur),
+      `${pct(t.opsPerSec.median / raw.opsPerSec.median)} (${pct(pr.min)}–${pct(pr.max)})`,
+      `${num(t.cpuPerOp.bench)} + ${num(server ?? 0)} + ${num(t.cpuPerOp.redis)}`,
+      num(t.cores),
     ]);
   }
   p(table(["clients", "transport", "ops/s", "p50", "p99", "of raw (paired)", "CPU µs/op client+server+redis", "cores busy"], rows2));
