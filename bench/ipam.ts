@@ -1063,43 +1063,27 @@ async function measureAndReport(): Promise<number> {
       v.push(c === 64 ? { ...base, ...check(r, { min: 0.5 }) } : { ...base, target: "" });
     }
   }
+  /** An info row: `t`'s throughput against `base`'s (named `label`), no target. */
+  const infoRow = (measure: string, t: { opsPerSec: { median: number } }, base: { opsPerSec: { median: number } }, label: string) => ({
+    measure,
+    value: num(t.opsPerSec.median),
+    baseline: `${num(base.opsPerSec.median)} ${label}`,
+    ratio: t.opsPerSec.median / base.opsPerSec.median,
+    target: "",
+  });
   if (fl) {
     const raw = tput.raw[64];
-    v.push({
-      measure: "bare connect-node floor, 64 clients",
-      value: num(fl.opsPerSec.median),
-      baseline: `${num(raw.opsPerSec.median)} raw@64`,
-      ratio: fl.opsPerSec.median / raw.opsPerSec.median,
-      target: "",
-    });
+    v.push(infoRow("bare connect-node floor, 64 clients", fl, raw, "raw@64"));
     const g = tput["grpc-shared"][64];
-    v.push({
-      measure: "gRPC Allocate vs that floor, 64 clients, shared",
-      value: num(g.opsPerSec.median),
-      baseline: `${num(fl.opsPerSec.median)} floor`,
-      ratio: g.opsPerSec.median / fl.opsPerSec.median,
-      target: "",
-    });
+    v.push(infoRow("gRPC Allocate vs that floor, 64 clients, shared", g, fl, "floor"));
   }
   const ceil = tput["grpc-ceiling"][64];
   if (ceil) {
     const raw = tput.raw[64];
-    v.push({
-      measure: "bare grpc-js + ioredis ceiling, 64 lean clients",
-      value: num(ceil.opsPerSec.median),
-      baseline: `${num(raw.opsPerSec.median)} raw@64`,
-      ratio: ceil.opsPerSec.median / raw.opsPerSec.median,
-      target: "",
-    });
+    v.push(infoRow("bare grpc-js + ioredis ceiling, 64 lean clients", ceil, raw, "raw@64"));
     const l = tput["grpc-lean"][64];
     if (l) {
-      v.push({
-        measure: "gRPC Allocate vs that ceiling, 64 lean clients",
-        value: num(l.opsPerSec.median),
-        baseline: `${num(ceil.opsPerSec.median)} ceiling`,
-        ratio: l.opsPerSec.median / ceil.opsPerSec.median,
-        target: "",
-      });
+      v.push(infoRow("gRPC Allocate vs that ceiling, 64 lean clients", l, ceil, "ceiling"));
     }
   }
   if (!("skipped" in rb)) {
