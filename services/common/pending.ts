@@ -112,6 +112,16 @@ export interface UnderHold<T> {
   release: () => Promise<void>;
   /** Removes the record this create wrote or may have written, if it is there, then its holds. */
   takeBack: () => Promise<void>;
+  /**
+   * Past the deadline, before taking back: the record this create wrote, if
+   * it is there and its holds could be written afresh now (as a replay by
+   * client token holds it: HOLD_NAT writes only while the subnet stands),
+   * or null. A record so held is kept: a retry with the same client token
+   * may have been answered with it meanwhile, and the sweep that could have
+   * passed the old hold by is over (what it let in would have made the new
+   * hold fail). Unset: always taken back.
+   */
+  keep?: () => Promise<T | null>;
   /** The command a person runs to remove the record when takeBack failed: "microvpc nat delete nat-…". */
   undo: string;
 }
@@ -131,9 +141,10 @@ export interface UnderHold<T> {
  * - the step wrote the record within the deadline: the result;
  * - the step wrote the record past the deadline, or failed without an
  *   answer (a timeout, a lost connection: the record may have been
- *   written) past it: what it may have written is taken back (record, then
- *   holds), and UNAVAILABLE "nothing was kept, retry"; if that fails too,
- *   UNAVAILABLE naming the command that removes it (`undo`);
+ *   written) past it: the record if `keep` holds it afresh; else what it
+ *   may have written is taken back (record, then holds), and UNAVAILABLE
+ *   "nothing was kept, retry"; if that fails too, UNAVAILABLE naming the
+ *   command that removes it (`undo`);
  * - the step failed without an answer within the deadline: the error, and
  *   the holds stay (a record written must keep them; without one they are
  *   swept once old).
@@ -170,6 +181,8 @@ export async function recordUnderHold<T>(step: () => Promise<T>, o: UnderHold<T>
     if (!late()) return result!;
   }
   // The hold could pass for stale by now: what was written may have been made while it was gone.
+  const kept = o.keep ? await o.keep().catch(() => null) : null;
+  if (kept !== null) return kept;
   try {
     await o.takeBack();
   } catch (err) {

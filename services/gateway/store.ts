@@ -360,6 +360,11 @@ export class GatewayStore extends GatewayReader {
         if (nat) await this.deleteNat(nat);
       },
       undo: `microvpc nat delete ${id}`,
+      // Held afresh while its subnet stands, as a replay by client token holds it (that replay may have answered with it).
+      keep: async () => {
+        const nat = await this.getNat(id);
+        return nat && (await this.holdSubnet(id, nat)) ? nat : null;
+      },
     });
     return nat.id === id ? nat : await this.replayed(nat);
   }

@@ -20,7 +20,7 @@ import { allocRecord } from "../../services/ipam/schema.js";
 import { TOMBSTONE } from "../../services/ipam/scripts.js";
 import { FW_KEYS } from "../../services/firewall/keys.js";
 import { GW_KEYS, LUA_NAT_HOLD, natHold } from "../../services/gateway/schema.js";
-import { GatewayStore } from "../../services/gateway/store.js";
+import { GatewayStore, type NatRec } from "../../services/gateway/store.js";
 import { IpamStore, PENDING_TTL_MS, type SubnetRec } from "../../services/ipam/store.js";
 import { DnsStore } from "../../services/dns/store.js";
 import { PeeringStore } from "../../services/peering/store.js";
@@ -817,6 +817,44 @@ return now`;
       }
       assert.deepEqual(await site(gs, sn), { nat: null, subnet: false }, `${way}: no NAT gateway in the deleted subnet`);
       assert.deepEqual(await keysLike(`*${vpc.id}*nat*`), [], `${way}: no hold or lease left`);
+      assert.equal(await st.deleteVpc(vpc.id), true);
+    }
+  });
+
+  test("a late NAT gateway record whose subnet still stands is kept, held afresh: a retry by client token answered with it meanwhile does not lose it, and DeleteSubnet still refuses", async () => {
+    const st = new IpamStore(clients[0]);
+    for (const way of ["written", "reply lost"] as const) {
+      const { vpc } = await st.createVpc(vpcSpec(`natkept${way === "written" ? 1 : 2}`), "");
+      const sn = (await st.createSubnet({ ...subnetSpec(vpc.id, "s", "10.70.61.0/24"), type: "public" }, "")).subnet;
+      const gs = new GatewayStore(clients[1]);
+      const retry = new GatewayStore(clients[2]);
+      const record = gs.createNat.bind(gs);
+      const token = `kept-${way}`;
+      let restore = () => {};
+      let answered: NatRec | undefined;
+      // The record lands, the client gives up waiting and retries with its token (answered with that record), then the first create finds itself late.
+      gs.createNat = async (...a) => {
+        const nat = await record(...a);
+        answered = await retry.createNatInSubnet(natIn(sn), token, natPool);
+        restore = later(PENDING_MS);
+        if (way === "reply lost") throw new Error("Command timed out");
+        return nat;
+      };
+      let nat: NatRec;
+      try {
+        nat = await gs.createNatInSubnet(natIn(sn), token, natPool);
+      } finally {
+        restore();
+      }
+      assert.equal(answered?.id, nat.id, `${way}: the retry was answered with the record the late create kept`);
+      assert.deepEqual(await site(gs, sn), { nat: nat.id, subnet: true }, `${way}: the gateway stands in its subnet`);
+      await assert.rejects(
+        st.deleteSubnet(sn.id),
+        (e: Error) => e instanceof FailedPreconditionError && /sits in it/.test(e.message),
+        `${way}: its subnet is held`,
+      );
+      assert.equal(await gs.deleteNat(nat), true);
+      assert.equal(await st.deleteSubnet(sn.id), true);
       assert.equal(await st.deleteVpc(vpc.id), true);
     }
   });

@@ -61,6 +61,23 @@ describe("recordUnderHold", () => {
     assert.deepEqual([ran, did], [false, ["release"]]);
   });
 
+  test("past the deadline, a record `keep` holds afresh is kept (a retry by client token may have been answered with it); one it cannot hold, or a keep that fails, is taken back", async () => {
+    let t = 0;
+    let held: string | null = "mine";
+    const { did, opts } = create(() => t, { keep: async () => (did.push("keep"), held) });
+    const late = async () => ((t = LATE), "mine");
+    assert.equal(await recordUnderHold(late, opts), "mine");
+    assert.deepEqual(did, ["keep"]);
+    t = 0;
+    held = null;
+    await assert.rejects(recordUnderHold(late, opts), (e: Error) => e instanceof UnavailableError && /taken back/.test(e.message));
+    assert.deepEqual(did, ["keep", "keep", "takeBack"]);
+    t = 0;
+    opts.keep = () => Promise.reject(new Error("Connection is closed"));
+    await assert.rejects(recordUnderHold(late, opts), (e: Error) => e instanceof UnavailableError && /taken back/.test(e.message));
+    assert.deepEqual(did, ["keep", "keep", "takeBack", "takeBack"]);
+  });
+
   test("a record written past the deadline, or a step without an answer past it: taken back, UNAVAILABLE retry", async () => {
     let t = 0;
     const { did, opts } = create(() => t);
