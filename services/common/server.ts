@@ -363,7 +363,11 @@ export async function startGrpcServer(opts: GrpcServerOptions): Promise<RunningS
     host,
     port,
     creds,
-  );
+  ).catch((err: unknown) => {
+    // Not serving (the port taken, a grpc-js this server cannot run on): nothing keeps the TLS files' reload timer.
+    tlsFiles?.close();
+    throw err;
+  });
   let healthServer: grpc.Server | undefined;
   let healthPort: number | undefined;
   if (health) {
