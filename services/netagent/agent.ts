@@ -7,7 +7,7 @@ import type { Logger } from "pino";
 import { Counter, Gauge } from "prom-client";
 import { ReconcileHealth } from "../common/health.js";
 import { metricsRegistry } from "../common/metrics.js";
-import { failClosedTx, FIREWALL_TABLE, firewallFirst } from "../common/nft/fail-closed.js";
+import { failClosedTx, FIREWALL_TABLE, firewallTablesIntact } from "../common/nft/fail-closed.js";
 import { CtMarks } from "./ct-mark-state.js";
 import type { Kernel } from "./kernel.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
@@ -172,7 +172,7 @@ export class Agent {
       if (this.failClosed)
         await this.kernel.nft(ns, failClosedTx()).catch(async (err: Error) => {
           // The firewall's pass came first (failClosedTx): its tables hold the namespace already.
-          if (!firewallFirst(await this.kernel.nftTable(ns, "inet", FIREWALL_TABLE).catch(() => null))) throw err;
+          if (!firewallTablesIntact(await this.kernel.nftTable(ns, "inet", FIREWALL_TABLE).catch(() => null))) throw err;
         });
       await this.marks.created(ns);
     } catch (err) {

@@ -21,7 +21,8 @@ export const FIREWALL_TABLE = "microvpc";
  * fails ("File exists") and changes nothing. Added, its chain would have
  * joined the firewall's table and dropped every packet of the VPC until the
  * next full replace, while the firewall's element updates went on beside it.
- * The netagent takes that failure for success (firewallFirst).
+ * The netagent takes that failure for success when firewallTablesIntact
+ * reads the firewall's table.
  */
 export function failClosedTx(): NftTransaction {
   const tx = new NftTransaction();
@@ -41,20 +42,9 @@ export function failClosedTx(): NftTransaction {
 export const CLOSED_CHAIN = "closed";
 
 /**
- * Whether a failed failClosedTx failed because the firewall's tables were
- * there first: `listed` is `nft -j list table inet microvpc` (null: none).
- * Then the namespace is as fail-closed as the skeleton would have made it
- * (the firewall's own policy applies), and nothing of the skeleton was added.
- */
-export function firewallFirst(listed: unknown[] | null): boolean {
-  return (listed ?? []).some((x) => {
-    const c = (x as { chain?: { name?: unknown; hook?: unknown } }).chain;
-    return c?.name === "forward" && c.hook === "forward";
-  });
-}
-
-/**
- * The firewall's drift check over `nft -j list chains` (null: no chains):
+ * The firewall's drift check over `nft -j list chains` (null: no chains),
+ * and the netagent's check, over `nft -j list table inet microvpc`, that a
+ * skeleton refused as "File exists" met the firewall's tables:
  * its tables are there as only it makes them — inet microvpc with its
  * forward chain, and no skeleton chain in either table. A skeleton merged
  * into them (a netagent from before failClosedTx created its tables, or
