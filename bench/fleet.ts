@@ -151,6 +151,8 @@ interface PhaseResult {
   /** The busiest node's CPU (one redis-server: the same figure). */
   redisCpuMaxNodePct: number;
   wakesPerChange: number;
+  /** Wakes per change whose batch concerned none of the host's VPCs (a host that holds none of the change's VPCs woken). */
+  idleWakesPerChange: number;
   eventsPerChange: number;
   readsPerChange: number;
   p50ms: number;
@@ -318,6 +320,7 @@ async function phase(t: Target, n: number, mode: FleetMode): Promise<PhaseResult
       redisCpuPct: ((after.cpu - before.cpu) / secs) * 100,
       redisCpuMaxNodePct: (Math.max(...after.cpuByNode.map((c, k) => c - before.cpuByNode[k])) / secs) * 100,
       wakesPerChange: sum((x) => x.wakes) / CHANGES,
+      idleWakesPerChange: sum((x) => x.idleWakes) / CHANGES,
       eventsPerChange: sum((x) => x.events) / CHANGES,
       readsPerChange: sum((x) => x.reads) / CHANGES,
       p50ms: percentile(s, 50),
@@ -374,6 +377,7 @@ async function main(): Promise<number> {
           "Redis CPU %",
           "busiest node %",
           "woken/change",
+          "idle/change",
           "events/change",
           "p50 ms",
           "p99 ms",
@@ -388,6 +392,7 @@ async function main(): Promise<number> {
           num(x.redisCpuPct, 1),
           num(x.redisCpuMaxNodePct, 1),
           num(x.wakesPerChange, 1),
+          num(x.idleWakesPerChange, 2),
           num(x.eventsPerChange, 1),
           num(x.p50ms, 1),
           num(x.p99ms, 1),
@@ -396,6 +401,7 @@ async function main(): Promise<number> {
       ),
     );
     p("(woken/change: XREAD replies the hosts got per change; a host holding a changed VPC wakes at least once, any other wake is waste.)");
+    p("(idle/change: of those, replies that carried nothing of a VPC the host holds: a host woken that holds none of the change's VPCs.)");
     p("(cluster: commands and bytes over the 3 primaries, Redis CPU over all 6 nodes, busiest node: the one that worked most.)");
     const v: Verdict[] = [];
     /** The verdicts of one feed against its baseline at N hosts: cpu is the figure the target holds for (cluster: the busiest node). */
@@ -409,6 +415,14 @@ async function main(): Promise<number> {
           ratio: x.wakesPerChange / base.wakesPerChange,
           target: `≤ ${num(holders * 2, 1)} (holders, each stream)`,
           pass: x.wakesPerChange <= holders * 2,
+        },
+        {
+          measure: `${label}: wakes of hosts holding none of the change's VPCs, per change`,
+          value: num(x.idleWakesPerChange, 2),
+          baseline: num(base.idleWakesPerChange, 2),
+          ratio: base.idleWakesPerChange ? x.idleWakesPerChange / base.idleWakesPerChange : 0,
+          target: "0",
+          pass: x.idleWakesPerChange === 0,
         },
         {
           measure: `${label}: Redis commands per change`,

@@ -22,7 +22,7 @@ export type ToWorker = { op: "start"; url: string; mode: FleetMode; hosts: HostS
 export type FromWorker =
   | { op: "ready" }
   | { op: "status"; applied: number }
-  | { op: "result"; applied: Record<string, [number, number]>; wakes: number; events: number; reads: number; kernelOps: number };
+  | { op: "result"; applied: Record<string, [number, number]>; wakes: number; idleWakes: number; events: number; reads: number; kernelOps: number };
 
 /** Where the bench keeps a VPC's state (a hash member → value) and a host's VPC set. */
 export const simKeys = {
@@ -60,7 +60,11 @@ class SimHost {
         if (e.cid) vpcs.get(v)!.push(e.cid);
       }
     }
-    if (!vpcs.size) return;
+    // Woken by nothing it holds: the waste a scoped feed must not have.
+    if (!vpcs.size) {
+      this.w.idleWakes++;
+      return;
+    }
     this.chain = this.chain.then(() => this.pass(vpcs));
   }
 
@@ -123,6 +127,8 @@ class Worker {
   applied = new Map<string, [number, number]>();
   appliedTotal = 0;
   wakes = 0;
+  /** Wakes whose batch concerned no VPC the host holds. */
+  idleWakes = 0;
   events = 0;
   reads = 0;
   kernelOps = 0;
@@ -185,7 +191,15 @@ process.on("message", (m: ToWorker) => {
   } else if (m.op === "status") send({ op: "status", applied: w.appliedTotal });
   else {
     void w.finish().then(() => {
-      send({ op: "result", applied: Object.fromEntries(w.applied), wakes: w.wakes, events: w.events, reads: w.reads, kernelOps: w.kernelOps });
+      send({
+        op: "result",
+        applied: Object.fromEntries(w.applied),
+        wakes: w.wakes,
+        idleWakes: w.idleWakes,
+        events: w.events,
+        reads: w.reads,
+        kernelOps: w.kernelOps,
+      });
       setTimeout(() => process.exit(0), 100).unref();
     });
   }
