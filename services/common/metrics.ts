@@ -44,6 +44,44 @@ interface HistogramEntry {
 const allRpcStats: RpcStats[] = [];
 
 /**
+ * What a reset of metricsRegistry must also drop: the counts a hot path
+ * keeps in plain numbers until a scrape hands them over (RpcStats,
+ * deferredCounter). Without it a count made before resetMetrics() would
+ * show after it.
+ */
+const pendingDrops: (() => void)[] = [];
+const resetRegistry = metricsRegistry.resetMetrics.bind(metricsRegistry);
+metricsRegistry.resetMetrics = () => {
+  for (const drop of pendingDrops) drop();
+  resetRegistry();
+};
+
+/**
+ * A counter of one label for a hot path: inc(value) adds to a plain number,
+ * handed to prom-client when the counter is read (a scrape), as RpcStats
+ * does for the RPC metrics: prom-client hashes the label set on every
+ * inc(). What a scrape shows is the same series with the same values.
+ */
+export function deferredCounter<V extends string>(c: { name: string; help: string; label: string }): (value: V) => void {
+  const pending = new Map<V, number>();
+  pendingDrops.push(() => pending.clear());
+  new Counter({
+    name: c.name,
+    help: c.help,
+    labelNames: [c.label],
+    registers: [metricsRegistry],
+    collect() {
+      for (const [value, n] of pending) {
+        if (n === 0) continue;
+        pending.set(value, 0);
+        this.inc({ [c.label]: value }, n);
+      }
+    },
+  });
+  return (value) => pending.set(value, (pending.get(value) ?? 0) + 1);
+}
+
+/**
  * The RPC metrics of one method, counted in plain numbers as calls end and
  * handed to microvpc_rpc_requests_total and microvpc_rpc_duration_seconds
  * when they are read (a scrape, metricsRegistry.metrics(), or get()). Even
@@ -67,6 +105,15 @@ export class RpcStats {
   ) {
     this.labels = { service, method };
     allRpcStats.push(this);
+    pendingDrops.push(() => this.drop());
+  }
+
+  /** Forgets what was counted since the last flush (a reset of the registry). */
+  private drop(): void {
+    this.codes.fill(0);
+    this.buckets.fill(0);
+    this.sum = 0;
+    this.count = 0;
   }
 
   /** A call ended with this gRPC code, after this long. */

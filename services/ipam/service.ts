@@ -5,7 +5,7 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import { Counter } from "prom-client";
 import { InvalidArgumentError, NotFoundError } from "../common/errors.js";
-import { metricsRegistry } from "../common/metrics.js";
+import { deferredCounter, metricsRegistry } from "../common/metrics.js";
 import { decodeIndexToken, decodeNameToken, encodePageToken } from "../common/paging.js";
 import * as V from "../common/validate.js";
 import { ResourceState } from "../../gen/microvpc/v1/common_pb.js";
@@ -15,28 +15,11 @@ import { VpcSchema, VpcService, type Vpc } from "../../gen/microvpc/v1/vpc_pb.js
 import { MAX_BATCH } from "./scripts.js";
 import { IpamStore, MAX_EXTRA_RESERVED, reservedIndexes, type AllocRec, type SubnetRec, type Usage, type VpcRec } from "./store.js";
 
-/**
- * Allocate results since the counter was last read, handed to it when it is
- * (a scrape): prom-client hashes the labels on every inc(), and Allocate is
- * IPAM's hot path.
- */
-const allocResults = new Map<string, number>();
-function countAllocation(result: "created" | "existing" | "conflict" | "exhausted" | "error"): void {
-  allocResults.set(result, (allocResults.get(result) ?? 0) + 1);
-}
-// Registered in metricsRegistry, fed by its collect() from allocResults.
-new Counter({
+/** Allocate results: IPAM's hot path, so counted in plain numbers until a scrape (deferredCounter). */
+const countAllocation = deferredCounter<"created" | "existing" | "conflict" | "exhausted" | "error">({
   name: "microvpc_ipam_allocations_total",
   help: "Allocate calls by result (created, existing, conflict, exhausted, error).",
-  labelNames: ["result"] as const,
-  registers: [metricsRegistry],
-  collect() {
-    for (const [result, n] of allocResults) {
-      if (n === 0) continue;
-      allocResults.set(result, 0);
-      this.inc({ result }, n);
-    }
-  },
+  label: "result",
 });
 const releases = new Counter({
   name: "microvpc_ipam_releases_total",

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { Counter, Histogram, Registry } from "prom-client";
 import { test } from "vitest";
-import { codeName, metricsRegistry, RpcStats, rpcDuration } from "../../services/common/metrics.js";
+import { codeName, deferredCounter, metricsRegistry, RpcStats, rpcDuration } from "../../services/common/metrics.js";
 
 const calls: [number, number][] = [
   [0, 0.0001],
@@ -49,13 +49,34 @@ test("RpcStats: the same series and values as inc() and observe() per call", asy
     assert.ok(got.length > 20, got.join("\n"));
     assert.deepEqual(got, await series(ref));
   }
-  // A reset registry starts the series again from what comes next.
+  // A reset registry starts the series again from what comes next, and drops what was counted but not yet scraped.
+  stats.record(0, 0.3);
+  other.record(4, 9);
   metricsRegistry.resetMetrics();
   ref.resetMetrics();
   stats.record(3, 0.01);
   refRequests.inc({ service: "test.v1.Svc", method: "Method", code: "InvalidArgument" });
   refDuration.observe({ service: "test.v1.Svc", method: "Method" }, 0.01);
   assert.deepEqual(await series(metricsRegistry), await series(ref));
+});
+
+test("deferredCounter: the series inc() would make, counted once per scrape; a reset drops what was not scraped", async () => {
+  const count = deferredCounter<"a" | "b">({ name: "microvpc_test_deferred_total", help: "x", label: "result" });
+  const series = async () =>
+    (await metricsRegistry.metrics())
+      .split("\n")
+      .filter((l) => l.startsWith("microvpc_test_deferred_total{"))
+      .sort();
+  count("a");
+  count("a");
+  count("b");
+  assert.deepEqual(await series(), ['microvpc_test_deferred_total{result="a"} 2', 'microvpc_test_deferred_total{result="b"} 1']);
+  count("b");
+  assert.deepEqual(await series(), ['microvpc_test_deferred_total{result="a"} 2', 'microvpc_test_deferred_total{result="b"} 2']);
+  count("a");
+  metricsRegistry.resetMetrics();
+  count("b");
+  assert.deepEqual(await series(), ['microvpc_test_deferred_total{result="b"} 1']);
 });
 
 test("codeName: connect's names, OK for 0", () => {
