@@ -113,13 +113,16 @@ export interface UnderHold<T> {
   /** Removes the record this create wrote or may have written, if it is there, then its holds. */
   takeBack: () => Promise<void>;
   /**
-   * Past the deadline, before taking back: the record this create wrote, if
-   * it is there and its holds could be written afresh now (as a replay by
-   * client token holds it: HOLD_NAT writes only while the subnet stands),
-   * or null. A record so held is kept: a retry with the same client token
-   * may have been answered with it meanwhile, and the sweep that could have
-   * passed the old hold by is over (what it let in would have made the new
-   * hold fail). Unset: always taken back.
+   * Past the deadline, before taking back: the record this create wrote (as
+   * the step's result would give it), if it is there and its holds could
+   * be written afresh now by the script that wrote them, which refuses
+   * whatever they keep out (NAT gateways: HOLD_NAT writes only while the
+   * subnet stands; peerings: RESERVE only while the VPC stands and no other
+   * entry overlaps the range), or null. A record so held is kept: a retry
+   * with the same client token may have been answered with it meanwhile,
+   * and the sweep that could have passed the old hold by is over (what it
+   * let in would have made the new hold fail). Null, or a keep that fails:
+   * taken back, holds written afresh included. Unset: always taken back.
    */
   keep?: () => Promise<T | null>;
   /** The command a person runs to remove the record when takeBack failed: "microvpc nat delete nat-…". */

@@ -316,8 +316,11 @@ export class PeeringStore {
    * PENDING_MS old (by the server's clock). So the claim runs under the
    * reservations' deadline (recordUnderHold, common/pending.ts): a record
    * written, or perhaps written, over PENDING_MS/2 after they were made is
-   * taken back, since one of them could have been swept meanwhile and an
-   * overlapping peer reserved in its place.
+   * kept only if both reservations can be written afresh (reservedAfresh:
+   * a retry with the same client token may have been answered with it
+   * meanwhile); else it is taken back, since one of them could have been
+   * swept meanwhile and an overlapping peer reserved in its place, or its
+   * VPC deleted. A record kept is announced (peering.created) as any other.
    */
   private async createInSteps(p: PeeringRec, fields: Record<string, string | number>, clientToken: string): Promise<{ peering: PeeringRec; created: boolean }> {
     const L = this.L;
@@ -409,12 +412,39 @@ export class PeeringStore {
         release,
         takeBack: () => this.takeBack(p),
         undo: `microvpc vpc peer delete ${p.id}`,
+        keep: () => this.reservedAfresh(p, sides),
       },
     );
     const [code, ref] = reply;
     if (code !== 1) return await this.answer(code, String(ref), "", p);
     await emit(this.redis, { vpcs: [p.vpc1Id, p.vpc2Id] }, ["kind", "peering.created", "peering", p.id, "vpc1", p.vpc1Id, "vpc2", p.vpc2Id]);
     return await this.answer(1, p.id, "", p);
+  }
+
+  /**
+   * On a cluster, past a create's deadline (recordUnderHold's keep): if the
+   * record it wrote is there, its reservations written afresh by RESERVE in
+   * each VPC, in the create's order (VPC id), with a new time. RESERVE skips
+   * this peering's own entry (or writes it again if it was swept) and
+   * refuses if the VPC is gone (a DeleteVpc that swept the reservation went
+   * on to delete it) or another entry overlaps the range (a create that
+   * swept it reserved an overlapping peer, committed or under way): what
+   * the old reservation kept out got in, and the record is taken back.
+   * Nothing is swept here: an overlapping entry, even one that will pass
+   * for stale, is one that could only be reserved while this create's was
+   * gone, so it refuses; the retry the caller is told to make sweeps as
+   * any create does. The reply the claim gave ({1, id}) if both are held,
+   * else null (a refusal or an error in either: the take-back removes
+   * both entries, one written afresh here included).
+   */
+  private async reservedAfresh(p: PeeringRec, sides: string[][]): Promise<Reply | null> {
+    if (!(await this.get(p.id))) return null;
+    for (const [vpc, peer] of sides) {
+      const c = V.cidr("cidr", peer, { min: 0, max: 32 });
+      const [code] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), this.L.peers(vpc), p.id, c.base, c.size, 0, "");
+      if (code !== 1) return null;
+    }
+    return [1, p.id];
   }
 
   /**

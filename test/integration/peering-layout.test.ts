@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test, vi } from "vitest";
 import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../services/common/errors.js";
+import { vpcEvents } from "../../services/common/events.js";
 import { cidr, ipToInt } from "../../services/common/validate.js";
 import { IpamStore, type VpcRec } from "../../services/ipam/store.js";
 import { naKeys } from "../../services/netagent/schema.js";
@@ -269,6 +270,90 @@ describe.each([["a single Redis"], ["a Redis Cluster (3 primaries, 3 replicas)"]
           assert.deepEqual(await clients[0].hkeys(L.peers(a.id)), [swept.id], `${way}: a reserves one peer range`);
           assert.deepEqual(await clients[0].hkeys(L.peers(b.id)), [], `${way}: nothing of the late create is left in b`);
         }
+      } finally {
+        c.disconnect();
+      }
+    },
+  );
+
+  test.runIf(onCluster)(
+    "a claim that ends past PENDING_MS/2 with nothing overlapping let in keeps its record, reserved afresh: a retry by client token answered with it meanwhile does not lose it; a VPC deleted meanwhile still takes it back",
+    async () => {
+      const L = PEERING_KEYS.cluster;
+      const c = await connectReady({ url, commandTimeoutMs: 2000 });
+      const st = new PeeringStore(c);
+      const retry = new PeeringStore(clients[2]);
+      const claim = c.mvpcClaimPeering.bind(c);
+      const age = async (id: string, ...vpcs: VpcRec[]) => {
+        for (const v of vpcs) {
+          const e = JSON.parse((await clients[1].hget(L.peers(v.id), id))!) as { ms: number };
+          await clients[1].hset(L.peers(v.id), id, JSON.stringify({ ...e, ms: Date.now() - 2 * PENDING_MS }));
+        }
+      };
+      const events = async (v: VpcRec, id: string) =>
+        (await clients[1].xrange(vpcEvents(v.id), "-", "+")).filter(([, f]) => f.includes(id)).map(([, f]) => f[f.indexOf("kind") + 1]);
+      try {
+        for (const way of ["written", "reply lost"] as const) {
+          const [a, b] = [await vpc("10.102.0.0/16"), await vpc("10.103.0.0/16")];
+          const token = `kept-${way}`;
+          let answered: PeeringRec | undefined;
+          let restore = () => {};
+          // The claim stalls past the deadline (its reservations PENDING_MS old by the server's clock, swept by nobody); the record lands, the client gives up waiting and retries with its token (answered with that record), then the first create finds itself late.
+          c.mvpcClaimPeering = (async (...args: (string | number)[]) => {
+            const [id] = await clients[1].hkeys(L.peers(b.id));
+            await age(id, a, b);
+            const reply = await claim(...args);
+            answered = (await peer(retry, a, b, `kept-${n}`, token)).peering;
+            restore = later(PENDING_MS);
+            if (way === "reply lost") throw new Error("Command timed out");
+            return reply;
+          }) as never;
+          let kept: { peering: PeeringRec; created: boolean };
+          try {
+            kept = await peer(st, a, b, `kept-${n}`, token);
+          } finally {
+            restore();
+            c.mvpcClaimPeering = claim;
+          }
+          const id = kept.peering.id;
+          assert.equal(kept.created, true, `${way}: the late create answers with the record it made`);
+          assert.equal(answered?.id, id, `${way}: the retry was answered with the record the late create kept`);
+          assert.equal((await pcx.get(id))?.name, kept.peering.name, `${way}: it still exists`);
+          assert.equal(await pcx.idByPair(a.id, b.id), id);
+          const [now] = await clients[0].time();
+          for (const v of [a, b]) {
+            assert.deepEqual(await clients[0].hkeys(L.peers(v.id)), [id], `${way}: ${v.name} reserves its peer`);
+            const e = JSON.parse((await clients[0].hget(L.peers(v.id), id))!) as { ms: number };
+            assert.ok(Number(now) * 1000 - e.ms < PENDING_MS / 2, `${way}: ${v.name}'s reservation was written afresh`);
+            assert.deepEqual(await events(v, id), ["peering.created"], `${way}: ${v.name}'s hosts are told of it, once`);
+            await assert.rejects(ipam.deleteVpc(v.id), (e: Error) => e instanceof FailedPreconditionError && /still peered/.test(e.message));
+          }
+          assert.equal(await pcx.delete(kept.peering), true);
+          for (const v of [a, b]) assert.equal(await ipam.deleteVpc(v.id), true);
+        }
+        // A DeleteVpc swept the stalled reservation and deleted the VPC meanwhile: nothing to reserve afresh, the record goes.
+        const [a, b] = [await vpc("10.104.0.0/16"), await vpc("10.105.0.0/16")];
+        let restore = () => {};
+        c.mvpcClaimPeering = (async (...args: (string | number)[]) => {
+          const [id] = await clients[1].hkeys(L.peers(b.id));
+          await age(id, a, b);
+          assert.equal(await ipam.deleteVpc(a.id), true);
+          const reply = await claim(...args);
+          restore = later(PENDING_MS);
+          return reply;
+        }) as never;
+        const name = `gone-${n}`;
+        try {
+          await assert.rejects(peer(st, a, b, name), takenBack("written"));
+        } finally {
+          restore();
+          c.mvpcClaimPeering = claim;
+        }
+        assert.equal(await pcx.idByName(name), null, "its name is free");
+        assert.equal(await pcx.idByPair(a.id, b.id), null);
+        assert.deepEqual(await peeringsOf(clients[2], [b.id]), []);
+        assert.deepEqual(await clients[0].hkeys(L.peers(b.id)), [], "nothing of it is left in b");
+        assert.equal(await ipam.deleteVpc(b.id), true);
       } finally {
         c.disconnect();
       }

@@ -78,6 +78,29 @@ describe("recordUnderHold", () => {
     assert.deepEqual(did, ["keep", "keep", "takeBack", "takeBack"]);
   });
 
+  test("`keep` is asked only for what this create wrote or may have written past the deadline: a step without an answer past it is kept by it; never within the deadline, for a refusal or another create's record, nor when the step did not run", async () => {
+    let t = 0;
+    const { did, opts } = create(() => t, { keep: async () => (did.push("keep"), "mine") });
+    // The reply lost past the deadline: the record may have been written, and keep finds and holds it (a peering's reservations, a NAT gateway's hold).
+    assert.equal(await recordUnderHold(() => ((t = LATE), Promise.reject(new Error("Command timed out"))), opts), "mine");
+    assert.deepEqual(did, ["keep"]);
+    t = IN_TIME;
+    assert.equal(await recordUnderHold(async () => "mine", opts), "mine");
+    t = 0;
+    assert.equal(await recordUnderHold(async () => ((t = LATE), "replayed"), opts), "replayed");
+    t = 0;
+    await assert.rejects(
+      recordUnderHold<string>(() => ((t = LATE), Promise.reject(new FailedPreconditionError("overlaps"))), opts),
+      FailedPreconditionError,
+    );
+    t = LATE;
+    await assert.rejects(
+      recordUnderHold(async () => "mine", opts),
+      /nothing was created, retry$/,
+    );
+    assert.deepEqual(did, ["keep", "release", "release", "release"]);
+  });
+
   test("a record written past the deadline, or a step without an answer past it: taken back, UNAVAILABLE retry", async () => {
     let t = 0;
     const { did, opts } = create(() => t);
