@@ -34,6 +34,7 @@ export interface CommonFlags {
   redisTlsCa?: string;
   redisTlsCert?: string;
   redisTlsKey?: string;
+  redisSentinelPasswordFile?: string;
   logLevel: string;
   redisTimeoutMs: string;
   otlpEndpoint?: string;
@@ -75,7 +76,7 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
     .addOption(
       new Option(
         "--redis <url>",
-        "Redis URL holding shared state: redis://host:port/db, or a Redis Cluster as redis-cluster://host:port,host:port,... (its seeds; no password in either: use --redis-password-file)",
+        "Redis URL holding shared state: redis://host:port/db, a Redis behind Sentinel as redis-sentinel://host:port,host:port,.../<master name> (the sentinels), or a Redis Cluster as redis-cluster://host:port,host:port,... (its seeds; no password in any: use --redis-password-file)",
       )
         .env(env("REDIS_URL"))
         .default("redis://127.0.0.1:6379/0"),
@@ -94,6 +95,12 @@ export function addServiceCommand(program: Command, def: ServiceDefinition): voi
     .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) that signed Redis's certificate; connects over TLS").env(env("REDIS_TLS_CA")))
     .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env(env("REDIS_TLS_CERT")))
     .addOption(new Option("--redis-tls-key <path>", "client private key (PEM) for Redis over TLS").env(env("REDIS_TLS_KEY")))
+    .addOption(
+      new Option(
+        "--redis-sentinel-password-file <path>",
+        "with a redis-sentinel:// URL whose sentinels have requirepass: read their password from a file (default: no AUTH to the sentinels)",
+      ).env(env("REDIS_SENTINEL_PASSWORD_FILE")),
+    )
     .addOption(
       new Option("--redis-timeout-ms <ms>", "per-command Redis timeout; slower answers become UNAVAILABLE").env(env("REDIS_TIMEOUT_MS")).default("2000"),
     )
@@ -203,6 +210,7 @@ async function runService(def: ServiceDefinition, flags: CommonFlags & Record<st
     tlsCa: flags.redisTlsCa,
     tlsCert: flags.redisTlsCert,
     tlsKey: flags.redisTlsKey,
+    sentinelPasswordFile: flags.redisSentinelPasswordFile,
   });
   if (urlHasPassword(flags.redis)) {
     // ioredis lets the URL's password win; two sources would only confuse.

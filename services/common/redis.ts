@@ -10,6 +10,10 @@
 // A Redis Cluster is named by redis-cluster://host:port,host:port,... (the
 // seeds; issue #18). connectRedis then returns an ioredis Cluster, typed as
 // Redis so that every caller compiles unchanged (see there).
+//
+// A Redis behind Sentinel is named by redis-sentinel://host:port,.../<master
+// name> (the sentinels; issue #18): one primary, as redis:// names, found by
+// asking the sentinels and asked again after a failover (connectSentinel).
 import { readFileSync } from "node:fs";
 import { Cluster, Redis, type ClusterOptions, type RedisOptions as IoRedisOptions } from "ioredis";
 import type { Logger } from "pino";
@@ -22,11 +26,14 @@ export interface RedisSecretFiles {
   /** Client certificate and key (PEM), if Redis requires them. */
   tlsCert?: string;
   tlsKey?: string;
+  /** The sentinels' password (--redis-sentinel-password-file), for a redis-sentinel:// URL whose sentinels have requirepass. */
+  sentinelPasswordFile?: string;
 }
 
 export interface RedisSecrets {
   password?: string;
   tls?: { ca?: Buffer; cert?: Buffer; key?: Buffer };
+  sentinelPassword?: string;
 }
 
 export function readRedisSecrets(f: RedisSecretFiles): RedisSecrets {
@@ -36,6 +43,11 @@ export function readRedisSecrets(f: RedisSecretFiles): RedisSecrets {
     const pw = readFileSync(f.passwordFile, "utf8").replace(/\r?\n$/, "");
     if (!pw) throw new Error(`--redis-password-file ${f.passwordFile} is empty`);
     out.password = pw;
+  }
+  if (f.sentinelPasswordFile) {
+    const pw = readFileSync(f.sentinelPasswordFile, "utf8").replace(/\r?\n$/, "");
+    if (!pw) throw new Error(`--redis-sentinel-password-file ${f.sentinelPasswordFile} is empty`);
+    out.sentinelPassword = pw;
   }
   if (!!f.tlsCert !== !!f.tlsKey) throw new Error("--redis-tls-cert and --redis-tls-key go together");
   if (f.tlsCa || f.tlsCert) {
@@ -68,6 +80,51 @@ function validHost(host: string): boolean {
   return host.length <= 253 && labels.every((l) => HOST_LABEL.test(l));
 }
 
+/** What a list of host:port endpoints in a URL is made of, for the messages about it. */
+interface EndpointList {
+  /** One endpoint, in messages: "cluster node", "sentinel". */
+  noun: string;
+  /** The URL's form, as the messages end with it: "use redis-cluster://host:port,...". */
+  form: string;
+  max: number;
+  /** Said when there are more than max. */
+  tooMany: string;
+}
+
+/**
+ * The endpoints of a comma-separated host:port list (the part of a
+ * redis-cluster:// or redis-sentinel:// URL between the scheme and the "/"):
+ * 1–max of them, each an IPv4 address or a host name and a port 1–65535,
+ * none twice. Throws an Error saying what to change.
+ */
+function parseEndpointList(url: string, list: string, k: EndpointList): { host: string; port: number }[] {
+  if (list === "") throw new Error(`--redis ${JSON.stringify(url)} names no ${k.noun}; ${k.form}`);
+  const parts = list.split(",");
+  if (parts.length > k.max) throw new Error(`--redis names ${parts.length} ${k.noun}s: give at most ${k.max} (${k.tooMany})`);
+  const seen = new Set<string>();
+  return parts.map((part) => {
+    const m = /^([^:]*):([0-9]{1,5})$/.exec(part);
+    if (!m) {
+      if (part.startsWith("[") || (part.match(/:/g) ?? []).length > 1)
+        throw new Error(`--redis: ${k.noun} ${JSON.stringify(part)}: IPv6 addresses are not supported here; use an IPv4 address or a host name`);
+      throw new Error(`--redis: ${k.noun} ${JSON.stringify(part)} is not host:port (the port is required); ${k.form}`);
+    }
+    const [, host, portText] = m;
+    const port = Number(portText);
+    if (!validHost(host)) throw new Error(`--redis: ${k.noun} ${JSON.stringify(part)}: ${JSON.stringify(host)} is not an IPv4 address or a host name`);
+    if (port < 1 || port > 65535 || portText.startsWith("0")) throw new Error(`--redis: ${k.noun} ${JSON.stringify(part)}: port ${portText} is not 1–65535`);
+    const key = `${host.toLowerCase()}:${port}`;
+    if (seen.has(key)) throw new Error(`--redis: ${k.noun} ${JSON.stringify(part)} is listed twice`);
+    seen.add(key);
+    return { host, port };
+  });
+}
+
+/** The refusal of a user or password in a cluster or sentinel URL; the URL itself is not repeated (it may carry the password). */
+function credentialsRefused(scheme: string): Error {
+  return new Error(`--redis: a ${scheme} URL takes no user or password (ps and the environment show a URL); use --redis-user and --redis-password-file`);
+}
+
 /**
  * The seeds of a redis-cluster:// URL: redis-cluster://h1:p1,h2:p2,... with
  * 1–32 seeds, each an IPv4 address or a host name and a port 1–65535, and
@@ -87,36 +144,65 @@ export function parseClusterUrl(url: string): { host: string; port: number }[] {
       throw new Error(`--redis ${JSON.stringify(url)}: a Redis Cluster has database 0 only; leave ${JSON.stringify(db)} out (${form})`);
     rest = rest.slice(0, slash);
   }
-  if (rest.includes("@")) {
-    // The URL itself is not repeated: it may carry a password.
-    throw new Error(
-      `--redis: a ${CLUSTER_SCHEME} URL takes no user or password (ps and the environment show a URL); use --redis-user and --redis-password-file`,
-    );
-  }
-  if (rest === "") throw new Error(`--redis ${JSON.stringify(url)} names no node; ${form}`);
-  const parts = rest.split(",");
-  if (parts.length > MAX_CLUSTER_SEEDS)
-    throw new Error(`--redis names ${parts.length} cluster nodes: give at most ${MAX_CLUSTER_SEEDS} (a few primaries are enough, any one gives the whole map)`);
-  const seen = new Set<string>();
-  return parts.map((part) => {
-    const m = /^([^:]*):([0-9]{1,5})$/.exec(part);
-    if (!m) {
-      if (part.startsWith("[") || (part.match(/:/g) ?? []).length > 1)
-        throw new Error(`--redis: cluster node ${JSON.stringify(part)}: IPv6 addresses are not supported here; use an IPv4 address or a host name`);
-      throw new Error(`--redis: cluster node ${JSON.stringify(part)} is not host:port (the port is required); ${form}`);
-    }
-    const [, host, portText] = m;
-    const port = Number(portText);
-    if (!validHost(host)) throw new Error(`--redis: cluster node ${JSON.stringify(part)}: ${JSON.stringify(host)} is not an IPv4 address or a host name`);
-    if (port < 1 || port > 65535 || portText.startsWith("0")) throw new Error(`--redis: cluster node ${JSON.stringify(part)}: port ${portText} is not 1–65535`);
-    const key = `${host.toLowerCase()}:${port}`;
-    if (seen.has(key)) throw new Error(`--redis: cluster node ${JSON.stringify(part)} is listed twice`);
-    seen.add(key);
-    return { host, port };
+  if (rest.includes("@")) throw credentialsRefused(CLUSTER_SCHEME);
+  return parseEndpointList(url, rest, {
+    noun: "cluster node",
+    form,
+    max: MAX_CLUSTER_SEEDS,
+    tooMany: "a few primaries are enough, any one gives the whole map",
   });
 }
 
-/** True if the URL names an ACL user (redis://user:pw@host). Never for redis-cluster://, which refuses a user outright (parseClusterUrl). */
+/** The scheme of a Redis-behind-Sentinel URL: redis-sentinel://host:port,host:port,.../<master name> */
+export const SENTINEL_SCHEME = "redis-sentinel://";
+
+/** At most this many sentinels in a sentinel URL (any one that answers names the master, and tells of the others). */
+export const MAX_SENTINELS = 32;
+
+/**
+ * True if the URL names a Redis behind Sentinel (redis-sentinel://...). Such
+ * a URL names one primary, as redis:// does: the single-Redis key layout,
+ * isCluster() false.
+ */
+export function isSentinelUrl(url: string): boolean {
+  return url.toLowerCase().startsWith(SENTINEL_SCHEME);
+}
+
+/**
+ * The sentinels and the master's name of a redis-sentinel:// URL:
+ * redis-sentinel://h1:p1,h2:p2,.../<master name>, with 1–32 sentinels
+ * (host:port as in a cluster URL, the port required) and the name the
+ * sentinels monitor the master by (`sentinel monitor <name> …`), 1–64
+ * characters of [A-Za-z0-9._-]. The database is 0. No user or password in
+ * it: the data nodes' come from --redis-user and --redis-password-file, the
+ * sentinels' from --redis-sentinel-password-file. No query. Throws an Error
+ * saying what to change.
+ */
+export function parseSentinelUrl(url: string): { sentinels: { host: string; port: number }[]; name: string } {
+  const form = `use ${SENTINEL_SCHEME}host:port,host:port,.../<master name>`;
+  if (!isSentinelUrl(url)) throw new Error(`--redis ${JSON.stringify(url)} is not a sentinel URL: ${form}`);
+  const rest = url.slice(SENTINEL_SCHEME.length);
+  // Before anything that quotes the URL: "@" can be in no part of it but credentials.
+  if (rest.includes("@")) throw credentialsRefused(SENTINEL_SCHEME);
+  if (/[?#]/.test(rest)) throw new Error(`--redis ${JSON.stringify(url)}: a sentinel URL takes no query or fragment; ${form}`);
+  const slash = rest.indexOf("/");
+  const name = slash === -1 ? "" : rest.slice(slash + 1);
+  if (name === "")
+    throw new Error(
+      `--redis ${JSON.stringify(url)} names no master: add "/<master name>" after the sentinels, the name of their \`sentinel monitor <name> …\` line (${form})`,
+    );
+  if (!/^[A-Za-z0-9._-]{1,64}$/.test(name))
+    throw new Error(`--redis ${JSON.stringify(url)}: master name ${JSON.stringify(name)} is not 1–64 characters of [A-Za-z0-9._-] (${form})`);
+  const sentinels = parseEndpointList(url, rest.slice(0, slash), {
+    noun: "sentinel",
+    form,
+    max: MAX_SENTINELS,
+    tooMany: "a few are enough: any one names the master and the others",
+  });
+  return { sentinels, name };
+}
+
+/** True if the URL names an ACL user (redis://user:pw@host). Never for redis-cluster:// or redis-sentinel://, which refuse a user outright (parseClusterUrl, parseSentinelUrl). */
 export function urlHasUser(url: string): boolean {
   if (!/^rediss?:\/\//.test(url)) return false;
   try {
@@ -126,7 +212,7 @@ export function urlHasUser(url: string): boolean {
   }
 }
 
-/** True if the URL carries a password (redis://:pw@host or redis://user:pw@host). Never for redis-cluster:// (parseClusterUrl refuses one). */
+/** True if the URL carries a password (redis://:pw@host or redis://user:pw@host). Never for redis-cluster:// or redis-sentinel:// (their parsers refuse one). */
 export function urlHasPassword(url: string): boolean {
   if (!/^rediss?:\/\//.test(url)) return false;
   try {
@@ -149,12 +235,6 @@ export interface RedisOptions extends RedisSecrets {
 const retryDelay = (times: number): number => Math.min(50 * 2 ** Math.min(times, 6), 2000);
 
 /**
- * The client of every service: a single Redis (redis://, rediss://, a unix
- * socket path) or, for redis-cluster://, an ioredis Cluster. Either way
- * commands fail fast while Redis is unreachable (no offline queue, one retry,
- * a per-command timeout) and the client reconnects in the background.
- */
-/**
  * Lua: server_ms(), the Redis server's clock in ms (TIME): what a script
  * compares times by when the daemons that write and read them run on hosts
  * whose clocks may disagree.
@@ -166,13 +246,30 @@ local function server_ms()
 end
 `;
 
+/**
+ * The client of every service: a single Redis (redis://, rediss://, a unix
+ * socket path), for redis-sentinel:// the primary its sentinels name, or,
+ * for redis-cluster://, an ioredis Cluster. Either way commands fail fast
+ * while Redis is unreachable (no offline queue, one retry, a per-command
+ * timeout) and the client reconnects in the background.
+ */
 export function connectRedis(opts: RedisOptions): Redis {
-  const client = isClusterUrl(opts.url) ? connectCluster(opts) : connectSingle(opts);
+  if (opts.sentinelPassword !== undefined && !isSentinelUrl(opts.url))
+    throw new Error(`--redis-sentinel-password-file is for a ${SENTINEL_SCHEME} URL only: --redis names no sentinels`);
+  const client = isClusterUrl(opts.url) ? connectCluster(opts) : isSentinelUrl(opts.url) ? connectSentinel(opts) : connectSingle(opts);
   let down = false;
   client.on("error", (err: Error) => {
     if (!down) opts.logger?.warn({ err: err.message }, "redis connection lost; reconnecting");
     down = true;
   });
+  // A sentinel that cannot be reached, or does not know the master's name
+  // ("got an invalid reply: null"): said once per outage, next to the error above.
+  let sentinelSaid = false;
+  client.on("sentinelError", (err: Error) => {
+    if (!sentinelSaid) opts.logger?.warn({ err: err.message }, "redis sentinel did not name the master; asking the next one");
+    sentinelSaid = true;
+  });
+  client.on("ready", () => (sentinelSaid = false));
   client.on("ready", () => {
     if (down) opts.logger?.info("redis connection restored");
     down = false;
@@ -196,6 +293,46 @@ function nodeOptions(opts: RedisOptions) {
 function connectSingle(opts: RedisOptions): Redis {
   return new Redis(opts.url, {
     ...nodeOptions(opts),
+    enableOfflineQueue: false,
+    enableAutoPipelining: true,
+    lazyConnect: false,
+    retryStrategy: retryDelay,
+  });
+}
+
+/**
+ * The primary that the sentinels of a redis-sentinel:// URL name: a single
+ * Redis client (the same node options, fail-fast, auto-pipelining) that asks
+ * the sentinels for the master at every (re)connection and checks the node
+ * it reaches is a master (ioredis's role check), so after a failover it ends
+ * up on the promoted replica without a restart. Meanwhile commands fail as
+ * they do while one Redis is down (UNAVAILABLE to the callers).
+ *
+ * Credentials and TLS: the data nodes get --redis-user/--redis-password-file
+ * and the TLS files as a single Redis does; the sentinels get no user and
+ * the password of --redis-sentinel-password-file (none: no AUTH) and, with
+ * TLS, the same TLS files.
+ */
+function connectSentinel(opts: RedisOptions): Redis {
+  const { sentinels, name } = parseSentinelUrl(opts.url);
+  return new Redis({
+    ...nodeOptions(opts),
+    sentinels,
+    name,
+    role: "master",
+    ...(opts.sentinelPassword !== undefined ? { sentinelPassword: opts.sentinelPassword } : {}),
+    // Without this ioredis speaks plain TCP to the master even with tls set (its `tls` would be the sentinels' only).
+    ...(opts.tls ? { enableTLSForSentinelMode: true, sentinelTLS: opts.tls } : {}),
+    // A sentinel that hangs is skipped for the next rather than holding the reconnection.
+    sentinelCommandTimeout: 1000,
+    // Subscribes to the sentinels' +switch-master and reconnects at once on a
+    // failover, also when the old master is alive (a manual failover, a partition that heals).
+    failoverDetector: true,
+    // A master demoted under a connection answers writes with READONLY: drop the connection and
+    // ask the sentinels again, instead of failing every write until it drops by itself. (ioredis
+    // would resend the command, but with no offline queue it is refused while reconnecting:
+    // UNAVAILABLE, safe to retry, READONLY having applied nothing.)
+    reconnectOnError: (err: Error) => (err.message.startsWith("READONLY") ? 2 : false),
     enableOfflineQueue: false,
     enableAutoPipelining: true,
     lazyConnect: false,

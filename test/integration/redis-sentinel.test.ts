@@ -1,0 +1,117 @@
+// Redis behind Sentinel (issue #18), failing over for real: a primary, a
+// replica and three sentinels (test/lib/redis-sentinel.ts), and a real
+// `microvpcd ipam` given --redis redis-sentinel://<the sentinels>/microvpc.
+// The primary is SIGKILLed after an allocation has reached the replica; the
+// daemon, not restarted, must answer again once the sentinels have promoted
+// the replica (UNAVAILABLE meanwhile, with a message that says to retry),
+// with what it wrote before still held; and when the old primary comes back
+// (empty: no persistence here) and the sentinels make it a replica, the
+// daemon keeps writing to the new master.
+import assert from "node:assert/strict";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { afterAll, beforeAll, test } from "vitest";
+import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
+import { ipamClients } from "../lib/clients.js";
+import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { onPort, startRedisSentinel, type TestRedisSentinel } from "../lib/redis-sentinel.js";
+
+let set: TestRedisSentinel;
+let daemon: Daemon;
+let c: ReturnType<typeof ipamClients>;
+
+/** How long the daemon may take to answer again after the primary is killed. */
+const RECOVERY_MS = 20_000;
+
+beforeAll(async () => {
+  set = await startRedisSentinel({ replicas: 1, downAfterMs: 1000, failoverTimeoutMs: 2000 });
+  daemon = await startDaemon("ipam", ["--redis", set.url, "--redis-timeout-ms", "500"]);
+  c = ipamClients(daemon.address);
+}, 60_000);
+
+afterAll(async () => {
+  await daemon?.stop();
+  await set?.stop();
+});
+
+/** Every key of the subnet on one node, with its content, as one string (what that node holds of it). */
+async function subnetState(port: number, subnetId: string): Promise<string> {
+  return onPort(port, async (r) => {
+    const keys = (await r.keys(`*${subnetId}*`)).sort();
+    const parts: string[] = [];
+    for (const k of keys) {
+      const type = await r.type(k);
+      const v = type === "hash" ? await r.hgetall(k) : type === "zset" ? await r.zrange(k, 0, -1, "WITHSCORES") : type === "string" ? await r.get(k) : type;
+      parts.push(`${k}=${JSON.stringify(v)}`);
+    }
+    return parts.join("\n");
+  });
+}
+
+test("the daemon follows a Sentinel failover without a restart: what it wrote is kept, and it writes to the new master", async () => {
+  const oldPrimary = await set.masterPort();
+  assert.equal(oldPrimary, set.nodes[0].port);
+  const [replica] = set.nodes.slice(1).map((n) => n.port);
+
+  await c.vpc.createVpc({ name: "sent", cidr: "10.50.0.0/16" });
+  const sn = (await c.subnet.createSubnet({ vpc: "sent", name: "s1", cidr: "10.50.1.0/24", type: SubnetType.PRIVATE })).subnet!;
+  const a = (await c.ipam.allocate({ subnetId: sn.id, owner: "vm-a", requestId: "r-a" })).allocation!;
+  // The write is on the replica before the primary dies: what a failover keeps.
+  assert.ok(((await onPort(oldPrimary, (r) => r.call("WAIT", "1", "2000"))) as number) >= 1, "the replica acknowledged the writes");
+
+  const killedAt = Date.now();
+  await set.kill(oldPrimary);
+  const newMaster = await set.waitNewMaster(oldPrimary, 15_000);
+  const failoverMs = Date.now() - killedAt;
+  assert.equal(newMaster, replica);
+
+  // Allocate until it answers, as a client would retry: UNAVAILABLE meanwhile, saying to retry.
+  const unavailable: string[] = [];
+  let b: typeof a | undefined;
+  while (!b) {
+    try {
+      b = (await c.ipam.allocate({ subnetId: sn.id, owner: "vm-b", requestId: "r-b" }, { timeoutMs: 3000 })).allocation!;
+    } catch (e) {
+      assert.ok(e instanceof ConnectError, `expected a ConnectError, got ${e}`);
+      assert.equal(Code[e.code], Code[Code.Unavailable], e.rawMessage);
+      assert.match(e.rawMessage, /state store \(Redis\) unavailable: .*retry/);
+      unavailable.push(e.rawMessage);
+      assert.ok(Date.now() - killedAt < RECOVERY_MS, `the daemon still fails ${RECOVERY_MS} ms after the kill: ${e.rawMessage}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  const recoveredMs = Date.now() - killedAt;
+  console.log(
+    `sentinel failover: new master after ${failoverMs} ms, the daemon answering after ${recoveredMs} ms (${unavailable.length} UNAVAILABLE meanwhile${unavailable.length ? `, first: ${unavailable[0]}` : ""})`,
+  );
+  assert.notEqual(b.address, a.address);
+
+  // What was allocated before the failover is still held: the same request answers the same address.
+  const again = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-a", requestId: "r-a" });
+  assert.equal(again.allocation!.address, a.address);
+  assert.equal(again.created, false);
+
+  // The new master holds both: the daemon wrote there, not somewhere else.
+  assert.equal((await set.role(newMaster)).role, "master");
+  const state = await subnetState(newMaster, sn.id);
+  for (const owner of ["vm-a", "vm-b"]) assert.ok(state.includes(owner), `${owner} on the new master:\n${state}`);
+
+  // The old primary comes back (empty, as it kept nothing) as a master; the sentinels make it a replica of the new one.
+  await set.restart(oldPrimary);
+  const demoted = Date.now();
+  for (;;) {
+    const r = await set.role(oldPrimary).catch(() => undefined);
+    if (r?.role === "slave" && r.masterPort === newMaster) break;
+    assert.ok(Date.now() - demoted < 10_000, `the sentinels did not make ${oldPrimary} a replica of ${newMaster} (role ${JSON.stringify(r)})`);
+    await new Promise((res) => setTimeout(res, 100));
+  }
+  console.log(`sentinel failover: the restarted old primary a replica after ${Date.now() - demoted} ms`);
+
+  // The daemon kept to the new master: no error (READONLY or other) reaches the client, and the writes are there.
+  for (const i of [1, 2, 3]) {
+    const x = await c.ipam.allocate({ subnetId: sn.id, owner: `vm-c${i}`, requestId: `r-c${i}` }, { timeoutMs: 3000 });
+    assert.equal(x.created, true);
+  }
+  const after = await subnetState(newMaster, sn.id);
+  for (const i of [1, 2, 3]) assert.ok(after.includes(`vm-c${i}`), `vm-c${i} on the new master`);
+  assert.doesNotMatch(daemon.output(), /READONLY/);
+});
