@@ -100,12 +100,29 @@ export async function staleHolds(redis: Redis, hash: string, kind: string, recor
 /** No hold to sweep (a single Redis has none): a cutoff before any hold. */
 export const NO_STALE_HOLDS: StaleHolds = { ids: [], cutoff: 0 };
 
+/**
+ * When a create began to hold, on two clocks: this process's monotonic
+ * clock (performance.now(), which no wall-clock step moves) and the wall
+ * clock (Date.now(), which runs on while the host or its VM is suspended
+ * or paused, when the monotonic clock stops but the Redis server's clock,
+ * by which a hold's age is judged, does not).
+ */
+export interface HoldClock {
+  mono: number;
+  wall: number;
+}
+
+/** Now, on both clocks: taken before a create writes its first hold. */
+export function holdClock(): HoldClock {
+  return { mono: performance.now(), wall: Date.now() };
+}
+
 /** What recordUnderHold needs of a create besides its record step. */
 export interface UnderHold<T> {
   /** What is being created, for the messages: "the NAT gateway", "peering pcx-…". */
   what: string;
-  /** performance.now() taken before the create wrote its first hold. */
-  heldAt: number;
+  /** holdClock() taken before the create wrote its first hold. */
+  heldAt: HoldClock;
   /** Whether the step's result is a record this create wrote (not a refusal, nor another create's record answered by client token). */
   wrote: (result: T) => boolean;
   /** Removes this create's holds; nothing of it was written. A failure is ignored: a hold without a record is swept once PENDING_MS old. */
@@ -151,13 +168,18 @@ export interface UnderHold<T> {
  * - the step failed without an answer within the deadline: the error, and
  *   the holds stay (a record written must keep them; without one they are
  *   swept once old).
- * The deadline is measured on this process's monotonic clock from before
- * the hold was written, so it passes no later than the hold's age by the
- * server's clock (which counts from when the hold was written) reaches
- * PENDING_MS/2, whatever the two clocks say.
+ * The deadline is measured from before the hold was written, on this
+ * process's monotonic clock and on its wall clock, and passes when either
+ * says so: the monotonic clock stands still while the host is suspended
+ * (or its VM paused), which the server's clock does not; the wall clock
+ * may be stepped back, which the monotonic one is not. So it passes no
+ * later than the hold's age by the server's clock (which counts from when
+ * the hold was written) reaches PENDING_MS/2, unless this host's wall
+ * clock is stepped back while it is suspended. A wall clock stepped
+ * forward only makes a create give up, or keep, early.
  */
 export async function recordUnderHold<T>(step: () => Promise<T>, o: UnderHold<T>): Promise<T> {
-  const late = () => performance.now() - o.heldAt > PENDING_MS / 2;
+  const late = () => Math.max(performance.now() - o.heldAt.mono, Date.now() - o.heldAt.wall) > PENDING_MS / 2;
   const release = () => o.release().catch(() => undefined);
   const s = PENDING_MS / 2000;
   if (late()) {

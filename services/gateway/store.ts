@@ -13,7 +13,7 @@ import { intToIp, type Parsed } from "../common/validate.js";
 import { naKeys } from "../netagent/schema.js";
 import { IPAM_KEYS } from "../ipam/schema.js";
 import { isId } from "../common/ids.js";
-import { PENDING_MS, recordUnderHold, wrongTypeOf } from "../common/pending.js";
+import { holdClock, PENDING_MS, recordUnderHold, wrongTypeOf } from "../common/pending.js";
 import { LUA_SERVER_MS } from "../common/redis.js";
 import {
   checkFip,
@@ -346,7 +346,7 @@ export class GatewayStore extends GatewayReader {
       const prev = isId("nat", seen) ? await this.getNat(seen) : null;
       if (prev) return this.replayed(prev);
     }
-    const heldAt = performance.now();
+    const heldAt = holdClock();
     if (!(await this.holdSubnet(id, n))) throw this.subnetGone(n);
     const nat = await recordUnderHold(() => this.createNat(n, clientToken, pool, wanted, id, seen), {
       what: "the NAT gateway",

@@ -25,7 +25,7 @@ import {
 import { LUA_TOKEN, TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { emit, LUA_EMIT } from "../common/events.js";
 import { LUA_SERVER_MS } from "../common/redis.js";
-import { recordUnderHold } from "../common/pending.js";
+import { holdClock, recordUnderHold } from "../common/pending.js";
 
 export { ackPeering, pairKey, parsePeering, PEERING_KEYS, peeringKeys, peeringsOf, PENDING_MS, PK } from "./schema.js";
 export type { PeeringRec } from "./schema.js";
@@ -340,7 +340,7 @@ export class PeeringStore {
         () => undefined,
         () => undefined,
       );
-    const heldAt = performance.now();
+    const heldAt = holdClock();
     // In VPC id order: two creates that share a VPC reserve it first, so that they cannot each hold what the other needs.
     const sides = [
       [p.vpc1Id, p.vpc2Cidr],

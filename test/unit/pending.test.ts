@@ -12,7 +12,7 @@ function create(at: () => number, o: Partial<UnderHold<string>> = {}) {
   vi.spyOn(performance, "now").mockImplementation(at);
   const opts: UnderHold<string> = {
     what: "the thing",
-    heldAt: 0,
+    heldAt: { mono: 0, wall: Date.now() },
     wrote: (r) => r === "mine",
     release: async () => void did.push("release"),
     takeBack: async () => void did.push("takeBack"),
@@ -49,6 +49,33 @@ describe("recordUnderHold", () => {
       /^Error: Command timed out$/,
     );
     assert.deepEqual(did, []);
+  });
+
+  test("the deadline passes on either clock: a suspended host (the monotonic clock stood still, the wall clock ran on); a wall clock stepped back does not hide it", async () => {
+    // Suspended: performance.now() says no time passed, the wall clock (and the Redis server's) says 31 s.
+    const suspended = create(() => IN_TIME, { heldAt: { mono: 0, wall: Date.now() - LATE } });
+    let ran = false;
+    await assert.rejects(
+      recordUnderHold(async () => ((ran = true), "mine"), suspended.opts),
+      (e: Error) => e instanceof UnavailableError && /nothing was created, retry$/.test(e.message),
+    );
+    assert.deepEqual([ran, suspended.did], [false, ["release"]]);
+    // Suspended while the record was being written: taken back.
+    let wall = Date.now();
+    const during = create(() => IN_TIME, { heldAt: { mono: 0, wall } });
+    vi.spyOn(Date, "now").mockImplementation(() => wall);
+    await assert.rejects(
+      recordUnderHold(async () => ((wall += LATE), "mine"), during.opts),
+      (e: Error) => e instanceof UnavailableError && /taken back/.test(e.message),
+    );
+    assert.deepEqual(during.did, ["takeBack"]);
+    // The wall clock stepped back a minute: the monotonic clock still counts.
+    const stepped = create(() => LATE, { heldAt: { mono: 0, wall: Date.now() + 60_000 } });
+    await assert.rejects(
+      recordUnderHold(async () => "mine", stepped.opts),
+      /nothing was created, retry$/,
+    );
+    assert.deepEqual(stepped.did, ["release"]);
   });
 
   test("past the deadline before the step: the step does not run, the holds go, UNAVAILABLE retry", async () => {
