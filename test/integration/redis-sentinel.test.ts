@@ -6,7 +6,9 @@
 // the replica (UNAVAILABLE meanwhile, with a message that says to retry),
 // with what it wrote before still held; and when the old primary comes back
 // (empty: no persistence here) and the sentinels make it a replica, the
-// daemon keeps writing to the new master.
+// daemon keeps writing to the new master. Then a switchover (SENTINEL
+// FAILOVER) whose old master stays up: the daemon moves to the promoted node
+// too, at once.
 import assert from "node:assert/strict";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, test } from "vitest";
@@ -114,4 +116,42 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   const after = await subnetState(newMaster, sn.id);
   for (const i of [1, 2, 3]) assert.ok(after.includes(`vm-c${i}`), `vm-c${i} on the new master`);
   assert.doesNotMatch(daemon.output(), /READONLY/);
+
+  // A failover whose old master stays up (SENTINEL FAILOVER, an operator's switchover): the sentinels
+  // make it a replica only some time after +switch-master (4 hello periods: 2 s here, 8 s by default),
+  // and until then it takes writes that its resync will throw away. The daemon must leave it at once
+  // (failoverDetector: +switch-master) and write to the promoted node; every write checked below is there.
+  const switchedAt = Date.now();
+  for (;;) {
+    const r = await onPort(set.sentinels[0].port, (x) => x.call("SENTINEL", "FAILOVER", set.masterName)).catch((e: Error) => e);
+    if (!(r instanceof Error)) break;
+    // NOGOODSLAVE until the sentinels have seen the restarted node in sync; INPROG not here.
+    assert.ok(Date.now() - switchedAt < 5_000, `SENTINEL FAILOVER refused: ${r.message}`);
+    await new Promise((res) => setTimeout(res, 100));
+  }
+  assert.equal(await set.waitNewMaster(newMaster, 10_000), oldPrimary);
+  const switchMs = Date.now() - switchedAt;
+  const during: string[] = [];
+  for (let i = 0; ; i++) {
+    try {
+      await c.ipam.allocate({ subnetId: sn.id, owner: "vm-d", requestId: "r-d" }, { timeoutMs: 3000 });
+      break;
+    } catch (e) {
+      assert.ok(e instanceof ConnectError, `expected a ConnectError, got ${e}`);
+      assert.equal(Code[e.code], Code[Code.Unavailable], e.rawMessage);
+      assert.match(e.rawMessage, /state store \(Redis\) unavailable: .*retry/);
+      during.push(e.rawMessage);
+      assert.ok(Date.now() - switchedAt < RECOVERY_MS, `the daemon still fails ${RECOVERY_MS} ms after SENTINEL FAILOVER: ${e.rawMessage}`);
+      await new Promise((res) => setTimeout(res, 100));
+    }
+  }
+  console.log(
+    `sentinel switchover: new master after ${switchMs} ms, the daemon writing there after ${Date.now() - switchedAt} ms (${during.length} UNAVAILABLE meanwhile${during.length ? `, first: ${during[0]}` : ""})`,
+  );
+  for (const i of [1, 2, 3]) {
+    const x = await c.ipam.allocate({ subnetId: sn.id, owner: `vm-e${i}`, requestId: `r-e${i}` }, { timeoutMs: 3000 });
+    assert.equal(x.created, true);
+  }
+  const switched = await subnetState(oldPrimary, sn.id);
+  for (const owner of ["vm-a", "vm-b", "vm-c1", "vm-d", "vm-e1", "vm-e2", "vm-e3"]) assert.ok(switched.includes(owner), `${owner} on the promoted node`);
 });
