@@ -181,6 +181,11 @@ export function addImdsCommand(program: Command): void {
     .addOption(new Option("--management-cidrs <list>", "as the gateway's: a VPC's forwarders inside it are not used").default(""))
     .addOption(new Option("--uplink <ifname>", "the uplink, for --management-cidrs auto").default("eth0"))
     .addOption(new Option("--redis-password-file <path>", "read the Redis password from a file").env("MICROVPC_REDIS_PASSWORD_FILE"))
+    .addOption(
+      new Option("--redis-sentinel-password-file <path>", "the sentinels' password, with a redis-sentinel:// URL (the gateway's)").env(
+        "MICROVPC_REDIS_SENTINEL_PASSWORD_FILE",
+      ),
+    )
     .addOption(new Option("--redis-user <name>", "Redis ACL user (the gateway's)").env("MICROVPC_REDIS_USER"))
     .addOption(new Option("--redis-tls-ca <path>", "CA (PEM) of Redis over TLS").env("MICROVPC_REDIS_TLS_CA"))
     .addOption(new Option("--redis-tls-cert <path>", "client certificate (PEM) for Redis over TLS").env("MICROVPC_REDIS_TLS_CERT"))
@@ -194,13 +199,20 @@ export function addImdsCommand(program: Command): void {
         managementCidrs: string;
         uplink: string;
         redisPasswordFile?: string;
+        redisSentinelPasswordFile?: string;
         redisUser?: string;
         redisTlsCa?: string;
         redisTlsCert?: string;
         redisTlsKey?: string;
       }) => {
         const logger = pino({ base: { service: "imds", pid: process.pid, hostId: o.hostId, version: BUILD.version } });
-        const secrets = readRedisSecrets({ passwordFile: o.redisPasswordFile, tlsCa: o.redisTlsCa, tlsCert: o.redisTlsCert, tlsKey: o.redisTlsKey });
+        const secrets = readRedisSecrets({
+          passwordFile: o.redisPasswordFile,
+          sentinelPasswordFile: o.redisSentinelPasswordFile,
+          tlsCa: o.redisTlsCa,
+          tlsCert: o.redisTlsCert,
+          tlsKey: o.redisTlsKey,
+        });
         checkRedisUser(o.redis, o.redisUser, o.redisPasswordFile);
         const redis = connectRedis({ url: o.redis, logger, ...(o.redisUser ? { username: o.redisUser } : {}), ...secrets });
         const spec = parseManagementCidrs("--management-cidrs", o.managementCidrs);
@@ -241,7 +253,7 @@ export function addImdsCommand(program: Command): void {
  */
 export function imdsRedisArgs(
   url: string,
-  files: { user?: unknown; passwordFile?: unknown; tlsCa?: unknown; tlsCert?: unknown; tlsKey?: unknown },
+  files: { user?: unknown; passwordFile?: unknown; sentinelPasswordFile?: unknown; tlsCa?: unknown; tlsCert?: unknown; tlsKey?: unknown },
 ): { args: string[]; env: Record<string, string> } {
   const args: string[] = [];
   const env: Record<string, string> = {};
@@ -250,6 +262,7 @@ export function imdsRedisArgs(
   for (const [flag, v] of [
     ["--redis-user", files.user],
     ["--redis-password-file", files.passwordFile],
+    ["--redis-sentinel-password-file", files.sentinelPasswordFile],
     ["--redis-tls-ca", files.tlsCa],
     ["--redis-tls-cert", files.tlsCert],
     ["--redis-tls-key", files.tlsKey],
@@ -420,6 +433,7 @@ export const gatewayDefinition: ServiceDefinition = {
       const redisArgs = imdsRedisArgs(String(flags.imdsRedis ?? flags.redis), {
         user: flags.redisUser,
         passwordFile: flags.redisPasswordFile,
+        sentinelPasswordFile: flags.redisSentinelPasswordFile,
         tlsCa: flags.redisTlsCa,
         tlsCert: flags.redisTlsCert,
         tlsKey: flags.redisTlsKey,

@@ -121,6 +121,16 @@ describe("Redis secrets", () => {
     const user = imdsRedisArgs("/run/redis.sock", { user: "microvpc-host-hv1", passwordFile: "/etc/pw" });
     assert.deepEqual(user.args, ["--redis", "/run/redis.sock", "--redis-user", "microvpc-host-hv1", "--redis-password-file", "/etc/pw"]);
     assert.ok(!imdsRedisArgs("/run/redis.sock", { user: "" }).args.includes("--redis-user"));
+    // Behind Sentinel: the sentinels' password file goes by path too.
+    const sentinel = imdsRedisArgs("redis-sentinel://h1:26379,h2:26379/microvpc", { passwordFile: "/etc/pw", sentinelPasswordFile: "/etc/spw" });
+    assert.deepEqual(sentinel.args, [
+      "--redis",
+      "redis-sentinel://h1:26379,h2:26379/microvpc",
+      "--redis-password-file",
+      "/etc/pw",
+      "--redis-sentinel-password-file",
+      "/etc/spw",
+    ]);
   });
   test("--redis-user: a plain name, not also in the URL; empty means Redis's default user", () => {
     assert.doesNotThrow(() => checkRedisUser("redis://h:6379/0", "microvpc-host-hv1", "/etc/pw"));
