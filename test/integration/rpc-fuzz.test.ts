@@ -199,24 +199,45 @@ const base: BaseValues = (method: string, f: DescField, path: string) => {
   return values[n];
 };
 
+/**
+ * What kernelSnapshot's one shell runs for each namespace given: a marker
+ * line, `ip -o -batch` for links, addresses and routes, another marker, and
+ * nft in the namespace through nsenter, which (unlike `ip netns exec`) makes
+ * no mount namespace. One process started from here instead of two per
+ * namespace: a snapshot is taken about twice per call, and starting a
+ * process from the test's own (large) process cost more than the commands.
+ */
+const SNAP_MARK = `@@kernel-snapshot-${process.pid}`;
+const SNAP_SCRIPT = `mark=$1; shift
+for n; do
+  printf '\\n%s ip %s\\n' "$mark" "$n"
+  printf 'link show\\naddr show\\nroute show\\n' | ip -n "$n" -o -batch - 2>/dev/null
+  printf '\\n%s nft %s\\n' "$mark" "$n"
+  nsenter "--net=/run/netns/$n" nft list ruleset 2>/dev/null
+done
+`;
+
 /** Kernel state of the host's namespaces: its host namespace, and every namespace netagent and vmm made for it. */
 async function kernelSnapshot(): Promise<Snapshot> {
   const hv = h.hosts[0];
   // /run/netns read directly: `ip netns list` is a process, and asks the kernel for every namespace's id on the machine.
   const names = [hv.ns, ...readdirSync("/run/netns").filter((n) => n.startsWith(`mvpc-${hv.id}-`) || n.startsWith(`mvpcvm-${hv.id}-`))].sort();
-  // Two processes per namespace, every namespace at once (a snapshot is taken about twice per call): one
-  // `ip -batch` for links, addresses and routes, and nft in the namespace through nsenter, which (unlike
-  // `ip netns exec`) makes no mount namespace. The names are ours (run prefix, ids of [a-z0-9-]).
-  const per = new Map<string, Record<string, string>>();
-  await Promise.all(
-    names.map(async (n) => {
-      const [ip, nft] = await Promise.all([
-        ipn(n, ["-o", "-batch", "-"], { input: "link show\naddr show\nroute show\n", timeoutMs: 20_000, check: false }),
-        run("nsenter", [`--net=/run/netns/${n}`, "nft", "list", "ruleset"], { timeoutMs: 20_000, check: false }),
-      ]);
-      per.set(n, { ip: ip.stdout, nft: nft.stdout });
-    }),
-  );
+  // The names are ours (run prefix, ids of [a-z0-9-]), passed to the shell as arguments, not as script text.
+  const out = await run("sh", ["-c", SNAP_SCRIPT, "sh", SNAP_MARK, ...names], { timeoutMs: 20_000, check: false });
+  const per = new Map<string, Record<string, string>>(names.map((n) => [n, { ip: "", nft: "" }]));
+  let part: string[] | undefined;
+  const parts: [string, "ip" | "nft", string[]][] = [];
+  for (const line of out.stdout.split("\n")) {
+    if (line.startsWith(`${SNAP_MARK} `)) {
+      const [, kind, n] = line.split(" ");
+      parts.push([n, kind as "ip" | "nft", (part = [])]);
+    } else part?.push(line);
+  }
+  for (const [n, kind, lines] of parts) {
+    const e = per.get(n);
+    assert.ok(e, `kernelSnapshot: output for a namespace not asked for: ${n}`);
+    e[kind] = lines.join("\n");
+  }
   const snap = kernelLines(per);
   snap.set("namespaces", names.join(" "));
   return snap;
@@ -238,8 +259,8 @@ const READ_ONLY = /^(Get|List|NicStats|ParseRules|InspectVm|TestConnectivity|Wat
  * run), at most 5 s. Shorter waits let a busy machine's late pass land in
  * the next call's before/after and be blamed on that call.
  */
-async function settle<T extends Snapshot>(take: () => Promise<T>): Promise<T> {
-  let prev = await take();
+async function settle<T extends Snapshot>(take: () => Promise<T>, first?: T): Promise<T> {
+  let prev = first ?? (await take());
   for (let i = 0; i < 20; i++) {
     await new Promise((r) => setTimeout(r, 250));
     const next = await take();
@@ -419,7 +440,13 @@ function fuzzMethod(t: Target, m: DescMethod, transport: () => Transport): void 
             changed = true;
             // Accepted: it may change things, now or shortly (events the daemons follow). Start again from there.
             if (kernelBefore) ({ redis: redisNow, kernel: kernelNow } = await settleBoth());
-            else redisNow = await settle(() => redisSnapshot(redis, skip));
+            else {
+              // The ipam daemon's services (no kernel side) do nothing after their answer; the other daemons
+              // learn of a change only from its event, appended in the same step (the streams are in the
+              // snapshot). So a call that left Redis as it was set nothing off: nothing to wait for.
+              const after = await redisSnapshot(redis, skip);
+              redisNow = diffSnapshots(redisBefore, after).length === 0 ? after : await settle(() => redisSnapshot(redis, skip), after);
+            }
           } else {
             redisNow = await redisSnapshot(redis, skip);
             // CreateVm is a saga with a durable record: one that ran and was rolled back ("every step done
