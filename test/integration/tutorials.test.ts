@@ -173,21 +173,22 @@ test("the agentmetal networking guide, as written, with packets", { timeout: 300
   await serve(data1.ns, "data1", [80, 22, 8080]);
 
   // Inside the VPC: 80 and 443 from anywhere, 22 from 10.0.0.0/16; nothing else.
-  await reachable("web2", `${web1.address}:80`, "prod");
-  await reachable("web2", `${web1.address}:443`, "prod");
-  await reachable("web2", `${web1.address}:22`, "prod");
-  // Subnet routing: across the two subnets, both ways.
-  await reachable("data1", `web1:80`, "prod");
-  await reachable("data1", `${web1.address}:22`, "prod");
-  await reachable("web1", `${data1.address}:22`, "prod");
-  await reachable("web1", `${data1.address}:80`, "prod");
+  // (Probes of one step run at once: each is its own CLI run, path and wait, as it was one after another.)
+  await Promise.all([
+    reachable("web2", `${web1.address}:80`, "prod"),
+    reachable("web2", `${web1.address}:443`, "prod"),
+    reachable("web2", `${web1.address}:22`, "prod"),
+    // Subnet routing: across the two subnets, both ways.
+    reachable("data1", `web1:80`, "prod"),
+    reachable("data1", `${web1.address}:22`, "prod"),
+    reachable("web1", `${data1.address}:22`, "prod"),
+    reachable("web1", `${data1.address}:80`, "prod"),
+  ]);
   // A port web-sg does not open: dropped. Reachable first on the same path with the port opened.
   await expect(0, ["sg", "rule", "add", "web-sg", "--vpc", "prod", "--inbound", "tcp:8080:10.0.0.0/16"]);
-  await reachable("web2", `${web1.address}:8080`, "prod");
-  await reachable("web1", `${data1.address}:8080`, "prod");
+  await Promise.all([reachable("web2", `${web1.address}:8080`, "prod"), reachable("web1", `${data1.address}:8080`, "prod")]);
   await expect(0, ["sg", "rule", "remove", "web-sg", "--vpc", "prod", "--inbound", "tcp:8080:10.0.0.0/16"]);
-  await blocked("web2", `${web1.address}:8080`, "prod");
-  await blocked("web1", `${data1.address}:8080`, "prod");
+  await Promise.all([blocked("web2", `${web1.address}:8080`, "prod"), blocked("web1", `${data1.address}:8080`, "prod")]);
 
   // Public subnet: direct internet access (the internet sees the hypervisor's address).
   const hostAddr = h.hosts[0].underlayAddress;
@@ -332,9 +333,9 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   // (a) vpcctl's literal meaning: a network ACL on the database subnet; 22 denied, the rest passes.
   let r = await expect(0, ["acl", "import", policy, "--vpc", "blog"]);
   assert.match(r.stdout, /created network ACL policy-database for subnet database/);
-  await reachable("webserver", "10.20.2.4:5432", "blog");
+  // The block first: it shows the ACL applied, so what passes after it passes under the ACL.
   await blocked("webserver", "10.20.2.4:22", "blog");
-  await reachable("webserver", "10.20.2.4:3000", "blog");
+  await Promise.all([reachable("webserver", "10.20.2.4:5432", "blog"), reachable("webserver", "10.20.2.4:3000", "blog")]);
   assert.equal(await httpFrom(web.ns, "http://10.20.2.4:5432/", (b) => b !== null), "database:5432");
   assert.equal(await httpFrom(db.ns, url, (b) => b !== null), natAddr, "database → internet:80 (egress allow 80) under the ACL");
   await reachable("database", "10.20.1.4:8080", "blog");
@@ -352,16 +353,18 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
     "DIRECTION_INGRESS:PROTOCOL_TCP:5432",
   ]);
   await expect(0, ["sg", "attach", db.nic, "--group", "database-policy"]);
+  await Promise.all([
+    blocked("webserver", "10.20.2.4:22", "blog"),
+    blocked("webserver", "10.20.2.4:3000", "blog"),
+    // Egress to a port the policy does not allow: database → webserver:8080 (reachable above) is dropped.
+    blocked("database", "10.20.1.4:8080", "blog"),
+  ]);
+  // What passes under the group, once its blocks show it applied.
   await reachable("webserver", "10.20.2.4:5432", "blog");
-  await blocked("webserver", "10.20.2.4:22", "blog");
-  await blocked("webserver", "10.20.2.4:3000", "blog");
   assert.equal(await httpFrom(db.ns, url, (b) => b !== null), natAddr, "database → internet:80 (egress allow 80) under the group");
-  // Egress to a port the policy does not allow: database → webserver:8080 (reachable above) is dropped.
-  await blocked("database", "10.20.1.4:8080", "blog");
   // Back to the open group: 22 and 3000 answer again.
   await expect(0, ["sg", "attach", db.nic, "--group", "blog-open"]);
-  await reachable("webserver", "10.20.2.4:22", "blog");
-  await reachable("database", "10.20.1.4:8080", "blog");
+  await Promise.all([reachable("webserver", "10.20.2.4:22", "blog"), reachable("database", "10.20.1.4:8080", "blog")]);
 
   // Peering (sudo vpcctl peer blog analytics --allow-cidrs 10.20.1.0/24,10.30.1.0/24).
   // analytics runs a report service on 9000; its security group names the
@@ -375,8 +378,7 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   await unreachable("webserver", "10.30.1.4:9000", "blog"); // not peered yet
   // (a) The whole VPCs: both blog subnets reach reports:9000, as its group allows.
   await expect(0, ["vpc", "peer", "create", "--vpc1", "blog", "--vpc2", "analytics"]);
-  await reachable("webserver", "10.30.1.4:9000", "blog");
-  await reachable("database", "10.30.1.4:9000", "blog");
+  await Promise.all([reachable("webserver", "10.30.1.4:9000", "blog"), reachable("database", "10.30.1.4:9000", "blog")]);
   assert.equal(await httpFrom(web.ns, "http://10.30.1.4:9000/", (b) => b !== null), "reports:9000");
   // The security group still rules: narrowed to the webserver subnet, the database is dropped.
   await expect(0, ["sg", "rule", "add", "reports-sg", "--vpc", "analytics", "--inbound", "tcp:9000:10.20.1.0/24"]);
