@@ -179,13 +179,21 @@ describe("vpcctl tutorial", () => {
     for (const vm of vms) await serveHttp(vm);
     await startTcpServer(app1.ns, 8080, "app");
     await startTcpServer(db1.ns, 5432, "db");
-    for (const from of vms) {
-      for (const sn of subnets) assert.ok(await canPing(from.ns, sn.gateway), `${from.name} pings gateway ${sn.gateway}`);
-      for (const to of vms) if (to !== from) await assertReaches(from, to);
-    }
-    assert.ok(await tcpProbe(web1.ns, app1.address, 8080), "web → app:8080");
-    assert.ok(await tcpProbe(app1.ns, db1.address, 5432), "app → db:5432");
-    assert.ok(await tcpProbe(web1.ns, db1.address, 5432), "web → db:5432 (no security groups yet)");
+    // Every probe at once (each its own ping or connection, and its own wait), not one after another.
+    await Promise.all(
+      vms.flatMap((from) => [
+        ...subnets.map(async (sn) => assert.ok(await canPing(from.ns, sn.gateway), `${from.name} pings gateway ${sn.gateway}`)),
+        ...vms.filter((to) => to !== from).map((to) => assertReaches(from, to)),
+      ]),
+    );
+    const [webApp, appDb, webDb] = await Promise.all([
+      tcpProbe(web1.ns, app1.address, 8080),
+      tcpProbe(app1.ns, db1.address, 5432),
+      tcpProbe(web1.ns, db1.address, 5432),
+    ]);
+    assert.ok(webApp, "web → app:8080");
+    assert.ok(appDb, "app → db:5432");
+    assert.ok(webDb, "web → db:5432 (no security groups yet)");
   });
 });
 
