@@ -218,8 +218,9 @@ test("the agentmetal networking guide, as written, with packets", { timeout: 300
     await waitFor(async () => (got = await tcpConnect(inet.ns, fip.address, port, 1500)) === want, { timeoutMs: 10_000, intervalMs: 300 });
     return got;
   };
-  assert.equal(await fromInternet(80, "connected"), "connected", "internet → web1 FIP:80");
-  assert.equal(await fromInternet(443, "connected"), "connected", "internet → web1 FIP:443");
+  const [p80, p443] = await Promise.all([fromInternet(80, "connected"), fromInternet(443, "connected")]);
+  assert.equal(p80, "connected", "internet → web1 FIP:80");
+  assert.equal(p443, "connected", "internet → web1 FIP:443");
   // 22 from the internet: reachable first while web-sg opens it to everyone, then the guide's rule.
   await expect(0, ["sg", "rule", "add", "web-sg", "--vpc", "prod", "--inbound", "tcp:22:0.0.0.0/0"]);
   assert.equal(await fromInternet(22, "connected"), "connected", "internet → web1 FIP:22 while open to 0.0.0.0/0");
@@ -294,9 +295,11 @@ test("the vpcctl tutorial's blog, as written, with packets", { timeout: 300_000 
   await reachable("webserver", "10.20.2.4:5432", "blog");
   // Step 7 (own app): curl -s http://10.20.1.2:8080 (here .4)
   assert.equal(await httpFrom(web.ns, "http://10.20.1.4:8080/", (b) => b !== null), "webserver:8080");
-  await reachable("database", "10.20.1.4:8080", "blog");
-  await reachable("webserver", "10.20.2.4:22", "blog");
-  await reachable("webserver", "10.20.2.4:3000", "blog");
+  await Promise.all([
+    reachable("database", "10.20.1.4:8080", "blog"),
+    reachable("webserver", "10.20.2.4:22", "blog"),
+    reachable("webserver", "10.20.2.4:3000", "blog"),
+  ]);
 
   // Step 6: NAT. The public webserver subnet reaches the internet by itself
   // (vpcctl: neither does before enable-nat); the private database does not.
