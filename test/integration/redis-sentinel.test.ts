@@ -25,7 +25,8 @@ let c: ReturnType<typeof ipamClients>;
 const RECOVERY_MS = 20_000;
 
 beforeAll(async () => {
-  set = await startRedisSentinel({ replicas: 1, downAfterMs: 1000, failoverTimeoutMs: 2000 });
+  // failover-timeout bounds a promotion the sentinels wait to see: on a loaded machine 2 s aborted the switchover below (-failover-abort-slave-timeout).
+  set = await startRedisSentinel({ replicas: 1, downAfterMs: 1000, failoverTimeoutMs: 10_000 });
   daemon = await startDaemon("ipam", ["--redis", set.url, "--redis-timeout-ms", "500"]);
   c = ipamClients(daemon.address);
 }, 60_000);
@@ -121,6 +122,10 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   // make it a replica only some time after +switch-master (4 hello periods: 2 s here, 8 s by default),
   // and until then it takes writes that its resync will throw away. The daemon must leave it at once
   // (failoverDetector: +switch-master) and write to the promoted node; every write checked below is there.
+  // Replication is asynchronous: a switchover keeps only what the replica has. The restarted node may
+  // still be loading its first sync when the sentinels take it for a good replica, so wait for it to
+  // acknowledge the writes above, as for the kill.
+  assert.ok(((await onPort(newMaster, (r) => r.call("WAIT", "1", "5000"))) as number) >= 1, "the restarted node acknowledged the writes");
   const switchedAt = Date.now();
   for (;;) {
     const r = await onPort(set.sentinels[0].port, (x) => x.call("SENTINEL", "FAILOVER", set.masterName)).catch((e: Error) => e);

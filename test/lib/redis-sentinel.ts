@@ -9,11 +9,11 @@
 // durability (no AOF, no RDB): these tests are about failing over. Ended by
 // PID only (SIGTERM, then SIGKILL).
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Redis } from "ioredis";
-import { freePort } from "./redis.js";
+import { endByPid, freePort, logTail } from "./redis.js";
 
 export interface TestSentinelNode {
   port: number;
@@ -53,7 +53,6 @@ export interface RedisSentinelOptions {
 }
 
 const READY_MS = 15_000;
-const STOP_GRACE_MS = 5_000;
 
 /** One-off connection to one process (a data node or a sentinel): runs fn, then disconnects. */
 export async function onPort<T>(port: number, fn: (c: Redis) => Promise<T>): Promise<T> {
@@ -77,23 +76,6 @@ export async function onPort<T>(port: number, fn: (c: Redis) => Promise<T>): Pro
 
 function infoField(info: string, field: string): string | undefined {
   return new RegExp(`^${field}:(\\S*)`, "m").exec(info)?.[1];
-}
-
-function logTail(dir: string, file: string): string {
-  try {
-    return readFileSync(join(dir, file), "utf8").split("\n").slice(-15).join("\n");
-  } catch {
-    return "(no log)";
-  }
-}
-
-async function endByPid(p: ChildProcess): Promise<void> {
-  if (p.pid === undefined || p.exitCode !== null || p.signalCode !== null) return;
-  const exited = new Promise((res) => p.once("exit", res));
-  p.kill("SIGTERM");
-  const t = setTimeout(() => p.kill("SIGKILL"), STOP_GRACE_MS);
-  await exited;
-  clearTimeout(t);
 }
 
 function launchDataNode(port: number, dir: string, primaryPort: number | undefined): ChildProcess {

@@ -235,15 +235,17 @@ function launchClusterNode(port: number, busPort: number, dir: string, password:
   return p;
 }
 
-function logTail(dir: string): string {
+/** The last lines of a node's log in its directory, for an error message. */
+export function logTail(dir: string, file = "redis.log"): string {
   try {
-    return readFileSync(join(dir, "redis.log"), "utf8").split("\n").slice(-15).join("\n");
+    return readFileSync(join(dir, file), "utf8").split("\n").slice(-15).join("\n");
   } catch {
     return "(no log)";
   }
 }
 
-async function endByPid(p: ChildProcess): Promise<void> {
+/** Ends a redis-server this process started, by its PID: SIGTERM, then SIGKILL past the grace. */
+export async function endByPid(p: ChildProcess): Promise<void> {
   if (p.pid === undefined || p.exitCode !== null || p.signalCode !== null) return;
   const exited = new Promise((res) => p.once("exit", res));
   p.kill("SIGTERM");
