@@ -29,12 +29,35 @@ export interface NetnsAdapter {
   ping(ns: string, target: string, timeoutMs: number): Promise<boolean>;
   /** One TCP connect from inside ns to target:port within timeoutMs. */
   tcpProbe(ns: string, target: string, port: number, timeoutMs: number): Promise<TcpProbeResult>;
+  /**
+   * One UDP datagram from inside ns to target:port: "connected" if a datagram
+   * came back within timeoutMs, "refused" on ICMP port unreachable,
+   * "unreachable" on host/network unreachable, else "timeout" (dropped, or a
+   * service that does not answer: UDP cannot tell them apart).
+   */
+  udpProbe(ns: string, target: string, port: number, timeoutMs: number): Promise<TcpProbeResult>;
 }
 
 // Run by this node binary inside the namespace: the daemon's own sockets live
 // in the root namespace, so the connect has to come from a child there.
 const TCP_PROBE = `const s=require("net").connect({host:process.argv[1],port:+process.argv[2]});const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
 s.on("connect",()=>{process.stdout.write("connected");process.exit(0)});s.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)})`;
+
+// The same for UDP: a connected socket, so that an ICMP port unreachable comes back as ECONNREFUSED.
+const UDP_PROBE = `const d=require("dgram").createSocket("udp4");const t=setTimeout(()=>{process.stdout.write("timeout");process.exit(0)},+process.argv[3]);
+d.on("message",()=>{process.stdout.write("connected");process.exit(0)});d.on("error",(e)=>{process.stdout.write(e.code==="ECONNREFUSED"?"refused":"unreachable");process.exit(0)});
+d.connect(+process.argv[2],process.argv[1],(err)=>{if(err){d.emit("error",err);return}d.send(Buffer.from("microvpc connectivity probe\\n"),(e)=>{if(e)d.emit("error",e)})})`;
+
+/** Runs a probe script (TCP_PROBE, UDP_PROBE) with this node binary inside ns: its one-word answer. */
+async function probe(script: string, ns: string, target: string, port: number, timeoutMs: number): Promise<TcpProbeResult> {
+  const { stdout } = await run(process.execPath, ["-e", script, target, String(port), String(timeoutMs)], {
+    netns: ns,
+    timeoutMs: timeoutMs + 3000,
+    check: false,
+  });
+  for (const r of ["connected", "refused", "timeout"] as const) if (stdout.includes(r)) return r;
+  return "unreachable";
+}
 
 export const kernelNetns: NetnsAdapter = {
   async add(name) {
@@ -55,17 +78,11 @@ export const kernelNetns: NetnsAdapter = {
   },
 
   async ping(ns, target, timeoutMs) {
-    const r = await run("ping", ["-c", "1", "-W", String(Math.ceil(timeoutMs / 1000)), target], { netns: ns, timeoutMs: timeoutMs + 3000, check: false });
+    // -W in seconds, fractions allowed (iputils 20190709 and later): a 300 ms probe waits 300 ms, not 1 s.
+    const r = await run("ping", ["-c", "1", "-W", (timeoutMs / 1000).toFixed(3), target], { netns: ns, timeoutMs: timeoutMs + 3000, check: false });
     return / 1 received/.test(r.stdout);
   },
 
-  async tcpProbe(ns, target, port, timeoutMs) {
-    const { stdout } = await run(process.execPath, ["-e", TCP_PROBE, target, String(port), String(timeoutMs)], {
-      netns: ns,
-      timeoutMs: timeoutMs + 3000,
-      check: false,
-    });
-    for (const r of ["connected", "refused", "timeout"] as const) if (stdout.includes(r)) return r;
-    return "unreachable";
-  },
+  tcpProbe: (ns, target, port, timeoutMs) => probe(TCP_PROBE, ns, target, port, timeoutMs),
+  udpProbe: (ns, target, port, timeoutMs) => probe(UDP_PROBE, ns, target, port, timeoutMs),
 };

@@ -936,6 +936,7 @@ export class Vmm {
       ),
 
     testConnectivity: async (req) => {
+      const p = probeOf(req);
       const src = await this.resolve(req.source, req.vpc, "source");
       if (!src) throw new NotFoundError("vm", req.source);
       if (src.kind !== "netns")
@@ -948,16 +949,18 @@ export class Vmm {
         target = t.address;
         targetVm = t.id;
       } else V.ipv4("target", target);
-      const timeout = Math.min(req.timeoutMs ?? 2000, 10_000);
       const t0 = process.hrtime.bigint();
       let result: ConnectivityResult;
       let method: string;
-      if (req.protocol === Protocol.ICMP || req.port === undefined) {
+      if (p.proto === "icmp") {
         method = "icmp echo";
-        result = (await this.netns.ping(src.netns, target, timeout)) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
+        result = (await this.netns.ping(src.netns, target, p.timeoutMs)) ? ConnectivityResult.REACHABLE : ConnectivityResult.TIMEOUT;
+      } else if (p.proto === "tcp") {
+        method = `tcp connect :${p.port}`;
+        result = PROBE_RESULT[await this.netns.tcpProbe(src.netns, target, p.port, p.timeoutMs)];
       } else {
-        method = `tcp connect :${V.port("port", req.port)}`;
-        result = PROBE_RESULT[await this.netns.tcpProbe(src.netns, target, req.port, timeout)];
+        method = `udp datagram :${p.port}`;
+        result = PROBE_RESULT[await this.netns.udpProbe(src.netns, target, p.port, p.timeoutMs)];
       }
       const us = Number((process.hrtime.bigint() - t0) / 1000n);
       return {
@@ -977,6 +980,41 @@ export class Vmm {
 /** The attributes of a step's span. */
 function stepAttrs(v: VmRec, step: StepName, op: string): Record<string, string> {
   return { "microvpc.step": step, "microvpc.op": op, "microvpc.vm.id": v.id, "microvpc.vm.kind": v.kind };
+}
+
+/**
+ * What TestConnectivity probes, from its request, checked before anything
+ * resolves or runs: the protocol (unset: TCP with a port, else ICMP; ALL is
+ * no probe), a port for TCP and UDP and none for ICMP, and the wait,
+ * 100–30000 ms (default 2000), as the API says.
+ */
+export function probeOf(req: { protocol: Protocol; port?: number; timeoutMs?: number }): {
+  proto: "icmp" | "tcp" | "udp";
+  port: number;
+  timeoutMs: number;
+} {
+  const timeoutMs = req.timeoutMs ?? 2000;
+  if (!Number.isInteger(timeoutMs) || timeoutMs < 100 || timeoutMs > 30_000)
+    throw new InvalidArgumentError("timeout_ms", `${timeoutMs}: give 100–30000 ms, or leave it unset for 2000`);
+  const proto =
+    req.protocol === Protocol.UNSPECIFIED
+      ? req.port === undefined
+        ? "icmp"
+        : "tcp"
+      : req.protocol === Protocol.ICMP
+        ? "icmp"
+        : req.protocol === Protocol.TCP
+          ? "tcp"
+          : req.protocol === Protocol.UDP
+            ? "udp"
+            : null;
+  if (!proto) throw new InvalidArgumentError("protocol", "a probe is ICMP, TCP or UDP (not ALL); leave it unset for TCP with a port, else ICMP");
+  if (proto === "icmp") {
+    if (req.port !== undefined) throw new InvalidArgumentError("port", "applies to TCP and UDP; an ICMP probe has no port");
+    return { proto, port: 0, timeoutMs };
+  }
+  if (req.port === undefined) throw new InvalidArgumentError("port", `is required for a ${proto.toUpperCase()} probe (1–65535)`);
+  return { proto, port: V.port("port", req.port), timeoutMs };
 }
 
 const PROBE_RESULT: Record<TcpProbeResult, ConnectivityResult> = {

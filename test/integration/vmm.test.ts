@@ -21,7 +21,7 @@ import { ON_CLUSTER } from "../lib/on-cluster.js";
 import { keysLike } from "../lib/redis.js";
 import { readFileSync, existsSync } from "node:fs";
 import { guestImage } from "../../services/vmm/qemu.js";
-import { canPing, listNetns, listNetnsSync, nsExec, sleep, tempDir, waitFor } from "../lib/netns.js";
+import { canPing, listNetns, listNetnsSync, nsExec, sleep, startUdpEcho, tempDir, waitFor } from "../lib/netns.js";
 
 let h: Harness;
 let fwd: Daemon, gwd: Daemon, vmmd: Daemon;
@@ -77,6 +77,7 @@ beforeAll(async () => {
     rules: [
       { direction: Direction.INGRESS, protocol: Protocol.TCP, portFrom: 80, portTo: 80, peer: { case: "cidr", value: "10.0.0.0/16" } },
       { direction: Direction.INGRESS, protocol: Protocol.ICMP, peer: { case: "cidr", value: "10.0.0.0/16" } },
+      { direction: Direction.INGRESS, protocol: Protocol.UDP, portFrom: 5353, portTo: 5354, peer: { case: "cidr", value: "10.0.0.0/16" } },
     ],
   });
   await startVmm();
@@ -109,6 +110,21 @@ describe("CreateVm and DeleteVm", () => {
     assert.equal(t.result, ConnectivityResult.REACHABLE, "a → b allowed by the web group");
     const closed = await vmm.testConnectivity({ source: "a", vpc: "app", target: "b", port: 22, protocol: Protocol.TCP, timeoutMs: 800 });
     assert.equal(closed.result, ConnectivityResult.TIMEOUT, "a → b:22 dropped by the firewall");
+    // UDP, a datagram and its answer: an echo on an allowed port answers; an allowed port where nothing listens says so
+    // (ICMP port unreachable); a port the group does not open is dropped, whatever listens there.
+    const echo = await startUdpEcho(b.namespace, 5353);
+    const closedEcho = await startUdpEcho(b.namespace, 5400);
+    try {
+      const udp = await vmm.testConnectivity({ source: "a", vpc: "app", target: "b", port: 5353, protocol: Protocol.UDP, timeoutMs: 1000 });
+      assert.deepEqual([ConnectivityResult[udp.result], udp.method], ["REACHABLE", "udp datagram :5353"], "a → b:5353/udp answered");
+      const none = await vmm.testConnectivity({ source: "a", vpc: "app", target: "b", port: 5354, protocol: Protocol.UDP, timeoutMs: 1000 });
+      assert.equal(ConnectivityResult[none.result], "REFUSED", "a → b:5354/udp: allowed, nothing listens");
+      const dropped = await vmm.testConnectivity({ source: "a", vpc: "app", target: "b", port: 5400, protocol: Protocol.UDP, timeoutMs: 500 });
+      assert.equal(ConnectivityResult[dropped.result], "TIMEOUT", "a → b:5400/udp dropped by the firewall though an echo listens");
+    } finally {
+      await echo.stop();
+      await closedEcho.stop();
+    }
     const again = await vmm.createVm({ name: "a", vpc: "app", subnet: "web", securityGroups: ["web"], kind: VmKind.NETNS });
     assert.equal(again.created, false, "CreateVm is idempotent");
     assert.equal(again.vm!.id, a.id);

@@ -664,11 +664,11 @@ export async function listening(ns: string, port: number): Promise<boolean> {
   return r.code === 0 && r.stdout.trim().length > 0;
 }
 
-async function waitListening(ns: string, port: number, child: ChildProcess, what: string, timeoutMs = 5000): Promise<void> {
+async function waitListening(ns: string, port: number, child: ChildProcess, what: string, timeoutMs = 5000, proto: "tcp" | "udp" = "tcp"): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (let i = 0; i < 500; i++) {
     if (!alive(child)) throw new Error(`${what} in ${ns} exited (${child.exitCode ?? child.signalCode}) before listening on ${port}`);
-    if (await listening(ns, port)) return;
+    if (proto === "tcp" ? await listening(ns, port) : await udpBound(ns, port)) return;
     if (Date.now() > deadline) break;
     await new Promise((r) => setTimeout(r, 25));
   }
@@ -763,6 +763,27 @@ export async function redisUrlIn(
 }
 
 /** A TCP server inside ns (node one-liner) that writes `banner` to each client and closes. */
+/** True if a UDP socket in ns is bound to this port (any address). */
+async function udpBound(ns: string, port: number): Promise<boolean> {
+  const r = await nsExec(ns, "ss", ["-Hlun", "sport", "=", `:${port}`], { check: false, timeoutMs: 5000 });
+  return r.code === 0 && r.stdout.trim().length > 0;
+}
+
+const UDP_ECHO_SCRIPT = `
+const s = require("node:dgram").createSocket("udp4");
+s.on("message", (m, r) => s.send(m, r.port, r.address));
+s.bind(Number(process.argv[1]), "0.0.0.0");
+process.on("SIGTERM", () => process.exit(0));
+`;
+
+/** A UDP server inside ns that sends every datagram back to its sender. */
+export async function startUdpEcho(ns: string, port: number): Promise<NsServer> {
+  checkNsName(ns);
+  const child = trackChild(spawn("ip", ["netns", "exec", ns, process.execPath, "-e", UDP_ECHO_SCRIPT, String(port)], { env: ENV, stdio: "ignore" }));
+  await waitListening(ns, port, child, "udp echo", 5000, "udp");
+  return { ns, port, pid: child.pid!, stop: () => stopChild(child) };
+}
+
 export async function startTcpServer(ns: string, port: number, banner = "hello"): Promise<NsServer> {
   checkNsName(ns);
   const child = trackChild(spawn("ip", ["netns", "exec", ns, process.execPath, "-e", TCP_SERVER_SCRIPT, String(port), banner], { env: ENV, stdio: "ignore" }));

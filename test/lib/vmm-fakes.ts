@@ -263,6 +263,7 @@ export class VmmFakes {
       },
       ping: async () => false,
       tcpProbe: async () => "unreachable",
+      udpProbe: async () => "unreachable",
     };
   }
 }
