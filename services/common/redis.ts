@@ -136,6 +136,8 @@ export function parseClusterUrl(url: string): { host: string; port: number }[] {
   const form = `use ${CLUSTER_SCHEME}host:port,host:port,...`;
   if (!isClusterUrl(url)) throw new Error(`--redis ${JSON.stringify(url)} is not a cluster URL: ${form}`);
   let rest = url.slice(CLUSTER_SCHEME.length);
+  // Before anything that quotes the URL: "@" can be in no part of it but credentials.
+  if (rest.includes("@")) throw credentialsRefused(CLUSTER_SCHEME);
   if (/[?#]/.test(rest)) throw new Error(`--redis ${JSON.stringify(url)}: a cluster URL takes no query or fragment; ${form}`);
   const slash = rest.indexOf("/");
   if (slash !== -1) {
@@ -144,7 +146,6 @@ export function parseClusterUrl(url: string): { host: string; port: number }[] {
       throw new Error(`--redis ${JSON.stringify(url)}: a Redis Cluster has database 0 only; leave ${JSON.stringify(db)} out (${form})`);
     rest = rest.slice(0, slash);
   }
-  if (rest.includes("@")) throw credentialsRefused(CLUSTER_SCHEME);
   return parseEndpointList(url, rest, {
     noun: "cluster node",
     form,
@@ -325,13 +326,18 @@ function connectSentinel(opts: RedisOptions): Redis {
     ...(opts.tls ? { enableTLSForSentinelMode: true, sentinelTLS: opts.tls } : {}),
     // A sentinel that hangs is skipped for the next rather than holding the reconnection.
     sentinelCommandTimeout: 1000,
+    // The failover watcher's connections to the sentinels come back as the client's do (ioredis' default
+    // waits 60 s, during which a switchover whose old master stays up would go unseen).
+    sentinelReconnectStrategy: retryDelay,
     // Subscribes to the sentinels' +switch-master and reconnects at once on a
     // failover, also when the old master is alive (a manual failover, a partition that heals).
     failoverDetector: true,
     // A master demoted under a connection answers writes with READONLY: drop the connection and
     // ask the sentinels again, instead of failing every write until it drops by itself. (ioredis
     // would resend the command, but with no offline queue it is refused while reconnecting:
-    // UNAVAILABLE, safe to retry, READONLY having applied nothing.)
+    // UNAVAILABLE, safe to retry, READONLY having applied nothing. Commands still awaiting a
+    // reply when a connection drops, by this or by the failover watcher, are sent again on the
+    // new one, as after any dropped connection: the scripts find their own first run.)
     reconnectOnError: (err: Error) => (err.message.startsWith("READONLY") ? 2 : false),
     enableOfflineQueue: false,
     enableAutoPipelining: true,
@@ -422,7 +428,13 @@ export function isCluster(client: Redis): boolean {
  * then `clusterOverrides` (ignored for a single client).
  */
 export function duplicateClient(client: Redis, overrides: Partial<IoRedisOptions> = {}, clusterOverrides: Partial<ClusterOptions> = {}): Redis {
-  if (!isCluster(client)) return client.duplicate(overrides);
+  if (!isCluster(client)) {
+    // Behind Sentinel, a duplicate (the event feeds' blocking readers) does not watch the sentinels for a
+    // failover itself: each watcher holds a connection to every sentinel, so one per reader would multiply
+    // the sentinels' clients by the readers of every host. A reader left on a demoted master reads what it
+    // replicates from the new one, and asks the sentinels again when that connection drops.
+    return client.duplicate(client.options.sentinels ? { failoverDetector: false, ...overrides } : overrides);
+  }
   const c = client as unknown as Cluster;
   const { enableOfflineQueue, retryStrategy, lazyConnect, enableAutoPipelining, ...perNode } = overrides;
   // Left out of ClusterOptions.redisOptions: the cluster decides them for its node connections.

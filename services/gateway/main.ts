@@ -17,7 +17,7 @@ import { FailedPreconditionError } from "../common/errors.js";
 import { parseStalePeriods, readyStalePeriodsOption, ReadyChecks, readinessChanged, redisReachable } from "../common/health.js";
 import { reportChildLine } from "../common/invalid-records.js";
 import { MANAGEMENT_AUTO, managementCidrs, parseManagementCidrs, type ManagementSpec } from "../common/management.js";
-import { connectRedis, isClusterUrl, readRedisSecrets, urlHasPassword } from "../common/redis.js";
+import { connectRedis, isClusterUrl, isSentinelUrl, readRedisSecrets, urlHasPassword } from "../common/redis.js";
 import { cidr as parseCidr } from "../common/validate.js";
 import { runResolver } from "../dns/host.js";
 import { IpamReader } from "../ipam/schema.js";
@@ -259,10 +259,14 @@ export function imdsRedisArgs(
   const env: Record<string, string> = {};
   if (urlHasPassword(url)) env.MICROVPC_REDIS_URL = url;
   else args.push("--redis", url);
+  // The sentinels' password only with a sentinel URL (--imds-redis may name the Redis otherwise, e.g. a local
+  // socket), where the child would refuse it; emptied so that the parent's environment does not hand it over.
+  const sentinel = isSentinelUrl(url);
+  if (!sentinel) env.MICROVPC_REDIS_SENTINEL_PASSWORD_FILE = "";
   for (const [flag, v] of [
     ["--redis-user", files.user],
     ["--redis-password-file", files.passwordFile],
-    ["--redis-sentinel-password-file", files.sentinelPasswordFile],
+    ["--redis-sentinel-password-file", sentinel ? files.sentinelPasswordFile : undefined],
     ["--redis-tls-ca", files.tlsCa],
     ["--redis-tls-cert", files.tlsCert],
     ["--redis-tls-key", files.tlsKey],

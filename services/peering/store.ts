@@ -433,9 +433,10 @@ export class PeeringStore {
    * Nothing is swept here: an overlapping entry, even one that will pass
    * for stale, is one that could only be reserved while this create's was
    * gone, so it refuses; the retry the caller is told to make sweeps as
-   * any create does. The reply the claim gave ({1, id}) if both are held,
-   * else null (a refusal or an error in either: the take-back removes
-   * both entries, one written afresh here included).
+   * any create does. The reply the claim gave ({1, id}) if both are held
+   * and the record is still there after them, else null (a refusal or an
+   * error in either, or the peering deleted meanwhile: the take-back
+   * removes both entries, one written afresh here included).
    */
   private async reservedAfresh(p: PeeringRec, sides: string[][]): Promise<Reply | null> {
     if (!(await this.get(p.id))) return null;
@@ -444,6 +445,9 @@ export class PeeringStore {
       const [code] = await this.redis.mvpcReservePeer(ipamKeys(this.redis).vpc(vpc), this.L.peers(vpc), p.id, c.base, c.size, 0, "");
       if (code !== 1) return null;
     }
+    // A DeletePeering between the read above and the reservations: they name a record that is gone, and
+    // the take-back (null) removes them instead of leaving them to block overlapping creates until swept.
+    if (!(await this.get(p.id))) return null;
     return [1, p.id];
   }
 

@@ -68,8 +68,12 @@ const SEED = Number(process.env.FUZZ_SEED ?? (ON_CLUSTER ? 20261314 : 20261313))
 const RUNS = Number(process.env.FUZZ_RUNS ?? (ON_CLUSTER ? 3 : 10));
 /** Each method's first run is its base request (every field its fixture value: baseRequest), then RUNS − 1 random ones. */
 const BASE_FIRST = ON_CLUSTER;
-/** A call that takes longer than this is a finding too (DEADLINE_EXCEEDED is not a client error). */
-const CALL_TIMEOUT_MS = 15_000;
+/**
+ * A call that takes longer than this is a finding too (DEADLINE_EXCEEDED is
+ * not a client error): above TestConnectivity's longest wait (timeout_ms up
+ * to 30 000, plus its probe's start), which a random request may ask for.
+ */
+const CALL_TIMEOUT_MS = 35_000;
 
 /**
  * Keys left out of the Redis snapshot because they change on their own,

@@ -113,7 +113,9 @@ describe("Redis secrets", () => {
   test("the gateway's imds child gets files by path, and a password-bearing URL only in its environment", () => {
     const plain = imdsRedisArgs("redis://h:6379/0", { passwordFile: "/etc/pw", tlsCa: "/etc/ca.pem" });
     assert.deepEqual(plain.args, ["--redis", "redis://h:6379/0", "--redis-password-file", "/etc/pw", "--redis-tls-ca", "/etc/ca.pem"]);
-    assert.deepEqual(plain.env, {});
+    // Not a sentinel URL: the parent's sentinel password file (in its environment) is not handed over.
+    assert.deepEqual(plain.env, { MICROVPC_REDIS_SENTINEL_PASSWORD_FILE: "" });
+    assert.ok(!imdsRedisArgs("/run/redis.sock", { sentinelPasswordFile: "/etc/spw" }).args.includes("--redis-sentinel-password-file"));
     const inline = imdsRedisArgs("redis://:hunter2@h:6379/0", {});
     assert.ok(!inline.args.join(" ").includes("hunter2"));
     assert.equal(inline.env.MICROVPC_REDIS_URL, "redis://:hunter2@h:6379/0");

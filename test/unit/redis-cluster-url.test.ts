@@ -73,7 +73,14 @@ test("parseClusterUrl: a bad seed list is refused with a message a person can ac
 });
 
 test("a user or password in a cluster URL is refused, without repeating the URL", () => {
-  for (const url of ["redis-cluster://:hunter2@h:6379", "redis-cluster://alice:hunter2@h:6379,g:6379", "redis-cluster://alice@h:6379"]) {
+  for (const url of [
+    "redis-cluster://:hunter2@h:6379",
+    "redis-cluster://alice:hunter2@h:6379,g:6379",
+    "redis-cluster://alice@h:6379",
+    "redis-cluster://:hunter2@h:1/3",
+    "redis-cluster://u:hunter2@h:1#",
+    "redis-cluster://u:hunter2@h:1?x",
+  ]) {
     assert.throws(
       () => parseClusterUrl(url),
       (e: Error) => /takes no user or password.*--redis-user and --redis-password-file/.test(e.message) && !e.message.includes("hunter2"),
@@ -215,7 +222,7 @@ test("--redis-sentinel-password-file: read like the password file, and for a sen
     assert.throws(() => connectRedis({ url, sentinelPassword: "s" }), /--redis-sentinel-password-file is for a redis-sentinel:\/\/ URL only/, url);
 });
 
-test("connectRedis of a sentinel URL: a single client asking the sentinels, fail-fast, following failovers; duplicates keep all of it", () => {
+test("connectRedis of a sentinel URL: a single client asking the sentinels, fail-fast, following failovers; duplicates keep all of it but the watcher", () => {
   // Port 1 on loopback: nothing listens, every connection is refused at once.
   const r = connectRedis({
     url: "redis-sentinel://127.0.0.1:1,127.0.0.1:2/microvpc",
@@ -244,6 +251,7 @@ test("connectRedis of a sentinel URL: a single client asking the sentinels, fail
     assert.equal(o.enableOfflineQueue, false);
     assert.equal(o.enableAutoPipelining, true);
     assert.equal(o.failoverDetector, true);
+    assert.equal((o.sentinelReconnectStrategy as (n: number) => number)(1), 100, "the watcher reconnects as the client does, not after 60 s");
     assert.equal(o.enableTLSForSentinelMode, false, "no TLS files: plain TCP to the sentinels and the master");
     const reconnect = o.reconnectOnError as (err: Error) => boolean | 1 | 2;
     assert.equal(reconnect(new Error("READONLY You can't write against a read only replica.")), 2, "a demoted master: reconnect via the sentinels");
@@ -254,7 +262,7 @@ test("connectRedis of a sentinel URL: a single client asking the sentinels, fail
     assert.equal(od.name, "microvpc");
     assert.equal(od.role, "master");
     assert.equal(od.sentinelPassword, "sp");
-    assert.equal(od.failoverDetector, true);
+    assert.equal(od.failoverDetector, false, "a reader watches no sentinels itself (one watcher per reader would multiply their clients)");
     assert.equal(od.reconnectOnError, o.reconnectOnError);
     assert.equal(od.password, "p");
     assert.equal(od.enableOfflineQueue, true, "the override");
