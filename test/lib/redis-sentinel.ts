@@ -13,7 +13,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Redis } from "ioredis";
-import { endByPid, freePort, logTail } from "./redis.js";
+import { endByPid, freePort, logTail, onNode } from "./redis.js";
 
 export interface TestSentinelNode {
   port: number;
@@ -55,23 +55,8 @@ export interface RedisSentinelOptions {
 const READY_MS = 15_000;
 
 /** One-off connection to one process (a data node or a sentinel): runs fn, then disconnects. */
-export async function onPort<T>(port: number, fn: (c: Redis) => Promise<T>): Promise<T> {
-  const c = new Redis({
-    port,
-    host: "127.0.0.1",
-    lazyConnect: true,
-    maxRetriesPerRequest: 0,
-    retryStrategy: () => null,
-    connectTimeout: 1000,
-    commandTimeout: 1000,
-  });
-  c.on("error", () => {});
-  try {
-    await c.connect();
-    return await fn(c);
-  } finally {
-    c.disconnect();
-  }
+export function onPort<T>(port: number, fn: (c: Redis) => Promise<T>): Promise<T> {
+  return onNode(port, undefined, fn, 1000);
 }
 
 function infoField(info: string, field: string): string | undefined {

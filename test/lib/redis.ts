@@ -254,9 +254,18 @@ export async function endByPid(p: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
-/** One-off connection to one node (not a cluster client): runs fn, then disconnects. */
-async function onNode<T>(port: number, password: string | undefined, fn: (c: Redis) => Promise<T>): Promise<T> {
-  const c = new Redis({ port, host: "127.0.0.1", password, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 1000 });
+/** One-off connection to one node on loopback (not a cluster client): runs fn, then disconnects. */
+export async function onNode<T>(port: number, password: string | undefined, fn: (c: Redis) => Promise<T>, commandTimeout?: number): Promise<T> {
+  const c = new Redis({
+    port,
+    host: "127.0.0.1",
+    password,
+    lazyConnect: true,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+    connectTimeout: 1000,
+    ...(commandTimeout ? { commandTimeout } : {}),
+  });
   c.on("error", () => {});
   try {
     await c.connect();
