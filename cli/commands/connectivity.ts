@@ -8,6 +8,7 @@ import { InvalidArgumentError } from "../../services/common/errors.js";
 import * as V from "../../services/common/validate.js";
 import { Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { ConnectivityResultSchema, TestConnectivityRequestSchema, TestConnectivityResponseSchema, VmService } from "../../gen/microvpc/v1/vm_pb.js";
+import { probeOf } from "../../services/vmm/probe.js";
 import { client } from "../lib/context.js";
 import { EXIT, ExitCode } from "../lib/errors.js";
 import { dryRunOption, integer, port as portArg } from "../lib/options.js";
@@ -53,7 +54,8 @@ export function register(program: Command): void {
         protocol: o.protocol ? PROTOS[o.protocol] : Protocol.UNSPECIFIED,
         timeoutMs: o.waitMs,
       });
-      if (req.protocol === Protocol.ICMP && req.port !== undefined) throw new InvalidArgumentError("port", "applies to tcp and udp; an icmp probe has no port");
+      // The vmm's own check: a port only for TCP and UDP, one for each, the wait in range.
+      probeOf(req);
       if (o.dryRun) {
         if (!V.ref("source", vm, "vm").id) V.ref("vpc", req.vpc, "vpc");
         if (target === "") throw new InvalidArgumentError("target", "is required (an address, a VM name or NAME.VPC.internal)");

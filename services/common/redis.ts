@@ -36,19 +36,17 @@ export interface RedisSecrets {
   sentinelPassword?: string;
 }
 
+/** A password file's one line; a trailing newline (echo, kubectl create secret --from-file) is not part of it. */
+function passwordIn(flag: string, file: string): string {
+  const pw = readFileSync(file, "utf8").replace(/\r?\n$/, "");
+  if (!pw) throw new Error(`${flag} ${file} is empty`);
+  return pw;
+}
+
 export function readRedisSecrets(f: RedisSecretFiles): RedisSecrets {
   const out: RedisSecrets = {};
-  if (f.passwordFile) {
-    // One line; a trailing newline (echo, kubectl create secret --from-file) is not part of it.
-    const pw = readFileSync(f.passwordFile, "utf8").replace(/\r?\n$/, "");
-    if (!pw) throw new Error(`--redis-password-file ${f.passwordFile} is empty`);
-    out.password = pw;
-  }
-  if (f.sentinelPasswordFile) {
-    const pw = readFileSync(f.sentinelPasswordFile, "utf8").replace(/\r?\n$/, "");
-    if (!pw) throw new Error(`--redis-sentinel-password-file ${f.sentinelPasswordFile} is empty`);
-    out.sentinelPassword = pw;
-  }
+  if (f.passwordFile) out.password = passwordIn("--redis-password-file", f.passwordFile);
+  if (f.sentinelPasswordFile) out.sentinelPassword = passwordIn("--redis-sentinel-password-file", f.sentinelPasswordFile);
   if (!!f.tlsCert !== !!f.tlsKey) throw new Error("--redis-tls-cert and --redis-tls-key go together");
   if (f.tlsCa || f.tlsCert) {
     out.tls = {
@@ -270,10 +268,10 @@ export function connectRedis(opts: RedisOptions): Redis {
     if (!sentinelSaid) opts.logger?.warn({ err: err.message }, "redis sentinel did not name the master; asking the next one");
     sentinelSaid = true;
   });
-  client.on("ready", () => (sentinelSaid = false));
   client.on("ready", () => {
     if (down) opts.logger?.info("redis connection restored");
     down = false;
+    sentinelSaid = false;
   });
   return client;
 }
@@ -291,14 +289,16 @@ function nodeOptions(opts: RedisOptions) {
   } satisfies IoRedisOptions;
 }
 
+/** What a client of one primary (redis://, or the one the sentinels name) adds to the node options: fail fast, auto-pipelined, reconnecting. */
+const ONE_PRIMARY = {
+  enableOfflineQueue: false,
+  enableAutoPipelining: true,
+  lazyConnect: false,
+  retryStrategy: retryDelay,
+} satisfies IoRedisOptions;
+
 function connectSingle(opts: RedisOptions): Redis {
-  return new Redis(opts.url, {
-    ...nodeOptions(opts),
-    enableOfflineQueue: false,
-    enableAutoPipelining: true,
-    lazyConnect: false,
-    retryStrategy: retryDelay,
-  });
+  return new Redis(opts.url, { ...nodeOptions(opts), ...ONE_PRIMARY });
 }
 
 /**
@@ -339,10 +339,7 @@ function connectSentinel(opts: RedisOptions): Redis {
     // reply when a connection drops, by this or by the failover watcher, are sent again on the
     // new one, as after any dropped connection: the scripts find their own first run.)
     reconnectOnError: (err: Error) => (err.message.startsWith("READONLY") ? 2 : false),
-    enableOfflineQueue: false,
-    enableAutoPipelining: true,
-    lazyConnect: false,
-    retryStrategy: retryDelay,
+    ...ONE_PRIMARY,
   });
 }
 

@@ -18,7 +18,7 @@ export function netnsStartInfo(): Record<string, unknown> {
   return { netns: loadLibc() ? "in-process" : `exec (${libcLoadError()})` };
 }
 
-export type TcpProbeResult = "connected" | "refused" | "timeout" | "unreachable";
+export type ProbeResult = "connected" | "refused" | "timeout" | "unreachable";
 
 export interface NetnsAdapter {
   /** Creates the named namespace; one that exists already is fine. */
@@ -28,14 +28,14 @@ export interface NetnsAdapter {
   /** One ICMP echo from inside ns to target; true if answered within timeoutMs. */
   ping(ns: string, target: string, timeoutMs: number): Promise<boolean>;
   /** One TCP connect from inside ns to target:port within timeoutMs. */
-  tcpProbe(ns: string, target: string, port: number, timeoutMs: number): Promise<TcpProbeResult>;
+  tcpProbe(ns: string, target: string, port: number, timeoutMs: number): Promise<ProbeResult>;
   /**
    * One UDP datagram from inside ns to target:port: "connected" if a datagram
    * came back within timeoutMs, "refused" on ICMP port unreachable,
    * "unreachable" on host/network unreachable, else "timeout" (dropped, or a
    * service that does not answer: UDP cannot tell them apart).
    */
-  udpProbe(ns: string, target: string, port: number, timeoutMs: number): Promise<TcpProbeResult>;
+  udpProbe(ns: string, target: string, port: number, timeoutMs: number): Promise<ProbeResult>;
 }
 
 // Run by this node binary inside the namespace: the daemon's own sockets live
@@ -49,7 +49,7 @@ d.on("message",()=>{process.stdout.write("connected");process.exit(0)});d.on("er
 d.connect(+process.argv[2],process.argv[1],(err)=>{if(err){d.emit("error",err);return}d.send(Buffer.from("microvpc connectivity probe\\n"),(e)=>{if(e)d.emit("error",e)})})`;
 
 /** Runs a probe script (TCP_PROBE, UDP_PROBE) with this node binary inside ns: its one-word answer. */
-async function probe(script: string, ns: string, target: string, port: number, timeoutMs: number): Promise<TcpProbeResult> {
+async function probe(script: string, ns: string, target: string, port: number, timeoutMs: number): Promise<ProbeResult> {
   const { stdout } = await run(process.execPath, ["-e", script, target, String(port), String(timeoutMs)], {
     netns: ns,
     timeoutMs: timeoutMs + 3000,

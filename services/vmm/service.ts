@@ -19,12 +19,13 @@ import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { Counter, Histogram } from "prom-client";
 import { DomainError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../common/errors.js";
+import { probeOf } from "./probe.js";
 import { EVENTS, followEvents, followScoped, streamHead, type EventFields } from "../common/events.js";
 import { newId } from "../common/ids.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { runInScope, withSpan } from "../common/tracing.js";
 import * as V from "../common/validate.js";
-import { FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
+import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { GatewayService, ImdsHttpEndpoint, ImdsHttpTokens } from "../../gen/microvpc/v1/gateway_pb.js";
 import { IpamService } from "../../gen/microvpc/v1/ipam_pb.js";
@@ -45,7 +46,7 @@ import {
   type Vm,
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
-import { kernelNetns, type NetnsAdapter, type TcpProbeResult } from "./netns.js";
+import { kernelNetns, type NetnsAdapter, type ProbeResult } from "./netns.js";
 import { LEASE_MS, nameEntry, STEPS, unstarted, type StepName, type VmRec, type VmStore } from "./store.js";
 import { VmWatchHub, watchVms } from "./watch.js";
 
@@ -982,42 +983,7 @@ function stepAttrs(v: VmRec, step: StepName, op: string): Record<string, string>
   return { "microvpc.step": step, "microvpc.op": op, "microvpc.vm.id": v.id, "microvpc.vm.kind": v.kind };
 }
 
-/**
- * What TestConnectivity probes, from its request, checked before anything
- * resolves or runs: the protocol (unset: TCP with a port, else ICMP; ALL is
- * no probe), a port for TCP and UDP and none for ICMP, and the wait,
- * 100–30000 ms (default 2000), as the API says.
- */
-export function probeOf(req: { protocol: Protocol; port?: number; timeoutMs?: number }): {
-  proto: "icmp" | "tcp" | "udp";
-  port: number;
-  timeoutMs: number;
-} {
-  const timeoutMs = req.timeoutMs ?? 2000;
-  if (!Number.isInteger(timeoutMs) || timeoutMs < 100 || timeoutMs > 30_000)
-    throw new InvalidArgumentError("timeout_ms", `${timeoutMs}: give 100–30000 ms, or leave it unset for 2000`);
-  const proto =
-    req.protocol === Protocol.UNSPECIFIED
-      ? req.port === undefined
-        ? "icmp"
-        : "tcp"
-      : req.protocol === Protocol.ICMP
-        ? "icmp"
-        : req.protocol === Protocol.TCP
-          ? "tcp"
-          : req.protocol === Protocol.UDP
-            ? "udp"
-            : null;
-  if (!proto) throw new InvalidArgumentError("protocol", "a probe is ICMP, TCP or UDP (not ALL); leave it unset for TCP with a port, else ICMP");
-  if (proto === "icmp") {
-    if (req.port !== undefined) throw new InvalidArgumentError("port", "applies to TCP and UDP; an ICMP probe has no port");
-    return { proto, port: 0, timeoutMs };
-  }
-  if (req.port === undefined) throw new InvalidArgumentError("port", `is required for a ${proto.toUpperCase()} probe (1–65535)`);
-  return { proto, port: V.port("port", req.port), timeoutMs };
-}
-
-const PROBE_RESULT: Record<TcpProbeResult, ConnectivityResult> = {
+const PROBE_RESULT: Record<ProbeResult, ConnectivityResult> = {
   connected: ConnectivityResult.REACHABLE,
   refused: ConnectivityResult.REFUSED,
   timeout: ConnectivityResult.TIMEOUT,

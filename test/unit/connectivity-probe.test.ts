@@ -1,10 +1,10 @@
 // TestConnectivity's request, checked before anything resolves or runs
-// (vmm/service.ts probeOf): the API's ranges and combinations, each refusal
+// (vmm/probe.ts probeOf, which the CLI runs too): the API's ranges and combinations, each refusal
 // naming its field.
 import assert from "node:assert/strict";
 import { test } from "vitest";
 import { InvalidArgumentError } from "../../services/common/errors.js";
-import { probeOf } from "../../services/vmm/service.js";
+import { probeOf } from "../../services/vmm/probe.js";
 import { Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 
 const refused = (field: string, re: RegExp) => (e: unknown) => e instanceof InvalidArgumentError && e.message.includes(field) && re.test(e.message);
