@@ -50,6 +50,31 @@ async function subnetState(port: number, subnetId: string): Promise<string> {
   });
 }
 
+/**
+ * Allocate, retried every 100 ms as a client would, until the daemon answers:
+ * each failure meanwhile must be UNAVAILABLE saying to retry, and the daemon
+ * must answer within RECOVERY_MS of `since` (what happened then: `what`).
+ */
+async function allocateOnceAnswered(subnetId: string, owner: string, requestId: string, since: number, what: string) {
+  const unavailable: string[] = [];
+  for (;;) {
+    try {
+      const { allocation } = await c.ipam.allocate({ subnetId, owner, requestId }, { timeoutMs: 3000 });
+      return { allocation, unavailable };
+    } catch (e) {
+      assert.ok(e instanceof ConnectError, `expected a ConnectError, got ${e}`);
+      assert.equal(Code[e.code], Code[Code.Unavailable], e.rawMessage);
+      assert.match(e.rawMessage, /state store \(Redis\) unavailable: .*retry/);
+      unavailable.push(e.rawMessage);
+      assert.ok(
+        Date.now() - since < RECOVERY_MS,
+        `the daemon still fails ${RECOVERY_MS} ms after ${what}: ${e.rawMessage}; its log:\n${daemon.output().split("\n").slice(-30).join("\n")}`,
+      );
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
 test("the daemon follows a Sentinel failover without a restart: what it wrote is kept, and it writes to the new master", async () => {
   const oldPrimary = await set.masterPort();
   assert.equal(oldPrimary, set.nodes[0].port);
@@ -68,25 +93,12 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   assert.equal(newMaster, replica);
 
   // Allocate until it answers, as a client would retry: UNAVAILABLE meanwhile, saying to retry.
-  const unavailable: string[] = [];
-  let b: typeof a | undefined;
-  while (!b) {
-    try {
-      b = (await c.ipam.allocate({ subnetId: sn.id, owner: "vm-b", requestId: "r-b" }, { timeoutMs: 3000 })).allocation!;
-    } catch (e) {
-      assert.ok(e instanceof ConnectError, `expected a ConnectError, got ${e}`);
-      assert.equal(Code[e.code], Code[Code.Unavailable], e.rawMessage);
-      assert.match(e.rawMessage, /state store \(Redis\) unavailable: .*retry/);
-      unavailable.push(e.rawMessage);
-      assert.ok(Date.now() - killedAt < RECOVERY_MS, `the daemon still fails ${RECOVERY_MS} ms after the kill: ${e.rawMessage}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
+  const { allocation: b, unavailable } = await allocateOnceAnswered(sn.id, "vm-b", "r-b", killedAt, "the kill");
   const recoveredMs = Date.now() - killedAt;
   console.log(
     `sentinel failover: new master after ${failoverMs} ms, the daemon answering after ${recoveredMs} ms (${unavailable.length} UNAVAILABLE meanwhile${unavailable.length ? `, first: ${unavailable[0]}` : ""})`,
   );
-  assert.notEqual(b.address, a.address);
+  assert.notEqual(b!.address, a.address);
 
   // What was allocated before the failover is still held: the same request answers the same address.
   const again = await c.ipam.allocate({ subnetId: sn.id, owner: "vm-a", requestId: "r-a" });
@@ -136,20 +148,7 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   }
   assert.equal(await set.waitNewMaster(newMaster, 10_000), oldPrimary);
   const switchMs = Date.now() - switchedAt;
-  const during: string[] = [];
-  for (let i = 0; ; i++) {
-    try {
-      await c.ipam.allocate({ subnetId: sn.id, owner: "vm-d", requestId: "r-d" }, { timeoutMs: 3000 });
-      break;
-    } catch (e) {
-      assert.ok(e instanceof ConnectError, `expected a ConnectError, got ${e}`);
-      assert.equal(Code[e.code], Code[Code.Unavailable], e.rawMessage);
-      assert.match(e.rawMessage, /state store \(Redis\) unavailable: .*retry/);
-      during.push(e.rawMessage);
-      assert.ok(Date.now() - switchedAt < RECOVERY_MS, `the daemon still fails ${RECOVERY_MS} ms after SENTINEL FAILOVER: ${e.rawMessage}`);
-      await new Promise((res) => setTimeout(res, 100));
-    }
-  }
+  const { unavailable: during } = await allocateOnceAnswered(sn.id, "vm-d", "r-d", switchedAt, "SENTINEL FAILOVER");
   console.log(
     `sentinel switchover: new master after ${switchMs} ms, the daemon writing there after ${Date.now() - switchedAt} ms (${during.length} UNAVAILABLE meanwhile${during.length ? `, first: ${during[0]}` : ""})`,
   );

@@ -13,7 +13,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Redis } from "ioredis";
-import { endByPid, freePort, logTail, onNode } from "./redis.js";
+import { commonArgs, endByPid, freePort, logTail, onNode } from "./redis.js";
 
 export interface TestSentinelNode {
   port: number;
@@ -65,20 +65,10 @@ function infoField(info: string, field: string): string | undefined {
 
 function launchDataNode(port: number, dir: string, primaryPort: number | undefined): ChildProcess {
   const args = [
-    "--port",
-    String(port),
-    "--bind",
-    "127.0.0.1",
-    "--dir",
-    dir,
-    "--save",
-    "",
+    ...commonArgs(port, dir),
     "--appendonly",
     "no",
-    "--daemonize",
-    "no",
-    "--protected-mode",
-    "yes",
+    // Replication and role changes show at notice (the last value of an option wins).
     "--loglevel",
     "notice",
     "--logfile",

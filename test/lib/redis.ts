@@ -106,7 +106,7 @@ async function waitPing(port: number, timeoutMs = 10_000, password?: string): Pr
 }
 
 /** What every test redis-server gets: its port on loopback, its directory, no RDB snapshots, in the foreground. */
-function commonArgs(port: number, dir: string): string[] {
+export function commonArgs(port: number, dir: string): string[] {
   return ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"];
 }
 
