@@ -17,6 +17,7 @@
 import { readFileSync } from "node:fs";
 import { Cluster, Redis, type ClusterOptions, type RedisOptions as IoRedisOptions } from "ioredis";
 import type { Logger } from "pino";
+import { watchFailover } from "./redis-failover.js";
 
 /** Files holding Redis credentials (--redis-password-file, --redis-tls-*). */
 export interface RedisSecretFiles {
@@ -316,7 +317,7 @@ function connectSingle(opts: RedisOptions): Redis {
  */
 function connectSentinel(opts: RedisOptions): Redis {
   const { sentinels, name } = parseSentinelUrl(opts.url);
-  return new Redis({
+  const client = new Redis({
     ...nodeOptions(opts),
     sentinels,
     name,
@@ -326,21 +327,28 @@ function connectSentinel(opts: RedisOptions): Redis {
     ...(opts.tls ? { enableTLSForSentinelMode: true, sentinelTLS: opts.tls } : {}),
     // A sentinel that hangs is skipped for the next rather than holding the reconnection.
     sentinelCommandTimeout: 1000,
-    // The failover watcher's connections to the sentinels come back as the client's do (ioredis' default
-    // waits 60 s, during which a switchover whose old master stays up would go unseen).
-    sentinelReconnectStrategy: retryDelay,
-    // Subscribes to the sentinels' +switch-master and reconnects at once on a
-    // failover, also when the old master is alive (a manual failover, a partition that heals).
-    failoverDetector: true,
+    // Off: ioredis' detector ends the client for good when a failover is announced while it
+    // reconnects; watchFailover (below) follows +switch-master instead (redis-failover.ts).
+    failoverDetector: false,
     // A master demoted under a connection answers writes with READONLY: drop the connection and
     // ask the sentinels again, instead of failing every write until it drops by itself. (ioredis
     // would resend the command, but with no offline queue it is refused while reconnecting:
     // UNAVAILABLE, safe to retry, READONLY having applied nothing. Commands still awaiting a
-    // reply when a connection drops, by this or by the failover watcher, are sent again on the
+    // reply when a connection drops, by this or by the failover watch, are sent again on the
     // new one, as after any dropped connection: the scripts find their own first run.)
     reconnectOnError: (err: Error) => (err.message.startsWith("READONLY") ? 2 : false),
     ...ONE_PRIMARY,
   });
+  // Leaves the old master at once on +switch-master, also when it is still up (a switchover, a partition that heals).
+  watchFailover(client, {
+    sentinels,
+    name,
+    ...(opts.sentinelPassword !== undefined ? { password: opts.sentinelPassword } : {}),
+    ...(opts.tls ? { tls: opts.tls } : {}),
+    retryStrategy: retryDelay,
+    ...(opts.logger ? { logger: opts.logger } : {}),
+  });
+  return client;
 }
 
 function connectCluster(opts: RedisOptions): Redis {
@@ -426,11 +434,12 @@ export function isCluster(client: Redis): boolean {
  */
 export function duplicateClient(client: Redis, overrides: Partial<IoRedisOptions> = {}, clusterOverrides: Partial<ClusterOptions> = {}): Redis {
   if (!isCluster(client)) {
-    // Behind Sentinel, a duplicate (the event feeds' blocking readers) does not watch the sentinels for a
-    // failover itself: each watcher holds a connection to every sentinel, so one per reader would multiply
-    // the sentinels' clients by the readers of every host. A reader left on a demoted master reads what it
-    // replicates from the new one, and asks the sentinels again when that connection drops.
-    return client.duplicate(client.options.sentinels ? { failoverDetector: false, ...overrides } : overrides);
+    // Behind Sentinel, a duplicate (the event feeds' blocking readers) gets no failover watch of its own
+    // (connectSentinel's is the main client's): a watch holds a connection to every sentinel, so one per
+    // reader would multiply the sentinels' clients by the readers of every host. A reader left on a
+    // demoted master reads what it replicates from the new one, and asks the sentinels again when that
+    // connection drops.
+    return client.duplicate(overrides);
   }
   const c = client as unknown as Cluster;
   const { enableOfflineQueue, retryStrategy, lazyConnect, enableAutoPipelining, ...perNode } = overrides;

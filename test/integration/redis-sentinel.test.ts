@@ -8,8 +8,12 @@
 // (empty: no persistence here) and the sentinels make it a replica, the
 // daemon keeps writing to the new master. Then a switchover (SENTINEL
 // FAILOVER) whose old master stays up: the daemon moves to the promoted node
-// too, at once.
+// too, at once. And a failover announced while the daemon is between
+// connections, asking the sentinels for the master: it ends on the new one.
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
@@ -20,21 +24,75 @@ import { onPort, startRedisSentinel, type TestRedisSentinel } from "../lib/redis
 let set: TestRedisSentinel;
 let daemon: Daemon;
 let c: ReturnType<typeof ipamClients>;
+let dir: string;
+
+/** The sentinels take two passwords: this starter's, and the daemon's (--redis-sentinel-password-file), which a test withdraws for a while. */
+const SENTINEL_PW = "starter-pw";
+const DAEMON_SENTINEL_PW = "daemon-pw";
 
 /** How long the daemon may take to answer again after the primary is killed. */
 const RECOVERY_MS = 20_000;
 
 beforeAll(async () => {
   // failover-timeout bounds a promotion the sentinels wait to see: on a loaded machine 2 s aborted the switchover below (-failover-abort-slave-timeout).
-  set = await startRedisSentinel({ replicas: 1, downAfterMs: 1000, failoverTimeoutMs: 10_000 });
-  daemon = await startDaemon("ipam", ["--redis", set.url, "--redis-timeout-ms", "500"]);
+  set = await startRedisSentinel({ replicas: 1, downAfterMs: 1000, failoverTimeoutMs: 10_000, sentinelPassword: SENTINEL_PW });
+  await daemonPassword(">");
+  dir = mkdtempSync(join(tmpdir(), "mvpc-sentinel-test-"));
+  writeFileSync(join(dir, "sentinel-pw"), `${DAEMON_SENTINEL_PW}\n`, { mode: 0o600 });
+  daemon = await startDaemon("ipam", [
+    "--redis",
+    set.url,
+    "--redis-timeout-ms",
+    "500",
+    "--redis-sentinel-password-file",
+    join(dir, "sentinel-pw"),
+    "--log-level",
+    "info",
+  ]);
   c = ipamClients(daemon.address);
 }, 60_000);
 
 afterAll(async () => {
   await daemon?.stop();
   await set?.stop();
+  if (dir) rmSync(dir, { recursive: true, force: true });
 });
+
+/** Every sentinel takes (">") or refuses ("<") the daemon's password; connections it already holds stay. */
+async function daemonPassword(op: ">" | "<") {
+  await Promise.all(set.sentinels.map((s) => set.onSentinel(s.port, (x) => x.call("ACL", "SETUSER", "default", `${op}${DAEMON_SENTINEL_PW}`))));
+}
+
+/** SENTINEL FAILOVER (a switchover: the old master stays up), asked again while the sentinels have no replica in sync to promote yet. */
+async function switchover() {
+  const since = Date.now();
+  for (;;) {
+    const r = await set.onSentinel(set.sentinels[0].port, (x) => x.call("SENTINEL", "FAILOVER", set.masterName)).catch((e: Error) => e);
+    if (!(r instanceof Error)) return;
+    // NOGOODSLAVE until the sentinels have seen the replica in sync; INPROG not here.
+    assert.ok(Date.now() - since < 5_000, `SENTINEL FAILOVER refused: ${r.message}`);
+    await new Promise((res) => setTimeout(res, 100));
+  }
+}
+
+/** Waits until a replica of the master on `port` has acknowledged every write made there so far (replication is asynchronous). */
+async function replicated(port: number, what: string) {
+  const since = Date.now();
+  while (((await onPort(port, (r) => r.call("WAIT", "1", "500"))) as number) < 1)
+    assert.ok(Date.now() - since < 15_000, `no replica of ${port} acknowledged ${what} within 15 s`);
+}
+
+/** Waits until the daemon's output after `from` matches `re`. */
+async function logged(re: RegExp, from: number, timeoutMs: number, what: string) {
+  const since = Date.now();
+  while (!re.test(daemon.output().slice(from))) {
+    assert.ok(
+      Date.now() - since < timeoutMs,
+      `${what} not within ${timeoutMs} ms; the daemon's log:\n${daemon.output().slice(from).split("\n").slice(-30).join("\n")}`,
+    );
+    await new Promise((res) => setTimeout(res, 50));
+  }
+}
 
 /** Every key of the subnet on one node, with its content, as one string (what that node holds of it). */
 async function subnetState(port: number, subnetId: string): Promise<string> {
@@ -84,7 +142,7 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   const sn = (await c.subnet.createSubnet({ vpc: "sent", name: "s1", cidr: "10.50.1.0/24", type: SubnetType.PRIVATE })).subnet!;
   const a = (await c.ipam.allocate({ subnetId: sn.id, owner: "vm-a", requestId: "r-a" })).allocation!;
   // The write is on the replica before the primary dies: what a failover keeps.
-  assert.ok(((await onPort(oldPrimary, (r) => r.call("WAIT", "1", "2000"))) as number) >= 1, "the replica acknowledged the writes");
+  await replicated(oldPrimary, "the writes");
 
   const killedAt = Date.now();
   await set.kill(oldPrimary);
@@ -133,29 +191,67 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   // A failover whose old master stays up (SENTINEL FAILOVER, an operator's switchover): the sentinels
   // make it a replica only some time after +switch-master (4 hello periods: 2 s here, 8 s by default),
   // and until then it takes writes that its resync will throw away. The daemon must leave it at once
-  // (failoverDetector: +switch-master) and write to the promoted node; every write checked below is there.
+  // (its failover watch: +switch-master) and write to the promoted node; every write checked below is there.
   // Replication is asynchronous: a switchover keeps only what the replica has. The restarted node may
   // still be loading its first sync when the sentinels take it for a good replica, so wait for it to
   // acknowledge the writes above, as for the kill.
-  assert.ok(((await onPort(newMaster, (r) => r.call("WAIT", "1", "5000"))) as number) >= 1, "the restarted node acknowledged the writes");
+  await replicated(newMaster, "the writes since the restart");
+  // And every sentinel must have seen it as a replica: one that has not turns it back into one as it is
+  // promoted, and the switchover aborts (seen here, 2 runs in 6).
+  await set.waitReplicaSeen(oldPrimary, 10_000);
   const switchedAt = Date.now();
-  for (;;) {
-    const r = await onPort(set.sentinels[0].port, (x) => x.call("SENTINEL", "FAILOVER", set.masterName)).catch((e: Error) => e);
-    if (!(r instanceof Error)) break;
-    // NOGOODSLAVE until the sentinels have seen the restarted node in sync; INPROG not here.
-    assert.ok(Date.now() - switchedAt < 5_000, `SENTINEL FAILOVER refused: ${r.message}`);
-    await new Promise((res) => setTimeout(res, 100));
-  }
+  await switchover();
   assert.equal(await set.waitNewMaster(newMaster, 10_000), oldPrimary);
   const switchMs = Date.now() - switchedAt;
   const { unavailable: during } = await allocateOnceAnswered(sn.id, "vm-d", "r-d", switchedAt, "SENTINEL FAILOVER");
   console.log(
     `sentinel switchover: new master after ${switchMs} ms, the daemon writing there after ${Date.now() - switchedAt} ms (${during.length} UNAVAILABLE meanwhile${during.length ? `, first: ${during[0]}` : ""})`,
   );
+  // It left because the sentinels said so, not because the old master dropped it later.
+  assert.match(daemon.output(), /redis sentinels name a new master \(\+switch-master\); reconnecting/);
   for (const i of [1, 2, 3]) {
     const x = await c.ipam.allocate({ subnetId: sn.id, owner: `vm-e${i}`, requestId: `r-e${i}` }, { timeoutMs: 3000 });
     assert.equal(x.created, true);
   }
   const switched = await subnetState(oldPrimary, sn.id);
   for (const owner of ["vm-a", "vm-b", "vm-c1", "vm-d", "vm-e1", "vm-e2", "vm-e3"]) assert.ok(switched.includes(owner), `${owner} on the promoted node`);
+});
+
+test("a failover announced while the daemon asks the sentinels for the master: it ends on the new master, not closed for good", async () => {
+  // ioredis' own failover detector disconnects the client on +switch-master whatever it is doing; while the
+  // client was asking the sentinels for the master, that ended it for good (status "end": every command
+  // "Connection is closed." until a restart; seen in CI as a failover the daemon never came back from).
+  const master = await set.masterPort();
+  await c.vpc.createVpc({ name: "sent2", cidr: "10.51.0.0/16" });
+  const sn = (await c.subnet.createSubnet({ vpc: "sent2", name: "s1", cidr: "10.51.1.0/24", type: SubnetType.PRIVATE })).subnet!;
+  await c.ipam.allocate({ subnetId: sn.id, owner: "vm-f", requestId: "r-f" });
+  // The node the last switchover left behind becomes a replica some time after it (4 hello periods):
+  // wait for it to hold the writes, and for every sentinel to see it as a replica (see the switchover above).
+  await replicated(master, "the writes");
+  await set.waitReplicaSeen(
+    set.nodes.map((n) => n.port).find((p) => p !== master)!,
+    10_000,
+  );
+
+  // The sentinels stop answering the daemon's new connections (those it holds, its failover watch, stay),
+  // and its connection to the master drops: it keeps asking the sentinels, in vain.
+  await daemonPassword("<");
+  const from = daemon.output().length;
+  await onPort(master, (r) => r.call("CLIENT", "KILL", "TYPE", "normal"));
+  await logged(/redis sentinel did not name the master/, from, 10_000, "the daemon asking the sentinels in vain");
+
+  // Now the switchover: its +switch-master reaches the daemon while it is still asking.
+  const switchedAt = Date.now();
+  await switchover();
+  const promoted = await set.waitNewMaster(master, 10_000);
+  await logged(/new master while reconnecting/, from, 5_000, "the daemon hearing of the new master while it reconnects");
+  await daemonPassword(">");
+
+  const { unavailable } = await allocateOnceAnswered(sn.id, "vm-g", "r-g", switchedAt, "a failover announced while reconnecting");
+  console.log(
+    `sentinel switchover during a reconnection: the daemon writing again after ${Date.now() - switchedAt} ms (${unavailable.length} UNAVAILABLE meanwhile)`,
+  );
+  for (const m of unavailable) assert.doesNotMatch(m, /Connection is closed/);
+  const state = await subnetState(promoted, sn.id);
+  for (const owner of ["vm-f", "vm-g"]) assert.ok(state.includes(owner), `${owner} on the promoted node:\n${state}`);
 });

@@ -32,6 +32,15 @@ export interface TestRedisSentinel {
   masterPort(): Promise<number>;
   /** Polls until every sentinel names a master other than `oldPort`, and the same one; its port. */
   waitNewMaster(oldPort: number, timeoutMs: number): Promise<number>;
+  /** One-off connection to a sentinel, with the sentinels' password if they have one: runs fn, then disconnects. */
+  onSentinel<T>(port: number, fn: (c: Redis) => Promise<T>): Promise<T>;
+  /**
+   * Polls until every sentinel lists the data node on `port` as a replica
+   * that reports itself one (role-reported slave). A sentinel that has not
+   * seen it as a replica yet turns it back into one when a switchover
+   * promotes it, which aborts the switchover.
+   */
+  waitReplicaSeen(port: number, timeoutMs: number): Promise<void>;
   /** ROLE of a data node: "master", "slave", ..., and for a replica the port of its master. */
   role(port: number): Promise<{ role: string; masterPort?: number }>;
   /** SIGKILL a data node (a crash); resolves once it has exited. */
@@ -50,6 +59,8 @@ export interface RedisSentinelOptions {
   downAfterMs?: number;
   /** sentinel failover-timeout; default 2000 (also bounds the leader election). */
   failoverTimeoutMs?: number;
+  /** The sentinels' requirepass (and the password they give each other); default none. What this starter asks the sentinels is sent with it. */
+  sentinelPassword?: string;
 }
 
 const READY_MS = 15_000;
@@ -57,6 +68,13 @@ const READY_MS = 15_000;
 /** One-off connection to one process (a data node or a sentinel): runs fn, then disconnects. */
 export function onPort<T>(port: number, fn: (c: Redis) => Promise<T>): Promise<T> {
   return onNode(port, undefined, fn, 1000);
+}
+
+/** A sentinel's flat field list (SENTINEL MASTER, each of SENTINEL REPLICAS) as a map. */
+function fields(flat: string[]): Map<string, string> {
+  const m = new Map<string, string>();
+  for (let i = 0; i + 1 < flat.length; i += 2) m.set(flat[i], flat[i + 1]);
+  return m;
 }
 
 function infoField(info: string, field: string): string | undefined {
@@ -84,7 +102,14 @@ function launchDataNode(port: number, dir: string, primaryPort: number | undefin
   return p;
 }
 
-function launchSentinel(port: number, dir: string, name: string, primaryPort: number, o: Required<RedisSentinelOptions>): ChildProcess {
+function launchSentinel(
+  port: number,
+  dir: string,
+  name: string,
+  primaryPort: number,
+  o: Required<Omit<RedisSentinelOptions, "sentinelPassword">>,
+  password: string | undefined,
+): ChildProcess {
   // Sentinel rewrites its config file as it learns the topology: one per sentinel, in its directory.
   const conf = join(dir, "sentinel.conf");
   writeFileSync(
@@ -99,6 +124,7 @@ function launchSentinel(port: number, dir: string, name: string, primaryPort: nu
       `sentinel down-after-milliseconds ${name} ${o.downAfterMs}`,
       `sentinel failover-timeout ${name} ${o.failoverTimeoutMs}`,
       `sentinel parallel-syncs ${name} 1`,
+      ...(password !== undefined ? [`requirepass ${password}`, `sentinel sentinel-pass ${password}`] : []),
       "",
     ].join("\n"),
   );
@@ -123,7 +149,15 @@ async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T 
 }
 
 export async function startRedisSentinel(opts: RedisSentinelOptions = {}): Promise<TestRedisSentinel> {
-  const o: Required<RedisSentinelOptions> = { replicas: 1, masterName: "microvpc", downAfterMs: 1000, failoverTimeoutMs: 2000, ...opts };
+  const { sentinelPassword, ...rest } = opts;
+  const o: Required<Omit<RedisSentinelOptions, "sentinelPassword">> = {
+    replicas: 1,
+    masterName: "microvpc",
+    downAfterMs: 1000,
+    failoverTimeoutMs: 2000,
+    ...rest,
+  };
+  const onSentinel = <T>(port: number, fn: (c: Redis) => Promise<T>) => onNode(port, sentinelPassword, fn, 1000);
   const root = mkdtempSync(join(tmpdir(), "mvpc-rsentinel-"));
   const nodes: TestSentinelNode[] = [];
   const sentinels: TestSentinelNode[] = [];
@@ -135,7 +169,7 @@ export async function startRedisSentinel(opts: RedisSentinelOptions = {}): Promi
     return n;
   };
   const masterOf = (s: TestSentinelNode) =>
-    onPort(s.port, (c) => c.call("SENTINEL", "get-master-addr-by-name", o.masterName) as Promise<[string, string] | null>).then((a) =>
+    onSentinel(s.port, (c) => c.call("SENTINEL", "get-master-addr-by-name", o.masterName) as Promise<[string, string] | null>).then((a) =>
       a ? Number(a[1]) : undefined,
     );
   const set: TestRedisSentinel = {
@@ -143,6 +177,7 @@ export async function startRedisSentinel(opts: RedisSentinelOptions = {}): Promi
     masterName: o.masterName,
     nodes,
     sentinels,
+    onSentinel,
     async masterPort() {
       let last: unknown;
       for (const s of sentinels) {
@@ -163,6 +198,21 @@ export async function startRedisSentinel(opts: RedisSentinelOptions = {}): Promi
           const seen = await Promise.all(sentinels.map((s) => masterOf(s)));
           return seen.every((p) => p !== undefined && p !== oldPort && p === seen[0]) ? seen[0] : undefined;
         },
+        () => `; sentinel logs:\n${sentinels.map((s) => logTail(s.dir, "sentinel.log")).join("\n--\n")}`,
+      );
+    },
+    async waitReplicaSeen(port, timeoutMs) {
+      const reported = (s: TestSentinelNode) =>
+        onSentinel(s.port, (c) => c.call("SENTINEL", "REPLICAS", o.masterName) as Promise<string[][]>).then((replicas) =>
+          replicas
+            .map(fields)
+            .find((r) => Number(r.get("port")) === port)
+            ?.get("role-reported"),
+        );
+      await until(
+        `every sentinel seeing ${port} as a replica`,
+        timeoutMs,
+        async () => ((await Promise.all(sentinels.map(reported))).every((r) => r === "slave") ? true : undefined),
         () => `; sentinel logs:\n${sentinels.map((s) => logTail(s.dir, "sentinel.log")).join("\n--\n")}`,
       );
     },
@@ -219,7 +269,7 @@ export async function startRedisSentinel(opts: RedisSentinelOptions = {}): Promi
       const port = await freePort();
       const dir = join(root, `sentinel-${port}`);
       mkdirSync(dir);
-      sentinels.push({ port, dir, proc: launchSentinel(port, dir, o.masterName, nodes[0].port, o) });
+      sentinels.push({ port, dir, proc: launchSentinel(port, dir, o.masterName, nodes[0].port, o, sentinelPassword) });
     }
     for (const s of sentinels) {
       await until(
@@ -228,7 +278,7 @@ export async function startRedisSentinel(opts: RedisSentinelOptions = {}): Promi
         // Hello messages every 0.5 s instead of 2 (the sentinels find each other, and wait 4 periods before
         // turning a restarted old primary into a replica), INFO every 0.5 s instead of 10 (how soon they
         // see a node's role change), no 30 s TILT after a scheduling hiccup on a loaded machine.
-        () => onPort(s.port, (c) => c.call("SENTINEL", "DEBUG", "info-period", "500", "publish-period", "500", "tilt-period", "1000")).then(() => true),
+        () => onSentinel(s.port, (c) => c.call("SENTINEL", "DEBUG", "info-period", "500", "publish-period", "500", "tilt-period", "1000")).then(() => true),
         () => `; its log:\n${logTail(s.dir, "sentinel.log")}`,
       );
     }
@@ -238,9 +288,8 @@ export async function startRedisSentinel(opts: RedisSentinelOptions = {}): Promi
         `sentinel ${s.port} seeing the other sentinels and the replicas`,
         READY_MS,
         () =>
-          onPort(s.port, (c) => c.call("SENTINEL", "MASTER", o.masterName) as Promise<string[]>).then((flat) => {
-            const m = new Map<string, string>();
-            for (let i = 0; i + 1 < flat.length; i += 2) m.set(flat[i], flat[i + 1]);
+          onSentinel(s.port, (c) => c.call("SENTINEL", "MASTER", o.masterName) as Promise<string[]>).then((flat) => {
+            const m = fields(flat);
             return Number(m.get("num-other-sentinels")) === 2 && Number(m.get("num-slaves")) === o.replicas ? true : undefined;
           }),
         () => `; its log:\n${logTail(s.dir, "sentinel.log")}`,

@@ -250,8 +250,7 @@ test("connectRedis of a sentinel URL: a single client asking the sentinels, fail
     assert.equal(o.maxRetriesPerRequest, 1);
     assert.equal(o.enableOfflineQueue, false);
     assert.equal(o.enableAutoPipelining, true);
-    assert.equal(o.failoverDetector, true);
-    assert.equal((o.sentinelReconnectStrategy as (n: number) => number)(1), 100, "the watcher reconnects as the client does, not after 60 s");
+    assert.equal(o.failoverDetector, false, "ioredis' detector can end the client for good: redis-failover.ts watches instead");
     assert.equal(o.enableTLSForSentinelMode, false, "no TLS files: plain TCP to the sentinels and the master");
     const reconnect = o.reconnectOnError as (err: Error) => boolean | 1 | 2;
     assert.equal(reconnect(new Error("READONLY You can't write against a read only replica.")), 2, "a demoted master: reconnect via the sentinels");
@@ -262,7 +261,7 @@ test("connectRedis of a sentinel URL: a single client asking the sentinels, fail
     assert.equal(od.name, "microvpc");
     assert.equal(od.role, "master");
     assert.equal(od.sentinelPassword, "sp");
-    assert.equal(od.failoverDetector, false, "a reader watches no sentinels itself (one watcher per reader would multiply their clients)");
+    assert.equal(od.failoverDetector, false);
     assert.equal(od.reconnectOnError, o.reconnectOnError);
     assert.equal(od.password, "p");
     assert.equal(od.enableOfflineQueue, true, "the override");
