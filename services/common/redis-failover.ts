@@ -22,6 +22,8 @@
 //   checked once it is ready: not the announced master, it reconnects once
 //   more (the sentinel it asked may have answered before it heard of the
 //   failover).
+import { lookup } from "node:dns/promises";
+import { isIP } from "node:net";
 import { Redis, type RedisOptions as IoRedisOptions } from "ioredis";
 import type { Logger } from "pino";
 
@@ -37,8 +39,9 @@ export function parseSwitchMaster(message: string): { name: string; to: string }
 
 /**
  * What a client of the master does when its sentinels announce that the
- * master is now `announced` ("host:port"), given its ioredis status and the
- * node it is connected to ("host:port", undefined when it is not):
+ * master is now at one of `announced` ("ip:port": the announced address, or
+ * what its host name resolves to), given its ioredis status and the node it
+ * is connected to ("ip:port", undefined when it is not):
  * - "stay": it is on the announced master already, or not connected at all
  *   (ended, or never started);
  * - "reconnect": it is connected (ready, or checking a fresh connection)
@@ -47,16 +50,34 @@ export function parseSwitchMaster(message: string): { name: string; to: string }
  *   "close"): disconnecting now would end it for good (see above), and the
  *   answer it gets may predate the announcement: check where it lands.
  */
-export function switchAction(status: string, connectedTo: string | undefined, announced: string): "stay" | "reconnect" | "recheck" {
-  if (status === "ready" || status === "connect") return connectedTo === announced ? "stay" : "reconnect";
+export function switchAction(status: string, connectedTo: string | undefined, announced: string[]): "stay" | "reconnect" | "recheck" {
+  if (status === "ready" || status === "connect") return connectedTo !== undefined && announced.includes(connectedTo) ? "stay" : "reconnect";
   if (status === "connecting" || status === "reconnecting" || status === "close") return "recheck";
   return "stay";
 }
 
-/** The node a client is connected to, as "host:port" (what +switch-master names), or undefined. */
+/** The node a client is connected to, as "ip:port", or undefined. */
 function connectedTo(client: Redis): string | undefined {
   const s = client.stream as { remoteAddress?: string; remotePort?: number } | undefined;
   return s?.remoteAddress !== undefined && s.remotePort !== undefined ? `${s.remoteAddress}:${s.remotePort}` : undefined;
+}
+
+/**
+ * "host:port" as the "ip:port" forms a socket to it can have: itself for an
+ * IP; for a host name (sentinels with announce-hostnames) each address it
+ * resolves to, as ioredis would connect to one of them. A name that does not
+ * resolve: itself (no socket matches, so the client asks the sentinels again).
+ */
+export async function addressesOf(hostPort: string): Promise<string[]> {
+  const i = hostPort.lastIndexOf(":");
+  const host = hostPort.slice(0, i);
+  const port = hostPort.slice(i + 1);
+  if (isIP(host)) return [hostPort];
+  try {
+    return (await lookup(host, { all: true })).map((a) => `${a.address}:${port}`);
+  } catch {
+    return [hostPort];
+  }
 }
 
 export interface FailoverWatchOptions {
@@ -74,14 +95,28 @@ export interface FailoverWatchOptions {
 /**
  * Watches the sentinels of `client` for a failover of its master and moves
  * the client there (see the top of this file). One connection per sentinel
- * of the URL, reconnecting, resubscribed by ioredis after each reconnection;
- * all closed when the client ends.
+ * of the URL, reconnecting, subscribed again at each (re)connection; all
+ * closed when the client ends or is disconnected for good. Returns what
+ * closes them (connectSentinel calls it from the client's disconnect).
  */
-export function watchFailover(client: Redis, o: FailoverWatchOptions): void {
-  let pending: string | undefined;
-  const reconnect = (to: string, why: string) => {
-    o.logger?.info({ master: o.name, to, from: connectedTo(client) ?? null }, `redis sentinels name a new master ${why}; reconnecting`);
+export function watchFailover(client: Redis, o: FailoverWatchOptions): () => void {
+  let pending: string[] | undefined;
+  let stopped = false;
+  const reconnect = (to: string[], why: string) => {
+    o.logger?.info({ master: o.name, to: to[0], from: connectedTo(client) ?? null }, `redis sentinels name a new master ${why}; reconnecting`);
     client.disconnect(true);
+  };
+  const onAnnouncement = async (message: string) => {
+    const m = parseSwitchMaster(message);
+    if (m?.name !== o.name) return;
+    const to = await addressesOf(m.to);
+    if (stopped) return;
+    const action = switchAction(client.status, connectedTo(client), to);
+    if (action === "reconnect") reconnect(to, "(+switch-master)");
+    else if (action === "recheck") {
+      pending = to;
+      o.logger?.info({ master: o.name, to: m.to }, "redis sentinels name a new master while reconnecting; checking where the connection lands");
+    }
   };
   const watchers = o.sentinels.map(({ host, port }) => {
     const w = new Redis({
@@ -91,31 +126,36 @@ export function watchFailover(client: Redis, o: FailoverWatchOptions): void {
       ...(o.tls ? { tls: o.tls } : {}),
       connectTimeout: 2000,
       retryStrategy: o.retryStrategy,
-      // SUBSCRIBE is queued until the connection is up, and ioredis subscribes again after a reconnection.
-      enableOfflineQueue: true,
+      enableOfflineQueue: false,
       maxRetriesPerRequest: null,
     });
-    // The client's own errors tell of an outage; a sentinel that is down is one of several.
-    w.on("error", () => {});
-    w.subscribe(SWITCH_MASTER).catch(() => {});
-    w.on("message", (_channel: string, message: string) => {
-      const m = parseSwitchMaster(message);
-      if (m?.name !== o.name) return;
-      const action = switchAction(client.status, connectedTo(client), m.to);
-      if (action === "reconnect") reconnect(m.to, "(+switch-master)");
-      else if (action === "recheck") {
-        pending = m.to;
-        o.logger?.info({ master: o.name, to: m.to }, "redis sentinels name a new master while reconnecting; checking where the connection lands");
-      }
+    // Subscribed at every connection, not once: ioredis re-subscribes only what a connection already held,
+    // and a first connection that failed (AUTH refused, a sentinel down at start) would leave this one deaf.
+    let failing = false;
+    w.on("ready", () => {
+      failing = false;
+      w.subscribe(SWITCH_MASTER).catch((err: Error) =>
+        o.logger?.warn({ sentinel: `${host}:${port}`, err: err.message }, "redis sentinel: cannot watch for failovers"),
+      );
     });
+    // Said once per outage of this sentinel; one down is one of several.
+    w.on("error", (err: Error) => {
+      if (!failing) o.logger?.warn({ sentinel: `${host}:${port}`, err: err.message }, "redis sentinel unreachable for the failover watch; retrying");
+      failing = true;
+    });
+    w.on("message", (_channel: string, message: string) => void onAnnouncement(message));
     return w;
   });
   client.on("ready", () => {
     const to = pending;
     pending = undefined;
-    if (to !== undefined && connectedTo(client) !== to) reconnect(to, "(not where the reconnection landed)");
+    if (to !== undefined && switchAction(client.status, connectedTo(client), to) === "reconnect") reconnect(to, "(not where the reconnection landed)");
   });
-  client.once("end", () => {
+  const stop = () => {
+    if (stopped) return;
+    stopped = true;
     for (const w of watchers) w.disconnect();
-  });
+  };
+  client.once("end", stop);
+  return stop;
 }

@@ -38,7 +38,8 @@ export interface RedisSecrets {
 }
 
 /** A password file's one line; a trailing newline (echo, kubectl create secret --from-file) is not part of it. */
-function passwordIn(flag: string, file: string): string {
+/** The password in `file` (one line), for the flag that named it; an empty file is refused under that flag's name. */
+export function passwordIn(flag: string, file: string): string {
   const pw = readFileSync(file, "utf8").replace(/\r?\n$/, "");
   if (!pw) throw new Error(`${flag} ${file} is empty`);
   return pw;
@@ -340,7 +341,7 @@ function connectSentinel(opts: RedisOptions): Redis {
     ...ONE_PRIMARY,
   });
   // Leaves the old master at once on +switch-master, also when it is still up (a switchover, a partition that heals).
-  watchFailover(client, {
+  const stopWatch = watchFailover(client, {
     sentinels,
     name,
     ...(opts.sentinelPassword !== undefined ? { password: opts.sentinelPassword } : {}),
@@ -348,6 +349,13 @@ function connectSentinel(opts: RedisOptions): Redis {
     retryStrategy: retryDelay,
     ...(opts.logger ? { logger: opts.logger } : {}),
   });
+  // The watch ends with the client. Its "end" is not enough: ioredis 5 never emits it for a client
+  // disconnected while it waits to reconnect, and the watch's connections would hold the process.
+  const disconnect = client.disconnect.bind(client);
+  client.disconnect = (reconnect = false) => {
+    if (!reconnect) stopWatch();
+    disconnect(reconnect);
+  };
   return client;
 }
 

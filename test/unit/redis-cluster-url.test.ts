@@ -261,7 +261,6 @@ test("connectRedis of a sentinel URL: a single client asking the sentinels, fail
     assert.equal(od.name, "microvpc");
     assert.equal(od.role, "master");
     assert.equal(od.sentinelPassword, "sp");
-    assert.equal(od.failoverDetector, false);
     assert.equal(od.reconnectOnError, o.reconnectOnError);
     assert.equal(od.password, "p");
     assert.equal(od.enableOfflineQueue, true, "the override");
