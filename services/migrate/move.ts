@@ -10,13 +10,15 @@
 // source (type and length), and the source against its snapshot.
 import { Option, type Command } from "commander";
 import type { Cluster, Redis } from "ioredis";
-import { connectRedis, isClusterUrl, readRedisSecrets, waitReady } from "../common/redis.js";
+import { connectRedis, isClusterUrl, isSentinelUrl, passwordIn, SENTINEL_SCHEME, waitReady } from "../common/redis.js";
 import { plan, wanted, type Op, type Plan, type Snapshot } from "./plan.js";
 
 export interface MoveOptions {
   from: string;
   to: string;
   fromPasswordFile?: string;
+  /** The sentinels' password, when --from is a redis-sentinel:// URL whose sentinels have requirepass. */
+  fromSentinelPasswordFile?: string;
   toPasswordFile?: string;
   /** Print the plan, write nothing. */
   dryRun?: boolean;
@@ -43,8 +45,20 @@ const LENGTH: Record<string, string> = { hash: "hlen", set: "scard", zset: "zcar
 export async function moveToCluster(o: MoveOptions): Promise<MoveReport> {
   if (isClusterUrl(o.from)) throw new MoveRefused(`--from ${o.from} is a cluster: the move reads one Redis (or a Sentinel's primary)`);
   if (!isClusterUrl(o.to)) throw new MoveRefused(`--to ${o.to} is not a redis-cluster:// URL`);
-  const src = connectRedis({ url: o.from, commandTimeoutMs: 30_000, ...readRedisSecrets({ passwordFile: o.fromPasswordFile }) });
-  const dst = connectRedis({ url: o.to, commandTimeoutMs: 30_000, ...readRedisSecrets({ passwordFile: o.toPasswordFile }) });
+  // (--from is not repeated: a redis:// URL may carry a password.)
+  if (o.fromSentinelPasswordFile && !isSentinelUrl(o.from))
+    throw new MoveRefused(`--from-sentinel-password-file is for a Sentinel --from (${SENTINEL_SCHEME}…); this --from names no sentinels`);
+  const src = connectRedis({
+    url: o.from,
+    commandTimeoutMs: 30_000,
+    ...(o.fromPasswordFile ? { password: passwordIn("--from-password-file", o.fromPasswordFile) } : {}),
+    ...(o.fromSentinelPasswordFile ? { sentinelPassword: passwordIn("--from-sentinel-password-file", o.fromSentinelPasswordFile) } : {}),
+  });
+  const dst = connectRedis({
+    url: o.to,
+    commandTimeoutMs: 30_000,
+    ...(o.toPasswordFile ? { password: passwordIn("--to-password-file", o.toPasswordFile) } : {}),
+  });
   try {
     await Promise.all([waitReady(src, 10_000), waitReady(dst, 10_000)]);
     if (!o.ignoreClients) await noOtherClients(src);
@@ -322,6 +336,7 @@ export function addMoveToClusterCommand(program: Command): void {
     .addOption(new Option("--from <url>", "the single Redis: redis://, rediss://, a Sentinel URL or a socket path").makeOptionMandatory())
     .addOption(new Option("--to <url>", "the cluster: redis-cluster://host:port,host:port (seeds)").makeOptionMandatory())
     .addOption(new Option("--from-password-file <path>", "the single Redis's password (one line)"))
+    .addOption(new Option("--from-sentinel-password-file <path>", "with a Sentinel --from: the sentinels' password (one line), if they have requirepass"))
     .addOption(new Option("--to-password-file <path>", "the cluster's password (one line)"))
     .addOption(new Option("--dry-run", "print what would be written and left behind; write nothing"))
     .addOption(new Option("--ignore-clients", "go ahead although other clients are connected to the source (ones that write nothing, such as a monitor)"))

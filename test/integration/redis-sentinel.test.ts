@@ -10,21 +10,28 @@
 // FAILOVER) whose old master stays up: the daemon moves to the promoted node
 // too, at once. And a failover announced while the daemon is between
 // connections, asking the sentinels for the master: it ends on the new one.
+// Last, `microvpcd move-to-cluster` copies what the sentinels' master holds
+// into a Redis Cluster. The sentinels have a password throughout.
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { promisify } from "node:util";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { ipamClients } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { startRedisCluster } from "../lib/redis.js";
 import { onPort, startRedisSentinel, type TestRedisSentinel } from "../lib/redis-sentinel.js";
 
 let set: TestRedisSentinel;
 let daemon: Daemon;
 let c: ReturnType<typeof ipamClients>;
 let dir: string;
+/** What the tests allocated (subnet, request id, address): the move to a cluster must keep each. */
+const held: { subnetId: string; requestId: string; owner: string; address: string }[] = [];
 
 /** The sentinels take two passwords: this starter's, and the daemon's (--redis-sentinel-password-file), which a test withdraws for a while. */
 const SENTINEL_PW = "starter-pw";
@@ -141,6 +148,7 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   await c.vpc.createVpc({ name: "sent", cidr: "10.50.0.0/16" });
   const sn = (await c.subnet.createSubnet({ vpc: "sent", name: "s1", cidr: "10.50.1.0/24", type: SubnetType.PRIVATE })).subnet!;
   const a = (await c.ipam.allocate({ subnetId: sn.id, owner: "vm-a", requestId: "r-a" })).allocation!;
+  held.push({ subnetId: sn.id, requestId: "r-a", owner: "vm-a", address: a.address });
   // The write is on the replica before the primary dies: what a failover keeps.
   await replicated(oldPrimary, "the writes");
 
@@ -200,6 +208,7 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
   // promoted, and the switchover aborts (seen here, 2 runs in 6).
   await set.waitReplicaSeen(oldPrimary, 10_000);
   const switchedAt = Date.now();
+  const beforeSwitch = daemon.output().length;
   await switchover();
   assert.equal(await set.waitNewMaster(newMaster, 10_000), oldPrimary);
   const switchMs = Date.now() - switchedAt;
@@ -208,7 +217,7 @@ test("the daemon follows a Sentinel failover without a restart: what it wrote is
     `sentinel switchover: new master after ${switchMs} ms, the daemon writing there after ${Date.now() - switchedAt} ms (${during.length} UNAVAILABLE meanwhile${during.length ? `, first: ${during[0]}` : ""})`,
   );
   // It left because the sentinels said so, not because the old master dropped it later.
-  assert.match(daemon.output(), /redis sentinels name a new master \(\+switch-master\); reconnecting/);
+  assert.match(daemon.output().slice(beforeSwitch), /redis sentinels name a new master \(\+switch-master\); reconnecting/);
   for (const i of [1, 2, 3]) {
     const x = await c.ipam.allocate({ subnetId: sn.id, owner: `vm-e${i}`, requestId: `r-e${i}` }, { timeoutMs: 3000 });
     assert.equal(x.created, true);
@@ -224,7 +233,8 @@ test("a failover announced while the daemon asks the sentinels for the master: i
   const master = await set.masterPort();
   await c.vpc.createVpc({ name: "sent2", cidr: "10.51.0.0/16" });
   const sn = (await c.subnet.createSubnet({ vpc: "sent2", name: "s1", cidr: "10.51.1.0/24", type: SubnetType.PRIVATE })).subnet!;
-  await c.ipam.allocate({ subnetId: sn.id, owner: "vm-f", requestId: "r-f" });
+  const f = (await c.ipam.allocate({ subnetId: sn.id, owner: "vm-f", requestId: "r-f" })).allocation!;
+  held.push({ subnetId: sn.id, requestId: "r-f", owner: "vm-f", address: f.address });
   // The node the last switchover left behind becomes a replica some time after it (4 hello periods):
   // wait for it to hold the writes, and for every sentinel to see it as a replica (see the switchover above).
   await replicated(master, "the writes");
@@ -237,15 +247,20 @@ test("a failover announced while the daemon asks the sentinels for the master: i
   // and its connection to the master drops: it keeps asking the sentinels, in vain.
   await daemonPassword("<");
   const from = daemon.output().length;
-  await onPort(master, (r) => r.call("CLIENT", "KILL", "TYPE", "normal"));
-  await logged(/redis sentinel did not name the master/, from, 10_000, "the daemon asking the sentinels in vain");
+  let switchedAt: number;
+  let promoted: number;
+  try {
+    await onPort(master, (r) => r.call("CLIENT", "KILL", "TYPE", "normal"));
+    await logged(/redis sentinel did not name the master/, from, 10_000, "the daemon asking the sentinels in vain");
 
-  // Now the switchover: its +switch-master reaches the daemon while it is still asking.
-  const switchedAt = Date.now();
-  await switchover();
-  const promoted = await set.waitNewMaster(master, 10_000);
-  await logged(/new master while reconnecting/, from, 5_000, "the daemon hearing of the new master while it reconnects");
-  await daemonPassword(">");
+    // Now the switchover: its +switch-master reaches the daemon while it is still asking.
+    switchedAt = Date.now();
+    await switchover();
+    promoted = await set.waitNewMaster(master, 10_000);
+    await logged(/new master while reconnecting/, from, 5_000, "the daemon hearing of the new master while it reconnects");
+  } finally {
+    await daemonPassword(">");
+  }
 
   const { unavailable } = await allocateOnceAnswered(sn.id, "vm-g", "r-g", switchedAt, "a failover announced while reconnecting");
   console.log(
@@ -254,4 +269,48 @@ test("a failover announced while the daemon asks the sentinels for the master: i
   for (const m of unavailable) assert.doesNotMatch(m, /Connection is closed/);
   const state = await subnetState(promoted, sn.id);
   for (const owner of ["vm-f", "vm-g"]) assert.ok(state.includes(owner), `${owner} on the promoted node:\n${state}`);
+});
+
+test("move-to-cluster reads the master the sentinels name, with their password: the cluster answers every allocation as before", async () => {
+  // The move refuses while a daemon is connected to the source.
+  await daemon.stop();
+  const cluster = await startRedisCluster({ primaries: 3, replicasPerPrimary: 0 });
+  try {
+    const move = (args: string[]) =>
+      promisify(execFile)(process.execPath, [join(import.meta.dirname, "..", "..", "bin", "microvpcd.js"), "move-to-cluster", ...args], {
+        timeout: 60_000,
+      }).then(
+        (r) => ({ code: 0, out: r.stdout + r.stderr }),
+        (e: { code?: number; stdout?: string; stderr?: string }) => ({
+          code: typeof e.code === "number" ? e.code : -1,
+          out: `${e.stdout ?? ""}${e.stderr ?? ""}`,
+        }),
+      );
+    const pw = join(dir, "sentinel-pw");
+    // The sentinels' password with a --from that names none: refused before anything is read.
+    const master = await set.masterPort();
+    const wrong = await move(["--from", `redis://127.0.0.1:${master}`, "--from-sentinel-password-file", pw, "--to", cluster.url]);
+    assert.equal(wrong.code, 2, wrong.out);
+    assert.match(wrong.out, /--from-sentinel-password-file is for a Sentinel --from \(redis-sentinel:\/\/…\); this --from names no sentinels/);
+
+    const moved = await move(["--from", set.url, "--from-sentinel-password-file", pw, "--to", cluster.url]);
+    assert.equal(moved.code, 0, moved.out);
+    assert.match(moved.out, /wrote [1-9]\d* keys/);
+
+    // ipam on the cluster: each request made before the move answers its address, and nothing new was made.
+    const onCluster = await startDaemon("ipam", ["--redis", cluster.url]);
+    try {
+      const cc = ipamClients(onCluster.address);
+      assert.ok(held.length >= 2);
+      for (const x of held) {
+        const r = await cc.ipam.allocate({ subnetId: x.subnetId, owner: x.owner, requestId: x.requestId });
+        assert.equal(r.allocation!.address, x.address, `${x.requestId} after the move`);
+        assert.equal(r.created, false, `${x.requestId} after the move`);
+      }
+    } finally {
+      await onCluster.stop();
+    }
+  } finally {
+    await cluster.stop();
+  }
 });
