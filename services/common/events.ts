@@ -40,6 +40,15 @@ export const EVENTS = "mvpc:events";
 export const REGISTRY_EVENTS = "mvpc:{hosts}:events";
 /** How many entries a scoped stream keeps (approximately: MAXLEN ~): ~110 KB for a busy VPC; a host away for more of one VPC's changes resyncs that VPC once. */
 export const SCOPED_MAXLEN = 1000;
+/**
+ * How long a deleted VPC's stream is kept after its vpc.deleted event: long
+ * enough for every reader to take that event, then the key goes (VPC ids are
+ * never reused, so without this every VPC ever deleted would leave up to
+ * SCOPED_MAXLEN entries behind for good). A reader that comes back later
+ * finds no stream, which reads as nothing new; its whole pass at start
+ * removes what it held of the VPC.
+ */
+export const DELETED_VPC_STREAM_TTL_MS = 24 * 3600 * 1000;
 /** A VPC's change stream; `{vpc}` is the Redis Cluster hash tag it shares with the VPC's other keys. */
 export const vpcEvents = (vpc: string) => `mvpc:{${vpc}}:events`;
 /** A host's change stream: its NICs and bindings coming and going. */

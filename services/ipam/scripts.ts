@@ -12,7 +12,7 @@
 // Error replies are tables {code, detail}: negative codes are domain errors
 // the TypeScript side turns into gRPC statuses.
 import { LUA_TOKEN, TOKEN_MOVED } from "../common/client-token.js";
-import { LUA_EMIT } from "../common/events.js";
+import { DELETED_VPC_STREAM_TTL_MS, LUA_EMIT } from "../common/events.js";
 import { LUA_RANGE_CHECKS } from "./schema.js";
 import { LUA_SWEEP, PENDING_MS } from "../common/pending.js";
 
@@ -384,6 +384,7 @@ redis.call('HDEL', KEYS[2], name)
 redis.call('ZREM', KEYS[3], name)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.deleted', 'vpc', ARGV[1])
 mvpc_scoped({ARGV[1]}, {}, 'kind', 'vpc.deleted', 'vpc', ARGV[1])
+redis.call('PEXPIRE', 'mvpc:{' .. ARGV[1] .. '}:events', ${DELETED_VPC_STREAM_TTL_MS})
 return {1, ''}
 `;
 

@@ -28,7 +28,7 @@ import {
 } from "./schema.js";
 import { TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { UnavailableError } from "../common/errors.js";
-import { emit } from "../common/events.js";
+import { DELETED_VPC_STREAM_TTL_MS, emit, vpcEvents } from "../common/events.js";
 import { defineVariadicCommand } from "../common/redis.js";
 import { isId, newId } from "../common/ids.js";
 import * as S from "./scripts.js";
@@ -302,6 +302,8 @@ export class IpamStore extends IpamReader {
     if (code !== 1) return false;
     await this.redis.mvpcUnclaimVpc(L.vpcByName, L.vpcNames, String(n), id);
     await emit(this.redis, { vpcs: [id] }, ["kind", "vpc.deleted", "vpc", id]);
+    // As DELETE_VPC does on one Redis: the stream goes once its readers have had the event.
+    await this.redis.pexpire(vpcEvents(id), DELETED_VPC_STREAM_TTL_MS);
     return true;
   }
 

@@ -11,6 +11,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
+import { DELETED_VPC_STREAM_TTL_MS, vpcEvents } from "../../services/common/events.js";
 import { cidr as parseCidr, ipToInt } from "../../services/common/validate.js";
 import { ipamKeys, K } from "../../services/ipam/keys.js";
 import { vpnKeysOf } from "../../services/netagent/schema.js";
@@ -74,6 +75,17 @@ describe("catalog", () => {
     assert.equal((await c.vpc.deleteVpc({ ref: vpc.id })).deleted, true);
     assert.equal((await c.vpc.deleteVpc({ ref: vpc.id })).deleted, false);
     await rejectsWith(c.vpc.getVpc({ ref: "life" }), Code.NotFound);
+    // The VPC's change stream ends with vpc.deleted, for its readers to take, and then goes: VPC ids are
+    // never reused, and every deleted VPC would otherwise keep its stream for good.
+    const r = await connectReady({ url: ON_CLUSTER ? cluster!.url : redis.url });
+    try {
+      const [[, last]] = await r.xrevrange(vpcEvents(vpc.id), "+", "-", "COUNT", 1);
+      assert.deepEqual(last, ["kind", "vpc.deleted", "vpc", vpc.id]);
+      const ttl = await r.pttl(vpcEvents(vpc.id));
+      assert.ok(ttl > DELETED_VPC_STREAM_TTL_MS - 60_000 && ttl <= DELETED_VPC_STREAM_TTL_MS, `the stream's expiry: ${ttl} ms`);
+    } finally {
+      r.disconnect();
+    }
   });
 
   test("overlapping VPCs are allowed; overlapping subnets in one VPC are not", async () => {
