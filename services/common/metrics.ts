@@ -6,6 +6,7 @@ import { Code } from "@connectrpc/connect";
 import type { Redis } from "ioredis";
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 import { BUILD } from "./version.js";
+import { sentinelsWatched } from "./redis-failover.js";
 
 export const metricsRegistry = new Registry();
 // The process and Node.js metrics under their standard names
@@ -238,6 +239,7 @@ export const REDIS_UP_CACHE_MS = 1000;
  * the connection's own command timeout), else 0.
  */
 export function watchRedis(redis: Pick<Redis, "status" | "ping">): void {
+  watchSentinels(redis);
   let at = 0;
   let value = 0;
   let inflight: Promise<number> | undefined;
@@ -261,6 +263,20 @@ export function watchRedis(redis: Pick<Redis, "status" | "ping">): void {
         at = Date.now();
       }
       this.set(value);
+    },
+  });
+}
+
+/** microvpc_redis_sentinels_watched, for a client behind Sentinel (redis-failover.ts). */
+function watchSentinels(redis: object): void {
+  metricsRegistry.removeSingleMetric("microvpc_redis_sentinels_watched");
+  if (sentinelsWatched(redis) === undefined) return;
+  new Gauge({
+    name: "microvpc_redis_sentinels_watched",
+    help: "Behind Redis Sentinel: the sentinels this daemon's failover watch is subscribed to (+switch-master). 0: a switchover whose old master stays up goes unseen until the sentinels demote it.",
+    registers: [metricsRegistry],
+    collect() {
+      this.set(sentinelsWatched(redis) ?? 0);
     },
   });
 }

@@ -80,6 +80,18 @@ export async function addressesOf(hostPort: string): Promise<string[]> {
   }
 }
 
+const watched = new WeakMap<Redis, () => number>();
+
+/**
+ * How many sentinels a client's failover watch is subscribed to now
+ * (microvpc_redis_sentinels_watched); undefined for a client without one (not
+ * behind Sentinel). 0 means a failover whose old master stays up goes
+ * unseen until that master is demoted.
+ */
+export function sentinelsWatched(client: object): number | undefined {
+  return watched.get(client as Redis)?.();
+}
+
 export interface FailoverWatchOptions {
   sentinels: { host: string; port: number }[];
   /** The master's name, as the sentinels monitor it. */
@@ -100,6 +112,8 @@ export interface FailoverWatchOptions {
  * closes them (connectSentinel calls it from the client's disconnect).
  */
 export function watchFailover(client: Redis, o: FailoverWatchOptions): () => void {
+  const subscribed = new Set<Redis>();
+  watched.set(client, () => subscribed.size);
   let pending: string[] | undefined;
   let stopped = false;
   const reconnect = (to: string[], why: string) => {
@@ -134,10 +148,12 @@ export function watchFailover(client: Redis, o: FailoverWatchOptions): () => voi
     let failing = false;
     w.on("ready", () => {
       failing = false;
-      w.subscribe(SWITCH_MASTER).catch((err: Error) =>
-        o.logger?.warn({ sentinel: `${host}:${port}`, err: err.message }, "redis sentinel: cannot watch for failovers"),
+      w.subscribe(SWITCH_MASTER).then(
+        () => subscribed.add(w),
+        (err: Error) => o.logger?.warn({ sentinel: `${host}:${port}`, err: err.message }, "redis sentinel: cannot watch for failovers"),
       );
     });
+    w.on("close", () => subscribed.delete(w));
     // Said once per outage of this sentinel; one down is one of several.
     w.on("error", (err: Error) => {
       if (!failing) o.logger?.warn({ sentinel: `${host}:${port}`, err: err.message }, "redis sentinel unreachable for the failover watch; retrying");
@@ -155,6 +171,7 @@ export function watchFailover(client: Redis, o: FailoverWatchOptions): () => voi
     if (stopped) return;
     stopped = true;
     for (const w of watchers) w.disconnect();
+    subscribed.clear();
   };
   client.once("end", stop);
   return stop;

@@ -23,6 +23,7 @@ import { afterAll, beforeAll, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { ipamClients } from "../lib/clients.js";
 import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { scrape } from "../lib/metrics.js";
 import { startRedisCluster } from "../lib/redis.js";
 import { onPort, startRedisSentinel, type TestRedisSentinel } from "../lib/redis-sentinel.js";
 
@@ -269,6 +270,33 @@ test("a failover announced while the daemon asks the sentinels for the master: i
   for (const m of unavailable) assert.doesNotMatch(m, /Connection is closed/);
   const state = await subnetState(promoted, sn.id);
   for (const owner of ["vm-f", "vm-g"]) assert.ok(state.includes(owner), `${owner} on the promoted node:\n${state}`);
+});
+
+test("the failover watch shows in metrics: every sentinel watched, none while none can be reached, all again after", async () => {
+  const watchedNow = async () => (await scrape(daemon.metricsPort)).get("microvpc_redis_sentinels_watched");
+  const until = async (want: number, what: string) => {
+    const since = Date.now();
+    let v: number | undefined;
+    while ((v = await watchedNow()) !== want) {
+      assert.ok(
+        Date.now() - since < 10_000,
+        `${what}: microvpc_redis_sentinels_watched ${v}, not ${want}; the daemon's log:\n${daemon.output().split("\n").slice(-15).join("\n")}`,
+      );
+      await new Promise((res) => setTimeout(res, 100));
+    }
+  };
+  await until(3, "at the start");
+  // The sentinels refuse the daemon and drop its subscriptions: its watch is blind, and says so.
+  const from = daemon.output().length;
+  await daemonPassword("<");
+  try {
+    await Promise.all(set.sentinels.map((s) => set.onSentinel(s.port, (x) => x.call("CLIENT", "KILL", "TYPE", "pubsub"))));
+    await until(0, "with every subscription dropped and the password refused");
+    await logged(/redis sentinel unreachable for the failover watch; retrying/, from, 5_000, "the watch saying it is blind");
+  } finally {
+    await daemonPassword(">");
+  }
+  await until(3, "with the password taken again");
 });
 
 test("move-to-cluster reads the master the sentinels name, with their password: the cluster answers every allocation as before", async () => {

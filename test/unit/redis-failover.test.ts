@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { createServer, type Socket } from "node:net";
 import { test } from "vitest";
-import { addressesOf, parseSwitchMaster, switchAction } from "../../services/common/redis-failover.js";
+import { addressesOf, parseSwitchMaster, sentinelsWatched, switchAction } from "../../services/common/redis-failover.js";
 import { connectRedis } from "../../services/common/redis.js";
 
 test("+switch-master names the master and where it is now; anything else is no announcement", () => {
@@ -100,12 +100,13 @@ test("the failover watch ends with its client, also one disconnected while it wa
     const r = connectRedis({ url: `redis-sentinel://127.0.0.1:${port}/microvpc` });
     r.on("error", () => {});
     const since = Date.now();
-    // Waiting to reconnect (its last attempt refused), the watch's connection held.
-    while (r.status !== "reconnecting" || open.size === 0) {
-      assert.ok(Date.now() - since < 5000, `status ${r.status}, ${open.size} connection(s) to the sentinel`);
+    // Waiting to reconnect (its last attempt refused), the watch subscribed.
+    while (r.status !== "reconnecting" || sentinelsWatched(r) !== 1) {
+      assert.ok(Date.now() - since < 5000, `status ${r.status}, ${open.size} connection(s) to the sentinel, ${sentinelsWatched(r)} watched`);
       await new Promise((res) => setTimeout(res, 5));
     }
     r.disconnect();
+    assert.equal(sentinelsWatched(r), 0);
     const closed = Date.now();
     while (open.size > 0) {
       assert.ok(Date.now() - closed < 3000, `${open.size} connection(s) to the sentinel still open after the client was disconnected`);
@@ -114,5 +115,15 @@ test("the failover watch ends with its client, also one disconnected while it wa
   } finally {
     for (const s of open) s.destroy();
     await new Promise((res) => sentinel.close(res));
+  }
+});
+
+test("a client not behind Sentinel has no failover watch", () => {
+  const r = connectRedis({ url: "redis://127.0.0.1:1" });
+  r.on("error", () => {});
+  try {
+    assert.equal(sentinelsWatched(r), undefined);
+  } finally {
+    r.disconnect();
   }
 });
