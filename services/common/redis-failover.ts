@@ -101,6 +101,14 @@ export interface FailoverWatchOptions {
   tls?: IoRedisOptions["tls"];
   /** Reconnect delays of the watch's connections to the sentinels. */
   retryStrategy: (times: number) => number;
+  /**
+   * How often each subscribed connection is PINGed (default 5 s); one that
+   * does not answer within this time is dropped and made again. A
+   * subscription sends nothing by itself, and a link that died silently (a
+   * sentinel's host powered off) would otherwise count as watched for the
+   * hours TCP takes to notice.
+   */
+  pingMs?: number;
   logger?: Logger;
 }
 
@@ -114,6 +122,7 @@ export interface FailoverWatchOptions {
 export function watchFailover(client: Redis, o: FailoverWatchOptions): () => void {
   const subscribed = new Set<Redis>();
   watched.set(client, () => subscribed.size);
+  const pingMs = o.pingMs ?? 5000;
   let pending: string[] | undefined;
   let stopped = false;
   const reconnect = (to: string[], why: string) => {
@@ -139,6 +148,7 @@ export function watchFailover(client: Redis, o: FailoverWatchOptions): () => voi
       ...(o.password !== undefined ? { password: o.password } : {}),
       ...(o.tls ? { tls: o.tls } : {}),
       connectTimeout: 2000,
+      commandTimeout: pingMs,
       retryStrategy: o.retryStrategy,
       enableOfflineQueue: false,
       maxRetriesPerRequest: null,
@@ -167,9 +177,20 @@ export function watchFailover(client: Redis, o: FailoverWatchOptions): () => voi
     pending = undefined;
     if (to !== undefined && switchAction(client.status, connectedTo(client), to) === "reconnect") reconnect(to, "(not where the reconnection landed)");
   });
+  // Each subscribed connection answers a PING in time, or is dropped (uncounted) and made again.
+  const pings = setInterval(() => {
+    for (const w of subscribed)
+      w.ping().catch(() => {
+        if (stopped || !subscribed.delete(w)) return;
+        o.logger?.warn({ sentinel: `${w.options.host}:${w.options.port}` }, "redis sentinel did not answer the failover watch's PING; reconnecting");
+        w.disconnect(true);
+      });
+  }, pingMs);
+  pings.unref();
   const stop = () => {
     if (stopped) return;
     stopped = true;
+    clearInterval(pings);
     for (const w of watchers) w.disconnect();
     subscribed.clear();
   };

@@ -44,7 +44,9 @@ const LENGTH: Record<string, string> = { hash: "hlen", set: "scard", zset: "zcar
 
 export async function moveToCluster(o: MoveOptions): Promise<MoveReport> {
   if (isClusterUrl(o.from)) throw new MoveRefused(`--from ${o.from} is a cluster: the move reads one Redis (or a Sentinel's primary)`);
-  if (!isClusterUrl(o.to)) throw new MoveRefused(`--to ${o.to} is not a redis-cluster:// URL`);
+  // (--to is not repeated: a redis:// URL given by mistake may carry a password.)
+  if (!isClusterUrl(o.to))
+    throw new MoveRefused(`--to is not a redis-cluster:// URL: the move writes into a Redis Cluster, named by its seeds (redis-cluster://host:port,host:port)`);
   // (--from is not repeated: a redis:// URL may carry a password.)
   if (o.fromSentinelPasswordFile && !isSentinelUrl(o.from))
     throw new MoveRefused(`--from-sentinel-password-file is for a Sentinel --from (${SENTINEL_SCHEME}…); this --from names no sentinels`);

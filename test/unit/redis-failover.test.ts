@@ -4,8 +4,9 @@
 // test/integration/redis-sentinel.test.ts.
 import assert from "node:assert/strict";
 import { createServer, type Socket } from "node:net";
+import { Redis } from "ioredis";
 import { test } from "vitest";
-import { addressesOf, parseSwitchMaster, sentinelsWatched, switchAction } from "../../services/common/redis-failover.js";
+import { addressesOf, parseSwitchMaster, sentinelsWatched, switchAction, watchFailover } from "../../services/common/redis-failover.js";
 import { connectRedis } from "../../services/common/redis.js";
 
 test("+switch-master names the master and where it is now; anything else is no announcement", () => {
@@ -68,15 +69,15 @@ function requests(buf: string): { cmds: string[][]; rest: string } {
 
 const bulk = (s: string) => `$${Buffer.byteLength(s)}\r\n${s}\r\n`;
 
-test("the failover watch ends with its client, also one disconnected while it waits to reconnect to the master", async () => {
-  // A master that refuses connections (a port just closed), and a "sentinel" that names it: the client
-  // keeps reconnecting, waiting between attempts, while its watch stays subscribed to the sentinel.
-  const gone = createServer();
-  await new Promise<void>((res) => gone.listen(0, "127.0.0.1", res));
-  const masterPort = (gone.address() as { port: number }).port;
-  await new Promise((res) => gone.close(res));
+/**
+ * A "sentinel" on a loopback port that names `masterPort` as the master,
+ * answers INFO, SUBSCRIBE and (while `answerPing`) PING, and keeps its open
+ * connections in `open`.
+ */
+async function fakeSentinel(masterPort: number) {
   const open = new Set<Socket>();
-  const sentinel = createServer((sock) => {
+  const state = { answerPing: true, subscribes: 0 };
+  const server = createServer((sock) => {
     open.add(sock);
     sock.on("close", () => open.delete(sock));
     sock.on("error", () => {});
@@ -89,32 +90,81 @@ test("the failover watch ends with its client, also one disconnected while it wa
         if (c === "sentinel" && args[0] === "get-master-addr-by-name") sock.write(`*2\r\n${bulk("127.0.0.1")}${bulk(String(masterPort))}`);
         else if (c === "sentinel") sock.write("*0\r\n");
         else if (c === "info") sock.write(bulk("# Server\r\nloading:0\r\n"));
-        else if (c === "subscribe") sock.write(`*3\r\n${bulk("subscribe")}${bulk(args[0])}:1\r\n`);
-        else sock.write("+OK\r\n");
+        else if (c === "subscribe") {
+          state.subscribes++;
+          sock.write(`*3\r\n${bulk("subscribe")}${bulk(args[0])}:1\r\n`);
+        } else if (c === "ping") {
+          if (state.answerPing) sock.write(`*2\r\n${bulk("pong")}${bulk("")}`);
+        } else sock.write("+OK\r\n");
       }
     });
   });
-  await new Promise<void>((res) => sentinel.listen(0, "127.0.0.1", res));
-  const { port } = sentinel.address() as { port: number };
+  await new Promise<void>((res) => server.listen(0, "127.0.0.1", res));
+  return {
+    port: (server.address() as { port: number }).port,
+    open,
+    state,
+    async close() {
+      for (const s of open) s.destroy();
+      await new Promise((res) => server.close(res));
+    },
+  };
+}
+
+/** A loopback port nothing listens on (a master that is down). */
+async function closedPort(): Promise<number> {
+  const gone = createServer();
+  await new Promise<void>((res) => gone.listen(0, "127.0.0.1", res));
+  const port = (gone.address() as { port: number }).port;
+  await new Promise((res) => gone.close(res));
+  return port;
+}
+
+async function until(what: () => string | undefined, timeoutMs: number): Promise<void> {
+  const since = Date.now();
+  for (let why = what(); why !== undefined; why = what()) {
+    assert.ok(Date.now() - since < timeoutMs, why);
+    await new Promise((res) => setTimeout(res, 5));
+  }
+}
+
+test("the failover watch ends with its client, also one disconnected while it waits to reconnect to the master", async () => {
+  // A master that refuses connections: the client keeps reconnecting, waiting between attempts, while its watch stays subscribed.
+  const sentinel = await fakeSentinel(await closedPort());
   try {
-    const r = connectRedis({ url: `redis-sentinel://127.0.0.1:${port}/microvpc` });
+    const r = connectRedis({ url: `redis-sentinel://127.0.0.1:${sentinel.port}/microvpc` });
     r.on("error", () => {});
-    const since = Date.now();
-    // Waiting to reconnect (its last attempt refused), the watch subscribed.
-    while (r.status !== "reconnecting" || sentinelsWatched(r) !== 1) {
-      assert.ok(Date.now() - since < 5000, `status ${r.status}, ${open.size} connection(s) to the sentinel, ${sentinelsWatched(r)} watched`);
-      await new Promise((res) => setTimeout(res, 5));
-    }
+    await until(
+      () => (r.status === "reconnecting" && sentinelsWatched(r) === 1 ? undefined : `status ${r.status}, ${sentinelsWatched(r)} sentinel(s) watched`),
+      5000,
+    );
     r.disconnect();
     assert.equal(sentinelsWatched(r), 0);
-    const closed = Date.now();
-    while (open.size > 0) {
-      assert.ok(Date.now() - closed < 3000, `${open.size} connection(s) to the sentinel still open after the client was disconnected`);
-      await new Promise((res) => setTimeout(res, 20));
-    }
+    await until(
+      () => (sentinel.open.size === 0 ? undefined : `${sentinel.open.size} connection(s) to the sentinel still open after the client was disconnected`),
+      3000,
+    );
   } finally {
-    for (const s of open) s.destroy();
-    await new Promise((res) => sentinel.close(res));
+    await sentinel.close();
+  }
+});
+
+test("a sentinel that stops answering is no longer counted as watched, and is connected to and subscribed to again", async () => {
+  const sentinel = await fakeSentinel(await closedPort());
+  const client = new Redis({ lazyConnect: true });
+  const stop = watchFailover(client, { sentinels: [{ host: "127.0.0.1", port: sentinel.port }], name: "microvpc", retryStrategy: () => 50, pingMs: 200 });
+  try {
+    await until(() => (sentinelsWatched(client) === 1 ? undefined : "never subscribed"), 3000);
+    // A link that died silently: the connection stays open, nothing answers.
+    sentinel.state.answerPing = false;
+    await until(() => (sentinelsWatched(client) === 0 ? undefined : "still counted as watched with its PINGs unanswered"), 3000);
+    const before = sentinel.state.subscribes;
+    sentinel.state.answerPing = true;
+    await until(() => (sentinelsWatched(client) === 1 && sentinel.state.subscribes > before ? undefined : "not subscribed again"), 3000);
+  } finally {
+    stop();
+    client.disconnect();
+    await sentinel.close();
   }
 });
 
