@@ -45,8 +45,10 @@ export const SCOPED_MAXLEN = 1000;
  * enough for every reader to take that event, then the key goes (VPC ids are
  * never reused, so without this every VPC ever deleted would leave up to
  * SCOPED_MAXLEN entries behind for good). A reader that comes back later
- * finds no stream, which reads as nothing new; its whole pass at start
- * removes what it held of the VPC.
+ * finds no stream, which reads as nothing new (no resync); its whole pass at
+ * start, and its periodic drift pass, remove what it held of the VPC. ipam's
+ * hourly sweep (IpamStore.expireOrphanStreams) gives the same expiry to a
+ * stream whose VPC is gone and that has none.
  */
 export const DELETED_VPC_STREAM_TTL_MS = 24 * 3600 * 1000;
 /** A VPC's change stream; `{vpc}` is the Redis Cluster hash tag it shares with the VPC's other keys. */

@@ -9,6 +9,9 @@ import { ipamRoutes } from "./routes.js";
 import { Ipam } from "./service.js";
 import { IpamStore } from "./store.js";
 
+/** How often a daemon looks for deleted VPCs' change streams without an expiry. */
+const ORPHAN_SWEEP_MS = 3600_000;
+
 export const ipamDefinition: ServiceDefinition = {
   name: "ipam",
   summary: "VPCs, subnets and address allocation (stateless; run N replicas over one Redis)",
@@ -37,8 +40,24 @@ export const ipamDefinition: ServiceDefinition = {
     if (!/^[0-9]{1,6}$/.test(String(flags.metricsMaxSubnets)))
       throw new Error(`--metrics-max-subnets ${JSON.stringify(flags.metricsMaxSubnets)}: use 0–999999`);
     registerIpamMetrics(store, Number(flags.metricsMaxSubnets));
+    // Deleted VPCs' change streams left without an expiry get one (IpamStore.expireOrphanStreams): hourly,
+    // from a random point of the first hour, so that replicas and restarts spread out.
+    const sweep = () =>
+      store.expireOrphanStreams().then(
+        (r) => (r.expired > 0 ? logger.info(r, "gave deleted VPCs' change streams their expiry") : undefined),
+        (err: Error) => logger.warn({ err: err.message }, "sweep of deleted VPCs' change streams failed; the next runs in an hour"),
+      );
+    let every: NodeJS.Timeout | undefined;
+    const first = setTimeout(() => {
+      void sweep();
+      every = setInterval(() => void sweep(), ORPHAN_SWEEP_MS).unref();
+    }, Math.random() * ORPHAN_SWEEP_MS).unref();
     return {
       services: ipamRoutes(ipam, new Peerings(ipam, new PeeringStore(redis)), new DnsApi(store, mgmt)),
+      close: async () => {
+        clearTimeout(first);
+        clearInterval(every);
+      },
     };
   },
 };

@@ -3,7 +3,7 @@
 // IpamStore extends. Returns plain records; the service layer turns them into
 // API messages.
 import { createHash } from "node:crypto";
-import type { Redis } from "ioredis";
+import type { Cluster, Redis } from "ioredis";
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError } from "../common/errors.js";
 import * as V from "../common/validate.js";
 import { dnsKeys, vpcDnsKeys } from "../dns/schema.js";
@@ -581,6 +581,37 @@ export class IpamStore extends IpamReader {
    * A subnet a replica of the earlier release makes later moves on its
    * first Allocate, Release or DeleteSubnet.
    */
+  /**
+   * Gives every VPC change stream whose VPC is gone, and that has no expiry,
+   * the expiry DeleteVpc gives it (DELETED_VPC_STREAM_TTL_MS): what DeleteVpc
+   * could not (a cluster delete that failed after its record went, before
+   * the expiry was set) and what a late writer brought back after the
+   * stream had expired (a floating IP of the VPC released later, a flow-log
+   * cleanup), so that no deleted VPC keeps a stream for good. SCAN on each
+   * primary, `count` keys a step; the stream's own VPC record is read in
+   * its slot. Returns the streams looked at and those given an expiry.
+   */
+  async expireOrphanStreams(count = 1000): Promise<{ streams: number; expired: number }> {
+    const nodes: Redis[] = this.L.cluster ? (this.redis as unknown as Cluster).nodes("master") : [this.redis];
+    let streams = 0;
+    let expired = 0;
+    for (const node of nodes) {
+      let cursor = "0";
+      do {
+        const [next, keys] = await node.scan(cursor, "MATCH", "mvpc:{vpc-*}:events", "COUNT", count);
+        cursor = next;
+        const vpcs = keys.map((k) => /^mvpc:\{(vpc-[0-9a-f]{12})\}:events$/.exec(k)?.[1]).filter((v): v is string => v !== undefined);
+        streams += vpcs.length;
+        for (const vpc of vpcs) {
+          // One VPC at a time, each key by its slot through the client: the record and its stream (NX: an expiry set meanwhile stays).
+          if ((await this.redis.pttl(vpcEvents(vpc))) !== -1 || (await this.redis.exists(this.L.vpc(vpc))) === 1) continue;
+          if ((await this.redis.pexpire(vpcEvents(vpc), DELETED_VPC_STREAM_TTL_MS, "NX")) === 1) expired++;
+        }
+      } while (cursor !== "0");
+    }
+    return { streams, expired };
+  }
+
   async migrateAll(): Promise<number> {
     if (this.redis.isCluster) return 0;
     let moved = 0;

@@ -16,7 +16,7 @@ import { cidr as parseCidr, ipToInt } from "../../services/common/validate.js";
 import { ipamKeys, K } from "../../services/ipam/keys.js";
 import { vpnKeysOf } from "../../services/netagent/schema.js";
 import { VpnStore } from "../../services/netagent/vpn/store.js";
-import { MAX_EXTRA_RESERVED } from "../../services/ipam/store.js";
+import { IpamStore, MAX_EXTRA_RESERVED } from "../../services/ipam/store.js";
 import { ipamClients, rejectsWith } from "../lib/clients.js";
 import { ROOT, startDaemon, type Daemon } from "../lib/daemon.js";
 import { connectReady, startRedis, startRedisCluster, type TestRedis, type TestRedisCluster } from "../lib/redis.js";
@@ -83,6 +83,32 @@ describe("catalog", () => {
       assert.deepEqual(last, ["kind", "vpc.deleted", "vpc", vpc.id]);
       const ttl = await r.pttl(vpcEvents(vpc.id));
       assert.ok(ttl > DELETED_VPC_STREAM_TTL_MS - 60_000 && ttl <= DELETED_VPC_STREAM_TTL_MS, `the stream's expiry: ${ttl} ms`);
+    } finally {
+      r.disconnect();
+    }
+  });
+
+  test("the sweep gives a deleted VPC's stream left without an expiry its expiry; a live VPC's stream and an expiry already set stay", async () => {
+    const r = await connectReady({ url: ON_CLUSTER ? cluster!.url : redis.url });
+    try {
+      const live = await newVpc("sweep-live", "10.11.0.0/16");
+      await r.xadd(vpcEvents(live.id), "*", "kind", "test.live");
+      // A late writer after the stream expired (a floating IP of a deleted VPC released a day later), and a cluster delete cut off before its expiry.
+      const [orphan, expiring] = ["vpc-0000000000aa", "vpc-0000000000ab"];
+      await r.xadd(vpcEvents(orphan), "*", "kind", "gw.fip.released", "vpc", orphan);
+      await r.xadd(vpcEvents(expiring), "*", "kind", "vpc.deleted", "vpc", expiring);
+      await r.pexpire(vpcEvents(expiring), 600_000);
+      const { streams, expired } = await new IpamStore(r).expireOrphanStreams(2);
+      assert.ok(streams >= 3, `streams looked at: ${streams}`);
+      assert.equal(expired, 1);
+      const ttl = await r.pttl(vpcEvents(orphan));
+      assert.ok(ttl > DELETED_VPC_STREAM_TTL_MS - 60_000 && ttl <= DELETED_VPC_STREAM_TTL_MS, `the orphan's expiry: ${ttl} ms`);
+      assert.equal(await r.pttl(vpcEvents(live.id)), -1, "a live VPC's stream keeps no expiry");
+      const kept = await r.pttl(vpcEvents(expiring));
+      assert.ok(kept > 0 && kept <= 600_000, `an expiry already set stays: ${kept} ms`);
+      assert.deepEqual(await new IpamStore(r).expireOrphanStreams(), { streams, expired: 0 }, "a second sweep finds nothing to do");
+      await c.vpc.deleteVpc({ ref: live.id });
+      for (const v of [orphan, expiring]) await r.del(vpcEvents(v));
     } finally {
       r.disconnect();
     }
