@@ -355,10 +355,11 @@ return {1, name}
  *       6 vpc peerings set, 7 the firewall's security groups of the VPC
  *       (zset), 8 its network ACLs (zset), 9 the gateway's VPC → NAT
  *       gateway hash, 10 the VPC's VPN endpoint (netagent/vpn/schema.ts
- *       VpnKeys.ep), 11.. the VPC's DNS keys (records, names, owners,
- *       config) and its reserved ranges: a deleted VPC leaves no records
- *       behind, and a VPC created later with the same name starts with an
- *       empty zone.
+ *       VpnKeys.ep), 11 the VPC's change stream (it gets the vpc.deleted
+ *       event, then its expiry: DELETED_VPC_STREAM_TTL_MS), 12.. the VPC's
+ *       DNS keys (records, names, owners, config) and its reserved ranges:
+ *       a deleted VPC leaves no records behind, and a VPC created later with
+ *       the same name starts with an empty zone.
  * ARGV: 1 id
  * Returns {1} deleted, {0} absent, {-1, n} still has n subnets, {-2, n}
  * still has n peerings, {-3, what} still has groups, ACLs or a NAT gateway
@@ -379,12 +380,12 @@ local left = firewall_left(KEYS[7], KEYS[8])
 if redis.call('HEXISTS', KEYS[9], ARGV[1]) == 1 then left[#left + 1] = 'a NAT gateway' end
 if #left > 0 then return {-3, table.concat(left, ', ')} end
 redis.call('DEL', KEYS[1])
-for i = 11, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 12, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('HDEL', KEYS[2], name)
 redis.call('ZREM', KEYS[3], name)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'kind', 'vpc.deleted', 'vpc', ARGV[1])
 mvpc_scoped({ARGV[1]}, {}, 'kind', 'vpc.deleted', 'vpc', ARGV[1])
-redis.call('PEXPIRE', 'mvpc:{' .. ARGV[1] .. '}:events', ${DELETED_VPC_STREAM_TTL_MS})
+redis.call('PEXPIRE', KEYS[11], ${DELETED_VPC_STREAM_TTL_MS})
 return {1, ''}
 `;
 

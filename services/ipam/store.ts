@@ -66,7 +66,7 @@ export function defineScripts(redis: Redis): void {
   defineVariadicCommand(redis, "mvpcClaimVpc", S.CLAIM_VPC);
   redis.defineCommand("mvpcUnclaimVpc", { numberOfKeys: 2, lua: S.UNCLAIM_VPC });
   defineVariadicCommand(redis, "mvpcDropVpc", S.DROP_VPC);
-  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 15, lua: S.DELETE_VPC });
+  redis.defineCommand("mvpcDeleteVpc", { numberOfKeys: 16, lua: S.DELETE_VPC });
   defineVariadicCommand(redis, "mvpcCreateSubnet", S.CREATE_SUBNET);
   defineVariadicCommand(redis, "mvpcDeleteSubnet", S.DELETE_SUBNET);
   redis.defineCommand("mvpcMigrateSubnet", { numberOfKeys: 13, lua: S.MIGRATE_SUBNET });
@@ -237,6 +237,7 @@ export class IpamStore extends IpamReader {
       K.fwVpcAcls(id),
       K.gwVpcNat,
       vpnKeysOf(this.redis).ep(id),
+      vpcEvents(id),
       ...vpcDnsKeys(id),
       K.vpcReserved(id),
       id,
