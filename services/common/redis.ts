@@ -37,8 +37,11 @@ export interface RedisSecrets {
   sentinelPassword?: string;
 }
 
-/** A password file's one line; a trailing newline (echo, kubectl create secret --from-file) is not part of it. */
-/** The password in `file` (one line), for the flag that named it; an empty file is refused under that flag's name. */
+/**
+ * The password in `file`, for the flag that named it: one line, a trailing
+ * newline (echo, kubectl create secret --from-file) not part of it; an empty
+ * file is refused under that flag's name.
+ */
 export function passwordIn(flag: string, file: string): string {
   const pw = readFileSync(file, "utf8").replace(/\r?\n$/, "");
   if (!pw) throw new Error(`${flag} ${file} is empty`);

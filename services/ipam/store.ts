@@ -575,27 +575,22 @@ export class IpamStore extends IpamReader {
   }
 
   /**
-   * Moves every subnet's allocation state still under the earlier names, and
-   * finishes a move a stopped daemon left half-way (the IPAM daemon's start,
-   * before it serves). Returns how many subnets it renamed. Pages over the
-   * raw ids, so that a page of records that do not validate does not end it.
-   * A subnet a replica of the earlier release makes later moves on its
-   * first Allocate, Release or DeleteSubnet.
-   */
-  /**
    * Gives every VPC change stream whose VPC is gone, and that has no expiry,
    * the expiry DeleteVpc gives it (DELETED_VPC_STREAM_TTL_MS): what DeleteVpc
    * could not (a cluster delete that failed after its record went, before
    * the expiry was set) and what a late writer brought back after the
    * stream had expired (a floating IP of the VPC released later, a flow-log
    * cleanup), so that no deleted VPC keeps a stream for good. SCAN on each
-   * primary, `count` keys a step; the stream's own VPC record is read in
-   * its slot. Returns the streams looked at and those given an expiry.
+   * primary, `count` keys a step; each stream's VPC record is read in its
+   * slot, and PEXPIRE NX leaves an expiry already set as it is. Returns the
+   * streams looked at and those given an expiry.
    */
   async expireOrphanStreams(count = 1000): Promise<{ streams: number; expired: number }> {
     const nodes: Redis[] = this.L.cluster ? (this.redis as unknown as Cluster).nodes("master") : [this.redis];
     let streams = 0;
     let expired = 0;
+    const expire = async (vpc: string) =>
+      (await this.redis.exists(this.L.vpc(vpc))) === 0 && (await this.redis.pexpire(vpcEvents(vpc), DELETED_VPC_STREAM_TTL_MS, "NX")) === 1;
     for (const node of nodes) {
       let cursor = "0";
       do {
@@ -603,16 +598,21 @@ export class IpamStore extends IpamReader {
         cursor = next;
         const vpcs = keys.map((k) => /^mvpc:\{(vpc-[0-9a-f]{12})\}:events$/.exec(k)?.[1]).filter((v): v is string => v !== undefined);
         streams += vpcs.length;
-        for (const vpc of vpcs) {
-          // One VPC at a time, each key by its slot through the client: the record and its stream (NX: an expiry set meanwhile stays).
-          if ((await this.redis.pttl(vpcEvents(vpc))) !== -1 || (await this.redis.exists(this.L.vpc(vpc))) === 1) continue;
-          if ((await this.redis.pexpire(vpcEvents(vpc), DELETED_VPC_STREAM_TTL_MS, "NX")) === 1) expired++;
-        }
+        // One SCAN step's streams at once, each through the client (its slot's node).
+        expired += (await Promise.all(vpcs.map(expire))).filter(Boolean).length;
       } while (cursor !== "0");
     }
     return { streams, expired };
   }
 
+  /**
+   * Moves every subnet's allocation state still under the earlier names, and
+   * finishes a move a stopped daemon left half-way (the IPAM daemon's start,
+   * before it serves). Returns how many subnets it renamed. Pages over the
+   * raw ids, so that a page of records that do not validate does not end it.
+   * A subnet a replica of the earlier release makes later moves on its
+   * first Allocate, Release or DeleteSubnet.
+   */
   async migrateAll(): Promise<number> {
     if (this.redis.isCluster) return 0;
     let moved = 0;

@@ -9,9 +9,6 @@
 // and a new VM gets an address no other holds. The plan's rules, one by
 // one, are in test/unit/move-plan.test.ts.
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
-import { join } from "node:path";
-import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
@@ -25,24 +22,13 @@ import { grpcClient } from "../../services/common/client.js";
 import { connectRedis, waitReady } from "../../services/common/redis.js";
 import { GW_KEYS } from "../../services/gateway/schema.js";
 import { rejectsWith } from "../lib/clients.js";
-import { type Daemon } from "../lib/daemon.js";
+import { runMicrovpcd, type Daemon } from "../lib/daemon.js";
 import { Harness } from "../lib/harness.js";
 import { waitFor } from "../lib/netns.js";
 import { startRedisCluster, keysLike } from "../lib/redis.js";
 
-const MICROVPCD = join(import.meta.dirname, "..", "..", "bin", "microvpcd.js");
-const run = promisify(execFile);
-
 /** `microvpcd move-to-cluster`: its exit code and output. */
-async function move(args: string[]): Promise<{ code: number; out: string }> {
-  try {
-    const r = await run(process.execPath, [MICROVPCD, "move-to-cluster", ...args], { timeout: 120_000 });
-    return { code: 0, out: r.stdout + r.stderr };
-  } catch (e) {
-    const err = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof err.code === "number" ? err.code : -1, out: `${err.stdout ?? ""}${err.stderr ?? ""}` };
-  }
-}
+const move = (args: string[]) => runMicrovpcd(["move-to-cluster", ...args]);
 
 let h: Harness;
 let daemons: { fwd: Daemon; gwd: Daemon; vmmd?: Daemon };

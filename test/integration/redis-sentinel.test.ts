@@ -13,16 +13,14 @@
 // Last, `microvpcd move-to-cluster` copies what the sentinels' master holds
 // into a Redis Cluster. The sentinels have a password throughout.
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { promisify } from "node:util";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, test } from "vitest";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { ipamClients } from "../lib/clients.js";
-import { startDaemon, type Daemon } from "../lib/daemon.js";
+import { runMicrovpcd, startDaemon, type Daemon } from "../lib/daemon.js";
 import { scrape } from "../lib/metrics.js";
 import { startRedisCluster } from "../lib/redis.js";
 import { onPort, startRedisSentinel, type TestRedisSentinel } from "../lib/redis-sentinel.js";
@@ -304,16 +302,7 @@ test("move-to-cluster reads the master the sentinels name, with their password: 
   await daemon.stop();
   const cluster = await startRedisCluster({ primaries: 3, replicasPerPrimary: 0 });
   try {
-    const move = (args: string[]) =>
-      promisify(execFile)(process.execPath, [join(import.meta.dirname, "..", "..", "bin", "microvpcd.js"), "move-to-cluster", ...args], {
-        timeout: 60_000,
-      }).then(
-        (r) => ({ code: 0, out: r.stdout + r.stderr }),
-        (e: { code?: number; stdout?: string; stderr?: string }) => ({
-          code: typeof e.code === "number" ? e.code : -1,
-          out: `${e.stdout ?? ""}${e.stderr ?? ""}`,
-        }),
-      );
+    const move = (args: string[]) => runMicrovpcd(["move-to-cluster", ...args], 60_000);
     const pw = join(dir, "sentinel-pw");
     // The sentinels' password with a --from that names none: refused before anything is read.
     const master = await set.masterPort();

@@ -1,6 +1,6 @@
 // Starts a real `microvpcd <service>` process, as an operator would, and
 // waits until it answers health checks. Ended by PID only.
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -9,6 +9,16 @@ import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health
 import { freePort } from "./redis.js";
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+/** Runs one `microvpcd <command> …` to its end (a one-shot command, not a daemon): its exit code and its output, stdout then stderr. */
+export function runMicrovpcd(args: string[], timeoutMs = 120_000): Promise<{ code: number; out: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [join(ROOT, "bin", "microvpcd.js"), ...args], { timeout: timeoutMs }, (err, stdout, stderr) => {
+      const code = err ? (typeof (err as { code?: unknown }).code === "number" ? (err as { code: number }).code : -1) : 0;
+      resolve({ code, out: `${stdout}${stderr}` });
+    });
+  });
+}
 
 export interface Daemon {
   address: string;
