@@ -29,14 +29,6 @@ export const CT_TABLE = "microvpc_ct";
 const FAMILY = "inet" as const;
 /** Indexes 1..65535; 0 is "no NIC of this host". */
 export const MAX_INDEX = 0xffff;
-/**
- * Below this many entries in the namespace's table, one dump read by
- * address costs less than the two filtered dumps (each is a walk of the
- * kernel's host-wide hash, ~2.5 ms here with 262 144 buckets): measured
- * crossover ~100 entries (`npm run bench:conntrack -- --levels 10,100,300`).
- * The dump finds every flow of the address, marked or not.
- */
-export const MARK_MIN_FLOWS = 128;
 
 export interface NicMark {
   address: string;

@@ -33,8 +33,8 @@ import { join } from "node:path";
 import { run } from "../common/exec.js";
 import { forgetNamespace } from "../common/nft/libnftables.js";
 import { LinuxNft } from "../common/nft/linux.js";
-import { conntrackCount, conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
-import { MARK_MIN_FLOWS, markCommands, markFilters } from "./ct-marks.js";
+import { conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
+import { markCommands, markFilters } from "./ct-marks.js";
 import { attachVeth, deleteLinks, downLinks, upLink, type VethAttach } from "../common/rtnl.js";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
@@ -110,11 +110,10 @@ export interface Kernel {
   unplug(ns: string, devices: string[]): Promise<void>;
   /**
    * The conntrack entries from and to the address, cleared as it chooses:
-   * with the NIC's mark index (ct-marks.ts) and a table of MARK_MIN_FLOWS
-   * entries or more, those with that mark, which the kernel picks out;
-   * otherwise the namespace's table is dumped and read for the address
-   * (`conntrack -R` when the library is not there). Failures clear nothing
-   * (0).
+   * with the NIC's mark index (ct-marks.ts), those with that mark, which
+   * the kernel deletes itself; otherwise the namespace's table is dumped
+   * and read for the address (`conntrack -R` when the library is not
+   * there). Failures clear nothing (0).
    */
   clearNic(ns: string, address: string, markIndex?: number | null): Promise<number>;
   /** Resolves once every device deletion unplug() left running in the background has ended (a daemon's stop). */
@@ -431,10 +430,14 @@ export class LinuxKernel implements Kernel {
     for (const g of later) await this.ipBatchAt(g.netnsPath, g.lines);
   }
 
-  /** In-process: by mark, the kernel hands over only the NIC's entries; by address, the namespace's whole table, which is cheaper while that table is small. Null: no library. */
+  /**
+   * In-process: by mark, the kernel deletes the NIC's entries itself (a
+   * flush that yields between buckets); by address, a dump of the
+   * namespace's table, read here, which holds up every rtnl change on the
+   * host while it walks (common/conntrack.ts). Null: no library.
+   */
   private clearInProcess(ns: string, address: string, markIndex?: number | null): Promise<number | null> {
-    const byMark = !!markIndex && (conntrackCount(ns) ?? MARK_MIN_FLOWS) >= MARK_MIN_FLOWS;
-    return byMark ? conntrackDeleteByMark(ns, markFilters(markIndex)) : conntrackDelete(ns, (e) => e.src === address || e.dst === address);
+    return markIndex ? conntrackDeleteByMark(ns, markFilters(markIndex)) : conntrackDelete(ns, (e) => e.src === address || e.dst === address);
   }
 
   /** `conntrack -R` of the NIC's delete lines, in the namespace. */
