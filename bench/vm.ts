@@ -12,8 +12,9 @@
 //      the raw per-service calls done directly by the bench against the same
 //      daemons — `ip netns add` + ipam Allocate + netagent AttachNic +
 //      firewall BindNic + gateway SetInstanceMetadata + dns SetDnsRecord, and
-//      for the delete DeleteDnsRecord + DeleteInstanceMetadata + UnbindNic +
-//      DetachNic + `ip netns del` + Release — so that the vmm's own overhead (validation lookups, journal
+//      for the delete DeleteDnsRecord + DeleteInstanceMetadata + UnbindNic
+//      (detaching, as DeleteVm sends it) + DetachNic + `ip netns del` +
+//      Release — so that the vmm's own overhead (validation lookups, journal
 //      writes to Redis, one more gRPC hop) is visible;
 //   3. the share of each step, from InspectVm's per-step start/end times
 //      (create) and the vmm's microvpc_vmm_step_seconds histogram on its
@@ -465,7 +466,8 @@ async function rawPair(
   await w.gw.deleteInstanceMetadata({ instanceId: id });
   const deleteMetadata = msSince(s);
   s = t();
-  await w.fw.unbindNic({ nicId: nic.id });
+  // As DeleteVm unbinds: detaching (the NIC's flows are DetachNic's to clear).
+  await w.fw.unbindNic({ nicId: nic.id, detaching: true });
   const unbindNic = msSince(s);
   s = t();
   await w.hv.agent.detachNic({ owner });

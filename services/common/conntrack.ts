@@ -19,12 +19,12 @@
 // CTA_MARK_MASK and no tuple: the kernel's filtered flush, which
 // libnetfilter_conntrack 1.0.9 cannot send, so the message is built here
 // and sent on the library's own socket). Both walk the kernel's host-wide
-// hash, but a dump does it with bottom halves off from the first bucket
-// to the last when the namespace has little to hand over (262 144 buckets,
-// ~10 ms here), which holds up RCU grace periods, and with them every
-// rtnl change on the host: a veth attach made meanwhile took 7–11 ms
-// instead of 1.5 (bench:conntrack's "beside" rows). The flush yields
-// between buckets.
+// hash (262 144 buckets here), but a dump with little to hand over walks
+// it in one go without yielding (ctnetlink_dump_table; ~10 ms of system
+// time here), and every rtnl change on the host waits meanwhile: a veth
+// attach made beside two dumps took 6–11 ms instead of 1–1.5, beside two
+// flushes the same as alone (bench:conntrack's "beside" rows). The flush
+// (nf_ct_iterate_cleanup_net) yields between buckets.
 //
 // Only IPv4 entries (microvpc's VPCs are IPv4), as `conntrack -L` and
 // `conntrack -D -s|-d ADDRESS` saw them: the original direction's tuple.
@@ -349,7 +349,7 @@ async function flushByMark(l: Lib, ns: string, marks: MarkFilter[]): Promise<num
     for (const m of marks) {
       const msg = markFlushMessage(m, flushSeq++);
       // The kernel walks its hash inside send(): on the pool.
-      if (Number(await onPool<number>(l.send, fd, msg, msg.length, 0)) !== msg.length) throw new Error(`send: errno ${l.c.errno()}`);
+      if (Number(await onPool<number>(l.send, fd, msg, msg.length, 0)) !== msg.length) throw new Error("the conntrack flush request could not be sent");
       const n = Number(await onPool<number>(l.recv, fd, answer, answer.length, 0));
       const err = ackError(answer, n);
       if (err !== 0) throw new Error(`the kernel refused a conntrack flush by mark: ${err === null ? "no ack" : `errno ${-err}`}`);
