@@ -607,25 +607,14 @@ export class FirewallSync {
       for (const [gid, g] of mini.groups) if (!groups.has(gid)) groups.set(gid, g);
       const members = new Map(st0.members);
       const moved = new Set<string>();
-      // This host's NICs that are going away: unbound with `detaching`, or their netagent record
-      // gone. Every flow in this namespace with one of them at either end carries its mark, and
-      // the netagent clears those with the mark (or by address, for an adopted NIC).
-      const departing = new Set(
-        ids.flatMap((id, i) => {
-          const b = byId.get(id);
-          return b && (recs[i] === "leaving" || recs[i] === "absent") ? [b.address] : [];
-        }),
-      );
-      // A group that lost a member narrows every rule naming it, on any local NIC: the flows that
-      // rule allowed go, unless every member that left is a departing NIC of this host (the
-      // flows that lost their rule are then all that NIC's: the netagent's to clear).
+      // A group that lost a member narrows every rule naming it, on any local NIC.
       let shrunk = false;
       for (const [gid, m] of mini.members) {
         const old = st0.members.get(gid) ?? [];
         if (old.length !== m.length || old.some((x, i) => x !== m[i])) moved.add(gid);
         if (!shrunk && old.length > 0) {
           const left = new Set(m);
-          shrunk = old.some((x) => !left.has(x) && !departing.has(x));
+          shrunk = old.some((x) => !left.has(x));
         }
         members.set(gid, m);
       }
