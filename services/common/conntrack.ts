@@ -31,6 +31,7 @@
 // Callers fall back to those execs when this returns null (koffi or the
 // library cannot be loaded, MICROVPC_CONNTRACK_EXEC=1, or the kernel refused).
 import { readFileSync } from "node:fs";
+import { release } from "node:os";
 import { Counter, Histogram } from "prom-client";
 import { metricsRegistry } from "./metrics.js";
 import { closeOnExec, inNamedNetns, InProcessLibrary, type Libc } from "./ns-syscalls.js";
@@ -282,8 +283,13 @@ export async function conntrackDeleteByMark(ns: string, marks: MarkFilter[]): Pr
   if (marks.length === 0) return 0;
   const l = load();
   if (!l) return null;
-  const flushed = await flushByMark(l, ns, marks);
-  if (flushed !== null) return flushed;
+  if (FLUSH_BY_MARK) {
+    // Behind any dump or flush already queued: one walk of the host's hash at a time, on one pool thread.
+    const next = queue.then(() => flushByMark(l, ns, marks));
+    queue = next.catch(() => undefined);
+    const flushed = await next;
+    if (flushed !== null) return flushed;
+  }
   // A kernel that refuses the filtered flush: the filtered dumps, and their deletes.
   return (await dump("delete-by-mark", ns, () => true, marks))?.deleted ?? null;
 }
@@ -329,12 +335,26 @@ export function ackError(b: Buffer, n: number): number | null {
 let flushSeq = 1;
 
 /**
+ * Whether the kernel flushes by mark alone. Before Linux 4.x's
+ * ctnetlink_flush_conntrack took CTA_MARK as a filter, the same request
+ * flushed the namespace's whole table, and acked it: on a kernel older
+ * than 5.0 (microvpc needs a far newer one for its nftables anyway) the
+ * filtered dumps are used instead.
+ */
+export function kernelFlushesByMark(release: string): boolean {
+  const m = /^(\d+)\.(\d+)/.exec(release);
+  return !!m && Number(m[1]) >= 5;
+}
+const FLUSH_BY_MARK = kernelFlushesByMark(release());
+
+/**
  * Deletes the entries matching each filter with the kernel's filtered
  * flush (see the top of the file), on the handle's own socket, opened in
- * the namespace. How many: the namespace's entry count before less after
- * (a flow that began or ended meanwhile counts too: a figure for metrics
- * and logs, not a promise). Null when the kernel refused or the request
- * could not be made: the caller dumps instead.
+ * the namespace. How many: the namespace's entry count before less after,
+ * an approximation (a flow of the namespace that began or ended meanwhile
+ * counts too; flushes and dumps of this process run one at a time): for
+ * metrics and logs, never for a decision. Null when the kernel refused or
+ * the request could not be made: the caller dumps instead.
  */
 async function flushByMark(l: Lib, ns: string, marks: MarkFilter[]): Promise<number | null> {
   const t0 = process.hrtime.bigint();

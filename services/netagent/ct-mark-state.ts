@@ -40,7 +40,7 @@ import { addTx, CT_TABLE, delTx, freeIndex, parseListing, planMarks, tableTx, ty
 
 const cleared = new Counter({
   name: "microvpc_netagent_nic_flows_cleared_total",
-  help: "Conntrack entries of detached NICs cleared by their mark or address, by when: retire (the mark out of the table, after DetachNic answered), takeover (before the next NIC of the address got the mark), orphan (a mark left without its NIC, found by a reconcile pass or a new NIC of its address).",
+  help: "Conntrack entries of detached NICs cleared by their mark or address (by mark: the namespace's table shrinking meanwhile, an approximation), by when: retire (the mark out of the table, after DetachNic answered), takeover (before the next NIC of the address got the mark), orphan (a mark left without its NIC, found by a reconcile pass or a new NIC of its address).",
   labelNames: ["when"],
   registers: [metricsRegistry],
 });

@@ -5,7 +5,7 @@
 // bench:conntrack.
 import assert from "node:assert/strict";
 import { describe, test } from "vitest";
-import { ackError, markFlushMessage } from "../../services/common/conntrack.js";
+import { ackError, kernelFlushesByMark, markFlushMessage } from "../../services/common/conntrack.js";
 import { markFilters } from "../../services/netagent/ct-marks.js";
 
 describe("markFlushMessage", () => {
@@ -52,5 +52,12 @@ describe("ackError", () => {
     assert.equal(ackError(answer(0x102, 0), 36), null, "a conntrack message");
     assert.equal(ackError(answer(2, 0), 12), null, "too short to hold the error");
     assert.equal(ackError(Buffer.alloc(64), -1), null, "recv failed");
+  });
+});
+
+describe("kernelFlushesByMark", () => {
+  test("5.0 and later flush by mark; an older kernel, or a release that does not parse, gets the dumps (an old kernel would flush the whole table)", () => {
+    for (const r of ["6.18.44-fc-v1272", "6.1.0-27-amd64", "5.0.0", "5.10.0-33-cloud-amd64"]) assert.equal(kernelFlushesByMark(r), true, r);
+    for (const r of ["4.19.0-27-amd64", "4.9.0", "3.10.0-1160.el7.x86_64", "", "linux"]) assert.equal(kernelFlushesByMark(r), false, r);
   });
 });
