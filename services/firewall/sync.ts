@@ -445,6 +445,9 @@ export class FirewallSync {
     const compiled = compile(st);
     const model = compiled.model;
     const prev = this.applied.get(ns);
+    // Not applied by this process yet, but a table there: the one before it (a restart), or a pass
+    // that gave up on a delta, enforced a policy whose flows this one may no longer allow.
+    const inherited = !prev && (await this.nft.tableExists(ns));
     let kind: "full" | "elements" | "none" = "full";
     let tx: NftTransaction | undefined;
     let revokes = true;
@@ -471,8 +474,9 @@ export class FirewallSync {
     applySeconds.observe({ kind }, Number(process.hrtime.bigint() - t0) / 1e9);
     // Only a change that takes something away can leave a flow the policy no
     // longer allows; a NIC bound or a member added cannot (and listing the
-    // conntrack table is the costliest command of a pass).
-    if (kind !== "none" && prev && revokes) {
+    // conntrack table is the costliest command of a pass). A table this
+    // process found in place may have allowed anything: its flows are read.
+    if (kind !== "none" && (prev || inherited) && revokes) {
       if (!deferClear) await this.clearDisallowed(ns, st);
       else return { ns };
     }

@@ -132,6 +132,29 @@ test("a flow the new policy no longer allows loses its conntrack entry; one stil
   assert.deepEqual(await nft.conntrackList(NS), [kept]);
 });
 
+test("a rule removed while the daemon was down: the restarted daemon's first pass cuts the flows it allowed, and keeps the rest", async () => {
+  const { world, nft, sync } = setup();
+  world.now = cases[0].desired;
+  await sync.syncAll(true);
+  const gone = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40000, dport: 80 };
+  const kept = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40001, dport: 8000 };
+  nft.conntrack.set(NS, [gone, kept]);
+  // The daemon stops; the :80 rule goes meanwhile (another host's firewall serves the API); a new process starts.
+  world.now = cases[1].desired;
+  const restarted = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
+  await restarted.syncAll(true);
+  assert.deepEqual(await nft.conntrackList(NS), [kept], "the open :80 connection does not outlive its rule");
+  // A VPC namespace this host never had a table in (its first NIC here): no table to inherit, nothing read.
+  const fresh = setup();
+  fresh.world.now = cases[1].desired;
+  fresh.nft.conntrack.set(NS, [gone]);
+  let reads = 0;
+  const clear = fresh.nft.conntrackClear.bind(fresh.nft);
+  fresh.nft.conntrackClear = (ns, pick) => (reads++, clear(ns, pick));
+  await fresh.sync.syncAll(true);
+  assert.equal(reads, 0, "a first table in a namespace reads no conntrack table");
+});
+
 test("a refused transaction is reported, and the next pass replaces the table whole", async () => {
   const { world, nft, sync } = setup();
   world.now = cases[0].desired;
