@@ -5,16 +5,21 @@
 // same with the ipam, netagent and firewall daemons on a Redis Cluster.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { Code } from "@connectrpc/connect";
+import { Code, createClient, createRouterTransport } from "@connectrpc/connect";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { AclAction, Direction, FirewallService, Protocol } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { mapDomainErrors } from "../../services/common/errors.js";
+import { FirewallApi } from "../../services/firewall/service.js";
+import { FirewallStore } from "../../services/firewall/store.js";
+import { IpamStore } from "../../services/ipam/store.js";
 import { rejectsWith } from "../lib/clients.js";
 import type { Daemon } from "../lib/daemon.js";
 import { bindRequest, Harness, type Vm } from "../lib/harness.js";
 import { canPing, ipn, nsExec, run, sleep, startTcpServer, tcpProbe, trackChild, waitFor } from "../lib/netns.js";
+import { connectReady } from "../lib/redis.js";
 
 let h: Harness;
 let fwd: Daemon;
@@ -424,5 +429,55 @@ describe("robustness", () => {
     assert.ok(await tcpProbe(db1.ns, web1.address, 80), "allowed traffic still flows");
     const tables = await run("ip", ["netns", "exec", web1.vpcNs, "nft", "list", "tables"]);
     assert.match(tables.stdout, /table inet microvpc/);
+  });
+
+  test("a rule removed while the daemon is down: the restarted daemon cuts the connection it allowed, and new ones are refused", async () => {
+    const rule = tcp(9092, "10.0.2.0/24");
+    const echo = nodeIn(web1.ns, `require("net").createServer((s)=>{s.on("error",()=>{});s.pipe(s)}).listen(9092)`);
+    await sleep(300);
+    await fw.updateSecurityGroup({ ref: webSg, addRules: [rule] });
+    await eventually(() => tcpProbe(db1.ns, web1.address, 9092), true, "db1 → web1:9092 (the new rule)");
+    const client = nodeIn(
+      db1.ns,
+      `const s=require("net").connect(9092,"${web1.address}");s.on("data",()=>process.stdout.write("e"));setInterval(()=>s.write("x"),100);s.on("error",()=>{});setTimeout(()=>process.exit(0),20000)`,
+      true,
+    );
+    let out = "";
+    client.stdout!.on("data", (d) => (out += String(d)));
+    const r = await connectReady({ url: h.redisUrl });
+    let down = false;
+    try {
+      assert.ok(await waitFor(() => out.length >= 5, { timeoutMs: 10_000 }), "the connection echoes while the rule exists");
+      await fwd.stop("SIGKILL");
+      down = true;
+      // Meanwhile another host's firewall daemon serves the API: here, the same service in-process.
+      const elsewhere = createClient(
+        FirewallService,
+        createRouterTransport(
+          (router) => router.service(FirewallService, new FirewallApi(new FirewallStore(r), new IpamStore(r), { hostId: "hvelsewhere" }).impl),
+          {
+            router: { interceptors: [mapDomainErrors] },
+          },
+        ),
+      );
+      await elsewhere.updateSecurityGroup({ ref: webSg, removeRules: [rule] });
+      const during = out.length;
+      await sleep(800);
+      assert.ok(out.length > during, "with no firewall here, the table the dead daemon left still stands: the connection echoes on");
+      await startFirewall();
+      down = false;
+      await sleep(2000);
+      const at = out;
+      await sleep(1200);
+      assert.equal(out, at, "no echo once the restarted daemon applied the change: the open connection was cut");
+      assert.ok(!(await tcpProbe(db1.ns, web1.address, 9092, 800)), "a new connection is refused");
+      assert.ok(await tcpProbe(db1.ns, web1.address, 80), "what the group allows still flows");
+    } finally {
+      client.kill("SIGKILL");
+      echo.kill("SIGKILL");
+      if (down) await startFirewall();
+      await fw.updateSecurityGroup({ ref: webSg, removeRules: [rule] }).catch(() => {});
+      r.disconnect();
+    }
   });
 });
