@@ -120,25 +120,28 @@ test("the cases replayed in random orders: every transition is incremental and l
   }
 });
 
+/** Two open connections to 10.0.1.4: one to :80, whose rule cases[1] removes, and one to :8000, which it keeps. */
+const gone = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40000, dport: 80 };
+const kept = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40001, dport: 8000 };
+
+/** A daemon that applied cases[0], with both connections in the namespace's conntrack table. */
+async function withOpenFlows() {
+  const s = setup();
+  s.world.now = cases[0].desired;
+  await s.sync.syncAll(true);
+  s.nft.conntrack.set(NS, [gone, kept]);
+  return s;
+}
+
 test("a flow the new policy no longer allows loses its conntrack entry; one still allowed keeps it", async () => {
-  const { world, nft, sync } = setup();
-  world.now = cases[0].desired;
-  await sync.syncAll(true);
-  const gone = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40000, dport: 80 };
-  const kept = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40001, dport: 8000 };
-  nft.conntrack.set(NS, [gone, kept]);
+  const { world, nft, sync } = await withOpenFlows();
   world.now = cases[1].desired; // the :80 rule goes
   await sync.syncAll();
   assert.deepEqual(await nft.conntrackList(NS), [kept]);
 });
 
 test("a rule removed while the daemon was down: the restarted daemon's first pass cuts the flows it allowed, and keeps the rest", async () => {
-  const { world, nft, sync } = setup();
-  world.now = cases[0].desired;
-  await sync.syncAll(true);
-  const gone = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40000, dport: 80 };
-  const kept = { proto: "tcp", src: "198.51.100.7", dst: "10.0.1.4", sport: 40001, dport: 8000 };
-  nft.conntrack.set(NS, [gone, kept]);
+  const { world, nft } = await withOpenFlows();
   // The daemon stops; the :80 rule goes meanwhile (another host's firewall serves the API); a new process starts.
   world.now = cases[1].desired;
   const restarted = new FirewallSync(nft, world, world.host, HOST, pino({ level: "silent" }), () => true);
