@@ -84,8 +84,6 @@ type Fn = (...args: unknown[]) => unknown;
 
 interface Lib {
   c: Libc;
-  send: Fn;
-  recv: Fn;
   open: Fn;
   close: Fn;
   fd: Fn;
@@ -110,11 +108,8 @@ const library = new InProcessLibrary<Lib>("MICROVPC_CONNTRACK_EXEC", (c) => {
   const k = c.koffi;
   const n = k.load("libnetfilter_conntrack.so.3");
   const cbType = k.pointer(k.proto("int", ["int", "void *", "void *"]));
-  const libc = k.load("libc.so.6");
   return {
     c,
-    send: libc.func("long send(int fd, const void *buf, unsigned long len, int flags)") as Fn,
-    recv: libc.func("long recv(int fd, void *buf, unsigned long len, int flags)") as Fn,
     open: n.func("void *nfct_open(uint8_t subsys, unsigned int subscriptions)") as Fn,
     close: n.func("int nfct_close(void *h)") as Fn,
     fd: n.func("int nfct_fd(void *h)") as Fn,
@@ -157,8 +152,34 @@ function entryOf(l: Lib, ct: unknown): CtEntry {
   };
 }
 
-/** Dumps run one at a time: the one registered callback serves one visitor. */
+/**
+ * Dumps and flushes run one at a time: the one registered callback serves
+ * one visitor, and each walk of the host's hash takes a pool thread.
+ */
 let queue: Promise<unknown> = Promise.resolve();
+function oneAtATime<T>(run: () => Promise<T>): Promise<T> {
+  const next = queue.then(run);
+  queue = next.catch(() => undefined);
+  return next;
+}
+
+/** A library handle whose socket is opened in the named namespace ("" = ours), close-on-exec. */
+function openIn(l: Lib, ns: string): unknown {
+  const h = inNamedNetns(l.c, ns, () => l.open(CONNTRACK, 0));
+  if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
+  closeOnExec(l.c, l.fd(h) as number);
+  return h;
+}
+
+/**
+ * Closes a handle on the pool, not awaited: the kernel makes the close of a
+ * netfilter netlink socket wait while any nft deletion (anyone's) is queued
+ * for release, an RCU grace period (see nft/libnftables.ts, "Contexts"),
+ * which must hold neither the event loop nor the caller.
+ */
+function closeLater(l: Lib, h: unknown): void {
+  void onPool(l.close, h).catch(() => {});
+}
 
 /**
  * A kernel-side filter on the connection mark: the dump carries only the
@@ -185,9 +206,7 @@ export interface MarkFilter {
 function dump(op: string, ns: string, del: (e: CtEntry) => boolean, marks: MarkFilter[] = []): Promise<{ entries: CtEntry[]; deleted: number } | null> {
   const l = load();
   if (!l) return Promise.resolve(null);
-  const next = queue.then(() => dumpNow(l, op, ns, del, marks));
-  queue = next.catch(() => undefined);
-  return next;
+  return oneAtATime(() => dumpNow(l, op, ns, del, marks));
 }
 
 async function dumpNow(
@@ -202,9 +221,7 @@ async function dumpNow(
   const filters: unknown[] = [];
   let h: unknown = null;
   try {
-    h = inNamedNetns(l.c, ns, () => l.open(CONNTRACK, 0));
-    if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
-    closeOnExec(l.c, l.fd(h) as number);
+    h = openIn(l, ns);
     if ((l.register(h, NFCT_T_ALL, l.cb, null) as number) < 0) throw new Error(`nfct_callback_register failed: errno ${l.c.errno()}`);
     const entries: CtEntry[] = [];
     const queries: [number, unknown][] = [];
@@ -254,11 +271,7 @@ async function dumpNow(
   } finally {
     for (const ct of doomed) l.destroy(ct);
     for (const f of filters) l.filterDestroy(f);
-    // On the pool, not awaited: the kernel makes the close of a netfilter
-    // netlink socket wait while any nft deletion (anyone's) is queued for
-    // release, an RCU grace period (see nft/libnftables.ts, "Contexts"),
-    // which must hold neither the event loop nor the caller.
-    if (h) void onPool(l.close, h).catch(() => {});
+    if (h) closeLater(l, h);
     runSeconds.observe({ op }, Number(process.hrtime.bigint() - t0) / 1e9);
   }
 }
@@ -284,10 +297,7 @@ export async function conntrackDeleteByMark(ns: string, marks: MarkFilter[]): Pr
   const l = load();
   if (!l) return null;
   if (FLUSH_BY_MARK) {
-    // Behind any dump or flush already queued: one walk of the host's hash at a time, on one pool thread.
-    const next = queue.then(() => flushByMark(l, ns, marks));
-    queue = next.catch(() => undefined);
-    const flushed = await next;
+    const flushed = await oneAtATime(() => flushByMark(l, ns, marks));
     if (flushed !== null) return flushed;
   }
   // A kernel that refuses the filtered flush: the filtered dumps, and their deletes.
@@ -342,8 +352,8 @@ let flushSeq = 1;
  * filtered dumps are used instead.
  */
 export function kernelFlushesByMark(release: string): boolean {
-  const m = /^(\d+)\.(\d+)/.exec(release);
-  return !!m && Number(m[1]) >= 5;
+  const major = /^(\d+)\./.exec(release)?.[1];
+  return major !== undefined && Number(major) >= 5;
 }
 const FLUSH_BY_MARK = kernelFlushesByMark(release());
 
@@ -360,17 +370,15 @@ async function flushByMark(l: Lib, ns: string, marks: MarkFilter[]): Promise<num
   const t0 = process.hrtime.bigint();
   let h: unknown = null;
   try {
-    h = inNamedNetns(l.c, ns, () => l.open(CONNTRACK, 0));
-    if (!h) throw new Error(`cannot open a conntrack netlink socket in ${ns || "our namespace"}: errno ${l.c.errno()}`);
+    h = openIn(l, ns);
     const fd = l.fd(h) as number;
-    closeOnExec(l.c, fd);
     const before = conntrackCount(ns);
     const answer = Buffer.alloc(256);
     for (const m of marks) {
       const msg = markFlushMessage(m, flushSeq++);
       // The kernel walks its hash inside send(): on the pool.
-      if (Number(await onPool<number>(l.send, fd, msg, msg.length, 0)) !== msg.length) throw new Error("the conntrack flush request could not be sent");
-      const n = Number(await onPool<number>(l.recv, fd, answer, answer.length, 0));
+      if (Number(await onPool<number>(l.c.send, fd, msg, msg.length, 0)) !== msg.length) throw new Error("the conntrack flush request could not be sent");
+      const n = Number(await onPool<number>(l.c.recv, fd, answer, answer.length, 0));
       const err = ackError(answer, n);
       if (err !== 0) throw new Error(`the kernel refused a conntrack flush by mark: ${err === null ? "no ack" : `errno ${-err}`}`);
     }
@@ -381,7 +389,7 @@ async function flushByMark(l: Lib, ns: string, marks: MarkFilter[]): Promise<num
     runs.inc({ op: "flush-by-mark", result: "error" });
     return null;
   } finally {
-    if (h) void onPool(l.close, h).catch(() => {});
+    if (h) closeLater(l, h);
     runSeconds.observe({ op: "flush-by-mark" }, Number(process.hrtime.bigint() - t0) / 1e9);
   }
 }

@@ -38,6 +38,9 @@ export interface Libc {
   umount2: Fn;
   mallopt: Fn;
   fcntl: Fn;
+  /** send(2) and recv(2): a library's netlink socket spoken to directly (common/conntrack.ts). */
+  send: Fn;
+  recv: Fn;
   errno: () => number;
   /** This thread's own network namespace, open for the life of the process. */
   homeFd: number;
@@ -60,6 +63,8 @@ export function loadLibc(): Libc | null {
       umount2: c.func("int umount2(const char *target, int flags)") as Fn,
       mallopt: c.func("int mallopt(int param, int value)") as Fn,
       fcntl: c.func("int fcntl(int fd, int cmd, ...)") as Fn,
+      send: c.func("long send(int fd, const void *buf, unsigned long len, int flags)") as Fn,
+      recv: c.func("long recv(int fd, void *buf, unsigned long len, int flags)") as Fn,
       errno: () => koffi.errno(),
       homeFd: openSync("/proc/thread-self/ns/net", "r"),
     };
