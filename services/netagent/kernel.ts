@@ -255,6 +255,22 @@ function parseLinks(json: string): LinkInfo[] {
   }));
 }
 
+/**
+ * A VPC namespace's sysctls, set once when it is made (before any device):
+ * it routes, and it is IPv4 only. IPv6 off, because microvpc's VPCs are
+ * IPv4 (the firewall's bridge table drops every other frame a VM sends) and
+ * because with it on every port of a subnet bridge gets link-local routes:
+ * each link up, down or delete then walks the namespace's whole IPv6 FIB
+ * under the rtnl lock (fib6_ifdown), ~3 routes per port, so at 1 000 ports
+ * every NIC change paid for all the others (bench:vm, 1 000 VMs vs 0).
+ * "default" covers the devices made later, "all" lo and any already there.
+ */
+export const VPC_NETNS_SYSCTLS: [string, string][] = [
+  ["net.ipv4.ip_forward", "1"],
+  ["net.ipv6.conf.all.disable_ipv6", "1"],
+  ["net.ipv6.conf.default.disable_ipv6", "1"],
+];
+
 const deferredDeletes = new Counter({
   name: "microvpc_netagent_deferred_deletes_total",
   help: "Devices DetachNic set down and left to delete in the background, by result (error: still there, down; the reconciler removes it as an orphan).",
@@ -321,7 +337,7 @@ export class LinuxKernel implements Kernel {
     await run("ip", ["netns", "add", name]);
     // A fresh namespace has lo down; the VPC router needs forwarding.
     await run("ip", ["-n", name, "link", "set", "lo", "up"]);
-    await this.sysctl(name, "net.ipv4.ip_forward", "1");
+    await this.sysctls(name, VPC_NETNS_SYSCTLS);
   }
 
   async delNetns(name: string): Promise<void> {

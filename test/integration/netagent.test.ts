@@ -277,6 +277,19 @@ describe("isolation", () => {
   });
 });
 
+describe("IPv4 only", () => {
+  test("a VPC namespace has IPv6 off: no address or route on its bridges and NIC ends (each link change would walk them all), while IPv4 works", async () => {
+    const V = await newVpc("nov6", "10.61.0.0/16", [["s", "10.61.1.0/24"]]);
+    const [a, b] = [await h.vm(hv0, V.vpc, V.subnets[0], "nov6a"), await h.vm(hv0, V.vpc, V.subnets[0], "nov6b")];
+    assert.ok(await canPing(a.ns, b.address), "IPv4 between the VPC's VMs");
+    assert.ok(await canPing(a.ns, a.gateway), "and to the gateway");
+    const sysctl = async (k: string) => (await nsExec(a.vpcNs, "sysctl", ["-n", k])).stdout.trim();
+    assert.deepEqual([await sysctl("net.ipv6.conf.all.disable_ipv6"), await sysctl("net.ipv6.conf.default.disable_ipv6")], ["1", "1"]);
+    assert.equal((await run("ip", ["-n", a.vpcNs, "-6", "-o", "addr", "show"])).stdout.trim(), "", "no IPv6 address in the VPC namespace");
+    assert.equal((await run("ip", ["-n", a.vpcNs, "-6", "route", "show", "table", "all"])).stdout.trim(), "", "no IPv6 route in the VPC namespace");
+  });
+});
+
 describe("gateway", () => {
   test("the gateway answers ARP: ping it, and the VM's neighbour table holds the bridge's MAC", async () => {
     const V = await newVpc("arp", "10.70.0.0/16", [["s", "10.70.1.0/24"]]);
