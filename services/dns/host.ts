@@ -1,17 +1,26 @@
 // Runs the resolver on one hypervisor: keeps a socket pair bound on every
 // transit host address of this host (a VPC's transit link appears when the
 // gateway creates it; binding is retried every second until it exists) and
-// each VPC's zone in memory, reloaded on dns.* / vpc.* events and every
-// reloadMs as a safety net.
+// each VPC's zone in memory. A `dns.record` event that names its records
+// (dns/scripts.ts) patches those names in the zone: one HMGET, so a VM's
+// record costs the same in a VPC of ten names as in one of ten thousand,
+// on every host that serves the VPC. Anything else (a config, VPC or subnet
+// change, a feed resync, an event without names) reloads the zones whole, as
+// does a timer every reloadMs, the safety net.
 import type { Redis } from "ioredis";
-import { followScoped } from "../common/events.js";
+import { Counter } from "prom-client";
+import { followScoped, type EventFields } from "../common/events.js";
 import { managementHolding } from "../common/management.js";
+import { metricsRegistry } from "../common/metrics.js";
 import type { ServerLogger } from "../common/net.js";
 import { transitAddrs } from "../common/names.js";
+import * as V from "../common/validate.js";
 import { GatewayReader } from "../gateway/schema.js";
 import { IpamReader } from "../ipam/schema.js";
 import { naKeys } from "../netagent/schema.js";
 import { Resolver, type ResolverOptions } from "./resolver.js";
+import { label } from "./schema.js";
+import { EVENT_NAMES_MAX } from "./scripts.js";
 import { DnsStore } from "./store.js";
 import type { Zone } from "./zone.js";
 
@@ -45,6 +54,37 @@ export async function loadZone(
   };
 }
 
+const zoneLoads = new Counter({
+  name: "microvpc_dns_zone_loads_total",
+  help: 'The resolver\'s zone updates: kind="full" every zone of the host read again (start, a config, VPC or subnet change, a feed resync, the timer), kind="names" only the records a dns.record event named. A steady climb of "full" with VM churn means events without names (an earlier release writing).',
+  labelNames: ["kind"] as const,
+  registers: [metricsRegistry],
+});
+
+/** What a batch of events asks of the zones: a whole reload, or the named records of some VPCs read again. */
+export type ZoneWork = { full: true } | { full: false; names: Map<string, Set<string>> };
+
+/**
+ * The work a batch of events makes (pure). Only `dns.record` events that
+ * carry a VPC id and names patch; each name must be a DNS label and the VPC
+ * an id (an event is input like any record: a malformed one reloads whole,
+ * it never names a key).
+ */
+export function zoneWork(events: EventFields[]): ZoneWork {
+  const names = new Map<string, Set<string>>();
+  for (const e of events) {
+    if (e.kind !== "dns.record" || e.names === undefined || e.vpc === undefined) return { full: true };
+    const vpc = e.vpc;
+    const list = e.names.split(",");
+    if (list.length > EVENT_NAMES_MAX) return { full: true };
+    if (!V.attempt(() => V.id("vpc", vpc, "vpc")).ok || !list.every((n) => V.attempt(() => label("name", n)).ok)) return { full: true };
+    const set = names.get(vpc) ?? new Set<string>();
+    for (const n of list) set.add(n);
+    names.set(vpc, set);
+  }
+  return { full: false, names };
+}
+
 export async function runResolver(
   redis: Redis,
   hostId: string,
@@ -59,42 +99,80 @@ export async function runResolver(
   let zones = new Map<string, Zone>();
   const resolver = new Resolver({ ...o, port, logger, zoneOf: (local) => zones.get(local) });
   let stopped = false;
-  let loading: Promise<void> | null = null;
-  let again = false;
+  /** What is owed to the zones: a whole reload, and/or names to read again (by VPC); one worker does it in order. */
+  let full = false;
+  const owed = new Map<string, Set<string>>();
+  let working: Promise<void> | null = null;
   let transitSig = "";
   /** VPC forwarders refused as management: logged once each. */
   const warned = new Set<string>();
-  const reload = async (): Promise<void> => {
-    if (loading) {
-      again = true;
-      return loading;
+  const loadAll = async (): Promise<void> => {
+    zoneLoads.inc({ kind: "full" });
+    try {
+      const transit = await gw.transitMap(hostId);
+      transitSig = JSON.stringify([...transit].sort());
+      const management = (await o.management?.()) ?? [];
+      const next = new Map<string, Zone>();
+      for (const [vpcId, k] of transit) {
+        const z = await loadZone(ipam, dns, vpcId, management, (forwarder, cidr) => {
+          const key = `${vpcId} ${forwarder}`;
+          if (warned.has(key)) return;
+          warned.add(key);
+          logger.warn({ vpc: vpcId, forwarder, managementCidr: cidr }, "dns: not forwarding to a VPC forwarder inside the management network");
+        });
+        if (z) next.set(transitAddrs(k).host, z);
+      }
+      zones = next;
+    } catch (err) {
+      logger.warn({ err: (err as Error).message }, "dns: cannot reload zones; keeping the last ones");
     }
-    loading = (async () => {
-      do {
-        again = false;
-        try {
-          const transit = await gw.transitMap(hostId);
-          transitSig = JSON.stringify([...transit].sort());
-          const management = (await o.management?.()) ?? [];
-          const next = new Map<string, Zone>();
-          for (const [vpcId, k] of transit) {
-            const z = await loadZone(ipam, dns, vpcId, management, (forwarder, cidr) => {
-              const key = `${vpcId} ${forwarder}`;
-              if (warned.has(key)) return;
-              warned.add(key);
-              logger.warn({ vpc: vpcId, forwarder, managementCidr: cidr }, "dns: not forwarding to a VPC forwarder inside the management network");
-            });
-            if (z) next.set(transitAddrs(k).host, z);
-          }
-          zones = next;
-        } catch (err) {
-          logger.warn({ err: (err as Error).message }, "dns: cannot reload zones; keeping the last ones");
-        }
-      } while (again && !stopped);
-      loading = null;
-    })();
-    return loading;
   };
+  /** The named records read again into the zones serving their VPC; a failed read reloads whole. */
+  const patch = async (byVpc: Map<string, Set<string>>): Promise<void> => {
+    zoneLoads.inc({ kind: "names" });
+    for (const [vpcId, names] of byVpc) {
+      const served = [...zones.values()].filter((z) => z.vpcId === vpcId);
+      if (served.length === 0) continue;
+      try {
+        const recs = await dns.records(vpcId, [...names]);
+        for (const z of served) {
+          for (const [name, r] of recs) {
+            if (r) z.records.set(name, { address: r.address, ttl: r.ttl });
+            else z.records.delete(name);
+          }
+        }
+      } catch (err) {
+        logger.warn({ err: (err as Error).message, vpc: vpcId }, "dns: cannot read changed records; reloading the zones");
+        full = true;
+      }
+    }
+  };
+  const work = (w: ZoneWork): Promise<void> => {
+    if (w.full) full = true;
+    else
+      for (const [vpc, names] of w.names) {
+        const set = owed.get(vpc) ?? new Set<string>();
+        for (const n of names) set.add(n);
+        owed.set(vpc, set);
+      }
+    working ??= (async () => {
+      while (!stopped && (full || owed.size)) {
+        if (full) {
+          // A whole reload reads every name: what was owed is in it.
+          full = false;
+          owed.clear();
+          await loadAll();
+        } else {
+          const batch = new Map(owed);
+          owed.clear();
+          await patch(batch);
+        }
+      }
+      working = null;
+    })();
+    return working;
+  };
+  const reload = (): Promise<void> => work({ full: true });
   const rebind = async () => {
     for (const addr of zones.keys()) {
       if (resolver.bound().includes(addr)) continue;
@@ -123,10 +201,13 @@ export async function runResolver(
   // The streams of the VPCs held here, and the fleet's (the default DNS configuration): common/events.ts.
   void followScoped(
     redis,
-    // Each batch reloads the zones: a VM start's record and its neighbours' come in one (a name answers at most 50 ms later).
+    // Each batch patches or reloads the zones: a VM start's record and its neighbours' come in one (a name answers at most 50 ms later).
     { host: hostId, vpcs: (r) => r.hkeys(naKeys(r).vpcs(hostId)), registry: true, settleMs: 50 },
     /^(dns\.|vpc\.|subnet\.)/,
-    () => void reload().then(rebind),
+    (events) => {
+      const w = zoneWork(events);
+      void work(w).then(() => (w.full ? rebind() : undefined));
+    },
     () => stopped,
   );
   logger.info({ port }, "VPC resolver running");

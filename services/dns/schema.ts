@@ -214,6 +214,18 @@ export class DnsReader {
     return v ? checkedRecord(this.DK.records(vpcId), vpcId, name, v, this.log) : null;
   }
 
+  /**
+   * The named records of a VPC, read at once (HMGET): name → record, or null
+   * where there is none or it does not validate (reported, as everywhere).
+   */
+  async records(vpcId: string, names: string[]): Promise<Map<string, RecordRec | null>> {
+    const out = new Map<string, RecordRec | null>();
+    if (names.length === 0) return out;
+    const vals = await this.redis.hmget(this.DK.records(vpcId), ...names);
+    names.forEach((n, i) => out.set(n, vals[i] ? checkedRecord(this.DK.records(vpcId), vpcId, n, vals[i]!, this.log) : null));
+    return out;
+  }
+
   /** Records ordered by name, after `after` (exclusive), at most limit. */
   async listRecords(vpcId: string, after: string, limit: number): Promise<RecordRec[]> {
     const names = await this.redis.zrangebylex(this.DK.names(vpcId), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);

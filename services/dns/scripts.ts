@@ -2,9 +2,9 @@
 // owner, the resolver address is free) and its write happen in one script,
 // so two callers racing for a name, or a record racing a DeleteVpc, cannot
 // interleave. Each change appends an event with the VPC id (empty for the
-// defaults): `dns.record` (only resolvers reload) or `dns.config` (the
-// gateway too: the resolver address is in its nft rules), so every
-// hypervisor follows by itself.
+// defaults): `dns.record` with the names it changed (resolvers read those
+// again, dns/host.ts) or `dns.config` (the gateway too: the resolver address
+// is in its nft rules), so every hypervisor follows by itself.
 //
 // A record is one hash field, name → "address\nttl\nowner\nupdated_ms"; a
 // lex zset of names gives ordered pages, a lex zset of "owner\nname" finds an
@@ -16,6 +16,18 @@
 import { LUA_EMIT } from "../common/events.js";
 
 const EVENT = (kind: string, vpc: string) => `mvpc_emit({${vpc}}, {}, 'kind', '${kind}', 'vpc', ${vpc})`;
+
+/**
+ * How many names a `dns.record` event lists at most. The resolvers patch
+ * those names in their zone (dns/host.ts) instead of reading the whole zone
+ * again; a change of more names (DeleteDnsRecords of an owner's many) says
+ * none and they reload the zone.
+ */
+export const EVENT_NAMES_MAX = 64;
+
+/** A `dns.record` event naming the records that changed (Lua table `names`), comma-separated: a name is a DNS label. */
+const RECORD_EVENT = (vpc: string, names: string) =>
+  `if #${names} <= ${EVENT_NAMES_MAX} then mvpc_emit({${vpc}}, {}, 'kind', 'dns.record', 'vpc', ${vpc}, 'names', table.concat(${names}, ',')) else ${EVENT("dns.record", vpc)} end`;
 
 /**
  * KEYS: 1 vpc hash, 2 records hash, 3 names zset, 4 owners zset
@@ -38,7 +50,7 @@ end
 redis.call('HSET', KEYS[2], name, addr .. '\\n' .. ttl .. '\\n' .. owner .. '\\n' .. now)
 redis.call('ZADD', KEYS[3], 0, name)
 redis.call('ZADD', KEYS[4], 0, owner .. '\\n' .. name)
-${EVENT("dns.record", "vpc")}
+${RECORD_EVENT("vpc", "{name}")}
 if prev then return {0, ''} end
 return {1, ''}
 `;
@@ -71,7 +83,7 @@ for _, n in ipairs(names) do
   redis.call('HDEL', KEYS[1], n)
   redis.call('ZREM', KEYS[2], n)
 end
-${EVENT("dns.record", "vpc")}
+${RECORD_EVENT("vpc", "names")}
 local out = {1}
 for _, n in ipairs(names) do out[#out + 1] = n end
 return out

@@ -8,12 +8,14 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createRequire } from "node:module";
 import { Code } from "@connectrpc/connect";
+import type { Cluster } from "ioredis";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { DnsService } from "../../gen/microvpc/v1/dns_pb.js";
 import { FirewallService } from "../../gen/microvpc/v1/firewall_pb.js";
 import { SubnetType } from "../../gen/microvpc/v1/subnet_pb.js";
 import { VmService, type Vm } from "../../gen/microvpc/v1/vm_pb.js";
 import { grpcClient } from "../../services/common/client.js";
+import { isCluster } from "../../services/common/redis.js";
 import { dnsKeys, vpcDnsKeys } from "../../services/dns/schema.js";
 import { rejectsWith } from "../lib/clients.js";
 import { type Daemon } from "../lib/daemon.js";
@@ -91,6 +93,22 @@ async function eventually(probe: () => Promise<string>, want: string, what: stri
   let last = "";
   const ok = await waitFor(async () => (last = await probe()) === want, { timeoutMs: 12_000, intervalMs: 250 });
   assert.ok(ok, `${what}: expected ${want}, last ${last}`);
+}
+
+/** Every command Redis runs from now until stop() (MONITOR on each primary). */
+async function monitorCommands(): Promise<{ commands: string[][]; stop: () => Promise<void> }> {
+  const r = h.connect();
+  const commands: string[][] = [];
+  const nodes = isCluster(r) ? (r as unknown as Cluster).nodes("master") : [r];
+  const monitors = await Promise.all(nodes.map((n) => n.monitor()));
+  for (const m of monitors) m.on("monitor", (_t: string, args: string[]) => commands.push(args));
+  return {
+    commands,
+    stop: async () => {
+      for (const m of monitors) m.disconnect();
+      r.disconnect();
+    },
+  };
 }
 
 async function startUpstream(port: number, answer: string): Promise<void> {
@@ -177,8 +195,21 @@ describe("names inside a VPC", () => {
   });
 
   test("a record set over the API appears; a deleted VM's name stops resolving", async () => {
-    await dns.setDnsRecord({ vpc: "alpha", name: "legacy", address: "10.0.1.200", owner: "operator" });
-    await eventually(() => resolve(alphaWeb, "legacy.alpha.internal"), "10.0.1.200", "an operator's record");
+    // The resolver reads the changed name (HMGET of the VPC's records with it), not the whole zone: seen with MONITOR.
+    const seen = await monitorCommands();
+    try {
+      await dns.setDnsRecord({ vpc: "alpha", name: "legacy", address: "10.0.1.200", owner: "operator" });
+      await eventually(() => resolve(alphaWeb, "legacy.alpha.internal"), "10.0.1.200", "an operator's record");
+    } finally {
+      await seen.stop();
+    }
+    const r = h.connect();
+    const records = dnsKeys(r).records(alphaWeb.vpcId);
+    r.disconnect();
+    assert.ok(
+      seen.commands.some((c) => c[0].toLowerCase() === "hmget" && c[1] === records && c.includes("legacy")),
+      `the resolver read the new name alone: ${JSON.stringify(seen.commands.filter((c) => c[1] === records))}`,
+    );
     await vmm.deleteVm({ ref: alphaApi.id });
     await eventually(() => resolve(alphaWeb, "api.alpha.internal"), "NXDOMAIN", "deleted VM's name");
     const names = (await dns.listDnsRecords({ vpc: "alpha" })).records.map((r) => `${r.name}=${r.owner}`);

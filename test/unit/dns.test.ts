@@ -8,6 +8,7 @@ import { connect } from "node:net";
 import * as dnsPacket from "dns-packet";
 import { afterAll, beforeAll, describe, test } from "vitest";
 import { InvalidArgumentError } from "../../services/common/errors.js";
+import { zoneWork } from "../../services/dns/host.js";
 import { Resolver } from "../../services/dns/resolver.js";
 import { forwarders, label, ttl } from "../../services/dns/service.js";
 import { decide, formErr, parseForwarder, rcodeOf, type Zone } from "../../services/dns/zone.js";
@@ -114,6 +115,34 @@ describe("answers", () => {
     assert.equal(formErr(Buffer.alloc(5)), null, "too short for an id: no answer");
     junk.writeUInt16BE(0x8000, 2);
     assert.equal(formErr(junk), null, "never answer a response");
+  });
+});
+
+describe("zone updates from events (zoneWork)", () => {
+  const rec = (vpc: string, names?: string) => ({ kind: "dns.record", vpc, ...(names === undefined ? {} : { names }) });
+  test("dns.record events that name their records read those names again, by VPC", () => {
+    const w = zoneWork([rec("vpc-aaaaaaaaaaaa", "web1"), rec("vpc-aaaaaaaaaaaa", "db,web1"), rec("vpc-bbbbbbbbbbbb", "api")]);
+    assert.equal(w.full, false);
+    assert.deepEqual(
+      [...(w.full ? [] : w.names)].map(([v, n]) => [v, [...n].sort()]),
+      [
+        ["vpc-aaaaaaaaaaaa", ["db", "web1"]],
+        ["vpc-bbbbbbbbbbbb", ["api"]],
+      ],
+    );
+  });
+  test("anything else reloads whole: other kinds, feed events, no names, and names or VPC ids that are not what a script writes", () => {
+    const full = (events: Record<string, string>[]) => zoneWork(events).full;
+    assert.equal(full([rec("vpc-aaaaaaaaaaaa", "web1"), { kind: "dns.config", vpc: "vpc-aaaaaaaaaaaa" }]), true);
+    assert.equal(full([{ kind: "feed.resync", vpc: "vpc-aaaaaaaaaaaa" }]), true);
+    assert.equal(full([{ kind: "vpc.deleted", vpc: "vpc-aaaaaaaaaaaa" }]), true);
+    assert.equal(full([rec("vpc-aaaaaaaaaaaa")]), true, "an earlier release's event, without names");
+    assert.equal(full([rec("vpc-aaaaaaaaaaaa", "")]), true);
+    assert.equal(full([rec("vpc-aaaaaaaaaaaa", "web1,bad name")]), true);
+    assert.equal(full([rec("vpc-aaaaaaaaaaaa", "a.b")]), true, "a label, not a dotted name");
+    assert.equal(full([rec("mvpc:{x}:dns", "web1")]), true, "the VPC id is an id: it never names a key");
+    assert.equal(full([rec("vpc-aaaaaaaaaaaa", Array.from({ length: 65 }, (_, i) => `n${i}`).join(","))]), true, "more names than a script lists");
+    assert.equal(full([rec("vpc-aaaaaaaaaaaa", Array.from({ length: 64 }, (_, i) => `n${i}`).join(","))]), false);
   });
 });
 
