@@ -47,7 +47,7 @@ import {
 } from "../../gen/microvpc/v1/vm_pb.js";
 import { VpcService } from "../../gen/microvpc/v1/vpc_pb.js";
 import { kernelNetns, type NetnsAdapter, type ProbeResult } from "./netns.js";
-import { LEASE_MS, nameEntry, STEPS, unstarted, type StepName, type VmRec, type VmStore } from "./store.js";
+import { LEASE_MS, nameEntry, needsRecovery, STEPS, unstarted, type StepName, type VmRec, type VmStore } from "./store.js";
 import { VmWatchHub, watchVms } from "./watch.js";
 
 /** How long DeleteVm waits for an operation in flight on the same VM (a CreateVm) before ABORTED. */
@@ -555,6 +555,12 @@ export class Vmm {
   /** VMs whose recovery failed: attempts so far, when the next is due, the last error. */
   readonly recoveryFailures = new Map<string, { attempts: number; nextMs: number; error: string }>();
   private recovering = false;
+  /**
+   * Whether a recovery pass of this process has completed: until one has,
+   * each pass reads every record of the host and repairs the unsettled set
+   * from them (records an earlier release wrote have no entry there).
+   */
+  private recoveredOnce = false;
   /** The move of this host's VMs from earlier layouts (VmStore.migrate), once it succeeded. */
   private migration?: Promise<void>;
 
@@ -589,6 +595,13 @@ export class Vmm {
    * backoff (RECOVERY_*), visible in microvpc_vmm_recoveries_total and in
    * InspectVm (status message and journal). Each VM is recovered under its
    * lease: never while this process's CreateVm or DeleteVm of it runs.
+   *
+   * Which VMs: until a pass of this process has completed, every record of
+   * the host is read (an earlier release's records have no entry in the
+   * unsettled set), and the set is repaired from them; after that, a pass
+   * reads the unsettled set and its members' records alone (the store's
+   * scripts keep it with each record), so an idle pass costs one SMEMBERS,
+   * however many VMs the host runs.
    */
   async recover(): Promise<void> {
     if (this.recovering) return;
@@ -596,8 +609,14 @@ export class Vmm {
     try {
       // First, once: records earlier versions wrote under other names move under this host's hash tag (VmStore.migrate).
       await this.migrated(true);
-      for (const v0 of await this.store.ofHost(this.opts.hostId)) {
-        if (!needsRecovery(v0)) continue;
+      let todo: VmRec[];
+      if (this.recoveredOnce) todo = await this.store.unsettled();
+      else {
+        todo = (await this.store.ofHost(this.opts.hostId)).filter(needsRecovery);
+        const { added, dropped } = await this.store.repairUnsettled(todo.map((v) => v.id));
+        if (added.length || dropped) this.log.info({ added: added.length, dropped }, "repaired the set of VMs to recover from this host's records");
+      }
+      for (const v0 of todo) {
         const f = this.recoveryFailures.get(v0.id);
         if (f && (f.attempts >= RECOVERY_ATTEMPTS || f.nextMs > Date.now())) continue;
         const token = this.leaseToken();
@@ -611,6 +630,7 @@ export class Vmm {
           await release();
         }
       }
+      this.recoveredOnce = true;
     } finally {
       this.recovering = false;
     }
@@ -989,11 +1009,6 @@ const PROBE_RESULT: Record<ProbeResult, ConnectivityResult> = {
   timeout: ConnectivityResult.TIMEOUT,
   unreachable: ConnectivityResult.UNREACHABLE,
 };
-
-/** A VM a crash or a failed rollback left half-done. */
-function needsRecovery(v: VmRec): boolean {
-  return v.op === "create" || v.op === "rollback" || v.op === "delete" || v.state === "failed";
-}
 
 /** An error's own message, without the "[code] " prefix ConnectError.message carries (its code is said elsewhere). */
 function errorText(err: unknown): string {

@@ -2,6 +2,7 @@
 // recorded as done only after it succeeded, and the record of what it made
 // (address, NIC id…) is written with it, so a vmm killed at any point knows
 // on restart exactly what to undo or finish.
+import { createHash } from "node:crypto";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { emit, EVENTS } from "../common/events.js";
@@ -53,6 +54,16 @@ export interface VmRec {
   journal: { t: number; op: string; step: string; state: string; msg: string }[];
 }
 
+/**
+ * Whether a record needs the vmm's recovery: an operation a crash or a
+ * failed rollback left half-done, or a VM in state FAILED. The one
+ * predicate of both the recovery (Vmm.recover) and the unsettled set the
+ * store's scripts keep beside the records (K.unsettled).
+ */
+export function needsRecovery(v: Pick<VmRec, "op" | "state">): boolean {
+  return v.op === "create" || v.op === "rollback" || v.op === "delete" || v.state === "failed";
+}
+
 /** What a VM record holds before any step of its create ran (CreateVm's claim): nothing made, the create in flight. */
 export function unstarted(): Pick<
   VmRec,
@@ -97,6 +108,15 @@ export function unstarted(): Pick<
  */
 export const K = {
   ids: (h: string) => `mvpc:{host:${h}}:vms`,
+  /**
+   * The ids of H's VMs whose record needs recovery (needsRecovery): written
+   * in the same script as the record (claim, put, remove, the move from the
+   * earlier names), so recovery reads these records alone rather than every
+   * one of the host's. Records an earlier release wrote have no entry: a
+   * vmm's first recovery pass reads them all and repairs the set
+   * (VmStore.repairUnsettled).
+   */
+  unsettled: (h: string) => `mvpc:{host:${h}}:vms:unsettled`,
   vm: (h: string, id: string) => `mvpc:{host:${h}}:vm:${id}`,
   lease: (h: string, id: string) => `mvpc:{host:${h}}:vm:${id}:lease`,
   /** The VM's user-data (base64): host-private (docs/redis-acl.md), so no other host's user reads it. */
@@ -152,8 +172,20 @@ const eventLua = (k: number, kind: string, id: string) =>
   `if KEYS[${k}] then redis.call('XADD', KEYS[${k}], 'MAXLEN', '~', 100000, '*', 'kind', '${kind}', 'vm', ${id}) end`;
 
 /**
- * The host's half of a create (host slot): record, id set, lease, user-data;
- * on a single Redis also the tombstone at the earlier record name (KEYS[5]).
+ * Lua: keeps VM ARGV[a] in the unsettled set KEYS[k] if flag ARGV[f] is '1'
+ * (the record written needs recovery: needsRecovery, computed by the
+ * caller), out of it otherwise.
+ */
+const unsettledLua = (k: number, a: number, f: number) =>
+  `if ARGV[${f}] == '1' then redis.call('SADD', KEYS[${k}], ARGV[${a}]) else redis.call('SREM', KEYS[${k}], ARGV[${a}]) end`;
+
+/** needsRecovery as the scripts' flag argument. */
+const unsettledFlag = (v: VmRec) => (needsRecovery(v) ? "1" : "0");
+
+/**
+ * The host's half of a create (host slot): record, id set, lease, user-data,
+ * unsettled set (KEYS[5]; a claim is op "create", so ARGV[6] is '1'); on a
+ * single Redis also the tombstone at the earlier record name (KEYS[6]).
  * 0 if the id is taken.
  */
 const CLAIM_HOST = `if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -161,7 +193,8 @@ redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5]) else redis.call('DEL', KEYS[4]) end
-if KEYS[5] then redis.call('DEL', KEYS[5]) redis.call('HSET', KEYS[5], 'moved', '${TOMBSTONE}') end
+${unsettledLua(5, 2, 6)}
+if KEYS[6] then redis.call('DEL', KEYS[6]) redis.call('HSET', KEYS[6], 'moved', '${TOMBSTONE}') end
 return 1`;
 
 /**
@@ -180,18 +213,42 @@ if KEYS[2] then redis.call('HSET', KEYS[2], ARGV[1], mine) end
 if held ~= mine then ${eventLua(3, "vm.created", "ARGV[5]")} end
 return {1, held, prev}`;
 
-/** Rewrites the record (host slot); KEYS[3]: the event stream (single Redis). */
+/** Rewrites the record (host slot) and its entry in the unsettled set KEYS[3] (flag ARGV[4]); KEYS[4]: the event stream (single Redis). */
 const PUT = `redis.call('SET', KEYS[1], ARGV[1])
-${eventLua(3, "vm.updated", "ARGV[2]")}
+${unsettledLua(3, 2, 4)}
+${eventLua(4, "vm.updated", "ARGV[2]")}
 ${releaseLua(2, 3)}
 return 1`;
 
-/** The host's half of a removal: record, user-data, id, lease (if ARGV[2] holds it); KEYS[5]: the tombstone (single Redis). */
+/** The host's half of a removal: record, user-data, id (in the id set and the unsettled set KEYS[5]), lease (if ARGV[2] holds it); KEYS[6]: the tombstone (single Redis). */
 const REMOVE_HOST = `redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
 ${releaseLua(4, 2)}
-if KEYS[5] then redis.call('DEL', KEYS[5]) end
+if KEYS[6] then redis.call('DEL', KEYS[6]) end
 return 1`;
+
+/**
+ * Drops from the unsettled set KEYS[1] each VM ARGV[2j-1] whose record
+ * KEYS[j+1] is still the one the caller read and judged settled, gone or
+ * refused: its SHA-1 is ARGV[2j] ('' for a record that was gone; a key
+ * holding something other than a string counts as gone, as MGET read it).
+ * A record rewritten since (a DeleteVm that began, say) stays: its own
+ * script put it in the set, and the judgement read before it must not take
+ * it out. (A plain SREM would: should that delete then stop half-way, no
+ * pass would find it until the vmm restarts; a script is what makes the
+ * check and the removal one step. A record compared by its SHA-1, not by
+ * the text itself, so that a drop costs a few bytes per VM.) Returns how
+ * many left the set.
+ */
+const SETTLE = `local n = 0
+for i = 2, #KEYS do
+  local t = redis.pcall('GET', KEYS[i])
+  if type(t) == 'table' then t = false end
+  local was = ARGV[2 * i - 2]
+  if (not t and was == '') or (t and was ~= '' and redis.sha1hex(t) == was) then n = n + redis.call('SREM', KEYS[1], ARGV[2 * i - 3]) end
+end
+return n`;
 
 /** The name's half of a removal: the entry goes only if it is this VM's (ARGV[2], or ARGV[3], an id alone); KEYS[3]: the event stream. */
 const REMOVE_NAME = `for i = 1, 2 do
@@ -209,9 +266,10 @@ return 1`;
  * id to the new set, a tombstone left at the old record name, and the name
  * entry copied to the new index if it names this VM and the new one has
  * none (best effort: the indexes are shared). Only if the record is still
- * the text the caller parsed (ARGV[2]).
+ * the text the caller parsed (ARGV[2]). A record that needs recovery (flag
+ * ARGV[5]) joins the unsettled set.
  * KEYS: old record, lease, user-data, ids; new record, lease, user-data, ids;
- * old name index, new name index.
+ * old name index, new name index; unsettled set.
  */
 const MOVE_VM = `if redis.call('TYPE', KEYS[1]).ok ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
 if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
@@ -221,6 +279,7 @@ for i = 2, 3 do
 end
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('SADD', KEYS[8], ARGV[1])
+if ARGV[5] == '1' then redis.call('SADD', KEYS[11], ARGV[1]) end
 redis.call('HSET', KEYS[1], 'moved', '${TOMBSTONE}')
 -- The name indexes are shared (any host writes them): a damaged one must not stop the move.
 if redis.pcall('HGET', KEYS[9], ARGV[3]) == ARGV[4] then redis.pcall('HSETNX', KEYS[10], ARGV[3], ARGV[4]) end
@@ -285,8 +344,8 @@ export class VmStore {
     const h = this.hostId;
     if (v.hostId !== h) throw new Error(`vmm: a VM of host ${v.hostId} cannot be claimed by host ${h}`);
     const single = !isCluster(this.redis);
-    const hostKeys = [K.vm(h, v.id), K.ids(h), K.lease(h, v.id), K.userData(h, v.id), ...(single ? [K.previous.vm(h, v.id)] : [])];
-    const made = await this.redis.eval(CLAIM_HOST, hostKeys.length, ...hostKeys, storedVmText(v), v.id, leaseToken, LEASE_MS, v.userData);
+    const hostKeys = [K.vm(h, v.id), K.ids(h), K.lease(h, v.id), K.userData(h, v.id), K.unsettled(h), ...(single ? [K.previous.vm(h, v.id)] : [])];
+    const made = await this.redis.eval(CLAIM_HOST, hostKeys.length, ...hostKeys, storedVmText(v), v.id, leaseToken, LEASE_MS, v.userData, unsettledFlag(v));
     if (made !== 1) throw new Error(`vmm: VM id ${v.id} is already taken on host ${h}`);
     onLeased?.();
     const mine = nameEntry(v);
@@ -420,8 +479,8 @@ export class VmStore {
   async put(v: VmRec, releaseLease = ""): Promise<void> {
     if (v.hostId !== this.hostId) throw new Error(`vmm: host ${this.hostId} does not write VM ${v.id} of host ${v.hostId}`);
     const single = !isCluster(this.redis);
-    const keys = [K.vm(this.hostId, v.id), K.lease(this.hostId, v.id), ...(single ? [K.events] : [])];
-    await this.redis.eval(PUT, keys.length, ...keys, storedVmText(v), v.id, releaseLease);
+    const keys = [K.vm(this.hostId, v.id), K.lease(this.hostId, v.id), K.unsettled(this.hostId), ...(single ? [K.events] : [])];
+    await this.redis.eval(PUT, keys.length, ...keys, storedVmText(v), v.id, releaseLease, unsettledFlag(v));
     if (!single) await this.event("vm.updated", v.id);
   }
 
@@ -557,6 +616,82 @@ export class VmStore {
     return out;
   }
 
+  /**
+   * The members of this host's unsettled set (K.unsettled) that are VM ids;
+   * anything else is reported and skipped, never made into a key: the set is
+   * input like every record.
+   */
+  async unsettledIds(): Promise<string[]> {
+    const key = K.unsettled(this.hostId);
+    return (await this.redis.smembers(key)).filter((id) => {
+      if (VM_ID_RE.test(id)) return true;
+      reportInvalid(OWNER, "vm-unsettled", key, `${V.show(id)} is not a VM id`, this.log);
+      return false;
+    });
+  }
+
+  /**
+   * This host's VMs whose record needs recovery, found through the unsettled
+   * set alone: its members and their records are read (work in proportion
+   * to them, not to the host's VMs). A member whose record is gone, settled
+   * or refused leaves the set, if it still is (settle).
+   */
+  async unsettled(): Promise<VmRec[]> {
+    return (await this.settle(await this.unsettledIds())).need;
+  }
+
+  /**
+   * Makes the unsettled set agree with a read of every record of this host
+   * (ofHost, by the caller): `need`, the ids whose record needs recovery,
+   * join it (a record an earlier release wrote has no entry; one that
+   * settled since the caller's read costs the next pass one read, which
+   * drops it); every other member is read again and leaves the set if its
+   * record is still gone, settled or refused (settle). Returns the ids added
+   * and how many left.
+   */
+  async repairUnsettled(need: string[]): Promise<{ added: string[]; dropped: number }> {
+    const members = new Set(await this.unsettledIds());
+    const wanted = new Set(need);
+    const added = need.filter((id) => VM_ID_RE.test(id) && !members.has(id));
+    for (let i = 0; i < added.length; i += BATCH) await this.redis.sadd(K.unsettled(this.hostId), ...added.slice(i, i + BATCH));
+    const { dropped } = await this.settle([...members].filter((id) => !wanted.has(id)));
+    return { added, dropped };
+  }
+
+  /**
+   * Reads the records of these VMs of this host (at this release's names, as
+   * getOwn): those that need recovery are returned; the others (gone,
+   * settled, refused: nothing recovery can act on) leave the unsettled set
+   * by SETTLE, which compares each record with the one read, so that a
+   * record rewritten meanwhile keeps the entry its own write gave it. Best
+   * effort: a failed SETTLE only leaves an entry the next pass reads again.
+   */
+  private async settle(ids: string[]): Promise<{ need: VmRec[]; dropped: number }> {
+    const h = this.hostId;
+    const need: VmRec[] = [];
+    let dropped = 0;
+    for (let i = 0; i < ids.length; i += BATCH) {
+      const chunk = ids.slice(i, i + BATCH);
+      // As bytes: SETTLE compares the SHA-1 of exactly what Redis holds.
+      const raws = await this.redis.mgetBuffer(chunk.map((id) => K.vm(h, id)));
+      const done: string[] = [];
+      chunk.forEach((id, j) => {
+        const raw = raws[j];
+        const v = raw === null ? null : this.parse(h, id, raw.toString());
+        if (v && needsRecovery(v)) need.push(v);
+        else done.push(id, raw === null ? "" : createHash("sha1").update(raw).digest("hex"));
+      });
+      if (done.length === 0) continue;
+      const keys = [K.unsettled(h), ...done.filter((_, k) => k % 2 === 0).map((id) => K.vm(h, id))];
+      try {
+        dropped += Number(await this.redis.eval(SETTLE, keys.length, ...keys, ...done));
+      } catch (err) {
+        this.log?.warn({ err: (err as Error).message }, "cannot drop settled VMs from the set of VMs to recover; the next pass reads them again");
+      }
+    }
+    return { need, dropped };
+  }
+
   async all(): Promise<VmRec[]> {
     return (await Promise.all((await this.hostIds()).map((h) => this.ofHost(h)))).flat();
   }
@@ -578,7 +713,7 @@ export class VmStore {
   /** The host's half of remove(), and how a losing claim takes its keys back. */
   private async removeHost(v: VmRec, releaseLease: string): Promise<void> {
     const h = this.hostId;
-    const keys = [K.vm(h, v.id), K.ids(h), K.userData(h, v.id), K.lease(h, v.id), ...(isCluster(this.redis) ? [] : [K.previous.vm(h, v.id)])];
+    const keys = [K.vm(h, v.id), K.ids(h), K.userData(h, v.id), K.lease(h, v.id), K.unsettled(h), ...(isCluster(this.redis) ? [] : [K.previous.vm(h, v.id)])];
     await this.redis.eval(REMOVE_HOST, keys.length, ...keys, v.id, releaseLease);
   }
 
@@ -670,9 +805,10 @@ export class VmStore {
           K.ids(h),
           P.byName(p.value.vpcId),
           K.byName(p.value.vpcId),
+          K.unsettled(h),
         ];
         try {
-          if ((await this.redis.eval(MOVE_VM, keys.length, ...keys, id, text, p.value.name, nameEntry(p.value))) !== 1) continue;
+          if ((await this.redis.eval(MOVE_VM, keys.length, ...keys, id, text, p.value.name, nameEntry(p.value), unsettledFlag(p.value))) !== 1) continue;
         } catch (err) {
           // The others still move; migrate() fails at the end, and the next call tries again.
           failed.push(`${id}: ${(err as Error).message}`);

@@ -60,6 +60,7 @@ describe("on a single Redis: the move from the previous layout", () => {
     }
     assert.equal(await db.r.get(K.userData("hva", a.id)), a.userData, "user-data, host-private");
     assert.deepEqual((await db.r.smembers(K.ids("hva"))).sort(), [a.id, b.id].sort());
+    assert.deepEqual((await db.r.smembers(K.unsettled("hva"))).sort(), [a.id, b.id].sort(), "creates cut short (op create): in the set recovery reads");
     assert.equal(await db.r.exists(P.host("hva")), 0, "the earlier id set is empty");
     assert.equal(await db.r.get(P.vm("hvb", other.id)), storedVmText(other), "hvb's VM is hvb's vmm to move");
     assert.equal(await store.migrate(), 0, "once");
@@ -112,6 +113,7 @@ describe("on a single Redis: the move from the previous layout", () => {
     const again = await api.createVm({ name: "old", vpc: "app", subnet: "web" });
     assert.deepEqual([again.created, again.vm?.id], [false, old.id], "the same request gets the running VM back, not a second one");
     assert.equal(await db.r.get(K.vm("hv1", old.id)), storedVmText(old), "moved");
+    assert.equal(await db.r.sismember(K.unsettled("hv1"), old.id), 0, "running: not in the set recovery reads");
     assert.equal((await api.deleteVm({ ref: "old", vpc: "app" })).deleted, true, "and DeleteVm finds it");
   });
 
@@ -179,7 +181,13 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
   test("a host's VM keys share its slot (its change stream's); the name index is in the VPC's", async () => {
     const slot = (key: string) => ca.cluster("KEYSLOT", key) as Promise<number>;
     const host = await slot("mvpc:{host:hva}:events");
-    for (const key of [K.ids("hva"), K.vm("hva", "vm-000000000001"), K.lease("hva", "vm-000000000001"), K.userData("hva", "vm-000000000001")]) {
+    for (const key of [
+      K.ids("hva"),
+      K.unsettled("hva"),
+      K.vm("hva", "vm-000000000001"),
+      K.lease("hva", "vm-000000000001"),
+      K.userData("hva", "vm-000000000001"),
+    ]) {
       assert.equal(await slot(key), host, key);
     }
     assert.equal(await slot(K.byName(VPC)), await slot(`mvpc:{${VPC}}:events`));
@@ -233,8 +241,10 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     const b = vmRec("hvb", "gb");
     await A.claim(a, "ta");
     await B.claim(b, "tb");
-    a.state = "running";
+    assert.equal(await ca.sismember(K.unsettled("hva"), a.id), 1, "a claim is in its host's set of VMs to recover");
+    Object.assign(a, { state: "running", op: "" });
     await A.put(a, "ta");
+    assert.equal(await ca.sismember(K.unsettled("hva"), a.id), 0, "a running VM is not");
     assert.equal(await ca.exists(K.lease("hva", a.id)), 0, "the last put of a create lets the lease go");
     assert.equal((await B.get(a.id))?.state, "running", "hvb reads hva's VM");
     assert.equal((await B.get(a.id))?.userData, "", "but not its user-data");
@@ -244,5 +254,6 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     await A.remove(a);
     await B.remove(b, "tb");
     assert.deepEqual(await A.all(), []);
+    assert.equal(await cb.exists(K.unsettled("hvb")), 0, "a removed VM leaves the set");
   });
 });

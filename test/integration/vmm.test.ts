@@ -375,6 +375,11 @@ describe("failures", () => {
       "no VM half-made",
     );
     assert.ok(vms.length >= 33, `the creates that were not killed are up (${vms.length})`);
+    assert.equal(
+      await redis.scard(`mvpc:{host:${h.hosts[0].id}}:vms:unsettled`),
+      0,
+      "the set of VMs to recover is empty: each record settled took its entry with it",
+    );
     for (const v of vms) await vmm.deleteVm({ ref: v.id });
     assertConsistent(await holdings(), "after deleting them all");
   });
