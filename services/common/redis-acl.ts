@@ -18,8 +18,9 @@
 //                          (on a Redis Cluster under mvpc:{host:H}:, below)
 //     mvpc:hosts:H         netagent overlay: registry record (lease); mvpc:{hosts}:host:H on a cluster
 //     mvpc:{host:H}:*      the host's hash tag (one Redis Cluster slot): its scoped change stream
-//                          (its NICs attached and detached); vmm: VM ids (:vms), records (:vm:<id>,
-//                          with their journals) and leases (:vm:<id>:lease)
+//                          (its NICs attached and detached); vmm: VM ids (:vms), those to recover
+//                          (:vms:unsettled), records (:vm:<id>, with their journals) and leases
+//                          (:vm:<id>:lease)
 //     mvpc:fw:host:H:*     firewall: binding indexes of this host
 //     mvpc:gw:host:H:*     gateway: transit indexes (and the port-forward port index); on a
 //                          Redis Cluster the transit indexes are under mvpc:{host:H}:gw:, and the
