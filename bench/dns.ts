@@ -9,41 +9,73 @@
 //      rounds of (a) the same resolver code (runResolver, zones from Redis)
 //      with the limit raised and (b) a bare dns-packet UDP server on the same
 //      transit address answering a constant record: bench/lib/dns-server.ts;
+//   3. a record change in a VPC of 10 records, then of --records (default
+//      10 000): --changes record writes (a new name each, 100 ms apart,
+//      through the DNS store's script as the API writes them; a quarter as
+//      many unmeasured ones first) while (a)'s resolver runs; its CPU per change (schedstat of its threads), that
+//      the last name then answers, and beside it what reading the zone whole
+//      costs at that size (HGETALL + the record check, in this process),
+//      which every change cost each resolver before dns.record events named
+//      their records. Target: 10 000 records within 1.2x of 10;
 // and prints medians of the rounds; the figures go to bench/results/dns-<date>.json.
 //
 // Safety: every namespace carries the run prefix of test/lib/netns.ts; the
 // root namespace is never changed (compared before and after). Processes are
-// ended by PID; every loop is bounded in count and time. About 1 minute.
+// ended by PID; every loop is bounded in count and time. About 1½ minutes.
 //
 // Options (after `npm run bench:dns --`): --seconds S (default 3),
-// --rounds N (default 3), --concurrency C (default 16). --smoke: 1 s, 1 round,
-// 4 in flight (bench/lib/run.ts).
+// --rounds N (default 3), --concurrency C (default 16), --records N (default
+// 10 000), --changes N (default 60). --smoke: 1 s, 1 round, 4 in flight,
+// 200 records, 4 changes (bench/lib/run.ts).
 import { spawn, type ChildProcess } from "node:child_process";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
+import { performance } from "node:perf_hooks";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { DnsService } from "../gen/microvpc/v1/dns_pb.js";
 import { SubnetType } from "../gen/microvpc/v1/subnet_pb.js";
 import { grpcClient } from "../services/common/client.js";
 import { transitAddrs } from "../services/gateway/plan.js";
+import { DnsStore } from "../services/dns/store.js";
 import { GatewayStore } from "../services/gateway/store.js";
 import { startDaemon } from "../test/lib/daemon.js";
 import { Harness, MANAGEMENT_CIDRS } from "../test/lib/harness.js";
 import { nsExec, trackChild, waitFor } from "../test/lib/netns.js";
 import { Redis } from "ioredis";
+import { cpuUs } from "./lib/cpu.js";
 import { resultsFile, writeJson } from "./lib/report.js";
 import { benchArgs, benchClock, runBench } from "./lib/run.js";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const DNS_PACKET = createRequire(import.meta.url).resolve("dns-packet");
 const o = benchArgs(
-  { seconds: { type: "string", default: "3" }, rounds: { type: "string", default: "3" }, concurrency: { type: "string", default: "16" } },
-  { seconds: "1", rounds: "1", concurrency: "4" },
+  {
+    seconds: { type: "string", default: "3" },
+    rounds: { type: "string", default: "3" },
+    concurrency: { type: "string", default: "16" },
+    records: { type: "string", default: "10000" },
+    changes: { type: "string", default: "60" },
+  },
+  { seconds: "1", rounds: "1", concurrency: "4", records: "200", changes: "4" },
 );
 const SECONDS = Math.min(Math.max(Number(o.seconds), 1), 30);
 const ROUNDS = Math.min(Math.max(Number(o.rounds), 1), 10);
 const CONC = Math.min(Math.max(Number(o.concurrency), 1), 256);
+const RECORDS = Math.min(Math.max(Number(o.records), 20), 50_000);
+const CHANGES = Math.min(Math.max(Number(o.changes), 2), 500);
+/** The smaller zone of section 3, the baseline of the larger. */
+const SMALL = 10;
+
+/** One A query; prints the first address, or the rcode. */
+const ONE = `
+const p = require(${JSON.stringify(DNS_PACKET)});
+const [server, name] = process.argv.slice(1);
+const s = require("node:dgram").createSocket("udp4");
+s.on("message", (m) => { const r = p.decode(m); process.stdout.write(String(r.answers.find((a) => a.type === "A")?.data ?? r.rcode)); process.exit(0); });
+s.send(p.encode({ type: "query", id: 7, questions: [{ type: "A", name }] }), 53, server);
+setTimeout(() => process.exit(3), 2000);
+`;
 
 /** Closed loop: CONC queries in flight for S seconds; prints {answers, lost, p50us, p99us}. */
 const CLIENT = `
@@ -120,8 +152,76 @@ async function stopChild(c: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
+interface ZoneLevel {
+  records: number;
+  cpuMsPerChange: number;
+  answered: boolean;
+  wholeZoneMs: number;
+}
+
+/**
+ * Section 3: the resolver (bench/lib/dns-server.ts --mode resolver, its own
+ * process) with the VPC's zone at SMALL records, then at RECORDS; CHANGES
+ * new names written at each level, 100 ms apart (past the feed's 50 ms
+ * settle: one event batch each), the resolver's CPU over them.
+ */
+async function zoneChanges(
+  redisUrl: string,
+  redisSocket: string,
+  hostNs: string,
+  hostId: string,
+  transit: string,
+  vpcId: string,
+  vmNs: string,
+  resolver: string,
+): Promise<{ changes: number; levels: ZoneLevel[] }> {
+  const r = new Redis(redisUrl);
+  const store = new DnsStore(r);
+  const c = await helper(hostNs, "resolver", redisSocket, hostId, transit);
+  const levels: ZoneLevel[] = [];
+  try {
+    let have = (await store.allRecords(vpcId)).length;
+    for (const want of [SMALL, RECORDS]) {
+      // Fill the zone up to `want` (fillers 64 at a time), then let the resolver settle.
+      for (let i = have; i < want; i += 64) {
+        const n = Math.min(64, want - i);
+        await Promise.all(
+          Array.from({ length: n }, (_, j) =>
+            store.setRecord({ vpcId, name: `fill${i + j}`, address: `10.0.${2 + ((i + j) >> 8)}.${(i + j) & 255}`, ttl: 60, owner: "fill" }),
+          ),
+        );
+      }
+      have = Math.max(have, want);
+      // Unmeasured changes first (the resolver's code warm, the fill's events behind it).
+      for (let i = 0; i < Math.max(2, CHANGES >> 2); i++) {
+        await store.setRecord({ vpcId, name: `warm${want}x${i}`, address: "10.0.1.78", ttl: 60, owner: "bench" });
+        await sleep(100);
+      }
+      await sleep(1000);
+      const t0 = performance.now();
+      const whole = await store.allRecords(vpcId);
+      const wholeZoneMs = performance.now() - t0;
+      const cpu0 = cpuUs(c.pid!);
+      for (let i = 0; i < CHANGES; i++) {
+        await store.setRecord({ vpcId, name: `chg${want}x${i}`, address: "10.0.1.77", ttl: 60, owner: "bench" });
+        await sleep(100);
+      }
+      await sleep(300);
+      const cpuMsPerChange = (cpuUs(c.pid!) - cpu0) / 1000 / CHANGES;
+      const last = await nsExec(vmNs, process.execPath, ["-e", ONE, resolver, `chg${want}x${CHANGES - 1}.bench.internal`], { check: false, timeoutMs: 5000 });
+      levels.push({ records: whole.length, cpuMsPerChange, answered: last.stdout === "10.0.1.77", wholeZoneMs });
+    }
+  } finally {
+    await stopChild(c);
+    r.disconnect();
+  }
+  return { changes: CHANGES, levels };
+}
+
+const sleep = (ms: number) => new Promise((res) => setTimeout(res, ms));
+
 /** Hard stop: past it, the harness's exit handlers end the processes and remove the namespaces. */
-const { progress } = benchClock(120_000);
+const { progress } = benchClock(180_000);
 
 async function main(): Promise<number> {
   progress("starting the harness (redis, ipam, netagent, host namespaces) and microvpcd gateway");
@@ -178,6 +278,8 @@ async function main(): Promise<number> {
       }
       rounds.push(res as { resolver: Result; bare: Result });
     }
+    progress(`a record change in a VPC of ${SMALL}, then ${RECORDS} records: the resolver's CPU per change`);
+    const zone = await zoneChanges(h.redis.url, h.redis.socket, hv.ns, hv.id, transit, vpc.id, vm.ns, resolver);
     const row = (label: string, xs: Result[]) =>
       `${label.padEnd(44)} ${String(Math.round(median(xs.map((x) => x.qps)))).padStart(8)} q/s   p50 ${String(Math.round(median(xs.map((x) => x.p50us)))).padStart(6)} µs   p99 ${String(Math.round(median(xs.map((x) => x.p99us)))).padStart(7)} µs   lost ${xs.reduce((a, x) => a + x.lost, 0)}`;
     console.log(`VPC resolver, one VM, ${CONC} queries in flight, ${SECONDS} s per run, medians of ${ROUNDS} interleaved rounds (node ${process.version})`);
@@ -196,8 +298,26 @@ async function main(): Promise<number> {
     );
     const ratio = median(rounds.map((x) => x.resolver.qps / x.bare.qps));
     console.log(`resolver / bare: ${(ratio * 100).toFixed(0)} % (median of per-round ratios)`);
+    console.log();
+    console.log(`A record change (${CHANGES} new names, 100 ms apart, written as the DNS API writes them) reaching the resolver:`);
+    for (const z of zone.levels)
+      console.log(
+        `  ${String(z.records).padStart(6)} records: resolver CPU ${z.cpuMsPerChange.toFixed(3)} ms per change; the last name answers: ${z.answered ? "yes" : "NO"}; reading the zone whole (the cost per change before): ${z.wholeZoneMs.toFixed(2)} ms`,
+      );
+    const zr = zone.levels[1].cpuMsPerChange / Math.max(zone.levels[0].cpuMsPerChange, 1e-6);
+    const zoneOk = zr <= 1.2 && zone.levels.every((z) => z.answered);
+    console.log(`  ${zone.levels[1].records} vs ${zone.levels[0].records} records: ${zr.toFixed(2)}x (target <= 1.2x): ${zoneOk ? "PASS" : "MISS"}`);
     const file = resultsFile("dns");
-    writeJson(file, { seconds: SECONDS, rounds: ROUNDS, concurrency: CONC, node: process.version, daemon, rounds_: rounds, ratio });
+    writeJson(file, {
+      seconds: SECONDS,
+      rounds: ROUNDS,
+      concurrency: CONC,
+      node: process.version,
+      daemon,
+      rounds_: rounds,
+      ratio,
+      zone: { ...zone, ratio: zr },
+    });
     console.log(`figures written to ${file}`);
     const changed = await h.rootChanges();
     if (changed.length) throw new Error(`root namespace changed: ${changed.join("; ")}`);

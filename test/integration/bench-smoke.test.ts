@@ -29,7 +29,7 @@ const BENCHES: Record<string, RegExp[]> = {
   flowlogs: [/^Verdict$/m, /^flow records written during the run: [1-9]/m, /^figures written to /m],
   gateway: [/^Summary$/m, /^figures written to /m],
   vm: [/^Verdict$/m, /^(exec counts: n\/a|3b\. Execs per CreateVm)/m, /^figures written to /m],
-  dns: [/^resolver \/ bare: /m, /^figures written to /m],
+  dns: [/^resolver \/ bare: /m, /^ +\d+ vs \d+ records: /m, /^figures written to /m],
   overlay: [/^Verdict$/m, /^figures written to /m],
   startup: [/^Verdict$/m, /^figures written to /m],
   rpc: [/^Verdict$/m, /^per-round ratios daemon\/bare: /m, /^server CPU per call: grpc-js itself adds /m, /^figures written to /m],
