@@ -9,7 +9,7 @@ import { ReconcileHealth } from "../common/health.js";
 import { metricsRegistry } from "../common/metrics.js";
 import { failClosedTx, FIREWALL_TABLE, firewallTablesIntact } from "../common/nft/fail-closed.js";
 import { CtMarks } from "./ct-mark-state.js";
-import { VPC_NETNS_SYSCTLS, type Kernel } from "./kernel.js";
+import { vpcNetnsSysctls, type Kernel } from "./kernel.js";
 import { names, planVpc, type NicSpec, type SubnetSpec, type VpcPlan } from "./plan.js";
 import { InvalidRecordLog } from "./schema.js";
 import type { HostDesired, HostStore, VpcSpec } from "./store.js";
@@ -160,16 +160,16 @@ export class Agent {
   /** Bridges known to be right since the last ensure or reconcile: attach skips re-checking them. */
   readonly readyBridges = new Set<string>();
 
-  /** VPC namespaces whose sysctls (VPC_NETNS_SYSCTLS) this process has set: made here, or found at its first pass. */
+  /** VPC namespaces whose sysctls (vpcNetnsSysctls) this process has set: made here, or found at its first pass. */
   private readonly sysctlsSet = new Set<string>();
 
   async ensureNetns(vpcId: string): Promise<boolean> {
     const ns = this.nsOf(vpcId);
     // /run/netns/NAME is how iproute2 names a namespace: no exec needed.
     if (existsSync(`/run/netns/${ns}`)) {
-      // One an earlier release made has IPv6 on (kernel.ts VPC_NETNS_SYSCTLS): set them once per process.
+      // One an earlier release made has IPv6 on (kernel.ts vpcNetnsSysctls): set them once per process.
       if (!this.sysctlsSet.has(ns)) {
-        await this.kernel.sysctls(ns, VPC_NETNS_SYSCTLS);
+        await this.kernel.sysctls(ns, vpcNetnsSysctls());
         this.sysctlsSet.add(ns);
       }
       return false;

@@ -27,7 +27,7 @@
 // `Kernel` is an interface so the planner and the service are tested against
 // RecordingKernel, which records what would run.
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run } from "../common/exec.js";
@@ -264,12 +264,20 @@ function parseLinks(json: string): LinkInfo[] {
  * under the rtnl lock (fib6_ifdown), ~3 routes per port, so at 1 000 ports
  * every NIC change paid for all the others (bench:vm, 1 000 VMs vs 0).
  * "default" covers the devices made later, "all" lo and any already there.
+ * A kernel without IPv6 (booted with ipv6.disable=1) has no net.ipv6 keys,
+ * and nothing to turn off: `ipv6` says whether it has them.
  */
-export const VPC_NETNS_SYSCTLS: [string, string][] = [
-  ["net.ipv4.ip_forward", "1"],
-  ["net.ipv6.conf.all.disable_ipv6", "1"],
-  ["net.ipv6.conf.default.disable_ipv6", "1"],
-];
+export function vpcNetnsSysctls(ipv6 = existsSync("/proc/sys/net/ipv6")): [string, string][] {
+  return [
+    ["net.ipv4.ip_forward", "1"],
+    ...(ipv6
+      ? ([
+          ["net.ipv6.conf.all.disable_ipv6", "1"],
+          ["net.ipv6.conf.default.disable_ipv6", "1"],
+        ] as [string, string][])
+      : []),
+  ];
+}
 
 const deferredDeletes = new Counter({
   name: "microvpc_netagent_deferred_deletes_total",
@@ -335,9 +343,15 @@ export class LinuxKernel implements Kernel {
 
   async addNetns(name: string): Promise<void> {
     await run("ip", ["netns", "add", name]);
-    // A fresh namespace has lo down; the VPC router needs forwarding.
-    await run("ip", ["-n", name, "link", "set", "lo", "up"]);
-    await this.sysctls(name, VPC_NETNS_SYSCTLS);
+    try {
+      // A fresh namespace has lo down; the VPC router needs forwarding.
+      await run("ip", ["-n", name, "link", "set", "lo", "up"]);
+      await this.sysctls(name, vpcNetnsSysctls());
+    } catch (err) {
+      // Not half-made: a namespace left here would be taken as made (it exists) by the next pass.
+      await run("ip", ["netns", "del", name]).catch(() => {});
+      throw err;
+    }
   }
 
   async delNetns(name: string): Promise<void> {

@@ -287,6 +287,17 @@ describe("IPv4 only", () => {
     assert.deepEqual([await sysctl("net.ipv6.conf.all.disable_ipv6"), await sysctl("net.ipv6.conf.default.disable_ipv6")], ["1", "1"]);
     assert.equal((await run("ip", ["-n", a.vpcNs, "-6", "-o", "addr", "show"])).stdout.trim(), "", "no IPv6 address in the VPC namespace");
     assert.equal((await run("ip", ["-n", a.vpcNs, "-6", "route", "show", "table", "all"])).stdout.trim(), "", "no IPv6 route in the VPC namespace");
+
+    // A namespace an earlier release made (IPv6 on, its ports with link-local
+    // routes): a restarted netagent's first pass turns it off, once.
+    await nsExec(a.vpcNs, "sysctl", ["-qw", "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0"]);
+    const v6routes = async () => (await run("ip", ["-n", a.vpcNs, "-6", "route", "show", "table", "all"])).stdout.trim();
+    assert.ok(await waitFor(async () => (await v6routes()) !== "", { timeoutMs: 5000, intervalMs: 100 }), "IPv6 on again: link-local routes appear");
+    await hv0.kill();
+    await hv0.start();
+    assert.ok(await waitFor(async () => (await v6routes()) === "", { timeoutMs: 15_000, intervalMs: 200 }), `IPv6 off after the restart: ${await v6routes()}`);
+    assert.deepEqual([await sysctl("net.ipv6.conf.all.disable_ipv6"), await sysctl("net.ipv6.conf.default.disable_ipv6")], ["1", "1"]);
+    assert.ok(await canPing(a.ns, b.address), "IPv4 still flows");
   });
 });
 

@@ -1,7 +1,7 @@
 // The netagent planner: desired + observed in, ip/tc batch lines out.
 import assert from "node:assert/strict";
 import { test } from "vitest";
-import { vethAttachOf, type LinkInfo, type QdiscInfo } from "../../services/netagent/kernel.js";
+import { vethAttachOf, vpcNetnsSysctls, type LinkInfo, type QdiscInfo } from "../../services/netagent/kernel.js";
 import {
   bandwidthLines,
   bridgeMac,
@@ -227,4 +227,13 @@ test("a veth NIC's attach batch is recognised for the in-process path exactly as
     vethAttachOf("vpcns", l.ip, [{ netnsPath: "/run/netns/vm1", lines: [...l.guest.slice(0, 3), "route replace default via 10.0.1.1 dev eth1"] }]),
     null,
   );
+});
+
+test("a VPC namespace's sysctls: forwarding on and IPv6 off; on a kernel without IPv6 (no net.ipv6 keys) forwarding alone, so its namespaces can still be made", () => {
+  assert.deepEqual(vpcNetnsSysctls(true), [
+    ["net.ipv4.ip_forward", "1"],
+    ["net.ipv6.conf.all.disable_ipv6", "1"],
+    ["net.ipv6.conf.default.disable_ipv6", "1"],
+  ]);
+  assert.deepEqual(vpcNetnsSysctls(false), [["net.ipv4.ip_forward", "1"]]);
 });
