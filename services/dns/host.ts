@@ -156,6 +156,8 @@ export async function runResolver(
         owed.set(vpc, set);
       }
     working ??= (async () => {
+      // Never done before `working` holds it: its end (below) must clear what was assigned.
+      await Promise.resolve();
       while (!stopped && (full || owed.size)) {
         if (full) {
           // A whole reload reads every name: what was owed is in it.

@@ -97,7 +97,8 @@ async function eventually(probe: () => Promise<string>, want: string, what: stri
 
 /** Every command Redis runs from now until stop() (MONITOR on each primary). */
 async function monitorCommands(): Promise<{ commands: string[][]; stop: () => Promise<void> }> {
-  const r = h.connect();
+  // Ready first: a cluster client knows its primaries only once it is.
+  const r = await h.connectReady();
   const commands: string[][] = [];
   const nodes = isCluster(r) ? (r as unknown as Cluster).nodes("master") : [r];
   const monitors = await Promise.all(nodes.map((n) => n.monitor()));
