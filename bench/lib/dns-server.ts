@@ -5,7 +5,8 @@
 //
 //   --mode resolver: runResolver() exactly as `microvpcd imds --dns-port`
 //     wires it (zones from Redis, bound per transit address), with the
-//     per-VM rate limit raised — the daemon has no flag for it;
+//     per-VM rate limit raised — the daemon has no flag for it — and its
+//     10-s safety-net reload off (bench:dns section 3 times record changes);
 //   --mode bare: a bare dns-packet UDP server on the same transit address
 //     that decodes each query and answers one constant A record: the cost of
 //     the path, Node's dgram and dns-packet alone.
@@ -58,7 +59,13 @@ if (o.mode === "bare") {
 } else {
   const redis = connectRedis({ url: String(o.redis), logger });
   await waitReady(redis);
-  const { resolver, close } = await runResolver(redis, String(o["host-id"]), port, logger, { rateLimitPerSecond: 1e9, burst: 1e9, maxInflightPerCaller: 1e6 });
+  // The safety-net reload every 10 s off (an hour): bench:dns section 3 measures what each record change costs, which a whole reload in its window would blur.
+  const { resolver, close } = await runResolver(redis, String(o["host-id"]), port, logger, {
+    rateLimitPerSecond: 1e9,
+    burst: 1e9,
+    maxInflightPerCaller: 1e6,
+    reloadMs: 3_600_000,
+  });
   for (let i = 0; i < 100 && !resolver.bound().includes(String(o.address)); i++) await new Promise((r) => setTimeout(r, 50));
   if (!resolver.bound().includes(String(o.address))) throw new Error(`resolver did not bind ${o.address}`);
   process.stdout.write("ready\n");
