@@ -41,7 +41,7 @@ import { DnsStore } from "../services/dns/store.js";
 import { GatewayStore } from "../services/gateway/store.js";
 import { startDaemon } from "../test/lib/daemon.js";
 import { Harness, MANAGEMENT_CIDRS } from "../test/lib/harness.js";
-import { nsExec, trackChild, waitFor } from "../test/lib/netns.js";
+import { nsExec, sleep, trackChild, waitFor } from "../test/lib/netns.js";
 import { Redis } from "ioredis";
 import { cpuUs } from "./lib/cpu.js";
 import { resultsFile, writeJson } from "./lib/report.js";
@@ -217,8 +217,6 @@ async function zoneChanges(
   }
   return { changes: CHANGES, levels };
 }
-
-const sleep = (ms: number) => new Promise((res) => setTimeout(res, ms));
 
 /** Hard stop: past it, the harness's exit handlers end the processes and remove the namespaces. */
 const { progress } = benchClock(180_000);

@@ -78,11 +78,16 @@ export function zoneWork(events: EventFields[]): ZoneWork {
     const list = e.names.split(",");
     if (list.length > EVENT_NAMES_MAX) return { full: true };
     if (!V.attempt(() => V.id("vpc", vpc, "vpc")).ok || !list.every((n) => V.attempt(() => label("name", n)).ok)) return { full: true };
-    const set = names.get(vpc) ?? new Set<string>();
-    for (const n of list) set.add(n);
-    names.set(vpc, set);
+    addNames(names, vpc, list);
   }
   return { full: false, names };
+}
+
+/** Adds a VPC's names to a by-VPC map of names. */
+function addNames(into: Map<string, Set<string>>, vpc: string, names: Iterable<string>): void {
+  const set = into.get(vpc) ?? new Set<string>();
+  for (const n of names) set.add(n);
+  into.set(vpc, set);
 }
 
 export async function runResolver(
@@ -149,12 +154,7 @@ export async function runResolver(
   };
   const work = (w: ZoneWork): Promise<void> => {
     if (w.full) full = true;
-    else
-      for (const [vpc, names] of w.names) {
-        const set = owed.get(vpc) ?? new Set<string>();
-        for (const n of names) set.add(n);
-        owed.set(vpc, set);
-      }
+    else for (const [vpc, names] of w.names) addNames(owed, vpc, names);
     working ??= (async () => {
       // Never done before `working` holds it: its end (below) must clear what was assigned.
       await Promise.resolve();

@@ -229,12 +229,7 @@ export class DnsReader {
   /** Records ordered by name, after `after` (exclusive), at most limit. */
   async listRecords(vpcId: string, after: string, limit: number): Promise<RecordRec[]> {
     const names = await this.redis.zrangebylex(this.DK.names(vpcId), after ? `(${after}` : "-", "+", "LIMIT", 0, limit);
-    if (names.length === 0) return [];
-    const vals = await this.redis.hmget(this.DK.records(vpcId), ...names);
-    return names.flatMap((n, i) => {
-      const r = vals[i] ? checkedRecord(this.DK.records(vpcId), vpcId, n, vals[i]!, this.log) : null;
-      return r ? [r] : [];
-    });
+    return [...(await this.records(vpcId, names)).values()].filter((r): r is RecordRec => r !== null);
   }
 
   /** Every record of the VPC (the resolver's zone). */
