@@ -30,6 +30,7 @@ import { TOKEN_MOVED, withClientToken } from "../common/client-token.js";
 import { UnavailableError } from "../common/errors.js";
 import { DELETED_VPC_STREAM_TTL_MS, emit, vpcEvents } from "../common/events.js";
 import { defineVariadicCommand } from "../common/redis.js";
+import type { Settled } from "../common/coalesce.js";
 import { isId, newId } from "../common/ids.js";
 import * as S from "./scripts.js";
 
@@ -39,10 +40,18 @@ export type { AllocRec, Label, SubnetKind, SubnetRec, Usage, VpcRec } from "./sc
 
 type Reply = [number, string | number];
 
+/** One Allocate call: wanted = index inside the subnet, or -1 for the lowest free one. */
+export interface AllocateItem {
+  owner: string;
+  requestId: string;
+  wanted: number;
+}
+
 declare module "ioredis" {
   // eslint-disable-next-line @typescript-eslint/no-unused-vars -- merging needs the same type parameter
   interface RedisCommander<Context> {
     mvpcAllocate(...args: (string | number)[]): Promise<Reply>;
+    mvpcAllocateMany(...args: (string | number)[]): Promise<(string | number)[]>;
     mvpcAllocateBatch(...args: (string | number)[]): Promise<number[]>;
     mvpcRelease(...args: (string | number)[]): Promise<Reply>;
     mvpcClaimVpc(...args: (string | number)[]): Promise<Reply>;
@@ -61,6 +70,7 @@ export function defineScripts(redis: Redis): void {
   // the tombstones of the earlier layout and what only one layout has are
   // declared where they exist (common/redis.ts defineVariadicCommand).
   defineVariadicCommand(redis, "mvpcAllocate", S.ALLOCATE);
+  defineVariadicCommand(redis, "mvpcAllocateMany", S.ALLOCATE_MANY);
   defineVariadicCommand(redis, "mvpcAllocateBatch", S.ALLOCATE_BATCH);
   defineVariadicCommand(redis, "mvpcRelease", S.RELEASE);
   defineVariadicCommand(redis, "mvpcClaimVpc", S.CLAIM_VPC);
@@ -653,9 +663,50 @@ export class IpamStore extends IpamReader {
   /** wanted = index inside the subnet, or -1 for the lowest free one. */
   async allocate(s: SubnetRec, owner: string, requestId: string, wanted: number): Promise<{ alloc: AllocRec; created: boolean }> {
     const now = Date.now();
-    let [code, detail] = await this.allocateReply(s, owner, requestId, wanted, now);
+    let reply = await this.allocateReply(s, owner, requestId, wanted, now);
     // Not under the VPC's tag yet (a subnet a replica of the earlier release made): moved on its first use.
-    if (code === -4 && (await this.migrateSubnet(s)) !== "none") [code, detail] = await this.allocateReply(s, owner, requestId, wanted, now);
+    if (reply[0] === -4 && (await this.migrateSubnet(s)) !== "none") reply = await this.allocateReply(s, owner, requestId, wanted, now);
+    return this.allocated(s, { owner, requestId, wanted }, reply, now);
+  }
+
+  /**
+   * Several Allocate calls of one subnet (at most S.MAX_ALLOCATE_MANY) in
+   * one script, each as if made alone and in the order given: item i's
+   * result at i, an allocation or the error allocate() would have thrown.
+   * What fails the call itself (Redis) rejects the whole.
+   */
+  async allocateMany(s: SubnetRec, items: readonly AllocateItem[]): Promise<Settled<{ alloc: AllocRec; created: boolean }>[]> {
+    if (items.length > S.MAX_ALLOCATE_MANY) throw new Error(`allocateMany: ${items.length} items, at most ${S.MAX_ALLOCATE_MANY}`);
+    const now = Date.now();
+    const keys = [...K.state(s.vpcId, s.id), ...items.map((i) => K.owner(s.vpcId, i.owner))];
+    if (!this.redis.isCluster) keys.push(K.events);
+    const args: (string | number)[] = [...counted(keys), items.length, s.id, s.size];
+    for (const i of items) args.push(i.owner, i.requestId, i.wanted, now);
+    const r = await this.movedFirst(
+      s,
+      () => this.redis.mvpcAllocateMany(...args),
+      (x) => Number(x[0]) === -4,
+    );
+    const code = Number(r[0]);
+    if (code === -4) {
+      const gone = new NotFoundError("subnet", s.id, "it was deleted");
+      return items.map(() => ({ ok: false, error: gone }));
+    }
+    if (code !== 1 || r.length !== 1 + 2 * items.length) throw new Error(`allocate script for ${items.length} calls returned ${code} with ${r.length} values`);
+    return Promise.all(
+      items.map(async (item, n) => {
+        try {
+          return { ok: true as const, value: await this.allocated(s, item, [Number(r[1 + 2 * n]), r[2 + 2 * n]], now) };
+        } catch (error) {
+          return { ok: false as const, error: error as Error };
+        }
+      }),
+    );
+  }
+
+  /** An ALLOCATE reply (or one item's of ALLOCATE_MANY) as the allocation, or the error a caller acts on. */
+  private async allocated(s: SubnetRec, item: AllocateItem, [code, detail]: Reply, now: number): Promise<{ alloc: AllocRec; created: boolean }> {
+    const { owner, requestId, wanted } = item;
     const addr = (i: number) => V.intToIp(s.base + i);
     switch (code) {
       case 1:

@@ -219,6 +219,20 @@ describe("on a single Redis: the move from the previous layout", () => {
     assert.ok(a.created && b.created && a.alloc.index !== b.alloc.index);
     assert.ok(!held2.has(a.alloc.index) && !held2.has(b.alloc.index));
     assert.equal((await store.usage(s2)).used, 5);
+    // Calls answered together (ALLOCATE_MANY) on such a subnet: moved first, then every call allocated once.
+    const { s: s3, held: held3 } = await previousSubnet();
+    const many = await store.allocateMany(
+      s3,
+      ["vm-mmm", "vm-nnn", "vm-aaa"].map((owner) => ({ owner, requestId: "m1", wanted: -1 })),
+    );
+    const idx = many.map((m) => (m.ok && m.value.created ? m.value.alloc.index : -1));
+    assert.equal(new Set(idx).size, 3);
+    assert.ok(
+      idx.every((i) => i >= 2 && !held3.has(i)),
+      `${idx}`,
+    );
+    assert.equal(await r.get(K.legacy.req(s3.id)), TOMBSTONE);
+    assert.equal((await store.usage(s3)).used, 6);
   });
 
   test("Release without an owner names the holder's owner index (declared, not built in the script)", async () => {
@@ -382,11 +396,23 @@ describe("on a Redis Cluster (3 primaries, 3 replicas)", () => {
     const batch = await stores[2].allocateBatch(s, "vm-batch", "b1", 50);
     assert.equal(new Set([...idx, ...batch.allocs.map((a) => a.index)]).size, 250);
     assert.equal((await stores[0].usage(s)).used, 250);
+    // Calls answered together: one script naming 20 owners' indexes, all in the VPC's slot.
+    const many = await stores[3].allocateMany(
+      s,
+      Array.from({ length: 20 }, (_, i) => ({ owner: `vm-m${i}`, requestId: "m", wanted: -1 })),
+    );
+    const manyIdx = many.map((m) => (m.ok ? m.value.alloc.index : -1));
+    assert.equal(new Set([...idx, ...batch.allocs.map((a) => a.index), ...manyIdx]).size, 270, "20 more, none twice");
+    assert.equal((await stores[0].usage(s)).used, 270);
+    assert.deepEqual(
+      (await stores[1].listByOwner("vm-m7", "", 10)).map((a) => a.alloc.index),
+      [manyIdx[7]],
+    );
     // Release by owner, and without one (the holder's index is named on the second try).
     assert.equal(await stores[3].release(s, got[0].alloc.index, "vm-0", ""), got[0].alloc.index);
     assert.equal(await stores[3].release(s, got[1].alloc.index, "", ""), got[1].alloc.index);
     await assert.rejects(stores[0].release(s, got[2].alloc.index, "vm-0", ""), FailedPreconditionError, "another owner's address is not released");
-    assert.equal((await stores[0].usage(s)).used, 248);
+    assert.equal((await stores[0].usage(s)).used, 268);
     const mine = await stores[0].listByOwner("vm-batch", "", 100);
     assert.equal(mine.length, 50);
   });

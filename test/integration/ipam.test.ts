@@ -457,6 +457,27 @@ describe("allocation", () => {
     assert.equal((await c.ipam.getUtilization({ subnetId: sn.id })).usage!.free, 0n);
   });
 
+  singleOnly("a burst of Allocate calls to one subnet runs far fewer scripts than calls (they are answered together); each gets its own address", async () => {
+    await newVpc("burst", "10.81.0.0/16");
+    const sn = await newSubnet("burst", "s", "10.81.0.0/24");
+    await c.ipam.allocate({ subnetId: sn.id, owner: "warm", requestId: "r" }); // the daemon's subnet cache and scripts
+    const r = await connectReady({ url: redis.url });
+    const scripts = async () => [...(await r.info("commandstats")).matchAll(/^cmdstat_eval(?:sha)?:calls=(\d+)/gm)].reduce((a, m) => a + Number(m[1]), 0);
+    try {
+      const before = await scripts();
+      const got = await Promise.all(Array.from({ length: 48 }, (_, i) => c.ipam.allocate({ subnetId: sn.id, owner: `vm-${i}`, requestId: "r" })));
+      const ran = (await scripts()) - before;
+      assert.equal(new Set(got.map((g) => g.allocation!.address)).size, 48);
+      assert.ok(got.every((g) => g.created));
+      // One shared connection: the calls reach the daemon in a few reads, each read's calls one script.
+      assert.ok(ran >= 1 && ran <= 16, `${ran} scripts for 48 calls`);
+      const body = await (await fetch(`http://127.0.0.1:${daemon.metricsPort}/metrics`)).text();
+      assert.match(body, /^microvpc_ipam_allocate_group_size_bucket\{le="64",service="ipam"\} \d+/m);
+    } finally {
+      r.disconnect();
+    }
+  });
+
   singleOnly("Redis killed and restarted during allocation: no address is held twice, acknowledged ones survive", async () => {
     await newVpc("crash", "10.90.0.0/16");
     const sn = await newSubnet("crash", "s", "10.90.0.0/22");
