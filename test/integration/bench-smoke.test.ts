@@ -19,7 +19,7 @@ const KILL_AFTER_MS = 120_000;
 
 /** The lines each bench prints at the end of a run that measured everything. */
 const BENCHES: Record<string, RegExp[]> = {
-  ipam: [/^Verdict$/m, /^ +64 +lean +/m, /^figures written to /m],
+  ipam: [/^Verdict$/m, /^ +64 +lean +/m, /^ +64 +frames +/m, /^ +64 +together +/m, /^errors or calls that did not allocate: 0$/m, /^figures written to /m],
   netagent: [/^Verdict$/m, /^figures written to /m],
   firewall: [/^Verdict$/m, /diff\(\) picks: /, /^figures written to /m],
   fwdelta: [/^Verdict$/m, /^figures written to /m],
