@@ -6,7 +6,11 @@
 // own turn; a group never waits for an earlier group's round trip, so
 // pipelining is kept. What `run` gives back is item by item: one item's
 // error is that caller's alone; a rejection of `run` (the store unreachable)
-// is every caller's.
+// is every caller's, the same error object.
+//
+// The group's work runs in the async context (AsyncLocalStorage) of the call
+// that opened the group: what it logs carries that call's request id. Each
+// caller's own code after its await runs in its own context.
 
 /** One item's outcome where several are answered together. */
 export type Settled<T> = { ok: true; value: T } | { ok: false; error: Error };
@@ -51,15 +55,14 @@ export class Coalescer<I, R> {
 
   private async flush(key: string, g: Group<I, R>): Promise<void> {
     this.onGroup?.(g.items.length);
-    let out: Settled<R>[];
     try {
-      out = await this.run(key, g.items);
+      const out = await this.run(key, g.items);
       if (out.length !== g.items.length) throw new Error(`coalesced call of ${g.items.length} answered ${out.length} items`);
+      out.forEach((r, i) => (r.ok ? g.waiters[i].resolve(r.value) : g.waiters[i].reject(r.error)));
     } catch (err) {
+      // Waiters already answered keep their answer (a settled promise ignores reject).
       const e = err instanceof Error ? err : new Error(String(err));
       for (const w of g.waiters) w.reject(e);
-      return;
     }
-    out.forEach((r, i) => (r.ok ? g.waiters[i].resolve(r.value) : g.waiters[i].reject(r.error)));
   }
 }

@@ -91,6 +91,9 @@ local function alloc_one(ownerkey, events, owner, reqid, wanted, now, sid, size)
       return {-2, 'summary repaired'}
     end
   end
+  -- The one key of the call's own that is written: of another type, the writes below would stop half-way.
+  local ot = redis.call('TYPE', ownerkey).ok
+  if ot ~= 'zset' and ot ~= 'none' then return {-6, ot} end
   redis.call('SETBIT', KEYS[2], idx, 1)
   refresh_chunk(KEYS[2], KEYS[3], idx, size)
   redis.call('HSET', KEYS[4], idx, owner .. '\\n' .. reqid .. '\\n' .. now)
@@ -119,7 +122,8 @@ end
  *   {-3, idx} request id already used for another address, {-4} no
  *   allocation state under this name (the subnet was deleted, or its state
  *   is still under an earlier release's names: IpamStore moves it),
- *   {-5} wanted address is reserved.
+ *   {-5} wanted address is reserved, {-6, type} the owner's index (KEYS[7])
+ *   is of another Redis type (nothing written).
  */
 export const ALLOCATE = `${chunkHelpers}${LUA_ALLOC_ONE}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-4, ''} end

@@ -103,14 +103,18 @@ type GroupedAllocate = { s: SubnetRec } & AllocateItem;
  * before. Exported for the benchmark, which drives the store the same way.
  */
 export function allocationGroups(store: IpamStore): Coalescer<GroupedAllocate, { alloc: AllocRec; created: boolean }> {
+  const alone = (i: GroupedAllocate) =>
+    store.allocate(i.s, i.owner, i.requestId, i.wanted).then(
+      (value) => ({ ok: true as const, value }),
+      (error: Error) => ({ ok: false as const, error }),
+    );
   return new Coalescer(
+    // A group whose script failed (Redis down or timed out, or an error
+    // inside it, which may leave the items before it written) is run again
+    // call by call: each caller gets its own outcome, and a call already
+    // made is answered as a retry (the same owner and request id).
     (_subnetId, items) =>
-      items.length === 1
-        ? store.allocate(items[0].s, items[0].owner, items[0].requestId, items[0].wanted).then(
-            (value) => [{ ok: true as const, value }],
-            (error: Error) => [{ ok: false as const, error }],
-          )
-        : store.allocateMany(items[0].s, items),
+      items.length === 1 ? Promise.all([alone(items[0])]) : store.allocateMany(items[0].s, items).catch(() => Promise.all(items.map(alone))),
     MAX_ALLOCATE_MANY,
     (n) => allocateGroup.observe(n),
   );

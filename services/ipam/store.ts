@@ -688,10 +688,7 @@ export class IpamStore extends IpamReader {
       (x) => Number(x[0]) === -4,
     );
     const code = Number(r[0]);
-    if (code === -4) {
-      const gone = new NotFoundError("subnet", s.id, "it was deleted");
-      return items.map(() => ({ ok: false, error: gone }));
-    }
+    if (code === -4) return items.map(() => ({ ok: false, error: new NotFoundError("subnet", s.id, "it was deleted") }));
     if (code !== 1 || r.length !== 1 + 2 * items.length) throw new Error(`allocate script for ${items.length} calls returned ${code} with ${r.length} values`);
     return Promise.all(
       items.map(async (item, n) => {
@@ -734,6 +731,13 @@ export class IpamStore extends IpamReader {
           "address",
           `${addr(wanted)} is reserved in ${s.cidr} (network, gateway, ${s.extraReserved} extra, broadcast); ask for an address from ${addr(2 + s.extraReserved)} to ${addr(s.size - 2)}`,
         );
+      case -6: {
+        const key = K.owner(s.vpcId, owner);
+        reportInvalid(OWNER, "owner-index", key, `is a ${V.show(String(detail))}, not a sorted set`, undefined, { vpcId: s.vpcId });
+        throw new FailedPreconditionError(
+          `the owner index of ${owner} (${key}) is a Redis ${V.show(String(detail))}, not a sorted set; nothing was allocated. It is counted in microvpc_invalid_records: move it aside (RENAME) and retry`,
+        );
+      }
       default:
         throw new Error(`allocate script returned ${code}`);
     }

@@ -171,3 +171,28 @@ test("the service answers the Allocate calls of a subnet made in one turn with o
   assert.equal((await scriptCalls()) - b, 1);
   assert.equal(Number(await r.get(K.used(s1.vpcId, s1.id))), 42);
 });
+
+test("an owner index of another Redis type: that call alone is FAILED_PRECONDITION with nothing written, grouped or alone; the others of its group are allocated", async () => {
+  const ipam = new Ipam(store);
+  const s = await subnet();
+  const call = (owner: string) => ipam.ipamService.allocate({ subnetId: s.id, owner, requestId: "r", address: "" } as never, {} as never);
+  await call("warm"); // the subnet cache: index 4
+  await r.set(K.owner(s.vpcId, "vm-bad"), "not a sorted set");
+  const before = await scriptCalls();
+  const got = await Promise.allSettled(["vm-1", "vm-2", "vm-bad", "vm-3"].map(call));
+  assert.equal((await scriptCalls()) - before, 1);
+  const shown = got.map((g) =>
+    g.status === "fulfilled" ? `${g.value.created ? "created" : "retry"} ${g.value.allocation!.address}` : (g.reason as Error).name,
+  );
+  assert.deepEqual(shown, [`created ${intToIp(s.base + 5)}`, `created ${intToIp(s.base + 6)}`, "FailedPreconditionError", `created ${intToIp(s.base + 7)}`]);
+  assert.match(
+    (got[2] as PromiseRejectedResult).reason.message,
+    /owner index of vm-bad \(mvpc:\{vpc-[0-9a-f]+\}:owner:vm-bad\) is a Redis "string", not a sorted set; nothing was allocated/,
+  );
+  const again = await Promise.allSettled([call("vm-bad")]);
+  assert.equal(again[0].status, "rejected", "alone too");
+  const holders = Object.values(await r.hgetall(K.alloc(s.vpcId, s.id))).map((v) => v.split("\n")[0]);
+  assert.deepEqual(holders.sort(), ["vm-1", "vm-2", "vm-3", "warm"]);
+  assert.equal(Number(await r.get(K.used(s.vpcId, s.id))), 4);
+  assert.equal(await r.hexists(K.req(s.vpcId, s.id), "vm-bad\nr"), 0);
+});

@@ -86,3 +86,31 @@ test("run rejecting, or answering the wrong number of items, fails every caller 
 test("max below 1 is refused", () => {
   assert.throws(() => new Coalescer(async () => [], 0), /max 0 < 1/);
 });
+
+test("IPAM's groups (allocationGroups): a group whose script fails is run again call by call, each caller with its own outcome; a lone call is never grouped", async () => {
+  const { allocationGroups } = await import("../../services/ipam/service.js");
+  const many: number[] = [];
+  const alone: string[] = [];
+  const fake = {
+    allocateMany: async (_s: unknown, items: unknown[]) => {
+      many.push(items.length);
+      throw new Error("Command timed out");
+    },
+    allocate: async (_s: unknown, owner: string) => {
+      alone.push(owner);
+      if (owner === "vm-2") throw new Error("vm-2's own failure");
+      return { alloc: { owner }, created: owner !== "vm-1" };
+    },
+  };
+  const g = allocationGroups(fake as never);
+  const s = { id: "sn-000000000001" } as never;
+  const got = await Promise.allSettled(["vm-1", "vm-2", "vm-3"].map((owner) => g.add("sn-000000000001", { s, owner, requestId: "r", wanted: -1 })));
+  assert.deepEqual(many, [3]);
+  assert.deepEqual(alone, ["vm-1", "vm-2", "vm-3"]);
+  assert.deepEqual(
+    got.map((x) => (x.status === "fulfilled" ? `${(x.value.alloc as { owner: string }).owner} ${x.value.created}` : (x.reason as Error).message)),
+    ["vm-1 false", "vm-2's own failure", "vm-3 true"],
+  );
+  await g.add("sn-000000000001", { s, owner: "vm-4", requestId: "r", wanted: -1 });
+  assert.deepEqual(many, [3], "one call: ALLOCATE, not ALLOCATE_MANY");
+});
