@@ -1135,6 +1135,10 @@ async function measureAndReport(): Promise<number> {
     const g = tput["grpc-shared"][64];
     v.push(infoRow("gRPC Allocate vs that floor, 64 clients, shared", g, fl, "floor"));
   }
+  // The baseline is the script a call; the same grouping done straight on Redis is faster still: shown beside it.
+  const together = tput["raw-together"][64];
+  const frames64 = tput["grpc-frames"][64];
+  if (together && frames64) v.push(infoRow("gRPC Allocate vs the store answering together, 64 frames", frames64, together, "together@64"));
   const ceil = tput["grpc-ceiling"][64];
   if (ceil) {
     const raw = tput.raw[64];

@@ -114,7 +114,14 @@ export class RawH2Connection {
         if (!settled) reject(e);
         c.fail(e);
       });
-      sock.on("close", () => c.fail(new Error(`h2-raw: connection to ${address} closed`)));
+      sock.on("close", () => {
+        const e = new Error(`h2-raw: connection to ${address} closed${settled ? "" : " before the server's SETTINGS"}`);
+        if (!settled) {
+          settled = true;
+          reject(e);
+        }
+        c.fail(e);
+      });
       sock.on("data", (d: Buffer) => {
         c.read(d);
         if (!settled && c.gotSettings) {
