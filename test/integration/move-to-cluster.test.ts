@@ -206,7 +206,17 @@ describe("microvpcd move-to-cluster", () => {
 
       daemons = await h.hostServices(0, { vmm: true, driftMs: 3000 });
       const c = clients();
-      assert.deepEqual(await views(), before, "every API answers what it answered on one Redis");
+      // A restarted netagent publishes its host record at once and the VPCs it serves with the next
+      // renewal of its lease (every 5 s, overlay/sync.ts refreshMs): ListHosts may show none until then.
+      let now = await views();
+      for (
+        const until = Date.now() + 15_000;
+        JSON.stringify((now as { hosts: unknown }).hosts) !== JSON.stringify((before as { hosts: unknown }).hosts) && Date.now() < until;
+      ) {
+        await new Promise((r) => setTimeout(r, 250));
+        now = await views();
+      }
+      assert.deepEqual(now, before, "every API answers what it answered on one Redis");
       // The VMs' rules hold on the cluster: ICMP and :80 from the group's range allowed, :22 denied.
       const icmp = await c.vmm.testConnectivity({ source: "a", vpc: "app", target: "b", protocol: Protocol.ICMP });
       assert.equal(icmp.result, ConnectivityResult.REACHABLE, "a → b allowed by the web group");
