@@ -13,6 +13,7 @@ import { K } from "../../services/ipam/keys.js";
 import { ALLOCATE, ALLOCATE_MANY, MAX_ALLOCATE_MANY } from "../../services/ipam/scripts.js";
 import { Ipam } from "../../services/ipam/service.js";
 import { IpamStore, type SubnetRec } from "../../services/ipam/store.js";
+import { subnetSpec, vpcSpec } from "../lib/ipam-specs.js";
 import { connectReady, startRedis, type TestRedis } from "../lib/redis.js";
 
 let redis: TestRedis;
@@ -25,10 +26,7 @@ beforeAll(async () => {
   redis = await startRedis();
   r = await connectReady({ url: redis.url });
   store = new IpamStore(r);
-  const { vpc } = await store.createVpc(
-    { name: "together", cidr: "10.62.0.0/16", base: ipToInt("10.62.0.0"), prefix: 16, description: "", labels: [], publicCidr: false },
-    "",
-  );
+  const { vpc } = await store.createVpc(vpcSpec("together", "10.62.0.0/16"), "");
   vpcId = vpc.id;
   // Loaded now, so that a first call is one EVALSHA (not a NOSCRIPT and an EVAL) in the counts below.
   for (const lua of [ALLOCATE, ALLOCATE_MANY]) await r.script("LOAD", lua);
@@ -41,13 +39,8 @@ afterAll(async () => {
 
 /** A new subnet of the VPC: a /24 (5 reserved: network, gateway, 2 extra, broadcast), or a /28 for `small`. */
 async function subnet(small = false): Promise<SubnetRec> {
-  const base = ipToInt("10.62.0.0") + 256 * ++n;
-  const [prefix, size] = small ? [28, 16] : [24, 256];
-  const { subnet: s } = await store.createSubnet(
-    { vpcId, name: `s${n}`, cidr: `${intToIp(base)}/${prefix}`, base, prefix, size, type: "private", extraReserved: 2, description: "", labels: [] },
-    "",
-  );
-  return s;
+  const cidr = `${intToIp(ipToInt("10.62.0.0") + 256 * ++n)}/${small ? 28 : 24}`;
+  return (await store.createSubnet({ ...subnetSpec(vpcId, `s${n}`, cidr), extraReserved: 2 }, "")).subnet;
 }
 
 /** Scripts Redis has run so far (EVALSHA and EVAL, from INFO commandstats). */
