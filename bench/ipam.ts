@@ -619,23 +619,17 @@ async function measureAndReport(): Promise<number> {
   const ceilingFrames = await rawH2Connections(ce0.address, LEAN_CONNECTIONS);
   framesConns = [...frames, ...ceilingFrames];
   const ALLOCATE_PATH = `/${IpamService.typeName}/${IpamService.method.allocate.name}`;
-  const leanOp =
-    (sessions: typeof lean): OpFactory =>
+  /** Allocate over a hand-framed unary call (`call`: the lean or the frames client), each call a new owner and request id. */
+  const framedAllocateOp =
+    (call: (w: number, framed: Buffer) => Promise<Buffer>): OpFactory =>
     (s) =>
     async (w, seq) => {
       const req = toBinary(AllocateRequestSchema, create(AllocateRequestSchema, { subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` }));
-      const res = fromBinary(AllocateResponseSchema, await unaryCall(sessions[w % sessions.length], ALLOCATE_PATH, grpcFrame(req)));
+      const res = fromBinary(AllocateResponseSchema, await call(w, grpcFrame(req)));
       if (!res.created) throw new Error(`Allocate vm-${seq}/req-${seq} did not allocate`);
     };
-  const grpcLeanOp = leanOp(lean);
-  const framesOp =
-    (conns: RawH2Connection[]): OpFactory =>
-    (s) =>
-    async (w, seq) => {
-      const req = toBinary(AllocateRequestSchema, create(AllocateRequestSchema, { subnetId: s.id, owner: `vm-${seq}`, requestId: `req-${seq}` }));
-      const res = fromBinary(AllocateResponseSchema, await conns[w % conns.length].call(ALLOCATE_PATH, grpcFrame(req)));
-      if (!res.created) throw new Error(`Allocate vm-${seq}/req-${seq} did not allocate`);
-    };
+  const grpcLeanOp = framedAllocateOp((w, framed) => unaryCall(lean[w % lean.length], ALLOCATE_PATH, framed));
+  const framesOp = (conns: RawH2Connection[]) => framedAllocateOp((w, framed) => conns[w % conns.length].call(ALLOCATE_PATH, framed));
   const grpcFramesOp = framesOp(frames);
   const ceilingOp = framesOp(ceilingFrames);
   const floor = grpcClient(Health, grpcTransport({ address: floorAddress }));

@@ -20,6 +20,7 @@
 // send windows are kept (a call waits for the connection's window to carry
 // its DATA frame). No deadlines, no retries, no TLS: benchmarks only.
 import { connect, type Socket } from "node:net";
+import { grpcMessage } from "./h2-unary.js";
 
 const PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "latin1");
 const DATA = 0x0;
@@ -255,9 +256,9 @@ export class RawH2Connection {
     this.calls.delete(stream);
     const body = c.chunks.length === 1 ? c.chunks[0] : Buffer.concat(c.chunks);
     if (body.length === 0) return c.reject(new Error(`h2-raw: stream ${stream} ended without a message: the call failed (a gRPC error is trailers only)`));
-    if (body.length < 5 || body[0] !== 0 || body.readUInt32BE(1) !== body.length - 5)
-      return c.reject(new Error(`h2-raw: stream ${stream}: not one uncompressed gRPC message (${body.length} bytes)`));
-    c.resolve(body.subarray(5));
+    const message = grpcMessage(body);
+    if (!message) return c.reject(new Error(`h2-raw: stream ${stream}: not one uncompressed gRPC message (${body.length} bytes)`));
+    c.resolve(message);
   }
 }
 

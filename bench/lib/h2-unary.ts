@@ -31,6 +31,11 @@ export function grpcFrame(message: Uint8Array): Buffer {
   return b;
 }
 
+/** The message of a body that is exactly one uncompressed gRPC message (5-byte prefix), or undefined. */
+export function grpcMessage(body: Buffer): Buffer | undefined {
+  return body.length >= 5 && body[0] === 0 && body.readUInt32BE(1) === body.length - 5 ? body.subarray(5) : undefined;
+}
+
 /**
  * One unary call: resolves with the response message (unframed), rejects with
  * the grpc-status and grpc-message of a failure, or a transport error.
@@ -57,9 +62,9 @@ export function unaryCall(session: http2.ClientHttp2Session, path: string, frame
     req.on("close", () => {
       if (status !== "0") return reject(new Error(`grpc-status ${status ?? "(none)"}: ${decodeURIComponent(message)}`));
       const body = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
-      if (body.length < 5 || body[0] !== 0 || body.readUInt32BE(1) !== body.length - 5)
-        return reject(new Error(`not one uncompressed gRPC message (${body.length} bytes)`));
-      resolve(body.subarray(5));
+      const answer = grpcMessage(body);
+      if (!answer) return reject(new Error(`not one uncompressed gRPC message (${body.length} bytes)`));
+      resolve(answer);
     });
     req.end(framedRequest);
   });
