@@ -1,8 +1,11 @@
-// The RPC floor of a daemon (`npm run bench:rpc`; not a timed test): unary
-// grpc.health.v1.Health/Check calls per second under load against a real
-// `microvpcd ipam` (compiled, dist/; @grpc/grpc-js through
-// services/common/grpc-adapter.ts, with the request id, metrics, health's
-// shared readiness: at most one Redis PING a second), against a bare
+// The RPC floor of each daemon (`npm run bench:rpc`; not a timed test): unary
+// grpc.health.v1.Health/Check calls per second under load against every
+// real `microvpcd` service of a hypervisor, started as a hypervisor runs them
+// (test/lib/harness.ts: ipam, the host's netagent, firewall, gateway and the
+// vmm wired to them, in the run's own namespaces; compiled, dist/;
+// @grpc/grpc-js through services/common/grpc-adapter.ts, with the request
+// id, metrics, health's shared readiness: at most one Redis PING a second;
+// the others idle beside the one under load), against a bare
 // node:http2 server answering the same bytes (HealthCheckResponse{SERVING},
 // gRPC-framed, grpc-status 0): what Node's HTTP/2 alone costs. Between the two,
 // a bare @grpc/grpc-js server with a handler that returns the prebuilt bytes
@@ -23,11 +26,13 @@
 // disturbs far less than calls/s.
 //
 // Every process is spawned by the bench and ended by PID; only 127.0.0.1
-// is used; no namespaces. About 1 minute.
+// is used; the harness's namespaces (needs root) are removed at the end, also
+// on failure. About 3½ minutes.
 //
 // Options (after `npm run bench:rpc --`): --rounds N (default 5),
 // --seconds S (default 4), --connections N (default 4), --streams N
-// (default 64), --client node|h2load (default: h2load if installed).
+// (default 64), --client node|h2load (default: h2load if installed),
+// --daemons ipam,netagent,firewall,gateway,vmm (default: all five).
 // --smoke: 1 round of 1 s, no warm-up (bench/lib/run.ts).
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -35,12 +40,17 @@ import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { ROOT, shebangNodeFlags, startDaemon, type Daemon } from "../test/lib/daemon.js";
-import { freePort, startRedis, type TestRedis } from "../test/lib/redis.js";
+import { Harness } from "../test/lib/harness.js";
+import { freePort } from "../test/lib/redis.js";
 import { cpuUs, machineEnv } from "./lib/cpu.js";
 import { h2Sessions, unaryCall } from "./lib/h2-unary.js";
 import { check, heading, num, resultsFile, spr, table, verdictTable, writeJson, type Verdict } from "./lib/report.js";
 import { benchArgs, benchClock, intOpt, pick, runBench } from "./lib/run.js";
 import { interleaved, spread, type BenchCase } from "./lib/stats.js";
+
+/** Every daemon a hypervisor runs, in the order they are shown. */
+const DAEMONS = ["ipam", "netagent", "firewall", "gateway", "vmm"] as const;
+type DaemonName = (typeof DAEMONS)[number];
 
 const opt = benchArgs(
   {
@@ -49,6 +59,7 @@ const opt = benchArgs(
     connections: { type: "string", default: "4" },
     streams: { type: "string", default: "64" },
     client: { type: "string", default: "" },
+    daemons: { type: "string", default: DAEMONS.join(",") },
   },
   { rounds: "1", seconds: "1" },
 );
@@ -57,7 +68,7 @@ const SECONDS = intOpt("seconds", opt.seconds, 2, 60);
 const CONNECTIONS = intOpt("connections", opt.connections, 1, 64);
 const STREAMS = intOpt("streams", opt.streams, CONNECTIONS, 4096);
 const WARMUP = pick(1, 0);
-const HARD_LIMIT_MS = 300_000;
+const HARD_LIMIT_MS = 480_000;
 const TARGET = 0.5;
 
 function hasH2load(): boolean {
@@ -70,6 +81,14 @@ function hasH2load(): boolean {
 }
 const CLIENT = String(opt.client || (hasH2load() ? "h2load" : "node"));
 if (CLIENT !== "node" && CLIENT !== "h2load") throw new Error(`--client ${CLIENT}: node or h2load`);
+const CHOSEN = String(opt.daemons)
+  .split(",")
+  .filter(Boolean)
+  .map((d) => {
+    if (!(DAEMONS as readonly string[]).includes(d)) throw new Error(`--daemons: ${d} is not one of ${DAEMONS.join(", ")}`);
+    return d as DaemonName;
+  });
+if (CHOSEN.length === 0) throw new Error(`--daemons: name at least one of ${DAEMONS.join(", ")}`);
 
 const { progress } = benchClock(HARD_LIMIT_MS);
 
@@ -187,10 +206,19 @@ async function measure(port: number, pid: number): Promise<Run> {
   return { callsPerSec: (r.ok / r.elapsedMs) * 1000, errors: r.errors, cpuMsPer1k: (cpuMs / r.ok) * 1000 };
 }
 
-let redis: TestRedis | undefined;
-let daemon: Daemon | undefined;
+let h: Harness | undefined;
+const daemons = new Map<DaemonName, Daemon>();
 let bare: ChildProcess | undefined;
 let bareGrpc: ChildProcess | undefined;
+
+/** The daemons of one hypervisor, as it runs them; only those --daemons names are measured. */
+async function startDaemons(): Promise<void> {
+  h = await Harness.start({ hosts: 1 });
+  const hv = h.hosts[0];
+  const { fwd, gwd, vmmd } = await h.hostServices(hv, { vmm: true });
+  const all: Record<DaemonName, Daemon> = { ipam: h.ipamDaemon, netagent: hv.daemon, firewall: fwd, gateway: gwd, vmm: vmmd! };
+  for (const d of CHOSEN) daemons.set(d, all[d]);
+}
 
 /** A baseline server as its own process: `source` run by node -e (from the repo, so that it finds @grpc/grpc-js). */
 async function startBare(source: string, nodeFlags: string[] = []): Promise<{ proc: ChildProcess; port: number }> {
@@ -205,34 +233,29 @@ async function startBare(source: string, nodeFlags: string[] = []): Promise<{ pr
 
 async function main(): Promise<number> {
   const env = machineEnv();
-  progress(`client: ${CLIENT}; ${ROUNDS} round(s) of ${SECONDS} s, ${STREAMS} calls in flight over ${CONNECTIONS} connection(s)`);
-  redis = await startRedis({ persistence: false });
-  daemon = await startDaemon("ipam", ["--redis", redis.url]);
+  progress(`client: ${CLIENT}; ${ROUNDS} round(s) of ${SECONDS} s, ${STREAMS} calls in flight over ${CONNECTIONS} connection(s); daemons ${CHOSEN.join(", ")}`);
+  await startDaemons();
   const b = await startBare(BARE);
   bare = b.proc;
   const g = await startBare(BARE_GRPC, shebangNodeFlags(join(ROOT, "bin", "microvpcd.js")));
   bareGrpc = g.proc;
   const cases: BenchCase<Run>[] = [
-    { name: "daemon", run: () => measure(daemon!.port, daemon!.proc.pid!) },
+    ...[...daemons].map(([name, d]) => ({ name, run: () => measure(d.port, d.proc.pid!) })),
     { name: "grpc", run: () => measure(g.port, g.proc.pid!) },
     { name: "bare", run: () => measure(b.port, b.proc.pid!) },
   ];
   const runs = await interleaved(cases, { rounds: ROUNDS, warmupRounds: WARMUP });
-  const d = runs.get("daemon")!;
   const base = runs.get("bare")!;
   const lib = runs.get("grpc")!;
-  const ratios = d.map((r, i) => r.callsPerSec / base[i].callsPerSec);
-  const libRatios = lib.map((r, i) => r.callsPerSec / base[i].callsPerSec);
-  const s = {
-    daemon: spread(d.map((r) => r.callsPerSec)),
-    bare: spread(base.map((r) => r.callsPerSec)),
-    ratio: spread(ratios),
-    grpc: spread(lib.map((r) => r.callsPerSec)),
-    grpcRatio: spread(libRatios),
-    daemonCpu: spread(d.map((r) => r.cpuMsPer1k)),
-    grpcCpu: spread(lib.map((r) => r.cpuMsPer1k)),
-    bareCpu: spread(base.map((r) => r.cpuMsPer1k)),
+  const errors = (rs: Run[]) => String(rs.reduce((a, r) => a + r.errors, 0));
+  /** A target's figures beside the bare node:http2 server's of the same rounds. */
+  const against = (rs: Run[]) => {
+    const ratios = rs.map((r, i) => r.callsPerSec / base[i].callsPerSec);
+    return { calls: spread(rs.map((r) => r.callsPerSec)), cpu: spread(rs.map((r) => r.cpuMsPer1k)), ratios, ratio: spread(ratios) };
   };
+  const per = new Map([...daemons.keys()].map((n) => [n, against(runs.get(n)!)]));
+  const libS = against(lib);
+  const bareS = { calls: spread(base.map((r) => r.callsPerSec)), cpu: spread(base.map((r) => r.cpuMsPer1k)) };
   const p = (x: string) => process.stdout.write(x + "\n");
   p(heading("RPC floor: unary grpc.health.v1.Health/Check under load"));
   p(
@@ -245,42 +268,44 @@ async function main(): Promise<number> {
     table(
       ["target", "calls/s median (min–max)", "server CPU ms / 1000 calls", "errors"],
       [
-        ["microvpcd ipam (grpc-js)", spr(s.daemon), spr(s.daemonCpu, (x) => num(x, 1)), String(d.reduce((a, r) => a + r.errors, 0))],
-        ["bare @grpc/grpc-js", spr(s.grpc), spr(s.grpcCpu, (x) => num(x, 1)), String(lib.reduce((a, r) => a + r.errors, 0))],
-        ["bare node:http2", spr(s.bare), spr(s.bareCpu, (x) => num(x, 1)), String(base.reduce((a, r) => a + r.errors, 0))],
+        ...[...per].map(([n, x]) => [`microvpcd ${n} (grpc-js)`, spr(x.calls), spr(x.cpu, (v) => num(v, 1)), errors(runs.get(n)!)]),
+        ["bare @grpc/grpc-js", spr(libS.calls), spr(libS.cpu, (v) => num(v, 1)), errors(lib)],
+        ["bare node:http2", spr(bareS.calls), spr(bareS.cpu, (v) => num(v, 1)), errors(base)],
       ],
     ),
   );
-  p(`per-round ratios daemon/bare: ${ratios.map((r) => r.toFixed(2)).join(" ")}; bare grpc-js/bare: ${libRatios.map((r) => r.toFixed(2)).join(" ")}`);
+  p(`per-round ratios vs bare node:http2:`);
+  for (const [n, x] of [...per, ["bare grpc-js", libS] as const]) p(`  ${n.padEnd(12)} ${x.ratios.map((r) => r.toFixed(2)).join(" ")}`);
   p(
-    `server CPU per call: grpc-js itself adds ${num(s.grpcCpu.median - s.bareCpu.median, 1)} µs to node:http2's ${num(s.bareCpu.median, 1)} µs; ` +
-      `microvpcd (protobuf-es, the adapter, request id, trace scope, metrics, two response headers, health's readiness) adds ${num(s.daemonCpu.median - s.grpcCpu.median, 1)} µs more.`,
+    `server CPU per call: grpc-js itself adds ${num(libS.cpu.median - bareS.cpu.median, 1)} µs to node:http2's ${num(bareS.cpu.median, 1)} µs; ` +
+      `each daemon (protobuf-es, the adapter, request id, trace scope, metrics, two response headers, health's readiness, ` +
+      `and whatever else it runs meanwhile) adds ${[...per].map(([n, x]) => `${n} ${num(x.cpu.median - libS.cpu.median, 1)}`).join(", ")} µs more.`,
   );
-  const v: Verdict = {
-    measure: "Health/Check calls/s, daemon vs bare node:http2",
-    value: `${num(s.daemon.median)}/s`,
-    baseline: `${num(s.bare.median)}/s bare`,
-    ratio: s.ratio.median,
-    ...check(s.ratio.median, { min: TARGET }),
-  };
-  // On a shared machine calls/s follow whoever else runs; CPU per call does not.
-  const cpu: Verdict = {
-    measure: "server CPU per call, bare / daemon (info)",
-    value: `${num(s.daemonCpu.median, 1)} µs daemon`,
-    baseline: `${num(s.bareCpu.median, 1)} µs bare`,
-    ratio: s.bareCpu.median / s.daemonCpu.median,
-    target: "",
-  };
+  const verdicts: Verdict[] = [...per].map(([n, x]) => ({
+    measure: `Health/Check calls/s, ${n} vs bare node:http2`,
+    value: `${num(x.calls.median)}/s`,
+    baseline: `${num(bareS.calls.median)}/s bare`,
+    ratio: x.ratio.median,
+    ...check(x.ratio.median, { min: TARGET }),
+  }));
   // The library's own ratio: the most any daemon served by grpc-js could reach here.
   const libV: Verdict = {
     measure: "  bare @grpc/grpc-js vs bare node:http2 (info)",
-    value: `${num(s.grpc.median)}/s`,
-    baseline: `${num(s.bare.median)}/s bare`,
-    ratio: s.grpcRatio.median,
+    value: `${num(libS.calls.median)}/s`,
+    baseline: `${num(bareS.calls.median)}/s bare`,
+    ratio: libS.ratio.median,
     target: "",
   };
+  // On a shared machine calls/s follow whoever else runs; CPU per call does not.
+  const cpu: Verdict[] = [...per].map(([n, x]) => ({
+    measure: `  server CPU per call, bare / ${n} (info)`,
+    value: `${num(x.cpu.median, 1)} µs`,
+    baseline: `${num(bareS.cpu.median, 1)} µs bare`,
+    ratio: bareS.cpu.median / x.cpu.median,
+    target: "",
+  }));
   p(heading("Verdict"));
-  p(verdictTable([v, libV, cpu]));
+  p(verdictTable([...verdicts, libV, ...cpu]));
   const file = resultsFile("rpc");
   writeJson(file, {
     env,
@@ -290,23 +315,33 @@ async function main(): Promise<number> {
     connections: CONNECTIONS,
     streams: STREAMS,
     runs: Object.fromEntries(runs),
-    summary: s,
-    verdict: v,
+    summary: { daemons: Object.fromEntries(per), grpc: libS, bare: bareS },
+    verdicts,
     library: libV,
+    cpu,
   });
   p(`figures written to ${file}`);
-  return 0;
+  await stopBare();
+  const left = await h!.close();
+  const rootDiff = await h!.rootChanges();
+  if (left.length) p(`namespaces of the run left: ${left.join(" ")}`);
+  if (rootDiff.length) p(`the root namespace changed during the run:\n${rootDiff.join("\n")}`);
+  return left.length || rootDiff.length ? 2 : 0;
 }
 
-async function cleanup(): Promise<void> {
+async function stopBare(): Promise<void> {
   for (const p of [bare, bareGrpc]) {
     if (!p || p.exitCode !== null) continue;
     const exited = new Promise((r) => p.once("exit", r));
     p.kill("SIGTERM");
     await exited;
   }
-  await daemon?.stop();
-  await redis?.stop();
+}
+
+/** Also on failure: the bare servers by PID, the daemons, Redis and the run's namespaces (Harness.close is idempotent). */
+async function cleanup(): Promise<void> {
+  await stopBare();
+  await h?.close();
 }
 
 runBench(
@@ -321,5 +356,5 @@ runBench(
         throw err;
       },
     ),
-  () => [["ipam", daemon]],
+  () => [...daemons],
 );

@@ -32,7 +32,12 @@ const BENCHES: Record<string, RegExp[]> = {
   dns: [/^resolver \/ bare: /m, /^ +\d+ vs \d+ records: /m, /^figures written to /m],
   overlay: [/^Verdict$/m, /^figures written to /m],
   startup: [/^Verdict$/m, /^figures written to /m],
-  rpc: [/^Verdict$/m, /^per-round ratios daemon\/bare: /m, /^server CPU per call: grpc-js itself adds /m, /^figures written to /m],
+  rpc: [
+    /^Verdict$/m,
+    ...["ipam", "netagent", "firewall", "gateway", "vmm"].map((d) => new RegExp(`^Health/Check calls/s, ${d} vs bare node:http2 `, "m")),
+    /^server CPU per call: grpc-js itself adds /m,
+    /^figures written to /m,
+  ],
   conntrack: [/^Verdict$/m, /^figures written to /m],
   exec: [/^execFile +wall /m, /^execa +wall /m, /^run\(\) +wall /m],
   move: [/^Verdict$/m, /^move of \d+ VMs/m, /^figures written to /m],
