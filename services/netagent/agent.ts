@@ -102,7 +102,7 @@ export class Agent {
   /** True once the desired state was read from Redis (orphans are only removed then). */
   loaded = false;
   /** The WireGuard overlay, when enabled (--overlay). */
-  overlay?: { syncAll(full?: boolean): Promise<void>; teardown(vpcId: string): Promise<void>; forgetBridges(vpcId: string): void };
+  overlay?: { syncAll(full?: boolean): Promise<void>; teardown(vpcId: string): Promise<void>; forgetBridges(vpcId: string): void; noteVpcs(): void };
   /** VPC peering (services/netagent/peering.ts). */
   peering?: AgentPeering;
   /**
@@ -258,6 +258,7 @@ export class Agent {
         if (this.version === before) {
           this.desired = desired;
           this.loaded = true;
+          this.overlay?.noteVpcs();
           break;
         }
         if (attempt === 5) {
@@ -371,5 +372,6 @@ export class Agent {
 
   rememberVpc(v: VpcSpec): void {
     this.desired.vpcs.set(v.vpcId, v);
+    this.overlay?.noteVpcs();
   }
 }

@@ -512,6 +512,7 @@ export class NetAgent {
         const existed = this.agent.desired.vpcs.has(id);
         await this.agent.store.delVpc(id);
         this.agent.desired.vpcs.delete(id);
+        this.opts.overlay?.noteVpcs();
         await this.opts.overlay?.teardown(id);
         const ns = this.agent.nsOf(id);
         // The NICs' marks out (and their flows cleared again) before the namespace goes.

@@ -206,8 +206,8 @@ describe("microvpcd move-to-cluster", () => {
 
       daemons = await h.hostServices(0, { vmm: true, driftMs: 3000 });
       const c = clients();
-      // A restarted netagent publishes its host record at once and the VPCs it serves with the next
-      // renewal of its lease (every 5 s, overlay/sync.ts refreshMs): ListHosts may show none until then.
+      // A restarted netagent publishes its host record at once, and again with the VPCs it serves once its
+      // first pass has read them (overlay/sync.ts, noteVpcs): ListHosts may show none for that moment.
       let now = await views();
       for (
         const until = Date.now() + 15_000;

@@ -422,6 +422,13 @@ describe("hosts leaving and coming back", () => {
     );
     const { host } = await hv[0].agent.getHost({ ref: gone.id });
     assert.notEqual(host!.publicKey, oldKey, "a new key after the key file was deleted");
+    // Its record lists the VPCs it holds once its first pass has read them (start() returns then), not at the
+    // next lease renewal 5 s later (which is how it was: ListHosts showed a returned host with no VPCs).
+    const vpcsListed = async () => {
+      const ids = (await hv[0].agent.getHost({ ref: gone.id })).host?.vpcIds ?? [];
+      return ids.includes(vpcA.id) && ids.includes(vpcB.id);
+    };
+    assert.ok(await waitFor(vpcsListed, { timeoutMs: 1000, intervalMs: 50 }), `${gone.id}'s record lists ${vpcA.id} and ${vpcB.id} within 1 s of its start`);
     assert.ok(await meshUp(a, 15_000), "mesh with the returned host");
     assert.ok(await meshUp(b, 15_000), "VPC B too");
   });

@@ -189,8 +189,31 @@ export class Overlay {
   }
 
   /** Renews the lease; announces the host when the record was missing or changed key. */
-  publish(kind?: string): Promise<void> {
-    return this.registry.publish(this.record(), this.leaseMs, kind);
+  async publish(kind?: string): Promise<void> {
+    const rec = this.record();
+    await this.registry.publish(rec, this.leaseMs, kind);
+    this.publishedVpcs = rec.vpcIds.join(",");
+    // The VPCs changed while it was on its way (a first pass racing the first publish).
+    if (this.record().vpcIds.join(",") !== this.publishedVpcs) this.noteVpcs();
+  }
+
+  /** The VPCs the record last published listed (null: not published since start()). */
+  private publishedVpcs: string | null = null;
+  private republishing: Promise<void> = Promise.resolve();
+
+  /**
+   * The VPCs this host holds changed (its first pass after a start, a VPC
+   * made or removed here): the record is published again at once when the
+   * list it carries differs, so ListHosts/GetHost show them now rather than
+   * at the next lease renewal (refreshMs). One at a time; a failure is left
+   * to that renewal.
+   */
+  noteVpcs(): void {
+    if (this.stopped || this.publishedVpcs === null) return;
+    this.republishing = this.republishing.then(async () => {
+      if (this.stopped || this.record().vpcIds.join(",") === this.publishedVpcs) return;
+      await this.publish().catch((err: Error) => this.log.debug({ err: err.message }, "cannot publish the host record's VPCs; the lease renewal will"));
+    });
   }
 
   start(): void {
