@@ -39,7 +39,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { ROOT, shebangNodeFlags, startDaemon, type Daemon } from "../test/lib/daemon.js";
+import { ROOT, shebangNodeFlags, type Daemon } from "../test/lib/daemon.js";
 import { Harness } from "../test/lib/harness.js";
 import { freePort } from "../test/lib/redis.js";
 import { cpuUs, machineEnv } from "./lib/cpu.js";
