@@ -37,13 +37,15 @@ import { metricsRegistry } from "./metrics.js";
 import { closeOnExec, inNamedNetns, InProcessLibrary, type Libc } from "./ns-syscalls.js";
 import { onPool } from "./rtnl.js";
 
-/** One conntrack entry: the original direction's tuple (ports 0 for protocols without them). */
+/** One conntrack entry: the original direction's tuple (ports 0 for protocols without them), and its mark where the reader gives it. */
 export interface CtEntry {
   proto: string;
   src: string;
   dst: string;
   sport: number;
   dport: number;
+  /** The connection mark (the in-process dump always gives it; `conntrack -L` lines when they print one). */
+  mark?: number;
 }
 
 const CONNTRACK = 1; // NFNL_SUBSYS_CTNETLINK
@@ -60,6 +62,7 @@ const ATTR_ORIG_IPV4_DST = 1;
 const ATTR_ORIG_PORT_SRC = 8;
 const ATTR_ORIG_PORT_DST = 9;
 const ATTR_ORIG_L4PROTO = 17;
+const ATTR_MARK = 25;
 const AF_INET = 2;
 const ENOENT = 2;
 /** Protocol numbers as `conntrack -L` names them; the ones with ports. */
@@ -149,6 +152,7 @@ function entryOf(l: Lib, ct: unknown): CtEntry {
     dst: ipv4(l.u32(ct, ATTR_ORIG_IPV4_DST) as number),
     sport: ports ? ntohs(l.u16(ct, ATTR_ORIG_PORT_SRC) as number) : 0,
     dport: ports ? ntohs(l.u16(ct, ATTR_ORIG_PORT_DST) as number) : 0,
+    mark: (l.u32(ct, ATTR_MARK) as number) >>> 0,
   };
 }
 

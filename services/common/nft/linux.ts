@@ -43,7 +43,8 @@ export function parseConntrack(text: string): CtEntry[] {
   for (const line of text.split("\n")) {
     const m = /^(\w+)\s+\d+\s.*?src=(\S+) dst=(\S+)(?: sport=(\d+) dport=(\d+))?/.exec(line.trim());
     if (!m) continue;
-    out.push({ proto: m[1], src: m[2], dst: m[3], sport: Number(m[4] ?? 0), dport: Number(m[5] ?? 0) });
+    const mark = / mark=(\d+)/.exec(line);
+    out.push({ proto: m[1], src: m[2], dst: m[3], sport: Number(m[4] ?? 0), dport: Number(m[5] ?? 0), ...(mark ? { mark: Number(mark[1]) } : {}) });
   }
   return out;
 }
