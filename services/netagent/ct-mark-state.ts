@@ -31,6 +31,14 @@
 // detach and its retire) is found in the table: a reconcile pass removes it
 // as an orphan and clears its flows, and a new NIC of its address, if it
 // comes first, has them cleared before it is handed the mark.
+//
+// A new NIC's mark comes with its check (ct-marks.ts): flows that began
+// while its address was no NIC of this host are dropped from then on, and
+// counted. A reconcile pass that finds a check's count grown deletes them
+// (one dump of the namespace's table for all such NICs): the same 5-tuple
+// can then start again as a new flow, which the NIC's groups judge. The
+// dump walks the host's whole conntrack hash (common/conntrack.ts), so it
+// runs only where a stale flow did send something, never on an attach.
 import type { Logger } from "pino";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
@@ -40,7 +48,7 @@ import { addTx, CT_TABLE, delTx, freeIndex, parseListing, planMarks, tableTx, ty
 
 const cleared = new Counter({
   name: "microvpc_netagent_nic_flows_cleared_total",
-  help: "Conntrack entries of detached NICs cleared by their mark or address (by mark: the namespace's table shrinking meanwhile, an approximation), by when: retire (the mark out of the table, after DetachNic answered), takeover (before the next NIC of the address got the mark), orphan (a mark left without its NIC, found by a reconcile pass or a new NIC of its address).",
+  help: "Conntrack entries of NICs cleared by their mark or address (by mark: the namespace's table shrinking meanwhile, an approximation), by when: retire (the mark out of the table, after DetachNic answered), takeover (before the next NIC of the address got the mark), orphan (a mark left without its NIC, found by a reconcile pass or a new NIC of its address), stale (flows that began while a NIC's address was no NIC of this host, which its check dropped; deleted by the next reconcile pass).",
   labelNames: ["when"],
   registers: [metricsRegistry],
 });
@@ -72,6 +80,8 @@ export class CtMarks {
   private readonly retiring = new Map<string, Map<string, Retiring>>();
   /** Namespace → the timer that takes its retiring marks out. */
   private readonly flushTimers = new Map<string, NodeJS.Timeout>();
+  /** Namespace → "address/index" → the packets its check had dropped at the last reconcile pass. */
+  private readonly dropsSeen = new Map<string, Map<string, number>>();
 
   constructor(
     private readonly kernel: Kernel,
@@ -255,15 +265,46 @@ export class CtMarks {
     // An orphan's NIC is gone, and so must its flows be before its address has another NIC.
     for (const m of plan.removed) cleared.inc({ when: "orphan" }, await this.kernel.clearNic(ns, m.address, m.adopted ? null : m.index));
     const changes: string[] = [];
+    const swept = await this.sweepStale(ns, plan.marks, listing?.drops ?? new Map());
+    if (swept) changes.push(`delete ${swept} flow(s) older than their NIC's mark`);
     if (!listing) changes.push(`create table inet ${CT_TABLE}`);
     else if (!listing.intact) changes.push(`replace table inet ${CT_TABLE}`);
     else {
-      const { dst, src, chains } = listing.strays;
-      if (dst.length + src.length + chains.length) changes.push(`remove ${dst.length + src.length + chains.length} stray ${CT_TABLE} entries`);
+      const { dst, src, chk, chains } = listing.strays;
+      const n = dst.length + src.length + chk.length + chains.length;
+      if (n) changes.push(`remove ${n} stray ${CT_TABLE} entries`);
+      for (const m of listing.unchecked) if (plan.marks.get(m.address) === m) changes.push(`restore the check of NIC mark ${m.index} for ${m.address}`);
     }
     for (const m of plan.added) changes.push(`adopt NIC mark ${m.index} for ${m.address}`);
     for (const m of plan.removed) changes.push(`remove NIC mark ${m.index} of ${m.address}`);
     return changes;
+  }
+
+  /**
+   * The flows older than a NIC's mark whose check dropped packets since the
+   * last pass (ct-marks.ts staleFlow): deleted in one dump of the table.
+   * Returns how many.
+   */
+  private async sweepStale(ns: string, marks: Map<string, NicMark>, drops: Map<string, number>): Promise<number> {
+    const seen = this.dropsSeen.get(ns) ?? new Map<string, number>();
+    const now = new Map<string, number>();
+    const grown: NicMark[] = [];
+    for (const m of marks.values()) {
+      const n = drops.get(m.address);
+      if (m.adopted || n === undefined) continue;
+      const key = `${m.address}/${m.index}`;
+      now.set(key, n);
+      if (n > (seen.get(key) ?? 0)) grown.push(m);
+    }
+    this.dropsSeen.set(ns, now);
+    if (grown.length === 0) return 0;
+    const flows = await this.kernel.clearStale(ns, grown);
+    cleared.inc({ when: "stale" }, flows);
+    this.log.info(
+      { ns, flows, addresses: grown.map((m) => m.address) },
+      "flows from before their NIC's mark (begun while its address was no NIC of this host) sent packets; deleted",
+    );
+    return flows;
   }
 
   /** The namespace is gone (a retiring mark's work then fails quietly with it). */
@@ -274,5 +315,6 @@ export class CtMarks {
     // Marks whose removal had not begun have nothing left to leave.
     for (const r of this.retiring.get(ns)?.values() ?? []) if (!r.started) r.finish();
     this.retiring.delete(ns);
+    this.dropsSeen.delete(ns);
   }
 }

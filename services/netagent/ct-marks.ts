@@ -22,6 +22,19 @@
 // table as before. An index is reused only after its NIC's entries were
 // cleared. This module is pure: the transactions and the reading of `nft -j
 // list table`; ct-mark-state.ts applies them.
+//
+// The same marks close a hole: a flow that began while a NIC's address was
+// no NIC of this host (a VM elsewhere had it, or nobody) carries 0 in that
+// NIC's half. Once the address is a NIC here, the firewall's `ct state
+// established accept` would pass that flow's packets to and from the new
+// VM, which its security groups never admitted (a VM kept a UDP flow to an
+// address alive until the address was given to a VM on its own host). So
+// every "nicN" mark (never an adopted one, whose own flows may carry no
+// mark) also has a check: an established or related packet of a flow whose
+// original source (destination) is the NIC's address but whose source
+// (destination) half is not its index is dropped, here, at mangle priority,
+// before any accept. nic_chk maps the address to the NIC's chain "chkN",
+// reached from two rules (the original tuple's source, then destination).
 import { isIPv4 } from "node:net";
 import { NftTransaction, type TableItem } from "../common/nft/tx.js";
 
@@ -40,7 +53,29 @@ export interface NicMark {
 export const chainOf = (m: Pick<NicMark, "index" | "adopted">) => `${m.adopted ? "adopted" : "nic"}${m.index}`;
 const hex = (n: number) => `0x${(n >>> 0).toString(16).padStart(8, "0")}`;
 
-const RULES = ["ct state new ct mark set ip saddr map @nic_src", "ct state new ip daddr vmap @nic_dst"];
+const RULES = [
+  "ct state new ct mark set ip saddr map @nic_src",
+  "ct state new ip daddr vmap @nic_dst",
+  // The checks (see the top): a flow older than the NIC's mark does not reach or leave it.
+  "ct state established,related ct original ip saddr vmap @nic_chk",
+  "ct state established,related ct original ip daddr vmap @nic_chk",
+];
+
+/** The chain holding a NIC's check (only "nicN" marks have one). */
+export const checkChainOf = (m: Pick<NicMark, "index">) => `chk${m.index}`;
+/** How many rules a check chain holds. */
+const CHECK_RULES = 2;
+
+/** A NIC's check: its chain's rules and the element that jumps to it (see the top). */
+function checkTx(m: NicMark, tx: NftTransaction): NftTransaction {
+  const at = { family: FAMILY, table: CT_TABLE } as const;
+  const chain = checkChainOf(m);
+  tx.add({ kind: "chain", ...at, name: chain });
+  tx.add({ kind: "rule", ...at, chain, rule: `ct original ip saddr ${m.address} ct mark and 0xffff0000 != ${hex(m.index << 16)} counter drop` });
+  tx.add({ kind: "rule", ...at, chain, rule: `ct original ip daddr ${m.address} ct mark and 0x0000ffff != ${hex(m.index)} counter drop` });
+  tx.add({ kind: "element", ...at, set: "nic_chk", elements: [`${m.address} : jump ${chain}`] });
+  return tx;
+}
 
 /** The table with no NIC: maps and the two base chains (forwarded and bridged flows, and the namespace's own). */
 export function tableTx(): NftTransaction {
@@ -57,29 +92,52 @@ export function tableTx(): NftTransaction {
     content: [
       { kind: "map", name: "nic_src", type: "ipv4_addr : mark" },
       { kind: "map", name: "nic_dst", type: "ipv4_addr : verdict" },
+      { kind: "map", name: "nic_chk", type: "ipv4_addr : verdict" },
       base("prerouting"),
       base("output"),
     ],
   });
 }
 
-/** Adds a NIC's mark: its chain, then the two elements. */
+/** Adds a NIC's mark: its chain, then the two elements; a "nicN" mark its check too. */
 export function addTx(m: NicMark, tx = new NftTransaction()): NftTransaction {
   const at = { family: FAMILY, table: CT_TABLE } as const;
   tx.add({ kind: "chain", ...at, name: chainOf(m) });
   tx.add({ kind: "rule", ...at, chain: chainOf(m), rule: `ct mark set ct mark or ${hex(m.index)}` });
   tx.add({ kind: "element", ...at, set: "nic_src", elements: [`${m.address} : ${hex(m.index << 16)}`] });
   tx.add({ kind: "element", ...at, set: "nic_dst", elements: [`${m.address} : jump ${chainOf(m)}`] });
+  if (!m.adopted) checkTx(m, tx);
   return tx;
 }
 
-/** Removes what addTx added (elements before the chain they jump to). */
-export function delTx(m: NicMark, tx = new NftTransaction()): NftTransaction {
+/** Removes what addTx added (elements before the chains they jump to); `check`: its check too (one it has whole). */
+export function delTx(m: NicMark, tx = new NftTransaction(), check = !m.adopted): NftTransaction {
   const at = { family: FAMILY, table: CT_TABLE } as const;
+  if (check) tx.delete({ kind: "element", ...at, set: "nic_chk", elements: [m.address] });
   tx.delete({ kind: "element", ...at, set: "nic_dst", elements: [m.address] });
   tx.delete({ kind: "element", ...at, set: "nic_src", elements: [m.address] });
+  if (check) tx.delete({ kind: "chain", ...at, name: checkChainOf(m) });
   tx.delete({ kind: "chain", ...at, name: chainOf(m) });
   return tx;
+}
+
+/**
+ * The flows the checks of these "nicN" marks drop (see the top): the mark's
+ * address is the original source (destination) and the source (destination)
+ * half is not its index, i.e. flows older than the mark. Deleting them lets
+ * the same 5-tuple start again as a new flow, which the NIC's groups judge;
+ * left, a sender that keeps one alive would find it dropped for as long as
+ * it sends (ct-mark-state.ts deletes them when a check's counter grows).
+ * An entry whose mark is unknown is never picked.
+ */
+export function staleFlow(marks: NicMark[]): (e: { src: string; dst: string; mark?: number }) => boolean {
+  const idx = new Map(marks.filter((m) => !m.adopted).map((m) => [m.address, m.index]));
+  return (e) => {
+    if (e.mark === undefined) return false;
+    const s = idx.get(e.src);
+    const d = idx.get(e.dst);
+    return (s !== undefined && e.mark >>> 16 !== s) || (d !== undefined && (e.mark & 0xffff) !== d);
+  };
 }
 
 /** The two kernel-side filters that find a NIC's flows: it is the source, or the destination. */
@@ -106,8 +164,12 @@ export interface Listed {
   /** Whether the base chains hold exactly our rules (else the table is replaced). */
   intact: boolean;
   marks: Map<string, NicMark>;
-  /** Elements and chains that are not a whole, consistent mark: removed by the next pass. */
-  strays: { dst: string[]; src: string[]; chains: string[] };
+  /** Elements and chains that are not a whole, consistent mark or check: removed by the next pass. */
+  strays: { dst: string[]; src: string[]; chk: string[]; chains: string[] };
+  /** "nicN" marks whose check is missing or damaged: put back (whole) by the next pass. */
+  unchecked: NicMark[];
+  /** Address → the packets its whole check has dropped (its rules' counters). */
+  drops: Map<string, number>;
 }
 
 type Json = Record<string, unknown>;
@@ -117,27 +179,37 @@ const obj = (v: unknown): Json | undefined => (v && typeof v === "object" && !Ar
 export function parseListing(items: unknown[]): Listed {
   const src = new Map<string, unknown>();
   const dst = new Map<string, unknown>();
+  const chk = new Map<string, unknown>();
   const chains = new Set<string>();
   const ruleCount = new Map<string, number>();
+  const packets = new Map<string, number>();
   for (const it of items) {
     const o = obj(it);
     const map = obj(o?.map);
-    if (map && (map.name === "nic_src" || map.name === "nic_dst")) {
+    if (map && (map.name === "nic_src" || map.name === "nic_dst" || map.name === "nic_chk")) {
+      const into = map.name === "nic_src" ? src : map.name === "nic_dst" ? dst : chk;
       for (const e of Array.isArray(map.elem) ? map.elem : []) {
-        if (Array.isArray(e) && e.length === 2 && typeof e[0] === "string") (map.name === "nic_src" ? src : dst).set(e[0], e[1]);
+        if (Array.isArray(e) && e.length === 2 && typeof e[0] === "string") into.set(e[0], e[1]);
       }
     }
     const chain = obj(o?.chain);
     if (chain && typeof chain.name === "string") chains.add(chain.name);
     const rule = obj(o?.rule);
-    if (rule && typeof rule.chain === "string") ruleCount.set(rule.chain, (ruleCount.get(rule.chain) ?? 0) + 1);
+    if (rule && typeof rule.chain === "string") {
+      ruleCount.set(rule.chain, (ruleCount.get(rule.chain) ?? 0) + 1);
+      for (const e of Array.isArray(rule.expr) ? rule.expr : []) {
+        const n = obj(obj(e)?.counter)?.packets;
+        if (typeof n === "number" && Number.isSafeInteger(n) && n >= 0) packets.set(rule.chain, (packets.get(rule.chain) ?? 0) + n);
+      }
+    }
   }
   // A key that is no address cannot be named in a delete: the table is replaced instead.
   const intact =
-    ["prerouting", "output"].every((c) => chains.has(c) && ruleCount.get(c) === RULES.length) && [...src.keys(), ...dst.keys()].every((k) => isIPv4(k));
+    ["prerouting", "output"].every((c) => chains.has(c) && ruleCount.get(c) === RULES.length) &&
+    [...src.keys(), ...dst.keys(), ...chk.keys()].every((k) => isIPv4(k));
   const marks = new Map<string, NicMark>();
   const used = new Set<number>();
-  const strays = { dst: [] as string[], src: [] as string[], chains: [] as string[] };
+  const strays = { dst: [] as string[], src: [] as string[], chk: [] as string[], chains: [] as string[] };
   for (const [address, v] of dst) {
     const target = obj(obj(v)?.jump)?.target;
     const m = typeof target === "string" ? /^(nic|adopted)([1-9][0-9]{0,4})$/.exec(target) : null;
@@ -159,9 +231,26 @@ export function parseListing(items: unknown[]): Listed {
     marks.set(address, { address, index, adopted: m[1] === "adopted" });
   }
   for (const address of src.keys()) if (!marks.has(address) && !strays.src.includes(address)) strays.src.push(address);
+  // Checks: a "nicN" mark's element jumps to its chkN, which holds its two rules; anything else is a stray,
+  // and a "nicN" mark without a whole check gets it back.
   const ours = new Set([...marks.values()].map(chainOf));
+  const unchecked: NicMark[] = [];
+  const drops = new Map<string, number>();
+  for (const m of marks.values()) {
+    if (m.adopted) continue;
+    const c = checkChainOf(m);
+    if (obj(obj(chk.get(m.address))?.jump)?.target === c && chains.has(c) && ruleCount.get(c) === CHECK_RULES) {
+      ours.add(c);
+      drops.set(m.address, packets.get(c) ?? 0);
+    } else unchecked.push(m);
+  }
+  for (const [address, v] of chk) {
+    const m = marks.get(address);
+    const target = obj(obj(v)?.jump)?.target;
+    if (!m || m.adopted || target !== checkChainOf(m) || unchecked.includes(m)) strays.chk.push(address);
+  }
   for (const c of chains) if (c !== "prerouting" && c !== "output" && !ours.has(c)) strays.chains.push(c);
-  return { intact, marks, strays };
+  return { intact, marks, strays, unchecked, drops };
 }
 
 /**
@@ -184,14 +273,20 @@ export function planMarks(
     tx = NftTransaction.concat(tx, tableTx());
   } else {
     const { strays } = listing;
+    if (strays.chk.length) tx.delete({ kind: "element", ...at, set: "nic_chk", elements: strays.chk });
     if (strays.dst.length) tx.delete({ kind: "element", ...at, set: "nic_dst", elements: strays.dst });
     if (strays.src.length) tx.delete({ kind: "element", ...at, set: "nic_src", elements: strays.src });
     for (const c of strays.chains) tx.delete({ kind: "chain", ...at, name: c });
     const want = new Set(desired);
+    const unchecked = new Set(listing.unchecked);
     for (const m of listing.marks.values()) {
-      if (want.has(m.address) || !opts.removeOrphans) marks.set(m.address, m);
-      else {
-        delTx(m, tx);
+      if (want.has(m.address) || !opts.removeOrphans) {
+        marks.set(m.address, m);
+        // Its check, whose pieces (if any) went as strays above, whole again.
+        if (unchecked.has(m)) checkTx(m, tx);
+      } else {
+        // A mark without a whole check has none to delete (its pieces went as strays).
+        delTx(m, tx, !m.adopted && !unchecked.has(m));
         removed.push(m);
       }
     }

@@ -34,7 +34,7 @@ import { run } from "../common/exec.js";
 import { forgetNamespace } from "../common/nft/libnftables.js";
 import { LinuxNft } from "../common/nft/linux.js";
 import { conntrackDelete, conntrackDeleteByMark } from "../common/conntrack.js";
-import { markCommands, markFilters } from "./ct-marks.js";
+import { markCommands, markFilters, staleFlow, type NicMark } from "./ct-marks.js";
 import { attachVeth, deleteLinks, downLinks, upLink, type VethAttach } from "../common/rtnl.js";
 import { Counter } from "prom-client";
 import { metricsRegistry } from "../common/metrics.js";
@@ -116,6 +116,13 @@ export interface Kernel {
    * there). Failures clear nothing (0).
    */
   clearNic(ns: string, address: string, markIndex?: number | null): Promise<number>;
+  /**
+   * Deletes the namespace's flows older than these NICs' marks (ct-marks.ts
+   * staleFlow: the checks drop their packets meanwhile), in one dump of its
+   * table. In-process only: without the library nothing is deleted (0) and
+   * the checks go on dropping them until they expire.
+   */
+  clearStale(ns: string, marks: NicMark[]): Promise<number>;
   /** Resolves once every device deletion unplug() left running in the background has ended (a daemon's stop). */
   settle?(): Promise<void>;
   /** Runs `ip -batch -` inside the namespace at netnsPath (nsenter). */
@@ -489,6 +496,10 @@ export class LinuxKernel implements Kernel {
     return (await this.clearInProcess(ns, address, markIndex)) ?? (await this.clearByExec(ns, address, markIndex));
   }
 
+  async clearStale(ns: string, marks: NicMark[]): Promise<number> {
+    return (await conntrackDelete(ns, staleFlow(marks))) ?? 0;
+  }
+
   // In-process first: the devices set down, then deleted in the background
   // through libnl-route (common/rtnl.ts; the kernel answers a veth's delete
   // after an RCU grace period, 15–40 ms here, which the daemon awaits on a
@@ -606,6 +617,10 @@ export class RecordingKernel implements Kernel {
   }
   async clearNic(ns: string, address: string, markIndex?: number | null) {
     this.calls.push(`nsenter ${ns} conntrack -R: ${(markIndex ? markCommands(markIndex) : conntrackCommands(address)).join("; ")}`);
+    return 0;
+  }
+  async clearStale(ns: string, marks: NicMark[]) {
+    this.calls.push(`conntrack ${ns}: flows older than the marks of ${marks.map((m) => `${m.address}=${m.index}`).join(", ")}`);
     return 0;
   }
   async ipBatchAt(path: string, lines: string[]) {

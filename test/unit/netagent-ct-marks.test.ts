@@ -5,31 +5,51 @@ import { pino } from "pino";
 import { render, type NftTransaction } from "../../services/common/nft/tx.js";
 import { CtMarks, RETIRE_DELAY_MS } from "../../services/netagent/ct-mark-state.js";
 import type { Kernel } from "../../services/netagent/kernel.js";
-import { addTx, delTx, freeIndex, markCommands, markFilters, parseListing, planMarks, tableTx, type NicMark } from "../../services/netagent/ct-marks.js";
+import {
+  addTx,
+  delTx,
+  freeIndex,
+  markCommands,
+  markFilters,
+  parseListing,
+  planMarks,
+  staleFlow,
+  tableTx,
+  type NicMark,
+} from "../../services/netagent/ct-marks.js";
 
 const a: NicMark = { address: "10.1.0.5", index: 5, adopted: false };
 const b: NicMark = { address: "10.1.0.7", index: 7, adopted: true };
 
-/** What `nft -j list table inet microvpc_ct` gives for these marks (the shape nft 1.0.6 prints). */
-function listing(marks: NicMark[], extra: unknown[] = [], rules = 2): unknown[] {
+/** What `nft -j list table inet microvpc_ct` gives for these marks (the shape nft 1.0.6 prints); a "nicN" mark with its check unless `unchecked`. */
+function listing(marks: NicMark[], extra: unknown[] = [], rules = 4, unchecked: NicMark[] = [], drops: Record<string, number> = {}): unknown[] {
   const chain = (name: string) => ({ chain: { family: "inet", table: "microvpc_ct", name } });
-  const rule = (c: string) => ({ rule: { family: "inet", table: "microvpc_ct", chain: c, expr: [] } });
+  const rule = (c: string, packets?: number) => ({
+    rule: {
+      family: "inet",
+      table: "microvpc_ct",
+      chain: c,
+      expr: packets === undefined ? [] : [{ counter: { packets, bytes: packets * 40 } }, { drop: null }],
+    },
+  });
+  const checked = marks.filter((m) => !m.adopted && !unchecked.includes(m));
   return [
     { metainfo: { version: "1.0.6" } },
     { table: { family: "inet", name: "microvpc_ct" } },
     { map: { name: "nic_src", map: "mark", elem: marks.map((m) => [m.address, m.index << 16]) } },
     { map: { name: "nic_dst", map: "verdict", elem: marks.map((m) => [m.address, { jump: { target: `${m.adopted ? "adopted" : "nic"}${m.index}` } }]) } },
+    { map: { name: "nic_chk", map: "verdict", elem: checked.map((m) => [m.address, { jump: { target: `chk${m.index}` } }]) } },
     chain("prerouting"),
     ...Array.from({ length: rules }, () => rule("prerouting")),
     chain("output"),
-    rule("output"),
-    rule("output"),
+    ...Array.from({ length: 4 }, () => rule("output")),
     ...marks.flatMap((m) => [chain(`${m.adopted ? "adopted" : "nic"}${m.index}`), rule(`${m.adopted ? "adopted" : "nic"}${m.index}`)]),
+    ...checked.flatMap((m) => [chain(`chk${m.index}`), rule(`chk${m.index}`, 0), rule(`chk${m.index}`, drops[m.address] ?? 0)]),
     ...extra,
   ];
 }
 
-test("a NIC's mark: source half by map, destination half by its chain; cleared by two kernel-side mark filters", () => {
+test("a NIC's mark: source half by map, destination half by its chain, a check of the flows older than it; cleared by two kernel-side mark filters", () => {
   assert.equal(
     render(addTx(a)),
     [
@@ -37,6 +57,23 @@ test("a NIC's mark: source half by map, destination half by its chain; cleared b
       "add rule inet microvpc_ct nic5 ct mark set ct mark or 0x00000005",
       "add element inet microvpc_ct nic_src { 10.1.0.5 : 0x00050000 }",
       "add element inet microvpc_ct nic_dst { 10.1.0.5 : jump nic5 }",
+      // A flow from before the mark (its half 0, or another index) neither reaches nor leaves the NIC.
+      "add chain inet microvpc_ct chk5",
+      "add rule inet microvpc_ct chk5 ct original ip saddr 10.1.0.5 ct mark and 0xffff0000 != 0x00050000 counter drop",
+      "add rule inet microvpc_ct chk5 ct original ip daddr 10.1.0.5 ct mark and 0x0000ffff != 0x00000005 counter drop",
+      "add element inet microvpc_ct nic_chk { 10.1.0.5 : jump chk5 }",
+      "",
+    ].join("\n"),
+  );
+  assert.doesNotMatch(render(addTx(b)), /chk|nic_chk/, "an adopted NIC's own flows may carry no mark: no check");
+  assert.equal(
+    render(delTx(a)),
+    [
+      "delete element inet microvpc_ct nic_chk { 10.1.0.5 }",
+      "delete element inet microvpc_ct nic_dst { 10.1.0.5 }",
+      "delete element inet microvpc_ct nic_src { 10.1.0.5 }",
+      "delete chain inet microvpc_ct chk5",
+      "delete chain inet microvpc_ct nic5",
       "",
     ].join("\n"),
   );
@@ -61,7 +98,8 @@ test("reading the table back: whole marks kept, anything inconsistent is a stray
   const ok = parseListing(listing([a, b]));
   assert.equal(ok.intact, true);
   assert.deepEqual([...ok.marks.values()], [a, b]);
-  assert.deepEqual(ok.strays, { dst: [], src: [], chains: [] });
+  assert.deepEqual(ok.strays, { dst: [], src: [], chk: [], chains: [] });
+  assert.deepEqual(ok.unchecked, []);
 
   // A source value that disagrees with the chain, an address that is not one, a jump to a missing chain,
   // an index out of range, a chain nobody jumps to: strays, never marks (the table is input too).
@@ -92,6 +130,44 @@ test("reading the table back: whole marks kept, anything inconsistent is a stray
   assert.deepEqual(p.strays.chains.sort(), ["nic8", "nic9", "stray3"]);
   assert.equal(p.intact, false, "a key that is no address cannot be deleted by name: the table is replaced");
   assert.equal(parseListing(listing([a], [], 1)).intact, false, "a base chain lost a rule");
+  assert.equal(parseListing(listing([a], [], 2)).intact, false, "an earlier netagent's table (no checks): replaced, its NICs adopted");
+
+  // A "nicN" mark whose check is missing, or jumps elsewhere, or whose chain lost a rule: the mark stands,
+  // the check's pieces are strays, and the mark is listed to get its check back. A check of an adopted mark is a stray.
+  const noElem = parseListing(listing([a], [{ chain: { name: "chk5" } }, { rule: { chain: "chk5" } }, { rule: { chain: "chk5" } }], 4, [a]));
+  assert.deepEqual([...noElem.marks.values()], [a]);
+  assert.deepEqual(noElem.unchecked, [a]);
+  assert.deepEqual(noElem.strays, { dst: [], src: [], chk: [], chains: ["chk5"] });
+  const elsewhere = parseListing(
+    listing([a, b], [{ map: { name: "nic_chk", elem: [["10.1.0.7", { jump: { target: "chk7" } }]] } }, { chain: { name: "chk7" } }]),
+  );
+  assert.deepEqual(elsewhere.unchecked, [], "a keeps its whole check");
+  assert.deepEqual(elsewhere.strays, { dst: [], src: [], chk: ["10.1.0.7"], chains: ["chk7"] });
+  const shortChain = listing([a]).filter(
+    (x, i, all) => !(JSON.stringify(x).includes('"chain":"chk5"') && all.findIndex((y) => JSON.stringify(y) === JSON.stringify(x)) !== i),
+  );
+  const short = parseListing(shortChain);
+  assert.deepEqual(short.unchecked, [a], "chk5 with one rule");
+  assert.deepEqual(short.strays, { dst: [], src: [], chk: ["10.1.0.5"], chains: ["chk5"] });
+  const fixed = render(planMarks(short, ["10.1.0.5"], { removeOrphans: true }).tx);
+  assert.equal(
+    fixed,
+    [
+      "delete element inet microvpc_ct nic_chk { 10.1.0.5 }",
+      "delete chain inet microvpc_ct chk5",
+      "add chain inet microvpc_ct chk5",
+      "add rule inet microvpc_ct chk5 ct original ip saddr 10.1.0.5 ct mark and 0xffff0000 != 0x00050000 counter drop",
+      "add rule inet microvpc_ct chk5 ct original ip daddr 10.1.0.5 ct mark and 0x0000ffff != 0x00000005 counter drop",
+      "add element inet microvpc_ct nic_chk { 10.1.0.5 : jump chk5 }",
+      "",
+    ].join("\n"),
+    "the damaged check replaced, the mark left as it is",
+  );
+  assert.doesNotMatch(
+    render(planMarks(short, [], { removeOrphans: true }).tx),
+    /delete .*chk5[\s\S]*delete .*chk5/,
+    "an orphan's damaged check is deleted once",
+  );
   assert.equal(parseListing([{ table: { name: "microvpc_ct" } }]).intact, false, "no base chains");
 });
 
@@ -125,7 +201,8 @@ test("the table in a throwaway namespace: nft takes it, and its listing reads ba
   const back = parseListing((JSON.parse(r.stdout) as { nftables: unknown[] }).nftables);
   assert.equal(back.intact, true);
   assert.deepEqual([...back.marks.values()], [a, b]);
-  assert.deepEqual(back.strays, { dst: [], src: [], chains: [] });
+  assert.deepEqual(back.strays, { dst: [], src: [], chk: [], chains: [] });
+  assert.deepEqual(back.unchecked, []);
 });
 
 /** The kernel as CtMarks uses it: nft transactions (deletions held until released), the table's listing (`table`), and flows cleared. */
@@ -144,6 +221,10 @@ function heldKernel(table: unknown[] | null = null) {
     clearNic: async (_ns: string, address: string, index: number | null) => {
       clears.push(`${address} ${index ?? "by address"}`);
       return 2;
+    },
+    clearStale: async (ns: string, ms: NicMark[]) => {
+      clears.push(`${ns} stale ${ms.map((m) => `${m.address}=${m.index}`).join(",")}`);
+      return 1;
     },
   } as unknown as Kernel;
   return { kernel, applied, clears, release };
@@ -236,4 +317,46 @@ test("retiring marks wait RETIRE_DELAY_MS and leave together, in one transaction
   assert.doesNotMatch(deletions[0], /10\.1\.0\.5/, "the mark taken over stays");
   assert.deepEqual([...cleared].sort(), [1, 2, 3], "each left mark's flows cleared again, by its index");
   assert.equal((await marks.attach("ns1", "10.1.0.10")).index, 2, "their indexes are free again");
+});
+
+test("flows older than a NIC's mark: those whose half for the NIC's address is not its index (a flow that began while the address was elsewhere); an adopted mark's never", () => {
+  const stale = staleFlow([a, b]);
+  const e = (src: string, dst: string, mark?: number) => ({ src, dst, mark });
+  // 10.1.0.5 is mark 5: as source its half is mark >>> 16, as destination mark & 0xffff.
+  assert.equal(stale(e("10.1.0.9", "10.1.0.5", 0x00090000)), true, "toward it, begun while it was no NIC here (destination half 0)");
+  assert.equal(stale(e("10.1.0.5", "10.1.0.9", 0x00000009)), true, "from it, begun elsewhere (source half 0)");
+  assert.equal(stale(e("10.1.0.9", "10.1.0.5", 0x00090003)), true, "another index in its half");
+  assert.equal(stale(e("10.1.0.9", "10.1.0.5", 0x00090005)), false, "its own flow");
+  assert.equal(stale(e("10.1.0.5", "10.1.0.9", 0x00050000)), false, "its own flow, from it");
+  assert.equal(stale(e("10.1.0.5", "10.1.0.5", 0x00050005)), false);
+  assert.equal(stale(e("10.1.0.7", "10.1.0.9", 0)), false, "10.1.0.7's mark is adopted: its flows may carry none");
+  assert.equal(stale(e("10.1.0.8", "10.1.0.9", 0)), false, "no NIC of these marks");
+  assert.equal(stale(e("10.1.0.9", "10.1.0.5")), false, "an entry whose mark is unknown is never picked");
+});
+
+test("a check that dropped packets since the last pass: its NIC's older flows are deleted by the pass, in one dump for all such NICs; not again while its count stands", async () => {
+  const c: NicMark = { address: "10.1.0.3", index: 3, adopted: false };
+  let drops: Record<string, number> = {};
+  const { kernel, clears, release } = heldKernel();
+  release();
+  (kernel as unknown as { nftTable: () => Promise<unknown[]> }).nftTable = async () => listing([a, b, c], [], 4, [], drops);
+  const marks = new CtMarks(kernel, pino({ level: "silent" }));
+  const desired = [a.address, b.address, c.address];
+  assert.deepEqual(await marks.reconcile("ns1", desired, true), [], "no drops: no dump");
+  drops = { "10.1.0.5": 4, "10.1.0.3": 1 };
+  assert.deepEqual(await marks.reconcile("ns1", desired, true), ["delete 1 flow(s) older than their NIC's mark"]);
+  assert.deepEqual(clears, ["ns1 stale 10.1.0.5=5,10.1.0.3=3"], "one dump for both NICs whose checks dropped something");
+  await marks.reconcile("ns1", desired, true);
+  assert.equal(clears.length, 1, "the counts did not grow: nothing to delete");
+  drops = { "10.1.0.5": 4, "10.1.0.3": 2 };
+  await marks.reconcile("ns1", desired, true);
+  assert.deepEqual(clears.at(-1), "ns1 stale 10.1.0.3=3", "only the one whose count grew");
+  // The parse: whole checks' counters; an adopted mark has none.
+  assert.deepEqual(
+    parseListing(listing([a, b, c], [], 4, [], drops)).drops,
+    new Map([
+      ["10.1.0.5", 4],
+      ["10.1.0.3", 2],
+    ]),
+  );
 });
