@@ -270,6 +270,7 @@ export class CtMarks {
     if (!listing) changes.push(`create table inet ${CT_TABLE}`);
     else if (!listing.intact) changes.push(`replace table inet ${CT_TABLE}`);
     else {
+      if (listing.earlier) changes.push(`add the NIC checks to an earlier netagent's table inet ${CT_TABLE}`);
       const { dst, src, chk, chains } = listing.strays;
       const n = dst.length + src.length + chk.length + chains.length;
       if (n) changes.push(`remove ${n} stray ${CT_TABLE} entries`);

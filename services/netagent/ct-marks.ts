@@ -61,6 +61,9 @@ const RULES = [
   "ct state established,related ct original ip daddr vmap @nic_chk",
 ];
 
+/** How many rules an earlier netagent's base chains hold (the first two of RULES: no checks). */
+const EARLIER_RULES = 2;
+
 /** The chain holding a NIC's check (only "nicN" marks have one). */
 export const checkChainOf = (m: Pick<NicMark, "index">) => `chk${m.index}`;
 /** How many rules a check chain holds. */
@@ -161,8 +164,10 @@ export function freeIndex(taken: Set<number>): number {
 
 /** What a listing of the table holds, read as untrusted input: the well-formed marks, and what is not. */
 export interface Listed {
-  /** Whether the base chains hold exactly our rules (else the table is replaced). */
+  /** Whether the base chains hold exactly our rules (else the table is replaced), or an earlier netagent's (`earlier`). */
   intact: boolean;
+  /** An earlier netagent's table (its two rules per base chain, no checks): the checks are added to it, its marks kept. */
+  earlier: boolean;
   marks: Map<string, NicMark>;
   /** Elements and chains that are not a whole, consistent mark or check: removed by the next pass. */
   strays: { dst: string[]; src: string[]; chk: string[]; chains: string[] };
@@ -180,6 +185,7 @@ export function parseListing(items: unknown[]): Listed {
   const src = new Map<string, unknown>();
   const dst = new Map<string, unknown>();
   const chk = new Map<string, unknown>();
+  let chkMap = false;
   const chains = new Set<string>();
   const ruleCount = new Map<string, number>();
   const packets = new Map<string, number>();
@@ -188,6 +194,7 @@ export function parseListing(items: unknown[]): Listed {
     const map = obj(o?.map);
     if (map && (map.name === "nic_src" || map.name === "nic_dst" || map.name === "nic_chk")) {
       const into = map.name === "nic_src" ? src : map.name === "nic_dst" ? dst : chk;
+      if (map.name === "nic_chk") chkMap = true;
       for (const e of Array.isArray(map.elem) ? map.elem : []) {
         if (Array.isArray(e) && e.length === 2 && typeof e[0] === "string") into.set(e[0], e[1]);
       }
@@ -204,9 +211,10 @@ export function parseListing(items: unknown[]): Listed {
     }
   }
   // A key that is no address cannot be named in a delete: the table is replaced instead.
-  const intact =
-    ["prerouting", "output"].every((c) => chains.has(c) && ruleCount.get(c) === RULES.length) &&
-    [...src.keys(), ...dst.keys(), ...chk.keys()].every((k) => isIPv4(k));
+  const keysOk = [...src.keys(), ...dst.keys(), ...chk.keys()].every((k) => isIPv4(k));
+  const rulesAre = (n: number) => ["prerouting", "output"].every((c) => chains.has(c) && ruleCount.get(c) === n);
+  const earlier = keysOk && !chkMap && rulesAre(EARLIER_RULES);
+  const intact = keysOk && (earlier || rulesAre(RULES.length));
   const marks = new Map<string, NicMark>();
   const used = new Set<number>();
   const strays = { dst: [] as string[], src: [] as string[], chk: [] as string[], chains: [] as string[] };
@@ -250,7 +258,7 @@ export function parseListing(items: unknown[]): Listed {
     if (!m || m.adopted || target !== checkChainOf(m) || unchecked.includes(m)) strays.chk.push(address);
   }
   for (const c of chains) if (c !== "prerouting" && c !== "output" && !ours.has(c)) strays.chains.push(c);
-  return { intact, marks, strays, unchecked, drops };
+  return { intact, earlier, marks, strays, unchecked, drops };
 }
 
 /**
@@ -273,6 +281,11 @@ export function planMarks(
     tx = NftTransaction.concat(tx, tableTx());
   } else {
     const { strays } = listing;
+    if (listing.earlier) {
+      // An earlier netagent's table: its marks stand; the checks' map and rules join it (every "nicN" mark is unchecked).
+      tx.add({ kind: "map", ...at, name: "nic_chk", type: "ipv4_addr : verdict" });
+      for (const chain of ["prerouting", "output"]) for (const rule of RULES.slice(EARLIER_RULES)) tx.add({ kind: "rule", ...at, chain, rule });
+    }
     if (strays.chk.length) tx.delete({ kind: "element", ...at, set: "nic_chk", elements: strays.chk });
     if (strays.dst.length) tx.delete({ kind: "element", ...at, set: "nic_dst", elements: strays.dst });
     if (strays.src.length) tx.delete({ kind: "element", ...at, set: "nic_src", elements: strays.src });

@@ -42,7 +42,7 @@ function listing(marks: NicMark[], extra: unknown[] = [], rules = 4, unchecked: 
     chain("prerouting"),
     ...Array.from({ length: rules }, () => rule("prerouting")),
     chain("output"),
-    ...Array.from({ length: 4 }, () => rule("output")),
+    ...Array.from({ length: Math.max(rules, 2) }, () => rule("output")),
     ...marks.flatMap((m) => [chain(`${m.adopted ? "adopted" : "nic"}${m.index}`), rule(`${m.adopted ? "adopted" : "nic"}${m.index}`)]),
     ...checked.flatMap((m) => [chain(`chk${m.index}`), rule(`chk${m.index}`, 0), rule(`chk${m.index}`, drops[m.address] ?? 0)]),
     ...extra,
@@ -130,7 +130,7 @@ test("reading the table back: whole marks kept, anything inconsistent is a stray
   assert.deepEqual(p.strays.chains.sort(), ["nic8", "nic9", "stray3"]);
   assert.equal(p.intact, false, "a key that is no address cannot be deleted by name: the table is replaced");
   assert.equal(parseListing(listing([a], [], 1)).intact, false, "a base chain lost a rule");
-  assert.equal(parseListing(listing([a], [], 2)).intact, false, "an earlier netagent's table (no checks): replaced, its NICs adopted");
+  assert.equal(parseListing(listing([a], [], 2)).intact, false, "two rules beside the checks' map: damaged, replaced");
 
   // A "nicN" mark whose check is missing, or jumps elsewhere, or whose chain lost a rule: the mark stands,
   // the check's pieces are strays, and the mark is listed to get its check back. A check of an adopted mark is a stray.
@@ -191,6 +191,56 @@ test("a pass: desired NICs without a mark are adopted, orphans go (only with rem
   const damaged = planMarks(parseListing(listing([a], [], 0)), ["10.1.0.5"], { removeOrphans: true });
   assert.match(render(damaged.tx), /^delete table inet microvpc_ct\ntable inet microvpc_ct \{/, "damaged: replaced");
   assert.equal(damaged.marks.get("10.1.0.5")!.adopted, true, "its flows may have missed the mark meanwhile");
+});
+
+test("an earlier netagent's table (two rules per base chain, no checks): its marks stay, the checks join it, in a real namespace too", () => {
+  const old = listing([a, b], [], 2, [a]).filter((x) => JSON.stringify(x).indexOf('"nic_chk"') < 0);
+  const p = parseListing(old);
+  assert.equal(p.intact, true);
+  assert.equal(p.earlier, true);
+  assert.deepEqual(p.unchecked, [a], "its nicN mark gets a check");
+  const text = render(planMarks(p, [a.address, b.address], { removeOrphans: true }).tx);
+  assert.match(text, /^add map inet microvpc_ct nic_chk \{ type ipv4_addr : verdict; \}\n/);
+  assert.equal(
+    (text.match(/add rule inet microvpc_ct (prerouting|output) ct state established,related ct original ip [sd]addr vmap @nic_chk/g) ?? []).length,
+    4,
+  );
+  assert.match(text, /add element inet microvpc_ct nic_chk \{ 10\.1\.0\.5 : jump chk5 \}/);
+  assert.doesNotMatch(text, /delete|chk7/, "nothing removed; the adopted mark gets no check");
+
+  if (spawnSync("unshare", ["-n", "true"]).status !== 0) return; // not root
+  // The table as the earlier netagent wrote it (tableTx without the checks' map and rules), and its marks.
+  const earlier = render(tableTx())
+    .split("\n")
+    .filter((l) => !/nic_chk/.test(l))
+    .join("\n");
+  const marksText =
+    render(addTx(b)) +
+    render(addTx(a))
+      .split("\n")
+      .filter((l) => !/chk/.test(l))
+      .join("\n");
+  const sh = (more: string) =>
+    spawnSync("unshare", ["-n", "sh", "-c", `nft -f /dev/fd/3 3<<'A'\n${earlier}${marksText}A\n${more}nft -j list table inet microvpc_ct`], {
+      encoding: "utf8",
+    });
+  const r0 = sh("");
+  assert.equal(r0.status, 0, r0.stderr);
+  const before = parseListing((JSON.parse(r0.stdout) as { nftables: unknown[] }).nftables);
+  assert.equal(before.earlier, true, r0.stdout);
+  const fix = render(planMarks(before, [a.address, b.address], { removeOrphans: true }).tx);
+  const r1 = sh(`nft -f /dev/fd/4 4<<'B'\n${fix}B\n`);
+  assert.equal(r1.status, 0, r1.stderr);
+  const after = parseListing((JSON.parse(r1.stdout) as { nftables: unknown[] }).nftables);
+  assert.equal(after.intact, true);
+  assert.equal(after.earlier, false);
+  assert.deepEqual(
+    [...after.marks.values()].sort((x, y) => x.index - y.index),
+    [a, b],
+    "the marks kept, index and all",
+  );
+  assert.deepEqual(after.unchecked, []);
+  assert.deepEqual(after.strays, { dst: [], src: [], chk: [], chains: [] });
 });
 
 test("the table in a throwaway namespace: nft takes it, and its listing reads back as the marks put in", () => {
