@@ -80,8 +80,8 @@ export class CtMarks {
   private readonly retiring = new Map<string, Map<string, Retiring>>();
   /** Namespace → the timer that takes its retiring marks out. */
   private readonly flushTimers = new Map<string, NodeJS.Timeout>();
-  /** Namespace → "address/index" → the packets its check had dropped at the last reconcile pass. */
-  private readonly dropsSeen = new Map<string, Map<string, number>>();
+  /** Namespace → the packets its checks had dropped at the last reconcile pass. */
+  private readonly dropsSeen = new Map<string, number>();
 
   constructor(
     private readonly kernel: Kernel,
@@ -265,7 +265,7 @@ export class CtMarks {
     // An orphan's NIC is gone, and so must its flows be before its address has another NIC.
     for (const m of plan.removed) cleared.inc({ when: "orphan" }, await this.kernel.clearNic(ns, m.address, m.adopted ? null : m.index));
     const changes: string[] = [];
-    const swept = await this.sweepStale(ns, plan.marks, listing?.drops ?? new Map());
+    const swept = await this.sweepStale(ns, plan.marks, listing?.drops ?? 0);
     if (swept) changes.push(`delete ${swept} flow(s) older than their NIC's mark`);
     if (!listing) changes.push(`create table inet ${CT_TABLE}`);
     else if (!listing.intact) changes.push(`replace table inet ${CT_TABLE}`);
@@ -282,29 +282,20 @@ export class CtMarks {
   }
 
   /**
-   * The flows older than a NIC's mark whose check dropped packets since the
-   * last pass (ct-marks.ts staleFlow): deleted in one dump of the table.
-   * Returns how many.
+   * The flows older than their NIC's mark (ct-marks.ts staleFlow), deleted
+   * in one dump of the table when the checks dropped packets since the last
+   * pass (a table made again counts from 0). Returns how many.
    */
-  private async sweepStale(ns: string, marks: Map<string, NicMark>, drops: Map<string, number>): Promise<number> {
-    const seen = this.dropsSeen.get(ns) ?? new Map<string, number>();
-    const now = new Map<string, number>();
-    const grown: NicMark[] = [];
-    for (const m of marks.values()) {
-      const n = drops.get(m.address);
-      if (m.adopted || n === undefined) continue;
-      const key = `${m.address}/${m.index}`;
-      now.set(key, n);
-      if (n > (seen.get(key) ?? 0)) grown.push(m);
-    }
-    this.dropsSeen.set(ns, now);
-    if (grown.length === 0) return 0;
-    const flows = await this.kernel.clearStale(ns, grown);
+  private async sweepStale(ns: string, marks: Map<string, NicMark>, drops: number): Promise<number> {
+    const seen = this.dropsSeen.get(ns) ?? 0;
+    this.dropsSeen.set(ns, drops);
+    const checked = [...marks.values()].filter((m) => !m.adopted);
+    // Below what was seen: the counters started again (a table made again).
+    const grew = drops < seen ? drops : drops - seen;
+    if (grew === 0 || checked.length === 0) return 0;
+    const flows = await this.kernel.clearStale(ns, checked);
     cleared.inc({ when: "stale" }, flows);
-    this.log.info(
-      { ns, flows, addresses: grown.map((m) => m.address) },
-      "flows from before their NIC's mark (begun while its address was no NIC of this host) sent packets; deleted",
-    );
+    this.log.info({ ns, flows, dropped: grew }, "flows from before their NIC's mark (begun while its address was no NIC of this host) sent packets; deleted");
     return flows;
   }
 

@@ -29,12 +29,15 @@
 // established accept` would pass that flow's packets to and from the new
 // VM, which its security groups never admitted (a VM kept a UDP flow to an
 // address alive until the address was given to a VM on its own host). So
-// every "nicN" mark (never an adopted one, whose own flows may carry no
-// mark) also has a check: an established or related packet of a flow whose
-// original source (destination) is the NIC's address but whose source
-// (destination) half is not its index is dropped, here, at mangle priority,
-// before any accept. nic_chk maps the address to the NIC's chain "chkN",
-// reached from two rules (the original tuple's source, then destination).
+// the address of every "nicN" mark (never an adopted one, whose own flows
+// may carry no mark) is in the set nic_chk, and an established or related
+// packet of a flow whose half is 0 at an end whose original address (the
+// pre-NAT tuple the mark was made from) is in the set is dropped, here, at
+// mangle priority, before any accept, and counted. A flow between two NICs
+// of the host has both halves set and is never looked up; the lookups cost
+// only flows with an end outside the host. (A half that names another NIC
+// cannot occur: a detached NIC's flows are cleared by its index before its
+// address has another NIC.)
 import { isIPv4 } from "node:net";
 import { NftTransaction, type TableItem } from "../common/nft/tx.js";
 
@@ -57,26 +60,16 @@ const RULES = [
   "ct state new ct mark set ip saddr map @nic_src",
   "ct state new ip daddr vmap @nic_dst",
   // The checks (see the top): a flow older than the NIC's mark does not reach or leave it.
-  "ct state established,related ct original ip saddr vmap @nic_chk",
-  "ct state established,related ct original ip daddr vmap @nic_chk",
+  "ct state established,related ct mark and 0xffff0000 == 0 ct original ip saddr @nic_chk counter drop",
+  "ct state established,related ct mark and 0x0000ffff == 0 ct original ip daddr @nic_chk counter drop",
 ];
 
 /** How many rules an earlier netagent's base chains hold (the first two of RULES: no checks). */
 const EARLIER_RULES = 2;
 
-/** The chain holding a NIC's check (only "nicN" marks have one). */
-export const checkChainOf = (m: Pick<NicMark, "index">) => `chk${m.index}`;
-/** How many rules a check chain holds. */
-const CHECK_RULES = 2;
-
-/** A NIC's check: its chain's rules and the element that jumps to it (see the top). */
+/** A NIC's check: its address in nic_chk (see the top). */
 function checkTx(m: NicMark, tx: NftTransaction): NftTransaction {
-  const at = { family: FAMILY, table: CT_TABLE } as const;
-  const chain = checkChainOf(m);
-  tx.add({ kind: "chain", ...at, name: chain });
-  tx.add({ kind: "rule", ...at, chain, rule: `ct original ip saddr ${m.address} ct mark and 0xffff0000 != ${hex(m.index << 16)} counter drop` });
-  tx.add({ kind: "rule", ...at, chain, rule: `ct original ip daddr ${m.address} ct mark and 0x0000ffff != ${hex(m.index)} counter drop` });
-  tx.add({ kind: "element", ...at, set: "nic_chk", elements: [`${m.address} : jump ${chain}`] });
+  tx.add({ kind: "element", family: FAMILY, table: CT_TABLE, set: "nic_chk", elements: [m.address] });
   return tx;
 }
 
@@ -95,7 +88,7 @@ export function tableTx(): NftTransaction {
     content: [
       { kind: "map", name: "nic_src", type: "ipv4_addr : mark" },
       { kind: "map", name: "nic_dst", type: "ipv4_addr : verdict" },
-      { kind: "map", name: "nic_chk", type: "ipv4_addr : verdict" },
+      { kind: "set", name: "nic_chk", type: "ipv4_addr" },
       base("prerouting"),
       base("output"),
     ],
@@ -119,28 +112,22 @@ export function delTx(m: NicMark, tx = new NftTransaction(), check = !m.adopted)
   if (check) tx.delete({ kind: "element", ...at, set: "nic_chk", elements: [m.address] });
   tx.delete({ kind: "element", ...at, set: "nic_dst", elements: [m.address] });
   tx.delete({ kind: "element", ...at, set: "nic_src", elements: [m.address] });
-  if (check) tx.delete({ kind: "chain", ...at, name: checkChainOf(m) });
   tx.delete({ kind: "chain", ...at, name: chainOf(m) });
   return tx;
 }
 
 /**
- * The flows the checks of these "nicN" marks drop (see the top): the mark's
- * address is the original source (destination) and the source (destination)
- * half is not its index, i.e. flows older than the mark. Deleting them lets
- * the same 5-tuple start again as a new flow, which the NIC's groups judge;
- * left, a sender that keeps one alive would find it dropped for as long as
- * it sends (ct-mark-state.ts deletes them when a check's counter grows).
- * An entry whose mark is unknown is never picked.
+ * The flows the checks of these "nicN" marks drop (see the top): a "nicN"
+ * mark's address is the original source (destination) and the source
+ * (destination) half is 0, i.e. a flow older than the mark. Deleting them
+ * lets the same 5-tuple start again as a new flow, which the NIC's groups
+ * judge; left, a sender that keeps one alive would find it dropped for as
+ * long as it sends (ct-mark-state.ts deletes them when the checks' count
+ * grows). An entry whose mark is unknown is never picked.
  */
 export function staleFlow(marks: NicMark[]): (e: { src: string; dst: string; mark?: number }) => boolean {
-  const idx = new Map(marks.filter((m) => !m.adopted).map((m) => [m.address, m.index]));
-  return (e) => {
-    if (e.mark === undefined) return false;
-    const s = idx.get(e.src);
-    const d = idx.get(e.dst);
-    return (s !== undefined && e.mark >>> 16 !== s) || (d !== undefined && (e.mark & 0xffff) !== d);
-  };
+  const checked = new Set(marks.filter((m) => !m.adopted).map((m) => m.address));
+  return (e) => e.mark !== undefined && ((checked.has(e.src) && e.mark >>> 16 === 0) || (checked.has(e.dst) && (e.mark & 0xffff) === 0));
 }
 
 /** The two kernel-side filters that find a NIC's flows: it is the source, or the destination. */
@@ -171,10 +158,10 @@ export interface Listed {
   marks: Map<string, NicMark>;
   /** Elements and chains that are not a whole, consistent mark or check: removed by the next pass. */
   strays: { dst: string[]; src: string[]; chk: string[]; chains: string[] };
-  /** "nicN" marks whose check is missing or damaged: put back (whole) by the next pass. */
+  /** "nicN" marks whose address is missing from nic_chk: put back by the next pass. */
   unchecked: NicMark[];
-  /** Address → the packets its whole check has dropped (its rules' counters). */
-  drops: Map<string, number>;
+  /** The packets the checks have dropped (their rules' counters, in both base chains). */
+  drops: number;
 }
 
 type Json = Record<string, unknown>;
@@ -184,36 +171,42 @@ const obj = (v: unknown): Json | undefined => (v && typeof v === "object" && !Ar
 export function parseListing(items: unknown[]): Listed {
   const src = new Map<string, unknown>();
   const dst = new Map<string, unknown>();
-  const chk = new Map<string, unknown>();
-  let chkMap = false;
+  const chk = new Set<string>();
+  let chkSet = false;
   const chains = new Set<string>();
   const ruleCount = new Map<string, number>();
-  const packets = new Map<string, number>();
+  let drops = 0;
   for (const it of items) {
     const o = obj(it);
     const map = obj(o?.map);
-    if (map && (map.name === "nic_src" || map.name === "nic_dst" || map.name === "nic_chk")) {
-      const into = map.name === "nic_src" ? src : map.name === "nic_dst" ? dst : chk;
-      if (map.name === "nic_chk") chkMap = true;
+    if (map && (map.name === "nic_src" || map.name === "nic_dst")) {
+      const into = map.name === "nic_src" ? src : dst;
       for (const e of Array.isArray(map.elem) ? map.elem : []) {
         if (Array.isArray(e) && e.length === 2 && typeof e[0] === "string") into.set(e[0], e[1]);
       }
+    }
+    const set = obj(o?.set);
+    if (set && set.name === "nic_chk") {
+      chkSet = true;
+      for (const e of Array.isArray(set.elem) ? set.elem : []) if (typeof e === "string") chk.add(e);
     }
     const chain = obj(o?.chain);
     if (chain && typeof chain.name === "string") chains.add(chain.name);
     const rule = obj(o?.rule);
     if (rule && typeof rule.chain === "string") {
       ruleCount.set(rule.chain, (ruleCount.get(rule.chain) ?? 0) + 1);
-      for (const e of Array.isArray(rule.expr) ? rule.expr : []) {
-        const n = obj(obj(e)?.counter)?.packets;
-        if (typeof n === "number" && Number.isSafeInteger(n) && n >= 0) packets.set(rule.chain, (packets.get(rule.chain) ?? 0) + n);
+      if (rule.chain === "prerouting" || rule.chain === "output") {
+        for (const e of Array.isArray(rule.expr) ? rule.expr : []) {
+          const n = obj(obj(e)?.counter)?.packets;
+          if (typeof n === "number" && Number.isSafeInteger(n) && n >= 0) drops += n;
+        }
       }
     }
   }
   // A key that is no address cannot be named in a delete: the table is replaced instead.
-  const keysOk = [...src.keys(), ...dst.keys(), ...chk.keys()].every((k) => isIPv4(k));
+  const keysOk = [...src.keys(), ...dst.keys(), ...chk].every((k) => isIPv4(k));
   const rulesAre = (n: number) => ["prerouting", "output"].every((c) => chains.has(c) && ruleCount.get(c) === n);
-  const earlier = keysOk && !chkMap && rulesAre(EARLIER_RULES);
+  const earlier = keysOk && !chkSet && rulesAre(EARLIER_RULES);
   const intact = keysOk && (earlier || rulesAre(RULES.length));
   const marks = new Map<string, NicMark>();
   const used = new Set<number>();
@@ -239,23 +232,12 @@ export function parseListing(items: unknown[]): Listed {
     marks.set(address, { address, index, adopted: m[1] === "adopted" });
   }
   for (const address of src.keys()) if (!marks.has(address) && !strays.src.includes(address)) strays.src.push(address);
-  // Checks: a "nicN" mark's element jumps to its chkN, which holds its two rules; anything else is a stray,
-  // and a "nicN" mark without a whole check gets it back.
+  // Checks: every "nicN" mark's address is in nic_chk (one missing gets it back); any other address there is a stray.
   const ours = new Set([...marks.values()].map(chainOf));
-  const unchecked: NicMark[] = [];
-  const drops = new Map<string, number>();
-  for (const m of marks.values()) {
-    if (m.adopted) continue;
-    const c = checkChainOf(m);
-    if (obj(obj(chk.get(m.address))?.jump)?.target === c && chains.has(c) && ruleCount.get(c) === CHECK_RULES) {
-      ours.add(c);
-      drops.set(m.address, packets.get(c) ?? 0);
-    } else unchecked.push(m);
-  }
-  for (const [address, v] of chk) {
+  const unchecked = [...marks.values()].filter((m) => !m.adopted && !chk.has(m.address));
+  for (const address of chk) {
     const m = marks.get(address);
-    const target = obj(obj(v)?.jump)?.target;
-    if (!m || m.adopted || target !== checkChainOf(m) || unchecked.includes(m)) strays.chk.push(address);
+    if (!m || m.adopted) strays.chk.push(address);
   }
   for (const c of chains) if (c !== "prerouting" && c !== "output" && !ours.has(c)) strays.chains.push(c);
   return { intact, earlier, marks, strays, unchecked, drops };
@@ -282,8 +264,8 @@ export function planMarks(
   } else {
     const { strays } = listing;
     if (listing.earlier) {
-      // An earlier netagent's table: its marks stand; the checks' map and rules join it (every "nicN" mark is unchecked).
-      tx.add({ kind: "map", ...at, name: "nic_chk", type: "ipv4_addr : verdict" });
+      // An earlier netagent's table: its marks stand; the checks' set and rules join it (every "nicN" mark is unchecked).
+      tx.add({ kind: "set", ...at, name: "nic_chk", type: "ipv4_addr" });
       for (const chain of ["prerouting", "output"]) for (const rule of RULES.slice(EARLIER_RULES)) tx.add({ kind: "rule", ...at, chain, rule });
     }
     if (strays.chk.length) tx.delete({ kind: "element", ...at, set: "nic_chk", elements: strays.chk });
@@ -295,10 +277,10 @@ export function planMarks(
     for (const m of listing.marks.values()) {
       if (want.has(m.address) || !opts.removeOrphans) {
         marks.set(m.address, m);
-        // Its check, whose pieces (if any) went as strays above, whole again.
+        // Its address back in nic_chk.
         if (unchecked.has(m)) checkTx(m, tx);
       } else {
-        // A mark without a whole check has none to delete (its pieces went as strays).
+        // A mark whose address is not in nic_chk has no check to delete.
         delTx(m, tx, !m.adopted && !unchecked.has(m));
         removed.push(m);
       }

@@ -4,10 +4,10 @@
 // passed them (a UDP flow kept alive by its sender reached a VM whose group
 // admitted nothing: 31 datagrams in 3 s, before the fix); the netagent's NIC
 // marks now drop an established flow whose half for a NIC of this host is
-// not that NIC's (services/netagent/ct-marks.ts, "chkN"), and the next
-// reconcile pass deletes its entry (its check counted drops), so that the
-// same 5-tuple can start again as a new flow the NIC's groups judge. Two hypervisors on the WireGuard overlay,
-// each with its firewall; real packets both ways.
+// 0 (services/netagent/ct-marks.ts, nic_chk), and the next reconcile pass
+// deletes its entry (the rule counted drops), so that the same 5-tuple can
+// start again as a new flow the NIC's groups judge. Two hypervisors on the
+// WireGuard overlay, each with its firewall; real packets both ways.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { afterAll, beforeAll, describe, test } from "vitest";
@@ -96,9 +96,9 @@ describe("an address reused on the host of a VM that had a flow to it", () => {
       assert.ok(news >= 10, `new X receives the allowed flow (${news})`);
       assert.equal(olds, 0, "the old flow's packets do not reach new X (its group admits nothing on 5000)");
       assert.equal(old.out().length, echoedBefore, "nothing of new X comes back on the old flow");
-      // The drops are the check's, not the firewall's: its chain counted them.
-      const chk = await nsExec(a.vpcNs, "nft", ["list", "table", "inet", "microvpc_ct"], { check: false });
-      assert.match(chk.stdout, /ct original ip daddr [\d.]+ ct mark & 0x0000ffff != 0x[0-9a-f]+ counter packets [1-9]\d* bytes \d+ drop/, chk.stdout);
+      // The drops are the check's, not the firewall's: its rule counted them.
+      const chk = await nsExec(a.vpcNs, "nft", ["list", "chain", "inet", "microvpc_ct", "prerouting"], { check: false });
+      assert.match(chk.stdout, /ct original ip daddr @nic_chk counter packets [1-9]\d* bytes \d+ drop/, chk.stdout);
 
       // The check's count grew, so the next reconcile pass (every 10 s) deletes the old flow's entry (counted as
       // "stale"): A's next datagram on the same 5-tuple is a new flow, which new X's groups judge. Once they admit
