@@ -255,7 +255,7 @@ async function main(): Promise<number> {
   };
   const per = new Map([...daemons.keys()].map((n) => [n, against(runs.get(n)!)]));
   const libS = against(lib);
-  const bareS = { calls: spread(base.map((r) => r.callsPerSec)), cpu: spread(base.map((r) => r.cpuMsPer1k)) };
+  const bareS = against(base);
   const p = (x: string) => process.stdout.write(x + "\n");
   p(heading("RPC floor: unary grpc.health.v1.Health/Check under load"));
   p(

@@ -114,7 +114,7 @@ export function allocationGroups(store: IpamStore): Coalescer<GroupedAllocate, {
     // call by call: each caller gets its own outcome, and a call already
     // made is answered as a retry (the same owner and request id).
     (_subnetId, items) =>
-      items.length === 1 ? Promise.all([alone(items[0])]) : store.allocateMany(items[0].s, items).catch(() => Promise.all(items.map(alone))),
+      items.length === 1 ? alone(items[0]).then((r) => [r]) : store.allocateMany(items[0].s, items).catch(() => Promise.all(items.map(alone))),
     MAX_ALLOCATE_MANY,
     (n) => allocateGroup.observe(n),
   );

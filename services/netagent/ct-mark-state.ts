@@ -265,7 +265,8 @@ export class CtMarks {
     // An orphan's NIC is gone, and so must its flows be before its address has another NIC.
     for (const m of plan.removed) cleared.inc({ when: "orphan" }, await this.kernel.clearNic(ns, m.address, m.adopted ? null : m.index));
     const changes: string[] = [];
-    const swept = await this.sweepStale(ns, plan.marks, listing?.drops ?? 0);
+    // Only a pass sweeps: the first read of a namespace (marksOf) may come from an attach, which must not dump.
+    const swept = removeOrphans ? await this.sweepStale(ns, plan.marks, listing?.drops ?? 0) : 0;
     if (swept) changes.push(`delete ${swept} flow(s) older than their NIC's mark`);
     if (!listing) changes.push(`create table inet ${CT_TABLE}`);
     else if (!listing.intact) changes.push(`replace table inet ${CT_TABLE}`);
@@ -289,9 +290,9 @@ export class CtMarks {
   private async sweepStale(ns: string, marks: Map<string, NicMark>, drops: number): Promise<number> {
     const seen = this.dropsSeen.get(ns) ?? 0;
     this.dropsSeen.set(ns, drops);
-    const checked = [...marks.values()].filter((m) => !m.adopted);
     // Below what was seen: the counters started again (a table made again).
     const grew = drops < seen ? drops : drops - seen;
+    const checked = [...marks.values()].filter((m) => !m.adopted);
     if (grew === 0 || checked.length === 0) return 0;
     const flows = await this.kernel.clearStale(ns, checked);
     cleared.inc({ when: "stale" }, flows);

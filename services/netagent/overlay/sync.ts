@@ -181,11 +181,21 @@ export class Overlay {
       address: this.address,
       mtu: this.mtu,
       underlayMtu: this.underlayMtu,
-      vpcIds: [...this.agent.desired.vpcs.keys()].sort(),
+      vpcIds: this.vpcIds(),
       registeredMs: this.registeredMs,
       keyCreatedMs: this.keyCreatedMs,
       agentVersion: this.opts.agentVersion ?? "",
     };
+  }
+
+  /** The VPCs this host holds, as its record lists them. */
+  private vpcIds(): string[] {
+    return [...this.agent.desired.vpcs.keys()].sort();
+  }
+
+  /** Whether the VPCs held now are not those the record last published. */
+  private vpcsChanged(): boolean {
+    return this.vpcIds().join(",") !== this.publishedVpcs;
   }
 
   /** Renews the lease; announces the host when the record was missing or changed key. */
@@ -194,7 +204,7 @@ export class Overlay {
     await this.registry.publish(rec, this.leaseMs, kind);
     this.publishedVpcs = rec.vpcIds.join(",");
     // The VPCs changed while it was on its way (a first pass racing the first publish).
-    if (this.record().vpcIds.join(",") !== this.publishedVpcs) this.noteVpcs();
+    if (this.vpcsChanged()) this.noteVpcs();
   }
 
   /** The VPCs the record last published listed (null: not published since start()). */
@@ -211,7 +221,7 @@ export class Overlay {
   noteVpcs(): void {
     if (this.stopped || this.publishedVpcs === null) return;
     this.republishing = this.republishing.then(async () => {
-      if (this.stopped || this.record().vpcIds.join(",") === this.publishedVpcs) return;
+      if (this.stopped || !this.vpcsChanged()) return;
       await this.publish().catch((err: Error) => this.log.debug({ err: err.message }, "cannot publish the host record's VPCs; the lease renewal will"));
     });
   }
